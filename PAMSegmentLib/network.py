@@ -1,0 +1,237 @@
+"""PAM's proposing-stage network: a 2D plain-conv U-Net whose query-slice skips attend to a
+guiding slice and its mask.
+
+Shapes (G guides, N queries per guide, S = config.input_size):
+    guide_image  (G, 1, S, S)   guiding slice, intensities in [-1, 1]
+    guide_mask   (G, 1, S, S)   its binary mask as float {0, 1}
+    query_images (G, N, 1, S, S)
+    -> PAMOutput.logits: list of (G*N, 2, s, s) maps, largest scale first
+       PAMOutput.presence: (G*N,) object-present logits, or None for presets without the head
+
+The U-Net and the mask encoder are `dynamic-network-architectures` building blocks (the exact
+classes PAM's authors used), so the `official` preset reproduces the published state-dict
+layout key for key; see ``PAMSegmentLib.checkpoints`` for loading the authors' file.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from dynamic_network_architectures.architectures.unet import PlainConvUNet
+from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
+from torch import nn
+
+__all__ = ["PAMConfig", "PRESETS", "PAMNetwork", "PAMOutput", "CrossAttention", "build_network"]
+
+
+@dataclass(frozen=True)
+class PAMConfig:
+    """Size of a PAM network. Everything a checkpoint needs to rebuild its network."""
+
+    name: str = "official"
+    input_size: int = 224
+    n_stages: int = 6
+    base_features: int = 32
+    max_features: int = 512
+    n_conv_per_stage: int = 2
+    n_attention_stages: int = 4  # cross-attention at this many deepest stages
+    presence_head: bool = False  # extra object-present logit (ours; absent from the official net)
+
+    @property
+    def features(self) -> list[int]:
+        return [min(self.base_features * 2**i, self.max_features) for i in range(self.n_stages)]
+
+    @property
+    def attention_stages(self) -> list[int]:
+        return list(range(self.n_stages - self.n_attention_stages, self.n_stages))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PAMConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown network config field(s): {', '.join(unknown)}")
+        return cls(**d)
+
+    def validate(self) -> None:
+        if self.input_size % 2 ** (self.n_stages - 1):
+            raise ValueError(
+                f"input_size {self.input_size} must be divisible by 2**(n_stages-1) = "
+                f"{2 ** (self.n_stages - 1)}"
+            )
+        if not 1 <= self.n_attention_stages <= self.n_stages:
+            raise ValueError("n_attention_stages must be between 1 and n_stages")
+
+
+PRESETS: dict[str, PAMConfig] = {
+    # The published network: 6 stages 32..512, 224 px, attention at 56/28/14/7 px. 79.7 M params.
+    "official": PAMConfig(),
+    # The shipped default: 5 stages 16..128, 128 px, attention at 32/16/8 px, object-present head.
+    "small": PAMConfig(
+        name="small",
+        input_size=128,
+        n_stages=5,
+        base_features=16,
+        max_features=128,
+        n_attention_stages=3,
+        presence_head=True,
+    ),
+}
+
+
+class CrossAttention(nn.Module):
+    """Single-head cross-attention over flattened feature maps (PAM's fusion block).
+
+    queries: query-slice features, keys: guiding-slice features, values: guiding-mask features.
+    Parameter names (values, keys, queries, fc_out) follow the published checkpoint.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.channels = channels
+        self.values = nn.Linear(channels, channels, bias=False)
+        self.keys = nn.Linear(channels, channels, bias=False)
+        self.queries = nn.Linear(channels, channels, bias=False)
+        self.fc_out = nn.Linear(channels, channels)
+
+    def forward(self, query_feat: torch.Tensor, key_feat: torch.Tensor, value_feat: torch.Tensor) -> torch.Tensor:
+        """query_feat (G, N, C, h, w); key_feat, value_feat (G, C, h, w) -> (G, N, C, h, w)."""
+        g, n, c, h, w = query_feat.shape
+        q = self.queries(query_feat.permute(0, 1, 3, 4, 2).reshape(g, n * h * w, c))
+        k = self.keys(key_feat.flatten(2).transpose(1, 2))
+        v = self.values(value_feat.flatten(2).transpose(1, 2))
+        # Every query token attends to its own guide's tokens; stacking the N query slices of a
+        # guide along the token axis is the same computation as N separate calls, and the fused
+        # kernel never materialises the (hw x hw) map per slice.
+        out = F.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(c))
+        out = self.fc_out(out)
+        return out.reshape(g, n, h, w, c).permute(0, 1, 4, 2, 3)
+
+
+class PresenceHead(nn.Module):
+    """Object-present logit from the fused bottleneck features (mean and max pooled)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.fc = nn.Sequential(nn.Linear(2 * channels, channels), nn.LeakyReLU(0.01), nn.Linear(channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1)
+        return self.fc(pooled)[:, 0]
+
+
+@dataclass
+class PAMOutput:
+    logits: list[torch.Tensor]
+    presence: torch.Tensor | None = None
+    extras: dict = field(default_factory=dict)
+
+
+def _conv_kwargs(config: PAMConfig) -> dict:
+    return dict(
+        n_stages=config.n_stages,
+        features_per_stage=config.features,
+        conv_op=nn.Conv2d,
+        kernel_sizes=3,
+        strides=[1] + [2] * (config.n_stages - 1),
+        n_conv_per_stage=config.n_conv_per_stage,
+        conv_bias=True,
+        norm_op=nn.InstanceNorm2d,
+        norm_op_kwargs={"eps": 1e-5, "affine": True},
+        nonlin=nn.LeakyReLU,
+        nonlin_kwargs={"inplace": True},
+    )
+
+
+class ProposingStage(nn.Module):
+    def __init__(self, config: PAMConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        kw = _conv_kwargs(config)
+        unet = PlainConvUNet(
+            input_channels=1,
+            num_classes=2,
+            n_conv_per_stage_decoder=config.n_conv_per_stage,
+            deep_supervision=True,
+            **kw,
+        )
+        # Registering encoder before decoder reproduces the published key order; the decoder
+        # keeps its own reference to the encoder (the `decoder.encoder.*` aliases).
+        self.encoder = unet.encoder
+        self.decoder = unet.decoder
+        self.mask_encoder = PlainConvEncoder(input_channels=1, return_skips=True, **kw)
+        feats = config.features
+        self.cross_attns = nn.ModuleList([CrossAttention(feats[s]) for s in config.attention_stages])
+        self.presence_head = PresenceHead(feats[-1]) if config.presence_head else None
+
+    def encode_guide(self, guide_image: torch.Tensor, guide_mask: torch.Tensor) -> tuple[list, list]:
+        """Guide features for the attention stages: ([keys per stage], [values per stage])."""
+        img_skips = self.encoder(guide_image)
+        mask_skips = self.mask_encoder(guide_mask)
+        stages = self.config.attention_stages
+        return [img_skips[s] for s in stages], [mask_skips[s] for s in stages]
+
+    def decode_queries(self, query_images: torch.Tensor, guide_keys: list, guide_values: list) -> PAMOutput:
+        g, n = query_images.shape[:2]
+        skips = self.encoder(query_images.reshape(g * n, *query_images.shape[2:]))
+        skips = list(skips)
+        for attn, s, k, v in zip(self.cross_attns, self.config.attention_stages, guide_keys, guide_values):
+            q = skips[s].reshape(g, n, *skips[s].shape[1:])
+            skips[s] = (q + attn(q, k, v)).reshape(g * n, *skips[s].shape[1:])
+        logits = self.decoder(skips)
+        presence = self.presence_head(skips[-1]) if self.presence_head is not None else None
+        return PAMOutput(logits=list(logits), presence=presence)
+
+    def forward(self, guide_image, guide_mask, query_images) -> PAMOutput:
+        keys, values = self.encode_guide(guide_image, guide_mask)
+        return self.decode_queries(query_images, keys, values)
+
+
+class PAMNetwork(nn.Module):
+    """Top-level module; its state dict uses the published `proposing_stage.` prefix."""
+
+    def __init__(self, config: PAMConfig | str = "official"):
+        super().__init__()
+        if isinstance(config, str):
+            if config not in PRESETS:
+                raise ValueError(f"unknown preset {config!r}; choose one of {', '.join(PRESETS)}")
+            config = PRESETS[config]
+        self.config = config
+        self.proposing_stage = ProposingStage(config)
+
+    def forward(self, guide_image, guide_mask, query_images) -> PAMOutput:
+        return self.proposing_stage(guide_image, guide_mask, query_images)
+
+    @torch.inference_mode()
+    def predict(self, guide_image, guide_mask, query_images) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Inference as PAM does it: every scale's logits upsampled to the input size and
+        averaged, then softmax. Returns (foreground probability (G*N, S, S), presence prob or None)."""
+        out = self.forward(guide_image, guide_mask, query_images)
+        return fuse_scales(out.logits, self.config.input_size), (
+            torch.sigmoid(out.presence) if out.presence is not None else None
+        )
+
+    def n_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def fuse_scales(logits: list[torch.Tensor], size: int) -> torch.Tensor:
+    """Average of all scales' logits at full size -> foreground probability (B, size, size)."""
+    acc = None
+    for lg in logits:
+        up = lg if lg.shape[-1] == size else F.interpolate(lg, size=(size, size), mode="bilinear", align_corners=False)
+        acc = up if acc is None else acc + up
+    return torch.softmax(acc / len(logits), dim=1)[:, 1]
+
+
+def build_network(config: PAMConfig | str | dict = "official") -> PAMNetwork:
+    if isinstance(config, dict):
+        config = PAMConfig.from_dict(config)
+    return PAMNetwork(config)
