@@ -1,0 +1,5 @@
+"""PAMSegmentLib: propagate a mask drawn on one slice through a 3D volume (PAM)."""
+
+__version__ = "0.1.0"
+
+from .errors import CheckpointError, InputError, PAMError, PropagationCancelled  # noqa: F401

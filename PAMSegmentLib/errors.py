@@ -1,0 +1,17 @@
+"""Exceptions with messages meant for users: what was wrong and what to do."""
+
+
+class PAMError(Exception):
+    """Base class of every error PAMSegmentLib reports to a user."""
+
+
+class InputError(PAMError, ValueError):
+    """Bad image, prompt, geometry or option. The CLI exits with status 2."""
+
+
+class CheckpointError(PAMError):
+    """A checkpoint file that cannot be used (unreadable, wrong keys or shapes, wrong format)."""
+
+
+class PropagationCancelled(PAMError):
+    """Raised inside a propagation when its cancel token was set; nothing was written."""
