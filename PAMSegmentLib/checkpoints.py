@@ -1,0 +1,284 @@
+"""Loading and saving PAM checkpoints.
+
+Two formats are accepted, both read with ``torch.load(..., weights_only=True)`` because a
+checkpoint is untrusted input:
+
+* the authors' published file (``propmask.pth``): a plain state dict or
+  ``{"model_state_dict": state_dict, ...}``, keys optionally prefixed ``module.``; it always
+  means the ``official`` network and is checked strictly against it;
+* our own format (``format == "pamsegment-checkpoint"``): the network config, preprocessing and
+  inference parameters, training provenance, the state dict and a sha256 of the weights, so a
+  file says what network it needs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError, InputError
+from .network import PAMConfig, PAMNetwork, PRESETS
+from .preprocess import PreprocessingParams
+
+__all__ = [
+    "PAMModel",
+    "InferenceParams",
+    "load_model",
+    "load_checkpoint_file",
+    "save_checkpoint",
+    "weights_sha256",
+    "default_checkpoint_path",
+    "describe_checkpoint",
+    "resolve_device",
+]
+
+FORMAT_NAME = "pamsegment-checkpoint"
+FORMAT_VERSION = 1
+MAX_CHECKPOINT_BYTES = 2 * 1024**3  # the official file is ~320 MB; anything past 2 GB is not ours
+DEFAULT_MODEL_NAME = "pam_small.pt"
+
+
+@dataclass(frozen=True)
+class InferenceParams:
+    """How the engine walks the volume with this network."""
+
+    window_mm: float = 20.0  # PAM: Z = min(int(20 mm / slice spacing), max_window)
+    max_window: int = 40
+    min_window: int = 1
+    threshold: float = 0.5
+    presence_threshold: float = 0.5  # used only by networks with a presence head
+    min_area_fraction: float = 0.0  # a slice counts as empty below this fraction of the guide's area
+    min_area_px: int = 1
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "InferenceParams":
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class PAMModel:
+    """A network ready for inference plus everything needed to use it correctly."""
+
+    network: PAMNetwork
+    preprocessing: PreprocessingParams
+    inference: InferenceParams
+    kind: str  # "official" or "pamsegment"
+    source: str = "<memory>"
+    sha256: str = ""
+    provenance: dict = field(default_factory=dict)
+    device: str = "cpu"
+
+    @property
+    def config(self) -> PAMConfig:
+        return self.network.config
+
+    @classmethod
+    def from_network(cls, network: PAMNetwork, preprocessing: PreprocessingParams | None = None,
+                     inference: InferenceParams | None = None, device: str = "cpu") -> "PAMModel":
+        pre = preprocessing or PreprocessingParams(input_size=network.config.input_size)
+        return cls(network.eval().to(device), pre, inference or InferenceParams(), kind="pamsegment", device=device)
+
+
+def resolve_device(device: str | None) -> str:
+    device = (device or "cpu").lower()
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for but this torch has no CUDA device; use --device cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise InputError(f"unknown device {device!r}; use cpu or cuda")
+    return device
+
+
+def weights_sha256(state_dict: dict) -> str:
+    """Hash of the weights themselves (names, dtypes, shapes, bytes), independent of pickling."""
+    h = hashlib.sha256()
+    for key in sorted(state_dict):
+        t = state_dict[key].detach().cpu().contiguous()
+        h.update(key.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _unique_state_dict(network: PAMNetwork) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
+
+
+def save_checkpoint(path: str | os.PathLike, network: PAMNetwork, preprocessing: PreprocessingParams,
+                    inference: InferenceParams | None = None, provenance: dict | None = None) -> str:
+    """Write our format; returns the weights' sha256."""
+    sd = _unique_state_dict(network)
+    # The decoder keeps a reference to the encoder, so its weights appear twice in the state
+    # dict; store them once and rebuild the aliases on load (halves the file).
+    sd = {k: v for k, v in sd.items() if ".decoder.encoder." not in k}
+    digest = weights_sha256(sd)
+    payload = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "config": network.config.to_dict(),
+        "preprocessing": preprocessing.to_dict(),
+        "inference": (inference or InferenceParams()).to_dict(),
+        "provenance": provenance or {},
+        "sha256": digest,
+        "state_dict": sd,
+    }
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return digest
+
+
+def _read(path: Path) -> object:
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist; check the path")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory; give the .pt/.pth file inside it")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes); download it again")
+    if size > MAX_CHECKPOINT_BYTES:
+        raise CheckpointError(f"checkpoint {path} is {size / 1e9:.1f} GB, larger than any PAM checkpoint; wrong file?")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt/foreign files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            reason = "it contains Python objects beyond tensors, which are not loaded for safety"
+        elif size < 1024 or "truncat" in first.lower() or "zip archive" in first.lower() or "EOF" in first:
+            reason = f"the file is truncated or not a PyTorch checkpoint ({first[:120]})"
+        else:
+            reason = f"not a readable PyTorch checkpoint ({first[:120]})"
+        raise CheckpointError(f"cannot load checkpoint {path}: {reason}") from None
+
+
+def _strict_check(expected: dict, got: dict, what: str) -> None:
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    mismatched = sorted(k for k in set(expected) & set(got) if tuple(expected[k].shape) != tuple(got[k].shape))
+    problems = []
+
+    def show(keys):
+        more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+        return ", ".join(keys[:3]) + more
+
+    if missing:
+        problems.append(f"{len(missing)} missing key(s): {show(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s): {show(unexpected)}")
+    if mismatched:
+        k = mismatched[0]
+        problems.append(
+            f"{len(mismatched)} shape mismatch(es), e.g. {k}: file {tuple(got[k].shape)} vs network {tuple(expected[k].shape)}"
+        )
+    if problems:
+        raise CheckpointError(f"{what} does not match the network: " + "; ".join(problems))
+
+
+def _official_state_dict(obj: object, path: Path) -> dict:
+    sd = obj.get("model_state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(
+            f"checkpoint {path} holds no state dict (expected tensors, or a 'model_state_dict' entry)"
+        )
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
+
+
+def load_checkpoint_file(path: str | os.PathLike, device: str = "cpu") -> PAMModel:
+    """Load either format strictly; every problem is a one-line CheckpointError."""
+    path = Path(path)
+    device = resolve_device(device)
+    obj = _read(path)
+    if isinstance(obj, dict) and obj.get("format") == FORMAT_NAME:
+        if obj.get("format_version", 0) > FORMAT_VERSION:
+            raise CheckpointError(
+                f"checkpoint {path} uses format version {obj['format_version']}; this PAMSegmentLib reads "
+                f"up to {FORMAT_VERSION}: update PAMSegment"
+            )
+        try:
+            config = PAMConfig.from_dict(obj["config"])
+            config.validate()
+            pre = PreprocessingParams.from_dict(obj["preprocessing"])
+            inf = InferenceParams.from_dict(obj.get("inference", {}))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint {path} has an invalid header: {exc}") from None
+        sd = obj.get("state_dict")
+        if not isinstance(sd, dict):
+            raise CheckpointError(f"checkpoint {path} has no state_dict")
+        digest = weights_sha256(sd)
+        if obj.get("sha256") and obj["sha256"] != digest:
+            raise CheckpointError(f"checkpoint {path} is corrupt: its weights' sha256 does not match its header")
+        network = PAMNetwork(config)
+        expected = {k: v for k, v in network.state_dict().items() if ".decoder.encoder." not in k}
+        _strict_check(expected, sd, f"checkpoint {path}")
+        network.load_state_dict(sd, strict=False)  # only the decoder.encoder aliases are absent
+        return PAMModel(network.eval().to(device), pre, inf, kind="pamsegment", source=str(path),
+                        sha256=digest, provenance=obj.get("provenance", {}), device=device)
+
+    sd = _official_state_dict(obj, path)
+    network = PAMNetwork(PRESETS["official"])
+    _strict_check(network.state_dict(), sd, f"checkpoint {path} (official PAM layout)")
+    try:
+        network.load_state_dict(sd, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {path} could not be loaded: {str(exc).splitlines()[0]}") from None
+    return PAMModel(network.eval().to(device), PreprocessingParams(), InferenceParams(), kind="official",
+                    source=str(path), sha256=weights_sha256(sd), device=device)
+
+
+def default_checkpoint_path() -> Path | None:
+    """The shipped default weights: $PAMSEGMENT_MODEL, the source tree's Resources/Models (also the
+    layout of the Slicer extension), or the copy installed with the Python package."""
+    env = os.environ.get("PAMSEGMENT_MODEL")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "Resources" / "Models" / DEFAULT_MODEL_NAME,
+                      here / "Resources" / "Models" / DEFAULT_MODEL_NAME):
+        if candidate.is_file():
+            return candidate
+    try:
+        installed = resources.files("PAMSegmentLib.models") / DEFAULT_MODEL_NAME
+        if installed.is_file():
+            return Path(str(installed))
+    except (ModuleNotFoundError, TypeError):
+        pass
+    return None
+
+
+def load_model(path: str | os.PathLike | None = None, device: str = "cpu") -> PAMModel:
+    """Load a checkpoint, or the shipped default weights when ``path`` is None."""
+    if path is None:
+        path = default_checkpoint_path()
+        if path is None:
+            raise CheckpointError(
+                "no default PAM weights are installed; pass a checkpoint (--checkpoint FILE), e.g. the "
+                "official propmask.pth from the PAM authors"
+            )
+    return load_checkpoint_file(path, device=device)
+
+
+def describe_checkpoint(path: str | os.PathLike) -> dict:
+    """What `pamsegment info` prints. Raises CheckpointError when the file does not load."""
+    model = load_checkpoint_file(path)
+    return {
+        "file": str(path),
+        "size_mb": round(Path(path).stat().st_size / 1e6, 2),
+        "kind": model.kind,
+        "network": model.config.to_dict(),
+        "parameters": model.network.n_parameters(),
+        "preprocessing": model.preprocessing.to_dict(),
+        "inference": model.inference.to_dict(),
+        "sha256": model.sha256,
+        "provenance": model.provenance,
+        "loads": True,
+    }

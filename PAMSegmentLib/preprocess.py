@@ -1,0 +1,150 @@
+"""PAM's preprocessing: intensity window from the prompt region, square ROI crop around the
+guiding mask, resize to the network's input size, and the exact inverse back to the slice grid.
+
+Training (``PAMSegmentLib.training``) and inference (``PAMSegmentLib.propagate``) both call these
+functions, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "PreprocessingParams",
+    "IntensityWindow",
+    "CropBox",
+    "intensity_window",
+    "crop_box_for_mask",
+    "crop_slices",
+    "uncrop_probability",
+]
+
+
+@dataclass(frozen=True)
+class PreprocessingParams:
+    """Everything preprocessing depends on; stored in our checkpoints."""
+
+    input_size: int = 224
+    window_percentiles: tuple[float, float] = (0.5, 99.5)
+    # Fraction of the window's width added on each side. PAM uses 0 (the window is exactly the
+    # prompt's intensity range); a margin keeps some contrast between surrounding tissues.
+    window_margin: float = 0.0
+    crop_scale: float = 1.5
+    min_crop: int = 16
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["window_percentiles"] = list(self.window_percentiles)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreprocessingParams":
+        d = dict(d)
+        if "window_percentiles" in d:
+            d["window_percentiles"] = tuple(float(x) for x in d["window_percentiles"])
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown preprocessing field(s): {', '.join(unknown)}")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class IntensityWindow:
+    """Maps [low, high] linearly to [-1, 1], clipping outside."""
+
+    low: float
+    high: float
+
+    def apply(self, x: np.ndarray | torch.Tensor):
+        scale = 2.0 / (self.high - self.low)
+        if isinstance(x, torch.Tensor):
+            return (x.clamp(self.low, self.high) - self.low) * scale - 1.0
+        return ((np.clip(x, self.low, self.high) - self.low) * scale - 1.0).astype(np.float32)
+
+
+def intensity_window(image_slice: np.ndarray, mask: np.ndarray, params: PreprocessingParams) -> IntensityWindow:
+    """Window from the voxels inside ``mask`` on ``image_slice`` (both (j, i) or any same shape)."""
+    values = np.asarray(image_slice)[np.asarray(mask) > 0]
+    if values.size == 0:
+        values = np.asarray(image_slice).ravel()
+    lo, hi = np.percentile(values.astype(np.float64), params.window_percentiles)
+    width = hi - lo
+    if width <= 1e-6:
+        # A uniform region (synthetic data, a flat phantom): fall back to the slice's spread so the
+        # window is never degenerate.
+        spread = float(np.std(image_slice)) or 1.0
+        lo, hi, width = lo - spread, hi + spread, 2 * spread
+    lo -= params.window_margin * width
+    hi += params.window_margin * width
+    return IntensityWindow(float(lo), float(hi))
+
+
+@dataclass(frozen=True)
+class CropBox:
+    """A square window [row0, row0+side) x [col0, col0+side) on a slice; may extend past its edges."""
+
+    row0: int
+    col0: int
+    side: int
+
+
+def crop_box_for_mask(mask: np.ndarray, params: PreprocessingParams) -> CropBox:
+    """Square centred on the mask's bounding box, side = crop_scale x its larger extent."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        raise ValueError("cannot place a crop around an empty mask")
+    r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    side = int(max(round(params.crop_scale * max(r1 - r0, c1 - c0)), params.min_crop))
+    center_r, center_c = (r0 + r1) / 2.0, (c0 + c1) / 2.0
+    return CropBox(int(round(center_r - side / 2.0)), int(round(center_c - side / 2.0)), side)
+
+
+def _padded_window(arr: np.ndarray, box: CropBox, fill: float) -> np.ndarray:
+    """arr (..., H, W) -> (..., side, side), filled with ``fill`` where the box leaves the array."""
+    h, w = arr.shape[-2:]
+    out = np.full(arr.shape[:-2] + (box.side, box.side), fill, dtype=np.float32)
+    r0, c0 = max(box.row0, 0), max(box.col0, 0)
+    r1, c1 = min(box.row0 + box.side, h), min(box.col0 + box.side, w)
+    if r1 > r0 and c1 > c0:
+        out[..., r0 - box.row0 : r1 - box.row0, c0 - box.col0 : c1 - box.col0] = arr[..., r0:r1, c0:c1]
+    return out
+
+
+def crop_slices(slices: np.ndarray, box: CropBox, size: int, window: IntensityWindow | None = None,
+                is_mask: bool = False) -> torch.Tensor:
+    """Crop (N, H, W) slices to ``box`` and resize to (N, 1, size, size).
+
+    Images are windowed to [-1, 1] (outside the slice counts as the window's low end) and resized
+    bilinearly; masks are resized with nearest neighbour.
+    """
+    if is_mask:
+        crop = _padded_window(slices.astype(np.float32), box, 0.0)
+    else:
+        crop = _padded_window(window.apply(slices.astype(np.float32)), box, -1.0)
+    t = torch.from_numpy(crop)[:, None]
+    if box.side == size:
+        return t
+    if is_mask:
+        return F.interpolate(t, size=(size, size), mode="nearest")
+    return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=box.side > size)
+
+
+def uncrop_probability(prob: torch.Tensor | np.ndarray, box: CropBox, slice_shape: tuple[int, int]) -> np.ndarray:
+    """Inverse of the crop: (N, size, size) probabilities -> (N, H, W) on the slice grid, 0 outside."""
+    p = torch.as_tensor(prob, dtype=torch.float32)[:, None]
+    if p.shape[-1] != box.side:
+        p = F.interpolate(p, size=(box.side, box.side), mode="bilinear", align_corners=False)
+    p = p[:, 0].numpy()
+    h, w = slice_shape
+    out = np.zeros((p.shape[0], h, w), dtype=np.float32)
+    r0, c0 = max(box.row0, 0), max(box.col0, 0)
+    r1, c1 = min(box.row0 + box.side, h), min(box.col0 + box.side, w)
+    if r1 > r0 and c1 > c0:
+        out[:, r0:r1, c0:c1] = p[:, r0 - box.row0 : r1 - box.row0, c0 - box.col0 : c1 - box.col0]
+    return out

@@ -1,0 +1,446 @@
+"""The propagation engine: walk a mask drawn on one or more slices through a volume.
+
+Everything works on arrays in (k, j, i) order after moving the propagation axis to the front.
+The engine talks to a *slice predictor* (``SlicePredictor``): given a guiding slice and its mask
+it returns the foreground probability of some query slices on the full slice grid. The PAM
+network (``PAMPredictor``), the classical baselines (``PAMSegmentLib.baselines``) and the test
+doubles all implement it, so the walk, the stopping rule, batching, cancellation and the
+post-processing are one piece of code whatever predicts the slices.
+
+Walk (PAM's published scheme): from the outermost prompt slice on each side, predict the next
+window of Z = min(int(window_mm / slice spacing), max_window) slices from the current guide, in
+bounded batches; the outermost slice of the window becomes the next guide. A side stops at the
+first slice predicted empty (for networks with an object-present head: presence below its
+threshold). Between two prompt slices (keyframes) each slice is predicted from both sides and the
+two probabilities are fused with weights by distance. Finally 3D components that do not touch
+the prompt are removed and the prompt slices are restored exactly.
+"""
+
+from __future__ import annotations
+
+import abc
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import cc3d
+import numpy as np
+import torch
+
+from .errors import InputError, PropagationCancelled
+from .preprocess import IntensityWindow, crop_box_for_mask, crop_slices, intensity_window, uncrop_probability
+
+__all__ = [
+    "propagate",
+    "PropagationResult",
+    "CancelToken",
+    "SlicePrediction",
+    "SlicePredictor",
+    "PAMPredictor",
+    "find_prompt_slices",
+    "window_slices",
+]
+
+ProgressCallback = Callable[[float, str], None]
+
+MAX_PROMPT_SLICES = 32  # more drawn slices than this along the axis is a 3D mask, not a prompt
+
+
+class CancelToken:
+    """Thread-safe cancel flag, checked by the engine between batches."""
+
+    def __init__(self):
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def is_cancelled(self) -> bool:
+        return self._event.is_set()
+
+
+@dataclass
+class SlicePrediction:
+    prob: np.ndarray  # (n, H, W) float32 foreground probability on the slice grid
+    presence: np.ndarray | None = None  # (n,) object-present probability, if the predictor has one
+
+
+class SlicePredictor(abc.ABC):
+    """Interface of what predicts slices. ``begin`` is called once per label with the prompt."""
+
+    window_mm: float = 20.0
+    max_window: int = 40
+    min_window: int = 1
+    threshold: float = 0.5
+    presence_threshold: float = 0.5
+    min_area_fraction: float = 0.0
+    min_area_px: int = 1
+
+    def begin(self, volume: np.ndarray, prompt_index: int, prompt_mask: np.ndarray) -> None:
+        pass
+
+    @abc.abstractmethod
+    def predict(self, volume: np.ndarray, guide_index: int, guide_mask: np.ndarray,
+                query_indices: Sequence[int]) -> SlicePrediction:
+        """Probability of the guide's object on each query slice, on the full slice grid."""
+
+
+class PAMPredictor(SlicePredictor):
+    """PAM's network as a slice predictor: window from the prompt, ROI crop, resize, inverse."""
+
+    def __init__(self, model):
+        self.model = model
+        inf = model.inference
+        self.window_mm, self.max_window, self.min_window = inf.window_mm, inf.max_window, inf.min_window
+        self.threshold, self.presence_threshold = inf.threshold, inf.presence_threshold
+        self.min_area_fraction, self.min_area_px = inf.min_area_fraction, inf.min_area_px
+        self.window: IntensityWindow | None = None
+        self._guide_cache: tuple | None = None
+
+    def begin(self, volume, prompt_index, prompt_mask):
+        self.window = intensity_window(volume[prompt_index], prompt_mask, self.model.preprocessing)
+        self._guide_cache = None
+
+    @torch.inference_mode()
+    def predict(self, volume, guide_index, guide_mask, query_indices):
+        pre = self.model.preprocessing
+        size, device = pre.input_size, self.model.device
+        box = crop_box_for_mask(guide_mask, pre)
+        stage = self.model.network.proposing_stage
+        # Successive batches of a window share their guide: encode it once.
+        key = (guide_index, box, guide_mask.tobytes().__hash__())
+        if self._guide_cache is None or self._guide_cache[0] != key:
+            g_img = crop_slices(volume[guide_index][None], box, size, self.window).to(device)
+            g_mask = crop_slices(guide_mask[None], box, size, is_mask=True).to(device)
+            self._guide_cache = (key, stage.encode_guide(g_img, g_mask))
+        keys, values = self._guide_cache[1]
+        queries = crop_slices(volume[list(query_indices)], box, size, self.window).to(device)
+        out = stage.decode_queries(queries[None], keys, values)
+        from .network import fuse_scales
+
+        prob = fuse_scales(out.logits, size).float().cpu()
+        presence = torch.sigmoid(out.presence).float().cpu().numpy() if out.presence is not None else None
+        return SlicePrediction(uncrop_probability(prob, box, volume.shape[1:]), presence)
+
+
+@dataclass
+class PropagationResult:
+    mask: np.ndarray  # label map on the input grid (k, j, i), prompt labels' values
+    axis: int
+    confidence: dict[int, np.ndarray]  # per label, per slice along the axis; NaN where not predicted
+    slice_range: dict[int, tuple[int, int]]  # per label, first and last slice with the object
+    prompt_slices: dict[int, list[int]]
+    timings: dict[str, float] = field(default_factory=dict)
+    n_predicted: int = 0  # slices the predictor was run on (all labels)
+
+    def summary(self) -> str:
+        parts = [f"label {lab}: slices {a}-{b}" for lab, (a, b) in self.slice_range.items()]
+        return f"{'; '.join(parts)} (axis {self.axis}); {self.n_predicted} slices predicted in {self.timings.get('total', 0):.1f} s"
+
+
+def find_prompt_slices(prompt: np.ndarray, axis: int | None = None, labels: Sequence[int] | None = None,
+                       max_slices: int = MAX_PROMPT_SLICES) -> tuple[int, dict[int, list[int]]]:
+    """Propagation axis and, per label, the slices the prompt is drawn on.
+
+    The axis is the one along which the prompt occupies the fewest slices (summed over labels),
+    unless given.
+    """
+    if prompt.ndim != 3:
+        raise InputError(f"the prompt must be a 3D label map, got {prompt.ndim}D")
+    present = [int(v) for v in np.unique(prompt) if v != 0]
+    if not present:
+        raise InputError("the prompt is empty: draw the object on one slice (label > 0) and try again")
+    if labels is None:
+        labels = present
+    else:
+        missing = [int(v) for v in labels if int(v) not in present]
+        if missing:
+            raise InputError(
+                f"label {missing[0]} is not in the prompt; labels present: {', '.join(map(str, present))}"
+            )
+        labels = [int(v) for v in labels]
+    if axis is not None and axis not in (0, 1, 2):
+        raise InputError(f"axis must be 0, 1 or 2, got {axis}")
+
+    def occupied(lab, ax):
+        other = tuple(a for a in range(3) if a != ax)
+        return np.flatnonzero((prompt == lab).any(axis=other)).tolist()
+
+    axes = [axis] if axis is not None else [0, 1, 2]
+    counts = {ax: sum(len(occupied(lab, ax)) for lab in labels) for ax in axes}
+    best = min(axes, key=lambda ax: (counts[ax], ax))
+    slices = {lab: occupied(lab, best) for lab in labels}
+    n_axis = prompt.shape[best]
+    for lab, sl in slices.items():
+        if len(sl) > max_slices or (len(sl) > 2 and len(sl) > n_axis // 2):
+            raise InputError(
+                f"label {lab} is drawn on {len(sl)} of {n_axis} slices along axis {best}: that is a 3D mask, "
+                f"not a slice prompt; draw it on one slice (or a few keyframes, at most {max_slices})"
+            )
+    return best, slices
+
+
+def window_slices(slice_spacing: float, predictor: SlicePredictor) -> int:
+    z = int(predictor.window_mm / max(float(slice_spacing), 1e-6))
+    return int(max(predictor.min_window, min(z, predictor.max_window)))
+
+
+def _validate_inputs(image: np.ndarray, prompt: np.ndarray, spacing) -> tuple[float, float, float]:
+    if image.ndim != 3:
+        raise InputError(f"the image must be a 3D volume, got {image.ndim}D with shape {image.shape}")
+    if prompt.shape != image.shape:
+        raise InputError(f"the prompt's shape {prompt.shape} differs from the image's {image.shape}")
+    if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
+        n = int((~np.isfinite(image)).sum())
+        raise InputError(f"the image has {n} NaN/inf voxels; fix or mask them before propagating")
+    spacing = tuple(float(s) for s in spacing)
+    if len(spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing):
+        raise InputError(f"spacing must be three positive numbers, got {spacing}")
+    return spacing
+
+
+class _Progress:
+    def __init__(self, total: int, callback: ProgressCallback | None, cancel: CancelToken | None):
+        self.total, self.done, self.callback, self.cancel = max(total, 1), 0, callback, cancel
+        self.last = -1.0
+
+    def check_cancel(self):
+        if self.cancel is not None and self.cancel.is_cancelled:
+            raise PropagationCancelled("propagation cancelled; nothing was changed")
+
+    def advance(self, n: int, message: str):
+        self.done = min(self.done + n, self.total)
+        frac = self.done / self.total
+        if self.callback is not None and frac > self.last:
+            self.last = frac
+            self.callback(frac, message)
+
+
+def _is_empty(prob_slice: np.ndarray, presence: float | None, guide_area: int, p: SlicePredictor) -> bool:
+    if presence is not None and presence < p.presence_threshold:
+        return True
+    area = int((prob_slice >= p.threshold).sum())
+    return area < max(p.min_area_px, p.min_area_fraction * guide_area)
+
+
+def _slice_confidence(prob_slice: np.ndarray, presence: float | None, threshold: float) -> float:
+    fg = prob_slice[prob_slice >= threshold]
+    conf = float(fg.mean()) if fg.size else 0.0
+    return conf * presence if presence is not None else conf
+
+
+def _walk(volume, predictor, start, start_mask, direction, end, window, batch_size, early_stop,
+          progress, out_probs, out_conf, stats) -> int:
+    """Propagate from slice ``start`` towards ``end`` (inclusive) in steps of ``direction``.
+
+    Writes each predicted slice's probability into ``out_probs[s]`` (float32 dict) and its
+    confidence into ``out_conf[s]``. Returns the last slice that holds the object (``start`` if none).
+    """
+    guide_idx, guide_mask = start, start_mask
+    guide_area = int(start_mask.sum())
+    last_with_object = start
+    s = start + direction
+    n_side = abs(end - start)
+    consumed = 0
+    while (end - s) * direction >= 0:
+        stop = s + direction * (window - 1)
+        if (end - stop) * direction < 0:
+            stop = end
+        indices = list(range(s, stop + direction, direction))
+        new_guide = None
+        for b in range(0, len(indices), batch_size):
+            progress.check_cancel()
+            batch = indices[b : b + batch_size]
+            t0 = time.perf_counter()
+            pred = predictor.predict(volume, guide_idx, guide_mask, batch)
+            stats["predict"] += time.perf_counter() - t0
+            stats["n_predicted"] += len(batch)
+            for q, idx in enumerate(batch):
+                prob = pred.prob[q]
+                presence = None if pred.presence is None else float(pred.presence[q])
+                empty = _is_empty(prob, presence, guide_area, predictor)
+                if empty and presence is not None:
+                    prob = np.zeros_like(prob)
+                out_probs[idx] = prob
+                out_conf[idx] = _slice_confidence(prob, presence, predictor.threshold)
+                consumed += 1
+                if empty:
+                    if early_stop:
+                        out_probs[idx] = np.zeros_like(prob)
+                        progress.advance(len(batch) - q + (n_side - consumed), "side finished")
+                        return last_with_object
+                else:
+                    last_with_object = idx
+                    new_guide = idx
+            progress.advance(len(batch), f"slice {batch[-1]}")
+        if new_guide is not None:
+            guide_idx = new_guide
+            guide_mask = out_probs[new_guide] >= predictor.threshold
+            guide_area = int(guide_mask.sum())
+        s = stop + direction
+    return last_with_object
+
+
+def _keep_connected(mask: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+    """Keep the 26-connected components of ``mask`` that touch ``seeds`` (computed on the bbox)."""
+    if not mask.any():
+        return mask
+    nz = np.nonzero(mask)
+    lo = [int(a.min()) for a in nz]
+    hi = [int(a.max()) + 1 for a in nz]
+    sl = tuple(slice(a, b) for a, b in zip(lo, hi))
+    sub = mask[sl]
+    cc = cc3d.connected_components(sub.astype(np.uint8), connectivity=26)
+    keep_ids = np.unique(cc[seeds[sl] & sub])
+    keep_ids = keep_ids[keep_ids != 0]
+    out = np.zeros_like(mask)
+    out[sl] = np.isin(cc, keep_ids)
+    return out
+
+
+def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo, hi, batch_size,
+                     early_stop, remove_disconnected, progress, stats):
+    """One label, axis 0. Returns (bool mask, confidence per slice)."""
+    n = volume.shape[0]
+    window = window_slices(spacing_axis, predictor)
+    conf = np.full(n, np.nan, dtype=np.float32)
+    probs: dict[int, np.ndarray] = {}
+    first, last = keyframes[0], keyframes[-1]
+    predictor.begin(volume, first, prompt_mask[first])
+    for kf in keyframes:
+        conf[kf] = 1.0
+
+    _walk(volume, predictor, first, prompt_mask[first], -1, lo, window, batch_size, early_stop, progress, probs, conf, stats)
+    _walk(volume, predictor, last, prompt_mask[last], +1, hi, window, batch_size, early_stop, progress, probs, conf, stats)
+
+    # Between keyframes: both sides, fused by distance so each keyframe dominates near itself.
+    for a, b in zip(keyframes[:-1], keyframes[1:]):
+        if b - a < 2:
+            continue
+        fwd_p, fwd_c, bwd_p, bwd_c = {}, {}, {}, {}
+        _walk(volume, predictor, a, prompt_mask[a], +1, b - 1, window, batch_size, False, progress, fwd_p, fwd_c, stats)
+        _walk(volume, predictor, b, prompt_mask[b], -1, a + 1, window, batch_size, False, progress, bwd_p, bwd_c, stats)
+        for s in range(a + 1, b):
+            w_f, w_b = (b - s) / (b - a), (s - a) / (b - a)
+            probs[s] = w_f * fwd_p[s] + w_b * bwd_p[s]
+            conf[s] = w_f * fwd_c[s] + w_b * bwd_c[s]
+
+    t0 = time.perf_counter()
+    mask = np.zeros(volume.shape, dtype=bool)
+    for s, p in probs.items():
+        mask[s] = p >= predictor.threshold
+    for kf in keyframes:
+        mask[kf] = prompt_mask[kf]
+    if remove_disconnected:
+        mask = _keep_connected(mask, prompt_mask)
+    for kf in keyframes:  # the user's slices are kept exactly
+        mask[kf] = prompt_mask[kf]
+    stats["postprocess"] += time.perf_counter() - t0
+    return mask, conf
+
+
+def propagate(
+    image: np.ndarray,
+    prompt: np.ndarray,
+    spacing: Sequence[float],
+    model=None,
+    *,
+    axis: int | None = None,
+    labels: Sequence[int] | None = None,
+    range: tuple[int, int] | None = None,  # noqa: A002 - the documented option name
+    early_stop: bool = True,
+    remove_disconnected: bool | None = None,
+    batch_size: int = 16,
+    device: str = "cpu",
+    threads: int | None = None,
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+) -> PropagationResult:
+    """Propagate the prompt's label(s) through ``image``.
+
+    image: (k, j, i) array; prompt: integer label map of the same shape drawn on one or more
+    slices; spacing: voxel size in mm in (k, j, i) order. ``model`` is a ``PAMModel``, any
+    ``SlicePredictor``, or None for the shipped default weights. ``range`` = (first, last) slice
+    along the propagation axis, both included. ``early_stop=False`` predicts every slice in the
+    range; by default it also keeps components not connected to the prompt (objects that vanish
+    and reappear). Raises InputError for bad input, PropagationCancelled when cancelled.
+    """
+    t_start = time.perf_counter()
+    image = np.asarray(image)
+    prompt = np.asarray(prompt)
+    spacing = _validate_inputs(image, prompt, spacing)
+    if not np.issubdtype(prompt.dtype, np.integer) and not np.issubdtype(prompt.dtype, np.bool_):
+        if not np.all(np.mod(prompt, 1) == 0):
+            raise InputError("the prompt must be an integer label map")
+    prompt = prompt.astype(np.int32)
+    ax, slices = find_prompt_slices(prompt, axis=axis, labels=labels)
+    if batch_size < 1:
+        raise InputError("batch size must be at least 1")
+    if remove_disconnected is None:
+        remove_disconnected = early_stop
+
+    predictor = _as_predictor(model, device)
+    vol = np.moveaxis(image, ax, 0)
+    prm = np.moveaxis(prompt, ax, 0)
+    n = vol.shape[0]
+    lo, hi = (0, n - 1) if range is None else (int(range[0]), int(range[1]))
+    if not (0 <= lo <= hi < n):
+        raise InputError(f"range {lo}:{hi} is outside the {n} slices along axis {ax} (valid 0:{n - 1})")
+    for lab, sl in slices.items():
+        outside = [s for s in sl if not lo <= s <= hi]
+        if outside:
+            raise InputError(f"label {lab}'s prompt slice {outside[0]} lies outside the range {lo}:{hi}")
+
+    vol_f = vol.astype(np.float32, copy=False)
+    total = 0
+    for sl in slices.values():
+        total += (sl[0] - lo) + (hi - sl[-1]) + sum(2 * max(b - a - 1, 0) for a, b in zip(sl[:-1], sl[1:]))
+    tracker = _Progress(total, progress, cancel)
+    stats = {"predict": 0.0, "postprocess": 0.0, "n_predicted": 0}
+
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        out = np.zeros(vol.shape, dtype=np.uint16 if max(slices) > 255 else np.uint8)
+        conf_all, ranges = {}, {}
+        for lab, keyframes in slices.items():
+            tracker.check_cancel()
+            mask, conf = _propagate_label(vol_f, prm == lab, keyframes, predictor, spacing[ax], lo, hi,
+                                          batch_size, early_stop, remove_disconnected, tracker, stats)
+            # Earlier labels keep their voxels; a label's own prompt voxels always win.
+            out[mask & (out == 0)] = lab
+            out[prm == lab] = lab
+            conf_all[lab] = conf
+            occupied = np.flatnonzero(mask.any(axis=(1, 2)))
+            ranges[lab] = (int(occupied[0]), int(occupied[-1]))
+    finally:
+        if threads:
+            torch.set_num_threads(old_threads)
+    if progress is not None and tracker.last < 1.0:
+        progress(1.0, "done")
+    timings = {"predict": stats["predict"], "postprocess": stats["postprocess"],
+               "total": time.perf_counter() - t_start}
+    return PropagationResult(
+        mask=np.moveaxis(out, 0, ax),
+        axis=ax,
+        confidence=conf_all,
+        slice_range=ranges,
+        prompt_slices=slices,
+        timings=timings,
+        n_predicted=stats["n_predicted"],
+    )
+
+
+def _as_predictor(model, device: str) -> SlicePredictor:
+    if isinstance(model, SlicePredictor):
+        return model
+    from .checkpoints import PAMModel, load_model
+
+    if model is None:
+        model = load_model(None, device=device)
+    if isinstance(model, PAMModel):
+        return PAMPredictor(model)
+    raise InputError(f"model must be a PAMModel, a SlicePredictor or None, got {type(model).__name__}")

@@ -1,0 +1,398 @@
+"""Volume and label-map I/O with SimpleITK.
+
+This is one of the two edges where ITK order meets library order (the other is the MRML
+adapter). Inside the library arrays are (k, j, i) = (slice, row, column) and spacing is in
+the same order; SimpleITK's size and spacing are (i, j, k). Origin and direction are kept
+exactly as SimpleITK gives them (physical LPS x, y, z; direction row-major 3x3), since they
+describe physical space, not array axes.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+
+__all__ = [
+    "Volume",
+    "read_volume",
+    "read_labelmap",
+    "write_labelmap",
+    "write_volume",
+    "same_grid",
+]
+
+PathLike = str | os.PathLike
+
+# Longest first so ".seg.nrrd" wins over ".nrrd" and ".nii.gz" over ".gz".
+_WRITE_EXTENSIONS = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
+_READ_HINT = "expected NIfTI (.nii/.nii.gz), NRRD (.nrrd/.seg.nrrd), MetaImage (.mha/.mhd) or a DICOM folder"
+
+
+@dataclass
+class Volume:
+    """A 3D image or label map on a physical grid.
+
+    array: shape (K, J, I) = (slices, rows, columns), i.e. ``sitk.GetArrayFromImage`` order.
+    spacing: voxel size in mm in (k, j, i) order (the reverse of ``sitk.Image.GetSpacing()``);
+        think of it as ``spacing_kji``.
+    origin: physical position (LPS x, y, z, mm) of voxel (0, 0, 0), as SimpleITK gives it.
+    direction: 9 floats, ITK's row-major direction cosine matrix (columns are the i, j, k axes).
+    """
+
+    array: np.ndarray
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Array shape (K, J, I)."""
+        return tuple(int(n) for n in self.array.shape)  # type: ignore[return-value]
+
+    @property
+    def spacing_kji(self) -> tuple[float, float, float]:
+        """Same as ``spacing``: mm per voxel in (k, j, i) order."""
+        return self.spacing
+
+    @property
+    def size_ijk(self) -> tuple[int, int, int]:
+        """Grid size in ITK order (I, J, K)."""
+        return tuple(reversed(self.shape))  # type: ignore[return-value]
+
+    @property
+    def spacing_ijk(self) -> tuple[float, float, float]:
+        """Spacing in ITK order (i, j, k)."""
+        return tuple(reversed(self.spacing))  # type: ignore[return-value]
+
+    def apply_geometry(self, image: sitk.Image) -> sitk.Image:
+        """Set this volume's spacing, origin and direction on ``image`` (same size) and return it."""
+        image.SetSpacing(self.spacing_ijk)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+        return image
+
+    def to_sitk(self, array: np.ndarray | None = None) -> sitk.Image:
+        """SimpleITK image of ``array`` (default: this volume's array, shape (K, J, I)) on this grid."""
+        data = self.array if array is None else array
+        if tuple(data.shape) != self.shape:
+            raise InputError(f"array shape {tuple(data.shape)} does not match the volume grid {self.shape} (k, j, i)")
+        if data.dtype == bool:
+            data = data.astype(np.uint8)
+        return self.apply_geometry(sitk.GetImageFromArray(np.ascontiguousarray(data)))
+
+    def reference_image(self) -> sitk.Image:
+        """Empty (uint8) SimpleITK image carrying this grid, e.g. for ``CopyInformation``."""
+        return self.apply_geometry(sitk.Image(list(self.size_ijk), sitk.sitkUInt8))
+
+    @classmethod
+    def from_sitk(cls, image: sitk.Image) -> "Volume":
+        """Volume from a 3D scalar SimpleITK image (array copied, order converted to (k, j, i))."""
+        return cls(
+            array=sitk.GetArrayFromImage(image),
+            spacing=tuple(float(s) for s in reversed(image.GetSpacing())),  # type: ignore[arg-type]
+            origin=tuple(float(o) for o in image.GetOrigin()),  # type: ignore[arg-type]
+            direction=tuple(float(d) for d in image.GetDirection()),
+        )
+
+
+def same_grid(a: Volume, b: Volume, tol: float = 1e-4) -> list[str]:
+    """Names of the grid properties that differ between ``a`` and ``b``: a subset of
+    ["size", "spacing", "origin", "direction"]; empty when the grids match.
+
+    size must match exactly; spacing within ``tol`` relative; origin within ``tol`` relative to
+    max(1 mm, |coordinate|) (files store positions as float32 or decimal strings); direction
+    cosines within ``tol`` absolute.
+    """
+    diffs: list[str] = []
+    if a.shape != b.shape:
+        diffs.append("size")
+    if any(abs(x - y) > tol * max(abs(x), abs(y)) for x, y in zip(a.spacing, b.spacing)):
+        diffs.append("spacing")
+    if any(abs(x - y) > tol * max(1.0, abs(x), abs(y)) for x, y in zip(a.origin, b.origin)):
+        diffs.append("origin")
+    if any(abs(x - y) > tol for x, y in zip(a.direction, b.direction)):
+        diffs.append("direction")
+    return diffs
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _fmt_size(size: Sequence[int]) -> str:
+    return " x ".join(str(int(s)) for s in size)
+
+
+def _itk_reason(error: RuntimeError) -> str:
+    """Last line of an ITK exception, without the source-file location noise."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    reason = lines[-1] if lines else "unknown error"
+    return reason.removeprefix("sitk::ERROR:").strip()
+
+
+def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    series_ids = list(reader.GetGDCMSeriesIDs(str(folder)))
+    if not series_ids:
+        raise InputError(f"{folder} is a folder without a DICOM series; pass a DICOM series folder or an image file")
+    if series_uid is not None:
+        if series_uid not in series_ids:
+            raise InputError(
+                f"series {series_uid} is not in {folder}; available series: {', '.join(series_ids)}"
+            )
+        chosen = series_uid
+        files = reader.GetGDCMSeriesFileNames(str(folder), chosen)
+    else:
+        by_uid = {uid: reader.GetGDCMSeriesFileNames(str(folder), uid) for uid in series_ids}
+        chosen = max(series_ids, key=lambda uid: len(by_uid[uid]))
+        files = by_uid[chosen]
+        if len(series_ids) > 1:
+            warnings.warn(
+                f"{folder} holds {len(series_ids)} DICOM series; using {chosen} ({len(files)} files), "
+                "the largest. Pass series_uid= to choose another.",
+                stacklevel=3,
+            )
+    reader.SetFileNames(files)
+    try:
+        return reader.Execute()
+    except RuntimeError as error:
+        raise InputError(f"cannot read DICOM series {chosen} in {folder} ({_itk_reason(error)})") from None
+
+
+def _read_sitk(path: PathLike, series_uid: str | None = None) -> sitk.Image:
+    """Read any supported file or DICOM folder and check it is one 3D scalar volume."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p} does not exist; check the path")
+    if p.is_dir():
+        image = _read_dicom_series(p, series_uid)
+    else:
+        if series_uid is not None:
+            raise InputError(f"series_uid applies to DICOM folders only, but {p} is a file")
+        try:
+            image = sitk.ReadImage(str(p))
+        except RuntimeError as error:
+            raise InputError(f"cannot read {p} as an image ({_itk_reason(error)}); {_READ_HINT}") from None
+    name = p.name
+
+    ncomp = image.GetNumberOfComponentsPerPixel()
+    if image.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
+        raise InputError(f"{name} has complex voxels; PAMSegment needs a real-valued 3D volume")
+    if ncomp > 1:
+        if name.lower().endswith(".seg.nrrd"):
+            raise InputError(
+                f"{name} has {ncomp} overlapping segment layers; export a label map from Slicer "
+                "(Segmentations > Export to label map) and use that"
+            )
+        raise InputError(
+            f"{name} has {ncomp} components per voxel (colour or vector image); "
+            "PAMSegment needs a single-channel 3D volume"
+        )
+    dim = image.GetDimension()
+    size = image.GetSize()
+    if dim == 4 and size[3] == 1:
+        # A 4D file with a single time point / layer is just a 3D volume.
+        image = sitk.Extract(image, [size[0], size[1], size[2], 0], [0, 0, 0, 0])
+        dim, size = 3, image.GetSize()
+    if dim == 2:
+        raise InputError(f"{name} is 2D ({_fmt_size(size)}); PAMSegment needs a 3D volume")
+    if dim != 3:
+        raise InputError(
+            f"{name} is {dim}D ({_fmt_size(size)}); PAMSegment needs a 3D volume: extract one time point first"
+        )
+    if min(size) < 2:
+        raise InputError(
+            f"{name} has a single slice ({_fmt_size(size)}); PAMSegment needs a 3D volume"
+            + (" (for DICOM pass the series folder, not one file)" if name.lower().endswith(".dcm") else "")
+        )
+    return image
+
+
+def read_volume(path: PathLike, series_uid: str | None = None) -> Volume:
+    """Read a 3D image: NIfTI, NRRD (a 3D .seg.nrrd reads as its label map), MHA/MHD, or a
+    DICOM series folder (the largest series unless ``series_uid`` is given).
+
+    Returns a Volume with array (K, J, I) in the file's pixel type and spacing (k, j, i).
+    Raises InputError for a missing/unreadable path, 2D, 4D or multi-component images, and
+    NaN/inf voxels.
+    """
+    image = _read_sitk(path, series_uid)
+    volume = Volume.from_sitk(image)
+    if volume.array.dtype.kind == "f":
+        bad = int(np.count_nonzero(~np.isfinite(volume.array)))
+        if bad:
+            raise InputError(
+                f"{Path(path).name} contains {bad} NaN/inf voxels; replace them with a finite value "
+                "(e.g. the minimum intensity) first"
+            )
+    return volume
+
+
+def _as_integer_labels(image: sitk.Image, name: str) -> sitk.Image:
+    """Cast a label image to the smallest integer pixel type holding its values."""
+    arr = sitk.GetArrayViewFromImage(image)
+    if arr.dtype.kind in "iu":
+        return image
+    if arr.dtype == bool:
+        return sitk.Cast(image, sitk.sitkUInt8)
+    if not np.all(np.isfinite(arr)) or not np.array_equal(arr, np.round(arr)):
+        raise InputError(
+            f"{name} has non-integer values, so it is not a label map; save the prompt as an integer label map"
+        )
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    if lo >= 0 and hi <= 255:
+        return sitk.Cast(image, sitk.sitkUInt8)
+    if lo >= 0 and hi <= 65535:
+        return sitk.Cast(image, sitk.sitkUInt16)
+    if lo >= -(2**31) and hi < 2**31:
+        return sitk.Cast(image, sitk.sitkInt32)
+    raise InputError(f"{name} has label values outside the 32-bit range; save it as an integer label map")
+
+
+def _describe_difference(prop: str, label: Volume, ref: Volume) -> str:
+    values = {
+        "size": (label.shape, ref.shape),
+        "spacing": (label.spacing, ref.spacing),
+        "origin": (label.origin, ref.origin),
+        "direction": (label.direction, ref.direction),
+    }[prop]
+
+    def short(v: Sequence[float]) -> str:
+        return "(" + ", ".join(f"{x:.6g}" for x in v) + ")"
+
+    return f"{prop} {short(values[0])} vs {short(values[1])}"
+
+
+def read_labelmap(path: PathLike, reference: Volume | None = None, resample: bool = False) -> Volume:
+    """Read an integer label map (e.g. a prompt) as a Volume with an integer array (K, J, I).
+
+    With ``reference``: the label map must lie on the reference grid (``same_grid``), else
+    InputError naming what differs; with ``resample=True`` it is instead resampled onto the
+    reference grid by nearest neighbour. A matching or resampled result carries the
+    reference's exact spacing, origin and direction.
+    """
+    name = Path(path).name
+    image = _as_integer_labels(_read_sitk(path), name)
+    labels = Volume.from_sitk(image)
+    if reference is None:
+        return labels
+    diffs = same_grid(labels, reference)
+    if diffs:
+        if not resample:
+            details = "; ".join(_describe_difference(d, labels, reference) for d in diffs)
+            hint = " (Slicer may crop .seg.nrrd to the segment extent)" if name.lower().endswith(".seg.nrrd") else ""
+            raise InputError(
+                f"{name} is not on the image grid: {', '.join(diffs)} differ{'s' if len(diffs) == 1 else ''} "
+                f"({details}){hint}; use --resample-prompt (resample=True) to resample it onto the image grid"
+            )
+        resampler = sitk.ResampleImageFilter()
+        resampler.SetSize(list(reference.size_ijk))
+        resampler.SetOutputSpacing(reference.spacing_ijk)
+        resampler.SetOutputOrigin(reference.origin)
+        resampler.SetOutputDirection(reference.direction)
+        resampler.SetInterpolator(sitk.sitkNearestNeighbor)
+        resampler.SetDefaultPixelValue(0)
+        resampler.SetOutputPixelType(image.GetPixelID())
+        labels = Volume.from_sitk(resampler.Execute(image))
+    return Volume(labels.array, reference.spacing, reference.origin, reference.direction)
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _write_extension(path: Path) -> str:
+    lower = path.name.lower()
+    for ext in _WRITE_EXTENSIONS:
+        if lower.endswith(ext):
+            return ext
+    raise InputError(
+        f"cannot tell the output format of {path.name}; use one of {', '.join(_WRITE_EXTENSIONS)}"
+    )
+
+
+def _atomic_write(image: sitk.Image, path: PathLike) -> Path:
+    """Write ``image`` compressed to ``path`` via a temporary file in the same folder, so an
+    existing file is either fully replaced or left untouched."""
+    target = Path(path)
+    ext = _write_extension(target)
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"folder {parent} does not exist; create it or choose another output path")
+    # The temporary name keeps the extension: ITK picks the file format from it.
+    tmp = parent / f".{target.name[: -len(ext)]}.{uuid.uuid4().hex}.tmp{ext}"
+    try:
+        sitk.WriteImage(image, str(tmp), useCompression=True)
+        os.replace(tmp, target)
+    except (RuntimeError, OSError) as error:
+        reason = _itk_reason(error) if isinstance(error, RuntimeError) else str(error)
+        raise InputError(f"cannot write {target} ({reason}); check the folder is writable") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return target
+
+
+def _seg_nrrd_metadata(image: sitk.Image, labels: np.ndarray) -> None:
+    """Segment fields Slicer reads from a .seg.nrrd, one segment per non-zero label."""
+    extent = " ".join(f"0 {n - 1}" for n in image.GetSize())
+    image.SetMetaData("Segmentation_MasterRepresentation", "Binary labelmap")
+    image.SetMetaData("Segmentation_ContainedRepresentationNames", "Binary labelmap|")
+    image.SetMetaData("Segmentation_ReferenceImageExtentOffset", "0 0 0")
+    palette = [(0.5, 0.68, 0.5), (0.94, 0.84, 0.57), (0.69, 0.48, 0.4), (0.44, 0.72, 0.82), (0.85, 0.4, 0.4)]
+    for n, value in enumerate(int(v) for v in np.unique(labels) if v != 0):
+        r, g, b = palette[n % len(palette)]
+        for key, text in (
+            ("ID", f"Segment_{value}"),
+            ("Name", f"Segment_{value}"),
+            ("NameAutoGenerated", "1"),
+            ("Color", f"{r} {g} {b}"),
+            ("ColorAutoGenerated", "1"),
+            ("Extent", extent),
+            ("Layer", "0"),
+            ("LabelValue", str(value)),
+            ("Tags", "|"),
+        ):
+            image.SetMetaData(f"Segment{n}_{key}", text)
+
+
+def write_labelmap(array: np.ndarray, reference: Volume, path: PathLike) -> Path:
+    """Write a label map (K, J, I), bool or integer-valued, on ``reference``'s exact grid.
+
+    Stored as uint8 (uint16 if the largest label exceeds 255), compressed; the format follows
+    the extension (.nii.gz, .nii, .nrrd, .seg.nrrd, .mha). Written atomically. Returns the path.
+    """
+    target = Path(path)
+    _write_extension(target)
+    labels = np.asarray(array)
+    if labels.shape != reference.shape:
+        raise InputError(
+            f"label map shape {labels.shape} does not match the image {reference.shape} (k, j, i)"
+        )
+    if labels.dtype.kind == "f" and (not np.all(np.isfinite(labels)) or not np.array_equal(labels, np.round(labels))):
+        raise InputError("label map has non-integer values; pass a boolean or integer array")
+    if labels.dtype.kind not in "biuf":
+        raise InputError(f"label map has dtype {labels.dtype}; pass a boolean or integer array")
+    lo = float(labels.min()) if labels.size else 0.0
+    hi = float(labels.max()) if labels.size else 0.0
+    if lo < 0:
+        raise InputError(f"label map has negative labels (min {lo:g}); labels must be 0 (background) or positive")
+    if hi > 65535:
+        raise InputError(f"label map has labels up to {hi:g}; at most 65535 labels can be written")
+    dtype = np.uint8 if hi <= 255 else np.uint16
+    image = reference.to_sitk(labels.astype(dtype, copy=False))
+    if target.name.lower().endswith(".seg.nrrd"):
+        _seg_nrrd_metadata(image, labels)
+    return _atomic_write(image, target)
+
+
+def write_volume(volume: Volume, path: PathLike) -> Path:
+    """Write an image Volume (any numeric dtype) with its geometry, compressed and atomically."""
+    return _atomic_write(volume.to_sitk(), path)

@@ -1,0 +1,39 @@
+"""Test doubles for the propagation engine."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from PAMSegmentLib.propagate import SlicePrediction, SlicePredictor
+
+
+class OracleModel(SlicePredictor):
+    """Returns the true mask of each query slice (axis 0 of the volume the engine walks).
+
+    ``truth`` is given in the engine's walking order (propagation axis first). Records every
+    call so tests can check what was predicted and with which guide.
+    """
+
+    def __init__(self, truth: np.ndarray, window: int = 4, presence: bool = False):
+        self.truth = truth.astype(bool)
+        self.window_mm, self.max_window, self.min_window = float(window), window, 1
+        self.with_presence = presence
+        self.calls: list[tuple[int, list[int]]] = []
+
+    def predict(self, volume, guide_index, guide_mask, query_indices):
+        self.calls.append((int(guide_index), [int(q) for q in query_indices]))
+        prob = self.truth[list(query_indices)].astype(np.float32)
+        presence = prob.reshape(len(prob), -1).max(axis=1) if self.with_presence else None
+        return SlicePrediction(prob, presence)
+
+
+class ShiftModel(SlicePredictor):
+    """Predicts the guide's mask shifted by ``shift`` columns: a drifting, imperfect model."""
+
+    def __init__(self, shift: int = 0, window: int = 4):
+        self.shift = shift
+        self.window_mm, self.max_window, self.min_window = float(window), window, 1
+
+    def predict(self, volume, guide_index, guide_mask, query_indices):
+        m = np.roll(guide_mask.astype(np.float32), self.shift, axis=1)
+        return SlicePrediction(np.repeat(m[None], len(query_indices), axis=0))
