@@ -167,7 +167,7 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
         raise InputError(f"cannot read DICOM series {chosen} in {folder} ({_itk_reason(error)})") from None
 
 
-def _read_sitk(path: PathLike, series_uid: str | None = None) -> sitk.Image:
+def _read_sitk(path: PathLike, series_uid: str | None = None, single_slice_ok: bool = False) -> sitk.Image:
     """Read any supported file or DICOM folder and check it is one 3D scalar volume."""
     p = Path(path)
     if not p.exists():
@@ -208,7 +208,7 @@ def _read_sitk(path: PathLike, series_uid: str | None = None) -> sitk.Image:
         raise InputError(
             f"{name} is {dim}D ({_fmt_size(size)}); PAMSegment needs a 3D volume: extract one time point first"
         )
-    if min(size) < 2:
+    if min(size) < 2 and not single_slice_ok:
         raise InputError(
             f"{name} has a single slice ({_fmt_size(size)}); PAMSegment needs a 3D volume"
             + (" (for DICOM pass the series folder, not one file)" if name.lower().endswith(".dcm") else "")
@@ -222,7 +222,8 @@ def read_volume(path: PathLike, series_uid: str | None = None) -> Volume:
 
     Returns a Volume with array (K, J, I) in the file's pixel type and spacing (k, j, i).
     Raises InputError for a missing/unreadable path, 2D, 4D or multi-component images, and
-    NaN/inf voxels.
+    NaN/inf voxels (ITK's NIfTI reader already turns those into 0, so this fires for the
+    other formats).
     """
     image = _read_sitk(path, series_uid)
     volume = Volume.from_sitk(image)
@@ -268,7 +269,8 @@ def _describe_difference(prop: str, label: Volume, ref: Volume) -> str:
     def short(v: Sequence[float]) -> str:
         return "(" + ", ".join(f"{x:.6g}" for x in v) + ")"
 
-    return f"{prop} {short(values[0])} vs {short(values[1])}"
+    axes = " (k, j, i)" if prop in ("size", "spacing") else ""
+    return f"{prop}{axes} {short(values[0])} vs {short(values[1])}"
 
 
 def read_labelmap(path: PathLike, reference: Volume | None = None, resample: bool = False) -> Volume:
@@ -280,7 +282,8 @@ def read_labelmap(path: PathLike, reference: Volume | None = None, resample: boo
     reference's exact spacing, origin and direction.
     """
     name = Path(path).name
-    image = _as_integer_labels(_read_sitk(path), name)
+    # A one-slice label map is fine: it has a 3D position and can be resampled onto the image.
+    image = _as_integer_labels(_read_sitk(path, single_slice_ok=True), name)
     labels = Volume.from_sitk(image)
     if reference is None:
         return labels
@@ -288,7 +291,7 @@ def read_labelmap(path: PathLike, reference: Volume | None = None, resample: boo
     if diffs:
         if not resample:
             details = "; ".join(_describe_difference(d, labels, reference) for d in diffs)
-            hint = " (Slicer may crop .seg.nrrd to the segment extent)" if name.lower().endswith(".seg.nrrd") else ""
+            hint = " (Slicer may crop .seg.nrrd to the segment extent)" if name.lower().endswith(".seg.nrrd") and "size" in diffs else ""
             raise InputError(
                 f"{name} is not on the image grid: {', '.join(diffs)} differ{'s' if len(diffs) == 1 else ''} "
                 f"({details}){hint}; use --resample-prompt (resample=True) to resample it onto the image grid"

@@ -1,0 +1,320 @@
+"""Volume I/O: geometry round trips, label maps on the image grid, and one-line input errors."""
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from PAMSegmentLib.errors import InputError
+from PAMSegmentLib.volumes import Volume, read_labelmap, read_volume, same_grid, write_labelmap, write_volume
+
+COS, SIN = math.cos(math.radians(30)), math.sin(math.radians(30))
+ROT_X_30 = (1.0, 0.0, 0.0, 0.0, COS, -SIN, 0.0, SIN, COS)  # 30 degrees about x (ITK row-major)
+IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+
+def make_volume(shape=(4, 5, 6), dtype=np.int16, spacing=(2.5, 0.9, 0.7), direction=ROT_X_30) -> Volume:
+    """Anisotropic, rotated test volume; every voxel a different value. Shape and spacing (k, j, i)."""
+    array = (np.arange(np.prod(shape)).reshape(shape) - 40).astype(dtype)
+    return Volume(array, spacing, (-12.5, 30.25, 7.125), direction)
+
+
+def assert_geometry(got: Volume, want: Volume, tol: float) -> None:
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got.spacing, want.spacing, rtol=0, atol=tol)
+    np.testing.assert_allclose(got.origin, want.origin, rtol=0, atol=tol)
+    np.testing.assert_allclose(got.direction, want.direction, rtol=0, atol=tol)
+
+
+def write_dicom_series(folder: Path, volume: Volume, series_uid: str, prefix: str = "slice") -> None:
+    """One CT file per k-slice, with the tags GDCM needs to rebuild the 3D geometry."""
+    folder.mkdir(parents=True, exist_ok=True)
+    image = volume.to_sitk()
+    d = volume.direction
+
+    def ds(values):  # DICOM decimal strings are at most 16 characters
+        return "\\".join(f"{v:.10g}" for v in values)
+
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(volume.shape[0]):
+        tags = {
+            "0008|0016": "1.2.840.10008.5.1.4.1.1.2",  # CT Image Storage
+            "0008|0018": f"{series_uid}.{k + 1}",
+            "0008|0060": "CT",
+            "0020|000d": "1.2.826.0.1.3680043.2.1125.7.1",
+            "0020|000e": series_uid,
+            "0020|0013": str(k + 1),
+            "0020|0032": ds(image.TransformIndexToPhysicalPoint((0, 0, k))),
+            "0020|0037": ds((d[0], d[3], d[6], d[1], d[4], d[7])),  # row (i) then column (j) cosines
+            "0028|0030": ds((volume.spacing[1], volume.spacing[2])),  # row spacing \ column spacing
+            "0018|0050": ds((volume.spacing[0],)),
+        }
+        plane = image[:, :, k]
+        for tag, value in tags.items():
+            plane.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"{prefix}{k:03d}.dcm"))
+        writer.Execute(plane)
+
+
+# ----------------------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize("ext", [".nii.gz", ".nrrd", ".mha"])
+def test_round_trip_files(tmp_path, ext):
+    vol = make_volume()
+    path = write_volume(vol, tmp_path / f"image{ext}")
+    got = read_volume(path)
+    assert got.array.dtype == np.int16
+    np.testing.assert_array_equal(got.array, vol.array)
+    assert_geometry(got, vol, 1e-5)
+    assert same_grid(got, vol) == []
+
+
+def test_round_trip_float_volume(tmp_path):
+    vol = make_volume(dtype=np.float32, direction=IDENTITY)
+    got = read_volume(write_volume(vol, tmp_path / "f.nrrd"))
+    np.testing.assert_array_equal(got.array, vol.array)
+    assert got.spacing == vol.spacing and got.spacing_kji == (2.5, 0.9, 0.7)
+    assert got.spacing_ijk == (0.7, 0.9, 2.5) and got.size_ijk == (6, 5, 4)
+
+
+def test_round_trip_dicom_series(tmp_path):
+    vol = make_volume()
+    write_dicom_series(tmp_path / "dcm", vol, "1.2.826.0.1.3680043.2.1125.7.2")
+    got = read_volume(tmp_path / "dcm")
+    np.testing.assert_array_equal(got.array, vol.array)
+    assert_geometry(got, vol, 1e-3)
+
+
+def test_dicom_folder_with_two_series(tmp_path):
+    small, large = make_volume(shape=(3, 5, 6)), make_volume(shape=(5, 5, 6))
+    folder = tmp_path / "mixed"
+    write_dicom_series(folder, small, "1.2.826.0.1.3680043.2.1125.7.3", prefix="a")
+    write_dicom_series(folder, large, "1.2.826.0.1.3680043.2.1125.7.4", prefix="b")
+    with pytest.warns(UserWarning, match="2 DICOM series"):
+        got = read_volume(folder)
+    assert got.shape == (5, 5, 6)
+    assert read_volume(folder, series_uid="1.2.826.0.1.3680043.2.1125.7.3").shape == (3, 5, 6)
+    with pytest.raises(InputError, match="available series"):
+        read_volume(folder, series_uid="1.2.3")
+
+
+# ----------------------------------------------------------------------------- label maps
+
+
+@pytest.mark.parametrize("ref_ext, out_ext", [(".nii.gz", ".nii.gz"), (".nrrd", ".nrrd"), (".nrrd", ".seg.nrrd"), (".mha", ".mha")])
+def test_write_labelmap_keeps_reference_geometry(tmp_path, ref_ext, out_ext):
+    ref = read_volume(write_volume(make_volume(), tmp_path / f"ref{ref_ext}"))
+    mask = np.zeros(ref.shape, bool)
+    mask[1:3, 2:4, 1:5] = True
+    out = write_labelmap(mask, ref, tmp_path / f"out{out_ext}")
+    raw = Volume.from_sitk(sitk.ReadImage(str(out)))
+    assert raw.array.dtype == np.uint8
+    np.testing.assert_array_equal(raw.array, mask)
+    # Exact up to the file format's float representation (NRRD stores spacing x direction).
+    assert_geometry(raw, ref, 1e-9)
+    labels = read_labelmap(out, reference=ref)  # no grid error
+    np.testing.assert_array_equal(labels.array, mask)
+    assert not list(tmp_path.glob(".*"))  # no temporary file left behind
+
+
+def test_labelmap_image_carries_reference_geometry_exactly():
+    ref = make_volume()
+    image = ref.to_sitk(np.zeros(ref.shape, bool))
+    assert image.GetSpacing() == (0.7, 0.9, 2.5) and image.GetOrigin() == ref.origin
+    assert image.GetDirection() == ref.direction and image.GetPixelID() == sitk.sitkUInt8
+    assert ref.reference_image().GetSize() == (6, 5, 4)
+
+
+def test_seg_nrrd_has_segment_fields_for_slicer(tmp_path):
+    ref = make_volume()
+    labels = np.zeros(ref.shape, np.uint8)
+    labels[0, 0, 0], labels[1, 1, 1] = 1, 3
+    image = sitk.ReadImage(str(write_labelmap(labels, ref, tmp_path / "out.seg.nrrd")))
+    assert image.GetMetaData("Segment0_LabelValue") == "1"
+    assert image.GetMetaData("Segment1_LabelValue") == "3"
+    assert image.GetMetaData("Segmentation_MasterRepresentation") == "Binary labelmap"
+
+
+def test_write_labelmap_uint16_for_large_labels(tmp_path):
+    ref = make_volume()
+    labels = np.zeros(ref.shape, np.int64)
+    labels[0, 0, 0] = 300
+    got = read_labelmap(write_labelmap(labels, ref, tmp_path / "big.nii.gz"))
+    assert got.array.dtype == np.uint16 and got.array.max() == 300
+
+
+def test_write_is_atomic_on_failure(tmp_path, monkeypatch):
+    ref = make_volume()
+    target = tmp_path / "out.nrrd"
+    target.write_bytes(b"previous result")
+
+    def broken_write(*args, **kwargs):
+        raise RuntimeError("sitk::ERROR: disk full")
+
+    monkeypatch.setattr(sitk, "WriteImage", broken_write)
+    with pytest.raises(InputError, match="cannot write"):
+        write_labelmap(np.ones(ref.shape, bool), ref, target)
+    assert target.read_bytes() == b"previous result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.nrrd"]
+
+
+def test_write_errors(tmp_path):
+    ref = make_volume()
+    with pytest.raises(InputError, match="does not exist"):
+        write_labelmap(np.ones(ref.shape, bool), ref, tmp_path / "missing" / "out.nii.gz")
+    with pytest.raises(InputError, match="does not match the image"):
+        write_labelmap(np.ones((1, 2, 3), bool), ref, tmp_path / "out.nii.gz")
+    with pytest.raises(InputError, match="output format"):
+        write_labelmap(np.ones(ref.shape, bool), ref, tmp_path / "out.png")
+    with pytest.raises(InputError, match="non-integer"):
+        write_labelmap(np.full(ref.shape, 0.5), ref, tmp_path / "out.nii.gz")
+
+
+@pytest.mark.parametrize(
+    "change, phrase",
+    [
+        (dict(shape=(4, 5, 7)), "size"),
+        (dict(spacing=(2.0, 0.9, 0.7)), "spacing"),
+        (dict(origin=(-12.5, 31.25, 7.125)), "origin"),
+        (dict(direction=IDENTITY), "direction"),
+    ],
+)
+def test_labelmap_on_other_grid_is_refused(tmp_path, change, phrase):
+    ref = make_volume()
+    other = make_volume(shape=change.get("shape", ref.shape), dtype=np.uint8)
+    other.spacing = change.get("spacing", ref.spacing)
+    other.origin = change.get("origin", ref.origin)
+    other.direction = change.get("direction", ref.direction)
+    path = write_volume(other, tmp_path / "prompt.nii.gz")
+    with pytest.raises(InputError, match=rf"not on the image grid: {phrase} differs .*--resample-prompt") as info:
+        read_labelmap(path, reference=ref)
+    assert "\n" not in str(info.value)
+    assert same_grid(read_labelmap(path), ref) == [phrase]
+
+
+def test_resample_fixes_prompt_with_other_spacing(tmp_path):
+    # Image: 10 slices of 2 mm. Prompt drawn on a 1 mm grid with the same origin, so prompt
+    # slice 8 lies at 8 mm = image slice 4.
+    image = Volume(np.zeros((10, 12, 14), np.int16), (2.0, 1.0, 1.0), (0.0, 0.0, 0.0), IDENTITY)
+    prompt = np.zeros((20, 12, 14), np.uint8)
+    prompt[8, 3:7, 4:10] = 1
+    path = write_labelmap(prompt, Volume(prompt, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), IDENTITY), tmp_path / "p.nrrd")
+    with pytest.raises(InputError, match="size, spacing differ"):
+        read_labelmap(path, reference=image)
+    got = read_labelmap(path, reference=image, resample=True)
+    expected = np.zeros(image.shape, np.uint8)
+    expected[4, 3:7, 4:10] = 1
+    np.testing.assert_array_equal(got.array, expected)
+    assert same_grid(got, image) == []
+
+
+def test_single_slice_prompt_resamples_into_volume(tmp_path):
+    image = make_volume(shape=(6, 5, 6))
+    one = Volume(np.zeros((1, 5, 6), np.uint8), image.spacing, image.origin, image.direction)
+    one.array[0, 1:4, 2:5] = 1
+    # Put the single slice where image slice 3 is.
+    one.origin = image.to_sitk().TransformIndexToPhysicalPoint((0, 0, 3))
+    got = read_labelmap(write_volume(one, tmp_path / "slice.nrrd"), reference=image, resample=True)
+    expected = np.zeros(image.shape, np.uint8)
+    expected[3] = one.array[0]
+    np.testing.assert_array_equal(got.array, expected)
+
+
+def test_float_labelmap(tmp_path):
+    ref = make_volume(direction=IDENTITY)
+    ok = Volume(np.where(ref.array > 0, 2.0, 0.0).astype(np.float32), ref.spacing, ref.origin, ref.direction)
+    got = read_labelmap(write_volume(ok, tmp_path / "ok.nii.gz"))
+    assert got.array.dtype.kind in "iu" and set(np.unique(got.array)) == {0, 2}
+    bad = Volume(np.full(ref.shape, 0.5, np.float32), ref.spacing, ref.origin, ref.direction)
+    with pytest.raises(InputError, match="non-integer values"):
+        read_labelmap(write_volume(bad, tmp_path / "bad.nii.gz"))
+
+
+def test_multilayer_seg_nrrd_is_refused(tmp_path):
+    # What Slicer writes for overlapping segments: a leading "list" axis of 2 layers.
+    header = (
+        "NRRD0004\ntype: uint8\ndimension: 4\nspace: left-posterior-superior\nsizes: 2 6 5 4\n"
+        "space directions: none (0.7,0,0) (0,0.9,0) (0,0,2.5)\nkinds: list domain domain domain\n"
+        "encoding: raw\nspace origin: (0,0,0)\nSegment0_Layer:=0\nSegment1_Layer:=1\n\n"
+    )
+    path = tmp_path / "overlap.seg.nrrd"
+    path.write_bytes(header.encode() + bytes(2 * 6 * 5 * 4))
+    with pytest.raises(InputError, match="2 overlapping segment layers; export a label map"):
+        read_labelmap(path)
+
+
+# ----------------------------------------------------------------------------- bad images
+
+
+def test_2d_image(tmp_path):
+    path = tmp_path / "image.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((12, 16), np.int16)), str(path))
+    with pytest.raises(InputError, match=r"image.nii.gz is 2D \(16 x 12\); PAMSegment needs a 3D volume"):
+        read_volume(path)
+
+
+def test_single_slice_3d_image(tmp_path):
+    path = write_volume(make_volume(shape=(1, 5, 6)), tmp_path / "one.nrrd")
+    with pytest.raises(InputError, match="single slice"):
+        read_volume(path)
+
+
+def test_4d_image(tmp_path):
+    frames = [sitk.GetImageFromArray(np.zeros((3, 4, 5), np.float32)) for _ in range(2)]
+    path = tmp_path / "time.nii.gz"
+    sitk.WriteImage(sitk.JoinSeries(frames), str(path))
+    with pytest.raises(InputError, match=r"time.nii.gz is 4D \(5 x 4 x 3 x 2\)"):
+        read_volume(path)
+    # A single time point is simply a 3D volume.
+    one = tmp_path / "one.nrrd"
+    sitk.WriteImage(sitk.JoinSeries(frames[:1]), str(one))
+    assert read_volume(one).shape == (3, 4, 5)
+
+
+def test_multicomponent_image(tmp_path):
+    path = tmp_path / "rgb.mha"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((3, 4, 5, 3), np.uint8), isVector=True), str(path))
+    with pytest.raises(InputError, match="3 components per voxel"):
+        read_volume(path)
+
+
+@pytest.mark.parametrize("ext", [".nrrd", ".mha"])
+def test_nan_voxels(tmp_path, ext):
+    vol = make_volume(dtype=np.float32)
+    vol.array[0, 0, 0], vol.array[1, 1, 1] = np.nan, np.inf
+    with pytest.raises(InputError, match="contains 2 NaN/inf voxels"):
+        read_volume(write_volume(vol, tmp_path / f"nan{ext}"))
+
+
+def test_nifti_reader_zeroes_nan_voxels(tmp_path):
+    # ITK's NIfTI library replaces non-finite floats by 0 while reading, so there is nothing
+    # left to refuse; pinned here so a change in that behaviour is noticed.
+    vol = make_volume(dtype=np.float32)
+    vol.array[0, 0, 0] = np.nan
+    assert read_volume(write_volume(vol, tmp_path / "nan.nii.gz")).array[0, 0, 0] == 0.0
+
+
+def test_missing_and_garbage_files(tmp_path):
+    with pytest.raises(InputError, match="does not exist; check the path"):
+        read_volume(tmp_path / "nope.nii.gz")
+    garbage = tmp_path / "x.nii.gz"
+    garbage.write_bytes(np.random.default_rng(0).bytes(500))
+    with pytest.raises(InputError, match=r"cannot read .*x.nii.gz as an image") as info:
+        read_volume(garbage)
+    assert "\n" not in str(info.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="without a DICOM series"):
+        read_volume(tmp_path / "empty")
+    with pytest.raises(InputError, match="DICOM folders only"):
+        read_volume(write_volume(make_volume(), tmp_path / "v.mha"), series_uid="1.2.3")
+
+
+def test_errors_are_value_errors_with_one_line():
+    with pytest.raises(ValueError) as info:
+        read_volume(os.path.join("no", "such", "file.nrrd"))
+    assert "\n" not in str(info.value)
