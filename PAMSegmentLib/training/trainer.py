@@ -1,0 +1,176 @@
+"""Time-budgeted PAM training on CPU.
+
+Loss: Dice + cross-entropy at every deep-supervision scale (nnU-Net's weights 1, 1/2, 1/4, ...
+normalised), plus binary cross-entropy on the object-present logit. The learning rate follows a
+polynomial decay over the *time* budget, so a run always finishes its schedule on time whatever
+the machine's speed. Batches come from a background process so sampling overlaps the network.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..checkpoints import InferenceParams, load_checkpoint_file, save_checkpoint
+from ..network import PAMConfig, PAMNetwork, fuse_scales
+from ..preprocess import PreprocessingParams
+from .samples import Case, SampleBatch, SampleConfig, make_batch
+
+__all__ = ["TrainConfig", "train", "pam_loss"]
+
+
+@dataclass
+class TrainConfig:
+    network: PAMConfig
+    preprocessing: PreprocessingParams
+    sample: SampleConfig
+    minutes: float = 60.0
+    max_iterations: int = 10**9
+    n_guides: int = 4
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    presence_weight: float = 0.5
+    rollout_after: float = 0.15  # fraction of the budget before rollouts start
+    p_rollout: float = 0.35
+    seed: int = 0
+    threads: int = 1
+    workers: int = 1
+    checkpoint_every_min: float = 5.0
+    init_from: str | None = None
+    provenance: dict = field(default_factory=dict)
+
+
+def _ds_weights(n: int) -> list[float]:
+    w = [1 / 2**i for i in range(n)]
+    s = sum(w)
+    return [x / s for x in w]
+
+
+def pam_loss(logits: list[torch.Tensor], presence: torch.Tensor | None, target: torch.Tensor,
+             present: torch.Tensor, presence_weight: float) -> tuple[torch.Tensor, dict]:
+    """logits: list of (B, 2, s, s); target (B, S, S) float {0,1}; present (B,)."""
+    total = 0.0
+    parts = {}
+    for w, lg in zip(_ds_weights(len(logits)), logits):
+        t = target if lg.shape[-1] == target.shape[-1] else F.interpolate(target[:, None], size=lg.shape[-2:], mode="nearest")[:, 0]
+        ce = F.cross_entropy(lg, t.long())
+        p = torch.softmax(lg, dim=1)[:, 1]
+        # Batch Dice (nnU-Net's choice): empty targets do not produce undefined per-sample terms.
+        inter = (p * t).sum()
+        dice = 1 - (2 * inter + 1e-5) / (p.sum() + t.sum() + 1e-5)
+        total = total + w * (ce + dice)
+        if lg.shape[-1] == target.shape[-1]:
+            parts["ce"], parts["dice"] = float(ce.detach()), float(dice.detach())
+    if presence is not None:
+        bce = F.binary_cross_entropy_with_logits(presence, present)
+        total = total + presence_weight * bce
+        parts["presence"] = float(bce.detach())
+    return total, parts
+
+
+class _BatchStream(torch.utils.data.IterableDataset):
+    def __init__(self, cases, weights, cfg: TrainConfig, total_seconds: float, start_time: float, seed: int):
+        self.cases, self.weights, self.cfg = cases, weights, cfg
+        self.total_seconds, self.start_time, self.seed = total_seconds, start_time, seed
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid = info.id if info is not None else 0
+        torch.set_num_threads(1)
+        rng = np.random.default_rng([self.seed, wid])
+        while True:
+            frac = (time.time() - self.start_time) / self.total_seconds
+            rollout = frac > self.cfg.rollout_after and rng.random() < self.cfg.p_rollout
+            yield make_batch(self.cases, self.weights, rng, self.cfg.sample, self.cfg.n_guides, rollout)
+
+
+def _collate(x):
+    return x
+
+
+def _forward(net: PAMNetwork, batch: SampleBatch):
+    stage = net.proposing_stage
+    guide_image, guide_mask = batch.guide_image, batch.guide_mask
+    if batch.relay_image is not None:
+        # Rollout: the network's own prediction of the relay slice becomes the guide.
+        with torch.no_grad():
+            relay = stage(guide_image, guide_mask, batch.relay_image[:, None])
+            prob = fuse_scales(relay.logits, guide_image.shape[-1])
+        guide_image = batch.relay_image
+        guide_mask = (prob >= 0.5).float()[:, None]
+    return stage(guide_image, guide_mask, batch.query_images)
+
+
+def train(cases: list[Case], cfg: TrainConfig, out_path: Path, log_path: Path) -> dict:
+    """Train until the time budget or iteration cap; writes ``out_path`` (our checkpoint format)."""
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    net = PAMNetwork(cfg.network)
+    if cfg.init_from:
+        init = load_checkpoint_file(cfg.init_from)
+        if init.config != cfg.network:
+            raise ValueError(f"--init-from has network {init.config}, not {cfg.network}")
+        net.load_state_dict(init.network.state_dict())
+    net.train()
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    weights = np.array([c.weight for c in cases], dtype=np.float64)
+    weights /= weights.sum()
+    total_seconds = cfg.minutes * 60.0
+    start = time.time()
+    stream = _BatchStream(cases, weights, cfg, total_seconds, start, cfg.seed)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers, collate_fn=_collate,
+                                         prefetch_factor=4 if cfg.workers else None,
+                                         persistent_workers=bool(cfg.workers))
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    logf = open(log_path, "w", newline="")
+    writer = csv.writer(logf)
+    writer.writerow(["iteration", "seconds", "lr", "loss", "ce", "dice", "presence", "rollout"])
+    inference = InferenceParams(window_mm=cfg.sample.window_mm, max_window=cfg.sample.max_window)
+    last_ckpt = start
+    ema = None
+    it = 0
+
+    def save(final: bool):
+        prov = dict(cfg.provenance)
+        prov.update({"iterations": it, "train_seconds": round(time.time() - start, 1), "final": final,
+                     "loss_ema": ema, "seed": cfg.seed})
+        return save_checkpoint(out_path, net, cfg.preprocessing, inference, prov)
+
+    for batch in loader:
+        elapsed = time.time() - start
+        if elapsed >= total_seconds or it >= cfg.max_iterations:
+            break
+        lr = cfg.lr * (1 - elapsed / total_seconds) ** 0.9
+        for g in opt.param_groups:
+            g["lr"] = lr
+        out = _forward(net, batch)
+        target = batch.query_masks.flatten(0, 1)
+        loss, parts = pam_loss(out.logits, out.presence, target, batch.present.flatten(), cfg.presence_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 12.0)
+        opt.step()
+        it += 1
+        lv = float(loss)
+        ema = lv if ema is None else 0.98 * ema + 0.02 * lv
+        if it % 10 == 0 or it == 1:
+            writer.writerow([it, round(elapsed, 1), f"{lr:.2e}", f"{lv:.4f}", f"{parts.get('ce', math.nan):.4f}",
+                             f"{parts.get('dice', math.nan):.4f}", f"{parts.get('presence', math.nan):.4f}",
+                             int(batch.relay_image is not None)])
+            logf.flush()
+        if time.time() - last_ckpt > cfg.checkpoint_every_min * 60:
+            save(final=False)
+            last_ckpt = time.time()
+    digest = save(final=True)
+    logf.close()
+    summary = {"iterations": it, "seconds": round(time.time() - start, 1), "loss_ema": ema, "sha256": digest}
+    (log_path.with_suffix(".json")).write_text(json.dumps(summary, indent=2))
+    return summary

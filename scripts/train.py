@@ -1,0 +1,161 @@
+#!/usr/bin/env python
+"""Train PAMSegment's default weights (the `small` preset) on CPU.
+
+    python scripts/prepare_data.py --cache cache --synthetic 400      # once
+    python scripts/train.py --cache cache --minutes 80 --out Resources/Models/pam_small.pt
+
+Training cases and labels come from scripts/split.json (evaluation structures and scans are never
+loaded here). ``--synthetic-inline N`` trains on N freshly generated synthetic volumes only (no
+cache needed; used by the tests and for smoke runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from PAMSegmentLib.network import PRESETS, PAMConfig  # noqa: E402
+from PAMSegmentLib.preprocess import PreprocessingParams  # noqa: E402
+from PAMSegmentLib.training.samples import Case, SampleConfig  # noqa: E402
+from PAMSegmentLib.training.trainer import TrainConfig, train  # noqa: E402
+
+SYNTHETIC_SHARE = 0.45  # fraction of samples drawn from synthetic volumes when real data exist
+
+
+def load_training_cases(cache: Path, split_path: Path, max_synthetic: int | None) -> list[Case]:
+    split = json.loads(split_path.read_text())
+    cases: list[Case] = []
+    for entry in split["train"]:
+        name = entry["case"]
+        if name.startswith("synth_") and max_synthetic is not None and max_synthetic <= sum(c.name.startswith("synth_") for c in cases):
+            continue
+        path = cache / "cases" / f"{name}.npz"
+        if not path.exists():
+            print(f"warning: {path} missing, skipped", file=sys.stderr)
+            continue
+        with np.load(path, allow_pickle=False) as z:
+            image = z["image"].astype(np.float32)
+            labels = z["labels"].astype(np.int16)
+            spacing = tuple(float(s) for s in z["spacing"])
+        case = Case(name, image, labels, spacing, [int(x) for x in entry["labels"]])
+        if case.usable:
+            cases.append(case)
+    # Add synthetic cases not listed in the split (the pool size is a prepare_data option).
+    listed = {c.name for c in cases}
+    synth_files = sorted((cache / "cases").glob("synth_*.npz"))
+    for path in synth_files:
+        if max_synthetic is not None and sum(c.name.startswith("synth_") for c in cases) >= max_synthetic:
+            break
+        if path.stem in listed:
+            continue
+        with np.load(path, allow_pickle=False) as z:
+            labels = z["labels"].astype(np.int16)
+            case = Case(path.stem, z["image"].astype(np.float32), labels,
+                        tuple(float(s) for s in z["spacing"]), sorted(int(v) for v in np.unique(labels) if v))
+        if case.usable:
+            cases.append(case)
+    real = [c for c in cases if not c.name.startswith("synth_")]
+    synth = [c for c in cases if c.name.startswith("synth_")]
+    if real and synth:
+        rw = np.sqrt([len(c.usable) for c in real])
+        for c, w in zip(real, rw / rw.sum() * (1 - SYNTHETIC_SHARE)):
+            c.weight = float(w)
+        for c in synth:
+            c.weight = SYNTHETIC_SHARE / len(synth)
+    return cases
+
+
+def inline_synthetic(n: int, seed: int) -> list[Case]:
+    from PAMSegmentLib.training.synthetic import generate_volume
+
+    cases = []
+    for i in range(n):
+        v = generate_volume(np.random.default_rng([seed, i]))
+        cases.append(Case(f"synth_inline_{i}", v.image, v.labels, tuple(v.spacing),
+                          sorted(int(x) for x in np.unique(v.labels) if x)))
+    return cases
+
+
+def git_revision() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache", type=Path, default=REPO / "cache")
+    ap.add_argument("--split", type=Path, default=REPO / "scripts" / "split.json")
+    ap.add_argument("--preset", default="small", choices=sorted(PRESETS))
+    ap.add_argument("--minutes", type=float, default=80.0, help="wall-clock budget (the LR schedule follows it)")
+    ap.add_argument("--max-iterations", type=int, default=10**9)
+    ap.add_argument("--out", type=Path, default=REPO / "Resources" / "Models" / "pam_small.pt")
+    ap.add_argument("--log", type=Path, default=REPO / "runs" / "train_log.csv")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for the network")
+    ap.add_argument("--workers", type=int, default=1, help="batch-sampling processes (0 = in the main process)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--guides", type=int, default=4, help="guides per batch")
+    ap.add_argument("--queries", type=int, default=4, help="query slices per guide")
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--max-synthetic", type=int, default=None, help="use at most this many cached synthetic volumes")
+    ap.add_argument("--synthetic-inline", type=int, default=0, help="train on N generated volumes only (no cache)")
+    ap.add_argument("--init-from", default=None, help="continue from a checkpoint of the same preset")
+    args = ap.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    t0 = time.time()
+    if args.synthetic_inline:
+        cases = inline_synthetic(args.synthetic_inline, args.seed)
+    else:
+        cases = load_training_cases(args.cache, args.split, args.max_synthetic)
+    if not cases:
+        print("error: no training cases found; run scripts/prepare_data.py first", file=sys.stderr)
+        return 2
+    n_real = sum(not c.name.startswith("synth_") for c in cases)
+    print(f"{len(cases)} training cases ({n_real} real, {len(cases) - n_real} synthetic) loaded in {time.time() - t0:.0f} s",
+          flush=True)
+
+    net_cfg: PAMConfig = PRESETS[args.preset]
+    pre = PreprocessingParams(input_size=net_cfg.input_size, window_margin=0.25 if args.preset != "official" else 0.0)
+    cfg = TrainConfig(
+        network=net_cfg,
+        preprocessing=pre,
+        sample=SampleConfig(preprocessing=pre, n_queries=args.queries),
+        minutes=args.minutes,
+        max_iterations=args.max_iterations,
+        n_guides=args.guides,
+        lr=args.lr,
+        seed=args.seed,
+        threads=args.threads,
+        workers=args.workers,
+        init_from=args.init_from,
+        provenance={
+            "command": "python scripts/train.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "git_revision": git_revision(),
+            "cases": [c.name for c in cases if not c.name.startswith("synth_")],
+            "n_synthetic": len(cases) - n_real,
+            "split": str(args.split.relative_to(REPO)) if args.split.is_relative_to(REPO) else str(args.split),
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads available, torch {torch.__version__}",
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        },
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    summary = train(cases, cfg, args.out, args.log)
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
