@@ -1,0 +1,317 @@
+"""The ``pamsegment`` command: propagate a one-slice prompt through a volume from files.
+
+    pamsegment propagate IMAGE PROMPT -o OUT [--checkpoint CKPT] [--label N ...] ...
+    pamsegment info CKPT
+
+Exit status: 0 on success; 2 with a one-line ``pamsegment: error: ...`` message for bad input
+(an unreadable or inconsistent image/prompt, a bad checkpoint, a bad option); 130 when
+interrupted (nothing is written); 1 for an unexpected internal error (with its traceback, which
+is a bug worth reporting).
+
+Adding a subcommand: write ``add_<name>_arguments(parser)`` and ``cmd_<name>(args) -> int`` in
+any module and add one ``Subcommand`` entry to ``SUBCOMMANDS`` below, e.g.::
+
+    "demo": Subcommand("run the bundled demo", "PAMSegmentLib.demo:add_demo_arguments",
+                       "PAMSegmentLib.demo:cmd_demo"),
+
+Entries name their functions as "module:function" strings so that only the chosen subcommand's
+module is imported: ``pamsegment info`` does not pay for SimpleITK, and an unreadable image is
+reported before torch is even imported.
+
+Propagation methods follow the same pattern: ``METHODS`` maps a ``--method`` name to a factory
+``(args) -> PAMModel | SlicePredictor``; a baseline (``copy``, ``track``) is one more entry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import CheckpointError, InputError, PAMError, PropagationCancelled
+
+__all__ = ["main", "build_parser", "Subcommand", "SUBCOMMANDS", "METHODS", "parse_slice_range"]
+
+PROG = "pamsegment"
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+# ----------------------------------------------------------------------------- registries
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    """One ``pamsegment NAME`` subcommand.
+
+    add_arguments / run: a callable, or a "module:function" string imported only when this
+    subcommand is used. ``run(args) -> int`` returns the exit status and signals bad input by
+    raising a PAMError (the CLI turns it into exit 2 and a one-line message).
+    """
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None] | str
+    run: Callable[[argparse.Namespace], int] | str
+
+
+def _resolve(ref: Callable | str) -> Callable:
+    if callable(ref):
+        return ref
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module, package=__package__), name)
+
+
+def _pam_method(args: argparse.Namespace) -> Any:
+    """PAM's network from --checkpoint, or the shipped default weights."""
+    from . import checkpoints
+
+    if args.checkpoint is not None:
+        return checkpoints.load_model(args.checkpoint, device=args.device)
+    path = checkpoints.default_checkpoint_path()
+    env = os.environ.get("PAMSEGMENT_MODEL")
+    if env and (path is None or not Path(path).is_file()):
+        raise CheckpointError(
+            f"PAMSEGMENT_MODEL is set to {env}, which is not a file; point it at a checkpoint, unset it, "
+            "or pass --checkpoint CKPT"
+        )
+    if path is None or not Path(path).is_file():
+        raise CheckpointError(
+            "no default PAM weights are installed; pass --checkpoint CKPT (a PAMSegment checkpoint or the "
+            "official propmask.pth from the PAM authors)"
+        )
+    return checkpoints.load_model(path, device=args.device)
+
+
+# --method name -> factory(args) returning what ``propagate`` accepts as ``model``.
+METHODS: dict[str, Callable[[argparse.Namespace], Any]] = {
+    "pam": _pam_method,
+}
+
+
+# ----------------------------------------------------------------------------- argument types
+
+
+def parse_slice_range(text: str) -> tuple[int, int]:
+    """"K0:K1" -> (K0, K1): two non-negative integers with K0 <= K1, both slices included."""
+    parts = text.strip().split(":")
+    hint = "expected K0:K1, two slice numbers with 0 <= K0 <= K1 (both included), e.g. 10:40"
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"{hint}; got {text!r}")
+    k0, k1 = (int(p) for p in parts)
+    if k0 > k1:
+        raise argparse.ArgumentTypeError(f"{hint}; got {text!r} (K0 > K1)")
+    return k0, k1
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+# ----------------------------------------------------------------------------- propagate
+
+
+def add_propagate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("image", metavar="IMAGE", help="3D image: NIfTI, NRRD, MHA or a DICOM series folder")
+    p.add_argument("prompt", metavar="PROMPT",
+                   help="label map on the image grid with the object drawn on one slice (or a few keyframes)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="output label map (.nii.gz, .nii, .nrrd, .seg.nrrd, .mha); written only on success")
+    p.add_argument("--checkpoint", metavar="CKPT",
+                   help="PAMSegment checkpoint or the official PAM propmask.pth (default: the shipped weights)")
+    p.add_argument("--method", choices=sorted(METHODS), default="pam", help="what predicts the slices (default: pam)")
+    p.add_argument("--label", type=_positive_int, nargs="+", metavar="N",
+                   help="propagate only these prompt labels (default: every label in the prompt)")
+    p.add_argument("--axis", type=int, choices=(0, 1, 2),
+                   help="array axis to propagate along, (k, j, i) order (default: the axis the prompt is drawn across)")
+    p.add_argument("--range", type=parse_slice_range, metavar="K0:K1", dest="slice_range",
+                   help="propagate only within slices K0..K1 along the axis, both included")
+    p.add_argument("--no-early-stop", action="store_true",
+                   help="predict every slice in the range, also past slices where the object vanished")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--threads", type=_positive_int, metavar="N", help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--batch-size", type=_positive_int, default=16, metavar="N",
+                   help="query slices per network call; bounds memory (default: 16)")
+    p.add_argument("--resample-prompt", action="store_true",
+                   help="resample a prompt on another grid onto the image grid (nearest neighbour)")
+
+
+def _same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    pa, pb = Path(a), Path(b)
+    try:
+        if pa.exists() and pb.exists():
+            return os.path.samefile(pa, pb)
+    except OSError:
+        pass
+    return pa.resolve() == pb.resolve()
+
+
+def _check_output_path(out: str, inputs: Sequence[str]) -> None:
+    """Fail before any work if OUT would overwrite an input or cannot be written."""
+    from . import volumes
+
+    for given in inputs:
+        if _same_path(out, given):
+            raise InputError(f"the output {out} is the input {given}; choose another -o path")
+    volumes._write_extension(Path(out))  # the writer's own extension check (InputError naming the formats)
+    parent = Path(out).parent
+    if not parent.is_dir():
+        raise InputError(f"folder {parent} does not exist; create it or choose another output path")
+
+
+class _ProgressBar:
+    """tqdm bar on stderr (0..100 %), fed by the engine's ``progress(fraction, message)``."""
+
+    def __init__(self, description: str):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=100, desc=description, file=sys.stderr, leave=True, dynamic_ncols=False, ncols=80,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]", mininterval=0.2)
+
+    def __call__(self, fraction: float, message: str) -> None:
+        target = int(round(100 * min(max(fraction, 0.0), 1.0)))
+        if target > self.bar.n:
+            self.bar.update(target - self.bar.n)
+
+    def __enter__(self) -> "_ProgressBar":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
+
+
+def cmd_propagate(args: argparse.Namespace) -> int:
+    """Read IMAGE and PROMPT, propagate, write OUT on the image's grid, print a summary."""
+    t0 = time.perf_counter()
+    _check_output_path(args.output, [args.image, args.prompt])
+
+    from .volumes import read_labelmap, read_volume, write_labelmap
+
+    image = read_volume(args.image)
+    prompt = read_labelmap(args.prompt, reference=image, resample=args.resample_prompt)
+
+    from .propagate import find_prompt_slices, propagate
+
+    # Check the prompt before loading a network (which can take seconds for the official one).
+    find_prompt_slices(prompt.array, axis=args.axis, labels=args.label)
+    model = METHODS[args.method](args)
+
+    with _ProgressBar("propagating") as bar:
+        result = propagate(
+            image.array,
+            prompt.array,
+            image.spacing,
+            model,
+            axis=args.axis,
+            labels=args.label,
+            range=args.slice_range,
+            early_stop=not args.no_early_stop,
+            batch_size=args.batch_size,
+            device=args.device,
+            threads=args.threads,
+            progress=bar,
+        )
+    write_labelmap(result.mask, image, args.output)
+    print(f"wrote {args.output}: {result.summary()}; {time.perf_counter() - t0:.1f} s in all", flush=True)
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------- info
+
+
+def add_info_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint file (.pt/.pth)")
+    p.add_argument("--json", action="store_true", help="print the description as JSON")
+
+
+def _format_network(cfg: dict) -> str:
+    n, base, top = cfg["n_stages"], cfg["base_features"], cfg["max_features"]
+    feats = [min(base * 2**i, top) for i in range(n)]
+    return (f"{cfg['name']}: {cfg['input_size']} px input, {n} stages ({', '.join(map(str, feats))} features), "
+            f"cross-attention at the {cfg['n_attention_stages']} deepest, "
+            f"object-present head: {'yes' if cfg.get('presence_head') else 'no'}")
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Print what a checkpoint is; a file that does not load is a CheckpointError (exit 2)."""
+    from .checkpoints import describe_checkpoint
+
+    d = describe_checkpoint(args.checkpoint)
+    if args.json:
+        print(json.dumps(d, indent=2, default=str))
+        return EXIT_OK
+    kind = {"official": "official (the PAM authors' published layout)",
+            "pamsegment": "pamsegment (PAMSegment's own format)"}.get(d["kind"], d["kind"])
+    pre = d["preprocessing"]
+    lines = [
+        f"file: {d['file']} ({d['size_mb']:.1f} MB)",
+        f"kind: {kind}",
+        f"network: {_format_network(d['network'])}",
+        f"parameters: {d['parameters']:,} ({d['parameters'] / 1e6:.1f} M)",
+        "preprocessing: " + ", ".join(f"{k}={v}" for k, v in pre.items()),
+        "inference: " + ", ".join(f"{k}={v}" for k, v in d["inference"].items()),
+        f"sha256 (weights): {d['sha256']}",
+        "provenance: " + (json.dumps(d["provenance"], sort_keys=True, default=str) if d["provenance"] else "none recorded"),
+        "loads: yes",
+    ]
+    print("\n".join(lines))
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "propagate": Subcommand("propagate a mask drawn on one slice through a 3D volume",
+                            add_propagate_arguments, cmd_propagate),
+    "info": Subcommand("describe a checkpoint and check that it loads", add_info_arguments, cmd_info),
+}
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The full parser. Given ``argv``, only the subcommand named in it gets its arguments (so
+    only that subcommand's module is imported); the others are listed with their help line."""
+    chosen = None if argv is None else next((a for a in argv if a in SUBCOMMANDS), None)
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="PAMSegment: one annotated slice to a 3D segmentation with PAM.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, spec in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=spec.help, description=spec.help)
+        if argv is None or name == chosen:
+            _resolve(spec.add_arguments)(p)
+        p.set_defaults(_run=spec.run)
+    return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return text or type(exc).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``pamsegment`` with ``argv`` (default: sys.argv[1:]); returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)  # usage errors exit 2 through argparse
+    try:
+        return int(_resolve(args._run)(args) or EXIT_OK)
+    except (PropagationCancelled, KeyboardInterrupt):
+        print(f"{PROG}: interrupted; nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except PAMError as exc:
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE

@@ -1,0 +1,147 @@
+"""Shared fixtures: a small synthetic CT with a one-slice prompt, random checkpoints, the CLI.
+
+Torch runs on one thread: the machine is shared and every array here is small.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+TESTING = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTING))  # `from doubles import ...`
+
+
+def rotation_direction(yaw_deg: float = 20.0, tilt_deg: float = 10.0) -> tuple[float, ...]:
+    """A non-identity ITK direction matrix (row-major 3x3): rotation about z, then about x."""
+    a, b = math.radians(yaw_deg), math.radians(tilt_deg)
+    rz = np.array([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, math.cos(b), -math.sin(b)], [0, math.sin(b), math.cos(b)]])
+    return tuple(float(x) for x in (rz @ rx).ravel())
+
+
+def ellipsoid(shape: tuple[int, int, int], center: tuple[float, float, float],
+              radii: tuple[float, float, float]) -> np.ndarray:
+    """Boolean ellipsoid on a (k, j, i) grid; centre and radii in voxels."""
+    k, j, i = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    return ((k - center[0]) / radii[0]) ** 2 + ((j - center[1]) / radii[1]) ** 2 + ((i - center[2]) / radii[2]) ** 2 <= 1
+
+
+def write_image(array: np.ndarray, path: Path, spacing_kji=(2.5, 0.8, 0.7), origin=(-12.5, 40.25, -80.0),
+                direction=None) -> Path:
+    """Write a (k, j, i) array with the given geometry (spacing in (k, j, i) order)."""
+    img = sitk.GetImageFromArray(array)
+    img.SetSpacing(tuple(float(s) for s in reversed(spacing_kji)))
+    img.SetOrigin(origin)
+    img.SetDirection(direction or rotation_direction())
+    sitk.WriteImage(img, str(path))
+    return path
+
+
+@dataclass
+class CTCase:
+    """Synthetic CT-like case written to disk. Arrays are (k, j, i)."""
+
+    image_path: Path
+    prompt_path: Path
+    image: np.ndarray  # int16 HU-like
+    truth: np.ndarray  # bool, the object
+    prompt: np.ndarray  # uint8, label 1 on slice ``prompt_slice`` only
+    prompt_slice: int
+    spacing: tuple[float, float, float]  # (k, j, i) mm
+    directory: Path
+
+
+def make_ct_case(directory: Path, shape=(20, 40, 48), seed: int = 0) -> CTCase:
+    """Air around a soft-tissue body ellipse (40 HU) holding a brighter ellipsoid object (150 HU)
+    that spans slices 5..15; the prompt is the object on slice 10."""
+    rng = np.random.default_rng(seed)
+    k, j, i = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    body = ((j - shape[1] / 2) / (0.45 * shape[1])) ** 2 + ((i - shape[2] / 2) / (0.45 * shape[2])) ** 2 <= 1
+    body = np.broadcast_to(body, shape)
+    truth = ellipsoid(shape, (10, 18, 22), (5.5, 7, 9))
+    image = np.full(shape, -1000.0)
+    image[body] = 40.0
+    image[truth] = 150.0
+    image += rng.normal(0, 10, shape)
+    image = image.astype(np.int16)
+    prompt = np.zeros(shape, np.uint8)
+    prompt[10][truth[10]] = 1
+    spacing = (2.5, 0.8, 0.7)
+    directory.mkdir(parents=True, exist_ok=True)
+    image_path = write_image(image, directory / "image.nii.gz", spacing)
+    prompt_path = write_image(prompt, directory / "prompt.nii.gz", spacing)
+    return CTCase(image_path, prompt_path, image, truth, prompt, 10, spacing, directory)
+
+
+@pytest.fixture
+def ct_case(tmp_path: Path) -> CTCase:
+    return make_ct_case(tmp_path / "case")
+
+
+@dataclass
+class CheckpointFixture:
+    path: Path
+    network: torch.nn.Module
+    sha256: str = ""
+
+
+@pytest.fixture(scope="session")
+def small_checkpoint(tmp_path_factory) -> CheckpointFixture:
+    """A randomly initialised ``small``-preset network saved in our format."""
+    from PAMSegmentLib.checkpoints import save_checkpoint
+    from PAMSegmentLib.network import PAMNetwork
+    from PAMSegmentLib.preprocess import PreprocessingParams
+
+    torch.manual_seed(1234)
+    net = PAMNetwork("small").eval()
+    path = tmp_path_factory.mktemp("ckpt_small") / "pam_small_random.pt"
+    digest = save_checkpoint(path, net, PreprocessingParams(input_size=net.config.input_size),
+                             provenance={"note": "random weights for tests", "seed": 1234})
+    return CheckpointFixture(path, net, digest)
+
+
+@pytest.fixture(scope="session")
+def official_checkpoint(tmp_path_factory) -> CheckpointFixture:
+    """A randomly initialised ``official`` network saved the way the authors' training script did:
+    ``{"model_state_dict": {"module." + key: tensor}}`` (DistributedDataParallel names).
+    32 M parameters, a ~130 MB file: made once per session."""
+    from PAMSegmentLib.network import PAMNetwork
+
+    torch.manual_seed(4321)
+    net = PAMNetwork("official").eval()
+    path = tmp_path_factory.mktemp("ckpt_official") / "propmask_random.pth"
+    torch.save({"model_state_dict": {"module." + k: v for k, v in net.state_dict().items()}, "epoch": 7}, path)
+    return CheckpointFixture(path, net)
+
+
+def _cli_env(extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["OMP_NUM_THREADS"] = "1"
+    env.pop("PAMSEGMENT_MODEL", None)
+    env.update(extra or {})
+    return env
+
+
+@pytest.fixture
+def run_cli():
+    """Run ``python -m PAMSegmentLib ARGS`` in a subprocess -> CompletedProcess (text output)."""
+
+    def run(*args: str | os.PathLike, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "PAMSegmentLib", *map(str, args)], cwd=REPO, env=_cli_env(env),
+                              capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+    return run

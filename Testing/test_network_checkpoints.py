@@ -1,0 +1,239 @@
+"""The network's published layout and checkpoint loading: strict, safe, with clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from PAMSegmentLib.checkpoints import (
+    describe_checkpoint,
+    load_checkpoint_file,
+    load_model,
+    save_checkpoint,
+    weights_sha256,
+)
+from PAMSegmentLib.errors import CheckpointError
+from PAMSegmentLib.network import PAMNetwork
+from PAMSegmentLib.preprocess import PreprocessingParams
+
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def _inputs(size: int, n_queries: int = 1, seed: int = 0):
+    """guide (1, 1, S, S), its mask, queries (1, N, 1, S, S): a fixed random input."""
+    g = torch.Generator().manual_seed(seed)
+    guide = torch.rand(1, 1, size, size, generator=g) * 2 - 1
+    mask = (torch.rand(1, 1, size, size, generator=g) > 0.6).float()
+    queries = torch.rand(1, n_queries, 1, size, size, generator=g) * 2 - 1
+    return guide, mask, queries
+
+
+def _outputs(net: PAMNetwork, size: int) -> list[torch.Tensor]:
+    with torch.inference_mode():
+        return net.eval()(*_inputs(size)).logits
+
+
+# ----------------------------------------------------------------------------- network layout
+
+
+def test_official_state_dict_matches_published_layout():
+    expected = json.loads((DATA / "pam_official_state_dict.json").read_text())
+    sd = PAMNetwork("official").state_dict()
+    assert len(expected) == 408
+    assert sorted(sd) == sorted(expected)
+    wrong = {k: (list(sd[k].shape), v) for k, v in expected.items() if list(sd[k].shape) != v}
+    assert not wrong
+
+
+def test_small_preset_output_shapes():
+    net = PAMNetwork("small").eval()
+    s = net.config.input_size
+    guide, mask, queries = _inputs(s, n_queries=3)
+    with torch.inference_mode():
+        out = net(guide, mask, queries)
+        prob, presence = net.predict(guide, mask, queries)
+    assert out.logits[0].shape == (3, 2, s, s)  # largest scale first
+    assert [lg.shape[-1] for lg in out.logits] == sorted((lg.shape[-1] for lg in out.logits), reverse=True)
+    assert prob.shape == (3, s, s) and float(prob.min()) >= 0 and float(prob.max()) <= 1
+    assert presence.shape == (3,)
+
+
+# ----------------------------------------------------------------------------- official checkpoints
+
+
+def test_official_checkpoint_loads_strictly_and_reproduces_outputs(official_checkpoint):
+    model = load_checkpoint_file(official_checkpoint.path)
+    assert model.kind == "official"
+    assert model.config.name == "official"
+    # A fresh network has different random weights; the loaded one must equal the saved one.
+    got = _outputs(model.network, 224)
+    want = _outputs(official_checkpoint.network, 224)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def test_official_plain_state_dict_without_prefix_loads(tmp_path, official_checkpoint):
+    path = tmp_path / "plain.pth"
+    torch.save(official_checkpoint.network.state_dict(), path)
+    model = load_checkpoint_file(path)
+    a, b = model.network.state_dict(), official_checkpoint.network.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+@pytest.mark.parametrize("damage", ["missing", "unexpected", "shape"])
+def test_official_checkpoint_with_wrong_keys_names_them(tmp_path, official_checkpoint, damage):
+    sd = {"module." + k: v for k, v in official_checkpoint.network.state_dict().items()}
+    victim = "proposing_stage.cross_attns.2.keys.weight"
+    if damage == "missing":
+        del sd["module." + victim]
+        phrase = f"1 missing key(s): {victim}"
+    elif damage == "unexpected":
+        sd["module.proposing_stage.box_head.weight"] = torch.zeros(3)
+        phrase = "1 unexpected key(s): proposing_stage.box_head.weight"
+    else:
+        sd["module." + victim] = torch.zeros(7, 7)
+        phrase = f"shape mismatch(es), e.g. {victim}: file (7, 7) vs network (512, 512)"
+    path = tmp_path / "damaged.pth"
+    torch.save({"model_state_dict": sd}, path)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint_file(path)
+    assert phrase in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+# ----------------------------------------------------------------------------- files that are no checkpoint
+
+
+def test_truncated_checkpoint(tmp_path, small_checkpoint):
+    data = small_checkpoint.path.read_bytes()
+    path = tmp_path / "half.pt"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or not a PyTorch checkpoint"):
+        load_checkpoint_file(path)
+
+
+def test_random_bytes(tmp_path):
+    path = tmp_path / "noise.pth"
+    path.write_bytes(os.urandom(4096))
+    with pytest.raises(CheckpointError, match="cannot load checkpoint"):
+        load_checkpoint_file(path)
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.pth"
+    path.touch()
+    with pytest.raises(CheckpointError, match=r"is empty \(0 bytes\)"):
+        load_checkpoint_file(path)
+
+
+def test_missing_file_and_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint_file(tmp_path / "nope.pth")
+    with pytest.raises(CheckpointError, match="is a directory"):
+        load_checkpoint_file(tmp_path)
+
+
+def test_pickle_without_tensors(tmp_path):
+    path = tmp_path / "numbers.pth"
+    torch.save({"epoch": 3, "lr": [0.1, 0.01]}, path)
+    with pytest.raises(CheckpointError, match="holds no state dict"):
+        load_checkpoint_file(path)
+
+
+class _Payload:
+    """Unpickling this would create ``marker``: what a malicious checkpoint could do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.marker),))
+
+
+def test_arbitrary_pickle_is_refused_and_not_executed(tmp_path):
+    marker = tmp_path / "code_ran"
+    path = tmp_path / "evil.pth"
+    torch.save({"model_state_dict": {"w": torch.zeros(1)}, "payload": _Payload(marker)}, path)
+    with pytest.raises(CheckpointError, match="Python objects beyond tensors"):
+        load_checkpoint_file(path)
+    assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------- our format
+
+
+def test_own_format_round_trip(tmp_path):
+    torch.manual_seed(7)
+    net = PAMNetwork("small").eval()
+    path = tmp_path / "ours.pt"
+    digest = save_checkpoint(path, net, PreprocessingParams(input_size=128, window_margin=0.1),
+                             provenance={"command": "scripts/train.py --epochs 1"})
+    model = load_model(path)
+    assert model.kind == "pamsegment"
+    assert model.config == net.config
+    assert model.preprocessing.window_margin == 0.1
+    assert model.provenance == {"command": "scripts/train.py --epochs 1"}
+    assert model.sha256 == digest
+    for a, b in zip(_outputs(model.network, 128), _outputs(net, 128)):
+        assert torch.equal(a, b)
+    # The file does not store the decoder's alias of the encoder twice, but the loaded network
+    # has it (shared tensors), as the network's own state dict does.
+    assert model.network.proposing_stage.decoder.encoder is model.network.proposing_stage.encoder
+
+
+def test_own_format_sha256_matches_recomputed(small_checkpoint):
+    payload = torch.load(small_checkpoint.path, weights_only=True)
+    assert payload["format"] == "pamsegment-checkpoint"
+    assert payload["sha256"] == weights_sha256(payload["state_dict"]) == small_checkpoint.sha256
+    assert load_checkpoint_file(small_checkpoint.path).sha256 == small_checkpoint.sha256
+
+
+def test_own_format_tampered_weights_are_corrupt(tmp_path, small_checkpoint):
+    payload = torch.load(small_checkpoint.path, weights_only=True)
+    key = next(iter(payload["state_dict"]))
+    payload["state_dict"][key] = payload["state_dict"][key] + 1e-3
+    path = tmp_path / "tampered.pt"
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="is corrupt"):
+        load_checkpoint_file(path)
+
+
+@pytest.mark.parametrize("edit, phrase", [
+    (lambda p: p["state_dict"].pop("proposing_stage.mask_encoder.stages.0.0.convs.0.conv.weight"),
+     "missing key(s): proposing_stage.mask_encoder.stages.0.0.convs.0.conv.weight"),
+    (lambda p: p["config"].update(base_features=8), "shape mismatch"),
+    (lambda p: p["config"].update(depth=3), "invalid header: unknown network config field(s): depth"),
+    (lambda p: p.update(format_version=99), "format version 99"),
+])
+def test_own_format_header_and_key_errors(tmp_path, small_checkpoint, edit, phrase):
+    payload = torch.load(small_checkpoint.path, weights_only=True)
+    edit(payload)
+    payload["sha256"] = weights_sha256(payload["state_dict"])  # only the edit is wrong
+    path = tmp_path / "edited.pt"
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint_file(path)
+    assert phrase in str(err.value)
+
+
+def test_describe_checkpoint(small_checkpoint):
+    d = describe_checkpoint(small_checkpoint.path)
+    assert d["kind"] == "pamsegment"
+    assert d["network"]["name"] == "small"
+    assert d["parameters"] == small_checkpoint.network.n_parameters()
+    assert d["sha256"] == small_checkpoint.sha256
+    assert d["provenance"]["seed"] == 1234
+    assert d["loads"] is True
+
+
+def test_default_weights_from_environment(monkeypatch, tmp_path, small_checkpoint):
+    monkeypatch.setenv("PAMSEGMENT_MODEL", str(small_checkpoint.path))
+    assert load_model(None).sha256 == small_checkpoint.sha256
+    monkeypatch.setenv("PAMSEGMENT_MODEL", str(tmp_path / "missing.pt"))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model(None)
