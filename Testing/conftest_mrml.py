@@ -1,0 +1,129 @@
+"""Fixtures for tests on real MRML nodes (the `slicer-core` wheel: MRML, segmentations, no Qt).
+
+Import into a test module with ``from conftest_mrml import *  # noqa: F401,F403``. Kept out of
+Testing/conftest.py so suites that do not need Slicer do not pay for it.
+
+The wheel has the scene and the module logics but no application: the fixture builds a scene,
+registers the logics `slicer.util` reaches for (Colors, Data, Volumes, Segmentations) on an
+application logic, and sets `slicer.mrmlScene` / `slicer.modules` the way Slicer would.
+"""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="the slicer-core wheel is not installed (pip install slicer-core)")
+vtk = pytest.importorskip("vtk")
+
+__all__ = ["mrml_scene", "make_volume_node", "make_segmentation", "ellipsoid", "matrix_from_array",
+           "oblique_ijk_to_ras", "internal_labelmap_state", "assert_same_labelmap", "slicer", "vtk"]
+
+
+@pytest.fixture
+def mrml_scene():
+    """A fresh scene with the logics registered; `slicer.mrmlScene`/`slicer.modules` point at it."""
+    scene = slicer.vtkMRMLScene()
+    app = slicer.vtkSlicerApplicationLogic()
+    app.SetMRMLScene(scene)
+    logics = {}
+    for name, cls in (("Colors", slicer.vtkSlicerColorLogic), ("Data", slicer.vtkSlicerDataModuleLogic),
+                      ("Volumes", slicer.vtkSlicerVolumesLogic),
+                      ("Segmentations", slicer.vtkSlicerSegmentationsModuleLogic)):
+        logic = cls()
+        logic.SetMRMLApplicationLogic(app)
+        logic.SetMRMLScene(scene)
+        app.SetModuleLogic(name, logic)
+        logics[name.lower()] = logic
+    saved = {k: getattr(slicer, k, None) for k in ("mrmlScene", "modules", "app")}
+    slicer.mrmlScene = scene
+    slicer.modules = types.SimpleNamespace(
+        **{name: types.SimpleNamespace(logic=(lambda lg=lg: lg)) for name, lg in logics.items()}
+    )
+    try:
+        yield scene
+    finally:
+        scene.Clear(1)
+        for key, value in saved.items():
+            if value is None:
+                if hasattr(slicer, key):
+                    delattr(slicer, key)
+            else:
+                setattr(slicer, key, value)
+
+
+def matrix_from_array(m: np.ndarray):
+    out = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            out.SetElement(r, c, float(m[r, c]))
+    return out
+
+
+def oblique_ijk_to_ras(spacing_ijk=(0.8, 0.9, 2.0), origin=(10.0, -20.0, 5.0), degrees=(30.0, 23.0)) -> np.ndarray:
+    """An IJK-to-RAS with a rotation about S then about R (no axis is anatomical any more)."""
+    a, b = np.deg2rad(degrees)
+    rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+    m = np.eye(4)
+    m[:3, :3] = rz @ rx @ np.diag(spacing_ijk)
+    m[:3, 3] = origin
+    return m
+
+
+def make_volume_node(array: np.ndarray, ijk_to_ras: np.ndarray | None = None, spacing_ijk=(0.8, 0.9, 2.0),
+                     name: str = "volume"):
+    """A scalar volume node holding ``array`` (k, j, i)."""
+    node = slicer.util.addVolumeFromArray(np.ascontiguousarray(array), name=name)
+    if ijk_to_ras is None:
+        node.SetSpacing(*spacing_ijk)
+        node.SetOrigin(-12.0, 30.0, 7.5)
+    else:
+        node.SetIJKToRASMatrix(matrix_from_array(ijk_to_ras))
+    return node
+
+
+def make_segmentation(geometry_node, masks: dict[str, np.ndarray], colors: dict[str, tuple] | None = None):
+    """A segmentation whose geometry comes from ``geometry_node``, one segment per mask (on its grid).
+
+    Returns (segmentation node, {name: segment id}).
+    """
+    seg = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "segmentation")
+    seg.CreateDefaultDisplayNodes()
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(geometry_node)
+    ids = {}
+    palette = [(0.9, 0.2, 0.1), (0.1, 0.7, 0.3), (0.2, 0.3, 0.9)]
+    for n, (name, mask) in enumerate(masks.items()):
+        color = (colors or {}).get(name, palette[n % len(palette)])
+        sid = seg.GetSegmentation().AddEmptySegment("", name, list(color))
+        slicer.util.updateSegmentBinaryLabelmapFromArray(mask.astype(np.uint8), seg, sid, geometry_node)
+        ids[name] = sid
+    return seg, ids
+
+
+def ellipsoid(shape, center, radii) -> np.ndarray:
+    """Boolean ellipsoid on a (k, j, i) grid; center and radii in voxels, (k, j, i)."""
+    grids = np.ogrid[tuple(slice(0, n) for n in shape)]
+    r2 = sum(((g - c) / r) ** 2 for g, c, r in zip(grids, center, radii))
+    return r2 <= 1.0
+
+
+def internal_labelmap_state(segmentation_node, segment_id):
+    """Everything that defines a segment's stored labelmap: voxels, extent and geometry."""
+    lm = segmentation_node.GetSegmentation().GetSegment(segment_id).GetRepresentation(
+        slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
+    m = vtk.vtkMatrix4x4()
+    lm.GetImageToWorldMatrix(m)
+    voxels = slicer.util.arrayFromSegmentInternalBinaryLabelmap(segmentation_node, segment_id)
+    return (np.array(voxels, copy=True), tuple(lm.GetExtent()), slicer.util.arrayFromVTKMatrix(m).copy(),
+            lm.GetScalarType())
+
+
+def assert_same_labelmap(after, before):
+    """Two ``internal_labelmap_state`` results are bit-identical (voxels, extent, geometry, type)."""
+    np.testing.assert_array_equal(after[0], before[0])
+    assert after[0].dtype == before[0].dtype
+    assert after[1] == before[1] and after[3] == before[3]
+    np.testing.assert_array_equal(after[2], before[2])

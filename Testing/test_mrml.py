@@ -1,0 +1,478 @@
+"""The MRML adapter on real Slicer nodes (slicer-core wheel): read a one-slice segment on the
+volume's grid, propagate with the real engine, write back in one step.
+
+The engine runs for real; the slice predictor is a test double (``OracleModel`` returns the true
+mask of each queried slice), so every check below is about geometry and bookkeeping: if a voxel
+lands anywhere but where the truth says, the adapter has an axis, spacing, orientation or
+transform wrong. The shipped weights are checked separately (skipped until they exist).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest_mrml import *  # noqa: F401,F403 - fixtures and helpers
+from conftest_mrml import (assert_same_labelmap, ellipsoid, internal_labelmap_state, make_segmentation, make_volume_node,
+                           matrix_from_array, oblique_ijk_to_ras, slicer, vtk)
+from doubles import OracleModel
+
+import PAMSegmentLib.mrml as mrml
+from PAMSegmentLib.errors import CheckpointError, InputError, PAMError, PropagationCancelled
+from PAMSegmentLib.metrics import dice
+from PAMSegmentLib.mrml import SegmentPropagation, axis_plane_name, describe_prompt, propagate_segment
+from PAMSegmentLib.propagate import CancelToken
+
+SHAPE = (24, 40, 44)  # (k, j, i): small enough for 2 shared cores
+CENTER, RADII = (12, 20, 22), (8, 12, 14)
+DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "Resources" / "Models" / "pam_small.pt"
+
+
+def synthetic(seed=0):
+    """An ellipsoid (value ~100) in noise (~0); the truth and the image, (k, j, i)."""
+    truth = ellipsoid(SHAPE, CENTER, RADII)
+    rng = np.random.default_rng(seed)
+    image = (truth * 100.0 + rng.normal(0, 10, SHAPE)).astype(np.float32)
+    return truth, image
+
+
+def one_slice(truth, index, axis=0):
+    prompt = np.zeros(truth.shape, np.uint8)
+    sl = [slice(None)] * 3
+    sl[axis] = index
+    prompt[tuple(sl)] = truth[tuple(sl)]
+    return prompt
+
+
+def segment_on_volume(seg, sid, vol):
+    return slicer.util.arrayFromSegmentBinaryLabelmap(seg, sid, vol).astype(bool)
+
+
+def span(mask, axis=0):
+    other = tuple(a for a in range(3) if a != axis)
+    return int(np.count_nonzero(mask.any(axis=other)))
+
+
+@pytest.fixture
+def scene_with_prompt(mrml_scene):
+    truth, image = synthetic()
+    vol = make_volume_node(image)
+    seg, ids = make_segmentation(vol, {"tumor": one_slice(truth, CENTER[0])}, colors={"tumor": (0.9, 0.2, 0.1)})
+    return truth, vol, seg, ids["tumor"]
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+
+def test_volume_array_is_kji_with_kji_spacing(mrml_scene):
+    image = np.arange(np.prod(SHAPE), dtype=np.float32).reshape(SHAPE)
+    vol = make_volume_node(image, spacing_ijk=(0.8, 0.9, 2.5))
+    array, grid = mrml.volume_array(vol)
+    assert array.shape == SHAPE and array.dtype == np.float32
+    np.testing.assert_array_equal(array, image)
+    assert grid.spacing == pytest.approx((2.5, 0.9, 0.8))
+    array[0, 0, 0] = -1  # a copy: the worker may hold it while the user edits the volume
+    assert slicer.util.arrayFromVolume(vol)[0, 0, 0] == 0
+
+
+def test_describe_prompt_finds_the_drawn_slice_and_plane(scene_with_prompt):
+    _, vol, seg, sid = scene_with_prompt
+    info = describe_prompt(vol, seg, sid)
+    assert (info.axis, info.slices, info.plane, info.n_slices) == (0, [CENTER[0]], "axial", SHAPE[0])
+    assert "1 axial slice (12 of 24)" in info.describe()
+
+
+def test_axis_plane_names():
+    m = np.diag([0.8, 0.9, 2.0, 1.0])
+    assert [axis_plane_name(m, a) for a in (0, 1, 2)] == ["axial", "coronal", "sagittal"]
+    assert axis_plane_name(oblique_ijk_to_ras(degrees=(45, 40)), 0) == "oblique"
+    # Slicer's LPS-to-RAS flip on a DICOM axial series keeps it axial.
+    assert axis_plane_name(np.diag([-0.7, -0.7, 3.0, 1.0]), 0) == "axial"
+
+
+def test_empty_segment_is_a_clear_input_error(mrml_scene):
+    truth, image = synthetic()
+    vol = make_volume_node(image)
+    seg, ids = make_segmentation(vol, {"empty": np.zeros(SHAPE, np.uint8)})
+    with pytest.raises(InputError, match='segment "empty" .*empty: draw the object on one slice'):
+        SegmentPropagation(vol, seg, ids["empty"], model=OracleModel(truth))
+
+
+def test_unknown_segment_and_mode_are_input_errors(scene_with_prompt):
+    truth, vol, seg, sid = scene_with_prompt
+    with pytest.raises(InputError, match="not in segmentation"):
+        SegmentPropagation(vol, seg, "no-such-segment", model=OracleModel(truth))
+    with pytest.raises(InputError, match="mode must be one of replace, new"):
+        SegmentPropagation(vol, seg, sid, mode="merge", model=OracleModel(truth))
+
+
+# -- end to end, both modes ------------------------------------------------------------------------
+
+
+def test_replace_mode_makes_the_segment_3d_on_the_volume_grid(scene_with_prompt):
+    truth, vol, seg, sid = scene_with_prompt
+    n_segments = seg.GetSegmentation().GetNumberOfSegments()
+    written = propagate_segment(vol, seg, sid, mode="replace", model=OracleModel(truth))
+
+    assert written == sid
+    assert seg.GetSegmentation().GetNumberOfSegments() == n_segments
+    result = segment_on_volume(seg, sid, vol)
+    assert result.shape == SHAPE
+    assert span(result) == span(truth) == 17  # radius 8 around slice 12: slices 4..20
+    np.testing.assert_array_equal(result, truth)
+    # Geometry identical: the stored labelmap sits on the volume's voxels (same IJK-to-RAS).
+    _, _, image_to_world, _ = internal_labelmap_state(seg, sid)
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    vol.GetIJKToRASMatrix(ijk_to_ras)
+    np.testing.assert_allclose(image_to_world, slicer.util.arrayFromVTKMatrix(ijk_to_ras), atol=1e-9)
+
+
+def test_new_mode_adds_named_coloured_segment_and_keeps_the_original(scene_with_prompt):
+    truth, vol, seg, sid = scene_with_prompt
+    before = internal_labelmap_state(seg, sid)
+    prompt = segment_on_volume(seg, sid, vol)
+
+    new_id = propagate_segment(vol, seg, sid, mode="new", model=OracleModel(truth))
+
+    segmentation = seg.GetSegmentation()
+    assert new_id != sid and segmentation.GetNumberOfSegments() == 2
+    new = segmentation.GetSegment(new_id)
+    assert new.GetName() == "tumor (PAM)"
+    assert new.GetColor() == pytest.approx(segmentation.GetSegment(sid).GetColor())
+    assert new.GetColor() == pytest.approx((0.9, 0.2, 0.1))
+    np.testing.assert_array_equal(segment_on_volume(seg, new_id, vol), truth)
+    # The original: same voxels on the volume grid and the same stored labelmap, bit for bit.
+    np.testing.assert_array_equal(segment_on_volume(seg, sid, vol), prompt)
+    assert_same_labelmap(internal_labelmap_state(seg, sid), before)
+
+    again = propagate_segment(vol, seg, sid, mode="new", model=OracleModel(truth))
+    assert segmentation.GetSegment(again).GetName() == "tumor (PAM 2)"
+
+
+def test_other_segments_keep_their_voxels(mrml_scene):
+    truth, image = synthetic()
+    vol = make_volume_node(image)
+    other = np.zeros(SHAPE, np.uint8)
+    other[8:16, 15:25, 5:30] = 1  # overlaps the tumour's 3D extent, not its prompt slice... partly
+    other[CENTER[0]] = 0
+    seg, ids = make_segmentation(vol, {"tumor": one_slice(truth, CENTER[0]), "other": other})
+    propagate_segment(vol, seg, ids["tumor"], model=OracleModel(truth))
+    np.testing.assert_array_equal(segment_on_volume(seg, ids["other"], vol), other.astype(bool))
+    np.testing.assert_array_equal(segment_on_volume(seg, ids["tumor"], vol), truth)
+
+
+def test_engine_gets_kji_spacing_and_the_prompt_on_the_volume_grid(mrml_scene, monkeypatch):
+    truth, image = synthetic()
+    vol = make_volume_node(image, spacing_ijk=(0.7, 0.9, 3.0))
+    seg, ids = make_segmentation(vol, {"tumor": one_slice(truth, CENTER[0])})
+    sid = ids["tumor"]
+    seen = {}
+    real = mrml._run_engine
+
+    def spy(image, prompt, spacing, **kw):
+        seen.update(shape=image.shape, spacing=tuple(spacing), prompt=prompt.copy(), thread=threading.current_thread())
+        return real(image, prompt, spacing, **kw)
+
+    monkeypatch.setattr(mrml, "_run_engine", spy)
+    job = SegmentPropagation(vol, seg, sid, model=OracleModel(truth)).start()
+    assert job.wait(30) and job.state == "finished", job.error
+    assert seen["thread"] is not threading.main_thread()
+    assert seen["shape"] == SHAPE and seen["spacing"] == pytest.approx((3.0, 0.9, 0.7))
+    np.testing.assert_array_equal(seen["prompt"], one_slice(truth, CENTER[0]))
+
+
+def test_prompt_on_a_coronal_slice_propagates_along_j(mrml_scene):
+    truth, image = synthetic()
+    vol = make_volume_node(image)
+    seg, ids = make_segmentation(vol, {"tumor": one_slice(truth, CENTER[1], axis=1)})
+    job = SegmentPropagation(vol, seg, ids["tumor"], model=OracleModel(np.moveaxis(truth, 1, 0)))
+    assert (job.prompt_info.axis, job.prompt_info.plane, job.prompt_info.slices) == (1, "coronal", [CENTER[1]])
+    job.run()
+    assert job.state == "finished", job.error
+    job.apply()
+    np.testing.assert_array_equal(segment_on_volume(seg, ids["tumor"], vol), truth)
+
+
+# -- geometry: oblique volumes, other resolutions, transforms --------------------------------------
+
+
+def test_oblique_volume(mrml_scene):
+    truth, image = synthetic()
+    m = oblique_ijk_to_ras()
+    vol = make_volume_node(image, ijk_to_ras=m)
+    seg, ids = make_segmentation(vol, {"tumor": one_slice(truth, CENTER[0])})
+    job = SegmentPropagation(vol, seg, ids["tumor"], model=OracleModel(truth))
+    assert job.prompt_info.slices == [CENTER[0]] and job.prompt_info.plane == "axial"  # 23 deg off: axial
+    assert job.grid.spacing == pytest.approx((2.0, 0.9, 0.8))
+    job.run()
+    job.apply()
+    np.testing.assert_array_equal(segment_on_volume(seg, ids["tumor"], vol), truth)
+    # The same voxels in RAS: the voxel centre of the result's centre maps where the volume says.
+    _, _, image_to_world, _ = internal_labelmap_state(seg, ids["tumor"])
+    np.testing.assert_allclose(image_to_world, m, atol=1e-6)
+
+
+def _fine_reference(vol, factor=2):
+    """A volume node on a grid `factor` times finer in-plane (i, j), same slices, same orientation."""
+    m = vtk.vtkMatrix4x4()
+    vol.GetIJKToRASMatrix(m)
+    coarse = slicer.util.arrayFromVTKMatrix(m)
+    fine = coarse.copy()
+    fine[:3, 0] /= factor
+    fine[:3, 1] /= factor
+    # voxel centres: fine voxel 0 sits a quarter coarse voxel before coarse voxel 0's centre
+    fine[:3, 3] = coarse[:3, 3] - (factor - 1) / (2 * factor) * (coarse[:3, 0] + coarse[:3, 1])
+    k, j, i = SHAPE
+    node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "fine geometry")
+    image = vtk.vtkImageData()
+    image.SetDimensions(i * factor, j * factor, k)
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    node.SetAndObserveImageData(image)
+    node.SetIJKToRASMatrix(matrix_from_array(fine))
+    return node
+
+
+@pytest.mark.parametrize("oblique", [False, True], ids=["axis-aligned", "oblique"])
+def test_segmentation_at_a_finer_resolution_than_the_volume(mrml_scene, oblique):
+    truth, image = synthetic()
+    vol = make_volume_node(image, ijk_to_ras=oblique_ijk_to_ras() if oblique else None)
+    fine = _fine_reference(vol)
+    # The user segmented on the finer grid: the prompt slice, upsampled 2x in i and j.
+    fine_prompt = np.repeat(np.repeat(one_slice(truth, CENTER[0]), 2, axis=1), 2, axis=2)
+    seg, ids = make_segmentation(fine, {"tumor": fine_prompt})
+
+    job = SegmentPropagation(vol, seg, ids["tumor"], model=OracleModel(truth))
+    np.testing.assert_array_equal(job.prompt, one_slice(truth, CENTER[0]))  # read on the volume grid
+    job.run()
+    job.apply()
+    assert dice(segment_on_volume(seg, ids["tumor"], vol), truth) == pytest.approx(1.0)
+
+
+def test_volume_under_a_transform(mrml_scene):
+    """The volume is moved by a transform, the segmentation is not: the result must follow the volume
+    (slicer.util.updateSegmentBinaryLabelmapFromArray would put it 8 mm off)."""
+    truth, image = synthetic()
+    vol = make_volume_node(image)
+    seg, ids = make_segmentation(vol, {})
+    sid = seg.GetSegmentation().AddEmptySegment("", "tumor", [1, 0, 0])
+    transform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    shift = vtk.vtkMatrix4x4()
+    shift.SetElement(0, 3, 8.0)
+    transform.SetMatrixTransformToParent(shift)
+    vol.SetAndObserveTransformNodeID(transform.GetID())
+    # draw the prompt where the user sees the (transformed) volume
+    mrml.write_segment_mask(one_slice(truth, CENTER[0]), mrml._grid_of(vol), seg, sid, vol)
+    np.testing.assert_array_equal(segment_on_volume(seg, sid, vol), one_slice(truth, CENTER[0]))
+
+    propagate_segment(vol, seg, sid, model=OracleModel(truth))
+    np.testing.assert_array_equal(segment_on_volume(seg, sid, vol), truth)
+
+
+# -- background job: progress, cancel, failure ------------------------------------------------------
+
+
+class GatedOracle(OracleModel):
+    """An oracle whose first prediction waits for the test to say go, then each takes a moment."""
+
+    def __init__(self, truth, delay=0.01):
+        super().__init__(truth, window=2)
+        self.started, self.go, self.delay = threading.Event(), threading.Event(), delay
+
+    def predict(self, volume, guide_index, guide_mask, query_indices):
+        self.started.set()
+        assert self.go.wait(10), "test never released the model"
+        time.sleep(self.delay)
+        return super().predict(volume, guide_index, guide_mask, query_indices)
+
+
+def test_job_reports_progress_then_applies(scene_with_prompt):
+    truth, vol, seg, sid = scene_with_prompt
+    model = GatedOracle(truth)
+    job = SegmentPropagation(vol, seg, sid, model=model)
+    assert job.state == "pending" and job.progress == 0.0 and job.eta_seconds is None
+    job.start()
+    assert model.started.wait(10)
+    assert job.state == "running" and not job.done
+    with pytest.raises(PAMError, match="nothing to apply: the propagation is running"):
+        job.apply()
+    seen = []
+    model.go.set()
+    while not job.wait(0.005):
+        seen.append((job.progress, job.slices_done))
+    assert job.state == "finished", job.error
+    assert job.progress == 1.0 and job.slices_done == job.slices_total == SHAPE[0]
+    assert all(a[0] <= b[0] for a, b in zip(seen, seen[1:]))  # monotone
+    assert job.elapsed > 0 and job.error == ""
+    assert "17 axial slices (4-20)" in job.summary()
+    assert job.apply() == sid
+    assert job.apply() == sid  # idempotent: no second write
+    np.testing.assert_array_equal(segment_on_volume(seg, sid, vol), truth)
+
+
+def test_eta_from_progress(scene_with_prompt, monkeypatch):
+    truth, vol, seg, sid = scene_with_prompt
+    job = SegmentPropagation(vol, seg, sid, model=OracleModel(truth))
+    t = [100.0]
+    monkeypatch.setattr(mrml.time, "perf_counter", lambda: t[0])
+    job._state, job._t_start, job._t_engine = "running", 100.0, 100.0
+    job._on_progress(0.25, "slice 3")
+    t[0] = 110.0  # 25 % in 10 s: 30 s to go
+    assert job.eta_seconds == pytest.approx(30.0)
+    assert job.elapsed == pytest.approx(10.0)
+
+
+@pytest.mark.parametrize("mode", ["replace", "new"])
+def test_cancel_during_a_run_leaves_the_segmentation_bit_identical(scene_with_prompt, mode):
+    truth, vol, seg, sid = scene_with_prompt
+    before = internal_labelmap_state(seg, sid)
+    ids_before = [seg.GetSegmentation().GetNthSegmentID(n) for n in range(seg.GetSegmentation().GetNumberOfSegments())]
+    model = GatedOracle(truth)
+    job = SegmentPropagation(vol, seg, sid, mode=mode, model=model).start()
+    assert model.started.wait(10)
+    job.cancel()
+    model.go.set()
+    assert job.wait(30)
+    assert job.state == "cancelled" and job.result is None
+    assert len(model.calls) == 1  # stopped at the next batch
+    with pytest.raises(PAMError, match="nothing to apply: the propagation is cancelled"):
+        job.apply()
+    assert_same_labelmap(internal_labelmap_state(seg, sid), before)
+    assert [seg.GetSegmentation().GetNthSegmentID(n) for n in range(seg.GetSegmentation().GetNumberOfSegments())] == ids_before
+
+
+def test_cancel_before_start_and_cancel_token_in_propagate_segment(scene_with_prompt):
+    truth, vol, seg, sid = scene_with_prompt
+    job = SegmentPropagation(vol, seg, sid, model=OracleModel(truth))
+    job.cancel()
+    assert job.state == "cancelled"
+    with pytest.raises(PAMError, match="already started"):
+        job.start()
+    token = CancelToken()
+    token.cancel()
+    before = internal_labelmap_state(seg, sid)
+    with pytest.raises(PropagationCancelled):
+        propagate_segment(vol, seg, sid, model=OracleModel(truth), cancel=token)
+    assert_same_labelmap(internal_labelmap_state(seg, sid), before)
+
+
+@pytest.mark.parametrize("kind", ["missing", "garbage"])
+def test_bad_checkpoint_fails_and_changes_nothing(scene_with_prompt, tmp_path, kind):
+    truth, vol, seg, sid = scene_with_prompt
+    path = tmp_path / "propmask.pth"
+    if kind == "garbage":
+        path.write_bytes(b"this is not a torch checkpoint" * 100)
+    before = internal_labelmap_state(seg, sid)
+
+    job = SegmentPropagation(vol, seg, sid, mode="new", checkpoint=str(path)).start()
+    assert job.wait(60)
+    assert job.state == "failed"
+    assert isinstance(job.exception, CheckpointError)
+    assert str(path) in job.error or "propmask.pth" in job.error, job.error
+    assert job.summary().startswith("failed: ")
+    with pytest.raises(PAMError, match="nothing to apply: the propagation is failed"):
+        job.apply()
+    assert seg.GetSegmentation().GetNumberOfSegments() == 1
+    assert_same_labelmap(internal_labelmap_state(seg, sid), before)
+
+    with pytest.raises(CheckpointError):
+        propagate_segment(vol, seg, sid, checkpoint=str(path))
+    assert seg.GetSegmentation().GetNumberOfSegments() == 1
+
+
+def test_engine_error_in_the_worker_is_reported(scene_with_prompt, monkeypatch):
+    truth, vol, seg, sid = scene_with_prompt
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(mrml, "_run_engine", broken)
+    job = SegmentPropagation(vol, seg, sid, model=OracleModel(truth)).start()
+    assert job.wait(30) and job.state == "failed" and job.error == "out of memory (simulated)"
+
+
+def test_apply_refuses_when_the_segment_was_edited_meanwhile(scene_with_prompt):
+    truth, vol, seg, sid = scene_with_prompt
+    job = SegmentPropagation(vol, seg, sid, model=OracleModel(truth)).run()
+    edited = one_slice(truth, CENTER[0])
+    edited[CENTER[0] + 3, 18:22, 20:24] = 1  # the user kept drawing while it ran
+    slicer.util.updateSegmentBinaryLabelmapFromArray(edited, seg, sid, vol)
+    with pytest.raises(InputError, match="edited while propagating"):
+        job.apply()
+    np.testing.assert_array_equal(segment_on_volume(seg, sid, vol), edited.astype(bool))
+
+
+def test_apply_must_run_on_the_main_thread(scene_with_prompt):
+    truth, vol, seg, sid = scene_with_prompt
+    job = SegmentPropagation(vol, seg, sid, model=OracleModel(truth)).run()
+    errors = []
+    worker = threading.Thread(target=lambda: errors.append(pytest.raises(PAMError, job.apply)))
+    worker.start()
+    worker.join()
+    assert "main thread" in str(errors[0].value)
+
+
+# -- a real checkpoint through the whole path --------------------------------------------------------
+
+
+def test_real_checkpoint_file_loads_and_runs_in_the_worker(scene_with_prompt, tmp_path):
+    """Untrained tiny network saved in our format: proves checkpoint loading + PAMPredictor + write
+    work end to end in the job (the result itself is meaningless)."""
+    torch = pytest.importorskip("torch")
+    from PAMSegmentLib.checkpoints import InferenceParams, save_checkpoint
+    from PAMSegmentLib.network import PAMConfig, build_network
+    from PAMSegmentLib.preprocess import PreprocessingParams
+
+    torch.manual_seed(0)
+    config = PAMConfig(name="tiny", input_size=32, n_stages=3, base_features=4, max_features=8,
+                       n_attention_stages=1, presence_head=False)
+    path = tmp_path / "tiny.pt"
+    save_checkpoint(path, build_network(config), PreprocessingParams(input_size=32), InferenceParams(max_window=4))
+    truth, vol, seg, sid = scene_with_prompt
+    job = SegmentPropagation(vol, seg, sid, mode="new", checkpoint=str(path)).start()
+    assert job.wait(120) and job.state == "finished", job.error
+    new_id = job.apply()
+    result = segment_on_volume(seg, new_id, vol)
+    np.testing.assert_array_equal(result[CENTER[0]], truth[CENTER[0]])  # the drawn slice is kept exactly
+    assert job.model is not None and job.model.config.name == "tiny"
+
+
+# -- saving ------------------------------------------------------------------------------------------
+
+
+def test_seg_nrrd_written_after_propagation_reloads_the_same(scene_with_prompt, tmp_path):
+    truth, vol, seg, sid = scene_with_prompt
+    new_id = propagate_segment(vol, seg, sid, mode="new", model=OracleModel(truth))
+    path = str(tmp_path / "result.seg.nrrd")
+    writer = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    writer.SetFileName(path)
+    assert writer.WriteData(seg)
+
+    loaded = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "reloaded")
+    reader = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    reader.SetFileName(path)
+    assert reader.ReadData(loaded)
+    a, b = seg.GetSegmentation(), loaded.GetSegmentation()
+    assert b.GetNumberOfSegments() == a.GetNumberOfSegments() == 2
+    for segment_id in (sid, new_id):
+        assert b.GetSegment(segment_id).GetName() == a.GetSegment(segment_id).GetName()
+        assert b.GetSegment(segment_id).GetColor() == pytest.approx(a.GetSegment(segment_id).GetColor())
+        np.testing.assert_array_equal(segment_on_volume(loaded, segment_id, vol), segment_on_volume(seg, segment_id, vol))
+    assert b.GetSegment(new_id).GetName() == "tumor (PAM)"
+    np.testing.assert_array_equal(segment_on_volume(loaded, new_id, vol), truth)
+
+
+# -- the shipped weights -----------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(),
+                    reason=f"no trained default weights yet ({DEFAULT_WEIGHTS.name} is produced by scripts/train.py)")
+def test_default_weights_segment_the_synthetic_ellipsoid(scene_with_prompt):
+    truth, vol, seg, sid = scene_with_prompt
+    new_id = propagate_segment(vol, seg, sid, mode="new")  # checkpoint None = shipped weights
+    result = segment_on_volume(seg, new_id, vol)
+    assert span(result) >= 10
+    assert dice(result, truth) > 0.7
