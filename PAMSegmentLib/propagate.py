@@ -269,7 +269,9 @@ def _walk(volume, predictor, start, start_mask, direction, end, window, batch_si
                 if empty:
                     if early_stop:
                         out_probs[idx] = np.zeros_like(prob)
-                        progress.advance(len(batch) - q + (n_side - consumed), "side finished")
+                        # The rest of this side counts as done: this batch's slices up to q were
+                        # not reported yet, and n_side - consumed slices remain beyond them.
+                        progress.advance(q + 1 + (n_side - consumed), "side finished")
                         return last_with_object
                 else:
                     last_with_object = idx

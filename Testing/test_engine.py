@@ -1,0 +1,366 @@
+"""Propagation engine mechanics, checked with predictors whose answers are known.
+
+``OracleModel`` returns the true mask of every query slice, so any difference between the result
+and the truth is the engine's doing (walk, stopping, batching, post-processing).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from doubles import OracleModel, ShiftModel
+
+from PAMSegmentLib.checkpoints import load_checkpoint_file
+from PAMSegmentLib.errors import InputError, PropagationCancelled
+from PAMSegmentLib.propagate import CancelToken, SlicePrediction, SlicePredictor, find_prompt_slices, propagate
+
+ISO = (1.0, 1.0, 1.0)
+SHAPE = (30, 16, 16)
+
+
+def disc(shape2d=SHAPE[1:], center=(8, 8), radius=4.0) -> np.ndarray:
+    j, i = np.ogrid[: shape2d[0], : shape2d[1]]
+    return (j - center[0]) ** 2 + (i - center[1]) ** 2 <= radius**2
+
+
+def tube(first: int, last: int, shape=SHAPE, **kw) -> np.ndarray:
+    """A disc repeated on slices first..last (both included), along axis 0."""
+    m = np.zeros(shape, bool)
+    m[first : last + 1] = disc(shape[1:], **kw)
+    return m
+
+
+def prompt_from(truth: np.ndarray, slices, label: int = 1) -> np.ndarray:
+    p = np.zeros(truth.shape, np.uint8)
+    for s in np.atleast_1d(slices):
+        p[s][truth[s]] = label
+    return p
+
+
+def image_for(truth: np.ndarray, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=truth.shape).astype(np.float32)
+
+
+def predicted(model: OracleModel) -> list[int]:
+    return sorted(q for _, qs in model.calls for q in qs)
+
+
+# ----------------------------------------------------------------------------- stopping
+
+
+def test_stops_exactly_where_the_object_ends():
+    truth = tube(8, 20)
+    model = OracleModel(truth, window=4)
+    res = propagate(image_for(truth), prompt_from(truth, 14), ISO, model, batch_size=1)
+    np.testing.assert_array_equal(res.mask, truth.astype(np.uint8))
+    done = predicted(model)
+    # One slice past each end is predicted (found empty), and nothing further.
+    assert min(done) == 7 and max(done) == 21
+    assert len(done) == len(set(done)) == 14  # every slice once: 7..13 and 15..21
+    assert res.slice_range == {1: (8, 20)}
+    assert res.axis == 0 and res.prompt_slices == {1: [14]}
+    assert np.isnan(res.confidence[1][:7]).all() and np.isnan(res.confidence[1][22:]).all()
+
+
+def test_stopping_with_whole_windows_per_batch():
+    truth = tube(8, 20)
+    model = OracleModel(truth, window=4)
+    res = propagate(image_for(truth), prompt_from(truth, 14), ISO, model, batch_size=64)
+    np.testing.assert_array_equal(res.mask, truth.astype(np.uint8))
+    done = predicted(model)
+    # A window is predicted in one call, so the empty slice's window is completed, no further.
+    assert 7 - 3 <= min(done) <= 7 and 21 <= max(done) <= 21 + 3
+    assert len(model.calls) == 2 + 2  # 13..10, 9..6 down; 15..18, 19..22 up
+
+
+def test_range_is_honoured_both_ends_included():
+    truth = tube(2, 27)
+    model = OracleModel(truth, window=4)
+    res = propagate(image_for(truth), prompt_from(truth, 14), ISO, model, range=(10, 18), batch_size=3)
+    assert set(predicted(model)) == set(range(10, 19)) - {14}
+    want = np.zeros_like(truth)
+    want[10:19] = truth[10:19]
+    np.testing.assert_array_equal(res.mask, want.astype(np.uint8))
+    assert res.slice_range[1] == (10, 18)
+
+
+def test_object_that_splits_into_two_parts():
+    """Y shape: one part on slices 4..12, two parts (left, right) on 13..22."""
+    truth = np.zeros(SHAPE, bool)
+    j, i = np.ogrid[:16, :16]
+    wide = ((j - 8) / 4.0) ** 2 + ((i - 8) / 6.5) ** 2 <= 1
+    truth[4:13] = wide
+    truth[13:23] = disc(center=(8, 3), radius=2.5) | disc(center=(8, 13), radius=2.5)
+    assert not (disc(center=(8, 3), radius=2.5) & disc(center=(8, 13), radius=2.5)).any()
+    for prompt_slice in (8, 18):  # on the single part, then on both parts
+        model = OracleModel(truth, window=4)
+        res = propagate(image_for(truth), prompt_from(truth, prompt_slice), ISO, model, batch_size=2)
+        np.testing.assert_array_equal(res.mask, truth.astype(np.uint8))
+        assert res.slice_range[1] == (4, 22)
+
+
+def test_no_early_stop_predicts_every_slice_and_keeps_reappearing_object():
+    truth = tube(4, 10) | tube(14, 22)  # vanishes on 11, 12, 13
+    model = OracleModel(truth, window=4)
+    res = propagate(image_for(truth), prompt_from(truth, 7), ISO, model, early_stop=False, batch_size=4)
+    assert predicted(model) == [s for s in range(SHAPE[0]) if s != 7]
+    np.testing.assert_array_equal(res.mask, truth.astype(np.uint8))
+    assert res.slice_range[1] == (4, 22)
+
+    # With the stopping rule the walk ends at the gap.
+    model = OracleModel(truth, window=4)
+    res = propagate(image_for(truth), prompt_from(truth, 7), ISO, model, batch_size=1)
+    np.testing.assert_array_equal(res.mask, tube(4, 10).astype(np.uint8))
+    assert max(predicted(model)) == 11
+
+
+# ----------------------------------------------------------------------------- cancel, progress, batching
+
+
+def test_cancel_from_the_progress_callback():
+    truth = tube(2, 27)
+    model = OracleModel(truth, window=4)
+    token = CancelToken()
+    with pytest.raises(PropagationCancelled):
+        propagate(image_for(truth), prompt_from(truth, 14), ISO, model, batch_size=2,
+                  progress=lambda frac, msg: token.cancel(), cancel=token)
+    assert len(model.calls) == 1  # checked between batches: the second batch never ran
+
+
+def test_progress_is_monotone_and_ends_at_one():
+    truth = tube(4, 10) | tube(14, 22)
+    for kwargs in ({}, {"early_stop": False}, {"batch_size": 1}):
+        seen: list[float] = []
+        propagate(image_for(truth), prompt_from(truth, [6, 9]), ISO, OracleModel(truth), **kwargs,
+                  progress=lambda frac, msg: seen.append(frac))
+        assert seen, kwargs
+        assert all(0.0 <= f <= 1.0 for f in seen)
+        assert all(a <= b for a, b in zip(seen, seen[1:]))
+        assert seen[-1] == 1.0
+
+
+class _ProgressSpy(OracleModel):
+    """Records the last progress fraction reported before each predict call."""
+
+    def __init__(self, truth):
+        super().__init__(truth, window=4)
+        self.reported = [0.0]
+        self.at_call: list[float] = []
+
+    def predict(self, volume, guide_index, guide_mask, query_indices):
+        self.at_call.append(self.reported[-1])
+        return super().predict(volume, guide_index, guide_mask, query_indices)
+
+
+@pytest.mark.parametrize("end", [9, 10, 11, 12])
+def test_progress_counts_slices_when_a_side_stops_early(end):
+    """When the downward side stops inside a batch, progress jumps to exactly that side's share
+    (14 of the 29 slices to walk), wherever in the batch the empty slice was."""
+    truth = tube(end, 20)
+    model = _ProgressSpy(truth)
+    propagate(image_for(truth), prompt_from(truth, 14), ISO, model, batch_size=64,
+              progress=lambda frac, msg: model.reported.append(frac))
+    first_up = next(n for n, (g, qs) in enumerate(model.calls) if qs[0] > 14)
+    assert model.at_call[first_up] == pytest.approx(14 / 29)
+
+
+def test_batching_does_not_change_the_result():
+    truth = tube(5, 24)
+    image, prompt = image_for(truth), prompt_from(truth, [12, 16])
+    for make in (lambda: OracleModel(truth, window=4), lambda: ShiftModel(shift=1, window=4)):
+        results = [propagate(image, prompt, ISO, make(), batch_size=b, range=(2, 27)) for b in (1, 3, 64)]
+        for other in results[1:]:
+            np.testing.assert_array_equal(other.mask, results[0].mask)
+            np.testing.assert_array_equal(other.confidence[1], results[0].confidence[1])
+            assert other.slice_range == results[0].slice_range
+
+
+# ----------------------------------------------------------------------------- post-processing, axes, labels
+
+
+class _StrayBlobOracle(OracleModel):
+    """The truth plus a small blob far from the object on slice ``at``."""
+
+    def __init__(self, truth, at):
+        super().__init__(truth, window=4)
+        self.at = at
+
+    def predict(self, volume, guide_index, guide_mask, query_indices):
+        pred = super().predict(volume, guide_index, guide_mask, query_indices)
+        for q, idx in enumerate(query_indices):
+            if idx == self.at:
+                pred.prob[q, 0:2, 0:2] = 1.0
+        return pred
+
+
+def test_components_not_connected_to_the_prompt_are_removed():
+    truth = tube(6, 20, center=(9, 9), radius=3)
+    stray = np.zeros_like(truth)
+    stray[12, 0:2, 0:2] = True
+    res = propagate(image_for(truth), prompt_from(truth, 14), ISO, _StrayBlobOracle(truth, at=12))
+    np.testing.assert_array_equal(res.mask, truth.astype(np.uint8))
+    kept = propagate(image_for(truth), prompt_from(truth, 14), ISO, _StrayBlobOracle(truth, at=12),
+                     remove_disconnected=False)
+    np.testing.assert_array_equal(kept.mask, (truth | stray).astype(np.uint8))
+
+
+@pytest.mark.parametrize("axis", [1, 2])
+def test_axis_is_detected_from_the_prompt(axis):
+    shape = (20, 24, 28)
+    k, j, i = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    truth = ((k - 10) / 6.0) ** 2 + ((j - 12) / 7.0) ** 2 + ((i - 14) / 8.0) ** 2 <= 1
+    prompt = np.zeros(shape, np.uint8)
+    index = [slice(None)] * 3
+    index[axis] = shape[axis] // 2
+    prompt[tuple(index)] = truth[tuple(index)]
+    model = OracleModel(np.moveaxis(truth, axis, 0), window=4)
+    res = propagate(image_for(truth), prompt, ISO, model)
+    assert res.axis == axis
+    assert res.prompt_slices == {1: [shape[axis] // 2]}
+    np.testing.assert_array_equal(res.mask, truth.astype(np.uint8))
+    # Given explicitly, the same.
+    res2 = propagate(image_for(truth), prompt, ISO, OracleModel(np.moveaxis(truth, axis, 0), window=4), axis=axis)
+    np.testing.assert_array_equal(res2.mask, res.mask)
+
+
+class _LabelOracle(SlicePredictor):
+    """True mask of whichever label the current prompt was drawn on (``truth`` is a label map)."""
+
+    def __init__(self, truth: np.ndarray, window: int = 4):
+        self.truth = truth
+        self.window_mm, self.max_window, self.min_window = float(window), window, 1
+        self.label = 0
+        self.labels_begun: list[int] = []
+
+    def begin(self, volume, prompt_index, prompt_mask):
+        values, counts = np.unique(self.truth[prompt_index][prompt_mask], return_counts=True)
+        self.label = int(values[np.argmax(counts)])
+        self.labels_begun.append(self.label)
+
+    def predict(self, volume, guide_index, guide_mask, query_indices):
+        return SlicePrediction((self.truth[list(query_indices)] == self.label).astype(np.float32))
+
+
+def test_several_labels_into_one_label_map():
+    truth = np.zeros(SHAPE, np.uint8)
+    truth[tube(3, 12, center=(4, 4), radius=3)] = 1
+    truth[tube(9, 25, center=(11, 11), radius=3)] = 4
+    prompt = np.zeros(SHAPE, np.uint8)
+    prompt[8][truth[8] == 1] = 1
+    prompt[20][truth[20] == 4] = 4
+    model = _LabelOracle(truth)
+    res = propagate(image_for(truth), prompt, ISO, model)
+    assert model.labels_begun == [1, 4]
+    np.testing.assert_array_equal(res.mask, truth)
+    assert res.slice_range == {1: (3, 12), 4: (9, 25)}
+    only4 = propagate(image_for(truth), prompt, ISO, _LabelOracle(truth), labels=[4])
+    np.testing.assert_array_equal(only4.mask, np.where(truth == 4, 4, 0))
+
+
+def test_keyframes_are_kept_exactly_and_slices_between_come_from_both_sides():
+    truth = tube(3, 25)
+    prompt = prompt_from(truth, [8, 16])
+    prompt[8, 8, 13] = 1  # the user's keyframes differ from what the model would say
+    prompt[16, 3, 8] = 0
+    model = OracleModel(truth, window=4)
+    res = propagate(image_for(truth), prompt, ISO, model)
+    np.testing.assert_array_equal(res.mask[8], prompt[8])
+    np.testing.assert_array_equal(res.mask[16], prompt[16])
+    assert res.prompt_slices == {1: [8, 16]}
+    between = range(9, 16)
+    counts = {s: sum(qs.count(s) for _, qs in model.calls) for s in between}
+    assert counts == {s: 2 for s in between}  # once walking up from 8, once walking down from 16
+    assert any(g == 8 and 9 in qs for g, qs in model.calls)
+    assert any(g == 16 and 15 in qs for g, qs in model.calls)
+    np.testing.assert_array_equal(res.mask[9:16], truth[9:16])
+
+
+class _ForwardOnlyOracle(OracleModel):
+    """Right when walking towards higher slices, empty when walking down."""
+
+    def predict(self, volume, guide_index, guide_mask, query_indices):
+        pred = super().predict(volume, guide_index, guide_mask, query_indices)
+        if min(query_indices) < guide_index:
+            pred.prob[:] = 0
+        return pred
+
+
+def test_keyframe_fusion_weights_each_side_by_distance():
+    truth = tube(3, 25)
+    res = propagate(image_for(truth), prompt_from(truth, [8, 16]), ISO, _ForwardOnlyOracle(truth, window=4),
+                    range=(8, 16))
+    # Slice s gets weight (16 - s) / 8 from keyframe 8's (correct) side: >= 0.5 up to slice 12.
+    occupied = [s for s in range(9, 16) if res.mask[s].any()]
+    assert occupied == [9, 10, 11, 12]
+
+
+# ----------------------------------------------------------------------------- input errors
+
+
+@pytest.mark.parametrize("case, phrase", [
+    ("empty prompt", "the prompt is empty"),
+    ("missing label", "label 3 is not in the prompt; labels present: 1"),
+    ("3D mask as prompt", "that is a 3D mask, not a slice prompt"),
+    ("2D image", "the image must be a 3D volume, got 2D"),
+    ("NaN image", "the image has 1 NaN/inf voxels"),
+    ("shape mismatch", "the prompt's shape (30, 16, 15) differs from the image's (30, 16, 16)"),
+    ("range past the end", "range 5:40 is outside the 30 slices along axis 0"),
+    ("prompt outside range", "label 1's prompt slice 14 lies outside the range 16:20"),
+    ("zero batch", "batch size must be at least 1"),
+    ("bad axis", "axis must be 0, 1 or 2"),
+])
+def test_input_errors(case, phrase):
+    truth = tube(8, 20)
+    image, prompt = image_for(truth), prompt_from(truth, 14)
+    kwargs: dict = {}
+    if case == "empty prompt":
+        prompt[:] = 0
+    elif case == "missing label":
+        kwargs["labels"] = [3]
+    elif case == "3D mask as prompt":
+        prompt[2:28, 2:14, 2:14] = 1
+    elif case == "2D image":
+        image, prompt = image[0], prompt[0]
+    elif case == "NaN image":
+        image[3, 4, 5] = np.nan
+    elif case == "shape mismatch":
+        prompt = prompt[:, :, :15]
+    elif case == "range past the end":
+        kwargs["range"] = (5, 40)
+    elif case == "prompt outside range":
+        kwargs["range"] = (16, 20)
+    elif case == "zero batch":
+        kwargs["batch_size"] = 0
+    elif case == "bad axis":
+        kwargs["axis"] = 3
+    with pytest.raises(InputError) as err:
+        propagate(image, prompt, ISO, OracleModel(truth), **kwargs)
+    assert phrase in str(err.value)
+
+
+def test_find_prompt_slices_keyframes_and_axis():
+    prompt = np.zeros((12, 10, 10), np.uint8)
+    prompt[3, 2:5, 2:5] = 2
+    prompt[7, 2:5, 2:5] = 2
+    assert find_prompt_slices(prompt) == (0, {2: [3, 7]})
+
+
+# ----------------------------------------------------------------------------- the real network
+
+
+def test_pam_predictor_end_to_end_is_deterministic(small_checkpoint):
+    model = load_checkpoint_file(small_checkpoint.path)
+    shape = (20, 64, 64)
+    k, j, i = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    obj = ((k - 10) / 6.0) ** 2 + ((j - 30) / 12.0) ** 2 + ((i - 34) / 14.0) ** 2 <= 1
+    image = np.where(obj, 120.0, 30.0) + np.random.default_rng(3).normal(0, 8, shape)
+    prompt = prompt_from(obj, 10)
+    runs = [propagate(image, prompt, (2.0, 0.8, 0.8), model, batch_size=8, early_stop=False, range=(4, 16))
+            for _ in range(2)]
+    a, b = runs
+    assert a.mask.shape == shape and a.mask.dtype == np.uint8
+    np.testing.assert_array_equal(a.mask, b.mask)
+    np.testing.assert_array_equal(a.confidence[1], b.confidence[1])
+    np.testing.assert_array_equal(a.mask[10], prompt[10])
+    assert a.n_predicted == 12
+    assert np.isfinite(a.confidence[1][4:17]).all() and np.isnan(a.confidence[1][:4]).all()
