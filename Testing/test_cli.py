@@ -1,0 +1,278 @@
+"""The ``pamsegment`` command, mostly as a subprocess (``python -m PAMSegmentLib``): what a user
+sees, including exit codes and the absence of tracebacks for bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import write_image
+from doubles import OracleModel
+
+from PAMSegmentLib import cli
+from PAMSegmentLib.errors import PropagationCancelled
+from PAMSegmentLib.volumes import read_volume
+
+
+def assert_clean_error(proc, phrase: str) -> None:
+    """Exit 2, one line on stderr with the CLI's prefix and ``phrase``, nothing on stdout."""
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("pamsegment: error: "), lines[0]
+    assert phrase in lines[0], lines[0]
+    assert proc.stdout == ""
+
+
+# ----------------------------------------------------------------------------- success
+
+
+def test_propagate_writes_label_map_on_the_input_grid(ct_case, small_checkpoint, run_cli):
+    out = ct_case.directory / "result.mha"
+    proc = run_cli("propagate", ct_case.image_path, ct_case.prompt_path, "-o", out,
+                   "--checkpoint", small_checkpoint.path, "--threads", "1", "--batch-size", "8")
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "100%" in proc.stderr  # the progress bar
+    summary = proc.stdout.strip().splitlines()
+    assert len(summary) == 1
+    assert summary[0].startswith(f"wrote {out}: label 1: slices ") and "(axis 0)" in summary[0]
+    assert "slices predicted in" in summary[0] and summary[0].endswith(" s in all")
+
+    image, result = read_volume(ct_case.image_path), read_volume(out)
+    assert image.direction != (1, 0, 0, 0, 1, 0, 0, 0, 1)
+    # MetaImage stores the geometry as read from the NIfTI input bit for bit.
+    assert (result.spacing, result.origin, result.direction) == (image.spacing, image.origin, image.direction)
+    assert result.array.shape == image.array.shape and result.array.dtype == np.uint8
+    np.testing.assert_array_equal(result.array[ct_case.prompt_slice], ct_case.prompt[ct_case.prompt_slice])
+    assert set(np.unique(result.array)) <= {0, 1}
+
+
+def test_propagate_nifti_output_keeps_geometry(ct_case, small_checkpoint, capsys):
+    out = ct_case.directory / "result.nii.gz"
+    code = cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out),
+                     "--checkpoint", str(small_checkpoint.path), "--label", "1", "--axis", "0", "--range", "6:14"])
+    assert code == 0
+    assert "label 1: slices" in capsys.readouterr().out
+    image, result = read_volume(ct_case.image_path), read_volume(out)
+    assert result.spacing == image.spacing and result.origin == image.origin
+    # NIfTI keeps the rotation as a float32 quaternion: equal to ~1e-10, the format's precision.
+    np.testing.assert_allclose(result.direction, image.direction, atol=1e-8)
+    assert not result.array[:6].any() and not result.array[15:].any()
+
+
+def test_resample_prompt_fixes_a_prompt_on_another_grid(ct_case, small_checkpoint, capsys):
+    finer = ct_case.directory / "prompt_other_grid.nii.gz"
+    write_image(ct_case.prompt, finer, spacing_kji=(2.5, 0.8, 0.7), origin=(-12.0, 40.25, -80.0))
+    out = ct_case.directory / "out.nii.gz"
+    argv = ["propagate", str(ct_case.image_path), str(finer), "-o", str(out), "--checkpoint", str(small_checkpoint.path)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "is not on the image grid: origin differs" in err and "--resample-prompt" in err
+    assert not out.exists()
+    assert cli.main(argv + ["--resample-prompt"]) == 0
+    assert out.exists()
+
+
+# ----------------------------------------------------------------------------- info
+
+
+def test_info_on_a_good_checkpoint(small_checkpoint, run_cli):
+    proc = run_cli("info", small_checkpoint.path)
+    assert proc.returncode == 0, proc.stderr
+    assert "kind: pamsegment" in proc.stdout
+    assert "network: small: 128 px input, 5 stages (16, 32, 64, 128, 128 features)" in proc.stdout
+    assert f"sha256 (weights): {small_checkpoint.sha256}" in proc.stdout
+    assert '"seed": 1234' in proc.stdout
+    assert proc.stdout.strip().endswith("loads: yes")
+
+
+def test_info_on_the_official_layout(official_checkpoint, capsys):
+    assert cli.main(["info", str(official_checkpoint.path)]) == 0
+    out = capsys.readouterr().out
+    assert "kind: official" in out and "network: official: 224 px input, 6 stages" in out
+    assert "loads: yes" in out
+
+
+def test_info_on_a_bad_file(tmp_path, run_cli):
+    bad = tmp_path / "download.pth"
+    bad.write_bytes(b"<html>404 Not Found</html>" * 100)
+    assert_clean_error(run_cli("info", bad), f"cannot load checkpoint {bad}")
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _bad_image(case, directory):
+    """Write an unusable image for ``case``; returns its path."""
+    if case == "2D image":
+        return write_image(np.zeros((40, 48), np.int16), directory / "slice.nii.gz", (0.8, 0.7), (0.0, 0.0),
+                           (1.0, 0.0, 0.0, 1.0))
+    if case == "4D image":
+        path = directory / "series.nii.gz"
+        sitk.WriteImage(sitk.GetImageFromArray(np.zeros((3, 6, 8, 8), np.int16), isVector=False), str(path))
+        return path
+    if case == "unreadable file":
+        path = directory / "broken.nii.gz"
+        path.write_text("this is not an image")
+        return path
+    if case == "NaN voxels":
+        arr = np.zeros((20, 40, 48), np.float32)
+        arr[4, 5, 6] = np.nan
+        # NRRD: ITK's NIfTI reader silently turns NaN into 0, so a NIfTI cannot carry the case.
+        return write_image(arr, directory / "nan.nrrd")
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case, phrase", [
+    ("2D image", "slice.nii.gz is 2D (48 x 40); PAMSegment needs a 3D volume"),
+    ("4D image", "series.nii.gz is 4D (8 x 8 x 6 x 3)"),
+    ("unreadable file", "cannot read"),
+    ("NaN voxels", "nan.nrrd contains 1 NaN/inf voxels"),
+])
+def test_bad_image(ct_case, small_checkpoint, run_cli, case, phrase):
+    out = ct_case.directory / "out.nii.gz"
+    image = _bad_image(case, ct_case.directory)
+    proc = run_cli("propagate", image, ct_case.prompt_path, "-o", out, "--checkpoint", small_checkpoint.path)
+    assert_clean_error(proc, phrase)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("case, phrase", [
+    ("empty prompt", "the prompt is empty"),
+    ("label not present", "label 7 is not in the prompt; labels present: 1"),
+    ("too many slices", "label 1 is drawn on 11 of 20 slices along axis 0: that is a 3D mask"),
+    ("geometry mismatch", "prompt.nii.gz is not on the image grid: spacing differs"),
+])
+def test_bad_prompt(ct_case, small_checkpoint, run_cli, case, phrase):
+    out = ct_case.directory / "out.nii.gz"
+    extra: list[str] = []
+    prompt = ct_case.prompt
+    spacing = ct_case.spacing
+    if case == "empty prompt":
+        prompt = np.zeros_like(prompt)
+    elif case == "label not present":
+        extra = ["--label", "7"]
+    elif case == "too many slices":
+        prompt = ct_case.truth.astype(np.uint8)  # the whole 3D object
+    elif case == "geometry mismatch":
+        spacing = (3.0, 0.8, 0.7)
+    write_image(prompt, ct_case.prompt_path, spacing)
+    proc = run_cli("propagate", ct_case.image_path, ct_case.prompt_path, "-o", out,
+                   "--checkpoint", small_checkpoint.path, *extra)
+    assert_clean_error(proc, phrase)
+    assert not out.exists()
+
+
+def test_bad_checkpoint(ct_case, tmp_path, run_cli):
+    truncated = tmp_path / "propmask.pth"
+    truncated.write_bytes(b"PK\x03\x04" + b"\x00" * 2000)
+    out = ct_case.directory / "out.nii.gz"
+    proc = run_cli("propagate", ct_case.image_path, ct_case.prompt_path, "-o", out, "--checkpoint", truncated)
+    assert_clean_error(proc, f"cannot load checkpoint {truncated}")
+    assert not out.exists()
+
+
+def test_missing_default_weights_via_environment(ct_case, tmp_path, run_cli):
+    missing = tmp_path / "nowhere" / "pam_small.pt"
+    out = ct_case.directory / "out.nii.gz"
+    proc = run_cli("propagate", ct_case.image_path, ct_case.prompt_path, "-o", out,
+                   env={"PAMSEGMENT_MODEL": str(missing)})
+    assert_clean_error(proc, f"PAMSEGMENT_MODEL is set to {missing}, which is not a file")
+    assert "--checkpoint" in proc.stderr
+    assert not out.exists()
+
+
+def test_no_default_weights_installed(ct_case, monkeypatch, capsys):
+    from PAMSegmentLib import checkpoints
+
+    monkeypatch.delenv("PAMSEGMENT_MODEL", raising=False)
+    monkeypatch.setattr(checkpoints, "default_checkpoint_path", lambda: None)
+    out = ct_case.directory / "out.nii.gz"
+    assert cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pamsegment: error: no default PAM weights are installed; pass --checkpoint CKPT")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("text", ["5", "3:1", "a:b", "1:2:3", "-1:4", "1.5:4", ":4"])
+def test_bad_range_syntax(ct_case, run_cli, text):
+    proc = run_cli("propagate", ct_case.image_path, ct_case.prompt_path, "-o", ct_case.directory / "o.nii.gz",
+                   f"--range={text}")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "argument --range: expected K0:K1, two slice numbers with 0 <= K0 <= K1" in proc.stderr
+
+
+def test_range_past_the_volume(ct_case, small_checkpoint, capsys):
+    out = ct_case.directory / "out.nii.gz"
+    code = cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out),
+                     "--checkpoint", str(small_checkpoint.path), "--range", "4:20"])
+    assert code == 2
+    assert "range 4:20 is outside the 20 slices along axis 0 (valid 0:19)" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_output_equal_to_an_input_is_refused(ct_case, run_cli):
+    before = ct_case.image_path.read_bytes()
+    proc = run_cli("propagate", ct_case.image_path, ct_case.prompt_path, "-o", ct_case.image_path)
+    assert_clean_error(proc, "is the input")
+    assert ct_case.image_path.read_bytes() == before
+    relative = ct_case.directory / "." / "prompt.nii.gz"
+    assert cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(relative)]) == 2
+
+
+def test_unknown_output_format(ct_case, capsys):
+    code = cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o",
+                     str(ct_case.directory / "out.png")])
+    assert code == 2
+    assert "cannot tell the output format of out.png" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- interruption, registries
+
+
+@pytest.mark.parametrize("interruption", [PropagationCancelled("cancelled"), KeyboardInterrupt()])
+def test_interrupted_run_exits_130_and_writes_nothing(ct_case, small_checkpoint, monkeypatch, capsys, interruption):
+    from PAMSegmentLib import propagate as engine
+
+    def interrupted(*args, **kwargs):
+        kwargs["progress"](0.3, "slice 3")
+        raise interruption
+
+    monkeypatch.setattr(engine, "propagate", interrupted)
+    out = ct_case.directory / "out.nii.gz"
+    code = cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out),
+                     "--checkpoint", str(small_checkpoint.path)])
+    assert code == 130
+    assert "interrupted; nothing was written" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_method_is_one_registry_entry(ct_case, monkeypatch, capsys):
+    """--method NAME picks a factory from cli.METHODS; here an oracle stands in for a baseline."""
+    monkeypatch.setitem(cli.METHODS, "oracle", lambda args: OracleModel(ct_case.truth, window=4))
+    out = ct_case.directory / "oracle.nii.gz"
+    assert cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out),
+                     "--method", "oracle"]) == 0
+    np.testing.assert_array_equal(read_volume(out).array, ct_case.truth.astype(np.uint8))
+    assert "label 1: slices 5-15" in capsys.readouterr().out
+
+
+def test_a_subcommand_is_one_registry_entry(monkeypatch, capsys):
+    def add_arguments(parser):
+        parser.add_argument("--times", type=int, default=1)
+
+    def run(args):
+        print("demo " * args.times)
+        return 0
+
+    monkeypatch.setitem(cli.SUBCOMMANDS, "demo", cli.Subcommand("run the demo", add_arguments, run))
+    assert cli.main(["demo", "--times", "2"]) == 0
+    assert capsys.readouterr().out.strip() == "demo demo"
+
+
+def test_parse_slice_range():
+    assert cli.parse_slice_range("10:40") == (10, 40)
+    assert cli.parse_slice_range("7:7") == (7, 7)
