@@ -277,6 +277,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "propagate": Subcommand("propagate a mask drawn on one slice through a 3D volume",
                             add_propagate_arguments, cmd_propagate),
     "info": Subcommand("describe a checkpoint and check that it loads", add_info_arguments, cmd_info),
+    "demo": Subcommand("propagate one-slice prompts on the bundled abdominal CT and report Dice",
+                       "PAMSegmentLib.demo:add_demo_arguments", "PAMSegmentLib.demo:cmd_demo"),
 }
 
 
