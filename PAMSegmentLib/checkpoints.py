@@ -110,7 +110,20 @@ def weights_sha256(state_dict: dict) -> str:
 
 
 def _unique_state_dict(network: PAMNetwork) -> dict:
-    return {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
+    """A CPU snapshot of the state dict in which aliased entries stay one tensor.
+
+    dynamic-network-architectures registers every conv/norm twice (``conv.weight`` and
+    ``all_modules.0.weight`` are the same Parameter); cloning each entry separately would make
+    torch.save store every weight twice.
+    """
+    snapshot: dict = {}
+    out = {}
+    for k, v in network.state_dict().items():
+        ident = (v.device, v.data_ptr(), tuple(v.shape), v.stride(), v.dtype)
+        if ident not in snapshot:
+            snapshot[ident] = v.detach().cpu().clone()
+        out[k] = snapshot[ident]
+    return out
 
 
 def save_checkpoint(path: str | os.PathLike, network: PAMNetwork, preprocessing: PreprocessingParams,
