@@ -212,7 +212,10 @@ def load_checkpoint_file(path: str | os.PathLike, device: str = "cpu") -> PAMMod
     device = resolve_device(device)
     obj = _read(path)
     if isinstance(obj, dict) and obj.get("format") == FORMAT_NAME:
-        if obj.get("format_version", 0) > FORMAT_VERSION:
+        version = obj.get("format_version", 0)
+        if not isinstance(version, int):
+            raise CheckpointError(f"checkpoint {path} has an invalid header: format_version {version!r}")
+        if version > FORMAT_VERSION:
             raise CheckpointError(
                 f"checkpoint {path} uses format version {obj['format_version']}; this PAMSegmentLib reads "
                 f"up to {FORMAT_VERSION}: update PAMSegment"
@@ -225,8 +228,8 @@ def load_checkpoint_file(path: str | os.PathLike, device: str = "cpu") -> PAMMod
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"checkpoint {path} has an invalid header: {exc}") from None
         sd = obj.get("state_dict")
-        if not isinstance(sd, dict):
-            raise CheckpointError(f"checkpoint {path} has no state_dict")
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise CheckpointError(f"checkpoint {path} has no state_dict of tensors")
         digest = weights_sha256(sd)
         if obj.get("sha256") and obj["sha256"] != digest:
             raise CheckpointError(f"checkpoint {path} is corrupt: its weights' sha256 does not match its header")

@@ -211,11 +211,14 @@ def test_own_format_tampered_weights_are_corrupt(tmp_path, small_checkpoint):
     (lambda p: p["config"].update(base_features=8), "shape mismatch"),
     (lambda p: p["config"].update(depth=3), "invalid header: unknown network config field(s): depth"),
     (lambda p: p.update(format_version=99), "format version 99"),
+    (lambda p: p.update(format_version="1"), "invalid header: format_version '1'"),
+    (lambda p: p["state_dict"].update(extra=[1, 2]), "has no state_dict of tensors"),
 ])
 def test_own_format_header_and_key_errors(tmp_path, small_checkpoint, edit, phrase):
     payload = torch.load(small_checkpoint.path, weights_only=True)
     edit(payload)
-    payload["sha256"] = weights_sha256(payload["state_dict"])  # only the edit is wrong
+    if all(isinstance(v, torch.Tensor) for v in payload["state_dict"].values()):
+        payload["sha256"] = weights_sha256(payload["state_dict"])  # only the edit is wrong
     path = tmp_path / "edited.pt"
     torch.save(payload, path)
     with pytest.raises(CheckpointError) as err:
