@@ -134,6 +134,11 @@ class PropagationResult:
     prompt_slices: dict[int, list[int]]
     timings: dict[str, float] = field(default_factory=dict)
     n_predicted: int = 0  # slices the predictor was run on (all labels)
+    # What an update (``propagate(..., previous=result)``) needs to reuse unchanged regions.
+    keyframes: dict[int, dict[int, np.ndarray]] = field(default_factory=dict)  # label -> slice -> 2D mask
+    range: tuple[int, int] | None = None
+    early_stop: bool = True
+    recomputed: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # label -> slice intervals
 
     def summary(self) -> str:
         parts = [f"label {lab}: slices {a}-{b}" for lab, (a, b) in self.slice_range.items()]
@@ -302,9 +307,29 @@ def _keep_connected(mask: np.ndarray, seeds: np.ndarray) -> np.ndarray:
     return out
 
 
+@dataclass
+class _Reuse:
+    """What a previous run of the same label left: its mask and confidence (axis 0 first) and
+    the keyframes it was computed from. A region is reused when the keyframes it depends on are
+    unchanged (same slices, bit-identical masks)."""
+
+    mask: np.ndarray
+    confidence: np.ndarray
+    keyframes: dict[int, np.ndarray]
+
+    def same(self, s: int, prompt_mask: np.ndarray) -> bool:
+        return s in self.keyframes and np.array_equal(self.keyframes[s], prompt_mask[s])
+
+    def take(self, slices, probs, conf, progress):
+        for s in slices:
+            probs[s] = self.mask[s].astype(np.float32)
+            conf[s] = self.confidence[s]
+        progress.advance(len(slices), "reused")
+
+
 def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo, hi, batch_size,
-                     early_stop, remove_disconnected, progress, stats):
-    """One label, axis 0. Returns (bool mask, confidence per slice)."""
+                     early_stop, remove_disconnected, progress, stats, reuse: _Reuse | None = None):
+    """One label, axis 0. Returns (bool mask, confidence per slice, recomputed intervals)."""
     n = volume.shape[0]
     window = window_slices(spacing_axis, predictor)
     conf = np.full(n, np.nan, dtype=np.float32)
@@ -313,14 +338,32 @@ def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo
     predictor.begin(volume, first, prompt_mask[first])
     for kf in keyframes:
         conf[kf] = 1.0
+    old_keys = sorted(reuse.keyframes) if reuse is not None else []
+    recomputed: list[tuple[int, int]] = []
 
-    _walk(volume, predictor, first, prompt_mask[first], -1, lo, window, batch_size, early_stop, progress, probs, conf, stats)
-    _walk(volume, predictor, last, prompt_mask[last], +1, hi, window, batch_size, early_stop, progress, probs, conf, stats)
+    if reuse is not None and old_keys[0] == first and reuse.same(first, prompt_mask):
+        reuse.take(range(lo, first), probs, conf, progress)
+    else:
+        _walk(volume, predictor, first, prompt_mask[first], -1, lo, window, batch_size, early_stop, progress, probs, conf, stats)
+        if first > lo:
+            recomputed.append((lo, first - 1))
+    if reuse is not None and old_keys[-1] == last and reuse.same(last, prompt_mask):
+        reuse.take(range(last + 1, hi + 1), probs, conf, progress)
+    else:
+        _walk(volume, predictor, last, prompt_mask[last], +1, hi, window, batch_size, early_stop, progress, probs, conf, stats)
+        if last < hi:
+            recomputed.append((last + 1, hi))
 
     # Between keyframes: both sides, fused by distance so each keyframe dominates near itself.
+    old_pairs = set(zip(old_keys[:-1], old_keys[1:]))
     for a, b in zip(keyframes[:-1], keyframes[1:]):
         if b - a < 2:
             continue
+        if (a, b) in old_pairs and reuse.same(a, prompt_mask) and reuse.same(b, prompt_mask):
+            reuse.take(range(a + 1, b), probs, conf, progress)
+            progress.advance(b - a - 1, "reused")  # both directions' share of the work
+            continue
+        recomputed.append((a + 1, b - 1))
         fwd_p, fwd_c, bwd_p, bwd_c = {}, {}, {}, {}
         _walk(volume, predictor, a, prompt_mask[a], +1, b - 1, window, batch_size, False, progress, fwd_p, fwd_c, stats)
         _walk(volume, predictor, b, prompt_mask[b], -1, a + 1, window, batch_size, False, progress, bwd_p, bwd_c, stats)
@@ -340,7 +383,7 @@ def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo
     for kf in keyframes:  # the user's slices are kept exactly
         mask[kf] = prompt_mask[kf]
     stats["postprocess"] += time.perf_counter() - t0
-    return mask, conf
+    return mask, conf, recomputed
 
 
 def propagate(
@@ -359,6 +402,7 @@ def propagate(
     threads: int | None = None,
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
+    previous: PropagationResult | None = None,
 ) -> PropagationResult:
     """Propagate the prompt's label(s) through ``image``.
 
@@ -368,6 +412,10 @@ def propagate(
     along the propagation axis, both included. ``early_stop=False`` predicts every slice in the
     range; by default it also keeps components not connected to the prompt (objects that vanish
     and reappear). Raises InputError for bad input, PropagationCancelled when cancelled.
+
+    ``previous``: the result of an earlier run on the same image whose prompt has since gained or
+    changed keyframes (the correction loop). Regions whose keyframes are unchanged are copied
+    from it; only the others are recomputed (``result.recomputed``, ``result.n_predicted``).
     """
     t_start = time.perf_counter()
     image = np.asarray(image)
@@ -408,10 +456,22 @@ def propagate(
     try:
         out = np.zeros(vol.shape, dtype=np.uint16 if max(slices) > 255 else np.uint8)
         conf_all, ranges = {}, {}
+        usable_previous = (
+            previous is not None and previous.axis == ax and previous.mask.shape == image.shape
+            and previous.range == (lo, hi) and previous.early_stop == early_stop
+        )
+        prev_mask = np.moveaxis(previous.mask, ax, 0) if usable_previous else None
+        keyframes_all, recomputed_all = {}, {}
         for lab, keyframes in slices.items():
             tracker.check_cancel()
-            mask, conf = _propagate_label(vol_f, prm == lab, keyframes, predictor, spacing[ax], lo, hi,
-                                          batch_size, early_stop, remove_disconnected, tracker, stats)
+            label_mask = prm == lab
+            reuse = None
+            if usable_previous and lab in previous.keyframes:
+                reuse = _Reuse(prev_mask == lab, previous.confidence[lab], previous.keyframes[lab])
+            mask, conf, recomputed_all[lab] = _propagate_label(
+                vol_f, label_mask, keyframes, predictor, spacing[ax], lo, hi, batch_size, early_stop,
+                remove_disconnected, tracker, stats, reuse)
+            keyframes_all[lab] = {k: label_mask[k].copy() for k in keyframes}
             # Earlier labels keep their voxels; a label's own prompt voxels always win.
             out[mask & (out == 0)] = lab
             out[prm == lab] = lab
@@ -433,6 +493,10 @@ def propagate(
         prompt_slices=slices,
         timings=timings,
         n_predicted=stats["n_predicted"],
+        keyframes=keyframes_all,
+        range=(lo, hi),
+        early_stop=early_stop,
+        recomputed=recomputed_all,
     )
 
 
