@@ -440,6 +440,8 @@ class SegmentPropagation:
     def _work(self) -> None:
         # Worker thread: only the arrays copied in __init__ and plain values are used here.
         try:
+            if self._cancel.is_cancelled:
+                raise PropagationCancelled("propagation cancelled; nothing was changed")
             model = self.model
             if model is None:
                 self._message = "loading model"
@@ -457,6 +459,10 @@ class SegmentPropagation:
             with self._lock:
                 self._finish("cancelled", "cancelled; the segmentation was not changed")
         except Exception as exc:  # noqa: BLE001 - every failure must reach the panel, not a dead thread
+            if self._cancel.is_cancelled:  # the user stopped it (e.g. while the model was loading)
+                with self._lock:
+                    self._finish("cancelled", "cancelled; the segmentation was not changed")
+                return
             if not isinstance(exc, PAMError):
                 log.exception("PAMSegment propagation failed")
             with self._lock:

@@ -10,6 +10,7 @@ application logic, and sets `slicer.mrmlScene` / `slicer.modules` the way Slicer
 
 from __future__ import annotations
 
+import contextlib
 import types
 
 import numpy as np
@@ -18,12 +19,12 @@ import pytest
 slicer = pytest.importorskip("slicer", reason="the slicer-core wheel is not installed (pip install slicer-core)")
 vtk = pytest.importorskip("vtk")
 
-__all__ = ["mrml_scene", "make_volume_node", "make_segmentation", "ellipsoid", "matrix_from_array",
+__all__ = ["mrml_scene", "scene_context", "make_volume_node", "make_segmentation", "ellipsoid", "matrix_from_array",
            "oblique_ijk_to_ras", "internal_labelmap_state", "assert_same_labelmap", "slicer", "vtk"]
 
 
-@pytest.fixture
-def mrml_scene():
+@contextlib.contextmanager
+def scene_context():
     """A fresh scene with the logics registered; `slicer.mrmlScene`/`slicer.modules` point at it."""
     scene = slicer.vtkMRMLScene()
     app = slicer.vtkSlicerApplicationLogic()
@@ -52,6 +53,13 @@ def mrml_scene():
                     delattr(slicer, key)
             else:
                 setattr(slicer, key, value)
+
+
+@pytest.fixture
+def mrml_scene():
+    """A fresh scene with the Colors, Data, Volumes and Segmentations logics (see scene_context)."""
+    with scene_context() as scene:
+        yield scene
 
 
 def matrix_from_array(m: np.ndarray):

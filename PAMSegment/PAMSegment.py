@@ -1,0 +1,607 @@
+"""PAMSegment: turn a mask drawn on one slice into a 3D segment (PAM, npj Digit. Med. 2025).
+
+The panel only wires widgets to the Logic; the Logic only converts nodes and starts a
+``PAMSegmentLib.mrml.SegmentPropagation`` job, which runs the engine on a worker thread. A QTimer
+polls the job so Slicer stays responsive; the result is written on the main thread in one step.
+Everything that computes lives in PAMSegmentLib and is tested without Qt (Testing/test_mrml.py).
+"""
+
+import importlib.util
+import logging
+import os
+import sys
+import time
+
+import numpy as np
+import qt
+import slicer
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+PAPER_URL = "https://doi.org/10.1038/s41746-025-02087-y"
+AUTHORS_CODE_URL = "https://github.com/czifan/PAM"
+HOMEPAGE_URL = "https://github.com/pamsegment/SlicerPAMSegment"
+
+# (import name, pip requirement): the runtime part of pyproject.toml's [project.dependencies];
+# numpy and SimpleITK ship with Slicer. Testing/test_module_static.py keeps the bounds in step.
+RUNTIME_REQUIREMENTS = (
+    ("torch", "torch>=2.1"),
+    ("dynamic_network_architectures", "dynamic-network-architectures>=0.3.1,<0.4.1"),
+    ("cc3d", "connected-components-3d>=3.12"),
+)
+POLL_INTERVAL_MS = 200
+PROMPT_REFRESH_DELAY_MS = 400
+
+
+def _resourcePath(relativePath):
+    """Path of a file under Resources/.
+
+    Two layouts hold this module:
+    * the installed extension (and a CMake build tree): PAMSegment/CMakeLists.txt copies the
+      repository's top-level Resources/ into the scripted-modules directory, next to this file, so
+      it is ``<module dir>/Resources`` as Slicer expects;
+    * a source checkout added in Developer mode: this file is ``<repo>/PAMSegment/PAMSegment.py``
+      and Resources/ sits at the repository root, ``<module dir>/../Resources``.
+    The first existing one wins.
+    """
+    for base in (MODULE_DIR, os.path.dirname(MODULE_DIR)):
+        path = os.path.join(base, "Resources", relativePath)
+        if os.path.exists(path):
+            return path
+    return os.path.join(MODULE_DIR, "Resources", relativePath)
+
+
+def _ensureLibraryImportable():
+    """Make ``import PAMSegmentLib`` find the copy that ships with this module, in both layouts (see
+    ``_resourcePath``): installed, the package sits next to this file (a directory Slicer already
+    puts on sys.path); in a checkout, at the repository root, which is added here. The shipped copy
+    goes first so a different pip-installed PAMSegmentLib cannot shadow it."""
+    for base in (MODULE_DIR, os.path.dirname(MODULE_DIR)):
+        if os.path.isfile(os.path.join(base, "PAMSegmentLib", "__init__.py")):
+            if base not in sys.path:
+                sys.path.insert(0, base)
+            return
+    if importlib.util.find_spec("PAMSegmentLib") is None:
+        logging.error("PAMSegment: the PAMSegmentLib package was not found next to %s", MODULE_DIR)
+
+
+_ensureLibraryImportable()
+
+
+def _formatSeconds(seconds):
+    if seconds is None:
+        return "estimating time"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    return f"{seconds // 60} min {seconds % 60:02d} s"
+
+
+#
+# PAMSegment
+#
+
+
+class PAMSegment(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "PAMSegment"
+        self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["PAMSegment developers"]
+        self.parent.helpText = f"""
+Draw an object on one slice (or a few) with the Segment Editor, select that segment here and press
+<b>Propagate</b>: PAM propagates the mask through the volume, slice by slice, in the background,
+and writes the 3D result into the segment (or into a new segment). You can keep working while it
+runs and cancel at any time; a cancelled or failed run changes nothing.
+See the <a href="{HOMEPAGE_URL}">documentation</a>.
+"""
+        self.parent.acknowledgementText = f"""
+PAM: Chen Z., Nan X., Li J. et al., <i>PAM: a propagation-based model for segmenting any 3D objects
+across multi-modal medical images</i>, npj Digital Medicine 8:753 (2025),
+<a href="{PAPER_URL}">doi:10.1038/s41746-025-02087-y</a>; authors' code and checkpoints:
+<a href="{AUTHORS_CODE_URL}">{AUTHORS_CODE_URL}</a>. The network uses MIC-DKFZ's
+dynamic-network-architectures (Apache-2.0).
+"""
+        # The base class looks for the icon next to this file only; a checkout keeps it one level up.
+        iconPath = _resourcePath("Icons/PAMSegment.png")
+        if os.path.isfile(iconPath):
+            self.parent.icon = qt.QIcon(iconPath)
+
+
+#
+# PAMSegmentWidget
+#
+
+
+class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self.job = None
+        self._observedSegmentation = None
+        self._devicesPopulated = False
+
+    def resourcePath(self, filename):
+        return _resourcePath(filename)
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/PAMSegment.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = PAMSegmentLogic()
+
+        self.ui.checkpointHelpLabel.setText(
+            "Official PAM weights (<i>propmask.pth</i>) are published by the PAM authors, not bundled here: "
+            f'see the <a href="{AUTHORS_CODE_URL}">authors\' repository</a> and the paper '
+            f'(<a href="{PAPER_URL}">doi:10.1038/s41746-025-02087-y</a>).'
+        )
+        self.ui.deviceComboBox.addItem("cpu")
+        self._restoreSettings()
+
+        self.pollTimer = qt.QTimer()
+        self.pollTimer.setInterval(POLL_INTERVAL_MS)
+        self.pollTimer.connect("timeout()", self.onPollJob)
+        self.promptRefreshTimer = qt.QTimer()
+        self.promptRefreshTimer.setSingleShot(True)
+        self.promptRefreshTimer.setInterval(PROMPT_REFRESH_DELAY_MS)
+        self.promptRefreshTimer.connect("timeout()", self.updatePromptLabel)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+
+        self.ui.volumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onInputChanged)
+        self.ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onSegmentationChanged)
+        self.ui.segmentSelector.connect("currentSegmentChanged(QString)", self.onInputChanged)
+        self.ui.defaultModelRadioButton.connect("toggled(bool)", self.onModelChoiceChanged)
+        self.ui.checkpointModelRadioButton.connect("toggled(bool)", self.onModelChoiceChanged)
+        self.ui.checkpointPathLineEdit.connect("currentPathChanged(QString)", self.onModelChoiceChanged)
+        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self._saveSettings)
+        self.ui.replaceSegmentRadioButton.connect("toggled(bool)", self._saveSettings)
+        self.ui.propagateButton.connect("clicked(bool)", self.onPropagate)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
+
+        self.onSegmentationChanged(self.ui.segmentationSelector.currentNode())
+        self.onModelChoiceChanged()
+
+    def cleanup(self):
+        if self.job is not None and not self.job.done:
+            self.job.cancel()
+        self.pollTimer.stop()
+        self.promptRefreshTimer.stop()
+        self.removeObservers()
+
+    def enter(self):
+        if not self._devicesPopulated:
+            # Deferred so the panel paints first: importing torch takes a few seconds once.
+            qt.QTimer.singleShot(0, self._populateDevices)
+        self.updatePromptLabel()
+
+    def onSceneStartClose(self, caller, event):
+        if self.job is not None and not self.job.done:
+            self.job.cancel()
+            self._setStatus("Propagation cancelled because the scene was closed.", "warning")
+
+    # -- settings ----------------------------------------------------------------------------
+
+    def _restoreSettings(self):
+        settings = qt.QSettings()
+        useFile = slicer.util.toBool(settings.value("PAMSegment/UseCheckpointFile", False))
+        self.ui.checkpointModelRadioButton.setChecked(useFile)
+        self.ui.defaultModelRadioButton.setChecked(not useFile)
+        self.ui.checkpointPathLineEdit.currentPath = settings.value("PAMSegment/CheckpointPath", "")
+        newSegment = settings.value("PAMSegment/OutputMode", "replace") == "new"
+        self.ui.newSegmentRadioButton.setChecked(newSegment)
+        self.ui.replaceSegmentRadioButton.setChecked(not newSegment)
+
+    def _saveSettings(self, *unused):
+        settings = qt.QSettings()
+        settings.setValue("PAMSegment/UseCheckpointFile", self.ui.checkpointModelRadioButton.checked)
+        settings.setValue("PAMSegment/CheckpointPath", self.ui.checkpointPathLineEdit.currentPath)
+        settings.setValue("PAMSegment/OutputMode", self._outputMode())
+        settings.setValue("PAMSegment/Device", self.ui.deviceComboBox.currentText)
+
+    def _populateDevices(self):
+        self._devicesPopulated = True
+        if self.logic.missingRequirements():
+            return  # offered when the user presses Propagate
+        for device in self.logic.availableDevices():
+            if self.ui.deviceComboBox.findText(device) < 0:
+                self.ui.deviceComboBox.addItem(device)
+        saved = qt.QSettings().value("PAMSegment/Device", "cpu")
+        index = self.ui.deviceComboBox.findText(saved)
+        if index >= 0:
+            self.ui.deviceComboBox.setCurrentIndex(index)
+
+    # -- inputs ------------------------------------------------------------------------------
+
+    def _outputMode(self):
+        return "new" if self.ui.newSegmentRadioButton.checked else "replace"
+
+    def _checkpoint(self):
+        if self.ui.checkpointModelRadioButton.checked:
+            return self.ui.checkpointPathLineEdit.currentPath.strip() or None
+        return None
+
+    def onModelChoiceChanged(self, *unused):
+        useFile = self.ui.checkpointModelRadioButton.checked
+        self.ui.checkpointPathLineEdit.setEnabled(useFile)
+        self._saveSettings()
+        self.updateButtons()
+
+    def onSegmentationChanged(self, segmentationNode):
+        if self._observedSegmentation is not None:
+            self.removeObserver(self._observedSegmentation.GetSegmentation(), slicer.vtkSegmentation.SegmentModified,
+                                self.onSegmentEdited)
+            self._observedSegmentation = None
+        self.ui.segmentSelector.setCurrentNode(segmentationNode)
+        if segmentationNode is not None:
+            # Follow edits made in the Segment Editor so the detected prompt stays current.
+            self.addObserver(segmentationNode.GetSegmentation(), slicer.vtkSegmentation.SegmentModified,
+                             self.onSegmentEdited)
+            self._observedSegmentation = segmentationNode
+            if self.ui.volumeSelector.currentNode() is None:
+                reference = segmentationNode.GetNodeReference(
+                    slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole())
+                if reference is not None and reference.IsA("vtkMRMLScalarVolumeNode"):
+                    self.ui.volumeSelector.setCurrentNode(reference)
+        self.onInputChanged()
+
+    def onSegmentEdited(self, caller, event):
+        self.promptRefreshTimer.start()
+
+    def onInputChanged(self, *unused):
+        self.promptRefreshTimer.start()
+        self.updateButtons()
+
+    def _inputs(self):
+        return (self.ui.volumeSelector.currentNode(), self.ui.segmentationSelector.currentNode(),
+                self.ui.segmentSelector.currentSegmentID())
+
+    def updateButtons(self):
+        volume, segmentation, segmentId = self._inputs()
+        running = self.job is not None and not self.job.done
+        reason = ""
+        if running:
+            reason = "A propagation is running."
+        elif volume is None:
+            reason = "Select the volume."
+        elif segmentation is None or not segmentId:
+            reason = "Select the segmentation and the segment drawn on one slice."
+        elif self.ui.checkpointModelRadioButton.checked and not self._checkpoint():
+            reason = "Choose the PAM checkpoint file, or use the bundled default weights."
+        self.ui.propagateButton.enabled = not reason
+        self.ui.propagateButton.toolTip = reason or "Propagate the segment through the volume in the background."
+        self.ui.cancelButton.enabled = running
+
+    def updatePromptLabel(self):
+        volume, segmentation, segmentId = self._inputs()
+        if volume is None or segmentation is None or not segmentId:
+            self.ui.promptLabel.text = "Select a volume and a segment drawn on one slice."
+            return
+        if self.logic.missingRequirements():
+            self.ui.promptLabel.text = "PyTorch and PAM's packages are not installed yet; Propagate offers to install them."
+            return
+        try:
+            info = self.logic.describePrompt(volume, segmentation, segmentId)
+        except Exception as exc:  # InputError: empty segment, 3D mask...; shown, not raised
+            self.ui.promptLabel.text = str(exc)
+            return
+        self.ui.promptLabel.text = f"Drawn on {info.describe()}."
+
+    # -- dependencies ------------------------------------------------------------------------
+
+    def ensureRequirements(self):
+        """True when everything is importable; otherwise ask, install with visible progress."""
+        missing = self.logic.missingRequirements()
+        if not missing:
+            return True
+        listing = "\n".join(f"  \u2022 {spec}" for _, spec in missing)
+        torchNote = ""
+        if any(name == "torch" for name, _ in missing):
+            torchNote = ("\n\nPyTorch is a large download (hundreds of MB, more with CUDA). It is installed through the "
+                         "PyTorch extension when present, which picks the build for your GPU.")
+        if not slicer.util.confirmOkCancelDisplay(
+            f"PAMSegment needs these Python packages, which are not installed yet:\n{listing}{torchNote}\n\n"
+            "Install them now? This can take several minutes; progress is shown in the status bar and the "
+            "Python console.",
+            windowTitle="PAMSegment: install dependencies",
+        ):
+            self._setStatus("Not installed: propagation needs these packages. Press Propagate to be asked again.",
+                            "error")
+            return False
+        dialog = slicer.util.createProgressDialog(windowTitle="PAMSegment", labelText="Installing...", maximum=0)
+        try:
+            def report(text):
+                dialog.labelText = text
+                slicer.util.showStatusMessage(text, 3000)
+                slicer.app.processEvents()
+
+            self.logic.installRequirements(missing, report)
+        except Exception as exc:
+            logging.exception("PAMSegment: installing dependencies failed")
+            self._setStatus(f"Installing dependencies failed: {exc}", "error")
+            return False
+        finally:
+            dialog.close()
+        still = self.logic.missingRequirements()
+        if still:
+            self._setStatus("Still missing after installation: " + ", ".join(spec for _, spec in still)
+                            + ". Restart Slicer and try again.", "error")
+            return False
+        self._populateDevices()
+        return True
+
+    # -- running -----------------------------------------------------------------------------
+
+    def _setStatus(self, text, level="info"):
+        colors = {"info": "", "ok": "color: #1b7f3b;", "warning": "color: #a86b00;", "error": "color: #b3261e;"}
+        self.ui.statusLabel.setStyleSheet(colors.get(level, ""))
+        self.ui.statusLabel.text = text
+
+    def onPropagate(self):
+        if self.job is not None and not self.job.done:
+            return
+        if not self.ensureRequirements():
+            return
+        volume, segmentation, segmentId = self._inputs()
+        try:
+            qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)
+            try:
+                self.job = self.logic.startPropagation(
+                    volume, segmentation, segmentId, mode=self._outputMode(), checkpoint=self._checkpoint(),
+                    device=self.ui.deviceComboBox.currentText)
+            finally:
+                qt.QApplication.restoreOverrideCursor()
+        except Exception as exc:  # bad input: shown in the panel, nothing started
+            self.job = None
+            self._setStatus(str(exc), "error")
+            self.updateButtons()
+            return
+        self.ui.promptLabel.text = f"Drawn on {self.job.prompt_info.describe()}."
+        self._setStatus(f'Propagating "{self.job.segment_name}"... you can keep working.', "info")
+        self.ui.progressBar.setValue(0)
+        self.ui.progressBar.setFormat("starting")
+        self.pollTimer.start()
+        self.updateButtons()
+
+    def onCancel(self):
+        if self.job is not None and not self.job.done:
+            self.job.cancel()
+            self.ui.progressBar.setFormat("cancelling...")
+            self.ui.cancelButton.enabled = False
+
+    def onPollJob(self):
+        job = self.job
+        if job is None:
+            self.pollTimer.stop()
+            return
+        self.ui.progressBar.setValue(int(round(1000 * job.progress)))
+        if job.state == "running":
+            if job.message == "loading model":
+                self.ui.progressBar.setFormat("loading model...")
+            else:
+                self.ui.progressBar.setFormat(
+                    f"{job.slices_done} / {job.slices_total} slices \u00b7 {_formatSeconds(job.eta_seconds)} left")
+            return
+        self.pollTimer.stop()
+        if job.state == "finished":
+            self._saveStateForUndo(job.segmentation_node)
+            try:
+                segmentId = self.logic.finishPropagation(job)
+            except Exception as exc:
+                self._setStatus(f"Result not written: {exc}", "error")
+                self.ui.progressBar.setFormat("not written")
+            else:
+                written = job.segmentation_node.GetSegmentation().GetSegment(segmentId)
+                self.ui.segmentSelector.setCurrentSegmentID(segmentId)
+                self.ui.progressBar.setFormat(f"done in {_formatSeconds(job.elapsed)}")
+                self._setStatus(f'"{written.GetName()}": {job.summary()}.', "ok")
+        elif job.state == "cancelled":
+            self.ui.progressBar.setValue(0)
+            self.ui.progressBar.setFormat("cancelled")
+            self._setStatus("Cancelled; the segmentation was not changed.", "warning")
+        else:
+            self.ui.progressBar.setValue(0)
+            self.ui.progressBar.setFormat("failed")
+            self._setStatus(f"Failed (nothing was changed): {job.error}", "error")
+        self.updateButtons()
+
+    def _saveStateForUndo(self, segmentationNode):
+        """Let Undo in the Segment Editor take the propagation back in one step."""
+        try:
+            editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+            if editor.segmentationNode() is segmentationNode:
+                editor.saveStateForUndo()
+        except Exception:  # no Segment Editor, or another segmentation: nothing to record
+            logging.debug("PAMSegment: no undo state saved", exc_info=True)
+
+
+#
+# PAMSegmentLogic
+#
+
+
+class PAMSegmentLogic(ScriptedLoadableModuleLogic):
+    """Converts nodes and runs propagations; usable from the Python console without the panel:
+
+        logic = slicer.util.getModuleLogic("PAMSegment")
+        segmentId = logic.process(volumeNode, segmentationNode, segmentId, mode="new")
+    """
+
+    def __init__(self):
+        ScriptedLoadableModuleLogic.__init__(self)
+        self._models = {}  # (checkpoint file, mtime, device) -> loaded model, reused across runs
+
+    # dependencies
+
+    @staticmethod
+    def missingRequirements():
+        return [(name, spec) for name, spec in RUNTIME_REQUIREMENTS if importlib.util.find_spec(name) is None]
+
+    @staticmethod
+    def installRequirements(missing, report=lambda text: None):
+        torchSpec = dict(RUNTIME_REQUIREMENTS)["torch"]
+        for name, spec in missing:
+            report(f"Installing {spec} ...")
+            if name == "torch":
+                try:
+                    import PyTorchUtils  # the PyTorch extension (EXTENSION_DEPENDS)
+                except ImportError:
+                    PyTorchUtils = None
+                if PyTorchUtils is not None:
+                    torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                        askConfirmation=True, torchVersionRequirement=torchSpec[len("torch"):])
+                    if torch is None:
+                        raise RuntimeError("PyTorch was not installed")
+                    continue
+            slicer.util.pip_install(spec)
+        importlib.invalidate_caches()
+
+    @staticmethod
+    def availableDevices():
+        devices = ["cpu"]
+        try:
+            import torch
+        except ImportError:
+            return devices
+        if torch.cuda.is_available():
+            devices.append("cuda")
+        return devices
+
+    # propagation
+
+    def describePrompt(self, volumeNode, segmentationNode, segmentId):
+        from PAMSegmentLib.mrml import describe_prompt
+
+        return describe_prompt(volumeNode, segmentationNode, segmentId)
+
+    def _modelKey(self, checkpoint, device):
+        from PAMSegmentLib.checkpoints import default_checkpoint_path
+
+        path = checkpoint or default_checkpoint_path()
+        if path is None or not os.path.isfile(path):
+            return None
+        return (os.path.abspath(path), os.path.getmtime(path), device)
+
+    def startPropagation(self, volumeNode, segmentationNode, segmentId, mode="replace", checkpoint=None,
+                         device="cpu", range=None):
+        """Copy the inputs out of MRML and start the background job (returns it; poll it, then call
+        ``finishPropagation``). Raises InputError for an empty or 3D segment."""
+        from PAMSegmentLib.mrml import SegmentPropagation
+
+        key = self._modelKey(checkpoint, device)
+        job = SegmentPropagation(volumeNode, segmentationNode, segmentId, mode=mode, checkpoint=checkpoint,
+                                 device=device, range=range, model=self._models.get(key))
+        job.modelKey = key
+        return job.start()
+
+    def finishPropagation(self, job):
+        """Write a finished job's result (main thread); returns the segment id written."""
+        segmentId = job.apply()
+        if job.modelKey is not None and job.model is not None:
+            self._models = {job.modelKey: job.model}  # keep one model: the official one is ~320 MB
+        return segmentId
+
+    def process(self, volumeNode, segmentationNode, segmentId, mode="replace", checkpoint=None, device="cpu",
+                range=None, timeout=3600.0):
+        """Propagate and write, keeping the GUI alive while waiting. Returns the segment id written."""
+        job = self.startPropagation(volumeNode, segmentationNode, segmentId, mode=mode, checkpoint=checkpoint,
+                                    device=device, range=range)
+        deadline = time.time() + timeout
+        while not job.wait(0.05):
+            slicer.app.processEvents()
+            if time.time() > deadline:
+                job.cancel()
+                job.wait()
+                raise RuntimeError(f"propagation did not finish within {timeout:.0f} s; cancelled")
+        if job.state == "failed":
+            raise job.exception
+        if job.state == "cancelled":
+            raise RuntimeError("propagation cancelled; nothing was changed")
+        return self.finishPropagation(job)
+
+
+#
+# PAMSegmentTest
+#
+
+
+class PAMSegmentTest(ScriptedLoadableModuleTest):
+    """Self-test for Slicer users (Reload and Test): a synthetic ellipsoid in noise, a mask on its
+    middle slice, propagation with the shipped default weights, checks on the result."""
+
+    SHAPE = (40, 96, 96)  # (k, j, i)
+    CENTER = (20, 48, 48)
+    RADII = (12, 26, 30)
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_PAMSegment_propagatesEllipsoid()
+        self.setUp()
+        self.test_PAMSegment_cancelChangesNothing()
+
+    def _scene(self):
+        grids = np.ogrid[tuple(slice(0, n) for n in self.SHAPE)]
+        truth = sum(((g - c) / r) ** 2 for g, c, r in zip(grids, self.CENTER, self.RADII)) <= 1.0
+        rng = np.random.default_rng(0)
+        image = (truth * 120.0 + 40.0 + rng.normal(0.0, 12.0, self.SHAPE)).astype(np.float32)
+        volume = slicer.util.addVolumeFromArray(image, name="PAMSegment test volume")
+        volume.SetSpacing(0.8, 0.8, 2.0)
+        segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "PAMSegment test segmentation")
+        segmentation.CreateDefaultDisplayNodes()
+        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+        segmentId = segmentation.GetSegmentation().AddEmptySegment("", "ellipsoid", [0.9, 0.6, 0.1])
+        prompt = np.zeros(self.SHAPE, np.uint8)
+        prompt[self.CENTER[0]] = truth[self.CENTER[0]]
+        slicer.util.updateSegmentBinaryLabelmapFromArray(prompt, segmentation, segmentId, volume)
+        return truth, volume, segmentation, segmentId
+
+    def test_PAMSegment_propagatesEllipsoid(self):
+        from PAMSegmentLib.checkpoints import default_checkpoint_path
+
+        self.delayDisplay("Propagating a one-slice mask through a synthetic ellipsoid")
+        self.assertIsNotNone(default_checkpoint_path(),
+                             "the default weights (Resources/Models/pam_small.pt) are not installed")
+        truth, volume, segmentation, segmentId = self._scene()
+        logic = PAMSegmentLogic()
+        newId = logic.process(volume, segmentation, segmentId, mode="new")
+
+        result = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, newId, volume) > 0
+        self.assertEqual(segmentation.GetSegmentation().GetSegment(newId).GetName(), "ellipsoid (PAM)")
+        slicesWithObject = int(np.count_nonzero(result.any(axis=(1, 2))))
+        self.assertGreaterEqual(slicesWithObject, 10)
+        dice = 2.0 * np.logical_and(result, truth).sum() / (result.sum() + truth.sum())
+        self.assertGreater(dice, 0.7)
+        original = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segmentId, volume) > 0
+        self.assertEqual(int(np.count_nonzero(original.any(axis=(1, 2)))), 1)  # "new" keeps the original
+        self.delayDisplay(f"Test passed: {slicesWithObject} slices, Dice {dice:.3f}")
+
+    def test_PAMSegment_cancelChangesNothing(self):
+        self.delayDisplay("Cancelling a propagation")
+        truth, volume, segmentation, segmentId = self._scene()
+        before = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segmentId, volume).copy()
+        logic = PAMSegmentLogic()
+        job = logic.startPropagation(volume, segmentation, segmentId, mode="replace")
+        job.cancel()
+        while not job.wait(0.05):
+            slicer.app.processEvents()
+        self.assertEqual(job.state, "cancelled")
+        after = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segmentId, volume)
+        self.assertTrue(np.array_equal(before, after))
+        self.assertEqual(segmentation.GetSegmentation().GetNumberOfSegments(), 1)
+        self.delayDisplay("Test passed")
