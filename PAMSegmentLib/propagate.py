@@ -436,6 +436,8 @@ def propagate(
     prm = np.moveaxis(prompt, ax, 0)
     n = vol.shape[0]
     lo, hi = (0, n - 1) if range is None else (int(range[0]), int(range[1]))
+    if lo > hi:
+        raise InputError(f"range {lo}:{hi} is reversed; give the first slice first (e.g. {hi}:{lo})")
     if not (0 <= lo <= hi < n):
         raise InputError(f"range {lo}:{hi} is outside the {n} slices along axis {ax} (valid 0:{n - 1})")
     for lab, sl in slices.items():
