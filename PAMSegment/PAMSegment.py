@@ -502,8 +502,11 @@ class PAMSegmentLogic(ScriptedLoadableModuleLogic):
         from PAMSegmentLib.mrml import SegmentPropagation
 
         key = self._modelKey(checkpoint, device)
+        # Leave a core to Slicer's GUI: the worker releases the GIL inside torch, but CPU starvation
+        # would still make the views stutter.
+        threads = max(1, (os.cpu_count() or 2) - 1)
         job = SegmentPropagation(volumeNode, segmentationNode, segmentId, mode=mode, checkpoint=checkpoint,
-                                 device=device, range=range, model=self._models.get(key))
+                                 device=device, range=range, model=self._models.get(key), threads=threads)
         job.modelKey = key
         return job.start()
 

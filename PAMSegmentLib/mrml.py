@@ -267,11 +267,13 @@ def _load_model(checkpoint, device: str):
     return load_model(checkpoint, device=device)
 
 
-def _run_engine(image, prompt, spacing, *, model, device, range, progress, cancel):  # noqa: A002
+def _run_engine(image, prompt, spacing, *, model, device, range, progress, cancel,  # noqa: A002
+                batch_size=16, threads=None):
     """Run PAMSegmentLib.propagate. Runs on the worker thread: arrays in, result out, no MRML."""
     from .propagate import propagate  # noqa: PLC0415
 
-    return propagate(image, prompt, spacing, model, range=range, device=device, progress=progress, cancel=cancel)
+    return propagate(image, prompt, spacing, model, range=range, device=device, progress=progress, cancel=cancel,
+                     batch_size=batch_size, threads=threads)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,12 +292,14 @@ class SegmentPropagation:
     Options: ``mode`` "replace" (the prompt segment becomes 3D) or "new" (a new segment
     "<name> (PAM)" with the same colour, the original untouched); ``checkpoint`` a file path or None
     for the shipped default weights; ``model`` an already loaded model (then ``checkpoint`` is not
-    read); ``device``; ``range`` (first, last) slice along the propagation axis.
+    read); ``device``; ``range`` (first, last) slice along the propagation axis; ``threads`` torch
+    CPU threads (None: torch's default; Slicer leaves one core to its GUI); ``cancel`` a CancelToken
+    to share; ``progress`` an extra ``progress(fraction, message)`` listener (called on the worker).
     """
 
     def __init__(self, volume_node, segmentation_node, segment_id: str, *, mode: str = "replace",
                  checkpoint=None, device: str = "cpu", range=None, model=None,  # noqa: A002
-                 batch_size: int = 16, threads: int | None = None):
+                 batch_size: int = 16, threads: int | None = None, cancel=None, progress=None):
         if mode not in MODES:
             raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         segment = _segment(segmentation_node, segment_id)
@@ -320,7 +324,8 @@ class SegmentPropagation:
 
         from .propagate import CancelToken  # noqa: PLC0415
 
-        self._cancel = CancelToken()
+        self._cancel = cancel if cancel is not None else CancelToken()
+        self._listener = progress
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._state = "pending"
@@ -436,6 +441,8 @@ class SegmentPropagation:
     def _on_progress(self, fraction: float, message: str) -> None:
         self._progress = float(min(max(fraction, 0.0), 1.0))
         self._message = message
+        if self._listener is not None:
+            self._listener(fraction, message)
 
     def _work(self) -> None:
         # Worker thread: only the arrays copied in __init__ and plain values are used here.
@@ -452,7 +459,8 @@ class SegmentPropagation:
             self._message = "propagating"
             self._t_engine = time.perf_counter()
             result = _run_engine(self.image, self.prompt, self.grid.spacing, model=model, device=self.device,
-                                 range=self.range, progress=self._on_progress, cancel=self._cancel)
+                                 range=self.range, progress=self._on_progress, cancel=self._cancel,
+                                 batch_size=self.batch_size, threads=self.threads)
             if tuple(result.mask.shape) != self.grid.shape:
                 raise PAMError(f"the engine returned a {result.mask.shape} mask for a {self.grid.shape} volume")
         except PropagationCancelled:
@@ -540,17 +548,7 @@ def propagate_segment(volume_node, segmentation_node, segment_id: str, *, mode: 
     CheckpointError or PropagationCancelled; on any error the segmentation is unchanged.
     """
     job = SegmentPropagation(volume_node, segmentation_node, segment_id, mode=mode, checkpoint=checkpoint,
-                             device=device, range=range, model=model)
-    if cancel is not None:
-        job._cancel = cancel
-    if progress is not None:
-        forward = job._on_progress
-
-        def report(fraction, message):
-            forward(fraction, message)
-            progress(fraction, message)
-
-        job._on_progress = report
+                             device=device, range=range, model=model, cancel=cancel, progress=progress)
     job.run()
     if job.state == "cancelled":
         raise PropagationCancelled("propagation cancelled; nothing was changed")

@@ -135,6 +135,27 @@ def test_radio_button_pairs_are_in_separate_exclusive_groups():
     assert parents["replaceSegmentRadioButton"] == parents["newSegmentRadioButton"] == "outputCollapsibleButton"
 
 
+def _uic():
+    for candidate in ("uic", "/usr/lib/qt5/bin/uic", "/usr/lib/qt6/libexec/uic", "/usr/lib/qt6/bin/uic"):
+        path = shutil.which(candidate) or (candidate if Path(candidate).is_file() else None)
+        if path:
+            return path
+    return None
+
+
+def test_ui_file_compiles_with_qt_uic(tmp_path):
+    """Qt's own ui compiler reads the file as Qt Designer would (apt install qtbase5-dev-tools)."""
+    uic = _uic()
+    if uic is None:
+        pytest.skip("Qt's uic is not installed (Debian: qtbase5-dev-tools)")
+    proc = subprocess.run([uic, str(UI_FILE), "-o", str(tmp_path / "ui.h")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
+    code = (tmp_path / "ui.h").read_text()
+    for setter in ("volumeSelector->setNodeTypes", "segmentSelector->setSegmentationNodeSelectorVisible(false)",
+                   "checkpointPathLineEdit->setFilters", "progressBar->setMaximum(1000)"):
+        assert setter in code, setter
+
+
 def test_icon_is_a_128_px_png():
     data = ICON_FILE.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
@@ -820,6 +841,26 @@ def test_panel_propagates_in_the_background_and_writes_once(panel, drawn, monkey
     assert ui.progressBar.format.startswith("done in") and ui.progressBar.value == 1000
     assert ui.propagateButton.enabled and not ui.cancelButton.enabled
     assert FakeSettings.store["PAMSegment/OutputMode"] == "new"
+
+
+def test_panel_entering_lists_devices_and_restores_settings(module, monkeypatch):
+    FakeSettings.store.update({"PAMSegment/OutputMode": "new", "PAMSegment/UseCheckpointFile": "true",
+                               "PAMSegment/CheckpointPath": "/data/propmask.pth"})
+    widget = module.PAMSegmentWidget(parent=None)
+    widget.setup()
+    try:
+        ui = widget.ui
+        assert ui.newSegmentRadioButton.checked and not ui.replaceSegmentRadioButton.checked
+        assert ui.checkpointModelRadioButton.checked and ui.checkpointPathLineEdit.enabled
+        assert widget._checkpoint() == "/data/propmask.pth"
+        assert "github.com/czifan/PAM" in ui.checkpointHelpLabel.text and "doi.org/10.1038" in ui.checkpointHelpLabel.text
+        monkeypatch.setattr(widget.logic, "availableDevices", lambda: ["cpu", "cuda"])
+        widget.enter()
+        assert FakeTimer.deferred  # devices are probed after the panel is shown (torch import is slow)
+        FakeTimer.deferred.pop()()
+        assert ui.deviceComboBox.items == ["cpu", "cuda"]
+    finally:
+        widget.cleanup()
 
 
 def test_panel_cancel_leaves_the_segmentation_alone(panel, drawn, monkeypatch):

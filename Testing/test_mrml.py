@@ -344,6 +344,25 @@ def test_cancel_during_a_run_leaves_the_segmentation_bit_identical(scene_with_pr
     assert [seg.GetSegmentation().GetNthSegmentID(n) for n in range(seg.GetSegmentation().GetNumberOfSegments())] == ids_before
 
 
+def test_progress_listener_and_engine_options_are_forwarded(scene_with_prompt, monkeypatch):
+    truth, vol, seg, sid = scene_with_prompt
+    seen = {}
+    real = mrml._run_engine
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mrml, "_run_engine", spy)
+    reports = []
+    propagate_segment(vol, seg, sid, mode="new", model=OracleModel(truth), progress=lambda f, m: reports.append(f))
+    assert reports and reports == sorted(reports) and reports[-1] == 1.0
+    job = SegmentPropagation(vol, seg, sid, mode="new", model=OracleModel(truth), threads=1, batch_size=3,
+                             range=(2, 21)).run()
+    assert (seen["threads"], seen["batch_size"], seen["range"], seen["device"]) == (1, 3, (2, 21), "cpu")
+    assert job.slices_total == 20 and job.slices_done == 20
+
+
 def test_cancel_before_start_and_cancel_token_in_propagate_segment(scene_with_prompt):
     truth, vol, seg, sid = scene_with_prompt
     job = SegmentPropagation(vol, seg, sid, model=OracleModel(truth))
