@@ -293,6 +293,11 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.logic.missingRequirements():
             self.ui.promptLabel.text = "PyTorch and PAM's packages are not installed yet; Propagate offers to install them."
             return
+        job = self.job
+        if job is not None and job.applied_segment_id == segmentId and job.segmentation_node is segmentation:
+            self.ui.promptLabel.text = ("Propagated (see the status below). Undo in the Segment Editor reverts it; "
+                                        "draw on one slice of a segment to propagate again.")
+            return
         try:
             info = self.logic.describePrompt(volume, segmentation, segmentId)
         except Exception as exc:  # InputError: empty segment, 3D mask...; shown, not raised
@@ -404,8 +409,8 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._setStatus(f"Result not written: {exc}", "error")
                 self.ui.progressBar.setFormat("not written")
             else:
+                # The selection stays on the drawn segment: in "new" mode it is still the prompt.
                 written = job.segmentation_node.GetSegmentation().GetSegment(segmentId)
-                self.ui.segmentSelector.setCurrentSegmentID(segmentId)
                 self.ui.progressBar.setFormat(f"done in {_formatSeconds(job.elapsed)}")
                 self._setStatus(f'"{written.GetName()}": {job.summary()}.', "ok")
         elif job.state == "cancelled":

@@ -833,14 +833,32 @@ def test_panel_propagates_in_the_background_and_writes_once(panel, drawn, monkey
 
     segments = segmentation.GetSegmentation()
     assert segments.GetNumberOfSegments() == 2
-    new_id = ui.segmentSelector.currentSegmentID()
+    new_id = panel.job.applied_segment_id
     assert new_id != segment_id and segments.GetSegment(new_id).GetName() == "liver (PAM)"
+    assert ui.segmentSelector.currentSegmentID() == segment_id  # still the prompt: ready to run again
     written = _slicer().util.arrayFromSegmentBinaryLabelmap(segmentation, new_id, volume) > 0
     np.testing.assert_array_equal(written, truth)
     assert ui.statusLabel.text.startswith('"liver (PAM)": 13 axial slices (4-16)') and "#1b7f3b" in ui.statusLabel.styleSheet
     assert ui.progressBar.format.startswith("done in") and ui.progressBar.value == 1000
     assert ui.propagateButton.enabled and not ui.cancelButton.enabled
     assert FakeSettings.store["PAMSegment/OutputMode"] == "new"
+
+
+def test_panel_replace_mode_then_prompt_label_explains(panel, drawn, monkeypatch):
+    truth, volume, segmentation, segment_id = drawn
+    oracle_loader(monkeypatch, truth)
+    panel.ui.segmentationSelector.setCurrentNode(segmentation)
+    assert panel.ui.replaceSegmentRadioButton.checked
+    panel.ui.propagateButton.click()
+    poll_until_idle(panel)
+    assert panel.job.applied_segment_id == segment_id
+    np.testing.assert_array_equal(_slicer().util.arrayFromSegmentBinaryLabelmap(segmentation, segment_id, volume) > 0, truth)
+    panel.promptRefreshTimer.stop()
+    segmentation.GetSegmentation().GetSegment(segment_id).Modified()  # as the Segment Editor does on a stroke
+    segmentation.GetSegmentation().InvokeEvent(_slicer().vtkSegmentation.SegmentModified)
+    assert panel.promptRefreshTimer.active  # the observer restarted the debounce timer
+    panel.promptRefreshTimer.fire()
+    assert panel.ui.promptLabel.text.startswith("Propagated")
 
 
 def test_panel_entering_lists_devices_and_restores_settings(module, monkeypatch):
