@@ -414,6 +414,39 @@ def installed_tree(tmp_path_factory):
     return prefix / "lib" / "Slicer-5.8" / "qt-scripted-modules"
 
 
+def test_top_level_cmake_configures_with_a_stand_in_slicer(tmp_path):
+    """The whole extension (top-level CMakeLists.txt + module) through the real cmake, against a fake
+    Slicer package whose config step records the EXTENSION_* values the extension set."""
+    cmake = shutil.which("cmake")
+    if cmake is None or not (shutil.which("cc") and shutil.which("c++")):
+        pytest.skip("cmake or a C/C++ compiler (probed by project()) is not installed")
+    fake = tmp_path / "Slicer"
+    fake.mkdir()
+    (fake / "UseSlicer.cmake").write_text(STUB_MACROS)
+    (fake / "GenerateConfig.cmake").write_text(textwrap.dedent("""
+        foreach(v HOMEPAGE CATEGORY CONTRIBUTORS DESCRIPTION ICONURL SCREENSHOTURLS DEPENDS LICENSE_FILE README_FILE)
+          file(APPEND ${CMAKE_BINARY_DIR}/extension_fields.txt "EXTENSION_${v}=${EXTENSION_${v}}\n")
+        endforeach()
+    """))
+    (fake / "CPack.cmake").write_text("")
+    (fake / "SlicerConfig.cmake").write_text(textwrap.dedent("""
+        set(Slicer_USE_FILE ${CMAKE_CURRENT_LIST_DIR}/UseSlicer.cmake)
+        set(Slicer_EXTENSION_GENERATE_CONFIG ${CMAKE_CURRENT_LIST_DIR}/GenerateConfig.cmake)
+        set(Slicer_EXTENSION_CPACK ${CMAKE_CURRENT_LIST_DIR}/CPack.cmake)
+    """))
+    build = tmp_path / "build"
+    proc = subprocess.run([cmake, "-S", str(ROOT), "-B", str(build), f"-DSlicer_DIR={fake}"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    fields = dict(line.split("=", 1) for line in (build / "extension_fields.txt").read_text().splitlines())
+    assert fields["EXTENSION_CATEGORY"] == "Segmentation" and fields["EXTENSION_DEPENDS"] == "PyTorch"
+    assert fields["EXTENSION_HOMEPAGE"].startswith(REPO_URL)
+    assert all(fields[f"EXTENSION_{k}"] for k in ("CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS"))
+    if (ROOT / "LICENSE").is_file():
+        assert Path(fields["EXTENSION_LICENSE_FILE"]) == ROOT / "LICENSE"
+    assert (build / "lib" / "Slicer-5.8" / "qt-scripted-modules" / "PAMSegmentLib" / "mrml.py").is_file()
+
+
 def test_install_puts_module_library_and_resources_side_by_side(installed_tree):
     installed = {p.relative_to(installed_tree).as_posix() for p in installed_tree.rglob("*") if p.is_file()}
     package = {p.relative_to(ROOT).as_posix() for p in (ROOT / "PAMSegmentLib").rglob("*.py") if "__pycache__" not in p.parts}
