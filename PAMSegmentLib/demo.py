@@ -48,7 +48,8 @@ def _figure(image: np.ndarray, prompt: np.ndarray, result: np.ndarray, reference
 
     occupied = np.flatnonzero(result.any(axis=(1, 2)) | reference.any(axis=(1, 2)))
     prompt_slices = set(np.flatnonzero(prompt.any(axis=(1, 2))).tolist())
-    picks = np.unique(np.linspace(occupied[0], occupied[-1], 8).round().astype(int)) if occupied.size else [0]
+    picks = np.linspace(occupied[0], occupied[-1], 6).round().astype(int).tolist() if occupied.size else [0]
+    picks = sorted(set(picks) | prompt_slices)[:9]  # always show the drawn slices
     colors = ListedColormap(["none", "tab:orange", "tab:green", "tab:blue", "tab:purple", "tab:red"])
     fig, axes = plt.subplots(1, len(picks), figsize=(2.3 * len(picks), 2.8))
     lo, hi = np.percentile(image, [1, 99])
