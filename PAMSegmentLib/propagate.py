@@ -19,6 +19,7 @@ the prompt are removed and the prompt slices are restored exactly.
 from __future__ import annotations
 
 import abc
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -26,10 +27,8 @@ from dataclasses import dataclass, field
 
 import cc3d
 import numpy as np
-import torch
 
 from .errors import InputError, PropagationCancelled
-from .preprocess import IntensityWindow, crop_box_for_mask, crop_slices, intensity_window, uncrop_probability
 
 __all__ = [
     "propagate",
@@ -85,44 +84,6 @@ class SlicePredictor(abc.ABC):
     def predict(self, volume: np.ndarray, guide_index: int, guide_mask: np.ndarray,
                 query_indices: Sequence[int]) -> SlicePrediction:
         """Probability of the guide's object on each query slice, on the full slice grid."""
-
-
-class PAMPredictor(SlicePredictor):
-    """PAM's network as a slice predictor: window from the prompt, ROI crop, resize, inverse."""
-
-    def __init__(self, model):
-        self.model = model
-        inf = model.inference
-        self.window_mm, self.max_window, self.min_window = inf.window_mm, inf.max_window, inf.min_window
-        self.threshold, self.presence_threshold = inf.threshold, inf.presence_threshold
-        self.min_area_fraction, self.min_area_px = inf.min_area_fraction, inf.min_area_px
-        self.window: IntensityWindow | None = None
-        self._guide_cache: tuple | None = None
-
-    def begin(self, volume, prompt_index, prompt_mask):
-        self.window = intensity_window(volume[prompt_index], prompt_mask, self.model.preprocessing)
-        self._guide_cache = None
-
-    @torch.inference_mode()
-    def predict(self, volume, guide_index, guide_mask, query_indices):
-        pre = self.model.preprocessing
-        size, device = pre.input_size, self.model.device
-        box = crop_box_for_mask(guide_mask, pre)
-        stage = self.model.network.proposing_stage
-        # Successive batches of a window share their guide: encode it once.
-        key = (guide_index, box, guide_mask.tobytes().__hash__())
-        if self._guide_cache is None or self._guide_cache[0] != key:
-            g_img = crop_slices(volume[guide_index][None], box, size, self.window).to(device)
-            g_mask = crop_slices(guide_mask[None], box, size, is_mask=True).to(device)
-            self._guide_cache = (key, stage.encode_guide(g_img, g_mask))
-        keys, values = self._guide_cache[1]
-        queries = crop_slices(volume[list(query_indices)], box, size, self.window).to(device)
-        out = stage.decode_queries(queries[None], keys, values)
-        from .network import fuse_scales
-
-        prob = fuse_scales(out.logits, size).float().cpu()
-        presence = torch.sigmoid(out.presence).float().cpu().numpy() if out.presence is not None else None
-        return SlicePrediction(uncrop_probability(prob, box, volume.shape[1:]), presence)
 
 
 @dataclass
@@ -452,8 +413,10 @@ def propagate(
     tracker = _Progress(total, progress, cancel)
     stats = {"predict": 0.0, "postprocess": 0.0, "n_predicted": 0}
 
-    old_threads = torch.get_num_threads()
-    if threads:
+    # torch is needed only by the network predictor; the classical ones run without it.
+    torch = sys.modules.get("torch")
+    old_threads = torch.get_num_threads() if torch is not None else None
+    if threads and torch is not None:
         torch.set_num_threads(int(threads))
     try:
         out = np.zeros(vol.shape, dtype=np.uint16 if max(slices) > 255 else np.uint8)
@@ -481,7 +444,7 @@ def propagate(
             occupied = np.flatnonzero(mask.any(axis=(1, 2)))
             ranges[lab] = (int(occupied[0]), int(occupied[-1]))
     finally:
-        if threads:
+        if threads and torch is not None:
             torch.set_num_threads(old_threads)
     if progress is not None and tracker.last < 1.0:
         progress(1.0, "done")
@@ -510,5 +473,16 @@ def _as_predictor(model, device: str) -> SlicePredictor:
     if model is None:
         model = load_model(None, device=device)
     if isinstance(model, PAMModel):
+        from .pam_predictor import PAMPredictor
+
         return PAMPredictor(model)
     raise InputError(f"model must be a PAMModel, a SlicePredictor or None, got {type(model).__name__}")
+
+
+def __getattr__(name: str):
+    # PAMPredictor lives in pam_predictor.py so that importing the engine does not import torch.
+    if name == "PAMPredictor":
+        from .pam_predictor import PAMPredictor
+
+        return PAMPredictor
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

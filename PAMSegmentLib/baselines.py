@@ -1,0 +1,382 @@
+"""Classical slice predictors: the floor the network must clear, and a fallback without a network.
+
+Both implement ``SlicePredictor`` so the same engine (walk, stopping, batching, cancellation,
+keyframe fusion, 3D components) runs them exactly as it runs PAM; only the slice prediction
+differs. Select them by name with ``get_predictor("copy" | "track" | "pam")``.
+
+* ``CopyPredictor`` (``copy``): the guide's mask is copied onto the query slice, trimmed to the
+  voxels whose (lightly smoothed) intensity lies in the prompt's intensity range, and may grow
+  by ``grow_px`` into in-range neighbours. It is kept only while the intensity inside it does
+  not drift from the prompt's.
+* ``TrackPredictor`` (``track``): slice-to-slice deformable registration (SimpleITK demons) of
+  the query slice (fixed) to the guide slice (moving) on a crop around the guide mask, and the
+  guide mask warped onto the query with linear interpolation (a probability).
+
+Both walk slice by slice (``max_window = 1``: the guide is always the previous slice). For
+``copy`` a longer window would only copy the same stale mask further; for ``track`` the
+registration between neighbouring slices is the classical choice because the deformation is
+smallest there (demons is a local optimiser: registering slices 10 apart fails on exactly the
+shape changes the method should follow), at the price of accumulating small errors.
+
+Stopping (the engine stops a side at the first empty slice): a slice is "empty" (presence 0)
+when the median intensity inside the predicted mask is more than ``k`` robust SDs away from the
+median of the drawn slice the walk started from, when too few of its voxels lie in the prompt's intensity range, or when its
+area falls below ``min_area_fraction`` of the prompt's area. The presence is a graded score
+(1 = intensity exactly as in the prompt, 0.5 = at the limit), so the engine's per-slice
+confidence means something for these methods too.
+
+Keyframes: the engine calls ``begin`` with the first drawn slice only, but every walk starts
+from a drawn slice. A predictor remembers which slices it predicted itself; a guide it never
+predicted is a drawn slice, whose own statistics then gate the slices walked from it (each
+predicted slice inherits the drawn slice its walk started from). So the drift test is always
+against the nearest user-drawn slice, not against a sliver drawn at the far end of the object.
+
+These predictors and the engine need numpy, scipy, cc3d and SimpleITK only: torch is imported
+only for ``pam`` (``PAMSegmentLib.pam_predictor``), so they are a fallback where torch is missing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from .errors import InputError
+from .propagate import SlicePrediction, SlicePredictor
+
+__all__ = ["CopyPredictor", "TrackPredictor", "IntensityGate", "get_predictor", "METHOD_NAMES"]
+
+METHOD_NAMES = ("pam", "track", "copy")
+
+
+# ---------------------------------------------------------------------------------------------
+# shared pieces
+
+
+@dataclass
+class IntensityGate:
+    """The prompt region's intensity statistics and the drift test against them.
+
+    median/sd: median and robust SD (max of 1.4826 MAD and IQR/1.349, floored at 2 % of the
+    slice's 1-99 % range so a flat phantom region still has a usable width); [low, high]: the
+    prompt's 1st-99th percentile widened by ``k`` robust SDs on each side: the "in-window" range.
+    """
+
+    median: float
+    sd: float
+    low: float
+    high: float
+    k: float = 2.5
+    min_inside: float = 0.5
+
+    @classmethod
+    def from_prompt(cls, image_slice: np.ndarray, mask: np.ndarray, k: float = 2.5,
+                    min_inside: float = 0.5) -> "IntensityGate":
+        vals = np.asarray(image_slice, dtype=np.float64)[np.asarray(mask, dtype=bool)]
+        if vals.size == 0:
+            raise InputError("the prompt slice's mask is empty")
+        med = float(np.median(vals))
+        mad = 1.4826 * float(np.median(np.abs(vals - med)))
+        q1, q99, q25, q75 = np.percentile(vals, [1, 99, 25, 75])
+        s1, s99 = np.percentile(np.asarray(image_slice, dtype=np.float64), [1, 99])
+        floor = max(0.02 * float(s99 - s1), 1e-6 * max(abs(med), 1.0), 1e-12)
+        sd = max(mad, float(q75 - q25) / 1.349, floor)
+        return cls(med, sd, float(q1) - k * sd * 0.5, float(q99) + k * sd * 0.5, k, min_inside)
+
+    def in_range(self, values: np.ndarray) -> np.ndarray:
+        return (values >= self.low) & (values <= self.high)
+
+    def score(self, values: np.ndarray) -> float:
+        """Presence score in [0, 1]: 1 = like the prompt, >= 0.5 = within the limits, 0 = drifted."""
+        if values.size == 0:
+            return 0.0
+        z = abs(float(np.median(values)) - self.median) / self.sd
+        p_z = 1.0 - 0.5 * z / self.k
+        frac = float(np.count_nonzero(self.in_range(values))) / values.size
+        p_f = 0.5 + 0.5 * (frac - self.min_inside) / max(1.0 - self.min_inside, 1e-6)
+        return float(np.clip(min(p_z, p_f), 0.0, 1.0))
+
+
+def _bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
+def _crop_around(mask: np.ndarray, pad_fraction: float, min_pad: int) -> tuple[slice, slice] | None:
+    """Slices of the guide mask's bounding box padded by ``pad_fraction`` of its size (clipped)."""
+    box = _bbox(mask)
+    if box is None:
+        return None
+    r0, r1, c0, c1 = box
+    pr = max(int(np.ceil(pad_fraction * (r1 - r0))), min_pad)
+    pc = max(int(np.ceil(pad_fraction * (c1 - c0))), min_pad)
+    h, w = mask.shape
+    return slice(max(r0 - pr, 0), min(r1 + pr, h)), slice(max(c0 - pc, 0), min(c1 + pc, w))
+
+
+class _ClassicalPredictor(SlicePredictor):
+    """Common state: prompt statistics, slice-by-slice walk, graded presence."""
+
+    window_mm = 0.0
+    max_window = 1
+    min_window = 1
+    threshold = 0.5
+    presence_threshold = 0.5
+    min_area_fraction = 0.0  # the engine's test is against the previous guide; ours is in predict()
+    min_area_px = 1
+
+    def __init__(self, k: float = 2.5, min_inside: float = 0.5, min_area_fraction: float = 0.05,
+                 smooth_sigma: float = 1.0):
+        self.k, self.min_inside = float(k), float(min_inside)
+        self.prompt_area_fraction = float(min_area_fraction)
+        self.smooth_sigma = float(smooth_sigma)
+        self.gate: IntensityGate | None = None
+        self.prompt_area = 0
+        self._drawn: dict[int, dict] | None = None
+
+    def _smooth(self, arr: np.ndarray) -> np.ndarray:
+        arr = np.asarray(arr, dtype=np.float32)
+        return ndimage.gaussian_filter(arr, self.smooth_sigma) if self.smooth_sigma > 0 else arr
+
+    def _drawn_state(self, image_slice: np.ndarray, mask: np.ndarray) -> dict:
+        """Statistics of a user-drawn slice: the gate, its area, anything subclasses add."""
+        mask = np.asarray(mask, dtype=bool)
+        sl = _crop_around(mask, 0.5, 8)
+        if sl is None:
+            raise InputError("a drawn slice's mask is empty")
+        # Statistics on the lightly smoothed slice: the same smoothing is applied to queries.
+        gate = IntensityGate.from_prompt(self._smooth(image_slice[sl]), mask[sl], k=self.k,
+                                         min_inside=self.min_inside)
+        return {"gate": gate, "area": int(mask.sum())}
+
+    def begin(self, volume, prompt_index, prompt_mask):
+        self._drawn = {int(prompt_index): self._drawn_state(volume[prompt_index], prompt_mask)}
+        self._origin: dict[int, int] = {}  # predicted slice -> the drawn slice its walk started from
+        self._use(int(prompt_index))
+
+    def _use(self, drawn_index: int) -> None:
+        st = self._drawn[drawn_index]
+        self.gate, self.prompt_area, self._state = st["gate"], st["area"], st
+
+    def _start(self, volume, guide_index: int, guide_mask: np.ndarray) -> int:
+        """Select the statistics for a predict() call; returns the origin drawn slice."""
+        self._check_begun()
+        gi = int(guide_index)
+        if gi in self._origin:
+            origin = self._origin[gi]
+        else:
+            origin = gi
+            if gi not in self._drawn:  # a drawn slice we have not seen: a keyframe
+                self._drawn[gi] = self._drawn_state(volume[gi], guide_mask)
+        self._use(origin)
+        return origin
+
+    def _presence(self, query_smoothed: np.ndarray, pred_mask: np.ndarray) -> float:
+        area = int(np.count_nonzero(pred_mask))
+        if area == 0 or area < self.prompt_area_fraction * self.prompt_area:
+            return 0.0
+        return self.gate.score(query_smoothed[pred_mask])
+
+    def _check_begun(self):
+        if self._drawn is None:
+            raise RuntimeError(f"{type(self).__name__}.begin() must be called before predict()")
+
+
+# ---------------------------------------------------------------------------------------------
+# copy
+
+
+class CopyPredictor(_ClassicalPredictor):
+    """The guide's mask copied to the query slice while the intensity inside it does not drift.
+
+    refine=True keeps only copied voxels whose smoothed intensity is in the prompt's range
+    (closing + hole filling so noise does not punch holes); ``grow_px`` > 0 additionally lets the
+    mask grow by that many pixels per slice into in-range voxels (follows slowly growing
+    objects; 0 = pure copy, the mask can only shrink).
+    """
+
+    def __init__(self, k: float = 2.5, min_inside: float = 0.5, min_area_fraction: float = 0.05,
+                 refine: bool = True, grow_px: int = 0, smooth_sigma: float = 1.0):
+        super().__init__(k, min_inside, min_area_fraction, smooth_sigma)
+        self.refine, self.grow_px = bool(refine), int(grow_px)
+
+    def predict(self, volume, guide_index, guide_mask, query_indices: Sequence[int]) -> SlicePrediction:
+        guide_mask = np.asarray(guide_mask, dtype=bool)
+        origin = self._start(volume, guide_index, guide_mask)
+        n, (h, w) = len(query_indices), guide_mask.shape
+        prob = np.zeros((n, h, w), dtype=np.float32)
+        presence = np.zeros(n, dtype=np.float32)
+        sl = _crop_around(guide_mask, 0.5, max(self.grow_px, 0) + 4)
+        if sl is None:
+            return SlicePrediction(prob, presence)
+        g = guide_mask[sl]
+        for q, idx in enumerate(query_indices):
+            img = self._smooth(volume[idx][sl])
+            pred = g
+            if self.refine:
+                inr = self.gate.in_range(img)
+                if self.grow_px > 0:
+                    grown = ndimage.binary_dilation(g, iterations=self.grow_px)
+                    cand = (g | (grown & inr)) & inr
+                else:
+                    cand = g & inr
+                cand = ndimage.binary_fill_holes(ndimage.binary_closing(cand, iterations=1)) & (
+                    ndimage.binary_dilation(g, iterations=self.grow_px) if self.grow_px > 0 else g)
+                pred = _largest_overlapping(cand, g)
+            p = self._presence(img, pred)
+            presence[q] = p
+            if p >= self.presence_threshold:
+                prob[q][sl] = pred
+                self._origin[int(idx)] = origin
+        return SlicePrediction(prob, presence)
+
+
+def _largest_overlapping(mask: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Components of ``mask`` overlapping ``ref``; drops specks the refinement leaves around."""
+    lab, n = ndimage.label(mask)
+    if n <= 1:
+        return mask
+    keep = np.unique(lab[ref & mask])
+    keep = keep[keep != 0]
+    if keep.size == 0:
+        return np.zeros_like(mask)
+    sizes = ndimage.sum_labels(mask, lab, keep)
+    big = keep[sizes >= max(4, 0.02 * sizes.max())]
+    return np.isin(lab, big)
+
+
+# ---------------------------------------------------------------------------------------------
+# track
+
+
+class TrackPredictor(_ClassicalPredictor):
+    """Slice-to-slice demons registration warping the guide mask onto the query slice.
+
+    Per query: crop around the guide mask (bbox padded by ``pad`` of its size on each side),
+    window both slices with PAM's window (``window_percentiles`` of the prompt region, widened
+    by ``window_margin`` of its width so neighbouring tissue keeps some contrast), downsample
+    the crop to at most ``max_side`` px, register query (fixed) to guide (moving) with SimpleITK's
+    fast symmetric forces demons (``iterations``, displacement smoothing ``sigma`` px, no
+    histogram matching), then resample the guide mask through the displacement field with
+    linear interpolation on the full-resolution crop: the query's foreground probability.
+    """
+
+    def __init__(self, k: float = 2.5, min_inside: float = 0.5, min_area_fraction: float = 0.05,
+                 iterations: int = 40, sigma: float = 1.5, pad: float = 0.5, max_side: int = 128,
+                 window_percentiles: tuple[float, float] = (0.5, 99.5), window_margin: float = 0.25,
+                 smooth_sigma: float = 1.0, diffeomorphic: bool = False, threads: int | None = 1):
+        super().__init__(k, min_inside, min_area_fraction, smooth_sigma)
+        import SimpleITK  # noqa: F401  (fail at construction, not mid-walk, if missing)
+
+        self.iterations, self.sigma, self.pad, self.max_side = int(iterations), float(sigma), float(pad), int(max_side)
+        self.window_percentiles, self.window_margin = tuple(window_percentiles), float(window_margin)
+        self.diffeomorphic, self.threads = bool(diffeomorphic), threads
+
+    def _drawn_state(self, image_slice, mask):
+        st = super()._drawn_state(image_slice, mask)
+        vals = np.asarray(image_slice, dtype=np.float64)[np.asarray(mask, dtype=bool)]
+        lo, hi = np.percentile(vals, self.window_percentiles)
+        width = float(hi - lo)
+        if width <= 1e-6 * max(abs(lo), 1.0):
+            width = 4 * st["gate"].sd  # a flat region: fall back to the robust spread
+            lo, hi = lo - width / 2, hi + width / 2
+        st["window"] = (float(lo - self.window_margin * width), float(hi + self.window_margin * width))
+        return st
+
+    def _normalise(self, arr: np.ndarray) -> np.ndarray:
+        lo, hi = self._state["window"]
+        return np.clip((np.asarray(arr, dtype=np.float32) - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+    def _warp(self, fixed: np.ndarray, moving: np.ndarray, moving_mask: np.ndarray) -> np.ndarray:
+        import SimpleITK as sitk
+
+        h, w = fixed.shape
+        factor = max(1.0, max(h, w) / self.max_side)
+
+        def image(arr, spacing):
+            im = sitk.GetImageFromArray(arr)
+            im.SetSpacing((spacing, spacing))
+            return im
+
+        f_full = image(fixed, 1.0)
+        if factor > 1.0:
+            size = [max(int(round(w / factor)), 4), max(int(round(h / factor)), 4)]
+            sp = (w / size[0], h / size[1])
+            origin = (0.5 * (sp[0] - 1.0), 0.5 * (sp[1] - 1.0))  # pixel-centre aligned coarse grid
+
+            def shrink(arr):
+                # Anti-aliasing blur, then resample onto the coarse grid.
+                arr = ndimage.gaussian_filter(arr, 0.5 * factor)
+                return sitk.Resample(image(arr, 1.0), size, sitk.Transform(), sitk.sitkLinear, origin, sp,
+                                     (1.0, 0.0, 0.0, 1.0), 0.0, sitk.sitkFloat32)
+
+            f_reg, m_reg = shrink(fixed), shrink(moving)
+        else:
+            f_reg, m_reg = f_full, image(moving, 1.0)
+
+        demons = (sitk.DiffeomorphicDemonsRegistrationFilter() if self.diffeomorphic
+                  else sitk.FastSymmetricForcesDemonsRegistrationFilter())
+        demons.SetNumberOfIterations(self.iterations)
+        demons.SetSmoothDisplacementField(True)
+        demons.SetStandardDeviations(self.sigma * factor)  # physical units = full-res pixels
+        demons.SetUseImageSpacing(True)
+        if self.threads:
+            demons.SetNumberOfThreads(int(self.threads))
+        disp = demons.Execute(f_reg, m_reg)
+        tx = sitk.DisplacementFieldTransform(sitk.Cast(disp, sitk.sitkVectorFloat64))
+        warped = sitk.Resample(image(moving_mask.astype(np.float32), 1.0), f_full, tx, sitk.sitkLinear, 0.0,
+                               sitk.sitkFloat32)
+        return sitk.GetArrayViewFromImage(warped).copy()
+
+    def predict(self, volume, guide_index, guide_mask, query_indices: Sequence[int]) -> SlicePrediction:
+        guide_mask = np.asarray(guide_mask, dtype=bool)
+        origin = self._start(volume, guide_index, guide_mask)
+        n, (h, w) = len(query_indices), guide_mask.shape
+        prob = np.zeros((n, h, w), dtype=np.float32)
+        presence = np.zeros(n, dtype=np.float32)
+        sl = _crop_around(guide_mask, self.pad, 8)
+        if sl is None:
+            return SlicePrediction(prob, presence)
+        moving = self._normalise(self._smooth(volume[guide_index][sl]))
+        g = guide_mask[sl]
+        for q, idx in enumerate(query_indices):
+            raw = self._smooth(volume[idx][sl])
+            p = np.clip(self._warp(self._normalise(raw), moving, g), 0.0, 1.0)
+            pres = self._presence(raw, p >= self.threshold)
+            presence[q] = pres
+            if pres >= self.presence_threshold:
+                prob[q][sl] = p
+                self._origin[int(idx)] = origin
+        return SlicePrediction(prob, presence)
+
+
+# ---------------------------------------------------------------------------------------------
+# registry
+
+
+def get_predictor(method: str, checkpoint=None, device: str = "cpu", **options) -> SlicePredictor:
+    """A slice predictor by name: ``pam`` (the checkpoint, or the shipped default weights when
+    ``checkpoint`` is None), ``copy`` or ``track``. ``options`` go to the baseline's constructor.
+    Raises InputError for an unknown method or a checkpoint given to a baseline."""
+    name = str(method).strip().lower()
+    if name == "pam":
+        from .checkpoints import load_model
+        from .pam_predictor import PAMPredictor
+
+        if options:
+            raise InputError(f"method 'pam' takes no options, got {', '.join(sorted(options))}")
+        return PAMPredictor(load_model(checkpoint, device=device))
+    if name in ("copy", "track"):
+        if checkpoint is not None:
+            raise InputError(f"method {name!r} does not use a checkpoint (got {checkpoint}); drop --checkpoint or use --method pam")
+        cls = CopyPredictor if name == "copy" else TrackPredictor
+        try:
+            return cls(**options)
+        except TypeError as exc:
+            raise InputError(f"bad option for method {name!r}: {exc}") from None
+    raise InputError(f"unknown method {method!r}; choose one of: {', '.join(METHOD_NAMES)}")
