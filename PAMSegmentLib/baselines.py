@@ -48,7 +48,7 @@ from .propagate import SlicePrediction, SlicePredictor
 
 __all__ = ["CopyPredictor", "TrackPredictor", "IntensityGate", "get_predictor", "METHOD_NAMES"]
 
-METHOD_NAMES = ("pam", "track", "copy")
+METHOD_NAMES = ("pam", "pam-memory", "track", "copy")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,16 +361,18 @@ class TrackPredictor(_ClassicalPredictor):
 
 def get_predictor(method: str, checkpoint=None, device: str = "cpu", **options) -> SlicePredictor:
     """A slice predictor by name: ``pam`` (the checkpoint, or the shipped default weights when
-    ``checkpoint`` is None), ``copy`` or ``track``. ``options`` go to the baseline's constructor.
+    ``checkpoint`` is None), ``pam-memory`` (the same network with a memory bank of earlier
+    guides), ``copy`` or ``track``. ``options`` go to the baseline's constructor.
     Raises InputError for an unknown method or a checkpoint given to a baseline."""
     name = str(method).strip().lower()
-    if name == "pam":
+    if name in ("pam", "pam-memory"):
         from .checkpoints import load_model
-        from .pam_predictor import PAMPredictor
+        from .pam_predictor import MemoryPAMPredictor, PAMPredictor
 
-        if options:
+        if options and name == "pam":
             raise InputError(f"method 'pam' takes no options, got {', '.join(sorted(options))}")
-        return PAMPredictor(load_model(checkpoint, device=device))
+        model = load_model(checkpoint, device=device)
+        return PAMPredictor(model) if name == "pam" else MemoryPAMPredictor(model, **options)
     if name in ("copy", "track"):
         if checkpoint is not None:
             raise InputError(f"method {name!r} does not use a checkpoint (got {checkpoint}); drop --checkpoint or use --method pam")

@@ -11,7 +11,7 @@ from .network import fuse_scales
 from .preprocess import IntensityWindow, crop_box_for_mask, crop_slices, intensity_window, uncrop_probability
 from .propagate import SlicePrediction, SlicePredictor
 
-__all__ = ["PAMPredictor"]
+__all__ = ["PAMPredictor", "MemoryPAMPredictor"]
 
 
 class PAMPredictor(SlicePredictor):
@@ -24,7 +24,7 @@ class PAMPredictor(SlicePredictor):
         self.threshold, self.presence_threshold = inf.threshold, inf.presence_threshold
         self.min_area_fraction, self.min_area_px = inf.min_area_fraction, inf.min_area_px
         self.window: IntensityWindow | None = None
-        self._guide_cache: tuple | None = None
+        self._guide_cache: dict | None = None
 
     def begin(self, volume, prompt_index, prompt_mask):
         self.window = intensity_window(volume[prompt_index], prompt_mask, self.model.preprocessing)
@@ -38,13 +38,70 @@ class PAMPredictor(SlicePredictor):
         stage = self.model.network.proposing_stage
         # Successive batches of a window share their guide: encode it once.
         key = (guide_index, box, guide_mask.tobytes().__hash__())
-        if self._guide_cache is None or self._guide_cache[0] != key:
+        cache = self._guide_cache if self._guide_cache is not None else {}
+        if key not in cache:
             g_img = crop_slices(volume[guide_index][None], box, size, self.window).to(device)
             g_mask = crop_slices(guide_mask[None], box, size, is_mask=True).to(device)
-            self._guide_cache = (key, stage.encode_guide(g_img, g_mask))
-        keys, values = self._guide_cache[1]
+            if len(cache) >= 4:  # a walk uses at most a few guides at a time
+                cache.pop(next(iter(cache)))
+            cache[key] = stage.encode_guide(g_img, g_mask)
+        self._guide_cache = cache
+        keys, values = cache[key]
         queries = crop_slices(volume[list(query_indices)], box, size, self.window).to(device)
         out = stage.decode_queries(queries[None], keys, values)
         prob = fuse_scales(out.logits, size).float().cpu()
         presence = torch.sigmoid(out.presence).float().cpu().numpy() if out.presence is not None else None
         return SlicePrediction(uncrop_probability(prob, box, volume.shape[1:]), presence)
+
+
+class MemoryPAMPredictor(PAMPredictor):
+    """PAM with a small memory bank (in the spirit of Medical SAM 2 and SAM2-ProMem).
+
+    Each query slice is predicted from the current guide *and* from earlier guides of the same
+    walk: the drawn slice the walk started from and the ``memory - 1`` most recent guides before
+    the current one. The probabilities (and presence) are fused with weight ``current_weight``
+    for the current guide and the rest shared equally, so a guide that drifted is pulled back
+    towards what earlier, more trustworthy slices say. Costs up to ``memory + 1`` network passes
+    per slice. Selected with ``get_predictor("pam-memory")``; see the README's ablation.
+    """
+
+    def __init__(self, model, memory: int = 2, current_weight: float = 0.5):
+        super().__init__(model)
+        self.memory = memory
+        self.current_weight = current_weight
+        self._predicted: set[int] = set()
+        self._history: list[tuple[int, "object"]] = []
+
+    def begin(self, volume, prompt_index, prompt_mask):
+        super().begin(volume, prompt_index, prompt_mask)
+        self._predicted = set()
+        self._history = []
+
+    def _predict_from(self, volume, guide_index, guide_mask, query_indices):
+        return PAMPredictor.predict(self, volume, guide_index, guide_mask, query_indices)
+
+    def predict(self, volume, guide_index, guide_mask, query_indices):
+        if guide_index not in self._predicted:  # a drawn slice: a new walk starts here
+            self._history = [(guide_index, guide_mask.copy())]
+        elif self._history[-1][0] != guide_index:
+            self._history.append((guide_index, guide_mask.copy()))
+        current = self._history[-1]
+        others = [self._history[0]] + self._history[-self.memory:-1]
+        seen, guides = {current[0]}, []
+        for idx, mask in others:
+            if idx not in seen:
+                seen.add(idx)
+                guides.append((idx, mask))
+        out = self._predict_from(volume, current[0], current[1], query_indices)
+        if guides:
+            w_other = (1.0 - self.current_weight) / len(guides)
+            prob = out.prob * self.current_weight
+            pres = None if out.presence is None else out.presence * self.current_weight
+            for idx, mask in guides:
+                o = self._predict_from(volume, idx, mask, query_indices)
+                prob = prob + w_other * o.prob
+                if pres is not None:
+                    pres = pres + w_other * o.presence
+            out = SlicePrediction(prob, pres)
+        self._predicted.update(int(q) for q in query_indices)
+        return out
