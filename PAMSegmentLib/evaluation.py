@@ -1,0 +1,513 @@
+"""Evaluation helpers for ``scripts/evaluate.py``: the protocol's pieces, testable on their own.
+
+Protocol (issues 3 and 6): every evaluation structure of ``scripts/split.json`` is propagated
+along array axis 0 from the reference mask drawn on one slice (at 30/50/70 % of the structure's
+extent), or on two keyframes (25 % and 75 %), or in a simulated correction session; the result
+is scored against the reference in 3D (Dice, normalized surface Dice at 2 mm, HD95).
+
+Nothing here needs pandas: results are lists of flat dicts (one per case/structure/method/
+protocol/position/round), written with the csv module and aggregated by ``aggregate``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+
+__all__ = [
+    "EvalStructure", "EvalCase", "load_split", "load_case", "extent", "slice_at", "prompt_from_reference",
+    "slice_dice", "worst_slices", "confidence_hit", "contour_interpolation", "correction_slice",
+    "simulate_corrections", "aggregate", "mean", "write_csv", "read_csv", "summary_markdown",
+    "CSV_FIELDS",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+@dataclass(frozen=True)
+class EvalStructure:
+    case: str
+    group: str
+    modality: str
+    label: int
+    name: str
+
+
+@dataclass
+class EvalCase:
+    case_id: str
+    image: np.ndarray  # float32 (k, j, i)
+    labels: np.ndarray  # integer (k, j, i)
+    spacing: tuple[float, float, float]  # mm, (k, j, i)
+    label_names: dict[int, str]
+    modality: str = ""
+
+
+def load_split(path: str | os.PathLike, groups: Sequence[str] | None = None,
+               cases: Sequence[str] | None = None) -> list[EvalStructure]:
+    """The evaluation structures of a split file (``{"eval": [{"case", "group", "modality",
+    "structures": [{"id", "name"}, ...]}, ...]}``), optionally filtered by group (exact name or
+    case-insensitive substring) and case id."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"split file {path} does not exist; run scripts/prepare_data.py first")
+    data = json.loads(path.read_text())
+    if "eval" not in data:
+        raise InputError(f"split file {path} has no 'eval' list")
+    out = []
+    for entry in data["eval"]:
+        group = str(entry.get("group", entry["case"]))
+        if groups and not any(g.lower() == group.lower() or g.lower() in group.lower() for g in groups):
+            continue
+        if cases and entry["case"] not in cases:
+            continue
+        for s in entry["structures"]:
+            out.append(EvalStructure(str(entry["case"]), group, str(entry.get("modality", "")), int(s["id"]),
+                                     str(s.get("name", s["id"]))))
+    return out
+
+
+def load_case(cache_dir: str | os.PathLike, case_id: str) -> EvalCase:
+    """``<cache>/cases/<case_id>.npz`` (image float32, labels int, spacing, label_names JSON)."""
+    path = Path(cache_dir) / "cases" / f"{case_id}.npz"
+    if not path.exists():
+        raise InputError(f"case file {path} does not exist; run scripts/prepare_data.py (cache {cache_dir})")
+    with np.load(path, allow_pickle=False) as z:
+        image = z["image"].astype(np.float32, copy=False)
+        labels = z["labels"]
+        spacing = tuple(float(s) for s in z["spacing"])
+        names = json.loads(str(z["label_names"])) if "label_names" in z.files else {}
+        modality = str(z["modality"]) if "modality" in z.files else ""
+    return EvalCase(case_id, image, labels, spacing, {int(k): str(v) for k, v in names.items()}, modality)
+
+
+# ---------------------------------------------------------------------------------------------
+# prompt placement
+
+
+def extent(mask: np.ndarray, axis: int = 0) -> tuple[int, int] | None:
+    """(first, last) slice index along ``axis`` holding the mask, both included; None if empty."""
+    other = tuple(a for a in range(mask.ndim) if a != axis)
+    occ = np.flatnonzero(np.asarray(mask).any(axis=other))
+    if occ.size == 0:
+        return None
+    return int(occ[0]), int(occ[-1])
+
+
+def slice_at(mask: np.ndarray, position: float, axis: int = 0) -> int:
+    """The slice at ``position`` (0 = first, 1 = last) of the mask's extent along ``axis``:
+    first + round_half_up(position * (last - first)). If that slice happens to be empty (a
+    structure with a gap), the nearest slice with the mask is used (the lower one on a tie)."""
+    if not 0.0 <= position <= 1.0:
+        raise InputError(f"prompt position must be in [0, 1], got {position}")
+    ext = extent(mask, axis)
+    if ext is None:
+        raise InputError("the reference mask is empty")
+    first, last = ext
+    idx = first + int(math.floor(position * (last - first) + 0.5))
+    other = tuple(a for a in range(mask.ndim) if a != axis)
+    occ = np.flatnonzero(np.asarray(mask).any(axis=other))
+    if idx in occ:
+        return idx
+    return int(occ[np.argmin(np.abs(occ - idx) * 2 + (occ > idx))])
+
+
+def prompt_from_reference(ref: np.ndarray, slices: Iterable[int], label: int = 1, axis: int = 0) -> np.ndarray:
+    """A uint8 label map holding the reference mask on the given slices only."""
+    ref = np.asarray(ref, dtype=bool)
+    out = np.zeros(ref.shape, dtype=np.uint8)
+    for s in slices:
+        idx = [slice(None)] * ref.ndim
+        idx[axis] = int(s)
+        out[tuple(idx)][ref[tuple(idx)]] = label
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# per-slice scores, confidence ranking, corrections
+
+
+def slice_dice(pred: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """2D Dice per slice along axis 0; NaN where both slices are empty."""
+    pred = np.asarray(pred, dtype=bool)
+    ref = np.asarray(ref, dtype=bool)
+    inter = (pred & ref).reshape(len(pred), -1).sum(axis=1).astype(np.float64)
+    tot = pred.reshape(len(pred), -1).sum(axis=1) + ref.reshape(len(ref), -1).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(tot > 0, 2.0 * inter / np.maximum(tot, 1), np.nan)
+
+
+def worst_slices(pred: np.ndarray, ref: np.ndarray, k: int = 3, exclude: Iterable[int] = ()) -> list[int]:
+    """The ``k`` slices with the lowest 2D Dice among slices where pred or ref has voxels,
+    excluding ``exclude``; ties broken by the larger number of wrong voxels, then index."""
+    d = slice_dice(pred, ref)
+    wrong = (np.asarray(pred, bool) ^ np.asarray(ref, bool)).reshape(len(d), -1).sum(axis=1)
+    ex = set(int(e) for e in exclude)
+    cand = [s for s in range(len(d)) if np.isfinite(d[s]) and s not in ex]
+    cand.sort(key=lambda s: (d[s], -wrong[s], s))
+    return cand[:k]
+
+
+def confidence_hit(confidence: np.ndarray, pred: np.ndarray, ref: np.ndarray, exclude: Iterable[int] = (),
+                   k: int = 3) -> tuple[bool, float] | None:
+    """Is the least confident slice with a predicted mask among the ``k`` worst slices by 2D Dice?
+
+    Candidates for review are the slices the result has the object on (what a user would scroll
+    through), excluding the drawn slices; the worst slices are ranked over slices where the
+    prediction or the reference has voxels (so a slice the result missed entirely counts as
+    bad, with Dice 0). Ties in Dice are counted as hits when the reviewed slice's Dice is no
+    higher than the k-th worst. Returns (hit, chance) where chance is the hit rate of picking a
+    candidate at random; None when there is no candidate."""
+    conf = np.asarray(confidence, dtype=np.float64)
+    pred = np.asarray(pred, bool)
+    ex = set(int(e) for e in exclude)
+    has = pred.reshape(len(pred), -1).any(axis=1)
+    cand = [s for s in range(len(conf)) if has[s] and np.isfinite(conf[s]) and s not in ex]
+    if not cand:
+        return None
+    worst = worst_slices(pred, ref, k=k, exclude=ex)
+    if not worst:
+        return None
+    d = slice_dice(pred, ref)
+    kth = d[worst[-1]]
+    lowest = min(cand, key=lambda s: (conf[s], s))
+    hit = bool(d[lowest] <= kth)
+    chance = float(np.mean([d[s] <= kth for s in cand]))
+    return hit, chance
+
+
+def correction_slice(pred: np.ndarray, ref: np.ndarray, drawn: Iterable[int]) -> int | None:
+    """Where a simulated user corrects next: the slice inside the reference's extent (along axis
+    0) with the lowest 2D Dice, not already drawn; ties go to the slice with more wrong voxels.
+    Slices outside the extent cannot become keyframes (an empty keyframe is not a prompt), so
+    overshoot is corrected indirectly by keyframes near the ends. None if every slice is drawn
+    or already perfect."""
+    ext = extent(ref)
+    if ext is None:
+        return None
+    d = slice_dice(pred, ref)
+    wrong = (np.asarray(pred, bool) ^ np.asarray(ref, bool)).reshape(len(d), -1).sum(axis=1)
+    dr = set(int(s) for s in drawn)
+    cand = [s for s in range(ext[0], ext[1] + 1) if s not in dr and ref[s].any() and wrong[s] > 0]
+    if not cand:
+        return None
+    return min(cand, key=lambda s: (d[s], -wrong[s], s))
+
+
+def simulate_corrections(run: Callable[[list[int]], np.ndarray], ref: np.ndarray, start: Sequence[int],
+                         rounds: int, score: Callable[[np.ndarray], dict]) -> list[dict]:
+    """A simulated correction session.
+
+    ``run(drawn_slices) -> bool mask`` produces the result from the reference drawn on those
+    slices (the method re-run with them as keyframes, or contour interpolation); after each
+    round the worst slice (``correction_slice``) is redrawn from the reference and the method
+    re-run. Returns one dict per round 0..rounds: round, drawn slices, added slice, the
+    ``score(mask)`` values, and whether every drawn voxel came out exactly as drawn."""
+    drawn = sorted(int(s) for s in start)
+    out = []
+    added = None
+    for r in range(rounds + 1):
+        mask = np.asarray(run(list(drawn)), dtype=bool)
+        kept = all(np.array_equal(mask[s], ref[s]) for s in drawn)
+        out.append({"round": r, "drawn": list(drawn), "added": added, "keyframes_kept": kept, **score(mask)})
+        if r == rounds:
+            break
+        added = correction_slice(mask, ref, drawn)
+        if added is None:  # nothing left to fix: later rounds repeat the same result
+            for r2 in range(r + 1, rounds + 1):
+                out.append({**out[-1], "round": r2, "added": None})
+            break
+        drawn = sorted(drawn + [added])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# contour interpolation (Slicer's "Fill between slices")
+
+
+def contour_interpolation(drawn: np.ndarray, axis: int = 0, threads: int | None = 1) -> np.ndarray:
+    """ITK's morphological contour interpolation of a mask drawn on some slices along ``axis``
+    (array order), as Slicer's "Fill between slices" does: ITK defaults (distance-transform
+    interpolation, heuristic alignment), restricted to the drawing axis. Needs the
+    ``itk-morphologicalcontourinterpolation`` package. Returns a bool mask; slices outside
+    the outermost drawn slices stay empty."""
+    drawn = np.asarray(drawn, dtype=bool)
+    if drawn.ndim != 3:
+        raise InputError("contour interpolation needs a 3D mask")
+    if not drawn.any():
+        return drawn.copy()
+    try:
+        import itk
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise InputError("contour interpolation needs the itk-morphologicalcontourinterpolation package "
+                         "(pip install itk-morphologicalcontourinterpolation)") from exc
+    if threads:
+        itk.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(int(threads))
+    other = tuple(a for a in range(3) if a != axis)
+    if int(drawn.any(axis=other).sum()) < 2:
+        return drawn.copy()  # one slice: nothing to interpolate
+    image = itk.image_from_array(np.ascontiguousarray(drawn.astype(np.uint8)))
+    # ITK's axis index counts (x, y, z) = (i, j, k): array axis a is ITK axis 2 - a.
+    out = itk.morphological_contour_interpolator(image, axis=2 - axis, label=1)
+    return itk.array_from_image(out).astype(bool)
+
+
+# ---------------------------------------------------------------------------------------------
+# results: csv and aggregation
+
+CSV_FIELDS = [
+    "case", "group", "modality", "structure_id", "structure", "method", "protocol", "position", "round",
+    "prompt_slices", "ref_first", "ref_last", "pred_first", "pred_last", "dice", "nsd", "hd95", "seconds",
+    "n_predicted", "conf_hit", "conf_chance", "keyframes_kept", "added_slice", "error",
+]
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        if math.isnan(v):
+            return ""
+        return f"{v:.6g}"
+    if isinstance(v, (list, tuple)):
+        return " ".join(str(x) for x in v)
+    if v is None:
+        return ""
+    return v
+
+
+def write_csv(rows: Sequence[dict], path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fields = list(CSV_FIELDS) + sorted({k for r in rows for k in r} - set(CSV_FIELDS))
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: _fmt(r.get(k)) for k in fields})
+    os.replace(tmp, path)
+    return path
+
+
+_NUMERIC = {"structure_id", "position", "round", "ref_first", "ref_last", "pred_first", "pred_last", "dice", "nsd",
+            "hd95", "seconds", "n_predicted", "conf_chance", "added_slice"}
+
+
+def read_csv(path: str | os.PathLike) -> list[dict]:
+    """Rows back with numbers as floats (empty -> None) and booleans as bools."""
+    rows = []
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            out = {}
+            for k, v in r.items():
+                if k in _NUMERIC:
+                    out[k] = float(v) if v not in ("", None) else None
+                elif k in ("conf_hit", "keyframes_kept"):
+                    out[k] = None if v in ("", None) else v == "True"
+                else:
+                    out[k] = v
+            rows.append(out)
+    return rows
+
+
+def mean(values: Iterable) -> float:
+    """Mean of the finite numbers (bools count as 0/1); NaN if there are none."""
+    vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    vals = [v for v in vals if math.isfinite(v)]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def _match(row: dict, where: dict | None) -> bool:
+    if not where:
+        return True
+    for k, v in where.items():
+        rv = row.get(k)
+        if isinstance(v, float) or isinstance(rv, float):
+            try:
+                if rv is None or abs(float(rv) - float(v)) > 1e-9:
+                    return False
+            except (TypeError, ValueError):
+                return False
+        elif rv != v:
+            return False
+    return True
+
+
+def aggregate(rows: Sequence[dict], by: Sequence[str], value: str, where: dict | None = None,
+              stat: Callable[[Iterable], float] = mean) -> "OrderedDict[tuple, tuple[float, int]]":
+    """{group key tuple: (stat of ``value``, count)} over rows matching ``where`` (equality per
+    field; floats compared with tolerance), keys in first-seen order. Rows whose value is
+    missing are not counted."""
+    buckets: OrderedDict[tuple, list] = OrderedDict()
+    for r in rows:
+        if not _match(r, where):
+            continue
+        v = r.get(value)
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            continue
+        buckets.setdefault(tuple(r.get(k) for k in by), []).append(v)
+    return OrderedDict((k, (stat(vs), len(vs))) for k, vs in buckets.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# markdown summary
+
+
+def _f(v, nd=3):
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{nd}f}"
+
+
+def _methods_in(rows, protocol):
+    seen = []
+    for r in rows:
+        if r.get("protocol") == protocol and r["method"] not in seen:
+            seen.append(r["method"])
+    return seen
+
+
+def summary_markdown(rows: Sequence[dict], header: str = "", reference_position: float = 0.5) -> str:
+    """The README-ready tables: per group, per structure, prompt position, confidence ranking,
+    keyframes and correction rounds (the last two only when those rows exist)."""
+    rp = float(reference_position)
+    single = [r for r in rows if r.get("protocol") == "single"]
+    methods = _methods_in(rows, "single")
+    groups = list(OrderedDict.fromkeys(r["group"] for r in single))
+    lines = [header.rstrip(), ""] if header else []
+
+    if single:
+        lines += [f"### Held-out structures: prompt at {int(round(rp * 100))} % of the extent", "",
+                  "Mean 3D Dice / normalized surface Dice (2 mm) per structure group.", ""]
+        head = "| group | n | " + " | ".join(f"{m} Dice | {m} NSD" for m in methods) + " |"
+        lines += [head, "|" + "---|" * (2 + 2 * len(methods))]
+        dice_g = aggregate(single, ("group", "method"), "dice", {"position": rp})
+        nsd_g = aggregate(single, ("group", "method"), "nsd", {"position": rp})
+        for g in groups + ["all"]:
+            cells = []
+            n = 0
+            for m in methods:
+                if g == "all":
+                    d = aggregate(single, ("method",), "dice", {"position": rp}).get((m,), (float("nan"), 0))
+                    s = aggregate(single, ("method",), "nsd", {"position": rp}).get((m,), (float("nan"), 0))
+                else:
+                    d = dice_g.get((g, m), (float("nan"), 0))
+                    s = nsd_g.get((g, m), (float("nan"), 0))
+                n = max(n, d[1])
+                cells += [_f(d[0]), _f(s[0])]
+            name = "**all (mean over structures)**" if g == "all" else g
+            lines.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
+        lines.append("")
+
+        # cost
+        lines += ["Mean seconds and slices predicted per structure (one run, this machine).", "",
+                  "| method | seconds | slices predicted | HD95 mm (median) |", "|---|---|---|---|"]
+        for m in methods:
+            sec = aggregate(single, ("method",), "seconds", {"position": rp, "method": m}).get((m,), (float("nan"), 0))[0]
+            npred = aggregate(single, ("method",), "n_predicted", {"position": rp, "method": m}).get((m,), (float("nan"), 0))[0]
+            hd = aggregate(single, ("method",), "hd95", {"position": rp, "method": m},
+                           stat=lambda v: float(np.median([float(x) for x in v]))).get((m,), (float("nan"), 0))[0]
+            lines.append(f"| {m} | {_f(sec, 2)} | {_f(npred, 1)} | {_f(hd, 1)} |")
+        lines.append("")
+
+        # per structure
+        lines += ["### Per structure (Dice / NSD)", "",
+                  "| case | structure | group | " + " | ".join(methods) + " |",
+                  "|" + "---|" * (3 + len(methods))]
+        per = OrderedDict()
+        for r in single:
+            if abs(float(r["position"]) - rp) > 1e-9:
+                continue
+            per.setdefault((r["case"], r["structure"], r["group"]), {})[r["method"]] = r
+        for (case, name, group), by_m in per.items():
+            cells = [f"{_f(by_m[m].get('dice'))} / {_f(by_m[m].get('nsd'))}" if m in by_m else "-" for m in methods]
+            lines.append(f"| {case} | {name} | {group} | " + " | ".join(cells) + " |")
+        lines.append("")
+
+        # position robustness
+        positions = sorted({float(r["position"]) for r in single})
+        if len(positions) > 1:
+            lines += ["### Prompt-position robustness (mean Dice over structures evaluated at every position)", "",
+                      "| method | " + " | ".join(f"{int(round(p * 100))} %" for p in positions) + " | " +
+                      " | ".join(f"drop {int(round(p * 100))} % vs {int(round(rp * 100))} %" for p in positions if abs(p - rp) > 1e-9) + " |"]
+            lines.append("|" + "---|" * (1 + len(positions) + sum(abs(p - rp) > 1e-9 for p in positions)))
+            for m in methods:
+                # Only structures with a row at every position, so the means are comparable.
+                have = {}
+                for r in single:
+                    if r["method"] == m and r.get("dice") is not None:
+                        have.setdefault((r["case"], r["structure"]), {})[float(r["position"])] = r["dice"]
+                full = {k: v for k, v in have.items() if all(any(abs(p - q) < 1e-9 for q in v) for p in positions)}
+                means = {p: mean(v[q] for v in full.values() for q in v if abs(q - p) < 1e-9) for p in positions}
+                ref_mean = means.get(rp, float("nan"))
+                cells = [_f(means[p]) for p in positions]
+                drops = [_f(ref_mean - means[p]) for p in positions if abs(p - rp) > 1e-9]
+                lines.append(f"| {m} | " + " | ".join(cells) + " | " + " | ".join(drops) + " |")
+            lines.append("")
+
+        # confidence ranking
+        conf_rows = [r for r in single if r.get("conf_hit") is not None and abs(float(r["position"]) - rp) < 1e-9]
+        if conf_rows:
+            lines += ["### Review by confidence",
+                      "",
+                      "How often the least confident predicted slice is among the 3 worst slices by 2D Dice "
+                      "(chance = picking a predicted slice at random).", "",
+                      "| method | structures | hit rate | chance |", "|---|---|---|---|"]
+            for m in methods:
+                hits = aggregate(conf_rows, ("method",), "conf_hit", {"method": m}).get((m,))
+                ch = aggregate(conf_rows, ("method",), "conf_chance", {"method": m}).get((m,))
+                if hits:
+                    lines.append(f"| {m} | {hits[1]} | {_f(hits[0], 2)} | {_f(ch[0] if ch else None, 2)} |")
+            lines.append("")
+
+    kf = [r for r in rows if r.get("protocol") == "keyframes"]
+    if kf:
+        kf_methods = _methods_in(rows, "keyframes")
+        lines += ["### Two keyframes (reference drawn at 25 % and 75 % of the extent)", "",
+                  "Mean Dice per group; `single` columns: the same method from one prompt at 50 %.", ""]
+        single_methods = [m for m in kf_methods if m in methods]
+        head = "| group | n | " + " | ".join(kf_methods) + " | " + " | ".join(f"{m} single" for m in single_methods) + " |"
+        lines += [head, "|" + "---|" * (2 + len(kf_methods) + len(single_methods))]
+        for g in list(OrderedDict.fromkeys(r["group"] for r in kf)) + ["all"]:
+            w = {} if g == "all" else {"group": g}
+            cells, n = [], 0
+            for m in kf_methods:
+                v = aggregate(kf, (), "dice", {**w, "method": m}).get((), (float("nan"), 0))
+                n = max(n, v[1])
+                cells.append(_f(v[0]))
+            for m in single_methods:
+                cells.append(_f(aggregate(single, (), "dice", {**w, "method": m, "position": rp}).get((), (float("nan"), 0))[0]))
+            lines.append(f"| {'**all**' if g == 'all' else g} | {n} | " + " | ".join(cells) + " |")
+        lines.append("")
+
+    corr = [r for r in rows if r.get("protocol") == "correction"]
+    if corr:
+        c_methods = _methods_in(rows, "correction")
+        rounds = sorted({int(r["round"]) for r in corr})
+        lines += ["### Simulated correction session", "",
+                  "Round 0: one prompt at 50 %; each round the simulated user redraws the worst slice "
+                  "(lowest 2D Dice inside the reference extent) of the result they see, and the method is "
+                  "re-run with all drawn slices as keyframes (`ci` = contour interpolation of the drawn "
+                  "slices). Mean Dice over structures; `kept` = share of runs whose drawn slices came out "
+                  "exactly as drawn.", "",
+                  "| method | " + " | ".join(f"round {r}" for r in rounds) + " | kept |",
+                  "|" + "---|" * (2 + len(rounds))]
+        for m in c_methods:
+            cells = [_f(aggregate(corr, (), "dice", {"method": m, "round": float(r)}).get((), (float("nan"), 0))[0]) for r in rounds]
+            kept = aggregate(corr, (), "keyframes_kept", {"method": m}).get((), (float("nan"), 0))[0]
+            lines.append(f"| {m} | " + " | ".join(cells) + f" | {_f(kept, 2)} |")
+        lines.append("")
+
+    errors = [r for r in rows if r.get("error")]
+    if errors:
+        lines += [f"{len(errors)} runs failed (see the `error` column of results.csv).", ""]
+    return "\n".join(lines).rstrip() + "\n"

@@ -1,0 +1,217 @@
+"""Evaluation helpers (PAMSegmentLib.evaluation) and a tiny end-to-end run of scripts/evaluate.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from PAMSegmentLib import evaluation as ev
+from PAMSegmentLib.errors import InputError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def slab_mask(slices, shape=(16, 12, 12)):
+    m = np.zeros(shape, bool)
+    for s in slices:
+        m[s, 3:8, 4:9] = True
+    return m
+
+
+def test_slice_at_picks_hand_computed_indices():
+    m = slab_mask(range(3, 13))  # extent 3..12: last - first = 9
+    assert ev.extent(m) == (3, 12)
+    # 3 + floor(0.3*9 + 0.5) = 3 + floor(3.2) = 6; 3 + floor(4.5 + 0.5) = 8; 3 + floor(6.3 + 0.5) = 9
+    assert [ev.slice_at(m, p) for p in (0.3, 0.5, 0.7)] == [6, 8, 9]
+    assert ev.slice_at(m, 0.0) == 3 and ev.slice_at(m, 1.0) == 12
+    assert [ev.slice_at(m, p) for p in (0.25, 0.75)] == [5, 10]  # 3+floor(2.75)=5, 3+floor(7.25)=10
+    # A gap: 0.5 -> 8 is empty; nearest occupied slices are 10 (distance 2) and 5 (distance 3).
+    gap = slab_mask([3, 4, 5, 10, 11, 12])
+    assert ev.slice_at(gap, 0.5) == 10
+    near = slab_mask([3, 5, 9])  # extent 3..9: 3 + floor(3.5) = 6 is empty; 5 is 1 away, 9 is 3 away
+    assert ev.slice_at(near, 0.5) == 5
+    tie = slab_mask([2, 3, 5, 8])  # extent 2..8: 0.25 -> 2 + floor(2.0) = 4 is empty; 3 and 5 tie -> lower
+    assert ev.slice_at(tie, 0.25) == 3
+    with pytest.raises(InputError):
+        ev.slice_at(m, 1.5)
+    with pytest.raises(InputError):
+        ev.slice_at(np.zeros((4, 4, 4), bool), 0.5)
+
+
+def test_prompt_from_reference_keeps_only_the_given_slices():
+    m = slab_mask(range(3, 13))
+    p = ev.prompt_from_reference(m, [5, 9])
+    assert p.dtype == np.uint8 and set(np.unique(p)) == {0, 1}
+    assert np.flatnonzero(p.any(axis=(1, 2))).tolist() == [5, 9]
+    assert np.array_equal(p[5] > 0, m[5])
+
+
+def test_slice_dice_worst_slices_and_confidence_hit():
+    ref = slab_mask(range(2, 8))
+    pred = ref.copy()
+    pred[3, 3:8, 4:6] = False  # slice 3 loses 10 of 25 voxels: Dice 2*15/40 = 0.75
+    pred[6] = False  # slice 6 missed: Dice 0
+    pred[9, 0:2, 0:2] = True  # slice 9 false positive: Dice 0, 4 wrong voxels
+    d = ev.slice_dice(pred, ref)
+    assert math.isnan(d[0]) and d[2] == 1.0 and d[3] == pytest.approx(0.75) and d[6] == 0.0 and d[9] == 0.0
+    # Ties at Dice 0 broken by more wrong voxels (slice 6: 25, slice 9: 4).
+    assert ev.worst_slices(pred, ref, k=3) == [6, 9, 3]
+    assert ev.worst_slices(pred, ref, k=2, exclude=[6]) == [9, 3]
+    conf = np.full(16, np.nan)
+    conf[2:10] = [0.9, 0.2, 0.95, 0.9, 0.0, 0.9, 0.9, 0.8]  # slice 6 (empty prediction) is not reviewable
+    hit, chance = ev.confidence_hit(conf, pred, ref, exclude=[4])
+    assert hit  # least confident predicted slice is 3, among the 3 worst (6, 9, 3)
+    # Candidates (predicted, not excluded): 2, 3, 5, 7, 9 -> Dice <= 0.75 for 3 and 9: chance 2/5.
+    assert chance == pytest.approx(0.4)
+    conf[3], conf[9] = 0.99, 0.95
+    hit, _ = ev.confidence_hit(conf, pred, ref, exclude=[4])
+    assert not hit  # now slices 2, 5, 7 (Dice 1) tie as least confident: slice 2 is reviewed
+    assert ev.confidence_hit(np.full(16, np.nan), pred, ref) is None
+
+
+def test_correction_slice_and_simulated_session():
+    ref = slab_mask(range(2, 12))
+    drawn_start = [7]
+
+    def run(drawn):  # an "interpolator" that only knows the drawn slices and fills between them
+        out = np.zeros_like(ref)
+        lo, hi = min(drawn), max(drawn)
+        out[lo:hi + 1] = ref[7]
+        return out
+
+    first = run(drawn_start)
+    assert ev.correction_slice(first, ref, drawn_start) == 2  # ties at Dice 0: the lowest index
+    session = ev.simulate_corrections(run, ref, drawn_start, 3, lambda m: {"dice": ev.slice_dice(m, ref)[ref.any(axis=(1, 2))].mean()})
+    assert [r["round"] for r in session] == [0, 1, 2, 3]
+    assert session[0]["drawn"] == [7] and session[1]["drawn"] == [2, 7] and session[1]["added"] == 2
+    assert session[2]["drawn"] == [2, 7, 8]
+    assert all(r["keyframes_kept"] for r in session)
+    dices = [r["dice"] for r in session]
+    assert dices[0] == pytest.approx(0.1) and dices[1] == pytest.approx(0.6) and dices[2] == pytest.approx(0.7)
+    # Once everything is right, the remaining rounds repeat the result.
+    perfect = ev.simulate_corrections(lambda d: ref, ref, [7], 2, lambda m: {"dice": 1.0})
+    assert [r["round"] for r in perfect] == [0, 1, 2] and all(r["added"] is None for r in perfect)
+
+
+def test_contour_interpolation_fills_between_identical_squares():
+    pytest.importorskip("itk")
+    drawn = np.zeros((12, 20, 20), bool)
+    drawn[2, 5:12, 6:14] = True
+    drawn[8, 5:12, 6:14] = True
+    out = ev.contour_interpolation(drawn, axis=0)
+    assert out.dtype == bool
+    for s in range(2, 9):
+        assert np.array_equal(out[s], drawn[2]), s
+    assert not out[:2].any() and not out[9:].any()
+    one = np.zeros_like(drawn)
+    one[4] = drawn[2]
+    assert np.array_equal(ev.contour_interpolation(one), one)  # a single slice: nothing to fill
+
+
+def test_aggregate_means_by_group_and_filters():
+    rows = [
+        {"group": "A", "method": "track", "position": 0.5, "dice": 0.8},
+        {"group": "A", "method": "track", "position": 0.5, "dice": 0.6},
+        {"group": "A", "method": "copy", "position": 0.5, "dice": 0.5},
+        {"group": "B", "method": "track", "position": 0.5, "dice": 0.9},
+        {"group": "B", "method": "track", "position": 0.3, "dice": 0.1},
+        {"group": "B", "method": "copy", "position": 0.5, "dice": None},  # failed run: not counted
+    ]
+    agg = ev.aggregate(rows, ("group", "method"), "dice", {"position": 0.5})
+    assert list(agg) == [("A", "track"), ("A", "copy"), ("B", "track")]
+    assert agg[("A", "track")][0] == pytest.approx(0.7) and agg[("A", "track")][1] == 2
+    assert agg[("A", "copy")] == (0.5, 1)
+    assert agg[("B", "track")] == (0.9, 1)
+    overall = ev.aggregate(rows, ("method",), "dice")
+    assert overall[("track",)][0] == pytest.approx((0.8 + 0.6 + 0.9 + 0.1) / 4)
+    assert ev.aggregate(rows, (), "dice", {"method": "copy"})[()] == (0.5, 1)
+    assert math.isnan(ev.mean([None, float("nan")]))
+    assert ev.mean([True, False, True, None]) == pytest.approx(2 / 3)
+
+
+def test_summary_markdown_tables():
+    def row(case, name, group, method, pos, d, **kw):
+        return {"case": case, "structure": name, "group": group, "method": method, "protocol": "single",
+                "position": pos, "dice": d, "nsd": d, "hd95": 1.0, "seconds": 0.5, "n_predicted": 10, **kw}
+
+    rows = [
+        row("c1", "s1", "G1", "track", 0.5, 0.8, conf_hit=True, conf_chance=0.25),
+        row("c1", "s2", "G1", "track", 0.5, 0.6, conf_hit=False, conf_chance=0.25),
+        row("c2", "s3", "G2", "track", 0.5, 0.4),
+        row("c1", "s1", "G1", "track", 0.3, 0.7),
+        row("c1", "s2", "G1", "track", 0.3, 0.5),
+        row("c2", "s3", "G2", "track", 0.3, 0.3),
+        {"case": "c1", "structure": "s1", "group": "G1", "method": "track", "protocol": "correction", "round": 0, "dice": 0.8, "keyframes_kept": True},
+        {"case": "c1", "structure": "s1", "group": "G1", "method": "track", "protocol": "correction", "round": 1, "dice": 0.9, "keyframes_kept": True},
+    ]
+    md = ev.summary_markdown(rows, header="## T")
+    assert md.startswith("## T")
+    assert "| G1 | 2 | 0.700 | 0.700 |" in md
+    assert "| G2 | 1 | 0.400 | 0.400 |" in md
+    assert "| **all (mean over structures)** | 3 | 0.600 | 0.600 |" in md
+    # Position robustness: 30 % mean 0.5, 50 % mean 0.6, drop 0.1.
+    assert "| track | 0.500 | 0.600 | 0.100 |" in md
+    assert "| track | 2 | 0.50 | 0.25 |" in md  # confidence hit rate
+    assert "| track | 0.800 | 0.900 | 1.00 |" in md  # correction rounds
+
+
+def test_csv_round_trip(tmp_path):
+    rows = [{"case": "c", "method": "copy", "protocol": "single", "position": 0.5, "dice": 0.25,
+             "prompt_slices": [3, 4], "conf_hit": True, "hd95": float("inf"), "extra": "x"}]
+    path = ev.write_csv(rows, tmp_path / "r.csv")
+    back = ev.read_csv(path)
+    assert back[0]["dice"] == 0.25 and back[0]["position"] == 0.5 and back[0]["conf_hit"] is True
+    assert back[0]["prompt_slices"] == "3 4" and back[0]["hd95"] == float("inf") and back[0]["extra"] == "x"
+    assert back[0]["nsd"] is None
+
+
+def test_load_split_filters(tmp_path):
+    split = {"eval": [
+        {"case": "a", "group": "abdominal CT organs (held out)", "modality": "CT", "structures": [{"id": 1, "name": "spleen"}]},
+        {"case": "b", "group": "spine MR", "modality": "MR", "structures": [{"id": 5, "name": "C5"}, {"id": 6, "name": "C6"}]},
+    ]}
+    p = tmp_path / "split.json"
+    p.write_text(json.dumps(split))
+    assert len(ev.load_split(p)) == 3
+    assert [s.name for s in ev.load_split(p, groups=["spine"])] == ["C5", "C6"]
+    assert [s.case for s in ev.load_split(p, cases=["a"])] == ["a"]
+    with pytest.raises(InputError, match="does not exist"):
+        ev.load_split(tmp_path / "nope.json")
+
+
+def test_evaluate_script_end_to_end(tmp_path, capsys):
+    """scripts/evaluate.py on a tiny synthetic case with the copy baseline: every output written."""
+    pytest.importorskip("itk")
+    rng = np.random.default_rng(0)
+    k, j, i = np.mgrid[:24, :40, :40]
+    obj = ((k - 12) / 8) ** 2 + ((j - 20) / 9) ** 2 + ((i - 18) / 7) ** 2 <= 1
+    image = (0.2 + 0.6 * obj + rng.normal(0, 0.05, obj.shape)).astype(np.float32)
+    (tmp_path / "cache" / "cases").mkdir(parents=True)
+    np.savez(tmp_path / "cache" / "cases" / "tiny.npz", image=image, labels=obj.astype(np.int16) * 3,
+             spacing=np.array([2.0, 1.0, 1.0]), label_names=json.dumps({"3": "blob"}), modality="synthetic")
+    split = {"eval": [{"case": "tiny", "group": "toy", "modality": "synthetic", "structures": [{"id": 3, "name": "blob"}]}]}
+    (tmp_path / "split.json").write_text(json.dumps(split))
+    out = tmp_path / "eval"
+    # In-process (ITK's contour-interpolation module takes ~10 s to load: load it once per session).
+    spec = importlib.util.spec_from_file_location("pam_evaluate_script", REPO / "scripts" / "evaluate.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    code = script.main(["--split", str(tmp_path / "split.json"), "--cache", str(tmp_path / "cache"), "--methods", "copy",
+                        "--positions", "0.3,0.5,0.7", "--keyframes", "--correction-rounds", "1", "--out", str(out)])
+    assert code == 0
+    assert "[1/1] tiny:blob" in capsys.readouterr().out
+    rows = ev.read_csv(out / "results.csv")
+    single = [r for r in rows if r["protocol"] == "single"]
+    assert sorted(r["position"] for r in single) == [0.3, 0.5, 0.7]
+    assert all(r["dice"] > 0.85 for r in single)
+    assert {r["method"] for r in rows if r["protocol"] == "keyframes"} == {"copy", "ci"}
+    assert {(r["method"], r["round"]) for r in rows if r["protocol"] == "correction"} == {
+        ("copy", 0.0), ("copy", 1.0), ("ci", 0.0), ("ci", 1.0)}
+    md = (out / "summary.md").read_text()
+    assert "| toy | 1 |" in md and "Two keyframes" in md and "correction" in md
+    assert (out / "figure.png").stat().st_size > 1000

@@ -1,0 +1,329 @@
+#!/usr/bin/env python
+"""Evaluate propagation methods on the held-out structures of scripts/split.json.
+
+Protocol (issue 3 item 7, issue 6 item 4): for every evaluation structure the prompt is the
+reference mask on one slice of the structure's extent along array axis 0 (50 % = the middle;
+``--positions`` adds others), and the whole case volume is propagated along axis 0 with each
+method through the same engine. Scores: 3D Dice, normalized surface Dice at 2 mm, HD95, seconds
+and slices predicted. Optional: ``--keyframes`` (reference drawn at 25 % and 75 %: the engine
+with two keyframes vs ITK morphological contour interpolation of the same two slices) and
+``--correction-rounds N`` (simulated correction session, see PAMSegmentLib.evaluation).
+
+Outputs in --out (default runs/eval): results.csv, summary.md, figure.png.
+
+Examples:
+    python scripts/evaluate.py --methods track,copy --limit 6
+    python scripts/evaluate.py --checkpoint Resources/Models/pam_small.pt --keyframes --correction-rounds 3
+    python scripts/evaluate.py --methods pam --checkpoint a=runs/a.pt --checkpoint b=runs/b.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from PAMSegmentLib import evaluation as ev  # noqa: E402
+from PAMSegmentLib.errors import PAMError  # noqa: E402
+from PAMSegmentLib.metrics import evaluate as score_masks  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("Examples:")[1] if "Examples:" in __doc__ else None)
+    p.add_argument("--split", default=str(ROOT / "scripts" / "split.json"), help="split file (default scripts/split.json)")
+    p.add_argument("--cache", default=os.environ.get("PAMSEGMENT_CACHE", "/work/cache"),
+                   help="data cache holding cases/<case>.npz (default $PAMSEGMENT_CACHE or /work/cache)")
+    p.add_argument("--methods", default="pam,track,copy", help="comma-separated: pam, track, copy (default all three)")
+    p.add_argument("--checkpoint", action="append", default=[],
+                   help="PAM weights for method pam, repeatable; LABEL=PATH names the method in the tables "
+                        "(default: the shipped weights)")
+    p.add_argument("--positions", default="0.5", help="prompt positions along the extent, e.g. 0.3,0.5,0.7 (default 0.5)")
+    p.add_argument("--keyframes", action="store_true", help="also evaluate 2 keyframes at 25 %% and 75 %% vs contour interpolation")
+    p.add_argument("--correction-rounds", type=int, default=0, help="simulated correction rounds (0 = off)")
+    p.add_argument("--groups", default="", help="comma-separated group names or substrings to evaluate (default all)")
+    p.add_argument("--cases", default="", help="comma-separated case ids to evaluate (default all)")
+    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N structures (quick runs)")
+    p.add_argument("--threads", type=int, default=1, help="torch/ITK threads (default 1)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--tolerance", type=float, default=2.0, help="NSD tolerance in mm (default 2)")
+    p.add_argument("--figure-structure", default="", help="CASE:NAME shown in the qualitative panel (default: the first structure)")
+    p.add_argument("--no-figure", action="store_true")
+    p.add_argument("--out", default="runs/eval", help="output directory (default runs/eval)")
+    return p.parse_args(argv)
+
+
+def build_methods(args):
+    """[(label, predictor)] in the order asked."""
+    from PAMSegmentLib.baselines import METHOD_NAMES, get_predictor
+
+    out = []
+    for name in [m.strip().lower() for m in args.methods.split(",") if m.strip()]:
+        if name not in METHOD_NAMES:
+            raise SystemExit(f"unknown method {name!r}; choose from {', '.join(METHOD_NAMES)}")
+        if name != "pam":
+            out.append((name, get_predictor(name, threads=args.threads) if name == "track" else get_predictor(name)))
+            continue
+        ckpts = args.checkpoint or [None]
+        for c in ckpts:
+            label, path = "pam", c
+            if c is not None and "=" in c and not Path(c).exists():
+                label, path = c.split("=", 1)
+                label = label if label.startswith("pam") else f"pam:{label}"
+            elif c is not None and len(ckpts) > 1:
+                label = f"pam:{Path(c).stem}"
+            out.append((label, get_predictor("pam", checkpoint=path, device=args.device)))
+    if not out:
+        raise SystemExit("no methods given")
+    labels = [m for m, _ in out]
+    if len(set(labels)) != len(labels):
+        raise SystemExit(f"method labels must be unique, got {labels}; name checkpoints with LABEL=PATH")
+    return out
+
+
+def _git_commit():
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+    except Exception:  # noqa: BLE001
+        return ""
+
+
+class Runner:
+    def __init__(self, args, case: ev.EvalCase):
+        self.args, self.case = args, case
+
+    def propagate(self, predictor, prompt):
+        from PAMSegmentLib.propagate import propagate
+
+        t0 = time.perf_counter()
+        res = propagate(self.case.image, prompt, self.case.spacing, predictor, axis=0, batch_size=self.args.batch_size,
+                        device=self.args.device, threads=self.args.threads)
+        return res, time.perf_counter() - t0
+
+    def score(self, mask, ref):
+        m = score_masks(mask, ref, self.case.spacing, tolerance_mm=self.args.tolerance)
+        ext = ev.extent(mask)
+        return {**m, "pred_first": ext[0] if ext else None, "pred_last": ext[1] if ext else None}
+
+
+def evaluate_structure(args, runner: Runner, st: ev.EvalStructure, methods, positions, keep_masks=False):
+    case = runner.case
+    ref = case.labels == st.label
+    ext = ev.extent(ref)
+    base = {"case": st.case, "group": st.group, "modality": st.modality, "structure_id": st.label,
+            "structure": st.name, "ref_first": ext[0], "ref_last": ext[1]}
+    rows, masks = [], {}
+
+    def fail(row, exc):
+        row.update({"error": f"{type(exc).__name__}: {exc}"[:300]})
+        return row
+
+    for label, predictor in methods:
+        for pos in positions:
+            s = ev.slice_at(ref, pos)
+            row = {**base, "method": label, "protocol": "single", "position": pos, "round": 0, "prompt_slices": [s]}
+            try:
+                res, sec = runner.propagate(predictor, ev.prompt_from_reference(ref, [s]))
+                mask = res.mask > 0
+                row.update(runner.score(mask, ref))
+                row.update({"seconds": sec, "n_predicted": res.n_predicted})
+                hit = ev.confidence_hit(res.confidence[1], mask, ref, exclude=[s])
+                if hit is not None:
+                    row.update({"conf_hit": hit[0], "conf_chance": hit[1]})
+                if keep_masks and abs(pos - 0.5) < 1e-9:
+                    masks[label] = mask
+            except PAMError as exc:
+                fail(row, exc)
+            rows.append(row)
+
+        if args.keyframes:
+            kfs = sorted({ev.slice_at(ref, 0.25), ev.slice_at(ref, 0.75)})
+            row = {**base, "method": label, "protocol": "keyframes", "position": None, "round": 0, "prompt_slices": kfs}
+            try:
+                res, sec = runner.propagate(predictor, ev.prompt_from_reference(ref, kfs))
+                mask = res.mask > 0
+                row.update(runner.score(mask, ref))
+                row.update({"seconds": sec, "n_predicted": res.n_predicted,
+                            "keyframes_kept": all(np.array_equal(mask[k], ref[k]) for k in kfs)})
+            except PAMError as exc:
+                fail(row, exc)
+            rows.append(row)
+
+        if args.correction_rounds > 0:
+            rows += correction_rows(args, runner, base, ref, label,
+                                    lambda drawn, p=predictor: runner.propagate(p, ev.prompt_from_reference(ref, drawn)))
+
+    if args.keyframes:
+        kfs = sorted({ev.slice_at(ref, 0.25), ev.slice_at(ref, 0.75)})
+        row = {**base, "method": "ci", "protocol": "keyframes", "position": None, "round": 0, "prompt_slices": kfs}
+        t0 = time.perf_counter()
+        mask = ev.contour_interpolation(ev.prompt_from_reference(ref, kfs) > 0, axis=0, threads=args.threads)
+        row.update(runner.score(mask, ref))
+        row.update({"seconds": time.perf_counter() - t0, "n_predicted": 0,
+                    "keyframes_kept": all(np.array_equal(mask[k], ref[k]) for k in kfs)})
+        rows.append(row)
+
+    if args.correction_rounds > 0:
+        def ci_run(drawn):
+            t0 = time.perf_counter()
+            m = ev.contour_interpolation(ev.prompt_from_reference(ref, drawn) > 0, axis=0, threads=args.threads)
+            return None, m, time.perf_counter() - t0
+        rows += correction_rows(args, runner, base, ref, "ci", ci_run)
+    return rows, masks
+
+
+def correction_rows(args, runner, base, ref, label, run):
+    """One row per round of a simulated correction session of ``label``."""
+    info = {}
+
+    def run_mask(drawn):
+        out = run(drawn)
+        if len(out) == 3:  # (result, mask, seconds) from contour interpolation
+            _, mask, sec = out
+            info[tuple(drawn)] = (sec, 0)
+            return mask
+        res, sec = out
+        info[tuple(drawn)] = (sec, res.n_predicted)
+        return res.mask > 0
+
+    start = [ev.slice_at(ref, 0.5)]
+    try:
+        session = ev.simulate_corrections(run_mask, ref, start, args.correction_rounds, lambda m: runner.score(m, ref))
+    except PAMError as exc:
+        return [{**base, "method": label, "protocol": "correction", "round": 0, "prompt_slices": start,
+                 "error": f"{type(exc).__name__}: {exc}"[:300]}]
+    rows = []
+    for r in session:
+        sec, npred = info.get(tuple(r["drawn"]), (None, None))
+        rows.append({**base, "method": label, "protocol": "correction", "position": 0.5, "round": r["round"],
+                     "prompt_slices": r["drawn"], "added_slice": r["added"], "keyframes_kept": r["keyframes_kept"],
+                     "dice": r["dice"], "nsd": r["nsd"], "hd95": r["hd95"], "pred_first": r["pred_first"],
+                     "pred_last": r["pred_last"], "seconds": sec, "n_predicted": npred})
+    return rows
+
+
+def make_figure(rows, panel, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    single = [r for r in rows if r.get("protocol") == "single"]
+    methods = list(dict.fromkeys(r["method"] for r in single))
+    groups = list(dict.fromkeys(r["group"] for r in single))
+    agg = ev.aggregate(single, ("group", "method"), "dice", {"position": 0.5})
+    n_panel = 3 if panel else 0
+    fig = plt.figure(figsize=(max(7, 1.6 * len(groups) + 3) + 3 * n_panel * 0.8, 4.2))
+    gs = fig.add_gridspec(1, 1 + n_panel, width_ratios=[max(2.5, 0.9 * len(groups))] + [1] * n_panel)
+    ax = fig.add_subplot(gs[0, 0])
+    width = 0.8 / max(len(methods), 1)
+    colors = plt.cm.tab10.colors
+    for mi, m in enumerate(methods):
+        xs = np.arange(len(groups)) + (mi - (len(methods) - 1) / 2) * width
+        vals = [agg.get((g, m), (np.nan, 0))[0] for g in groups]
+        ax.bar(xs, vals, width, label=m, color=colors[mi % 10])
+    ax.set_xticks(np.arange(len(groups)))
+    ax.set_xticklabels([g.replace(" (", "\n(") for g in groups], fontsize=7)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("mean 3D Dice (prompt at 50 %)")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(axis="y", alpha=0.3)
+    if panel:
+        image, ref, masks, title = panel
+        ext = ev.extent(ref)
+        for pi, frac in enumerate((0.15, 0.5, 0.85)):
+            s = ext[0] + int(round(frac * (ext[1] - ext[0])))
+            a = fig.add_subplot(gs[0, 1 + pi])
+            rows_, cols_ = np.nonzero(ref.any(axis=0))
+            pad = 15
+            r0, r1 = max(rows_.min() - pad, 0), min(rows_.max() + pad, ref.shape[1])
+            c0, c1 = max(cols_.min() - pad, 0), min(cols_.max() + pad, ref.shape[2])
+            img = image[s, r0:r1, c0:c1]
+            lo, hi = np.percentile(image[ext[0]:ext[1] + 1, r0:r1, c0:c1], [1, 99])
+            a.imshow(img, cmap="gray", vmin=lo, vmax=hi)
+            if ref[s, r0:r1, c0:c1].any():
+                a.contour(ref[s, r0:r1, c0:c1], levels=[0.5], colors=["lime"], linewidths=1.2)
+            for mi, (m, mk) in enumerate(masks.items()):
+                if mk[s, r0:r1, c0:c1].any():
+                    a.contour(mk[s, r0:r1, c0:c1], levels=[0.5], colors=[colors[mi % 10]], linewidths=0.9)
+            a.set_title(f"{title}\nslice {s}" if pi == 1 else f"slice {s}", fontsize=7)
+            a.axis("off")
+    fig.suptitle("Held-out structures (green = reference)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch
+    import SimpleITK as sitk
+
+    torch.set_num_threads(args.threads)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
+    positions = [float(p) for p in args.positions.split(",") if p.strip()]
+    if 0.5 not in positions:
+        positions.append(0.5)  # the reference protocol is always run
+    positions = sorted(positions)
+    groups = [g.strip() for g in args.groups.split(",") if g.strip()]
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    structures = ev.load_split(args.split, groups=groups or None, cases=cases or None)
+    if args.limit:
+        structures = structures[: args.limit]
+    if not structures:
+        raise SystemExit("no evaluation structures match the filters")
+    methods = build_methods(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    fig_key = tuple(args.figure_structure.split(":", 1)) if args.figure_structure else (structures[0].case, structures[0].name)
+
+    print(f"evaluating {len(structures)} structures x {len(methods)} methods ({', '.join(m for m, _ in methods)}), "
+          f"positions {positions}{', keyframes' if args.keyframes else ''}"
+          f"{f', {args.correction_rounds} correction rounds' if args.correction_rounds else ''}", flush=True)
+    rows, panel = [], None
+    t_all = time.perf_counter()
+    case, runner = None, None
+    for n, st in enumerate(structures, 1):
+        if case is None or case.case_id != st.case:
+            case = ev.load_case(args.cache, st.case)
+            runner = Runner(args, case)
+        if not (case.labels == st.label).any():
+            print(f"[{n}/{len(structures)}] {st.case}:{st.name} has no voxels in the case file; skipped", flush=True)
+            continue
+        t0 = time.perf_counter()
+        keep = (not args.no_figure) and panel is None and (st.case, st.name) == fig_key
+        new, masks = evaluate_structure(args, runner, st, methods, positions, keep_masks=keep)
+        rows += new
+        if keep:
+            panel = (case.image, case.labels == st.label, masks, f"{st.case}: {st.name}")
+        mid = {r["method"]: r for r in new if r["protocol"] == "single" and r["position"] == 0.5}
+        parts = [f"{m} {mid[m]['dice']:.3f}" if mid.get(m, {}).get("dice") is not None else f"{m} ERR" for m, _ in methods]
+        print(f"[{n}/{len(structures)}] {st.case}:{st.name} ({st.group}) Dice@50%: {', '.join(parts)} "
+              f"({time.perf_counter() - t0:.1f} s)", flush=True)
+        ev.write_csv(rows, out / "results.csv")  # partial results survive an interrupted run
+
+    ev.write_csv(rows, out / "results.csv")
+    header = (f"## Evaluation\n\n`python scripts/evaluate.py {' '.join(sys.argv[1:] if argv is None else argv)}` "
+              f"(commit {_git_commit() or '?'}; {len(structures)} structures, {args.threads} thread(s), "
+              f"{time.perf_counter() - t_all:.0f} s)")
+    (out / "summary.md").write_text(ev.summary_markdown(rows, header=header))
+    if not args.no_figure:
+        make_figure(rows, panel, out / "figure.png")
+    print(f"wrote {out / 'results.csv'}, {out / 'summary.md'}" + ("" if args.no_figure else f", {out / 'figure.png'}"))
+    print((out / "summary.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
