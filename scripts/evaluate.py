@@ -43,9 +43,10 @@ def parse_args(argv=None):
     p.add_argument("--split", default=str(ROOT / "scripts" / "split.json"), help="split file (default scripts/split.json)")
     p.add_argument("--cache", default=os.environ.get("PAMSEGMENT_CACHE", "/work/cache"),
                    help="data cache holding cases/<case>.npz (default $PAMSEGMENT_CACHE or /work/cache)")
-    p.add_argument("--methods", default="pam,track,copy", help="comma-separated: pam, track, copy (default all three)")
+    p.add_argument("--methods", default="pam,track,copy",
+                   help="comma-separated: pam, pam-memory, track, copy (default pam,track,copy)")
     p.add_argument("--checkpoint", action="append", default=[],
-                   help="PAM weights for method pam, repeatable; LABEL=PATH names the method in the tables "
+                   help="PAM weights for the pam methods, repeatable; LABEL=PATH names them pam:LABEL in the tables "
                         "(default: the shipped weights)")
     p.add_argument("--positions", default="0.5", help="prompt positions along the extent, e.g. 0.3,0.5,0.7 (default 0.5)")
     p.add_argument("--keyframes", action="store_true", help="also evaluate 2 keyframes at 25 %% and 75 %% vs contour interpolation")
@@ -71,18 +72,19 @@ def build_methods(args):
     for name in [m.strip().lower() for m in args.methods.split(",") if m.strip()]:
         if name not in METHOD_NAMES:
             raise SystemExit(f"unknown method {name!r}; choose from {', '.join(METHOD_NAMES)}")
-        if name != "pam":
+        if not name.startswith("pam"):
             out.append((name, get_predictor(name, threads=args.threads) if name == "track" else get_predictor(name)))
             continue
+        # PAM variants (pam, pam-memory): one entry per checkpoint.
         ckpts = args.checkpoint or [None]
         for c in ckpts:
-            label, path = "pam", c
+            label, path = name, c
             if c is not None and "=" in c and not Path(c).exists():
-                label, path = c.split("=", 1)
-                label = label if label.startswith("pam") else f"pam:{label}"
+                tag, path = c.split("=", 1)
+                label = f"{name}:{tag}"
             elif c is not None and len(ckpts) > 1:
-                label = f"pam:{Path(c).stem}"
-            out.append((label, get_predictor("pam", checkpoint=path, device=args.device)))
+                label = f"{name}:{Path(c).stem}"
+            out.append((label, get_predictor(name, checkpoint=path, device=args.device)))
     if not out:
         raise SystemExit("no methods given")
     labels = [m for m, _ in out]
@@ -267,11 +269,15 @@ def make_figure(rows, panel, path):
 
 def main(argv=None):
     args = parse_args(argv)
-    import torch
     import SimpleITK as sitk
 
-    torch.set_num_threads(args.threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
+    try:  # torch is needed only by the pam methods
+        import torch
+
+        torch.set_num_threads(args.threads)
+    except ImportError:
+        pass
     positions = [float(p) for p in args.positions.split(",") if p.strip()]
     if 0.5 not in positions:
         positions.append(0.5)  # the reference protocol is always run
