@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -43,6 +43,21 @@ __all__ = [
     "describe_prompt",
     "axis_plane_name",
     "write_segment_mask",
+    "PackedMask",
+    "LabelmapSnapshot",
+    "HistoryEntry",
+    "PropagationHistory",
+    "SegmentUpdate",
+    "update_segment",
+    "undo_last",
+    "edited_slices",
+    "plan_keyframes",
+    "bound_by_empty_keyframes",
+    "review_order",
+    "next_slice_to_review",
+    "slice_centroid_ras",
+    "jump_slices_to",
+    "confidence_plot",
 ]
 
 MODES = ("replace", "new")
@@ -268,12 +283,15 @@ def _load_model(checkpoint, device: str):
 
 
 def _run_engine(image, prompt, spacing, *, model, device, range, progress, cancel,  # noqa: A002
-                batch_size=16, threads=None):
-    """Run PAMSegmentLib.propagate. Runs on the worker thread: arrays in, result out, no MRML."""
+                batch_size=16, threads=None, axis=None, previous=None):
+    """Run PAMSegmentLib.propagate. Runs on the worker thread: arrays in, result out, no MRML.
+
+    ``axis`` and ``previous`` are given by an update (``SegmentUpdate``): the axis of the first
+    propagation and its result, so the engine recomputes only what the new keyframes change."""
     from .propagate import propagate  # noqa: PLC0415
 
     return propagate(image, prompt, spacing, model, range=range, device=device, progress=progress, cancel=cancel,
-                     batch_size=batch_size, threads=threads)
+                     batch_size=batch_size, threads=threads, axis=axis, previous=previous)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,15 +323,23 @@ class SegmentPropagation:
         segment = _segment(segmentation_node, segment_id)
         self.image, self.grid = volume_array(volume_node)
         self.prompt = segment_mask(segmentation_node, segment_id, volume_node)
+        self.source = self.prompt  # what the segment held when the job was made (apply checks it is unchanged)
         try:
             self.prompt_info = _prompt_info(self.prompt, self.grid)
         except InputError as exc:
             raise InputError(f'segment "{segment.GetName()}" on volume "{volume_node.GetName()}": {exc}') from None
+        self._init_job(volume_node, segmentation_node, segment_id, segment.GetName(), mode=mode,
+                       checkpoint=checkpoint, device=device, range=range, model=model, batch_size=batch_size,
+                       threads=threads, cancel=cancel, progress=progress)
 
+    kind = "propagation"
+
+    def _init_job(self, volume_node, segmentation_node, segment_id, segment_name, *, mode, checkpoint, device,
+                  range, model, batch_size, threads, cancel, progress):  # noqa: A002
         self.volume_node = volume_node
         self.segmentation_node = segmentation_node
         self.segment_id = segment_id
-        self.segment_name = segment.GetName()
+        self.segment_name = segment_name
         self.mode = mode
         self.checkpoint = None if checkpoint in (None, "") else str(checkpoint)
         self.device = device
@@ -338,6 +364,7 @@ class SegmentPropagation:
         self.exception: BaseException | None = None
         self.error = ""
         self.applied_segment_id: str | None = None
+        self.history_entry: HistoryEntry | None = None  # set by apply(history=...)
 
     # -- state, readable from any thread -------------------------------------------------------
 
@@ -460,9 +487,10 @@ class SegmentPropagation:
             self._t_engine = time.perf_counter()
             result = _run_engine(self.image, self.prompt, self.grid.spacing, model=model, device=self.device,
                                  range=self.range, progress=self._on_progress, cancel=self._cancel,
-                                 batch_size=self.batch_size, threads=self.threads)
+                                 batch_size=self.batch_size, threads=self.threads, **self._engine_options())
             if tuple(result.mask.shape) != self.grid.shape:
                 raise PAMError(f"the engine returned a {result.mask.shape} mask for a {self.grid.shape} volume")
+            result = self._finish_result(result)
         except PropagationCancelled:
             with self._lock:
                 self._finish("cancelled", "cancelled; the segmentation was not changed")
@@ -483,6 +511,14 @@ class SegmentPropagation:
                 self._progress = 1.0
                 self._finish("finished", "done")
 
+    def _engine_options(self) -> dict:
+        """Extra engine arguments (an update passes the axis and the previous result)."""
+        return {}
+
+    def _finish_result(self, result):
+        """Worker thread: adjust the engine's result before it is applied (an update bounds it)."""
+        return result
+
     # -- writing back (main thread) -----------------------------------------------------------
 
     def _check_scene_unchanged(self) -> None:
@@ -496,29 +532,35 @@ class SegmentPropagation:
             raise InputError("the volume's geometry changed while propagating; nothing was written. Run again.")
         if self.mode == "replace":
             current = segment_mask(self.segmentation_node, self.segment_id, self.volume_node)
-            if not np.array_equal(current, self.prompt):
+            if not np.array_equal(current, self.source):
                 raise InputError(
                     f'segment "{self.segment_name}" was edited while propagating, so replacing it would lose '
                     "the edit; nothing was written. Run again, or use output 'new segment'."
                 )
 
-    def apply(self) -> str:
+    def apply(self, history: "PropagationHistory | None" = None) -> str:
         """Write the result into the segmentation (main thread only); returns the segment id written.
 
         In "replace" mode the prompt segment is replaced inside the volume's extent; in "new" mode a
         segment "<name> (PAM)" is added. One call writes the whole mask, so the Segment Editor sees
         one change. Calling it again returns the same id without writing twice.
+
+        With ``history`` (a ``PropagationHistory``) the segment's stored labelmap is saved before the
+        write (for ``undo_last``) and the result is remembered for ``SegmentUpdate`` and the review.
         """
         if threading.current_thread() is not threading.main_thread():
             raise PAMError("apply() must run on the main thread (it writes MRML nodes)")
         if self.applied_segment_id is not None:
             return self.applied_segment_id
         if self._state != "finished":
-            raise PAMError(f"nothing to apply: the propagation is {self._state}"
+            raise PAMError(f"nothing to apply: the {self.kind} is {self._state}"
                            + (f" ({self.error})" if self.error else ""))
         self._check_scene_unchanged()
         mask = self.result.mask > 0
         node = self.segmentation_node
+        before = None
+        if history is not None and self.mode == "replace":
+            before = LabelmapSnapshot.take(node, self.segment_id)
         was_modifying = node.StartModify()
         try:
             target = self.segment_id
@@ -533,25 +575,655 @@ class SegmentPropagation:
         finally:
             node.EndModify(was_modifying)
         self.applied_segment_id = target
+        if history is not None:
+            try:
+                self.history_entry = history.record(self._history_entry(target, before))
+            except Exception:  # noqa: BLE001 - the result is written; only the session memory is missing
+                log.exception("PAMSegment: could not remember the propagation of %s", target)
         return target
+
+    def _history_entry(self, target: str, before: "LabelmapSnapshot | None") -> "HistoryEntry":
+        """What the session remembers of this run (main thread, right after the write)."""
+        written = segment_mask(self.segmentation_node, target, self.volume_node).astype(bool)
+        result = self.result
+        label = next(iter(result.keyframes)) if result.keyframes else 1
+        axis = result.axis
+        # The keyframes as the segment holds them (read back on the volume grid), so that the next
+        # update's prompt, read the same way, matches them bit for bit where the user changed nothing.
+        on_axis = np.moveaxis(written, axis, 0)
+        keyframes, empty = {}, set(self._empty_keyframes())
+        for s in sorted(result.keyframes.get(label, {})):
+            if on_axis[s].any():
+                keyframes[s] = on_axis[s].copy()
+            else:
+                empty.add(s)
+        conf = np.asarray(result.confidence.get(label, np.full(written.shape[axis], np.nan)), dtype=np.float32)
+        recomputed = sorted(tuple(int(v) for v in iv) for iv in result.recomputed.get(label, []))
+        return HistoryEntry(
+            segmentation_node=self.segmentation_node, segment_id=target, volume_node=self.volume_node,
+            grid=self.grid, axis=axis, range=tuple(result.range) if result.range is not None else
+            (0, written.shape[axis] - 1), early_stop=bool(result.early_stop), keyframes=keyframes,
+            empty_keyframes=frozenset(empty), confidence=conf.copy(), result_mask=PackedMask.of(result.mask == label),
+            written=PackedMask.of(written), before=before, created=self.mode == "new", kind=self.kind,
+            n_predicted=int(result.n_predicted), recomputed=recomputed, seconds=float(self.elapsed),
+            edited=list(self._edited_slices()), reviewed=self._carried_reviews(recomputed),
+            parent=self._parent_entry(),
+        )
+
+    def _empty_keyframes(self):
+        return ()
+
+    def _edited_slices(self):
+        return ()
+
+    def _carried_reviews(self, recomputed) -> set:
+        return set()
+
+    def _parent_entry(self):
+        return None
 
 
 def propagate_segment(volume_node, segmentation_node, segment_id: str, *, mode: str = "replace",
                       checkpoint=None, device: str = "cpu", range=None, model=None,  # noqa: A002
-                      progress=None, cancel=None) -> str:
+                      progress=None, cancel=None, history: "PropagationHistory | None" = None) -> str:
     """Propagate a segment drawn on one (or a few) slices through the volume, synchronously.
 
     Reads the volume and the segment on the volume's grid, runs the engine on the calling thread,
     writes the result in one step and returns the id of the segment written (the same segment for
     ``mode="replace"``, a new "<name> (PAM)" segment for ``mode="new"``). ``progress`` is called as
-    ``progress(fraction, message)``; ``cancel`` is a ``CancelToken``. Raises InputError,
-    CheckpointError or PropagationCancelled; on any error the segmentation is unchanged.
+    ``progress(fraction, message)``; ``cancel`` is a ``CancelToken``; ``history`` a
+    ``PropagationHistory`` that remembers the result (for ``update_segment`` and ``undo_last``).
+    Raises InputError, CheckpointError or PropagationCancelled; on any error the segmentation is
+    unchanged.
     """
     job = SegmentPropagation(volume_node, segmentation_node, segment_id, mode=mode, checkpoint=checkpoint,
                              device=device, range=range, model=model, cancel=cancel, progress=progress)
+    return _run_and_apply(job, history)
+
+
+def _run_and_apply(job: SegmentPropagation, history) -> str:
     job.run()
     if job.state == "cancelled":
-        raise PropagationCancelled("propagation cancelled; nothing was changed")
+        raise PropagationCancelled(f"{job.kind} cancelled; nothing was changed")
     if job.state == "failed":
         raise job.exception
-    return job.apply()
+    return job.apply(history=history)
+
+
+# ----------------------------------------------------------------------------------------------
+# Corrections: session memory, update from the user's edits, undo, review by confidence
+# ----------------------------------------------------------------------------------------------
+#
+# After a result is applied with a ``PropagationHistory``, the session remembers per (segmentation
+# node, segment) what the engine returned and what the segment held right after the write. The
+# user then fixes the slices that went wrong in the Segment Editor. ``SegmentUpdate`` reads the
+# segment again, finds the slices that differ from what was written (the user's edits), makes them
+# keyframes next to the earlier ones, and lets the engine recompute only the intervals whose
+# keyframes changed. Every keyframe, edited or drawn before, is kept bit for bit.
+#
+# A slice the user erased completely is an *empty keyframe*: "the object is absent here". The
+# engine's keyframes are drawn masks and cannot be empty, so the adapter applies it: an empty
+# keyframe beyond the outermost drawn keyframe bounds the object there (the empty slice and every
+# slice further out are cleared; the engine's walk on that side is not re-run when its drawn
+# keyframes did not change). An empty keyframe between two drawn keyframes is kept empty, but the
+# engine still fuses the two drawn keyframes across it (it cannot stop a fused interval midway), so
+# only that slice is cleared. Empty keyframes are remembered like the others.
+
+
+@dataclass(frozen=True)
+class PackedMask:
+    """A boolean volume kept small: its bounding box, bit-packed (a result costs ~1/8 of its box)."""
+
+    shape: tuple[int, int, int]
+    offset: tuple[int, int, int]
+    box: tuple[int, int, int]
+    bits: np.ndarray
+
+    @classmethod
+    def of(cls, mask: np.ndarray) -> "PackedMask":
+        mask = np.asarray(mask) > 0
+        lo, hi = [], []
+        for ax in range(mask.ndim):
+            other = tuple(a for a in range(mask.ndim) if a != ax)
+            present = np.flatnonzero(mask.any(axis=other))
+            lo.append(int(present[0]) if present.size else 0)
+            hi.append(int(present[-1]) + 1 if present.size else 0)
+        crop = mask[tuple(slice(a, b) for a, b in zip(lo, hi))]
+        return cls(tuple(int(n) for n in mask.shape), tuple(lo), tuple(int(n) for n in crop.shape),
+                   np.packbits(crop.ravel()))
+
+    def unpack(self) -> np.ndarray:
+        out = np.zeros(self.shape, dtype=bool)
+        n = int(np.prod(self.box))
+        if n:
+            crop = np.unpackbits(self.bits, count=n).reshape(self.box).astype(bool)
+            out[tuple(slice(o, o + b) for o, b in zip(self.offset, self.box))] = crop
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.bits.nbytes)
+
+
+def _binary_name() -> str:
+    return _slicer().vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+
+
+def _sharing(segmentation, segment_id: str) -> list[str]:
+    others: list[str] = []
+    segmentation.GetSegmentIDsSharingBinaryLabelmapRepresentation(segment_id, others, False)
+    return list(others)
+
+
+@dataclass(frozen=True)
+class LabelmapSnapshot:
+    """A segment's stored binary labelmap, exactly: voxels, extent, image-to-world, scalar type and
+    label value. Voxels are bit-packed when they hold only 0 and the label value (the usual case).
+
+    If the segment shared its labelmap layer with other segments, only its own voxels are kept; a
+    restore then gives the segment a layer of its own (the other segments are never touched)."""
+
+    extent: tuple[int, ...]
+    image_to_world: np.ndarray
+    scalar_type: int
+    label_value: int
+    dims: tuple[int, int, int]  # (k, j, i) of the extent
+    packed: PackedMask | None
+    raw: np.ndarray | None
+
+    @classmethod
+    def take(cls, segmentation_node, segment_id: str) -> "LabelmapSnapshot | None":
+        """None when the segment has no binary labelmap to save (e.g. a closed-surface source)."""
+        slicer = _slicer()
+        from vtk.util import numpy_support  # noqa: PLC0415
+
+        segmentation = segmentation_node.GetSegmentation()
+        source_name = (getattr(segmentation, "GetSourceRepresentationName", None)
+                       or getattr(segmentation, "GetMasterRepresentationName", None))
+        if source_name is not None and source_name() != _binary_name():
+            return None
+        segment = segmentation.GetSegment(segment_id)
+        labelmap = segment.GetRepresentation(_binary_name()) if segment is not None else None
+        if labelmap is None:
+            return None
+        extent = tuple(int(e) for e in labelmap.GetExtent())
+        dims = (max(extent[5] - extent[4] + 1, 0), max(extent[3] - extent[2] + 1, 0), max(extent[1] - extent[0] + 1, 0))
+        scalars = labelmap.GetPointData().GetScalars()
+        if scalars is None or int(np.prod(dims)) == 0:
+            voxels = np.zeros(dims, dtype=np.uint8)
+        else:
+            voxels = np.array(numpy_support.vtk_to_numpy(scalars), copy=True).reshape(dims)
+        label = int(segment.GetLabelValue())
+        if _sharing(segmentation, segment_id):
+            voxels = np.where(voxels == label, voxels, 0).astype(voxels.dtype)
+        import vtk  # noqa: PLC0415
+
+        vtk_matrix = vtk.vtkMatrix4x4()
+        labelmap.GetImageToWorldMatrix(vtk_matrix)
+        matrix = slicer.util.arrayFromVTKMatrix(vtk_matrix).copy()
+        only_label = bool(np.isin(voxels, (0, label)).all())
+        return cls(extent=extent, image_to_world=matrix, scalar_type=int(labelmap.GetScalarType()), label_value=label,
+                   dims=dims, packed=PackedMask.of(voxels == label) if only_label else None,
+                   raw=None if only_label else voxels)
+
+    def voxels(self) -> np.ndarray:
+        from vtk.util import numpy_support  # noqa: PLC0415
+
+        dtype = numpy_support.get_vtk_to_numpy_typemap()[self.scalar_type]
+        if self.raw is not None:
+            return self.raw.astype(dtype, copy=True)
+        return (self.packed.unpack() * self.label_value).astype(dtype)
+
+    def restore(self, segmentation_node, segment_id: str) -> None:
+        """Put the saved labelmap back as the segment's own (main thread), in one modification."""
+        slicer = _slicer()
+        from vtk.util import numpy_support  # noqa: PLC0415
+
+        segmentation = segmentation_node.GetSegmentation()
+        segment = segmentation.GetSegment(segment_id)
+        if segment is None:
+            raise InputError(f'segment "{segment_id}" is no longer in the segmentation; nothing to undo')
+        image = slicer.vtkOrientedImageData()
+        image.SetExtent(*self.extent)
+        image.AllocateScalars(self.scalar_type, 1)
+        if int(np.prod(self.dims)):
+            numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = self.voxels().ravel()
+        image.SetImageToWorldMatrix(slicer.util.vtkMatrixFromArray(self.image_to_world))
+        was_modifying = segmentation_node.StartModify()
+        try:
+            if _sharing(segmentation, segment_id):
+                segmentation.SeparateSegmentLabelmap(segment_id)
+            segment.AddRepresentation(_binary_name(), image)
+            segment.SetLabelValue(self.label_value)
+            image.Modified()  # invalidates derived representations (3D surface) like an editor stroke
+        finally:
+            segmentation_node.EndModify(was_modifying)
+
+
+@dataclass(eq=False)
+class HistoryEntry:
+    """What the session remembers of the last propagation or update applied to one segment."""
+
+    segmentation_node: object
+    segment_id: str
+    volume_node: object
+    grid: VolumeGrid
+    axis: int  # array axis of (k, j, i) the propagation walked along
+    range: tuple[int, int]
+    early_stop: bool
+    keyframes: dict[int, np.ndarray]  # slice -> 2D bool mask: the user's drawn slices (engine keyframes)
+    empty_keyframes: frozenset[int]  # slices the user erased entirely: "the object is absent here"
+    confidence: np.ndarray  # float32 per slice along the axis; NaN where not predicted
+    result_mask: PackedMask  # the engine's result
+    written: PackedMask  # what the segment held right after the write, on the volume grid
+    before: LabelmapSnapshot | None  # the segment before this run (None: the run created the segment)
+    created: bool  # "new" mode: the run added this segment
+    kind: str  # "propagation" or "update"
+    n_predicted: int
+    recomputed: list[tuple[int, int]]
+    seconds: float
+    edited: list[int]  # the edited slices an update was computed from
+    reviewed: set[int] = field(default_factory=set)
+    parent: "HistoryEntry | None" = None  # the entry an update replaced (restored by undo)
+
+    @property
+    def user_slices(self) -> list[int]:
+        """Every slice that came from the user: drawn keyframes and erased ones."""
+        return sorted(set(self.keyframes) | set(self.empty_keyframes))
+
+    @property
+    def n_slices(self) -> int:
+        return int(self.grid.shape[self.axis])
+
+    @property
+    def undo_available(self) -> bool:
+        return self.before is not None or self.created
+
+    def written_mask(self) -> np.ndarray:
+        return self.written.unpack()
+
+    def occupied_slices(self) -> list[int]:
+        """Slices along the axis that hold the object in the written result."""
+        other = tuple(a for a in range(3) if a != self.axis)
+        return np.flatnonzero(self.written_mask().any(axis=other)).tolist()
+
+    def edited_slices(self, current: np.ndarray) -> list[int]:
+        return edited_slices(current, self.written_mask(), self.axis)
+
+    def previous_result(self):
+        """The engine's ``PropagationResult`` to pass as ``previous`` (label 1, full size)."""
+        from .propagate import PropagationResult  # noqa: PLC0415 - keeps torch out of `import mrml`
+
+        return PropagationResult(
+            mask=self.result_mask.unpack().astype(np.uint8), axis=self.axis, confidence={1: self.confidence.copy()},
+            slice_range={}, prompt_slices={1: sorted(self.keyframes)},
+            keyframes={1: {s: m.copy() for s, m in self.keyframes.items()}}, range=tuple(self.range),
+            early_stop=self.early_stop,
+        )
+
+    def review_order(self) -> list[int]:
+        return review_order(self.confidence, self.reviewed, self.user_slices, self.occupied_slices())
+
+    def next_to_review(self) -> int | None:
+        order = self.review_order()
+        return order[0] if order else None
+
+    def review_point_ras(self, index: int) -> tuple[float, float, float]:
+        """World (RAS) position to centre the views on for slice ``index``: the centroid of the
+        segment there (the slice's centre if empty), through the volume's parent transform."""
+        ras = slice_centroid_ras(self.written_mask(), self.axis, index, self.grid.ijk_to_ras)
+        node = self.volume_node
+        transform = node.GetParentTransformNode() if node is not None else None
+        if transform is not None:
+            import vtk  # noqa: PLC0415
+
+            to_world = vtk.vtkGeneralTransform()
+            transform.GetTransformToWorld(to_world)
+            ras = tuple(float(v) for v in to_world.TransformPoint(ras))
+        return ras
+
+    def describe(self) -> str:
+        occupied = self.occupied_slices()
+        plane = axis_plane_name(self.grid.ijk_to_ras, self.axis)
+        where = f"{plane} slices {occupied[0]}-{occupied[-1]}" if occupied else "no slice"
+        yours = ", ".join(str(s) for s in self.user_slices[:10]) + (" ..." if len(self.user_slices) > 10 else "")
+        return f"PAM result on {where}; your slices: {yours}"
+
+
+class PropagationHistory:
+    """Session memory of applied propagations: one ``HistoryEntry`` per (segmentation, segment).
+
+    Held by the module's Logic (not global). Bounded: one entry per segment (plus the one an update
+    replaced, so the update can be undone), arrays bit-packed to their bounding box, and at most
+    ``max_entries`` segments (the least recently used is forgotten first). Entries whose node left
+    the scene or whose segment was deleted are dropped when looked up."""
+
+    def __init__(self, max_entries: int = 32):
+        from collections import OrderedDict  # noqa: PLC0415
+
+        self.max_entries = int(max_entries)
+        self._entries: OrderedDict = OrderedDict()
+
+    @staticmethod
+    def _key(segmentation_node, segment_id: str):
+        return (segmentation_node.GetID(), str(segment_id))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, segmentation_node, segment_id: str) -> HistoryEntry | None:
+        if segmentation_node is None or not segment_id:
+            return None
+        key = self._key(segmentation_node, segment_id)
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        scene = segmentation_node.GetScene()
+        alive = (entry.segmentation_node is segmentation_node and scene is not None
+                 and scene.GetNodeByID(segmentation_node.GetID()) is segmentation_node
+                 and segmentation_node.GetSegmentation().GetSegment(segment_id) is not None)
+        if not alive:
+            del self._entries[key]
+            return None
+        return entry
+
+    def record(self, entry: HistoryEntry) -> HistoryEntry:
+        key = self._key(entry.segmentation_node, entry.segment_id)
+        self._entries.pop(key, None)
+        self._entries[key] = entry
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+        return entry
+
+    def forget(self, segmentation_node, segment_id: str | None = None) -> None:
+        """Forget one segment, or every segment of a segmentation node."""
+        for key in list(self._entries):
+            if key[0] == segmentation_node.GetID() and (segment_id is None or key[1] == segment_id):
+                del self._entries[key]
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def undo_last(self, segmentation_node, segment_id: str) -> str:
+        """Undo the last propagation or update applied to the segment (main thread).
+
+        The segment's stored labelmap is restored exactly as it was before it (voxels, extent,
+        geometry, scalar type, label value); a segment the propagation added ("new" mode) is
+        removed. After undoing an update the propagation it updated is current again (so its
+        result can be updated or undone); after undoing a propagation the segment is forgotten.
+        Edits made since the run are discarded with it. Returns a sentence for the status line.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            raise PAMError("undo_last() must run on the main thread (it writes MRML nodes)")
+        entry = self.get(segmentation_node, segment_id)
+        if entry is None:
+            raise InputError("nothing to undo: this segment has no PAM propagation in this session")
+        segmentation = segmentation_node.GetSegmentation()
+        name = segmentation.GetSegment(segment_id).GetName()
+        if entry.created:
+            segmentation.RemoveSegment(segment_id)
+            self.forget(segmentation_node, segment_id)
+            return f'removed "{name}", the segment the propagation added'
+        if entry.before is None:
+            raise InputError(f'cannot undo: the state of "{name}" before the {entry.kind} was not saved')
+        entry.before.restore(segmentation_node, segment_id)
+        key = self._key(segmentation_node, segment_id)
+        if entry.parent is not None:
+            self._entries[key] = entry.parent
+            return f'"{name}" is back as it was before the update'
+        del self._entries[key]
+        return f'"{name}" is back as it was before the propagation'
+
+
+def undo_last(segmentation_node, segment_id: str, history: PropagationHistory) -> str:
+    """``history.undo_last(segmentation_node, segment_id)``; see there."""
+    return history.undo_last(segmentation_node, segment_id)
+
+
+# -- pure helpers (no MRML) ---------------------------------------------------------------------
+
+
+def edited_slices(current: np.ndarray, written: np.ndarray, axis: int) -> list[int]:
+    """Slices along ``axis`` where the segment now differs from what was written: the user's edits."""
+    current, written = np.asarray(current) > 0, np.asarray(written) > 0
+    if current.shape != written.shape:
+        raise InputError(f"the segment's grid {current.shape} differs from the result's {written.shape}")
+    other = tuple(a for a in range(current.ndim) if a != axis)
+    return np.flatnonzero((current != written).any(axis=other)).tolist()
+
+
+def plan_keyframes(current: np.ndarray, axis: int, keyframes, empty_keyframes, edited) -> tuple[dict, set]:
+    """The keyframes of an update: the earlier ones and the edited slices, with their current masks.
+
+    Returns ({slice: 2D bool mask} for slices with the object, {slices erased entirely})."""
+    on_axis = np.moveaxis(np.asarray(current) > 0, axis, 0)
+    drawn, empty = {}, set()
+    for s in sorted(set(keyframes) | set(empty_keyframes) | set(edited)):
+        if on_axis[s].any():
+            drawn[int(s)] = on_axis[s].copy()
+        else:
+            empty.add(int(s))
+    return drawn, empty
+
+
+def bound_by_empty_keyframes(mask: np.ndarray, confidence: np.ndarray, axis: int, drawn, empty):
+    """Apply "object absent here" for each empty keyframe (see the section comment); in place.
+
+    ``mask`` (k, j, i) and ``confidence`` (per slice along ``axis``); cleared slices get NaN."""
+    if not empty or not drawn:
+        return mask, confidence
+    on_axis = np.moveaxis(mask, axis, 0)
+    first, last = min(drawn), max(drawn)
+    for s in sorted(empty):
+        cut = slice(s, None) if s > last else slice(0, s + 1) if s < first else slice(s, s + 1)
+        on_axis[cut] = 0
+        confidence[cut] = np.nan
+    return mask, confidence
+
+
+def review_order(confidence, reviewed=(), keyframes=(), candidates=None) -> list[int]:
+    """Slices to review, least confident first (ties: lower slice first).
+
+    Skips slices without a confidence (NaN: not predicted), the user's own slices (``keyframes``)
+    and slices already ``reviewed``; with ``candidates`` (slice indices) only those are ranked -
+    the module passes the slices that hold the object, so the views never jump to an empty slice."""
+    conf = np.asarray(confidence, dtype=float)
+    skip = {int(s) for s in reviewed} | {int(s) for s in keyframes}
+    pool = range(conf.size) if candidates is None else sorted({int(s) for s in candidates if 0 <= int(s) < conf.size})
+    ranked = [s for s in pool if s not in skip and np.isfinite(conf[s])]
+    return sorted(ranked, key=lambda s: (conf[s], s))
+
+
+def next_slice_to_review(confidence, reviewed=(), keyframes=(), candidates=None) -> int | None:
+    """The least confident slice not yet reviewed (see ``review_order``), or None when all are."""
+    order = review_order(confidence, reviewed, keyframes, candidates)
+    return order[0] if order else None
+
+
+def slice_centroid_ras(mask: np.ndarray, axis: int, index: int, ijk_to_ras: np.ndarray) -> tuple[float, float, float]:
+    """RAS of the centroid of ``mask`` on slice ``index`` along ``axis`` (the slice's centre if empty)."""
+    mask = np.asarray(mask) > 0
+    plane = np.take(mask, index, axis=axis)
+    if plane.any():
+        centre = [float(c.mean()) for c in np.nonzero(plane)]
+    else:
+        centre = [(n - 1) / 2.0 for n in plane.shape]
+    kji = centre[:axis] + [float(index)] + centre[axis:]
+    ijk1 = np.array([kji[2], kji[1], kji[0], 1.0])
+    ras = np.asarray(ijk_to_ras, dtype=float) @ ijk1
+    return float(ras[0]), float(ras[1]), float(ras[2])
+
+
+def jump_slices_to(scene, ras) -> None:
+    """Centre every slice view of ``scene`` on ``ras`` (what "Next slice to review" does)."""
+    slicer = _slicer()
+    slicer.vtkMRMLSliceNode.JumpAllSlices(scene, float(ras[0]), float(ras[1]), float(ras[2]),
+                                          slicer.vtkMRMLSliceNode.CenteredJumpSlice)
+
+
+PLOT_COLORS = {
+    "keyframe": (45, 110, 220),  # the user's slices
+    "low": (205, 60, 50),  # confidence < 0.5
+    "medium": (230, 160, 40),  # < 0.8
+    "high": (60, 160, 80),  # >= 0.8
+    "reviewed": (160, 160, 160),
+    "current": (20, 20, 20),
+    "axis": (200, 200, 200),
+}
+
+
+def confidence_plot(confidence, keyframes=(), reviewed=(), current: int | None = None, width: int = 256,
+                    height: int = 56) -> list[tuple[int, int, int, int, tuple[int, int, int]]]:
+    """The confidence plot as rectangles (x, y, w, h, rgb) on a ``width`` x ``height`` canvas,
+    drawn in order: one bar per slice along the axis, height = confidence, colour by confidence
+    (the user's slices blue and full height, reviewed ones grey, NaN none), a baseline, and a dark
+    line at ``current``. The panel paints them with QPainter."""
+    conf = np.asarray(confidence, dtype=float)
+    n = max(int(conf.size), 1)
+    keys, seen = {int(s) for s in keyframes}, {int(s) for s in reviewed}
+    rects = [(0, height - 1, width, 1, PLOT_COLORS["axis"])]
+    usable = height - 2
+    for s in range(conf.size):
+        x0, x1 = (s * width) // n, ((s + 1) * width) // n
+        w = max(x1 - x0, 1)
+        if s in keys:
+            value, color = 1.0, PLOT_COLORS["keyframe"]
+        elif not np.isfinite(conf[s]):
+            continue
+        else:
+            value = float(min(max(conf[s], 0.0), 1.0))
+            color = (PLOT_COLORS["reviewed"] if s in seen else PLOT_COLORS["low"] if value < 0.5
+                     else PLOT_COLORS["medium"] if value < 0.8 else PLOT_COLORS["high"])
+        h = max(int(round(value * usable)), 1)
+        rects.append((x0, height - 1 - h, w, h, color))
+    if current is not None and 0 <= int(current) < conf.size:
+        x0, x1 = (int(current) * width) // n, ((int(current) + 1) * width) // n
+        rects.append(((x0 + x1) // 2, 0, 1, height, PLOT_COLORS["current"]))
+    return rects
+
+
+# -- the update job ------------------------------------------------------------------------------
+
+
+class SegmentUpdate(SegmentPropagation):
+    """"Update from my edits": re-propagate a segment the session propagated, keeping the user's edits.
+
+    Construct on the main thread with the ``PropagationHistory`` that remembers the segment: it
+    reads the segment on the volume's grid, finds the slices that differ from what was written
+    (the edits), and builds the engine's prompt from the keyframes = earlier keyframes + edited
+    slices (with their current masks). The worker calls the engine with the earlier result as
+    ``previous``, so only the intervals whose keyframes changed are recomputed (``recomputed``,
+    ``result.n_predicted``). ``apply(history=...)`` writes the new 3D mask in one step into the
+    same segment. Raises InputError when the segment has no remembered propagation, was not
+    edited, or is read on a volume of another geometry. Same polling API as SegmentPropagation.
+    """
+
+    kind = "update"
+
+    def __init__(self, volume_node, segmentation_node, segment_id: str, history: PropagationHistory, *,
+                 checkpoint=None, device: str = "cpu", model=None, batch_size: int = 16,
+                 threads: int | None = None, cancel=None, progress=None):
+        segment = _segment(segmentation_node, segment_id)
+        name = segment.GetName()
+        entry = history.get(segmentation_node, segment_id) if history is not None else None
+        if entry is None:
+            raise InputError(f'segment "{name}" has no PAM result in this session to update: draw it on one slice '
+                             "and press Propagate first")
+        if volume_node is None:
+            volume_node = entry.volume_node
+        self.image, self.grid = volume_array(volume_node)
+        if not self.grid.same_as(entry.grid):
+            source = entry.volume_node.GetName() if entry.volume_node is not None else "another volume"
+            raise InputError(f'segment "{name}" was propagated on volume "{source}", whose grid differs from '
+                             f'"{volume_node.GetName()}"; select "{source}" to update it')
+        self.source = segment_mask(segmentation_node, segment_id, volume_node)
+        self.entry = entry
+        self.edited = entry.edited_slices(self.source)
+        if not self.edited:
+            raise InputError(f'no slice of "{name}" differs from the last PAM result: fix the slices that are '
+                             "wrong in the Segment Editor, then update")
+        self.drawn, self.empty = plan_keyframes(self.source, entry.axis, entry.keyframes, entry.empty_keyframes,
+                                                self.edited)
+        n = entry.n_slices
+        if not self.drawn:
+            raise InputError(f'every slice of "{name}" that came from you is empty now, so there is nothing to '
+                             "propagate from: draw the object on a slice (or clear the segment)")
+        from .propagate import MAX_PROMPT_SLICES  # noqa: PLC0415
+
+        if len(self.drawn) > MAX_PROMPT_SLICES or (len(self.drawn) > 2 and len(self.drawn) > n // 2):
+            raise InputError(f'"{name}" now has {len(self.drawn)} slices from you out of {n}: more than PAM uses '
+                             f"as keyframes (at most {min(MAX_PROMPT_SLICES, n // 2)}); keep editing by hand, or "
+                             "draw a few slices of a fresh segment and propagate again")
+        prompt = np.zeros(self.grid.shape, dtype=np.uint8)
+        on_axis = np.moveaxis(prompt, entry.axis, 0)
+        for s, m in self.drawn.items():
+            on_axis[s] = m
+        self.prompt = prompt
+        self.previous = entry.previous_result()
+        self.prompt_info = PromptInfo(axis=entry.axis, slices=sorted(self.drawn),
+                                      plane=axis_plane_name(self.grid.ijk_to_ras, entry.axis), n_slices=n)
+        self._init_job(volume_node, segmentation_node, segment_id, name, mode="replace", checkpoint=checkpoint,
+                       device=device, range=entry.range, model=model, batch_size=batch_size, threads=threads,
+                       cancel=cancel, progress=progress)
+
+    # worker
+    def _engine_options(self) -> dict:
+        return {"axis": self.entry.axis, "previous": self.previous}
+
+    def _finish_result(self, result):
+        label = next(iter(result.confidence), 1)
+        conf = result.confidence.setdefault(label, np.full(self.entry.n_slices, np.nan, dtype=np.float32))
+        bound_by_empty_keyframes(result.mask, conf, self.entry.axis, self.drawn, self.empty)
+        return result
+
+    # reporting
+    @property
+    def recomputed(self) -> list[tuple[int, int]]:
+        if self.result is None:
+            return []
+        return sorted(tuple(int(v) for v in iv) for ivs in self.result.recomputed.values() for iv in ivs)
+
+    @property
+    def n_recomputed(self) -> int:
+        return int(sum(b - a + 1 for a, b in self.recomputed))
+
+    def summary(self) -> str:
+        if self._state == "finished" and self.result is not None:
+            edits = ", ".join(str(s) for s in self.edited[:8]) + (" ..." if len(self.edited) > 8 else "")
+            word = "slice" if len(self.edited) == 1 else "slices"
+            intervals = ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in self.recomputed) or "none"
+            return (f"updated from {len(self.edited)} edited {word} ({edits}): {self.n_recomputed} of "
+                    f"{self.slices_total} slices recomputed ({intervals}), {self.result.n_predicted} predicted "
+                    f"in {self.elapsed:.1f} s")
+        return super().summary()
+
+    # history
+    def _empty_keyframes(self):
+        return self.empty
+
+    def _edited_slices(self):
+        return self.edited
+
+    def _carried_reviews(self, recomputed) -> set:
+        """Reviews stay valid on slices the update neither recomputed nor took from the user."""
+        changed = set(self.edited)
+        for a, b in recomputed:
+            changed.update(range(a, b + 1))
+        return {s for s in self.entry.reviewed if s not in changed}
+
+    def _parent_entry(self):
+        import dataclasses  # noqa: PLC0415
+
+        return dataclasses.replace(self.entry, parent=None)  # one level: memory stays bounded
+
+
+def update_segment(volume_node, segmentation_node, segment_id: str, history: PropagationHistory, *,
+                   checkpoint=None, device: str = "cpu", model=None, progress=None, cancel=None) -> SegmentUpdate:
+    """"Update from my edits", synchronously: build a ``SegmentUpdate``, run it on the calling thread
+    and apply it (recorded in ``history``). Returns the applied job (``summary()``, ``recomputed``,
+    ``result.n_predicted``). Raises InputError, CheckpointError or PropagationCancelled; on any
+    error the segmentation is unchanged."""
+    job = SegmentUpdate(volume_node, segmentation_node, segment_id, history, checkpoint=checkpoint, device=device,
+                        model=model, cancel=cancel, progress=progress)
+    _run_and_apply(job, history)
+    return job

@@ -1,0 +1,540 @@
+"""The correction loop on real Slicer nodes (slicer-core wheel): session memory of a propagation,
+"Update from my edits", undo, and review by confidence.
+
+The engine runs for real with a test double whose answer depends on its guide (``GuideCopy``: the
+guide's mask, on the slices where the truth has the object), so a recomputed slice is visibly
+different from a reused one and the counts of predicted slices are exact.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from conftest_mrml import *  # noqa: F401,F403 - fixtures and helpers
+from conftest_mrml import (assert_same_labelmap, ellipsoid, internal_labelmap_state, make_segmentation,
+                           make_volume_node, oblique_ijk_to_ras, slicer, vtk)
+
+import PAMSegmentLib.mrml as mrml
+from PAMSegmentLib.errors import InputError, PAMError
+from PAMSegmentLib.mrml import (PackedMask, PropagationHistory, SegmentPropagation, SegmentUpdate,
+                                bound_by_empty_keyframes, confidence_plot, edited_slices, next_slice_to_review,
+                                plan_keyframes, propagate_segment, review_order, slice_centroid_ras, undo_last,
+                                update_segment)
+from PAMSegmentLib.propagate import SlicePrediction, SlicePredictor, propagate
+
+SHAPE = (24, 40, 44)  # (k, j, i)
+CENTER, RADII = (12, 20, 22), (8, 12, 14)  # the object spans slices 4..20
+
+
+class GuideCopy(SlicePredictor):
+    """Predicts the guide's mask on every query slice where the truth has the object, nothing beyond
+    (so a side stops exactly one slice past the object's end). Records the slices it predicted."""
+
+    def __init__(self, truth, window=3):
+        self.present = np.asarray(truth).any(axis=(1, 2))
+        self.window_mm, self.max_window, self.min_window = float(window), window, 1
+        self.predicted: list[int] = []
+
+    def predict(self, volume, guide_index, guide_mask, query_indices):
+        self.predicted += [int(q) for q in query_indices]
+        guide = guide_mask.astype(np.float32)
+        prob = np.stack([guide if self.present[q] else np.zeros_like(guide) for q in query_indices])
+        return SlicePrediction(prob)
+
+
+def synthetic(seed=0):
+    truth = ellipsoid(SHAPE, CENTER, RADII)
+    image = (truth * 100.0 + np.random.default_rng(seed).normal(0, 10, SHAPE)).astype(np.float32)
+    return truth, image
+
+
+def one_slice(truth, index):
+    prompt = np.zeros(truth.shape, np.uint8)
+    prompt[index] = truth[index]
+    return prompt
+
+
+def on_volume(seg, sid, vol):
+    return slicer.util.arrayFromSegmentBinaryLabelmap(seg, sid, vol).astype(bool)
+
+
+def write(seg, sid, vol, mask):
+    """The user's edit, written the way the Segment Editor does (one labelmap update)."""
+    slicer.util.updateSegmentBinaryLabelmapFromArray(mask.astype(np.uint8), seg, sid, vol)
+
+
+@pytest.fixture
+def session(mrml_scene):
+    """A segment drawn on slice 12, propagated (replace mode) with a remembered history."""
+    truth, image = synthetic()
+    vol = make_volume_node(image)
+    seg, ids = make_segmentation(vol, {"tumor": one_slice(truth, CENTER[0])})
+    sid = ids["tumor"]
+    history = PropagationHistory()
+    before = internal_labelmap_state(seg, sid)
+    model = GuideCopy(truth)
+    assert propagate_segment(vol, seg, sid, model=model, history=history) == sid
+    return dict(truth=truth, vol=vol, seg=seg, sid=sid, history=history, before=before, first_run=len(model.predicted))
+
+
+# -- session memory ------------------------------------------------------------------------------
+
+
+def test_propagation_is_remembered_compactly(session):
+    seg, sid, vol, history, truth = session["seg"], session["sid"], session["vol"], session["history"], session["truth"]
+    entry = history.get(seg, sid)
+    assert entry is not None and len(history) == 1
+    assert entry.kind == "propagation" and entry.axis == 0 and entry.range == (0, SHAPE[0] - 1)
+    assert sorted(entry.keyframes) == [12] and entry.empty_keyframes == frozenset()
+    np.testing.assert_array_equal(entry.keyframes[12], truth[12])
+    written = on_volume(seg, sid, vol)
+    np.testing.assert_array_equal(entry.written_mask(), written)
+    np.testing.assert_array_equal(entry.result_mask.unpack(), written)
+    assert entry.occupied_slices() == list(range(4, 21))
+    assert entry.confidence.shape == (SHAPE[0],) and entry.confidence.dtype == np.float32
+    assert np.isnan(entry.confidence[0]) and entry.confidence[12] == 1.0
+    assert entry.before is not None and not entry.created and entry.undo_available
+    # bit-packed to the bounding box: far below one byte per voxel of the volume
+    assert entry.written.nbytes + entry.result_mask.nbytes < np.prod(SHAPE) / 8
+    assert entry.n_predicted == session["first_run"] == 18  # 9 per side (8 slices + the empty stop slice)
+    assert "axial slices 4-20; your slices: 12" in entry.describe()
+
+
+def test_packed_mask_round_trip():
+    rng = np.random.default_rng(3)
+    for mask in (rng.random(SHAPE) > 0.7, np.zeros(SHAPE, bool), ellipsoid(SHAPE, CENTER, RADII)):
+        packed = PackedMask.of(mask)
+        np.testing.assert_array_equal(packed.unpack(), mask)
+        assert packed.unpack().dtype == bool
+
+
+def test_history_is_bounded_and_drops_dead_entries(mrml_scene):
+    truth, image = synthetic()
+    vol = make_volume_node(image)
+    masks = {f"s{n}": one_slice(truth, CENTER[0]) for n in range(3)}
+    seg, ids = make_segmentation(vol, masks)
+    history = PropagationHistory(max_entries=2)
+    for name in masks:
+        propagate_segment(vol, seg, ids[name], model=GuideCopy(truth), history=history)
+    assert len(history) == 2 and history.get(seg, ids["s0"]) is None  # least recently used went first
+    assert history.get(seg, ids["s2"]) is not None
+    seg.GetSegmentation().RemoveSegment(ids["s2"])
+    assert history.get(seg, ids["s2"]) is None and len(history) == 1
+    history.forget(seg)
+    assert len(history) == 0
+
+
+def test_propagating_again_replaces_the_entry(session):
+    seg, sid, vol, history, truth = session["seg"], session["sid"], session["vol"], session["history"], session["truth"]
+    write(seg, sid, vol, one_slice(truth, 10))  # the user starts over from another slice
+    propagate_segment(vol, seg, sid, model=GuideCopy(truth), history=history)
+    entry = history.get(seg, sid)
+    assert sorted(entry.keyframes) == [10] and entry.parent is None and len(history) == 1
+
+
+# -- pure helpers --------------------------------------------------------------------------------
+
+
+def test_edited_slices_and_keyframe_plan():
+    written = np.zeros((6, 4, 4), bool)
+    written[1:5, 1:3, 1:3] = True
+    current = written.copy()
+    current[2, 0, 0] = True  # a stroke added
+    current[4] = False  # a slice erased
+    assert edited_slices(current, written, 0) == [2, 4]
+    assert edited_slices(current, written, 1) == [0, 1, 2]  # the same edits seen across rows
+    drawn, empty = plan_keyframes(current, 0, {3: written[3]}, {5}, [2, 4])
+    assert sorted(drawn) == [2, 3] and empty == {4, 5}
+    np.testing.assert_array_equal(drawn[2], current[2])
+    with pytest.raises(InputError, match="grid"):
+        edited_slices(current[:5], written, 0)
+
+
+def test_bound_by_empty_keyframes_clears_outward_and_only_the_slice_between():
+    mask = np.ones((10, 3, 3), np.uint8)
+    conf = np.full(10, 0.9, np.float32)
+    bound_by_empty_keyframes(mask, conf, 0, {3: None, 6: None}, {1, 5, 8})
+    assert mask.any(axis=(1, 2)).tolist() == [False, False, True, True, True, False, True, True, False, False]
+    assert np.isnan(conf[[0, 1, 5, 8, 9]]).all() and np.isfinite(conf[[2, 3, 4, 6, 7]]).all()
+    # along another axis
+    mask = np.ones((3, 10, 3), np.uint8)
+    bound_by_empty_keyframes(mask, np.zeros(10, np.float32), 1, {4: None}, {7})
+    assert mask.any(axis=(0, 2)).tolist() == [True] * 7 + [False] * 3
+
+
+def test_review_order_on_a_hand_made_confidence_array():
+    nan = np.nan
+    conf = np.array([nan, 0.30, 0.90, 1.00, 0.55, 0.30, 0.10, 0.75, nan, 0.20], np.float32)
+    # keyframe 3 (conf 1.0) and keyframe 6 skipped; NaN skipped; ties by slice index
+    assert review_order(conf, keyframes=[3, 6]) == [9, 1, 5, 4, 7, 2]
+    assert next_slice_to_review(conf, keyframes=[3, 6]) == 9
+    assert review_order(conf, reviewed={9, 1}, keyframes=[3, 6]) == [5, 4, 7, 2]
+    assert next_slice_to_review(conf, reviewed={9, 1, 5}, keyframes=[3, 6]) == 4
+    assert review_order(conf, keyframes=[3, 6], candidates=[1, 2, 4, 5, 8, 40]) == [1, 5, 4, 2]
+    assert next_slice_to_review(conf, reviewed={1, 2, 4, 5, 7, 9}, keyframes=[3, 6]) is None
+    assert next_slice_to_review(np.full(4, nan)) is None
+
+
+def test_slice_centroid_ras_through_an_oblique_matrix():
+    m = oblique_ijk_to_ras()
+    mask = np.zeros((5, 8, 9), bool)
+    mask[2, 2:5, 4:9] = True  # rows 2..4 (centre 3), columns 4..8 (centre 6)
+    expected = m @ np.array([6.0, 3.0, 2.0, 1.0])
+    np.testing.assert_allclose(slice_centroid_ras(mask, 0, 2, m), expected[:3])
+    # an empty slice: its centre
+    np.testing.assert_allclose(slice_centroid_ras(mask, 0, 4, m), (m @ np.array([4.0, 3.5, 4.0, 1.0]))[:3])
+    # along the column axis (sagittal slices of constant i)
+    np.testing.assert_allclose(slice_centroid_ras(mask, 2, 5, m), (m @ np.array([5.0, 3.0, 2.0, 1.0]))[:3])
+
+
+def test_confidence_plot_rectangles():
+    conf = np.array([np.nan, 0.2, 1.0, 0.6, 0.9, 0.3], np.float32)
+    rects = confidence_plot(conf, keyframes=[2], reviewed=[5], current=3, width=60, height=22)
+    baseline, bars, marker = rects[0], rects[1:-1], rects[-1]
+    assert baseline == (0, 21, 60, 1, mrml.PLOT_COLORS["axis"])
+    by_x = {x: (y, w, h, c) for x, y, w, h, c in bars}
+    assert sorted(by_x) == [10, 20, 30, 40, 50]  # slice 0 (NaN) has no bar, one 10 px bar per slice
+    assert by_x[10] == (21 - 4, 10, 4, mrml.PLOT_COLORS["low"])  # 0.2 * 20 px
+    assert by_x[20] == (1, 10, 20, mrml.PLOT_COLORS["keyframe"])
+    assert by_x[30][3] == mrml.PLOT_COLORS["medium"] and by_x[40][3] == mrml.PLOT_COLORS["high"]
+    assert by_x[50][3] == mrml.PLOT_COLORS["reviewed"]
+    assert marker == (35, 0, 1, 22, mrml.PLOT_COLORS["current"])
+    # more slices than pixels: every bar still at least one pixel wide, inside the canvas
+    many = confidence_plot(np.linspace(0, 1, 500), width=100, height=20)
+    assert all(w >= 1 and 0 <= x < 100 and x + w <= 100 for x, _, w, _, _ in many[1:])
+
+
+# -- update from the user's edits ---------------------------------------------------------------
+
+
+def test_update_keeps_the_edit_and_recomputes_only_the_affected_interval(session):
+    seg, sid, vol, history, truth = session["seg"], session["sid"], session["vol"], session["history"], session["truth"]
+    before_update = on_volume(seg, sid, vol)
+    np.testing.assert_array_equal(before_update[4:21], np.repeat(truth[12][None], 17, axis=0))  # guide copies
+
+    edited = before_update.copy()
+    edited[16] = truth[16]  # the user redraws slice 16 (the copy of slice 12 was too big there)
+    write(seg, sid, vol, edited)
+    model = GuideCopy(truth)
+    job = update_segment(vol, seg, sid, history, model=model)
+
+    result = on_volume(seg, sid, vol)
+    np.testing.assert_array_equal(result[16], truth[16])  # the edit survives bit for bit
+    np.testing.assert_array_equal(result[12], truth[12])  # and the first keyframe
+    np.testing.assert_array_equal(result[:12], before_update[:12])  # below the first keyframe: untouched
+    np.testing.assert_array_equal(result[17:21], np.repeat(truth[16][None], 4, axis=0))  # re-walked from the edit
+    assert not result[21:].any()
+    # only the slices after slice 12 were recomputed: between the keyframes and beyond the edit
+    assert sorted(job.recomputed) == [(13, 15), (17, 23)] and job.n_recomputed == 10
+    assert sorted(set(model.predicted)) == [13, 14, 15, 17, 18, 19, 20, 21]
+    assert job.result.n_predicted == len(model.predicted) == 11  # 3 slices from each side + 5 upward
+    full = propagate(synthetic()[1], np.stack([edited[s] if s in (12, 16) else np.zeros_like(edited[s])
+                                               for s in range(SHAPE[0])]).astype(np.uint8), (2.0, 0.9, 0.8),
+                     GuideCopy(truth))
+    assert job.result.n_predicted < full.n_predicted == 20 and job.result.n_predicted < session["first_run"]
+    np.testing.assert_array_equal(full.mask > 0, result)  # same answer as a full run with both keyframes
+    assert job.summary().startswith("updated from 1 edited slice (16): 10 of 24 slices recomputed (13-15, 17-23), "
+                                    "11 predicted in ")
+    assert job.summary().endswith(" s")
+
+    entry = history.get(seg, sid)
+    assert entry.kind == "update" and sorted(entry.keyframes) == [12, 16] and entry.edited == [16]
+    assert entry.parent is not None and entry.parent.kind == "propagation" and entry.parent.parent is None
+    np.testing.assert_array_equal(entry.written_mask(), result)
+
+
+def test_two_rounds_keep_every_edit(session):
+    seg, sid, vol, history, truth = session["seg"], session["sid"], session["vol"], session["history"], session["truth"]
+    current = on_volume(seg, sid, vol)
+    current[16] = truth[16]
+    write(seg, sid, vol, current)
+    update_segment(vol, seg, sid, history, model=GuideCopy(truth))
+    current = on_volume(seg, sid, vol)
+    current[7] = truth[7]
+    current[7, 20, 5:9] = True  # a stroke outside the ellipse: kept as drawn
+    write(seg, sid, vol, current)
+    model = GuideCopy(truth)
+    job = update_segment(vol, seg, sid, history, model=model)
+    result = on_volume(seg, sid, vol)
+    np.testing.assert_array_equal(result[7], current[7])
+    np.testing.assert_array_equal(result[16], truth[16])
+    np.testing.assert_array_equal(result[13:], current[13:])  # above keyframe 12 nothing changed
+    assert sorted(job.recomputed) == [(0, 6), (8, 11)]
+    assert min(model.predicted) >= 3 and max(model.predicted) <= 11
+    assert sorted(history.get(seg, sid).keyframes) == [7, 12, 16]
+
+
+def test_update_runs_in_the_background_with_the_previous_result(session, monkeypatch):
+    seg, sid, vol, history, truth = session["seg"], session["sid"], session["vol"], session["history"], session["truth"]
+    current = on_volume(seg, sid, vol)
+    current[18] = False
+    current[18, 18:22, 20:24] = True
+    write(seg, sid, vol, current)
+    seen = {}
+    real = mrml._run_engine
+
+    def spy(image, prompt, spacing, **kw):
+        seen.update(kw, prompt=prompt.copy(), thread=threading.current_thread())
+        return real(image, prompt, spacing, **kw)
+
+    monkeypatch.setattr(mrml, "_run_engine", spy)
+    job = SegmentUpdate(vol, seg, sid, history, model=GuideCopy(truth), threads=1)
+    assert job.edited == [18] and job.prompt_info.slices == [12, 18] and job.slices_total == SHAPE[0]
+    job.start()
+    assert job.wait(30) and job.state == "finished", job.error
+    assert seen["thread"] is not threading.main_thread()
+    assert seen["axis"] == 0 and seen["range"] == (0, SHAPE[0] - 1) and seen["previous"].keyframes[1].keys() == {12}
+    assert seen["threads"] == 1
+    assert np.flatnonzero(seen["prompt"].any(axis=(1, 2))).tolist() == [12, 18]  # only the keyframes
+    assert job.progress == 1.0
+    assert job.apply(history=history) == sid
+    np.testing.assert_array_equal(on_volume(seg, sid, vol)[18], current[18])
+
+
+def test_erased_slice_bounds_the_object(session):
+    """An entirely erased slice beyond the drawn keyframes means "the object ends before here"."""
+    seg, sid, vol, history, truth = session["seg"], session["sid"], session["vol"], session["history"], session["truth"]
+    current = on_volume(seg, sid, vol)
+    current[18] = False  # the user erases slice 18: the object should stop at 17
+    write(seg, sid, vol, current)
+    model = GuideCopy(truth)
+    job = update_segment(vol, seg, sid, history, model=model)
+    result = on_volume(seg, sid, vol)
+    np.testing.assert_array_equal(result[:18], current[:18])
+    assert not result[18:].any()
+    assert model.predicted == [] and job.result.n_predicted == 0  # the drawn keyframe did not change
+    entry = history.get(seg, sid)
+    assert entry.empty_keyframes == {18} and sorted(entry.keyframes) == [12] and entry.user_slices == [12, 18]
+    assert np.isnan(entry.confidence[18:]).all()
+
+    # it stays a bound: a later edit below keeps slices 18.. empty
+    current = result.copy()
+    current[6] = truth[6]
+    write(seg, sid, vol, current)
+    update_segment(vol, seg, sid, history, model=GuideCopy(truth))
+    assert not on_volume(seg, sid, vol)[18:].any()
+    # drawing on the erased slice again makes it a drawn keyframe
+    current = on_volume(seg, sid, vol)
+    current[18] = truth[18]
+    write(seg, sid, vol, current)
+    update_segment(vol, seg, sid, history, model=GuideCopy(truth))
+    result = on_volume(seg, sid, vol)
+    np.testing.assert_array_equal(result[18], truth[18])
+    np.testing.assert_array_equal(result[19:21], np.repeat(truth[18][None], 2, axis=0))
+    assert history.get(seg, sid).empty_keyframes == frozenset()
+
+
+def test_erased_slice_between_keyframes_stays_empty(session):
+    seg, sid, vol, history, truth = session["seg"], session["sid"], session["vol"], session["history"], session["truth"]
+    current = on_volume(seg, sid, vol)
+    current[16] = truth[16]
+    write(seg, sid, vol, current)
+    update_segment(vol, seg, sid, history, model=GuideCopy(truth))
+    current = on_volume(seg, sid, vol)
+    current[14] = False
+    write(seg, sid, vol, current)
+    update_segment(vol, seg, sid, history, model=GuideCopy(truth))
+    result = on_volume(seg, sid, vol)
+    np.testing.assert_array_equal(result, current)  # only slice 14 changed, and it is kept empty
+    assert history.get(seg, sid).empty_keyframes == {14}
+
+
+def test_update_input_errors_change_nothing(session, mrml_scene):
+    seg, sid, vol, history, truth = session["seg"], session["sid"], session["vol"], session["history"], session["truth"]
+    with pytest.raises(InputError, match="no slice of \"tumor\" differs from the last PAM result"):
+        SegmentUpdate(vol, seg, sid, history, model=GuideCopy(truth))
+    with pytest.raises(InputError, match="no PAM result in this session"):
+        SegmentUpdate(vol, seg, sid, PropagationHistory(), model=GuideCopy(truth))
+    other = make_volume_node(np.zeros((20, 40, 44), np.float32), name="other")
+    with pytest.raises(InputError, match='propagated on volume "volume".*select "volume"'):
+        SegmentUpdate(other, seg, sid, history, model=GuideCopy(truth))
+    current = on_volume(seg, sid, vol)
+    current[12] = False  # the only drawn slice erased
+    write(seg, sid, vol, current)
+    state = internal_labelmap_state(seg, sid)
+    with pytest.raises(InputError, match="nothing to propagate from"):
+        SegmentUpdate(vol, seg, sid, history, model=GuideCopy(truth))
+    assert_same_labelmap(internal_labelmap_state(seg, sid), state)
+    # no volume given: the one it was propagated on
+    current[12] = truth[12]
+    current[15] = truth[15]
+    write(seg, sid, vol, current)
+    assert SegmentUpdate(None, seg, sid, history, model=GuideCopy(truth)).volume_node is vol
+
+
+def test_cancelled_update_changes_nothing(session):
+    seg, sid, vol, history, truth = session["seg"], session["sid"], session["vol"], session["history"], session["truth"]
+    current = on_volume(seg, sid, vol)
+    current[16] = truth[16]
+    write(seg, sid, vol, current)
+    state = internal_labelmap_state(seg, sid)
+    entry = history.get(seg, sid)
+    job = SegmentUpdate(vol, seg, sid, history, model=GuideCopy(truth))
+    job.cancel()  # before it started: the engine never runs
+    assert job.state == "cancelled"
+    with pytest.raises(PAMError, match="nothing to apply: the update is cancelled"):
+        job.apply(history=history)
+    assert_same_labelmap(internal_labelmap_state(seg, sid), state)
+    assert history.get(seg, sid) is entry
+
+
+def test_update_refuses_when_the_segment_was_edited_meanwhile(session):
+    seg, sid, vol, history, truth = session["seg"], session["sid"], session["vol"], session["history"], session["truth"]
+    current = on_volume(seg, sid, vol)
+    current[16] = truth[16]
+    write(seg, sid, vol, current)
+    job = SegmentUpdate(vol, seg, sid, history, model=GuideCopy(truth)).run()
+    current[8] = False
+    write(seg, sid, vol, current)
+    with pytest.raises(InputError, match="edited while propagating"):
+        job.apply(history=history)
+    np.testing.assert_array_equal(on_volume(seg, sid, vol), current)
+    assert history.get(seg, sid).kind == "propagation"
+
+
+# -- undo -----------------------------------------------------------------------------------------
+
+
+def test_undo_restores_the_labelmap_bit_identically(session):
+    seg, sid, history = session["seg"], session["sid"], session["history"]
+    assert internal_labelmap_state(seg, sid)[0].shape != session["before"][0].shape  # the result is 3D
+    message = undo_last(seg, sid, history)
+    assert message == '"tumor" is back as it was before the propagation'
+    assert_same_labelmap(internal_labelmap_state(seg, sid), session["before"])
+    assert history.get(seg, sid) is None
+    with pytest.raises(InputError, match="nothing to undo"):
+        history.undo_last(seg, sid)
+
+
+def test_undo_an_update_then_the_propagation(session):
+    seg, sid, vol, history, truth = session["seg"], session["sid"], session["vol"], session["history"], session["truth"]
+    current = on_volume(seg, sid, vol)
+    current[16] = truth[16]
+    write(seg, sid, vol, current)
+    edited_state = internal_labelmap_state(seg, sid)
+    update_segment(vol, seg, sid, history, model=GuideCopy(truth))
+
+    assert history.undo_last(seg, sid) == '"tumor" is back as it was before the update'
+    assert_same_labelmap(internal_labelmap_state(seg, sid), edited_state)  # the edit, before the update
+    entry = history.get(seg, sid)
+    assert entry.kind == "propagation" and entry.edited_slices(on_volume(seg, sid, vol)) == [16]
+    # the update is available again and gives the same answer
+    update_segment(vol, seg, sid, history, model=GuideCopy(truth))
+    np.testing.assert_array_equal(on_volume(seg, sid, vol)[17:21], np.repeat(truth[16][None], 4, axis=0))
+    history.undo_last(seg, sid)
+    history.undo_last(seg, sid)
+    assert_same_labelmap(internal_labelmap_state(seg, sid), session["before"])  # the one-slice drawing
+    assert history.get(seg, sid) is None
+
+
+def test_undo_in_new_mode_removes_the_added_segment(mrml_scene):
+    truth, image = synthetic()
+    vol = make_volume_node(image)
+    seg, ids = make_segmentation(vol, {"tumor": one_slice(truth, CENTER[0])})
+    state = internal_labelmap_state(seg, ids["tumor"])
+    history = PropagationHistory()
+    new_id = propagate_segment(vol, seg, ids["tumor"], mode="new", model=GuideCopy(truth), history=history)
+    assert history.get(seg, ids["tumor"]) is None and history.get(seg, new_id).created
+    # the (PAM) segment is the one to correct
+    current = on_volume(seg, new_id, vol)
+    current[16] = truth[16]
+    write(seg, new_id, vol, current)
+    update_segment(vol, seg, new_id, history, model=GuideCopy(truth))
+    assert history.undo_last(seg, new_id) == '"tumor (PAM)" is back as it was before the update'
+    np.testing.assert_array_equal(on_volume(seg, new_id, vol), current)
+    assert history.undo_last(seg, new_id) == 'removed "tumor (PAM)", the segment the propagation added'
+    assert seg.GetSegmentation().GetNumberOfSegments() == 1
+    assert_same_labelmap(internal_labelmap_state(seg, ids["tumor"]), state)
+
+
+def test_undo_with_a_shared_labelmap_layer_leaves_other_segments_alone(mrml_scene):
+    truth, image = synthetic()
+    vol = make_volume_node(image)
+    other = np.zeros(SHAPE, np.uint8)
+    other[1:3, 2:6, 2:6] = 1
+    seg, ids = make_segmentation(vol, {"tumor": one_slice(truth, CENTER[0]), "other": other})
+    segmentation = seg.GetSegmentation()
+    segmentation.CollapseBinaryLabelmaps(False)  # both in one layer, as the Segment Editor keeps them
+    assert segmentation.GetNumberOfLayers() == 1
+    before = on_volume(seg, ids["tumor"], vol)
+    history = PropagationHistory()
+    propagate_segment(vol, seg, ids["tumor"], model=GuideCopy(truth), history=history)
+    assert on_volume(seg, ids["tumor"], vol).sum() > before.sum()
+    history.undo_last(seg, ids["tumor"])
+    np.testing.assert_array_equal(on_volume(seg, ids["tumor"], vol), before)
+    np.testing.assert_array_equal(on_volume(seg, ids["other"], vol), other.astype(bool))
+    voxels, extent, matrix, _ = internal_labelmap_state(seg, ids["tumor"])
+    label = segmentation.GetSegment(ids["tumor"]).GetLabelValue()
+    assert set(np.unique(voxels)) <= {0, label}  # its own layer now, without the other segment's voxels
+
+
+def test_undo_refreshes_a_3d_surface(session):
+    seg, sid, vol, history = session["seg"], session["sid"], session["vol"], session["history"]
+    seg.CreateClosedSurfaceRepresentation()
+    name = slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName()
+    propagated = seg.GetSegmentation().GetSegment(sid).GetRepresentation(name).GetNumberOfPoints()
+    history.undo_last(seg, sid)
+    # The stale surface of the 3D result is invalidated, as after an editor stroke; Slicer's
+    # displayable manager rebuilds it on demand, here we ask for it.
+    assert seg.GetSegmentation().GetSegment(sid).GetRepresentation(name) is None
+    seg.CreateClosedSurfaceRepresentation()
+    rebuilt = seg.GetSegmentation().GetSegment(sid).GetRepresentation(name).GetNumberOfPoints()
+    assert 0 < rebuilt < propagated  # from the one-slice drawing
+
+
+# -- review by confidence -------------------------------------------------------------------------
+
+
+def test_review_jumps_the_slice_views_to_the_least_confident_slice(session, monkeypatch):
+    seg, sid, vol, history, truth = session["seg"], session["sid"], session["vol"], session["history"], session["truth"]
+    entry = history.get(seg, sid)
+    entry.confidence[:] = np.nan
+    entry.confidence[4:21] = np.linspace(0.9, 0.5, 17)
+    entry.confidence[12] = 1.0
+    entry.confidence[7] = 0.2
+    assert entry.review_order()[:3] == [7, 20, 19]
+    red = slicer.vtkMRMLSliceNode()
+    red.SetLayoutName("Red")
+    red.SetOrientationToAxial()
+    slicer.mrmlScene.AddNode(red)
+    s = entry.next_to_review()
+    ras = entry.review_point_ras(s)
+    m = vtk.vtkMatrix4x4()
+    vol.GetIJKToRASMatrix(m)
+    centroid = [float(c.mean()) for c in np.nonzero(truth[12])]  # slice 7 holds the guide copy of slice 12
+    np.testing.assert_allclose(ras, (slicer.util.arrayFromVTKMatrix(m) @ [centroid[1], centroid[0], 7, 1])[:3])
+    mrml.jump_slices_to(slicer.mrmlScene, ras)
+    np.testing.assert_allclose(slicer.util.arrayFromVTKMatrix(red.GetSliceToRAS())[:3, 3], ras)
+    entry.reviewed.add(s)
+    assert entry.next_to_review() == 20
+    # reviews survive an update outside the recomputed interval
+    entry.reviewed.update({5, 19})
+    current = on_volume(seg, sid, vol)
+    current[16] = truth[16]
+    write(seg, sid, vol, current)
+    update_segment(vol, seg, sid, history, model=GuideCopy(truth))
+    assert history.get(seg, sid).reviewed == {5, 7}
+
+
+def test_review_point_follows_the_volume_transform(session):
+    seg, sid, vol, history = session["seg"], session["sid"], session["vol"], session["history"]
+    entry = history.get(seg, sid)
+    plain = np.array(entry.review_point_ras(10))
+    transform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    shift = vtk.vtkMatrix4x4()
+    shift.SetElement(1, 3, -6.0)
+    transform.SetMatrixTransformToParent(shift)
+    vol.SetAndObserveTransformNodeID(transform.GetID())
+    np.testing.assert_allclose(entry.review_point_ras(10), plain + [0, -6.0, 0])
+
+
+def test_job_apply_without_history_remembers_nothing(mrml_scene):
+    truth, image = synthetic()
+    vol = make_volume_node(image)
+    seg, ids = make_segmentation(vol, {"tumor": one_slice(truth, CENTER[0])})
+    job = SegmentPropagation(vol, seg, ids["tumor"], model=GuideCopy(truth)).run()
+    job.apply()
+    assert job.history_entry is None
