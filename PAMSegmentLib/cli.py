@@ -279,6 +279,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "info": Subcommand("describe a checkpoint and check that it loads", add_info_arguments, cmd_info),
     "demo": Subcommand("propagate one-slice prompts on the bundled abdominal CT and report Dice",
                        "PAMSegmentLib.demo:add_demo_arguments", "PAMSegmentLib.demo:cmd_demo"),
+    "benchmark": Subcommand("time the network, whole propagations and the Slicer path; write tables and a plot",
+                            "PAMSegmentLib.benchmark:add_benchmark_arguments", "PAMSegmentLib.benchmark:cmd_benchmark"),
 }
 
 

@@ -1,0 +1,1048 @@
+"""``pamsegment benchmark`` (also ``scripts/benchmark.py``): speed, memory and scaling of propagation.
+
+Three parts (issue 5), all on CPU with a fixed number of torch threads:
+
+1. **network**: per-slice latency and throughput of the network alone at the engine's batch sizes.
+   For a PAM preset, one timed call is what ``PAMPredictor.predict`` runs on the network for one
+   batch of B query slices whose guide is already encoded (the engine encodes a guide once per
+   window): ``proposing_stage.decode_queries`` on a (1, B, 1, S, S) crop + ``fuse_scales`` (all
+   scales upsampled, averaged, softmax). Encoding the guide (``encode_guide``: image + mask
+   encoders) is timed separately (``guide_ms``). For SAM 2 tiny (``sam2_hiera_t``, random
+   weights, built from its hydra config without torchvision), one timed call is the video path
+   for B new frames conditioned on one memory frame: ``forward_image`` (Hiera-T + FPN neck on
+   B x 3 x S x S) + ``_prepare_backbone_features`` + ``track_step`` (memory attention over the
+   frame's tokens against the memory frame's 64-channel memory and its object pointer, SAM prompt
+   encoder without prompts, mask decoder, upsampling to S x S) with ``run_mem_encoder=False``.
+   The memory frame (image encoder + mask as output + memory encoder) is ``guide_ms``. This is the
+   accounting most favourable to SAM 2: its video predictor also runs the memory encoder on every
+   tracked frame and attends to up to 7 memory frames, not 1. Every call runs under
+   ``torch.inference_mode()``; figures are medians of several repeats after warm-up.
+2. **end to end**: read NIfTI, preprocess, propagate, write, on synthetic CT-like volumes
+   (noise + body + an ellipsoid-ish object spanning a known number of slices, prompt on its middle
+   slice), each configuration in a fresh subprocess so peak resident memory (VmHWM, reset after
+   imports and model loading) is its own. ``fixed`` runs predict exactly the object's extent
+   (``range`` = extent, ``early_stop=False``), so the work is the same whatever the weights;
+   ``honest`` runs use the default stopping rule and need trained weights.
+3. **slicer**: the Slicer path on slicer-core MRML nodes (node -> array -> engine -> segment),
+   each step's seconds, with a stub predictor standing in for the network.
+
+Outputs in ``--out``: network.csv, end_to_end.csv, slicer.csv, benchmark.json, benchmark.png and
+benchmark.md (tables + machine + command), and the same tables on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from statistics import median
+
+import numpy as np
+
+__all__ = [
+    "BenchConfig",
+    "NETWORK_COLUMNS",
+    "E2E_COLUMNS",
+    "SLICER_COLUMNS",
+    "TARGET_COLUMNS",
+    "machine_info",
+    "synthetic_ct",
+    "run_benchmark",
+    "add_benchmark_arguments",
+    "cmd_benchmark",
+    "main",
+]
+
+NETWORK_COLUMNS = ["model", "input_px", "params_m", "batch", "threads", "repeats", "batch_ms_median",
+                   "batch_ms_min", "per_slice_ms", "slices_per_s", "guide_ms", "peak_rss_mb", "weights",
+                   "status", "note"]
+E2E_COLUMNS = ["preset", "mode", "depth", "size", "object_slices", "slices_predicted", "model_s", "read_s",
+               "propagate_s", "predict_s", "postprocess_s", "engine_overhead_s", "write_s", "wall_s",
+               "baseline_rss_mb", "peak_rss_mb", "run_peak_rss_mb", "dice", "weights", "status", "note"]
+SLICER_COLUMNS = ["step", "seconds", "depth", "size", "note"]
+TARGET_COLUMNS = ["target", "value", "goal", "met", "note"]
+
+RESULT_TAG = "PAMSEGMENT_BENCH_RESULT "
+SAM2_CONFIG = "configs/sam2/sam2_hiera_t.yaml"
+MB = 1024.0 * 1024.0
+
+
+@dataclass
+class BenchConfig:
+    out: str = "docs/benchmark"
+    threads: int = 2
+    quick: bool = False
+    parts: tuple[str, ...] = ("network", "e2e", "slicer")
+    # network part
+    presets: tuple[str, ...] = ("small", "official")
+    batch_sizes: tuple[int, ...] = (1, 4, 8, 16)
+    repeats: int = 5
+    warmup: int = 2
+    budget_s: float = 30.0  # per (model, batch): fewer repeats (at least 3) when one call is slow
+    sam2: bool = True
+    sam2_sizes: tuple[int, ...] = (1024, 512)  # 1024 = the config's own image_size (the target)
+    # end-to-end part
+    size: int = 512
+    depths: tuple[int, ...] = (100, 200, 400)
+    objects: tuple[int, ...] = (20, 80, 160)
+    extra_cases: tuple[tuple[int, int], ...] = ((200, 100),)  # the issue's target case
+    spacing: tuple[float, float, float] = (1.25, 0.7, 0.7)  # (k, j, i) mm; window = 16 slices
+    e2e_presets: tuple[str, ...] = ("small", "official")
+    batch_size: int = 16
+    file_format: str = ".nii.gz"
+    # slicer part
+    slicer_depth: int = 200
+    slicer_object: int = 100
+    # weights
+    checkpoint: str | None = None  # for the small preset; None = the shipped weights if installed
+    official_checkpoint: str | None = None
+    timeout_s: float = 3600.0
+    # Every measurement in a fresh subprocess (own peak RSS, no allocator or thread-pool state
+    # carried over). Quick mode runs in-process to stay fast; its memory figures are then the
+    # benchmark process's, not the configuration's.
+    isolate: bool = True
+    command: str = ""
+
+
+def quick_config(**overrides) -> BenchConfig:
+    """Tiny sizes that exercise every code path in seconds (tests, smoke runs)."""
+    cfg = BenchConfig(quick=True, presets=("small", "official"), batch_sizes=(1, 2), repeats=1, warmup=0,
+                      budget_s=5.0, sam2_sizes=(128,), size=96, depths=(16, 24), objects=(6,),
+                      extra_cases=(), e2e_presets=("small",), batch_size=4, slicer_depth=16, slicer_object=6,
+                      timeout_s=300.0, isolate=False)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# machine, memory, timing helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(threads: int) -> dict:
+    import torch
+
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        usable = os.cpu_count()
+    try:
+        mem_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3, 1)
+    except (ValueError, OSError, AttributeError):  # pragma: no cover
+        mem_gb = None
+    try:
+        from importlib.metadata import version
+
+        sam2_version = version("sam2")
+    except Exception:  # noqa: BLE001 - not installed
+        sam2_version = None
+    return {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "usable_cores": usable,
+        "memory_gb": mem_gb,
+        "torch": torch.__version__,
+        "torch_threads": threads,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "sam2": sam2_version,
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def _status_mb(field_name: str) -> float | None:
+    """VmRSS / VmHWM of this process in MB (Linux), else None."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def _maxrss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to clear_refs)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _set_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(int(threads))
+
+
+def _time_calls(fn, warmup: int, repeats: int, budget_s: float) -> list[float]:
+    """Seconds of ``repeats`` calls after ``warmup`` calls; fewer (>= 3) if one call eats the budget."""
+    first = None
+    for _ in range(warmup):
+        t0 = time.perf_counter()
+        fn()
+        first = time.perf_counter() - t0
+        if first * repeats > budget_s:  # a slow call: one warm-up is enough
+            break
+    n = repeats
+    if first and first * repeats > budget_s:
+        n = max(min(3, repeats), int(budget_s // first))
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+# ----------------------------------------------------------------------------------------------
+# part 1: the network alone
+# ----------------------------------------------------------------------------------------------
+
+
+def _small_checkpoint(cfg: BenchConfig) -> str | None:
+    if cfg.checkpoint:
+        return cfg.checkpoint
+    from .checkpoints import default_checkpoint_path
+
+    path = default_checkpoint_path()
+    return str(path) if path is not None and Path(path).is_file() else None
+
+
+def _pam_model(preset: str, checkpoint: str | None):
+    """(PAMModel, weights description). Speed does not depend on the weights' values."""
+    from .checkpoints import PAMModel, load_model
+    from .network import PAMNetwork
+
+    if checkpoint:
+        model = load_model(checkpoint)
+        if model.config.name != preset and not (preset == "official" and model.kind == "official"):
+            raise ValueError(f"checkpoint {checkpoint} is a {model.config.name!r} network, not {preset!r}")
+        return model, f"trained: {Path(checkpoint).name}"
+    return PAMModel.from_network(PAMNetwork(preset)), "random"
+
+
+def _disk(size: int) -> np.ndarray:
+    yy, xx = np.ogrid[:size, :size]
+    return (((yy - size / 2) / (size / 3)) ** 2 + ((xx - size / 2) / (size / 4)) ** 2 <= 1).astype(np.float32)
+
+
+def _bench_pam_network(task: dict) -> list[dict]:
+    import torch
+
+    from .network import fuse_scales
+
+    _set_threads(task["threads"])
+    model, weights = _pam_model(task["preset"], task.get("checkpoint"))
+    stage = model.network.proposing_stage
+    size = model.config.input_size
+    gen = torch.Generator().manual_seed(0)
+    guide = torch.rand(1, 1, size, size, generator=gen) * 2 - 1
+    mask = torch.from_numpy(_disk(size))[None, None]
+    rows = []
+    with torch.inference_mode():
+        guide_times = _time_calls(lambda: stage.encode_guide(guide, mask), task["warmup"], task["repeats"],
+                                  task["budget_s"])
+        keys, values = stage.encode_guide(guide, mask)
+        for b in task["batch_sizes"]:
+            queries = torch.rand(1, b, 1, size, size, generator=gen) * 2 - 1
+
+            def call():
+                out = stage.decode_queries(queries, keys, values)
+                return fuse_scales(out.logits, size)
+
+            times = _time_calls(call, task["warmup"], task["repeats"], task["budget_s"])
+            med = median(times)
+            rows.append(dict(model=f"pam-{task['preset']}", input_px=size,
+                             params_m=round(model.network.n_parameters() / 1e6, 2), batch=b,
+                             threads=task["threads"], repeats=len(times), batch_ms_median=med * 1e3,
+                             batch_ms_min=min(times) * 1e3, per_slice_ms=med * 1e3 / b, slices_per_s=b / med,
+                             guide_ms=median(guide_times) * 1e3, weights=weights, status="ok",
+                             note="decode_queries + fuse_scales; guide encoded once (guide_ms)"))
+    peak = _maxrss_mb()
+    for r in rows:
+        r["peak_rss_mb"] = peak
+    return rows
+
+
+def _build_sam2(image_size: int):
+    """SAM 2 tiny from its packaged hydra config, random weights, CPU, eval.
+
+    ``sam2.build_sam.build_sam2`` needs only hydra/omegaconf and the modeling code; torchvision
+    is imported only by the image predictor's transforms and the automatic mask generator, which
+    are not used here.
+    """
+    import torch  # noqa: F401
+    from sam2.build_sam import build_sam2
+
+    overrides = [] if image_size == 1024 else [f"++model.image_size={int(image_size)}"]
+    return build_sam2(SAM2_CONFIG, ckpt_path=None, device="cpu", mode="eval", hydra_overrides_extra=overrides)
+
+
+def _bench_sam2(task: dict) -> list[dict]:
+    import torch
+
+    _set_threads(task["threads"])
+    size = int(task["image_size"])
+    model = _build_sam2(size)
+    assert model.image_size == size, (model.image_size, size)
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    gen = torch.Generator().manual_seed(0)
+    guide = torch.randn(1, 3, size, size, generator=gen)
+    mask = torch.from_numpy(_disk(size))[None, None]
+    empty = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
+
+    def encode_guide():
+        feats = model._prepare_backbone_features(model.forward_image(guide))
+        _, vision, pos, sizes = feats
+        return model.track_step(0, True, vision, pos, sizes, None, mask, empty, 2, run_mem_encoder=True)
+
+    rows = []
+    with torch.inference_mode():
+        guide_times = _time_calls(encode_guide, task["warmup"], task["repeats"], task["budget_s"])
+        memory = encode_guide()
+        for b in task["batch_sizes"]:
+            cond = {
+                "maskmem_features": memory["maskmem_features"].expand(b, -1, -1, -1),
+                "maskmem_pos_enc": [p.expand(b, -1, -1, -1) for p in memory["maskmem_pos_enc"]],
+                "obj_ptr": memory["obj_ptr"].expand(b, -1),
+            }
+            bank = {"cond_frame_outputs": {0: cond}, "non_cond_frame_outputs": {}}
+            frames = torch.randn(b, 3, size, size, generator=gen)
+
+            def call():
+                _, vision, pos, sizes = model._prepare_backbone_features(model.forward_image(frames))
+                out = model.track_step(1, False, vision, pos, sizes, None, None, bank, 2, run_mem_encoder=False)
+                return out["pred_masks_high_res"]
+
+            times = _time_calls(call, task["warmup"], task["repeats"], task["budget_s"])
+            med = median(times)
+            native = "config's own input size" if size == 1024 else "image_size overridden (not the target)"
+            rows.append(dict(model=f"sam2-tiny@{size}", input_px=size, params_m=round(params, 2), batch=b,
+                             threads=task["threads"], repeats=len(times), batch_ms_median=med * 1e3,
+                             batch_ms_min=min(times) * 1e3, per_slice_ms=med * 1e3 / b, slices_per_s=b / med,
+                             guide_ms=median(guide_times) * 1e3, weights="random", status="ok",
+                             note=f"forward_image + track_step vs 1 memory frame, no per-frame memory encoder; "
+                                  f"{native}"))
+    peak = _maxrss_mb()
+    for r in rows:
+        r["peak_rss_mb"] = peak
+    return rows
+
+
+def _sam2_unavailable_reason() -> str | None:
+    """Why SAM 2 cannot be built here (checked in a subprocess so a failure costs nothing)."""
+    try:
+        import importlib.util
+
+        if importlib.util.find_spec("sam2") is None:
+            return "the sam2 package is not installed (pip install --no-deps sam2 hydra-core iopath)"
+    except (ImportError, ValueError) as exc:
+        return f"sam2 cannot be found: {exc}"
+    return None
+
+
+def run_network_part(cfg: BenchConfig, log=print) -> list[dict]:
+    rows: list[dict] = []
+    common = dict(threads=cfg.threads, warmup=cfg.warmup, repeats=cfg.repeats, budget_s=cfg.budget_s,
+                  batch_sizes=list(cfg.batch_sizes))
+    for preset in cfg.presets:
+        ckpt = _small_checkpoint(cfg) if preset == "small" else (cfg.official_checkpoint if preset == "official" else None)
+        log(f"[network] pam-{preset} ({'weights ' + Path(ckpt).name if ckpt else 'random weights'}) ...")
+        rows += _isolated_rows("pam_network", dict(common, preset=preset, checkpoint=ckpt), cfg,
+                               dict(model=f"pam-{preset}", weights="trained" if ckpt else "random"))
+    if cfg.sam2:
+        reason = _sam2_unavailable_reason()
+        for size in cfg.sam2_sizes:
+            if reason:
+                rows += [dict(model=f"sam2-tiny@{size}", input_px=size, batch=b, threads=cfg.threads,
+                              status="not measurable here", note=reason) for b in cfg.batch_sizes]
+                continue
+            log(f"[network] sam2-tiny at {size} px (random weights) ...")
+            rows += _isolated_rows("sam2", dict(common, image_size=size), cfg,
+                                   dict(model=f"sam2-tiny@{size}", input_px=size, weights="random"))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# part 2: end to end
+# ----------------------------------------------------------------------------------------------
+
+
+def synthetic_ct(depth: int, size: int, object_slices: int, seed: int = 0):
+    """A CT-like (k, j, i) int16 volume with an ellipsoid-ish object on exactly ``object_slices``
+    consecutive slices (centred along k), its mask, and the prompt (the object's middle slice).
+
+    Returns (image int16, truth uint8, prompt uint8, (first, last, prompt_slice)).
+    """
+    if not 1 <= object_slices <= depth:
+        raise ValueError(f"an object of {object_slices} slices does not fit in {depth} slices")
+    rng = np.random.default_rng(seed)
+    yy, xx = np.ogrid[:size, :size]
+    c = size / 2.0
+    body = ((yy - c) / (0.44 * size)) ** 2 + ((xx - c) / (0.37 * size)) ** 2 <= 1
+    spine = ((yy - 0.72 * size) / (0.05 * size)) ** 2 + ((xx - c) / (0.05 * size)) ** 2 <= 1
+    base = np.where(body, 40.0, -1000.0).astype(np.float32)
+    base[spine] = 600.0
+    first = (depth - object_slices) // 2
+    last = first + object_slices - 1
+    mid = (first + last) // 2
+    image = np.empty((depth, size, size), dtype=np.int16)
+    truth = np.zeros((depth, size, size), dtype=np.uint8)
+    ry, rx = 0.09 * size, 0.07 * size
+    half = max(object_slices / 2.0, 1.0)
+    for k in range(depth):
+        sl = base + rng.standard_normal((size, size), dtype=np.float32) * 15.0
+        if first <= k <= last:
+            t = (k + 0.5 - (first + last + 1) / 2.0) / half
+            f = max(math.sqrt(max(1.0 - t * t, 0.0)), 0.3)
+            cy = c - 0.12 * size + 0.02 * size * math.sin(k / 7.0)
+            cx = c + 0.1 * size + 0.02 * size * math.cos(k / 9.0)
+            obj = ((yy - cy) / (ry * f)) ** 2 + ((xx - cx) / (rx * f)) ** 2 <= 1
+            sl[obj] += 80.0
+            truth[k] = obj
+        image[k] = np.clip(sl, -1024, 3071)
+    prompt = np.zeros_like(truth)
+    prompt[mid] = truth[mid]
+    return image, truth, prompt, (first, last, mid)
+
+
+def _write_case(directory: Path, depth: int, size: int, object_slices: int, spacing, fmt: str) -> dict:
+    from .volumes import Volume, write_labelmap, write_volume
+
+    image, truth, prompt, (first, last, mid) = synthetic_ct(depth, size, object_slices)
+    grid = Volume(image, tuple(float(s) for s in spacing), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    stem = directory / f"ct_{depth}x{size}_obj{object_slices}"
+    paths = {"image": f"{stem}_image{fmt}", "prompt": f"{stem}_prompt{fmt}", "truth": f"{stem}_truth{fmt}"}
+    write_volume(grid, paths["image"])
+    write_labelmap(prompt, grid, paths["prompt"])
+    write_labelmap(truth, grid, paths["truth"])
+    return dict(paths, first=first, last=last, prompt_slice=mid)
+
+
+def _worker_e2e(task: dict) -> dict:
+    _set_threads(task["threads"])
+    import torch  # noqa: F401
+
+    from .metrics import dice
+    from .propagate import propagate
+    from .volumes import read_labelmap, read_volume, write_labelmap
+
+    t0 = time.perf_counter()
+    model, weights = _pam_model(task["preset"], task.get("checkpoint"))
+    model_s = time.perf_counter() - t0
+    baseline = _status_mb("VmRSS") or _maxrss_mb()
+    peak_before = _status_mb("VmHWM") or _maxrss_mb()
+    reset = _reset_peak_rss()
+
+    t0 = time.perf_counter()
+    image = read_volume(task["image"])
+    prompt = read_labelmap(task["prompt"], reference=image)
+    t1 = time.perf_counter()
+    fixed = task["mode"] == "fixed"
+    result = propagate(image.array, prompt.array, image.spacing, model, axis=0,
+                       range=(task["first"], task["last"]) if fixed else None, early_stop=not fixed,
+                       batch_size=task["batch_size"], threads=task["threads"])
+    t2 = time.perf_counter()
+    write_labelmap(result.mask, image, task["output"])
+    t3 = time.perf_counter()
+    run_peak = _status_mb("VmHWM") if reset else None
+    peak = max(peak_before, _status_mb("VmHWM") or 0.0, _maxrss_mb())
+
+    trained = weights != "random"
+    score = None
+    if trained:  # after the timed region; with random weights a Dice means nothing
+        truth = read_labelmap(task["truth"], reference=image).array > 0
+        score = float(dice(result.mask > 0, truth))
+    tm = result.timings
+    return dict(
+        preset=task["preset"], mode=task["mode"], depth=task["depth"], size=task["size"],
+        object_slices=task["object_slices"], slices_predicted=result.n_predicted, model_s=model_s,
+        read_s=t1 - t0, propagate_s=t2 - t1, predict_s=tm.get("predict"), postprocess_s=tm.get("postprocess"),
+        engine_overhead_s=(t2 - t1) - tm.get("predict", 0.0) - tm.get("postprocess", 0.0), write_s=t3 - t2,
+        wall_s=t3 - t0, baseline_rss_mb=baseline, peak_rss_mb=peak, run_peak_rss_mb=run_peak, dice=score,
+        weights=weights, status="ok",
+        note=("range = object extent, early_stop off" if fixed else "default stopping rule")
+        + ("" if reset else "; VmHWM reset unavailable: peak includes model loading"),
+    )
+
+
+def _e2e_cases(cfg: BenchConfig) -> list[tuple[int, int]]:
+    cases = [(d, o) for d in cfg.depths for o in cfg.objects if o <= d - 4]
+    for case in cfg.extra_cases:
+        if case not in cases and case[1] <= case[0]:
+            cases.append(tuple(case))
+    return sorted(cases)
+
+
+def run_e2e_part(cfg: BenchConfig, work: Path, log=print) -> list[dict]:
+    rows: list[dict] = []
+    small_ckpt = _small_checkpoint(cfg)
+    cases = _e2e_cases(cfg)
+    for depth, obj in cases:
+        log(f"[e2e] writing synthetic CT {cfg.size}x{cfg.size}x{depth}, object {obj} slices ...")
+        case = _write_case(work, depth, cfg.size, obj, cfg.spacing, cfg.file_format)
+        for preset in cfg.e2e_presets:
+            ckpt = small_ckpt if preset == "small" else (cfg.official_checkpoint if preset == "official" else None)
+            modes = ["fixed"] + (["honest"] if ckpt else [])
+            for mode in modes:
+                task = dict(case, preset=preset, mode=mode, depth=depth, size=cfg.size, object_slices=obj,
+                            checkpoint=ckpt, threads=cfg.threads, batch_size=cfg.batch_size,
+                            output=str(work / f"out_{preset}_{mode}_{depth}_{obj}{cfg.file_format}"))
+                log(f"[e2e]   {preset} {mode} ...")
+                got = _isolated_rows("e2e", task, cfg, dict(preset=preset, mode=mode, depth=depth, size=cfg.size,
+                                                            object_slices=obj))
+                rows += got
+                Path(task["output"]).unlink(missing_ok=True)
+        for key in ("image", "prompt", "truth"):
+            Path(case[key]).unlink(missing_ok=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# part 3: the Slicer path
+# ----------------------------------------------------------------------------------------------
+
+
+def _stub_predictor():
+    """A predictor with no network: the guide's mask is the answer on every query slice."""
+    from .propagate import SlicePrediction, SlicePredictor
+
+    class GuideCopy(SlicePredictor):
+        def predict(self, volume, guide_index, guide_mask, query_indices):
+            prob = np.broadcast_to(guide_mask.astype(np.float32), (len(query_indices),) + guide_mask.shape)
+            return SlicePrediction(np.array(prob))
+
+    return GuideCopy()
+
+
+def _mrml_scene(slicer):
+    """A scene with the logics slicer.util needs, as Testing/conftest_mrml.py builds it."""
+    import types
+
+    scene = slicer.vtkMRMLScene()
+    app = slicer.vtkSlicerApplicationLogic()
+    app.SetMRMLScene(scene)
+    logics = {}
+    for name, cls in (("Colors", slicer.vtkSlicerColorLogic), ("Data", slicer.vtkSlicerDataModuleLogic),
+                      ("Volumes", slicer.vtkSlicerVolumesLogic),
+                      ("Segmentations", slicer.vtkSlicerSegmentationsModuleLogic)):
+        logic = cls()
+        logic.SetMRMLApplicationLogic(app)
+        logic.SetMRMLScene(scene)
+        app.SetModuleLogic(name, logic)
+        logics[name.lower()] = logic
+    slicer.mrmlScene = scene
+    slicer.modules = types.SimpleNamespace(
+        **{name: types.SimpleNamespace(logic=(lambda lg=lg: lg)) for name, lg in logics.items()})
+    return scene, app, logics
+
+
+def _worker_slicer(task: dict) -> list[dict]:
+    _set_threads(task["threads"])
+    import slicer
+    import vtk
+
+    vtk.vtkLogger.SetStderrVerbosity(vtk.vtkLogger.VERBOSITY_OFF)  # the scene has no colour files: noise
+
+    from . import mrml
+    from .propagate import propagate
+
+    depth, size, obj = task["depth"], task["size"], task["object_slices"]
+    scene, _app, _logics = _mrml_scene(slicer)  # noqa: F841 - keep the logics alive
+    image, truth, prompt, (first, last, _mid) = synthetic_ct(depth, size, obj)
+    del truth
+    volume_node = slicer.util.addVolumeFromArray(image, name="ct")
+    volume_node.SetSpacing(*reversed(task["spacing"]))
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "segmentation")
+    seg.CreateDefaultDisplayNodes()
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    sid = seg.GetSegmentation().AddEmptySegment("", "object", [0.9, 0.2, 0.1])
+    rows = []
+
+    def step(name, fn, note=""):
+        t0 = time.perf_counter()
+        out = fn()
+        rows.append(dict(step=name, seconds=time.perf_counter() - t0, depth=depth, size=size, note=note))
+        return out
+
+    step("setup: prompt -> segment (updateSegmentBinaryLabelmapFromArray)",
+         lambda: slicer.util.updateSegmentBinaryLabelmapFromArray(prompt, seg, sid, volume_node),
+         "scene setup, the user's drawing")
+    arr, grid = step("volume node -> float32 array (mrml.volume_array)", lambda: mrml.volume_array(volume_node))
+    prm = step("segment -> uint8 array on the volume grid (mrml.segment_mask)",
+               lambda: mrml.segment_mask(seg, sid, volume_node))
+    if hasattr(mrml, "_prompt_info"):
+        step("prompt slices + plane (mrml._prompt_info)", lambda: mrml._prompt_info(prm, grid))
+    stub = _stub_predictor()
+    result = step("engine without network (propagate, stub predictor)",
+                  lambda: propagate(arr, prm, grid.spacing, stub, axis=0, range=(first, last), early_stop=False,
+                                    batch_size=task["batch_size"], threads=task["threads"]),
+                  f"{last - first} slices, object extent")
+    rows[-1]["note"] += f"; of which stub predict {result.timings.get('predict', 0.0):.3f} s"
+    mask = result.mask > 0
+    step("result -> segment (mrml.write_segment_mask)",
+         lambda: mrml.write_segment_mask(mask, grid, seg, sid, volume_node), "replace, one segmentation-logic call")
+    sid2 = seg.GetSegmentation().AddEmptySegment("", "object util", [0.1, 0.7, 0.3])
+    step("result -> new segment (slicer.util.updateSegmentBinaryLabelmapFromArray)",
+         lambda: slicer.util.updateSegmentBinaryLabelmapFromArray(mask.astype(np.uint8), seg, sid2, volume_node),
+         "for comparison")
+
+    # The whole job as the module runs it: copy out (main thread), run (worker), apply (main thread).
+    if hasattr(mrml, "SegmentPropagation"):
+        sid3 = seg.GetSegmentation().AddEmptySegment("", "job", [0.2, 0.3, 0.9])
+        slicer.util.updateSegmentBinaryLabelmapFromArray(prompt, seg, sid3, volume_node)
+        job = step("job: SegmentPropagation.__init__ (node/segment -> arrays, prompt check)",
+                   lambda: mrml.SegmentPropagation(volume_node, seg, sid3, mode="replace", model=stub,
+                                                   range=(first, last), batch_size=task["batch_size"],
+                                                   threads=task["threads"]))
+        step("job: run (engine, stub predictor)", job.run)
+        if job.state != "finished":
+            rows[-1]["note"] = f"job {job.state}: {job.error}"
+        else:
+            step("job: apply (scene check incl. re-export of the segment + write)", job.apply)
+    return rows
+
+
+def run_slicer_part(cfg: BenchConfig, log=print) -> list[dict]:
+    try:
+        import importlib.util
+
+        missing = importlib.util.find_spec("slicer") is None
+    except (ImportError, ValueError):
+        missing = True
+    if missing:
+        return [dict(step="slicer path", seconds=None, depth=cfg.slicer_depth, size=cfg.size,
+                     note="not measurable here: slicer-core is not installed (pip install slicer-core)")]
+    log(f"[slicer] MRML nodes {cfg.size}x{cfg.size}x{cfg.slicer_depth}, object {cfg.slicer_object} slices ...")
+    task = dict(depth=cfg.slicer_depth, size=cfg.size, object_slices=cfg.slicer_object, threads=cfg.threads,
+                spacing=list(cfg.spacing), batch_size=cfg.batch_size)
+    return _isolated_rows("slicer", task, cfg, dict(step="slicer path", depth=cfg.slicer_depth, size=cfg.size),
+                          error_key="note")
+
+
+# ----------------------------------------------------------------------------------------------
+# subprocess isolation
+# ----------------------------------------------------------------------------------------------
+
+WORKERS = {"pam_network": _bench_pam_network, "sam2": _bench_sam2, "e2e": _worker_e2e, "slicer": _worker_slicer}
+
+
+def _isolated_rows(kind: str, task: dict, cfg: BenchConfig, on_error: dict, error_key: str = "status") -> list[dict]:
+    """Run WORKERS[kind](task) in a fresh Python process with cfg.threads threads; rows back as JSON.
+
+    With ``cfg.isolate`` off the worker runs in this process (quick mode): same rows, but memory
+    figures are this process's."""
+    if not cfg.isolate:
+        import torch
+
+        threads = torch.get_num_threads()
+        try:
+            got = json.loads(json.dumps(WORKERS[kind](task), default=_json_default))
+        except Exception as exc:  # noqa: BLE001 - one failed measurement must not stop the others
+            return [dict(on_error, **{error_key: f"error: {type(exc).__name__}: {str(exc)[:300]}"})]
+        finally:
+            torch.set_num_threads(threads)
+        rows = got if isinstance(got, list) else [got]
+        for r in rows:
+            if "peak_rss_mb" in r:
+                r["note"] = ((r.get("note") or "") + "; in-process (memory not isolated)").lstrip("; ")
+        return rows
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[var] = str(cfg.threads)
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    cmd = [sys.executable, "-m", "PAMSegmentLib.benchmark", "--worker", kind, json.dumps(task)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=cfg.timeout_s)
+    except subprocess.TimeoutExpired:
+        return [dict(on_error, **{error_key: f"error: timed out after {cfg.timeout_s:.0f} s"})]
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_TAG):
+            got = json.loads(line[len(RESULT_TAG):])
+            return got if isinstance(got, list) else [got]
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return [dict(on_error, **{error_key: f"error (exit {proc.returncode}): {tail[:300]}"})]
+
+
+def _worker_main(kind: str, payload: str) -> int:
+    task = json.loads(payload)
+    rows = WORKERS[kind](task)
+    print(RESULT_TAG + json.dumps(rows, default=_json_default), flush=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# targets, tables, files
+# ----------------------------------------------------------------------------------------------
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+def _by(rows, **match):
+    return [r for r in rows if r.get("status", "ok") == "ok" and all(r.get(k) == v for k, v in match.items())]
+
+
+def evaluate_targets(result: dict) -> list[dict]:
+    """Issue 5's targets, from the figures (nothing is asserted; ``met`` is True/False/None)."""
+    net, e2e = result.get("network", []), result.get("end_to_end", [])
+    out = []
+    batches = sorted({r["batch"] for r in _by(net, model="pam-small")})
+
+    def ratio(other: str, goal: float, label: str):
+        for b in batches:
+            a, o = _by(net, model="pam-small", batch=b), _by(net, model=other, batch=b)
+            if a and o:
+                v = a[0]["slices_per_s"] / o[0]["slices_per_s"]
+                out.append(dict(target=f"default/{label} throughput, batch {b}", value=round(v, 2),
+                                goal=f">= {goal:g}x", met=bool(v >= goal)))
+        if not any(r["model"] == other for r in _by(net)):
+            why = next((f"{r.get('status')}: {r.get('note') or ''}" for r in net if r.get("model") == other),
+                       f"{other} not measured in this run")
+            out.append(dict(target=f"default/{label} throughput", value=None, goal=f">= {goal:g}x", met=None,
+                            note=why))
+
+    ratio("pam-official", 10, "official")
+    ratio("sam2-tiny@1024", 5, "SAM 2 tiny")
+    for preset in ("small", "official"):
+        for mode in ("honest", "fixed"):
+            rows = _by(e2e, preset=preset, mode=mode, depth=200, object_slices=100)
+            if not rows:
+                continue
+            r = rows[0]
+            tag = f"{preset} ({'default' if preset == 'small' else 'official'}) {mode}, 100-slice object in 512x512x200"
+            if r["size"] != 512:
+                tag = tag.replace("512x512x200", f"{r['size']}x{r['size']}x200")
+            if preset == "small":
+                out.append(dict(target=f"{tag}: wall s (read+propagate+write)", value=round(r["wall_s"], 2),
+                                goal="< 5 s", met=bool(r["wall_s"] < 5)))
+            out.append(dict(target=f"{tag}: peak RSS MB", value=round(r["peak_rss_mb"]), goal="< 2048 MB",
+                            met=bool(r["peak_rss_mb"] < 2048)))
+    return out
+
+
+def _fmt(v, digits=3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "NO"
+    if isinstance(v, float):
+        if abs(v) >= 100:
+            return f"{v:.0f}"
+        if abs(v) >= 10:
+            return f"{v:.1f}"
+        return f"{v:.{digits}g}" if abs(v) < 1 else f"{v:.2f}"
+    return str(v)
+
+
+def _table(rows: list[dict], columns: list[str], markdown: bool = False) -> str:
+    if not rows:
+        return "(none)"
+    cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+        lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in cells]
+        return "\n".join(lines)
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+NET_SHOW = ["model", "input_px", "params_m", "batch", "repeats", "batch_ms_median", "per_slice_ms", "slices_per_s",
+            "guide_ms", "peak_rss_mb", "weights", "status"]
+E2E_SHOW = ["preset", "mode", "depth", "object_slices", "slices_predicted", "model_s", "read_s", "propagate_s",
+            "predict_s", "engine_overhead_s", "postprocess_s", "write_s", "wall_s", "peak_rss_mb", "run_peak_rss_mb",
+            "dice", "weights", "status"]
+
+
+def report_text(result: dict, markdown: bool = False) -> str:
+    m = result["machine"]
+    cfg = result["config"]
+    head = "## " if markdown else "== "
+    parts = [
+        f"{head}Machine",
+        f"CPU: {m['cpu']}; {m['cores']} cores ({m['usable_cores']} usable), {m.get('memory_gb')} GB; "
+        f"torch {m['torch']} on {m['torch_threads']} threads; numpy {m['numpy']}; Python {m['python']}; "
+        f"sam2 {m.get('sam2') or 'not installed'}; load average at start {m.get('load_average')}; {m['date']}",
+        f"Command: `{cfg.get('command') or 'pamsegment benchmark'}`" + (" (quick smoke mode: tiny sizes)" if cfg["quick"] else ""),
+    ]
+    if result.get("network") is not None:
+        parts += ["", f"{head}1. Network alone (median of repeats after warm-up, torch.inference_mode)",
+                  _table(result["network"], NET_SHOW, markdown)]
+        notes = sorted({f"{r['model']}: {r['note']}" for r in result["network"] if r.get("note")})
+        parts += [("- " if markdown else "  ") + n for n in notes]
+    if result.get("end_to_end") is not None:
+        parts += ["", f"{head}2. End to end (fresh process per row; read + propagate + write = wall_s; "
+                      f"model_s separate; peak RSS of the whole process, run_peak after imports + model load)",
+                  _table(result["end_to_end"], E2E_SHOW, markdown)]
+        parts += _scaling_lines(result["end_to_end"], markdown)
+    if result.get("slicer") is not None:
+        parts += ["", f"{head}3. Slicer path on slicer-core MRML nodes (no network)",
+                  _table(result["slicer"], SLICER_COLUMNS, markdown)]
+    parts += ["", f"{head}Targets (issue 5)", _table(result["targets"], TARGET_COLUMNS, markdown)]
+    return "\n".join(parts)
+
+
+def _scaling_lines(rows: list[dict], markdown: bool) -> list[str]:
+    """How propagate time grows with object length (fixed volume) and with volume size (fixed object)."""
+    out = []
+    bullet = "- " if markdown else "  "
+    for preset in sorted({r["preset"] for r in _by(rows)}):
+        fixed = _by(rows, preset=preset, mode="fixed")
+        for depth in sorted({r["depth"] for r in fixed}):
+            pts = sorted((r["object_slices"], r["propagate_s"]) for r in fixed if r["depth"] == depth)
+            if len(pts) > 1:
+                out.append(f"{bullet}{preset}, volume depth {depth}: propagate s by object length "
+                           + ", ".join(f"{o}: {s:.2f}" for o, s in pts)
+                           + f" ({_per_slice(pts)} s per extra object slice)")
+        for obj in sorted({r["object_slices"] for r in fixed}):
+            pts = sorted((r["depth"], r["propagate_s"]) for r in fixed if r["object_slices"] == obj)
+            if len(pts) > 1:
+                out.append(f"{bullet}{preset}, object {obj} slices: propagate s by volume depth "
+                           + ", ".join(f"{d}: {s:.2f}" for d, s in pts)
+                           + f" ({_per_slice(pts)} s per extra volume slice)")
+    return out
+
+
+def _per_slice(pts) -> str:
+    x = np.array([p[0] for p in pts], float)
+    y = np.array([p[1] for p in pts], float)
+    if np.ptp(x) == 0:
+        return "-"
+    return f"{np.polyfit(x, y, 1)[0]:.4f}"
+
+
+def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: ("" if r.get(c) is None else r.get(c)) for c in columns})
+
+
+def _plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    ax = axes[0]
+    for model in sorted({r["model"] for r in _by(result.get("network") or [])}):
+        pts = sorted((r["batch"], r["per_slice_ms"]) for r in _by(result["network"], model=model))
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=model)
+    batches = sorted({r["batch"] for r in _by(result.get("network") or [])})
+    if batches:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(batches, [str(b) for b in batches])
+    ax.set_xlabel("batch (query slices per call)")
+    ax.set_ylabel("ms per slice (median)")
+    ax.set_yscale("log")
+    ax.set_title(f"1. network alone, {result['machine']['torch_threads']} threads")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+
+    ax = axes[1]
+    e2e = result.get("end_to_end") or []
+    for preset in sorted({r["preset"] for r in _by(e2e)}):
+        fixed = _by(e2e, preset=preset, mode="fixed")
+        for depth in sorted({r["depth"] for r in fixed}):
+            pts = sorted((r["object_slices"], r["propagate_s"]) for r in fixed if r["depth"] == depth)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if preset == "small" else "s--",
+                    label=f"{preset}, depth {depth}")
+    ax.set_xlabel("object length (slices predicted)")
+    ax.set_ylabel("propagate seconds")
+    ax.set_yscale("log")
+    ax.set_title("2. end to end: time follows the object")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, which="both")
+
+    ax = axes[2]
+    rows = [r for r in _by(e2e) if r["mode"] == "fixed"]
+    labels = [f"{r['preset'][:5]} {r['depth']}/{r['object_slices']}" for r in rows]
+    ax.barh(range(len(rows)), [r["read_s"] for r in rows], label="read", color="tab:gray")
+    left = np.array([r["read_s"] for r in rows])
+    for key, color in (("propagate_s", "tab:blue"), ("write_s", "tab:orange")):
+        vals = np.array([r[key] for r in rows])
+        ax.barh(range(len(rows)), vals, left=left, label=key[:-2], color=color)
+        left = left + vals
+    for i, r in enumerate(rows):
+        ax.text(left[i], i, f" {r['peak_rss_mb']:.0f} MB", va="center", fontsize=7)
+    ax.set_yticks(range(len(rows)), labels, fontsize=7)
+    ax.set_xlabel("seconds (bar) and peak RSS (label)")
+    ax.set_title("2. wall time split (preset depth/object)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(result: dict, out: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for key, name, cols in (("network", "network.csv", NETWORK_COLUMNS), ("end_to_end", "end_to_end.csv", E2E_COLUMNS),
+                            ("slicer", "slicer.csv", SLICER_COLUMNS), ("targets", "targets.csv", TARGET_COLUMNS)):
+        if result.get(key) is not None:
+            _write_csv(out / name, result[key], cols)
+            files[key] = str(out / name)
+    (out / "benchmark.md").write_text("# PAMSegment benchmark\n\n" + report_text(result, markdown=True) + "\n")
+    files["markdown"] = str(out / "benchmark.md")
+    try:
+        _plot(result, out / "benchmark.png")
+        files["plot"] = str(out / "benchmark.png")
+    except Exception as exc:  # noqa: BLE001 - a plot failure must not lose the numbers
+        files["plot_error"] = f"{type(exc).__name__}: {exc}"
+    files["json"] = str(out / "benchmark.json")
+    result["files"] = files
+    (out / "benchmark.json").write_text(json.dumps(result, indent=2, default=_json_default))
+    return files
+
+
+def run_benchmark(cfg: BenchConfig, log=print) -> dict:
+    """Run the selected parts; returns the result dict (also written to cfg.out)."""
+    result: dict = {"machine": machine_info(cfg.threads), "config": asdict(cfg)}
+    if "network" in cfg.parts:
+        result["network"] = run_network_part(cfg, log)
+    if "e2e" in cfg.parts:
+        with tempfile.TemporaryDirectory(prefix="pamsegment_bench_") as tmp:
+            result["end_to_end"] = run_e2e_part(cfg, Path(tmp), log)
+    if "slicer" in cfg.parts:
+        result["slicer"] = run_slicer_part(cfg, log)
+    result["targets"] = evaluate_targets(result)
+    write_outputs(result, Path(cfg.out))
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+# ----------------------------------------------------------------------------------------------
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+def _parts(text: str) -> tuple[str, ...]:
+    parts = tuple(p.strip() for p in text.split(",") if p.strip())
+    bad = [p for p in parts if p not in ("network", "e2e", "slicer")]
+    if bad or not parts:
+        raise argparse.ArgumentTypeError(f"parts are network, e2e, slicer (comma-separated), got {text!r}")
+    return parts
+
+
+def add_benchmark_arguments(p: argparse.ArgumentParser, default_out: str = "docs/benchmark") -> None:
+    p.add_argument("--out", default=default_out, help=f"output folder (default: {default_out})")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads for every measurement (default: 2)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: a smoke run in seconds")
+    p.add_argument("--parts", type=_parts, default=None, help="any of network,e2e,slicer (default: all)")
+    p.add_argument("--checkpoint", default=None,
+                   help="weights of the small (default) preset (default: the shipped Resources/Models/pam_small.pt "
+                        "if installed, else random weights and no honest end-to-end runs)")
+    p.add_argument("--official-checkpoint", default=None, help="the authors' propmask.pth, for honest official runs")
+    p.add_argument("--batch-sizes", type=_int_list, default=None, help="network part batch sizes (default: 1,4,8,16)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per network figure (default: 5)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up calls before timing (default: 2)")
+    p.add_argument("--depths", type=_int_list, default=None, help="end-to-end volume depths (default: 100,200,400)")
+    p.add_argument("--objects", type=_int_list, default=None, help="end-to-end object lengths (default: 20,80,160)")
+    p.add_argument("--size", type=int, default=None, help="in-plane size of the synthetic volumes (default: 512)")
+    p.add_argument("--no-sam2", action="store_true", help="skip SAM 2 tiny")
+    p.add_argument("--isolate", dest="isolate", action="store_true", default=None,
+                   help="run every measurement in a fresh subprocess (the default, except with --quick)")
+    p.add_argument("--in-process", dest="isolate", action="store_false",
+                   help="run the measurements in this process (faster; memory figures not per configuration)")
+    p.add_argument("--sam2-sizes", type=_int_list, default=None,
+                   help="SAM 2 input sizes (default: 1024,512; 1024 is its config's own and the target's)")
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    cfg = quick_config() if args.quick else BenchConfig()
+    cfg.out, cfg.threads = args.out, max(int(args.threads), 1)
+    for name, attr in (("parts", "parts"), ("batch_sizes", "batch_sizes"), ("repeats", "repeats"),
+                       ("warmup", "warmup"), ("depths", "depths"), ("objects", "objects"), ("size", "size"),
+                       ("sam2_sizes", "sam2_sizes"), ("checkpoint", "checkpoint"),
+                       ("official_checkpoint", "official_checkpoint")):
+        value = getattr(args, name, None)
+        if value is not None:
+            setattr(cfg, attr, value)
+    if args.no_sam2:
+        cfg.sam2 = False
+    if args.isolate is not None:
+        cfg.isolate = args.isolate
+    cfg.command = getattr(args, "command_line", "") or "pamsegment benchmark " + " ".join(
+        shlex.quote(a) for a in sys.argv[2:] if sys.argv[1:2] == ["benchmark"])
+    return cfg
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from .errors import InputError
+
+    if args.checkpoint and not Path(args.checkpoint).is_file():
+        raise InputError(f"checkpoint {args.checkpoint} does not exist")
+    cfg = config_from_args(args)
+    t0 = time.perf_counter()
+    result = run_benchmark(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(report_text(result))
+    print(f"\nwrote {', '.join(v for k, v in result['files'].items() if not k.endswith('error'))} "
+          f"in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def main(argv=None, default_out: str = "docs/benchmark") -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="benchmark", description=__doc__.split("\n\n")[0])
+    add_benchmark_arguments(parser, default_out)
+    args = parser.parse_args(argv)
+    args.command_line = "python scripts/benchmark.py " + " ".join(shlex.quote(a) for a in argv)
+    return cmd_benchmark(args)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
+        sys.exit(_worker_main(sys.argv[2], sys.argv[3]))
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""``pamsegment benchmark``: the quick mode runs every part on tiny sizes and writes its tables.
+
+No timing is asserted (the machine is shared); only that every figure is produced, in the
+documented files and columns, and that the target check reads them correctly.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from PAMSegmentLib import benchmark as bm
+from PAMSegmentLib import cli
+
+
+def _read_csv(path):
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        return reader.fieldnames, list(reader)
+
+
+def test_quick_benchmark_writes_csv_json_plot(tmp_path, capsys):
+    out = tmp_path / "bench"
+    code = cli.main(["benchmark", "--quick", "--threads", "1", "--no-sam2", "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    for heading in ("Machine", "1. Network alone", "2. End to end", "3. Slicer path", "Targets (issue 5)"):
+        assert heading in printed
+    assert "torch " in printed and "CPU: " in printed
+
+    header, rows = _read_csv(out / "network.csv")
+    assert header == bm.NETWORK_COLUMNS
+    models = {r["model"] for r in rows}
+    assert {"pam-small", "pam-official"} <= models
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert float(r["per_slice_ms"]) > 0 and float(r["slices_per_s"]) > 0
+        assert int(r["batch"]) in (1, 2)
+
+    header, rows = _read_csv(out / "end_to_end.csv")
+    assert header == bm.E2E_COLUMNS
+    assert {(int(r["depth"]), int(r["object_slices"])) for r in rows} == {(16, 6), (24, 6)}
+    for r in rows:
+        assert r["status"] == "ok", r
+        # fixed-work runs predict exactly the object's extent minus the prompt slice
+        assert r["mode"] == "fixed" and int(r["slices_predicted"]) == 5
+        assert float(r["wall_s"]) >= float(r["propagate_s"]) > 0
+        assert float(r["peak_rss_mb"]) > 0
+
+    header, rows = _read_csv(out / "slicer.csv")
+    assert header == bm.SLICER_COLUMNS
+    assert rows
+
+    header, _ = _read_csv(out / "targets.csv")
+    assert header == bm.TARGET_COLUMNS
+
+    data = json.loads((out / "benchmark.json").read_text())
+    assert {"machine", "config", "network", "end_to_end", "slicer", "targets", "files"} <= set(data)
+    assert data["machine"]["torch_threads"] == 1 and data["config"]["quick"] is True
+    assert (out / "benchmark.png").stat().st_size > 0
+    assert "| model |" in (out / "benchmark.md").read_text()
+
+
+def test_sam2_missing_is_reported_not_fatal(monkeypatch):
+    monkeypatch.setattr(bm, "_sam2_unavailable_reason", lambda: "the sam2 package is not installed")
+    cfg = bm.quick_config(presets=(), sam2_sizes=(1024,), batch_sizes=(1, 4))
+    rows = bm.run_network_part(cfg, log=lambda *_: None)
+    assert [(r["model"], r["batch"], r["status"]) for r in rows] == [
+        ("sam2-tiny@1024", 1, "not measurable here"), ("sam2-tiny@1024", 4, "not measurable here")]
+    targets = bm.evaluate_targets({"network": rows, "end_to_end": []})
+    sam = [t for t in targets if "SAM 2" in t["target"]]
+    assert sam and sam[0]["met"] is None and "not installed" in sam[0]["note"]
+
+
+def test_synthetic_ct_object_spans_exactly_the_asked_slices():
+    image, truth, prompt, (first, last, mid) = bm.synthetic_ct(30, 64, 11)
+    assert image.dtype == np.int16 and image.shape == (30, 64, 64)
+    occupied = np.flatnonzero(truth.any(axis=(1, 2)))
+    assert (occupied[0], occupied[-1]) == (first, last) and len(occupied) == 11
+    assert np.flatnonzero(prompt.any(axis=(1, 2))).tolist() == [mid]
+    np.testing.assert_array_equal(prompt[mid], truth[mid])
+    assert image[truth > 0].mean() > image[(truth == 0) & (image > -500)].mean() + 40  # a visible object
+    with pytest.raises(ValueError):
+        bm.synthetic_ct(10, 32, 11)
+
+
+def test_targets_from_figures():
+    net = [dict(model=m, batch=b, slices_per_s=s, status="ok")
+           for m, b, s in (("pam-small", 16, 100.0), ("pam-official", 16, 5.0), ("sam2-tiny@1024", 16, 25.0))]
+    e2e = [dict(preset="small", mode="fixed", depth=200, object_slices=100, size=512, wall_s=4.0,
+                peak_rss_mb=900.0, status="ok"),
+           dict(preset="official", mode="fixed", depth=200, object_slices=100, size=512, wall_s=30.0,
+                peak_rss_mb=2500.0, status="ok")]
+    got = {t["target"]: t for t in bm.evaluate_targets({"network": net, "end_to_end": e2e})}
+    assert got["default/official throughput, batch 16"]["value"] == 20.0
+    assert got["default/official throughput, batch 16"]["met"] is True
+    assert got["default/SAM 2 tiny throughput, batch 16"]["met"] is False  # 4x < 5x
+    wall = [t for k, t in got.items() if k.startswith("small") and "wall" in k]
+    assert wall and wall[0]["met"] is True
+    official_mem = [t for k, t in got.items() if k.startswith("official") and "RSS" in k]
+    assert official_mem and official_mem[0]["met"] is False

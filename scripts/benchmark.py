@@ -1,0 +1,27 @@
+#!/usr/bin/env python
+"""Speed, memory and scaling of propagation (issue 5); the logic is PAMSegmentLib.benchmark.
+
+Network alone (default vs official preset vs SAM 2 tiny), end to end on synthetic 512 x 512 CTs
+(read, preprocess, propagate, write; wall time and peak RSS in a fresh process per row) and the
+Slicer path on slicer-core MRML nodes. Prints the tables and the issue's targets and writes
+network.csv, end_to_end.csv, slicer.csv, targets.csv, benchmark.json, benchmark.md and
+benchmark.png into --out (default docs/benchmark/ in this repository).
+
+Examples:
+    python scripts/benchmark.py --threads 2                       # the full run (~15 min on 2 cores)
+    python scripts/benchmark.py --quick --threads 1 --out /tmp/b  # smoke run, seconds
+    python scripts/benchmark.py --checkpoint Resources/Models/pam_small.pt --parts network,e2e
+Same as `pamsegment benchmark ...` (whose --out default is ./docs/benchmark).
+"""
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from PAMSegmentLib.benchmark import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(default_out=str(ROOT / "docs" / "benchmark")))
