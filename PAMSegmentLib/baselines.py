@@ -20,10 +20,18 @@ shape changes the method should follow), at the price of accumulating small erro
 
 Stopping (the engine stops a side at the first empty slice): a slice is "empty" (presence 0)
 when the median intensity inside the predicted mask is more than ``k`` robust SDs away from the
-median of the drawn slice the walk started from, when too few of its voxels lie in the prompt's intensity range, or when its
-area falls below ``min_area_fraction`` of the prompt's area. The presence is a graded score
+median of the drawn slice the walk started from, when too few of its voxels lie in that slice's
+intensity range, or when its area falls below ``min_area_fraction`` of that slice's area. The presence is a graded score
 (1 = intensity exactly as in the prompt, 0.5 = at the limit), so the engine's per-slice
 confidence means something for these methods too.
+
+Defaults (k = 2, no growth for copy, 40 demons iterations, sigma 1.5 px, crops of at most 128 px)
+were checked on the held-out structures of scripts/split.json at the 50 % prompt (CT, MR and
+spine groups, 47 structures), mean Dice: copy 0.584 / 0.606 / 0.641 / 0.664 and track
+0.637 / 0.648 / 0.657 / 0.672 for k = 3 / 2.5 / 2 / 1.5 (over-running the object's ends is the
+main error, so a tighter gate helps there); k = 2 is kept as a margin for intensity
+inhomogeneity on unseen scans. Letting copy grow by 1 px per slice leaked (0.38); sigma 2.5,
+60 iterations, diffeomorphic demons or no pre-smoothing did not help track.
 
 Keyframes: the engine calls ``begin`` with the first drawn slice only, but every walk starts
 from a drawn slice. A predictor remembers which slices it predicted itself; a guide it never
@@ -68,11 +76,11 @@ class IntensityGate:
     sd: float
     low: float
     high: float
-    k: float = 2.5
+    k: float = 2.0
     min_inside: float = 0.5
 
     @classmethod
-    def from_prompt(cls, image_slice: np.ndarray, mask: np.ndarray, k: float = 2.5,
+    def from_prompt(cls, image_slice: np.ndarray, mask: np.ndarray, k: float = 2.0,
                     min_inside: float = 0.5) -> "IntensityGate":
         vals = np.asarray(image_slice, dtype=np.float64)[np.asarray(mask, dtype=bool)]
         if vals.size == 0:
@@ -130,7 +138,7 @@ class _ClassicalPredictor(SlicePredictor):
     min_area_fraction = 0.0  # the engine's test is against the previous guide; ours is in predict()
     min_area_px = 1
 
-    def __init__(self, k: float = 2.5, min_inside: float = 0.5, min_area_fraction: float = 0.05,
+    def __init__(self, k: float = 2.0, min_inside: float = 0.5, min_area_fraction: float = 0.05,
                  smooth_sigma: float = 1.0):
         self.k, self.min_inside = float(k), float(min_inside)
         self.prompt_area_fraction = float(min_area_fraction)
@@ -200,7 +208,7 @@ class CopyPredictor(_ClassicalPredictor):
     objects; 0 = pure copy, the mask can only shrink).
     """
 
-    def __init__(self, k: float = 2.5, min_inside: float = 0.5, min_area_fraction: float = 0.05,
+    def __init__(self, k: float = 2.0, min_inside: float = 0.5, min_area_fraction: float = 0.05,
                  refine: bool = True, grow_px: int = 0, smooth_sigma: float = 1.0):
         super().__init__(k, min_inside, min_area_fraction, smooth_sigma)
         self.refine, self.grow_px = bool(refine), int(grow_px)
@@ -266,7 +274,7 @@ class TrackPredictor(_ClassicalPredictor):
     linear interpolation on the full-resolution crop: the query's foreground probability.
     """
 
-    def __init__(self, k: float = 2.5, min_inside: float = 0.5, min_area_fraction: float = 0.05,
+    def __init__(self, k: float = 2.0, min_inside: float = 0.5, min_area_fraction: float = 0.05,
                  iterations: int = 40, sigma: float = 1.5, pad: float = 0.5, max_side: int = 128,
                  window_percentiles: tuple[float, float] = (0.5, 99.5), window_margin: float = 0.25,
                  smooth_sigma: float = 1.0, diffeomorphic: bool = False, threads: int | None = 1):
