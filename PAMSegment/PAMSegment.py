@@ -38,6 +38,7 @@ RUNTIME_REQUIREMENTS = (
 )
 POLL_INTERVAL_MS = 200
 PROMPT_REFRESH_DELAY_MS = 400
+PLOT_SIZE = (256, 56)  # confidence plot, pixels
 
 
 def _resourcePath(relativePath):
@@ -101,6 +102,9 @@ Draw an object on one slice (or a few) with the Segment Editor, select that segm
 <b>Propagate</b>: PAM propagates the mask through the volume, slice by slice, in the background,
 and writes the 3D result into the segment (or into a new segment). You can keep working while it
 runs and cancel at any time; a cancelled or failed run changes nothing.
+Then fix the slices that went wrong (<b>Next slice to review</b> shows the least confident ones) and
+press <b>Update from my edits</b>: your slices are kept exactly and only the slices around them are
+recomputed. <b>Undo propagation</b> puts the segment back as it was before.
 See the <a href="{HOMEPAGE_URL}">documentation</a>.
 """
         self.parent.acknowledgementText = f"""
@@ -129,6 +133,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.job = None
         self._observedSegmentation = None
         self._devicesPopulated = False
+        self._reviewShown = None  # (segmentation node ID, segment ID, slice) last shown for review
 
     def resourcePath(self, filename):
         return _resourcePath(filename)
@@ -171,6 +176,9 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.replaceSegmentRadioButton.connect("toggled(bool)", self._saveSettings)
         self.ui.propagateButton.connect("clicked(bool)", self.onPropagate)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
+        self.ui.updateButton.connect("clicked(bool)", self.onUpdate)
+        self.ui.undoButton.connect("clicked(bool)", self.onUndo)
+        self.ui.nextReviewButton.connect("clicked(bool)", self.onNextReview)
 
         self.onSegmentationChanged(self.ui.segmentationSelector.currentNode())
         self.onModelChoiceChanged()
@@ -192,6 +200,8 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.job is not None and not self.job.done:
             self.job.cancel()
             self._setStatus("Propagation cancelled because the scene was closed.", "warning")
+        self.logic.history.clear()
+        self._reviewShown = None
 
     # -- settings ----------------------------------------------------------------------------
 
@@ -269,9 +279,17 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return (self.ui.volumeSelector.currentNode(), self.ui.segmentationSelector.currentNode(),
                 self.ui.segmentSelector.currentSegmentID())
 
+    def _historyEntry(self):
+        """What the session remembers of the selected segment's last propagation, or None."""
+        _, segmentation, segmentId = self._inputs()
+        if segmentation is None or not segmentId:
+            return None
+        return self.logic.historyEntry(segmentation, segmentId)
+
     def updateButtons(self):
         volume, segmentation, segmentId = self._inputs()
         running = self.job is not None and not self.job.done
+        entry = self._historyEntry()
         reason = ""
         if running:
             reason = "A propagation is running."
@@ -285,7 +303,36 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.propagateButton.toolTip = reason or "Propagate the segment through the volume in the background."
         self.ui.cancelButton.enabled = running
 
+        # An update reads the volume the segment was propagated on, so it needs no volume selected.
+        if running:
+            updateReason = "A propagation is running."
+        elif segmentation is None or not segmentId:
+            updateReason = "Select the segment that holds the PAM result."
+        elif self.ui.checkpointModelRadioButton.checked and not self._checkpoint():
+            updateReason = "Choose the PAM checkpoint file, or use the bundled default weights."
+        elif entry is None:
+            updateReason = "No PAM result for this segment in this session: propagate it first."
+        else:
+            updateReason = ""
+        self.ui.updateButton.enabled = not updateReason
+        self.ui.updateButton.toolTip = updateReason or (
+            "Re-propagate keeping the slices you fixed since the last PAM result: they become keyframes and only "
+            "the slices around them are recomputed.")
+
+        undoReason = "A propagation is running." if running else ""
+        if not undoReason and (entry is None or not entry.undo_available):
+            undoReason = "No PAM propagation of this segment to undo in this session."
+        self.ui.undoButton.enabled = not undoReason
+        if undoReason:
+            self.ui.undoButton.toolTip = undoReason
+        elif entry.created:
+            self.ui.undoButton.toolTip = "Remove this segment, which the propagation added."
+        else:
+            self.ui.undoButton.toolTip = f"Put the segment back exactly as it was before the last {entry.kind}."
+        self.ui.nextReviewButton.enabled = not running and entry is not None and entry.next_to_review() is not None
+
     def updatePromptLabel(self):
+        self.updateReview()
         volume, segmentation, segmentId = self._inputs()
         if volume is None or segmentation is None or not segmentId:
             self.ui.promptLabel.text = "Select a volume and a segment drawn on one slice."
@@ -293,10 +340,18 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.logic.missingRequirements():
             self.ui.promptLabel.text = "PyTorch and PAM's packages are not installed yet; Propagate offers to install them."
             return
-        job = self.job
-        if job is not None and job.applied_segment_id == segmentId and job.segmentation_node is segmentation:
-            self.ui.promptLabel.text = ("Propagated (see the status below). Undo in the Segment Editor reverts it; "
-                                        "draw on one slice of a segment to propagate again.")
+        entry = self._historyEntry()
+        if entry is not None:
+            try:
+                edited = self.logic.editedSlices(segmentation, segmentId)
+            except Exception:  # the volume left the scene...: the update explains it when pressed
+                edited = []
+            if edited:
+                listing = ", ".join(str(s) for s in edited[:8]) + (" ..." if len(edited) > 8 else "")
+                todo = f"Edited since: {len(edited)} slice{'s' if len(edited) > 1 else ''} ({listing}); press Update from my edits."
+            else:
+                todo = "Fix any wrong slice in the Segment Editor, then press Update from my edits."
+            self.ui.promptLabel.text = f"Propagated: {entry.describe()}. {todo}"
             return
         try:
             info = self.logic.describePrompt(volume, segmentation, segmentId)
@@ -355,30 +410,149 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.setStyleSheet(colors.get(level, ""))
         self.ui.statusLabel.text = text
 
-    def onPropagate(self):
-        if self.job is not None and not self.job.done:
-            return
-        if not self.ensureRequirements():
-            return
-        volume, segmentation, segmentId = self._inputs()
+    def _startJob(self, start):
+        """Create and start a job with ``start()``; on bad input show why and return the error."""
         try:
             qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)
             try:
-                self.job = self.logic.startPropagation(
-                    volume, segmentation, segmentId, mode=self._outputMode(), checkpoint=self._checkpoint(),
-                    device=self.ui.deviceComboBox.currentText)
+                self.job = start()
             finally:
                 qt.QApplication.restoreOverrideCursor()
         except Exception as exc:  # bad input: shown in the panel, nothing started
             self.job = None
             self._setStatus(str(exc), "error")
             self.updateButtons()
-            return
-        self.ui.promptLabel.text = f"Drawn on {self.job.prompt_info.describe()}."
-        self._setStatus(f'Propagating "{self.job.segment_name}"... you can keep working.', "info")
+            return exc
+        if self.job.kind == "update":
+            self.ui.promptLabel.text = f"Updating from your slices: {self.job.prompt_info.describe()}."
+            self._setStatus(f'Updating "{self.job.segment_name}" from your edits... you can keep working.', "info")
+        else:
+            self.ui.promptLabel.text = f"Drawn on {self.job.prompt_info.describe()}."
+            self._setStatus(f'Propagating "{self.job.segment_name}"... you can keep working.', "info")
         self.ui.progressBar.setValue(0)
         self.ui.progressBar.setFormat("starting")
         self.pollTimer.start()
+        self.updateButtons()
+        return None
+
+    def onPropagate(self):
+        from PAMSegmentLib.errors import InputError
+
+        if self.job is not None and not self.job.done:
+            return
+        if not self.ensureRequirements():
+            return
+        volume, segmentation, segmentId = self._inputs()
+        error = self._startJob(lambda: self.logic.startPropagation(
+            volume, segmentation, segmentId, mode=self._outputMode(), checkpoint=self._checkpoint(),
+            device=self.ui.deviceComboBox.currentText))
+        entry = self._historyEntry()
+        if isinstance(error, InputError) and entry is not None:
+            # A segment that already holds a PAM result is no prompt; offer the update path instead.
+            name = segmentation.GetSegmentation().GetSegment(segmentId).GetName()
+            if slicer.util.confirmOkCancelDisplay(
+                f'"{name}" already holds a 3D result from PAM ({entry.describe()}), so it cannot be propagated '
+                "from scratch.\n\nUpdate it from your edits instead? The slices you drew or fixed are kept exactly "
+                "and only the slices around them are recomputed.",
+                windowTitle="PAMSegment: update instead",
+            ):
+                self.onUpdate()
+
+    def onUpdate(self):
+        if self.job is not None and not self.job.done:
+            return
+        if not self.ensureRequirements():
+            return
+        volume, segmentation, segmentId = self._inputs()
+        self._startJob(lambda: self.logic.startUpdate(
+            volume, segmentation, segmentId, checkpoint=self._checkpoint(), device=self.ui.deviceComboBox.currentText))
+
+    def onUndo(self):
+        if self.job is not None and not self.job.done:
+            return
+        _, segmentation, segmentId = self._inputs()
+        entry = self._historyEntry()
+        if entry is None:
+            return
+        try:
+            edited = self.logic.editedSlices(segmentation, segmentId)
+        except Exception:
+            edited = []
+        if edited and not slicer.util.confirmOkCancelDisplay(
+            f"Undo the last {entry.kind}? The changes you made since on {len(edited)} "
+            f"slice{'s' if len(edited) > 1 else ''} ({', '.join(str(s) for s in edited[:8])}) are discarded with it.",
+            windowTitle="PAMSegment: undo",
+        ):
+            return
+        try:
+            message = self.logic.undoLast(segmentation, segmentId)
+        except Exception as exc:
+            self._setStatus(f"Undo failed: {exc}", "error")
+        else:
+            self._reviewShown = None
+            self._setStatus(f"Undone: {message}.", "ok")
+            self.ui.progressBar.setValue(0)
+            self.ui.progressBar.setFormat("idle")
+        self.updatePromptLabel()
+        self.updateButtons()
+
+    # -- review ------------------------------------------------------------------------------
+
+    def updateReview(self):
+        """Draw the confidence plot of the selected segment's last result and the review count."""
+        entry = self._historyEntry()
+        if entry is None:
+            self.ui.confidencePlotLabel.setText("Propagate a segment to see its confidence per slice.")
+            self.ui.reviewLabel.text = ""
+            return
+        _, segmentation, segmentId = self._inputs()
+        shown = self._reviewShown
+        current = shown[2] if shown is not None and shown[:2] == (segmentation.GetID(), segmentId) else None
+        self._drawConfidencePlot(entry, current)
+        user = set(entry.user_slices)
+        predicted = [s for s in entry.occupied_slices() if s not in user and np.isfinite(entry.confidence[s])]
+        order = entry.review_order()
+        if not predicted:
+            text = "No predicted slice to review: every slice with the object came from you."
+        else:
+            reviewed = len(set(predicted) & entry.reviewed)
+            text = f"{reviewed} of {len(predicted)} predicted slices reviewed"
+            if order:
+                text += f"; next: slice {order[0]} (confidence {float(entry.confidence[order[0]]):.2f})."
+            else:
+                text += "; all reviewed."
+        self.ui.reviewLabel.text = text
+
+    def _drawConfidencePlot(self, entry, current=None):
+        from PAMSegmentLib.mrml import confidence_plot
+
+        width, height = PLOT_SIZE
+        pixmap = qt.QPixmap(width, height)
+        pixmap.fill(qt.QColor(255, 255, 255))
+        painter = qt.QPainter(pixmap)
+        try:
+            for x, y, w, h, rgb in confidence_plot(entry.confidence, entry.user_slices, entry.reviewed, current,
+                                                   width, height):
+                painter.fillRect(x, y, w, h, qt.QColor(*rgb))
+        finally:
+            painter.end()
+        self.ui.confidencePlotLabel.setPixmap(pixmap)
+
+    def onNextReview(self):
+        _, segmentation, segmentId = self._inputs()
+        try:
+            index, confidence = self.logic.reviewNext(segmentation, segmentId)
+        except Exception as exc:
+            self._setStatus(f"Cannot show the next slice: {exc}", "error")
+            return
+        if index is None:
+            self._setStatus("Every predicted slice has been reviewed.", "ok")
+        else:
+            self._reviewShown = (segmentation.GetID(), segmentId, index)
+            self._setStatus(f"Showing slice {index} (confidence {confidence:.2f}), the least confident one not "
+                            "reviewed yet. Fix it in the Segment Editor if it is wrong, then Update from my edits.",
+                            "info")
+        self.updateReview()
         self.updateButtons()
 
     def onCancel(self):
@@ -412,7 +586,12 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 # The selection stays on the drawn segment: in "new" mode it is still the prompt.
                 written = job.segmentation_node.GetSegmentation().GetSegment(segmentId)
                 self.ui.progressBar.setFormat(f"done in {_formatSeconds(job.elapsed)}")
-                self._setStatus(f'"{written.GetName()}": {job.summary()}.', "ok")
+                hint = ""
+                if segmentId != job.segment_id:
+                    hint = f' Select "{written.GetName()}" to review it by confidence or update it from your edits.'
+                self._setStatus(f'"{written.GetName()}": {job.summary()}.{hint}', "ok")
+                self._reviewShown = None
+                self.updatePromptLabel()
         elif job.state == "cancelled":
             self.ui.progressBar.setValue(0)
             self.ui.progressBar.setFormat("cancelled")
@@ -447,7 +626,11 @@ class PAMSegmentLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
+        from PAMSegmentLib.mrml import PropagationHistory
+
         self._models = {}  # (checkpoint file, mtime, device) -> loaded model, reused across runs
+        # What each propagated segment came from, for Update from my edits, Undo and the review.
+        self.history = PropagationHistory()
 
     # dependencies
 
@@ -515,29 +698,81 @@ class PAMSegmentLogic(ScriptedLoadableModuleLogic):
         job.modelKey = key
         return job.start()
 
+    def startUpdate(self, volumeNode, segmentationNode, segmentId, checkpoint=None, device="cpu"):
+        """Start "Update from my edits" on a segment this Logic propagated (returns the running job;
+        poll it, then call ``finishPropagation``). Raises InputError when there is nothing to update."""
+        from PAMSegmentLib.mrml import SegmentUpdate
+
+        key = self._modelKey(checkpoint, device)
+        threads = max(1, (os.cpu_count() or 2) - 1)
+        job = SegmentUpdate(volumeNode, segmentationNode, segmentId, self.history, checkpoint=checkpoint,
+                            device=device, model=self._models.get(key), threads=threads)
+        job.modelKey = key
+        return job.start()
+
     def finishPropagation(self, job):
-        """Write a finished job's result (main thread); returns the segment id written."""
-        segmentId = job.apply()
+        """Write a finished job's result (main thread) and remember it; returns the segment id written."""
+        segmentId = job.apply(history=self.history)
         if job.modelKey is not None and job.model is not None:
             self._models = {job.modelKey: job.model}  # keep one model: the official one is ~320 MB
         return segmentId
+
+    def historyEntry(self, segmentationNode, segmentId):
+        return self.history.get(segmentationNode, segmentId)
+
+    def editedSlices(self, segmentationNode, segmentId):
+        """Slices of the segment that differ from the last PAM result written (the user's edits)."""
+        from PAMSegmentLib.mrml import segment_mask
+
+        entry = self.history.get(segmentationNode, segmentId)
+        if entry is None:
+            return []
+        return entry.edited_slices(segment_mask(segmentationNode, segmentId, entry.volume_node))
+
+    def undoLast(self, segmentationNode, segmentId):
+        """Put the segment back as it was before its last propagation/update; returns a sentence."""
+        return self.history.undo_last(segmentationNode, segmentId)
+
+    def reviewNext(self, segmentationNode, segmentId):
+        """Centre the slice views on the least confident slice not reviewed yet and mark it reviewed.
+        Returns (slice index along the propagation axis, confidence), or (None, None) when all are."""
+        from PAMSegmentLib.mrml import jump_slices_to
+
+        entry = self.history.get(segmentationNode, segmentId)
+        if entry is None:
+            raise ValueError("this segment has no PAM result in this session")
+        index = entry.next_to_review()
+        if index is None:
+            return None, None
+        jump_slices_to(slicer.mrmlScene, entry.review_point_ras(index))
+        entry.reviewed.add(index)
+        return index, float(entry.confidence[index])
 
     def process(self, volumeNode, segmentationNode, segmentId, mode="replace", checkpoint=None, device="cpu",
                 range=None, timeout=3600.0):
         """Propagate and write, keeping the GUI alive while waiting. Returns the segment id written."""
         job = self.startPropagation(volumeNode, segmentationNode, segmentId, mode=mode, checkpoint=checkpoint,
                                     device=device, range=range)
+        return self._waitAndFinish(job, timeout)
+
+    def processUpdate(self, volumeNode, segmentationNode, segmentId, checkpoint=None, device="cpu", timeout=3600.0):
+        """Update from the user's edits and write, keeping the GUI alive. Returns the finished job."""
+        job = self.startUpdate(volumeNode, segmentationNode, segmentId, checkpoint=checkpoint, device=device)
+        self._waitAndFinish(job, timeout)
+        return job
+
+    def _waitAndFinish(self, job, timeout):
         deadline = time.time() + timeout
         while not job.wait(0.05):
             slicer.app.processEvents()
             if time.time() > deadline:
                 job.cancel()
                 job.wait()
-                raise RuntimeError(f"propagation did not finish within {timeout:.0f} s; cancelled")
+                raise RuntimeError(f"{job.kind} did not finish within {timeout:.0f} s; cancelled")
         if job.state == "failed":
             raise job.exception
         if job.state == "cancelled":
-            raise RuntimeError("propagation cancelled; nothing was changed")
+            raise RuntimeError(f"{job.kind} cancelled; nothing was changed")
         return self.finishPropagation(job)
 
 
@@ -562,6 +797,8 @@ class PAMSegmentTest(ScriptedLoadableModuleTest):
         self.test_PAMSegment_propagatesEllipsoid()
         self.setUp()
         self.test_PAMSegment_cancelChangesNothing()
+        self.setUp()
+        self.test_PAMSegment_updateKeepsEditsAndUndoRestores()
 
     def _scene(self):
         grids = np.ogrid[tuple(slice(0, n) for n in self.SHAPE)]
@@ -613,3 +850,31 @@ class PAMSegmentTest(ScriptedLoadableModuleTest):
         self.assertTrue(np.array_equal(before, after))
         self.assertEqual(segmentation.GetSegmentation().GetNumberOfSegments(), 1)
         self.delayDisplay("Test passed")
+
+    def test_PAMSegment_updateKeepsEditsAndUndoRestores(self):
+        self.delayDisplay("Correcting a slice, updating from the edit, undoing")
+        truth, volume, segmentation, segmentId = self._scene()
+        logic = PAMSegmentLogic()
+        logic.process(volume, segmentation, segmentId, mode="replace")
+        first = logic.historyEntry(segmentation, segmentId)
+        self.assertIsNotNone(first)
+        # The user fixes one slice 5 slices above the drawn one: it becomes the true cross-section.
+        edited = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segmentId, volume).copy()
+        fixed = self.CENTER[0] + 5
+        edited[fixed] = truth[fixed]
+        slicer.util.updateSegmentBinaryLabelmapFromArray(edited, segmentation, segmentId, volume)
+        self.assertEqual(logic.editedSlices(segmentation, segmentId), [fixed])
+        beforeUpdate = slicer.util.arrayFromSegmentInternalBinaryLabelmap(segmentation, segmentId).copy()
+
+        job = logic.processUpdate(volume, segmentation, segmentId)
+        result = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segmentId, volume)
+        self.assertTrue(np.array_equal(result[fixed] > 0, truth[fixed]))  # the edit is kept exactly
+        self.assertTrue(np.array_equal(result[self.CENTER[0]] > 0, truth[self.CENTER[0]]))
+        self.assertLess(job.result.n_predicted, first.n_predicted)  # only the slices around the edit
+        self.assertIn("recomputed", job.summary())
+        self.assertEqual(sorted(logic.historyEntry(segmentation, segmentId).keyframes), [self.CENTER[0], fixed])
+
+        logic.undoLast(segmentation, segmentId)
+        restored = slicer.util.arrayFromSegmentInternalBinaryLabelmap(segmentation, segmentId)
+        self.assertTrue(np.array_equal(restored, beforeUpdate))  # bit-identical
+        self.delayDisplay(f"Test passed: {job.summary()}")

@@ -108,6 +108,8 @@ def test_ui_widgets_have_the_expected_classes_and_settings():
         "replaceSegmentRadioButton": "QRadioButton", "newSegmentRadioButton": "QRadioButton",
         "inputsCollapsibleButton": "ctkCollapsibleButton", "modelCollapsibleButton": "ctkCollapsibleButton",
         "outputCollapsibleButton": "ctkCollapsibleButton",
+        "updateButton": "QPushButton", "undoButton": "QPushButton", "nextReviewButton": "QPushButton",
+        "confidencePlotLabel": "QLabel", "reviewLabel": "QLabel", "reviewCollapsibleButton": "ctkCollapsibleButton",
     }
     assert {name: w[name].get("class") for name in expected} == expected
     assert widget_property(w["volumeSelector"], "nodeTypes") == ["vtkMRMLScalarVolumeNode"]
@@ -517,14 +519,20 @@ class FakeWidget:
     def setEnabled(self, value):
         self.enabled = bool(value)
 
-    def setText(self, text):
-        self.text = text
-
     def setStyleSheet(self, style):
         self.styleSheet = style
 
     def setMRMLScene(self, scene):
         self.scene = scene
+
+    # QLabel: text and pixmap exclude each other, as in Qt
+    pixmap = None
+
+    def setPixmap(self, pixmap):
+        self.pixmap, self.text = pixmap, ""
+
+    def setText(self, text):
+        self.text, self.pixmap = text, None
 
     # QRadioButton
     def setChecked(self, value):
@@ -686,6 +694,35 @@ class FakeTimer:
         FakeTimer.deferred.append(fn)
 
 
+class FakeColor:
+    def __init__(self, r, g, b):
+        self.rgb = (r, g, b)
+
+
+class FakePixmap:
+    """A canvas that records what is painted on it (QPixmap + QPainter, as the panel uses them)."""
+
+    def __init__(self, width, height):
+        self.width, self.height, self.fill_color, self.rects, self.painting = width, height, None, [], False
+
+    def fill(self, color):
+        self.fill_color = color.rgb
+
+
+class FakePainter:
+    def __init__(self, pixmap):
+        assert not pixmap.painting, "two painters on one pixmap"
+        self.pixmap, pixmap.painting = pixmap, True
+
+    def fillRect(self, x, y, w, h, color):
+        assert self.pixmap.painting, "painting after end()"
+        assert 0 <= x and 0 <= y and x + w <= self.pixmap.width and y + h <= self.pixmap.height, (x, y, w, h)
+        self.pixmap.rects.append((x, y, w, h, color.rgb))
+
+    def end(self):
+        self.pixmap.painting = False
+
+
 class FakeSettings:
     store: dict = {}
 
@@ -701,6 +738,7 @@ def fake_qt_module():
     qt.QTimer = FakeTimer
     qt.QSettings = FakeSettings
     qt.QIcon = lambda path: ("icon", path)
+    qt.QPixmap, qt.QPainter, qt.QColor = FakePixmap, FakePainter, FakeColor
     qt.QApplication = types.SimpleNamespace(setOverrideCursor=lambda c: None, restoreOverrideCursor=lambda: None)
     qt.Qt = types.SimpleNamespace(WaitCursor=3)
     return qt
@@ -1046,3 +1084,210 @@ def test_self_test_cancel_case_runs_headless(module, mrml_scene, monkeypatch):
 def test_self_test_with_default_weights_runs_headless(module, mrml_scene):
     case = module.PAMSegmentTest("test_PAMSegment_propagatesEllipsoid")
     case.test_PAMSegment_propagatesEllipsoid()
+
+
+# -- corrections: Update from my edits, Undo propagation, review by confidence ------------------
+
+
+def _segment_array(segmentation, segment_id, volume):
+    return _slicer().util.arrayFromSegmentBinaryLabelmap(segmentation, segment_id, volume) > 0
+
+
+def _edit(segmentation, segment_id, volume, mask):
+    """A Segment Editor stroke: the labelmap changes and the segmentation says so."""
+    _slicer().util.updateSegmentBinaryLabelmapFromArray(mask.astype(np.uint8), segmentation, segment_id, volume)
+    segmentation.GetSegmentation().InvokeEvent(_slicer().vtkSegmentation.SegmentModified)
+
+
+def _propagated(panel, drawn, monkeypatch, gate=None):
+    truth, volume, segmentation, segment_id = drawn
+    oracle_loader(monkeypatch, truth, gate)
+    panel.ui.segmentationSelector.setCurrentNode(segmentation)
+    panel.promptRefreshTimer.fire()
+    panel.ui.propagateButton.click()
+    poll_until_idle(panel)
+    panel.promptRefreshTimer.fire()
+    return truth, volume, segmentation, segment_id
+
+
+def test_panel_update_and_undo_buttons_drive_the_jobs(panel, drawn, mrml, monkeypatch):
+    truth, volume, segmentation, segment_id = drawn
+    ui = panel.ui
+    ui.segmentationSelector.setCurrentNode(segmentation)
+    panel.promptRefreshTimer.fire()
+    for button in (ui.updateButton, ui.undoButton, ui.nextReviewButton):
+        assert not button.enabled  # nothing propagated yet
+    assert "propagate it first" in ui.updateButton.toolTip and "to undo" in ui.undoButton.toolTip
+    assert ui.confidencePlotLabel.pixmap is None and "Propagate a segment" in ui.confidencePlotLabel.text
+    prompt_state = mrml.internal_labelmap_state(segmentation, segment_id)
+
+    _propagated(panel, drawn, monkeypatch)
+    assert ui.updateButton.enabled and ui.undoButton.enabled and ui.nextReviewButton.enabled
+    assert ui.undoButton.toolTip == "Put the segment back exactly as it was before the last propagation."
+    assert ui.promptLabel.text == ("Propagated: PAM result on axial slices 4-16; your slices: 10. Fix any wrong slice "
+                                   "in the Segment Editor, then press Update from my edits.")
+    plot = ui.confidencePlotLabel.pixmap
+    assert (plot.width, plot.height) == (256, 56) and plot.fill_color == (255, 255, 255) and not plot.painting
+    assert (10 * 256 // 20, 1, 12, 54, (45, 110, 220)) in plot.rects  # the drawn slice: a full blue bar
+    assert ui.reviewLabel.text == "0 of 12 predicted slices reviewed; next: slice 4 (confidence 1.00)."
+
+    # the user fixes slice 13; the panel notices the edit
+    edited = _segment_array(segmentation, segment_id, volume)
+    edited[13, :, :18] = False
+    _edit(segmentation, segment_id, volume, edited)
+    assert panel.promptRefreshTimer.active
+    panel.promptRefreshTimer.fire()
+    assert "Edited since: 1 slice (13); press Update from my edits." in ui.promptLabel.text
+    edited_state = mrml.internal_labelmap_state(segmentation, segment_id)
+
+    ui.updateButton.click()
+    assert panel.job.kind == "update" and panel.pollTimer.active  # (buttons while running: see below)
+    assert ui.promptLabel.text == "Updating from your slices: 2 axial slices (10, 13 of 20), array axis 0."
+    poll_until_idle(panel)
+    assert panel.job.state == "finished", panel.job.error
+    np.testing.assert_array_equal(_segment_array(segmentation, segment_id, volume), edited)  # the edit survives
+    assert ui.statusLabel.text.startswith('"liver": updated from 1 edited slice (13): ') and "recomputed (11-12, 14-19)" \
+        in ui.statusLabel.text and "#1b7f3b" in ui.statusLabel.styleSheet
+    assert re.search(r"predicted in \d+\.\d s\.$", ui.statusLabel.text)
+    assert ui.progressBar.format.startswith("done in")
+    assert ui.promptLabel.text.startswith("Propagated: PAM result on axial slices 4-16; your slices: 10, 13.")
+    assert ui.undoButton.toolTip.endswith("before the last update.")
+
+    ui.undoButton.click()  # no edits since the update: no question asked
+    assert ui.statusLabel.text == 'Undone: "liver" is back as it was before the update.'
+    mrml.assert_same_labelmap(mrml.internal_labelmap_state(segmentation, segment_id), edited_state)
+    assert ui.updateButton.enabled and ui.undoButton.enabled  # the propagation is current again
+    asked = []
+    monkeypatch.setattr(_slicer().util, "confirmOkCancelDisplay", lambda text, **kw: asked.append(text) or True)
+    ui.undoButton.click()  # slice 13 differs from the propagation's result: the user is asked first
+    assert len(asked) == 1 and "on 1 slice (13) are discarded" in asked[0]
+    mrml.assert_same_labelmap(mrml.internal_labelmap_state(segmentation, segment_id), prompt_state)
+    assert not ui.updateButton.enabled and not ui.undoButton.enabled and not ui.nextReviewButton.enabled
+    panel.promptRefreshTimer.fire()
+    assert ui.promptLabel.text == "Drawn on 1 axial slice (10 of 20), array axis 0."
+
+
+def test_panel_undo_keeps_the_edits_when_the_user_says_no(panel, drawn, monkeypatch):
+    truth, volume, segmentation, segment_id = _propagated(panel, drawn, monkeypatch)
+    edited = _segment_array(segmentation, segment_id, volume)
+    edited[6] = False
+    _edit(segmentation, segment_id, volume, edited)
+    monkeypatch.setattr(_slicer().util, "confirmOkCancelDisplay", lambda text, **kw: False)
+    panel.ui.undoButton.click()
+    np.testing.assert_array_equal(_segment_array(segmentation, segment_id, volume), edited)
+    assert panel.ui.undoButton.enabled
+
+
+def test_panel_propagate_on_a_propagated_segment_offers_the_update(panel, drawn, monkeypatch):
+    truth, volume, segmentation, segment_id = _propagated(panel, drawn, monkeypatch)
+    edited = _segment_array(segmentation, segment_id, volume)
+    edited[15] = False
+    _edit(segmentation, segment_id, volume, edited)
+    answers, asked = [False, True], []
+    monkeypatch.setattr(_slicer().util, "confirmOkCancelDisplay", lambda text, **kw: asked.append(text) or answers.pop(0))
+
+    panel.ui.propagateButton.click()  # declined: the clear message of the refused propagation stays
+    assert "already holds a 3D result from PAM" in asked[0] and "Update it from your edits instead?" in asked[0]
+    assert panel.job is None and "that is a 3D mask" in panel.ui.statusLabel.text
+    panel.ui.propagateButton.click()  # accepted: the update runs
+    assert panel.job is not None and panel.job.kind == "update"
+    poll_until_idle(panel)
+    expected = edited.copy()
+    expected[15:] = False  # an erased slice beyond the drawn one: the object ends before it (slice 16 too)
+    np.testing.assert_array_equal(_segment_array(segmentation, segment_id, volume), expected)
+    assert "updated from 1 edited slice (15)" in panel.ui.statusLabel.text
+
+
+def test_panel_propagate_on_a_hand_drawn_3d_segment_is_refused_without_offer(panel, mrml, monkeypatch):
+    truth = mrml.ellipsoid(SHAPE, CENTER, RADII)
+    volume = mrml.make_volume_node(truth.astype(np.float32))
+    segmentation, ids = mrml.make_segmentation(volume, {"drawn in 3D": truth.astype(np.uint8)})
+    oracle_loader(monkeypatch, truth)
+    monkeypatch.setattr(_slicer().util, "confirmOkCancelDisplay", lambda text, **kw: pytest.fail("asked: " + text))
+    panel.ui.segmentationSelector.setCurrentNode(segmentation)
+    panel.ui.propagateButton.click()
+    assert panel.job is None and "that is a 3D mask" in panel.ui.statusLabel.text
+    assert not panel.ui.updateButton.enabled
+
+
+def test_panel_update_with_nothing_edited_explains(panel, drawn, monkeypatch):
+    _, _, segmentation, segment_id = _propagated(panel, drawn, monkeypatch)
+    panel.ui.updateButton.click()
+    assert panel.job is None and panel.ui.statusLabel.text.startswith('no slice of "liver" differs from the last PAM result')
+    assert panel.ui.updateButton.enabled
+
+
+def test_panel_buttons_are_disabled_while_a_job_runs(panel, drawn, monkeypatch):
+    truth, volume, segmentation, segment_id = _propagated(panel, drawn, monkeypatch)
+    gate = {"started": threading.Event(), "go": threading.Event()}
+    oracle_loader(monkeypatch, truth, gate)
+    panel.logic._models.clear()
+    edited = _segment_array(segmentation, segment_id, volume)
+    edited[14, :, :] = False
+    edited[14, 14:18, 16:20] = True
+    _edit(segmentation, segment_id, volume, edited)
+    panel.ui.updateButton.click()
+    assert gate["started"].wait(10)
+    ui = panel.ui
+    assert [b.enabled for b in (ui.propagateButton, ui.updateButton, ui.undoButton, ui.nextReviewButton)] == [False] * 4
+    assert ui.cancelButton.enabled and ui.updateButton.toolTip == "A propagation is running."
+    ui.cancelButton.click()
+    gate["go"].set()
+    poll_until_idle(panel)
+    assert panel.job.state == "cancelled" and ui.updateButton.enabled
+    np.testing.assert_array_equal(_segment_array(segmentation, segment_id, volume), edited)
+
+
+def test_panel_next_slice_to_review_jumps_the_views(panel, drawn, monkeypatch):
+    truth, volume, segmentation, segment_id = _propagated(panel, drawn, monkeypatch)
+    slicer = _slicer()
+    red = slicer.vtkMRMLSliceNode()
+    red.SetLayoutName("Red")
+    red.SetOrientationToAxial()
+    slicer.mrmlScene.AddNode(red)
+    entry = panel.logic.historyEntry(segmentation, segment_id)
+    entry.confidence[4:17] = np.linspace(0.95, 0.55, 13)
+    entry.confidence[10] = 1.0
+    entry.confidence[7] = 0.2  # the worst
+    ui = panel.ui
+    panel.updateReview()
+    assert ui.reviewLabel.text == "0 of 12 predicted slices reviewed; next: slice 7 (confidence 0.20)."
+
+    ui.nextReviewButton.click()
+    assert ui.statusLabel.text.startswith("Showing slice 7 (confidence 0.20), the least confident one not reviewed yet.")
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(m)
+    centroid = [float(c.mean()) for c in np.nonzero(truth[7])]
+    expected = (slicer.util.arrayFromVTKMatrix(m) @ [centroid[1], centroid[0], 7, 1])[:3]
+    np.testing.assert_allclose(slicer.util.arrayFromVTKMatrix(red.GetSliceToRAS())[:3, 3], expected)
+    assert 7 in entry.reviewed
+    assert ui.reviewLabel.text == "1 of 12 predicted slices reviewed; next: slice 16 (confidence 0.55)."
+    marker = ui.confidencePlotLabel.pixmap.rects[-1]
+    assert marker == ((7 * 256 // 20 + 8 * 256 // 20) // 2, 0, 1, 56, (20, 20, 20))  # the slice just shown
+    assert (7 * 256 // 20, 56 - 1 - 11, 13, 11, (160, 160, 160)) in ui.confidencePlotLabel.pixmap.rects  # grey: reviewed
+
+    for _ in range(11):
+        ui.nextReviewButton.click()
+    assert ui.reviewLabel.text == "12 of 12 predicted slices reviewed; all reviewed."
+    assert not ui.nextReviewButton.enabled
+
+
+def test_panel_forgets_the_session_when_the_scene_closes(panel, drawn, monkeypatch):
+    _, _, segmentation, segment_id = _propagated(panel, drawn, monkeypatch)
+    assert len(panel.logic.history) == 1
+    panel.onSceneStartClose(None, None)
+    assert len(panel.logic.history) == 0
+    panel.updateButtons()
+    assert not panel.ui.updateButton.enabled and not panel.ui.undoButton.enabled
+
+
+def test_self_test_update_case_runs_headless(module, mrml_scene, monkeypatch):
+    from doubles import ShiftModel
+
+    import PAMSegmentLib.mrml as mrml
+
+    monkeypatch.setattr(mrml, "_load_model", lambda checkpoint, device: ShiftModel())
+    case = module.PAMSegmentTest("test_PAMSegment_updateKeepsEditsAndUndoRestores")
+    case.test_PAMSegment_updateKeepsEditsAndUndoRestores()
