@@ -109,7 +109,10 @@ class CrossAttention(nn.Module):
         # Every query token attends to its own guide's tokens; stacking the N query slices of a
         # guide along the token axis is the same computation as N separate calls, and the fused
         # kernel never materialises the (hw x hw) map per slice.
-        out = F.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(c))
+        # 4D (batch, heads, tokens, channels) selects torch's fused CPU kernel; with 3D inputs
+        # torch falls back to the math path that builds the whole attention map (2-3x slower,
+        # and 0.8 GB more at batch 16 for the official preset's 56 x 56 stage).
+        out = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], scale=1.0 / math.sqrt(c))[:, 0]
         out = self.fc_out(out)
         return out.reshape(g, n, h, w, c).permute(0, 1, 4, 2, 3)
 

@@ -126,7 +126,9 @@ def crop_slices(slices: np.ndarray, box: CropBox, size: int, window: IntensityWi
     if is_mask:
         crop = _padded_window(slices.astype(np.float32), box, 0.0)
     else:
-        crop = _padded_window(window.apply(slices.astype(np.float32)), box, -1.0)
+        # Crop the raw values first (filling with the window's low end, i.e. -1 after windowing)
+        # and window only the crop: full 512 x 512 slices are never converted.
+        crop = window.apply(_padded_window(slices, box, window.low))
     t = torch.from_numpy(crop)[:, None]
     if box.side == size:
         return t

@@ -242,3 +242,26 @@ def test_default_weights_from_environment(monkeypatch, tmp_path, small_checkpoin
     monkeypatch.setenv("PAMSEGMENT_MODEL", str(tmp_path / "missing.pt"))
     with pytest.raises(CheckpointError, match="does not exist"):
         load_model(None)
+
+
+def test_cross_attention_equals_explicit_softmax_attention():
+    """The fused kernel computes PAM's attention: softmax(Q K^T / sqrt(C)) V, then fc_out, per guide."""
+    import math
+
+    import torch
+
+    from PAMSegmentLib.network import CrossAttention
+
+    torch.manual_seed(0)
+    attn = CrossAttention(16)
+    q, k, v = torch.randn(2, 3, 16, 4, 5), torch.randn(2, 16, 4, 5), torch.randn(2, 16, 4, 5)
+    with torch.no_grad():
+        out = attn(q, k, v)
+        g, n, c, h, w = q.shape
+        Q = attn.queries(q.permute(0, 1, 3, 4, 2).reshape(g, n * h * w, c))
+        K = attn.keys(k.flatten(2).transpose(1, 2))
+        V = attn.values(v.flatten(2).transpose(1, 2))
+        ref = attn.fc_out(torch.softmax(Q @ K.transpose(1, 2) / math.sqrt(c), dim=-1) @ V)
+        ref = ref.reshape(g, n, h, w, c).permute(0, 1, 4, 2, 3)
+    assert out.shape == (2, 3, 16, 4, 5)
+    assert torch.allclose(out, ref, atol=1e-5)
