@@ -207,21 +207,32 @@ def correction_slice(pred: np.ndarray, ref: np.ndarray, drawn: Iterable[int]) ->
 
 
 def simulate_corrections(run: Callable[[list[int]], np.ndarray], ref: np.ndarray, start: Sequence[int],
-                         rounds: int, score: Callable[[np.ndarray], dict]) -> list[dict]:
+                         rounds: int, score: Callable[[np.ndarray], dict],
+                         companions: dict[str, Callable[[list[int]], np.ndarray]] | None = None) -> list[dict]:
     """A simulated correction session.
 
     ``run(drawn_slices) -> bool mask`` produces the result from the reference drawn on those
-    slices (the method re-run with them as keyframes, or contour interpolation); after each
-    round the worst slice (``correction_slice``) is redrawn from the reference and the method
-    re-run. Returns one dict per round 0..rounds: round, drawn slices, added slice, the
-    ``score(mask)`` values, and whether every drawn voxel came out exactly as drawn."""
+    slices (the method re-run with them as keyframes); after each round the worst slice of that
+    result (``correction_slice``) is redrawn from the reference and the method re-run.
+    ``companions`` (e.g. contour interpolation) are run on the same drawn slices each round, so
+    they are compared at equal user effort. Returns one dict per round 0..rounds: round, drawn
+    slices, added slice, the ``score(mask)`` values, whether every drawn voxel came out exactly
+    as drawn, and ``companions`` {name: {score values, keyframes_kept}}."""
     drawn = sorted(int(s) for s in start)
     out = []
     added = None
+
+    def kept(mask):
+        return all(np.array_equal(mask[s], ref[s]) for s in drawn)
+
     for r in range(rounds + 1):
         mask = np.asarray(run(list(drawn)), dtype=bool)
-        kept = all(np.array_equal(mask[s], ref[s]) for s in drawn)
-        out.append({"round": r, "drawn": list(drawn), "added": added, "keyframes_kept": kept, **score(mask)})
+        comp = {}
+        for name, fn in (companions or {}).items():
+            m = np.asarray(fn(list(drawn)), dtype=bool)
+            comp[name] = {"keyframes_kept": kept(m), **score(m)}
+        out.append({"round": r, "drawn": list(drawn), "added": added, "keyframes_kept": kept(mask), **score(mask),
+                    "companions": comp})
         if r == rounds:
             break
         added = correction_slice(mask, ref, drawn)
@@ -242,7 +253,7 @@ def contour_interpolation(drawn: np.ndarray, axis: int = 0, threads: int | None 
     (array order), as Slicer's "Fill between slices" does: ITK defaults (distance-transform
     interpolation, heuristic alignment), restricted to the drawing axis. Needs the
     ``itk-morphologicalcontourinterpolation`` package. Returns a bool mask; slices outside
-    the outermost drawn slices stay empty."""
+    the outermost drawn slices stay empty; the drawn slices are returned exactly as drawn."""
     drawn = np.asarray(drawn, dtype=bool)
     if drawn.ndim != 3:
         raise InputError("contour interpolation needs a 3D mask")
@@ -260,8 +271,15 @@ def contour_interpolation(drawn: np.ndarray, axis: int = 0, threads: int | None 
         return drawn.copy()  # one slice: nothing to interpolate
     image = itk.image_from_array(np.ascontiguousarray(drawn.astype(np.uint8)))
     # ITK's axis index counts (x, y, z) = (i, j, k): array axis a is ITK axis 2 - a.
-    out = itk.morphological_contour_interpolator(image, axis=2 - axis, label=1)
-    return itk.array_from_image(out).astype(bool)
+    out = itk.array_from_image(itk.morphological_contour_interpolator(image, axis=2 - axis, label=1)).astype(bool)
+    # ITK can add voxels to a drawn slice that lies between two other drawn slices (seen on
+    # three adjacent drawn slices); the user's slices are restored as drawn, as for our engine.
+    drawn_idx = np.flatnonzero(drawn.any(axis=other))
+    index = [slice(None)] * 3
+    for s in drawn_idx:
+        index[axis] = int(s)
+        out[tuple(index)] = drawn[tuple(index)]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -495,10 +513,10 @@ def summary_markdown(rows: Sequence[dict], header: str = "", reference_position:
         rounds = sorted({int(r["round"]) for r in corr})
         lines += ["### Simulated correction session", "",
                   "Round 0: one prompt at 50 %; each round the simulated user redraws the worst slice "
-                  "(lowest 2D Dice inside the reference extent) of the result they see, and the method is "
-                  "re-run with all drawn slices as keyframes (`ci` = contour interpolation of the drawn "
-                  "slices). Mean Dice over structures; `kept` = share of runs whose drawn slices came out "
-                  "exactly as drawn.", "",
+                  "(lowest 2D Dice inside the reference extent) of the method's result, and the method is "
+                  "re-run with all drawn slices as keyframes; `ci@M` = contour interpolation of the same "
+                  "drawn slices as method M's session (equal user effort). Mean Dice over structures; "
+                  "`kept` = share of runs whose drawn slices came out exactly as drawn.", "",
                   "| method | " + " | ".join(f"round {r}" for r in rounds) + " | kept |",
                   "|" + "---|" * (2 + len(rounds))]
         for m in c_methods:

@@ -86,7 +86,11 @@ def test_correction_slice_and_simulated_session():
 
     first = run(drawn_start)
     assert ev.correction_slice(first, ref, drawn_start) == 2  # ties at Dice 0: the lowest index
-    session = ev.simulate_corrections(run, ref, drawn_start, 3, lambda m: {"dice": ev.slice_dice(m, ref)[ref.any(axis=(1, 2))].mean()})
+    seen = []
+    session = ev.simulate_corrections(run, ref, drawn_start, 3, lambda m: {"dice": ev.slice_dice(m, ref)[ref.any(axis=(1, 2))].mean()},
+                                      companions={"other": lambda d: seen.append(list(d)) or ref})
+    assert seen == [r["drawn"] for r in session]  # companions see the same drawn slices
+    assert all(r["companions"]["other"]["dice"] == 1.0 for r in session)
     assert [r["round"] for r in session] == [0, 1, 2, 3]
     assert session[0]["drawn"] == [7] and session[1]["drawn"] == [2, 7] and session[1]["added"] == 2
     assert session[2]["drawn"] == [2, 7, 8]
@@ -108,6 +112,15 @@ def test_contour_interpolation_fills_between_identical_squares():
     for s in range(2, 9):
         assert np.array_equal(out[s], drawn[2]), s
     assert not out[:2].any() and not out[9:].any()
+    # Three drawn slices, two of them adjacent: ITK may add voxels to the middle drawn slice;
+    # the wrapper returns every drawn slice exactly as drawn.
+    three = np.zeros_like(drawn)
+    three[2, 5:12, 6:14] = True
+    three[3, 6:10, 7:10] = True
+    three[4, 5:12, 6:14] = True
+    out3 = ev.contour_interpolation(three)
+    for s in (2, 3, 4):
+        assert np.array_equal(out3[s], three[s])
     one = np.zeros_like(drawn)
     one[4] = drawn[2]
     assert np.array_equal(ev.contour_interpolation(one), one)  # a single slice: nothing to fill
@@ -210,8 +223,11 @@ def test_evaluate_script_end_to_end(tmp_path, capsys):
     assert sorted(r["position"] for r in single) == [0.3, 0.5, 0.7]
     assert all(r["dice"] > 0.85 for r in single)
     assert {r["method"] for r in rows if r["protocol"] == "keyframes"} == {"copy", "ci"}
-    assert {(r["method"], r["round"]) for r in rows if r["protocol"] == "correction"} == {
-        ("copy", 0.0), ("copy", 1.0), ("ci", 0.0), ("ci", 1.0)}
+    corr = [r for r in rows if r["protocol"] == "correction"]
+    assert {(r["method"], r["round"]) for r in corr} == {("copy", 0.0), ("copy", 1.0), ("ci@copy", 0.0), ("ci@copy", 1.0)}
+    # contour interpolation is scored on the same drawn slices as the method's session
+    assert {r["prompt_slices"] for r in corr if r["round"] == 1.0} == {next(r["prompt_slices"] for r in corr if r["round"] == 1.0)}
+    assert all(r["keyframes_kept"] for r in rows if r["keyframes_kept"] is not None)
     md = (out / "summary.md").read_text()
     assert "| toy | 1 |" in md and "Two keyframes" in md and "correction" in md
     assert (out / "figure.png").stat().st_size > 1000

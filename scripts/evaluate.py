@@ -176,42 +176,42 @@ def evaluate_structure(args, runner: Runner, st: ev.EvalStructure, methods, posi
                     "keyframes_kept": all(np.array_equal(mask[k], ref[k]) for k in kfs)})
         rows.append(row)
 
-    if args.correction_rounds > 0:
-        def ci_run(drawn):
-            t0 = time.perf_counter()
-            m = ev.contour_interpolation(ev.prompt_from_reference(ref, drawn) > 0, axis=0, threads=args.threads)
-            return None, m, time.perf_counter() - t0
-        rows += correction_rows(args, runner, base, ref, "ci", ci_run)
     return rows, masks
 
 
 def correction_rows(args, runner, base, ref, label, run):
-    """One row per round of a simulated correction session of ``label``."""
+    """Rows of a simulated correction session of ``label`` (one per round), plus contour
+    interpolation of the same drawn slices (method ``ci@label``)."""
     info = {}
 
     def run_mask(drawn):
-        out = run(drawn)
-        if len(out) == 3:  # (result, mask, seconds) from contour interpolation
-            _, mask, sec = out
-            info[tuple(drawn)] = (sec, 0)
-            return mask
-        res, sec = out
-        info[tuple(drawn)] = (sec, res.n_predicted)
+        res, sec = run(drawn)
+        info[(label, tuple(drawn))] = (sec, res.n_predicted)
         return res.mask > 0
+
+    def ci_mask(drawn):
+        t0 = time.perf_counter()
+        m = ev.contour_interpolation(ev.prompt_from_reference(ref, drawn) > 0, axis=0, threads=args.threads)
+        info[("ci", tuple(drawn))] = (time.perf_counter() - t0, 0)
+        return m
 
     start = [ev.slice_at(ref, 0.5)]
     try:
-        session = ev.simulate_corrections(run_mask, ref, start, args.correction_rounds, lambda m: runner.score(m, ref))
+        session = ev.simulate_corrections(run_mask, ref, start, args.correction_rounds, lambda m: runner.score(m, ref),
+                                          companions={f"ci@{label}": ci_mask})
     except PAMError as exc:
         return [{**base, "method": label, "protocol": "correction", "round": 0, "prompt_slices": start,
                  "error": f"{type(exc).__name__}: {exc}"[:300]}]
     rows = []
+    keys = ("dice", "nsd", "hd95", "pred_first", "pred_last", "keyframes_kept")
     for r in session:
-        sec, npred = info.get(tuple(r["drawn"]), (None, None))
-        rows.append({**base, "method": label, "protocol": "correction", "position": 0.5, "round": r["round"],
-                     "prompt_slices": r["drawn"], "added_slice": r["added"], "keyframes_kept": r["keyframes_kept"],
-                     "dice": r["dice"], "nsd": r["nsd"], "hd95": r["hd95"], "pred_first": r["pred_first"],
-                     "pred_last": r["pred_last"], "seconds": sec, "n_predicted": npred})
+        common = {**base, "protocol": "correction", "position": 0.5, "round": r["round"], "prompt_slices": r["drawn"],
+                  "added_slice": r["added"]}
+        sec, npred = info.get((label, tuple(r["drawn"])), (None, None))
+        rows.append({**common, "method": label, **{k: r[k] for k in keys}, "seconds": sec, "n_predicted": npred})
+        for name, comp in r["companions"].items():
+            sec, _ = info.get(("ci", tuple(r["drawn"])), (None, None))
+            rows.append({**common, "method": name, **{k: comp[k] for k in keys}, "seconds": sec, "n_predicted": 0})
     return rows
 
 
