@@ -607,7 +607,7 @@ class SegmentPropagation:
             written=PackedMask.of(written), before=before, created=self.mode == "new", kind=self.kind,
             n_predicted=int(result.n_predicted), recomputed=recomputed, seconds=float(self.elapsed),
             edited=list(self._edited_slices()), reviewed=self._carried_reviews(recomputed),
-            parent=self._parent_entry(),
+            parent=self._parent_entry(), occupied=tuple(np.flatnonzero(on_axis.any(axis=(1, 2))).tolist()),
         )
 
     def _empty_keyframes(self):
@@ -825,6 +825,7 @@ class HistoryEntry:
     edited: list[int]  # the edited slices an update was computed from
     reviewed: set[int] = field(default_factory=set)
     parent: "HistoryEntry | None" = None  # the entry an update replaced (restored by undo)
+    occupied: tuple[int, ...] | None = None  # slices holding the object in ``written`` (computed once)
 
     @property
     def user_slices(self) -> list[int]:
@@ -844,8 +845,10 @@ class HistoryEntry:
 
     def occupied_slices(self) -> list[int]:
         """Slices along the axis that hold the object in the written result."""
-        other = tuple(a for a in range(3) if a != self.axis)
-        return np.flatnonzero(self.written_mask().any(axis=other)).tolist()
+        if self.occupied is None:
+            other = tuple(a for a in range(3) if a != self.axis)
+            self.occupied = tuple(np.flatnonzero(self.written_mask().any(axis=other)).tolist())
+        return list(self.occupied)
 
     def edited_slices(self, current: np.ndarray) -> list[int]:
         return edited_slices(current, self.written_mask(), self.axis)
@@ -1174,6 +1177,10 @@ class SegmentUpdate(SegmentPropagation):
         label = next(iter(result.confidence), 1)
         conf = result.confidence.setdefault(label, np.full(self.entry.n_slices, np.nan, dtype=np.float32))
         bound_by_empty_keyframes(result.mask, conf, self.entry.axis, self.drawn, self.empty)
+        if self.empty:
+            other = tuple(a for a in range(3) if a != self.entry.axis)
+            occupied = np.flatnonzero((result.mask == label).any(axis=other))
+            result.slice_range = {label: (int(occupied[0]), int(occupied[-1]))}  # a drawn keyframe remains
         return result
 
     # reporting
