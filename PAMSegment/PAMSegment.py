@@ -26,7 +26,6 @@ from slicer.util import VTKObservationMixin
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 PAPER_URL = "https://doi.org/10.1038/s41746-025-02087-y"
-AUTHORS_CODE_URL = "https://github.com/czifan/PAM"
 HOMEPAGE_URL = "https://github.com/pamsegment/SlicerPAMSegment"
 
 # (import name, pip requirement): the runtime part of pyproject.toml's [project.dependencies];
@@ -108,11 +107,9 @@ recomputed. <b>Undo propagation</b> puts the segment back as it was before.
 See the <a href="{HOMEPAGE_URL}">documentation</a>.
 """
         self.parent.acknowledgementText = f"""
-PAM: Chen Z., Nan X., Li J. et al., <i>PAM: a propagation-based model for segmenting any 3D objects
-across multi-modal medical images</i>, npj Digital Medicine 8:753 (2025),
-<a href="{PAPER_URL}">doi:10.1038/s41746-025-02087-y</a>; authors' code and checkpoints:
-<a href="{AUTHORS_CODE_URL}">{AUTHORS_CODE_URL}</a>. The network uses MIC-DKFZ's
-dynamic-network-architectures (Apache-2.0).
+PAM (Propagation-based Anything Model): Chen et al., npj Digital Medicine 8:753 (2025),
+<a href="{PAPER_URL}">doi:10.1038/s41746-025-02087-y</a>; the authors' code and checkpoints are
+linked from the paper. The network uses MIC-DKFZ's dynamic-network-architectures (Apache-2.0).
 """
         # The base class looks for the icon next to this file only; a checkout keeps it one level up.
         iconPath = _resourcePath("Icons/PAMSegment.png")
@@ -150,8 +147,8 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.ui.checkpointHelpLabel.setText(
             "Official PAM weights (<i>propmask.pth</i>) are published by the PAM authors, not bundled here: "
-            f'see the <a href="{AUTHORS_CODE_URL}">authors\' repository</a> and the paper '
-            f'(<a href="{PAPER_URL}">doi:10.1038/s41746-025-02087-y</a>).'
+            f'download them from the links in the paper (<a href="{PAPER_URL}">doi:10.1038/s41746-025-02087-y</a>, '
+            "code availability) and choose the file here."
         )
         self.ui.deviceComboBox.addItem("cpu")
         self._restoreSettings()

@@ -351,7 +351,8 @@ def test_catalog_entry_is_valid():
 def test_urls_are_consistent():
     source = MODULE_FILE.read_text()
     assert f'HOMEPAGE_URL = "{REPO_URL}"' in source
-    assert "10.1038/s41746-025-02087-y" in source and "https://github.com/czifan/PAM" in source
+    # The authors' code is reached through the paper (no unverifiable repository URL is hard-coded).
+    assert "10.1038/s41746-025-02087-y" in source
     other_repo_urls = set(re.findall(r"https://github\.com/pamsegment/[\w.-]+", source + TOP_CMAKE.read_text() + CATALOG.read_text()))
     assert {u.removesuffix(".git") for u in other_repo_urls} == {REPO_URL}
 
@@ -942,7 +943,7 @@ def test_panel_entering_lists_devices_and_restores_settings(module, monkeypatch)
         assert ui.newSegmentRadioButton.checked and not ui.replaceSegmentRadioButton.checked
         assert ui.checkpointModelRadioButton.checked and ui.checkpointPathLineEdit.enabled
         assert widget._checkpoint() == "/data/propmask.pth"
-        assert "github.com/czifan/PAM" in ui.checkpointHelpLabel.text and "doi.org/10.1038" in ui.checkpointHelpLabel.text
+        assert "propmask.pth" in ui.checkpointHelpLabel.text and "doi.org/10.1038" in ui.checkpointHelpLabel.text
         monkeypatch.setattr(widget.logic, "availableDevices", lambda: ["cpu", "cuda"])
         widget.enter()
         assert FakeTimer.deferred  # devices are probed after the panel is shown (torch import is slow)
