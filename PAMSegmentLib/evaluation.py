@@ -410,11 +410,16 @@ def summary_markdown(rows: Sequence[dict], header: str = "", reference_position:
         lines += [head, "|" + "---|" * (2 + 2 * len(methods))]
         dice_g = aggregate(single, ("group", "method"), "dice", {"position": rp})
         nsd_g = aggregate(single, ("group", "method"), "nsd", {"position": rp})
-        for g in groups + ["all"]:
+        for g in groups + ["all", "groups"]:
             cells = []
             n = 0
             for m in methods:
-                if g == "all":
+                if g == "groups":  # every group weighs the same, however many structures it has
+                    gm = [dice_g[(x, m)] for x in groups if (x, m) in dice_g]
+                    sm = [nsd_g[(x, m)] for x in groups if (x, m) in nsd_g]
+                    d = (mean(v for v, _ in gm), len(gm))
+                    s = (mean(v for v, _ in sm), len(sm))
+                elif g == "all":
                     d = aggregate(single, ("method",), "dice", {"position": rp}).get((m,), (float("nan"), 0))
                     s = aggregate(single, ("method",), "nsd", {"position": rp}).get((m,), (float("nan"), 0))
                 else:
@@ -422,7 +427,7 @@ def summary_markdown(rows: Sequence[dict], header: str = "", reference_position:
                     s = nsd_g.get((g, m), (float("nan"), 0))
                 n = max(n, d[1])
                 cells += [_f(d[0]), _f(s[0])]
-            name = "**all (mean over structures)**" if g == "all" else g
+            name = {"all": "**all (mean over structures)**", "groups": "**all (mean over groups)**"}.get(g, g)
             lines.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
         lines.append("")
 

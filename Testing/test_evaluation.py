@@ -167,6 +167,7 @@ def test_summary_markdown_tables():
     assert "| G1 | 2 | 0.700 | 0.700 |" in md
     assert "| G2 | 1 | 0.400 | 0.400 |" in md
     assert "| **all (mean over structures)** | 3 | 0.600 | 0.600 |" in md
+    assert "| **all (mean over groups)** | 2 | 0.550 | 0.550 |" in md  # (0.7 + 0.4) / 2
     # Position robustness: 30 % mean 0.5, 50 % mean 0.6, drop 0.1.
     assert "| track | 0.500 | 0.600 | 0.100 |" in md
     assert "| track | 2 | 0.50 | 0.25 |" in md  # confidence hit rate
