@@ -232,3 +232,7 @@ def test_evaluate_script_end_to_end(tmp_path, capsys):
     md = (out / "summary.md").read_text()
     assert "| toy | 1 |" in md and "Two keyframes" in md and "correction" in md
     assert (out / "figure.png").stat().st_size > 1000
+    # --from-csv rebuilds the summary from results.csv alone, keeping the run's command line
+    (out / "summary.md").write_text((out / "summary.md").read_text().split("\n\n### ")[0])
+    assert script.main(["--from-csv", "--out", str(out), "--no-figure"]) == 0
+    assert (out / "summary.md").read_text() == md

@@ -61,7 +61,23 @@ def parse_args(argv=None):
     p.add_argument("--figure-structure", default="", help="CASE:NAME shown in the qualitative panel (default: the first structure)")
     p.add_argument("--no-figure", action="store_true")
     p.add_argument("--out", default="runs/eval", help="output directory (default runs/eval)")
+    p.add_argument("--from-csv", action="store_true",
+                   help="only rebuild summary.md and figure.png from an existing OUT/results.csv")
     return p.parse_args(argv)
+
+
+def rebuild(args) -> int:
+    out = Path(args.out)
+    rows = ev.read_csv(out / "results.csv")
+    header = f"## Evaluation\n\n(rebuilt from {out / 'results.csv'}, {len(rows)} rows)"
+    old = out / "summary.md"
+    if old.exists() and old.read_text().startswith("## Evaluation"):
+        header = old.read_text().split("\n\n### ")[0]  # keep the command line of the run
+    (out / "summary.md").write_text(ev.summary_markdown(rows, header=header))
+    if not args.no_figure:
+        make_figure(rows, None, out / "figure.png")
+    print((out / "summary.md").read_text())
+    return 0
 
 
 def build_methods(args):
@@ -269,6 +285,8 @@ def make_figure(rows, panel, path):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.from_csv:
+        return rebuild(args)
     import SimpleITK as sitk
 
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
