@@ -350,4 +350,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except PAMError as exc:  # bad checkpoint, missing case file, ...: one line, exit 2
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
