@@ -519,13 +519,20 @@ def summary_markdown(rows: Sequence[dict], header: str = "", reference_position:
         lines += ["### Simulated correction session", "",
                   "Round 0: one prompt at 50 %; each round the simulated user redraws the worst slice "
                   "(lowest 2D Dice inside the reference extent) of the method's result, and the method is "
-                  "re-run with all drawn slices as keyframes; `ci@M` = contour interpolation of the same "
-                  "drawn slices as method M's session (equal user effort). Mean Dice over structures; "
+                  "updated with all drawn slices as keyframes (only regions whose keyframes changed are "
+                  "recomputed); `scratch@M` = method M re-run from scratch on the same drawn slices; "
+                  "`ci@M` = contour interpolation of the same drawn slices as method M's session (equal "
+                  "user effort). Mean Dice over structures (mean slices predicted per run in brackets); "
                   "`kept` = share of runs whose drawn slices came out exactly as drawn.", "",
                   "| method | " + " | ".join(f"round {r}" for r in rounds) + " | kept |",
                   "|" + "---|" * (2 + len(rounds))]
         for m in c_methods:
-            cells = [_f(aggregate(corr, (), "dice", {"method": m, "round": float(r)}).get((), (float("nan"), 0))[0]) for r in rounds]
+            cells = []
+            for r in rounds:
+                where = {"method": m, "round": float(r)}
+                d = aggregate(corr, (), "dice", where).get((), (float("nan"), 0))[0]
+                npred = aggregate(corr, (), "n_predicted", where).get((), (float("nan"), 0))[0]
+                cells.append(_f(d) + (f" ({npred:.0f})" if not m.startswith("ci@") and npred == npred else ""))
             kept = aggregate(corr, (), "keyframes_kept", {"method": m}).get((), (float("nan"), 0))[0]
             lines.append(f"| {m} | " + " | ".join(cells) + f" | {_f(kept, 2)} |")
         lines.append("")

@@ -225,7 +225,11 @@ def test_evaluate_script_end_to_end(tmp_path, capsys):
     assert all(r["dice"] > 0.85 for r in single)
     assert {r["method"] for r in rows if r["protocol"] == "keyframes"} == {"copy", "ci"}
     corr = [r for r in rows if r["protocol"] == "correction"]
-    assert {(r["method"], r["round"]) for r in corr} == {("copy", 0.0), ("copy", 1.0), ("ci@copy", 0.0), ("ci@copy", 1.0)}
+    assert {(r["method"], r["round"]) for r in corr} == {(m, r) for m in ("copy", "ci@copy", "scratch@copy") for r in (0.0, 1.0)}
+    # the update after a correction gives what a run from scratch gives, predicting fewer slices
+    by = {(r["method"], r["round"]): r for r in corr}
+    assert by[("copy", 1.0)]["dice"] == pytest.approx(by[("scratch@copy", 1.0)]["dice"], abs=1e-6)
+    assert by[("copy", 1.0)]["n_predicted"] < by[("scratch@copy", 1.0)]["n_predicted"]
     # contour interpolation is scored on the same drawn slices as the method's session
     assert {r["prompt_slices"] for r in corr if r["round"] == 1.0} == {next(r["prompt_slices"] for r in corr if r["round"] == 1.0)}
     assert all(r["keyframes_kept"] for r in rows if r["keyframes_kept"] is not None)

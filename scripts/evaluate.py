@@ -121,12 +121,12 @@ class Runner:
     def __init__(self, args, case: ev.EvalCase):
         self.args, self.case = args, case
 
-    def propagate(self, predictor, prompt):
+    def propagate(self, predictor, prompt, previous=None):
         from PAMSegmentLib.propagate import propagate
 
         t0 = time.perf_counter()
         res = propagate(self.case.image, prompt, self.case.spacing, predictor, axis=0, batch_size=self.args.batch_size,
-                        device=self.args.device, threads=self.args.threads)
+                        device=self.args.device, threads=self.args.threads, previous=previous)
         return res, time.perf_counter() - t0
 
     def score(self, mask, ref):
@@ -179,8 +179,17 @@ def evaluate_structure(args, runner: Runner, st: ev.EvalStructure, methods, posi
             rows.append(row)
 
         if args.correction_rounds > 0:
-            rows += correction_rows(args, runner, base, ref, label,
-                                    lambda drawn, p=predictor: runner.propagate(p, ev.prompt_from_reference(ref, drawn)))
+            # Ours: each round updates the previous result (only regions whose keyframes changed
+            # are recomputed); "scratch@" re-runs the method from scratch with all drawn slices.
+            state = {"previous": None}
+
+            def update(drawn, p=predictor, state=state):
+                res, sec = runner.propagate(p, ev.prompt_from_reference(ref, drawn), previous=state["previous"])
+                state["previous"] = res
+                return res, sec
+
+            rows += correction_rows(args, runner, base, ref, label, update,
+                                    scratch=lambda drawn, p=predictor: runner.propagate(p, ev.prompt_from_reference(ref, drawn)))
 
     if args.keyframes:
         kfs = sorted({ev.slice_at(ref, 0.25), ev.slice_at(ref, 0.75)})
@@ -195,10 +204,16 @@ def evaluate_structure(args, runner: Runner, st: ev.EvalStructure, methods, posi
     return rows, masks
 
 
-def correction_rows(args, runner, base, ref, label, run):
+def correction_rows(args, runner, base, ref, label, run, scratch=None):
     """Rows of a simulated correction session of ``label`` (one per round), plus contour
-    interpolation of the same drawn slices (method ``ci@label``)."""
+    interpolation of the same drawn slices (method ``ci@label``) and, given ``scratch``, the
+    method re-run from scratch on them (``scratch@label``)."""
     info = {}
+
+    def scratch_mask(drawn):
+        res, sec = scratch(drawn)
+        info[("scratch", tuple(drawn))] = (sec, res.n_predicted)
+        return res.mask > 0
 
     def run_mask(drawn):
         res, sec = run(drawn)
@@ -213,8 +228,11 @@ def correction_rows(args, runner, base, ref, label, run):
 
     start = [ev.slice_at(ref, 0.5)]
     try:
+        companions = {f"ci@{label}": ci_mask}
+        if scratch is not None:
+            companions[f"scratch@{label}"] = scratch_mask
         session = ev.simulate_corrections(run_mask, ref, start, args.correction_rounds, lambda m: runner.score(m, ref),
-                                          companions={f"ci@{label}": ci_mask})
+                                          companions=companions)
     except PAMError as exc:
         return [{**base, "method": label, "protocol": "correction", "round": 0, "prompt_slices": start,
                  "error": f"{type(exc).__name__}: {exc}"[:300]}]
@@ -226,8 +244,9 @@ def correction_rows(args, runner, base, ref, label, run):
         sec, npred = info.get((label, tuple(r["drawn"])), (None, None))
         rows.append({**common, "method": label, **{k: r[k] for k in keys}, "seconds": sec, "n_predicted": npred})
         for name, comp in r["companions"].items():
-            sec, _ = info.get(("ci", tuple(r["drawn"])), (None, None))
-            rows.append({**common, "method": name, **{k: comp[k] for k in keys}, "seconds": sec, "n_predicted": 0})
+            kind = name.split("@")[0]
+            sec, npred = info.get((kind, tuple(r["drawn"])), (None, 0))
+            rows.append({**common, "method": name, **{k: comp[k] for k in keys}, "seconds": sec, "n_predicted": npred})
     return rows
 
 
