@@ -278,7 +278,7 @@ def _bench_pam_network(task: dict) -> list[dict]:
             queries = torch.rand(1, b, 1, size, size, generator=gen) * 2 - 1
 
             def call():
-                out = stage.decode_queries(queries, keys, values)
+                out = stage.decode_queries(queries, keys, values, mask)
                 return fuse_scales(out.logits, size)
 
             times = _time_calls(call, task["warmup"], task["repeats"], task["budget_s"])

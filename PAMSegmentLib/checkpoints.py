@@ -54,6 +54,7 @@ class InferenceParams:
     presence_threshold: float = 0.5  # used only by networks with a presence head
     min_area_fraction: float = 0.0  # a slice counts as empty below this fraction of the guide's area
     min_area_px: int = 1
+    intensity_gate: bool = False  # also stop when the region's intensity drifts from the prompt's
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)

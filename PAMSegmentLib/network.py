@@ -39,6 +39,10 @@ class PAMConfig:
     n_conv_per_stage: int = 2
     n_attention_stages: int = 4  # cross-attention at this many deepest stages
     presence_head: bool = False  # extra object-present logit (ours; absent from the official net)
+    # Ours: the image encoder also sees the guide's mask as a second channel (on the guide itself
+    # and, as a prior, on every query), so full-resolution features know where the object was;
+    # in the official net the mask enters only through attention at the deepest stages.
+    mask_prior: bool = False
 
     @property
     def features(self) -> list[int]:
@@ -73,6 +77,17 @@ PRESETS: dict[str, PAMConfig] = {
     # The published network: 6 stages 32..512, 224 px, attention at 56/28/14/7 px. 79.7 M params.
     "official": PAMConfig(),
     # The shipped default: 5 stages 16..128, 128 px, attention at 32/16/8 px, object-present head.
+    # "small" with the guide mask as a second input channel of the image encoder.
+    "small-prior": PAMConfig(
+        name="small-prior",
+        input_size=128,
+        n_stages=5,
+        base_features=16,
+        max_features=128,
+        n_attention_stages=3,
+        presence_head=True,
+        mask_prior=True,
+    ),
     "small": PAMConfig(
         name="small",
         input_size=128,
@@ -159,7 +174,7 @@ class ProposingStage(nn.Module):
         self.config = config
         kw = _conv_kwargs(config)
         unet = PlainConvUNet(
-            input_channels=1,
+            input_channels=2 if config.mask_prior else 1,
             num_classes=2,
             n_conv_per_stage_decoder=config.n_conv_per_stage,
             deep_supervision=True,
@@ -176,14 +191,21 @@ class ProposingStage(nn.Module):
 
     def encode_guide(self, guide_image: torch.Tensor, guide_mask: torch.Tensor) -> tuple[list, list]:
         """Guide features for the attention stages: ([keys per stage], [values per stage])."""
-        img_skips = self.encoder(guide_image)
+        img_skips = self.encoder(torch.cat([guide_image, guide_mask], 1) if self.config.mask_prior else guide_image)
         mask_skips = self.mask_encoder(guide_mask)
         stages = self.config.attention_stages
         return [img_skips[s] for s in stages], [mask_skips[s] for s in stages]
 
-    def decode_queries(self, query_images: torch.Tensor, guide_keys: list, guide_values: list) -> PAMOutput:
+    def decode_queries(self, query_images: torch.Tensor, guide_keys: list, guide_values: list,
+                       guide_mask: torch.Tensor | None = None) -> PAMOutput:
+        """query_images (G, N, 1, S, S); guide_mask (G, 1, S, S) is needed when config.mask_prior."""
         g, n = query_images.shape[:2]
-        skips = self.encoder(query_images.reshape(g * n, *query_images.shape[2:]))
+        x = query_images
+        if self.config.mask_prior:
+            if guide_mask is None:
+                raise ValueError("this network needs the guide mask as the queries' prior")
+            x = torch.cat([query_images, guide_mask[:, None].expand(g, n, *guide_mask.shape[1:])], 2)
+        skips = self.encoder(x.reshape(g * n, *x.shape[2:]))
         skips = list(skips)
         for attn, s, k, v in zip(self.cross_attns, self.config.attention_stages, guide_keys, guide_values):
             q = skips[s].reshape(g, n, *skips[s].shape[1:])
@@ -194,7 +216,7 @@ class ProposingStage(nn.Module):
 
     def forward(self, guide_image, guide_mask, query_images) -> PAMOutput:
         keys, values = self.encode_guide(guide_image, guide_mask)
-        return self.decode_queries(query_images, keys, values)
+        return self.decode_queries(query_images, keys, values, guide_mask)
 
 
 class PAMNetwork(nn.Module):

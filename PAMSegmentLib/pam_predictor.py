@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import torch
 
+import numpy as np
+from scipy import ndimage
+
 from .network import fuse_scales
 from .preprocess import IntensityWindow, crop_box_for_mask, crop_slices, intensity_window, uncrop_probability
 from .propagate import SlicePrediction, SlicePredictor
@@ -14,11 +17,21 @@ from .propagate import SlicePrediction, SlicePredictor
 __all__ = ["PAMPredictor", "MemoryPAMPredictor"]
 
 
+def _smoothed(image_slice: np.ndarray) -> np.ndarray:
+    # The same light smoothing as the classical predictors' gate statistics.
+    return ndimage.gaussian_filter(np.asarray(image_slice, dtype=np.float32), 1.0)
+
+
 class PAMPredictor(SlicePredictor):
     """PAM's network as a slice predictor: window from the prompt, ROI crop, resize, inverse."""
 
-    def __init__(self, model):
+    def __init__(self, model, intensity_gate: bool | None = None):
         self.model = model
+        # The classical drift test (PAMSegmentLib.baselines.IntensityGate) on top of the network's
+        # own presence: a slice whose predicted region no longer looks like the prompt's intensity
+        # ends the walk. Default: what the checkpoint's inference parameters say.
+        self.intensity_gate = model.inference.intensity_gate if intensity_gate is None else bool(intensity_gate)
+        self.gate = None
         inf = model.inference
         self.window_mm, self.max_window, self.min_window = inf.window_mm, inf.max_window, inf.min_window
         self.threshold, self.presence_threshold = inf.threshold, inf.presence_threshold
@@ -29,6 +42,20 @@ class PAMPredictor(SlicePredictor):
     def begin(self, volume, prompt_index, prompt_mask):
         self.window = intensity_window(volume[prompt_index], prompt_mask, self.model.preprocessing)
         self._guide_cache = None
+        if self.intensity_gate:
+            from .baselines import IntensityGate
+
+            self.gate = IntensityGate.from_prompt(_smoothed(volume[prompt_index]), prompt_mask)
+
+    def _gate_scores(self, volume, query_indices, prob) -> np.ndarray:
+        scores = np.zeros(len(query_indices), dtype=np.float32)
+        for n, q in enumerate(query_indices):
+            region = prob[n] >= self.threshold
+            if region.any():
+                rows, cols = np.flatnonzero(region.any(1)), np.flatnonzero(region.any(0))
+                sl = (slice(max(rows[0] - 2, 0), rows[-1] + 3), slice(max(cols[0] - 2, 0), cols[-1] + 3))
+                scores[n] = self.gate.score(_smoothed(volume[q][sl])[region[sl]])
+        return scores
 
     @torch.inference_mode()
     def predict(self, volume, guide_index, guide_mask, query_indices):
@@ -44,14 +71,18 @@ class PAMPredictor(SlicePredictor):
             g_mask = crop_slices(guide_mask[None], box, size, is_mask=True).to(device)
             if len(cache) >= 4:  # a walk uses at most a few guides at a time
                 cache.pop(next(iter(cache)))
-            cache[key] = stage.encode_guide(g_img, g_mask)
+            cache[key] = (stage.encode_guide(g_img, g_mask), g_mask)
         self._guide_cache = cache
-        keys, values = cache[key]
+        (keys, values), g_mask = cache[key]
         queries = crop_slices(volume[list(query_indices)], box, size, self.window).to(device)
-        out = stage.decode_queries(queries[None], keys, values)
+        out = stage.decode_queries(queries[None], keys, values, g_mask)
         prob = fuse_scales(out.logits, size).float().cpu()
         presence = torch.sigmoid(out.presence).float().cpu().numpy() if out.presence is not None else None
-        return SlicePrediction(uncrop_probability(prob, box, volume.shape[1:]), presence)
+        full = uncrop_probability(prob, box, volume.shape[1:])
+        if self.gate is not None:
+            gate = self._gate_scores(volume, list(query_indices), full)
+            presence = gate if presence is None else np.minimum(presence, gate)
+        return SlicePrediction(full, presence)
 
 
 class MemoryPAMPredictor(PAMPredictor):
