@@ -265,3 +265,28 @@ def test_cross_attention_equals_explicit_softmax_attention():
         ref = ref.reshape(g, n, h, w, c).permute(0, 1, 4, 2, 3)
     assert out.shape == (2, 3, 16, 4, 5)
     assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_small_prior_preset_feeds_the_guide_mask_to_the_image_encoder():
+    """`small-prior`: the encoder's first conv takes (image, guide mask); changing only the guide
+    mask changes the queries' full-resolution features, and decode_queries refuses no mask."""
+    import torch
+
+    from PAMSegmentLib.network import PRESETS, PAMNetwork
+
+    torch.manual_seed(0)
+    net = PAMNetwork(PRESETS["small-prior"]).eval()
+    first = net.proposing_stage.encoder.stages[0][0].convs[0].conv
+    assert first.in_channels == 2
+    assert PAMNetwork(PRESETS["small"]).proposing_stage.encoder.stages[0][0].convs[0].conv.in_channels == 1
+    g, q = torch.randn(1, 1, 128, 128), torch.randn(1, 2, 1, 128, 128)
+    m1 = torch.zeros(1, 1, 128, 128)
+    m1[..., 40:80, 40:80] = 1
+    m2 = torch.zeros(1, 1, 128, 128)
+    m2[..., 10:30, 90:120] = 1
+    with torch.no_grad():
+        a, b = net(g, m1, q).logits[0], net(g, m2, q).logits[0]
+        keys, values = net.proposing_stage.encode_guide(g, m1)
+        with pytest.raises(ValueError, match="guide mask"):
+            net.proposing_stage.decode_queries(q, keys, values)
+    assert not torch.allclose(a, b)
