@@ -90,8 +90,28 @@ def _pam_method(args: argparse.Namespace) -> Any:
 
 
 # --method name -> factory(args) returning what ``propagate`` accepts as ``model``.
+def _pam_memory_method(args: argparse.Namespace) -> Any:
+    from .pam_predictor import MemoryPAMPredictor
+
+    return MemoryPAMPredictor(_pam_method(args))
+
+
+def _classical_method(name: str) -> Callable[[argparse.Namespace], Any]:
+    def factory(args: argparse.Namespace) -> Any:
+        from .baselines import get_predictor
+
+        if args.checkpoint is not None:
+            raise InputError(f"--method {name} does not use a checkpoint; drop --checkpoint or use --method pam")
+        return get_predictor(name)
+
+    return factory
+
+
 METHODS: dict[str, Callable[[argparse.Namespace], Any]] = {
     "pam": _pam_method,
+    "pam-memory": _pam_memory_method,
+    "track": _classical_method("track"),  # slice-to-slice demons registration; needs no torch
+    "copy": _classical_method("copy"),
 }
 
 

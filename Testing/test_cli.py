@@ -276,3 +276,17 @@ def test_a_subcommand_is_one_registry_entry(monkeypatch, capsys):
 def test_parse_slice_range():
     assert cli.parse_slice_range("10:40") == (10, 40)
     assert cli.parse_slice_range("7:7") == (7, 7)
+
+
+def test_classical_methods_run_without_a_checkpoint_and_refuse_one(ct_case, capsys):
+    out = ct_case.directory / "tracked.nii.gz"
+    code = cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out), "--method", "track"])
+    assert code == 0
+    assert "label 1: slices" in capsys.readouterr().out
+    result = read_volume(out)
+    np.testing.assert_array_equal(result.array[ct_case.prompt_slice], ct_case.prompt[ct_case.prompt_slice])
+    assert result.array.any(axis=(1, 2)).sum() > 1  # it propagated beyond the drawn slice
+    code = cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out),
+                     "--method", "copy", "--checkpoint", "weights.pt"])
+    assert code == 2
+    assert "--method copy does not use a checkpoint" in capsys.readouterr().err

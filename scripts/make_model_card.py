@@ -78,7 +78,8 @@ def main(argv=None) -> int:
         "provenance": model.provenance,
         "training": training_summary(args.train_log),
         "data": {
-            "training_cases": [e["case"] for e in split["train"]],
+            # What this checkpoint was trained on (its provenance), not what the split lists today.
+            "training_cases": model.provenance.get("cases") or [e["case"] for e in split["train"]],
             "synthetic": split.get("train_synthetic"),
             "evaluation_cases": [{"case": e["case"], "group": e["group"]} for e in split["eval"]],
             "heldout_structures": split["heldout_structures"],

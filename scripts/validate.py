@@ -1,0 +1,82 @@
+#!/usr/bin/env python
+"""Validation on structures of the TRAINING cases (never evaluation data) to choose inference
+options and checkpoints.
+
+    python scripts/validate.py CKPT [--configs pam,pam+gate,window10,track] [--cache cache]
+
+24 structures (seed 0) of ts_ct, ts_ct_dicom and tptbox_ct_vert listed as training labels in
+scripts/split.json, with >= 500 voxels over >= 5 slices; prompt = reference on the middle slice
+of the extent along axis 0; prints the mean 3D Dice per configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from PAMSegmentLib.baselines import get_predictor  # noqa: E402
+from PAMSegmentLib.evaluation import load_case  # noqa: E402
+from PAMSegmentLib.metrics import dice  # noqa: E402
+from PAMSegmentLib.propagate import propagate  # noqa: E402
+
+CASES = ("ts_ct", "ts_ct_dicom", "tptbox_ct_vert")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint")
+    ap.add_argument("--configs", default="pam", help="comma-separated: pam, pam+gate, windowMM, track")
+    ap.add_argument("--cache", default=os.environ.get("PAMSEGMENT_CACHE", str(ROOT / "cache")))
+    ap.add_argument("--n", type=int, default=24)
+    args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    from PAMSegmentLib.checkpoints import load_checkpoint_file
+    from PAMSegmentLib.pam_predictor import PAMPredictor
+
+    split = json.loads((ROOT / "scripts" / "split.json").read_text())
+    train = {e["case"]: e["labels"] for e in split["train"]}
+    cases = {cid: load_case(args.cache, cid) for cid in CASES}
+    items = []
+    for cid in CASES:
+        for lab in train[cid]:
+            ref = cases[cid].labels == lab
+            if ref.sum() >= 500 and ref.any(axis=(1, 2)).sum() >= 5:
+                items.append((cid, lab))
+    pick = np.random.default_rng(0).choice(len(items), size=min(args.n, len(items)), replace=False)
+    items = [items[i] for i in sorted(pick)]
+    model = load_checkpoint_file(args.checkpoint)
+    configs = args.configs.split(",")
+    scores = {c: [] for c in configs}
+    for cid, lab in items:
+        case = cases[cid]
+        ref = case.labels == lab
+        sl = np.flatnonzero(ref.any(axis=(1, 2)))
+        mid = (sl[0] + sl[-1]) // 2
+        prompt = np.zeros(ref.shape, np.uint8)
+        prompt[mid] = ref[mid]
+        for c in configs:
+            if c == "track":
+                predictor = get_predictor("track")
+            else:
+                predictor = PAMPredictor(model, intensity_gate=c.endswith("+gate"))
+                if c.startswith("window"):
+                    predictor.window_mm = float(c[len("window"):])
+            res = propagate(case.image, prompt, case.spacing, predictor, axis=0)
+            scores[c].append(dice(res.mask > 0, ref))
+    print(f"{len(items)} training-case structures; mean Dice: "
+          + ", ".join(f"{c} {np.mean(v):.3f}" for c, v in scores.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
