@@ -41,8 +41,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("Examples:")[1] if "Examples:" in __doc__ else None)
     p.add_argument("--split", default=str(ROOT / "scripts" / "split.json"), help="split file (default scripts/split.json)")
-    p.add_argument("--cache", default=os.environ.get("PAMSEGMENT_CACHE", "/work/cache"),
-                   help="data cache holding cases/<case>.npz (default $PAMSEGMENT_CACHE or /work/cache)")
+    p.add_argument("--cache", default=os.environ.get("PAMSEGMENT_CACHE", str(ROOT / "cache")),
+                   help="data cache holding cases/<case>.npz (default $PAMSEGMENT_CACHE or ./cache)")
     p.add_argument("--methods", default="pam,track,copy",
                    help="comma-separated: pam, pam-memory, track, copy (default pam,track,copy)")
     p.add_argument("--checkpoint", action="append", default=[],
