@@ -43,10 +43,11 @@ def test_quick_benchmark_writes_csv_json_plot(tmp_path, capsys):
     header, rows = _read_csv(out / "end_to_end.csv")
     assert header == bm.E2E_COLUMNS
     assert {(int(r["depth"]), int(r["object_slices"])) for r in rows} == {(16, 6), (24, 6)}
+    assert {r["mode"] for r in rows} <= {"fixed", "honest"}  # "honest" runs only with trained weights
     for r in rows:
         assert r["status"] == "ok", r
-        # fixed-work runs predict exactly the object's extent minus the prompt slice
-        assert r["mode"] == "fixed" and int(r["slices_predicted"]) == 5
+        if r["mode"] == "fixed":  # fixed-work runs predict exactly the object's extent minus the prompt slice
+            assert int(r["slices_predicted"]) == 5
         assert float(r["wall_s"]) >= float(r["propagate_s"]) > 0
         assert float(r["peak_rss_mb"]) > 0
 
