@@ -547,25 +547,10 @@ def _stub_predictor():
 
 
 def _mrml_scene(slicer):
-    """A scene with the logics slicer.util needs, as Testing/conftest_mrml.py builds it."""
-    import types
+    """A scene with the logics slicer.util needs (PAMSegmentLib.mrml.headless_scene)."""
+    from .mrml import headless_scene
 
-    scene = slicer.vtkMRMLScene()
-    app = slicer.vtkSlicerApplicationLogic()
-    app.SetMRMLScene(scene)
-    logics = {}
-    for name, cls in (("Colors", slicer.vtkSlicerColorLogic), ("Data", slicer.vtkSlicerDataModuleLogic),
-                      ("Volumes", slicer.vtkSlicerVolumesLogic),
-                      ("Segmentations", slicer.vtkSlicerSegmentationsModuleLogic)):
-        logic = cls()
-        logic.SetMRMLApplicationLogic(app)
-        logic.SetMRMLScene(scene)
-        app.SetModuleLogic(name, logic)
-        logics[name.lower()] = logic
-    slicer.mrmlScene = scene
-    slicer.modules = types.SimpleNamespace(
-        **{name: types.SimpleNamespace(logic=(lambda lg=lg: lg)) for name, lg in logics.items()})
-    return scene, app, logics
+    return headless_scene()
 
 
 def _worker_slicer(task: dict) -> list[dict]:

@@ -1234,3 +1234,30 @@ def update_segment(volume_node, segmentation_node, segment_id: str, history: Pro
                         model=model, cancel=cancel, progress=progress)
     _run_and_apply(job, history)
     return job
+
+
+def headless_scene():
+    """A new MRML scene with the Colors, Data, Volumes and Segmentations logics registered, and
+    ``slicer.mrmlScene``/``slicer.modules`` pointing at it, for use without the Slicer application
+    (the ``slicer-core`` wheel: tests, benchmarks, batch scripts). Returns (scene, app logic,
+    {name: logic}); the caller restores ``slicer.mrmlScene``/``slicer.modules`` if it needs to."""
+    import types
+
+    slicer = _slicer()
+    scene = slicer.vtkMRMLScene()
+    app = slicer.vtkSlicerApplicationLogic()
+    app.SetMRMLScene(scene)
+    logics = {}
+    for name, cls in (("Colors", slicer.vtkSlicerColorLogic), ("Data", slicer.vtkSlicerDataModuleLogic),
+                      ("Volumes", slicer.vtkSlicerVolumesLogic),
+                      ("Segmentations", slicer.vtkSlicerSegmentationsModuleLogic)):
+        logic = cls()
+        logic.SetMRMLApplicationLogic(app)
+        logic.SetMRMLScene(scene)
+        app.SetModuleLogic(name, logic)
+        logics[name.lower()] = logic
+    slicer.mrmlScene = scene
+    slicer.modules = types.SimpleNamespace(
+        **{name: types.SimpleNamespace(logic=(lambda lg=lg: lg)) for name, lg in logics.items()})
+    return scene, app, logics
+

@@ -16,7 +16,7 @@ layout key for key; see ``PAMSegmentLib.checkpoints`` for loading the authors' f
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -77,17 +77,6 @@ PRESETS: dict[str, PAMConfig] = {
     # The published network: 6 stages 32..512, 224 px, attention at 56/28/14/7 px. 79.7 M params.
     "official": PAMConfig(),
     # The shipped default: 5 stages 16..128, 128 px, attention at 32/16/8 px, object-present head.
-    # "small" with the guide mask as a second input channel of the image encoder.
-    "small-prior": PAMConfig(
-        name="small-prior",
-        input_size=128,
-        n_stages=5,
-        base_features=16,
-        max_features=128,
-        n_attention_stages=3,
-        presence_head=True,
-        mask_prior=True,
-    ),
     "small": PAMConfig(
         name="small",
         input_size=128,
@@ -98,6 +87,8 @@ PRESETS: dict[str, PAMConfig] = {
         presence_head=True,
     ),
 }
+# "small" with the guide mask as a second input channel of the image encoder (an ablation; see README).
+PRESETS["small-prior"] = replace(PRESETS["small"], name="small-prior", mask_prior=True)
 
 
 class CrossAttention(nn.Module):

@@ -19,6 +19,8 @@ import pytest
 slicer = pytest.importorskip("slicer", reason="the slicer-core wheel is not installed (pip install slicer-core)")
 vtk = pytest.importorskip("vtk")
 
+from PAMSegmentLib.mrml import headless_scene  # noqa: E402
+
 __all__ = ["mrml_scene", "scene_context", "make_volume_node", "make_segmentation", "ellipsoid", "matrix_from_array",
            "oblique_ijk_to_ras", "internal_labelmap_state", "assert_same_labelmap", "slicer", "vtk"]
 
@@ -26,23 +28,8 @@ __all__ = ["mrml_scene", "scene_context", "make_volume_node", "make_segmentation
 @contextlib.contextmanager
 def scene_context():
     """A fresh scene with the logics registered; `slicer.mrmlScene`/`slicer.modules` point at it."""
-    scene = slicer.vtkMRMLScene()
-    app = slicer.vtkSlicerApplicationLogic()
-    app.SetMRMLScene(scene)
-    logics = {}
-    for name, cls in (("Colors", slicer.vtkSlicerColorLogic), ("Data", slicer.vtkSlicerDataModuleLogic),
-                      ("Volumes", slicer.vtkSlicerVolumesLogic),
-                      ("Segmentations", slicer.vtkSlicerSegmentationsModuleLogic)):
-        logic = cls()
-        logic.SetMRMLApplicationLogic(app)
-        logic.SetMRMLScene(scene)
-        app.SetModuleLogic(name, logic)
-        logics[name.lower()] = logic
     saved = {k: getattr(slicer, k, None) for k in ("mrmlScene", "modules", "app")}
-    slicer.mrmlScene = scene
-    slicer.modules = types.SimpleNamespace(
-        **{name: types.SimpleNamespace(logic=(lambda lg=lg: lg)) for name, lg in logics.items()}
-    )
+    scene, app, logics = headless_scene()  # keep the logics alive as long as the scene
     try:
         yield scene
     finally:
