@@ -30,9 +30,10 @@ def demo_data_dir() -> Path:
         if (candidate / FILES[0]).is_file():
             return candidate
     try:
-        installed = resources.files("PAMSegmentLib.demo_data")
-        if (installed / FILES[0]).is_file():
-            return Path(str(installed))
+        # A namespace package gives a MultiplexedPath: resolve a file inside it, then its folder.
+        first = resources.files("PAMSegmentLib.demo_data") / FILES[0]
+        if first.is_file():
+            return Path(str(first)).parent
     except (ModuleNotFoundError, TypeError):
         pass
     raise InputError("the demo data (Resources/Demo) is not installed; reinstall PAMSegmentLib")
