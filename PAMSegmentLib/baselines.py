@@ -184,6 +184,15 @@ class _ClassicalPredictor(SlicePredictor):
         self._use(origin)
         return origin
 
+    def _prepare(self, volume, guide_index, guide_mask, query_indices, pad_fraction: float, min_pad: int):
+        """Common start of predict(): the statistics to use, empty outputs and the crop around the guide."""
+        guide_mask = np.asarray(guide_mask, dtype=bool)
+        origin = self._start(volume, guide_index, guide_mask)
+        n, (h, w) = len(query_indices), guide_mask.shape
+        prob = np.zeros((n, h, w), dtype=np.float32)
+        presence = np.zeros(n, dtype=np.float32)
+        return guide_mask, origin, prob, presence, _crop_around(guide_mask, pad_fraction, min_pad)
+
     def _presence(self, query_smoothed: np.ndarray, pred_mask: np.ndarray) -> float:
         area = int(np.count_nonzero(pred_mask))
         if area == 0 or area < self.prompt_area_fraction * self.prompt_area:
@@ -214,12 +223,8 @@ class CopyPredictor(_ClassicalPredictor):
         self.refine, self.grow_px = bool(refine), int(grow_px)
 
     def predict(self, volume, guide_index, guide_mask, query_indices: Sequence[int]) -> SlicePrediction:
-        guide_mask = np.asarray(guide_mask, dtype=bool)
-        origin = self._start(volume, guide_index, guide_mask)
-        n, (h, w) = len(query_indices), guide_mask.shape
-        prob = np.zeros((n, h, w), dtype=np.float32)
-        presence = np.zeros(n, dtype=np.float32)
-        sl = _crop_around(guide_mask, 0.5, max(self.grow_px, 0) + 4)
+        guide_mask, origin, prob, presence, sl = self._prepare(volume, guide_index, guide_mask, query_indices,
+                                                              0.5, max(self.grow_px, 0) + 4)
         if sl is None:
             return SlicePrediction(prob, presence)
         g = guide_mask[sl]
@@ -342,12 +347,8 @@ class TrackPredictor(_ClassicalPredictor):
         return sitk.GetArrayViewFromImage(warped).copy()
 
     def predict(self, volume, guide_index, guide_mask, query_indices: Sequence[int]) -> SlicePrediction:
-        guide_mask = np.asarray(guide_mask, dtype=bool)
-        origin = self._start(volume, guide_index, guide_mask)
-        n, (h, w) = len(query_indices), guide_mask.shape
-        prob = np.zeros((n, h, w), dtype=np.float32)
-        presence = np.zeros(n, dtype=np.float32)
-        sl = _crop_around(guide_mask, self.pad, 8)
+        guide_mask, origin, prob, presence, sl = self._prepare(volume, guide_index, guide_mask, query_indices,
+                                                              self.pad, 8)
         if sl is None:
             return SlicePrediction(prob, presence)
         moving = self._normalise(self._smooth(volume[guide_index][sl]))
