@@ -130,6 +130,14 @@ def parse_slice_range(text: str) -> tuple[int, int]:
     return k0, k1
 
 
+def parse_slice_list(text: str) -> list[int]:
+    """"K[,K...]" -> sorted slice numbers (non-negative integers)."""
+    parts = [p.strip() for p in text.split(",")]
+    if not parts or not all(p.isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"expected slice numbers separated by commas, e.g. 12,30; got {text!r}")
+    return sorted({int(p) for p in parts})
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -158,6 +166,9 @@ def add_propagate_arguments(p: argparse.ArgumentParser) -> None:
                    help="array axis to propagate along, (k, j, i) order (default: the axis the prompt is drawn across)")
     p.add_argument("--range", type=parse_slice_range, metavar="K0:K1", dest="slice_range",
                    help="propagate only within slices K0..K1 along the axis, both included")
+    p.add_argument("--empty-slices", type=parse_slice_list, metavar="K[,K...]",
+                   help="slices along the axis where the object is absent (e.g. erased after a first run): "
+                        "propagation never crosses them")
     p.add_argument("--no-early-stop", action="store_true",
                    help="predict every slice in the range, also past slices where the object vanished")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="torch device (default: cpu)")
@@ -238,6 +249,7 @@ def cmd_propagate(args: argparse.Namespace) -> int:
             labels=args.label,
             range=args.slice_range,
             early_stop=not args.no_early_stop,
+            empty_slices=args.empty_slices,
             batch_size=args.batch_size,
             device=args.device,
             threads=args.threads,

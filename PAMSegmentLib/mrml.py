@@ -52,7 +52,6 @@ __all__ = [
     "undo_last",
     "edited_slices",
     "plan_keyframes",
-    "bound_by_empty_keyframes",
     "review_order",
     "next_slice_to_review",
     "slice_centroid_ras",
@@ -283,15 +282,17 @@ def _load_model(checkpoint, device: str):
 
 
 def _run_engine(image, prompt, spacing, *, model, device, range, progress, cancel,  # noqa: A002
-                batch_size=16, threads=None, axis=None, previous=None):
+                batch_size=16, threads=None, axis=None, previous=None, empty_slices=None):
     """Run PAMSegmentLib.propagate. Runs on the worker thread: arrays in, result out, no MRML.
 
-    ``axis`` and ``previous`` are given by an update (``SegmentUpdate``): the axis of the first
-    propagation and its result, so the engine recomputes only what the new keyframes change."""
+    ``axis``, ``previous`` and ``empty_slices`` are given by an update (``SegmentUpdate``): the
+    axis of the first propagation, its result (so the engine recomputes only what the new
+    keyframes change) and the slices the user erased (walls the object does not cross)."""
     from .propagate import propagate  # noqa: PLC0415
 
     return propagate(image, prompt, spacing, model, range=range, device=device, progress=progress, cancel=cancel,
-                     batch_size=batch_size, threads=threads, axis=axis, previous=previous)
+                     batch_size=batch_size, threads=threads, axis=axis, previous=previous,
+                     empty_slices=empty_slices)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -490,7 +491,6 @@ class SegmentPropagation:
                                  batch_size=self.batch_size, threads=self.threads, **self._engine_options())
             if tuple(result.mask.shape) != self.grid.shape:
                 raise PAMError(f"the engine returned a {result.mask.shape} mask for a {self.grid.shape} volume")
-            result = self._finish_result(result)
         except PropagationCancelled:
             with self._lock:
                 self._finish("cancelled", "cancelled; the segmentation was not changed")
@@ -514,10 +514,6 @@ class SegmentPropagation:
     def _engine_options(self) -> dict:
         """Extra engine arguments (an update passes the axis and the previous result)."""
         return {}
-
-    def _finish_result(self, result):
-        """Worker thread: adjust the engine's result before it is applied (an update bounds it)."""
-        return result
 
     # -- writing back (main thread) -----------------------------------------------------------
 
@@ -662,12 +658,11 @@ def _run_and_apply(job: SegmentPropagation, history) -> str:
 # keyframes changed. Every keyframe, edited or drawn before, is kept bit for bit.
 #
 # A slice the user erased completely is an *empty keyframe*: "the object is absent here". The
-# engine's keyframes are drawn masks and cannot be empty, so the adapter applies it: an empty
-# keyframe beyond the outermost drawn keyframe bounds the object there (the empty slice and every
-# slice further out are cleared; the engine's walk on that side is not re-run when its drawn
-# keyframes did not change). An empty keyframe between two drawn keyframes is kept empty, but the
-# engine still fuses the two drawn keyframes across it (it cannot stop a fused interval midway), so
-# only that slice is cleared. Empty keyframes are remembered like the others.
+# engine takes it as a wall (``propagate(..., empty_slices=...)``): no walk crosses it, a walk
+# from a drawn keyframe towards it stops before it (earlier if the object ends), two drawn
+# keyframes on either side are not fused across it, and nothing beyond the outermost one is
+# predicted. Adding a wall beyond an unchanged drawn keyframe re-runs nothing (the earlier walk
+# is truncated). Empty keyframes are remembered like the others.
 
 
 @dataclass(frozen=True)
@@ -857,10 +852,14 @@ class HistoryEntry:
         """The engine's ``PropagationResult`` to pass as ``previous`` (label 1, full size)."""
         from .propagate import PropagationResult  # noqa: PLC0415 - keeps torch out of `import mrml`
 
+        mask = self.result_mask.unpack().astype(np.uint8)
+        keyframes = {s: m.copy() for s, m in self.keyframes.items()}
+        blank = np.zeros(np.delete(mask.shape, self.axis), dtype=bool)
+        keyframes.update({s: blank.copy() for s in self.empty_keyframes})  # walls: the engine's empty masks
         return PropagationResult(
-            mask=self.result_mask.unpack().astype(np.uint8), axis=self.axis, confidence={1: self.confidence.copy()},
+            mask=mask, axis=self.axis, confidence={1: self.confidence.copy()},
             slice_range={}, prompt_slices={1: sorted(self.keyframes)},
-            keyframes={1: {s: m.copy() for s, m in self.keyframes.items()}}, range=tuple(self.range),
+            keyframes={1: dict(sorted(keyframes.items()))}, range=tuple(self.range),
             early_stop=self.early_stop,
         )
 
@@ -1007,21 +1006,6 @@ def plan_keyframes(current: np.ndarray, axis: int, keyframes, empty_keyframes, e
         else:
             empty.add(int(s))
     return drawn, empty
-
-
-def bound_by_empty_keyframes(mask: np.ndarray, confidence: np.ndarray, axis: int, drawn, empty):
-    """Apply "object absent here" for each empty keyframe (see the section comment); in place.
-
-    ``mask`` (k, j, i) and ``confidence`` (per slice along ``axis``); cleared slices get NaN."""
-    if not empty or not drawn:
-        return mask, confidence
-    on_axis = np.moveaxis(mask, axis, 0)
-    first, last = min(drawn), max(drawn)
-    for s in sorted(empty):
-        cut = slice(s, None) if s > last else slice(0, s + 1) if s < first else slice(s, s + 1)
-        on_axis[cut] = 0
-        confidence[cut] = np.nan
-    return mask, confidence
 
 
 def review_order(confidence, reviewed=(), keyframes=(), candidates=None) -> list[int]:
@@ -1171,17 +1155,9 @@ class SegmentUpdate(SegmentPropagation):
 
     # worker
     def _engine_options(self) -> dict:
-        return {"axis": self.entry.axis, "previous": self.previous}
-
-    def _finish_result(self, result):
-        label = next(iter(result.confidence), 1)
-        conf = result.confidence.setdefault(label, np.full(self.entry.n_slices, np.nan, dtype=np.float32))
-        bound_by_empty_keyframes(result.mask, conf, self.entry.axis, self.drawn, self.empty)
-        if self.empty:
-            other = tuple(a for a in range(3) if a != self.entry.axis)
-            occupied = np.flatnonzero((result.mask == label).any(axis=other))
-            result.slice_range = {label: (int(occupied[0]), int(occupied[-1]))}  # a drawn keyframe remains
-        return result
+        lo, hi = self.entry.range
+        return {"axis": self.entry.axis, "previous": self.previous,
+                "empty_slices": sorted(s for s in self.empty if lo <= s <= hi)}
 
     # reporting
     @property

@@ -290,39 +290,83 @@ class _Reuse:
         progress.advance(len(slices), "reused")
 
 
+def _work(keys: list[int], drawn: set[int], lo: int, hi: int) -> int:
+    """Slices one label's propagation predicts at most (the progress total): one-sided walks count
+    once, intervals between two drawn keyframes twice (both directions)."""
+    total = (keys[0] - lo if keys[0] in drawn else 0) + (hi - keys[-1] if keys[-1] in drawn else 0)
+    for a, b in zip(keys[:-1], keys[1:]):
+        if a in drawn or b in drawn:
+            total += max(b - a - 1, 0) * (2 if a in drawn and b in drawn else 1)
+    return total
+
+
 def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo, hi, batch_size,
-                     early_stop, remove_disconnected, progress, stats, reuse: _Reuse | None = None):
-    """One label, axis 0. Returns (bool mask, confidence per slice, recomputed intervals)."""
+                     early_stop, remove_disconnected, progress, stats, reuse: _Reuse | None = None,
+                     empty_keyframes=()):
+    """One label, axis 0. Returns (bool mask, confidence per slice, recomputed intervals).
+
+    ``keyframes``: the drawn slices; ``empty_keyframes``: slices the user says do not hold the
+    object (walls): no walk crosses one, a walk from a drawn keyframe towards one stops before it
+    (earlier if the object ends), and nothing beyond the outermost one is predicted.
+    """
     n = volume.shape[0]
     window = window_slices(spacing_axis, predictor)
     conf = np.full(n, np.nan, dtype=np.float32)
     probs: dict[int, np.ndarray] = {}
-    first, last = keyframes[0], keyframes[-1]
-    predictor.begin(volume, first, prompt_mask[first])
+    drawn = set(keyframes)
+    keys = sorted(drawn | set(empty_keyframes))
+    predictor.begin(volume, keyframes[0], prompt_mask[keyframes[0]])
     for kf in keyframes:
         conf[kf] = 1.0
     old_keys = sorted(reuse.keyframes) if reuse is not None else []
+    old_drawn = {k for k in old_keys if reuse.keyframes[k].any()} if reuse is not None else set()
     recomputed: list[tuple[int, int]] = []
 
-    if reuse is not None and old_keys[0] == first and reuse.same(first, prompt_mask):
-        reuse.take(range(lo, first), probs, conf, progress)
-    else:
-        _walk(volume, predictor, first, prompt_mask[first], -1, lo, window, batch_size, early_stop, progress, probs, conf, stats)
-        if first > lo:
-            recomputed.append((lo, first - 1))
-    if reuse is not None and old_keys[-1] == last and reuse.same(last, prompt_mask):
-        reuse.take(range(last + 1, hi + 1), probs, conf, progress)
-    else:
-        _walk(volume, predictor, last, prompt_mask[last], +1, hi, window, batch_size, early_stop, progress, probs, conf, stats)
-        if last < hi:
-            recomputed.append((last + 1, hi))
+    def old_bound(a: int, d: int) -> int | None:
+        """How far the previous run walked one-sidedly from drawn keyframe ``a`` in direction ``d``
+        (None if it did not: ``a`` was not a drawn keyframe with this mask, or it was fused)."""
+        if reuse is None or a not in old_drawn or not reuse.same(a, prompt_mask):
+            return None
+        nxt = [k for k in old_keys if (k - a) * d > 0]
+        if not nxt:
+            return lo if d < 0 else hi
+        k = nxt[0] if d > 0 else nxt[-1]
+        return None if k in old_drawn else k - d
+
+    def one_sided(a: int, d: int, bound: int):
+        """Walk from drawn keyframe ``a`` in direction ``d`` up to ``bound`` (inclusive)."""
+        if (bound - a) * d <= 0:
+            return
+        span = range(a + d, bound + d, d)
+        ob = old_bound(a, d)
+        # A walk is a function of its start and direction: a truncated earlier walk is reused.
+        if ob is not None and (ob - a) * d >= (bound - a) * d:
+            reuse.take(span, probs, conf, progress)
+            return
+        _walk(volume, predictor, a, prompt_mask[a], d, bound, window, batch_size, early_stop, progress, probs, conf,
+              stats)
+        recomputed.append((min(a + d, bound), max(a + d, bound)))
+
+    if keys[0] in drawn:
+        one_sided(keys[0], -1, lo)
+    if keys[-1] in drawn:
+        one_sided(keys[-1], +1, hi)
 
     # Between keyframes: both sides, fused by distance so each keyframe dominates near itself.
     old_pairs = set(zip(old_keys[:-1], old_keys[1:]))
-    for a, b in zip(keyframes[:-1], keyframes[1:]):
+    for a, b in zip(keys[:-1], keys[1:]):
         if b - a < 2:
             continue
-        if (a, b) in old_pairs and reuse.same(a, prompt_mask) and reuse.same(b, prompt_mask):
+        if a in drawn and b not in drawn:
+            one_sided(a, +1, b - 1)
+            continue
+        if b in drawn and a not in drawn:
+            one_sided(b, -1, a + 1)
+            continue
+        if a not in drawn:  # two walls: the object is absent in between
+            continue
+        if (a, b) in old_pairs and a in old_drawn and b in old_drawn and reuse.same(a, prompt_mask) \
+                and reuse.same(b, prompt_mask):
             reuse.take(range(a + 1, b), probs, conf, progress)
             progress.advance(b - a - 1, "reused")  # both directions' share of the work
             continue
@@ -341,14 +385,14 @@ def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo
     mask = np.zeros(volume.shape, dtype=bool)
     for s, p in probs.items():
         mask[s] = p >= predictor.threshold
-    for kf in keyframes:
+    for kf in keys:
         mask[kf] = prompt_mask[kf]
     if remove_disconnected:
         mask = _keep_connected(mask, prompt_mask)
-    for kf in keyframes:  # the user's slices are kept exactly
+    for kf in keys:  # the user's slices are kept exactly (walls stay empty)
         mask[kf] = prompt_mask[kf]
     stats["postprocess"] += time.perf_counter() - t0
-    return mask, conf, recomputed
+    return mask, conf, sorted(recomputed)
 
 
 def propagate(
@@ -368,6 +412,7 @@ def propagate(
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
     previous: PropagationResult | None = None,
+    empty_slices=None,
 ) -> PropagationResult:
     """Propagate the prompt's label(s) through ``image``.
 
@@ -381,6 +426,11 @@ def propagate(
     ``previous``: the result of an earlier run on the same image whose prompt has since gained or
     changed keyframes (the correction loop). Regions whose keyframes are unchanged are copied
     from it; only the others are recomputed (``result.recomputed``, ``result.n_predicted``).
+
+    ``empty_slices``: slices along the propagation axis where the user says the object is absent
+    (an erased slice), as a sequence for every label or a dict {label: sequence}. Each is a wall:
+    no walk crosses it, it stays empty, and nothing beyond the outermost one is predicted. They
+    are returned in ``result.keyframes`` as all-empty masks.
     """
     t_start = time.perf_counter()
     image = np.asarray(image)
@@ -411,11 +461,11 @@ def propagate(
         if outside:
             raise InputError(f"label {lab}'s prompt slice {outside[0]} lies outside the range {lo}:{hi}")
 
+    empties = _empty_slices_per_label(empty_slices, slices, lo, hi, ax)
+
     # No whole-volume float copy: the predictors cast only the slices they read.
     vol_f = vol
-    total = 0
-    for sl in slices.values():
-        total += (sl[0] - lo) + (hi - sl[-1]) + sum(2 * max(b - a - 1, 0) for a, b in zip(sl[:-1], sl[1:]))
+    total = sum(_work(sorted(set(sl) | empties[lab]), set(sl), lo, hi) for lab, sl in slices.items())
     tracker = _Progress(total, progress, cancel)
     stats = {"predict": 0.0, "postprocess": 0.0, "n_predicted": 0}
 
@@ -441,8 +491,8 @@ def propagate(
                 reuse = _Reuse(prev_mask == lab, previous.confidence[lab], previous.keyframes[lab])
             mask, conf, recomputed_all[lab] = _propagate_label(
                 vol_f, label_mask, keyframes, predictor, spacing[ax], lo, hi, batch_size, early_stop,
-                remove_disconnected, tracker, stats, reuse)
-            keyframes_all[lab] = {k: label_mask[k].copy() for k in keyframes}
+                remove_disconnected, tracker, stats, reuse, empties[lab])
+            keyframes_all[lab] = {k: label_mask[k].copy() for k in sorted(set(keyframes) | empties[lab])}
             # Earlier labels keep their voxels; a label's own prompt voxels always win.
             out[mask & (out == 0)] = lab
             out[prm == lab] = lab
@@ -469,6 +519,33 @@ def propagate(
         early_stop=early_stop,
         recomputed=recomputed_all,
     )
+
+
+def _empty_slices_per_label(empty_slices, slices: dict, lo: int, hi: int, axis: int) -> dict[int, set[int]]:
+    """Validate ``empty_slices`` (a sequence for all labels or {label: sequence}) -> {label: set}."""
+    if empty_slices is None:
+        return {lab: set() for lab in slices}
+    if isinstance(empty_slices, dict):
+        unknown = [lab for lab in empty_slices if int(lab) not in slices]
+        if unknown:
+            raise InputError(f"empty slices given for label {unknown[0]}, which is not in the prompt")
+        per = {lab: empty_slices.get(lab, ()) for lab in slices}
+    else:
+        per = {lab: empty_slices for lab in slices}
+    out = {}
+    for lab, seq in per.items():
+        try:
+            idx = {int(v) for v in seq}
+        except (TypeError, ValueError):
+            raise InputError(f"empty slices must be slice numbers, got {seq!r}") from None
+        bad = sorted(v for v in idx if not lo <= v <= hi)
+        if bad:
+            raise InputError(f"empty slice {bad[0]} lies outside the range {lo}:{hi} along axis {axis}")
+        both = sorted(idx & set(slices[lab]))
+        if both:
+            raise InputError(f"slice {both[0]} is both drawn (label {lab}) and marked empty; erase it or unmark it")
+        out[lab] = idx
+    return out
 
 
 def _as_predictor(model, device: str) -> SlicePredictor:

@@ -290,3 +290,33 @@ def test_classical_methods_run_without_a_checkpoint_and_refuse_one(ct_case, caps
                      "--method", "copy", "--checkpoint", "weights.pt"])
     assert code == 2
     assert "--method copy does not use a checkpoint" in capsys.readouterr().err
+
+
+def test_empty_slices_bound_the_result(ct_case, capsys):
+    """--empty-slices: the object is absent on those slices, and nothing crosses them."""
+    out = ct_case.directory / "walled.nii.gz"
+    k = ct_case.prompt_slice
+    argv = ["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out), "--method", "copy",
+            "--axis", "0"]
+    assert cli.main(argv) == 0
+    free = read_volume(out).array.any(axis=(1, 2))
+    assert free[k + 2] and free[k - 2]  # without walls the copied mask reaches two slices either side
+    assert cli.main(argv + ["--empty-slices", f"{k - 2},{k + 2}"]) == 0
+    occupied = np.flatnonzero(read_volume(out).array.any(axis=(1, 2))).tolist()
+    assert occupied[0] >= k - 1 and occupied[-1] <= k + 1 and k in occupied
+    capsys.readouterr()
+    assert cli.main(argv + ["--empty-slices", str(k)]) == 2
+    assert f"slice {k} is both drawn (label 1) and marked empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["", "a", "1,,2", "-3", "1.5"])
+def test_bad_empty_slices_syntax(ct_case, run_cli, text):
+    proc = run_cli("propagate", ct_case.image_path, ct_case.prompt_path, "-o", ct_case.directory / "o.nii.gz",
+                   f"--empty-slices={text}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "argument --empty-slices: expected slice numbers separated by commas" in proc.stderr
+
+
+def test_parse_slice_list():
+    assert cli.parse_slice_list("12") == [12]
+    assert cli.parse_slice_list("30, 12,12") == [12, 30]

@@ -294,6 +294,62 @@ def test_keyframe_fusion_weights_each_side_by_distance():
     assert occupied == [9, 10, 11, 12]
 
 
+# ----------------------------------------------------------------------------- empty keyframes (walls)
+
+
+def test_empty_slice_between_two_keyframes_splits_them():
+    """Slice 12 erased between keyframes 8 and 16: each side walks only up to it, nothing is fused
+    across it, and it stays empty (the oracle would put the object there)."""
+    truth = tube(3, 25)
+    model = OracleModel(truth, window=4)
+    res = propagate(image_for(truth), prompt_from(truth, [8, 16]), ISO, model, empty_slices=[12])
+    walked = [(g, q) for g, qs in model.calls for q in qs]
+    assert sorted(q for g, q in walked if g == 8 and q > 8) == [9, 10, 11]
+    assert sorted(q for g, q in walked if g == 16 and q < 16) == [13, 14, 15]
+    assert not res.mask[12].any()
+    np.testing.assert_array_equal(res.mask[3:12], truth[3:12])
+    np.testing.assert_array_equal(res.mask[13:26], truth[13:26])
+    assert res.keyframes[1].keys() == {8, 12, 16} and not res.keyframes[1][12].any()
+    assert res.recomputed == {1: [(0, 7), (9, 11), (13, 15), (17, 29)]}
+
+
+def test_empty_slice_beyond_the_keyframe_bounds_the_object():
+    truth = tube(3, 25)
+    model = OracleModel(truth, window=4)
+    res = propagate(image_for(truth), prompt_from(truth, 8), ISO, model, empty_slices=[14, 20])
+    assert res.slice_range == {1: (3, 13)}
+    assert max(predicted(model)) == 13  # nothing walked past the wall, nothing beyond the outer wall
+    assert np.isnan(res.confidence[1][14:]).all()
+
+
+def test_adding_a_wall_reuses_the_earlier_walk_and_predicts_nothing():
+    truth = tube(3, 25)
+    image, prompt = image_for(truth), prompt_from(truth, 8)
+    first = propagate(image, prompt, ISO, OracleModel(truth, window=4))
+    model = OracleModel(truth, window=4)
+    res = propagate(image, prompt, ISO, model, previous=first, empty_slices=[20])
+    assert model.calls == [] and res.n_predicted == 0 and res.recomputed == {1: []}
+    np.testing.assert_array_equal(res.mask[:20], first.mask[:20])
+    assert not res.mask[20:].any()
+    # moving the wall further out needs the walk beyond the old one: recomputed
+    model = OracleModel(truth, window=4)
+    again = propagate(image, prompt, ISO, model, previous=res, empty_slices=[24])
+    assert again.recomputed == {1: [(9, 23)]} and min(predicted(model)) == 9
+    assert again.slice_range == {1: (3, 23)}
+
+
+@pytest.mark.parametrize("empty, phrase", [
+    ([8], r"slice 8 is both drawn \(label 1\) and marked empty"),
+    ([40], "empty slice 40 lies outside the range 0:29"),
+    ({2: [5]}, "empty slices given for label 2, which is not in the prompt"),
+    (["x"], "empty slices must be slice numbers"),
+])
+def test_empty_slice_input_errors(empty, phrase):
+    truth = tube(3, 25)
+    with pytest.raises(InputError, match=phrase):
+        propagate(image_for(truth), prompt_from(truth, 8), ISO, OracleModel(truth), empty_slices=empty)
+
+
 # ----------------------------------------------------------------------------- input errors
 
 

@@ -20,7 +20,7 @@ from conftest_mrml import (assert_same_labelmap, ellipsoid, internal_labelmap_st
 import PAMSegmentLib.mrml as mrml
 from PAMSegmentLib.errors import InputError, PAMError
 from PAMSegmentLib.mrml import (PackedMask, PropagationHistory, SegmentPropagation, SegmentUpdate,
-                                bound_by_empty_keyframes, confidence_plot, edited_slices, next_slice_to_review,
+                                confidence_plot, edited_slices, next_slice_to_review,
                                 plan_keyframes, propagate_segment, review_order, slice_centroid_ras, undo_last,
                                 update_segment)
 from PAMSegmentLib.propagate import SlicePrediction, SlicePredictor, propagate
@@ -151,18 +151,6 @@ def test_edited_slices_and_keyframe_plan():
     np.testing.assert_array_equal(drawn[2], current[2])
     with pytest.raises(InputError, match="grid"):
         edited_slices(current[:5], written, 0)
-
-
-def test_bound_by_empty_keyframes_clears_outward_and_only_the_slice_between():
-    mask = np.ones((10, 3, 3), np.uint8)
-    conf = np.full(10, 0.9, np.float32)
-    bound_by_empty_keyframes(mask, conf, 0, {3: None, 6: None}, {1, 5, 8})
-    assert mask.any(axis=(1, 2)).tolist() == [False, False, True, True, True, False, True, True, False, False]
-    assert np.isnan(conf[[0, 1, 5, 8, 9]]).all() and np.isfinite(conf[[2, 3, 4, 6, 7]]).all()
-    # along another axis
-    mask = np.ones((3, 10, 3), np.uint8)
-    bound_by_empty_keyframes(mask, np.zeros(10, np.float32), 1, {4: None}, {7})
-    assert mask.any(axis=(0, 2)).tolist() == [True] * 7 + [False] * 3
 
 
 def test_review_order_on_a_hand_made_confidence_array():
@@ -336,9 +324,17 @@ def test_erased_slice_between_keyframes_stays_empty(session):
     current = on_volume(seg, sid, vol)
     current[14] = False
     write(seg, sid, vol, current)
-    update_segment(vol, seg, sid, history, model=GuideCopy(truth))
+    model = GuideCopy(truth)
+    job = update_segment(vol, seg, sid, history, model=model)
     result = on_volume(seg, sid, vol)
-    np.testing.assert_array_equal(result, current)  # only slice 14 changed, and it is kept empty
+    # The erased slice splits the two keyframes: slice 13 comes from keyframe 12 alone, slice 15
+    # from keyframe 16 alone (GuideCopy copies its guide), and nothing else is recomputed.
+    assert sorted(job.recomputed) == [(13, 13), (15, 15)] and sorted(model.predicted) == [13, 15]
+    np.testing.assert_array_equal(result[13], current[12])
+    np.testing.assert_array_equal(result[15], current[16])
+    assert not result[14].any()
+    keep = [s for s in range(SHAPE[0]) if s not in (13, 14, 15)]
+    np.testing.assert_array_equal(result[keep], current[keep])
     assert history.get(seg, sid).empty_keyframes == {14}
 
 

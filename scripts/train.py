@@ -118,6 +118,7 @@ def main(argv=None) -> int:
     ap.add_argument("--guides", type=int, default=4, help="guides per batch")
     ap.add_argument("--queries", type=int, default=4, help="query slices per guide")
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--presence-weight", type=float, default=0.5, help="weight of the object-present BCE in the loss")
     ap.add_argument("--max-synthetic", type=int, default=None, help="use at most this many cached synthetic volumes")
     ap.add_argument("--synthetic-inline", type=int, default=0, help="train on N generated volumes only (no cache)")
     ap.add_argument("--init-from", default=None, help="continue from a checkpoint of the same preset")
@@ -146,6 +147,7 @@ def main(argv=None) -> int:
         max_iterations=args.max_iterations,
         n_guides=args.guides,
         lr=args.lr,
+        presence_weight=args.presence_weight,
         seed=args.seed,
         threads=args.threads,
         workers=args.workers,

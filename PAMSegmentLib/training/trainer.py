@@ -159,7 +159,7 @@ def train(cases: list[Case], cfg: TrainConfig, out_path: Path, log_path: Path) -
         torch.nn.utils.clip_grad_norm_(net.parameters(), 12.0)
         opt.step()
         it += 1
-        lv = float(loss)
+        lv = float(loss.detach())
         ema = lv if ema is None else 0.98 * ema + 0.02 * lv
         if it % 10 == 0 or it == 1:
             writer.writerow([it, round(elapsed, 1), f"{lr:.2e}", f"{lv:.4f}", f"{parts.get('ce', math.nan):.4f}",
