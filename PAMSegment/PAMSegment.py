@@ -168,6 +168,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentSelector.connect("currentSegmentChanged(QString)", self.onInputChanged)
         self.ui.defaultModelRadioButton.connect("toggled(bool)", self.onModelChoiceChanged)
         self.ui.checkpointModelRadioButton.connect("toggled(bool)", self.onModelChoiceChanged)
+        self.ui.trackModelRadioButton.connect("toggled(bool)", self.onModelChoiceChanged)
         self.ui.checkpointPathLineEdit.connect("currentPathChanged(QString)", self.onModelChoiceChanged)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self._saveSettings)
         self.ui.replaceSegmentRadioButton.connect("toggled(bool)", self._saveSettings)
@@ -205,8 +206,10 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _restoreSettings(self):
         settings = qt.QSettings()
         useFile = slicer.util.toBool(settings.value("PAMSegment/UseCheckpointFile", False))
+        useTrack = not useFile and settings.value("PAMSegment/Method", "pam") == "track"
         self.ui.checkpointModelRadioButton.setChecked(useFile)
-        self.ui.defaultModelRadioButton.setChecked(not useFile)
+        self.ui.trackModelRadioButton.setChecked(useTrack)
+        self.ui.defaultModelRadioButton.setChecked(not useFile and not useTrack)
         self.ui.checkpointPathLineEdit.currentPath = settings.value("PAMSegment/CheckpointPath", "")
         newSegment = settings.value("PAMSegment/OutputMode", "replace") == "new"
         self.ui.newSegmentRadioButton.setChecked(newSegment)
@@ -216,6 +219,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         settings = qt.QSettings()
         settings.setValue("PAMSegment/UseCheckpointFile", self.ui.checkpointModelRadioButton.checked)
         settings.setValue("PAMSegment/CheckpointPath", self.ui.checkpointPathLineEdit.currentPath)
+        settings.setValue("PAMSegment/Method", self._method())
         settings.setValue("PAMSegment/OutputMode", self._outputMode())
         settings.setValue("PAMSegment/Device", self.ui.deviceComboBox.currentText)
 
@@ -241,9 +245,13 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return self.ui.checkpointPathLineEdit.currentPath.strip() or None
         return None
 
+    def _method(self):
+        return "track" if self.ui.trackModelRadioButton.checked else "pam"
+
     def onModelChoiceChanged(self, *unused):
         useFile = self.ui.checkpointModelRadioButton.checked
         self.ui.checkpointPathLineEdit.setEnabled(useFile)
+        self.ui.deviceComboBox.setEnabled(not self.ui.trackModelRadioButton.checked)
         self._saveSettings()
         self.updateButtons()
 
@@ -442,7 +450,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         volume, segmentation, segmentId = self._inputs()
         error = self._startJob(lambda: self.logic.startPropagation(
             volume, segmentation, segmentId, mode=self._outputMode(), checkpoint=self._checkpoint(),
-            device=self.ui.deviceComboBox.currentText))
+            device=self.ui.deviceComboBox.currentText, method=self._method()))
         entry = self._historyEntry()
         if isinstance(error, InputError) and entry is not None:
             # A segment that already holds a PAM result is no prompt; offer the update path instead.
@@ -462,7 +470,8 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         volume, segmentation, segmentId = self._inputs()
         self._startJob(lambda: self.logic.startUpdate(
-            volume, segmentation, segmentId, checkpoint=self._checkpoint(), device=self.ui.deviceComboBox.currentText))
+            volume, segmentation, segmentId, checkpoint=self._checkpoint(), device=self.ui.deviceComboBox.currentText,
+            method=self._method()))
 
     def onUndo(self):
         if self.job is not None and not self.job.done:
@@ -680,30 +689,42 @@ class PAMSegmentLogic(ScriptedLoadableModuleLogic):
             return None
         return (os.path.abspath(path), os.path.getmtime(path), device)
 
+    def _modelFor(self, method, checkpoint, device):
+        """(cache key, model or None) for a job: PAM's network (loaded by the worker, cached across
+        runs) or a classical tracker (``method`` "track" or "copy": no network, no checkpoint)."""
+        if method == "pam":
+            key = self._modelKey(checkpoint, device)
+            return key, self._models.get(key)
+        from PAMSegmentLib.baselines import get_predictor
+
+        return None, get_predictor(method)
+
     def startPropagation(self, volumeNode, segmentationNode, segmentId, mode="replace", checkpoint=None,
-                         device="cpu", range=None):
+                         device="cpu", range=None, method="pam"):
         """Copy the inputs out of MRML and start the background job (returns it; poll it, then call
-        ``finishPropagation``). Raises InputError for an empty or 3D segment."""
+        ``finishPropagation``). Raises InputError for an empty or 3D segment or an unknown method.
+        ``method``: "pam" (the network: ``checkpoint`` or the bundled weights) or "track"
+        (slice-to-slice registration, no network)."""
         from PAMSegmentLib.mrml import SegmentPropagation
 
-        key = self._modelKey(checkpoint, device)
+        key, model = self._modelFor(method, checkpoint, device)
         # Leave a core to Slicer's GUI: the worker releases the GIL inside torch, but CPU starvation
         # would still make the views stutter.
         threads = max(1, (os.cpu_count() or 2) - 1)
         job = SegmentPropagation(volumeNode, segmentationNode, segmentId, mode=mode, checkpoint=checkpoint,
-                                 device=device, range=range, model=self._models.get(key), threads=threads)
+                                 device=device, range=range, model=model, threads=threads)
         job.modelKey = key
         return job.start()
 
-    def startUpdate(self, volumeNode, segmentationNode, segmentId, checkpoint=None, device="cpu"):
+    def startUpdate(self, volumeNode, segmentationNode, segmentId, checkpoint=None, device="cpu", method="pam"):
         """Start "Update from my edits" on a segment this Logic propagated (returns the running job;
         poll it, then call ``finishPropagation``). Raises InputError when there is nothing to update."""
         from PAMSegmentLib.mrml import SegmentUpdate
 
-        key = self._modelKey(checkpoint, device)
+        key, model = self._modelFor(method, checkpoint, device)
         threads = max(1, (os.cpu_count() or 2) - 1)
         job = SegmentUpdate(volumeNode, segmentationNode, segmentId, self.history, checkpoint=checkpoint,
-                            device=device, model=self._models.get(key), threads=threads)
+                            device=device, model=model, threads=threads)
         job.modelKey = key
         return job.start()
 

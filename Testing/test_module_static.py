@@ -105,7 +105,7 @@ def test_ui_widgets_have_the_expected_classes_and_settings():
         "deviceComboBox": "QComboBox", "progressBar": "QProgressBar", "propagateButton": "QPushButton",
         "cancelButton": "QPushButton", "statusLabel": "QLabel", "promptLabel": "QLabel",
         "defaultModelRadioButton": "QRadioButton", "checkpointModelRadioButton": "QRadioButton",
-        "replaceSegmentRadioButton": "QRadioButton", "newSegmentRadioButton": "QRadioButton",
+        "trackModelRadioButton": "QRadioButton", "replaceSegmentRadioButton": "QRadioButton", "newSegmentRadioButton": "QRadioButton",
         "inputsCollapsibleButton": "ctkCollapsibleButton", "modelCollapsibleButton": "ctkCollapsibleButton",
         "outputCollapsibleButton": "ctkCollapsibleButton",
         "updateButton": "QPushButton", "undoButton": "QPushButton", "nextReviewButton": "QPushButton",
@@ -134,6 +134,7 @@ def test_radio_button_pairs_are_in_separate_exclusive_groups():
             if radio.get("class") == "QRadioButton":
                 parents[radio.get("name")] = box.get("name")
     assert parents["defaultModelRadioButton"] == parents["checkpointModelRadioButton"] == "modelCollapsibleButton"
+    assert parents["trackModelRadioButton"] == "modelCollapsibleButton"
     assert parents["replaceSegmentRadioButton"] == parents["newSegmentRadioButton"] == "outputCollapsibleButton"
 
 
@@ -931,6 +932,29 @@ def test_panel_replace_mode_then_prompt_label_explains(panel, drawn, monkeypatch
     assert panel.promptRefreshTimer.active  # the observer restarted the debounce timer
     panel.promptRefreshTimer.fire()
     assert panel.ui.promptLabel.text.startswith("Propagated")
+
+
+def test_panel_registration_tracking_needs_no_network(panel, drawn, monkeypatch):
+    """The classical method: no model is loaded, the device does not apply, the segment is tracked."""
+    truth, volume, segmentation, segment_id = drawn
+    loads = oracle_loader(monkeypatch, truth)
+    ui = panel.ui
+    ui.segmentationSelector.setCurrentNode(segmentation)
+    ui.trackModelRadioButton.setChecked(True)
+    assert not ui.defaultModelRadioButton.checked and not ui.deviceComboBox.enabled
+    assert not ui.checkpointPathLineEdit.enabled and ui.propagateButton.enabled
+    assert FakeSettings.store["PAMSegment/Method"] == "track"
+    ui.propagateButton.click()
+    poll_until_idle(panel)
+    assert loads == []  # the network loader was never called
+    assert type(panel.job.model).__name__ == "TrackPredictor"
+    written = _slicer().util.arrayFromSegmentBinaryLabelmap(segmentation, segment_id, volume) > 0
+    occupied = np.flatnonzero(written.any(axis=(1, 2)))
+    assert occupied.size > 5  # tracked through the bright ellipsoid beyond the drawn slice
+    inter = np.logical_and(written, truth).sum()
+    assert 2 * inter / (written.sum() + truth.sum()) > 0.8  # a clean synthetic object: easy to track
+    ui.defaultModelRadioButton.setChecked(True)
+    assert ui.deviceComboBox.enabled and FakeSettings.store["PAMSegment/Method"] == "pam"
 
 
 def test_panel_entering_lists_devices_and_restores_settings(module, monkeypatch):
