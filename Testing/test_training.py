@@ -76,6 +76,34 @@ def test_tiny_training_run_lowers_the_loss_and_writes_a_loadable_checkpoint(tmp_
     assert rows[0].startswith("iteration,seconds,lr,loss") and len(rows) >= 6
 
 
+def test_continued_training_records_the_earlier_stage(tmp_path):
+    """--init-from: the new checkpoint starts from the old weights and carries the old provenance,
+    so the model card can list every stage's command and compute."""
+    cases = _cases(1)
+    pre = PreprocessingParams(input_size=32)
+    sample = SampleConfig(preprocessing=pre, n_queries=2)
+    first = tmp_path / "stage1.pt"
+    train(cases, TrainConfig(network=TINY, preprocessing=pre, sample=sample, minutes=5, max_iterations=3, n_guides=2,
+                             seed=0, threads=1, workers=0, provenance={"command": "stage one"}), first,
+          tmp_path / "l1.csv")
+    second = tmp_path / "stage2.pt"
+    cfg = TrainConfig(network=TINY, preprocessing=pre, sample=sample, minutes=5, max_iterations=0, n_guides=2,
+                      seed=1, threads=1, workers=0, init_from=str(first), provenance={"command": "stage two"})
+    train(cases, cfg, second, tmp_path / "l2.csv")
+    old, new = load_checkpoint_file(first), load_checkpoint_file(second)
+    assert new.sha256 == old.sha256  # zero iterations: the weights are the first stage's
+    chain = new.provenance["init_from"]
+    assert chain["sha256"] == old.sha256 and chain["provenance"]["command"] == "stage one"
+    assert chain["provenance"]["iterations"] == 3
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from make_model_card import training_stages
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    assert [st["command"] for st in training_stages(new.provenance)] == ["stage one", "stage two"]
+
+
 @pytest.mark.skipif(not SHIPPED.exists(), reason="no shipped weights in Resources/Models")
 def test_shipped_checkpoint_matches_its_model_card():
     card = json.loads(CARD.read_text())

@@ -55,6 +55,16 @@ def eval_summary(path: Path, method_prefix: str = "pam") -> dict:
     return {"mean_dice_by_group": table, "structures_by_group": n, "source": str(path)}
 
 
+def training_stages(provenance: dict) -> list[dict]:
+    """The checkpoint's training stages, first to last, from the ``init_from`` chain."""
+    stages, prov = [], provenance
+    while prov:
+        stages.append({k: prov.get(k) for k in ("command", "iterations", "train_seconds", "machine", "seed",
+                                                  "git_revision")})
+        prov = (prov.get("init_from") or {}).get("provenance")
+    return stages[::-1]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", type=Path)
@@ -77,6 +87,7 @@ def main(argv=None) -> int:
         "inference": model.inference.to_dict(),
         "provenance": model.provenance,
         "training": training_summary(args.train_log),
+        "training_stages": training_stages(model.provenance),
         "data": {
             # What this checkpoint was trained on (its provenance), not what the split lists today.
             "training_cases": model.provenance.get("cases") or [e["case"] for e in split["train"]],
@@ -103,10 +114,11 @@ def main(argv=None) -> int:
             f"{card['network']['input_size']} px crops, {card['network']['n_stages']} stages "
             f"{card['network']['base_features']}-{card['network']['max_features']} features, cross-attention at the "
             f"{card['network']['n_attention_stages']} deepest stages, object-present head.",
-            f"* **Training**: {total_it} iterations in {total_min:.0f} min on this project's 2-core CPU machine "
-            f"(1 torch thread per run); runs: " + "; ".join(f"`{x['log']}` ({x['iterations']} it, "
-                                                            f"{x['seconds'] / 60:.0f} min)" for x in t) + ".",
-            f"* **Command**: `{card['provenance'].get('command', '?')}` (git {card['provenance'].get('git_revision', '?')[:10]}).",
+            f"* **Training**: {total_it} iterations in {total_min:.0f} min on this project's 2-core CPU machine; "
+            f"runs: " + "; ".join(f"`{x['log']}` ({x['iterations']} it, {x['seconds'] / 60:.0f} min)" for x in t) + ".",
+            "* **Commands** (each stage continues from the previous one's weights): "
+            + "; ".join(f"`{st.get('command') or '?'}` (git {str(st.get('git_revision') or '?')[:10]})"
+                        for st in card["training_stages"]) + ".",
             f"* **Data**: {len(card['data']['training_cases'])} real training cases ("
             + ", ".join(card["data"]["training_cases"][:6]) + ", ...) plus synthetic volumes; held-out structures "
             + ", ".join(card["data"]["heldout_structures"]) + "; evaluation-only scans: "

@@ -119,6 +119,9 @@ def train(cases: list[Case], cfg: TrainConfig, out_path: Path, log_path: Path) -
         if init.config != cfg.network:
             raise ValueError(f"--init-from has network {init.config}, not {cfg.network}")
         net.load_state_dict(init.network.state_dict())
+        # The chain of earlier stages, so a checkpoint records all the compute that made it.
+        cfg.provenance.setdefault("init_from", {"file": str(cfg.init_from), "sha256": init.sha256,
+                                                "provenance": init.provenance})
     net.train()
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     weights = np.array([c.weight for c in cases], dtype=np.float64)
