@@ -465,7 +465,9 @@ def propagate(
 
     # No whole-volume float copy: the predictors cast only the slices they read.
     vol_f = vol
-    total = sum(_work(sorted(set(sl) | empties[lab]), set(sl), lo, hi) for lab, sl in slices.items())
+    # Every slice the user gave per label: drawn keyframes and walls.
+    user_slices = {lab: sorted(set(sl) | empties[lab]) for lab, sl in slices.items()}
+    total = sum(_work(user_slices[lab], set(sl), lo, hi) for lab, sl in slices.items())
     tracker = _Progress(total, progress, cancel)
     stats = {"predict": 0.0, "postprocess": 0.0, "n_predicted": 0}
 
@@ -492,7 +494,7 @@ def propagate(
             mask, conf, recomputed_all[lab] = _propagate_label(
                 vol_f, label_mask, keyframes, predictor, spacing[ax], lo, hi, batch_size, early_stop,
                 remove_disconnected, tracker, stats, reuse, empties[lab])
-            keyframes_all[lab] = {k: label_mask[k].copy() for k in sorted(set(keyframes) | empties[lab])}
+            keyframes_all[lab] = {k: label_mask[k].copy() for k in user_slices[lab]}
             # Earlier labels keep their voxels; a label's own prompt voxels always win.
             out[mask & (out == 0)] = lab
             out[prm == lab] = lab
@@ -526,10 +528,11 @@ def _empty_slices_per_label(empty_slices, slices: dict, lo: int, hi: int, axis: 
     if empty_slices is None:
         return {lab: set() for lab in slices}
     if isinstance(empty_slices, dict):
-        unknown = [lab for lab in empty_slices if int(lab) not in slices]
+        given = {int(lab): seq for lab, seq in empty_slices.items()}
+        unknown = [lab for lab in given if lab not in slices]
         if unknown:
             raise InputError(f"empty slices given for label {unknown[0]}, which is not in the prompt")
-        per = {lab: empty_slices.get(lab, ()) for lab in slices}
+        per = {lab: given.get(lab, ()) for lab in slices}
     else:
         per = {lab: empty_slices for lab in slices}
     out = {}
