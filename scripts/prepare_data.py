@@ -49,7 +49,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from PAMSegmentLib.training import data as D  # noqa: E402
-from PAMSegmentLib.training.synthetic import generate_volume  # noqa: E402
+from PAMSegmentLib.training.synthetic import generate_stack_volume, generate_volume  # noqa: E402
 
 log = logging.getLogger("prepare_data")
 
@@ -61,6 +61,7 @@ MIN_TRAIN_VOXELS = 50
 MIN_TRAIN_SLICES = 2
 MARGIN = 10
 SYNTH_SEED = 20250101
+STACK_STREAM = 1  # seed-stream id of the layered-column volumes (synth_stack_*)
 ABAGEN_SEED = 777
 REGION_SEED = 31337
 MAX_INVESALIUS_VOLUMES = 3
@@ -337,21 +338,24 @@ def build_stardist(root: Path, cases_dir: Path, force: bool) -> list[dict]:
     return [info]
 
 
-def build_synthetic(n: int, cases_dir: Path, force: bool) -> tuple[list[dict], float]:
+def build_synthetic(n: int, cases_dir: Path, force: bool, stacks: bool = False) -> tuple[list[dict], float]:
+    """Synthetic volumes synth_NNNN (generate_volume, seed [SYNTH_SEED, idx]) or, with
+    ``stacks``, synth_stack_NNNN (generate_stack_volume, seed [SYNTH_SEED, STACK_STREAM, idx])."""
     out, gen_time, made = [], 0.0, 0
     for idx in range(n):
-        case_id = f"synth_{idx:04d}"
+        case_id = f"synth_stack_{idx:04d}" if stacks else f"synth_{idx:04d}"
         p = cases_dir / f"{case_id}.npz"
         if p.exists() and not force:
             out.append({"case": case_id, "cached": True})
             continue
-        rng = np.random.default_rng([SYNTH_SEED, idx])
+        seed = [SYNTH_SEED, STACK_STREAM, idx] if stacks else [SYNTH_SEED, idx]
+        rng = np.random.default_rng(seed)
         t0 = time.perf_counter()
-        v = generate_volume(rng)
+        v = (generate_stack_volume if stacks else generate_volume)(rng)
         gen_time += time.perf_counter() - t0
         made += 1
         D.write_case(p, v.image, v.labels, v.spacing, v.kinds, "synthetic",
-                     f"PAMSegmentLib synthetic generator (seed [{SYNTH_SEED}, {idx}], "
+                     f"PAMSegmentLib synthetic generator ({'layered column, ' if stacks else ''}seed {seed}, "
                      f"{v.style}-like appearance); generated here, no third-party licence")
         out.append({"case": case_id, "shape": v.labels.shape, "spacing": v.spacing,
                     "n_labels": len(v.kinds), "cached": False})
@@ -473,6 +477,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", default="./cache", help="cache dir with dl/, raw/, cases/")
     ap.add_argument("--synthetic", type=int, default=0, help="number of synthetic volumes")
+    ap.add_argument("--synthetic-stacks", type=int, default=0,
+                    help="number of synthetic layered-column (spine-like) volumes, synth_stack_*")
     ap.add_argument("--split", default=str(REPO / "scripts" / "split.json"))
     ap.add_argument("--force", action="store_true",
                     help="regenerate synthetic cases that already exist (real cases are always "
@@ -528,6 +534,7 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     synth, per_vol = build_synthetic(args.synthetic, cases_dir, args.force)
+    stacks, _ = build_synthetic(args.synthetic_stacks, cases_dir, args.force, stacks=True)
     t_syn = time.perf_counter() - t0
 
     print(f"\n{'case':<22} {'shape (k,j,i)':<17} {'spacing mm (k,j,i)':<20} {'#labels':>7}  role")
@@ -539,6 +546,10 @@ def main(argv=None) -> int:
     if synth:
         print(f"{'synth_0000..' + f'{len(synth) - 1:04d}':<22} {'48x128x128':<17} "
               f"{'varies':<20} {'4-10':>7}  train ({len(synth)} volumes, {len(new)} new)")
+    if stacks:
+        print(f"{'synth_stack_0000..' + f'{len(stacks) - 1:04d}':<22} {'48x128x128':<17} "
+              f"{'varies':<20} {'5-25':>7}  train ({len(stacks)} layered-column volumes, "
+              f"{sum(not s['cached'] for s in stacks)} new)")
     print(f"\nreal cases: {len(infos)} in {t_real:.1f} s (invesalius + stardist: {t_extra:.1f} s); "
           f"synthetic: {len(new)} new in {t_syn:.1f} s "
           f"(generation {per_vol:.3f} s/volume, rest is compression/IO)")

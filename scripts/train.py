@@ -119,6 +119,8 @@ def main(argv=None) -> int:
     ap.add_argument("--queries", type=int, default=4, help="query slices per guide")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--presence-weight", type=float, default=0.5, help="weight of the object-present BCE in the loss")
+    ap.add_argument("--p-remap", type=float, default=0.0,
+                    help="probability of a random non-monotone intensity transfer function per sample")
     ap.add_argument("--max-synthetic", type=int, default=None, help="use at most this many cached synthetic volumes")
     ap.add_argument("--synthetic-inline", type=int, default=0, help="train on N generated volumes only (no cache)")
     ap.add_argument("--init-from", default=None, help="continue from a checkpoint of the same preset")
@@ -142,7 +144,7 @@ def main(argv=None) -> int:
     cfg = TrainConfig(
         network=net_cfg,
         preprocessing=pre,
-        sample=SampleConfig(preprocessing=pre, n_queries=args.queries),
+        sample=SampleConfig(preprocessing=pre, n_queries=args.queries, p_remap=args.p_remap),
         minutes=args.minutes,
         max_iterations=args.max_iterations,
         n_guides=args.guides,

@@ -63,6 +63,10 @@ class SampleConfig:
     crop_scale_range: tuple[float, float] = (1.25, 2.2)
     crop_shift: float = 0.15  # fraction of the crop side
     window_jitter: float = 0.1  # fraction of the window width
+    # Modality randomisation: with this probability the windowed intensities go through a random
+    # non-monotone piecewise-linear transfer function (the same for guide and queries), so a
+    # CT-trained boundary follower also meets MR-like contrast orders (bright fluid, dark bone).
+    p_remap: float = 0.0
 
 
 @dataclass
@@ -208,9 +212,22 @@ def _augment(tensors: list[torch.Tensor], rng: np.random.Generator) -> list[torc
     return out
 
 
-def _intensity_aug(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """Gamma, contrast and noise in the windowed [-1, 1] space."""
+def random_transfer(u: torch.Tensor, rng: np.random.Generator, n_knots: tuple[int, int] = (3, 6)) -> torch.Tensor:
+    """A random piecewise-linear map [0, 1] -> [0, 1] through 3-6 random knots (non-monotone in
+    general, so contrast order between tissues can flip), applied elementwise to ``u``."""
+    n = int(rng.integers(n_knots[0], n_knots[1] + 1))
+    xs = np.concatenate([[0.0], np.sort(rng.uniform(0, 1, n - 2)), [1.0]])
+    ys = rng.uniform(0, 1, n)
+    flat = np.interp(u.clamp(0, 1).numpy().ravel(), xs, ys)
+    return torch.from_numpy(flat.astype(np.float32)).reshape(u.shape)
+
+
+def _intensity_aug(x: torch.Tensor, rng: np.random.Generator, p_remap: float = 0.0) -> torch.Tensor:
+    """Optional random transfer function, then gamma, contrast and noise in the windowed [-1, 1]
+    space. ``rng`` is seeded per sample, so guide and queries get the same transform."""
     u = (x + 1) / 2
+    if p_remap > 0 and rng.random() < p_remap:
+        u = random_transfer(u, rng)
     u = u.clamp(0, 1) ** float(np.exp(rng.uniform(-0.4, 0.4)))
     x = u * 2 - 1
     x = x * float(rng.uniform(0.8, 1.2)) + float(rng.uniform(-0.1, 0.1))
@@ -233,10 +250,10 @@ def make_batch(cases: list[Case], case_weights: np.ndarray, rng: np.random.Gener
         g_img, g_msk, r_img, q_img, q_msk = _augment(list(s), rng)
         shared = rng.integers(2**31)
         # One intensity augmentation per sample, applied identically to guide, relay and queries.
-        g_img = _intensity_aug(g_img, np.random.default_rng(shared))
-        q_img = _intensity_aug(q_img, np.random.default_rng(shared))
+        g_img = _intensity_aug(g_img, np.random.default_rng(shared), cfg.p_remap)
+        q_img = _intensity_aug(q_img, np.random.default_rng(shared), cfg.p_remap)
         if r_img is not None:
-            r_img = _intensity_aug(r_img, np.random.default_rng(shared))
+            r_img = _intensity_aug(r_img, np.random.default_rng(shared), cfg.p_remap)
         g_imgs.append(g_img)
         g_msks.append(g_msk)
         r_imgs.append(r_img)

@@ -412,6 +412,99 @@ def _bbox(mask):
     return tuple(slice(int(i[0]), int(i[-1]) + 1) for i in idx)
 
 
+def _render(rng, cv: _Canvas, labels: np.ndarray, n_obj: int, fov: float, min_r: float,
+            groups: dict[int, int] | None = None):
+    """Appearance of a labelled geometry: unlabelled distractors, per-tissue intensity, texture,
+    blur, bias field, noise and a CT-like or MR-like range. Returns (image, style, params).
+
+    groups: optional {label: group id}; labels of one group get nearly the same mean intensity
+    (repeated structures such as a column of vertebrae look alike).
+    """
+    shape, spacing = cv.shape, tuple(cv.spacing)
+    # --- distractors (unlabelled, similar intensity) ------------------------------------------
+    tissue = labels.astype(np.int16).copy()
+    n_distr = int(rng.integers(1, 5))
+    for t in range(n_distr):
+        kind = str(rng.choice(("blob", "noise_blob", "tube", "lobulated", "c_shape")))
+        size = fov * rng.uniform(0.05, 0.14)
+        c = np.array([rng.uniform(0.1, 0.9) * cv.extent[a] for a in range(3)])
+        m = _SHAPES[kind](rng, cv, c, size, min_r) & (tissue == 0)
+        tissue[m] = n_obj + 1 + t
+
+    # --- appearance (normalised units, background around 0.2-0.8) -----------------------------
+    bg = rng.uniform(0.2, 0.8)
+    n_tis = n_obj + n_distr + 1
+    means = np.zeros(n_tis, dtype=np.float32)
+    means[0] = bg
+    group_mean: dict[int, float] = {}
+    for lab in range(1, n_obj + 1):
+        g = None if groups is None else groups.get(lab)
+        if g is not None and g in group_mean:
+            means[lab] = group_mean[g] + rng.uniform(-0.02, 0.02)
+            continue
+        for _ in range(20):
+            contrast = rng.uniform(0.03, 0.1) if rng.random() < 0.25 else rng.uniform(0.1, 0.5)
+            mu = bg + rng.choice([-1.0, 1.0]) * contrast
+            if np.all(np.abs(means[1:lab] - mu) >= 0.04):
+                break
+        means[lab] = mu
+        if g is not None:
+            group_mean[g] = float(mu)
+    for t in range(n_distr):
+        ref = means[int(rng.integers(1, n_obj + 1))] if n_obj else bg
+        means[n_obj + 1 + t] = ref + rng.uniform(-0.06, 0.06)
+
+    image = means[tissue]
+
+    # body / field-of-view outline: a large elliptic cylinder along axis 0 with a dark outside
+    if rng.random() < 0.4:
+        z, y, x = cv.coords((slice(None),) * 3, cv.extent / 2)
+        a, b = cv.extent[1] * rng.uniform(0.45, 0.7), cv.extent[2] * rng.uniform(0.45, 0.7)
+        outside = ((y / a) ** 2 + (x / b) ** 2) > 1.0
+        outside = np.broadcast_to(outside, shape) & (labels == 0)
+        image[outside] = np.float32(min(bg - 0.15, rng.uniform(-0.05, 0.1)))
+
+    full = (slice(None),) * 3
+    # textures: two shared fields at different scales, each tissue mixes them with its own weights
+    fov_axes = [cv.axes[a] for a in range(3)]
+    t_fine = _smooth_field(rng, fov_axes, rng.uniform(1.0, 3.0), spacing)
+    t_coarse = _smooth_field(rng, fov_axes, rng.uniform(4.0, 12.0), spacing)
+    wf = rng.uniform(0, 0.05, n_tis).astype(np.float32) * (rng.random(n_tis) < 0.8)
+    wc = rng.uniform(0, 0.08, n_tis).astype(np.float32)
+    image += wf[tissue] * t_fine + wc[tissue] * t_coarse
+
+    # partial-volume blur (in voxels; along k a fraction of a slice)
+    sig = (rng.uniform(0.0, 0.6), rng.uniform(0.2, 1.2), rng.uniform(0.2, 1.2))
+    image = ndimage.gaussian_filter(image, sig, mode="nearest", truncate=3.0)
+
+    # multiplicative smooth bias field
+    bias_amp = rng.uniform(0.0, 0.3) if rng.random() < 0.7 else 0.0
+    if bias_amp > 0:
+        bias = _smooth_field(rng, fov_axes, rng.uniform(0.3, 0.8) * float(cv.extent.max()), spacing)
+        image *= np.exp(np.float32(bias_amp) * bias)
+
+    style = "CT" if rng.random() < 0.5 else "MR"
+    noise_sigma = rng.uniform(0.005, 0.06) if rng.random() < 0.85 else rng.uniform(0.06, 0.12)
+    if style == "MR":
+        image = np.maximum(image, 0)
+        n1 = rng.standard_normal(shape, dtype=np.float32)
+        n2 = rng.standard_normal(shape, dtype=np.float32)
+        image = np.sqrt((image + np.float32(noise_sigma) * n1) ** 2
+                        + (np.float32(noise_sigma) * n2) ** 2)          # Rician magnitude
+        scale = rng.uniform(50, 3000)
+        offset = 0.0
+    else:
+        image = image + np.float32(noise_sigma) * rng.standard_normal(shape, dtype=np.float32)
+        scale = rng.uniform(300, 2000)
+        offset = rng.uniform(-1000, 0) - bg * scale * rng.uniform(0, 0.5)
+    image = (image * np.float32(scale) + np.float32(offset)).astype(np.float32)
+
+    params = dict(n_objects=n_obj, n_distractors=n_distr, background=float(bg),
+                  blur_sigma_vox=tuple(float(s) for s in sig), bias_amp=float(bias_amp),
+                  noise_sigma=float(noise_sigma), scale=float(scale), offset=float(offset))
+    return image, style, params
+
+
 # ----------------------------------------------------------------------------------------------
 # main entry points
 # ----------------------------------------------------------------------------------------------
@@ -476,80 +569,7 @@ def generate_volume(rng: np.random.Generator, shape=(48, 128, 128),
         centres.append((c, size))
     n_obj = len(kinds)
 
-    # --- distractors (unlabelled, similar intensity) ------------------------------------------
-    tissue = labels.astype(np.int16).copy()
-    n_distr = int(rng.integers(1, 5))
-    for t in range(n_distr):
-        kind = str(rng.choice(("blob", "noise_blob", "tube", "lobulated", "c_shape")))
-        size = fov * rng.uniform(0.05, 0.14)
-        c = np.array([rng.uniform(0.1, 0.9) * cv.extent[a] for a in range(3)])
-        m = _SHAPES[kind](rng, cv, c, size, min_r) & (tissue == 0)
-        tissue[m] = n_obj + 1 + t
-
-    # --- appearance (normalised units, background around 0.2-0.8) -----------------------------
-    bg = rng.uniform(0.2, 0.8)
-    n_tis = n_obj + n_distr + 1
-    means = np.zeros(n_tis, dtype=np.float32)
-    means[0] = bg
-    for lab in range(1, n_obj + 1):
-        for _ in range(20):
-            contrast = rng.uniform(0.03, 0.1) if rng.random() < 0.25 else rng.uniform(0.1, 0.5)
-            mu = bg + rng.choice([-1.0, 1.0]) * contrast
-            if np.all(np.abs(means[1:lab] - mu) >= 0.04):
-                break
-        means[lab] = mu
-    for t in range(n_distr):
-        ref = means[int(rng.integers(1, n_obj + 1))] if n_obj else bg
-        means[n_obj + 1 + t] = ref + rng.uniform(-0.06, 0.06)
-
-    image = means[tissue]
-
-    # body / field-of-view outline: a large elliptic cylinder along axis 0 with a dark outside
-    if rng.random() < 0.4:
-        z, y, x = cv.coords((slice(None),) * 3, cv.extent / 2)
-        a, b = cv.extent[1] * rng.uniform(0.45, 0.7), cv.extent[2] * rng.uniform(0.45, 0.7)
-        outside = ((y / a) ** 2 + (x / b) ** 2) > 1.0
-        outside = np.broadcast_to(outside, shape) & (labels == 0)
-        image[outside] = np.float32(min(bg - 0.15, rng.uniform(-0.05, 0.1)))
-
-    full = (slice(None),) * 3
-    # textures: two shared fields at different scales, each tissue mixes them with its own weights
-    fov_axes = [cv.axes[a] for a in range(3)]
-    t_fine = _smooth_field(rng, fov_axes, rng.uniform(1.0, 3.0), spacing)
-    t_coarse = _smooth_field(rng, fov_axes, rng.uniform(4.0, 12.0), spacing)
-    wf = rng.uniform(0, 0.05, n_tis).astype(np.float32) * (rng.random(n_tis) < 0.8)
-    wc = rng.uniform(0, 0.08, n_tis).astype(np.float32)
-    image += wf[tissue] * t_fine + wc[tissue] * t_coarse
-
-    # partial-volume blur (in voxels; along k a fraction of a slice)
-    sig = (rng.uniform(0.0, 0.6), rng.uniform(0.2, 1.2), rng.uniform(0.2, 1.2))
-    image = ndimage.gaussian_filter(image, sig, mode="nearest", truncate=3.0)
-
-    # multiplicative smooth bias field
-    bias_amp = rng.uniform(0.0, 0.3) if rng.random() < 0.7 else 0.0
-    if bias_amp > 0:
-        bias = _smooth_field(rng, fov_axes, rng.uniform(0.3, 0.8) * float(cv.extent.max()), spacing)
-        image *= np.exp(np.float32(bias_amp) * bias)
-
-    style = "CT" if rng.random() < 0.5 else "MR"
-    noise_sigma = rng.uniform(0.005, 0.06) if rng.random() < 0.85 else rng.uniform(0.06, 0.12)
-    if style == "MR":
-        image = np.maximum(image, 0)
-        n1 = rng.standard_normal(shape, dtype=np.float32)
-        n2 = rng.standard_normal(shape, dtype=np.float32)
-        image = np.sqrt((image + np.float32(noise_sigma) * n1) ** 2
-                        + (np.float32(noise_sigma) * n2) ** 2)          # Rician magnitude
-        scale = rng.uniform(50, 3000)
-        offset = 0.0
-    else:
-        image = image + np.float32(noise_sigma) * rng.standard_normal(shape, dtype=np.float32)
-        scale = rng.uniform(300, 2000)
-        offset = rng.uniform(-1000, 0) - bg * scale * rng.uniform(0, 0.5)
-    image = (image * np.float32(scale) + np.float32(offset)).astype(np.float32)
-
-    params = dict(n_objects=n_obj, n_distractors=n_distr, background=float(bg),
-                  blur_sigma_vox=tuple(float(s) for s in sig), bias_amp=float(bias_amp),
-                  noise_sigma=float(noise_sigma), scale=float(scale), offset=float(offset))
+    image, style, params = _render(rng, cv, labels, n_obj, fov, min_r)
     return SyntheticVolume(image=image, labels=labels, spacing=spacing, kinds=kinds, style=style,
                            params=params)
 
@@ -571,3 +591,129 @@ def split_merge_slices(labels: np.ndarray, label: int) -> list[int]:
     """
     n = component_counts(labels, label)
     return [int(k) for k in range(1, len(n)) if n[k] > 0 and n[k - 1] > 0 and n[k] != n[k - 1]]
+
+
+# ----------------------------------------------------------------------------------------------
+# layered columns (spine-like): repeated look-alike blocks separated by thin layers
+# ----------------------------------------------------------------------------------------------
+
+#: Object kinds of `generate_stack_volume`.
+STACK_KINDS = ("stack_block", "stack_layer", "stack_plate", "stack_canal", "stack_process")
+
+
+def generate_stack_volume(rng: np.random.Generator, shape=(48, 128, 128),
+                          spacing=None) -> SyntheticVolume:
+    """A column of 4-8 look-alike blocks separated by thin layers, with optional thin plates on
+    the block faces, a canal running behind the blocks and a process sticking out of each block.
+
+    This is the geometry that defeats a boundary follower trained on isolated objects: the
+    neighbour across a thin layer looks exactly like the object, and thin layers and plates end
+    laterally where nothing in the image marks their end but the block's edge. The column runs
+    in-plane (a sagittal/coronal view, where a slice cuts every block), along axis 0 (an axial
+    view, where blocks and layers alternate from slice to slice) or obliquely, and bends gently.
+    Blocks share one mean intensity (group), layers another, plates and processes theirs.
+    Labels are 1..n consecutive; `kinds` maps each to one of STACK_KINDS.
+    """
+    shape = tuple(int(s) for s in shape)
+    if spacing is None:
+        inplane = rng.uniform(0.5, 1.5)
+        sz = inplane * rng.uniform(0.9, 1.2) if rng.random() < 0.35 else rng.uniform(1.0, 4.0)
+        spacing = (float(sz), float(inplane), float(inplane * rng.uniform(0.95, 1.05)))
+    spacing = tuple(float(s) for s in spacing)
+    cv = _Canvas(shape, spacing)
+    fov = float(min(cv.extent[1], cv.extent[2]))
+    min_r = 0.9 * max(spacing[1], spacing[2])
+
+    # column frame: d along the column, e1 lateral, e2 "posterior" (towards canal and processes)
+    r = rng.random()
+    if r < 0.55:
+        d = _inplane_unit(rng)
+    elif r < 0.8:
+        d = np.array([1.0, 0.0, 0.0])
+    else:
+        d = _unit(rng.standard_normal(3))
+    e1 = _unit(np.cross(d, _unit(rng.standard_normal(3))))
+    e2 = np.cross(d, e1)
+    if rng.random() < 0.5:
+        e1, e2 = e2, e1
+    c0 = cv.extent / 2 + rng.uniform(-0.1, 0.1, 3) * cv.extent
+
+    n_blocks = int(rng.integers(4, 9))
+    size = fov * rng.uniform(0.08, 0.16)                   # block half-width scale (mm)
+    block_len = size * rng.uniform(0.8, 1.6)
+    layer = max(block_len * rng.uniform(0.12, 0.35), 1.5 * min_r)
+    plate = max(block_len * rng.uniform(0.06, 0.14), 0.8 * min_r) if rng.random() < 0.6 else 0.0
+    period = block_len + layer
+    ra, rb = size * rng.uniform(0.9, 1.4), size * rng.uniform(0.7, 1.1)
+    bend = rng.uniform(-1, 1) * 0.4 / max(n_blocks * period, 1.0)
+
+    z, y, x = cv.coords((slice(None),) * 3, c0)
+    u = d[0] * z + d[1] * y + d[2] * x
+    v = e1[0] * z + e1[1] * y + e1[2] * x
+    w = e2[0] * z + e2[1] * y + e2[2] * x - np.float32(bend) * u * u   # gentle curve
+    u0 = u + np.float32(0.5 * n_blocks * period)
+    idx = np.floor(u0 / period).astype(np.int32)
+    pos = u0 - idx * np.float32(period)
+    inside_col = (idx >= 0) & (idx < n_blocks)
+    # per-block size jitter, evaluated through the block index
+    scale = rng.uniform(0.9, 1.1, n_blocks + 1).astype(np.float32)
+    sc = scale[np.clip(idx, 0, n_blocks)]
+    ell = (v / (np.float32(ra) * sc)) ** 2 + (w / (np.float32(rb) * sc)) ** 2
+    f = _smooth_field(rng, cv.axes, size * 0.6, spacing) * np.float32(0.08)
+    block = inside_col & (pos < block_len) & (ell + f <= 1.0)
+    lay = inside_col & (idx < n_blocks - 1) & (pos >= block_len) & (ell * np.float32(rng.uniform(0.95, 1.2)) + f <= 1.0)
+
+    labels = np.zeros(shape, dtype=np.int16)
+    kinds: dict[int, str] = {}
+    groups: dict[int, int] = {}
+
+    def add(mask, kind, group):
+        mask = mask & (labels == 0)
+        if mask.sum() < 60 or any(int(n) < 2 for n in (np.ptp(np.nonzero(mask)[a]) + 1 for a in range(3))):
+            return
+        lab = len(kinds) + 1
+        labels[mask] = lab
+        kinds[lab] = kind
+        groups[lab] = group
+
+    plate_mode = rng.choice(["one", "each"]) if plate > 0 else None
+    if plate_mode is not None:
+        plates = block & ((pos < plate) | (pos >= block_len - plate))
+        if plate_mode == "one":
+            add(plates, "stack_plate", 2)
+        else:
+            for b in range(n_blocks):
+                add(plates & (idx == b), "stack_plate", 2)
+    for b in range(n_blocks):
+        add(block & (idx == b), "stack_block", 0)
+        add(lay & (idx == b), "stack_layer", 1)
+
+    # canal behind the column and a process per block through it
+    if rng.random() < 0.7:
+        rc = max(rb * rng.uniform(0.25, 0.45), 1.5 * min_r)
+        off = rb + rc + rng.uniform(0.1, 0.4) * rb
+        canal = ((v / rc) ** 2 + ((w - np.float32(off)) / rc) ** 2 <= 1.0) & (u0 > -period) & (u0 < (n_blocks + 1) * period)
+        add(canal, "stack_canal", 3)
+        if rng.random() < 0.8:
+            pr = max(block_len * rng.uniform(0.15, 0.3), min_r)
+            plen = rb * rng.uniform(1.0, 2.2)
+            one = rng.random() < 0.4
+            procs = np.zeros(shape, dtype=bool)
+            for b in range(n_blocks):
+                centre_u = (b + 0.5 * block_len / period) * period
+                du = u0 - np.float32(centre_u + rng.uniform(-0.2, 0.2) * block_len)
+                tilt = np.float32(rng.uniform(-0.4, 0.4))
+                m = ((np.abs(du - tilt * (w - np.float32(off))) <= pr) & (np.abs(v) <= pr * rng.uniform(0.6, 1.2))
+                     & (w >= np.float32(off + rc * 0.9)) & (w <= np.float32(off + rc + plen)))
+                if one:
+                    procs |= m
+                else:
+                    add(m, "stack_process", 4)
+            if one:
+                add(procs, "stack_process", 4)
+
+    n_obj = len(kinds)
+    image, style, params = _render(rng, cv, labels, n_obj, fov, min_r, groups=groups)
+    params.update(n_blocks=n_blocks, plate_mm=float(plate), layer_mm=float(layer), column_dir=d.tolist())
+    return SyntheticVolume(image=image, labels=labels, spacing=spacing, kinds=kinds, style=style,
+                           params=params)
