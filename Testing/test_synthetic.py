@@ -192,3 +192,93 @@ def test_class_map_json_names_round_trip(tmp_path):
                      np.zeros((1, 1, 1), np.int16), (1, 1, 1), names, "MR", "s")
     with np.load(p) as z:
         assert json.loads(str(z["label_names"])) == {"1": "a", "117": "costal_cartilages"}
+
+
+# ---- layered columns (spine-like) --------------------------------------------------------------
+
+from PAMSegmentLib.training.synthetic import STACK_KINDS, generate_stack_volume  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def stacks():
+    return [generate_stack_volume(np.random.default_rng(s)) for s in range(10)]
+
+
+def _median(v, lab):
+    return float(np.median(v.image[v.labels == lab]))
+
+
+def test_stack_volume_is_deterministic_and_well_formed(stacks):
+    a = generate_stack_volume(np.random.default_rng(3))
+    assert np.array_equal(a.image, stacks[3].image) and np.array_equal(a.labels, stacks[3].labels)
+    for v in stacks:
+        ids = sorted(int(x) for x in np.unique(v.labels) if x)
+        assert ids == list(range(1, len(ids) + 1)) == sorted(v.kinds)
+        assert set(v.kinds.values()) <= set(STACK_KINDS)
+        assert v.image.shape == v.labels.shape == (48, 128, 128) and np.all(np.isfinite(v.image))
+        assert sum(k == "stack_block" for k in v.kinds.values()) >= 2
+
+
+def test_stack_blocks_look_alike_and_layers_are_thin(stacks):
+    alike = 0
+    for v in stacks:
+        blocks = [lab for lab, k in v.kinds.items() if k == "stack_block"]
+        layers = [lab for lab, k in v.kinds.items() if k == "stack_layer"]
+        bm = np.array([_median(v, lab) for lab in blocks])
+        lm = np.array([_median(v, lab) for lab in layers])
+        spread = np.median(np.abs(bm[:, None] - bm[None, :])[np.triu_indices(len(bm), 1)])
+        alike += bool(len(lm)) and spread < abs(np.median(bm) - np.median(lm))
+        # a layer holds fewer voxels than the blocks it separates (it is a thin slab)
+        if layers:
+            assert np.median([(v.labels == lab).sum() for lab in layers]) < np.median([(v.labels == lab).sum() for lab in blocks])
+    # blocks share one intensity (a neighbour across a layer looks like the object): in most
+    # volumes two blocks differ less than a block and a layer (bias field and texture aside)
+    assert alike >= 6, alike
+
+
+def test_stack_columns_run_in_plane_and_along_the_slice_axis(stacks):
+    in_plane = along_k = 0
+    for v in stacks:
+        blocks = {lab for lab, k in v.kinds.items() if k == "stack_block"}
+        most = max(len(blocks & set(np.unique(v.labels[k]).tolist())) for k in range(v.labels.shape[0]))
+        in_plane += most >= 3           # one slice cuts three or more blocks (sagittal-like view)
+        along_k += most == 1            # slices meet one block at a time (axial-like view)
+    assert in_plane >= 3 and along_k >= 1, (in_plane, along_k)
+
+
+def test_random_transfer_maps_unit_interval_and_can_flip_contrast():
+    import torch
+
+    from PAMSegmentLib.training.samples import _intensity_aug, random_transfer
+
+    u = torch.linspace(0, 1, 101)
+    flips = 0
+    for s in range(20):
+        out = random_transfer(u, np.random.default_rng(s))
+        assert out.shape == u.shape and float(out.min()) >= 0 and float(out.max()) <= 1
+        assert torch.equal(out, random_transfer(u, np.random.default_rng(s)))
+        flips += bool(out[20] > out[80])     # dark tissue became brighter than bright tissue
+    assert 3 <= flips <= 17
+    # p_remap=0 draws nothing extra: the augmentation of earlier training stages is unchanged
+    x = torch.linspace(-1, 1, 50).reshape(1, 1, 5, 10)
+    a = _intensity_aug(x, np.random.default_rng(7))
+    b = _intensity_aug(x, np.random.default_rng(7), p_remap=0.0)
+    c = _intensity_aug(x, np.random.default_rng(7), p_remap=1.0)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_prepare_data_writes_layered_column_cases(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "prepare_data.py"
+    spec = importlib.util.spec_from_file_location("prepare_data", path)
+    prep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prep)
+    out, _ = prep.build_synthetic(2, tmp_path, force=False, stacks=True)
+    assert [o["case"] for o in out] == ["synth_stack_0000", "synth_stack_0001"]
+    case = D.read_case(tmp_path / "synth_stack_0001.npz")
+    expected = generate_stack_volume(np.random.default_rng([prep.SYNTH_SEED, prep.STACK_STREAM, 1]))
+    assert np.array_equal(case.labels, expected.labels)
+    again, _ = prep.build_synthetic(2, tmp_path, force=False, stacks=True)
+    assert all(o["cached"] for o in again)
