@@ -127,3 +127,40 @@ def test_demo_command_reaches_the_dice_the_shipped_weights_meet(tmp_path):
     mean = float(re.search(r"mean Dice ([0-9.]+)", proc.stdout).group(1))
     assert mean > DEMO_THRESHOLD, proc.stdout
     assert (tmp_path / "demo_segmentation.nii.gz").exists() and (tmp_path / "demo.png").stat().st_size > 10_000
+
+
+def test_stack_share_sets_the_layered_column_sampling_share(tmp_path):
+    """train.py --stack-share: synth_stack_* volumes together get exactly that share of the
+    samples, the other synthetic volumes the rest of the synthetic share; by default every
+    synthetic volume weighs the same."""
+    import json as _json
+    import sys as _sys
+
+    from PAMSegmentLib.training.data import write_case
+
+    lab = np.zeros((6, 16, 16), np.int16)
+    lab[1:5, 4:10, 4:10] = 1
+    img = lab.astype(np.float32) * 100
+    for name in ("ts_x", "synth_0000", "synth_0001", "synth_0002", "synth_stack_0000"):
+        write_case(tmp_path / "cases" / f"{name}.npz", img, lab, (1, 1, 1), {1: "box"}, "CT", "test")
+    split = tmp_path / "split.json"
+    split.write_text(_json.dumps({"train": [{"case": "ts_x", "labels": [1]}]}))
+    _sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import train as train_script
+    finally:
+        _sys.path.remove(str(ROOT / "scripts"))
+    share = train_script.SYNTHETIC_SHARE
+
+    def weights(stack_share):
+        cases = train_script.load_training_cases(tmp_path, split, None, stack_share)
+        return {c.name: c.weight for c in cases}
+
+    w = weights(0.3)
+    assert w["synth_stack_0000"] == pytest.approx(0.3)
+    assert w["synth_0001"] == pytest.approx((share - 0.3) / 3)
+    assert w["ts_x"] == pytest.approx(1 - share) and sum(w.values()) == pytest.approx(1.0)
+    default = weights(None)
+    assert default["synth_stack_0000"] == pytest.approx(default["synth_0000"]) == pytest.approx(share / 4)
+    with pytest.raises(SystemExit, match="stack-share"):
+        weights(0.9)
