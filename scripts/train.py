@@ -137,6 +137,8 @@ def main(argv=None) -> int:
     ap.add_argument("--synthetic-inline", type=int, default=0, help="train on N generated volumes only (no cache)")
     ap.add_argument("--init-from", default=None, help="continue from a checkpoint of the same preset")
     args = ap.parse_args(argv)
+    if not 0 <= args.p_remap <= 1:
+        ap.error(f"--p-remap is a probability, got {args.p_remap}; use a value in [0, 1]")
 
     torch.manual_seed(args.seed)
     t0 = time.time()
