@@ -412,6 +412,22 @@ def _bbox(mask):
     return tuple(slice(int(i[0]), int(i[-1]) + 1) for i in idx)
 
 
+def _grid(rng, shape, spacing, p_iso: float, max_slice_mm: float):
+    """Voxel grid of a synthetic volume: (spacing, canvas, in-plane field of view mm, thinnest
+    visible tube radius mm). Without a given spacing: in-plane ~ U(0.5, 1.5) mm, slices near
+    isotropic with probability p_iso, else ~ U(1, max_slice_mm) mm."""
+    if spacing is None:
+        inplane = rng.uniform(0.5, 1.5)
+        if rng.random() < p_iso:
+            sz = inplane * rng.uniform(0.9, 1.2)           # near isotropic
+        else:
+            sz = rng.uniform(1.0, max_slice_mm)
+        spacing = (float(sz), float(inplane), float(inplane * rng.uniform(0.95, 1.05)))
+    spacing = tuple(float(s) for s in spacing)
+    cv = _Canvas(shape, spacing)
+    return spacing, cv, float(min(cv.extent[1], cv.extent[2])), 0.9 * max(spacing[1], spacing[2])
+
+
 def _render(rng, cv: _Canvas, labels: np.ndarray, n_obj: int, fov: float, min_r: float,
             groups: dict[int, int] | None = None):
     """Appearance of a labelled geometry: unlabelled distractors, per-tissue intensity, texture,
@@ -517,17 +533,7 @@ def generate_volume(rng: np.random.Generator, shape=(48, 128, 128),
     isotropic) and in-plane ~ U(0.5, 1.5) mm.
     """
     shape = tuple(int(s) for s in shape)
-    if spacing is None:
-        inplane = rng.uniform(0.5, 1.5)
-        if rng.random() < 0.2:
-            sz = inplane * rng.uniform(0.9, 1.2)           # near isotropic
-        else:
-            sz = rng.uniform(1.0, 5.0)
-        spacing = (float(sz), float(inplane), float(inplane * rng.uniform(0.95, 1.05)))
-    spacing = tuple(float(s) for s in spacing)
-    cv = _Canvas(shape, spacing)
-    fov = float(min(cv.extent[1], cv.extent[2]))
-    min_r = 0.9 * max(spacing[1], spacing[2])             # thinnest visible tube radius
+    spacing, cv, fov, min_r = _grid(rng, shape, spacing, p_iso=0.2, max_slice_mm=5.0)
 
     # --- objects --------------------------------------------------------------------------
     n_target = int(rng.integers(4, 11))
@@ -615,14 +621,7 @@ def generate_stack_volume(rng: np.random.Generator, shape=(48, 128, 128),
     Labels are 1..n consecutive; `kinds` maps each to one of STACK_KINDS.
     """
     shape = tuple(int(s) for s in shape)
-    if spacing is None:
-        inplane = rng.uniform(0.5, 1.5)
-        sz = inplane * rng.uniform(0.9, 1.2) if rng.random() < 0.35 else rng.uniform(1.0, 4.0)
-        spacing = (float(sz), float(inplane), float(inplane * rng.uniform(0.95, 1.05)))
-    spacing = tuple(float(s) for s in spacing)
-    cv = _Canvas(shape, spacing)
-    fov = float(min(cv.extent[1], cv.extent[2]))
-    min_r = 0.9 * max(spacing[1], spacing[2])
+    spacing, cv, fov, min_r = _grid(rng, shape, spacing, p_iso=0.35, max_slice_mm=4.0)
 
     # column frame: d along the column, e1 lateral, e2 "posterior" (towards canal and processes)
     r = rng.random()
@@ -669,7 +668,8 @@ def generate_stack_volume(rng: np.random.Generator, shape=(48, 128, 128),
 
     def add(mask, kind, group):
         mask = mask & (labels == 0)
-        if mask.sum() < 60 or any(int(n) < 2 for n in (np.ptp(np.nonzero(mask)[a]) + 1 for a in range(3))):
+        nz = np.nonzero(mask)
+        if len(nz[0]) < 60 or any(np.ptp(i) < 1 for i in nz):   # too small, or flat along an axis
             return
         lab = len(kinds) + 1
         labels[mask] = lab
