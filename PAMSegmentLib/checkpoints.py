@@ -55,6 +55,9 @@ class InferenceParams:
     min_area_fraction: float = 0.0  # a slice counts as empty below this fraction of the guide's area
     min_area_px: int = 1
     intensity_gate: bool = False  # also stop when the region's intensity drifts from the prompt's
+    # Forward-backward check of each window (0 = off): predicting the guide back from a predicted
+    # slice must give at least this Dice with the guide's mask, else the walk drifted there.
+    consistency_min_dice: float = 0.0
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)

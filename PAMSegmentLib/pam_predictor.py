@@ -36,6 +36,7 @@ class PAMPredictor(SlicePredictor):
         self.window_mm, self.max_window, self.min_window = inf.window_mm, inf.max_window, inf.min_window
         self.threshold, self.presence_threshold = inf.threshold, inf.presence_threshold
         self.min_area_fraction, self.min_area_px = inf.min_area_fraction, inf.min_area_px
+        self.consistency_min_dice = inf.consistency_min_dice
         self.window: IntensityWindow | None = None
         self._guide_cache: dict | None = None
 
@@ -98,6 +99,8 @@ class MemoryPAMPredictor(PAMPredictor):
 
     def __init__(self, model, memory: int = 2, current_weight: float = 0.5):
         super().__init__(model)
+        # Back-predictions would enter the memory bank as guides: the check is for the plain walk.
+        self.consistency_min_dice = 0.0
         self.memory = memory
         self.current_weight = current_weight
         self._predicted: set[int] = set()

@@ -76,6 +76,7 @@ class SlicePredictor(abc.ABC):
     presence_threshold: float = 0.5
     min_area_fraction: float = 0.0
     min_area_px: int = 1
+    consistency_min_dice: float = 0.0  # forward-backward check of each window (see _walk); 0 = off
 
     def begin(self, volume: np.ndarray, prompt_index: int, prompt_mask: np.ndarray) -> None:
         pass
@@ -198,25 +199,72 @@ def _slice_confidence(prob_slice: np.ndarray, presence: float | None, threshold:
     return conf * presence if presence is not None else conf
 
 
+def _mask_dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
+
+
+def _consistent_prefix(volume, predictor, guide_idx, guide_mask, found, out_probs, min_dice, stats) -> int:
+    """Forward-backward check of a window (the classic tracking-failure test): predict the guide
+    slice back from a predicted slice; if that does not give the guide's mask again (Dice below
+    ``min_dice``), the walk drifted before that slice. Tries the farthest predicted slice, then
+    halves the distance. Returns how many of ``found`` (walk order) can be kept (0: none)."""
+    n = len(found)
+    while n > 0:
+        idx = found[n - 1]
+        t0 = time.perf_counter()
+        back = predictor.predict(volume, idx, out_probs[idx] >= predictor.threshold, [guide_idx])
+        stats["predict"] += time.perf_counter() - t0
+        stats["n_predicted"] += 1
+        stats["consistency_checks"] = stats.get("consistency_checks", 0) + 1
+        back_mask = back.prob[0] >= predictor.threshold
+        if back.presence is not None and float(back.presence[0]) < predictor.presence_threshold:
+            back_mask = np.zeros_like(back_mask)
+        if _mask_dice(back_mask, guide_mask) >= min_dice:
+            return n
+        n //= 2
+    return 0
+
+
 def _walk(volume, predictor, start, start_mask, direction, end, window, batch_size, early_stop,
           progress, out_probs, out_conf, stats, keep_prob: bool = False) -> int:
     """Propagate from slice ``start`` towards ``end`` (inclusive) in steps of ``direction``.
 
     Writes each predicted slice's probability into ``out_probs[s]`` (float32 dict) and its
     confidence into ``out_conf[s]``. Returns the last slice that holds the object (``start`` if none).
+
+    With ``early_stop`` and a predictor whose ``consistency_min_dice`` is above 0, every window is
+    checked forward-backward (``_consistent_prefix``): slices past the last consistent one are
+    dropped and predicted again from it; if none is consistent, the side ends at the guide.
     """
+    fb_min = float(getattr(predictor, "consistency_min_dice", 0.0) or 0.0) if early_stop else 0.0
     guide_idx, guide_mask = start, start_mask
     guide_area = int(start_mask.sum())
     last_with_object = start
     s = start + direction
     n_side = abs(end - start)
-    consumed = 0
+    reported: set[int] = set()
+
+    def report(idxs, message):
+        fresh = [i for i in idxs if i not in reported]
+        reported.update(fresh)
+        if fresh:
+            progress.advance(len(fresh), message)
+
+    def drop(idx):
+        out_probs.pop(idx, None)
+        if isinstance(out_conf, dict):
+            out_conf.pop(idx, None)
+        else:
+            out_conf[idx] = np.nan
+
     while (end - s) * direction >= 0:
         stop = s + direction * (window - 1)
         if (end - stop) * direction < 0:
             stop = end
         indices = list(range(s, stop + direction, direction))
-        new_guide = None
+        found: list[int] = []  # slices of this window holding the object, in walk order
+        ended = None  # the first empty slice (early_stop)
         for b in range(0, len(indices), batch_size):
             progress.check_cancel()
             batch = indices[b : b + batch_size]
@@ -233,23 +281,40 @@ def _walk(volume, predictor, start, start_mask, direction, end, window, batch_si
                 # Only keyframe fusion needs probabilities; elsewhere a bool slice is 4x smaller.
                 out_probs[idx] = prob if keep_prob else prob >= predictor.threshold
                 out_conf[idx] = _slice_confidence(prob, presence, predictor.threshold)
-                consumed += 1
                 if empty:
                     if early_stop:
                         out_probs[idx] = np.zeros(prob.shape, dtype=out_probs[idx].dtype)
-                        # The rest of this side counts as done: this batch's slices up to q were
-                        # not reported yet, and n_side - consumed slices remain beyond them.
-                        progress.advance(q + 1 + (n_side - consumed), "side finished")
-                        return last_with_object
+                        ended = idx
+                        break
                 else:
-                    last_with_object = idx
-                    new_guide = idx
-            progress.advance(len(batch), f"slice {batch[-1]}")
-        if new_guide is not None:
-            guide_idx = new_guide
-            guide_mask = out_probs[new_guide] >= predictor.threshold
+                    found.append(idx)
+            if ended is not None:
+                break
+            report(batch, f"slice {batch[-1]}")
+        restart = False
+        if fb_min > 0 and found:
+            keep = _consistent_prefix(volume, predictor, guide_idx, guide_mask, found, out_probs, fb_min, stats)
+            if keep < len(found):
+                last_kept = found[keep - 1] if keep else guide_idx
+                for idx in indices:
+                    if (idx - last_kept) * direction > 0:
+                        drop(idx)
+                found = found[:keep]
+                if not found:  # drifted at once: the object ends at the guide
+                    ended = ended if ended is not None else indices[0]
+                else:  # walk on from the last consistent slice; the dropped ones are predicted again
+                    ended, restart = None, True
+        if found:
+            last_with_object = found[-1]
+        if ended is not None:
+            # The rest of this side counts as done.
+            progress.advance(n_side - len(reported), "side finished")
+            return last_with_object
+        if found:
+            guide_idx = found[-1]
+            guide_mask = out_probs[guide_idx] >= predictor.threshold
             guide_area = int(guide_mask.sum())
-        s = stop + direction
+        s = (guide_idx + direction) if restart else stop + direction
     return last_with_object
 
 

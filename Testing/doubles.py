@@ -37,3 +37,30 @@ class ShiftModel(SlicePredictor):
     def predict(self, volume, guide_index, guide_mask, query_indices):
         m = np.roll(guide_mask.astype(np.float32), self.shift, axis=1)
         return SlicePrediction(np.repeat(m[None], len(query_indices), axis=0))
+
+
+class LeakModel(SlicePredictor):
+    """Follows ``truth`` but leaks into ``neighbour`` (a look-alike region next to the object)
+    when the query is ``leak_distance`` or more slices from its guide, or when the guide mask
+    already covers part of the neighbour. Predicting a guide slice back from a leaked slice
+    therefore returns the object *plus* the neighbour: what the engine's forward-backward check
+    (``consistency_min_dice``) detects."""
+
+    def __init__(self, truth: np.ndarray, neighbour: np.ndarray, leak_distance: int = 3, window: int = 4,
+                 consistency_min_dice: float = 0.0):
+        self.truth, self.neighbour = truth.astype(bool), neighbour.astype(bool)
+        self.leak_distance = leak_distance
+        self.window_mm, self.max_window, self.min_window = float(window), window, 1
+        self.consistency_min_dice = consistency_min_dice
+        self.calls: list[tuple[int, list[int]]] = []
+
+    def predict(self, volume, guide_index, guide_mask, query_indices):
+        self.calls.append((int(guide_index), [int(q) for q in query_indices]))
+        touches = bool((guide_mask & self.neighbour[guide_index]).any())
+        out = []
+        for q in query_indices:
+            m = self.truth[q].copy()
+            if touches or abs(q - guide_index) >= self.leak_distance:
+                m |= self.neighbour[q]
+            out.append(m.astype(np.float32))
+        return SlicePrediction(np.stack(out))

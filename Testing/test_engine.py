@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from doubles import OracleModel, ShiftModel
+from doubles import LeakModel, OracleModel, ShiftModel
 
 from PAMSegmentLib.checkpoints import load_checkpoint_file
 from PAMSegmentLib.errors import InputError, PropagationCancelled
@@ -162,6 +162,59 @@ def test_progress_counts_slices_when_a_side_stops_early(end):
               progress=lambda frac, msg: model.reported.append(frac))
     first_up = next(n for n, (g, qs) in enumerate(model.calls) if qs[0] > 14)
     assert model.at_call[first_up] == pytest.approx(14 / 29)
+
+
+# ----------------------------------------------------------------------------- forward-backward check
+
+
+def _leak_setup():
+    truth = tube(8, 20)  # disc of radius 4 at (8, 8): 49 pixels per slice
+    neighbour = np.zeros(SHAPE, bool)
+    neighbour[:, 1:15, 13:16] = True  # a look-alike strip beside it on every slice (42 pixels)
+    return truth, neighbour
+
+
+def test_without_the_check_a_drifting_model_leaks_into_the_neighbour():
+    truth, neighbour = _leak_setup()
+    model = LeakModel(truth, neighbour, leak_distance=3, window=4)
+    res = propagate(image_for(truth), prompt_from(truth, 14), ISO, model, batch_size=64)
+    assert (res.mask.astype(bool) & neighbour & ~truth).sum() > 0
+
+
+def test_forward_backward_check_drops_drifted_slices_and_walks_on_from_the_last_good_one():
+    """Window 4 from slice 14: slices 17 and 18 leak (3 and 4 away). Predicting 14 back from 18
+    gives the disc plus the strip (Dice 2*49/(49+91) = 0.70 < 0.9), from 16 the disc again
+    (Dice 1), so 17 and 18 are dropped and predicted again from 16, where they do not leak."""
+    truth, neighbour = _leak_setup()
+    model = LeakModel(truth, neighbour, leak_distance=3, window=4, consistency_min_dice=0.9)
+    res = propagate(image_for(truth), prompt_from(truth, 14), ISO, model, batch_size=64)
+    np.testing.assert_array_equal(res.mask, truth.astype(np.uint8))
+    assert res.slice_range == {1: (8, 20)}
+    # The first upward window and its checks: 15..18 from 14, then back 18 -> 14 (fails) and
+    # 16 -> 14 (passes); the next window starts at 17 with 16 as its guide.
+    first_up = next(n for n, (g, qs) in enumerate(model.calls) if qs[0] > 14)
+    assert model.calls[first_up:first_up + 4] == [(14, [15, 16, 17, 18]), (18, [14]), (16, [14]), (16, [17, 18, 19, 20])]
+
+
+def test_forward_backward_check_ends_a_side_that_drifts_at_once():
+    """A model that leaks from the first slice on: nothing predicted is consistent, both sides
+    end at the drawn slice (rather than filling the neighbour)."""
+    truth, neighbour = _leak_setup()
+    model = LeakModel(truth, neighbour, leak_distance=1, window=4, consistency_min_dice=0.9)
+    res = propagate(image_for(truth), prompt_from(truth, 14), ISO, model, batch_size=64)
+    np.testing.assert_array_equal(res.mask, prompt_from(truth, 14))
+    assert res.slice_range == {1: (14, 14)}
+    assert np.isnan(res.confidence[1][15:]).all() and np.isnan(res.confidence[1][:14]).all()
+
+
+def test_forward_backward_check_keeps_progress_monotone_and_complete():
+    truth, neighbour = _leak_setup()
+    for leak in (1, 3):
+        seen: list[float] = []
+        model = LeakModel(truth, neighbour, leak_distance=leak, window=4, consistency_min_dice=0.9)
+        propagate(image_for(truth), prompt_from(truth, 14), ISO, model, batch_size=2,
+                  progress=lambda frac, msg: seen.append(frac))
+        assert all(a <= b for a, b in zip(seen, seen[1:])) and seen[-1] == 1.0
 
 
 def test_batching_does_not_change_the_result():

@@ -33,9 +33,12 @@ CASES = ("ts_ct", "ts_ct_dicom", "tptbox_ct_vert")
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint")
-    ap.add_argument("--configs", default="pam", help="comma-separated: pam, pam+gate, windowMM, track")
+    ap.add_argument("--configs", default="pam",
+                    help="comma-separated: pam, pam+gate, pam+fbD (forward-backward check, min Dice D), windowMM, track")
     ap.add_argument("--cache", default=os.environ.get("PAMSEGMENT_CACHE", str(ROOT / "cache")))
     ap.add_argument("--n", type=int, default=24)
+    ap.add_argument("--cases", default=",".join(CASES),
+                    help=f"comma-separated training cases (default {','.join(CASES)})")
     args = ap.parse_args(argv)
     import torch
 
@@ -45,9 +48,14 @@ def main(argv=None) -> int:
 
     split = json.loads((ROOT / "scripts" / "split.json").read_text())
     train = {e["case"]: e["labels"] for e in split["train"]}
-    cases = {cid: load_case(args.cache, cid) for cid in CASES}
+    names = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [c for c in names if c not in train]
+    if unknown:
+        raise SystemExit(f"error: {', '.join(unknown)} not training cases in scripts/split.json; "
+                         "validation uses training cases only")
+    cases = {cid: load_case(args.cache, cid) for cid in names}
     items = []
-    for cid in CASES:
+    for cid in names:
         for lab in train[cid]:
             ref = cases[cid].labels == lab
             if ref.sum() >= 500 and ref.any(axis=(1, 2)).sum() >= 5:
@@ -71,6 +79,8 @@ def main(argv=None) -> int:
                 predictor = PAMPredictor(model, intensity_gate=c.endswith("+gate"))
                 if c.startswith("window"):
                     predictor.window_mm = float(c[len("window"):])
+                if "+fb" in c:  # pam+fb0.5: forward-backward check with that minimum Dice
+                    predictor.consistency_min_dice = float(c.split("+fb")[1])
             res = propagate(case.image, prompt, case.spacing, predictor, axis=0)
             scores[c].append(dice(res.mask > 0, ref))
     print(f"{len(items)} training-case structures; mean Dice: "
