@@ -29,6 +29,7 @@ import cc3d
 import numpy as np
 
 from .errors import InputError, PropagationCancelled
+from .metrics import dice
 
 __all__ = [
     "propagate",
@@ -199,11 +200,6 @@ def _slice_confidence(prob_slice: np.ndarray, presence: float | None, threshold:
     return conf * presence if presence is not None else conf
 
 
-def _mask_dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
-
-
 def _consistent_prefix(volume, predictor, guide_idx, guide_mask, found, out_probs, min_dice, stats) -> int:
     """Forward-backward check of a window (the classic tracking-failure test): predict the guide
     slice back from a predicted slice; if that does not give the guide's mask again (Dice below
@@ -220,7 +216,7 @@ def _consistent_prefix(volume, predictor, guide_idx, guide_mask, found, out_prob
         back_mask = back.prob[0] >= predictor.threshold
         if back.presence is not None and float(back.presence[0]) < predictor.presence_threshold:
             back_mask = np.zeros_like(back_mask)
-        if _mask_dice(back_mask, guide_mask) >= min_dice:
+        if dice(back_mask, guide_mask) >= min_dice:
             return n
         n //= 2
     return 0
