@@ -209,13 +209,14 @@ def _consistent_prefix(volume, predictor, guide_idx, guide_mask, found, out_prob
     while n > 0:
         idx = found[n - 1]
         t0 = time.perf_counter()
-        back = predictor.predict(volume, idx, out_probs[idx] >= predictor.threshold, [guide_idx])
+        mask = out_probs[idx] >= predictor.threshold
+        back = predictor.predict(volume, idx, mask, [guide_idx])
         stats["predict"] += time.perf_counter() - t0
         stats["n_predicted"] += 1
-        stats["consistency_checks"] = stats.get("consistency_checks", 0) + 1
+        presence = None if back.presence is None else float(back.presence[0])
         back_mask = back.prob[0] >= predictor.threshold
-        if back.presence is not None and float(back.presence[0]) < predictor.presence_threshold:
-            back_mask = np.zeros_like(back_mask)
+        if _is_empty(back.prob[0], presence, int(mask.sum()), predictor):  # the walk's own rule
+            back_mask[:] = False
         if dice(back_mask, guide_mask) >= min_dice:
             return n
         n //= 2
@@ -260,7 +261,7 @@ def _walk(volume, predictor, start, start_mask, direction, end, window, batch_si
             stop = end
         indices = list(range(s, stop + direction, direction))
         found: list[int] = []  # slices of this window holding the object, in walk order
-        ended = None  # the first empty slice (early_stop)
+        ended = False  # an empty slice ended the side (early_stop)
         for b in range(0, len(indices), batch_size):
             progress.check_cancel()
             batch = indices[b : b + batch_size]
@@ -280,11 +281,11 @@ def _walk(volume, predictor, start, start_mask, direction, end, window, batch_si
                 if empty:
                     if early_stop:
                         out_probs[idx] = np.zeros(prob.shape, dtype=out_probs[idx].dtype)
-                        ended = idx
+                        ended = True
                         break
                 else:
                     found.append(idx)
-            if ended is not None:
+            if ended:
                 break
             report(batch, f"slice {batch[-1]}")
         restart = False
@@ -296,13 +297,12 @@ def _walk(volume, predictor, start, start_mask, direction, end, window, batch_si
                     if (idx - last_kept) * direction > 0:
                         drop(idx)
                 found = found[:keep]
-                if not found:  # drifted at once: the object ends at the guide
-                    ended = ended if ended is not None else indices[0]
-                else:  # walk on from the last consistent slice; the dropped ones are predicted again
-                    ended, restart = None, True
+                # Drifted at once: the object ends at the guide. Otherwise walk on from the last
+                # consistent slice; the dropped ones are predicted again.
+                ended, restart = not found, bool(found)
         if found:
             last_with_object = found[-1]
-        if ended is not None:
+        if ended:
             # The rest of this side counts as done.
             progress.advance(n_side - len(reported), "side finished")
             return last_with_object

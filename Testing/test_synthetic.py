@@ -267,7 +267,7 @@ def test_random_transfer_maps_unit_interval_and_can_flip_contrast():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-def test_prepare_data_writes_layered_column_cases(tmp_path):
+def _prepare_data_script():
     import importlib.util
     from pathlib import Path
 
@@ -275,6 +275,11 @@ def test_prepare_data_writes_layered_column_cases(tmp_path):
     spec = importlib.util.spec_from_file_location("prepare_data", path)
     prep = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(prep)
+    return prep
+
+
+def test_prepare_data_writes_layered_column_cases(tmp_path):
+    prep = _prepare_data_script()
     out, _ = prep.build_synthetic(2, tmp_path, force=False, stacks=True)
     assert [o["case"] for o in out] == ["synth_stack_0000", "synth_stack_0001"]
     case = D.read_case(tmp_path / "synth_stack_0001.npz")
@@ -288,15 +293,9 @@ def test_prepare_data_abagen_draws_only_add_training_draws(tmp_path):
     """--abagen-draws N: the training subject gets draws d0..d(N-1) (even 1 mm, odd thick
     slices), the evaluation subject exactly d0 and d1, and d0/d1 are the same images as with
     the default of 2 draws (earlier caches and commands stay valid)."""
-    import importlib.util
-    from pathlib import Path
-
     import SimpleITK as sitk
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "prepare_data.py"
-    spec = importlib.util.spec_from_file_location("prepare_data", path)
-    prep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(prep)
+    prep = _prepare_data_script()
     data = tmp_path / "src" / "abagen" / "data"
     (data / "atlas-desikankilliany.csv").parent.mkdir(parents=True)
     (data / "atlas-desikankilliany.csv").write_text("id,label,hemisphere\n1,a,L\n2,b,R\n")

