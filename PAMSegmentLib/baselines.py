@@ -282,8 +282,12 @@ class TrackPredictor(_ClassicalPredictor):
     def __init__(self, k: float = 2.0, min_inside: float = 0.5, min_area_fraction: float = 0.05,
                  iterations: int = 40, sigma: float = 1.5, pad: float = 0.5, max_side: int = 128,
                  window_percentiles: tuple[float, float] = (0.5, 99.5), window_margin: float = 0.25,
-                 smooth_sigma: float = 1.0, diffeomorphic: bool = False, threads: int | None = 1):
+                 smooth_sigma: float = 1.0, diffeomorphic: bool = False, threads: int | None = 1,
+                 gated: bool = True):
         super().__init__(k, min_inside, min_area_fraction, smooth_sigma)
+        # gated=False: the warped mask is always returned (the presence is still the graded drift
+        # score); used when another predictor decides where the object ends (PAM's fusion).
+        self.gated = bool(gated)
         import SimpleITK  # noqa: F401  (fail at construction, not mid-walk, if missing)
 
         self.iterations, self.sigma, self.pad, self.max_side = int(iterations), float(sigma), float(pad), int(max_side)
@@ -358,7 +362,7 @@ class TrackPredictor(_ClassicalPredictor):
             p = np.clip(self._warp(self._normalise(raw), moving, g), 0.0, 1.0)
             pres = self._presence(raw, p >= self.threshold)
             presence[q] = pres
-            if pres >= self.presence_threshold:
+            if pres >= self.presence_threshold or not self.gated:
                 prob[q][sl] = p
                 self._origin[int(idx)] = origin
         return SlicePrediction(prob, presence)

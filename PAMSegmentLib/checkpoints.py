@@ -58,6 +58,10 @@ class InferenceParams:
     # Forward-backward check of each window (0 = off): predicting the guide back from a predicted
     # slice must give at least this Dice with the guide's mask, else the walk drifted there.
     consistency_min_dice: float = 0.0
+    # Registration fusion (0 = the network alone, as the official PAM): each predicted slice's
+    # probability is (1 - w) * network + w * the previous slice's mask warped onto it by demons
+    # registration (PAMSegmentLib.baselines.TrackPredictor), chained slice by slice from the guide.
+    registration_weight: float = 0.0
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)

@@ -31,7 +31,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,16 @@ def _resolve(ref: Callable | str) -> Callable:
 
 
 def _pam_method(args: argparse.Namespace) -> Any:
-    """PAM's network from --checkpoint, or the shipped default weights."""
+    """PAM's network from --checkpoint, or the shipped default weights (with --registration-weight
+    overriding the checkpoint's)."""
+    model = _load_pam(args)
+    weight = getattr(args, "registration_weight", None)
+    if weight is not None:
+        model.inference = replace(model.inference, registration_weight=weight)
+    return model
+
+
+def _load_pam(args: argparse.Namespace) -> Any:
     from . import checkpoints
 
     if args.checkpoint is not None:
@@ -138,6 +147,16 @@ def parse_slice_list(text: str) -> list[int]:
     return sorted({int(p) for p in parts})
 
 
+def _unit_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -160,6 +179,9 @@ def add_propagate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", metavar="CKPT",
                    help="PAMSegment checkpoint or the official PAM propmask.pth (default: the shipped weights)")
     p.add_argument("--method", choices=sorted(METHODS), default="pam", help="what predicts the slices (default: pam)")
+    p.add_argument("--registration-weight", type=_unit_interval, metavar="W",
+                   help="pam: weight of the demons-registration fusion, 0 = the network alone as in the official "
+                        "PAM (default: the checkpoint's; 0.6 for the shipped weights, 0 for the official checkpoint)")
     p.add_argument("--label", type=_positive_int, nargs="+", metavar="N",
                    help="propagate only these prompt labels (default: every label in the prompt)")
     p.add_argument("--axis", type=int, choices=(0, 1, 2),
@@ -226,6 +248,8 @@ class _ProgressBar:
 def cmd_propagate(args: argparse.Namespace) -> int:
     """Read IMAGE and PROMPT, propagate, write OUT on the image's grid, print a summary."""
     t0 = time.perf_counter()
+    if args.registration_weight is not None and args.method != "pam":
+        raise InputError(f"--registration-weight is an option of --method pam, not {args.method}; drop it")
     _check_output_path(args.output, [args.image, args.prompt])
 
     from .volumes import read_labelmap, read_volume, write_labelmap

@@ -23,9 +23,18 @@ def _smoothed(image_slice: np.ndarray) -> np.ndarray:
 
 
 class PAMPredictor(SlicePredictor):
-    """PAM's network as a slice predictor: window from the prompt, ROI crop, resize, inverse."""
+    """PAM's network as a slice predictor: window from the prompt, ROI crop, resize, inverse.
 
-    def __init__(self, model, intensity_gate: bool | None = None):
+    ``registration_weight`` w > 0 (default: the checkpoint's inference parameter) fuses the
+    network with demons registration: within a window the guide's mask is carried slice by slice
+    (guide -> first query -> next query ...) by ``TrackPredictor``'s warp, and each query's
+    probability is ``(1 - w) * network + w * warped``, the fused mask of one slice being what is
+    warped onto the next. The network's object-present output still decides where the object
+    ends (the tracker's own drift gate is off). Queries that are not consecutive slices walked
+    away from the guide (a forward-backward check) are warped from the guide directly.
+    """
+
+    def __init__(self, model, intensity_gate: bool | None = None, registration_weight: float | None = None):
         self.model = model
         # The classical drift test (PAMSegmentLib.baselines.IntensityGate) on top of the network's
         # own presence: a slice whose predicted region no longer looks like the prompt's intensity
@@ -37,12 +46,23 @@ class PAMPredictor(SlicePredictor):
         self.threshold, self.presence_threshold = inf.threshold, inf.presence_threshold
         self.min_area_fraction, self.min_area_px = inf.min_area_fraction, inf.min_area_px
         self.consistency_min_dice = inf.consistency_min_dice
+        w = inf.registration_weight if registration_weight is None else registration_weight
+        if not 0.0 <= float(w) <= 1.0:
+            raise ValueError(f"registration_weight must be within [0, 1], got {w}")
+        self.registration_weight = float(w)
+        self.tracker = None
         self.window: IntensityWindow | None = None
         self._guide_cache: dict | None = None
 
     def begin(self, volume, prompt_index, prompt_mask):
         self.window = intensity_window(volume[prompt_index], prompt_mask, self.model.preprocessing)
         self._guide_cache = None
+        self.tracker = None
+        if self.registration_weight > 0:
+            from .baselines import TrackPredictor
+
+            self.tracker = TrackPredictor(gated=False)
+            self.tracker.begin(volume, prompt_index, prompt_mask)
         if self.intensity_gate:
             from .baselines import IntensityGate
 
@@ -58,8 +78,33 @@ class PAMPredictor(SlicePredictor):
                 scores[n] = self.gate.score(_smoothed(volume[q][sl])[region[sl]])
         return scores
 
-    @torch.inference_mode()
     def predict(self, volume, guide_index, guide_mask, query_indices):
+        out = self._predict_network(volume, guide_index, guide_mask, query_indices)
+        if self.tracker is None:
+            return out
+        return self._fuse_registration(volume, guide_index, guide_mask, list(query_indices), out)
+
+    def _fuse_registration(self, volume, guide_index, guide_mask, queries, out: SlicePrediction) -> SlicePrediction:
+        w = self.registration_weight
+        step = queries[0] - guide_index
+        chained = abs(step) == 1 and all(b - a == step for a, b in zip(queries, queries[1:]))
+        prob = np.array(out.prob, dtype=np.float32, copy=True)
+        if not chained:
+            warped = self.tracker.predict(volume, guide_index, guide_mask, queries).prob
+            return SlicePrediction((1.0 - w) * prob + w * warped, out.presence)
+        prev_index, prev_mask = guide_index, np.asarray(guide_mask, dtype=bool)
+        for n, q in enumerate(queries):
+            warped = self.tracker.predict(volume, prev_index, prev_mask, [q]).prob[0]
+            prob[n] = (1.0 - w) * prob[n] + w * warped
+            prev_index, prev_mask = q, prob[n] >= self.threshold
+            if not prev_mask.any():  # nothing left to carry: the rest is the network's alone
+                for m in range(n + 1, len(queries)):
+                    prob[m] = (1.0 - w) * prob[m]
+                break
+        return SlicePrediction(prob, out.presence)
+
+    @torch.inference_mode()
+    def _predict_network(self, volume, guide_index, guide_mask, query_indices):
         pre = self.model.preprocessing
         size, device = pre.input_size, self.model.device
         box = crop_box_for_mask(guide_mask, pre)
@@ -98,7 +143,8 @@ class MemoryPAMPredictor(PAMPredictor):
     """
 
     def __init__(self, model, memory: int = 2, current_weight: float = 0.5):
-        super().__init__(model)
+        # The memory bank fuses several guides' network predictions; no registration fusion.
+        super().__init__(model, registration_weight=0.0)
         # Back-predictions would enter the memory bank as guides: the check is for the plain walk.
         self.consistency_min_dice = 0.0
         self.memory = memory
@@ -112,7 +158,7 @@ class MemoryPAMPredictor(PAMPredictor):
         self._history = []
 
     def _predict_from(self, volume, guide_index, guide_mask, query_indices):
-        return PAMPredictor.predict(self, volume, guide_index, guide_mask, query_indices)
+        return PAMPredictor._predict_network(self, volume, guide_index, guide_mask, query_indices)
 
     def predict(self, volume, guide_index, guide_mask, query_indices):
         if guide_index not in self._predicted:  # a drawn slice: a new walk starts here

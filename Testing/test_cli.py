@@ -320,3 +320,30 @@ def test_bad_empty_slices_syntax(ct_case, run_cli, text):
 def test_parse_slice_list():
     assert cli.parse_slice_list("12") == [12]
     assert cli.parse_slice_list("30, 12,12") == [12, 30]
+
+
+def test_registration_weight_option_overrides_the_checkpoint(ct_case, small_checkpoint, monkeypatch, capsys):
+    """--registration-weight W reaches the predictor the engine builds; only --method pam takes it;
+    a value outside [0, 1] is a usage error before any work."""
+    from PAMSegmentLib import propagate as engine
+
+    seen = []
+    real = engine.propagate
+
+    def spy(image, prompt, spacing, model, **kwargs):
+        seen.append(model.inference.registration_weight)
+        return real(image, prompt, spacing, model, **kwargs)
+
+    monkeypatch.setattr(engine, "propagate", spy)
+    out = ct_case.directory / "fused.nii.gz"
+    base = ["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out)]
+    assert cli.main(base + ["--checkpoint", str(small_checkpoint.path), "--registration-weight", "0.7"]) == 0
+    assert cli.main(base + ["--checkpoint", str(small_checkpoint.path)]) == 0
+    assert seen == [0.7, 0.0]  # the test checkpoint's own value is the default 0
+    capsys.readouterr()
+    assert cli.main(base + ["--method", "track", "--registration-weight", "0.5"]) == 2
+    assert "--registration-weight is an option of --method pam, not track" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        cli.main(base + ["--registration-weight", "1.5"])
+    assert exc.value.code == 2
+    assert "expected a number from 0 to 1, got '1.5'" in capsys.readouterr().err

@@ -34,9 +34,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint")
     ap.add_argument("--configs", default="pam",
-                    help="comma-separated: pam, pam+gate, pam+fbD (forward-backward check, min Dice D), windowMM, track")
+                    help="comma-separated: pam, pam+gate, pam+fbD (forward-backward check, min Dice D), "
+                         "pam+thrT (mask threshold T), pam+regW (registration weight W; pam+reg0 = network only), "
+                         "windowMM, track")
     ap.add_argument("--cache", default=os.environ.get("PAMSEGMENT_CACHE", str(ROOT / "cache")))
     ap.add_argument("--n", type=int, default=24)
+    ap.add_argument("--per-structure", action="store_true", help="also print every structure's Dice")
     ap.add_argument("--cases", default=",".join(CASES),
                     help=f"comma-separated training cases (default {','.join(CASES)})")
     args = ap.parse_args(argv)
@@ -76,13 +79,19 @@ def main(argv=None) -> int:
             if c == "track":
                 predictor = get_predictor("track")
             else:
-                predictor = PAMPredictor(model, intensity_gate=c.endswith("+gate"))
+                reg = float(c.split("+reg")[1].split("+")[0]) if "+reg" in c else None
+                predictor = PAMPredictor(model, intensity_gate=c.endswith("+gate"), registration_weight=reg)
                 if c.startswith("window"):
                     predictor.window_mm = float(c[len("window"):])
+                if "+thr" in c:  # pam+thr0.4: mask threshold on the fused probability
+                    predictor.threshold = float(c.split("+thr")[1].split("+")[0])
                 if "+fb" in c:  # pam+fb0.5: forward-backward check with that minimum Dice
                     predictor.consistency_min_dice = float(c.split("+fb")[1])
             res = propagate(case.image, prompt, case.spacing, predictor, axis=0)
             scores[c].append(dice(res.mask > 0, ref))
+        if args.per_structure:
+            name = case.label_names.get(lab, str(lab))
+            print(f"{cid:18s} {name[:28]:28s} " + " ".join(f"{c} {scores[c][-1]:.3f}" for c in configs), flush=True)
     print(f"{len(items)} training-case structures; mean Dice: "
           + ", ".join(f"{c} {np.mean(v):.3f}" for c, v in scores.items()))
     return 0
