@@ -290,3 +290,29 @@ def test_small_prior_preset_feeds_the_guide_mask_to_the_image_encoder():
         with pytest.raises(ValueError, match="guide mask"):
             net.proposing_stage.decode_queries(q, keys, values)
     assert not torch.allclose(a, b)
+
+
+def test_set_inference_params_rewrites_the_header_not_the_weights(small_checkpoint, tmp_path):
+    """scripts/set_inference_params.py: the chosen value is what the loaded model uses, the weights
+    and their sha256 are unchanged, the change and its reason are kept in the provenance; a name
+    that is not an inference parameter is one clear error (exit 1, nothing written)."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "set_inference_params.py"
+    out = tmp_path / "fused.pt"
+    done = subprocess.run([sys.executable, str(script), str(small_checkpoint.path), "--set", "registration_weight=0.6",
+                           "--reason", "validation 0.7 vs 0.6", "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    before, after = load_checkpoint_file(small_checkpoint.path), load_checkpoint_file(out)
+    assert before.inference.registration_weight == 0.0 and after.inference.registration_weight == 0.6
+    assert after.sha256 == before.sha256 == small_checkpoint.sha256
+    for (k, v), (k2, v2) in zip(before.network.state_dict().items(), after.network.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    assert after.provenance["inference_changes"] == [
+        {"set": {"registration_weight": 0.6}, "before": {"registration_weight": 0.0}, "reason": "validation 0.7 vs 0.6"}]
+    bad = subprocess.run([sys.executable, str(script), str(small_checkpoint.path), "--set", "windw_mm=10",
+                          "--reason", "x", "--out", str(tmp_path / "bad.pt")], capture_output=True, text=True)
+    assert bad.returncode == 1
+    assert "--set expects NAME=VALUE with NAME one of window_mm" in bad.stderr
+    assert not (tmp_path / "bad.pt").exists()
