@@ -282,12 +282,8 @@ class TrackPredictor(_ClassicalPredictor):
     def __init__(self, k: float = 2.0, min_inside: float = 0.5, min_area_fraction: float = 0.05,
                  iterations: int = 40, sigma: float = 1.5, pad: float = 0.5, max_side: int = 128,
                  window_percentiles: tuple[float, float] = (0.5, 99.5), window_margin: float = 0.25,
-                 smooth_sigma: float = 1.0, diffeomorphic: bool = False, threads: int | None = 1,
-                 gated: bool = True):
+                 smooth_sigma: float = 1.0, diffeomorphic: bool = False, threads: int | None = 1):
         super().__init__(k, min_inside, min_area_fraction, smooth_sigma)
-        # gated=False: the warped mask is always returned (the presence is still the graded drift
-        # score); used when another predictor decides where the object ends (PAM's fusion).
-        self.gated = bool(gated)
         import SimpleITK  # noqa: F401  (fail at construction, not mid-walk, if missing)
 
         self.iterations, self.sigma, self.pad, self.max_side = int(iterations), float(sigma), float(pad), int(max_side)
@@ -309,7 +305,10 @@ class TrackPredictor(_ClassicalPredictor):
         lo, hi = self._state["window"]
         return np.clip((np.asarray(arr, dtype=np.float32) - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
 
-    def _warp(self, fixed: np.ndarray, moving: np.ndarray, moving_mask: np.ndarray) -> np.ndarray:
+    def register(self, fixed: np.ndarray, moving: np.ndarray):
+        """Demons registration of two normalised 2D crops of the same shape -> a SimpleITK
+        transform mapping ``fixed`` pixels to ``moving`` ones (what ``warp`` resamples through).
+        Depends on the images only, so several can run at once (SimpleITK releases the GIL)."""
         import SimpleITK as sitk
 
         h, w = fixed.shape
@@ -320,7 +319,6 @@ class TrackPredictor(_ClassicalPredictor):
             im.SetSpacing((spacing, spacing))
             return im
 
-        f_full = image(fixed, 1.0)
         if factor > 1.0:
             size = [max(int(round(w / factor)), 4), max(int(round(h / factor)), 4)]
             sp = (w / size[0], h / size[1])
@@ -334,7 +332,7 @@ class TrackPredictor(_ClassicalPredictor):
 
             f_reg, m_reg = shrink(fixed), shrink(moving)
         else:
-            f_reg, m_reg = f_full, image(moving, 1.0)
+            f_reg, m_reg = image(fixed, 1.0), image(moving, 1.0)
 
         demons = (sitk.DiffeomorphicDemonsRegistrationFilter() if self.diffeomorphic
                   else sitk.FastSymmetricForcesDemonsRegistrationFilter())
@@ -345,10 +343,19 @@ class TrackPredictor(_ClassicalPredictor):
         if self.threads:
             demons.SetNumberOfThreads(int(self.threads))
         disp = demons.Execute(f_reg, m_reg)
-        tx = sitk.DisplacementFieldTransform(sitk.Cast(disp, sitk.sitkVectorFloat64))
-        warped = sitk.Resample(image(moving_mask.astype(np.float32), 1.0), f_full, tx, sitk.sitkLinear, 0.0,
-                               sitk.sitkFloat32)
+        return sitk.DisplacementFieldTransform(sitk.Cast(disp, sitk.sitkVectorFloat64))
+
+    @staticmethod
+    def warp(transform, moving_mask: np.ndarray) -> np.ndarray:
+        """``moving_mask`` resampled through ``transform`` (linear: a probability), same shape."""
+        import SimpleITK as sitk
+
+        mask = sitk.GetImageFromArray(np.asarray(moving_mask, dtype=np.float32))
+        warped = sitk.Resample(mask, mask, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
         return sitk.GetArrayViewFromImage(warped).copy()
+
+    def _warp(self, fixed: np.ndarray, moving: np.ndarray, moving_mask: np.ndarray) -> np.ndarray:
+        return self.warp(self.register(fixed, moving), moving_mask)
 
     def predict(self, volume, guide_index, guide_mask, query_indices: Sequence[int]) -> SlicePrediction:
         guide_mask, origin, prob, presence, sl = self._prepare(volume, guide_index, guide_mask, query_indices,
@@ -362,7 +369,7 @@ class TrackPredictor(_ClassicalPredictor):
             p = np.clip(self._warp(self._normalise(raw), moving, g), 0.0, 1.0)
             pres = self._presence(raw, p >= self.threshold)
             presence[q] = pres
-            if pres >= self.presence_threshold or not self.gated:
+            if pres >= self.presence_threshold:
                 prob[q][sl] = p
                 self._origin[int(idx)] = origin
         return SlicePrediction(prob, presence)

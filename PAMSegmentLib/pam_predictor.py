@@ -5,6 +5,9 @@ Kept apart from the engine so that the engine and the classical predictors impor
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
 import torch
 
 import numpy as np
@@ -22,17 +25,32 @@ def _smoothed(image_slice: np.ndarray) -> np.ndarray:
     return ndimage.gaussian_filter(np.asarray(image_slice, dtype=np.float32), 1.0)
 
 
+@dataclass
+class _RegistrationPlan:
+    crop: tuple[slice, slice]  # region of the slices registered (around the window's guide mask)
+    pairs: list[tuple[int, int]]  # (fixed, moving) slice indices, one per query
+    chained: bool  # each query's moving slice is the previous query (else the guide)
+    start_mask: np.ndarray  # crop of the mask carried onto the first query (bool)
+
+
 class PAMPredictor(SlicePredictor):
     """PAM's network as a slice predictor: window from the prompt, ROI crop, resize, inverse.
 
     ``registration_weight`` w > 0 (default: the checkpoint's inference parameter) fuses the
-    network with demons registration: within a window the guide's mask is carried slice by slice
-    (guide -> first query -> next query ...) by ``TrackPredictor``'s warp, and each query's
-    probability is ``(1 - w) * network + w * warped``, the fused mask of one slice being what is
-    warped onto the next. The network's object-present output still decides where the object
-    ends (the tracker's own drift gate is off). Queries that are not consecutive slices walked
-    away from the guide (a forward-backward check) are warped from the guide directly.
+    network with demons registration (``TrackPredictor.register``/``warp``). Within a window
+    the guide's mask is carried slice by slice (guide -> first query -> next query ...) and each
+    query's probability is ``(1 - w) * network + w * warped``, the fused mask of one slice being
+    what is warped onto the next. The registrations depend on the images only, so they run in
+    ``registration_workers`` threads while the network predicts the same window. They cover a
+    crop around the window guide's mask (padded by half its size, like ``track``); outside it
+    the probability is ``(1 - w) * network``. The network's object-present output still decides
+    where the object ends. Queries that are not a run of consecutive slices walked away from the
+    guide (a forward-backward check) are registered to the guide directly.
     """
+
+    # TrackPredictor options for the fusion's registration.
+    registration_options: dict = {}
+    registration_workers: int = 2
 
     def __init__(self, model, intensity_gate: bool | None = None, registration_weight: float | None = None):
         self.model = model
@@ -50,19 +68,20 @@ class PAMPredictor(SlicePredictor):
         if not 0.0 <= float(w) <= 1.0:
             raise ValueError(f"registration_weight must be within [0, 1], got {w}")
         self.registration_weight = float(w)
-        self.tracker = None
+        self.registration = None
         self.window: IntensityWindow | None = None
         self._guide_cache: dict | None = None
+        self._chain: tuple | None = None  # (guide, last query, its fused mask crop, crop) of the last window
 
     def begin(self, volume, prompt_index, prompt_mask):
         self.window = intensity_window(volume[prompt_index], prompt_mask, self.model.preprocessing)
         self._guide_cache = None
-        self.tracker = None
+        self._chain = None
+        self.registration = None
         if self.registration_weight > 0:
             from .baselines import TrackPredictor
 
-            self.tracker = TrackPredictor(gated=False)
-            self.tracker.begin(volume, prompt_index, prompt_mask)
+            self.registration = TrackPredictor(**self.registration_options)
         if self.intensity_gate:
             from .baselines import IntensityGate
 
@@ -79,28 +98,65 @@ class PAMPredictor(SlicePredictor):
         return scores
 
     def predict(self, volume, guide_index, guide_mask, query_indices):
-        out = self._predict_network(volume, guide_index, guide_mask, query_indices)
-        if self.tracker is None:
-            return out
-        return self._fuse_registration(volume, guide_index, guide_mask, list(query_indices), out)
+        queries = [int(q) for q in query_indices]
+        plan = self._registration_plan(int(guide_index), guide_mask, queries) if self.registration else None
+        if plan is None:
+            return self._predict_network(volume, guide_index, guide_mask, queries)
+        with ThreadPoolExecutor(max_workers=max(int(self.registration_workers), 1)) as pool:
+            futures = [pool.submit(self._register, volume, plan.crop, f, m) for f, m in plan.pairs]
+            out = self._predict_network(volume, guide_index, guide_mask, queries)
+            transforms = [f.result() for f in futures]
+        return self._fuse(out, plan, transforms, int(guide_index), queries)
 
-    def _fuse_registration(self, volume, guide_index, guide_mask, queries, out: SlicePrediction) -> SlicePrediction:
+    def _registration_plan(self, guide_index, guide_mask, queries) -> _RegistrationPlan | None:
+        from .baselines import _crop_around
+
+        def walks(start: int) -> bool:  # queries = start+d, start+2d, ... for d = +1 or -1
+            d = queries[0] - start
+            return abs(d) == 1 and all(b - a == d for a, b in zip(queries, queries[1:]))
+
+        chain = self._chain
+        if walks(guide_index):
+            crop = _crop_around(np.asarray(guide_mask, dtype=bool), self.registration.pad, 8)
+            if crop is None:
+                return None
+            start_index, start = guide_index, np.asarray(guide_mask, dtype=bool)[crop]
+        elif (chain is not None and chain[0] == guide_index and walks(chain[1])
+              and (queries[0] - chain[1]) * (chain[1] - guide_index) > 0):
+            # The next batch of the same window: carry on from its last fused slice.
+            start_index, start, crop = chain[1], chain[2], chain[3]
+        else:
+            crop = _crop_around(np.asarray(guide_mask, dtype=bool), self.registration.pad, 8)
+            if crop is None:
+                return None
+            return _RegistrationPlan(crop, [(q, guide_index) for q in queries], False,
+                                     np.asarray(guide_mask, dtype=bool)[crop])
+        previous = [start_index] + queries[:-1]
+        return _RegistrationPlan(crop, list(zip(queries, previous)), True, start)
+
+    def _register(self, volume, crop, fixed_index, moving_index):
+        low, high = self.window.low, self.window.high
+
+        def prepared(index):
+            arr = _smoothed(volume[index][crop])
+            return np.clip((arr - low) / max(high - low, 1e-6), 0.0, 1.0).astype(np.float32)
+
+        return self.registration.register(prepared(fixed_index), prepared(moving_index))
+
+    def _fuse(self, out: SlicePrediction, plan: _RegistrationPlan, transforms, guide_index, queries) -> SlicePrediction:
         w = self.registration_weight
-        step = queries[0] - guide_index
-        chained = abs(step) == 1 and all(b - a == step for a, b in zip(queries, queries[1:]))
+        warp = self.registration.warp
         prob = np.array(out.prob, dtype=np.float32, copy=True)
-        if not chained:
-            warped = self.tracker.predict(volume, guide_index, guide_mask, queries).prob
-            return SlicePrediction((1.0 - w) * prob + w * warped, out.presence)
-        prev_index, prev_mask = guide_index, np.asarray(guide_mask, dtype=bool)
-        for n, q in enumerate(queries):
-            warped = self.tracker.predict(volume, prev_index, prev_mask, [q]).prob[0]
-            prob[n] = (1.0 - w) * prob[n] + w * warped
-            prev_index, prev_mask = q, prob[n] >= self.threshold
-            if not prev_mask.any():  # nothing left to carry: the rest is the network's alone
-                for m in range(n + 1, len(queries)):
-                    prob[m] = (1.0 - w) * prob[m]
+        prob *= 1.0 - w
+        carried = plan.start_mask
+        for n, transform in enumerate(transforms):
+            if not carried.any():  # nothing left to carry: the rest is the network's share alone
                 break
+            prob[n][plan.crop] += w * warp(transform, carried)
+            if plan.chained:
+                carried = prob[n][plan.crop] >= self.threshold
+        if plan.chained:
+            self._chain = (guide_index, queries[-1], carried, plan.crop)
         return SlicePrediction(prob, out.presence)
 
     @torch.inference_mode()

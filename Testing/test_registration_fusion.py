@@ -11,8 +11,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
-from PAMSegmentLib.baselines import TrackPredictor
+from PAMSegmentLib.baselines import TrackPredictor, _crop_around
 from PAMSegmentLib.checkpoints import InferenceParams
 from PAMSegmentLib.metrics import dice
 from PAMSegmentLib.pam_predictor import MemoryPAMPredictor, PAMPredictor
@@ -56,39 +57,76 @@ def test_weight_zero_is_the_network_alone():
     img, truth = sliding_square()
     p = StaleNetwork(0.0)
     p.begin(img, 0, truth[0])
-    assert p.tracker is None  # no registration is even set up
+    assert p.registration is None  # no registration is even set up
     out = p.predict(img, 0, truth[0], [1, 2, 3])
     assert np.array_equal(out.prob, np.repeat(truth[0][None].astype(np.float32), 3, axis=0))
 
 
-def test_weight_one_carries_the_mask_slice_by_slice_like_the_tracker():
-    """w = 1: each query is the previous query's mask warped onto it (a chain from the guide),
-    exactly what the tracker computes step by step; not the guide warped 4 slices at once."""
+def _expected_chain(p: PAMPredictor, img, guide, guide_mask, queries, w):
+    """The fusion by hand: registrations on the crop around the guide mask (the track
+    baseline's padding), each query registered to the previous slice, the fused mask carried."""
+    crop = _crop_around(guide_mask, 0.5, 8)
+    low, high = p.window.low, p.window.high
+
+    def prepared(k):
+        return np.clip((ndimage.gaussian_filter(img[k][crop], 1.0) - low) / (high - low), 0, 1).astype(np.float32)
+
+    reg = TrackPredictor()
+    carried, out, prev = guide_mask[crop], [], guide
+    for q in queries:
+        fused = (1 - w) * guide_mask.astype(np.float32)  # the stale network's share
+        fused[crop] += w * reg.warp(reg.register(prepared(q), prepared(prev)), carried)
+        out.append(fused)
+        carried, prev = fused[crop] >= 0.5, q
+    return np.stack(out)
+
+
+def test_weight_one_carries_the_mask_slice_by_slice():
+    """w = 1: each query is the previous query's (fused) mask warped onto it by demons
+    registration of the two slices: a chain from the guide, not the guide warped 4 slices at once."""
     img, truth = sliding_square()
     p = StaleNetwork(1.0)
     p.begin(img, 0, truth[0])
     out = p.predict(img, 0, truth[0], [1, 2, 3, 4])
-    ref = TrackPredictor(gated=False)
-    ref.begin(img, 0, truth[0])
-    prev = truth[0]
-    for n, q in enumerate([1, 2, 3, 4]):
-        want = ref.predict(img, q - 1, prev, [q]).prob[0]
-        np.testing.assert_allclose(out.prob[n], want, atol=1e-6)
-        prev = want >= 0.5
+    np.testing.assert_allclose(out.prob, _expected_chain(p, img, 0, truth[0], [1, 2, 3, 4], 1.0), atol=1e-5)
     # ... and that chain follows the square 8 px away from the guide.
     assert dice(out.prob[3] >= 0.5, truth[4]) > 0.85
     assert dice(truth[0], truth[4]) < 0.6  # what the stale network alone would score
 
 
+def test_registrations_run_beside_the_network_and_give_the_same_result_in_any_number_of_threads():
+    img, truth = sliding_square()
+    got = {}
+    for workers in (1, 2, 4):
+        p = StaleNetwork(0.6)
+        p.registration_workers = workers
+        p.begin(img, 0, truth[0])
+        got[workers] = p.predict(img, 0, truth[0], [1, 2, 3, 4]).prob
+    np.testing.assert_array_equal(got[1], got[2])
+    np.testing.assert_array_equal(got[1], got[4])
+
+
+def test_a_window_split_into_batches_carries_on_from_its_last_fused_slice():
+    """The engine splits a window into batches when --batch-size is below the window: the
+    second batch continues the chain (slice 3 -> 4), it is not registered 3 slices from the guide."""
+    img, truth = sliding_square()
+    whole, split = StaleNetwork(0.6), StaleNetwork(0.6)
+    for p in (whole, split):
+        p.begin(img, 0, truth[0])
+    a = whole.predict(img, 0, truth[0], [1, 2, 3, 4, 5, 6]).prob
+    b = np.concatenate([split.predict(img, 0, truth[0], [1, 2, 3]).prob, split.predict(img, 0, truth[0], [4, 5, 6]).prob])
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
 def test_fused_probability_is_the_weighted_mean():
     img, truth = sliding_square()
     w = 0.3
-    fused, alone = StaleNetwork(w), StaleNetwork(1.0)
-    for p in (fused, alone):
-        p.begin(img, 0, truth[0])
-    got = fused.predict(img, 0, truth[0], [1]).prob[0]
-    warped = alone.predict(img, 0, truth[0], [1]).prob[0]
-    np.testing.assert_allclose(got, (1 - w) * truth[0] + w * warped, atol=1e-6)
+    p = StaleNetwork(w)
+    p.begin(img, 0, truth[0])
+    got = p.predict(img, 0, truth[0], [1, 2]).prob
+    np.testing.assert_allclose(got, _expected_chain(p, img, 0, truth[0], [1, 2], w), atol=1e-5)
+    # Outside the registered crop only the network's share is left: (1 - w) x its 0 or 1.
+    assert set(np.unique(got[0][:, :2])) <= {0.0, np.float32(1 - w)}
 
 
 def test_fusion_follows_motion_the_network_misses_through_the_engine():
@@ -126,9 +164,7 @@ def test_queries_not_walked_from_the_guide_are_warped_directly():
     p = StaleNetwork(1.0)
     p.begin(img, 0, truth[0])
     out = p.predict(img, 3, truth[3], [1])
-    ref = TrackPredictor(gated=False)
-    ref.begin(img, 0, truth[0])
-    np.testing.assert_allclose(out.prob[0], ref.predict(img, 3, truth[3], [1]).prob[0], atol=1e-6)
+    np.testing.assert_allclose(out.prob, _expected_chain(p, img, 3, truth[3], [1], 1.0), atol=1e-5)
 
 
 def test_weight_out_of_range_is_refused_and_memory_bank_stays_network_only():

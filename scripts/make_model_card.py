@@ -119,6 +119,11 @@ def main(argv=None) -> int:
             "* **Commands** (each stage continues from the previous one's weights): "
             + "; ".join(f"`{st.get('command') or '?'}` (git {str(st.get('git_revision') or '?')[:10]})"
                         for st in card["training_stages"]) + ".",
+            f"* **Inference** (in the checkpoint; the CLI, Python API and Slicer use it): window "
+            f"{card['inference']['window_mm']:g} mm, presence threshold {card['inference']['presence_threshold']:g}, "
+            f"registration fusion weight {card['inference'].get('registration_weight', 0.0):g}"
+            + "".join(f"; set after training: {', '.join(f'{k}={v}' for k, v in c['set'].items())} ({c['reason']})"
+                      for c in card["provenance"].get("inference_changes", [])) + ".",
             f"* **Data**: {len(card['data']['training_cases'])} real training cases ("
             + ", ".join(card["data"]["training_cases"][:6]) + ", ...) plus synthetic volumes; held-out structures "
             + ", ".join(card["data"]["heldout_structures"]) + "; evaluation-only scans: "

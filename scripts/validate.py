@@ -35,7 +35,8 @@ def main(argv=None) -> int:
     ap.add_argument("checkpoint")
     ap.add_argument("--configs", default="pam",
                     help="comma-separated: pam, pam+gate, pam+fbD (forward-backward check, min Dice D), "
-                         "pam+thrT (mask threshold T), pam+regW (registration weight W; pam+reg0 = network only), "
+                         "pam+thrT (mask threshold T), pam+regW (registration weight W; pam+reg0 = network only; "
+                         "+regsideN/+regitN: its grid size and iterations), "
                          "windowMM, track")
     ap.add_argument("--cache", default=os.environ.get("PAMSEGMENT_CACHE", str(ROOT / "cache")))
     ap.add_argument("--n", type=int, default=24)
@@ -79,8 +80,17 @@ def main(argv=None) -> int:
             if c == "track":
                 predictor = get_predictor("track")
             else:
-                reg = float(c.split("+reg")[1].split("+")[0]) if "+reg" in c else None
-                predictor = PAMPredictor(model, intensity_gate=c.endswith("+gate"), registration_weight=reg)
+                tokens = c.split("+")[1:]
+                reg = next((float(t[3:]) for t in tokens if t.startswith("reg") and t[3:4].isdigit()), None)
+                predictor = PAMPredictor(model, intensity_gate="gate" in tokens, registration_weight=reg)
+                # pam+reg0.6+regside64+regit20: the fusion's registration grid (px) and iterations.
+                options = {}
+                for t in tokens:
+                    if t.startswith("regside"):
+                        options["max_side"] = int(t[len("regside"):])
+                    elif t.startswith("regit"):
+                        options["iterations"] = int(t[len("regit"):])
+                predictor.registration_options = options
                 if c.startswith("window"):
                     predictor.window_mm = float(c[len("window"):])
                 if "+thr" in c:  # pam+thr0.4: mask threshold on the fused probability
