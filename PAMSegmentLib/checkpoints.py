@@ -62,6 +62,11 @@ class InferenceParams:
     # probability is (1 - w) * network + w * the previous slice's mask warped onto it by demons
     # registration (PAMSegmentLib.baselines.TrackPredictor), chained slice by slice from the guide.
     registration_weight: float = 0.0
+    # Its demons registration: grid of at most this many px per side, this many iterations
+    # (coarser and shorter than the `track` baseline's 128 px / 40: the fusion runs it on every
+    # predicted slice, and the network refines the boundary; see the README's ablations).
+    registration_max_side: int = 64
+    registration_iterations: int = 20
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)

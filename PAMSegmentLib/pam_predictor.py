@@ -37,7 +37,8 @@ class PAMPredictor(SlicePredictor):
     """PAM's network as a slice predictor: window from the prompt, ROI crop, resize, inverse.
 
     ``registration_weight`` w > 0 (default: the checkpoint's inference parameter) fuses the
-    network with demons registration (``TrackPredictor.register``/``warp``). Within a window
+    network with demons registration (``TrackPredictor.register``/``warp`` on a grid of at most
+    ``registration_max_side`` px, ``registration_iterations`` iterations). Within a window
     the guide's mask is carried slice by slice (guide -> first query -> next query ...) and each
     query's probability is ``(1 - w) * network + w * warped``, the fused mask of one slice being
     what is warped onto the next. The registrations depend on the images only, so they run in
@@ -48,7 +49,7 @@ class PAMPredictor(SlicePredictor):
     guide (a forward-backward check) are registered to the guide directly.
     """
 
-    # TrackPredictor options for the fusion's registration.
+    # TrackPredictor options overriding the checkpoint's registration_max_side/_iterations.
     registration_options: dict = {}
     registration_workers: int = 2
 
@@ -81,7 +82,9 @@ class PAMPredictor(SlicePredictor):
         if self.registration_weight > 0:
             from .baselines import TrackPredictor
 
-            self.registration = TrackPredictor(**self.registration_options)
+            inf = self.model.inference
+            options = {"max_side": inf.registration_max_side, "iterations": inf.registration_iterations}
+            self.registration = TrackPredictor(**{**options, **self.registration_options})
         if self.intensity_gate:
             from .baselines import IntensityGate
 

@@ -71,7 +71,8 @@ def _expected_chain(p: PAMPredictor, img, guide, guide_mask, queries, w):
     def prepared(k):
         return np.clip((ndimage.gaussian_filter(img[k][crop], 1.0) - low) / (high - low), 0, 1).astype(np.float32)
 
-    reg = TrackPredictor()
+    inf = p.model.inference
+    reg = TrackPredictor(max_side=inf.registration_max_side, iterations=inf.registration_iterations)
     carried, out, prev = guide_mask[crop], [], guide
     for q in queries:
         fused = (1 - w) * guide_mask.astype(np.float32)  # the stale network's share
@@ -139,12 +140,13 @@ def test_fusion_follows_motion_the_network_misses_through_the_engine():
         scores[w] = dice(res.mask > 0, truth)
         assert np.array_equal(res.mask[8] > 0, truth[8])  # the drawn slice is kept exactly
     # The stale copy drifts off the square (slices 0 and 15 are 14-16 px away from slice 8);
-    # the more weight on the registration, the closer the walk follows it. Measured (seed 0):
-    # 0.556, 0.760, 0.927. At w = 0.6 the warped mask's soft leading edge (linear interpolation)
-    # is pulled below 0.5 by the stale network's 0 there, so it lags behind the tracker alone.
+    # the more weight on the registration, the closer the walk follows it. Measured (seed 0, the
+    # format's 64 px / 20-iteration registration): 0.556, 0.704, 0.846. At w = 0.6 the warped
+    # mask's soft leading edge (linear interpolation) is pulled below 0.5 by the stale network's
+    # 0 there, so it lags behind the registration alone.
     assert scores[0.0] < 0.6
-    assert scores[0.6] > scores[0.0] + 0.15
-    assert scores[1.0] > 0.9
+    assert scores[0.6] > scores[0.0] + 0.1
+    assert scores[1.0] > scores[0.6] + 0.1 and scores[1.0] > 0.8
 
 
 def test_the_network_decides_where_the_object_ends():
@@ -174,6 +176,19 @@ def test_weight_out_of_range_is_refused_and_memory_bank_stays_network_only():
         PAMPredictor(model, registration_weight=1.5)
     assert PAMPredictor(model).registration_weight == 0.5
     assert MemoryPAMPredictor(model).registration_weight == 0.0
+
+
+def test_registration_settings_come_from_the_checkpoint():
+    img, truth = sliding_square()
+    p = StaleNetwork(0.5)
+    p.begin(img, 0, truth[0])
+    assert (p.registration.max_side, p.registration.iterations) == (64, 20)  # the format's defaults
+    p.model.inference = InferenceParams(registration_weight=0.5, registration_max_side=32, registration_iterations=5)
+    p.begin(img, 0, truth[0])
+    assert (p.registration.max_side, p.registration.iterations) == (32, 5)
+    p.registration_options = {"iterations": 7}  # scripts/validate.py's override
+    p.begin(img, 0, truth[0])
+    assert (p.registration.max_side, p.registration.iterations) == (32, 7)
 
 
 def test_registration_weight_round_trips_and_old_headers_mean_zero():
