@@ -240,3 +240,36 @@ def test_evaluate_script_end_to_end(tmp_path, capsys):
     (out / "summary.md").write_text((out / "summary.md").read_text().split("\n\n### ")[0])
     assert script.main(["--from-csv", "--out", str(out), "--no-figure"]) == 0
     assert (out / "summary.md").read_text() == md
+
+
+def test_merge_eval_renames_a_method_in_one_input(tmp_path, monkeypatch):
+    """scripts/merge_eval.py PATH::OLD=NEW: the same weights run with other inference parameters
+    show up beside the current run (pam, ci@pam and scratch@pam renamed; ci untouched); a
+    malformed rename is one clear error."""
+    import csv
+    import subprocess
+    import sys
+
+    def write(path, methods):
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["case", "group", "structure", "method", "protocol", "position",
+                                              "round", "dice"])
+            w.writeheader()
+            for m in methods:
+                w.writerow(dict(case="c", group="g", structure="s", method=m, protocol="single", position=0.5,
+                                round=0, dice=0.5))
+    write(tmp_path / "new.csv", ["pam"])
+    write(tmp_path / "old.csv", ["pam", "ci@pam", "scratch@pam", "ci"])
+    spec = importlib.util.spec_from_file_location("pam_merge_eval", REPO / "scripts" / "merge_eval.py")
+    merge = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(merge)
+    seen = {}
+    monkeypatch.setattr(merge.ev, "write_csv",
+                        lambda rows, path: seen.setdefault("methods", sorted(r["method"] for r in rows)))
+    monkeypatch.setattr(merge.subprocess, "call", lambda *a, **k: 0)  # the summary rebuild: evaluate.py's job
+    assert merge.main(["--out", str(tmp_path / "m"), str(tmp_path / "new.csv"),
+                       f"{tmp_path / 'old.csv'}::pam=pam-net"]) == 0
+    assert seen["methods"] == ["ci", "ci@pam-net", "pam", "pam-net", "scratch@pam-net"]
+    bad = subprocess.run([sys.executable, str(REPO / "scripts" / "merge_eval.py"), "--out", str(tmp_path / "b"),
+                          f"{tmp_path / 'old.csv'}::pam"], capture_output=True, text=True)
+    assert bad.returncode == 1 and "expected PATH::OLD=NEW to rename a method" in bad.stderr

@@ -3,6 +3,12 @@
 
     python scripts/merge_eval.py --out runs/eval_final runs/eval_r2/*/results.csv runs/eval_baselines/results.csv
 
+An input written ``PATH::OLD=NEW`` has its method OLD renamed NEW (also ``ci@OLD``/``scratch@OLD``),
+e.g. to show a run of the same weights with other inference parameters beside the current one:
+
+    python scripts/merge_eval.py --out docs/evaluation runs/eval_r9/*/results.csv \
+        runs/eval_r5/main/results.csv::pam=pam-net ... runs/eval_baselines/results.csv
+
 Rows are kept only for (case, structure, protocol) combinations that every method in the merge
 was evaluated on, so each table compares methods on the same structures. The summary and figure
 are then rebuilt with ``scripts/evaluate.py --from-csv``.
@@ -23,12 +29,18 @@ from PAMSegmentLib import evaluation as ev  # noqa: E402
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("inputs", nargs="+", type=Path)
+    ap.add_argument("inputs", nargs="+", help="results.csv files, each optionally PATH::OLD=NEW")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     rows, seen = [], set()
-    for path in args.inputs:
-        for r in ev.read_csv(path):
+    for given in args.inputs:
+        path, _, rename = given.partition("::")
+        old, eq, new = rename.partition("=")
+        if rename and (not eq or not old or not new):
+            raise SystemExit(f"error: expected PATH::OLD=NEW to rename a method, got {given!r}")
+        for r in ev.read_csv(Path(path)):
+            if rename and r["method"].split("@")[-1] == old:
+                r["method"] = r["method"][: -len(old)] + new
             # The same run can appear in several inputs (every run also scores the 50 % prompt): keep the first.
             key = (r["case"], r["structure"], r["method"], r["protocol"], r["position"], r["round"])
             if key not in seen:
