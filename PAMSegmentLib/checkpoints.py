@@ -66,7 +66,7 @@ class InferenceParams:
     # (coarser and shorter than the `track` baseline's 128 px / 40: the fusion runs it on every
     # predicted slice, and the network refines the boundary; see the README's ablations).
     registration_max_side: int = 64
-    registration_iterations: int = 20
+    registration_iterations: int = 10
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)

@@ -90,9 +90,10 @@ def test_weight_one_carries_the_mask_slice_by_slice():
     p.begin(img, 0, truth[0])
     out = p.predict(img, 0, truth[0], [1, 2, 3, 4])
     np.testing.assert_allclose(out.prob, _expected_chain(p, img, 0, truth[0], [1, 2, 3, 4], 1.0), atol=1e-5)
-    # ... and that chain follows the square 8 px away from the guide.
-    assert dice(out.prob[3] >= 0.5, truth[4]) > 0.85
-    assert dice(truth[0], truth[4]) < 0.6  # what the stale network alone would score
+    # ... and that chain follows the square 8 px away from the guide (measured 0.741 with the
+    # format's 10 iterations; a uniform square gives demons little to pull on inside it).
+    assert dice(out.prob[3] >= 0.5, truth[4]) > 0.7
+    assert dice(truth[0], truth[4]) < 0.56  # what the stale network alone would score (0.556)
 
 
 def test_registrations_run_beside_the_network_and_give_the_same_result_in_any_number_of_threads():
@@ -141,12 +142,12 @@ def test_fusion_follows_motion_the_network_misses_through_the_engine():
         assert np.array_equal(res.mask[8] > 0, truth[8])  # the drawn slice is kept exactly
     # The stale copy drifts off the square (slices 0 and 15 are 14-16 px away from slice 8);
     # the more weight on the registration, the closer the walk follows it. Measured (seed 0, the
-    # format's 64 px / 20-iteration registration): 0.556, 0.704, 0.846. At w = 0.6 the warped
+    # format's 64 px / 10-iteration registration): 0.556, 0.654, 0.730. At w = 0.6 the warped
     # mask's soft leading edge (linear interpolation) is pulled below 0.5 by the stale network's
     # 0 there, so it lags behind the registration alone.
     assert scores[0.0] < 0.6
-    assert scores[0.6] > scores[0.0] + 0.1
-    assert scores[1.0] > scores[0.6] + 0.1 and scores[1.0] > 0.8
+    assert scores[0.6] > scores[0.0] + 0.06
+    assert scores[1.0] > scores[0.6] + 0.04 and scores[1.0] > 0.68
 
 
 def test_the_network_decides_where_the_object_ends():
@@ -182,7 +183,7 @@ def test_registration_settings_come_from_the_checkpoint():
     img, truth = sliding_square()
     p = StaleNetwork(0.5)
     p.begin(img, 0, truth[0])
-    assert (p.registration.max_side, p.registration.iterations) == (64, 20)  # the format's defaults
+    assert (p.registration.max_side, p.registration.iterations) == (64, 10)  # the format's defaults
     p.model.inference = InferenceParams(registration_weight=0.5, registration_max_side=32, registration_iterations=5)
     p.begin(img, 0, truth[0])
     assert (p.registration.max_side, p.registration.iterations) == (32, 5)
