@@ -181,7 +181,7 @@ def add_propagate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=sorted(METHODS), default="pam", help="what predicts the slices (default: pam)")
     p.add_argument("--registration-weight", type=_unit_interval, metavar="W",
                    help="pam: weight of the demons-registration fusion, 0 = the network alone as in the official "
-                        "PAM (default: the checkpoint's; 0.6 for the shipped weights, 0 for the official checkpoint)")
+                        "PAM (default: the checkpoint's; 0.5 for the shipped weights, 0 for the official checkpoint)")
     p.add_argument("--label", type=_positive_int, nargs="+", metavar="N",
                    help="propagate only these prompt labels (default: every label in the prompt)")
     p.add_argument("--axis", type=int, choices=(0, 1, 2),
