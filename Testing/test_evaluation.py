@@ -273,3 +273,20 @@ def test_merge_eval_renames_a_method_in_one_input(tmp_path, monkeypatch):
     bad = subprocess.run([sys.executable, str(REPO / "scripts" / "merge_eval.py"), "--out", str(tmp_path / "b"),
                           f"{tmp_path / 'old.csv'}::pam"], capture_output=True, text=True)
     assert bad.returncode == 1 and "expected PATH::OLD=NEW to rename a method" in bad.stderr
+
+
+def test_validate_configs_parse_to_predictor_settings():
+    """scripts/validate.py: every option of a config reaches the predictor; a typo is an error,
+    not a silent plain `pam` run."""
+    spec = importlib.util.spec_from_file_location("pam_validate_script", REPO / "scripts" / "validate.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.parse_config("pam") == {}
+    assert script.parse_config("window15") == {"window_mm": 15.0}
+    assert script.parse_config("pam+reg0.5+regside64+regit10+thr0.4+fb0.7+gate") == {
+        "registration_weight": 0.5, "registration_options": {"max_side": 64, "iterations": 10},
+        "threshold": 0.4, "consistency_min_dice": 0.7, "gate": True}
+    with pytest.raises(SystemExit, match="unknown option 'rge0.5' in config 'pam\\+rge0.5'"):
+        script.parse_config("pam+rge0.5")
+    with pytest.raises(SystemExit, match="unknown config 'pma'"):
+        script.parse_config("pma")

@@ -30,6 +30,39 @@ from PAMSegmentLib.propagate import propagate  # noqa: E402
 CASES = ("ts_ct", "ts_ct_dicom", "tptbox_ct_vert")
 
 
+def parse_config(config: str) -> dict:
+    """``pam[+OPTION...]`` or ``windowMM`` -> the PAMPredictor settings it names (``track`` is
+    handled by the caller). Options: ``gate``, ``fbD`` (forward-backward check, min Dice D),
+    ``thrT`` (mask threshold), ``regW`` (registration weight; ``reg0`` = network only),
+    ``regsideN`` / ``regitN`` (its grid size in px and iterations). Unknown options are an error."""
+    if config.startswith("window"):
+        return {"window_mm": float(config[len("window"):])}
+    head, *tokens = config.split("+")
+    if head != "pam":
+        raise SystemExit(f"error: unknown config {config!r}; expected pam[+option...], windowMM or track")
+    opts: dict = {}
+    for t in tokens:
+        try:
+            if t == "gate":
+                opts["gate"] = True
+            elif t.startswith("fb"):
+                opts["consistency_min_dice"] = float(t[2:])
+            elif t.startswith("thr"):
+                opts["threshold"] = float(t[3:])
+            elif t.startswith("regside"):
+                opts.setdefault("registration_options", {})["max_side"] = int(t[7:])
+            elif t.startswith("regit"):
+                opts.setdefault("registration_options", {})["iterations"] = int(t[5:])
+            elif t.startswith("reg"):
+                opts["registration_weight"] = float(t[3:])
+            else:
+                raise ValueError(t)
+        except ValueError:
+            raise SystemExit(f"error: unknown option {t!r} in config {config!r}; options: gate, fbD, thrT, "
+                             "regW, regsideN, regitN") from None
+    return opts
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint")
@@ -44,6 +77,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", default=",".join(CASES),
                     help=f"comma-separated training cases (default {','.join(CASES)})")
     args = ap.parse_args(argv)
+    for c in args.configs.split(","):  # a typo fails here, before any case is read
+        if c != "track":
+            parse_config(c)
     import torch
 
     torch.set_num_threads(1)
@@ -80,23 +116,13 @@ def main(argv=None) -> int:
             if c == "track":
                 predictor = get_predictor("track")
             else:
-                tokens = c.split("+")[1:]
-                reg = next((float(t[3:]) for t in tokens if t.startswith("reg") and t[3:4].isdigit()), None)
-                predictor = PAMPredictor(model, intensity_gate="gate" in tokens, registration_weight=reg)
-                # pam+reg0.6+regside64+regit20: the fusion's registration grid (px) and iterations.
-                options = {}
-                for t in tokens:
-                    if t.startswith("regside"):
-                        options["max_side"] = int(t[len("regside"):])
-                    elif t.startswith("regit"):
-                        options["iterations"] = int(t[len("regit"):])
-                predictor.registration_options = options
-                if c.startswith("window"):
-                    predictor.window_mm = float(c[len("window"):])
-                if "+thr" in c:  # pam+thr0.4: mask threshold on the fused probability
-                    predictor.threshold = float(c.split("+thr")[1].split("+")[0])
-                if "+fb" in c:  # pam+fb0.5: forward-backward check with that minimum Dice
-                    predictor.consistency_min_dice = float(c.split("+fb")[1])
+                opts = parse_config(c)
+                predictor = PAMPredictor(model, intensity_gate=opts.get("gate", False),
+                                         registration_weight=opts.get("registration_weight"))
+                predictor.registration_options = opts.get("registration_options", {})
+                for name in ("window_mm", "threshold", "consistency_min_dice"):
+                    if name in opts:
+                        setattr(predictor, name, opts[name])
             res = propagate(case.image, prompt, case.spacing, predictor, axis=0)
             scores[c].append(dice(res.mask > 0, ref))
         if args.per_structure:
