@@ -105,8 +105,10 @@ class PAMPredictor(SlicePredictor):
         plan = self._registration_plan(int(guide_index), guide_mask, queries) if self.registration else None
         if plan is None:
             return self._predict_network(volume, guide_index, guide_mask, queries)
+        # Each slice is smoothed and windowed once, though a chain uses it as fixed and as moving.
+        prepared = {k: self._prepared(volume, plan.crop, k) for pair in plan.pairs for k in pair}
         with ThreadPoolExecutor(max_workers=max(int(self.registration_workers), 1)) as pool:
-            futures = [pool.submit(self._register, volume, plan.crop, f, m) for f, m in plan.pairs]
+            futures = [pool.submit(self.registration.register, prepared[f], prepared[m]) for f, m in plan.pairs]
             out = self._predict_network(volume, guide_index, guide_mask, queries)
             transforms = [f.result() for f in futures]
         return self._fuse(out, plan, transforms, int(guide_index), queries)
@@ -137,19 +139,16 @@ class PAMPredictor(SlicePredictor):
         previous = [start_index] + queries[:-1]
         return _RegistrationPlan(crop, list(zip(queries, previous)), True, start)
 
-    def _register(self, volume, crop, fixed_index, moving_index):
+    def _prepared(self, volume, crop, index) -> np.ndarray:
+        """A slice's crop as the registration sees it: smoothed, in PAM's window, scaled to [0, 1]."""
         low, high = self.window.low, self.window.high
-
-        def prepared(index):
-            arr = _smoothed(volume[index][crop])
-            return np.clip((arr - low) / max(high - low, 1e-6), 0.0, 1.0).astype(np.float32)
-
-        return self.registration.register(prepared(fixed_index), prepared(moving_index))
+        arr = _smoothed(volume[index][crop])
+        return np.clip((arr - low) / max(high - low, 1e-6), 0.0, 1.0).astype(np.float32)
 
     def _fuse(self, out: SlicePrediction, plan: _RegistrationPlan, transforms, guide_index, queries) -> SlicePrediction:
         w = self.registration_weight
         warp = self.registration.warp
-        prob = np.array(out.prob, dtype=np.float32, copy=True)
+        prob = np.asarray(out.prob, dtype=np.float32)  # the network's fresh output: scaled in place
         prob *= 1.0 - w
         carried = plan.start_mask
         for n, transform in enumerate(transforms):

@@ -121,9 +121,8 @@ def main(argv=None) -> int:
                         for st in card["training_stages"]) + ".",
             f"* **Inference** (in the checkpoint; the CLI, Python API and Slicer use it): window "
             f"{card['inference']['window_mm']:g} mm, presence threshold {card['inference']['presence_threshold']:g}, "
-            f"registration fusion weight {card['inference'].get('registration_weight', 0.0):g} "
-            f"({card['inference'].get('registration_max_side', 64)} px, "
-            f"{card['inference'].get('registration_iterations', 10)} iterations)"
+            f"registration fusion weight {card['inference']['registration_weight']:g} "
+            f"({card['inference']['registration_max_side']} px, {card['inference']['registration_iterations']} iterations)"
             + "".join(f"; set after training: {', '.join(f'{k}={v}' for k, v in c['set'].items())} ({c['reason']})"
                       for c in card["provenance"].get("inference_changes", [])) + ".",
             f"* **Data**: {len(card['data']['training_cases'])} real training cases ("
