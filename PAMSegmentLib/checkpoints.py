@@ -43,6 +43,9 @@ MAX_CHECKPOINT_BYTES = 2 * 1024**3  # the official file is ~320 MB; anything pas
 DEFAULT_MODEL_NAME = "pam_small.pt"
 
 
+GATE_REFERENCES = ("prompt", "guide")
+
+
 @dataclass(frozen=True)
 class InferenceParams:
     """How the engine walks the volume with this network."""
@@ -54,7 +57,11 @@ class InferenceParams:
     presence_threshold: float = 0.5  # used only by networks with a presence head
     min_area_fraction: float = 0.0  # a slice counts as empty below this fraction of the guide's area
     min_area_px: int = 1
-    intensity_gate: bool = False  # also stop when the region's intensity drifts from the prompt's
+    # Also stop where the predicted region's intensity drifts (PAMSegmentLib.baselines.IntensityGate):
+    # against the drawn slice's region ("prompt") or against the region of the window's guide slice
+    # ("guide": tolerates gradual change along an organ, catches a walk that slips into other tissue).
+    intensity_gate: bool = False
+    intensity_gate_reference: str = "prompt"
     # Forward-backward check of each window (0 = off): predicting the guide back from a predicted
     # slice must give at least this Dice with the guide's mask, else the walk drifted there.
     consistency_min_dice: float = 0.0
@@ -67,6 +74,13 @@ class InferenceParams:
     # predicted slice, and the network refines the boundary; see the README's ablations).
     registration_max_side: int = 64
     registration_iterations: int = 10
+
+    def __post_init__(self):
+        if self.intensity_gate_reference not in GATE_REFERENCES:
+            raise ValueError(f"intensity_gate_reference must be one of {', '.join(GATE_REFERENCES)}, "
+                             f"got {self.intensity_gate_reference!r}")
+        if not 0.0 <= float(self.registration_weight) <= 1.0:
+            raise ValueError(f"registration_weight must be within [0, 1], got {self.registration_weight}")
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)

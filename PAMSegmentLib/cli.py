@@ -75,6 +75,10 @@ def _pam_method(args: argparse.Namespace) -> Any:
     weight = getattr(args, "registration_weight", None)
     if weight is not None:
         model.inference = replace(model.inference, registration_weight=weight)
+    gate = getattr(args, "intensity_gate", None)
+    if gate is not None:
+        model.inference = (replace(model.inference, intensity_gate=False) if gate == "off" else
+                           replace(model.inference, intensity_gate=True, intensity_gate_reference=gate))
     return model
 
 
@@ -182,6 +186,10 @@ def add_propagate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--registration-weight", type=_unit_interval, metavar="W",
                    help="pam: weight of the demons-registration fusion, 0 = the network alone as in the official "
                         "PAM (default: the checkpoint's; 0.5 for the shipped weights, 0 for the official checkpoint)")
+    p.add_argument("--intensity-gate", choices=("off", "prompt", "guide"),
+                   help="pam: also end the walk where the predicted region's intensity drifts from the drawn "
+                        "slice's region (prompt) or from the region of the slice it was predicted from (guide) "
+                        "(default: the checkpoint's; guide for the shipped weights, off for the official checkpoint)")
     p.add_argument("--label", type=_positive_int, nargs="+", metavar="N",
                    help="propagate only these prompt labels (default: every label in the prompt)")
     p.add_argument("--axis", type=int, choices=(0, 1, 2),
@@ -250,6 +258,8 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.registration_weight is not None and args.method != "pam":
         raise InputError(f"--registration-weight is an option of --method pam, not {args.method}; drop it")
+    if args.intensity_gate is not None and args.method != "pam":
+        raise InputError(f"--intensity-gate is an option of --method pam, not {args.method}; drop it")
     _check_output_path(args.output, [args.image, args.prompt])
 
     from .volumes import read_labelmap, read_volume, write_labelmap

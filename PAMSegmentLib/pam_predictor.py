@@ -15,6 +15,7 @@ from scipy import ndimage
 
 from .network import fuse_scales
 from .preprocess import IntensityWindow, crop_box_for_mask, crop_slices, intensity_window, uncrop_probability
+from .checkpoints import GATE_REFERENCES
 from .propagate import SlicePrediction, SlicePredictor
 
 __all__ = ["PAMPredictor", "MemoryPAMPredictor"]
@@ -53,14 +54,20 @@ class PAMPredictor(SlicePredictor):
     registration_options: dict = {}
     registration_workers: int = 2
 
-    def __init__(self, model, intensity_gate: bool | None = None, registration_weight: float | None = None):
+    def __init__(self, model, intensity_gate: bool | None = None, registration_weight: float | None = None,
+                 gate_reference: str | None = None):
         self.model = model
-        # The classical drift test (PAMSegmentLib.baselines.IntensityGate) on top of the network's
-        # own presence: a slice whose predicted region no longer looks like the prompt's intensity
-        # ends the walk. Default: what the checkpoint's inference parameters say.
-        self.intensity_gate = model.inference.intensity_gate if intensity_gate is None else bool(intensity_gate)
-        self.gate = None
         inf = model.inference
+        # The classical drift test (PAMSegmentLib.baselines.IntensityGate) on top of the network's
+        # own presence: a slice whose predicted (fused) region no longer looks like the reference
+        # region's intensity ends the walk. The reference is the drawn slice's region ("prompt") or
+        # the window's guide region ("guide"). Default: what the checkpoint's inference parameters say.
+        self.intensity_gate = inf.intensity_gate if intensity_gate is None else bool(intensity_gate)
+        self.gate_reference = inf.intensity_gate_reference if gate_reference is None else gate_reference
+        if self.gate_reference not in GATE_REFERENCES:
+            raise ValueError(f"gate_reference must be one of {', '.join(GATE_REFERENCES)}, got {self.gate_reference!r}")
+        self.gate = None
+        self._guide_gates: dict = {}
         self.window_mm, self.max_window, self.min_window = inf.window_mm, inf.max_window, inf.min_window
         self.threshold, self.presence_threshold = inf.threshold, inf.presence_threshold
         self.min_area_fraction, self.min_area_px = inf.min_area_fraction, inf.min_area_px
@@ -85,33 +92,62 @@ class PAMPredictor(SlicePredictor):
             inf = self.model.inference
             options = {"max_side": inf.registration_max_side, "iterations": inf.registration_iterations}
             self.registration = TrackPredictor(**{**options, **self.registration_options})
+        self._guide_gates = {}
+        self.gate = None
         if self.intensity_gate:
             from .baselines import IntensityGate
 
             self.gate = IntensityGate.from_prompt(_smoothed(volume[prompt_index]), prompt_mask)
 
-    def _gate_scores(self, volume, query_indices, prob) -> np.ndarray:
+    def _reference_gate(self, volume, guide_index, guide_mask):
+        """The drift test's reference statistics: the prompt's, or the guide region's (cached per guide)."""
+        if self.gate_reference == "prompt":
+            return self.gate
+        from .baselines import IntensityGate
+
+        mask = np.asarray(guide_mask, dtype=bool)
+        key = (int(guide_index), hash(mask.tobytes()))
+        if key not in self._guide_gates:
+            if len(self._guide_gates) >= 4:  # a walk uses at most a few guides at a time
+                self._guide_gates.pop(next(iter(self._guide_gates)))
+            self._guide_gates[key] = IntensityGate.from_prompt(_smoothed(volume[guide_index]), mask) \
+                if mask.any() else self.gate
+        return self._guide_gates[key]
+
+    def _gated(self, volume, guide_index, guide_mask, query_indices, out: SlicePrediction) -> SlicePrediction:
+        """``out`` with its presence lowered to the drift test's score where that is lower."""
+        if self.gate is None:
+            return out
+        gate = self._gate_scores(volume, list(query_indices), out.prob,
+                                 self._reference_gate(volume, guide_index, guide_mask))
+        presence = gate if out.presence is None else np.minimum(out.presence, gate)
+        return SlicePrediction(out.prob, presence)
+
+    def _gate_scores(self, volume, query_indices, prob, reference) -> np.ndarray:
         scores = np.zeros(len(query_indices), dtype=np.float32)
         for n, q in enumerate(query_indices):
             region = prob[n] >= self.threshold
             if region.any():
                 rows, cols = np.flatnonzero(region.any(1)), np.flatnonzero(region.any(0))
                 sl = (slice(max(rows[0] - 2, 0), rows[-1] + 3), slice(max(cols[0] - 2, 0), cols[-1] + 3))
-                scores[n] = self.gate.score(_smoothed(volume[q][sl])[region[sl]])
+                scores[n] = reference.score(_smoothed(volume[q][sl])[region[sl]])
         return scores
 
     def predict(self, volume, guide_index, guide_mask, query_indices):
         queries = [int(q) for q in query_indices]
         plan = self._registration_plan(int(guide_index), guide_mask, queries) if self.registration else None
         if plan is None:
-            return self._predict_network(volume, guide_index, guide_mask, queries)
+            return self._gated(volume, guide_index, guide_mask, queries,
+                               self._predict_network(volume, guide_index, guide_mask, queries))
         # Each slice is smoothed and windowed once, though a chain uses it as fixed and as moving.
         prepared = {k: self._prepared(volume, plan.crop, k) for pair in plan.pairs for k in pair}
         with ThreadPoolExecutor(max_workers=max(int(self.registration_workers), 1)) as pool:
             futures = [pool.submit(self.registration.register, prepared[f], prepared[m]) for f, m in plan.pairs]
             out = self._predict_network(volume, guide_index, guide_mask, queries)
             transforms = [f.result() for f in futures]
-        return self._fuse(out, plan, transforms, int(guide_index), queries)
+        # The drift test looks at the fused region: the mask the walk actually carries on.
+        return self._gated(volume, guide_index, guide_mask, queries,
+                           self._fuse(out, plan, transforms, int(guide_index), queries))
 
     def _registration_plan(self, guide_index, guide_mask, queries) -> _RegistrationPlan | None:
         from .baselines import _crop_around
@@ -182,11 +218,7 @@ class PAMPredictor(SlicePredictor):
         out = stage.decode_queries(queries[None], keys, values, g_mask)
         prob = fuse_scales(out.logits, size).float().cpu()
         presence = torch.sigmoid(out.presence).float().cpu().numpy() if out.presence is not None else None
-        full = uncrop_probability(prob, box, volume.shape[1:])
-        if self.gate is not None:
-            gate = self._gate_scores(volume, list(query_indices), full)
-            presence = gate if presence is None else np.minimum(presence, gate)
-        return SlicePrediction(full, presence)
+        return SlicePrediction(uncrop_probability(prob, box, volume.shape[1:]), presence)
 
 
 class MemoryPAMPredictor(PAMPredictor):
@@ -242,4 +274,4 @@ class MemoryPAMPredictor(PAMPredictor):
                     pres = pres + w_other * o.presence
             out = SlicePrediction(prob, pres)
         self._predicted.update(int(q) for q in query_indices)
-        return out
+        return self._gated(volume, current[0], current[1], query_indices, out)

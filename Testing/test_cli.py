@@ -347,3 +347,27 @@ def test_registration_weight_option_overrides_the_checkpoint(ct_case, small_chec
         cli.main(base + ["--registration-weight", "1.5"])
     assert exc.value.code == 2
     assert "expected a number from 0 to 1, got '1.5'" in capsys.readouterr().err
+
+
+def test_intensity_gate_option_overrides_the_checkpoint(ct_case, small_checkpoint, monkeypatch, capsys):
+    """--intensity-gate off|prompt|guide reaches the model the engine gets; only --method pam takes it."""
+    from PAMSegmentLib import propagate as engine
+
+    seen = []
+    real = engine.propagate
+
+    def spy(image, prompt, spacing, model, **kwargs):
+        seen.append((model.inference.intensity_gate, model.inference.intensity_gate_reference))
+        return real(image, prompt, spacing, model, **kwargs)
+
+    monkeypatch.setattr(engine, "propagate", spy)
+    out = ct_case.directory / "gated.nii.gz"
+    base = ["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out),
+            "--checkpoint", str(small_checkpoint.path)]
+    assert cli.main(base + ["--intensity-gate", "guide"]) == 0
+    assert cli.main(base + ["--intensity-gate", "prompt"]) == 0
+    assert cli.main(base) == 0  # the test checkpoint's own: off
+    assert seen == [(True, "guide"), (True, "prompt"), (False, "prompt")]
+    capsys.readouterr()
+    assert cli.main(base + ["--method", "copy", "--intensity-gate", "off"]) == 2
+    assert "--intensity-gate is an option of --method pam, not copy" in capsys.readouterr().err

@@ -286,6 +286,8 @@ def test_validate_configs_parse_to_predictor_settings():
     assert script.parse_config("pam+reg0.5+regside64+regit10+thr0.4+fb0.7+gate") == {
         "registration_weight": 0.5, "registration_options": {"max_side": 64, "iterations": 10},
         "threshold": 0.4, "consistency_min_dice": 0.7, "gate": True}
+    assert script.parse_config("pam+gateg") == {"gate": True, "gate_reference": "guide"}
+    assert script.parse_config("pam+nogate+reg0") == {"gate": False, "registration_weight": 0.0}
     with pytest.raises(SystemExit, match="unknown option 'rge0.5' in config 'pam\\+rge0.5'"):
         script.parse_config("pam+rge0.5")
     with pytest.raises(SystemExit, match="unknown config 'pma'"):

@@ -50,7 +50,10 @@ def main(argv=None) -> int:
     model = load_checkpoint_file(args.checkpoint)
     if model.kind != "pamsegment":
         raise SystemExit("error: only PAMSegment checkpoints carry inference parameters; the official file does not")
-    inference = dataclasses.replace(model.inference, **changes)
+    try:
+        inference = dataclasses.replace(model.inference, **changes)
+    except ValueError as exc:  # a value outside its range: nothing is written
+        raise SystemExit(f"error: {exc}") from None
     provenance = dict(model.provenance)
     provenance["inference_changes"] = list(provenance.get("inference_changes", [])) + [
         {"set": changes, "before": {k: getattr(model.inference, k) for k in changes}, "reason": args.reason}]

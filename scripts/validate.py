@@ -32,7 +32,8 @@ CASES = ("ts_ct", "ts_ct_dicom", "tptbox_ct_vert")
 
 def parse_config(config: str) -> dict:
     """``pam[+OPTION...]`` or ``windowMM`` -> the PAMPredictor settings it names (``track`` is
-    handled by the caller). Options: ``gate``, ``fbD`` (forward-backward check, min Dice D),
+    handled by the caller). Options: ``gate`` (intensity drift test against the drawn slice),
+    ``gateg`` (against the window's guide), ``nogate`` (no drift test), ``fbD`` (forward-backward check, min Dice D),
     ``thrT`` (mask threshold), ``regW`` (registration weight; ``reg0`` = network only),
     ``regsideN`` / ``regitN`` (its grid size in px and iterations). Unknown options are an error."""
     if config.startswith("window"):
@@ -45,6 +46,10 @@ def parse_config(config: str) -> dict:
         try:
             if t == "gate":
                 opts["gate"] = True
+            elif t == "gateg":  # the drift test against the window's guide region
+                opts["gate"], opts["gate_reference"] = True, "guide"
+            elif t == "nogate":
+                opts["gate"] = False
             elif t.startswith("fb"):
                 opts["consistency_min_dice"] = float(t[2:])
             elif t.startswith("thr"):
@@ -58,7 +63,7 @@ def parse_config(config: str) -> dict:
             else:
                 raise ValueError(t)
         except ValueError:
-            raise SystemExit(f"error: unknown option {t!r} in config {config!r}; options: gate, fbD, thrT, "
+            raise SystemExit(f"error: unknown option {t!r} in config {config!r}; options: gate, gateg, nogate, fbD, thrT, "
                              "regW, regsideN, regitN") from None
     return opts
 
@@ -67,7 +72,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint")
     ap.add_argument("--configs", default="pam",
-                    help="comma-separated: pam, pam+gate, pam+fbD (forward-backward check, min Dice D), "
+                    help="comma-separated: pam, pam+gate, pam+gateg (drift test against the window's guide), pam+nogate, pam+fbD (forward-backward check, min Dice D), "
                          "pam+thrT (mask threshold T), pam+regW (registration weight W; pam+reg0 = network only; "
                          "+regsideN/+regitN: its grid size and iterations), "
                          "windowMM, track")
@@ -117,8 +122,10 @@ def main(argv=None) -> int:
                 predictor = get_predictor("track")
             else:
                 opts = parse_config(c)
-                predictor = PAMPredictor(model, intensity_gate=opts.get("gate", False),
-                                         registration_weight=opts.get("registration_weight"))
+                # Options not named keep the checkpoint's inference parameters.
+                predictor = PAMPredictor(model, intensity_gate=opts.get("gate"),
+                                         registration_weight=opts.get("registration_weight"),
+                                         gate_reference=opts.get("gate_reference", "prompt" if "gate" in opts else None))
                 predictor.registration_options = opts.get("registration_options", {})
                 for name in ("window_mm", "threshold", "consistency_min_dice"):
                     if name in opts:

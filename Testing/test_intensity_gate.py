@@ -1,0 +1,175 @@
+"""The intensity drift test on PAM's walk (``InferenceParams.intensity_gate``): where the
+predicted region's intensity no longer looks like the reference region's, the walk ends.
+
+The reference is the drawn slice's region (``prompt``) or the region of the window's guide slice
+(``guide``, the shipped setting). Network doubles (``StaleNetwork``: copies the guide's mask with
+presence 1, so it never stops by itself) make the gate the only thing that can end a walk.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from PAMSegmentLib.checkpoints import InferenceParams, load_checkpoint_file, save_checkpoint
+from PAMSegmentLib.errors import CheckpointError
+from PAMSegmentLib.network import PAMConfig, PAMNetwork
+from PAMSegmentLib.pam_predictor import PAMPredictor
+from PAMSegmentLib.preprocess import PreprocessingParams
+from PAMSegmentLib.propagate import SlicePrediction, propagate
+from test_registration_fusion import StaleNetwork
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = PAMConfig(name="tiny", input_size=32, n_stages=3, base_features=4, max_features=8, n_attention_stages=1)
+
+
+def gated(weight: float, reference: str | None) -> StaleNetwork:
+    p = StaleNetwork(weight)  # window of 4 slices
+    p.intensity_gate = reference is not None
+    p.gate_reference = reference or "prompt"
+    return p
+
+
+def object_extent(mask: np.ndarray) -> tuple[int, int]:
+    k = np.flatnonzero(mask.any(axis=(1, 2)))
+    return int(k[0]), int(k[-1])
+
+
+def slip_volume(n: int = 20, seed: int = 0):
+    """A bright square (0.8) on slices 0-9; at the same place on slices 10-19 a darker tissue
+    (0.35) that a walk copying the mask would carry on into. Background 0.1, noise SD 0.02."""
+    rng = np.random.default_rng(seed)
+    region = np.zeros((n, 64, 64), bool)
+    region[:, 20:40, 20:40] = True
+    img = np.full(region.shape, 0.1, np.float32)
+    img[:10][region[:10]] = 0.8
+    img[10:][region[10:]] = 0.35
+    img += rng.normal(0, 0.02, img.shape).astype(np.float32)
+    truth = region.copy()
+    truth[10:] = False
+    return img, truth
+
+
+def ramp_volume(step: float, n: int = 24, seed: int = 0):
+    """One square on every slice whose intensity rises by ``step`` per slice (0.5 at slice 0):
+    the same object, gradually changing, as along an organ with a contrast gradient."""
+    rng = np.random.default_rng(seed)
+    truth = np.zeros((n, 64, 64), bool)
+    truth[:, 20:40, 20:40] = True
+    img = np.full(truth.shape, 0.1, np.float32)
+    for k in range(n):
+        img[k][truth[k]] = 0.5 + step * k
+    img += rng.normal(0, 0.02, img.shape).astype(np.float32)
+    return img, truth
+
+
+def prompt_on(truth: np.ndarray, k: int) -> np.ndarray:
+    prompt = np.zeros(truth.shape, np.uint8)
+    prompt[k] = truth[k]
+    return prompt
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.5])
+def test_guide_gate_ends_a_walk_that_slips_into_other_tissue(weight):
+    img, truth = slip_volume()
+    prompt = prompt_on(truth, 5)
+    free = propagate(img, prompt, (1.0, 1.0, 1.0), gated(weight, None), axis=0)
+    assert object_extent(free.mask) == (0, 19)  # nothing stops the copying network
+    res = propagate(img, prompt, (1.0, 1.0, 1.0), gated(weight, "guide"), axis=0)
+    assert object_extent(res.mask) == (0, 9)  # it ends exactly where the tissue changes
+    assert np.array_equal(res.mask > 0, truth)
+
+
+def test_guide_gate_follows_gradual_change_where_the_prompt_gate_stops():
+    """0.004 per slice: within a 4-slice window the region hardly changes, but after 9 slices it
+    is 0.036 brighter than the drawn slice, beyond the prompt's tolerance (2 robust SDs)."""
+    img, truth = ramp_volume(0.004)
+    prompt = prompt_on(truth, 0)
+    by_prompt = propagate(img, prompt, (1.0, 1.0, 1.0), gated(0.0, "prompt"), axis=0)
+    by_guide = propagate(img, prompt, (1.0, 1.0, 1.0), gated(0.0, "guide"), axis=0)
+    assert object_extent(by_prompt.mask) == (0, 8)
+    assert object_extent(by_guide.mask) == (0, 23)
+    assert np.array_equal(by_guide.mask > 0, truth)
+
+
+class EmptyNetwork(StaleNetwork):
+    """A network double that sees nothing (probability 0) yet says the object is present."""
+
+    def _predict_network(self, volume, guide_index, guide_mask, query_indices):
+        n = len(query_indices)
+        return SlicePrediction(np.zeros((n,) + volume.shape[1:], np.float32), np.ones(n, np.float32))
+
+
+def test_gate_scores_the_fused_region_not_the_networks():
+    """With w = 1 the fused mask is the registration's alone: the gate must look at that region
+    (the object, so the walk goes on to the end), not at the network's empty one (score 0)."""
+    img, truth = ramp_volume(0.0, n=10)
+    p = EmptyNetwork(1.0)
+    p.intensity_gate, p.gate_reference = True, "guide"
+    res = propagate(img, prompt_on(truth, 0), (1.0, 1.0, 1.0), p, axis=0)
+    assert object_extent(res.mask) == (0, 9)
+    assert (res.mask[1:] > 0).sum() >= 0.95 * truth[1:].sum()
+
+
+def test_gate_lowers_presence_only_where_it_is_lower():
+    img, truth = slip_volume()
+    p = gated(0.0, "guide")
+    p.begin(img, 5, truth[5])
+    out = p.predict(img, 5, truth[5], [6, 7, 10, 11])
+    assert out.presence[:2].min() > 0.9  # the same tissue as the guide: the score stays near 1
+    assert out.presence[2:].max() < 0.5  # the darker tissue: below the presence threshold
+    p.intensity_gate = False
+    p.begin(img, 5, truth[5])
+    assert p.predict(img, 5, truth[5], [6, 7, 10, 11]).presence.tolist() == [1.0] * 4  # the network's own
+
+
+def test_bad_gate_reference_is_refused():
+    with pytest.raises(ValueError, match="intensity_gate_reference must be one of prompt, guide, got 'slice'"):
+        InferenceParams(intensity_gate_reference="slice")
+    with pytest.raises(ValueError, match="registration_weight must be within"):
+        InferenceParams(registration_weight=1.5)
+    with pytest.raises(ValueError, match="gate_reference must be one of prompt, guide"):
+        PAMPredictor(StaleNetwork(0.0).model, gate_reference="first")
+
+
+def test_checkpoint_with_a_bad_gate_reference_is_a_clear_error(tmp_path):
+    net = PAMNetwork(TINY)
+    path = tmp_path / "bad.pt"
+    save_checkpoint(path, net, PreprocessingParams(input_size=32), InferenceParams())
+    obj = torch.load(path, weights_only=True)
+    obj["inference"]["intensity_gate_reference"] = "elsewhere"
+    torch.save(obj, path)
+    with pytest.raises(CheckpointError, match="invalid header: intensity_gate_reference must be one of"):
+        load_checkpoint_file(path)
+
+
+def test_set_inference_params_refuses_out_of_range_values(tmp_path):
+    net = PAMNetwork(TINY)
+    src, out = tmp_path / "in.pt", tmp_path / "out.pt"
+    save_checkpoint(src, net, PreprocessingParams(input_size=32), InferenceParams())
+    for assignment, message in [("registration_weight=2", "registration_weight must be within [0, 1], got 2.0"),
+                                ("intensity_gate_reference=slice", "intensity_gate_reference must be one of")]:
+        run = subprocess.run([sys.executable, str(ROOT / "scripts" / "set_inference_params.py"), str(src),
+                              "--set", assignment, "--reason", "test", "--out", str(out)],
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode != 0 and message in run.stderr
+        assert not out.exists()  # nothing written
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "set_inference_params.py"), str(src),
+                          "--set", "intensity_gate=true", "--set", "intensity_gate_reference=guide",
+                          "--reason", "test", "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    inf = load_checkpoint_file(out).inference
+    assert (inf.intensity_gate, inf.intensity_gate_reference) == (True, "guide")
+
+
+def test_shipped_settings_reach_the_predictor():
+    model = StaleNetwork(0.0).model
+    model.inference = InferenceParams(intensity_gate=True, intensity_gate_reference="guide")
+    p = PAMPredictor(model)
+    assert (p.intensity_gate, p.gate_reference) == (True, "guide")
+    assert PAMPredictor(model, intensity_gate=False).intensity_gate is False
