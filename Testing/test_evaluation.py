@@ -292,3 +292,43 @@ def test_validate_configs_parse_to_predictor_settings():
         script.parse_config("pam+rge0.5")
     with pytest.raises(SystemExit, match="unknown config 'pma'"):
         script.parse_config("pma")
+
+
+def _record(path, rows, items):
+    fields = ("item", "slice", "side", "presence", "a_net", "a_warp", "a_fused", "a_guide", "a_prompt", "gate",
+              "dice_net_warp", "a_ref", "inter", "a_pred", "gate_guide")
+    full = [[r.get(f, 1.0) for f in fields] for r in rows]
+    np.savez(path, rows=np.array(full, dtype=np.float64), fields=np.array(fields),
+             items=np.array([json.dumps(x) for x in items]))
+
+
+def test_score_stop_rules_truncates_each_side_at_the_first_firing_slice(tmp_path):
+    """scripts/score_stop_rules.py: a rule ends a side at the first slice (walk order) where it
+    fires; that slice and those beyond lose their prediction, the reference still counts."""
+    spec = importlib.util.spec_from_file_location("pam_score_stop", REPO / "scripts" / "score_stop_rules.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    # Drawn slice 5 (10 ref voxels, all hit). Upward: 6 good, 7 a leak that the presence doubts
+    # (0.4), 8 a leak. Downward: 4 good with a low drift score (0.3). 20 ref voxels never reached.
+    rows = [
+        {"item": 0, "slice": 5, "side": 0, "a_ref": 10, "inter": 10, "a_pred": 10},
+        {"item": 0, "slice": 6, "side": 1, "presence": 0.9, "a_ref": 10, "inter": 8, "a_pred": 10},
+        {"item": 0, "slice": 7, "side": 1, "presence": 0.4, "a_ref": 0, "inter": 0, "a_pred": 10},
+        {"item": 0, "slice": 8, "side": 1, "presence": 0.9, "a_ref": 0, "inter": 0, "a_pred": 10},
+        {"item": 0, "slice": 4, "side": -1, "presence": 0.9, "gate_guide": 0.3, "a_ref": 10, "inter": 9,
+         "a_pred": 10},
+    ]
+    path = tmp_path / "rec.npz"
+    _record(path, rows, [["case", "thing", 5, 20, 50]])
+    as_recorded = 2 * (10 + 8 + 9) / (50 + 50)  # pred 50, ref 30 + 20 missed
+    assert script.score(str(path), None)[0] == pytest.approx(as_recorded)
+    assert script.score(str(path), "pres<0.5")[0] == pytest.approx(2 * 27 / (30 + 50))  # 7 and 8 dropped
+    assert script.score(str(path), "gateg<0.5")[0] == pytest.approx(2 * 18 / (40 + 50))  # slice 4 dropped
+    assert script.score(str(path), "pres<0.5|gateg<0.5")[0] == pytest.approx(2 * 18 / (20 + 50))
+    # @2: two consecutive firing slices needed; upward 7 fires, 8 does not -> nothing ends
+    assert script.score(str(path), "pres<0.5@2")[0] == pytest.approx(as_recorded)
+    # Every walked slice below 0.95: upward ends from 6 on; downward slice 4 is the last one
+    # there is, so the run of firing slices reaches the side's end and it is dropped too.
+    assert script.score(str(path), "pres<0.95@2")[0] == pytest.approx(2 * 10 / (10 + 50))
+    with pytest.raises(SystemExit, match="unknown signal 'size'"):
+        script.parse_rule("size<3")

@@ -71,8 +71,8 @@ def rebuild(args) -> int:
     rows = ev.read_csv(out / "results.csv")
     header = f"## Evaluation\n\n(rebuilt from {out / 'results.csv'}, {len(rows)} rows)"
     old = out / "summary.md"
-    if old.exists() and old.read_text().startswith("## Evaluation"):
-        header = old.read_text().split("\n\n### ")[0]  # keep the command line of the run
+    if old.exists() and old.read_text().startswith("## Evaluation") and "(rebuilt from " not in old.read_text()[:200]:
+        header = old.read_text().split("\n\n### ")[0]  # keep the command line of the run (not a stale row count)
     (out / "summary.md").write_text(ev.summary_markdown(rows, header=header))
     if not args.no_figure:
         make_figure(rows, None, out / "figure.png")

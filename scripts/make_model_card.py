@@ -122,7 +122,9 @@ def main(argv=None) -> int:
             f"* **Inference** (in the checkpoint; the CLI, Python API and Slicer use it): window "
             f"{card['inference']['window_mm']:g} mm, presence threshold {card['inference']['presence_threshold']:g}, "
             f"registration fusion weight {card['inference']['registration_weight']:g} "
-            f"({card['inference']['registration_max_side']} px, {card['inference']['registration_iterations']} iterations)"
+            f"({card['inference']['registration_max_side']} px, {card['inference']['registration_iterations']} iterations), "
+            + (f"intensity drift test against the {card['inference']['intensity_gate_reference']} region"
+               if card["inference"]["intensity_gate"] else "no intensity drift test")
             + "".join(f"; set after training: {', '.join(f'{k}={v}' for k, v in c['set'].items())} ({c['reason']})"
                       for c in card["provenance"].get("inference_changes", [])) + ".",
             f"* **Data**: {len(card['data']['training_cases'])} real training cases ("

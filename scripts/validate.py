@@ -6,7 +6,8 @@ options and checkpoints.
 
 24 structures (seed 0) of ts_ct, ts_ct_dicom and tptbox_ct_vert listed as training labels in
 scripts/split.json, with >= 500 voxels over >= 5 slices; prompt = reference on the middle slice
-of the extent along axis 0; prints the mean 3D Dice per configuration.
+of the extent along axis 0 (``--keyframes``: at 25 % and 75 %); prints the mean 3D Dice per
+configuration.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from PAMSegmentLib.baselines import get_predictor  # noqa: E402
-from PAMSegmentLib.evaluation import load_case  # noqa: E402
+from PAMSegmentLib.evaluation import contour_interpolation, load_case, prompt_from_reference, slice_at  # noqa: E402
 from PAMSegmentLib.metrics import dice  # noqa: E402
 from PAMSegmentLib.propagate import propagate  # noqa: E402
 
@@ -75,15 +76,18 @@ def main(argv=None) -> int:
                     help="comma-separated: pam, pam+gate, pam+gateg (drift test against the window's guide), pam+nogate, pam+fbD (forward-backward check, min Dice D), "
                          "pam+thrT (mask threshold T), pam+regW (registration weight W; pam+reg0 = network only; "
                          "+regsideN/+regitN: its grid size and iterations), "
-                         "windowMM, track")
+                         "windowMM, track, ci (contour interpolation, with --keyframes)")
     ap.add_argument("--cache", default=os.environ.get("PAMSEGMENT_CACHE", str(ROOT / "cache")))
     ap.add_argument("--n", type=int, default=24)
     ap.add_argument("--per-structure", action="store_true", help="also print every structure's Dice")
+    ap.add_argument("--keyframes", action="store_true",
+                    help="prompt = the reference at 25 %% and 75 %% of the extent (two keyframes) instead of the middle "
+                         "slice; config `ci` = contour interpolation of them")
     ap.add_argument("--cases", default=",".join(CASES),
                     help=f"comma-separated training cases (default {','.join(CASES)})")
     args = ap.parse_args(argv)
     for c in args.configs.split(","):  # a typo fails here, before any case is read
-        if c != "track":
+        if c not in ("track", "ci"):
             parse_config(c)
     import torch
 
@@ -113,11 +117,16 @@ def main(argv=None) -> int:
     for cid, lab in items:
         case = cases[cid]
         ref = case.labels == lab
-        sl = np.flatnonzero(ref.any(axis=(1, 2)))
-        mid = (sl[0] + sl[-1]) // 2
-        prompt = np.zeros(ref.shape, np.uint8)
-        prompt[mid] = ref[mid]
+        if args.keyframes:  # the evaluation's keyframe protocol: reference at 25 % and 75 % of the extent
+            drawn = sorted({slice_at(ref, 0.25), slice_at(ref, 0.75)})
+        else:
+            sl = np.flatnonzero(ref.any(axis=(1, 2)))
+            drawn = [(sl[0] + sl[-1]) // 2]
+        prompt = prompt_from_reference(ref, drawn)
         for c in configs:
+            if c == "ci":
+                scores[c].append(dice(contour_interpolation(prompt > 0), ref))
+                continue
             if c == "track":
                 predictor = get_predictor("track")
             else:
