@@ -171,6 +171,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.trackModelRadioButton.connect("toggled(bool)", self.onModelChoiceChanged)
         self.ui.checkpointPathLineEdit.connect("currentPathChanged(QString)", self.onModelChoiceChanged)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self._saveSettings)
+        self.ui.intensityGateCheckBox.connect("toggled(bool)", self._saveSettings)
         self.ui.replaceSegmentRadioButton.connect("toggled(bool)", self._saveSettings)
         self.ui.propagateButton.connect("clicked(bool)", self.onPropagate)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
@@ -211,6 +212,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.trackModelRadioButton.setChecked(useTrack)
         self.ui.defaultModelRadioButton.setChecked(not useFile and not useTrack)
         self.ui.checkpointPathLineEdit.currentPath = settings.value("PAMSegment/CheckpointPath", "")
+        self.ui.intensityGateCheckBox.setChecked(slicer.util.toBool(settings.value("PAMSegment/IntensityGate", True)))
         newSegment = settings.value("PAMSegment/OutputMode", "replace") == "new"
         self.ui.newSegmentRadioButton.setChecked(newSegment)
         self.ui.replaceSegmentRadioButton.setChecked(not newSegment)
@@ -222,6 +224,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         settings.setValue("PAMSegment/Method", self._method())
         settings.setValue("PAMSegment/OutputMode", self._outputMode())
         settings.setValue("PAMSegment/Device", self.ui.deviceComboBox.currentText)
+        settings.setValue("PAMSegment/IntensityGate", self.ui.intensityGateCheckBox.checked)
 
     def _populateDevices(self):
         self._devicesPopulated = True
@@ -252,6 +255,8 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         useFile = self.ui.checkpointModelRadioButton.checked
         self.ui.checkpointPathLineEdit.setEnabled(useFile)
         self.ui.deviceComboBox.setEnabled(not self.ui.trackModelRadioButton.checked)
+        # The tracker has its own drift test (always on); the option is the network's.
+        self.ui.intensityGateCheckBox.setEnabled(not self.ui.trackModelRadioButton.checked)
         self._saveSettings()
         self.updateButtons()
 
@@ -450,7 +455,8 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         volume, segmentation, segmentId = self._inputs()
         error = self._startJob(lambda: self.logic.startPropagation(
             volume, segmentation, segmentId, mode=self._outputMode(), checkpoint=self._checkpoint(),
-            device=self.ui.deviceComboBox.currentText, method=self._method()))
+            device=self.ui.deviceComboBox.currentText, method=self._method(),
+            intensityGate=self.ui.intensityGateCheckBox.checked))
         entry = self._historyEntry()
         if isinstance(error, InputError) and entry is not None:
             # A segment that already holds a PAM result is no prompt; offer the update path instead.
@@ -471,7 +477,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         volume, segmentation, segmentId = self._inputs()
         self._startJob(lambda: self.logic.startUpdate(
             volume, segmentation, segmentId, checkpoint=self._checkpoint(), device=self.ui.deviceComboBox.currentText,
-            method=self._method()))
+            method=self._method(), intensityGate=self.ui.intensityGateCheckBox.checked))
 
     def onUndo(self):
         if self.job is not None and not self.job.done:
@@ -700,11 +706,13 @@ class PAMSegmentLogic(ScriptedLoadableModuleLogic):
         return None, get_predictor(method)
 
     def startPropagation(self, volumeNode, segmentationNode, segmentId, mode="replace", checkpoint=None,
-                         device="cpu", range=None, method="pam"):
+                         device="cpu", range=None, method="pam", intensityGate=None):
         """Copy the inputs out of MRML and start the background job (returns it; poll it, then call
         ``finishPropagation``). Raises InputError for an empty or 3D segment or an unknown method.
         ``method``: "pam" (the network: ``checkpoint`` or the bundled weights) or "track"
-        (slice-to-slice registration, no network)."""
+        (slice-to-slice registration, no network). ``intensityGate`` (network only): True also ends
+        the walk where the region's intensity drifts from the slice it was predicted from, False
+        leaves the stop to the network, None = what the checkpoint says."""
         from PAMSegmentLib.mrml import SegmentPropagation
 
         key, model = self._modelFor(method, checkpoint, device)
@@ -712,11 +720,13 @@ class PAMSegmentLogic(ScriptedLoadableModuleLogic):
         # would still make the views stutter.
         threads = max(1, (os.cpu_count() or 2) - 1)
         job = SegmentPropagation(volumeNode, segmentationNode, segmentId, mode=mode, checkpoint=checkpoint,
-                                 device=device, range=range, model=model, threads=threads)
+                                 device=device, range=range, model=model, threads=threads,
+                                 intensity_gate=intensityGate if method == "pam" else None)
         job.modelKey = key
         return job.start()
 
-    def startUpdate(self, volumeNode, segmentationNode, segmentId, checkpoint=None, device="cpu", method="pam"):
+    def startUpdate(self, volumeNode, segmentationNode, segmentId, checkpoint=None, device="cpu", method="pam",
+                    intensityGate=None):
         """Start "Update from my edits" on a segment this Logic propagated (returns the running job;
         poll it, then call ``finishPropagation``). Raises InputError when there is nothing to update."""
         from PAMSegmentLib.mrml import SegmentUpdate
@@ -724,7 +734,8 @@ class PAMSegmentLogic(ScriptedLoadableModuleLogic):
         key, model = self._modelFor(method, checkpoint, device)
         threads = max(1, (os.cpu_count() or 2) - 1)
         job = SegmentUpdate(volumeNode, segmentationNode, segmentId, self.history, checkpoint=checkpoint,
-                            device=device, model=model, threads=threads)
+                            device=device, model=model, threads=threads,
+                            intensity_gate=intensityGate if method == "pam" else None)
         job.modelKey = key
         return job.start()
 

@@ -281,6 +281,19 @@ def _load_model(checkpoint, device: str):
     return load_model(checkpoint, device=device)
 
 
+def _with_intensity_gate(model, gate: bool | None):
+    """PAM's network with the drift test switched on or off for this job (None: the checkpoint's
+    setting). The loaded model itself is left as it is (the Logic caches it across jobs); other
+    predictors (the classical trackers, which always test drift) are returned unchanged."""
+    if gate is None or not hasattr(model, "inference") or not hasattr(model, "network"):
+        return model
+    from .pam_predictor import PAMPredictor  # noqa: PLC0415
+
+    inf = model.inference
+    reference = inf.intensity_gate_reference if inf.intensity_gate else "guide"
+    return PAMPredictor(model, intensity_gate=gate, gate_reference=reference)
+
+
 def _run_engine(image, prompt, spacing, *, model, device, range, progress, cancel,  # noqa: A002
                 batch_size=16, threads=None, axis=None, previous=None, empty_slices=None):
     """Run PAMSegmentLib.propagate. Runs on the worker thread: arrays in, result out, no MRML.
@@ -313,12 +326,15 @@ class SegmentPropagation:
     for the shipped default weights; ``model`` an already loaded model (then ``checkpoint`` is not
     read); ``device``; ``range`` (first, last) slice along the propagation axis; ``threads`` torch
     CPU threads (None: torch's default; Slicer leaves one core to its GUI); ``cancel`` a CancelToken
-    to share; ``progress`` an extra ``progress(fraction, message)`` listener (called on the worker).
+    to share; ``progress`` an extra ``progress(fraction, message)`` listener (called on the worker);
+    ``intensity_gate`` True/False switches PAM's drift test on/off for this job (None: the
+    checkpoint's setting).
     """
 
     def __init__(self, volume_node, segmentation_node, segment_id: str, *, mode: str = "replace",
                  checkpoint=None, device: str = "cpu", range=None, model=None,  # noqa: A002
-                 batch_size: int = 16, threads: int | None = None, cancel=None, progress=None):
+                 batch_size: int = 16, threads: int | None = None, cancel=None, progress=None,
+                 intensity_gate: bool | None = None):
         if mode not in MODES:
             raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         segment = _segment(segmentation_node, segment_id)
@@ -331,12 +347,12 @@ class SegmentPropagation:
             raise InputError(f'segment "{segment.GetName()}" on volume "{volume_node.GetName()}": {exc}') from None
         self._init_job(volume_node, segmentation_node, segment_id, segment.GetName(), mode=mode,
                        checkpoint=checkpoint, device=device, range=range, model=model, batch_size=batch_size,
-                       threads=threads, cancel=cancel, progress=progress)
+                       threads=threads, cancel=cancel, progress=progress, intensity_gate=intensity_gate)
 
     kind = "propagation"
 
     def _init_job(self, volume_node, segmentation_node, segment_id, segment_name, *, mode, checkpoint, device,
-                  range, model, batch_size, threads, cancel, progress):  # noqa: A002
+                  range, model, batch_size, threads, cancel, progress, intensity_gate=None):  # noqa: A002
         self.volume_node = volume_node
         self.segmentation_node = segmentation_node
         self.segment_id = segment_id
@@ -348,6 +364,7 @@ class SegmentPropagation:
         self.model = model
         self.batch_size = batch_size
         self.threads = threads
+        self.intensity_gate = None if intensity_gate is None else bool(intensity_gate)
 
         from .propagate import CancelToken  # noqa: PLC0415
 
@@ -486,7 +503,8 @@ class SegmentPropagation:
                 raise PropagationCancelled("propagation cancelled; nothing was changed")
             self._message = "propagating"
             self._t_engine = time.perf_counter()
-            result = _run_engine(self.image, self.prompt, self.grid.spacing, model=model, device=self.device,
+            result = _run_engine(self.image, self.prompt, self.grid.spacing,
+                                 model=_with_intensity_gate(model, self.intensity_gate), device=self.device,
                                  range=self.range, progress=self._on_progress, cancel=self._cancel,
                                  batch_size=self.batch_size, threads=self.threads, **self._engine_options())
             if tuple(result.mask.shape) != self.grid.shape:
@@ -1109,7 +1127,7 @@ class SegmentUpdate(SegmentPropagation):
 
     def __init__(self, volume_node, segmentation_node, segment_id: str, history: PropagationHistory, *,
                  checkpoint=None, device: str = "cpu", model=None, batch_size: int = 16,
-                 threads: int | None = None, cancel=None, progress=None):
+                 threads: int | None = None, cancel=None, progress=None, intensity_gate: bool | None = None):
         segment = _segment(segmentation_node, segment_id)
         name = segment.GetName()
         entry = history.get(segmentation_node, segment_id) if history is not None else None
@@ -1151,7 +1169,7 @@ class SegmentUpdate(SegmentPropagation):
                                       plane=axis_plane_name(self.grid.ijk_to_ras, entry.axis), n_slices=n)
         self._init_job(volume_node, segmentation_node, segment_id, name, mode="replace", checkpoint=checkpoint,
                        device=device, range=entry.range, model=model, batch_size=batch_size, threads=threads,
-                       cancel=cancel, progress=progress)
+                       cancel=cancel, progress=progress, intensity_gate=intensity_gate)
 
     # worker
     def _engine_options(self) -> dict:

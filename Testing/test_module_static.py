@@ -106,6 +106,7 @@ def test_ui_widgets_have_the_expected_classes_and_settings():
         "cancelButton": "QPushButton", "statusLabel": "QLabel", "promptLabel": "QLabel",
         "defaultModelRadioButton": "QRadioButton", "checkpointModelRadioButton": "QRadioButton",
         "trackModelRadioButton": "QRadioButton", "replaceSegmentRadioButton": "QRadioButton", "newSegmentRadioButton": "QRadioButton",
+        "intensityGateCheckBox": "QCheckBox",
         "inputsCollapsibleButton": "ctkCollapsibleButton", "modelCollapsibleButton": "ctkCollapsibleButton",
         "outputCollapsibleButton": "ctkCollapsibleButton",
         "updateButton": "QPushButton", "undoButton": "QPushButton", "nextReviewButton": "QPushButton",
@@ -957,9 +958,30 @@ def test_panel_registration_tracking_needs_no_network(panel, drawn, monkeypatch)
     assert ui.deviceComboBox.enabled and FakeSettings.store["PAMSegment/Method"] == "pam"
 
 
+def test_panel_stop_where_the_tissue_changes_reaches_the_job(panel, drawn, monkeypatch):
+    """The drift-test checkbox: on by default, saved in the settings, passed to the job (and to
+    updates); it does not apply to the classical tracker, so it is disabled there."""
+    truth, volume, segmentation, segment_id = drawn
+    oracle_loader(monkeypatch, truth)
+    ui = panel.ui
+    ui.segmentationSelector.setCurrentNode(segmentation)
+    assert ui.intensityGateCheckBox.checked and ui.intensityGateCheckBox.enabled
+    ui.intensityGateCheckBox.setChecked(False)
+    assert FakeSettings.store["PAMSegment/IntensityGate"] is False
+    ui.propagateButton.click()
+    poll_until_idle(panel)
+    assert panel.job.kind == "propagation" and panel.job.intensity_gate is False
+    ui.intensityGateCheckBox.setChecked(True)
+    assert FakeSettings.store["PAMSegment/IntensityGate"] is True
+    ui.trackModelRadioButton.setChecked(True)
+    assert not ui.intensityGateCheckBox.enabled
+    ui.defaultModelRadioButton.setChecked(True)
+    assert ui.intensityGateCheckBox.enabled
+
+
 def test_panel_entering_lists_devices_and_restores_settings(module, monkeypatch):
     FakeSettings.store.update({"PAMSegment/OutputMode": "new", "PAMSegment/UseCheckpointFile": "true",
-                               "PAMSegment/CheckpointPath": "/data/propmask.pth"})
+                               "PAMSegment/CheckpointPath": "/data/propmask.pth", "PAMSegment/IntensityGate": "false"})
     widget = module.PAMSegmentWidget(parent=None)
     widget.setup()
     try:
@@ -967,6 +989,7 @@ def test_panel_entering_lists_devices_and_restores_settings(module, monkeypatch)
         assert ui.newSegmentRadioButton.checked and not ui.replaceSegmentRadioButton.checked
         assert ui.checkpointModelRadioButton.checked and ui.checkpointPathLineEdit.enabled
         assert widget._checkpoint() == "/data/propmask.pth"
+        assert not ui.intensityGateCheckBox.checked  # QSettings gives "false" back as a string
         assert "propmask.pth" in ui.checkpointHelpLabel.text and "doi.org/10.1038" in ui.checkpointHelpLabel.text
         monkeypatch.setattr(widget.logic, "availableDevices", lambda: ["cpu", "cuda"])
         widget.enter()

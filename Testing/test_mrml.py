@@ -459,6 +459,43 @@ def test_real_checkpoint_file_loads_and_runs_in_the_worker(scene_with_prompt, tm
     assert job.model is not None and job.model.config.name == "tiny"
 
 
+def test_job_switches_the_drift_test_without_touching_the_cached_model(scene_with_prompt, tmp_path, monkeypatch):
+    """The panel's "Stop where the tissue changes": the job hands the engine a PAMPredictor with the
+    drift test on (against the guide) or off; None leaves the checkpoint's setting. The loaded model
+    (cached by the Logic for the next job) keeps its own inference parameters; the classical
+    trackers are passed through unchanged."""
+    pytest.importorskip("torch")
+    from PAMSegmentLib.baselines import TrackPredictor
+    from PAMSegmentLib.checkpoints import InferenceParams, save_checkpoint
+    from PAMSegmentLib.network import PAMConfig, build_network
+    from PAMSegmentLib.pam_predictor import PAMPredictor
+    from PAMSegmentLib.preprocess import PreprocessingParams
+
+    config = PAMConfig(name="tiny", input_size=32, n_stages=3, base_features=4, max_features=8,
+                       n_attention_stages=1, presence_head=False)
+    path = tmp_path / "tiny.pt"
+    save_checkpoint(path, build_network(config), PreprocessingParams(input_size=32), InferenceParams(max_window=4))
+    seen = []
+    real = mrml._run_engine
+
+    def spy(image, prompt, spacing, *, model, **kwargs):
+        seen.append(model)
+        return real(image, prompt, spacing, model=model, **kwargs)
+
+    monkeypatch.setattr(mrml, "_run_engine", spy)
+    truth, vol, seg, sid = scene_with_prompt
+    for gate in (True, False, None):
+        job = SegmentPropagation(vol, seg, sid, mode="new", checkpoint=str(path), intensity_gate=gate).run()
+        assert job.state == "finished", job.error
+        assert job.model.inference.intensity_gate is False  # the checkpoint's, untouched
+    on, off, default = seen
+    assert isinstance(on, PAMPredictor) and (on.intensity_gate, on.gate_reference) == (True, "guide")
+    assert isinstance(off, PAMPredictor) and off.intensity_gate is False
+    assert default is job.model  # None: the model itself, with its own setting
+    tracker = TrackPredictor()
+    assert mrml._with_intensity_gate(tracker, True) is tracker
+
+
 # -- saving ------------------------------------------------------------------------------------------
 
 

@@ -74,12 +74,14 @@ def score(path: str, rule: str | None) -> tuple[float, list[float]]:
         run = int(n)
     conds = parse_rule(rule) if rule else []
     dices = []
-    for k, (_cid, _name, mid, missed, _pred_total) in enumerate(items):
+    for k, (_cid, _name, lo, missed, _pred_total, *rest) in enumerate(items):
+        hi = rest[0] if rest else lo  # the outermost drawn slices (one prompt: the same slice)
         sub = [dict(zip(fields, r)) for r in rows[rows[:, 0] == k]]
         inter = pred = 0.0
         ref = float(missed)
         for side in (-1, 0, 1):
-            walk = sorted((r for r in sub if r["side"] == side), key=lambda r: abs(r["slice"] - mid))
+            start = lo if side < 0 else hi
+            walk = sorted((r for r in sub if r["side"] == side), key=lambda r: abs(r["slice"] - start))
             flags = [bool(side and conds and fires(conds, r)) for r in walk]
             end_at = next((i for i in range(len(walk)) if all(flags[i:i + run])), len(walk))
             for i, r in enumerate(walk):

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from PAMSegmentLib.baselines import IntensityGate  # noqa: E402
-from PAMSegmentLib.evaluation import load_case  # noqa: E402
+from PAMSegmentLib.evaluation import load_case, prompt_from_reference, slice_at  # noqa: E402
 from PAMSegmentLib.pam_predictor import PAMPredictor, _smoothed  # noqa: E402
 from PAMSegmentLib.propagate import SlicePrediction, propagate  # noqa: E402
 
@@ -89,6 +89,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", default="ts_ct,ts_ct_dicom,tptbox_ct_vert")
     ap.add_argument("--n", type=int, default=24)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--keyframes", action="store_true",
+                    help="prompt = the reference at 25 %% and 75 %% of the extent; the outward walks are recorded")
     args = ap.parse_args(argv)
     import torch
 
@@ -115,10 +117,13 @@ def main(argv=None) -> int:
     for k, (cid, lab) in enumerate(items):
         case = cases[cid]
         ref = case.labels == lab
-        sl = np.flatnonzero(ref.any(axis=(1, 2)))
-        mid = (sl[0] + sl[-1]) // 2
-        prompt = np.zeros(ref.shape, np.uint8)
-        prompt[mid] = ref[mid]
+        if args.keyframes:  # validate.py --keyframes: the reference at 25 % and 75 % of the extent
+            drawn = sorted({slice_at(ref, 0.25), slice_at(ref, 0.75)})
+        else:
+            sl = np.flatnonzero(ref.any(axis=(1, 2)))
+            drawn = [(sl[0] + sl[-1]) // 2]
+        lo, hi = drawn[0], drawn[-1]
+        prompt = prompt_from_reference(ref, drawn)
         predictor = RecordingPredictor(model)
         res = propagate(case.image, prompt, case.spacing, predictor, axis=0)
         mask = res.mask > 0
@@ -126,9 +131,10 @@ def main(argv=None) -> int:
         inter = (mask & ref).sum(axis=(1, 2))
         a_pred = mask.sum(axis=(1, 2))
         for s in range(ref.shape[0]):
-            r = predictor.rows.get(s)
-            side = 0 if s == mid else (1 if s > mid else -1)
-            if r is None and s != mid:
+            r = predictor.rows.get(s) if s not in drawn else None
+            # Only the walks outward from the outermost drawn slices can be ended by a stop rule.
+            side = 1 if s > hi else (-1 if s < lo else 0)
+            if r is None and s not in drawn:
                 continue
             r = r or {"presence": 1.0, "a_net": int(a_ref[s]), "a_warp": int(a_ref[s]), "a_fused": int(a_ref[s]),
                       "a_guide": int(a_ref[s]), "a_prompt": int(a_ref[s]), "gate": 1.0, "dice_net_warp": 1.0,
@@ -137,9 +143,9 @@ def main(argv=None) -> int:
                          r["a_prompt"], r["gate"], r["dice_net_warp"], int(a_ref[s]), int(inter[s]), int(a_pred[s]),
                          r["gate_guide"]])
         # Reference voxels on slices the walk never reached count against every rule alike.
-        missed = int(a_ref.sum() - sum(a_ref[s] for s in set(predictor.rows) | {mid}))
+        missed = int(a_ref.sum() - sum(a_ref[s] for s in set(predictor.rows) | set(drawn)))
         pred_total = int(a_pred.sum())
-        names_out.append((cid, case.label_names.get(lab, str(lab)), int(mid), missed, pred_total))
+        names_out.append((cid, case.label_names.get(lab, str(lab)), int(lo), missed, pred_total, int(hi)))
         d = 2 * inter.sum() / max(a_pred.sum() + a_ref.sum(), 1)
         print(f"{cid:18s} {names_out[-1][1][:28]:28s} dice {d:.3f}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
