@@ -115,13 +115,13 @@ class PAMPredictor(SlicePredictor):
         return self._guide_gates[key]
 
     def _gated(self, volume, guide_index, guide_mask, query_indices, out: SlicePrediction) -> SlicePrediction:
-        """``out`` with its presence lowered to the drift test's score where that is lower."""
+        """``out`` with the drift test's scores (``SlicePrediction.drift``: the engine ends the walk
+        where they fall below the presence threshold, as for the presence itself)."""
         if self.gate is None:
             return out
-        gate = self._gate_scores(volume, list(query_indices), out.prob,
-                                 self._reference_gate(volume, guide_index, guide_mask))
-        presence = gate if out.presence is None else np.minimum(out.presence, gate)
-        return SlicePrediction(out.prob, presence)
+        drift = self._gate_scores(volume, list(query_indices), out.prob,
+                                  self._reference_gate(volume, guide_index, guide_mask))
+        return SlicePrediction(out.prob, out.presence, drift)
 
     def _gate_scores(self, volume, query_indices, prob, reference) -> np.ndarray:
         scores = np.zeros(len(query_indices), dtype=np.float32)

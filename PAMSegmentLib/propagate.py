@@ -65,6 +65,10 @@ class CancelToken:
 class SlicePrediction:
     prob: np.ndarray  # (n, H, W) float32 foreground probability on the slice grid
     presence: np.ndarray | None = None  # (n,) object-present probability, if the predictor has one
+    # (n,) intensity-drift score in [0, 1] (PAMPredictor's drift test), if it is on: below the
+    # presence threshold the walk ends there as for the presence; unlike the presence it does not
+    # enter the slice's confidence (on training-case structures it ranked the worst slices less well).
+    drift: np.ndarray | None = None
 
 
 class SlicePredictor(abc.ABC):
@@ -194,6 +198,16 @@ def _is_empty(prob_slice: np.ndarray, presence: float | None, guide_area: int, p
     return area < max(p.min_area_px, p.min_area_fraction * guide_area)
 
 
+def _stop_presence(pred: SlicePrediction, q: int) -> float | None:
+    """What decides whether slice ``q`` of a prediction still holds the object: its presence and,
+    where the predictor tests drift, the lower of the two."""
+    presence = None if pred.presence is None else float(pred.presence[q])
+    if pred.drift is not None:
+        drift = float(pred.drift[q])
+        presence = drift if presence is None else min(presence, drift)
+    return presence
+
+
 def _slice_confidence(prob_slice: np.ndarray, presence: float | None, threshold: float) -> float:
     fg = prob_slice[prob_slice >= threshold]
     conf = float(fg.mean()) if fg.size else 0.0
@@ -213,7 +227,7 @@ def _consistent_prefix(volume, predictor, guide_idx, guide_mask, found, out_prob
         back = predictor.predict(volume, idx, mask, [guide_idx])
         stats["predict"] += time.perf_counter() - t0
         stats["n_predicted"] += 1
-        presence = None if back.presence is None else float(back.presence[0])
+        presence = _stop_presence(back, 0)
         back_mask = back.prob[0] >= predictor.threshold
         if _is_empty(back.prob[0], presence, int(mask.sum()), predictor):  # the walk's own rule
             back_mask[:] = False
@@ -271,12 +285,13 @@ def _walk(volume, predictor, start, start_mask, direction, end, window, batch_si
             stats["n_predicted"] += len(batch)
             for q, idx in enumerate(batch):
                 prob = pred.prob[q]
-                presence = None if pred.presence is None else float(pred.presence[q])
-                empty = _is_empty(prob, presence, guide_area, predictor)
-                if empty and presence is not None:
+                stop_presence = _stop_presence(pred, q)
+                empty = _is_empty(prob, stop_presence, guide_area, predictor)
+                if empty and stop_presence is not None:
                     prob = np.zeros_like(prob)
                 # Only keyframe fusion needs probabilities; elsewhere a bool slice is 4x smaller.
                 out_probs[idx] = prob if keep_prob else prob >= predictor.threshold
+                presence = None if pred.presence is None else float(pred.presence[q])
                 out_conf[idx] = _slice_confidence(prob, presence, predictor.threshold)
                 if empty:
                     if early_stop:

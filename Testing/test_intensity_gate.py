@@ -116,16 +116,30 @@ def test_gate_scores_the_fused_region_not_the_networks():
     assert (res.mask[1:] > 0).sum() >= 0.95 * truth[1:].sum()
 
 
-def test_gate_lowers_presence_only_where_it_is_lower():
+def test_drift_scores_are_reported_beside_the_presence():
     img, truth = slip_volume()
     p = gated(0.0, "guide")
     p.begin(img, 5, truth[5])
     out = p.predict(img, 5, truth[5], [6, 7, 10, 11])
-    assert out.presence[:2].min() > 0.9  # the same tissue as the guide: the score stays near 1
-    assert out.presence[2:].max() < 0.5  # the darker tissue: below the presence threshold
+    assert out.presence.tolist() == [1.0] * 4  # the network's own, untouched
+    assert out.drift[:2].min() > 0.9  # the same tissue as the guide: the score stays near 1
+    assert out.drift[2:].max() < 0.5  # the darker tissue: below the presence threshold
     p.intensity_gate = False
     p.begin(img, 5, truth[5])
-    assert p.predict(img, 5, truth[5], [6, 7, 10, 11]).presence.tolist() == [1.0] * 4  # the network's own
+    assert p.predict(img, 5, truth[5], [6, 7, 10, 11]).drift is None
+
+
+def test_drift_ends_the_walk_but_does_not_lower_the_confidence():
+    """The drift score is a stop signal only: where the walk goes on, each slice's confidence is
+    what it is without the test (mean foreground probability x the network's presence)."""
+    img, truth = slip_volume()
+    prompt = prompt_on(truth, 5)
+    free = propagate(img, prompt, (1.0, 1.0, 1.0), gated(0.0, None), axis=0)
+    res = propagate(img, prompt, (1.0, 1.0, 1.0), gated(0.0, "guide"), axis=0)
+    conf, conf_free = res.confidence[1], free.confidence[1]
+    np.testing.assert_array_equal(conf[:10], conf_free[:10])  # 1.0 on every slice of the object
+    assert conf[:10].tolist() == [1.0] * 10
+    assert conf[10] == 0.0 and np.isnan(conf[11:]).all()  # the slice that ended the walk, then nothing
 
 
 def test_bad_gate_reference_is_refused():
