@@ -13,9 +13,9 @@ import torch
 import numpy as np
 from scipy import ndimage
 
+from .checkpoints import GATE_REFERENCES
 from .network import fuse_scales
 from .preprocess import IntensityWindow, crop_box_for_mask, crop_slices, intensity_window, uncrop_probability
-from .checkpoints import GATE_REFERENCES
 from .propagate import SlicePrediction, SlicePredictor
 
 __all__ = ["PAMPredictor", "MemoryPAMPredictor"]
@@ -45,9 +45,14 @@ class PAMPredictor(SlicePredictor):
     what is warped onto the next. The registrations depend on the images only, so they run in
     ``registration_workers`` threads while the network predicts the same window. They cover a
     crop around the window guide's mask (padded by half its size, like ``track``); outside it
-    the probability is ``(1 - w) * network``. The network's object-present output still decides
-    where the object ends. Queries that are not a run of consecutive slices walked away from the
-    guide (a forward-backward check) are registered to the guide directly.
+    the probability is ``(1 - w) * network``. Queries that are not a run of consecutive slices
+    walked away from the guide (a forward-backward check) are registered to the guide directly.
+
+    Where the object ends is decided by the network's object-present output and, with
+    ``intensity_gate`` on, by the drift test of each fused region against the reference region
+    (``gate_reference``: "prompt" or "guide"), reported as ``SlicePrediction.drift``: at w = 0.5
+    the fused mask keeps the warped interior whatever the network says, so without it a walk
+    that slipped into similar-looking tissue could only be ended by the presence output.
     """
 
     # TrackPredictor options overriding the checkpoint's registration_max_side/_iterations.
