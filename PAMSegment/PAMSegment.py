@@ -104,6 +104,8 @@ runs and cancel at any time; a cancelled or failed run changes nothing.
 Then fix the slices that went wrong (<b>Next slice to review</b> shows the least confident ones) and
 press <b>Update from my edits</b>: your slices are kept exactly and only the slices around them are
 recomputed. <b>Undo propagation</b> puts the segment back as it was before.
+If a propagation stops too early on a segment that spans tissues of different brightness (e.g. all
+vertebrae and discs as one segment), uncheck <b>Stop where the tissue changes</b>.
 See the <a href="{HOMEPAGE_URL}">documentation</a>.
 """
         self.parent.acknowledgementText = f"""
