@@ -25,7 +25,7 @@ import numpy as np
 from .errors import InputError
 
 __all__ = [
-    "EvalStructure", "EvalCase", "load_split", "load_case", "extent", "slice_at", "prompt_from_reference",
+    "EvalStructure", "EvalCase", "load_split", "load_case", "validation_items", "validation_prompt_slices", "extent", "slice_at", "prompt_from_reference",
     "slice_dice", "worst_slices", "confidence_hit", "contour_interpolation", "correction_slice",
     "simulate_corrections", "aggregate", "mean", "write_csv", "read_csv", "summary_markdown",
     "CSV_FIELDS",
@@ -91,6 +91,38 @@ def load_case(cache_dir: str | os.PathLike, case_id: str) -> EvalCase:
         names = json.loads(str(z["label_names"])) if "label_names" in z.files else {}
         modality = str(z["modality"]) if "modality" in z.files else ""
     return EvalCase(case_id, image, labels, spacing, {int(k): str(v) for k, v in names.items()}, modality)
+
+
+def validation_items(cache_dir: str | os.PathLike, split_path: str | os.PathLike, case_names: Sequence[str],
+                     n: int, seed: int = 0) -> tuple[dict[str, EvalCase], list[tuple[str, int]]]:
+    """The structures ``scripts/validate.py`` (and ``scripts/stop_signals.py``) choose inference
+    options on: training labels of ``case_names`` in the split with >= 500 voxels over >= 5
+    slices along axis 0, ``n`` of them drawn with ``seed``. Returns (cases by id, [(case, label)]).
+    Only training cases are accepted: evaluation structures are never used to choose."""
+    split = json.loads(Path(split_path).read_text())
+    train = {e["case"]: e["labels"] for e in split["train"]}
+    unknown = [c for c in case_names if c not in train]
+    if unknown:
+        raise InputError(f"{', '.join(unknown)} not training cases in {Path(split_path).name}; "
+                         "validation uses training cases only")
+    cases = {cid: load_case(cache_dir, cid) for cid in case_names}
+    items = []
+    for cid in case_names:
+        for lab in train[cid]:
+            ref = cases[cid].labels == lab
+            if ref.sum() >= 500 and ref.any(axis=(1, 2)).sum() >= 5:
+                items.append((cid, int(lab)))
+    pick = np.random.default_rng(seed).choice(len(items), size=min(n, len(items)), replace=False)
+    return cases, [items[i] for i in sorted(pick)]
+
+
+def validation_prompt_slices(ref: np.ndarray, keyframes: bool = False) -> list[int]:
+    """Where validation draws the reference along axis 0: the middle of the extent, or with
+    ``keyframes`` the evaluation's two keyframes at 25 % and 75 %."""
+    if keyframes:
+        return sorted({slice_at(ref, 0.25), slice_at(ref, 0.75)})
+    occupied = np.flatnonzero(np.asarray(ref).any(axis=(1, 2)))
+    return [int((occupied[0] + occupied[-1]) // 2)]
 
 
 # ---------------------------------------------------------------------------------------------

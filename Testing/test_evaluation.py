@@ -332,3 +332,23 @@ def test_score_stop_rules_truncates_each_side_at_the_first_firing_slice(tmp_path
     assert script.score(str(path), "pres<0.95@2")[0] == pytest.approx(2 * 10 / (10 + 50))
     with pytest.raises(SystemExit, match="unknown signal 'size'"):
         script.parse_rule("size<3")
+
+
+def test_validation_structures_and_prompts(tmp_path):
+    """The structures validate.py / stop_signals.py choose on: training labels only, big enough,
+    drawn with a fixed seed; prompts on the middle slice or at 25 % / 75 % of the extent."""
+    labels = np.zeros((12, 16, 16), np.int16)
+    labels[2:11, 2:12, 2:12] = 1  # 9 slices x 100 voxels: kept
+    labels[2:4, 13:15, 13:15] = 2  # too small
+    (tmp_path / "cases").mkdir()
+    np.savez(tmp_path / "cases" / "train_a.npz", image=np.zeros(labels.shape, np.float32), labels=labels,
+             spacing=np.ones(3), label_names=json.dumps({"1": "block", "2": "speck"}))
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": [{"case": "train_a", "labels": [1, 2]}], "eval": []}))
+    cases, items = ev.validation_items(tmp_path, split, ["train_a"], n=24)
+    assert items == [("train_a", 1)] and set(cases) == {"train_a"}
+    ref = cases["train_a"].labels == 1
+    assert ev.validation_prompt_slices(ref) == [6]  # (2 + 10) // 2
+    assert ev.validation_prompt_slices(ref, keyframes=True) == [4, 8]  # 2 + 0.25 * 8, 2 + 0.75 * 8
+    with pytest.raises(InputError, match="ts_mr not training cases in split.json; validation uses training cases only"):
+        ev.validation_items(tmp_path, split, ["ts_mr"], n=24)

@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from PAMSegmentLib.baselines import IntensityGate  # noqa: E402
-from PAMSegmentLib.evaluation import load_case, prompt_from_reference, slice_at  # noqa: E402
+from PAMSegmentLib.errors import InputError  # noqa: E402
+from PAMSegmentLib.evaluation import prompt_from_reference, validation_items, validation_prompt_slices  # noqa: E402
 from PAMSegmentLib.pam_predictor import PAMPredictor, _smoothed  # noqa: E402
 from PAMSegmentLib.propagate import SlicePrediction, propagate  # noqa: E402
 
@@ -97,31 +98,17 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     from PAMSegmentLib.checkpoints import load_checkpoint_file
 
-    split = json.loads((ROOT / "scripts" / "split.json").read_text())
-    train = {e["case"]: e["labels"] for e in split["train"]}
     names = [c.strip() for c in args.cases.split(",") if c.strip()]
-    unknown = [c for c in names if c not in train]
-    if unknown:
-        raise SystemExit(f"error: {', '.join(unknown)} not training cases in scripts/split.json")
-    cases = {cid: load_case(args.cache, cid) for cid in names}
-    items = []
-    for cid in names:
-        for lab in train[cid]:
-            ref = cases[cid].labels == lab
-            if ref.sum() >= 500 and ref.any(axis=(1, 2)).sum() >= 5:
-                items.append((cid, lab))
-    pick = np.random.default_rng(0).choice(len(items), size=min(args.n, len(items)), replace=False)
-    items = [items[i] for i in sorted(pick)]
+    try:  # the same structures as scripts/validate.py
+        cases, items = validation_items(args.cache, ROOT / "scripts" / "split.json", names, args.n)
+    except InputError as exc:
+        raise SystemExit(f"error: {exc}") from None
     model = load_checkpoint_file(args.checkpoint)
     rows, names_out = [], []
     for k, (cid, lab) in enumerate(items):
         case = cases[cid]
         ref = case.labels == lab
-        if args.keyframes:  # validate.py --keyframes: the reference at 25 % and 75 % of the extent
-            drawn = sorted({slice_at(ref, 0.25), slice_at(ref, 0.75)})
-        else:
-            sl = np.flatnonzero(ref.any(axis=(1, 2)))
-            drawn = [(sl[0] + sl[-1]) // 2]
+        drawn = validation_prompt_slices(ref, args.keyframes)  # as validate.py draws them
         lo, hi = drawn[0], drawn[-1]
         prompt = prompt_from_reference(ref, drawn)
         predictor = RecordingPredictor(model)

@@ -13,7 +13,6 @@ configuration.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -24,7 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from PAMSegmentLib.baselines import get_predictor  # noqa: E402
-from PAMSegmentLib.evaluation import contour_interpolation, load_case, prompt_from_reference, slice_at  # noqa: E402
+from PAMSegmentLib.errors import InputError  # noqa: E402
+from PAMSegmentLib.evaluation import (contour_interpolation, prompt_from_reference, validation_items,  # noqa: E402
+                                      validation_prompt_slices)
 from PAMSegmentLib.metrics import dice  # noqa: E402
 from PAMSegmentLib.propagate import propagate  # noqa: E402
 
@@ -95,34 +96,18 @@ def main(argv=None) -> int:
     from PAMSegmentLib.checkpoints import load_checkpoint_file
     from PAMSegmentLib.pam_predictor import PAMPredictor
 
-    split = json.loads((ROOT / "scripts" / "split.json").read_text())
-    train = {e["case"]: e["labels"] for e in split["train"]}
     names = [c.strip() for c in args.cases.split(",") if c.strip()]
-    unknown = [c for c in names if c not in train]
-    if unknown:
-        raise SystemExit(f"error: {', '.join(unknown)} not training cases in scripts/split.json; "
-                         "validation uses training cases only")
-    cases = {cid: load_case(args.cache, cid) for cid in names}
-    items = []
-    for cid in names:
-        for lab in train[cid]:
-            ref = cases[cid].labels == lab
-            if ref.sum() >= 500 and ref.any(axis=(1, 2)).sum() >= 5:
-                items.append((cid, lab))
-    pick = np.random.default_rng(0).choice(len(items), size=min(args.n, len(items)), replace=False)
-    items = [items[i] for i in sorted(pick)]
+    try:
+        cases, items = validation_items(args.cache, ROOT / "scripts" / "split.json", names, args.n)
+    except InputError as exc:
+        raise SystemExit(f"error: {exc}") from None
     model = load_checkpoint_file(args.checkpoint)
     configs = args.configs.split(",")
     scores = {c: [] for c in configs}
     for cid, lab in items:
         case = cases[cid]
         ref = case.labels == lab
-        if args.keyframes:  # the evaluation's keyframe protocol: reference at 25 % and 75 % of the extent
-            drawn = sorted({slice_at(ref, 0.25), slice_at(ref, 0.75)})
-        else:
-            sl = np.flatnonzero(ref.any(axis=(1, 2)))
-            drawn = [(sl[0] + sl[-1]) // 2]
-        prompt = prompt_from_reference(ref, drawn)
+        prompt = prompt_from_reference(ref, validation_prompt_slices(ref, args.keyframes))
         for c in configs:
             if c == "ci":
                 scores[c].append(dice(contour_interpolation(prompt > 0), ref))
