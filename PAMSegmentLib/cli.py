@@ -291,6 +291,8 @@ def cmd_propagate(args: argparse.Namespace) -> int:
         )
     write_labelmap(result.mask, image, args.output)
     print(f"wrote {args.output}: {result.summary()}; {time.perf_counter() - t0:.1f} s in all", flush=True)
+    for note in result.notes():
+        print(f"note: {note} (--intensity-gate off)", flush=True)
     return EXIT_OK
 
 

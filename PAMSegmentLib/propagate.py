@@ -106,6 +106,23 @@ class PropagationResult:
     range: tuple[int, int] | None = None
     early_stop: bool = True
     recomputed: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # label -> slice intervals
+    # label -> what ended each walk run in this call: {"start", "direction" (+1/-1), "last" (last
+    # slice with the object), "reason"}; reason "presence" (the network: object gone), "drift"
+    # (the intensity drift test), "area" (the mask vanished), "consistency" (forward-backward
+    # check) or "end" (the range's end was reached).
+    stops: dict[int, list[dict]] = field(default_factory=dict)
+
+    def notes(self) -> list[str]:
+        """Hints for the user about how walks ended (e.g. a drift test that stopped at once)."""
+        out = []
+        for lab, stops in self.stops.items():
+            at_once = [s for s in stops if s["reason"] == "drift" and s["last"] == s["start"]]
+            if at_once:
+                sides = " and ".join("after" if s["direction"] > 0 else "before" for s in at_once)
+                out.append(f"label {lab}: the intensity drift test ended the propagation right {sides} the drawn "
+                           "slice (the next slice looked like different tissue); if the structure goes on there, "
+                           "run again with the drift test off")
+        return out
 
     def summary(self) -> str:
         parts = [f"label {lab}: slices {a}-{b}" for lab, (a, b) in self.slice_range.items()]
@@ -208,6 +225,15 @@ def _stop_presence(pred: SlicePrediction, q: int) -> float | None:
     return presence
 
 
+def _stop_reason(pred: SlicePrediction, q: int, p: SlicePredictor) -> str:
+    """Why slice ``q`` counted as empty: the network's presence, the drift test, or the area."""
+    if pred.presence is not None and float(pred.presence[q]) < p.presence_threshold:
+        return "presence"
+    if pred.drift is not None and float(pred.drift[q]) < p.presence_threshold:
+        return "drift"
+    return "area"
+
+
 def _slice_confidence(prob_slice: np.ndarray, presence: float | None, threshold: float) -> float:
     fg = prob_slice[prob_slice >= threshold]
     conf = float(fg.mean()) if fg.size else 0.0
@@ -249,6 +275,14 @@ def _walk(volume, predictor, start, start_mask, direction, end, window, batch_si
     dropped and predicted again from it; if none is consistent, the side ends at the guide.
     """
     fb_min = float(getattr(predictor, "consistency_min_dice", 0.0) or 0.0) if early_stop else 0.0
+    reason = "end"
+
+    def record(last: int) -> int:
+        if early_stop:
+            stats.setdefault("stops", []).append({"start": int(start), "direction": int(direction),
+                                                  "last": int(last), "reason": reason})
+        return last
+
     guide_idx, guide_mask = start, start_mask
     guide_area = int(start_mask.sum())
     last_with_object = start
@@ -297,6 +331,7 @@ def _walk(volume, predictor, start, start_mask, direction, end, window, batch_si
                     if early_stop:
                         out_probs[idx] = np.zeros(prob.shape, dtype=out_probs[idx].dtype)
                         ended = True
+                        reason = _stop_reason(pred, q, predictor)
                         break
                 else:
                     found.append(idx)
@@ -315,18 +350,20 @@ def _walk(volume, predictor, start, start_mask, direction, end, window, batch_si
                 # Drifted at once: the object ends at the guide. Otherwise walk on from the last
                 # consistent slice; the dropped ones are predicted again.
                 ended, restart = not found, bool(found)
+                if ended:
+                    reason = "consistency"
         if found:
             last_with_object = found[-1]
         if ended:
             # The rest of this side counts as done.
             progress.advance(n_side - len(reported), "side finished")
-            return last_with_object
+            return record(last_with_object)
         if found:
             guide_idx = found[-1]
             guide_mask = out_probs[guide_idx] >= predictor.threshold
             guide_area = int(guide_mask.sum())
         s = (guide_idx + direction) if restart else stop + direction
-    return last_with_object
+    return record(last_with_object)
 
 
 def _keep_connected(mask: np.ndarray, seeds: np.ndarray) -> np.ndarray:
@@ -560,9 +597,10 @@ def propagate(
             and previous.range == (lo, hi) and previous.early_stop == early_stop
         )
         prev_mask = np.moveaxis(previous.mask, ax, 0) if usable_previous else None
-        keyframes_all, recomputed_all = {}, {}
+        keyframes_all, recomputed_all, stops_all = {}, {}, {}
         for lab, keyframes in slices.items():
             tracker.check_cancel()
+            stats["stops"] = []
             label_mask = prm == lab
             reuse = None
             if usable_previous and lab in previous.keyframes:
@@ -571,6 +609,7 @@ def propagate(
                 vol_f, label_mask, keyframes, predictor, spacing[ax], lo, hi, batch_size, early_stop,
                 remove_disconnected, tracker, stats, reuse, empties[lab])
             keyframes_all[lab] = {k: label_mask[k].copy() for k in user_slices[lab]}
+            stops_all[lab] = stats.pop("stops")
             # Earlier labels keep their voxels; a label's own prompt voxels always win.
             out[mask & (out == 0)] = lab
             out[prm == lab] = lab
@@ -596,6 +635,7 @@ def propagate(
         range=(lo, hi),
         early_stop=early_stop,
         recomputed=recomputed_all,
+        stops=stops_all,
     )
 
 

@@ -371,3 +371,15 @@ def test_intensity_gate_option_overrides_the_checkpoint(ct_case, small_checkpoin
     capsys.readouterr()
     assert cli.main(base + ["--method", "copy", "--intensity-gate", "off"]) == 2
     assert "--intensity-gate is an option of --method pam, not copy" in capsys.readouterr().err
+
+
+def test_propagate_prints_the_results_notes(ct_case, small_checkpoint, monkeypatch, capsys):
+    """What the engine says about how walks ended (PropagationResult.notes) reaches the user,
+    with the option that changes it."""
+    from PAMSegmentLib.propagate import PropagationResult
+
+    monkeypatch.setattr(PropagationResult, "notes", lambda self: ["label 1: stopped at once"])
+    out = ct_case.directory / "noted.nii.gz"
+    assert cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out),
+                     "--checkpoint", str(small_checkpoint.path)]) == 0
+    assert "note: label 1: stopped at once (--intensity-gate off)" in capsys.readouterr().out

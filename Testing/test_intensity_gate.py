@@ -187,3 +187,22 @@ def test_shipped_settings_reach_the_predictor():
     p = PAMPredictor(model)
     assert (p.intensity_gate, p.gate_reference) == (True, "guide")
     assert PAMPredictor(model, intensity_gate=False).intensity_gate is False
+
+
+def test_result_says_what_ended_each_walk_and_warns_when_the_drift_test_stops_at_once():
+    img, truth = slip_volume()
+    res = propagate(img, prompt_on(truth, 9), (1.0, 1.0, 1.0), gated(0.0, "guide"), axis=0)
+    assert object_extent(res.mask) == (0, 9)
+    assert res.stops[1] == [{"start": 9, "direction": -1, "last": 0, "reason": "end"},
+                            {"start": 9, "direction": 1, "last": 9, "reason": "drift"}]
+    assert res.notes() == ["label 1: the intensity drift test ended the propagation right after the drawn slice "
+                           "(the next slice looked like different tissue); if the structure goes on there, run "
+                           "again with the drift test off"]
+    # The network's own presence: a stop, but no warning (that is the network's call).
+    p = StaleNetwork(0.0, absent_from=10)
+    res = propagate(img, prompt_on(truth, 9), (1.0, 1.0, 1.0), p, axis=0)
+    assert res.stops[1][1] == {"start": 9, "direction": 1, "last": 9, "reason": "presence"}
+    assert res.notes() == []
+    # Where the drift test stops later, after the object was followed, there is nothing to say.
+    res = propagate(img, prompt_on(truth, 5), (1.0, 1.0, 1.0), gated(0.0, "guide"), axis=0)
+    assert res.stops[1][1] == {"start": 5, "direction": 1, "last": 9, "reason": "drift"} and res.notes() == []

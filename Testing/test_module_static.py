@@ -979,6 +979,23 @@ def test_panel_stop_where_the_tissue_changes_reaches_the_job(panel, drawn, monke
     assert ui.intensityGateCheckBox.enabled
 
 
+def test_panel_warns_when_the_drift_test_stopped_next_to_the_drawn_slice(panel, drawn, monkeypatch):
+    """A result whose notes say the drift test ended a walk at once is written, and the status
+    (a warning) tells the user which option to change."""
+    from PAMSegmentLib.propagate import PropagationResult
+
+    truth, volume, segmentation, segment_id = drawn
+    oracle_loader(monkeypatch, truth)
+    monkeypatch.setattr(PropagationResult, "notes", lambda self: ["label 1: stopped at once"])
+    ui = panel.ui
+    ui.segmentationSelector.setCurrentNode(segmentation)
+    ui.propagateButton.click()
+    poll_until_idle(panel)
+    assert panel.job.state == "finished"
+    assert "uncheck 'Stop where the tissue changes'" in ui.statusLabel.text
+    assert ui.statusLabel.styleSheet == "color: #a86b00;"  # the panel's warning colour, not the green "ok"
+
+
 def test_panel_entering_lists_devices_and_restores_settings(module, monkeypatch):
     FakeSettings.store.update({"PAMSegment/OutputMode": "new", "PAMSegment/UseCheckpointFile": "true",
                                "PAMSegment/CheckpointPath": "/data/propmask.pth", "PAMSegment/IntensityGate": "false"})
