@@ -603,7 +603,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 hint = ""
                 if segmentId != job.segment_id:
                     hint = f' Select "{written.GetName()}" to review it by confidence or update it from your edits.'
-                notes = job.result.notes() if hasattr(job.result, "notes") else []
+                notes = job.result.notes()
                 if notes:  # e.g. the drift test stopped right at the drawn slice
                     hint += (" The propagation stopped right next to your slice because the tissue changed there; if "
                              "the structure goes on, uncheck 'Stop where the tissue changes' and propagate again.")

@@ -25,7 +25,8 @@ import numpy as np
 from .errors import InputError
 
 __all__ = [
-    "EvalStructure", "EvalCase", "load_split", "load_case", "validation_items", "validation_prompt_slices", "extent", "slice_at", "prompt_from_reference",
+    "EvalStructure", "EvalCase", "load_split", "load_case", "validation_items", "validation_prompt_slices",
+    "extent", "slice_at", "prompt_from_reference",
     "slice_dice", "worst_slices", "confidence_hit", "contour_interpolation", "correction_slice",
     "simulate_corrections", "aggregate", "mean", "write_csv", "read_csv", "summary_markdown",
     "CSV_FIELDS",
