@@ -74,6 +74,10 @@ class InferenceParams:
     # predicted slice, and the network refines the boundary; see the README's ablations).
     registration_max_side: int = 64
     registration_iterations: int = 10
+    # With two or more drawn keyframes, the walks outward from the outermost ones also end where
+    # the network's mask and the registration's warped mask agree less than this (Dice; 0 = off):
+    # there the two no longer follow the same object (see the README's keyframe ablation).
+    keyframe_outward_min_agreement: float = 0.0
 
     def __post_init__(self):
         if self.intensity_gate_reference not in GATE_REFERENCES:
@@ -81,6 +85,9 @@ class InferenceParams:
                              f"got {self.intensity_gate_reference!r}")
         if not 0.0 <= float(self.registration_weight) <= 1.0:
             raise ValueError(f"registration_weight must be within [0, 1], got {self.registration_weight}")
+        if not 0.0 <= float(self.keyframe_outward_min_agreement) <= 1.0:
+            raise ValueError("keyframe_outward_min_agreement must be within [0, 1], "
+                             f"got {self.keyframe_outward_min_agreement}")
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)

@@ -77,6 +77,7 @@ class PAMPredictor(SlicePredictor):
         self.threshold, self.presence_threshold = inf.threshold, inf.presence_threshold
         self.min_area_fraction, self.min_area_px = inf.min_area_fraction, inf.min_area_px
         self.consistency_min_dice = inf.consistency_min_dice
+        self.keyframe_outward_min_agreement = inf.keyframe_outward_min_agreement
         w = inf.registration_weight if registration_weight is None else registration_weight
         if not 0.0 <= float(w) <= 1.0:
             raise ValueError(f"registration_weight must be within [0, 1], got {w}")
@@ -126,7 +127,7 @@ class PAMPredictor(SlicePredictor):
             return out
         drift = self._gate_scores(volume, list(query_indices), out.prob,
                                   self._reference_gate(volume, guide_index, guide_mask))
-        return SlicePrediction(out.prob, out.presence, drift)
+        return SlicePrediction(out.prob, out.presence, drift, out.agreement)
 
     def _gate_scores(self, volume, query_indices, prob, reference) -> np.ndarray:
         scores = np.zeros(len(query_indices), dtype=np.float32)
@@ -190,17 +191,25 @@ class PAMPredictor(SlicePredictor):
         w = self.registration_weight
         warp = self.registration.warp
         prob = np.asarray(out.prob, dtype=np.float32)  # the network's fresh output: scaled in place
+        # Where the network and the registration follow the same object (Dice of their masks; a
+        # slice with nothing left to carry agrees 0).
+        agreement = np.zeros(len(queries), dtype=np.float32)
+        net_area = (prob >= self.threshold).sum(axis=(1, 2))
+        crop_net = prob[(slice(None), *plan.crop)] >= self.threshold
         prob *= 1.0 - w
         carried = plan.start_mask
         for n, transform in enumerate(transforms):
             if not carried.any():  # nothing left to carry: the rest is the network's share alone
                 break
-            prob[n][plan.crop] += w * warp(transform, carried)
+            warped = warp(transform, carried)
+            wm = warped >= 0.5
+            agreement[n] = 2.0 * np.count_nonzero(crop_net[n] & wm) / max(int(net_area[n]) + np.count_nonzero(wm), 1)
+            prob[n][plan.crop] += w * warped
             if plan.chained:
                 carried = prob[n][plan.crop] >= self.threshold
         if plan.chained:
             self._chain = (guide_index, queries[-1], carried, plan.crop)
-        return SlicePrediction(prob, out.presence)
+        return SlicePrediction(prob, out.presence, agreement=agreement)
 
     @torch.inference_mode()
     def _predict_network(self, volume, guide_index, guide_mask, query_indices):

@@ -69,6 +69,10 @@ class SlicePrediction:
     # presence threshold the walk ends there as for the presence; unlike the presence it does not
     # enter the slice's confidence (on training-case structures it ranked the worst slices less well).
     drift: np.ndarray | None = None
+    # (n,) Dice between the network's own mask and the registration's warped mask (PAMPredictor with
+    # registration fusion), if computed: outward walks beyond the outermost of several keyframes end
+    # where it falls below the predictor's ``keyframe_outward_min_agreement``.
+    agreement: np.ndarray | None = None
 
 
 class SlicePredictor(abc.ABC):
@@ -82,6 +86,9 @@ class SlicePredictor(abc.ABC):
     min_area_fraction: float = 0.0
     min_area_px: int = 1
     consistency_min_dice: float = 0.0  # forward-backward check of each window (see _walk); 0 = off
+    # With >= 2 drawn keyframes, walks beyond the outermost ones also end below this agreement
+    # (SlicePrediction.agreement); 0 = off.
+    keyframe_outward_min_agreement: float = 0.0
 
     def begin(self, volume: np.ndarray, prompt_index: int, prompt_mask: np.ndarray) -> None:
         pass
@@ -264,7 +271,8 @@ def _consistent_prefix(volume, predictor, guide_idx, guide_mask, found, out_prob
 
 
 def _walk(volume, predictor, start, start_mask, direction, end, window, batch_size, early_stop,
-          progress, out_probs, out_conf, stats, keep_prob: bool = False) -> int:
+          progress, out_probs, out_conf, stats, keep_prob: bool = False, stop_signals: bool = True,
+          min_agreement: float = 0.0) -> int:
     """Propagate from slice ``start`` towards ``end`` (inclusive) in steps of ``direction``.
 
     Writes each predicted slice's probability into ``out_probs[s]`` (float32 dict) and its
@@ -273,6 +281,11 @@ def _walk(volume, predictor, start, start_mask, direction, end, window, batch_si
     With ``early_stop`` and a predictor whose ``consistency_min_dice`` is above 0, every window is
     checked forward-backward (``_consistent_prefix``): slices past the last consistent one are
     dropped and predicted again from it; if none is consistent, the side ends at the guide.
+
+    ``stop_signals=False`` (walks between two drawn keyframes, both of which hold the object): the
+    object-present output and the drift test no longer empty a slice; only an empty mask counts as
+    empty. ``min_agreement`` > 0 (walks beyond the outermost of several keyframes): the side also
+    ends where ``SlicePrediction.agreement`` falls below it.
     """
     fb_min = float(getattr(predictor, "consistency_min_dice", 0.0) or 0.0) if early_stop else 0.0
     reason = "end"
@@ -319,8 +332,13 @@ def _walk(volume, predictor, start, start_mask, direction, end, window, batch_si
             stats["n_predicted"] += len(batch)
             for q, idx in enumerate(batch):
                 prob = pred.prob[q]
-                stop_presence = _stop_presence(pred, q)
+                stop_presence = _stop_presence(pred, q) if stop_signals else None
                 empty = _is_empty(prob, stop_presence, guide_area, predictor)
+                # Outward from several keyframes: the network and the registration part ways.
+                disagree = (early_stop and not empty and min_agreement > 0 and pred.agreement is not None
+                            and float(pred.agreement[q]) < min_agreement)
+                if disagree:
+                    empty, stop_presence = True, 0.0
                 if empty and stop_presence is not None:
                     prob = np.zeros_like(prob)
                 # Only keyframe fusion needs probabilities; elsewhere a bool slice is 4x smaller.
@@ -331,7 +349,7 @@ def _walk(volume, predictor, start, start_mask, direction, end, window, batch_si
                     if early_stop:
                         out_probs[idx] = np.zeros(prob.shape, dtype=out_probs[idx].dtype)
                         ended = True
-                        reason = _stop_reason(pred, q, predictor)
+                        reason = "agreement" if disagree else _stop_reason(pred, q, predictor)
                         break
                 else:
                     found.append(idx)
@@ -435,37 +453,47 @@ def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo
     old_drawn = {k for k in old_keys if reuse.keyframes[k].any()} if reuse is not None else set()
     recomputed: list[tuple[int, int]] = []
 
-    def old_bound(a: int, d: int) -> int | None:
-        """How far the previous run walked one-sidedly from drawn keyframe ``a`` in direction ``d``
-        (None if it did not: ``a`` was not a drawn keyframe with this mask, or it was fused)."""
+    min_agreement = float(getattr(predictor, "keyframe_outward_min_agreement", 0.0) or 0.0)
+
+    def outward_agreement(n_drawn: int) -> float:
+        # Beyond the outermost of several drawn keyframes (not towards a wall) the agreement test applies.
+        return min_agreement if n_drawn >= 2 else 0.0
+
+    def old_walk(a: int, d: int) -> tuple[int, float] | None:
+        """How far the previous run walked one-sidedly from drawn keyframe ``a`` in direction ``d``,
+        and with which agreement test (None if it did not: ``a`` was not a drawn keyframe with this
+        mask, or it was fused)."""
         if reuse is None or a not in old_drawn or not reuse.same(a, prompt_mask):
             return None
         nxt = [k for k in old_keys if (k - a) * d > 0]
         if not nxt:
-            return lo if d < 0 else hi
+            return (lo if d < 0 else hi), outward_agreement(len(old_drawn))
         k = nxt[0] if d > 0 else nxt[-1]
-        return None if k in old_drawn else k - d
+        return None if k in old_drawn else (k - d, 0.0)
 
-    def one_sided(a: int, d: int, bound: int):
+    def one_sided(a: int, d: int, bound: int, outward: bool = False):
         """Walk from drawn keyframe ``a`` in direction ``d`` up to ``bound`` (inclusive)."""
         if (bound - a) * d <= 0:
             return
         span = range(a + d, bound + d, d)
-        ob = old_bound(a, d)
-        # A walk is a function of its start and direction: a truncated earlier walk is reused.
-        if ob is not None and (ob - a) * d >= (bound - a) * d:
+        agree = outward_agreement(len(drawn)) if outward else 0.0
+        old = old_walk(a, d)
+        # A walk is a function of its start, direction and stopping rule: a truncated earlier walk
+        # is reused when it had the same rule.
+        if old is not None and old[1] == agree and (old[0] - a) * d >= (bound - a) * d:
             reuse.take(span, probs, conf, progress)
             return
         _walk(volume, predictor, a, prompt_mask[a], d, bound, window, batch_size, early_stop, progress, probs, conf,
-              stats)
+              stats, min_agreement=agree)
         recomputed.append((min(a + d, bound), max(a + d, bound)))
 
     if keys[0] in drawn:
-        one_sided(keys[0], -1, lo)
+        one_sided(keys[0], -1, lo, outward=True)
     if keys[-1] in drawn:
-        one_sided(keys[-1], +1, hi)
+        one_sided(keys[-1], +1, hi, outward=True)
 
-    # Between keyframes: both sides, fused by distance so each keyframe dominates near itself.
+    # Between keyframes: both sides, fused by distance so each keyframe dominates near itself. Both
+    # ends hold the object, so the stop signals (presence, drift) do not empty slices here.
     old_pairs = set(zip(old_keys[:-1], old_keys[1:]))
     for a, b in zip(keys[:-1], keys[1:]):
         if b - a < 2:
@@ -486,9 +514,9 @@ def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo
         recomputed.append((a + 1, b - 1))
         fwd_p, fwd_c, bwd_p, bwd_c = {}, {}, {}, {}
         _walk(volume, predictor, a, prompt_mask[a], +1, b - 1, window, batch_size, False, progress, fwd_p, fwd_c,
-              stats, keep_prob=True)
+              stats, keep_prob=True, stop_signals=False)
         _walk(volume, predictor, b, prompt_mask[b], -1, a + 1, window, batch_size, False, progress, bwd_p, bwd_c,
-              stats, keep_prob=True)
+              stats, keep_prob=True, stop_signals=False)
         for s in range(a + 1, b):
             w_f, w_b = (b - s) / (b - a), (s - a) / (b - a)
             probs[s] = w_f * fwd_p[s] + w_b * bwd_p[s]

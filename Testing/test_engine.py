@@ -347,6 +347,78 @@ def test_keyframe_fusion_weights_each_side_by_distance():
     assert occupied == [9, 10, 11, 12]
 
 
+class _UnsureOracle(OracleModel):
+    """The true masks, but an object-present probability of 0.2 on every slice: the presence
+    alone would end every walk at once."""
+
+    def predict(self, volume, guide_index, guide_mask, query_indices):
+        pred = super().predict(volume, guide_index, guide_mask, query_indices)
+        return SlicePrediction(pred.prob, np.full(len(pred.prob), 0.2, np.float32))
+
+
+def test_stop_signals_do_not_empty_slices_between_two_keyframes():
+    """Both keyframes hold the object, so between them a low presence keeps the masks (slices
+    9-15 as the truth); beyond them it still ends the walks on their first slice (7 and 17)."""
+    truth = tube(3, 25)
+    res = propagate(image_for(truth), prompt_from(truth, [8, 16]), ISO, _UnsureOracle(truth, window=4))
+    np.testing.assert_array_equal(res.mask[8:17], truth[8:17])
+    assert res.slice_range == {1: (8, 16)}
+    assert sorted((s["start"], s["last"], s["reason"]) for s in res.stops[1]) == [(8, 8, "presence"),
+                                                                                  (16, 16, "presence")]
+    single = propagate(image_for(truth), prompt_from(truth, 12), ISO, _UnsureOracle(truth, window=4))
+    assert single.slice_range == {1: (12, 12)}  # one keyframe: the presence still ends both walks
+
+
+class _AgreementOracle(OracleModel):
+    """The true masks, reporting a network-vs-registration agreement of 0.1 on slices below 6 and
+    above 20 and on slices 11-13, and 0.9 elsewhere."""
+
+    keyframe_outward_min_agreement = 0.4
+
+    def predict(self, volume, guide_index, guide_mask, query_indices):
+        pred = super().predict(volume, guide_index, guide_mask, query_indices)
+        agree = np.array([0.1 if q < 6 or q > 20 or 11 <= q <= 13 else 0.9 for q in query_indices], np.float32)
+        return SlicePrediction(pred.prob, pred.presence, agreement=agree)
+
+
+def test_agreement_ends_walks_beyond_the_outermost_keyframes_only():
+    truth = tube(3, 25)
+    image = image_for(truth)
+    res = propagate(image, prompt_from(truth, [8, 16]), ISO, _AgreementOracle(truth, window=4))
+    # Outward walks end on the first disagreeing slice (5 and 21); between the keyframes it is ignored.
+    assert res.slice_range == {1: (6, 20)}
+    np.testing.assert_array_equal(res.mask[6:21], truth[6:21])
+    assert sorted((s["start"], s["last"], s["reason"]) for s in res.stops[1]) == [(8, 6, "agreement"),
+                                                                                  (16, 20, "agreement")]
+    # One drawn slice: no agreement test, the walks follow the object to its ends (3 and 25).
+    single = propagate(image, prompt_from(truth, 16), ISO, _AgreementOracle(truth, window=4))
+    assert single.slice_range == {1: (3, 25)}
+    # Off (0): the keyframe run follows the object to its ends as well.
+    off = _AgreementOracle(truth, window=4)
+    off.keyframe_outward_min_agreement = 0.0
+    assert propagate(image, prompt_from(truth, [8, 16]), ISO, off).slice_range == {1: (3, 25)}
+
+
+def test_a_walk_made_without_the_agreement_test_is_not_reused_with_it():
+    """Drawing a second keyframe turns the agreement test on for the walk beyond the first
+    keyframe: that walk (17-29) is computed again, not taken from the single-prompt run."""
+    truth = tube(3, 25)
+    image = image_for(truth)
+    first = propagate(image, prompt_from(truth, 16), ISO, _AgreementOracle(truth, window=4))
+    model = _AgreementOracle(truth, window=4)
+    res = propagate(image, prompt_from(truth, [8, 16]), ISO, model, previous=first)
+    assert res.recomputed == {1: [(0, 7), (9, 15), (17, 29)]}
+    assert res.slice_range == {1: (6, 20)}
+    # With the test off, the same edit reuses the walk beyond slice 16.
+    off_first = _AgreementOracle(truth, window=4)
+    off_first.keyframe_outward_min_agreement = 0.0
+    first = propagate(image, prompt_from(truth, 16), ISO, off_first)
+    off = _AgreementOracle(truth, window=4)
+    off.keyframe_outward_min_agreement = 0.0
+    res = propagate(image, prompt_from(truth, [8, 16]), ISO, off, previous=first)
+    assert res.recomputed == {1: [(0, 7), (9, 15)]}
+
+
 # ----------------------------------------------------------------------------- empty keyframes (walls)
 
 

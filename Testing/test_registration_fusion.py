@@ -198,3 +198,34 @@ def test_registration_weight_round_trips_and_old_headers_mean_zero():
     old = params.to_dict()
     del old["registration_weight"]  # a checkpoint written before the parameter existed
     assert InferenceParams.from_dict(old).registration_weight == 0.0
+
+
+def test_agreement_is_the_dice_of_the_network_and_warped_masks():
+    """``SlicePrediction.agreement``: Dice between the network's own mask and the registration's
+    warped mask, per query. The stale network keeps the guide's square while the warped mask
+    follows the moving one, so the agreement falls with the distance from the guide."""
+    img, truth = sliding_square()
+    p = StaleNetwork(1.0)
+    p.begin(img, 0, truth[0])
+    out = p.predict(img, 0, truth[0], [1, 2, 3, 4])
+    warped = _expected_chain(p, img, 0, truth[0], [1, 2, 3, 4], 1.0) >= 0.5  # w = 1: fused = warped
+    expected = [dice(truth[0], warped[n]) for n in range(4)]
+    np.testing.assert_allclose(out.agreement, expected, atol=1e-6)
+    assert list(np.argsort(-out.agreement)) == [0, 1, 2, 3]  # falls with distance
+    assert out.agreement[0] > 0.9 and out.agreement[3] < 0.87  # measured 0.948 and 0.845
+    # Without registration (w = 0) nothing is computed.
+    p0 = StaleNetwork(0.0)
+    p0.begin(img, 0, truth[0])
+    assert p0.predict(img, 0, truth[0], [1, 2]).agreement is None
+
+
+def test_keyframe_agreement_setting_is_validated_and_reaches_the_predictor():
+    with pytest.raises(ValueError, match=r"keyframe_outward_min_agreement must be within \[0, 1\], got 1.2"):
+        InferenceParams(keyframe_outward_min_agreement=1.2)
+    params = InferenceParams(registration_weight=0.5, keyframe_outward_min_agreement=0.4)
+    assert InferenceParams.from_dict(params.to_dict()).keyframe_outward_min_agreement == 0.4
+    old = params.to_dict()
+    del old["keyframe_outward_min_agreement"]  # a checkpoint written before the parameter existed: off
+    assert InferenceParams.from_dict(old).keyframe_outward_min_agreement == 0.0
+    model = SimpleNamespace(inference=params, preprocessing=PreprocessingParams(input_size=64))
+    assert PAMPredictor(model).keyframe_outward_min_agreement == 0.4

@@ -37,7 +37,8 @@ def parse_config(config: str) -> dict:
     handled by the caller). Options: ``gate`` (intensity drift test against the drawn slice),
     ``gateg`` (against the window's guide), ``nogate`` (no drift test), ``fbD`` (forward-backward check, min Dice D),
     ``thrT`` (mask threshold), ``regW`` (registration weight; ``reg0`` = network only),
-    ``regsideN`` / ``regitN`` (its grid size in px and iterations). Unknown options are an error."""
+    ``regsideN`` / ``regitN`` (its grid size in px and iterations), ``kfagreeD`` (with several
+    keyframes, walks beyond the outermost ones end where the network's and the warped mask's Dice < D). Unknown options are an error."""
     if config.startswith("window"):
         return {"window_mm": float(config[len("window"):])}
     head, *tokens = config.split("+")
@@ -52,6 +53,8 @@ def parse_config(config: str) -> dict:
                 opts["gate"], opts["gate_reference"] = True, "guide"
             elif t == "nogate":
                 opts["gate"] = False
+            elif t.startswith("kfagree"):  # keyframe outward agreement test (min Dice network vs warped)
+                opts["keyframe_outward_min_agreement"] = float(t[7:])
             elif t.startswith("fb"):
                 opts["consistency_min_dice"] = float(t[2:])
             elif t.startswith("thr"):
@@ -66,7 +69,7 @@ def parse_config(config: str) -> dict:
                 raise ValueError(t)
         except ValueError:
             raise SystemExit(f"error: unknown option {t!r} in config {config!r}; options: gate, gateg, nogate, fbD, thrT, "
-                             "regW, regsideN, regitN") from None
+                             "regW, regsideN, regitN, kfagreeD") from None
     return opts
 
 
@@ -75,7 +78,7 @@ def main(argv=None) -> int:
     ap.add_argument("checkpoint")
     ap.add_argument("--configs", default="pam",
                     help="comma-separated: pam, pam+gate, pam+gateg (drift test against the window's guide), pam+nogate, pam+fbD (forward-backward check, min Dice D), "
-                         "pam+thrT (mask threshold T), pam+regW (registration weight W; pam+reg0 = network only; "
+                         "pam+thrT (mask threshold T), pam+kfagreeD (keyframe outward agreement test), pam+regW (registration weight W; pam+reg0 = network only; "
                          "+regsideN/+regitN: its grid size and iterations), "
                          "windowMM, track, ci (contour interpolation, with --keyframes)")
     ap.add_argument("--cache", default=os.environ.get("PAMSEGMENT_CACHE", str(ROOT / "cache")))
@@ -121,7 +124,7 @@ def main(argv=None) -> int:
                                          registration_weight=opts.get("registration_weight"),
                                          gate_reference=opts.get("gate_reference", "prompt" if "gate" in opts else None))
                 predictor.registration_options = opts.get("registration_options", {})
-                for name in ("window_mm", "threshold", "consistency_min_dice"):
+                for name in ("window_mm", "threshold", "consistency_min_dice", "keyframe_outward_min_agreement"):
                     if name in opts:
                         setattr(predictor, name, opts[name])
             res = propagate(case.image, prompt, case.spacing, predictor, axis=0)
