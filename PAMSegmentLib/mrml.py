@@ -612,12 +612,14 @@ class SegmentPropagation:
             else:
                 empty.add(s)
         conf = np.asarray(result.confidence.get(label, np.full(written.shape[axis], np.nan)), dtype=np.float32)
+        agreement = result.agreement.get(label)
         recomputed = sorted(tuple(int(v) for v in iv) for iv in result.recomputed.get(label, []))
         return HistoryEntry(
             segmentation_node=self.segmentation_node, segment_id=target, volume_node=self.volume_node,
             grid=self.grid, axis=axis, range=tuple(result.range) if result.range is not None else
             (0, written.shape[axis] - 1), early_stop=bool(result.early_stop), keyframes=keyframes,
-            empty_keyframes=frozenset(empty), confidence=conf.copy(), result_mask=PackedMask.of(result.mask == label),
+            empty_keyframes=frozenset(empty), confidence=conf.copy(),
+            agreement=None if agreement is None else np.asarray(agreement, dtype=np.float32).copy(), result_mask=PackedMask.of(result.mask == label),
             written=PackedMask.of(written), before=before, created=self.mode == "new", kind=self.kind,
             n_predicted=int(result.n_predicted), recomputed=recomputed, seconds=float(self.elapsed),
             edited=list(self._edited_slices()), reviewed=self._carried_reviews(recomputed),
@@ -839,6 +841,8 @@ class HistoryEntry:
     reviewed: set[int] = field(default_factory=set)
     parent: "HistoryEntry | None" = None  # the entry an update replaced (restored by undo)
     occupied: tuple[int, ...] | None = None  # slices holding the object in ``written`` (computed once)
+    # per slice, the agreement the engine's one-sided walks recorded (PropagationResult.agreement)
+    agreement: np.ndarray | None = None
 
     @property
     def user_slices(self) -> list[int]:
@@ -879,6 +883,7 @@ class HistoryEntry:
             slice_range={}, prompt_slices={1: sorted(self.keyframes)},
             keyframes={1: dict(sorted(keyframes.items()))}, range=tuple(self.range),
             early_stop=self.early_stop,
+            agreement={} if self.agreement is None else {1: self.agreement.copy()},
         )
 
     def review_order(self) -> list[int]:

@@ -116,8 +116,12 @@ class PropagationResult:
     # label -> what ended each walk run in this call: {"start", "direction" (+1/-1), "last" (last
     # slice with the object), "reason"}; reason "presence" (the network: object gone), "drift"
     # (the intensity drift test), "area" (the mask vanished), "consistency" (forward-backward
-    # check) or "end" (the range's end was reached).
+    # check), "agreement" (beyond the outermost of several keyframes: the network and the
+    # registration parted ways) or "end" (the range's end was reached).
     stops: dict[int, list[dict]] = field(default_factory=dict)
+    # label -> per slice, the network-vs-registration agreement recorded by the one-sided walks
+    # (NaN elsewhere): lets an update apply the keyframe agreement test to a walk it reuses.
+    agreement: dict[int, np.ndarray] = field(default_factory=dict)
 
     def notes(self) -> list[str]:
         """Hints for the user about how walks ended (e.g. a drift test that stopped at once)."""
@@ -272,7 +276,7 @@ def _consistent_prefix(volume, predictor, guide_idx, guide_mask, found, out_prob
 
 def _walk(volume, predictor, start, start_mask, direction, end, window, batch_size, early_stop,
           progress, out_probs, out_conf, stats, keep_prob: bool = False, stop_signals: bool = True,
-          min_agreement: float = 0.0) -> int:
+          min_agreement: float = 0.0, out_agree: np.ndarray | None = None) -> int:
     """Propagate from slice ``start`` towards ``end`` (inclusive) in steps of ``direction``.
 
     Writes each predicted slice's probability into ``out_probs[s]`` (float32 dict) and its
@@ -285,7 +289,9 @@ def _walk(volume, predictor, start, start_mask, direction, end, window, batch_si
     ``stop_signals=False`` (walks between two drawn keyframes, both of which hold the object): the
     object-present output and the drift test no longer empty a slice; only an empty mask counts as
     empty. ``min_agreement`` > 0 (walks beyond the outermost of several keyframes): the side also
-    ends where ``SlicePrediction.agreement`` falls below it.
+    ends where ``SlicePrediction.agreement`` falls below it. ``out_agree`` (array per slice) receives
+    the agreement of every slice that holds the object, so that an update can later apply a
+    stricter agreement test to this walk without predicting it again (``_Reuse.truncated``).
     """
     fb_min = float(getattr(predictor, "consistency_min_dice", 0.0) or 0.0) if early_stop else 0.0
     reason = "end"
@@ -315,6 +321,8 @@ def _walk(volume, predictor, start, start_mask, direction, end, window, batch_si
             out_conf.pop(idx, None)
         else:
             out_conf[idx] = np.nan
+        if out_agree is not None:
+            out_agree[idx] = np.nan
 
     while (end - s) * direction >= 0:
         stop = s + direction * (window - 1)
@@ -353,6 +361,8 @@ def _walk(volume, predictor, start, start_mask, direction, end, window, batch_si
                         break
                 else:
                     found.append(idx)
+                    if out_agree is not None and pred.agreement is not None:
+                        out_agree[idx] = float(pred.agreement[q])
             if ended:
                 break
             report(batch, f"slice {batch[-1]}")
@@ -410,15 +420,28 @@ class _Reuse:
     mask: np.ndarray
     confidence: np.ndarray
     keyframes: dict[int, np.ndarray]
+    agreement: np.ndarray | None = None  # per slice, where a one-sided walk recorded it (else NaN)
 
     def same(self, s: int, prompt_mask: np.ndarray) -> bool:
         return s in self.keyframes and np.array_equal(self.keyframes[s], prompt_mask[s])
 
-    def take(self, slices, probs, conf, progress):
+    def take(self, slices, probs, conf, progress, agree: np.ndarray | None = None):
         for s in slices:
             probs[s] = self.mask[s]
             conf[s] = self.confidence[s]
+            if agree is not None and self.agreement is not None:
+                agree[s] = self.agreement[s]
         progress.advance(len(slices), "reused")
+
+    def first_below(self, span, min_agreement: float) -> int | None:
+        """The first slice of a reused walk (in walk order) whose recorded agreement is below
+        ``min_agreement``: where that walk would have ended under the stricter test."""
+        if self.agreement is None:
+            return None
+        for s in span:
+            if self.agreement[s] < min_agreement:  # NaN (not recorded) never is
+                return s
+        return None
 
 
 def _work(keys: list[int], drawn: set[int], lo: int, hi: int) -> int:
@@ -434,7 +457,8 @@ def _work(keys: list[int], drawn: set[int], lo: int, hi: int) -> int:
 def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo, hi, batch_size,
                      early_stop, remove_disconnected, progress, stats, reuse: _Reuse | None = None,
                      empty_keyframes=()):
-    """One label, axis 0. Returns (bool mask, confidence per slice, recomputed intervals).
+    """One label, axis 0. Returns (bool mask, confidence per slice, recomputed intervals, agreement
+    per slice of the one-sided walks).
 
     ``keyframes``: the drawn slices; ``empty_keyframes``: slices the user says do not hold the
     object (walls): no walk crosses one, a walk from a drawn keyframe towards one stops before it
@@ -443,6 +467,7 @@ def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo
     n = volume.shape[0]
     window = window_slices(spacing_axis, predictor)
     conf = np.full(n, np.nan, dtype=np.float32)
+    agreement = np.full(n, np.nan, dtype=np.float32)
     probs: dict[int, np.ndarray] = {}
     drawn = set(keyframes)
     keys = sorted(drawn | set(empty_keyframes))
@@ -479,12 +504,27 @@ def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo
         agree = outward_agreement(len(drawn)) if outward else 0.0
         old = old_walk(a, d)
         # A walk is a function of its start, direction and stopping rule: a truncated earlier walk
-        # is reused when it had the same rule.
-        if old is not None and old[1] == agree and (old[0] - a) * d >= (bound - a) * d:
-            reuse.take(span, probs, conf, progress)
-            return
+        # is reused when it had the same rule. A stricter agreement test only ends it earlier, at
+        # the first slice whose recorded agreement is below the new minimum: the rest is the same.
+        if old is not None and (old[0] - a) * d >= (bound - a) * d:
+            if old[1] == agree:
+                reuse.take(span, probs, conf, progress, agreement)
+                return
+            if old[1] < agree:
+                cut = reuse.first_below(span, agree)
+                kept = list(span) if cut is None else list(range(a + d, cut, d))
+                reuse.take(kept, probs, conf, progress, agreement)
+                if cut is not None:
+                    probs[cut] = np.zeros(volume.shape[1:], dtype=bool)
+                    conf[cut] = 0.0
+                    held = [k for k in kept if reuse.mask[k].any()]
+                    stats.setdefault("stops", []).append({"start": int(a), "direction": int(d),
+                                                          "last": int(held[-1] if held else a),
+                                                          "reason": "agreement"})
+                    progress.advance(len(span) - len(kept), "side finished")
+                return
         _walk(volume, predictor, a, prompt_mask[a], d, bound, window, batch_size, early_stop, progress, probs, conf,
-              stats, min_agreement=agree)
+              stats, min_agreement=agree, out_agree=agreement)
         recomputed.append((min(a + d, bound), max(a + d, bound)))
 
     if keys[0] in drawn:
@@ -533,7 +573,7 @@ def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo
     for kf in keys:  # the user's slices are kept exactly (walls stay empty)
         mask[kf] = prompt_mask[kf]
     stats["postprocess"] += time.perf_counter() - t0
-    return mask, conf, sorted(recomputed)
+    return mask, conf, sorted(recomputed), agreement
 
 
 def propagate(
@@ -625,15 +665,16 @@ def propagate(
             and previous.range == (lo, hi) and previous.early_stop == early_stop
         )
         prev_mask = np.moveaxis(previous.mask, ax, 0) if usable_previous else None
-        keyframes_all, recomputed_all, stops_all = {}, {}, {}
+        keyframes_all, recomputed_all, stops_all, agreement_all = {}, {}, {}, {}
         for lab, keyframes in slices.items():
             tracker.check_cancel()
             stats["stops"] = []
             label_mask = prm == lab
             reuse = None
             if usable_previous and lab in previous.keyframes:
-                reuse = _Reuse(prev_mask == lab, previous.confidence[lab], previous.keyframes[lab])
-            mask, conf, recomputed_all[lab] = _propagate_label(
+                reuse = _Reuse(prev_mask == lab, previous.confidence[lab], previous.keyframes[lab],
+                               previous.agreement.get(lab))
+            mask, conf, recomputed_all[lab], agreement_all[lab] = _propagate_label(
                 vol_f, label_mask, keyframes, predictor, spacing[ax], lo, hi, batch_size, early_stop,
                 remove_disconnected, tracker, stats, reuse, empties[lab])
             keyframes_all[lab] = {k: label_mask[k].copy() for k in user_slices[lab]}
@@ -664,6 +705,7 @@ def propagate(
         early_stop=early_stop,
         recomputed=recomputed_all,
         stops=stops_all,
+        agreement=agreement_all,
     )
 
 

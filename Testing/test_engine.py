@@ -399,24 +399,30 @@ def test_agreement_ends_walks_beyond_the_outermost_keyframes_only():
     assert propagate(image, prompt_from(truth, [8, 16]), ISO, off).slice_range == {1: (3, 25)}
 
 
-def test_a_walk_made_without_the_agreement_test_is_not_reused_with_it():
-    """Drawing a second keyframe turns the agreement test on for the walk beyond the first
-    keyframe: that walk (17-29) is computed again, not taken from the single-prompt run."""
+def test_an_update_applies_the_agreement_test_to_a_reused_walk_without_predicting_it_again():
+    """Drawing a second keyframe turns the agreement test on for the walk beyond the first one
+    (17-29). That walk is a prefix of the single-prompt walk, so the update cuts the reused walk
+    at its first recorded disagreement (slice 21) instead of predicting it again; the result is
+    the same as a run from scratch, mask and confidence."""
     truth = tube(3, 25)
     image = image_for(truth)
     first = propagate(image, prompt_from(truth, 16), ISO, _AgreementOracle(truth, window=4))
+    assert first.slice_range == {1: (3, 25)}
+    assert first.agreement[1][21] == pytest.approx(0.1) and first.agreement[1][18] == pytest.approx(0.9)
     model = _AgreementOracle(truth, window=4)
     res = propagate(image, prompt_from(truth, [8, 16]), ISO, model, previous=first)
-    assert res.recomputed == {1: [(0, 7), (9, 15), (17, 29)]}
-    assert res.slice_range == {1: (6, 20)}
-    # With the test off, the same edit reuses the walk beyond slice 16.
-    off_first = _AgreementOracle(truth, window=4)
-    off_first.keyframe_outward_min_agreement = 0.0
-    first = propagate(image, prompt_from(truth, 16), ISO, off_first)
-    off = _AgreementOracle(truth, window=4)
-    off.keyframe_outward_min_agreement = 0.0
-    res = propagate(image, prompt_from(truth, [8, 16]), ISO, off, previous=first)
     assert res.recomputed == {1: [(0, 7), (9, 15)]}
+    assert not [q for q in predicted(model) if q > 16]
+    scratch = propagate(image, prompt_from(truth, [8, 16]), ISO, _AgreementOracle(truth, window=4))
+    np.testing.assert_array_equal(res.mask, scratch.mask)
+    np.testing.assert_array_equal(res.confidence[1], scratch.confidence[1])
+    assert res.slice_range == scratch.slice_range == {1: (6, 20)}
+    assert {"start": 16, "direction": 1, "last": 20, "reason": "agreement"} in res.stops[1]
+    # Back to one drawn slice the test is off again: the cut walk cannot be reused, it is predicted.
+    model = _AgreementOracle(truth, window=4)
+    back = propagate(image, prompt_from(truth, 16), ISO, model, previous=res)
+    assert back.recomputed == {1: [(0, 15), (17, 29)]}
+    np.testing.assert_array_equal(back.mask, first.mask)
 
 
 # ----------------------------------------------------------------------------- empty keyframes (walls)

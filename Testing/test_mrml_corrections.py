@@ -282,6 +282,41 @@ def test_update_runs_in_the_background_with_the_previous_result(session, monkeyp
     np.testing.assert_array_equal(on_volume(seg, sid, vol)[18], current[18])
 
 
+class AgreeCopy(GuideCopy):
+    """GuideCopy that also reports a network-vs-registration agreement: 0.1 on slices 17 and up,
+    0.9 below; with two or more drawn slices, walks beyond the outermost end below 0.4."""
+
+    keyframe_outward_min_agreement = 0.4
+
+    def predict(self, volume, guide_index, guide_mask, query_indices):
+        out = super().predict(volume, guide_index, guide_mask, query_indices)
+        agree = np.array([0.1 if q >= 17 else 0.9 for q in query_indices], np.float32)
+        return SlicePrediction(out.prob, agreement=agree)
+
+
+def test_update_cuts_a_remembered_walk_by_its_recorded_agreement(mrml_scene):
+    """The history keeps the agreement the walks recorded, so the update after a second drawn
+    slice ends the walk beyond slice 12 at slice 17 without predicting it again."""
+    truth, image = synthetic()
+    vol = make_volume_node(image)
+    seg, ids = make_segmentation(vol, {"tumor": one_slice(truth, CENTER[0])})
+    sid, history = ids["tumor"], PropagationHistory()
+    propagate_segment(vol, seg, sid, model=AgreeCopy(truth), history=history)
+    entry = history.get(seg, sid)
+    assert entry.occupied_slices() == list(range(4, 21))  # one drawn slice: no agreement test
+    assert entry.agreement[18] == pytest.approx(0.1) and entry.agreement[14] == pytest.approx(0.9)
+    current = on_volume(seg, sid, vol)
+    current[8] = False
+    current[8, 16:24, 18:26] = True  # the user redraws slice 8
+    write(seg, sid, vol, current)
+    model = AgreeCopy(truth)
+    update_segment(vol, seg, sid, history, model=model)
+    assert not [q for q in model.predicted if q > 12]  # the walk beyond 12 was reused, cut at 17
+    occupied = np.flatnonzero(on_volume(seg, sid, vol).any(axis=(1, 2))).tolist()
+    assert occupied == list(range(4, 17))
+    np.testing.assert_array_equal(on_volume(seg, sid, vol)[8], current[8])
+
+
 def test_erased_slice_bounds_the_object(session):
     """An entirely erased slice beyond the drawn keyframes means "the object ends before here"."""
     seg, sid, vol, history, truth = session["seg"], session["sid"], session["vol"], session["history"], session["truth"]
