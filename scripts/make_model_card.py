@@ -125,6 +125,9 @@ def main(argv=None) -> int:
             f"({card['inference']['registration_max_side']} px, {card['inference']['registration_iterations']} iterations), "
             + (f"intensity drift test against the {card['inference']['intensity_gate_reference']} region"
                if card["inference"]["intensity_gate"] else "no intensity drift test")
+            + (f", with two or more keyframes walks beyond the outermost end below a network-registration "
+               f"agreement of {card['inference']['keyframe_outward_min_agreement']:g} (Dice)"
+               if card["inference"].get("keyframe_outward_min_agreement", 0) else "")
             + "".join(f"; set after training: {', '.join(f'{k}={v}' for k, v in c['set'].items())} ({c['reason']})"
                       for c in card["provenance"].get("inference_changes", [])) + ".",
             f"* **Data**: {len(card['data']['training_cases'])} real training cases ("
