@@ -70,8 +70,9 @@ class InferenceParams:
     # registration (PAMSegmentLib.baselines.TrackPredictor), chained slice by slice from the guide.
     registration_weight: float = 0.0
     # Its demons registration: grid of at most this many px per side, this many iterations
-    # (coarser and shorter than the `track` baseline's 128 px / 40: the fusion runs it on every
-    # predicted slice, and the network refines the boundary; see the README's ablations).
+    # (the format's defaults are coarser and shorter than the `track` baseline's 128 px / 40: the
+    # fusion runs it on every predicted slice; the shipped checkpoint sets 128 px / 10 iterations;
+    # see the README's ablations).
     registration_max_side: int = 64
     registration_iterations: int = 10
     # With two or more drawn keyframes, the walks outward from the outermost ones also end where

@@ -619,7 +619,8 @@ class SegmentPropagation:
             grid=self.grid, axis=axis, range=tuple(result.range) if result.range is not None else
             (0, written.shape[axis] - 1), early_stop=bool(result.early_stop), keyframes=keyframes,
             empty_keyframes=frozenset(empty), confidence=conf.copy(),
-            agreement=None if agreement is None else np.asarray(agreement, dtype=np.float32).copy(), result_mask=PackedMask.of(result.mask == label),
+            agreement=None if agreement is None else np.asarray(agreement, dtype=np.float32).copy(),
+            result_mask=PackedMask.of(result.mask == label),
             written=PackedMask.of(written), before=before, created=self.mode == "new", kind=self.kind,
             n_predicted=int(result.n_predicted), recomputed=recomputed, seconds=float(self.elapsed),
             edited=list(self._edited_slices()), reviewed=self._carried_reviews(recomputed),

@@ -291,7 +291,7 @@ def _walk(volume, predictor, start, start_mask, direction, end, window, batch_si
     empty. ``min_agreement`` > 0 (walks beyond the outermost of several keyframes): the side also
     ends where ``SlicePrediction.agreement`` falls below it. ``out_agree`` (array per slice) receives
     the agreement of every slice that holds the object, so that an update can later apply a
-    stricter agreement test to this walk without predicting it again (``_Reuse.truncated``).
+    stricter agreement test to this walk without predicting it again (``_Reuse.first_below``).
     """
     fb_min = float(getattr(predictor, "consistency_min_dice", 0.0) or 0.0) if early_stop else 0.0
     reason = "end"
