@@ -288,6 +288,7 @@ def test_validate_configs_parse_to_predictor_settings():
         "threshold": 0.4, "consistency_min_dice": 0.7, "gate": True}
     assert script.parse_config("pam+gateg") == {"gate": True, "gate_reference": "guide"}
     assert script.parse_config("pam+nogate+reg0") == {"gate": False, "registration_weight": 0.0}
+    assert script.parse_config("pam+kfagree0.4") == {"keyframe_outward_min_agreement": 0.4}
     with pytest.raises(SystemExit, match="unknown option 'rge0.5' in config 'pam\\+rge0.5'"):
         script.parse_config("pam+rge0.5")
     with pytest.raises(SystemExit, match="unknown config 'pma'"):

@@ -38,7 +38,8 @@ def parse_config(config: str) -> dict:
     ``gateg`` (against the window's guide), ``nogate`` (no drift test), ``fbD`` (forward-backward check, min Dice D),
     ``thrT`` (mask threshold), ``regW`` (registration weight; ``reg0`` = network only),
     ``regsideN`` / ``regitN`` (its grid size in px and iterations), ``kfagreeD`` (with several
-    keyframes, walks beyond the outermost ones end where the network's and the warped mask's Dice < D). Unknown options are an error."""
+    keyframes, walks beyond the outermost ones end where the network's and the warped mask's
+    Dice < D). Unknown options are an error."""
     if config.startswith("window"):
         return {"window_mm": float(config[len("window"):])}
     head, *tokens = config.split("+")
