@@ -107,8 +107,8 @@ recomputed. <b>Undo propagation</b> puts the segment back as it was before.
 If a propagation stops too early on a segment that spans tissues of different brightness (e.g. all
 vertebrae and discs as one segment), uncheck <b>Stop where the tissue changes</b>.
 With several drawn slices the stop tests do not cut the object between them, and the propagation
-beyond the outermost ones is more cautious: if it stops short of the structure's end, draw one more slice
-further out and press <b>Update from my edits</b>.
+beyond the outermost ones is more cautious: if it stops short of the structure's end, draw one more
+slice further out and press <b>Update from my edits</b>.
 See the <a href="{HOMEPAGE_URL}">documentation</a>.
 """
         self.parent.acknowledgementText = f"""

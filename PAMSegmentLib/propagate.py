@@ -274,6 +274,12 @@ def _consistent_prefix(volume, predictor, guide_idx, guide_mask, found, out_prob
     return 0
 
 
+def _record_stop(stats: dict, start: int, direction: int, last: int, reason: str) -> None:
+    """One entry of ``PropagationResult.stops``: what ended the walk from ``start``."""
+    stats.setdefault("stops", []).append({"start": int(start), "direction": int(direction), "last": int(last),
+                                          "reason": reason})
+
+
 def _walk(volume, predictor, start, start_mask, direction, end, window, batch_size, early_stop,
           progress, out_probs, out_conf, stats, keep_prob: bool = False, stop_signals: bool = True,
           min_agreement: float = 0.0, out_agree: np.ndarray | None = None) -> int:
@@ -298,8 +304,7 @@ def _walk(volume, predictor, start, start_mask, direction, end, window, batch_si
 
     def record(last: int) -> int:
         if early_stop:
-            stats.setdefault("stops", []).append({"start": int(start), "direction": int(direction),
-                                                  "last": int(last), "reason": reason})
+            _record_stop(stats, start, direction, last, reason)
         return last
 
     guide_idx, guide_mask = start, start_mask
@@ -518,9 +523,7 @@ def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo
                     probs[cut] = np.zeros(volume.shape[1:], dtype=bool)
                     conf[cut] = 0.0
                     held = [k for k in kept if reuse.mask[k].any()]
-                    stats.setdefault("stops", []).append({"start": int(a), "direction": int(d),
-                                                          "last": int(held[-1] if held else a),
-                                                          "reason": "agreement"})
+                    _record_stop(stats, a, d, held[-1] if held else a, "agreement")
                     progress.advance(len(span) - len(kept), "side finished")
                 return
         _walk(volume, predictor, a, prompt_mask[a], d, bound, window, batch_size, early_stop, progress, probs, conf,

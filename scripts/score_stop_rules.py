@@ -28,6 +28,17 @@ import sys
 import numpy as np
 
 
+# Each signal of a recorded slice, as the rules compare it.
+SIGNALS = {
+    "net": lambda r: r["a_net"] / max(r["a_guide"], 1),
+    "pres": lambda r: r["presence"],
+    "nw": lambda r: r["dice_net_warp"],
+    "gate": lambda r: r["gate"],
+    "gateg": lambda r: r["gate_guide"],
+    "grow": lambda r: r["a_fused"] / max(r["a_prompt"], 1),
+}
+
+
 def parse_rule(rule: str):
     conds = []
     for part in rule.split("|"):
@@ -39,25 +50,14 @@ def parse_rule(rule: str):
                 break
         else:
             raise SystemExit(f"error: cannot parse condition {part!r} in rule {rule!r} (e.g. net<0.2)")
-        if conds[-1][0] not in ("net", "pres", "nw", "gate", "gateg", "grow"):
-            raise SystemExit(f"error: unknown signal {conds[-1][0]!r} in rule {rule!r}; use net, pres, nw, gate, gateg, grow")
+        if conds[-1][0] not in SIGNALS:
+            raise SystemExit(f"error: unknown signal {conds[-1][0]!r} in rule {rule!r}; use {', '.join(SIGNALS)}")
     return conds
 
 
 def fires(conds, r: dict) -> bool:
     for name, op, v in conds:
-        if name == "net":
-            x = r["a_net"] / max(r["a_guide"], 1)
-        elif name == "pres":
-            x = r["presence"]
-        elif name == "nw":
-            x = r["dice_net_warp"]
-        elif name == "gate":
-            x = r["gate"]
-        elif name == "gateg":
-            x = r["gate_guide"]
-        else:
-            x = r["a_fused"] / max(r["a_prompt"], 1)
+        x = SIGNALS[name](r)
         if (x < v) if op == "<" else (x > v):
             return True
     return False

@@ -53,7 +53,7 @@ class RecordingPredictor(PAMPredictor):
                             if np.any(guide_mask) else self.drift)
         out = super().predict(volume, guide_index, guide_mask, query_indices)
         if not getattr(self, "_fused_here", False):  # network only (no registration plan)
-            self._record(query_indices, out.prob, None, out)
+            self._record(query_indices, out.prob, None, out, None)
         self._fused_here = False
         return out
 
@@ -62,11 +62,11 @@ class RecordingPredictor(PAMPredictor):
         res = super()._fuse(out, plan, transforms, guide_index, queries)
         w = self.registration_weight
         warp = (res.prob - (1 - w) * net) / max(w, 1e-6)
-        self._record(queries, net, warp, res)
+        self._record(queries, net, warp, res, res.agreement)
         self._fused_here = True
         return res
 
-    def _record(self, queries, net, warp, res: SlicePrediction):
+    def _record(self, queries, net, warp, res: SlicePrediction, agreement):
         t = self.threshold
         for n, q in enumerate(queries):
             fused = res.prob[n] >= t
@@ -79,7 +79,8 @@ class RecordingPredictor(PAMPredictor):
                 "a_guide": self._guide_area, "a_prompt": self.prompt_area,
                 "gate": self.drift.score(vals) if vals.size else 0.0,
                 "gate_guide": self._guide_gate.score(vals) if vals.size else 0.0,
-                "dice_net_warp": float(2 * (nm & wm).sum() / max(nm.sum() + wm.sum(), 1)),
+                # the predictor's own agreement (what the engine's keyframe test reads); 1 without fusion
+                "dice_net_warp": 1.0 if agreement is None else float(agreement[n]),
             }
 
 
