@@ -277,16 +277,24 @@ class TrackPredictor(_ClassicalPredictor):
     fast symmetric forces demons (``iterations``, displacement smoothing ``sigma`` px, no
     histogram matching), then resample the guide mask through the displacement field with
     linear interpolation on the full-resolution crop: the query's foreground probability.
+    ``coarse_iterations`` > 0 adds a pyramid level: demons first runs that many iterations on a
+    grid of half that resolution, and its displacement field, resampled onto the finer grid,
+    is where the finer level's ``iterations`` start (large motions converge in fewer steps).
     """
 
     def __init__(self, k: float = 2.0, min_inside: float = 0.5, min_area_fraction: float = 0.05,
                  iterations: int = 40, sigma: float = 1.5, pad: float = 0.5, max_side: int = 128,
                  window_percentiles: tuple[float, float] = (0.5, 99.5), window_margin: float = 0.25,
-                 smooth_sigma: float = 1.0, diffeomorphic: bool = False, threads: int | None = 1):
+                 smooth_sigma: float = 1.0, diffeomorphic: bool = False, threads: int | None = 1,
+                 coarse_iterations: int = 0):
         super().__init__(k, min_inside, min_area_fraction, smooth_sigma)
         import SimpleITK  # noqa: F401  (fail at construction, not mid-walk, if missing)
 
+        if int(iterations) < 1 or int(coarse_iterations) < 0 or int(max_side) < 8:
+            raise ValueError(f"registration needs iterations >= 1, coarse_iterations >= 0 and max_side >= 8; got "
+                             f"{iterations}, {coarse_iterations}, {max_side}")
         self.iterations, self.sigma, self.pad, self.max_side = int(iterations), float(sigma), float(pad), int(max_side)
+        self.coarse_iterations = int(coarse_iterations)
         self.window_percentiles, self.window_margin = tuple(window_percentiles), float(window_margin)
         self.diffeomorphic, self.threads = bool(diffeomorphic), threads
 
@@ -314,35 +322,37 @@ class TrackPredictor(_ClassicalPredictor):
         h, w = fixed.shape
         factor = max(1.0, max(h, w) / self.max_side)
 
-        def image(arr, spacing):
-            im = sitk.GetImageFromArray(arr)
-            im.SetSpacing((spacing, spacing))
-            return im
-
-        if factor > 1.0:
-            size = [max(int(round(w / factor)), 4), max(int(round(h / factor)), 4)]
+        def on_grid(arr, f):
+            """``arr`` on a grid ``f`` times coarser (pixel-centre aligned; physical units = full-res px)."""
+            if f <= 1.0:
+                return sitk.GetImageFromArray(arr)
+            size = [max(int(round(w / f)), 4), max(int(round(h / f)), 4)]
             sp = (w / size[0], h / size[1])
-            origin = (0.5 * (sp[0] - 1.0), 0.5 * (sp[1] - 1.0))  # pixel-centre aligned coarse grid
+            origin = (0.5 * (sp[0] - 1.0), 0.5 * (sp[1] - 1.0))
+            # Anti-aliasing blur, then resample onto the coarse grid.
+            return sitk.Resample(sitk.GetImageFromArray(ndimage.gaussian_filter(arr, 0.5 * f)), size, sitk.Transform(),
+                                 sitk.sitkLinear, origin, sp, (1.0, 0.0, 0.0, 1.0), 0.0, sitk.sitkFloat32)
 
-            def shrink(arr):
-                # Anti-aliasing blur, then resample onto the coarse grid.
-                arr = ndimage.gaussian_filter(arr, 0.5 * factor)
-                return sitk.Resample(image(arr, 1.0), size, sitk.Transform(), sitk.sitkLinear, origin, sp,
-                                     (1.0, 0.0, 0.0, 1.0), 0.0, sitk.sitkFloat32)
+        def demons(iterations, f):
+            d = (sitk.DiffeomorphicDemonsRegistrationFilter() if self.diffeomorphic
+                 else sitk.FastSymmetricForcesDemonsRegistrationFilter())
+            d.SetNumberOfIterations(iterations)
+            d.SetSmoothDisplacementField(True)
+            d.SetStandardDeviations(self.sigma * f)  # physical units = full-res pixels
+            d.SetUseImageSpacing(True)
+            if self.threads:
+                d.SetNumberOfThreads(int(self.threads))
+            return d
 
-            f_reg, m_reg = shrink(fixed), shrink(moving)
+        f_reg, m_reg = on_grid(fixed, factor), on_grid(moving, factor)
+        if self.coarse_iterations:
+            coarse = 2.0 * factor
+            field = demons(self.coarse_iterations, coarse).Execute(on_grid(fixed, coarse), on_grid(moving, coarse))
+            # The coarse field, in physical units, resampled onto the finer grid: where it starts.
+            init = sitk.Resample(field, f_reg, sitk.Transform(), sitk.sitkLinear, 0.0, field.GetPixelID())
+            disp = demons(self.iterations, factor).Execute(f_reg, m_reg, init)
         else:
-            f_reg, m_reg = image(fixed, 1.0), image(moving, 1.0)
-
-        demons = (sitk.DiffeomorphicDemonsRegistrationFilter() if self.diffeomorphic
-                  else sitk.FastSymmetricForcesDemonsRegistrationFilter())
-        demons.SetNumberOfIterations(self.iterations)
-        demons.SetSmoothDisplacementField(True)
-        demons.SetStandardDeviations(self.sigma * factor)  # physical units = full-res pixels
-        demons.SetUseImageSpacing(True)
-        if self.threads:
-            demons.SetNumberOfThreads(int(self.threads))
-        disp = demons.Execute(f_reg, m_reg)
+            disp = demons(self.iterations, factor).Execute(f_reg, m_reg)
         return sitk.DisplacementFieldTransform(sitk.Cast(disp, sitk.sitkVectorFloat64))
 
     @staticmethod

@@ -75,6 +75,9 @@ class InferenceParams:
     # see the README's ablations).
     registration_max_side: int = 64
     registration_iterations: int = 10
+    # > 0: a coarser pyramid level first (half that grid, this many iterations), whose field starts
+    # the registration_max_side grid (0 = one level, the format's default).
+    registration_coarse_iterations: int = 0
     # With two or more drawn keyframes, the walks outward from the outermost ones also end where
     # the network's mask and the registration's warped mask agree less than this (Dice; 0 = off):
     # there the two no longer follow the same object (see the README's keyframe ablation).
@@ -86,6 +89,11 @@ class InferenceParams:
                              f"got {self.intensity_gate_reference!r}")
         if not 0.0 <= float(self.registration_weight) <= 1.0:
             raise ValueError(f"registration_weight must be within [0, 1], got {self.registration_weight}")
+        if int(self.registration_max_side) < 8 or int(self.registration_iterations) < 1 \
+                or int(self.registration_coarse_iterations) < 0:
+            raise ValueError("registration_max_side must be >= 8, registration_iterations >= 1 and "
+                             f"registration_coarse_iterations >= 0; got {self.registration_max_side}, "
+                             f"{self.registration_iterations}, {self.registration_coarse_iterations}")
         if not 0.0 <= float(self.keyframe_outward_min_agreement) <= 1.0:
             raise ValueError("keyframe_outward_min_agreement must be within [0, 1], "
                              f"got {self.keyframe_outward_min_agreement}")

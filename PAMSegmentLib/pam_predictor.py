@@ -39,7 +39,8 @@ class PAMPredictor(SlicePredictor):
 
     ``registration_weight`` w > 0 (default: the checkpoint's inference parameter) fuses the
     network with demons registration (``TrackPredictor.register``/``warp`` on a grid of at most
-    ``registration_max_side`` px, ``registration_iterations`` iterations). Within a window
+    ``registration_max_side`` px, ``registration_iterations`` iterations, after
+    ``registration_coarse_iterations`` on a grid half as fine when that is > 0). Within a window
     the guide's mask is carried slice by slice (guide -> first query -> next query ...) and each
     query's probability is ``(1 - w) * network + w * warped``, the fused mask of one slice being
     what is warped onto the next. The registrations depend on the images only, so they run in
@@ -96,7 +97,8 @@ class PAMPredictor(SlicePredictor):
             from .baselines import TrackPredictor
 
             inf = self.model.inference
-            options = {"max_side": inf.registration_max_side, "iterations": inf.registration_iterations}
+            options = {"max_side": inf.registration_max_side, "iterations": inf.registration_iterations,
+                       "coarse_iterations": inf.registration_coarse_iterations}
             self.registration = TrackPredictor(**{**options, **self.registration_options})
         self._guide_gates = {}
         self.gate = None

@@ -187,9 +187,23 @@ def test_registration_settings_come_from_the_checkpoint():
     p.model.inference = InferenceParams(registration_weight=0.5, registration_max_side=32, registration_iterations=5)
     p.begin(img, 0, truth[0])
     assert (p.registration.max_side, p.registration.iterations) == (32, 5)
+    assert p.registration.coarse_iterations == 0  # one level unless the checkpoint asks for two
     p.registration_options = {"iterations": 7}  # scripts/validate.py's override
     p.begin(img, 0, truth[0])
     assert (p.registration.max_side, p.registration.iterations) == (32, 7)
+    p.model.inference = InferenceParams(registration_weight=0.5, registration_coarse_iterations=10)
+    p.registration_options = {}
+    p.begin(img, 0, truth[0])
+    assert (p.registration.max_side, p.registration.iterations, p.registration.coarse_iterations) == (64, 10, 10)
+
+
+@pytest.mark.parametrize("field,value", [("registration_coarse_iterations", -1), ("registration_iterations", 0),
+                                         ("registration_max_side", 4)])
+def test_registration_settings_out_of_range_are_refused(field, value):
+    with pytest.raises(ValueError, match=field):
+        InferenceParams(**{field: value})
+    assert InferenceParams.from_dict(InferenceParams(registration_coarse_iterations=10).to_dict()) \
+        .registration_coarse_iterations == 10
 
 
 def test_registration_weight_round_trips_and_old_headers_mean_zero():

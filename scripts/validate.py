@@ -37,7 +37,8 @@ def parse_config(config: str) -> dict:
     handled by the caller). Options: ``gate`` (intensity drift test against the drawn slice),
     ``gateg`` (against the window's guide), ``nogate`` (no drift test), ``fbD`` (forward-backward check, min Dice D),
     ``thrT`` (mask threshold), ``regW`` (registration weight; ``reg0`` = network only),
-    ``regsideN`` / ``regitN`` (its grid size in px and iterations), ``kfagreeD`` (with several
+    ``regsideN`` / ``regitN`` / ``regcoarseN`` (its grid size in px, iterations, and iterations of a
+    half-resolution pyramid level first), ``kfagreeD`` (with several
     keyframes, walks beyond the outermost ones end where the network's and the warped mask's
     Dice < D). Unknown options are an error."""
     if config.startswith("window"):
@@ -62,6 +63,8 @@ def parse_config(config: str) -> dict:
                 opts["threshold"] = float(t[3:])
             elif t.startswith("regside"):
                 opts.setdefault("registration_options", {})["max_side"] = int(t[7:])
+            elif t.startswith("regcoarse"):
+                opts.setdefault("registration_options", {})["coarse_iterations"] = int(t[9:])
             elif t.startswith("regit"):
                 opts.setdefault("registration_options", {})["iterations"] = int(t[5:])
             elif t.startswith("reg"):
@@ -70,7 +73,7 @@ def parse_config(config: str) -> dict:
                 raise ValueError(t)
         except ValueError:
             raise SystemExit(f"error: unknown option {t!r} in config {config!r}; options: gate, gateg, nogate, fbD, thrT, "
-                             "regW, regsideN, regitN, kfagreeD") from None
+                             "regW, regsideN, regitN, regcoarseN, kfagreeD") from None
     return opts
 
 
@@ -80,7 +83,7 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", default="pam",
                     help="comma-separated: pam, pam+gate, pam+gateg (drift test against the window's guide), pam+nogate, pam+fbD (forward-backward check, min Dice D), "
                          "pam+thrT (mask threshold T), pam+kfagreeD (keyframe outward agreement test), pam+regW (registration weight W; pam+reg0 = network only; "
-                         "+regsideN/+regitN: its grid size and iterations), "
+                         "+regsideN/+regitN/+regcoarseN: its grid size, iterations and coarse-level iterations), "
                          "windowMM, track, ci (contour interpolation, with --keyframes)")
     ap.add_argument("--cache", default=os.environ.get("PAMSEGMENT_CACHE", str(ROOT / "cache")))
     ap.add_argument("--n", type=int, default=24)
