@@ -277,24 +277,25 @@ class TrackPredictor(_ClassicalPredictor):
     fast symmetric forces demons (``iterations``, displacement smoothing ``sigma`` px, no
     histogram matching), then resample the guide mask through the displacement field with
     linear interpolation on the full-resolution crop: the query's foreground probability.
-    ``coarse_iterations`` > 0 adds a pyramid level: demons first runs that many iterations on a
-    grid of half that resolution, and its displacement field, resampled onto the finer grid,
-    is where the finer level's ``iterations`` start (large motions converge in fewer steps).
+    ``coarse_iterations`` > 0 adds ``coarse_levels`` pyramid levels (each half the resolution of
+    the next): demons first runs that many iterations on the coarsest grid, and each level's
+    displacement field, resampled onto the next finer grid, is where that level starts; the
+    finest runs ``iterations`` (large motions converge in fewer steps).
     """
 
     def __init__(self, k: float = 2.0, min_inside: float = 0.5, min_area_fraction: float = 0.05,
                  iterations: int = 40, sigma: float = 1.5, pad: float = 0.5, max_side: int = 128,
                  window_percentiles: tuple[float, float] = (0.5, 99.5), window_margin: float = 0.25,
                  smooth_sigma: float = 1.0, diffeomorphic: bool = False, threads: int | None = 1,
-                 coarse_iterations: int = 0):
+                 coarse_iterations: int = 0, coarse_levels: int = 1):
         super().__init__(k, min_inside, min_area_fraction, smooth_sigma)
         import SimpleITK  # noqa: F401  (fail at construction, not mid-walk, if missing)
 
-        if int(iterations) < 1 or int(coarse_iterations) < 0 or int(max_side) < 8:
-            raise ValueError(f"registration needs iterations >= 1, coarse_iterations >= 0 and max_side >= 8; got "
-                             f"{iterations}, {coarse_iterations}, {max_side}")
+        if int(iterations) < 1 or int(coarse_iterations) < 0 or int(max_side) < 8 or int(coarse_levels) < 1:
+            raise ValueError(f"registration needs iterations >= 1, coarse_iterations >= 0, coarse_levels >= 1 and "
+                             f"max_side >= 8; got {iterations}, {coarse_iterations}, {coarse_levels}, {max_side}")
         self.iterations, self.sigma, self.pad, self.max_side = int(iterations), float(sigma), float(pad), int(max_side)
-        self.coarse_iterations = int(coarse_iterations)
+        self.coarse_iterations, self.coarse_levels = int(coarse_iterations), int(coarse_levels)
         self.window_percentiles, self.window_margin = tuple(window_percentiles), float(window_margin)
         self.diffeomorphic, self.threads = bool(diffeomorphic), threads
 
@@ -313,25 +314,47 @@ class TrackPredictor(_ClassicalPredictor):
         lo, hi = self._state["window"]
         return np.clip((np.asarray(arr, dtype=np.float32) - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
 
+    def _factors(self, shape) -> list[float]:
+        """Grid coarsening factors, finest first: the registration grid (at most ``max_side`` px),
+        then each pyramid level twice as coarse."""
+        fine = max(1.0, max(shape) / self.max_side)
+        return [fine * 2.0 ** k for k in range(1 + (self.coarse_levels if self.coarse_iterations else 0))]
+
+    def pyramid(self, arr: np.ndarray) -> list:
+        """A normalised 2D crop on the registration's grids, finest first: (coarsening factor,
+        SimpleITK image whose physical units are full-resolution pixels) per level.
+        ``register_pyramids`` takes two of them; a slice used by two registrations needs its
+        pyramid only once."""
+        import SimpleITK as sitk
+
+        arr = np.asarray(arr, dtype=np.float32)
+        h, w = arr.shape
+        out = []
+        for f in self._factors(arr.shape):
+            if f <= 1.0:
+                out.append((f, sitk.GetImageFromArray(arr)))
+                continue
+            size = [max(int(round(w / f)), 4), max(int(round(h / f)), 4)]
+            sp = (w / size[0], h / size[1])
+            origin = (0.5 * (sp[0] - 1.0), 0.5 * (sp[1] - 1.0))  # pixel-centre aligned coarse grid
+            # Anti-aliasing blur, then resample onto the coarse grid.
+            out.append((f, sitk.Resample(sitk.GetImageFromArray(ndimage.gaussian_filter(arr, 0.5 * f)), size,
+                                         sitk.Transform(), sitk.sitkLinear, origin, sp, (1.0, 0.0, 0.0, 1.0), 0.0,
+                                         sitk.sitkFloat32)))
+        return out
+
     def register(self, fixed: np.ndarray, moving: np.ndarray):
         """Demons registration of two normalised 2D crops of the same shape -> a SimpleITK
         transform mapping ``fixed`` pixels to ``moving`` ones (what ``warp`` resamples through).
         Depends on the images only, so several can run at once (SimpleITK releases the GIL)."""
+        return self.register_pyramids(self.pyramid(fixed), self.pyramid(moving))
+
+    def register_pyramids(self, fixed: list, moving: list):
+        """``register`` on two ``pyramid`` results (same crop shape)."""
         import SimpleITK as sitk
 
-        h, w = fixed.shape
-        factor = max(1.0, max(h, w) / self.max_side)
-
-        def on_grid(arr, f):
-            """``arr`` on a grid ``f`` times coarser (pixel-centre aligned; physical units = full-res px)."""
-            if f <= 1.0:
-                return sitk.GetImageFromArray(arr)
-            size = [max(int(round(w / f)), 4), max(int(round(h / f)), 4)]
-            sp = (w / size[0], h / size[1])
-            origin = (0.5 * (sp[0] - 1.0), 0.5 * (sp[1] - 1.0))
-            # Anti-aliasing blur, then resample onto the coarse grid.
-            return sitk.Resample(sitk.GetImageFromArray(ndimage.gaussian_filter(arr, 0.5 * f)), size, sitk.Transform(),
-                                 sitk.sitkLinear, origin, sp, (1.0, 0.0, 0.0, 1.0), 0.0, sitk.sitkFloat32)
+        if [f for f, _ in fixed] != [f for f, _ in moving] or fixed[0][1].GetSize() != moving[0][1].GetSize():
+            raise ValueError("register_pyramids needs two pyramids of the same crop shape")
 
         def demons(iterations, f):
             d = (sitk.DiffeomorphicDemonsRegistrationFilter() if self.diffeomorphic
@@ -344,16 +367,17 @@ class TrackPredictor(_ClassicalPredictor):
                 d.SetNumberOfThreads(int(self.threads))
             return d
 
-        f_reg, m_reg = on_grid(fixed, factor), on_grid(moving, factor)
-        if self.coarse_iterations:
-            coarse = 2.0 * factor
-            field = demons(self.coarse_iterations, coarse).Execute(on_grid(fixed, coarse), on_grid(moving, coarse))
-            # The coarse field, in physical units, resampled onto the finer grid: where it starts.
-            init = sitk.Resample(field, f_reg, sitk.Transform(), sitk.sitkLinear, 0.0, field.GetPixelID())
-            disp = demons(self.iterations, factor).Execute(f_reg, m_reg, init)
-        else:
-            disp = demons(self.iterations, factor).Execute(f_reg, m_reg)
-        return sitk.DisplacementFieldTransform(sitk.Cast(disp, sitk.sitkVectorFloat64))
+        field = None
+        for level in range(len(fixed) - 1, -1, -1):  # coarsest first
+            (f, f_img), (_, m_img) = fixed[level], moving[level]
+            d = demons(self.iterations if level == 0 else self.coarse_iterations, f)
+            if field is None:
+                field = d.Execute(f_img, m_img)
+            else:
+                # The coarser field, in physical units, resampled onto this grid: where it starts.
+                init = sitk.Resample(field, f_img, sitk.Transform(), sitk.sitkLinear, 0.0, field.GetPixelID())
+                field = d.Execute(f_img, m_img, init)
+        return sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
 
     @staticmethod
     def warp(transform, moving_mask: np.ndarray) -> np.ndarray:

@@ -5,6 +5,7 @@ Kept apart from the engine so that the engine and the classical predictors impor
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -147,10 +148,23 @@ class PAMPredictor(SlicePredictor):
         if plan is None:
             return self._gated(volume, guide_index, guide_mask, queries,
                                self._predict_network(volume, guide_index, guide_mask, queries))
-        # Each slice is smoothed and windowed once, though a chain uses it as fixed and as moving.
+        # Each slice is smoothed, windowed and put on the registration's grids once, though a chain
+        # uses it as fixed and as moving (the grids in whichever registration thread needs them first).
         prepared = {k: self._prepared(volume, plan.crop, k) for pair in plan.pairs for k in pair}
+        pyramids: dict[int, list] = {}
+        locks = {k: threading.Lock() for k in prepared}
+
+        def pyramid(k):
+            with locks[k]:
+                if k not in pyramids:
+                    pyramids[k] = self.registration.pyramid(prepared[k])
+                return pyramids[k]
+
+        def register(f, m):
+            return self.registration.register_pyramids(pyramid(f), pyramid(m))
+
         with ThreadPoolExecutor(max_workers=max(int(self.registration_workers), 1)) as pool:
-            futures = [pool.submit(self.registration.register, prepared[f], prepared[m]) for f, m in plan.pairs]
+            futures = [pool.submit(register, f, m) for f, m in plan.pairs]
             out = self._predict_network(volume, guide_index, guide_mask, queries)
             transforms = [f.result() for f in futures]
         # The drift test looks at the fused region: the mask the walk actually carries on.

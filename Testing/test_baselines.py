@@ -130,6 +130,14 @@ def test_track_pyramid_level_follows_a_larger_shift_than_the_same_fine_iteration
     assert single < 0.75 and pyramid > 0.8 and pyramid > longer + 0.02
     with pytest.raises(ValueError, match="coarse_iterations >= 0"):
         TrackPredictor(coarse_iterations=-1)
+    # Pyramids are made once per slice and registered together: the same transform as ``register``.
+    t = TrackPredictor(max_side=64, iterations=5, coarse_iterations=10)
+    fixed, moving = t.pyramid(img[1]), t.pyramid(img[0])
+    assert [f for f, _ in fixed] == [1.5, 3.0]  # 96 px crop: the 64 px grid, then half as fine
+    a = t.warp(t.register_pyramids(fixed, moving), before.astype(np.float32))
+    np.testing.assert_array_equal(a, t.warp(t.register(img[1], img[0]), before.astype(np.float32)))
+    with pytest.raises(ValueError, match="same crop shape"):
+        t.register_pyramids(fixed, t.pyramid(img[0][:80]))
 
 
 def test_intensity_gate_scores():

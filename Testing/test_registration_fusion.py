@@ -72,7 +72,8 @@ def _expected_chain(p: PAMPredictor, img, guide, guide_mask, queries, w):
         return np.clip((ndimage.gaussian_filter(img[k][crop], 1.0) - low) / (high - low), 0, 1).astype(np.float32)
 
     inf = p.model.inference
-    reg = TrackPredictor(max_side=inf.registration_max_side, iterations=inf.registration_iterations)
+    reg = TrackPredictor(max_side=inf.registration_max_side, iterations=inf.registration_iterations,
+                         coarse_iterations=inf.registration_coarse_iterations)
     carried, out, prev = guide_mask[crop], [], guide
     for q in queries:
         fused = (1 - w) * guide_mask.astype(np.float32)  # the stale network's share
@@ -106,6 +107,24 @@ def test_registrations_run_beside_the_network_and_give_the_same_result_in_any_nu
         got[workers] = p.predict(img, 0, truth[0], [1, 2, 3, 4]).prob
     np.testing.assert_array_equal(got[1], got[2])
     np.testing.assert_array_equal(got[1], got[4])
+
+
+def test_each_slice_is_put_on_the_registration_grids_once_per_window():
+    """A chained window of 4 queries registers 4 pairs over 5 slices: the guide and each query's
+    grid images are made once (5 pyramids, not 8), and the result is the one ``register`` gives."""
+    img, truth = sliding_square()
+    p = StaleNetwork(1.0)
+    p.model.inference = InferenceParams(window_mm=4.0, max_window=4, registration_weight=1.0,
+                                        registration_coarse_iterations=5)
+    p.begin(img, 0, truth[0])
+    made = []
+    original = p.registration.pyramid
+    p.registration.pyramid = lambda arr: made.append(arr.shape) or original(arr)
+    out = p.predict(img, 0, truth[0], [1, 2, 3, 4])
+    assert len(made) == 5
+    p.registration.pyramid = original
+    assert p.registration.coarse_iterations == 5
+    np.testing.assert_array_equal(out.prob, _expected_chain(p, img, 0, truth[0], [1, 2, 3, 4], 1.0))
 
 
 def test_a_window_split_into_batches_carries_on_from_its_last_fused_slice():

@@ -38,7 +38,8 @@ def parse_config(config: str) -> dict:
     ``gateg`` (against the window's guide), ``nogate`` (no drift test), ``fbD`` (forward-backward check, min Dice D),
     ``thrT`` (mask threshold), ``regW`` (registration weight; ``reg0`` = network only),
     ``regsideN`` / ``regitN`` / ``regcoarseN`` (its grid size in px, iterations, and iterations of a
-    half-resolution pyramid level first), ``regsigmaS`` (its displacement smoothing, px), ``kfagreeD`` (with several
+    half-resolution pyramid level first; ``reglevelsN``: that many such levels, each half the
+    next), ``regsigmaS`` (its displacement smoothing, px), ``kfagreeD`` (with several
     keyframes, walks beyond the outermost ones end where the network's and the warped mask's
     Dice < D). Unknown options are an error."""
     if config.startswith("window"):
@@ -65,6 +66,8 @@ def parse_config(config: str) -> dict:
                 opts.setdefault("registration_options", {})["max_side"] = int(t[7:])
             elif t.startswith("regsigma"):
                 opts.setdefault("registration_options", {})["sigma"] = float(t[8:])
+            elif t.startswith("reglevels"):
+                opts.setdefault("registration_options", {})["coarse_levels"] = int(t[9:])
             elif t.startswith("regcoarse"):
                 opts.setdefault("registration_options", {})["coarse_iterations"] = int(t[9:])
             elif t.startswith("regit"):
@@ -75,7 +78,7 @@ def parse_config(config: str) -> dict:
                 raise ValueError(t)
         except ValueError:
             raise SystemExit(f"error: unknown option {t!r} in config {config!r}; options: gate, gateg, nogate, fbD, thrT, "
-                             "regW, regsideN, regitN, regcoarseN, regsigmaS, kfagreeD") from None
+                             "regW, regsideN, regitN, regcoarseN, reglevelsN, regsigmaS, kfagreeD") from None
     return opts
 
 
