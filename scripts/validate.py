@@ -36,7 +36,7 @@ def parse_config(config: str) -> dict:
     """``pam[+OPTION...]`` or ``windowMM`` -> the PAMPredictor settings it names (``track`` is
     handled by the caller). Options: ``gate`` (intensity drift test against the drawn slice),
     ``gateg`` (against the window's guide), ``nogate`` (no drift test), ``fbD`` (forward-backward check, min Dice D),
-    ``thrT`` (mask threshold), ``regW`` (registration weight; ``reg0`` = network only),
+    ``thrT`` (mask threshold), ``presP`` (presence threshold), ``regW`` (registration weight; ``reg0`` = network only),
     ``regsideN`` / ``regitN`` / ``regcoarseN`` (its grid size in px, iterations, and iterations of a
     half-resolution pyramid level first; ``reglevelsN``: that many such levels, each half the
     next), ``regsigmaS`` (its displacement smoothing, px), ``kfagreeD`` (with several
@@ -64,6 +64,8 @@ def parse_config(config: str) -> dict:
                 opts["threshold"] = float(t[3:])
             elif t.startswith("regside"):
                 opts.setdefault("registration_options", {})["max_side"] = int(t[7:])
+            elif t.startswith("pres"):
+                opts["presence_threshold"] = float(t[4:])
             elif t.startswith("regsigma"):
                 opts.setdefault("registration_options", {})["sigma"] = float(t[8:])
             elif t.startswith("reglevels"):
@@ -78,7 +80,7 @@ def parse_config(config: str) -> dict:
                 raise ValueError(t)
         except ValueError:
             raise SystemExit(f"error: unknown option {t!r} in config {config!r}; options: gate, gateg, nogate, fbD, thrT, "
-                             "regW, regsideN, regitN, regcoarseN, reglevelsN, regsigmaS, kfagreeD") from None
+                             "presP, regW, regsideN, regitN, regcoarseN, reglevelsN, regsigmaS, kfagreeD") from None
     return opts
 
 
@@ -133,7 +135,8 @@ def main(argv=None) -> int:
                                          registration_weight=opts.get("registration_weight"),
                                          gate_reference=opts.get("gate_reference", "prompt" if "gate" in opts else None))
                 predictor.registration_options = opts.get("registration_options", {})
-                for name in ("window_mm", "threshold", "consistency_min_dice", "keyframe_outward_min_agreement"):
+                for name in ("window_mm", "threshold", "presence_threshold", "consistency_min_dice",
+                             "keyframe_outward_min_agreement"):
                     if name in opts:
                         setattr(predictor, name, opts[name])
             res = propagate(case.image, prompt, case.spacing, predictor, axis=0)
