@@ -388,19 +388,17 @@ class TrackPredictor(_ClassicalPredictor):
         warped = sitk.Resample(mask, mask, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
         return sitk.GetArrayViewFromImage(warped).copy()
 
-    def _warp(self, fixed: np.ndarray, moving: np.ndarray, moving_mask: np.ndarray) -> np.ndarray:
-        return self.warp(self.register(fixed, moving), moving_mask)
-
     def predict(self, volume, guide_index, guide_mask, query_indices: Sequence[int]) -> SlicePrediction:
         guide_mask, origin, prob, presence, sl = self._prepare(volume, guide_index, guide_mask, query_indices,
                                                               self.pad, 8)
         if sl is None:
             return SlicePrediction(prob, presence)
-        moving = self._normalise(self._smooth(volume[guide_index][sl]))
+        # Every query is registered to the same guide crop: its grid images are made once.
+        moving = self.pyramid(self._normalise(self._smooth(volume[guide_index][sl])))
         g = guide_mask[sl]
         for q, idx in enumerate(query_indices):
             raw = self._smooth(volume[idx][sl])
-            p = np.clip(self._warp(self._normalise(raw), moving, g), 0.0, 1.0)
+            p = np.clip(self.warp(self.register_pyramids(self.pyramid(self._normalise(raw)), moving), g), 0.0, 1.0)
             pres = self._presence(raw, p >= self.threshold)
             presence[q] = pres
             if pres >= self.presence_threshold:

@@ -32,6 +32,26 @@ from PAMSegmentLib.propagate import propagate  # noqa: E402
 CASES = ("ts_ct", "ts_ct_dicom", "tptbox_ct_vert")
 
 
+# validate.py config options: flags, and numeric options (prefix -> (settings group or None, key, type)).
+_FLAGS = {
+    "gate": {"gate": True},  # the drift test against the drawn slice
+    "gateg": {"gate": True, "gate_reference": "guide"},  # against the window's guide region
+    "nogate": {"gate": False},
+}
+_NUMERIC = {
+    "kfagree": (None, "keyframe_outward_min_agreement", float),  # min Dice network vs warped, outward
+    "fb": (None, "consistency_min_dice", float),
+    "thr": (None, "threshold", float),
+    "pres": (None, "presence_threshold", float),
+    "reg": (None, "registration_weight", float),
+    "regside": ("registration_options", "max_side", int),
+    "regit": ("registration_options", "iterations", int),
+    "regcoarse": ("registration_options", "coarse_iterations", int),
+    "reglevels": ("registration_options", "coarse_levels", int),
+    "regsigma": ("registration_options", "sigma", float),
+}
+
+
 def parse_config(config: str) -> dict:
     """``pam[+OPTION...]`` or ``windowMM`` -> the PAMPredictor settings it names (``track`` is
     handled by the caller). Options: ``gate`` (intensity drift test against the drawn slice),
@@ -50,37 +70,17 @@ def parse_config(config: str) -> dict:
     opts: dict = {}
     for t in tokens:
         try:
-            if t == "gate":
-                opts["gate"] = True
-            elif t == "gateg":  # the drift test against the window's guide region
-                opts["gate"], opts["gate_reference"] = True, "guide"
-            elif t == "nogate":
-                opts["gate"] = False
-            elif t.startswith("kfagree"):  # keyframe outward agreement test (min Dice network vs warped)
-                opts["keyframe_outward_min_agreement"] = float(t[7:])
-            elif t.startswith("fb"):
-                opts["consistency_min_dice"] = float(t[2:])
-            elif t.startswith("thr"):
-                opts["threshold"] = float(t[3:])
-            elif t.startswith("regside"):
-                opts.setdefault("registration_options", {})["max_side"] = int(t[7:])
-            elif t.startswith("pres"):
-                opts["presence_threshold"] = float(t[4:])
-            elif t.startswith("regsigma"):
-                opts.setdefault("registration_options", {})["sigma"] = float(t[8:])
-            elif t.startswith("reglevels"):
-                opts.setdefault("registration_options", {})["coarse_levels"] = int(t[9:])
-            elif t.startswith("regcoarse"):
-                opts.setdefault("registration_options", {})["coarse_iterations"] = int(t[9:])
-            elif t.startswith("regit"):
-                opts.setdefault("registration_options", {})["iterations"] = int(t[5:])
-            elif t.startswith("reg"):
-                opts["registration_weight"] = float(t[3:])
-            else:
-                raise ValueError(t)
-        except ValueError:
-            raise SystemExit(f"error: unknown option {t!r} in config {config!r}; options: gate, gateg, nogate, fbD, thrT, "
-                             "presP, regW, regsideN, regitN, regcoarseN, reglevelsN, regsigmaS, kfagreeD") from None
+            if t in _FLAGS:
+                opts.update(_FLAGS[t])
+                continue
+            # Longest prefix first ("regsigma" before "reg"); the rest of the token is the value.
+            prefix = next(p for p in sorted(_NUMERIC, key=len, reverse=True) if t.startswith(p))
+            group, key, kind = _NUMERIC[prefix]
+            value = kind(t[len(prefix):])
+            (opts.setdefault(group, {}) if group else opts)[key] = value
+        except (StopIteration, ValueError):
+            raise SystemExit(f"error: unknown option {t!r} in config {config!r}; options: {', '.join(_FLAGS)}, or a "
+                             f"number after one of {', '.join(_NUMERIC)}") from None
     return opts
 
 
