@@ -24,7 +24,7 @@ from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
 from torch import nn
 
-__all__ = ["PAMConfig", "PRESETS", "PAMNetwork", "PAMOutput", "CrossAttention", "build_network"]
+__all__ = ["PAMConfig", "PRESETS", "PAMNetwork", "PAMOutput", "CrossAttention", "InstanceNorm", "build_network"]
 
 
 @dataclass(frozen=True)
@@ -142,6 +142,22 @@ class PAMOutput:
     extras: dict = field(default_factory=dict)
 
 
+class InstanceNorm(nn.GroupNorm):
+    """Instance normalisation computed as a GroupNorm with one group per channel.
+
+    The same function as ``nn.InstanceNorm2d(C, affine=True)`` without running statistics (each
+    sample's channel normalised over its pixels, then scaled and shifted per channel), with the
+    same parameters (``weight``, ``bias`` of shape (C,)) and so the same checkpoint keys. Torch's
+    instance norm on CPU runs as a batch norm over a reshaped input with the affine parameters
+    repeated per sample; the group-norm kernel skips those copies, which made the default network
+    about 10-15 % faster per slice at batch 1 (outputs equal within 1e-6; see the README's
+    Benchmarks).
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True):
+        super().__init__(num_features, num_features, eps=eps, affine=affine)
+
+
 def _conv_kwargs(config: PAMConfig) -> dict:
     return dict(
         n_stages=config.n_stages,
@@ -151,7 +167,7 @@ def _conv_kwargs(config: PAMConfig) -> dict:
         strides=[1] + [2] * (config.n_stages - 1),
         n_conv_per_stage=config.n_conv_per_stage,
         conv_bias=True,
-        norm_op=nn.InstanceNorm2d,
+        norm_op=InstanceNorm,
         norm_op_kwargs={"eps": 1e-5, "affine": True},
         nonlin=nn.LeakyReLU,
         nonlin_kwargs={"inplace": True},

@@ -267,6 +267,43 @@ def test_cross_attention_equals_explicit_softmax_attention():
     assert torch.allclose(out, ref, atol=1e-5)
 
 
+def test_instance_norm_equals_torch_instance_norm_with_the_same_parameters():
+    """The network's norm (a per-channel GroupNorm, faster on CPU) is torch's InstanceNorm2d:
+    same state-dict entries and the same output, per sample and per channel, in training
+    (gradients) as in inference."""
+    from torch import nn
+
+    from PAMSegmentLib.network import InstanceNorm
+
+    torch.manual_seed(0)
+    ours, ref = InstanceNorm(6), nn.InstanceNorm2d(6, eps=1e-5, affine=True)
+    with torch.no_grad():
+        ours.weight.copy_(torch.rand(6) + 0.5)
+        ours.bias.copy_(torch.randn(6))
+    assert set(ours.state_dict()) == set(ref.state_dict()) == {"weight", "bias"}
+    ref.load_state_dict(ours.state_dict())
+    # channels with different scales and offsets, and one constant channel
+    x = torch.randn(3, 6, 9, 7) * torch.arange(1, 7).view(1, 6, 1, 1) + 5 * torch.arange(3).view(3, 1, 1, 1)
+    x[1, 2] = 4.0
+    y1, y2 = ours(x), ref(x)
+    assert torch.allclose(y1, y2, atol=1e-5)
+    # each sample's channel is normalised on its own: mean = bias, std = weight (constant: bias)
+    assert torch.allclose(y1[2, 4].mean(), ours.bias[4], atol=1e-4)
+    assert torch.allclose(y1[2, 4].std(unbiased=False), ours.weight[4], atol=1e-3)
+    assert torch.allclose(y1[1, 2], ours.bias[2].expand(9, 7), atol=1e-4)
+    # the same gradients for training (on a non-constant input: 1/sqrt(eps) is ill-conditioned)
+    x[1, 2] = torch.randn(9, 7)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    weights = torch.randn(x.shape)
+    (ours(x1) * weights).sum().backward()
+    (ref(x2) * weights).sum().backward()
+    assert torch.allclose(x1.grad, x2.grad, atol=1e-4)
+    # and it is what the presets are built with
+    net = PAMNetwork("small")
+    norms = [m for m in net.modules() if isinstance(m, InstanceNorm)]
+    assert len(norms) > 0 and not any(isinstance(m, nn.InstanceNorm2d) for m in net.modules())
+
+
 def test_small_prior_preset_feeds_the_guide_mask_to_the_image_encoder():
     """`small-prior`: the encoder's first conv takes (image, guide mask); changing only the guide
     mask changes the queries' full-resolution features, and decode_queries refuses no mask."""
