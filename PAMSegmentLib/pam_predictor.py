@@ -33,46 +33,6 @@ class _RegistrationPlan:
     pairs: list[tuple[int, int]]  # (fixed, moving) slice indices, one per query
     chained: bool  # each query's moving slice is the previous query (else the guide)
     start_mask: np.ndarray  # crop of the mask carried onto the first query (bool)
-    start_index: int = -1  # the slice that mask belongs to
-
-
-class _BoundaryRefiner:
-    """Moves a fused slice's boundary towards the intensities of the window's reference region.
-
-    Intensity histograms (32 bins of the registration's [0, 1] image) of the reference slice's
-    region and of a ring around it give a log-likelihood ratio per intensity; within ``band``
-    x the region's equivalent radius (at least 2 px) of a query's fused boundary, its probability
-    moves by ``weight`` x tanh(LLR / 2) / 2. Far from the boundary nothing changes.
-    """
-
-    BINS = 32
-
-    def __init__(self, image: np.ndarray, mask: np.ndarray, band: float, weight: float):
-        mask = np.asarray(mask, dtype=bool)
-        area = int(mask.sum())
-        self.radius = max(2.0, band * float(np.sqrt(area / np.pi)))
-        self.weight = float(weight)
-        ring = ~mask & (ndimage.distance_transform_edt(~mask) <= self.radius)
-        self.llr = None
-        if area and ring.any():
-            bins = self._bins(image)
-            # frequencies plus the same small floor on both sides: an intensity seen in neither is neutral
-            inside = np.bincount(bins[mask], minlength=self.BINS) / area + 0.1 / self.BINS
-            outside = np.bincount(bins[ring], minlength=self.BINS) / ring.sum() + 0.1 / self.BINS
-            self.llr = np.clip(np.log(inside) - np.log(outside), -4.0, 4.0)
-
-    def _bins(self, image: np.ndarray) -> np.ndarray:
-        return np.clip((np.asarray(image) * self.BINS).astype(np.int64), 0, self.BINS - 1)
-
-    def __call__(self, image: np.ndarray, prob: np.ndarray, threshold: float) -> np.ndarray:
-        mask = prob >= threshold
-        if self.llr is None or not mask.any() or mask.all():
-            return prob
-        band = np.where(mask, ndimage.distance_transform_edt(mask), ndimage.distance_transform_edt(~mask)) <= self.radius
-        shift = self.weight * 0.5 * np.tanh(self.llr[self._bins(image[band])] / 2.0)
-        out = prob.copy()
-        out[band] = prob[band] + shift.astype(prob.dtype)
-        return out
 
 
 class PAMPredictor(SlicePredictor):
@@ -100,9 +60,6 @@ class PAMPredictor(SlicePredictor):
     # TrackPredictor options overriding the checkpoint's registration_max_side/_iterations.
     registration_options: dict = {}
     registration_workers: int = 2
-    # Experimental (off): intensity refinement of each fused slice's boundary (_BoundaryRefiner).
-    refine_weight: float = 0.0
-    refine_band: float = 0.15
 
     def __init__(self, model, intensity_gate: bool | None = None, registration_weight: float | None = None,
                  gate_reference: str | None = None):
@@ -212,7 +169,7 @@ class PAMPredictor(SlicePredictor):
             transforms = [f.result() for f in futures]
         # The drift test looks at the fused region: the mask the walk actually carries on.
         return self._gated(volume, guide_index, guide_mask, queries,
-                           self._fuse(out, plan, transforms, int(guide_index), queries, prepared))
+                           self._fuse(out, plan, transforms, int(guide_index), queries))
 
     def _registration_plan(self, guide_index, guide_mask, queries) -> _RegistrationPlan | None:
         from .baselines import _crop_around
@@ -236,9 +193,9 @@ class PAMPredictor(SlicePredictor):
             if crop is None:
                 return None
             return _RegistrationPlan(crop, [(q, guide_index) for q in queries], False,
-                                     np.asarray(guide_mask, dtype=bool)[crop], guide_index)
+                                     np.asarray(guide_mask, dtype=bool)[crop])
         previous = [start_index] + queries[:-1]
-        return _RegistrationPlan(crop, list(zip(queries, previous)), True, start, start_index)
+        return _RegistrationPlan(crop, list(zip(queries, previous)), True, start)
 
     def _prepared(self, volume, crop, index) -> np.ndarray:
         """A slice's crop as the registration sees it: smoothed, in PAM's window, scaled to [0, 1]."""
@@ -246,12 +203,8 @@ class PAMPredictor(SlicePredictor):
         arr = _smoothed(volume[index][crop])
         return np.clip((arr - low) / max(high - low, 1e-6), 0.0, 1.0).astype(np.float32)
 
-    def _fuse(self, out: SlicePrediction, plan: _RegistrationPlan, transforms, guide_index, queries,
-              prepared: dict | None = None) -> SlicePrediction:
+    def _fuse(self, out: SlicePrediction, plan: _RegistrationPlan, transforms, guide_index, queries) -> SlicePrediction:
         w = self.registration_weight
-        refine = None
-        if self.refine_weight > 0 and prepared is not None and plan.start_index in prepared:
-            refine = _BoundaryRefiner(prepared[plan.start_index], plan.start_mask, self.refine_band, self.refine_weight)
         warp = self.registration.warp
         prob = np.asarray(out.prob, dtype=np.float32)  # the network's fresh output: scaled in place
         # Where the network and the registration follow the same object (Dice of their masks; a
@@ -268,8 +221,6 @@ class PAMPredictor(SlicePredictor):
             wm = warped >= 0.5
             agreement[n] = 2.0 * np.count_nonzero(crop_net[n] & wm) / max(int(net_area[n]) + np.count_nonzero(wm), 1)
             prob[n][plan.crop] += w * warped
-            if refine is not None:
-                prob[n][plan.crop] = refine(prepared[queries[n]], prob[n][plan.crop], self.threshold)
             if plan.chained:
                 carried = prob[n][plan.crop] >= self.threshold
         if plan.chained:

@@ -49,8 +49,6 @@ _NUMERIC = {
     "regcoarse": ("registration_options", "coarse_iterations", int),
     "reglevels": ("registration_options", "coarse_levels", int),
     "regsigma": ("registration_options", "sigma", float),
-    "refine": (None, "refine_weight", float),  # experimental intensity refinement of the fused boundary
-    "refband": (None, "refine_band", float),
 }
 
 
@@ -138,7 +136,7 @@ def main(argv=None) -> int:
                                          gate_reference=opts.get("gate_reference", "prompt" if "gate" in opts else None))
                 predictor.registration_options = opts.get("registration_options", {})
                 for name in ("window_mm", "threshold", "presence_threshold", "consistency_min_dice",
-                             "keyframe_outward_min_agreement", "refine_weight", "refine_band"):
+                             "keyframe_outward_min_agreement"):
                     if name in opts:
                         setattr(predictor, name, opts[name])
             res = propagate(case.image, prompt, case.spacing, predictor, axis=0)
