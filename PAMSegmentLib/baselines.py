@@ -281,13 +281,16 @@ class TrackPredictor(_ClassicalPredictor):
     the next): demons first runs that many iterations on the coarsest grid, and each level's
     displacement field, resampled onto the next finer grid, is where that level starts; the
     finest runs ``iterations`` (large motions converge in fewer steps).
+    ``max_step`` > 0 limits each demons update to that many px *of the grid it runs on*; 0 keeps
+    SimpleITK's default limit of 0.5 in physical units, which here are full-resolution px, so on a
+    crop downsampled f times a level moved at most 0.5 / f of its own px per iteration.
     """
 
     def __init__(self, k: float = 2.0, min_inside: float = 0.5, min_area_fraction: float = 0.05,
                  iterations: int = 40, sigma: float = 1.5, pad: float = 0.5, max_side: int = 128,
                  window_percentiles: tuple[float, float] = (0.5, 99.5), window_margin: float = 0.25,
                  smooth_sigma: float = 1.0, diffeomorphic: bool = False, threads: int | None = 1,
-                 coarse_iterations: int = 0, coarse_levels: int = 1):
+                 coarse_iterations: int = 0, coarse_levels: int = 1, max_step: float = 0.0):
         super().__init__(k, min_inside, min_area_fraction, smooth_sigma)
         import SimpleITK  # noqa: F401  (fail at construction, not mid-walk, if missing)
 
@@ -296,6 +299,9 @@ class TrackPredictor(_ClassicalPredictor):
                              f"max_side >= 8; got {iterations}, {coarse_iterations}, {coarse_levels}, {max_side}")
         self.iterations, self.sigma, self.pad, self.max_side = int(iterations), float(sigma), float(pad), int(max_side)
         self.coarse_iterations, self.coarse_levels = int(coarse_iterations), int(coarse_levels)
+        if not float(max_step) >= 0.0:
+            raise ValueError(f"registration max_step must be >= 0 (0 = SimpleITK's default), got {max_step}")
+        self.max_step = float(max_step)
         self.window_percentiles, self.window_margin = tuple(window_percentiles), float(window_margin)
         self.diffeomorphic, self.threads = bool(diffeomorphic), threads
 
@@ -362,6 +368,8 @@ class TrackPredictor(_ClassicalPredictor):
             d.SetNumberOfIterations(iterations)
             d.SetSmoothDisplacementField(True)
             d.SetStandardDeviations(self.sigma * f)  # physical units = full-res pixels
+            if self.max_step > 0:  # likewise: max_step grid px = max_step * f physical units
+                d.SetMaximumUpdateStepLength(self.max_step * f)
             d.SetUseImageSpacing(True)
             if self.threads:
                 d.SetNumberOfThreads(int(self.threads))

@@ -140,6 +140,37 @@ def test_track_pyramid_level_follows_a_larger_shift_than_the_same_fine_iteration
         t.register_pyramids(fixed, t.pyramid(img[0][:80]))
 
 
+def test_track_step_limit_in_grid_pixels_follows_large_motion_on_a_downsampled_crop():
+    """``max_step``: SimpleITK limits each demons update to 0.5 in physical units, which here are
+    full-resolution px; on a 300 px crop put on a 128 px grid (2.3 full-res px per grid px) and a
+    64 px coarse level a step was therefore 0.2 / 0.1 of a grid px, and 10 + 10 iterations do not
+    reach a disk (radius 80 px) moved 20 px: Dice 0.905 (0.842 unmoved). With the limit in grid
+    px (0.5, Thirion's value) the same iterations reach 0.986; a disk grown by 20 px in radius
+    0.848 -> 0.984."""
+    yy, xx = np.ogrid[:300, :300]
+    disk = lambda r, cx: ((yy - 150) ** 2 + (xx - cx) ** 2 <= r * r).astype(np.float32)  # noqa: E731
+    rng = np.random.default_rng(0)
+
+    def image(mask):
+        return (ndimage.gaussian_filter(mask * 0.6 + 0.2, 2) + rng.normal(0, 0.02, mask.shape)).astype(np.float32)
+
+    def warped_dice(moved, step):
+        t = TrackPredictor(max_side=128, iterations=10, coarse_iterations=10, max_step=step)
+        return dice(t.warp(t.register(image(moved), image(disk(80, 150))), disk(80, 150)) >= 0.5, moved > 0)
+
+    shifted, grown = disk(80, 170), disk(100, 150)
+    assert dice(disk(80, 150) > 0, shifted > 0) < 0.85
+    assert warped_dice(shifted, 0.0) < 0.93 < 0.97 < warped_dice(shifted, 0.5)
+    assert warped_dice(grown, 0.0) < 0.9 < 0.97 < warped_dice(grown, 0.5)
+    # a crop that needs no downsampling, one level (f = 1): 0.5 grid px is SimpleITK's own limit
+    small, moved = image(disk(30, 150))[100:200, 100:200], image(disk(30, 156))[100:200, 100:200]
+    a, b = (TrackPredictor(iterations=10, max_step=s) for s in (0.0, 0.5))
+    np.testing.assert_array_equal(a.warp(a.register(moved, small), disk(30, 150)[100:200, 100:200]),
+                                  b.warp(b.register(moved, small), disk(30, 150)[100:200, 100:200]))
+    with pytest.raises(ValueError, match="max_step must be >= 0"):
+        TrackPredictor(max_step=-1)
+
+
 def test_intensity_gate_scores():
     rng = np.random.default_rng(0)
     sl = rng.normal(100, 10, (32, 32))

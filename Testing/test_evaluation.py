@@ -292,6 +292,9 @@ def test_validate_configs_parse_to_predictor_settings():
     assert script.parse_config("pam+pres0.4") == {"presence_threshold": 0.4}
     assert script.parse_config("pam+regcoarse10+reglevels2+regit5+regsigma2") == {
         "registration_options": {"coarse_iterations": 10, "coarse_levels": 2, "iterations": 5, "sigma": 2.0}}
+    assert script.parse_config("pam+regstep0.5") == {"registration_options": {"max_step": 0.5}}
+    assert script.parse_config("track+regstep1") == {"registration_options": {"max_step": 1.0}}
+    assert script.parse_config("track") == {}
     with pytest.raises(SystemExit, match="unknown option 'rge0.5' in config 'pam\\+rge0.5'"):
         script.parse_config("pam+rge0.5")
     with pytest.raises(SystemExit, match="unknown config 'pma'"):

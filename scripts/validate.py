@@ -49,24 +49,26 @@ _NUMERIC = {
     "regcoarse": ("registration_options", "coarse_iterations", int),
     "reglevels": ("registration_options", "coarse_levels", int),
     "regsigma": ("registration_options", "sigma", float),
+    "regstep": ("registration_options", "max_step", float),  # demons step limit, grid px per iteration
 }
 
 
 def parse_config(config: str) -> dict:
     """``pam[+OPTION...]`` or ``windowMM`` -> the PAMPredictor settings it names (``track`` is
-    handled by the caller). Options: ``gate`` (intensity drift test against the drawn slice),
+    handled by the caller; ``track+reg...`` sets the baseline's registration options). Options: ``gate`` (intensity drift test against the drawn slice),
     ``gateg`` (against the window's guide), ``nogate`` (no drift test), ``fbD`` (forward-backward check, min Dice D),
     ``thrT`` (mask threshold), ``presP`` (presence threshold), ``regW`` (registration weight; ``reg0`` = network only),
     ``regsideN`` / ``regitN`` / ``regcoarseN`` (its grid size in px, iterations, and iterations of a
     half-resolution pyramid level first; ``reglevelsN``: that many such levels, each half the
-    next), ``regsigmaS`` (its displacement smoothing, px), ``kfagreeD`` (with several
+    next), ``regsigmaS`` (its displacement smoothing, px), ``regstepS`` (its demons step limit, px of the
+    grid per iteration; 0 = SimpleITK's default), ``kfagreeD`` (with several
     keyframes, walks beyond the outermost ones end where the network's and the warped mask's
     Dice < D). Unknown options are an error."""
     if config.startswith("window"):
         return {"window_mm": float(config[len("window"):])}
     head, *tokens = config.split("+")
-    if head != "pam":
-        raise SystemExit(f"error: unknown config {config!r}; expected pam[+option...], windowMM or track")
+    if head not in ("pam", "track"):
+        raise SystemExit(f"error: unknown config {config!r}; expected pam[+option...], windowMM or track[+option...]")
     opts: dict = {}
     for t in tokens:
         try:
@@ -102,7 +104,7 @@ def main(argv=None) -> int:
                     help=f"comma-separated training cases (default {','.join(CASES)})")
     args = ap.parse_args(argv)
     for c in args.configs.split(","):  # a typo fails here, before any case is read
-        if c not in ("track", "ci"):
+        if c != "ci":
             parse_config(c)
     import torch
 
@@ -126,8 +128,8 @@ def main(argv=None) -> int:
             if c == "ci":
                 scores[c].append(dice(contour_interpolation(prompt > 0), ref))
                 continue
-            if c == "track":
-                predictor = get_predictor("track")
+            if c.split("+")[0] == "track":  # the baseline; only its registration options apply
+                predictor = get_predictor("track", **parse_config(c).get("registration_options", {}))
             else:
                 opts = parse_config(c)
                 # Options not named keep the checkpoint's inference parameters.
