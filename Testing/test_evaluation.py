@@ -174,6 +174,33 @@ def test_summary_markdown_tables():
     assert "| track | 0.800 | 0.900 | 1.00 |" in md  # correction rounds
 
 
+def test_paired_difference_to_track_with_bootstrap_interval():
+    """Differences are paired by case and structure; the interval is a percentile bootstrap of
+    the mean over structures, so equal differences give a zero-width interval at that value."""
+    def row(case, name, group, method, d, pos=0.5):
+        return {"case": case, "structure": name, "group": group, "method": method, "protocol": "single",
+                "position": pos, "dice": d, "nsd": d, "hd95": 1.0, "seconds": 0.5, "n_predicted": 10}
+
+    rows = [row("c1", "s1", "G1", "track", 0.7), row("c1", "s1", "G1", "pam", 0.8),
+            row("c1", "s2", "G1", "track", 0.5), row("c1", "s2", "G1", "pam", 0.6),
+            row("c2", "s1", "G2", "track", 0.9), row("c2", "s1", "G2", "pam", 0.6),  # same name, other case
+            row("c2", "s4", "G2", "track", 0.2),  # no pam row: not paired
+            row("c1", "s1", "G1", "pam", 0.1, pos=0.3)]  # another position: filtered out
+    same = ev.paired_difference(rows, "pam", "track", {"position": 0.5, "group": "G1"})
+    assert same["n"] == 2 and same["mean"] == pytest.approx(0.1)
+    assert same["lo"] == pytest.approx(0.1) and same["hi"] == pytest.approx(0.1)
+    assert (same["ahead"], same["behind"]) == (2, 0)
+    both = ev.paired_difference(rows, "pam", "track", {"position": 0.5})
+    assert both["n"] == 3 and both["mean"] == pytest.approx((0.1 + 0.1 - 0.3) / 3)
+    # resampling 3 structures: the mean can be anywhere from -0.3 (all c2) to +0.1 (no c2)
+    assert -0.3 - 1e-9 <= both["lo"] < both["mean"] < both["hi"] <= 0.1 + 1e-9
+    assert (both["ahead"], both["behind"]) == (2, 1)
+    assert ev.paired_difference(rows, "pam", "copy", {"position": 0.5}) is None
+    md = ev.summary_markdown(rows)
+    assert "| G1 | +0.100 [+0.100, +0.100] (2 / 0) |" in md
+    assert "| G2 | -0.300 [-0.300, -0.300] (0 / 1) |" in md
+
+
 def test_csv_round_trip(tmp_path):
     rows = [{"case": "c", "method": "copy", "protocol": "single", "position": 0.5, "dice": 0.25,
              "prompt_slices": [3, 4], "conf_hit": True, "hd95": float("inf"), "extra": "x"}]
