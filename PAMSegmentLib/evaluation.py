@@ -25,7 +25,7 @@ import numpy as np
 from .errors import InputError
 
 __all__ = [
-    "EvalStructure", "EvalCase", "load_split", "load_case", "validation_items", "validation_prompt_slices",
+    "EvalStructure", "EvalCase", "load_split", "load_case", "along_axis", "validation_items", "validation_prompt_slices",
     "extent", "slice_at", "prompt_from_reference",
     "slice_dice", "worst_slices", "confidence_hit", "contour_interpolation", "correction_slice",
     "simulate_corrections", "aggregate", "mean", "paired_difference", "write_csv", "read_csv", "summary_markdown",
@@ -92,6 +92,20 @@ def load_case(cache_dir: str | os.PathLike, case_id: str) -> EvalCase:
         names = json.loads(str(z["label_names"])) if "label_names" in z.files else {}
         modality = str(z["modality"]) if "modality" in z.files else ""
     return EvalCase(case_id, image, labels, spacing, {int(k): str(v) for k, v in names.items()}, modality)
+
+
+def along_axis(case: EvalCase, axis: int) -> EvalCase:
+    """``case`` with array axis ``axis`` moved first (spacing permuted alike), as the engine does
+    for a prompt drawn on that axis's slices (``np.moveaxis``): evaluating the transposed case
+    along axis 0 is propagating the original along ``axis``."""
+    axis = int(axis)
+    if axis not in (0, 1, 2):
+        raise InputError(f"axis must be 0, 1 or 2, got {axis}")
+    if axis == 0:
+        return case
+    order = [axis] + [a for a in range(3) if a != axis]
+    return EvalCase(case.case_id, np.moveaxis(case.image, axis, 0), np.moveaxis(case.labels, axis, 0),
+                    tuple(case.spacing[a] for a in order), case.label_names, case.modality)
 
 
 def validation_items(cache_dir: str | os.PathLike, split_path: str | os.PathLike, case_names: Sequence[str],

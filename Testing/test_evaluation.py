@@ -201,6 +201,33 @@ def test_paired_difference_to_track_with_bootstrap_interval():
     assert "| G2 | -0.300 [-0.300, -0.300] (0 / 1) |" in md
 
 
+def test_along_axis_is_what_the_engine_does_for_a_prompt_on_another_axis():
+    """``evaluate.py --axis A`` moves axis A first (spacing alike); propagating that case along
+    axis 0 gives the engine's result for the original case propagated along A."""
+    from PAMSegmentLib.baselines import get_predictor
+    from PAMSegmentLib.propagate import propagate
+
+    img = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    case = ev.EvalCase("x", img, (img > 10).astype(np.uint8), (3.0, 2.0, 1.0), {1: "a"})
+    t = ev.along_axis(case, 2)
+    assert t.image.shape == (4, 2, 3) and t.spacing == (1.0, 3.0, 2.0)
+    assert t.image[3, 1, 2] == img[1, 2, 3] and t.labels[3, 1, 2] == 1
+    assert ev.along_axis(case, 0) is case
+    with pytest.raises(InputError, match="axis must be 0, 1 or 2"):
+        ev.along_axis(case, 3)
+    # a ball-ish object; the prompt on the middle slice along axis 1
+    zz, yy, xx = np.mgrid[:20, :24, :22]
+    obj = ((zz - 10) ** 2 / 36 + (yy - 12) ** 2 / 64 + (xx - 11) ** 2 / 49) <= 1
+    image = np.where(obj, 100.0, 0.0).astype(np.float32) + np.random.default_rng(0).normal(0, 3, obj.shape).astype(np.float32)
+    prompt = np.zeros(obj.shape, np.uint8)
+    prompt[:, 12] = obj[:, 12]
+    direct = propagate(image, prompt, (1.0, 2.0, 1.5), get_predictor("copy"), axis=1).mask
+    moved = ev.along_axis(ev.EvalCase("b", image, prompt, (1.0, 2.0, 1.5), {1: "b"}), 1)
+    via = propagate(moved.image, moved.labels, moved.spacing, get_predictor("copy"), axis=0).mask
+    assert direct.sum() > prompt.sum()  # it did propagate
+    np.testing.assert_array_equal(np.moveaxis(direct, 1, 0), via)
+
+
 def test_csv_round_trip(tmp_path):
     rows = [{"case": "c", "method": "copy", "protocol": "single", "position": 0.5, "dice": 0.25,
              "prompt_slices": [3, 4], "conf_hit": True, "hd95": float("inf"), "extra": "x"}]

@@ -4,7 +4,8 @@
 Protocol (issue 3 item 7, issue 6 item 4): for every evaluation structure the prompt is the
 reference mask on one slice of the structure's extent along array axis 0 (50 % = the middle;
 ``--positions`` adds others), and the whole case volume is propagated along axis 0 with each
-method through the same engine. Scores: 3D Dice, normalized surface Dice at 2 mm, HD95, seconds
+method through the same engine (``--axis 1`` / ``2``: along another array axis instead, as for a
+prompt drawn on one of the other two planes). Scores: 3D Dice, normalized surface Dice at 2 mm, HD95, seconds
 and slices predicted. Optional: ``--keyframes`` (reference drawn at 25 % and 75 %: the engine
 with two keyframes vs ITK morphological contour interpolation of the same two slices) and
 ``--correction-rounds N`` (simulated correction session, see PAMSegmentLib.evaluation).
@@ -15,6 +16,7 @@ Examples:
     python scripts/evaluate.py --methods track,copy --limit 6
     python scripts/evaluate.py --checkpoint Resources/Models/pam_small.pt --keyframes --correction-rounds 3
     python scripts/evaluate.py --methods pam --checkpoint a=runs/a.pt --checkpoint b=runs/b.pt
+    python scripts/evaluate.py --axis 1 --groups "abdominal CT" --out runs/eval_axis1
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--groups", default="", help="comma-separated group names or substrings to evaluate (default all)")
     p.add_argument("--cases", default="", help="comma-separated case ids to evaluate (default all)")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N structures (quick runs)")
+    p.add_argument("--axis", type=int, choices=(0, 1, 2), default=0,
+                   help="propagation axis of the arrays (default 0; 1 and 2: prompts drawn on the other two planes)")
     p.add_argument("--threads", type=int, default=1, help="torch/ITK threads (default 1)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=16)
@@ -339,7 +343,7 @@ def main(argv=None):
     case, runner = None, None
     for n, st in enumerate(structures, 1):
         if case is None or case.case_id != st.case:
-            case = ev.load_case(args.cache, st.case)
+            case = ev.along_axis(ev.load_case(args.cache, st.case), args.axis)
             runner = Runner(args, case)
         if not (case.labels == st.label).any():
             print(f"[{n}/{len(structures)}] {st.case}:{st.name} has no voxels in the case file; skipped", flush=True)
