@@ -349,6 +349,8 @@ def test_validate_configs_parse_to_predictor_settings():
     assert script.parse_config("pam+regstep0.5") == {"registration_options": {"max_step": 0.5}}
     assert script.parse_config("track+regstep1") == {"registration_options": {"max_step": 1.0}}
     assert script.parse_config("track") == {}
+    with pytest.raises(SystemExit, match="track baseline takes only its registration's options"):
+        script.parse_config("track+gate")
     with pytest.raises(SystemExit, match="unknown option 'rge0.5' in config 'pam\\+rge0.5'"):
         script.parse_config("pam+rge0.5")
     with pytest.raises(SystemExit, match="unknown config 'pma'"):

@@ -4,9 +4,9 @@
 Protocol (issue 3 item 7, issue 6 item 4): for every evaluation structure the prompt is the
 reference mask on one slice of the structure's extent along array axis 0 (50 % = the middle;
 ``--positions`` adds others), and the whole case volume is propagated along axis 0 with each
-method through the same engine (``--axis 1`` / ``2``: along another array axis instead, as for a
-prompt drawn on one of the other two planes). Scores: 3D Dice, normalized surface Dice at 2 mm, HD95, seconds
-and slices predicted. Optional: ``--keyframes`` (reference drawn at 25 % and 75 %: the engine
+method through the same engine (``--axis 1`` / ``2``: along another array axis instead, as for
+a prompt drawn on one of the other two planes). Scores: 3D Dice, normalized surface Dice at 2 mm,
+HD95, seconds and slices predicted. Optional: ``--keyframes`` (reference drawn at 25 % and 75 %: the engine
 with two keyframes vs ITK morphological contour interpolation of the same two slices) and
 ``--correction-rounds N`` (simulated correction session, see PAMSegmentLib.evaluation).
 

@@ -54,8 +54,9 @@ _NUMERIC = {
 
 
 def parse_config(config: str) -> dict:
-    """``pam[+OPTION...]`` or ``windowMM`` -> the PAMPredictor settings it names (``track`` is
-    handled by the caller; ``track+reg...`` sets the baseline's registration options). Options: ``gate`` (intensity drift test against the drawn slice),
+    """``pam[+OPTION...]`` or ``windowMM`` -> the PAMPredictor settings it names; ``track[+OPTION...]``
+    -> the baseline's registration options (only ``reg...`` options that set them are accepted).
+    Options: ``gate`` (intensity drift test against the drawn slice),
     ``gateg`` (against the window's guide), ``nogate`` (no drift test), ``fbD`` (forward-backward check, min Dice D),
     ``thrT`` (mask threshold), ``presP`` (presence threshold), ``regW`` (registration weight; ``reg0`` = network only),
     ``regsideN`` / ``regitN`` / ``regcoarseN`` (its grid size in px, iterations, and iterations of a
@@ -83,6 +84,9 @@ def parse_config(config: str) -> dict:
         except (StopIteration, ValueError):
             raise SystemExit(f"error: unknown option {t!r} in config {config!r}; options: {', '.join(_FLAGS)}, or a "
                              f"number after one of {', '.join(_NUMERIC)}") from None
+    if head == "track" and set(opts) - {"registration_options"}:
+        raise SystemExit(f"error: config {config!r}: the track baseline takes only its registration's options "
+                         f"({', '.join(p for p, (group, _, _) in _NUMERIC.items() if group == 'registration_options')})")
     return opts
 
 
