@@ -51,6 +51,7 @@ _NUMERIC = {
     "regsigma": ("registration_options", "sigma", float),
     "regstep": ("registration_options", "max_step", float),  # demons step limit, grid px per iteration
 }
+_PREFIXES_LONGEST_FIRST = sorted(_NUMERIC, key=len, reverse=True)
 
 
 def parse_config(config: str) -> dict:
@@ -77,7 +78,7 @@ def parse_config(config: str) -> dict:
                 opts.update(_FLAGS[t])
                 continue
             # Longest prefix first ("regsigma" before "reg"); the rest of the token is the value.
-            prefix = next(p for p in sorted(_NUMERIC, key=len, reverse=True) if t.startswith(p))
+            prefix = next(p for p in _PREFIXES_LONGEST_FIRST if t.startswith(p))
             group, key, kind = _NUMERIC[prefix]
             value = kind(t[len(prefix):])
             (opts.setdefault(group, {}) if group else opts)[key] = value
@@ -107,9 +108,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", default=",".join(CASES),
                     help=f"comma-separated training cases (default {','.join(CASES)})")
     args = ap.parse_args(argv)
-    for c in args.configs.split(","):  # a typo fails here, before any case is read
-        if c != "ci":
-            parse_config(c)
+    configs = args.configs.split(",")
+    parsed = {c: parse_config(c) for c in configs if c != "ci"}  # a typo fails here, before any case is read
     import torch
 
     torch.set_num_threads(1)
@@ -122,7 +122,6 @@ def main(argv=None) -> int:
     except InputError as exc:
         raise SystemExit(f"error: {exc}") from None
     model = load_checkpoint_file(args.checkpoint)
-    configs = args.configs.split(",")
     scores = {c: [] for c in configs}
     for cid, lab in items:
         case = cases[cid]
@@ -132,10 +131,10 @@ def main(argv=None) -> int:
             if c == "ci":
                 scores[c].append(dice(contour_interpolation(prompt > 0), ref))
                 continue
+            opts = parsed[c]
             if c.split("+")[0] == "track":  # the baseline; only its registration options apply
-                predictor = get_predictor("track", **parse_config(c).get("registration_options", {}))
+                predictor = get_predictor("track", **opts.get("registration_options", {}))
             else:
-                opts = parse_config(c)
                 # Options not named keep the checkpoint's inference parameters.
                 predictor = PAMPredictor(model, intensity_gate=opts.get("gate"),
                                          registration_weight=opts.get("registration_weight"),
