@@ -204,14 +204,23 @@ class ProposingStage(nn.Module):
         return [img_skips[s] for s in stages], [mask_skips[s] for s in stages]
 
     def decode_queries(self, query_images: torch.Tensor, guide_keys: list, guide_values: list,
-                       guide_mask: torch.Tensor | None = None) -> PAMOutput:
-        """query_images (G, N, 1, S, S); guide_mask (G, 1, S, S) is needed when config.mask_prior."""
+                       guide_mask: torch.Tensor | None = None, query_prior: torch.Tensor | None = None) -> PAMOutput:
+        """query_images (G, N, 1, S, S); with config.mask_prior each query's second channel is
+        ``query_prior`` (G, N, 1, S, S; e.g. the guide's mask carried onto that slice by
+        registration) or, without it, the guide mask (G, 1, S, S) itself."""
         g, n = query_images.shape[:2]
         x = query_images
         if self.config.mask_prior:
-            if guide_mask is None:
-                raise ValueError("this network needs the guide mask as the queries' prior")
-            x = torch.cat([query_images, guide_mask[:, None].expand(g, n, *guide_mask.shape[1:])], 2)
+            if query_prior is not None:
+                if query_prior.shape != query_images.shape:
+                    raise ValueError(f"query_prior has shape {tuple(query_prior.shape)}, "
+                                     f"the queries {tuple(query_images.shape)}")
+                prior = query_prior.to(query_images.dtype)
+            elif guide_mask is not None:
+                prior = guide_mask[:, None].expand(g, n, *guide_mask.shape[1:])
+            else:
+                raise ValueError("this network needs a prior mask for the queries (query_prior or the guide mask)")
+            x = torch.cat([query_images, prior], 2)
         skips = self.encoder(x.reshape(g * n, *x.shape[2:]))
         skips = list(skips)
         for attn, s, k, v in zip(self.cross_attns, self.config.attention_stages, guide_keys, guide_values):
@@ -221,9 +230,9 @@ class ProposingStage(nn.Module):
         presence = self.presence_head(skips[-1]) if self.presence_head is not None else None
         return PAMOutput(logits=list(logits), presence=presence)
 
-    def forward(self, guide_image, guide_mask, query_images) -> PAMOutput:
+    def forward(self, guide_image, guide_mask, query_images, query_prior=None) -> PAMOutput:
         keys, values = self.encode_guide(guide_image, guide_mask)
-        return self.decode_queries(query_images, keys, values, guide_mask)
+        return self.decode_queries(query_images, keys, values, guide_mask, query_prior)
 
 
 class PAMNetwork(nn.Module):
@@ -238,8 +247,8 @@ class PAMNetwork(nn.Module):
         self.config = config
         self.proposing_stage = ProposingStage(config)
 
-    def forward(self, guide_image, guide_mask, query_images) -> PAMOutput:
-        return self.proposing_stage(guide_image, guide_mask, query_images)
+    def forward(self, guide_image, guide_mask, query_images, query_prior=None) -> PAMOutput:
+        return self.proposing_stage(guide_image, guide_mask, query_images, query_prior)
 
     @torch.inference_mode()
     def predict(self, guide_image, guide_mask, query_images) -> tuple[torch.Tensor, torch.Tensor | None]:

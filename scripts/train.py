@@ -135,7 +135,8 @@ def main(argv=None) -> int:
                     help="share of all samples drawn from synth_stack_* volumes (default: by volume count)")
     ap.add_argument("--max-synthetic", type=int, default=None, help="use at most this many cached synthetic volumes")
     ap.add_argument("--synthetic-inline", type=int, default=0, help="train on N generated volumes only (no cache)")
-    ap.add_argument("--init-from", default=None, help="continue from a checkpoint of the same preset")
+    ap.add_argument("--init-from", default=None, help="continue from a checkpoint of the same preset (or of the same network without the "
+                    "prior channel: `small` weights start `small-prior`, the new channel's weights zero)")
     args = ap.parse_args(argv)
     if not 0 <= args.p_remap <= 1:
         ap.error(f"--p-remap is a probability, got {args.p_remap}; use a value in [0, 1]")
@@ -158,7 +159,10 @@ def main(argv=None) -> int:
     cfg = TrainConfig(
         network=net_cfg,
         preprocessing=pre,
-        sample=SampleConfig(preprocessing=pre, n_queries=args.queries, p_remap=args.p_remap),
+        # A prior-channel network learns from simulated registration-carried masks (see
+        # PAMSegmentLib.training.samples.carried_prior).
+        sample=SampleConfig(preprocessing=pre, n_queries=args.queries, p_remap=args.p_remap,
+                            simulate_priors=net_cfg.mask_prior),
         minutes=args.minutes,
         max_iterations=args.max_iterations,
         n_guides=args.guides,

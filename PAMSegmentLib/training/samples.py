@@ -67,6 +67,13 @@ class SampleConfig:
     # non-monotone piecewise-linear transfer function (the same for guide and queries), so a
     # CT-trained boundary follower also meets MR-like contrast orders (bright fluid, dark bone).
     p_remap: float = 0.0
+    # For networks with a prior channel (``PAMConfig.mask_prior``): each query (and the relay)
+    # also gets a simulated *carried* mask, the origin's mask as a slice-to-slice registration
+    # might have moved it onto that slice (see ``carried_prior``). Off: no priors (the network
+    # then uses the guide mask itself as every query's prior).
+    simulate_priors: bool = False
+    p_prior_unmoved: float = 0.2  # the carried mask is the origin's mask, not moved at all
+    p_prior_noise: float = 0.3  # erode / dilate / shift the carried mask as well
 
 
 @dataclass
@@ -77,6 +84,8 @@ class SampleBatch:
     query_images: torch.Tensor  # (G, N, 1, S, S)
     query_masks: torch.Tensor  # (G, N, S, S) float {0, 1}
     present: torch.Tensor  # (G, N) float {0, 1}
+    query_priors: torch.Tensor | None = None  # (G, N, 1, S, S) simulated carried masks
+    relay_prior: torch.Tensor | None = None  # (G, 1, S, S) the relay slice's carried mask
 
 
 def _take(arr: np.ndarray, axis: int, idx) -> np.ndarray:
@@ -92,6 +101,31 @@ def _perturb_mask(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     if kind == 1:
         return ndi.binary_dilation(mask, iterations=r)
     return np.roll(mask, (int(rng.integers(-r, r + 1)), int(rng.integers(-r, r + 1))), axis=(0, 1))
+
+
+def _signed_distance(mask: np.ndarray) -> np.ndarray:
+    """Euclidean signed distance in px: negative inside ``mask``, positive outside."""
+    return (ndi.distance_transform_edt(~mask) - ndi.distance_transform_edt(mask)).astype(np.float32)
+
+
+def carried_prior(origin: np.ndarray, target: np.ndarray, rng: np.random.Generator,
+                  p_unmoved: float = 0.2, p_noise: float = 0.3) -> np.ndarray:
+    """A mask as slice-to-slice registration might carry ``origin`` onto a slice whose object is
+    ``target``: moved only part of the way (the signed-distance morph ``(1 - a) * d_target + a *
+    d_origin`` with a lag ``a`` drawn uniformly in [0, 1]), or not at all (probability
+    ``p_unmoved``, and always where the slice holds no object: the network must learn to end the
+    object whatever the carried mask says), then with probability ``p_noise`` eroded, dilated or
+    shifted by 1-3 px. Both masks are 2D bool arrays of the same shape."""
+    origin = np.asarray(origin, dtype=bool)
+    target = np.asarray(target, dtype=bool)
+    if not target.any() or not origin.any() or rng.random() < p_unmoved:
+        prior = origin.copy()
+    else:
+        lag = float(rng.uniform(0.0, 1.0))
+        prior = (1.0 - lag) * _signed_distance(target) + lag * _signed_distance(origin) < 0
+    if prior.any() and rng.random() < p_noise:
+        prior = _perturb_mask(prior, rng)
+    return prior
 
 
 def _window_size(spacing_axis: float, cfg: SampleConfig) -> int:
@@ -195,7 +229,22 @@ def sample_guide_queries(case: Case, rng: np.random.Generator, cfg: SampleConfig
     q_img = crop_slices(slab_img[q_idx], local, size, window)
     q_msk = crop_slices(slab_mask[q_idx], local, size, is_mask=True)[:, 0]
     r_img = crop_slices(slab_img[[relay - lo_s]], local, size, window) if relay is not None else None
-    return g_img, g_msk, r_img, q_img, q_msk
+    if not cfg.simulate_priors:
+        return g_img, g_msk, r_img, q_img, q_msk, None, None
+    # Carried masks: from the guide's (possibly perturbed) mask onto the relay, and from the relay's
+    # mask (or the guide's) onto each query. The relay's true mask stands in for the network's
+    # prediction of it, which the trainer makes later.
+    origin = slab_mask[relay - lo_s] if relay is not None else g_mask_local
+    if not origin.any():
+        origin = g_mask_local
+    q_pri = np.stack([carried_prior(origin, slab_mask[i], rng, cfg.p_prior_unmoved, cfg.p_prior_noise)
+                      for i in q_idx])
+    q_pri = crop_slices(q_pri, local, size, is_mask=True)
+    r_pri = None
+    if relay is not None:
+        r_pri = crop_slices(carried_prior(g_mask_local, slab_mask[relay - lo_s], rng, cfg.p_prior_unmoved,
+                                          cfg.p_prior_noise)[None], local, size, is_mask=True)
+    return g_img, g_msk, r_img, q_img, q_msk, q_pri, r_pri
 
 
 def _augment(tensors: list[torch.Tensor], rng: np.random.Generator) -> list[torch.Tensor]:
@@ -239,7 +288,7 @@ def _intensity_aug(x: torch.Tensor, rng: np.random.Generator, p_remap: float = 0
 def make_batch(cases: list[Case], case_weights: np.ndarray, rng: np.random.Generator, cfg: SampleConfig,
                n_guides: int, rollout: bool) -> SampleBatch:
     """G guides, each with N queries, from cases drawn with ``case_weights``."""
-    g_imgs, g_msks, r_imgs, q_imgs, q_msks = [], [], [], [], []
+    g_imgs, g_msks, r_imgs, q_imgs, q_msks, q_pris, r_pris = [], [], [], [], [], [], []
     while len(g_imgs) < n_guides:
         case = cases[int(rng.choice(len(cases), p=case_weights))]
         if not case.usable:
@@ -247,7 +296,7 @@ def make_batch(cases: list[Case], case_weights: np.ndarray, rng: np.random.Gener
         s = sample_guide_queries(case, rng, cfg, rollout)
         if s is None or (rollout and s[2] is None):
             continue
-        g_img, g_msk, r_img, q_img, q_msk = _augment(list(s), rng)
+        g_img, g_msk, r_img, q_img, q_msk, q_pri, r_pri = _augment(list(s), rng)
         shared = rng.integers(2**31)
         # One intensity augmentation per sample, applied identically to guide, relay and queries.
         g_img = _intensity_aug(g_img, np.random.default_rng(shared), cfg.p_remap)
@@ -259,7 +308,10 @@ def make_batch(cases: list[Case], case_weights: np.ndarray, rng: np.random.Gener
         r_imgs.append(r_img)
         q_imgs.append(q_img)
         q_msks.append(q_msk)
+        q_pris.append(q_pri)
+        r_pris.append(r_pri)
     q_masks = torch.stack(q_msks)
+    priors = cfg.simulate_priors
     return SampleBatch(
         guide_image=torch.cat(g_imgs),
         guide_mask=torch.cat(g_msks),
@@ -267,4 +319,6 @@ def make_batch(cases: list[Case], case_weights: np.ndarray, rng: np.random.Gener
         query_images=torch.stack(q_imgs),
         query_masks=q_masks,
         present=(q_masks.flatten(2).amax(dim=2) > 0).float(),
+        query_priors=torch.stack(q_pris) if priors else None,
+        relay_prior=torch.cat(r_pris) if priors and rollout else None,
     )

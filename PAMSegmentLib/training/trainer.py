@@ -101,12 +101,35 @@ def _forward(net: PAMNetwork, batch: SampleBatch):
     guide_image, guide_mask = batch.guide_image, batch.guide_mask
     if batch.relay_image is not None:
         # Rollout: the network's own prediction of the relay slice becomes the guide.
+        relay_prior = batch.relay_prior[:, None] if batch.relay_prior is not None else None
         with torch.no_grad():
-            relay = stage(guide_image, guide_mask, batch.relay_image[:, None])
+            relay = stage(guide_image, guide_mask, batch.relay_image[:, None], relay_prior)
             prob = fuse_scales(relay.logits, guide_image.shape[-1])
         guide_image = batch.relay_image
         guide_mask = (prob >= 0.5).float()[:, None]
-    return stage(guide_image, guide_mask, batch.query_images)
+    return stage(guide_image, guide_mask, batch.query_images, batch.query_priors)
+
+
+def initial_state(net: PAMNetwork, init) -> None:
+    """Load ``init`` (a loaded checkpoint) into ``net``. A network that only adds the prior channel
+    (``mask_prior``) to ``init``'s otherwise identical network starts from its weights, the new
+    channel's input weights set to zero, so it starts out computing exactly what ``init`` did."""
+    from dataclasses import replace
+
+    if init.config == net.config:
+        net.load_state_dict(init.network.state_dict())
+        return
+    if not (net.config.mask_prior and not init.config.mask_prior
+            and replace(init.config, name=net.config.name, mask_prior=True) == net.config):
+        raise ValueError(f"--init-from has network {init.config}, not {net.config}")
+    state = dict(init.network.state_dict())
+    target = net.state_dict()
+    for key, value in state.items():
+        if target[key].shape != value.shape:  # the image encoder's first convolution: 1 -> 2 inputs
+            grown = torch.zeros_like(target[key])
+            grown[:, : value.shape[1]] = value
+            state[key] = grown
+    net.load_state_dict(state)
 
 
 def train(cases: list[Case], cfg: TrainConfig, out_path: Path, log_path: Path) -> dict:
@@ -116,9 +139,7 @@ def train(cases: list[Case], cfg: TrainConfig, out_path: Path, log_path: Path) -
     net = PAMNetwork(cfg.network)
     if cfg.init_from:
         init = load_checkpoint_file(cfg.init_from)
-        if init.config != cfg.network:
-            raise ValueError(f"--init-from has network {init.config}, not {cfg.network}")
-        net.load_state_dict(init.network.state_dict())
+        initial_state(net, init)
         # The chain of earlier stages, so a checkpoint records all the compute that made it.
         cfg.provenance.setdefault("init_from", {"file": str(cfg.init_from), "sha256": init.sha256,
                                                 "provenance": init.provenance})
