@@ -44,6 +44,10 @@ DEFAULT_MODEL_NAME = "pam_small.pt"
 
 
 GATE_REFERENCES = ("prompt", "guide")
+# What a prior-channel network (PAMConfig.mask_prior) sees as each query's prior mask: the window
+# guide's mask ("guide"), or the previous slice's final mask carried onto the query by the
+# fusion's demons registration ("carried"; the network is trained on simulated carried masks).
+QUERY_PRIORS = ("guide", "carried")
 
 
 @dataclass(frozen=True)
@@ -82,8 +86,12 @@ class InferenceParams:
     # the network's mask and the registration's warped mask agree less than this (Dice; 0 = off):
     # there the two no longer follow the same object (see the README's keyframe ablation).
     keyframe_outward_min_agreement: float = 0.0
+    # Only for networks with a prior channel; see QUERY_PRIORS.
+    query_prior: str = "guide"
 
     def __post_init__(self):
+        if self.query_prior not in QUERY_PRIORS:
+            raise ValueError(f"query_prior must be one of {', '.join(QUERY_PRIORS)}, got {self.query_prior!r}")
         if self.intensity_gate_reference not in GATE_REFERENCES:
             raise ValueError(f"intensity_gate_reference must be one of {', '.join(GATE_REFERENCES)}, "
                              f"got {self.intensity_gate_reference!r}")

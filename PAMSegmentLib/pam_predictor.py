@@ -14,7 +14,7 @@ import torch
 import numpy as np
 from scipy import ndimage
 
-from .checkpoints import GATE_REFERENCES
+from .checkpoints import GATE_REFERENCES, QUERY_PRIORS
 from .network import fuse_scales
 from .preprocess import IntensityWindow, crop_box_for_mask, crop_slices, intensity_window, uncrop_probability
 from .propagate import SlicePrediction, SlicePredictor
@@ -62,9 +62,14 @@ class PAMPredictor(SlicePredictor):
     registration_workers: int = 2
 
     def __init__(self, model, intensity_gate: bool | None = None, registration_weight: float | None = None,
-                 gate_reference: str | None = None):
+                 gate_reference: str | None = None, query_prior: str | None = None):
         self.model = model
         inf = model.inference
+        # A prior-channel network's prior for each query (checkpoints.QUERY_PRIORS); "carried" runs
+        # the registration even at registration_weight 0 and predicts a window's slices in turn.
+        self.query_prior = inf.query_prior if query_prior is None else query_prior
+        if self.query_prior not in QUERY_PRIORS:
+            raise ValueError(f"query_prior must be one of {', '.join(QUERY_PRIORS)}, got {self.query_prior!r}")
         # The classical drift test (PAMSegmentLib.baselines.IntensityGate) on top of the network's
         # own presence: a slice whose predicted (fused) region no longer looks like the reference
         # region's intensity ends the walk. The reference is the drawn slice's region ("prompt") or
@@ -94,7 +99,7 @@ class PAMPredictor(SlicePredictor):
         self._guide_cache = None
         self._chain = None
         self.registration = None
-        if self.registration_weight > 0:
+        if self.registration_weight > 0 or self._carried_prior:
             from .baselines import TrackPredictor
 
             inf = self.model.inference
@@ -107,6 +112,10 @@ class PAMPredictor(SlicePredictor):
             from .baselines import IntensityGate
 
             self.gate = IntensityGate.from_prompt(_smoothed(volume[prompt_index]), prompt_mask)
+
+    @property
+    def _carried_prior(self) -> bool:
+        return bool(self.model.config.mask_prior) and self.query_prior == "carried"
 
     def _reference_gate(self, volume, guide_index, guide_mask):
         """The drift test's reference statistics: the prompt's, or the guide region's (cached per guide)."""
@@ -165,6 +174,11 @@ class PAMPredictor(SlicePredictor):
 
         with ThreadPoolExecutor(max_workers=max(int(self.registration_workers), 1)) as pool:
             futures = [pool.submit(register, f, m) for f, m in plan.pairs]
+            if self._carried_prior:
+                # The network needs each slice's carried mask: registrations first, then the slices in turn.
+                transforms = [f.result() for f in futures]
+                return self._gated(volume, guide_index, guide_mask, queries,
+                                   self._predict_carried(volume, plan, transforms, int(guide_index), guide_mask, queries))
             out = self._predict_network(volume, guide_index, guide_mask, queries)
             transforms = [f.result() for f in futures]
         # The drift test looks at the fused region: the mask the walk actually carries on.
@@ -227,8 +241,41 @@ class PAMPredictor(SlicePredictor):
             self._chain = (guide_index, queries[-1], carried, plan.crop)
         return SlicePrediction(prob, out.presence, agreement=agreement)
 
+    def _predict_carried(self, volume, plan: _RegistrationPlan, transforms, guide_index, guide_mask,
+                         queries) -> SlicePrediction:
+        """A prior-channel network fed each query's carried mask: the previous slice's final (fused)
+        mask warped onto it (or, for queries that are not a walk, the guide's mask warped onto it),
+        then fused with that warp at ``registration_weight`` as in ``_fuse``."""
+        w = self.registration_weight
+        n_q = len(queries)
+        shape = volume.shape[1:]
+        prob = np.zeros((n_q, *shape), dtype=np.float32)
+        presence = np.zeros(n_q, dtype=np.float32) if self.model.config.presence_head else None
+        agreement = np.zeros(n_q, dtype=np.float32)
+        carried = plan.start_mask
+        for n, (q, transform) in enumerate(zip(queries, transforms)):
+            source = carried if plan.chained else plan.start_mask
+            warped = self.registration.warp(transform, source) if source.any() else np.zeros(source.shape, np.float32)
+            prior = np.zeros((1, *shape), dtype=np.float32)
+            prior[0][plan.crop] = warped >= 0.5
+            out = self._predict_network(volume, guide_index, guide_mask, [q], prior)
+            p = np.asarray(out.prob[0], dtype=np.float32) * (1.0 - w)
+            net_mask = out.prob[0] >= self.threshold
+            wm = prior[0] > 0
+            agreement[n] = 2.0 * np.count_nonzero(net_mask & wm) / max(np.count_nonzero(net_mask) + np.count_nonzero(wm), 1)
+            p[plan.crop] += w * warped
+            prob[n] = p
+            if presence is not None:
+                presence[n] = out.presence[0]
+            carried = p[plan.crop] >= self.threshold
+        if plan.chained:
+            self._chain = (guide_index, queries[-1], carried, plan.crop)
+        return SlicePrediction(prob, presence, agreement=agreement)
+
     @torch.inference_mode()
-    def _predict_network(self, volume, guide_index, guide_mask, query_indices):
+    def _predict_network(self, volume, guide_index, guide_mask, query_indices, priors=None):
+        """The network's probabilities for ``query_indices``; ``priors`` (N, H, W) are the queries'
+        prior masks for a prior-channel network (default: the guide's mask)."""
         pre = self.model.preprocessing
         size, device = pre.input_size, self.model.device
         box = crop_box_for_mask(guide_mask, pre)
@@ -245,7 +292,10 @@ class PAMPredictor(SlicePredictor):
         self._guide_cache = cache
         (keys, values), g_mask = cache[key]
         queries = crop_slices(volume[list(query_indices)], box, size, self.window).to(device)
-        out = stage.decode_queries(queries[None], keys, values, g_mask)
+        prior = None
+        if priors is not None and self.model.config.mask_prior:
+            prior = crop_slices(np.asarray(priors, dtype=np.float32), box, size, is_mask=True).to(device)[None]
+        out = stage.decode_queries(queries[None], keys, values, g_mask, prior)
         prob = fuse_scales(out.logits, size).float().cpu()
         presence = torch.sigmoid(out.presence).float().cpu().numpy() if out.presence is not None else None
         return SlicePrediction(uncrop_probability(prob, box, volume.shape[1:]), presence)

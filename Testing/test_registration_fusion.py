@@ -39,12 +39,13 @@ class StaleNetwork(PAMPredictor):
     def __init__(self, registration_weight: float, window: int = 4, absent_from: int | None = None):
         model = SimpleNamespace(inference=InferenceParams(window_mm=float(window), max_window=window,
                                                           registration_weight=registration_weight),
-                                preprocessing=PreprocessingParams(input_size=64))
+                                preprocessing=PreprocessingParams(input_size=64),
+                                config=SimpleNamespace(mask_prior=False, presence_head=True))
         super().__init__(model)
         self.absent_from = absent_from
         self.network_calls: list[tuple[int, list[int]]] = []
 
-    def _predict_network(self, volume, guide_index, guide_mask, query_indices):
+    def _predict_network(self, volume, guide_index, guide_mask, query_indices, priors=None):
         self.network_calls.append((int(guide_index), [int(q) for q in query_indices]))
         prob = np.repeat(np.asarray(guide_mask, np.float32)[None], len(query_indices), axis=0)
         presence = np.ones(len(query_indices), np.float32)
@@ -191,7 +192,8 @@ def test_queries_not_walked_from_the_guide_are_warped_directly():
 
 def test_weight_out_of_range_is_refused_and_memory_bank_stays_network_only():
     model = SimpleNamespace(inference=InferenceParams(registration_weight=0.5),
-                            preprocessing=PreprocessingParams(input_size=64))
+                            preprocessing=PreprocessingParams(input_size=64),
+                            config=SimpleNamespace(mask_prior=False, presence_head=True))
     with pytest.raises(ValueError, match=r"registration_weight must be within \[0, 1\], got 1.5"):
         PAMPredictor(model, registration_weight=1.5)
     assert PAMPredictor(model).registration_weight == 0.5
@@ -260,5 +262,91 @@ def test_keyframe_agreement_setting_is_validated_and_reaches_the_predictor():
     old = params.to_dict()
     del old["keyframe_outward_min_agreement"]  # a checkpoint written before the parameter existed: off
     assert InferenceParams.from_dict(old).keyframe_outward_min_agreement == 0.0
-    model = SimpleNamespace(inference=params, preprocessing=PreprocessingParams(input_size=64))
+    model = SimpleNamespace(inference=params, preprocessing=PreprocessingParams(input_size=64),
+                            config=SimpleNamespace(mask_prior=False, presence_head=True))
     assert PAMPredictor(model).keyframe_outward_min_agreement == 0.4
+
+
+class PriorEcho(StaleNetwork):
+    """A prior-channel network double (``query_prior`` "carried") that returns its prior as its
+    probability, and records the priors it was given."""
+
+    def __init__(self, registration_weight: float, window: int = 4):
+        super().__init__(registration_weight, window)
+        self.model.config = SimpleNamespace(mask_prior=True, presence_head=True)
+        self.model.inference = InferenceParams(window_mm=float(window), max_window=window,
+                                               registration_weight=registration_weight, query_prior="carried")
+        self.query_prior = "carried"
+        self.priors: list[np.ndarray] = []
+
+    def _predict_network(self, volume, guide_index, guide_mask, query_indices, priors=None):
+        assert priors is not None and len(priors) == len(query_indices) == 1  # one slice at a time
+        self.network_calls.append((int(guide_index), [int(q) for q in query_indices]))
+        self.priors.append(np.asarray(priors[0]).copy())
+        return SlicePrediction(np.asarray(priors, np.float32), np.ones(1, np.float32))
+
+
+def test_a_prior_network_sees_the_previous_slice_mask_carried_onto_each_query():
+    """With the carried prior, each query's prior is the previous slice's final mask warped onto
+    it. A network that trusts its prior completely, at w = 0, therefore gives the registration's
+    own chain (the w = 1 chain of the fusion above), although no warp enters its output directly."""
+    img, truth = sliding_square()
+    p = PriorEcho(0.0)
+    p.begin(img, 0, truth[0])
+    assert p.registration is not None  # the registration runs for the prior even at w = 0
+    out = p.predict(img, 0, truth[0], [1, 2, 3, 4])
+    expected = _expected_chain(p, img, 0, truth[0], [1, 2, 3, 4], 1.0) >= 0.5
+    np.testing.assert_array_equal(out.prob >= 0.5, expected)
+    np.testing.assert_array_equal(np.stack(p.priors) > 0, expected)
+    # The priors moved with the square (8 px by slice 4), unlike the guide's mask.
+    assert dice(p.priors[3] > 0, truth[4]) > 0.7 > dice(truth[0], truth[4])
+    assert p.network_calls == [(0, [1]), (0, [2]), (0, [3]), (0, [4])]
+
+
+def test_a_prior_network_output_is_fused_with_the_warp_at_the_registration_weight():
+    """Slice 1: the prior is the guide's mask warped onto it (binarised); at w = 0.5 the output is
+    the mean of the network's output (here that prior) and the soft warp itself."""
+    img, truth = sliding_square()
+    p = PriorEcho(0.5)
+    p.begin(img, 0, truth[0])
+    out = p.predict(img, 0, truth[0], [1])
+    warped = _expected_chain(p, img, 0, truth[0], [1], 1.0)[0]  # the soft warp, 0 outside the crop
+    np.testing.assert_allclose(out.prob[0], 0.5 * (warped >= 0.5) + 0.5 * warped, atol=1e-5)
+    assert 0.0 < warped[(warped > 0) & (warped < 1)].size  # a soft edge exists, so the mean is tested
+
+
+def test_the_guide_prior_needs_no_registration_and_unknown_priors_are_refused():
+    p = PriorEcho(0.0)
+    p.query_prior = "guide"
+    img, truth = sliding_square()
+    p.begin(img, 0, truth[0])
+    assert p.registration is None
+    with pytest.raises(ValueError, match="query_prior must be one of guide, carried, got 'warp'"):
+        InferenceParams(query_prior="warp")
+    with pytest.raises(ValueError, match="query_prior must be one of guide, carried"):
+        PAMPredictor(p.model, query_prior="warp")
+
+
+def test_a_real_prior_network_runs_through_the_engine_with_carried_priors():
+    """Shapes and plumbing with the actual network (random weights): every slice is predicted one
+    at a time with its carried prior, and the drawn slice is kept."""
+    import torch
+
+    from PAMSegmentLib.checkpoints import PAMModel
+    from PAMSegmentLib.network import build_network
+
+    torch.manual_seed(0)
+    model = PAMModel.from_network(build_network("small-prior"),
+                                  inference=InferenceParams(window_mm=3.0, max_window=3, registration_weight=0.5,
+                                                            query_prior="carried", presence_threshold=0.0))
+    img, truth = sliding_square(n=8)
+    prompt = np.zeros(truth.shape, np.uint8)
+    prompt[4] = truth[4]
+    seen = []
+    predictor = PAMPredictor(model)
+    original = model.network.proposing_stage.decode_queries
+    model.network.proposing_stage.decode_queries = lambda q, k, v, g=None, prior=None: (
+        seen.append(None if prior is None else tuple(prior.shape)) or original(q, k, v, g, prior))
+    res = propagate(img, prompt, (1.0, 1.0, 1.0), predictor, axis=0, early_stop=False)
+    assert np.array_equal(res.mask[4] > 0, truth[4])
+    assert seen and all(shape == (1, 1, 1, 128, 128) for shape in seen)

@@ -164,3 +164,72 @@ def test_stack_share_sets_the_layered_column_sampling_share(tmp_path):
     assert default["synth_stack_0000"] == pytest.approx(default["synth_0000"]) == pytest.approx(share / 4)
     with pytest.raises(SystemExit, match="stack-share"):
         weights(0.9)
+
+
+def _disk(radius: float, centre=(32, 32), size: int = 64) -> np.ndarray:
+    yy, xx = np.mgrid[:size, :size]
+    return (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius ** 2
+
+
+def test_carried_prior_moves_the_origin_part_of_the_way_to_the_target():
+    """Concentric disks of radius 8 (origin) and 20 (target): the signed-distance morph with lag a
+    is a disk of radius 20 - 12 a, so over many draws every prior lies between the two, and the
+    radii spread over that range."""
+    from PAMSegmentLib.training.samples import carried_prior
+
+    origin, target = _disk(8), _disk(20)
+    rng = np.random.default_rng(0)
+    radii = []
+    for _ in range(200):
+        prior = carried_prior(origin, target, rng, p_unmoved=0.0, p_noise=0.0)
+        assert np.all(prior <= target) and np.all(origin <= prior)
+        radii.append(np.sqrt(prior.sum() / np.pi))
+    assert min(radii) < 9.5 and max(radii) > 18.5 and 12 < np.median(radii) < 16
+    # Unmoved: the origin's mask itself; and always so on a slice without the object.
+    np.testing.assert_array_equal(carried_prior(origin, target, rng, p_unmoved=1.0, p_noise=0.0), origin)
+    np.testing.assert_array_equal(carried_prior(origin, np.zeros_like(target), rng, 0.0, 0.0), origin)
+    # Noise changes the mask by erosion, dilation or a shift of 1-3 px.
+    noisy = [carried_prior(origin, origin, rng, 0.0, 1.0) for _ in range(20)]
+    assert any(not np.array_equal(n, origin) for n in noisy)
+    assert all(abs(int(n.sum()) - int(origin.sum())) < 200 for n in noisy)
+
+
+def test_prior_samples_carry_one_prior_per_query_and_one_for_the_relay():
+    cases = _cases()
+    cfg = SampleConfig(preprocessing=PreprocessingParams(input_size=32), simulate_priors=True)
+    for rollout in (False, True):
+        b = make_batch(cases, np.array([0.5, 0.5]), np.random.default_rng(2), cfg, 3, rollout=rollout)
+        assert b.query_priors.shape == (3, 4, 1, 32, 32)
+        assert set(torch.unique(b.query_priors).tolist()) <= {0.0, 1.0}
+        assert (b.relay_prior.shape == (3, 1, 32, 32)) if rollout else b.relay_prior is None
+    off = make_batch(cases, np.array([0.5, 0.5]), np.random.default_rng(2), SampleConfig(preprocessing=cfg.preprocessing), 3,
+                     rollout=True)
+    assert off.query_priors is None and off.relay_prior is None
+
+
+def test_a_prior_network_starts_from_the_same_network_without_the_channel(tmp_path):
+    """``small`` weights start ``small-prior``: the new channel's weights are zero, so whatever the
+    prior, the outputs equal the original network's; other networks are refused."""
+    from dataclasses import replace
+
+    from PAMSegmentLib.checkpoints import InferenceParams, save_checkpoint
+    from PAMSegmentLib.training.trainer import initial_state
+
+    torch.manual_seed(0)
+    base = PAMNetwork(TINY).eval()
+    path = tmp_path / "base.pt"
+    save_checkpoint(path, base, PreprocessingParams(input_size=32), InferenceParams(), {})
+    init = load_checkpoint_file(path)
+    prior_net = PAMNetwork(replace(TINY, name="tiny-prior", mask_prior=True)).eval()
+    initial_state(prior_net, init)
+    g, m = torch.randn(2, 1, 32, 32), (torch.rand(2, 1, 32, 32) > 0.5).float()
+    q, prior = torch.randn(2, 3, 1, 32, 32), (torch.rand(2, 3, 1, 32, 32) > 0.5).float()
+    with torch.no_grad():
+        a, b = base(g, m, q), prior_net(g, m, q, prior)
+    for x, y in zip(a.logits, b.logits):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
+    torch.testing.assert_close(a.presence, b.presence, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="--init-from has network"):
+        initial_state(PAMNetwork(replace(TINY, base_features=4, mask_prior=True)), init)
+    with pytest.raises(ValueError, match="query_prior has shape"):
+        prior_net(g, m, q, prior[:, :2])

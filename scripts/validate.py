@@ -37,6 +37,9 @@ _FLAGS = {
     "gate": {"gate": True},  # the drift test against the drawn slice
     "gateg": {"gate": True, "gate_reference": "guide"},  # against the window's guide region
     "nogate": {"gate": False},
+    # A prior-channel network's query prior (checkpoints.QUERY_PRIORS).
+    "carried": {"query_prior": "carried"},
+    "guideprior": {"query_prior": "guide"},
 }
 _NUMERIC = {
     "kfagree": (None, "keyframe_outward_min_agreement", float),  # min Dice network vs warped, outward
@@ -58,7 +61,8 @@ def parse_config(config: str) -> dict:
     """``pam[+OPTION...]`` or ``windowMM`` -> the PAMPredictor settings it names; ``track[+OPTION...]``
     -> the baseline's registration options (only ``reg...`` options that set them are accepted).
     Options: ``gate`` (intensity drift test against the drawn slice),
-    ``gateg`` (against the window's guide), ``nogate`` (no drift test), ``fbD`` (forward-backward check, min Dice D),
+    ``gateg`` (against the window's guide), ``nogate`` (no drift test), ``carried`` / ``guideprior``
+    (a prior-channel network's query prior: the registration-carried mask / the guide's mask), ``fbD`` (forward-backward check, min Dice D),
     ``thrT`` (mask threshold), ``presP`` (presence threshold), ``regW`` (registration weight; ``reg0`` = network only),
     ``regsideN`` / ``regitN`` / ``regcoarseN`` (its grid size in px, iterations, and iterations of a
     half-resolution pyramid level first; ``reglevelsN``: that many such levels, each half the
@@ -138,7 +142,8 @@ def main(argv=None) -> int:
                 # Options not named keep the checkpoint's inference parameters.
                 predictor = PAMPredictor(model, intensity_gate=opts.get("gate"),
                                          registration_weight=opts.get("registration_weight"),
-                                         gate_reference=opts.get("gate_reference", "prompt" if "gate" in opts else None))
+                                         gate_reference=opts.get("gate_reference", "prompt" if "gate" in opts else None),
+                                         query_prior=opts.get("query_prior"))
                 predictor.registration_options = opts.get("registration_options", {})
                 for name in ("window_mm", "threshold", "presence_threshold", "consistency_min_dice",
                              "keyframe_outward_min_agreement"):
