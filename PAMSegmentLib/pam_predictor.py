@@ -175,10 +175,11 @@ class PAMPredictor(SlicePredictor):
         with ThreadPoolExecutor(max_workers=max(int(self.registration_workers), 1)) as pool:
             futures = [pool.submit(register, f, m) for f, m in plan.pairs]
             if self._carried_prior:
-                # The network needs each slice's carried mask: registrations first, then the slices in turn.
-                transforms = [f.result() for f in futures]
+                # The network needs each slice's carried mask: the slices in turn, each as soon as its
+                # registration is done (the later ones keep running in the pool meanwhile).
                 return self._gated(volume, guide_index, guide_mask, queries,
-                                   self._predict_carried(volume, plan, transforms, int(guide_index), guide_mask, queries))
+                                   self._predict_carried(volume, plan, [f.result for f in futures], int(guide_index),
+                                                         guide_mask, queries))
             out = self._predict_network(volume, guide_index, guide_mask, queries)
             transforms = [f.result() for f in futures]
         # The drift test looks at the fused region: the mask the walk actually carries on.
@@ -245,7 +246,8 @@ class PAMPredictor(SlicePredictor):
                          queries) -> SlicePrediction:
         """A prior-channel network fed each query's carried mask: the previous slice's final (fused)
         mask warped onto it (or, for queries that are not a walk, the guide's mask warped onto it),
-        then fused with that warp at ``registration_weight`` as in ``_fuse``."""
+        then fused with that warp at ``registration_weight`` as in ``_fuse``. ``transforms``: one
+        zero-argument callable per query returning its registration (a future's ``result``)."""
         w = self.registration_weight
         n_q = len(queries)
         shape = volume.shape[1:]
@@ -255,7 +257,7 @@ class PAMPredictor(SlicePredictor):
         carried = plan.start_mask
         for n, (q, transform) in enumerate(zip(queries, transforms)):
             source = carried if plan.chained else plan.start_mask
-            warped = self.registration.warp(transform, source) if source.any() else np.zeros(source.shape, np.float32)
+            warped = self.registration.warp(transform(), source) if source.any() else np.zeros(source.shape, np.float32)
             prior = np.zeros((1, *shape), dtype=np.float32)
             prior[0][plan.crop] = warped >= 0.5
             out = self._predict_network(volume, guide_index, guide_mask, [q], prior)
