@@ -245,8 +245,15 @@ def _pam_model(preset: str, checkpoint: str | None):
     from .network import PAMNetwork
 
     if checkpoint:
+        from dataclasses import replace
+
+        from .network import PRESETS
+
         model = load_model(checkpoint)
-        if model.config.name != preset and not (preset == "official" and model.kind == "official"):
+        # The preset's network, or the same network with the prior channel (one more input channel
+        # on the first convolution: the same speed).
+        same = preset in PRESETS and replace(model.config, name=preset, mask_prior=False) == PRESETS[preset]
+        if not same and not (preset == "official" and model.kind == "official"):
             raise ValueError(f"checkpoint {checkpoint} is a {model.config.name!r} network, not {preset!r}")
         return model, f"trained: {Path(checkpoint).name}"
     return PAMModel.from_network(PAMNetwork(preset)), "random"

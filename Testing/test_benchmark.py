@@ -103,3 +103,20 @@ def test_targets_from_figures():
     assert wall and wall[0]["met"] is True
     official_mem = [t for k, t in got.items() if k.startswith("official") and "RSS" in k]
     assert official_mem and official_mem[0]["met"] is False
+
+
+def test_small_rows_accept_the_small_network_with_a_prior_channel_only(tmp_path):
+    """The benchmark's `small` rows time the shipped weights: the `small` network, or the same
+    network with the prior channel; a checkpoint of another size is refused."""
+    from PAMSegmentLib.benchmark import _pam_model
+    from PAMSegmentLib.checkpoints import InferenceParams, save_checkpoint
+    from PAMSegmentLib.network import PAMNetwork
+    from PAMSegmentLib.preprocess import PreprocessingParams
+
+    for preset in ("small", "small-prior"):
+        path = tmp_path / f"{preset}.pt"
+        save_checkpoint(path, PAMNetwork(preset), PreprocessingParams(input_size=128), InferenceParams(), {})
+        model, weights = _pam_model("small", str(path))
+        assert model.config.name == preset and weights == f"trained: {preset}.pt"
+    with pytest.raises(ValueError, match="is a 'small-prior' network, not 'official'"):
+        _pam_model("official", str(tmp_path / "small-prior.pt"))
