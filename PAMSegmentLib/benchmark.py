@@ -43,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from statistics import median
 
@@ -245,8 +245,6 @@ def _pam_model(preset: str, checkpoint: str | None):
     from .network import PAMNetwork
 
     if checkpoint:
-        from dataclasses import replace
-
         from .network import PRESETS
 
         model = load_model(checkpoint)

@@ -221,6 +221,8 @@ class ProposingStage(nn.Module):
             else:
                 raise ValueError("this network needs a prior mask for the queries (query_prior or the guide mask)")
             x = torch.cat([query_images, prior], 2)
+        elif query_prior is not None:
+            raise ValueError(f"network {self.config.name!r} has no prior channel; pass no query_prior")
         skips = self.encoder(x.reshape(g * n, *x.shape[2:]))
         skips = list(skips)
         for attn, s, k, v in zip(self.cross_attns, self.config.attention_stages, guide_keys, guide_values):

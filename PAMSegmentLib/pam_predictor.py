@@ -22,6 +22,11 @@ from .propagate import SlicePrediction, SlicePredictor
 __all__ = ["PAMPredictor", "MemoryPAMPredictor"]
 
 
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two boolean masks; 0 when both are empty (nothing followed in common)."""
+    return 2.0 * np.count_nonzero(a & b) / max(np.count_nonzero(a) + np.count_nonzero(b), 1)
+
+
 def _smoothed(image_slice: np.ndarray) -> np.ndarray:
     # The same light smoothing as the classical predictors' gate statistics.
     return ndimage.gaussian_filter(np.asarray(image_slice, dtype=np.float32), 1.0)
@@ -49,6 +54,8 @@ class PAMPredictor(SlicePredictor):
     crop around the window guide's mask (padded by half its size, like ``track``); outside it
     the probability is ``(1 - w) * network``. Queries that are not a run of consecutive slices
     walked away from the guide (a forward-backward check) are registered to the guide directly.
+    A network with a prior channel gets each query's carried mask as its prior when
+    ``query_prior`` is "carried" (``_predict_carried``), else the guide's mask.
 
     Where the object ends is decided by the network's object-present output and, with
     ``intensity_gate`` on, by the drift test of each fused region against the reference region
@@ -262,9 +269,7 @@ class PAMPredictor(SlicePredictor):
             prior[0][plan.crop] = warped >= 0.5
             out = self._predict_network(volume, guide_index, guide_mask, [q], prior)
             p = np.asarray(out.prob[0], dtype=np.float32) * (1.0 - w)
-            net_mask = out.prob[0] >= self.threshold
-            wm = prior[0] > 0
-            agreement[n] = 2.0 * np.count_nonzero(net_mask & wm) / max(np.count_nonzero(net_mask) + np.count_nonzero(wm), 1)
+            agreement[n] = _dice(out.prob[0] >= self.threshold, prior[0] > 0)
             p[plan.crop] += w * warped
             prob[n] = p
             if presence is not None:

@@ -233,3 +233,5 @@ def test_a_prior_network_starts_from_the_same_network_without_the_channel(tmp_pa
         initial_state(PAMNetwork(replace(TINY, base_features=4, mask_prior=True)), init)
     with pytest.raises(ValueError, match="query_prior has shape"):
         prior_net(g, m, q, prior[:, :2])
+    with pytest.raises(ValueError, match="network 'tiny' has no prior channel"):
+        base(g, m, q, prior)
