@@ -309,7 +309,8 @@ def _format_network(cfg: dict) -> str:
     feats = [min(base * 2**i, top) for i in range(n)]
     return (f"{cfg['name']}: {cfg['input_size']} px input, {n} stages ({', '.join(map(str, feats))} features), "
             f"cross-attention at the {cfg['n_attention_stages']} deepest, "
-            f"object-present head: {'yes' if cfg.get('presence_head') else 'no'}")
+            f"object-present head: {'yes' if cfg.get('presence_head') else 'no'}"
+            + (", prior-mask input channel: yes" if cfg.get("mask_prior") else ""))
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -88,6 +88,20 @@ def test_info_on_a_good_checkpoint(small_checkpoint, run_cli):
     assert proc.stdout.strip().endswith("loads: yes")
 
 
+def test_info_names_the_prior_channel_and_the_query_prior(tmp_path, capsys):
+    from PAMSegmentLib.checkpoints import InferenceParams, save_checkpoint
+    from PAMSegmentLib.network import PAMNetwork
+    from PAMSegmentLib.preprocess import PreprocessingParams
+
+    path = tmp_path / "prior.pt"
+    save_checkpoint(path, PAMNetwork("small-prior"), PreprocessingParams(input_size=128),
+                    InferenceParams(query_prior="carried"), {})
+    assert cli.main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "object-present head: yes, prior-mask input channel: yes" in out
+    assert "query_prior=carried" in out
+
+
 def test_info_on_the_official_layout(official_checkpoint, capsys):
     assert cli.main(["info", str(official_checkpoint.path)]) == 0
     out = capsys.readouterr().out
