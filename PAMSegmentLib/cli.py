@@ -185,7 +185,8 @@ def add_propagate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=sorted(METHODS), default="pam", help="what predicts the slices (default: pam)")
     p.add_argument("--registration-weight", type=_unit_interval, metavar="W",
                    help="pam: weight of the demons-registration fusion, 0 = the network alone as in the official "
-                        "PAM (default: the checkpoint's; 0.5 for the shipped weights, 0 for the official checkpoint)")
+                        "PAM (default: the checkpoint's; 0.5 for the shipped weights, 0 for the official checkpoint; "
+                        "a prior-channel network with query_prior=carried still registers, for its prior)")
     p.add_argument("--intensity-gate", choices=("off", "prompt", "guide"),
                    help="pam: also end the walk where the predicted region's intensity drifts from the drawn "
                         "slice's region (prompt) or from the region of the slice it was predicted from (guide) "
