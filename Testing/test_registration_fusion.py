@@ -21,6 +21,10 @@ from PAMSegmentLib.preprocess import PreprocessingParams
 from PAMSegmentLib.propagate import SlicePrediction, propagate
 
 
+# What the predictor reads of a network's config: no prior channel, an object-present head.
+PLAIN_NETWORK = SimpleNamespace(mask_prior=False, presence_head=True)
+
+
 def sliding_square(n: int = 12, size: int = 64, step: int = 2, side: int = 18, seed: int = 0):
     """A bright square in noise moving ``step`` px per slice along the columns; slices 0..n-1."""
     rng = np.random.default_rng(seed)
@@ -40,7 +44,7 @@ class StaleNetwork(PAMPredictor):
         model = SimpleNamespace(inference=InferenceParams(window_mm=float(window), max_window=window,
                                                           registration_weight=registration_weight),
                                 preprocessing=PreprocessingParams(input_size=64),
-                                config=SimpleNamespace(mask_prior=False, presence_head=True))
+                                config=PLAIN_NETWORK)
         super().__init__(model)
         self.absent_from = absent_from
         self.network_calls: list[tuple[int, list[int]]] = []
@@ -193,7 +197,7 @@ def test_queries_not_walked_from_the_guide_are_warped_directly():
 def test_weight_out_of_range_is_refused_and_memory_bank_stays_network_only():
     model = SimpleNamespace(inference=InferenceParams(registration_weight=0.5),
                             preprocessing=PreprocessingParams(input_size=64),
-                            config=SimpleNamespace(mask_prior=False, presence_head=True))
+                            config=PLAIN_NETWORK)
     with pytest.raises(ValueError, match=r"registration_weight must be within \[0, 1\], got 1.5"):
         PAMPredictor(model, registration_weight=1.5)
     assert PAMPredictor(model).registration_weight == 0.5
@@ -263,7 +267,7 @@ def test_keyframe_agreement_setting_is_validated_and_reaches_the_predictor():
     del old["keyframe_outward_min_agreement"]  # a checkpoint written before the parameter existed: off
     assert InferenceParams.from_dict(old).keyframe_outward_min_agreement == 0.0
     model = SimpleNamespace(inference=params, preprocessing=PreprocessingParams(input_size=64),
-                            config=SimpleNamespace(mask_prior=False, presence_head=True))
+                            config=PLAIN_NETWORK)
     assert PAMPredictor(model).keyframe_outward_min_agreement == 0.4
 
 

@@ -311,7 +311,6 @@ def make_batch(cases: list[Case], case_weights: np.ndarray, rng: np.random.Gener
         q_pris.append(q_pri)
         r_pris.append(r_pri)
     q_masks = torch.stack(q_msks)
-    priors = cfg.simulate_priors
     return SampleBatch(
         guide_image=torch.cat(g_imgs),
         guide_mask=torch.cat(g_msks),
@@ -319,6 +318,6 @@ def make_batch(cases: list[Case], case_weights: np.ndarray, rng: np.random.Gener
         query_images=torch.stack(q_imgs),
         query_masks=q_masks,
         present=(q_masks.flatten(2).amax(dim=2) > 0).float(),
-        query_priors=torch.stack(q_pris) if priors else None,
-        relay_prior=torch.cat(r_pris) if priors and rollout else None,
+        query_priors=torch.stack(q_pris) if cfg.simulate_priors else None,
+        relay_prior=torch.cat(r_pris) if cfg.simulate_priors and rollout else None,
     )

@@ -12,7 +12,7 @@ import csv
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -114,8 +114,6 @@ def initial_state(net: PAMNetwork, init) -> None:
     """Load ``init`` (a loaded checkpoint) into ``net``. A network that only adds the prior channel
     (``mask_prior``) to ``init``'s otherwise identical network starts from its weights, the new
     channel's input weights set to zero, so it starts out computing exactly what ``init`` did."""
-    from dataclasses import replace
-
     if init.config == net.config:
         net.load_state_dict(init.network.state_dict())
         return
