@@ -17,6 +17,12 @@ Three parts (issue 5), all on CPU with a fixed number of torch threads:
    accounting most favourable to SAM 2: its video predictor also runs the memory encoder on every
    tracked frame and attends to up to 7 memory frames, not 1. Every call runs under
    ``torch.inference_mode()``; figures are medians of several repeats after warm-up.
+   **Paired ratio** (the "default at least 10x the official preset" figure): both PAM presets in
+   one process, their calls alternated (small-official, then official-small, and so on) so that
+   both see the same machine state, many pairs per batch size; the ratio is
+   median(official ms) / median(small ms), with the quartiles of the per-pair ratios as its
+   spread. The separate per-preset rows above each run in their own process, a few minutes apart,
+   so their ratio also carries the machine's drift between the two runs.
 2. **end to end**: read NIfTI, preprocess, propagate, write, on synthetic CT-like volumes
    (noise + body + an ellipsoid-ish object spanning a known number of slices, prompt on its middle
    slice), each configuration in a fresh subprocess so peak resident memory (VmHWM, reset after
@@ -26,7 +32,7 @@ Three parts (issue 5), all on CPU with a fixed number of torch threads:
 3. **slicer**: the Slicer path on slicer-core MRML nodes (node -> array -> engine -> segment),
    each step's seconds, with a stub predictor standing in for the network.
 
-Outputs in ``--out``: network.csv, end_to_end.csv, slicer.csv, benchmark.json, benchmark.png and
+Outputs in ``--out``: network.csv, paired.csv, end_to_end.csv, slicer.csv, benchmark.json, benchmark.png and
 benchmark.md (tables + machine + command), and the same tables on stdout.
 """
 
@@ -53,6 +59,7 @@ __all__ = [
     "BenchConfig",
     "NETWORK_COLUMNS",
     "E2E_COLUMNS",
+    "PAIRED_COLUMNS",
     "SLICER_COLUMNS",
     "TARGET_COLUMNS",
     "machine_info",
@@ -69,6 +76,8 @@ NETWORK_COLUMNS = ["model", "input_px", "params_m", "batch", "threads", "repeats
 E2E_COLUMNS = ["preset", "mode", "depth", "size", "object_slices", "slices_predicted", "model_s", "read_s",
                "propagate_s", "predict_s", "postprocess_s", "engine_overhead_s", "write_s", "wall_s",
                "baseline_rss_mb", "peak_rss_mb", "run_peak_rss_mb", "dice", "weights", "status", "note"]
+PAIRED_COLUMNS = ["batch", "threads", "pairs", "small_ms_median", "official_ms_median", "ratio", "ratio_q25",
+                  "ratio_q75", "weights", "status", "note"]
 SLICER_COLUMNS = ["step", "seconds", "depth", "size", "note"]
 TARGET_COLUMNS = ["target", "value", "goal", "met", "note"]
 
@@ -89,6 +98,7 @@ class BenchConfig:
     repeats: int = 5
     warmup: int = 2
     budget_s: float = 30.0  # per (model, batch): fewer repeats (at least 3) when one call is slow
+    pairs: int = 40  # paired small/official calls per batch size (fewer, at least 5, if over budget_s)
     sam2: bool = True
     sam2_sizes: tuple[int, ...] = (1024, 512)  # 1024 = the config's own image_size (the target)
     # end-to-end part
@@ -116,7 +126,7 @@ class BenchConfig:
 
 def quick_config(**overrides) -> BenchConfig:
     """Tiny sizes that exercise every code path in seconds (tests, smoke runs)."""
-    cfg = BenchConfig(quick=True, presets=("small", "official"), batch_sizes=(1, 2), repeats=1, warmup=0,
+    cfg = BenchConfig(quick=True, presets=("small", "official"), batch_sizes=(1, 2), repeats=1, warmup=0, pairs=2,
                       budget_s=5.0, sam2_sizes=(128,), size=96, depths=(16, 24), objects=(6,),
                       extra_cases=(), e2e_presets=("small",), batch_size=4, slicer_depth=16, slicer_object=6,
                       timeout_s=300.0, isolate=False)
@@ -225,6 +235,44 @@ def _time_calls(fn, warmup: int, repeats: int, budget_s: float) -> list[float]:
     return times
 
 
+def _time_pairs(fn_a, fn_b, warmup: int, pairs: int, budget_s: float, clock=time.perf_counter):
+    """Seconds of ``fn_a`` and ``fn_b`` called alternately: pair k runs a then b for even k and
+    b then a for odd k, so a drift of the machine's speed falls on both alike. ``pairs`` pairs
+    after ``warmup`` of each; fewer (at least ``min(5, pairs)``) if a warm-up pair shows that
+    ``pairs`` would take over ``budget_s``. Returns (times_a, times_b), equal lengths."""
+
+    def timed(fn):
+        t0 = clock()
+        fn()
+        return clock() - t0
+
+    pair_s = None
+    for _ in range(warmup):
+        pair_s = timed(fn_a) + timed(fn_b)
+    n = pairs
+    if pair_s and pair_s * pairs > budget_s:
+        n = max(min(5, pairs), int(budget_s // pair_s))
+    times_a, times_b = [], []
+    for k in range(n):
+        if k % 2 == 0:
+            times_a.append(timed(fn_a))
+            times_b.append(timed(fn_b))
+        else:
+            times_b.append(timed(fn_b))
+            times_a.append(timed(fn_a))
+    return times_a, times_b
+
+
+def paired_ratio_row(times_small: list[float], times_official: list[float]) -> dict:
+    """The paired figures of one batch size: medians (ms), their ratio official / small, and the
+    quartiles of the per-pair ratios."""
+    per_pair = np.asarray(times_official, float) / np.asarray(times_small, float)
+    small, official = median(times_small), median(times_official)
+    return dict(pairs=len(per_pair), small_ms_median=small * 1e3, official_ms_median=official * 1e3,
+                ratio=official / small, ratio_q25=float(np.quantile(per_pair, 0.25)),
+                ratio_q75=float(np.quantile(per_pair, 0.75)))
+
+
 # ----------------------------------------------------------------------------------------------
 # part 1: the network alone
 # ----------------------------------------------------------------------------------------------
@@ -297,6 +345,43 @@ def _bench_pam_network(task: dict) -> list[dict]:
     peak = _maxrss_mb()
     for r in rows:
         r["peak_rss_mb"] = peak
+    return rows
+
+
+def _bench_pam_paired(task: dict) -> list[dict]:
+    """Both PAM presets in this process, their per-batch calls alternated (``_time_pairs``)."""
+    import torch
+
+    from .network import fuse_scales
+
+    _set_threads(task["threads"])
+    calls, weights = {}, {}
+    gen = torch.Generator().manual_seed(0)
+    for preset in ("small", "official"):
+        model, weights[preset] = _pam_model(preset, task["checkpoints"].get(preset))
+        stage, size = model.network.proposing_stage, model.config.input_size
+        guide = torch.rand(1, 1, size, size, generator=gen) * 2 - 1
+        mask = torch.from_numpy(_disk(size))[None, None]
+        with torch.inference_mode():
+            keys, values = stage.encode_guide(guide, mask)
+        calls[preset] = (stage, size, keys, values, mask)
+
+    def call_for(preset, queries):
+        stage, size, keys, values, mask = calls[preset]
+
+        def call():
+            with torch.inference_mode():
+                return fuse_scales(stage.decode_queries(queries, keys, values, mask).logits, size)
+
+        return call
+
+    rows = []
+    for b in task["batch_sizes"]:
+        q = {p: torch.rand(1, b, 1, calls[p][1], calls[p][1], generator=gen) * 2 - 1 for p in calls}
+        ts, to = _time_pairs(call_for("small", q["small"]), call_for("official", q["official"]),
+                             max(task["warmup"], 1), task["pairs"], task["budget_s"])
+        rows.append(dict(batch=b, threads=task["threads"], weights=f"small {weights['small']}; official {weights['official']}",
+                         status="ok", note="one process, calls alternated", **paired_ratio_row(ts, to)))
     return rows
 
 
@@ -397,6 +482,17 @@ def run_network_part(cfg: BenchConfig, log=print) -> list[dict]:
             rows += _isolated_rows("sam2", dict(common, image_size=size), cfg,
                                    dict(model=f"sam2-tiny@{size}", input_px=size, weights="random"))
     return rows
+
+
+def run_paired_part(cfg: BenchConfig, log=print) -> list[dict]:
+    """The small/official ratio measured in one process with alternated calls (needs both presets)."""
+    if not {"small", "official"} <= set(cfg.presets):
+        return []
+    checkpoints = {"small": _small_checkpoint(cfg), "official": cfg.official_checkpoint}
+    log(f"[network] pam-small vs pam-official, paired ({cfg.pairs} pairs per batch size) ...")
+    task = dict(threads=cfg.threads, warmup=cfg.warmup, pairs=cfg.pairs, budget_s=cfg.budget_s,
+                batch_sizes=list(cfg.batch_sizes), checkpoints=checkpoints)
+    return _isolated_rows("pam_paired", task, cfg, dict(batch=None, threads=cfg.threads))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -645,7 +741,7 @@ def run_slicer_part(cfg: BenchConfig, log=print) -> list[dict]:
 # subprocess isolation
 # ----------------------------------------------------------------------------------------------
 
-WORKERS = {"pam_network": _bench_pam_network, "sam2": _bench_sam2, "e2e": _worker_e2e, "slicer": _worker_slicer}
+WORKERS = {"pam_network": _bench_pam_network, "pam_paired": _bench_pam_paired, "sam2": _bench_sam2, "e2e": _worker_e2e, "slicer": _worker_slicer}
 
 
 def _isolated_rows(kind: str, task: dict, cfg: BenchConfig, on_error: dict, error_key: str = "status") -> list[dict]:
@@ -732,6 +828,10 @@ def evaluate_targets(result: dict) -> list[dict]:
                             note=why))
 
     ratio("pam-official", 10, "official")
+    for r in _by(result.get("paired") or []):
+        out.append(dict(target=f"default/official throughput, batch {r['batch']}, paired (one process, alternated)",
+                        value=round(r["ratio"], 2), goal=">= 10x", met=bool(r["ratio"] >= 10),
+                        note=f"{r['pairs']} pairs; per-pair ratio quartiles {r['ratio_q25']:.2f}-{r['ratio_q75']:.2f}"))
     ratio("sam2-tiny@1024", 5, "SAM 2 tiny")
     for preset in ("small", "official"):
         for mode in ("honest", "fixed"):
@@ -801,6 +901,10 @@ def report_text(result: dict, markdown: bool = False) -> str:
                   _table(result["network"], NET_SHOW, markdown)]
         notes = sorted({f"{r['model']}: {r['note']}" for r in result["network"] if r.get("note")})
         parts += [("- " if markdown else "  ") + n for n in notes]
+    if result.get("paired"):
+        parts += ["", f"{head}1b. Default vs official, paired: one process, calls alternated; "
+                      f"ratio = median official ms / median small ms",
+                  _table(result["paired"], PAIRED_COLUMNS, markdown)]
     if result.get("end_to_end") is not None:
         parts += ["", f"{head}2. End to end (fresh process per row; read + propagate + write = wall_s; "
                       f"model_s separate; peak RSS of the whole process, run_peak after imports + model load)",
@@ -910,7 +1014,8 @@ def _plot(result: dict, path: Path) -> None:
 def write_outputs(result: dict, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     files = {}
-    for key, name, cols in (("network", "network.csv", NETWORK_COLUMNS), ("end_to_end", "end_to_end.csv", E2E_COLUMNS),
+    for key, name, cols in (("network", "network.csv", NETWORK_COLUMNS), ("paired", "paired.csv", PAIRED_COLUMNS),
+                            ("end_to_end", "end_to_end.csv", E2E_COLUMNS),
                             ("slicer", "slicer.csv", SLICER_COLUMNS), ("targets", "targets.csv", TARGET_COLUMNS)):
         if result.get(key) is not None:
             _write_csv(out / name, result[key], cols)
@@ -933,6 +1038,7 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
     result: dict = {"machine": machine_info(cfg.threads), "config": asdict(cfg)}
     if "network" in cfg.parts:
         result["network"] = run_network_part(cfg, log)
+        result["paired"] = run_paired_part(cfg, log)
     if "e2e" in cfg.parts:
         with tempfile.TemporaryDirectory(prefix="pamsegment_bench_") as tmp:
             result["end_to_end"] = run_e2e_part(cfg, Path(tmp), log)
@@ -978,6 +1084,8 @@ def add_benchmark_arguments(p: argparse.ArgumentParser, default_out: str = "docs
     p.add_argument("--batch-sizes", type=_int_list, default=None, help="network part batch sizes (default: 1,4,8,16)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per network figure (default: 5)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up calls before timing (default: 2)")
+    p.add_argument("--pairs", type=int, default=None,
+                   help="alternated small/official call pairs per batch size for the paired ratio (default: 40)")
     p.add_argument("--depths", type=_int_list, default=None, help="end-to-end volume depths (default: 100,200,400)")
     p.add_argument("--objects", type=_int_list, default=None, help="end-to-end object lengths (default: 20,80,160)")
     p.add_argument("--size", type=int, default=None, help="in-plane size of the synthetic volumes (default: 512)")
@@ -994,7 +1102,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     cfg = quick_config() if args.quick else BenchConfig()
     cfg.out, cfg.threads = args.out, max(int(args.threads), 1)
     for name, attr in (("parts", "parts"), ("batch_sizes", "batch_sizes"), ("repeats", "repeats"),
-                       ("warmup", "warmup"), ("depths", "depths"), ("objects", "objects"), ("size", "size"),
+                       ("warmup", "warmup"), ("pairs", "pairs"), ("depths", "depths"), ("objects", "objects"), ("size", "size"),
                        ("sam2_sizes", "sam2_sizes"), ("checkpoint", "checkpoint"),
                        ("official_checkpoint", "official_checkpoint")):
         value = getattr(args, name, None)

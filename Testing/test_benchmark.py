@@ -27,7 +27,7 @@ def test_quick_benchmark_writes_csv_json_plot(tmp_path, capsys):
     code = cli.main(["benchmark", "--quick", "--threads", "1", "--no-sam2", "--out", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
-    for heading in ("Machine", "1. Network alone", "2. End to end", "3. Slicer path", "Targets (issue 5)"):
+    for heading in ("Machine", "1. Network alone", "1b. Default vs official, paired", "2. End to end", "3. Slicer path", "Targets (issue 5)"):
         assert heading in printed
     assert "torch " in printed and "CPU: " in printed
 
@@ -39,6 +39,14 @@ def test_quick_benchmark_writes_csv_json_plot(tmp_path, capsys):
         assert r["status"] == "ok", r
         assert float(r["per_slice_ms"]) > 0 and float(r["slices_per_s"]) > 0
         assert int(r["batch"]) in (1, 2)
+
+    header, rows = _read_csv(out / "paired.csv")
+    assert header == bm.PAIRED_COLUMNS
+    assert [int(r["batch"]) for r in rows] == [1, 2]
+    for r in rows:
+        assert r["status"] == "ok" and int(r["pairs"]) == 2, r
+        assert float(r["ratio"]) == pytest.approx(float(r["official_ms_median"]) / float(r["small_ms_median"]))
+        assert float(r["ratio_q25"]) <= float(r["ratio_q75"])
 
     header, rows = _read_csv(out / "end_to_end.csv")
     assert header == bm.E2E_COLUMNS
@@ -59,7 +67,7 @@ def test_quick_benchmark_writes_csv_json_plot(tmp_path, capsys):
     assert header == bm.TARGET_COLUMNS
 
     data = json.loads((out / "benchmark.json").read_text())
-    assert {"machine", "config", "network", "end_to_end", "slicer", "targets", "files"} <= set(data)
+    assert {"machine", "config", "network", "paired", "end_to_end", "slicer", "targets", "files"} <= set(data)
     assert data["machine"]["torch_threads"] == 1 and data["config"]["quick"] is True
     assert (out / "benchmark.png").stat().st_size > 0
     assert "| model |" in (out / "benchmark.md").read_text()
@@ -74,6 +82,47 @@ def test_sam2_missing_is_reported_not_fatal(monkeypatch):
     targets = bm.evaluate_targets({"network": rows, "end_to_end": []})
     sam = [t for t in targets if "SAM 2" in t["target"]]
     assert sam and sam[0]["met"] is None and "not installed" in sam[0]["note"]
+
+
+class _FakeClock:
+    """A clock that only moves when a fake call says so."""
+
+    def __init__(self):
+        self.now, self.order = 0.0, []
+
+    def __call__(self):
+        return self.now
+
+    def call(self, name, seconds):
+        def fn():
+            self.order.append(name)
+            self.now += seconds
+        return fn
+
+
+def test_paired_timing_alternates_the_order_and_keeps_to_the_budget():
+    clock = _FakeClock()
+    a, b = clock.call("a", 1.0), clock.call("b", 10.0)
+    times_a, times_b = bm._time_pairs(a, b, warmup=1, pairs=40, budget_s=100.0, clock=clock)
+    # the warm-up pair takes 11 s, so 40 pairs (440 s) would exceed 100 s: 100 // 11 = 9 pairs
+    assert len(times_a) == len(times_b) == 9
+    assert times_a == [1.0] * 9 and times_b == [10.0] * 9
+    assert clock.order[:2] == ["a", "b"]  # warm-up
+    assert clock.order[2:8] == ["a", "b", "b", "a", "a", "b"]  # pairs alternate which runs first
+    # a tiny budget still gives at least 5 pairs
+    clock = _FakeClock()
+    times_a, _ = bm._time_pairs(clock.call("a", 1.0), clock.call("b", 10.0), warmup=1, pairs=40, budget_s=1.0,
+                                clock=clock)
+    assert len(times_a) == 5
+
+
+def test_paired_ratio_row_is_the_ratio_of_medians_with_per_pair_quartiles():
+    row = bm.paired_ratio_row([0.010, 0.012, 0.011, 0.020], [0.110, 0.120, 0.121, 0.120])
+    assert row["pairs"] == 4
+    assert row["small_ms_median"] == pytest.approx(11.5) and row["official_ms_median"] == pytest.approx(120.0)
+    assert row["ratio"] == pytest.approx(120.0 / 11.5)
+    # per-pair ratios 11, 10, 11, 6: quartiles 9.0 and 11.0
+    assert row["ratio_q25"] == pytest.approx(9.0) and row["ratio_q75"] == pytest.approx(11.0)
 
 
 def test_synthetic_ct_object_spans_exactly_the_asked_slices():
@@ -95,7 +144,10 @@ def test_targets_from_figures():
                 peak_rss_mb=900.0, status="ok"),
            dict(preset="official", mode="fixed", depth=200, object_slices=100, size=512, wall_s=30.0,
                 peak_rss_mb=2500.0, status="ok")]
-    got = {t["target"]: t for t in bm.evaluate_targets({"network": net, "end_to_end": e2e})}
+    paired = [dict(batch=1, pairs=40, ratio=9.6, ratio_q25=9.1, ratio_q75=10.2, status="ok")]
+    got = {t["target"]: t for t in bm.evaluate_targets({"network": net, "paired": paired, "end_to_end": e2e})}
+    pair = got["default/official throughput, batch 1, paired (one process, alternated)"]
+    assert pair["value"] == 9.6 and pair["met"] is False and "9.10-10.20" in pair["note"]
     assert got["default/official throughput, batch 16"]["value"] == 20.0
     assert got["default/official throughput, batch 16"]["met"] is True
     assert got["default/SAM 2 tiny throughput, batch 16"]["met"] is False  # 4x < 5x
