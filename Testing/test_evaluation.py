@@ -348,6 +348,10 @@ def test_validate_configs_parse_to_predictor_settings():
         "registration_options": {"coarse_iterations": 10, "coarse_levels": 2, "iterations": 5, "sigma": 2.0}}
     assert script.parse_config("pam+regstep0.5") == {"registration_options": {"max_step": 0.5}}
     assert script.parse_config("track+regstep1") == {"registration_options": {"max_step": 1.0}}
+    # a flag that sets a registration option joins the numeric ones, in either order
+    both = {"registration_options": {"iterations": 15, "diffeomorphic": True}}
+    assert script.parse_config("pam+regit15+regdiffeo") == both == script.parse_config("pam+regdiffeo+regit15")
+    assert script.parse_config("track+regdiffeo") == {"registration_options": {"diffeomorphic": True}}
     assert script.parse_config("track") == {}
     with pytest.raises(SystemExit, match="track baseline takes only its registration's options"):
         script.parse_config("track+gate")

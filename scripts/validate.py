@@ -40,6 +40,8 @@ _FLAGS = {
     # A prior-channel network's query prior (checkpoints.QUERY_PRIORS).
     "carried": {"query_prior": "carried"},
     "guideprior": {"query_prior": "guide"},
+    # The registration's demons filter: diffeomorphic instead of fast symmetric forces.
+    "regdiffeo": {"registration_options": {"diffeomorphic": True}},
 }
 _NUMERIC = {
     "kfagree": (None, "keyframe_outward_min_agreement", float),  # min Dice network vs warped, outward
@@ -64,6 +66,7 @@ def parse_config(config: str) -> dict:
     ``gateg`` (against the window's guide), ``nogate`` (no drift test), ``carried`` / ``guideprior``
     (a prior-channel network's query prior: the registration-carried mask / the guide's mask), ``fbD`` (forward-backward check, min Dice D),
     ``thrT`` (mask threshold), ``presP`` (presence threshold), ``regW`` (registration weight; ``reg0`` = network only),
+    ``regdiffeo`` (its demons filter: diffeomorphic instead of fast symmetric forces),
     ``regsideN`` / ``regitN`` / ``regcoarseN`` (its grid size in px, iterations, and iterations of a
     half-resolution pyramid level first; ``reglevelsN``: that many such levels, each half the
     next), ``regsigmaS`` (its displacement smoothing, px), ``regstepS`` (its demons step limit, px of the
@@ -79,7 +82,11 @@ def parse_config(config: str) -> dict:
     for t in tokens:
         try:
             if t in _FLAGS:
-                opts.update(_FLAGS[t])
+                for key, value in _FLAGS[t].items():
+                    if isinstance(value, dict):  # a settings group: merged, not replaced
+                        opts.setdefault(key, {}).update(value)
+                    else:
+                        opts[key] = value
                 continue
             # Longest prefix first ("regsigma" before "reg"); the rest of the token is the value.
             prefix = next(p for p in _PREFIXES_LONGEST_FIRST if t.startswith(p))
@@ -101,7 +108,8 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", default="pam",
                     help="comma-separated: pam, pam+gate, pam+gateg (drift test against the window's guide), pam+nogate, pam+fbD (forward-backward check, min Dice D), "
                          "pam+thrT (mask threshold T), pam+kfagreeD (keyframe outward agreement test), pam+regW (registration weight W; pam+reg0 = network only; "
-                         "+regsideN/+regitN/+regcoarseN: its grid size, iterations and coarse-level iterations), "
+                         "+regsideN/+regitN/+regcoarseN: its grid size, iterations and coarse-level iterations; +regdiffeo: "
+                         "diffeomorphic demons), "
                          "windowMM, track, ci (contour interpolation, with --keyframes)")
     ap.add_argument("--cache", default=os.environ.get("PAMSEGMENT_CACHE", str(ROOT / "cache")))
     ap.add_argument("--n", type=int, default=24)
