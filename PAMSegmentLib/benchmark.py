@@ -49,7 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from statistics import median
 
@@ -310,38 +310,57 @@ def _disk(size: int) -> np.ndarray:
     return (((yy - size / 2) / (size / 3)) ** 2 + ((xx - size / 2) / (size / 4)) ** 2 <= 1).astype(np.float32)
 
 
+class _PamCall:
+    """One PAM preset ready to time: a random guide slice with a disk mask (the inputs' values do
+    not change the speed), and a factory of timed calls, each what ``PAMPredictor.predict`` runs on
+    the network for one batch of query slices whose guide is already encoded."""
+
+    def __init__(self, preset: str, checkpoint: str | None, gen):
+        import torch
+
+        self.model, self.weights = _pam_model(preset, checkpoint)
+        self.stage, self.size, self.gen = self.model.network.proposing_stage, self.model.config.input_size, gen
+        self.guide = torch.rand(1, 1, self.size, self.size, generator=gen) * 2 - 1
+        self.mask = torch.from_numpy(_disk(self.size))[None, None]
+        with torch.inference_mode():
+            self.keys, self.values = self.encode_guide()
+
+    def encode_guide(self):
+        return self.stage.encode_guide(self.guide, self.mask)
+
+    def batch_call(self, batch: int):
+        """A zero-argument call decoding ``batch`` random query slices + ``fuse_scales``."""
+        import torch
+
+        from .network import fuse_scales
+
+        queries = torch.rand(1, batch, 1, self.size, self.size, generator=self.gen) * 2 - 1
+
+        def call():
+            with torch.inference_mode():
+                return fuse_scales(self.stage.decode_queries(queries, self.keys, self.values, self.mask).logits,
+                                   self.size)
+
+        return call
+
+
 def _bench_pam_network(task: dict) -> list[dict]:
     import torch
 
-    from .network import fuse_scales
-
     _set_threads(task["threads"])
-    model, weights = _pam_model(task["preset"], task.get("checkpoint"))
-    stage = model.network.proposing_stage
-    size = model.config.input_size
-    gen = torch.Generator().manual_seed(0)
-    guide = torch.rand(1, 1, size, size, generator=gen) * 2 - 1
-    mask = torch.from_numpy(_disk(size))[None, None]
+    pam = _PamCall(task["preset"], task.get("checkpoint"), torch.Generator().manual_seed(0))
     rows = []
     with torch.inference_mode():
-        guide_times = _time_calls(lambda: stage.encode_guide(guide, mask), task["warmup"], task["repeats"],
-                                  task["budget_s"])
-        keys, values = stage.encode_guide(guide, mask)
-        for b in task["batch_sizes"]:
-            queries = torch.rand(1, b, 1, size, size, generator=gen) * 2 - 1
-
-            def call():
-                out = stage.decode_queries(queries, keys, values, mask)
-                return fuse_scales(out.logits, size)
-
-            times = _time_calls(call, task["warmup"], task["repeats"], task["budget_s"])
-            med = median(times)
-            rows.append(dict(model=f"pam-{task['preset']}", input_px=size,
-                             params_m=round(model.network.n_parameters() / 1e6, 2), batch=b,
-                             threads=task["threads"], repeats=len(times), batch_ms_median=med * 1e3,
-                             batch_ms_min=min(times) * 1e3, per_slice_ms=med * 1e3 / b, slices_per_s=b / med,
-                             guide_ms=median(guide_times) * 1e3, weights=weights, status="ok",
-                             note="decode_queries + fuse_scales; guide encoded once (guide_ms)"))
+        guide_times = _time_calls(pam.encode_guide, task["warmup"], task["repeats"], task["budget_s"])
+    for b in task["batch_sizes"]:
+        times = _time_calls(pam.batch_call(b), task["warmup"], task["repeats"], task["budget_s"])
+        med = median(times)
+        rows.append(dict(model=f"pam-{task['preset']}", input_px=pam.size,
+                         params_m=round(pam.model.network.n_parameters() / 1e6, 2), batch=b,
+                         threads=task["threads"], repeats=len(times), batch_ms_median=med * 1e3,
+                         batch_ms_min=min(times) * 1e3, per_slice_ms=med * 1e3 / b, slices_per_s=b / med,
+                         guide_ms=median(guide_times) * 1e3, weights=pam.weights, status="ok",
+                         note="decode_queries + fuse_scales; guide encoded once (guide_ms)"))
     peak = _maxrss_mb()
     for r in rows:
         r["peak_rss_mb"] = peak
@@ -352,35 +371,14 @@ def _bench_pam_paired(task: dict) -> list[dict]:
     """Both PAM presets in this process, their per-batch calls alternated (``_time_pairs``)."""
     import torch
 
-    from .network import fuse_scales
-
     _set_threads(task["threads"])
-    calls, weights = {}, {}
     gen = torch.Generator().manual_seed(0)
-    for preset in ("small", "official"):
-        model, weights[preset] = _pam_model(preset, task["checkpoints"].get(preset))
-        stage, size = model.network.proposing_stage, model.config.input_size
-        guide = torch.rand(1, 1, size, size, generator=gen) * 2 - 1
-        mask = torch.from_numpy(_disk(size))[None, None]
-        with torch.inference_mode():
-            keys, values = stage.encode_guide(guide, mask)
-        calls[preset] = (stage, size, keys, values, mask)
-
-    def call_for(preset, queries):
-        stage, size, keys, values, mask = calls[preset]
-
-        def call():
-            with torch.inference_mode():
-                return fuse_scales(stage.decode_queries(queries, keys, values, mask).logits, size)
-
-        return call
-
+    small, official = (_PamCall(p, task["checkpoints"].get(p), gen) for p in ("small", "official"))
     rows = []
     for b in task["batch_sizes"]:
-        q = {p: torch.rand(1, b, 1, calls[p][1], calls[p][1], generator=gen) * 2 - 1 for p in calls}
-        ts, to = _time_pairs(call_for("small", q["small"]), call_for("official", q["official"]),
-                             max(task["warmup"], 1), task["pairs"], task["budget_s"])
-        rows.append(dict(batch=b, threads=task["threads"], weights=f"small {weights['small']}; official {weights['official']}",
+        ts, to = _time_pairs(small.batch_call(b), official.batch_call(b), max(task["warmup"], 1), task["pairs"],
+                             task["budget_s"])
+        rows.append(dict(batch=b, threads=task["threads"], weights=f"small {small.weights}; official {official.weights}",
                          status="ok", note="one process, calls alternated", **paired_ratio_row(ts, to)))
     return rows
 
@@ -1065,6 +1063,16 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _parts(text: str) -> tuple[str, ...]:
     parts = tuple(p.strip() for p in text.split(",") if p.strip())
     bad = [p for p in parts if p not in ("network", "e2e", "slicer")]
@@ -1085,7 +1093,7 @@ def add_benchmark_arguments(p: argparse.ArgumentParser, default_out: str = "docs
     p.add_argument("--batch-sizes", type=_int_list, default=None, help="network part batch sizes (default: 1,4,8,16)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per network figure (default: 5)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up calls before timing (default: 2)")
-    p.add_argument("--pairs", type=int, default=None,
+    p.add_argument("--pairs", type=_positive_int, default=None,
                    help="alternated small/official call pairs per batch size for the paired ratio (default: 40)")
     p.add_argument("--depths", type=_int_list, default=None, help="end-to-end volume depths (default: 100,200,400)")
     p.add_argument("--objects", type=_int_list, default=None, help="end-to-end object lengths (default: 20,80,160)")
