@@ -76,6 +76,38 @@ def test_tiny_training_run_lowers_the_loss_and_writes_a_loadable_checkpoint(tmp_
     assert rows[0].startswith("iteration,seconds,lr,loss") and len(rows) >= 6
 
 
+def test_a_run_with_an_iteration_count_is_reproducible(tmp_path):
+    """--max-iterations: the LR schedule and the start of rollouts follow the iteration count, not
+    the clock, so a seed gives the same weights again, whether batches are sampled in the main
+    process or in a worker; another seed gives other weights."""
+    cases = _cases()
+    pre = PreprocessingParams(input_size=32)
+
+    def run(name, seed, workers):
+        # rollout_after 0.5 of 8 iterations: rollouts (p 0.35) may start from iteration 4 on
+        cfg = TrainConfig(network=TINY, preprocessing=pre, sample=SampleConfig(preprocessing=pre, n_queries=2),
+                          minutes=5, max_iterations=8, n_guides=2, lr=3e-3, seed=seed, threads=1, workers=workers,
+                          rollout_after=0.5)
+        train(cases, cfg, tmp_path / f"{name}.pt", tmp_path / f"{name}.csv")
+        return load_checkpoint_file(tmp_path / f"{name}.pt")
+
+    first, again, in_worker, other = run("a", 0, 0), run("b", 0, 0), run("c", 0, 1), run("d", 1, 0)
+    assert first.sha256 == again.sha256 == in_worker.sha256
+    assert other.sha256 != first.sha256
+    assert first.provenance["schedule"] == "iterations" and first.provenance["stopped_by"] == "iterations"
+    assert first.provenance["iterations"] == 8
+
+
+def test_schedule_progress_follows_iterations_when_counted_else_time():
+    from PAMSegmentLib.training.trainer import _progress
+
+    pre = PreprocessingParams(input_size=32)
+    counted = TrainConfig(network=TINY, preprocessing=pre, sample=SampleConfig(preprocessing=pre), max_iterations=8)
+    timed = TrainConfig(network=TINY, preprocessing=pre, sample=SampleConfig(preprocessing=pre))
+    assert _progress(counted, 2, elapsed=50.0, total_seconds=100.0) == 0.25  # 2 of 8, whatever the clock
+    assert _progress(timed, 2, elapsed=50.0, total_seconds=100.0) == 0.5  # 50 s of 100
+
+
 def test_continued_training_records_the_earlier_stage(tmp_path):
     """--init-from: the new checkpoint starts from the old weights and carries the old provenance,
     so the model card can list every stage's command and compute."""

@@ -118,8 +118,13 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", type=Path, default=REPO / "cache")
     ap.add_argument("--split", type=Path, default=REPO / "scripts" / "split.json")
     ap.add_argument("--preset", default="small", choices=sorted(PRESETS))
-    ap.add_argument("--minutes", type=float, default=80.0, help="wall-clock budget (the LR schedule follows it)")
-    ap.add_argument("--max-iterations", type=int, default=10**9)
+    ap.add_argument("--minutes", type=float, default=80.0,
+                    help="wall-clock budget; without --max-iterations the LR schedule and the start of rollouts "
+                         "follow it, so how far a run gets depends on the machine")
+    ap.add_argument("--max-iterations", type=int, default=None,
+                    help="end after N iterations; the LR schedule and the start of rollouts then follow the "
+                         "iteration count, so the same seed, data and --threads give the same weights (if "
+                         "--minutes does not end the run first)")
     ap.add_argument("--out", type=Path, default=REPO / "Resources" / "Models" / "pam_small.pt")
     ap.add_argument("--log", type=Path, default=REPO / "runs" / "train_log.csv")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for the network")
@@ -138,6 +143,8 @@ def main(argv=None) -> int:
     ap.add_argument("--init-from", default=None, help="continue from a checkpoint of the same preset (or of the same network without the "
                     "prior channel: `small` weights start `small-prior`, the new channel's weights zero)")
     args = ap.parse_args(argv)
+    if args.max_iterations is not None and args.max_iterations < 1:
+        ap.error(f"--max-iterations must be at least 1, got {args.max_iterations}")
     if not 0 <= args.p_remap <= 1:
         ap.error(f"--p-remap is a probability, got {args.p_remap}; use a value in [0, 1]")
 

@@ -9,6 +9,7 @@ the machine's speed. Batches come from a background process so sampling overlaps
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import time
@@ -33,7 +34,11 @@ class TrainConfig:
     preprocessing: PreprocessingParams
     sample: SampleConfig
     minutes: float = 60.0
-    max_iterations: int = 10**9
+    # None: the time budget ends the run and the LR schedule and the start of rollouts follow wall
+    # time (not reproducible: how far a run gets depends on the machine). N: the run ends after N
+    # iterations and both follow the iteration count, so the same seed, data and threads give the
+    # same weights, unless the time budget runs out first (``stopped_by`` in the provenance).
+    max_iterations: int | None = None
     n_guides: int = 4
     lr: float = 2e-3
     weight_decay: float = 1e-4
@@ -85,11 +90,21 @@ class _BatchStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         wid = info.id if info is not None else 0
         torch.set_num_threads(1)
+        n_workers = info.num_workers if info is not None else 1
         rng = np.random.default_rng([self.seed, wid])
-        while True:
-            frac = (time.time() - self.start_time) / self.total_seconds
+        for k in itertools.count():
+            # The DataLoader takes batches from its workers in turn, so this worker's k-th batch is
+            # iteration k * n_workers + wid.
+            frac = _progress(self.cfg, k * n_workers + wid, time.time() - self.start_time, self.total_seconds)
             rollout = frac > self.cfg.rollout_after and rng.random() < self.cfg.p_rollout
             yield make_batch(self.cases, self.weights, rng, self.cfg.sample, self.cfg.n_guides, rollout)
+
+
+def _progress(cfg: TrainConfig, iteration: int, elapsed: float, total_seconds: float) -> float:
+    """How far the schedule is, 0 -> 1: by iterations when the run has an iteration count, else by time."""
+    if cfg.max_iterations is not None:
+        return iteration / max(cfg.max_iterations, 1)
+    return elapsed / total_seconds
 
 
 def _collate(x):
@@ -159,18 +174,25 @@ def train(cases: list[Case], cfg: TrainConfig, out_path: Path, log_path: Path) -
     last_ckpt = start
     ema = None
     it = 0
+    stopped_by = None  # "iterations" or "time" once the run ends
 
     def save(final: bool):
         prov = dict(cfg.provenance)
         prov.update({"iterations": it, "train_seconds": round(time.time() - start, 1), "final": final,
-                     "loss_ema": ema, "seed": cfg.seed})
+                     "loss_ema": ema, "seed": cfg.seed,
+                     "schedule": "iterations" if cfg.max_iterations is not None else "time",
+                     "stopped_by": stopped_by})
         return save_checkpoint(out_path, net, cfg.preprocessing, inference, prov)
 
     for batch in loader:
         elapsed = time.time() - start
-        if elapsed >= total_seconds or it >= cfg.max_iterations:
+        if cfg.max_iterations is not None and it >= cfg.max_iterations:
+            stopped_by = "iterations"
             break
-        lr = cfg.lr * (1 - elapsed / total_seconds) ** 0.9
+        if elapsed >= total_seconds:
+            stopped_by = "time"
+            break
+        lr = cfg.lr * (1 - _progress(cfg, it, elapsed, total_seconds)) ** 0.9
         for g in opt.param_groups:
             g["lr"] = lr
         out = _forward(net, batch)
