@@ -109,6 +109,8 @@ vertebrae and discs as one segment), uncheck <b>Stop where the tissue changes</b
 With several drawn slices the stop tests do not cut the object between them, and the propagation
 beyond the outermost ones is more cautious: if it stops short of the structure's end, draw one more
 slice further out and press <b>Update from my edits</b>.
+For a large organ whose outline changes quickly from slice to slice (e.g. the liver), draw a second
+slice towards its other end: one drawn slice tends to follow the change too slowly.
 See the <a href="{HOMEPAGE_URL}">documentation</a>.
 """
         self.parent.acknowledgementText = f"""
