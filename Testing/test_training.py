@@ -98,6 +98,21 @@ def test_a_run_with_an_iteration_count_is_reproducible(tmp_path):
     assert first.provenance["iterations"] == 8
 
 
+def test_sampling_in_the_main_process_keeps_the_training_threads(tmp_path):
+    """--workers 0 samples batches in the main process; that must not drop the network's
+    --threads to the one thread a sampling worker gets."""
+    cases = _cases(1)
+    pre = PreprocessingParams(input_size=32)
+    cfg = TrainConfig(network=TINY, preprocessing=pre, sample=SampleConfig(preprocessing=pre, n_queries=2),
+                      minutes=5, max_iterations=2, n_guides=2, seed=0, threads=2, workers=0)
+    before = torch.get_num_threads()
+    try:
+        train(cases, cfg, tmp_path / "t.pt", tmp_path / "t.csv")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_schedule_progress_follows_iterations_when_counted_else_time():
     from PAMSegmentLib.training.trainer import _progress
 

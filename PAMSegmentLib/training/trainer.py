@@ -89,7 +89,8 @@ class _BatchStream(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         wid = info.id if info is not None else 0
-        torch.set_num_threads(1)
+        if info is not None:  # a sampling worker: one thread; in the main process keep cfg.threads
+            torch.set_num_threads(1)
         n_workers = info.num_workers if info is not None else 1
         rng = np.random.default_rng([self.seed, wid])
         for k in itertools.count():
