@@ -3,7 +3,9 @@
 Loss: Dice + cross-entropy at every deep-supervision scale (nnU-Net's weights 1, 1/2, 1/4, ...
 normalised), plus binary cross-entropy on the object-present logit. The learning rate follows a
 polynomial decay over the *time* budget, so a run always finishes its schedule on time whatever
-the machine's speed. Batches come from a background process so sampling overlaps the network.
+the machine's speed; with ``max_iterations`` it decays over the iteration count instead, which
+makes a seeded run reproducible. Batches come from a background process so sampling overlaps the
+network.
 """
 
 from __future__ import annotations
