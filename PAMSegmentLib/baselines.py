@@ -388,11 +388,16 @@ class TrackPredictor(_ClassicalPredictor):
         return sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
 
     @staticmethod
-    def warp(transform, moving_mask: np.ndarray) -> np.ndarray:
-        """``moving_mask`` resampled through ``transform`` (linear: a probability), same shape."""
+    def warp(transform, moving_mask: np.ndarray, supersample: int = 1) -> np.ndarray:
+        """``moving_mask`` resampled through ``transform`` (linear: a probability), same shape.
+        ``supersample`` s > 1: ``moving_mask`` is on a grid s times finer than the registered crop
+        (s x s sub-pixels per pixel, ``upsample_mask``), and so is the result."""
         import SimpleITK as sitk
 
         mask = sitk.GetImageFromArray(np.asarray(moving_mask, dtype=np.float32))
+        if supersample > 1:  # sub-pixel centres in the crop's pixel units (what the field is in)
+            mask.SetSpacing((1.0 / supersample,) * 2)
+            mask.SetOrigin((0.5 / supersample - 0.5,) * 2)
         warped = sitk.Resample(mask, mask, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
         return sitk.GetArrayViewFromImage(warped).copy()
 

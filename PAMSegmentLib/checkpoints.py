@@ -82,6 +82,12 @@ class InferenceParams:
     # > 0: a coarser pyramid level first (half that grid, this many iterations), whose field starts
     # the registration_max_side grid (0 = one level, the format's default).
     registration_coarse_iterations: int = 0
+    # The mask the registration chain carries from slice to slice, kept binary on a grid this many
+    # times finer than the slices (s x s sub-pixels a pixel; at most CARRY_MAX_PIXELS sub-pixels a
+    # crop, a coarser factor for large crops): boundary motion below half a pixel per slice then
+    # adds up instead of being rounded away at every slice (1 = on the slices' own grid, the
+    # format's default; see the README's ablations).
+    registration_carry_supersample: int = 1
     # With two or more drawn keyframes, the walks outward from the outermost ones also end where
     # the network's mask and the registration's warped mask agree less than this (Dice; 0 = off):
     # there the two no longer follow the same object (see the README's keyframe ablation).
@@ -102,6 +108,9 @@ class InferenceParams:
             raise ValueError("registration_max_side must be >= 8, registration_iterations >= 1 and "
                              f"registration_coarse_iterations >= 0; got {self.registration_max_side}, "
                              f"{self.registration_iterations}, {self.registration_coarse_iterations}")
+        if not 1 <= int(self.registration_carry_supersample) <= 8:
+            raise ValueError("registration_carry_supersample must be within 1..8, "
+                             f"got {self.registration_carry_supersample}")
         if not 0.0 <= float(self.keyframe_outward_min_agreement) <= 1.0:
             raise ValueError("keyframe_outward_min_agreement must be within [0, 1], "
                              f"got {self.keyframe_outward_min_agreement}")

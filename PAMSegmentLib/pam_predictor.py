@@ -32,6 +32,31 @@ def _smoothed(image_slice: np.ndarray) -> np.ndarray:
     return ndimage.gaussian_filter(np.asarray(image_slice, dtype=np.float32), 1.0)
 
 
+# At most this many sub-pixels in a supersampled carried mask (InferenceParams.registration_carry_supersample).
+CARRY_MAX_PIXELS = 512 * 512
+
+
+def carry_factor(supersample: int, crop_shape) -> int:
+    """The carried mask's supersampling factor for a crop: ``supersample``, lowered until the crop's
+    sub-pixels fit in ``CARRY_MAX_PIXELS`` (1 for crops of that many pixels or more)."""
+    s = max(int(supersample), 1)
+    n = int(crop_shape[0]) * int(crop_shape[1])
+    while s > 1 and n * s * s > CARRY_MAX_PIXELS:
+        s -= 1
+    return s
+
+
+def _upsample(a: np.ndarray, s: int) -> np.ndarray:
+    """Each pixel as s x s sub-pixels."""
+    return np.repeat(np.repeat(a, s, axis=0), s, axis=1)
+
+
+def _block_mean(a: np.ndarray, s: int) -> np.ndarray:
+    """The mean of each s x s block (inverse of ``_upsample`` for block-constant arrays)."""
+    h, w = a.shape[0] // s, a.shape[1] // s
+    return a.reshape(h, s, w, s).mean(axis=(1, 3), dtype=np.float32)
+
+
 @dataclass
 class _RegistrationPlan:
     crop: tuple[slice, slice]  # region of the slices registered (around the window's guide mask)
@@ -92,6 +117,8 @@ class PAMPredictor(SlicePredictor):
         self.min_area_fraction, self.min_area_px = inf.min_area_fraction, inf.min_area_px
         self.consistency_min_dice = inf.consistency_min_dice
         self.keyframe_outward_min_agreement = inf.keyframe_outward_min_agreement
+        # InferenceParams.registration_carry_supersample (an attribute: validate.py may override it).
+        self.carry_supersample = int(inf.registration_carry_supersample)
         w = inf.registration_weight if registration_weight is None else registration_weight
         if not 0.0 <= float(w) <= 1.0:
             raise ValueError(f"registration_weight must be within [0, 1], got {w}")
@@ -235,15 +262,21 @@ class PAMPredictor(SlicePredictor):
         net_area = (prob >= self.threshold).sum(axis=(1, 2))
         crop_net = prob[(slice(None), *plan.crop)] >= self.threshold
         prob *= 1.0 - w
+        s = carry_factor(self.carry_supersample, crop_net.shape[1:])
         carried = plan.start_mask
+        if s > 1 and carried.shape == crop_net.shape[1:]:
+            carried = _upsample(carried, s)
         for n, transform in enumerate(transforms):
             if not carried.any():  # nothing left to carry: the rest is the network's share alone
                 break
-            warped = warp(transform, carried)
+            warped_fine = warp(transform, carried, s) if s > 1 else None
+            warped = _block_mean(warped_fine, s) if s > 1 else warp(transform, carried)
             wm = warped >= 0.5
             agreement[n] = 2.0 * np.count_nonzero(crop_net[n] & wm) / max(int(net_area[n]) + np.count_nonzero(wm), 1)
+            if plan.chained and s > 1:
+                carried = (_upsample(prob[n][plan.crop], s) + w * warped_fine) >= self.threshold
             prob[n][plan.crop] += w * warped
-            if plan.chained:
+            if plan.chained and s == 1:
                 carried = prob[n][plan.crop] >= self.threshold
         if plan.chained:
             self._chain = (guide_index, queries[-1], carried, plan.crop)

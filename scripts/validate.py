@@ -55,6 +55,7 @@ _NUMERIC = {
     "reglevels": ("registration_options", "coarse_levels", int),
     "regsigma": ("registration_options", "sigma", float),
     "regstep": ("registration_options", "max_step", float),  # demons step limit, grid px per iteration
+    "carryss": (None, "carry_supersample", int),  # the chain's carried mask on an s times finer grid
 }
 _PREFIXES_LONGEST_FIRST = sorted(_NUMERIC, key=len, reverse=True)
 
@@ -154,7 +155,7 @@ def main(argv=None) -> int:
                                          query_prior=opts.get("query_prior"))
                 predictor.registration_options = opts.get("registration_options", {})
                 for name in ("window_mm", "threshold", "presence_threshold", "consistency_min_dice",
-                             "keyframe_outward_min_agreement"):
+                             "keyframe_outward_min_agreement", "carry_supersample"):
                     if name in opts:
                         setattr(predictor, name, opts[name])
             res = propagate(case.image, prompt, case.spacing, predictor, axis=0)
