@@ -62,7 +62,7 @@ class _RegistrationPlan:
     crop: tuple[slice, slice]  # region of the slices registered (around the window's guide mask)
     pairs: list[tuple[int, int]]  # (fixed, moving) slice indices, one per query
     chained: bool  # each query's moving slice is the previous query (else the guide)
-    start_mask: np.ndarray  # crop of the mask carried onto the first query (bool)
+    start_mask: np.ndarray  # crop of the mask carried onto the first query (bool; on the fine grid when it continues a chain)
 
 
 class PAMPredictor(SlicePredictor):
@@ -74,7 +74,10 @@ class PAMPredictor(SlicePredictor):
     ``registration_coarse_iterations`` on a grid half as fine when that is > 0). Within a window
     the guide's mask is carried slice by slice (guide -> first query -> next query ...) and each
     query's probability is ``(1 - w) * network + w * warped``, the fused mask of one slice being
-    what is warped onto the next. The registrations depend on the images only, so they run in
+    what is warped onto the next; that carried mask is kept binary on a grid
+    ``registration_carry_supersample`` times finer (``carry_factor``), so that boundary motion
+    below half a pixel per slice adds up (the prior-channel path, ``_predict_carried``, carries
+    on the slice grid). The registrations depend on the images only, so they run in
     ``registration_workers`` threads while the network predicts the same window. They cover a
     crop around the window guide's mask (padded by half its size, like ``track``); outside it
     the probability is ``(1 - w) * network``. Queries that are not a run of consecutive slices

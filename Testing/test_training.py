@@ -161,7 +161,7 @@ def test_shipped_checkpoint_matches_its_model_card():
     assert SHIPPED.stat().st_size < 20e6  # "a few MB"
 
 
-# The shipped weights reach a mean Dice of 0.921 on the demo (README, `pamsegment demo`); the threshold
+# The shipped weights reach a mean Dice of 0.929 on the demo (README, `pamsegment demo`); the threshold
 # leaves a margin for thread-count and platform differences.
 DEMO_THRESHOLD = 0.87
 

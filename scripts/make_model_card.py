@@ -124,7 +124,9 @@ def main(argv=None) -> int:
             f"registration fusion weight {card['inference']['registration_weight']:g} "
             f"({card['inference']['registration_max_side']} px, {card['inference']['registration_iterations']} iterations"
             + (f" after {card['inference']['registration_coarse_iterations']} on a grid half as fine"
-               if card["inference"].get("registration_coarse_iterations", 0) else "") + "), "
+               if card["inference"].get("registration_coarse_iterations", 0) else "")
+            + (f", the carried mask on a {card['inference']['registration_carry_supersample']}x finer grid"
+               if card["inference"].get("registration_carry_supersample", 1) > 1 else "") + "), "
             + (f"intensity drift test against the {card['inference']['intensity_gate_reference']} region"
                if card["inference"]["intensity_gate"] else "no intensity drift test")
             + (f", with two or more keyframes walks beyond the outermost end below a network-registration "
