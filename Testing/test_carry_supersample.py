@@ -111,3 +111,28 @@ def test_supersample_setting_is_validated_and_old_headers_mean_one(value):
     old = params.to_dict()
     del old["registration_carry_supersample"]  # a checkpoint written before the parameter existed
     assert InferenceParams.from_dict(old).registration_carry_supersample == 1
+
+
+def test_fine_warp_resamples_only_what_the_mask_can_reach_and_gives_the_whole_grid_values():
+    """On the fine grid ``warp`` resamples only the mask's bounding box widened by the field's
+    largest displacement: the values equal resampling the whole fine grid exactly."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    fixed = ndimage.gaussian_filter(rng.random((90, 90)).astype(np.float32), 3)
+    reg = TrackPredictor(max_side=64, iterations=10, coarse_iterations=10)
+    transform = reg.register(fixed, np.roll(fixed, 5, axis=1))
+    reach = np.abs(sitk.GetArrayViewFromImage(transform.GetDisplacementField())).max()
+    assert reach > 2.0  # the field moves things by several px, so the margin matters
+    mask = np.zeros((90, 90), bool)
+    mask[30:60, 25:55] = rng.random((30, 30)) > 0.3
+    for s in (2, 4):
+        fine = _upsample(mask, s).astype(np.float32)
+        whole = sitk.GetImageFromArray(fine)
+        whole.SetSpacing((1.0 / s,) * 2)
+        whole.SetOrigin((0.5 / s - 0.5,) * 2)
+        expected = sitk.GetArrayFromImage(sitk.Resample(whole, whole, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+        got = TrackPredictor.warp(transform, fine, supersample=s)
+        np.testing.assert_array_equal(got, expected)
+        assert expected.sum() > 0.9 * fine.sum()
+    assert not TrackPredictor.warp(transform, np.zeros((180, 180), np.float32), supersample=2).any()
