@@ -391,38 +391,49 @@ class TrackPredictor(_ClassicalPredictor):
     def warp(transform, moving_mask: np.ndarray, supersample: int = 1) -> np.ndarray:
         """``moving_mask`` resampled through ``transform`` (linear: a probability), same shape.
         ``supersample`` s > 1: ``moving_mask`` is on a grid s times finer than the registered crop
-        (s x s sub-pixels per pixel, ``upsample_mask``), and so is the result."""
+        (s x s sub-pixels per pixel), and so is the result."""
         import SimpleITK as sitk
 
         arr = np.asarray(moving_mask, dtype=np.float32)
-        mask = sitk.GetImageFromArray(arr)
         if supersample <= 1:
+            mask = sitk.GetImageFromArray(arr)
             warped = sitk.Resample(mask, mask, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
             return sitk.GetArrayViewFromImage(warped).copy()
-        # Sub-pixel centres in the crop's pixel units (what the field is in). The fine grid has
-        # s^2 times the pixels, so only the part the mask can reach is resampled: a pixel farther
-        # than the largest displacement (+1 px for the interpolation) from the mask's bounding
-        # box samples 0 (the same values as resampling the whole grid, at a fraction of the cost).
-        s = int(supersample)
+        values, (r0, c0) = TrackPredictor.warp_region(transform, arr, supersample)
         out = np.zeros_like(arr)
+        out[r0:r0 + values.shape[0], c0:c0 + values.shape[1]] = values
+        return out
+
+    @staticmethod
+    def warp_region(transform, moving_mask: np.ndarray, supersample: int):
+        """``warp`` of a mask on a grid ``supersample`` (s) times finer than the registered crop,
+        computed only where it can be non-zero: ``(values, (row0, col0))``, the warped mask on
+        that part of the fine grid (0 elsewhere). The fine grid has s^2 times the pixels, so only
+        the mask's bounding box widened by the field's largest displacement (+1 px for the
+        interpolation) is resampled, its edges on multiples of s (whole crop pixels): the same
+        values as resampling the whole fine grid, at a fraction of the cost."""
+        import SimpleITK as sitk
+
+        s = int(supersample)
+        arr = np.asarray(moving_mask, dtype=np.float32)
         rows, cols = np.flatnonzero(arr.any(axis=1)), np.flatnonzero(arr.any(axis=0))
         if rows.size == 0:
-            return out
-        mask.SetSpacing((1.0 / s,) * 2)
+            return np.zeros((0, 0), np.float32), (0, 0)
+        mask = sitk.GetImageFromArray(arr)
+        mask.SetSpacing((1.0 / s,) * 2)  # sub-pixel centres in the crop's pixel units (the field's)
         mask.SetOrigin((0.5 / s - 0.5,) * 2)
         reach = float(np.abs(sitk.GetArrayViewFromImage(transform.GetDisplacementField())).max()) \
-            if isinstance(transform, sitk.DisplacementFieldTransform) else None
-        if reach is None or not np.isfinite(reach):  # any other transform: the whole grid
-            warped = sitk.Resample(mask, mask, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-            return sitk.GetArrayViewFromImage(warped).copy()
-        margin = int(np.ceil((reach + 1.0) * s)) + 1  # fine px
-        r0, r1 = max(rows[0] - margin, 0), min(rows[-1] + margin + 1, arr.shape[0])
-        c0, c1 = max(cols[0] - margin, 0), min(cols[-1] + margin + 1, arr.shape[1])
+            if isinstance(transform, sitk.DisplacementFieldTransform) else np.inf
+        if np.isfinite(reach):
+            margin = int(np.ceil((reach + 1.0) * s)) + 1  # fine px
+            r0, r1 = max(rows[0] - margin, 0) // s * s, min(-(-(rows[-1] + margin + 1) // s) * s, arr.shape[0])
+            c0, c1 = max(cols[0] - margin, 0) // s * s, min(-(-(cols[-1] + margin + 1) // s) * s, arr.shape[1])
+        else:  # any other transform: the whole grid
+            r0, r1, c0, c1 = 0, arr.shape[0], 0, arr.shape[1]
         origin = ((c0 + 0.5) / s - 0.5, (r0 + 0.5) / s - 0.5)
         warped = sitk.Resample(mask, [int(c1 - c0), int(r1 - r0)], transform, sitk.sitkLinear, origin,
                                (1.0 / s,) * 2, (1.0, 0.0, 0.0, 1.0), 0.0, sitk.sitkFloat32)
-        out[r0:r1, c0:c1] = sitk.GetArrayViewFromImage(warped)
-        return out
+        return sitk.GetArrayViewFromImage(warped).copy(), (int(r0), int(c0))
 
     def predict(self, volume, guide_index, guide_mask, query_indices: Sequence[int]) -> SlicePrediction:
         guide_mask, origin, prob, presence, sl = self._prepare(volume, guide_index, guide_mask, query_indices,

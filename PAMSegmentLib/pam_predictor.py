@@ -53,8 +53,14 @@ def _upsample(a: np.ndarray, s: int) -> np.ndarray:
 
 def _block_mean(a: np.ndarray, s: int) -> np.ndarray:
     """The mean of each s x s block (inverse of ``_upsample`` for block-constant arrays)."""
-    h, w = a.shape[0] // s, a.shape[1] // s
-    return a.reshape(h, s, w, s).mean(axis=(1, 3), dtype=np.float32)
+    # s^2 strided adds: about 10x faster than a reshaped mean on the fusion's hot path.
+    out = np.array(a[0::s, 0::s], dtype=np.float32)
+    for i in range(s):
+        for j in range(s):
+            if i or j:
+                out += a[i::s, j::s]
+    out *= np.float32(1.0 / (s * s))
+    return out
 
 
 @dataclass
@@ -272,12 +278,23 @@ class PAMPredictor(SlicePredictor):
         for n, transform in enumerate(transforms):
             if not carried.any():  # nothing left to carry: the rest is the network's share alone
                 break
-            warped_fine = warp(transform, carried, s) if s > 1 else None
-            warped = _block_mean(warped_fine, s) if s > 1 else warp(transform, carried)
+            if s > 1:
+                # The fine warp where the carried mask can reach (0 elsewhere), its edges on whole pixels.
+                fine, (r0, c0) = self.registration.warp_region(transform, carried, s)
+                part = (slice(r0 // s, (r0 + fine.shape[0]) // s), slice(c0 // s, (c0 + fine.shape[1]) // s))
+                warped = np.zeros(crop_net.shape[1:], np.float32)
+                warped[part] = _block_mean(fine, s)
+            else:
+                warped = warp(transform, carried)
             wm = warped >= 0.5
             agreement[n] = 2.0 * np.count_nonzero(crop_net[n] & wm) / max(int(net_area[n]) + np.count_nonzero(wm), 1)
             if plan.chained and s > 1:
-                carried = (_upsample(prob[n][plan.crop], s) + w * warped_fine) >= self.threshold
+                # The fused decision on the fine grid: the network's share repeated onto the sub-pixels
+                # plus the fine warp (outside the warped part, the network's share alone).
+                base = prob[n][plan.crop]
+                carried = _upsample(base >= self.threshold, s)
+                carried[r0:r0 + fine.shape[0], c0:c0 + fine.shape[1]] = \
+                    (_upsample(base[part], s) + w * fine) >= self.threshold
             prob[n][plan.crop] += w * warped
             if plan.chained and s == 1:
                 carried = prob[n][plan.crop] >= self.threshold

@@ -71,7 +71,8 @@ def parse_config(config: str) -> dict:
     ``regsideN`` / ``regitN`` / ``regcoarseN`` (its grid size in px, iterations, and iterations of a
     half-resolution pyramid level first; ``reglevelsN``: that many such levels, each half the
     next), ``regsigmaS`` (its displacement smoothing, px), ``regstepS`` (its demons step limit, px of the
-    grid per iteration; 0 = SimpleITK's default), ``kfagreeD`` (with several
+    grid per iteration; 0 = SimpleITK's default), ``carryssS`` (the registration chain's carried mask on
+    an S times finer grid; ``carryss1`` = the slices' own grid), ``kfagreeD`` (with several
     keyframes, walks beyond the outermost ones end where the network's and the warped mask's
     Dice < D). Unknown options are an error."""
     if config.startswith("window"):
@@ -110,7 +111,7 @@ def main(argv=None) -> int:
                     help="comma-separated: pam, pam+gate, pam+gateg (drift test against the window's guide), pam+nogate, pam+fbD (forward-backward check, min Dice D), "
                          "pam+thrT (mask threshold T), pam+kfagreeD (keyframe outward agreement test), pam+regW (registration weight W; pam+reg0 = network only; "
                          "+regsideN/+regitN/+regcoarseN: its grid size, iterations and coarse-level iterations; +regdiffeo: "
-                         "diffeomorphic demons), "
+                         "diffeomorphic demons; +carryssS: the carried mask on an S times finer grid), "
                          "windowMM, track, ci (contour interpolation, with --keyframes)")
     ap.add_argument("--cache", default=os.environ.get("PAMSEGMENT_CACHE", str(ROOT / "cache")))
     ap.add_argument("--n", type=int, default=24)
