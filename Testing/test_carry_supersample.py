@@ -18,7 +18,7 @@ from PAMSegmentLib.metrics import dice
 from PAMSegmentLib.pam_predictor import CARRY_MAX_PIXELS, _block_mean, _upsample, carry_factor
 from PAMSegmentLib.propagate import propagate
 
-from test_registration_fusion import StaleNetwork, sliding_square
+from test_registration_fusion import StaleNetwork, assert_round_trips_and_old_headers_mean, sliding_square
 
 
 def growing_disk(n: int = 31, size: int = 64, r0: float = 6.0, step: float = 0.3, seed: int = 0):
@@ -106,11 +106,7 @@ def test_block_helpers_and_factor_for_large_crops():
 def test_supersample_setting_is_validated_and_old_headers_mean_one(value):
     with pytest.raises(ValueError, match="registration_carry_supersample must be within 1..8"):
         InferenceParams(registration_carry_supersample=value)
-    params = InferenceParams(registration_carry_supersample=4)
-    assert InferenceParams.from_dict(params.to_dict()).registration_carry_supersample == 4
-    old = params.to_dict()
-    del old["registration_carry_supersample"]  # a checkpoint written before the parameter existed
-    assert InferenceParams.from_dict(old).registration_carry_supersample == 1
+    assert_round_trips_and_old_headers_mean("registration_carry_supersample", 4, 1)
 
 
 def test_fine_warp_resamples_only_what_the_mask_can_reach_and_gives_the_whole_grid_values():

@@ -231,12 +231,18 @@ def test_registration_settings_out_of_range_are_refused(field, value):
         .registration_coarse_iterations == 10
 
 
-def test_registration_weight_round_trips_and_old_headers_mean_zero():
-    params = InferenceParams(registration_weight=0.6)
-    assert InferenceParams.from_dict(params.to_dict()).registration_weight == 0.6
+def assert_round_trips_and_old_headers_mean(field: str, value, default):
+    """An inference parameter survives to_dict/from_dict, and a header written before it existed
+    reads as ``default``."""
+    params = InferenceParams(**{field: value})
+    assert getattr(InferenceParams.from_dict(params.to_dict()), field) == value
     old = params.to_dict()
-    del old["registration_weight"]  # a checkpoint written before the parameter existed
-    assert InferenceParams.from_dict(old).registration_weight == 0.0
+    del old[field]  # a checkpoint written before the parameter existed
+    assert getattr(InferenceParams.from_dict(old), field) == default
+
+
+def test_registration_weight_round_trips_and_old_headers_mean_zero():
+    assert_round_trips_and_old_headers_mean("registration_weight", 0.6, 0.0)
 
 
 def test_agreement_is_the_dice_of_the_network_and_warped_masks():
