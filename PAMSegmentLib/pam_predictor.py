@@ -68,7 +68,8 @@ class _RegistrationPlan:
     crop: tuple[slice, slice]  # region of the slices registered (around the window's guide mask)
     pairs: list[tuple[int, int]]  # (fixed, moving) slice indices, one per query
     chained: bool  # each query's moving slice is the previous query (else the guide)
-    start_mask: np.ndarray  # crop of the mask carried onto the first query (bool; on the fine grid when it continues a chain)
+    # Crop of the mask carried onto the first query (bool; on the fine grid when it continues a chain).
+    start_mask: np.ndarray
 
 
 class PAMPredictor(SlicePredictor):

@@ -69,7 +69,8 @@ def test_a_window_split_into_batches_carries_the_fine_mask_on():
         p.carry_supersample = 4
         p.begin(img, 0, truth[0])
     a = whole.predict(img, 0, truth[0], [1, 2, 3, 4, 5, 6]).prob
-    b = np.concatenate([split.predict(img, 0, truth[0], [1, 2, 3]).prob, split.predict(img, 0, truth[0], [4, 5, 6]).prob])
+    b = np.concatenate([split.predict(img, 0, truth[0], [1, 2, 3]).prob,
+                        split.predict(img, 0, truth[0], [4, 5, 6]).prob])
     np.testing.assert_allclose(a, b, atol=1e-6)
     assert split._chain[2].shape == tuple(4 * n for n in (s.stop - s.start for s in split._chain[3]))
 
@@ -127,7 +128,8 @@ def test_fine_warp_resamples_only_what_the_mask_can_reach_and_gives_the_whole_gr
         whole = sitk.GetImageFromArray(fine)
         whole.SetSpacing((1.0 / s,) * 2)
         whole.SetOrigin((0.5 / s - 0.5,) * 2)
-        expected = sitk.GetArrayFromImage(sitk.Resample(whole, whole, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+        expected = sitk.GetArrayFromImage(
+            sitk.Resample(whole, whole, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32))
         got = TrackPredictor.warp(transform, fine, supersample=s)
         np.testing.assert_array_equal(got, expected)
         assert expected.sum() > 0.9 * fine.sum()
