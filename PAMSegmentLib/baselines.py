@@ -416,8 +416,8 @@ class TrackPredictor(_ClassicalPredictor):
 
         s = int(supersample)
         arr = np.asarray(moving_mask, dtype=np.float32)
-        rows, cols = np.flatnonzero(arr.any(axis=1)), np.flatnonzero(arr.any(axis=0))
-        if rows.size == 0:
+        box = _bbox(arr)
+        if box is None:
             return np.zeros((0, 0), np.float32), (0, 0)
         mask = sitk.GetImageFromArray(arr)
         mask.SetSpacing((1.0 / s,) * 2)  # sub-pixel centres in the crop's pixel units (the field's)
@@ -426,8 +426,9 @@ class TrackPredictor(_ClassicalPredictor):
             if isinstance(transform, sitk.DisplacementFieldTransform) else np.inf
         if np.isfinite(reach):
             margin = int(np.ceil((reach + 1.0) * s)) + 1  # fine px
-            r0, r1 = max(rows[0] - margin, 0) // s * s, min(-(-(rows[-1] + margin + 1) // s) * s, arr.shape[0])
-            c0, c1 = max(cols[0] - margin, 0) // s * s, min(-(-(cols[-1] + margin + 1) // s) * s, arr.shape[1])
+            b0, b1, b2, b3 = box  # rows [b0, b1), columns [b2, b3)
+            r0, r1 = max(b0 - margin, 0) // s * s, min(-(-(b1 + margin) // s) * s, arr.shape[0])
+            c0, c1 = max(b2 - margin, 0) // s * s, min(-(-(b3 + margin) // s) * s, arr.shape[1])
         else:  # any other transform: the whole grid
             r0, r1, c0, c1 = 0, arr.shape[0], 0, arr.shape[1]
         origin = ((c0 + 0.5) / s - 0.5, (r0 + 0.5) / s - 0.5)

@@ -5,6 +5,7 @@ Kept apart from the engine so that the engine and the classical predictors impor
 
 from __future__ import annotations
 
+import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,11 +40,8 @@ CARRY_MAX_PIXELS = 512 * 512
 def carry_factor(supersample: int, crop_shape) -> int:
     """The carried mask's supersampling factor for a crop: ``supersample``, lowered until the crop's
     sub-pixels fit in ``CARRY_MAX_PIXELS`` (1 for crops of that many pixels or more)."""
-    s = max(int(supersample), 1)
-    n = int(crop_shape[0]) * int(crop_shape[1])
-    while s > 1 and n * s * s > CARRY_MAX_PIXELS:
-        s -= 1
-    return s
+    n = max(int(crop_shape[0]) * int(crop_shape[1]), 1)
+    return max(1, min(int(supersample), math.isqrt(CARRY_MAX_PIXELS // n)))
 
 
 def _upsample(a: np.ndarray, s: int) -> np.ndarray:
