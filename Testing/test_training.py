@@ -17,7 +17,7 @@ from PAMSegmentLib.network import PAMConfig, PAMNetwork
 from PAMSegmentLib.preprocess import PreprocessingParams
 from PAMSegmentLib.training.samples import Case, SampleConfig, make_batch
 from PAMSegmentLib.training.synthetic import generate_volume
-from PAMSegmentLib.training.trainer import TrainConfig, _forward, pam_loss, train
+from PAMSegmentLib.training.trainer import TrainConfig, _forward, boundary_band, pam_loss, train
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "Resources" / "Models" / "pam_small.pt"
@@ -40,6 +40,36 @@ def _fixed_batch_loss(net, batch):
         out = _forward(net, batch)
         loss, _ = pam_loss(out.logits, out.presence, batch.query_masks.flatten(0, 1), batch.present.flatten(), 0.5)
     return float(loss)
+
+
+def test_boundary_band_marks_pixels_near_the_edge_on_both_sides():
+    t = torch.zeros(1, 12, 12)
+    t[0, 4:8, 4:8] = 1  # a 4 x 4 square
+    band = boundary_band(t, 1)[0]
+    # 1 px band: the square's outer ring of 4 x 4 - 2 x 2 = 12 px plus the 6 x 6 - 4 x 4 = 20 px around it.
+    assert int(band.sum()) == 32
+    assert band[5, 5] == band[6, 6] == False  # the square's 2 x 2 core  # noqa: E712
+    assert band[4, 4] and band[3, 3] and not band[2, 2]
+    assert not boundary_band(torch.zeros(1, 5, 5), 2).any()  # no edge, no band
+
+
+def test_boundary_weight_raises_the_loss_of_edge_errors_only():
+    t = torch.zeros(1, 12, 12)
+    t[0, 4:8, 4:8] = 1
+
+    def loss_with_error_at(r, c, weight):
+        logits = torch.stack([1 - t, t], dim=1) * 8.0 - 4.0  # confident and right everywhere ...
+        logits[0, :, r, c] = logits[0, :, r, c].flip(0)  # ... but one pixel
+        total, parts = pam_loss([logits], None, t, torch.ones(1), 0.5, weight, 1)
+        return parts["ce"]
+
+    # weight 0 is the plain mean: an edge error and a far error cost the same.
+    assert loss_with_error_at(4, 4, 0.0) == pytest.approx(loss_with_error_at(0, 0, 0.0))
+    # weight 3: the edge pixel counts 4 times (32 band px of 144 -> weighted mean over 144 + 3 * 32).
+    edge, far = loss_with_error_at(4, 4, 3.0), loss_with_error_at(0, 0, 3.0)
+    assert edge / far == pytest.approx(4.0, rel=0.02)
+    plain_edge = loss_with_error_at(4, 4, 0.0)
+    assert edge == pytest.approx(plain_edge * 4 * 144 / (144 + 3 * 32), rel=0.02)
 
 
 def test_samples_have_expected_shapes_and_targets():

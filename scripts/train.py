@@ -134,6 +134,11 @@ def main(argv=None) -> int:
     ap.add_argument("--queries", type=int, default=4, help="query slices per guide")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--presence-weight", type=float, default=0.5, help="weight of the object-present BCE in the loss")
+    ap.add_argument("--boundary-weight", type=float, default=0.0,
+                    help="extra cross-entropy weight on pixels near the target's edge (0 = plain mean; "
+                         "1 = those pixels count twice)")
+    ap.add_argument("--boundary-band", type=int, default=2,
+                    help="width in px of that edge band on each side (default 2)")
     ap.add_argument("--p-remap", type=float, default=0.0,
                     help="probability of a random non-monotone intensity transfer function per sample")
     ap.add_argument("--stack-share", type=float, default=None,
@@ -175,6 +180,8 @@ def main(argv=None) -> int:
         n_guides=args.guides,
         lr=args.lr,
         presence_weight=args.presence_weight,
+        boundary_weight=args.boundary_weight,
+        boundary_band=args.boundary_band,
         seed=args.seed,
         threads=args.threads,
         workers=args.workers,

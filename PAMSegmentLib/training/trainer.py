@@ -45,6 +45,10 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 1e-4
     presence_weight: float = 0.5
+    # > 0: cross-entropy weight 1 + boundary_weight on pixels within boundary_band px of the
+    # target's boundary (at w 0.5 the registration fusion lets the network decide only there).
+    boundary_weight: float = 0.0
+    boundary_band: int = 2
     rollout_after: float = 0.15  # fraction of the budget before rollouts start
     p_rollout: float = 0.35
     seed: int = 0
@@ -61,14 +65,31 @@ def _ds_weights(n: int) -> list[float]:
     return [x / s for x in w]
 
 
+def boundary_band(target: torch.Tensor, band: int) -> torch.Tensor:
+    """(B, s, s) {0,1} -> bool: pixels within ``band`` px (chessboard distance) of a foreground /
+    background edge, on both sides (dilation minus erosion with a (2 band + 1)^2 square)."""
+    t = target[:, None].float()
+    k = 2 * int(band) + 1
+    dilated = F.max_pool2d(t, k, stride=1, padding=band)
+    eroded = -F.max_pool2d(-t, k, stride=1, padding=band)
+    return (dilated - eroded)[:, 0] > 0
+
+
 def pam_loss(logits: list[torch.Tensor], presence: torch.Tensor | None, target: torch.Tensor,
-             present: torch.Tensor, presence_weight: float) -> tuple[torch.Tensor, dict]:
-    """logits: list of (B, 2, s, s); target (B, S, S) float {0,1}; present (B,)."""
+             present: torch.Tensor, presence_weight: float, boundary_weight: float = 0.0,
+             band: int = 2) -> tuple[torch.Tensor, dict]:
+    """logits: list of (B, 2, s, s); target (B, S, S) float {0,1}; present (B,).
+    ``boundary_weight`` b > 0: each level's cross-entropy weighs pixels within ``band`` px of the
+    target's edge 1 + b times (a weighted mean); 0 = the plain mean."""
     total = 0.0
     parts = {}
     for w, lg in zip(_ds_weights(len(logits)), logits):
         t = target if lg.shape[-1] == target.shape[-1] else F.interpolate(target[:, None], size=lg.shape[-2:], mode="nearest")[:, 0]
-        ce = F.cross_entropy(lg, t.long())
+        if boundary_weight > 0:
+            weights = 1.0 + boundary_weight * boundary_band(t, band).float()
+            ce = (F.cross_entropy(lg, t.long(), reduction="none") * weights).sum() / weights.sum()
+        else:
+            ce = F.cross_entropy(lg, t.long())
         p = torch.softmax(lg, dim=1)[:, 1]
         # Batch Dice (nnU-Net's choice): empty targets do not produce undefined per-sample terms.
         inter = (p * t).sum()
@@ -200,7 +221,8 @@ def train(cases: list[Case], cfg: TrainConfig, out_path: Path, log_path: Path) -
             g["lr"] = lr
         out = _forward(net, batch)
         target = batch.query_masks.flatten(0, 1)
-        loss, parts = pam_loss(out.logits, out.presence, target, batch.present.flatten(), cfg.presence_weight)
+        loss, parts = pam_loss(out.logits, out.presence, target, batch.present.flatten(), cfg.presence_weight,
+                               cfg.boundary_weight, cfg.boundary_band)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 12.0)
