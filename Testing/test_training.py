@@ -48,7 +48,7 @@ def test_boundary_band_marks_pixels_near_the_edge_on_both_sides():
     band = boundary_band(t, 1)[0]
     # 1 px band: the square's outer ring of 4 x 4 - 2 x 2 = 12 px plus the 6 x 6 - 4 x 4 = 20 px around it.
     assert int(band.sum()) == 32
-    assert band[5, 5] == band[6, 6] == False  # the square's 2 x 2 core  # noqa: E712
+    assert not band[5, 5] and not band[6, 6]  # the square's 2 x 2 core
     assert band[4, 4] and band[3, 3] and not band[2, 2]
     assert not boundary_band(torch.zeros(1, 5, 5), 2).any()  # no edge, no band
 
@@ -60,7 +60,7 @@ def test_boundary_weight_raises_the_loss_of_edge_errors_only():
     def loss_with_error_at(r, c, weight):
         logits = torch.stack([1 - t, t], dim=1) * 8.0 - 4.0  # confident and right everywhere ...
         logits[0, :, r, c] = logits[0, :, r, c].flip(0)  # ... but one pixel
-        total, parts = pam_loss([logits], None, t, torch.ones(1), 0.5, weight, 1)
+        _, parts = pam_loss([logits], None, t, torch.ones(1), 0.5, weight, 1)
         return parts["ce"]
 
     # weight 0 is the plain mean: an edge error and a far error cost the same.
@@ -70,6 +70,14 @@ def test_boundary_weight_raises_the_loss_of_edge_errors_only():
     assert edge / far == pytest.approx(4.0, rel=0.02)
     plain_edge = loss_with_error_at(4, 4, 0.0)
     assert edge == pytest.approx(plain_edge * 4 * 144 / (144 + 3 * 32), rel=0.02)
+
+
+@pytest.mark.parametrize("flag, value, message", [("--boundary-band", "0", "--boundary-band must be at least 1 px"),
+                                                   ("--boundary-weight", "-1", "--boundary-weight must be >= 0")])
+def test_train_script_rejects_a_bad_boundary_setting_before_loading_data(tmp_path, flag, value, message):
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--cache", str(tmp_path), flag, value],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
 
 
 def test_samples_have_expected_shapes_and_targets():

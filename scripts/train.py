@@ -152,6 +152,10 @@ def main(argv=None) -> int:
         ap.error(f"--max-iterations must be at least 1, got {args.max_iterations}")
     if not 0 <= args.p_remap <= 1:
         ap.error(f"--p-remap is a probability, got {args.p_remap}; use a value in [0, 1]")
+    if not args.boundary_weight >= 0:
+        ap.error(f"--boundary-weight must be >= 0 (0 = off), got {args.boundary_weight}")
+    if args.boundary_band < 1:
+        ap.error(f"--boundary-band must be at least 1 px, got {args.boundary_band}")
 
     torch.manual_seed(args.seed)
     t0 = time.time()
