@@ -134,6 +134,9 @@ def main(argv=None) -> int:
     ap.add_argument("--queries", type=int, default=4, help="query slices per guide")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--presence-weight", type=float, default=0.5, help="weight of the object-present BCE in the loss")
+    ap.add_argument("--p-rollout", type=float, default=0.35,
+                    help="share of batches (after the first 15 %% of the run) whose guide is the network's own "
+                         "prediction of a relay slice (default 0.35)")
     ap.add_argument("--boundary-weight", type=float, default=0.0,
                     help="extra cross-entropy weight on pixels near the target's edge (0 = plain mean; "
                          "1 = those pixels count twice)")
@@ -152,6 +155,8 @@ def main(argv=None) -> int:
         ap.error(f"--max-iterations must be at least 1, got {args.max_iterations}")
     if not 0 <= args.p_remap <= 1:
         ap.error(f"--p-remap is a probability, got {args.p_remap}; use a value in [0, 1]")
+    if not 0 <= args.p_rollout <= 1:
+        ap.error(f"--p-rollout is a probability, got {args.p_rollout}; use a value in [0, 1]")
     if not args.boundary_weight >= 0:
         ap.error(f"--boundary-weight must be >= 0 (0 = off), got {args.boundary_weight}")
     if args.boundary_band < 1:
@@ -184,6 +189,7 @@ def main(argv=None) -> int:
         n_guides=args.guides,
         lr=args.lr,
         presence_weight=args.presence_weight,
+        p_rollout=args.p_rollout,
         boundary_weight=args.boundary_weight,
         boundary_band=args.boundary_band,
         seed=args.seed,
