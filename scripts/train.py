@@ -153,10 +153,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.max_iterations is not None and args.max_iterations < 1:
         ap.error(f"--max-iterations must be at least 1, got {args.max_iterations}")
-    if not 0 <= args.p_remap <= 1:
-        ap.error(f"--p-remap is a probability, got {args.p_remap}; use a value in [0, 1]")
-    if not 0 <= args.p_rollout <= 1:
-        ap.error(f"--p-rollout is a probability, got {args.p_rollout}; use a value in [0, 1]")
+    for flag, value in (("--p-remap", args.p_remap), ("--p-rollout", args.p_rollout)):
+        if not 0 <= value <= 1:
+            ap.error(f"{flag} is a probability, got {value}; use a value in [0, 1]")
     if not args.boundary_weight >= 0:
         ap.error(f"--boundary-weight must be >= 0 (0 = off), got {args.boundary_weight}")
     if args.boundary_band < 1:
