@@ -100,8 +100,6 @@ class PAMPredictor(SlicePredictor):
     # TrackPredictor options overriding the checkpoint's registration_max_side/_iterations.
     registration_options: dict = {}
     registration_workers: int = 2
-    # Test-time adaptation of the decoder on the drawn slice (PAMSegmentLib.adaptation); None = off.
-    adaptation = None
 
     def __init__(self, model, intensity_gate: bool | None = None, registration_weight: float | None = None,
                  gate_reference: str | None = None, query_prior: str | None = None):
@@ -141,15 +139,6 @@ class PAMPredictor(SlicePredictor):
     def begin(self, volume, prompt_index, prompt_mask):
         self.window = intensity_window(volume[prompt_index], prompt_mask, self.model.preprocessing)
         self._guide_cache = None
-        self._stage = self.model.network.proposing_stage
-        if self.adaptation is not None and self.adaptation.steps > 0:
-            from .adaptation import adapt_stage
-
-            pre = self.model.preprocessing
-            box = crop_box_for_mask(prompt_mask, pre)
-            g_img = crop_slices(volume[prompt_index][None], box, pre.input_size, self.window)
-            g_mask = crop_slices(np.asarray(prompt_mask)[None], box, pre.input_size, is_mask=True)
-            self._stage = adapt_stage(self._stage, g_img, g_mask, self.adaptation).to(self.model.device)
         self._chain = None
         self.registration = None
         if self.registration_weight > 0 or self._carried_prior:
@@ -349,7 +338,7 @@ class PAMPredictor(SlicePredictor):
         pre = self.model.preprocessing
         size, device = pre.input_size, self.model.device
         box = crop_box_for_mask(guide_mask, pre)
-        stage = self._stage
+        stage = self.model.network.proposing_stage
         # Successive batches of a window share their guide: encode it once.
         key = (guide_index, box, guide_mask.tobytes().__hash__())
         cache = self._guide_cache if self._guide_cache is not None else {}

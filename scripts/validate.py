@@ -42,8 +42,6 @@ _FLAGS = {
     "guideprior": {"query_prior": "guide"},
     # The registration's demons filter: diffeomorphic instead of fast symmetric forces.
     "regdiffeo": {"registration_options": {"diffeomorphic": True}},
-    # Test-time adaptation with deformations the size of slice-to-slice change (with adaptN).
-    "adaptsmall": {"adaptation": {"rotation_deg": 5.0, "scale": 0.05, "shift": 0.03, "elastic": 0.03}},
 }
 _NUMERIC = {
     "kfagree": (None, "keyframe_outward_min_agreement", float),  # min Dice network vs warped, outward
@@ -58,8 +56,6 @@ _NUMERIC = {
     "regsigma": ("registration_options", "sigma", float),
     "regstep": ("registration_options", "max_step", float),  # demons step limit, grid px per iteration
     "carryss": (None, "carry_supersample", int),  # the chain's carried mask on an s times finer grid
-    "adapt": ("adaptation", "steps", int),  # test-time adaptation of the decoder on the drawn slice: steps
-    "adaptlr": ("adaptation", "lr", float),  # ... and its learning rate
 }
 _PREFIXES_LONGEST_FIRST = sorted(_NUMERIC, key=len, reverse=True)
 
@@ -159,10 +155,6 @@ def main(argv=None) -> int:
                                          gate_reference=opts.get("gate_reference", "prompt" if "gate" in opts else None),
                                          query_prior=opts.get("query_prior"))
                 predictor.registration_options = opts.get("registration_options", {})
-                if "adaptation" in opts:
-                    from PAMSegmentLib.adaptation import AdaptationParams
-
-                    predictor.adaptation = AdaptationParams(**opts["adaptation"])
                 for name in ("window_mm", "threshold", "presence_threshold", "consistency_min_dice",
                              "keyframe_outward_min_agreement", "carry_supersample"):
                     if name in opts:
