@@ -94,6 +94,11 @@ class InferenceParams:
     keyframe_outward_min_agreement: float = 0.0
     # Only for networks with a prior channel; see QUERY_PRIORS.
     query_prior: str = "guide"
+    # Thick slices (0 = off): where the spacing along the propagation axis exceeds this (mm), the
+    # walks step through k - 1 slices interpolated linearly between each pair of neighbours,
+    # k = ceil(spacing / this), and the result is kept on the original slices
+    # (PAMSegmentLib.propagate.AxisInterpolated; see the README's ablations).
+    through_plane_mm: float = 0.0
 
     def __post_init__(self):
         if self.query_prior not in QUERY_PRIORS:
@@ -111,6 +116,8 @@ class InferenceParams:
         if not 1 <= int(self.registration_carry_supersample) <= 8:
             raise ValueError("registration_carry_supersample must be within 1..8, "
                              f"got {self.registration_carry_supersample}")
+        if not (float(self.through_plane_mm) == 0.0 or 0.25 <= float(self.through_plane_mm) <= 20.0):
+            raise ValueError(f"through_plane_mm must be 0 (off) or within [0.25, 20] mm, got {self.through_plane_mm}")
         if not 0.0 <= float(self.keyframe_outward_min_agreement) <= 1.0:
             raise ValueError("keyframe_outward_min_agreement must be within [0, 1], "
                              f"got {self.keyframe_outward_min_agreement}")

@@ -79,6 +79,9 @@ def _pam_method(args: argparse.Namespace) -> Any:
     if gate is not None:
         model.inference = (replace(model.inference, intensity_gate=False) if gate == "off" else
                            replace(model.inference, intensity_gate=True, intensity_gate_reference=gate))
+    through_plane = getattr(args, "through_plane_mm", None)
+    if through_plane is not None:
+        model.inference = replace(model.inference, through_plane_mm=through_plane)
     return model
 
 
@@ -161,6 +164,16 @@ def _unit_interval(text: str) -> float:
     return value
 
 
+def _through_plane_mm(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (value == 0.0 or 0.25 <= value <= 20.0):
+        raise argparse.ArgumentTypeError(f"expected 0 (off) or a slice spacing in mm from 0.25 to 20, got {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -191,6 +204,11 @@ def add_propagate_arguments(p: argparse.ArgumentParser) -> None:
                    help="pam: also end the walk where the predicted region's intensity drifts from the drawn "
                         "slice's region (prompt) or from the region of the slice it was predicted from (guide) "
                         "(default: the checkpoint's; guide for the shipped weights, off for the official checkpoint)")
+    p.add_argument("--through-plane-mm", type=_through_plane_mm, metavar="T",
+                   help="pam: on scans whose slices are more than T mm apart, walk through slices interpolated "
+                        "between them (ceil(spacing / T) steps per slice; the result stays on the scan's slices). "
+                        "1.5 helped single-slice prompts on thick-slice validation scans; 0 = off (default: the "
+                        "checkpoint's, off for the shipped weights)")
     p.add_argument("--label", type=_positive_int, nargs="+", metavar="N",
                    help="propagate only these prompt labels (default: every label in the prompt)")
     p.add_argument("--axis", type=int, choices=(0, 1, 2),
@@ -261,6 +279,8 @@ def cmd_propagate(args: argparse.Namespace) -> int:
         raise InputError(f"--registration-weight is an option of --method pam, not {args.method}; drop it")
     if args.intensity_gate is not None and args.method != "pam":
         raise InputError(f"--intensity-gate is an option of --method pam, not {args.method}; drop it")
+    if args.through_plane_mm is not None and args.method != "pam":
+        raise InputError(f"--through-plane-mm is an option of --method pam, not {args.method}; drop it")
     _check_output_path(args.output, [args.image, args.prompt])
 
     from .volumes import read_labelmap, read_volume, write_labelmap

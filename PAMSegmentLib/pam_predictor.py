@@ -124,6 +124,7 @@ class PAMPredictor(SlicePredictor):
         self.threshold, self.presence_threshold = inf.threshold, inf.presence_threshold
         self.min_area_fraction, self.min_area_px = inf.min_area_fraction, inf.min_area_px
         self.consistency_min_dice = inf.consistency_min_dice
+        self.through_plane_mm = float(inf.through_plane_mm)
         self.keyframe_outward_min_agreement = inf.keyframe_outward_min_agreement
         # InferenceParams.registration_carry_supersample (an attribute: validate.py may override it).
         self.carry_supersample = int(inf.registration_carry_supersample)

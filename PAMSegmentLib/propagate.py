@@ -19,6 +19,7 @@ the prompt are removed and the prompt slices are restored exactly.
 from __future__ import annotations
 
 import abc
+import math
 import sys
 import threading
 import time
@@ -89,6 +90,8 @@ class SlicePredictor(abc.ABC):
     # With >= 2 drawn keyframes, walks beyond the outermost ones also end below this agreement
     # (SlicePrediction.agreement); 0 = off.
     keyframe_outward_min_agreement: float = 0.0
+    # Thick slices: walk through interpolated slices where the spacing exceeds this (mm); 0 = off.
+    through_plane_mm: float = 0.0
 
     def begin(self, volume: np.ndarray, prompt_index: int, prompt_mask: np.ndarray) -> None:
         pass
@@ -188,6 +191,65 @@ def window_slices(slice_spacing: float, predictor: SlicePredictor) -> int:
     return int(max(predictor.min_window, min(z, predictor.max_window)))
 
 
+MAX_THROUGH_PLANE_FACTOR = 8
+
+
+def through_plane_factor(slice_spacing: float, predictor: SlicePredictor) -> int:
+    """k: the walks step through k - 1 interpolated slices between neighbours (1 = the slices as
+    they are): ceil(spacing / ``predictor.through_plane_mm``), at most MAX_THROUGH_PLANE_FACTOR."""
+    target = float(getattr(predictor, "through_plane_mm", 0.0) or 0.0)
+    if target <= 0 or float(slice_spacing) <= target:
+        return 1
+    return int(min(math.ceil(float(slice_spacing) / target - 1e-6), MAX_THROUGH_PLANE_FACTOR))
+
+
+class AxisInterpolated:
+    """``volume`` (axis 0 first) seen with k - 1 slices interpolated linearly between each pair of
+    neighbours: its slice i is slice i * k here. Slices are computed only when read (an int or a
+    list of ints), as float32, so no finer copy of the volume is ever held."""
+
+    def __init__(self, volume, k: int):
+        if int(k) < 1:
+            raise ValueError(f"the interpolation factor must be >= 1, got {k}")
+        self.base, self.k = volume, int(k)
+        self.shape = ((volume.shape[0] - 1) * self.k + 1,) + tuple(volume.shape[1:])
+        self.ndim, self.dtype = 3, np.dtype(np.float32)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _slice(self, j: int) -> np.ndarray:
+        if not 0 <= j < self.shape[0]:
+            raise IndexError(f"slice {j} outside 0..{self.shape[0] - 1}")
+        i, r = divmod(j, self.k)
+        below = np.asarray(self.base[i], dtype=np.float32)
+        if r == 0:
+            return below
+        f = r / self.k
+        return (1.0 - f) * below + f * np.asarray(self.base[i + 1], dtype=np.float32)
+
+    def __getitem__(self, index):
+        if isinstance(index, (int, np.integer)):
+            return self._slice(int(index))
+        if isinstance(index, (list, np.ndarray)) and np.ndim(index) == 1:
+            return np.stack([self._slice(int(j)) for j in index]) if len(index) else \
+                np.zeros((0,) + self.shape[1:], np.float32)
+        raise TypeError(f"AxisInterpolated takes a slice number or a list of them, got {type(index).__name__}")
+
+
+class _ScaledProgress:
+    """Progress of a walk through interpolated slices, counted in original slices."""
+
+    def __init__(self, progress: _Progress, k: int):
+        self.progress, self.k = progress, k
+
+    def check_cancel(self):
+        self.progress.check_cancel()
+
+    def advance(self, n, message: str):
+        self.progress.advance(n / self.k, message)
+
+
 def _validate_inputs(image: np.ndarray, prompt: np.ndarray, spacing) -> tuple[float, float, float]:
     if image.ndim != 3:
         raise InputError(f"the image must be a 3D volume, got {image.ndim}D with shape {image.shape}")
@@ -282,7 +344,7 @@ def _record_stop(stats: dict, start: int, direction: int, last: int, reason: str
 
 def _walk(volume, predictor, start, start_mask, direction, end, window, batch_size, early_stop,
           progress, out_probs, out_conf, stats, keep_prob: bool = False, stop_signals: bool = True,
-          min_agreement: float = 0.0, out_agree: np.ndarray | None = None) -> int:
+          min_agreement: float = 0.0, out_agree: np.ndarray | None = None, slice_step: int = 1) -> int:
     """Propagate from slice ``start`` towards ``end`` (inclusive) in steps of ``direction``.
 
     Writes each predicted slice's probability into ``out_probs[s]`` (float32 dict) and its
@@ -370,7 +432,7 @@ def _walk(volume, predictor, start, start_mask, direction, end, window, batch_si
                         out_agree[idx] = float(pred.agreement[q])
             if ended:
                 break
-            report(batch, f"slice {batch[-1]}")
+            report(batch, f"slice {batch[-1] // slice_step}")
         restart = False
         if fb_min > 0 and found:
             keep = _consistent_prefix(volume, predictor, guide_idx, guide_mask, found, out_probs, fb_min, stats)
@@ -470,13 +532,39 @@ def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo
     (earlier if the object ends), and nothing beyond the outermost one is predicted.
     """
     n = volume.shape[0]
-    window = window_slices(spacing_axis, predictor)
+    # Thick slices: the walks step through interpolated slices (walk_volume: original slice i is
+    # slice i * k there) and keep only the original ones; everything else stays on the original grid.
+    k = through_plane_factor(spacing_axis, predictor)
+    walk_volume = AxisInterpolated(volume, k) if k > 1 else volume
+    window = window_slices(spacing_axis / k, predictor)
+
+    def walk(a, a_mask, d, bound, walk_early_stop, out_p, out_c, **kw):
+        if k == 1:
+            return _walk(volume, predictor, a, a_mask, d, bound, window, batch_size, walk_early_stop, progress,
+                         out_p, out_c, stats, **kw)
+        fine_p, fine_c = {}, {}
+        out_agree = kw.pop("out_agree", None)
+        fine_agree = None if out_agree is None else np.full(walk_volume.shape[0], np.nan, dtype=np.float32)
+        first_stop = len(stats.get("stops", []))
+        _walk(walk_volume, predictor, a * k, a_mask, d, bound * k, window, batch_size, walk_early_stop,
+              _ScaledProgress(progress, k), fine_p, fine_c, stats, out_agree=fine_agree, slice_step=k, **kw)
+        for j, p in fine_p.items():
+            if j % k == 0:
+                out_p[j // k] = p
+                out_c[j // k] = fine_c[j]
+        if out_agree is not None:
+            kept = fine_agree[::k]
+            out_agree[~np.isnan(kept)] = kept[~np.isnan(kept)]
+        for stop in stats.get("stops", [])[first_stop:]:  # back to original slices
+            stop["start"] //= k
+            stop["last"] = stop["last"] // k if d > 0 else -(-stop["last"] // k)
+
     conf = np.full(n, np.nan, dtype=np.float32)
     agreement = np.full(n, np.nan, dtype=np.float32)
     probs: dict[int, np.ndarray] = {}
     drawn = set(keyframes)
     keys = sorted(drawn | set(empty_keyframes))
-    predictor.begin(volume, keyframes[0], prompt_mask[keyframes[0]])
+    predictor.begin(walk_volume, keyframes[0] * k, prompt_mask[keyframes[0]])
     for kf in keyframes:
         conf[kf] = 1.0
     old_keys = sorted(reuse.keyframes) if reuse is not None else []
@@ -526,8 +614,7 @@ def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo
                     _record_stop(stats, a, d, held[-1] if held else a, "agreement")
                     progress.advance(len(span) - len(kept), "side finished")
                 return
-        _walk(volume, predictor, a, prompt_mask[a], d, bound, window, batch_size, early_stop, progress, probs, conf,
-              stats, min_agreement=agree, out_agree=agreement)
+        walk(a, prompt_mask[a], d, bound, early_stop, probs, conf, min_agreement=agree, out_agree=agreement)
         recomputed.append((min(a + d, bound), max(a + d, bound)))
 
     if keys[0] in drawn:
@@ -556,10 +643,8 @@ def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo
             continue
         recomputed.append((a + 1, b - 1))
         fwd_p, fwd_c, bwd_p, bwd_c = {}, {}, {}, {}
-        _walk(volume, predictor, a, prompt_mask[a], +1, b - 1, window, batch_size, False, progress, fwd_p, fwd_c,
-              stats, keep_prob=True, stop_signals=False)
-        _walk(volume, predictor, b, prompt_mask[b], -1, a + 1, window, batch_size, False, progress, bwd_p, bwd_c,
-              stats, keep_prob=True, stop_signals=False)
+        walk(a, prompt_mask[a], +1, b - 1, False, fwd_p, fwd_c, keep_prob=True, stop_signals=False)
+        walk(b, prompt_mask[b], -1, a + 1, False, bwd_p, bwd_c, keep_prob=True, stop_signals=False)
         for s in range(a + 1, b):
             w_f, w_b = (b - s) / (b - a), (s - a) / (b - a)
             probs[s] = w_f * fwd_p[s] + w_b * bwd_p[s]

@@ -387,6 +387,35 @@ def test_intensity_gate_option_overrides_the_checkpoint(ct_case, small_checkpoin
     assert "--intensity-gate is an option of --method pam, not copy" in capsys.readouterr().err
 
 
+def test_through_plane_option_overrides_the_checkpoint(ct_case, small_checkpoint, monkeypatch, capsys):
+    """--through-plane-mm T reaches the model the engine gets; only --method pam takes it; a value
+    that is neither 0 nor a spacing from 0.25 to 20 mm is a usage error before any work."""
+    from PAMSegmentLib import propagate as engine
+
+    seen = []
+    real = engine.propagate
+
+    def spy(image, prompt, spacing, model, **kwargs):
+        seen.append(model.inference.through_plane_mm)
+        return real(image, prompt, spacing, model, **kwargs)
+
+    monkeypatch.setattr(engine, "propagate", spy)
+    out = ct_case.directory / "thin.nii.gz"
+    base = ["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out),
+            "--checkpoint", str(small_checkpoint.path)]
+    assert cli.main(base + ["--through-plane-mm", "1.5"]) == 0
+    assert cli.main(base) == 0
+    assert seen == [1.5, 0.0]  # the test checkpoint's own value: off
+    capsys.readouterr()
+    assert cli.main(base + ["--method", "track", "--through-plane-mm", "1.5"]) == 2
+    assert "--through-plane-mm is an option of --method pam, not track" in capsys.readouterr().err
+    for bad in ("0.1", "x"):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(base + ["--through-plane-mm", bad])
+        assert exc.value.code == 2
+        assert f"expected 0 (off) or a slice spacing in mm from 0.25 to 20, got '{bad}'" in capsys.readouterr().err
+
+
 def test_propagate_prints_the_results_notes(ct_case, small_checkpoint, monkeypatch, capsys):
     """What the engine says about how walks ended (PropagationResult.notes) reaches the user,
     with the option that changes it."""

@@ -56,6 +56,7 @@ _NUMERIC = {
     "regsigma": ("registration_options", "sigma", float),
     "regstep": ("registration_options", "max_step", float),  # demons step limit, grid px per iteration
     "carryss": (None, "carry_supersample", int),  # the chain's carried mask on an s times finer grid
+    "up": (None, "through_plane_mm", float),  # thick slices: walks through slices interpolated to <= T mm (0 = off)
 }
 _PREFIXES_LONGEST_FIRST = sorted(_NUMERIC, key=len, reverse=True)
 
@@ -121,6 +122,8 @@ def main(argv=None) -> int:
                          "slice; config `ci` = contour interpolation of them")
     ap.add_argument("--cases", default=",".join(CASES),
                     help=f"comma-separated training cases (default {','.join(CASES)})")
+    ap.add_argument("--fresh", action="store_true",
+                    help="leave out the default set's structures (to confirm a hypothesis on structures never used to choose)")
     args = ap.parse_args(argv)
     configs = args.configs.split(",")
     parsed = {c: parse_config(c) for c in configs if c != "ci"}  # a typo fails here, before any case is read
@@ -135,6 +138,9 @@ def main(argv=None) -> int:
         cases, items = validation_items(args.cache, ROOT / "scripts" / "split.json", names, args.n)
     except InputError as exc:
         raise SystemExit(f"error: {exc}") from None
+    if args.fresh:
+        _, used = validation_items(args.cache, ROOT / "scripts" / "split.json", list(CASES), 24)
+        items = [it for it in items if it not in set(used)]
     model = load_checkpoint_file(args.checkpoint)
     scores = {c: [] for c in configs}
     for cid, lab in items:
@@ -156,7 +162,7 @@ def main(argv=None) -> int:
                                          query_prior=opts.get("query_prior"))
                 predictor.registration_options = opts.get("registration_options", {})
                 for name in ("window_mm", "threshold", "presence_threshold", "consistency_min_dice",
-                             "keyframe_outward_min_agreement", "carry_supersample"):
+                             "keyframe_outward_min_agreement", "carry_supersample", "through_plane_mm"):
                     if name in opts:
                         setattr(predictor, name, opts[name])
             res = propagate(case.image, prompt, case.spacing, predictor, axis=0)
