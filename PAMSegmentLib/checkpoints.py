@@ -50,6 +50,10 @@ GATE_REFERENCES = ("prompt", "guide")
 QUERY_PRIORS = ("guide", "carried")
 
 
+# InferenceParams.through_plane_mm: 0 (off) or a target spacing within this range (mm).
+THROUGH_PLANE_RANGE_MM = (0.25, 20.0)
+
+
 @dataclass(frozen=True)
 class InferenceParams:
     """How the engine walks the volume with this network."""
@@ -116,8 +120,9 @@ class InferenceParams:
         if not 1 <= int(self.registration_carry_supersample) <= 8:
             raise ValueError("registration_carry_supersample must be within 1..8, "
                              f"got {self.registration_carry_supersample}")
-        if not (float(self.through_plane_mm) == 0.0 or 0.25 <= float(self.through_plane_mm) <= 20.0):
-            raise ValueError(f"through_plane_mm must be 0 (off) or within [0.25, 20] mm, got {self.through_plane_mm}")
+        lo, hi = THROUGH_PLANE_RANGE_MM
+        if not (float(self.through_plane_mm) == 0.0 or lo <= float(self.through_plane_mm) <= hi):
+            raise ValueError(f"through_plane_mm must be 0 (off) or within [{lo:g}, {hi:g}] mm, got {self.through_plane_mm}")
         if not 0.0 <= float(self.keyframe_outward_min_agreement) <= 1.0:
             raise ValueError("keyframe_outward_min_agreement must be within [0, 1], "
                              f"got {self.keyframe_outward_min_agreement}")
@@ -365,3 +370,4 @@ def describe_checkpoint(path: str | os.PathLike) -> dict:
         "provenance": model.provenance,
         "loads": True,
     }
+

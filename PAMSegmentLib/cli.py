@@ -165,12 +165,15 @@ def _unit_interval(text: str) -> float:
 
 
 def _through_plane_mm(text: str) -> float:
+    from .checkpoints import THROUGH_PLANE_RANGE_MM
+
+    lo, hi = THROUGH_PLANE_RANGE_MM
     try:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not (value == 0.0 or 0.25 <= value <= 20.0):
-        raise argparse.ArgumentTypeError(f"expected 0 (off) or a slice spacing in mm from 0.25 to 20, got {text!r}")
+    if not (value == 0.0 or lo <= value <= hi):
+        raise argparse.ArgumentTypeError(f"expected 0 (off) or a slice spacing in mm from {lo:g} to {hi:g}, got {text!r}")
     return value
 
 

@@ -346,6 +346,7 @@ def _walk(volume, predictor, start, start_mask, direction, end, window, batch_si
           progress, out_probs, out_conf, stats, keep_prob: bool = False, stop_signals: bool = True,
           min_agreement: float = 0.0, out_agree: np.ndarray | None = None, slice_step: int = 1) -> int:
     """Propagate from slice ``start`` towards ``end`` (inclusive) in steps of ``direction``.
+    (``slice_step`` k: ``volume`` is an ``AxisInterpolated`` one; progress messages name slice // k.)
 
     Writes each predicted slice's probability into ``out_probs[s]`` (float32 dict) and its
     confidence into ``out_conf[s]``. Returns the last slice that holds the object (``start`` if none).
@@ -546,7 +547,7 @@ def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo
         out_agree = kw.pop("out_agree", None)
         fine_agree = None if out_agree is None else np.full(walk_volume.shape[0], np.nan, dtype=np.float32)
         first_stop = len(stats.get("stops", []))
-        _walk(walk_volume, predictor, a * k, a_mask, d, bound * k, window, batch_size, walk_early_stop,
+        last = _walk(walk_volume, predictor, a * k, a_mask, d, bound * k, window, batch_size, walk_early_stop,
               _ScaledProgress(progress, k), fine_p, fine_c, stats, out_agree=fine_agree, slice_step=k, **kw)
         for j, p in fine_p.items():
             if j % k == 0:
@@ -555,9 +556,12 @@ def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo
         if out_agree is not None:
             kept = fine_agree[::k]
             out_agree[~np.isnan(kept)] = kept[~np.isnan(kept)]
-        for stop in stats.get("stops", [])[first_stop:]:  # back to original slices
-            stop["start"] //= k
-            stop["last"] = stop["last"] // k if d > 0 else -(-stop["last"] // k)
+        def original(j: int) -> int:  # the last original slice a walk in direction d reached by j
+            return j // k if d > 0 else -(-j // k)
+
+        for stop in stats.get("stops", [])[first_stop:]:
+            stop["start"], stop["last"] = stop["start"] // k, original(stop["last"])
+        return original(last)
 
     conf = np.full(n, np.nan, dtype=np.float32)
     agreement = np.full(n, np.nan, dtype=np.float32)
