@@ -7,7 +7,8 @@ options and checkpoints.
 24 structures (seed 0) of ts_ct, ts_ct_dicom and tptbox_ct_vert listed as training labels in
 scripts/split.json, with >= 500 voxels over >= 5 slices; prompt = reference on the middle slice
 of the extent along axis 0 (``--keyframes``: at 25 % and 75 %); prints the mean 3D Dice per
-configuration.
+configuration. ``--fresh`` leaves out those 24 default structures (with ``--cases`` and a large
+``--n``: a hypothesis confirmed on training-case structures never used to choose).
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def parse_config(config: str) -> dict:
     grid per iteration; 0 = SimpleITK's default), ``carryssS`` (the registration chain's carried mask on
     an S times finer grid; ``carryss1`` = the slices' own grid), ``kfagreeD`` (with several
     keyframes, walks beyond the outermost ones end where the network's and the warped mask's
-    Dice < D). Unknown options are an error."""
+    Dice < D). ``upT`` (thick slices: walks through slices interpolated to <= T mm; 0 = off). Unknown options are an error."""
     if config.startswith("window"):
         return {"window_mm": float(config[len("window"):])}
     head, *tokens = config.split("+")
