@@ -336,19 +336,25 @@ def test_parse_slice_list():
     assert cli.parse_slice_list("30, 12,12") == [12, 30]
 
 
-def test_registration_weight_option_overrides_the_checkpoint(ct_case, small_checkpoint, monkeypatch, capsys):
-    """--registration-weight W reaches the predictor the engine builds; only --method pam takes it;
-    a value outside [0, 1] is a usage error before any work."""
+def _spy_on_engine(monkeypatch, read) -> list:
+    """Let the CLI's propagation run as usual, recording ``read(model)`` of the model it gets."""
     from PAMSegmentLib import propagate as engine
 
     seen = []
     real = engine.propagate
 
     def spy(image, prompt, spacing, model, **kwargs):
-        seen.append(model.inference.registration_weight)
+        seen.append(read(model))
         return real(image, prompt, spacing, model, **kwargs)
 
     monkeypatch.setattr(engine, "propagate", spy)
+    return seen
+
+
+def test_registration_weight_option_overrides_the_checkpoint(ct_case, small_checkpoint, monkeypatch, capsys):
+    """--registration-weight W reaches the predictor the engine builds; only --method pam takes it;
+    a value outside [0, 1] is a usage error before any work."""
+    seen = _spy_on_engine(monkeypatch, lambda model: model.inference.registration_weight)
     out = ct_case.directory / "fused.nii.gz"
     base = ["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out)]
     assert cli.main(base + ["--checkpoint", str(small_checkpoint.path), "--registration-weight", "0.7"]) == 0
@@ -365,16 +371,7 @@ def test_registration_weight_option_overrides_the_checkpoint(ct_case, small_chec
 
 def test_intensity_gate_option_overrides_the_checkpoint(ct_case, small_checkpoint, monkeypatch, capsys):
     """--intensity-gate off|prompt|guide reaches the model the engine gets; only --method pam takes it."""
-    from PAMSegmentLib import propagate as engine
-
-    seen = []
-    real = engine.propagate
-
-    def spy(image, prompt, spacing, model, **kwargs):
-        seen.append((model.inference.intensity_gate, model.inference.intensity_gate_reference))
-        return real(image, prompt, spacing, model, **kwargs)
-
-    monkeypatch.setattr(engine, "propagate", spy)
+    seen = _spy_on_engine(monkeypatch, lambda model: (model.inference.intensity_gate, model.inference.intensity_gate_reference))
     out = ct_case.directory / "gated.nii.gz"
     base = ["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out),
             "--checkpoint", str(small_checkpoint.path)]
@@ -390,16 +387,7 @@ def test_intensity_gate_option_overrides_the_checkpoint(ct_case, small_checkpoin
 def test_through_plane_option_overrides_the_checkpoint(ct_case, small_checkpoint, monkeypatch, capsys):
     """--through-plane-mm T reaches the model the engine gets; only --method pam takes it; a value
     that is neither 0 nor a spacing from 0.25 to 20 mm is a usage error before any work."""
-    from PAMSegmentLib import propagate as engine
-
-    seen = []
-    real = engine.propagate
-
-    def spy(image, prompt, spacing, model, **kwargs):
-        seen.append(model.inference.through_plane_mm)
-        return real(image, prompt, spacing, model, **kwargs)
-
-    monkeypatch.setattr(engine, "propagate", spy)
+    seen = _spy_on_engine(monkeypatch, lambda model: model.inference.through_plane_mm)
     out = ct_case.directory / "thin.nii.gz"
     base = ["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out),
             "--checkpoint", str(small_checkpoint.path)]
