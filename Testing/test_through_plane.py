@@ -156,3 +156,23 @@ def test_pam_predictor_follows_the_checkpoints_parameter(small_checkpoint):
     np.testing.assert_array_equal(a.mask, b.mask)
     np.testing.assert_array_equal(a.mask[5], prompt[5])
     assert a.n_predicted == 27  # every interpolated slice but the prompt's: 9 x 3
+
+
+def test_an_update_with_a_new_keyframe_recomputes_only_what_changed_and_matches_a_fresh_run():
+    """The correction loop on an interpolated walk: adding a drawn slice at 9 (prompt at 3) keeps
+    the walk below 3 from the first run and recomputes 4..8 and beyond 9; the result is the same
+    as propagating both drawn slices from scratch."""
+    truth, image = _cylinder(1, 10)
+    first_prompt = np.zeros(truth.shape, np.uint8)
+    first_prompt[3][truth[3]] = 1
+    first = propagate(image, first_prompt, (3.0, 1.0, 1.0), _ThresholdModel(1.5))
+    prompt = first_prompt.copy()
+    prompt[9, 6:11, 6:11] = 1  # the user's drawing on slice 9 (a square, not the disc)
+    model = _ThresholdModel(1.5)
+    update = propagate(image, prompt, (3.0, 1.0, 1.0), model, previous=first)
+    fresh = propagate(image, prompt, (3.0, 1.0, 1.0), _ThresholdModel(1.5))
+    assert update.recomputed == {1: [(4, 8), (10, 11)]}
+    assert min(model.queries) > 6  # nothing below the old prompt (slice 3 = interpolated slice 6) again
+    np.testing.assert_array_equal(update.mask, fresh.mask)
+    np.testing.assert_array_equal(update.mask[9], prompt[9])
+    np.testing.assert_array_equal(update.mask[:9] > 0, truth[:9])
