@@ -54,6 +54,11 @@ QUERY_PRIORS = ("guide", "carried")
 THROUGH_PLANE_RANGE_MM = (0.25, 20.0)
 
 
+def valid_through_plane_mm(value: float) -> bool:
+    lo, hi = THROUGH_PLANE_RANGE_MM
+    return float(value) == 0.0 or lo <= float(value) <= hi
+
+
 @dataclass(frozen=True)
 class InferenceParams:
     """How the engine walks the volume with this network."""
@@ -120,8 +125,8 @@ class InferenceParams:
         if not 1 <= int(self.registration_carry_supersample) <= 8:
             raise ValueError("registration_carry_supersample must be within 1..8, "
                              f"got {self.registration_carry_supersample}")
-        lo, hi = THROUGH_PLANE_RANGE_MM
-        if not (float(self.through_plane_mm) == 0.0 or lo <= float(self.through_plane_mm) <= hi):
+        if not valid_through_plane_mm(self.through_plane_mm):
+            lo, hi = THROUGH_PLANE_RANGE_MM
             raise ValueError(f"through_plane_mm must be 0 (off) or within [{lo:g}, {hi:g}] mm, got {self.through_plane_mm}")
         if not 0.0 <= float(self.keyframe_outward_min_agreement) <= 1.0:
             raise ValueError("keyframe_outward_min_agreement must be within [0, 1], "
@@ -370,4 +375,3 @@ def describe_checkpoint(path: str | os.PathLike) -> dict:
         "provenance": model.provenance,
         "loads": True,
     }
-

@@ -165,14 +165,14 @@ def _unit_interval(text: str) -> float:
 
 
 def _through_plane_mm(text: str) -> float:
-    from .checkpoints import THROUGH_PLANE_RANGE_MM
+    from .checkpoints import THROUGH_PLANE_RANGE_MM, valid_through_plane_mm
 
-    lo, hi = THROUGH_PLANE_RANGE_MM
     try:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not (value == 0.0 or lo <= value <= hi):
+    if not valid_through_plane_mm(value):
+        lo, hi = THROUGH_PLANE_RANGE_MM
         raise argparse.ArgumentTypeError(f"expected 0 (off) or a slice spacing in mm from {lo:g} to {hi:g}, got {text!r}")
     return value
 

@@ -31,6 +31,7 @@ from PAMSegmentLib.metrics import dice  # noqa: E402
 from PAMSegmentLib.propagate import propagate  # noqa: E402
 
 CASES = ("ts_ct", "ts_ct_dicom", "tptbox_ct_vert")
+N_DEFAULT = 24  # structures of the default set
 
 
 # validate.py config options: flags, and numeric options (prefix -> (settings group or None, key, type)).
@@ -116,7 +117,7 @@ def main(argv=None) -> int:
                          "diffeomorphic demons; +carryssS: the carried mask on an S times finer grid), "
                          "windowMM, track, ci (contour interpolation, with --keyframes)")
     ap.add_argument("--cache", default=os.environ.get("PAMSEGMENT_CACHE", str(ROOT / "cache")))
-    ap.add_argument("--n", type=int, default=24)
+    ap.add_argument("--n", type=int, default=N_DEFAULT)
     ap.add_argument("--per-structure", action="store_true", help="also print every structure's Dice")
     ap.add_argument("--keyframes", action="store_true",
                     help="prompt = the reference at 25 %% and 75 %% of the extent (two keyframes) instead of the middle "
@@ -140,8 +141,9 @@ def main(argv=None) -> int:
     except InputError as exc:
         raise SystemExit(f"error: {exc}") from None
     if args.fresh:
-        _, used = validation_items(args.cache, ROOT / "scripts" / "split.json", list(CASES), 24)
-        items = [it for it in items if it not in set(used)]
+        _, used = validation_items(args.cache, ROOT / "scripts" / "split.json", list(CASES), N_DEFAULT)
+        used = set(used)
+        items = [it for it in items if it not in used]
     model = load_checkpoint_file(args.checkpoint)
     scores = {c: [] for c in configs}
     for cid, lab in items:
