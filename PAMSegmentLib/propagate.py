@@ -237,6 +237,25 @@ class AxisInterpolated:
         raise TypeError(f"AxisInterpolated takes a slice number or a list of them, got {type(index).__name__}")
 
 
+class _OriginalSlices(dict):
+    """A walk's probabilities on an ``AxisInterpolated`` volume: every original slice (multiples of
+    k) is kept; of the interpolated ones only those within ``span`` slices of the newest (the next
+    guide and the forward-backward check read them), so a long walk through k times as many slices
+    does not hold k times as many probability maps."""
+
+    def __init__(self, k: int, span: int):
+        super().__init__()
+        self.k, self.span = k, span
+        self._interpolated: list[int] = []
+
+    def __setitem__(self, j, value):
+        super().__setitem__(j, value)
+        if j % self.k:
+            self._interpolated.append(j)
+        while self._interpolated and abs(j - self._interpolated[0]) > self.span:
+            self.pop(self._interpolated.pop(0), None)
+
+
 class _ScaledProgress:
     """Progress of a walk through interpolated slices, counted in original slices."""
 
@@ -543,12 +562,12 @@ def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo
         if k == 1:
             return _walk(volume, predictor, a, a_mask, d, bound, window, batch_size, walk_early_stop, progress,
                          out_p, out_c, stats, **kw)
-        fine_p, fine_c = {}, {}
+        fine_p, fine_c = _OriginalSlices(k, 2 * window), {}
         out_agree = kw.pop("out_agree", None)
         fine_agree = None if out_agree is None else np.full(walk_volume.shape[0], np.nan, dtype=np.float32)
         first_stop = len(stats.get("stops", []))
         last = _walk(walk_volume, predictor, a * k, a_mask, d, bound * k, window, batch_size, walk_early_stop,
-              _ScaledProgress(progress, k), fine_p, fine_c, stats, out_agree=fine_agree, slice_step=k, **kw)
+                     _ScaledProgress(progress, k), fine_p, fine_c, stats, out_agree=fine_agree, slice_step=k, **kw)
         for j, p in fine_p.items():
             if j % k == 0:
                 out_p[j // k] = p
@@ -556,6 +575,7 @@ def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo
         if out_agree is not None:
             kept = fine_agree[::k]
             out_agree[~np.isnan(kept)] = kept[~np.isnan(kept)]
+
         def original(j: int) -> int:  # the last original slice a walk in direction d reached by j
             return j // k if d > 0 else -(-j // k)
 

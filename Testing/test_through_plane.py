@@ -176,3 +176,16 @@ def test_an_update_with_a_new_keyframe_recomputes_only_what_changed_and_matches_
     np.testing.assert_array_equal(update.mask, fresh.mask)
     np.testing.assert_array_equal(update.mask[9], prompt[9])
     np.testing.assert_array_equal(update.mask[:9] > 0, truth[:9])
+
+
+def test_a_walk_keeps_only_the_interpolated_slices_it_still_needs():
+    from PAMSegmentLib.propagate import _OriginalSlices
+
+    kept = _OriginalSlices(k=3, span=4)
+    for j in range(1, 16):
+        kept[j] = j
+    # every original slice (multiples of 3), and the interpolated ones within 4 of the newest (15)
+    assert sorted(kept) == [3, 6, 9, 11, 12, 13, 14, 15]
+    kept.pop(14)  # a dropped slice (forward-backward check) may be popped before it ages out
+    kept[16] = 16
+    assert sorted(kept) == [3, 6, 9, 12, 13, 15, 16]
