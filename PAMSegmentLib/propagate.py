@@ -143,6 +143,10 @@ class PropagationResult:
         return f"{'; '.join(parts)} (axis {self.axis}); {self.n_predicted} slices predicted in {self.timings.get('total', 0):.1f} s"
 
 
+# Labels a result can hold (it is written as uint8 or uint16).
+MAX_LABEL = 65535
+
+
 def find_prompt_slices(prompt: np.ndarray, axis: int | None = None, labels: Sequence[int] | None = None,
                        max_slices: int = MAX_PROMPT_SLICES) -> tuple[int, dict[int, list[int]]]:
     """Propagation axis and, per label, the slices the prompt is drawn on.
@@ -156,6 +160,10 @@ def find_prompt_slices(prompt: np.ndarray, axis: int | None = None, labels: Sequ
     present = [int(v) for v in np.unique(prompt[prompt != 0])]
     if not present:
         raise InputError("the prompt is empty: draw the object on one slice (label > 0) and try again")
+    bad = [v for v in present if not 1 <= v <= MAX_LABEL]
+    if bad:
+        raise InputError(f"the prompt has label {bad[0]}: labels must be whole numbers from 1 to {MAX_LABEL} "
+                         "(0 = background); renumber the label map")
     if labels is None:
         labels = present
     else:
@@ -177,6 +185,19 @@ def find_prompt_slices(prompt: np.ndarray, axis: int | None = None, labels: Sequ
     best = min(axes, key=lambda ax: (counts[ax], ax))
     slices = {lab: occupied(lab, best) for lab in labels}
     n_axis = prompt.shape[best]
+    for lab, sl in slices.items():
+        # A label drawn on slices of another plane crosses the chosen axis's slices as thin lines,
+        # which would be taken as keyframes: refuse rather than return little more than the drawing.
+        n_other, other = min((len(occupied(lab, ax)), ax) for ax in range(3) if ax != best)
+        slice_prompt_there = n_other <= max_slices and (n_other <= 2 or n_other <= prompt.shape[other] // 2)
+        if n_other < len(sl) and slice_prompt_there:
+            others = [v for v in labels if v != lab]
+            how = (f"propagate it along axis {other} (--axis {other})" if not others else
+                   f"propagate labels drawn on different planes separately (--label {lab} --axis {other})")
+            raise InputError(
+                f"label {lab} is drawn on {n_other} slice{'s' if n_other != 1 else ''} along axis {other} but crosses "
+                f"{len(sl)} slices along axis {best}, the propagation axis: {how}"
+            )
     for lab, sl in slices.items():
         if len(sl) > max_slices or (len(sl) > 2 and len(sl) > n_axis // 2):
             raise InputError(

@@ -532,6 +532,35 @@ def test_find_prompt_slices_keyframes_and_axis():
     assert find_prompt_slices(prompt) == (0, {2: [3, 7]})
 
 
+def test_find_prompt_slices_refuses_a_drawing_on_another_plane():
+    # Drawn on axial slice 6 (axis 0): along axis 1 it crosses rows 2-6 as one-voxel lines, which
+    # must not become five "keyframes".
+    prompt = np.zeros((12, 10, 10), np.uint8)
+    prompt[6, 2:7, 3:8] = 1
+    assert find_prompt_slices(prompt) == (0, {1: [6]})
+    with pytest.raises(InputError, match=r"label 1 is drawn on 1 slice along axis 0 but crosses 5 slices along "
+                                         r"axis 1, the propagation axis: propagate it along axis 0 \(--axis 0\)"):
+        find_prompt_slices(prompt, axis=1)
+    # Two labels on different planes: label 2 on sagittal slice 8 (axis 2), label 1 on axial slice 6.
+    prompt[1:5, 2:9, 8] = 2
+    with pytest.raises(InputError, match=r"label 2 is drawn on 1 slice along axis 2 but crosses 4 slices along "
+                                         r"axis 0.*separately \(--label 2 --axis 2\)"):
+        find_prompt_slices(prompt)
+    assert find_prompt_slices(prompt, labels=[2]) == (2, {2: [8]})
+    # Keyframes on slices 3 and 7 of a flat object (rows 2-4) are still keyframes.
+    flat = np.zeros((12, 10, 10), np.uint8)
+    flat[3, 2:5, 2:9] = flat[7, 2:5, 2:9] = 1
+    assert find_prompt_slices(flat, axis=0) == (0, {1: [3, 7]})
+
+
+@pytest.mark.parametrize("value", [-1, 70000])
+def test_find_prompt_slices_refuses_labels_a_result_cannot_hold(value):
+    prompt = np.zeros((12, 10, 10), np.int32)
+    prompt[6, 2:7, 3:8] = value
+    with pytest.raises(InputError, match=f"the prompt has label {value}: labels must be whole numbers from 1 to 65535"):
+        find_prompt_slices(prompt)
+
+
 # ----------------------------------------------------------------------------- the real network
 
 
