@@ -190,8 +190,8 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.onModelChoiceChanged()
 
     def cleanup(self):
-        if self.job is not None and not self.job.done:
-            self.job.cancel()
+        if self.job is not None and (not self.job.done or self.job.state == "finished"):
+            self.job.cancel()  # a finished job not yet written becomes cancelled too
         self.pollTimer.stop()
         self.promptRefreshTimer.stop()
         self.removeObservers()
@@ -203,8 +203,8 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updatePromptLabel()
 
     def onSceneStartClose(self, caller, event):
-        if self.job is not None and not self.job.done:
-            self.job.cancel()
+        if self.job is not None and (not self.job.done or self.job.state == "finished"):
+            self.job.cancel()  # a finished job not yet written becomes cancelled too
             self._setStatus("Propagation cancelled because the scene was closed.", "warning")
         self.logic.history.clear()
         self._reviewShown = None
@@ -575,8 +575,8 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateButtons()
 
     def onCancel(self):
-        if self.job is not None and not self.job.done:
-            self.job.cancel()
+        if self.job is not None and (not self.job.done or self.job.state == "finished"):
+            self.job.cancel()  # a finished job not yet written becomes cancelled too
             self.ui.progressBar.setFormat("cancelling...")
             self.ui.cancelButton.enabled = False
 

@@ -141,13 +141,28 @@ def volume_array(volume_node) -> tuple[np.ndarray, VolumeGrid]:
     return array, grid
 
 
+def _source_representation(segmentation) -> str | None:
+    """The segmentation's source (formerly "master") representation name."""
+    getter = (getattr(segmentation, "GetSourceRepresentationName", None)
+              or getattr(segmentation, "GetMasterRepresentationName", None))
+    return getter() if getter is not None else None
+
+
 def _segment(segmentation_node, segment_id):
     if segmentation_node is None or not segmentation_node.IsA("vtkMRMLSegmentationNode"):
         raise InputError("select a segmentation")
-    segment = segmentation_node.GetSegmentation().GetSegment(segment_id) if segment_id else None
+    segmentation = segmentation_node.GetSegmentation()
+    segment = segmentation.GetSegment(segment_id) if segment_id else None
     if segment is None:
         raise InputError(f'segment "{segment_id}" is not in segmentation "{segmentation_node.GetName()}"; '
                          "select a segment")
+    source = _source_representation(segmentation)
+    if source is not None and source != _binary_name():
+        # A result written as a labelmap would only be a derived copy of the source: lost on saving,
+        # and in replace mode it could not be undone. The Segment Editor converts on opening.
+        raise InputError(f'segmentation "{segmentation_node.GetName()}" stores its segments as "{source}", '
+                         "not as binary labelmaps; open it in the Segment Editor (which offers to convert it) or set "
+                         "its source representation to Binary labelmap (Segmentations module), then try again")
     return segment
 
 
@@ -477,6 +492,10 @@ class SegmentPropagation:
         with self._lock:
             if self._state == "pending":
                 self._finish("cancelled", "cancelled before it started")
+            elif self._state == "finished" and self.applied_segment_id is None:
+                # Finished between the panel's polls but not written yet: the user's cancel still wins.
+                self.result = None
+                self._finish("cancelled", "cancelled; the segmentation was not changed")
 
     def _finish(self, state: str, message: str) -> None:
         self._t_end = time.perf_counter()
@@ -525,6 +544,9 @@ class SegmentPropagation:
                 self._finish("failed", self.error)
         else:
             with self._lock:
+                if self._cancel.is_cancelled:  # cancelled during the last batch: still nothing written
+                    self._finish("cancelled", "cancelled; the segmentation was not changed")
+                    return
                 self.result = result
                 self._progress = 1.0
                 self._finish("finished", "done")
@@ -572,9 +594,13 @@ class SegmentPropagation:
         self._check_scene_unchanged()
         mask = self.result.mask > 0
         node = self.segmentation_node
+        _segment(node, self.segment_id)  # still there, still stored as binary labelmaps
         before = None
         if history is not None and self.mode == "replace":
             before = LabelmapSnapshot.take(node, self.segment_id)
+            if before is None:  # never replace what could not be saved for Undo
+                raise PAMError(f'the state of segment "{self.segment_name}" could not be saved for Undo; '
+                               "nothing was changed (choose the new-segment output instead)")
         was_modifying = node.StartModify()
         try:
             target = self.segment_id
@@ -754,9 +780,8 @@ class LabelmapSnapshot:
         from vtk.util import numpy_support  # noqa: PLC0415
 
         segmentation = segmentation_node.GetSegmentation()
-        source_name = (getattr(segmentation, "GetSourceRepresentationName", None)
-                       or getattr(segmentation, "GetMasterRepresentationName", None))
-        if source_name is not None and source_name() != _binary_name():
+        source = _source_representation(segmentation)
+        if source is not None and source != _binary_name():
             return None
         segment = segmentation.GetSegment(segment_id)
         labelmap = segment.GetRepresentation(_binary_name()) if segment is not None else None

@@ -1035,6 +1035,21 @@ def test_panel_cancel_leaves_the_segmentation_alone(panel, drawn, monkeypatch):
     assert segmentation.GetSegmentation().GetNumberOfSegments() == 1
 
 
+def test_panel_cancel_between_the_end_of_the_run_and_the_next_poll(panel, drawn, monkeypatch):
+    # The worker has finished, the poll timer has not fired yet, the user presses Cancel.
+    truth, volume, segmentation, segment_id = drawn
+    oracle_loader(monkeypatch, truth)
+    before = _slicer().util.arrayFromSegmentBinaryLabelmap(segmentation, segment_id, volume).copy()
+    panel.ui.segmentationSelector.setCurrentNode(segmentation)
+    panel.ui.propagateButton.click()
+    assert panel.job.wait(30) and panel.job.state == "finished"
+    panel.ui.cancelButton.click()
+    poll_until_idle(panel)
+    assert panel.job.state == "cancelled"
+    assert panel.ui.statusLabel.text == "Cancelled; the segmentation was not changed."
+    np.testing.assert_array_equal(_slicer().util.arrayFromSegmentBinaryLabelmap(segmentation, segment_id, volume), before)
+
+
 def test_panel_reports_a_bad_checkpoint(panel, drawn, monkeypatch, tmp_path):
     truth, volume, segmentation, segment_id = drawn
     loads = oracle_loader(monkeypatch, truth)

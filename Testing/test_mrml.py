@@ -276,15 +276,17 @@ def test_volume_under_a_transform(mrml_scene):
 
 
 class GatedOracle(OracleModel):
-    """An oracle whose first prediction waits for the test to say go, then each takes a moment."""
+    """An oracle whose ``gate_call``-th prediction (the first by default) waits for the test to say
+    go, then each takes a moment."""
 
-    def __init__(self, truth, delay=0.01):
+    def __init__(self, truth, delay=0.01, gate_call=1):
         super().__init__(truth, window=2)
-        self.started, self.go, self.delay = threading.Event(), threading.Event(), delay
+        self.started, self.go, self.delay, self.gate_call = threading.Event(), threading.Event(), delay, gate_call
 
     def predict(self, volume, guide_index, guide_mask, query_indices):
-        self.started.set()
-        assert self.go.wait(10), "test never released the model"
+        if len(self.calls) + 1 >= self.gate_call:
+            self.started.set()
+            assert self.go.wait(10), "test never released the model"
         time.sleep(self.delay)
         return super().predict(volume, guide_index, guide_mask, query_indices)
 
@@ -342,6 +344,82 @@ def test_cancel_during_a_run_leaves_the_segmentation_bit_identical(scene_with_pr
         job.apply()
     assert_same_labelmap(internal_labelmap_state(seg, sid), before)
     assert [seg.GetSegmentation().GetNthSegmentID(n) for n in range(seg.GetSegmentation().GetNumberOfSegments())] == ids_before
+
+
+@pytest.mark.parametrize("mode", ["replace", "new"])
+def test_cancel_during_the_last_batch_still_writes_nothing(scene_with_prompt, mode):
+    # Cancel arrives while the engine computes its last batch: the engine has nothing left to skip,
+    # so the job itself must end "cancelled" rather than "finished" (the panel would then write).
+    truth, vol, seg, sid = scene_with_prompt
+    dry = OracleModel(truth, window=2)
+    SegmentPropagation(vol, seg, sid, model=dry).run()
+    before = internal_labelmap_state(seg, sid)
+    model = GatedOracle(truth, gate_call=len(dry.calls))  # blocks in its last call
+    job = SegmentPropagation(vol, seg, sid, mode=mode, model=model).start()
+    assert model.started.wait(10)
+    job.cancel()
+    model.go.set()
+    assert job.wait(30)
+    assert len(model.calls) == len(dry.calls)  # the engine did run to the end
+    assert job.state == "cancelled" and job.result is None
+    with pytest.raises(PAMError, match="nothing to apply: the propagation is cancelled"):
+        job.apply(history=mrml.PropagationHistory())
+    assert_same_labelmap(internal_labelmap_state(seg, sid), before)
+    assert seg.GetSegmentation().GetNumberOfSegments() == 1
+
+
+def test_cancel_after_the_run_finished_but_before_it_was_written(scene_with_prompt):
+    # The worker finished between two polls of the panel's timer; the user's Cancel still wins.
+    truth, vol, seg, sid = scene_with_prompt
+    before = internal_labelmap_state(seg, sid)
+    job = SegmentPropagation(vol, seg, sid, model=OracleModel(truth)).run()
+    assert job.state == "finished"
+    job.cancel()
+    assert job.state == "cancelled" and job.result is None
+    with pytest.raises(PAMError, match="nothing to apply"):
+        job.apply()
+    assert_same_labelmap(internal_labelmap_state(seg, sid), before)
+    # Once written, a late cancel changes nothing.
+    job = SegmentPropagation(vol, seg, sid, model=OracleModel(truth)).run()
+    written = job.apply()
+    job.cancel()
+    assert job.state == "finished" and job.apply() == written
+
+
+@pytest.mark.parametrize("mode", ["replace", "new"])
+def test_closed_surface_source_is_refused_before_anything_changes(scene_with_prompt, mode):
+    # The result written as a labelmap would only be a derived copy of a closed-surface source:
+    # lost when the scene is saved, and not undoable. Refused up front with what to do.
+    truth, vol, seg, sid = scene_with_prompt
+    segmentation = seg.GetSegmentation()
+    surface = slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName()
+    assert seg.CreateClosedSurfaceRepresentation()
+    set_source = (getattr(segmentation, "SetSourceRepresentationName", None)
+                  or segmentation.SetMasterRepresentationName)
+    set_source(surface)
+    points = segmentation.GetSegment(sid).GetRepresentation(surface).GetNumberOfPoints()
+    assert points > 0
+    message = (r'stores its segments as "Closed surface", not as binary labelmaps; open it in the Segment Editor '
+               r"\(which offers to convert it\) or set its source representation to Binary labelmap")
+    with pytest.raises(InputError, match=message):
+        describe_prompt(vol, seg, sid)
+    with pytest.raises(InputError, match=message):
+        SegmentPropagation(vol, seg, sid, mode=mode, model=OracleModel(truth))
+    assert segmentation.GetNumberOfSegments() == 1
+    assert segmentation.GetSegment(sid).GetRepresentation(surface).GetNumberOfPoints() == points
+
+
+def test_apply_refuses_if_the_source_became_a_closed_surface_during_the_run(scene_with_prompt):
+    truth, vol, seg, sid = scene_with_prompt
+    job = SegmentPropagation(vol, seg, sid, model=OracleModel(truth)).run()
+    segmentation = seg.GetSegmentation()
+    surface = slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName()
+    assert seg.CreateClosedSurfaceRepresentation()
+    (getattr(segmentation, "SetSourceRepresentationName", None) or segmentation.SetMasterRepresentationName)(surface)
+    points = segmentation.GetSegment(sid).GetRepresentation(surface).GetNumberOfPoints()
+    with pytest.raises(InputError, match="not as binary labelmaps"):
+        job.apply(history=mrml.PropagationHistory())
+    assert segmentation.GetSegment(sid).GetRepresentation(surface).GetNumberOfPoints() == points
 
 
 def test_progress_listener_and_engine_options_are_forwarded(scene_with_prompt, monkeypatch):
