@@ -264,10 +264,46 @@ def write_segment_mask(mask: np.ndarray, grid: VolumeGrid, segmentation_node, se
         slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(volume_transform, segmentation_transform, to_segmentation)
         slicer.vtkOrientedImageDataResample.TransformOrientedImage(labelmap, to_segmentation)
 
+    labelmap = _with_segment_outside(labelmap, segmentation_node, segment_id)
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     if not logic.SetBinaryLabelmapToSegment(labelmap, segmentation_node, segment_id, logic.MODE_REPLACE,
                                             labelmap.GetExtent()):
         raise PAMError(f'Slicer could not write the result into segment "{segment_id}"')
+
+
+def _with_segment_outside(labelmap, segmentation_node, segment_id: str):
+    """``labelmap`` (the result on the volume's grid, in the segmentation's coordinates), widened to
+    keep the segment's own voxels that lie outside it: Slicer's replace write replaces the whole
+    segment, so without this a propagation on a cropped volume would erase the rest of the segment.
+    Returns ``labelmap`` itself when the segment has nothing outside it."""
+    slicer = _slicer()
+    from vtk.util import numpy_support  # noqa: PLC0415
+
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+    stored = segment.GetRepresentation(_binary_name()) if segment is not None else None
+    if stored is None or stored.GetPointData().GetScalars() is None or stored.IsEmpty():
+        return labelmap
+    own = slicer.vtkOrientedImageData()
+    own.DeepCopy(stored)
+    voxels = numpy_support.vtk_to_numpy(own.GetPointData().GetScalars())
+    voxels[:] = voxels == segment.GetLabelValue()  # its own voxels only (a layer may be shared)
+    if not voxels.any():
+        return labelmap
+    widened = slicer.vtkOrientedImageData()
+    # Nearest neighbour onto the result's grid, padded to the segment's whole extent.
+    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(own, labelmap, widened, False, True)
+    e, w = labelmap.GetExtent(), widened.GetExtent()
+    if all(w[2 * a] >= e[2 * a] and w[2 * a + 1] <= e[2 * a + 1] for a in range(3)):
+        return labelmap  # nothing of the segment lies outside the result's extent
+    if not all(w[2 * a] <= e[2 * a] and w[2 * a + 1] >= e[2 * a + 1] for a in range(3)):
+        raise PAMError("could not combine the result with the rest of the segment; nothing was changed")
+    dims = widened.GetDimensions()
+    out = numpy_support.vtk_to_numpy(widened.GetPointData().GetScalars()).reshape(dims[2], dims[1], dims[0])
+    inside = numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars()).reshape(
+        e[5] - e[4] + 1, e[3] - e[2] + 1, e[1] - e[0] + 1)
+    out[e[4] - w[4]:e[5] - w[4] + 1, e[2] - w[2]:e[3] - w[2] + 1, e[0] - w[0]:e[1] - w[0] + 1] = inside
+    widened.Modified()
+    return widened
 
 
 def _add_result_segment(segmentation_node, source_segment_id: str) -> str:

@@ -153,6 +153,39 @@ def test_new_mode_adds_named_coloured_segment_and_keeps_the_original(scene_with_
     assert segmentation.GetSegment(again).GetName() == "tumor (PAM 2)"
 
 
+@pytest.mark.parametrize("mode", ["replace", "new"])
+def test_voxels_of_the_segment_outside_a_cropped_volume_are_kept(mrml_scene, mode):
+    # The segmentation is on the whole scan; the propagation runs on a crop of it (e.g. Crop Volume).
+    # Slicer's replace write replaces the whole segment, so what lies outside the crop must be put back.
+    big_shape = (24, 80, 88)
+    truth_big = ellipsoid(big_shape, (12, 40, 44), (8, 12, 14))
+    image = (truth_big * 100.0 + np.random.default_rng(0).normal(0, 10, big_shape)).astype(np.float32)
+    big = make_volume_node(image, name="full")
+    crop = make_volume_node(np.ascontiguousarray(image[:, 30:70, 30:74]), name="cropped")
+    for node, origin in ((big, (0.0, 0.0, 0.0)), (crop, (30.0, 30.0, 0.0))):
+        node.SetSpacing(1.0, 1.0, 2.0)  # crop voxel (k, j, i) = full-scan voxel (k, j + 30, i + 30)
+        node.SetOrigin(*origin)
+    drawing = one_slice(truth_big, 12)
+    drawing[2:6, 2:12, 2:12] = 1  # also part of the segment, far outside the crop
+    seg, ids = make_segmentation(big, {"tumor": drawing})
+    sid = ids["tumor"]
+    inside = np.zeros(big_shape, bool)
+    inside[:, 30:70, 30:74] = True
+    outside_before = segment_on_volume(seg, sid, big) & ~inside
+    assert outside_before.sum() == 4 * 10 * 10 + int((drawing[12].astype(bool) & ~inside[12]).sum()) > 400
+    history = mrml.PropagationHistory()
+    job = SegmentPropagation(crop, seg, sid, mode=mode, model=OracleModel(truth_big[:, 30:70, 30:74])).run()
+    target = job.apply(history=history)
+    after = segment_on_volume(seg, target, big)
+    np.testing.assert_array_equal(after[inside].reshape(24, 40, 44), job.result.mask > 0)
+    if mode == "replace":
+        np.testing.assert_array_equal(after & ~inside, outside_before)
+        history.undo_last(seg, sid)
+    else:  # the new segment holds the result only; the drawing is untouched
+        assert not (after & ~inside).any()
+    np.testing.assert_array_equal(segment_on_volume(seg, sid, big), drawing.astype(bool))
+
+
 def test_other_segments_keep_their_voxels(mrml_scene):
     truth, image = synthetic()
     vol = make_volume_node(image)
