@@ -248,10 +248,12 @@ def _check_output_path(out: str, inputs: Sequence[str]) -> None:
     for given in inputs:
         if _same_path(out, given):
             raise InputError(f"the output {out} is the input {given}; choose another -o path")
-    volumes._write_extension(Path(out))  # the writer's own extension check (InputError naming the formats)
+    ext = volumes._write_extension(Path(out))  # the writer's own extension check (InputError naming the formats)
     parent = Path(out).parent
     if not parent.is_dir():
         raise InputError(f"folder {parent} does not exist; create it or choose another output path")
+    if Path(out).is_dir():
+        raise InputError(f"{out} is a folder; give a file name (e.g. {Path(out) / ('result' + ext)})")
 
 
 class _ProgressBar:
@@ -286,9 +288,11 @@ def cmd_propagate(args: argparse.Namespace) -> int:
         raise InputError(f"--through-plane-mm is an option of --method pam, not {args.method}; drop it")
     _check_output_path(args.output, [args.image, args.prompt])
 
+    from . import volumes
     from .volumes import read_labelmap, read_volume, write_labelmap
 
     image = read_volume(args.image)
+    volumes.check_geometry_fits(image.direction, args.output)
     prompt = read_labelmap(args.prompt, reference=image, resample=args.resample_prompt)
 
     from .propagate import find_prompt_slices, propagate

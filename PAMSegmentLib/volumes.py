@@ -167,16 +167,87 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
         raise InputError(f"cannot read DICOM series {chosen} in {folder} ({_itk_reason(error)})") from None
 
 
+# NIfTI-1 / NIfTI-2 header fields: (header size, dim offset and format, bitpix offset and format,
+# vox_offset offset and format) per endianness.
+_NIFTI_LAYOUTS = {348: ((40, "8h"), (72, "h"), (108, "f")), 540: ((16, "8q"), (14, "h"), (168, "q"))}
+
+
+def _nifti_data_bytes(header: bytes) -> int | None:
+    """Bytes a NIfTI file needs up to the end of its voxel data, from its header; None if the
+    header is not one this check understands (ITK then decides)."""
+    import struct
+
+    for endian in "<>":
+        if len(header) < 4:
+            return None
+        size = struct.unpack(endian + "i", header[:4])[0]
+        if size not in _NIFTI_LAYOUTS or len(header) < size:
+            continue
+        (d_at, d_fmt), (b_at, b_fmt), (v_at, v_fmt) = _NIFTI_LAYOUTS[size]
+        dims = struct.unpack_from(endian + d_fmt, header, d_at)
+        bitpix = struct.unpack_from(endian + b_fmt, header, b_at)[0]
+        vox_offset = struct.unpack_from(endian + v_fmt, header, v_at)[0]
+        if not 1 <= dims[0] <= 7 or bitpix <= 0 or bitpix % 8 or vox_offset < 0:
+            return None
+        voxels = int(np.prod([max(int(d), 1) for d in dims[1:dims[0] + 1]], dtype=np.int64))
+        return int(vox_offset) + voxels * (bitpix // 8)
+    return None
+
+
+def _check_nifti_complete(p: Path) -> None:
+    """ITK's NIfTI reader fills a file cut short (an interrupted copy or download) with zeros and
+    says nothing: check that the file holds all the voxel data its header declares."""
+    import gzip
+    import zlib
+
+    name = p.name.lower()
+    if not name.endswith((".nii", ".nii.gz")):
+        return
+    gz = name.endswith(".gz")
+    try:  # a header this check cannot read: ITK decides (and names the problem)
+        with (gzip.open(p, "rb") if gz else open(p, "rb")) as f:
+            needed = _nifti_data_bytes(f.read(540))
+    except (OSError, EOFError, zlib.error):
+        return
+    if needed is None:
+        return
+    if not gz:
+        have = p.stat().st_size
+    else:
+        with open(p, "rb") as raw:  # the gzip trailer's ISIZE: the data's length mod 2^32
+            raw.seek(-4, os.SEEK_END)
+            if int.from_bytes(raw.read(4), "little") == needed % 2**32:
+                return  # the stream ends where the header says (a cut stream ends in other bytes)
+        have = 0  # otherwise (a cut stream, extra data, several gzip members): count the bytes
+        try:
+            with gzip.open(p, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    have += len(chunk)
+        except (OSError, EOFError, zlib.error) as error:
+            raise InputError(f"{p.name} is incomplete or damaged ({error}); copy or download it again") from None
+    if have < needed:
+        raise InputError(f"{p.name} is truncated: its header needs {needed} bytes, the file has {have}; "
+                         "copy or download it again")
+
+
+def _exists(p: Path) -> bool:
+    try:
+        return p.exists()
+    except OSError as error:  # e.g. a name longer than the file system allows
+        raise InputError(f"cannot use the path {str(p)[:80]}... ({error.strerror})") from None
+
+
 def _read_sitk(path: PathLike, series_uid: str | None = None, single_slice_ok: bool = False) -> sitk.Image:
     """Read any supported file or DICOM folder and check it is one 3D scalar volume."""
     p = Path(path)
-    if not p.exists():
+    if not _exists(p):
         raise InputError(f"{p} does not exist; check the path")
     if p.is_dir():
         image = _read_dicom_series(p, series_uid)
     else:
         if series_uid is not None:
             raise InputError(f"series_uid applies to DICOM folders only, but {p} is a file")
+        _check_nifti_complete(p)
         try:
             image = sitk.ReadImage(str(p))
         except RuntimeError as error:
@@ -329,8 +400,11 @@ def _atomic_write(image: sitk.Image, path: PathLike) -> Path:
     parent = target.parent if str(target.parent) else Path(".")
     if not parent.is_dir():
         raise InputError(f"folder {parent} does not exist; create it or choose another output path")
-    # The temporary name keeps the extension: ITK picks the file format from it.
-    tmp = parent / f".{target.name[: -len(ext)]}.{uuid.uuid4().hex}.tmp{ext}"
+    if target.is_dir():
+        raise InputError(f"{target} is a folder; give a file name (e.g. {target / ('result' + ext)})")
+    check_geometry_fits(image.GetDirection(), target)
+    # The temporary name keeps the extension (ITK picks the format from it) and stays short.
+    tmp = parent / f".pamsegment-{uuid.uuid4().hex[:12]}.tmp{ext}"
     try:
         sitk.WriteImage(image, str(tmp), useCompression=True)
         os.replace(tmp, target)
@@ -338,9 +412,25 @@ def _atomic_write(image: sitk.Image, path: PathLike) -> Path:
         reason = _itk_reason(error) if isinstance(error, RuntimeError) else str(error)
         raise InputError(f"cannot write {target} ({reason}); check the folder is writable") from None
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
     return target
+
+
+def _is_orthonormal(direction: Sequence[float], tol: float = 1e-4) -> bool:
+    d = np.asarray(direction, dtype=np.float64).reshape(3, 3)
+    return bool(np.allclose(d.T @ d, np.eye(3), atol=tol))
+
+
+def check_geometry_fits(direction: Sequence[float], path: PathLike) -> None:
+    """NIfTI stores only rotations (its quaternion / affine as ITK writes it): a sheared grid
+    (e.g. CT with gantry tilt) would be written on a different grid. InputError before any work."""
+    name = Path(path).name.lower()
+    if name.endswith((".nii", ".nii.gz")) and not _is_orthonormal(direction):
+        raise InputError(f"the image's grid is sheared (its axes are not perpendicular, e.g. a gantry tilt), which "
+                         f"NIfTI cannot store; write {Path(path).name.split('.')[0]}.nrrd or .mha instead")
 
 
 def _seg_nrrd_metadata(image: sitk.Image, labels: np.ndarray) -> None:

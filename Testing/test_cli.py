@@ -179,6 +179,27 @@ def test_bad_prompt(ct_case, small_checkpoint, run_cli, case, phrase):
     assert not out.exists()
 
 
+def test_outputs_refused_before_any_work(ct_case, run_cli, tmp_path):
+    # A folder named like the output, and a sheared (gantry-tilt) grid that NIfTI cannot store: both
+    # refused before propagating (with --method copy the run itself would take well under a second,
+    # so "before" is shown by the message, which the writer alone would give only after the run).
+    folder = tmp_path / "result.nii.gz"
+    folder.mkdir()
+    proc = run_cli("propagate", ct_case.image_path, ct_case.prompt_path, "-o", folder, "--method", "copy")
+    assert_clean_error(proc, "result.nii.gz is a folder; give a file name")
+    tilt = np.deg2rad(16.7)
+    sheared = (1.0, 0.0, 0.0, 0.0, 1.0, float(np.sin(tilt)), 0.0, 0.0, float(np.cos(tilt)))
+    image = write_image(ct_case.image, tmp_path / "tilted.nrrd", ct_case.spacing, direction=sheared)
+    prompt = write_image(ct_case.prompt, tmp_path / "tilted_prompt.nrrd", ct_case.spacing, direction=sheared)
+    out = tmp_path / "tilted_out.nii.gz"
+    proc = run_cli("propagate", image, prompt, "-o", out, "--method", "copy")
+    assert_clean_error(proc, "the image's grid is sheared")
+    assert "write tilted_out.nrrd or .mha instead" in proc.stderr and "propagating" not in proc.stderr
+    assert not out.exists()
+    proc = run_cli("propagate", image, prompt, "-o", tmp_path / "tilted_out.nrrd", "--method", "copy")
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_bad_checkpoint(ct_case, tmp_path, run_cli):
     truncated = tmp_path / "propmask.pth"
     truncated.write_bytes(b"PK\x03\x04" + b"\x00" * 2000)

@@ -175,6 +175,50 @@ def test_write_errors(tmp_path):
         write_labelmap(np.full(ref.shape, 0.5), ref, tmp_path / "out.nii.gz")
 
 
+TILT_S, TILT_C = math.sin(math.radians(16.7)), math.cos(math.radians(16.7))
+SHEARED = (1.0, 0.0, 0.0, 0.0, 1.0, TILT_S, 0.0, 0.0, TILT_C)  # k axis tilted 16.7 degrees in y (gantry tilt)
+
+
+def test_sheared_grid_is_refused_for_nifti_and_kept_by_nrrd(tmp_path):
+    # ITK would coerce the direction to an orthogonal one (about 8 degrees off) and only warn.
+    ref = make_volume(direction=SHEARED)
+    for name in ("out.nii.gz", "out.nii"):
+        with pytest.raises(InputError, match=r"sheared .* NIfTI cannot store; write out.nrrd or .mha instead"):
+            write_labelmap(np.ones(ref.shape, bool), ref, tmp_path / name)
+    assert list(tmp_path.iterdir()) == []
+    for name in ("out.nrrd", "out.mha"):
+        back = read_labelmap(write_labelmap(np.ones(ref.shape, bool), ref, tmp_path / name))
+        assert_geometry(back, ref, 1e-9)
+
+
+def test_output_path_that_is_a_folder_and_long_names(tmp_path):
+    ref = make_volume()
+    (tmp_path / "dir.nii.gz").mkdir()
+    with pytest.raises(InputError, match="dir.nii.gz is a folder; give a file name"):
+        write_labelmap(np.ones(ref.shape, bool), ref, tmp_path / "dir.nii.gz")
+    # 240 characters is a valid name; the temporary file beside it must not make it too long.
+    long = tmp_path / ("b" * 233 + ".nii.gz")
+    assert read_labelmap(write_labelmap(np.ones(ref.shape, bool), ref, long)).array.all()
+    with pytest.raises(InputError, match="cannot use the path .*File name too long"):
+        read_volume(tmp_path / ("a" * 300 + ".nii.gz"))
+
+
+@pytest.mark.parametrize("ext", [".nii", ".nii.gz"])
+def test_truncated_nifti_is_refused(tmp_path, ext):
+    # ITK's NIfTI reader fills what is missing with zeros without a word.
+    vol = make_volume(shape=(20, 30, 40))
+    path = write_volume(vol, tmp_path / f"ct{ext}")
+    np.testing.assert_array_equal(read_volume(path).array, vol.array)  # intact: read as written
+    data = path.read_bytes()
+    cut = tmp_path / f"cut{ext}"
+    cut.write_bytes(data[: int(len(data) * 0.6)])
+    phrase = "is incomplete or damaged" if ext == ".nii.gz" else r"is truncated: its header needs 48352 bytes"
+    with pytest.raises(InputError, match=phrase):
+        read_volume(cut)
+    with pytest.raises(InputError, match=phrase):
+        read_labelmap(cut)
+
+
 @pytest.mark.parametrize(
     "change, phrase",
     [
