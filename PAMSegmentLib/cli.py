@@ -30,6 +30,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -229,6 +230,9 @@ def add_propagate_arguments(p: argparse.ArgumentParser) -> None:
                    help="query slices per network call; bounds memory (default: 16)")
     p.add_argument("--resample-prompt", action="store_true",
                    help="resample a prompt on another grid onto the image grid (nearest neighbour)")
+    p.add_argument("--series", metavar="UID",
+                   help="for a DICOM folder holding several series: the SeriesInstanceUID to use (default: the "
+                        "series with the most files)")
 
 
 def _same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
@@ -291,7 +295,13 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     from . import volumes
     from .volumes import read_labelmap, read_volume, write_labelmap
 
-    image = read_volume(args.image)
+    if args.series is not None and not Path(args.image).is_dir():
+        raise InputError(f"--series applies to a DICOM folder, but {args.image} is a file; drop it")
+    with warnings.catch_warnings(record=True) as caught:  # e.g. which of several DICOM series was used
+        warnings.simplefilter("always", UserWarning)
+        image = read_volume(args.image, series_uid=args.series)
+    for w in caught:
+        print(f"note: {w.message}", flush=True)
     volumes.check_geometry_fits(image.direction, args.output)
     prompt = read_labelmap(args.prompt, reference=image, resample=args.resample_prompt)
 

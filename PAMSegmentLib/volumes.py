@@ -157,14 +157,51 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
         if len(series_ids) > 1:
             warnings.warn(
                 f"{folder} holds {len(series_ids)} DICOM series; using {chosen} ({len(files)} files), "
-                "the largest. Pass series_uid= to choose another.",
+                "the largest. Choose another with --series UID (series_uid= in Python).",
                 stacklevel=3,
             )
     reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # its spacing warning: checked below, in one line
     try:
-        return reader.Execute()
+        image = reader.Execute()
     except RuntimeError as error:
         raise InputError(f"cannot read DICOM series {chosen} in {folder} ({_itk_reason(error)})") from None
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+    _check_slice_positions(reader, image, f"DICOM series {chosen} in {folder}")
+    return image
+
+
+def _check_slice_positions(reader: sitk.ImageSeriesReader, image: sitk.Image, what: str, tol: float = 0.1) -> None:
+    """ITK stacks the files on one uniform grid and only warns when their positions are not
+    uniform, so a missing slice, or two acquisitions (echoes, phases) at the same positions in
+    one series, would give a wrong grid. Refuse those: slice positions (ImagePositionPatient
+    along the slice normal) must step by the same spacing within ``tol`` of it."""
+    n = image.GetSize()[2]
+    if n < 3:
+        return
+    normal = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)[:, 2]
+    positions = []
+    for k in range(n):
+        try:
+            text = reader.GetMetaData(k, "0020|0032")
+            positions.append(float(np.dot(normal, [float(v) for v in text.split("\\")[:3]])))
+        except (RuntimeError, ValueError):
+            return  # positions not stored (e.g. secondary capture): nothing to check against
+    steps = np.diff(np.sort(positions))
+    spacing = float(np.median(steps))
+    if spacing <= 0 or np.min(steps) < (1 - tol) * spacing:
+        repeats = int(np.sum(steps < (1 - tol) * max(spacing, 1e-6)))
+        raise InputError(f"{what} has {repeats} slice position(s) occupied more than once (e.g. several echoes or "
+                         "phases in one series); split it into one series per acquisition (e.g. with dcm2niix or "
+                         "Slicer's DICOM module) and pass one of them")
+    if np.max(steps) > (1 + tol) * spacing:
+        gaps = int(np.sum(steps > (1 + tol) * spacing))
+        raise InputError(f"{what} is not evenly spaced: {gaps} gap(s) of up to {np.max(steps):.3g} mm between "
+                         f"slices {spacing:.3g} mm apart (missing files?); add the missing slices or convert it "
+                         "with a tool that resamples (e.g. dcm2niix or Slicer's DICOM module)")
 
 
 # NIfTI-1 / NIfTI-2 header fields: (header size, dim offset and format, bitpix offset and format,

@@ -131,6 +131,7 @@ def _cli_env(extra: dict | None = None) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONIOENCODING"] = "utf-8"  # read back as UTF-8 below: GDCM's DICOM reading resets this process's locale
     env.pop("PAMSEGMENT_MODEL", None)
     env.update(extra or {})
     return env
@@ -142,6 +143,7 @@ def run_cli():
 
     def run(*args: str | os.PathLike, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "PAMSegmentLib", *map(str, args)], cwd=REPO, env=_cli_env(env),
-                              capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+                              capture_output=True, text=True, encoding="utf-8", timeout=timeout,
+                              stdin=subprocess.DEVNULL)
 
     return run

@@ -29,7 +29,8 @@ def assert_geometry(got: Volume, want: Volume, tol: float) -> None:
     np.testing.assert_allclose(got.direction, want.direction, rtol=0, atol=tol)
 
 
-def write_dicom_series(folder: Path, volume: Volume, series_uid: str, prefix: str = "slice") -> None:
+def write_dicom_series(folder: Path, volume: Volume, series_uid: str, prefix: str = "slice",
+                       instance_prefix: str = "") -> None:
     """One CT file per k-slice, with the tags GDCM needs to rebuild the 3D geometry."""
     folder.mkdir(parents=True, exist_ok=True)
     image = volume.to_sitk()
@@ -43,7 +44,7 @@ def write_dicom_series(folder: Path, volume: Volume, series_uid: str, prefix: st
     for k in range(volume.shape[0]):
         tags = {
             "0008|0016": "1.2.840.10008.5.1.4.1.1.2",  # CT Image Storage
-            "0008|0018": f"{series_uid}.{k + 1}",
+            "0008|0018": f"{series_uid}.{instance_prefix}{k + 1}",
             "0008|0060": "CT",
             "0020|000d": "1.2.826.0.1.3680043.2.1125.7.1",
             "0020|000e": series_uid,
@@ -101,6 +102,47 @@ def test_dicom_folder_with_two_series(tmp_path):
     assert read_volume(folder, series_uid="1.2.826.0.1.3680043.2.1125.7.3").shape == (3, 5, 6)
     with pytest.raises(InputError, match="available series"):
         read_volume(folder, series_uid="1.2.3")
+
+
+def test_dicom_series_with_a_missing_slice_or_repeated_positions_is_refused(tmp_path):
+    # ITK would stack them on one uniform grid (a missing slice: 2.11 mm instead of 2 with a gap;
+    # two echoes: 2 x the slices at half the spacing) and only warn.
+    vol = make_volume(shape=(8, 5, 6), spacing=(2.0, 0.9, 0.7))
+    gap = tmp_path / "gap"
+    write_dicom_series(gap, vol, "1.2.826.0.1.3680043.2.1125.7.5")
+    assert read_volume(gap).shape == (8, 5, 6)  # complete: fine
+    (gap / "slice003.dcm").unlink()
+    with pytest.raises(InputError, match=r"is not evenly spaced: 1 gap\(s\) of up to 4 mm between slices 2 mm apart"):
+        read_volume(gap)
+    echoes = tmp_path / "echoes"
+    write_dicom_series(echoes, vol, "1.2.826.0.1.3680043.2.1125.7.6", prefix="e1_")
+    # A second echo: same series, same positions, other instance UIDs.
+    second = Volume(vol.array + 1, vol.spacing, vol.origin, vol.direction)
+    write_dicom_series(echoes, second, "1.2.826.0.1.3680043.2.1125.7.6", prefix="e2_", instance_prefix="9.")
+    with pytest.raises(InputError, match=r"has 8 slice position\(s\) occupied more than once"):
+        read_volume(echoes)
+
+
+def test_cli_series_option_and_note(tmp_path, run_cli):
+    small, large = make_volume(shape=(3, 5, 6)), make_volume(shape=(5, 5, 6))
+    folder = tmp_path / "mixed"
+    write_dicom_series(folder, small, "1.2.826.0.1.3680043.2.1125.7.3", prefix="a")
+    write_dicom_series(folder, large, "1.2.826.0.1.3680043.2.1125.7.4", prefix="b")
+    prompt = np.zeros(small.shape, np.uint8)
+    prompt[1, 1:4, 2:5] = 1
+    prompt_path = write_labelmap(prompt, small, tmp_path / "prompt.nrrd")  # drawn on the smaller series
+    out = tmp_path / "out.nrrd"
+    proc = run_cli("propagate", folder, prompt_path, "-o", out, "--method", "copy")
+    assert proc.returncode == 2
+    assert "mixed holds 2 DICOM series; using 1.2.826.0.1.3680043.2.1125.7.4 (5 files), the largest. " \
+           "Choose another with --series UID" in proc.stdout and proc.stdout.startswith("note: ")
+    assert "UserWarning" not in proc.stderr
+    proc = run_cli("propagate", folder, prompt_path, "-o", out, "--method", "copy",
+                   "--series", "1.2.826.0.1.3680043.2.1125.7.3")
+    assert proc.returncode == 0, proc.stderr
+    assert read_labelmap(out, reference=read_volume(folder, series_uid="1.2.826.0.1.3680043.2.1125.7.3")).shape == (3, 5, 6)
+    proc = run_cli("propagate", prompt_path, prompt_path.with_name("p2.nrrd"), "-o", out, "--series", "1.2")
+    assert proc.returncode == 2 and "--series applies to a DICOM folder" in proc.stderr
 
 
 # ----------------------------------------------------------------------------- label maps
