@@ -453,20 +453,19 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return None
 
     def onPropagate(self):
-        from PAMSegmentLib.errors import InputError
-
         if self.job is not None and not self.job.done:
             return
         if not self.ensureRequirements():
             return
         volume, segmentation, segmentId = self._inputs()
-        error = self._startJob(lambda: self.logic.startPropagation(
-            volume, segmentation, segmentId, mode=self._outputMode(), checkpoint=self._checkpoint(),
-            device=self.ui.deviceComboBox.currentText, method=self._method(),
-            intensityGate=self.ui.intensityGateCheckBox.checked))
         entry = self._historyEntry()
-        if isinstance(error, InputError) and entry is not None:
-            # A segment that already holds a PAM result is no prompt; offer the update path instead.
+        try:
+            holdsResult = entry is not None and self.logic.holdsPamResult(segmentation, segmentId)
+        except Exception:  # unreadable segment: the propagation below says why
+            holdsResult = False
+        if holdsResult:
+            # A segment that still holds slices PAM wrote is no prompt (every one of its slices would be
+            # taken as drawn, and the review and Undo chain lost); offer the update path instead.
             name = segmentation.GetSegmentation().GetSegment(segmentId).GetName()
             if slicer.util.confirmOkCancelDisplay(
                 f'"{name}" already holds a 3D result from PAM ({entry.describe()}), so it cannot be propagated '
@@ -475,6 +474,14 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 windowTitle="PAMSegment: update instead",
             ):
                 self.onUpdate()
+            else:
+                self._setStatus(f'Not propagated: "{name}" holds a result from PAM. Use Update from my edits, or '
+                                "Undo to get your drawing back.", "warning")
+            return
+        self._startJob(lambda: self.logic.startPropagation(
+            volume, segmentation, segmentId, mode=self._outputMode(), checkpoint=self._checkpoint(),
+            device=self.ui.deviceComboBox.currentText, method=self._method(),
+            intensityGate=self.ui.intensityGateCheckBox.checked))
 
     def onUpdate(self):
         if self.job is not None and not self.job.done:
@@ -759,6 +766,15 @@ class PAMSegmentLogic(ScriptedLoadableModuleLogic):
 
     def historyEntry(self, segmentationNode, segmentId):
         return self.history.get(segmentationNode, segmentId)
+
+    def holdsPamResult(self, segmentationNode, segmentId):
+        """Whether the segment still holds slices of its last PAM result that nobody edited."""
+        from PAMSegmentLib.mrml import segment_mask
+
+        entry = self.history.get(segmentationNode, segmentId)
+        if entry is None:
+            return False
+        return entry.holds_result(segment_mask(segmentationNode, segmentId, entry.volume_node))
 
     def editedSlices(self, segmentationNode, segmentId):
         """Slices of the segment that differ from the last PAM result written (the user's edits)."""

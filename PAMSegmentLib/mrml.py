@@ -932,6 +932,15 @@ class HistoryEntry:
     def edited_slices(self, current: np.ndarray) -> list[int]:
         return edited_slices(current, self.written_mask(), self.axis)
 
+    def holds_result(self, current: np.ndarray) -> bool:
+        """Whether the segment (``current``, on the volume grid) is still mostly the result PAM
+        wrote: more than half of the object slices PAM predicted (not the user's) are unedited.
+        Such a segment is a result to update, not a prompt (its slices would all be taken as drawn
+        keyframes); one whose PAM slices were mostly erased or redrawn is the user starting over."""
+        pam_slices = set(self.occupied_slices()) - set(self.user_slices)
+        unchanged = pam_slices - set(self.edited_slices(current))
+        return 2 * len(unchanged) > len(pam_slices)
+
     def previous_result(self):
         """The engine's ``PropagationResult`` to pass as ``previous`` (label 1, full size)."""
         from .propagate import PropagationResult  # noqa: PLC0415 - keeps torch out of `import mrml`

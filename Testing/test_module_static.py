@@ -1266,9 +1266,12 @@ def test_panel_propagate_on_a_propagated_segment_offers_the_update(panel, drawn,
     answers, asked = [False, True], []
     monkeypatch.setattr(_slicer().util, "confirmOkCancelDisplay", lambda text, **kw: asked.append(text) or answers.pop(0))
 
-    panel.ui.propagateButton.click()  # declined: the clear message of the refused propagation stays
+    finished = panel.job
+    panel.ui.propagateButton.click()  # declined: nothing runs, and the panel says what to do
     assert "already holds a 3D result from PAM" in asked[0] and "Update it from your edits instead?" in asked[0]
-    assert panel.job is None and "that is a 3D mask" in panel.ui.statusLabel.text
+    assert panel.job is finished
+    assert panel.ui.statusLabel.text == ('Not propagated: "liver" holds a result from PAM. Use Update from my edits, '
+                                         "or Undo to get your drawing back.")
     panel.ui.propagateButton.click()  # accepted: the update runs
     assert panel.job is not None and panel.job.kind == "update"
     poll_until_idle(panel)
@@ -1276,6 +1279,39 @@ def test_panel_propagate_on_a_propagated_segment_offers_the_update(panel, drawn,
     expected[15:] = False  # an erased slice beyond the drawn one: the object ends before it (slice 16 too)
     np.testing.assert_array_equal(_segment_array(segmentation, segment_id, volume), expected)
     assert "updated from 1 edited slice (15)" in panel.ui.statusLabel.text
+
+
+def test_panel_propagate_again_on_a_small_result_offers_the_update(panel, mrml, mrml_scene, monkeypatch):
+    # 7 of 40 slices: a valid keyframe prompt by size, so without the check every PAM slice would be
+    # taken as drawn, the review lost and the drawing no longer reachable by Undo.
+    shape = (40, 32, 36)
+    truth = mrml.ellipsoid(shape, (20, 16, 18), (3, 9, 11))
+    volume = mrml.make_volume_node((truth * 100.0).astype(np.float32))
+    prompt = np.zeros(shape, np.uint8)
+    prompt[20] = truth[20]
+    segmentation, ids = mrml.make_segmentation(volume, {"node": prompt})
+    oracle_loader(monkeypatch, truth)
+    panel.ui.segmentationSelector.setCurrentNode(segmentation)
+    panel.ui.propagateButton.click()
+    poll_until_idle(panel)
+    result = _segment_array(segmentation, ids["node"], volume)
+    assert int(result.any(axis=(1, 2)).sum()) == 7
+    finished, asked = panel.job, []
+    monkeypatch.setattr(_slicer().util, "confirmOkCancelDisplay", lambda text, **kw: asked.append(text) or False)
+    panel.ui.propagateButton.click()
+    assert len(asked) == 1 and '"node" already holds a 3D result from PAM' in asked[0]
+    assert panel.job is finished  # nothing new started
+    np.testing.assert_array_equal(_segment_array(segmentation, ids["node"], volume), result)
+    assert "Undo to get your drawing back" in panel.ui.statusLabel.text
+    # The user starts over: everything erased, one new slice drawn. That is a prompt again.
+    redrawn = np.zeros(shape, bool)
+    redrawn[19] = truth[19]
+    _edit(segmentation, ids["node"], volume, redrawn)
+    monkeypatch.setattr(_slicer().util, "confirmOkCancelDisplay", lambda text, **kw: pytest.fail("asked: " + text))
+    panel.ui.propagateButton.click()
+    poll_until_idle(panel)
+    assert panel.job.kind == "propagation" and panel.job.prompt_info.slices == [19]
+    np.testing.assert_array_equal(_segment_array(segmentation, ids["node"], volume), truth)
 
 
 def test_panel_propagate_on_a_hand_drawn_3d_segment_is_refused_without_offer(panel, mrml, monkeypatch):
