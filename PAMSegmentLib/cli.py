@@ -391,11 +391,18 @@ SUBCOMMANDS: dict[str, Subcommand] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (what was wrong and where the help is), exit status 2."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The full parser. Given ``argv``, only the subcommand named in it gets its arguments (so
     only that subcommand's module is imported); the others are listed with their help line."""
     chosen = None if argv is None else next((a for a in argv if a in SUBCOMMANDS), None)
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description="PAMSegment: one annotated slice to a 3D segmentation with PAM.",
     )

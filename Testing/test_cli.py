@@ -179,6 +179,20 @@ def test_bad_prompt(ct_case, small_checkpoint, run_cli, case, phrase):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("args, phrase", [
+    (["propagate", "a.nii.gz", "b.nii.gz", "-o", "c.nii.gz", "--batch-size", "0"],
+     "pamsegment propagate: error: argument --batch-size: expected a positive integer, got '0' "
+     "(see pamsegment propagate --help)"),
+    (["propagate", "a.nii.gz"], "pamsegment propagate: error: the following arguments are required: PROMPT, "
+                                "-o/--output (see pamsegment propagate --help)"),
+    (["segment"], "pamsegment: error: argument COMMAND: invalid choice: 'segment'"),
+])
+def test_option_errors_are_one_line(run_cli, args, phrase):
+    proc = run_cli(*args)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and proc.stderr.startswith(phrase), proc.stderr
+
+
 def test_outputs_refused_before_any_work(ct_case, run_cli, tmp_path):
     # A folder named like the output, and a sheared (gantry-tilt) grid that NIfTI cannot store: both
     # refused before propagating (with --method copy the run itself would take well under a second,
