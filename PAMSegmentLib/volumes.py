@@ -412,7 +412,11 @@ def read_labelmap(path: PathLike, reference: Volume | None = None, resample: boo
         resampler.SetInterpolator(sitk.sitkNearestNeighbor)
         resampler.SetDefaultPixelValue(0)
         resampler.SetOutputPixelType(image.GetPixelID())
+        had_labels = bool(np.any(labels.array))
         labels = Volume.from_sitk(resampler.Execute(image))
+        if had_labels and not labels.array.any():
+            raise InputError(f"{name} holds labels, but none of them is left on the image grid after resampling: the "
+                             "drawing lies outside the image or between two of its slices; draw it on the image itself")
     return Volume(labels.array, reference.spacing, reference.origin, reference.direction)
 
 

@@ -299,6 +299,17 @@ def test_resample_fixes_prompt_with_other_spacing(tmp_path):
     assert same_grid(got, image) == []
 
 
+def test_resampled_prompt_that_misses_the_image_says_so(tmp_path):
+    ref = make_volume(direction=IDENTITY)
+    prompt = np.zeros(ref.shape, np.uint8)
+    prompt[2, 1:4, 1:4] = 1
+    far = Volume(prompt, ref.spacing, (500.0, 500.0, 500.0), ref.direction)  # same size, 500 mm away
+    path = write_labelmap(prompt, far, tmp_path / "far.nrrd")
+    with pytest.raises(InputError, match="far.nrrd holds labels, but none of them is left on the image grid after "
+                                         "resampling: the drawing lies outside the image"):
+        read_labelmap(path, reference=ref, resample=True)
+
+
 def test_single_slice_prompt_resamples_into_volume(tmp_path):
     image = make_volume(shape=(6, 5, 6))
     one = Volume(np.zeros((1, 5, 6), np.uint8), image.spacing, image.origin, image.direction)
