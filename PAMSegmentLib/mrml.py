@@ -241,7 +241,9 @@ def write_segment_mask(mask: np.ndarray, grid: VolumeGrid, segmentation_node, se
     read the prompt honours it, so a transformed volume would get its result shifted. Here the
     labelmap is built from the recorded grid and mapped through the transform between the volume
     and the segmentation. Other segments keep their voxels (Slicer moves an overlapping segment to
-    its own layer rather than overwriting), and nothing outside the volume's extent changes.
+    its own layer rather than overwriting), and nothing outside the volume's extent changes. The
+    segment is stored on the segmentation's own grid (its reference geometry) when that differs from
+    the volume's, as the Segment Editor's effects store it.
     """
     slicer = _slicer()
     import vtk  # noqa: PLC0415
@@ -264,11 +266,43 @@ def write_segment_mask(mask: np.ndarray, grid: VolumeGrid, segmentation_node, se
         slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(volume_transform, segmentation_transform, to_segmentation)
         slicer.vtkOrientedImageDataResample.TransformOrientedImage(labelmap, to_segmentation)
 
+    labelmap = _on_segmentation_grid(labelmap, segmentation_node)
     labelmap = _with_segment_outside(labelmap, segmentation_node, segment_id)
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     if not logic.SetBinaryLabelmapToSegment(labelmap, segmentation_node, segment_id, logic.MODE_REPLACE,
                                             labelmap.GetExtent()):
         raise PAMError(f'Slicer could not write the result into segment "{segment_id}"')
+
+
+def _on_segmentation_grid(labelmap, segmentation_node):
+    """``labelmap`` resampled (nearest neighbour) onto the segmentation's own grid (its reference
+    image geometry, where the Segment Editor paints) when that grid is not the volume's: stored on
+    the volume's grid, the segment would be resampled as a whole by the next editor stroke, and
+    every slice would then look edited to *Update from my edits*. Unchanged when the grids match."""
+    slicer = _slicer()
+    import vtk  # noqa: PLC0415
+
+    converter = slicer.vtkSegmentationConverter
+    serialized = segmentation_node.GetSegmentation().GetConversionParameter(
+        converter.GetReferenceImageGeometryParameterName())
+    if not serialized:
+        return labelmap
+    geometry = slicer.vtkOrientedImageData()
+    if not converter.DeserializeImageGeometry(serialized, geometry, False):
+        return labelmap
+    own, theirs = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+    labelmap.GetImageToWorldMatrix(own)
+    geometry.GetImageToWorldMatrix(theirs)
+    a, b = slicer.util.arrayFromVTKMatrix(own), slicer.util.arrayFromVTKMatrix(theirs)
+    if np.allclose(a[:3, :3], b[:3, :3], atol=1e-6):
+        # Same axes and voxel size: the grids coincide if the origins differ by whole voxels.
+        offset = np.linalg.solve(b[:3, :3], a[:3, 3] - b[:3, 3])
+        if np.allclose(offset, np.round(offset), atol=1e-4):
+            return labelmap
+    resampled = slicer.vtkOrientedImageData()
+    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+        labelmap, geometry, resampled, False, True)
+    return resampled
 
 
 def _with_segment_outside(labelmap, segmentation_node, segment_id: str):

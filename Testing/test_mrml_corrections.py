@@ -373,6 +373,72 @@ def test_erased_slice_between_keyframes_stays_empty(session):
     assert history.get(seg, sid).empty_keyframes == {14}
 
 
+def _coarse_geometry(vol, factor=2):
+    """A volume node on a grid ``factor`` times coarser along i, j and k, same orientation."""
+    m = vtk.vtkMatrix4x4()
+    vol.GetIJKToRASMatrix(m)
+    fine = slicer.util.arrayFromVTKMatrix(m)
+    coarse = fine.copy()
+    coarse[:3, :3] *= factor
+    coarse[:3, 3] = fine[:3, 3] + (factor - 1) / 2 * (fine[:3, 0] + fine[:3, 1] + fine[:3, 2])
+    node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "coarse geometry")
+    image = vtk.vtkImageData()
+    image.SetDimensions(*(n // factor for n in reversed(SHAPE)))
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    image.GetPointData().GetScalars().Fill(0)
+    node.SetAndObserveImageData(image)
+    node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(coarse))
+    return node
+
+
+def _editor_stroke(seg, sid, geometry, k, value):
+    """A Segment Editor stroke on slice ``k`` of the segmentation's grid: erase (value 0, the
+    inverted modifier merged with MIN) or paint (1, merged with MAX) the whole slice."""
+    d = geometry.GetImageData().GetDimensions()
+    stroke = slicer.vtkOrientedImageData()
+    stroke.SetExtent(0, d[0] - 1, 0, d[1] - 1, k, k)
+    stroke.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    stroke.GetPointData().GetScalars().Fill(value)
+    m = vtk.vtkMatrix4x4()
+    geometry.GetIJKToRASMatrix(m)
+    stroke.SetImageToWorldMatrix(m)
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    mode = logic.MODE_MERGE_MAX if value else logic.MODE_MERGE_MIN
+    assert logic.SetBinaryLabelmapToSegment(stroke, seg, sid, mode, stroke.GetExtent())
+
+
+def test_correction_loop_on_a_segmentation_grid_coarser_than_the_volume(mrml_scene):
+    # The result is stored on the segmentation's own grid, where the Segment Editor paints: stored on
+    # the volume's grid, the first stroke anywhere resampled the whole segment and every slice looked
+    # edited (Update then refused: "19 slices from you ... at most 12").
+    truth, image = synthetic()
+    vol = make_volume_node(image)
+    coarse = _coarse_geometry(vol)
+    seg, ids = make_segmentation(coarse, {})
+    sid = seg.GetSegmentation().AddEmptySegment("", "tumor", [1, 0, 0])
+    drawn = np.zeros((12, 20, 22), np.uint8)
+    drawn[6] = truth[12, ::2, ::2]  # coarse slice 6 covers volume slices 12 and 13
+    slicer.util.updateSegmentBinaryLabelmapFromArray(drawn, seg, sid, coarse)
+    history = PropagationHistory()
+    propagate_segment(vol, seg, sid, model=GuideCopy(truth), history=history)
+    stored = seg.GetSegmentation().GetSegment(sid).GetRepresentation(
+        slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
+    m = vtk.vtkMatrix4x4()
+    stored.GetImageToWorldMatrix(m)
+    np.testing.assert_allclose(np.linalg.norm(slicer.util.arrayFromVTKMatrix(m)[:3, :3], axis=0), (1.6, 1.8, 4.0))
+    entry = history.get(seg, sid)
+    assert entry.edited_slices(mrml.segment_mask(seg, sid, vol)) == []
+    _editor_stroke(seg, sid, coarse, 0, 0)  # erase an empty slice: changes nothing
+    assert entry.edited_slices(mrml.segment_mask(seg, sid, vol)) == []
+    with pytest.raises(InputError, match="no slice of \"tumor\" differs from the last PAM result"):
+        update_segment(vol, seg, sid, history, model=GuideCopy(truth))
+    _editor_stroke(seg, sid, coarse, 9, 0)  # erase coarse slice 9: volume slices 18 and 19
+    assert entry.edited_slices(mrml.segment_mask(seg, sid, vol)) == [18, 19]
+    update_segment(vol, seg, sid, history, model=GuideCopy(truth))
+    result = on_volume(seg, sid, vol)
+    assert not result[18:].any() and result[12].any()
+
+
 def test_update_input_errors_change_nothing(session, mrml_scene):
     seg, sid, vol, history, truth = session["seg"], session["sid"], session["vol"], session["history"], session["truth"]
     with pytest.raises(InputError, match="no slice of \"tumor\" differs from the last PAM result"):
