@@ -213,6 +213,10 @@ def describe_prompt(volume_node, segmentation_node, segment_id: str) -> PromptIn
     """Which slices of the volume the segment is drawn on (for the panel). Raises InputError."""
     if volume_node is None or not volume_node.IsA("vtkMRMLScalarVolumeNode"):
         raise InputError("select a scalar volume")
+    image = volume_node.GetImageData()
+    if image is not None and image.GetNumberOfScalarComponents() != 1:  # as volume_array will refuse it
+        raise InputError(f'volume "{volume_node.GetName()}" has {image.GetNumberOfScalarComponents()} '
+                         "components per voxel; convert it to a single-component (scalar) volume first")
     grid = _grid_of(volume_node)
     mask = segment_mask(segmentation_node, segment_id, volume_node)
     return _prompt_info(mask, grid)
@@ -519,7 +523,8 @@ class SegmentPropagation:
         if self._state == "finished" and self.result is not None:
             lab = next(iter(self.result.slice_range))
             first, last = self.result.slice_range[lab]
-            return (f"{last - first + 1} {self.prompt_info.plane} slices ({first}-{last}), "
+            n = last - first + 1
+            return (f"{n} {self.prompt_info.plane} slice{'s' if n != 1 else ''} ({first}-{last}), "
                     f"{self.result.n_predicted} predicted in {self.elapsed:.1f} s")
         if self._state == "failed":
             return f"failed: {self.error}"

@@ -102,6 +102,22 @@ def test_empty_segment_is_a_clear_input_error(mrml_scene):
         SegmentPropagation(vol, seg, ids["empty"], model=OracleModel(truth))
 
 
+def test_colour_volume_is_refused_when_the_panel_describes_the_prompt(mrml_scene):
+    # The panel's prompt line must not say "Drawn on 1 axial slice" for a volume Propagate refuses.
+    truth, _ = synthetic()
+    rgb = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "photo")
+    image = vtk.vtkImageData()
+    image.SetDimensions(SHAPE[2], SHAPE[1], SHAPE[0])
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 3)
+    rgb.SetAndObserveImageData(image)
+    seg, ids = make_segmentation(rgb, {"cell": one_slice(truth, CENTER[0])})
+    for call in (lambda: describe_prompt(rgb, seg, ids["cell"]),
+                 lambda: SegmentPropagation(rgb, seg, ids["cell"], model=OracleModel(truth))):
+        with pytest.raises(InputError, match='volume "photo" has 3 components per voxel; convert it to a '
+                                             'single-component \\(scalar\\) volume first'):
+            call()
+
+
 def test_unknown_segment_and_mode_are_input_errors(scene_with_prompt):
     truth, vol, seg, sid = scene_with_prompt
     with pytest.raises(InputError, match="not in segmentation"):
