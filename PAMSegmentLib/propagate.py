@@ -147,12 +147,34 @@ class PropagationResult:
 MAX_LABEL = 65535
 
 
+def _bounding_box(mask: np.ndarray) -> np.ndarray:
+    """``mask`` cropped to its bounding box (all of it if empty)."""
+    if not mask.any():
+        return mask
+    sl = []
+    for ax in range(mask.ndim):
+        nz = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != ax)))
+        sl.append(slice(int(nz[0]), int(nz[-1]) + 1))
+    return mask[tuple(sl)]
+
+
+def _thickness(mask: np.ndarray, ax: int) -> int:
+    """The longest run of consecutive True voxels along axis ``ax``, capped at 3 (0 if empty)."""
+    m = np.moveaxis(mask, ax, 0)
+    if m.shape[0] >= 3 and (m[:-2] & m[1:-1] & m[2:]).any():
+        return 3
+    if m.shape[0] >= 2 and (m[:-1] & m[1:]).any():
+        return 2
+    return int(m.any())
+
+
 def find_prompt_slices(prompt: np.ndarray, axis: int | None = None, labels: Sequence[int] | None = None,
                        max_slices: int = MAX_PROMPT_SLICES) -> tuple[int, dict[int, list[int]]]:
     """Propagation axis and, per label, the slices the prompt is drawn on.
 
-    The axis is the one along which the prompt occupies the fewest slices (summed over labels),
-    unless given.
+    The axis, unless given, is the one along which the drawing is thinnest (drawn slices are one
+    voxel thick along it, two where keyframes are adjacent), then occupies the fewest slices
+    (summed over labels). A label drawn on slices of another axis than the chosen one is refused.
     """
     if prompt.ndim != 3:
         raise InputError(f"the prompt must be a 3D label map, got {prompt.ndim}D")
@@ -180,24 +202,38 @@ def find_prompt_slices(prompt: np.ndarray, axis: int | None = None, labels: Sequ
         other = tuple(a for a in range(3) if a != ax)
         return np.flatnonzero((prompt == lab).any(axis=other)).tolist()
 
+    boxes = {lab: _bounding_box(prompt == lab) for lab in labels}
+    # The label's longest run of voxels along each axis (capped at 3): 1 (2 for adjacent keyframes)
+    # along the axis whose slices it was drawn on, the object's extent along the others.
+    thick = {(lab, ax): _thickness(boxes[lab], ax) for lab in labels for ax in range(3)}
+
+    # The drawn axis: the one along which the drawing is thinnest, then has the fewest slices.
+    # Counting slices alone picks the wrong axis for a thin object drawn on several keyframes (a
+    # 3-px tube drawn on 4 axial slices crosses only 3 coronal ones).
     axes = [axis] if axis is not None else [0, 1, 2]
-    counts = {ax: sum(len(occupied(lab, ax)) for lab in labels) for ax in axes}
-    best = min(axes, key=lambda ax: (counts[ax], ax))
+    key = {ax: (max(thick[lab, ax] for lab in labels), sum(len(occupied(lab, ax)) for lab in labels), ax)
+           for ax in axes}
+    best = min(axes, key=key.get)
     slices = {lab: occupied(lab, best) for lab in labels}
     n_axis = prompt.shape[best]
     for lab, sl in slices.items():
         # A label drawn on slices of another plane crosses the chosen axis's slices as thin lines,
         # which would be taken as keyframes: refuse rather than return little more than the drawing.
-        n_other, other = min((len(occupied(lab, ax)), ax) for ax in range(3) if ax != best)
-        slice_prompt_there = n_other <= max_slices and (n_other <= 2 or n_other <= prompt.shape[other] // 2)
-        if n_other < len(sl) and slice_prompt_there:
-            others = [v for v in labels if v != lab]
-            how = (f"propagate it along axis {other} (--axis {other})" if not others else
-                   f"propagate labels drawn on different planes separately (--label {lab} --axis {other})")
-            raise InputError(
-                f"label {lab} is drawn on {n_other} slice{'s' if n_other != 1 else ''} along axis {other} but crosses "
-                f"{len(sl)} slices along axis {best}, the propagation axis: {how}"
-            )
+        if thick[lab, best] <= 2:
+            continue
+        planes = [(thick[lab, ax], len(occupied(lab, ax)), ax) for ax in range(3) if ax != best and thick[lab, ax] <= 2]
+        if not planes:
+            continue  # thick along every axis: a 3D mask (refused below)
+        _, n_other, other = min(planes)
+        if n_other > max_slices:
+            continue
+        others = [v for v in labels if v != lab]
+        how = (f"propagate it along axis {other} (--axis {other})" if not others else
+               f"propagate labels drawn on different planes separately (--label {lab} --axis {other})")
+        raise InputError(
+            f"label {lab} is drawn on {n_other} slice{'s' if n_other != 1 else ''} along axis {other} but crosses "
+            f"{len(sl)} slices along axis {best}, the propagation axis: {how}"
+        )
     for lab, sl in slices.items():
         if len(sl) > max_slices or (len(sl) > 2 and len(sl) > n_axis // 2):
             raise InputError(

@@ -553,6 +553,21 @@ def test_find_prompt_slices_refuses_a_drawing_on_another_plane():
     assert find_prompt_slices(flat, axis=0) == (0, {1: [3, 7]})
 
 
+def test_find_prompt_slices_thin_object_on_several_keyframes():
+    # A 3x3 px tube drawn on 4 axial slices crosses only 3 coronal slices: counting slices alone
+    # chose axis 1 (the result was little more than the drawing); it is drawn on axis 0's slices.
+    prompt = np.zeros((40, 64, 64), np.uint8)
+    for k in (8, 16, 24, 32):
+        prompt[k, 30:33, 30:33] = 1
+    assert find_prompt_slices(prompt) == (0, {1: [8, 16, 24, 32]})
+    assert find_prompt_slices(prompt, axis=0) == (0, {1: [8, 16, 24, 32]})
+    with pytest.raises(InputError, match="label 1 is drawn on 4 slices along axis 0 but crosses 3 slices along axis 1"):
+        find_prompt_slices(prompt, axis=1)
+    # Adjacent keyframes (two voxels thick along their axis) are still keyframes of that axis.
+    prompt[9, 30:33, 30:33] = 1
+    assert find_prompt_slices(prompt) == (0, {1: [8, 9, 16, 24, 32]})
+
+
 @pytest.mark.parametrize("value", [-1, 70000])
 def test_find_prompt_slices_refuses_labels_a_result_cannot_hold(value):
     prompt = np.zeros((12, 10, 10), np.int32)
