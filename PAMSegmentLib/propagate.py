@@ -334,10 +334,50 @@ def _validate_inputs(image: np.ndarray, prompt: np.ndarray, spacing) -> tuple[fl
     if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
         n = int((~np.isfinite(image)).sum())
         raise InputError(f"the image has {n} NaN/inf voxels; fix or mask them before propagating")
-    spacing = tuple(float(s) for s in spacing)
+    big = float(np.finfo(np.float32).max)  # the predictors read slices as float32
+    if np.issubdtype(image.dtype, np.floating) and image.itemsize > 4 and image.size and \
+            (float(image.max()) > big or float(image.min()) < -big):
+        raise InputError("the image has values beyond float32's range (about 3.4e38); rescale it before propagating")
+    try:
+        spacing = tuple(float(s) for s in spacing)
+    except (TypeError, ValueError):
+        raise InputError(f"spacing must be three positive numbers (k, j, i), got {spacing!r}") from None
     if len(spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing):
         raise InputError(f"spacing must be three positive numbers, got {spacing}")
     return spacing
+
+
+def _whole(value, what: str) -> int:
+    """``value`` as an int if it is a whole number (not a bool), else InputError naming ``what``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer, float, np.floating)) \
+            or value != int(value):
+        raise InputError(f"{what} must be a whole number, got {value!r}")
+    return int(value)
+
+
+def _validate_options(axis, labels, range, batch_size, threads, cancel, previous):  # noqa: A002
+    """Type checks of propagate()'s options, so that a wrong type is one InputError, not a traceback."""
+    if axis is not None:
+        _whole(axis, "axis")
+    if labels is not None:
+        if isinstance(labels, (str, bytes)) or not hasattr(labels, "__iter__"):
+            raise InputError(f"labels must be a list of label numbers, got {labels!r}")
+        labels = [_whole(v, "a label") for v in labels]
+        if not labels:
+            raise InputError("labels is empty: give at least one label of the prompt (or None for all)")
+    if range is not None:
+        if isinstance(range, (str, bytes)) or not hasattr(range, "__len__") or len(range) != 2:
+            raise InputError(f"range must be (first, last) slice numbers, got {range!r}")
+        range = (_whole(range[0], "range's first slice"), _whole(range[1], "range's last slice"))
+    if _whole(batch_size, "batch size") < 1:
+        raise InputError("batch size must be at least 1")
+    if threads is not None and _whole(threads, "threads") < 1:
+        raise InputError(f"threads must be at least 1, got {threads}")
+    if cancel is not None and not hasattr(cancel, "is_cancelled"):
+        raise InputError(f"cancel must be a CancelToken, got {type(cancel).__name__}")
+    if previous is not None and not isinstance(previous, PropagationResult):
+        raise InputError(f"previous must be the PropagationResult of an earlier run, got {type(previous).__name__}")
+    return (None if axis is None else int(axis)), labels, range
 
 
 class _Progress:
@@ -786,14 +826,13 @@ def propagate(
     image = np.asarray(image)
     prompt = np.asarray(prompt)
     spacing = _validate_inputs(image, prompt, spacing)
+    axis, labels, range = _validate_options(axis, labels, range, batch_size, threads, cancel, previous)
     if not np.issubdtype(prompt.dtype, np.integer) and not np.issubdtype(prompt.dtype, np.bool_):
         if not np.all(np.mod(prompt, 1) == 0):
             raise InputError("the prompt must be an integer label map")
     if not np.issubdtype(prompt.dtype, np.integer):
         prompt = prompt.astype(np.int32)  # bool or integral floats; integer label maps are used as they are
     ax, slices = find_prompt_slices(prompt, axis=axis, labels=labels)
-    if batch_size < 1:
-        raise InputError("batch size must be at least 1")
     if remove_disconnected is None:
         remove_disconnected = early_stop
 
@@ -883,19 +922,19 @@ def _empty_slices_per_label(empty_slices, slices: dict, lo: int, hi: int, axis: 
     if empty_slices is None:
         return {lab: set() for lab in slices}
     if isinstance(empty_slices, dict):
-        given = {int(lab): seq for lab, seq in empty_slices.items()}
+        given = {_whole(lab, "an empty_slices label"): seq for lab, seq in empty_slices.items()}
         unknown = [lab for lab in given if lab not in slices]
         if unknown:
-            raise InputError(f"empty slices given for label {unknown[0]}, which is not in the prompt")
+            raise InputError(f"empty slices given for label {unknown[0]}, which is not among the labels propagated "
+                             f"({', '.join(map(str, slices))})")
         per = {lab: given.get(lab, ()) for lab in slices}
     else:
         per = {lab: empty_slices for lab in slices}
     out = {}
     for lab, seq in per.items():
-        try:
-            idx = {int(v) for v in seq}
-        except (TypeError, ValueError):
-            raise InputError(f"empty slices must be slice numbers, got {seq!r}") from None
+        if isinstance(seq, (str, bytes)) or not hasattr(seq, "__iter__"):
+            raise InputError(f"empty slices must be a list of slice numbers, got {seq!r}")
+        idx = {_whole(v, "an empty slice") for v in seq}
         bad = sorted(v for v in idx if not lo <= v <= hi)
         if bad:
             raise InputError(f"empty slice {bad[0]} lies outside the range {lo}:{hi} along axis {axis}")

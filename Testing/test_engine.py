@@ -472,8 +472,8 @@ def test_adding_a_wall_reuses_the_earlier_walk_and_predicts_nothing():
 @pytest.mark.parametrize("empty, phrase", [
     ([8], r"slice 8 is both drawn \(label 1\) and marked empty"),
     ([40], "empty slice 40 lies outside the range 0:29"),
-    ({2: [5]}, "empty slices given for label 2, which is not in the prompt"),
-    (["x"], "empty slices must be slice numbers"),
+    ({2: [5]}, r"empty slices given for label 2, which is not among the labels propagated \(1\)"),
+    (["x"], "an empty slice must be a whole number, got 'x'"),
 ])
 def test_empty_slice_input_errors(empty, phrase):
     truth = tube(3, 25)
@@ -522,6 +522,34 @@ def test_input_errors(case, phrase):
         kwargs["axis"] = 3
     with pytest.raises(InputError) as err:
         propagate(image, prompt, ISO, OracleModel(truth), **kwargs)
+    assert phrase in str(err.value)
+
+
+@pytest.mark.parametrize("kwargs, phrase", [
+    (dict(labels=[]), "labels is empty: give at least one label of the prompt (or None for all)"),
+    (dict(labels=1), "labels must be a list of label numbers, got 1"),
+    (dict(spacing=1.0), "spacing must be three positive numbers (k, j, i), got 1.0"),
+    (dict(range=(None, 20)), "range's first slice must be a whole number, got None"),
+    (dict(range=(1, 20, 3)), "range must be (first, last) slice numbers"),
+    (dict(batch_size=2.5), "batch size must be a whole number, got 2.5"),
+    (dict(threads=-1), "threads must be at least 1, got -1"),
+    (dict(cancel=True), "cancel must be a CancelToken, got bool"),
+    (dict(previous=np.zeros(3)), "previous must be the PropagationResult of an earlier run, got ndarray"),
+    (dict(empty_slices="20"), "empty slices must be a list of slice numbers, got '20'"),
+    (dict(empty_slices=[20.7]), "an empty slice must be a whole number, got 20.7"),
+    (dict(empty_slices={"a": [20]}), "an empty_slices label must be a whole number, got 'a'"),
+    (dict(empty_slices={2: [20]}), "empty slices given for label 2, which is not among the labels propagated (1)"),
+    (dict(image_scale=1e39), "the image has values beyond float32's range"),
+])
+def test_option_type_errors_are_input_errors(kwargs, phrase):
+    # Each of these ended in a bare TypeError/ValueError/AttributeError, or was silently
+    # reinterpreted (the string "20" became walls 0 and 2; 20.7 became 20).
+    truth = tube(8, 20)
+    image, prompt = image_for(truth).astype(np.float64), prompt_from(truth, 14)
+    image *= kwargs.pop("image_scale", 1.0)
+    spacing = kwargs.pop("spacing", ISO)
+    with pytest.raises(InputError) as err:
+        propagate(image, prompt, spacing, OracleModel(truth), **kwargs)
     assert phrase in str(err.value)
 
 
