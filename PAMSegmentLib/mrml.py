@@ -992,7 +992,7 @@ class HistoryEntry:
             mask=mask, axis=self.axis, confidence={1: self.confidence.copy()},
             slice_range={}, prompt_slices={1: sorted(self.keyframes)},
             keyframes={1: dict(sorted(keyframes.items()))}, range=tuple(self.range),
-            early_stop=self.early_stop,
+            early_stop=self.early_stop, remove_disconnected=self.early_stop,  # the engine's default, as run
             agreement={} if self.agreement is None else {1: self.agreement.copy()},
         )
 

@@ -125,6 +125,10 @@ class PropagationResult:
     # label -> per slice, the network-vs-registration agreement recorded by the one-sided walks
     # (NaN elsewhere): lets an update apply the keyframe agreement test to a walk it reuses.
     agreement: dict[int, np.ndarray] = field(default_factory=dict)
+    remove_disconnected: bool = True  # the component filter the reused regions went through
+    # Labels that lost voxels to an earlier label where they overlapped: ``mask`` does not hold all
+    # of their own prediction, so an update recomputes them rather than reusing ``mask``.
+    overlapped: frozenset = frozenset()
 
     def notes(self) -> list[str]:
         """Hints for the user about how walks ended (e.g. a drift test that stopped at once)."""
@@ -871,7 +875,9 @@ def propagate(
         usable_previous = (
             previous is not None and previous.axis == ax and previous.mask.shape == image.shape
             and previous.range == (lo, hi) and previous.early_stop == early_stop
+            and previous.remove_disconnected == bool(remove_disconnected)
         )
+        overlapped = set()
         prev_mask = np.moveaxis(previous.mask, ax, 0) if usable_previous else None
         keyframes_all, recomputed_all, stops_all, agreement_all = {}, {}, {}, {}
         for lab, keyframes in slices.items():
@@ -879,7 +885,7 @@ def propagate(
             stats["stops"] = []
             label_mask = prm == lab
             reuse = None
-            if usable_previous and lab in previous.keyframes:
+            if usable_previous and lab in previous.keyframes and lab not in previous.overlapped:
                 reuse = _Reuse(prev_mask == lab, previous.confidence[lab], previous.keyframes[lab],
                                previous.agreement.get(lab))
             mask, conf, recomputed_all[lab], agreement_all[lab] = _propagate_label(
@@ -888,10 +894,14 @@ def propagate(
             keyframes_all[lab] = {k: label_mask[k].copy() for k in user_slices[lab]}
             stops_all[lab] = stats.pop("stops")
             # Earlier labels keep their voxels; a label's own prompt voxels always win.
+            if (mask & (out != 0)).any():
+                overlapped.add(lab)
+            overlapped.update(int(v) for v in np.unique(out[(prm == lab) & (out != 0)]))  # lost to its drawing
             out[mask & (out == 0)] = lab
             out[prm == lab] = lab
             conf_all[lab] = conf
-            occupied = np.flatnonzero(mask.any(axis=(1, 2)))
+        for lab in slices:  # the extent each label has in the merged label map
+            occupied = np.flatnonzero((out == lab).any(axis=(1, 2)))
             ranges[lab] = (int(occupied[0]), int(occupied[-1]))
     finally:
         if threads and torch is not None:
@@ -914,6 +924,8 @@ def propagate(
         recomputed=recomputed_all,
         stops=stops_all,
         agreement=agreement_all,
+        remove_disconnected=bool(remove_disconnected),
+        overlapped=frozenset(overlapped),
     )
 
 
