@@ -721,6 +721,7 @@ class SegmentPropagation:
             (0, written.shape[axis] - 1), early_stop=bool(result.early_stop), keyframes=keyframes,
             empty_keyframes=frozenset(empty), confidence=conf.copy(),
             agreement=None if agreement is None else np.asarray(agreement, dtype=np.float32).copy(),
+            begin_state=result.begin_state.get(label),
             result_mask=PackedMask.of(result.mask == label),
             written=PackedMask.of(written), before=before, created=self.mode == "new", kind=self.kind,
             n_predicted=int(result.n_predicted), recomputed=recomputed, seconds=float(self.elapsed),
@@ -944,6 +945,7 @@ class HistoryEntry:
     occupied: tuple[int, ...] | None = None  # slices holding the object in ``written`` (computed once)
     # per slice, the agreement the engine's one-sided walks recorded (PropagationResult.agreement)
     agreement: np.ndarray | None = None
+    begin_state: object = None  # the predictor's begin_state in that run (PropagationResult.begin_state)
 
     @property
     def user_slices(self) -> list[int]:
@@ -994,6 +996,7 @@ class HistoryEntry:
             keyframes={1: dict(sorted(keyframes.items()))}, range=tuple(self.range),
             early_stop=self.early_stop, remove_disconnected=self.early_stop,  # the engine's default, as run
             agreement={} if self.agreement is None else {1: self.agreement.copy()},
+            begin_state={1: self.begin_state},
         )
 
     def review_order(self) -> list[int]:

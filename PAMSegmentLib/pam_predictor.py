@@ -157,6 +157,14 @@ class PAMPredictor(SlicePredictor):
             self.gate = IntensityGate.from_prompt(_smoothed(volume[prompt_index]), prompt_mask)
 
     @property
+    def begin_state(self):
+        """What ``begin`` took from the drawn slice (intensity window, drift-test statistics): an
+        update may reuse walks only when it begins the same (``propagate``'s ``previous=``)."""
+        window = None if self.window is None else (float(self.window.low), float(self.window.high))
+        gate = None if self.gate is None else (self.gate.median, self.gate.sd, self.gate.low, self.gate.high)
+        return window, gate
+
+    @property
     def _carried_prior(self) -> bool:
         return bool(self.model.config.mask_prior) and self.query_prior == "carried"
 

@@ -129,6 +129,9 @@ class PropagationResult:
     # Labels that lost voxels to an earlier label where they overlapped: ``mask`` does not hold all
     # of their own prediction, so an update recomputes them rather than reusing ``mask``.
     overlapped: frozenset = frozenset()
+    # label -> the predictor's state after it began on the label's drawn slice (``begin_state``,
+    # e.g. PAM's intensity window): an update whose predictor begins differently recomputes it all.
+    begin_state: dict = field(default_factory=dict)
 
     def notes(self) -> list[str]:
         """Hints for the user about how walks ended (e.g. a drift test that stopped at once)."""
@@ -609,6 +612,7 @@ class _Reuse:
     confidence: np.ndarray
     keyframes: dict[int, np.ndarray]
     agreement: np.ndarray | None = None  # per slice, where a one-sided walk recorded it (else NaN)
+    begin_state: object = None  # the predictor's ``begin_state`` in that run
 
     def same(self, s: int, prompt_mask: np.ndarray) -> bool:
         return s in self.keyframes and np.array_equal(self.keyframes[s], prompt_mask[s])
@@ -690,6 +694,8 @@ def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo
     drawn = set(keyframes)
     keys = sorted(drawn | set(empty_keyframes))
     predictor.begin(walk_volume, keyframes[0] * k, prompt_mask[keyframes[0]])
+    if reuse is not None and reuse.begin_state != getattr(predictor, "begin_state", None):
+        reuse = None  # e.g. a keyframe drawn below the first one gave PAM another intensity window
     for kf in keyframes:
         conf[kf] = 1.0
     old_keys = sorted(reuse.keyframes) if reuse is not None else []
@@ -879,7 +885,7 @@ def propagate(
         )
         overlapped = set()
         prev_mask = np.moveaxis(previous.mask, ax, 0) if usable_previous else None
-        keyframes_all, recomputed_all, stops_all, agreement_all = {}, {}, {}, {}
+        keyframes_all, recomputed_all, stops_all, agreement_all, begin_states = {}, {}, {}, {}, {}
         for lab, keyframes in slices.items():
             tracker.check_cancel()
             stats["stops"] = []
@@ -887,11 +893,12 @@ def propagate(
             reuse = None
             if usable_previous and lab in previous.keyframes and lab not in previous.overlapped:
                 reuse = _Reuse(prev_mask == lab, previous.confidence[lab], previous.keyframes[lab],
-                               previous.agreement.get(lab))
+                               previous.agreement.get(lab), previous.begin_state.get(lab))
             mask, conf, recomputed_all[lab], agreement_all[lab] = _propagate_label(
                 vol_f, label_mask, keyframes, predictor, spacing[ax], lo, hi, batch_size, early_stop,
                 remove_disconnected, tracker, stats, reuse, empties[lab])
             keyframes_all[lab] = {k: label_mask[k].copy() for k in user_slices[lab]}
+            begin_states[lab] = getattr(predictor, "begin_state", None)
             stops_all[lab] = stats.pop("stops")
             # Earlier labels keep their voxels; a label's own prompt voxels always win.
             if (mask & (out != 0)).any():
@@ -926,6 +933,7 @@ def propagate(
         agreement=agreement_all,
         remove_disconnected=bool(remove_disconnected),
         overlapped=frozenset(overlapped),
+        begin_state=begin_states,
     )
 
 

@@ -489,6 +489,31 @@ def test_an_update_with_two_overlapping_labels_equals_a_fresh_run():
     assert update.recomputed[2] != []  # recomputed, not reused
 
 
+class WindowedOracle(OracleModel):
+    """An oracle that, like PAM, takes a state from the drawn slice it begins on (``begin_state``)."""
+
+    def begin(self, volume, prompt_index, prompt_mask):
+        self.begin_state = float(np.asarray(volume[prompt_index])[prompt_mask].mean())
+
+
+def test_an_update_recomputes_when_the_predictor_begins_differently():
+    # PAM takes its intensity window from the lowest drawn slice: a keyframe drawn below it changes
+    # the window, so walks of the earlier run are not what a fresh run would compute (the audit saw
+    # 72-349 voxels differ on the demo CT). Such an update recomputes everything.
+    truth = tube(3, 25)
+    image = image_for(truth)
+    first = propagate(image, prompt_from(truth, 12), ISO, WindowedOracle(truth, window=4))
+    assert first.begin_state == {1: pytest.approx(float(image[12][truth[12]].mean()))}
+    above = WindowedOracle(truth, window=4)  # keyframe added above the first: same beginning, reuse
+    update = propagate(image, prompt_from(truth, [12, 20]), ISO, above, previous=first)
+    assert 0 < update.n_predicted < first.n_predicted and min(predicted(above)) > 12
+    below = WindowedOracle(truth, window=4)  # keyframe added below: another beginning, all recomputed
+    update = propagate(image, prompt_from(truth, [6, 12]), ISO, below, previous=first)
+    fresh = propagate(image, prompt_from(truth, [6, 12]), ISO, WindowedOracle(truth, window=4))
+    assert update.n_predicted == fresh.n_predicted == 30 and update.recomputed == fresh.recomputed
+    np.testing.assert_array_equal(update.mask, fresh.mask)
+
+
 def test_reuse_needs_the_same_component_filter():
     # The first run removed a blob not connected to the prompt; an update without the filter must
     # not reuse the filtered walks (the blob would stay missing).
