@@ -14,7 +14,10 @@ checkpoint is untrusted input:
 from __future__ import annotations
 
 import hashlib
+import math
+import numbers
 import os
+import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -35,6 +38,7 @@ __all__ = [
     "default_checkpoint_path",
     "describe_checkpoint",
     "resolve_device",
+    "check_checkpoint_file",
 ]
 
 FORMAT_NAME = "pamsegment-checkpoint"
@@ -132,6 +136,36 @@ class InferenceParams:
             raise ValueError("keyframe_outward_min_agreement must be within [0, 1], "
                              f"got {self.keyframe_outward_min_agreement}")
 
+        def number(name, lo, hi, whole=False):
+            value = getattr(self, name)
+            ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value) \
+                and lo <= value <= hi and (not whole or float(value).is_integer())
+            if not ok:
+                kind = "a whole number" if whole else "a number"
+                raise ValueError(f"{name} must be {kind} within [{lo:g}, {hi:g}], got {value!r}")
+
+        # Checked because a checkpoint is untrusted input: a NaN threshold or 10^9 registration
+        # iterations in its header would otherwise fail mid-run, run away, or never end.
+        number("window_mm", 1e-3, 1e4)
+        number("max_window", 1, 1000, whole=True)
+        number("min_window", 1, 1000, whole=True)
+        number("threshold", 1e-6, 1.0 - 1e-6)
+        number("presence_threshold", 0.0, 1.0)
+        number("min_area_fraction", 0.0, 1.0)
+        number("min_area_px", 0, 1e6, whole=True)
+        number("consistency_min_dice", 0.0, 1.0)
+        number("registration_weight", 0.0, 1.0)
+        number("registration_max_side", 8, 1024, whole=True)
+        number("registration_iterations", 1, 1000, whole=True)
+        number("registration_coarse_iterations", 0, 1000, whole=True)
+        number("registration_carry_supersample", 1, 8, whole=True)
+        number("keyframe_outward_min_agreement", 0.0, 1.0)
+        number("through_plane_mm", 0.0, THROUGH_PLANE_RANGE_MM[1])
+        if self.min_window > self.max_window:
+            raise ValueError(f"min_window {self.min_window} exceeds max_window {self.max_window}")
+        if not isinstance(self.intensity_gate, bool):
+            raise ValueError(f"intensity_gate must be true or false, got {self.intensity_gate!r}")
+
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
@@ -182,8 +216,41 @@ def weights_sha256(state_dict: dict) -> str:
         h.update(key.encode())
         h.update(str(t.dtype).encode())
         h.update(str(tuple(t.shape)).encode())
-        h.update(t.numpy().tobytes())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # raw bytes: any dtype, bfloat16 too
     return h.hexdigest()
+
+
+_WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _checked_tensors(sd: dict, path: Path) -> dict:
+    """The state dict's tensors after the checks an untrusted file needs before any of them is
+    hashed or copied: string keys, dense floating-point tensors whose stored bytes cover their
+    shape (a tensor saved as an ``expand()`` view takes a few bytes on disk and gigabytes once
+    copied), finite values. Returned as float32."""
+    out = {}
+    for key, t in sd.items():
+        if not isinstance(key, str):
+            raise CheckpointError(f"checkpoint {path} has a weight named {key!r}; names must be strings")
+        if t.layout != torch.strided or t.device.type == "meta":
+            raise CheckpointError(f"checkpoint {path}: weight {key} is not a plain dense tensor ({t.layout}, {t.device})")
+        if t.dtype not in _WEIGHT_DTYPES:
+            raise CheckpointError(f"checkpoint {path}: weight {key} has dtype {t.dtype}; PAM weights are floating point")
+        if t.numel() and t.untyped_storage().nbytes() < t.numel() * t.element_size():
+            raise CheckpointError(f"checkpoint {path}: weight {key} stores fewer values than its shape "
+                                  f"{tuple(t.shape)} needs (a broadcast view); not a saved network")
+        out[key] = t
+    return out
+
+
+def _finite_float32(sd: dict, path: Path) -> dict:
+    out = {}
+    for key, t in sd.items():
+        t = t.to(torch.float32)
+        if not torch.isfinite(t).all():
+            raise CheckpointError(f"checkpoint {path} is corrupt: weight {key} holds NaN or infinite values")
+        out[key] = t
+    return out
 
 
 def _unique_state_dict(network: PAMNetwork) -> dict:
@@ -228,7 +295,10 @@ def save_checkpoint(path: str | os.PathLike, network: PAMNetwork, preprocessing:
     return digest
 
 
-def _read(path: Path) -> object:
+def check_checkpoint_file(path: str | os.PathLike) -> int:
+    """The cheap checks of a checkpoint path (exists, a file, size plausible), e.g. before a
+    command reads a large image; returns the size in bytes. Raises CheckpointError."""
+    path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist; check the path")
     if path.is_dir():
@@ -238,8 +308,22 @@ def _read(path: Path) -> object:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes); download it again")
     if size > MAX_CHECKPOINT_BYTES:
         raise CheckpointError(f"checkpoint {path} is {size / 1e9:.1f} GB, larger than any PAM checkpoint; wrong file?")
+    return size
+
+
+def _read(path: Path) -> object:
+    size = check_checkpoint_file(path)
+    with open(path, "rb") as f:
+        magic = f.read(16)
+    if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):  # a torch zip file, or a legacy pickle
+        shown = magic.decode("ascii", "replace").replace("\ufffd", "?")
+        shown = "".join(c if c.isprintable() else "?" for c in shown)
+        raise CheckpointError(f"cannot load checkpoint {path}: it is not a PyTorch file (it begins {shown!r}); "
+                              "if you downloaded it, the download may have saved an error page: download it again")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. torch's notes on old pickle protocols: the error says it all
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt/foreign files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
@@ -280,6 +364,8 @@ def _official_state_dict(obj: object, path: Path) -> dict:
         raise CheckpointError(
             f"checkpoint {path} holds no state dict (expected tensors, or a 'model_state_dict' entry)"
         )
+    if not all(isinstance(k, str) for k in sd):
+        raise CheckpointError(f"checkpoint {path} has weights whose names are not strings; not a PAM state dict")
     return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
 
 
@@ -298,34 +384,45 @@ def load_checkpoint_file(path: str | os.PathLike, device: str = "cpu") -> PAMMod
                 f"up to {FORMAT_VERSION}: update PAMSegment"
             )
         try:
+            for part in ("config", "preprocessing"):
+                if not isinstance(obj.get(part), dict):
+                    raise ValueError(f"its {part!r} entry is missing or not a mapping")
+            if not isinstance(obj.get("inference", {}), dict):
+                raise ValueError("its 'inference' entry is not a mapping")
             config = PAMConfig.from_dict(obj["config"])
-            config.validate()
+            config.validate()  # bounded sizes before anything is built from them
             pre = PreprocessingParams.from_dict(obj["preprocessing"])
             inf = InferenceParams.from_dict(obj.get("inference", {}))
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"checkpoint {path} has an invalid header: {exc}") from None
+        if pre.input_size != config.input_size:
+            raise CheckpointError(f"checkpoint {path} has an invalid header: preprocessing input_size {pre.input_size} "
+                                  f"differs from the network's {config.input_size}")
         sd = obj.get("state_dict")
         if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
             raise CheckpointError(f"checkpoint {path} has no state_dict of tensors")
+        sd = _checked_tensors(sd, path)
+        network = PAMNetwork(config)
+        expected = {k: v for k, v in network.state_dict().items() if ".decoder.encoder." not in k}
+        _strict_check(expected, sd, f"checkpoint {path}")  # shapes before any tensor is read whole
         digest = weights_sha256(sd)
         if obj.get("sha256") and obj["sha256"] != digest:
             raise CheckpointError(f"checkpoint {path} is corrupt: its weights' sha256 does not match its header")
-        network = PAMNetwork(config)
-        expected = {k: v for k, v in network.state_dict().items() if ".decoder.encoder." not in k}
-        _strict_check(expected, sd, f"checkpoint {path}")
-        network.load_state_dict(sd, strict=False)  # only the decoder.encoder aliases are absent
+        network.load_state_dict(_finite_float32(sd, path), strict=False)  # only the decoder.encoder aliases are absent
+        provenance = obj.get("provenance", {})
         return PAMModel(network.eval().to(device), pre, inf, kind="pamsegment", source=str(path),
-                        sha256=digest, provenance=obj.get("provenance", {}), device=device)
+                        sha256=digest, provenance=provenance if isinstance(provenance, dict) else {}, device=device)
 
-    sd = _official_state_dict(obj, path)
+    sd = _checked_tensors(_official_state_dict(obj, path), path)
     network = PAMNetwork(PRESETS["official"])
     _strict_check(network.state_dict(), sd, f"checkpoint {path} (official PAM layout)")
+    digest = weights_sha256(sd)
     try:
-        network.load_state_dict(sd, strict=True)
+        network.load_state_dict(_finite_float32(sd, path), strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint {path} could not be loaded: {str(exc).splitlines()[0]}") from None
     return PAMModel(network.eval().to(device), PreprocessingParams(), InferenceParams(), kind="official",
-                    source=str(path), sha256=weights_sha256(sd), device=device)
+                    source=str(path), sha256=digest, device=device)
 
 
 def default_checkpoint_path() -> Path | None:

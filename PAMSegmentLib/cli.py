@@ -113,13 +113,14 @@ def _pam_memory_method(args: argparse.Namespace) -> Any:
     return MemoryPAMPredictor(_pam_method(args))
 
 
+CLASSICAL_METHODS = ("track", "copy")  # need no network, so no checkpoint
+
+
 def _classical_method(name: str) -> Callable[[argparse.Namespace], Any]:
     def factory(args: argparse.Namespace) -> Any:
         from .baselines import get_predictor
 
-        if args.checkpoint is not None:
-            raise InputError(f"--method {name} does not use a checkpoint; drop --checkpoint or use --method pam")
-        return get_predictor(name)
+        return get_predictor(name)  # cmd_propagate has refused --checkpoint for it
 
     return factory
 
@@ -295,6 +296,12 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     from . import volumes
     from .volumes import read_labelmap, read_volume, write_labelmap
 
+    if args.checkpoint is not None and args.method in CLASSICAL_METHODS:
+        raise InputError(f"--method {args.method} does not use a checkpoint; drop --checkpoint or use --method pam")
+    if args.checkpoint:  # before reading a possibly large image
+        from .checkpoints import check_checkpoint_file
+
+        check_checkpoint_file(args.checkpoint)
     if args.series is not None and not Path(args.image).is_dir():
         raise InputError(f"--series applies to a DICOM folder, but {args.image} is a file; drop it")
     with warnings.catch_warnings(record=True) as caught:  # e.g. which of several DICOM series was used
@@ -337,6 +344,14 @@ def cmd_propagate(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- info
 
 
+def _provenance_text(provenance) -> str:
+    """The checkpoint's free-form provenance as one JSON line (keys of any type, escaped)."""
+    try:
+        return json.dumps(provenance, sort_keys=True, default=str)
+    except TypeError:  # keys of mixed types cannot be sorted
+        return json.dumps(provenance, default=str)
+
+
 def add_info_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", metavar="CKPT", help="checkpoint file (.pt/.pth)")
     p.add_argument("--json", action="store_true", help="print the description as JSON")
@@ -370,7 +385,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "preprocessing: " + ", ".join(f"{k}={v}" for k, v in pre.items()),
         "inference: " + ", ".join(f"{k}={v}" for k, v in d["inference"].items()),
         f"sha256 (weights): {d['sha256']}",
-        "provenance: " + (json.dumps(d["provenance"], sort_keys=True, default=str) if d["provenance"] else "none recorded"),
+        "provenance: " + (_provenance_text(d["provenance"]) if d["provenance"] else "none recorded"),
         "loads: yes",
     ]
     print("\n".join(lines))

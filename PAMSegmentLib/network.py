@@ -64,6 +64,21 @@ class PAMConfig:
         return cls(**d)
 
     def validate(self) -> None:
+        """Raise ValueError unless the config describes a network of sane size: checked before the
+        network is built from an untrusted file (a few bytes of header could ask for 36 TB)."""
+        # The official network (224 px, 6 stages, 32..512 features) is the largest PAM there is.
+        for name, lo, hi in (("input_size", 16, 512), ("n_stages", 2, 7), ("base_features", 1, 64),
+                             ("max_features", 1, 512), ("n_conv_per_stage", 1, 4), ("n_attention_stages", 1, 7)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                raise ValueError(f"{name} must be a whole number within {lo}..{hi}, got {value!r}")
+        for name in ("presence_head", "mask_prior"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.name, str) or not self.name.isprintable() or len(self.name) > 64:
+            raise ValueError("name must be a short printable string")
+        if self.max_features < self.base_features:
+            raise ValueError(f"max_features {self.max_features} is below base_features {self.base_features}")
         if self.input_size % 2 ** (self.n_stages - 1):
             raise ValueError(
                 f"input_size {self.input_size} must be divisible by 2**(n_stages-1) = "
@@ -74,7 +89,7 @@ class PAMConfig:
 
 
 PRESETS: dict[str, PAMConfig] = {
-    # The published network: 6 stages 32..512, 224 px, attention at 56/28/14/7 px. 79.7 M params.
+    # The published network: 6 stages 32..512, 224 px, attention at 56/28/14/7 px. 32.5 M params.
     "official": PAMConfig(),
     # The shipped default: 5 stages 16..128, 128 px, attention at 32/16/8 px, object-present head.
     "small": PAMConfig(

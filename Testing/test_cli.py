@@ -214,6 +214,14 @@ def test_outputs_refused_before_any_work(ct_case, run_cli, tmp_path):
     assert proc.returncode == 0, proc.stderr
 
 
+def test_checkpoint_path_is_checked_before_the_image_is_read(ct_case, tmp_path, run_cli):
+    # A 300 MB scan was read (3 s, 800 MB) before a mistyped checkpoint path was reported.
+    missing = tmp_path / "propmask.pth"
+    proc = run_cli("propagate", tmp_path / "not_read.nii.gz", ct_case.prompt_path, "-o", tmp_path / "o.nii.gz",
+                   "--checkpoint", missing)
+    assert_clean_error(proc, f"checkpoint {missing} does not exist; check the path")
+
+
 def test_bad_checkpoint(ct_case, tmp_path, run_cli):
     truncated = tmp_path / "propmask.pth"
     truncated.write_bytes(b"PK\x03\x04" + b"\x00" * 2000)

@@ -226,6 +226,61 @@ def test_own_format_header_and_key_errors(tmp_path, small_checkpoint, edit, phra
     assert phrase in str(err.value)
 
 
+def _first_weight(payload):
+    return next(k for k, v in payload["state_dict"].items() if v.dim() == 4)
+
+
+@pytest.mark.parametrize("edit, phrase", [
+    # Silently wrong results before: NaN weights loaded and propagation wrote only the drawn slice.
+    (lambda p, k: p["state_dict"][k].view(-1).__setitem__(0, float("nan")), "holds NaN or infinite values"),
+    (lambda p, k: p["state_dict"].update({k: p["state_dict"][k].to(torch.int32)}), "has dtype torch.int32"),
+    # A few bytes on disk, gigabytes once copied: refused before the copy.
+    (lambda p, k: p["state_dict"].update(bomb=torch.zeros(1).expand(100000, 100000)),
+     "weight bomb stores fewer values than its shape (100000, 100000) needs"),
+    # A small header asking for an enormous network (36 TB for 10^6 features).
+    (lambda p, k: p["config"].update(base_features=10**6), "base_features must be a whole number within 1..64"),
+    (lambda p, k: p["config"].update(n_stages="5"), "n_stages must be a whole number within 2..7, got '5'"),
+    (lambda p, k: p["config"].update(name="small\nkind: official"), "name must be a short printable string"),
+    (lambda p, k: p["inference"].update(threshold=float("nan")), "threshold must be a number within"),
+    (lambda p, k: p["inference"].update(registration_iterations=10**9),
+     "registration_iterations must be a whole number within [1, 1000]"),
+    (lambda p, k: p["inference"].update(window_mm="20"), "window_mm must be a number within"),
+    (lambda p, k: p.update(inference=[1, 2]), "its 'inference' entry is not a mapping"),
+    (lambda p, k: p["preprocessing"].update(crop_scale=0.0), "crop_scale must be a number within [1, 10], got 0.0"),
+    (lambda p, k: p["preprocessing"].update(input_size=64), "preprocessing input_size 64 differs from the network's 128"),
+])
+def test_own_format_untrusted_contents_are_refused(tmp_path, small_checkpoint, edit, phrase):
+    payload = torch.load(small_checkpoint.path, weights_only=True)
+    edit(payload, _first_weight(payload))
+    payload.pop("sha256")  # the edit itself must be what is refused
+    path = tmp_path / "edited.pt"
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint_file(path)
+    assert phrase in str(err.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_other_float_dtypes_load_as_float32(tmp_path, small_checkpoint, dtype):
+    # bfloat16 crashed in the hash; each loads, hashed as stored, and runs in float32.
+    payload = torch.load(small_checkpoint.path, weights_only=True)
+    payload["state_dict"] = {k: v.to(dtype) for k, v in payload["state_dict"].items()}
+    payload["sha256"] = weights_sha256(payload["state_dict"])
+    path = tmp_path / f"{dtype}.pt"
+    torch.save(payload, path)
+    model = load_checkpoint_file(path)
+    assert model.sha256 == payload["sha256"] != small_checkpoint.sha256
+    assert all(p.dtype == torch.float32 for p in model.network.parameters())
+
+
+def test_a_downloaded_error_page_says_so(tmp_path):
+    page = tmp_path / "propmask.pth"
+    page.write_text("<html><body>403 Forbidden</body></html>")
+    with pytest.raises(CheckpointError, match="it is not a PyTorch file \\(it begins '<html><body>403 '\\); if "
+                                              "you downloaded it, the download may have saved an error page"):
+        load_checkpoint_file(page)
+
+
 def test_describe_checkpoint(small_checkpoint):
     d = describe_checkpoint(small_checkpoint.path)
     assert d["kind"] == "pamsegment"
