@@ -129,8 +129,9 @@ class PropagationResult:
     # Labels that lost voxels to an earlier label where they overlapped: ``mask`` does not hold all
     # of their own prediction, so an update recomputes them rather than reusing ``mask``.
     overlapped: frozenset = frozenset()
-    # label -> the predictor's state after it began on the label's drawn slice (``begin_state``,
-    # e.g. PAM's intensity window): an update whose predictor begins differently recomputes it all.
+    # label -> the predictor's class and its state after it began on the label's drawn slice
+    # (``begin_state``, e.g. PAM's intensity window): an update by another predictor, or one that
+    # begins differently, recomputes the label.
     begin_state: dict = field(default_factory=dict)
 
     def notes(self) -> list[str]:
@@ -612,7 +613,7 @@ class _Reuse:
     confidence: np.ndarray
     keyframes: dict[int, np.ndarray]
     agreement: np.ndarray | None = None  # per slice, where a one-sided walk recorded it (else NaN)
-    begin_state: object = None  # the predictor's ``begin_state`` in that run
+    begin_state: object = None  # the predictor's class and ``begin_state`` in that run
 
     def same(self, s: int, prompt_mask: np.ndarray) -> bool:
         return s in self.keyframes and np.array_equal(self.keyframes[s], prompt_mask[s])
@@ -644,6 +645,11 @@ def _work(keys: list[int], drawn: set[int], lo: int, hi: int) -> int:
         if a in drawn or b in drawn:
             total += max(b - a - 1, 0) * (2 if a in drawn and b in drawn else 1)
     return total
+
+
+def _begin_key(predictor) -> tuple:
+    """Which predictor ran a label, and what it took from the drawn slice (``begin_state``)."""
+    return type(predictor).__name__, getattr(predictor, "begin_state", None)
 
 
 def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo, hi, batch_size,
@@ -694,8 +700,10 @@ def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo
     drawn = set(keyframes)
     keys = sorted(drawn | set(empty_keyframes))
     predictor.begin(walk_volume, keyframes[0] * k, prompt_mask[keyframes[0]])
-    if reuse is not None and reuse.begin_state != getattr(predictor, "begin_state", None):
-        reuse = None  # e.g. a keyframe drawn below the first one gave PAM another intensity window
+    if reuse is not None and reuse.begin_state != _begin_key(predictor):
+        # Another method, or the same one begun differently (e.g. a keyframe drawn below the first
+        # one gave PAM another intensity window): walks of the earlier run are not this run's.
+        reuse = None
     for kf in keyframes:
         conf[kf] = 1.0
     old_keys = sorted(reuse.keyframes) if reuse is not None else []
@@ -898,7 +906,7 @@ def propagate(
                 vol_f, label_mask, keyframes, predictor, spacing[ax], lo, hi, batch_size, early_stop,
                 remove_disconnected, tracker, stats, reuse, empties[lab])
             keyframes_all[lab] = {k: label_mask[k].copy() for k in user_slices[lab]}
-            begin_states[lab] = getattr(predictor, "begin_state", None)
+            begin_states[lab] = _begin_key(predictor)
             stops_all[lab] = stats.pop("stops")
             # Earlier labels keep their voxels; a label's own prompt voxels always win.
             if (mask & (out != 0)).any():

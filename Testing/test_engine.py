@@ -503,7 +503,7 @@ def test_an_update_recomputes_when_the_predictor_begins_differently():
     truth = tube(3, 25)
     image = image_for(truth)
     first = propagate(image, prompt_from(truth, 12), ISO, WindowedOracle(truth, window=4))
-    assert first.begin_state == {1: pytest.approx(float(image[12][truth[12]].mean()))}
+    assert first.begin_state == {1: ("WindowedOracle", pytest.approx(float(image[12][truth[12]].mean())))}
     above = WindowedOracle(truth, window=4)  # keyframe added above the first: same beginning, reuse
     update = propagate(image, prompt_from(truth, [12, 20]), ISO, above, previous=first)
     assert 0 < update.n_predicted < first.n_predicted and min(predicted(above)) > 12
@@ -512,6 +512,19 @@ def test_an_update_recomputes_when_the_predictor_begins_differently():
     fresh = propagate(image, prompt_from(truth, [6, 12]), ISO, WindowedOracle(truth, window=4))
     assert update.n_predicted == fresh.n_predicted == 30 and update.recomputed == fresh.recomputed
     np.testing.assert_array_equal(update.mask, fresh.mask)
+
+
+def test_an_update_by_another_method_recomputes():
+    # A `copy` result passed to a `track` update kept copy's slices (696 voxels off a fresh run).
+    from PAMSegmentLib.baselines import get_predictor
+
+    truth = tube(3, 25)
+    image = image_for(truth) + 5 * truth
+    first = propagate(image, prompt_from(truth, 12), ISO, get_predictor("copy"))
+    update = propagate(image, prompt_from(truth, [12, 20]), ISO, get_predictor("track"), previous=first)
+    fresh = propagate(image, prompt_from(truth, [12, 20]), ISO, get_predictor("track"))
+    np.testing.assert_array_equal(update.mask, fresh.mask)
+    assert update.n_predicted == fresh.n_predicted > 0
 
 
 def test_reuse_needs_the_same_component_filter():
