@@ -454,6 +454,12 @@ def load_model(path: str | os.PathLike | None = None, device: str = "cpu") -> PA
                 "no default PAM weights are installed; pass a checkpoint (--checkpoint FILE), e.g. the "
                 "official propmask.pth from the PAM authors"
             )
+        if os.environ.get("PAMSEGMENT_MODEL"):
+            try:
+                return load_checkpoint_file(path, device=device)
+            except CheckpointError as exc:  # say where the file came from: a variable set long ago
+                raise CheckpointError(f"{exc} (the file PAMSEGMENT_MODEL names; point it at a good checkpoint, "
+                                      "unset it, or pass --checkpoint CKPT)") from None
     return load_checkpoint_file(path, device=device)
 
 

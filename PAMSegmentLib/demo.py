@@ -82,8 +82,8 @@ def run_demo(out_dir: Path, checkpoint: str | None = None, method: str = "pam", 
     image = read_volume(data / FILES[0])
     prompt = read_labelmap(data / FILES[1], reference=image)
     reference = read_labelmap(data / FILES[2], reference=image)
+    model = get_predictor(method, checkpoint=checkpoint, device=device)  # a bad checkpoint: nothing created
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = get_predictor(method, checkpoint=checkpoint, device=device)
     t0 = time.perf_counter()
     result = propagate(image.array, prompt.array, image.spacing, model, labels=sorted(ORGANS), axis=0,
                        device=device, threads=threads, progress=progress)

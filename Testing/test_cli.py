@@ -231,6 +231,19 @@ def test_bad_checkpoint(ct_case, tmp_path, run_cli):
     assert not out.exists()
 
 
+def test_bad_default_weights_via_environment_name_the_variable_and_demo_writes_nothing(tmp_path, run_cli):
+    bad = tmp_path / "pam_small.pt"
+    bad.write_text("not a checkpoint")
+    out = tmp_path / "demo_out"
+    proc = run_cli("demo", "--out", out, env={"PAMSEGMENT_MODEL": str(bad)})
+    last = proc.stderr.strip().splitlines()[-1]  # after demo's progress bar
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert last.startswith(f"pamsegment: error: cannot load checkpoint {bad}: it is not a PyTorch file")
+    assert last.endswith("(the file PAMSEGMENT_MODEL names; point it at a good checkpoint, unset it, or pass "
+                         "--checkpoint CKPT)")
+    assert not out.exists()  # the output folder was made before the model loaded
+
+
 def test_missing_default_weights_via_environment(ct_case, tmp_path, run_cli):
     missing = tmp_path / "nowhere" / "pam_small.pt"
     out = ct_case.directory / "out.nii.gz"
