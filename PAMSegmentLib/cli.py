@@ -304,13 +304,18 @@ def cmd_propagate(args: argparse.Namespace) -> int:
         check_checkpoint_file(args.checkpoint)
     if args.series is not None and not Path(args.image).is_dir():
         raise InputError(f"--series applies to a DICOM folder, but {args.image} is a file; drop it")
-    with warnings.catch_warnings(record=True) as caught:  # e.g. which of several DICOM series was used
+    # What the readers warn about (which of several DICOM series was used, a NIfTI header with two
+    # different grids) becomes note: lines.
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
-        image = read_volume(args.image, series_uid=args.series)
-    for w in caught:
-        print(f"note: {w.message}", flush=True)
-    volumes.check_geometry_fits(image.direction, args.output)
-    prompt = read_labelmap(args.prompt, reference=image, resample=args.resample_prompt)
+        try:
+            image = read_volume(args.image, series_uid=args.series)
+            volumes.check_geometry_fits(image.direction, args.output)
+            prompt = read_labelmap(args.prompt, reference=image, resample=args.resample_prompt)
+        finally:  # also when a read fails: the note may explain the failure
+            for w in caught:
+                if issubclass(w.category, UserWarning):
+                    print(f"note: {w.message}", flush=True)
 
     from .propagate import find_prompt_slices, propagate
 

@@ -9,6 +9,7 @@ describe physical space, not array axes.
 
 from __future__ import annotations
 
+import math
 import os
 import uuid
 import warnings
@@ -267,6 +268,61 @@ def _check_nifti_complete(p: Path) -> None:
                          "copy or download it again")
 
 
+def _nifti_affines(header: bytes) -> tuple[np.ndarray, np.ndarray] | None:
+    """(qform, sform) as 3 x 4 RAS affines of a NIfTI-1 header when both codes are set, else None."""
+    import struct
+
+    for e in "<>":
+        if len(header) < 348 or struct.unpack(e + "i", header[:4])[0] != 348:
+            continue
+        qcode, scode = struct.unpack_from(e + "2h", header, 252)
+        if qcode <= 0 or scode <= 0:
+            return None
+        pixdim = struct.unpack_from(e + "8f", header, 76)
+        b, c, d, qx, qy, qz = struct.unpack_from(e + "6f", header, 256)
+        a = math.sqrt(max(0.0, 1.0 - (b * b + c * c + d * d)))
+        rot = np.array([[a * a + b * b - c * c - d * d, 2 * (b * c - a * d), 2 * (b * d + a * c)],
+                        [2 * (b * c + a * d), a * a + c * c - b * b - d * d, 2 * (c * d - a * b)],
+                        [2 * (b * d - a * c), 2 * (c * d + a * b), a * a + d * d - c * c - b * b]])
+        qfac = -1.0 if pixdim[0] < 0 else 1.0
+        qform = np.hstack([rot * np.array([pixdim[1], pixdim[2], qfac * pixdim[3]]), [[qx], [qy], [qz]]])
+        sform = np.array(struct.unpack_from(e + "12f", header, 280), dtype=np.float64).reshape(3, 4)
+        return qform, sform
+    return None
+
+
+def _note_nifti_qform_sform(p: Path, image: sitk.Image, tol_mm: float = 0.01) -> None:
+    """NIfTI stores the grid twice (qform and sform). When both are set and disagree, ITK (and so
+    Slicer) uses one of them and the output keeps only that one, while tools that read the other
+    (FSL, nibabel) would see input and output in different places: say so (a warning, which the
+    command line prints as a note)."""
+    import gzip
+
+    name = p.name.lower()
+    if not name.endswith((".nii", ".nii.gz")):
+        return
+    try:
+        with (gzip.open(p, "rb") if name.endswith(".gz") else open(p, "rb")) as f:
+            affines = _nifti_affines(f.read(348))
+    except (OSError, EOFError):
+        return
+    if affines is None:
+        return
+    qform, sform = affines
+    n = (list(image.GetSize()) + [1, 1])[:3]  # a 2D file has two sizes (refused later, but not here)
+    corners = np.array([[0, 0, 0, 1], [n[0] - 1, 0, 0, 1], [0, n[1] - 1, 0, 1], [0, 0, n[2] - 1, 1]],
+                       dtype=np.float64).T
+    apart = float(np.max(np.linalg.norm(qform @ corners - sform @ corners, axis=0)))
+    if apart <= tol_mm:
+        return
+    lps = np.asarray((list(image.GetOrigin()) + [0.0, 0.0])[:3]) * np.array([-1.0, -1.0, 1.0])  # ITK's origin, in RAS
+    used = "qform" if np.linalg.norm(lps - qform[:, 3]) <= np.linalg.norm(lps - sform[:, 3]) else "sform"
+    other = "sform" if used == "qform" else "qform"
+    warnings.warn(f"{p.name}: its NIfTI header holds two different grids (qform and sform are up to {apart:.3g} mm "
+                  f"apart); like ITK and Slicer, PAMSegment uses the {used}, and an output stores only that one, so "
+                  f"tools that use the {other} would place input and output differently", stacklevel=3)
+
+
 def _exists(p: Path) -> bool:
     try:
         return p.exists()
@@ -289,6 +345,7 @@ def _read_sitk(path: PathLike, series_uid: str | None = None, single_slice_ok: b
             image = sitk.ReadImage(str(p))
         except RuntimeError as error:
             raise InputError(f"cannot read {p} as an image ({_itk_reason(error)}); {_READ_HINT}") from None
+        _note_nifti_qform_sform(p, image)
     name = p.name
 
     ncomp = image.GetNumberOfComponentsPerPixel()

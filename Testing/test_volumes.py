@@ -2,6 +2,7 @@
 
 import math
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -243,6 +244,28 @@ def test_output_path_that_is_a_folder_and_long_names(tmp_path):
     assert read_labelmap(write_labelmap(np.ones(ref.shape, bool), ref, long)).array.all()
     with pytest.raises(InputError, match="cannot use the path .*File name too long"):
         read_volume(tmp_path / ("a" * 300 + ".nii.gz"))
+
+
+def test_nifti_with_disagreeing_qform_and_sform_is_noted(tmp_path):
+    # ITK uses one of the two grids silently; the output then stores only that one, and FSL or
+    # nibabel (which prefer the sform) would place input and output 50 mm apart.
+    import struct
+
+    vol = make_volume(shape=(6, 5, 4), direction=IDENTITY)
+    path = write_volume(vol, tmp_path / "two_grids.nii")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        read_volume(path)  # as written: both grids agree, nothing to say
+    data = bytearray(path.read_bytes())
+    z = struct.unpack_from("<f", data, 324)[0]  # srow_z's translation
+    struct.pack_into("<f", data, 324, z + 50.0)
+    path.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match=r"two_grids.nii: its NIfTI header holds two different grids \(qform and "
+                                         r"sform are up to 50 mm apart\); like ITK and Slicer, PAMSegment uses the "
+                                         r"(q|s)form") as record:
+        got = read_volume(path)
+    used = "sform" if "uses the sform" in str(record[0].message) else "qform"
+    assert got.origin[2] == pytest.approx(vol.origin[2] + (50.0 if used == "sform" else 0.0))
 
 
 @pytest.mark.parametrize("ext", [".nii", ".nii.gz"])
