@@ -327,6 +327,8 @@ def _with_segment_outside(labelmap, segmentation_node, segment_id: str):
     voxels[:] = voxels == segment.GetLabelValue()  # its own voxels only (a layer may be shared)
     if not voxels.any():
         return labelmap
+    if _content_inside(own, voxels, labelmap):
+        return labelmap  # the usual case, decided without resampling the whole segment
     widened = slicer.vtkOrientedImageData()
     # Nearest neighbour onto the result's grid, padded to the segment's whole extent.
     slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(own, labelmap, widened, False, True)
@@ -342,6 +344,28 @@ def _with_segment_outside(labelmap, segmentation_node, segment_id: str):
     out[e[4] - w[4]:e[5] - w[4] + 1, e[2] - w[2]:e[3] - w[2] + 1, e[0] - w[0]:e[1] - w[0] + 1] = inside
     widened.Modified()
     return widened
+
+
+def _content_inside(image, voxels: np.ndarray, labelmap) -> bool:
+    """Whether the non-zero ``voxels`` of oriented ``image`` all lie within ``labelmap``'s extent
+    (the corners of their index bounding box, mapped through both image-to-world matrices)."""
+    slicer = _slicer()
+    import vtk  # noqa: PLC0415
+
+    ext = image.GetExtent()
+    arr = voxels.reshape(ext[5] - ext[4] + 1, ext[3] - ext[2] + 1, ext[1] - ext[0] + 1)
+    box = []
+    for axis in (2, 1, 0):  # i, j, k
+        nz = np.flatnonzero(arr.any(axis=tuple(a for a in range(3) if a != axis)))
+        box.append((nz[0] + ext[2 * (2 - axis)], nz[-1] + ext[2 * (2 - axis)]))
+    corners = np.array([[i, j, k, 1.0] for i in box[0] for j in box[1] for k in box[2]]).T
+    m_image, m_labelmap = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(m_image)
+    labelmap.GetImageToWorldMatrix(m_labelmap)
+    to_labelmap = np.linalg.inv(slicer.util.arrayFromVTKMatrix(m_labelmap)) @ slicer.util.arrayFromVTKMatrix(m_image)
+    ijk = (to_labelmap @ corners)[:3]
+    e = labelmap.GetExtent()
+    return all(ijk[a].min() >= e[2 * a] - 0.5 and ijk[a].max() <= e[2 * a + 1] + 0.5 for a in range(3))
 
 
 def _add_result_segment(segmentation_node, source_segment_id: str) -> str:
