@@ -155,15 +155,15 @@ class PropagationResult:
 MAX_LABEL = 65535
 
 
-def _bounding_box(mask: np.ndarray) -> np.ndarray:
-    """``mask`` cropped to its bounding box (all of it if empty)."""
+def _bounding_box(mask: np.ndarray) -> tuple[np.ndarray, tuple[int, ...]]:
+    """``mask`` cropped to its bounding box (all of it if empty), and the box's first index per axis."""
     if not mask.any():
-        return mask
+        return mask, (0,) * mask.ndim
     sl = []
     for ax in range(mask.ndim):
         nz = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != ax)))
         sl.append(slice(int(nz[0]), int(nz[-1]) + 1))
-    return mask[tuple(sl)]
+    return mask[tuple(sl)], tuple(s.start for s in sl)
 
 
 def _thickness(mask: np.ndarray, ax: int) -> int:
@@ -206,11 +206,15 @@ def find_prompt_slices(prompt: np.ndarray, axis: int | None = None, labels: Sequ
     if axis is not None and axis not in (0, 1, 2):
         raise InputError(f"axis must be 0, 1 or 2, got {axis}")
 
+    # Each label's mask once, cropped to its bounding box (and where that box starts).
+    boxes, starts = {}, {}
+    for lab in labels:
+        boxes[lab], starts[lab] = _bounding_box(prompt == lab)
+
     def occupied(lab, ax):
         other = tuple(a for a in range(3) if a != ax)
-        return np.flatnonzero((prompt == lab).any(axis=other)).tolist()
+        return (np.flatnonzero(boxes[lab].any(axis=other)) + starts[lab][ax]).tolist()
 
-    boxes = {lab: _bounding_box(prompt == lab) for lab in labels}
     # The label's longest run of voxels along each axis (capped at 3): 1 (2 for adjacent keyframes)
     # along the axis whose slices it was drawn on, the object's extent along the others.
     thick = {(lab, ax): _thickness(boxes[lab], ax) for lab in labels for ax in range(3)}
