@@ -366,7 +366,13 @@ def _official_state_dict(obj: object, path: Path) -> dict:
         )
     if not all(isinstance(k, str) for k in sd):
         raise CheckpointError(f"checkpoint {path} has weights whose names are not strings; not a PAM state dict")
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
+    out = {}
+    for k, v in sd.items():
+        name = k[len("module."):] if k.startswith("module.") else k
+        if name in out:  # both "x" and "module.x": which one is meant?
+            raise CheckpointError(f"checkpoint {path} holds weight {name} twice (with and without 'module.')")
+        out[name] = v
+    return out
 
 
 def load_checkpoint_file(path: str | os.PathLike, device: str = "cpu") -> PAMModel:

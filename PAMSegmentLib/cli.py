@@ -279,6 +279,9 @@ class _ProgressBar:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
         self.bar.close()
 
 

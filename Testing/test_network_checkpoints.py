@@ -85,7 +85,7 @@ def test_official_plain_state_dict_without_prefix_loads(tmp_path, official_check
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 
-@pytest.mark.parametrize("damage", ["missing", "unexpected", "shape"])
+@pytest.mark.parametrize("damage", ["missing", "unexpected", "shape", "twice"])
 def test_official_checkpoint_with_wrong_keys_names_them(tmp_path, official_checkpoint, damage):
     sd = {"module." + k: v for k, v in official_checkpoint.network.state_dict().items()}
     victim = "proposing_stage.cross_attns.2.keys.weight"
@@ -95,9 +95,12 @@ def test_official_checkpoint_with_wrong_keys_names_them(tmp_path, official_check
     elif damage == "unexpected":
         sd["module.proposing_stage.box_head.weight"] = torch.zeros(3)
         phrase = "1 unexpected key(s): proposing_stage.box_head.weight"
-    else:
+    elif damage == "shape":
         sd["module." + victim] = torch.zeros(7, 7)
         phrase = f"shape mismatch(es), e.g. {victim}: file (7, 7) vs network (512, 512)"
+    else:  # "x" and "module.x" both present: the last one silently won
+        sd[victim] = torch.zeros(512, 512)
+        phrase = f"holds weight {victim} twice (with and without 'module.')"
     path = tmp_path / "damaged.pth"
     torch.save({"model_state_dict": sd}, path)
     with pytest.raises(CheckpointError) as err:
