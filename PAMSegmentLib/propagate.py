@@ -985,6 +985,9 @@ def _as_predictor(model, device: str) -> SlicePredictor:
     if model is None:
         model = load_model(None, device=device)
     if isinstance(model, PAMModel):
+        if device not in (None, "cpu") and device != model.device:  # asked for, but it would not be used
+            raise InputError(f"device {device!r} was asked for, but the model given is on {model.device!r}: load it "
+                             f"with load_model(..., device={device!r}), or drop device=")
         from .pam_predictor import PAMPredictor
 
         return PAMPredictor(model)

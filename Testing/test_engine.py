@@ -699,6 +699,14 @@ def test_find_prompt_slices_refuses_labels_a_result_cannot_hold(value):
 # ----------------------------------------------------------------------------- the real network
 
 
+def test_device_asked_for_must_be_the_models(small_checkpoint):
+    # device= applies to loading the default weights; with a model object it was silently ignored.
+    model = load_checkpoint_file(small_checkpoint.path)
+    truth = tube(8, 20)
+    with pytest.raises(InputError, match="device 'cuda:0' was asked for, but the model given is on 'cpu'"):
+        propagate(image_for(truth), prompt_from(truth, 14), ISO, model, device="cuda:0")
+
+
 def test_pam_predictor_end_to_end_is_deterministic(small_checkpoint):
     model = load_checkpoint_file(small_checkpoint.path)
     shape = (20, 64, 64)
