@@ -344,7 +344,11 @@ def _read_sitk(path: PathLike, series_uid: str | None = None, single_slice_ok: b
         try:
             image = sitk.ReadImage(str(p))
         except RuntimeError as error:
-            raise InputError(f"cannot read {p} as an image ({_itk_reason(error)}); {_READ_HINT}") from None
+            reason = _itk_reason(error)
+            if "No such file or directory" in reason:  # the file is there: ITK reports a short read so (MetaImage)
+                raise InputError(f"cannot read {p}: its voxel data ends early (truncated or damaged?); copy or "
+                                 "download it again") from None
+            raise InputError(f"cannot read {p} as an image ({reason}); {_READ_HINT}") from None
         _note_nifti_qform_sform(p, image)
     name = p.name
 

@@ -268,6 +268,16 @@ def test_nifti_with_disagreeing_qform_and_sform_is_noted(tmp_path):
     assert got.origin[2] == pytest.approx(vol.origin[2] + (50.0 if used == "sform" else 0.0))
 
 
+def test_truncated_metaimage_is_named_as_such(tmp_path):
+    # ITK's own reason was "No such file or directory", about a file that is there.
+    path = write_volume(make_volume(shape=(20, 30, 40)), tmp_path / "ct.mha")
+    data = path.read_bytes()
+    cut = tmp_path / "cut.mha"
+    cut.write_bytes(data[: int(len(data) * 0.6)])
+    with pytest.raises(InputError, match="its voxel data ends early \\(truncated or damaged\\?\\)"):
+        read_volume(cut)
+
+
 @pytest.mark.parametrize("ext", [".nii", ".nii.gz"])
 def test_truncated_nifti_is_refused(tmp_path, ext):
     # ITK's NIfTI reader fills what is missing with zeros without a word.
