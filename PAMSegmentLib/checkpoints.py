@@ -14,8 +14,6 @@ checkpoint is untrusted input:
 from __future__ import annotations
 
 import hashlib
-import math
-import numbers
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -24,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .checks import is_number
 from .errors import CheckpointError, InputError
 from .network import PAMConfig, PAMNetwork, PRESETS
 from .preprocess import PreprocessingParams
@@ -60,7 +59,7 @@ THROUGH_PLANE_RANGE_MM = (0.25, 20.0)
 
 def valid_through_plane_mm(value: float) -> bool:
     lo, hi = THROUGH_PLANE_RANGE_MM
-    return float(value) == 0.0 or lo <= float(value) <= hi
+    return is_number(value, 0.0, 0.0) or is_number(value, lo, hi)
 
 
 @dataclass(frozen=True)
@@ -119,28 +118,21 @@ class InferenceParams:
         if self.intensity_gate_reference not in GATE_REFERENCES:
             raise ValueError(f"intensity_gate_reference must be one of {', '.join(GATE_REFERENCES)}, "
                              f"got {self.intensity_gate_reference!r}")
-        if not 0.0 <= float(self.registration_weight) <= 1.0:
+        if not is_number(self.registration_weight, 0.0, 1.0):
             raise ValueError(f"registration_weight must be within [0, 1], got {self.registration_weight}")
-        if int(self.registration_max_side) < 8 or int(self.registration_iterations) < 1 \
-                or int(self.registration_coarse_iterations) < 0:
-            raise ValueError("registration_max_side must be >= 8, registration_iterations >= 1 and "
-                             f"registration_coarse_iterations >= 0; got {self.registration_max_side}, "
-                             f"{self.registration_iterations}, {self.registration_coarse_iterations}")
-        if not 1 <= int(self.registration_carry_supersample) <= 8:
+        if not is_number(self.registration_carry_supersample, 1, 8, whole=True):
             raise ValueError("registration_carry_supersample must be within 1..8, "
                              f"got {self.registration_carry_supersample}")
         if not valid_through_plane_mm(self.through_plane_mm):
             lo, hi = THROUGH_PLANE_RANGE_MM
             raise ValueError(f"through_plane_mm must be 0 (off) or within [{lo:g}, {hi:g}] mm, got {self.through_plane_mm}")
-        if not 0.0 <= float(self.keyframe_outward_min_agreement) <= 1.0:
+        if not is_number(self.keyframe_outward_min_agreement, 0.0, 1.0):
             raise ValueError("keyframe_outward_min_agreement must be within [0, 1], "
                              f"got {self.keyframe_outward_min_agreement}")
 
         def number(name, lo, hi, whole=False):
             value = getattr(self, name)
-            ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value) \
-                and lo <= value <= hi and (not whole or float(value).is_integer())
-            if not ok:
+            if not is_number(value, lo, hi, whole):
                 kind = "a whole number" if whole else "a number"
                 raise ValueError(f"{name} must be {kind} within [{lo:g}, {hi:g}], got {value!r}")
 
@@ -154,13 +146,9 @@ class InferenceParams:
         number("min_area_fraction", 0.0, 1.0)
         number("min_area_px", 0, 1e6, whole=True)
         number("consistency_min_dice", 0.0, 1.0)
-        number("registration_weight", 0.0, 1.0)
         number("registration_max_side", 8, 1024, whole=True)
         number("registration_iterations", 1, 1000, whole=True)
         number("registration_coarse_iterations", 0, 1000, whole=True)
-        number("registration_carry_supersample", 1, 8, whole=True)
-        number("keyframe_outward_min_agreement", 0.0, 1.0)
-        number("through_plane_mm", 0.0, THROUGH_PLANE_RANGE_MM[1])
         if self.min_window > self.max_window:
             raise ValueError(f"min_window {self.min_window} exceeds max_window {self.max_window}")
         if not isinstance(self.intensity_gate, bool):
@@ -224,10 +212,10 @@ _WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _checked_tensors(sd: dict, path: Path) -> dict:
-    """The state dict's tensors after the checks an untrusted file needs before any of them is
+    """The state dict, after the checks an untrusted file needs before any of its tensors is
     hashed or copied: string keys, dense floating-point tensors whose stored bytes cover their
     shape (a tensor saved as an ``expand()`` view takes a few bytes on disk and gigabytes once
-    copied), finite values. Returned as float32."""
+    copied). Values are checked (finite) and cast by ``_finite_float32`` once the shapes match."""
     out = {}
     for key, t in sd.items():
         if not isinstance(key, str):

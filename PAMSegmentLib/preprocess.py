@@ -7,13 +7,13 @@ functions, so the two cannot drift apart.
 
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .checks import is_number
 
 __all__ = [
     "PreprocessingParams",
@@ -41,20 +41,16 @@ class PreprocessingParams:
     def __post_init__(self):
         # Checked because a checkpoint is untrusted input (a NaN crop scale or a 0 px input would
         # fail mid-run or silently return only the drawn slice).
-        def number(value, lo, hi, whole=False):
-            return not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value) \
-                and lo <= value <= hi and (not whole or float(value).is_integer())
-
-        if not number(self.input_size, 16, 512, whole=True):
+        if not is_number(self.input_size, 16, 512, whole=True):
             raise ValueError(f"input_size must be a whole number within [16, 512], got {self.input_size!r}")
         pct = self.window_percentiles
-        if len(pct) != 2 or not all(number(v, 0, 100) for v in pct) or not pct[0] < pct[1]:
+        if len(pct) != 2 or not all(is_number(v, 0, 100) for v in pct) or not pct[0] < pct[1]:
             raise ValueError(f"window_percentiles must be two increasing numbers within [0, 100], got {pct!r}")
-        if not number(self.window_margin, 0, 10):
+        if not is_number(self.window_margin, 0, 10):
             raise ValueError(f"window_margin must be a number within [0, 10], got {self.window_margin!r}")
-        if not number(self.crop_scale, 1, 10):
+        if not is_number(self.crop_scale, 1, 10):
             raise ValueError(f"crop_scale must be a number within [1, 10], got {self.crop_scale!r}")
-        if not number(self.min_crop, 1, 4096, whole=True):
+        if not is_number(self.min_crop, 1, 4096, whole=True):
             raise ValueError(f"min_crop must be a whole number within [1, 4096], got {self.min_crop!r}")
 
     def to_dict(self) -> dict:

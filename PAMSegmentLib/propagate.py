@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import cc3d
 import numpy as np
 
+from .checks import is_number
 from .errors import InputError, PropagationCancelled
 from .metrics import dice
 
@@ -361,8 +362,7 @@ def _validate_inputs(image: np.ndarray, prompt: np.ndarray, spacing) -> tuple[fl
 
 def _whole(value, what: str) -> int:
     """``value`` as an int if it is a whole number (not a bool), else InputError naming ``what``."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer, float, np.floating)) \
-            or value != int(value):
+    if not is_number(value, -math.inf, math.inf, whole=True):
         raise InputError(f"{what} must be a whole number, got {value!r}")
     return int(value)
 
