@@ -253,12 +253,7 @@ def _check_output_path(out: str, inputs: Sequence[str]) -> None:
     for given in inputs:
         if _same_path(out, given):
             raise InputError(f"the output {out} is the input {given}; choose another -o path")
-    ext = volumes._write_extension(Path(out))  # the writer's own extension check (InputError naming the formats)
-    parent = Path(out).parent
-    if not parent.is_dir():
-        raise InputError(f"folder {parent} does not exist; create it or choose another output path")
-    if Path(out).is_dir():
-        raise InputError(f"{out} is a folder; give a file name (e.g. {Path(out) / ('result' + ext)})")
+    volumes.check_output_path(out)  # the writer's own checks: format, folder, not a folder itself
 
 
 class _ProgressBar:

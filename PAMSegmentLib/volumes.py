@@ -29,6 +29,8 @@ __all__ = [
     "write_labelmap",
     "write_volume",
     "same_grid",
+    "check_output_path",
+    "check_geometry_fits",
 ]
 
 PathLike = str | os.PathLike
@@ -232,24 +234,31 @@ def _nifti_data_bytes(header: bytes) -> int | None:
     return None
 
 
-def _check_nifti_complete(p: Path) -> None:
-    """ITK's NIfTI reader fills a file cut short (an interrupted copy or download) with zeros and
-    says nothing: check that the file holds all the voxel data its header declares."""
+def _nifti_header(p: Path) -> bytes | None:
+    """The first 540 bytes (a NIfTI-2 header's size) of a .nii / .nii.gz file, else None."""
     import gzip
     import zlib
 
     name = p.name.lower()
     if not name.endswith((".nii", ".nii.gz")):
-        return
-    gz = name.endswith(".gz")
-    try:  # a header this check cannot read: ITK decides (and names the problem)
-        with (gzip.open(p, "rb") if gz else open(p, "rb")) as f:
-            needed = _nifti_data_bytes(f.read(540))
+        return None
+    try:  # a header that cannot be read: ITK decides (and names the problem)
+        with (gzip.open(p, "rb") if name.endswith(".gz") else open(p, "rb")) as f:
+            return f.read(540)
     except (OSError, EOFError, zlib.error):
-        return
+        return None
+
+
+def _check_nifti_complete(p: Path, header: bytes) -> None:
+    """ITK's NIfTI reader fills a file cut short (an interrupted copy or download) with zeros and
+    says nothing: check that the file holds all the voxel data its ``header`` declares."""
+    import gzip
+    import zlib
+
+    needed = _nifti_data_bytes(header)
     if needed is None:
         return
-    if not gz:
+    if not p.name.lower().endswith(".gz"):
         have = p.stat().st_size
     else:
         with open(p, "rb") as raw:  # the gzip trailer's ISIZE: the data's length mod 2^32
@@ -291,21 +300,12 @@ def _nifti_affines(header: bytes) -> tuple[np.ndarray, np.ndarray] | None:
     return None
 
 
-def _note_nifti_qform_sform(p: Path, image: sitk.Image, tol_mm: float = 0.01) -> None:
+def _note_nifti_qform_sform(p: Path, header: bytes, image: sitk.Image, tol_mm: float = 0.01) -> None:
     """NIfTI stores the grid twice (qform and sform). When both are set and disagree, ITK (and so
     Slicer) uses one of them and the output keeps only that one, while tools that read the other
     (FSL, nibabel) would see input and output in different places: say so (a warning, which the
     command line prints as a note)."""
-    import gzip
-
-    name = p.name.lower()
-    if not name.endswith((".nii", ".nii.gz")):
-        return
-    try:
-        with (gzip.open(p, "rb") if name.endswith(".gz") else open(p, "rb")) as f:
-            affines = _nifti_affines(f.read(348))
-    except (OSError, EOFError):
-        return
+    affines = _nifti_affines(header)
     if affines is None:
         return
     qform, sform = affines
@@ -340,7 +340,9 @@ def _read_sitk(path: PathLike, series_uid: str | None = None, single_slice_ok: b
     else:
         if series_uid is not None:
             raise InputError(f"series_uid applies to DICOM folders only, but {p} is a file")
-        _check_nifti_complete(p)
+        header = _nifti_header(p)  # read once for both NIfTI checks
+        if header is not None:
+            _check_nifti_complete(p, header)
         try:
             image = sitk.ReadImage(str(p))
         except RuntimeError as error:
@@ -349,7 +351,8 @@ def _read_sitk(path: PathLike, series_uid: str | None = None, single_slice_ok: b
                 raise InputError(f"cannot read {p}: its voxel data ends early (truncated or damaged?); copy or "
                                  "download it again") from None
             raise InputError(f"cannot read {p} as an image ({reason}); {_READ_HINT}") from None
-        _note_nifti_qform_sform(p, image)
+        if header is not None:
+            _note_nifti_qform_sform(p, header, image)
     name = p.name
 
     ncomp = image.GetNumberOfComponentsPerPixel()
@@ -494,9 +497,9 @@ def _write_extension(path: Path) -> str:
     )
 
 
-def _atomic_write(image: sitk.Image, path: PathLike) -> Path:
-    """Write ``image`` compressed to ``path`` via a temporary file in the same folder, so an
-    existing file is either fully replaced or left untouched."""
+def check_output_path(path: PathLike) -> str:
+    """What can be checked of an output path before any work (the format from its extension, its
+    folder exists, it is not itself a folder); returns the extension. Raises InputError."""
     target = Path(path)
     ext = _write_extension(target)
     parent = target.parent if str(target.parent) else Path(".")
@@ -504,6 +507,15 @@ def _atomic_write(image: sitk.Image, path: PathLike) -> Path:
         raise InputError(f"folder {parent} does not exist; create it or choose another output path")
     if target.is_dir():
         raise InputError(f"{target} is a folder; give a file name (e.g. {target / ('result' + ext)})")
+    return ext
+
+
+def _atomic_write(image: sitk.Image, path: PathLike) -> Path:
+    """Write ``image`` compressed to ``path`` via a temporary file in the same folder, so an
+    existing file is either fully replaced or left untouched."""
+    target = Path(path)
+    ext = check_output_path(target)
+    parent = target.parent if str(target.parent) else Path(".")
     check_geometry_fits(image.GetDirection(), target)
     # The temporary name keeps the extension (ITK picks the format from it) and stays short.
     tmp = parent / f".pamsegment-{uuid.uuid4().hex[:12]}.tmp{ext}"
