@@ -913,13 +913,19 @@ def propagate(
             begin_states[lab] = _begin_key(predictor)
             stops_all[lab] = stats.pop("stops")
             # Earlier labels keep their voxels; a label's own prompt voxels always win.
-            if (mask & (out != 0)).any():
-                overlapped.add(lab)
-            overlapped.update(int(v) for v in np.unique(out[(prm == lab) & (out != 0)]))  # lost to its drawing
-            out[mask & (out == 0)] = lab
-            out[prm == lab] = lab
+            if lab != next(iter(slices)):  # the first label finds the map empty
+                taken = out != 0
+                if (mask & taken).any():
+                    overlapped.add(lab)
+                overlapped.update(int(v) for v in np.unique(out[label_mask & taken]))  # lost to its drawing
+                out[mask & ~taken] = lab
+            else:
+                out[mask] = lab
+            out[label_mask] = lab
             conf_all[lab] = conf
-        for lab in slices:  # the extent each label has in the merged label map
+            occupied = np.flatnonzero(mask.any(axis=(1, 2)))
+            ranges[lab] = (int(occupied[0]), int(occupied[-1]))
+        for lab in overlapped:  # the extent a label that lost voxels still has in the merged map
             occupied = np.flatnonzero((out == lab).any(axis=(1, 2)))
             ranges[lab] = (int(occupied[0]), int(occupied[-1]))
     finally:
