@@ -190,8 +190,8 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.onModelChoiceChanged()
 
     def cleanup(self):
-        if self.job is not None and (not self.job.done or self.job.state == "finished"):
-            self.job.cancel()  # a finished job not yet written becomes cancelled too
+        if self.job is not None and self.job.cancellable:
+            self.job.cancel()
         self.pollTimer.stop()
         self.promptRefreshTimer.stop()
         self.removeObservers()
@@ -203,8 +203,8 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updatePromptLabel()
 
     def onSceneStartClose(self, caller, event):
-        if self.job is not None and (not self.job.done or self.job.state == "finished"):
-            self.job.cancel()  # a finished job not yet written becomes cancelled too
+        if self.job is not None and self.job.cancellable:
+            self.job.cancel()
             self._setStatus("Propagation cancelled because the scene was closed.", "warning")
         self.logic.history.clear()
         self._reviewShown = None
@@ -582,8 +582,8 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateButtons()
 
     def onCancel(self):
-        if self.job is not None and (not self.job.done or self.job.state == "finished"):
-            self.job.cancel()  # a finished job not yet written becomes cancelled too
+        if self.job is not None and self.job.cancellable:
+            self.job.cancel()
             self.ui.progressBar.setFormat("cancelling...")
             self.ui.cancelButton.enabled = False
 
@@ -768,7 +768,7 @@ class PAMSegmentLogic(ScriptedLoadableModuleLogic):
         return self.history.get(segmentationNode, segmentId)
 
     def holdsPamResult(self, segmentationNode, segmentId):
-        """Whether the segment still holds slices of its last PAM result that nobody edited."""
+        """Whether the segment is still mostly its last PAM result (HistoryEntry.holds_result)."""
         from PAMSegmentLib.mrml import segment_mask
 
         entry = self.history.get(segmentationNode, segmentId)

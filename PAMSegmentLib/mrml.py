@@ -585,6 +585,11 @@ class SegmentPropagation:
             self._thread.join(timeout)
         return self.done
 
+    @property
+    def cancellable(self) -> bool:
+        """Running, or finished but not written yet: ``cancel()`` still means nothing is written."""
+        return not self.done or (self._state == "finished" and self.applied_segment_id is None)
+
     def cancel(self) -> None:
         """Ask the worker to stop at the next batch. Nothing is ever written by a cancelled job."""
         self._cancel.cancel()
