@@ -125,16 +125,21 @@ def _grid_of(volume_node) -> VolumeGrid:
     )
 
 
+def _check_scalar_volume(volume_node) -> None:
+    """InputError unless ``volume_node`` is a scalar volume with one component per voxel."""
+    if volume_node is None or not volume_node.IsA("vtkMRMLScalarVolumeNode"):
+        raise InputError("select a scalar volume (a vector, tensor or missing volume cannot be propagated)")
+    image = volume_node.GetImageData()
+    if image is not None and image.GetNumberOfScalarComponents() != 1:
+        raise InputError(f'volume "{volume_node.GetName()}" has {image.GetNumberOfScalarComponents()} '
+                         "components per voxel; convert it to a single-component (scalar) volume first")
+
+
 def volume_array(volume_node) -> tuple[np.ndarray, VolumeGrid]:
     """A float32 copy of the volume's voxels, (k, j, i), and its grid."""
     slicer = _slicer()
-    if volume_node is None or not volume_node.IsA("vtkMRMLScalarVolumeNode"):
-        raise InputError("select a scalar volume (a vector, tensor or missing volume cannot be propagated)")
+    _check_scalar_volume(volume_node)
     grid = _grid_of(volume_node)
-    image = volume_node.GetImageData()
-    if image.GetNumberOfScalarComponents() != 1:
-        raise InputError(f'volume "{volume_node.GetName()}" has {image.GetNumberOfScalarComponents()} '
-                         "components per voxel; convert it to a single-component (scalar) volume first")
     array = np.array(slicer.util.arrayFromVolume(volume_node), dtype=np.float32, copy=True)
     if array.ndim != 3 or min(array.shape) < 1:
         raise InputError(f'volume "{volume_node.GetName()}" is not a 3D image (array shape {array.shape})')
@@ -213,10 +218,7 @@ def describe_prompt(volume_node, segmentation_node, segment_id: str) -> PromptIn
     """Which slices of the volume the segment is drawn on (for the panel). Raises InputError."""
     if volume_node is None or not volume_node.IsA("vtkMRMLScalarVolumeNode"):
         raise InputError("select a scalar volume")
-    image = volume_node.GetImageData()
-    if image is not None and image.GetNumberOfScalarComponents() != 1:  # as volume_array will refuse it
-        raise InputError(f'volume "{volume_node.GetName()}" has {image.GetNumberOfScalarComponents()} '
-                         "components per voxel; convert it to a single-component (scalar) volume first")
+    _check_scalar_volume(volume_node)  # as volume_array will check it on Propagate
     grid = _grid_of(volume_node)
     mask = segment_mask(segmentation_node, segment_id, volume_node)
     return _prompt_info(mask, grid)
