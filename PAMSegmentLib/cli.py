@@ -1,6 +1,7 @@
 """The ``pamsegment`` command: propagate a one-slice prompt through a volume from files.
 
     pamsegment propagate IMAGE PROMPT -o OUT [--checkpoint CKPT] [--label N ...] ...
+    pamsegment label-images PROMPT_IMAGE PROMPT_MASK IMAGE... -o DIR
     pamsegment info CKPT
 
 Exit status: 0 on success; 2 with a one-line ``pamsegment: error: ...`` message for bad input
@@ -11,6 +12,9 @@ is a bug worth reporting).
 Adding a subcommand: write ``add_<name>_arguments(parser)`` and ``cmd_<name>(args) -> int`` in
 any module and add one ``Subcommand`` entry to ``SUBCOMMANDS`` below, e.g.::
 
+    "label-images": Subcommand("label a set of 2D images from one labelled image",
+                               "PAMSegmentLib.imageset:add_label_images_arguments",
+                               "PAMSegmentLib.imageset:cmd_label_images"),
     "demo": Subcommand("run the bundled demo", "PAMSegmentLib.demo:add_demo_arguments",
                        "PAMSegmentLib.demo:cmd_demo"),
 
@@ -402,6 +406,9 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "propagate": Subcommand("propagate a mask drawn on one slice through a 3D volume",
                             add_propagate_arguments, cmd_propagate),
     "info": Subcommand("describe a checkpoint and check that it loads", add_info_arguments, cmd_info),
+    "label-images": Subcommand("label a set of 2D images from one labelled image",
+                               "PAMSegmentLib.imageset:add_label_images_arguments",
+                               "PAMSegmentLib.imageset:cmd_label_images"),
     "demo": Subcommand("propagate one-slice prompts on the bundled abdominal CT and report Dice",
                        "PAMSegmentLib.demo:add_demo_arguments", "PAMSegmentLib.demo:cmd_demo"),
     "benchmark": Subcommand("time the network, whole propagations and the Slicer path; write tables and a plot",

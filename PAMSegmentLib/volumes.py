@@ -31,6 +31,11 @@ __all__ = [
     "same_grid",
     "check_output_path",
     "check_geometry_fits",
+    "read_image_2d",
+    "read_labelmap_2d",
+    "write_labelmap_2d",
+    "IMAGE_2D_EXTENSIONS",
+    "MASK_2D_EXTENSIONS",
 ]
 
 PathLike = str | os.PathLike
@@ -487,21 +492,21 @@ def read_labelmap(path: PathLike, reference: Volume | None = None, resample: boo
 # ----------------------------------------------------------------------------- writing
 
 
-def _write_extension(path: Path) -> str:
+def _write_extension(path: Path, extensions: Sequence[str] = _WRITE_EXTENSIONS) -> str:
     lower = path.name.lower()
-    for ext in _WRITE_EXTENSIONS:
+    for ext in extensions:
         if lower.endswith(ext):
             return ext
     raise InputError(
-        f"cannot tell the output format of {path.name}; use one of {', '.join(_WRITE_EXTENSIONS)}"
+        f"cannot tell the output format of {path.name}; use one of {', '.join(extensions)}"
     )
 
 
-def check_output_path(path: PathLike) -> str:
+def check_output_path(path: PathLike, extensions: Sequence[str] = _WRITE_EXTENSIONS) -> str:
     """What can be checked of an output path before any work (the format from its extension, its
     folder exists, it is not itself a folder); returns the extension. Raises InputError."""
     target = Path(path)
-    ext = _write_extension(target)
+    ext = _write_extension(target, extensions)
     parent = target.parent if str(target.parent) else Path(".")
     if not parent.is_dir():
         raise InputError(f"folder {parent} does not exist; create it or choose another output path")
@@ -510,13 +515,14 @@ def check_output_path(path: PathLike) -> str:
     return ext
 
 
-def _atomic_write(image: sitk.Image, path: PathLike) -> Path:
+def _atomic_write(image: sitk.Image, path: PathLike, extensions: Sequence[str] = _WRITE_EXTENSIONS) -> Path:
     """Write ``image`` compressed to ``path`` via a temporary file in the same folder, so an
     existing file is either fully replaced or left untouched."""
     target = Path(path)
-    ext = check_output_path(target)
+    ext = check_output_path(target, extensions)
     parent = target.parent if str(target.parent) else Path(".")
-    check_geometry_fits(image.GetDirection(), target)
+    if image.GetDimension() == 3:
+        check_geometry_fits(image.GetDirection(), target)
     # The temporary name keeps the extension (ITK picks the format from it) and stays short.
     tmp = parent / f".pamsegment-{uuid.uuid4().hex[:12]}.tmp{ext}"
     try:
@@ -603,3 +609,85 @@ def write_labelmap(array: np.ndarray, reference: Volume, path: PathLike) -> Path
 def write_volume(volume: Volume, path: PathLike) -> Path:
     """Write an image Volume (any numeric dtype) with its geometry, compressed and atomically."""
     return _atomic_write(volume.to_sitk(), path)
+
+
+# ----------------------------------------------------------------------------- 2D images (image sets)
+
+# What a set of 2D images may hold (a folder is scanned for these), and what a 2D mask is written as.
+IMAGE_2D_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".nii.gz", ".nii", ".nrrd", ".mha",
+                       ".mhd")
+MASK_2D_EXTENSIONS = (".png", ".tif", ".tiff", ".nii.gz", ".nii", ".nrrd", ".mha")
+_LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 grey value of RGB
+
+
+def _read_2d(path: PathLike, what: str) -> sitk.Image:
+    p = Path(path)
+    if not _exists(p):
+        raise InputError(f"{p} does not exist; check the path")
+    if p.is_dir():
+        raise InputError(f"{p} is a folder; give an image file ({', '.join(IMAGE_2D_EXTENSIONS)})")
+    try:
+        image = sitk.ReadImage(str(p))
+    except RuntimeError as error:
+        raise InputError(f"cannot read {p} as an image ({_itk_reason(error)}); expected "
+                         f"{', '.join(IMAGE_2D_EXTENSIONS)}") from None
+    size = image.GetSize()
+    if image.GetDimension() == 3 and size[2] == 1:
+        image = sitk.Extract(image, [size[0], size[1], 0], [0, 0, 0])
+    elif image.GetDimension() != 2:
+        raise InputError(f"{p.name} is a {image.GetDimension()}D image ({_fmt_size(size)}), not a 2D {what}; "
+                         "for a volume use `pamsegment propagate`")
+    if image.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
+        raise InputError(f"{p.name} has complex pixels; a 2D {what} needs real grey values")
+    return image
+
+
+def read_image_2d(path: PathLike) -> tuple[np.ndarray, sitk.Image]:
+    """A 2D image (PNG, JPEG, TIFF, BMP, a single DICOM file, 2D NIfTI/NRRD/MHA) as a float32
+    (rows, columns) array of grey values, and the SimpleITK image (its geometry, for writing a
+    mask). Colour images become grey (BT.601 luma of the first three channels; alpha is ignored)."""
+    image = _read_2d(path, "image")
+    arr = sitk.GetArrayFromImage(image)
+    ncomp = image.GetNumberOfComponentsPerPixel()
+    if ncomp > 1:
+        if ncomp == 2:  # grey + alpha
+            arr = arr[..., 0]
+        else:
+            arr = np.tensordot(arr[..., :3].astype(np.float32), np.asarray(_LUMA, np.float32), axes=([-1], [0]))
+    arr = arr.astype(np.float32)
+    bad = int(np.count_nonzero(~np.isfinite(arr)))
+    if bad:
+        raise InputError(f"{Path(path).name} contains {bad} NaN/inf pixels; replace them with a finite value first")
+    return arr, image
+
+
+def read_labelmap_2d(path: PathLike, reference: tuple[np.ndarray, sitk.Image] | None = None) -> np.ndarray:
+    """A 2D label map (0 = background, 1..65535 = labels) as an integer array; with ``reference``
+    (what ``read_image_2d`` returned) its size must match."""
+    image = _read_2d(path, "mask")
+    if image.GetNumberOfComponentsPerPixel() > 1:
+        raise InputError(f"{Path(path).name} is a colour image; save the mask as a grey-level label image "
+                         "(0 = background, 1, 2 ... = labels)")
+    arr = sitk.GetArrayFromImage(_as_integer_labels(image, Path(path).name))
+    if reference is not None and arr.shape != reference[0].shape:
+        rows, cols = reference[0].shape
+        raise InputError(f"the mask {Path(path).name} is {arr.shape[1]} x {arr.shape[0]} pixels but its image is "
+                         f"{cols} x {rows}; draw the mask on that image")
+    return arr
+
+
+def write_labelmap_2d(array: np.ndarray, reference: sitk.Image, path: PathLike) -> Path:
+    """Write a 2D label map on ``reference``'s grid (its spacing and origin), as uint8 (uint16 past
+    255), atomically; the format follows the extension (``MASK_2D_EXTENSIONS``; no lossy JPEG)."""
+    labels = np.asarray(array)
+    if labels.shape != tuple(reversed(reference.GetSize()[:2])):
+        raise InputError(f"mask shape {labels.shape} does not match its image {tuple(reversed(reference.GetSize()))}")
+    hi = int(labels.max()) if labels.size else 0
+    if labels.min() < 0 or hi > 65535:
+        raise InputError("mask labels must be 0-65535")
+    image = sitk.GetImageFromArray(labels.astype(np.uint8 if hi <= 255 else np.uint16, copy=False))
+    image.SetSpacing(reference.GetSpacing()[:2])
+    image.SetOrigin(reference.GetOrigin()[:2])
+    if reference.GetDimension() == 2:
+        image.SetDirection(reference.GetDirection())
+    return _atomic_write(image, path, MASK_2D_EXTENSIONS)

@@ -1,0 +1,450 @@
+"""One-prompt labelling of a set of 2D images: the user labels one image, every other image of the
+set gets the same structure(s).
+
+Medical SAM 2 treats an unordered set of 2D images as a sequence and propagates through it. Here
+the set is brought onto the prompt image's pixel grid (``to_common_grid``) and stacked, so that
+any ``SlicePredictor`` of the 3D engine predicts an image from a labelled "guide" image exactly as
+it predicts a slice from its guide slice (PAM: the network's prediction fused with the demons
+registration of the guide onto the image). What differs from a volume is which image guides
+which (``order``):
+
+* ``"similar"`` (default): images are labelled nearest first. At every step the unlabelled image
+  most similar to any image already labelled with the object (1 - normalised correlation of
+  small thumbnails of the region around the prompt) is predicted from that image: a tree grown
+  from the prompt (Prim's algorithm), so a chain of small steps reaches images that differ much
+  from the prompt, and an image where the object came out absent never guides another.
+* ``"prompt"``: every image is predicted from the prompt image itself (no error is carried
+  over, but every step is as large as the set's differences).
+* ``"given"``: the set's own order is a sequence (serial sections, frames): each image is
+  predicted from its neighbour on the prompt's side, walking out from the prompt both ways.
+
+An image where the network's object-present output falls below its threshold, or where the mask
+is smaller than the predictor's minimum area, is left empty for that label (some images of a set
+may not hold the structure). Images are normalised one by one (0.5-99.5 percentiles to 0..1,
+``normalize=True``) before stacking, because a set's images may come from different scanners or
+exports whose grey values do not share a scale.
+
+What this does not do: objects far from where the prompt's object lies (the network looks at a
+crop around the guide's mask), and images whose aspect ratio differs much from the prompt's
+(they are resized onto its grid, which distorts them).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import InputError, PropagationCancelled
+from .propagate import MAX_LABEL, CancelToken, SlicePredictor, _as_predictor, _slice_confidence
+
+__all__ = ["ORDERS", "ImageSetResult", "label_images", "to_common_grid", "thumbnail_distances"]
+
+ORDERS = ("similar", "prompt", "given")
+THUMB = 32  # thumbnail side for the similarity of images
+
+
+@dataclass
+class ImageSetResult:
+    masks: list[np.ndarray]  # per image, a label map on the image's own grid (prompt labels' values)
+    labels: list[int]
+    # label -> per image: the image that guided it (-1: the prompt itself / not predicted)
+    guides: dict[int, np.ndarray] = field(default_factory=dict)
+    # label -> per image: confidence in [0, 1] (mean probability inside the mask x the network's
+    # object-present output; 1 on the prompt image; 0 where the object was found absent)
+    confidence: dict[int, np.ndarray] = field(default_factory=dict)
+    prompt_index: int = 0
+    order: str = "similar"
+    n_predicted: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        n = len(self.masks)
+        parts = []
+        for lab in self.labels:
+            found = sum(1 for i, m in enumerate(self.masks) if i != self.prompt_index and (m == lab).any())
+            parts.append(f"label {lab} found in {found} of {n - 1} images")
+        return f"{'; '.join(parts)}; {self.n_predicted} predictions in {self.seconds:.1f} s"
+
+
+def _as_2d(image, what: str) -> np.ndarray:
+    arr = np.asarray(image)
+    if arr.ndim == 3 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != 2:
+        raise InputError(f"{what} must be a 2D image (rows, columns), got shape {arr.shape}; "
+                         "a colour image must be converted to grey values first")
+    if arr.shape[0] < 8 or arr.shape[1] < 8:
+        raise InputError(f"{what} is {arr.shape[0]} x {arr.shape[1]} pixels; images need at least 8 x 8")
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool) or np.issubdtype(arr.dtype, np.complexfloating):
+        raise InputError(f"{what} must hold real grey values, got {arr.dtype}")
+    return arr
+
+
+def _normalised(arr: np.ndarray) -> np.ndarray:
+    a = arr.astype(np.float32)
+    finite = np.isfinite(a)
+    if not finite.all():
+        a = np.where(finite, a, np.nanmin(np.where(finite, a, np.nan)) if finite.any() else 0.0)
+    lo, hi = np.percentile(a, [0.5, 99.5])
+    if hi <= lo:
+        lo, hi = float(a.min()), float(a.max())
+    return np.clip((a - lo) / max(hi - lo, 1e-6), 0.0, 1.0).astype(np.float32)
+
+
+def _resize(arr: np.ndarray, shape: tuple[int, int], nearest: bool = False) -> np.ndarray:
+    """``arr`` resampled onto ``shape`` covering the same field of view (SimpleITK: linear for
+    images, nearest neighbour for label maps)."""
+    if tuple(arr.shape) == tuple(shape):
+        return arr
+    import SimpleITK as sitk
+
+    src = sitk.GetImageFromArray(np.ascontiguousarray(arr))
+    # Pixel centres of both grids span the same field of view [0, 1] x [0, 1] (unit pixels on src).
+    ref = sitk.Image([int(shape[1]), int(shape[0])], src.GetPixelID())
+    ref.SetSpacing((arr.shape[1] / shape[1], arr.shape[0] / shape[0]))
+    ref.SetOrigin((-0.5 + 0.5 * arr.shape[1] / shape[1], -0.5 + 0.5 * arr.shape[0] / shape[0]))
+    interp = sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear
+    out = sitk.Resample(src, ref, sitk.Transform(), interp, 0.0, src.GetPixelID())
+    return sitk.GetArrayFromImage(out)
+
+
+def to_common_grid(images: Sequence[np.ndarray], shape: tuple[int, int], normalize: bool = True) -> np.ndarray:
+    """The images as one float32 stack (n, rows, cols) on ``shape``, each resampled over its whole
+    field of view and, with ``normalize``, scaled by its own 0.5-99.5 percentiles to 0..1."""
+    out = np.empty((len(images), *shape), dtype=np.float32)
+    for n, img in enumerate(images):
+        a = _normalised(img) if normalize else np.asarray(img, dtype=np.float32)
+        out[n] = _resize(a, shape)
+    return out
+
+
+def thumbnail_distances(stack: np.ndarray, box: tuple[slice, slice]) -> np.ndarray:
+    """(n, n) dissimilarity of the images: 1 - normalised correlation of THUMB x THUMB thumbnails
+    of the region ``box`` (0 = the same up to brightness and contrast, up to 2)."""
+    region = stack[(slice(None), *box)]
+    thumbs = np.stack([_resize(r, (THUMB, THUMB)) for r in region]).reshape(len(stack), -1).astype(np.float64)
+    thumbs -= thumbs.mean(axis=1, keepdims=True)
+    norm = np.linalg.norm(thumbs, axis=1, keepdims=True)
+    thumbs = np.divide(thumbs, norm, out=np.zeros_like(thumbs), where=norm > 1e-9)
+    return 1.0 - thumbs @ thumbs.T
+
+
+def _similarity_box(mask: np.ndarray, scale: float = 2.0) -> tuple[slice, slice]:
+    """The region whose look decides similarity: the prompt's bounding box grown to ``scale`` x
+    its size (at least 16 px), clipped to the image."""
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    out = []
+    for idx, n in ((rows, mask.shape[0]), (cols, mask.shape[1])):
+        centre, size = (idx[0] + idx[-1]) / 2.0, max((idx[-1] - idx[0] + 1) * scale, 16)
+        a, b = int(max(np.floor(centre - size / 2), 0)), int(min(np.ceil(centre + size / 2) + 1, n))
+        out.append(slice(a, b))
+    return tuple(out)
+
+
+def _validate(images, prompt_index, prompt_mask, labels, order):
+    if isinstance(images, np.ndarray) and images.ndim == 3:
+        images = list(images)
+    if not isinstance(images, Sequence) or isinstance(images, (str, bytes)):
+        raise InputError("images must be a list of 2D arrays")
+    if len(images) < 2:
+        raise InputError(f"a set needs at least 2 images (the labelled one and one to label), got {len(images)}")
+    if isinstance(prompt_index, (bool, np.bool_)) or not isinstance(prompt_index, (int, np.integer)):
+        raise InputError(f"prompt_index must be an image number, got {prompt_index!r}")
+    if not 0 <= int(prompt_index) < len(images):
+        raise InputError(f"prompt_index {prompt_index} is outside the {len(images)} images (0-{len(images) - 1})")
+    if order not in ORDERS:
+        raise InputError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
+    imgs = [_as_2d(im, f"image {n}") for n, im in enumerate(images)]
+    mask = np.asarray(prompt_mask)
+    if mask.ndim == 3 and mask.shape[0] == 1:
+        mask = mask[0]
+    if mask.shape != imgs[prompt_index].shape:
+        raise InputError(f"the prompt mask is {'x'.join(map(str, mask.shape))} but its image (image {prompt_index}) is "
+                         f"{'x'.join(map(str, imgs[prompt_index].shape))}; draw the mask on that image")
+    if not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == bool):
+        if not np.issubdtype(mask.dtype, np.floating) or not np.all(np.mod(mask, 1) == 0):
+            raise InputError("the prompt mask must be an integer label map")
+    mask = mask.astype(np.int64)
+    present = [int(v) for v in np.unique(mask) if v != 0]
+    if not present:
+        raise InputError("the prompt mask is empty: label the object on the prompt image")
+    bad = [v for v in present if not 1 <= v <= MAX_LABEL]
+    if bad:
+        raise InputError(f"the prompt mask holds label {bad[0]}; labels must be 1-{MAX_LABEL}")
+    if labels is None:
+        labels = present
+    else:
+        labels = [int(v) for v in labels]
+        missing = [v for v in labels if v not in present]
+        if missing:
+            raise InputError(f"label {missing[0]} is not in the prompt mask (it holds {', '.join(map(str, present))})")
+    return imgs, int(prompt_index), mask, labels
+
+
+def _is_absent(prob: np.ndarray, presence, predictor: SlicePredictor, guide_area: int) -> bool:
+    if presence is not None and presence < predictor.presence_threshold:
+        return True
+    area = int((prob >= predictor.threshold).sum())
+    return area < max(predictor.min_area_px, predictor.min_area_fraction * guide_area)
+
+
+def label_images(
+    images: Sequence[np.ndarray],
+    prompt_index: int,
+    prompt_mask: np.ndarray,
+    model=None,
+    *,
+    order: str = "similar",
+    labels: Sequence[int] | None = None,
+    normalize: bool = True,
+    device: str = "cpu",
+    threads: int | None = None,
+    progress: Callable[[float, str], None] | None = None,
+    cancel: CancelToken | None = None,
+) -> ImageSetResult:
+    """Label every image of ``images`` (2D arrays, any sizes) with the structure(s) that
+    ``prompt_mask`` (an integer label map on ``images[prompt_index]``) marks.
+
+    ``model``: a ``PAMModel``, any ``SlicePredictor`` (e.g. ``get_predictor("track")``), or None
+    for the shipped default weights. ``order``: which image guides which (module docstring).
+    Returns per image a label map on its own grid; the prompt image's map is the prompt itself.
+    Raises InputError for bad input and PropagationCancelled when ``cancel`` is set (nothing is
+    returned then)."""
+    t0 = time.perf_counter()
+    imgs, p, mask, labels = _validate(images, prompt_index, prompt_mask, labels, order)
+    predictor = _as_predictor(model, device)
+    shape = imgs[p].shape
+    stack = to_common_grid(imgs, shape, normalize=normalize)
+    n = len(imgs)
+    results = np.zeros((n, *shape), dtype=np.uint16 if max(labels) > 255 else np.uint8)
+    guides_all, conf_all = {}, {}
+    total = max((n - 1) * len(labels), 1)
+    done = 0
+
+    torch = sys.modules.get("torch")  # only the network predictor needs it
+    old_threads = torch.get_num_threads() if torch is not None else None
+    if threads and torch is not None:
+        torch.set_num_threads(int(threads))
+    try:
+        for lab in labels:
+            lab_mask = mask == lab
+            predictor.begin(stack, p, lab_mask)
+            found = {p: lab_mask}  # image -> its mask for this label (False: found absent)
+            guides = np.full(n, -1, dtype=np.int64)
+            conf = np.zeros(n, dtype=np.float32)
+            conf[p] = 1.0
+            dist = thumbnail_distances(stack, _similarity_box(lab_mask)) if order == "similar" else None
+            for q, g in _schedule(order, p, n, dist, found):
+                if cancel is not None and cancel.is_cancelled:
+                    raise PropagationCancelled("cancelled")
+                if hasattr(predictor, "_chain"):
+                    predictor._chain = None  # each image from its guide alone, never a carried walk
+                pred = predictor.predict(stack, g, found[g], [q])
+                prob = np.asarray(pred.prob[0])
+                presence = None if pred.presence is None else float(pred.presence[0])
+                if pred.drift is not None:  # a predictor's own drift test counts as its presence
+                    presence = float(pred.drift[0]) if presence is None else min(presence, float(pred.drift[0]))
+                guides[q] = g
+                if _is_absent(prob, presence, predictor, int(found[g].sum())):
+                    found[q] = None
+                else:
+                    m = prob >= predictor.threshold
+                    found[q] = m
+                    conf[q] = _slice_confidence(prob, presence, predictor.threshold)
+                done += 1
+                if progress is not None:
+                    progress(done / total, f"label {lab}: image {q}")
+            for q, m in found.items():
+                if m is not None and q != p:
+                    results[q][m & (results[q] == 0)] = lab
+            guides_all[lab], conf_all[lab] = guides, conf
+    finally:
+        if threads and torch is not None:
+            torch.set_num_threads(old_threads)
+    masks = []
+    for q in range(n):
+        if q == p:
+            masks.append(np.where(np.isin(mask, labels), mask, 0).astype(results.dtype))
+        else:
+            masks.append(_resize(results[q], imgs[q].shape, nearest=True))
+    if progress is not None:
+        progress(1.0, "done")
+    return ImageSetResult(masks, labels, guides_all, conf_all, p, order, done, time.perf_counter() - t0)
+
+
+def _schedule(order: str, p: int, n: int, dist: np.ndarray | None, found: dict):
+    """(image, guide) pairs in prediction order. Reads ``found`` as it is filled: an image found
+    absent (None) never guides another."""
+    if order == "prompt":
+        for q in range(n):
+            if q != p:
+                yield q, p
+        return
+    if order == "given":
+        for direction in (1, -1):
+            guide = p
+            q = p + direction
+            while 0 <= q < n:
+                yield q, guide
+                if found.get(q) is not None:
+                    guide = q
+                q += direction
+        return
+    # "similar": Prim's algorithm over the dissimilarities, grown from labelled images only.
+    best = dist[p].copy()  # each image's distance to its nearest labelled guide
+    parent = np.full(n, p, dtype=np.int64)
+    todo = np.ones(n, dtype=bool)
+    todo[p] = False
+    while todo.any():
+        cand = np.flatnonzero(todo)
+        q = int(cand[np.argmin(best[cand])])
+        yield q, int(parent[q])
+        todo[q] = False
+        if found.get(q) is not None:  # q now guides the images it is nearer to
+            closer = todo & (dist[q] < best)
+            best[closer] = dist[q][closer]
+            parent[closer] = q
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def _expand(inputs: Sequence[str]) -> list:
+    """Files as given; a folder contributes its image files (``IMAGE_2D_EXTENSIONS``), sorted by name."""
+    from pathlib import Path
+
+    from .volumes import IMAGE_2D_EXTENSIONS
+
+    out = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith(".")
+                           and f.name.lower().endswith(IMAGE_2D_EXTENSIONS))
+            if not found:
+                raise InputError(f"folder {p} holds no image files ({', '.join(IMAGE_2D_EXTENSIONS)})")
+            out.extend(found)
+        else:
+            out.append(p)
+    return out
+
+
+def _stem(path) -> str:
+    """The file name without its image extension (``a.nii.gz`` -> ``a``)."""
+    from .volumes import IMAGE_2D_EXTENSIONS
+
+    ext = next((e for e in IMAGE_2D_EXTENSIONS if path.name.lower().endswith(e)), None)
+    return path.name[: -len(ext)] if ext else path.stem
+
+
+def add_label_images_arguments(p) -> None:
+    from .cli import _positive_int
+
+    p.add_argument("prompt_image", metavar="PROMPT_IMAGE", help="the labelled image (PNG, JPEG, TIFF, BMP, DICOM file, "
+                   "2D NIfTI/NRRD/MHA; colour becomes grey)")
+    p.add_argument("prompt_mask", metavar="PROMPT_MASK",
+                   help="its label map (same size; 0 = background, 1, 2 ... = structures)")
+    p.add_argument("images", metavar="IMAGE", nargs="+", help="images to label, or folders of them (sorted by name)")
+    p.add_argument("-o", "--output", required=True, metavar="DIR",
+                   help="folder for the masks (<image name>_mask.<format>) and labels.csv; written only on success")
+    p.add_argument("--order", choices=ORDERS, default="similar",
+                   help="which image guides which: similar = nearest first, each from the most similar labelled "
+                        "image (default); prompt = every image from the prompt image; given = the images' order "
+                        "as a sequence (frames, serial sections), walked out from the prompt image")
+    p.add_argument("--format", choices=("png", "tif", "nii.gz", "nrrd", "mha"), default="png",
+                   help="mask file format (default: png)")
+    p.add_argument("--label", type=_positive_int, nargs="+", metavar="N",
+                   help="label only these prompt labels (default: every label in the prompt mask)")
+    p.add_argument("--checkpoint", metavar="CKPT",
+                   help="PAMSegment checkpoint or the official PAM propmask.pth (default: the shipped weights)")
+    p.add_argument("--method", choices=("pam", "track", "copy"), default="pam",
+                   help="what predicts an image from its guide (default: pam)")
+    p.add_argument("--no-normalize", action="store_true",
+                   help="keep the images' grey values as they are (default: each scaled by its own 0.5-99.5 "
+                        "percentiles, for sets whose images do not share a grey scale)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--threads", type=_positive_int, metavar="N", help="torch CPU threads (default: torch's choice)")
+
+
+def cmd_label_images(args) -> int:
+    """Read the set, label it, write one mask per image and labels.csv."""
+    import csv
+    import os
+    import uuid
+    from pathlib import Path
+
+    from .cli import EXIT_OK, METHODS, _ProgressBar
+    from .volumes import read_image_2d, read_labelmap_2d, write_labelmap_2d
+
+    t0 = time.perf_counter()
+    out_dir = Path(args.output)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir} is a file; -o takes a folder for the masks")
+    if not out_dir.parent.is_dir():
+        raise InputError(f"folder {out_dir.parent} does not exist; create it or choose another -o folder")
+    if args.checkpoint is not None and args.method != "pam":
+        raise InputError(f"--method {args.method} does not use a checkpoint; drop --checkpoint or use --method pam")
+    if args.checkpoint:
+        from .checkpoints import check_checkpoint_file
+
+        check_checkpoint_file(args.checkpoint)
+    prompt_path = Path(args.prompt_image)
+    files = _expand(args.images)
+    same = [f for f in files if f.exists() and prompt_path.exists() and os.path.samefile(f, prompt_path)]
+    mask_path = Path(args.prompt_mask)
+    files = [f for f in files if not (f.exists() and mask_path.exists() and os.path.samefile(f, mask_path))]
+    if same:  # the prompt image is one of the set: it keeps its place (the "given" order's sequence)
+        index = next(n for n, f in enumerate(files) if os.path.samefile(f, prompt_path))
+        files = [f for f in files if not os.path.samefile(f, prompt_path)]
+        files.insert(index, prompt_path)
+    else:
+        index = 0
+        files.insert(0, prompt_path)
+    if len(files) < 2:
+        raise InputError("no images to label besides the prompt image; give image files or folders")
+    stems = {}
+    for f in files:
+        stems.setdefault(_stem(f), []).append(f)
+    clash = next((v for v in stems.values() if len(v) > 1), None)
+    if clash:
+        raise InputError(f"{clash[0]} and {clash[1]} would both be written as {_stem(clash[0])}_mask; "
+                         "rename one or label them in separate runs")
+
+    read = [read_image_2d(f) for f in files]
+    prompt = read_labelmap_2d(mask_path, reference=read[index])
+    model = METHODS[args.method](args)
+    with _ProgressBar("labelling") as bar:
+        result = label_images([a for a, _ in read], index, prompt, model, order=args.order, labels=args.label,
+                              normalize=not args.no_normalize, device=args.device, threads=args.threads, progress=bar)
+
+    # Everything is computed: now write, into a fresh temporary folder first, then move in.
+    out_dir.mkdir(exist_ok=True)
+    tmp = out_dir / f".pamsegment-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()
+    try:
+        names = []
+        for f, (_, ref), m in zip(files, read, result.masks):
+            name = f"{_stem(f)}_mask.{args.format}"
+            write_labelmap_2d(m, ref, tmp / name)
+            names.append(name)
+        with open(tmp / "labels.csv", "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["image", "mask", "label", "pixels", "confidence", "guided_by"])
+            for n, (f, name, m) in enumerate(zip(files, names, result.masks)):
+                for lab in result.labels:
+                    g = int(result.guides[lab][n])
+                    w.writerow([str(f), name, lab, int((m == lab).sum()), f"{result.confidence[lab][n]:.3f}",
+                                "(drawn)" if n == index else str(files[g])])
+        for name in [*names, "labels.csv"]:
+            os.replace(tmp / name, out_dir / name)
+    finally:
+        for f in tmp.iterdir():
+            f.unlink()
+        tmp.rmdir()
+    print(f"wrote {len(files)} masks and labels.csv to {out_dir}: {result.summary()}; "
+          f"{time.perf_counter() - t0:.1f} s in all", flush=True)
+    return EXIT_OK
