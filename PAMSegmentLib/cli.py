@@ -1,6 +1,7 @@
 """The ``pamsegment`` command: propagate a one-slice prompt through a volume from files.
 
     pamsegment propagate IMAGE PROMPT -o OUT [--checkpoint CKPT] [--label N ...] ...
+    pamsegment batch MANIFEST.csv -o DIR [--skip-existing] [--shard K/N]
     pamsegment label-images PROMPT_IMAGE PROMPT_MASK IMAGE... -o DIR
     pamsegment info CKPT
 
@@ -15,6 +16,8 @@ any module and add one ``Subcommand`` entry to ``SUBCOMMANDS`` below, e.g.::
     "label-images": Subcommand("label a set of 2D images from one labelled image",
                                "PAMSegmentLib.imageset:add_label_images_arguments",
                                "PAMSegmentLib.imageset:cmd_label_images"),
+    "batch": Subcommand("propagate every (image, prompt) pair of a CSV manifest; resumable, splittable",
+                        "PAMSegmentLib.batch:add_batch_arguments", "PAMSegmentLib.batch:cmd_batch"),
     "demo": Subcommand("run the bundled demo", "PAMSegmentLib.demo:add_demo_arguments",
                        "PAMSegmentLib.demo:cmd_demo"),
 
@@ -409,6 +412,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "label-images": Subcommand("label a set of 2D images from one labelled image",
                                "PAMSegmentLib.imageset:add_label_images_arguments",
                                "PAMSegmentLib.imageset:cmd_label_images"),
+    "batch": Subcommand("propagate every (image, prompt) pair of a CSV manifest; resumable, splittable",
+                        "PAMSegmentLib.batch:add_batch_arguments", "PAMSegmentLib.batch:cmd_batch"),
     "demo": Subcommand("propagate one-slice prompts on the bundled abdominal CT and report Dice",
                        "PAMSegmentLib.demo:add_demo_arguments", "PAMSegmentLib.demo:cmd_demo"),
     "benchmark": Subcommand("time the network, whole propagations and the Slicer path; write tables and a plot",

@@ -1,0 +1,269 @@
+"""``pamsegment batch``: propagate many (image, prompt) pairs listed in a manifest, loading the
+model once, going on past cases that fail, and able to resume and to split the work between
+machines.
+
+The manifest is a CSV file with a header row and the columns ``image``, ``prompt`` and,
+optionally, ``output`` (default ``<output folder>/<image path>_pam.nii.gz``, the image's path as
+the manifest gives it with folders joined by ``_``: ``p01/ct.nii.gz`` -> ``p01_ct_pam.nii.gz``) and ``label``
+(prompt labels to propagate, separated by spaces; default all). Relative paths are read from the
+manifest's folder. Every row is checked before any work (files exist, outputs are writable and
+unique), so a typo in row 37 does not surface after an hour. Each output is written atomically
+when its case is done; ``batch_report.csv`` in the output folder records per row ``ok``,
+``error`` (with the one-line message), ``skipped`` (``--skip-existing``: the output exists) or
+``not run`` (interrupted), and is rewritten after every case, so it is current even when the
+run is cut.
+
+``--shard K/N`` runs rows K, K+N, K+2N ... (K from 1): N machines given the same manifest and
+output folder each take their share and write their own ``batch_report.shardK-of-N.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import InputError, PAMError, PropagationCancelled
+
+__all__ = ["BatchRow", "read_manifest", "parse_shard", "add_batch_arguments", "cmd_batch"]
+
+REPORT_FIELDS = ("row", "image", "prompt", "output", "status", "seconds", "slices", "message")
+
+
+@dataclass
+class BatchRow:
+    number: int  # 1-based data row of the manifest (the header is row 0)
+    image: Path
+    prompt: Path
+    output: Path
+    labels: list[int] | None = None
+    status: str = "not run"
+    message: str = ""
+    seconds: float = 0.0
+    slices: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``K/N`` (1 <= K <= N) -> (K, N)."""
+    try:
+        k, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard takes K/N (e.g. 2/4), got {text!r}") from None
+    if not 1 <= k <= n:
+        raise argparse.ArgumentTypeError(f"--shard K/N needs 1 <= K <= N, got {text!r}")
+    return k, n
+
+
+def _labels(text: str, where: str) -> list[int] | None:
+    text = (text or "").strip()
+    if not text:
+        return None
+    try:
+        out = [int(v) for v in text.replace(",", " ").split()]
+    except ValueError:
+        raise InputError(f"{where}: label must be whole numbers separated by spaces, got {text!r}") from None
+    if any(not 1 <= v <= 65535 for v in out):
+        raise InputError(f"{where}: labels must be 1-65535, got {text!r}")
+    return out
+
+
+def _default_name(image: str) -> str:
+    """``p01/ct.nii.gz`` -> ``p01_ct``: the image's path as the manifest gives it, without its
+    extension, folders joined by ``_`` (patients often keep same-named files in their own folders)."""
+    parts = [q for q in Path(image).parts if q not in ("/", "..", ".", "~")]
+    last = parts[-1]
+    for ext in (".nii.gz", ".seg.nrrd", ".nii", ".nrrd", ".mha", ".mhd"):
+        if last.lower().endswith(ext):
+            last = last[: -len(ext)]
+            break
+    return "_".join([*parts[:-1], last])
+
+
+def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
+    """The manifest's rows, every one checked (InputError naming the row for the first problem)."""
+    from .volumes import _write_extension
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"manifest {path} does not exist; give a CSV file with columns image,prompt[,output][,label]")
+    base, out_dir = path.parent, Path(out_dir)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            fields = [f.strip().lower() for f in (reader.fieldnames or [])]
+            records = list(reader)
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise InputError(f"cannot read {path.name} as a CSV file ({error})") from None
+    missing = [c for c in ("image", "prompt") if c not in fields]
+    if missing:
+        raise InputError(f"{path.name} has no {' or '.join(missing)} column; its header must name image,prompt"
+                         "[,output][,label] (found: " + (", ".join(fields) or "nothing") + ")")
+    rows, outputs = [], {}
+    for n, rec in enumerate(records, start=1):
+        rec = {(k or "").strip().lower(): (v or "").strip() for k, v in rec.items()}
+        if not any(rec.values()):
+            continue  # blank line
+        where = f"{path.name} row {n}"
+
+        def resolve(value: str) -> Path:
+            p = Path(value).expanduser()
+            return p if p.is_absolute() else base / p
+
+        if not rec.get("image") or not rec.get("prompt"):
+            raise InputError(f"{where}: image and prompt are both needed")
+        image, prompt = resolve(rec["image"]), resolve(rec["prompt"])
+        for what, p in (("image", image), ("prompt", prompt)):
+            if not p.exists():
+                raise InputError(f"{where}: {what} {p} does not exist")
+        output = resolve(rec["output"]) if rec.get("output") else out_dir / f"{_default_name(rec['image'])}_pam.nii.gz"
+        try:
+            _write_extension(output)
+        except InputError as error:
+            raise InputError(f"{where}: {error}") from None
+        if output.is_dir():
+            raise InputError(f"{where}: the output {output} is a folder; give a file name")
+        key = str(output.resolve())
+        if key in outputs:
+            raise InputError(f"{where}: output {output} is also row {outputs[key]}'s; give each row its own output")
+        if output.resolve() in (image.resolve(), prompt.resolve()):
+            raise InputError(f"{where}: the output {output} is one of the row's inputs; choose another output")
+        outputs[key] = n
+        rows.append(BatchRow(n, image, prompt, output, _labels(rec.get("label", ""), where)))
+    if not rows:
+        raise InputError(f"{path.name} lists no cases")
+    return rows
+
+
+def write_report(rows: list[BatchRow], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=REPORT_FIELDS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({"row": r.number, "image": str(r.image), "prompt": str(r.prompt), "output": str(r.output),
+                        "status": r.status, "seconds": f"{r.seconds:.1f}", "slices": r.slices,
+                        "message": r.message})
+    tmp.replace(path)
+
+
+def add_batch_arguments(p: argparse.ArgumentParser) -> None:
+    from .cli import METHODS, _positive_int, _through_plane_mm, _unit_interval
+
+    p.add_argument("manifest", metavar="MANIFEST", help="CSV with columns image,prompt[,output][,label]")
+    p.add_argument("-o", "--output", required=True, metavar="DIR",
+                   help="folder for outputs without an output column and for batch_report.csv (created if missing)")
+    p.add_argument("--checkpoint", metavar="CKPT", help="checkpoint for every case (default: the shipped weights)")
+    p.add_argument("--method", choices=sorted(METHODS), default="pam", help="what predicts the slices (default: pam)")
+    p.add_argument("--registration-weight", type=_unit_interval, metavar="W", help="as for propagate")
+    p.add_argument("--intensity-gate", choices=("off", "prompt", "guide"), help="as for propagate")
+    p.add_argument("--through-plane-mm", type=_through_plane_mm, metavar="T", help="as for propagate")
+    p.add_argument("--skip-existing", action="store_true", help="skip rows whose output exists (resume a cut run)")
+    p.add_argument("--shard", type=parse_shard, metavar="K/N",
+                   help="run only rows K, K+N, K+2N ... (split one manifest between N machines)")
+    p.add_argument("--stop-on-error", action="store_true", help="stop at the first case that fails (default: go on)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--threads", type=_positive_int, metavar="N", help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--batch-size", type=_positive_int, default=16, metavar="N", help="query slices per network call")
+    p.add_argument("--resample-prompt", action="store_true",
+                   help="resample prompts on another grid onto their image's grid (nearest neighbour)")
+
+
+def _run_row(row: BatchRow, model, args) -> None:
+    import warnings
+
+    from .propagate import propagate
+    from .volumes import check_geometry_fits, read_labelmap, read_volume, write_labelmap
+
+    notes = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        image = read_volume(row.image)
+        check_geometry_fits(image.direction, row.output)
+        prompt = read_labelmap(row.prompt, reference=image, resample=args.resample_prompt)
+    notes += [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    result = propagate(image.array, prompt.array, image.spacing, model, labels=row.labels,
+                       batch_size=args.batch_size, device=args.device, threads=args.threads)
+    write_labelmap(result.mask, image, row.output)
+    row.slices = "; ".join(f"{lab}: {a}-{b}" for lab, (a, b) in result.slice_range.items())
+    row.message = " | ".join(notes + result.notes())
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from .cli import CLASSICAL_METHODS, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, METHODS, _one_line
+
+    for opt in ("registration_weight", "intensity_gate", "through_plane_mm"):
+        if getattr(args, opt) is not None and args.method != "pam":
+            raise InputError(f"--{opt.replace('_', '-')} is an option of --method pam, not {args.method}; drop it")
+    if args.checkpoint is not None and args.method in CLASSICAL_METHODS:
+        raise InputError(f"--method {args.method} does not use a checkpoint; drop --checkpoint or use --method pam")
+    out_dir = Path(args.output)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir} is a file; -o takes a folder")
+    if not out_dir.parent.is_dir():
+        raise InputError(f"folder {out_dir.parent} does not exist; create it or choose another -o folder")
+    rows = read_manifest(args.manifest, out_dir)
+    report_name = "batch_report.csv"
+    if args.shard:
+        k, n = args.shard
+        rows = rows[k - 1::n]
+        report_name = f"batch_report.shard{k}-of-{n}.csv"
+        if not rows:
+            raise InputError(f"shard {k}/{n} holds no rows of the {args.manifest} manifest")
+    if args.checkpoint:
+        from .checkpoints import check_checkpoint_file
+
+        check_checkpoint_file(args.checkpoint)
+    out_dir.mkdir(exist_ok=True)
+    for r in rows:
+        if not r.output.parent.is_dir():
+            raise InputError(f"row {r.number}: the output folder {r.output.parent} does not exist; create it first")
+    report = out_dir / report_name
+    for r in rows:
+        if args.skip_existing and r.output.exists():
+            r.status, r.message = "skipped", "output exists (--skip-existing)"
+    write_report(rows, report)
+    todo = [r for r in rows if r.status == "not run"]
+    model = METHODS[args.method](args) if todo else None
+
+    from tqdm import tqdm
+
+    t_all = time.perf_counter()
+    interrupted = False
+    bar = tqdm(todo, desc="cases", unit="case", file=sys.stderr, ncols=80)
+    try:
+        for r in bar:
+            t0 = time.perf_counter()
+            try:
+                _run_row(r, model, args)
+                r.status = "ok"
+            except PropagationCancelled:
+                raise
+            except PAMError as error:
+                r.status, r.message = "error", _one_line(error)
+                bar.write(f"row {r.number} ({r.image.name}): error: {r.message}")
+            finally:
+                r.seconds = time.perf_counter() - t0
+                write_report(rows, report)
+            if r.status == "error" and args.stop_on_error:
+                break
+    except (KeyboardInterrupt, PropagationCancelled):
+        interrupted = True  # the case under way wrote nothing (outputs are written atomically)
+        write_report(rows, report)
+    finally:
+        bar.close()
+    counts = {s: sum(1 for r in rows if r.status == s) for s in ("ok", "error", "skipped", "not run")}
+    summary = ", ".join(f"{v} {k}" for k, v in counts.items() if v)
+    print(f"batch: {summary} of {len(rows)} rows in {time.perf_counter() - t_all:.1f} s; report {report}", flush=True)
+    if interrupted:
+        print("pamsegment: interrupted; finished cases are written, the rest are 'not run' in the report "
+              "(run again with --skip-existing to resume)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if counts["error"]:
+        print(f"pamsegment: error: {counts['error']} of {len(rows)} cases failed; see {report}",
+              file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK

@@ -1,0 +1,121 @@
+"""``pamsegment batch``: many cases from a manifest, checked first, resumable, splittable."""
+
+from __future__ import annotations
+
+import csv
+import re
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import make_ct_case
+from PAMSegmentLib import batch as batch_module
+from PAMSegmentLib.cli import main
+
+
+def _report(path):
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def _arr(path):
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+@pytest.fixture
+def cases(tmp_path):
+    """Three synthetic CT cases (different seeds) in tmp_path/data."""
+    return [make_ct_case(tmp_path / "data" / f"c{n}", seed=n) for n in range(3)]
+
+
+def _manifest(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_batch_writes_what_propagate_writes_and_goes_on_past_a_failing_case(tmp_path, cases, run_cli):
+    m = _manifest(tmp_path / "data" / "cases.csv", [
+        "image,prompt,output",
+        "c0/image.nii.gz,c0/prompt.nii.gz,",
+        "c1/image.nii.gz,c1/image.nii.gz,",  # an image as its own prompt: refused when its turn comes
+        "c2/image.nii.gz,c2/prompt.nii.gz,../out/third.nrrd",
+    ])
+    proc = run_cli("batch", m, "-o", tmp_path / "out", "--method", "track")
+    assert proc.returncode == 2, proc.stderr
+    assert "1 of 3 cases failed" in proc.stderr
+    rows = _report(tmp_path / "out" / "batch_report.csv")
+    assert [r["status"] for r in rows] == ["ok", "error", "ok"]
+    assert "labels must be whole numbers from 1 to 65535" in rows[1]["message"]
+    assert not (tmp_path / "out" / "c1_image_pam.nii.gz").exists()
+    # The same as one `pamsegment propagate` per case.
+    single = run_cli("propagate", cases[2].image_path, cases[2].prompt_path, "-o", tmp_path / "single.nrrd",
+                     "--method", "track")
+    assert single.returncode == 0, single.stderr
+    assert np.array_equal(_arr(tmp_path / "out" / "third.nrrd"), _arr(tmp_path / "single.nrrd"))
+    out0 = tmp_path / "out" / "c0_image_pam.nii.gz"  # default name: <image path>_pam.nii.gz
+    assert out0.exists() and _arr(out0)[cases[0].truth].mean() > 0.9
+
+
+def test_every_row_is_checked_before_any_work(tmp_path, cases, run_cli):
+    m = _manifest(tmp_path / "data" / "cases.csv", [
+        "image,prompt",
+        "c0/image.nii.gz,c0/prompt.nii.gz",
+        "c1/image.nii.gz,c1/prompt.nii.gz",
+        "c2/image.nii.gz,c2/typo.nii.gz",
+    ])
+    proc = run_cli("batch", m, "-o", tmp_path / "out", "--method", "copy")
+    assert proc.returncode == 2
+    assert "cases.csv row 3: prompt" in proc.stderr and "typo.nii.gz does not exist" in proc.stderr
+    assert not (tmp_path / "out").exists()  # nothing was run or written
+
+
+@pytest.mark.parametrize("lines, message", [
+    (["img,prompt", "c0/image.nii.gz,c0/prompt.nii.gz"], "has no image column"),
+    (["image,prompt,output", "c0/image.nii.gz,c0/prompt.nii.gz,x.nii.gz",
+      "c1/image.nii.gz,c1/prompt.nii.gz,x.nii.gz"], "row 2: output .*x.nii.gz is also row 1's"),
+    (["image,prompt,output", "c0/image.nii.gz,c0/prompt.nii.gz,x.png"], "row 1: cannot tell the output format"),
+    (["image,prompt,label", "c0/image.nii.gz,c0/prompt.nii.gz,1 two"], "row 1: label must be whole numbers"),
+    (["image,prompt"], "lists no cases"),
+])
+def test_bad_manifests_get_one_clear_message(tmp_path, cases, lines, message, capsys):
+    m = _manifest(tmp_path / "data" / "cases.csv", lines)
+    assert main(["batch", str(m), "-o", str(tmp_path / "out"), "--method", "copy"]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_skip_existing_resumes_and_shards_split_the_rows(tmp_path, cases, capsys):
+    lines = ["image,prompt,output"] + [f"c{n}/image.nii.gz,c{n}/prompt.nii.gz,../out/r{n}.nii.gz" for n in range(3)]
+    m = _manifest(tmp_path / "data" / "cases.csv", lines)
+    out = tmp_path / "out"
+    assert main(["batch", str(m), "-o", str(out), "--method", "copy", "--shard", "2/2"]) == 0
+    assert sorted(p.name for p in out.glob("r*.nii.gz")) == ["r1.nii.gz"]  # rows 2 (K=2, N=2)
+    assert [r["row"] for r in _report(out / "batch_report.shard2-of-2.csv")] == ["2"]
+    before = (out / "r1.nii.gz").stat().st_mtime_ns
+    assert main(["batch", str(m), "-o", str(out), "--method", "copy", "--skip-existing"]) == 0
+    rows = _report(out / "batch_report.csv")
+    assert [r["status"] for r in rows] == ["ok", "skipped", "ok"]
+    assert (out / "r1.nii.gz").stat().st_mtime_ns == before  # not rewritten
+    assert "2 ok, 1 skipped of 3 rows" in capsys.readouterr().out
+
+
+def test_an_interrupted_batch_keeps_finished_cases_and_says_what_did_not_run(tmp_path, cases, monkeypatch, capsys):
+    lines = ["image,prompt"] + [f"c{n}/image.nii.gz,c{n}/prompt.nii.gz" for n in range(3)]
+    m = _manifest(tmp_path / "data" / "cases.csv", lines)
+    real = batch_module._run_row
+    calls = []
+
+    def run_row(row, model, args):
+        calls.append(row.number)
+        if row.number == 2:
+            raise KeyboardInterrupt  # Ctrl-C during the second case
+        real(row, model, args)
+
+    monkeypatch.setattr(batch_module, "_run_row", run_row)
+    (tmp_path / "out").mkdir()
+    out = tmp_path / "out"
+    assert main(["batch", str(m), "-o", str(out), "--method", "copy"]) == 130
+    assert calls == [1, 2]
+    assert [r["status"] for r in _report(out / "batch_report.csv")] == ["ok", "not run", "not run"]
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["c0_image_pam.nii.gz"]
+    assert "--skip-existing to resume" in capsys.readouterr().err
