@@ -1,6 +1,7 @@
 """The ``pamsegment`` command: propagate a one-slice prompt through a volume from files.
 
     pamsegment propagate IMAGE PROMPT -o OUT [--checkpoint CKPT] [--label N ...] ...
+    pamsegment serve [--host H] [--port P] [--token T]
     pamsegment batch MANIFEST.csv -o DIR [--skip-existing] [--shard K/N]
     pamsegment label-images PROMPT_IMAGE PROMPT_MASK IMAGE... -o DIR
     pamsegment info CKPT
@@ -13,6 +14,8 @@ is a bug worth reporting).
 Adding a subcommand: write ``add_<name>_arguments(parser)`` and ``cmd_<name>(args) -> int`` in
 any module and add one ``Subcommand`` entry to ``SUBCOMMANDS`` below, e.g.::
 
+    "serve": Subcommand("serve propagation over HTTP to other machines (Slicer, propagate --server)",
+                        "PAMSegmentLib.server:add_serve_arguments", "PAMSegmentLib.server:cmd_serve"),
     "label-images": Subcommand("label a set of 2D images from one labelled image",
                                "PAMSegmentLib.imageset:add_label_images_arguments",
                                "PAMSegmentLib.imageset:cmd_label_images"),
@@ -241,6 +244,10 @@ def add_propagate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--series", metavar="UID",
                    help="for a DICOM folder holding several series: the SeriesInstanceUID to use (default: the "
                         "series with the most files)")
+    p.add_argument("--server", metavar="URL",
+                   help="propagate on a `pamsegment serve` server (e.g. http://gpu-box:8765) instead of here; its "
+                        "model and device are used")
+    p.add_argument("--token", help="the server's token (default: the PAMSEGMENT_TOKEN environment variable)")
 
 
 def _same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
@@ -296,6 +303,16 @@ def cmd_propagate(args: argparse.Namespace) -> int:
         raise InputError(f"--intensity-gate is an option of --method pam, not {args.method}; drop it")
     if args.through_plane_mm is not None and args.method != "pam":
         raise InputError(f"--through-plane-mm is an option of --method pam, not {args.method}; drop it")
+    if args.server:
+        given = [f"--{o}" for o, v in (("checkpoint", args.checkpoint), ("registration-weight", args.registration_weight),
+                                       ("intensity-gate", args.intensity_gate), ("through-plane-mm", args.through_plane_mm))
+                 if v is not None]
+        if given:
+            raise InputError(f"{given[0]} sets up a local model; with --server the server's model is used, drop it")
+        if args.method not in ("pam", "track", "copy"):
+            raise InputError(f"--method {args.method} does not run on a server; use pam, track or copy")
+    elif args.token:
+        raise InputError("--token is for --server; drop it")
     _check_output_path(args.output, [args.image, args.prompt])
 
     from . import volumes
@@ -326,10 +343,17 @@ def cmd_propagate(args: argparse.Namespace) -> int:
 
     # Check the prompt before loading a network (which can take seconds for the official one).
     find_prompt_slices(prompt.array, axis=args.axis, labels=args.label)
-    model = METHODS[args.method](args)
+    if args.server:
+        from .remote import RemoteModel
+
+        run = RemoteModel(args.server, token=args.token or os.environ.get("PAMSEGMENT_TOKEN"),
+                          method=args.method).propagate
+        model = None
+    else:
+        run, model = propagate, METHODS[args.method](args)
 
     with _ProgressBar("propagating") as bar:
-        result = propagate(
+        result = run(
             image.array,
             prompt.array,
             image.spacing,
@@ -409,6 +433,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "propagate": Subcommand("propagate a mask drawn on one slice through a 3D volume",
                             add_propagate_arguments, cmd_propagate),
     "info": Subcommand("describe a checkpoint and check that it loads", add_info_arguments, cmd_info),
+    "serve": Subcommand("serve propagation over HTTP to other machines (Slicer, propagate --server)",
+                        "PAMSegmentLib.server:add_serve_arguments", "PAMSegmentLib.server:cmd_serve"),
     "label-images": Subcommand("label a set of 2D images from one labelled image",
                                "PAMSegmentLib.imageset:add_label_images_arguments",
                                "PAMSegmentLib.imageset:cmd_label_images"),

@@ -1,0 +1,133 @@
+"""Client of ``pamsegment serve``: propagate on another machine, with progress and cancel.
+
+Standard library only (urllib), so it runs in Slicer's Python and without torch::
+
+    from PAMSegmentLib.remote import RemoteModel
+    server = RemoteModel("http://gpu-box:8765", token="...")
+    result = server.propagate(image, prompt, spacing, progress=print)
+
+``propagate`` takes the engine's arguments and returns a ``PropagationResult`` with the mask,
+axis, per-slice confidence, slice ranges, walk stops and timings. An update
+(``previous=``) is run on the server as a fresh propagation: the result is the same (the local
+update is exact), only the server predicts every slice again.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import numpy as np
+
+from .errors import InputError, PAMError, PropagationCancelled
+from .propagate import PropagationResult
+
+__all__ = ["RemoteModel", "decode_result"]
+
+
+def decode_result(payload: bytes) -> PropagationResult:
+    try:
+        with np.load(io.BytesIO(payload), allow_pickle=False) as z:
+            meta = json.loads(bytes(z["meta"]).decode())
+            mask = z["mask"]
+            confidence = {int(lab): z[f"confidence_{lab}"] for lab in meta["labels"]}
+    except (ValueError, KeyError, OSError) as error:
+        raise PAMError(f"the server's answer is not a PAMSegment result ({error})") from None
+    return PropagationResult(
+        mask=mask, axis=int(meta["axis"]), confidence=confidence,
+        slice_range={int(k): tuple(v) for k, v in meta["slice_range"].items()},
+        prompt_slices={int(k): list(v) for k, v in meta["prompt_slices"].items()},
+        timings=meta["timings"], n_predicted=int(meta["n_predicted"]),
+        range=tuple(meta["range"]) if meta.get("range") else None, early_stop=bool(meta["early_stop"]),
+        stops={int(k): v for k, v in meta["stops"].items()},
+        remove_disconnected=bool(meta["remove_disconnected"]),
+    )
+
+
+class RemoteModel:
+    """A ``pamsegment serve`` server at ``url``."""
+
+    def __init__(self, url: str, token: str | None = None, timeout: float = 60.0, poll_interval: float = 0.3,
+                 method: str = "pam"):
+        parsed = urllib.parse.urlparse(str(url))
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise InputError(f"server address {url!r} is not an http(s) URL (e.g. http://gpu-box:8765)")
+        self.url = str(url).rstrip("/")
+        self.token, self.timeout, self.poll_interval, self.method = token, float(timeout), float(poll_interval), method
+
+    def _request(self, method: str, path: str, body: bytes | None = None) -> bytes:
+        req = urllib.request.Request(self.url + path, data=body, method=method)
+        if self.token:
+            req.add_header("Authorization", f"Bearer {self.token}")
+        if body is not None:
+            req.add_header("Content-Type", "application/octet-stream")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310 - http(s) checked above
+                return resp.read()
+        except urllib.error.HTTPError as error:
+            try:
+                detail = json.loads(error.read().decode()).get("detail", "")
+            except (ValueError, AttributeError):
+                detail = ""
+            if error.code == 400:
+                raise InputError(str(detail) or "the server refused the input") from None
+            if error.code == 401:
+                raise PAMError(f"the server at {self.url} refused the token ({detail})") from None
+            raise PAMError(f"the server at {self.url} answered {error.code}: {detail or error.reason}") from None
+        except (urllib.error.URLError, OSError) as error:
+            reason = getattr(error, "reason", error)
+            raise PAMError(f"cannot reach the PAMSegment server at {self.url} ({reason}); is `pamsegment serve` "
+                           "running there?") from None
+
+    def info(self) -> dict:
+        return json.loads(self._request("GET", "/info"))
+
+    def propagate(self, image, prompt, spacing, model=None, *, axis=None, labels=None, range=None,  # noqa: A002
+                  early_stop=True, remove_disconnected=None, empty_slices=None, progress=None, cancel=None,
+                  previous=None, **ignored) -> PropagationResult:
+        """Run ``propagate`` on the server (the engine's arguments; device, threads and batch size
+        are the server's). Raises InputError for input the server refuses, PropagationCancelled
+        when ``cancel`` is set (the server's job is cancelled too), PAMError when it fails."""
+        options = {"axis": axis, "labels": None if labels is None else [int(v) for v in labels],
+                   "range": None if range is None else [int(v) for v in range], "early_stop": bool(early_stop),
+                   "remove_disconnected": remove_disconnected, "method": self.method}
+        if empty_slices is not None:
+            options["empty_slices"] = ({str(k): [int(s) for s in v] for k, v in empty_slices.items()}
+                                       if isinstance(empty_slices, dict) else [int(s) for s in empty_slices])
+        options = {k: v for k, v in options.items() if v is not None}
+        buf = io.BytesIO()
+        np.savez(buf, image=np.asarray(image), prompt=np.asarray(prompt),
+                 spacing=np.asarray([float(s) for s in spacing], dtype=np.float64))
+        query = urllib.parse.urlencode({"options": json.dumps(options)})
+        job = json.loads(self._request("POST", f"/jobs?{query}", buf.getvalue()))
+        job_id = job["id"]
+        try:
+            while True:
+                if cancel is not None and cancel.is_cancelled:
+                    raise PropagationCancelled("cancelled")
+                status = json.loads(self._request("GET", f"/jobs/{job_id}"))
+                state = status["state"]
+                if progress is not None:
+                    where = f" (queue position {status['queue_position']})" if status.get("queue_position") else ""
+                    progress(float(status["progress"]), f"server: {status['message']}{where}")
+                if state == "finished":
+                    break
+                if state == "failed":
+                    raise InputError(f"the server could not propagate: {status['message']}")
+                if state == "cancelled":
+                    raise PropagationCancelled("cancelled on the server")
+                time.sleep(self.poll_interval)
+        except PropagationCancelled:
+            try:
+                self._request("DELETE", f"/jobs/{job_id}")
+            except PAMError:
+                pass  # the server may be gone; nothing local to undo
+            raise
+        result = decode_result(self._request("GET", f"/jobs/{job_id}/result"))
+        if tuple(result.mask.shape) != tuple(np.shape(image)):
+            raise PAMError(f"the server returned a {result.mask.shape} mask for a {np.shape(image)} image")
+        return result

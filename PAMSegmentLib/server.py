@@ -1,0 +1,346 @@
+"""``pamsegment serve``: a propagation server, for users whose own machine is too slow (a laptop
+running Slicer, a GPU box in the lab).
+
+The HTTP API (FastAPI, served by uvicorn; ``pip install "PAMSegmentLib[server]"``):
+
+* ``GET /info``: the server's version, its model (kind, sha256) and how many jobs wait.
+* ``POST /jobs?options=JSON``: the body is an uncompressed ``.npz`` (``numpy.savez``) holding
+  ``image`` (k, j, i), ``prompt`` (the same shape, integer labels) and ``spacing`` (3 floats, mm,
+  k, j, i). ``options`` (JSON object, optional): ``axis``, ``labels``, ``range``, ``early_stop``,
+  ``empty_slices``, ``remove_disconnected``, ``method`` (``pam``, ``track``, ``copy``). The
+  arrays and options are checked at once (400 with the engine's one-line message); then 202 with
+  the job's ``id``. One job runs at a time, in arrival order; at most ``max_jobs`` wait (503).
+* ``GET /jobs/{id}``: ``state`` (queued, running, finished, failed, cancelled), ``progress``
+  0-1, ``message``, ``queue_position``.
+* ``GET /jobs/{id}/result``: the finished result as ``.npz`` (``PAMSegmentLib.remote`` reads
+  it); 409 while it is not finished. Results are kept for ``result_ttl`` seconds.
+* ``DELETE /jobs/{id}``: cancel (a running job stops between batches) and forget it.
+
+Uploads are untrusted: the body size is bounded before it is read (413), the ``.npz`` must hold
+exactly those three arrays, stored uncompressed (no decompression bombs) and without pickled
+objects, and the image at most ``max_voxels`` voxels. A server listening beyond this machine
+(``--host`` other than 127.0.0.1/localhost/::1) requires a token (``--token`` or the
+PAMSEGMENT_TOKEN environment variable) that clients send as ``Authorization: Bearer TOKEN``;
+use HTTPS through a reverse proxy or an SSH tunnel for anything but a trusted network.
+"""
+
+
+import hmac
+import io
+import json
+import threading
+import time
+import uuid
+import zipfile
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from . import __version__
+from .errors import InputError, PAMError, PropagationCancelled
+from .propagate import CancelToken
+
+__all__ = ["create_app", "JobQueue", "encode_result", "read_arrays", "add_serve_arguments", "cmd_serve"]
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+OPTION_KEYS = {"axis", "labels", "range", "early_stop", "empty_slices", "remove_disconnected", "method"}
+METHODS = ("pam", "track", "copy")
+
+
+def read_arrays(body: bytes, max_voxels: int) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """The upload's image, prompt and spacing; InputError for anything else."""
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(body))
+        infos = {i.filename: i for i in archive.infolist()}
+    except zipfile.BadZipFile:
+        raise InputError("the upload is not an .npz file (numpy.savez of image, prompt and spacing)") from None
+    want = {"image.npy", "prompt.npy", "spacing.npy"}
+    if set(infos) != want:
+        raise InputError(f"the upload must hold exactly the arrays image, prompt and spacing; it holds "
+                         f"{', '.join(sorted(n.removesuffix('.npy') for n in infos)) or 'nothing'}")
+    if any(i.compress_type != zipfile.ZIP_STORED for i in infos.values()):
+        raise InputError("the upload's arrays must be stored uncompressed (numpy.savez, not savez_compressed)")
+    arrays = {}
+    for name in want:
+        with archive.open(name) as fh:
+            try:
+                version = np.lib.format.read_magic(fh)
+                shape, _, dtype = (np.lib.format.read_array_header_1_0(fh) if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0(fh))
+            except ValueError as error:
+                raise InputError(f"the upload's {name} is not a numpy array ({error})") from None
+            if dtype.hasobject:
+                raise InputError(f"the upload's {name} holds Python objects; send numeric arrays")
+            if int(np.prod(shape)) > max_voxels:
+                raise InputError(f"the upload's {name} has {int(np.prod(shape)):,} elements; this server takes at "
+                                 f"most {max_voxels:,} (crop the volume around the object)")
+        with archive.open(name) as fh:
+            arrays[name] = np.lib.format.read_array(fh, allow_pickle=False)
+    spacing = arrays["spacing.npy"]
+    if spacing.shape != (3,):
+        raise InputError(f"spacing must be 3 numbers (k, j, i), got shape {spacing.shape}")
+    return arrays["image.npy"], arrays["prompt.npy"], tuple(float(s) for s in spacing)
+
+
+def parse_options(text: str | None) -> dict:
+    if not text:
+        return {}
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise InputError(f"options must be a JSON object ({error.msg})") from None
+    if not isinstance(options, dict):
+        raise InputError("options must be a JSON object")
+    unknown = sorted(set(options) - OPTION_KEYS)
+    if unknown:
+        raise InputError(f"unknown option {unknown[0]!r}; known: {', '.join(sorted(OPTION_KEYS))}")
+    if options.get("method", "pam") not in METHODS:
+        raise InputError(f"method must be one of {', '.join(METHODS)}, got {options['method']!r}")
+    if "range" in options and options["range"] is not None:
+        options["range"] = tuple(options["range"]) if isinstance(options["range"], list) else options["range"]
+    return options
+
+
+def encode_result(result) -> bytes:
+    """A ``PropagationResult`` as ``.npz`` bytes (what ``PAMSegmentLib.remote`` decodes)."""
+    labels = list(result.confidence)
+    meta = {
+        "axis": result.axis, "labels": labels,
+        "slice_range": {str(k): list(v) for k, v in result.slice_range.items()},
+        "prompt_slices": {str(k): list(v) for k, v in result.prompt_slices.items()},
+        "timings": result.timings, "n_predicted": result.n_predicted,
+        "stops": {str(k): v for k, v in result.stops.items()}, "notes": result.notes(),
+        "range": list(result.range) if result.range else None, "early_stop": result.early_stop,
+        "remove_disconnected": result.remove_disconnected,
+    }
+    arrays = {"mask": result.mask, "meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
+    for lab in labels:
+        arrays[f"confidence_{lab}"] = np.asarray(result.confidence[lab], dtype=np.float32)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
+
+
+@dataclass
+class Job:
+    id: str
+    image: np.ndarray | None
+    prompt: np.ndarray | None
+    spacing: tuple
+    options: dict
+    state: str = "queued"
+    progress: float = 0.0
+    message: str = "waiting"
+    result: bytes | None = None
+    cancel: CancelToken = field(default_factory=CancelToken)
+    finished_at: float | None = None
+
+
+class JobQueue:
+    """Jobs run one at a time on one worker thread, in arrival order."""
+
+    def __init__(self, run: Callable[[Job], bytes], max_jobs: int = 8, result_ttl: float = 3600.0):
+        self._run = run
+        self.max_jobs, self.result_ttl = int(max_jobs), float(result_ttl)
+        self.jobs: OrderedDict[str, Job] = OrderedDict()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._thread = threading.Thread(target=self._worker, name="pamsegment-server-worker", daemon=True)
+        self._thread.start()
+
+    def waiting(self) -> list[Job]:
+        return [j for j in self.jobs.values() if j.state in ("queued", "running")]
+
+    def submit(self, image, prompt, spacing, options) -> Job:
+        with self._lock:
+            self._expire()
+            if len(self.waiting()) >= self.max_jobs:
+                raise OverflowError(f"{self.max_jobs} jobs are waiting already; try again later")
+            job = Job(uuid.uuid4().hex, image, prompt, spacing, options)
+            self.jobs[job.id] = job
+            self._wake.notify()
+        return job
+
+    def position(self, job: Job) -> int:
+        queued = [j for j in self.jobs.values() if j.state == "queued"]
+        return queued.index(job) + 1 if job in queued else 0
+
+    def cancel(self, job_id: str) -> bool:
+        with self._lock:
+            job = self.jobs.pop(job_id, None)
+        if job is None:
+            return False
+        job.cancel.cancel()
+        return True
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for jid in [j.id for j in self.jobs.values() if j.finished_at and now - j.finished_at > self.result_ttl]:
+            del self.jobs[jid]
+
+    def _worker(self) -> None:
+        while True:
+            with self._lock:
+                job = next((j for j in self.jobs.values() if j.state == "queued"), None)
+                if job is None:
+                    self._wake.wait(timeout=5.0)
+                    continue
+                job.state, job.message = "running", "starting"
+            try:
+                payload = self._run(job)
+            except PropagationCancelled:
+                job.state, job.message = "cancelled", "cancelled"
+            except PAMError as error:
+                job.state, job.message = "failed", str(error)
+            except Exception as error:  # noqa: BLE001 - a bug must fail the job, not the worker
+                job.state, job.message = "failed", f"internal error: {type(error).__name__}: {error}"
+            else:
+                job.result, job.progress, job.state, job.message = payload, 1.0, "finished", "done"
+            job.image = job.prompt = None  # the inputs are not needed any more
+            job.finished_at = time.monotonic()
+
+
+def create_app(model_factory: Callable[[str], Any], *, token: str | None = None, max_upload_mb: float = 1024,
+               max_voxels: int = 512 * 512 * 1024, max_jobs: int = 8, result_ttl: float = 3600.0,
+               model_info: dict | None = None):
+    """The FastAPI application. ``model_factory(method)`` returns what ``propagate`` takes as
+    ``model`` for ``method`` (called on the worker thread; cache the network there)."""
+    from fastapi import FastAPI, HTTPException, Request, Response
+    from fastapi.responses import JSONResponse
+
+    from .propagate import _validate_inputs, find_prompt_slices, propagate
+
+    max_bytes = int(max_upload_mb * 1024 * 1024)
+
+    def run(job: Job) -> bytes:
+        options = dict(job.options)
+        model = model_factory(options.pop("method", "pam"))
+
+        def progress(fraction, message):
+            job.progress, job.message = float(fraction), message
+
+        result = propagate(job.image, job.prompt, job.spacing, model, progress=progress, cancel=job.cancel, **options)
+        return encode_result(result)
+
+    queue = JobQueue(run, max_jobs=max_jobs, result_ttl=result_ttl)
+    app = FastAPI(title="PAMSegment server", version=__version__)
+    app.state.queue = queue
+
+    @app.middleware("http")
+    async def check_token(request: Request, call_next):
+        if token is not None:
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                return JSONResponse({"detail": "missing or wrong token (send Authorization: Bearer TOKEN)"}, 401)
+        return await call_next(request)
+
+    def get_job(job_id: str) -> Job:
+        job = queue.jobs.get(job_id)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id} (finished results are kept {result_ttl:.0f} s)")
+        return job
+
+    @app.get("/info")
+    def info():
+        return {"server": "pamsegment", "version": __version__, "model": model_info or {},
+                "methods": list(METHODS), "waiting": len(queue.waiting()), "max_upload_mb": max_upload_mb,
+                "max_voxels": max_voxels}
+
+    @app.post("/jobs", status_code=202)
+    async def submit(request: Request, options: str | None = None):
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > max_bytes:
+            raise HTTPException(413, f"the upload is {int(length) / 2**20:.0f} MB; this server takes at most "
+                                     f"{max_upload_mb:g} MB")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise HTTPException(413, f"the upload exceeds this server's {max_upload_mb:g} MB")
+            chunks.append(chunk)
+        try:
+            opts = parse_options(options)
+            image, prompt, spacing = read_arrays(b"".join(chunks), max_voxels)
+            _validate_inputs(image, prompt, spacing)
+            find_prompt_slices(np.asarray(prompt), axis=opts.get("axis"), labels=opts.get("labels"))
+            job = queue.submit(image, prompt, spacing, opts)
+        except PAMError as error:
+            raise HTTPException(400, str(error)) from None
+        except OverflowError as error:
+            raise HTTPException(503, str(error)) from None
+        return {"id": job.id, "state": job.state, "queue_position": queue.position(job)}
+
+    @app.get("/jobs/{job_id}")
+    def status(job_id: str):
+        job = get_job(job_id)
+        return {"id": job.id, "state": job.state, "progress": job.progress, "message": job.message,
+                "queue_position": queue.position(job)}
+
+    @app.get("/jobs/{job_id}/result")
+    def result(job_id: str):
+        job = get_job(job_id)
+        if job.state != "finished":
+            raise HTTPException(409, f"job {job_id} is {job.state}" + (f": {job.message}" if job.state == "failed" else ""))
+        return Response(job.result, media_type="application/octet-stream")
+
+    @app.delete("/jobs/{job_id}")
+    def cancel(job_id: str):
+        if not queue.cancel(job_id):
+            raise HTTPException(404, f"no job {job_id}")
+        return {"id": job_id, "state": "cancelled"}
+
+    return app
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def add_serve_arguments(p) -> None:
+    from .cli import _positive_int
+
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 = every network, "
+                        "which needs a token)")
+    p.add_argument("--port", type=_positive_int, default=8765, help="port (default 8765)")
+    p.add_argument("--token", help="token clients must send (default: the PAMSEGMENT_TOKEN environment variable)")
+    p.add_argument("--checkpoint", metavar="CKPT", help="PAMSegment or official checkpoint (default: the shipped weights)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--threads", type=_positive_int, metavar="N", help="torch CPU threads")
+    p.add_argument("--max-upload-mb", type=float, default=1024.0, help="largest upload accepted (default 1024 MB)")
+    p.add_argument("--max-jobs", type=_positive_int, default=8, help="jobs that may wait at once (default 8)")
+
+
+def cmd_serve(args) -> int:
+    import os
+
+    try:
+        import uvicorn
+    except ImportError:
+        raise InputError('the server needs FastAPI and uvicorn: pip install "PAMSegmentLib[server]"') from None
+    token = args.token or os.environ.get("PAMSEGMENT_TOKEN") or None
+    if args.host not in LOCAL_HOSTS and not token:
+        raise InputError(f"listening on {args.host} exposes the server beyond this machine: set a token with "
+                         "--token or PAMSEGMENT_TOKEN (clients send it as Authorization: Bearer TOKEN)")
+    from .baselines import get_predictor
+    from .checkpoints import check_checkpoint_file, load_model
+
+    if args.checkpoint:
+        check_checkpoint_file(args.checkpoint)
+    model = load_model(args.checkpoint, device=args.device)  # fail now, not at the first job
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+    def factory(method: str):
+        return model if method == "pam" else get_predictor(method)
+
+    info = {"sha256": getattr(model, "sha256", ""), "device": args.device,
+            "checkpoint": str(args.checkpoint) if args.checkpoint else "shipped default weights"}
+    app = create_app(factory, token=token, max_upload_mb=args.max_upload_mb, max_jobs=args.max_jobs,
+                     model_info=info)
+    print(f"pamsegment server on http://{args.host}:{args.port} ({info['checkpoint']}); Ctrl-C stops it", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0

@@ -1,0 +1,256 @@
+"""``pamsegment serve`` (PAMSegmentLib.server) and its client (PAMSegmentLib.remote)."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import threading
+import time
+import zipfile
+
+import numpy as np
+import pytest
+from doubles import OracleModel
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from conftest import ellipsoid  # noqa: E402
+from PAMSegmentLib.errors import InputError, PAMError, PropagationCancelled  # noqa: E402
+from PAMSegmentLib.propagate import CancelToken, propagate  # noqa: E402
+from PAMSegmentLib.remote import RemoteModel, decode_result  # noqa: E402
+from PAMSegmentLib.server import create_app  # noqa: E402
+
+SHAPE = (16, 24, 24)
+
+
+def case():
+    truth = ellipsoid(SHAPE, (8, 12, 12), (5, 6, 6))
+    image = truth.astype(np.float32) * 100
+    prompt = np.zeros(SHAPE, np.uint8)
+    prompt[8][truth[8]] = 1
+    return image, prompt, truth
+
+
+def npz(compressed=False, **arrays):
+    buf = io.BytesIO()
+    (np.savez_compressed if compressed else np.savez)(buf, **arrays)
+    return buf.getvalue()
+
+
+def wait_for(client, job_id, timeout=30.0):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        status = client.get(f"/jobs/{job_id}").json()
+        if status["state"] not in ("queued", "running"):
+            return status
+        time.sleep(0.02)
+    raise AssertionError("job did not end")
+
+
+@pytest.fixture
+def oracle_app():
+    image, prompt, truth = case()
+    app = create_app(lambda method: OracleModel(truth), model_info={"sha256": "abc"})
+    return TestClient(app), image, prompt, truth
+
+
+def test_a_job_runs_and_its_result_is_what_propagate_returns(oracle_app):
+    client, image, prompt, truth = oracle_app
+    assert client.get("/info").json()["model"] == {"sha256": "abc"}
+    r = client.post("/jobs", params={"options": json.dumps({"range": [2, 13]})},
+                    content=npz(image=image, prompt=prompt, spacing=np.array([2.0, 1.0, 1.0])))
+    assert r.status_code == 202, r.text
+    status = wait_for(client, r.json()["id"])
+    assert status["state"] == "finished" and status["progress"] == 1.0
+    got = decode_result(client.get(f"/jobs/{r.json()['id']}/result").content)
+    local = propagate(image, prompt, (2.0, 1.0, 1.0), OracleModel(truth), range=(2, 13))
+    assert np.array_equal(got.mask, local.mask)
+    assert got.slice_range == {1: (3, 13)} and got.range == (2, 13)  # the object spans 3-13
+    assert np.allclose(got.confidence[1], local.confidence[1], equal_nan=True)
+
+
+@pytest.mark.parametrize("body, params, message", [
+    (b"not a zip", None, "not an .npz file"),
+    ("compressed", None, "stored uncompressed"),
+    ("extra", None, "exactly the arrays image, prompt and spacing; it holds extra, image, prompt, spacing"),
+    ("objects", None, "holds Python objects"),
+    ("good", {"options": "{bad json"}, "options must be a JSON object"),
+    ("good", {"options": json.dumps({"device": "cuda"})}, "unknown option 'device'"),
+    ("good", {"options": json.dumps({"method": "magic"})}, "method must be one of pam, track, copy"),
+    ("empty", None, "the prompt is empty"),
+    ("spacing", None, "spacing must be 3 numbers"),
+])
+def test_bad_uploads_are_refused_with_the_reason(oracle_app, body, params, message):
+    client, image, prompt, _ = oracle_app
+    spacing = np.array([2.0, 1.0, 1.0])
+    bodies = {
+        "compressed": lambda: npz(True, image=image, prompt=prompt, spacing=spacing),
+        "extra": lambda: npz(image=image, prompt=prompt, spacing=spacing, extra=spacing),
+        "good": lambda: npz(image=image, prompt=prompt, spacing=spacing),
+        "empty": lambda: npz(image=image, prompt=np.zeros_like(prompt), spacing=spacing),
+        "spacing": lambda: npz(image=image, prompt=prompt, spacing=np.ones(2)),
+    }
+    if body == "objects":  # a pickled object array, written by hand (savez would pickle it)
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as z:
+            for name, arr in (("image", np.array([object()], dtype=object)), ("prompt", prompt), ("spacing", spacing)):
+                one = io.BytesIO()
+                np.lib.format.write_array(one, arr, allow_pickle=True)
+                z.writestr(f"{name}.npy", one.getvalue())
+        data = buf.getvalue()
+    else:
+        data = bodies[body]() if body in bodies else body
+    r = client.post("/jobs", params=params, content=data)
+    assert r.status_code == 400
+    assert message in r.json()["detail"]
+
+
+def test_size_limits(oracle_app):
+    _, image, prompt, truth = oracle_app
+    client = TestClient(create_app(lambda m: OracleModel(truth), max_upload_mb=0.01, max_voxels=1000))
+    big = npz(image=image, prompt=prompt, spacing=np.ones(3))
+    r = client.post("/jobs", content=big)
+    assert r.status_code == 413 and "at most 0.01 MB" in r.json()["detail"]
+    client = TestClient(create_app(lambda m: OracleModel(truth), max_voxels=1000))
+    r = client.post("/jobs", content=big)
+    assert r.status_code == 400 and "has 9,216 elements; this server takes at most 1,000" in r.json()["detail"]
+
+
+def test_a_token_is_required_when_set(oracle_app):
+    _, image, prompt, truth = oracle_app
+    client = TestClient(create_app(lambda m: OracleModel(truth), token="s3cret"))
+    assert client.get("/info").status_code == 401
+    assert client.get("/info", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.get("/info", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+
+
+class Blocking(OracleModel):
+    """The oracle, but each prediction waits until ``release`` is set (a slow job)."""
+
+    def __init__(self, truth):
+        super().__init__(truth)
+        self.release = threading.Event()
+        self.started = threading.Event()
+
+    def predict(self, volume, guide_index, guide_mask, query_indices):
+        self.started.set()
+        self.release.wait(10)
+        return super().predict(volume, guide_index, guide_mask, query_indices)
+
+
+def test_the_queue_is_bounded_and_a_running_job_can_be_cancelled():
+    image, prompt, truth = case()
+    model = Blocking(truth)
+    client = TestClient(create_app(lambda m: model, max_jobs=2))
+    body = npz(image=image, prompt=prompt, spacing=np.ones(3))
+    first = client.post("/jobs", content=body).json()
+    second = client.post("/jobs", content=body).json()
+    assert second["queue_position"] >= 1
+    assert client.post("/jobs", content=body).status_code == 503  # two are waiting already
+    assert model.started.wait(10)
+    assert client.get(f"/jobs/{first['id']}").json()["state"] == "running"
+    assert client.get(f"/jobs/{first['id']}/result").status_code == 409
+    assert client.delete(f"/jobs/{first['id']}").status_code == 200
+    assert client.get(f"/jobs/{first['id']}").status_code == 404
+    model.release.set()
+    assert wait_for(client, second["id"])["state"] == "finished"
+
+
+# ----------------------------------------------------------------------------- over a real socket
+
+
+@pytest.fixture
+def live_server():
+    """A uvicorn server in a thread on a free port; yields (url, set_model)."""
+    import uvicorn
+
+    holder = {}
+    app = create_app(lambda method: holder["model"], token="tok")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    t0 = time.monotonic()
+    while not server.started and time.monotonic() - t0 < 10:
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}", holder
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_the_client_propagates_remotely_with_progress(live_server):
+    url, holder = live_server
+    image, prompt, truth = case()
+    holder["model"] = OracleModel(truth)
+    seen = []
+    result = RemoteModel(url, token="tok", poll_interval=0.01).propagate(
+        image, prompt, (2.0, 1.0, 1.0), progress=lambda f, m: seen.append((f, m)), labels=[1])
+    local = propagate(image, prompt, (2.0, 1.0, 1.0), OracleModel(truth))
+    assert np.array_equal(result.mask, local.mask) and result.axis == 0
+    assert seen and all(m.startswith("server: ") for _, m in seen)
+
+
+def test_client_cancel_cancels_the_server_job(live_server):
+    url, holder = live_server
+    image, prompt, truth = case()
+    holder["model"] = model = Blocking(truth)
+    token = CancelToken()
+
+    def progress(fraction, message):
+        if model.started.is_set():
+            token.cancel()
+
+    with pytest.raises(PropagationCancelled):
+        RemoteModel(url, token="tok", poll_interval=0.01).propagate(image, prompt, (1, 1, 1), progress=progress,
+                                                                     cancel=token)
+    info = RemoteModel(url, token="tok").info()  # the job was deleted on the server: nothing waits
+    model.release.set()
+    assert info["waiting"] == 0
+
+
+def test_client_errors_are_one_clear_message(live_server):
+    url, holder = live_server
+    image, prompt, truth = case()
+    holder["model"] = OracleModel(truth)
+    with pytest.raises(PAMError, match="refused the token"):
+        RemoteModel(url, token="nope").info()
+    with pytest.raises(InputError, match="the prompt is empty"):
+        RemoteModel(url, token="tok").propagate(image, np.zeros_like(prompt), (1, 1, 1))
+    with pytest.raises(InputError, match="not an http"):
+        RemoteModel("gpu-box:8765")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    with pytest.raises(PAMError, match="cannot reach the PAMSegment server"):
+        RemoteModel(f"http://127.0.0.1:{free}", timeout=2).info()
+
+
+def test_a_job_that_fails_on_the_server_reports_why(live_server):
+    url, holder = live_server
+    image, prompt, truth = case()
+
+    class Broken(OracleModel):
+        def predict(self, *a, **k):
+            raise InputError("the model broke on purpose")
+
+    holder["model"] = Broken(truth)
+    with pytest.raises(InputError, match="could not propagate: the model broke on purpose"):
+        RemoteModel(url, token="tok", poll_interval=0.01).propagate(image, prompt, (1, 1, 1))
+
+
+def test_serve_refuses_to_listen_beyond_this_machine_without_a_token(run_cli):
+    proc = run_cli("serve", "--host", "0.0.0.0", env={"PAMSEGMENT_TOKEN": ""})
+    assert proc.returncode == 2
+    assert "exposes the server beyond this machine: set a token" in proc.stderr
+
+
+def test_propagate_with_server_refuses_local_model_options(run_cli, ct_case):
+    proc = run_cli("propagate", ct_case.image_path, ct_case.prompt_path, "-o", ct_case.directory / "o.nii.gz",
+                   "--server", "http://127.0.0.1:9", "--registration-weight", "0.3")
+    assert proc.returncode == 2 and "--registration-weight sets up a local model" in proc.stderr
+
