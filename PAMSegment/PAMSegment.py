@@ -176,6 +176,8 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.defaultModelRadioButton.connect("toggled(bool)", self.onModelChoiceChanged)
         self.ui.checkpointModelRadioButton.connect("toggled(bool)", self.onModelChoiceChanged)
         self.ui.trackModelRadioButton.connect("toggled(bool)", self.onModelChoiceChanged)
+        self.ui.serverModelRadioButton.connect("toggled(bool)", self.onModelChoiceChanged)
+        self.ui.serverUrlLineEdit.connect("textChanged(QString)", self.onModelChoiceChanged)
         self.ui.checkpointPathLineEdit.connect("currentPathChanged(QString)", self.onModelChoiceChanged)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self._saveSettings)
         self.ui.intensityGateCheckBox.connect("toggled(bool)", self._saveSettings)
@@ -214,10 +216,14 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _restoreSettings(self):
         settings = qt.QSettings()
         useFile = slicer.util.toBool(settings.value("PAMSegment/UseCheckpointFile", False))
-        useTrack = not useFile and settings.value("PAMSegment/Method", "pam") == "track"
+        method = settings.value("PAMSegment/Method", "pam")
+        useTrack = not useFile and method == "track"
+        useServer = not useFile and method == "server"
         self.ui.checkpointModelRadioButton.setChecked(useFile)
         self.ui.trackModelRadioButton.setChecked(useTrack)
-        self.ui.defaultModelRadioButton.setChecked(not useFile and not useTrack)
+        self.ui.serverModelRadioButton.setChecked(useServer)
+        self.ui.defaultModelRadioButton.setChecked(not useFile and not useTrack and not useServer)
+        self.ui.serverUrlLineEdit.text = settings.value("PAMSegment/ServerUrl", "")
         self.ui.checkpointPathLineEdit.currentPath = settings.value("PAMSegment/CheckpointPath", "")
         self.ui.intensityGateCheckBox.setChecked(slicer.util.toBool(settings.value("PAMSegment/IntensityGate", True)))
         newSegment = settings.value("PAMSegment/OutputMode", "replace") == "new"
@@ -229,6 +235,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         settings.setValue("PAMSegment/UseCheckpointFile", self.ui.checkpointModelRadioButton.checked)
         settings.setValue("PAMSegment/CheckpointPath", self.ui.checkpointPathLineEdit.currentPath)
         settings.setValue("PAMSegment/Method", self._method())
+        settings.setValue("PAMSegment/ServerUrl", self.ui.serverUrlLineEdit.text.strip())  # never the token
         settings.setValue("PAMSegment/OutputMode", self._outputMode())
         settings.setValue("PAMSegment/Device", self.ui.deviceComboBox.currentText)
         settings.setValue("PAMSegment/IntensityGate", self.ui.intensityGateCheckBox.checked)
@@ -256,14 +263,27 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return None
 
     def _method(self):
+        if self.ui.serverModelRadioButton.checked:
+            return "server"
         return "track" if self.ui.trackModelRadioButton.checked else "pam"
+
+    def _server(self):
+        """(address, token) of the chosen server, or None."""
+        if not self.ui.serverModelRadioButton.checked:
+            return None
+        token = self.ui.serverTokenLineEdit.text.strip() or os.environ.get("PAMSEGMENT_TOKEN") or None
+        return self.ui.serverUrlLineEdit.text.strip(), token
 
     def onModelChoiceChanged(self, *unused):
         useFile = self.ui.checkpointModelRadioButton.checked
+        useServer = self.ui.serverModelRadioButton.checked
+        local = not self.ui.trackModelRadioButton.checked and not useServer
         self.ui.checkpointPathLineEdit.setEnabled(useFile)
-        self.ui.deviceComboBox.setEnabled(not self.ui.trackModelRadioButton.checked)
-        # The tracker has its own drift test (always on); the option is the network's.
-        self.ui.intensityGateCheckBox.setEnabled(not self.ui.trackModelRadioButton.checked)
+        self.ui.serverUrlLineEdit.setEnabled(useServer)
+        self.ui.serverTokenLineEdit.setEnabled(useServer)
+        self.ui.deviceComboBox.setEnabled(local)
+        # The tracker has its own drift test (always on); the option is the network's (a server's is its own).
+        self.ui.intensityGateCheckBox.setEnabled(local)
         self._saveSettings()
         self.updateButtons()
 
@@ -316,9 +336,12 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             reason = "Select the segmentation and the segment drawn on one slice."
         elif self.ui.checkpointModelRadioButton.checked and not self._checkpoint():
             reason = "Choose the PAM checkpoint file, or use the bundled default weights."
+        elif self.ui.serverModelRadioButton.checked and not self._server()[0]:
+            reason = "Enter the PAMSegment server's address (as pamsegment serve prints it)."
         self.ui.propagateButton.enabled = not reason
         self.ui.propagateButton.toolTip = reason or "Propagate the segment through the volume in the background."
-        self.ui.cancelButton.enabled = running
+        # A job that finished between two polls is not written yet: Cancel still means "write nothing".
+        self.ui.cancelButton.enabled = self.job is not None and self.job.cancellable
 
         # An update reads the volume the segment was propagated on, so it needs no volume selected.
         if running:
@@ -327,6 +350,8 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             updateReason = "Select the segment that holds the PAM result."
         elif self.ui.checkpointModelRadioButton.checked and not self._checkpoint():
             updateReason = "Choose the PAM checkpoint file, or use the bundled default weights."
+        elif self.ui.serverModelRadioButton.checked and not self._server()[0]:
+            updateReason = "Enter the PAMSegment server's address (as pamsegment serve prints it)."
         elif entry is None:
             updateReason = "No PAM result for this segment in this session: propagate it first."
         else:
@@ -481,7 +506,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._startJob(lambda: self.logic.startPropagation(
             volume, segmentation, segmentId, mode=self._outputMode(), checkpoint=self._checkpoint(),
             device=self.ui.deviceComboBox.currentText, method=self._method(),
-            intensityGate=self.ui.intensityGateCheckBox.checked))
+            intensityGate=self.ui.intensityGateCheckBox.checked, server=self._server()))
 
     def onUpdate(self):
         if self.job is not None and not self.job.done:
@@ -491,7 +516,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         volume, segmentation, segmentId = self._inputs()
         self._startJob(lambda: self.logic.startUpdate(
             volume, segmentation, segmentId, checkpoint=self._checkpoint(), device=self.ui.deviceComboBox.currentText,
-            method=self._method(), intensityGate=self.ui.intensityGateCheckBox.checked))
+            method=self._method(), intensityGate=self.ui.intensityGateCheckBox.checked, server=self._server()))
 
     def onUndo(self):
         if self.job is not None and not self.job.done:
@@ -713,9 +738,17 @@ class PAMSegmentLogic(ScriptedLoadableModuleLogic):
             return None
         return (os.path.abspath(path), os.path.getmtime(path), device)
 
-    def _modelFor(self, method, checkpoint, device):
+    def _modelFor(self, method, checkpoint, device, server=None):
         """(cache key, model or None) for a job: PAM's network (loaded by the worker, cached across
-        runs) or a classical tracker (``method`` "track" or "copy": no network, no checkpoint)."""
+        runs), a classical tracker (``method`` "track" or "copy": no network, no checkpoint) or a
+        PAMSegment server (``method`` "server", ``server`` = (address, token or None))."""
+        if method == "server":
+            from PAMSegmentLib.errors import InputError
+            from PAMSegmentLib.remote import RemoteModel
+
+            if not server or not server[0]:
+                raise InputError("enter the PAMSegment server's address (e.g. http://gpu-box:8765)")
+            return None, RemoteModel(server[0], token=server[1])
         if method == "pam":
             key = self._modelKey(checkpoint, device)
             return key, self._models.get(key)
@@ -724,16 +757,17 @@ class PAMSegmentLogic(ScriptedLoadableModuleLogic):
         return None, get_predictor(method)
 
     def startPropagation(self, volumeNode, segmentationNode, segmentId, mode="replace", checkpoint=None,
-                         device="cpu", range=None, method="pam", intensityGate=None):
+                         device="cpu", range=None, method="pam", intensityGate=None, server=None):
         """Copy the inputs out of MRML and start the background job (returns it; poll it, then call
         ``finishPropagation``). Raises InputError for an empty or 3D segment or an unknown method.
-        ``method``: "pam" (the network: ``checkpoint`` or the bundled weights) or "track"
-        (slice-to-slice registration, no network). ``intensityGate`` (network only): True also ends
+        ``method``: "pam" (the network: ``checkpoint`` or the bundled weights), "track"
+        (slice-to-slice registration, no network) or "server" (``server`` = (address, token):
+        a ``pamsegment serve`` machine does the work). ``intensityGate`` (network only): True also ends
         the walk where the region's intensity drifts from the slice it was predicted from, False
         leaves the stop to the network, None = what the checkpoint says."""
         from PAMSegmentLib.mrml import SegmentPropagation
 
-        key, model = self._modelFor(method, checkpoint, device)
+        key, model = self._modelFor(method, checkpoint, device, server)
         # Leave a core to Slicer's GUI: the worker releases the GIL inside torch, but CPU starvation
         # would still make the views stutter.
         threads = max(1, (os.cpu_count() or 2) - 1)
@@ -744,12 +778,12 @@ class PAMSegmentLogic(ScriptedLoadableModuleLogic):
         return job.start()
 
     def startUpdate(self, volumeNode, segmentationNode, segmentId, checkpoint=None, device="cpu", method="pam",
-                    intensityGate=None):
+                    intensityGate=None, server=None):
         """Start "Update from my edits" on a segment this Logic propagated (returns the running job;
         poll it, then call ``finishPropagation``). Raises InputError when there is nothing to update."""
         from PAMSegmentLib.mrml import SegmentUpdate
 
-        key, model = self._modelFor(method, checkpoint, device)
+        key, model = self._modelFor(method, checkpoint, device, server)
         threads = max(1, (os.cpu_count() or 2) - 1)
         job = SegmentUpdate(volumeNode, segmentationNode, segmentId, self.history, checkpoint=checkpoint,
                             device=device, model=model, threads=threads,

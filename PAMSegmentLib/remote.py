@@ -7,7 +7,7 @@ Standard library only (urllib), so it runs in Slicer's Python and without torch:
     result = server.propagate(image, prompt, spacing, progress=print)
 
 ``propagate`` takes the engine's arguments and returns a ``PropagationResult`` with the mask,
-axis, per-slice confidence, slice ranges, walk stops and timings. An update
+axis, per-slice confidence, slice ranges, keyframes, walk stops and timings. An update
 (``previous=``) is run on the server as a fresh propagation: the result is the same (the local
 update is exact), only the server predicts every slice again.
 """
@@ -35,6 +35,9 @@ def decode_result(payload: bytes) -> PropagationResult:
             meta = json.loads(bytes(z["meta"]).decode())
             mask = z["mask"]
             confidence = {int(lab): z[f"confidence_{lab}"] for lab in meta["labels"]}
+            agreement = {int(lab): z[f"agreement_{lab}"] for lab in meta["labels"] if f"agreement_{lab}" in z.files}
+            keyframes = {int(lab): {int(k): z[f"keyframe_{lab}_{k}"] for k in ks}
+                         for lab, ks in meta.get("keyframes", {}).items()}
     except (ValueError, KeyError, OSError) as error:
         raise PAMError(f"the server's answer is not a PAMSegment result ({error})") from None
     return PropagationResult(
@@ -43,7 +46,7 @@ def decode_result(payload: bytes) -> PropagationResult:
         prompt_slices={int(k): list(v) for k, v in meta["prompt_slices"].items()},
         timings=meta["timings"], n_predicted=int(meta["n_predicted"]),
         range=tuple(meta["range"]) if meta.get("range") else None, early_stop=bool(meta["early_stop"]),
-        stops={int(k): v for k, v in meta["stops"].items()},
+        stops={int(k): v for k, v in meta["stops"].items()}, keyframes=keyframes, agreement=agreement,
         remove_disconnected=bool(meta["remove_disconnected"]),
     )
 

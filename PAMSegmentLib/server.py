@@ -115,9 +115,15 @@ def encode_result(result) -> bytes:
         "range": list(result.range) if result.range else None, "early_stop": result.early_stop,
         "remove_disconnected": result.remove_disconnected,
     }
-    arrays = {"mask": result.mask, "meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
+    arrays = {"mask": result.mask}
+    meta["keyframes"] = {str(lab): sorted(int(k) for k in kf) for lab, kf in result.keyframes.items()}
     for lab in labels:
         arrays[f"confidence_{lab}"] = np.asarray(result.confidence[lab], dtype=np.float32)
+        if result.agreement.get(lab) is not None:
+            arrays[f"agreement_{lab}"] = np.asarray(result.agreement[lab], dtype=np.float32)
+        for k, m in result.keyframes.get(lab, {}).items():  # drawn slices and walls, as the engine kept them
+            arrays[f"keyframe_{lab}_{int(k)}"] = np.asarray(m, dtype=bool)
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
     return buf.getvalue()

@@ -5,6 +5,7 @@ Torch runs on one thread: the machine is shared and every array here is small.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import subprocess
@@ -147,3 +148,28 @@ def run_cli():
                               stdin=subprocess.DEVNULL)
 
     return run
+
+
+@contextlib.contextmanager
+def serving(app):
+    """Serve the ASGI ``app`` with uvicorn in a thread on a free local port; yields its URL."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    t0 = time.monotonic()
+    while not server.started and time.monotonic() - t0 < 10:
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -958,6 +958,39 @@ def test_panel_registration_tracking_needs_no_network(panel, drawn, monkeypatch)
     assert ui.deviceComboBox.enabled and FakeSettings.store["PAMSegment/Method"] == "pam"
 
 
+def test_panel_propagates_on_a_server(panel, drawn, monkeypatch):
+    """A PAMSegment server does the work: nothing is loaded here, the result is written as from a
+    local run, the address is remembered and the token is not."""
+    pytest.importorskip("fastapi")
+    from conftest import serving
+    from doubles import OracleModel
+
+    from PAMSegmentLib.server import create_app
+
+    truth, volume, segmentation, segment_id = drawn
+    loads = oracle_loader(monkeypatch, truth)
+    ui = panel.ui
+    ui.segmentationSelector.setCurrentNode(segmentation)
+    ui.serverModelRadioButton.setChecked(True)
+    assert ui.serverUrlLineEdit.enabled and ui.serverTokenLineEdit.enabled
+    assert not ui.deviceComboBox.enabled and not ui.intensityGateCheckBox.enabled
+    assert not ui.propagateButton.enabled and "server's address" in ui.propagateButton.toolTip
+    with serving(create_app(lambda method: OracleModel(truth, window=3), token="tok")) as url:
+        ui.serverUrlLineEdit.text = url
+        ui.serverUrlLineEdit.emit("textChanged(QString)", url)
+        ui.serverTokenLineEdit.text = "tok"
+        assert ui.propagateButton.enabled
+        ui.propagateButton.click()
+        poll_until_idle(panel)
+    assert loads == []  # no local network
+    assert type(panel.job.model).__name__ == "RemoteModel" and panel.job.state == "finished"
+    written = _slicer().util.arrayFromSegmentBinaryLabelmap(segmentation, segment_id, volume) > 0
+    np.testing.assert_array_equal(written, truth)
+    assert FakeSettings.store["PAMSegment/Method"] == "server"
+    assert FakeSettings.store["PAMSegment/ServerUrl"] == url
+    assert "tok" not in FakeSettings.store.values()
+
+
 def test_panel_stop_where_the_tissue_changes_reaches_the_job(panel, drawn, monkeypatch):
     """The drift-test checkbox: on by default, saved in the settings, passed to the job (and to
     updates); it does not apply to the classical tracker, so it is disabled there."""

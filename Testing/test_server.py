@@ -17,7 +17,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from conftest import ellipsoid  # noqa: E402
+from conftest import ellipsoid, serving  # noqa: E402
 from PAMSegmentLib.errors import InputError, PAMError, PropagationCancelled  # noqa: E402
 from PAMSegmentLib.propagate import CancelToken, propagate  # noqa: E402
 from PAMSegmentLib.remote import RemoteModel, decode_result  # noqa: E402
@@ -70,6 +70,7 @@ def test_a_job_runs_and_its_result_is_what_propagate_returns(oracle_app):
     assert np.array_equal(got.mask, local.mask)
     assert got.slice_range == {1: (3, 13)} and got.range == (2, 13)  # the object spans 3-13
     assert np.allclose(got.confidence[1], local.confidence[1], equal_nan=True)
+    assert list(got.keyframes[1]) == [8] and np.array_equal(got.keyframes[1][8], local.keyframes[1][8])
 
 
 @pytest.mark.parametrize("body, params, message", [
@@ -164,23 +165,10 @@ def test_the_queue_is_bounded_and_a_running_job_can_be_cancelled():
 
 @pytest.fixture
 def live_server():
-    """A uvicorn server in a thread on a free port; yields (url, set_model)."""
-    import uvicorn
-
+    """A server in a thread whose model the test sets: yields (url, holder); holder["model"] = ..."""
     holder = {}
-    app = create_app(lambda method: holder["model"], token="tok")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    t0 = time.monotonic()
-    while not server.started and time.monotonic() - t0 < 10:
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}", holder
-    server.should_exit = True
-    thread.join(10)
+    with serving(create_app(lambda method: holder["model"], token="tok")) as url:
+        yield url, holder
 
 
 def test_the_client_propagates_remotely_with_progress(live_server):
