@@ -205,10 +205,17 @@ def axis_plane_name(ijk_to_ras: np.ndarray, axis: int) -> str:
     return ("sagittal", "coronal", "axial")[dominant]  # normal along R, A or S
 
 
+def _plane_names(ijk_to_ras: np.ndarray) -> list[str]:
+    """What the slices perpendicular to each array axis are called, for messages ("axial", ...;
+    "oblique (axis 0)" where two axes would share a name)."""
+    names = [axis_plane_name(ijk_to_ras, a) for a in range(3)]
+    return [f"{n} (axis {a})" if names.count(n) > 1 else n for a, n in enumerate(names)]
+
+
 def _prompt_info(prompt: np.ndarray, grid: VolumeGrid) -> PromptInfo:
     from .propagate import find_prompt_slices  # noqa: PLC0415 - keeps torch out of `import mrml`
 
-    axis, slices = find_prompt_slices(prompt)
+    axis, slices = find_prompt_slices(prompt, plane_names=_plane_names(grid.ijk_to_ras))
     lab = next(iter(slices))
     return PromptInfo(axis=axis, slices=list(slices[lab]), plane=axis_plane_name(grid.ijk_to_ras, axis),
                       n_slices=int(prompt.shape[axis]))

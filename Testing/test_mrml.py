@@ -86,6 +86,24 @@ def test_describe_prompt_finds_the_drawn_slice_and_plane(scene_with_prompt):
     assert "1 axial slice (12 of 24)" in info.describe()
 
 
+def test_a_stroke_drawn_in_a_coronal_view_beside_the_axial_drawing_is_refused(mrml_scene):
+    # The axial drawing on slice 12 (~520 voxels) and a short stroke in a coronal view (row 20)
+    # across slices 11-13 (15 voxels a slice): the panel said "Drawn on 3 axial slices (11, 12, 13)"
+    # and the result was a 15-voxel line on every slice but 12.
+    truth, image = synthetic()
+    vol = make_volume_node(image)
+    prompt = one_slice(truth, CENTER[0])
+    prompt[11:14, CENTER[1], 15:30] = 1
+    seg, ids = make_segmentation(vol, {"tumor": prompt})
+    message = (r"label 1 is drawn on more than one plane: axial slice 12 and coronal slice 20 \(axial slices 11, 13 "
+               r"hold nothing but its line, one voxel thin: a stroke drawn in another view\?\); erase what is drawn "
+               r"on coronal slice 20 and draw on axial slices only, then try again$")
+    with pytest.raises(InputError, match="^" + message):
+        describe_prompt(vol, seg, ids["tumor"])
+    with pytest.raises(InputError, match='^segment "tumor" on volume "volume": ' + message):
+        SegmentPropagation(vol, seg, ids["tumor"], model=OracleModel(truth))
+
+
 def test_axis_plane_names():
     m = np.diag([0.8, 0.9, 2.0, 1.0])
     assert [axis_plane_name(m, a) for a in (0, 1, 2)] == ["axial", "coronal", "sagittal"]
