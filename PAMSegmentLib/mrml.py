@@ -557,7 +557,8 @@ class SegmentPropagation:
             lab = next(iter(self.result.slice_range))
             first, last = self.result.slice_range[lab]
             n = last - first + 1
-            return (f"{n} {self.prompt_info.plane} slice{'s' if n != 1 else ''} ({first}-{last}), "
+            where = f"{first}-{last}" if n != 1 else f"{first}"
+            return (f"{n} {self.prompt_info.plane} slice{'s' if n != 1 else ''} ({where}), "
                     f"{self.result.n_predicted} predicted in {self.elapsed:.1f} s")
         if self._state == "failed":
             return f"failed: {self.error}"

@@ -206,35 +206,47 @@ def _stroke_lines(box: np.ndarray, start: Sequence[int], ax: int) -> tuple[dict[
     """The drawn slices along ``ax`` (volume indices) that hold nothing but a line one voxel thin
     (two voxels or more, all in one row) lying in a plane of another axis, a plane the next or
     previous drawn slice also reaches: what a stroke drawn in a perpendicular view leaves on the
-    slices it crosses. (A single voxel is no line: a sphere brush leaves one at each pole.) Returns
-    {slice: (that axis, the plane's index along it)} and every drawn slice's voxel count. ``box``:
-    the label's mask cropped to its bounding box, which starts at ``start``."""
+    slices it crosses. A single voxel counts only as the end of such a line (a sphere brush leaves
+    one at each pole). Returns {slice: (that axis, the plane's index along it)} and every drawn
+    slice's voxel count. ``box``: the label's mask cropped to its bounding box, which starts at
+    ``start``."""
     m = np.moveaxis(box, ax, 0)
     in_plane = [a for a in range(3) if a != ax]
     counts = m.sum(axis=(1, 2))
     rows = (m.any(axis=2), m.any(axis=1))  # per slice, the indices it reaches along each in-plane axis
-    lines = {}
+    lines: dict[int, tuple[int, int]] = {}  # box slice -> (which in-plane axis, box index along it)
     for s in np.flatnonzero(counts > 1):
         for which, reached in enumerate(rows):
             idx = np.flatnonzero(reached[s])
             if len(idx) == 1 and any(0 <= t < len(m) and reached[t, idx[0]] for t in (s - 1, s + 1)):
-                b = in_plane[which]
-                lines[int(s) + start[ax]] = (b, int(idx[0]) + start[b])
+                lines[int(s)] = (which, int(idx[0]))
                 break
-    return lines, {int(s) + start[ax]: int(counts[s]) for s in np.flatnonzero(counts)}
+    dots = [int(s) for s in np.flatnonzero(counts == 1)]
+    while dots:  # single voxels continuing a line in its plane
+        found = [(s, lines[t]) for s in dots for t in (s - 1, s + 1) if t in lines and rows[lines[t][0]][s, lines[t][1]]]
+        if not found:
+            break
+        lines.update(found)
+        dots = [s for s in dots if s not in lines]
+    return ({s + start[ax]: (in_plane[w], r + start[in_plane[w]]) for s, (w, r) in lines.items()},
+            {int(s) + start[ax]: int(counts[s]) for s in np.flatnonzero(counts)})
 
 
 def _mixed_planes_error(lab: int, ax: int, lines: dict[int, tuple[int, int]], drawn: Sequence[int],
-                        plane_names: Sequence[str] | None) -> InputError:
+                        plane_names: Sequence[str] | None, max_slices: int | None = None) -> InputError:
+    """The refusal of a label drawn on slices along ``ax`` and on the planes ``lines`` cross them
+    in: a stroke to erase, or with ``max_slices`` (too many slices for keyframes) two drawings."""
     main = [s for s in drawn if s not in lines]
     planes = " and ".join(_on(b, [r], plane_names) for b, r in sorted(set(lines.values())))
     only = plane_names[ax] + " slices" if plane_names is not None else f"slices along axis {ax}"
     verb = "holds" if len(lines) == 1 else "hold"
-    return InputError(
-        f"label {lab} is drawn on more than one plane: {_on(ax, main, plane_names)} and {planes} "
-        f"({_on(ax, sorted(lines), plane_names)} {verb} nothing but its line, one voxel thin: a stroke drawn in "
-        f"another view?); erase what is drawn on {planes} and draw on {only} only, then try again"
-    )
+    found = (f"label {lab} is drawn on more than one plane: {_on(ax, main, plane_names)} and {planes} "
+             f"({_on(ax, sorted(lines), plane_names)} {verb} nothing but its line, one voxel thin")
+    if max_slices is not None:
+        return InputError(f"{found}); that is not a slice prompt: draw it on slices of one plane only (one slice, "
+                          f"or a few keyframes, at most {max_slices}), then try again")
+    return InputError(f"{found}: a stroke drawn in another view?); erase what is drawn on {planes} and draw on "
+                      f"{only} only, then try again")
 
 
 def find_prompt_slices(prompt: np.ndarray, axis: int | None = None, labels: Sequence[int] | None = None,
@@ -321,6 +333,11 @@ def find_prompt_slices(prompt: np.ndarray, axis: int | None = None, labels: Sequ
                     and max(counts[s] for s in lines) <= STROKE_FRACTION * max(counts.values())):
                 raise _mixed_planes_error(lab, best, lines, sl, plane_names)
         if three_d:
+            # Mostly slices holding only the line of a drawing on another plane: two drawings (e.g. a
+            # whole axial and a whole coronal slice), not a 3D mask.
+            lines, _ = _stroke_lines(boxes[lab], starts[lab], best)
+            if lines and len(lines) >= len(sl) - len(lines):
+                raise _mixed_planes_error(lab, best, lines, sl, plane_names, max_slices)
             raise InputError(
                 f"label {lab} is drawn on {len(sl)} of {n_axis} slices along axis {best}: that is a 3D mask, "
                 f"not a slice prompt; draw it on one slice (or a few keyframes, at most {max_slices})"

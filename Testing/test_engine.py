@@ -715,6 +715,31 @@ def test_find_prompt_slices_refuses_a_stroke_drawn_in_a_perpendicular_view():
     assert find_prompt_slices(prompt, update=True) == (0, {1: [5, 12, 13, 20]})
 
 
+def test_find_prompt_slices_names_two_planes_rather_than_a_3d_mask():
+    # A whole axial drawing on slice 12 (rows 8-31) and a whole coronal one on row 20 (slices 2-21,
+    # 34 voxels a slice): refused, as before, but it was called "drawn on 20 of 24 slices along
+    # axis 0: that is a 3D mask".
+    prompt = np.zeros((24, 40, 44), np.uint8)
+    prompt[12, 8:32, 10:30] = 1
+    prompt[2:22, 20, 5:39] = 1
+    with pytest.raises(InputError, match=r"^label 1 is drawn on more than one plane: slice 12 along axis 0 and slice "
+                                         r"20 along axis 1 \(slices 2-11, 13-21 along axis 0 hold nothing but its line, "
+                                         r"one voxel thin\); that is not a slice prompt: draw it on slices of one plane "
+                                         r"only \(one slice, or a few keyframes, at most 32\), then try again$"):
+        find_prompt_slices(prompt)
+    with pytest.raises(InputError, match=r"drawn on more than one plane: axial slice 12 and coronal slice 20 "):
+        find_prompt_slices(prompt, plane_names=("axial", "coronal", "sagittal"))
+    # A stroke's end can be a single voxel in its plane: part of the line, not an axial drawing.
+    prompt[1, 20, 20] = 1
+    with pytest.raises(InputError, match=r"slice 12 along axis 0 and slice 20 along axis 1 \(slices 1-11, 13-21 "):
+        find_prompt_slices(prompt)
+    # A 3D mask is still called one.
+    box = np.zeros((24, 40, 44), np.uint8)
+    box[2:22, 10:30, 10:30] = 1
+    with pytest.raises(InputError, match=r"^label 1 is drawn on 20 of 24 slices along axis 0: that is a 3D mask"):
+        find_prompt_slices(box)
+
+
 def test_find_prompt_slices_keeps_small_objects_drawn_on_adjacent_slices():
     prompt = np.zeros((24, 40, 44), np.uint8)
     prompt[11:14, 19:22, 20:23] = 1  # a 3 x 3 px vessel drawn on slices 11-13

@@ -104,6 +104,27 @@ def test_a_stroke_drawn_in_a_coronal_view_beside_the_axial_drawing_is_refused(mr
         SegmentPropagation(vol, seg, ids["tumor"], model=OracleModel(truth))
 
 
+def test_a_drawing_on_two_whole_planes_is_named_so(mrml_scene):
+    # Axial slice 12 and coronal slice 20 of the ellipsoid: refused, as before, but the message
+    # said "drawn on 17 of 24 slices along axis 0: that is a 3D mask".
+    truth, image = synthetic()
+    vol = make_volume_node(image)
+    seg, ids = make_segmentation(vol, {"tumor": one_slice(truth, CENTER[0]) | one_slice(truth, CENTER[1], axis=1)})
+    with pytest.raises(InputError, match=r"^label 1 is drawn on more than one plane: axial slice 12 and coronal slice "
+                                         r"20 \(axial slices 4-11, 13-20 hold nothing but its line, one voxel thin\); "
+                                         r"that is not a slice prompt: draw it on slices of one plane only"):
+        describe_prompt(vol, seg, ids["tumor"])
+
+
+def test_summary_of_a_single_slice_result(mrml_scene):
+    truth, image = synthetic()
+    vol = make_volume_node(np.ascontiguousarray(image[12:13]))
+    seg, ids = make_segmentation(vol, {"tumor": one_slice(truth[12:13], 0)})
+    job = SegmentPropagation(vol, seg, ids["tumor"], model=OracleModel(truth[12:13]))
+    job.run()
+    assert job.summary().startswith("1 axial slice (0), 0 predicted in ")
+
+
 def test_axis_plane_names():
     m = np.diag([0.8, 0.9, 2.0, 1.0])
     assert [axis_plane_name(m, a) for a in (0, 1, 2)] == ["axial", "coronal", "sagittal"]
