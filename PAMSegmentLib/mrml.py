@@ -186,6 +186,48 @@ def segment_mask(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
     return (np.asarray(array) > 0).astype(np.uint8)
 
 
+def _prompt_mask(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
+    """``segment_mask`` of the segment the user drew as the prompt. If nothing of it lands on the
+    volume's grid although the segment holds voxels, an InputError says why, rather than the
+    engine's "the prompt is empty"."""
+    mask = segment_mask(segmentation_node, segment_id, volume_node)
+    if not mask.any():
+        _explain_lost_prompt(segmentation_node, segment_id, volume_node)
+    return mask
+
+
+def _explain_lost_prompt(segmentation_node, segment_id: str, volume_node) -> None:
+    """InputError if the segment holds voxels of its own (none reached the volume's grid): drawn on
+    a thin slice of a finer segmentation grid, between the volume's slices (the export onto the
+    volume is nearest neighbour), or outside the volume. Returns if the segment is empty."""
+    slicer = _slicer()
+    import vtk  # noqa: PLC0415
+    from vtk.util import numpy_support  # noqa: PLC0415
+
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+    stored = segment.GetRepresentation(_binary_name())
+    if stored is None or stored.GetPointData().GetScalars() is None or stored.IsEmpty():
+        return
+    held = int(np.count_nonzero(numpy_support.vtk_to_numpy(stored.GetPointData().GetScalars()) == segment.GetLabelValue()))
+    if not held:
+        return
+    m = vtk.vtkMatrix4x4()
+    stored.GetImageToWorldMatrix(m)
+    own = np.linalg.norm(slicer.util.arrayFromVTKMatrix(m)[:3, :3], axis=0)  # voxel size along i, j, k (mm)
+    theirs = np.linalg.norm(_grid_of(volume_node).ijk_to_ras[:3, :3], axis=0)
+    name, volume = segment.GetName(), volume_node.GetName()
+    if np.prod(own) < np.prod(theirs) * (1 - 1e-6):
+        sizes = [" x ".join(f"{v:.3g}" for v in size) for size in (own, theirs)]
+        raise InputError(
+            f'segment "{name}" holds {held} voxels, but none falls on a voxel of volume "{volume}": the segmentation\'s '
+            f"grid ({sizes[0]} mm voxels) is finer than the volume's ({sizes[1]} mm), so a drawing on its thin slices "
+            f"can lie between the volume's slices (or the segment lies outside the volume). Draw on the volume's own "
+            f'slices: in the Segment Editor, set the segmentation\'s geometry from volume "{volume}" (Specify '
+            "geometry), then draw again")
+    raise InputError(f'segment "{name}" holds {held} voxels, but none lies inside volume "{volume}": draw it on this '
+                     "volume, or select the volume it was drawn on")
+
+
 def axis_plane_name(ijk_to_ras: np.ndarray, axis: int) -> str:
     """Anatomical name of the slices that are perpendicular to array ``axis`` (k, j, i order).
 
@@ -227,7 +269,7 @@ def describe_prompt(volume_node, segmentation_node, segment_id: str) -> PromptIn
         raise InputError("select a scalar volume")
     _check_scalar_volume(volume_node)  # as volume_array will check it on Propagate
     grid = _grid_of(volume_node)
-    mask = segment_mask(segmentation_node, segment_id, volume_node)
+    mask = _prompt_mask(segmentation_node, segment_id, volume_node)
     return _prompt_info(mask, grid)
 
 
@@ -461,7 +503,7 @@ class SegmentPropagation:
             raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         segment = _segment(segmentation_node, segment_id)
         self.image, self.grid = volume_array(volume_node)
-        self.prompt = segment_mask(segmentation_node, segment_id, volume_node)
+        self.prompt = _prompt_mask(segmentation_node, segment_id, volume_node)
         self.source = self.prompt  # what the segment held when the job was made (apply checks it is unchanged)
         try:
             self.prompt_info = _prompt_info(self.prompt, self.grid)

@@ -340,6 +340,44 @@ def test_segmentation_at_a_finer_resolution_than_the_volume(mrml_scene, oblique)
     assert dice(segment_on_volume(seg, ids["tumor"], vol), truth) == pytest.approx(1.0)
 
 
+def test_drawing_between_the_volumes_slices_on_a_finer_grid_is_explained(mrml_scene):
+    # Segmentation slices 0.5 mm thick under the volume's 2 mm ones: thin slice n is centred at
+    # z = 6.75 + 0.5 n mm, volume slice 12 spans z 30.5-32.5 mm and holds thin slices 48-51. Read
+    # onto the volume (nearest neighbour) only slice 50 counts, so a drawing on 49 vanished and the
+    # user was told "the prompt is empty: draw the object on one slice".
+    truth, image = synthetic()
+    vol = make_volume_node(image)
+    fine = make_volume_node(np.zeros((96, 40, 44), np.uint8), name="0.5 mm slices",
+                            ijk_to_ras=np.array([[0.8, 0, 0, -12.0], [0, 0.9, 0, 30.0], [0, 0, 0.5, 6.75], [0, 0, 0, 1]]))
+    drawn = np.zeros((96, 40, 44), np.uint8)
+    drawn[49] = truth[CENTER[0]]
+    seg, ids = make_segmentation(fine, {"tumor": drawn})
+    message = (r'^segment "tumor" holds 525 voxels, but none falls on a voxel of volume "volume": the segmentation\'s '
+               r"grid \(0.8 x 0.9 x 0.5 mm voxels\) is finer than the volume's \(0.8 x 0.9 x 2 mm\), so a drawing on "
+               r"its thin slices can lie between the volume's slices \(or the segment lies outside the volume\)\. Draw "
+               r"on the volume's own slices: in the Segment Editor, set the segmentation's geometry from volume "
+               r'"volume" \(Specify geometry\), then draw again$')
+    assert int(truth[CENTER[0]].sum()) == 525
+    with pytest.raises(InputError, match=message):
+        describe_prompt(vol, seg, ids["tumor"])
+    with pytest.raises(InputError, match=message):
+        SegmentPropagation(vol, seg, ids["tumor"], model=OracleModel(truth))
+    drawn[49], drawn[50] = 0, truth[CENTER[0]]
+    seg, ids = make_segmentation(fine, {"tumor": drawn})
+    assert describe_prompt(vol, seg, ids["tumor"]).slices == [CENTER[0]]
+
+
+def test_segment_drawn_outside_the_volume_is_explained(mrml_scene):
+    truth, image = synthetic()
+    vol = make_volume_node(image)
+    elsewhere = make_volume_node(image, name="other scan",
+                                 ijk_to_ras=np.array([[0.8, 0, 0, 188.0], [0, 0.9, 0, 30.0], [0, 0, 2.0, 7.5], [0, 0, 0, 1]]))
+    seg, ids = make_segmentation(elsewhere, {"tumor": one_slice(truth, CENTER[0])})
+    with pytest.raises(InputError, match='^segment "tumor" holds 525 voxels, but none lies inside volume "volume": '
+                                         "draw it on this volume, or select the volume it was drawn on$"):
+        describe_prompt(vol, seg, ids["tumor"])
+
+
 def test_volume_under_a_transform(mrml_scene):
     """The volume is moved by a transform, the segmentation is not: the result must follow the volume
     (slicer.util.updateSegmentBinaryLabelmapFromArray would put it 8 mm off)."""
