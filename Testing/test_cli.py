@@ -254,6 +254,21 @@ def test_missing_default_weights_via_environment(ct_case, tmp_path, run_cli):
     assert not out.exists()
 
 
+def test_default_weights_that_do_not_match_their_model_card_are_refused(ct_case, small_checkpoint, tmp_path,
+                                                                       monkeypatch, capsys):
+    weights = tmp_path / "pam_small.pt"
+    weights.write_bytes(small_checkpoint.path.read_bytes())
+    (tmp_path / "pam_small.json").write_text('{"file": "pam_small.pt", "sha256_weights": "%s"}' % ("0" * 64))
+    monkeypatch.setenv("PAMSEGMENT_MODEL", str(weights))
+    out = ct_case.directory / "out.nii.gz"
+    assert cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"pamsegment: error: checkpoint {weights} does not match its model card pam_small.json: "
+                          f"its weights' sha256 is {small_checkpoint.sha256[:16]}..., the card's 0000000000000000...")
+    assert len(err.splitlines()) == 1
+    assert not out.exists()
+
+
 def test_no_default_weights_installed(ct_case, monkeypatch, capsys):
     from PAMSegmentLib import checkpoints
 
