@@ -14,6 +14,7 @@ checkpoint is untrusted input:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -439,8 +440,38 @@ def default_checkpoint_path() -> Path | None:
     return None
 
 
+def _is_default_weights(path: str | os.PathLike) -> bool:
+    default = default_checkpoint_path()
+    try:
+        return default is not None and os.path.samefile(path, default)
+    except OSError:  # either is missing: the load reports it
+        return False
+
+
+def _check_model_card(path: Path, model: PAMModel) -> None:
+    """The default weights against their model card, ``<name>.json`` beside them (written by
+    scripts/make_model_card.py): the weights' sha256, computed while loading anyway (no second
+    pass over the file), must be the one the card records. A damaged install, or a file replaced
+    by other weights, is refused. A checkpoint with no card naming it is not checked."""
+    card_path = path.with_suffix(".json")
+    try:
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if not isinstance(card, dict) or card.get("file") != path.name or not isinstance(card.get("sha256_weights"), str):
+        return
+    if card["sha256_weights"] != model.sha256:
+        raise CheckpointError(
+            f"checkpoint {path} does not match its model card {card_path.name}: its weights' sha256 is "
+            f"{model.sha256[:16]}..., the card's {card['sha256_weights'][:16]}...; the install is damaged or the file "
+            "was replaced: reinstall PAMSegment (if you changed the weights on purpose, write the card again with "
+            "scripts/make_model_card.py)"
+        )
+
+
 def load_model(path: str | os.PathLike | None = None, device: str = "cpu") -> PAMModel:
-    """Load a checkpoint, or the shipped default weights when ``path`` is None."""
+    """Load a checkpoint, or the shipped default weights when ``path`` is None. The default
+    weights (also when ``path`` is their file) are checked against their model card."""
     if path is None:
         path = default_checkpoint_path()
         if path is None:
@@ -450,16 +481,28 @@ def load_model(path: str | os.PathLike | None = None, device: str = "cpu") -> PA
             )
         if os.environ.get("PAMSEGMENT_MODEL"):
             try:
-                return load_checkpoint_file(path, device=device)
+                return _load_default(Path(path), device)
             except CheckpointError as exc:  # say where the file came from: a variable set long ago
                 raise CheckpointError(f"{exc} (the file PAMSEGMENT_MODEL names; point it at a good checkpoint, "
                                       "unset it, or pass --checkpoint CKPT)") from None
+        return _load_default(Path(path), device)
+    if _is_default_weights(path):
+        return _load_default(Path(path), device)
     return load_checkpoint_file(path, device=device)
 
 
+def _load_default(path: Path, device: str) -> PAMModel:
+    model = load_checkpoint_file(path, device=device)
+    _check_model_card(path, model)
+    return model
+
+
 def describe_checkpoint(path: str | os.PathLike) -> dict:
-    """What `pamsegment info` prints. Raises CheckpointError when the file does not load."""
+    """What `pamsegment info` prints. Raises CheckpointError when the file does not load (or, for
+    the default weights, does not match their model card)."""
     model = load_checkpoint_file(path)
+    if _is_default_weights(path):
+        _check_model_card(Path(path), model)
     return {
         "file": str(path),
         "size_mb": round(Path(path).stat().st_size / 1e6, 2),

@@ -479,9 +479,9 @@ def _one_line(exc: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``pamsegment`` with ``argv`` (default: sys.argv[1:]); returns the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(argv).parse_args(argv)  # usage errors exit 2 through argparse
-    try:
+    try:  # also around the parser: building it imports the chosen subcommand's module
+        argv = list(sys.argv[1:] if argv is None else argv)
+        args = build_parser(argv).parse_args(argv)  # usage errors exit 2 through argparse
         return int(_resolve(args._run)(args) or EXIT_OK)
     except (PropagationCancelled, KeyboardInterrupt):
         print(f"{PROG}: interrupted; nothing was written", file=sys.stderr)

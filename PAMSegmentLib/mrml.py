@@ -186,6 +186,48 @@ def segment_mask(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
     return (np.asarray(array) > 0).astype(np.uint8)
 
 
+def _prompt_mask(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
+    """``segment_mask`` of the segment the user drew as the prompt. If nothing of it lands on the
+    volume's grid although the segment holds voxels, an InputError says why, rather than the
+    engine's "the prompt is empty"."""
+    mask = segment_mask(segmentation_node, segment_id, volume_node)
+    if not mask.any():
+        _explain_lost_prompt(segmentation_node, segment_id, volume_node)
+    return mask
+
+
+def _explain_lost_prompt(segmentation_node, segment_id: str, volume_node) -> None:
+    """InputError if the segment holds voxels of its own (none reached the volume's grid): drawn on
+    a thin slice of a finer segmentation grid, between the volume's slices (the export onto the
+    volume is nearest neighbour), or outside the volume. Returns if the segment is empty."""
+    slicer = _slicer()
+    import vtk  # noqa: PLC0415
+    from vtk.util import numpy_support  # noqa: PLC0415
+
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+    stored = segment.GetRepresentation(_binary_name())
+    if stored is None or stored.GetPointData().GetScalars() is None or stored.IsEmpty():
+        return
+    held = int(np.count_nonzero(numpy_support.vtk_to_numpy(stored.GetPointData().GetScalars()) == segment.GetLabelValue()))
+    if not held:
+        return
+    m = vtk.vtkMatrix4x4()
+    stored.GetImageToWorldMatrix(m)
+    own = np.linalg.norm(slicer.util.arrayFromVTKMatrix(m)[:3, :3], axis=0)  # voxel size along i, j, k (mm)
+    theirs = np.linalg.norm(_grid_of(volume_node).ijk_to_ras[:3, :3], axis=0)
+    name, volume = segment.GetName(), volume_node.GetName()
+    if np.prod(own) < np.prod(theirs) * (1 - 1e-6):
+        sizes = [" x ".join(f"{v:.3g}" for v in size) for size in (own, theirs)]
+        raise InputError(
+            f'segment "{name}" holds {held} voxels, but none falls on a voxel of volume "{volume}": the segmentation\'s '
+            f"grid ({sizes[0]} mm voxels) is finer than the volume's ({sizes[1]} mm), so a drawing on its thin slices "
+            f"can lie between the volume's slices (or the segment lies outside the volume). Draw on the volume's own "
+            f'slices: in the Segment Editor, set the segmentation\'s geometry from volume "{volume}" (Specify '
+            "geometry), then draw again")
+    raise InputError(f'segment "{name}" holds {held} voxels, but none lies inside volume "{volume}": draw it on this '
+                     "volume, or select the volume it was drawn on")
+
+
 def axis_plane_name(ijk_to_ras: np.ndarray, axis: int) -> str:
     """Anatomical name of the slices that are perpendicular to array ``axis`` (k, j, i order).
 
@@ -205,10 +247,17 @@ def axis_plane_name(ijk_to_ras: np.ndarray, axis: int) -> str:
     return ("sagittal", "coronal", "axial")[dominant]  # normal along R, A or S
 
 
+def _plane_names(ijk_to_ras: np.ndarray) -> list[str]:
+    """What the slices perpendicular to each array axis are called, for messages ("axial", ...;
+    "oblique (axis 0)" where two axes would share a name)."""
+    names = [axis_plane_name(ijk_to_ras, a) for a in range(3)]
+    return [f"{n} (axis {a})" if names.count(n) > 1 else n for a, n in enumerate(names)]
+
+
 def _prompt_info(prompt: np.ndarray, grid: VolumeGrid) -> PromptInfo:
     from .propagate import find_prompt_slices  # noqa: PLC0415 - keeps torch out of `import mrml`
 
-    axis, slices = find_prompt_slices(prompt)
+    axis, slices = find_prompt_slices(prompt, plane_names=_plane_names(grid.ijk_to_ras))
     lab = next(iter(slices))
     return PromptInfo(axis=axis, slices=list(slices[lab]), plane=axis_plane_name(grid.ijk_to_ras, axis),
                       n_slices=int(prompt.shape[axis]))
@@ -220,7 +269,7 @@ def describe_prompt(volume_node, segmentation_node, segment_id: str) -> PromptIn
         raise InputError("select a scalar volume")
     _check_scalar_volume(volume_node)  # as volume_array will check it on Propagate
     grid = _grid_of(volume_node)
-    mask = segment_mask(segmentation_node, segment_id, volume_node)
+    mask = _prompt_mask(segmentation_node, segment_id, volume_node)
     return _prompt_info(mask, grid)
 
 
@@ -456,7 +505,7 @@ class SegmentPropagation:
             raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         segment = _segment(segmentation_node, segment_id)
         self.image, self.grid = volume_array(volume_node)
-        self.prompt = segment_mask(segmentation_node, segment_id, volume_node)
+        self.prompt = _prompt_mask(segmentation_node, segment_id, volume_node)
         self.source = self.prompt  # what the segment held when the job was made (apply checks it is unchanged)
         try:
             self.prompt_info = _prompt_info(self.prompt, self.grid)
@@ -552,7 +601,8 @@ class SegmentPropagation:
             lab = next(iter(self.result.slice_range))
             first, last = self.result.slice_range[lab]
             n = last - first + 1
-            return (f"{n} {self.prompt_info.plane} slice{'s' if n != 1 else ''} ({first}-{last}), "
+            where = f"{first}-{last}" if n != 1 else f"{first}"
+            return (f"{n} {self.prompt_info.plane} slice{'s' if n != 1 else ''} ({where}), "
                     f"{self.result.n_predicted} predicted in {self.elapsed:.1f} s")
         if self._state == "failed":
             return f"failed: {self.error}"

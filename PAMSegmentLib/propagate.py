@@ -177,13 +177,91 @@ def _thickness(mask: np.ndarray, ax: int) -> int:
     return int(m.any())
 
 
+def _slice_list(slices: Sequence[int]) -> str:
+    """Slice numbers for a message: runs of consecutive ones as ranges ("4-11, 13, 15-20")."""
+    runs: list[list[int]] = []
+    for s in sorted(slices):
+        if runs and s == runs[-1][-1] + 1:
+            runs[-1].append(s)
+        else:
+            runs.append([s])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 2 else ", ".join(map(str, r)) for r in runs)
+
+
+def _on(ax: int, slices: Sequence[int], plane_names: Sequence[str] | None) -> str:
+    """``axial slices 11, 13`` with plane names, else ``slices 11, 13 along axis 0``."""
+    word = "slice" if len(slices) == 1 else "slices"
+    if plane_names is not None:
+        return f"{plane_names[ax]} {word} {_slice_list(slices)}"
+    return f"{word} {_slice_list(slices)} along axis {ax}"
+
+
+# A drawn slice holding only a line (two or more voxels in one row) of at most this fraction of
+# the largest drawn slice's voxels, beside a slice that reaches the same row, is the trace of a
+# stroke drawn in a perpendicular view, not a keyframe (find_prompt_slices).
+STROKE_FRACTION = 0.25
+
+
+def _stroke_lines(box: np.ndarray, start: Sequence[int], ax: int) -> tuple[dict[int, tuple[int, int]], dict[int, int]]:
+    """The drawn slices along ``ax`` (volume indices) that hold nothing but a line one voxel thin
+    (two voxels or more, all in one row) lying in a plane of another axis, a plane the next or
+    previous drawn slice also reaches: what a stroke drawn in a perpendicular view leaves on the
+    slices it crosses. A single voxel counts only as the end of such a line (a sphere brush leaves
+    one at each pole). Returns {slice: (that axis, the plane's index along it)} and every drawn
+    slice's voxel count. ``box``: the label's mask cropped to its bounding box, which starts at
+    ``start``."""
+    m = np.moveaxis(box, ax, 0)
+    in_plane = [a for a in range(3) if a != ax]
+    counts = m.sum(axis=(1, 2))
+    rows = (m.any(axis=2), m.any(axis=1))  # per slice, the indices it reaches along each in-plane axis
+    lines: dict[int, tuple[int, int]] = {}  # box slice -> (which in-plane axis, box index along it)
+    for s in np.flatnonzero(counts > 1):
+        for which, reached in enumerate(rows):
+            idx = np.flatnonzero(reached[s])
+            if len(idx) == 1 and any(0 <= t < len(m) and reached[t, idx[0]] for t in (s - 1, s + 1)):
+                lines[int(s)] = (which, int(idx[0]))
+                break
+    dots = [int(s) for s in np.flatnonzero(counts == 1)]
+    while dots:  # single voxels continuing a line in its plane
+        found = [(s, lines[t]) for s in dots for t in (s - 1, s + 1) if t in lines and rows[lines[t][0]][s, lines[t][1]]]
+        if not found:
+            break
+        lines.update(found)
+        dots = [s for s in dots if s not in lines]
+    return ({s + start[ax]: (in_plane[w], r + start[in_plane[w]]) for s, (w, r) in lines.items()},
+            {int(s) + start[ax]: int(counts[s]) for s in np.flatnonzero(counts)})
+
+
+def _mixed_planes_error(lab: int, ax: int, lines: dict[int, tuple[int, int]], drawn: Sequence[int],
+                        plane_names: Sequence[str] | None, max_slices: int | None = None) -> InputError:
+    """The refusal of a label drawn on slices along ``ax`` and on the planes ``lines`` cross them
+    in: a stroke to erase, or with ``max_slices`` (too many slices for keyframes) two drawings."""
+    main = [s for s in drawn if s not in lines]
+    planes = " and ".join(_on(b, [r], plane_names) for b, r in sorted(set(lines.values())))
+    only = plane_names[ax] + " slices" if plane_names is not None else f"slices along axis {ax}"
+    verb = "holds" if len(lines) == 1 else "hold"
+    found = (f"label {lab} is drawn on more than one plane: {_on(ax, main, plane_names)} and {planes} "
+             f"({_on(ax, sorted(lines), plane_names)} {verb} nothing but its line, one voxel thin")
+    if max_slices is not None:
+        return InputError(f"{found}); that is not a slice prompt: draw it on slices of one plane only (one slice, "
+                          f"or a few keyframes, at most {max_slices}), then try again")
+    return InputError(f"{found}: a stroke drawn in another view?); erase what is drawn on {planes} and draw on "
+                      f"{only} only, then try again")
+
+
 def find_prompt_slices(prompt: np.ndarray, axis: int | None = None, labels: Sequence[int] | None = None,
-                       max_slices: int = MAX_PROMPT_SLICES) -> tuple[int, dict[int, list[int]]]:
+                       max_slices: int = MAX_PROMPT_SLICES, *, plane_names: Sequence[str] | None = None,
+                       update: bool = False) -> tuple[int, dict[int, list[int]]]:
     """Propagation axis and, per label, the slices the prompt is drawn on.
 
     The axis, unless given, is the one along which the drawing is thinnest (drawn slices are one
     voxel thick along it, two where keyframes are adjacent), then occupies the fewest slices
-    (summed over labels). A label drawn on slices of another axis than the chosen one is refused.
+    (summed over labels). A label drawn on slices of another axis than the chosen one is refused,
+    and so is one whose extra slices hold only the thin line a stroke drawn in a perpendicular
+    view leaves on them (next to a drawn slice, at most STROKE_FRACTION of the largest one's
+    voxels), unless ``update`` (the slices are an earlier result's, edited: a thin slice there is
+    the object's tip). ``plane_names``: what the slices perpendicular to each axis are called
+    (e.g. axial, coronal, sagittal), for the messages.
     """
     if prompt.ndim != 3:
         raise InputError(f"the prompt must be a 3D label map, got {prompt.ndim}D")
@@ -248,7 +326,18 @@ def find_prompt_slices(prompt: np.ndarray, axis: int | None = None, labels: Sequ
             f"{len(sl)} slices along axis {best}, the propagation axis: {how}"
         )
     for lab, sl in slices.items():
-        if len(sl) > max_slices or (len(sl) > 2 and len(sl) > n_axis // 2):
+        three_d = len(sl) > max_slices or (len(sl) > 2 and len(sl) > n_axis // 2)
+        if not (update or three_d or len(sl) < 2):
+            lines, counts = _stroke_lines(boxes[lab], starts[lab], best)
+            if (lines and len(lines) < len(sl)
+                    and max(counts[s] for s in lines) <= STROKE_FRACTION * max(counts.values())):
+                raise _mixed_planes_error(lab, best, lines, sl, plane_names)
+        if three_d:
+            # Mostly slices holding only the line of a drawing on another plane: two drawings (e.g. a
+            # whole axial and a whole coronal slice), not a 3D mask.
+            lines, _ = _stroke_lines(boxes[lab], starts[lab], best)
+            if lines and len(lines) >= len(sl) - len(lines):
+                raise _mixed_planes_error(lab, best, lines, sl, plane_names, max_slices)
             raise InputError(
                 f"label {lab} is drawn on {len(sl)} of {n_axis} slices along axis {best}: that is a 3D mask, "
                 f"not a slice prompt; draw it on one slice (or a few keyframes, at most {max_slices})"
@@ -854,7 +943,7 @@ def propagate(
             raise InputError("the prompt must be an integer label map")
     if not np.issubdtype(prompt.dtype, np.integer):
         prompt = prompt.astype(np.int32)  # bool or integral floats; integer label maps are used as they are
-    ax, slices = find_prompt_slices(prompt, axis=axis, labels=labels)
+    ax, slices = find_prompt_slices(prompt, axis=axis, labels=labels, update=previous is not None)
     if remove_disconnected is None:
         remove_disconnected = early_stop
 

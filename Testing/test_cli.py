@@ -3,6 +3,8 @@ sees, including exit codes and the absence of tracebacks for bad input."""
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -252,6 +254,21 @@ def test_missing_default_weights_via_environment(ct_case, tmp_path, run_cli):
     assert not out.exists()
 
 
+def test_default_weights_that_do_not_match_their_model_card_are_refused(ct_case, small_checkpoint, tmp_path,
+                                                                       monkeypatch, capsys):
+    weights = tmp_path / "pam_small.pt"
+    weights.write_bytes(small_checkpoint.path.read_bytes())
+    (tmp_path / "pam_small.json").write_text('{"file": "pam_small.pt", "sha256_weights": "%s"}' % ("0" * 64))
+    monkeypatch.setenv("PAMSEGMENT_MODEL", str(weights))
+    out = ct_case.directory / "out.nii.gz"
+    assert cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"pamsegment: error: checkpoint {weights} does not match its model card pam_small.json: "
+                          f"its weights' sha256 is {small_checkpoint.sha256[:16]}..., the card's 0000000000000000...")
+    assert len(err.splitlines()) == 1
+    assert not out.exists()
+
+
 def test_no_default_weights_installed(ct_case, monkeypatch, capsys):
     from PAMSegmentLib import checkpoints
 
@@ -316,6 +333,60 @@ def test_interrupted_run_exits_130_and_writes_nothing(ct_case, small_checkpoint,
     assert code == 130
     assert "interrupted; nothing was written" in capsys.readouterr().err
     assert not out.exists()
+
+
+class _InterruptedImport:
+    """A meta path finder under which importing module ``name`` raises KeyboardInterrupt: Ctrl-C
+    pressed while that module loads."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == self.name:
+            raise KeyboardInterrupt
+        return None
+
+
+def _interrupt_import(monkeypatch, name: str) -> None:
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(sys, "meta_path", [_InterruptedImport(name), *sys.meta_path])
+
+
+def test_ctrl_c_while_the_subcommands_module_loads_exits_130_in_one_line(monkeypatch, capsys):
+    # `pamsegment demo` imports PAMSegmentLib.demo while building the parser, which ran outside
+    # main's try: Ctrl-C there printed a KeyboardInterrupt traceback.
+    _interrupt_import(monkeypatch, "PAMSegmentLib.demo")
+    try:
+        code = cli.main(["demo"])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C while the subcommand's module loaded escaped main()")
+    assert code == 130
+    assert capsys.readouterr().err == "pamsegment: interrupted; nothing was written\n"
+
+
+def test_ctrl_c_while_the_command_itself_loads_exits_130_in_one_line(monkeypatch, capsys):
+    # The entry point (pyproject's `pamsegment`, and `python -m PAMSegmentLib`) imports cli
+    # (~20 ms) before cli.main can catch anything.
+    from PAMSegmentLib.__main__ import run
+
+    _interrupt_import(monkeypatch, "PAMSegmentLib.cli")
+    try:
+        code = run()
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C while PAMSegmentLib.cli loaded escaped the entry point")
+    assert code == 130
+    assert capsys.readouterr().err == "pamsegment: interrupted; nothing was written\n"
+
+
+def test_the_command_runs_main_through_its_entry_point(monkeypatch, capsys):
+    from PAMSegmentLib import __version__
+    from PAMSegmentLib.__main__ import run
+
+    monkeypatch.setattr(sys, "argv", ["pamsegment", "--version"])
+    with pytest.raises(SystemExit) as exit_:
+        run()
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"pamsegment {__version__}"
 
 
 def test_a_method_is_one_registry_entry(ct_case, monkeypatch, capsys):

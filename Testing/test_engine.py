@@ -688,6 +688,72 @@ def test_find_prompt_slices_thin_object_on_several_keyframes():
     assert find_prompt_slices(prompt) == (0, {1: [8, 9, 16, 24, 32]})
 
 
+def test_find_prompt_slices_refuses_a_stroke_drawn_in_a_perpendicular_view():
+    # An axial drawing on slice 12 (a 20 x 20 square, 400 voxels) and a short stroke drawn in a
+    # coronal view (row 20) across slices 11-13: slices 11 and 13 hold only its 15-voxel line
+    # (15 <= 0.25 x 400). Taken as keyframes, they made the result a line on every slice.
+    prompt = np.zeros((24, 40, 44), np.uint8)
+    prompt[12, 10:30, 10:30] = 1
+    prompt[11:14, 20, 15:30] = 1
+    with pytest.raises(InputError, match=r"^label 1 is drawn on more than one plane: slice 12 along axis 0 and slice "
+                                         r"20 along axis 1 \(slices 11, 13 along axis 0 hold nothing but its line, "
+                                         r"one voxel thin: a stroke drawn in another view\?\); erase what is drawn on "
+                                         r"slice 20 along axis 1 and draw on slices along axis 0 only, then try again$"):
+        find_prompt_slices(prompt)
+    with pytest.raises(InputError, match=r"axial slice 12 and coronal slice 20 \(axial slices 11, 13 hold nothing "
+                                         r"but its line.*draw on axial slices only"):
+        find_prompt_slices(prompt, plane_names=("axial", "coronal", "sagittal"))
+    # Beside keyframes 5 and 20, a stroke across slices 12-13 leaves its line on slice 13 only.
+    prompt[11] = prompt[13] = 0
+    prompt[5, 10:30, 10:30] = prompt[20, 10:30, 10:30] = 1
+    prompt[13, 20, 15:30] = 1
+    with pytest.raises(InputError, match=r"^label 1 is drawn on more than one plane: slices 5, 12, 20 along axis 0 "
+                                         r"and slice 20 along axis 1 \(slice 13 along axis 0 holds nothing but"):
+        find_prompt_slices(prompt)
+    # An update's keyframes are whole slices of an earlier result: a thin slice there is the
+    # object's tip, not a stroke.
+    assert find_prompt_slices(prompt, update=True) == (0, {1: [5, 12, 13, 20]})
+
+
+def test_find_prompt_slices_names_two_planes_rather_than_a_3d_mask():
+    # A whole axial drawing on slice 12 (rows 8-31) and a whole coronal one on row 20 (slices 2-21,
+    # 34 voxels a slice): refused, as before, but it was called "drawn on 20 of 24 slices along
+    # axis 0: that is a 3D mask".
+    prompt = np.zeros((24, 40, 44), np.uint8)
+    prompt[12, 8:32, 10:30] = 1
+    prompt[2:22, 20, 5:39] = 1
+    with pytest.raises(InputError, match=r"^label 1 is drawn on more than one plane: slice 12 along axis 0 and slice "
+                                         r"20 along axis 1 \(slices 2-11, 13-21 along axis 0 hold nothing but its line, "
+                                         r"one voxel thin\); that is not a slice prompt: draw it on slices of one plane "
+                                         r"only \(one slice, or a few keyframes, at most 32\), then try again$"):
+        find_prompt_slices(prompt)
+    with pytest.raises(InputError, match=r"drawn on more than one plane: axial slice 12 and coronal slice 20 "):
+        find_prompt_slices(prompt, plane_names=("axial", "coronal", "sagittal"))
+    # A stroke's end can be a single voxel in its plane: part of the line, not an axial drawing.
+    prompt[1, 20, 20] = 1
+    with pytest.raises(InputError, match=r"slice 12 along axis 0 and slice 20 along axis 1 \(slices 1-11, 13-21 "):
+        find_prompt_slices(prompt)
+    # A 3D mask is still called one.
+    box = np.zeros((24, 40, 44), np.uint8)
+    box[2:22, 10:30, 10:30] = 1
+    with pytest.raises(InputError, match=r"^label 1 is drawn on 20 of 24 slices along axis 0: that is a 3D mask"):
+        find_prompt_slices(box)
+
+
+def test_find_prompt_slices_keeps_small_objects_drawn_on_adjacent_slices():
+    prompt = np.zeros((24, 40, 44), np.uint8)
+    prompt[11:14, 19:22, 20:23] = 1  # a 3 x 3 px vessel drawn on slices 11-13
+    assert find_prompt_slices(prompt) == (0, {1: [11, 12, 13]})
+    # Tapering to a 3-voxel row on slices 11 and 13: more than a quarter of slice 12's 9 voxels.
+    prompt[11, [19, 21]] = prompt[13, [19, 21]] = 0
+    assert find_prompt_slices(prompt) == (0, {1: [11, 12, 13]})
+    # A ball painted with a sphere brush (radius 3): one voxel at each pole is no line.
+    k, j, i = np.ogrid[:24, :40, :44]
+    ball = ((k - 12) ** 2 + (j - 20) ** 2 + (i - 22) ** 2 <= 9).astype(np.uint8)
+    assert ball[9].sum() == ball[15].sum() == 1
+    assert find_prompt_slices(ball, axis=0) == (0, {1: list(range(9, 16))})
+
+
 @pytest.mark.parametrize("value", [-1, 70000])
 def test_find_prompt_slices_refuses_labels_a_result_cannot_hold(value):
     prompt = np.zeros((12, 10, 10), np.int32)

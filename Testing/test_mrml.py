@@ -86,6 +86,45 @@ def test_describe_prompt_finds_the_drawn_slice_and_plane(scene_with_prompt):
     assert "1 axial slice (12 of 24)" in info.describe()
 
 
+def test_a_stroke_drawn_in_a_coronal_view_beside_the_axial_drawing_is_refused(mrml_scene):
+    # The axial drawing on slice 12 (~520 voxels) and a short stroke in a coronal view (row 20)
+    # across slices 11-13 (15 voxels a slice): the panel said "Drawn on 3 axial slices (11, 12, 13)"
+    # and the result was a 15-voxel line on every slice but 12.
+    truth, image = synthetic()
+    vol = make_volume_node(image)
+    prompt = one_slice(truth, CENTER[0])
+    prompt[11:14, CENTER[1], 15:30] = 1
+    seg, ids = make_segmentation(vol, {"tumor": prompt})
+    message = (r"label 1 is drawn on more than one plane: axial slice 12 and coronal slice 20 \(axial slices 11, 13 "
+               r"hold nothing but its line, one voxel thin: a stroke drawn in another view\?\); erase what is drawn "
+               r"on coronal slice 20 and draw on axial slices only, then try again$")
+    with pytest.raises(InputError, match="^" + message):
+        describe_prompt(vol, seg, ids["tumor"])
+    with pytest.raises(InputError, match='^segment "tumor" on volume "volume": ' + message):
+        SegmentPropagation(vol, seg, ids["tumor"], model=OracleModel(truth))
+
+
+def test_a_drawing_on_two_whole_planes_is_named_so(mrml_scene):
+    # Axial slice 12 and coronal slice 20 of the ellipsoid: refused, as before, but the message
+    # said "drawn on 17 of 24 slices along axis 0: that is a 3D mask".
+    truth, image = synthetic()
+    vol = make_volume_node(image)
+    seg, ids = make_segmentation(vol, {"tumor": one_slice(truth, CENTER[0]) | one_slice(truth, CENTER[1], axis=1)})
+    with pytest.raises(InputError, match=r"^label 1 is drawn on more than one plane: axial slice 12 and coronal slice "
+                                         r"20 \(axial slices 4-11, 13-20 hold nothing but its line, one voxel thin\); "
+                                         r"that is not a slice prompt: draw it on slices of one plane only"):
+        describe_prompt(vol, seg, ids["tumor"])
+
+
+def test_summary_of_a_single_slice_result(mrml_scene):
+    truth, image = synthetic()
+    vol = make_volume_node(np.ascontiguousarray(image[12:13]))
+    seg, ids = make_segmentation(vol, {"tumor": one_slice(truth[12:13], 0)})
+    job = SegmentPropagation(vol, seg, ids["tumor"], model=OracleModel(truth[12:13]))
+    job.run()
+    assert job.summary().startswith("1 axial slice (0), 0 predicted in ")
+
+
 def test_axis_plane_names():
     m = np.diag([0.8, 0.9, 2.0, 1.0])
     assert [axis_plane_name(m, a) for a in (0, 1, 2)] == ["axial", "coronal", "sagittal"]
@@ -299,6 +338,44 @@ def test_segmentation_at_a_finer_resolution_than_the_volume(mrml_scene, oblique)
     job.run()
     job.apply()
     assert dice(segment_on_volume(seg, ids["tumor"], vol), truth) == pytest.approx(1.0)
+
+
+def test_drawing_between_the_volumes_slices_on_a_finer_grid_is_explained(mrml_scene):
+    # Segmentation slices 0.5 mm thick under the volume's 2 mm ones: thin slice n is centred at
+    # z = 6.75 + 0.5 n mm, volume slice 12 spans z 30.5-32.5 mm and holds thin slices 48-51. Read
+    # onto the volume (nearest neighbour) only slice 50 counts, so a drawing on 49 vanished and the
+    # user was told "the prompt is empty: draw the object on one slice".
+    truth, image = synthetic()
+    vol = make_volume_node(image)
+    fine = make_volume_node(np.zeros((96, 40, 44), np.uint8), name="0.5 mm slices",
+                            ijk_to_ras=np.array([[0.8, 0, 0, -12.0], [0, 0.9, 0, 30.0], [0, 0, 0.5, 6.75], [0, 0, 0, 1]]))
+    drawn = np.zeros((96, 40, 44), np.uint8)
+    drawn[49] = truth[CENTER[0]]
+    seg, ids = make_segmentation(fine, {"tumor": drawn})
+    message = (r'^segment "tumor" holds 525 voxels, but none falls on a voxel of volume "volume": the segmentation\'s '
+               r"grid \(0.8 x 0.9 x 0.5 mm voxels\) is finer than the volume's \(0.8 x 0.9 x 2 mm\), so a drawing on "
+               r"its thin slices can lie between the volume's slices \(or the segment lies outside the volume\)\. Draw "
+               r"on the volume's own slices: in the Segment Editor, set the segmentation's geometry from volume "
+               r'"volume" \(Specify geometry\), then draw again$')
+    assert int(truth[CENTER[0]].sum()) == 525
+    with pytest.raises(InputError, match=message):
+        describe_prompt(vol, seg, ids["tumor"])
+    with pytest.raises(InputError, match=message):
+        SegmentPropagation(vol, seg, ids["tumor"], model=OracleModel(truth))
+    drawn[49], drawn[50] = 0, truth[CENTER[0]]
+    seg, ids = make_segmentation(fine, {"tumor": drawn})
+    assert describe_prompt(vol, seg, ids["tumor"]).slices == [CENTER[0]]
+
+
+def test_segment_drawn_outside_the_volume_is_explained(mrml_scene):
+    truth, image = synthetic()
+    vol = make_volume_node(image)
+    elsewhere = make_volume_node(image, name="other scan",
+                                 ijk_to_ras=np.array([[0.8, 0, 0, 188.0], [0, 0.9, 0, 30.0], [0, 0, 2.0, 7.5], [0, 0, 0, 1]]))
+    seg, ids = make_segmentation(elsewhere, {"tumor": one_slice(truth, CENTER[0])})
+    with pytest.raises(InputError, match='^segment "tumor" holds 525 voxels, but none lies inside volume "volume": '
+                                         "draw it on this volume, or select the volume it was drawn on$"):
+        describe_prompt(vol, seg, ids["tumor"])
 
 
 def test_volume_under_a_transform(mrml_scene):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from PAMSegmentLib.network import PAMNetwork
 from PAMSegmentLib.preprocess import PreprocessingParams
 
 DATA = Path(__file__).resolve().parent / "data"
+SHIPPED = Path(__file__).resolve().parents[1] / "Resources" / "Models"
 
 
 def _inputs(size: int, n_queries: int = 1, seed: int = 0):
@@ -300,6 +302,50 @@ def test_default_weights_from_environment(monkeypatch, tmp_path, small_checkpoin
     monkeypatch.setenv("PAMSEGMENT_MODEL", str(tmp_path / "missing.pt"))
     with pytest.raises(CheckpointError, match="does not exist"):
         load_model(None)
+
+
+def _install_with_card(folder: Path, weights: Path, card_sha256: str) -> Path:
+    """``weights`` copied to folder/pam_small.pt, beside a model card pam_small.json recording
+    ``card_sha256`` as its weights' sha256 (the fields scripts/make_model_card.py writes)."""
+    path = folder / "pam_small.pt"
+    shutil.copyfile(weights, path)
+    (folder / "pam_small.json").write_text(json.dumps({"name": "pam_small", "file": "pam_small.pt",
+                                                       "sha256_weights": card_sha256}))
+    return path
+
+
+def test_default_weights_must_match_their_model_card(monkeypatch, tmp_path, small_checkpoint):
+    # Other weights under the default weights' name, beside the shipped card (which records
+    # 795f18e3ce7cde76...): a damaged install or a replaced file. Nothing compared them before.
+    shipped = json.loads((SHIPPED / "pam_small.json").read_text())["sha256_weights"]
+    assert shipped.startswith("795f18e3ce7cde76") and small_checkpoint.sha256 != shipped
+    path = _install_with_card(tmp_path, small_checkpoint.path, shipped)
+    monkeypatch.setenv("PAMSEGMENT_MODEL", str(path))  # the default weights are now this file
+    refusal = (f"checkpoint {path} does not match its model card pam_small.json: its weights' sha256 is "
+               f"{small_checkpoint.sha256[:16]}..., the card's 795f18e3ce7cde76...; the install is damaged or the "
+               "file was replaced: reinstall PAMSegment (if you changed the weights on purpose, write the card again "
+               "with scripts/make_model_card.py)")
+    for load in (lambda: load_model(None), lambda: load_model(path), lambda: describe_checkpoint(path)):
+        with pytest.raises(CheckpointError) as err:
+            load()
+        assert str(err.value).startswith(refusal)
+    assert str(err.value) == refusal
+    # The same file as an ordinary checkpoint (not the default weights) is not held to the card.
+    monkeypatch.delenv("PAMSEGMENT_MODEL")
+    assert load_model(path).sha256 == small_checkpoint.sha256
+    # A card that records these weights, or none at all: the default weights load.
+    monkeypatch.setenv("PAMSEGMENT_MODEL", str(path))
+    _install_with_card(tmp_path, small_checkpoint.path, small_checkpoint.sha256)
+    assert load_model(None).sha256 == small_checkpoint.sha256
+    (tmp_path / "pam_small.json").unlink()
+    assert load_model(None).sha256 == small_checkpoint.sha256
+
+
+@pytest.mark.skipif(not (SHIPPED / "pam_small.pt").is_file(), reason="the shipped weights are not installed")
+def test_shipped_weights_match_their_model_card(monkeypatch):
+    monkeypatch.delenv("PAMSEGMENT_MODEL", raising=False)
+    card = json.loads((SHIPPED / "pam_small.json").read_text())
+    assert load_model(None).sha256 == card["sha256_weights"]
 
 
 def test_cross_attention_equals_explicit_softmax_attention():
