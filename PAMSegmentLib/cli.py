@@ -4,6 +4,7 @@
     pamsegment serve [--host H] [--port P] [--token T]
     pamsegment batch MANIFEST.csv -o DIR [--skip-existing] [--shard K/N]
     pamsegment label-images PROMPT_IMAGE PROMPT_MASK IMAGE... -o DIR
+    pamsegment label-cells IMAGE EXAMPLES -o OUT
     pamsegment info CKPT
 
 Exit status: 0 on success; 2 with a one-line ``pamsegment: error: ...`` message for bad input
@@ -21,6 +22,8 @@ any module and add one ``Subcommand`` entry to ``SUBCOMMANDS`` below, e.g.::
                                "PAMSegmentLib.imageset:cmd_label_images"),
     "batch": Subcommand("propagate every (image, prompt) pair of a CSV manifest; resumable, splittable",
                         "PAMSegmentLib.batch:add_batch_arguments", "PAMSegmentLib.batch:cmd_batch"),
+    "label-cells": Subcommand("label every cell of a 2D image from a few outlined examples",
+                              "PAMSegmentLib.cells:add_label_cells_arguments", "PAMSegmentLib.cells:cmd_label_cells"),
     "demo": Subcommand("run the bundled demo", "PAMSegmentLib.demo:add_demo_arguments",
                        "PAMSegmentLib.demo:cmd_demo"),
 
@@ -440,6 +443,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
                                "PAMSegmentLib.imageset:cmd_label_images"),
     "batch": Subcommand("propagate every (image, prompt) pair of a CSV manifest; resumable, splittable",
                         "PAMSegmentLib.batch:add_batch_arguments", "PAMSegmentLib.batch:cmd_batch"),
+    "label-cells": Subcommand("label every cell of a 2D image from a few outlined examples",
+                              "PAMSegmentLib.cells:add_label_cells_arguments", "PAMSegmentLib.cells:cmd_label_cells"),
     "demo": Subcommand("propagate one-slice prompts on the bundled abdominal CT and report Dice",
                        "PAMSegmentLib.demo:add_demo_arguments", "PAMSegmentLib.demo:cmd_demo"),
     "benchmark": Subcommand("time the network, whole propagations and the Slicer path; write tables and a plot",

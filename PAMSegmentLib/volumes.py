@@ -642,16 +642,19 @@ def _read_2d(path: PathLike, what: str) -> sitk.Image:
     return image
 
 
-def read_image_2d(path: PathLike) -> tuple[np.ndarray, sitk.Image]:
+def read_image_2d(path: PathLike, keep_colour: bool = False) -> tuple[np.ndarray, sitk.Image]:
     """A 2D image (PNG, JPEG, TIFF, BMP, a single DICOM file, 2D NIfTI/NRRD/MHA) as a float32
     (rows, columns) array of grey values, and the SimpleITK image (its geometry, for writing a
-    mask). Colour images become grey (BT.601 luma of the first three channels; alpha is ignored)."""
+    mask). Colour images become grey (BT.601 luma of the first three channels; alpha is ignored),
+    or with ``keep_colour`` stay (rows, columns, 3)."""
     image = _read_2d(path, "image")
     arr = sitk.GetArrayFromImage(image)
     ncomp = image.GetNumberOfComponentsPerPixel()
     if ncomp > 1:
         if ncomp == 2:  # grey + alpha
             arr = arr[..., 0]
+        elif keep_colour:
+            arr = arr[..., :3]
         else:
             arr = np.tensordot(arr[..., :3].astype(np.float32), np.asarray(_LUMA, np.float32), axes=([-1], [0]))
     arr = arr.astype(np.float32)
@@ -678,14 +681,17 @@ def read_labelmap_2d(path: PathLike, reference: tuple[np.ndarray, sitk.Image] | 
 
 def write_labelmap_2d(array: np.ndarray, reference: sitk.Image, path: PathLike) -> Path:
     """Write a 2D label map on ``reference``'s grid (its spacing and origin), as uint8 (uint16 past
-    255), atomically; the format follows the extension (``MASK_2D_EXTENSIONS``; no lossy JPEG)."""
+    255, uint32 past 65535 where the format holds it), atomically; the format follows the extension (``MASK_2D_EXTENSIONS``; no lossy JPEG)."""
     labels = np.asarray(array)
     if labels.shape != tuple(reversed(reference.GetSize()[:2])):
         raise InputError(f"mask shape {labels.shape} does not match its image {tuple(reversed(reference.GetSize()))}")
     hi = int(labels.max()) if labels.size else 0
-    if labels.min() < 0 or hi > 65535:
-        raise InputError("mask labels must be 0-65535")
-    image = sitk.GetImageFromArray(labels.astype(np.uint8 if hi <= 255 else np.uint16, copy=False))
+    if labels.min() < 0 or hi >= 2**32:
+        raise InputError("mask labels must be 0 or positive 32-bit numbers")
+    if hi > 65535 and Path(path).name.lower().endswith(".png"):
+        raise InputError(f"{hi} labels do not fit a PNG file (at most 65535); write .tif, .nrrd or .nii.gz")
+    dtype = np.uint8 if hi <= 255 else np.uint16 if hi <= 65535 else np.uint32
+    image = sitk.GetImageFromArray(labels.astype(dtype, copy=False))
     image.SetSpacing(reference.GetSpacing()[:2])
     image.SetOrigin(reference.GetOrigin()[:2])
     if reference.GetDimension() == 2:

@@ -1,0 +1,334 @@
+"""Few-shot labelling of cells (nuclei) in large 2D images: the user outlines a few cells, every
+cell of the image comes back as its own label.
+
+The way ilastik's pixel classification does it, with scikit-image and scikit-learn
+(``pip install "PAMSegmentLib[cells]"``):
+
+1. The example cells set the scale: r = the median equivalent radius of their outlines.
+2. Every pixel gets multiscale features (``skimage.feature.multiscale_basic_features``:
+   smoothed intensity, edges and texture at scales from r / 4 to r; colour images per channel).
+3. A random forest learns cell vs background from the examples' pixels and, as background, a
+   ring 2 to max(2, r / 3) px outside each example (plus any background the user marked; pixels
+   of other examples never count as background).
+4. The image is classified in tiles (``tile`` px plus a margin of 4 x the largest feature
+   scale, so tiles join without seams): memory stays bounded for large images. Then one round of
+   self-training (``self_training``): pixels the first forest is sure of (probability below 0.1
+   or above 0.9), sampled from every tile, join the drawn ones and the forest is fitted again, so
+   it also learns the background and cells far from the examples; the image is classified again.
+5. Touching cells are split by a watershed of the distance to the background, seeded at local
+   maxima at least 0.6 r apart; pieces smaller than a quarter of the smallest example are
+   dropped. The example cells are kept exactly as drawn.
+
+The result lists, per cell, its label, area, centroid and mean cell probability (a confidence:
+review the lowest first).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from .errors import InputError, PropagationCancelled
+
+__all__ = ["CellResult", "label_cells", "example_cells", "match_instances"]
+
+MAX_SAMPLES = 20000  # pixels per class the forest learns from
+
+
+@dataclass
+class CellResult:
+    labels: np.ndarray  # (H, W) int32 instance labels, 0 = background; the examples come first
+    probability: np.ndarray  # (H, W) float32 cell probability
+    n_examples: int
+    radius: float  # the examples' median equivalent radius, px
+    cells: list[dict]  # per label: label, area, centroid (row, col), probability, example (bool)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        return (f"{len(self.cells)} cells ({self.n_examples} drawn as examples, {len(self.cells) - self.n_examples} "
+                f"found); typical radius {self.radius:.1f} px; {self.seconds:.1f} s")
+
+
+def example_cells(examples: np.ndarray) -> np.ndarray:
+    """The user's examples as instances: each label's connected components are separate cells."""
+    ex = np.asarray(examples)
+    out = np.zeros(ex.shape, np.int32)
+    n = 0
+    for lab in np.unique(ex):
+        if lab == 0:
+            continue
+        comps, k = ndimage.label(ex == lab)
+        out[comps > 0] = comps[comps > 0] + n
+        n += k
+    return out
+
+
+def _check(image, examples, background):
+    img = np.asarray(image)
+    if img.ndim == 3 and img.shape[-1] in (3, 4):
+        img = img[..., :3]
+    elif img.ndim != 2:
+        raise InputError(f"the image must be 2D (rows, columns) or colour (rows, columns, 3), got shape {img.shape}")
+    if not np.issubdtype(img.dtype, np.number) or np.issubdtype(img.dtype, np.complexfloating):
+        raise InputError(f"the image must hold real grey or colour values, got {img.dtype}")
+    if not np.all(np.isfinite(img)):
+        raise InputError("the image holds NaN/inf values; replace them first")
+    ex = np.asarray(examples)
+    if ex.shape != img.shape[:2]:
+        raise InputError(f"the example mask is {ex.shape[1]} x {ex.shape[0]} pixels but the image is "
+                         f"{img.shape[1]} x {img.shape[0]}; draw the examples on that image")
+    if not (np.issubdtype(ex.dtype, np.integer) or ex.dtype == bool):
+        raise InputError("the example mask must be an integer label map (0 = background)")
+    cells = example_cells(ex)
+    n = int(cells.max())
+    if n == 0:
+        raise InputError("no example cells: outline a few cells (at least 2) in the example mask")
+    if n < 2:
+        raise InputError("only 1 example cell: outline at least 2 (5-10 typical ones work better)")
+    bg = None
+    if background is not None:
+        bg = np.asarray(background).astype(bool)
+        if bg.shape != img.shape[:2]:
+            raise InputError("the background mask must have the image's size")
+        if (bg & (cells > 0)).any():
+            raise InputError("the background mask overlaps the example cells; erase the overlap")
+    return img.astype(np.float32), cells, n, bg
+
+
+def _features(img: np.ndarray, radius: float) -> np.ndarray:
+    from skimage.feature import multiscale_basic_features
+
+    return multiscale_basic_features(img, channel_axis=-1 if img.ndim == 3 else None,
+                                     sigma_min=max(radius / 4.0, 0.5), sigma_max=max(radius, 1.0),
+                                     num_sigma=4).astype(np.float32)
+
+
+def label_cells(image, examples, *, background=None, tile: int = 1024, seed: int = 0, self_training: bool = True,
+                progress: Callable[[float, str], None] | None = None, cancel=None) -> CellResult:
+    """Label every cell of ``image`` (2D grey or (H, W, 3) colour) like the cells outlined in
+    ``examples`` (a label map: each connected component is one example cell). ``background``:
+    optional mask of pixels the user marked as not-cell. Raises InputError for bad input,
+    PropagationCancelled when ``cancel`` is set."""
+    t0 = time.perf_counter()
+    try:
+        from sklearn.ensemble import RandomForestClassifier
+    except ImportError:
+        raise InputError('cell labelling needs scikit-image and scikit-learn: pip install "PAMSegmentLib[cells]"') \
+            from None
+    from skimage.feature import peak_local_max
+    from skimage.segmentation import watershed
+
+    if not isinstance(tile, (int, np.integer)) or tile < 64:
+        raise InputError(f"tile must be a whole number of at least 64 px, got {tile!r}")
+    img, cells, n_ex, bg_user = _check(image, examples, background)
+    areas = np.bincount(cells.ravel())[1:]
+    radius = float(np.median(np.sqrt(areas / np.pi)))
+    # The intensities on one scale (per channel for colour): 0.5-99.5 percentiles to 0..1.
+    lo, hi = np.percentile(img, [0.5, 99.5], axis=(0, 1))
+    img = np.clip((img - lo) / np.maximum(hi - lo, 1e-6), 0, 1).astype(np.float32)
+
+    h, w = img.shape[:2]
+    pad = int(np.ceil(4 * max(radius, 1.0))) + 2  # the largest feature scale's reach
+    starts = [(r, c) for r in range(0, h, tile) for c in range(0, w, tile)]
+
+    def tile_features(r, c):
+        """Features of tile (r, c) computed with a margin (so tiles join without seams): (features
+        of the tile itself, the tile's slices)."""
+        outer = (slice(max(r - pad, 0), min(r + tile + pad, h)), slice(max(c - pad, 0), min(c + tile + pad, w)))
+        f = _features(img[outer], radius)
+        inner = (slice(r - outer[0].start, r - outer[0].start + min(tile, h - r)),
+                 slice(c - outer[1].start, c - outer[1].start + min(tile, w - c)))
+        return f[inner], (slice(r, r + tile), slice(c, c + tile))
+
+    # Training pixels: the examples' and, as background, a ring just outside each example (and
+    # what the user marked), gathered tile by tile so that memory stays bounded.
+    ex_all = cells > 0
+    ring_px = max(2, int(round(radius / 3)))
+    ring = ndimage.binary_dilation(ex_all, iterations=ring_px) & ~ndimage.binary_dilation(ex_all, iterations=1)
+    bg_all = ring if bg_user is None else ring | bg_user
+    rng = np.random.default_rng(seed)
+    fg_parts, bg_parts = [], []
+    flat = np.arange(h * w).reshape(h, w)
+    for r, c in starts:
+        region = (slice(r, r + tile), slice(c, c + tile))
+        if not (ex_all[region].any() or bg_all[region].any()):
+            continue
+        f, region = tile_features(r, c)
+        fg_parts.append((flat[region][ex_all[region]], f[ex_all[region]]))
+        bg_parts.append((flat[region][bg_all[region]], f[bg_all[region]]))
+
+    def sample(parts):
+        # In image order whatever the tiling, so that the forest does not depend on the tile size.
+        index = np.concatenate([p[0] for p in parts])
+        x = np.concatenate([p[1] for p in parts])[np.argsort(index, kind="stable")]
+        return x[np.sort(rng.choice(len(x), MAX_SAMPLES, replace=False))] if len(x) > MAX_SAMPLES else x
+
+    x_fg, x_bg = sample(fg_parts), sample(bg_parts)
+    forest = RandomForestClassifier(n_estimators=50, max_depth=12, min_samples_leaf=2, n_jobs=1,
+                                    random_state=seed, class_weight="balanced")
+    forest.fit(np.concatenate([x_fg, x_bg]), np.r_[np.ones(len(x_fg)), np.zeros(len(x_bg))])
+
+    rounds = 1 + int(self_training)
+
+    def classify(forest, round_no, keep_features):
+        """The cell probability of every pixel, tile by tile."""
+        prob = np.zeros((h, w), np.float32)
+        kept = []
+        for n, (r, c) in enumerate(starts):
+            if cancel is not None and cancel.is_cancelled:
+                raise PropagationCancelled("cancelled")
+            f, region = tile_features(r, c)
+            fi = f.reshape(-1, f.shape[-1])
+            p = forest.predict_proba(fi)[:, 1]
+            prob[region] = p.reshape(f.shape[:2])
+            if keep_features:  # a random share of each tile's pixels, for the self-training round
+                pick = rng.choice(fi.shape[0], min(fi.shape[0], max(2 * MAX_SAMPLES // len(starts), 64)), replace=False)
+                kept.append((fi[pick], p[pick]))
+            if progress is not None:
+                progress(0.9 * (round_no * len(starts) + n + 1) / (rounds * len(starts)),
+                         f"classified tile {n + 1} of {len(starts)}")
+        return prob, kept
+
+    prob, kept = classify(forest, 0, self_training)
+    if self_training:
+        # One round of self-training on the whole image: the pixels the first forest is sure of
+        # (probability below 0.1 or above 0.9), sampled from every tile, join the drawn ones, so
+        # the forest also learns the background and cells far from the examples.
+        f_all = np.concatenate([k[0] for k in kept])
+        p_all = np.concatenate([k[1] for k in kept])
+        sure_bg, sure_fg = f_all[p_all < 0.1], f_all[p_all > 0.9]
+        forest.fit(np.concatenate([x_fg, sure_fg, x_bg, sure_bg]),
+                   np.r_[np.ones(len(x_fg) + len(sure_fg)), np.zeros(len(x_bg) + len(sure_bg))])
+        prob, _ = classify(forest, 1, False)
+
+    # Instances: a watershed of the distance to the background, seeded at well separated peaks.
+    fg = ndimage.binary_opening(prob >= 0.5, iterations=1) & (cells == 0)
+    fg = ndimage.binary_fill_holes(fg)
+    dist = ndimage.distance_transform_edt(fg)
+    comps, _ = ndimage.label(fg)
+    peaks = peak_local_max(dist, min_distance=max(int(round(0.6 * radius)), 1), labels=comps,
+                           exclude_border=False)
+    markers = np.zeros(fg.shape, np.int32)
+    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+    found = watershed(-dist, markers, mask=fg)
+    sizes = np.bincount(found.ravel())
+    keep = sizes >= max(0.25 * areas.min(), 4)
+    keep[0] = False
+    relabel = np.zeros(sizes.size, np.int32)
+    relabel[keep] = np.arange(1, int(keep.sum()) + 1) + n_ex
+    out = cells.copy()
+    out[found > 0] = relabel[found[found > 0]]
+
+    cells_info = []
+    index = np.unique(out)[1:]  # labels present (an example cell drawn over by none is still there)
+    if index.size:
+        area = ndimage.sum_labels(np.ones_like(out), out, index)
+        cents = ndimage.center_of_mass(np.ones_like(out), out, index)
+        mean_p = ndimage.mean(prob, out, index)
+        for lab, a, cen, mp in zip(index, area, cents, mean_p):
+            if a > 0:
+                cells_info.append({"label": int(lab), "area": int(a), "centroid": (float(cen[0]), float(cen[1])),
+                                   "probability": float(mp), "example": bool(lab <= n_ex)})
+    if progress is not None:
+        progress(1.0, "done")
+    return CellResult(out, prob, n_ex, radius, cells_info, time.perf_counter() - t0)
+
+
+def match_instances(pred: np.ndarray, ref: np.ndarray, iou: float = 0.5, exclude=()) -> dict:
+    """Instance matching at IoU >= ``iou`` (one to one, by the Hungarian method on IoU): precision,
+    recall, F1 and the mean IoU of matched pairs. Reference instances in ``exclude`` (and predicted
+    instances overlapping them most) are left out (e.g. the examples the user drew)."""
+    from scipy.optimize import linear_sum_assignment
+
+    pred, ref = np.asarray(pred), np.asarray(ref)
+    excl = set(int(v) for v in exclude)
+    r_ids = [int(v) for v in np.unique(ref) if v and int(v) not in excl]
+    p_ids = [int(v) for v in np.unique(pred) if v]
+    if excl:  # drop predictions that are mostly an excluded reference instance
+        ex_mask = np.isin(ref, list(excl))
+        p_ids = [p for p in p_ids if (ex_mask[pred == p]).mean() < 0.5]
+    if not r_ids or not p_ids:
+        return {"precision": 0.0, "recall": 0.0, "f1": 0.0, "mean_iou": 0.0, "tp": 0,
+                "n_pred": len(p_ids), "n_ref": len(r_ids)}
+    r_index = {v: n for n, v in enumerate(r_ids)}
+    p_index = {v: n for n, v in enumerate(p_ids)}
+    both = (pred > 0) & (ref > 0)
+    inter = np.zeros((len(p_ids), len(r_ids)))
+    pairs, counts = np.unique(np.stack([pred[both], ref[both]]), axis=1, return_counts=True)
+    for (p, r), k in zip(pairs.T, counts):
+        if int(p) in p_index and int(r) in r_index:
+            inter[p_index[int(p)], r_index[int(r)]] = k
+    p_area = np.array([np.count_nonzero(pred == p) for p in p_ids], float)
+    r_area = np.array([np.count_nonzero(ref == r) for r in r_ids], float)
+    ious = inter / (p_area[:, None] + r_area[None, :] - inter)
+    rows, cols = linear_sum_assignment(-ious)
+    good = ious[rows, cols] >= iou
+    tp = int(good.sum())
+    precision, recall = tp / len(p_ids), tp / len(r_ids)
+    f1 = 2 * precision * recall / (precision + recall) if tp else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1,
+            "mean_iou": float(ious[rows, cols][good].mean()) if tp else 0.0, "tp": tp,
+            "n_pred": len(p_ids), "n_ref": len(r_ids)}
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def add_label_cells_arguments(p) -> None:
+    from .cli import _positive_int
+
+    p.add_argument("image", metavar="IMAGE", help="2D image (TIFF, PNG, JPEG, ...; grey or colour)")
+    p.add_argument("examples", metavar="EXAMPLES",
+                   help="label map of the same size with a few cells outlined (each connected piece is one cell)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="instance label map (.tif, .png, .nrrd, .nii.gz, .mha); a table of the cells is written "
+                        "beside it as OUT's name + .csv")
+    p.add_argument("--background", metavar="MASK", help="optional mask of pixels that are not cells")
+    p.add_argument("--background-label", type=_positive_int, metavar="N",
+                   help="pixels of label N in EXAMPLES mark background, not a cell (draw both in one file)")
+    p.add_argument("--tile", type=_positive_int, default=1024, help="tile side for classifying large images (px)")
+    p.add_argument("--no-self-training", action="store_true",
+                   help="learn from the drawn pixels only (default: one round of self-training on the whole image)")
+
+
+def cmd_label_cells(args) -> int:
+    import csv
+    import os
+    from pathlib import Path
+
+    from .cli import EXIT_OK, _ProgressBar
+    from .volumes import MASK_2D_EXTENSIONS, check_output_path, read_image_2d, read_labelmap_2d, write_labelmap_2d
+
+    t0 = time.perf_counter()
+    out = Path(args.output)
+    check_output_path(out, MASK_2D_EXTENSIONS)
+    image, ref = read_image_2d(args.image, keep_colour=True)
+    examples = read_labelmap_2d(args.examples, reference=(image[..., 0] if image.ndim == 3 else image, ref))
+    background = None
+    if args.background:
+        background = read_labelmap_2d(args.background, reference=(examples, ref)) > 0
+    if args.background_label is not None:
+        marked = examples == args.background_label
+        if not marked.any():
+            raise InputError(f"no pixel of EXAMPLES has the background label {args.background_label}")
+        background = marked if background is None else background | marked
+        examples = np.where(marked, 0, examples)
+    with _ProgressBar("labelling cells") as bar:
+        result = label_cells(image, examples, background=background, tile=args.tile,
+                             self_training=not args.no_self_training, progress=bar)
+    write_labelmap_2d(result.labels, ref, out)
+    table = out.with_name(out.name + ".csv")
+    tmp = table.with_name(table.name + ".tmp")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["label", "area_px", "row", "column", "probability", "drawn"])
+        for c in result.cells:
+            w.writerow([c["label"], c["area"], f"{c['centroid'][0]:.1f}", f"{c['centroid'][1]:.1f}",
+                        f"{c['probability']:.3f}", "yes" if c["example"] else "no"])
+    os.replace(tmp, table)
+    print(f"wrote {out} and {table.name}: {result.summary()}; {time.perf_counter() - t0:.1f} s in all", flush=True)
+    return EXIT_OK
