@@ -331,4 +331,7 @@ def cmd_label_cells(args) -> int:
                         f"{c['probability']:.3f}", "yes" if c["example"] else "no"])
     os.replace(tmp, table)
     print(f"wrote {out} and {table.name}: {result.summary()}; {time.perf_counter() - t0:.1f} s in all", flush=True)
+    if background is None:
+        print("note: no background was marked; a few background marks (--background-label N, or --background "
+              "MASK) usually remove cells found in the background (README: label-cells)", flush=True)
     return EXIT_OK

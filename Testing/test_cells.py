@@ -131,6 +131,7 @@ def test_cli_writes_the_labels_and_a_table(tmp_path, run_cli):
                    "--background-label", "9")
     assert proc.returncode == 0, proc.stderr
     assert "16 cells (3 drawn as examples, 13 found)" in proc.stdout
+    assert "no background was marked" not in proc.stdout
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out.tif")))
     assert labels.shape == (160, 160) and labels.max() == 16
     with open(tmp_path / "out.tif.csv") as fh:
