@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     configs = [c.split(":") for c in args.configs.split(",")]
     predictors = {m: make_predictor(m, args.checkpoint) for m in {m for m, _ in configs}}
     sets = validation_sets(args.cache, args.split) if args.sets == "validation" else evaluation_sets(args.cache, args.split)
-    rows = []
+    rows, per_image = [], []
     for group, name, parts in sets:
         if args.groups and not any(g.lower() in group.lower() for g in args.groups.split(",")):
             continue
@@ -149,6 +149,11 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             res = label_images(images, prompt, refs[prompt].astype(np.uint8), predictors[method], order=order)
             d, fp, n_neg = score(res.masks, refs, prompt)
+            for q, (m, ref) in enumerate(zip(res.masks, refs)):  # per image, for choosing a confidence floor
+                if q != prompt:
+                    per_image.append({"structure": name, "config": f"{method}:{order}", "has": int(ref.any()),
+                                      "confidence": float(max(res.confidence[lab][q] for lab in res.labels)),
+                                      "dice": dice(m > 0, ref)})
             rows.append({"group": group, "structure": name, "config": f"{method}:{order}", "dice": d,
                          "false_pos": fp, "negatives": n_neg, "images": len(images),
                          "seconds": time.perf_counter() - t0})
@@ -166,6 +171,7 @@ def main(argv=None) -> int:
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         write_csv(rows, Path(args.out) / "results.csv")
+        write_csv(per_image, Path(args.out) / "images.csv")
     return 0
 
 
