@@ -15,15 +15,6 @@ is a bug worth reporting).
 Adding a subcommand: write ``add_<name>_arguments(parser)`` and ``cmd_<name>(args) -> int`` in
 any module and add one ``Subcommand`` entry to ``SUBCOMMANDS`` below, e.g.::
 
-    "serve": Subcommand("serve propagation over HTTP to other machines (Slicer, propagate --server)",
-                        "PAMSegmentLib.server:add_serve_arguments", "PAMSegmentLib.server:cmd_serve"),
-    "label-images": Subcommand("label a set of 2D images from one labelled image",
-                               "PAMSegmentLib.imageset:add_label_images_arguments",
-                               "PAMSegmentLib.imageset:cmd_label_images"),
-    "batch": Subcommand("propagate every (image, prompt) pair of a CSV manifest; resumable, splittable",
-                        "PAMSegmentLib.batch:add_batch_arguments", "PAMSegmentLib.batch:cmd_batch"),
-    "label-cells": Subcommand("label every cell of a 2D image from a few outlined examples",
-                              "PAMSegmentLib.cells:add_label_cells_arguments", "PAMSegmentLib.cells:cmd_label_cells"),
     "demo": Subcommand("run the bundled demo", "PAMSegmentLib.demo:add_demo_arguments",
                        "PAMSegmentLib.demo:cmd_demo"),
 
