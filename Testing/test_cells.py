@@ -66,16 +66,25 @@ def test_tiles_join_without_seams():
     assert np.abs(whole - tiled).max() < 1e-4
 
 
-def test_real_nuclei_from_five_examples():
+def test_real_nuclei_from_five_examples_and_background_marks():
     """A 256 x 256 crop of stardist's 2D nuclei image (BSD-3; 35 nuclei): five outlined nuclei find
-    the others. Measured: F1 0.77 at IoU 0.5 for this pick (scripts/evaluate_cells.py for the
-    whole image and several picks)."""
+    the others. Measured for this pick: F1 0.71 at IoU 0.5 alone, 0.83 with three background marks
+    (discs of radius 6 at the three spots farthest from any nucleus, as a user would click);
+    scripts/evaluate_cells.py for the whole image and several picks."""
+    from scipy import ndimage
+
     data = np.load(TESTING / "data" / "stardist_nuclei_crop.npz")
     image, ref = data["image"], data["labels"]
     picked = [20, 17, 11, 13, 26]
-    result = label_cells(image, np.where(np.isin(ref, picked), ref, 0))
-    score = match_instances(result.labels, ref, exclude=picked)
-    assert score["n_ref"] == 30 and score["f1"] > 0.7 and score["mean_iou"] > 0.75
+    examples = np.where(np.isin(ref, picked), ref, 0)
+    alone = match_instances(label_cells(image, examples).labels, ref, exclude=picked)
+    assert alone["n_ref"] == 30 and alone["f1"] > 0.6 and alone["mean_iou"] > 0.75
+    far = ndimage.distance_transform_edt(ref == 0)
+    dots = np.zeros(ref.shape, bool)
+    dots[0, 0] = dots[255, 139] = dots[47, 186] = True  # 48, 44 and 40 px from the nearest nucleus
+    marked = ndimage.binary_dilation(dots, iterations=6) & (far > 8)
+    with_marks = match_instances(label_cells(image, examples, background=marked).labels, ref, exclude=picked)
+    assert with_marks["f1"] > 0.78 and with_marks["f1"] > alone["f1"] + 0.05
 
 
 def test_match_instances_counts_one_to_one_matches_at_iou():
