@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import InputError, PropagationCancelled
-from .propagate import MAX_LABEL, CancelToken, SlicePredictor, _as_predictor, _slice_confidence
+from .propagate import MAX_LABEL, CancelToken, _as_predictor, _is_empty, _slice_confidence
 
 __all__ = ["ORDERS", "ImageSetResult", "label_images", "to_common_grid", "thumbnail_distances"]
 
@@ -185,13 +185,6 @@ def _validate(images, prompt_index, prompt_mask, labels, order):
     return imgs, int(prompt_index), mask, labels
 
 
-def _is_absent(prob: np.ndarray, presence, predictor: SlicePredictor, guide_area: int) -> bool:
-    if presence is not None and presence < predictor.presence_threshold:
-        return True
-    area = int((prob >= predictor.threshold).sum())
-    return area < max(predictor.min_area_px, predictor.min_area_fraction * guide_area)
-
-
 def label_images(
     images: Sequence[np.ndarray],
     prompt_index: int,
@@ -233,7 +226,7 @@ def label_images(
         for lab in labels:
             lab_mask = mask == lab
             predictor.begin(stack, p, lab_mask)
-            found = {p: lab_mask}  # image -> its mask for this label (False: found absent)
+            found = {p: lab_mask}  # image -> its mask for this label (None: found absent)
             guides = np.full(n, -1, dtype=np.int64)
             conf = np.zeros(n, dtype=np.float32)
             conf[p] = 1.0
@@ -249,7 +242,7 @@ def label_images(
                 if pred.drift is not None:  # a predictor's own drift test counts as its presence
                     presence = float(pred.drift[0]) if presence is None else min(presence, float(pred.drift[0]))
                 guides[q] = g
-                if _is_absent(prob, presence, predictor, int(found[g].sum())):
+                if _is_empty(prob, presence, int(found[g].sum()), predictor):  # the engine's own "object gone" test
                     found[q] = None
                 else:
                     m = prob >= predictor.threshold
