@@ -386,6 +386,9 @@ def cmd_label_images(args) -> int:
 
         check_checkpoint_file(args.checkpoint)
     prompt_path = Path(args.prompt_image)
+    for item in args.images:  # masks written among the images would be read as images next time
+        if Path(item).is_dir() and out_dir.exists() and os.path.samefile(item, out_dir):
+            raise InputError(f"-o {out_dir} is also a folder of images to label; write the masks to another folder")
     files = _expand(args.images)
     same = [f for f in files if f.exists() and prompt_path.exists() and os.path.samefile(f, prompt_path)]
     mask_path = Path(args.prompt_mask)

@@ -276,3 +276,12 @@ def test_cli_refuses_two_images_that_would_share_a_mask_name(tmp_path, run_cli):
     proc = run_cli("label-images", tmp_path / "set" / "img_0.png", tmp_path / "mask.png", tmp_path / "set",
                    tmp_path / "b", "-o", tmp_path / "out", "--method", "copy")
     assert proc.returncode == 2 and "would both be written as img_1_mask" in proc.stderr
+
+
+def test_cli_refuses_to_write_masks_among_the_images(tmp_path, run_cli):
+    images, truth = moving_disc_set(2)
+    _write_set(tmp_path / "set", images, truth[0])
+    proc = run_cli("label-images", tmp_path / "set" / "img_0.png", tmp_path / "mask.png", tmp_path / "set",
+                   "-o", tmp_path / "set", "--method", "copy")
+    assert proc.returncode == 2 and "is also a folder of images to label" in proc.stderr
+    assert sorted(p.name for p in (tmp_path / "set").iterdir()) == ["img_0.png", "img_1.png"]
