@@ -23,7 +23,7 @@ import argparse
 import csv
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError, PAMError, PropagationCancelled
@@ -44,7 +44,6 @@ class BatchRow:
     message: str = ""
     seconds: float = 0.0
     slices: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 def parse_shard(text: str) -> tuple[int, int]:
