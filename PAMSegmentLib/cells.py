@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
@@ -49,6 +49,7 @@ class CellResult:
     radius: float  # the examples' median equivalent radius, px
     cells: list[dict]  # per label: label, area, centroid (row, col), probability, example (bool)
     seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)  # what looks wrong in the result, and what to do
 
     def summary(self) -> str:
         return (f"{len(self.cells)} cells ({self.n_examples} drawn as examples, {len(self.cells) - self.n_examples} "
@@ -217,7 +218,13 @@ def label_cells(image, examples, *, background=None, tile: int = 1024, seed: int
 
     # Instances: a watershed of the distance to the background, seeded at well separated peaks.
     fg = ndimage.binary_opening(prob >= 0.5, iterations=1) & (cells == 0)
-    fg = ndimage.binary_fill_holes(fg)
+    # Holes smaller than the largest example are gaps inside a cell; larger ones (a gland's lumen
+    # ringed by nuclei) are background and stay open.
+    holes, n_holes = ndimage.label(ndimage.binary_fill_holes(fg) & ~fg)
+    if n_holes:
+        small = np.bincount(holes.ravel()) <= areas.max()
+        small[0] = False
+        fg |= small[holes]
     dist = ndimage.distance_transform_edt(fg)
     comps, _ = ndimage.label(fg)
     peaks = peak_local_max(dist, min_distance=max(int(round(0.6 * radius)), 1), labels=comps,
@@ -245,7 +252,15 @@ def label_cells(image, examples, *, background=None, tile: int = 1024, seed: int
                                    "probability": float(mp), "example": bool(lab <= n_ex)})
     if progress is not None:
         progress(1.0, "done")
-    return CellResult(out, prob, n_ex, radius, cells_info, time.perf_counter() - t0)
+    warnings_ = []
+    found_areas = [c["area"] for c in cells_info if not c["example"]]
+    giant = sum(a > 4 * areas.max() for a in found_areas)
+    covered = float((out > 0).mean())
+    if giant or covered > 0.6:
+        warnings_.append(f"the result looks wrong: {giant} found cells are over 4 times the largest example and "
+                         f"{100 * covered:.0f} % of the image is labelled as cells; the background was probably "
+                         "learned too little: mark some background (a few dots or strokes) and run again")
+    return CellResult(out, prob, n_ex, radius, cells_info, time.perf_counter() - t0, warnings_)
 
 
 def match_instances(pred: np.ndarray, ref: np.ndarray, iou: float = 0.5, exclude=()) -> dict:
@@ -331,6 +346,11 @@ def cmd_label_cells(args) -> int:
     with _ProgressBar("labelling cells") as bar:
         result = label_cells(image, examples, background=background, tile=args.tile,
                              self_training=args.self_training, progress=bar)
+    if out.name.lower().endswith(".png") and int(result.labels.max()) > 65535:
+        # PNG holds at most 16-bit labels; rather than lose the work, write a TIFF next to it.
+        out = out.with_name(out.name[:-4] + ".tif")
+        print(f"note: {int(result.labels.max())} cells do not fit a PNG file (at most 65535); writing {out.name} "
+              "instead", flush=True)
     write_labelmap_2d(result.labels, ref, out)
     table = out.with_name(out.name + ".csv")
     tmp = table.with_name(table.name + ".tmp")
@@ -342,7 +362,9 @@ def cmd_label_cells(args) -> int:
                         f"{c['probability']:.3f}", "yes" if c["example"] else "no"])
     os.replace(tmp, table)
     print(f"wrote {out} and {table.name}: {result.summary()}; {time.perf_counter() - t0:.1f} s in all", flush=True)
-    if background is None:
+    for warning in result.warnings:
+        print(f"warning: {warning}", flush=True)
+    if background is None and not result.warnings:
         print("note: no background was marked; a few background marks (--background-label N, or --background "
               "MASK) usually remove cells found in the background (README: label-cells)", flush=True)
     return EXIT_OK

@@ -385,14 +385,21 @@ def cmd_label_images(args) -> int:
         from .checkpoints import check_checkpoint_file
 
         check_checkpoint_file(args.checkpoint)
-    prompt_path = Path(args.prompt_image)
-    for item in args.images:  # masks written among the images would be read as images next time
-        if Path(item).is_dir() and out_dir.exists() and os.path.samefile(item, out_dir):
-            raise InputError(f"-o {out_dir} is also a folder of images to label; write the masks to another folder")
+    prompt_path, mask_path = Path(args.prompt_image), Path(args.prompt_mask)
+    for what, p in (("prompt image", prompt_path), ("prompt mask", mask_path)):
+        if not p.is_file():
+            raise InputError(f"the {what} {p} is not a file; check the path")
+    if os.path.samefile(prompt_path, mask_path):
+        raise InputError("the prompt image and the prompt mask are the same file; give the mask drawn on the image")
     files = _expand(args.images)
-    same = [f for f in files if f.exists() and prompt_path.exists() and os.path.samefile(f, prompt_path)]
-    mask_path = Path(args.prompt_mask)
-    files = [f for f in files if not (f.exists() and mask_path.exists() and os.path.samefile(f, mask_path))]
+    # Masks written among the images would be read as images next time, and could replace a file
+    # the user drew (e.g. the prompt mask itself, kept as masks/img_007_mask.png).
+    inputs = [prompt_path, mask_path, *files]
+    if out_dir.exists() and any(os.path.samefile(p.parent, out_dir) for p in inputs):
+        raise InputError(f"-o {out_dir} holds the prompt, its mask or images to label; write the masks to a "
+                         "folder of their own")
+    same = [f for f in files if os.path.samefile(f, prompt_path)]
+    files = [f for f in files if not os.path.samefile(f, mask_path)]
     if same:  # the prompt image is one of the set: it keeps its place (the "given" order's sequence)
         index = next(n for n, f in enumerate(files) if os.path.samefile(f, prompt_path))
         files = [f for f in files if not os.path.samefile(f, prompt_path)]

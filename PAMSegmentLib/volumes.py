@@ -620,6 +620,21 @@ MASK_2D_EXTENSIONS = (".png", ".tif", ".tiff", ".nii.gz", ".nii", ".nrrd", ".mha
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 grey value of RGB
 
 
+def _read_png_with_pil(p: Path) -> sitk.Image | None:
+    """A grey + alpha PNG's grey channel (the alpha is dropped); None if it is not one."""
+    if not p.name.lower().endswith(".png"):
+        return None
+    try:
+        from PIL import Image
+
+        with Image.open(p) as im:
+            if im.mode not in ("LA", "La"):
+                return None
+            return sitk.GetImageFromArray(np.asarray(im.getchannel("L")))
+    except (ImportError, OSError):
+        return None
+
+
 def _read_2d(path: PathLike, what: str) -> sitk.Image:
     p = Path(path)
     if not _exists(p):
@@ -629,8 +644,10 @@ def _read_2d(path: PathLike, what: str) -> sitk.Image:
     try:
         image = sitk.ReadImage(str(p))
     except RuntimeError as error:
-        raise InputError(f"cannot read {p} as an image ({_itk_reason(error)}); expected "
-                         f"{', '.join(IMAGE_2D_EXTENSIONS)}") from None
+        image = _read_png_with_pil(p)  # grey + alpha PNGs, which ITK cannot read
+        if image is None:
+            raise InputError(f"cannot read {p} as an image ({_itk_reason(error)}); expected "
+                             f"{', '.join(IMAGE_2D_EXTENSIONS)}") from None
     size = image.GetSize()
     if image.GetDimension() == 3 and size[2] == 1:
         image = sitk.Extract(image, [size[0], size[1], 0], [0, 0, 0])
@@ -664,14 +681,59 @@ def read_image_2d(path: PathLike, keep_colour: bool = False) -> tuple[np.ndarray
     return arr, image
 
 
+def _palette_indices(path: Path) -> np.ndarray | None:
+    """An indexed-colour (palette) PNG's pixel indices, which annotation tools use as labels
+    (SimpleITK expands them to colours); None for any other file."""
+    if not path.name.lower().endswith(".png"):
+        return None
+    try:
+        from PIL import Image
+    except ImportError:
+        return None
+    with Image.open(path) as im:
+        return np.asarray(im) if im.mode == "P" else None
+
+
+def _edge_labels(arr: np.ndarray) -> list[int]:
+    """Labels whose pixels nearly all touch another label's: the grey steps of an anti-aliased or
+    lossy-compressed mask's edges, not structures."""
+    from scipy import ndimage
+
+    out = []
+    values = [int(v) for v in np.unique(arr) if v]
+    if len(values) < 3:
+        return out
+    for v in values:
+        own = arr == v
+        other = (arr != v) & (arr != 0)
+        touching = own & ndimage.binary_dilation(other)
+        if touching.sum() >= 0.8 * own.sum():
+            out.append(v)
+    return out
+
+
 def read_labelmap_2d(path: PathLike, reference: tuple[np.ndarray, sitk.Image] | None = None) -> np.ndarray:
     """A 2D label map (0 = background, 1..65535 = labels) as an integer array; with ``reference``
-    (what ``read_image_2d`` returned) its size must match."""
+    (what ``read_image_2d`` returned) its size must match. Palette PNGs give their indices;
+    JPEG masks and masks with anti-aliased edges (grey steps between labels) are refused."""
+    name = Path(path).name
+    if name.lower().endswith((".jpg", ".jpeg")):
+        raise InputError(f"{name} is a JPEG: its compression changes label values along every edge; save the mask "
+                         "as PNG or TIFF")
     image = _read_2d(path, "mask")
-    if image.GetNumberOfComponentsPerPixel() > 1:
-        raise InputError(f"{Path(path).name} is a colour image; save the mask as a grey-level label image "
+    palette = _palette_indices(Path(path))
+    if palette is not None:
+        arr = palette.astype(np.uint8)
+    elif image.GetNumberOfComponentsPerPixel() > 1:
+        raise InputError(f"{name} is a colour image; save the mask as a grey-level label image "
                          "(0 = background, 1, 2 ... = labels)")
-    arr = sitk.GetArrayFromImage(_as_integer_labels(image, Path(path).name))
+    else:
+        arr = sitk.GetArrayFromImage(_as_integer_labels(image, name))
+    edges = _edge_labels(arr)
+    if len(edges) >= 3 and len(np.unique(arr)) > 5:  # a ramp of grey steps, not a few thin structures
+        raise InputError(f"{name} has {len(np.unique(arr)) - 1} grey values, {len(edges)} of them only along the "
+                         "edges of others: an anti-aliased (smoothed) mask, not a label map; save it without "
+                         "smoothing (0 = background, 1, 2 ... = labels)")
     if reference is not None and arr.shape != reference[0].shape:
         rows, cols = reference[0].shape
         raise InputError(f"the mask {Path(path).name} is {arr.shape[1]} x {arr.shape[0]} pixels but its image is "

@@ -58,6 +58,26 @@ def test_few_examples_find_the_other_cells_and_split_touching_ones():
     assert min(c["probability"] for c in result.cells if not c["example"]) > 0.8
 
 
+def test_a_lumen_ringed_by_cells_stays_background():
+    """24 touching nuclei (radius 6) on a circle of radius 40 around a gland-like lumen, and three
+    isolated nuclei as examples: the lumen is a hole of the cell mask far larger than a cell, so it
+    is not filled (it was, when every hole was filled)."""
+    yy, xx = np.mgrid[:180, :180]
+    labels = np.zeros((180, 180), np.int32)
+    for n, t in enumerate(np.linspace(0, 2 * np.pi, 24, endpoint=False), start=1):
+        cy, cx = 90 + 40 * np.sin(t), 90 + 40 * np.cos(t)
+        labels[((yy - cy) ** 2 + (xx - cx) ** 2 <= 36) & (labels == 0)] = n
+    for n, (cy, cx) in enumerate([(15, 15), (15, 165), (165, 15)], start=25):
+        labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= 36] = n
+    image = np.where(labels > 0, 120.0, 30.0) + np.random.default_rng(2).normal(0, 6, labels.shape)
+    marked = np.zeros(labels.shape, bool)
+    marked[160:170, 160:170] = True
+    result = label_cells(image.astype(np.float32), np.where(labels >= 25, labels, 0), background=marked)
+    lumen = (yy - 90) ** 2 + (xx - 90) ** 2 <= 28 ** 2
+    assert not result.labels[lumen].any()
+    assert max(cell["area"] for cell in result.cells) < 3 * 113 and not result.warnings
+
+
 def test_tiles_join_without_seams():
     image, ref = disc_image(1)
     ex = np.where(np.isin(ref, [2, 7]), ref, 0)

@@ -283,5 +283,45 @@ def test_cli_refuses_to_write_masks_among_the_images(tmp_path, run_cli):
     _write_set(tmp_path / "set", images, truth[0])
     proc = run_cli("label-images", tmp_path / "set" / "img_0.png", tmp_path / "mask.png", tmp_path / "set",
                    "-o", tmp_path / "set", "--method", "copy")
-    assert proc.returncode == 2 and "is also a folder of images to label" in proc.stderr
+    assert proc.returncode == 2 and "holds the prompt, its mask or images to label" in proc.stderr
     assert sorted(p.name for p in (tmp_path / "set").iterdir()) == ["img_0.png", "img_1.png"]
+    # The drawn mask kept in the masks folder (as img_0_mask.png) is never written over.
+    (tmp_path / "masks").mkdir()
+    drawn = tmp_path / "masks" / "img_0_mask.png"
+    drawn.write_bytes((tmp_path / "mask.png").read_bytes())
+    proc = run_cli("label-images", tmp_path / "set" / "img_0.png", drawn, tmp_path / "set",
+                   "-o", tmp_path / "masks", "--method", "copy")
+    assert proc.returncode == 2 and "holds the prompt, its mask" in proc.stderr
+    assert drawn.read_bytes() == (tmp_path / "mask.png").read_bytes()
+    proc = run_cli("label-images", tmp_path / "set" / "img_0.png", tmp_path / "set" / "img_0.png", tmp_path / "set",
+                   "-o", tmp_path / "out", "--method", "copy")
+    assert proc.returncode == 2 and "are the same file" in proc.stderr
+
+
+def test_masks_that_are_not_label_maps_are_refused_and_palette_pngs_read(tmp_path):
+    from PIL import Image
+    from scipy import ndimage
+
+    square = np.zeros((40, 40), np.float32)
+    square[10:30, 10:30] = 255
+    smooth = np.round(ndimage.gaussian_filter(square, 1.5)).astype(np.uint8)  # anti-aliased edges
+    Image.fromarray(smooth).save(tmp_path / "aa.png")
+    with pytest.raises(InputError, match=r"aa.png has \d+ grey values, \d+ of them only along the edges"):
+        read_labelmap_2d(tmp_path / "aa.png")
+    Image.fromarray(square.astype(np.uint8)).save(tmp_path / "m.jpg")
+    with pytest.raises(InputError, match="is a JPEG"):
+        read_labelmap_2d(tmp_path / "m.jpg")
+    labels = np.zeros((40, 40), np.uint8)
+    labels[10:30, 10:20], labels[10:30, 20:30] = 1, 2
+    pal = Image.fromarray(labels, mode="P")
+    pal.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * 759)  # label 1 red, 2 green
+    pal.save(tmp_path / "pal.png")
+    assert np.array_equal(read_labelmap_2d(tmp_path / "pal.png"), labels)  # the indices, not the colours
+    # Several genuine labels side by side are not mistaken for edges.
+    three = np.zeros((40, 40), np.uint8)
+    three[5:15, 5:15], three[5:15, 15:25], three[20:30, 5:15] = 1, 2, 3
+    Image.fromarray(three).save(tmp_path / "three.png")
+    assert np.array_equal(read_labelmap_2d(tmp_path / "three.png"), three)
+    grey_alpha = Image.fromarray(labels * 100).convert("LA")
+    grey_alpha.save(tmp_path / "la.png")
+    assert np.array_equal(read_image_2d(tmp_path / "la.png")[0], labels * 100.0)
