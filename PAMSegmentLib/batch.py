@@ -97,12 +97,21 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
             records = list(reader)
     except (UnicodeDecodeError, csv.Error) as error:
         raise InputError(f"cannot read {path.name} as a CSV file ({error})") from None
+    unknown = [f for f in fields if f not in ("image", "prompt", "output", "label")]
+    if unknown:
+        hint = " (did you mean label?)" if "labels" in unknown else ""
+        raise InputError(f"{path.name} has a column {unknown[0]!r} this command does not know{hint}; the columns are "
+                         "image,prompt[,output][,label]" + ("; separate them with commas, not semicolons"
+                                                            if any(";" in f for f in fields) else ""))
     missing = [c for c in ("image", "prompt") if c not in fields]
     if missing:
         raise InputError(f"{path.name} has no {' or '.join(missing)} column; its header must name image,prompt"
                          "[,output][,label] (found: " + (", ".join(fields) or "nothing") + ")")
     rows, outputs = [], {}
     for n, rec in enumerate(records, start=1):
+        if None in rec:  # more fields than the header has
+            raise InputError(f"{path.name} row {n} has more fields than the header; put paths that contain commas "
+                             'in double quotes ("a,b.nii.gz")')
         rec = {(k or "").strip().lower(): (v or "").strip() for k, v in rec.items()}
         if not any(rec.values()):
             continue  # blank line
@@ -128,12 +137,20 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
         key = str(output.resolve())
         if key in outputs:
             raise InputError(f"{where}: output {output} is also row {outputs[key]}'s; give each row its own output")
-        if output.resolve() in (image.resolve(), prompt.resolve()):
-            raise InputError(f"{where}: the output {output} is one of the row's inputs; choose another output")
         outputs[key] = n
         rows.append(BatchRow(n, image, prompt, output, _labels(rec.get("label", ""), where)))
     if not rows:
         raise InputError(f"{path.name} lists no cases")
+    # No output may be any row's input: writing it would replace a scan or prompt another row reads.
+    inputs = {}
+    for r in rows:
+        for p in (r.image, r.prompt):
+            inputs.setdefault(str(p.resolve()), r.number)
+    for r in rows:
+        other = inputs.get(str(r.output.resolve()))
+        if other is not None:
+            raise InputError(f"{path.name} row {r.number}: the output {r.output} is an input of row {other}; "
+                             "choose another output")
     return rows
 
 
@@ -211,7 +228,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
         rows = rows[k - 1::n]
         report_name = f"batch_report.shard{k}-of-{n}.csv"
         if not rows:
-            raise InputError(f"shard {k}/{n} holds no rows of the {args.manifest} manifest")
+            print(f"batch: shard {k}/{n} holds no rows of {args.manifest} (it has fewer than {k}); nothing to do")
+            return EXIT_OK
     if args.checkpoint:
         from .checkpoints import check_checkpoint_file
 
@@ -221,8 +239,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
         if not r.output.parent.is_dir():
             raise InputError(f"row {r.number}: the output folder {r.output.parent} does not exist; create it first")
     report = out_dir / report_name
-    for r in rows:
-        if args.skip_existing and r.output.exists():
+    for r in rows:  # an empty file is what an interrupted copy leaves, not a result
+        if args.skip_existing and r.output.is_file() and r.output.stat().st_size > 0:
             r.status, r.message = "skipped", "output exists (--skip-existing)"
     write_report(rows, report)
     todo = [r for r in rows if r.status == "not run"]

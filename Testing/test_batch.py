@@ -71,12 +71,18 @@ def test_every_row_is_checked_before_any_work(tmp_path, cases, run_cli):
 
 
 @pytest.mark.parametrize("lines, message", [
-    (["img,prompt", "c0/image.nii.gz,c0/prompt.nii.gz"], "has no image column"),
+    (["prompt,output", "c0/prompt.nii.gz,x.nii.gz"], "has no image column"),
+    (["img,prompt", "c0/image.nii.gz,c0/prompt.nii.gz"], "a column .img. this command does not know"),
     (["image,prompt,output", "c0/image.nii.gz,c0/prompt.nii.gz,x.nii.gz",
       "c1/image.nii.gz,c1/prompt.nii.gz,x.nii.gz"], "row 2: output .*x.nii.gz is also row 1's"),
     (["image,prompt,output", "c0/image.nii.gz,c0/prompt.nii.gz,x.png"], "row 1: cannot tell the output format"),
     (["image,prompt,label", "c0/image.nii.gz,c0/prompt.nii.gz,1 two"], "row 1: label must be whole numbers"),
     (["image,prompt"], "lists no cases"),
+    (["image,prompt,labels", "c0/image.nii.gz,c0/prompt.nii.gz,2"], "column 'labels' .*did you mean label"),
+    (["image;prompt", "c0/image.nii.gz;c0/prompt.nii.gz"], "not semicolons"),
+    (["image,prompt", "c0/image.nii.gz,c0/prompt.nii.gz,extra"], "row 1 has more fields than the header"),
+    (["image,prompt,output", "c0/image.nii.gz,c0/prompt.nii.gz,c1/image.nii.gz",
+      "c1/image.nii.gz,c1/prompt.nii.gz,"], "row 1: the output .*c1/image.nii.gz is an input of row 2"),
 ])
 def test_bad_manifests_get_one_clear_message(tmp_path, cases, lines, message, capsys):
     m = _manifest(tmp_path / "data" / "cases.csv", lines)
