@@ -249,9 +249,14 @@ def _nifti_header(p: Path) -> bytes | None:
         return None
     try:  # a header that cannot be read: ITK decides (and names the problem)
         with (gzip.open(p, "rb") if name.endswith(".gz") else open(p, "rb")) as f:
-            return f.read(540)
-    except (OSError, EOFError, zlib.error):
+            header = f.read(540)
+    except EOFError:  # a gzip stream cut inside the header: ITK would read what is there and go on
+        raise InputError(f"{p.name} is truncated inside its header; copy or download it again") from None
+    except (OSError, zlib.error):
         return None
+    if len(header) < 348:  # a NIfTI-1 header is 348 bytes
+        raise InputError(f"{p.name} is truncated inside its header ({len(header)} bytes); copy or download it again")
+    return header
 
 
 def _check_nifti_complete(p: Path, header: bytes) -> None:

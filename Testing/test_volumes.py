@@ -448,3 +448,17 @@ def test_errors_are_value_errors_with_one_line():
     with pytest.raises(ValueError) as info:
         read_volume(os.path.join("no", "such", "file.nrrd"))
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("keep", [40, 100])
+def test_a_nifti_cut_inside_its_header_is_refused(tmp_path, keep):
+    img = sitk.GetImageFromArray(np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6))
+    sitk.WriteImage(img, str(tmp_path / "whole.nii.gz"))
+    (tmp_path / "cut.nii.gz").write_bytes((tmp_path / "whole.nii.gz").read_bytes()[:keep])
+    with pytest.raises(InputError, match="cut.nii.gz is truncated inside its header"):
+        read_volume(tmp_path / "cut.nii.gz")
+    raw = tmp_path / "cut.nii"
+    sitk.WriteImage(img, str(tmp_path / "whole.nii"))
+    raw.write_bytes((tmp_path / "whole.nii").read_bytes()[:keep])
+    with pytest.raises(InputError, match=r"cut.nii is truncated inside its header \(\d+ bytes\)"):
+        read_volume(raw)
