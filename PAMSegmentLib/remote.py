@@ -65,6 +65,11 @@ class RemoteModel:
     def _request(self, method: str, path: str, body: bytes | None = None) -> bytes:
         req = urllib.request.Request(self.url + path, data=body, method=method)
         if self.token:
+            try:
+                str(self.token).encode("latin-1")
+            except UnicodeEncodeError:
+                raise InputError("the token holds characters HTTP headers cannot carry; use letters, digits and "
+                                 "punctuation") from None
             req.add_header("Authorization", f"Bearer {self.token}")
         if body is not None:
             req.add_header("Content-Type", "application/octet-stream")
@@ -86,8 +91,23 @@ class RemoteModel:
             raise PAMError(f"cannot reach the PAMSegment server at {self.url} ({reason}); is `pamsegment serve` "
                            "running there?") from None
 
+    def _json(self, payload: bytes, keys: tuple = ()) -> dict:
+        """A JSON answer holding ``keys``; anything else means this is not a PAMSegment server."""
+        try:
+            data = json.loads(payload)
+        except (ValueError, UnicodeDecodeError):
+            data = None
+        if not isinstance(data, dict) or any(k not in data for k in keys):
+            raise PAMError(f"{self.url} answered, but not as a PAMSegment server does; check the address (as "
+                           "`pamsegment serve` prints it)")
+        return data
+
     def info(self) -> dict:
-        return json.loads(self._request("GET", "/info"))
+        """The server's version, model and limits (``GET /info``)."""
+        data = self._json(self._request("GET", "/info"), ("server", "version"))
+        if data.get("server") != "pamsegment":
+            raise PAMError(f"{self.url} is not a PAMSegment server; check the address")
+        return data
 
     def propagate(self, image, prompt, spacing, model=None, *, axis=None, labels=None, range=None,  # noqa: A002
                   early_stop=True, remove_disconnected=None, empty_slices=None, progress=None, cancel=None,
@@ -102,17 +122,23 @@ class RemoteModel:
             options["empty_slices"] = ({str(k): [int(s) for s in v] for k, v in empty_slices.items()}
                                        if isinstance(empty_slices, dict) else [int(s) for s in empty_slices])
         options = {k: v for k, v in options.items() if v is not None}
+        # Ask first: a wrong token, another kind of server or an upload over the limit is then one
+        # clear message (a server refusing a large upload early looks like a broken connection).
+        limits = self.info()
         buf = io.BytesIO()
         np.savez(buf, image=np.asarray(image), prompt=np.asarray(prompt),
                  spacing=np.asarray([float(s) for s in spacing], dtype=np.float64))
+        size_mb = buf.getbuffer().nbytes / 2**20
+        if isinstance(limits.get("max_upload_mb"), (int, float)) and size_mb > limits["max_upload_mb"]:
+            raise InputError(f"the volume and prompt are {size_mb:.0f} MB; the server at {self.url} takes at most "
+                             f"{limits['max_upload_mb']:g} MB (crop the volume around the object)")
         query = urllib.parse.urlencode({"options": json.dumps(options)})
-        job = json.loads(self._request("POST", f"/jobs?{query}", buf.getvalue()))
-        job_id = job["id"]
+        job_id = self._json(self._request("POST", f"/jobs?{query}", buf.getvalue()), ("id",))["id"]
         try:
             while True:
                 if cancel is not None and cancel.is_cancelled:
                     raise PropagationCancelled("cancelled")
-                status = json.loads(self._request("GET", f"/jobs/{job_id}"))
+                status = self._json(self._request("GET", f"/jobs/{job_id}"), ("state", "progress", "message"))
                 state = status["state"]
                 if progress is not None:
                     where = f" (queue position {status['queue_position']})" if status.get("queue_position") else ""
@@ -124,11 +150,11 @@ class RemoteModel:
                 if state == "cancelled":
                     raise PropagationCancelled("cancelled on the server")
                 time.sleep(self.poll_interval)
-        except PropagationCancelled:
+        except BaseException:  # cancelled, Ctrl-C or a failure here: the server's job is not wanted any more
             try:
                 self._request("DELETE", f"/jobs/{job_id}")
-            except PAMError:
-                pass  # the server may be gone; nothing local to undo
+            except (PAMError, OSError):
+                pass  # the server may be gone (or the job already over); nothing local to undo
             raise
         result = decode_result(self._request("GET", f"/jobs/{job_id}/result"))
         if tuple(result.mask.shape) != tuple(np.shape(image)):

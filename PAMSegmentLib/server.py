@@ -27,6 +27,7 @@ use HTTPS through a reverse proxy or an SSH tunnel for anything but a trusted ne
 
 import hmac
 import io
+import math
 import json
 import threading
 import time
@@ -73,11 +74,16 @@ def read_arrays(body: bytes, max_voxels: int) -> tuple[np.ndarray, np.ndarray, t
                 raise InputError(f"the upload's {name} is not a numpy array ({error})") from None
             if dtype.hasobject:
                 raise InputError(f"the upload's {name} holds Python objects; send numeric arrays")
-            if int(np.prod(shape)) > max_voxels:
-                raise InputError(f"the upload's {name} has {int(np.prod(shape)):,} elements; this server takes at "
-                                 f"most {max_voxels:,} (crop the volume around the object)")
+            if dtype.kind not in "biuf" or dtype.fields is not None:
+                raise InputError(f"the upload's {name} is {dtype}; send boolean, integer or floating-point numbers")
+            if any(int(d) < 0 for d in shape) or math.prod(int(d) for d in shape) > max_voxels:
+                raise InputError(f"the upload's {name} has shape {shape}; this server takes at most {max_voxels:,} "
+                                 "elements (crop the volume around the object)")
         with archive.open(name) as fh:
-            arrays[name] = np.lib.format.read_array(fh, allow_pickle=False)
+            try:
+                arrays[name] = np.lib.format.read_array(fh, allow_pickle=False)
+            except (ValueError, OSError, EOFError) as error:  # e.g. less data than the header declares
+                raise InputError(f"the upload's {name} is damaged ({error})") from None
     spacing = arrays["spacing.npy"]
     if spacing.shape != (3,):
         raise InputError(f"spacing must be 3 numbers (k, j, i), got shape {spacing.shape}")
@@ -98,8 +104,27 @@ def parse_options(text: str | None) -> dict:
         raise InputError(f"unknown option {unknown[0]!r}; known: {', '.join(sorted(OPTION_KEYS))}")
     if options.get("method", "pam") not in METHODS:
         raise InputError(f"method must be one of {', '.join(METHODS)}, got {options['method']!r}")
-    if "range" in options and options["range"] is not None:
-        options["range"] = tuple(options["range"]) if isinstance(options["range"], list) else options["range"]
+    for key in ("early_stop", "remove_disconnected"):
+        if key in options and not (isinstance(options[key], bool) or (key == "remove_disconnected"
+                                                                       and options[key] is None)):
+            raise InputError(f"{key} must be true or false, got {options[key]!r}")
+    if options.get("axis") is not None and (isinstance(options["axis"], bool) or options["axis"] not in (0, 1, 2)):
+        raise InputError(f"axis must be 0, 1 or 2, got {options['axis']!r}")
+    if isinstance(options.get("range"), list):
+        options["range"] = tuple(options["range"])
+    empty = options.get("empty_slices")
+    if isinstance(empty, dict):  # JSON object keys are strings: the labels are numbers
+        try:
+            options["empty_slices"] = {int(k): v for k, v in empty.items()}
+        except ValueError:
+            raise InputError(f"empty_slices' keys must be label numbers, got {list(empty)!r}") from None
+    from .propagate import _validate_options
+
+    axis, labels, rng = _validate_options(options.get("axis"), options.get("labels"), options.get("range"), 16, None,
+                                          None, None)
+    if rng is not None and rng[0] > rng[1]:
+        raise InputError(f"range {rng[0]}:{rng[1]} is reversed; give the first slice first")
+    options.update({k: v for k, v in (("axis", axis), ("labels", labels), ("range", rng)) if k in options})
     return options
 
 

@@ -83,6 +83,11 @@ def test_a_job_runs_and_its_result_is_what_propagate_returns(oracle_app):
     ("good", {"options": json.dumps({"method": "magic"})}, "method must be one of pam, track, copy"),
     ("empty", None, "the prompt is empty"),
     ("spacing", None, "spacing must be 3 numbers"),
+    ("complex", None, "the upload's image.npy is complex128; send boolean, integer or floating-point numbers"),
+    ("good", {"options": json.dumps({"labels": "abc"})}, "labels must be a list of label numbers"),
+    ("good", {"options": json.dumps({"range": [9, 2]})}, "range 9:2 is reversed"),
+    ("good", {"options": json.dumps({"early_stop": "no"})}, "early_stop must be true or false"),
+    ("good", {"options": json.dumps({"axis": 5})}, "axis must be 0, 1 or 2"),
 ])
 def test_bad_uploads_are_refused_with_the_reason(oracle_app, body, params, message):
     client, image, prompt, _ = oracle_app
@@ -93,6 +98,7 @@ def test_bad_uploads_are_refused_with_the_reason(oracle_app, body, params, messa
         "good": lambda: npz(image=image, prompt=prompt, spacing=spacing),
         "empty": lambda: npz(image=image, prompt=np.zeros_like(prompt), spacing=spacing),
         "spacing": lambda: npz(image=image, prompt=prompt, spacing=np.ones(2)),
+        "complex": lambda: npz(image=image.astype(complex), prompt=prompt, spacing=spacing),
     }
     if body == "objects":  # a pickled object array, written by hand (savez would pickle it)
         buf = io.BytesIO()
@@ -117,7 +123,7 @@ def test_size_limits(oracle_app):
     assert r.status_code == 413 and "at most 0.01 MB" in r.json()["detail"]
     client = TestClient(create_app(lambda m: OracleModel(truth), max_voxels=1000))
     r = client.post("/jobs", content=big)
-    assert r.status_code == 400 and "has 9,216 elements; this server takes at most 1,000" in r.json()["detail"]
+    assert r.status_code == 400 and "has shape (16, 24, 24); this server takes at most 1,000" in r.json()["detail"]
 
 
 def test_a_token_is_required_when_set(oracle_app):
@@ -197,6 +203,45 @@ def test_client_cancel_cancels_the_server_job(live_server):
         RemoteModel(url, token="tok", poll_interval=0.01).propagate(image, prompt, (1, 1, 1), progress=progress,
                                                                      cancel=token)
     info = RemoteModel(url, token="tok").info()  # the job was deleted on the server: nothing waits
+    model.release.set()
+    assert info["waiting"] == 0
+
+
+def test_client_sends_empty_slices_per_label(live_server):
+    url, holder = live_server
+    image, prompt, truth = case()
+    holder["model"] = OracleModel(truth)
+    result = RemoteModel(url, token="tok").propagate(image, prompt, (1, 1, 1), empty_slices={1: [5]})
+    assert not result.mask[5].any() and not result.mask[:5].any() and result.mask[6:12].any()
+
+
+def test_client_against_another_kind_of_server():
+    from fastapi import FastAPI
+    from fastapi.responses import HTMLResponse
+
+    other = FastAPI()
+
+    @other.get("/info")
+    def login_page():
+        return HTMLResponse("<html>please log in</html>")
+
+    with serving(other) as url:
+        with pytest.raises(PAMError, match="answered, but not as a PAMSegment server does"):
+            RemoteModel(url).propagate(*case()[:2], (1, 1, 1))
+
+
+def test_ctrl_c_in_the_client_cancels_the_server_job(live_server):
+    url, holder = live_server
+    image, prompt, truth = case()
+    holder["model"] = model = Blocking(truth)
+
+    def progress(fraction, message):
+        if model.started.is_set():
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        RemoteModel(url, token="tok", poll_interval=0.01).propagate(image, prompt, (1, 1, 1), progress=progress)
+    info = RemoteModel(url, token="tok").info()
     model.release.set()
     assert info["waiting"] == 0
 
