@@ -914,6 +914,7 @@ def propagate(
     cancel: CancelToken | None = None,
     previous: PropagationResult | None = None,
     empty_slices=None,
+    update: bool | None = None,
 ) -> PropagationResult:
     """Propagate the prompt's label(s) through ``image``.
 
@@ -932,6 +933,11 @@ def propagate(
     (an erased slice), as a sequence for every label or a dict {label: sequence}. Each is a wall:
     no walk crosses it, it stays empty, and nothing beyond the outermost one is predicted. They
     are returned in ``result.keyframes`` as all-empty masks.
+
+    ``update``: the prompt is an earlier result whose slices the user edited (default: when
+    ``previous`` is given). Its thin slices are then the object's tips, not the trace of a stroke
+    drawn in another view, so they are not refused (``find_prompt_slices``); a server running an
+    update without ``previous`` passes True.
     """
     t_start = time.perf_counter()
     image = np.asarray(image)
@@ -943,7 +949,9 @@ def propagate(
             raise InputError("the prompt must be an integer label map")
     if not np.issubdtype(prompt.dtype, np.integer):
         prompt = prompt.astype(np.int32)  # bool or integral floats; integer label maps are used as they are
-    ax, slices = find_prompt_slices(prompt, axis=axis, labels=labels, update=previous is not None)
+    if update is None:
+        update = previous is not None
+    ax, slices = find_prompt_slices(prompt, axis=axis, labels=labels, update=bool(update))
     if remove_disconnected is None:
         remove_disconnected = early_stop
 

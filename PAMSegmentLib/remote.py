@@ -117,7 +117,9 @@ class RemoteModel:
         when ``cancel`` is set (the server's job is cancelled too), PAMError when it fails."""
         options = {"axis": axis, "labels": None if labels is None else [int(v) for v in labels],
                    "range": None if range is None else [int(v) for v in range], "early_stop": bool(early_stop),
-                   "remove_disconnected": remove_disconnected, "method": self.method}
+                   "remove_disconnected": remove_disconnected, "method": self.method,
+                   # an update runs as a fresh propagation there, of a prompt that is an edited result
+                   "update": True if previous is not None else None}
         if empty_slices is not None:
             options["empty_slices"] = ({str(k): [int(s) for s in v] for k, v in empty_slices.items()}
                                        if isinstance(empty_slices, dict) else [int(s) for s in empty_slices])

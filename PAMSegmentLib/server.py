@@ -7,7 +7,8 @@ The HTTP API (FastAPI, served by uvicorn; ``pip install "PAMSegmentLib[server]"`
 * ``POST /jobs?options=JSON``: the body is an uncompressed ``.npz`` (``numpy.savez``) holding
   ``image`` (k, j, i), ``prompt`` (the same shape, integer labels) and ``spacing`` (3 floats, mm,
   k, j, i). ``options`` (JSON object, optional): ``axis``, ``labels``, ``range``, ``early_stop``,
-  ``empty_slices``, ``remove_disconnected``, ``method`` (``pam``, ``track``, ``copy``). The
+  ``empty_slices``, ``remove_disconnected``, ``update`` (the prompt is an edited earlier result),
+  ``method`` (``pam``, ``track``, ``copy``). The
   arrays and options are checked at once (400 with the engine's one-line message); then 202 with
   the job's ``id``. One job runs at a time, in arrival order; at most ``max_jobs`` wait (503).
 * ``GET /jobs/{id}``: ``state`` (queued, running, finished, failed, cancelled), ``progress``
@@ -46,7 +47,7 @@ from .propagate import CancelToken
 __all__ = ["create_app", "JobQueue", "encode_result", "read_arrays", "add_serve_arguments", "cmd_serve"]
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
-OPTION_KEYS = {"axis", "labels", "range", "early_stop", "empty_slices", "remove_disconnected", "method"}
+OPTION_KEYS = {"axis", "labels", "range", "early_stop", "empty_slices", "remove_disconnected", "method", "update"}
 METHODS = ("pam", "track", "copy")
 
 
@@ -104,7 +105,7 @@ def parse_options(text: str | None) -> dict:
         raise InputError(f"unknown option {unknown[0]!r}; known: {', '.join(sorted(OPTION_KEYS))}")
     if options.get("method", "pam") not in METHODS:
         raise InputError(f"method must be one of {', '.join(METHODS)}, got {options['method']!r}")
-    for key in ("early_stop", "remove_disconnected"):
+    for key in ("early_stop", "remove_disconnected", "update"):
         if key in options and not (isinstance(options[key], bool) or (key == "remove_disconnected"
                                                                        and options[key] is None)):
             raise InputError(f"{key} must be true or false, got {options[key]!r}")
@@ -295,7 +296,8 @@ def create_app(model_factory: Callable[[str], Any], *, token: str | None = None,
             opts = parse_options(options)
             image, prompt, spacing = read_arrays(b"".join(chunks), max_voxels)
             _validate_inputs(image, prompt, spacing)
-            find_prompt_slices(np.asarray(prompt), axis=opts.get("axis"), labels=opts.get("labels"))
+            find_prompt_slices(np.asarray(prompt), axis=opts.get("axis"), labels=opts.get("labels"),
+                               update=bool(opts.get("update", False)))
             job = queue.submit(image, prompt, spacing, opts)
         except PAMError as error:
             raise HTTPException(400, str(error)) from None

@@ -230,6 +230,23 @@ def test_client_against_another_kind_of_server():
             RemoteModel(url).propagate(*case()[:2], (1, 1, 1))
 
 
+def test_an_update_with_a_thin_tip_runs_on_the_server(live_server):
+    """An edited result whose end slice is a thin line next to a keyframe: a stroke from another
+    view for a fresh prompt, the object's tip for an update, also when a server runs it."""
+    url, holder = live_server
+    image, prompt, truth = case()
+    holder["model"] = OracleModel(truth)
+    edited = prompt.copy()
+    edited[8] = truth[8]
+    edited[9, 12, 8:16] = 1  # a one-voxel-thin row beside slice 8
+    with pytest.raises(InputError, match="drawn on more than one plane"):
+        propagate(image, edited, (1, 1, 1), OracleModel(truth))
+    local = propagate(image, edited, (1, 1, 1), OracleModel(truth), update=True)
+    first = propagate(image, prompt, (1, 1, 1), OracleModel(truth))
+    remote = RemoteModel(url, token="tok").propagate(image, edited, (1, 1, 1), previous=first)
+    assert np.array_equal(remote.mask, local.mask)
+
+
 def test_ctrl_c_in_the_client_cancels_the_server_job(live_server):
     url, holder = live_server
     image, prompt, truth = case()
