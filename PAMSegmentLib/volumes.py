@@ -640,7 +640,8 @@ def _read_png_with_pil(p: Path) -> sitk.Image | None:
         return None
 
 
-def _read_2d(path: PathLike, what: str) -> sitk.Image:
+def _read_2d(path: PathLike, what: str) -> tuple[sitk.Image, sitk.Image]:
+    """(the 2D image, the image as read: a one-slice 3D file keeps its 3D geometry there)."""
     p = Path(path)
     if not _exists(p):
         raise InputError(f"{p} does not exist; check the path")
@@ -654,6 +655,7 @@ def _read_2d(path: PathLike, what: str) -> sitk.Image:
             raise InputError(f"cannot read {p} as an image ({_itk_reason(error)}); expected "
                              f"{', '.join(IMAGE_2D_EXTENSIONS)}") from None
     size = image.GetSize()
+    original = image
     if image.GetDimension() == 3 and size[2] == 1:
         image = sitk.Extract(image, [size[0], size[1], 0], [0, 0, 0])
     elif image.GetDimension() != 2:
@@ -661,15 +663,16 @@ def _read_2d(path: PathLike, what: str) -> sitk.Image:
                          "for a volume use `pamsegment propagate`")
     if image.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
         raise InputError(f"{p.name} has complex pixels; a 2D {what} needs real grey values")
-    return image
+    return image, original
 
 
 def read_image_2d(path: PathLike, keep_colour: bool = False) -> tuple[np.ndarray, sitk.Image]:
     """A 2D image (PNG, JPEG, TIFF, BMP, a single DICOM file, 2D NIfTI/NRRD/MHA) as a float32
     (rows, columns) array of grey values, and the SimpleITK image (its geometry, for writing a
-    mask). Colour images become grey (BT.601 luma of the first three channels; alpha is ignored),
-    or with ``keep_colour`` stay (rows, columns, 3)."""
-    image = _read_2d(path, "image")
+    mask; a one-slice 3D file, e.g. a DICOM file, keeps its 3D position and orientation there).
+    Colour images become grey (BT.601 luma of the first three channels; alpha is ignored), or
+    with ``keep_colour`` stay (rows, columns, 3)."""
+    image, original = _read_2d(path, "image")
     arr = sitk.GetArrayFromImage(image)
     ncomp = image.GetNumberOfComponentsPerPixel()
     if ncomp > 1:
@@ -683,7 +686,7 @@ def read_image_2d(path: PathLike, keep_colour: bool = False) -> tuple[np.ndarray
     bad = int(np.count_nonzero(~np.isfinite(arr)))
     if bad:
         raise InputError(f"{Path(path).name} contains {bad} NaN/inf pixels; replace them with a finite value first")
-    return arr, image
+    return arr, original
 
 
 def _palette_indices(path: Path) -> np.ndarray | None:
@@ -725,7 +728,7 @@ def read_labelmap_2d(path: PathLike, reference: tuple[np.ndarray, sitk.Image] | 
     if name.lower().endswith((".jpg", ".jpeg")):
         raise InputError(f"{name} is a JPEG: its compression changes label values along every edge; save the mask "
                          "as PNG or TIFF")
-    image = _read_2d(path, "mask")
+    image, _ = _read_2d(path, "mask")
     palette = _palette_indices(Path(path))
     if palette is not None:
         arr = palette.astype(np.uint8)
@@ -758,6 +761,12 @@ def write_labelmap_2d(array: np.ndarray, reference: sitk.Image, path: PathLike) 
     if hi > 65535 and Path(path).name.lower().endswith(".png"):
         raise InputError(f"{hi} labels do not fit a PNG file (at most 65535); write .tif, .nrrd or .nii.gz")
     dtype = np.uint8 if hi <= 255 else np.uint16 if hi <= 65535 else np.uint32
+    name = Path(path).name.lower()
+    if reference.GetDimension() == 3 and name.endswith((".nii", ".nii.gz", ".nrrd", ".mha")):
+        # A one-slice volume (a DICOM file, a slice of a scan): the mask lies where its image does.
+        image = sitk.GetImageFromArray(labels.astype(dtype, copy=False)[None])
+        image.CopyInformation(reference)
+        return _atomic_write(image, path, MASK_2D_EXTENSIONS)
     image = sitk.GetImageFromArray(labels.astype(dtype, copy=False))
     image.SetSpacing(reference.GetSpacing()[:2])
     image.SetOrigin(reference.GetOrigin()[:2])

@@ -325,3 +325,20 @@ def test_masks_that_are_not_label_maps_are_refused_and_palette_pngs_read(tmp_pat
     grey_alpha = Image.fromarray(labels * 100).convert("LA")
     grey_alpha.save(tmp_path / "la.png")
     assert np.array_equal(read_image_2d(tmp_path / "la.png")[0], labels * 100.0)
+
+
+def test_a_one_slice_volume_gets_its_mask_where_it_lies(tmp_path, run_cli):
+    """A coronal slice of a scan saved as a one-slice 3D NIfTI: its mask keeps the slice's 3D origin
+    and orientation (it was written as 2D, losing both)."""
+    images, truth = moving_disc_set(2)
+    _write_set(tmp_path / "set", images[:1], truth[0])
+    one = sitk.GetImageFromArray(images[1][None].astype(np.float32))
+    one.SetOrigin((5.0, 6.0, 70.0))
+    one.SetDirection((1, 0, 0, 0, 0, 1, 0, -1, 0))
+    sitk.WriteImage(one, str(tmp_path / "coronal.nii.gz"))
+    proc = run_cli("label-images", tmp_path / "set" / "img_0.png", tmp_path / "mask.png", tmp_path / "coronal.nii.gz",
+                   "-o", tmp_path / "out", "--format", "nii.gz", "--method", "copy")
+    assert proc.returncode == 0, proc.stderr
+    mask = sitk.ReadImage(str(tmp_path / "out" / "coronal_mask.nii.gz"))
+    assert mask.GetSize() == (48, 48, 1) and mask.GetOrigin() == (5.0, 6.0, 70.0)
+    assert np.allclose(mask.GetDirection(), (1, 0, 0, 0, 0, 1, 0, -1, 0))
