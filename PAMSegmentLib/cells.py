@@ -315,7 +315,7 @@ def add_label_cells_arguments(p) -> None:
     p.add_argument("--background", metavar="MASK", help="optional mask of pixels that are not cells")
     p.add_argument("--background-label", type=_positive_int, metavar="N",
                    help="pixels of label N in EXAMPLES mark background, not a cell (draw both in one file)")
-    p.add_argument("--tile", type=_positive_int, default=1024, help="tile side for classifying large images (px)")
+    p.add_argument("--tile", type=_positive_int, default=1024, help="tile side for classifying large images, at least 64 px (default 1024; the result does not depend on it)")
     p.add_argument("--self-training", action="store_true",
                    help="one round of self-training on the pixels the first pass is sure of (off by default: "
                         "it can also reinforce mistakes; see the README)")

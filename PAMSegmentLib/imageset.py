@@ -178,7 +178,7 @@ def _validate(images, prompt_index, prompt_mask, labels, order):
     if labels is None:
         labels = present
     else:
-        labels = [int(v) for v in labels]
+        labels = list(dict.fromkeys(int(v) for v in labels))  # each once, in the order given
         missing = [v for v in labels if v not in present]
         if missing:
             raise InputError(f"label {missing[0]} is not in the prompt mask (it holds {', '.join(map(str, present))})")

@@ -498,6 +498,8 @@ def read_labelmap(path: PathLike, reference: Volume | None = None, resample: boo
 
 
 def _write_extension(path: Path, extensions: Sequence[str] = _WRITE_EXTENSIONS) -> str:
+    if path.name in ("", ".", ".."):
+        raise InputError(f"{str(path)!r} is not a file name; give one ending in {', '.join(extensions)}")
     lower = path.name.lower()
     for ext in extensions:
         if lower.endswith(ext):

@@ -98,8 +98,9 @@ def test_similar_order_recovers_the_sequence_of_a_shuffled_set():
 
 def test_prompt_order_guides_every_image_from_the_prompt():
     images, truth = moving_disc_set(5)
-    res = label_images(images, 2, truth[2], OracleModel(truth), order="prompt")
+    res = label_images(images, 2, truth[2], OracleModel(truth), order="prompt", labels=[1, 1])
     assert list(res.guides[1]) == [2, 2, -1, 2, 2]
+    assert res.labels == [1] and res.n_predicted == 4  # a label given twice is labelled once
 
 
 def test_given_order_walks_out_from_the_prompt_and_an_image_without_the_object_guides_nothing():
@@ -166,6 +167,7 @@ def test_cancel_raises_and_returns_nothing():
     (dict(prompt_mask=np.ones((40, 48), np.uint8)), "prompt mask is 40x48"),
     (dict(prompt_mask=np.full((48, 48), 0.5)), "integer label map"),
     (dict(labels=[4]), "label 4 is not in the prompt mask"),
+    (dict(images=[np.zeros((48, 48))] * 3, prompt_mask=np.zeros((48, 48), np.uint8)), "prompt mask is empty"),
     (dict(order="random"), "order must be one of"),
     (dict(images=[np.zeros((48, 48, 3))] * 3), "must be a 2D image"),
 ])
