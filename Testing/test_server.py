@@ -207,6 +207,15 @@ def test_client_cancel_cancels_the_server_job(live_server):
     assert info["waiting"] == 0
 
 
+def test_client_sends_whole_number_float_volumes_as_int16():
+    from PAMSegmentLib.remote import _compact
+
+    ct = np.array([[[-1024.0, 0.0, 3071.0]]], np.float32)
+    assert _compact(ct).dtype == np.int16 and np.array_equal(_compact(ct), ct)
+    assert _compact(ct + 0.5).dtype == np.float32  # not whole numbers: sent as they are
+    assert _compact(ct * 20).dtype == np.float32  # beyond int16
+
+
 def test_client_sends_empty_slices_per_label(live_server):
     url, holder = live_server
     image, prompt, truth = case()
