@@ -207,6 +207,11 @@ class JobQueue:
         job.cancel.cancel()
         return True
 
+    def expire(self) -> None:
+        """Forget finished jobs older than ``result_ttl``."""
+        with self._lock:
+            self._expire()
+
     def _expire(self) -> None:
         now = time.monotonic()
         for jid in [j.id for j in self.jobs.values() if j.finished_at and now - j.finished_at > self.result_ttl]:
@@ -240,6 +245,7 @@ def create_app(model_factory: Callable[[str], Any], *, token: str | None = None,
     """The FastAPI application. ``model_factory(method)`` returns what ``propagate`` takes as
     ``model`` for ``method`` (called on the worker thread; cache the network there)."""
     from fastapi import FastAPI, HTTPException, Request, Response
+    from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import JSONResponse
 
     from .propagate import _validate_inputs, find_prompt_slices, propagate
@@ -263,12 +269,13 @@ def create_app(model_factory: Callable[[str], Any], *, token: str | None = None,
     @app.middleware("http")
     async def check_token(request: Request, call_next):
         if token is not None:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
                 return JSONResponse({"detail": "missing or wrong token (send Authorization: Bearer TOKEN)"}, 401)
         return await call_next(request)
 
     def get_job(job_id: str) -> Job:
+        queue.expire()
         job = queue.jobs.get(job_id)
         if job is None:
             raise HTTPException(404, f"no job {job_id} (finished results are kept {result_ttl:.0f} s)")
@@ -292,13 +299,18 @@ def create_app(model_factory: Callable[[str], Any], *, token: str | None = None,
             if size > max_bytes:
                 raise HTTPException(413, f"the upload exceeds this server's {max_upload_mb:g} MB")
             chunks.append(chunk)
-        try:
+        def check():
             opts = parse_options(options)
             image, prompt, spacing = read_arrays(b"".join(chunks), max_voxels)
             _validate_inputs(image, prompt, spacing)
             find_prompt_slices(np.asarray(prompt), axis=opts.get("axis"), labels=opts.get("labels"),
                                update=bool(opts.get("update", False)))
-            job = queue.submit(image, prompt, spacing, opts)
+            return queue.submit(image, prompt, spacing, opts)
+
+        try:
+            # Off the event loop: reading and checking a large volume takes seconds, and other
+            # clients' status polls must not wait for it.
+            job = await run_in_threadpool(check)
         except PAMError as error:
             raise HTTPException(400, str(error)) from None
         except OverflowError as error:

@@ -126,12 +126,24 @@ def test_size_limits(oracle_app):
     assert r.status_code == 400 and "has shape (16, 24, 24); this server takes at most 1,000" in r.json()["detail"]
 
 
+def test_finished_results_expire(oracle_app):
+    _, image, prompt, truth = oracle_app
+    client = TestClient(create_app(lambda m: OracleModel(truth), result_ttl=0.2))
+    job = client.post("/jobs", content=npz(image=image, prompt=prompt, spacing=np.ones(3))).json()
+    assert wait_for(client, job["id"])["state"] == "finished"
+    time.sleep(0.3)
+    r = client.get(f"/jobs/{job['id']}/result")
+    assert r.status_code == 404 and "results are kept 0 s" in r.json()["detail"]
+
+
 def test_a_token_is_required_when_set(oracle_app):
     _, image, prompt, truth = oracle_app
     client = TestClient(create_app(lambda m: OracleModel(truth), token="s3cret"))
     assert client.get("/info").status_code == 401
     assert client.get("/info", headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert client.get("/info", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert client.get("/info", headers={"Authorization": "bearer s3cret"}).status_code == 200  # scheme: any case
+    assert client.get("/info", headers={"Authorization": "Basic s3cret"}).status_code == 401
 
 
 class Blocking(OracleModel):
