@@ -118,7 +118,10 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
         where = f"{path.name} row {n}"
 
         def resolve(value: str) -> Path:
-            p = Path(value).expanduser()
+            try:
+                p = Path(value).expanduser()
+            except RuntimeError:  # ~name of no such user
+                raise InputError(f"{where}: {value}: no such user's home folder") from None
             return p if p.is_absolute() else base / p
 
         if not rec.get("image") or not rec.get("prompt"):

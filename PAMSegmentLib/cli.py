@@ -218,7 +218,7 @@ def add_propagate_arguments(p: argparse.ArgumentParser) -> None:
                         "between them (ceil(spacing / T) steps per slice; the result stays on the scan's slices). "
                         "1.5 helped single-slice prompts on thick-slice validation scans; 0 = off (default: the "
                         "checkpoint's, off for the shipped weights)")
-    p.add_argument("--label", type=_positive_int, nargs="+", metavar="N",
+    p.add_argument("--label", type=_positive_int, nargs="+", action="extend", metavar="N",
                    help="propagate only these prompt labels (default: every label in the prompt)")
     p.add_argument("--axis", type=int, choices=(0, 1, 2),
                    help="array axis to propagate along, (k, j, i) order (default: the axis the prompt is drawn across)")

@@ -539,3 +539,10 @@ def test_propagate_prints_the_results_notes(ct_case, small_checkpoint, monkeypat
     assert cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out),
                      "--checkpoint", str(small_checkpoint.path)]) == 0
     assert "note: label 1: stopped at once (--intensity-gate off)" in capsys.readouterr().out
+
+
+def test_label_given_twice_on_the_command_line_adds_up():
+    from PAMSegmentLib.cli import build_parser
+
+    argv = ["propagate", "a.nii.gz", "p.nii.gz", "-o", "o.nii.gz", "--label", "2", "--label", "3", "4"]
+    assert build_parser(argv).parse_args(argv).label == [2, 3, 4]  # the last --label used to win
