@@ -118,6 +118,7 @@ def label_cells(image, examples, *, background=None, tile: int = 1024, seed: int
     PropagationCancelled when ``cancel`` is set."""
     t0 = time.perf_counter()
     try:
+        import skimage.feature  # noqa: F401 - both extras, checked together
         from sklearn.ensemble import RandomForestClassifier
     except ImportError:
         raise InputError('cell labelling needs scikit-image and scikit-learn: pip install "PAMSegmentLib[cells]"') \
