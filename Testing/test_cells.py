@@ -167,3 +167,13 @@ def test_cli_writes_the_labels_and_a_table(tmp_path, run_cli):
         rows = list(csv.DictReader(fh))
     assert len(rows) == 16 and [r["drawn"] for r in rows[:3]] == ["yes"] * 3
     assert all(100 <= int(r["area_px"]) <= 160 for r in rows)  # discs of 113 px, found slightly larger
+
+
+@pytest.mark.parametrize("missing", ["sklearn.ensemble", "skimage.feature"])
+def test_without_the_cells_extra_the_message_says_what_to_install(monkeypatch, missing):
+    import sys
+
+    image, ref = disc_image()
+    monkeypatch.setitem(sys.modules, missing, None)  # import of it fails
+    with pytest.raises(InputError, match=r'pip install "PAMSegmentLib\[cells\]"'):
+        label_cells(image, np.where(np.isin(ref, [1, 2]), ref, 0))
