@@ -325,3 +325,13 @@ def test_propagate_with_server_refuses_local_model_options(run_cli, ct_case):
                    "--server", "http://127.0.0.1:9", "--registration-weight", "0.3")
     assert proc.returncode == 2 and "--registration-weight sets up a local model" in proc.stderr
 
+
+
+def test_serve_without_the_server_extra_says_what_to_install(monkeypatch, capsys):
+    import sys
+
+    from PAMSegmentLib.cli import main
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)
+    assert main(["serve"]) == 2
+    assert 'pip install "PAMSegmentLib[server]"' in capsys.readouterr().err
