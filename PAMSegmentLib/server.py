@@ -177,13 +177,15 @@ class JobQueue:
         self._run = run
         self.max_jobs, self.result_ttl = int(max_jobs), float(result_ttl)
         self.jobs: OrderedDict[str, Job] = OrderedDict()
-        self._lock = threading.Lock()
+        # Re-entrant: request threads read the jobs while the worker and other requests change them.
+        self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._thread = threading.Thread(target=self._worker, name="pamsegment-server-worker", daemon=True)
         self._thread.start()
 
     def waiting(self) -> list[Job]:
-        return [j for j in self.jobs.values() if j.state in ("queued", "running")]
+        with self._lock:
+            return [j for j in self.jobs.values() if j.state in ("queued", "running")]
 
     def submit(self, image, prompt, spacing, options) -> Job:
         with self._lock:
@@ -196,7 +198,8 @@ class JobQueue:
         return job
 
     def position(self, job: Job) -> int:
-        queued = [j for j in self.jobs.values() if j.state == "queued"]
+        with self._lock:
+            queued = [j for j in self.jobs.values() if j.state == "queued"]
         return queued.index(job) + 1 if job in queued else 0
 
     def cancel(self, job_id: str) -> bool:
@@ -207,10 +210,12 @@ class JobQueue:
         job.cancel.cancel()
         return True
 
-    def expire(self) -> None:
-        """Forget finished jobs older than ``result_ttl``."""
+    def get(self, job_id: str) -> Job | None:
+        """The job, unless it is unknown or its result expired (finished jobs older than ``result_ttl``
+        are forgotten here)."""
         with self._lock:
             self._expire()
+            return self.jobs.get(job_id)
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -275,8 +280,7 @@ def create_app(model_factory: Callable[[str], Any], *, token: str | None = None,
         return await call_next(request)
 
     def get_job(job_id: str) -> Job:
-        queue.expire()
-        job = queue.jobs.get(job_id)
+        job = queue.get(job_id)
         if job is None:
             raise HTTPException(404, f"no job {job_id} (finished results are kept {result_ttl:.0f} s)")
         return job
