@@ -9,7 +9,8 @@ The way ilastik's pixel classification does it, with scikit-image and scikit-lea
    smoothed intensity, edges and texture at scales from r / 4 to r; colour images per channel).
 3. A random forest learns cell vs background from the examples' pixels and, as background, a
    ring 2 to max(2, r / 3) px outside each example (plus any background the user marked; pixels
-   of other examples never count as background).
+   of other examples never count as background). Without marks (``contrast_background``), also
+   pixels spread over the image whose colour is far from the examples' (``_unlike_examples``).
 4. The image is classified in tiles (``tile`` px plus a margin of 4 x the largest feature
    scale, so tiles join without seams): memory stays bounded for large images, and the result
    does not depend on the tile size. Optionally (``self_training``, off by default) one round
@@ -110,7 +111,30 @@ def _features(img: np.ndarray, radius: float) -> np.ndarray:
                                      num_sigma=4).astype(np.float32)
 
 
+def _unlike_examples(img: np.ndarray, examples: np.ndarray, ring_px: int, n_ring: int, seed: int) -> np.ndarray:
+    """Background the user did not mark: pixels spread over the whole image whose (lightly smoothed)
+    grey value or colour is far from the example cells' (more than twice as far from their median
+    as 95 % of the examples' own pixels, and at least 0.15 of the intensity range), away from the
+    examples. At most as many as the rings hold (at least 2000). Chosen from a fixed random set of
+    pixels, so the result does not depend on tiling."""
+    h, w = img.shape[:2]
+    smooth = ndimage.gaussian_filter(img, sigma=(1, 1, 0) if img.ndim == 3 else 1)
+    values = smooth.reshape(h * w, -1)
+    centre = np.median(values[examples.ravel()], axis=0)
+    d_ex = np.linalg.norm(values[examples.ravel()] - centre, axis=1)
+    limit = max(2.0 * float(np.percentile(d_ex, 95)), 0.15)
+    rng = np.random.default_rng(seed + 7)
+    cand = rng.choice(h * w, min(h * w, 50000), replace=False)
+    cand = cand[np.linalg.norm(values[cand] - centre, axis=1) > limit]
+    near = ndimage.binary_dilation(examples, iterations=ring_px + 1).ravel()
+    cand = cand[~near[cand]][: max(n_ring, 2000)]
+    out = np.zeros(h * w, bool)
+    out[cand] = True
+    return out.reshape(h, w)
+
+
 def label_cells(image, examples, *, background=None, tile: int = 1024, seed: int = 0, self_training: bool = False,
+                contrast_background: bool = True,
                 progress: Callable[[float, str], None] | None = None, cancel=None) -> CellResult:
     """Label every cell of ``image`` (2D grey or (H, W, 3) colour) like the cells outlined in
     ``examples`` (a label map: each connected component is one example cell). ``background``:
@@ -159,6 +183,8 @@ def label_cells(image, examples, *, background=None, tile: int = 1024, seed: int
     bg_all[near] |= (ndimage.binary_dilation(ex_all[near], iterations=ring_px)
                      & ~ndimage.binary_dilation(ex_all[near], iterations=1))
     rng = np.random.default_rng(seed)
+    if bg_user is None and contrast_background:
+        bg_all |= _unlike_examples(img, ex_all, ring_px, int(bg_all.sum()), seed)
     fg_parts, bg_parts = [], []
     for r, c in starts:
         region = (slice(r, r + tile), slice(c, c + tile))
