@@ -237,10 +237,11 @@ def cmd_batch(args: argparse.Namespace) -> int:
         from .checkpoints import check_checkpoint_file
 
         check_checkpoint_file(args.checkpoint)
+    for r in rows:  # before -o is created: a refused batch leaves nothing behind
+        if r.output.parent.resolve() != out_dir.resolve() and not r.output.parent.is_dir():
+            raise InputError(f"{Path(args.manifest).name} row {r.number}: the output folder {r.output.parent} does not "
+                             "exist; create it first")
     out_dir.mkdir(exist_ok=True)
-    for r in rows:
-        if not r.output.parent.is_dir():
-            raise InputError(f"row {r.number}: the output folder {r.output.parent} does not exist; create it first")
     report = out_dir / report_name
     for r in rows:  # an empty file is what an interrupted copy leaves, not a result
         if args.skip_existing and r.output.is_file() and r.output.stat().st_size > 0:

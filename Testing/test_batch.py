@@ -78,6 +78,8 @@ def test_every_row_is_checked_before_any_work(tmp_path, cases, run_cli):
     (["image,prompt,output", "c0/image.nii.gz,c0/prompt.nii.gz,x.png"], "row 1: cannot tell the output format"),
     (["image,prompt,label", "c0/image.nii.gz,c0/prompt.nii.gz,1 two"], "row 1: label must be whole numbers"),
     (["image,prompt"], "lists no cases"),
+    (["image,prompt,output", "c0/image.nii.gz,c0/prompt.nii.gz,nowhere/x.nii.gz"],
+     "cases.csv row 1: the output folder .*nowhere does not exist"),
     (["image,prompt,labels", "c0/image.nii.gz,c0/prompt.nii.gz,2"], "column 'labels' .*did you mean label"),
     (["image;prompt", "c0/image.nii.gz;c0/prompt.nii.gz"], "not semicolons"),
     (["image,prompt", "c0/image.nii.gz,c0/prompt.nii.gz,extra"], "row 1 has more fields than the header"),
@@ -88,6 +90,7 @@ def test_bad_manifests_get_one_clear_message(tmp_path, cases, lines, message, ca
     m = _manifest(tmp_path / "data" / "cases.csv", lines)
     assert main(["batch", str(m), "-o", str(tmp_path / "out"), "--method", "copy"]) == 2
     assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()  # a refused batch leaves nothing behind
 
 
 def test_skip_existing_resumes_and_shards_split_the_rows(tmp_path, cases, capsys):

@@ -88,6 +88,7 @@ def test_a_job_runs_and_its_result_is_what_propagate_returns(oracle_app):
     ("good", {"options": json.dumps({"range": [9, 2]})}, "range 9:2 is reversed"),
     ("good", {"options": json.dumps({"early_stop": "no"})}, "early_stop must be true or false"),
     ("good", {"options": json.dumps({"axis": 5})}, "axis must be 0, 1 or 2"),
+    ("half", None, "the prompt must be an integer label map"),
 ])
 def test_bad_uploads_are_refused_with_the_reason(oracle_app, body, params, message):
     client, image, prompt, _ = oracle_app
@@ -99,6 +100,7 @@ def test_bad_uploads_are_refused_with_the_reason(oracle_app, body, params, messa
         "empty": lambda: npz(image=image, prompt=np.zeros_like(prompt), spacing=spacing),
         "spacing": lambda: npz(image=image, prompt=prompt, spacing=np.ones(2)),
         "complex": lambda: npz(image=image.astype(complex), prompt=prompt, spacing=spacing),
+        "half": lambda: npz(image=image, prompt=prompt * 0.5, spacing=spacing),
     }
     if body == "objects":  # a pickled object array, written by hand (savez would pickle it)
         buf = io.BytesIO()
