@@ -145,7 +145,7 @@ def _similarity_box(mask: np.ndarray, scale: float = 2.0) -> tuple[slice, slice]
     return tuple(out)
 
 
-def _validate(images, prompt_index, prompt_mask, labels, order):
+def _validate(images, prompt_index, prompt_mask, labels, order, names=None):
     if isinstance(images, np.ndarray) and images.ndim == 3:
         images = list(images)
     if not isinstance(images, Sequence) or isinstance(images, (str, bytes)):
@@ -158,7 +158,9 @@ def _validate(images, prompt_index, prompt_mask, labels, order):
         raise InputError(f"prompt_index {prompt_index} is outside the {len(images)} images (0-{len(images) - 1})")
     if order not in ORDERS:
         raise InputError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
-    imgs = [_as_2d(im, f"image {n}") for n, im in enumerate(images)]
+    if names is not None and len(names) != len(images):
+        raise InputError(f"names must name each of the {len(images)} images, got {len(names)}")
+    imgs = [_as_2d(im, str(names[n]) if names is not None else f"image {n}") for n, im in enumerate(images)]
     mask = np.asarray(prompt_mask)
     if mask.ndim == 3 and mask.shape[0] == 1:
         mask = mask[0]
@@ -198,6 +200,7 @@ def label_images(
     threads: int | None = None,
     progress: Callable[[float, str], None] | None = None,
     cancel: CancelToken | None = None,
+    names: Sequence[str] | None = None,
 ) -> ImageSetResult:
     """Label every image of ``images`` (2D arrays, any sizes) with the structure(s) that
     ``prompt_mask`` (an integer label map on ``images[prompt_index]``) marks.
@@ -205,10 +208,11 @@ def label_images(
     ``model``: a ``PAMModel``, any ``SlicePredictor`` (e.g. ``get_predictor("track")``), or None
     for the shipped default weights. ``order``: which image guides which (module docstring).
     Returns per image a label map on its own grid; the prompt image's map is the prompt itself.
+    ``names`` (e.g. file names) name the images in error messages.
     Raises InputError for bad input and PropagationCancelled when ``cancel`` is set (nothing is
     returned then)."""
     t0 = time.perf_counter()
-    imgs, p, mask, labels = _validate(images, prompt_index, prompt_mask, labels, order)
+    imgs, p, mask, labels = _validate(images, prompt_index, prompt_mask, labels, order, names)
     predictor = _as_predictor(model, device)
     shape = imgs[p].shape
     stack = to_common_grid(imgs, shape, normalize=normalize)
@@ -422,7 +426,8 @@ def cmd_label_images(args) -> int:
     model = METHODS[args.method](args)
     with _ProgressBar("labelling") as bar:
         result = label_images([a for a, _ in read], index, prompt, model, order=args.order, labels=args.label,
-                              normalize=not args.no_normalize, device=args.device, threads=args.threads, progress=bar)
+                              normalize=not args.no_normalize, device=args.device, threads=args.threads, progress=bar,
+                              names=[f.name for f in files])
 
     # Everything is computed: now write, into a fresh temporary folder first, then move in.
     out_dir.mkdir(exist_ok=True)

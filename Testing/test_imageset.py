@@ -270,6 +270,15 @@ def test_cli_refuses_a_mask_of_another_size_before_any_work(tmp_path, run_cli):
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_names_a_bad_image_by_its_file(tmp_path, run_cli):
+    images, truth = moving_disc_set(2)
+    _write_set(tmp_path / "set", images, truth[0])
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((1, 64), np.uint8)), str(tmp_path / "set" / "line.png"))
+    proc = run_cli("label-images", tmp_path / "set" / "img_0.png", tmp_path / "mask.png", tmp_path / "set",
+                   "-o", tmp_path / "out", "--method", "copy")
+    assert proc.returncode == 2 and "line.png is 1 x 64 pixels; images need at least 8 x 8" in proc.stderr
+
+
 def test_cli_refuses_two_images_that_would_share_a_mask_name(tmp_path, run_cli):
     images, truth = moving_disc_set(2)
     _write_set(tmp_path / "set", images, truth[0])
