@@ -35,6 +35,7 @@ RUNTIME_REQUIREMENTS = (
     ("dynamic_network_architectures", "dynamic-network-architectures>=0.3.1,<0.4.1"),
     ("cc3d", "connected-components-3d>=3.12"),
 )
+NETWORK_ONLY = ("torch", "dynamic_network_architectures")  # not needed for tracking or a server
 POLL_INTERVAL_MS = 200
 PROMPT_REFRESH_DELAY_MS = 400
 PLOT_SIZE = (256, 56)  # confidence plot, pixels
@@ -405,8 +406,10 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- dependencies ------------------------------------------------------------------------
 
     def ensureRequirements(self):
-        """True when everything is importable; otherwise ask, install with visible progress."""
-        missing = self.logic.missingRequirements()
+        """True when everything the chosen method needs is importable; otherwise ask, install with
+        visible progress."""
+        network = self._method() == "pam"
+        missing = self.logic.missingRequirements(network)
         if not missing:
             return True
         listing = "\n".join(f"  \u2022 {spec}" for _, spec in missing)
@@ -437,7 +440,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return False
         finally:
             dialog.close()
-        still = self.logic.missingRequirements()
+        still = self.logic.missingRequirements(network)
         if still:
             self._setStatus("Still missing after installation: " + ", ".join(spec for _, spec in still)
                             + ". Restart Slicer and try again.", "error")
@@ -690,8 +693,13 @@ class PAMSegmentLogic(ScriptedLoadableModuleLogic):
     # dependencies
 
     @staticmethod
-    def missingRequirements():
-        return [(name, spec) for name, spec in RUNTIME_REQUIREMENTS if importlib.util.find_spec(name) is None]
+    def missingRequirements(network=True):
+        """What is not installed; ``network=False`` (registration tracking, a server) leaves out
+        what only the network needs (torch, its U-Net), so a laptop using a server is not asked
+        for a large PyTorch download."""
+        skip = () if network else NETWORK_ONLY
+        return [(name, spec) for name, spec in RUNTIME_REQUIREMENTS
+                if name not in skip and importlib.util.find_spec(name) is None]
 
     @staticmethod
     def installRequirements(missing, report=lambda text: None):

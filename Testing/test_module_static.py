@@ -1117,7 +1117,7 @@ def test_panel_shows_input_errors_without_starting(panel, mrml, monkeypatch):
 def test_panel_asks_before_installing_and_reports(panel, drawn, monkeypatch):
     logic = panel.logic
     missing = [("cc3d", "connected-components-3d>=3.12")]
-    monkeypatch.setattr(logic, "missingRequirements", lambda: list(missing))
+    monkeypatch.setattr(logic, "missingRequirements", lambda network=True: list(missing))
     asked, installed = [], []
     monkeypatch.setattr(_slicer().util, "confirmOkCancelDisplay", lambda text, **kw: asked.append(text) or False)
     assert panel.ensureRequirements() is False
@@ -1135,6 +1135,20 @@ def test_panel_asks_before_installing_and_reports(panel, drawn, monkeypatch):
     monkeypatch.setattr(logic, "installRequirements", install)
     assert panel.ensureRequirements() is True
     assert installed == [[("cc3d", "connected-components-3d>=3.12")]] and dialog.labelText.startswith("Installing")
+
+
+def test_panel_with_a_server_does_not_ask_for_torch(panel, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    asked = []
+    monkeypatch.setattr(_slicer().util, "confirmOkCancelDisplay", lambda text, **kw: asked.append(text) or False)
+    assert panel.ensureRequirements() is False and "torch>=2.1" in asked[0]  # the network needs it
+    panel.ui.serverModelRadioButton.setChecked(True)
+    assert panel.ensureRequirements() is True and len(asked) == 1  # a server does not
+    panel.ui.trackModelRadioButton.setChecked(True)
+    assert panel.ensureRequirements() is True and len(asked) == 1  # nor does registration tracking
 
 
 def test_logic_installs_torch_through_the_pytorch_extension(module, monkeypatch):
