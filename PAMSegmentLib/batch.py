@@ -186,7 +186,7 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop-on-error", action="store_true", help="stop at the first case that fails (default: go on)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="torch device (default: cpu)")
     p.add_argument("--threads", type=_positive_int, metavar="N", help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--batch-size", type=_positive_int, default=16, metavar="N", help="query slices per network call")
+    p.add_argument("--batch-size", type=_positive_int, default=16, metavar="N", help="query slices per network call (default 16)")
     p.add_argument("--resample-prompt", action="store_true",
                    help="resample prompts on another grid onto their image's grid (nearest neighbour)")
 

@@ -359,6 +359,9 @@ def cmd_label_cells(args) -> int:
     t0 = time.perf_counter()
     out = Path(args.output)
     check_output_path(out, MASK_2D_EXTENSIONS)
+    for given in (args.image, args.examples, args.background):
+        if given and out.exists() and Path(given).exists() and os.path.samefile(out, given):
+            raise InputError(f"the output {out} is one of the inputs ({given}); choose another -o file")
     image, ref = read_image_2d(args.image, keep_colour=True)
     examples = read_labelmap_2d(args.examples, reference=(image[..., 0] if image.ndim == 3 else image, ref))
     background = None

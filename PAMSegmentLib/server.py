@@ -10,7 +10,8 @@ The HTTP API (FastAPI, served by uvicorn; ``pip install "PAMSegmentLib[server]"`
   ``empty_slices``, ``remove_disconnected``, ``update`` (the prompt is an edited earlier result),
   ``method`` (``pam``, ``track``, ``copy``). The
   arrays and options are checked at once (400 with the engine's one-line message); then 202 with
-  the job's ``id``. One job runs at a time, in arrival order; at most ``max_jobs`` wait (503).
+  the job's ``id``. One job runs at a time, in arrival order; at most ``max_jobs`` wait besides
+  the running one (503).
 * ``GET /jobs/{id}``: ``state`` (queued, running, finished, failed, cancelled), ``progress``
   0-1, ``message``, ``queue_position``.
 * ``GET /jobs/{id}/result``: the finished result as ``.npz`` (``PAMSegmentLib.remote`` reads
@@ -190,8 +191,9 @@ class JobQueue:
     def submit(self, image, prompt, spacing, options) -> Job:
         with self._lock:
             self._expire()
-            if len(self.waiting()) >= self.max_jobs:
-                raise OverflowError(f"{self.max_jobs} jobs are waiting already; try again later")
+            queued = sum(1 for j in self.jobs.values() if j.state == "queued")  # the running one aside
+            if queued >= self.max_jobs:
+                raise OverflowError(f"{queued} jobs are waiting already; try again later")
             job = Job(uuid.uuid4().hex, image, prompt, spacing, options)
             self.jobs[job.id] = job
             self._wake.notify()
@@ -360,7 +362,7 @@ def add_serve_arguments(p) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="torch device (default: cpu)")
     p.add_argument("--threads", type=_positive_int, metavar="N", help="torch CPU threads")
     p.add_argument("--max-upload-mb", type=float, default=1024.0, help="largest upload accepted (default 1024 MB)")
-    p.add_argument("--max-jobs", type=_positive_int, default=8, help="jobs that may wait at once (default 8)")
+    p.add_argument("--max-jobs", type=_positive_int, default=8, help="jobs that may wait besides the one running (default 8)")
 
 
 def cmd_serve(args) -> int:

@@ -207,6 +207,10 @@ def test_cli_writes_the_labels_and_a_table(tmp_path, run_cli):
         rows = list(csv.DictReader(fh))
     assert len(rows) == 16 and [r["drawn"] for r in rows[:3]] == ["yes"] * 3
     assert all(100 <= int(r["area_px"]) <= 160 for r in rows)  # discs of 113 px, found slightly larger
+    before = (tmp_path / "examples.png").read_bytes()
+    proc = run_cli("label-cells", tmp_path / "cells.png", tmp_path / "examples.png", "-o", tmp_path / "examples.png")
+    assert proc.returncode == 2 and "is one of the inputs" in proc.stderr
+    assert (tmp_path / "examples.png").read_bytes() == before  # the drawing is untouched
 
 
 @pytest.mark.parametrize("missing", ["sklearn.ensemble", "skimage.feature"])

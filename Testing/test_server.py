@@ -168,16 +168,19 @@ def test_the_queue_is_bounded_and_a_running_job_can_be_cancelled():
     client = TestClient(create_app(lambda m: model, max_jobs=2))
     body = npz(image=image, prompt=prompt, spacing=np.ones(3))
     first = client.post("/jobs", content=body).json()
-    second = client.post("/jobs", content=body).json()
-    assert second["queue_position"] >= 1
-    assert client.post("/jobs", content=body).status_code == 503  # two are waiting already
     assert model.started.wait(10)
     assert client.get(f"/jobs/{first['id']}").json()["state"] == "running"
+    second = client.post("/jobs", content=body).json()
+    third = client.post("/jobs", content=body).json()
+    assert (second["queue_position"], third["queue_position"]) == (1, 2)
+    r = client.post("/jobs", content=body)  # two wait besides the running one: full
+    assert r.status_code == 503 and "2 jobs are waiting already" in r.json()["detail"]
     assert client.get(f"/jobs/{first['id']}/result").status_code == 409
     assert client.delete(f"/jobs/{first['id']}").status_code == 200
     assert client.get(f"/jobs/{first['id']}").status_code == 404
     model.release.set()
     assert wait_for(client, second["id"])["state"] == "finished"
+    assert wait_for(client, third["id"])["state"] == "finished"
 
 
 # ----------------------------------------------------------------------------- over a real socket
