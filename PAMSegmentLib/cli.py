@@ -364,8 +364,10 @@ def cmd_propagate(args: argparse.Namespace) -> int:
         )
     write_labelmap(result.mask, image, args.output)
     print(f"wrote {args.output}: {result.summary()}; {time.perf_counter() - t0:.1f} s in all", flush=True)
+    how = ("run it here with --intensity-gate off; a server keeps its own setting" if args.server
+           else "--intensity-gate off")
     for note in result.notes():
-        print(f"note: {note} (--intensity-gate off)", flush=True)
+        print(f"note: {note} ({how})", flush=True)
     return EXIT_OK
 
 
