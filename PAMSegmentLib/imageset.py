@@ -31,7 +31,6 @@ crop around the guide's mask), and images whose aspect ratio differs much from t
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import InputError, PropagationCancelled
-from .propagate import MAX_LABEL, CancelToken, _as_predictor, _is_empty, _slice_confidence
+from .propagate import MAX_LABEL, CancelToken, _as_predictor, _is_empty, _slice_confidence, _stop_presence, torch_threads
 
 __all__ = ["ORDERS", "ImageSetResult", "label_images", "to_common_grid", "thumbnail_distances"]
 
@@ -222,11 +221,7 @@ def label_images(
     total = max((n - 1) * len(labels), 1)
     done = 0
 
-    torch = sys.modules.get("torch")  # only the network predictor needs it
-    old_threads = torch.get_num_threads() if torch is not None else None
-    if threads and torch is not None:
-        torch.set_num_threads(int(threads))
-    try:
+    with torch_threads(threads):
         for lab in labels:
             lab_mask = mask == lab
             predictor.begin(stack, p, lab_mask)
@@ -242,9 +237,7 @@ def label_images(
                     predictor._chain = None  # each image from its guide alone, never a carried walk
                 pred = predictor.predict(stack, g, found[g], [q])
                 prob = np.asarray(pred.prob[0])
-                presence = None if pred.presence is None else float(pred.presence[0])
-                if pred.drift is not None:  # a predictor's own drift test counts as its presence
-                    presence = float(pred.drift[0]) if presence is None else min(presence, float(pred.drift[0]))
+                presence = _stop_presence(pred, 0)  # the presence, or the drift test where lower
                 guides[q] = g
                 if _is_empty(prob, presence, int(found[g].sum()), predictor):  # the engine's own "object gone" test
                     found[q] = None
@@ -259,9 +252,6 @@ def label_images(
                 if m is not None and q != p:
                     results[q][m & (results[q] == 0)] = lab
             guides_all[lab], conf_all[lab] = guides, conf
-    finally:
-        if threads and torch is not None:
-            torch.set_num_threads(old_threads)
     masks = []
     for q in range(n):
         if q == p:

@@ -19,6 +19,7 @@ the prompt are removed and the prompt slices are restored exactly.
 from __future__ import annotations
 
 import abc
+import contextlib
 import math
 import sys
 import threading
@@ -979,12 +980,7 @@ def propagate(
     tracker = _Progress(total, progress, cancel)
     stats = {"predict": 0.0, "postprocess": 0.0, "n_predicted": 0}
 
-    # torch is needed only by the network predictor; the classical ones run without it.
-    torch = sys.modules.get("torch")
-    old_threads = torch.get_num_threads() if torch is not None else None
-    if threads and torch is not None:
-        torch.set_num_threads(int(threads))
-    try:
+    with torch_threads(threads):
         out = np.zeros(vol.shape, dtype=np.uint16 if max(slices) > 255 else np.uint8)
         conf_all, ranges = {}, {}
         usable_previous = (
@@ -1025,9 +1021,6 @@ def propagate(
         for lab in overlapped:  # the extent a label that lost voxels still has in the merged map
             occupied = np.flatnonzero((out == lab).any(axis=(1, 2)))
             ranges[lab] = (int(occupied[0]), int(occupied[-1]))
-    finally:
-        if threads and torch is not None:
-            torch.set_num_threads(old_threads)
     if progress is not None and tracker.last < 1.0:
         progress(1.0, "done")
     timings = {"predict": stats["predict"], "postprocess": stats["postprocess"],
@@ -1050,6 +1043,22 @@ def propagate(
         overlapped=frozenset(overlapped),
         begin_state=begin_states,
     )
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None):
+    """torch's CPU thread count set to ``threads`` (when given) for the block, then restored. torch
+    is needed only by the network predictor: when nothing imported it, nothing is done."""
+    torch = sys.modules.get("torch")
+    if not threads or torch is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def _empty_slices_per_label(empty_slices, slices: dict, lo: int, hi: int, axis: int) -> dict[int, set[int]]:
