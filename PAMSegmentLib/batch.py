@@ -73,12 +73,10 @@ def _labels(text: str, where: str) -> list[int] | None:
 def _default_name(image: str) -> str:
     """``p01/ct.nii.gz`` -> ``p01_ct``: the image's path as the manifest gives it, without its
     extension, folders joined by ``_`` (patients often keep same-named files in their own folders)."""
+    from .volumes import without_extension
+
     parts = [q for q in Path(image).parts if q not in ("/", "..", ".", "~")]
-    last = parts[-1]
-    for ext in (".nii.gz", ".seg.nrrd", ".nii", ".nrrd", ".mha", ".mhd"):
-        if last.lower().endswith(ext):
-            last = last[: -len(ext)]
-            break
+    last = without_extension(parts[-1], (".nii.gz", ".seg.nrrd", ".nii", ".nrrd", ".mha", ".mhd"))
     return "_".join([*parts[:-1], last])
 
 

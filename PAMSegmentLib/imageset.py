@@ -322,10 +322,10 @@ def _expand(inputs: Sequence[str]) -> list:
 
 def _stem(path) -> str:
     """The file name without its image extension (``a.nii.gz`` -> ``a``)."""
-    from .volumes import IMAGE_2D_EXTENSIONS
+    from .volumes import IMAGE_2D_EXTENSIONS, without_extension
 
-    ext = next((e for e in IMAGE_2D_EXTENSIONS if path.name.lower().endswith(e)), None)
-    return path.name[: -len(ext)] if ext else path.stem
+    name = without_extension(path.name, IMAGE_2D_EXTENSIONS)
+    return name if name != path.name else path.stem
 
 
 def add_label_images_arguments(p) -> None:

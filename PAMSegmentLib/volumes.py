@@ -497,6 +497,13 @@ def read_labelmap(path: PathLike, reference: Volume | None = None, resample: boo
 # ----------------------------------------------------------------------------- writing
 
 
+def without_extension(name: str, extensions: Sequence[str]) -> str:
+    """``name`` less the first of ``extensions`` it ends with (any case; ``a.nii.gz`` -> ``a``),
+    or as it is."""
+    ext = next((e for e in extensions if name.lower().endswith(e)), "")
+    return name[: len(name) - len(ext)]
+
+
 def _write_extension(path: Path, extensions: Sequence[str] = _WRITE_EXTENSIONS) -> str:
     if path.name in ("", ".", ".."):
         raise InputError(f"{str(path)!r} is not a file name; give one ending in {', '.join(extensions)}")
