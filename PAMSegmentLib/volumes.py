@@ -713,17 +713,20 @@ def _palette_indices(path: Path) -> np.ndarray | None:
 
 def _edge_labels(arr: np.ndarray) -> list[int]:
     """Labels whose pixels nearly all touch another label's: the grey steps of an anti-aliased or
-    lossy-compressed mask's edges, not structures."""
+    lossy-compressed mask's edges, not structures. Each label is looked at within its bounding
+    box (a cell-example mask may hold many labels on a large image)."""
     from scipy import ndimage
 
+    values = [int(v) for v in np.unique(arr) if v > 0]
+    if len(values) < 5:  # read_labelmap_2d refuses only masks with more grey values than that
+        return []
+    boxes = ndimage.find_objects(arr)  # label v's box at index v - 1 (negative values are skipped)
     out = []
-    values = [int(v) for v in np.unique(arr) if v]
-    if len(values) < 3:
-        return out
     for v in values:
-        own = arr == v
-        other = (arr != v) & (arr != 0)
-        touching = own & ndimage.binary_dilation(other)
+        box = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in boxes[v - 1])
+        sub = arr[box]
+        own = sub == v
+        touching = own & ndimage.binary_dilation((sub != v) & (sub != 0))
         if touching.sum() >= 0.8 * own.sum():
             out.append(v)
     return out
