@@ -190,18 +190,12 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_row(row: BatchRow, model, args) -> None:
-    import warnings
-
+    from .cli import read_case
     from .propagate import propagate
-    from .volumes import check_geometry_fits, read_labelmap, read_volume, write_labelmap
+    from .volumes import write_labelmap
 
     notes = []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", UserWarning)
-        image = read_volume(row.image)
-        check_geometry_fits(image.direction, row.output)
-        prompt = read_labelmap(row.prompt, reference=image, resample=args.resample_prompt)
-    notes += [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    image, prompt = read_case(row.image, row.prompt, row.output, args.resample_prompt, note=notes.append)
     result = propagate(image.array, prompt.array, image.spacing, model, labels=row.labels,
                        batch_size=args.batch_size, device=args.device, threads=args.threads)
     write_labelmap(result.mask, image, row.output)
@@ -210,13 +204,11 @@ def _run_row(row: BatchRow, model, args) -> None:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from .cli import CLASSICAL_METHODS, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, METHODS, _one_line
+    from .cli import (EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, METHODS, _one_line, check_no_checkpoint_for_classical,
+                      check_pam_only_options)
 
-    for opt in ("registration_weight", "intensity_gate", "through_plane_mm"):
-        if getattr(args, opt) is not None and args.method != "pam":
-            raise InputError(f"--{opt.replace('_', '-')} is an option of --method pam, not {args.method}; drop it")
-    if args.checkpoint is not None and args.method in CLASSICAL_METHODS:
-        raise InputError(f"--method {args.method} does not use a checkpoint; drop --checkpoint or use --method pam")
+    check_pam_only_options(args)
+    check_no_checkpoint_for_classical(args)
     out_dir = Path(args.output)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir} is a file; -o takes a folder")

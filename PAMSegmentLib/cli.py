@@ -288,15 +288,42 @@ class _ProgressBar:
         self.bar.close()
 
 
+def check_pam_only_options(args: argparse.Namespace) -> None:
+    """Options of the network (``--method pam``) given with another method: one clear error."""
+    for opt in ("registration_weight", "intensity_gate", "through_plane_mm"):
+        if getattr(args, opt) is not None and args.method != "pam":
+            raise InputError(f"--{opt.replace('_', '-')} is an option of --method pam, not {args.method}; drop it")
+
+
+def check_no_checkpoint_for_classical(args: argparse.Namespace) -> None:
+    if args.checkpoint is not None and args.method in CLASSICAL_METHODS:
+        raise InputError(f"--method {args.method} does not use a checkpoint; drop --checkpoint or use --method pam")
+
+
+def read_case(image_path, prompt_path, output, resample: bool, note: Callable[[str], None],
+              series: str | None = None):
+    """The image and its prompt (on the image's grid), checked against the output's format. What
+    the readers warn about (which of several DICOM series was used, a NIfTI header with two
+    different grids) goes to ``note``, also when a read fails: the note may explain the failure."""
+    from .volumes import check_geometry_fits, read_labelmap, read_volume
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        try:
+            image = read_volume(image_path, series_uid=series)
+            check_geometry_fits(image.direction, output)
+            prompt = read_labelmap(prompt_path, reference=image, resample=resample)
+        finally:
+            for w in caught:
+                if issubclass(w.category, UserWarning):
+                    note(str(w.message))
+    return image, prompt
+
+
 def cmd_propagate(args: argparse.Namespace) -> int:
     """Read IMAGE and PROMPT, propagate, write OUT on the image's grid, print a summary."""
     t0 = time.perf_counter()
-    if args.registration_weight is not None and args.method != "pam":
-        raise InputError(f"--registration-weight is an option of --method pam, not {args.method}; drop it")
-    if args.intensity_gate is not None and args.method != "pam":
-        raise InputError(f"--intensity-gate is an option of --method pam, not {args.method}; drop it")
-    if args.through_plane_mm is not None and args.method != "pam":
-        raise InputError(f"--through-plane-mm is an option of --method pam, not {args.method}; drop it")
+    check_pam_only_options(args)
     if args.server:
         given = [f"--{o}" for o, v in (("checkpoint", args.checkpoint), ("registration-weight", args.registration_weight),
                                        ("intensity-gate", args.intensity_gate), ("through-plane-mm", args.through_plane_mm))
@@ -309,29 +336,17 @@ def cmd_propagate(args: argparse.Namespace) -> int:
         raise InputError("--token is for --server; drop it")
     _check_output_path(args.output, [args.image, args.prompt])
 
-    from . import volumes
-    from .volumes import read_labelmap, read_volume, write_labelmap
+    from .volumes import write_labelmap
 
-    if args.checkpoint is not None and args.method in CLASSICAL_METHODS:
-        raise InputError(f"--method {args.method} does not use a checkpoint; drop --checkpoint or use --method pam")
+    check_no_checkpoint_for_classical(args)
     if args.checkpoint:  # before reading a possibly large image
         from .checkpoints import check_checkpoint_file
 
         check_checkpoint_file(args.checkpoint)
     if args.series is not None and not Path(args.image).is_dir():
         raise InputError(f"--series applies to a DICOM folder, but {args.image} is a file; drop it")
-    # What the readers warn about (which of several DICOM series was used, a NIfTI header with two
-    # different grids) becomes note: lines.
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", UserWarning)
-        try:
-            image = read_volume(args.image, series_uid=args.series)
-            volumes.check_geometry_fits(image.direction, args.output)
-            prompt = read_labelmap(args.prompt, reference=image, resample=args.resample_prompt)
-        finally:  # also when a read fails: the note may explain the failure
-            for w in caught:
-                if issubclass(w.category, UserWarning):
-                    print(f"note: {w.message}", flush=True)
+    image, prompt = read_case(args.image, args.prompt, args.output, args.resample_prompt,
+                              note=lambda text: print(f"note: {text}", flush=True), series=args.series)
 
     from .propagate import find_prompt_slices, propagate
 
