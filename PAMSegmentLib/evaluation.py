@@ -26,7 +26,7 @@ from .errors import InputError
 
 __all__ = [
     "EvalStructure", "EvalCase", "load_split", "load_case", "along_axis", "validation_items", "validation_prompt_slices",
-    "extent", "slice_at", "prompt_from_reference",
+    "extent", "slice_at", "prompt_from_reference", "PROMPT_VARIANTS", "parse_prompt_variants", "perturb_prompt",
     "slice_dice", "worst_slices", "confidence_hit", "contour_interpolation", "correction_slice",
     "simulate_corrections", "aggregate", "mean", "paired_difference", "write_csv", "read_csv", "summary_markdown",
     "CSV_FIELDS",
@@ -179,6 +179,69 @@ def prompt_from_reference(ref: np.ndarray, slices: Iterable[int], label: int = 1
         idx = [slice(None)] * ref.ndim
         idx[axis] = int(s)
         out[tuple(idx)][ref[tuple(idx)]] = label
+    return out
+
+
+PROMPT_VARIANTS = ("erode", "dilate", "rough")
+
+
+def parse_prompt_variants(text: str) -> list[tuple[str, float]]:
+    """``"erode:2,dilate:2,rough:2"`` -> [("erode", 2.0), ...]; amounts in mm, > 0."""
+    out = []
+    for part in [p.strip() for p in str(text).split(",") if p.strip()]:
+        kind, _, amount = part.partition(":")
+        kind = kind.strip().lower()
+        try:
+            mm = float(amount)
+        except ValueError:
+            mm = float("nan")
+        if kind not in PROMPT_VARIANTS or not (math.isfinite(mm) and mm > 0):
+            raise InputError(f"prompt variant {part!r}: write KIND:MM with KIND one of {', '.join(PROMPT_VARIANTS)} "
+                             f"and MM > 0, e.g. erode:2")
+        if (kind, mm) not in out:
+            out.append((kind, mm))
+    return out
+
+
+def perturb_prompt(mask: np.ndarray, spacing: Sequence[float], kind: str, mm: float, seed: int = 0,
+                   correlation_mm: float = 4.0) -> np.ndarray:
+    """A drawn 2D mask as a user might have drawn it instead of the reference.
+
+    ``erode`` / ``dilate``: the boundary moved ``mm`` inwards / outwards everywhere (signed
+    distance in mm from the boundary half a pixel beyond the outermost pixels, so anisotropic pixels
+    are handled; on coarse pixels the move is rounded to whole pixels). ``rough``: the boundary moved by a smooth
+    random field (Gaussian noise smoothed over ``correlation_mm``, rescaled to a standard deviation
+    of ``mm``), in and out along the contour, as a hurried freehand outline; seeded. The result is
+    never empty: an erosion that removes everything keeps the pixels deepest inside."""
+    from scipy import ndimage
+
+    m = np.asarray(mask, dtype=bool)
+    if m.ndim != 2 or not m.any():
+        raise InputError("perturb_prompt needs a non-empty 2D mask")
+    sp = tuple(float(v) for v in spacing)
+    inside = ndimage.distance_transform_edt(m, sampling=sp)
+    outside = ndimage.distance_transform_edt(~m, sampling=sp)
+    half = 0.5 * min(sp)  # the drawn boundary lies half a pixel beyond the outermost pixel centres
+    signed = np.where(m, inside - half, half - outside)  # mm from the boundary, > 0 inside
+    if kind == "erode":
+        out = signed > mm
+    elif kind == "dilate":
+        out = signed >= -mm
+    elif kind == "rough":
+        rng = np.random.default_rng(seed)
+        field = ndimage.gaussian_filter(rng.standard_normal(m.shape), [correlation_mm / s for s in sp])
+        sd = float(field.std())
+        field = field / sd * mm if sd > 0 else np.zeros_like(field)
+        out = signed + field > 0
+        # keep the part that overlaps the drawing most (noise may cut off or add small islands)
+        lab, n = ndimage.label(out)
+        if n > 1:
+            overlap = ndimage.sum(m, lab, index=np.arange(1, n + 1))
+            out = lab == (int(np.argmax(overlap)) + 1)
+    else:
+        raise InputError(f"unknown prompt variant {kind!r}; choose from {', '.join(PROMPT_VARIANTS)}")
+    if not out.any():
+        out = inside >= inside.max() - 1e-6
     return out
 
 
@@ -335,7 +398,7 @@ def contour_interpolation(drawn: np.ndarray, axis: int = 0, threads: int | None 
 CSV_FIELDS = [
     "case", "group", "modality", "structure_id", "structure", "method", "protocol", "position", "round",
     "prompt_slices", "ref_first", "ref_last", "pred_first", "pred_last", "dice", "nsd", "hd95", "seconds",
-    "n_predicted", "conf_hit", "conf_chance", "keyframes_kept", "added_slice", "error",
+    "n_predicted", "conf_hit", "conf_chance", "keyframes_kept", "added_slice", "prompt_variant", "prompt_dice", "error",
 ]
 
 
@@ -366,7 +429,7 @@ def write_csv(rows: Sequence[dict], path: str | os.PathLike) -> Path:
 
 
 _NUMERIC = {"structure_id", "position", "round", "ref_first", "ref_last", "pred_first", "pred_last", "dice", "nsd",
-            "hd95", "seconds", "n_predicted", "conf_chance", "added_slice"}
+            "hd95", "seconds", "n_predicted", "conf_chance", "added_slice", "prompt_dice"}
 
 
 def read_csv(path: str | os.PathLike) -> list[dict]:
@@ -625,6 +688,39 @@ def summary_markdown(rows: Sequence[dict], header: str = "", reference_position:
                 cells.append(_f(d) + (f" ({npred:.0f})" if not m.startswith("ci@") and npred == npred else ""))
             kept = aggregate(corr, (), "keyframes_kept", {"method": m}).get((), (float("nan"), 0))[0]
             lines.append(f"| {m} | " + " | ".join(cells) + f" | {_f(kept, 2)} |")
+        lines.append("")
+
+    pv = [r for r in rows if r.get("protocol") == "prompt-variant"]
+    if pv:
+        pv_methods = _methods_in(rows, "prompt-variant")
+        variants = list(OrderedDict.fromkeys(r["prompt_variant"] for r in pv))
+        lines += ["### Imperfect prompts (the 50 % slice drawn eroded, dilated or roughly)", "",
+                  "Mean 3D Dice per group; `exact` = the reference drawn on the same slice; in brackets the change "
+                  "against `exact` over the same structures. `drawing` = mean 2D Dice of the imperfect drawing "
+                  "against the reference on its slice (how far off the user was).", "",
+                  "| group | method | n | exact | " + " | ".join(variants) + " |",
+                  "|" + "---|" * (4 + len(variants)),
+                  "| | drawing | | 1.000 | " + " | ".join(
+                      _f(aggregate(pv, (), "prompt_dice", {"prompt_variant": v, "method": pv_methods[0]})
+                         .get((), (float("nan"), 0))[0]) for v in variants) + " |"]
+        for g in list(OrderedDict.fromkeys(r["group"] for r in pv)) + ["all"]:
+            w = {} if g == "all" else {"group": g}
+            for m in pv_methods:
+                exact = {(r["case"], r["structure"]): r.get("dice") for r in single
+                         if r["method"] == m and _match(r, {**w, "position": rp})}
+                cells, n = [], 0
+                for v in variants:
+                    got = {(r["case"], r["structure"]): r.get("dice") for r in pv
+                           if r["method"] == m and r["prompt_variant"] == v and _match(r, w)}
+                    pairs = [(got[k], exact[k]) for k in got if got[k] is not None and exact.get(k) is not None]
+                    n = max(n, len(pairs))
+                    if pairs:
+                        d = mean(a for a, _ in pairs)
+                        cells.append(f"{_f(d)} ({mean(a - b for a, b in pairs):+.3f})")
+                    else:
+                        cells.append("")
+                e = mean(v for v in exact.values() if v is not None)
+                lines.append(f"| {'**all**' if g == 'all' else g} | {m} | {n} | {_f(e)} | " + " | ".join(cells) + " |")
         lines.append("")
 
     errors = [r for r in rows if r.get("error")]

@@ -51,6 +51,42 @@ def test_prompt_from_reference_keeps_only_the_given_slices():
     assert np.array_equal(p[5] > 0, m[5])
 
 
+def test_perturbed_prompts_move_the_boundary_by_the_asked_mm():
+    rows, cols = np.mgrid[:60, :60]
+    disk = (rows - 30) ** 2 + (cols - 30) ** 2 <= 15.5 ** 2  # rows and columns 15..45
+
+    def extent(m):
+        r, c = np.nonzero(m.any(axis=1))[0], np.nonzero(m.any(axis=0))[0]
+        return r.min(), r.max(), c.min(), c.max()
+
+    # 1 mm pixels: the outline moves 2 px in or out, and the area follows (radius 15.44 -> ~13.4 / ~17.4)
+    eroded = ev.perturb_prompt(disk, (1.0, 1.0), "erode", 2.0)
+    dilated = ev.perturb_prompt(disk, (1.0, 1.0), "dilate", 2.0)
+    assert extent(eroded) == (17, 43, 17, 43) and extent(dilated) == (13, 47, 13, 47)
+    assert (eroded <= disk).all() and (dilated >= disk).all()
+    assert abs(np.sqrt(eroded.sum() / np.pi) - 13.44) < 0.3 and abs(np.sqrt(dilated.sum() / np.pi) - 17.44) < 0.3
+    # anisotropic pixels (2 mm rows, 1 mm columns): 2 mm is one row but two columns
+    assert extent(ev.perturb_prompt(disk, (2.0, 1.0), "erode", 2.0)) == (16, 44, 17, 43)
+    assert extent(ev.perturb_prompt(disk, (2.0, 1.0), "dilate", 2.0)) == (14, 46, 13, 47)
+    # rough: seeded, one piece, moved both in and out, roughly 2 mm on average
+    r1 = ev.perturb_prompt(disk, (1.0, 1.0), "rough", 2.0, seed=3)
+    assert np.array_equal(r1, ev.perturb_prompt(disk, (1.0, 1.0), "rough", 2.0, seed=3))
+    assert not np.array_equal(r1, ev.perturb_prompt(disk, (1.0, 1.0), "rough", 2.0, seed=4))
+    assert (r1 & ~disk).sum() > 10 and (disk & ~r1).sum() > 10
+    from scipy import ndimage
+
+    assert ndimage.label(r1)[1] == 1
+    d = 2 * (r1 & disk).sum() / (r1.sum() + disk.sum())
+    assert 0.75 < d < 0.97
+    # an erosion larger than the object keeps its centre, never an empty drawing
+    tiny = ev.perturb_prompt(disk, (1.0, 1.0), "erode", 40.0)
+    assert 1 <= tiny.sum() <= 5 and tiny[30, 30]
+    assert ev.parse_prompt_variants("erode:2, dilate:1.5,erode:2") == [("erode", 2.0), ("dilate", 1.5)]
+    for bad in ("shrink:2", "erode", "erode:-1", "rough:nan"):
+        with pytest.raises(InputError, match="KIND:MM"):
+            ev.parse_prompt_variants(bad)
+
+
 def test_slice_dice_worst_slices_and_confidence_hit():
     ref = slab_mask(range(2, 8))
     pred = ref.copy()
@@ -270,7 +306,8 @@ def test_evaluate_script_end_to_end(tmp_path, capsys):
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     code = script.main(["--split", str(tmp_path / "split.json"), "--cache", str(tmp_path / "cache"), "--methods", "copy",
-                        "--positions", "0.3,0.5,0.7", "--keyframes", "--correction-rounds", "1", "--out", str(out)])
+                        "--positions", "0.3,0.5,0.7", "--keyframes", "--correction-rounds", "1",
+                        "--prompt-variants", "erode:2", "--out", str(out)])
     assert code == 0
     assert "[1/1] tiny:blob" in capsys.readouterr().out
     rows = ev.read_csv(out / "results.csv")
@@ -287,8 +324,13 @@ def test_evaluate_script_end_to_end(tmp_path, capsys):
     # contour interpolation is scored on the same drawn slices as the method's session
     assert {r["prompt_slices"] for r in corr if r["round"] == 1.0} == {next(r["prompt_slices"] for r in corr if r["round"] == 1.0)}
     assert all(r["keyframes_kept"] for r in rows if r["keyframes_kept"] is not None)
+    # an eroded drawing: the copy baseline carries the smaller outline, so it scores below the exact prompt
+    (noisy,) = [r for r in rows if r["protocol"] == "prompt-variant"]
+    exact = next(r for r in single if r["position"] == 0.5)
+    assert noisy["prompt_variant"] == "erode:2" and noisy["prompt_slices"] == exact["prompt_slices"]
+    assert 0.5 < noisy["prompt_dice"] < 0.95 and noisy["dice"] < exact["dice"] - 0.05
     md = (out / "summary.md").read_text()
-    assert "| toy | 1 |" in md and "Two keyframes" in md and "correction" in md
+    assert "| toy | 1 |" in md and "Two keyframes" in md and "correction" in md and "Imperfect prompts" in md
     assert (out / "figure.png").stat().st_size > 1000
     # --from-csv rebuilds the summary from results.csv alone, keeping the run's command line
     (out / "summary.md").write_text((out / "summary.md").read_text().split("\n\n### ")[0])

@@ -8,7 +8,9 @@ method through the same engine (``--axis 1`` / ``2``: along another array axis i
 a prompt drawn on one of the other two planes). Scores: 3D Dice, normalized surface Dice at 2 mm,
 HD95, seconds and slices predicted. Optional: ``--keyframes`` (reference drawn at 25 % and 75 %: the engine
 with two keyframes vs ITK morphological contour interpolation of the same two slices) and
-``--correction-rounds N`` (simulated correction session, see PAMSegmentLib.evaluation).
+``--correction-rounds N`` (simulated correction session, see PAMSegmentLib.evaluation) and
+``--prompt-variants`` (the 50 % prompt drawn imperfectly: eroded, dilated or roughened by a few mm,
+as a user's outline may be).
 
 Outputs in --out (default runs/eval): results.csv, summary.md, figure.png.
 
@@ -17,6 +19,7 @@ Examples:
     python scripts/evaluate.py --checkpoint Resources/Models/pam_small.pt --keyframes --correction-rounds 3
     python scripts/evaluate.py --methods pam --checkpoint a=runs/a.pt --checkpoint b=runs/b.pt
     python scripts/evaluate.py --axis 1 --groups "abdominal CT" --out runs/eval_axis1
+    python scripts/evaluate.py --methods pam,track --prompt-variants erode:2,dilate:2,rough:2 --out runs/eval_noisy
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import os
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +56,9 @@ def parse_args(argv=None):
                         "(default: the shipped weights)")
     p.add_argument("--positions", default="0.5", help="prompt positions along the extent, e.g. 0.3,0.5,0.7 (default 0.5)")
     p.add_argument("--keyframes", action="store_true", help="also evaluate 2 keyframes at 25 %% and 75 %% vs contour interpolation")
+    p.add_argument("--prompt-variants", default="",
+                   help="also propagate imperfect drawings of the 50 %% prompt, e.g. erode:2,dilate:2,rough:2 (mm; "
+                        "see PAMSegmentLib.evaluation.perturb_prompt)")
     p.add_argument("--correction-rounds", type=int, default=0, help="simulated correction rounds (0 = off)")
     p.add_argument("--groups", default="", help="comma-separated group names or substrings to evaluate (default all)")
     p.add_argument("--cases", default="", help="comma-separated case ids to evaluate (default all)")
@@ -165,6 +172,23 @@ def evaluate_structure(args, runner: Runner, st: ev.EvalStructure, methods, posi
                     row.update({"conf_hit": hit[0], "conf_chance": hit[1]})
                 if keep_masks and abs(pos - 0.5) < 1e-9:
                     masks[label] = mask
+            except PAMError as exc:
+                fail(row, exc)
+            rows.append(row)
+
+        for kind, mm in args.variants:
+            s = ev.slice_at(ref, 0.5)
+            name = f"{kind}:{mm:g}"
+            drawn = ev.perturb_prompt(ref[s], case.spacing[1:], kind, mm, seed=zlib.crc32(f"{st.case}:{st.name}".encode()))
+            row = {**base, "method": label, "protocol": "prompt-variant", "position": 0.5, "round": 0,
+                   "prompt_slices": [s], "prompt_variant": name,
+                   "prompt_dice": 2.0 * float((drawn & ref[s]).sum()) / float(drawn.sum() + ref[s].sum())}
+            prompt = np.zeros(ref.shape, dtype=np.uint8)
+            prompt[s][drawn] = 1
+            try:
+                res, sec = runner.propagate(predictor, prompt)
+                row.update(runner.score(res.mask > 0, ref))
+                row.update({"seconds": sec, "n_predicted": res.n_predicted})
             except PAMError as exc:
                 fail(row, exc)
             rows.append(row)
@@ -319,6 +343,10 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     except ImportError:
         pass
+    try:
+        args.variants = ev.parse_prompt_variants(args.prompt_variants)
+    except PAMError as exc:
+        raise SystemExit(str(exc)) from None
     positions = [float(p) for p in args.positions.split(",") if p.strip()]
     if 0.5 not in positions:
         positions.append(0.5)  # the reference protocol is always run
