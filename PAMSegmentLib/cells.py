@@ -92,7 +92,8 @@ def _check(image, examples, background):
     if n == 0:
         raise InputError("no example cells: outline a few cells (at least 2) in the example mask")
     if n < 2:
-        raise InputError("only 1 example cell: outline at least 2 (5-10 typical ones work better)")
+        raise InputError("only 1 example cell (touching cells drawn with one label count as one: give them different "
+                         "labels); outline at least 2 (5-10 typical ones work better)")
     bg = None
     if background is not None:
         bg = np.asarray(background).astype(bool)
@@ -101,6 +102,20 @@ def _check(image, examples, background):
         if (bg & (cells > 0)).any():
             raise InputError("the background mask overlaps the example cells; erase the overlap")
     return img.astype(np.float32), cells, n, bg
+
+
+def _large_examples(cells: np.ndarray, areas: np.ndarray) -> list[str]:
+    """A warning per example cell over 1.75 times the other examples' median area: often touching
+    cells drawn with one label, which count as one (two equal cells make 2 times)."""
+    out = []
+    for k in range(len(areas)):
+        ratio = areas[k] / np.median(np.delete(areas, k))
+        if ratio > 1.75:
+            row, col = ndimage.center_of_mass(cells == k + 1)
+            out.append(f"the example at row {row:.0f}, column {col:.0f} ({areas[k]} px) is {ratio:.1f} times the "
+                       "other examples' median area: if it is touching cells drawn with one label, they count as "
+                       "one cell; give them different labels and run again")
+    return out
 
 
 def _features(img: np.ndarray, radius: float) -> np.ndarray:
@@ -279,7 +294,7 @@ def label_cells(image, examples, *, background=None, tile: int = 1024, seed: int
                                    "probability": float(mp), "example": bool(lab <= n_ex)})
     if progress is not None:
         progress(1.0, "done")
-    warnings_ = []
+    warnings_ = _large_examples(cells, areas)
     found_areas = [c["area"] for c in cells_info if not c["example"]]
     giant = sum(a > 4 * areas.max() for a in found_areas)
     covered = float((out > 0).mean())
@@ -394,7 +409,7 @@ def cmd_label_cells(args) -> int:
     print(f"wrote {out} and {table.name}: {result.summary()}; {time.perf_counter() - t0:.1f} s in all", flush=True)
     for warning in result.warnings:
         print(f"warning: {warning}", flush=True)
-    if background is None and not result.warnings:
+    if background is None and not any("mark some background" in w for w in result.warnings):  # not twice
         print("note: no background was marked; a few background marks (--background-label N, or --background "
               "MASK) usually remove cells found in the background (README: label-cells)", flush=True)
     return EXIT_OK

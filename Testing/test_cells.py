@@ -190,6 +190,24 @@ def test_bad_input_gets_one_clear_message(examples, kwargs, message):
         label_cells(image, examples(ref), **kwargs)
 
 
+def test_touching_examples_drawn_with_one_label_are_named_as_the_likely_cause():
+    """Two touching cells drawn with one label (e.g. in a 0/255 mask) are one example: the error for
+    too few examples, and the warning for an example far larger than the others, say to give them
+    different labels (the error said only "only 1 example cell")."""
+    image, ref = disc_image()
+    pair = np.isin(ref, [6, 7])  # the two touching discs, at row 61
+    with pytest.raises(InputError, match="only 1 example cell .touching cells drawn with one label count as one: "
+                                         "give them different labels"):
+        label_cells(image, pair.astype(np.uint8) * 255)
+    result = label_cells(image, np.isin(ref, [1, 6, 7, 16]).astype(np.uint8) * 255)
+    assert result.n_examples == 3
+    assert [w for w in result.warnings if "touching" in w] == [
+        "the example at row 61, column 78 (226 px) is 2.0 times the other examples' median area: if it is touching "
+        "cells drawn with one label, they count as one cell; give them different labels and run again"]
+    result = label_cells(image, np.where(np.isin(ref, [1, 6, 7, 16]), ref, 0))  # drawn with their own labels
+    assert result.n_examples == 4 and not result.warnings
+
+
 def test_cli_writes_the_labels_and_a_table(tmp_path, run_cli):
     image, ref = disc_image()
     sitk.WriteImage(sitk.GetImageFromArray(np.clip(image, 0, 255).astype(np.uint8)), str(tmp_path / "cells.png"))
