@@ -118,6 +118,35 @@ def _large_examples(cells: np.ndarray, areas: np.ndarray) -> list[str]:
     return out
 
 
+def _marks_like_cells(image: np.ndarray, examples: np.ndarray, marked: np.ndarray) -> list[tuple[float, float]]:
+    """The pieces of the background marks ``marked`` that look like the example cells: sized like
+    them (half the smallest to twice the largest) and, in the image, nearer their mean grey value or
+    colour than a 3 px ring around them. Returns each such piece's centre (row, column)."""
+    cells = example_cells(examples)
+    pieces, n = ndimage.label(marked)
+    if not cells.any() or not n:
+        return []
+    areas, sizes = np.bincount(cells.ravel())[1:], np.bincount(pieces.ravel())[1:]
+    candidates = np.flatnonzero((sizes >= areas.min() / 2) & (sizes <= 2 * areas.max())) + 1
+    if not candidates.size:
+        return []
+    img = np.asarray(image)
+    img = img[..., :3] if img.ndim == 3 else img[..., None]
+
+    def look(mask):
+        return img[mask].astype(np.float64).mean(axis=0)
+
+    ex = cells > 0
+    cell_look, ring_look = look(ex), look(ndimage.binary_dilation(ex, iterations=3) & ~ex & ~marked)
+    out = []
+    for k in candidates:
+        piece = pieces == k
+        v = look(piece)
+        if np.linalg.norm(v - cell_look) < np.linalg.norm(v - ring_look):
+            out.append(tuple(float(x) for x in ndimage.center_of_mass(piece)))
+    return out
+
+
 def _features(img: np.ndarray, radius: float) -> np.ndarray:
     from skimage.feature import multiscale_basic_features
 
@@ -388,6 +417,21 @@ def cmd_label_cells(args) -> int:
             raise InputError(f"no pixel of EXAMPLES has the background label {args.background_label}")
         background = marked if background is None else background | marked
         examples = np.where(marked, 0, examples)
+        if not examples.any():
+            raise InputError(f"EXAMPLES holds no cells besides the background label {args.background_label}; "
+                             "outline the cells with other labels")
+        # The same label drawn for a cell and for background marks teaches that cell as background.
+        like = _marks_like_cells(image, examples, marked)
+        if like:
+            row, col = like[0]
+            look = "colour" if image.ndim == 3 else "grey value"
+            one, where = len(like) == 1, f"row {row:.0f}, column {col:.0f}"
+            what = f"a piece at {where} that looks" if one else f"{len(like)} pieces (the first at {where}) that look"
+            it = "it is" if one else "they are"
+            print(f"warning: --background-label {args.background_label} marks {what} like the example cells (their "
+                  f"size, and nearer their {look} than their surroundings'): {it} learned as background. If {it} "
+                  f"{'a cell' if one else 'cells'}, draw {'it' if one else 'them'} with another label (or give "
+                  "--background-label a label no cell uses)", flush=True)
     with _ProgressBar("labelling cells") as bar:
         result = label_cells(image, examples, background=background, tile=args.tile,
                              self_training=args.self_training, progress=bar)

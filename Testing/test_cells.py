@@ -231,6 +231,31 @@ def test_cli_writes_the_labels_and_a_table(tmp_path, run_cli):
     assert (tmp_path / "examples.png").read_bytes() == before  # the drawing is untouched
 
 
+def test_cli_warns_when_the_background_label_marks_a_cell(tmp_path, capsys):
+    """--background-label N where N is also a drawn cell's label: that cell was silently learned as
+    background. A mark sized and coloured like the example cells is named in a warning; a mark of
+    cell size on background is not; N as the only label is refused."""
+    from PAMSegmentLib import cli
+
+    image, ref = disc_image()
+    sitk.WriteImage(sitk.GetImageFromArray(np.clip(image, 0, 255).astype(np.uint8)), str(tmp_path / "cells.png"))
+    ex = np.where(np.isin(ref, [1, 4, 16]), ref, 0).astype(np.uint8)
+    ex[150:158, 2:10] = 9  # a background mark of about a cell's size (64 px), on background
+    sitk.WriteImage(sitk.GetImageFromArray(ex), str(tmp_path / "examples.png"))
+    run = ["label-cells", str(tmp_path / "cells.png"), str(tmp_path / "examples.png"), "-o", str(tmp_path / "out.tif")]
+    assert cli.main([*run, "--background-label", "9"]) == 0
+    assert "looks like the example cells" not in capsys.readouterr().out
+    assert cli.main([*run, "--background-label", "4"]) == 0  # disc 4, at row 25, column 133
+    assert ("warning: --background-label 4 marks a piece at row 25, column 133 that looks like the example cells "
+            "(their size, and nearer their grey value than their surroundings'): it is learned as background. If it "
+            "is a cell, draw it with another label (or give --background-label a label no cell uses)"
+            ) in capsys.readouterr().out
+    sitk.WriteImage(sitk.GetImageFromArray((ex > 0).astype(np.uint8) * 255), str(tmp_path / "examples.png"))
+    assert cli.main([*run, "--background-label", "255"]) == 2
+    assert ("error: EXAMPLES holds no cells besides the background label 255; outline the cells with other labels"
+            in capsys.readouterr().err)
+
+
 @pytest.mark.parametrize("missing", ["sklearn.ensemble", "skimage.feature"])
 def test_without_the_cells_extra_the_message_says_what_to_install(monkeypatch, missing):
     import sys
