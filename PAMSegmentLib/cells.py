@@ -395,9 +395,10 @@ def add_label_cells_arguments(p) -> None:
 def cmd_label_cells(args) -> int:
     import csv
     import os
+    import uuid
     from pathlib import Path
 
-    from .cli import EXIT_OK, _ProgressBar
+    from .cli import EXIT_OK, _ProgressBar, ctrl_c_ignored
     from .volumes import MASK_2D_EXTENSIONS, check_output_path, read_image_2d, read_labelmap_2d, write_labelmap_2d
 
     t0 = time.perf_counter()
@@ -440,16 +441,26 @@ def cmd_label_cells(args) -> int:
         out = out.with_name(out.name[:-4] + ".tif")
         print(f"note: {int(result.labels.max())} cells do not fit a PNG file (at most 65535); writing {out.name} "
               "instead", flush=True)
-    write_labelmap_2d(result.labels, ref, out)
     table = out.with_name(out.name + ".csv")
-    tmp = table.with_name(table.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["label", "area_px", "row", "column", "probability", "drawn"])
-        for c in result.cells:
-            w.writerow([c["label"], c["area"], f"{c['centroid'][0]:.1f}", f"{c['centroid'][1]:.1f}",
-                        f"{c['probability']:.3f}", "yes" if c["example"] else "no"])
-    os.replace(tmp, table)
+    # Both files are written to temporaries beside them, then moved in together (Ctrl-C ignored for
+    # the two renames): an interrupted run leaves both old files, never a new map beside an old table.
+    stamp = f".pamsegment-{uuid.uuid4().hex[:12]}.tmp"
+    tmp_out = out.with_name(stamp + check_output_path(out, MASK_2D_EXTENSIONS))  # keeps the format's extension
+    tmp_table = out.with_name(stamp + ".csv")
+    try:
+        write_labelmap_2d(result.labels, ref, tmp_out)
+        with open(tmp_table, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["label", "area_px", "row", "column", "probability", "drawn"])
+            for c in result.cells:
+                w.writerow([c["label"], c["area"], f"{c['centroid'][0]:.1f}", f"{c['centroid'][1]:.1f}",
+                            f"{c['probability']:.3f}", "yes" if c["example"] else "no"])
+        with ctrl_c_ignored():
+            os.replace(tmp_out, out)
+            os.replace(tmp_table, table)
+    finally:
+        for tmp in (tmp_out, tmp_table):
+            tmp.unlink(missing_ok=True)
     print(f"wrote {out} and {table.name}: {result.summary()}; {time.perf_counter() - t0:.1f} s in all", flush=True)
     for warning in result.warnings:
         print(f"warning: {warning}", flush=True)

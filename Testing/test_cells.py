@@ -256,6 +256,51 @@ def test_cli_warns_when_the_background_label_marks_a_cell(tmp_path, capsys):
             in capsys.readouterr().err)
 
 
+def test_cli_replaces_the_labels_and_the_table_together(tmp_path, monkeypatch, capsys):
+    """Ctrl-C between writing the label map and the table left a new map beside the old table (and
+    a .csv.tmp) while the command said nothing was written. Both go to temporaries first and are
+    moved in together, with Ctrl-C ignored for those two renames."""
+    import os
+    import signal
+
+    from PAMSegmentLib import cli
+
+    image, ref = disc_image()
+    sitk.WriteImage(sitk.GetImageFromArray(np.clip(image, 0, 255).astype(np.uint8)), str(tmp_path / "cells.png"))
+    sitk.WriteImage(sitk.GetImageFromArray(np.where(np.isin(ref, [1, 4, 16]), ref, 0).astype(np.uint8)),
+                    str(tmp_path / "examples.png"))
+    out, table = tmp_path / "out.tif", tmp_path / "out.tif.csv"
+    out.write_bytes(b"old map")
+    table.write_text("old table")
+    run = ["label-cells", str(tmp_path / "cells.png"), str(tmp_path / "examples.png"), "-o", str(out)]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(csv, "writer", interrupted)  # Ctrl-C while the table is written, after the map
+        assert cli.main(run) == 130
+    assert "interrupted; nothing was written" in capsys.readouterr().err
+    assert out.read_bytes() == b"old map" and table.read_text() == "old table"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.png", "examples.png", "out.tif", "out.tif.csv"]
+
+    handlers = {}
+    replace = os.replace
+
+    def noting_ctrl_c(src, dst):
+        handlers[os.path.basename(dst)] = signal.getsignal(signal.SIGINT)
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", noting_ctrl_c)
+    assert cli.main(run) == 0
+    assert handlers["out.tif"] == handlers["out.tif.csv"] == signal.SIG_IGN  # moved in with Ctrl-C ignored
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # and Ctrl-C works again after
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(out))).max() == 16 and "16 cells" in capsys.readouterr().out
+    with open(table) as fh:
+        assert len(list(csv.DictReader(fh))) == 16
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.png", "examples.png", "out.tif", "out.tif.csv"]
+
+
 @pytest.mark.parametrize("missing", ["sklearn.ensemble", "skimage.feature"])
 def test_without_the_cells_extra_the_message_says_what_to_install(monkeypatch, missing):
     import sys
