@@ -92,7 +92,8 @@ def _check(image, examples, background):
     if n == 0:
         raise InputError("no example cells: outline a few cells (at least 2) in the example mask")
     if n < 2:
-        raise InputError("only 1 example cell: outline at least 2 (5-10 typical ones work better)")
+        raise InputError("only 1 example cell (touching cells drawn with one label count as one: give them different "
+                         "labels); outline at least 2 (5-10 typical ones work better)")
     bg = None
     if background is not None:
         bg = np.asarray(background).astype(bool)
@@ -101,6 +102,49 @@ def _check(image, examples, background):
         if (bg & (cells > 0)).any():
             raise InputError("the background mask overlaps the example cells; erase the overlap")
     return img.astype(np.float32), cells, n, bg
+
+
+def _large_examples(cells: np.ndarray, areas: np.ndarray) -> list[str]:
+    """A warning per example cell over 1.75 times the other examples' median area: often touching
+    cells drawn with one label, which count as one (two equal cells make 2 times)."""
+    out = []
+    for k in range(len(areas)):
+        ratio = areas[k] / np.median(np.delete(areas, k))
+        if ratio > 1.75:
+            row, col = ndimage.center_of_mass(cells == k + 1)
+            out.append(f"the example at row {row:.0f}, column {col:.0f} ({areas[k]} px) is {ratio:.1f} times the "
+                       "other examples' median area: if it is touching cells drawn with one label, they count as "
+                       "one cell; give them different labels and run again")
+    return out
+
+
+def _marks_like_cells(image: np.ndarray, examples: np.ndarray, marked: np.ndarray) -> list[tuple[float, float]]:
+    """The pieces of the background marks ``marked`` that look like the example cells: sized like
+    them (half the smallest to twice the largest) and, in the image, nearer their mean grey value or
+    colour than a 3 px ring around them. Returns each such piece's centre (row, column)."""
+    cells = example_cells(examples)
+    pieces, n = ndimage.label(marked)
+    if not cells.any() or not n:
+        return []
+    areas, sizes = np.bincount(cells.ravel())[1:], np.bincount(pieces.ravel())[1:]
+    candidates = np.flatnonzero((sizes >= areas.min() / 2) & (sizes <= 2 * areas.max())) + 1
+    if not candidates.size:
+        return []
+    img = np.asarray(image)
+    img = img[..., :3] if img.ndim == 3 else img[..., None]
+
+    def look(mask):
+        return img[mask].astype(np.float64).mean(axis=0)
+
+    ex = cells > 0
+    cell_look, ring_look = look(ex), look(ndimage.binary_dilation(ex, iterations=3) & ~ex & ~marked)
+    out = []
+    for k in candidates:
+        piece = pieces == k
+        v = look(piece)
+        if np.linalg.norm(v - cell_look) < np.linalg.norm(v - ring_look):
+            out.append(tuple(float(x) for x in ndimage.center_of_mass(piece)))
+    return out
 
 
 def _features(img: np.ndarray, radius: float) -> np.ndarray:
@@ -279,7 +323,7 @@ def label_cells(image, examples, *, background=None, tile: int = 1024, seed: int
                                    "probability": float(mp), "example": bool(lab <= n_ex)})
     if progress is not None:
         progress(1.0, "done")
-    warnings_ = []
+    warnings_ = _large_examples(cells, areas)
     found_areas = [c["area"] for c in cells_info if not c["example"]]
     giant = sum(a > 4 * areas.max() for a in found_areas)
     covered = float((out > 0).mean())
@@ -351,9 +395,10 @@ def add_label_cells_arguments(p) -> None:
 def cmd_label_cells(args) -> int:
     import csv
     import os
+    import uuid
     from pathlib import Path
 
-    from .cli import EXIT_OK, _ProgressBar
+    from .cli import EXIT_OK, _ProgressBar, ctrl_c_ignored
     from .volumes import MASK_2D_EXTENSIONS, check_output_path, read_image_2d, read_labelmap_2d, write_labelmap_2d
 
     t0 = time.perf_counter()
@@ -373,6 +418,21 @@ def cmd_label_cells(args) -> int:
             raise InputError(f"no pixel of EXAMPLES has the background label {args.background_label}")
         background = marked if background is None else background | marked
         examples = np.where(marked, 0, examples)
+        if not examples.any():
+            raise InputError(f"EXAMPLES holds no cells besides the background label {args.background_label}; "
+                             "outline the cells with other labels")
+        # The same label drawn for a cell and for background marks teaches that cell as background.
+        like = _marks_like_cells(image, examples, marked)
+        if like:
+            row, col = like[0]
+            look = "colour" if image.ndim == 3 else "grey value"
+            one, where = len(like) == 1, f"row {row:.0f}, column {col:.0f}"
+            what = f"a piece at {where} that looks" if one else f"{len(like)} pieces (the first at {where}) that look"
+            it = "it is" if one else "they are"
+            print(f"warning: --background-label {args.background_label} marks {what} like the example cells (their "
+                  f"size, and nearer their {look} than their surroundings'): {it} learned as background. If {it} "
+                  f"{'a cell' if one else 'cells'}, draw {'it' if one else 'them'} with another label (or give "
+                  "--background-label a label no cell uses)", flush=True)
     with _ProgressBar("labelling cells") as bar:
         result = label_cells(image, examples, background=background, tile=args.tile,
                              self_training=args.self_training, progress=bar)
@@ -381,20 +441,30 @@ def cmd_label_cells(args) -> int:
         out = out.with_name(out.name[:-4] + ".tif")
         print(f"note: {int(result.labels.max())} cells do not fit a PNG file (at most 65535); writing {out.name} "
               "instead", flush=True)
-    write_labelmap_2d(result.labels, ref, out)
     table = out.with_name(out.name + ".csv")
-    tmp = table.with_name(table.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["label", "area_px", "row", "column", "probability", "drawn"])
-        for c in result.cells:
-            w.writerow([c["label"], c["area"], f"{c['centroid'][0]:.1f}", f"{c['centroid'][1]:.1f}",
-                        f"{c['probability']:.3f}", "yes" if c["example"] else "no"])
-    os.replace(tmp, table)
+    # Both files are written to temporaries beside them, then moved in together (Ctrl-C ignored for
+    # the two renames): an interrupted run leaves both old files, never a new map beside an old table.
+    stamp = f".pamsegment-{uuid.uuid4().hex[:12]}.tmp"
+    tmp_out = out.with_name(stamp + check_output_path(out, MASK_2D_EXTENSIONS))  # keeps the format's extension
+    tmp_table = out.with_name(stamp + ".csv")
+    try:
+        write_labelmap_2d(result.labels, ref, tmp_out)
+        with open(tmp_table, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["label", "area_px", "row", "column", "probability", "drawn"])
+            for c in result.cells:
+                w.writerow([c["label"], c["area"], f"{c['centroid'][0]:.1f}", f"{c['centroid'][1]:.1f}",
+                            f"{c['probability']:.3f}", "yes" if c["example"] else "no"])
+        with ctrl_c_ignored():
+            os.replace(tmp_out, out)
+            os.replace(tmp_table, table)
+    finally:
+        for tmp in (tmp_out, tmp_table):
+            tmp.unlink(missing_ok=True)
     print(f"wrote {out} and {table.name}: {result.summary()}; {time.perf_counter() - t0:.1f} s in all", flush=True)
     for warning in result.warnings:
         print(f"warning: {warning}", flush=True)
-    if background is None and not result.warnings:
+    if background is None and not any("mark some background" in w for w in result.warnings):  # not twice
         print("note: no background was marked; a few background marks (--background-label N, or --background "
               "MASK) usually remove cells found in the background (README: label-cells)", flush=True)
     return EXIT_OK

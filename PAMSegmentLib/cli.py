@@ -29,9 +29,11 @@ Propagation methods follow the same pattern: ``METHODS`` maps a ``--method`` nam
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
+import signal
 import sys
 import time
 import warnings
@@ -286,6 +288,22 @@ class _ProgressBar:
 
     def close(self) -> None:
         self.bar.close()
+
+
+@contextlib.contextmanager
+def ctrl_c_ignored():
+    """Ctrl-C is ignored inside: for moving finished files into place together (an interrupt
+    between two renames would leave a new file beside an old one, after "nothing was written").
+    Outside the main thread, where Ctrl-C raises nothing, it changes nothing."""
+    try:
+        previous, ignored = signal.signal(signal.SIGINT, signal.SIG_IGN), True
+    except ValueError:  # not the main thread
+        previous, ignored = None, False
+    try:
+        yield
+    finally:
+        if ignored:
+            signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
 
 
 def check_pam_only_options(args: argparse.Namespace) -> None:

@@ -364,7 +364,7 @@ def cmd_label_images(args) -> int:
     import uuid
     from pathlib import Path
 
-    from .cli import EXIT_OK, METHODS, _ProgressBar
+    from .cli import EXIT_OK, METHODS, _ProgressBar, ctrl_c_ignored
     from .volumes import read_image_2d, read_labelmap_2d, write_labelmap_2d
 
     t0 = time.perf_counter()
@@ -419,11 +419,13 @@ def cmd_label_images(args) -> int:
                               normalize=not args.no_normalize, device=args.device, threads=args.threads, progress=bar,
                               names=[f.name for f in files])
 
-    # Everything is computed: now write, into a fresh temporary folder first, then move in.
-    out_dir.mkdir(exist_ok=True)
+    # Everything is computed: now write, into a fresh temporary folder first, then move in (Ctrl-C
+    # ignored while moving). An -o folder this run made is removed again if nothing was moved in.
+    made = not out_dir.exists()
     tmp = out_dir / f".pamsegment-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir()
     try:
+        out_dir.mkdir(exist_ok=True)
+        tmp.mkdir()
         names = []
         for f, (_, ref), m in zip(files, read, result.masks):
             name = f"{_stem(f)}_mask.{args.format}"
@@ -437,12 +439,16 @@ def cmd_label_images(args) -> int:
                     g = int(result.guides[lab][n])
                     w.writerow([str(f), name, lab, int((m == lab).sum()), f"{result.confidence[lab][n]:.3f}",
                                 "(drawn)" if n == index else str(files[g])])
-        for name in [*names, "labels.csv"]:
-            os.replace(tmp / name, out_dir / name)
+        with ctrl_c_ignored():
+            for name in [*names, "labels.csv"]:
+                os.replace(tmp / name, out_dir / name)
     finally:
-        for f in tmp.iterdir():
-            f.unlink()
-        tmp.rmdir()
+        if tmp.is_dir():
+            for f in tmp.iterdir():
+                f.unlink()
+            tmp.rmdir()
+        if made and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
     print(f"wrote {len(files)} masks and labels.csv to {out_dir}: {result.summary()}; "
           f"{time.perf_counter() - t0:.1f} s in all", flush=True)
     return EXIT_OK

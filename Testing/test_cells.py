@@ -190,6 +190,24 @@ def test_bad_input_gets_one_clear_message(examples, kwargs, message):
         label_cells(image, examples(ref), **kwargs)
 
 
+def test_touching_examples_drawn_with_one_label_are_named_as_the_likely_cause():
+    """Two touching cells drawn with one label (e.g. in a 0/255 mask) are one example: the error for
+    too few examples, and the warning for an example far larger than the others, say to give them
+    different labels (the error said only "only 1 example cell")."""
+    image, ref = disc_image()
+    pair = np.isin(ref, [6, 7])  # the two touching discs, at row 61
+    with pytest.raises(InputError, match="only 1 example cell .touching cells drawn with one label count as one: "
+                                         "give them different labels"):
+        label_cells(image, pair.astype(np.uint8) * 255)
+    result = label_cells(image, np.isin(ref, [1, 6, 7, 16]).astype(np.uint8) * 255)
+    assert result.n_examples == 3
+    assert [w for w in result.warnings if "touching" in w] == [
+        "the example at row 61, column 78 (226 px) is 2.0 times the other examples' median area: if it is touching "
+        "cells drawn with one label, they count as one cell; give them different labels and run again"]
+    result = label_cells(image, np.where(np.isin(ref, [1, 6, 7, 16]), ref, 0))  # drawn with their own labels
+    assert result.n_examples == 4 and not result.warnings
+
+
 def test_cli_writes_the_labels_and_a_table(tmp_path, run_cli):
     image, ref = disc_image()
     sitk.WriteImage(sitk.GetImageFromArray(np.clip(image, 0, 255).astype(np.uint8)), str(tmp_path / "cells.png"))
@@ -211,6 +229,76 @@ def test_cli_writes_the_labels_and_a_table(tmp_path, run_cli):
     proc = run_cli("label-cells", tmp_path / "cells.png", tmp_path / "examples.png", "-o", tmp_path / "examples.png")
     assert proc.returncode == 2 and "is one of the inputs" in proc.stderr
     assert (tmp_path / "examples.png").read_bytes() == before  # the drawing is untouched
+
+
+def test_cli_warns_when_the_background_label_marks_a_cell(tmp_path, capsys):
+    """--background-label N where N is also a drawn cell's label: that cell was silently learned as
+    background. A mark sized and coloured like the example cells is named in a warning; a mark of
+    cell size on background is not; N as the only label is refused."""
+    from PAMSegmentLib import cli
+
+    image, ref = disc_image()
+    sitk.WriteImage(sitk.GetImageFromArray(np.clip(image, 0, 255).astype(np.uint8)), str(tmp_path / "cells.png"))
+    ex = np.where(np.isin(ref, [1, 4, 16]), ref, 0).astype(np.uint8)
+    ex[150:158, 2:10] = 9  # a background mark of about a cell's size (64 px), on background
+    sitk.WriteImage(sitk.GetImageFromArray(ex), str(tmp_path / "examples.png"))
+    run = ["label-cells", str(tmp_path / "cells.png"), str(tmp_path / "examples.png"), "-o", str(tmp_path / "out.tif")]
+    assert cli.main([*run, "--background-label", "9"]) == 0
+    assert "looks like the example cells" not in capsys.readouterr().out
+    assert cli.main([*run, "--background-label", "4"]) == 0  # disc 4, at row 25, column 133
+    assert ("warning: --background-label 4 marks a piece at row 25, column 133 that looks like the example cells "
+            "(their size, and nearer their grey value than their surroundings'): it is learned as background. If it "
+            "is a cell, draw it with another label (or give --background-label a label no cell uses)"
+            ) in capsys.readouterr().out
+    sitk.WriteImage(sitk.GetImageFromArray((ex > 0).astype(np.uint8) * 255), str(tmp_path / "examples.png"))
+    assert cli.main([*run, "--background-label", "255"]) == 2
+    assert ("error: EXAMPLES holds no cells besides the background label 255; outline the cells with other labels"
+            in capsys.readouterr().err)
+
+
+def test_cli_replaces_the_labels_and_the_table_together(tmp_path, monkeypatch, capsys):
+    """Ctrl-C between writing the label map and the table left a new map beside the old table (and
+    a .csv.tmp) while the command said nothing was written. Both go to temporaries first and are
+    moved in together, with Ctrl-C ignored for those two renames."""
+    import os
+    import signal
+
+    from PAMSegmentLib import cli
+
+    image, ref = disc_image()
+    sitk.WriteImage(sitk.GetImageFromArray(np.clip(image, 0, 255).astype(np.uint8)), str(tmp_path / "cells.png"))
+    sitk.WriteImage(sitk.GetImageFromArray(np.where(np.isin(ref, [1, 4, 16]), ref, 0).astype(np.uint8)),
+                    str(tmp_path / "examples.png"))
+    out, table = tmp_path / "out.tif", tmp_path / "out.tif.csv"
+    out.write_bytes(b"old map")
+    table.write_text("old table")
+    run = ["label-cells", str(tmp_path / "cells.png"), str(tmp_path / "examples.png"), "-o", str(out)]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(csv, "writer", interrupted)  # Ctrl-C while the table is written, after the map
+        assert cli.main(run) == 130
+    assert "interrupted; nothing was written" in capsys.readouterr().err
+    assert out.read_bytes() == b"old map" and table.read_text() == "old table"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.png", "examples.png", "out.tif", "out.tif.csv"]
+
+    handlers = {}
+    replace = os.replace
+
+    def noting_ctrl_c(src, dst):
+        handlers[os.path.basename(dst)] = signal.getsignal(signal.SIGINT)
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", noting_ctrl_c)
+    assert cli.main(run) == 0
+    assert handlers["out.tif"] == handlers["out.tif.csv"] == signal.SIG_IGN  # moved in with Ctrl-C ignored
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # and Ctrl-C works again after
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(out))).max() == 16 and "16 cells" in capsys.readouterr().out
+    with open(table) as fh:
+        assert len(list(csv.DictReader(fh))) == 16
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.png", "examples.png", "out.tif", "out.tif.csv"]
 
 
 @pytest.mark.parametrize("missing", ["sklearn.ensemble", "skimage.feature"])

@@ -260,6 +260,52 @@ def test_cli_labels_a_folder_and_writes_one_mask_per_image_and_a_table(tmp_path,
         [f"img_{k}_mask.png" for k in range(6)] + ["labels.csv"])  # no temporary files left
 
 
+def test_cli_interrupted_while_writing_leaves_no_folder_it_made(tmp_path, monkeypatch, capsys):
+    """Ctrl-C (or a failure) while the masks are written: an -o folder this run made is removed
+    again (it was left empty); one that was there stays, as it was."""
+    from PAMSegmentLib import cli, volumes
+
+    images, truth = moving_disc_set(3)
+    _write_set(tmp_path / "set", images, truth[0])
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(volumes, "write_labelmap_2d", interrupted)
+    run = ["label-images", str(tmp_path / "set" / "img_0.png"), str(tmp_path / "mask.png"), str(tmp_path / "set"),
+           "--method", "copy", "-o"]
+    assert cli.main([*run, str(tmp_path / "out")]) == 130
+    assert "interrupted; nothing was written" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "mine").mkdir()
+    assert cli.main([*run, str(tmp_path / "mine")]) == 130
+    assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
+
+
+def test_cli_moves_the_masks_in_with_ctrl_c_ignored(tmp_path, monkeypatch):
+    """Ctrl-C between two of the final renames would leave some new masks beside old ones."""
+    import os
+    import signal
+
+    from PAMSegmentLib import cli
+
+    images, truth = moving_disc_set(3)
+    _write_set(tmp_path / "set", images, truth[0])
+    handlers = {}
+    replace = os.replace
+
+    def noting_ctrl_c(src, dst):
+        handlers[os.fspath(dst)] = signal.getsignal(signal.SIGINT)
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", noting_ctrl_c)
+    assert cli.main(["label-images", str(tmp_path / "set" / "img_0.png"), str(tmp_path / "mask.png"),
+                     str(tmp_path / "set"), "--method", "copy", "-o", str(tmp_path / "out")]) == 0
+    moved = [str(tmp_path / "out" / f"img_{k}_mask.png") for k in range(3)] + [str(tmp_path / "out" / "labels.csv")]
+    assert [handlers[path] for path in moved] == [signal.SIG_IGN] * 4
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_cli_refuses_a_mask_of_another_size_before_any_work(tmp_path, run_cli):
     images, truth = moving_disc_set(3)
     _write_set(tmp_path / "set", images, truth[0][:40])
