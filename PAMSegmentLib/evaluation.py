@@ -696,15 +696,16 @@ def summary_markdown(rows: Sequence[dict], header: str = "", reference_position:
         variants = list(OrderedDict.fromkeys(r["prompt_variant"] for r in pv))
         lines += ["### Imperfect prompts (the 50 % slice drawn eroded, dilated or roughly)", "",
                   "Mean 3D Dice per group; `exact` = the reference drawn on the same slice; in brackets the change "
-                  "against `exact` over the same structures. `drawing` = mean 2D Dice of the imperfect drawing "
+                  "against `exact` over the same structures. *The drawing*: mean 2D Dice of the imperfect drawing "
                   "against the reference on its slice (how far off the user was).", "",
                   "| group | method | n | exact | " + " | ".join(variants) + " |",
-                  "|" + "---|" * (4 + len(variants)),
-                  "| | drawing | | 1.000 | " + " | ".join(
-                      _f(aggregate(pv, (), "prompt_dice", {"prompt_variant": v, "method": pv_methods[0]})
-                         .get((), (float("nan"), 0))[0]) for v in variants) + " |"]
+                  "|" + "---|" * (4 + len(variants))]
         for g in list(OrderedDict.fromkeys(r["group"] for r in pv)) + ["all"]:
             w = {} if g == "all" else {"group": g}
+            drawn = [aggregate(pv, (), "prompt_dice", {**w, "prompt_variant": v, "method": pv_methods[0]})
+                     .get((), (float("nan"), 0)) for v in variants]
+            lines.append(f"| {'**all**' if g == 'all' else g} | *the drawing (2D Dice)* | {max(n for _, n in drawn)} | "
+                         "1.000 | " + " | ".join(_f(d) for d, _ in drawn) + " |")
             for m in pv_methods:
                 exact = {(r["case"], r["structure"]): r.get("dice") for r in single
                          if r["method"] == m and _match(r, {**w, "position": rp})}
