@@ -211,8 +211,8 @@ def perturb_prompt(mask: np.ndarray, spacing: Sequence[float], kind: str, mm: fl
     distance in mm from the boundary half a pixel beyond the outermost pixels, so anisotropic pixels
     are handled; on coarse pixels the move is rounded to whole pixels). ``rough``: the boundary moved by a smooth
     random field (Gaussian noise smoothed over ``correlation_mm``, rescaled to a standard deviation
-    of ``mm``), in and out along the contour, as a hurried freehand outline; seeded. The result is
-    never empty: an erosion that removes everything keeps the pixels deepest inside."""
+    of ``mm``), in and out along the contour, as a hurried freehand outline; seeded. Every piece of
+    the drawing stays drawn: one that an erosion (or the noise) removes keeps its deepest pixels."""
     from scipy import ndimage
 
     m = np.asarray(mask, dtype=bool)
@@ -233,15 +233,20 @@ def perturb_prompt(mask: np.ndarray, spacing: Sequence[float], kind: str, mm: fl
         sd = float(field.std())
         field = field / sd * mm if sd > 0 else np.zeros_like(field)
         out = signed + field > 0
-        # keep the part that overlaps the drawing most (noise may cut off or add small islands)
+        # islands the noise adds away from the drawing are not part of an outline: drop them
         lab, n = ndimage.label(out)
         if n > 1:
             overlap = ndimage.sum(m, lab, index=np.arange(1, n + 1))
-            out = lab == (int(np.argmax(overlap)) + 1)
+            out = np.isin(lab, np.flatnonzero(overlap > 0) + 1)
     else:
         raise InputError(f"unknown prompt variant {kind!r}; choose from {', '.join(PROMPT_VARIANTS)}")
-    if not out.any():
-        out = inside >= inside.max() - 1e-6
+    # every drawn piece stays drawn: one thinner than the change keeps its deepest pixels
+    parts, n = ndimage.label(m)
+    for k in range(1, n + 1):
+        part = parts == k
+        if not (out & part).any():
+            depth = np.where(part, inside, 0.0)
+            out |= depth >= depth.max() - 1e-6
     return out
 
 

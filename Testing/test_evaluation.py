@@ -81,6 +81,12 @@ def test_perturbed_prompts_move_the_boundary_by_the_asked_mm():
     # an erosion larger than the object keeps its centre, never an empty drawing
     tiny = ev.perturb_prompt(disk, (1.0, 1.0), "erode", 40.0)
     assert 1 <= tiny.sum() <= 5 and tiny[30, 30]
+    # two pieces (the disk and a 2 px wide bar): both stay drawn, the bar by its deepest pixels
+    two = disk.copy()
+    two[5:7, 50:58] = True
+    for kind in ("erode", "rough"):
+        got = ev.perturb_prompt(two, (1.0, 1.0), kind, 2.0, seed=1)
+        assert got[:, :48].sum() > 300 and 1 <= got[:9, 48:].sum() <= 20, kind
     assert ev.parse_prompt_variants("erode:2, dilate:1.5,erode:2") == [("erode", 2.0), ("dilate", 1.5)]
     for bad in ("shrink:2", "erode", "erode:-1", "rough:nan"):
         with pytest.raises(InputError, match="KIND:MM"):
