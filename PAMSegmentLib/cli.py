@@ -267,15 +267,19 @@ def _check_output_path(out: str, inputs: Sequence[str]) -> None:
 
 
 class _ProgressBar:
-    """tqdm bar on stderr (0..100 %), fed by the engine's ``progress(fraction, message)``."""
+    """tqdm bar on stderr (0..100 %), fed by the engine's ``progress(fraction, message)``. It
+    appears with the first progress call, so input refused before any work is one line alone."""
 
     def __init__(self, description: str):
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=100, desc=description, file=sys.stderr, leave=True, dynamic_ncols=False, ncols=80,
-                        bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]", mininterval=0.2)
+        self.description, self.bar = description, None
 
     def __call__(self, fraction: float, message: str) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=100, desc=self.description, file=sys.stderr, leave=True, dynamic_ncols=False,
+                            ncols=80, bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]",
+                            mininterval=0.2)
         target = int(round(100 * min(max(fraction, 0.0), 1.0)))
         if target > self.bar.n:
             self.bar.update(target - self.bar.n)
@@ -287,7 +291,8 @@ class _ProgressBar:
         self.close()
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 @contextlib.contextmanager

@@ -110,19 +110,8 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .cli import _ProgressBar
 
-    bar = None
-
-    def progress(fraction: float, message: str) -> None:  # the bar appears with the first progress,
-        nonlocal bar  # so a bad checkpoint is reported alone, in one line
-        if bar is None:
-            bar = _ProgressBar("demo")
-        bar(fraction, message)
-
-    try:
-        res = run_demo(Path(args.out), args.checkpoint, args.method, args.device, args.threads, progress=progress)
-    finally:
-        if bar is not None:
-            bar.close()
+    with _ProgressBar("demo") as bar:  # appears with the first progress: a bad checkpoint is one line alone
+        res = run_demo(Path(args.out), args.checkpoint, args.method, args.device, args.threads, progress=bar)
     for name, d in res["dice"].items():
         print(f"  {name:<13} Dice {d:.3f}")
     print(f"demo: mean Dice {res['mean_dice']:.3f} over {len(res['dice'])} held-out organs, "

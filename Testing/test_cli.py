@@ -299,6 +299,34 @@ def test_range_past_the_volume(ct_case, small_checkpoint, capsys):
     assert not out.exists()
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("options, phrase", [
+    (["--range", "0:100"], "range 0:100 is outside the 20 slices along axis 0 (valid 0:19)"),
+    (["--range", "0:5"], "label 1's prompt slice 10 lies outside the range 0:5"),
+    (["--empty-slices", "10"], "slice 10 is both drawn (label 1) and marked empty"),
+    (["--empty-slices", "44"], "empty slice 44 lies outside the range 0:19 along axis 0"),
+    (["--server", "http://127.0.0.1:PORT"], "cannot reach the PAMSegment server at http://127.0.0.1:PORT"),
+])
+def test_errors_the_engine_finds_are_one_line_without_a_progress_bar(ct_case, capsys, options, phrase):
+    # These were printed after a "propagating:   0%" bar line: the bar now appears with the first progress.
+    port = str(_free_port())  # nothing listens there
+    out = ct_case.directory / "out.nii.gz"
+    code = cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out),
+                     "--method", "copy", *[o.replace("PORT", port) for o in options]])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.splitlines() == [err.strip()] and err.startswith("pamsegment: error: "), err
+    assert phrase.replace("PORT", port) in err and "propagating" not in err
+    assert not out.exists()
+
+
 def test_output_equal_to_an_input_is_refused(ct_case, run_cli):
     before = ct_case.image_path.read_bytes()
     proc = run_cli("propagate", ct_case.image_path, ct_case.prompt_path, "-o", ct_case.image_path)
