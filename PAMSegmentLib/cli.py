@@ -36,6 +36,7 @@ import os
 import signal
 import sys
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -296,10 +297,11 @@ class _ProgressBar:
 
 
 @contextlib.contextmanager
-def ctrl_c_ignored():
+def ctrl_c_ignored(keep: bool = False):
     """Ctrl-C is ignored inside: for moving finished files into place together (an interrupt
     between two renames would leave a new file beside an old one, after "nothing was written").
-    Outside the main thread, where Ctrl-C raises nothing, it changes nothing."""
+    keep: it stays ignored after the block (a command's last step, when the process ends with the
+    command). Outside the main thread, where Ctrl-C raises nothing, it changes nothing."""
     try:
         previous, ignored = signal.signal(signal.SIGINT, signal.SIG_IGN), True
     except ValueError:  # not the main thread
@@ -307,7 +309,7 @@ def ctrl_c_ignored():
     try:
         yield
     finally:
-        if ignored:
+        if ignored and not keep:
             signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
 
 
@@ -359,7 +361,7 @@ def cmd_propagate(args: argparse.Namespace) -> int:
         raise InputError("--token is for --server; drop it")
     _check_output_path(args.output, [args.image, args.prompt])
 
-    from .volumes import write_labelmap
+    from .volumes import check_output_path, write_labelmap
 
     check_no_checkpoint_for_classical(args)
     if args.checkpoint:  # before reading a possibly large image
@@ -400,12 +402,22 @@ def cmd_propagate(args: argparse.Namespace) -> int:
             threads=args.threads,
             progress=bar,
         )
-    write_labelmap(result.mask, image, args.output)
-    print(f"wrote {args.output}: {result.summary()}; {time.perf_counter() - t0:.1f} s in all", flush=True)
     how = ("run it here with --intensity-gate off; a server keeps its own setting" if args.server
            else "--intensity-gate off")
-    for note in result.notes():
-        print(f"note: {note} ({how})", flush=True)
+    # Written to a temporary beside OUT, then moved in and reported with Ctrl-C ignored (and left
+    # ignored when the process ends with this command): an interrupt once OUT is in place would
+    # say "nothing was written".
+    out = Path(args.output)
+    tmp = out.with_name(f".pamsegment-{uuid.uuid4().hex[:12]}.tmp{check_output_path(out)}")  # OUT's format
+    try:
+        write_labelmap(result.mask, image, tmp)
+        with ctrl_c_ignored(keep=getattr(args, "_ends_process", False)):
+            os.replace(tmp, out)
+            print(f"wrote {args.output}: {result.summary()}; {time.perf_counter() - t0:.1f} s in all", flush=True)
+            for note in result.notes():
+                print(f"note: {note} ({how})", flush=True)
+    finally:
+        tmp.unlink(missing_ok=True)
     return EXIT_OK
 
 
@@ -513,11 +525,14 @@ def _one_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``pamsegment`` with ``argv`` (default: sys.argv[1:]); returns the exit status."""
+def main(argv: Sequence[str] | None = None, ends_process: bool = False) -> int:
+    """Run ``pamsegment`` with ``argv`` (default: sys.argv[1:]); returns the exit status.
+    ends_process: the process ends when this returns (``__main__.run``), so a command may leave
+    Ctrl-C ignored once its output is in place."""
     try:  # also around the parser: building it imports the chosen subcommand's module
         argv = list(sys.argv[1:] if argv is None else argv)
         args = build_parser(argv).parse_args(argv)  # usage errors exit 2 through argparse
+        args._ends_process = ends_process
         return int(_resolve(args._run)(args) or EXIT_OK)
     except (PropagationCancelled, KeyboardInterrupt):
         print(f"{PROG}: interrupted; nothing was written", file=sys.stderr)
