@@ -320,8 +320,12 @@ def find_prompt_slices(prompt: np.ndarray, axis: int | None = None, labels: Sequ
         if n_other > max_slices:
             continue
         others = [v for v in labels if v != lab]
-        how = (f"propagate it along axis {other} (--axis {other})" if not others else
-               f"propagate labels drawn on different planes separately (--label {lab} --axis {other})")
+        if not others:
+            how = f"propagate it along axis {other} (--axis {other})"
+        elif all(thick[v, other] <= 2 and len(occupied(v, other)) <= max_slices for v in others):
+            how = f"all labels are drawn on slices along axis {other}: propagate them along it (--axis {other})"
+        else:  # only following this advice keeps every label
+            how = f"propagate labels drawn on different planes separately (--label {lab} --axis {other})"
         raise InputError(
             f"label {lab} is drawn on {n_other} slice{'s' if n_other != 1 else ''} along axis {other} but crosses "
             f"{len(sl)} slices along axis {best}, the propagation axis: {how}"

@@ -667,6 +667,14 @@ def test_find_prompt_slices_refuses_a_drawing_on_another_plane():
                                          r"axis 0.*separately \(--label 2 --axis 2\)"):
         find_prompt_slices(prompt)
     assert find_prompt_slices(prompt, labels=[2]) == (2, {2: [8]})
+    # Two labels both on axial slices with a wrong --axis: "--label 1 --axis 0" would drop label 2.
+    prompt[prompt == 2] = 0
+    prompt[9, 1:4, 1:4] = 2
+    with pytest.raises(InputError, match=r"label 1 is drawn on 1 slice along axis 0 but crosses 5 slices along axis "
+                                         r"2, the propagation axis: all labels are drawn on slices along axis 0: "
+                                         r"propagate them along it \(--axis 0\)$"):
+        find_prompt_slices(prompt, axis=2)
+    assert find_prompt_slices(prompt, axis=0) == (0, {1: [6], 2: [9]})
     # Keyframes on slices 3 and 7 of a flat object (rows 2-4) are still keyframes.
     flat = np.zeros((12, 10, 10), np.uint8)
     flat[3, 2:5, 2:9] = flat[7, 2:5, 2:9] = 1
