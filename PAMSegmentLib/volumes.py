@@ -518,7 +518,8 @@ def _write_extension(path: Path, extensions: Sequence[str] = _WRITE_EXTENSIONS) 
 
 def check_output_path(path: PathLike, extensions: Sequence[str] = _WRITE_EXTENSIONS) -> str:
     """What can be checked of an output path before any work (the format from its extension, its
-    folder exists, it is not itself a folder); returns the extension. Raises InputError."""
+    folder exists and a file can be made in it, it is not itself a folder); returns the extension.
+    Raises InputError."""
     target = Path(path)
     ext = _write_extension(target, extensions)
     parent = target.parent if str(target.parent) else Path(".")
@@ -526,6 +527,13 @@ def check_output_path(path: PathLike, extensions: Sequence[str] = _WRITE_EXTENSI
         raise InputError(f"folder {parent} does not exist; create it or choose another output path")
     if target.is_dir():
         raise InputError(f"{target} is a folder; give a file name (e.g. {target / ('result' + ext)})")
+    probe = parent / f".pamsegment-{uuid.uuid4().hex[:12]}.probe"  # a real file: os.access misleads root
+    try:
+        probe.touch(exist_ok=False)
+        probe.unlink()
+    except OSError as error:
+        raise InputError(f"cannot write in folder {parent} ({error.strerror or error}); choose another output path "
+                         "or make the folder writable") from None
     return ext
 
 

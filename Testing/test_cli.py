@@ -218,6 +218,41 @@ def test_outputs_refused_before_any_work(ct_case, run_cli, tmp_path):
     assert proc.returncode == 0, proc.stderr
 
 
+def _unwritable_folder(tmp_path) -> Path:
+    """A folder no file can be made in: read-only for a user; for root, who may write anywhere
+    permissions say, /proc."""
+    import os
+
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        if not Path("/proc/self").is_dir():
+            pytest.skip("running as root without /proc: no folder here refuses a new file")
+        return Path("/proc")
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    return folder
+
+
+def test_an_unwritable_output_folder_is_refused_before_any_work(ct_case, tmp_path, monkeypatch, capfd):
+    # It was found only by the writer, after the whole propagation, in two lines (the NIfTI
+    # library's own "** ERROR ..." on stderr, then ours).
+    from PAMSegmentLib import propagate as engine
+
+    def not_reached(*args, **kwargs):
+        raise AssertionError("propagated before the output folder was checked")
+
+    monkeypatch.setattr(engine, "propagate", not_reached)
+    folder = _unwritable_folder(tmp_path)
+    out = folder / "out.nii.gz"
+    code = cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out), "--method", "copy"])
+    err = capfd.readouterr().err
+    assert code == 2
+    assert err.splitlines() == [err.strip()], err
+    assert err.startswith(f"pamsegment: error: cannot write in folder {folder} (") and err.strip().endswith(
+        "; choose another output path or make the folder writable")
+    assert not out.exists()
+
+
 def test_checkpoint_path_is_checked_before_the_image_is_read(ct_case, tmp_path, run_cli):
     # A 300 MB scan was read (3 s, 800 MB) before a mistyped checkpoint path was reported.
     missing = tmp_path / "propmask.pth"
