@@ -521,12 +521,14 @@ def check_output_path(path: PathLike, extensions: Sequence[str] = _WRITE_EXTENSI
     folder exists and a file can be made in it, it is not itself a folder); returns the extension.
     Raises InputError."""
     target = Path(path)
+    if target.is_dir():  # before the extension: `-o results/` is a folder, not a file of unknown format
+        ext = next((e for e in extensions if target.name.lower().endswith(e)),
+                   ".nii.gz" if ".nii.gz" in extensions else extensions[0])
+        raise InputError(f"{target} is a folder; give a file name (e.g. {target / ('result' + ext)})")
     ext = _write_extension(target, extensions)
     parent = target.parent if str(target.parent) else Path(".")
     if not parent.is_dir():
         raise InputError(f"folder {parent} does not exist; create it or choose another output path")
-    if target.is_dir():
-        raise InputError(f"{target} is a folder; give a file name (e.g. {target / ('result' + ext)})")
     probe = parent / f".pamsegment-{uuid.uuid4().hex[:12]}.probe"  # a real file: os.access misleads root
     try:
         probe.touch(exist_ok=False)

@@ -10,7 +10,8 @@ import pytest
 import SimpleITK as sitk
 
 from PAMSegmentLib.errors import InputError
-from PAMSegmentLib.volumes import Volume, read_labelmap, read_volume, same_grid, write_labelmap, write_volume
+from PAMSegmentLib.volumes import (Volume, check_output_path, read_labelmap, read_volume, same_grid, write_labelmap,
+                                    write_volume)
 
 COS, SIN = math.cos(math.radians(30)), math.sin(math.radians(30))
 ROT_X_30 = (1.0, 0.0, 0.0, 0.0, COS, -SIN, 0.0, SIN, COS)  # 30 degrees about x (ITK row-major)
@@ -239,6 +240,13 @@ def test_output_path_that_is_a_folder_and_long_names(tmp_path):
     (tmp_path / "dir.nii.gz").mkdir()
     with pytest.raises(InputError, match="dir.nii.gz is a folder; give a file name"):
         write_labelmap(np.ones(ref.shape, bool), ref, tmp_path / "dir.nii.gz")
+    # A folder without an extension (`-o results/`) is a folder too, not a file of unknown format.
+    (tmp_path / "results").mkdir()
+    for given in (tmp_path / "results", f"{tmp_path / 'results'}/"):
+        with pytest.raises(InputError) as err:
+            check_output_path(given)
+        assert str(err.value) == (f"{tmp_path / 'results'} is a folder; give a file name "
+                                  f"(e.g. {tmp_path / 'results' / 'result.nii.gz'})")
     # 240 characters is a valid name; the temporary file beside it must not make it too long.
     long = tmp_path / ("b" * 233 + ".nii.gz")
     assert read_labelmap(write_labelmap(np.ones(ref.shape, bool), ref, long)).array.all()
