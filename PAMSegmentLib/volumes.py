@@ -165,7 +165,7 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
         if len(series_ids) > 1:
             warnings.warn(
                 f"{folder} holds {len(series_ids)} DICOM series; using {chosen} ({len(files)} files), "
-                "the largest. Choose another with --series UID (series_uid= in Python).",
+                "the largest. Choose another with --series UID.",
                 stacklevel=3,
             )
     reader.SetFileNames(files)
@@ -476,7 +476,7 @@ def read_labelmap(path: PathLike, reference: Volume | None = None, resample: boo
             hint = " (Slicer may crop .seg.nrrd to the segment extent)" if name.lower().endswith(".seg.nrrd") and "size" in diffs else ""
             raise InputError(
                 f"{name} is not on the image grid: {', '.join(diffs)} differ{'s' if len(diffs) == 1 else ''} "
-                f"({details}){hint}; use --resample-prompt (resample=True) to resample it onto the image grid"
+                f"({details}){hint}; use --resample-prompt to resample it onto the image grid"
             )
         resampler = sitk.ResampleImageFilter()
         resampler.SetSize(list(reference.size_ijk))

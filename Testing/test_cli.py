@@ -74,6 +74,7 @@ def test_resample_prompt_fixes_a_prompt_on_another_grid(ct_case, small_checkpoin
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert "is not on the image grid: origin differs" in err and "--resample-prompt" in err
+    assert "resample=True" not in err  # the command line's message, not the Python argument
     assert not out.exists()
     assert cli.main(argv + ["--resample-prompt"]) == 0
     assert out.exists()

@@ -137,7 +137,8 @@ def test_cli_series_option_and_note(tmp_path, run_cli):
     proc = run_cli("propagate", folder, prompt_path, "-o", out, "--method", "copy")
     assert proc.returncode == 2
     assert "mixed holds 2 DICOM series; using 1.2.826.0.1.3680043.2.1125.7.4 (5 files), the largest. " \
-           "Choose another with --series UID" in proc.stdout and proc.stdout.startswith("note: ")
+           "Choose another with --series UID." in proc.stdout and proc.stdout.startswith("note: ")
+    assert "series_uid" not in proc.stdout  # the command line's message, not the Python argument
     assert "UserWarning" not in proc.stderr
     proc = run_cli("propagate", folder, prompt_path, "-o", out, "--method", "copy",
                    "--series", "1.2.826.0.1.3680043.2.1125.7.3")
