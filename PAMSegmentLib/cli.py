@@ -326,22 +326,27 @@ def check_no_checkpoint_for_classical(args: argparse.Namespace) -> None:
 
 
 def read_case(image_path, prompt_path, output, resample: bool, note: Callable[[str], None],
-              series: str | None = None):
+              series: str | None = None, series_option: str | None = None):
     """The image and its prompt (on the image's grid), checked against the output's format. What
     the readers warn about (which of several DICOM series was used, a NIfTI header with two
-    different grids) goes to ``note``, also when a read fails: the note may explain the failure."""
-    from .volumes import check_geometry_fits, read_labelmap, read_volume
+    different grids) goes to ``note``, also when a read fails: the note may explain the failure.
+    ``series_option``: the option choosing another of the image's DICOM series, named in its note."""
+    from .volumes import SeriesChoiceWarning, check_geometry_fits, read_labelmap, read_volume
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
+        from_image = None  # how many of the warnings came from reading the image
         try:
             image = read_volume(image_path, series_uid=series)
+            from_image = len(caught)
             check_geometry_fits(image.direction, output)
             prompt = read_labelmap(prompt_path, reference=image, resample=resample)
         finally:
-            for w in caught:
+            for n, w in enumerate(caught):
                 if issubclass(w.category, UserWarning):
-                    note(str(w.message))
+                    image_series = issubclass(w.category, SeriesChoiceWarning) and (from_image is None or n < from_image)
+                    note(str(w.message) + (f" Choose another with {series_option}." if image_series and series_option
+                                           else ""))
     return image, prompt
 
 
@@ -371,7 +376,8 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     if args.series is not None and not Path(args.image).is_dir():
         raise InputError(f"--series applies to a DICOM folder, but {args.image} is a file; drop it")
     image, prompt = read_case(args.image, args.prompt, args.output, args.resample_prompt,
-                              note=lambda text: print(f"note: {text}", flush=True), series=args.series)
+                              note=lambda text: print(f"note: {text}", flush=True), series=args.series,
+                              series_option="--series UID")
 
     from .propagate import find_prompt_slices, propagate
 

@@ -36,6 +36,7 @@ __all__ = [
     "write_labelmap_2d",
     "IMAGE_2D_EXTENSIONS",
     "MASK_2D_EXTENSIONS",
+    "SeriesChoiceWarning",
 ]
 
 PathLike = str | os.PathLike
@@ -43,6 +44,10 @@ PathLike = str | os.PathLike
 # Longest first so ".seg.nrrd" wins over ".nrrd" and ".nii.gz" over ".gz".
 _WRITE_EXTENSIONS = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
 _READ_HINT = "expected NIfTI (.nii/.nii.gz), NRRD (.nrrd/.seg.nrrd), MetaImage (.mha/.mhd) or a DICOM folder"
+
+
+class SeriesChoiceWarning(UserWarning):
+    """A DICOM folder holds several series: which one was read (``series_uid`` chooses another)."""
 
 
 @dataclass
@@ -164,8 +169,8 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
         files = by_uid[chosen]
         if len(series_ids) > 1:
             warnings.warn(
-                f"{folder} holds {len(series_ids)} DICOM series; using {chosen} ({len(files)} files), "
-                "the largest. Choose another with --series UID.",
+                f"{folder} holds {len(series_ids)} DICOM series; using {chosen} ({len(files)} files), the largest.",
+                SeriesChoiceWarning,
                 stacklevel=3,
             )
     reader.SetFileNames(files)

@@ -184,6 +184,18 @@ def test_bad_prompt(ct_case, small_checkpoint, run_cli, case, phrase):
     assert not out.exists()
 
 
+def test_image_and_prompt_swapped_get_a_hint(ct_case, capsys):
+    # The CT given as PROMPT was told to renumber its labels.
+    out = ct_case.directory / "out.nii.gz"
+    code = cli.main(["propagate", str(ct_case.prompt_path), str(ct_case.image_path), "-o", str(out), "--method", "copy"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.splitlines() == [err.strip()]
+    assert err.startswith(f"pamsegment: error: the prompt has label {ct_case.image.min()}: labels must be whole "
+                          "numbers from 1 to 65535 (0 = background); the prompt holds negative values")
+    assert err.strip().endswith(", as an image does: are the image and the prompt swapped?")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("args, phrase", [
     (["propagate", "a.nii.gz", "b.nii.gz", "-o", "c.nii.gz", "--batch-size", "0"],
      "pamsegment propagate: error: argument --batch-size: expected a positive integer, got '0' "

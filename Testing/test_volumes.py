@@ -10,8 +10,8 @@ import pytest
 import SimpleITK as sitk
 
 from PAMSegmentLib.errors import InputError
-from PAMSegmentLib.volumes import (Volume, check_output_path, read_labelmap, read_volume, same_grid, write_labelmap,
-                                    write_volume)
+from PAMSegmentLib.volumes import (SeriesChoiceWarning, Volume, check_output_path, read_labelmap, read_volume, same_grid,
+                                    write_labelmap, write_volume)
 
 COS, SIN = math.cos(math.radians(30)), math.sin(math.radians(30))
 ROT_X_30 = (1.0, 0.0, 0.0, 0.0, COS, -SIN, 0.0, SIN, COS)  # 30 degrees about x (ITK row-major)
@@ -146,6 +146,12 @@ def test_cli_series_option_and_note(tmp_path, run_cli):
     assert read_labelmap(out, reference=read_volume(folder, series_uid="1.2.826.0.1.3680043.2.1125.7.3")).shape == (3, 5, 6)
     proc = run_cli("propagate", prompt_path, prompt_path.with_name("p2.nrrd"), "-o", out, "--series", "1.2")
     assert proc.returncode == 2 and "--series applies to a DICOM folder" in proc.stderr
+    # The folder given as PROMPT: --series chooses the image's series, so its note does not name it.
+    with pytest.warns(SeriesChoiceWarning, match="the largest.$"):
+        image_path = write_volume(read_volume(folder), tmp_path / "image.nrrd")
+    proc = run_cli("propagate", image_path, folder, "-o", out, "--method", "copy")
+    assert [line for line in proc.stdout.splitlines() if line.startswith("note: ")] == [
+        f"note: {folder} holds 2 DICOM series; using 1.2.826.0.1.3680043.2.1125.7.4 (5 files), the largest."]
 
 
 # ----------------------------------------------------------------------------- label maps
