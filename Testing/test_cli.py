@@ -294,6 +294,36 @@ def test_bad_default_weights_via_environment_name_the_variable_and_demo_writes_n
     assert not out.exists()  # the output folder was made before the model loaded
 
 
+def test_demo_out_naming_a_file_is_one_line(tmp_path, capsys):
+    # It was a FileExistsError traceback (exit 1).
+    out = tmp_path / "results"
+    out.write_text("not a folder")
+    assert cli.main(["demo", "--out", str(out), "--method", "copy"]) == 2
+    assert capsys.readouterr().err == f"pamsegment: error: {out} is a file; --out takes a folder (the demo writes two " \
+                                      "files into it)\n"
+    assert out.read_text() == "not a folder"
+
+
+def test_a_failed_demo_leaves_no_output_folder(tmp_path, capsys):
+    # The folder was made before the run, and left empty when the run failed.
+    out = tmp_path / "demo_out"
+    assert cli.main(["demo", "--out", str(out), "--method", "copy", "--threads", "0"]) == 2
+    assert "threads must be at least 1" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_demo_figure_shows_axial_slices_as_radiologists_do():
+    # Anterior up and the patient's right on the left: with the demo CT's grid (LPS direction
+    # diag(-1, -1, 1)) the array's first row is the most posterior one, so it was upside down.
+    from PAMSegmentLib.demo import _radiological
+
+    rows, cols = _radiological((-1, 0, 0, 0, -1, 0, 0, 0, 1))
+    j, i = np.arange(5), np.arange(4)
+    y, x = -1.0 * j, -1.0 * i  # physical y (posterior +) and x (patient's left +) of rows and columns
+    assert (np.diff(y[rows]) > 0).all() and (np.diff(x[cols]) > 0).all()
+    assert _radiological((1, 0, 0, 0, 1, 0, 0, 0, 1)) == (slice(None, None, 1), slice(None, None, 1))
+
+
 def test_missing_default_weights_via_environment(ct_case, tmp_path, run_cli):
     missing = tmp_path / "nowhere" / "pam_small.pt"
     out = ct_case.directory / "out.nii.gz"
