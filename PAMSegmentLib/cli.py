@@ -344,9 +344,9 @@ def read_case(image_path, prompt_path, output, resample: bool, note: Callable[[s
         finally:
             for n, w in enumerate(caught):
                 if issubclass(w.category, UserWarning):
-                    image_series = issubclass(w.category, SeriesChoiceWarning) and (from_image is None or n < from_image)
-                    note(str(w.message) + (f" Choose another with {series_option}." if image_series and series_option
-                                           else ""))
+                    of_image = from_image is None or n < from_image
+                    chooser = series_option and of_image and issubclass(w.category, SeriesChoiceWarning)
+                    note(str(w.message) + (f" Choose another with {series_option}." if chooser else ""))
     return image, prompt
 
 

@@ -163,7 +163,9 @@ def _image_like(present: Sequence[int]) -> str:
     """Why a prompt holding the (sorted) values ``present`` looks like an image, as a hint; "" if not."""
     why = (["negative values"] if present[0] < 0 else []) + (
         [f"{len(present)} different values"] if len(present) > IMAGE_LIKE_VALUES else [])
-    return f"the prompt holds {' and '.join(why)}, as an image does: are the image and the prompt swapped?" if why else ""
+    if not why:
+        return ""
+    return f"the prompt holds {' and '.join(why)}, as an image does: are the image and the prompt swapped?"
 
 
 def _bounding_box(mask: np.ndarray) -> tuple[np.ndarray, tuple[int, ...]]:

@@ -187,7 +187,8 @@ def test_bad_prompt(ct_case, small_checkpoint, run_cli, case, phrase):
 def test_image_and_prompt_swapped_get_a_hint(ct_case, capsys):
     # The CT given as PROMPT was told to renumber its labels.
     out = ct_case.directory / "out.nii.gz"
-    code = cli.main(["propagate", str(ct_case.prompt_path), str(ct_case.image_path), "-o", str(out), "--method", "copy"])
+    code = cli.main(["propagate", str(ct_case.prompt_path), str(ct_case.image_path), "-o", str(out),
+                     "--method", "copy"])
     err = capsys.readouterr().err
     assert code == 2 and err.splitlines() == [err.strip()]
     assert err.startswith(f"pamsegment: error: the prompt has label {ct_case.image.min()}: labels must be whole "
@@ -257,7 +258,8 @@ def test_an_unwritable_output_folder_is_refused_before_any_work(ct_case, tmp_pat
     monkeypatch.setattr(engine, "propagate", not_reached)
     folder = _unwritable_folder(tmp_path)
     out = folder / "out.nii.gz"
-    code = cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out), "--method", "copy"])
+    code = cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out),
+                     "--method", "copy"])
     err = capfd.readouterr().err
     assert code == 2
     assert err.splitlines() == [err.strip()], err
@@ -299,8 +301,8 @@ def test_demo_out_naming_a_file_is_one_line(tmp_path, capsys):
     out = tmp_path / "results"
     out.write_text("not a folder")
     assert cli.main(["demo", "--out", str(out), "--method", "copy"]) == 2
-    assert capsys.readouterr().err == f"pamsegment: error: {out} is a file; --out takes a folder (the demo writes two " \
-                                      "files into it)\n"
+    assert capsys.readouterr().err == (f"pamsegment: error: {out} is a file; --out takes a folder (the demo writes "
+                                       "two files into it)\n")
     assert out.read_text() == "not a folder"
 
 

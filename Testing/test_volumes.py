@@ -10,8 +10,8 @@ import pytest
 import SimpleITK as sitk
 
 from PAMSegmentLib.errors import InputError
-from PAMSegmentLib.volumes import (SeriesChoiceWarning, Volume, check_output_path, read_labelmap, read_volume, same_grid,
-                                    write_labelmap, write_volume)
+from PAMSegmentLib.volumes import (SeriesChoiceWarning, Volume, check_output_path, read_labelmap, read_volume,
+                                    same_grid, write_labelmap, write_volume)
 
 COS, SIN = math.cos(math.radians(30)), math.sin(math.radians(30))
 ROT_X_30 = (1.0, 0.0, 0.0, 0.0, COS, -SIN, 0.0, SIN, COS)  # 30 degrees about x (ITK row-major)
