@@ -287,6 +287,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.intensityGateCheckBox.setEnabled(local)
         self._saveSettings()
         self.updateButtons()
+        self.promptRefreshTimer.start()  # what the prompt label says depends on the model (its packages)
 
     def onSegmentationChanged(self, segmentationNode):
         if self._observedSegmentation is not None:
@@ -380,8 +381,11 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if volume is None or segmentation is None or not segmentId:
             self.ui.promptLabel.text = "Select a volume and a segment drawn on one slice."
             return
-        if self.logic.missingRequirements():
-            self.ui.promptLabel.text = "PyTorch and PAM's packages are not installed yet; Propagate offers to install them."
+        missing = self.logic.missingRequirements(self._method() == "pam")  # tracking, a server: no torch needed
+        if missing:
+            what = "PyTorch and PAM's packages are" if any(name == "torch" for name, _ in missing) else \
+                "PAM's packages are"
+            self.ui.promptLabel.text = f"{what} not installed yet; Propagate offers to install them."
             return
         entry = self._historyEntry()
         if entry is not None:

@@ -69,7 +69,8 @@ class IntensityGate:
 
     median/sd: median and robust SD (max of 1.4826 MAD and IQR/1.349, floored at 2 % of the
     slice's 1-99 % range so a flat phantom region still has a usable width); [low, high]: the
-    prompt's 1st-99th percentile widened by ``k`` robust SDs on each side: the "in-window" range.
+    prompt's 1st-99th percentile widened by ``k / 2`` robust SDs on each side (1 SD at the default
+    k = 2): the "in-window" range.
     """
 
     median: float

@@ -36,6 +36,7 @@ import os
 import signal
 import sys
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -267,15 +268,19 @@ def _check_output_path(out: str, inputs: Sequence[str]) -> None:
 
 
 class _ProgressBar:
-    """tqdm bar on stderr (0..100 %), fed by the engine's ``progress(fraction, message)``."""
+    """tqdm bar on stderr (0..100 %), fed by the engine's ``progress(fraction, message)``. It
+    appears with the first progress call, so input refused before any work is one line alone."""
 
     def __init__(self, description: str):
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=100, desc=description, file=sys.stderr, leave=True, dynamic_ncols=False, ncols=80,
-                        bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]", mininterval=0.2)
+        self.description, self.bar = description, None
 
     def __call__(self, fraction: float, message: str) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=100, desc=self.description, file=sys.stderr, leave=True, dynamic_ncols=False,
+                            ncols=80, bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]",
+                            mininterval=0.2)
         target = int(round(100 * min(max(fraction, 0.0), 1.0)))
         if target > self.bar.n:
             self.bar.update(target - self.bar.n)
@@ -287,14 +292,16 @@ class _ProgressBar:
         self.close()
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 @contextlib.contextmanager
-def ctrl_c_ignored():
+def ctrl_c_ignored(keep: bool = False):
     """Ctrl-C is ignored inside: for moving finished files into place together (an interrupt
     between two renames would leave a new file beside an old one, after "nothing was written").
-    Outside the main thread, where Ctrl-C raises nothing, it changes nothing."""
+    keep: it stays ignored after the block (a command's last step, when the process ends with the
+    command). Outside the main thread, where Ctrl-C raises nothing, it changes nothing."""
     try:
         previous, ignored = signal.signal(signal.SIGINT, signal.SIG_IGN), True
     except ValueError:  # not the main thread
@@ -302,7 +309,7 @@ def ctrl_c_ignored():
     try:
         yield
     finally:
-        if ignored:
+        if ignored and not keep:
             signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
 
 
@@ -319,22 +326,27 @@ def check_no_checkpoint_for_classical(args: argparse.Namespace) -> None:
 
 
 def read_case(image_path, prompt_path, output, resample: bool, note: Callable[[str], None],
-              series: str | None = None):
+              series: str | None = None, series_option: str | None = None):
     """The image and its prompt (on the image's grid), checked against the output's format. What
     the readers warn about (which of several DICOM series was used, a NIfTI header with two
-    different grids) goes to ``note``, also when a read fails: the note may explain the failure."""
-    from .volumes import check_geometry_fits, read_labelmap, read_volume
+    different grids) goes to ``note``, also when a read fails: the note may explain the failure.
+    ``series_option``: the option choosing another of the image's DICOM series, named in its note."""
+    from .volumes import SeriesChoiceWarning, check_geometry_fits, read_labelmap, read_volume
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
+        from_image = None  # how many of the warnings came from reading the image
         try:
             image = read_volume(image_path, series_uid=series)
+            from_image = len(caught)
             check_geometry_fits(image.direction, output)
             prompt = read_labelmap(prompt_path, reference=image, resample=resample)
         finally:
-            for w in caught:
+            for n, w in enumerate(caught):
                 if issubclass(w.category, UserWarning):
-                    note(str(w.message))
+                    of_image = from_image is None or n < from_image
+                    chooser = series_option and of_image and issubclass(w.category, SeriesChoiceWarning)
+                    note(str(w.message) + (f" Choose another with {series_option}." if chooser else ""))
     return image, prompt
 
 
@@ -354,7 +366,7 @@ def cmd_propagate(args: argparse.Namespace) -> int:
         raise InputError("--token is for --server; drop it")
     _check_output_path(args.output, [args.image, args.prompt])
 
-    from .volumes import write_labelmap
+    from .volumes import check_output_path, write_labelmap
 
     check_no_checkpoint_for_classical(args)
     if args.checkpoint:  # before reading a possibly large image
@@ -364,7 +376,8 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     if args.series is not None and not Path(args.image).is_dir():
         raise InputError(f"--series applies to a DICOM folder, but {args.image} is a file; drop it")
     image, prompt = read_case(args.image, args.prompt, args.output, args.resample_prompt,
-                              note=lambda text: print(f"note: {text}", flush=True), series=args.series)
+                              note=lambda text: print(f"note: {text}", flush=True), series=args.series,
+                              series_option="--series UID")
 
     from .propagate import find_prompt_slices, propagate
 
@@ -395,12 +408,22 @@ def cmd_propagate(args: argparse.Namespace) -> int:
             threads=args.threads,
             progress=bar,
         )
-    write_labelmap(result.mask, image, args.output)
-    print(f"wrote {args.output}: {result.summary()}; {time.perf_counter() - t0:.1f} s in all", flush=True)
     how = ("run it here with --intensity-gate off; a server keeps its own setting" if args.server
            else "--intensity-gate off")
-    for note in result.notes():
-        print(f"note: {note} ({how})", flush=True)
+    # Written to a temporary beside OUT, then moved in and reported with Ctrl-C ignored (and left
+    # ignored when the process ends with this command): an interrupt once OUT is in place would
+    # say "nothing was written".
+    out = Path(args.output)
+    tmp = out.with_name(f".pamsegment-{uuid.uuid4().hex[:12]}.tmp{check_output_path(out)}")  # OUT's format
+    try:
+        write_labelmap(result.mask, image, tmp)
+        with ctrl_c_ignored(keep=getattr(args, "_ends_process", False)):
+            os.replace(tmp, out)
+            print(f"wrote {args.output}: {result.summary()}; {time.perf_counter() - t0:.1f} s in all", flush=True)
+            for note in result.notes():
+                print(f"note: {note} ({how})", flush=True)
+    finally:
+        tmp.unlink(missing_ok=True)
     return EXIT_OK
 
 
@@ -508,11 +531,14 @@ def _one_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``pamsegment`` with ``argv`` (default: sys.argv[1:]); returns the exit status."""
+def main(argv: Sequence[str] | None = None, ends_process: bool = False) -> int:
+    """Run ``pamsegment`` with ``argv`` (default: sys.argv[1:]); returns the exit status.
+    ends_process: the process ends when this returns (``__main__.run``), so a command may leave
+    Ctrl-C ignored once its output is in place."""
     try:  # also around the parser: building it imports the chosen subcommand's module
         argv = list(sys.argv[1:] if argv is None else argv)
         args = build_parser(argv).parse_args(argv)  # usage errors exit 2 through argparse
+        args._ends_process = ends_process
         return int(_resolve(args._run)(args) or EXIT_OK)
     except (PropagationCancelled, KeyboardInterrupt):
         print(f"{PROG}: interrupted; nothing was written", file=sys.stderr)

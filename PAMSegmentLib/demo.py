@@ -39,8 +39,14 @@ def demo_data_dir() -> Path:
     raise InputError("the demo data (Resources/Demo) is not installed; reinstall PAMSegmentLib")
 
 
+def _radiological(direction) -> tuple[slice, slice]:
+    """How to index an axial slice (j, i) so that it shows as radiologists view it: anterior up,
+    the patient's right on the left (rows toward +y, columns toward +x in ITK's LPS)."""
+    return slice(None, None, -1 if direction[4] < 0 else 1), slice(None, None, -1 if direction[0] < 0 else 1)
+
+
 def _figure(image: np.ndarray, prompt: np.ndarray, result: np.ndarray, reference: np.ndarray, path: Path,
-            title: str) -> None:
+            title: str, direction=(1, 0, 0, 0, 1, 0, 0, 0, 1)) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -54,14 +60,15 @@ def _figure(image: np.ndarray, prompt: np.ndarray, result: np.ndarray, reference
     colors = ListedColormap(["none", "tab:orange", "tab:green", "tab:blue", "tab:purple", "tab:red"])
     fig, axes = plt.subplots(1, len(picks), figsize=(2.3 * len(picks), 2.8))
     lo, hi = np.percentile(image, [1, 99])
+    shown = _radiological(direction)
     for ax, k in zip(np.atleast_1d(axes), picks):
-        ax.imshow(image[k], cmap="gray", vmin=lo, vmax=hi)
-        overlay = np.ma.masked_equal(result[k].astype(int), 0)
+        ax.imshow(image[k][shown], cmap="gray", vmin=lo, vmax=hi)
+        overlay = np.ma.masked_equal(result[k][shown].astype(int), 0)
         ax.imshow(overlay, cmap=colors, vmin=0, vmax=5, alpha=0.45, interpolation="nearest")
         if reference[k].any():
-            ax.contour(reference[k] > 0, levels=[0.5], colors="yellow", linewidths=0.6)
+            ax.contour(reference[k][shown] > 0, levels=[0.5], colors="yellow", linewidths=0.6)
         if k in prompt_slices:
-            ax.contour(prompt[k] > 0, levels=[0.5], colors="white", linewidths=1.2)
+            ax.contour(prompt[k][shown] > 0, levels=[0.5], colors="white", linewidths=1.2)
         ax.set_title(f"slice {k}" + (" (prompt)" if k in prompt_slices else ""), fontsize=8)
         ax.axis("off")
     fig.suptitle(title, fontsize=9)
@@ -72,29 +79,44 @@ def _figure(image: np.ndarray, prompt: np.ndarray, result: np.ndarray, reference
 
 def run_demo(out_dir: Path, checkpoint: str | None = None, method: str = "pam", device: str = "cpu",
              threads: int | None = None, progress=None) -> dict:
-    """Propagate the shipped prompts, write the segmentation and a figure; returns Dice per organ."""
+    """Propagate the shipped prompts, write the segmentation and a figure; returns Dice per organ.
+    ``out_dir`` is made only once the propagation is done (and removed again, if it is still
+    empty, when writing fails or is interrupted)."""
     from .baselines import get_predictor
     from .metrics import dice
     from .propagate import propagate
     from .volumes import read_labelmap, read_volume, write_labelmap
 
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir} is a file; --out takes a folder (the demo writes two files into it)")
     data = demo_data_dir()
     image = read_volume(data / FILES[0])
     prompt = read_labelmap(data / FILES[1], reference=image)
     reference = read_labelmap(data / FILES[2], reference=image)
     model = get_predictor(method, checkpoint=checkpoint, device=device)  # a bad checkpoint: nothing created
-    out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     result = propagate(image.array, prompt.array, image.spacing, model, labels=sorted(ORGANS), axis=0,
                        device=device, threads=threads, progress=progress)
     seconds = time.perf_counter() - t0
-    seg_path = out_dir / "demo_segmentation.nii.gz"
-    write_labelmap(result.mask, image, seg_path)
     scores = {name: dice(result.mask == lab, reference.array == lab) for lab, name in ORGANS.items()}
     mean = float(np.mean(list(scores.values())))
-    fig_path = out_dir / "demo.png"
-    _figure(image.array, prompt.array, result.mask, np.isin(reference.array, list(ORGANS)) * reference.array,
-            fig_path, f"PAMSegment demo ({method}): one slice per organ -> 3D; mean Dice {mean:.3f} (yellow: reference)")
+    seg_path, fig_path = out_dir / "demo_segmentation.nii.gz", out_dir / "demo.png"
+    made = not out_dir.is_dir()
+    try:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise InputError(f"cannot make the folder {out_dir} ({error.strerror or error}); choose another --out") \
+                from None
+        write_labelmap(result.mask, image, seg_path)
+        _figure(image.array, prompt.array, result.mask, np.isin(reference.array, list(ORGANS)) * reference.array,
+                fig_path, f"PAMSegment demo ({method}): one slice per organ -> 3D; mean Dice {mean:.3f} "
+                "(yellow: reference)", image.direction)
+    except BaseException:
+        if made and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
     return {"dice": scores, "mean_dice": mean, "seconds": seconds, "segmentation": str(seg_path),
             "figure": str(fig_path), "slices_predicted": result.n_predicted}
 
@@ -110,19 +132,8 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .cli import _ProgressBar
 
-    bar = None
-
-    def progress(fraction: float, message: str) -> None:  # the bar appears with the first progress,
-        nonlocal bar  # so a bad checkpoint is reported alone, in one line
-        if bar is None:
-            bar = _ProgressBar("demo")
-        bar(fraction, message)
-
-    try:
-        res = run_demo(Path(args.out), args.checkpoint, args.method, args.device, args.threads, progress=progress)
-    finally:
-        if bar is not None:
-            bar.close()
+    with _ProgressBar("demo") as bar:  # appears with the first progress: a bad checkpoint is one line alone
+        res = run_demo(Path(args.out), args.checkpoint, args.method, args.device, args.threads, progress=bar)
     for name, d in res["dice"].items():
         print(f"  {name:<13} Dice {d:.3f}")
     print(f"demo: mean Dice {res['mean_dice']:.3f} over {len(res['dice'])} held-out organs, "

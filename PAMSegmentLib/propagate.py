@@ -155,6 +155,17 @@ class PropagationResult:
 
 # Labels a result can hold (it is written as uint8 or uint16).
 MAX_LABEL = 65535
+# A prompt holding negative values, or more different values than this, looks like an image.
+IMAGE_LIKE_VALUES = 1000
+
+
+def _image_like(present: Sequence[int]) -> str:
+    """Why a prompt holding the (sorted) values ``present`` looks like an image, as a hint; "" if not."""
+    why = (["negative values"] if present[0] < 0 else []) + (
+        [f"{len(present)} different values"] if len(present) > IMAGE_LIKE_VALUES else [])
+    if not why:
+        return ""
+    return f"the prompt holds {' and '.join(why)}, as an image does: are the image and the prompt swapped?"
 
 
 def _bounding_box(mask: np.ndarray) -> tuple[np.ndarray, tuple[int, ...]]:
@@ -270,17 +281,30 @@ def find_prompt_slices(prompt: np.ndarray, axis: int | None = None, labels: Sequ
     present = [int(v) for v in np.unique(prompt[prompt != 0])]
     if not present:
         raise InputError("the prompt is empty: draw the object on one slice (label > 0) and try again")
+    image_like = _image_like(present)
     bad = [v for v in present if not 1 <= v <= MAX_LABEL]
     if bad:
         raise InputError(f"the prompt has label {bad[0]}: labels must be whole numbers from 1 to {MAX_LABEL} "
-                         "(0 = background); renumber the label map")
+                         f"(0 = background); {image_like or 'renumber the label map'}")
+    try:
+        return _drawn_slices(prompt, present, axis, labels, max_slices, plane_names, update)
+    except InputError as error:
+        if not image_like:
+            raise
+        raise InputError(f"{error}; {image_like}") from None
+
+
+def _drawn_slices(prompt: np.ndarray, present: list[int], axis: int | None, labels: Sequence[int] | None,
+                  max_slices: int, plane_names: Sequence[str] | None, update: bool) -> tuple[int, dict[int, list[int]]]:
+    """find_prompt_slices past its checks of the prompt's values (``present``: its labels, sorted)."""
     if labels is None:
         labels = present
     else:
         missing = [int(v) for v in labels if int(v) not in present]
         if missing:
             raise InputError(
-                f"label {missing[0]} is not in the prompt; labels present: {', '.join(map(str, present))}"
+                f"label {missing[0]} is not in the prompt; labels present: {', '.join(map(str, present[:20]))}"
+                + (f" ... ({len(present)} in all)" if len(present) > 20 else "")
             )
         labels = [int(v) for v in labels]
     if axis is not None and axis not in (0, 1, 2):
@@ -320,8 +344,12 @@ def find_prompt_slices(prompt: np.ndarray, axis: int | None = None, labels: Sequ
         if n_other > max_slices:
             continue
         others = [v for v in labels if v != lab]
-        how = (f"propagate it along axis {other} (--axis {other})" if not others else
-               f"propagate labels drawn on different planes separately (--label {lab} --axis {other})")
+        if not others:
+            how = f"propagate it along axis {other} (--axis {other})"
+        elif all(thick[v, other] <= 2 and len(occupied(v, other)) <= max_slices for v in others):
+            how = f"all labels are drawn on slices along axis {other}: propagate them along it (--axis {other})"
+        else:  # only following this advice keeps every label
+            how = f"propagate labels drawn on different planes separately (--label {lab} --axis {other})"
         raise InputError(
             f"label {lab} is drawn on {n_other} slice{'s' if n_other != 1 else ''} along axis {other} but crosses "
             f"{len(sl)} slices along axis {best}, the propagation axis: {how}"

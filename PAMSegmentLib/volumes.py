@@ -36,6 +36,7 @@ __all__ = [
     "write_labelmap_2d",
     "IMAGE_2D_EXTENSIONS",
     "MASK_2D_EXTENSIONS",
+    "SeriesChoiceWarning",
 ]
 
 PathLike = str | os.PathLike
@@ -43,6 +44,10 @@ PathLike = str | os.PathLike
 # Longest first so ".seg.nrrd" wins over ".nrrd" and ".nii.gz" over ".gz".
 _WRITE_EXTENSIONS = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
 _READ_HINT = "expected NIfTI (.nii/.nii.gz), NRRD (.nrrd/.seg.nrrd), MetaImage (.mha/.mhd) or a DICOM folder"
+
+
+class SeriesChoiceWarning(UserWarning):
+    """A DICOM folder holds several series: which one was read (``series_uid`` chooses another)."""
 
 
 @dataclass
@@ -164,8 +169,8 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
         files = by_uid[chosen]
         if len(series_ids) > 1:
             warnings.warn(
-                f"{folder} holds {len(series_ids)} DICOM series; using {chosen} ({len(files)} files), "
-                "the largest. Choose another with --series UID (series_uid= in Python).",
+                f"{folder} holds {len(series_ids)} DICOM series; using {chosen} ({len(files)} files), the largest.",
+                SeriesChoiceWarning,
                 stacklevel=3,
             )
     reader.SetFileNames(files)
@@ -476,7 +481,7 @@ def read_labelmap(path: PathLike, reference: Volume | None = None, resample: boo
             hint = " (Slicer may crop .seg.nrrd to the segment extent)" if name.lower().endswith(".seg.nrrd") and "size" in diffs else ""
             raise InputError(
                 f"{name} is not on the image grid: {', '.join(diffs)} differ{'s' if len(diffs) == 1 else ''} "
-                f"({details}){hint}; use --resample-prompt (resample=True) to resample it onto the image grid"
+                f"({details}){hint}; use --resample-prompt to resample it onto the image grid"
             )
         resampler = sitk.ResampleImageFilter()
         resampler.SetSize(list(reference.size_ijk))
@@ -518,14 +523,24 @@ def _write_extension(path: Path, extensions: Sequence[str] = _WRITE_EXTENSIONS) 
 
 def check_output_path(path: PathLike, extensions: Sequence[str] = _WRITE_EXTENSIONS) -> str:
     """What can be checked of an output path before any work (the format from its extension, its
-    folder exists, it is not itself a folder); returns the extension. Raises InputError."""
+    folder exists and a file can be made in it, it is not itself a folder); returns the extension.
+    Raises InputError."""
     target = Path(path)
+    if target.is_dir():  # before the extension: `-o results/` is a folder, not a file of unknown format
+        ext = next((e for e in extensions if target.name.lower().endswith(e)),
+                   ".nii.gz" if ".nii.gz" in extensions else extensions[0])
+        raise InputError(f"{target} is a folder; give a file name (e.g. {target / ('result' + ext)})")
     ext = _write_extension(target, extensions)
     parent = target.parent if str(target.parent) else Path(".")
     if not parent.is_dir():
         raise InputError(f"folder {parent} does not exist; create it or choose another output path")
-    if target.is_dir():
-        raise InputError(f"{target} is a folder; give a file name (e.g. {target / ('result' + ext)})")
+    probe = parent / f".pamsegment-{uuid.uuid4().hex[:12]}.probe"  # a real file: os.access misleads root
+    try:
+        probe.touch(exist_ok=False)
+        probe.unlink()
+    except OSError as error:
+        raise InputError(f"cannot write in folder {parent} ({error.strerror or error}); choose another output path "
+                         "or make the folder writable") from None
     return ext
 
 

@@ -3,7 +3,9 @@ sees, including exit codes and the absence of tracebacks for bad input."""
 
 from __future__ import annotations
 
+import signal
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,6 +74,7 @@ def test_resample_prompt_fixes_a_prompt_on_another_grid(ct_case, small_checkpoin
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert "is not on the image grid: origin differs" in err and "--resample-prompt" in err
+    assert "resample=True" not in err  # the command line's message, not the Python argument
     assert not out.exists()
     assert cli.main(argv + ["--resample-prompt"]) == 0
     assert out.exists()
@@ -181,6 +184,19 @@ def test_bad_prompt(ct_case, small_checkpoint, run_cli, case, phrase):
     assert not out.exists()
 
 
+def test_image_and_prompt_swapped_get_a_hint(ct_case, capsys):
+    # The CT given as PROMPT was told to renumber its labels.
+    out = ct_case.directory / "out.nii.gz"
+    code = cli.main(["propagate", str(ct_case.prompt_path), str(ct_case.image_path), "-o", str(out),
+                     "--method", "copy"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.splitlines() == [err.strip()]
+    assert err.startswith(f"pamsegment: error: the prompt has label {ct_case.image.min()}: labels must be whole "
+                          "numbers from 1 to 65535 (0 = background); the prompt holds negative values")
+    assert err.strip().endswith(", as an image does: are the image and the prompt swapped?")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("args, phrase", [
     (["propagate", "a.nii.gz", "b.nii.gz", "-o", "c.nii.gz", "--batch-size", "0"],
      "pamsegment propagate: error: argument --batch-size: expected a positive integer, got '0' "
@@ -216,6 +232,42 @@ def test_outputs_refused_before_any_work(ct_case, run_cli, tmp_path):
     assert proc.returncode == 0, proc.stderr
 
 
+def _unwritable_folder(tmp_path) -> Path:
+    """A folder no file can be made in: read-only for a user; for root, who may write anywhere
+    permissions say, /proc."""
+    import os
+
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        if not Path("/proc/self").is_dir():
+            pytest.skip("running as root without /proc: no folder here refuses a new file")
+        return Path("/proc")
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    return folder
+
+
+def test_an_unwritable_output_folder_is_refused_before_any_work(ct_case, tmp_path, monkeypatch, capfd):
+    # It was found only by the writer, after the whole propagation, in two lines (the NIfTI
+    # library's own "** ERROR ..." on stderr, then ours).
+    from PAMSegmentLib import propagate as engine
+
+    def not_reached(*args, **kwargs):
+        raise AssertionError("propagated before the output folder was checked")
+
+    monkeypatch.setattr(engine, "propagate", not_reached)
+    folder = _unwritable_folder(tmp_path)
+    out = folder / "out.nii.gz"
+    code = cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out),
+                     "--method", "copy"])
+    err = capfd.readouterr().err
+    assert code == 2
+    assert err.splitlines() == [err.strip()], err
+    assert err.startswith(f"pamsegment: error: cannot write in folder {folder} (") and err.strip().endswith(
+        "; choose another output path or make the folder writable")
+    assert not out.exists()
+
+
 def test_checkpoint_path_is_checked_before_the_image_is_read(ct_case, tmp_path, run_cli):
     # A 300 MB scan was read (3 s, 800 MB) before a mistyped checkpoint path was reported.
     missing = tmp_path / "propmask.pth"
@@ -242,6 +294,36 @@ def test_bad_default_weights_via_environment_name_the_variable_and_demo_writes_n
     assert proc.stderr.strip().endswith("(the file PAMSEGMENT_MODEL names; point it at a good checkpoint, unset "
                                         "it, or pass --checkpoint CKPT)")
     assert not out.exists()  # the output folder was made before the model loaded
+
+
+def test_demo_out_naming_a_file_is_one_line(tmp_path, capsys):
+    # It was a FileExistsError traceback (exit 1).
+    out = tmp_path / "results"
+    out.write_text("not a folder")
+    assert cli.main(["demo", "--out", str(out), "--method", "copy"]) == 2
+    assert capsys.readouterr().err == (f"pamsegment: error: {out} is a file; --out takes a folder (the demo writes "
+                                       "two files into it)\n")
+    assert out.read_text() == "not a folder"
+
+
+def test_a_failed_demo_leaves_no_output_folder(tmp_path, capsys):
+    # The folder was made before the run, and left empty when the run failed.
+    out = tmp_path / "demo_out"
+    assert cli.main(["demo", "--out", str(out), "--method", "copy", "--threads", "0"]) == 2
+    assert "threads must be at least 1" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_demo_figure_shows_axial_slices_as_radiologists_do():
+    # Anterior up and the patient's right on the left: with the demo CT's grid (LPS direction
+    # diag(-1, -1, 1)) the array's first row is the most posterior one, so it was upside down.
+    from PAMSegmentLib.demo import _radiological
+
+    rows, cols = _radiological((-1, 0, 0, 0, -1, 0, 0, 0, 1))
+    j, i = np.arange(5), np.arange(4)
+    y, x = -1.0 * j, -1.0 * i  # physical y (posterior +) and x (patient's left +) of rows and columns
+    assert (np.diff(y[rows]) > 0).all() and (np.diff(x[cols]) > 0).all()
+    assert _radiological((1, 0, 0, 0, 1, 0, 0, 0, 1)) == (slice(None, None, 1), slice(None, None, 1))
 
 
 def test_missing_default_weights_via_environment(ct_case, tmp_path, run_cli):
@@ -299,6 +381,34 @@ def test_range_past_the_volume(ct_case, small_checkpoint, capsys):
     assert not out.exists()
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("options, phrase", [
+    (["--range", "0:100"], "range 0:100 is outside the 20 slices along axis 0 (valid 0:19)"),
+    (["--range", "0:5"], "label 1's prompt slice 10 lies outside the range 0:5"),
+    (["--empty-slices", "10"], "slice 10 is both drawn (label 1) and marked empty"),
+    (["--empty-slices", "44"], "empty slice 44 lies outside the range 0:19 along axis 0"),
+    (["--server", "http://127.0.0.1:PORT"], "cannot reach the PAMSegment server at http://127.0.0.1:PORT"),
+])
+def test_errors_the_engine_finds_are_one_line_without_a_progress_bar(ct_case, capsys, options, phrase):
+    # These were printed after a "propagating:   0%" bar line: the bar now appears with the first progress.
+    port = str(_free_port())  # nothing listens there
+    out = ct_case.directory / "out.nii.gz"
+    code = cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out),
+                     "--method", "copy", *[o.replace("PORT", port) for o in options]])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.splitlines() == [err.strip()] and err.startswith("pamsegment: error: "), err
+    assert phrase.replace("PORT", port) in err and "propagating" not in err
+    assert not out.exists()
+
+
 def test_output_equal_to_an_input_is_refused(ct_case, run_cli):
     before = ct_case.image_path.read_bytes()
     proc = run_cli("propagate", ct_case.image_path, ct_case.prompt_path, "-o", ct_case.image_path)
@@ -333,6 +443,78 @@ def test_interrupted_run_exits_130_and_writes_nothing(ct_case, small_checkpoint,
     assert code == 130
     assert "interrupted; nothing was written" in capsys.readouterr().err
     assert not out.exists()
+
+
+def _ctrl_c_when_moved_to(monkeypatch, wanted) -> None:
+    """Ctrl-C (a real SIGINT to this process) right after os.replace moves a file to a path for
+    which ``wanted(path)`` is true."""
+    import os
+
+    replace = os.replace
+
+    def replace_then_ctrl_c(src, dst):
+        replace(src, dst)
+        if wanted(Path(dst)):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(os, "replace", replace_then_ctrl_c)
+
+
+def test_ctrl_c_once_the_output_is_in_place_is_ignored(ct_case, monkeypatch, capsys):
+    # It gave exit 130 and "nothing was written" with OUT already replaced.
+    out = ct_case.directory / "out.nii.gz"
+    out.write_bytes(b"old")
+    _ctrl_c_when_moved_to(monkeypatch, lambda dst: dst == out)
+    code = cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out),
+                     "--method", "copy"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert captured.out.startswith(f"wrote {out}: label 1: slices") and "interrupted" not in captured.err
+    assert read_volume(out).array.any()
+    assert sorted(p.name for p in ct_case.directory.iterdir()) == ["image.nii.gz", "out.nii.gz", "prompt.nii.gz"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # called from Python: Ctrl-C works again
+
+
+def test_as_the_command_ctrl_c_stays_ignored_once_the_output_is_in_place(ct_case, monkeypatch, capsys):
+    # __main__.run ends the process when main returns: there is nothing left to interrupt, and the
+    # handler restored before main returned let a Ctrl-C in that moment end the finished run as
+    # interrupted (exit 130) or print a traceback from an object's __del__.
+    out = ct_case.directory / "out.nii.gz"
+    try:
+        assert cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out),
+                         "--method", "copy"], ends_process=True) == 0
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert capsys.readouterr().out.startswith(f"wrote {out}")
+
+
+def test_ctrl_c_while_the_output_is_written_keeps_the_old_file(ct_case, monkeypatch, capsys):
+    out = ct_case.directory / "out.nii.gz"
+    out.write_bytes(b"old")
+    _ctrl_c_when_moved_to(monkeypatch, lambda dst: dst != out)  # the temporary is written, OUT not yet replaced
+    code = cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out),
+                     "--method", "copy"])
+    assert code == 130
+    assert capsys.readouterr().err.endswith("pamsegment: interrupted; nothing was written\n")
+    assert out.read_bytes() == b"old"
+    assert sorted(p.name for p in ct_case.directory.iterdir()) == ["image.nii.gz", "out.nii.gz", "prompt.nii.gz"]
+
+
+def test_the_entry_point_ignores_ctrl_c_once_the_command_has_returned(monkeypatch):
+    # Python's shutdown takes ~0.5 s with torch loaded; a Ctrl-C then gave exit 130 with no message
+    # (or a traceback from an object's __del__) after a successful run.
+    import os
+
+    from PAMSegmentLib.__main__ import run
+
+    monkeypatch.setattr(cli, "main", lambda argv=None, ends_process=False: 0)
+    try:
+        assert run() == 0
+        os.kill(os.getpid(), signal.SIGINT)  # raised KeyboardInterrupt here
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class _InterruptedImport:

@@ -667,6 +667,14 @@ def test_find_prompt_slices_refuses_a_drawing_on_another_plane():
                                          r"axis 0.*separately \(--label 2 --axis 2\)"):
         find_prompt_slices(prompt)
     assert find_prompt_slices(prompt, labels=[2]) == (2, {2: [8]})
+    # Two labels both on axial slices with a wrong --axis: "--label 1 --axis 0" would drop label 2.
+    prompt[prompt == 2] = 0
+    prompt[9, 1:4, 1:4] = 2
+    with pytest.raises(InputError, match=r"label 1 is drawn on 1 slice along axis 0 but crosses 5 slices along axis "
+                                         r"2, the propagation axis: all labels are drawn on slices along axis 0: "
+                                         r"propagate them along it \(--axis 0\)$"):
+        find_prompt_slices(prompt, axis=2)
+    assert find_prompt_slices(prompt, axis=0) == (0, {1: [6], 2: [9]})
     # Keyframes on slices 3 and 7 of a flat object (rows 2-4) are still keyframes.
     flat = np.zeros((12, 10, 10), np.uint8)
     flat[3, 2:5, 2:9] = flat[7, 2:5, 2:9] = 1
@@ -754,12 +762,38 @@ def test_find_prompt_slices_keeps_small_objects_drawn_on_adjacent_slices():
     assert find_prompt_slices(ball, axis=0) == (0, {1: list(range(9, 16))})
 
 
-@pytest.mark.parametrize("value", [-1, 70000])
-def test_find_prompt_slices_refuses_labels_a_result_cannot_hold(value):
+@pytest.mark.parametrize("value, advice", [
+    (-1, "the prompt holds negative values, as an image does: are the image and the prompt swapped?"),
+    (70000, "renumber the label map"),
+])
+def test_find_prompt_slices_refuses_labels_a_result_cannot_hold(value, advice):
     prompt = np.zeros((12, 10, 10), np.int32)
     prompt[6, 2:7, 3:8] = value
-    with pytest.raises(InputError, match=f"the prompt has label {value}: labels must be whole numbers from 1 to 65535"):
+    with pytest.raises(InputError) as err:
         find_prompt_slices(prompt)
+    assert str(err.value) == f"the prompt has label {value}: labels must be whole numbers from 1 to 65535 " \
+                             f"(0 = background); {advice}"
+
+
+def test_find_prompt_slices_hints_that_an_image_given_as_the_prompt_is_one():
+    # A CT given as the prompt (IMAGE and PROMPT swapped) was told to renumber its labels; one
+    # without negative values got a message about planes or a 3D mask alone.
+    prompt = np.ones((12, 40, 40), np.int32)  # label 1 everywhere: a 3D mask along any axis
+    prompt[6, 10:40, 10:40] = np.arange(2, 902).reshape(30, 30)  # 900 more values: 901 in all
+    with pytest.raises(InputError, match=r"3D mask, not a slice prompt; draw it on one slice \(or a few keyframes, at "
+                                         r"most 32\)$"):
+        find_prompt_slices(prompt)
+    prompt[7, 10:20, 10:20] = np.arange(902, 1002).reshape(10, 10)  # 1001 values
+    with pytest.raises(InputError, match=r"3D mask, not a slice prompt; draw it on one slice \(or a few keyframes, at "
+                                         r"most 32\); the prompt holds 1001 different values, as an image does: are "
+                                         r"the image and the prompt swapped\?$"):
+        find_prompt_slices(prompt)
+    with pytest.raises(InputError, match=r"^label 5000 is not in the prompt; labels present: 1, 2, 3, .*, 20 \.\.\. "
+                                         r"\(1001 in all\); the prompt holds 1001 different values"):
+        find_prompt_slices(prompt, labels=[5000])
+    prompt[prompt == 1] = 0  # many labels, each drawn on one slice: no error, so no hint either
+    axis, slices = find_prompt_slices(prompt)
+    assert axis == 0 and len(slices) == 1000
 
 
 # ----------------------------------------------------------------------------- the real network

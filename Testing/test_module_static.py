@@ -1151,6 +1151,29 @@ def test_panel_with_a_server_does_not_ask_for_torch(panel, monkeypatch):
     assert panel.ensureRequirements() is True and len(asked) == 1  # nor does registration tracking
 
 
+def test_panel_prompt_label_without_torch_follows_the_chosen_model(panel, drawn, monkeypatch):
+    # Without PyTorch the label said "PyTorch ... not installed" whatever the model, also for
+    # registration tracking and a server, which do not need it, and switching model left it as it was.
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    _, _, segmentation, _ = drawn
+    ui = panel.ui
+    ui.segmentationSelector.setCurrentNode(segmentation)
+    panel.promptRefreshTimer.fire()
+    assert ui.promptLabel.text == "PyTorch and PAM's packages are not installed yet; Propagate offers to install them."
+    for radio in (ui.trackModelRadioButton, ui.serverModelRadioButton):
+        panel.promptRefreshTimer.stop()
+        radio.setChecked(True)
+        assert panel.promptRefreshTimer.active  # switching model refreshes the label
+        panel.promptRefreshTimer.fire()
+        assert ui.promptLabel.text == "Drawn on 1 axial slice (10 of 20), array axis 0."
+    ui.defaultModelRadioButton.setChecked(True)
+    panel.promptRefreshTimer.fire()
+    assert ui.promptLabel.text.startswith("PyTorch and PAM's packages are not installed yet")
+
+
 def test_logic_installs_torch_through_the_pytorch_extension(module, monkeypatch):
     calls = []
 

@@ -197,6 +197,8 @@ def test_shipped_checkpoint_matches_its_model_card():
     assert card["sha256_weights"] == payload["sha256"] == weights_sha256(payload["state_dict"])
     model = load_checkpoint_file(SHIPPED)
     assert card["network"] == model.config.to_dict() and model.config.presence_head
+    # Every preprocessing and inference value (through_plane_mm was missing from the card)
+    assert card["preprocessing"] == model.preprocessing.to_dict() and card["inference"] == model.inference.to_dict()
     assert SHIPPED.stat().st_size < 20e6  # "a few MB"
 
 

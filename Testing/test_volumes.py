@@ -10,7 +10,8 @@ import pytest
 import SimpleITK as sitk
 
 from PAMSegmentLib.errors import InputError
-from PAMSegmentLib.volumes import Volume, read_labelmap, read_volume, same_grid, write_labelmap, write_volume
+from PAMSegmentLib.volumes import (SeriesChoiceWarning, Volume, check_output_path, read_labelmap, read_volume,
+                                    same_grid, write_labelmap, write_volume)
 
 COS, SIN = math.cos(math.radians(30)), math.sin(math.radians(30))
 ROT_X_30 = (1.0, 0.0, 0.0, 0.0, COS, -SIN, 0.0, SIN, COS)  # 30 degrees about x (ITK row-major)
@@ -136,7 +137,8 @@ def test_cli_series_option_and_note(tmp_path, run_cli):
     proc = run_cli("propagate", folder, prompt_path, "-o", out, "--method", "copy")
     assert proc.returncode == 2
     assert "mixed holds 2 DICOM series; using 1.2.826.0.1.3680043.2.1125.7.4 (5 files), the largest. " \
-           "Choose another with --series UID" in proc.stdout and proc.stdout.startswith("note: ")
+           "Choose another with --series UID." in proc.stdout and proc.stdout.startswith("note: ")
+    assert "series_uid" not in proc.stdout  # the command line's message, not the Python argument
     assert "UserWarning" not in proc.stderr
     proc = run_cli("propagate", folder, prompt_path, "-o", out, "--method", "copy",
                    "--series", "1.2.826.0.1.3680043.2.1125.7.3")
@@ -144,6 +146,12 @@ def test_cli_series_option_and_note(tmp_path, run_cli):
     assert read_labelmap(out, reference=read_volume(folder, series_uid="1.2.826.0.1.3680043.2.1125.7.3")).shape == (3, 5, 6)
     proc = run_cli("propagate", prompt_path, prompt_path.with_name("p2.nrrd"), "-o", out, "--series", "1.2")
     assert proc.returncode == 2 and "--series applies to a DICOM folder" in proc.stderr
+    # The folder given as PROMPT: --series chooses the image's series, so its note does not name it.
+    with pytest.warns(SeriesChoiceWarning, match="the largest.$"):
+        image_path = write_volume(read_volume(folder), tmp_path / "image.nrrd")
+    proc = run_cli("propagate", image_path, folder, "-o", out, "--method", "copy")
+    assert [line for line in proc.stdout.splitlines() if line.startswith("note: ")] == [
+        f"note: {folder} holds 2 DICOM series; using 1.2.826.0.1.3680043.2.1125.7.4 (5 files), the largest."]
 
 
 # ----------------------------------------------------------------------------- label maps
@@ -239,6 +247,13 @@ def test_output_path_that_is_a_folder_and_long_names(tmp_path):
     (tmp_path / "dir.nii.gz").mkdir()
     with pytest.raises(InputError, match="dir.nii.gz is a folder; give a file name"):
         write_labelmap(np.ones(ref.shape, bool), ref, tmp_path / "dir.nii.gz")
+    # A folder without an extension (`-o results/`) is a folder too, not a file of unknown format.
+    (tmp_path / "results").mkdir()
+    for given in (tmp_path / "results", f"{tmp_path / 'results'}/"):
+        with pytest.raises(InputError) as err:
+            check_output_path(given)
+        assert str(err.value) == (f"{tmp_path / 'results'} is a folder; give a file name "
+                                  f"(e.g. {tmp_path / 'results' / 'result.nii.gz'})")
     # 240 characters is a valid name; the temporary file beside it must not make it too long.
     long = tmp_path / ("b" * 233 + ".nii.gz")
     assert read_labelmap(write_labelmap(np.ones(ref.shape, bool), ref, long)).array.all()
