@@ -196,6 +196,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _label_number(text: str) -> int:
+    """A ``--label`` value. ``--label`` takes several numbers, so written before the file names it
+    takes them too: say so when a value is not a number."""
+    try:
+        return _positive_int(text)
+    except argparse.ArgumentTypeError as exc:
+        if text.lstrip("+-").isdigit():
+            raise
+        raise argparse.ArgumentTypeError(f"{exc}: --label takes one or more numbers, so put it after the file "
+                                         "names (or end its numbers with --)") from None
+
+
 # ----------------------------------------------------------------------------- propagate
 
 
@@ -221,7 +233,7 @@ def add_propagate_arguments(p: argparse.ArgumentParser) -> None:
                         "between them (ceil(spacing / T) steps per slice; the result stays on the scan's slices). "
                         "1.5 helped single-slice prompts on thick-slice validation scans; 0 = off (default: the "
                         "checkpoint's, off for the shipped weights)")
-    p.add_argument("--label", type=_positive_int, nargs="+", action="extend", metavar="N",
+    p.add_argument("--label", type=_label_number, nargs="+", action="extend", metavar="N",
                    help="propagate only these prompt labels (default: every label in the prompt)")
     p.add_argument("--axis", type=int, choices=(0, 1, 2),
                    help="array axis to propagate along, (k, j, i) order (default: the axis the prompt is drawn across)")
@@ -505,7 +517,7 @@ class _Parser(argparse.ArgumentParser):
     """Usage errors in one line (what was wrong and where the help is), exit status 2."""
 
     def error(self, message: str):  # noqa: D102 - argparse's hook
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(EXIT_USAGE, f"{PROG}: error: {message} (see {self.prog} --help)\n")  # one prefix for all errors
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:

@@ -329,7 +329,7 @@ def _stem(path) -> str:
 
 
 def add_label_images_arguments(p) -> None:
-    from .cli import _positive_int
+    from .cli import _label_number, _positive_int
 
     p.add_argument("prompt_image", metavar="PROMPT_IMAGE", help="the labelled image (PNG, JPEG, TIFF, BMP, DICOM file, "
                    "2D NIfTI/NRRD/MHA; colour becomes grey)")
@@ -344,7 +344,7 @@ def add_label_images_arguments(p) -> None:
                         "as a sequence (frames, serial sections), walked out from the prompt image")
     p.add_argument("--format", choices=("png", "tif", "nii.gz", "nrrd", "mha"), default="png",
                    help="mask file format (default: png)")
-    p.add_argument("--label", type=_positive_int, nargs="+", action="extend", metavar="N",
+    p.add_argument("--label", type=_label_number, nargs="+", action="extend", metavar="N",
                    help="label only these prompt labels (default: every label in the prompt mask)")
     p.add_argument("--checkpoint", metavar="CKPT",
                    help="PAMSegment checkpoint or the official PAM propmask.pth (default: the shipped weights)")

@@ -9,6 +9,8 @@ describe physical space, not array axes.
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 import os
 import uuid
@@ -151,9 +153,22 @@ def _itk_reason(error: RuntimeError) -> str:
     return reason.removeprefix("sitk::ERROR:").strip()
 
 
+@contextlib.contextmanager
+def _itk_warnings_hidden():
+    """ITK's warnings (printed by the C++ library on stderr) hidden inside: what they say is
+    checked and reported in one line by the caller."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
 def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
-    series_ids = list(reader.GetGDCMSeriesIDs(str(folder)))
+    with _itk_warnings_hidden():  # "No Series were found": said below, in one line
+        series_ids = list(reader.GetGDCMSeriesIDs(str(folder)))
     if not series_ids:
         raise InputError(f"{folder} is a folder without a DICOM series; pass a DICOM series folder or an image file")
     if series_uid is not None:
@@ -175,14 +190,11 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
             )
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
-    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # its spacing warning: checked below, in one line
     try:
-        image = reader.Execute()
+        with _itk_warnings_hidden():  # its spacing warning: checked below, in one line
+            image = reader.Execute()
     except RuntimeError as error:
         raise InputError(f"cannot read DICOM series {chosen} in {folder} ({_itk_reason(error)})") from None
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
     _check_slice_positions(reader, image, f"DICOM series {chosen} in {folder}")
     return image
 

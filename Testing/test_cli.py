@@ -199,10 +199,16 @@ def test_image_and_prompt_swapped_get_a_hint(ct_case, capsys):
 
 @pytest.mark.parametrize("args, phrase", [
     (["propagate", "a.nii.gz", "b.nii.gz", "-o", "c.nii.gz", "--batch-size", "0"],
-     "pamsegment propagate: error: argument --batch-size: expected a positive integer, got '0' "
+     "pamsegment: error: argument --batch-size: expected a positive integer, got '0' "
      "(see pamsegment propagate --help)"),
-    (["propagate", "a.nii.gz"], "pamsegment propagate: error: the following arguments are required: PROMPT, "
+    (["propagate", "a.nii.gz"], "pamsegment: error: the following arguments are required: PROMPT, "
                                 "-o/--output (see pamsegment propagate --help)"),
+    # --label takes several numbers: before the file names it swallows them, and says so
+    (["propagate", "-o", "c.nii.gz", "--label", "1", "a.nii.gz", "b.nii.gz"],
+     "pamsegment: error: argument --label: expected a positive integer, got 'a.nii.gz': --label takes one or more "
+     "numbers, so put it after the file names (or end its numbers with --)"),
+    (["label-images", "--label", "0", "a.png"], "pamsegment: error: argument --label: expected a positive integer, "
+                                                "got '0' (see pamsegment label-images --help)"),
     (["segment"], "pamsegment: error: argument COMMAND: invalid choice: 'segment'"),
 ])
 def test_option_errors_are_one_line(run_cli, args, phrase):

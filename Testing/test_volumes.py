@@ -444,6 +444,17 @@ def test_nifti_reader_zeroes_nan_voxels(tmp_path):
     assert read_volume(write_volume(vol, tmp_path / "nan.nii.gz")).array[0, 0, 0] == 0.0
 
 
+def test_a_folder_without_dicom_is_one_message_without_itk_warnings(tmp_path, capfd):
+    # ITK prints "No Series were found" on the process's stderr (C++, not Python's sys.stderr)
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "readme.txt").write_text("not an image")
+    capfd.readouterr()
+    with pytest.raises(InputError, match="without a DICOM series"):
+        read_volume(folder)
+    assert capfd.readouterr().err == ""
+
+
 def test_missing_and_garbage_files(tmp_path):
     with pytest.raises(InputError, match="does not exist; check the path"):
         read_volume(tmp_path / "nope.nii.gz")
