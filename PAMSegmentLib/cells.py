@@ -455,16 +455,20 @@ def cmd_label_cells(args) -> int:
             for c in result.cells:
                 w.writerow([c["label"], c["area"], f"{c['centroid'][0]:.1f}", f"{c['centroid'][1]:.1f}",
                             f"{c['probability']:.3f}", "yes" if c["example"] else "no"])
-        with ctrl_c_ignored():
+        # moved in and reported with Ctrl-C ignored (left ignored when the process ends with the
+        # command): an interrupt once both files are in place would say "nothing was written"
+        with ctrl_c_ignored(keep=getattr(args, "_ends_process", False)):
             os.replace(tmp_out, out)
             os.replace(tmp_table, table)
+            print(f"wrote {out} and {table.name}: {result.summary()}; {time.perf_counter() - t0:.1f} s in all",
+                  flush=True)
+            for warning in result.warnings:
+                print(f"warning: {warning}", flush=True)
+            if background is None and not any("mark some background" in w for w in result.warnings):  # not twice
+                print("note: no background was marked; a few background marks (--background-label N, or "
+                      "--background MASK) usually remove cells found in the background (README: label-cells)",
+                      flush=True)
     finally:
         for tmp in (tmp_out, tmp_table):
             tmp.unlink(missing_ok=True)
-    print(f"wrote {out} and {table.name}: {result.summary()}; {time.perf_counter() - t0:.1f} s in all", flush=True)
-    for warning in result.warnings:
-        print(f"warning: {warning}", flush=True)
-    if background is None and not any("mark some background" in w for w in result.warnings):  # not twice
-        print("note: no background was marked; a few background marks (--background-label N, or --background "
-              "MASK) usually remove cells found in the background (README: label-cells)", flush=True)
     return EXIT_OK

@@ -439,9 +439,13 @@ def cmd_label_images(args) -> int:
                     g = int(result.guides[lab][n])
                     w.writerow([str(f), name, lab, int((m == lab).sum()), f"{result.confidence[lab][n]:.3f}",
                                 "(drawn)" if n == index else str(files[g])])
-        with ctrl_c_ignored():
+        # moved in and reported with Ctrl-C ignored (left ignored when the process ends with the
+        # command): an interrupt once the masks are in place would say "nothing was written"
+        with ctrl_c_ignored(keep=getattr(args, "_ends_process", False)):
             for name in [*names, "labels.csv"]:
                 os.replace(tmp / name, out_dir / name)
+            print(f"wrote {len(files)} masks and labels.csv to {out_dir}: {result.summary()}; "
+                  f"{time.perf_counter() - t0:.1f} s in all", flush=True)
     finally:
         if tmp.is_dir():
             for f in tmp.iterdir():
@@ -449,6 +453,4 @@ def cmd_label_images(args) -> int:
             tmp.rmdir()
         if made and out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()
-    print(f"wrote {len(files)} masks and labels.csv to {out_dir}: {result.summary()}; "
-          f"{time.perf_counter() - t0:.1f} s in all", flush=True)
     return EXIT_OK

@@ -298,11 +298,21 @@ def test_cli_moves_the_masks_in_with_ctrl_c_ignored(tmp_path, monkeypatch):
         handlers[os.fspath(dst)] = signal.getsignal(signal.SIGINT)
         replace(src, dst)
 
+    import builtins
+
+    from PAMSegmentLib import imageset as imageset_module
+
+    def noting_print(*args, **kwargs):  # the "wrote" line too: Ctrl-C then would say "nothing was written"
+        handlers.setdefault(str(args[0]).split(" ")[0], signal.getsignal(signal.SIGINT))
+        builtins.print(*args, **kwargs)
+
     monkeypatch.setattr(os, "replace", noting_ctrl_c)
+    monkeypatch.setattr(imageset_module, "print", noting_print, raising=False)
     assert cli.main(["label-images", str(tmp_path / "set" / "img_0.png"), str(tmp_path / "mask.png"),
                      str(tmp_path / "set"), "--method", "copy", "-o", str(tmp_path / "out")]) == 0
     moved = [str(tmp_path / "out" / f"img_{k}_mask.png") for k in range(3)] + [str(tmp_path / "out" / "labels.csv")]
     assert [handlers[path] for path in moved] == [signal.SIG_IGN] * 4
+    assert handlers["wrote"] == signal.SIG_IGN
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
