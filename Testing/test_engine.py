@@ -945,3 +945,24 @@ def test_pam_predictor_end_to_end_is_deterministic(small_checkpoint):
     assert a.n_predicted == 12
     assert np.isfinite(a.confidence[1][4:17]).all() and np.isnan(a.confidence[1][:4]).all()
 
+
+def test_pam_predictor_encodes_each_guide_mask_of_a_slice_anew(small_checkpoint):
+    """Two walks can guide from the same slice with different masks (between two keyframes, the
+    walk from each side). The network's encoded guide is cached per slice, crop and mask: a square
+    and its outline (same bounding box, hence the same crop) on slice 5 each get their own answer."""
+    from PAMSegmentLib.pam_predictor import PAMPredictor
+
+    model = load_checkpoint_file(small_checkpoint.path)
+    square = np.zeros((64, 64), bool)
+    square[20:40, 22:42] = True
+    outline = square.copy()
+    outline[23:37, 25:39] = False
+    image = np.where(square, 120.0, 30.0)[None].repeat(10, axis=0) + np.random.default_rng(0).normal(0, 8, (10, 64, 64))
+    fresh = PAMPredictor(model)
+    fresh.begin(image, 5, square)
+    alone = fresh.predict(image, 5, outline, [6]).prob
+    p = PAMPredictor(model)
+    p.begin(image, 5, square)
+    first = p.predict(image, 5, square, [6]).prob
+    assert not np.array_equal(first, alone)  # the guide's mask matters to the network
+    np.testing.assert_array_equal(p.predict(image, 5, outline, [6]).prob, alone)
