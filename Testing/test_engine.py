@@ -114,6 +114,50 @@ def test_no_early_stop_predicts_every_slice_and_keeps_reappearing_object():
     assert max(predicted(model)) == 11
 
 
+def test_a_slice_too_small_to_go_on_ends_the_walk_and_stays_empty():
+    """With min_area_fraction 0.25, a slice whose region is under a quarter of its guide's ends
+    the walk. Slice 21 holds a 2-pixel crumb touching slice 20's disc; its guide (slice 18) has
+    the 49-pixel disc, and 2 < 0.25 x 49 = 12.25: the walk ends there and the crumb is not kept."""
+    truth = tube(8, 20)
+    truth[21, 8, 8:10] = True
+    model = OracleModel(truth, window=4)
+    model.min_area_fraction = 0.25
+    res = propagate(image_for(truth), prompt_from(truth, 14), ISO, model, batch_size=64)
+    np.testing.assert_array_equal(res.mask, tube(8, 20).astype(np.uint8))
+    assert res.slice_range == {1: (8, 20)}
+    assert sorted((s["direction"], s["last"], s["reason"]) for s in res.stops[1]) == [(-1, 8, "area"),
+                                                                                      (1, 20, "area")]
+
+
+class _FairlySureOracle(OracleModel):
+    """The true masks as probability 0.8 (0 elsewhere), with an object-present probability of 0.75."""
+
+    def predict(self, volume, guide_index, guide_mask, query_indices):
+        pred = super().predict(volume, guide_index, guide_mask, query_indices)
+        return SlicePrediction(0.8 * pred.prob, np.full(len(pred.prob), 0.75, np.float32))
+
+
+def test_slice_confidence_is_the_mean_foreground_probability_times_the_presence():
+    truth = tube(8, 20)
+    res = propagate(image_for(truth), prompt_from(truth, 14), ISO, _FairlySureOracle(truth, window=4))
+    np.testing.assert_array_equal(res.mask, truth.astype(np.uint8))
+    conf = res.confidence[1]
+    assert conf[14] == 1.0  # the drawn slice
+    # 0.8 on every object pixel x presence 0.75 = 0.6 on slices 8-13 and 15-20.
+    np.testing.assert_allclose(conf[[*range(8, 14), *range(15, 21)]], 0.6, rtol=1e-6)
+    assert conf[7] == conf[21] == 0.0  # found empty (no foreground): the walks ended there
+    assert np.isnan(conf[:7]).all() and np.isnan(conf[22:]).all()
+
+
+def test_range_may_end_on_the_last_slice_but_not_past_it():
+    truth = tube(8, 20)
+    image, prompt = image_for(truth), prompt_from(truth, 14)
+    res = propagate(image, prompt, ISO, OracleModel(truth), range=(5, 29))  # 30 slices: 29 is the last
+    assert res.range == (5, 29) and res.slice_range == {1: (8, 20)}
+    with pytest.raises(InputError, match=r"^range 5:30 is outside the 30 slices along axis 0 \(valid 0:29\)$"):
+        propagate(image, prompt, ISO, OracleModel(truth), range=(5, 30))
+
+
 # ----------------------------------------------------------------------------- cancel, progress, batching
 
 
@@ -207,6 +251,18 @@ def test_forward_backward_check_ends_a_side_that_drifts_at_once():
     assert np.isnan(res.confidence[1][15:]).all() and np.isnan(res.confidence[1][:14]).all()
 
 
+def test_forward_backward_check_keeps_a_window_whose_back_prediction_meets_the_minimum_exactly():
+    """consistency_min_dice = 1: a model that never leaks predicts the guide back exactly (Dice 1,
+    which meets the minimum), so no slice is dropped and each window is checked once, from its
+    farthest slice."""
+    truth, neighbour = _leak_setup()
+    model = LeakModel(truth, neighbour, leak_distance=100, window=4, consistency_min_dice=1.0)
+    res = propagate(image_for(truth), prompt_from(truth, 14), ISO, model, batch_size=64)
+    np.testing.assert_array_equal(res.mask, truth.astype(np.uint8))
+    first_up = next(n for n, (g, qs) in enumerate(model.calls) if qs[0] > 14)
+    assert model.calls[first_up:first_up + 3] == [(14, [15, 16, 17, 18]), (18, [14]), (18, [19, 20, 21, 22])]
+
+
 def test_forward_backward_check_keeps_progress_monotone_and_complete():
     truth, neighbour = _leak_setup()
     for leak in (1, 3):
@@ -255,6 +311,18 @@ def test_components_not_connected_to_the_prompt_are_removed():
     kept = propagate(image_for(truth), prompt_from(truth, 14), ISO, _StrayBlobOracle(truth, at=12),
                      remove_disconnected=False)
     np.testing.assert_array_equal(kept.mask, (truth | stray).astype(np.uint8))
+
+
+def test_a_thin_oblique_object_touching_the_next_slice_at_a_corner_is_kept():
+    """A thin vessel running obliquely: a 2 x 2 px square that moves 2 px down and 2 px right per
+    slice (slices 4-8), so consecutive slices touch only at one corner ((k, r+1, c+1) and
+    (k+1, r+2, c+2)). The component filter keeps 26-connected components: all of it stays."""
+    truth = np.zeros(SHAPE, bool)
+    for n, k in enumerate(range(4, 9)):
+        truth[k, 2 + 2 * n:4 + 2 * n, 2 + 2 * n:4 + 2 * n] = True
+    res = propagate(image_for(truth), prompt_from(truth, 6), ISO, OracleModel(truth, window=4))
+    np.testing.assert_array_equal(res.mask, truth.astype(np.uint8))
+    assert res.slice_range == {1: (4, 8)}
 
 
 @pytest.mark.parametrize("axis", [1, 2])
@@ -397,6 +465,26 @@ def test_agreement_ends_walks_beyond_the_outermost_keyframes_only():
     off = _AgreementOracle(truth, window=4)
     off.keyframe_outward_min_agreement = 0.0
     assert propagate(image, prompt_from(truth, [8, 16]), ISO, off).slice_range == {1: (3, 25)}
+
+
+class _BorderlineAgreementOracle(OracleModel):
+    """The true masks, reporting an agreement of exactly 0.5 on every slice, with a minimum of 0.5."""
+
+    keyframe_outward_min_agreement = 0.5
+
+    def predict(self, volume, guide_index, guide_mask, query_indices):
+        pred = super().predict(volume, guide_index, guide_mask, query_indices)
+        return SlicePrediction(pred.prob, pred.presence, agreement=np.full(len(pred.prob), 0.5, np.float32))
+
+
+def test_an_agreement_equal_to_the_minimum_does_not_end_the_walks():
+    """Only an agreement *below* the minimum ends a walk beyond the outermost keyframes: at 0.5
+    against 0.5 both walks follow the object to its ends (3 and 25) and stop there by its area."""
+    truth = tube(3, 25)
+    res = propagate(image_for(truth), prompt_from(truth, [8, 16]), ISO, _BorderlineAgreementOracle(truth, window=4))
+    assert res.slice_range == {1: (3, 25)}
+    np.testing.assert_array_equal(res.mask, truth.astype(np.uint8))
+    assert sorted((s["start"], s["last"], s["reason"]) for s in res.stops[1]) == [(8, 3, "area"), (16, 25, "area")]
 
 
 def test_an_update_applies_the_agreement_test_to_a_reused_walk_without_predicting_it_again():
@@ -543,6 +631,39 @@ def test_reuse_needs_the_same_component_filter():
     fresh = propagate(image, prompt_from(truth, [8, 10]), ISO, OracleModel(truth, window=4), early_stop=False)
     np.testing.assert_array_equal(update.mask, fresh.mask)
     assert update.mask[20:24].any()
+
+
+def test_an_update_recomputes_the_slices_below_a_redrawn_keyframe():
+    """Keyframes 8 and 16; the model copies its guide's mask. Keyframe 16 is then redrawn as a
+    disc of radius 2 inside the radius-4 one: the slices between are fused again. Slice s gets
+    the radius-4 disc where keyframe 8's side weighs at least half, (16 - s) / 8 >= 0.5, i.e. on
+    slices 9-12, and the radius-2 disc on 13-15; above 16 the walk copies the new drawing."""
+    truth = tube(3, 25)
+    image = image_for(truth)
+    first = propagate(image, prompt_from(truth, [8, 16]), ISO, ShiftModel(0, window=4))
+    np.testing.assert_array_equal(first.mask[9:16], np.repeat(disc()[None], 7, axis=0).astype(np.uint8))
+    prompt = prompt_from(truth, 8)
+    prompt[16][disc(radius=2)] = 1
+    res = propagate(image, prompt, ISO, ShiftModel(0, window=4), previous=first)
+    assert res.recomputed == {1: [(9, 15), (17, 29)]}  # below keyframe 8 the walk is reused
+    for s in range(9, 13):
+        np.testing.assert_array_equal(res.mask[s], disc().astype(np.uint8), err_msg=f"slice {s}")
+    for s in [*range(13, 16), *range(17, 30)]:
+        np.testing.assert_array_equal(res.mask[s], disc(radius=2).astype(np.uint8), err_msg=f"slice {s}")
+    np.testing.assert_array_equal(res.mask, propagate(image, prompt, ISO, ShiftModel(0, window=4)).mask)
+
+
+def test_an_update_over_a_wider_range_recomputes_the_walks():
+    """The first run was limited to slices 10-18; run again over the whole volume with it as
+    ``previous``, its walks (cut at the range's ends) are not reused: the object is found on
+    slices 3-25, as from scratch."""
+    truth = tube(3, 25)
+    image, prompt = image_for(truth), prompt_from(truth, 14)
+    first = propagate(image, prompt, ISO, OracleModel(truth, window=4), range=(10, 18))
+    assert first.slice_range == {1: (10, 18)}
+    res = propagate(image, prompt, ISO, OracleModel(truth, window=4), previous=first)
+    np.testing.assert_array_equal(res.mask, truth.astype(np.uint8))
+    assert res.recomputed == {1: [(0, 13), (15, 29)]} and res.slice_range == {1: (3, 25)}
 
 
 def test_adding_a_wall_reuses_the_earlier_walk_and_predicts_nothing():
@@ -823,3 +944,25 @@ def test_pam_predictor_end_to_end_is_deterministic(small_checkpoint):
     np.testing.assert_array_equal(a.mask[10], prompt[10])
     assert a.n_predicted == 12
     assert np.isfinite(a.confidence[1][4:17]).all() and np.isnan(a.confidence[1][:4]).all()
+
+
+def test_pam_predictor_encodes_each_guide_mask_of_a_slice_anew(small_checkpoint):
+    """Two walks can guide from the same slice with different masks (between two keyframes, the
+    walk from each side). The network's encoded guide is cached per slice, crop and mask: a square
+    and its outline (same bounding box, hence the same crop) on slice 5 each get their own answer."""
+    from PAMSegmentLib.pam_predictor import PAMPredictor
+
+    model = load_checkpoint_file(small_checkpoint.path)
+    square = np.zeros((64, 64), bool)
+    square[20:40, 22:42] = True
+    outline = square.copy()
+    outline[23:37, 25:39] = False
+    image = np.where(square, 120.0, 30.0)[None].repeat(10, axis=0) + np.random.default_rng(0).normal(0, 8, (10, 64, 64))
+    fresh = PAMPredictor(model)
+    fresh.begin(image, 5, square)
+    alone = fresh.predict(image, 5, outline, [6]).prob
+    p = PAMPredictor(model)
+    p.begin(image, 5, square)
+    first = p.predict(image, 5, square, [6]).prob
+    assert not np.array_equal(first, alone)  # the guide's mask matters to the network
+    np.testing.assert_array_equal(p.predict(image, 5, outline, [6]).prob, alone)

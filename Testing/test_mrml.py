@@ -628,6 +628,27 @@ def test_apply_refuses_when_the_segment_was_edited_meanwhile(scene_with_prompt):
     np.testing.assert_array_equal(segment_on_volume(seg, sid, vol), edited.astype(bool))
 
 
+def test_a_failed_write_in_new_mode_leaves_no_segment_behind(scene_with_prompt, monkeypatch):
+    # "new" mode adds the result segment, then writes into it: if the write fails, the added
+    # (empty) segment is removed again, so the segmentation is as it was.
+    truth, vol, seg, sid = scene_with_prompt
+    before = internal_labelmap_state(seg, sid)
+    job = SegmentPropagation(vol, seg, sid, mode="new", model=OracleModel(truth)).run()
+    assert job.state == "finished"
+
+    def refuse(*args, **kwargs):
+        raise PAMError("Slicer could not write the result (simulated)")
+
+    monkeypatch.setattr(mrml, "write_segment_mask", refuse)
+    history = mrml.PropagationHistory()
+    with pytest.raises(PAMError, match="simulated"):
+        job.apply(history=history)
+    assert seg.GetSegmentation().GetNumberOfSegments() == 1
+    assert seg.GetSegmentation().GetNthSegmentID(0) == sid
+    assert_same_labelmap(internal_labelmap_state(seg, sid), before)
+    assert job.applied_segment_id is None and len(history) == 0
+
+
 def test_apply_must_run_on_the_main_thread(scene_with_prompt):
     truth, vol, seg, sid = scene_with_prompt
     job = SegmentPropagation(vol, seg, sid, model=OracleModel(truth)).run()

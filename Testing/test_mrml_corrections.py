@@ -373,6 +373,28 @@ def test_erased_slice_between_keyframes_stays_empty(session):
     assert history.get(seg, sid).empty_keyframes == {14}
 
 
+def test_erasing_the_first_slice_of_the_range_bounds_the_object(mrml_scene):
+    # Propagated over slices 6-18 only (the object spans 4-20): the result fills 6-18. The user
+    # erases slice 6, the range's first slice: it is a wall like any other, the object now starts
+    # at 7, and the walk down from 12 is reused up to the wall (nothing is predicted).
+    truth, image = synthetic()
+    vol = make_volume_node(image)
+    seg, ids = make_segmentation(vol, {"tumor": one_slice(truth, CENTER[0])})
+    sid, history = ids["tumor"], PropagationHistory()
+    propagate_segment(vol, seg, sid, model=GuideCopy(truth), range=(6, 18), history=history)
+    current = on_volume(seg, sid, vol)
+    assert np.flatnonzero(current.any(axis=(1, 2))).tolist() == list(range(6, 19))
+    current[6] = False
+    write(seg, sid, vol, current)
+    model = GuideCopy(truth)
+    job = update_segment(vol, seg, sid, history, model=model)
+    result = on_volume(seg, sid, vol)
+    assert np.flatnonzero(result.any(axis=(1, 2))).tolist() == list(range(7, 19))
+    np.testing.assert_array_equal(result, current)
+    assert model.predicted == [] and job.recomputed == []
+    assert history.get(seg, sid).empty_keyframes == {6}
+
+
 def _coarse_geometry(vol, factor=2):
     """A volume node on a grid ``factor`` times coarser along i, j and k, same orientation."""
     m = vtk.vtkMatrix4x4()
@@ -614,6 +636,19 @@ def test_review_jumps_the_slice_views_to_the_least_confident_slice(session, monk
     write(seg, sid, vol, current)
     update_segment(vol, seg, sid, history, model=GuideCopy(truth))
     assert history.get(seg, sid).reviewed == {5, 7}
+
+
+def test_a_review_of_a_slice_the_user_then_edits_is_dropped(session):
+    # Slices 5 and 16 were reviewed; the user redraws slice 16 and updates: the update recomputes
+    # 13-15 and 17-23, and slice 16 is now the user's own drawing, so only the review of 5 remains.
+    seg, sid, vol, history, truth = session["seg"], session["sid"], session["vol"], session["history"], session["truth"]
+    history.get(seg, sid).reviewed.update({5, 16})
+    current = on_volume(seg, sid, vol)
+    current[16] = truth[16]
+    write(seg, sid, vol, current)
+    job = update_segment(vol, seg, sid, history, model=GuideCopy(truth))
+    assert job.edited == [16] and sorted(job.recomputed) == [(13, 15), (17, 23)]
+    assert history.get(seg, sid).reviewed == {5}
 
 
 def test_review_point_follows_the_volume_transform(session):

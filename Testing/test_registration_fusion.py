@@ -194,6 +194,17 @@ def test_queries_not_walked_from_the_guide_are_warped_directly():
     np.testing.assert_allclose(out.prob, _expected_chain(p, img, 3, truth[3], [1], 1.0), atol=1e-5)
 
 
+def test_queries_that_skip_slices_are_each_warped_from_the_guide():
+    """Queries 2 and 4 from guide 0 are no walk (steps of 2): each is registered to the guide and
+    gets the guide's mask warped straight onto it; slice 4 is not reached through slice 2."""
+    img, truth = sliding_square()
+    p = StaleNetwork(1.0)
+    p.begin(img, 0, truth[0])
+    out = p.predict(img, 0, truth[0], [2, 4])
+    direct = np.concatenate([_expected_chain(p, img, 0, truth[0], [q], 1.0) for q in (2, 4)])
+    np.testing.assert_allclose(out.prob, direct, atol=1e-5)
+
+
 def test_weight_out_of_range_is_refused_and_memory_bank_stays_network_only():
     model = SimpleNamespace(inference=InferenceParams(registration_weight=0.5),
                             preprocessing=PreprocessingParams(input_size=64),
