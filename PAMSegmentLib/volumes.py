@@ -10,7 +10,6 @@ describe physical space, not array axes.
 from __future__ import annotations
 
 import contextlib
-
 import math
 import os
 import uuid

@@ -11,7 +11,6 @@ application logic, and sets `slicer.mrmlScene` / `slicer.modules` the way Slicer
 from __future__ import annotations
 
 import contextlib
-import types
 
 import numpy as np
 import pytest

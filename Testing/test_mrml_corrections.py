@@ -591,7 +591,7 @@ def test_undo_with_a_shared_labelmap_layer_leaves_other_segments_alone(mrml_scen
 
 
 def test_undo_refreshes_a_3d_surface(session):
-    seg, sid, vol, history = session["seg"], session["sid"], session["vol"], session["history"]
+    seg, sid, history = session["seg"], session["sid"], session["history"]
     seg.CreateClosedSurfaceRepresentation()
     name = slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName()
     propagated = seg.GetSegmentation().GetSegment(sid).GetRepresentation(name).GetNumberOfPoints()

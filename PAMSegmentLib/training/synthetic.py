@@ -480,7 +480,6 @@ def _render(rng, cv: _Canvas, labels: np.ndarray, n_obj: int, fov: float, min_r:
         outside = np.broadcast_to(outside, shape) & (labels == 0)
         image[outside] = np.float32(min(bg - 0.15, rng.uniform(-0.05, 0.1)))
 
-    full = (slice(None),) * 3
     # textures: two shared fields at different scales, each tissue mixes them with its own weights
     fov_axes = [cv.axes[a] for a in range(3)]
     t_fine = _smooth_field(rng, fov_axes, rng.uniform(1.0, 3.0), spacing)
