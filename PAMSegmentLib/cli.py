@@ -217,6 +217,9 @@ def add_propagate_arguments(p: argparse.ArgumentParser) -> None:
                    help="label map on the image grid with the object drawn on one slice (or a few keyframes)")
     p.add_argument("-o", "--output", required=True, metavar="OUT",
                    help="output label map (.nii.gz, .nii, .nrrd, .seg.nrrd, .mha); written only on success")
+    p.add_argument("--report", metavar="CSV",
+                   help="also write a table of every slice of the result: label, slice, voxels, drawn, the "
+                        "engine's confidence and what ended each walk (written with OUT)")
     p.add_argument("--checkpoint", metavar="CKPT",
                    help="PAMSegment checkpoint or the official PAM propmask.pth (default: the shipped weights)")
     p.add_argument("--method", choices=sorted(METHODS), default="pam", help="what predicts the slices (default: pam)")
@@ -377,6 +380,8 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     elif args.token:
         raise InputError("--token is for --server; drop it")
     _check_output_path(args.output, [args.image, args.prompt])
+    if args.report is not None:
+        _check_report_path(args.report, [args.image, args.prompt, args.output])
 
     from .volumes import check_output_path, write_labelmap
 
@@ -427,16 +432,57 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     # say "nothing was written".
     out = Path(args.output)
     tmp = out.with_name(f".pamsegment-{uuid.uuid4().hex[:12]}.tmp{check_output_path(out)}")  # OUT's format
+    report = None if args.report is None else Path(args.report)
+    tmp_report = None if report is None else report.with_name(f".pamsegment-{uuid.uuid4().hex[:12]}.tmp.csv")
     try:
         write_labelmap(result.mask, image, tmp)
+        if report is not None:
+            write_slice_report(result, tmp_report)
         with ctrl_c_ignored(keep=getattr(args, "_ends_process", False)):
             os.replace(tmp, out)
-            print(f"wrote {args.output}: {result.summary()}; {time.perf_counter() - t0:.1f} s in all", flush=True)
+            if report is not None:
+                os.replace(tmp_report, report)
+            print(f"wrote {args.output}{f' and {args.report}' if report is not None else ''}: {result.summary()}; "
+                  f"{time.perf_counter() - t0:.1f} s in all", flush=True)
+            check = [f"label {lab}: {', '.join(map(str, result.review_first(lab)))}"
+                     for lab in sorted(result.confidence) if result.review_first(lab)]
+            if check:
+                print(f"least confident slices, to check first: {'; '.join(check)}", flush=True)
             for note in result.notes():
                 print(f"note: {note} ({how})", flush=True)
     finally:
-        tmp.unlink(missing_ok=True)
+        for t in (tmp, tmp_report):
+            if t is not None:
+                t.unlink(missing_ok=True)
     return EXIT_OK
+
+
+def _check_report_path(report: str, others: Sequence[str]) -> None:
+    """Fail before any work if the --report table could not be written or would replace a file
+    the command reads or writes."""
+    target = Path(report)
+    if target.suffix.lower() != ".csv":
+        raise InputError(f"--report writes a CSV table: give a file name ending in .csv, not {target.name or report}")
+    for given in others:
+        if _same_path(report, given):
+            raise InputError(f"--report {report} is also {given}; choose another name for the table")
+    if target.is_dir():
+        raise InputError(f"--report {report} is a folder; give a file name ending in .csv")
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"folder {parent} of --report does not exist; create it or choose another path")
+
+
+def write_slice_report(result, path: str | os.PathLike) -> None:
+    """``result.slice_table()`` as CSV (confidence with 3 decimals, blank on drawn slices)."""
+    import csv
+
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["label", "slice", "voxels", "drawn", "confidence", "walk_end"])
+        for r in result.slice_table():
+            w.writerow([r["label"], r["slice"], r["voxels"], "yes" if r["drawn"] else "no",
+                        "" if r["confidence"] is None else f"{r['confidence']:.3f}", r["walk_end"]])
 
 
 # ----------------------------------------------------------------------------- info

@@ -148,6 +148,36 @@ class PropagationResult:
                            "run again with the drift test off")
         return out
 
+    def slice_table(self) -> list[dict]:
+        """One row per label and slice that holds the label or was predicted for it, in slice
+        order: ``label``, ``slice`` (along ``axis``), ``voxels`` (of the label on that slice),
+        ``drawn`` (a drawn slice, kept as drawn), ``confidence`` (the engine's confidence in a
+        predicted slice, as Slicer's review uses it; None where drawn) and ``walk_end`` (on the last
+        slice a walk reached: what ended it, a ``stops`` reason)."""
+        rows = []
+        for lab in sorted(self.confidence):
+            conf = np.asarray(self.confidence[lab], dtype=np.float64)
+            area = np.moveaxis(self.mask == lab, self.axis, 0).reshape(len(conf), -1).sum(axis=1)
+            drawn = set(self.prompt_slices.get(lab, []))
+            ends: dict[int, list[str]] = {}
+            for stop in self.stops.get(lab, []):
+                if stop.get("last") is not None:
+                    ends.setdefault(int(stop["last"]), []).append(str(stop["reason"]))
+            for k in range(len(conf)):
+                if not area[k] and not np.isfinite(conf[k]) and k not in drawn and k not in ends:
+                    continue
+                rows.append({"label": int(lab), "slice": k, "voxels": int(area[k]), "drawn": k in drawn,
+                             "confidence": None if k in drawn or not np.isfinite(conf[k]) else float(conf[k]),
+                             "walk_end": "+".join(ends.get(k, []))})
+        return rows
+
+    def review_first(self, label: int, n: int = 3) -> list[int]:
+        """The ``n`` predicted slices holding ``label`` with the lowest confidence, lowest first: the
+        ones to check first (as Slicer's *Next slice to check* orders them)."""
+        rows = [r for r in self.slice_table() if r["label"] == int(label) and r["voxels"] and
+                r["confidence"] is not None]
+        return [r["slice"] for r in sorted(rows, key=lambda r: (r["confidence"], r["slice"]))[:n]]
+
     def summary(self) -> str:
         parts = [f"label {lab}: slices {a}-{b}" for lab, (a, b) in self.slice_range.items()]
         return f"{'; '.join(parts)} (axis {self.axis}); {self.n_predicted} slices predicted in {self.timings.get('total', 0):.1f} s"

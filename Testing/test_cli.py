@@ -40,7 +40,7 @@ def test_propagate_writes_label_map_on_the_input_grid(ct_case, small_checkpoint,
     assert "Traceback" not in proc.stderr
     assert "100%" in proc.stderr  # the progress bar
     summary = proc.stdout.strip().splitlines()
-    assert len(summary) == 1
+    assert len(summary) == 1  # random weights find nothing beyond the drawn slice: no slice to check first
     assert summary[0].startswith(f"wrote {out}: label 1: slices ") and "(axis 0)" in summary[0]
     assert "slices predicted in" in summary[0] and summary[0].endswith(" s in all")
 
@@ -51,6 +51,44 @@ def test_propagate_writes_label_map_on_the_input_grid(ct_case, small_checkpoint,
     assert result.array.shape == image.array.shape and result.array.dtype == np.uint8
     np.testing.assert_array_equal(result.array[ct_case.prompt_slice], ct_case.prompt[ct_case.prompt_slice])
     assert set(np.unique(result.array)) <= {0, 1}
+
+
+def test_report_lists_every_slice_of_the_result(ct_case, capsys):
+    import csv
+
+    out, report = ct_case.directory / "result.nii.gz", ct_case.directory / "slices.csv"
+    code = cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out),
+                     "--method", "track", "--report", str(report), "--threads", "1"])
+    assert code == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith(f"wrote {out} and {report}: label 1: slices ")
+    result = read_volume(out).array
+    with open(report, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["label", "slice", "voxels", "drawn", "confidence", "walk_end"]
+    # the table's voxels are the written result's, slice by slice, and every slice holding it is listed
+    voxels = {int(r["slice"]): int(r["voxels"]) for r in rows}
+    assert {k for k in range(result.shape[0]) if result[k].any()} <= set(voxels)
+    assert all(voxels[k] == int((result[k] == 1).sum()) for k in voxels)
+    (drawn,) = [r for r in rows if r["drawn"] == "yes"]
+    assert int(drawn["slice"]) == ct_case.prompt_slice and drawn["confidence"] == ""
+    scored = {int(r["slice"]): float(r["confidence"]) for r in rows if r["confidence"] and int(r["voxels"])}
+    check = [int(k) for k in printed[1].split("label 1: ")[1].split(", ")]
+    assert check == sorted(scored, key=lambda k: (scored[k], k))[:3]  # the least confident, lowest first
+    assert all(r["walk_end"] in ("", "presence", "drift", "area", "end", "consistency", "agreement") for r in rows)
+    assert sum(bool(r["walk_end"]) for r in rows) >= 1
+
+
+@pytest.mark.parametrize("report, phrase", [
+    ("slices.txt", "--report writes a CSV table: give a file name ending in .csv"),
+    ("missing/slices.csv", "of --report does not exist"),
+])
+def test_report_path_refused_before_any_work(ct_case, run_cli, report, phrase):
+    out = ct_case.directory / "result.nii.gz"
+    proc = run_cli("propagate", ct_case.image_path, ct_case.prompt_path, "-o", out, "--method", "copy",
+                   "--report", ct_case.directory / report)
+    assert_clean_error(proc, phrase)
+    assert not out.exists()
 
 
 def test_propagate_nifti_output_keeps_geometry(ct_case, small_checkpoint, capsys):

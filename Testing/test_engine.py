@@ -966,3 +966,37 @@ def test_pam_predictor_encodes_each_guide_mask_of_a_slice_anew(small_checkpoint)
     first = p.predict(image, 5, square, [6]).prob
     assert not np.array_equal(first, alone)  # the guide's mask matters to the network
     np.testing.assert_array_equal(p.predict(image, 5, outline, [6]).prob, alone)
+
+
+class _FadingOracle(OracleModel):
+    """The true mask, with a foreground probability that falls with the distance from slice 10
+    (0.95 - 0.05 x distance): the slice confidence is that probability, easy to check."""
+
+    def predict(self, volume, guide_index, guide_mask, query_indices):
+        pred = super().predict(volume, guide_index, guide_mask, query_indices)
+        fade = np.array([0.95 - 0.05 * abs(q - 10) for q in query_indices], dtype=np.float32)
+        return SlicePrediction(pred.prob * fade[:, None, None], pred.presence)
+
+
+def test_slice_table_and_the_slices_to_check_first():
+    # A cylinder on slices 6..13 (5 x 5 = 25 px), drawn on slice 10; the walks end where it does.
+    truth = np.zeros((20, 12, 12), bool)
+    truth[6:14, 3:8, 3:8] = True
+    prompt = np.zeros(truth.shape, np.uint8)
+    prompt[10][truth[10]] = 1
+    res = propagate(np.zeros(truth.shape, np.float32), prompt, (1.0, 1.0, 1.0), _FadingOracle(truth, window=3))
+    rows = res.slice_table()
+    held = {r["slice"]: r for r in rows if r["voxels"]}
+    assert sorted(held) == list(range(6, 14)) and all(r["voxels"] == 25 for r in held.values())
+    assert held[10]["drawn"] and held[10]["confidence"] is None  # the drawn slice: kept as drawn, no score
+    for k in (6, 7, 8, 9, 11, 12, 13):
+        assert not held[k]["drawn"] and held[k]["confidence"] == pytest.approx(0.95 - 0.05 * abs(k - 10), abs=1e-6)
+    # each walk's last slice with the object says what ended it (the object vanished beyond it)
+    ends = {r["slice"]: r["walk_end"] for r in rows if r["walk_end"]}
+    assert ends == {6: "area", 13: "area"}
+    # predicted but empty slices beyond the ends are listed with 0 voxels, nothing else is
+    assert all(r["voxels"] == 0 and not r["drawn"] for r in rows if r["slice"] not in held)
+    assert {r["slice"] for r in rows} <= set(range(3, 17))
+    # least confident first, farthest from the drawing; ties by slice
+    assert res.review_first(1) == [6, 7, 13]
+    assert res.review_first(1, n=5) == [6, 7, 13, 8, 12]
