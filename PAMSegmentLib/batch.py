@@ -30,7 +30,7 @@ from .errors import InputError, PAMError, PropagationCancelled
 
 __all__ = ["BatchRow", "read_manifest", "parse_shard", "add_batch_arguments", "cmd_batch"]
 
-REPORT_FIELDS = ("row", "image", "prompt", "output", "status", "seconds", "slices", "message")
+REPORT_FIELDS = ("row", "image", "prompt", "output", "status", "seconds", "slices", "check_first", "message")
 
 
 @dataclass
@@ -44,6 +44,7 @@ class BatchRow:
     message: str = ""
     seconds: float = 0.0
     slices: str = ""
+    check_first: str = ""  # per label, its least confident predicted slices (PropagationResult.review_first)
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -163,7 +164,7 @@ def write_report(rows: list[BatchRow], path: Path) -> None:
         for r in rows:
             w.writerow({"row": r.number, "image": str(r.image), "prompt": str(r.prompt), "output": str(r.output),
                         "status": r.status, "seconds": f"{r.seconds:.1f}", "slices": r.slices,
-                        "message": r.message})
+                        "check_first": r.check_first, "message": r.message})
     tmp.replace(path)
 
 
@@ -200,6 +201,8 @@ def _run_row(row: BatchRow, model, args) -> None:
                        batch_size=args.batch_size, device=args.device, threads=args.threads)
     write_labelmap(result.mask, image, row.output)
     row.slices = "; ".join(f"{lab}: {a}-{b}" for lab, (a, b) in result.slice_range.items())
+    row.check_first = "; ".join(f"{lab}: {' '.join(map(str, result.review_first(lab)))}"
+                                for lab in sorted(result.confidence) if result.review_first(lab))
     row.message = " | ".join(notes + result.notes())
 
 
