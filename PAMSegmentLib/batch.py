@@ -201,8 +201,7 @@ def _run_row(row: BatchRow, model, args) -> None:
                        batch_size=args.batch_size, device=args.device, threads=args.threads)
     write_labelmap(result.mask, image, row.output)
     row.slices = "; ".join(f"{lab}: {a}-{b}" for lab, (a, b) in result.slice_range.items())
-    row.check_first = "; ".join(f"{lab}: {' '.join(map(str, result.review_first(lab)))}"
-                                for lab in sorted(result.confidence) if result.review_first(lab))
+    row.check_first = result.review_summary()
     row.message = " | ".join(notes + result.notes())
 
 

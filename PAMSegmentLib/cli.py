@@ -205,7 +205,7 @@ def _label_number(text: str) -> int:
         if text.lstrip("+-").isdigit():
             raise
         raise argparse.ArgumentTypeError(f"{exc}: --label takes one or more numbers, so put it after the file "
-                                         "names (or end its numbers with --)") from None
+                                         "names") from None
 
 
 # ----------------------------------------------------------------------------- propagate
@@ -434,20 +434,21 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     tmp = out.with_name(f".pamsegment-{uuid.uuid4().hex[:12]}.tmp{check_output_path(out)}")  # OUT's format
     report = None if args.report is None else Path(args.report)
     tmp_report = None if report is None else report.with_name(f".pamsegment-{uuid.uuid4().hex[:12]}.tmp.csv")
+    voxels = result.slice_voxels()  # once, for the table and the slices to check first
+    check = result.review_summary(voxels)
     try:
         write_labelmap(result.mask, image, tmp)
         if report is not None:
-            write_slice_report(result, tmp_report)
+            write_slice_report(result, tmp_report, voxels)
         with ctrl_c_ignored(keep=getattr(args, "_ends_process", False)):
-            os.replace(tmp, out)
+            # The table first: if it cannot be moved in, OUT is still the old one.
             if report is not None:
-                os.replace(tmp_report, report)
+                _move_in(tmp_report, report, "the --report table; OUT was not written either")
+            _move_in(tmp, out, "OUT" + ("; the --report table was written" if report is not None else ""))
             print(f"wrote {args.output}{f' and {args.report}' if report is not None else ''}: {result.summary()}; "
                   f"{time.perf_counter() - t0:.1f} s in all", flush=True)
-            check = [f"label {lab}: {', '.join(map(str, result.review_first(lab)))}"
-                     for lab in sorted(result.confidence) if result.review_first(lab)]
             if check:
-                print(f"least confident slices, to check first: {'; '.join(check)}", flush=True)
+                print(f"least confident slices, to check first: {check}", flush=True)
             for note in result.notes():
                 print(f"note: {note} ({how})", flush=True)
     finally:
@@ -457,12 +458,22 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _move_in(tmp: Path, target: Path, what: str) -> None:
+    """``tmp`` replaces ``target``; a failure is one InputError line naming ``what``."""
+    try:
+        os.replace(tmp, target)
+    except OSError as error:
+        raise InputError(f"cannot write {target} ({error.strerror or error}): {what}; choose another path") from None
+
+
 def _check_report_path(report: str, others: Sequence[str]) -> None:
     """Fail before any work if the --report table could not be written or would replace a file
     the command reads or writes."""
+    from .volumes import check_folder_writable
+
     target = Path(report)
-    if target.suffix.lower() != ".csv":
-        raise InputError(f"--report writes a CSV table: give a file name ending in .csv, not {target.name or report}")
+    if target.suffix.lower() != ".csv" or target.stem in ("", "."):
+        raise InputError(f"--report writes a CSV table: give it a file name ending in .csv (got {report!r})")
     for given in others:
         if _same_path(report, given):
             raise InputError(f"--report {report} is also {given}; choose another name for the table")
@@ -471,16 +482,18 @@ def _check_report_path(report: str, others: Sequence[str]) -> None:
     parent = target.parent if str(target.parent) else Path(".")
     if not parent.is_dir():
         raise InputError(f"folder {parent} of --report does not exist; create it or choose another path")
+    check_folder_writable(parent, "--report")
 
 
-def write_slice_report(result, path: str | os.PathLike) -> None:
-    """``result.slice_table()`` as CSV (confidence with 3 decimals, blank on drawn slices)."""
+def write_slice_report(result, path: str | os.PathLike, voxels=None) -> None:
+    """``result.slice_table()`` as CSV (confidence with 3 decimals, blank on drawn slices);
+    ``voxels``: ``result.slice_voxels()``, if already computed."""
     import csv
 
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["label", "slice", "voxels", "drawn", "confidence", "walk_end"])
-        for r in result.slice_table():
+        for r in result.slice_table(voxels):
             w.writerow([r["label"], r["slice"], r["voxels"], "yes" if r["drawn"] else "no",
                         "" if r["confidence"] is None else f"{r['confidence']:.3f}", r["walk_end"]])
 

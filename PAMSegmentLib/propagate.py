@@ -148,16 +148,32 @@ class PropagationResult:
                            "run again with the drift test off")
         return out
 
-    def slice_table(self) -> list[dict]:
+    def slice_voxels(self) -> dict[int, np.ndarray]:
+        """Per label, its voxels on each slice along ``axis`` (one pass over the slices)."""
+        labels = sorted(self.confidence)
+        n = self.mask.shape[self.axis]
+        out = {lab: np.zeros(n, dtype=np.int64) for lab in labels}
+        top = int(self.mask.max()) if self.mask.size else 0
+        for k in range(n):
+            counts = np.bincount(np.take(self.mask, k, axis=self.axis).ravel().astype(np.int64), minlength=top + 1)
+            for lab in labels:
+                if lab <= top:
+                    out[lab][k] = counts[lab]
+        return out
+
+    def slice_table(self, voxels: dict[int, np.ndarray] | None = None) -> list[dict]:
         """One row per label and slice that holds the label or was predicted for it, in slice
         order: ``label``, ``slice`` (along ``axis``), ``voxels`` (of the label on that slice),
         ``drawn`` (a drawn slice, kept as drawn), ``confidence`` (the engine's confidence in a
         predicted slice, as Slicer's review uses it; None where drawn) and ``walk_end`` (on the last
-        slice a walk reached: what ended it, a ``stops`` reason)."""
+        slice holding the object of a walk that ended there: what ended it, a ``stops`` reason;
+        blank with ``early_stop=False``, and between keyframes, where no walk ends).
+        ``voxels``: ``slice_voxels()``, if already computed."""
+        voxels = self.slice_voxels() if voxels is None else voxels
         rows = []
         for lab in sorted(self.confidence):
             conf = np.asarray(self.confidence[lab], dtype=np.float64)
-            area = np.moveaxis(self.mask == lab, self.axis, 0).reshape(len(conf), -1).sum(axis=1)
+            area = voxels[lab]
             drawn = set(self.prompt_slices.get(lab, []))
             ends: dict[int, list[str]] = {}
             for stop in self.stops.get(lab, []):
@@ -171,12 +187,26 @@ class PropagationResult:
                              "walk_end": "+".join(ends.get(k, []))})
         return rows
 
-    def review_first(self, label: int, n: int = 3) -> list[int]:
-        """The ``n`` predicted slices holding ``label`` with the lowest confidence, lowest first: the
-        ones to check first (as Slicer's *Next slice to check* orders them)."""
-        rows = [r for r in self.slice_table() if r["label"] == int(label) and r["voxels"] and
-                r["confidence"] is not None]
-        return [r["slice"] for r in sorted(rows, key=lambda r: (r["confidence"], r["slice"]))[:n]]
+    def review_first(self, label: int, n: int = 3, voxels: dict[int, np.ndarray] | None = None) -> list[int]:
+        """The ``n`` predicted slices holding ``label`` with the lowest confidence, lowest first
+        (ties: lower slice first): the ones to check first, in the order of Slicer's *Next slice to
+        review*. ``voxels``: ``slice_voxels()``, if already computed."""
+        lab = int(label)
+        area = self.slice_voxels()[lab] if voxels is None else voxels[lab]
+        conf = np.asarray(self.confidence[lab], dtype=np.float64)
+        drawn = set(self.prompt_slices.get(lab, []))
+        ranked = [k for k in range(len(conf)) if area[k] and k not in drawn and np.isfinite(conf[k])]
+        return sorted(ranked, key=lambda k: (conf[k], k))[:n]
+
+    def review_summary(self, voxels: dict[int, np.ndarray] | None = None) -> str:
+        """``label 1: 28, 2, 29; label 2: ...``: each label's slices to check first ("" if none)."""
+        voxels = self.slice_voxels() if voxels is None else voxels
+        parts = []
+        for lab in sorted(self.confidence):
+            first = self.review_first(lab, voxels=voxels)
+            if first:
+                parts.append(f"label {lab}: {', '.join(map(str, first))}")
+        return "; ".join(parts)
 
     def summary(self) -> str:
         parts = [f"label {lab}: slices {a}-{b}" for lab, (a, b) in self.slice_range.items()]

@@ -38,6 +38,7 @@ __all__ = [
     "IMAGE_2D_EXTENSIONS",
     "MASK_2D_EXTENSIONS",
     "SeriesChoiceWarning",
+    "check_folder_writable",
 ]
 
 PathLike = str | os.PathLike
@@ -545,14 +546,33 @@ def check_output_path(path: PathLike, extensions: Sequence[str] = _WRITE_EXTENSI
     parent = target.parent if str(target.parent) else Path(".")
     if not parent.is_dir():
         raise InputError(f"folder {parent} does not exist; create it or choose another output path")
-    probe = parent / f".pamsegment-{uuid.uuid4().hex[:12]}.probe"  # a real file: os.access misleads root
+    check_folder_writable(parent)
+    return ext
+
+
+def check_folder_writable(folder: PathLike, what: str = "the output") -> None:
+    """Can files be made, renamed and removed in ``folder``, as writing an output does (a
+    temporary beside it, moved in)? Tried with a real file (``os.access`` says yes to root);
+    raises InputError otherwise."""
+    folder = Path(folder)
+    stem = folder / f".pamsegment-{uuid.uuid4().hex[:12]}"
+    probe, moved = stem.with_name(stem.name + ".probe"), stem.with_name(stem.name + ".probe2")
+    failed = None
     try:
         probe.touch(exist_ok=False)
-        probe.unlink()
+        os.replace(probe, moved)
+        moved.unlink()
     except OSError as error:
-        raise InputError(f"cannot write in folder {parent} ({error.strerror or error}); choose another output path "
-                         "or make the folder writable") from None
-    return ext
+        failed = error
+    finally:  # also on Ctrl-C: no probe is left behind
+        for leftover in (probe, moved):
+            try:
+                leftover.unlink(missing_ok=True)
+            except OSError:
+                pass
+    if failed is not None:
+        raise InputError(f"cannot write {what} in folder {folder} ({failed.strerror or failed}): files must be made, "
+                         "renamed and removed there; choose another folder")
 
 
 def _atomic_write(image: sitk.Image, path: PathLike, extensions: Sequence[str] = _WRITE_EXTENSIONS) -> Path:

@@ -80,7 +80,8 @@ def test_report_lists_every_slice_of_the_result(ct_case, capsys):
 
 
 @pytest.mark.parametrize("report, phrase", [
-    ("slices.txt", "--report writes a CSV table: give a file name ending in .csv"),
+    ("slices.txt", "--report writes a CSV table: give it a file name ending in .csv (got "),
+    (".csv", "--report writes a CSV table: give it a file name ending in .csv (got "),
     ("missing/slices.csv", "of --report does not exist"),
 ])
 def test_report_path_refused_before_any_work(ct_case, run_cli, report, phrase):
@@ -89,6 +90,36 @@ def test_report_path_refused_before_any_work(ct_case, run_cli, report, phrase):
                    "--report", ct_case.directory / report)
     assert_clean_error(proc, phrase)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("failing", ["report", "out"])
+def test_a_failed_move_is_one_line_and_the_table_never_stands_alone(ct_case, tmp_path, monkeypatch, capsys, failing):
+    """The table is moved in first: if that fails, OUT is still the old file; if moving OUT fails,
+    the message says the table was written. Either way one line, exit 2, no temporaries left."""
+    import os
+
+    out, report = tmp_path / "out.nii.gz", tmp_path / "slices.csv"
+    out.write_bytes(b"old result")
+    replace = os.replace
+
+    def refusing(src, dst):
+        if Path(dst) == (report if failing == "report" else out):
+            raise PermissionError(13, "Permission denied")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", refusing)
+    code = cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out),
+                     "--method", "copy", "--report", str(report)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and err.count("pamsegment: error:") == 1, err
+    err = err.strip().splitlines()[-1]  # after the progress bar: the work was done
+    assert out.read_bytes() == b"old result"  # OUT untouched in both cases
+    if failing == "report":
+        assert f"cannot write {report} (Permission denied): the --report table; OUT was not written" in err
+        assert not report.exists()
+    else:
+        assert f"cannot write {out} (Permission denied): OUT; the --report table was written" in err
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".pamsegment-")]
 
 
 def test_propagate_nifti_output_keeps_geometry(ct_case, small_checkpoint, capsys):
@@ -244,7 +275,7 @@ def test_image_and_prompt_swapped_get_a_hint(ct_case, capsys):
     # --label takes several numbers: before the file names it swallows them, and says so
     (["propagate", "-o", "c.nii.gz", "--label", "1", "a.nii.gz", "b.nii.gz"],
      "pamsegment: error: argument --label: expected a positive integer, got 'a.nii.gz': --label takes one or more "
-     "numbers, so put it after the file names (or end its numbers with --)"),
+     "numbers, so put it after the file names (see"),
     (["label-images", "--label", "0", "a.png"], "pamsegment: error: argument --label: expected a positive integer, "
                                                 "got '0' (see pamsegment label-images --help)"),
     (["segment"], "pamsegment: error: argument COMMAND: invalid choice: 'segment'"),
@@ -307,9 +338,16 @@ def test_an_unwritable_output_folder_is_refused_before_any_work(ct_case, tmp_pat
     err = capfd.readouterr().err
     assert code == 2
     assert err.splitlines() == [err.strip()], err
-    assert err.startswith(f"pamsegment: error: cannot write in folder {folder} (") and err.strip().endswith(
-        "; choose another output path or make the folder writable")
+    assert err.startswith(f"pamsegment: error: cannot write the output in folder {folder} (") and err.strip().endswith(
+        "files must be made, renamed and removed there; choose another folder")
     assert not out.exists()
+    # the same for the --report table's folder, also before any work
+    report = folder / "slices.csv"
+    code = cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(tmp_path / "o.nii.gz"),
+                     "--method", "copy", "--report", str(report)])
+    err = capfd.readouterr().err
+    assert code == 2 and err.startswith(f"pamsegment: error: cannot write --report in folder {folder} (")
+    assert not (tmp_path / "o.nii.gz").exists() and not report.exists()
 
 
 def test_checkpoint_path_is_checked_before_the_image_is_read(ct_case, tmp_path, run_cli):
