@@ -203,13 +203,35 @@ def parse_prompt_variants(text: str) -> list[tuple[str, float]]:
     return out
 
 
+def _signed_distance(m: np.ndarray, sp: tuple[float, float]) -> np.ndarray:
+    """mm from each pixel centre to the drawn boundary (> 0 inside), the boundary lying on the
+    pixels' edges, half a pixel beyond the outermost centres. Square pixels: from the distance
+    transform, less half a pixel. Anisotropic pixels, where that half pixel differs by direction:
+    on a grid supersampled to about a third of the finer spacing (odd factors, so that each
+    pixel's centre is a sub-pixel), read at the centres."""
+    from scipy import ndimage
+
+    if max(sp) <= 1.01 * min(sp):
+        half = 0.5 * min(sp)
+        return np.where(m, ndimage.distance_transform_edt(m, sampling=sp) - half,
+                        half - ndimage.distance_transform_edt(~m, sampling=sp))
+    factors = [int(round(3 * s / min(sp))) | 1 for s in sp]  # odd
+    fine = np.repeat(np.repeat(m, factors[0], axis=0), factors[1], axis=1)
+    fsp = tuple(s / f for s, f in zip(sp, factors))
+    half = 0.5 * min(fsp)
+    signed = np.where(fine, ndimage.distance_transform_edt(fine, sampling=fsp) - half,
+                      half - ndimage.distance_transform_edt(~fine, sampling=fsp))
+    return signed[factors[0] // 2::factors[0], factors[1] // 2::factors[1]]
+
+
 def perturb_prompt(mask: np.ndarray, spacing: Sequence[float], kind: str, mm: float, seed: int = 0,
                    correlation_mm: float = 4.0) -> np.ndarray:
     """A drawn 2D mask as a user might have drawn it instead of the reference.
 
-    ``erode`` / ``dilate``: the boundary moved ``mm`` inwards / outwards everywhere (signed
-    distance in mm from the boundary half a pixel beyond the outermost pixels, so anisotropic pixels
-    are handled; on coarse pixels the move is rounded to whole pixels). ``rough``: the boundary moved by a smooth
+    ``erode`` / ``dilate``: the boundary moved ``mm`` inwards / outwards everywhere: a pixel goes
+    (or comes) when its centre lies within ``mm`` of the drawn boundary, which runs along the
+    pixels' edges (``_signed_distance``), so moves are whole pixels: on 3 mm pixels 1 mm moves
+    nothing and 2 mm one pixel (3 mm). ``rough``: the boundary moved by a smooth
     random field (Gaussian noise smoothed over ``correlation_mm``, rescaled to a standard deviation
     of ``mm``), in and out along the contour, as a hurried freehand outline; seeded. Every piece of
     the drawing stays drawn: one that an erosion (or the noise) removes keeps its deepest pixels."""
@@ -220,9 +242,7 @@ def perturb_prompt(mask: np.ndarray, spacing: Sequence[float], kind: str, mm: fl
         raise InputError("perturb_prompt needs a non-empty 2D mask")
     sp = tuple(float(v) for v in spacing)
     inside = ndimage.distance_transform_edt(m, sampling=sp)
-    outside = ndimage.distance_transform_edt(~m, sampling=sp)
-    half = 0.5 * min(sp)  # the drawn boundary lies half a pixel beyond the outermost pixel centres
-    signed = np.where(m, inside - half, half - outside)  # mm from the boundary, > 0 inside
+    signed = _signed_distance(m, sp)
     if kind == "erode":
         out = signed > mm
     elif kind == "dilate":

@@ -68,6 +68,12 @@ def test_perturbed_prompts_move_the_boundary_by_the_asked_mm():
     # anisotropic pixels (2 mm rows, 1 mm columns): 2 mm is one row but two columns
     assert extent(ev.perturb_prompt(disk, (2.0, 1.0), "erode", 2.0)) == (16, 44, 17, 43)
     assert extent(ev.perturb_prompt(disk, (2.0, 1.0), "dilate", 2.0)) == (14, 46, 13, 47)
+    # 3 mm rows: a row's centre is 1.5 mm from its edge, within 2 mm: one row goes (and comes), as
+    # on square 3 mm pixels
+    assert extent(ev.perturb_prompt(disk, (3.0, 1.0), "erode", 2.0)) == (16, 44, 17, 43)
+    assert extent(ev.perturb_prompt(disk, (3.0, 1.0), "dilate", 2.0)) == (14, 46, 13, 47)
+    assert extent(ev.perturb_prompt(disk, (3.0, 3.0), "erode", 2.0)) == (16, 44, 16, 44)
+    assert extent(ev.perturb_prompt(disk, (3.0, 3.0), "erode", 1.0)) == (15, 45, 15, 45)  # under half a pixel
     # rough: seeded, one piece, moved both in and out, roughly 2 mm on average
     r1 = ev.perturb_prompt(disk, (1.0, 1.0), "rough", 2.0, seed=3)
     assert np.array_equal(r1, ev.perturb_prompt(disk, (1.0, 1.0), "rough", 2.0, seed=3))
