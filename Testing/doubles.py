@@ -64,3 +64,27 @@ class LeakModel(SlicePredictor):
                 m |= self.neighbour[q]
             out.append(m.astype(np.float32))
         return SlicePrediction(np.stack(out))
+
+
+def record_ctrl_c_handler(monkeypatch, module) -> dict:
+    """While a command runs: the SIGINT handler in force at each file move (key: the target path
+    as a string) and at each line ``module`` prints (key: the line's first word, e.g. "wrote").
+    What a test reads to show that files are moved in, and reported, with Ctrl-C ignored."""
+    import builtins
+    import os
+    import signal
+
+    handlers: dict = {}
+    replace = os.replace
+
+    def noting_move(src, dst):
+        handlers[os.fspath(dst)] = signal.getsignal(signal.SIGINT)
+        replace(src, dst)
+
+    def noting_print(*args, **kwargs):
+        handlers.setdefault(str(args[0]).split(" ")[0], signal.getsignal(signal.SIGINT))
+        builtins.print(*args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", noting_move)
+    monkeypatch.setattr(module, "print", noting_print, raising=False)
+    return handlers

@@ -260,7 +260,6 @@ def test_cli_replaces_the_labels_and_the_table_together(tmp_path, monkeypatch, c
     """Ctrl-C between writing the label map and the table left a new map beside the old table (and
     a .csv.tmp) while the command said nothing was written. Both go to temporaries first and are
     moved in together, with Ctrl-C ignored for those two renames."""
-    import os
     import signal
 
     from PAMSegmentLib import cli
@@ -284,25 +283,13 @@ def test_cli_replaces_the_labels_and_the_table_together(tmp_path, monkeypatch, c
     assert out.read_bytes() == b"old map" and table.read_text() == "old table"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.png", "examples.png", "out.tif", "out.tif.csv"]
 
-    handlers = {}
-    replace = os.replace
-
-    def noting_ctrl_c(src, dst):
-        handlers[os.path.basename(dst)] = signal.getsignal(signal.SIGINT)
-        replace(src, dst)
-
-    import builtins
+    from doubles import record_ctrl_c_handler
 
     from PAMSegmentLib import cells as cells_module
 
-    def noting_print(*args, **kwargs):  # the "wrote" line too: Ctrl-C then would say "nothing was written"
-        handlers.setdefault(str(args[0]).split(" ")[0], signal.getsignal(signal.SIGINT))
-        builtins.print(*args, **kwargs)
-
-    monkeypatch.setattr(os, "replace", noting_ctrl_c)
-    monkeypatch.setattr(cells_module, "print", noting_print, raising=False)
+    handlers = record_ctrl_c_handler(monkeypatch, cells_module)
     assert cli.main(run) == 0
-    assert handlers["out.tif"] == handlers["out.tif.csv"] == handlers["wrote"] == signal.SIG_IGN  # Ctrl-C ignored
+    assert handlers[str(out)] == handlers[str(table)] == handlers["wrote"] == signal.SIG_IGN  # Ctrl-C ignored
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # and Ctrl-C works again after
     assert sitk.GetArrayFromImage(sitk.ReadImage(str(out))).max() == 16 and "16 cells" in capsys.readouterr().out
     with open(table) as fh:

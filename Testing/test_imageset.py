@@ -284,30 +284,17 @@ def test_cli_interrupted_while_writing_leaves_no_folder_it_made(tmp_path, monkey
 
 def test_cli_moves_the_masks_in_with_ctrl_c_ignored(tmp_path, monkeypatch):
     """Ctrl-C between two of the final renames would leave some new masks beside old ones."""
-    import os
     import signal
 
     from PAMSegmentLib import cli
 
     images, truth = moving_disc_set(3)
     _write_set(tmp_path / "set", images, truth[0])
-    handlers = {}
-    replace = os.replace
-
-    def noting_ctrl_c(src, dst):
-        handlers[os.fspath(dst)] = signal.getsignal(signal.SIGINT)
-        replace(src, dst)
-
-    import builtins
+    from doubles import record_ctrl_c_handler
 
     from PAMSegmentLib import imageset as imageset_module
 
-    def noting_print(*args, **kwargs):  # the "wrote" line too: Ctrl-C then would say "nothing was written"
-        handlers.setdefault(str(args[0]).split(" ")[0], signal.getsignal(signal.SIGINT))
-        builtins.print(*args, **kwargs)
-
-    monkeypatch.setattr(os, "replace", noting_ctrl_c)
-    monkeypatch.setattr(imageset_module, "print", noting_print, raising=False)
+    handlers = record_ctrl_c_handler(monkeypatch, imageset_module)
     assert cli.main(["label-images", str(tmp_path / "set" / "img_0.png"), str(tmp_path / "mask.png"),
                      str(tmp_path / "set"), "--method", "copy", "-o", str(tmp_path / "out")]) == 0
     moved = [str(tmp_path / "out" / f"img_{k}_mask.png") for k in range(3)] + [str(tmp_path / "out" / "labels.csv")]
