@@ -430,9 +430,9 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     # Written to a temporary beside OUT, then moved in and reported with Ctrl-C ignored (and left
     # ignored when the process ends with this command): an interrupt once OUT is in place would
     # say "nothing was written".
-    out = Path(args.output)
+    out = _through_link(Path(args.output))
     tmp = out.with_name(f".pamsegment-{uuid.uuid4().hex[:12]}.tmp{check_output_path(out)}")  # OUT's format
-    report = None if args.report is None else Path(args.report)
+    report = None if args.report is None else _through_link(Path(args.report))
     tmp_report = None if report is None else report.with_name(f".pamsegment-{uuid.uuid4().hex[:12]}.tmp.csv")
     voxels = result.slice_voxels()  # once, for the table and the slices to check first
     check = result.review_summary(voxels)
@@ -456,6 +456,12 @@ def cmd_propagate(args: argparse.Namespace) -> int:
             if t is not None:
                 t.unlink(missing_ok=True)
     return EXIT_OK
+
+
+def _through_link(path: Path) -> Path:
+    """Where writing ``path`` lands: a symbolic link's target (the link stays a link, as when the
+    file is written in place), else ``path``."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
 def _move_in(tmp: Path, target: Path, what: str) -> None:

@@ -92,6 +92,22 @@ def test_report_path_refused_before_any_work(ct_case, run_cli, report, phrase):
     assert not out.exists()
 
 
+def test_an_output_that_is_a_symbolic_link_stays_one(ct_case, tmp_path, capsys):
+    # OUT and the table are written to a temporary and moved in: through the link, onto its target
+    target_dir = tmp_path / "elsewhere"
+    target_dir.mkdir()
+    out, report = tmp_path / "out.nii.gz", tmp_path / "slices.csv"
+    out.symlink_to(target_dir / "real.nii.gz")
+    report.symlink_to(target_dir / "real.csv")
+    (target_dir / "real.nii.gz").write_bytes(b"old")
+    assert cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out),
+                     "--method", "copy", "--report", str(report)]) == 0
+    assert out.is_symlink() and report.is_symlink()
+    assert read_volume(target_dir / "real.nii.gz").array.shape == ct_case.image.shape
+    assert (target_dir / "real.csv").read_text().startswith("label,slice,voxels")
+    assert not [p for p in (*tmp_path.iterdir(), *target_dir.iterdir()) if p.name.startswith(".pamsegment-")]
+
+
 @pytest.mark.parametrize("failing", ["report", "out"])
 def test_a_failed_move_is_one_line_and_the_table_never_stands_alone(ct_case, tmp_path, monkeypatch, capsys, failing):
     """The table is moved in first: if that fails, OUT is still the old file; if moving OUT fails,
