@@ -398,7 +398,7 @@ def cmd_label_cells(args) -> int:
     import uuid
     from pathlib import Path
 
-    from .cli import EXIT_OK, _ProgressBar, ctrl_c_ignored
+    from .cli import EXIT_OK, _ProgressBar, _through_link, ctrl_c_ignored
     from .volumes import MASK_2D_EXTENSIONS, check_output_path, read_image_2d, read_labelmap_2d, write_labelmap_2d
 
     t0 = time.perf_counter()
@@ -444,9 +444,11 @@ def cmd_label_cells(args) -> int:
     table = out.with_name(out.name + ".csv")
     # Both files are written to temporaries beside them, then moved in together (Ctrl-C ignored for
     # the two renames): an interrupted run leaves both old files, never a new map beside an old table.
+    # A symbolic link stays one: the files are moved in onto its target.
+    out_at, table_at = _through_link(out), _through_link(table)
     stamp = f".pamsegment-{uuid.uuid4().hex[:12]}.tmp"
-    tmp_out = out.with_name(stamp + check_output_path(out, MASK_2D_EXTENSIONS))  # keeps the format's extension
-    tmp_table = out.with_name(stamp + ".csv")
+    tmp_out = out_at.with_name(stamp + check_output_path(out, MASK_2D_EXTENSIONS))  # keeps the format's extension
+    tmp_table = table_at.with_name(stamp + ".csv")
     try:
         write_labelmap_2d(result.labels, ref, tmp_out)
         with open(tmp_table, "w", newline="") as fh:
@@ -458,8 +460,8 @@ def cmd_label_cells(args) -> int:
         # moved in and reported with Ctrl-C ignored (left ignored when the process ends with the
         # command): an interrupt once both files are in place would say "nothing was written"
         with ctrl_c_ignored(keep=getattr(args, "_ends_process", False)):
-            os.replace(tmp_out, out)
-            os.replace(tmp_table, table)
+            os.replace(tmp_out, out_at)
+            os.replace(tmp_table, table_at)
             print(f"wrote {out} and {table.name}: {result.summary()}; {time.perf_counter() - t0:.1f} s in all",
                   flush=True)
             for warning in result.warnings:

@@ -287,9 +287,19 @@ def test_cli_replaces_the_labels_and_the_table_together(tmp_path, monkeypatch, c
 
     from PAMSegmentLib import cells as cells_module
 
+    # the map and the table are symbolic links: they stay links, their targets get the new files
+    elsewhere = tmp_path.parent / f"{tmp_path.name}_targets"
+    elsewhere.mkdir()
+    for link in (out, table):
+        (elsewhere / link.name).write_bytes(link.read_bytes())
+        link.unlink()
+        link.symlink_to(elsewhere / link.name)
     handlers = record_ctrl_c_handler(monkeypatch, cells_module)
     assert cli.main(run) == 0
-    assert handlers[str(out)] == handlers[str(table)] == handlers["wrote"] == signal.SIG_IGN  # Ctrl-C ignored
+    assert out.is_symlink() and table.is_symlink()
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["out.tif", "out.tif.csv"]  # no temporaries left
+    assert handlers[str(elsewhere / out.name)] == handlers[str(elsewhere / table.name)] == handlers["wrote"] \
+        == signal.SIG_IGN  # Ctrl-C ignored
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # and Ctrl-C works again after
     assert sitk.GetArrayFromImage(sitk.ReadImage(str(out))).max() == 16 and "16 cells" in capsys.readouterr().out
     with open(table) as fh:
