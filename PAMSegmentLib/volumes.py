@@ -577,8 +577,9 @@ def check_folder_writable(folder: PathLike, what: str = "the output") -> None:
 
 def _atomic_write(image: sitk.Image, path: PathLike, extensions: Sequence[str] = _WRITE_EXTENSIONS) -> Path:
     """Write ``image`` compressed to ``path`` via a temporary file in the same folder, so an
-    existing file is either fully replaced or left untouched."""
-    target = Path(path)
+    existing file is either fully replaced or left untouched. A symbolic link stays one: its
+    target is written."""
+    target = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)
     ext = check_output_path(target, extensions)
     parent = target.parent if str(target.parent) else Path(".")
     if image.GetDimension() == 3:
@@ -590,13 +591,13 @@ def _atomic_write(image: sitk.Image, path: PathLike, extensions: Sequence[str] =
         os.replace(tmp, target)
     except (RuntimeError, OSError) as error:
         reason = _itk_reason(error) if isinstance(error, RuntimeError) else str(error)
-        raise InputError(f"cannot write {target} ({reason}); check the folder is writable") from None
+        raise InputError(f"cannot write {path} ({reason}); check the folder is writable") from None
     finally:
         try:
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
-    return target
+    return Path(path)
 
 
 def _is_orthonormal(direction: Sequence[float], tol: float = 1e-4) -> bool:

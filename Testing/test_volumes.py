@@ -214,6 +214,19 @@ def test_write_is_atomic_on_failure(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.nrrd"]
 
 
+def test_writing_through_a_symbolic_link_keeps_the_link(tmp_path):
+    # the atomic write (a temporary moved in) lands on the link's target; the link stays a link
+    ref = make_volume()
+    (tmp_path / "store").mkdir()
+    real = tmp_path / "store" / "result.nrrd"
+    real.write_bytes(b"previous result")
+    link = tmp_path / "result.nrrd"
+    link.symlink_to(real)
+    assert write_labelmap(np.ones(ref.shape, bool), ref, link) == link
+    assert link.is_symlink() and read_labelmap(real).array.all()
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["result.nrrd"]
+
+
 def test_write_errors(tmp_path):
     ref = make_volume()
     with pytest.raises(InputError, match="does not exist"):
