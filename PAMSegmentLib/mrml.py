@@ -1228,16 +1228,11 @@ def plan_keyframes(current: np.ndarray, axis: int, keyframes, empty_keyframes, e
 
 
 def review_order(confidence, reviewed=(), keyframes=(), candidates=None) -> list[int]:
-    """Slices to review, least confident first (ties: lower slice first).
+    """Slices to review, least confident first: ``propagate.review_order`` (the engine's order,
+    which the command line's "check first" uses too)."""
+    from .propagate import review_order as engine_order  # noqa: PLC0415 - keeps torch out of `import mrml`
 
-    Skips slices without a confidence (NaN: not predicted), the user's own slices (``keyframes``)
-    and slices already ``reviewed``; with ``candidates`` (slice indices) only those are ranked -
-    the module passes the slices that hold the object, so the views never jump to an empty slice."""
-    conf = np.asarray(confidence, dtype=float)
-    skip = {int(s) for s in reviewed} | {int(s) for s in keyframes}
-    pool = range(conf.size) if candidates is None else sorted({int(s) for s in candidates if 0 <= int(s) < conf.size})
-    ranked = [s for s in pool if s not in skip and np.isfinite(conf[s])]
-    return sorted(ranked, key=lambda s: (conf[s], s))
+    return engine_order(confidence, reviewed, keyframes, candidates)
 
 
 def next_slice_to_review(confidence, reviewed=(), keyframes=(), candidates=None) -> int | None:

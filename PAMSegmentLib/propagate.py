@@ -42,6 +42,7 @@ __all__ = [
     "SlicePredictor",
     "PAMPredictor",
     "find_prompt_slices",
+    "review_order",
     "window_slices",
 ]
 
@@ -188,15 +189,13 @@ class PropagationResult:
         return rows
 
     def review_first(self, label: int, n: int = 3, voxels: dict[int, np.ndarray] | None = None) -> list[int]:
-        """The ``n`` predicted slices holding ``label`` with the lowest confidence, lowest first
-        (ties: lower slice first): the ones to check first, in the order of Slicer's *Next slice to
-        review*. ``voxels``: ``slice_voxels()``, if already computed."""
+        """The ``n`` predicted slices holding ``label`` with the lowest confidence (``review_order``,
+        as Slicer's *Next slice to review* steps through them): the ones to check first.
+        ``voxels``: ``slice_voxels()``, if already computed."""
         lab = int(label)
         area = self.slice_voxels()[lab] if voxels is None else voxels[lab]
-        conf = np.asarray(self.confidence[lab], dtype=np.float64)
-        drawn = set(self.prompt_slices.get(lab, []))
-        ranked = [k for k in range(len(conf)) if area[k] and k not in drawn and np.isfinite(conf[k])]
-        return sorted(ranked, key=lambda k: (conf[k], k))[:n]
+        return review_order(self.confidence[lab], keyframes=self.prompt_slices.get(lab, []),
+                            candidates=np.flatnonzero(area))[:n]
 
     def review_summary(self, voxels: dict[int, np.ndarray] | None = None) -> str:
         """``label 1: 28, 2, 29; label 2: ...``: each label's slices to check first ("" if none)."""
@@ -211,6 +210,19 @@ class PropagationResult:
     def summary(self) -> str:
         parts = [f"label {lab}: slices {a}-{b}" for lab, (a, b) in self.slice_range.items()]
         return f"{'; '.join(parts)} (axis {self.axis}); {self.n_predicted} slices predicted in {self.timings.get('total', 0):.1f} s"
+
+
+def review_order(confidence, reviewed=(), keyframes=(), candidates=None) -> list[int]:
+    """Slices to review, least confident first (ties: lower slice first).
+
+    Skips slices without a confidence (NaN: not predicted), the user's own slices (``keyframes``)
+    and slices already ``reviewed``; with ``candidates`` (slice indices) only those are ranked -
+    the module passes the slices that hold the object, so the views never jump to an empty slice."""
+    conf = np.asarray(confidence, dtype=float)
+    skip = {int(s) for s in reviewed} | {int(s) for s in keyframes}
+    pool = range(conf.size) if candidates is None else sorted({int(s) for s in candidates if 0 <= int(s) < conf.size})
+    ranked = [s for s in pool if s not in skip and np.isfinite(conf[s])]
+    return sorted(ranked, key=lambda s: (conf[s], s))
 
 
 # Labels a result can hold (it is written as uint8 or uint16).
