@@ -447,7 +447,7 @@ def cmd_label_cells(args) -> int:
     # A symbolic link stays one: the files are moved in onto its target.
     out_at, table_at = _through_link(out), _through_link(table)
     stamp = f".pamsegment-{uuid.uuid4().hex[:12]}.tmp"
-    tmp_out = out_at.with_name(stamp + check_output_path(out, MASK_2D_EXTENSIONS))  # keeps the format's extension
+    tmp_out = out_at.with_name(stamp + check_output_path(out, MASK_2D_EXTENSIONS, probe=False))  # the format's extension
     tmp_table = table_at.with_name(stamp + ".csv")
     try:
         write_labelmap_2d(result.labels, ref, tmp_out)

@@ -431,7 +431,8 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     # ignored when the process ends with this command): an interrupt once OUT is in place would
     # say "nothing was written".
     out = _through_link(Path(args.output))
-    tmp = out.with_name(f".pamsegment-{uuid.uuid4().hex[:12]}.tmp{check_output_path(out)}")  # OUT's format
+    ext = check_output_path(out, probe=False)  # OUT's format, for the temporary's name
+    tmp = out.with_name(f".pamsegment-{uuid.uuid4().hex[:12]}.tmp{ext}")
     report = None if args.report is None else _through_link(Path(args.report))
     tmp_report = None if report is None else report.with_name(f".pamsegment-{uuid.uuid4().hex[:12]}.tmp.csv")
     voxels = result.slice_voxels()  # once, for the table and the slices to check first

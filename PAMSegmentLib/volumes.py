@@ -533,10 +533,11 @@ def _write_extension(path: Path, extensions: Sequence[str] = _WRITE_EXTENSIONS) 
     )
 
 
-def check_output_path(path: PathLike, extensions: Sequence[str] = _WRITE_EXTENSIONS) -> str:
+def check_output_path(path: PathLike, extensions: Sequence[str] = _WRITE_EXTENSIONS, probe: bool = True) -> str:
     """What can be checked of an output path before any work (the format from its extension, its
-    folder exists and a file can be made in it, it is not itself a folder); returns the extension.
-    Raises InputError."""
+    folder exists and, with ``probe``, a file can be made in it, it is not itself a folder);
+    returns the extension. Raises InputError. The writers pass ``probe=False``: the check before
+    the work has tried the folder, and a failed write says why itself."""
     target = Path(path)
     if target.is_dir():  # before the extension: `-o results/` is a folder, not a file of unknown format
         ext = next((e for e in extensions if target.name.lower().endswith(e)),
@@ -546,7 +547,8 @@ def check_output_path(path: PathLike, extensions: Sequence[str] = _WRITE_EXTENSI
     parent = target.parent if str(target.parent) else Path(".")
     if not parent.is_dir():
         raise InputError(f"folder {parent} does not exist; create it or choose another output path")
-    check_folder_writable(parent)
+    if probe:
+        check_folder_writable(parent)
     return ext
 
 
@@ -580,7 +582,7 @@ def _atomic_write(image: sitk.Image, path: PathLike, extensions: Sequence[str] =
     existing file is either fully replaced or left untouched. A symbolic link stays one: its
     target is written."""
     target = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)
-    ext = check_output_path(target, extensions)
+    ext = check_output_path(target, extensions, probe=False)
     parent = target.parent if str(target.parent) else Path(".")
     if image.GetDimension() == 3:
         check_geometry_fits(image.GetDirection(), target)
