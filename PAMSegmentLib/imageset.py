@@ -233,8 +233,8 @@ def label_images(
             for q, g in _schedule(order, p, n, dist, found):
                 if cancel is not None and cancel.is_cancelled:
                     raise PropagationCancelled("cancelled")
-                if hasattr(predictor, "_chain"):
-                    predictor._chain = None  # each image from its guide alone, never a carried walk
+                if hasattr(predictor, "forget_walk"):  # each image from its guide alone, never a carried walk
+                    predictor.forget_walk()
                 pred = predictor.predict(stack, g, found[g], [q])
                 prob = np.asarray(pred.prob[0])
                 presence = _stop_presence(pred, 0)  # the presence, or the drift test where lower

@@ -137,6 +137,9 @@ class PAMPredictor(SlicePredictor):
         self._guide_cache: dict | None = None
         self._chain: tuple | None = None  # (guide, last query, its fused mask crop, crop) of the last window
 
+    def forget_walk(self) -> None:
+        self._chain = None
+
     def begin(self, volume, prompt_index, prompt_mask):
         self.window = intensity_window(volume[prompt_index], prompt_mask, self.model.preprocessing)
         self._guide_cache = None

@@ -99,6 +99,10 @@ class SlicePredictor(abc.ABC):
     def begin(self, volume: np.ndarray, prompt_index: int, prompt_mask: np.ndarray) -> None:
         pass
 
+    def forget_walk(self) -> None:
+        """The next ``predict`` starts from its guide alone, not continuing a walk it may carry
+        state for (PAM's registration chain). Nothing to forget by default."""
+
     @abc.abstractmethod
     def predict(self, volume: np.ndarray, guide_index: int, guide_mask: np.ndarray,
                 query_indices: Sequence[int]) -> SlicePrediction:
