@@ -40,6 +40,7 @@ if str(ROOT) not in sys.path:
 
 from PAMSegmentLib import evaluation as ev  # noqa: E402
 from PAMSegmentLib.errors import PAMError  # noqa: E402
+from PAMSegmentLib.metrics import dice  # noqa: E402
 from PAMSegmentLib.metrics import evaluate as score_masks  # noqa: E402
 
 
@@ -158,6 +159,15 @@ def evaluate_structure(args, runner: Runner, st: ev.EvalStructure, methods, posi
         row.update({"error": f"{type(exc).__name__}: {exc}"[:300]})
         return row
 
+    # The imperfect drawings of the 50 % slice, the same for every method: (name, drawn prompt, its 2D Dice).
+    mid = ev.slice_at(ref, 0.5)
+    variants = []
+    for kind, mm in args.variants:
+        drawn = ev.perturb_prompt(ref[mid], case.spacing[1:], kind, mm, seed=zlib.crc32(f"{st.case}:{st.name}".encode()))
+        prompt = np.zeros(ref.shape, dtype=np.uint8)
+        prompt[mid][drawn] = 1
+        variants.append((f"{kind}:{mm:g}", prompt, dice(drawn, ref[mid])))
+
     for label, predictor in methods:
         for pos in positions:
             s = ev.slice_at(ref, pos)
@@ -176,15 +186,9 @@ def evaluate_structure(args, runner: Runner, st: ev.EvalStructure, methods, posi
                 fail(row, exc)
             rows.append(row)
 
-        for kind, mm in args.variants:
-            s = ev.slice_at(ref, 0.5)
-            name = f"{kind}:{mm:g}"
-            drawn = ev.perturb_prompt(ref[s], case.spacing[1:], kind, mm, seed=zlib.crc32(f"{st.case}:{st.name}".encode()))
+        for name, prompt, prompt_dice in variants:
             row = {**base, "method": label, "protocol": "prompt-variant", "position": 0.5, "round": 0,
-                   "prompt_slices": [s], "prompt_variant": name,
-                   "prompt_dice": 2.0 * float((drawn & ref[s]).sum()) / float(drawn.sum() + ref[s].sum())}
-            prompt = np.zeros(ref.shape, dtype=np.uint8)
-            prompt[s][drawn] = 1
+                   "prompt_slices": [mid], "prompt_variant": name, "prompt_dice": prompt_dice}
             try:
                 res, sec = runner.propagate(predictor, prompt)
                 row.update(runner.score(res.mask > 0, ref))
