@@ -191,9 +191,6 @@ def label_cells(image, examples, *, background=None, tile: int = 1024, seed: int
     except ImportError:
         raise InputError('cell labelling needs scikit-image and scikit-learn: pip install "PAMSegmentLib[cells]"') \
             from None
-    from skimage.feature import peak_local_max
-    from skimage.segmentation import watershed
-
     if not isinstance(tile, (int, np.integer)) or tile < 64:
         raise InputError(f"tile must be a whole number of at least 64 px, got {tile!r}")
     img, cells, n_ex, bg_user = _check(image, examples, background)
@@ -207,14 +204,21 @@ def label_cells(image, examples, *, background=None, tile: int = 1024, seed: int
     pad = int(np.ceil(4 * max(radius, 1.0))) + 2  # the largest feature scale's reach
     starts = [(r, c) for r in range(0, h, tile) for c in range(0, w, tile)]
 
+    one_tile = {} if len(starts) == 1 else None  # a single tile: its features are computed once for every pass
+
     def tile_features(r, c):
         """Features of tile (r, c) computed with a margin (so tiles join without seams): (features
         of the tile itself, the tile's slices)."""
+        if one_tile:
+            return one_tile["features"]
         outer = (slice(max(r - pad, 0), min(r + tile + pad, h)), slice(max(c - pad, 0), min(c + tile + pad, w)))
         f = _features(img[outer], radius)
         inner = (slice(r - outer[0].start, r - outer[0].start + min(tile, h - r)),
                  slice(c - outer[1].start, c - outer[1].start + min(tile, w - c)))
-        return f[inner], (slice(r, r + tile), slice(c, c + tile))
+        out = f[inner], (slice(r, r + tile), slice(c, c + tile))
+        if one_tile is not None:
+            one_tile["features"] = out
+        return out
 
     # Training pixels: the examples' and, as background, a ring just outside each example (and
     # what the user marked), gathered tile by tile so that memory stays bounded.
@@ -296,13 +300,7 @@ def label_cells(image, examples, *, background=None, tile: int = 1024, seed: int
         small = np.bincount(holes.ravel()) <= areas.max()
         small[0] = False
         fg |= small[holes]
-    dist = ndimage.distance_transform_edt(fg)
-    comps, _ = ndimage.label(fg)
-    peaks = peak_local_max(dist, min_distance=max(int(round(0.6 * radius)), 1), labels=comps,
-                           exclude_border=False)
-    markers = np.zeros(fg.shape, np.int32)
-    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
-    found = watershed(-dist, markers, mask=fg)
+    found = split_instances(fg, radius)
     sizes = np.bincount(found.ravel())
     keep = sizes >= max(0.25 * areas.min(), 4)
     keep[0] = False
@@ -334,6 +332,20 @@ def label_cells(image, examples, *, background=None, tile: int = 1024, seed: int
     return CellResult(out, prob, n_ex, radius, cells_info, time.perf_counter() - t0, warnings_)
 
 
+def split_instances(fg: np.ndarray, radius: float) -> np.ndarray:
+    """Instances of a foreground mask: a watershed of the distance to the background, seeded at
+    peaks at least 0.6 x ``radius`` apart (touching cells of that radius are split)."""
+    from skimage.feature import peak_local_max
+    from skimage.segmentation import watershed
+
+    dist = ndimage.distance_transform_edt(fg)
+    comps, _ = ndimage.label(fg)
+    peaks = peak_local_max(dist, min_distance=max(int(round(0.6 * radius)), 1), labels=comps, exclude_border=False)
+    markers = np.zeros(fg.shape, np.int32)
+    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+    return watershed(-dist, markers, mask=fg)
+
+
 def match_instances(pred: np.ndarray, ref: np.ndarray, iou: float = 0.5, exclude=()) -> dict:
     """Instance matching at IoU >= ``iou`` (one to one, by the Hungarian method on IoU): precision,
     recall, F1 and the mean IoU of matched pairs. Reference instances in ``exclude`` (and predicted
@@ -344,9 +356,12 @@ def match_instances(pred: np.ndarray, ref: np.ndarray, iou: float = 0.5, exclude
     excl = set(int(v) for v in exclude)
     r_ids = [int(v) for v in np.unique(ref) if v and int(v) not in excl]
     p_ids = [int(v) for v in np.unique(pred) if v]
+    p_area_all = np.bincount(pred.ravel().astype(np.int64))  # areas by id, one pass
+    r_area_all = np.bincount(ref.ravel().astype(np.int64))
     if excl:  # drop predictions that are mostly an excluded reference instance
-        ex_mask = np.isin(ref, list(excl))
-        p_ids = [p for p in p_ids if (ex_mask[pred == p]).mean() < 0.5]
+        in_excl = np.bincount(pred.ravel().astype(np.int64), weights=np.isin(ref, list(excl)).ravel(),
+                              minlength=p_area_all.size)
+        p_ids = [p for p in p_ids if in_excl[p] / p_area_all[p] < 0.5]
     if not r_ids or not p_ids:
         return {"precision": 0.0, "recall": 0.0, "f1": 0.0, "mean_iou": 0.0, "tp": 0,
                 "n_pred": len(p_ids), "n_ref": len(r_ids)}
@@ -358,8 +373,8 @@ def match_instances(pred: np.ndarray, ref: np.ndarray, iou: float = 0.5, exclude
     for (p, r), k in zip(pairs.T, counts):
         if int(p) in p_index and int(r) in r_index:
             inter[p_index[int(p)], r_index[int(r)]] = k
-    p_area = np.array([np.count_nonzero(pred == p) for p in p_ids], float)
-    r_area = np.array([np.count_nonzero(ref == r) for r in r_ids], float)
+    p_area = p_area_all[p_ids].astype(float)
+    r_area = r_area_all[r_ids].astype(float)
     ious = inter / (p_area[:, None] + r_area[None, :] - inter)
     rows, cols = linear_sum_assignment(-ious)
     good = ious[rows, cols] >= iou
