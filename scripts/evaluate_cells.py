@@ -26,22 +26,15 @@ from scipy import ndimage
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from PAMSegmentLib.cells import label_cells, match_instances  # noqa: E402
+from PAMSegmentLib.cells import label_cells, match_instances, split_instances  # noqa: E402
+from PAMSegmentLib.metrics import dice  # noqa: E402
 
 
 def otsu_baseline(image: np.ndarray, radius: float) -> np.ndarray:
-    from skimage.feature import peak_local_max
     from skimage.filters import gaussian, threshold_otsu
-    from skimage.segmentation import watershed
 
     sm = gaussian(image.astype(float), 1)
-    fg = ndimage.binary_fill_holes(ndimage.binary_opening(sm > threshold_otsu(sm)))
-    dist = ndimage.distance_transform_edt(fg)
-    peaks = peak_local_max(dist, min_distance=max(int(round(0.6 * radius)), 1), labels=ndimage.label(fg)[0],
-                           exclude_border=False)
-    markers = np.zeros(fg.shape, np.int32)
-    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
-    return watershed(-dist, markers, mask=fg)
+    return split_instances(ndimage.binary_fill_holes(ndimage.binary_opening(sm > threshold_otsu(sm))), radius)
 
 
 def main(argv=None) -> int:
@@ -77,15 +70,15 @@ def main(argv=None) -> int:
                              ("self-training + 5 background dots", {"self_training": True, "background": background})):
                 out = label_cells(image, examples, seed=seed, **kw).labels
                 s = match_instances(out, ref, exclude=pick)
-                fg = 2 * np.count_nonzero((out > 0) & (ref > 0)) / (np.count_nonzero(out) + np.count_nonzero(ref))
-                rows[name].append((s["f1"], s["precision"], s["recall"], s["mean_iou"], fg))
+                rows[name].append((s["f1"], s["precision"], s["recall"], s["mean_iou"], dice(out > 0, ref > 0)))
         for name, vals in rows.items():
             m = np.mean(vals, axis=0)
             print(f"| {k} | {name} | {m[0]:.3f} | {m[1]:.3f} | {m[2]:.3f} | {m[3]:.3f} | {m[4]:.3f} |")
-    radius = float(np.median(np.sqrt(np.bincount(ref.ravel())[1:][np.bincount(ref.ravel())[1:] > 0] / np.pi)))
+    areas = np.bincount(ref.ravel())[1:]
+    radius = float(np.median(np.sqrt(areas[areas > 0] / np.pi)))
     base = otsu_baseline(image, radius)
     s = match_instances(base, ref)
-    fg = 2 * np.count_nonzero((base > 0) & (ref > 0)) / (np.count_nonzero(base) + np.count_nonzero(ref))
+    fg = dice(base > 0, ref > 0)
     print(f"| 0 | Otsu threshold + the same split (median radius given) | {s['f1']:.3f} | {s['precision']:.3f} | "
           f"{s['recall']:.3f} | {s['mean_iou']:.3f} | {fg:.3f} |")
     return 0
