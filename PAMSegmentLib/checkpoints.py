@@ -500,9 +500,7 @@ def _load_default(path: Path, device: str) -> PAMModel:
 def describe_checkpoint(path: str | os.PathLike) -> dict:
     """What `pamsegment info` prints. Raises CheckpointError when the file does not load (or, for
     the default weights, does not match their model card)."""
-    model = load_checkpoint_file(path)
-    if _is_default_weights(path):
-        _check_model_card(Path(path), model)
+    model = load_model(path)  # the default weights are held to their model card there
     return {
         "file": str(path),
         "size_mb": round(Path(path).stat().st_size / 1e6, 2),
