@@ -137,6 +137,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self.job = None
         self._observedSegmentation = None
+        self._promptMethod = None  # the model kind the prompt label was last written for
         self._devicesPopulated = False
         self._reviewShown = None  # (segmentation node ID, segment ID, slice) last shown for review
 
@@ -287,7 +288,9 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.intensityGateCheckBox.setEnabled(local)
         self._saveSettings()
         self.updateButtons()
-        self.promptRefreshTimer.start()  # what the prompt label says depends on the model (its packages)
+        if self._method() != self._promptMethod:  # not on every key typed in the address
+            self._promptMethod = self._method()
+            self.promptRefreshTimer.start()  # what the prompt label says depends on the model (its packages)
 
     def onSegmentationChanged(self, segmentationNode):
         if self._observedSegmentation is not None:
