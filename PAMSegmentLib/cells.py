@@ -413,8 +413,9 @@ def cmd_label_cells(args) -> int:
     import uuid
     from pathlib import Path
 
-    from .cli import EXIT_OK, _ProgressBar, _through_link, ctrl_c_ignored
-    from .volumes import MASK_2D_EXTENSIONS, check_output_path, read_image_2d, read_labelmap_2d, write_labelmap_2d
+    from .cli import EXIT_OK, _ProgressBar, ctrl_c_ignored
+    from .volumes import (MASK_2D_EXTENSIONS, check_output_path, read_image_2d, read_labelmap_2d, through_link,
+                          write_labelmap_2d)
 
     t0 = time.perf_counter()
     out = Path(args.output)
@@ -460,7 +461,7 @@ def cmd_label_cells(args) -> int:
     # Both files are written to temporaries beside them, then moved in together (Ctrl-C ignored for
     # the two renames): an interrupted run leaves both old files, never a new map beside an old table.
     # A symbolic link stays one: the files are moved in onto its target.
-    out_at, table_at = _through_link(out), _through_link(table)
+    out_at, table_at = through_link(out), through_link(table)
     stamp = f".pamsegment-{uuid.uuid4().hex[:12]}.tmp"
     tmp_out = out_at.with_name(stamp + check_output_path(out, MASK_2D_EXTENSIONS, probe=False))  # the format's extension
     tmp_table = table_at.with_name(stamp + ".csv")

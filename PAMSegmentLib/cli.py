@@ -383,7 +383,7 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     if args.report is not None:
         _check_report_path(args.report, [args.image, args.prompt, args.output])
 
-    from .volumes import check_output_path, write_labelmap
+    from .volumes import check_output_path, through_link, write_labelmap
 
     check_no_checkpoint_for_classical(args)
     if args.checkpoint:  # before reading a possibly large image
@@ -430,10 +430,10 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     # Written to a temporary beside OUT, then moved in and reported with Ctrl-C ignored (and left
     # ignored when the process ends with this command): an interrupt once OUT is in place would
     # say "nothing was written".
-    out = _through_link(Path(args.output))
+    out = through_link(Path(args.output))
     ext = check_output_path(out, probe=False)  # OUT's format, for the temporary's name
     tmp = out.with_name(f".pamsegment-{uuid.uuid4().hex[:12]}.tmp{ext}")
-    report = None if args.report is None else _through_link(Path(args.report))
+    report = None if args.report is None else through_link(Path(args.report))
     tmp_report = None if report is None else report.with_name(f".pamsegment-{uuid.uuid4().hex[:12]}.tmp.csv")
     voxels = result.slice_voxels()  # once, for the table and the slices to check first
     check = result.review_summary(voxels)
@@ -457,12 +457,6 @@ def cmd_propagate(args: argparse.Namespace) -> int:
             if t is not None:
                 t.unlink(missing_ok=True)
     return EXIT_OK
-
-
-def _through_link(path: Path) -> Path:
-    """Where writing ``path`` lands: a symbolic link's target (the link stays a link, as when the
-    file is written in place), else ``path``."""
-    return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
 def _move_in(tmp: Path, target: Path, what: str) -> None:

@@ -577,11 +577,17 @@ def check_folder_writable(folder: PathLike, what: str = "the output") -> None:
                          "renamed and removed there; choose another folder")
 
 
+def through_link(path: Path) -> Path:
+    """Where writing ``path`` lands: a symbolic link's target (moving a file in there keeps the
+    link a link, as writing in place does), else ``path``."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
 def _atomic_write(image: sitk.Image, path: PathLike, extensions: Sequence[str] = _WRITE_EXTENSIONS) -> Path:
     """Write ``image`` compressed to ``path`` via a temporary file in the same folder, so an
     existing file is either fully replaced or left untouched. A symbolic link stays one: its
     target is written."""
-    target = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)
+    target = through_link(Path(path))
     ext = check_output_path(target, extensions, probe=False)
     parent = target.parent if str(target.parent) else Path(".")
     if image.GetDimension() == 3:
