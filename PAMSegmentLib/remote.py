@@ -72,7 +72,7 @@ class RemoteModel:
         self.url = str(url).rstrip("/")
         self.token, self.timeout, self.poll_interval, self.method = token, float(timeout), float(poll_interval), method
 
-    def _request(self, method: str, path: str, body: bytes | None = None) -> bytes:
+    def _request(self, method: str, path: str, body: bytes | memoryview | None = None) -> bytes:
         req = urllib.request.Request(self.url + path, data=body, method=method)
         if self.token:
             try:
@@ -145,7 +145,8 @@ class RemoteModel:
             raise InputError(f"the volume and prompt are {size_mb:.0f} MB; the server at {self.url} takes at most "
                              f"{limits['max_upload_mb']:g} MB (crop the volume around the object)")
         query = urllib.parse.urlencode({"options": json.dumps(options)})
-        job_id = self._json(self._request("POST", f"/jobs?{query}", buf.getvalue()), ("id",))["id"]
+        # getbuffer: the upload is sent from the buffer, not from a second full copy (getvalue)
+        job_id = self._json(self._request("POST", f"/jobs?{query}", buf.getbuffer()), ("id",))["id"]
         try:
             while True:
                 if cancel is not None and cancel.is_cancelled:
