@@ -328,9 +328,12 @@ def ctrl_c_ignored(keep: bool = False):
             signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
 
 
+PAM_ONLY_OPTIONS = ("registration_weight", "intensity_gate", "through_plane_mm")  # the network's options
+
+
 def check_pam_only_options(args: argparse.Namespace) -> None:
     """Options of the network (``--method pam``) given with another method: one clear error."""
-    for opt in ("registration_weight", "intensity_gate", "through_plane_mm"):
+    for opt in PAM_ONLY_OPTIONS:
         if getattr(args, opt) is not None and args.method != "pam":
             raise InputError(f"--{opt.replace('_', '-')} is an option of --method pam, not {args.method}; drop it")
 
@@ -370,13 +373,14 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     check_pam_only_options(args)
     if args.server:
-        given = [f"--{o}" for o, v in (("checkpoint", args.checkpoint), ("registration-weight", args.registration_weight),
-                                       ("intensity-gate", args.intensity_gate), ("through-plane-mm", args.through_plane_mm))
-                 if v is not None]
+        from .remote import SERVER_METHODS
+
+        given = [f"--{o.replace('_', '-')}" for o in ("checkpoint", *PAM_ONLY_OPTIONS) if getattr(args, o) is not None]
         if given:
             raise InputError(f"{given[0]} sets up a local model; with --server the server's model is used, drop it")
-        if args.method not in ("pam", "track", "copy"):
-            raise InputError(f"--method {args.method} does not run on a server; use pam, track or copy")
+        if args.method not in SERVER_METHODS:
+            raise InputError(f"--method {args.method} does not run on a server; use {', '.join(SERVER_METHODS[:-1])} "
+                             f"or {SERVER_METHODS[-1]}")
     elif args.token:
         raise InputError("--token is for --server; drop it")
     _check_output_path(args.output, [args.image, args.prompt])

@@ -26,6 +26,9 @@ import numpy as np
 from .errors import InputError, PAMError, PropagationCancelled
 from .propagate import PropagationResult
 
+# What a `pamsegment serve` server runs (its /info lists them too).
+SERVER_METHODS = ("pam", "track", "copy")
+
 __all__ = ["RemoteModel", "decode_result"]
 
 

@@ -44,12 +44,13 @@ import numpy as np
 from . import __version__
 from .errors import InputError, PAMError, PropagationCancelled
 from .propagate import CancelToken
+from .remote import SERVER_METHODS
 
 __all__ = ["create_app", "JobQueue", "encode_result", "read_arrays", "add_serve_arguments", "cmd_serve"]
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 OPTION_KEYS = {"axis", "labels", "range", "early_stop", "empty_slices", "remove_disconnected", "method", "update"}
-METHODS = ("pam", "track", "copy")
+METHODS = SERVER_METHODS
 
 
 def read_arrays(body: bytes, max_voxels: int) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
