@@ -538,6 +538,9 @@ def _validate_inputs(image: np.ndarray, prompt: np.ndarray, spacing) -> tuple[fl
         raise InputError(f"the image must be a 3D volume, got {image.ndim}D with shape {image.shape}")
     if prompt.shape != image.shape:
         raise InputError(f"the prompt's shape {prompt.shape} differs from the image's {image.shape}")
+    if not np.issubdtype(prompt.dtype, np.integer) and not np.issubdtype(prompt.dtype, np.bool_):
+        if not np.all(np.mod(prompt, 1) == 0):
+            raise InputError("the prompt must be an integer label map")
     if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
         n = int((~np.isfinite(image)).sum())
         raise InputError(f"the image has {n} NaN/inf voxels; fix or mask them before propagating")
@@ -1049,9 +1052,6 @@ def propagate(
     prompt = np.asarray(prompt)
     spacing = _validate_inputs(image, prompt, spacing)
     axis, labels, range = _validate_options(axis, labels, range, batch_size, threads, cancel, previous)
-    if not np.issubdtype(prompt.dtype, np.integer) and not np.issubdtype(prompt.dtype, np.bool_):
-        if not np.all(np.mod(prompt, 1) == 0):
-            raise InputError("the prompt must be an integer label map")
     if not np.issubdtype(prompt.dtype, np.integer):
         prompt = prompt.astype(np.int32)  # bool or integral floats; integer label maps are used as they are
     if update is None:

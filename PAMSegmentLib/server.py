@@ -309,9 +309,7 @@ def create_app(model_factory: Callable[[str], Any], *, token: str | None = None,
         def check():
             opts = parse_options(options)
             image, prompt, spacing = read_arrays(b"".join(chunks), max_voxels)
-            _validate_inputs(image, prompt, spacing)
-            if prompt.dtype.kind == "f" and not np.all(np.mod(prompt, 1) == 0):
-                raise InputError("the prompt must be an integer label map")  # as propagate says it
+            _validate_inputs(image, prompt, spacing)  # the engine's own checks, the integer prompt among them
             find_prompt_slices(np.asarray(prompt), axis=opts.get("axis"), labels=opts.get("labels"),
                                update=bool(opts.get("update", False)))
             return queue.submit(image, prompt, spacing, opts)
