@@ -413,7 +413,7 @@ def cmd_label_cells(args) -> int:
     import uuid
     from pathlib import Path
 
-    from .cli import EXIT_OK, _ProgressBar, ctrl_c_ignored
+    from .cli import EXIT_OK, _ProgressBar, _same_path, ctrl_c_ignored
     from .volumes import (MASK_2D_EXTENSIONS, check_output_path, read_image_2d, read_labelmap_2d, through_link,
                           write_labelmap_2d)
 
@@ -421,7 +421,7 @@ def cmd_label_cells(args) -> int:
     out = Path(args.output)
     check_output_path(out, MASK_2D_EXTENSIONS)
     for given in (args.image, args.examples, args.background):
-        if given and out.exists() and Path(given).exists() and os.path.samefile(out, given):
+        if given and _same_path(out, given):
             raise InputError(f"the output {out} is one of the inputs ({given}); choose another -o file")
     image, ref = read_image_2d(args.image, keep_colour=True)
     examples = read_labelmap_2d(args.examples, reference=(image[..., 0] if image.ndim == 3 else image, ref))
