@@ -241,7 +241,6 @@ def perturb_prompt(mask: np.ndarray, spacing: Sequence[float], kind: str, mm: fl
     if m.ndim != 2 or not m.any():
         raise InputError("perturb_prompt needs a non-empty 2D mask")
     sp = tuple(float(v) for v in spacing)
-    inside = ndimage.distance_transform_edt(m, sampling=sp)
     signed = _signed_distance(m, sp)
     if kind == "erode":
         out = signed > mm
@@ -262,10 +261,11 @@ def perturb_prompt(mask: np.ndarray, spacing: Sequence[float], kind: str, mm: fl
         raise InputError(f"unknown prompt variant {kind!r}; choose from {', '.join(PROMPT_VARIANTS)}")
     # every drawn piece stays drawn: one thinner than the change keeps its deepest pixels
     parts, n = ndimage.label(m)
-    for k in range(1, n + 1):
-        part = parts == k
-        if not (out & part).any():
-            depth = np.where(part, inside, 0.0)
+    missing = sorted(set(range(1, n + 1)) - set(np.unique(parts[out]).tolist()))
+    if missing:
+        inside = ndimage.distance_transform_edt(m, sampling=sp)
+        for k in missing:
+            depth = np.where(parts == k, inside, 0.0)
             out |= depth >= depth.max() - 1e-6
     return out
 
