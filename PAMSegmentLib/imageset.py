@@ -365,7 +365,7 @@ def cmd_label_images(args) -> int:
     from pathlib import Path
 
     from .cli import EXIT_OK, METHODS, _ProgressBar, ctrl_c_ignored
-    from .volumes import read_image_2d, read_labelmap_2d, write_labelmap_2d
+    from .volumes import read_image_2d, read_labelmap_2d, through_link, write_labelmap_2d
 
     t0 = time.perf_counter()
     out_dir = Path(args.output)
@@ -419,19 +419,25 @@ def cmd_label_images(args) -> int:
                               normalize=not args.no_normalize, device=args.device, threads=args.threads, progress=bar,
                               names=[f.name for f in files])
 
-    # Everything is computed: now write, into a fresh temporary folder first, then move in (Ctrl-C
-    # ignored while moving). An -o folder this run made is removed again if nothing was moved in.
+    # Everything is computed: now write each file to a temporary beside where it lands, then move
+    # them all in (Ctrl-C ignored while moving). A mask or labels.csv that is a symbolic link stays
+    # one: its target gets the new file. An -o folder this run made is removed again if nothing was
+    # moved in.
     made = not out_dir.exists()
-    tmp = out_dir / f".pamsegment-{uuid.uuid4().hex[:12]}"
+    stamp = f".pamsegment-{uuid.uuid4().hex[:12]}"
+    moves = []  # (temporary, where it lands)
     try:
         out_dir.mkdir(exist_ok=True)
-        tmp.mkdir()
         names = []
-        for f, (_, ref), m in zip(files, read, result.masks):
+        for n, (f, (_, ref), m) in enumerate(zip(files, read, result.masks)):
             name = f"{_stem(f)}_mask.{args.format}"
-            write_labelmap_2d(m, ref, tmp / name)
+            at = through_link(out_dir / name)
+            moves.append((at.with_name(f"{stamp}-{n}.tmp.{args.format}"), at))
+            write_labelmap_2d(m, ref, moves[-1][0])
             names.append(name)
-        with open(tmp / "labels.csv", "w", newline="") as fh:
+        at = through_link(out_dir / "labels.csv")
+        moves.append((at.with_name(f"{stamp}.tmp.csv"), at))
+        with open(moves[-1][0], "w", newline="") as fh:
             w = csv.writer(fh)
             w.writerow(["image", "mask", "label", "pixels", "confidence", "guided_by"])
             for n, (f, name, m) in enumerate(zip(files, names, result.masks)):
@@ -442,15 +448,13 @@ def cmd_label_images(args) -> int:
         # moved in and reported with Ctrl-C ignored (left ignored when the process ends with the
         # command): an interrupt once the masks are in place would say "nothing was written"
         with ctrl_c_ignored(keep=getattr(args, "_ends_process", False)):
-            for name in [*names, "labels.csv"]:
-                os.replace(tmp / name, out_dir / name)
+            for tmp, at in moves:
+                os.replace(tmp, at)
             print(f"wrote {len(files)} masks and labels.csv to {out_dir}: {result.summary()}; "
                   f"{time.perf_counter() - t0:.1f} s in all", flush=True)
     finally:
-        if tmp.is_dir():
-            for f in tmp.iterdir():
-                f.unlink()
-            tmp.rmdir()
+        for tmp, _ in moves:
+            tmp.unlink(missing_ok=True)
         if made and out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()
     return EXIT_OK

@@ -303,6 +303,32 @@ def test_cli_moves_the_masks_in_with_ctrl_c_ignored(tmp_path, monkeypatch):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_cli_keeps_symbolic_links_among_the_outputs(tmp_path):
+    """A mask or labels.csv in -o that is a symbolic link stays one: its target gets the new file
+    (and no temporary is left beside it)."""
+    from PAMSegmentLib import cli
+
+    images, truth = moving_disc_set(3)
+    _write_set(tmp_path / "set", images, truth[0])
+    out, elsewhere = tmp_path / "out", tmp_path / "targets"
+    out.mkdir()
+    elsewhere.mkdir()
+    for name in ("img_1_mask.png", "labels.csv"):
+        (elsewhere / name).write_text("old")
+        (out / name).symlink_to(elsewhere / name)
+    assert cli.main(["label-images", str(tmp_path / "set" / "img_0.png"), str(tmp_path / "mask.png"),
+                     str(tmp_path / "set"), "--method", "copy", "-o", str(out)]) == 0
+    assert (out / "img_1_mask.png").is_symlink() and (out / "labels.csv").is_symlink()
+    assert not (out / "img_0_mask.png").is_symlink()
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["img_1_mask.png", "labels.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["img_0_mask.png", "img_1_mask.png", "img_2_mask.png",
+                                                     "labels.csv"]
+    got = sitk.GetArrayFromImage(sitk.ReadImage(str(elsewhere / "img_1_mask.png")))
+    assert dice(got > 0, truth[1]) > 0.6
+    with open(elsewhere / "labels.csv") as fh:
+        assert [r["mask"] for r in csv.DictReader(fh)] == [f"img_{k}_mask.png" for k in range(3)]
+
+
 def test_cli_refuses_a_mask_of_another_size_before_any_work(tmp_path, run_cli):
     images, truth = moving_disc_set(3)
     _write_set(tmp_path / "set", images, truth[0][:40])
