@@ -404,17 +404,15 @@ def cmd_propagate(args: argparse.Namespace) -> int:
 
     # Check the prompt before loading a network (which can take seconds for the official one).
     find_prompt_slices(prompt.array, axis=args.axis, labels=args.label)
-    if args.server:
+    if args.server:  # propagate checks the inputs here, then the server does the work
         from .remote import RemoteModel
 
-        run = RemoteModel(args.server, token=args.token or os.environ.get("PAMSEGMENT_TOKEN"),
-                          method=args.method).propagate
-        model = None
+        model = RemoteModel(args.server, token=args.token or os.environ.get("PAMSEGMENT_TOKEN"), method=args.method)
     else:
-        run, model = propagate, METHODS[args.method](args)
+        model = METHODS[args.method](args)
 
     with _ProgressBar("propagating") as bar:
-        result = run(
+        result = propagate(
             image.array,
             prompt.array,
             image.spacing,

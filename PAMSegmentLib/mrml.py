@@ -466,10 +466,9 @@ def _run_engine(image, prompt, spacing, *, model, device, range, progress, cance
     axis of the first propagation, its result (so the engine recomputes only what the new
     keyframes change) and the slices the user erased (walls the object does not cross)."""
     from .propagate import propagate  # noqa: PLC0415
-    from .remote import RemoteModel  # noqa: PLC0415
 
-    run = model.propagate if isinstance(model, RemoteModel) else propagate  # a server does the work
-    return run(image, prompt, spacing, model, range=range, device=device, progress=progress, cancel=cancel,
+    # a RemoteModel's server does the work (propagate checks the inputs here first)
+    return propagate(image, prompt, spacing, model, range=range, device=device, progress=progress, cancel=cancel,
                      batch_size=batch_size, threads=threads, axis=axis, previous=previous,
                      empty_slices=empty_slices)
 

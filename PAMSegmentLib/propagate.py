@@ -1028,7 +1028,9 @@ def propagate(
 
     image: (k, j, i) array; prompt: integer label map of the same shape drawn on one or more
     slices; spacing: voxel size in mm in (k, j, i) order. ``model`` is a ``PAMModel``, any
-    ``SlicePredictor``, or None for the shipped default weights. ``range`` = (first, last) slice
+    ``SlicePredictor``, None for the shipped default weights, or a ``remote.RemoteModel`` (the
+    inputs are checked here, then its server propagates; ``device``, ``threads`` and
+    ``batch_size`` are then the server's). ``range`` = (first, last) slice
     along the propagation axis, both included. ``early_stop=False`` predicts every slice in the
     range; by default it also keeps components not connected to the prompt (objects that vanish
     and reappear). Raises InputError for bad input, PropagationCancelled when cancelled.
@@ -1059,8 +1061,6 @@ def propagate(
     ax, slices = find_prompt_slices(prompt, axis=axis, labels=labels, update=bool(update))
     if remove_disconnected is None:
         remove_disconnected = early_stop
-
-    predictor = _as_predictor(model, device)
     vol = np.moveaxis(image, ax, 0)
     prm = np.moveaxis(prompt, ax, 0)
     n = vol.shape[0]
@@ -1075,6 +1075,12 @@ def propagate(
             raise InputError(f"label {lab}'s prompt slice {outside[0]} lies outside the range {lo}:{hi}")
 
     empties = _empty_slices_per_label(empty_slices, slices, lo, hi, ax)
+    elsewhere = getattr(model, "propagate", None)
+    if callable(elsewhere):  # a model that propagates by itself: a RemoteModel's server does the work
+        return elsewhere(image, prompt, spacing, axis=axis, labels=labels, range=range, early_stop=early_stop,
+                         remove_disconnected=remove_disconnected, empty_slices=empty_slices, progress=progress,
+                         cancel=cancel, previous=previous, update=update)
+    predictor = _as_predictor(model, device)
 
     # No whole-volume float copy: the predictors cast only the slices they read.
     vol_f = vol

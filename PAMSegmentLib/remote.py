@@ -124,7 +124,7 @@ class RemoteModel:
 
     def propagate(self, image, prompt, spacing, model=None, *, axis=None, labels=None, range=None,  # noqa: A002
                   early_stop=True, remove_disconnected=None, empty_slices=None, progress=None, cancel=None,
-                  previous=None, **ignored) -> PropagationResult:
+                  previous=None, update=None, **ignored) -> PropagationResult:
         """Run ``propagate`` on the server (the engine's arguments; device, threads and batch size
         are the server's). Raises InputError for input the server refuses, PropagationCancelled
         when ``cancel`` is set (the server's job is cancelled too), PAMError when it fails."""
@@ -132,7 +132,7 @@ class RemoteModel:
                    "range": None if range is None else [int(v) for v in range], "early_stop": bool(early_stop),
                    "remove_disconnected": remove_disconnected, "method": self.method,
                    # an update runs as a fresh propagation there, of a prompt that is an edited result
-                   "update": True if previous is not None else None}
+                   "update": True if previous is not None or update else None}
         if empty_slices is not None:
             options["empty_slices"] = ({str(k): [int(s) for s in v] for k, v in empty_slices.items()}
                                        if isinstance(empty_slices, dict) else [int(s) for s in empty_slices])

@@ -206,6 +206,29 @@ def test_the_client_propagates_remotely_with_progress(live_server):
     assert seen and all(m.startswith("server: ") for _, m in seen)
 
 
+def test_the_engine_checks_the_inputs_here_then_hands_a_remote_model_to_its_server(live_server):
+    """``propagate(..., model=RemoteModel(...))`` (what the command line and Slicer call): bad input
+    is refused here, before any upload (an unreachable server is never asked); good input is
+    propagated by the server, with the result a local run gives."""
+    url, holder = live_server
+    image, prompt, truth = case()
+    holder["model"] = OracleModel(truth)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    unreachable = RemoteModel(f"http://127.0.0.1:{free}", timeout=2)
+    with pytest.raises(InputError, match="the prompt is empty"):
+        propagate(image, np.zeros_like(prompt), (2.0, 1.0, 1.0), unreachable)
+    with pytest.raises(InputError, match="range"):
+        propagate(image, prompt, (2.0, 1.0, 1.0), unreachable, range=(5, 2))
+    seen = []
+    result = propagate(image, prompt, (2.0, 1.0, 1.0), RemoteModel(url, token="tok", poll_interval=0.01),
+                       progress=lambda f, m: seen.append(m))
+    local = propagate(image, prompt, (2.0, 1.0, 1.0), OracleModel(truth))
+    assert np.array_equal(result.mask, local.mask) and result.mask.any()
+    assert seen and all(m.startswith("server: ") for m in seen)  # the server's progress, not a local walk
+
+
 def test_client_cancel_cancels_the_server_job(live_server):
     url, holder = live_server
     image, prompt, truth = case()
