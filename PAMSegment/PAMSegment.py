@@ -36,7 +36,7 @@ RUNTIME_REQUIREMENTS = (
     ("cc3d", "connected-components-3d>=3.12"),
 )
 NETWORK_ONLY = ("torch", "dynamic_network_architectures")  # not needed for tracking or a server
-POLL_INTERVAL_MS = 200
+POLL_INTERVAL_MS = 100
 PROMPT_REFRESH_DELAY_MS = 400
 PLOT_SIZE = (256, 56)  # confidence plot, pixels
 
@@ -627,6 +627,10 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if job is None:
             self.pollTimer.stop()
             return
+        if job.state == "running":
+            # Where Slicer's event loop keeps Python's GIL while idle, the worker would only run
+            # during these polls: then each poll waits for it a while (see share_time).
+            job.share_time(POLL_INTERVAL_MS / 1000.0)
         self.ui.progressBar.setValue(int(round(1000 * job.progress)))
         if job.state == "running":
             if job.message == "loading model":

@@ -537,6 +537,8 @@ class SegmentPropagation:
         self._listener = progress
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._probe_beats = 0  # how often the GIL probe thread got the GIL (see share_time)
+        self._probe_mark = (0, 0.0)
         self._state = "pending"
         self._progress = 0.0
         self._message = "waiting to start"
@@ -619,8 +621,39 @@ class SegmentPropagation:
             self._state = "running"
             self._t_start = time.perf_counter()
         self._thread = threading.Thread(target=self._work, name="PAMSegment propagation", daemon=True)
+        self._probe_mark = (0, time.perf_counter())
         self._thread.start()
+        threading.Thread(target=self._probe_gil, name="PAMSegment GIL probe", daemon=True).start()
         return self
+
+    # The GUI thread and the worker share Python's GIL. An application whose event loop keeps the
+    # GIL while it waits for events (an embedded interpreter that never releases it between them)
+    # lets the worker run only while the GUI thread itself runs Python: a propagation would then
+    # crawl, a few steps per poll. A probe thread counts how often it gets the GIL; when it got it
+    # (almost) never between two polls, each poll waits for the worker with the GIL released.
+    PROBE_PERIOD = 0.005  # s between the probe's attempts to take the GIL
+    STARVED_BELOW = 20.0  # probe successes per second below which the GUI thread keeps the GIL
+
+    def _probe_gil(self) -> None:
+        while self._thread is not None and self._thread.is_alive():
+            time.sleep(self.PROBE_PERIOD)  # releases the GIL; waking up needs it again
+            self._probe_beats += 1
+
+    def share_time(self, interval: float, share: float = 0.6) -> float:
+        """Call from the GUI thread's poll timer (every ``interval`` seconds) while the job runs.
+        If the worker was starved of the GIL since the last call, wait up to ``share`` x
+        ``interval`` for it with the GIL released; otherwise return at once. Returns the seconds
+        waited (0.0 when the event loop already lets the worker run)."""
+        if self._thread is None or self.done:
+            return 0.0
+        beats, since = self._probe_mark
+        now = time.perf_counter()
+        starved = now - since > 0.05 and (self._probe_beats - beats) / (now - since) < self.STARVED_BELOW
+        if starved:
+            self._thread.join(max(0.0, share * interval))
+        end = time.perf_counter()
+        self._probe_mark = (self._probe_beats, end)
+        return end - now if starved else 0.0
 
     def run(self) -> "SegmentPropagation":
         """Run the engine on the calling thread (CLI, tests, ``propagate_segment``)."""

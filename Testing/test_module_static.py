@@ -896,10 +896,13 @@ def test_panel_propagates_in_the_background_and_writes_once(panel, drawn, monkey
     ui.newSegmentRadioButton.setChecked(True)
     assert not ui.replaceSegmentRadioButton.checked
     ui.propagateButton.click()
-    assert panel.job is not None and panel.pollTimer.active and panel.pollTimer.interval == 200
+    assert panel.job is not None and panel.pollTimer.active and panel.pollTimer.interval == 100
     assert not ui.propagateButton.enabled and ui.cancelButton.enabled  # GUI free, one job at a time
     assert gate["started"].wait(10)
+    shared = []
+    monkeypatch.setattr(panel.job, "share_time", lambda interval: shared.append(interval) or 0.0)
     panel.pollTimer.fire()
+    assert shared == [0.1]  # each poll of a running job lets the worker have the GIL if it was starved
     assert ui.progressBar.format.endswith("left") and " / 20 slices" in ui.progressBar.format
     assert segmentation.GetSegmentation().GetNumberOfSegments() == 1  # nothing written while running
     gate["go"].set()

@@ -441,6 +441,66 @@ def test_job_reports_progress_then_applies(scene_with_prompt):
     np.testing.assert_array_equal(segment_on_volume(seg, sid, vol), truth)
 
 
+class GilHungryOracle(OracleModel):
+    """An oracle that, like the real engine's steps between native calls, needs the GIL back many
+    times per prediction (each short sleep releases it and must take it again)."""
+
+    def predict(self, volume, guide_index, guide_mask, query_indices):
+        for _ in range(40):
+            time.sleep(0.0002)
+        return super().predict(volume, guide_index, guide_mask, query_indices)
+
+
+def _gil_holding_sleep():
+    """``hold(seconds)``: sleep in C *keeping* the GIL, as an event loop that never releases it
+    between events would (ctypes.PyDLL does not release the GIL around the call)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        pytest.skip("no C library to call")
+    usleep = ctypes.PyDLL(name).usleep
+    return lambda seconds: usleep(int(seconds * 1e6))
+
+
+def test_a_gui_thread_that_keeps_the_gil_gives_the_worker_time_when_polled(scene_with_prompt):
+    """The panel's poll calls ``share_time``: on an event loop that keeps the GIL while idle, the
+    worker would otherwise advance only during the polls themselves; with it the job finishes
+    within a few polls. Where the event loop releases the GIL, polls do not wait at all."""
+    truth, vol, seg, sid = scene_with_prompt
+    hold, tick = _gil_holding_sleep(), 0.1
+
+    def polls_until_done(job, share, max_polls):
+        job.start()
+        for n in range(1, max_polls + 1):
+            hold(tick)  # the event loop, idle, keeping the GIL
+            if share:
+                job.share_time(tick)
+            if job.done:
+                return n
+        job.cancel()
+        job.wait(30)
+        return None
+
+    starved = SegmentPropagation(vol, seg, sid, model=GilHungryOracle(truth, window=2))
+    assert polls_until_done(starved, share=False, max_polls=20) is None  # 2 s: still not done
+    assert starved.state == "cancelled"
+    shared = SegmentPropagation(vol, seg, sid, model=GilHungryOracle(truth, window=2))
+    n = polls_until_done(shared, share=True, max_polls=100)
+    assert n is not None and shared.state == "finished", shared.error
+    assert n <= 20  # finished within the 20 polls the starved job could not
+    np.testing.assert_array_equal(shared.result.mask.astype(bool), truth)
+
+    # An event loop that releases the GIL while idle (time.sleep does): the polls never wait.
+    free = SegmentPropagation(vol, seg, sid, model=GilHungryOracle(truth, window=2)).start()
+    waited = []
+    while not free.done:
+        time.sleep(tick)
+        waited.append(free.share_time(tick))
+    assert free.state == "finished" and waited and set(waited) == {0.0}
+
+
 def test_eta_from_progress(scene_with_prompt, monkeypatch):
     truth, vol, seg, sid = scene_with_prompt
     job = SegmentPropagation(vol, seg, sid, model=OracleModel(truth))
