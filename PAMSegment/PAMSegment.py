@@ -138,7 +138,9 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.job = None
         self._observedSegmentation = None
         self._promptMethod = None  # the model kind the prompt label was last written for
-        self._devicesPopulated = False
+        self._devicesPopulated = False  # the deferred device lookup ran
+        self._devicesListed = False  # ... and filled the list: only then is the device choice saved
+        self._entered = False  # the panel is shown (enter() until exit())
         self._reviewShown = None  # (segmentation node ID, segment ID, slice) last shown for review
 
     def resourcePath(self, filename):
@@ -201,10 +203,19 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.removeObservers()
 
     def enter(self):
+        self._entered = True
         if not self._devicesPopulated:
             # Deferred so the panel paints first: importing torch takes a few seconds once.
             qt.QTimer.singleShot(0, self._populateDevices)
+        self._observeSegmentation(self.ui.segmentationSelector.currentNode())
         self.updatePromptLabel()
+
+    def exit(self):
+        # Hidden: stop following edits (each refresh reads the whole segment on the GUI thread);
+        # enter() reads it afresh. A running job goes on and is written when it ends.
+        self._entered = False
+        self._observeSegmentation(None)
+        self.promptRefreshTimer.stop()
 
     def onSceneStartClose(self, caller, event):
         if self.job is not None and self.job.cancellable:
@@ -239,20 +250,22 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         settings.setValue("PAMSegment/Method", self._method())
         settings.setValue("PAMSegment/ServerUrl", self.ui.serverUrlLineEdit.text.strip())  # never the token
         settings.setValue("PAMSegment/OutputMode", self._outputMode())
-        settings.setValue("PAMSegment/Device", self.ui.deviceComboBox.currentText)
+        if self._devicesListed:  # before, the list holds only "cpu": a saved "cuda" must survive
+            settings.setValue("PAMSegment/Device", self.ui.deviceComboBox.currentText)
         settings.setValue("PAMSegment/IntensityGate", self.ui.intensityGateCheckBox.checked)
 
     def _populateDevices(self):
         self._devicesPopulated = True
         if self.logic.missingRequirements():
             return  # offered when the user presses Propagate
+        saved = qt.QSettings().value("PAMSegment/Device", "cpu")
         for device in self.logic.availableDevices():
             if self.ui.deviceComboBox.findText(device) < 0:
                 self.ui.deviceComboBox.addItem(device)
-        saved = qt.QSettings().value("PAMSegment/Device", "cpu")
         index = self.ui.deviceComboBox.findText(saved)
         if index >= 0:
             self.ui.deviceComboBox.setCurrentIndex(index)
+        self._devicesListed = True
 
     # -- inputs ------------------------------------------------------------------------------
 
@@ -292,17 +305,35 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._promptMethod = self._method()
             self.promptRefreshTimer.start()  # what the prompt label says depends on the model (its packages)
 
-    def onSegmentationChanged(self, segmentationNode):
+    @staticmethod
+    def _segmentEditEvents():
+        """vtkSegmentation events of a changed segment: its voxels (a paint stroke fires the
+        source representation's event, SourceRepresentationModified since Slicer 5.4,
+        MasterRepresentationModified before), its name or colour, its removal."""
+        events = slicer.vtkSegmentation
+        voxels = getattr(events, "SourceRepresentationModified", None)
+        if voxels is None:
+            voxels = events.MasterRepresentationModified
+        return (voxels, events.SegmentModified, events.SegmentRemoved)
+
+    def _observeSegmentation(self, segmentationNode):
+        """Follow edits of ``segmentationNode``'s segments (None: of none) so the detected prompt
+        stays current; only while the panel is shown."""
+        segmentation = None if segmentationNode is None or not self._entered else segmentationNode.GetSegmentation()
+        if segmentation is self._observedSegmentation:
+            return
         if self._observedSegmentation is not None:
-            self.removeObserver(self._observedSegmentation.GetSegmentation(), slicer.vtkSegmentation.SegmentModified,
-                                self.onSegmentEdited)
-            self._observedSegmentation = None
+            for event in self._segmentEditEvents():
+                self.removeObserver(self._observedSegmentation, event, self.onSegmentEdited)
+        self._observedSegmentation = segmentation
+        if segmentation is not None:
+            for event in self._segmentEditEvents():
+                self.addObserver(segmentation, event, self.onSegmentEdited)
+
+    def onSegmentationChanged(self, segmentationNode):
+        self._observeSegmentation(segmentationNode)
         self.ui.segmentSelector.setCurrentNode(segmentationNode)
         if segmentationNode is not None:
-            # Follow edits made in the Segment Editor so the detected prompt stays current.
-            self.addObserver(segmentationNode.GetSegmentation(), slicer.vtkSegmentation.SegmentModified,
-                             self.onSegmentEdited)
-            self._observedSegmentation = segmentationNode
             if self.ui.volumeSelector.currentNode() is None:
                 reference = segmentationNode.GetNodeReference(
                     slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole())
@@ -379,6 +410,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.nextReviewButton.enabled = not running and entry is not None and entry.next_to_review() is not None
 
     def updatePromptLabel(self):
+        self.promptRefreshTimer.stop()  # a refresh asked for meanwhile (e.g. by our own write) is this one
         self.updateReview()
         volume, segmentation, segmentId = self._inputs()
         if volume is None or segmentation is None or not segmentId:

@@ -802,6 +802,8 @@ def module(mrml_scene, monkeypatch):
 def panel(module):
     widget = module.PAMSegmentWidget(parent=None)
     widget.setup()
+    widget.enter()  # Slicer shows the panel (the deferred device lookup is left to tests that want it)
+    FakeTimer.deferred.clear()
     yield widget
     widget.cleanup()
 
@@ -931,8 +933,9 @@ def test_panel_replace_mode_then_prompt_label_explains(panel, drawn, monkeypatch
     assert panel.job.applied_segment_id == segment_id
     np.testing.assert_array_equal(_slicer().util.arrayFromSegmentBinaryLabelmap(segmentation, segment_id, volume) > 0, truth)
     panel.promptRefreshTimer.stop()
-    segmentation.GetSegmentation().GetSegment(segment_id).Modified()  # as the Segment Editor does on a stroke
-    segmentation.GetSegmentation().InvokeEvent(_slicer().vtkSegmentation.SegmentModified)
+    edited = _slicer().util.arrayFromSegmentBinaryLabelmap(segmentation, segment_id, volume)
+    edited[CENTER[0] + 2] = 0  # a paint stroke (erase): fires the source representation's event, not SegmentModified
+    _slicer().util.updateSegmentBinaryLabelmapFromArray(edited, segmentation, segment_id, volume)
     assert panel.promptRefreshTimer.active  # the observer restarted the debounce timer
     panel.promptRefreshTimer.fire()
     assert panel.ui.promptLabel.text.startswith("Propagated")
@@ -1032,9 +1035,30 @@ def test_panel_warns_when_the_drift_test_stopped_next_to_the_drawn_slice(panel, 
     assert ui.statusLabel.styleSheet == "color: #a86b00;"  # the panel's warning colour, not the green "ok"
 
 
+def test_panel_follows_edits_only_while_shown(panel, drawn):
+    """Each refresh reads the whole segment on the GUI thread: a hidden panel does not follow edits,
+    and shown again it reads the segment afresh."""
+    truth, volume, segmentation, segment_id = drawn
+    panel.ui.segmentationSelector.setCurrentNode(segmentation)
+    panel.promptRefreshTimer.fire()
+    assert panel.ui.promptLabel.text.startswith("Drawn on 1 axial slice (10 of 20)")
+    panel.exit()
+    assert not panel.promptRefreshTimer.active
+    prompt = _slicer().util.arrayFromSegmentBinaryLabelmap(segmentation, segment_id, volume)
+    prompt[CENTER[0] + 3] = truth[CENTER[0] + 3]  # a second drawn slice, made while the panel is hidden
+    _slicer().util.updateSegmentBinaryLabelmapFromArray(prompt, segmentation, segment_id, volume)
+    assert not panel.promptRefreshTimer.active
+    panel.enter()
+    assert panel.ui.promptLabel.text.startswith("Drawn on 2 axial slices")
+    prompt[CENTER[0] + 3] = 0
+    _slicer().util.updateSegmentBinaryLabelmapFromArray(prompt, segmentation, segment_id, volume)
+    assert panel.promptRefreshTimer.active  # followed again
+
+
 def test_panel_entering_lists_devices_and_restores_settings(module, monkeypatch):
     FakeSettings.store.update({"PAMSegment/OutputMode": "new", "PAMSegment/UseCheckpointFile": "true",
-                               "PAMSegment/CheckpointPath": "/data/propmask.pth", "PAMSegment/IntensityGate": "false"})
+                               "PAMSegment/CheckpointPath": "/data/propmask.pth", "PAMSegment/IntensityGate": "false",
+                               "PAMSegment/Device": "cuda"})
     widget = module.PAMSegmentWidget(parent=None)
     widget.setup()
     try:
@@ -1047,8 +1071,12 @@ def test_panel_entering_lists_devices_and_restores_settings(module, monkeypatch)
         monkeypatch.setattr(widget.logic, "availableDevices", lambda: ["cpu", "cuda"])
         widget.enter()
         assert FakeTimer.deferred  # devices are probed after the panel is shown (torch import is slow)
+        assert FakeSettings.store["PAMSegment/Device"] == "cuda"  # setup's saves left it alone: only "cpu" was listed
         FakeTimer.deferred.pop()()
         assert ui.deviceComboBox.items == ["cpu", "cuda"]
+        assert ui.deviceComboBox.currentText == "cuda"  # the saved choice, restored
+        ui.deviceComboBox.setCurrentIndex(0)
+        assert FakeSettings.store["PAMSegment/Device"] == "cpu"  # a choice made now is saved
     finally:
         widget.cleanup()
 
