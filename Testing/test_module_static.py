@@ -1216,7 +1216,7 @@ def test_logic_installs_torch_through_the_pytorch_extension(module, monkeypatch)
     monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic))
     monkeypatch.setattr(_slicer().util, "pip_install", lambda spec: calls.append(("pip", spec)))
     module.PAMSegmentLogic.installRequirements(list(module.RUNTIME_REQUIREMENTS))
-    assert calls == [("installTorch", True, ">=2.1"),
+    assert calls == [("installTorch", False, ">=2.1"),  # not a second question: the panel asked
                      ("pip", "dynamic-network-architectures>=0.3.1,<0.4.1"),
                      ("pip", "connected-components-3d>=3.12")]
 
@@ -1224,6 +1224,31 @@ def test_logic_installs_torch_through_the_pytorch_extension(module, monkeypatch)
     monkeypatch.setitem(sys.modules, "PyTorchUtils", None)  # extension absent: plain pip
     module.PAMSegmentLogic.installRequirements([module.RUNTIME_REQUIREMENTS[0]])
     assert calls == [("pip", "torch>=2.1")]
+
+
+def test_self_test_without_the_packages_skips_or_installs_them(module, monkeypatch):
+    """PAMSegmentTest in a Slicer without torch: Reload and Test says what to do (a skip, not a
+    pass); an unattended run (ctest, --testing) installs them first, then runs the tests."""
+    import unittest
+
+    missing = [module.RUNTIME_REQUIREMENTS[0]]
+    ran, installed = [], []
+    monkeypatch.setattr(module.PAMSegmentLogic, "missingRequirements", staticmethod(lambda network=True: list(missing)))
+    monkeypatch.setattr(module.PAMSegmentLogic, "installRequirements",
+                        staticmethod(lambda what, report=None: (installed.extend(what), missing.clear())))
+    test = module.PAMSegmentTest()
+    monkeypatch.setattr(test, "setUp", lambda: None)
+    for name in ("test_PAMSegment_propagatesEllipsoid", "test_PAMSegment_cancelChangesNothing",
+                 "test_PAMSegment_updateKeepsEditsAndUndoRestores"):
+        monkeypatch.setattr(test, name, lambda name=name: ran.append(name))
+    options = types.SimpleNamespace(testingEnabled=False)
+    monkeypatch.setattr(_slicer().app, "commandOptions", lambda: options, raising=False)
+    with pytest.raises(unittest.SkipTest, match=r"not installed yet \(torch>=2.1\): press Propagate once"):
+        test.runTest()
+    assert ran == [] and installed == []
+    options.testingEnabled = True
+    test.runTest()
+    assert installed == [module.RUNTIME_REQUIREMENTS[0]] and len(ran) == 3
 
 
 def test_logic_process_and_model_reuse(module, drawn, monkeypatch, tmp_path):
