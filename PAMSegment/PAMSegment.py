@@ -66,7 +66,9 @@ def _ensureLibraryImportable():
     goes first so a different pip-installed PAMSegmentLib cannot shadow it."""
     for base in (MODULE_DIR, os.path.dirname(MODULE_DIR)):
         if os.path.isfile(os.path.join(base, "PAMSegmentLib", "__init__.py")):
-            if base not in sys.path:
+            if sys.path[:1] != [base]:  # first, even where Slicer already put it further down
+                if base in sys.path:
+                    sys.path.remove(base)
                 sys.path.insert(0, base)
             return
     if importlib.util.find_spec("PAMSegmentLib") is None:
@@ -198,6 +200,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self):
         if self.job is not None and self.job.cancellable:
             self.job.cancel()
+            self.job.wait(5)  # it stops between batches; do not leave it running into a module reload
         self.pollTimer.stop()
         self.promptRefreshTimer.stop()
         self.removeObservers()
@@ -677,6 +680,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             try:
                 segmentId = self.logic.finishPropagation(job)
             except Exception as exc:
+                job.cancel()  # the result is dropped: nothing is left to cancel or write
                 self._setStatus(f"Result not written: {exc}", "error")
                 self.ui.progressBar.setFormat("not written")
             else:

@@ -16,7 +16,7 @@ import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -41,7 +41,7 @@ __all__ = [
     "check_folder_writable",
 ]
 
-PathLike = str | os.PathLike
+PathLike = Union[str, os.PathLike]  # not `str | os.PathLike`: Slicer 5.6-5.8 run Python 3.9
 
 # Longest first so ".seg.nrrd" wins over ".nrrd" and ".nii.gz" over ".gz".
 _WRITE_EXTENSIONS = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")

@@ -923,6 +923,28 @@ def test_panel_propagates_in_the_background_and_writes_once(panel, drawn, monkey
     assert FakeSettings.store["PAMSegment/OutputMode"] == "new"
 
 
+def test_panel_result_not_written_leaves_nothing_to_cancel(panel, drawn, monkeypatch):
+    """The segment was edited while the job ran: the result is refused, the segment kept, and
+    Cancel (nothing left to cancel) is off again."""
+    truth, volume, segmentation, segment_id = drawn
+    gate = {"started": threading.Event(), "go": threading.Event()}
+    oracle_loader(monkeypatch, truth, gate)
+    panel.ui.segmentationSelector.setCurrentNode(segmentation)
+    panel.ui.propagateButton.click()
+    assert gate["started"].wait(10)
+    edited = _slicer().util.arrayFromSegmentBinaryLabelmap(segmentation, segment_id, volume)
+    edited[CENTER[0] + 1] = truth[CENTER[0] + 1]  # the user draws meanwhile
+    _slicer().util.updateSegmentBinaryLabelmapFromArray(edited, segmentation, segment_id, volume)
+    gate["go"].set()
+    poll_until_idle(panel)
+    assert panel.ui.statusLabel.text.startswith("Result not written:") and "was edited while propagating" \
+        in panel.ui.statusLabel.text
+    assert panel.ui.progressBar.format == "not written"
+    assert not panel.ui.cancelButton.enabled and panel.ui.propagateButton.enabled
+    np.testing.assert_array_equal(_slicer().util.arrayFromSegmentBinaryLabelmap(segmentation, segment_id, volume),
+                                  edited)
+
+
 def test_panel_replace_mode_then_prompt_label_explains(panel, drawn, monkeypatch):
     truth, volume, segmentation, segment_id = drawn
     oracle_loader(monkeypatch, truth)
