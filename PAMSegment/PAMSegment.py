@@ -175,6 +175,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.promptRefreshTimer.connect("timeout()", self.updatePromptLabel)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
         self.ui.volumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onInputChanged)
         self.ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onSegmentationChanged)
@@ -226,6 +227,16 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._setStatus("Propagation cancelled because the scene was closed.", "warning")
         self.logic.history.clear()
         self._reviewShown = None
+
+    def onSceneEndClose(self, caller, event):
+        # The closed scene's result and progress no longer apply (a job the close cancelled still
+        # reports that when its last poll comes).
+        if self.job is None or self.job.done:
+            self.ui.progressBar.setValue(0)
+            self.ui.progressBar.setFormat("")
+            self._setStatus("")
+        self.updatePromptLabel()
+        self.updateButtons()
 
     # -- settings ----------------------------------------------------------------------------
 

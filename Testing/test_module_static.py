@@ -1541,10 +1541,13 @@ def test_panel_next_slice_to_review_jumps_the_views(panel, drawn, monkeypatch):
 def test_panel_forgets_the_session_when_the_scene_closes(panel, drawn, monkeypatch):
     _, _, segmentation, segment_id = _propagated(panel, drawn, monkeypatch)
     assert len(panel.logic.history) == 1
+    assert panel.ui.statusLabel.text and panel.ui.progressBar.format.startswith("done in")
     panel.onSceneStartClose(None, None)
     assert len(panel.logic.history) == 0
     panel.updateButtons()
     assert not panel.ui.updateButton.enabled and not panel.ui.undoButton.enabled
+    panel.onSceneEndClose(None, None)  # the last result's status and progress are cleared
+    assert panel.ui.statusLabel.text == "" and panel.ui.progressBar.format == "" and panel.ui.progressBar.value == 0
 
 
 def test_self_test_update_case_runs_headless(module, mrml_scene, monkeypatch):
