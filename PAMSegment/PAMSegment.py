@@ -687,9 +687,9 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self.pollTimer.stop()
         if job.state == "finished":
-            self._saveStateForUndo(job.segmentation_node)
             try:
-                segmentId = self.logic.finishPropagation(job)
+                segmentId = self.logic.finishPropagation(
+                    job, beforeWrite=lambda: self._saveStateForUndo(job.segmentation_node))
             except Exception as exc:
                 job.cancel()  # the result is dropped: nothing is left to cancel or write
                 self._setStatus(f"Result not written: {exc}", "error")
@@ -857,9 +857,10 @@ class PAMSegmentLogic(ScriptedLoadableModuleLogic):
         job.modelKey = key
         return job.start()
 
-    def finishPropagation(self, job):
-        """Write a finished job's result (main thread) and remember it; returns the segment id written."""
-        segmentId = job.apply(history=self.history)
+    def finishPropagation(self, job, beforeWrite=None):
+        """Write a finished job's result (main thread) and remember it; returns the segment id written.
+        ``beforeWrite()`` runs once the write is certain, right before it (e.g. saving an undo state)."""
+        segmentId = job.apply(history=self.history, before_write=beforeWrite)
         if job.modelKey is not None and job.model is not None:
             self._models = {job.modelKey: job.model}  # keep one model: the official one is ~320 MB
         return segmentId

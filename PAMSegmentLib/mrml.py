@@ -764,7 +764,7 @@ class SegmentPropagation:
                     "the edit; nothing was written. Run again, or use output 'new segment'."
                 )
 
-    def apply(self, history: "PropagationHistory | None" = None) -> str:
+    def apply(self, history: "PropagationHistory | None" = None, before_write=None) -> str:
         """Write the result into the segmentation (main thread only); returns the segment id written.
 
         In "replace" mode the prompt segment is replaced inside the volume's extent; in "new" mode a
@@ -773,6 +773,8 @@ class SegmentPropagation:
 
         With ``history`` (a ``PropagationHistory``) the segment's stored labelmap is saved before the
         write (for ``undo_last``) and the result is remembered for ``SegmentUpdate`` and the review.
+        ``before_write()`` is called once every check has passed, right before the write (the panel
+        saves the Segment Editor's undo state there, so a refused write leaves no empty undo step).
         """
         if threading.current_thread() is not threading.main_thread():
             raise PAMError("apply() must run on the main thread (it writes MRML nodes)")
@@ -791,6 +793,8 @@ class SegmentPropagation:
             if before is None:  # never replace what could not be saved for Undo
                 raise PAMError(f'the state of segment "{self.segment_name}" could not be saved for Undo; '
                                "nothing was changed (choose the new-segment output instead)")
+        if before_write is not None:
+            before_write()
         was_modifying = node.StartModify()
         try:
             target = self.segment_id

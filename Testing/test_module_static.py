@@ -907,8 +907,12 @@ def test_panel_propagates_in_the_background_and_writes_once(panel, drawn, monkey
     assert shared == [0.1]  # each poll of a running job lets the worker have the GIL if it was starved
     assert ui.progressBar.format.endswith("left") and " / 20 slices" in ui.progressBar.format
     assert segmentation.GetSegmentation().GetNumberOfSegments() == 1  # nothing written while running
+    undo_states = []
+    monkeypatch.setattr(panel, "_saveStateForUndo",
+                        lambda node: undo_states.append((node, segmentation.GetSegmentation().GetNumberOfSegments())))
     gate["go"].set()
     poll_until_idle(panel)
+    assert undo_states == [(segmentation, 1)]  # one undo state, saved right before the write
 
     segments = segmentation.GetSegmentation()
     assert segments.GetNumberOfSegments() == 2
@@ -935,8 +939,11 @@ def test_panel_result_not_written_leaves_nothing_to_cancel(panel, drawn, monkeyp
     edited = _slicer().util.arrayFromSegmentBinaryLabelmap(segmentation, segment_id, volume)
     edited[CENTER[0] + 1] = truth[CENTER[0] + 1]  # the user draws meanwhile
     _slicer().util.updateSegmentBinaryLabelmapFromArray(edited, segmentation, segment_id, volume)
+    undo_states = []
+    monkeypatch.setattr(panel, "_saveStateForUndo", lambda node: undo_states.append(node))
     gate["go"].set()
     poll_until_idle(panel)
+    assert undo_states == []  # no empty Segment Editor undo step for a write that did not happen
     assert panel.ui.statusLabel.text.startswith("Result not written:") and "was edited while propagating" \
         in panel.ui.statusLabel.text
     assert panel.ui.progressBar.format == "not written"
