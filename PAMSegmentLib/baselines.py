@@ -291,8 +291,7 @@ class TrackPredictor(_ClassicalPredictor):
                  iterations: int = 40, sigma: float = 1.5, pad: float = 0.5, max_side: int = 128,
                  window_percentiles: tuple[float, float] = (0.5, 99.5), window_margin: float = 0.25,
                  smooth_sigma: float = 1.0, diffeomorphic: bool = False, threads: int | None = 1,
-                 coarse_iterations: int = 0, coarse_levels: int = 1, max_step: float = 0.0,
-                 update_sigma: float = 0.0):
+                 coarse_iterations: int = 0, coarse_levels: int = 1, max_step: float = 0.0):
         super().__init__(k, min_inside, min_area_fraction, smooth_sigma)
         import SimpleITK  # noqa: F401  (fail at construction, not mid-walk, if missing)
 
@@ -304,9 +303,6 @@ class TrackPredictor(_ClassicalPredictor):
         if not float(max_step) >= 0.0:
             raise ValueError(f"registration max_step must be >= 0 (0 = SimpleITK's default), got {max_step}")
         self.max_step = float(max_step)
-        if not float(update_sigma) >= 0.0:
-            raise ValueError(f"registration update_sigma must be >= 0 (0 = no fluid smoothing), got {update_sigma}")
-        self.update_sigma = float(update_sigma)
         self.window_percentiles, self.window_margin = tuple(window_percentiles), float(window_margin)
         self.diffeomorphic, self.threads = bool(diffeomorphic), threads
 
@@ -375,9 +371,6 @@ class TrackPredictor(_ClassicalPredictor):
             d.SetStandardDeviations(self.sigma * f)  # physical units = full-res pixels
             if self.max_step > 0:  # likewise: max_step grid px = max_step * f physical units
                 d.SetMaximumUpdateStepLength(self.max_step * f)
-            if self.update_sigma > 0:  # fluid-like: each update smoothed too, in grid px
-                d.SetSmoothUpdateField(True)
-                d.SetUpdateFieldStandardDeviations(self.update_sigma * f)
             d.SetUseImageSpacing(True)
             if self.threads:
                 d.SetNumberOfThreads(int(self.threads))

@@ -57,7 +57,6 @@ _NUMERIC = {
     "reglevels": ("registration_options", "coarse_levels", int),
     "regsigma": ("registration_options", "sigma", float),
     "regstep": ("registration_options", "max_step", float),  # demons step limit, grid px per iteration
-    "regupd": ("registration_options", "update_sigma", float),  # fluid smoothing of each demons update, grid px
     "carryss": (None, "carry_supersample", int),  # the chain's carried mask on an s times finer grid
     "up": (None, "through_plane_mm", float),  # thick slices: walks through slices interpolated to <= T mm (0 = off)
 }
