@@ -301,7 +301,8 @@ def _schedule(order: str, p: int, n: int, dist: np.ndarray | None, found: dict):
 
 
 def _expand(inputs: Sequence[str]) -> list:
-    """Files as given; a folder contributes its image files (``IMAGE_2D_EXTENSIONS``), sorted by name."""
+    """Files as given (each must exist); a folder contributes its image files (``IMAGE_2D_EXTENSIONS``),
+    sorted by name."""
     from pathlib import Path
 
     from .volumes import IMAGE_2D_EXTENSIONS
@@ -315,6 +316,10 @@ def _expand(inputs: Sequence[str]) -> list:
             if not found:
                 raise InputError(f"folder {p} holds no image files ({', '.join(IMAGE_2D_EXTENSIONS)})")
             out.extend(found)
+        elif not p.exists():
+            raise InputError(f"{p} does not exist; check the path")
+        elif not p.is_file():
+            raise InputError(f"{p} is not a file or a folder; give image files or folders of them")
         else:
             out.append(p)
     return out

@@ -422,3 +422,26 @@ def test_a_one_slice_volume_gets_its_mask_where_it_lies(tmp_path, run_cli):
     mask = sitk.ReadImage(str(tmp_path / "out" / "coronal_mask.nii.gz"))
     assert mask.GetSize() == (48, 48, 1) and mask.GetOrigin() == (5.0, 6.0, 70.0)
     assert np.allclose(mask.GetDirection(), (1, 0, 0, 0, 0, 1, 0, -1, 0))
+
+
+def test_cli_names_a_missing_image_in_one_line_before_any_work(tmp_path, capsys):
+    """A mistyped image path (or one in a missing folder, with -o already there) was a
+    FileNotFoundError traceback with exit status 1."""
+    from PAMSegmentLib import cli
+
+    images, truth = moving_disc_set(2)
+    _write_set(tmp_path / "set", images, truth[0])
+
+    def run(image):
+        return cli.main(["label-images", str(tmp_path / "set" / "img_0.png"), str(tmp_path / "mask.png"),
+                         str(tmp_path / "set"), str(image), "--method", "copy", "-o", str(tmp_path / "out")])
+
+    missing = tmp_path / "missing.png"
+    assert run(missing) == 2
+    assert capsys.readouterr().err == f"pamsegment: error: {missing} does not exist; check the path\n"
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "out").mkdir()
+    nodir = tmp_path / "nodir" / "missing.png"
+    assert run(nodir) == 2
+    assert capsys.readouterr().err == f"pamsegment: error: {nodir} does not exist; check the path\n"
+    assert not any((tmp_path / "out").iterdir())
