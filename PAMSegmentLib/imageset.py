@@ -333,6 +333,29 @@ def _stem(path) -> str:
     return name if name != path.name else path.stem
 
 
+def _refuse_outputs_onto_inputs(out_dir, names, prompt_path, mask_path, files) -> None:
+    """Before any work: no file ``names`` in ``out_dir`` may be, or be a symbolic link to, one of
+    the inputs (a link in -o stays a link and its target gets the new file, which would replace a
+    drawn mask or an image). Compared by device and inode, as ``os.path.samefile`` does."""
+    import os
+
+    inputs = {}
+    for what, f in (("the prompt image", prompt_path), ("the prompt mask", mask_path), *(("the image", f) for f in files)):
+        st = os.stat(f)
+        inputs.setdefault((st.st_dev, st.st_ino), f"{what} {f}")
+    for name in names:
+        target = out_dir / name
+        try:
+            st = os.stat(target)  # follows a symbolic link
+        except OSError:
+            continue  # not there, or a link to nothing: no input to write over
+        hit = inputs.get((st.st_dev, st.st_ino))
+        if hit:
+            how = "a symbolic link to" if target.is_symlink() else "the same file as"
+            raise InputError(f"{target} is {how} {hit}, which this run would write over; remove "
+                             f"{'the link' if target.is_symlink() else 'it'} or choose another -o folder")
+
+
 def add_label_images_arguments(p) -> None:
     from .cli import _label_number, _positive_int
 
@@ -415,6 +438,9 @@ def cmd_label_images(args) -> int:
     if clash:
         raise InputError(f"{clash[0]} and {clash[1]} would both be written as {_stem(clash[0])}_mask; "
                          "rename one or label them in separate runs")
+    names = [f"{_stem(f)}_mask.{args.format}" for f in files]
+    if out_dir.exists():
+        _refuse_outputs_onto_inputs(out_dir, [*names, "labels.csv"], prompt_path, mask_path, files)
 
     read = [read_image_2d(f) for f in files]
     prompt = read_labelmap_2d(mask_path, reference=read[index])
@@ -433,13 +459,10 @@ def cmd_label_images(args) -> int:
     moves = []  # (temporary, where it lands)
     try:
         out_dir.mkdir(exist_ok=True)
-        names = []
-        for n, (f, (_, ref), m) in enumerate(zip(files, read, result.masks)):
-            name = f"{_stem(f)}_mask.{args.format}"
+        for n, (name, (_, ref), m) in enumerate(zip(names, read, result.masks)):
             at = through_link(out_dir / name)
             moves.append((at.with_name(f"{stamp}-{n}.tmp.{args.format}"), at))
             write_labelmap_2d(m, ref, moves[-1][0])
-            names.append(name)
         at = through_link(out_dir / "labels.csv")
         moves.append((at.with_name(f"{stamp}.tmp.csv"), at))
         with open(moves[-1][0], "w", newline="") as fh:

@@ -445,3 +445,35 @@ def test_cli_names_a_missing_image_in_one_line_before_any_work(tmp_path, capsys)
     assert run(nodir) == 2
     assert capsys.readouterr().err == f"pamsegment: error: {nodir} does not exist; check the path\n"
     assert not any((tmp_path / "out").iterdir())
+
+
+def test_cli_refuses_outputs_that_link_to_its_inputs_before_any_work(tmp_path, capsys, monkeypatch):
+    """A mask name or labels.csv in -o that is a symbolic link to the prompt mask or an image: the
+    link's target would get the new file, so the drawn mask lost its label 2 (a link to a file that
+    is not an input stays a link: test_cli_keeps_symbolic_links_among_the_outputs)."""
+    from PAMSegmentLib import cli
+    from PAMSegmentLib import imageset as imageset_module
+
+    images, truth = moving_disc_set(3)
+    _write_set(tmp_path / "set", images, truth[0])
+    drawn = truth[0].astype(np.uint8)
+    drawn[:4, :4] = 2  # a second structure the user drew
+    sitk.WriteImage(sitk.GetImageFromArray(drawn), str(tmp_path / "mask.png"))
+    before = {p.name: p.read_bytes() for p in [tmp_path / "mask.png", *(tmp_path / "set").iterdir()]}
+    monkeypatch.setattr(imageset_module, "label_images", lambda *a, **k: pytest.fail("no work before the refusal"))
+    out = tmp_path / "out"
+    out.mkdir()
+    run = ["label-images", str(tmp_path / "set" / "img_0.png"), str(tmp_path / "mask.png"), str(tmp_path / "set"),
+           "--method", "copy", "--label", "1", "-o", str(out)]
+    for name, target, what in (("img_0_mask.png", tmp_path / "mask.png", "the prompt mask"),
+                               ("img_1_mask.png", tmp_path / "set" / "img_2.png", "the image"),
+                               ("labels.csv", tmp_path / "set" / "img_0.png", "the prompt image")):
+        (out / name).symlink_to(target)
+        assert cli.main(run) == 2
+        assert capsys.readouterr().err == (f"pamsegment: error: {out / name} is a symbolic link to {what} {target}, "
+                                           "which this run would write over; remove the link or choose another "
+                                           "-o folder\n")
+        (out / name).unlink()
+    assert {p.name: p.read_bytes() for p in [tmp_path / "mask.png", *(tmp_path / "set").iterdir()]} == before
+    assert np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "mask.png")))).tolist() == [0, 1, 2]
+    assert not any(out.iterdir())
