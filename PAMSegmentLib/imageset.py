@@ -333,10 +333,11 @@ def _stem(path) -> str:
     return name if name != path.name else path.stem
 
 
-def _refuse_outputs_onto_inputs(out_dir, names, prompt_path, mask_path, files) -> None:
-    """Before any work: no file ``names`` in ``out_dir`` may be, or be a symbolic link to, one of
-    the inputs (a link in -o stays a link and its target gets the new file, which would replace a
-    drawn mask or an image). Compared by device and inode, as ``os.path.samefile`` does."""
+def _check_targets(out_dir, names, prompt_path, mask_path, files) -> None:
+    """Before any work, of the files ``names`` in ``out_dir``: none may be a folder (the move at
+    the end would fail half-way), and none may be, or be a symbolic link to, one of the inputs (a
+    link in -o stays a link and its target gets the new file, which would replace a drawn mask or
+    an image). Inputs are compared by device and inode, as ``os.path.samefile`` does."""
     import os
 
     inputs = {}
@@ -349,11 +350,33 @@ def _refuse_outputs_onto_inputs(out_dir, names, prompt_path, mask_path, files) -
             st = os.stat(target)  # follows a symbolic link
         except OSError:
             continue  # not there, or a link to nothing: no input to write over
+        if target.is_dir():
+            what = "labels.csv" if name == "labels.csv" else "a mask"
+            raise InputError(f"{target} is a folder, where this run would write {what}; move it away or choose "
+                             "another -o folder")
         hit = inputs.get((st.st_dev, st.st_ino))
         if hit:
             how = "a symbolic link to" if target.is_symlink() else "the same file as"
             raise InputError(f"{target} is {how} {hit}, which this run would write over; remove "
                              f"{'the link' if target.is_symlink() else 'it'} or choose another -o folder")
+
+
+def _failed_move(out_dir, names, k, error) -> str:
+    """The one-line message when moving the ``k``-th of the masks ``names`` (then labels.csv) in
+    failed: what was replaced and what was not."""
+    n, reason = len(names), error.strerror or str(error)
+    rest = [out_dir / name for name in names[k + 1:]] + [out_dir / "labels.csv"] if k < n else []
+    mixed = any(p.exists() for p in rest) or (out_dir / ([*names, "labels.csv"][k])).exists()
+    state = ("-o now mixes files of this run and an earlier one" if mixed else "-o holds only part of the result")
+    if k == 0:
+        return f"cannot write {out_dir / names[0]} ({reason}): nothing was replaced; fix that and run again"
+    if k == n:
+        return (f"cannot write {out_dir / 'labels.csv'} ({reason}): all {n} masks were replaced, labels.csv was not; "
+                f"{state}: fix that and run again")
+    done = names[0] if k == 1 else f"{names[0]} to {names[k - 1]}"
+    after = f", the {n - k - 1} after it" if n - k - 1 else ""
+    return (f"cannot write {out_dir / names[k]} ({reason}): {k} of {n} masks replaced ({done}); not replaced: "
+            f"this one{after} and labels.csv; {state}: fix that and run again")
 
 
 def add_label_images_arguments(p) -> None:
@@ -440,7 +463,7 @@ def cmd_label_images(args) -> int:
                          "rename one or label them in separate runs")
     names = [f"{_stem(f)}_mask.{args.format}" for f in files]
     if out_dir.exists():
-        _refuse_outputs_onto_inputs(out_dir, [*names, "labels.csv"], prompt_path, mask_path, files)
+        _check_targets(out_dir, [*names, "labels.csv"], prompt_path, mask_path, files)
 
     read = [read_image_2d(f) for f in files]
     prompt = read_labelmap_2d(mask_path, reference=read[index])
@@ -476,8 +499,11 @@ def cmd_label_images(args) -> int:
         # moved in and reported with Ctrl-C ignored (left ignored when the process ends with the
         # command): an interrupt once the masks are in place would say "nothing was written"
         with ctrl_c_ignored(keep=getattr(args, "_ends_process", False)):
-            for tmp, at in moves:
-                os.replace(tmp, at)
+            for k, (tmp, at) in enumerate(moves):
+                try:
+                    os.replace(tmp, at)
+                except OSError as error:
+                    raise InputError(_failed_move(out_dir, names, k, error)) from None
             print(f"wrote {len(files)} masks and labels.csv to {out_dir}: {result.summary()}; "
                   f"{time.perf_counter() - t0:.1f} s in all", flush=True)
     finally:

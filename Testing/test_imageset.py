@@ -477,3 +477,66 @@ def test_cli_refuses_outputs_that_link_to_its_inputs_before_any_work(tmp_path, c
     assert {p.name: p.read_bytes() for p in [tmp_path / "mask.png", *(tmp_path / "set").iterdir()]} == before
     assert np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "mask.png")))).tolist() == [0, 1, 2]
     assert not any(out.iterdir())
+
+
+def test_cli_refuses_a_folder_where_a_mask_or_the_table_goes_before_any_work(tmp_path, capsys, monkeypatch):
+    """A folder named like a mask (or labels.csv) in -o made the final move fail half-way, with a
+    traceback, after the earlier masks were replaced."""
+    from PAMSegmentLib import cli
+    from PAMSegmentLib import imageset as imageset_module
+
+    images, truth = moving_disc_set(3)
+    _write_set(tmp_path / "set", images, truth[0])
+    monkeypatch.setattr(imageset_module, "label_images", lambda *a, **k: pytest.fail("no work before the refusal"))
+    out = tmp_path / "out"
+    run = ["label-images", str(tmp_path / "set" / "img_0.png"), str(tmp_path / "mask.png"), str(tmp_path / "set"),
+           "--method", "copy", "-o", str(out)]
+    for name, what in (("img_1_mask.png", "a mask"), ("labels.csv", "labels.csv")):
+        (out / name).mkdir(parents=True)
+        assert cli.main(run) == 2
+        assert capsys.readouterr().err == (f"pamsegment: error: {out / name} is a folder, where this run would write "
+                                           f"{what}; move it away or choose another -o folder\n")
+        assert [p.name for p in out.iterdir()] == [name]
+        (out / name).rmdir()
+
+
+@pytest.mark.parametrize("fail_at, message", [
+    ("img_0_mask.png", "cannot write {out}/img_0_mask.png (Permission denied): nothing was replaced; fix that and "
+                       "run again"),
+    ("img_1_mask.png", "cannot write {out}/img_1_mask.png (Permission denied): 1 of 3 masks replaced (img_0_mask.png); "
+                       "not replaced: this one, the 1 after it and labels.csv; -o now mixes files of this run and an "
+                       "earlier one: fix that and run again"),
+    ("labels.csv", "cannot write {out}/labels.csv (Permission denied): all 3 masks were replaced, labels.csv was not; "
+                   "-o now mixes files of this run and an earlier one: fix that and run again"),
+])
+def test_cli_a_failed_final_move_says_what_was_and_was_not_replaced(tmp_path, capsys, monkeypatch, fail_at, message):
+    """A move that fails at the end (after the checks: a permission, a full disk) was an OSError
+    traceback (exit 1) that left a mix of new and old masks unsaid."""
+    import os
+
+    from PAMSegmentLib import cli
+
+    images, truth = moving_disc_set(3)
+    _write_set(tmp_path / "set", images, truth[0])
+    out = tmp_path / "out"
+    run = ["label-images", str(tmp_path / "set" / "img_0.png"), str(tmp_path / "mask.png"), str(tmp_path / "set"),
+           "--method", "copy", "-o", str(out)]
+    assert cli.main(run) == 0  # the earlier run: label 3
+    capsys.readouterr()
+    sitk.WriteImage(sitk.GetImageFromArray(truth[0].astype(np.uint8) * 5), str(tmp_path / "mask.png"))  # now label 5
+    replace = os.replace
+
+    def failing(src, dst):
+        if os.fspath(dst) == str(out / fail_at):
+            raise PermissionError(13, "Permission denied")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing)
+    assert cli.main(run) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"pamsegment: error: {message.format(out=out)}"  # after the bar
+    labels = [int(sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"img_{k}_mask.png"))).max()) for k in range(3)]
+    assert labels == {"img_0_mask.png": [3, 3, 3], "img_1_mask.png": [5, 3, 3], "labels.csv": [5, 5, 5]}[fail_at]
+    with open(out / "labels.csv") as fh:
+        assert {r["label"] for r in csv.DictReader(fh)} == {"3"}  # the earlier run's table
+    assert sorted(p.name for p in out.iterdir()) == ["img_0_mask.png", "img_1_mask.png", "img_2_mask.png",
+                                                     "labels.csv"]  # no temporaries left
