@@ -301,8 +301,8 @@ def _schedule(order: str, p: int, n: int, dist: np.ndarray | None, found: dict):
 
 
 def _expand(inputs: Sequence[str]) -> list:
-    """Files as given (each must exist); a folder contributes its image files (``IMAGE_2D_EXTENSIONS``),
-    sorted by name."""
+    """Files as given (each must exist); a folder contributes its image files (by extension,
+    ``IMAGE_2D_EXTENSIONS``), sorted by name with numbers compared as numbers (``_natural``)."""
     from pathlib import Path
 
     from .volumes import IMAGE_2D_EXTENSIONS
@@ -311,8 +311,8 @@ def _expand(inputs: Sequence[str]) -> list:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith(".")
-                           and f.name.lower().endswith(IMAGE_2D_EXTENSIONS))
+            found = sorted((f for f in p.iterdir() if f.is_file() and not f.name.startswith(".")
+                            and f.name.lower().endswith(IMAGE_2D_EXTENSIONS)), key=_natural)
             if not found:
                 raise InputError(f"folder {p} holds no image files ({', '.join(IMAGE_2D_EXTENSIONS)})")
             out.extend(found)
@@ -323,6 +323,15 @@ def _expand(inputs: Sequence[str]) -> list:
         else:
             out.append(p)
     return out
+
+
+def _natural(path) -> tuple:
+    """Sort key of a file name: runs of digits compare as numbers, the rest ignoring case
+    (frame_2 before frame_10, as a file manager shows them); the name itself breaks ties."""
+    import re
+
+    parts = re.split(r"(\d+)", path.name)
+    return tuple(int(t) if n % 2 else t.lower() for n, t in enumerate(parts)), path.name
 
 
 def _stem(path) -> str:
@@ -386,7 +395,9 @@ def add_label_images_arguments(p) -> None:
                    "2D NIfTI/NRRD/MHA; colour becomes grey)")
     p.add_argument("prompt_mask", metavar="PROMPT_MASK",
                    help="its label map (same size; 0 = background, 1, 2 ... = structures)")
-    p.add_argument("images", metavar="IMAGE", nargs="+", help="images to label, or folders of them (sorted by name)")
+    p.add_argument("images", metavar="IMAGE", nargs="+",
+                   help="images to label, or folders of them (their files with an image extension, sorted by name, "
+                        "numbers by value: frame_2 before frame_10)")
     p.add_argument("-o", "--output", required=True, metavar="DIR",
                    help="folder for the masks (<image name>_mask.<format>) and labels.csv; written only on success")
     p.add_argument("--order", choices=ORDERS, default="similar",

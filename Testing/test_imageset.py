@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -540,3 +541,29 @@ def test_cli_a_failed_final_move_says_what_was_and_was_not_replaced(tmp_path, ca
         assert {r["label"] for r in csv.DictReader(fh)} == {"3"}  # the earlier run's table
     assert sorted(p.name for p in out.iterdir()) == ["img_0_mask.png", "img_1_mask.png", "img_2_mask.png",
                                                      "labels.csv"]  # no temporaries left
+
+
+def test_cli_sorts_a_folder_by_name_with_numbers_by_value(tmp_path, capsys):
+    """frame_1, 2, 3, 10, 11 in a folder: a plain string sort walked frame_1 -> frame_10 -> frame_11
+    -> frame_2 -> frame_3 with --order given, scrambling the sequence. Files without an image
+    extension (e.g. a DICOM file without .dcm) are not taken from a folder."""
+    from PAMSegmentLib import cli
+
+    images, truth = moving_disc_set(5)
+    (tmp_path / "frames").mkdir()
+    for n, im in zip((1, 2, 3, 10, 11), images):
+        sitk.WriteImage(sitk.GetImageFromArray(np.clip(im, 0, 255).astype(np.uint8)),
+                        str(tmp_path / "frames" / f"frame_{n}.png"))
+    (tmp_path / "frames" / "notes").write_text("not an image")
+    sitk.WriteImage(sitk.GetImageFromArray(truth[0].astype(np.uint8)), str(tmp_path / "mask.png"))
+    assert cli.main(["label-images", str(tmp_path / "frames" / "frame_1.png"), str(tmp_path / "mask.png"),
+                     str(tmp_path / "frames"), "--method", "copy", "--order", "given",
+                     "-o", str(tmp_path / "out")]) == 0
+    with open(tmp_path / "out" / "labels.csv") as fh:
+        rows = [(Path(r["image"]).name, Path(r["guided_by"]).name) for r in csv.DictReader(fh)]
+    assert rows == [("frame_1.png", "(drawn)"), ("frame_2.png", "frame_1.png"), ("frame_3.png", "frame_2.png"),
+                    ("frame_10.png", "frame_3.png"), ("frame_11.png", "frame_10.png")]
+    from PAMSegmentLib.imageset import _natural
+
+    names = ["b10.png", "B2.png", "a.png", "b02.png", "b1.png"]
+    assert sorted(names, key=lambda n: _natural(Path(n))) == ["a.png", "b1.png", "B2.png", "b02.png", "b10.png"]
