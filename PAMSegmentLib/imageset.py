@@ -448,6 +448,18 @@ def cmd_label_images(args) -> int:
     if os.path.samefile(prompt_path, mask_path):
         raise InputError("the prompt image and the prompt mask are the same file; give the mask drawn on the image")
     files = _expand(args.images)
+    # The same file given twice (a folder and one of its files, or a link to it): labelled once, in
+    # its first place (two masks of one image would be written to one name).
+    seen, unique, twice = {}, [], []
+    for f in files:
+        st = os.stat(f)
+        first = seen.setdefault((st.st_dev, st.st_ino), f)
+        (unique if first is f else twice).append((f, first))
+    if twice:
+        more = f" (and {len(twice) - 1} more)" if len(twice) > 1 else ""
+        print(f"note: {twice[0][0]} is given twice (also as {twice[0][1]}){more}; each image is labelled once",
+              flush=True)
+        files = [f for f, _ in unique]
     # Masks written among the images would be read as images next time, and could replace a file
     # the user drew (e.g. the prompt mask itself, kept as masks/img_007_mask.png).
     inputs = [prompt_path, mask_path, *files]

@@ -567,3 +567,20 @@ def test_cli_sorts_a_folder_by_name_with_numbers_by_value(tmp_path, capsys):
 
     names = ["b10.png", "B2.png", "a.png", "b02.png", "b1.png"]
     assert sorted(names, key=lambda n: _natural(Path(n))) == ["a.png", "b1.png", "B2.png", "b02.png", "b10.png"]
+
+
+def test_cli_labels_an_image_given_twice_once(tmp_path, capsys):
+    """A folder and one of its files: the error said "set/img_1.png and set/img_1.png would both be
+    written as img_1_mask; rename one", which renaming cannot fix (it is one file)."""
+    from PAMSegmentLib import cli
+
+    images, truth = moving_disc_set(3)
+    _write_set(tmp_path / "set", images, truth[0])
+    (tmp_path / "link.png").symlink_to(tmp_path / "set" / "img_2.png")
+    assert cli.main(["label-images", str(tmp_path / "set" / "img_0.png"), str(tmp_path / "mask.png"),
+                     str(tmp_path / "set"), str(tmp_path / "set" / "img_1.png"), str(tmp_path / "link.png"),
+                     "--method", "copy", "-o", str(tmp_path / "out")]) == 0
+    assert (f"note: {tmp_path / 'set' / 'img_1.png'} is given twice (also as {tmp_path / 'set' / 'img_1.png'}) "
+            "(and 1 more); each image is labelled once") in capsys.readouterr().out
+    with open(tmp_path / "out" / "labels.csv") as fh:
+        assert [r["mask"] for r in csv.DictReader(fh)] == ["img_0_mask.png", "img_1_mask.png", "img_2_mask.png"]
