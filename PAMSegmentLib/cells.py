@@ -396,8 +396,9 @@ def add_label_cells_arguments(p) -> None:
     p.add_argument("examples", metavar="EXAMPLES",
                    help="label map of the same size with a few cells outlined (each connected piece is one cell)")
     p.add_argument("-o", "--output", required=True, metavar="OUT",
-                   help="instance label map (.tif, .png, .nrrd, .nii.gz, .mha); a table of the cells is written "
-                        "beside it as OUT's name + .csv")
+                   help="instance label map (.tif, .png, .nrrd, .nii.gz, .mha; a .png with more than 65535 cells "
+                        "becomes <name>.tif, or <name>_labels.tif if that is an input); a table of the cells is "
+                        "written beside it as OUT's name + .csv")
     p.add_argument("--background", metavar="MASK", help="optional mask of pixels that are not cells")
     p.add_argument("--background-label", type=_positive_int, metavar="N",
                    help="pixels of label N in EXAMPLES mark background, not a cell (draw both in one file)")
@@ -405,6 +406,30 @@ def add_label_cells_arguments(p) -> None:
     p.add_argument("--self-training", action="store_true",
                    help="one round of self-training on the pixels the first pass is sure of (off by default: "
                         "it can also reinforce mistakes; see the README)")
+
+
+def _tif_fallback(out, inputs) -> tuple:
+    """(the TIFF a .png OUT becomes when the cells do not fit a PNG, why not ``<stem>.tif``):
+    ``<stem>.tif``, or, when that or its table is one of ``inputs`` (the same file, also through a
+    symbolic link) or a folder, ``<stem>_labels.tif`` (then ``_labels2`` ...)."""
+    from .cli import _same_path
+
+    def taken(candidate):
+        for p in (candidate, candidate.with_name(candidate.name + ".csv")):
+            if any(_same_path(p, given) for given in inputs):
+                return f"{p.name} is one of the inputs"
+            if p.is_dir():
+                return f"{p.name} is a folder"
+        return None
+
+    stem = out.name[:-4]
+    why = taken(out.with_name(f"{stem}.tif"))
+    if why is None:
+        return out.with_name(f"{stem}.tif"), ""
+    n = 1
+    while taken(out.with_name(f"{stem}_labels{n if n > 1 else ''}.tif")) is not None:
+        n += 1
+    return out.with_name(f"{stem}_labels{n if n > 1 else ''}.tif"), f" ({why})"
 
 
 def cmd_label_cells(args) -> int:
@@ -420,9 +445,13 @@ def cmd_label_cells(args) -> int:
     t0 = time.perf_counter()
     out = Path(args.output)
     check_output_path(out, MASK_2D_EXTENSIONS)
-    for given in (args.image, args.examples, args.background):
-        if given and _same_path(out, given):
+    inputs = [given for given in (args.image, args.examples, args.background) if given]
+    for given in inputs:
+        if _same_path(out, given):
             raise InputError(f"the output {out} is one of the inputs ({given}); choose another -o file")
+    # A PNG holds at most 65535 labels; a result with more goes to a TIFF beside OUT, whose name is
+    # chosen now, before the work, so that it never replaces an input.
+    fallback = _tif_fallback(out, inputs) if out.name.lower().endswith(".png") else None
     image, ref = read_image_2d(args.image, keep_colour=True)
     examples = read_labelmap_2d(args.examples, reference=(image[..., 0] if image.ndim == 3 else image, ref))
     background = None
@@ -452,11 +481,11 @@ def cmd_label_cells(args) -> int:
     with _ProgressBar("labelling cells") as bar:
         result = label_cells(image, examples, background=background, tile=args.tile,
                              self_training=args.self_training, progress=bar)
-    if out.name.lower().endswith(".png") and int(result.labels.max()) > 65535:
-        # PNG holds at most 16-bit labels; rather than lose the work, write a TIFF next to it.
-        out = out.with_name(out.name[:-4] + ".tif")
+    if fallback is not None and int(result.labels.max()) > 65535:
+        # PNG holds at most 16-bit labels; rather than lose the work, write the TIFF chosen above.
+        out, why = fallback
         print(f"note: {int(result.labels.max())} cells do not fit a PNG file (at most 65535); writing {out.name} "
-              "instead", flush=True)
+              f"instead{why}", flush=True)
     table = out.with_name(out.name + ".csv")
     # Both files are written to temporaries beside them, then moved in together (Ctrl-C ignored for
     # the two renames): an interrupted run leaves both old files, never a new map beside an old table.

@@ -315,3 +315,53 @@ def test_without_the_cells_extra_the_message_says_what_to_install(monkeypatch, m
     monkeypatch.setitem(sys.modules, missing, None)  # import of it fails
     with pytest.raises(InputError, match=r'pip install "PAMSegmentLib\[cells\]"'):
         label_cells(image, np.where(np.isin(ref, [1, 2]), ref, 0))
+
+
+def _more_cells_than_a_png_holds(monkeypatch):
+    """label_cells as in the command, but with the last cell's label raised to 70000 (a stand-in for
+    a slide with more than 65535 cells)."""
+    from PAMSegmentLib import cells as cells_module
+
+    real = cells_module.label_cells
+
+    def many(*args, **kwargs):
+        result = real(*args, **kwargs)
+        last = int(result.labels.max())
+        result.labels = np.where(result.labels == last, 70000, result.labels).astype(np.int32)
+        result.cells[-1]["label"] = 70000
+        return result
+
+    monkeypatch.setattr(cells_module, "label_cells", many)
+
+
+def test_cli_png_fallback_to_tif_never_replaces_an_input(tmp_path, monkeypatch, capsys):
+    """`label-cells slide.tif ex.png -o slide.png` with more than 65535 cells wrote the labels as
+    slide.tif: over the input image. The TIFF's name is chosen before the work, away from the
+    inputs (also through a symbolic link)."""
+    from PAMSegmentLib import cli
+
+    _more_cells_than_a_png_holds(monkeypatch)
+    image, ref = disc_image()
+    sitk.WriteImage(sitk.GetImageFromArray(np.clip(image, 0, 255).astype(np.uint8)), str(tmp_path / "slide.tif"))
+    sitk.WriteImage(sitk.GetImageFromArray(np.where(np.isin(ref, [1, 4, 16]), ref, 0).astype(np.uint8)),
+                    str(tmp_path / "ex.png"))
+    before = (tmp_path / "slide.tif").read_bytes()
+    assert cli.main(["label-cells", str(tmp_path / "slide.tif"), str(tmp_path / "ex.png"),
+                     "-o", str(tmp_path / "slide.png")]) == 0
+    assert ("note: 70000 cells do not fit a PNG file (at most 65535); writing slide_labels.tif instead (slide.tif is "
+            "one of the inputs)") in capsys.readouterr().out
+    assert (tmp_path / "slide.tif").read_bytes() == before
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "slide_labels.tif"))).max() == 70000
+    with open(tmp_path / "slide_labels.tif.csv") as fh:
+        assert list(csv.DictReader(fh))[-1]["label"] == "70000"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ex.png", "slide.tif", "slide_labels.tif",
+                                                          "slide_labels.tif.csv"]
+    # No clash: <stem>.tif, as before. A link named like it to the image counts as the image.
+    (tmp_path / "cells.tif").symlink_to(tmp_path / "slide.tif")
+    assert cli.main(["label-cells", str(tmp_path / "slide.tif"), str(tmp_path / "ex.png"),
+                     "-o", str(tmp_path / "other.png")]) == 0
+    assert "writing other.tif instead\n" in capsys.readouterr().out
+    assert cli.main(["label-cells", str(tmp_path / "cells.tif"), str(tmp_path / "ex.png"),
+                     "-o", str(tmp_path / "cells.png")]) == 0
+    assert "writing cells_labels.tif instead (cells.tif is one of the inputs)" in capsys.readouterr().out
+    assert (tmp_path / "cells.tif").is_symlink() and (tmp_path / "slide.tif").read_bytes() == before
