@@ -434,11 +434,10 @@ def _tif_fallback(out, inputs) -> tuple:
 
 def cmd_label_cells(args) -> int:
     import csv
-    import os
     import uuid
     from pathlib import Path
 
-    from .cli import EXIT_OK, _ProgressBar, _same_path, ctrl_c_ignored
+    from .cli import EXIT_OK, _move_in, _ProgressBar, _same_path, ctrl_c_ignored
     from .volumes import (MASK_2D_EXTENSIONS, check_output_path, read_image_2d, read_labelmap_2d, through_link,
                           write_labelmap_2d)
 
@@ -452,6 +451,9 @@ def cmd_label_cells(args) -> int:
     # A PNG holds at most 65535 labels; a result with more goes to a TIFF beside OUT, whose name is
     # chosen now, before the work, so that it never replaces an input.
     fallback = _tif_fallback(out, inputs) if out.name.lower().endswith(".png") else None
+    if out.with_name(out.name + ".csv").is_dir():  # the move at the end would fail after the work
+        raise InputError(f"{out.with_name(out.name + '.csv')} is a folder, where the table of cells goes; move it "
+                         "away or choose another -o file")
     image, ref = read_image_2d(args.image, keep_colour=True)
     examples = read_labelmap_2d(args.examples, reference=(image[..., 0] if image.ndim == 3 else image, ref))
     background = None
@@ -488,8 +490,9 @@ def cmd_label_cells(args) -> int:
               f"instead{why}", flush=True)
     table = out.with_name(out.name + ".csv")
     # Both files are written to temporaries beside them, then moved in together (Ctrl-C ignored for
-    # the two renames): an interrupted run leaves both old files, never a new map beside an old table.
-    # A symbolic link stays one: the files are moved in onto its target.
+    # the two renames, the table first): an interrupted run leaves both old files, and a failed move
+    # never a new map beside an old table. A symbolic link stays one: the files are moved in onto
+    # its target.
     out_at, table_at = through_link(out), through_link(table)
     stamp = f".pamsegment-{uuid.uuid4().hex[:12]}.tmp"
     tmp_out = out_at.with_name(stamp + check_output_path(out, MASK_2D_EXTENSIONS, probe=False))  # the format's extension
@@ -505,8 +508,10 @@ def cmd_label_cells(args) -> int:
         # moved in and reported with Ctrl-C ignored (left ignored when the process ends with the
         # command): an interrupt once both files are in place would say "nothing was written"
         with ctrl_c_ignored(keep=getattr(args, "_ends_process", False)):
-            os.replace(tmp_out, out_at)
-            os.replace(tmp_table, table_at)
+            # The table first: if it cannot be moved in, the label map is still the old one.
+            _move_in(tmp_table, table_at, "nothing was replaced")
+            _move_in(tmp_out, out_at, f"the label map was not replaced, but its table {table.name} was (it lists "
+                                      "this run's cells)")
             print(f"wrote {out} and {table.name}: {result.summary()}; {time.perf_counter() - t0:.1f} s in all",
                   flush=True)
             for warning in result.warnings:

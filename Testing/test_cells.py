@@ -365,3 +365,51 @@ def test_cli_png_fallback_to_tif_never_replaces_an_input(tmp_path, monkeypatch, 
                      "-o", str(tmp_path / "cells.png")]) == 0
     assert "writing cells_labels.tif instead (cells.tif is one of the inputs)" in capsys.readouterr().out
     assert (tmp_path / "cells.tif").is_symlink() and (tmp_path / "slide.tif").read_bytes() == before
+
+
+def test_cli_refuses_a_folder_where_the_table_goes_and_names_a_failed_move(tmp_path, monkeypatch, capsys):
+    """OUT.csv being a folder failed the final move after the work (a traceback, with the new map
+    written and no table). It is refused before the work; a move that still fails is one line
+    saying what was replaced: the table goes in first, so the map is never newer than its table."""
+    import os
+
+    from PAMSegmentLib import cells as cells_module
+    from PAMSegmentLib import cli
+
+    image, ref = disc_image()
+    sitk.WriteImage(sitk.GetImageFromArray(np.clip(image, 0, 255).astype(np.uint8)), str(tmp_path / "cells.png"))
+    sitk.WriteImage(sitk.GetImageFromArray(np.where(np.isin(ref, [1, 4, 16]), ref, 0).astype(np.uint8)),
+                    str(tmp_path / "examples.png"))
+    out, table = tmp_path / "out.tif", tmp_path / "out.tif.csv"
+    run = ["label-cells", str(tmp_path / "cells.png"), str(tmp_path / "examples.png"), "-o", str(out)]
+    table.mkdir()
+    with monkeypatch.context() as m:
+        m.setattr(cells_module, "label_cells", lambda *a, **k: pytest.fail("no work before the refusal"))
+        assert cli.main(run) == 2
+    assert capsys.readouterr().err == (f"pamsegment: error: {table} is a folder, where the table of cells goes; move "
+                                       "it away or choose another -o file\n")
+    assert not out.exists()
+    table.rmdir()
+    out.write_bytes(b"old map")
+    table.write_text("old table")
+    replace = os.replace
+    for failing, message, after in (
+            (table, f"cannot write {table} (Permission denied): nothing was replaced; choose another path",
+             (b"old map", "old table")),
+            (out, f"cannot write {out} (Permission denied): the label map was not replaced, but its table out.tif.csv "
+                  "was (it lists this run's cells); choose another path", (b"old map", "new"))):
+        def refused(src, dst, failing=failing):
+            if os.fspath(dst) == str(failing):
+                raise PermissionError(13, "Permission denied")
+            replace(src, dst)
+
+        with monkeypatch.context() as m:
+            m.setattr(os, "replace", refused)
+            assert cli.main(run) == 2
+        assert capsys.readouterr().err.splitlines()[-1] == f"pamsegment: error: {message}"
+        assert out.read_bytes() == after[0]
+        if after[1] == "new":
+            assert table.read_text().startswith("label,area_px,row,column,probability,drawn")
+        else:
+            assert table.read_text() == after[1]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.png", "examples.png", "out.tif", "out.tif.csv"]
