@@ -93,7 +93,7 @@ def _check(image, examples, background):
         raise InputError("no example cells: outline a few cells (at least 2) in the example mask")
     if n < 2:
         raise InputError("only 1 example cell (touching cells drawn with one label count as one: give them different "
-                         "labels); outline at least 2 (5-10 typical ones work better)")
+                         "labels); outline at least 2 (3-10 typical cells; also mark some background)")
     bg = None
     if background is not None:
         bg = np.asarray(background).astype(bool)

@@ -413,3 +413,22 @@ def test_cli_refuses_a_folder_where_the_table_goes_and_names_a_failed_move(tmp_p
         else:
             assert table.read_text() == after[1]
         assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.png", "examples.png", "out.tif", "out.tif.csv"]
+
+
+def _readme_section(title: str) -> str:
+    from conftest import REPO
+
+    text = (REPO / "README.md").read_text()
+    start = text.index(title)
+    return text[start:text.index("\n## ", start)]
+
+
+def test_the_error_and_the_readme_give_one_advice_on_the_number_of_examples():
+    """The single-example error said "5-10 typical ones work better", the README "3-10 typical cells
+    are enough"; its own table has F1 0.765 with 3 examples, 0.645 with 5 and 0.673 with 10."""
+    image, ref = disc_image()
+    with pytest.raises(InputError, match=r"outline at least 2 \(3-10 typical cells; also mark some background\)$"):
+        label_cells(image, (ref == 1).astype(np.uint8))
+    readme = _readme_section("### Cells in large 2D images")
+    assert "3-10 typical cells are enough, and marking some background" in readme
+    assert "5-10" not in readme
