@@ -293,7 +293,7 @@ def label_cells(image, examples, *, background=None, tile: int = 1024, seed: int
 
     # Instances: a watershed of the distance to the background, seeded at well separated peaks.
     fg = ndimage.binary_opening(prob >= 0.5, iterations=1) & (cells == 0)
-    # Holes smaller than the largest example are gaps inside a cell; larger ones (a gland's lumen
+    # Holes no larger than the largest example are gaps inside a cell; larger ones (a gland's lumen
     # ringed by nuclei) are background and stay open.
     holes, n_holes = ndimage.label(ndimage.binary_fill_holes(fg) & ~fg)
     if n_holes:

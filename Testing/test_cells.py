@@ -432,3 +432,20 @@ def test_the_error_and_the_readme_give_one_advice_on_the_number_of_examples():
     readme = _readme_section("### Cells in large 2D images")
     assert "3-10 typical cells are enough, and marking some background" in readme
     assert "5-10" not in readme
+
+
+def test_the_readme_states_the_rules_the_code_uses():
+    """How it works said "holes smaller than the largest example" (the code fills holes up to and
+    including its area), left out the 0.15 floor of the far-background rule, and said the result
+    does not depend on the image's size (the sampling is image-wide; only the tile size is free)."""
+    import inspect
+
+    from PAMSegmentLib import cells as cells_module
+
+    readme = _readme_section("### Cells in large 2D images")
+    assert "bincount(holes.ravel()) <= areas.max()" in inspect.getsource(cells_module.label_cells)
+    assert "4. Holes no larger than the largest example are filled" in readme
+    assert "limit = max(2.0 * float(np.percentile(d_ex, 95)), 0.15)" in inspect.getsource(cells_module._unlike_examples)
+    assert "twice as far from their median as 95 % of the examples' own pixels, and at least 0.15 of the\n" in readme
+    assert "does not depend on the image's size" not in readme
+    assert "The default result does not depend on the tile size. It does depend on what else the image" in readme
