@@ -449,3 +449,24 @@ def test_the_readme_states_the_rules_the_code_uses():
     assert "twice as far from their median as 95 % of the examples' own pixels, and at least 0.15 of the\n" in readme
     assert "does not depend on the image's size" not in readme
     assert "The default result does not depend on the tile size. It does depend on what else the image" in readme
+
+
+def test_the_cell_evaluation_counts_the_nuclei_it_scores():
+    """scripts/evaluate_cells.py's docstring said 125 instances; it scores those over 30 px, 124 (as
+    the README says and the script prints)."""
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import evaluate_cells
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    ref = np.zeros((20, 20), np.int32)
+    ref[0:5, 0:6] = 1  # 30 px: not scored
+    ref[10:17, 10:15] = 2  # 35 px
+    ref[0:4, 10:18] = 7  # 32 px
+    assert evaluate_cells.scored_nuclei(ref) == [2, 7]
+    assert "125 instances,\nof which the 124 over 30 px are scored" in evaluate_cells.__doc__
+    assert evaluate_cells.MIN_AREA == 30 and "512 x 512 px, 124 nuclei;" in (REPO / "README.md").read_text()
