@@ -584,3 +584,31 @@ def test_cli_labels_an_image_given_twice_once(tmp_path, capsys):
             "(and 1 more); each image is labelled once") in capsys.readouterr().out
     with open(tmp_path / "out" / "labels.csv") as fh:
         assert [r["mask"] for r in csv.DictReader(fh)] == ["img_0_mask.png", "img_1_mask.png", "img_2_mask.png"]
+
+
+def test_the_readme_quotes_the_evaluation_commands_that_give_its_figures():
+    """The quoted `evaluate_image_sets.py ... --sets evaluation` ran the script's default configs
+    (pam and pam-nogate, similar and prompt): no `given`, `track` or `copy` column. And `pam-reg0`,
+    "the network without registration", also has the drift test off."""
+    import inspect
+    import re
+    import sys
+
+    text = (REPO / "README.md").read_text()
+    start = text.index("### Sets of 2D images")
+    section = " ".join(text[start:text.index("### Cells in large 2D images")].split())
+    commands = dict(re.findall(r"--sets (evaluation|validation) --configs (\S+?)[`,]?[`;]", section))
+    assert commands["evaluation"].split(",") == ["pam:similar", "pam:prompt", "pam:given", "track:similar",
+                                                 "copy:prompt"]
+    assert ("| set (held-out structures) | sets | `similar` (default) | `prompt` | `given` (true order) | "
+            "`track`, similar order | `copy` from the prompt |") in section
+    assert commands["validation"].split(",") == ["pam:similar", "pam:prompt", "pam-reg0:similar", "track:similar",
+                                                 "pam:given"]
+    assert "the network alone (`pam-reg0`: without the registration and without the drift test) 0.596" in section
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import evaluate_image_sets
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    source = inspect.getsource(evaluate_image_sets.make_predictor)
+    assert 'if method == "pam-reg0":\n        model.inference = replace(model.inference, intensity_gate=False)' in source
