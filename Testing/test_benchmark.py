@@ -172,3 +172,47 @@ def test_small_rows_accept_the_small_network_with_a_prior_channel_only(tmp_path)
         assert model.config.name == preset and weights == f"trained: {preset}.pt"
     with pytest.raises(ValueError, match="is a 'small-prior' network, not 'official'"):
         _pam_model("official", str(tmp_path / "small-prior.pt"))
+
+
+@pytest.mark.parametrize("argv, out", [
+    ([], "docs/benchmark"),
+    (["--threads", "2", "--checkpoint", "w.pt", "--parts", "slicer,e2e,network"], "docs/benchmark"),
+    (["--quick"], "benchmark_out"),
+    (["--parts", "network", "--no-sam2"], "benchmark_out"),
+    (["--parts", "e2e", "--depths", "200", "--objects", "100"], "benchmark_out"),
+    (["--batch-sizes", "1"], "benchmark_out"),
+    (["--in-process"], "benchmark_out"),
+    (["--quick", "--out", "docs/benchmark"], "docs/benchmark"),  # an explicit folder is the user's choice
+])
+def test_only_a_full_run_writes_into_docs_benchmark_by_default(argv, out):
+    """`--quick` and `--parts network --no-sam2` (both quoted in the README) wrote into
+    docs/benchmark: a partial run rewrote benchmark.md and targets.csv beside the older run's CSVs."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    bm.add_benchmark_arguments(parser, "docs/benchmark")
+    assert bm.config_from_args(parser.parse_args(argv)).out == out
+
+
+def test_a_partial_run_says_where_it_wrote_and_which_tables_are_older(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "benchmark_out").mkdir()
+    (tmp_path / "benchmark_out" / "end_to_end.csv").write_text("an earlier run\n")
+
+    def run(cfg, log):  # what run_benchmark writes for the network part, without timing anything
+        (tmp_path / cfg.out / "network.csv").write_text("new\n")
+        return {"files": {"network": f"{cfg.out}/network.csv"}}
+
+    monkeypatch.setattr(bm, "run_benchmark", run)
+    monkeypatch.setattr(bm, "report_text", lambda result: "(tables)")
+    assert cli.main(["benchmark", "--quick", "--parts", "network"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[3].startswith("wrote benchmark_out/network.csv in ")  # then the seconds it took
+    assert lines[:3] + lines[4:] == [
+        "note: --quick --parts network is not the full run, so the tables go to benchmark_out, not docs/benchmark "
+        "(--out chooses)",
+        "(tables)", "",
+        "note: end_to_end.csv in benchmark_out are from an earlier run (this one measured network only); "
+        "benchmark.md, benchmark.json and targets.csv describe this one"]
+    assert not (tmp_path / "docs").exists()
+    assert bm.quick_config().out == "benchmark_out"  # the API's smoke settings too
