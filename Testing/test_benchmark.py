@@ -216,3 +216,36 @@ def test_a_partial_run_says_where_it_wrote_and_which_tables_are_older(tmp_path, 
         "benchmark.md, benchmark.json and targets.csv describe this one"]
     assert not (tmp_path / "docs").exists()
     assert bm.quick_config().out == "benchmark_out"  # the API's smoke settings too
+
+
+def test_the_readme_benchmark_figures_are_those_of_the_stored_run():
+    """The Benchmarks prose quoted 10.5 / 9.9 / 13.2 / 19.2x for the separate-process ratios (the
+    stored run and the README's own target table: 10.9 / 11.5 / 18.8 / 20.7x), 16.4 vs 8.1 ms for
+    the small preset at batch 4, 17.5 s for the official preset's 100-slice case (20.5 s) and
+    160 ms per extra object slice for it (179-198 ms)."""
+    import re
+
+    from conftest import REPO
+
+    stored = json.loads((REPO / "docs" / "benchmark" / "benchmark.json").read_text())
+    text = (REPO / "README.md").read_text()
+    readme = " ".join(text[text.index("## Benchmarks"):text.index("## Development")].split())
+    per_slice = {(r["model"], r["batch"]): r["per_slice_ms"] for r in stored["network"]}
+    ratios = " / ".join(f"{per_slice['pam-official', b] / per_slice['pam-small', b]:.1f}" for b in (1, 4, 8, 16))
+    assert ratios == "10.9 / 11.5 / 18.8 / 20.7"
+    assert f"two: {ratios}x at batch 1 / 4 / 8 / 16 in the same full run" in readme
+    paired_b4 = next(r["small_ms_median"] for r in stored["paired"] if r["batch"] == 4) / 4
+    assert (f"batch-4 median was {per_slice['pam-small', 4]:.1f} ms per slice there against {paired_b4:.1f} ms paired"
+            == "batch-4 median was 11.6 ms per slice there against 8.8 ms paired")
+    assert "batch-4 median was 11.6 ms per slice there against 8.8 ms paired" in readme
+    official = next(r for r in stored["end_to_end"] if (r["preset"], r["mode"], r["depth"], r["object_slices"])
+                    == ("official", "fixed", 200, 100))
+    assert f"The official preset takes {official['wall_s']:.1f} s for the same extent (fixed range)" in readme
+    lines = bm._scaling_lines(stored["end_to_end"], markdown=False)
+    per_object = [float(m) * 1000 for line in lines if line.strip().startswith("official, volume depth")
+                  for m in re.findall(r"\(([\d.]+) s per extra object slice\)", line)]
+    assert f"{min(per_object):.0f}-{max(per_object):.0f}" == "179-198"
+    assert "179-198 ms with the official preset" in readme
+    per_volume = [float(m) * 1000 for line in lines if line.strip().startswith("small, object")
+                  for m in re.findall(r"\(([-\d.]+) s per extra volume slice\)", line)]
+    assert f"{min(per_volume):.1f}-{max(per_volume):.1f} ms per extra volume slice with the default" in readme
