@@ -32,8 +32,12 @@ Three parts (issue 5), all on CPU with a fixed number of torch threads:
 3. **slicer**: the Slicer path on slicer-core MRML nodes (node -> array -> engine -> segment),
    each step's seconds, with a stub predictor standing in for the network.
 
-Outputs in ``--out``: network.csv, paired.csv, end_to_end.csv, slicer.csv, benchmark.json, benchmark.png and
-benchmark.md (tables + machine + command), and the same tables on stdout.
+Outputs in ``--out``: network.csv, paired.csv, end_to_end.csv, slicer.csv, targets.csv, benchmark.json,
+benchmark.png and benchmark.md (tables + machine + command), and the same tables on stdout. Only a
+full run (every part at the default sizes) writes into docs/benchmark by default; a run with
+--quick, --parts or an option that changes what is measured writes into ./benchmark_out unless
+--out is given, so that it never mixes into the published tables (a partial run rewrites only its
+parts' CSVs, but always benchmark.md, benchmark.json, benchmark.png and targets.csv).
 """
 
 from __future__ import annotations
@@ -127,8 +131,8 @@ class BenchConfig:
 
 def quick_config(**overrides) -> BenchConfig:
     """Tiny sizes that exercise every code path in seconds (tests, smoke runs)."""
-    cfg = BenchConfig(quick=True, presets=("small", "official"), batch_sizes=(1, 2), repeats=1, warmup=0, pairs=2,
-                      budget_s=5.0, sam2_sizes=(128,), size=96, depths=(16, 24), objects=(6,),
+    cfg = BenchConfig(quick=True, out=SCRATCH_OUT, presets=("small", "official"), batch_sizes=(1, 2), repeats=1,
+                      warmup=0, pairs=2, budget_s=5.0, sam2_sizes=(128,), size=96, depths=(16, 24), objects=(6,),
                       extra_cases=(), e2e_presets=("small",), batch_size=4, slicer_depth=16, slicer_object=6,
                       timeout_s=300.0, isolate=False)
     for k, v in overrides.items():
@@ -1081,8 +1085,33 @@ def _parts(text: str) -> tuple[str, ...]:
     return parts
 
 
+PART_FILES = {"network": ("network.csv", "paired.csv"), "e2e": ("end_to_end.csv",), "slicer": ("slicer.csv",)}
+SCRATCH_OUT = "benchmark_out"  # where a partial or quick run writes unless --out says otherwise
+ALL_PARTS = ("network", "e2e", "slicer")
+# Options that change what is measured: with any of them a run is not the published full run.
+SIZE_OPTIONS = ("batch_sizes", "repeats", "warmup", "pairs", "depths", "objects", "size", "sam2_sizes")
+
+
+def partial_options(args: argparse.Namespace) -> list[str]:
+    """The options that make this run other than the full run whose tables docs/benchmark holds
+    (empty for a full run; --threads and the checkpoints do not count)."""
+    given = ["--quick"] if args.quick else []
+    if args.parts is not None and set(args.parts) != set(ALL_PARTS):
+        given.append("--parts " + ",".join(args.parts))
+    given += ["--" + name.replace("_", "-") for name in SIZE_OPTIONS if getattr(args, name, None) is not None]
+    if args.no_sam2:
+        given.append("--no-sam2")
+    if args.isolate is False:
+        given.append("--in-process")
+    return given
+
+
 def add_benchmark_arguments(p: argparse.ArgumentParser, default_out: str = "docs/benchmark") -> None:
-    p.add_argument("--out", default=default_out, help=f"output folder (default: {default_out})")
+    p.add_argument("--out", default=None,
+                   help=f"output folder (default: {default_out} for a full run; ./{SCRATCH_OUT} for a run with "
+                        "--quick, --parts or an option that changes what is measured, so that it never mixes into "
+                        "the published tables)")
+    p.set_defaults(_default_out=default_out)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads for every measurement (default: 2)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: a smoke run in seconds")
     p.add_argument("--parts", type=_parts, default=None, help="any of network,e2e,slicer (default: all)")
@@ -1109,7 +1138,10 @@ def add_benchmark_arguments(p: argparse.ArgumentParser, default_out: str = "docs
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     cfg = quick_config() if args.quick else BenchConfig()
-    cfg.out, cfg.threads = args.out, max(int(args.threads), 1)
+    out = args.out
+    if out is None:
+        out = SCRATCH_OUT if partial_options(args) else getattr(args, "_default_out", "docs/benchmark")
+    cfg.out, cfg.threads = out, max(int(args.threads), 1)
     for name, attr in (("parts", "parts"), ("batch_sizes", "batch_sizes"), ("repeats", "repeats"),
                        ("warmup", "warmup"), ("pairs", "pairs"), ("depths", "depths"), ("objects", "objects"), ("size", "size"),
                        ("sam2_sizes", "sam2_sizes"), ("checkpoint", "checkpoint"),
@@ -1132,11 +1164,20 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     if args.checkpoint and not Path(args.checkpoint).is_file():
         raise InputError(f"checkpoint {args.checkpoint} does not exist")
     cfg = config_from_args(args)
+    partial = partial_options(args)
+    if partial and args.out is None:
+        print(f"note: {' '.join(partial)} is not the full run, so the tables go to {cfg.out}, not "
+              f"{getattr(args, '_default_out', 'docs/benchmark')} (--out chooses)", flush=True)
     t0 = time.perf_counter()
     result = run_benchmark(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(report_text(result))
     print(f"\nwrote {', '.join(v for k, v in result['files'].items() if not k.endswith('error'))} "
           f"in {time.perf_counter() - t0:.0f} s")
+    stale = [name for part, names in PART_FILES.items() if part not in cfg.parts for name in names
+             if (Path(cfg.out) / name).exists()]
+    if stale:
+        print(f"note: {', '.join(stale)} in {cfg.out} are from an earlier run (this one measured "
+              f"{', '.join(cfg.parts)} only); benchmark.md, benchmark.json and targets.csv describe this one", flush=True)
     return 0
 
 

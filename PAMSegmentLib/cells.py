@@ -93,7 +93,7 @@ def _check(image, examples, background):
         raise InputError("no example cells: outline a few cells (at least 2) in the example mask")
     if n < 2:
         raise InputError("only 1 example cell (touching cells drawn with one label count as one: give them different "
-                         "labels); outline at least 2 (5-10 typical ones work better)")
+                         "labels); outline at least 2 (3-10 typical cells; also mark some background)")
     bg = None
     if background is not None:
         bg = np.asarray(background).astype(bool)
@@ -293,7 +293,7 @@ def label_cells(image, examples, *, background=None, tile: int = 1024, seed: int
 
     # Instances: a watershed of the distance to the background, seeded at well separated peaks.
     fg = ndimage.binary_opening(prob >= 0.5, iterations=1) & (cells == 0)
-    # Holes smaller than the largest example are gaps inside a cell; larger ones (a gland's lumen
+    # Holes no larger than the largest example are gaps inside a cell; larger ones (a gland's lumen
     # ringed by nuclei) are background and stay open.
     holes, n_holes = ndimage.label(ndimage.binary_fill_holes(fg) & ~fg)
     if n_holes:
@@ -396,8 +396,9 @@ def add_label_cells_arguments(p) -> None:
     p.add_argument("examples", metavar="EXAMPLES",
                    help="label map of the same size with a few cells outlined (each connected piece is one cell)")
     p.add_argument("-o", "--output", required=True, metavar="OUT",
-                   help="instance label map (.tif, .png, .nrrd, .nii.gz, .mha); a table of the cells is written "
-                        "beside it as OUT's name + .csv")
+                   help="instance label map (.tif, .png, .nrrd, .nii.gz, .mha; a .png with more than 65535 cells "
+                        "becomes <name>.tif, or <name>_labels.tif if that is an input); a table of the cells is "
+                        "written beside it as OUT's name + .csv")
     p.add_argument("--background", metavar="MASK", help="optional mask of pixels that are not cells")
     p.add_argument("--background-label", type=_positive_int, metavar="N",
                    help="pixels of label N in EXAMPLES mark background, not a cell (draw both in one file)")
@@ -407,22 +408,52 @@ def add_label_cells_arguments(p) -> None:
                         "it can also reinforce mistakes; see the README)")
 
 
+def _tif_fallback(out, inputs) -> tuple:
+    """(the TIFF a .png OUT becomes when the cells do not fit a PNG, why not ``<stem>.tif``):
+    ``<stem>.tif``, or, when that or its table is one of ``inputs`` (the same file, also through a
+    symbolic link) or a folder, ``<stem>_labels.tif`` (then ``_labels2`` ...)."""
+    from .cli import _same_path
+
+    def taken(candidate):
+        for p in (candidate, candidate.with_name(candidate.name + ".csv")):
+            if any(_same_path(p, given) for given in inputs):
+                return f"{p.name} is one of the inputs"
+            if p.is_dir():
+                return f"{p.name} is a folder"
+        return None
+
+    stem = out.name[:-4]
+    why = taken(out.with_name(f"{stem}.tif"))
+    if why is None:
+        return out.with_name(f"{stem}.tif"), ""
+    n = 1
+    while taken(out.with_name(f"{stem}_labels{n if n > 1 else ''}.tif")) is not None:
+        n += 1
+    return out.with_name(f"{stem}_labels{n if n > 1 else ''}.tif"), f" ({why})"
+
+
 def cmd_label_cells(args) -> int:
     import csv
-    import os
     import uuid
     from pathlib import Path
 
-    from .cli import EXIT_OK, _ProgressBar, _same_path, ctrl_c_ignored
+    from .cli import EXIT_OK, _move_in, _ProgressBar, _same_path, ctrl_c_ignored
     from .volumes import (MASK_2D_EXTENSIONS, check_output_path, read_image_2d, read_labelmap_2d, through_link,
                           write_labelmap_2d)
 
     t0 = time.perf_counter()
     out = Path(args.output)
     check_output_path(out, MASK_2D_EXTENSIONS)
-    for given in (args.image, args.examples, args.background):
-        if given and _same_path(out, given):
+    inputs = [given for given in (args.image, args.examples, args.background) if given]
+    for given in inputs:
+        if _same_path(out, given):
             raise InputError(f"the output {out} is one of the inputs ({given}); choose another -o file")
+    # A PNG holds at most 65535 labels; a result with more goes to a TIFF beside OUT, whose name is
+    # chosen now, before the work, so that it never replaces an input.
+    fallback = _tif_fallback(out, inputs) if out.name.lower().endswith(".png") else None
+    if out.with_name(out.name + ".csv").is_dir():  # the move at the end would fail after the work
+        raise InputError(f"{out.with_name(out.name + '.csv')} is a folder, where the table of cells goes; move it "
+                         "away or choose another -o file")
     image, ref = read_image_2d(args.image, keep_colour=True)
     examples = read_labelmap_2d(args.examples, reference=(image[..., 0] if image.ndim == 3 else image, ref))
     background = None
@@ -452,15 +483,16 @@ def cmd_label_cells(args) -> int:
     with _ProgressBar("labelling cells") as bar:
         result = label_cells(image, examples, background=background, tile=args.tile,
                              self_training=args.self_training, progress=bar)
-    if out.name.lower().endswith(".png") and int(result.labels.max()) > 65535:
-        # PNG holds at most 16-bit labels; rather than lose the work, write a TIFF next to it.
-        out = out.with_name(out.name[:-4] + ".tif")
+    if fallback is not None and int(result.labels.max()) > 65535:
+        # PNG holds at most 16-bit labels; rather than lose the work, write the TIFF chosen above.
+        out, why = fallback
         print(f"note: {int(result.labels.max())} cells do not fit a PNG file (at most 65535); writing {out.name} "
-              "instead", flush=True)
+              f"instead{why}", flush=True)
     table = out.with_name(out.name + ".csv")
     # Both files are written to temporaries beside them, then moved in together (Ctrl-C ignored for
-    # the two renames): an interrupted run leaves both old files, never a new map beside an old table.
-    # A symbolic link stays one: the files are moved in onto its target.
+    # the two renames, the table first): an interrupted run leaves both old files, and a failed move
+    # never a new map beside an old table. A symbolic link stays one: the files are moved in onto
+    # its target.
     out_at, table_at = through_link(out), through_link(table)
     stamp = f".pamsegment-{uuid.uuid4().hex[:12]}.tmp"
     tmp_out = out_at.with_name(stamp + check_output_path(out, MASK_2D_EXTENSIONS, probe=False))  # the format's extension
@@ -476,8 +508,10 @@ def cmd_label_cells(args) -> int:
         # moved in and reported with Ctrl-C ignored (left ignored when the process ends with the
         # command): an interrupt once both files are in place would say "nothing was written"
         with ctrl_c_ignored(keep=getattr(args, "_ends_process", False)):
-            os.replace(tmp_out, out_at)
-            os.replace(tmp_table, table_at)
+            # The table first: if it cannot be moved in, the label map is still the old one.
+            _move_in(tmp_table, table_at, "nothing was replaced")
+            _move_in(tmp_out, out_at, f"the label map was not replaced, but its table {table.name} was (it lists "
+                                      "this run's cells)")
             print(f"wrote {out} and {table.name}: {result.summary()}; {time.perf_counter() - t0:.1f} s in all",
                   flush=True)
             for warning in result.warnings:

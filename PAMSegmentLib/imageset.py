@@ -301,7 +301,8 @@ def _schedule(order: str, p: int, n: int, dist: np.ndarray | None, found: dict):
 
 
 def _expand(inputs: Sequence[str]) -> list:
-    """Files as given; a folder contributes its image files (``IMAGE_2D_EXTENSIONS``), sorted by name."""
+    """Files as given (each must exist); a folder contributes its image files (by extension,
+    ``IMAGE_2D_EXTENSIONS``), sorted by name with numbers compared as numbers (``_natural``)."""
     from pathlib import Path
 
     from .volumes import IMAGE_2D_EXTENSIONS
@@ -310,14 +311,27 @@ def _expand(inputs: Sequence[str]) -> list:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith(".")
-                           and f.name.lower().endswith(IMAGE_2D_EXTENSIONS))
+            found = sorted((f for f in p.iterdir() if f.is_file() and not f.name.startswith(".")
+                            and f.name.lower().endswith(IMAGE_2D_EXTENSIONS)), key=_natural)
             if not found:
                 raise InputError(f"folder {p} holds no image files ({', '.join(IMAGE_2D_EXTENSIONS)})")
             out.extend(found)
+        elif not p.exists():
+            raise InputError(f"{p} does not exist; check the path")
+        elif not p.is_file():
+            raise InputError(f"{p} is not a file or a folder; give image files or folders of them")
         else:
             out.append(p)
     return out
+
+
+def _natural(path) -> tuple:
+    """Sort key of a file name: runs of digits compare as numbers, the rest ignoring case
+    (frame_2 before frame_10, as a file manager shows them); the name itself breaks ties."""
+    import re
+
+    parts = re.split(r"(\d+)", path.name)
+    return tuple(int(t) if n % 2 else t.lower() for n, t in enumerate(parts)), path.name
 
 
 def _stem(path) -> str:
@@ -328,6 +342,52 @@ def _stem(path) -> str:
     return name if name != path.name else path.stem
 
 
+def _check_targets(out_dir, names, prompt_path, mask_path, files) -> None:
+    """Before any work, of the files ``names`` in ``out_dir``: none may be a folder (the move at
+    the end would fail half-way), and none may be, or be a symbolic link to, one of the inputs (a
+    link in -o stays a link and its target gets the new file, which would replace a drawn mask or
+    an image). Inputs are compared by device and inode, as ``os.path.samefile`` does."""
+    import os
+
+    inputs = {}
+    for what, f in (("the prompt image", prompt_path), ("the prompt mask", mask_path), *(("the image", f) for f in files)):
+        st = os.stat(f)
+        inputs.setdefault((st.st_dev, st.st_ino), f"{what} {f}")
+    for name in names:
+        target = out_dir / name
+        try:
+            st = os.stat(target)  # follows a symbolic link
+        except OSError:
+            continue  # not there, or a link to nothing: no input to write over
+        if target.is_dir():
+            what = "labels.csv" if name == "labels.csv" else "a mask"
+            raise InputError(f"{target} is a folder, where this run would write {what}; move it away or choose "
+                             "another -o folder")
+        hit = inputs.get((st.st_dev, st.st_ino))
+        if hit:
+            how = "a symbolic link to" if target.is_symlink() else "the same file as"
+            raise InputError(f"{target} is {how} {hit}, which this run would write over; remove "
+                             f"{'the link' if target.is_symlink() else 'it'} or choose another -o folder")
+
+
+def _failed_move(out_dir, names, k, error) -> str:
+    """The one-line message when moving the ``k``-th of the masks ``names`` (then labels.csv) in
+    failed: what was replaced and what was not."""
+    n, reason = len(names), error.strerror or str(error)
+    rest = [out_dir / name for name in names[k + 1:]] + [out_dir / "labels.csv"] if k < n else []
+    mixed = any(p.exists() for p in rest) or (out_dir / ([*names, "labels.csv"][k])).exists()
+    state = ("-o now mixes files of this run and an earlier one" if mixed else "-o holds only part of the result")
+    if k == 0:
+        return f"cannot write {out_dir / names[0]} ({reason}): nothing was replaced; fix that and run again"
+    if k == n:
+        return (f"cannot write {out_dir / 'labels.csv'} ({reason}): all {n} masks were replaced, labels.csv was not; "
+                f"{state}: fix that and run again")
+    done = names[0] if k == 1 else f"{names[0]} to {names[k - 1]}"
+    after = f", the {n - k - 1} after it" if n - k - 1 else ""
+    return (f"cannot write {out_dir / names[k]} ({reason}): {k} of {n} masks replaced ({done}); not replaced: "
+            f"this one{after} and labels.csv; {state}: fix that and run again")
+
+
 def add_label_images_arguments(p) -> None:
     from .cli import _label_number, _positive_int
 
@@ -335,7 +395,9 @@ def add_label_images_arguments(p) -> None:
                    "2D NIfTI/NRRD/MHA; colour becomes grey)")
     p.add_argument("prompt_mask", metavar="PROMPT_MASK",
                    help="its label map (same size; 0 = background, 1, 2 ... = structures)")
-    p.add_argument("images", metavar="IMAGE", nargs="+", help="images to label, or folders of them (sorted by name)")
+    p.add_argument("images", metavar="IMAGE", nargs="+",
+                   help="images to label, or folders of them (their files with an image extension, sorted by name, "
+                        "numbers by value: frame_2 before frame_10)")
     p.add_argument("-o", "--output", required=True, metavar="DIR",
                    help="folder for the masks (<image name>_mask.<format>) and labels.csv; written only on success")
     p.add_argument("--order", choices=ORDERS, default="similar",
@@ -386,6 +448,18 @@ def cmd_label_images(args) -> int:
     if os.path.samefile(prompt_path, mask_path):
         raise InputError("the prompt image and the prompt mask are the same file; give the mask drawn on the image")
     files = _expand(args.images)
+    # The same file given twice (a folder and one of its files, or a link to it): labelled once, in
+    # its first place (two masks of one image would be written to one name).
+    seen, unique, twice = {}, [], []
+    for f in files:
+        st = os.stat(f)
+        first = seen.setdefault((st.st_dev, st.st_ino), f)
+        (unique if first is f else twice).append((f, first))
+    if twice:
+        more = f" (and {len(twice) - 1} more)" if len(twice) > 1 else ""
+        print(f"note: {twice[0][0]} is given twice (also as {twice[0][1]}){more}; each image is labelled once",
+              flush=True)
+        files = [f for f, _ in unique]
     # Masks written among the images would be read as images next time, and could replace a file
     # the user drew (e.g. the prompt mask itself, kept as masks/img_007_mask.png).
     inputs = [prompt_path, mask_path, *files]
@@ -410,6 +484,9 @@ def cmd_label_images(args) -> int:
     if clash:
         raise InputError(f"{clash[0]} and {clash[1]} would both be written as {_stem(clash[0])}_mask; "
                          "rename one or label them in separate runs")
+    names = [f"{_stem(f)}_mask.{args.format}" for f in files]
+    if out_dir.exists():
+        _check_targets(out_dir, [*names, "labels.csv"], prompt_path, mask_path, files)
 
     read = [read_image_2d(f) for f in files]
     prompt = read_labelmap_2d(mask_path, reference=read[index])
@@ -428,13 +505,10 @@ def cmd_label_images(args) -> int:
     moves = []  # (temporary, where it lands)
     try:
         out_dir.mkdir(exist_ok=True)
-        names = []
-        for n, (f, (_, ref), m) in enumerate(zip(files, read, result.masks)):
-            name = f"{_stem(f)}_mask.{args.format}"
+        for n, (name, (_, ref), m) in enumerate(zip(names, read, result.masks)):
             at = through_link(out_dir / name)
             moves.append((at.with_name(f"{stamp}-{n}.tmp.{args.format}"), at))
             write_labelmap_2d(m, ref, moves[-1][0])
-            names.append(name)
         at = through_link(out_dir / "labels.csv")
         moves.append((at.with_name(f"{stamp}.tmp.csv"), at))
         with open(moves[-1][0], "w", newline="") as fh:
@@ -448,8 +522,11 @@ def cmd_label_images(args) -> int:
         # moved in and reported with Ctrl-C ignored (left ignored when the process ends with the
         # command): an interrupt once the masks are in place would say "nothing was written"
         with ctrl_c_ignored(keep=getattr(args, "_ends_process", False)):
-            for tmp, at in moves:
-                os.replace(tmp, at)
+            for k, (tmp, at) in enumerate(moves):
+                try:
+                    os.replace(tmp, at)
+                except OSError as error:
+                    raise InputError(_failed_move(out_dir, names, k, error)) from None
             print(f"wrote {len(files)} masks and labels.csv to {out_dir}: {result.summary()}; "
                   f"{time.perf_counter() - t0:.1f} s in all", flush=True)
     finally:

@@ -172,3 +172,80 @@ def test_small_rows_accept_the_small_network_with_a_prior_channel_only(tmp_path)
         assert model.config.name == preset and weights == f"trained: {preset}.pt"
     with pytest.raises(ValueError, match="is a 'small-prior' network, not 'official'"):
         _pam_model("official", str(tmp_path / "small-prior.pt"))
+
+
+@pytest.mark.parametrize("argv, out", [
+    ([], "docs/benchmark"),
+    (["--threads", "2", "--checkpoint", "w.pt", "--parts", "slicer,e2e,network"], "docs/benchmark"),
+    (["--quick"], "benchmark_out"),
+    (["--parts", "network", "--no-sam2"], "benchmark_out"),
+    (["--parts", "e2e", "--depths", "200", "--objects", "100"], "benchmark_out"),
+    (["--batch-sizes", "1"], "benchmark_out"),
+    (["--in-process"], "benchmark_out"),
+    (["--quick", "--out", "docs/benchmark"], "docs/benchmark"),  # an explicit folder is the user's choice
+])
+def test_only_a_full_run_writes_into_docs_benchmark_by_default(argv, out):
+    """`--quick` and `--parts network --no-sam2` (both quoted in the README) wrote into
+    docs/benchmark: a partial run rewrote benchmark.md and targets.csv beside the older run's CSVs."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    bm.add_benchmark_arguments(parser, "docs/benchmark")
+    assert bm.config_from_args(parser.parse_args(argv)).out == out
+
+
+def test_a_partial_run_says_where_it_wrote_and_which_tables_are_older(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "benchmark_out").mkdir()
+    (tmp_path / "benchmark_out" / "end_to_end.csv").write_text("an earlier run\n")
+
+    def run(cfg, log):  # what run_benchmark writes for the network part, without timing anything
+        (tmp_path / cfg.out / "network.csv").write_text("new\n")
+        return {"files": {"network": f"{cfg.out}/network.csv"}}
+
+    monkeypatch.setattr(bm, "run_benchmark", run)
+    monkeypatch.setattr(bm, "report_text", lambda result: "(tables)")
+    assert cli.main(["benchmark", "--quick", "--parts", "network"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[3].startswith("wrote benchmark_out/network.csv in ")  # then the seconds it took
+    assert lines[:3] + lines[4:] == [
+        "note: --quick --parts network is not the full run, so the tables go to benchmark_out, not docs/benchmark "
+        "(--out chooses)",
+        "(tables)", "",
+        "note: end_to_end.csv in benchmark_out are from an earlier run (this one measured network only); "
+        "benchmark.md, benchmark.json and targets.csv describe this one"]
+    assert not (tmp_path / "docs").exists()
+    assert bm.quick_config().out == "benchmark_out"  # the API's smoke settings too
+
+
+def test_the_readme_benchmark_figures_are_those_of_the_stored_run():
+    """The Benchmarks prose quoted 10.5 / 9.9 / 13.2 / 19.2x for the separate-process ratios (the
+    stored run and the README's own target table: 10.9 / 11.5 / 18.8 / 20.7x), 16.4 vs 8.1 ms for
+    the small preset at batch 4, 17.5 s for the official preset's 100-slice case (20.5 s) and
+    160 ms per extra object slice for it (179-198 ms)."""
+    import re
+
+    from conftest import REPO
+
+    stored = json.loads((REPO / "docs" / "benchmark" / "benchmark.json").read_text())
+    text = (REPO / "README.md").read_text()
+    readme = " ".join(text[text.index("## Benchmarks"):text.index("## Development")].split())
+    per_slice = {(r["model"], r["batch"]): r["per_slice_ms"] for r in stored["network"]}
+    ratios = " / ".join(f"{per_slice['pam-official', b] / per_slice['pam-small', b]:.1f}" for b in (1, 4, 8, 16))
+    assert ratios == "10.9 / 11.5 / 18.8 / 20.7"
+    assert f"two: {ratios}x at batch 1 / 4 / 8 / 16 in the same full run" in readme
+    paired_b4 = next(r["small_ms_median"] for r in stored["paired"] if r["batch"] == 4) / 4
+    assert (f"batch-4 median was {per_slice['pam-small', 4]:.1f} ms per slice there against {paired_b4:.1f} ms paired"
+            == "batch-4 median was 11.6 ms per slice there against 8.8 ms paired")
+    assert "batch-4 median was 11.6 ms per slice there against 8.8 ms paired" in readme
+    official = next(r for r in stored["end_to_end"] if (r["preset"], r["mode"], r["depth"], r["object_slices"])
+                    == ("official", "fixed", 200, 100))
+    assert f"The official preset takes {official['wall_s']:.1f} s for the same extent (fixed range)" in readme
+    lines = bm._scaling_lines(stored["end_to_end"], markdown=False)
+    per_object = [float(m) * 1000 for line in lines if line.strip().startswith("official, volume depth")
+                  for m in re.findall(r"\(([\d.]+) s per extra object slice\)", line)]
+    assert f"{min(per_object):.0f}-{max(per_object):.0f}" == "179-198"
+    assert "179-198 ms with the official preset" in readme
+    per_volume = [float(m) * 1000 for line in lines if line.strip().startswith("small, object")
+                  for m in re.findall(r"\(([-\d.]+) s per extra volume slice\)", line)]
+    assert f"{min(per_volume):.1f}-{max(per_volume):.1f} ms per extra volume slice with the default" in readme

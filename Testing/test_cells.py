@@ -315,3 +315,158 @@ def test_without_the_cells_extra_the_message_says_what_to_install(monkeypatch, m
     monkeypatch.setitem(sys.modules, missing, None)  # import of it fails
     with pytest.raises(InputError, match=r'pip install "PAMSegmentLib\[cells\]"'):
         label_cells(image, np.where(np.isin(ref, [1, 2]), ref, 0))
+
+
+def _more_cells_than_a_png_holds(monkeypatch):
+    """label_cells as in the command, but with the last cell's label raised to 70000 (a stand-in for
+    a slide with more than 65535 cells)."""
+    from PAMSegmentLib import cells as cells_module
+
+    real = cells_module.label_cells
+
+    def many(*args, **kwargs):
+        result = real(*args, **kwargs)
+        last = int(result.labels.max())
+        result.labels = np.where(result.labels == last, 70000, result.labels).astype(np.int32)
+        result.cells[-1]["label"] = 70000
+        return result
+
+    monkeypatch.setattr(cells_module, "label_cells", many)
+
+
+def test_cli_png_fallback_to_tif_never_replaces_an_input(tmp_path, monkeypatch, capsys):
+    """`label-cells slide.tif ex.png -o slide.png` with more than 65535 cells wrote the labels as
+    slide.tif: over the input image. The TIFF's name is chosen before the work, away from the
+    inputs (also through a symbolic link)."""
+    from PAMSegmentLib import cli
+
+    _more_cells_than_a_png_holds(monkeypatch)
+    image, ref = disc_image()
+    sitk.WriteImage(sitk.GetImageFromArray(np.clip(image, 0, 255).astype(np.uint8)), str(tmp_path / "slide.tif"))
+    sitk.WriteImage(sitk.GetImageFromArray(np.where(np.isin(ref, [1, 4, 16]), ref, 0).astype(np.uint8)),
+                    str(tmp_path / "ex.png"))
+    before = (tmp_path / "slide.tif").read_bytes()
+    assert cli.main(["label-cells", str(tmp_path / "slide.tif"), str(tmp_path / "ex.png"),
+                     "-o", str(tmp_path / "slide.png")]) == 0
+    assert ("note: 70000 cells do not fit a PNG file (at most 65535); writing slide_labels.tif instead (slide.tif is "
+            "one of the inputs)") in capsys.readouterr().out
+    assert (tmp_path / "slide.tif").read_bytes() == before
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "slide_labels.tif"))).max() == 70000
+    with open(tmp_path / "slide_labels.tif.csv") as fh:
+        assert list(csv.DictReader(fh))[-1]["label"] == "70000"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ex.png", "slide.tif", "slide_labels.tif",
+                                                          "slide_labels.tif.csv"]
+    # No clash: <stem>.tif, as before. A link named like it to the image counts as the image.
+    (tmp_path / "cells.tif").symlink_to(tmp_path / "slide.tif")
+    assert cli.main(["label-cells", str(tmp_path / "slide.tif"), str(tmp_path / "ex.png"),
+                     "-o", str(tmp_path / "other.png")]) == 0
+    assert "writing other.tif instead\n" in capsys.readouterr().out
+    assert cli.main(["label-cells", str(tmp_path / "cells.tif"), str(tmp_path / "ex.png"),
+                     "-o", str(tmp_path / "cells.png")]) == 0
+    assert "writing cells_labels.tif instead (cells.tif is one of the inputs)" in capsys.readouterr().out
+    assert (tmp_path / "cells.tif").is_symlink() and (tmp_path / "slide.tif").read_bytes() == before
+
+
+def test_cli_refuses_a_folder_where_the_table_goes_and_names_a_failed_move(tmp_path, monkeypatch, capsys):
+    """OUT.csv being a folder failed the final move after the work (a traceback, with the new map
+    written and no table). It is refused before the work; a move that still fails is one line
+    saying what was replaced: the table goes in first, so the map is never newer than its table."""
+    import os
+
+    from PAMSegmentLib import cells as cells_module
+    from PAMSegmentLib import cli
+
+    image, ref = disc_image()
+    sitk.WriteImage(sitk.GetImageFromArray(np.clip(image, 0, 255).astype(np.uint8)), str(tmp_path / "cells.png"))
+    sitk.WriteImage(sitk.GetImageFromArray(np.where(np.isin(ref, [1, 4, 16]), ref, 0).astype(np.uint8)),
+                    str(tmp_path / "examples.png"))
+    out, table = tmp_path / "out.tif", tmp_path / "out.tif.csv"
+    run = ["label-cells", str(tmp_path / "cells.png"), str(tmp_path / "examples.png"), "-o", str(out)]
+    table.mkdir()
+    with monkeypatch.context() as m:
+        m.setattr(cells_module, "label_cells", lambda *a, **k: pytest.fail("no work before the refusal"))
+        assert cli.main(run) == 2
+    assert capsys.readouterr().err == (f"pamsegment: error: {table} is a folder, where the table of cells goes; move "
+                                       "it away or choose another -o file\n")
+    assert not out.exists()
+    table.rmdir()
+    out.write_bytes(b"old map")
+    table.write_text("old table")
+    replace = os.replace
+    for failing, message, after in (
+            (table, f"cannot write {table} (Permission denied): nothing was replaced; choose another path",
+             (b"old map", "old table")),
+            (out, f"cannot write {out} (Permission denied): the label map was not replaced, but its table out.tif.csv "
+                  "was (it lists this run's cells); choose another path", (b"old map", "new"))):
+        def refused(src, dst, failing=failing):
+            if os.fspath(dst) == str(failing):
+                raise PermissionError(13, "Permission denied")
+            replace(src, dst)
+
+        with monkeypatch.context() as m:
+            m.setattr(os, "replace", refused)
+            assert cli.main(run) == 2
+        assert capsys.readouterr().err.splitlines()[-1] == f"pamsegment: error: {message}"
+        assert out.read_bytes() == after[0]
+        if after[1] == "new":
+            assert table.read_text().startswith("label,area_px,row,column,probability,drawn")
+        else:
+            assert table.read_text() == after[1]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.png", "examples.png", "out.tif", "out.tif.csv"]
+
+
+def _readme_section(title: str) -> str:
+    from conftest import REPO
+
+    text = (REPO / "README.md").read_text()
+    start = text.index(title)
+    return text[start:text.index("\n## ", start)]
+
+
+def test_the_error_and_the_readme_give_one_advice_on_the_number_of_examples():
+    """The single-example error said "5-10 typical ones work better", the README "3-10 typical cells
+    are enough"; its own table has F1 0.765 with 3 examples, 0.645 with 5 and 0.673 with 10."""
+    image, ref = disc_image()
+    with pytest.raises(InputError, match=r"outline at least 2 \(3-10 typical cells; also mark some background\)$"):
+        label_cells(image, (ref == 1).astype(np.uint8))
+    readme = _readme_section("### Cells in large 2D images")
+    assert "3-10 typical cells are enough, and marking some background" in readme
+    assert "5-10" not in readme
+
+
+def test_the_readme_states_the_rules_the_code_uses():
+    """How it works said "holes smaller than the largest example" (the code fills holes up to and
+    including its area), left out the 0.15 floor of the far-background rule, and said the result
+    does not depend on the image's size (the sampling is image-wide; only the tile size is free)."""
+    import inspect
+
+    from PAMSegmentLib import cells as cells_module
+
+    readme = _readme_section("### Cells in large 2D images")
+    assert "bincount(holes.ravel()) <= areas.max()" in inspect.getsource(cells_module.label_cells)
+    assert "4. Holes no larger than the largest example are filled" in readme
+    assert "limit = max(2.0 * float(np.percentile(d_ex, 95)), 0.15)" in inspect.getsource(cells_module._unlike_examples)
+    assert "twice as far from their median as 95 % of the examples' own pixels, and at least 0.15 of the\n" in readme
+    assert "does not depend on the image's size" not in readme
+    assert "The default result does not depend on the tile size. It does depend on what else the image" in readme
+
+
+def test_the_cell_evaluation_counts_the_nuclei_it_scores():
+    """scripts/evaluate_cells.py's docstring said 125 instances; it scores those over 30 px, 124 (as
+    the README says and the script prints)."""
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import evaluate_cells
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    ref = np.zeros((20, 20), np.int32)
+    ref[0:5, 0:6] = 1  # 30 px: not scored
+    ref[10:17, 10:15] = 2  # 35 px
+    ref[0:4, 10:18] = 7  # 32 px
+    assert evaluate_cells.scored_nuclei(ref) == [2, 7]
+    assert "125 instances,\nof which the 124 over 30 px are scored" in evaluate_cells.__doc__
+    assert evaluate_cells.MIN_AREA == 30 and "512 x 512 px, 124 nuclei;" in (REPO / "README.md").read_text()

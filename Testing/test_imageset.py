@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -422,3 +423,192 @@ def test_a_one_slice_volume_gets_its_mask_where_it_lies(tmp_path, run_cli):
     mask = sitk.ReadImage(str(tmp_path / "out" / "coronal_mask.nii.gz"))
     assert mask.GetSize() == (48, 48, 1) and mask.GetOrigin() == (5.0, 6.0, 70.0)
     assert np.allclose(mask.GetDirection(), (1, 0, 0, 0, 0, 1, 0, -1, 0))
+
+
+def test_cli_names_a_missing_image_in_one_line_before_any_work(tmp_path, capsys):
+    """A mistyped image path (or one in a missing folder, with -o already there) was a
+    FileNotFoundError traceback with exit status 1."""
+    from PAMSegmentLib import cli
+
+    images, truth = moving_disc_set(2)
+    _write_set(tmp_path / "set", images, truth[0])
+
+    def run(image):
+        return cli.main(["label-images", str(tmp_path / "set" / "img_0.png"), str(tmp_path / "mask.png"),
+                         str(tmp_path / "set"), str(image), "--method", "copy", "-o", str(tmp_path / "out")])
+
+    missing = tmp_path / "missing.png"
+    assert run(missing) == 2
+    assert capsys.readouterr().err == f"pamsegment: error: {missing} does not exist; check the path\n"
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "out").mkdir()
+    nodir = tmp_path / "nodir" / "missing.png"
+    assert run(nodir) == 2
+    assert capsys.readouterr().err == f"pamsegment: error: {nodir} does not exist; check the path\n"
+    assert not any((tmp_path / "out").iterdir())
+
+
+def test_cli_refuses_outputs_that_link_to_its_inputs_before_any_work(tmp_path, capsys, monkeypatch):
+    """A mask name or labels.csv in -o that is a symbolic link to the prompt mask or an image: the
+    link's target would get the new file, so the drawn mask lost its label 2 (a link to a file that
+    is not an input stays a link: test_cli_keeps_symbolic_links_among_the_outputs)."""
+    from PAMSegmentLib import cli
+    from PAMSegmentLib import imageset as imageset_module
+
+    images, truth = moving_disc_set(3)
+    _write_set(tmp_path / "set", images, truth[0])
+    drawn = truth[0].astype(np.uint8)
+    drawn[:4, :4] = 2  # a second structure the user drew
+    sitk.WriteImage(sitk.GetImageFromArray(drawn), str(tmp_path / "mask.png"))
+    before = {p.name: p.read_bytes() for p in [tmp_path / "mask.png", *(tmp_path / "set").iterdir()]}
+    monkeypatch.setattr(imageset_module, "label_images", lambda *a, **k: pytest.fail("no work before the refusal"))
+    out = tmp_path / "out"
+    out.mkdir()
+    run = ["label-images", str(tmp_path / "set" / "img_0.png"), str(tmp_path / "mask.png"), str(tmp_path / "set"),
+           "--method", "copy", "--label", "1", "-o", str(out)]
+    for name, target, what in (("img_0_mask.png", tmp_path / "mask.png", "the prompt mask"),
+                               ("img_1_mask.png", tmp_path / "set" / "img_2.png", "the image"),
+                               ("labels.csv", tmp_path / "set" / "img_0.png", "the prompt image")):
+        (out / name).symlink_to(target)
+        assert cli.main(run) == 2
+        assert capsys.readouterr().err == (f"pamsegment: error: {out / name} is a symbolic link to {what} {target}, "
+                                           "which this run would write over; remove the link or choose another "
+                                           "-o folder\n")
+        (out / name).unlink()
+    assert {p.name: p.read_bytes() for p in [tmp_path / "mask.png", *(tmp_path / "set").iterdir()]} == before
+    assert np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "mask.png")))).tolist() == [0, 1, 2]
+    assert not any(out.iterdir())
+
+
+def test_cli_refuses_a_folder_where_a_mask_or_the_table_goes_before_any_work(tmp_path, capsys, monkeypatch):
+    """A folder named like a mask (or labels.csv) in -o made the final move fail half-way, with a
+    traceback, after the earlier masks were replaced."""
+    from PAMSegmentLib import cli
+    from PAMSegmentLib import imageset as imageset_module
+
+    images, truth = moving_disc_set(3)
+    _write_set(tmp_path / "set", images, truth[0])
+    monkeypatch.setattr(imageset_module, "label_images", lambda *a, **k: pytest.fail("no work before the refusal"))
+    out = tmp_path / "out"
+    run = ["label-images", str(tmp_path / "set" / "img_0.png"), str(tmp_path / "mask.png"), str(tmp_path / "set"),
+           "--method", "copy", "-o", str(out)]
+    for name, what in (("img_1_mask.png", "a mask"), ("labels.csv", "labels.csv")):
+        (out / name).mkdir(parents=True)
+        assert cli.main(run) == 2
+        assert capsys.readouterr().err == (f"pamsegment: error: {out / name} is a folder, where this run would write "
+                                           f"{what}; move it away or choose another -o folder\n")
+        assert [p.name for p in out.iterdir()] == [name]
+        (out / name).rmdir()
+
+
+@pytest.mark.parametrize("fail_at, message", [
+    ("img_0_mask.png", "cannot write {out}/img_0_mask.png (Permission denied): nothing was replaced; fix that and "
+                       "run again"),
+    ("img_1_mask.png", "cannot write {out}/img_1_mask.png (Permission denied): 1 of 3 masks replaced (img_0_mask.png); "
+                       "not replaced: this one, the 1 after it and labels.csv; -o now mixes files of this run and an "
+                       "earlier one: fix that and run again"),
+    ("labels.csv", "cannot write {out}/labels.csv (Permission denied): all 3 masks were replaced, labels.csv was not; "
+                   "-o now mixes files of this run and an earlier one: fix that and run again"),
+])
+def test_cli_a_failed_final_move_says_what_was_and_was_not_replaced(tmp_path, capsys, monkeypatch, fail_at, message):
+    """A move that fails at the end (after the checks: a permission, a full disk) was an OSError
+    traceback (exit 1) that left a mix of new and old masks unsaid."""
+    import os
+
+    from PAMSegmentLib import cli
+
+    images, truth = moving_disc_set(3)
+    _write_set(tmp_path / "set", images, truth[0])
+    out = tmp_path / "out"
+    run = ["label-images", str(tmp_path / "set" / "img_0.png"), str(tmp_path / "mask.png"), str(tmp_path / "set"),
+           "--method", "copy", "-o", str(out)]
+    assert cli.main(run) == 0  # the earlier run: label 3
+    capsys.readouterr()
+    sitk.WriteImage(sitk.GetImageFromArray(truth[0].astype(np.uint8) * 5), str(tmp_path / "mask.png"))  # now label 5
+    replace = os.replace
+
+    def failing(src, dst):
+        if os.fspath(dst) == str(out / fail_at):
+            raise PermissionError(13, "Permission denied")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing)
+    assert cli.main(run) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"pamsegment: error: {message.format(out=out)}"  # after the bar
+    labels = [int(sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"img_{k}_mask.png"))).max()) for k in range(3)]
+    assert labels == {"img_0_mask.png": [3, 3, 3], "img_1_mask.png": [5, 3, 3], "labels.csv": [5, 5, 5]}[fail_at]
+    with open(out / "labels.csv") as fh:
+        assert {r["label"] for r in csv.DictReader(fh)} == {"3"}  # the earlier run's table
+    assert sorted(p.name for p in out.iterdir()) == ["img_0_mask.png", "img_1_mask.png", "img_2_mask.png",
+                                                     "labels.csv"]  # no temporaries left
+
+
+def test_cli_sorts_a_folder_by_name_with_numbers_by_value(tmp_path, capsys):
+    """frame_1, 2, 3, 10, 11 in a folder: a plain string sort walked frame_1 -> frame_10 -> frame_11
+    -> frame_2 -> frame_3 with --order given, scrambling the sequence. Files without an image
+    extension (e.g. a DICOM file without .dcm) are not taken from a folder."""
+    from PAMSegmentLib import cli
+
+    images, truth = moving_disc_set(5)
+    (tmp_path / "frames").mkdir()
+    for n, im in zip((1, 2, 3, 10, 11), images):
+        sitk.WriteImage(sitk.GetImageFromArray(np.clip(im, 0, 255).astype(np.uint8)),
+                        str(tmp_path / "frames" / f"frame_{n}.png"))
+    (tmp_path / "frames" / "notes").write_text("not an image")
+    sitk.WriteImage(sitk.GetImageFromArray(truth[0].astype(np.uint8)), str(tmp_path / "mask.png"))
+    assert cli.main(["label-images", str(tmp_path / "frames" / "frame_1.png"), str(tmp_path / "mask.png"),
+                     str(tmp_path / "frames"), "--method", "copy", "--order", "given",
+                     "-o", str(tmp_path / "out")]) == 0
+    with open(tmp_path / "out" / "labels.csv") as fh:
+        rows = [(Path(r["image"]).name, Path(r["guided_by"]).name) for r in csv.DictReader(fh)]
+    assert rows == [("frame_1.png", "(drawn)"), ("frame_2.png", "frame_1.png"), ("frame_3.png", "frame_2.png"),
+                    ("frame_10.png", "frame_3.png"), ("frame_11.png", "frame_10.png")]
+    from PAMSegmentLib.imageset import _natural
+
+    names = ["b10.png", "B2.png", "a.png", "b02.png", "b1.png"]
+    assert sorted(names, key=lambda n: _natural(Path(n))) == ["a.png", "b1.png", "B2.png", "b02.png", "b10.png"]
+
+
+def test_cli_labels_an_image_given_twice_once(tmp_path, capsys):
+    """A folder and one of its files: the error said "set/img_1.png and set/img_1.png would both be
+    written as img_1_mask; rename one", which renaming cannot fix (it is one file)."""
+    from PAMSegmentLib import cli
+
+    images, truth = moving_disc_set(3)
+    _write_set(tmp_path / "set", images, truth[0])
+    (tmp_path / "link.png").symlink_to(tmp_path / "set" / "img_2.png")
+    assert cli.main(["label-images", str(tmp_path / "set" / "img_0.png"), str(tmp_path / "mask.png"),
+                     str(tmp_path / "set"), str(tmp_path / "set" / "img_1.png"), str(tmp_path / "link.png"),
+                     "--method", "copy", "-o", str(tmp_path / "out")]) == 0
+    assert (f"note: {tmp_path / 'set' / 'img_1.png'} is given twice (also as {tmp_path / 'set' / 'img_1.png'}) "
+            "(and 1 more); each image is labelled once") in capsys.readouterr().out
+    with open(tmp_path / "out" / "labels.csv") as fh:
+        assert [r["mask"] for r in csv.DictReader(fh)] == ["img_0_mask.png", "img_1_mask.png", "img_2_mask.png"]
+
+
+def test_the_readme_quotes_the_evaluation_commands_that_give_its_figures():
+    """The quoted `evaluate_image_sets.py ... --sets evaluation` ran the script's default configs
+    (pam and pam-nogate, similar and prompt): no `given`, `track` or `copy` column. And `pam-reg0`,
+    "the network without registration", also has the drift test off."""
+    import inspect
+    import re
+    import sys
+
+    text = (REPO / "README.md").read_text()
+    start = text.index("### Sets of 2D images")
+    section = " ".join(text[start:text.index("### Cells in large 2D images")].split())
+    commands = dict(re.findall(r"--sets (evaluation|validation) --configs (\S+?)[`,]?[`;]", section))
+    assert commands["evaluation"].split(",") == ["pam:similar", "pam:prompt", "pam:given", "track:similar",
+                                                 "copy:prompt"]
+    assert ("| set (held-out structures) | sets | `similar` (default) | `prompt` | `given` (true order) | "
+            "`track`, similar order | `copy` from the prompt |") in section
+    assert commands["validation"].split(",") == ["pam:similar", "pam:prompt", "pam-reg0:similar", "track:similar",
+                                                 "pam:given"]
+    assert "the network alone (`pam-reg0`: without the registration and without the drift test) 0.596" in section
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import evaluate_image_sets
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    source = inspect.getsource(evaluate_image_sets.make_predictor)
+    assert 'if method == "pam-reg0":\n        model.inference = replace(model.inference, intensity_gate=False)' in source

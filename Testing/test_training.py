@@ -323,3 +323,60 @@ def test_a_prior_network_starts_from_the_same_network_without_the_channel(tmp_pa
         prior_net(g, m, q, prior[:, :2])
     with pytest.raises(ValueError, match="network 'tiny' has no prior channel"):
         base(g, m, q, prior)
+
+
+def _train_script():
+    import sys as _sys
+
+    _sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import train as train_script
+    finally:
+        _sys.path.remove(str(ROOT / "scripts"))
+    return train_script
+
+
+def test_train_script_writes_runs_not_the_shipped_weights_by_default(tmp_path, monkeypatch, capsys):
+    """`python scripts/train.py --cache cache --minutes 85` (the README's Development line) wrote
+    Resources/Models/pam_small.pt, the weights every command loads by default."""
+    from types import SimpleNamespace
+
+    train_script = _train_script()
+    written = []
+    monkeypatch.setattr(train_script, "REPO", tmp_path)  # a repository of its own: runs/ is made in it
+    monkeypatch.setattr(train_script, "inline_synthetic", lambda n, seed: [SimpleNamespace(name="synth_inline_0")])
+    monkeypatch.setattr(train_script, "train", lambda cases, cfg, out, log: written.append(out) or {})
+    run = ["--synthetic-inline", "1", "--log", str(tmp_path / "log.csv")]
+    assert train_script.main(run) == 0
+    assert written == [tmp_path / "runs" / "pam_small.pt"] and (tmp_path / "runs").is_dir()
+    # runs/ a link to the shipped weights' folder: refused, not trained
+    shipped = tmp_path / "Resources" / "Models" / "pam_small.pt"
+    shipped.parent.mkdir(parents=True)
+    shipped.write_bytes(b"shipped")
+    (tmp_path / "runs").rmdir()
+    (tmp_path / "runs").symlink_to(shipped.parent)
+    with pytest.raises(SystemExit) as exit_:
+        train_script.main(run)
+    assert exit_.value.code == 2 and len(written) == 1
+    assert (f"error: the default --out {tmp_path / 'runs' / 'pam_small.pt'} is the shipped weights {shipped} (through "
+            "a link): training would replace them; give --out, naming them if that is what you want"
+            ) in capsys.readouterr().err
+    # named explicitly, the shipped weights are the user's choice
+    assert train_script.main([*run, "--out", str(shipped)]) == 0
+    assert written[-1] == shipped
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert "* Training: `python scripts/train.py --cache cache --minutes 85 --out runs/pam_small.pt`" in readme
+
+
+def test_the_readme_says_what_training_the_tests_run():
+    """The README said "No training in CI", while this file's tests run train() loops (tiny
+    networks, up to 60 iterations) and CI runs the whole suite."""
+    import re
+
+    source = Path(__file__).read_text()
+    longest = max(int(n) for n in re.findall(r"max_iterations=(\d+)", source))
+    assert longest == 60
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert "No training in CI" not in readme
+    assert f"No full training run in CI, only short training loops (up to {longest} iterations) on tiny networks." \
+        in readme

@@ -4,14 +4,15 @@
 Network alone (default vs official preset vs SAM 2 tiny), end to end on synthetic 512 x 512 CTs
 (read, preprocess, propagate, write; wall time and peak RSS in a fresh process per row) and the
 Slicer path on slicer-core MRML nodes. Prints the tables and the issue's targets and writes
-network.csv, end_to_end.csv, slicer.csv, targets.csv, benchmark.json, benchmark.md and
-benchmark.png into --out (default docs/benchmark/ in this repository).
+network.csv, paired.csv, end_to_end.csv, slicer.csv, targets.csv, benchmark.json, benchmark.md and
+benchmark.png into --out: by default docs/benchmark/ in this repository for a full run, and
+./benchmark_out/ for a run with --quick, --parts or a changed size or repeat count.
 
 Examples:
-    python scripts/benchmark.py --threads 2                       # the full run (~15 min on 2 cores)
-    python scripts/benchmark.py --quick --threads 1 --out /tmp/b  # smoke run, seconds
-    python scripts/benchmark.py --checkpoint Resources/Models/pam_small.pt --parts network,e2e
-Same as `pamsegment benchmark ...` (whose --out default is ./docs/benchmark).
+    python scripts/benchmark.py --threads 2 --checkpoint Resources/Models/pam_small.pt  # the full run (~15 min on 2 cores)
+    python scripts/benchmark.py --quick --threads 1                # smoke run, seconds, into ./benchmark_out
+    python scripts/benchmark.py --parts network,e2e --out /tmp/b   # some parts only
+Same as `pamsegment benchmark ...` (whose full-run --out default is ./docs/benchmark).
 """
 
 import sys

@@ -19,8 +19,11 @@ both TotalSegmentator CTs in one set: 3 mm and 512 x 512 DICOM slices of two pat
 sizes), reported, never used to choose.
 
 Configs ``METHOD:ORDER``: METHOD ``pam`` (the checkpoint as shipped), ``pam-nogate`` (drift test
-off), ``pam-reg0`` (network alone), ``track`` (demons registration alone), ``copy``; ORDER one of
-``similar``, ``prompt``, ``given`` (the true slice order: an upper reference for sequences).
+off), ``pam-reg0`` (network alone: registration and drift test off), ``track`` (demons
+registration alone), ``copy``; ORDER one of ``similar``, ``prompt``, ``given`` (the true slice
+order: an upper reference for sequences). The README's tables:
+``--sets evaluation --configs pam:similar,pam:prompt,pam:given,track:similar,copy:prompt`` and
+``--sets validation --configs pam:similar,pam:prompt,pam-reg0:similar,track:similar,pam:given``.
 """
 
 from __future__ import annotations

@@ -2,7 +2,10 @@
 """Train PAMSegment's default weights (the `small` preset) on CPU.
 
     python scripts/prepare_data.py --cache cache --synthetic 400      # once
-    python scripts/train.py --cache cache --minutes 80 --out Resources/Models/pam_small.pt
+    python scripts/train.py --cache cache --minutes 80                # writes runs/pam_small.pt
+
+The checkpoint goes to ``--out`` (default ``runs/pam_small.pt`` in this repository). The shipped
+weights, ``Resources/Models/pam_small.pt``, are written only when ``--out`` names them.
 
 Training cases and labels come from scripts/split.json (evaluation structures and scans are never
 loaded here). ``--synthetic-inline N`` trains on N freshly generated synthetic volumes only (no
@@ -125,7 +128,9 @@ def main(argv=None) -> int:
                     help="end after N iterations; the LR schedule and the start of rollouts then follow the "
                          "iteration count, so the same seed, data and --threads give the same weights (if "
                          "--minutes does not end the run first)")
-    ap.add_argument("--out", type=Path, default=REPO / "Resources" / "Models" / "pam_small.pt")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="where the checkpoint goes (default: runs/pam_small.pt in this repository; the shipped "
+                         "Resources/Models/pam_small.pt only when named here)")
     ap.add_argument("--log", type=Path, default=REPO / "runs" / "train_log.csv")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for the network")
     ap.add_argument("--workers", type=int, default=1, help="batch-sampling processes (0 = in the main process)")
@@ -160,6 +165,12 @@ def main(argv=None) -> int:
         ap.error(f"--boundary-weight must be >= 0 (0 = off), got {args.boundary_weight}")
     if args.boundary_band < 1:
         ap.error(f"--boundary-band must be at least 1 px, got {args.boundary_band}")
+    if args.out is None:
+        args.out = REPO / "runs" / "pam_small.pt"
+        shipped = REPO / "Resources" / "Models" / "pam_small.pt"
+        if args.out.resolve() == shipped.resolve():
+            ap.error(f"the default --out {args.out} is the shipped weights {shipped} (through a link): training "
+                     "would replace them; give --out, naming them if that is what you want")
 
     torch.manual_seed(args.seed)
     t0 = time.time()
