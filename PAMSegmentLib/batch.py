@@ -7,14 +7,16 @@ optionally, ``output`` (default ``<output folder>/<image path>_pam.nii.gz``, the
 the manifest gives it with folders joined by ``_``: ``p01/ct.nii.gz`` -> ``p01_ct_pam.nii.gz``) and ``label``
 (prompt labels to propagate, separated by spaces; default all). Relative paths are read from the
 manifest's folder. Every row is checked before any work (files exist, outputs are writable and
-unique), so a typo in row 37 does not surface after an hour. Each output is written atomically
+unique), so a typo in row 37 does not surface after an hour. Rows are numbered by the file's lines,
+as a spreadsheet numbers them: the header is row 1, the first case usually row 2. Each output is written atomically
 when its case is done; ``batch_report.csv`` in the output folder records per row ``ok``,
 ``error`` (with the one-line message), ``skipped`` (``--skip-existing``: the output exists) or
 ``not run`` (interrupted), and is rewritten after every case, so it is current even when the
 run is cut.
 
-``--shard K/N`` runs rows K, K+N, K+2N ... (K from 1): N machines given the same manifest and
-output folder each take their share and write their own ``batch_report.shardK-of-N.csv``.
+``--shard K/N`` runs the manifest's cases K, K+N, K+2N ... (counting cases from 1, not lines):
+N machines given the same manifest and output folder each take their share and write their own
+``batch_report.shardK-of-N.csv``.
 """
 
 from __future__ import annotations
@@ -30,12 +32,14 @@ from .errors import InputError, PAMError, PropagationCancelled
 
 __all__ = ["BatchRow", "read_manifest", "parse_shard", "add_batch_arguments", "cmd_batch"]
 
+COLUMNS = ("image", "prompt", "output", "label")
+COLUMNS_TEXT = "image,prompt[,output][,label]"
 REPORT_FIELDS = ("row", "image", "prompt", "output", "status", "seconds", "slices", "check_first", "message")
 
 
 @dataclass
 class BatchRow:
-    number: int  # 1-based data row of the manifest (the header is row 0)
+    number: int  # the manifest's line the row is on (the header is row 1), as a spreadsheet numbers it
     image: Path
     prompt: Path
     output: Path
@@ -71,50 +75,84 @@ def _labels(text: str, where: str) -> list[int] | None:
     return out
 
 
-def _default_name(image: str) -> str:
+def _default_name(image: str, resolved: Path) -> str:
     """``p01/ct.nii.gz`` -> ``p01_ct``: the image's path as the manifest gives it, without its
-    extension, folders joined by ``_`` (patients often keep same-named files in their own folders)."""
+    extension, folders joined by ``_`` (patients often keep same-named files in their own folders).
+    A path without a name of its own (``.``, ``..``: a DICOM folder holding the manifest) gives the
+    name of the folder it is, ``resolved``."""
     from .volumes import without_extension
 
     parts = [q for q in Path(image).parts if q not in ("/", "..", ".", "~")]
+    if not parts:
+        name = resolved.resolve().name
+        if not name:  # the root folder
+            raise InputError(f"cannot name an output after the image {image!r}; give this row an output")
+        return name
     last = without_extension(parts[-1], (".nii.gz", ".seg.nrrd", ".nii", ".nrrd", ".mha", ".mhd"))
     return "_".join([*parts[:-1], last])
 
 
+def _read_records(path: Path) -> list[tuple[int, list[str]]]:
+    """The manifest's records as (the file line each starts on, its fields)."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh)
+            records, line = [], 1
+            for fields in reader:
+                records.append((line, fields))
+                line = reader.line_num + 1  # a quoted field may span lines
+    except UnicodeDecodeError as error:
+        raise InputError(f"cannot read {path.name} as a CSV file ({error}); save it as CSV in UTF-8") from None
+    except csv.Error as error:
+        raise InputError(f"cannot read {path.name} as a CSV file ({error})") from None
+    return records
+
+
 def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
-    """The manifest's rows, every one checked (InputError naming the row for the first problem)."""
+    """The manifest's rows, every one checked (InputError naming the row for the first problem).
+    A row's number is the line of the file it is on (the header is row 1), as a spreadsheet
+    numbers it."""
     from .volumes import _write_extension
 
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"manifest {path} is a folder; give the CSV file that lists the cases")
     if not path.is_file():
-        raise InputError(f"manifest {path} does not exist; give a CSV file with columns image,prompt[,output][,label]")
+        raise InputError(f"manifest {path} does not exist; give a CSV file with columns {COLUMNS_TEXT}")
     base, out_dir = path.parent, Path(out_dir)
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            fields = [f.strip().lower() for f in (reader.fieldnames or [])]
-            records = list(reader)
-    except (UnicodeDecodeError, csv.Error) as error:
-        raise InputError(f"cannot read {path.name} as a CSV file ({error})") from None
-    unknown = [f for f in fields if f not in ("image", "prompt", "output", "label")]
+    records = _read_records(path)
+    while records and not any(f.strip() for f in records[0][1]):  # blank lines before the header
+        records.pop(0)
+    header = records.pop(0)[1] if records else []
+    fields = [f.strip().lower() for f in header]
+    unknown = [f for f in fields if f and f not in COLUMNS]
     if unknown:
         hint = " (did you mean label?)" if "labels" in unknown else ""
         raise InputError(f"{path.name} has a column {unknown[0]!r} this command does not know{hint}; the columns are "
-                         "image,prompt[,output][,label]" + ("; separate them with commas, not semicolons"
-                                                            if any(";" in f for f in fields) else ""))
+                         f"{COLUMNS_TEXT}" + ("; separate them with commas, not semicolons"
+                                              if any(";" in f for f in fields) else ""))
+    twice = next((f for n, f in enumerate(fields) if f and f in fields[:n]), None)
+    if twice:
+        raise InputError(f"{path.name} has the column {twice} twice; keep one")
     missing = [c for c in ("image", "prompt") if c not in fields]
     if missing:
-        raise InputError(f"{path.name} has no {' or '.join(missing)} column; its header must name image,prompt"
-                         "[,output][,label] (found: " + (", ".join(fields) or "nothing") + ")")
+        raise InputError(f"{path.name} has no {' or '.join(missing)} column; its header must name {COLUMNS_TEXT} "
+                         "(found: " + (", ".join(f for f in fields if f) or "nothing") + ")")
+    # A column without a name (a trailing comma, as spreadsheets export) is ignored while it is empty.
+    for line, values in records:
+        if any(v.strip() for v in values[len(fields):]):
+            raise InputError(f"{path.name} row {line} has more fields than the header; put paths that contain "
+                             'commas in double quotes ("a,b.nii.gz")')
+        unnamed = next((n for n, v in enumerate(values[:len(fields)]) if not fields[n] and v.strip()), None)
+        if unnamed is not None:
+            raise InputError(f"{path.name}: column {unnamed + 1} has no name in the header but row {line} fills it; "
+                             f"name it ({COLUMNS_TEXT}) or remove it")
     rows, outputs = [], {}
-    for n, rec in enumerate(records, start=1):
-        if None in rec:  # more fields than the header has
-            raise InputError(f"{path.name} row {n} has more fields than the header; put paths that contain commas "
-                             'in double quotes ("a,b.nii.gz")')
-        rec = {(k or "").strip().lower(): (v or "").strip() for k, v in rec.items()}
+    for line, values in records:
+        rec = {f: v.strip() for f, v in zip(fields, values) if f}
         if not any(rec.values()):
             continue  # blank line
-        where = f"{path.name} row {n}"
+        where = f"{path.name} row {line}"
 
         def resolve(value: str) -> Path:
             try:
@@ -129,18 +167,19 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
         for what, p in (("image", image), ("prompt", prompt)):
             if not p.exists():
                 raise InputError(f"{where}: {what} {p} does not exist")
-        output = resolve(rec["output"]) if rec.get("output") else out_dir / f"{_default_name(rec['image'])}_pam.nii.gz"
         try:
+            output = (resolve(rec["output"]) if rec.get("output")
+                      else out_dir / f"{_default_name(rec['image'], image)}_pam.nii.gz")
+            if output.is_dir():
+                raise InputError(f"the output {output} is a folder; give a file name")
             _write_extension(output)
         except InputError as error:
             raise InputError(f"{where}: {error}") from None
-        if output.is_dir():
-            raise InputError(f"{where}: the output {output} is a folder; give a file name")
         key = str(output.resolve())
         if key in outputs:
             raise InputError(f"{where}: output {output} is also row {outputs[key]}'s; give each row its own output")
-        outputs[key] = n
-        rows.append(BatchRow(n, image, prompt, output, _labels(rec.get("label", ""), where)))
+        outputs[key] = line
+        rows.append(BatchRow(line, image, prompt, output, _labels(rec.get("label", ""), where)))
     if not rows:
         raise InputError(f"{path.name} lists no cases")
     # No output may be any row's input: writing it would replace a scan or prompt another row reads.
@@ -181,7 +220,8 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--through-plane-mm", type=_through_plane_mm, metavar="T", help="as for propagate")
     p.add_argument("--skip-existing", action="store_true", help="skip rows whose output exists (resume a cut run)")
     p.add_argument("--shard", type=parse_shard, metavar="K/N",
-                   help="run only rows K, K+N, K+2N ... (split one manifest between N machines)")
+                   help="run only the manifest's cases K, K+N, K+2N ... (counting cases, not lines; split one "
+                        "manifest between N machines)")
     p.add_argument("--stop-on-error", action="store_true", help="stop at the first case that fails (default: go on)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="torch device (default: cpu)")
     p.add_argument("--threads", type=_positive_int, metavar="N", help="torch CPU threads (default: torch's choice)")
@@ -223,7 +263,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         rows = rows[k - 1::n]
         report_name = f"batch_report.shard{k}-of-{n}.csv"
         if not rows:
-            print(f"batch: shard {k}/{n} holds no rows of {args.manifest} (it has fewer than {k}); nothing to do")
+            print(f"batch: shard {k}/{n} holds no rows of {args.manifest} (it lists fewer than {k} cases); nothing to do")
             return EXIT_OK
     if args.checkpoint:
         from .checkpoints import check_checkpoint_file

@@ -69,7 +69,7 @@ def test_every_row_is_checked_before_any_work(tmp_path, cases, run_cli):
     ])
     proc = run_cli("batch", m, "-o", tmp_path / "out", "--method", "copy")
     assert proc.returncode == 2
-    assert "cases.csv row 3: prompt" in proc.stderr and "typo.nii.gz does not exist" in proc.stderr
+    assert "cases.csv row 4: prompt" in proc.stderr  # the file's line 4 and "typo.nii.gz does not exist" in proc.stderr
     assert not (tmp_path / "out").exists()  # nothing was run or written
 
 
@@ -77,17 +77,22 @@ def test_every_row_is_checked_before_any_work(tmp_path, cases, run_cli):
     (["prompt,output", "c0/prompt.nii.gz,x.nii.gz"], "has no image column"),
     (["img,prompt", "c0/image.nii.gz,c0/prompt.nii.gz"], "a column .img. this command does not know"),
     (["image,prompt,output", "c0/image.nii.gz,c0/prompt.nii.gz,x.nii.gz",
-      "c1/image.nii.gz,c1/prompt.nii.gz,x.nii.gz"], "row 2: output .*x.nii.gz is also row 1's"),
-    (["image,prompt,output", "c0/image.nii.gz,c0/prompt.nii.gz,x.png"], "row 1: cannot tell the output format"),
-    (["image,prompt,label", "c0/image.nii.gz,c0/prompt.nii.gz,1 two"], "row 1: label must be whole numbers"),
+      "c1/image.nii.gz,c1/prompt.nii.gz,x.nii.gz"], "row 3: output .*x.nii.gz is also row 2's"),
+    (["image,prompt,output", "c0/image.nii.gz,c0/prompt.nii.gz,x.png"], "row 2: cannot tell the output format"),
+    (["image,prompt,label", "c0/image.nii.gz,c0/prompt.nii.gz,1 two"], "row 2: label must be whole numbers"),
     (["image,prompt"], "lists no cases"),
     (["image,prompt,output", "c0/image.nii.gz,c0/prompt.nii.gz,nowhere/x.nii.gz"],
-     "cases.csv row 1: the output folder .*nowhere does not exist"),
+     "cases.csv row 2: the output folder .*nowhere does not exist"),
     (["image,prompt,labels", "c0/image.nii.gz,c0/prompt.nii.gz,2"], "column 'labels' .*did you mean label"),
     (["image;prompt", "c0/image.nii.gz;c0/prompt.nii.gz"], "not semicolons"),
-    (["image,prompt", "c0/image.nii.gz,c0/prompt.nii.gz,extra"], "row 1 has more fields than the header"),
+    (["image,prompt", "c0/image.nii.gz,c0/prompt.nii.gz,extra"], "row 2 has more fields than the header"),
     (["image,prompt,output", "c0/image.nii.gz,c0/prompt.nii.gz,c1/image.nii.gz",
-      "c1/image.nii.gz,c1/prompt.nii.gz,"], "row 1: the output .*c1/image.nii.gz is an input of row 2"),
+      "c1/image.nii.gz,c1/prompt.nii.gz,"], "row 2: the output .*c1/image.nii.gz is an input of row 3"),
+    # csv.DictReader kept the last of two same-named columns: c0's prompt ran on c1's scan
+    (["image,prompt,image", "c0/image.nii.gz,c0/prompt.nii.gz,c1/image.nii.gz"], "has the column image twice; keep one"),
+    (["image,prompt,output", "c0/image.nii.gz,c0/prompt.nii.gz,c1"], "row 2: the output .*c1 is a folder; give a file"),
+    (["image,prompt,", "c0/image.nii.gz,c0/prompt.nii.gz,x.nii.gz"],
+     "cases.csv: column 3 has no name in the header but row 2 fills it; name it"),
 ])
 def test_bad_manifests_get_one_clear_message(tmp_path, cases, lines, message, capsys):
     m = _manifest(tmp_path / "data" / "cases.csv", lines)
@@ -101,8 +106,8 @@ def test_skip_existing_resumes_and_shards_split_the_rows(tmp_path, cases, capsys
     m = _manifest(tmp_path / "data" / "cases.csv", lines)
     out = tmp_path / "out"
     assert main(["batch", str(m), "-o", str(out), "--method", "copy", "--shard", "2/2"]) == 0
-    assert sorted(p.name for p in out.glob("r*.nii.gz")) == ["r1.nii.gz"]  # rows 2 (K=2, N=2)
-    assert [r["row"] for r in _report(out / "batch_report.shard2-of-2.csv")] == ["2"]
+    assert sorted(p.name for p in out.glob("r*.nii.gz")) == ["r1.nii.gz"]  # the second case (K=2, N=2)
+    assert [r["row"] for r in _report(out / "batch_report.shard2-of-2.csv")] == ["3"]  # on line 3
     before = (out / "r1.nii.gz").stat().st_mtime_ns
     assert main(["batch", str(m), "-o", str(out), "--method", "copy", "--skip-existing"]) == 0
     rows = _report(out / "batch_report.csv")
@@ -119,15 +124,61 @@ def test_an_interrupted_batch_keeps_finished_cases_and_says_what_did_not_run(tmp
 
     def run_row(row, model, args):
         calls.append(row.number)
-        if row.number == 2:
-            raise KeyboardInterrupt  # Ctrl-C during the second case
+        if row.number == 3:
+            raise KeyboardInterrupt  # Ctrl-C during the second case (line 3)
         real(row, model, args)
 
     monkeypatch.setattr(batch_module, "_run_row", run_row)
     (tmp_path / "out").mkdir()
     out = tmp_path / "out"
     assert main(["batch", str(m), "-o", str(out), "--method", "copy"]) == 130
-    assert calls == [1, 2]
+    assert calls == [2, 3]
     assert [r["status"] for r in _report(out / "batch_report.csv")] == ["ok", "not run", "not run"]
     assert sorted(p.name for p in out.glob("*.nii.gz")) == ["c0_image_pam.nii.gz"]
     assert "--skip-existing to resume" in capsys.readouterr().err
+
+
+def test_rows_are_numbered_by_the_files_lines_and_shards_count_cases(tmp_path, cases, capsys):
+    m = _manifest(tmp_path / "data" / "cases.csv", [
+        "image,prompt,output",                       # line 1
+        "c0/image.nii.gz,c0/prompt.nii.gz,r0.nii.gz",  # line 2
+        ",,",                                        # line 3: an empty row, as spreadsheets save one
+        "c1/image.nii.gz,c1/prompt.nii.gz,r1.nii.gz",  # line 4
+        "",                                          # line 5
+        "c2/image.nii.gz,c2/prompt.nii.gz,r2.nii.gz",  # line 6
+    ])
+    assert [r.number for r in batch_module.read_manifest(m, tmp_path / "out")] == [2, 4, 6]
+    out = tmp_path / "out"
+    assert main(["batch", str(m), "-o", str(out), "--method", "copy", "--shard", "2/2"]) == 0
+    assert [r["row"] for r in _report(out / "batch_report.shard2-of-2.csv")] == ["4"]  # the second case
+    assert main(["batch", str(m), "-o", str(out), "--method", "copy", "--shard", "1/2"]) == 0
+    assert [r["row"] for r in _report(out / "batch_report.shard1-of-2.csv")] == ["2", "6"]  # the first and third
+    (tmp_path / "data" / "c2" / "prompt.nii.gz").unlink()
+    assert main(["batch", str(m), "-o", str(out), "--method", "copy"]) == 2
+    assert "cases.csv row 6: prompt" in capsys.readouterr().err
+
+
+def test_a_trailing_comma_in_the_header_is_ignored_while_its_column_is_empty(tmp_path, cases):
+    m = _manifest(tmp_path / "data" / "cases.csv", ["image,prompt,", "c0/image.nii.gz,c0/prompt.nii.gz,",
+                                                     "c1/image.nii.gz,c1/prompt.nii.gz"])
+    rows = batch_module.read_manifest(m, tmp_path / "out")
+    assert [r.output.name for r in rows] == ["c0_image_pam.nii.gz", "c1_image_pam.nii.gz"]
+
+
+def test_an_image_named_dot_or_dot_dot_names_its_output_after_the_folder(tmp_path, cases):
+    # A DICOM folder holding the manifest ("."), or the folder above it (".."): parts[-1] was an IndexError.
+    m = _manifest(tmp_path / "data" / "c0" / "cases.csv", ["image,prompt", ".,prompt.nii.gz", "..,prompt.nii.gz"])
+    rows = batch_module.read_manifest(m, tmp_path / "out")
+    assert [r.output for r in rows] == [tmp_path / "out" / "c0_pam.nii.gz", tmp_path / "out" / "data_pam.nii.gz"]
+
+
+@pytest.mark.parametrize("name, message", [
+    ("", "manifest .*data is a folder; give the CSV file"),
+    ("latin.csv", "cannot read latin.csv as a CSV file .*; save it as CSV in UTF-8"),
+])
+def test_a_manifest_that_is_a_folder_or_not_utf8_says_so(tmp_path, cases, name, message, capsys):
+    manifest = tmp_path / "data" / name
+    if name:  # "Büro" saved as Latin-1, as older spreadsheet programs do
+        manifest.write_bytes("image,prompt\nc0/B\xfcro.nii.gz,c0/prompt.nii.gz\n".encode("latin-1"))
+    assert main(["batch", str(manifest), "-o", str(tmp_path / "out"), "--method", "copy"]) == 2
+    assert re.search(message, capsys.readouterr().err)
