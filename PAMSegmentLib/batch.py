@@ -196,15 +196,41 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
 
 
 def write_report(rows: list[BatchRow], path: Path) -> None:
+    """The report, written atomically (a temporary moved in); InputError when it cannot be."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=REPORT_FIELDS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({"row": r.number, "image": str(r.image), "prompt": str(r.prompt), "output": str(r.output),
-                        "status": r.status, "seconds": f"{r.seconds:.1f}", "slices": r.slices,
-                        "check_first": r.check_first, "message": r.message})
-    tmp.replace(path)
+    try:
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=REPORT_FIELDS)
+            w.writeheader()
+            for r in rows:
+                w.writerow({"row": r.number, "image": str(r.image), "prompt": str(r.prompt), "output": str(r.output),
+                            "status": r.status, "seconds": f"{r.seconds:.1f}", "slices": r.slices,
+                            "check_first": r.check_first, "message": r.message})
+        tmp.replace(path)
+    except OSError as error:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise InputError(f"cannot write the report {path} ({error.strerror or error}); check that its folder is "
+                         "writable and has space") from None
+
+
+def _check_writable(out_dir: Path, todo: list[BatchRow], manifest: str) -> None:
+    """Before any work: files can be made in -o (or -o can be made) and in every folder an output
+    of ``todo`` goes to (InputError naming the first that refuses)."""
+    from .volumes import check_folder_writable
+
+    if out_dir.is_dir():
+        check_folder_writable(out_dir, "the report and outputs")
+    else:
+        check_folder_writable(out_dir.parent if str(out_dir.parent) else Path("."), f"the -o folder {out_dir.name}")
+    seen = {str(out_dir.resolve())}
+    for r in todo:
+        folder = r.output.parent
+        if str(folder.resolve()) not in seen:
+            seen.add(str(folder.resolve()))
+            check_folder_writable(folder, f"{manifest} row {r.number}'s output")
 
 
 def add_batch_arguments(p: argparse.ArgumentParser) -> None:
@@ -269,18 +295,24 @@ def cmd_batch(args: argparse.Namespace) -> int:
         from .checkpoints import check_checkpoint_file
 
         check_checkpoint_file(args.checkpoint)
-    for r in rows:  # before -o is created: a refused batch leaves nothing behind
+    # Everything is checked and the model loaded before -o is created: a refused batch leaves nothing behind.
+    for r in rows:
         if r.output.parent.resolve() != out_dir.resolve() and not r.output.parent.is_dir():
             raise InputError(f"{Path(args.manifest).name} row {r.number}: the output folder {r.output.parent} does not "
                              "exist; create it first")
-    out_dir.mkdir(exist_ok=True)
-    report = out_dir / report_name
     for r in rows:  # an empty file is what an interrupted copy leaves, not a result
         if args.skip_existing and r.output.is_file() and r.output.stat().st_size > 0:
             r.status, r.message = "skipped", "output exists (--skip-existing)"
-    write_report(rows, report)
     todo = [r for r in rows if r.status == "not run"]
+    _check_writable(out_dir, todo, Path(args.manifest).name)
     model = METHODS[args.method](args) if todo else None
+    try:
+        out_dir.mkdir(exist_ok=True)
+    except OSError as error:
+        raise InputError(f"cannot create the folder {out_dir} ({error.strerror or error}); choose another -o "
+                         "folder") from None
+    report = out_dir / report_name
+    write_report(rows, report)
 
     from tqdm import tqdm
 

@@ -182,3 +182,59 @@ def test_a_manifest_that_is_a_folder_or_not_utf8_says_so(tmp_path, cases, name, 
         manifest.write_bytes("image,prompt\nc0/B\xfcro.nii.gz,c0/prompt.nii.gz\n".encode("latin-1"))
     assert main(["batch", str(manifest), "-o", str(tmp_path / "out"), "--method", "copy"]) == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def _unwritable_folder(tmp_path):
+    """A folder no file can be made in: read-only for a user; for root, who may write anywhere
+    permissions say, /proc (as in test_cli)."""
+    import os
+    from pathlib import Path
+
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        if not Path("/proc/self").is_dir():
+            pytest.skip("running as root without /proc: no folder here refuses a new file")
+        return Path("/proc")
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    return folder
+
+
+def test_unwritable_outputs_are_refused_before_any_work(tmp_path, cases, monkeypatch, capsys):
+    # -o that cannot be written was a traceback (PermissionError on batch_report.csv.tmp), and an
+    # output column into such a folder failed only after its case was computed.
+    def not_reached(*args):
+        raise AssertionError("a case ran before the output folders were checked")
+
+    monkeypatch.setattr(batch_module, "_run_row", not_reached)
+    folder = _unwritable_folder(tmp_path)
+    m = _manifest(tmp_path / "data" / "cases.csv", ["image,prompt", "c0/image.nii.gz,c0/prompt.nii.gz"])
+    assert main(["batch", str(m), "-o", str(folder), "--method", "copy"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"pamsegment: error: cannot write the report and outputs in folder {folder} (")
+    assert len(err.splitlines()) == 1
+    assert main(["batch", str(m), "-o", str(folder / "results"), "--method", "copy"]) == 2
+    assert f"cannot write the -o folder results in folder {folder} (" in capsys.readouterr().err
+    m = _manifest(tmp_path / "data" / "cases.csv", ["image,prompt,output", "c0/image.nii.gz,c0/prompt.nii.gz,",
+                                                    f"c1/image.nii.gz,c1/prompt.nii.gz,{folder / 'r1.nii.gz'}"])
+    assert main(["batch", str(m), "-o", str(tmp_path / "out"), "--method", "copy"]) == 2
+    assert f"cannot write cases.csv row 3's output in folder {folder} (" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_that_does_not_load_leaves_nothing_behind(tmp_path, cases, monkeypatch, capsys):
+    # The model was loaded after -o was made and a report of 'not run' rows written.
+    m = _manifest(tmp_path / "data" / "cases.csv", ["image,prompt", "c0/image.nii.gz,c0/prompt.nii.gz"])
+    assert main(["batch", str(m), "-o", str(tmp_path / "out"), "--checkpoint", str(m)]) == 2  # a CSV, not weights
+    assert capsys.readouterr().err.startswith("pamsegment: error: ")
+    assert not (tmp_path / "out").exists()
+
+    def ctrl_c_while_loading(args):
+        raise KeyboardInterrupt
+
+    from PAMSegmentLib import cli
+
+    monkeypatch.setitem(cli.METHODS, "copy", ctrl_c_while_loading)
+    assert main(["batch", str(m), "-o", str(tmp_path / "out"), "--method", "copy"]) == 130
+    assert "interrupted; nothing was written" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
