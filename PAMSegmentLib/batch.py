@@ -4,15 +4,17 @@ machines.
 
 The manifest is a CSV file with a header row and the columns ``image``, ``prompt`` and,
 optionally, ``output`` (default ``<output folder>/<image path>_pam.nii.gz``, the image's path as
-the manifest gives it with folders joined by ``_``: ``p01/ct.nii.gz`` -> ``p01_ct_pam.nii.gz``) and ``label``
-(prompt labels to propagate, separated by spaces; default all). Relative paths are read from the
-manifest's folder. Every row is checked before any work (files exist, outputs are writable and
-unique), so a typo in row 37 does not surface after an hour. Rows are numbered by the file's lines,
-as a spreadsheet numbers them: the header is row 1, the first case usually row 2. Each output is written atomically
-when its case is done; ``batch_report.csv`` in the output folder records per row ``ok``,
-``error`` (with the one-line message), ``skipped`` (``--skip-existing``: the output exists) or
-``not run`` (interrupted), and is rewritten after every case, so it is current even when the
-run is cut.
+the manifest gives it with folders joined by ``_``: ``p01/ct.nii.gz`` -> ``p01_ct_pam.nii.gz``),
+``label`` (prompt labels to propagate, separated by spaces; default all) and ``series`` (for an
+image that is a DICOM folder holding several series: the SeriesInstanceUID to read; default the
+series with the most files). Relative paths are read from the manifest's folder. Every row is
+checked before any work (files exist, outputs are writable and unique), so a typo in row 37 does
+not surface after an hour. Rows are numbered by the file's lines, as a spreadsheet numbers them:
+the header is row 1, the first case usually row 2. Each output is written atomically when its
+case is done; ``batch_report.csv`` in the output folder records per row ``ok``, ``error`` (with
+the one-line message, after what reading the case noted), ``skipped`` (``--skip-existing``: the
+output exists) or ``not run`` (interrupted), and is rewritten after every case, so it is current
+even when the run is cut.
 
 ``--shard K/N`` runs the manifest's cases K, K+N, K+2N ... (counting cases from 1, not lines):
 N machines given the same manifest and output folder each take their share and write their own
@@ -25,15 +27,15 @@ import argparse
 import csv
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError, PAMError, PropagationCancelled
 
 __all__ = ["BatchRow", "read_manifest", "parse_shard", "add_batch_arguments", "cmd_batch"]
 
-COLUMNS = ("image", "prompt", "output", "label")
-COLUMNS_TEXT = "image,prompt[,output][,label]"
+COLUMNS = ("image", "prompt", "output", "label", "series")
+COLUMNS_TEXT = "image,prompt[,output][,label][,series]"
 REPORT_FIELDS = ("row", "image", "prompt", "output", "status", "seconds", "slices", "check_first", "message")
 
 
@@ -44,11 +46,13 @@ class BatchRow:
     prompt: Path
     output: Path
     labels: list[int] | None = None
+    series: str | None = None  # the SeriesInstanceUID to read from a DICOM folder (default: the largest series)
     status: str = "not run"
     message: str = ""
     seconds: float = 0.0
     slices: str = ""
     check_first: str = ""  # per label, its least confident predicted slices (PropagationResult.review_first)
+    notes: list[str] = field(default_factory=list)  # what reading the case noted (e.g. which DICOM series)
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -167,6 +171,8 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
         for what, p in (("image", image), ("prompt", prompt)):
             if not p.exists():
                 raise InputError(f"{where}: {what} {p} does not exist")
+        if rec.get("series") and not image.is_dir():
+            raise InputError(f"{where}: series applies to a DICOM folder, but {image} is a file; leave it empty")
         try:
             output = (resolve(rec["output"]) if rec.get("output")
                       else out_dir / f"{_default_name(rec['image'], image)}_pam.nii.gz")
@@ -179,7 +185,8 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
         if key in outputs:
             raise InputError(f"{where}: output {output} is also row {outputs[key]}'s; give each row its own output")
         outputs[key] = line
-        rows.append(BatchRow(line, image, prompt, output, _labels(rec.get("label", ""), where)))
+        rows.append(BatchRow(line, image, prompt, output, _labels(rec.get("label", ""), where),
+                             series=rec.get("series") or None))
     if not rows:
         raise InputError(f"{path.name} lists no cases")
     # No output may be any row's input: writing it would replace a scan or prompt another row reads.
@@ -236,7 +243,7 @@ def _check_writable(out_dir: Path, todo: list[BatchRow], manifest: str) -> None:
 def add_batch_arguments(p: argparse.ArgumentParser) -> None:
     from .cli import METHODS, _positive_int, _through_plane_mm, _unit_interval
 
-    p.add_argument("manifest", metavar="MANIFEST", help="CSV with columns image,prompt[,output][,label]")
+    p.add_argument("manifest", metavar="MANIFEST", help="CSV with columns " + COLUMNS_TEXT)
     p.add_argument("-o", "--output", required=True, metavar="DIR",
                    help="folder for outputs without an output column and for batch_report.csv (created if missing)")
     p.add_argument("--checkpoint", metavar="CKPT", help="checkpoint for every case (default: the shipped weights)")
@@ -261,14 +268,15 @@ def _run_row(row: BatchRow, model, args) -> None:
     from .propagate import propagate
     from .volumes import write_labelmap
 
-    notes = []
-    image, prompt = read_case(row.image, row.prompt, row.output, args.resample_prompt, note=notes.append)
+    row.notes = []  # kept on the row when the case fails: a note may explain the failure
+    image, prompt = read_case(row.image, row.prompt, row.output, args.resample_prompt, note=row.notes.append,
+                              series=row.series, series_option="the manifest's series column")
     result = propagate(image.array, prompt.array, image.spacing, model, labels=row.labels,
                        batch_size=args.batch_size, device=args.device, threads=args.threads)
     write_labelmap(result.mask, image, row.output)
     row.slices = "; ".join(f"{lab}: {a}-{b}" for lab, (a, b) in result.slice_range.items())
     row.check_first = result.review_summary()
-    row.message = " | ".join(notes + result.notes())
+    row.message = " | ".join(row.notes + result.notes())
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
@@ -328,7 +336,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
             except PropagationCancelled:
                 raise
             except PAMError as error:
-                r.status, r.message = "error", _one_line(error)
+                r.status, r.message = "error", " | ".join([*r.notes, _one_line(error)])
                 bar.write(f"row {r.number} ({r.image.name}): error: {r.message}")
             finally:
                 r.seconds = time.perf_counter() - t0

@@ -93,6 +93,8 @@ def test_every_row_is_checked_before_any_work(tmp_path, cases, run_cli):
     (["image,prompt,output", "c0/image.nii.gz,c0/prompt.nii.gz,c1"], "row 2: the output .*c1 is a folder; give a file"),
     (["image,prompt,", "c0/image.nii.gz,c0/prompt.nii.gz,x.nii.gz"],
      "cases.csv: column 3 has no name in the header but row 2 fills it; name it"),
+    (["image,prompt,series", "c0/image.nii.gz,c0/prompt.nii.gz,1.2.3"],
+     "row 2: series applies to a DICOM folder, but .*image.nii.gz is a file"),
 ])
 def test_bad_manifests_get_one_clear_message(tmp_path, cases, lines, message, capsys):
     m = _manifest(tmp_path / "data" / "cases.csv", lines)
@@ -238,3 +240,29 @@ def test_a_model_that_does_not_load_leaves_nothing_behind(tmp_path, cases, monke
     assert main(["batch", str(m), "-o", str(tmp_path / "out"), "--method", "copy"]) == 130
     assert "interrupted; nothing was written" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_series_column_chooses_the_dicom_series_and_a_failed_case_keeps_the_note_on_it(tmp_path, capsys):
+    from test_volumes import make_volume, write_dicom_series
+
+    from PAMSegmentLib.volumes import Volume, write_volume
+
+    small, large = make_volume(shape=(3, 5, 6)), make_volume(shape=(5, 5, 6))
+    uid_small, uid_large = "1.2.826.0.1.3680043.2.1125.7.3", "1.2.826.0.1.3680043.2.1125.7.4"
+    write_dicom_series(tmp_path / "dcm", small, uid_small, prefix="a")
+    write_dicom_series(tmp_path / "dcm", large, uid_large, prefix="b")
+    drawn = np.zeros(small.shape, np.uint8)
+    drawn[1, 1:4, 2:5] = 1
+    write_volume(Volume(drawn, small.spacing, small.origin, small.direction), tmp_path / "prompt.nrrd")  # small's grid
+    m = _manifest(tmp_path / "cases.csv", ["image,prompt,output,series", "dcm,prompt.nrrd,largest.nii.gz,",
+                                           f"dcm,prompt.nrrd,small.nii.gz,{uid_small}"])
+    assert main(["batch", str(m), "-o", str(tmp_path / "out"), "--method", "copy"]) == 2
+    rows = _report(tmp_path / "out" / "batch_report.csv")
+    assert [r["status"] for r in rows] == ["error", "ok"]
+    # The largest series was read, so the prompt is not on its grid: the report says both.
+    note, error = rows[0]["message"].split(" | ")
+    assert note == (f"{tmp_path / 'dcm'} holds 2 DICOM series; using {uid_large} (5 files), the largest. Choose "
+                    "another with the manifest's series column.")
+    assert "prompt.nrrd is not on the image grid" in error
+    assert f"row 2 (dcm): error: {note} | {error}" in capsys.readouterr().out
+    assert _arr(tmp_path / "small.nii.gz").shape == (3, 5, 6) and not (tmp_path / "largest.nii.gz").exists()
