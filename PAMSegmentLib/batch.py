@@ -13,8 +13,10 @@ not surface after an hour. Rows are numbered by the file's lines, as a spreadshe
 the header is row 1, the first case usually row 2. Each output is written atomically when its
 case is done; ``batch_report.csv`` in the output folder records per row ``ok``, ``error`` (with
 the one-line message, after what reading the case noted), ``skipped`` (``--skip-existing``: the
-output exists) or ``not run`` (interrupted), and is rewritten after every case, so it is current
-even when the run is cut.
+output exists; the row keeps the seconds, slices, check_first and message that the earlier report
+in the folder gave the case, unless the output is newer than that report) or ``not run``
+(interrupted), with absolute paths, and is rewritten after every case, so it is current even when
+the run is cut.
 
 ``--shard K/N`` runs the manifest's cases K, K+N, K+2N ... (counting cases from 1, not lines):
 N machines given the same manifest and output folder each take their share and write their own
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -36,6 +39,8 @@ __all__ = ["BatchRow", "read_manifest", "parse_shard", "add_batch_arguments", "c
 
 COLUMNS = ("image", "prompt", "output", "label", "series")
 COLUMNS_TEXT = "image,prompt[,output][,label][,series]"
+REPORT_NAME = re.compile(r"batch_report(\.shard\d+-of-\d+)?\.csv")
+CARRIED = "done in an earlier run (--skip-existing)"  # a skipped row's columns are from the report of that run
 REPORT_FIELDS = ("row", "image", "prompt", "output", "status", "seconds", "slices", "check_first", "message")
 
 
@@ -202,6 +207,53 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
     return rows
 
 
+def _absolute(path: Path) -> Path:
+    """``path`` from the root (the report is read later, from anywhere): its folder resolved, its
+    own name kept (an output that is a symbolic link is named as the manifest names it)."""
+    path = Path(path)
+    return path.resolve() if path.name in ("", ".", "..") else path.parent.resolve() / path.name
+
+
+def _earlier_results(out_dir: Path) -> dict[str, tuple[dict, int]]:
+    """What the reports already in ``out_dir`` (``batch_report.csv`` and the shards') say of the
+    cases that ran: {absolute output path: (its report row, the report's mtime in ns)} for rows
+    ``ok`` or ``skipped``, a newer report's word over an older one's."""
+    found: dict[str, tuple[dict, int]] = {}
+    if not out_dir.is_dir():
+        return found
+    reports = [p for p in out_dir.iterdir() if REPORT_NAME.fullmatch(p.name) and p.is_file()]
+    for report in sorted(reports, key=lambda p: p.stat().st_mtime_ns):
+        try:
+            stamp = report.stat().st_mtime_ns
+            with open(report, newline="", encoding="utf-8") as fh:
+                for row in csv.DictReader(fh):
+                    if row.get("status") in ("ok", "skipped") and row.get("output"):
+                        found[str(_absolute(Path(row["output"])))] = (row, stamp)
+        except (OSError, UnicodeDecodeError, csv.Error):
+            continue  # a damaged report carries nothing over
+    return found
+
+
+def _carry_over(row: BatchRow, earlier: dict[str, tuple[dict, int]]) -> None:
+    """A skipped row keeps what the report of the run that wrote its output said (seconds, slices,
+    check_first, message), as long as the output is not newer than that report."""
+    found = earlier.get(str(_absolute(row.output)))
+    if found is None:
+        return
+    before, stamp = found
+    if row.output.stat().st_mtime_ns > stamp:
+        return  # written again since: that report does not describe it
+    row.slices, row.check_first = before.get("slices") or "", before.get("check_first") or ""
+    try:
+        row.seconds = float(before.get("seconds") or 0.0)
+    except ValueError:
+        pass
+    if before["status"] == "ok":
+        row.message = " | ".join([CARRIED, *([before["message"]] if before.get("message") else [])])
+    elif before.get("message"):  # skipped then too: its message already says where the columns come from
+        row.message = before["message"]
+
+
 def write_report(rows: list[BatchRow], path: Path) -> None:
     """The report, written atomically (a temporary moved in); InputError when it cannot be."""
     tmp = path.with_name(path.name + ".tmp")
@@ -210,7 +262,8 @@ def write_report(rows: list[BatchRow], path: Path) -> None:
             w = csv.DictWriter(fh, fieldnames=REPORT_FIELDS)
             w.writeheader()
             for r in rows:
-                w.writerow({"row": r.number, "image": str(r.image), "prompt": str(r.prompt), "output": str(r.output),
+                w.writerow({"row": r.number, "image": str(_absolute(r.image)), "prompt": str(_absolute(r.prompt)),
+                            "output": str(_absolute(r.output)),
                             "status": r.status, "seconds": f"{r.seconds:.1f}", "slices": r.slices,
                             "check_first": r.check_first, "message": r.message})
         tmp.replace(path)
@@ -308,9 +361,11 @@ def cmd_batch(args: argparse.Namespace) -> int:
         if r.output.parent.resolve() != out_dir.resolve() and not r.output.parent.is_dir():
             raise InputError(f"{Path(args.manifest).name} row {r.number}: the output folder {r.output.parent} does not "
                              "exist; create it first")
+    earlier = _earlier_results(out_dir) if args.skip_existing else {}  # read before the report is rewritten
     for r in rows:  # an empty file is what an interrupted copy leaves, not a result
         if args.skip_existing and r.output.is_file() and r.output.stat().st_size > 0:
             r.status, r.message = "skipped", "output exists (--skip-existing)"
+            _carry_over(r, earlier)
     todo = [r for r in rows if r.status == "not run"]
     _check_writable(out_dir, todo, Path(args.manifest).name)
     model = METHODS[args.method](args) if todo else None

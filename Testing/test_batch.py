@@ -266,3 +266,57 @@ def test_a_series_column_chooses_the_dicom_series_and_a_failed_case_keeps_the_no
     assert "prompt.nrrd is not on the image grid" in error
     assert f"row 2 (dcm): error: {note} | {error}" in capsys.readouterr().out
     assert _arr(tmp_path / "small.nii.gz").shape == (3, 5, 6) and not (tmp_path / "largest.nii.gz").exists()
+
+
+def test_the_report_gives_absolute_paths(tmp_path, cases, monkeypatch):
+    # They were relative to the folder batch ran in, which the report does not say.
+    _manifest(tmp_path / "data" / "cases.csv", ["image,prompt,output", "c0/image.nii.gz,c0/prompt.nii.gz,",
+                                                 "c1/image.nii.gz,c1/prompt.nii.gz,../elsewhere/c1.nii.gz"])
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert main(["batch", "data/cases.csv", "-o", "out", "--method", "copy"]) == 0
+    root = tmp_path.resolve()
+    assert [(r["image"], r["prompt"], r["output"]) for r in _report(root / "out" / "batch_report.csv")] == [
+        (str(root / "data/c0/image.nii.gz"), str(root / "data/c0/prompt.nii.gz"), str(root / "out/c0_image_pam.nii.gz")),
+        (str(root / "data/c1/image.nii.gz"), str(root / "data/c1/prompt.nii.gz"), str(root / "elsewhere/c1.nii.gz")),
+    ]
+
+
+def test_a_resumed_report_keeps_what_the_earlier_run_said_of_the_cases_it_skips(tmp_path, cases, monkeypatch):
+    import os
+
+    lines = ["image,prompt"] + [f"c{n}/image.nii.gz,c{n}/prompt.nii.gz" for n in range(3)]
+    m = _manifest(tmp_path / "data" / "cases.csv", lines)
+    out = tmp_path / "out"
+    real = batch_module._run_row
+
+    def cut_at_the_second_case(row, model, args):
+        if row.number == 3:
+            raise KeyboardInterrupt
+        real(row, model, args)
+
+    monkeypatch.setattr(batch_module, "_run_row", cut_at_the_second_case)
+    assert main(["batch", str(m), "-o", str(out), "--method", "track"]) == 130
+    first = _report(out / "batch_report.csv")
+    assert [r["status"] for r in first] == ["ok", "not run", "not run"] and first[0]["check_first"].startswith("label 1: ")
+    monkeypatch.setattr(batch_module, "_run_row", real)
+    assert main(["batch", str(m), "-o", str(out), "--method", "track", "--skip-existing"]) == 0
+    second = _report(out / "batch_report.csv")
+    assert [r["status"] for r in second] == ["skipped", "ok", "ok"]
+    # the first case's columns were blank in the resumed report; they are what the cut run found
+    assert {k: second[0][k] for k in ("seconds", "slices", "check_first")} == {
+        k: first[0][k] for k in ("seconds", "slices", "check_first")}
+    assert second[0]["message"] == "done in an earlier run (--skip-existing)"
+    # resumed again: every row is carried over, the first from the report that carried it
+    assert main(["batch", str(m), "-o", str(out), "--method", "track", "--skip-existing"]) == 0
+    third = _report(out / "batch_report.csv")
+    assert [r["status"] for r in third] == ["skipped"] * 3
+    assert [r["check_first"] for r in third] == [r["check_first"] for r in (first[0], *second[1:])]
+    assert [r["message"] for r in third] == ["done in an earlier run (--skip-existing)"] * 3
+    # an output written after the report (by something else) does not take the report's word
+    report_time = (out / "batch_report.csv").stat().st_mtime_ns
+    os.utime(out / "c1_image_pam.nii.gz", ns=(report_time + 10**9, report_time + 10**9))
+    assert main(["batch", str(m), "-o", str(out), "--method", "track", "--skip-existing"]) == 0
+    fourth = _report(out / "batch_report.csv")
+    assert (fourth[1]["check_first"], fourth[1]["message"]) == ("", "output exists (--skip-existing)")
+    assert fourth[0]["check_first"] == first[0]["check_first"]
