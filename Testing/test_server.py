@@ -316,8 +316,10 @@ def test_client_errors_are_one_clear_message(live_server):
     url, holder = live_server
     image, prompt, truth = case()
     holder["model"] = OracleModel(truth)
-    with pytest.raises(PAMError, match="refused the token"):
+    with pytest.raises(PAMError, match="^the server at .* refused the token given; check --token or PAMSEGMENT_TOKEN"):
         RemoteModel(url, token="nope").info()
+    with pytest.raises(PAMError, match="^the server at .* needs a token: give it with --token T or PAMSEGMENT_TOKEN"):
+        RemoteModel(url).info()  # it "refused the token (missing or wrong token (send Authorization: Bearer ...))"
     with pytest.raises(InputError, match="the prompt is empty"):
         RemoteModel(url, token="tok").propagate(image, np.zeros_like(prompt), (1, 1, 1))
     with pytest.raises(InputError, match="not an http"):
@@ -496,3 +498,77 @@ def test_serve_prints_its_address_once_listening_and_stops_on_ctrl_c(small_check
             proc.communicate()
     assert proc.returncode == 0, err
     assert out == "pamsegment server stopped\n" and "Traceback" not in err
+
+
+def _requests_of(monkeypatch):
+    """The (method, path) of every request RemoteModel sends from now on."""
+    sent = []
+    real = RemoteModel._request
+
+    def recording(self, method, path, body=None):
+        sent.append((method, path.split("?")[0]))
+        return real(self, method, path, body)
+
+    monkeypatch.setattr(RemoteModel, "_request", recording)
+    return sent
+
+
+def test_the_client_refuses_a_volume_over_the_servers_voxel_limit_before_uploading(monkeypatch):
+    image, prompt, truth = case()  # 16 x 24 x 24 = 9,216 voxels
+    with serving(create_app(lambda m: OracleModel(truth), max_voxels=1000)) as url:
+        sent = _requests_of(monkeypatch)
+        with pytest.raises(InputError) as refused:
+            RemoteModel(url).propagate(image, prompt, (1, 1, 1))
+    assert str(refused.value) == (f"the volume has 9,216 voxels; the server at {url} takes at most 1,000 (crop the "
+                                  "volume around the object)")
+    assert sent == [("GET", "/info")]  # nothing uploaded
+
+
+def test_the_upload_size_message_rounds_up():
+    # 2 x 1024 x 107 float32 voxels that are not whole numbers (sent as they are) and a uint8 prompt:
+    # 219,136 x 5 bytes = 1.045 MB with the .npz headers, which "1 MB ... at most 1 MB" misreported.
+    rng = np.random.default_rng(0)
+    image = rng.random((2, 1024, 107), dtype=np.float32)
+    prompt = np.zeros(image.shape, np.uint8)
+    with serving(create_app(lambda m: None, max_upload_mb=1)) as url:
+        with pytest.raises(InputError) as refused:
+            RemoteModel(url).propagate(image, prompt, (1, 1, 1))
+    assert str(refused.value).startswith(f"the volume and prompt are 1.1 MB; the server at {url} takes at most 1 MB")
+
+
+def test_an_address_without_a_pamsegment_server_says_so():
+    from fastapi import FastAPI
+
+    image, prompt, truth = case()
+    with serving(FastAPI()) as other:  # answers 404 to /info, as any other web server would
+        with pytest.raises(PAMError, match="answered, but not as a PAMSegment server does; check the address"):
+            RemoteModel(other).info()
+    with serving(create_app(lambda m: OracleModel(truth))) as url:  # a path after the server's address
+        with pytest.raises(PAMError, match="answered, but not as a PAMSegment server does; check the address"):
+            RemoteModel(url + "/foo").info()
+
+
+def test_the_client_deletes_its_job_once_the_result_is_downloaded():
+    image, prompt, truth = case()
+    app = create_app(lambda m: OracleModel(truth))
+    with serving(app) as url:
+        result = RemoteModel(url, poll_interval=0.01).propagate(image, prompt, (1, 1, 1))
+        assert result.mask.any()
+        assert list(app.state.queue.jobs) == []  # not kept for result_ttl (an hour) after the download
+
+
+def test_the_command_line_shows_the_servers_state_and_queue_position(live_server, ct_case, capsys):
+    from PAMSegmentLib.baselines import get_predictor
+    from PAMSegmentLib.cli import _ProgressBar, main
+
+    bar = _ProgressBar("propagating", show_message=True)
+    bar(0.0, "server: waiting (queue position 2)")  # the bar stands at 0 %: the message says why
+    bar.close()
+    last = capsys.readouterr().err.split("\r")[-1]
+    assert last.startswith("propagating:   0%") and last.rstrip().endswith(", server: waiting (queue position 2)")
+    url, holder = live_server
+    holder["model"] = get_predictor("copy")
+    out = ct_case.directory / "out.nii.gz"
+    assert main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out), "--server", url,
+                 "--token", "tok", "--method", "copy"]) == 0
+    assert "server: done" in capsys.readouterr().err  # the last state the bar showed
