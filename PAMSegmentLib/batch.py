@@ -4,47 +4,60 @@ machines.
 
 The manifest is a CSV file with a header row and the columns ``image``, ``prompt`` and,
 optionally, ``output`` (default ``<output folder>/<image path>_pam.nii.gz``, the image's path as
-the manifest gives it with folders joined by ``_``: ``p01/ct.nii.gz`` -> ``p01_ct_pam.nii.gz``) and ``label``
-(prompt labels to propagate, separated by spaces; default all). Relative paths are read from the
-manifest's folder. Every row is checked before any work (files exist, outputs are writable and
-unique), so a typo in row 37 does not surface after an hour. Each output is written atomically
-when its case is done; ``batch_report.csv`` in the output folder records per row ``ok``,
-``error`` (with the one-line message), ``skipped`` (``--skip-existing``: the output exists) or
-``not run`` (interrupted), and is rewritten after every case, so it is current even when the
-run is cut.
+the manifest gives it with folders joined by ``_``: ``p01/ct.nii.gz`` -> ``p01_ct_pam.nii.gz``),
+``label`` (prompt labels to propagate, separated by spaces; default all) and ``series`` (for an
+image that is a DICOM folder holding several series: the SeriesInstanceUID to read; default the
+series with the most files). Relative paths are read from the manifest's folder. Every row is
+checked before any work (files exist, outputs are writable and unique), so a typo in row 37 does
+not surface after an hour. Rows are numbered by the file's lines, as a spreadsheet numbers them:
+the header is row 1, the first case usually row 2. Each output is written atomically when its
+case is done; ``batch_report.csv`` in the output folder records per row ``ok``, ``error`` (with
+the one-line message, after what reading the case noted), ``skipped`` (``--skip-existing``: the
+output exists; the row keeps the seconds, slices, check_first and message that the earlier report
+in the folder gave the case, unless the output is newer than that report) or ``not run``
+(interrupted), with absolute paths, and is rewritten after every case, so it is current even when
+the run is cut.
 
-``--shard K/N`` runs rows K, K+N, K+2N ... (K from 1): N machines given the same manifest and
-output folder each take their share and write their own ``batch_report.shardK-of-N.csv``.
+``--shard K/N`` runs the manifest's cases K, K+N, K+2N ... (counting cases from 1, not lines):
+N machines given the same manifest and output folder each take their share and write their own
+``batch_report.shardK-of-N.csv``.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError, PAMError, PropagationCancelled
 
 __all__ = ["BatchRow", "read_manifest", "parse_shard", "add_batch_arguments", "cmd_batch"]
 
+COLUMNS = ("image", "prompt", "output", "label", "series")
+COLUMNS_TEXT = "image,prompt[,output][,label][,series]"
+REPORT_NAME = re.compile(r"batch_report(\.shard\d+-of-\d+)?\.csv")
+CARRIED = "done in an earlier run (--skip-existing)"  # a skipped row's columns are from the report of that run
 REPORT_FIELDS = ("row", "image", "prompt", "output", "status", "seconds", "slices", "check_first", "message")
 
 
 @dataclass
 class BatchRow:
-    number: int  # 1-based data row of the manifest (the header is row 0)
+    number: int  # the manifest's line the row is on (the header is row 1), as a spreadsheet numbers it
     image: Path
     prompt: Path
     output: Path
     labels: list[int] | None = None
+    series: str | None = None  # the SeriesInstanceUID to read from a DICOM folder (default: the largest series)
     status: str = "not run"
     message: str = ""
     seconds: float = 0.0
     slices: str = ""
     check_first: str = ""  # per label, its least confident predicted slices (PropagationResult.review_first)
+    notes: list[str] = field(default_factory=list)  # what reading the case noted (e.g. which DICOM series)
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -71,50 +84,84 @@ def _labels(text: str, where: str) -> list[int] | None:
     return out
 
 
-def _default_name(image: str) -> str:
+def _default_name(image: str, resolved: Path) -> str:
     """``p01/ct.nii.gz`` -> ``p01_ct``: the image's path as the manifest gives it, without its
-    extension, folders joined by ``_`` (patients often keep same-named files in their own folders)."""
+    extension, folders joined by ``_`` (patients often keep same-named files in their own folders).
+    A path without a name of its own (``.``, ``..``: a DICOM folder holding the manifest) gives the
+    name of the folder it is, ``resolved``."""
     from .volumes import without_extension
 
     parts = [q for q in Path(image).parts if q not in ("/", "..", ".", "~")]
+    if not parts:
+        name = resolved.resolve().name
+        if not name:  # the root folder
+            raise InputError(f"cannot name an output after the image {image!r}; give this row an output")
+        return name
     last = without_extension(parts[-1], (".nii.gz", ".seg.nrrd", ".nii", ".nrrd", ".mha", ".mhd"))
     return "_".join([*parts[:-1], last])
 
 
+def _read_records(path: Path) -> list[tuple[int, list[str]]]:
+    """The manifest's records as (the file line each starts on, its fields)."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh)
+            records, line = [], 1
+            for fields in reader:
+                records.append((line, fields))
+                line = reader.line_num + 1  # a quoted field may span lines
+    except UnicodeDecodeError as error:
+        raise InputError(f"cannot read {path.name} as a CSV file ({error}); save it as CSV in UTF-8") from None
+    except csv.Error as error:
+        raise InputError(f"cannot read {path.name} as a CSV file ({error})") from None
+    return records
+
+
 def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
-    """The manifest's rows, every one checked (InputError naming the row for the first problem)."""
+    """The manifest's rows, every one checked (InputError naming the row for the first problem).
+    A row's number is the line of the file it is on (the header is row 1), as a spreadsheet
+    numbers it."""
     from .volumes import _write_extension
 
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"manifest {path} is a folder; give the CSV file that lists the cases")
     if not path.is_file():
-        raise InputError(f"manifest {path} does not exist; give a CSV file with columns image,prompt[,output][,label]")
+        raise InputError(f"manifest {path} does not exist; give a CSV file with columns {COLUMNS_TEXT}")
     base, out_dir = path.parent, Path(out_dir)
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            fields = [f.strip().lower() for f in (reader.fieldnames or [])]
-            records = list(reader)
-    except (UnicodeDecodeError, csv.Error) as error:
-        raise InputError(f"cannot read {path.name} as a CSV file ({error})") from None
-    unknown = [f for f in fields if f not in ("image", "prompt", "output", "label")]
+    records = _read_records(path)
+    while records and not any(f.strip() for f in records[0][1]):  # blank lines before the header
+        records.pop(0)
+    header = records.pop(0)[1] if records else []
+    fields = [f.strip().lower() for f in header]
+    unknown = [f for f in fields if f and f not in COLUMNS]
     if unknown:
         hint = " (did you mean label?)" if "labels" in unknown else ""
         raise InputError(f"{path.name} has a column {unknown[0]!r} this command does not know{hint}; the columns are "
-                         "image,prompt[,output][,label]" + ("; separate them with commas, not semicolons"
-                                                            if any(";" in f for f in fields) else ""))
+                         f"{COLUMNS_TEXT}" + ("; separate them with commas, not semicolons"
+                                              if any(";" in f for f in fields) else ""))
+    twice = next((f for n, f in enumerate(fields) if f and f in fields[:n]), None)
+    if twice:
+        raise InputError(f"{path.name} has the column {twice} twice; keep one")
     missing = [c for c in ("image", "prompt") if c not in fields]
     if missing:
-        raise InputError(f"{path.name} has no {' or '.join(missing)} column; its header must name image,prompt"
-                         "[,output][,label] (found: " + (", ".join(fields) or "nothing") + ")")
+        raise InputError(f"{path.name} has no {' or '.join(missing)} column; its header must name {COLUMNS_TEXT} "
+                         "(found: " + (", ".join(f for f in fields if f) or "nothing") + ")")
+    # A column without a name (a trailing comma, as spreadsheets export) is ignored while it is empty.
+    for line, values in records:
+        if any(v.strip() for v in values[len(fields):]):
+            raise InputError(f"{path.name} row {line} has more fields than the header; put paths that contain "
+                             'commas in double quotes ("a,b.nii.gz")')
+        unnamed = next((n for n, v in enumerate(values[:len(fields)]) if not fields[n] and v.strip()), None)
+        if unnamed is not None:
+            raise InputError(f"{path.name}: column {unnamed + 1} has no name in the header but row {line} fills it; "
+                             f"name it ({COLUMNS_TEXT}) or remove it")
     rows, outputs = [], {}
-    for n, rec in enumerate(records, start=1):
-        if None in rec:  # more fields than the header has
-            raise InputError(f"{path.name} row {n} has more fields than the header; put paths that contain commas "
-                             'in double quotes ("a,b.nii.gz")')
-        rec = {(k or "").strip().lower(): (v or "").strip() for k, v in rec.items()}
+    for line, values in records:
+        rec = {f: v.strip() for f, v in zip(fields, values) if f}
         if not any(rec.values()):
             continue  # blank line
-        where = f"{path.name} row {n}"
+        where = f"{path.name} row {line}"
 
         def resolve(value: str) -> Path:
             try:
@@ -129,18 +176,22 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
         for what, p in (("image", image), ("prompt", prompt)):
             if not p.exists():
                 raise InputError(f"{where}: {what} {p} does not exist")
-        output = resolve(rec["output"]) if rec.get("output") else out_dir / f"{_default_name(rec['image'])}_pam.nii.gz"
+        if rec.get("series") and not image.is_dir():
+            raise InputError(f"{where}: series applies to a DICOM folder, but {image} is a file; leave it empty")
         try:
+            output = (resolve(rec["output"]) if rec.get("output")
+                      else out_dir / f"{_default_name(rec['image'], image)}_pam.nii.gz")
+            if output.is_dir():
+                raise InputError(f"the output {output} is a folder; give a file name")
             _write_extension(output)
         except InputError as error:
             raise InputError(f"{where}: {error}") from None
-        if output.is_dir():
-            raise InputError(f"{where}: the output {output} is a folder; give a file name")
         key = str(output.resolve())
         if key in outputs:
             raise InputError(f"{where}: output {output} is also row {outputs[key]}'s; give each row its own output")
-        outputs[key] = n
-        rows.append(BatchRow(n, image, prompt, output, _labels(rec.get("label", ""), where)))
+        outputs[key] = line
+        rows.append(BatchRow(line, image, prompt, output, _labels(rec.get("label", ""), where),
+                             series=rec.get("series") or None))
     if not rows:
         raise InputError(f"{path.name} lists no cases")
     # No output may be any row's input: writing it would replace a scan or prompt another row reads.
@@ -156,22 +207,96 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
     return rows
 
 
+def _absolute(path: Path) -> Path:
+    """``path`` from the root (the report is read later, from anywhere): its folder resolved, its
+    own name kept (an output that is a symbolic link is named as the manifest names it)."""
+    path = Path(path)
+    return path.resolve() if path.name in ("", ".", "..") else path.parent.resolve() / path.name
+
+
+def _earlier_results(out_dir: Path) -> dict[str, tuple[dict, int]]:
+    """What the reports already in ``out_dir`` (``batch_report.csv`` and the shards') say of the
+    cases that ran: {absolute output path: (its report row, the report's mtime in ns)} for rows
+    ``ok`` or ``skipped``, a newer report's word over an older one's."""
+    found: dict[str, tuple[dict, int]] = {}
+    if not out_dir.is_dir():
+        return found
+    reports = [p for p in out_dir.iterdir() if REPORT_NAME.fullmatch(p.name) and p.is_file()]
+    for report in sorted(reports, key=lambda p: p.stat().st_mtime_ns):
+        try:
+            stamp = report.stat().st_mtime_ns
+            with open(report, newline="", encoding="utf-8") as fh:
+                for row in csv.DictReader(fh):
+                    if row.get("status") in ("ok", "skipped") and row.get("output"):
+                        found[str(_absolute(Path(row["output"])))] = (row, stamp)
+        except (OSError, UnicodeDecodeError, csv.Error):
+            continue  # a damaged report carries nothing over
+    return found
+
+
+def _carry_over(row: BatchRow, earlier: dict[str, tuple[dict, int]]) -> None:
+    """A skipped row keeps what the report of the run that wrote its output said (seconds, slices,
+    check_first, message), as long as the output is not newer than that report."""
+    found = earlier.get(str(_absolute(row.output)))
+    if found is None:
+        return
+    before, stamp = found
+    if row.output.stat().st_mtime_ns > stamp:
+        return  # written again since: that report does not describe it
+    row.slices, row.check_first = before.get("slices") or "", before.get("check_first") or ""
+    try:
+        row.seconds = float(before.get("seconds") or 0.0)
+    except ValueError:
+        pass
+    if before["status"] == "ok":
+        row.message = " | ".join([CARRIED, *([before["message"]] if before.get("message") else [])])
+    elif before.get("message"):  # skipped then too: its message already says where the columns come from
+        row.message = before["message"]
+
+
 def write_report(rows: list[BatchRow], path: Path) -> None:
+    """The report, written atomically (a temporary moved in); InputError when it cannot be."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=REPORT_FIELDS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({"row": r.number, "image": str(r.image), "prompt": str(r.prompt), "output": str(r.output),
-                        "status": r.status, "seconds": f"{r.seconds:.1f}", "slices": r.slices,
-                        "check_first": r.check_first, "message": r.message})
-    tmp.replace(path)
+    try:
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=REPORT_FIELDS)
+            w.writeheader()
+            for r in rows:
+                w.writerow({"row": r.number, "image": str(_absolute(r.image)), "prompt": str(_absolute(r.prompt)),
+                            "output": str(_absolute(r.output)),
+                            "status": r.status, "seconds": f"{r.seconds:.1f}", "slices": r.slices,
+                            "check_first": r.check_first, "message": r.message})
+        tmp.replace(path)
+    except OSError as error:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise InputError(f"cannot write the report {path} ({error.strerror or error}); check that its folder is "
+                         "writable and has space") from None
+
+
+def _check_writable(out_dir: Path, todo: list[BatchRow], manifest: str) -> None:
+    """Before any work: files can be made in -o (or -o can be made) and in every folder an output
+    of ``todo`` goes to (InputError naming the first that refuses)."""
+    from .volumes import check_folder_writable
+
+    if out_dir.is_dir():
+        check_folder_writable(out_dir, "the report and outputs")
+    else:
+        check_folder_writable(out_dir.parent if str(out_dir.parent) else Path("."), f"the -o folder {out_dir.name}")
+    seen = {str(out_dir.resolve())}
+    for r in todo:
+        folder = r.output.parent
+        if str(folder.resolve()) not in seen:
+            seen.add(str(folder.resolve()))
+            check_folder_writable(folder, f"{manifest} row {r.number}'s output")
 
 
 def add_batch_arguments(p: argparse.ArgumentParser) -> None:
     from .cli import METHODS, _positive_int, _through_plane_mm, _unit_interval
 
-    p.add_argument("manifest", metavar="MANIFEST", help="CSV with columns image,prompt[,output][,label]")
+    p.add_argument("manifest", metavar="MANIFEST", help="CSV with columns " + COLUMNS_TEXT)
     p.add_argument("-o", "--output", required=True, metavar="DIR",
                    help="folder for outputs without an output column and for batch_report.csv (created if missing)")
     p.add_argument("--checkpoint", metavar="CKPT", help="checkpoint for every case (default: the shipped weights)")
@@ -181,7 +306,8 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--through-plane-mm", type=_through_plane_mm, metavar="T", help="as for propagate")
     p.add_argument("--skip-existing", action="store_true", help="skip rows whose output exists (resume a cut run)")
     p.add_argument("--shard", type=parse_shard, metavar="K/N",
-                   help="run only rows K, K+N, K+2N ... (split one manifest between N machines)")
+                   help="run only the manifest's cases K, K+N, K+2N ... (counting cases, not lines; split one "
+                        "manifest between N machines)")
     p.add_argument("--stop-on-error", action="store_true", help="stop at the first case that fails (default: go on)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="torch device (default: cpu)")
     p.add_argument("--threads", type=_positive_int, metavar="N", help="torch CPU threads (default: torch's choice)")
@@ -195,14 +321,15 @@ def _run_row(row: BatchRow, model, args) -> None:
     from .propagate import propagate
     from .volumes import write_labelmap
 
-    notes = []
-    image, prompt = read_case(row.image, row.prompt, row.output, args.resample_prompt, note=notes.append)
+    row.notes = []  # kept on the row when the case fails: a note may explain the failure
+    image, prompt = read_case(row.image, row.prompt, row.output, args.resample_prompt, note=row.notes.append,
+                              series=row.series, series_option="the manifest's series column")
     result = propagate(image.array, prompt.array, image.spacing, model, labels=row.labels,
                        batch_size=args.batch_size, device=args.device, threads=args.threads)
     write_labelmap(result.mask, image, row.output)
     row.slices = "; ".join(f"{lab}: {a}-{b}" for lab, (a, b) in result.slice_range.items())
     row.check_first = result.review_summary()
-    row.message = " | ".join(notes + result.notes())
+    row.message = " | ".join(row.notes + result.notes())
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
@@ -223,24 +350,32 @@ def cmd_batch(args: argparse.Namespace) -> int:
         rows = rows[k - 1::n]
         report_name = f"batch_report.shard{k}-of-{n}.csv"
         if not rows:
-            print(f"batch: shard {k}/{n} holds no rows of {args.manifest} (it has fewer than {k}); nothing to do")
+            print(f"batch: shard {k}/{n} holds no rows of {args.manifest} (it lists fewer than {k} cases); nothing to do")
             return EXIT_OK
     if args.checkpoint:
         from .checkpoints import check_checkpoint_file
 
         check_checkpoint_file(args.checkpoint)
-    for r in rows:  # before -o is created: a refused batch leaves nothing behind
+    # Everything is checked and the model loaded before -o is created: a refused batch leaves nothing behind.
+    for r in rows:
         if r.output.parent.resolve() != out_dir.resolve() and not r.output.parent.is_dir():
             raise InputError(f"{Path(args.manifest).name} row {r.number}: the output folder {r.output.parent} does not "
                              "exist; create it first")
-    out_dir.mkdir(exist_ok=True)
-    report = out_dir / report_name
+    earlier = _earlier_results(out_dir) if args.skip_existing else {}  # read before the report is rewritten
     for r in rows:  # an empty file is what an interrupted copy leaves, not a result
         if args.skip_existing and r.output.is_file() and r.output.stat().st_size > 0:
             r.status, r.message = "skipped", "output exists (--skip-existing)"
-    write_report(rows, report)
+            _carry_over(r, earlier)
     todo = [r for r in rows if r.status == "not run"]
+    _check_writable(out_dir, todo, Path(args.manifest).name)
     model = METHODS[args.method](args) if todo else None
+    try:
+        out_dir.mkdir(exist_ok=True)
+    except OSError as error:
+        raise InputError(f"cannot create the folder {out_dir} ({error.strerror or error}); choose another -o "
+                         "folder") from None
+    report = out_dir / report_name
+    write_report(rows, report)
 
     from tqdm import tqdm
 
@@ -256,7 +391,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
             except PropagationCancelled:
                 raise
             except PAMError as error:
-                r.status, r.message = "error", _one_line(error)
+                r.status, r.message = "error", " | ".join([*r.notes, _one_line(error)])
                 bar.write(f"row {r.number} ({r.image.name}): error: {r.message}")
             finally:
                 r.seconds = time.perf_counter() - t0

@@ -284,18 +284,23 @@ def _check_output_path(out: str, inputs: Sequence[str]) -> None:
 
 class _ProgressBar:
     """tqdm bar on stderr (0..100 %), fed by the engine's ``progress(fraction, message)``. It
-    appears with the first progress call, so input refused before any work is one line alone."""
+    appears with the first progress call, so input refused before any work is one line alone.
+    show_message: the message follows the bar (a server's state and queue position, which a bar
+    standing at 0 % does not tell)."""
 
-    def __init__(self, description: str):
-        self.description, self.bar = description, None
+    def __init__(self, description: str, show_message: bool = False):
+        self.description, self.bar, self.show_message, self.message = description, None, show_message, None
 
     def __call__(self, fraction: float, message: str) -> None:
         if self.bar is None:
             from tqdm import tqdm
 
             self.bar = tqdm(total=100, desc=self.description, file=sys.stderr, leave=True, dynamic_ncols=False,
-                            ncols=80, bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]",
-                            mininterval=0.2)
+                            ncols=80, bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]"
+                            + ("{postfix}" if self.show_message else ""), mininterval=0.2)
+        if self.show_message and message != self.message:
+            self.message = message
+            self.bar.set_postfix_str(message)
         target = int(round(100 * min(max(fraction, 0.0), 1.0)))
         if target > self.bar.n:
             self.bar.update(target - self.bar.n)
@@ -411,7 +416,7 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     else:
         model = METHODS[args.method](args)
 
-    with _ProgressBar("propagating") as bar:
+    with _ProgressBar("propagating", show_message=bool(args.server)) as bar:
         result = propagate(
             image.array,
             prompt.array,

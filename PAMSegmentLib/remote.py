@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import time
 import urllib.error
 import urllib.parse
@@ -30,6 +31,14 @@ from .propagate import PropagationResult
 SERVER_METHODS = ("pam", "track", "copy")
 
 __all__ = ["RemoteModel", "decode_result"]
+
+
+class _Answered(PAMError):
+    """The server answered with an HTTP error ``code``."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
 
 
 def decode_result(payload: bytes) -> PropagationResult:
@@ -97,8 +106,13 @@ class RemoteModel:
             if error.code == 400:
                 raise InputError(str(detail) or "the server refused the input") from None
             if error.code == 401:
-                raise PAMError(f"the server at {self.url} refused the token ({detail})") from None
-            raise PAMError(f"the server at {self.url} answered {error.code}: {detail or error.reason}") from None
+                if self.token:
+                    raise PAMError(f"the server at {self.url} refused the token given; check --token or "
+                                   "PAMSEGMENT_TOKEN (in Slicer, the Token field)") from None
+                raise PAMError(f"the server at {self.url} needs a token: give it with --token T or PAMSEGMENT_TOKEN "
+                               "(in Slicer, the Token field)") from None
+            raise _Answered(f"the server at {self.url} answered {error.code}: {detail or error.reason}",
+                            error.code) from None
         except (urllib.error.URLError, OSError) as error:
             reason = getattr(error, "reason", error)
             raise PAMError(f"cannot reach the PAMSegment server at {self.url} ({reason}); is `pamsegment serve` "
@@ -111,13 +125,22 @@ class RemoteModel:
         except (ValueError, UnicodeDecodeError):
             data = None
         if not isinstance(data, dict) or any(k not in data for k in keys):
-            raise PAMError(f"{self.url} answered, but not as a PAMSegment server does; check the address (as "
-                           "`pamsegment serve` prints it)")
+            raise self._not_a_server()
         return data
+
+    def _not_a_server(self) -> PAMError:
+        return PAMError(f"{self.url} answered, but not as a PAMSegment server does; check the address (as "
+                        "`pamsegment serve` prints it)")
 
     def info(self) -> dict:
         """The server's version, model and limits (``GET /info``)."""
-        data = self._json(self._request("GET", "/info"), ("server", "version"))
+        try:
+            payload = self._request("GET", "/info")
+        except _Answered as error:
+            if error.code in (404, 405):  # no /info there: another server, or a path after the address
+                raise self._not_a_server() from None
+            raise
+        data = self._json(payload, ("server", "version"))
         if data.get("server") != "pamsegment":
             raise PAMError(f"{self.url} is not a PAMSegment server; check the address")
         return data
@@ -137,16 +160,22 @@ class RemoteModel:
             options["empty_slices"] = ({str(k): [int(s) for s in v] for k, v in empty_slices.items()}
                                        if isinstance(empty_slices, dict) else [int(s) for s in empty_slices])
         options = {k: v for k, v in options.items() if v is not None}
-        # Ask first: a wrong token, another kind of server or an upload over the limit is then one
+        # Ask first: a wrong token, another kind of server or an upload over the limits is then one
         # clear message (a server refusing a large upload early looks like a broken connection).
         limits = self.info()
+        voxels, max_voxels = math.prod(np.shape(image)), limits.get("max_voxels")
+        if isinstance(max_voxels, int) and not isinstance(max_voxels, bool) and voxels > max_voxels:
+            raise InputError(f"the volume has {voxels:,} voxels; the server at {self.url} takes at most {max_voxels:,} "
+                             "(crop the volume around the object)")
         buf = io.BytesIO()
         np.savez(buf, image=_compact(np.asarray(image)), prompt=np.asarray(prompt),
                  spacing=np.asarray([float(s) for s in spacing], dtype=np.float64))
         size_mb = buf.getbuffer().nbytes / 2**20
         if isinstance(limits.get("max_upload_mb"), (int, float)) and size_mb > limits["max_upload_mb"]:
-            raise InputError(f"the volume and prompt are {size_mb:.0f} MB; the server at {self.url} takes at most "
-                             f"{limits['max_upload_mb']:g} MB (crop the volume around the object)")
+            # rounded up: "1.0 MB ... at most 1 MB" would not say what is wrong
+            raise InputError(f"the volume and prompt are {math.ceil(size_mb * 10) / 10:.1f} MB; the server at "
+                             f"{self.url} takes at most {limits['max_upload_mb']:g} MB (crop the volume around the "
+                             "object)")
         query = urllib.parse.urlencode({"options": json.dumps(options)})
         # getbuffer: the upload is sent from the buffer, not from a second full copy (getvalue)
         job_id = self._json(self._request("POST", f"/jobs?{query}", buf.getbuffer()), ("id",))["id"]
@@ -166,13 +195,12 @@ class RemoteModel:
                 if state == "cancelled":
                     raise PropagationCancelled("cancelled on the server")
                 time.sleep(self.poll_interval)
-        except BaseException:  # cancelled, Ctrl-C or a failure here: the server's job is not wanted any more
+            result = decode_result(self._request("GET", f"/jobs/{job_id}/result"))
+        finally:  # downloaded, cancelled, Ctrl-C or failed: the server need not keep the job any more
             try:
                 self._request("DELETE", f"/jobs/{job_id}")
             except (PAMError, OSError):
                 pass  # the server may be gone (or the job already over); nothing local to undo
-            raise
-        result = decode_result(self._request("GET", f"/jobs/{job_id}/result"))
         if tuple(result.mask.shape) != tuple(np.shape(image)):
             raise PAMError(f"the server returned a {result.mask.shape} mask for a {np.shape(image)} image")
         return result

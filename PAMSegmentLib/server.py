@@ -1,9 +1,10 @@
 """``pamsegment serve``: a propagation server, for users whose own machine is too slow (a laptop
 running Slicer, a GPU box in the lab).
 
-The HTTP API (FastAPI, served by uvicorn; ``pip install "PAMSegmentLib[server]"``):
+The HTTP API (FastAPI, served by uvicorn; ``pip install ".[server]"`` in the source folder):
 
-* ``GET /info``: the server's version, its model (kind, sha256) and how many jobs wait.
+* ``GET /info``: the server's version, its model (checkpoint, sha256, device), how many jobs
+  wait, its limits (``max_upload_mb``, ``max_voxels``) and the ``batch_size`` every job runs with.
 * ``POST /jobs?options=JSON``: the body is an uncompressed ``.npz`` (``numpy.savez``) holding
   ``image`` (k, j, i), ``prompt`` (the same shape, integer labels) and ``spacing`` (3 floats, mm,
   k, j, i). ``options`` (JSON object, optional): ``axis``, ``labels``, ``range``, ``early_stop``,
@@ -27,10 +28,13 @@ use HTTPS through a reverse proxy or an SSH tunnel for anything but a trusted ne
 """
 
 
+import argparse
+import errno
 import hmac
 import io
-import math
 import json
+import math
+import socket
 import threading
 import time
 import uuid
@@ -51,6 +55,8 @@ __all__ = ["create_app", "JobQueue", "encode_result", "read_arrays", "add_serve_
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 OPTION_KEYS = {"axis", "labels", "range", "early_stop", "empty_slices", "remove_disconnected", "method", "update"}
 METHODS = SERVER_METHODS
+MAX_VOXELS = 512 * 512 * 1024  # default largest image (and prompt) a job may hold
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
 
 def read_arrays(body: bytes, max_voxels: int) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
@@ -194,7 +200,7 @@ class JobQueue:
             self._expire()
             queued = sum(1 for j in self.jobs.values() if j.state == "queued")  # the running one aside
             if queued >= self.max_jobs:
-                raise OverflowError(f"{queued} jobs are waiting already; try again later")
+                raise OverflowError(f"{queued} job{' is' if queued == 1 else 's are'} waiting already; try again later")
             job = Job(uuid.uuid4().hex, image, prompt, spacing, options)
             self.jobs[job.id] = job
             self._wake.notify()
@@ -248,10 +254,11 @@ class JobQueue:
 
 
 def create_app(model_factory: Callable[[str], Any], *, token: str | None = None, max_upload_mb: float = 1024,
-               max_voxels: int = 512 * 512 * 1024, max_jobs: int = 8, result_ttl: float = 3600.0,
-               model_info: dict | None = None):
+               max_voxels: int = MAX_VOXELS, max_jobs: int = 8, result_ttl: float = 3600.0,
+               model_info: dict | None = None, batch_size: int = 16):
     """The FastAPI application. ``model_factory(method)`` returns what ``propagate`` takes as
-    ``model`` for ``method`` (called on the worker thread; cache the network there)."""
+    ``model`` for ``method`` (called on the worker thread; cache the network there).
+    ``batch_size``: query slices per network call, for every job."""
     from fastapi import FastAPI, HTTPException, Request, Response
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import JSONResponse
@@ -267,7 +274,8 @@ def create_app(model_factory: Callable[[str], Any], *, token: str | None = None,
         def progress(fraction, message):
             job.progress, job.message = float(fraction), message
 
-        result = propagate(job.image, job.prompt, job.spacing, model, progress=progress, cancel=job.cancel, **options)
+        result = propagate(job.image, job.prompt, job.spacing, model, progress=progress, cancel=job.cancel,
+                           batch_size=batch_size, **options)
         return encode_result(result)
 
     queue = JobQueue(run, max_jobs=max_jobs, result_ttl=result_ttl)
@@ -292,7 +300,7 @@ def create_app(model_factory: Callable[[str], Any], *, token: str | None = None,
     def info():
         return {"server": "pamsegment", "version": __version__, "model": model_info or {},
                 "methods": list(METHODS), "waiting": len(queue.waiting()), "max_upload_mb": max_upload_mb,
-                "max_voxels": max_voxels}
+                "max_voxels": max_voxels, "batch_size": batch_size}
 
     @app.post("/jobs", status_code=202)
     async def submit(request: Request, options: str | None = None):
@@ -349,19 +357,87 @@ def create_app(model_factory: Callable[[str], Any], *, token: str | None = None,
 # ----------------------------------------------------------------------------- the command
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number from 1 to 65535, got {text!r}")
+    return value
+
+
+def _megabytes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a size in MB greater than 0, got {text!r}")
+    return value
+
+
 def add_serve_arguments(p) -> None:
     from .cli import _positive_int
 
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 = every network, "
                         "which needs a token)")
-    p.add_argument("--port", type=_positive_int, default=8765, help="port (default 8765)")
+    p.add_argument("--port", type=_port, default=8765, help="port (default 8765)")
     p.add_argument("--token", help="token clients must send (default: the PAMSEGMENT_TOKEN environment variable)")
     p.add_argument("--checkpoint", metavar="CKPT", help="PAMSegment or official checkpoint (default: the shipped weights)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="torch device (default: cpu)")
     p.add_argument("--threads", type=_positive_int, metavar="N", help="torch CPU threads")
-    p.add_argument("--max-upload-mb", type=float, default=1024.0, help="largest upload accepted (default 1024 MB)")
+    p.add_argument("--batch-size", type=_positive_int, default=16, metavar="N",
+                   help="query slices per network call, for every job; bounds memory (default: 16)")
+    p.add_argument("--max-upload-mb", type=_megabytes, default=1024.0, metavar="MB",
+                   help="largest upload accepted (default 1024 MB)")
+    p.add_argument("--max-voxels", type=_positive_int, default=MAX_VOXELS, metavar="N",
+                   help=f"largest image accepted, in voxels (default {MAX_VOXELS:,} = 512 x 512 x 1024)")
     p.add_argument("--max-jobs", type=_positive_int, default=8, help="jobs that may wait besides the one running (default 8)")
+
+
+def _address(host: str, port: int) -> str:
+    """The URL clients use: with a wildcard host (every network), this machine's name."""
+    if host in WILDCARD_HOSTS:
+        host = socket.gethostname()
+    elif ":" in host:  # an IPv6 address
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+def _listen_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port), before the model is loaded: a port in use or a wrong
+    address is one InputError, not uvicorn's traceback or exit status 3."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a port just freed is usable
+        sock.bind((host, port))
+    except OSError as error:  # socket.gaierror too
+        sock.close()
+        if error.errno == errno.EADDRINUSE:
+            raise InputError(f"port {port} is in use on {host} (another pamsegment serve?); stop that program or "
+                             "choose another --port") from None
+        if isinstance(error, socket.gaierror) or error.errno == errno.EADDRNOTAVAIL:
+            raise InputError(f"this machine has no address {host}; give --host one of its addresses, 127.0.0.1 "
+                             "(this machine only) or 0.0.0.0 (every network)") from None
+        raise InputError(f"cannot listen on {host} port {port} ({error.strerror or error}); choose another --port "
+                         "(below 1024 needs administrator rights)") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _checkpoint_label(checkpoint: str | None) -> str:
+    """Which weights serve: the --checkpoint file, the file PAMSEGMENT_MODEL names, or the shipped ones."""
+    import os
+
+    if checkpoint:
+        return str(checkpoint)
+    if os.environ.get("PAMSEGMENT_MODEL"):
+        from .checkpoints import default_checkpoint_path
+
+        return f"{default_checkpoint_path()} (PAMSEGMENT_MODEL)"
+    return "shipped default weights"
 
 
 def cmd_serve(args) -> int:
@@ -370,11 +446,13 @@ def cmd_serve(args) -> int:
     try:
         import uvicorn
     except ImportError:
-        raise InputError('the server needs FastAPI and uvicorn: pip install "PAMSegmentLib[server]"') from None
+        raise InputError('the server needs FastAPI and uvicorn: pip install ".[server]" in the PAMSegment source '
+                         "folder (or pip install fastapi uvicorn)") from None
     token = args.token or os.environ.get("PAMSEGMENT_TOKEN") or None
     if args.host not in LOCAL_HOSTS and not token:
         raise InputError(f"listening on {args.host} exposes the server beyond this machine: set a token with "
                          "--token or PAMSEGMENT_TOKEN (clients send it as Authorization: Bearer TOKEN)")
+    sock = _listen_socket(args.host, args.port)  # before the model: a busy port is found at once
     from .baselines import get_predictor
     from .checkpoints import check_checkpoint_file, load_model
 
@@ -390,9 +468,25 @@ def cmd_serve(args) -> int:
         return model if method == "pam" else get_predictor(method)
 
     info = {"sha256": getattr(model, "sha256", ""), "device": args.device,
-            "checkpoint": str(args.checkpoint) if args.checkpoint else "shipped default weights"}
-    app = create_app(factory, token=token, max_upload_mb=args.max_upload_mb, max_jobs=args.max_jobs,
-                     model_info=info)
-    print(f"pamsegment server on http://{args.host}:{args.port} ({info['checkpoint']}); Ctrl-C stops it", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+            "checkpoint": _checkpoint_label(args.checkpoint)}
+    app = create_app(factory, token=token, max_upload_mb=args.max_upload_mb, max_voxels=args.max_voxels,
+                     max_jobs=args.max_jobs, model_info=info, batch_size=args.batch_size)
+    where = ("; listening on every network, so clients may also use this machine's IP address"
+             if args.host in WILDCARD_HOSTS else "")
+    line = f"pamsegment server on {_address(args.host, args.port)} ({info['checkpoint']}{where}); Ctrl-C stops it"
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets=sockets)
+            if self.started:  # listening: the address printed now answers
+                print(line, flush=True)
+
+    server = Server(uvicorn.Config(app, log_level="warning"))
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn stops on the first Ctrl-C, then passes it on
+        pass
+    finally:
+        sock.close()
+    print("pamsegment server stopped", flush=True)
     return 0

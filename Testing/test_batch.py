@@ -69,7 +69,7 @@ def test_every_row_is_checked_before_any_work(tmp_path, cases, run_cli):
     ])
     proc = run_cli("batch", m, "-o", tmp_path / "out", "--method", "copy")
     assert proc.returncode == 2
-    assert "cases.csv row 3: prompt" in proc.stderr and "typo.nii.gz does not exist" in proc.stderr
+    assert "cases.csv row 4: prompt" in proc.stderr  # the file's line 4 and "typo.nii.gz does not exist" in proc.stderr
     assert not (tmp_path / "out").exists()  # nothing was run or written
 
 
@@ -77,17 +77,24 @@ def test_every_row_is_checked_before_any_work(tmp_path, cases, run_cli):
     (["prompt,output", "c0/prompt.nii.gz,x.nii.gz"], "has no image column"),
     (["img,prompt", "c0/image.nii.gz,c0/prompt.nii.gz"], "a column .img. this command does not know"),
     (["image,prompt,output", "c0/image.nii.gz,c0/prompt.nii.gz,x.nii.gz",
-      "c1/image.nii.gz,c1/prompt.nii.gz,x.nii.gz"], "row 2: output .*x.nii.gz is also row 1's"),
-    (["image,prompt,output", "c0/image.nii.gz,c0/prompt.nii.gz,x.png"], "row 1: cannot tell the output format"),
-    (["image,prompt,label", "c0/image.nii.gz,c0/prompt.nii.gz,1 two"], "row 1: label must be whole numbers"),
+      "c1/image.nii.gz,c1/prompt.nii.gz,x.nii.gz"], "row 3: output .*x.nii.gz is also row 2's"),
+    (["image,prompt,output", "c0/image.nii.gz,c0/prompt.nii.gz,x.png"], "row 2: cannot tell the output format"),
+    (["image,prompt,label", "c0/image.nii.gz,c0/prompt.nii.gz,1 two"], "row 2: label must be whole numbers"),
     (["image,prompt"], "lists no cases"),
     (["image,prompt,output", "c0/image.nii.gz,c0/prompt.nii.gz,nowhere/x.nii.gz"],
-     "cases.csv row 1: the output folder .*nowhere does not exist"),
+     "cases.csv row 2: the output folder .*nowhere does not exist"),
     (["image,prompt,labels", "c0/image.nii.gz,c0/prompt.nii.gz,2"], "column 'labels' .*did you mean label"),
     (["image;prompt", "c0/image.nii.gz;c0/prompt.nii.gz"], "not semicolons"),
-    (["image,prompt", "c0/image.nii.gz,c0/prompt.nii.gz,extra"], "row 1 has more fields than the header"),
+    (["image,prompt", "c0/image.nii.gz,c0/prompt.nii.gz,extra"], "row 2 has more fields than the header"),
     (["image,prompt,output", "c0/image.nii.gz,c0/prompt.nii.gz,c1/image.nii.gz",
-      "c1/image.nii.gz,c1/prompt.nii.gz,"], "row 1: the output .*c1/image.nii.gz is an input of row 2"),
+      "c1/image.nii.gz,c1/prompt.nii.gz,"], "row 2: the output .*c1/image.nii.gz is an input of row 3"),
+    # csv.DictReader kept the last of two same-named columns: c0's prompt ran on c1's scan
+    (["image,prompt,image", "c0/image.nii.gz,c0/prompt.nii.gz,c1/image.nii.gz"], "has the column image twice; keep one"),
+    (["image,prompt,output", "c0/image.nii.gz,c0/prompt.nii.gz,c1"], "row 2: the output .*c1 is a folder; give a file"),
+    (["image,prompt,", "c0/image.nii.gz,c0/prompt.nii.gz,x.nii.gz"],
+     "cases.csv: column 3 has no name in the header but row 2 fills it; name it"),
+    (["image,prompt,series", "c0/image.nii.gz,c0/prompt.nii.gz,1.2.3"],
+     "row 2: series applies to a DICOM folder, but .*image.nii.gz is a file"),
 ])
 def test_bad_manifests_get_one_clear_message(tmp_path, cases, lines, message, capsys):
     m = _manifest(tmp_path / "data" / "cases.csv", lines)
@@ -101,8 +108,8 @@ def test_skip_existing_resumes_and_shards_split_the_rows(tmp_path, cases, capsys
     m = _manifest(tmp_path / "data" / "cases.csv", lines)
     out = tmp_path / "out"
     assert main(["batch", str(m), "-o", str(out), "--method", "copy", "--shard", "2/2"]) == 0
-    assert sorted(p.name for p in out.glob("r*.nii.gz")) == ["r1.nii.gz"]  # rows 2 (K=2, N=2)
-    assert [r["row"] for r in _report(out / "batch_report.shard2-of-2.csv")] == ["2"]
+    assert sorted(p.name for p in out.glob("r*.nii.gz")) == ["r1.nii.gz"]  # the second case (K=2, N=2)
+    assert [r["row"] for r in _report(out / "batch_report.shard2-of-2.csv")] == ["3"]  # on line 3
     before = (out / "r1.nii.gz").stat().st_mtime_ns
     assert main(["batch", str(m), "-o", str(out), "--method", "copy", "--skip-existing"]) == 0
     rows = _report(out / "batch_report.csv")
@@ -119,15 +126,197 @@ def test_an_interrupted_batch_keeps_finished_cases_and_says_what_did_not_run(tmp
 
     def run_row(row, model, args):
         calls.append(row.number)
-        if row.number == 2:
-            raise KeyboardInterrupt  # Ctrl-C during the second case
+        if row.number == 3:
+            raise KeyboardInterrupt  # Ctrl-C during the second case (line 3)
         real(row, model, args)
 
     monkeypatch.setattr(batch_module, "_run_row", run_row)
     (tmp_path / "out").mkdir()
     out = tmp_path / "out"
     assert main(["batch", str(m), "-o", str(out), "--method", "copy"]) == 130
-    assert calls == [1, 2]
+    assert calls == [2, 3]
     assert [r["status"] for r in _report(out / "batch_report.csv")] == ["ok", "not run", "not run"]
     assert sorted(p.name for p in out.glob("*.nii.gz")) == ["c0_image_pam.nii.gz"]
     assert "--skip-existing to resume" in capsys.readouterr().err
+
+
+def test_rows_are_numbered_by_the_files_lines_and_shards_count_cases(tmp_path, cases, capsys):
+    m = _manifest(tmp_path / "data" / "cases.csv", [
+        "image,prompt,output",                       # line 1
+        "c0/image.nii.gz,c0/prompt.nii.gz,r0.nii.gz",  # line 2
+        ",,",                                        # line 3: an empty row, as spreadsheets save one
+        "c1/image.nii.gz,c1/prompt.nii.gz,r1.nii.gz",  # line 4
+        "",                                          # line 5
+        "c2/image.nii.gz,c2/prompt.nii.gz,r2.nii.gz",  # line 6
+    ])
+    assert [r.number for r in batch_module.read_manifest(m, tmp_path / "out")] == [2, 4, 6]
+    out = tmp_path / "out"
+    assert main(["batch", str(m), "-o", str(out), "--method", "copy", "--shard", "2/2"]) == 0
+    assert [r["row"] for r in _report(out / "batch_report.shard2-of-2.csv")] == ["4"]  # the second case
+    assert main(["batch", str(m), "-o", str(out), "--method", "copy", "--shard", "1/2"]) == 0
+    assert [r["row"] for r in _report(out / "batch_report.shard1-of-2.csv")] == ["2", "6"]  # the first and third
+    (tmp_path / "data" / "c2" / "prompt.nii.gz").unlink()
+    assert main(["batch", str(m), "-o", str(out), "--method", "copy"]) == 2
+    assert "cases.csv row 6: prompt" in capsys.readouterr().err
+
+
+def test_a_trailing_comma_in_the_header_is_ignored_while_its_column_is_empty(tmp_path, cases):
+    m = _manifest(tmp_path / "data" / "cases.csv", ["image,prompt,", "c0/image.nii.gz,c0/prompt.nii.gz,",
+                                                     "c1/image.nii.gz,c1/prompt.nii.gz"])
+    rows = batch_module.read_manifest(m, tmp_path / "out")
+    assert [r.output.name for r in rows] == ["c0_image_pam.nii.gz", "c1_image_pam.nii.gz"]
+
+
+def test_an_image_named_dot_or_dot_dot_names_its_output_after_the_folder(tmp_path, cases):
+    # A DICOM folder holding the manifest ("."), or the folder above it (".."): parts[-1] was an IndexError.
+    m = _manifest(tmp_path / "data" / "c0" / "cases.csv", ["image,prompt", ".,prompt.nii.gz", "..,prompt.nii.gz"])
+    rows = batch_module.read_manifest(m, tmp_path / "out")
+    assert [r.output for r in rows] == [tmp_path / "out" / "c0_pam.nii.gz", tmp_path / "out" / "data_pam.nii.gz"]
+
+
+@pytest.mark.parametrize("name, message", [
+    ("", "manifest .*data is a folder; give the CSV file"),
+    ("latin.csv", "cannot read latin.csv as a CSV file .*; save it as CSV in UTF-8"),
+])
+def test_a_manifest_that_is_a_folder_or_not_utf8_says_so(tmp_path, cases, name, message, capsys):
+    manifest = tmp_path / "data" / name
+    if name:  # "Büro" saved as Latin-1, as older spreadsheet programs do
+        manifest.write_bytes("image,prompt\nc0/B\xfcro.nii.gz,c0/prompt.nii.gz\n".encode("latin-1"))
+    assert main(["batch", str(manifest), "-o", str(tmp_path / "out"), "--method", "copy"]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def _unwritable_folder(tmp_path):
+    """A folder no file can be made in: read-only for a user; for root, who may write anywhere
+    permissions say, /proc (as in test_cli)."""
+    import os
+    from pathlib import Path
+
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        if not Path("/proc/self").is_dir():
+            pytest.skip("running as root without /proc: no folder here refuses a new file")
+        return Path("/proc")
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    return folder
+
+
+def test_unwritable_outputs_are_refused_before_any_work(tmp_path, cases, monkeypatch, capsys):
+    # -o that cannot be written was a traceback (PermissionError on batch_report.csv.tmp), and an
+    # output column into such a folder failed only after its case was computed.
+    def not_reached(*args):
+        raise AssertionError("a case ran before the output folders were checked")
+
+    monkeypatch.setattr(batch_module, "_run_row", not_reached)
+    folder = _unwritable_folder(tmp_path)
+    m = _manifest(tmp_path / "data" / "cases.csv", ["image,prompt", "c0/image.nii.gz,c0/prompt.nii.gz"])
+    assert main(["batch", str(m), "-o", str(folder), "--method", "copy"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"pamsegment: error: cannot write the report and outputs in folder {folder} (")
+    assert len(err.splitlines()) == 1
+    assert main(["batch", str(m), "-o", str(folder / "results"), "--method", "copy"]) == 2
+    assert f"cannot write the -o folder results in folder {folder} (" in capsys.readouterr().err
+    m = _manifest(tmp_path / "data" / "cases.csv", ["image,prompt,output", "c0/image.nii.gz,c0/prompt.nii.gz,",
+                                                    f"c1/image.nii.gz,c1/prompt.nii.gz,{folder / 'r1.nii.gz'}"])
+    assert main(["batch", str(m), "-o", str(tmp_path / "out"), "--method", "copy"]) == 2
+    assert f"cannot write cases.csv row 3's output in folder {folder} (" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_that_does_not_load_leaves_nothing_behind(tmp_path, cases, monkeypatch, capsys):
+    # The model was loaded after -o was made and a report of 'not run' rows written.
+    m = _manifest(tmp_path / "data" / "cases.csv", ["image,prompt", "c0/image.nii.gz,c0/prompt.nii.gz"])
+    assert main(["batch", str(m), "-o", str(tmp_path / "out"), "--checkpoint", str(m)]) == 2  # a CSV, not weights
+    assert capsys.readouterr().err.startswith("pamsegment: error: ")
+    assert not (tmp_path / "out").exists()
+
+    def ctrl_c_while_loading(args):
+        raise KeyboardInterrupt
+
+    from PAMSegmentLib import cli
+
+    monkeypatch.setitem(cli.METHODS, "copy", ctrl_c_while_loading)
+    assert main(["batch", str(m), "-o", str(tmp_path / "out"), "--method", "copy"]) == 130
+    assert "interrupted; nothing was written" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_series_column_chooses_the_dicom_series_and_a_failed_case_keeps_the_note_on_it(tmp_path, capsys):
+    from test_volumes import make_volume, write_dicom_series
+
+    from PAMSegmentLib.volumes import Volume, write_volume
+
+    small, large = make_volume(shape=(3, 5, 6)), make_volume(shape=(5, 5, 6))
+    uid_small, uid_large = "1.2.826.0.1.3680043.2.1125.7.3", "1.2.826.0.1.3680043.2.1125.7.4"
+    write_dicom_series(tmp_path / "dcm", small, uid_small, prefix="a")
+    write_dicom_series(tmp_path / "dcm", large, uid_large, prefix="b")
+    drawn = np.zeros(small.shape, np.uint8)
+    drawn[1, 1:4, 2:5] = 1
+    write_volume(Volume(drawn, small.spacing, small.origin, small.direction), tmp_path / "prompt.nrrd")  # small's grid
+    m = _manifest(tmp_path / "cases.csv", ["image,prompt,output,series", "dcm,prompt.nrrd,largest.nii.gz,",
+                                           f"dcm,prompt.nrrd,small.nii.gz,{uid_small}"])
+    assert main(["batch", str(m), "-o", str(tmp_path / "out"), "--method", "copy"]) == 2
+    rows = _report(tmp_path / "out" / "batch_report.csv")
+    assert [r["status"] for r in rows] == ["error", "ok"]
+    # The largest series was read, so the prompt is not on its grid: the report says both.
+    note, error = rows[0]["message"].split(" | ")
+    assert note == (f"{tmp_path / 'dcm'} holds 2 DICOM series; using {uid_large} (5 files), the largest. Choose "
+                    "another with the manifest's series column.")
+    assert "prompt.nrrd is not on the image grid" in error
+    assert f"row 2 (dcm): error: {note} | {error}" in capsys.readouterr().out
+    assert _arr(tmp_path / "small.nii.gz").shape == (3, 5, 6) and not (tmp_path / "largest.nii.gz").exists()
+
+
+def test_the_report_gives_absolute_paths(tmp_path, cases, monkeypatch):
+    # They were relative to the folder batch ran in, which the report does not say.
+    _manifest(tmp_path / "data" / "cases.csv", ["image,prompt,output", "c0/image.nii.gz,c0/prompt.nii.gz,",
+                                                 "c1/image.nii.gz,c1/prompt.nii.gz,../elsewhere/c1.nii.gz"])
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert main(["batch", "data/cases.csv", "-o", "out", "--method", "copy"]) == 0
+    root = tmp_path.resolve()
+    assert [(r["image"], r["prompt"], r["output"]) for r in _report(root / "out" / "batch_report.csv")] == [
+        (str(root / "data/c0/image.nii.gz"), str(root / "data/c0/prompt.nii.gz"), str(root / "out/c0_image_pam.nii.gz")),
+        (str(root / "data/c1/image.nii.gz"), str(root / "data/c1/prompt.nii.gz"), str(root / "elsewhere/c1.nii.gz")),
+    ]
+
+
+def test_a_resumed_report_keeps_what_the_earlier_run_said_of_the_cases_it_skips(tmp_path, cases, monkeypatch):
+    import os
+
+    lines = ["image,prompt"] + [f"c{n}/image.nii.gz,c{n}/prompt.nii.gz" for n in range(3)]
+    m = _manifest(tmp_path / "data" / "cases.csv", lines)
+    out = tmp_path / "out"
+    real = batch_module._run_row
+
+    def cut_at_the_second_case(row, model, args):
+        if row.number == 3:
+            raise KeyboardInterrupt
+        real(row, model, args)
+
+    monkeypatch.setattr(batch_module, "_run_row", cut_at_the_second_case)
+    assert main(["batch", str(m), "-o", str(out), "--method", "track"]) == 130
+    first = _report(out / "batch_report.csv")
+    assert [r["status"] for r in first] == ["ok", "not run", "not run"] and first[0]["check_first"].startswith("label 1: ")
+    monkeypatch.setattr(batch_module, "_run_row", real)
+    assert main(["batch", str(m), "-o", str(out), "--method", "track", "--skip-existing"]) == 0
+    second = _report(out / "batch_report.csv")
+    assert [r["status"] for r in second] == ["skipped", "ok", "ok"]
+    # the first case's columns were blank in the resumed report; they are what the cut run found
+    assert {k: second[0][k] for k in ("seconds", "slices", "check_first")} == {
+        k: first[0][k] for k in ("seconds", "slices", "check_first")}
+    assert second[0]["message"] == "done in an earlier run (--skip-existing)"
+    # resumed again: every row is carried over, the first from the report that carried it
+    assert main(["batch", str(m), "-o", str(out), "--method", "track", "--skip-existing"]) == 0
+    third = _report(out / "batch_report.csv")
+    assert [r["status"] for r in third] == ["skipped"] * 3
+    assert [r["check_first"] for r in third] == [r["check_first"] for r in (first[0], *second[1:])]
+    assert [r["message"] for r in third] == ["done in an earlier run (--skip-existing)"] * 3
+    # an output written after the report (by something else) does not take the report's word
+    report_time = (out / "batch_report.csv").stat().st_mtime_ns
+    os.utime(out / "c1_image_pam.nii.gz", ns=(report_time + 10**9, report_time + 10**9))
+    assert main(["batch", str(m), "-o", str(out), "--method", "track", "--skip-existing"]) == 0
+    fourth = _report(out / "batch_report.csv")
+    assert (fourth[1]["check_first"], fourth[1]["message"]) == ("", "output exists (--skip-existing)")
+    assert fourth[0]["check_first"] == first[0]["check_first"]

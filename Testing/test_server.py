@@ -316,8 +316,10 @@ def test_client_errors_are_one_clear_message(live_server):
     url, holder = live_server
     image, prompt, truth = case()
     holder["model"] = OracleModel(truth)
-    with pytest.raises(PAMError, match="refused the token"):
+    with pytest.raises(PAMError, match="^the server at .* refused the token given; check --token or PAMSEGMENT_TOKEN"):
         RemoteModel(url, token="nope").info()
+    with pytest.raises(PAMError, match="^the server at .* needs a token: give it with --token T or PAMSEGMENT_TOKEN"):
+        RemoteModel(url).info()  # it "refused the token (missing or wrong token (send Authorization: Bearer ...))"
     with pytest.raises(InputError, match="the prompt is empty"):
         RemoteModel(url, token="tok").propagate(image, np.zeros_like(prompt), (1, 1, 1))
     with pytest.raises(InputError, match="not an http"):
@@ -362,4 +364,211 @@ def test_serve_without_the_server_extra_says_what_to_install(monkeypatch, capsys
 
     monkeypatch.setitem(sys.modules, "uvicorn", None)
     assert main(["serve"]) == 2
-    assert 'pip install "PAMSegmentLib[server]"' in capsys.readouterr().err
+    # from the checkout, as the Quick start installs (no PAMSegmentLib distribution is published)
+    assert 'pip install ".[server]" in the PAMSegment source folder (or pip install fastapi uvicorn)' in (
+        capsys.readouterr().err)
+
+
+def test_one_waiting_job_is_one_job():
+    release, started = threading.Event(), threading.Event()
+
+    def run(job):
+        started.set()
+        release.wait(10)
+        return b""
+
+    from PAMSegmentLib.server import JobQueue
+
+    queue = JobQueue(run, max_jobs=1)
+    queue.submit(None, None, None, {})
+    assert started.wait(10)  # the first runs
+    queue.submit(None, None, None, {})  # the second waits
+    with pytest.raises(OverflowError, match="^1 job is waiting already; try again later$"):
+        queue.submit(None, None, None, {})
+    release.set()
+
+
+def test_the_server_runs_jobs_with_its_batch_size():
+    image, prompt, truth = case()
+    models = []
+
+    def factory(method):
+        models.append(OracleModel(truth))
+        return models[-1]
+
+    client = TestClient(create_app(factory, batch_size=3))
+    assert client.get("/info").json()["batch_size"] == 3
+    job = client.post("/jobs", content=npz(image=image, prompt=prompt, spacing=np.ones(3))).json()
+    assert wait_for(client, job["id"])["state"] == "finished"
+    # at most 3 query slices per call (the engine's default, 16, gives calls of 4: the oracle's window)
+    assert max(len(q) for _, q in models[0].calls) == 3
+
+
+@pytest.mark.parametrize("args, phrase", [
+    (["--port", "70000"], "argument --port: expected a port number from 1 to 65535, got '70000'"),
+    (["--port", "0"], "argument --port: expected a port number from 1 to 65535, got '0'"),
+    (["--max-upload-mb", "nan"], "argument --max-upload-mb: expected a size in MB greater than 0, got 'nan'"),
+    (["--max-upload-mb", "-5"], "argument --max-upload-mb: expected a size in MB greater than 0, got '-5'"),
+    (["--max-upload-mb", "0"], "argument --max-upload-mb: expected a size in MB greater than 0, got '0'"),
+    (["--max-voxels", "0"], "argument --max-voxels: expected a positive integer, got '0'"),
+    (["--batch-size", "0"], "argument --batch-size: expected a positive integer, got '0'"),
+])
+def test_serve_options_are_checked_by_the_parser(args, phrase, capsys):
+    from PAMSegmentLib.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_:  # the parser alone: an option let through would start a server
+        build_parser(["serve"]).parse_args(["serve", *args])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [err.strip()] and phrase in err
+
+
+def test_serve_on_a_port_in_use_is_one_line_before_the_model_loads(monkeypatch, capsys):
+    from PAMSegmentLib import checkpoints
+    from PAMSegmentLib.cli import main
+
+    def not_reached(*args, **kwargs):
+        raise AssertionError("the model was loaded before the port was taken")
+
+    monkeypatch.setattr(checkpoints, "load_model", not_reached)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"pamsegment: error: port {port} is in use on 127.0.0.1 (another pamsegment serve?); stop that "
+                   "program or choose another --port\n")
+
+
+def test_the_address_printed_is_one_other_machines_can_use(monkeypatch):
+    from PAMSegmentLib import server
+
+    monkeypatch.setattr(socket, "gethostname", lambda: "gpu-box")
+    assert server._address("0.0.0.0", 8765) == "http://gpu-box:8765"  # not http://0.0.0.0:8765
+    assert server._address("::", 8765) == "http://gpu-box:8765"
+    assert server._address("::1", 8765) == "http://[::1]:8765"
+    assert server._address("127.0.0.1", 8765) == "http://127.0.0.1:8765"
+
+
+def test_serve_names_the_weights_pamsegment_model_points_at(monkeypatch):
+    from PAMSegmentLib import server
+
+    monkeypatch.setenv("PAMSEGMENT_MODEL", "/models/pam_small.pt")
+    assert server._checkpoint_label(None) == "/models/pam_small.pt (PAMSEGMENT_MODEL)"
+    assert server._checkpoint_label("mine.pt") == "mine.pt"
+    monkeypatch.delenv("PAMSEGMENT_MODEL")
+    assert server._checkpoint_label(None) == "shipped default weights"
+
+
+def test_serve_prints_its_address_once_listening_and_stops_on_ctrl_c(small_checkpoint):
+    """The command itself: the line comes once the server answers at the address it gives, with
+    the limits and batch size asked for; Ctrl-C stops it with exit status 0."""
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    from conftest import REPO, _cli_env
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "PAMSegmentLib", "serve", "--port", str(port), "--checkpoint",
+                             str(small_checkpoint.path), "--max-voxels", "1000", "--max-upload-mb", "2",
+                             "--batch-size", "4"], cwd=REPO, env=_cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        reader = threading.Thread(target=lambda: lines.append(proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(120)  # a guard against a hung server, not a timing assertion
+        assert lines and lines[0], proc.stderr.read() if proc.poll() is not None else "no line"
+        assert lines[0] == (f"pamsegment server on http://127.0.0.1:{port} ({small_checkpoint.path}); "
+                            "Ctrl-C stops it\n")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/info", timeout=30) as resp:  # answers already
+            info = json.loads(resp.read())
+        assert info["model"]["checkpoint"] == str(small_checkpoint.path)
+        assert (info["max_voxels"], info["max_upload_mb"], info["batch_size"]) == (1000, 2.0, 4)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert out == "pamsegment server stopped\n" and "Traceback" not in err
+
+
+def _requests_of(monkeypatch):
+    """The (method, path) of every request RemoteModel sends from now on."""
+    sent = []
+    real = RemoteModel._request
+
+    def recording(self, method, path, body=None):
+        sent.append((method, path.split("?")[0]))
+        return real(self, method, path, body)
+
+    monkeypatch.setattr(RemoteModel, "_request", recording)
+    return sent
+
+
+def test_the_client_refuses_a_volume_over_the_servers_voxel_limit_before_uploading(monkeypatch):
+    image, prompt, truth = case()  # 16 x 24 x 24 = 9,216 voxels
+    with serving(create_app(lambda m: OracleModel(truth), max_voxels=1000)) as url:
+        sent = _requests_of(monkeypatch)
+        with pytest.raises(InputError) as refused:
+            RemoteModel(url).propagate(image, prompt, (1, 1, 1))
+    assert str(refused.value) == (f"the volume has 9,216 voxels; the server at {url} takes at most 1,000 (crop the "
+                                  "volume around the object)")
+    assert sent == [("GET", "/info")]  # nothing uploaded
+
+
+def test_the_upload_size_message_rounds_up():
+    # 2 x 1024 x 107 float32 voxels that are not whole numbers (sent as they are) and a uint8 prompt:
+    # 219,136 x 5 bytes = 1.045 MB with the .npz headers, which "1 MB ... at most 1 MB" misreported.
+    rng = np.random.default_rng(0)
+    image = rng.random((2, 1024, 107), dtype=np.float32)
+    prompt = np.zeros(image.shape, np.uint8)
+    with serving(create_app(lambda m: None, max_upload_mb=1)) as url:
+        with pytest.raises(InputError) as refused:
+            RemoteModel(url).propagate(image, prompt, (1, 1, 1))
+    assert str(refused.value).startswith(f"the volume and prompt are 1.1 MB; the server at {url} takes at most 1 MB")
+
+
+def test_an_address_without_a_pamsegment_server_says_so():
+    from fastapi import FastAPI
+
+    image, prompt, truth = case()
+    with serving(FastAPI()) as other:  # answers 404 to /info, as any other web server would
+        with pytest.raises(PAMError, match="answered, but not as a PAMSegment server does; check the address"):
+            RemoteModel(other).info()
+    with serving(create_app(lambda m: OracleModel(truth))) as url:  # a path after the server's address
+        with pytest.raises(PAMError, match="answered, but not as a PAMSegment server does; check the address"):
+            RemoteModel(url + "/foo").info()
+
+
+def test_the_client_deletes_its_job_once_the_result_is_downloaded():
+    image, prompt, truth = case()
+    app = create_app(lambda m: OracleModel(truth))
+    with serving(app) as url:
+        result = RemoteModel(url, poll_interval=0.01).propagate(image, prompt, (1, 1, 1))
+        assert result.mask.any()
+        assert list(app.state.queue.jobs) == []  # not kept for result_ttl (an hour) after the download
+
+
+def test_the_command_line_shows_the_servers_state_and_queue_position(live_server, ct_case, capsys):
+    from PAMSegmentLib.baselines import get_predictor
+    from PAMSegmentLib.cli import _ProgressBar, main
+
+    bar = _ProgressBar("propagating", show_message=True)
+    bar(0.0, "server: waiting (queue position 2)")  # the bar stands at 0 %: the message says why
+    bar.close()
+    last = capsys.readouterr().err.split("\r")[-1]
+    assert last.startswith("propagating:   0%") and last.rstrip().endswith(", server: waiting (queue position 2)")
+    url, holder = live_server
+    holder["model"] = get_predictor("copy")
+    out = ct_case.directory / "out.nii.gz"
+    assert main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out), "--server", url,
+                 "--token", "tok", "--method", "copy"]) == 0
+    assert "server: done" in capsys.readouterr().err  # the last state the bar showed
