@@ -258,7 +258,7 @@ def write_report(rows: list[BatchRow], path: Path) -> None:
     """The report, written atomically (a temporary moved in); InputError when it cannot be."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "w", newline="") as fh:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
             w = csv.DictWriter(fh, fieldnames=REPORT_FIELDS)
             w.writeheader()
             for r in rows:

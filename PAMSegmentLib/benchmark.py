@@ -950,7 +950,7 @@ def _per_slice(pts) -> str:
 
 
 def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
-    with open(path, "w", newline="") as fh:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
         w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
         for r in rows:
@@ -1023,7 +1023,7 @@ def write_outputs(result: dict, out: Path) -> dict:
         if result.get(key) is not None:
             _write_csv(out / name, result[key], cols)
             files[key] = str(out / name)
-    (out / "benchmark.md").write_text("# PAMSegment benchmark\n\n" + report_text(result, markdown=True) + "\n")
+    (out / "benchmark.md").write_text("# PAMSegment benchmark\n\n" + report_text(result, markdown=True) + "\n", encoding="utf-8")
     files["markdown"] = str(out / "benchmark.md")
     try:
         _plot(result, out / "benchmark.png")
@@ -1032,7 +1032,7 @@ def write_outputs(result: dict, out: Path) -> dict:
         files["plot_error"] = f"{type(exc).__name__}: {exc}"
     files["json"] = str(out / "benchmark.json")
     result["files"] = files
-    (out / "benchmark.json").write_text(json.dumps(result, indent=2, default=_json_default))
+    (out / "benchmark.json").write_text(json.dumps(result, indent=2, default=_json_default), encoding="utf-8")
     return files
 
 

@@ -499,7 +499,7 @@ def cmd_label_cells(args) -> int:
     tmp_table = table_at.with_name(stamp + ".csv")
     try:
         write_labelmap_2d(result.labels, ref, tmp_out)
-        with open(tmp_table, "w", newline="") as fh:
+        with open(tmp_table, "w", newline="", encoding="utf-8") as fh:
             w = csv.writer(fh)
             w.writerow(["label", "area_px", "row", "column", "probability", "drawn"])
             for c in result.cells:

@@ -498,7 +498,7 @@ def write_slice_report(result, path: str | os.PathLike, voxels=None) -> None:
     ``voxels``: ``result.slice_voxels()``, if already computed."""
     import csv
 
-    with open(path, "w", newline="") as fh:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(["label", "slice", "voxels", "drawn", "confidence", "walk_end"])
         for r in result.slice_table(voxels):

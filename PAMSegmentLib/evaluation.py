@@ -64,7 +64,7 @@ def load_split(path: str | os.PathLike, groups: Sequence[str] | None = None,
     path = Path(path)
     if not path.exists():
         raise InputError(f"split file {path} does not exist; run scripts/prepare_data.py first")
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_text(encoding="utf-8"))
     if "eval" not in data:
         raise InputError(f"split file {path} has no 'eval' list")
     out = []
@@ -114,7 +114,7 @@ def validation_items(cache_dir: str | os.PathLike, split_path: str | os.PathLike
     options on: training labels of ``case_names`` in the split with >= 500 voxels over >= 5
     slices along axis 0, ``n`` of them drawn with ``seed``. Returns (cases by id, [(case, label)]).
     Only training cases are accepted: evaluation structures are never used to choose."""
-    split = json.loads(Path(split_path).read_text())
+    split = json.loads(Path(split_path).read_text(encoding="utf-8"))
     train = {e["case"]: e["labels"] for e in split["train"]}
     unknown = [c for c in case_names if c not in train]
     if unknown:
@@ -444,7 +444,7 @@ def write_csv(rows: Sequence[dict], path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     fields = list(CSV_FIELDS) + sorted({k for r in rows for k in r} - set(CSV_FIELDS))
-    with open(tmp, "w", newline="") as f:
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         for r in rows:
@@ -460,7 +460,7 @@ _NUMERIC = {"structure_id", "position", "round", "ref_first", "ref_last", "pred_
 def read_csv(path: str | os.PathLike) -> list[dict]:
     """Rows back with numbers as floats (empty -> None) and booleans as bools."""
     rows = []
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         for r in csv.DictReader(f):
             out = {}
             for k, v in r.items():

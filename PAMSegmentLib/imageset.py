@@ -511,7 +511,7 @@ def cmd_label_images(args) -> int:
             write_labelmap_2d(m, ref, moves[-1][0])
         at = through_link(out_dir / "labels.csv")
         moves.append((at.with_name(f"{stamp}.tmp.csv"), at))
-        with open(moves[-1][0], "w", newline="") as fh:
+        with open(moves[-1][0], "w", newline="", encoding="utf-8") as fh:
             w = csv.writer(fh)
             w.writerow(["image", "mask", "label", "pixels", "confidence", "guided_by"])
             for n, (f, name, m) in enumerate(zip(files, names, result.masks)):

@@ -15,7 +15,7 @@ from PAMSegmentLib.cli import main
 
 
 def _report(path):
-    with open(path) as fh:
+    with open(path, encoding="utf-8") as fh:
         return list(csv.DictReader(fh))
 
 
@@ -266,6 +266,26 @@ def test_a_series_column_chooses_the_dicom_series_and_a_failed_case_keeps_the_no
     assert "prompt.nrrd is not on the image grid" in error
     assert f"row 2 (dcm): error: {note} | {error}" in capsys.readouterr().out
     assert _arr(tmp_path / "small.nii.gz").shape == (3, 5, 6) and not (tmp_path / "largest.nii.gz").exists()
+
+
+def test_the_report_is_utf8_whatever_the_process_locale(tmp_path, cases):
+    """A folder name with a non-ASCII letter, in a process whose C library locale is "C" (GDCM's
+    DICOM writer leaves it so; some servers start that way): open() without an encoding would use
+    ASCII and the report write failed. Reports and tables are written as UTF-8."""
+    import locale
+
+    folder = tmp_path / "data" / "Müller"
+    (tmp_path / "data" / "c0").rename(folder)
+    m = _manifest(tmp_path / "data" / "cases.csv", ["image,prompt", "Müller/image.nii.gz,Müller/prompt.nii.gz"])
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        locale.setlocale(locale.LC_ALL, "C")
+        assert main(["batch", str(m), "-o", str(tmp_path / "out"), "--method", "copy"]) == 0
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+    with open(tmp_path / "out" / "batch_report.csv", encoding="utf-8") as fh:
+        row = next(csv.DictReader(fh))
+    assert row["status"] == "ok" and "Müller" in row["image"]
 
 
 def test_the_report_gives_absolute_paths(tmp_path, cases, monkeypatch):

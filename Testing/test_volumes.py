@@ -1,5 +1,6 @@
 """Volume I/O: geometry round trips, label maps on the image grid, and one-line input errors."""
 
+import locale
 import math
 import os
 import warnings
@@ -60,7 +61,11 @@ def write_dicom_series(folder: Path, volume: Volume, series_uid: str, prefix: st
         for tag, value in tags.items():
             plane.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"{prefix}{k:03d}.dcm"))
-        writer.Execute(plane)
+        saved = locale.setlocale(locale.LC_ALL)
+        try:
+            writer.Execute(plane)
+        finally:  # GDCM's writer leaves the C locale set: later open() calls would default to ASCII
+            locale.setlocale(locale.LC_ALL, saved)
 
 
 # ----------------------------------------------------------------------------- round trips
