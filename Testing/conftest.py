@@ -88,6 +88,22 @@ def make_ct_case(directory: Path, shape=(20, 40, 48), seed: int = 0) -> CTCase:
 
 
 @pytest.fixture
+def unwritable_folder(tmp_path: Path) -> Path:
+    """A folder no file can be made in: read-only for a user; for root, who may write anywhere
+    permissions say, /proc."""
+    import os
+
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        if not Path("/proc/self").is_dir():
+            pytest.skip("running as root without /proc: no folder here refuses a new file")
+        return Path("/proc")
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    return folder
+
+
+@pytest.fixture
 def ct_case(tmp_path: Path) -> CTCase:
     return make_ct_case(tmp_path / "case")
 

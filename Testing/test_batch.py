@@ -186,30 +186,14 @@ def test_a_manifest_that_is_a_folder_or_not_utf8_says_so(tmp_path, cases, name, 
     assert re.search(message, capsys.readouterr().err)
 
 
-def _unwritable_folder(tmp_path):
-    """A folder no file can be made in: read-only for a user; for root, who may write anywhere
-    permissions say, /proc (as in test_cli)."""
-    import os
-    from pathlib import Path
-
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        if not Path("/proc/self").is_dir():
-            pytest.skip("running as root without /proc: no folder here refuses a new file")
-        return Path("/proc")
-    folder = tmp_path / "read_only"
-    folder.mkdir()
-    folder.chmod(0o555)
-    return folder
-
-
-def test_unwritable_outputs_are_refused_before_any_work(tmp_path, cases, monkeypatch, capsys):
+def test_unwritable_outputs_are_refused_before_any_work(tmp_path, cases, monkeypatch, capsys, unwritable_folder):
     # -o that cannot be written was a traceback (PermissionError on batch_report.csv.tmp), and an
     # output column into such a folder failed only after its case was computed.
     def not_reached(*args):
         raise AssertionError("a case ran before the output folders were checked")
 
     monkeypatch.setattr(batch_module, "_run_row", not_reached)
-    folder = _unwritable_folder(tmp_path)
+    folder = unwritable_folder
     m = _manifest(tmp_path / "data" / "cases.csv", ["image,prompt", "c0/image.nii.gz,c0/prompt.nii.gz"])
     assert main(["batch", str(m), "-o", str(folder), "--method", "copy"]) == 2
     err = capsys.readouterr().err

@@ -323,22 +323,8 @@ def test_outputs_refused_before_any_work(ct_case, run_cli, tmp_path):
     assert proc.returncode == 0, proc.stderr
 
 
-def _unwritable_folder(tmp_path) -> Path:
-    """A folder no file can be made in: read-only for a user; for root, who may write anywhere
-    permissions say, /proc."""
-    import os
-
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        if not Path("/proc/self").is_dir():
-            pytest.skip("running as root without /proc: no folder here refuses a new file")
-        return Path("/proc")
-    folder = tmp_path / "read_only"
-    folder.mkdir()
-    folder.chmod(0o555)
-    return folder
-
-
-def test_an_unwritable_output_folder_is_refused_before_any_work(ct_case, tmp_path, monkeypatch, capfd):
+def test_an_unwritable_output_folder_is_refused_before_any_work(ct_case, tmp_path, monkeypatch, capfd,
+                                                                 unwritable_folder):
     # It was found only by the writer, after the whole propagation, in two lines (the NIfTI
     # library's own "** ERROR ..." on stderr, then ours).
     from PAMSegmentLib import propagate as engine
@@ -347,7 +333,7 @@ def test_an_unwritable_output_folder_is_refused_before_any_work(ct_case, tmp_pat
         raise AssertionError("propagated before the output folder was checked")
 
     monkeypatch.setattr(engine, "propagate", not_reached)
-    folder = _unwritable_folder(tmp_path)
+    folder = unwritable_folder
     out = folder / "out.nii.gz"
     code = cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out),
                      "--method", "copy"])
