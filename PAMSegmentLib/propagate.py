@@ -1058,23 +1058,12 @@ def propagate(
         prompt = prompt.astype(np.int32)  # bool or integral floats; integer label maps are used as they are
     if update is None:
         update = previous is not None
-    ax, slices = find_prompt_slices(prompt, axis=axis, labels=labels, update=bool(update))
+    ax, slices, (lo, hi), empties = check_request(prompt, axis, labels, range, empty_slices, bool(update))
     if remove_disconnected is None:
         remove_disconnected = early_stop
     vol = np.moveaxis(image, ax, 0)
     prm = np.moveaxis(prompt, ax, 0)
     n = vol.shape[0]
-    lo, hi = (0, n - 1) if range is None else (int(range[0]), int(range[1]))
-    if lo > hi:
-        raise InputError(f"range {lo}:{hi} is reversed; give the first slice first (e.g. {hi}:{lo})")
-    if not (0 <= lo <= hi < n):
-        raise InputError(f"range {lo}:{hi} is outside the {n} slices along axis {ax} (valid 0:{n - 1})")
-    for lab, sl in slices.items():
-        outside = [s for s in sl if not lo <= s <= hi]
-        if outside:
-            raise InputError(f"label {lab}'s prompt slice {outside[0]} lies outside the range {lo}:{hi}")
-
-    empties = _empty_slices_per_label(empty_slices, slices, lo, hi, ax)
     elsewhere = getattr(model, "propagate", None)
     if callable(elsewhere):  # a model that propagates by itself: a RemoteModel's server does the work
         return elsewhere(image, prompt, spacing, axis=axis, labels=labels, range=range, early_stop=early_stop,
@@ -1169,6 +1158,25 @@ def torch_threads(threads: int | None):
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def check_request(prompt, axis, labels, range, empty_slices, update: bool):  # noqa: A002
+    """The checks of a propagation's prompt and options that need the prompt (``propagate`` runs
+    them; a server runs them on an upload before queueing it): -> (axis, {label: drawn slices},
+    (first, last) slice of the range, {label: set of empty slices}). ``axis``, ``labels`` and
+    ``range`` as ``_validate_options`` returns them. Raises InputError."""
+    ax, slices = find_prompt_slices(prompt, axis=axis, labels=labels, update=update)
+    n = prompt.shape[ax]
+    lo, hi = (0, n - 1) if range is None else (int(range[0]), int(range[1]))
+    if lo > hi:
+        raise InputError(f"range {lo}:{hi} is reversed; give the first slice first (e.g. {hi}:{lo})")
+    if not (0 <= lo <= hi < n):
+        raise InputError(f"range {lo}:{hi} is outside the {n} slices along axis {ax} (valid 0:{n - 1})")
+    for lab, sl in slices.items():
+        outside = [s for s in sl if not lo <= s <= hi]
+        if outside:
+            raise InputError(f"label {lab}'s prompt slice {outside[0]} lies outside the range {lo}:{hi}")
+    return ax, slices, (lo, hi), _empty_slices_per_label(empty_slices, slices, lo, hi, ax)
 
 
 def _empty_slices_per_label(empty_slices, slices: dict, lo: int, hi: int, axis: int) -> dict[int, set[int]]:

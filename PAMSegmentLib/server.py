@@ -263,7 +263,7 @@ def create_app(model_factory: Callable[[str], Any], *, token: str | None = None,
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import JSONResponse
 
-    from .propagate import _validate_inputs, find_prompt_slices, propagate
+    from .propagate import _validate_inputs, check_request, propagate
 
     max_bytes = int(max_upload_mb * 1024 * 1024)
 
@@ -318,8 +318,8 @@ def create_app(model_factory: Callable[[str], Any], *, token: str | None = None,
             opts = parse_options(options)
             image, prompt, spacing = read_arrays(b"".join(chunks), max_voxels)
             _validate_inputs(image, prompt, spacing)  # the engine's own checks, the integer prompt among them
-            find_prompt_slices(np.asarray(prompt), axis=opts.get("axis"), labels=opts.get("labels"),
-                               update=bool(opts.get("update", False)))
+            check_request(np.asarray(prompt), opts.get("axis"), opts.get("labels"), opts.get("range"),
+                          opts.get("empty_slices"), bool(opts.get("update", False)))  # range and walls too
             return queue.submit(image, prompt, spacing, opts)
 
         try:

@@ -89,6 +89,9 @@ def test_a_job_runs_and_its_result_is_what_propagate_returns(oracle_app):
     ("good", {"options": json.dumps({"early_stop": "no"})}, "early_stop must be true or false"),
     ("good", {"options": json.dumps({"axis": 5})}, "axis must be 0, 1 or 2"),
     ("half", None, "the prompt must be an integer label map"),
+    # found before the job is queued, not when it runs (they needed the volume's shape)
+    ("good", {"options": json.dumps({"range": [0, 1000]})}, "range 0:1000 is outside the 16 slices along axis 0"),
+    ("good", {"options": json.dumps({"empty_slices": [99]})}, "empty slice 99 lies outside the range 0:15 along axis 0"),
 ])
 def test_bad_uploads_are_refused_with_the_reason(oracle_app, body, params, message):
     client, image, prompt, _ = oracle_app
