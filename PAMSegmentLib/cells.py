@@ -434,12 +434,11 @@ def _tif_fallback(out, inputs) -> tuple:
 
 def cmd_label_cells(args) -> int:
     import csv
-    import uuid
     from pathlib import Path
 
-    from .cli import EXIT_OK, _move_in, _ProgressBar, _same_path, ctrl_c_ignored
-    from .volumes import (MASK_2D_EXTENSIONS, check_output_path, read_image_2d, read_labelmap_2d, through_link,
-                          write_labelmap_2d)
+    from .cli import EXIT_OK, _ProgressBar, _same_path
+    from .volumes import (MASK_2D_EXTENSIONS, check_link_target, check_output_path, read_image_2d, read_labelmap_2d,
+                          replace_together, write_labelmap_2d)
 
     t0 = time.perf_counter()
     out = Path(args.output)
@@ -454,6 +453,8 @@ def cmd_label_cells(args) -> int:
     if out.with_name(out.name + ".csv").is_dir():  # the move at the end would fail after the work
         raise InputError(f"{out.with_name(out.name + '.csv')} is a folder, where the table of cells goes; move it "
                          "away or choose another -o file")
+    for written in (out, out.with_name(out.name + ".csv")):
+        check_link_target(written)  # a link is written onto its target: its folder must take files
     image, ref = read_image_2d(args.image, keep_colour=True)
     examples = read_labelmap_2d(args.examples, reference=(image[..., 0] if image.ndim == 3 else image, ref))
     background = None
@@ -491,36 +492,26 @@ def cmd_label_cells(args) -> int:
     table = out.with_name(out.name + ".csv")
     # Both files are written to temporaries beside them, then moved in together (Ctrl-C ignored for
     # the two renames, the table first): an interrupted run leaves both old files, and a failed move
-    # never a new map beside an old table. A symbolic link stays one: the files are moved in onto
-    # its target.
-    out_at, table_at = through_link(out), through_link(table)
-    stamp = f".pamsegment-{uuid.uuid4().hex[:12]}.tmp"
-    tmp_out = out_at.with_name(stamp + check_output_path(out, MASK_2D_EXTENSIONS, probe=False))  # the format's extension
-    tmp_table = table_at.with_name(stamp + ".csv")
-    try:
-        write_labelmap_2d(result.labels, ref, tmp_out)
-        with open(tmp_table, "w", newline="", encoding="utf-8") as fh:
+    # never a new map beside an old table. A symbolic link stays one.
+    def write_table(tmp):
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
             w = csv.writer(fh)
             w.writerow(["label", "area_px", "row", "column", "probability", "drawn"])
             for c in result.cells:
                 w.writerow([c["label"], c["area"], f"{c['centroid'][0]:.1f}", f"{c['centroid'][1]:.1f}",
                             f"{c['probability']:.3f}", "yes" if c["example"] else "no"])
-        # moved in and reported with Ctrl-C ignored (left ignored when the process ends with the
-        # command): an interrupt once both files are in place would say "nothing was written"
-        with ctrl_c_ignored(keep=getattr(args, "_ends_process", False)):
-            # The table first: if it cannot be moved in, the label map is still the old one.
-            _move_in(tmp_table, table_at, "nothing was replaced")
-            _move_in(tmp_out, out_at, f"the label map was not replaced, but its table {table.name} was (it lists "
-                                      "this run's cells)")
-            print(f"wrote {out} and {table.name}: {result.summary()}; {time.perf_counter() - t0:.1f} s in all",
+
+    def report():  # within the moves' Ctrl-C shield: an interrupt now would say "nothing was written"
+        print(f"wrote {out} and {table.name}: {result.summary()}; {time.perf_counter() - t0:.1f} s in all", flush=True)
+        for warning in result.warnings:
+            print(f"warning: {warning}", flush=True)
+        if background is None and not any("mark some background" in w for w in result.warnings):  # not twice
+            print("note: no background was marked; a few background marks (--background-label N, or "
+                  "--background MASK) usually remove cells found in the background (README: label-cells)",
                   flush=True)
-            for warning in result.warnings:
-                print(f"warning: {warning}", flush=True)
-            if background is None and not any("mark some background" in w for w in result.warnings):  # not twice
-                print("note: no background was marked; a few background marks (--background-label N, or "
-                      "--background MASK) usually remove cells found in the background (README: label-cells)",
-                      flush=True)
-    finally:
-        for tmp in (tmp_out, tmp_table):
-            tmp.unlink(missing_ok=True)
+
+    replace_together([(table, ".csv", write_table),
+                      (out, check_output_path(out, MASK_2D_EXTENSIONS, probe=False),  # the format's extension
+                       lambda tmp: write_labelmap_2d(result.labels, ref, tmp))],
+                     keep_ctrl_c_ignored=getattr(args, "_ends_process", False), after=report)
     return EXIT_OK

@@ -353,8 +353,11 @@ def _check_targets(out_dir, names, prompt_path, mask_path, files) -> None:
     for what, f in (("the prompt image", prompt_path), ("the prompt mask", mask_path), *(("the image", f) for f in files)):
         st = os.stat(f)
         inputs.setdefault((st.st_dev, st.st_ino), f"{what} {f}")
+    from .volumes import check_link_target
+
     for name in names:
         target = out_dir / name
+        check_link_target(target)  # a link is written onto its target: its folder must take files
         try:
             st = os.stat(target)  # follows a symbolic link
         except OSError:
@@ -368,24 +371,6 @@ def _check_targets(out_dir, names, prompt_path, mask_path, files) -> None:
             how = "a symbolic link to" if target.is_symlink() else "the same file as"
             raise InputError(f"{target} is {how} {hit}, which this run would write over; remove "
                              f"{'the link' if target.is_symlink() else 'it'} or choose another -o folder")
-
-
-def _failed_move(out_dir, names, k, error) -> str:
-    """The one-line message when moving the ``k``-th of the masks ``names`` (then labels.csv) in
-    failed: what was replaced and what was not."""
-    n, reason = len(names), error.strerror or str(error)
-    rest = [out_dir / name for name in names[k + 1:]] + [out_dir / "labels.csv"] if k < n else []
-    mixed = any(p.exists() for p in rest) or (out_dir / ([*names, "labels.csv"][k])).exists()
-    state = ("-o now mixes files of this run and an earlier one" if mixed else "-o holds only part of the result")
-    if k == 0:
-        return f"cannot write {out_dir / names[0]} ({reason}): nothing was replaced; fix that and run again"
-    if k == n:
-        return (f"cannot write {out_dir / 'labels.csv'} ({reason}): all {n} masks were replaced, labels.csv was not; "
-                f"{state}: fix that and run again")
-    done = names[0] if k == 1 else f"{names[0]} to {names[k - 1]}"
-    after = f", the {n - k - 1} after it" if n - k - 1 else ""
-    return (f"cannot write {out_dir / names[k]} ({reason}): {k} of {n} masks replaced ({done}); not replaced: "
-            f"this one{after} and labels.csv; {state}: fix that and run again")
 
 
 def add_label_images_arguments(p) -> None:
@@ -423,11 +408,10 @@ def cmd_label_images(args) -> int:
     """Read the set, label it, write one mask per image and labels.csv."""
     import csv
     import os
-    import uuid
     from pathlib import Path
 
-    from .cli import EXIT_OK, METHODS, _ProgressBar, ctrl_c_ignored
-    from .volumes import read_image_2d, read_labelmap_2d, through_link, write_labelmap_2d
+    from .cli import EXIT_OK, METHODS, _ProgressBar
+    from .volumes import read_image_2d, read_labelmap_2d, replace_together, write_labelmap_2d
 
     t0 = time.perf_counter()
     out_dir = Path(args.output)
@@ -497,21 +481,11 @@ def cmd_label_images(args) -> int:
                               names=[f.name for f in files])
 
     # Everything is computed: now write each file to a temporary beside where it lands, then move
-    # them all in (Ctrl-C ignored while moving). A mask or labels.csv that is a symbolic link stays
-    # one: its target gets the new file. An -o folder this run made is removed again if nothing was
-    # moved in.
-    made = not out_dir.exists()
-    stamp = f".pamsegment-{uuid.uuid4().hex[:12]}"
-    moves = []  # (temporary, where it lands)
-    try:
-        out_dir.mkdir(exist_ok=True)
-        for n, (name, (_, ref), m) in enumerate(zip(names, read, result.masks)):
-            at = through_link(out_dir / name)
-            moves.append((at.with_name(f"{stamp}-{n}.tmp.{args.format}"), at))
-            write_labelmap_2d(m, ref, moves[-1][0])
-        at = through_link(out_dir / "labels.csv")
-        moves.append((at.with_name(f"{stamp}.tmp.csv"), at))
-        with open(moves[-1][0], "w", newline="", encoding="utf-8") as fh:
+    # them all in, labels.csv first as the other commands move their table first (Ctrl-C ignored
+    # while moving; a mask or labels.csv that is a symbolic link stays one). An -o folder this run
+    # made is removed again if nothing was moved in.
+    def write_table(tmp):
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
             w = csv.writer(fh)
             w.writerow(["image", "mask", "label", "pixels", "confidence", "guided_by"])
             for n, (f, name, m) in enumerate(zip(files, names, result.masks)):
@@ -519,19 +493,21 @@ def cmd_label_images(args) -> int:
                     g = int(result.guides[lab][n])
                     w.writerow([str(f), name, lab, int((m == lab).sum()), f"{result.confidence[lab][n]:.3f}",
                                 "(drawn)" if n == index else str(files[g])])
-        # moved in and reported with Ctrl-C ignored (left ignored when the process ends with the
-        # command): an interrupt once the masks are in place would say "nothing was written"
-        with ctrl_c_ignored(keep=getattr(args, "_ends_process", False)):
-            for k, (tmp, at) in enumerate(moves):
-                try:
-                    os.replace(tmp, at)
-                except OSError as error:
-                    raise InputError(_failed_move(out_dir, names, k, error)) from None
-            print(f"wrote {len(files)} masks and labels.csv to {out_dir}: {result.summary()}; "
-                  f"{time.perf_counter() - t0:.1f} s in all", flush=True)
+
+    def mask_writer(m, ref):
+        return lambda tmp: write_labelmap_2d(m, ref, tmp)
+
+    made = not out_dir.exists()
+    try:
+        out_dir.mkdir(exist_ok=True)
+        replace_together(
+            [(out_dir / "labels.csv", ".csv", write_table)]
+            + [(out_dir / name, f".{args.format}", mask_writer(m, ref))
+               for name, (_, ref), m in zip(names, read, result.masks)],
+            keep_ctrl_c_ignored=getattr(args, "_ends_process", False),
+            after=lambda: print(f"wrote {len(files)} masks and labels.csv to {out_dir}: {result.summary()}; "
+                                f"{time.perf_counter() - t0:.1f} s in all", flush=True))
     finally:
-        for tmp, _ in moves:
-            tmp.unlink(missing_ok=True)
         if made and out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()
     return EXIT_OK

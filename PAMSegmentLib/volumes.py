@@ -577,10 +577,75 @@ def check_folder_writable(folder: PathLike, what: str = "the output") -> None:
                          "renamed and removed there; choose another folder")
 
 
+def check_link_target(path: PathLike) -> None:
+    """Before any work: an output that is a symbolic link is written onto its target (the link
+    stays one), so the target's folder must exist and take new files. Raises InputError."""
+    path = Path(path)
+    if not path.is_symlink():
+        return
+    target = Path(os.path.realpath(path))
+    if not target.parent.is_dir():
+        raise InputError(f"{path} is a symbolic link to {target}, whose folder does not exist; remove the link or "
+                         "choose another output")
+    check_folder_writable(target.parent, f"{path.name} (a symbolic link to {target})")
+
+
 def through_link(path: Path) -> Path:
     """Where writing ``path`` lands: a symbolic link's target (moving a file in there keeps the
     link a link, as writing in place does), else ``path``."""
     return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+def _listed(paths: Sequence[Path]) -> str:
+    """Output names for a message: all of up to three, else the first and last and how many."""
+    names = [p.name for p in paths]
+    return ", ".join(names) if len(names) <= 3 else f"{names[0]} ... {names[-1]} ({len(names)} files)"
+
+
+def replace_together(outputs, keep_ctrl_c_ignored: bool = False, after=None) -> None:
+    """Write files that belong together, then put them in place together.
+
+    ``outputs``: ``(path, suffix, write)`` in the order they are moved in; ``write(tmp)`` writes
+    the file to ``tmp``, a temporary named with ``suffix`` (the format's extension) beside where
+    the file lands (for a symbolic link: beside its target, so the link stays one). Once every
+    temporary is written they are moved in with Ctrl-C ignored, and ``after()`` (e.g. printing what
+    was written) runs within that too (``keep_ctrl_c_ignored``: left ignored after it, when the
+    process ends with the command). A temporary that cannot be written is one InputError naming
+    the output (nothing was replaced); a move that fails names what was and was not replaced.
+    No temporary stays behind."""
+    from .cli import ctrl_c_ignored
+
+    stamp = f".pamsegment-{uuid.uuid4().hex[:12]}"
+    moves = []  # (temporary, where it lands, the path as given)
+    try:
+        for n, (path, suffix, write) in enumerate(outputs):
+            path = Path(path)
+            at = through_link(path)
+            tmp = at.with_name(f"{stamp}-{n}.tmp{suffix}")
+            moves.append((tmp, at, path))
+            try:
+                write(tmp)
+            except OSError as error:
+                raise InputError(f"cannot write {path} ({error.strerror or error}): nothing was replaced; check that "
+                                 f"the folder {at.parent} exists and can be written") from None
+            except InputError as error:  # a writer's own message names the temporary: name the output
+                raise InputError(str(error).replace(str(tmp), str(path))) from None
+        with ctrl_c_ignored(keep=keep_ctrl_c_ignored):
+            for k, (tmp, at, path) in enumerate(moves):
+                try:
+                    os.replace(tmp, at)
+                except OSError as error:
+                    done, left = [m[2] for m in moves[:k]], [m[2] for m in moves[k + 1:]]
+                    state = ("nothing was replaced" if not done else
+                             f"replaced: {_listed(done)}; not replaced: this one"
+                             + (f" and {_listed(left)}" if left else "") + " (the outputs now mix two runs)")
+                    raise InputError(f"cannot write {path} ({error.strerror or error}): {state}; fix that and "
+                                     "run again") from None
+            if after is not None:
+                after()
+    finally:
+        for tmp, _, _ in moves:
+            tmp.unlink(missing_ok=True)
 
 
 def _atomic_write(image: sitk.Image, path: PathLike, extensions: Sequence[str] = _WRITE_EXTENSIONS) -> Path:

@@ -394,10 +394,10 @@ def test_cli_refuses_a_folder_where_the_table_goes_and_names_a_failed_move(tmp_p
     table.write_text("old table")
     replace = os.replace
     for failing, message, after in (
-            (table, f"cannot write {table} (Permission denied): nothing was replaced; choose another path",
+            (table, f"cannot write {table} (Permission denied): nothing was replaced; fix that and run again",
              (b"old map", "old table")),
-            (out, f"cannot write {out} (Permission denied): the label map was not replaced, but its table out.tif.csv "
-                  "was (it lists this run's cells); choose another path", (b"old map", "new"))):
+            (out, f"cannot write {out} (Permission denied): replaced: out.tif.csv; not replaced: this one (the "
+                  "outputs now mix two runs); fix that and run again", (b"old map", "new"))):
         def refused(src, dst, failing=failing):
             if os.fspath(dst) == str(failing):
                 raise PermissionError(13, "Permission denied")

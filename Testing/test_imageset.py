@@ -304,6 +304,26 @@ def test_cli_moves_the_masks_in_with_ctrl_c_ignored(tmp_path, monkeypatch):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_cli_refuses_an_output_link_into_a_missing_folder_before_any_work(tmp_path, monkeypatch, capsys):
+    """labels.csv in -o is a link whose target's folder is gone: the table's temporary could not be
+    written there, after all the work (a FileNotFoundError traceback); now refused first."""
+    from PAMSegmentLib import cli
+    from PAMSegmentLib import imageset as imageset_module
+
+    images, truth = moving_disc_set(3)
+    _write_set(tmp_path / "set", images, truth[0])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "labels.csv").symlink_to(tmp_path / "gone" / "labels.csv")
+    monkeypatch.setattr(imageset_module, "label_images", lambda *a, **k: pytest.fail("no work before the refusal"))
+    assert cli.main(["label-images", str(tmp_path / "set" / "img_0.png"), str(tmp_path / "mask.png"),
+                     str(tmp_path / "set"), "--method", "copy", "-o", str(out)]) == 2
+    assert capsys.readouterr().err == (f"pamsegment: error: {out / 'labels.csv'} is a symbolic link to "
+                                       f"{tmp_path / 'gone' / 'labels.csv'}, whose folder does not exist; remove the "
+                                       "link or choose another output\n")
+    assert [p.name for p in out.iterdir()] == ["labels.csv"]
+
+
 def test_cli_keeps_symbolic_links_among_the_outputs(tmp_path):
     """A mask or labels.csv in -o that is a symbolic link stays one: its target gets the new file
     (and no temporary is left beside it)."""
@@ -501,14 +521,14 @@ def test_cli_refuses_a_folder_where_a_mask_or_the_table_goes_before_any_work(tmp
         (out / name).rmdir()
 
 
-@pytest.mark.parametrize("fail_at, message", [
-    ("img_0_mask.png", "cannot write {out}/img_0_mask.png (Permission denied): nothing was replaced; fix that and "
-                       "run again"),
-    ("img_1_mask.png", "cannot write {out}/img_1_mask.png (Permission denied): 1 of 3 masks replaced (img_0_mask.png); "
-                       "not replaced: this one, the 1 after it and labels.csv; -o now mixes files of this run and an "
-                       "earlier one: fix that and run again"),
-    ("labels.csv", "cannot write {out}/labels.csv (Permission denied): all 3 masks were replaced, labels.csv was not; "
-                   "-o now mixes files of this run and an earlier one: fix that and run again"),
+@pytest.mark.parametrize("fail_at, message", [  # labels.csv goes in first, then the masks in order
+    ("labels.csv", "cannot write {out}/labels.csv (Permission denied): nothing was replaced; fix that and run again"),
+    ("img_0_mask.png", "cannot write {out}/img_0_mask.png (Permission denied): replaced: labels.csv; not replaced: "
+                       "this one and img_1_mask.png, img_2_mask.png (the outputs now mix two runs); fix that and run "
+                       "again"),
+    ("img_1_mask.png", "cannot write {out}/img_1_mask.png (Permission denied): replaced: labels.csv, img_0_mask.png; "
+                       "not replaced: this one and img_2_mask.png (the outputs now mix two runs); fix that and run "
+                       "again"),
 ])
 def test_cli_a_failed_final_move_says_what_was_and_was_not_replaced(tmp_path, capsys, monkeypatch, fail_at, message):
     """A move that fails at the end (after the checks: a permission, a full disk) was an OSError
@@ -536,9 +556,9 @@ def test_cli_a_failed_final_move_says_what_was_and_was_not_replaced(tmp_path, ca
     assert cli.main(run) == 2
     assert capsys.readouterr().err.splitlines()[-1] == f"pamsegment: error: {message.format(out=out)}"  # after the bar
     labels = [int(sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"img_{k}_mask.png"))).max()) for k in range(3)]
-    assert labels == {"img_0_mask.png": [3, 3, 3], "img_1_mask.png": [5, 3, 3], "labels.csv": [5, 5, 5]}[fail_at]
-    with open(out / "labels.csv") as fh:
-        assert {r["label"] for r in csv.DictReader(fh)} == {"3"}  # the earlier run's table
+    assert labels == {"labels.csv": [3, 3, 3], "img_0_mask.png": [3, 3, 3], "img_1_mask.png": [5, 3, 3]}[fail_at]
+    with open(out / "labels.csv", encoding="utf-8") as fh:  # the earlier run's table only if nothing was replaced
+        assert {r["label"] for r in csv.DictReader(fh)} == ({"3"} if fail_at == "labels.csv" else {"5"})
     assert sorted(p.name for p in out.iterdir()) == ["img_0_mask.png", "img_1_mask.png", "img_2_mask.png",
                                                      "labels.csv"]  # no temporaries left
 

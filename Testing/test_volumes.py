@@ -506,3 +506,64 @@ def test_a_nifti_cut_inside_its_header_is_refused(tmp_path, keep):
     raw.write_bytes((tmp_path / "whole.nii").read_bytes()[:keep])
     with pytest.raises(InputError, match=r"cut.nii is truncated inside its header \(\d+ bytes\)"):
         read_volume(raw)
+
+
+# ----------------------------------------------------------------------------- files written together
+
+
+def test_replace_together_moves_all_in_or_names_what_was_not(tmp_path, monkeypatch):
+    """label-images and label-cells write their outputs with ``replace_together``: temporaries beside
+    the outputs, then moved in in order; a failure is one InputError naming the output (never the
+    hidden temporary), and no temporary stays behind."""
+    from PAMSegmentLib.volumes import replace_together
+
+    a, b, c = (tmp_path / n for n in ("a.csv", "b.txt", "c.txt"))
+    for p in (a, b, c):
+        p.write_text("old")
+    said = []
+
+    def text(value):
+        return lambda tmp: tmp.write_text(value)
+
+    replace_together([(a, ".csv", text("new a")), (b, ".txt", text("new b"))], after=lambda: said.append("done"))
+    assert (a.read_text(), b.read_text(), said) == ("new a", "new b", ["done"])
+
+    def oserror(tmp):
+        raise PermissionError(13, "Permission denied")
+
+    def input_error(tmp):
+        raise InputError(f"cannot write {tmp} (disk full); check the folder is writable")
+
+    for write, message in ((oserror, f"cannot write {b} (Permission denied): nothing was replaced; check that the "
+                                     f"folder {tmp_path} exists and can be written"),
+                           (input_error, f"cannot write {b} (disk full); check the folder is writable")):
+        with pytest.raises(InputError) as err:
+            replace_together([(a, ".csv", text("newer a")), (b, ".txt", write)])
+        assert str(err.value) == message
+        assert a.read_text() == "new a"  # nothing was moved in
+    replace = os.replace
+
+    def refuse_c(src, dst):
+        if Path(dst) == c:
+            raise PermissionError(13, "Permission denied")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", refuse_c)
+    with pytest.raises(InputError, match=r"c.txt \(Permission denied\): replaced: a.csv, b.txt; not replaced: this "
+                                         r"one \(the outputs now mix two runs\); fix that and run again"):
+        replace_together([(a, ".csv", text("3")), (b, ".txt", text("3")), (c, ".txt", text("3"))])
+    assert (a.read_text(), b.read_text(), c.read_text()) == ("3", "3", "old")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.csv", "b.txt", "c.txt"]  # no temporaries left
+
+
+def test_an_output_link_into_a_missing_folder_is_refused_before_any_work(tmp_path):
+    from PAMSegmentLib.volumes import check_link_target
+
+    link = tmp_path / "labels.csv"
+    link.symlink_to(tmp_path / "gone" / "labels.csv")
+    with pytest.raises(InputError, match=r"labels.csv is a symbolic link to .*gone/labels.csv, whose folder does not "
+                                         r"exist; remove the link or choose another output"):
+        check_link_target(link)
+    (tmp_path / "gone").mkdir()
+    check_link_target(link)  # a link to a file not made yet, in a folder that takes files: fine
+    check_link_target(tmp_path / "plain.csv")  # not a link: nothing to check here
