@@ -539,6 +539,7 @@ class SegmentPropagation:
         self._thread: threading.Thread | None = None
         self._probe_beats = 0  # how often the GIL probe thread got the GIL (see share_time)
         self._probe_mark = (0, 0.0)
+        self._share_pause = 0  # polls left without waiting (the worker itself kept the GIL, see share_time)
         self._state = "pending"
         self._progress = 0.0
         self._message = "waiting to start"
@@ -633,6 +634,7 @@ class SegmentPropagation:
     # (almost) never between two polls, each poll waits for the worker with the GIL released.
     PROBE_PERIOD = 0.005  # s between the probe's attempts to take the GIL
     STARVED_BELOW = 20.0  # probe successes per second below which the GUI thread keeps the GIL
+    SHARE_PAUSE_POLLS = 4  # polls without waiting after a wait that showed the worker keeps the GIL
 
     def _probe_gil(self) -> None:
         while self._thread is not None and self._thread.is_alive():
@@ -649,8 +651,18 @@ class SegmentPropagation:
         beats, since = self._probe_mark
         now = time.perf_counter()
         starved = now - since > 0.05 and (self._probe_beats - beats) / (now - since) < self.STARVED_BELOW
+        if starved and self._share_pause > 0:
+            self._share_pause -= 1
+            starved = False
         if starved:
+            before = self._probe_beats
             self._thread.join(max(0.0, share * interval))
+            waited = time.perf_counter() - now
+            if waited > 0.02 and (self._probe_beats - before) / waited < self.STARVED_BELOW:
+                # The probe starved even while this thread waited: the worker itself keeps the GIL
+                # (a long native call that does not release it), not the event loop. Waiting does
+                # not help it then, so the next few polls do not wait.
+                self._share_pause = self.SHARE_PAUSE_POLLS
         end = time.perf_counter()
         self._probe_mark = (self._probe_beats, end)
         return end - now if starved else 0.0
