@@ -1063,11 +1063,10 @@ def propagate(
         remove_disconnected = early_stop
     vol = np.moveaxis(image, ax, 0)
     prm = np.moveaxis(prompt, ax, 0)
-    elsewhere = getattr(model, "propagate", None)
-    if callable(elsewhere):  # a model that propagates by itself: a RemoteModel's server does the work
-        return elsewhere(image, prompt, spacing, axis=axis, labels=labels, range=range, early_stop=early_stop,
-                         remove_disconnected=remove_disconnected, empty_slices=empty_slices, progress=progress,
-                         cancel=cancel, previous=previous, update=update)
+    if getattr(model, "runs_remotely", False) is True:  # a RemoteModel: its server does the work
+        return model.propagate(image, prompt, spacing, axis=axis, labels=labels, range=range, early_stop=early_stop,
+                               remove_disconnected=remove_disconnected, empty_slices=empty_slices, progress=progress,
+                               cancel=cancel, previous=previous, update=update)
     predictor = _as_predictor(model, device)
 
     # No whole-volume float copy: the predictors cast only the slices they read.
@@ -1220,7 +1219,8 @@ def _as_predictor(model, device: str) -> SlicePredictor:
         from .pam_predictor import PAMPredictor
 
         return PAMPredictor(model)
-    raise InputError(f"model must be a PAMModel, a SlicePredictor or None, got {type(model).__name__}")
+    raise InputError(f"model must be a PAMModel, a SlicePredictor, a remote.RemoteModel or None, got "
+                     f"{type(model).__name__}")
 
 
 def __getattr__(name: str):

@@ -76,6 +76,8 @@ def _compact(image: np.ndarray) -> np.ndarray:
 class RemoteModel:
     """A ``pamsegment serve`` server at ``url``."""
 
+    runs_remotely = True  # propagate() checks the inputs, then hands the whole job to ``propagate`` here
+
     def __init__(self, url: str, token: str | None = None, timeout: float = 60.0, poll_interval: float = 0.3,
                  method: str = "pam"):
         parsed = urllib.parse.urlparse(str(url))
