@@ -425,7 +425,8 @@ def _tif_fallback(out, inputs) -> tuple:
     stem = out.name[:-4]
     why = taken(out.with_name(f"{stem}.tif"))
     if why is None:
-        return out.with_name(f"{stem}.tif"), ""
+        tif = out.with_name(f"{stem}.tif")
+        return tif, (f" (replacing the existing {tif.name})" if tif.exists() else "")
     n = 1
     while taken(out.with_name(f"{stem}_labels{n if n > 1 else ''}.tif")) is not None:
         n += 1

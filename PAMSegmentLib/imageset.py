@@ -441,8 +441,9 @@ def cmd_label_images(args) -> int:
         (unique if first is f else twice).append((f, first))
     if twice:
         more = f" (and {len(twice) - 1} more)" if len(twice) > 1 else ""
-        print(f"note: {twice[0][0]} is given twice (also as {twice[0][1]}){more}; each image is labelled once",
-              flush=True)
+        f, first = twice[0]
+        how = "" if str(f) == str(first) else f" (also as {first})"  # the same path: by itself and in its folder
+        print(f"note: {f} is given twice{how}{more}; each image is labelled once", flush=True)
         files = [f for f, _ in unique]
     # Masks written among the images would be read as images next time, and could replace a file
     # the user drew (e.g. the prompt mask itself, kept as masks/img_007_mask.png).

@@ -361,6 +361,9 @@ def test_cli_png_fallback_to_tif_never_replaces_an_input(tmp_path, monkeypatch, 
     assert cli.main(["label-cells", str(tmp_path / "slide.tif"), str(tmp_path / "ex.png"),
                      "-o", str(tmp_path / "other.png")]) == 0
     assert "writing other.tif instead\n" in capsys.readouterr().out
+    assert cli.main(["label-cells", str(tmp_path / "slide.tif"), str(tmp_path / "ex.png"),
+                     "-o", str(tmp_path / "other.png")]) == 0  # again: an earlier result, not an input, is replaced
+    assert "writing other.tif instead (replacing the existing other.tif)\n" in capsys.readouterr().out
     assert cli.main(["label-cells", str(tmp_path / "cells.tif"), str(tmp_path / "ex.png"),
                      "-o", str(tmp_path / "cells.png")]) == 0
     assert "writing cells_labels.tif instead (cells.tif is one of the inputs)" in capsys.readouterr().out
