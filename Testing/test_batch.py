@@ -69,7 +69,7 @@ def test_every_row_is_checked_before_any_work(tmp_path, cases, run_cli):
     ])
     proc = run_cli("batch", m, "-o", tmp_path / "out", "--method", "copy")
     assert proc.returncode == 2
-    assert "cases.csv row 4: prompt" in proc.stderr  # the file's line 4 and "typo.nii.gz does not exist" in proc.stderr
+    assert "cases.csv row 4: prompt" in proc.stderr and "typo.nii.gz does not exist" in proc.stderr  # the file's line 4
     assert not (tmp_path / "out").exists()  # nothing was run or written
 
 
