@@ -58,6 +58,14 @@ class BatchRow:
     slices: str = ""
     check_first: str = ""  # per label, its least confident predicted slices (PropagationResult.review_first)
     notes: list[str] = field(default_factory=list)  # what reading the case noted (e.g. which DICOM series)
+    _paths: tuple[str, str, str] | None = field(default=None, repr=False, compare=False)
+
+    def absolute(self) -> tuple[str, str, str]:
+        """The image, prompt and output from the root, as the report names them; resolved once
+        (the report is rewritten after every case, and resolving is a file-system walk)."""
+        if self._paths is None:
+            self._paths = (str(_absolute(self.image)), str(_absolute(self.prompt)), str(_absolute(self.output)))
+        return self._paths
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -156,7 +164,7 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
         if unnamed is not None:
             raise InputError(f"{path.name}: column {unnamed + 1} has no name in the header but row {line} fills it; "
                              f"name it ({COLUMNS_TEXT}) or remove it")
-    rows, outputs = [], {}
+    rows, outputs, outputs_key = [], {}, {}  # {resolved output: row}, {row: resolved output}
     for line, values in records:
         rec = {f: v.strip() for f, v in zip(fields, values) if f}
         if not any(rec.values()):
@@ -189,7 +197,7 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
         key = str(output.resolve())
         if key in outputs:
             raise InputError(f"{where}: output {output} is also row {outputs[key]}'s; give each row its own output")
-        outputs[key] = line
+        outputs[key], outputs_key[line] = line, key
         rows.append(BatchRow(line, image, prompt, output, _labels(rec.get("label", ""), where),
                              series=rec.get("series") or None))
     if not rows:
@@ -200,7 +208,7 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
         for p in (r.image, r.prompt):
             inputs.setdefault(str(p.resolve()), r.number)
     for r in rows:
-        other = inputs.get(str(r.output.resolve()))
+        other = inputs.get(outputs_key[r.number])
         if other is not None:
             raise InputError(f"{path.name} row {r.number}: the output {r.output} is an input of row {other}; "
                              "choose another output")
@@ -237,7 +245,7 @@ def _earlier_results(out_dir: Path) -> dict[str, tuple[dict, int]]:
 def _carry_over(row: BatchRow, earlier: dict[str, tuple[dict, int]]) -> None:
     """A skipped row keeps what the report of the run that wrote its output said (seconds, slices,
     check_first, message), as long as the output is not newer than that report."""
-    found = earlier.get(str(_absolute(row.output)))
+    found = earlier.get(row.absolute()[2])
     if found is None:
         return
     before, stamp = found
@@ -262,9 +270,8 @@ def write_report(rows: list[BatchRow], path: Path) -> None:
             w = csv.DictWriter(fh, fieldnames=REPORT_FIELDS)
             w.writeheader()
             for r in rows:
-                w.writerow({"row": r.number, "image": str(_absolute(r.image)), "prompt": str(_absolute(r.prompt)),
-                            "output": str(_absolute(r.output)),
-                            "status": r.status, "seconds": f"{r.seconds:.1f}", "slices": r.slices,
+                image, prompt, output = r.absolute()
+                w.writerow({"row": r.number, "image": image, "prompt": prompt, "output": output, "status": r.status, "seconds": f"{r.seconds:.1f}", "slices": r.slices,
                             "check_first": r.check_first, "message": r.message})
         tmp.replace(path)
     except OSError as error:
@@ -276,9 +283,10 @@ def write_report(rows: list[BatchRow], path: Path) -> None:
                          "writable and has space") from None
 
 
-def _check_writable(out_dir: Path, todo: list[BatchRow], manifest: str) -> None:
-    """Before any work: files can be made in -o (or -o can be made) and in every folder an output
-    of ``todo`` goes to (InputError naming the first that refuses)."""
+def _check_output_folders(out_dir: Path, todo: list[BatchRow], manifest: str) -> None:
+    """Before any work: files can be made in -o (or -o can be made), and every other folder an
+    output of ``todo`` goes to exists and takes files (InputError naming the first row that fails).
+    A skipped row's output exists, so its folder does too."""
     from .volumes import check_folder_writable
 
     if out_dir.is_dir():
@@ -288,9 +296,13 @@ def _check_writable(out_dir: Path, todo: list[BatchRow], manifest: str) -> None:
     seen = {str(out_dir.resolve())}
     for r in todo:
         folder = r.output.parent
-        if str(folder.resolve()) not in seen:
-            seen.add(str(folder.resolve()))
-            check_folder_writable(folder, f"{manifest} row {r.number}'s output")
+        key = str(folder.resolve())
+        if key in seen:
+            continue
+        seen.add(key)
+        if not folder.is_dir():
+            raise InputError(f"{manifest} row {r.number}: the output folder {folder} does not exist; create it first")
+        check_folder_writable(folder, f"{manifest} row {r.number}'s output")
 
 
 def add_batch_arguments(p: argparse.ArgumentParser) -> None:
@@ -357,17 +369,13 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
         check_checkpoint_file(args.checkpoint)
     # Everything is checked and the model loaded before -o is created: a refused batch leaves nothing behind.
-    for r in rows:
-        if r.output.parent.resolve() != out_dir.resolve() and not r.output.parent.is_dir():
-            raise InputError(f"{Path(args.manifest).name} row {r.number}: the output folder {r.output.parent} does not "
-                             "exist; create it first")
     earlier = _earlier_results(out_dir) if args.skip_existing else {}  # read before the report is rewritten
     for r in rows:  # an empty file is what an interrupted copy leaves, not a result
         if args.skip_existing and r.output.is_file() and r.output.stat().st_size > 0:
             r.status, r.message = "skipped", "output exists (--skip-existing)"
             _carry_over(r, earlier)
     todo = [r for r in rows if r.status == "not run"]
-    _check_writable(out_dir, todo, Path(args.manifest).name)
+    _check_output_folders(out_dir, todo, Path(args.manifest).name)
     model = METHODS[args.method](args) if todo else None
     try:
         out_dir.mkdir(exist_ok=True)

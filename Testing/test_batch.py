@@ -324,3 +324,32 @@ def test_a_resumed_report_keeps_what_the_earlier_run_said_of_the_cases_it_skips(
     fourth = _report(out / "batch_report.csv")
     assert (fourth[1]["check_first"], fourth[1]["message"]) == ("", "output exists (--skip-existing)")
     assert fourth[0]["check_first"] == first[0]["check_first"]
+
+
+def test_paths_are_resolved_once_per_row_not_at_every_report_rewrite(tmp_path, monkeypatch):
+    """The report, rewritten after every case, resolved every row's three paths each time (a
+    2000-case run spent minutes on it), and the output folders were resolved in two loops."""
+    from collections import Counter
+    from pathlib import Path
+
+    for n in range(4):
+        make_ct_case(tmp_path / "data" / f"c{n}", seed=n)
+    (tmp_path / "elsewhere").mkdir()
+    m = _manifest(tmp_path / "data" / "cases.csv", ["image,prompt,output"] + [
+        f"c{n}/image.nii.gz,c{n}/prompt.nii.gz,../elsewhere/r{n}.nii.gz" for n in range(4)])
+    calls, real = Counter(), Path.resolve
+
+    def counting(self, strict=False):
+        calls[str(self)] += 1
+        return real(self, strict)
+
+    monkeypatch.setattr(Path, "resolve", counting)
+    assert main(["batch", str(m), "-o", str(tmp_path / "out"), "--method", "copy"]) == 0  # 5 report writes
+    # each case's folder: its image's and its prompt's, once; the outputs' folder: checked and named, once per row
+    assert [calls[str(tmp_path / "data" / f"c{n}")] for n in range(4)] == [2] * 4
+    assert calls[str(tmp_path / "data" / ".." / "elsewhere")] == 2 * 4
+    rows = batch_module.read_manifest(m, tmp_path / "out")
+    batch_module.write_report(rows, tmp_path / "report.csv")
+    calls.clear()
+    batch_module.write_report(rows, tmp_path / "report.csv")
+    assert not calls
