@@ -233,7 +233,7 @@ def _earlier_results(out_dir: Path) -> dict[str, tuple[dict, int]]:
     for report in sorted(reports, key=lambda p: p.stat().st_mtime_ns):
         try:
             stamp = report.stat().st_mtime_ns
-            with open(report, newline="", encoding="utf-8") as fh:
+            with open(report, newline="", encoding="utf-8", errors="surrogateescape") as fh:  # as written
                 for row in csv.DictReader(fh):
                     if row.get("status") in ("ok", "skipped") and row.get("output"):
                         found[str(_absolute(Path(row["output"])))] = (row, stamp)
@@ -263,24 +263,28 @@ def _carry_over(row: BatchRow, earlier: dict[str, tuple[dict, int]]) -> None:
 
 
 def write_report(rows: list[BatchRow], path: Path) -> None:
-    """The report, written atomically (a temporary moved in); InputError when it cannot be."""
+    """The report, written atomically (a temporary moved in); InputError when it cannot be.
+    UTF-8; a path's name that is not (a folder named in Latin-1 bytes, which Python holds as lone
+    surrogates) is written as the bytes it has, so the report still names the file."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
             w = csv.DictWriter(fh, fieldnames=REPORT_FIELDS)
             w.writeheader()
             for r in rows:
                 image, prompt, output = r.absolute()
-                w.writerow({"row": r.number, "image": image, "prompt": prompt, "output": output, "status": r.status, "seconds": f"{r.seconds:.1f}", "slices": r.slices,
-                            "check_first": r.check_first, "message": r.message})
+                w.writerow({"row": r.number, "image": image, "prompt": prompt, "output": output, "status": r.status,
+                            "seconds": f"{r.seconds:.1f}", "slices": r.slices, "check_first": r.check_first,
+                            "message": r.message})
         tmp.replace(path)
-    except OSError as error:
+    except (OSError, UnicodeError) as error:  # UnicodeError: a message holding a character no bytes stand for
         try:
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
-        raise InputError(f"cannot write the report {path} ({error.strerror or error}); check that its folder is "
-                         "writable and has space") from None
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+        raise InputError(f"cannot write the report {path} ({reason}); check that its folder is writable and has "
+                         "space") from None
 
 
 def _check_output_folders(out_dir: Path, todo: list[BatchRow], manifest: str) -> None:

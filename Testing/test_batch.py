@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -330,7 +331,6 @@ def test_paths_are_resolved_once_per_row_not_at_every_report_rewrite(tmp_path, m
     """The report, rewritten after every case, resolved every row's three paths each time (a
     2000-case run spent minutes on it), and the output folders were resolved in two loops."""
     from collections import Counter
-    from pathlib import Path
 
     for n in range(4):
         make_ct_case(tmp_path / "data" / f"c{n}", seed=n)
@@ -353,3 +353,32 @@ def test_paths_are_resolved_once_per_row_not_at_every_report_rewrite(tmp_path, m
     calls.clear()
     batch_module.write_report(rows, tmp_path / "report.csv")
     assert not calls
+
+
+def test_a_folder_name_that_is_not_utf8_is_written_to_the_report_as_its_bytes(tmp_path, monkeypatch):
+    """Run from a folder named in Latin-1 ('M\\xfcller', from an old archive): the report's absolute
+    paths hold it as a lone surrogate, which strict UTF-8 cannot write, and the UnicodeEncodeError
+    (not an OSError) was a traceback that left batch_report.csv.tmp behind."""
+    import os
+
+    folder = os.path.join(os.fsencode(tmp_path), b"M\xfcller")
+    try:
+        os.mkdir(folder)
+    except (OSError, UnicodeError):
+        pytest.skip("this file system takes only UTF-8 names")
+    monkeypatch.chdir(folder)
+    make_ct_case(Path("c0"))
+    _manifest(Path("cases.csv"), ["image,prompt", "c0/image.nii.gz,c0/prompt.nii.gz"])
+    assert main(["batch", "cases.csv", "-o", "out", "--method", "copy"]) == 0
+    assert sorted(os.listdir("out")) == ["batch_report.csv", "c0_image_pam.nii.gz"]  # no .tmp left
+    with open("out/batch_report.csv", newline="", encoding="utf-8", errors="surrogateescape") as fh:
+        row = next(csv.DictReader(fh))
+    assert os.fsencode(row["image"]) == os.path.join(os.path.realpath(folder), b"c0", b"image.nii.gz")  # the bytes
+    # and a resumed run reads it back: the case is carried over
+    assert main(["batch", "cases.csv", "-o", "out", "--method", "copy", "--skip-existing"]) == 0
+    assert _report_bytes("out/batch_report.csv")[0]["message"] == "done in an earlier run (--skip-existing)"
+
+
+def _report_bytes(path):
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
+        return list(csv.DictReader(fh))
