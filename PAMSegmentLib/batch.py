@@ -16,7 +16,9 @@ the one-line message, after what reading the case noted), ``skipped`` (``--skip-
 output exists; the row keeps the seconds, slices, check_first and message that the earlier report
 in the folder gave the case, unless the output is newer than that report) or ``not run``
 (interrupted), with absolute paths, and is rewritten after every case, so it is current even when
-the run is cut.
+the run is cut. A rewrite that fails once the work has started (the file open in a spreadsheet that
+locks it) is a warning, given once, and the batch goes on, writing it again after the next case
+and at the end (exit status 2 if it still cannot be written then).
 
 ``--shard K/N`` runs the manifest's cases K, K+N, K+2N ... (counting cases from 1, not lines):
 N machines given the same manifest and output folder each take their share and write their own
@@ -283,8 +285,34 @@ def write_report(rows: list[BatchRow], path: Path) -> None:
         except OSError:
             pass
         reason = error.strerror if isinstance(error, OSError) and error.strerror else error
-        raise InputError(f"cannot write the report {path} ({reason}); check that its folder is writable and has "
-                         "space") from None
+        hint = ("it may be open in another program, which keeps it from being replaced (close it there), or its "
+                "folder may not take files" if isinstance(error, PermissionError)
+                else "check that its folder is writable and has space")
+        raise InputError(f"cannot write the report {path} ({reason}); {hint}") from None
+
+
+class _Report:
+    """The report of a running batch. A rewrite that fails once the work has started (the file
+    open in a spreadsheet that locks it, a full disk) is a warning, given once: the batch goes on
+    and writes it again after the next case and at the end. ``failure`` is the last rewrite's
+    error while the file is out of date."""
+
+    def __init__(self, rows: list[BatchRow], path: Path, warn) -> None:
+        self.rows, self.path, self.warn = rows, path, warn
+        self.failure: InputError | None = None
+        self.warned = False
+
+    def write(self) -> None:
+        try:
+            write_report(self.rows, self.path)
+        except InputError as error:
+            self.failure = error
+            if not self.warned:
+                self.warned = True
+                self.warn(f"pamsegment: warning: {error}; the batch goes on and writes the report again after the "
+                          "next case")
+        else:
+            self.failure = None
 
 
 def _check_output_folders(out_dir: Path, todo: list[BatchRow], manifest: str) -> None:
@@ -387,13 +415,14 @@ def cmd_batch(args: argparse.Namespace) -> int:
         raise InputError(f"cannot create the folder {out_dir} ({error.strerror or error}); choose another -o "
                          "folder") from None
     report = out_dir / report_name
-    write_report(rows, report)
+    write_report(rows, report)  # before any work: a report that cannot be written stops the batch here
 
     from tqdm import tqdm
 
     t_all = time.perf_counter()
     interrupted = False
     bar = tqdm(todo, desc="cases", unit="case", file=sys.stderr, ncols=80)
+    rewrite = _Report(rows, report, lambda text: bar.write(text, file=sys.stderr))
     try:
         for r in bar:
             t0 = time.perf_counter()
@@ -407,17 +436,22 @@ def cmd_batch(args: argparse.Namespace) -> int:
                 bar.write(f"row {r.number} ({r.image.name}): error: {r.message}")
             finally:
                 r.seconds = time.perf_counter() - t0
-                write_report(rows, report)
+                rewrite.write()
             if r.status == "error" and args.stop_on_error:
                 break
     except (KeyboardInterrupt, PropagationCancelled):
         interrupted = True  # the case under way wrote nothing (outputs are written atomically)
-        write_report(rows, report)
+        rewrite.write()
     finally:
         bar.close()
+    if rewrite.failure is not None:  # the last try failed: once more, now that the work is done
+        rewrite.write()
     counts = {s: sum(1 for r in rows if r.status == s) for s in ("ok", "error", "skipped", "not run")}
     summary = ", ".join(f"{v} {k}" for k, v in counts.items() if v)
     print(f"batch: {summary} of {len(rows)} rows in {time.perf_counter() - t_all:.1f} s; report {report}", flush=True)
+    if rewrite.failure is not None:
+        print(f"pamsegment: error: {_one_line(rewrite.failure)}; it does not show the cases run since it was last "
+              "written (their outputs are written)", file=sys.stderr)
     if interrupted:
         print("pamsegment: interrupted; finished cases are written, the rest are 'not run' in the report "
               "(run again with --skip-existing to resume)", file=sys.stderr)
@@ -426,4 +460,4 @@ def cmd_batch(args: argparse.Namespace) -> int:
         print(f"pamsegment: error: {counts['error']} of {len(rows)} cases failed; see {report}",
               file=sys.stderr)
         return EXIT_USAGE
-    return EXIT_OK
+    return EXIT_USAGE if rewrite.failure is not None else EXIT_OK

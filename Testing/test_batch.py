@@ -382,3 +382,53 @@ def test_a_folder_name_that_is_not_utf8_is_written_to_the_report_as_its_bytes(tm
 def _report_bytes(path):
     with open(path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
         return list(csv.DictReader(fh))
+
+
+@pytest.mark.parametrize("refused, status", [({2, 3}, 0), ({2, 3, 4, 5}, 2)])
+def test_a_report_that_cannot_be_rewritten_mid_run_is_a_warning_and_the_batch_goes_on(tmp_path, cases, monkeypatch,
+                                                                                      capsys, refused, status):
+    """batch_report.csv open in a spreadsheet that locks it (Windows: the rename is refused) made
+    the whole batch stop after the first case, blaming the folder, without the summary. The
+    writes are: 1 before any work, 2-4 after each case, 5 at the end."""
+    m = _manifest(tmp_path / "data" / "cases.csv",
+                  ["image,prompt"] + [f"c{n}/image.nii.gz,c{n}/prompt.nii.gz" for n in range(3)])
+    out, real, writes = tmp_path / "out", Path.replace, []
+
+    def replace(self, target):
+        if Path(target).name == "batch_report.csv":
+            writes.append(target)
+            if len(writes) in refused:
+                raise PermissionError(13, "Permission denied")
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "replace", replace)
+    assert main(["batch", str(m), "-o", str(out), "--method", "copy"]) == status
+    captured = capsys.readouterr()
+    assert sorted(p.name for p in out.iterdir()) == ["batch_report.csv"] + [f"c{n}_image_pam.nii.gz" for n in range(3)]
+    assert "batch: 3 ok of 3 rows in " in captured.out
+    warning = (f"pamsegment: warning: cannot write the report {out / 'batch_report.csv'} (Permission denied); it may "
+               "be open in another program")
+    assert captured.err.count(warning) == 1  # once, however many rewrites fail
+    rows = _report(out / "batch_report.csv")
+    if status == 0:  # written again after the third case
+        assert len(writes) == 4 and [r["status"] for r in rows] == ["ok"] * 3
+    else:  # still refused at the end: the report is out of date, and the exit status says so
+        assert len(writes) == 5 and [r["status"] for r in rows] == ["not run"] * 3  # as written before the work
+        assert captured.err.strip().endswith("; it does not show the cases run since it was last written (their "
+                                             "outputs are written)")
+
+
+def test_a_report_that_cannot_be_written_before_any_work_stops_the_batch(tmp_path, cases, monkeypatch, capsys):
+    m = _manifest(tmp_path / "data" / "cases.csv", ["image,prompt", "c0/image.nii.gz,c0/prompt.nii.gz"])
+
+    def locked(self, target):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(batch_module, "_run_row", lambda *a: pytest.fail("a case ran"))
+    monkeypatch.setattr(Path, "replace", locked)
+    assert main(["batch", str(m), "-o", str(tmp_path / "out"), "--method", "copy"]) == 2
+    assert capsys.readouterr().err == (
+        f"pamsegment: error: cannot write the report {tmp_path / 'out' / 'batch_report.csv'} (Permission denied); it "
+        "may be open in another program, which keeps it from being replaced (close it there), or its folder may not "
+        "take files\n")
+    assert list((tmp_path / "out").iterdir()) == []  # no .tmp left
