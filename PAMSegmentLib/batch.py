@@ -14,9 +14,9 @@ the header is row 1, the first case usually row 2. Each output is written atomic
 case is done; ``batch_report.csv`` in the output folder records per row ``ok``, ``error`` (with
 the one-line message, after what reading the case noted), ``skipped`` (``--skip-existing``: the
 output exists; the row keeps the seconds, slices, check_first and message that the earlier report
-in the folder gave the case, unless the output is newer than that report) or ``not run``
-(interrupted), with absolute paths, and is rewritten after every case, so it is current even when
-the run is cut. A rewrite that fails once the work has started (the file open in a spreadsheet that
+in the folder gave the case, unless the output is newer than that report or that report has it
+from another image or prompt) or ``not run`` (interrupted), with absolute paths, and is rewritten
+after every case, so it is current even when the run is cut. A rewrite that fails once the work has started (the file open in a spreadsheet that
 locks it) is a warning, given once, and the batch goes on, writing it again after the next case
 and at the end (exit status 2 if it still cannot be written then).
 
@@ -42,6 +42,7 @@ __all__ = ["BatchRow", "read_manifest", "parse_shard", "add_batch_arguments", "c
 COLUMNS = ("image", "prompt", "output", "label", "series")
 COLUMNS_TEXT = "image,prompt[,output][,label][,series]"
 REPORT_NAME = re.compile(r"batch_report(\.shard\d+-of-\d+)?\.csv")
+SKIPPED = "output exists (--skip-existing)"
 CARRIED = "done in an earlier run (--skip-existing)"  # a skipped row's columns are from the report of that run
 REPORT_FIELDS = ("row", "image", "prompt", "output", "status", "seconds", "slices", "check_first", "message")
 
@@ -246,13 +247,18 @@ def _earlier_results(out_dir: Path) -> dict[str, tuple[dict, int]]:
 
 def _carry_over(row: BatchRow, earlier: dict[str, tuple[dict, int]]) -> None:
     """A skipped row keeps what the report of the run that wrote its output said (seconds, slices,
-    check_first, message), as long as the output is not newer than that report."""
-    found = earlier.get(row.absolute()[2])
+    check_first, message), as long as the output is not newer than that report and that run read
+    the image and prompt this row names."""
+    image, prompt, output = row.absolute()
+    found = earlier.get(output)
     if found is None:
         return
     before, stamp = found
     if row.output.stat().st_mtime_ns > stamp:
         return  # written again since: that report does not describe it
+    if (before.get("image"), before.get("prompt")) != (image, prompt):  # the manifest changed since
+        row.message = f"{SKIPPED}; the earlier report has it from another image or prompt"
+        return
     row.slices, row.check_first = before.get("slices") or "", before.get("check_first") or ""
     try:
         row.seconds = float(before.get("seconds") or 0.0)
@@ -404,7 +410,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     earlier = _earlier_results(out_dir) if args.skip_existing else {}  # read before the report is rewritten
     for r in rows:  # an empty file is what an interrupted copy leaves, not a result
         if args.skip_existing and r.output.is_file() and r.output.stat().st_size > 0:
-            r.status, r.message = "skipped", "output exists (--skip-existing)"
+            r.status, r.message = "skipped", SKIPPED
             _carry_over(r, earlier)
     todo = [r for r in rows if r.status == "not run"]
     _check_output_folders(out_dir, todo, Path(args.manifest).name)

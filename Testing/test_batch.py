@@ -432,3 +432,19 @@ def test_a_report_that_cannot_be_written_before_any_work_stops_the_batch(tmp_pat
         "may be open in another program, which keeps it from being replaced (close it there), or its folder may not "
         "take files\n")
     assert list((tmp_path / "out").iterdir()) == []  # no .tmp left
+
+
+@pytest.mark.parametrize("now", ["c1/image.nii.gz,c0/prompt.nii.gz", "c0/image.nii.gz,c1/prompt.nii.gz"])
+def test_a_skipped_row_keeps_the_earlier_report_only_for_the_same_image_and_prompt(tmp_path, cases, now):
+    """The carry-over was keyed on the output alone: a row that now names another image or prompt
+    showed them beside the slices and check_first of the case that wrote the file."""
+    m = _manifest(tmp_path / "data" / "cases.csv", ["image,prompt,output", "c0/image.nii.gz,c0/prompt.nii.gz,r.nii.gz"])
+    out = tmp_path / "out"
+    assert main(["batch", str(m), "-o", str(out), "--method", "track"]) == 0
+    assert _report(out / "batch_report.csv")[0]["check_first"].startswith("label 1: ")
+    _manifest(m, ["image,prompt,output", f"{now},r.nii.gz"])
+    assert main(["batch", str(m), "-o", str(out), "--method", "track", "--skip-existing"]) == 0
+    row = _report(out / "batch_report.csv")[0]
+    assert (row["status"], row["seconds"], row["slices"], row["check_first"]) == ("skipped", "0.0", "", "")
+    assert row["message"] == "output exists (--skip-existing); the earlier report has it from another image or prompt"
+    assert (row["image"], row["prompt"]) == tuple(str(tmp_path.resolve() / "data" / p) for p in now.split(","))
