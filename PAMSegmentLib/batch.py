@@ -8,9 +8,9 @@ the manifest gives it with folders joined by ``_``: ``p01/ct.nii.gz`` -> ``p01_c
 ``label`` (prompt labels to propagate, separated by spaces; default all) and ``series`` (for an
 image that is a DICOM folder holding several series: the SeriesInstanceUID to read; default the
 series with the most files). Relative paths are read from the manifest's folder. Every row is
-checked before any work (files exist, outputs are writable and unique), so a typo in row 37 does
-not surface after an hour. Rows are numbered by the file's lines, as a spreadsheet numbers them:
-the header is row 1, the first case usually row 2. Each output is written atomically when its
+checked before any work (files exist, series are in their DICOM folders, outputs are writable and
+unique), so a typo in row 37 does not surface after an hour. Rows are numbered by the file's
+lines, as a spreadsheet numbers them: the header is row 1, the first case usually row 2. Each output is written atomically when its
 case is done; ``batch_report.csv`` in the output folder records per row ``ok``, ``error`` (with
 the one-line message, after what reading the case noted), ``skipped`` (``--skip-existing``: the
 output exists; the row keeps the seconds, slices, check_first and message that the earlier report
@@ -132,7 +132,7 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
     """The manifest's rows, every one checked (InputError naming the row for the first problem).
     A row's number is the line of the file it is on (the header is row 1), as a spreadsheet
     numbers it."""
-    from .volumes import _write_extension
+    from .volumes import _write_extension, dicom_series_ids
 
     path = Path(path)
     if path.is_dir():
@@ -168,6 +168,7 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
             raise InputError(f"{path.name}: column {unnamed + 1} has no name in the header but row {line} fills it; "
                              f"name it ({COLUMNS_TEXT}) or remove it")
     rows, outputs, outputs_key = [], {}, {}  # {resolved output: row}, {row: resolved output}
+    series_in: dict[str, list[str]] = {}  # {DICOM folder: its series}, read once per folder
     for line, values in records:
         rec = {f: v.strip() for f, v in zip(fields, values) if f}
         if not any(rec.values()):
@@ -187,8 +188,15 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
         for what, p in (("image", image), ("prompt", prompt)):
             if not p.exists():
                 raise InputError(f"{where}: {what} {p} does not exist")
-        if rec.get("series") and not image.is_dir():
-            raise InputError(f"{where}: series applies to a DICOM folder, but {image} is a file; leave it empty")
+        if rec.get("series"):
+            if not image.is_dir():
+                raise InputError(f"{where}: series applies to a DICOM folder, but {image} is a file; leave it empty")
+            if str(image) not in series_in:
+                series_in[str(image)] = dicom_series_ids(image)
+            ids = series_in[str(image)]
+            if rec["series"] not in ids:
+                raise InputError(f"{where}: series {rec['series']} is not in {image}; "
+                                 + (f"available series: {', '.join(ids)}" if ids else "it holds no DICOM series"))
         try:
             output = (resolve(rec["output"]) if rec.get("output")
                       else out_dir / f"{_default_name(rec['image'], image)}_pam.nii.gz")

@@ -448,3 +448,27 @@ def test_a_skipped_row_keeps_the_earlier_report_only_for_the_same_image_and_prom
     assert (row["status"], row["seconds"], row["slices"], row["check_first"]) == ("skipped", "0.0", "", "")
     assert row["message"] == "output exists (--skip-existing); the earlier report has it from another image or prompt"
     assert (row["image"], row["prompt"]) == tuple(str(tmp_path.resolve() / "data" / p) for p in now.split(","))
+
+
+def test_a_series_uid_the_folder_does_not_hold_is_found_before_any_work(tmp_path, monkeypatch, capsys):
+    """A wrong series column was found only when its row's turn came (after an hour of cases),
+    although the README says every row is checked before any work."""
+    from test_volumes import make_volume, write_dicom_series
+
+    from PAMSegmentLib.volumes import write_volume
+
+    volume = make_volume(shape=(3, 5, 6))
+    uid = "1.2.826.0.1.3680043.2.1125.7.3"
+    write_dicom_series(tmp_path / "dcm", volume, uid)
+    (tmp_path / "empty").mkdir()
+    write_volume(volume, tmp_path / "prompt.nrrd")
+    monkeypatch.setattr(batch_module, "_run_row", lambda *a: pytest.fail("a case ran"))
+    for series, folder, message in [(uid[:-1] + "9", "dcm", f"series {uid[:-1]}9 is not in {tmp_path / 'dcm'}; "
+                                                            f"available series: {uid}"),
+                                    (uid, "empty", f"series {uid} is not in {tmp_path / 'empty'}; it holds no "
+                                                   "DICOM series")]:
+        m = _manifest(tmp_path / "cases.csv", ["image,prompt,output,series", f"dcm,prompt.nrrd,a.nii.gz,{uid}",
+                                               f"{folder},prompt.nrrd,b.nii.gz,{series}"])
+        assert main(["batch", str(m), "-o", str(tmp_path / "out"), "--method", "copy"]) == 2
+        assert capsys.readouterr().err == f"pamsegment: error: cases.csv row 3: {message}\n"
+        assert not (tmp_path / "out").exists()
