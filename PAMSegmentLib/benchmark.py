@@ -34,10 +34,13 @@ Three parts (issue 5), all on CPU with a fixed number of torch threads:
 
 Outputs in ``--out``: network.csv, paired.csv, end_to_end.csv, slicer.csv, targets.csv, benchmark.json,
 benchmark.png and benchmark.md (tables + machine + command), and the same tables on stdout. Only a
-full run (every part at the default sizes) writes into docs/benchmark by default; a run with
---quick, --parts or an option that changes what is measured writes into ./benchmark_out unless
---out is given, so that it never mixes into the published tables (a partial run rewrites only its
-parts' CSVs, but always benchmark.md, benchmark.json, benchmark.png and targets.csv).
+full run as published (every part at the default sizes, 2 threads, the shipped pam_small.pt for
+the small preset and random weights for the official one) writes into docs/benchmark by default;
+a run with --quick, --parts, an option that changes what is measured, --threads other than 2 or
+other weights (another --checkpoint or PAMSEGMENT_MODEL, random weights when pam_small.pt is
+missing, --official-checkpoint) writes into ./benchmark_out unless --out is given, so that it
+never mixes into the published tables (a partial run rewrites only its parts' CSVs, but always
+benchmark.md, benchmark.json, benchmark.png and targets.csv).
 """
 
 from __future__ import annotations
@@ -1092,9 +1095,29 @@ ALL_PARTS = ("network", "e2e", "slicer")
 SIZE_OPTIONS = ("batch_sizes", "repeats", "warmup", "pairs", "depths", "objects", "size", "sam2_sizes")
 
 
+def _weights_changed(args: argparse.Namespace) -> list[str]:
+    """What makes this run's weights other than the published run's: the shipped pam_small.pt for
+    the small preset and random weights for the official one (empty when they are those)."""
+    from .checkpoints import default_checkpoint_path, shipped_checkpoint_path
+
+    given = ["--official-checkpoint"] if args.official_checkpoint else []
+    small = args.checkpoint or default_checkpoint_path()
+    shipped = shipped_checkpoint_path()
+    if small is None or not Path(small).is_file():
+        return given + [f"random weights for the small preset ({small or 'the shipped pam_small.pt'} is missing)"]
+    try:
+        same = shipped is not None and os.path.samefile(small, shipped)
+    except OSError:
+        same = False
+    if not same:
+        given.append(f"--checkpoint {args.checkpoint}" if args.checkpoint else f"PAMSEGMENT_MODEL={small}")
+    return given
+
+
 def partial_options(args: argparse.Namespace) -> list[str]:
-    """The options that make this run other than the full run whose tables docs/benchmark holds
-    (empty for a full run; --threads and the checkpoints do not count)."""
+    """What makes this run other than the full run whose tables docs/benchmark holds (empty for
+    a full run): --quick, some parts only, other sizes or repeats, --threads other than the
+    published run's 2, and other weights."""
     given = ["--quick"] if args.quick else []
     if args.parts is not None and set(args.parts) != set(ALL_PARTS):
         given.append("--parts " + ",".join(args.parts))
@@ -1103,14 +1126,16 @@ def partial_options(args: argparse.Namespace) -> list[str]:
         given.append("--no-sam2")
     if args.isolate is False:
         given.append("--in-process")
-    return given
+    if args.threads != BenchConfig.threads:
+        given.append(f"--threads {args.threads}")
+    return given + _weights_changed(args)
 
 
 def add_benchmark_arguments(p: argparse.ArgumentParser, default_out: str = "docs/benchmark") -> None:
     p.add_argument("--out", default=None,
                    help=f"output folder (default: {default_out} for a full run; ./{SCRATCH_OUT} for a run with "
-                        "--quick, --parts or an option that changes what is measured, so that it never mixes into "
-                        "the published tables)")
+                        "--quick, --parts, an option that changes what is measured, --threads other than 2 or other "
+                        "weights than the shipped ones, so that it never mixes into the published tables)")
     p.set_defaults(_default_out=default_out)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads for every measurement (default: 2)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: a smoke run in seconds")
@@ -1166,7 +1191,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     partial = partial_options(args)
     if partial and args.out is None:
-        print(f"note: {' '.join(partial)} is not the full run, so the tables go to {cfg.out}, not "
+        print(f"note: this is not the full run ({', '.join(partial)}), so the tables go to {cfg.out}, not "
               f"{getattr(args, '_default_out', 'docs/benchmark')} (--out chooses)", flush=True)
     t0 = time.perf_counter()
     result = run_benchmark(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))
