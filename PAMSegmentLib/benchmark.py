@@ -92,6 +92,9 @@ RESULT_TAG = "PAMSEGMENT_BENCH_RESULT "
 OFFICIAL_SPEEDUP_GOAL = 10  # the default preset's per-slice throughput over the official preset's (issue 3)
 SAM2_CONFIG = "configs/sam2/sam2_hiera_t.yaml"
 MB = 1024.0 * 1024.0
+# The parts and the CSV files each writes; ALL_PARTS, the default and --parts' choices follow it.
+PART_FILES = {"network": ("network.csv", "paired.csv"), "e2e": ("end_to_end.csv",), "slicer": ("slicer.csv",)}
+ALL_PARTS = tuple(PART_FILES)
 
 
 @dataclass
@@ -99,7 +102,7 @@ class BenchConfig:
     out: str = "docs/benchmark"
     threads: int = 2
     quick: bool = False
-    parts: tuple[str, ...] = ("network", "e2e", "slicer")
+    parts: tuple[str, ...] = ALL_PARTS
     # network part
     presets: tuple[str, ...] = ("small", "official")
     batch_sizes: tuple[int, ...] = (1, 4, 8, 16)
@@ -1082,16 +1085,15 @@ def _positive_int(text: str) -> int:
 
 def _parts(text: str) -> tuple[str, ...]:
     parts = tuple(p.strip() for p in text.split(",") if p.strip())
-    bad = [p for p in parts if p not in ("network", "e2e", "slicer")]
+    bad = [p for p in parts if p not in ALL_PARTS]
     if bad or not parts:
-        raise argparse.ArgumentTypeError(f"parts are network, e2e, slicer (comma-separated), got {text!r}")
+        raise argparse.ArgumentTypeError(f"parts are {', '.join(ALL_PARTS)} (comma-separated), got {text!r}")
     return parts
 
 
-PART_FILES = {"network": ("network.csv", "paired.csv"), "e2e": ("end_to_end.csv",), "slicer": ("slicer.csv",)}
 SCRATCH_OUT = "benchmark_out"  # where a partial or quick run writes unless --out says otherwise
-ALL_PARTS = ("network", "e2e", "slicer")
-# Options that change what is measured: with any of them a run is not the published full run.
+# Options that change what is measured (each sets the BenchConfig field of its name): with any of
+# them a run is not the published full run.
 SIZE_OPTIONS = ("batch_sizes", "repeats", "warmup", "pairs", "depths", "objects", "size", "sam2_sizes")
 
 
@@ -1139,7 +1141,7 @@ def add_benchmark_arguments(p: argparse.ArgumentParser, default_out: str = "docs
     p.set_defaults(_default_out=default_out)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads for every measurement (default: 2)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: a smoke run in seconds")
-    p.add_argument("--parts", type=_parts, default=None, help="any of network,e2e,slicer (default: all)")
+    p.add_argument("--parts", type=_parts, default=None, help=f"any of {','.join(ALL_PARTS)} (default: all)")
     p.add_argument("--checkpoint", default=None,
                    help="weights of the small (default) preset (default: the shipped Resources/Models/pam_small.pt "
                         "if installed, else random weights and no honest end-to-end runs)")
@@ -1167,13 +1169,10 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     if out is None:
         out = SCRATCH_OUT if partial_options(args) else getattr(args, "_default_out", "docs/benchmark")
     cfg.out, cfg.threads = out, max(int(args.threads), 1)
-    for name, attr in (("parts", "parts"), ("batch_sizes", "batch_sizes"), ("repeats", "repeats"),
-                       ("warmup", "warmup"), ("pairs", "pairs"), ("depths", "depths"), ("objects", "objects"), ("size", "size"),
-                       ("sam2_sizes", "sam2_sizes"), ("checkpoint", "checkpoint"),
-                       ("official_checkpoint", "official_checkpoint")):
+    for name in ("parts", *SIZE_OPTIONS, "checkpoint", "official_checkpoint"):  # options named as the fields
         value = getattr(args, name, None)
         if value is not None:
-            setattr(cfg, attr, value)
+            setattr(cfg, name, value)
     if args.no_sam2:
         cfg.sam2 = False
     if args.isolate is not None:

@@ -299,3 +299,20 @@ def test_the_readme_benchmark_figures_are_those_of_the_stored_run():
     per_volume = [float(m) * 1000 for line in lines if line.strip().startswith("small, object")
                   for m in re.findall(r"\(([-\d.]+) s per extra volume slice\)", line)]
     assert f"{min(per_volume):.1f}-{max(per_volume):.1f} ms per extra volume slice with the default" in readme
+
+
+def test_the_parts_and_the_size_options_are_each_written_once(monkeypatch):
+    """The part names were written in four places (the config's default, --parts' check, ALL_PARTS,
+    PART_FILES) and the size options twice (SIZE_OPTIONS and config_from_args' own list)."""
+    import argparse
+
+    assert bm.BenchConfig().parts == bm.ALL_PARTS == tuple(bm.PART_FILES)
+    monkeypatch.setattr(bm, "ALL_PARTS", (*bm.ALL_PARTS, "gpu"))  # a new part: --parts takes it
+    assert bm._parts("gpu,network") == ("gpu", "network")
+    parser = argparse.ArgumentParser()
+    bm.add_benchmark_arguments(parser, "docs/benchmark")
+    args = parser.parse_args([])
+    for n, name in enumerate(bm.SIZE_OPTIONS):  # every size option reaches the field of its name
+        setattr(args, name, (n + 3,) if isinstance(getattr(bm.BenchConfig(), name), tuple) else n + 3)
+    cfg = bm.config_from_args(args)
+    assert [getattr(cfg, name) for name in bm.SIZE_OPTIONS] == [getattr(args, name) for name in bm.SIZE_OPTIONS]
