@@ -1063,7 +1063,6 @@ def propagate(
         remove_disconnected = early_stop
     vol = np.moveaxis(image, ax, 0)
     prm = np.moveaxis(prompt, ax, 0)
-    n = vol.shape[0]
     elsewhere = getattr(model, "propagate", None)
     if callable(elsewhere):  # a model that propagates by itself: a RemoteModel's server does the work
         return elsewhere(image, prompt, spacing, axis=axis, labels=labels, range=range, early_stop=early_stop,
