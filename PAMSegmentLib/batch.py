@@ -2,23 +2,24 @@
 model once, going on past cases that fail, and able to resume and to split the work between
 machines.
 
-The manifest is a CSV file with a header row and the columns ``image``, ``prompt`` and,
-optionally, ``output`` (default ``<output folder>/<image path>_pam.nii.gz``, the image's path as
-the manifest gives it with folders joined by ``_``: ``p01/ct.nii.gz`` -> ``p01_ct_pam.nii.gz``),
-``label`` (prompt labels to propagate, separated by spaces; default all) and ``series`` (for an
-image that is a DICOM folder holding several series: the SeriesInstanceUID to read; default the
-series with the most files). Relative paths are read from the manifest's folder. Every row is
-checked before any work (files exist, series are in their DICOM folders, outputs are writable and
-unique), so a typo in row 37 does not surface after an hour. Rows are numbered by the file's
-lines, as a spreadsheet numbers them: the header is row 1, the first case usually row 2. Each output is written atomically when its
-case is done; ``batch_report.csv`` in the output folder records per row ``ok``, ``error`` (with
-the one-line message, after what reading the case noted), ``skipped`` (``--skip-existing``: the
-output exists; the row keeps the seconds, slices, check_first and message that the earlier report
-in the folder gave the case, unless the output is newer than that report or that report has it
-from another image or prompt) or ``not run`` (interrupted), with absolute paths, and is rewritten
-after every case, so it is current even when the run is cut. A rewrite that fails once the work has started (the file open in a spreadsheet that
-locks it) is a warning, given once, and the batch goes on, writing it again after the next case
-and at the end (exit status 2 if it still cannot be written then).
+The manifest is a CSV file with a header row and the columns ``image``, ``prompt`` and, optionally,
+``output`` (default ``<output folder>/<image path>_pam.nii.gz``, the image's path as the manifest
+gives it with folders joined by ``_``: ``p01/ct.nii.gz`` -> ``p01_ct_pam.nii.gz``), ``label``
+(prompt labels to propagate, separated by spaces; default all) and ``series`` (for an image that is
+a DICOM folder holding several series: the SeriesInstanceUID to read; default the series with the
+most files). Relative paths are read from the manifest's folder. Every row is checked before any
+work (files exist, series are in their DICOM folders, outputs are writable and unique), so a typo
+in row 37 does not surface after an hour. Rows are numbered by the file's lines, as a spreadsheet
+numbers them: the header is row 1, the first case usually row 2. Each output is written atomically
+when its case is done; ``batch_report.csv`` in the output folder records per row ``ok``, ``error``
+(with the one-line message, after what reading the case noted), ``skipped`` (``--skip-existing``:
+the output exists; the row keeps the seconds, slices, check_first and message that the earlier
+report in the folder gave the case, unless the output is newer than that report or that report has
+it from another image or prompt) or ``not run`` (interrupted), with absolute paths, and is
+rewritten after every case, so it is current even when the run is cut. A rewrite that fails once
+the work has started (the file open in a spreadsheet that locks it) is a warning, given once, and
+the batch goes on, writing it again after the next case and at the end (exit status 2 if it still
+cannot be written then).
 
 ``--shard K/N`` runs the manifest's cases K, K+N, K+2N ... (counting cases from 1, not lines):
 N machines given the same manifest and output folder each take their share and write their own
