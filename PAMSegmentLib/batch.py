@@ -2,21 +2,24 @@
 model once, going on past cases that fail, and able to resume and to split the work between
 machines.
 
-The manifest is a CSV file with a header row and the columns ``image``, ``prompt`` and,
-optionally, ``output`` (default ``<output folder>/<image path>_pam.nii.gz``, the image's path as
-the manifest gives it with folders joined by ``_``: ``p01/ct.nii.gz`` -> ``p01_ct_pam.nii.gz``),
-``label`` (prompt labels to propagate, separated by spaces; default all) and ``series`` (for an
-image that is a DICOM folder holding several series: the SeriesInstanceUID to read; default the
-series with the most files). Relative paths are read from the manifest's folder. Every row is
-checked before any work (files exist, outputs are writable and unique), so a typo in row 37 does
-not surface after an hour. Rows are numbered by the file's lines, as a spreadsheet numbers them:
-the header is row 1, the first case usually row 2. Each output is written atomically when its
-case is done; ``batch_report.csv`` in the output folder records per row ``ok``, ``error`` (with
-the one-line message, after what reading the case noted), ``skipped`` (``--skip-existing``: the
-output exists; the row keeps the seconds, slices, check_first and message that the earlier report
-in the folder gave the case, unless the output is newer than that report) or ``not run``
-(interrupted), with absolute paths, and is rewritten after every case, so it is current even when
-the run is cut.
+The manifest is a CSV file with a header row and the columns ``image``, ``prompt`` and, optionally,
+``output`` (default ``<output folder>/<image path>_pam.nii.gz``, the image's path as the manifest
+gives it with folders joined by ``_``: ``p01/ct.nii.gz`` -> ``p01_ct_pam.nii.gz``), ``label``
+(prompt labels to propagate, separated by spaces; default all) and ``series`` (for an image that is
+a DICOM folder holding several series: the SeriesInstanceUID to read; default the series with the
+most files). Relative paths are read from the manifest's folder. Every row is checked before any
+work (files exist, series are in their DICOM folders, outputs are writable and unique), so a typo
+in row 37 does not surface after an hour. Rows are numbered by the file's lines, as a spreadsheet
+numbers them: the header is row 1, the first case usually row 2. Each output is written atomically
+when its case is done; ``batch_report.csv`` in the output folder records per row ``ok``, ``error``
+(with the one-line message, after what reading the case noted), ``skipped`` (``--skip-existing``:
+the output exists; the row keeps the seconds, slices, check_first and message that the earlier
+report in the folder gave the case, unless the output is newer than that report or that report has
+it from another image or prompt) or ``not run`` (interrupted), with absolute paths, and is
+rewritten after every case, so it is current even when the run is cut. A rewrite that fails once
+the work has started (the file open in a spreadsheet that locks it) is a warning, given once, and
+the batch goes on, writing it again after the next case and at the end (exit status 2 if it still
+cannot be written then).
 
 ``--shard K/N`` runs the manifest's cases K, K+N, K+2N ... (counting cases from 1, not lines):
 N machines given the same manifest and output folder each take their share and write their own
@@ -40,6 +43,7 @@ __all__ = ["BatchRow", "read_manifest", "parse_shard", "add_batch_arguments", "c
 COLUMNS = ("image", "prompt", "output", "label", "series")
 COLUMNS_TEXT = "image,prompt[,output][,label][,series]"
 REPORT_NAME = re.compile(r"batch_report(\.shard\d+-of-\d+)?\.csv")
+SKIPPED = "output exists (--skip-existing)"
 CARRIED = "done in an earlier run (--skip-existing)"  # a skipped row's columns are from the report of that run
 REPORT_FIELDS = ("row", "image", "prompt", "output", "status", "seconds", "slices", "check_first", "message")
 
@@ -58,6 +62,14 @@ class BatchRow:
     slices: str = ""
     check_first: str = ""  # per label, its least confident predicted slices (PropagationResult.review_first)
     notes: list[str] = field(default_factory=list)  # what reading the case noted (e.g. which DICOM series)
+    _paths: tuple[str, str, str] | None = field(default=None, repr=False, compare=False)
+
+    def absolute(self) -> tuple[str, str, str]:
+        """The image, prompt and output from the root, as the report names them; resolved once
+        (the report is rewritten after every case, and resolving is a file-system walk)."""
+        if self._paths is None:
+            self._paths = (str(_absolute(self.image)), str(_absolute(self.prompt)), str(_absolute(self.output)))
+        return self._paths
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -121,7 +133,7 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
     """The manifest's rows, every one checked (InputError naming the row for the first problem).
     A row's number is the line of the file it is on (the header is row 1), as a spreadsheet
     numbers it."""
-    from .volumes import _write_extension
+    from .volumes import _write_extension, dicom_series_ids
 
     path = Path(path)
     if path.is_dir():
@@ -156,7 +168,8 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
         if unnamed is not None:
             raise InputError(f"{path.name}: column {unnamed + 1} has no name in the header but row {line} fills it; "
                              f"name it ({COLUMNS_TEXT}) or remove it")
-    rows, outputs = [], {}
+    rows, outputs, outputs_key = [], {}, {}  # {resolved output: row}, {row: resolved output}
+    series_in: dict[str, list[str]] = {}  # {DICOM folder: its series}, read once per folder
     for line, values in records:
         rec = {f: v.strip() for f, v in zip(fields, values) if f}
         if not any(rec.values()):
@@ -176,8 +189,15 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
         for what, p in (("image", image), ("prompt", prompt)):
             if not p.exists():
                 raise InputError(f"{where}: {what} {p} does not exist")
-        if rec.get("series") and not image.is_dir():
-            raise InputError(f"{where}: series applies to a DICOM folder, but {image} is a file; leave it empty")
+        if rec.get("series"):
+            if not image.is_dir():
+                raise InputError(f"{where}: series applies to a DICOM folder, but {image} is a file; leave it empty")
+            if str(image) not in series_in:
+                series_in[str(image)] = dicom_series_ids(image)
+            ids = series_in[str(image)]
+            if rec["series"] not in ids:
+                raise InputError(f"{where}: series {rec['series']} is not in {image}; "
+                                 + (f"available series: {', '.join(ids)}" if ids else "it holds no DICOM series"))
         try:
             output = (resolve(rec["output"]) if rec.get("output")
                       else out_dir / f"{_default_name(rec['image'], image)}_pam.nii.gz")
@@ -189,7 +209,7 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
         key = str(output.resolve())
         if key in outputs:
             raise InputError(f"{where}: output {output} is also row {outputs[key]}'s; give each row its own output")
-        outputs[key] = line
+        outputs[key], outputs_key[line] = line, key
         rows.append(BatchRow(line, image, prompt, output, _labels(rec.get("label", ""), where),
                              series=rec.get("series") or None))
     if not rows:
@@ -200,7 +220,7 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
         for p in (r.image, r.prompt):
             inputs.setdefault(str(p.resolve()), r.number)
     for r in rows:
-        other = inputs.get(str(r.output.resolve()))
+        other = inputs.get(outputs_key[r.number])
         if other is not None:
             raise InputError(f"{path.name} row {r.number}: the output {r.output} is an input of row {other}; "
                              "choose another output")
@@ -225,7 +245,7 @@ def _earlier_results(out_dir: Path) -> dict[str, tuple[dict, int]]:
     for report in sorted(reports, key=lambda p: p.stat().st_mtime_ns):
         try:
             stamp = report.stat().st_mtime_ns
-            with open(report, newline="", encoding="utf-8") as fh:
+            with open(report, newline="", encoding="utf-8", errors="surrogateescape") as fh:  # as written
                 for row in csv.DictReader(fh):
                     if row.get("status") in ("ok", "skipped") and row.get("output"):
                         found[str(_absolute(Path(row["output"])))] = (row, stamp)
@@ -236,13 +256,18 @@ def _earlier_results(out_dir: Path) -> dict[str, tuple[dict, int]]:
 
 def _carry_over(row: BatchRow, earlier: dict[str, tuple[dict, int]]) -> None:
     """A skipped row keeps what the report of the run that wrote its output said (seconds, slices,
-    check_first, message), as long as the output is not newer than that report."""
-    found = earlier.get(str(_absolute(row.output)))
+    check_first, message), as long as the output is not newer than that report and that run read
+    the image and prompt this row names."""
+    image, prompt, output = row.absolute()
+    found = earlier.get(output)
     if found is None:
         return
     before, stamp = found
     if row.output.stat().st_mtime_ns > stamp:
         return  # written again since: that report does not describe it
+    if (before.get("image"), before.get("prompt")) != (image, prompt):  # the manifest changed since
+        row.message = f"{SKIPPED}; the earlier report has it from another image or prompt"
+        return
     row.slices, row.check_first = before.get("slices") or "", before.get("check_first") or ""
     try:
         row.seconds = float(before.get("seconds") or 0.0)
@@ -255,30 +280,60 @@ def _carry_over(row: BatchRow, earlier: dict[str, tuple[dict, int]]) -> None:
 
 
 def write_report(rows: list[BatchRow], path: Path) -> None:
-    """The report, written atomically (a temporary moved in); InputError when it cannot be."""
+    """The report, written atomically (a temporary moved in); InputError when it cannot be.
+    UTF-8; a path's name that is not (a folder named in Latin-1 bytes, which Python holds as lone
+    surrogates) is written as the bytes it has, so the report still names the file."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
             w = csv.DictWriter(fh, fieldnames=REPORT_FIELDS)
             w.writeheader()
             for r in rows:
-                w.writerow({"row": r.number, "image": str(_absolute(r.image)), "prompt": str(_absolute(r.prompt)),
-                            "output": str(_absolute(r.output)),
-                            "status": r.status, "seconds": f"{r.seconds:.1f}", "slices": r.slices,
-                            "check_first": r.check_first, "message": r.message})
+                image, prompt, output = r.absolute()
+                w.writerow({"row": r.number, "image": image, "prompt": prompt, "output": output, "status": r.status,
+                            "seconds": f"{r.seconds:.1f}", "slices": r.slices, "check_first": r.check_first,
+                            "message": r.message})
         tmp.replace(path)
-    except OSError as error:
+    except (OSError, UnicodeError) as error:  # UnicodeError: a message holding a character no bytes stand for
         try:
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
-        raise InputError(f"cannot write the report {path} ({error.strerror or error}); check that its folder is "
-                         "writable and has space") from None
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+        hint = ("it may be open in another program, which keeps it from being replaced (close it there), or its "
+                "folder may not take files" if isinstance(error, PermissionError)
+                else "check that its folder is writable and has space")
+        raise InputError(f"cannot write the report {path} ({reason}); {hint}") from None
 
 
-def _check_writable(out_dir: Path, todo: list[BatchRow], manifest: str) -> None:
-    """Before any work: files can be made in -o (or -o can be made) and in every folder an output
-    of ``todo`` goes to (InputError naming the first that refuses)."""
+class _Report:
+    """The report of a running batch. A rewrite that fails once the work has started (the file
+    open in a spreadsheet that locks it, a full disk) is a warning, given once: the batch goes on
+    and writes it again after the next case and at the end. ``failure`` is the last rewrite's
+    error while the file is out of date."""
+
+    def __init__(self, rows: list[BatchRow], path: Path, warn) -> None:
+        self.rows, self.path, self.warn = rows, path, warn
+        self.failure: InputError | None = None
+        self.warned = False
+
+    def write(self) -> None:
+        try:
+            write_report(self.rows, self.path)
+        except InputError as error:
+            self.failure = error
+            if not self.warned:
+                self.warned = True
+                self.warn(f"pamsegment: warning: {error}; the batch goes on and writes the report again after the "
+                          "next case")
+        else:
+            self.failure = None
+
+
+def _check_output_folders(out_dir: Path, todo: list[BatchRow], manifest: str) -> None:
+    """Before any work: files can be made in -o (or -o can be made), and every other folder an
+    output of ``todo`` goes to exists and takes files (InputError naming the first row that fails).
+    A skipped row's output exists, so its folder does too."""
     from .volumes import check_folder_writable
 
     if out_dir.is_dir():
@@ -288,9 +343,13 @@ def _check_writable(out_dir: Path, todo: list[BatchRow], manifest: str) -> None:
     seen = {str(out_dir.resolve())}
     for r in todo:
         folder = r.output.parent
-        if str(folder.resolve()) not in seen:
-            seen.add(str(folder.resolve()))
-            check_folder_writable(folder, f"{manifest} row {r.number}'s output")
+        key = str(folder.resolve())
+        if key in seen:
+            continue
+        seen.add(key)
+        if not folder.is_dir():
+            raise InputError(f"{manifest} row {r.number}: the output folder {folder} does not exist; create it first")
+        check_folder_writable(folder, f"{manifest} row {r.number}'s output")
 
 
 def add_batch_arguments(p: argparse.ArgumentParser) -> None:
@@ -357,17 +416,13 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
         check_checkpoint_file(args.checkpoint)
     # Everything is checked and the model loaded before -o is created: a refused batch leaves nothing behind.
-    for r in rows:
-        if r.output.parent.resolve() != out_dir.resolve() and not r.output.parent.is_dir():
-            raise InputError(f"{Path(args.manifest).name} row {r.number}: the output folder {r.output.parent} does not "
-                             "exist; create it first")
     earlier = _earlier_results(out_dir) if args.skip_existing else {}  # read before the report is rewritten
     for r in rows:  # an empty file is what an interrupted copy leaves, not a result
         if args.skip_existing and r.output.is_file() and r.output.stat().st_size > 0:
-            r.status, r.message = "skipped", "output exists (--skip-existing)"
+            r.status, r.message = "skipped", SKIPPED
             _carry_over(r, earlier)
     todo = [r for r in rows if r.status == "not run"]
-    _check_writable(out_dir, todo, Path(args.manifest).name)
+    _check_output_folders(out_dir, todo, Path(args.manifest).name)
     model = METHODS[args.method](args) if todo else None
     try:
         out_dir.mkdir(exist_ok=True)
@@ -375,13 +430,14 @@ def cmd_batch(args: argparse.Namespace) -> int:
         raise InputError(f"cannot create the folder {out_dir} ({error.strerror or error}); choose another -o "
                          "folder") from None
     report = out_dir / report_name
-    write_report(rows, report)
+    write_report(rows, report)  # before any work: a report that cannot be written stops the batch here
 
     from tqdm import tqdm
 
     t_all = time.perf_counter()
     interrupted = False
     bar = tqdm(todo, desc="cases", unit="case", file=sys.stderr, ncols=80)
+    rewrite = _Report(rows, report, lambda text: bar.write(text, file=sys.stderr))
     try:
         for r in bar:
             t0 = time.perf_counter()
@@ -395,17 +451,22 @@ def cmd_batch(args: argparse.Namespace) -> int:
                 bar.write(f"row {r.number} ({r.image.name}): error: {r.message}")
             finally:
                 r.seconds = time.perf_counter() - t0
-                write_report(rows, report)
+                rewrite.write()
             if r.status == "error" and args.stop_on_error:
                 break
     except (KeyboardInterrupt, PropagationCancelled):
         interrupted = True  # the case under way wrote nothing (outputs are written atomically)
-        write_report(rows, report)
+        rewrite.write()
     finally:
         bar.close()
+    if rewrite.failure is not None:  # the last try failed: once more, now that the work is done
+        rewrite.write()
     counts = {s: sum(1 for r in rows if r.status == s) for s in ("ok", "error", "skipped", "not run")}
     summary = ", ".join(f"{v} {k}" for k, v in counts.items() if v)
     print(f"batch: {summary} of {len(rows)} rows in {time.perf_counter() - t_all:.1f} s; report {report}", flush=True)
+    if rewrite.failure is not None:
+        print(f"pamsegment: error: {_one_line(rewrite.failure)}; it does not show the cases run since it was last "
+              "written (their outputs are written)", file=sys.stderr)
     if interrupted:
         print("pamsegment: interrupted; finished cases are written, the rest are 'not run' in the report "
               "(run again with --skip-existing to resume)", file=sys.stderr)
@@ -414,4 +475,4 @@ def cmd_batch(args: argparse.Namespace) -> int:
         print(f"pamsegment: error: {counts['error']} of {len(rows)} cases failed; see {report}",
               file=sys.stderr)
         return EXIT_USAGE
-    return EXIT_OK
+    return EXIT_USAGE if rewrite.failure is not None else EXIT_OK

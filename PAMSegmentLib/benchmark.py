@@ -34,10 +34,13 @@ Three parts (issue 5), all on CPU with a fixed number of torch threads:
 
 Outputs in ``--out``: network.csv, paired.csv, end_to_end.csv, slicer.csv, targets.csv, benchmark.json,
 benchmark.png and benchmark.md (tables + machine + command), and the same tables on stdout. Only a
-full run (every part at the default sizes) writes into docs/benchmark by default; a run with
---quick, --parts or an option that changes what is measured writes into ./benchmark_out unless
---out is given, so that it never mixes into the published tables (a partial run rewrites only its
-parts' CSVs, but always benchmark.md, benchmark.json, benchmark.png and targets.csv).
+full run as published (every part at the default sizes, 2 threads, the shipped pam_small.pt for
+the small preset and random weights for the official one) writes into docs/benchmark by default;
+a run with --quick, --parts, an option that changes what is measured, --threads other than 2 or
+other weights (another --checkpoint or PAMSEGMENT_MODEL, random weights when pam_small.pt is
+missing, --official-checkpoint) writes into ./benchmark_out unless --out is given, so that it
+never mixes into the published tables (a partial run rewrites only its parts' CSVs, but always
+benchmark.md, benchmark.json, benchmark.png and targets.csv).
 """
 
 from __future__ import annotations
@@ -89,6 +92,9 @@ RESULT_TAG = "PAMSEGMENT_BENCH_RESULT "
 OFFICIAL_SPEEDUP_GOAL = 10  # the default preset's per-slice throughput over the official preset's (issue 3)
 SAM2_CONFIG = "configs/sam2/sam2_hiera_t.yaml"
 MB = 1024.0 * 1024.0
+# The parts and the CSV files each writes; ALL_PARTS, the default and --parts' choices follow it.
+PART_FILES = {"network": ("network.csv", "paired.csv"), "e2e": ("end_to_end.csv",), "slicer": ("slicer.csv",)}
+ALL_PARTS = tuple(PART_FILES)
 
 
 @dataclass
@@ -96,7 +102,7 @@ class BenchConfig:
     out: str = "docs/benchmark"
     threads: int = 2
     quick: bool = False
-    parts: tuple[str, ...] = ("network", "e2e", "slicer")
+    parts: tuple[str, ...] = ALL_PARTS
     # network part
     presets: tuple[str, ...] = ("small", "official")
     batch_sizes: tuple[int, ...] = (1, 4, 8, 16)
@@ -1079,22 +1085,41 @@ def _positive_int(text: str) -> int:
 
 def _parts(text: str) -> tuple[str, ...]:
     parts = tuple(p.strip() for p in text.split(",") if p.strip())
-    bad = [p for p in parts if p not in ("network", "e2e", "slicer")]
+    bad = [p for p in parts if p not in ALL_PARTS]
     if bad or not parts:
-        raise argparse.ArgumentTypeError(f"parts are network, e2e, slicer (comma-separated), got {text!r}")
+        raise argparse.ArgumentTypeError(f"parts are {', '.join(ALL_PARTS)} (comma-separated), got {text!r}")
     return parts
 
 
-PART_FILES = {"network": ("network.csv", "paired.csv"), "e2e": ("end_to_end.csv",), "slicer": ("slicer.csv",)}
 SCRATCH_OUT = "benchmark_out"  # where a partial or quick run writes unless --out says otherwise
-ALL_PARTS = ("network", "e2e", "slicer")
-# Options that change what is measured: with any of them a run is not the published full run.
+# Options that change what is measured (each sets the BenchConfig field of its name): with any of
+# them a run is not the published full run.
 SIZE_OPTIONS = ("batch_sizes", "repeats", "warmup", "pairs", "depths", "objects", "size", "sam2_sizes")
 
 
+def _weights_changed(args: argparse.Namespace) -> list[str]:
+    """What makes this run's weights other than the published run's: the shipped pam_small.pt for
+    the small preset and random weights for the official one (empty when they are those)."""
+    from .checkpoints import default_checkpoint_path, shipped_checkpoint_path
+
+    given = ["--official-checkpoint"] if args.official_checkpoint else []
+    small = args.checkpoint or default_checkpoint_path()
+    shipped = shipped_checkpoint_path()
+    if small is None or not Path(small).is_file():
+        return given + [f"random weights for the small preset ({small or 'the shipped pam_small.pt'} is missing)"]
+    try:
+        same = shipped is not None and os.path.samefile(small, shipped)
+    except OSError:
+        same = False
+    if not same:
+        given.append(f"--checkpoint {args.checkpoint}" if args.checkpoint else f"PAMSEGMENT_MODEL={small}")
+    return given
+
+
 def partial_options(args: argparse.Namespace) -> list[str]:
-    """The options that make this run other than the full run whose tables docs/benchmark holds
-    (empty for a full run; --threads and the checkpoints do not count)."""
+    """What makes this run other than the full run whose tables docs/benchmark holds (empty for
+    a full run): --quick, some parts only, other sizes or repeats, --threads other than the
+    published run's 2, and other weights."""
     given = ["--quick"] if args.quick else []
     if args.parts is not None and set(args.parts) != set(ALL_PARTS):
         given.append("--parts " + ",".join(args.parts))
@@ -1103,18 +1128,20 @@ def partial_options(args: argparse.Namespace) -> list[str]:
         given.append("--no-sam2")
     if args.isolate is False:
         given.append("--in-process")
-    return given
+    if args.threads != BenchConfig.threads:
+        given.append(f"--threads {args.threads}")
+    return given + _weights_changed(args)
 
 
 def add_benchmark_arguments(p: argparse.ArgumentParser, default_out: str = "docs/benchmark") -> None:
     p.add_argument("--out", default=None,
                    help=f"output folder (default: {default_out} for a full run; ./{SCRATCH_OUT} for a run with "
-                        "--quick, --parts or an option that changes what is measured, so that it never mixes into "
-                        "the published tables)")
+                        "--quick, --parts, an option that changes what is measured, --threads other than 2 or other "
+                        "weights than the shipped ones, so that it never mixes into the published tables)")
     p.set_defaults(_default_out=default_out)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads for every measurement (default: 2)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: a smoke run in seconds")
-    p.add_argument("--parts", type=_parts, default=None, help="any of network,e2e,slicer (default: all)")
+    p.add_argument("--parts", type=_parts, default=None, help=f"any of {','.join(ALL_PARTS)} (default: all)")
     p.add_argument("--checkpoint", default=None,
                    help="weights of the small (default) preset (default: the shipped Resources/Models/pam_small.pt "
                         "if installed, else random weights and no honest end-to-end runs)")
@@ -1142,13 +1169,10 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     if out is None:
         out = SCRATCH_OUT if partial_options(args) else getattr(args, "_default_out", "docs/benchmark")
     cfg.out, cfg.threads = out, max(int(args.threads), 1)
-    for name, attr in (("parts", "parts"), ("batch_sizes", "batch_sizes"), ("repeats", "repeats"),
-                       ("warmup", "warmup"), ("pairs", "pairs"), ("depths", "depths"), ("objects", "objects"), ("size", "size"),
-                       ("sam2_sizes", "sam2_sizes"), ("checkpoint", "checkpoint"),
-                       ("official_checkpoint", "official_checkpoint")):
+    for name in ("parts", *SIZE_OPTIONS, "checkpoint", "official_checkpoint"):  # options named as the fields
         value = getattr(args, name, None)
         if value is not None:
-            setattr(cfg, attr, value)
+            setattr(cfg, name, value)
     if args.no_sam2:
         cfg.sam2 = False
     if args.isolate is not None:
@@ -1166,7 +1190,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     partial = partial_options(args)
     if partial and args.out is None:
-        print(f"note: {' '.join(partial)} is not the full run, so the tables go to {cfg.out}, not "
+        print(f"note: this is not the full run ({', '.join(partial)}), so the tables go to {cfg.out}, not "
               f"{getattr(args, '_default_out', 'docs/benchmark')} (--out chooses)", flush=True)
     t0 = time.perf_counter()
     result = run_benchmark(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))

@@ -426,6 +426,12 @@ def default_checkpoint_path() -> Path | None:
     env = os.environ.get("PAMSEGMENT_MODEL")
     if env:
         return Path(env)
+    return shipped_checkpoint_path()
+
+
+def shipped_checkpoint_path() -> Path | None:
+    """The shipped weights themselves, whatever $PAMSEGMENT_MODEL says: the source tree's
+    Resources/Models, or the copy installed with the Python package (None if neither is there)."""
     here = Path(__file__).resolve().parent
     for candidate in (here.parent / "Resources" / "Models" / DEFAULT_MODEL_NAME,
                       here / "Resources" / "Models" / DEFAULT_MODEL_NAME):

@@ -34,6 +34,7 @@ import hmac
 import io
 import json
 import math
+import os
 import socket
 import threading
 import time
@@ -408,29 +409,43 @@ def _address(host: str, port: int) -> str:
 
 def _listen_socket(host: str, port: int) -> socket.socket:
     """A socket bound to (host, port), before the model is loaded: a port in use or a wrong
-    address is one InputError, not uvicorn's traceback or exit status 3."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    address is one InputError, not uvicorn's traceback or exit status 3. ``host`` is an address
+    or a name, IPv4 or IPv6 (a name with both: its IPv4 address, as before)."""
+    no_address = InputError(f"this machine has no address {host}; give --host one of its addresses, 127.0.0.1 "
+                            "(this machine only) or 0.0.0.0 (every network)")
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a port just freed is usable
-        sock.bind((host, port))
-    except OSError as error:  # socket.gaierror too
-        sock.close()
-        if error.errno == errno.EADDRINUSE:
-            raise InputError(f"port {port} is in use on {host} (another pamsegment serve?); stop that program or "
-                             "choose another --port") from None
-        if isinstance(error, socket.gaierror) or error.errno == errno.EADDRNOTAVAIL:
-            raise InputError(f"this machine has no address {host}; give --host one of its addresses, 127.0.0.1 "
-                             "(this machine only) or 0.0.0.0 (every network)") from None
-        raise InputError(f"cannot listen on {host} port {port} ({error.strerror or error}); choose another --port "
-                         "(below 1024 needs administrator rights)") from None
-    sock.set_inheritable(True)
-    return sock
+        found = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError):  # UnicodeError: a name IDNA cannot encode
+        raise no_address from None
+    found.sort(key=lambda info: info[0] != socket.AF_INET)  # stable: the resolver's order within a family
+    error: OSError | None = None
+    for family, kind, proto, _, address in found:
+        sock = None
+        try:
+            sock = socket.socket(family, kind, proto)  # AF_INET6 is refused where IPv6 is off
+            # A port just freed (sockets in TIME_WAIT) is usable; on POSIX only, as asyncio does: on
+            # Windows the option lets a second server bind a port another is using.
+            if os.name == "posix":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            return sock
+        except OSError as exc:
+            if sock is not None:
+                sock.close()
+            error = exc
+            if exc.errno == errno.EADDRINUSE:
+                break  # not on another of the name's addresses: that would be two servers behind one name
+    if error is None or error.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+        raise no_address from None
+    if error.errno == errno.EADDRINUSE:
+        raise InputError(f"port {port} is in use on {host} (another pamsegment serve?); stop that program or "
+                         "choose another --port") from None
+    raise InputError(f"cannot listen on {host} port {port} ({error.strerror or error}); choose another --port "
+                     "(below 1024 needs administrator rights)") from None
 
 
 def _checkpoint_label(checkpoint: str | None) -> str:
     """Which weights serve: the --checkpoint file, the file PAMSEGMENT_MODEL names, or the shipped ones."""
-    import os
-
     if checkpoint:
         return str(checkpoint)
     if os.environ.get("PAMSEGMENT_MODEL"):
@@ -441,8 +456,6 @@ def _checkpoint_label(checkpoint: str | None) -> str:
 
 
 def cmd_serve(args) -> int:
-    import os
-
     try:
         import uvicorn
     except ImportError:
@@ -452,40 +465,41 @@ def cmd_serve(args) -> int:
     if args.host not in LOCAL_HOSTS and not token:
         raise InputError(f"listening on {args.host} exposes the server beyond this machine: set a token with "
                          "--token or PAMSEGMENT_TOKEN (clients send it as Authorization: Bearer TOKEN)")
-    sock = _listen_socket(args.host, args.port)  # before the model: a busy port is found at once
     from .baselines import get_predictor
     from .checkpoints import check_checkpoint_file, load_model
 
-    if args.checkpoint:
+    if args.checkpoint:  # a missing file: one line before anything is bound
         check_checkpoint_file(args.checkpoint)
-    model = load_model(args.checkpoint, device=args.device)  # fail now, not at the first job
-    if args.threads:
-        import torch
+    sock = _listen_socket(args.host, args.port)  # before the model: a busy port is found at once
+    try:  # closed also when the model does not load
+        model = load_model(args.checkpoint, device=args.device)  # fail now, not at the first job
+        if args.threads:
+            import torch
 
-        torch.set_num_threads(args.threads)
+            torch.set_num_threads(args.threads)
 
-    def factory(method: str):
-        return model if method == "pam" else get_predictor(method)
+        def factory(method: str):
+            return model if method == "pam" else get_predictor(method)
 
-    info = {"sha256": getattr(model, "sha256", ""), "device": args.device,
-            "checkpoint": _checkpoint_label(args.checkpoint)}
-    app = create_app(factory, token=token, max_upload_mb=args.max_upload_mb, max_voxels=args.max_voxels,
-                     max_jobs=args.max_jobs, model_info=info, batch_size=args.batch_size)
-    where = ("; listening on every network, so clients may also use this machine's IP address"
-             if args.host in WILDCARD_HOSTS else "")
-    line = f"pamsegment server on {_address(args.host, args.port)} ({info['checkpoint']}{where}); Ctrl-C stops it"
+        info = {"sha256": getattr(model, "sha256", ""), "device": args.device,
+                "checkpoint": _checkpoint_label(args.checkpoint)}
+        app = create_app(factory, token=token, max_upload_mb=args.max_upload_mb, max_voxels=args.max_voxels,
+                         max_jobs=args.max_jobs, model_info=info, batch_size=args.batch_size)
+        where = ("; listening on every network, so clients may also use this machine's IP address"
+                 if args.host in WILDCARD_HOSTS else "")
+        line = f"pamsegment server on {_address(args.host, args.port)} ({info['checkpoint']}{where}); Ctrl-C stops it"
 
-    class Server(uvicorn.Server):
-        async def startup(self, sockets=None):
-            await super().startup(sockets=sockets)
-            if self.started:  # listening: the address printed now answers
-                print(line, flush=True)
+        class Server(uvicorn.Server):
+            async def startup(self, sockets=None):
+                await super().startup(sockets=sockets)
+                if self.started:  # listening: the address printed now answers
+                    print(line, flush=True)
 
-    server = Server(uvicorn.Config(app, log_level="warning"))
-    try:
-        server.run(sockets=[sock])
-    except KeyboardInterrupt:  # uvicorn stops on the first Ctrl-C, then passes it on
-        pass
+        server = Server(uvicorn.Config(app, log_level="warning"))
+        try:
+            server.run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn stops on the first Ctrl-C, then passes it on
+            pass
     finally:
         sock.close()
     print("pamsegment server stopped", flush=True)

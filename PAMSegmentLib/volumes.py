@@ -165,10 +165,15 @@ def _itk_warnings_hidden():
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
+def dicom_series_ids(folder: Path) -> list[str]:
+    """The SeriesInstanceUIDs of the DICOM series in ``folder`` (GDCM's reading; [] for none)."""
+    with _itk_warnings_hidden():  # "No Series were found": the caller says it, in one line
+        return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+
+
 def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
-    with _itk_warnings_hidden():  # "No Series were found": said below, in one line
-        series_ids = list(reader.GetGDCMSeriesIDs(str(folder)))
+    series_ids = dicom_series_ids(folder)
     if not series_ids:
         raise InputError(f"{folder} is a folder without a DICOM series; pass a DICOM series folder or an image file")
     if series_uid is not None:

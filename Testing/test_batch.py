@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -69,7 +70,7 @@ def test_every_row_is_checked_before_any_work(tmp_path, cases, run_cli):
     ])
     proc = run_cli("batch", m, "-o", tmp_path / "out", "--method", "copy")
     assert proc.returncode == 2
-    assert "cases.csv row 4: prompt" in proc.stderr  # the file's line 4 and "typo.nii.gz does not exist" in proc.stderr
+    assert "cases.csv row 4: prompt" in proc.stderr and "typo.nii.gz does not exist" in proc.stderr  # the file's line 4
     assert not (tmp_path / "out").exists()  # nothing was run or written
 
 
@@ -324,3 +325,150 @@ def test_a_resumed_report_keeps_what_the_earlier_run_said_of_the_cases_it_skips(
     fourth = _report(out / "batch_report.csv")
     assert (fourth[1]["check_first"], fourth[1]["message"]) == ("", "output exists (--skip-existing)")
     assert fourth[0]["check_first"] == first[0]["check_first"]
+
+
+def test_paths_are_resolved_once_per_row_not_at_every_report_rewrite(tmp_path, monkeypatch):
+    """The report, rewritten after every case, resolved every row's three paths each time (a
+    2000-case run spent minutes on it), and the output folders were resolved in two loops."""
+    from collections import Counter
+
+    for n in range(4):
+        make_ct_case(tmp_path / "data" / f"c{n}", seed=n)
+    (tmp_path / "elsewhere").mkdir()
+    m = _manifest(tmp_path / "data" / "cases.csv", ["image,prompt,output"] + [
+        f"c{n}/image.nii.gz,c{n}/prompt.nii.gz,../elsewhere/r{n}.nii.gz" for n in range(4)])
+    calls, real = Counter(), Path.resolve
+
+    def counting(self, strict=False):
+        calls[str(self)] += 1
+        return real(self, strict)
+
+    monkeypatch.setattr(Path, "resolve", counting)
+    assert main(["batch", str(m), "-o", str(tmp_path / "out"), "--method", "copy"]) == 0  # 5 report writes
+    # each case's folder: its image's and its prompt's, once; the outputs' folder: checked and named, once per row
+    assert [calls[str(tmp_path / "data" / f"c{n}")] for n in range(4)] == [2] * 4
+    assert calls[str(tmp_path / "data" / ".." / "elsewhere")] == 2 * 4
+    rows = batch_module.read_manifest(m, tmp_path / "out")
+    batch_module.write_report(rows, tmp_path / "report.csv")
+    calls.clear()
+    batch_module.write_report(rows, tmp_path / "report.csv")
+    assert not calls
+
+
+def test_a_folder_name_that_is_not_utf8_is_written_to_the_report_as_its_bytes(tmp_path, monkeypatch):
+    """Run from a folder named in Latin-1 ('M\\xfcller', from an old archive): the report's absolute
+    paths hold it as a lone surrogate, which strict UTF-8 cannot write, and the UnicodeEncodeError
+    (not an OSError) was a traceback that left batch_report.csv.tmp behind."""
+    import os
+
+    folder = os.path.join(os.fsencode(tmp_path), b"M\xfcller")
+    try:
+        os.mkdir(folder)
+    except (OSError, UnicodeError):
+        pytest.skip("this file system takes only UTF-8 names")
+    monkeypatch.chdir(folder)
+    make_ct_case(Path("c0"))
+    _manifest(Path("cases.csv"), ["image,prompt", "c0/image.nii.gz,c0/prompt.nii.gz"])
+    assert main(["batch", "cases.csv", "-o", "out", "--method", "copy"]) == 0
+    assert sorted(os.listdir("out")) == ["batch_report.csv", "c0_image_pam.nii.gz"]  # no .tmp left
+    with open("out/batch_report.csv", newline="", encoding="utf-8", errors="surrogateescape") as fh:
+        row = next(csv.DictReader(fh))
+    assert os.fsencode(row["image"]) == os.path.join(os.path.realpath(folder), b"c0", b"image.nii.gz")  # the bytes
+    # and a resumed run reads it back: the case is carried over
+    assert main(["batch", "cases.csv", "-o", "out", "--method", "copy", "--skip-existing"]) == 0
+    assert _report_bytes("out/batch_report.csv")[0]["message"] == "done in an earlier run (--skip-existing)"
+
+
+def _report_bytes(path):
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.mark.parametrize("refused, status", [({2, 3}, 0), ({2, 3, 4, 5}, 2)])
+def test_a_report_that_cannot_be_rewritten_mid_run_is_a_warning_and_the_batch_goes_on(tmp_path, cases, monkeypatch,
+                                                                                      capsys, refused, status):
+    """batch_report.csv open in a spreadsheet that locks it (Windows: the rename is refused) made
+    the whole batch stop after the first case, blaming the folder, without the summary. The
+    writes are: 1 before any work, 2-4 after each case, 5 at the end."""
+    m = _manifest(tmp_path / "data" / "cases.csv",
+                  ["image,prompt"] + [f"c{n}/image.nii.gz,c{n}/prompt.nii.gz" for n in range(3)])
+    out, real, writes = tmp_path / "out", Path.replace, []
+
+    def replace(self, target):
+        if Path(target).name == "batch_report.csv":
+            writes.append(target)
+            if len(writes) in refused:
+                raise PermissionError(13, "Permission denied")
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "replace", replace)
+    assert main(["batch", str(m), "-o", str(out), "--method", "copy"]) == status
+    captured = capsys.readouterr()
+    assert sorted(p.name for p in out.iterdir()) == ["batch_report.csv"] + [f"c{n}_image_pam.nii.gz" for n in range(3)]
+    assert "batch: 3 ok of 3 rows in " in captured.out
+    warning = (f"pamsegment: warning: cannot write the report {out / 'batch_report.csv'} (Permission denied); it may "
+               "be open in another program")
+    assert captured.err.count(warning) == 1  # once, however many rewrites fail
+    rows = _report(out / "batch_report.csv")
+    if status == 0:  # written again after the third case
+        assert len(writes) == 4 and [r["status"] for r in rows] == ["ok"] * 3
+    else:  # still refused at the end: the report is out of date, and the exit status says so
+        assert len(writes) == 5 and [r["status"] for r in rows] == ["not run"] * 3  # as written before the work
+        assert captured.err.strip().endswith("; it does not show the cases run since it was last written (their "
+                                             "outputs are written)")
+
+
+def test_a_report_that_cannot_be_written_before_any_work_stops_the_batch(tmp_path, cases, monkeypatch, capsys):
+    m = _manifest(tmp_path / "data" / "cases.csv", ["image,prompt", "c0/image.nii.gz,c0/prompt.nii.gz"])
+
+    def locked(self, target):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(batch_module, "_run_row", lambda *a: pytest.fail("a case ran"))
+    monkeypatch.setattr(Path, "replace", locked)
+    assert main(["batch", str(m), "-o", str(tmp_path / "out"), "--method", "copy"]) == 2
+    assert capsys.readouterr().err == (
+        f"pamsegment: error: cannot write the report {tmp_path / 'out' / 'batch_report.csv'} (Permission denied); it "
+        "may be open in another program, which keeps it from being replaced (close it there), or its folder may not "
+        "take files\n")
+    assert list((tmp_path / "out").iterdir()) == []  # no .tmp left
+
+
+@pytest.mark.parametrize("now", ["c1/image.nii.gz,c0/prompt.nii.gz", "c0/image.nii.gz,c1/prompt.nii.gz"])
+def test_a_skipped_row_keeps_the_earlier_report_only_for_the_same_image_and_prompt(tmp_path, cases, now):
+    """The carry-over was keyed on the output alone: a row that now names another image or prompt
+    showed them beside the slices and check_first of the case that wrote the file."""
+    m = _manifest(tmp_path / "data" / "cases.csv", ["image,prompt,output", "c0/image.nii.gz,c0/prompt.nii.gz,r.nii.gz"])
+    out = tmp_path / "out"
+    assert main(["batch", str(m), "-o", str(out), "--method", "track"]) == 0
+    assert _report(out / "batch_report.csv")[0]["check_first"].startswith("label 1: ")
+    _manifest(m, ["image,prompt,output", f"{now},r.nii.gz"])
+    assert main(["batch", str(m), "-o", str(out), "--method", "track", "--skip-existing"]) == 0
+    row = _report(out / "batch_report.csv")[0]
+    assert (row["status"], row["seconds"], row["slices"], row["check_first"]) == ("skipped", "0.0", "", "")
+    assert row["message"] == "output exists (--skip-existing); the earlier report has it from another image or prompt"
+    assert (row["image"], row["prompt"]) == tuple(str(tmp_path.resolve() / "data" / p) for p in now.split(","))
+
+
+def test_a_series_uid_the_folder_does_not_hold_is_found_before_any_work(tmp_path, monkeypatch, capsys):
+    """A wrong series column was found only when its row's turn came (after an hour of cases),
+    although the README says every row is checked before any work."""
+    from test_volumes import make_volume, write_dicom_series
+
+    from PAMSegmentLib.volumes import write_volume
+
+    volume = make_volume(shape=(3, 5, 6))
+    uid = "1.2.826.0.1.3680043.2.1125.7.3"
+    write_dicom_series(tmp_path / "dcm", volume, uid)
+    (tmp_path / "empty").mkdir()
+    write_volume(volume, tmp_path / "prompt.nrrd")
+    monkeypatch.setattr(batch_module, "_run_row", lambda *a: pytest.fail("a case ran"))
+    for series, folder, message in [(uid[:-1] + "9", "dcm", f"series {uid[:-1]}9 is not in {tmp_path / 'dcm'}; "
+                                                            f"available series: {uid}"),
+                                    (uid, "empty", f"series {uid} is not in {tmp_path / 'empty'}; it holds no "
+                                                   "DICOM series")]:
+        m = _manifest(tmp_path / "cases.csv", ["image,prompt,output,series", f"dcm,prompt.nrrd,a.nii.gz,{uid}",
+                                               f"{folder},prompt.nrrd,b.nii.gz,{series}"])
+        assert main(["batch", str(m), "-o", str(tmp_path / "out"), "--method", "copy"]) == 2
+        assert capsys.readouterr().err == f"pamsegment: error: cases.csv row 3: {message}\n"
+        assert not (tmp_path / "out").exists()

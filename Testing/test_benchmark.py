@@ -174,9 +174,30 @@ def test_small_rows_accept_the_small_network_with_a_prior_channel_only(tmp_path)
         _pam_model("official", str(tmp_path / "small-prior.pt"))
 
 
+@pytest.fixture
+def weights(tmp_path, monkeypatch):
+    """The shipped weights (a stand-in file) and another checkpoint; PAMSEGMENT_MODEL unset."""
+    from PAMSegmentLib import checkpoints
+
+    shipped, other = tmp_path / "pam_small.pt", tmp_path / "other.pt"
+    shipped.write_bytes(b"shipped")
+    other.write_bytes(b"other")
+    monkeypatch.delenv("PAMSEGMENT_MODEL", raising=False)
+    monkeypatch.setattr(checkpoints, "shipped_checkpoint_path", lambda: shipped)
+    return {"SHIPPED": str(shipped), "OTHER": str(other)}
+
+
+def _out_folder(argv, weights):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    bm.add_benchmark_arguments(parser, "docs/benchmark")
+    return bm.config_from_args(parser.parse_args([weights.get(a, a) for a in argv])).out
+
+
 @pytest.mark.parametrize("argv, out", [
     ([], "docs/benchmark"),
-    (["--threads", "2", "--checkpoint", "w.pt", "--parts", "slicer,e2e,network"], "docs/benchmark"),
+    (["--threads", "2", "--checkpoint", "SHIPPED", "--parts", "slicer,e2e,network"], "docs/benchmark"),
     (["--quick"], "benchmark_out"),
     (["--parts", "network", "--no-sam2"], "benchmark_out"),
     (["--parts", "e2e", "--depths", "200", "--objects", "100"], "benchmark_out"),
@@ -184,17 +205,46 @@ def test_small_rows_accept_the_small_network_with_a_prior_channel_only(tmp_path)
     (["--in-process"], "benchmark_out"),
     (["--quick", "--out", "docs/benchmark"], "docs/benchmark"),  # an explicit folder is the user's choice
 ])
-def test_only_a_full_run_writes_into_docs_benchmark_by_default(argv, out):
+def test_only_a_full_run_writes_into_docs_benchmark_by_default(argv, out, weights):
     """`--quick` and `--parts network --no-sam2` (both quoted in the README) wrote into
     docs/benchmark: a partial run rewrote benchmark.md and targets.csv beside the older run's CSVs."""
+    assert _out_folder(argv, weights) == out
+
+
+@pytest.mark.parametrize("argv, model, given", [
+    (["--threads", "8"], None, "--threads 8"),
+    (["--checkpoint", "OTHER"], None, "--checkpoint OTHER"),
+    ([], "OTHER", "PAMSEGMENT_MODEL=OTHER"),
+    ([], "MISSING", "random weights for the small preset (MISSING is missing)"),
+    (["--official-checkpoint", "OTHER"], None, "--official-checkpoint"),
+    (["--threads", "8", "--out", "docs/benchmark"], None, None),  # an explicit folder is the user's choice
+])
+def test_other_threads_or_weights_are_not_the_published_run(argv, model, given, weights, tmp_path, monkeypatch):
+    """`--threads 8`, or other weights than the published run's (the shipped pam_small.pt, random
+    official weights), rewrote the published 2-thread tables in docs/benchmark."""
     import argparse
 
+    weights["MISSING"] = str(tmp_path / "missing.pt")
+    if model:
+        monkeypatch.setenv("PAMSEGMENT_MODEL", weights[model])
+    assert _out_folder(argv, weights) == ("docs/benchmark" if given is None else "benchmark_out")
     parser = argparse.ArgumentParser()
     bm.add_benchmark_arguments(parser, "docs/benchmark")
-    assert bm.config_from_args(parser.parse_args(argv)).out == out
+    if given is not None:
+        for name, path in weights.items():
+            given = given.replace(name, path)
+        assert bm.partial_options(parser.parse_args([weights.get(a, a) for a in argv])) == [given]
 
 
-def test_a_partial_run_says_where_it_wrote_and_which_tables_are_older(tmp_path, monkeypatch, capsys):
+def test_without_the_shipped_weights_a_run_is_not_the_published_run(weights, monkeypatch):
+    from PAMSegmentLib import checkpoints
+
+    monkeypatch.setattr(checkpoints, "shipped_checkpoint_path", lambda: None)
+    assert _out_folder([], weights) == "benchmark_out"
+    assert _out_folder(["--checkpoint", "OTHER"], weights) == "benchmark_out"
+
+
+def test_a_partial_run_says_where_it_wrote_and_which_tables_are_older(tmp_path, monkeypatch, capsys, weights):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "benchmark_out").mkdir()
     (tmp_path / "benchmark_out" / "end_to_end.csv").write_text("an earlier run\n")
@@ -209,8 +259,8 @@ def test_a_partial_run_says_where_it_wrote_and_which_tables_are_older(tmp_path, 
     lines = capsys.readouterr().out.splitlines()
     assert lines[3].startswith("wrote benchmark_out/network.csv in ")  # then the seconds it took
     assert lines[:3] + lines[4:] == [
-        "note: --quick --parts network is not the full run, so the tables go to benchmark_out, not docs/benchmark "
-        "(--out chooses)",
+        "note: this is not the full run (--quick, --parts network), so the tables go to benchmark_out, not "
+        "docs/benchmark (--out chooses)",
         "(tables)", "",
         "note: end_to_end.csv in benchmark_out are from an earlier run (this one measured network only); "
         "benchmark.md, benchmark.json and targets.csv describe this one"]
@@ -249,3 +299,20 @@ def test_the_readme_benchmark_figures_are_those_of_the_stored_run():
     per_volume = [float(m) * 1000 for line in lines if line.strip().startswith("small, object")
                   for m in re.findall(r"\(([-\d.]+) s per extra volume slice\)", line)]
     assert f"{min(per_volume):.1f}-{max(per_volume):.1f} ms per extra volume slice with the default" in readme
+
+
+def test_the_parts_and_the_size_options_are_each_written_once(monkeypatch):
+    """The part names were written in four places (the config's default, --parts' check, ALL_PARTS,
+    PART_FILES) and the size options twice (SIZE_OPTIONS and config_from_args' own list)."""
+    import argparse
+
+    assert bm.BenchConfig().parts == bm.ALL_PARTS == tuple(bm.PART_FILES)
+    monkeypatch.setattr(bm, "ALL_PARTS", (*bm.ALL_PARTS, "gpu"))  # a new part: --parts takes it
+    assert bm._parts("gpu,network") == ("gpu", "network")
+    parser = argparse.ArgumentParser()
+    bm.add_benchmark_arguments(parser, "docs/benchmark")
+    args = parser.parse_args([])
+    for n, name in enumerate(bm.SIZE_OPTIONS):  # every size option reaches the field of its name
+        setattr(args, name, (n + 3,) if isinstance(getattr(bm.BenchConfig(), name), tuple) else n + 3)
+    cfg = bm.config_from_args(args)
+    assert [getattr(cfg, name) for name in bm.SIZE_OPTIONS] == [getattr(args, name) for name in bm.SIZE_OPTIONS]

@@ -444,6 +444,112 @@ def test_serve_on_a_port_in_use_is_one_line_before_the_model_loads(monkeypatch, 
                    "program or choose another --port\n")
 
 
+def _no_model(monkeypatch):
+    from PAMSegmentLib import checkpoints
+
+    def not_reached(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(checkpoints, "load_model", not_reached)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_on_a_machine_without_ipv6_is_one_line(monkeypatch, capsys):
+    """The socket was made before the try: `--host ::1` where IPv6 is off (a container) was an
+    OSError traceback (Address family not supported)."""
+    import errno
+
+    from PAMSegmentLib.cli import main
+
+    real = socket.socket
+
+    class NoIPv6(real):
+        def __init__(self, family=-1, *args, **kwargs):
+            if family == socket.AF_INET6:
+                raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+            super().__init__(family, *args, **kwargs)
+
+    _no_model(monkeypatch)
+    monkeypatch.setattr(socket, "socket", NoIPv6)
+    assert main(["serve", "--host", "::1", "--port", str(_free_port())]) == 2
+    assert capsys.readouterr().err == ("pamsegment: error: this machine has no address ::1; give --host one of its "
+                                       "addresses, 127.0.0.1 (this machine only) or 0.0.0.0 (every network)\n")
+
+
+def test_serve_listens_on_a_name_that_has_only_ipv6_addresses(monkeypatch):
+    # The family was chosen by ":" in the host: a name was always IPv4, so "this machine has no address".
+    from PAMSegmentLib import server
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 here")
+    real = socket.getaddrinfo
+
+    def resolve(host, port, *args, **kwargs):
+        if host == "v6only.test":
+            return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port, 0, 0))]
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    with server._listen_socket("v6only.test", 0) as sock:
+        assert (sock.family, sock.getsockname()[0]) == (socket.AF_INET6, "::1")
+
+
+@pytest.mark.parametrize("system, reused", [("posix", True), ("nt", False)])
+def test_serve_lets_a_just_freed_port_be_reused_on_posix_only(monkeypatch, system, reused):
+    """On Windows SO_REUSEADDR lets a second socket bind a port another server is using, so the
+    port-in-use message would not come and two servers would share the port (asyncio sets it on
+    POSIX only)."""
+    import types
+
+    from PAMSegmentLib import server
+
+    options, real = [], socket.socket
+
+    class Recording(real):
+        def setsockopt(self, level, name, value):
+            options.append((level, name))
+            return super().setsockopt(level, name, value)
+
+    monkeypatch.setattr(socket, "socket", Recording)
+    monkeypatch.setattr(server, "os", types.SimpleNamespace(name=system), raising=False)
+    with server._listen_socket("127.0.0.1", 0):
+        pass
+    assert ((socket.SOL_SOCKET, socket.SO_REUSEADDR) in options) == reused
+
+
+def test_serve_checks_the_checkpoint_before_listening_and_closes_the_socket_when_the_model_fails(
+        tmp_path, monkeypatch, capsys):
+    from PAMSegmentLib import checkpoints, server
+    from PAMSegmentLib.cli import main
+
+    opened, real = [], server._listen_socket
+
+    def listen(host, port):
+        opened.append(real(host, port))
+        return opened[-1]
+
+    monkeypatch.setattr(server, "_listen_socket", listen)
+    assert main(["serve", "--port", str(_free_port()), "--checkpoint", str(tmp_path / "missing.pt")]) == 2
+    assert f"checkpoint {tmp_path / 'missing.pt'} does not exist" in capsys.readouterr().err
+    assert opened == []  # refused before a port was taken
+
+    def broken(*args, **kwargs):
+        raise InputError("the weights do not load")
+
+    monkeypatch.setattr(checkpoints, "load_model", broken)
+    assert main(["serve", "--port", str(_free_port())]) == 2
+    assert capsys.readouterr().err == "pamsegment: error: the weights do not load\n"
+    assert len(opened) == 1 and opened[0].fileno() == -1  # closed: it was left open (a ResourceWarning)
+
+
 def test_the_address_printed_is_one_other_machines_can_use(monkeypatch):
     from PAMSegmentLib import server
 

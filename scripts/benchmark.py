@@ -5,8 +5,9 @@ Network alone (default vs official preset vs SAM 2 tiny), end to end on syntheti
 (read, preprocess, propagate, write; wall time and peak RSS in a fresh process per row) and the
 Slicer path on slicer-core MRML nodes. Prints the tables and the issue's targets and writes
 network.csv, paired.csv, end_to_end.csv, slicer.csv, targets.csv, benchmark.json, benchmark.md and
-benchmark.png into --out: by default docs/benchmark/ in this repository for a full run, and
-./benchmark_out/ for a run with --quick, --parts or a changed size or repeat count.
+benchmark.png into --out: by default docs/benchmark/ in this repository for a full run as
+published (all parts, default sizes, 2 threads, the shipped weights), and ./benchmark_out/ for a
+run with --quick, --parts, a changed size or repeat count, --threads other than 2 or other weights.
 
 Examples:
     python scripts/benchmark.py --threads 2 --checkpoint Resources/Models/pam_small.pt  # the full run (~15 min on 2 cores)
