@@ -165,10 +165,24 @@ def _itk_warnings_hidden():
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
+def _itk_path(path) -> str:
+    """``path`` as the string ITK is given. A name holding bytes that are not UTF-8 (an old archive's
+    Latin-1 folder: Python keeps them as surrogates) makes ITK's C++ abort the whole process, so it
+    is refused here with one line instead."""
+    text = str(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise InputError(f"the path {shown} holds bytes that are not UTF-8 text, which ITK cannot open; rename the "
+                         "file or folder (e.g. with convmv) or copy it to a plain name") from None
+    return text
+
+
 def dicom_series_ids(folder: Path) -> list[str]:
     """The SeriesInstanceUIDs of the DICOM series in ``folder`` (GDCM's reading; [] for none)."""
     with _itk_warnings_hidden():  # "No Series were found": the caller says it, in one line
-        return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+        return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(_itk_path(folder)))
 
 
 def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
@@ -182,9 +196,9 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
                 f"series {series_uid} is not in {folder}; available series: {', '.join(series_ids)}"
             )
         chosen = series_uid
-        files = reader.GetGDCMSeriesFileNames(str(folder), chosen)
+        files = reader.GetGDCMSeriesFileNames(_itk_path(folder), chosen)
     else:
-        by_uid = {uid: reader.GetGDCMSeriesFileNames(str(folder), uid) for uid in series_ids}
+        by_uid = {uid: reader.GetGDCMSeriesFileNames(_itk_path(folder), uid) for uid in series_ids}
         chosen = max(series_ids, key=lambda uid: len(by_uid[uid]))
         files = by_uid[chosen]
         if len(series_ids) > 1:
@@ -376,7 +390,7 @@ def _read_sitk(path: PathLike, series_uid: str | None = None, single_slice_ok: b
         if header is not None:
             _check_nifti_complete(p, header)
         try:
-            image = sitk.ReadImage(str(p))
+            image = sitk.ReadImage(_itk_path(p))
         except RuntimeError as error:
             reason = _itk_reason(error)
             if "No such file or directory" in reason:  # the file is there: ITK reports a short read so (MetaImage)
@@ -657,6 +671,7 @@ def _atomic_write(image: sitk.Image, path: PathLike, extensions: Sequence[str] =
     """Write ``image`` compressed to ``path`` via a temporary file in the same folder, so an
     existing file is either fully replaced or left untouched. A symbolic link stays one: its
     target is written."""
+    _itk_path(path)  # a name ITK cannot take: refused before anything is written, naming the output
     target = through_link(Path(path))
     ext = check_output_path(target, extensions, probe=False)
     parent = target.parent if str(target.parent) else Path(".")
@@ -665,7 +680,7 @@ def _atomic_write(image: sitk.Image, path: PathLike, extensions: Sequence[str] =
     # The temporary name keeps the extension (ITK picks the format from it) and stays short.
     tmp = parent / f".pamsegment-{uuid.uuid4().hex[:12]}.tmp{ext}"
     try:
-        sitk.WriteImage(image, str(tmp), useCompression=True)
+        sitk.WriteImage(image, _itk_path(tmp), useCompression=True)
         os.replace(tmp, target)
     except (RuntimeError, OSError) as error:
         reason = _itk_reason(error) if isinstance(error, RuntimeError) else str(error)
@@ -782,7 +797,7 @@ def _read_2d(path: PathLike, what: str) -> tuple[sitk.Image, sitk.Image]:
     if p.is_dir():
         raise InputError(f"{p} is a folder; give an image file ({', '.join(IMAGE_2D_EXTENSIONS)})")
     try:
-        image = sitk.ReadImage(str(p))
+        image = sitk.ReadImage(_itk_path(p))
     except RuntimeError as error:
         image = _read_png_with_pil(p)  # grey + alpha PNGs, which ITK cannot read
         if image is None:

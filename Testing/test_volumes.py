@@ -567,3 +567,23 @@ def test_an_output_link_into_a_missing_folder_is_refused_before_any_work(tmp_pat
     (tmp_path / "gone").mkdir()
     check_link_target(link)  # a link to a file not made yet, in a folder that takes files: fine
     check_link_target(tmp_path / "plain.csv")  # not a link: nothing to check here
+
+
+def test_a_path_that_is_not_utf8_is_refused_not_a_crash(tmp_path):
+    """ITK's C++ aborted the whole process (std::logic_error, exit 134) on a name holding bytes that
+    are not UTF-8 (a Latin-1 folder of an old archive). Reading and writing refuse it in one line."""
+    folder = os.fsdecode(os.fsencode(str(tmp_path)) + b"/M\xfcller")
+    os.makedirs(folder)
+    volume = make_volume()
+    message = r"holds bytes that are not UTF-8 text, which ITK cannot open; rename the file or folder"
+    with pytest.raises(InputError, match=message) as err:
+        write_volume(volume, os.path.join(folder, "ct.nii.gz"))
+    assert "M\\xfcller" in str(err.value)  # shown as the escaped byte
+    assert os.listdir(folder) == []
+    plain = tmp_path / "ct.nii.gz"
+    write_volume(volume, plain)
+    os.replace(plain, os.path.join(folder, "ct.nii.gz"))
+    with pytest.raises(InputError, match=message):
+        read_volume(os.path.join(folder, "ct.nii.gz"))
+    with pytest.raises(InputError, match=message):
+        read_volume(folder)  # a folder: read as a DICOM series
