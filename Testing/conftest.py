@@ -87,6 +87,25 @@ def make_ct_case(directory: Path, shape=(20, 40, 48), seed: int = 0) -> CTCase:
     return CTCase(image_path, prompt_path, image, truth, prompt, 10, spacing, directory)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _ctrl_c_as_in_a_terminal():
+    """A test run started in the background by a non-interactive shell (``cmd &``) inherits SIGINT
+    ignored, and Python then keeps it ignored; the Ctrl-C tests need Python's usual handler, as a
+    run from a terminal has. Restored after the session."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 @pytest.fixture
 def unwritable_folder(tmp_path: Path) -> Path:
     """A folder no file can be made in: read-only for a user; for root, who may write anywhere
