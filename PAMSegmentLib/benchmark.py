@@ -1073,16 +1073,6 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def _parts(text: str) -> tuple[str, ...]:
     parts = tuple(p.strip() for p in text.split(",") if p.strip())
     bad = [p for p in parts if p not in ALL_PARTS]
@@ -1134,6 +1124,8 @@ def partial_options(args: argparse.Namespace) -> list[str]:
 
 
 def add_benchmark_arguments(p: argparse.ArgumentParser, default_out: str = "docs/benchmark") -> None:
+    from .cli import _positive_int
+
     p.add_argument("--out", default=None,
                    help=f"output folder (default: {default_out} for a full run; ./{SCRATCH_OUT} for a run with "
                         "--quick, --parts, an option that changes what is measured, --threads other than 2 or other "

@@ -163,14 +163,23 @@ def parse_slice_list(text: str) -> list[int]:
     return sorted({int(p) for p in parts})
 
 
-def _unit_interval(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}")
-    return value
+def number_type(kind, accepted, expected: str):
+    """An argparse ``type``: ``kind(text)`` (int or float) when ``accepted(value)``, else the one
+    message "expected <expected>, got '<text>'" (also for text that is not a number)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not accepted(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
+
+
+_unit_interval = number_type(float, lambda v: 0.0 <= v <= 1.0, "a number from 0 to 1")
+_positive_int = number_type(int, lambda v: v >= 1, "a positive integer")
 
 
 def _through_plane_mm(text: str) -> float:
@@ -183,16 +192,6 @@ def _through_plane_mm(text: str) -> float:
     if not valid_through_plane_mm(value):
         lo, hi = THROUGH_PLANE_RANGE_MM
         raise argparse.ArgumentTypeError(f"expected 0 (off) or a slice spacing in mm from {lo:g} to {hi:g}, got {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
 
 

@@ -28,7 +28,6 @@ use HTTPS through a reverse proxy or an SSH tunnel for anything but a trusted ne
 """
 
 
-import argparse
 import errno
 import hmac
 import io
@@ -358,28 +357,11 @@ def create_app(model_factory: Callable[[str], Any], *, token: str | None = None,
 # ----------------------------------------------------------------------------- the command
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port number from 1 to 65535, got {text!r}")
-    return value
-
-
-def _megabytes(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a size in MB greater than 0, got {text!r}")
-    return value
-
-
 def add_serve_arguments(p) -> None:
-    from .cli import _positive_int
+    from .cli import _positive_int, number_type
+
+    _port = number_type(int, lambda v: 1 <= v <= 65535, "a port number from 1 to 65535")
+    _megabytes = number_type(float, lambda v: math.isfinite(v) and v > 0, "a size in MB greater than 0")
 
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 = every network, "
