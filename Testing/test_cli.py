@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import write_image
+from conftest import free_port, write_image
 from doubles import OracleModel
 
 from PAMSegmentLib import cli
@@ -465,14 +465,6 @@ def test_range_past_the_volume(ct_case, small_checkpoint, capsys):
     assert not out.exists()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("options, phrase", [
     (["--range", "0:100"], "range 0:100 is outside the 20 slices along axis 0 (valid 0:19)"),
     (["--range", "0:5"], "label 1's prompt slice 10 lies outside the range 0:5"),
@@ -482,7 +474,7 @@ def _free_port() -> int:
 ])
 def test_errors_the_engine_finds_are_one_line_without_a_progress_bar(ct_case, capsys, options, phrase):
     # These were printed after a "propagating:   0%" bar line: the bar now appears with the first progress.
-    port = str(_free_port())  # nothing listens there
+    port = str(free_port())  # nothing listens there
     out = ct_case.directory / "out.nii.gz"
     code = cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out),
                      "--method", "copy", *[o.replace("PORT", port) for o in options]])

@@ -17,7 +17,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from conftest import ellipsoid, serving  # noqa: E402
+from conftest import ellipsoid, free_port, serving  # noqa: E402
 from PAMSegmentLib.errors import InputError, PAMError, PropagationCancelled  # noqa: E402
 from PAMSegmentLib.propagate import CancelToken, propagate  # noqa: E402
 from PAMSegmentLib.remote import RemoteModel, decode_result  # noqa: E402
@@ -216,9 +216,7 @@ def test_the_engine_checks_the_inputs_here_then_hands_a_remote_model_to_its_serv
     url, holder = live_server
     image, prompt, truth = case()
     holder["model"] = OracleModel(truth)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        free = s.getsockname()[1]
+    free = free_port()
     unreachable = RemoteModel(f"http://127.0.0.1:{free}", timeout=2)
     with pytest.raises(InputError, match="the prompt is empty"):
         propagate(image, np.zeros_like(prompt), (2.0, 1.0, 1.0), unreachable)
@@ -327,9 +325,7 @@ def test_client_errors_are_one_clear_message(live_server):
         RemoteModel(url, token="tok").propagate(image, np.zeros_like(prompt), (1, 1, 1))
     with pytest.raises(InputError, match="not an http"):
         RemoteModel("gpu-box:8765")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        free = s.getsockname()[1]
+    free = free_port()
     with pytest.raises(PAMError, match="cannot reach the PAMSegment server"):
         RemoteModel(f"http://127.0.0.1:{free}", timeout=2).info()
 
@@ -453,12 +449,6 @@ def _no_model(monkeypatch):
     monkeypatch.setattr(checkpoints, "load_model", not_reached)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_on_a_machine_without_ipv6_is_one_line(monkeypatch, capsys):
     """The socket was made before the try: `--host ::1` where IPv6 is off (a container) was an
     OSError traceback (Address family not supported)."""
@@ -476,7 +466,7 @@ def test_serve_on_a_machine_without_ipv6_is_one_line(monkeypatch, capsys):
 
     _no_model(monkeypatch)
     monkeypatch.setattr(socket, "socket", NoIPv6)
-    assert main(["serve", "--host", "::1", "--port", str(_free_port())]) == 2
+    assert main(["serve", "--host", "::1", "--port", str(free_port())]) == 2
     assert capsys.readouterr().err == ("pamsegment: error: this machine has no address ::1; give --host one of its "
                                        "addresses, 127.0.0.1 (this machine only) or 0.0.0.0 (every network)\n")
 
@@ -537,7 +527,7 @@ def test_serve_checks_the_checkpoint_before_listening_and_closes_the_socket_when
         return opened[-1]
 
     monkeypatch.setattr(server, "_listen_socket", listen)
-    assert main(["serve", "--port", str(_free_port()), "--checkpoint", str(tmp_path / "missing.pt")]) == 2
+    assert main(["serve", "--port", str(free_port()), "--checkpoint", str(tmp_path / "missing.pt")]) == 2
     assert f"checkpoint {tmp_path / 'missing.pt'} does not exist" in capsys.readouterr().err
     assert opened == []  # refused before a port was taken
 
@@ -545,7 +535,7 @@ def test_serve_checks_the_checkpoint_before_listening_and_closes_the_socket_when
         raise InputError("the weights do not load")
 
     monkeypatch.setattr(checkpoints, "load_model", broken)
-    assert main(["serve", "--port", str(_free_port())]) == 2
+    assert main(["serve", "--port", str(free_port())]) == 2
     assert capsys.readouterr().err == "pamsegment: error: the weights do not load\n"
     assert len(opened) == 1 and opened[0].fileno() == -1  # closed: it was left open (a ResourceWarning)
 
@@ -580,9 +570,7 @@ def test_serve_prints_its_address_once_listening_and_stops_on_ctrl_c(small_check
 
     from conftest import REPO, _cli_env
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "PAMSegmentLib", "serve", "--port", str(port), "--checkpoint",
                              str(small_checkpoint.path), "--max-voxels", "1000", "--max-upload-mb", "2",
                              "--batch-size", "4"], cwd=REPO, env=_cli_env(), stdout=subprocess.PIPE,
