@@ -22,7 +22,7 @@ The HTTP API (FastAPI, served by uvicorn; ``pip install ".[server]"`` in the sou
 Uploads are untrusted: the body size is bounded before it is read (413), the ``.npz`` must hold
 exactly those three arrays, stored uncompressed (no decompression bombs) and without pickled
 objects, and the image at most ``max_voxels`` voxels. A server listening beyond this machine
-(``--host`` other than 127.0.0.1/localhost/::1) requires a token (``--token`` or the
+(``--host`` other than localhost or a loopback address such as 127.0.0.1 or ::1) requires a token (``--token`` or the
 PAMSEGMENT_TOKEN environment variable) that clients send as ``Authorization: Bearer TOKEN``;
 use HTTPS through a reverse proxy or an SSH tunnel for anything but a trusted network.
 """
@@ -31,6 +31,7 @@ use HTTPS through a reverse proxy or an SSH tunnel for anything but a trusted ne
 import errno
 import hmac
 import io
+import ipaddress
 import json
 import math
 import os
@@ -52,7 +53,15 @@ from .remote import SERVER_METHODS
 
 __all__ = ["create_app", "JobQueue", "encode_result", "read_arrays", "add_serve_arguments", "cmd_serve"]
 
-LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+def is_loopback(host: str) -> bool:
+    """True for an address that only this machine reaches: ``localhost`` or a loopback address
+    (127.0.0.0/8, ``::1``), written in any form ``ipaddress`` reads."""
+    if host.strip().lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
 OPTION_KEYS = {"axis", "labels", "range", "early_stop", "empty_slices", "remove_disconnected", "method", "update"}
 METHODS = SERVER_METHODS
 MAX_VOXELS = 512 * 512 * 1024  # default largest image (and prompt) a job may hold
@@ -444,7 +453,7 @@ def cmd_serve(args) -> int:
         raise InputError('the server needs FastAPI and uvicorn: pip install ".[server]" in the PAMSegment source '
                          "folder (or pip install fastapi uvicorn)") from None
     token = args.token or os.environ.get("PAMSEGMENT_TOKEN") or None
-    if args.host not in LOCAL_HOSTS and not token:
+    if not is_loopback(args.host) and not token:
         raise InputError(f"listening on {args.host} exposes the server beyond this machine: set a token with "
                          "--token or PAMSEGMENT_TOKEN (clients send it as Authorization: Bearer TOKEN)")
     from .baselines import get_predictor

@@ -349,6 +349,17 @@ def test_serve_refuses_to_listen_beyond_this_machine_without_a_token(run_cli):
     assert "exposes the server beyond this machine: set a token" in proc.stderr
 
 
+@pytest.mark.parametrize("host, local", [
+    ("127.0.0.1", True), ("127.0.0.2", True), ("localhost", True), ("LOCALHOST.", True), ("::1", True),
+    ("[::1]", True), ("0.0.0.0", False), ("::", False), ("192.168.1.5", False), ("example.org", False),
+    ("127.0.0.1.example.org", False),
+])
+def test_only_loopback_addresses_count_as_this_machine(host, local):
+    from PAMSegmentLib.server import is_loopback
+
+    assert is_loopback(host) is local
+
+
 def test_propagate_with_server_refuses_local_model_options(run_cli, ct_case):
     proc = run_cli("propagate", ct_case.image_path, ct_case.prompt_path, "-o", ct_case.directory / "o.nii.gz",
                    "--server", "http://127.0.0.1:9", "--registration-weight", "0.3")
