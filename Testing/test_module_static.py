@@ -457,22 +457,26 @@ def test_install_puts_module_library_and_resources_side_by_side(installed_tree):
     package = {p.relative_to(ROOT).as_posix() for p in (ROOT / "PAMSegmentLib").rglob("*.py") if "__pycache__" not in p.parts}
     models = {p.relative_to(ROOT).as_posix() for p in (ROOT / "Resources" / "Models").glob("*")
               if p.suffix in (".pt", ".json", ".md")}
-    expected = {"PAMSegment.py", "Resources/UI/PAMSegment.ui", "Resources/Icons/PAMSegment.png"} | package | models
+    demo = {p.relative_to(ROOT).as_posix() for p in (ROOT / "Resources" / "Demo").glob("*.nii.gz")}
+    assert len(demo) == 3, demo  # the CT, its prompt and its reference
+    expected = {"PAMSegment.py", "Resources/UI/PAMSegment.ui", "Resources/Icons/PAMSegment.png"} | package | models | demo
     assert expected <= installed, sorted(expected - installed)
     assert not [p for p in installed if p.startswith("..") or "/../" in p]
 
 
 def test_installed_library_imports_from_beside_the_module(installed_tree):
     code = textwrap.dedent("""
-        import sys, PAMSegmentLib, PAMSegmentLib.mrml, PAMSegmentLib.checkpoints as c
+        import sys, PAMSegmentLib, PAMSegmentLib.mrml, PAMSegmentLib.checkpoints as c, PAMSegmentLib.demo as d
         print(PAMSegmentLib.__file__)
         print(c.default_checkpoint_path())
+        print(d.demo_data_dir())
     """)
     proc = subprocess.run([sys.executable, "-c", code], cwd=installed_tree, capture_output=True, text=True, timeout=120,
                           env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(installed_tree), "HOME": str(installed_tree)})
     assert proc.returncode == 0, proc.stderr
-    lib_file, default_model = proc.stdout.split("\n")[:2]
+    lib_file, default_model, demo_dir = proc.stdout.split("\n")[:3]
     assert Path(lib_file).resolve().is_relative_to(installed_tree.resolve())
+    assert Path(demo_dir).resolve() == (installed_tree / "Resources" / "Demo").resolve()
     if (ROOT / "Resources" / "Models" / "pam_small.pt").is_file():
         assert Path(default_model).resolve().is_relative_to(installed_tree.resolve())
 
