@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -128,6 +128,9 @@ class PAMPredictor(SlicePredictor):
         self.keyframe_outward_min_agreement = inf.keyframe_outward_min_agreement
         # InferenceParams.registration_carry_supersample (an attribute: validate.py may override it).
         self.carry_supersample = int(inf.registration_carry_supersample)
+        # The network crop's side as a multiple of the guide mask's larger extent (None: the
+        # checkpoint's PreprocessingParams.crop_scale; an attribute: validate.py may override it).
+        self.crop_scale: float | None = None
         w = inf.registration_weight if registration_weight is None else registration_weight
         if not 0.0 <= float(w) <= 1.0:
             raise ValueError(f"registration_weight must be within [0, 1], got {w}")
@@ -349,7 +352,7 @@ class PAMPredictor(SlicePredictor):
         prior masks for a prior-channel network (default: the guide's mask)."""
         pre = self.model.preprocessing
         size, device = pre.input_size, self.model.device
-        box = crop_box_for_mask(guide_mask, pre)
+        box = crop_box_for_mask(guide_mask, pre if self.crop_scale is None else replace(pre, crop_scale=self.crop_scale))
         stage = self.model.network.proposing_stage
         # Successive batches of a window share their guide: encode it once.
         key = (guide_index, box, guide_mask.tobytes().__hash__())

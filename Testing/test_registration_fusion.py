@@ -371,3 +371,29 @@ def test_a_real_prior_network_runs_through_the_engine_with_carried_priors():
     res = propagate(img, prompt, (1.0, 1.0, 1.0), predictor, axis=0, early_stop=False)
     assert np.array_equal(res.mask[4] > 0, truth[4])
     assert seen and all(shape == (1, 1, 1, 128, 128) for shape in seen)
+
+
+@pytest.mark.parametrize("override, expected", [(None, 1.5), (2.0, 2.0), (1.25, 1.25)])
+def test_network_crop_scale_is_the_checkpoints_unless_overridden(monkeypatch, override, expected):
+    """``PAMPredictor.crop_scale`` (validate.py's ``pam+cropS``) replaces the checkpoint's crop scale
+    for the network's crop only; None keeps the checkpoint's (1.5 here, its default)."""
+    import PAMSegmentLib.pam_predictor as pp
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def record(mask, params):
+        seen.append(params.crop_scale)
+        raise Stop
+
+    monkeypatch.setattr(pp, "crop_box_for_mask", record)
+    model = SimpleNamespace(inference=InferenceParams(), preprocessing=PreprocessingParams(input_size=64),
+                            config=PLAIN_NETWORK, device="cpu", network=None)
+    p = PAMPredictor(model)
+    p.crop_scale = override
+    img, truth = sliding_square()
+    with pytest.raises(Stop):
+        p._predict_network(img, 0, truth[0], [1])
+    assert seen == [expected] and model.preprocessing.crop_scale == 1.5  # the checkpoint's own is untouched

@@ -58,7 +58,8 @@ _NUMERIC = {
     "regsigma": ("registration_options", "sigma", float),
     "regstep": ("registration_options", "max_step", float),  # demons step limit, grid px per iteration
     "carryss": (None, "carry_supersample", int),  # the chain's carried mask on an s times finer grid
-    "up": (None, "through_plane_mm", float),  # thick slices: walks through slices interpolated to <= T mm (0 = off)
+    "up": (None, "through_plane_mm", float),
+    "crop": (None, "crop_scale", float),  # the network crop's side, x the guide mask's larger extent  # thick slices: walks through slices interpolated to <= T mm (0 = off)
 }
 _PREFIXES_LONGEST_FIRST = sorted(_NUMERIC, key=len, reverse=True)
 
@@ -77,7 +78,8 @@ def parse_config(config: str) -> dict:
     grid per iteration; 0 = SimpleITK's default), ``carryssS`` (the registration chain's carried mask on
     an S times finer grid; ``carryss1`` = the slices' own grid), ``kfagreeD`` (with several
     keyframes, walks beyond the outermost ones end where the network's and the warped mask's
-    Dice < D). ``upT`` (thick slices: walks through slices interpolated to <= T mm; 0 = off). Unknown options are an error."""
+    Dice < D). ``upT`` (thick slices: walks through slices interpolated to <= T mm; 0 = off). ``cropS`` (the
+    network crop's side, S x the guide mask's larger extent; the checkpoint's is 1.5). Unknown options are an error."""
     if config.startswith("window"):
         return {"window_mm": float(config[len("window"):])}
     head, *tokens = config.split("+")
@@ -165,7 +167,7 @@ def main(argv=None) -> int:
                                          query_prior=opts.get("query_prior"))
                 predictor.registration_options = opts.get("registration_options", {})
                 for name in ("window_mm", "threshold", "presence_threshold", "consistency_min_dice",
-                             "keyframe_outward_min_agreement", "carry_supersample", "through_plane_mm"):
+                             "keyframe_outward_min_agreement", "carry_supersample", "through_plane_mm", "crop_scale"):
                     if name in opts:
                         setattr(predictor, name, opts[name])
             res = propagate(case.image, prompt, case.spacing, predictor, axis=0)
