@@ -39,6 +39,7 @@ NETWORK_ONLY = ("torch", "dynamic_network_architectures")  # not needed for trac
 POLL_INTERVAL_MS = 100
 PROMPT_REFRESH_DELAY_MS = 400
 PLOT_SIZE = (256, 56)  # confidence plot, pixels
+SEGMENT_EDITOR_SINGLETON_TAG = "SegmentEditor"  # the Segment Editor module's vtkMRMLSegmentEditorNode
 
 
 def _resourcePath(relativePath):
@@ -144,6 +145,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._devicesListed = False  # ... and filled the list: only then is the device choice saved
         self._entered = False  # the panel is shown (enter() until exit())
         self._reviewShown = None  # (segmentation node ID, segment ID, slice) last shown for review
+        self._editorSelectionSeen = None  # the Segment Editor's selection (IDs) when the panel last followed it
 
     def resourcePath(self, filename):
         return _resourcePath(filename)
@@ -208,6 +210,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def enter(self):
         self._entered = True
+        self._followSegmentEditor()
         if not self._devicesPopulated:
             # Deferred so the panel paints first: importing torch takes a few seconds once.
             qt.QTimer.singleShot(0, self._populateDevices)
@@ -227,6 +230,27 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._setStatus("Propagation cancelled because the scene was closed.", "warning")
         self.logic.history.clear()
         self._reviewShown = None
+        self._editorSelectionSeen = None
+
+    def _followSegmentEditor(self):
+        """Select what the Segment Editor has selected (its source volume, segmentation and segment)
+        if that changed since the panel last looked: a user who drew in the Segment Editor and comes
+        here finds it chosen, while a choice made in this panel stays as long as the Segment
+        Editor's selection does not change."""
+        selection = self.logic.segmentEditorSelection()
+        seen = None if selection is None else tuple(
+            node.GetID() if node is not None else None for node in selection[:2]) + (selection[2],)
+        if seen == self._editorSelectionSeen:
+            return
+        self._editorSelectionSeen = seen
+        if selection is None:
+            return
+        volume, segmentation, segmentId = selection
+        if volume is not None:
+            self.ui.volumeSelector.setCurrentNode(volume)
+        self.ui.segmentationSelector.setCurrentNode(segmentation)
+        if segmentId:
+            self.ui.segmentSelector.setCurrentSegmentID(segmentId)
 
     def onSceneEndClose(self, caller, event):
         # The closed scene's result and progress no longer apply (a job the close cancelled still
@@ -788,6 +812,24 @@ class PAMSegmentLogic(ScriptedLoadableModuleLogic):
         if torch.cuda.is_available():
             devices.append("cuda")
         return devices
+
+    @staticmethod
+    def segmentEditorSelection():
+        """(source volume or None, segmentation, segment ID or "") selected in the Segment Editor
+        module (its singleton vtkMRMLSegmentEditorNode), or None when it has no segmentation."""
+        editorNode = slicer.mrmlScene.GetSingletonNode(SEGMENT_EDITOR_SINGLETON_TAG, "vtkMRMLSegmentEditorNode")
+        segmentation = editorNode.GetSegmentationNode() if editorNode is not None else None
+        if segmentation is None:
+            return None
+        # SourceVolume since Slicer 5.4, MasterVolume before.
+        getVolume = getattr(editorNode, "GetSourceVolumeNode", None) or editorNode.GetMasterVolumeNode
+        volume = getVolume()
+        if volume is not None and not volume.IsA("vtkMRMLScalarVolumeNode"):
+            volume = None
+        segmentId = editorNode.GetSelectedSegmentID() or ""
+        if segmentId and segmentation.GetSegmentation().GetSegment(segmentId) is None:
+            segmentId = ""
+        return volume, segmentation, segmentId
 
     # propagation
 

@@ -1088,6 +1088,46 @@ def test_panel_follows_edits_only_while_shown(panel, drawn):
     assert panel.promptRefreshTimer.active  # followed again
 
 
+def test_panel_follows_the_segment_editor_selection_when_it_changed(panel, drawn, mrml):
+    """Drawing in the Segment Editor then opening PAMSegment selects the editor's source volume,
+    segmentation and segment; a choice made in the panel stays while the editor's does not change."""
+    slicer = _slicer()
+    truth, volume, segmentation, liver = drawn
+    other_volume = mrml.make_volume_node(np.zeros(SHAPE, np.float32), name="other")
+    other, ids = mrml.make_segmentation(other_volume, {"a": np.zeros(SHAPE, np.uint8), "b": truth.astype(np.uint8)})
+    panel.exit()
+    editor = slicer.vtkMRMLSegmentEditorNode()
+    editor.SetSingletonTag("SegmentEditor")
+    editor = slicer.mrmlScene.AddNode(editor)
+    editor.SetAndObserveSegmentationNode(other)
+    editor.SetAndObserveSourceVolumeNode(other_volume)
+    editor.SetSelectedSegmentID(ids["b"])
+    panel.enter()
+    ui = panel.ui
+    assert (ui.volumeSelector.currentNode(), ui.segmentationSelector.currentNode(),
+            ui.segmentSelector.currentSegmentID()) == (other_volume, other, ids["b"])
+    # the user picks another input here: leaving and coming back keeps it
+    ui.segmentationSelector.setCurrentNode(segmentation)
+    ui.volumeSelector.setCurrentNode(volume)
+    panel.exit()
+    panel.enter()
+    assert (ui.volumeSelector.currentNode(), ui.segmentationSelector.currentNode(),
+            ui.segmentSelector.currentSegmentID()) == (volume, segmentation, liver)
+    # the editor's selection changes (another segment picked there): followed again
+    editor.SetSelectedSegmentID(ids["a"])
+    panel.exit()
+    panel.enter()
+    assert (ui.segmentationSelector.currentNode(), ui.segmentSelector.currentSegmentID()) == (other, ids["a"])
+    # a segment ID the segmentation no longer has, or no segmentation at all, selects nothing new
+    editor.SetSelectedSegmentID("gone")
+    assert panel.logic.segmentEditorSelection() == (other_volume, other, "")
+    editor.SetAndObserveSegmentationNode(None)
+    assert panel.logic.segmentEditorSelection() is None
+    panel.exit()
+    panel.enter()
+    assert ui.segmentationSelector.currentNode() is other
+
+
 def test_panel_entering_lists_devices_and_restores_settings(module, monkeypatch):
     FakeSettings.store.update({"PAMSegment/OutputMode": "new", "PAMSegment/UseCheckpointFile": "true",
                                "PAMSegment/CheckpointPath": "/data/propmask.pth", "PAMSegment/IntensityGate": "false",
