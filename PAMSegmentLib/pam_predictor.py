@@ -131,6 +131,10 @@ class PAMPredictor(SlicePredictor):
         # The network crop's side as a multiple of the guide mask's larger extent (None: the
         # checkpoint's PreprocessingParams.crop_scale; an attribute: validate.py may override it).
         self.crop_scale: float | None = None
+        # Where the network's intensity window comes from: "prompt" (the drawn slice's region, for the
+        # whole walk) or "guide" (each window's guide slice and mask, as training samples are built;
+        # the registration keeps the prompt's). An attribute: validate.py may override it.
+        self.network_window: str = "prompt"
         w = inf.registration_weight if registration_weight is None else registration_weight
         if not 0.0 <= float(w) <= 1.0:
             raise ValueError(f"registration_weight must be within [0, 1], got {w}")
@@ -358,14 +362,17 @@ class PAMPredictor(SlicePredictor):
         key = (guide_index, box, guide_mask.tobytes().__hash__())
         cache = self._guide_cache if self._guide_cache is not None else {}
         if key not in cache:
-            g_img = crop_slices(volume[guide_index][None], box, size, self.window).to(device)
+            window = self.window
+            if self.network_window == "guide" and np.any(guide_mask):
+                window = intensity_window(volume[guide_index], guide_mask, pre)
+            g_img = crop_slices(volume[guide_index][None], box, size, window).to(device)
             g_mask = crop_slices(guide_mask[None], box, size, is_mask=True).to(device)
             if len(cache) >= 4:  # a walk uses at most a few guides at a time
                 cache.pop(next(iter(cache)))
-            cache[key] = (stage.encode_guide(g_img, g_mask), g_mask)
+            cache[key] = (stage.encode_guide(g_img, g_mask), g_mask, window)
         self._guide_cache = cache
-        (keys, values), g_mask = cache[key]
-        queries = crop_slices(volume[list(query_indices)], box, size, self.window).to(device)
+        (keys, values), g_mask, window = cache[key]
+        queries = crop_slices(volume[list(query_indices)], box, size, window).to(device)
         prior = None
         if priors is not None and self.model.config.mask_prior:
             prior = crop_slices(np.asarray(priors, dtype=np.float32), box, size, is_mask=True).to(device)[None]

@@ -397,3 +397,44 @@ def test_network_crop_scale_is_the_checkpoints_unless_overridden(monkeypatch, ov
     with pytest.raises(Stop):
         p._predict_network(img, 0, truth[0], [1])
     assert seen == [expected] and model.preprocessing.crop_scale == 1.5  # the checkpoint's own is untouched
+
+
+def test_network_window_from_the_guide_is_an_option(monkeypatch):
+    """``PAMPredictor.network_window`` (validate.py's ``pam+wguide``): "prompt" windows every slice
+    the network sees with the drawn slice's window; "guide" with a window computed from that
+    window's guide slice and mask (here twice as bright: twice the window)."""
+    import PAMSegmentLib.pam_predictor as pp
+    from PAMSegmentLib.preprocess import intensity_window
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def record(slices, box, size, window=None, is_mask=False):
+        if is_mask:
+            return pp.torch.zeros((len(slices), 1, size, size))
+        seen.append((round(window.low, 3), round(window.high, 3)))
+        if len(seen) == 2:  # the guide's, then the queries'
+            raise Stop
+        return pp.torch.zeros((len(slices), 1, size, size))
+
+    stage = SimpleNamespace(encode_guide=lambda img, mask: (None, None))
+    model = SimpleNamespace(inference=InferenceParams(), preprocessing=PreprocessingParams(input_size=64),
+                            config=PLAIN_NETWORK, device="cpu", network=SimpleNamespace(proposing_stage=stage))
+    img, truth = sliding_square()
+    img[5:] *= 2.0  # the object and its surroundings brighten from slice 5 on
+    prompt_window = intensity_window(img[0], truth[0], model.preprocessing)
+    guide_window = intensity_window(img[6], truth[6], model.preprocessing)
+    expected = {"prompt": (round(prompt_window.low, 3), round(prompt_window.high, 3)),
+                "guide": (round(guide_window.low, 3), round(guide_window.high, 3))}
+    assert expected["guide"][1] > 1.5 * expected["prompt"][1]
+    monkeypatch.setattr(pp, "crop_slices", record)
+    for mode in ("prompt", "guide"):
+        p = PAMPredictor(model, registration_weight=0.0)
+        p.network_window = mode
+        p.begin(img, 0, truth[0])
+        seen.clear()
+        with pytest.raises(Stop):
+            p._predict_network(img, 6, truth[6], [7, 8])
+        assert seen == [expected[mode]] * 2, mode

@@ -44,6 +44,8 @@ _FLAGS = {
     "guideprior": {"query_prior": "guide"},
     # The registration's demons filter: diffeomorphic instead of fast symmetric forces.
     "regdiffeo": {"registration_options": {"diffeomorphic": True}},
+    # The network's intensity window from each window's guide instead of the drawn slice.
+    "wguide": {"network_window": "guide"},
 }
 _NUMERIC = {
     "kfagree": (None, "keyframe_outward_min_agreement", float),  # min Dice network vs warped, outward
@@ -79,7 +81,8 @@ def parse_config(config: str) -> dict:
     an S times finer grid; ``carryss1`` = the slices' own grid), ``kfagreeD`` (with several
     keyframes, walks beyond the outermost ones end where the network's and the warped mask's
     Dice < D). ``upT`` (thick slices: walks through slices interpolated to <= T mm; 0 = off). ``cropS`` (the
-    network crop's side, S x the guide mask's larger extent; the checkpoint's is 1.5). Unknown options are an error."""
+    network crop's side, S x the guide mask's larger extent; the checkpoint's is 1.5). ``wguide`` (the
+    network's intensity window from each window's guide instead of the drawn slice). Unknown options are an error."""
     if config.startswith("window"):
         return {"window_mm": float(config[len("window"):])}
     head, *tokens = config.split("+")
@@ -167,7 +170,7 @@ def main(argv=None) -> int:
                                          query_prior=opts.get("query_prior"))
                 predictor.registration_options = opts.get("registration_options", {})
                 for name in ("window_mm", "threshold", "presence_threshold", "consistency_min_dice",
-                             "keyframe_outward_min_agreement", "carry_supersample", "through_plane_mm", "crop_scale"):
+                             "keyframe_outward_min_agreement", "carry_supersample", "through_plane_mm", "crop_scale", "network_window"):
                     if name in opts:
                         setattr(predictor, name, opts[name])
             res = propagate(case.image, prompt, case.spacing, predictor, axis=0)
