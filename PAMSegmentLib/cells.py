@@ -2,7 +2,7 @@
 cell of the image comes back as its own label.
 
 The way ilastik's pixel classification does it, with scikit-image and scikit-learn
-(``pip install "PAMSegmentLib[cells]"``):
+(``pip install ".[cells]"`` in the PAMSegment source folder):
 
 1. The example cells set the scale: r = the median equivalent radius of their outlines.
 2. Every pixel gets multiscale features (``skimage.feature.multiscale_basic_features``:
@@ -189,7 +189,8 @@ def label_cells(image, examples, *, background=None, tile: int = 1024, seed: int
         import skimage.feature  # noqa: F401 - both extras, checked together
         from sklearn.ensemble import RandomForestClassifier
     except ImportError:
-        raise InputError('cell labelling needs scikit-image and scikit-learn: pip install "PAMSegmentLib[cells]"') \
+        raise InputError('cell labelling needs scikit-image and scikit-learn: pip install ".[cells]" in the PAMSegment '
+                         'source folder (or pip install scikit-image scikit-learn)') \
             from None
     if not isinstance(tile, (int, np.integer)) or tile < 64:
         raise InputError(f"tile must be a whole number of at least 64 px, got {tile!r}")

@@ -445,7 +445,8 @@ def _drawn_slices(prompt: np.ndarray, present: list[int], axis: int | None, labe
                 raise _mixed_planes_error(lab, best, lines, sl, plane_names, max_slices)
             raise InputError(
                 f"label {lab} is drawn on {len(sl)} of {n_axis} slices along axis {best}: that is a 3D mask, "
-                f"not a slice prompt; draw it on one slice (or a few keyframes, at most {max_slices})"
+                f"not a slice prompt; draw it on one slice (or a few keyframes: at most {max_slices}, and on at "
+                f"most half the slices)"
             )
     return best, slices
 

@@ -313,7 +313,9 @@ def test_without_the_cells_extra_the_message_says_what_to_install(monkeypatch, m
 
     image, ref = disc_image()
     monkeypatch.setitem(sys.modules, missing, None)  # import of it fails
-    with pytest.raises(InputError, match=r'pip install "PAMSegmentLib\[cells\]"'):
+    # PAMSegmentLib is not on PyPI: never `pip install "PAMSegmentLib[cells]"` (a stranger's package)
+    with pytest.raises(InputError, match=r'pip install "\.\[cells\]" in the PAMSegment source folder \(or pip install '
+                                         r'scikit-image scikit-learn\)'):
         label_cells(image, np.where(np.isin(ref, [1, 2]), ref, 0))
 
 
@@ -473,3 +475,4 @@ def test_the_cell_evaluation_counts_the_nuclei_it_scores():
     assert evaluate_cells.scored_nuclei(ref) == [2, 7]
     assert "125 instances,\nof which the 124 over 30 px are scored" in evaluate_cells.__doc__
     assert evaluate_cells.MIN_AREA == 30 and "512 x 512 px, 124 nuclei;" in (REPO / "README.md").read_text()
+

@@ -867,6 +867,14 @@ def test_find_prompt_slices_names_two_planes_rather_than_a_3d_mask():
     box[2:22, 10:30, 10:30] = 1
     with pytest.raises(InputError, match=r"^label 1 is drawn on 20 of 24 slices along axis 0: that is a 3D mask"):
         find_prompt_slices(box)
+    # Keyframes on more than half the slices are refused too, and the message says that limit
+    # besides the count of 32 (16 separate keyframes of 31 slices).
+    spaced = np.zeros((31, 40, 44), np.uint8)
+    spaced[0:31:2, 10:30, 10:30] = 1
+    with pytest.raises(InputError, match=r"^label 1 is drawn on 16 of 31 slices along axis 0: that is a 3D mask, not a "
+                                         r"slice prompt; draw it on one slice \(or a few keyframes: at most 32, and on "
+                                         r"at most half the slices\)$"):
+        find_prompt_slices(spaced)
 
 
 def test_find_prompt_slices_keeps_small_objects_drawn_on_adjacent_slices():
@@ -901,12 +909,12 @@ def test_find_prompt_slices_hints_that_an_image_given_as_the_prompt_is_one():
     # without negative values got a message about planes or a 3D mask alone.
     prompt = np.ones((12, 40, 40), np.int32)  # label 1 everywhere: a 3D mask along any axis
     prompt[6, 10:40, 10:40] = np.arange(2, 902).reshape(30, 30)  # 900 more values: 901 in all
-    with pytest.raises(InputError, match=r"3D mask, not a slice prompt; draw it on one slice \(or a few keyframes, at "
-                                         r"most 32\)$"):
+    with pytest.raises(InputError, match=r"3D mask, not a slice prompt; draw it on one slice \(or a few keyframes: at "
+                                         r"most 32, and on at most half the slices\)$"):
         find_prompt_slices(prompt)
     prompt[7, 10:20, 10:20] = np.arange(902, 1002).reshape(10, 10)  # 1001 values
-    with pytest.raises(InputError, match=r"3D mask, not a slice prompt; draw it on one slice \(or a few keyframes, at "
-                                         r"most 32\); the prompt holds 1001 different values, as an image does: are "
+    with pytest.raises(InputError, match=r"3D mask, not a slice prompt; draw it on one slice \(or a few keyframes: at "
+                                         r"most 32, and on at most half the slices\); the prompt holds 1001 different values, as an image does: are "
                                          r"the image and the prompt swapped\?$"):
         find_prompt_slices(prompt)
     with pytest.raises(InputError, match=r"^label 5000 is not in the prompt; labels present: 1, 2, 3, .*, 20 \.\.\. "
