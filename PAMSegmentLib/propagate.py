@@ -353,8 +353,10 @@ def find_prompt_slices(prompt: np.ndarray, axis: int | None = None, labels: Sequ
     """
     if prompt.ndim != 3:
         raise InputError(f"the prompt must be a 3D label map, got {prompt.ndim}D")
-    # Unique of the drawn voxels only: the whole volume would cost seconds at 512 x 512 x 400.
-    present = [int(v) for v in np.unique(prompt[prompt != 0])]
+    # Everything below works on the drawing's bounding box (its first index per axis: ``offset``):
+    # passes over the whole volume would cost a second at 512 x 512 x 400.
+    drawn, offset = _bounding_box(prompt != 0)
+    present = [int(v) for v in np.unique(prompt[tuple(slice(o, o + n) for o, n in zip(offset, drawn.shape))][drawn])]
     if not present:
         raise InputError("the prompt is empty: draw the object on one slice (label > 0) and try again")
     image_like = _image_like(present)
@@ -363,7 +365,9 @@ def find_prompt_slices(prompt: np.ndarray, axis: int | None = None, labels: Sequ
         raise InputError(f"the prompt has label {bad[0]}: labels must be whole numbers from 1 to {MAX_LABEL} "
                          f"(0 = background); {image_like or 'renumber the label map'}")
     try:
-        return _drawn_slices(prompt, present, axis, labels, max_slices, plane_names, update)
+        box = tuple(slice(o, o + n) for o, n in zip(offset, drawn.shape))
+        return _drawn_slices(prompt[box], present, axis, labels, max_slices, plane_names, update,
+                             offset=offset, full_shape=prompt.shape)
     except InputError as error:
         if not image_like:
             raise
@@ -371,8 +375,12 @@ def find_prompt_slices(prompt: np.ndarray, axis: int | None = None, labels: Sequ
 
 
 def _drawn_slices(prompt: np.ndarray, present: list[int], axis: int | None, labels: Sequence[int] | None,
-                  max_slices: int, plane_names: Sequence[str] | None, update: bool) -> tuple[int, dict[int, list[int]]]:
-    """find_prompt_slices past its checks of the prompt's values (``present``: its labels, sorted)."""
+                  max_slices: int, plane_names: Sequence[str] | None, update: bool, *,
+                  offset: Sequence[int] = (0, 0, 0), full_shape: Sequence[int] | None = None,
+                  ) -> tuple[int, dict[int, list[int]]]:
+    """find_prompt_slices past its checks of the prompt's values (``present``: its labels, sorted).
+    ``prompt`` may be a box of the whole prompt (``full_shape``) starting at index ``offset``."""
+    full_shape = tuple(prompt.shape) if full_shape is None else tuple(full_shape)
     if labels is None:
         labels = present
     else:
@@ -389,7 +397,8 @@ def _drawn_slices(prompt: np.ndarray, present: list[int], axis: int | None, labe
     # Each label's mask once, cropped to its bounding box (and where that box starts).
     boxes, starts = {}, {}
     for lab in labels:
-        boxes[lab], starts[lab] = _bounding_box(prompt == lab)
+        boxes[lab], start = _bounding_box(prompt == lab)
+        starts[lab] = tuple(int(a) + int(b) for a, b in zip(start, offset))
 
     def occupied(lab, ax):
         other = tuple(a for a in range(3) if a != ax)
@@ -407,7 +416,7 @@ def _drawn_slices(prompt: np.ndarray, present: list[int], axis: int | None, labe
            for ax in axes}
     best = min(axes, key=key.get)
     slices = {lab: occupied(lab, best) for lab in labels}
-    n_axis = prompt.shape[best]
+    n_axis = full_shape[best]
     for lab, sl in slices.items():
         # A label drawn on slices of another plane crosses the chosen axis's slices as thin lines,
         # which would be taken as keyframes: refuse rather than return little more than the drawing.
