@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -381,6 +383,18 @@ def test_merge_eval_renames_a_method_in_one_input(tmp_path, monkeypatch):
     bad = subprocess.run([sys.executable, str(REPO / "scripts" / "merge_eval.py"), "--out", str(tmp_path / "b"),
                           f"{tmp_path / 'old.csv'}::pam"], capture_output=True, text=True)
     assert bad.returncode == 1 and "expected PATH::OLD=NEW to rename a method" in bad.stderr
+
+
+def test_validate_refuses_a_bad_checkpoint_and_an_empty_set_in_one_line(tmp_path):
+    """scripts/validate.py loads the checkpoint before any case (no cache is needed to be told the
+    file is wrong) and refuses to print a mean over no structures."""
+    script = str(REPO / "scripts" / "validate.py")
+    for args, message in [([str(REPO / "README.md")], "error: cannot load checkpoint"),
+                          ([str(tmp_path / "none.pt")], "does not exist"),
+                          ([str(REPO / "README.md"), "--n", "0"], "error: --n must be at least 1")]:
+        run = subprocess.run([sys.executable, script, *args, "--cache", str(tmp_path)], capture_output=True,
+                             text=True, timeout=120)
+        assert run.returncode == 1 and message in run.stderr and "Traceback" not in run.stderr, run.stderr
 
 
 def test_validate_configs_parse_to_predictor_settings():

@@ -179,6 +179,21 @@ def test_set_inference_params_refuses_out_of_range_values(tmp_path):
     assert run.returncode == 0, run.stderr
     inf = load_checkpoint_file(out).inference
     assert (inf.intensity_gate, inf.intensity_gate_reference) == (True, "guide")
+    assert "note:" not in run.stdout  # no model card beside out.pt
+    # A model card beside the output lists the old values: the script says to rewrite it.
+    (tmp_path / "carded.json").write_text("{}")
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "set_inference_params.py"), str(src),
+                          "--set", "threshold=0.45", "--reason", "test", "--out", str(tmp_path / "carded.pt")],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and f"note: {tmp_path / 'carded.json'} still lists the old inference" in run.stdout
+    # A file that is not a checkpoint, or an output in a missing folder: one line, nothing written.
+    for source, target, message in [(ROOT / "README.md", out, "error: cannot load checkpoint"),
+                                    (src, tmp_path / "missing" / "o.pt", "lies in a folder that does not exist")]:
+        run = subprocess.run([sys.executable, str(ROOT / "scripts" / "set_inference_params.py"), str(source),
+                              "--set", "threshold=0.45", "--reason", "test", "--out", str(target)],
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 1 and message in run.stderr and "Traceback" not in run.stderr
+        assert len(run.stderr.strip().splitlines()) == 1
 
 
 def test_shipped_settings_reach_the_predictor():

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from PAMSegmentLib.checkpoints import InferenceParams, load_checkpoint_file, save_checkpoint  # noqa: E402
+from PAMSegmentLib.errors import PAMError  # noqa: E402
 
 
 def parse_assignment(text: str) -> tuple[str, object]:
@@ -47,7 +48,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     changes = dict(parse_assignment(a) for a in args.assignments)
-    model = load_checkpoint_file(args.checkpoint)
+    out = Path(args.out)
+    if out.is_dir() or not out.parent.is_dir():
+        raise SystemExit(f"error: --out {out} is a folder or lies in a folder that does not exist; give a file path")
+    try:
+        model = load_checkpoint_file(args.checkpoint)
+    except (PAMError, OSError) as exc:
+        raise SystemExit(f"error: {exc}") from None
     if model.kind != "pamsegment":
         raise SystemExit("error: only PAMSegment checkpoints carry inference parameters; the official file does not")
     try:
@@ -61,6 +68,10 @@ def main(argv=None) -> int:
     if digest != model.sha256:
         raise SystemExit(f"error: the weights changed while rewriting ({model.sha256} -> {digest})")
     print(f"wrote {args.out}: " + ", ".join(f"{k}={v}" for k, v in changes.items()) + f" (weights sha256 {digest[:8]}...)")
+    card = out.with_suffix(".json")
+    if card.is_file():  # the model card lists the inference parameters too: it is now out of date
+        print(f"note: {card} still lists the old inference parameters: rewrite it with scripts/make_model_card.py "
+              f"{args.out} (see its docstring for the logs and evaluation to give)")
     return 0
 
 

@@ -116,13 +116,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint")
     ap.add_argument("--configs", default="pam",
-                    help="comma-separated: pam, pam+gate, pam+gateg (drift test against the window's guide), pam+nogate, pam+fbD (forward-backward check, min Dice D), "
-                         "pam+thrT (mask threshold T), pam+kfagreeD (keyframe outward agreement test), pam+regW (registration weight W; pam+reg0 = network only; "
-                         "+regsideN/+regitN/+regcoarseN: its grid size, iterations and coarse-level iterations; +regdiffeo: "
-                         "diffeomorphic demons; +carryssS: the carried mask on an S times finer grid), "
-                         "windowMM, track, ci (contour interpolation, with --keyframes)")
+                    help="comma-separated: pam[+OPTION...], windowMM, track[+regOPTION...], ci (contour "
+                         "interpolation, with --keyframes). OPTIONs: " + ", ".join(_FLAGS) + ", or a number after "
+                         + ", ".join(_NUMERIC) + " (e.g. pam+reg0.5+gateg; see parse_config's docstring for each)")
     ap.add_argument("--cache", default=os.environ.get("PAMSEGMENT_CACHE", str(ROOT / "cache")))
-    ap.add_argument("--n", type=int, default=N_DEFAULT)
+    ap.add_argument("--n", type=int, default=N_DEFAULT,
+                    help=f"structures drawn (seed 0) from the cases (default {N_DEFAULT}); --fresh removes the default "
+                         "set's from them afterwards")
     ap.add_argument("--per-structure", action="store_true", help="also print every structure's Dice")
     ap.add_argument("--keyframes", action="store_true",
                     help="prompt = the reference at 25 %% and 75 %% of the extent (two keyframes) instead of the middle "
@@ -134,12 +134,19 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     configs = args.configs.split(",")
     parsed = {c: parse_config(c) for c in configs if c != "ci"}  # a typo fails here, before any case is read
+    if args.n < 1:
+        raise SystemExit("error: --n must be at least 1")
     import torch
 
     torch.set_num_threads(1)
     from PAMSegmentLib.checkpoints import load_checkpoint_file
+    from PAMSegmentLib.errors import PAMError
     from PAMSegmentLib.pam_predictor import PAMPredictor
 
+    try:  # before any case is read: a wrong file is one line, at once
+        model = load_checkpoint_file(args.checkpoint)
+    except (PAMError, OSError) as exc:
+        raise SystemExit(f"error: {exc}") from None
     names = [c.strip() for c in args.cases.split(",") if c.strip()]
     try:
         cases, items = validation_items(args.cache, ROOT / "scripts" / "split.json", names, args.n)
@@ -149,7 +156,10 @@ def main(argv=None) -> int:
         _, used = validation_items(args.cache, ROOT / "scripts" / "split.json", list(CASES), N_DEFAULT)
         used = set(used)
         items = [it for it in items if it not in used]
-    model = load_checkpoint_file(args.checkpoint)
+    if not items:
+        raise SystemExit("error: no structures to validate" + (
+            " (--fresh left out all of them: --fresh removes the default set after --n structures are drawn, "
+            "so give a larger --n)" if args.fresh else ""))
     scores = {c: [] for c in configs}
     for cid, lab in items:
         case = cases[cid]
