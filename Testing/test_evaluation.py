@@ -300,6 +300,26 @@ def test_load_split_filters(tmp_path):
     assert [s.case for s in ev.load_split(p, cases=["a"])] == ["a"]
     with pytest.raises(InputError, match="does not exist"):
         ev.load_split(tmp_path / "nope.json")
+    # A name that selects nothing is refused with what there is (a typo ran the rest silently).
+    with pytest.raises(InputError, match=r"^no evaluation case 'nosuch' in .*; evaluation cases: a, b$"):
+        ev.load_split(p, cases=["a", "nosuch"])
+    with pytest.raises(InputError, match=r"^no evaluation group matches 'brain' in .*; groups: abdominal CT organs "
+                                         r"\(held out\), spine MR$"):
+        ev.load_split(p, groups=["spine", "brain"])
+
+
+def test_evaluate_script_refuses_bad_options_before_any_work(tmp_path):
+    script = str(REPO / "scripts" / "evaluate.py")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    for args, message in [(["--positions", "0.5x"], "error: --positions expects fractions of the extent"),
+                          (["--positions", "0.3,1.5"], "error: --positions must lie within [0, 1]"),
+                          (["--threads", "0"], "argument --threads: expected a positive integer, got '0'"),
+                          (["--out", str(blocker / "ev")], f"error: cannot write results to --out {blocker / 'ev'}"),
+                          (["--from-csv", "--out", str(tmp_path / "none")], "which does not exist: give the --out of")]:
+        run = subprocess.run([sys.executable, script, "--cache", str(tmp_path), "--no-figure", *args],
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode != 0 and message in run.stderr and "Traceback" not in run.stderr, (args, run.stderr)
 
 
 def test_evaluate_script_end_to_end(tmp_path, capsys):

@@ -39,9 +39,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from PAMSegmentLib import evaluation as ev  # noqa: E402
+from PAMSegmentLib.cli import number_type  # noqa: E402
 from PAMSegmentLib.errors import PAMError  # noqa: E402
 from PAMSegmentLib.metrics import dice  # noqa: E402
 from PAMSegmentLib.metrics import evaluate as score_masks  # noqa: E402
+
+
+_positive = number_type(int, lambda v: v >= 1, "a positive integer")
 
 
 def parse_args(argv=None):
@@ -66,9 +70,9 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N structures (quick runs)")
     p.add_argument("--axis", type=int, choices=(0, 1, 2), default=0,
                    help="propagation axis of the arrays (default 0; 1 and 2: prompts drawn on the other two planes)")
-    p.add_argument("--threads", type=int, default=1, help="torch/ITK threads (default 1)")
+    p.add_argument("--threads", type=_positive, default=1, help="torch/ITK threads (default 1)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=_positive, default=16)
     p.add_argument("--tolerance", type=float, default=2.0, help="NSD tolerance in mm (default 2)")
     p.add_argument("--figure-structure", default="", help="CASE:NAME shown in the qualitative panel (default: the first structure)")
     p.add_argument("--no-figure", action="store_true")
@@ -80,6 +84,9 @@ def parse_args(argv=None):
 
 def rebuild(args) -> int:
     out = Path(args.out)
+    if not (out / "results.csv").is_file():
+        raise SystemExit(f"error: --from-csv rebuilds from {out / 'results.csv'}, which does not exist: give the --out of "
+                         "an earlier run")
     rows = ev.read_csv(out / "results.csv")
     header = f"## Evaluation\n\n(rebuilt from {out / 'results.csv'}, {len(rows)} rows)"
     old = out / "summary.md"
@@ -351,7 +358,13 @@ def main(argv=None):
         args.variants = ev.parse_prompt_variants(args.prompt_variants)
     except PAMError as exc:
         raise SystemExit(str(exc)) from None
-    positions = [float(p) for p in args.positions.split(",") if p.strip()]
+    try:
+        positions = [float(p) for p in args.positions.split(",") if p.strip()]
+    except ValueError:
+        raise SystemExit(f"error: --positions expects fractions of the extent such as 0.3,0.5,0.7; got "
+                         f"{args.positions!r}") from None
+    if not all(0 <= p <= 1 for p in positions):
+        raise SystemExit(f"error: --positions must lie within [0, 1]; got {args.positions!r}")
     if 0.5 not in positions:
         positions.append(0.5)  # the reference protocol is always run
     positions = sorted(positions)
@@ -361,10 +374,15 @@ def main(argv=None):
     if args.limit:
         structures = structures[: args.limit]
     if not structures:
-        raise SystemExit("no evaluation structures match the filters")
-    methods = build_methods(args)
+        raise SystemExit("error: no evaluation structures match the filters")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:  # before the methods load and any case is read
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".write_test").write_bytes(b"")
+        (out / ".write_test").unlink()
+    except OSError as exc:
+        raise SystemExit(f"error: cannot write results to --out {out}: {exc.strerror or exc}") from None
+    methods = build_methods(args)
     fig_key = tuple(args.figure_structure.split(":", 1)) if args.figure_structure else (structures[0].case, structures[0].name)
 
     print(f"evaluating {len(structures)} structures x {len(methods)} methods ({', '.join(m for m, _ in methods)}), "
