@@ -356,7 +356,8 @@ def find_prompt_slices(prompt: np.ndarray, axis: int | None = None, labels: Sequ
     # Everything below works on the drawing's bounding box (its first index per axis: ``offset``):
     # passes over the whole volume would cost a second at 512 x 512 x 400.
     drawn, offset = _bounding_box(prompt != 0)
-    present = [int(v) for v in np.unique(prompt[tuple(slice(o, o + n) for o, n in zip(offset, drawn.shape))][drawn])]
+    box = tuple(slice(o, o + n) for o, n in zip(offset, drawn.shape))
+    present = [int(v) for v in np.unique(prompt[box][drawn])]
     if not present:
         raise InputError("the prompt is empty: draw the object on one slice (label > 0) and try again")
     image_like = _image_like(present)
@@ -365,7 +366,6 @@ def find_prompt_slices(prompt: np.ndarray, axis: int | None = None, labels: Sequ
         raise InputError(f"the prompt has label {bad[0]}: labels must be whole numbers from 1 to {MAX_LABEL} "
                          f"(0 = background); {image_like or 'renumber the label map'}")
     try:
-        box = tuple(slice(o, o + n) for o, n in zip(offset, drawn.shape))
         return _drawn_slices(prompt[box], present, axis, labels, max_slices, plane_names, update,
                              offset=offset, full_shape=prompt.shape)
     except InputError as error:
