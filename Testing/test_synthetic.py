@@ -140,6 +140,31 @@ def test_case_round_trip(tmp_path):
         D.write_case(tmp_path / "bad.npz", img, lab[:3], (1, 1, 1), {}, "CT", "x")
 
 
+def test_case_writer_temporary_file_is_never_a_case_name(tmp_path, monkeypatch):
+    """write_case wrote NAME.npz.tmp.npz and renamed it: a run interrupted in between left a file
+    that glob("synth_*.npz") takes for a case. The temporary name must not end in .npz, and a write
+    that fails (or is interrupted) removes it."""
+    lab = np.zeros((4, 5, 6), dtype=np.int16)
+    lab[1:3, 1:4, 2:5] = 1
+    real_save, seen = np.savez_compressed, []
+
+    def spy(file, **arrays):
+        seen.append(getattr(file, "name", file))
+        if len(seen) == 2:
+            raise KeyboardInterrupt  # Ctrl-C while the second case is being written
+        return real_save(file, **arrays)
+
+    monkeypatch.setattr(np, "savez_compressed", spy)
+    D.write_case(tmp_path / "synth_0000.npz", lab.astype(np.float32), lab, (1, 1, 1), {1: "x"}, "s", "t")
+    with pytest.raises(KeyboardInterrupt):
+        D.write_case(tmp_path / "synth_0001.npz", lab.astype(np.float32), lab, (1, 1, 1), {1: "x"}, "s", "t")
+    assert [str(n) for n in seen] == [str(tmp_path / "synth_0000.npz.tmp"), str(tmp_path / "synth_0001.npz.tmp")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["synth_0000.npz"]
+    assert D.is_temporary_case_file(tmp_path / "synth_0001.npz.tmp")
+    assert D.is_temporary_case_file(tmp_path / "synth_0001.npz.tmp.npz")  # left by earlier versions
+    assert not D.is_temporary_case_file(tmp_path / "synth_0001.npz")
+
+
 def test_crop_and_stats():
     img = np.arange(40 * 30 * 30, dtype=np.float32).reshape(40, 30, 30)
     lab = np.zeros(img.shape, dtype=np.int16)

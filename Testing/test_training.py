@@ -361,8 +361,8 @@ def test_train_script_writes_runs_not_the_shipped_weights_by_default(tmp_path, m
     assert (f"error: the default --out {tmp_path / 'runs' / 'pam_small.pt'} is the shipped weights {shipped} (through "
             "a link): training would replace them; give --out, naming them if that is what you want"
             ) in capsys.readouterr().err
-    # named explicitly, the shipped weights are the user's choice
-    assert train_script.main([*run, "--out", str(shipped)]) == 0
+    # named explicitly, the shipped weights are the user's choice (an existing file: with --overwrite)
+    assert train_script.main([*run, "--out", str(shipped), "--overwrite"]) == 0
     assert written[-1] == shipped
     readme = " ".join((ROOT / "README.md").read_text().split())
     assert "* Training: `python scripts/train.py --cache cache --minutes 85 --out runs/pam_small.pt`" in readme
@@ -380,3 +380,321 @@ def test_the_readme_says_what_training_the_tests_run():
     assert "No training in CI" not in readme
     assert f"No full training run in CI, only short training loops (up to {longest} iterations) on tiny networks." \
         in readme
+
+
+# ---------------------------------------------------------------------------------------------
+# scripts/train.py and train(): what a run may write, --init-from, argument checks (audit fixes)
+# ---------------------------------------------------------------------------------------------
+
+def _tiny_script(monkeypatch, train_fn=None):
+    """train.py with a `tiny` preset and tiny inline volumes; ``train_fn`` replaces train()."""
+    train_script = _train_script()
+    monkeypatch.setitem(train_script.PRESETS, "tiny", TINY)
+    monkeypatch.setattr(train_script, "inline_synthetic", lambda n, seed: _cases(n, seed))
+    if train_fn is not None:
+        monkeypatch.setattr(train_script, "train", train_fn)
+    return train_script
+
+
+def _tiny_checkpoint(path, inference=None, preprocessing=None, provenance=None, config=TINY):
+    from PAMSegmentLib.checkpoints import InferenceParams, save_checkpoint
+
+    torch.manual_seed(0)
+    save_checkpoint(path, PAMNetwork(config), preprocessing or PreprocessingParams(input_size=config.input_size),
+                    inference or InferenceParams(), provenance or {})
+    return path
+
+
+def test_continued_training_keeps_the_inference_parameters_and_preprocessing(tmp_path, capsys):
+    """--init-from gave the new checkpoint the format's default inference parameters
+    (registration_weight 0, no drift test): continuing the shipped weights made a checkpoint that
+    ran as the network alone. Now it keeps the init checkpoint's, and its preprocessing."""
+    from PAMSegmentLib.checkpoints import InferenceParams
+
+    tuned = InferenceParams(registration_weight=0.5, intensity_gate=True, intensity_gate_reference="guide",
+                            max_window=12, registration_max_side=128, keyframe_outward_min_agreement=0.4)
+    own_pre = PreprocessingParams(input_size=32, window_margin=0.1, crop_scale=1.6)
+    init = _tiny_checkpoint(tmp_path / "init.pt", tuned, own_pre,
+                            {"inference_changes": [{"set": {"registration_weight": 0.5}, "reason": "validated"}]})
+    pre = PreprocessingParams(input_size=32)
+    cfg = TrainConfig(network=TINY, preprocessing=pre, sample=SampleConfig(preprocessing=pre, n_queries=2),
+                      minutes=5, max_iterations=2, n_guides=2, seed=0, threads=1, workers=0, init_from=str(init))
+    train(_cases(1), cfg, tmp_path / "next.pt", tmp_path / "next.csv")
+    new = load_checkpoint_file(tmp_path / "next.pt")
+    assert new.inference == tuned and new.inference.registration_weight == 0.5
+    assert new.preprocessing == own_pre
+    assert new.provenance["inherited_from_init"] == ["inference", "preprocessing"]
+    assert new.provenance["inference_changes"][0]["set"] == {"registration_weight": 0.5}
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("--init-from")]
+    assert len(line) == 1, line
+    assert "keeps its inference parameters (beyond a fresh run's: " in line[0] and "registration_weight 0.5" in line[0]
+    assert "window_margin 0.1" in line[0] and "crop_scale 1.6" in line[0]
+    assert line[0].endswith("the optimizer state and the learning-rate schedule start fresh")
+    # A network that grows a prior channel from it starts with a fresh run's parameters (and says so).
+    from dataclasses import replace
+
+    prior = replace(TINY, name="tiny-prior", mask_prior=True)
+    cfg = TrainConfig(network=prior, preprocessing=pre, sample=SampleConfig(preprocessing=pre, n_queries=2,
+                      simulate_priors=True), minutes=5, max_iterations=1, n_guides=2, seed=0, threads=1, workers=0,
+                      init_from=str(init))
+    train(_cases(1), cfg, tmp_path / "prior.pt", tmp_path / "prior.csv")
+    grown = load_checkpoint_file(tmp_path / "prior.pt")
+    assert grown.inference.registration_weight == 0.0 and grown.preprocessing == pre
+    assert "network tiny starts tiny-prior, so the new checkpoint has a fresh run's" in capsys.readouterr().out
+
+
+def test_init_from_warns_of_training_flags_that_differ_from_its_run(tmp_path, monkeypatch, capsys):
+    """The flags are compared with the init checkpoint's recorded train_flags, or (older
+    checkpoints) with those its recorded train.py command gave."""
+    seen = []
+    train_script = _tiny_script(monkeypatch, lambda cases, cfg, out, log: seen.append(cfg) or {})
+    recorded = _tiny_checkpoint(tmp_path / "recorded.pt", provenance={"train_flags": {
+        "--lr": 0.001, "--presence-weight": 1.0, "--p-remap": 0.3, "--guides": 4}})
+    base = ["--preset", "tiny", "--synthetic-inline", "1", "--workers", "0"]
+    run = [*base, "--init-from", str(recorded), "--lr", "0.001", "--presence-weight", "2.0",
+           "--out", str(tmp_path / "a.pt"), "--log", str(tmp_path / "a.csv")]
+    assert train_script.main(run) == 0
+    warning = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning: training flags")]
+    assert warning == [f"warning: training flags differ from the run that made --init-from {recorded} (recorded): "
+                       "--presence-weight 2.0 (that run: 1.0), --p-remap 0.0 (that run: 0.3)"]
+    assert seen[-1].provenance["train_flags"]["--presence-weight"] == 2.0  # recorded for the next stage
+    # An older checkpoint: only its command.
+    older = _tiny_checkpoint(tmp_path / "older.pt", provenance={
+        "command": "python scripts/train.py --cache /work/cache --minutes 100 --lr 1e-3 --seed 5 --p-remap 0.3"})
+    run = [*base, "--init-from", str(older), "--p-remap", "0.3", "--out", str(tmp_path / "b.pt"),
+           "--log", str(tmp_path / "b.csv")]
+    assert train_script.main(run) == 0
+    assert (f"warning: training flags differ from the run that made --init-from {older} (read from its command): "
+            "--lr 0.002 (that run: 0.001)") in capsys.readouterr().err
+    # The same flags: no warning.
+    run = [*base, "--init-from", str(older), "--p-remap", "0.3", "--lr", "1e-3", "--out", str(tmp_path / "c.pt"),
+           "--log", str(tmp_path / "c.csv")]
+    assert train_script.main(run) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_periodic_saves_go_to_the_partial_file_not_out(tmp_path, monkeypatch):
+    """Every periodic save replaced --out: a crashed or stopped run had already destroyed the
+    previous checkpoint there. Now they go to <out stem>.partial.pt, removed after the final save."""
+    import PAMSegmentLib.training.trainer as trainer_module
+
+    writes = []
+    real_save = trainer_module.save_checkpoint
+
+    def spy(path, network, pre, inference, provenance):
+        writes.append((Path(path).name, provenance["final"]))
+        return real_save(path, network, pre, inference, provenance)
+
+    monkeypatch.setattr(trainer_module, "save_checkpoint", spy)
+    pre = PreprocessingParams(input_size=32)
+    cfg = TrainConfig(network=TINY, preprocessing=pre, sample=SampleConfig(preprocessing=pre, n_queries=2),
+                      minutes=5, max_iterations=3, n_guides=2, seed=0, threads=1, workers=0,
+                      checkpoint_every_min=0.0)  # a periodic save after every iteration
+    out = tmp_path / "model.pt"
+    train(_cases(1), cfg, out, tmp_path / "log.csv")
+    assert writes == [("model.partial.pt", False)] * 3 + [("model.pt", True)]
+    assert trainer_module.partial_path(out) == tmp_path / "model.partial.pt"
+    assert not (tmp_path / "model.partial.pt").exists() and load_checkpoint_file(out).provenance["final"] is True
+
+
+def test_ctrl_c_saves_the_partial_file_and_leaves_out_alone(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in train.py: a traceback, and the work since the last save was lost. Now the weights
+    so far go to <out stem>.partial.pt (stopped_by "interrupted", final false), one line says
+    where, exit 130; --out keeps the previous run's file."""
+    import PAMSegmentLib.training.trainer as trainer_module
+
+    real_forward, calls = trainer_module._forward, []
+
+    def forward(net, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_forward(net, batch)
+
+    monkeypatch.setattr(trainer_module, "_forward", forward)
+    train_script = _tiny_script(monkeypatch)
+    out = tmp_path / "model.pt"
+    out.write_bytes(b"the previous run's weights")
+    code = train_script.main(["--preset", "tiny", "--synthetic-inline", "1", "--workers", "0", "--max-iterations",
+                              "10", "--out", str(out), "--log", str(tmp_path / "log.csv"), "--overwrite"])
+    assert code == 130
+    partial = tmp_path / "model.partial.pt"
+    assert (f"interrupted: the weights after 2 iterations are in {partial} ({out} untouched)"
+            in capsys.readouterr().err.splitlines())
+    assert out.read_bytes() == b"the previous run's weights"
+    saved = load_checkpoint_file(partial)
+    assert saved.provenance["stopped_by"] == "interrupted" and saved.provenance["final"] is False
+    assert saved.provenance["iterations"] == 2
+
+
+def test_a_non_finite_loss_stops_without_writing_out(tmp_path, monkeypatch, capsys):
+    import PAMSegmentLib.training.trainer as trainer_module
+
+    real_loss, calls = trainer_module.pam_loss, []
+
+    def loss(*a, **k):
+        calls.append(1)
+        value, parts = real_loss(*a, **k)
+        return (value * float("nan"), parts) if len(calls) == 2 else (value, parts)
+
+    monkeypatch.setattr(trainer_module, "pam_loss", loss)
+    train_script = _tiny_script(monkeypatch)
+    out = tmp_path / "model.pt"
+    code = train_script.main(["--preset", "tiny", "--synthetic-inline", "1", "--workers", "0", "--max-iterations",
+                              "5", "--out", str(out), "--log", str(tmp_path / "log.csv")])
+    assert code == 1 and not out.exists() and not (tmp_path / "model.partial.pt").exists()
+    assert [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")] == [
+        f"error: the loss became nan at iteration 2; training stopped and {out} was not written"]
+
+
+def test_train_script_refuses_to_replace_files_it_was_not_told_to(tmp_path, monkeypatch, capsys):
+    """--out equal to --init-from is refused outright; an existing --out, --log or partial save
+    only without --overwrite."""
+    written = []
+    train_script = _tiny_script(monkeypatch, lambda cases, cfg, out, log: written.append(out) or {})
+    init = _tiny_checkpoint(tmp_path / "init.pt")
+    base = ["--preset", "tiny", "--synthetic-inline", "1", "--log", str(tmp_path / "log.csv")]
+    (tmp_path / "link.pt").symlink_to(init)
+    for out in (init, tmp_path / "link.pt"):
+        assert train_script.main([*base, "--init-from", str(init), "--out", str(out), "--overwrite"]) == 2
+        assert capsys.readouterr().err.splitlines() == [
+            f"error: --out {out} is the --init-from checkpoint: training would replace the weights it starts "
+            "from; give another --out"]
+    for existing, what in ((tmp_path / "model.pt", "--out"), (tmp_path / "model.partial.pt", "the partial save of --out"),
+                           (tmp_path / "log.csv", "--log"), (tmp_path / "log.json", "the summary written beside --log")):
+        existing.write_bytes(b"x")
+        assert train_script.main([*base, "--out", str(tmp_path / "model.pt")]) == 2
+        assert capsys.readouterr().err.splitlines() == [
+            f"error: {existing} ({what}) exists and this run would replace it; give another path, or --overwrite"]
+        existing.unlink()
+    assert written == []
+    (tmp_path / "model.pt").write_bytes(b"x")
+    assert train_script.main([*base, "--out", str(tmp_path / "model.pt"), "--overwrite"]) == 0
+    assert written == [tmp_path / "model.pt"]
+
+
+def test_train_script_makes_and_checks_the_output_folders_first(tmp_path, monkeypatch, capsys):
+    written = []
+    train_script = _tiny_script(monkeypatch, lambda cases, cfg, out, log: written.append(out) or {})
+    out = tmp_path / "new" / "deeper" / "model.pt"
+    log = tmp_path / "logs" / "log.csv"
+    assert train_script.main(["--preset", "tiny", "--synthetic-inline", "1", "--out", str(out), "--log", str(log)]) == 0
+    assert out.parent.is_dir() and log.parent.is_dir() and written == [out]
+    assert list(out.parent.iterdir()) == [] and list(log.parent.iterdir()) == []  # the write check left nothing
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    for flag in ("--out", "--log"):
+        paths = {"--out": str(tmp_path / "ok.pt"), "--log": str(tmp_path / "ok.csv")}
+        paths[flag] = str(blocker / "sub" / "x")
+        code = train_script.main(["--preset", "tiny", "--synthetic-inline", "1", "--out", paths["--out"],
+                                  "--log", paths["--log"]])
+        err = capsys.readouterr().err.splitlines()
+        assert code == 2 and len(err) == 1, err
+        assert err[0].startswith(f"error: cannot write to {blocker / 'sub'} (the folder of {flag}): ")
+    assert written == [out]
+
+
+@pytest.mark.parametrize("kind", ["missing", "not a checkpoint", "another network"])
+def test_train_script_refuses_a_bad_init_checkpoint_before_loading_cases(tmp_path, monkeypatch, capsys, kind):
+    train_script = _tiny_script(monkeypatch)
+
+    def no_loading(*a, **k):
+        raise AssertionError("cases loaded before the checkpoint was checked")
+
+    monkeypatch.setattr(train_script, "load_training_cases", no_loading)
+    monkeypatch.setattr(train_script, "inline_synthetic", no_loading)
+    path = tmp_path / "init.pt"
+    if kind == "not a checkpoint":
+        path.write_text("iteration,seconds\n" * 100)
+    elif kind == "another network":
+        _tiny_checkpoint(path, config=PAMConfig(name="other", input_size=32, n_stages=3, base_features=4,
+                                                max_features=8, n_attention_stages=2, presence_head=True))
+    split = tmp_path / "split.json"
+    split.write_text('{"train": []}')
+    code = train_script.main(["--preset", "tiny", "--cache", str(tmp_path), "--split", str(split),
+                              "--init-from", str(path), "--out", str(tmp_path / "o.pt"), "--log", str(tmp_path / "l.csv")])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"error: --init-from {path}: "), err
+    expected = {"missing": "does not exist", "not a checkpoint": "it is not a PyTorch file",
+                "another network": "--init-from has network"}[kind]
+    assert expected in err[0]
+
+
+def test_train_script_says_to_prepare_the_data_when_the_split_is_missing(tmp_path, monkeypatch, capsys):
+    train_script = _tiny_script(monkeypatch)
+    split = tmp_path / "nowhere" / "split.json"
+    code = train_script.main(["--cache", str(tmp_path), "--split", str(split), "--out", str(tmp_path / "o.pt"),
+                              "--log", str(tmp_path / "l.csv")])
+    assert code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: the split {split} does not exist; run scripts/prepare_data.py --cache {tmp_path} first (it writes "
+        "the split and the training cases)"]
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--minutes", "0", "argument --minutes: must be a number above 0, got 0"),
+    ("--minutes", "-5", "argument --minutes: must be a number above 0, got -5"),
+    ("--lr", "0", "argument --lr: must be a number above 0, got 0"),
+    ("--lr", "-1e-3", "argument --lr: must be a number above 0, got -1e-3"),
+    ("--lr", "nan", "argument --lr: must be a number above 0, got nan"),
+    ("--guides", "0", "argument --guides: must be at least 1, got 0"),
+    ("--queries", "0", "argument --queries: must be at least 1, got 0"),
+    ("--threads", "0", "argument --threads: must be at least 1, got 0"),
+    ("--workers", "-1", "argument --workers: must be 0 or more, got -1"),
+])
+def test_train_script_checks_the_ranges_of_its_numbers(tmp_path, monkeypatch, capsys, flag, value, message):
+    """--minutes 0 divided by zero (or wrote an untrained checkpoint); --guides 0 / --queries 0
+    trained on NaN and wrote the result, exit 0."""
+    train_script = _tiny_script(monkeypatch, lambda *a: pytest.fail("trained"))
+    with pytest.raises(SystemExit) as exit_:
+        train_script.main(["--synthetic-inline", "1", "--out", str(tmp_path / "o.pt"), f"{flag}={value}"])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o.pt").exists()
+
+
+def test_cases_without_synthetic_volumes_keep_the_per_source_shares(tmp_path, capsys):
+    from PAMSegmentLib.training.data import write_case
+
+    train_script = _train_script()
+    lab = np.zeros((6, 16, 16), np.int16)
+    lab[1:5, 4:10, 4:10] = 1
+    for name in ("ts_a", "ts_b", "tptbox_c"):
+        write_case(tmp_path / "cases" / f"{name}.npz", lab.astype(np.float32) * 100, lab, (1, 1, 1), {1: "box"},
+                   "CT", "test")
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": [{"case": n, "labels": [1]} for n in ("ts_a", "ts_b", "tptbox_c")]}))
+    w = {c.name: c.weight for c in train_script.load_training_cases(tmp_path, split, None)}
+    ts, tptbox = train_script.SOURCE_SHARE["ts_"], train_script.SOURCE_SHARE["tptbox_"]
+    assert w["ts_a"] == w["ts_b"] == pytest.approx(ts / (ts + tptbox) / 2)  # 0.346: the source's share, halved
+    assert w["tptbox_c"] == pytest.approx(tptbox / (ts + tptbox))  # 0.308, not 1/3 by case count
+    assert sum(w.values()) == pytest.approx(1.0)
+    assert "warning: no synthetic volumes in" in capsys.readouterr().err
+    train_script.load_training_cases(tmp_path, split, 0)  # --max-synthetic 0 asked for none: no warning
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_the_loader_skips_the_temporary_files_of_an_interrupted_prepare_data(tmp_path):
+    """An interrupted prepare_data left synth_NNNN.npz.tmp.npz, which glob('synth_*.npz') took
+    for a case (BadZipFile)."""
+    from PAMSegmentLib.training.data import write_case
+
+    train_script = _train_script()
+    lab = np.zeros((6, 16, 16), np.int16)
+    lab[1:5, 4:10, 4:10] = 1
+    write_case(tmp_path / "cases" / "synth_0000.npz", lab.astype(np.float32), lab, (1, 1, 1), {1: "box"}, "s", "t")
+    (tmp_path / "cases" / "synth_0001.npz.tmp.npz").write_bytes(b"PK\x03\x04 half written")  # older write_case
+    (tmp_path / "cases" / "synth_0002.npz.tmp").write_bytes(b"PK\x03\x04 half written")
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": []}))
+    assert [c.name for c in train_script.load_training_cases(tmp_path, split, None)] == ["synth_0000"]
+
+
+def test_the_readme_and_docstring_state_what_reproduces_a_run():
+    """--workers 2 samples batches in another order than 0 or 1, so the same seed, data and
+    --threads alone do not give the same weights."""
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert "the same seed, data, `--threads` and `--workers` then give the same weights" in readme
+    assert "same seed, data and `--threads` then" not in readme
+    doc = _train_script().__doc__
+    assert "prepare_data.py --cache cache --synthetic 400 --synthetic-stacks 160" in doc
+    assert "--synthetic 400 --synthetic-stacks 160" in readme

@@ -1,11 +1,18 @@
 #!/usr/bin/env python
 """Train PAMSegment's default weights (the `small` preset) on CPU.
 
-    python scripts/prepare_data.py --cache cache --synthetic 400      # once
-    python scripts/train.py --cache cache --minutes 80                # writes runs/pam_small.pt
+    python scripts/prepare_data.py --cache cache --synthetic 400 --synthetic-stacks 160   # once
+    python scripts/train.py --cache cache --minutes 80       # writes runs/pam_small.pt
 
 The checkpoint goes to ``--out`` (default ``runs/pam_small.pt`` in this repository). The shipped
-weights, ``Resources/Models/pam_small.pt``, are written only when ``--out`` names them.
+weights, ``Resources/Models/pam_small.pt``, are written only when ``--out`` names them. An existing
+``--out`` or ``--log`` is replaced only with ``--overwrite``. Saves during the run (every 5 min, and
+on Ctrl-C, which then exits 130) go to ``<out stem>.partial.pt`` beside ``--out``; only a finished
+run writes ``--out`` (and removes the partial file).
+
+``--init-from CKPT`` continues from CKPT's weights; for the same network the new checkpoint keeps
+CKPT's inference parameters and preprocessing (the optimizer state and the learning-rate schedule
+start fresh), and a warning names the training flags that differ from those of CKPT's run.
 
 Training cases and labels come from scripts/split.json (evaluation structures and scans are never
 loaded here). ``--synthetic-inline N`` trains on N freshly generated synthetic volumes only (no
@@ -15,10 +22,15 @@ cache needed; used by the tests and for smoke runs).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import math
+import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,10 +40,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from PAMSegmentLib.checkpoints import load_checkpoint_file  # noqa: E402
+from PAMSegmentLib.errors import PAMError  # noqa: E402
 from PAMSegmentLib.network import PRESETS, PAMConfig  # noqa: E402
 from PAMSegmentLib.preprocess import PreprocessingParams  # noqa: E402
+from PAMSegmentLib.training.data import is_temporary_case_file  # noqa: E402
 from PAMSegmentLib.training.samples import Case, SampleConfig  # noqa: E402
-from PAMSegmentLib.training.trainer import TrainConfig, train  # noqa: E402
+from PAMSegmentLib.training.trainer import (  # noqa: E402
+    NonFiniteLoss, TrainConfig, TrainingInterrupted, check_init_network, partial_path, train)
 
 SYNTHETIC_SHARE = 0.45  # fraction of samples drawn from synthetic volumes when real data exist
 # Share of the real samples per source (case-name prefix); see scripts/split.json.
@@ -61,7 +77,8 @@ def load_training_cases(cache: Path, split_path: Path, max_synthetic: int | None
             cases.append(case)
     # Add synthetic cases not listed in the split (the pool size is a prepare_data option).
     listed = {c.name for c in cases}
-    synth_files = sorted((cache / "cases").glob("synth_*.npz"))
+    # Not the temporary files of an interrupted prepare_data run (synth_0001.npz.tmp.npz from older versions).
+    synth_files = sorted(p for p in (cache / "cases").glob("synth_*.npz") if not is_temporary_case_file(p))
     for path in synth_files:
         if max_synthetic is not None and sum(c.name.startswith("synth_") for c in cases) >= max_synthetic:
             break
@@ -75,7 +92,10 @@ def load_training_cases(cache: Path, split_path: Path, max_synthetic: int | None
             cases.append(case)
     real = [c for c in cases if not c.name.startswith("synth_")]
     synth = [c for c in cases if c.name.startswith("synth_")]
-    if real and synth:
+    if real and not synth and max_synthetic != 0:
+        print(f"warning: no synthetic volumes in {cache / 'cases'} (scripts/prepare_data.py --synthetic N writes "
+              "them); training on the real cases alone, weighted by source", file=sys.stderr)
+    if real:
         # Weight real data by source, not by case count: the brain label maps come as 10
         # synthesized cases with 82 structures each and would otherwise drown the real CTs.
         groups: dict[str, list[Case]] = {}
@@ -83,9 +103,11 @@ def load_training_cases(cache: Path, split_path: Path, max_synthetic: int | None
             groups.setdefault(next((p for p in SOURCE_SHARE if c.name.startswith(p)), "other"), []).append(c)
         shares = {g: SOURCE_SHARE.get(g, 0.1) for g in groups}
         norm = sum(shares.values())
+        real_share = 1 - SYNTHETIC_SHARE if synth else 1.0
         for g, members in groups.items():
             for c in members:
-                c.weight = (1 - SYNTHETIC_SHARE) * shares[g] / norm / len(members)
+                c.weight = real_share * shares[g] / norm / len(members)
+    if real and synth:
         stacks = [c for c in synth if c.name.startswith("synth_stack_")]
         if stack_share is None or not stacks or len(stacks) == len(synth):
             for c in synth:
@@ -116,28 +138,53 @@ def git_revision() -> str:
         return "unknown"
 
 
-def main(argv=None) -> int:
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", type=Path, default=REPO / "cache")
     ap.add_argument("--split", type=Path, default=REPO / "scripts" / "split.json")
     ap.add_argument("--preset", default="small", choices=sorted(PRESETS))
-    ap.add_argument("--minutes", type=float, default=80.0,
-                    help="wall-clock budget; without --max-iterations the LR schedule and the start of rollouts "
+    ap.add_argument("--minutes", type=_positive_float, default=80.0,
+                    help="wall-clock budget (> 0); without --max-iterations the LR schedule and the start of rollouts "
                          "follow it, so how far a run gets depends on the machine")
     ap.add_argument("--max-iterations", type=int, default=None,
                     help="end after N iterations; the LR schedule and the start of rollouts then follow the "
-                         "iteration count, so the same seed, data and --threads give the same weights (if "
-                         "--minutes does not end the run first)")
+                         "iteration count, so the same seed, data, --threads and --workers give the same weights "
+                         "(if --minutes does not end the run first)")
     ap.add_argument("--out", type=Path, default=None,
                     help="where the checkpoint goes (default: runs/pam_small.pt in this repository; the shipped "
-                         "Resources/Models/pam_small.pt only when named here)")
+                         "Resources/Models/pam_small.pt only when named here); saves during the run go to "
+                         "<out stem>.partial.pt beside it")
     ap.add_argument("--log", type=Path, default=REPO / "runs" / "train_log.csv")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads for the network")
-    ap.add_argument("--workers", type=int, default=1, help="batch-sampling processes (0 = in the main process)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace an existing --out, --log (and its .json summary) or <out stem>.partial.pt")
+    ap.add_argument("--threads", type=_positive_int, default=1, help="torch threads for the network")
+    ap.add_argument("--workers", type=_non_negative_int, default=1,
+                    help="batch-sampling processes (0 = in the main process)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--guides", type=int, default=4, help="guides per batch")
-    ap.add_argument("--queries", type=int, default=4, help="query slices per guide")
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--guides", type=_positive_int, default=4, help="guides per batch")
+    ap.add_argument("--queries", type=_positive_int, default=4, help="query slices per guide")
+    ap.add_argument("--lr", type=_positive_float, default=2e-3)
     ap.add_argument("--presence-weight", type=float, default=0.5, help="weight of the object-present BCE in the loss")
     ap.add_argument("--p-rollout", type=float, default=0.35,
                     help="share of batches (after the first 15 %% of the run) whose guide is the network's own "
@@ -154,7 +201,105 @@ def main(argv=None) -> int:
     ap.add_argument("--max-synthetic", type=int, default=None, help="use at most this many cached synthetic volumes")
     ap.add_argument("--synthetic-inline", type=int, default=0, help="train on N generated volumes only (no cache)")
     ap.add_argument("--init-from", default=None, help="continue from a checkpoint of the same preset (or of the same network without the "
-                    "prior channel: `small` weights start `small-prior`, the new channel's weights zero)")
+                    "prior channel: `small` weights start `small-prior`, the new channel's weights zero); for the "
+                    "same network the new checkpoint keeps its inference parameters and preprocessing")
+    return ap
+
+
+# The flags that shape what a run learns, compared with those of the run that made --init-from.
+TRAINING_FLAGS = ("--lr", "--presence-weight", "--p-remap", "--p-rollout", "--boundary-weight", "--boundary-band",
+                  "--guides", "--queries", "--stack-share")
+
+
+def training_flags(args: argparse.Namespace) -> dict:
+    return {flag: getattr(args, flag[2:].replace("-", "_")) for flag in TRAINING_FLAGS}
+
+
+def recorded_training_flags(provenance: dict) -> tuple[dict | None, str]:
+    """The training flags of the run that made a checkpoint, and where they come from: its
+    provenance's ``train_flags`` (recorded since they are compared), else its recorded train.py
+    command read with this parser (flags it does not give count as today's defaults)."""
+    flags = provenance.get("train_flags")
+    if isinstance(flags, dict):
+        return flags, "recorded"
+    command = provenance.get("command")
+    if not isinstance(command, str):
+        return None, ""
+    words = command.split()
+    at = next((i for i, w in enumerate(words) if w.endswith("train.py")), None)
+    if at is None:
+        return None, ""
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            old, _ = build_parser().parse_known_args(words[at + 1:])
+    except SystemExit:
+        return None, ""
+    return training_flags(old), "read from its command"
+
+
+def _writable_folder(folder: Path) -> str | None:
+    """Make ``folder`` (and its parents); None if a file can be written there, else why not."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=folder, prefix=".train-write-check-")
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
+def _same_path(a, b) -> bool:
+    a, b = Path(a), Path(b)
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _preflight(args: argparse.Namespace, net_cfg: PAMConfig) -> str | None:
+    """Every check of the paths and the --init-from checkpoint, before any case is loaded;
+    returns the error line's message, or None."""
+    if args.init_from is not None and _same_path(args.out, args.init_from):
+        return (f"--out {args.out} is the --init-from checkpoint: training would replace the weights it starts "
+                "from; give another --out")
+    partial = partial_path(args.out)
+    outputs = [(args.out, "--out"), (partial, "the partial save of --out"), (args.log, "--log"),
+               (args.log.with_suffix(".json"), "the summary written beside --log")]
+    for path, what in outputs:
+        if path.is_dir():
+            return f"{what} {path} is a folder; name a file"
+    if not args.overwrite:
+        for path, what in outputs:
+            if path.exists() or path.is_symlink():
+                return f"{path} ({what}) exists and this run would replace it; give another path, or --overwrite"
+    for folder, flag in ((args.out.parent, "--out"), (args.log.parent, "--log")):
+        problem = _writable_folder(folder)
+        if problem:
+            return f"cannot write to {folder} (the folder of {flag}): {problem}"
+    if not args.synthetic_inline and not args.split.is_file():
+        return (f"the split {args.split} does not exist; run scripts/prepare_data.py --cache {args.cache} first "
+                "(it writes the split and the training cases)")
+    if args.init_from is not None:
+        try:
+            init = load_checkpoint_file(args.init_from)
+            check_init_network(init.config, net_cfg)
+        except (PAMError, ValueError) as exc:
+            return f"--init-from {args.init_from}: {exc}"
+        old, source = recorded_training_flags(init.provenance)
+        if old:
+            now = training_flags(args)
+            differ = [f"{flag} {now[flag]} (that run: {old[flag]})" for flag in now if flag in old and old[flag] != now[flag]]
+            if differ:
+                print(f"warning: training flags differ from the run that made --init-from {args.init_from} "
+                      f"({source}): {', '.join(differ)}", file=sys.stderr, flush=True)
+    return None
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.max_iterations is not None and args.max_iterations < 1:
         ap.error(f"--max-iterations must be at least 1, got {args.max_iterations}")
@@ -171,7 +316,27 @@ def main(argv=None) -> int:
         if args.out.resolve() == shipped.resolve():
             ap.error(f"the default --out {args.out} is the shipped weights {shipped} (through a link): training "
                      "would replace them; give --out, naming them if that is what you want")
+    net_cfg: PAMConfig = PRESETS[args.preset]
+    problem = _preflight(args, net_cfg)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    try:
+        return _run(args, argv, net_cfg)
+    except TrainingInterrupted as exc:
+        print(f"interrupted: the weights after {exc.iterations} iterations are in {exc.path} ({args.out} untouched)",
+              file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"interrupted outside the training loop; no partial save made, {args.out} not written by this run",
+              file=sys.stderr)
+        return 130
+    except NonFiniteLoss as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
+
+def _run(args: argparse.Namespace, argv, net_cfg: PAMConfig) -> int:
     torch.manual_seed(args.seed)
     t0 = time.time()
     if args.synthetic_inline:
@@ -185,7 +350,6 @@ def main(argv=None) -> int:
     print(f"{len(cases)} training cases ({n_real} real, {len(cases) - n_real} synthetic) loaded in {time.time() - t0:.0f} s",
           flush=True)
 
-    net_cfg: PAMConfig = PRESETS[args.preset]
     pre = PreprocessingParams(input_size=net_cfg.input_size, window_margin=0.25 if args.preset != "official" else 0.0)
     cfg = TrainConfig(
         network=net_cfg,
@@ -214,9 +378,9 @@ def main(argv=None) -> int:
             "split": str(args.split.relative_to(REPO)) if args.split.is_relative_to(REPO) else str(args.split),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads available, torch {torch.__version__}",
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "train_flags": training_flags(args),
         },
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     summary = train(cases, cfg, args.out, args.log)
     print(json.dumps(summary), flush=True)
     return 0

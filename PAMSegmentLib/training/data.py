@@ -37,7 +37,7 @@ log = logging.getLogger("PAMSegmentLib.training.data")
 __all__ = [
     "Case", "PackageSource", "SOURCES", "OPTIONAL_SOURCES", "RESERVED_PARTS",
     "parse_class_map", "parse_tptbox_names", "ensure_downloaded", "ensure_unpacked",
-    "write_case", "read_case", "crop_to_labels", "structure_stats", "read_image",
+    "write_case", "is_temporary_case_file", "read_case", "crop_to_labels", "structure_stats", "read_image",
     "match_seg_to_image", "synth_mr_from_labels", "same_grid",
     "SourceUnavailable", "DebSource", "DEB_SOURCES", "ensure_deb_unpacked",
     "deb_copyright_licence", "read_invesalius_project", "ct_body_mask", "ct_features",
@@ -336,12 +336,26 @@ def write_case(path: Path, image: np.ndarray, labels: np.ndarray, spacing, label
         raise ValueError("image has non-finite values")
     spacing = np.asarray(spacing, dtype=np.float64).reshape(3)
     names = json.dumps({str(int(k)): str(v) for k, v in sorted(label_names.items())})
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, image=image, labels=labels, spacing=spacing,
-                        label_names=np.array(names), modality=np.array(modality),
-                        source=np.array(source))
-    tmp.replace(path)
+    # Written through an open handle so numpy keeps the name: a temporary name ending in ".npz"
+    # (numpy appends one to a path) would look like a case to a glob such as "synth_*.npz" if the
+    # run is interrupted before the rename.
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, image=image, labels=labels, spacing=spacing,
+                                label_names=np.array(names), modality=np.array(modality),
+                                source=np.array(source))
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
+
+
+def is_temporary_case_file(path: Path) -> bool:
+    """A file a case writer left behind when interrupted (``NAME.npz.tmp``, or ``NAME.npz.tmp.npz``
+    from earlier versions of ``write_case``): never a case to load."""
+    return ".tmp" in Path(path).name
 
 
 def read_case(path: Path) -> Case:

@@ -6,6 +6,10 @@ polynomial decay over the *time* budget, so a run always finishes its schedule o
 the machine's speed; with ``max_iterations`` it decays over the iteration count instead, which
 makes a seeded run reproducible. Batches come from a background process so sampling overlaps the
 network.
+
+Only the final save writes ``out_path``: the periodic saves (every ``checkpoint_every_min``) and
+the save on Ctrl-C go to ``<out stem>.partial.pt`` beside it (``partial_path``), so a run that is
+stopped, crashes or diverges never replaces an earlier checkpoint at ``out_path``.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from ..network import PAMConfig, PAMNetwork, fuse_scales
 from ..preprocess import PreprocessingParams
 from .samples import Case, SampleBatch, SampleConfig, make_batch
 
-__all__ = ["TrainConfig", "train", "pam_loss"]
+__all__ = ["TrainConfig", "train", "pam_loss", "partial_path", "check_init_network", "TrainingInterrupted",
+           "NonFiniteLoss"]
 
 
 @dataclass
@@ -38,8 +43,9 @@ class TrainConfig:
     minutes: float = 60.0
     # None: the time budget ends the run and the LR schedule and the start of rollouts follow wall
     # time (not reproducible: how far a run gets depends on the machine). N: the run ends after N
-    # iterations and both follow the iteration count, so the same seed, data and threads give the
-    # same weights, unless the time budget runs out first (``stopped_by`` in the provenance).
+    # iterations and both follow the iteration count, so the same seed, data, threads and workers
+    # give the same weights (workers 0 and 1 sample the same batches; 2 or more interleave other
+    # streams), unless the time budget runs out first (``stopped_by`` in the provenance).
     max_iterations: int | None = None
     n_guides: int = 4
     lr: float = 2e-3
@@ -57,6 +63,25 @@ class TrainConfig:
     checkpoint_every_min: float = 5.0
     init_from: str | None = None
     provenance: dict = field(default_factory=dict)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during ``train``: the weights so far were saved to ``path`` (``final`` false,
+    ``stopped_by`` "interrupted"); ``out_path`` was not written."""
+
+    def __init__(self, path: Path, iterations: int):
+        super().__init__(f"interrupted after {iterations} iterations; the weights so far are in {path}")
+        self.path, self.iterations = path, iterations
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite: training stopped without writing ``out_path``."""
+
+
+def partial_path(out_path: Path) -> Path:
+    """Where a run's periodic and interrupted saves go: ``<out stem>.partial.pt`` beside ``out_path``."""
+    out_path = Path(out_path)
+    return out_path.with_name(out_path.stem + ".partial.pt")
 
 
 def _ds_weights(n: int) -> list[float]:
@@ -149,6 +174,16 @@ def _forward(net: PAMNetwork, batch: SampleBatch):
     return stage(guide_image, guide_mask, batch.query_images, batch.query_priors)
 
 
+def check_init_network(init_config: PAMConfig, config: PAMConfig) -> None:
+    """Raise ValueError unless a checkpoint of network ``init_config`` can start ``config``: the
+    same network, or ``config`` adds only the prior channel to it (see ``initial_state``)."""
+    if init_config == config:
+        return
+    if not (config.mask_prior and not init_config.mask_prior
+            and replace(init_config, name=config.name, mask_prior=True) == config):
+        raise ValueError(f"--init-from has network {init_config}, not {config}")
+
+
 def initial_state(net: PAMNetwork, init) -> None:
     """Load ``init`` (a loaded checkpoint) into ``net``. A network that only adds the prior channel
     (``mask_prior``) to ``init``'s otherwise identical network starts from its weights, the new
@@ -156,9 +191,7 @@ def initial_state(net: PAMNetwork, init) -> None:
     if init.config == net.config:
         net.load_state_dict(init.network.state_dict())
         return
-    if not (net.config.mask_prior and not init.config.mask_prior
-            and replace(init.config, name=net.config.name, mask_prior=True) == net.config):
-        raise ValueError(f"--init-from has network {init.config}, not {net.config}")
+    check_init_network(init.config, net.config)
     state = dict(init.network.state_dict())
     target = net.state_dict()
     for key, value in state.items():
@@ -169,17 +202,53 @@ def initial_state(net: PAMNetwork, init) -> None:
     net.load_state_dict(state)
 
 
+def _changed(values: dict, reference: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in values.items() if reference.get(k) != v)
+
+
 def train(cases: list[Case], cfg: TrainConfig, out_path: Path, log_path: Path) -> dict:
-    """Train until the time budget or iteration cap; writes ``out_path`` (our checkpoint format)."""
+    """Train until the time budget or iteration cap; writes ``out_path`` (our checkpoint format).
+
+    Periodic saves go to ``partial_path(out_path)``, removed after the final save. Ctrl-C saves
+    the weights so far there and raises ``TrainingInterrupted``; a NaN or infinite loss raises
+    ``NonFiniteLoss``; neither writes ``out_path``.
+
+    With ``init_from`` a checkpoint of the same network, the new checkpoint keeps that
+    checkpoint's inference parameters and preprocessing (the samples are preprocessed its way
+    too); the optimizer state and the LR schedule start fresh."""
+    out_path, log_path = Path(out_path), Path(log_path)
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     net = PAMNetwork(cfg.network)
+    inference = InferenceParams(window_mm=cfg.sample.window_mm, max_window=cfg.sample.max_window)
     if cfg.init_from:
         init = load_checkpoint_file(cfg.init_from)
         initial_state(net, init)
         # The chain of earlier stages, so a checkpoint records all the compute that made it.
         cfg.provenance.setdefault("init_from", {"file": str(cfg.init_from), "sha256": init.sha256,
                                                 "provenance": init.provenance})
+        if init.config == net.config:
+            # Inference parameters are chosen for a checkpoint after training (registration
+            # fusion, drift test, ...; scripts/set_inference_params.py); a continued checkpoint
+            # with the format's defaults would run as the network alone.
+            changed = _changed(init.inference.to_dict(), inference.to_dict())
+            changed_pre = _changed(init.preprocessing.to_dict(), cfg.preprocessing.to_dict())
+            print(f"--init-from {cfg.init_from}: the new checkpoint keeps its inference parameters ("
+                  + (f"beyond a fresh run's: {changed}" if changed else "a fresh run's")
+                  + ") and preprocessing (" + (f"beyond a fresh run's: {changed_pre}; the samples use it too"
+                                               if changed_pre else "a fresh run's")
+                  + "); the optimizer state and the learning-rate schedule start fresh", flush=True)
+            inference = init.inference
+            cfg = replace(cfg, preprocessing=init.preprocessing,
+                          sample=replace(cfg.sample, preprocessing=init.preprocessing))
+            cfg.provenance["inherited_from_init"] = ["inference", "preprocessing"]
+            if init.provenance.get("inference_changes"):  # the model card says why they are what they are
+                cfg.provenance.setdefault("inference_changes", list(init.provenance["inference_changes"]))
+        else:
+            print(f"--init-from {cfg.init_from}: network {init.config.name} starts {net.config.name}, so the new "
+                  "checkpoint has a fresh run's inference parameters and preprocessing (set them with "
+                  "scripts/set_inference_params.py); the optimizer state and the learning-rate schedule start "
+                  "fresh", flush=True)
     net.train()
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     weights = np.array([c.weight for c in cases], dtype=np.float64)
@@ -191,55 +260,65 @@ def train(cases: list[Case], cfg: TrainConfig, out_path: Path, log_path: Path) -
                                          prefetch_factor=4 if cfg.workers else None,
                                          persistent_workers=bool(cfg.workers))
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    logf = open(log_path, "w", newline="")
-    writer = csv.writer(logf)
-    writer.writerow(["iteration", "seconds", "lr", "loss", "ce", "dice", "presence", "rollout"])
-    inference = InferenceParams(window_mm=cfg.sample.window_mm, max_window=cfg.sample.max_window)
+    partial = partial_path(out_path)
     last_ckpt = start
     ema = None
     it = 0
-    stopped_by = None  # "iterations" or "time" once the run ends
+    stopped_by = None  # "iterations", "time" or "interrupted" once the run ends
+    saved_partial = False
 
-    def save(final: bool):
+    def save(path: Path, final: bool):
         prov = dict(cfg.provenance)
         prov.update({"iterations": it, "train_seconds": round(time.time() - start, 1), "final": final,
                      "loss_ema": ema, "seed": cfg.seed,
                      "schedule": "iterations" if cfg.max_iterations is not None else "time",
                      "stopped_by": stopped_by})
-        return save_checkpoint(out_path, net, cfg.preprocessing, inference, prov)
+        return save_checkpoint(path, net, cfg.preprocessing, inference, prov)
 
-    for batch in loader:
-        elapsed = time.time() - start
-        if cfg.max_iterations is not None and it >= cfg.max_iterations:
-            stopped_by = "iterations"
-            break
-        if elapsed >= total_seconds:
-            stopped_by = "time"
-            break
-        lr = cfg.lr * (1 - _progress(cfg, it, elapsed, total_seconds)) ** 0.9
-        for g in opt.param_groups:
-            g["lr"] = lr
-        out = _forward(net, batch)
-        target = batch.query_masks.flatten(0, 1)
-        loss, parts = pam_loss(out.logits, out.presence, target, batch.present.flatten(), cfg.presence_weight,
-                               cfg.boundary_weight, cfg.boundary_band)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 12.0)
-        opt.step()
-        it += 1
-        lv = float(loss.detach())
-        ema = lv if ema is None else 0.98 * ema + 0.02 * lv
-        if it % 10 == 0 or it == 1:
-            writer.writerow([it, round(elapsed, 1), f"{lr:.2e}", f"{lv:.4f}", f"{parts.get('ce', math.nan):.4f}",
-                             f"{parts.get('dice', math.nan):.4f}", f"{parts.get('presence', math.nan):.4f}",
-                             int(batch.relay_image is not None)])
-            logf.flush()
-        if time.time() - last_ckpt > cfg.checkpoint_every_min * 60:
-            save(final=False)
-            last_ckpt = time.time()
-    digest = save(final=True)
-    logf.close()
+    with open(log_path, "w", newline="") as logf:
+        writer = csv.writer(logf)
+        writer.writerow(["iteration", "seconds", "lr", "loss", "ce", "dice", "presence", "rollout"])
+        try:
+            for batch in loader:
+                elapsed = time.time() - start
+                if cfg.max_iterations is not None and it >= cfg.max_iterations:
+                    stopped_by = "iterations"
+                    break
+                if elapsed >= total_seconds:
+                    stopped_by = "time"
+                    break
+                lr = cfg.lr * (1 - _progress(cfg, it, elapsed, total_seconds)) ** 0.9
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                out = _forward(net, batch)
+                target = batch.query_masks.flatten(0, 1)
+                loss, parts = pam_loss(out.logits, out.presence, target, batch.present.flatten(), cfg.presence_weight,
+                                       cfg.boundary_weight, cfg.boundary_band)
+                lv = float(loss.detach())
+                if not math.isfinite(lv):  # before the step: the weights stay those of the last good one
+                    last = f" (the last periodic save, {partial}, predates it)" if saved_partial else ""
+                    raise NonFiniteLoss(f"the loss became {lv} at iteration {it + 1}; training stopped and "
+                                        f"{out_path} was not written{last}")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(net.parameters(), 12.0)
+                opt.step()
+                it += 1
+                ema = lv if ema is None else 0.98 * ema + 0.02 * lv
+                if it % 10 == 0 or it == 1:
+                    writer.writerow([it, round(elapsed, 1), f"{lr:.2e}", f"{lv:.4f}", f"{parts.get('ce', math.nan):.4f}",
+                                     f"{parts.get('dice', math.nan):.4f}", f"{parts.get('presence', math.nan):.4f}",
+                                     int(batch.relay_image is not None)])
+                    logf.flush()
+                if time.time() - last_ckpt > cfg.checkpoint_every_min * 60:
+                    save(partial, final=False)  # never out_path: only a finished run replaces it
+                    saved_partial, last_ckpt = True, time.time()
+        except KeyboardInterrupt:
+            stopped_by = "interrupted"
+            save(partial, final=False)
+            raise TrainingInterrupted(partial, it) from None
+    digest = save(out_path, final=True)
+    partial.unlink(missing_ok=True)
     summary = {"iterations": it, "seconds": round(time.time() - start, 1), "loss_ema": ema, "sha256": digest}
     (log_path.with_suffix(".json")).write_text(json.dumps(summary, indent=2))
     return summary
