@@ -106,7 +106,12 @@ def main(argv=None) -> int:
     if args.out_md:
         t = card["training"]
         total_min = sum(x["seconds"] for x in t) / 60
-        total_it = sum(x["iterations"] for x in t)
+        stages = card["training_stages"]
+        # Iterations as each run's provenance counted them (its log's last row, written every 10
+        # iterations, can be up to 9 fewer); the logs' counts where no provenance has them.
+        counted = [st.get("iterations") for st in stages] if len(stages) == len(t) else [None] * len(t)
+        its = [c if isinstance(c, int) else x["iterations"] for c, x in zip(counted, t)]
+        total_it = sum(its)
         lines = [
             f"* **File**: `Resources/Models/{card['file']}` ({card['size_bytes'] / 1e6:.1f} MB), weights sha256 "
             f"`{card['sha256_weights'][:16]}...` (full value and everything below in `{out_json.name}`).",
@@ -115,8 +120,10 @@ def main(argv=None) -> int:
             f"{card['network']['base_features']}-{card['network']['max_features']} features, cross-attention at the "
             f"{card['network']['n_attention_stages']} deepest stages, object-present head.",
             f"* **Training**: {total_it} iterations in {total_min:.0f} min on this project's 2-core CPU machine; "
-            f"runs: " + "; ".join(f"`{x['log']}` ({x['iterations']} it, {x['seconds'] / 60:.0f} min)" for x in t) + ".",
-            "* **Commands** (each stage continues from the previous one's weights): "
+            f"runs: " + "; ".join(f"`{x['log']}` ({n} it, {x['seconds'] / 60:.0f} min)" for x, n in zip(t, its)) + ".",
+            "* **Commands** (each stage continues from the previous one's weights; each ran at the git revision "
+            "given, when `Resources/Models/pam_small.pt` held the previous stage's result, so check that revision "
+            "out to repeat a stage; `--cache` named this machine's data cache): "
             + "; ".join(f"`{st.get('command') or '?'}` (git {str(st.get('git_revision') or '?')[:10]})"
                         for st in card["training_stages"]) + ".",
             f"* **Inference** (in the checkpoint; the CLI, Python API and Slicer use it): window "
