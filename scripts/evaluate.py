@@ -12,7 +12,7 @@ with two keyframes vs ITK morphological contour interpolation of the same two sl
 ``--prompt-variants`` (the 50 % prompt drawn imperfectly: eroded, dilated or roughened by a few mm,
 as a user's outline may be).
 
-Outputs in --out (default runs/eval): results.csv, summary.md, figure.png.
+Outputs in --out (default runs/eval in this repository): results.csv, summary.md, figure.png.
 
 Examples:
     python scripts/evaluate.py --methods track,copy --limit 6
@@ -76,7 +76,8 @@ def parse_args(argv=None):
     p.add_argument("--tolerance", type=float, default=2.0, help="NSD tolerance in mm (default 2)")
     p.add_argument("--figure-structure", default="", help="CASE:NAME shown in the qualitative panel (default: the first structure)")
     p.add_argument("--no-figure", action="store_true")
-    p.add_argument("--out", default="runs/eval", help="output directory (default runs/eval)")
+    p.add_argument("--out", default=str(ROOT / "runs" / "eval"), help="output directory (default runs/eval in this "
+                   "repository, beside train.py's runs/)")
     p.add_argument("--from-csv", action="store_true",
                    help="only rebuild summary.md and figure.png from an existing OUT/results.csv")
     return p.parse_args(argv)

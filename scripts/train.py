@@ -161,7 +161,9 @@ def _positive_float(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cache", type=Path, default=REPO / "cache")
+    ap.add_argument("--cache", type=Path, default=Path(os.environ.get("PAMSEGMENT_CACHE", str(REPO / "cache"))),
+                    help="data cache written by scripts/prepare_data.py (default $PAMSEGMENT_CACHE, else cache/ in this "
+                         "repository)")
     ap.add_argument("--split", type=Path, default=REPO / "scripts" / "split.json")
     ap.add_argument("--preset", default="small", choices=sorted(PRESETS))
     ap.add_argument("--minutes", type=_positive_float, default=80.0,
