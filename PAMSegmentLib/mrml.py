@@ -354,10 +354,28 @@ def _on_segmentation_grid(labelmap, segmentation_node):
         offset = np.linalg.solve(b[:3, :3], a[:3, 3] - b[:3, 3])
         if np.allclose(offset, np.round(offset), atol=1e-4):
             return labelmap
+    # Only the result's footprint on that grid: the reference geometry usually spans the whole scan,
+    # and a result padded to it would replace the segment everywhere outside a cropped volume.
+    footprint = slicer.vtkOrientedImageData()
+    footprint.SetImageToWorldMatrix(theirs)
+    footprint.SetExtent(*_footprint_extent(labelmap.GetExtent(), np.linalg.inv(b) @ a))
     resampled = slicer.vtkOrientedImageData()
     slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
-        labelmap, geometry, resampled, False, True)
+        labelmap, footprint, resampled, False, False)
     return resampled
+
+
+def _footprint_extent(extent, to_target: np.ndarray) -> tuple[int, ...]:
+    """The extent, on a target grid, of the voxels whose centres lie within the box the voxels of
+    ``extent`` cover (their centres +- half a voxel); ``to_target`` maps source to target ijk."""
+    lo = np.array(extent[0::2], float) - 0.5
+    hi = np.array(extent[1::2], float) + 0.5
+    corners = np.array([[x, y, z, 1.0] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])]).T
+    ijk = (to_target @ corners)[:3]
+    first = np.ceil(ijk.min(axis=1) - 1e-4).astype(int)
+    last = np.floor(ijk.max(axis=1) + 1e-4).astype(int)
+    last = np.maximum(last, first)  # at least one voxel per axis
+    return tuple(int(v) for pair in zip(first, last) for v in pair)
 
 
 def _with_segment_outside(labelmap, segmentation_node, segment_id: str):

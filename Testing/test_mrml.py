@@ -208,10 +208,14 @@ def test_new_mode_adds_named_coloured_segment_and_keeps_the_original(scene_with_
     assert segmentation.GetSegment(again).GetName() == "tumor (PAM 2)"
 
 
+@pytest.mark.parametrize("oversample", [1, 2])
 @pytest.mark.parametrize("mode", ["replace", "new"])
-def test_voxels_of_the_segment_outside_a_cropped_volume_are_kept(mrml_scene, mode):
+def test_voxels_of_the_segment_outside_a_cropped_volume_are_kept(mrml_scene, mode, oversample):
     # The segmentation is on the whole scan; the propagation runs on a crop of it (e.g. Crop Volume).
     # Slicer's replace write replaces the whole segment, so what lies outside the crop must be put back.
+    # With oversample 2 the segmentation's own grid is twice as fine in-plane (Segment Editor's
+    # oversampling, or a segmentation made on a finer scan): the result, put on that grid, covers
+    # only the crop's footprint (padded to the whole grid it replaced the segment everywhere else).
     big_shape = (24, 80, 88)
     truth_big = ellipsoid(big_shape, (12, 40, 44), (8, 12, 14))
     image = (truth_big * 100.0 + np.random.default_rng(0).normal(0, 10, big_shape)).astype(np.float32)
@@ -222,8 +226,17 @@ def test_voxels_of_the_segment_outside_a_cropped_volume_are_kept(mrml_scene, mod
         node.SetOrigin(*origin)
     drawing = one_slice(truth_big, 12)
     drawing[2:6, 2:12, 2:12] = 1  # also part of the segment, far outside the crop
-    seg, ids = make_segmentation(big, {"tumor": drawing})
-    sid = ids["tumor"]
+    if oversample == 1:
+        seg, ids = make_segmentation(big, {"tumor": drawing})
+        sid = ids["tumor"]
+    else:
+        fine = make_volume_node(np.zeros((24, 160, 176), np.float32), name="fine")
+        fine.SetSpacing(0.5, 0.5, 2.0)
+        fine.SetOrigin(-0.25, -0.25, 0.0)  # each full-scan voxel is 2 x 2 fine voxels
+        seg, ids = make_segmentation(fine, {"tumor": np.zeros((24, 160, 176), np.uint8)})
+        sid = ids["tumor"]
+        mrml.write_segment_mask(drawing, mrml._grid_of(big), seg, sid, big)
+        np.testing.assert_array_equal(segment_on_volume(seg, sid, big), drawing.astype(bool))
     inside = np.zeros(big_shape, bool)
     inside[:, 30:70, 30:74] = True
     outside_before = segment_on_volume(seg, sid, big) & ~inside
