@@ -117,6 +117,11 @@ def _grid_of(volume_node) -> VolumeGrid:
     m = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(m)
     matrix = slicer.util.arrayFromVTKMatrix(m).copy()
+    # Array index 0 is the image's first voxel, which need not be voxel (0, 0, 0) of the node's
+    # IJK: an extent that starts elsewhere is folded into the matrix, so that ijk_to_ras maps
+    # array indices (what is read, written and shown) wherever the extent starts.
+    start = np.array(image.GetExtent()[0::2], float)
+    matrix[:3, 3] += matrix[:3, :3] @ start
     spacing_ijk = volume_node.GetSpacing()
     return VolumeGrid(
         shape=(int(dims[2]), int(dims[1]), int(dims[0])),

@@ -254,6 +254,33 @@ def test_voxels_of_the_segment_outside_a_cropped_volume_are_kept(mrml_scene, mod
     np.testing.assert_array_equal(segment_on_volume(seg, sid, big), drawing.astype(bool))
 
 
+def test_a_volume_whose_image_extent_does_not_start_at_zero(mrml_scene):
+    """Array index 0 is the image's first voxel, here voxel (3, 2, 1) of the node's IJK (a volume
+    made by a filter that keeps its input's extent): the result lands where the prompt was read,
+    not shifted by the extent's start (it landed 1, 2 and 3 voxels off in k, j and i)."""
+    import vtk
+    from vtk.util import numpy_support
+
+    slicer = pytest.importorskip("slicer")
+    truth, image = synthetic()
+    vol = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "extent")
+    data = vtk.vtkImageData()
+    data.SetExtent(3, 3 + SHAPE[2] - 1, 2, 2 + SHAPE[1] - 1, 1, 1 + SHAPE[0] - 1)
+    data.AllocateScalars(vtk.VTK_FLOAT, 1)
+    numpy_support.vtk_to_numpy(data.GetPointData().GetScalars())[:] = image.ravel()
+    vol.SetAndObserveImageData(data)
+    vol.SetSpacing(0.8, 0.9, 2.0)
+    vol.SetOrigin(-12.0, 30.0, 7.5)
+    seg = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
+    seg.CreateDefaultDisplayNodes()
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(vol)
+    sid = seg.GetSegmentation().AddEmptySegment("", "tumor", [1, 0, 0])
+    mrml.write_segment_mask(one_slice(truth, CENTER[0]), mrml._grid_of(vol), seg, sid, vol)
+    np.testing.assert_array_equal(segment_on_volume(seg, sid, vol), one_slice(truth, CENTER[0]).astype(bool))
+    propagate_segment(vol, seg, sid, model=OracleModel(truth))
+    np.testing.assert_array_equal(segment_on_volume(seg, sid, vol), truth)
+
+
 def test_other_segments_keep_their_voxels(mrml_scene):
     truth, image = synthetic()
     vol = make_volume_node(image)
