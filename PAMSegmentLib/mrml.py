@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -60,6 +61,8 @@ __all__ = [
 ]
 
 MODES = ("replace", "new")
+# Segment tag naming the propagation a segment holds (PropagationHistory checks it on lookup).
+RUN_TAG = "PAMSegment.Run"
 PAM_SUFFIX = " (PAM)"
 STATES = ("pending", "running", "finished", "cancelled", "failed")
 
@@ -104,6 +107,19 @@ class PromptInfo:
         idx = ", ".join(str(s) for s in self.slices[:8]) + (" ..." if len(self.slices) > 8 else "")
         word = "slice" if len(self.slices) == 1 else "slices"
         return f"{len(self.slices)} {self.plane} {word} ({idx} of {self.n_slices}), array axis {self.axis}"
+
+
+def _segment_tag(segment, key: str) -> str | None:
+    """A vtkSegment's tag value, or None when it has none."""
+    import vtk  # noqa: PLC0415
+
+    value = vtk.reference("")
+    return str(value) if segment.GetTag(key, value) else None
+
+
+def _set_segment_tag(segment, key: str, value: str) -> None:
+    if _segment_tag(segment, key) != value:  # setting it fires a segment-modified event
+        segment.SetTag(key, value)
 
 
 def _grid_of(volume_node) -> VolumeGrid:
@@ -791,6 +807,9 @@ class SegmentPropagation:
             raise InputError(f'segment "{self.segment_name}" was deleted while propagating; nothing was written')
         if not _grid_of(self.volume_node).same_as(self.grid):
             raise InputError("the volume's geometry changed while propagating; nothing was written. Run again.")
+        if not self._voxels_unchanged():
+            raise InputError("the volume's voxels changed while propagating (the result was computed from the old "
+                             "ones); nothing was written. Run again.")
         if self.mode == "replace":
             current = segment_mask(self.segmentation_node, self.segment_id, self.volume_node)
             if not np.array_equal(current, self.source):
@@ -798,6 +817,16 @@ class SegmentPropagation:
                     f'segment "{self.segment_name}" was edited while propagating, so replacing it would lose '
                     "the edit; nothing was written. Run again, or use output 'new segment'."
                 )
+
+    def _voxels_unchanged(self) -> bool:
+        """Whether the volume still holds the voxels the job read (compared slice by slice, so
+        no second copy of the volume is made)."""
+        slicer = _slicer()
+        current = slicer.util.arrayFromVolume(self.volume_node)
+        if current.shape != self.image.shape:
+            return False
+        return all(np.array_equal(current[k].astype(np.float32, copy=False), self.image[k], equal_nan=True)
+                   for k in range(current.shape[0]))
 
     def apply(self, history: "PropagationHistory | None" = None, before_write=None) -> str:
         """Write the result into the segmentation (main thread only); returns the segment id written.
@@ -881,7 +910,17 @@ class SegmentPropagation:
             n_predicted=int(result.n_predicted), recomputed=recomputed, seconds=float(self.elapsed),
             edited=list(self._edited_slices()), reviewed=self._carried_reviews(recomputed),
             parent=self._parent_entry(), occupied=tuple(np.flatnonzero(on_axis.any(axis=(1, 2))).tolist()),
+            run_id=self._run_id(target),
         )
+
+    def _run_id(self, target: str) -> str:
+        """Tag the written segment as this run's (an update keeps its propagation's tag) and return
+        the tag. A tag, not the vtkSegment object: the scene's undo (the Segment Editor's) replaces
+        segment objects, and copies tags with them."""
+        parent = self._parent_entry()
+        run_id = parent.run_id if parent is not None and parent.run_id else uuid.uuid4().hex
+        _set_segment_tag(self.segmentation_node.GetSegmentation().GetSegment(target), RUN_TAG, run_id)
+        return run_id
 
     def _empty_keyframes(self):
         return ()
@@ -1100,6 +1139,8 @@ class HistoryEntry:
     # per slice, the agreement the engine's one-sided walks recorded (PropagationResult.agreement)
     agreement: np.ndarray | None = None
     begin_state: object = None  # the predictor's begin_state in that run (PropagationResult.begin_state)
+    # The segment's RUN_TAG value when written: another segment given the same ID later lacks it.
+    run_id: str | None = None
 
     @property
     def user_slices(self) -> list[int]:
@@ -1188,7 +1229,8 @@ class PropagationHistory:
     Held by the module's Logic (not global). Bounded: one entry per segment (plus the one an update
     replaced, so the update can be undone), arrays bit-packed to their bounding box, and at most
     ``max_entries`` segments (the least recently used is forgotten first). Entries whose node left
-    the scene or whose segment was deleted are dropped when looked up."""
+    the scene or whose segment was deleted (or replaced by another segment under the same ID) are
+    dropped when looked up."""
 
     def __init__(self, max_entries: int = 32):
         from collections import OrderedDict  # noqa: PLC0415
@@ -1211,9 +1253,10 @@ class PropagationHistory:
         if entry is None:
             return None
         scene = segmentation_node.GetScene()
+        segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
         alive = (entry.segmentation_node is segmentation_node and scene is not None
                  and scene.GetNodeByID(segmentation_node.GetID()) is segmentation_node
-                 and segmentation_node.GetSegmentation().GetSegment(segment_id) is not None)
+                 and segment is not None and (entry.run_id is None or _segment_tag(segment, RUN_TAG) == entry.run_id))
         if not alive:
             del self._entries[key]
             return None
@@ -1264,6 +1307,9 @@ class PropagationHistory:
             self._entries[key] = entry.parent
             return f'"{name}" is back as it was before the update'
         del self._entries[key]
+        if entry.kind == "update":  # only one earlier step is kept: what came before it is final now
+            return (f'"{name}" is back as it was before the update; the steps before it can no longer be undone '
+                    "with Undo propagation")
         return f'"{name}" is back as it was before the propagation'
 
 

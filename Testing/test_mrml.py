@@ -750,6 +750,28 @@ def test_apply_refuses_when_the_segment_was_edited_meanwhile(scene_with_prompt):
     np.testing.assert_array_equal(segment_on_volume(seg, sid, vol), edited.astype(bool))
 
 
+@pytest.mark.parametrize("mode", ["replace", "new"])
+def test_apply_refuses_when_the_volume_voxels_changed_meanwhile(scene_with_prompt, mode):
+    """The result was computed from the old voxels (e.g. a filter applied in place while it ran):
+    nothing is written. A change that leaves the voxels as they were is no change."""
+    truth, vol, seg, sid = scene_with_prompt
+    before = internal_labelmap_state(seg, sid)
+    job = SegmentPropagation(vol, seg, sid, mode=mode, model=OracleModel(truth)).run()
+    voxels = slicer.util.arrayFromVolume(vol)
+    kept = voxels.copy()
+    voxels[3, 5, 7] += 50.0
+    slicer.util.arrayFromVolumeModified(vol)
+    with pytest.raises(InputError, match=r"^the volume's voxels changed while propagating \(the result was computed "
+                                         r"from the old ones\); nothing was written\. Run again\.$"):
+        job.apply()
+    assert seg.GetSegmentation().GetNumberOfSegments() == 1
+    assert_same_labelmap(internal_labelmap_state(seg, sid), before)
+    voxels[:] = kept
+    slicer.util.arrayFromVolumeModified(vol)
+    target = job.apply()
+    np.testing.assert_array_equal(segment_on_volume(seg, target, vol), truth)
+
+
 def test_a_failed_write_in_new_mode_leaves_no_segment_behind(scene_with_prompt, monkeypatch):
     # "new" mode adds the result segment, then writes into it: if the write fails, the added
     # (empty) segment is removed again, so the segmentation is as it was.

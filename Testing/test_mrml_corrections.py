@@ -127,6 +127,43 @@ def test_history_is_bounded_and_drops_dead_entries(mrml_scene):
     assert len(history) == 0
 
 
+def test_history_survives_the_scene_undo_but_not_an_id_reused_by_another_segment(session, mrml_scene):
+    """The Segment Editor's undo (the scene's) replaces the vtkSegment objects: the session still
+    knows the result. Another segment given the deleted segment's ID is not the result: Undo,
+    Update and the review must not act on it (Undo overwrote it with the old drawing)."""
+    seg, sid, vol, history, truth = session["seg"], session["sid"], session["vol"], session["history"], session["truth"]
+    entry = history.get(seg, sid)
+    assert entry.run_id and mrml._segment_tag(seg.GetSegmentation().GetSegment(sid), mrml.RUN_TAG) == entry.run_id
+    old_object = seg.GetSegmentation().GetSegment(sid)
+    mrml_scene.SetUndoOn()
+    seg.SetUndoEnabled(True)
+    mrml_scene.SaveStateForUndo()
+    edited = on_volume(seg, sid, vol)
+    edited[16] = truth[16]
+    write(seg, sid, vol, edited)
+    mrml_scene.Undo()  # the stroke undone in the Segment Editor
+    mrml_scene.SetUndoOff()
+    assert seg.GetSegmentation().GetSegment(sid) is not old_object  # a new object, the same segment
+    assert history.get(seg, sid) is entry
+    # an update keeps the propagation's tag, so undoing the update finds the propagation again
+    write(seg, sid, vol, edited)
+    update_segment(vol, seg, sid, history, model=GuideCopy(truth))
+    assert history.get(seg, sid).run_id == entry.run_id
+    history.undo_last(seg, sid)
+    assert history.get(seg, sid) is not None and history.get(seg, sid).kind == "propagation"
+    # the segment deleted, another one added under its ID and painted
+    segmentation = seg.GetSegmentation()
+    segmentation.RemoveSegment(sid)
+    assert segmentation.AddEmptySegment(sid, "liver", [0.0, 0.0, 1.0]) == sid
+    liver = np.zeros(SHAPE, bool)
+    liver[2:18, 5:35, 5:40] = True
+    write(seg, sid, vol, liver)
+    assert history.get(seg, sid) is None
+    with pytest.raises(InputError, match="nothing to undo"):
+        history.undo_last(seg, sid)
+    np.testing.assert_array_equal(on_volume(seg, sid, vol), liver)
+
+
 def test_propagating_again_replaces_the_entry(session):
     seg, sid, vol, history, truth = session["seg"], session["sid"], session["vol"], session["history"], session["truth"]
     write(seg, sid, vol, one_slice(truth, 10))  # the user starts over from another slice
@@ -546,6 +583,26 @@ def test_undo_an_update_then_the_propagation(session):
     history.undo_last(seg, sid)
     history.undo_last(seg, sid)
     assert_same_labelmap(internal_labelmap_state(seg, sid), session["before"])  # the one-slice drawing
+    assert history.get(seg, sid) is None
+
+
+def test_undoing_the_second_of_two_updates_says_what_can_no_longer_be_undone(session):
+    """Only one earlier step is kept: after two updates, the second Undo brings back the state
+    before the second update and says that the steps before it are final (it said "before the
+    propagation", which was not the state restored)."""
+    seg, sid, vol, history, truth = session["seg"], session["sid"], session["vol"], session["history"], session["truth"]
+    edited = []
+    for k in (16, 8):
+        current = on_volume(seg, sid, vol)
+        current[k] = truth[k]
+        write(seg, sid, vol, current)
+        edited.append(internal_labelmap_state(seg, sid))
+        update_segment(vol, seg, sid, history, model=GuideCopy(truth))
+    assert history.undo_last(seg, sid) == '"tumor" is back as it was before the update'
+    assert_same_labelmap(internal_labelmap_state(seg, sid), edited[1])
+    assert history.undo_last(seg, sid) == ('"tumor" is back as it was before the update; the steps before it can no '
+                                           "longer be undone with Undo propagation")
+    assert_same_labelmap(internal_labelmap_state(seg, sid), edited[0])  # before the first update, not the drawing
     assert history.get(seg, sid) is None
 
 
