@@ -242,11 +242,11 @@ class CopyPredictor(_ClassicalPredictor):
                 cand = ndimage.binary_fill_holes(ndimage.binary_closing(cand, iterations=1)) & (
                     ndimage.binary_dilation(g, iterations=self.grow_px) if self.grow_px > 0 else g)
                 pred = _largest_overlapping(cand, g)
-            p = self._presence(img, pred)
-            presence[q] = p
-            if p >= self.presence_threshold:
-                prob[q][sl] = pred
-                self._origin[int(idx)] = origin
+            # The mask whatever the drift test says: the engine empties a slice whose presence is
+            # below the threshold where its stop tests apply, but not between two drawn keyframes.
+            presence[q] = self._presence(img, pred)
+            prob[q][sl] = pred
+            self._origin[int(idx)] = origin
         return SlicePrediction(prob, presence)
 
 
@@ -448,11 +448,9 @@ class TrackPredictor(_ClassicalPredictor):
         for q, idx in enumerate(query_indices):
             raw = self._smooth(volume[idx][sl])
             p = np.clip(self.warp(self.register_pyramids(self.pyramid(self._normalise(raw)), moving), g), 0.0, 1.0)
-            pres = self._presence(raw, p >= self.threshold)
-            presence[q] = pres
-            if pres >= self.presence_threshold:
-                prob[q][sl] = p
-                self._origin[int(idx)] = origin
+            presence[q] = self._presence(raw, p >= self.threshold)
+            prob[q][sl] = p  # whatever the drift test says (see CopyPredictor.predict)
+            self._origin[int(idx)] = origin
         return SlicePrediction(prob, presence)
 
 
