@@ -924,8 +924,9 @@ def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo
     min_agreement = float(getattr(predictor, "keyframe_outward_min_agreement", 0.0) or 0.0)
 
     def outward_agreement(n_drawn: int) -> float:
-        # Beyond the outermost of several drawn keyframes (not towards a wall) the agreement test applies.
-        return min_agreement if n_drawn >= 2 else 0.0
+        # Beyond the outermost of several drawn keyframes (not towards a wall) the agreement test
+        # applies, as a stop test: not without early stopping (walk() skips it then too).
+        return min_agreement if n_drawn >= 2 and early_stop else 0.0
 
     def old_walk(a: int, d: int) -> tuple[int, float] | None:
         """How far the previous run walked one-sidedly from drawn keyframe ``a`` in direction ``d``,

@@ -1008,3 +1008,31 @@ def test_slice_table_and_the_slices_to_check_first():
     # least confident first, farthest from the drawing; ties by slice
     assert res.review_first(1) == [6, 7, 13]
     assert res.review_first(1, n=5) == [6, 7, 13, 8, 12]
+
+
+def test_an_update_without_early_stopping_applies_no_agreement_stop():
+    """``early_stop=False`` walks through low network-registration agreement in a fresh run; an
+    update that reuses such a run (``previous=``) adding a second keyframe must not cut the reused
+    outer walk at the recorded low agreement (it ended it at slice 8 and recorded a stop)."""
+    truth = np.zeros((30, 16, 16), bool)
+    truth[3:27, 4:10, 4:10] = True
+
+    class Agreeing(SlicePredictor):
+        window_mm, max_window, keyframe_outward_min_agreement = 4.0, 4, 0.4
+
+        def predict(self, volume, guide_index, guide_mask, query_indices):
+            q = list(query_indices)
+            return SlicePrediction(truth[q].astype(np.float32),
+                                   agreement=np.array([0.1 if k < 8 else 0.9 for k in q], np.float32))
+
+    def prompt(*slices):
+        p = np.zeros(truth.shape, np.uint8)
+        for k in slices:
+            p[k][truth[k]] = 1
+        return p
+
+    first = propagate(truth * 1.0, prompt(15), (1, 1, 1), Agreeing(), early_stop=False)
+    fresh = propagate(truth * 1.0, prompt(15, 20), (1, 1, 1), Agreeing(), early_stop=False, update=True)
+    reused = propagate(truth * 1.0, prompt(15, 20), (1, 1, 1), Agreeing(), early_stop=False, previous=first)
+    assert fresh.slice_range == reused.slice_range == {1: (3, 26)}
+    assert reused.stops.get(1, []) == [] and fresh.stops.get(1, []) == []  # no walk ended
