@@ -131,9 +131,11 @@ class PAMPredictor(SlicePredictor):
         # The network crop's side as a multiple of the guide mask's larger extent (None: the
         # checkpoint's PreprocessingParams.crop_scale; an attribute: validate.py may override it).
         self.crop_scale: float | None = None
-        # Where the network's intensity window comes from: "prompt" (the drawn slice's region, for the
-        # whole walk) or "guide" (each window's guide slice and mask, as training samples are built;
-        # the registration keeps the prompt's). An attribute: validate.py may override it.
+        # Where the network's intensity window comes from: "prompt" (the first drawn slice's region,
+        # for every walk), "origin" (the drawn slice each walk started from: with several keyframes
+        # of different brightness each walk keeps its own) or "guide" (each window's guide slice
+        # and mask, as training samples are built). The registration keeps the first drawn slice's.
+        # An attribute: validate.py may override it.
         self.network_window: str = "prompt"
         w = inf.registration_weight if registration_weight is None else registration_weight
         if not 0.0 <= float(w) <= 1.0:
@@ -149,6 +151,8 @@ class PAMPredictor(SlicePredictor):
 
     def begin(self, volume, prompt_index, prompt_mask):
         self.window = intensity_window(volume[prompt_index], prompt_mask, self.model.preprocessing)
+        self._drawn_windows = {int(prompt_index): self.window}  # drawn slice -> its window
+        self._window_origin: dict[int, int] = {}  # predicted slice -> the drawn slice its walk started from
         self._guide_cache = None
         self._chain = None
         self.registration = None
@@ -359,12 +363,22 @@ class PAMPredictor(SlicePredictor):
         box = crop_box_for_mask(guide_mask, pre if self.crop_scale is None else replace(pre, crop_scale=self.crop_scale))
         stage = self.model.network.proposing_stage
         # Successive batches of a window share their guide: encode it once.
-        key = (guide_index, box, guide_mask.tobytes().__hash__())
+        origin = None
+        if self.network_window == "origin":
+            # A guide no walk predicted is a drawn slice: a walk starts there.
+            origin = self._window_origin.get(int(guide_index), int(guide_index))
+            if origin not in self._drawn_windows and np.any(guide_mask):
+                self._drawn_windows[origin] = intensity_window(volume[guide_index], guide_mask, pre)
+            for q in query_indices:
+                self._window_origin[int(q)] = origin
+        key = (guide_index, box, guide_mask.tobytes().__hash__(), origin)
         cache = self._guide_cache if self._guide_cache is not None else {}
         if key not in cache:
             window = self.window
             if self.network_window == "guide" and np.any(guide_mask):
                 window = intensity_window(volume[guide_index], guide_mask, pre)
+            elif origin is not None:
+                window = self._drawn_windows.get(origin, self.window)
             g_img = crop_slices(volume[guide_index][None], box, size, window).to(device)
             g_mask = crop_slices(guide_mask[None], box, size, is_mask=True).to(device)
             if len(cache) >= 4:  # a walk uses at most a few guides at a time

@@ -46,6 +46,8 @@ _FLAGS = {
     "regdiffeo": {"registration_options": {"diffeomorphic": True}},
     # The network's intensity window from each window's guide instead of the drawn slice.
     "wguide": {"network_window": "guide"},
+    # ... from the drawn slice each walk started from (several keyframes).
+    "kfwin": {"network_window": "origin"},
 }
 _NUMERIC = {
     "kfagree": (None, "keyframe_outward_min_agreement", float),  # min Dice network vs warped, outward
