@@ -438,3 +438,41 @@ def test_network_window_from_the_guide_is_an_option(monkeypatch):
         with pytest.raises(Stop):
             p._predict_network(img, 6, truth[6], [7, 8])
         assert seen == [expected[mode]] * 2, mode
+
+
+def test_network_window_from_the_keyframe_each_walk_started_from(monkeypatch):
+    """``network_window = "origin"`` (validate.py's ``pam+kfwin``): a walk from another drawn slice
+    (a guide no walk predicted) uses that slice's window, and so do the guides its walk predicts;
+    "prompt" uses the first drawn slice's for every walk."""
+    import PAMSegmentLib.pam_predictor as pp
+    from PAMSegmentLib.preprocess import intensity_window
+
+    seen = []
+
+    def record(slices, box, size, window=None, is_mask=False):
+        if not is_mask:
+            seen.append((round(window.low, 3), round(window.high, 3)))
+        return pp.torch.zeros((len(slices), 1, size, size))
+
+    stage = SimpleNamespace(encode_guide=lambda img, mask: (None, None),
+                            decode_queries=lambda *a: SimpleNamespace(logits=[pp.torch.zeros((1, 2, 1, 64, 64))],
+                                                                      presence=None))
+    model = SimpleNamespace(inference=InferenceParams(), preprocessing=PreprocessingParams(input_size=64),
+                            config=PLAIN_NETWORK, device="cpu", network=SimpleNamespace(proposing_stage=stage))
+    img, truth = sliding_square()
+    img[5:] *= 2.0
+    first = intensity_window(img[0], truth[0], model.preprocessing)
+    other = intensity_window(img[8], truth[8], model.preprocessing)
+    w0, w8 = (round(first.low, 3), round(first.high, 3)), (round(other.low, 3), round(other.high, 3))
+    assert w8 != w0
+    monkeypatch.setattr(pp, "crop_slices", record)
+    monkeypatch.setattr(pp, "fuse_scales", lambda logits, size: pp.torch.zeros((2, size, size)))
+    for mode, expected in (("prompt", [w0] * 6), ("origin", [w0, w0, w8, w8, w8, w8])):  # guide, queries each
+        p = PAMPredictor(model, registration_weight=0.0)
+        p.network_window = mode
+        p.begin(img, 0, truth[0])
+        seen.clear()
+        p._predict_network(img, 0, truth[0], [1, 2])  # the walk from the first drawn slice
+        p._predict_network(img, 8, truth[8], [9, 10])  # a walk from a second drawn slice, 8
+        p._predict_network(img, 10, truth[10], [11])  # ... going on from its predicted slice 10
+        assert seen == expected, mode
