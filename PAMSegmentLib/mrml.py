@@ -342,7 +342,7 @@ def write_segment_mask(mask: np.ndarray, grid: VolumeGrid, segmentation_node, se
         slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(volume_transform, segmentation_transform, to_segmentation)
         slicer.vtkOrientedImageDataResample.TransformOrientedImage(labelmap, to_segmentation)
 
-    labelmap = _on_segmentation_grid(labelmap, segmentation_node)
+    labelmap = _on_segmentation_grid(labelmap, segmentation_node, segment_id)
     labelmap = _with_segment_outside(labelmap, segmentation_node, segment_id)
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     if not logic.SetBinaryLabelmapToSegment(labelmap, segmentation_node, segment_id, logic.MODE_REPLACE,
@@ -350,7 +350,7 @@ def write_segment_mask(mask: np.ndarray, grid: VolumeGrid, segmentation_node, se
         raise PAMError(f'Slicer could not write the result into segment "{segment_id}"')
 
 
-def _on_segmentation_grid(labelmap, segmentation_node):
+def _on_segmentation_grid(labelmap, segmentation_node, segment_id: str | None = None):
     """``labelmap`` resampled (nearest neighbour) onto the segmentation's own grid (its reference
     image geometry, where the Segment Editor paints) when that grid is not the volume's: stored on
     the volume's grid, the segment would be resampled as a whole by the next editor stroke, and
@@ -383,7 +383,51 @@ def _on_segmentation_grid(labelmap, segmentation_node):
     resampled = slicer.vtkOrientedImageData()
     slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
         labelmap, footprint, resampled, False, False)
+    if segment_id is not None:
+        _keep_segment_outside_footprint(resampled, labelmap, segmentation_node, segment_id)
     return resampled
+
+
+def _oriented_like(image, values: np.ndarray):
+    """A vtkOrientedImageData with ``image``'s extent and geometry holding ``values`` (uint8)."""
+    slicer = _slicer()
+    import vtk  # noqa: PLC0415
+    from vtk.util import numpy_support  # noqa: PLC0415
+
+    out = slicer.vtkOrientedImageData()
+    out.SetExtent(*image.GetExtent())
+    out.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    numpy_support.vtk_to_numpy(out.GetPointData().GetScalars())[:] = values.ravel()
+    m = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(m)
+    out.SetImageToWorldMatrix(m)
+    return out
+
+
+def _keep_segment_outside_footprint(resampled, labelmap, segmentation_node, segment_id: str) -> None:
+    """On a grid rotated against the volume's, the box around the volume's footprint also holds
+    voxels outside the volume: there ``resampled`` (the result) takes what the segment holds, so
+    the replace write leaves it unchanged outside the volume."""
+    slicer = _slicer()
+    from vtk.util import numpy_support  # noqa: PLC0415
+
+    resample = slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage
+    n_in = int(np.prod(labelmap.GetDimensions()))
+    inside_image = slicer.vtkOrientedImageData()
+    resample(_oriented_like(labelmap, np.ones(n_in, np.uint8)), resampled, inside_image, False, False)
+    inside = numpy_support.vtk_to_numpy(inside_image.GetPointData().GetScalars()) > 0
+    if inside.all():
+        return  # axis-aligned grids: the box is the footprint
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+    stored = segment.GetRepresentation(_binary_name()) if segment is not None else None
+    if stored is None or stored.GetPointData().GetScalars() is None or stored.IsEmpty():
+        return
+    own = numpy_support.vtk_to_numpy(stored.GetPointData().GetScalars()) == segment.GetLabelValue()
+    current = slicer.vtkOrientedImageData()
+    resample(_oriented_like(stored, own.astype(np.uint8)), resampled, current, False, False)
+    out = numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars())
+    out[~inside] = numpy_support.vtk_to_numpy(current.GetPointData().GetScalars())[~inside]
+    resampled.Modified()
 
 
 def _footprint_extent(extent, to_target: np.ndarray) -> tuple[int, ...]:

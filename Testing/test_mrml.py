@@ -254,6 +254,49 @@ def test_voxels_of_the_segment_outside_a_cropped_volume_are_kept(mrml_scene, mod
     np.testing.assert_array_equal(segment_on_volume(seg, sid, big), drawing.astype(bool))
 
 
+def test_a_cropped_volume_under_a_rotated_segmentation_grid_keeps_the_segment_outside(mrml_scene):
+    """The segmentation's grid is rotated 20 degrees against the volumes (and 0.7 mm in-plane).
+    The box around the crop's footprint on that grid also covers voxels outside the crop: they
+    keep what the segment holds (3363 voxels of it were erased there)."""
+    import vtk
+
+    big_shape = (20, 80, 88)
+    truth = ellipsoid(big_shape, (10, 40, 44), (7, 12, 14))
+    image = (truth * 100.0 + np.random.default_rng(0).normal(0, 10, big_shape)).astype(np.float32)
+    big = make_volume_node(image, name="full")
+    crop = make_volume_node(np.ascontiguousarray(image[:, 30:70, 30:74]), name="cropped")
+    for node, origin in ((big, (0.0, 0.0, 0.0)), (crop, (30.0, 30.0, 0.0))):
+        node.SetSpacing(1.0, 1.0, 2.0)
+        node.SetOrigin(*origin)
+    a = np.deg2rad(20.0)
+    m = np.eye(4)
+    m[:3, :3] = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]]) @ np.diag([0.7, 0.7, 2.0])
+    m[:3, 3] = (-20.0, -20.0, 0.0)
+    geometry = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "rotated grid")
+    data = vtk.vtkImageData()
+    data.SetDimensions(200, 200, 20)
+    data.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    geometry.SetAndObserveImageData(data)
+    geometry.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(m))
+    seg = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
+    seg.CreateDefaultDisplayNodes()
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(geometry)
+    sid = seg.GetSegmentation().AddEmptySegment("", "tumor", [1.0, 0.0, 0.0])
+    drawing = one_slice(truth, 10)
+    drawing[3:6] = 1  # three whole slices of the scan are also part of the segment
+    mrml.write_segment_mask(drawing, mrml._grid_of(big), seg, sid, big)
+    before = segment_on_volume(seg, sid, big)
+    inside = np.zeros(big_shape, bool)
+    inside[:, 30:70, 30:74] = True
+    assert (before & ~inside).sum() > 15000
+    job = SegmentPropagation(crop, seg, sid, model=OracleModel(truth[:, 30:70, 30:74])).run()
+    job.apply()
+    after = segment_on_volume(seg, sid, big)
+    np.testing.assert_array_equal(after & ~inside, before & ~inside)
+    # inside: the result, through the rotated grid and back (nearest neighbour both ways)
+    assert dice(after[inside].reshape(20, 40, 44), job.result.mask > 0) > 0.97
+
+
 def test_a_volume_whose_image_extent_does_not_start_at_zero(mrml_scene):
     """Array index 0 is the image's first voxel, here voxel (3, 2, 1) of the node's IJK (a volume
     made by a filter that keeps its input's extent): the result lands where the prompt was read,
