@@ -146,6 +146,15 @@ def _grid_of(volume_node) -> VolumeGrid:
     )
 
 
+def _voxels_mtime(volume_node) -> tuple[int, int] | None:
+    """Modification times of the volume's image data and its scalars (None without voxels)."""
+    image = volume_node.GetImageData() if volume_node is not None else None
+    if image is None:
+        return None
+    scalars = image.GetPointData().GetScalars()
+    return int(image.GetMTime()), int(scalars.GetMTime()) if scalars is not None else 0
+
+
 def _check_scalar_volume(volume_node) -> None:
     """InputError unless ``volume_node`` is a scalar volume with one component per voxel."""
     if volume_node is None or not volume_node.IsA("vtkMRMLScalarVolumeNode"):
@@ -587,6 +596,7 @@ class SegmentPropagation:
             raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         segment = _segment(segmentation_node, segment_id)
         self.image, self.grid = volume_array(volume_node)
+        self._voxels_mtime = _voxels_mtime(volume_node)  # after the read (reading can bump it)
         self.prompt = _prompt_mask(segmentation_node, segment_id, volume_node)
         self.source = self.prompt  # what the segment held when the job was made (apply checks it is unchanged)
         try:
@@ -863,14 +873,21 @@ class SegmentPropagation:
                 )
 
     def _voxels_unchanged(self) -> bool:
-        """Whether the volume still holds the voxels the job read (compared slice by slice, so
-        no second copy of the volume is made)."""
+        """Whether the volume still holds the voxels the job read. Unmodified since (the image's
+        and its scalars' modification times) is unchanged at no cost; otherwise the voxels are
+        compared slice by slice (no second copy of the volume), NaN-aware only if needed."""
+        if getattr(self, "_voxels_mtime", None) is not None and _voxels_mtime(self.volume_node) == self._voxels_mtime:
+            return True
         slicer = _slicer()
         current = slicer.util.arrayFromVolume(self.volume_node)
         if current.shape != self.image.shape:
             return False
-        return all(np.array_equal(current[k].astype(np.float32, copy=False), self.image[k], equal_nan=True)
-                   for k in range(current.shape[0]))
+        for k in range(current.shape[0]):
+            now = current[k].astype(np.float32, copy=False)
+            if not np.array_equal(now, self.image[k]) and not (
+                    np.issubdtype(current.dtype, np.floating) and np.array_equal(now, self.image[k], equal_nan=True)):
+                return False
+        return True
 
     def apply(self, history: "PropagationHistory | None" = None, before_write=None) -> str:
         """Write the result into the segmentation (main thread only); returns the segment id written.
@@ -1494,6 +1511,7 @@ class SegmentUpdate(SegmentPropagation):
         if volume_node is None:
             volume_node = entry.volume_node
         self.image, self.grid = volume_array(volume_node)
+        self._voxels_mtime = _voxels_mtime(volume_node)  # after the read (reading can bump it)
         if not self.grid.same_as(entry.grid):
             source = entry.volume_node.GetName() if entry.volume_node is not None else "another volume"
             raise InputError(f'segment "{name}" was propagated on volume "{source}", whose grid differs from '
