@@ -237,6 +237,8 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if that changed since the panel last looked: a user who drew in the Segment Editor and comes
         here finds it chosen, while a choice made in this panel stays as long as the Segment
         Editor's selection does not change."""
+        if self.job is not None and not self.job.done:
+            return  # the panel shows the running job's inputs; follow on the next entry
         selection = self.logic.segmentEditorSelection()
         seen = None if selection is None else tuple(
             node.GetID() if node is not None else None for node in selection[:2]) + (selection[2],)
@@ -824,8 +826,8 @@ class PAMSegmentLogic(ScriptedLoadableModuleLogic):
         # SourceVolume since Slicer 5.4, MasterVolume before.
         getVolume = getattr(editorNode, "GetSourceVolumeNode", None) or editorNode.GetMasterVolumeNode
         volume = getVolume()
-        if volume is not None and not volume.IsA("vtkMRMLScalarVolumeNode"):
-            volume = None
+        if volume is not None and volume.GetClassName() != "vtkMRMLScalarVolumeNode":
+            volume = None  # a label map or vector volume: the panel's volume list does not show them
         segmentId = editorNode.GetSelectedSegmentID() or ""
         if segmentId and segmentation.GetSegmentation().GetSegment(segmentId) is None:
             segmentId = ""

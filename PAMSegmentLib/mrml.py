@@ -518,6 +518,7 @@ def _add_result_segment(segmentation_node, source_segment_id: str) -> str:
     source = segmentation.GetSegment(source_segment_id)
     segment = slicer.vtkSegment()
     segment.DeepCopyMetadata(source)  # colour, terminology tags
+    segment.RemoveTag(RUN_TAG)  # not the source's result: a run tags it when it is remembered
     segment.SetName(_unique_segment_name(segmentation, source.GetName()))
     segment.SetColor(source.GetColor())
     new_id = segmentation.GenerateUniqueSegmentID(source_segment_id + "_PAM")

@@ -1118,6 +1118,21 @@ def test_panel_follows_the_segment_editor_selection_when_it_changed(panel, drawn
     panel.exit()
     panel.enter()
     assert (ui.segmentationSelector.currentNode(), ui.segmentSelector.currentSegmentID()) == (other, ids["a"])
+    # while a job runs the panel keeps showing its inputs; it follows on the next entry
+    editor.SetSelectedSegmentID(ids["b"])
+    panel.exit()
+    panel.job = types.SimpleNamespace(done=False, cancellable=False)
+    panel.enter()
+    assert ui.segmentSelector.currentSegmentID() == ids["a"]
+    panel.job = None
+    panel.exit()
+    panel.enter()
+    assert ui.segmentSelector.currentSegmentID() == ids["b"]
+    # a label map as the editor's source volume is not one the panel's list shows: no change
+    labelmap = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
+    editor.SetAndObserveSourceVolumeNode(labelmap)
+    assert panel.logic.segmentEditorSelection()[0] is None
+    editor.SetAndObserveSourceVolumeNode(other_volume)
     # a segment ID the segmentation no longer has, or no segmentation at all, selects nothing new
     editor.SetSelectedSegmentID("gone")
     assert panel.logic.segmentEditorSelection() == (other_volume, other, "")

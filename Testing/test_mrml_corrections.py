@@ -151,6 +151,11 @@ def test_history_survives_the_scene_undo_but_not_an_id_reused_by_another_segment
     assert history.get(seg, sid).run_id == entry.run_id
     history.undo_last(seg, sid)
     assert history.get(seg, sid) is not None and history.get(seg, sid).kind == "propagation"
+    # "new segment" output copies the source's colour and terminology, not its run tag
+    new_id = mrml._add_result_segment(seg, sid)
+    assert mrml._segment_tag(seg.GetSegmentation().GetSegment(sid), mrml.RUN_TAG) == entry.run_id
+    assert mrml._segment_tag(seg.GetSegmentation().GetSegment(new_id), mrml.RUN_TAG) is None
+    seg.GetSegmentation().RemoveSegment(new_id)
     # the segment deleted, another one added under its ID and painted
     segmentation = seg.GetSegmentation()
     segmentation.RemoveSegment(sid)
