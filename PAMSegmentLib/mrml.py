@@ -976,11 +976,11 @@ class SegmentPropagation:
         )
 
     def _run_id(self, target: str) -> str:
-        """Tag the written segment as this run's (an update keeps its propagation's tag) and return
-        the tag. A tag, not the vtkSegment object: the scene's undo (the Segment Editor's) replaces
+        """Tag the written segment as this run's and return the tag: a fresh one per write, so the
+        history can tell which run a segment holds after the Segment Editor's undo (which puts back
+        the segment with the tag it had). A tag, not the vtkSegment object: that undo replaces
         segment objects, and copies tags with them."""
-        parent = self._parent_entry()
-        run_id = parent.run_id if parent is not None and parent.run_id else uuid.uuid4().hex
+        run_id = uuid.uuid4().hex
         _set_segment_tag(self.segmentation_node.GetSegmentation().GetSegment(target), RUN_TAG, run_id)
         return run_id
 
@@ -1317,8 +1317,15 @@ class PropagationHistory:
         scene = segmentation_node.GetScene()
         segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
         alive = (entry.segmentation_node is segmentation_node and scene is not None
-                 and scene.GetNodeByID(segmentation_node.GetID()) is segmentation_node
-                 and segment is not None and (entry.run_id is None or _segment_tag(segment, RUN_TAG) == entry.run_id))
+                 and scene.GetNodeByID(segmentation_node.GetID()) is segmentation_node and segment is not None)
+        tag = _segment_tag(segment, RUN_TAG) if alive else None
+        if alive and entry.run_id is not None and tag != entry.run_id:
+            if entry.parent is not None and entry.parent.run_id == tag:
+                # The Segment Editor's undo put back the segment from before the update: the
+                # propagation it updated is current again, as after undo_last.
+                self._entries[key] = entry.parent
+                return entry.parent
+            alive = False  # another segment under this ID, or the result undone
         if not alive:
             del self._entries[key]
             return None
@@ -1365,10 +1372,14 @@ class PropagationHistory:
             raise InputError(f'cannot undo: the state of "{name}" before the {entry.kind} was not saved')
         entry.before.restore(segmentation_node, segment_id)
         key = self._key(segmentation_node, segment_id)
+        segment = segmentation.GetSegment(segment_id)
         if entry.parent is not None:
+            if entry.parent.run_id:
+                _set_segment_tag(segment, RUN_TAG, entry.parent.run_id)  # it holds that run's result again
             self._entries[key] = entry.parent
             return f'"{name}" is back as it was before the update'
         del self._entries[key]
+        segment.RemoveTag(RUN_TAG)
         if entry.kind == "update":  # only one earlier step is kept: what came before it is final now
             return (f'"{name}" is back as it was before the update; the steps before it can no longer be undone '
                     "with Undo propagation")

@@ -145,12 +145,23 @@ def test_history_survives_the_scene_undo_but_not_an_id_reused_by_another_segment
     mrml_scene.SetUndoOff()
     assert seg.GetSegmentation().GetSegment(sid) is not old_object  # a new object, the same segment
     assert history.get(seg, sid) is entry
-    # an update keeps the propagation's tag, so undoing the update finds the propagation again
+    # an update tags the segment anew: the Segment Editor's undo of the update (the state saved
+    # right before the write, as the panel does) makes the propagation current again, and so
+    # does Undo propagation
     write(seg, sid, vol, edited)
+    mrml_scene.SetUndoOn()
+    mrml_scene.SaveStateForUndo()
     update_segment(vol, seg, sid, history, model=GuideCopy(truth))
-    assert history.get(seg, sid).run_id == entry.run_id
+    assert history.get(seg, sid).kind == "update" and history.get(seg, sid).run_id != entry.run_id
+    mrml_scene.Undo()
+    mrml_scene.SetUndoOff()
+    back = history.get(seg, sid)
+    assert back.kind == "propagation" and back.run_id == entry.run_id
+    assert back.edited_slices(on_volume(seg, sid, vol)) == [16]  # the edit, not the update's slices
+    update_segment(vol, seg, sid, history, model=GuideCopy(truth))
     history.undo_last(seg, sid)
     assert history.get(seg, sid) is not None and history.get(seg, sid).kind == "propagation"
+    assert mrml._segment_tag(seg.GetSegmentation().GetSegment(sid), mrml.RUN_TAG) == entry.run_id
     # "new segment" output copies the source's colour and terminology, not its run tag
     new_id = mrml._add_result_segment(seg, sid)
     assert mrml._segment_tag(seg.GetSegmentation().GetSegment(sid), mrml.RUN_TAG) == entry.run_id
