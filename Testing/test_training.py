@@ -464,7 +464,8 @@ def test_init_from_warns_of_training_flags_that_differ_from_its_run(tmp_path, mo
     run = [*base, "--init-from", str(older), "--p-remap", "0.3", "--out", str(tmp_path / "b.pt"),
            "--log", str(tmp_path / "b.csv")]
     assert train_script.main(run) == 0
-    assert (f"warning: training flags differ from the run that made --init-from {older} (read from its command): "
+    assert (f"warning: training flags differ from the run that made --init-from {older} (read from its command; a flag "
+            "its command did not give counts at today's default): "
             "--lr 0.002 (that run: 0.001)") in capsys.readouterr().err
     # The same flags: no warning.
     run = [*base, "--init-from", str(older), "--p-remap", "0.3", "--lr", "1e-3", "--out", str(tmp_path / "c.pt"),
@@ -519,8 +520,8 @@ def test_ctrl_c_saves_the_partial_file_and_leaves_out_alone(tmp_path, monkeypatc
                               "10", "--out", str(out), "--log", str(tmp_path / "log.csv"), "--overwrite"])
     assert code == 130
     partial = tmp_path / "model.partial.pt"
-    assert (f"interrupted: the weights after 2 iterations are in {partial} ({out} untouched)"
-            in capsys.readouterr().err.splitlines())
+    assert (f"interrupted: the weights after 2 iterations are in {partial} ({out} untouched); to go on, train with "
+            f"--init-from {partial} and another --out" in capsys.readouterr().err.splitlines())
     assert out.read_bytes() == b"the previous run's weights"
     saved = load_checkpoint_file(partial)
     assert saved.provenance["stopped_by"] == "interrupted" and saved.provenance["final"] is False
@@ -571,6 +572,23 @@ def test_train_script_refuses_to_replace_files_it_was_not_told_to(tmp_path, monk
     (tmp_path / "model.pt").write_bytes(b"x")
     assert train_script.main([*base, "--out", str(tmp_path / "model.pt"), "--overwrite"]) == 0
     assert written == [tmp_path / "model.pt"]
+    # Continuing from a partial save into the --out it belongs to would overwrite it while it is read
+    partial = tmp_path / "run.partial.pt"
+    partial.write_bytes(init.read_bytes())
+    assert train_script.main([*base, "--init-from", str(partial), "--out", str(tmp_path / "run.pt"), "--overwrite"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: --init-from {partial} is where this run's partial saves go (--out {tmp_path / 'run.pt'}): they would "
+        "replace the weights it starts from; continue into another --out"]
+
+
+def test_train_script_default_log_follows_out(tmp_path, monkeypatch):
+    """Without --log each checkpoint gets its own log (<out stem>_log.csv), so a second run to
+    another --out is not refused because of the first run's log."""
+    logs = []
+    train_script = _tiny_script(monkeypatch, lambda cases, cfg, out, log: logs.append(log) or log.write_text("x") or {})
+    for name in ("first", "second"):
+        assert train_script.main(["--preset", "tiny", "--synthetic-inline", "1", "--out", str(tmp_path / f"{name}.pt")]) == 0
+    assert logs == [tmp_path / "first_log.csv", tmp_path / "second_log.csv"]
 
 
 def test_train_script_makes_and_checks_the_output_folders_first(tmp_path, monkeypatch, capsys):
@@ -632,15 +650,15 @@ def test_train_script_says_to_prepare_the_data_when_the_split_is_missing(tmp_pat
 
 
 @pytest.mark.parametrize("flag, value, message", [
-    ("--minutes", "0", "argument --minutes: must be a number above 0, got 0"),
-    ("--minutes", "-5", "argument --minutes: must be a number above 0, got -5"),
-    ("--lr", "0", "argument --lr: must be a number above 0, got 0"),
-    ("--lr", "-1e-3", "argument --lr: must be a number above 0, got -1e-3"),
-    ("--lr", "nan", "argument --lr: must be a number above 0, got nan"),
-    ("--guides", "0", "argument --guides: must be at least 1, got 0"),
-    ("--queries", "0", "argument --queries: must be at least 1, got 0"),
-    ("--threads", "0", "argument --threads: must be at least 1, got 0"),
-    ("--workers", "-1", "argument --workers: must be 0 or more, got -1"),
+    ("--minutes", "0", "argument --minutes: expected a number above 0, got '0'"),
+    ("--minutes", "-5", "argument --minutes: expected a number above 0, got '-5'"),
+    ("--lr", "0", "argument --lr: expected a number above 0, got '0'"),
+    ("--lr", "-1e-3", "argument --lr: expected a number above 0, got '-1e-3'"),
+    ("--lr", "nan", "argument --lr: expected a number above 0, got 'nan'"),
+    ("--guides", "0", "argument --guides: expected a whole number of at least 1, got '0'"),
+    ("--queries", "0", "argument --queries: expected a whole number of at least 1, got '0'"),
+    ("--threads", "0", "argument --threads: expected a whole number of at least 1, got '0'"),
+    ("--workers", "-1", "argument --workers: expected a whole number of at least 0, got '-1'"),
 ])
 def test_train_script_checks_the_ranges_of_its_numbers(tmp_path, monkeypatch, capsys, flag, value, message):
     """--minutes 0 divided by zero (or wrote an untrained checkpoint); --guides 0 / --queries 0

@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from PAMSegmentLib.checkpoints import load_checkpoint_file  # noqa: E402
+from PAMSegmentLib.cli import number_type  # noqa: E402
 from PAMSegmentLib.errors import PAMError  # noqa: E402
 from PAMSegmentLib.network import PRESETS, PAMConfig  # noqa: E402
 from PAMSegmentLib.preprocess import PreprocessingParams  # noqa: E402
@@ -138,25 +139,9 @@ def git_revision() -> str:
         return "unknown"
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
-    return value
+_positive_int = number_type(int, lambda v: v >= 1, "a whole number of at least 1")
+_non_negative_int = number_type(int, lambda v: v >= 0, "a whole number of at least 0")
+_positive_float = number_type(float, lambda v: math.isfinite(v) and v > 0, "a number above 0")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where the checkpoint goes (default: runs/pam_small.pt in this repository; the shipped "
                          "Resources/Models/pam_small.pt only when named here); saves during the run go to "
                          "<out stem>.partial.pt beside it")
-    ap.add_argument("--log", type=Path, default=REPO / "runs" / "train_log.csv")
+    ap.add_argument("--log", type=Path, default=None,
+                    help="training curve CSV (default: <out stem>_log.csv beside --out; a .json summary goes beside it)")
     ap.add_argument("--overwrite", action="store_true",
                     help="replace an existing --out, --log (and its .json summary) or <out stem>.partial.pt")
     ap.add_argument("--threads", type=_positive_int, default=1, help="torch threads for the network")
@@ -268,6 +254,9 @@ def _preflight(args: argparse.Namespace, net_cfg: PAMConfig) -> str | None:
         return (f"--out {args.out} is the --init-from checkpoint: training would replace the weights it starts "
                 "from; give another --out")
     partial = partial_path(args.out)
+    if args.init_from is not None and _same_path(partial, args.init_from):
+        return (f"--init-from {args.init_from} is where this run's partial saves go (--out {args.out}): they would "
+                "replace the weights it starts from; continue into another --out")
     outputs = [(args.out, "--out"), (partial, "the partial save of --out"), (args.log, "--log"),
                (args.log.with_suffix(".json"), "the summary written beside --log")]
     for path, what in outputs:
@@ -295,6 +284,8 @@ def _preflight(args: argparse.Namespace, net_cfg: PAMConfig) -> str | None:
             now = training_flags(args)
             differ = [f"{flag} {now[flag]} (that run: {old[flag]})" for flag in now if flag in old and old[flag] != now[flag]]
             if differ:
+                if source != "recorded":  # read from an older run's command line
+                    source += "; a flag its command did not give counts at today's default"
                 print(f"warning: training flags differ from the run that made --init-from {args.init_from} "
                       f"({source}): {', '.join(differ)}", file=sys.stderr, flush=True)
     return None
@@ -318,6 +309,8 @@ def main(argv=None) -> int:
         if args.out.resolve() == shipped.resolve():
             ap.error(f"the default --out {args.out} is the shipped weights {shipped} (through a link): training "
                      "would replace them; give --out, naming them if that is what you want")
+    if args.log is None:  # one log per checkpoint: a second run to another --out is not refused for the log
+        args.log = args.out.with_name(args.out.stem + "_log.csv")
     net_cfg: PAMConfig = PRESETS[args.preset]
     problem = _preflight(args, net_cfg)
     if problem:
@@ -326,8 +319,8 @@ def main(argv=None) -> int:
     try:
         return _run(args, argv, net_cfg)
     except TrainingInterrupted as exc:
-        print(f"interrupted: the weights after {exc.iterations} iterations are in {exc.path} ({args.out} untouched)",
-              file=sys.stderr)
+        print(f"interrupted: the weights after {exc.iterations} iterations are in {exc.path} ({args.out} untouched); "
+              f"to go on, train with --init-from {exc.path} and another --out", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         print(f"interrupted outside the training loop; no partial save made, {args.out} not written by this run",
