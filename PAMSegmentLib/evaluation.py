@@ -67,19 +67,22 @@ def load_split(path: str | os.PathLike, groups: Sequence[str] | None = None,
     data = json.loads(path.read_text(encoding="utf-8"))
     if "eval" not in data:
         raise InputError(f"split file {path} has no 'eval' list")
+    def selects(name: str, group: str) -> bool:  # an exact name or a case-insensitive substring
+        return name.lower() in group.lower()
+
     # A name that selects nothing is a typo, not an empty selection: say what there is.
     all_cases = [str(e["case"]) for e in data["eval"]]
     all_groups = sorted({str(e.get("group", e["case"])) for e in data["eval"]})
     unknown = [c for c in (cases or ()) if c not in all_cases]
     if unknown:
         raise InputError(f"no evaluation case {unknown[0]!r} in {path}; evaluation cases: {', '.join(all_cases)}")
-    unknown = [g for g in (groups or ()) if not any(g.lower() == a.lower() or g.lower() in a.lower() for a in all_groups)]
+    unknown = [g for g in (groups or ()) if not any(selects(g, a) for a in all_groups)]
     if unknown:
         raise InputError(f"no evaluation group matches {unknown[0]!r} in {path}; groups: {', '.join(all_groups)}")
     out = []
     for entry in data["eval"]:
         group = str(entry.get("group", entry["case"]))
-        if groups and not any(g.lower() == group.lower() or g.lower() in group.lower() for g in groups):
+        if groups and not any(selects(g, group) for g in groups):
             continue
         if cases and entry["case"] not in cases:
             continue

@@ -51,21 +51,25 @@ from .errors import InputError, PAMError, PropagationCancelled
 from .propagate import CancelToken
 from .remote import SERVER_METHODS
 
-__all__ = ["create_app", "JobQueue", "encode_result", "read_arrays", "add_serve_arguments", "cmd_serve"]
+__all__ = ["create_app", "JobQueue", "encode_result", "read_arrays", "add_serve_arguments", "cmd_serve", "is_loopback"]
 
-def is_loopback(host: str) -> bool:
-    """True for an address that only this machine reaches: ``localhost`` or a loopback address
-    (127.0.0.0/8, ``::1``), written in any form ``ipaddress`` reads."""
-    if host.strip().lower().rstrip(".") == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
-    except ValueError:
-        return False
+
 OPTION_KEYS = {"axis", "labels", "range", "early_stop", "empty_slices", "remove_disconnected", "method", "update"}
 METHODS = SERVER_METHODS
 MAX_VOXELS = 512 * 512 * 1024  # default largest image (and prompt) a job may hold
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address that only this machine reaches: ``localhost`` or a loopback address
+    (127.0.0.0/8, ``::1``), written in any form ``ipaddress`` reads."""
+    name = host.strip().lower()
+    if name in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(name.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def read_arrays(body: bytes, max_voxels: int) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:

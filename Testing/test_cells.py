@@ -475,4 +475,3 @@ def test_the_cell_evaluation_counts_the_nuclei_it_scores():
     assert evaluate_cells.scored_nuclei(ref) == [2, 7]
     assert "125 instances,\nof which the 124 over 30 px are scored" in evaluate_cells.__doc__
     assert evaluate_cells.MIN_AREA == 30 and "512 x 512 px, 124 nuclei;" in (REPO / "README.md").read_text()
-

@@ -352,7 +352,7 @@ def test_serve_refuses_to_listen_beyond_this_machine_without_a_token(run_cli):
 @pytest.mark.parametrize("host, local", [
     ("127.0.0.1", True), ("127.0.0.2", True), ("localhost", True), ("LOCALHOST.", True), ("::1", True),
     ("[::1]", True), ("0.0.0.0", False), ("::", False), ("192.168.1.5", False), ("example.org", False),
-    ("127.0.0.1.example.org", False),
+    ("127.0.0.1.example.org", False), ("localhost..", False),
 ])
 def test_only_loopback_addresses_count_as_this_machine(host, local):
     from PAMSegmentLib.server import is_loopback

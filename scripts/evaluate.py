@@ -42,6 +42,7 @@ from PAMSegmentLib import evaluation as ev  # noqa: E402
 from PAMSegmentLib.cli import number_type  # noqa: E402
 from PAMSegmentLib.errors import PAMError  # noqa: E402
 from PAMSegmentLib.metrics import dice  # noqa: E402
+from PAMSegmentLib.volumes import check_folder_writable  # noqa: E402
 from PAMSegmentLib.metrics import evaluate as score_masks  # noqa: E402
 
 
@@ -379,10 +380,11 @@ def main(argv=None):
     out = Path(args.out)
     try:  # before the methods load and any case is read
         out.mkdir(parents=True, exist_ok=True)
-        (out / ".write_test").write_bytes(b"")
-        (out / ".write_test").unlink()
+        check_folder_writable(out, "results")
     except OSError as exc:
         raise SystemExit(f"error: cannot write results to --out {out}: {exc.strerror or exc}") from None
+    except PAMError as exc:
+        raise SystemExit(f"error: {exc}") from None
     methods = build_methods(args)
     fig_key = tuple(args.figure_structure.split(":", 1)) if args.figure_structure else (structures[0].case, structures[0].name)
 

@@ -49,6 +49,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from PAMSegmentLib.errors import InputError  # noqa: E402
+from PAMSegmentLib.volumes import check_folder_writable  # noqa: E402
 from PAMSegmentLib.training import data as D  # noqa: E402
 from PAMSegmentLib.training.synthetic import generate_stack_volume, generate_volume  # noqa: E402
 
@@ -520,12 +522,13 @@ def main(argv=None) -> int:
     # Both destinations are checked before any download or case is built (minutes of work).
     try:
         cases_dir.mkdir(parents=True, exist_ok=True)
-        probe = cases_dir / ".write_test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        check_folder_writable(cases_dir, "the cache")
     except OSError as exc:
         raise SystemExit(f"error: cannot write the cache {cache}: {exc.strerror or exc}; give --cache a writable folder") from None
-    if split_path.is_dir() or not split_path.parent.is_dir() or not os.access(split_path.parent, os.W_OK):
+    except InputError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    if (split_path.is_dir() or not split_path.parent.is_dir() or not os.access(split_path.parent, os.W_OK)
+            or (split_path.exists() and not os.access(split_path, os.W_OK))):
         raise SystemExit(f"error: cannot write the split file {split_path}: give --split a file path in an existing, "
                          "writable folder")
     roots = {}

@@ -30,7 +30,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -42,11 +41,12 @@ sys.path.insert(0, str(REPO))
 
 from PAMSegmentLib.checkpoints import load_checkpoint_file  # noqa: E402
 from PAMSegmentLib.cli import number_type  # noqa: E402
-from PAMSegmentLib.errors import PAMError  # noqa: E402
+from PAMSegmentLib.errors import InputError, PAMError  # noqa: E402
 from PAMSegmentLib.network import PRESETS, PAMConfig  # noqa: E402
 from PAMSegmentLib.preprocess import PreprocessingParams  # noqa: E402
 from PAMSegmentLib.training.data import is_temporary_case_file  # noqa: E402
 from PAMSegmentLib.training.samples import Case, SampleConfig  # noqa: E402
+from PAMSegmentLib.volumes import check_folder_writable  # noqa: E402
 from PAMSegmentLib.training.trainer import (  # noqa: E402
     NonFiniteLoss, TrainConfig, TrainingInterrupted, check_init_network, partial_path, train)
 
@@ -229,11 +229,11 @@ def _writable_folder(folder: Path) -> str | None:
     """Make ``folder`` (and its parents); None if a file can be written there, else why not."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=folder, prefix=".train-write-check-")
-        os.close(fd)
-        os.unlink(name)
+        check_folder_writable(folder)
     except OSError as exc:
         return exc.strerror or str(exc)
+    except InputError as exc:
+        return str(exc)
     return None
 
 

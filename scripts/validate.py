@@ -62,8 +62,8 @@ _NUMERIC = {
     "regsigma": ("registration_options", "sigma", float),
     "regstep": ("registration_options", "max_step", float),  # demons step limit, grid px per iteration
     "carryss": (None, "carry_supersample", int),  # the chain's carried mask on an s times finer grid
-    "up": (None, "through_plane_mm", float),
-    "crop": (None, "crop_scale", float),  # the network crop's side, x the guide mask's larger extent  # thick slices: walks through slices interpolated to <= T mm (0 = off)
+    "up": (None, "through_plane_mm", float),  # thick slices: walks through slices interpolated to <= T mm (0 = off)
+    "crop": (None, "crop_scale", float),  # the network crop's side, x the guide mask's larger extent
 }
 _PREFIXES_LONGEST_FIRST = sorted(_NUMERIC, key=len, reverse=True)
 
@@ -84,7 +84,8 @@ def parse_config(config: str) -> dict:
     keyframes, walks beyond the outermost ones end where the network's and the warped mask's
     Dice < D). ``upT`` (thick slices: walks through slices interpolated to <= T mm; 0 = off). ``cropS`` (the
     network crop's side, S x the guide mask's larger extent; the checkpoint's is 1.5). ``wguide`` (the
-    network's intensity window from each window's guide instead of the drawn slice). Unknown options are an error."""
+    network's intensity window from each window's guide instead of the drawn slice), ``kfwin`` (from
+    the drawn slice each walk started from). Unknown options are an error."""
     if config.startswith("window"):
         return {"window_mm": float(config[len("window"):])}
     head, *tokens = config.split("+")
