@@ -39,6 +39,7 @@ __all__ = [
     "MASK_2D_EXTENSIONS",
     "SeriesChoiceWarning",
     "check_folder_writable",
+    "make_writable_folder",
 ]
 
 PathLike = Union[str, os.PathLike]  # not `str | os.PathLike`: Slicer 5.6-5.8 run Python 3.9
@@ -594,6 +595,17 @@ def check_folder_writable(folder: PathLike, what: str = "the output") -> None:
     if failed is not None:
         raise InputError(f"cannot write {what} in folder {folder} ({failed.strerror or failed}): files must be made, "
                          "renamed and removed there; choose another folder")
+
+
+def make_writable_folder(folder: PathLike, what: str = "the output") -> None:
+    """Make ``folder`` (with its parents) and ``check_folder_writable`` it; InputError if either fails."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"cannot make folder {folder} for {what} ({error.strerror or error}); choose another "
+                         "folder") from None
+    check_folder_writable(folder, what)
 
 
 def check_link_target(path: PathLike) -> None:

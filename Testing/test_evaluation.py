@@ -315,7 +315,7 @@ def test_evaluate_script_refuses_bad_options_before_any_work(tmp_path):
     for args, message in [(["--positions", "0.5x"], "error: --positions expects fractions of the extent"),
                           (["--positions", "0.3,1.5"], "error: --positions must lie within [0, 1]"),
                           (["--threads", "0"], "argument --threads: expected a positive integer, got '0'"),
-                          (["--out", str(blocker / "ev")], f"error: cannot write results to --out {blocker / 'ev'}"),
+                          (["--out", str(blocker / "ev")], f"error: cannot make folder {blocker / 'ev'} for the results (--out)"),
                           (["--from-csv", "--out", str(tmp_path / "none")], "which does not exist: give the --out of")]:
         run = subprocess.run([sys.executable, script, "--cache", str(tmp_path), "--no-figure", *args],
                              capture_output=True, text=True, timeout=120)

@@ -208,6 +208,20 @@ def test_new_mode_adds_named_coloured_segment_and_keeps_the_original(scene_with_
     assert segmentation.GetSegment(again).GetName() == "tumor (PAM 2)"
 
 
+def full_scan_and_crop(shape, center, radii):
+    """An ellipsoid in noise on a full scan (1 x 1 x 2 mm) and a crop of it (j 30-69, i 30-73) as
+    its own volume node, as Crop Volume makes: crop voxel (k, j, i) = scan voxel (k, j + 30, i + 30).
+    Returns the truth on the scan, the scan's node and the crop's node."""
+    truth = ellipsoid(shape, center, radii)
+    image = (truth * 100.0 + np.random.default_rng(0).normal(0, 10, shape)).astype(np.float32)
+    big = make_volume_node(image, name="full")
+    crop = make_volume_node(np.ascontiguousarray(image[:, 30:70, 30:74]), name="cropped")
+    for node, origin in ((big, (0.0, 0.0, 0.0)), (crop, (30.0, 30.0, 0.0))):
+        node.SetSpacing(1.0, 1.0, 2.0)
+        node.SetOrigin(*origin)
+    return truth, big, crop
+
+
 @pytest.mark.parametrize("oversample", [1, 2])
 @pytest.mark.parametrize("mode", ["replace", "new"])
 def test_voxels_of_the_segment_outside_a_cropped_volume_are_kept(mrml_scene, mode, oversample):
@@ -217,13 +231,7 @@ def test_voxels_of_the_segment_outside_a_cropped_volume_are_kept(mrml_scene, mod
     # oversampling, or a segmentation made on a finer scan): the result, put on that grid, covers
     # only the crop's footprint (padded to the whole grid it replaced the segment everywhere else).
     big_shape = (24, 80, 88)
-    truth_big = ellipsoid(big_shape, (12, 40, 44), (8, 12, 14))
-    image = (truth_big * 100.0 + np.random.default_rng(0).normal(0, 10, big_shape)).astype(np.float32)
-    big = make_volume_node(image, name="full")
-    crop = make_volume_node(np.ascontiguousarray(image[:, 30:70, 30:74]), name="cropped")
-    for node, origin in ((big, (0.0, 0.0, 0.0)), (crop, (30.0, 30.0, 0.0))):
-        node.SetSpacing(1.0, 1.0, 2.0)  # crop voxel (k, j, i) = full-scan voxel (k, j + 30, i + 30)
-        node.SetOrigin(*origin)
+    truth_big, big, crop = full_scan_and_crop(big_shape, (12, 40, 44), (8, 12, 14))
     drawing = one_slice(truth_big, 12)
     drawing[2:6, 2:12, 2:12] = 1  # also part of the segment, far outside the crop
     if oversample == 1:
@@ -261,13 +269,7 @@ def test_a_cropped_volume_under_a_rotated_segmentation_grid_keeps_the_segment_ou
     import vtk
 
     big_shape = (20, 80, 88)
-    truth = ellipsoid(big_shape, (10, 40, 44), (7, 12, 14))
-    image = (truth * 100.0 + np.random.default_rng(0).normal(0, 10, big_shape)).astype(np.float32)
-    big = make_volume_node(image, name="full")
-    crop = make_volume_node(np.ascontiguousarray(image[:, 30:70, 30:74]), name="cropped")
-    for node, origin in ((big, (0.0, 0.0, 0.0)), (crop, (30.0, 30.0, 0.0))):
-        node.SetSpacing(1.0, 1.0, 2.0)
-        node.SetOrigin(*origin)
+    truth, big, crop = full_scan_and_crop(big_shape, (10, 40, 44), (7, 12, 14))
     a = np.deg2rad(20.0)
     m = np.eye(4)
     m[:3, :3] = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]]) @ np.diag([0.7, 0.7, 2.0])

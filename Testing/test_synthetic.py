@@ -322,7 +322,7 @@ def test_prepare_data_checks_where_it_writes_before_any_download(tmp_path, monke
     monkeypatch.setattr(prep.D, "ensure_downloaded", lambda *a, **k: fetched.append(a))
     blocker = tmp_path / "file"
     blocker.write_text("")
-    with pytest.raises(SystemExit, match=f"cannot write the cache {blocker / 'c'}"):
+    with pytest.raises(SystemExit, match=f"cannot make folder {blocker / 'c' / 'cases'} for the cache \\(--cache\\)"):
         prep.main(["--cache", str(blocker / "c")])
     with pytest.raises(SystemExit, match=f"cannot write the split file {tmp_path / 'no' / 'split.json'}: give --split"):
         prep.main(["--cache", str(tmp_path / "cache"), "--split", str(tmp_path / "no" / "split.json")])

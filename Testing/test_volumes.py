@@ -587,3 +587,14 @@ def test_a_path_that_is_not_utf8_is_refused_not_a_crash(tmp_path):
         read_volume(os.path.join(folder, "ct.nii.gz"))
     with pytest.raises(InputError, match=message):
         read_volume(folder)  # a folder: read as a DICOM series
+
+
+def test_make_writable_folder_makes_it_or_says_why_not(tmp_path):
+    from PAMSegmentLib.volumes import make_writable_folder
+
+    make_writable_folder(tmp_path / "a" / "b", "the results")
+    assert (tmp_path / "a" / "b").is_dir() and list((tmp_path / "a" / "b").iterdir()) == []  # no probe left
+    (tmp_path / "file").write_text("")
+    with pytest.raises(InputError, match=r"^cannot make folder .*file/x for the results \(Not a directory\); "
+                                         r"choose another folder$"):
+        make_writable_folder(tmp_path / "file" / "x", "the results")

@@ -42,7 +42,7 @@ from PAMSegmentLib import evaluation as ev  # noqa: E402
 from PAMSegmentLib.cli import number_type  # noqa: E402
 from PAMSegmentLib.errors import PAMError  # noqa: E402
 from PAMSegmentLib.metrics import dice  # noqa: E402
-from PAMSegmentLib.volumes import check_folder_writable  # noqa: E402
+from PAMSegmentLib.volumes import make_writable_folder  # noqa: E402
 from PAMSegmentLib.metrics import evaluate as score_masks  # noqa: E402
 
 
@@ -379,10 +379,7 @@ def main(argv=None):
         raise SystemExit("error: no evaluation structures match the filters")
     out = Path(args.out)
     try:  # before the methods load and any case is read
-        out.mkdir(parents=True, exist_ok=True)
-        check_folder_writable(out, "results")
-    except OSError as exc:
-        raise SystemExit(f"error: cannot write results to --out {out}: {exc.strerror or exc}") from None
+        make_writable_folder(out, "the results (--out)")
     except PAMError as exc:
         raise SystemExit(f"error: {exc}") from None
     methods = build_methods(args)

@@ -50,7 +50,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from PAMSegmentLib.errors import InputError  # noqa: E402
-from PAMSegmentLib.volumes import check_folder_writable  # noqa: E402
+from PAMSegmentLib.volumes import make_writable_folder  # noqa: E402
 from PAMSegmentLib.training import data as D  # noqa: E402
 from PAMSegmentLib.training.synthetic import generate_stack_volume, generate_volume  # noqa: E402
 
@@ -521,10 +521,7 @@ def main(argv=None) -> int:
     split_path = Path(args.split)
     # Both destinations are checked before any download or case is built (minutes of work).
     try:
-        cases_dir.mkdir(parents=True, exist_ok=True)
-        check_folder_writable(cases_dir, "the cache")
-    except OSError as exc:
-        raise SystemExit(f"error: cannot write the cache {cache}: {exc.strerror or exc}; give --cache a writable folder") from None
+        make_writable_folder(cases_dir, "the cache (--cache)")
     except InputError as exc:
         raise SystemExit(f"error: {exc}") from None
     if (split_path.is_dir() or not split_path.parent.is_dir() or not os.access(split_path.parent, os.W_OK)

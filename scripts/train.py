@@ -46,7 +46,7 @@ from PAMSegmentLib.network import PRESETS, PAMConfig  # noqa: E402
 from PAMSegmentLib.preprocess import PreprocessingParams  # noqa: E402
 from PAMSegmentLib.training.data import is_temporary_case_file  # noqa: E402
 from PAMSegmentLib.training.samples import Case, SampleConfig  # noqa: E402
-from PAMSegmentLib.volumes import check_folder_writable  # noqa: E402
+from PAMSegmentLib.volumes import make_writable_folder  # noqa: E402
 from PAMSegmentLib.training.trainer import (  # noqa: E402
     NonFiniteLoss, TrainConfig, TrainingInterrupted, check_init_network, partial_path, train)
 
@@ -228,10 +228,7 @@ def recorded_training_flags(provenance: dict) -> tuple[dict | None, str]:
 def _writable_folder(folder: Path) -> str | None:
     """Make ``folder`` (and its parents); None if a file can be written there, else why not."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        check_folder_writable(folder)
-    except OSError as exc:
-        return exc.strerror or str(exc)
+        make_writable_folder(folder)
     except InputError as exc:
         return str(exc)
     return None
