@@ -996,8 +996,17 @@ def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo
         fwd_p, fwd_c, bwd_p, bwd_c = {}, {}, {}, {}
         walk(a, prompt_mask[a], +1, b - 1, False, fwd_p, fwd_c, keep_prob=True, stop_signals=False)
         walk(b, prompt_mask[b], -1, a + 1, False, bwd_p, bwd_c, keep_prob=True, stop_signals=False)
+        # (session 19, chosen on training-case structures: two keyframes 0.783 -> 0.787 and 0.711 -> 0.711;
+        # an attribute so that validate.py's pam+kfvotes can measure the old rule)
+        empty_side_votes = bool(getattr(predictor, "keyframe_empty_side_votes", False))
         for s in range(a + 1, b):
             w_f, w_b = (b - s) / (b - a), (s - a) / (b - a)
+            if not empty_side_votes:
+                # Both ends hold the object: a walk that lost it here says nothing about its shape.
+                f_has = bool((fwd_p[s] >= predictor.threshold).any())
+                b_has = bool((bwd_p[s] >= predictor.threshold).any())
+                if f_has != b_has:
+                    w_f, w_b = (1.0, 0.0) if f_has else (0.0, 1.0)
             probs[s] = w_f * fwd_p[s] + w_b * bwd_p[s]
             conf[s] = w_f * fwd_c[s] + w_b * bwd_c[s]
 

@@ -408,11 +408,17 @@ class _ForwardOnlyOracle(OracleModel):
 
 def test_keyframe_fusion_weights_each_side_by_distance():
     truth = tube(3, 25)
-    res = propagate(image_for(truth), prompt_from(truth, [8, 16]), ISO, _ForwardOnlyOracle(truth, window=4),
-                    range=(8, 16))
+    voting = _ForwardOnlyOracle(truth, window=4)
+    voting.keyframe_empty_side_votes = True  # the rule before session 19 (validate.py's pam+kfvotes)
+    res = propagate(image_for(truth), prompt_from(truth, [8, 16]), ISO, voting, range=(8, 16))
     # Slice s gets weight (16 - s) / 8 from keyframe 8's (correct) side: >= 0.5 up to slice 12.
     occupied = [s for s in range(9, 16) if res.mask[s].any()]
     assert occupied == [9, 10, 11, 12]
+    # Now a walk that predicted nothing on a slice between two keyframes (both hold the object)
+    # does not vote there: the other side's prediction is taken alone.
+    res = propagate(image_for(truth), prompt_from(truth, [8, 16]), ISO, _ForwardOnlyOracle(truth, window=4),
+                    range=(8, 16))
+    np.testing.assert_array_equal(res.mask[8:17] > 0, truth[8:17])
 
 
 class _UnsureOracle(OracleModel):

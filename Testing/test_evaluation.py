@@ -435,6 +435,7 @@ def test_validate_configs_parse_to_predictor_settings():
     assert script.parse_config("pam+crop1.75") == {"crop_scale": 1.75}
     assert script.parse_config("pam+wguide+crop2") == {"network_window": "guide", "crop_scale": 2.0}
     assert script.parse_config("pam+kfwin") == {"network_window": "origin"}
+    assert script.parse_config("pam+kfvotes") == {"keyframe_empty_side_votes": True}
     assert script.parse_config("pam+regcoarse10+reglevels2+regit5+regsigma2") == {
         "registration_options": {"coarse_iterations": 10, "coarse_levels": 2, "iterations": 5, "sigma": 2.0}}
     assert script.parse_config("pam+regstep0.5") == {"registration_options": {"max_step": 0.5}}

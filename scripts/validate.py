@@ -48,6 +48,10 @@ _FLAGS = {
     "wguide": {"network_window": "guide"},
     # ... from the drawn slice each walk started from (several keyframes).
     "kfwin": {"network_window": "origin"},
+    # Between two keyframes a slice one walk left empty takes the other walk's prediction alone (the
+    # engine's rule since session 19); kfvotes: the walk that lost the object still votes (before).
+    "kfnoempty": {"keyframe_empty_side_votes": False},
+    "kfvotes": {"keyframe_empty_side_votes": True},
 }
 _NUMERIC = {
     "kfagree": (None, "keyframe_outward_min_agreement", float),  # min Dice network vs warped, outward
@@ -183,7 +187,8 @@ def main(argv=None) -> int:
                                          query_prior=opts.get("query_prior"))
                 predictor.registration_options = opts.get("registration_options", {})
                 for name in ("window_mm", "threshold", "presence_threshold", "consistency_min_dice",
-                             "keyframe_outward_min_agreement", "carry_supersample", "through_plane_mm", "crop_scale", "network_window"):
+                             "keyframe_outward_min_agreement", "carry_supersample", "through_plane_mm", "crop_scale", "network_window",
+                             "keyframe_empty_side_votes"):
                     if name in opts:
                         setattr(predictor, name, opts[name])
             res = propagate(case.image, prompt, case.spacing, predictor, axis=0)
