@@ -386,31 +386,19 @@ def _on_segmentation_grid(labelmap, segmentation_node, segment_id: str | None = 
             return labelmap
     # Only the result's footprint on that grid: the reference geometry usually spans the whole scan,
     # and a result padded to it would replace the segment everywhere outside a cropped volume.
+    to_theirs = np.linalg.inv(b) @ a
     footprint = slicer.vtkOrientedImageData()
     footprint.SetImageToWorldMatrix(theirs)
-    footprint.SetExtent(*_footprint_extent(labelmap.GetExtent(), np.linalg.inv(b) @ a))
+    footprint.SetExtent(*_footprint_extent(labelmap.GetExtent(), to_theirs))
     resampled = slicer.vtkOrientedImageData()
     slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
         labelmap, footprint, resampled, False, False)
-    if segment_id is not None:
+    # Each axis of one grid along an axis of the other: the box is the footprint. Otherwise
+    # (rotated grids) the box's corners lie outside the volume and keep what the segment holds.
+    axis_aligned = bool(((np.abs(to_theirs[:3, :3]) > 1e-6).sum(axis=1) == 1).all())
+    if segment_id is not None and not axis_aligned:
         _keep_segment_outside_footprint(resampled, labelmap, segmentation_node, segment_id)
     return resampled
-
-
-def _oriented_like(image, values: np.ndarray):
-    """A vtkOrientedImageData with ``image``'s extent and geometry holding ``values`` (uint8)."""
-    slicer = _slicer()
-    import vtk  # noqa: PLC0415
-    from vtk.util import numpy_support  # noqa: PLC0415
-
-    out = slicer.vtkOrientedImageData()
-    out.SetExtent(*image.GetExtent())
-    out.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
-    numpy_support.vtk_to_numpy(out.GetPointData().GetScalars())[:] = values.ravel()
-    m = vtk.vtkMatrix4x4()
-    image.GetImageToWorldMatrix(m)
-    out.SetImageToWorldMatrix(m)
-    return out
 
 
 def _keep_segment_outside_footprint(resampled, labelmap, segmentation_node, segment_id: str) -> None:
@@ -421,19 +409,19 @@ def _keep_segment_outside_footprint(resampled, labelmap, segmentation_node, segm
     from vtk.util import numpy_support  # noqa: PLC0415
 
     resample = slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage
-    n_in = int(np.prod(labelmap.GetDimensions()))
+    ones = slicer.vtkOrientedImageData()
+    ones.DeepCopy(labelmap)  # the volume's footprint: 1 wherever the result has a voxel
+    numpy_support.vtk_to_numpy(ones.GetPointData().GetScalars())[:] = 1
     inside_image = slicer.vtkOrientedImageData()
-    resample(_oriented_like(labelmap, np.ones(n_in, np.uint8)), resampled, inside_image, False, False)
+    resample(ones, resampled, inside_image, False, False)
     inside = numpy_support.vtk_to_numpy(inside_image.GetPointData().GetScalars()) > 0
     if inside.all():
-        return  # axis-aligned grids: the box is the footprint
-    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
-    stored = segment.GetRepresentation(_binary_name()) if segment is not None else None
-    if stored is None or stored.GetPointData().GetScalars() is None or stored.IsEmpty():
         return
-    own = numpy_support.vtk_to_numpy(stored.GetPointData().GetScalars()) == segment.GetLabelValue()
+    own = _segment_own_voxels(segmentation_node, segment_id)
+    if own is None:
+        return
     current = slicer.vtkOrientedImageData()
-    resample(_oriented_like(stored, own.astype(np.uint8)), resampled, current, False, False)
+    resample(own, resampled, current, False, False)
     out = numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars())
     out[~inside] = numpy_support.vtk_to_numpy(current.GetPointData().GetScalars())[~inside]
     resampled.Modified()
@@ -452,6 +440,22 @@ def _footprint_extent(extent, to_target: np.ndarray) -> tuple[int, ...]:
     return tuple(int(v) for pair in zip(first, last) for v in pair)
 
 
+def _segment_own_voxels(segmentation_node, segment_id: str):
+    """A copy of the segment's stored labelmap (extent and geometry) holding 1 on its own voxels and
+    0 elsewhere (a layer may be shared with other segments); None when it stores none."""
+    from vtk.util import numpy_support  # noqa: PLC0415
+
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+    stored = segment.GetRepresentation(_binary_name()) if segment is not None else None
+    if stored is None or stored.GetPointData().GetScalars() is None or stored.IsEmpty():
+        return None
+    own = _slicer().vtkOrientedImageData()
+    own.DeepCopy(stored)
+    voxels = numpy_support.vtk_to_numpy(own.GetPointData().GetScalars())
+    voxels[:] = voxels == segment.GetLabelValue()
+    return own
+
+
 def _with_segment_outside(labelmap, segmentation_node, segment_id: str):
     """``labelmap`` (the result on the volume's grid, in the segmentation's coordinates), widened to
     keep the segment's own voxels that lie outside it: Slicer's replace write replaces the whole
@@ -460,14 +464,10 @@ def _with_segment_outside(labelmap, segmentation_node, segment_id: str):
     slicer = _slicer()
     from vtk.util import numpy_support  # noqa: PLC0415
 
-    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
-    stored = segment.GetRepresentation(_binary_name()) if segment is not None else None
-    if stored is None or stored.GetPointData().GetScalars() is None or stored.IsEmpty():
+    own = _segment_own_voxels(segmentation_node, segment_id)
+    if own is None:
         return labelmap
-    own = slicer.vtkOrientedImageData()
-    own.DeepCopy(stored)
     voxels = numpy_support.vtk_to_numpy(own.GetPointData().GetScalars())
-    voxels[:] = voxels == segment.GetLabelValue()  # its own voxels only (a layer may be shared)
     if not voxels.any():
         return labelmap
     if _content_inside(own, voxels, labelmap):
@@ -597,7 +597,6 @@ class SegmentPropagation:
             raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         segment = _segment(segmentation_node, segment_id)
         self.image, self.grid = volume_array(volume_node)
-        self._voxels_mtime = _voxels_mtime(volume_node)  # after the read (reading can bump it)
         self.prompt = _prompt_mask(segmentation_node, segment_id, volume_node)
         self.source = self.prompt  # what the segment held when the job was made (apply checks it is unchanged)
         try:
@@ -613,6 +612,8 @@ class SegmentPropagation:
     def _init_job(self, volume_node, segmentation_node, segment_id, segment_name, *, mode, checkpoint, device,
                   range, model, batch_size, threads, cancel, progress, intensity_gate=None):  # noqa: A002
         self.volume_node = volume_node
+        # What apply() compares against: taken after the voxels were read (reading can bump it).
+        self._voxels_mtime = _voxels_mtime(volume_node)
         self.segmentation_node = segmentation_node
         self.segment_id = segment_id
         self.segment_name = segment_name
@@ -877,7 +878,7 @@ class SegmentPropagation:
         """Whether the volume still holds the voxels the job read. Unmodified since (the image's
         and its scalars' modification times) is unchanged at no cost; otherwise the voxels are
         compared slice by slice (no second copy of the volume), NaN-aware only if needed."""
-        if getattr(self, "_voxels_mtime", None) is not None and _voxels_mtime(self.volume_node) == self._voxels_mtime:
+        if self._voxels_mtime is not None and _voxels_mtime(self.volume_node) == self._voxels_mtime:
             return True
         slicer = _slicer()
         current = slicer.util.arrayFromVolume(self.volume_node)
@@ -1523,7 +1524,6 @@ class SegmentUpdate(SegmentPropagation):
         if volume_node is None:
             volume_node = entry.volume_node
         self.image, self.grid = volume_array(volume_node)
-        self._voxels_mtime = _voxels_mtime(volume_node)  # after the read (reading can bump it)
         if not self.grid.same_as(entry.grid):
             source = entry.volume_node.GetName() if entry.volume_node is not None else "another volume"
             raise InputError(f'segment "{name}" was propagated on volume "{source}", whose grid differs from '
