@@ -225,15 +225,6 @@ def recorded_training_flags(provenance: dict) -> tuple[dict | None, str]:
     return training_flags(old), "read from its command"
 
 
-def _writable_folder(folder: Path) -> str | None:
-    """Make ``folder`` (and its parents); None if a file can be written there, else why not."""
-    try:
-        make_writable_folder(folder)
-    except InputError as exc:
-        return str(exc)
-    return None
-
-
 def _same_path(a, b) -> bool:
     a, b = Path(a), Path(b)
     if a.resolve() == b.resolve():
@@ -264,9 +255,10 @@ def _preflight(args: argparse.Namespace, net_cfg: PAMConfig) -> str | None:
             if path.exists() or path.is_symlink():
                 return f"{path} ({what}) exists and this run would replace it; give another path, or --overwrite"
     for folder, flag in ((args.out.parent, "--out"), (args.log.parent, "--log")):
-        problem = _writable_folder(folder)
-        if problem:
-            return f"cannot write to {folder} (the folder of {flag}): {problem}"
+        try:
+            make_writable_folder(folder)
+        except InputError as exc:
+            return f"cannot write to {folder} (the folder of {flag}): {exc}"
     if not args.synthetic_inline and not args.split.is_file():
         return (f"the split {args.split} does not exist; run scripts/prepare_data.py --cache {args.cache} first "
                 "(it writes the split and the training cases)")
