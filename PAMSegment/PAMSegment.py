@@ -429,7 +429,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         elif self.ui.serverModelRadioButton.checked and not self._server()[0]:
             updateReason = "Enter the PAMSegment server's address (as pamsegment serve prints it)."
         elif entry is None:
-            updateReason = "No PAM result for this segment in this session: propagate it first."
+            updateReason = "No PAM result for this segment: propagate it first."
         else:
             updateReason = ""
         self.ui.updateButton.enabled = not updateReason
@@ -438,7 +438,10 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             "the slices around them are recomputed.")
 
         undoReason = "A propagation is running." if running else ""
-        if not undoReason and (entry is None or not entry.undo_available):
+        if not undoReason and entry is not None and entry.restored and not entry.undo_available:
+            undoReason = ("This PAM result was saved in an earlier Slicer session; what the segment held before it "
+                          "is kept only in the session that propagated it.")
+        elif not undoReason and (entry is None or not entry.undo_available):
             undoReason = "No PAM propagation of this segment to undo in this session."
         self.ui.undoButton.enabled = not undoReason
         if undoReason:
@@ -567,7 +570,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         volume, segmentation, segmentId = self._inputs()
         entry = self._historyEntry()
         try:
-            holdsResult = entry is not None and self.logic.holdsPamResult(segmentation, segmentId)
+            holdsResult = entry is not None and self.logic.holdsPamResult(segmentation, segmentId, volume)
         except Exception:  # unreadable segment: the propagation below says why
             holdsResult = False
         if holdsResult:
@@ -912,21 +915,23 @@ class PAMSegmentLogic(ScriptedLoadableModuleLogic):
     def historyEntry(self, segmentationNode, segmentId):
         return self.history.get(segmentationNode, segmentId)
 
-    def holdsPamResult(self, segmentationNode, segmentId):
-        """Whether the segment is still mostly its last PAM result (HistoryEntry.holds_result)."""
+    def holdsPamResult(self, segmentationNode, segmentId, volumeNode=None):
+        """Whether the segment is still mostly its last PAM result (HistoryEntry.holds_result), read on
+        the volume it was propagated on (or ``volumeNode`` if that one was not found in the scene)."""
         from PAMSegmentLib.mrml import segment_mask
 
         entry = self.history.get(segmentationNode, segmentId)
-        if entry is None:
+        volume = entry.volume_for(volumeNode) if entry is not None else None
+        if volume is None:
             return False
-        return entry.holds_result(segment_mask(segmentationNode, segmentId, entry.volume_node))
+        return entry.holds_result(segment_mask(segmentationNode, segmentId, volume))
 
     def editedSlices(self, segmentationNode, segmentId):
         """Slices of the segment that differ from the last PAM result written (the user's edits)."""
         from PAMSegmentLib.mrml import segment_mask
 
         entry = self.history.get(segmentationNode, segmentId)
-        if entry is None:
+        if entry is None or entry.volume_node is None:
             return []
         return entry.edited_slices(segment_mask(segmentationNode, segmentId, entry.volume_node))
 
@@ -941,7 +946,7 @@ class PAMSegmentLogic(ScriptedLoadableModuleLogic):
 
         entry = self.history.get(segmentationNode, segmentId)
         if entry is None:
-            raise ValueError("this segment has no PAM result in this session")
+            raise ValueError("this segment has no PAM result")
         index = entry.next_to_review()
         if index is None:
             return None, None
@@ -1012,6 +1017,8 @@ class PAMSegmentTest(ScriptedLoadableModuleTest):
         self.test_PAMSegment_cancelChangesNothing()
         self.setUp()
         self.test_PAMSegment_updateKeepsEditsAndUndoRestores()
+        self.setUp()
+        self.test_PAMSegment_savedResultUpdatesInANewSession()
 
     def _scene(self):
         grids = np.ogrid[tuple(slice(0, n) for n in self.SHAPE)]
@@ -1090,4 +1097,39 @@ class PAMSegmentTest(ScriptedLoadableModuleTest):
         logic.undoLast(segmentation, segmentId)
         restored = slicer.util.arrayFromSegmentInternalBinaryLabelmap(segmentation, segmentId)
         self.assertTrue(np.array_equal(restored, beforeUpdate))  # bit-identical
+        self.delayDisplay(f"Test passed: {job.summary()}")
+
+    def test_PAMSegment_savedResultUpdatesInANewSession(self):
+        import tempfile
+
+        self.delayDisplay("Saving a result, loading it again, updating it from an edit")
+        truth, volume, segmentation, segmentId = self._scene()
+        PAMSegmentLogic().process(volume, segmentation, segmentId, mode="replace")
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "result.seg.nrrd")
+            writer = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+            writer.SetFileName(path)
+            self.assertTrue(writer.WriteData(segmentation))
+            loaded = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "PAMSegment test loaded")
+            reader = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+            reader.SetFileName(path)
+            self.assertTrue(reader.ReadData(loaded))
+        loadedId = loaded.GetSegmentation().GetNthSegmentID(0)
+        logic = PAMSegmentLogic()  # a new session: nothing in memory
+        entry = logic.historyEntry(loaded, loadedId)
+        self.assertIsNotNone(entry)
+        self.assertTrue(entry.restored)
+        self.assertEqual(sorted(entry.keyframes), [self.CENTER[0]])
+        self.assertTrue(logic.holdsPamResult(loaded, loadedId))
+        edited = slicer.util.arrayFromSegmentBinaryLabelmap(loaded, loadedId, volume).copy()
+        fixed = self.CENTER[0] - 5
+        edited[fixed] = truth[fixed]
+        slicer.util.updateSegmentBinaryLabelmapFromArray(edited, loaded, loadedId, volume)
+        job = logic.processUpdate(volume, loaded, loadedId)
+        result = slicer.util.arrayFromSegmentBinaryLabelmap(loaded, loadedId, volume)
+        self.assertTrue(np.array_equal(result[fixed] > 0, truth[fixed]))
+        self.assertLess(job.result.n_predicted, entry.n_predicted)  # the saved walks above were reused
+        logic.undoLast(loaded, loadedId)  # the update, made in this session, can be undone
+        with self.assertRaisesRegex(Exception, "earlier Slicer session"):  # its earlier state is not saved
+            logic.undoLast(loaded, loadedId)
         self.delayDisplay(f"Test passed: {job.summary()}")

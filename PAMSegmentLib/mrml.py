@@ -22,10 +22,16 @@ must import without Slicer.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import logging
+import math
+import struct
 import threading
 import time
 import uuid
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,6 +54,10 @@ __all__ = [
     "LabelmapSnapshot",
     "HistoryEntry",
     "PropagationHistory",
+    "RUN_TAG",
+    "RECORD_TAG",
+    "encode_record",
+    "decode_record",
     "SegmentUpdate",
     "update_segment",
     "undo_last",
@@ -63,6 +73,10 @@ __all__ = [
 MODES = ("replace", "new")
 # Segment tag naming the propagation a segment holds (PropagationHistory checks it on lookup).
 RUN_TAG = "PAMSegment.Run"
+# Segment tag holding what an update and the review need of that propagation (``encode_record``),
+# saved with the segmentation, so that a result propagated in an earlier Slicer session can be
+# updated and reviewed after the scene is loaded again.
+RECORD_TAG = "PAMSegment.Record"
 PAM_SUFFIX = " (PAM)"
 STATES = ("pending", "running", "finished", "cancelled", "failed")
 
@@ -519,6 +533,7 @@ def _add_result_segment(segmentation_node, source_segment_id: str) -> str:
     segment = slicer.vtkSegment()
     segment.DeepCopyMetadata(source)  # colour, terminology tags
     segment.RemoveTag(RUN_TAG)  # not the source's result: a run tags it when it is remembered
+    segment.RemoveTag(RECORD_TAG)
     segment.SetName(_unique_segment_name(segmentation, source.GetName()))
     segment.SetColor(source.GetColor())
     new_id = segmentation.GenerateUniqueSegmentID(source_segment_id + "_PAM")
@@ -941,6 +956,8 @@ class SegmentPropagation:
                 self.history_entry = history.record(self._history_entry(target, before))
             except Exception:  # noqa: BLE001 - the result is written; only the session memory is missing
                 log.exception("PAMSegment: could not remember the propagation of %s", target)
+            else:
+                _store_record(node, target, self.history_entry)
         return target
 
     def _history_entry(self, target: str, before: "LabelmapSnapshot | None") -> "HistoryEntry":
@@ -1204,6 +1221,10 @@ class HistoryEntry:
     begin_state: object = None  # the predictor's begin_state in that run (PropagationResult.begin_state)
     # The segment's RUN_TAG value when written: another segment given the same ID later lacks it.
     run_id: str | None = None
+    # The RECORD_TAG text stored with the segment for this run (put back when an update is undone).
+    record: str | None = None
+    # Read back from the segment's RECORD_TAG (a scene saved and loaded again): no Undo state.
+    restored: bool = False
 
     @property
     def user_slices(self) -> list[int]:
@@ -1217,6 +1238,15 @@ class HistoryEntry:
     @property
     def undo_available(self) -> bool:
         return self.before is not None or self.created
+
+    def volume_for(self, volume_node=None):
+        """The volume to read the segment on: the one propagated on, else ``volume_node`` if it has
+        the same grid (a result saved in an earlier session whose volume was not found), else None."""
+        if self.volume_node is not None:
+            return self.volume_node
+        if volume_node is not None and volume_node.GetImageData() is not None and _grid_of(volume_node).same_as(self.grid):
+            return volume_node
+        return None
 
     def written_mask(self) -> np.ndarray:
         return self.written.unpack()
@@ -1286,6 +1316,221 @@ class HistoryEntry:
         return f"PAM result on {where}; your slices: {yours}"
 
 
+# -- the result saved with the scene ----------------------------------------------------------------
+#
+# RECORD_TAG's text: base64 of zlib(MAGIC + 4-byte header length + JSON header + arrays). Base64 holds
+# none of the characters Slicer uses to join tags in a .seg.nrrd header (":" and "|"). The text comes
+# from a file, so it is read as untrusted: sizes are bounded before anything is inflated, every
+# array's shape is checked against the grid, and anything wrong makes the record unused (ValueError).
+
+_RECORD_MAGIC = b"PAMSegment-record\x00"
+_RECORD_VERSION = 1
+MAX_RECORD_CHARS = 64 * 2**20  # a record is not saved (nor read) beyond this; a large result is ~0.1 MB
+_MAX_HEADER_BYTES = 2**20
+_MAX_RECORD_VOXELS = 2**31
+
+
+def _packed_meta(packed: PackedMask) -> dict:
+    return {"shape": list(packed.shape), "offset": list(packed.offset), "box": list(packed.box)}
+
+
+def _same_packed(a: PackedMask, b: PackedMask) -> bool:
+    return (a.shape, a.offset, a.box) == (b.shape, b.offset, b.box) and np.array_equal(a.bits, b.bits)
+
+
+def _plain(value):
+    """``begin_state`` as JSON: tuples and numpy scalars to lists and floats."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    raise TypeError(f"cannot save {type(value).__name__}")
+
+
+def _tupled(value):
+    return tuple(_tupled(v) for v in value) if isinstance(value, list) else value
+
+
+def encode_record(entry: HistoryEntry) -> str:
+    """The RECORD_TAG text of a history entry: what ``decode_record`` needs to rebuild it in
+    another session (the written result, the user's slices, confidence, the walks' agreement
+    and what the predictor took from the drawn slice), not the Undo state."""
+    arrays = [np.ascontiguousarray(entry.written.bits, dtype=np.uint8)]
+    header = {
+        "version": _RECORD_VERSION, "run_id": entry.run_id, "kind": entry.kind, "axis": int(entry.axis),
+        "range": [int(v) for v in entry.range], "early_stop": bool(entry.early_stop),
+        "keyframes": sorted(int(s) for s in entry.keyframes),
+        "empty_keyframes": sorted(int(s) for s in entry.empty_keyframes),
+        "grid": {"shape": list(entry.grid.shape), "spacing": list(entry.grid.spacing),
+                 "ijk_to_ras": np.asarray(entry.grid.ijk_to_ras, float).tolist()},
+        "volume_id": entry.volume_node.GetID() if entry.volume_node is not None else None,
+        "volume_name": entry.volume_node.GetName() if entry.volume_node is not None else None,
+        "written": _packed_meta(entry.written), "result": None, "agreement": entry.agreement is not None,
+        "n_predicted": int(entry.n_predicted), "recomputed": [list(map(int, iv)) for iv in entry.recomputed],
+        "seconds": float(entry.seconds), "edited": [int(s) for s in entry.edited],
+    }
+    try:
+        header["begin_state"] = _plain(entry.begin_state)
+    except TypeError:
+        header["begin_state"] = None  # an update then recomputes every walk, which is correct, only slower
+    if not _same_packed(entry.result_mask, entry.written):
+        header["result"] = _packed_meta(entry.result_mask)
+        arrays.append(np.ascontiguousarray(entry.result_mask.bits, dtype=np.uint8))
+    arrays.append(np.asarray(entry.confidence, dtype="<f4"))
+    if entry.agreement is not None:
+        arrays.append(np.asarray(entry.agreement, dtype="<f4"))
+    head = json.dumps(header, allow_nan=False).encode()
+    payload = b"".join([_RECORD_MAGIC, struct.pack("<I", len(head)), head] + [a.tobytes() for a in arrays])
+    return base64.b64encode(zlib.compress(payload, 6)).decode("ascii")
+
+
+def _int_list(value, name: str, length: int | None = None) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise ValueError(f"{name} is not a list of integers")
+    if length is not None and len(value) != length:
+        raise ValueError(f"{name} has {len(value)} values, not {length}")
+    return value
+
+
+def _check_packed(meta, shape: tuple[int, int, int], name: str) -> tuple[tuple, tuple, tuple, int]:
+    if not isinstance(meta, dict):
+        raise ValueError(f"{name} is missing")
+    packed_shape = tuple(_int_list(meta.get("shape"), f"{name} shape", 3))
+    offset = tuple(_int_list(meta.get("offset"), f"{name} offset", 3))
+    box = tuple(_int_list(meta.get("box"), f"{name} box", 3))
+    if packed_shape != shape:
+        raise ValueError(f"{name} is {packed_shape}, the grid {shape}")
+    if any(o < 0 or b < 0 or o + b > n for o, b, n in zip(offset, box, shape)):
+        raise ValueError(f"{name} box lies outside the grid")
+    return packed_shape, offset, box, (int(np.prod(box)) + 7) // 8
+
+
+def decode_record(text: str, segmentation_node, segment_id: str, run_id: str) -> HistoryEntry:
+    """Rebuild a ``HistoryEntry`` from RECORD_TAG's text (``encode_record``) for the segment tagged
+    ``run_id``. ValueError, saying what is wrong, for anything that is not such a record of that run.
+    The entry has no Undo state; its volume is the node saved with it when that node is in the
+    scene with the same grid, else None (an update then needs the volume selected)."""
+    if len(text) > MAX_RECORD_CHARS:
+        raise ValueError(f"the record is {len(text)} characters, over {MAX_RECORD_CHARS}")
+    try:
+        raw = base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError) as exc:
+        raise ValueError(f"the record is not base64 ({exc})") from exc
+    inflate = zlib.decompressobj()
+    try:
+        start = inflate.decompress(raw, len(_RECORD_MAGIC) + 4 + _MAX_HEADER_BYTES)
+        if not start.startswith(_RECORD_MAGIC) or len(start) < len(_RECORD_MAGIC) + 4:
+            raise ValueError("the record does not start as a PAMSegment record")
+        (n_head,) = struct.unpack("<I", start[len(_RECORD_MAGIC):len(_RECORD_MAGIC) + 4])
+        body = start[len(_RECORD_MAGIC) + 4:]
+        if n_head > _MAX_HEADER_BYTES or len(body) < n_head:
+            raise ValueError("the record's header is cut or too long")
+        header = json.loads(body[:n_head])
+        if not isinstance(header, dict) or header.get("version") != _RECORD_VERSION:
+            raise ValueError("the record is of another version")
+        if header.get("run_id") != run_id:
+            raise ValueError("the record is of another run than the segment's PAMSegment.Run tag")
+        grid_meta = header.get("grid")
+        if not isinstance(grid_meta, dict):
+            raise ValueError("the record has no grid")
+        shape = tuple(_int_list(grid_meta.get("shape"), "grid shape", 3))
+        if min(shape) < 1 or math.prod(shape) > _MAX_RECORD_VOXELS:
+            raise ValueError(f"grid {shape} is empty or too large")
+        spacing = tuple(float(v) for v in grid_meta.get("spacing", ()))
+        matrix = np.asarray(grid_meta.get("ijk_to_ras"), dtype=float)
+        finite = np.isfinite(matrix).all() and np.isfinite(spacing).all()
+        if len(spacing) != 3 or matrix.shape != (4, 4) or not finite or min(spacing) <= 0:
+            raise ValueError("the record's grid geometry is malformed")
+        axis = header.get("axis")
+        if axis not in (0, 1, 2):
+            raise ValueError(f"axis {axis!r} is not 0, 1 or 2")
+        n = shape[axis]
+        lo, hi = _int_list(header.get("range"), "range", 2)
+        slices = [s for name in ("keyframes", "empty_keyframes", "edited") for s in _int_list(header.get(name), name)]
+        if not 0 <= lo <= hi < n or any(not 0 <= s < n for s in slices):
+            raise ValueError(f"a slice index lies outside the {n} slices along axis {axis}")
+        recomputed = [tuple(_int_list(iv, "recomputed", 2)) for iv in header.get("recomputed", [])]
+        written_meta = _check_packed(header.get("written"), shape, "written mask")
+        parts = [written_meta]
+        result_meta = None
+        if header.get("result") is not None:
+            result_meta = _check_packed(header["result"], shape, "result mask")
+            parts.append(result_meta)
+        sizes = [m[3] for m in parts] + [4 * n] + ([4 * n] if header.get("agreement") else [])
+        rest = body[n_head:] + inflate.decompress(inflate.unconsumed_tail, sum(sizes) + 1)
+        if len(rest) != sum(sizes) or inflate.unconsumed_tail or not inflate.eof:
+            raise ValueError("the record's arrays are cut or longer than its header says")
+    except zlib.error as exc:
+        raise ValueError(f"the record is not compressed data ({exc})") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as exc:
+        raise ValueError(f"the record's header is malformed ({exc})") from exc
+    chunks, pos = [], 0
+    for size in sizes:
+        chunks.append(rest[pos:pos + size])
+        pos += size
+
+    def packed(meta, chunk):
+        return PackedMask(meta[0], meta[1], meta[2], np.frombuffer(chunk, dtype=np.uint8).copy())
+
+    written = packed(written_meta, chunks[0])
+    result = packed(result_meta, chunks[1]) if result_meta is not None else written
+    i = 2 if result_meta is not None else 1
+    confidence = np.frombuffer(chunks[i], dtype="<f4").astype(np.float32)
+    agreement = np.frombuffer(chunks[i + 1], dtype="<f4").astype(np.float32) if header.get("agreement") else None
+    grid = VolumeGrid(shape=shape, spacing=spacing, ijk_to_ras=matrix)
+    on_axis = np.moveaxis(written.unpack(), axis, 0)
+    keyframes = {int(s): on_axis[s].copy() for s in header["keyframes"]}
+    volume = _saved_volume(segmentation_node.GetScene(), header.get("volume_id"), header.get("volume_name"), grid)
+    kind = header.get("kind") if header.get("kind") in ("propagation", "update") else "propagation"
+    return HistoryEntry(
+        segmentation_node=segmentation_node, segment_id=segment_id, volume_node=volume, grid=grid, axis=axis,
+        range=(lo, hi), early_stop=bool(header.get("early_stop", True)), keyframes=keyframes,
+        empty_keyframes=frozenset(header["empty_keyframes"]), confidence=confidence, result_mask=result,
+        written=written, before=None, created=False, kind=kind, n_predicted=int(header.get("n_predicted", 0)),
+        recomputed=recomputed, seconds=float(header.get("seconds", 0.0)), edited=list(header["edited"]),
+        agreement=agreement, begin_state=_tupled(header.get("begin_state")), run_id=run_id, record=text,
+        restored=True,
+    )
+
+
+def _saved_volume(scene, volume_id, volume_name, grid: VolumeGrid):
+    """The volume a saved result was propagated on: the node saved under that ID if it has the
+    result's grid (IDs are kept when a scene is loaded), else the one node of that name and grid
+    (a scene imported into another renames clashing IDs), else None."""
+    if scene is None:
+        return None
+
+    def fits(node):
+        return (node is not None and node.IsA("vtkMRMLScalarVolumeNode") and node.GetImageData() is not None
+                and _grid_of(node).same_as(grid))
+
+    if isinstance(volume_id, str) and fits(scene.GetNodeByID(volume_id)):
+        return scene.GetNodeByID(volume_id)
+    if not isinstance(volume_name, str):
+        return None
+    named = [n for n in (scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
+                         for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")))
+             if n.GetName() == volume_name and fits(n)]
+    return named[0] if len(named) == 1 else None
+
+
+def _store_record(segmentation_node, segment_id: str, entry: HistoryEntry) -> None:
+    """Save the entry with the segment (RECORD_TAG); a failure costs only the next session's update."""
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+    try:
+        text = encode_record(entry)
+        if len(text) > MAX_RECORD_CHARS:
+            raise ValueError(f"{len(text)} characters, over {MAX_RECORD_CHARS}")
+    except Exception:  # noqa: BLE001 - the result is written and remembered in this session
+        log.exception("PAMSegment: the result of %s is not saved for later sessions", segment_id)
+        segment.RemoveTag(RECORD_TAG)
+        return
+    entry.record = text
+    _set_segment_tag(segment, RECORD_TAG, text)
+
+
 class PropagationHistory:
     """Session memory of applied propagations: one ``HistoryEntry`` per (segmentation, segment).
 
@@ -1300,6 +1545,7 @@ class PropagationHistory:
 
         self.max_entries = int(max_entries)
         self._entries: OrderedDict = OrderedDict()
+        self._unreadable: set = set()  # saved records that could not be read back (not tried again)
 
     @staticmethod
     def _key(segmentation_node, segment_id: str):
@@ -1309,28 +1555,45 @@ class PropagationHistory:
         return len(self._entries)
 
     def get(self, segmentation_node, segment_id: str) -> HistoryEntry | None:
+        """The segment's last remembered run, or None. A segment this session never propagated, or
+        one whose run this session no longer holds, is looked up in its RECORD_TAG (a result saved
+        with the scene in an earlier session): read back, it can be updated and reviewed, not undone."""
         if segmentation_node is None or not segment_id:
             return None
         key = self._key(segmentation_node, segment_id)
         entry = self._entries.get(key)
-        if entry is None:
-            return None
         scene = segmentation_node.GetScene()
         segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
-        alive = (entry.segmentation_node is segmentation_node and scene is not None
-                 and scene.GetNodeByID(segmentation_node.GetID()) is segmentation_node and segment is not None)
-        tag = _segment_tag(segment, RUN_TAG) if alive else None
-        if alive and entry.run_id is not None and tag != entry.run_id:
-            if entry.parent is not None and entry.parent.run_id == tag:
+        if scene is None or scene.GetNodeByID(segmentation_node.GetID()) is not segmentation_node or segment is None:
+            self._entries.pop(key, None)
+            return None
+        tag = _segment_tag(segment, RUN_TAG)
+        if entry is not None:
+            if entry.segmentation_node is segmentation_node and (entry.run_id is None or tag == entry.run_id):
+                return entry
+            if (entry.segmentation_node is segmentation_node and entry.parent is not None
+                    and entry.parent.run_id == tag):
                 # The Segment Editor's undo put back the segment from before the update: the
                 # propagation it updated is current again, as after undo_last.
                 self._entries[key] = entry.parent
                 return entry.parent
-            alive = False  # another segment under this ID, or the result undone
-        if not alive:
-            del self._entries[key]
+            del self._entries[key]  # another segment under this ID, or the result undone
+        return self._restore(segmentation_node, segment_id, segment, tag)
+
+    def _restore(self, segmentation_node, segment_id: str, segment, run_id: str | None) -> HistoryEntry | None:
+        text = _segment_tag(segment, RECORD_TAG) if run_id else None
+        if not text:
             return None
-        return entry
+        key = (self._key(segmentation_node, segment_id), run_id, len(text))
+        if key in self._unreadable:
+            return None
+        try:
+            entry = decode_record(text, segmentation_node, segment_id, run_id)
+        except ValueError as exc:
+            self._unreadable.add(key)  # said once, not on every refresh of the panel
+            log.warning('PAMSegment: the saved PAM result of segment "%s" is not used: %s', segment.GetName(), exc)
+            return None
+        return self.record(entry)
 
     def record(self, entry: HistoryEntry) -> HistoryEntry:
         key = self._key(entry.segmentation_node, entry.segment_id)
@@ -1370,6 +1633,10 @@ class PropagationHistory:
             self.forget(segmentation_node, segment_id)
             return f'removed "{name}", the segment the propagation added'
         if entry.before is None:
+            if entry.restored:
+                raise InputError(f'cannot undo: "{name}" holds a PAM result from an earlier Slicer session; what it '
+                                 f"held before that {entry.kind} is kept only in the session that ran it (Update "
+                                 "from my edits and the review still work)")
             raise InputError(f'cannot undo: the state of "{name}" before the {entry.kind} was not saved')
         entry.before.restore(segmentation_node, segment_id)
         key = self._key(segmentation_node, segment_id)
@@ -1377,10 +1644,15 @@ class PropagationHistory:
         if entry.parent is not None:
             if entry.parent.run_id:
                 _set_segment_tag(segment, RUN_TAG, entry.parent.run_id)  # it holds that run's result again
+            if entry.parent.record:
+                _set_segment_tag(segment, RECORD_TAG, entry.parent.record)
+            else:
+                segment.RemoveTag(RECORD_TAG)
             self._entries[key] = entry.parent
             return f'"{name}" is back as it was before the update'
         del self._entries[key]
         segment.RemoveTag(RUN_TAG)
+        segment.RemoveTag(RECORD_TAG)
         if entry.kind == "update":  # only one earlier step is kept: what came before it is final now
             return (f'"{name}" is back as it was before the update; the steps before it can no longer be undone '
                     "with Undo propagation")
@@ -1519,13 +1791,20 @@ class SegmentUpdate(SegmentPropagation):
         name = segment.GetName()
         entry = history.get(segmentation_node, segment_id) if history is not None else None
         if entry is None:
-            raise InputError(f'segment "{name}" has no PAM result in this session to update: draw it on one slice '
-                             "and press Propagate first")
+            raise InputError(f'segment "{name}" has no PAM result to update: draw it on one slice and press '
+                             "Propagate first")
         if volume_node is None:
             volume_node = entry.volume_node
+        if volume_node is None:
+            raise InputError(f'segment "{name}" was propagated in an earlier session on a volume this scene does not '
+                             "hold under its name: select the volume it was propagated on, then update")
         self.image, self.grid = volume_array(volume_node)
         if not self.grid.same_as(entry.grid):
-            source = entry.volume_node.GetName() if entry.volume_node is not None else "another volume"
+            if entry.volume_node is None:
+                raise InputError(f'segment "{name}" was propagated on a volume of another grid than '
+                                 f'"{volume_node.GetName()}" ({" x ".join(map(str, entry.grid.shape[::-1]))} '
+                                 "voxels): select the volume it was propagated on, then update")
+            source = entry.volume_node.GetName()
             raise InputError(f'segment "{name}" was propagated on volume "{source}", whose grid differs from '
                              f'"{volume_node.GetName()}"; select "{source}" to update it')
         self.source = segment_mask(segmentation_node, segment_id, volume_node)

@@ -1612,6 +1612,13 @@ def test_panel_forgets_the_session_when_the_scene_closes(panel, drawn, monkeypat
     assert panel.ui.statusLabel.text and panel.ui.progressBar.format.startswith("done in")
     panel.onSceneStartClose(None, None)
     assert len(panel.logic.history) == 0
+    # Here the scene keeps its nodes (Slicer's close removes them): the segment's saved result is
+    # read back, as after loading a saved scene: it can be updated, not undone.
+    panel.updateButtons()
+    assert panel.ui.updateButton.enabled and not panel.ui.undoButton.enabled
+    assert panel.ui.undoButton.toolTip.startswith("This PAM result was saved in an earlier Slicer session")
+    assert panel.logic.historyEntry(segmentation, segment_id).restored
+    segmentation.GetScene().RemoveNode(segmentation)
     panel.updateButtons()
     assert not panel.ui.updateButton.enabled and not panel.ui.undoButton.enabled
     panel.onSceneEndClose(None, None)  # the last result's status and progress are cleared
@@ -1626,3 +1633,13 @@ def test_self_test_update_case_runs_headless(module, mrml_scene, monkeypatch):
     monkeypatch.setattr(mrml, "_load_model", lambda checkpoint, device: ShiftModel())
     case = module.PAMSegmentTest("test_PAMSegment_updateKeepsEditsAndUndoRestores")
     case.test_PAMSegment_updateKeepsEditsAndUndoRestores()
+
+
+def test_self_test_saved_result_case_runs_headless(module, mrml_scene, monkeypatch):
+    from doubles import ShiftModel
+
+    import PAMSegmentLib.mrml as mrml
+
+    monkeypatch.setattr(mrml, "_load_model", lambda checkpoint, device: ShiftModel())
+    case = module.PAMSegmentTest("test_PAMSegment_savedResultUpdatesInANewSession")
+    case.test_PAMSegment_savedResultUpdatesInANewSession()

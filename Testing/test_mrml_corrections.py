@@ -1,5 +1,7 @@
 """The correction loop on real Slicer nodes (slicer-core wheel): session memory of a propagation,
-"Update from my edits", undo, and review by confidence.
+"Update from my edits", undo, and review by confidence; a result saved with the scene and loaded
+again (real storage nodes), which can be updated and reviewed, not undone, and whose saved record
+is read as untrusted input.
 
 The engine runs for real with a test double whose answer depends on its guide (``GuideCopy``: the
 guide's mask, on the slices where the truth has the object), so a recomputed slice is visibly
@@ -8,19 +10,25 @@ different from a reused one and the counts of predicted slices are exact.
 
 from __future__ import annotations
 
+import base64
+import json
+import logging
+import struct
 import threading
+import zlib
 
 import numpy as np
 import pytest
 
 from conftest_mrml import *  # noqa: F401,F403 - fixtures and helpers
 from conftest_mrml import (assert_same_labelmap, ellipsoid, internal_labelmap_state, make_segmentation,
-                           make_volume_node, oblique_ijk_to_ras, slicer, vtk)
+                           make_volume_node, oblique_ijk_to_ras, scene_context, slicer, vtk)
 
 import PAMSegmentLib.mrml as mrml
 from PAMSegmentLib.errors import InputError, PAMError
-from PAMSegmentLib.mrml import (PackedMask, PropagationHistory, SegmentPropagation, SegmentUpdate,
-                                confidence_plot, edited_slices, next_slice_to_review,
+from PAMSegmentLib.mrml import (RECORD_TAG, RUN_TAG, PackedMask, PropagationHistory, SegmentPropagation,
+                                SegmentUpdate, confidence_plot, decode_record, edited_slices, encode_record,
+                                next_slice_to_review,
                                 plan_keyframes, propagate_segment, review_order, slice_centroid_ras, undo_last,
                                 update_segment)
 from PAMSegmentLib.propagate import SlicePrediction, SlicePredictor, propagate
@@ -119,8 +127,13 @@ def test_history_is_bounded_and_drops_dead_entries(mrml_scene):
     history = PropagationHistory(max_entries=2)
     for name in masks:
         propagate_segment(vol, seg, ids[name], model=GuideCopy(truth), history=history)
-    assert len(history) == 2 and history.get(seg, ids["s0"]) is None  # least recently used went first
-    assert history.get(seg, ids["s2"]) is not None
+    assert len(history) == 2 and [key[1] for key in history._entries] == [ids["s1"], ids["s2"]]
+    # the least recently used left memory first; its result is read back from the segment's saved
+    # record (without the state before it: no Undo), and memory stays bounded
+    s0 = history.get(seg, ids["s0"])
+    assert s0 is not None and s0.restored and not s0.undo_available and len(history) == 2
+    s2 = history.get(seg, ids["s2"])
+    assert s2 is not None and not s2.restored and s2.undo_available
     seg.GetSegmentation().RemoveSegment(ids["s2"])
     assert history.get(seg, ids["s2"]) is None and len(history) == 1
     history.forget(seg)
@@ -518,8 +531,15 @@ def test_update_input_errors_change_nothing(session, mrml_scene):
     seg, sid, vol, history, truth = session["seg"], session["sid"], session["vol"], session["history"], session["truth"]
     with pytest.raises(InputError, match="no slice of \"tumor\" differs from the last PAM result"):
         SegmentUpdate(vol, seg, sid, history, model=GuideCopy(truth))
-    with pytest.raises(InputError, match="no PAM result in this session"):
+    # another session reads the result saved with the segment; without it there is nothing to update
+    with pytest.raises(InputError, match="no slice of \"tumor\" differs from the last PAM result"):
         SegmentUpdate(vol, seg, sid, PropagationHistory(), model=GuideCopy(truth))
+    segment = seg.GetSegmentation().GetSegment(sid)
+    record = mrml._segment_tag(segment, mrml.RECORD_TAG)
+    segment.RemoveTag(mrml.RECORD_TAG)
+    with pytest.raises(InputError, match="no PAM result to update"):
+        SegmentUpdate(vol, seg, sid, PropagationHistory(), model=GuideCopy(truth))
+    segment.SetTag(mrml.RECORD_TAG, record)
     other = make_volume_node(np.zeros((20, 40, 44), np.float32), name="other")
     with pytest.raises(InputError, match='propagated on volume "volume".*select "volume"'):
         SegmentUpdate(other, seg, sid, history, model=GuideCopy(truth))
@@ -743,3 +763,248 @@ def test_job_apply_without_history_remembers_nothing(mrml_scene):
     job = SegmentPropagation(vol, seg, ids["tumor"], model=GuideCopy(truth)).run()
     job.apply()
     assert job.history_entry is None
+
+
+# -- a result saved with the scene ------------------------------------------------------------------
+
+
+def tag(seg, sid, key):
+    return mrml._segment_tag(seg.GetSegmentation().GetSegment(sid), key)
+
+
+def save_scene(scene, folder, nodes):
+    """What Slicer's Save does: each node's data through its storage node, then the .mrml file."""
+    scene.SetRootDirectory(str(folder))
+    scene.SetURL(str(folder / "scene.mrml"))
+    for node in nodes:
+        node.AddDefaultStorageNode()
+        storage = node.GetStorageNode()
+        storage.SetFileName(str(folder / f"{node.GetName()}.{storage.GetDefaultWriteFileExtension()}"))
+        assert storage.WriteData(node) == 1
+    assert scene.Commit() == 1
+
+
+def load_scene(scene, folder):
+    scene.SetURL(str(folder / "scene.mrml"))
+    assert scene.Connect() == 1
+
+
+def test_a_saved_result_is_updated_in_the_next_session_as_in_its_own(session, tmp_path):
+    seg, sid, vol, history, truth = session["seg"], session["sid"], session["vol"], session["history"], session["truth"]
+    entry = history.get(seg, sid)
+    assert tag(seg, sid, RECORD_TAG) == entry.record and entry.run_id == tag(seg, sid, RUN_TAG)
+    save_scene(slicer.mrmlScene, tmp_path, [vol, seg])
+    ids = (vol.GetID(), seg.GetID())
+    edited = on_volume(seg, sid, vol)
+    edited[16] = truth[16]
+    # the reference: the same edit updated in the session that propagated
+    write(seg, sid, vol, edited)
+    here = update_segment(vol, seg, sid, history, model=GuideCopy(truth))
+    expected = on_volume(seg, sid, vol)
+
+    with scene_context() as scene:
+        load_scene(scene, tmp_path)
+        vol2, seg2 = scene.GetNodeByID(ids[0]), scene.GetNodeByID(ids[1])
+        history2 = PropagationHistory()
+        back = history2.get(seg2, sid)
+        assert back is not None and back.restored and not back.undo_available and back.parent is None
+        assert back.volume_node is vol2 and back.grid.same_as(entry.grid)
+        assert (back.kind, back.axis, back.range, back.early_stop) == ("propagation", 0, (0, SHAPE[0] - 1), True)
+        assert sorted(back.keyframes) == [12] and back.empty_keyframes == frozenset()
+        np.testing.assert_array_equal(back.keyframes[12], truth[12])
+        np.testing.assert_array_equal(back.written_mask(), entry.written_mask())
+        np.testing.assert_array_equal(back.result_mask.unpack(), entry.result_mask.unpack())
+        np.testing.assert_array_equal(back.confidence, entry.confidence)  # NaN where not predicted, too
+        assert back.begin_state == entry.begin_state and back.n_predicted == entry.n_predicted == 18
+        assert back.occupied_slices() == list(range(4, 21)) and back.next_to_review() == entry.next_to_review()
+        assert history2.get(seg2, sid) is back  # read once, then remembered
+
+        write(seg2, sid, vol2, edited)
+        model = GuideCopy(truth)
+        there = update_segment(vol2, seg2, sid, history2, model=model)
+        np.testing.assert_array_equal(on_volume(seg2, sid, vol2), expected)
+        assert there.recomputed == here.recomputed == [(13, 15), (17, 23)]  # the walks saved were reused
+        assert there.result.n_predicted == here.result.n_predicted == len(model.predicted) == 11
+
+        # the update can be undone (this session saved the state before it); the saved result cannot
+        update = history2.get(seg2, sid)
+        assert update.kind == "update" and update.parent.run_id == back.run_id and tag(seg2, sid, RECORD_TAG) == update.record
+        assert history2.undo_last(seg2, sid) == '"tumor" is back as it was before the update'
+        np.testing.assert_array_equal(on_volume(seg2, sid, vol2), edited)
+        assert tag(seg2, sid, RUN_TAG) == back.run_id and tag(seg2, sid, RECORD_TAG) == back.record
+        with pytest.raises(InputError, match="holds a PAM result from an earlier Slicer session"):
+            history2.undo_last(seg2, sid)
+        np.testing.assert_array_equal(on_volume(seg2, sid, vol2), edited)  # the refusal changed nothing
+
+
+def test_a_saved_result_whose_volume_is_not_found_needs_the_volume_selected(session, tmp_path):
+    seg, sid, vol, truth = session["seg"], session["sid"], session["vol"], session["truth"]
+    save_scene(slicer.mrmlScene, tmp_path, [vol, seg])
+    ids = (vol.GetID(), seg.GetID())
+    with scene_context() as scene:
+        load_scene(scene, tmp_path)
+        vol2, seg2 = scene.GetNodeByID(ids[0]), scene.GetNodeByID(ids[1])
+        vol2.SetName("renamed")
+        scene.RemoveNode(vol2)  # neither the ID nor the name is in the scene any more
+        history2 = PropagationHistory()
+        back = history2.get(seg2, sid)
+        assert back is not None and back.volume_node is None
+        other = make_volume_node(np.zeros((5, 6, 7), np.float32), name="other")
+        assert back.volume_for(other) is None  # another grid is never read as this result's
+        with pytest.raises(InputError, match="select the volume it was propagated on"):
+            update_segment(None, seg2, sid, history2, model=GuideCopy(truth))
+        with pytest.raises(InputError, match=r"propagated on a volume of another grid than \"other\" \(44 x 40 x 24"):
+            update_segment(other, seg2, sid, history2, model=GuideCopy(truth))
+        # the same grid under another node and name: found by the user's choice, and the update runs
+        again = make_volume_node(synthetic()[1], name="CT again")
+        assert back.volume_for(again) is again
+        edited = on_volume(seg2, sid, again)
+        edited[16] = truth[16]
+        write(seg2, sid, again, edited)
+        job = update_segment(again, seg2, sid, history2, model=GuideCopy(truth))
+        assert job.recomputed == [(13, 15), (17, 23)]
+
+
+def test_the_record_follows_the_run_not_the_segment_id(session, mrml_scene):
+    """A record is used only with the run tag it was saved with: a segment whose tag changed (or
+    that lost it) is not the saved result; the 'new segment' output does not copy the record."""
+    seg, sid, history = session["seg"], session["sid"], session["history"]
+    record = tag(seg, sid, RECORD_TAG)
+    assert PropagationHistory().get(seg, sid) is not None
+    segment = seg.GetSegmentation().GetSegment(sid)
+    segment.SetTag(RUN_TAG, "another-run")
+    assert PropagationHistory().get(seg, sid) is None
+    assert history.get(seg, sid) is None  # and the session forgets it too
+    segment.RemoveTag(RUN_TAG)
+    assert PropagationHistory().get(seg, sid) is None
+    segment.SetTag(RUN_TAG, decode_record(record, seg, sid, _run_of(record)).run_id)
+    assert PropagationHistory().get(seg, sid) is not None
+    new_id = mrml._add_result_segment(seg, sid)
+    assert tag(seg, new_id, RECORD_TAG) is None and tag(seg, sid, RECORD_TAG) == record
+
+
+def _run_of(record: str) -> str:
+    payload = zlib.decompress(base64.b64decode(record))
+    n = struct.unpack("<I", payload[len(mrml._RECORD_MAGIC):len(mrml._RECORD_MAGIC) + 4])[0]
+    return json.loads(payload[len(mrml._RECORD_MAGIC) + 4:len(mrml._RECORD_MAGIC) + 4 + n])["run_id"]
+
+
+def _forged(header_change=None, tail=b"", payload=None, base=None):
+    """A record re-packed with its header changed and/or bytes appended after its arrays."""
+    raw = zlib.decompress(base64.b64decode(base))
+    start = len(mrml._RECORD_MAGIC)
+    n = struct.unpack("<I", raw[start:start + 4])[0]
+    header = json.loads(raw[start + 4:start + 4 + n])
+    if header_change:
+        header_change(header)
+    head = json.dumps(header).encode()
+    body = raw[start + 4 + n:] + tail
+    data = payload if payload is not None else mrml._RECORD_MAGIC + struct.pack("<I", len(head)) + head + body
+    return base64.b64encode(zlib.compress(data)).decode()
+
+
+@pytest.mark.parametrize("case, message", [
+    ("not base64", "not base64"),
+    ("not zlib", "not compressed data"),
+    ("bad magic", "does not start as a PAMSegment record"),
+    ("huge header length", "header is cut or too long"),
+    ("version", "another version"),
+    ("run id", "another run"),
+    ("grid shape", "written mask is"),
+    ("box outside", "box lies outside the grid"),
+    ("axis", "axis 5 is not 0, 1 or 2"),
+    ("keyframe outside", "slice index lies outside the 24 slices"),
+    ("extra bytes", "arrays are cut or longer"),
+    ("cut arrays", "arrays are cut or longer"),
+    ("too long", "characters, over"),
+    ("nan matrix", "grid geometry is malformed"),
+])
+def test_a_damaged_or_foreign_record_is_refused_with_its_reason(session, case, message, monkeypatch):
+    seg, sid = session["seg"], session["sid"]
+    good = tag(seg, sid, RECORD_TAG)
+    run = _run_of(good)
+    assert decode_record(good, seg, sid, run).run_id == run
+
+    def set_(key, value):
+        return lambda h: h.__setitem__(key, value)
+
+    forged = {
+        "not base64": lambda: "%%%" + good,
+        "not zlib": lambda: base64.b64encode(b"plain bytes").decode(),
+        "bad magic": lambda: _forged(payload=b"something else entirely", base=good),
+        "huge header length": lambda: _forged(payload=mrml._RECORD_MAGIC + struct.pack("<I", 2**31) + b"{}", base=good),
+        "version": lambda: _forged(set_("version", 99), base=good),
+        "run id": lambda: _forged(set_("run_id", "not-this-run"), base=good),
+        "grid shape": lambda: _forged(lambda h: h["grid"].__setitem__("shape", [24, 40, 45]), base=good),
+        "box outside": lambda: _forged(lambda h: h["written"].__setitem__("offset", [20, 0, 0]), base=good),
+        "axis": lambda: _forged(set_("axis", 5), base=good),
+        "keyframe outside": lambda: _forged(set_("keyframes", [30]), base=good),
+        "extra bytes": lambda: _forged(tail=b"\0" * 16, base=good),
+        "cut arrays": lambda: _forged(payload=zlib.decompress(base64.b64decode(good))[:-9], base=good),
+        "too long": lambda: (monkeypatch.setattr(mrml, "MAX_RECORD_CHARS", len(good) - 1), good)[1],
+        "nan matrix": lambda: _forged(lambda h: h["grid"]["ijk_to_ras"][0].__setitem__(0, float("nan")), base=good),
+    }[case]()
+    with pytest.raises(ValueError, match=message):
+        decode_record(forged, seg, sid, run)
+
+
+def test_a_damaged_record_is_ignored_once_with_a_warning(session, caplog):
+    seg, sid = session["seg"], session["sid"]
+    segment = seg.GetSegmentation().GetSegment(sid)
+    segment.SetTag(RECORD_TAG, _forged(lambda h: h.__setitem__("axis", 7), base=tag(seg, sid, RECORD_TAG)))
+    history = PropagationHistory()
+    with caplog.at_level(logging.WARNING, logger="PAMSegmentLib.mrml"):
+        assert history.get(seg, sid) is None
+        assert history.get(seg, sid) is None  # the panel asks on every refresh: one warning
+    warnings = [r.getMessage() for r in caplog.records if "saved PAM result" in r.getMessage()]
+    assert warnings == ['PAMSegment: the saved PAM result of segment "tumor" is not used: axis 7 is not 0, 1 or 2']
+
+
+def test_undo_puts_back_the_record_of_the_run_it_returns_to(session):
+    seg, sid, vol, history, truth = session["seg"], session["sid"], session["vol"], session["history"], session["truth"]
+    first = tag(seg, sid, RECORD_TAG)
+    current = on_volume(seg, sid, vol)
+    current[16] = truth[16]
+    write(seg, sid, vol, current)
+    update_segment(vol, seg, sid, history, model=GuideCopy(truth))
+    second = tag(seg, sid, RECORD_TAG)
+    assert second not in (None, first) and _run_of(second) == tag(seg, sid, RUN_TAG)
+    history.undo_last(seg, sid)
+    assert tag(seg, sid, RECORD_TAG) == first and _run_of(first) == tag(seg, sid, RUN_TAG)
+    history.undo_last(seg, sid)
+    assert tag(seg, sid, RECORD_TAG) is None and tag(seg, sid, RUN_TAG) is None
+    assert PropagationHistory().get(seg, sid) is None
+
+
+def test_record_of_a_large_result_stays_small(mrml_scene):
+    """The record is a segment tag written into the .seg.nrrd header: a 200-slice, 300 x 340 voxel
+    ellipsoid costs about 0.16 MB of text, not the 2.3 MB of its packed bits."""
+    shape = (200, 320, 360)
+    g = np.ogrid[:shape[0], :shape[1], :shape[2]]
+    mask = ((g[0] - 100) / 90.0) ** 2 + ((g[1] - 160) / 150.0) ** 2 + ((g[2] - 180) / 170.0) ** 2 <= 1
+    entry = mrml.HistoryEntry(
+        segmentation_node=None, segment_id="s", volume_node=None,
+        grid=mrml.VolumeGrid(shape, (1.0, 1.0, 1.0), np.eye(4)), axis=0, range=(0, 199), early_stop=True,
+        keyframes={100: mask[100]}, empty_keyframes=frozenset(), confidence=np.ones(200, np.float32),
+        result_mask=mrml.PackedMask.of(mask), written=mrml.PackedMask.of(mask), before=None, created=False,
+        kind="propagation", n_predicted=180, recomputed=[], seconds=3.0, edited=[], run_id="r",
+        begin_state=("PAMPredictor", ((np.float32(-160.5), 240.25), (np.float64(51.5), 12.0, 30.0, 75.5))))
+    text = encode_record(entry)
+    assert entry.written.nbytes > 2_000_000 and len(text) < 250_000
+    seg = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    seg.GetSegmentation().AddEmptySegment("s", "s")
+    back = decode_record(text, seg, "s", "r")
+    np.testing.assert_array_equal(back.written_mask(), mask)
+    assert back.volume_node is None and back.result_mask is back.written
+    # what the predictor took from the drawn slice comes back equal (an update reuses walks only then)
+    assert back.begin_state == entry.begin_state and isinstance(back.begin_state[1], tuple)
+
+
+def test_a_propagation_run_without_history_saves_no_record(mrml_scene):
+    truth, image = synthetic()
+    vol = make_volume_node(image)
+    prompt = np.zeros(SHAPE, np.uint8)
+    prompt[CENTER[0]] = truth[CENTER[0]]
+    seg, ids = make_segmentation(vol, {"tumor": prompt})
+    propagate_segment(vol, seg, ids["tumor"], model=GuideCopy(truth))
+    assert tag(seg, ids["tumor"], RECORD_TAG) is None and tag(seg, ids["tumor"], RUN_TAG) is None
