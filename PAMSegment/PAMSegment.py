@@ -951,7 +951,7 @@ class PAMSegmentLogic(ScriptedLoadableModuleLogic):
         if index is None:
             return None, None
         jump_slices_to(slicer.mrmlScene, entry.review_point_ras(index))
-        entry.reviewed.add(index)
+        self.history.mark_reviewed(entry, index)  # saved with the segment, too
         return index, float(entry.confidence[index])
 
     def process(self, volumeNode, segmentationNode, segmentId, mode="replace", checkpoint=None, device="cpu",

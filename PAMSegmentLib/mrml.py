@@ -1370,6 +1370,7 @@ def encode_record(entry: HistoryEntry) -> str:
         "written": _packed_meta(entry.written), "result": None, "agreement": entry.agreement is not None,
         "n_predicted": int(entry.n_predicted), "recomputed": [list(map(int, iv)) for iv in entry.recomputed],
         "seconds": float(entry.seconds), "edited": [int(s) for s in entry.edited],
+        "reviewed": sorted(int(s) for s in entry.reviewed),
     }
     try:
         header["begin_state"] = _plain(entry.begin_state)
@@ -1448,7 +1449,9 @@ def decode_record(text: str, segmentation_node, segment_id: str, run_id: str) ->
             raise ValueError(f"axis {axis!r} is not 0, 1 or 2")
         n = shape[axis]
         lo, hi = _int_list(header.get("range"), "range", 2)
-        slices = [s for name in ("keyframes", "empty_keyframes", "edited") for s in _int_list(header.get(name), name)]
+        header.setdefault("reviewed", [])
+        slices = [s for name in ("keyframes", "empty_keyframes", "edited", "reviewed")
+                  for s in _int_list(header.get(name), name)]
         if not 0 <= lo <= hi < n or any(not 0 <= s < n for s in slices):
             raise ValueError(f"a slice index lies outside the {n} slices along axis {axis}")
         recomputed = [tuple(_int_list(iv, "recomputed", 2)) for iv in header.get("recomputed", [])]
@@ -1490,6 +1493,7 @@ def decode_record(text: str, segmentation_node, segment_id: str, run_id: str) ->
         empty_keyframes=frozenset(header["empty_keyframes"]), confidence=confidence, result_mask=result,
         written=written, before=None, created=False, kind=kind, n_predicted=int(header.get("n_predicted", 0)),
         recomputed=recomputed, seconds=float(header.get("seconds", 0.0)), edited=list(header["edited"]),
+        reviewed=set(header["reviewed"]),
         agreement=agreement, begin_state=_tupled(header.get("begin_state")), run_id=run_id, record=text,
         restored=True,
     )
@@ -1602,6 +1606,14 @@ class PropagationHistory:
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
         return entry
+
+    def mark_reviewed(self, entry: HistoryEntry, index: int) -> None:
+        """Mark slice ``index`` of ``entry`` (as ``get`` returned it) reviewed, in memory and in the
+        record saved with the segment, so that a reloaded scene goes on where the review stopped."""
+        entry.reviewed.add(int(index))
+        segment = entry.segmentation_node.GetSegmentation().GetSegment(entry.segment_id)
+        if entry.record is not None and segment is not None and _segment_tag(segment, RUN_TAG) == entry.run_id:
+            _store_record(entry.segmentation_node, entry.segment_id, entry)
 
     def forget(self, segmentation_node, segment_id: str | None = None) -> None:
         """Forget one segment, or every segment of a segmentation node."""

@@ -1008,3 +1008,18 @@ def test_a_propagation_run_without_history_saves_no_record(mrml_scene):
     seg, ids = make_segmentation(vol, {"tumor": prompt})
     propagate_segment(vol, seg, ids["tumor"], model=GuideCopy(truth))
     assert tag(seg, ids["tumor"], RECORD_TAG) is None and tag(seg, ids["tumor"], RUN_TAG) is None
+
+
+def test_reviewed_slices_are_saved_with_the_result(session):
+    seg, sid, history = session["seg"], session["sid"], session["history"]
+    entry = history.get(seg, sid)
+    first = entry.next_to_review()
+    history.mark_reviewed(entry, first)
+    history.mark_reviewed(entry, 20)
+    assert entry.reviewed == {first, 20} and tag(seg, sid, RECORD_TAG) == entry.record
+    back = PropagationHistory().get(seg, sid)
+    assert back.reviewed == {first, 20} and back.next_to_review() == entry.next_to_review() not in (first, 20)
+    # once the segment holds another run, marking the old entry does not write its record there
+    seg.GetSegmentation().GetSegment(sid).SetTag(RUN_TAG, "another-run")
+    history.mark_reviewed(entry, 5)
+    assert tag(seg, sid, RECORD_TAG) == back.record and 5 in entry.reviewed
