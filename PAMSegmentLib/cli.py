@@ -244,6 +244,13 @@ def add_propagate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--empty-slices", type=parse_slice_list, metavar="K[,K...]",
                    help="slices along the axis where the object is absent (e.g. erased after a first run): "
                         "propagation never crosses them")
+    p.add_argument("--previous", metavar="PREV",
+                   help="with --edited: an earlier result of this command for PROMPT (its OUT); propagate again "
+                        "keeping your corrections (see --edited)")
+    p.add_argument("--edited", metavar="EDITED",
+                   help="with --previous: PREV corrected by hand (e.g. in ITK-SNAP or 3D Slicer). The slices where it "
+                        "differs from PREV become keyframes beside PROMPT's, kept exactly; a slice you erased "
+                        "entirely is one where the object is absent. Every slice is recomputed")
     p.add_argument("--no-early-stop", action="store_true",
                    help="predict every slice in the range, also past slices where the object vanished")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="torch device (default: cpu)")
@@ -387,9 +394,14 @@ def cmd_propagate(args: argparse.Namespace) -> int:
                              f"or {SERVER_METHODS[-1]}")
     elif args.token:
         raise InputError("--token is for --server; drop it")
-    _check_output_path(args.output, [args.image, args.prompt])
+    if (args.previous is None) != (args.edited is None):
+        given, missing = ("--previous", "--edited") if args.edited is None else ("--edited", "--previous")
+        raise InputError(f"{given} needs {missing}: give the earlier result (--previous) and your corrected copy "
+                         "of it (--edited)")
+    inputs = [args.image, args.prompt] + [a for a in (args.previous, args.edited) if a is not None]
+    _check_output_path(args.output, inputs)
     if args.report is not None:
-        _check_report_path(args.report, [args.image, args.prompt, args.output])
+        _check_report_path(args.report, [*inputs, args.output])
 
     from .volumes import check_output_path, through_link, write_labelmap
 
@@ -408,6 +420,9 @@ def cmd_propagate(args: argparse.Namespace) -> int:
 
     # Check the prompt before loading a network (which can take seconds for the official one).
     find_prompt_slices(prompt.array, axis=args.axis, labels=args.label)
+    keyframes, empty_slices, axis = prompt.array, args.empty_slices, args.axis
+    if args.edited is not None:
+        keyframes, empty_slices, axis = _plan_update(args, image, prompt)
     if args.server:  # propagate checks the inputs here, then the server does the work
         from .remote import RemoteModel
 
@@ -418,18 +433,19 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     with _ProgressBar("propagating", show_message=bool(args.server)) as bar:
         result = propagate(
             image.array,
-            prompt.array,
+            keyframes,
             image.spacing,
             model,
-            axis=args.axis,
+            axis=axis,
             labels=args.label,
             range=args.slice_range,
             early_stop=not args.no_early_stop,
-            empty_slices=args.empty_slices,
+            empty_slices=empty_slices,
             batch_size=args.batch_size,
             device=args.device,
             threads=args.threads,
             progress=bar,
+            update=args.edited is not None,
         )
     how = ("run it here with --intensity-gate off; a server keeps its own setting" if args.server
            else "--intensity-gate off")
@@ -463,6 +479,28 @@ def cmd_propagate(args: argparse.Namespace) -> int:
             if t is not None:
                 t.unlink(missing_ok=True)
     return EXIT_OK
+
+
+def _plan_update(args: argparse.Namespace, image, prompt):
+    """--previous/--edited: read both on the image's grid, print the keyframes and walls they give
+    (``keyframes_from_edits``) and return (prompt, empty slices per label, axis) to propagate."""
+    from .propagate import keyframes_from_edits
+    from .volumes import read_labelmap
+
+    maps = []
+    for option, path in (("--previous", args.previous), ("--edited", args.edited)):
+        try:
+            maps.append(read_labelmap(path, reference=image, resample=args.resample_prompt).array)
+        except InputError as error:
+            raise InputError(f"{option}: {error}") from None
+    plan = keyframes_from_edits(prompt.array, maps[0], maps[1], axis=args.axis, labels=args.label)
+    walls = {lab: set(w) | set(args.empty_slices or ()) for lab, w in plan.empty_slices.items()}
+    for line in plan.describe():
+        print(f"update: {line}", flush=True)
+    if plan.ignored:
+        print(f"note: label{'s' if len(plan.ignored) > 1 else ''} {', '.join(map(str, plan.ignored))} changed in "
+              "--edited but not propagated (not in PROMPT or not chosen with --label): left out of OUT", flush=True)
+    return plan.prompt, {lab: sorted(w) for lab, w in walls.items()}, plan.axis
 
 
 def _move_in(tmp: Path, target: Path, what: str) -> None:

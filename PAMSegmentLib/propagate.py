@@ -42,6 +42,8 @@ __all__ = [
     "SlicePredictor",
     "PAMPredictor",
     "find_prompt_slices",
+    "keyframes_from_edits",
+    "EditPlan",
     "review_order",
     "window_slices",
 ]
@@ -1176,6 +1178,85 @@ def torch_threads(threads: int | None):
         yield
     finally:
         torch.set_num_threads(old)
+
+
+@dataclass
+class EditPlan:
+    """What ``keyframes_from_edits`` found: the prompt and walls to propagate again from."""
+
+    prompt: np.ndarray  # the label map of every label's keyframes (its drawn and its edited slices)
+    empty_slices: dict[int, list[int]]  # per label: edited slices where it is now absent (walls)
+    axis: int
+    drawn: dict[int, list[int]]  # per label: the PROMPT's slices
+    edited: dict[int, list[int]]  # per label: slices where EDITED differs from PREVIOUS
+    ignored: list[int]  # labels edited but not in the prompt (not propagated)
+
+    def describe(self) -> list[str]:
+        lines = []
+        for lab in sorted(self.drawn):
+            kept = ", ".join(str(s) for s in self.drawn[lab])
+            changed = [s for s in self.edited[lab] if s not in self.empty_slices[lab]]
+            text = f"label {lab}: keyframes {kept} (prompt)"
+            if changed:
+                text += ", " + ", ".join(str(s) for s in changed) + " (edited)"
+            if self.empty_slices[lab]:
+                text += "; erased, the object is absent there: " + ", ".join(str(s) for s in self.empty_slices[lab])
+            lines.append(text)
+        return lines
+
+
+def keyframes_from_edits(prompt: np.ndarray, previous: np.ndarray, edited: np.ndarray, *,
+                         axis: int | None = None, labels: Sequence[int] | None = None) -> EditPlan:
+    """The correction loop from files: ``previous`` is an earlier result of ``prompt`` and
+    ``edited`` that result corrected by hand (all three label maps on the image's grid). Each
+    label's keyframes become its drawn slices plus the slices along the axis where ``edited``
+    differs from ``previous`` for it, with ``edited``'s masks there; an edited slice where the label
+    is now absent is a wall ("the object is absent here"). Propagating the plan's prompt with its
+    walls (``update=True``) gives what Slicer's *Update from my edits* gives, recomputing every slice.
+    Raises InputError when ``previous`` is not a result of ``prompt`` or nothing was edited."""
+    prompt, previous, edited = (np.asarray(a) for a in (prompt, previous, edited))
+    for name, arr in (("the earlier result", previous), ("the edited result", edited)):
+        if arr.shape != prompt.shape:
+            raise InputError(f"{name} has shape {arr.shape}, the prompt {prompt.shape}: both must be on the "
+                             "image's grid")
+    ax, drawn = find_prompt_slices(prompt, axis=axis, labels=labels)
+    on = [np.moveaxis(a, ax, 0) for a in (prompt, previous, edited)]
+    prm, prev, edit = on
+    out = np.zeros(prm.shape, dtype=prompt.dtype if np.issubdtype(prompt.dtype, np.integer) else np.int32)
+    walls, changed_all = {}, {}
+    for lab, slices in drawn.items():
+        for s in slices:
+            if not np.array_equal(prev[s] == lab, prm[s] == lab):
+                raise InputError(f"the earlier result is not a result of this prompt: on slice {s} (axis {ax}) "
+                                 f"label {lab} differs from the drawing; give the output of the run from this "
+                                 "prompt as the earlier result")
+        differs = np.flatnonzero(((prev == lab) != (edit == lab)).any(axis=(1, 2)))
+        changed = sorted(int(s) for s in differs)
+        changed_all[lab] = changed
+        keys = sorted(set(slices) | set(changed))
+        n = prm.shape[0]
+        if len(keys) > MAX_PROMPT_SLICES or (len(keys) > 2 and len(keys) > n // 2):
+            raise InputError(f"label {lab} would have {len(keys)} keyframes out of {n} slices along axis {ax} (its "
+                             f"drawn slices and {len(changed)} edited ones, {changed[0]}-{changed[-1]}): PAM takes at "
+                             f"most {min(MAX_PROMPT_SLICES, n // 2)}; correct slices across axis {ax} only, fewer "
+                             "of them, or draw a new prompt")
+        walls[lab] = [s for s in keys if not (edit[s] == lab).any()]
+        for s in keys:
+            if s not in walls[lab]:
+                out[s][edit[s] == lab] = lab
+    if not any(changed_all.values()):
+        raise InputError("the edited result equals the earlier one on every slice of label"
+                         f"{'s' if len(drawn) > 1 else ''} {', '.join(map(str, drawn))}: nothing to update; "
+                         "correct the slices that are wrong first")
+    erased = [lab for lab in drawn if len(walls[lab]) == len(set(drawn[lab]) | set(changed_all[lab]))]
+    if erased:
+        raise InputError(f"label {erased[0]} is erased on every slice it was drawn or edited on, so there is nothing "
+                         "to propagate it from: draw it on a slice, or leave it out with --label")
+    differ = prev != edit
+    touched = {int(v) for v in np.unique(np.concatenate([prev[differ], edit[differ]]))} - {0}
+    ignored = sorted(touched - set(drawn))
+    return EditPlan(prompt=np.moveaxis(out, 0, ax), empty_slices=walls, axis=ax,
+                    drawn={lab: list(sl) for lab, sl in drawn.items()}, edited=changed_all, ignored=ignored)
 
 
 def check_request(prompt, axis, labels, range, empty_slices, update: bool):  # noqa: A002

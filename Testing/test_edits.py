@@ -1,0 +1,132 @@
+"""The correction loop from files: ``keyframes_from_edits`` and ``pamsegment propagate --previous
+PREV --edited EDITED`` (an earlier result, corrected by hand in another program)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import ellipsoid, write_image
+
+from PAMSegmentLib import cli
+from PAMSegmentLib.errors import InputError
+from PAMSegmentLib.propagate import MAX_PROMPT_SLICES, keyframes_from_edits
+from PAMSegmentLib.volumes import read_volume
+
+SHAPE = (24, 30, 32)
+
+
+def first_run():
+    """A prompt on slice 12 (label 1) and slice 8 (label 2), and a plausible earlier result."""
+    one = ellipsoid(SHAPE, (12, 10, 10), (8, 6, 6))
+    two = ellipsoid(SHAPE, (8, 22, 22), (4, 5, 5))
+    prompt = np.zeros(SHAPE, np.uint8)
+    prompt[12][one[12]] = 1
+    prompt[8][two[8]] = 2
+    previous = np.zeros(SHAPE, np.uint8)
+    previous[4:21] = np.where(one[12], 1, 0)  # label 1: the drawn slice copied on 4..20
+    previous[5:12][np.broadcast_to(two[8], (7,) + two[8].shape)] = 2
+    previous[12] = np.where(prompt[12] == 1, 1, previous[12])
+    return one, two, prompt, previous
+
+
+def test_edited_slices_become_keyframes_and_erased_ones_walls():
+    one, two, prompt, previous = first_run()
+    edited = previous.copy()
+    edited[16][edited[16] == 1] = 0
+    edited[16][one[16]] = 1  # label 1 redrawn on slice 16
+    edited[19][edited[19] == 1] = 0  # and erased on 19: the object is absent there
+    plan = keyframes_from_edits(prompt, previous, edited)
+    assert plan.axis == 0 and plan.drawn == {1: [12], 2: [8]} and plan.edited == {1: [16, 19], 2: []}
+    assert plan.empty_slices == {1: [19], 2: []} and plan.ignored == []
+    on_slices = {lab: [s for s in range(SHAPE[0]) if (plan.prompt[s] == lab).any()] for lab in (1, 2)}
+    assert on_slices == {1: [12, 16], 2: [8]}  # label 2 keeps only its drawn slice: it was not edited
+    np.testing.assert_array_equal(plan.prompt[16] == 1, one[16])
+    np.testing.assert_array_equal(plan.prompt[12] == 1, prompt[12] == 1)
+    assert plan.describe() == ["label 1: keyframes 12 (prompt), 16 (edited); erased, the object is absent there: 19",
+                               "label 2: keyframes 8 (prompt)"]
+
+
+def test_edits_of_an_unprompted_label_are_named_and_left_out():
+    _, _, prompt, previous = first_run()
+    edited = previous.copy()
+    edited[14, 2:5, 2:5] = 3  # a new label painted in the editor, not in the prompt
+    edited[10][edited[10] == 1] = 0
+    plan = keyframes_from_edits(prompt, previous, edited, labels=[1])
+    assert plan.drawn == {1: [12]} and plan.edited == {1: [10]} and plan.empty_slices == {1: [10]}
+    assert plan.ignored == [3]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("not its result", "the earlier result is not a result of this prompt: on slice 12 (axis 0) label 1 differs"),
+    ("unchanged", "the edited result equals the earlier one on every slice of labels 1, 2: nothing to update"),
+    ("all erased", "label 2 is erased on every slice it was drawn or edited on"),
+    ("too many", f"label 1 would have {SHAPE[0] // 2 + 2} keyframes out of {SHAPE[0]} slices along axis 0"),
+    ("shape", "the edited result has shape (24, 30, 31), the prompt (24, 30, 32)"),
+])
+def test_refusals_say_what_is_wrong(case, message):
+    _, _, prompt, previous = first_run()
+    edited = previous.copy()
+    if case == "not its result":
+        previous = previous.copy()
+        previous[12, 10, 10] = 0
+    elif case == "all erased":
+        edited[8][edited[8] == 2] = 0
+    elif case == "too many":  # a stroke in a perpendicular view touches most slices
+        edited[:SHAPE[0] // 2 + 2, 28, 30] = 1
+    elif case == "shape":
+        edited = edited[:, :, :31]
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        keyframes_from_edits(prompt, previous, edited)
+    assert MAX_PROMPT_SLICES >= SHAPE[0] // 2  # the half-the-slices limit is the one reached above
+
+
+def test_cli_update_equals_a_run_from_the_same_keyframes(ct_case, capsys):
+    """--previous/--edited gives what propagating the drawn and edited slices with the erased one
+    as --empty-slices gives (every slice recomputed), and keeps the edit exactly."""
+    d = ct_case.directory
+    first = d / "first.nii.gz"
+    assert cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(first),
+                     "--method", "copy"]) == 0
+    previous = read_volume(first).array
+    edited = previous.copy()
+    edited[13] = ct_case.truth[13]  # redrawn
+    edited[6] = 0  # erased: the object is absent below slice 7
+    edited_path = write_image(edited.astype(np.uint8), d / "edited.nii.gz", ct_case.spacing)
+    capsys.readouterr()
+    out = d / "second.nii.gz"
+    assert cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out),
+                     "--method", "copy", "--previous", str(first), "--edited", str(edited_path)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "update: label 1: keyframes 10 (prompt), 13 (edited); erased, the object is absent there: 6"
+    assert printed[1].startswith(f"wrote {out}: label 1: slices ")
+    result = read_volume(out).array
+    np.testing.assert_array_equal(result[13] > 0, ct_case.truth[13])
+    assert not result[:7].any()
+
+    keyframes = np.zeros_like(ct_case.prompt)
+    keyframes[10], keyframes[13] = ct_case.prompt[10], ct_case.truth[13]
+    by_hand = d / "keyframes.nii.gz"
+    write_image(keyframes, by_hand, ct_case.spacing)
+    same = d / "same.nii.gz"
+    assert cli.main(["propagate", str(ct_case.image_path), str(by_hand), "-o", str(same), "--method", "copy",
+                     "--empty-slices", "6"]) == 0
+    np.testing.assert_array_equal(read_volume(same).array, result)
+
+
+def test_cli_update_refusals_are_one_line(ct_case, run_cli):
+    d = ct_case.directory
+    first = write_image(np.where(ct_case.truth, 1, 0).astype(np.uint8), d / "first.nii.gz", ct_case.spacing)
+    proc = run_cli("propagate", ct_case.image_path, ct_case.prompt_path, "-o", d / "out.nii.gz", "--method", "copy",
+                   "--previous", first)
+    assert proc.returncode == 2 and proc.stderr.strip() == ("pamsegment: error: --previous needs --edited: give the "
+                                                            "earlier result (--previous) and your corrected copy of it "
+                                                            "(--edited)")
+    proc = run_cli("propagate", ct_case.image_path, ct_case.prompt_path, "-o", first, "--method", "copy",
+                   "--previous", first, "--edited", first)
+    assert proc.returncode == 2 and "the output" in proc.stderr and "is the input" in proc.stderr
+    other = write_image(np.zeros((20, 40, 47), np.uint8), d / "other.nii.gz", ct_case.spacing)
+    proc = run_cli("propagate", ct_case.image_path, ct_case.prompt_path, "-o", d / "out.nii.gz", "--method", "copy",
+                   "--previous", first, "--edited", other)
+    assert proc.returncode == 2 and proc.stderr.startswith("pamsegment: error: --edited: other.nii.gz is not on the "
+                                                           "image grid: size differs")
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (d / "out.nii.gz").exists()
