@@ -18,6 +18,10 @@ which (``order``):
 * ``"given"``: the set's own order is a sequence (serial sections, frames): each image is
   predicted from its neighbour on the prompt's side, walking out from the prompt both ways.
 
+Further labelled images (``more_prompts``, the command's ``--labelled``: e.g. masks corrected after a
+first run) keep their masks and guide like the prompt image; a drawn mask without a label says
+the object is absent there (it guides nothing for that label, and the "given" walks stop at it).
+
 An image where the network's object-present output falls below its threshold, or where the mask
 is smaller than the predictor's minimum area, is left empty for that label (some images of a set
 may not hold the structure). Images are normalised one by one (0.5-99.5 percentiles to 0..1,
@@ -59,13 +63,14 @@ class ImageSetResult:
     order: str = "similar"
     n_predicted: int = 0
     seconds: float = 0.0
+    drawn: tuple[int, ...] = ()  # every image whose mask was given: the prompt and ``more_prompts``
 
     def summary(self) -> str:
-        n = len(self.masks)
+        drawn = set(self.drawn) | {self.prompt_index}
         parts = []
         for lab in self.labels:
-            found = sum(1 for i, m in enumerate(self.masks) if i != self.prompt_index and (m == lab).any())
-            parts.append(f"label {lab} found in {found} of {n - 1} images")
+            found = sum(1 for i, m in enumerate(self.masks) if i not in drawn and (m == lab).any())
+            parts.append(f"label {lab} found in {found} of {len(self.masks) - len(drawn)} images")
         return f"{'; '.join(parts)}; {self.n_predicted} predictions in {self.seconds:.1f} s"
 
 
@@ -186,6 +191,41 @@ def _validate(images, prompt_index, prompt_mask, labels, order, names=None):
     return imgs, int(prompt_index), mask, labels
 
 
+def _validate_more(more_prompts, imgs, p: int, labels, names) -> dict[int, np.ndarray]:
+    """``more_prompts`` {image number: label map on that image} -> the same, checked, int64."""
+    if more_prompts is None:
+        return {}
+    if not isinstance(more_prompts, dict):
+        raise InputError("more_prompts must be a dict {image number: its label map}")
+    out = {}
+    for index, mask in more_prompts.items():
+        if isinstance(index, (bool, np.bool_)) or not isinstance(index, (int, np.integer)) \
+                or not 0 <= int(index) < len(imgs):
+            raise InputError(f"more_prompts: {index!r} is not one of the {len(imgs)} images' numbers "
+                             f"(0-{len(imgs) - 1})")
+        index = int(index)
+        name = str(names[index]) if names is not None else f"image {index}"
+        if index == p:
+            raise InputError(f"more_prompts: {name} is the prompt image itself")
+        mask = np.asarray(mask)
+        if mask.ndim == 3 and mask.shape[0] == 1:
+            mask = mask[0]
+        if mask.shape != imgs[index].shape:
+            raise InputError(f"the mask given for {name} is {'x'.join(map(str, mask.shape))} but the image is "
+                             f"{'x'.join(map(str, imgs[index].shape))}; draw the mask on that image")
+        if not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == bool):
+            if not np.issubdtype(mask.dtype, np.floating) or not np.all(np.mod(mask, 1) == 0):
+                raise InputError(f"the mask given for {name} must be an integer label map")
+        mask = mask.astype(np.int64)
+        bad = [int(v) for v in np.unique(mask) if v != 0 and not 1 <= v <= MAX_LABEL]
+        if bad:
+            raise InputError(f"the mask given for {name} holds label {bad[0]}; labels must be 1-{MAX_LABEL}")
+        out[index] = mask
+    if len(out) + 1 >= len(imgs):
+        raise InputError("every image has a mask already: nothing to label")
+    return out
+
+
 def label_images(
     images: Sequence[np.ndarray],
     prompt_index: int,
@@ -200,6 +240,7 @@ def label_images(
     progress: Callable[[float, str], None] | None = None,
     cancel: CancelToken | None = None,
     names: Sequence[str] | None = None,
+    more_prompts: dict[int, np.ndarray] | None = None,
 ) -> ImageSetResult:
     """Label every image of ``images`` (2D arrays, any sizes) with the structure(s) that
     ``prompt_mask`` (an integer label map on ``images[prompt_index]``) marks.
@@ -208,17 +249,23 @@ def label_images(
     for the shipped default weights. ``order``: which image guides which (module docstring).
     Returns per image a label map on its own grid; the prompt image's map is the prompt itself.
     ``names`` (e.g. file names) name the images in error messages.
+    ``more_prompts``: {image number: label map on that image} of further labelled images (e.g.
+    masks corrected after a first run): they keep their masks and guide like the prompt image (an
+    image whose mask lacks a label holds that object nowhere and guides nothing for it); the
+    prompt image still sets what the predictor takes from a drawn slice (``begin``).
     Raises InputError for bad input and PropagationCancelled when ``cancel`` is set (nothing is
     returned then)."""
     t0 = time.perf_counter()
     imgs, p, mask, labels = _validate(images, prompt_index, prompt_mask, labels, order, names)
+    more = _validate_more(more_prompts, imgs, p, labels, names)
     predictor = _as_predictor(model, device)
     shape = imgs[p].shape
     stack = to_common_grid(imgs, shape, normalize=normalize)
     n = len(imgs)
+    drawn = sorted({p, *more})
     results = np.zeros((n, *shape), dtype=np.uint16 if max(labels) > 255 else np.uint8)
     guides_all, conf_all = {}, {}
-    total = max((n - 1) * len(labels), 1)
+    total = max((n - len(drawn)) * len(labels), 1)
     done = 0
 
     with torch_threads(threads):
@@ -226,11 +273,15 @@ def label_images(
             lab_mask = mask == lab
             predictor.begin(stack, p, lab_mask)
             found = {p: lab_mask}  # image -> its mask for this label (None: found absent)
+            for index, other in more.items():  # on the common grid, as the images are
+                on_grid = _resize((other == lab).astype(np.uint8), shape, nearest=True) > 0
+                found[index] = on_grid if on_grid.any() else None
             guides = np.full(n, -1, dtype=np.int64)
             conf = np.zeros(n, dtype=np.float32)
-            conf[p] = 1.0
-            dist = thumbnail_distances(stack, _similarity_box(lab_mask)) if order == "similar" else None
-            for q, g in _schedule(order, p, n, dist, found):
+            conf[drawn] = [1.0 if found[d] is not None else 0.0 for d in drawn]
+            need_dist = order == "similar" or (order == "prompt" and more)
+            dist = thumbnail_distances(stack, _similarity_box(lab_mask)) if need_dist else None
+            for q, g in _schedule(order, drawn, n, dist, found):
                 if cancel is not None and cancel.is_cancelled:
                     raise PropagationCancelled("cancelled")
                 if hasattr(predictor, "forget_walk"):  # each image from its guide alone, never a carried walk
@@ -249,43 +300,64 @@ def label_images(
                 if progress is not None:
                     progress(done / total, f"label {lab}: image {q}")
             for q, m in found.items():
-                if m is not None and q != p:
+                if m is not None and q not in drawn:
                     results[q][m & (results[q] == 0)] = lab
             guides_all[lab], conf_all[lab] = guides, conf
     masks = []
+    given = {p: mask, **more}
     for q in range(n):
-        if q == p:
-            masks.append(np.where(np.isin(mask, labels), mask, 0).astype(results.dtype))
+        if q in given:  # a drawn mask is kept as drawn (the labels labelled)
+            masks.append(np.where(np.isin(given[q], labels), given[q], 0).astype(results.dtype))
         else:
             masks.append(_resize(results[q], imgs[q].shape, nearest=True))
     if progress is not None:
         progress(1.0, "done")
-    return ImageSetResult(masks, labels, guides_all, conf_all, p, order, done, time.perf_counter() - t0)
+    return ImageSetResult(masks, labels, guides_all, conf_all, p, order, done, time.perf_counter() - t0,
+                          tuple(drawn))
 
 
-def _schedule(order: str, p: int, n: int, dist: np.ndarray | None, found: dict):
-    """(image, guide) pairs in prediction order. Reads ``found`` as it is filled: an image found
-    absent (None) never guides another."""
-    if order == "prompt":
-        for q in range(n):
-            if q != p:
-                yield q, p
+def _schedule(order: str, drawn: Sequence[int], n: int, dist: np.ndarray | None, found: dict):
+    """(image, guide) pairs in prediction order, from the drawn images ``drawn`` (the prompt and
+    any further labelled ones). Reads ``found`` as it is filled: an image found absent (None),
+    drawn without the object included, never guides another."""
+    roots = [d for d in drawn if found.get(d) is not None]
+    todo_all = [q for q in range(n) if q not in drawn]
+    if not roots:  # no drawn image holds this label: nothing guides
+        return
+    if order == "prompt":  # each image from the most similar drawn image holding the object
+        for q in todo_all:
+            yield q, roots[0] if len(roots) == 1 else min(roots, key=lambda r: (dist[r, q], r))
         return
     if order == "given":
-        for direction in (1, -1):
-            guide = p
-            q = p + direction
-            while 0 <= q < n:
-                yield q, guide
-                if found.get(q) is not None:
-                    guide = q
-                q += direction
+        # Between two drawn images each image comes from the nearer one (the earlier on a tie),
+        # walking out from it as from a single prompt; beyond the outermost ones, from them. A
+        # drawn image without the object is a wall: the walks from its other side cover the gap.
+        ordered = sorted(drawn)
+        for left, right in zip([None, *ordered], [*ordered, None]):
+            lo = 0 if left is None else left + 1
+            hi = n - 1 if right is None else right - 1
+            has_left = left is not None and found.get(left) is not None
+            has_right = right is not None and found.get(right) is not None
+            if has_left and has_right:
+                split = (lo + hi) // 2 + 1 if (hi - lo) % 2 == 0 else (lo + hi + 1) // 2
+                parts = [(left, range(lo, split)), (right, range(hi, split - 1, -1))]
+            elif has_left:
+                parts = [(left, range(lo, hi + 1))]
+            elif has_right:
+                parts = [(right, range(hi, lo - 1, -1))]
+            else:
+                parts = []
+            for guide, walk in parts:
+                for q in walk:
+                    yield q, guide
+                    if found.get(q) is not None:
+                        guide = q
         return
     # "similar": Prim's algorithm over the dissimilarities, grown from labelled images only.
-    best = dist[p].copy()  # each image's distance to its nearest labelled guide
-    parent = np.full(n, p, dtype=np.int64)
-    todo = np.ones(n, dtype=bool)
-    todo[p] = False
+    best = np.min(dist[roots], axis=0)  # each image's distance to its nearest labelled guide
+    parent = np.asarray(roots, dtype=np.int64)[np.argmin(dist[roots], axis=0)]
+    todo = np.zeros(n, dtype=bool)
+    todo[todo_all] = True
     while todo.any():
         cand = np.flatnonzero(todo)
         q = int(cand[np.argmin(best[cand])])
@@ -342,7 +414,7 @@ def _stem(path) -> str:
     return name if name != path.name else path.stem
 
 
-def _check_targets(out_dir, names, prompt_path, mask_path, files) -> None:
+def _check_targets(out_dir, names, prompt_path, mask_path, files, more_masks=()) -> None:
     """Before any work, of the files ``names`` in ``out_dir``: none may be a folder (the move at
     the end would fail half-way), and none may be, or be a symbolic link to, one of the inputs (a
     link in -o stays a link and its target gets the new file, which would replace a drawn mask or
@@ -350,7 +422,8 @@ def _check_targets(out_dir, names, prompt_path, mask_path, files) -> None:
     import os
 
     inputs = {}
-    for what, f in (("the prompt image", prompt_path), ("the prompt mask", mask_path), *(("the image", f) for f in files)):
+    for what, f in (("the prompt image", prompt_path), ("the prompt mask", mask_path),
+                    *(("the --labelled mask", m) for m in more_masks), *(("the image", f) for f in files)):
         st = os.stat(f)
         inputs.setdefault((st.st_dev, st.st_ino), f"{what} {f}")
     from .volumes import check_link_target
@@ -385,6 +458,9 @@ def add_label_images_arguments(p) -> None:
                         "numbers by value: frame_2 before frame_10)")
     p.add_argument("-o", "--output", required=True, metavar="DIR",
                    help="folder for the masks (<image name>_mask.<format>) and labels.csv; written only on success")
+    p.add_argument("--labelled", nargs=2, action="append", metavar=("IMAGE", "MASK"), default=[],
+                   help="another image of the set with its mask (e.g. one you corrected after a first run): kept "
+                        "as drawn and a guide like the prompt image; repeat for more")
     p.add_argument("--order", choices=ORDERS, default="similar",
                    help="which image guides which: similar = nearest first, each from the most similar labelled "
                         "image (default); prompt = every image from the prompt image; given = the images' order "
@@ -426,11 +502,19 @@ def cmd_label_images(args) -> int:
 
         check_checkpoint_file(args.checkpoint)
     prompt_path, mask_path = Path(args.prompt_image), Path(args.prompt_mask)
-    for what, p in (("prompt image", prompt_path), ("prompt mask", mask_path)):
+    labelled = [(Path(i), Path(m)) for i, m in args.labelled]
+    for what, p in (("prompt image", prompt_path), ("prompt mask", mask_path),
+                    *((w, q) for pair in labelled for w, q in zip(("--labelled image", "--labelled mask"), pair))):
         if not p.is_file():
             raise InputError(f"the {what} {p} is not a file; check the path")
     if os.path.samefile(prompt_path, mask_path):
         raise InputError("the prompt image and the prompt mask are the same file; give the mask drawn on the image")
+    for image_path, its_mask in labelled:
+        if os.path.samefile(image_path, its_mask):
+            raise InputError(f"--labelled {image_path} {its_mask}: the image and its mask are the same file")
+        if os.path.samefile(image_path, prompt_path):
+            raise InputError(f"--labelled {image_path} is the prompt image; give its mask as PROMPT_MASK only")
+    drawn_masks = [mask_path, *(m for _, m in labelled)]
     files = _expand(args.images)
     # The same file given twice (a folder and one of its files, or a link to it): labelled once, in
     # its first place (two masks of one image would be written to one name).
@@ -447,12 +531,15 @@ def cmd_label_images(args) -> int:
         files = [f for f, _ in unique]
     # Masks written among the images would be read as images next time, and could replace a file
     # the user drew (e.g. the prompt mask itself, kept as masks/img_007_mask.png).
-    inputs = [prompt_path, mask_path, *files]
+    inputs = [prompt_path, *drawn_masks, *(i for i, _ in labelled), *files]
     if out_dir.exists() and any(os.path.samefile(p.parent, out_dir) for p in inputs):
         raise InputError(f"-o {out_dir} holds the prompt, its mask or images to label; write the masks to a "
                          "folder of their own")
     same = [f for f in files if os.path.samefile(f, prompt_path)]
-    files = [f for f in files if not os.path.samefile(f, mask_path)]
+    files = [f for f in files if not any(os.path.samefile(f, m) for m in drawn_masks)]
+    for image_path, _ in labelled:  # one of the set keeps its place; another joins at the end
+        if not any(os.path.samefile(f, image_path) for f in files):
+            files.append(image_path)
     if same:  # the prompt image is one of the set: it keeps its place (the "given" order's sequence)
         index = next(n for n, f in enumerate(files) if os.path.samefile(f, prompt_path))
         files = [f for f in files if not os.path.samefile(f, prompt_path)]
@@ -471,15 +558,22 @@ def cmd_label_images(args) -> int:
                          "rename one or label them in separate runs")
     names = [f"{_stem(f)}_mask.{args.format}" for f in files]
     if out_dir.exists():
-        _check_targets(out_dir, [*names, "labels.csv"], prompt_path, mask_path, files)
+        _check_targets(out_dir, [*names, "labels.csv"], prompt_path, mask_path, files,
+                       [m for _, m in labelled])
 
     read = [read_image_2d(f) for f in files]
     prompt = read_labelmap_2d(mask_path, reference=read[index])
+    more = {}
+    for image_path, its_mask in labelled:
+        at = next(n for n, f in enumerate(files) if os.path.samefile(f, image_path))
+        if at in more:
+            raise InputError(f"--labelled {image_path} is given twice; give each image's mask once")
+        more[at] = read_labelmap_2d(its_mask, reference=read[at])
     model = METHODS[args.method](args)
     with _ProgressBar("labelling") as bar:
         result = label_images([a for a, _ in read], index, prompt, model, order=args.order, labels=args.label,
                               normalize=not args.no_normalize, device=args.device, threads=args.threads, progress=bar,
-                              names=[f.name for f in files])
+                              names=[f.name for f in files], more_prompts=more)
 
     # Everything is computed: now write each file to a temporary beside where it lands, then move
     # them all in, labels.csv first as the other commands move their table first (Ctrl-C ignored
@@ -493,7 +587,7 @@ def cmd_label_images(args) -> int:
                 for lab in result.labels:
                     g = int(result.guides[lab][n])
                     w.writerow([str(f), name, lab, int((m == lab).sum()), f"{result.confidence[lab][n]:.3f}",
-                                "(drawn)" if n == index else str(files[g])])
+                                "(drawn)" if n in result.drawn else "" if g < 0 else str(files[g])])
 
     def mask_writer(m, ref):
         return lambda tmp: write_labelmap_2d(m, ref, tmp)

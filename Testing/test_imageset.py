@@ -120,6 +120,79 @@ def test_similar_order_never_grows_from_an_image_found_absent():
     assert not res.masks[1].any() and all(res.masks[k].any() for k in range(2, 8))
 
 
+# ----------------------------------------------------------------------------- several labelled images
+
+
+def test_more_labelled_images_guide_the_images_nearest_them():
+    """Prompt at 0 and a corrected mask at 7 of a moving-disc set: in "similar" order the images
+    nearer 7 are reached from 7 (each from its neighbour), in "given" order the sequence is split
+    half-way, in "prompt" order each image comes from the more similar drawn image."""
+    images, truth = moving_disc_set(8)
+    more = {7: truth[7].astype(np.uint8)}
+    res = label_images(images, 0, truth[0], OracleModel(truth), order="similar", more_prompts=more)
+    assert list(res.guides[1]) == [-1, 0, 1, 2, 5, 6, 7, -1]
+    assert res.drawn == (0, 7) and res.n_predicted == 6 and res.confidence[1][7] == 1.0
+    assert all(np.array_equal(m > 0, t) for m, t in zip(res.masks, truth))
+    assert res.summary().startswith("label 1 found in 6 of 6 images; 6 predictions")
+    given = label_images(images, 0, truth[0], OracleModel(truth), order="given", more_prompts=more)
+    assert list(given.guides[1]) == [-1, 0, 1, 2, 5, 6, 7, -1]  # 1-3 from 0's side, 4-6 from 7's
+    prompt = label_images(images, 0, truth[0], OracleModel(truth), order="prompt", more_prompts=more)
+    assert list(prompt.guides[1]) == [-1, 0, 0, 0, 7, 7, 7, -1]
+
+
+def test_a_labelled_image_without_the_object_is_absent_and_a_wall():
+    images, truth = moving_disc_set(8)
+    more = {4: np.zeros((48, 48), np.uint8), 6: truth[6].astype(np.uint8) * 2}  # 6 holds label 2 only
+    res = label_images(images, 1, truth[1], OracleModel(truth), order="given", more_prompts=more)
+    # label 1: 4 and 6 lack it; 0, 2, 3 come from 1's side; 5 lies between two walls; 7 beyond one
+    assert list(res.guides[1]) == [1, -1, 1, 2, -1, -1, -1, -1]
+    assert not res.masks[4].any() and not res.masks[5].any() and not res.masks[7].any()
+    np.testing.assert_array_equal(res.masks[6], np.zeros((48, 48)))  # label 2 is not among the labels labelled
+    assert res.confidence[1][4] == 0.0 and res.confidence[1][1] == 1.0
+
+
+@pytest.mark.parametrize("more, message", [
+    ({0: np.ones((48, 48), np.uint8)}, "is the prompt image itself"),
+    ({9: np.ones((48, 48), np.uint8)}, "9 is not one of the 3 images' numbers"),
+    ({1: np.ones((40, 48), np.uint8)}, "the mask given for image 1 is 40x48 but the image is 48x48"),
+    ({1: np.full((48, 48), 0.5)}, "must be an integer label map"),
+    ({1: np.ones((48, 48), np.uint8), 2: np.ones((48, 48), np.uint8)}, "every image has a mask already"),
+    ([np.ones((48, 48))], "more_prompts must be a dict"),
+])
+def test_bad_more_prompts_get_one_clear_message(more, message):
+    images, truth = moving_disc_set(3)
+    with pytest.raises(InputError, match=message):
+        label_images(images, 0, truth[0].astype(np.uint8), OracleModel(truth), more_prompts=more)
+
+
+def test_cli_labelled_keeps_a_corrected_mask_and_guides_from_it(tmp_path, run_cli):
+    images, truth = moving_disc_set(6)
+    _write_set(tmp_path / "set", images, truth[0])
+    corrected = tmp_path / "img_5_fixed.png"
+    sitk.WriteImage(sitk.GetImageFromArray(truth[5].astype(np.uint8) * 3), str(corrected))
+    proc = run_cli("label-images", tmp_path / "set" / "img_0.png", tmp_path / "mask.png", tmp_path / "set",
+                   "-o", tmp_path / "out", "--method", "copy", "--order", "given",
+                   "--labelled", tmp_path / "set" / "img_5.png", corrected)
+    assert proc.returncode == 0, proc.stderr
+    assert "label 3 found in 4 of 4 images" in proc.stdout
+    with open(tmp_path / "out" / "labels.csv") as fh:
+        rows = {r["mask"]: r for r in csv.DictReader(fh)}
+    assert rows["img_5_mask.png"]["guided_by"] == "(drawn)" and rows["img_0_mask.png"]["guided_by"] == "(drawn)"
+    assert rows["img_4_mask.png"]["guided_by"] == str(tmp_path / "set" / "img_5.png")
+    assert rows["img_1_mask.png"]["guided_by"] == str(tmp_path / "set" / "img_0.png")
+    got = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "img_5_mask.png")))
+    np.testing.assert_array_equal(got, truth[5].astype(np.uint8) * 3)  # kept as drawn
+    # its mask file is an input: -o may not write over it, and an image and its mask differ
+    proc = run_cli("label-images", tmp_path / "set" / "img_0.png", tmp_path / "mask.png", tmp_path / "set",
+                   "-o", tmp_path / "out", "--labelled", corrected, corrected)
+    assert proc.returncode == 2 and "the image and its mask are the same file" in proc.stderr
+    (tmp_path / "out" / "img_5_mask.png").unlink()
+    (tmp_path / "out" / "img_5_mask.png").symlink_to(corrected)
+    proc = run_cli("label-images", tmp_path / "set" / "img_0.png", tmp_path / "mask.png", tmp_path / "set",
+                   "-o", tmp_path / "out", "--method", "copy", "--labelled", tmp_path / "set" / "img_5.png", corrected)
+    assert proc.returncode == 2 and "a symbolic link to the --labelled mask" in proc.stderr
+
+
 def test_images_of_other_sizes_get_masks_on_their_own_grid():
     images, truth = moving_disc_set(3)
     big = _resize(images[1], (96, 96))  # the same picture at twice the size
