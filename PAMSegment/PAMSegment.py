@@ -439,8 +439,9 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         undoReason = "A propagation is running." if running else ""
         if not undoReason and entry is not None and entry.restored and not entry.undo_available:
-            undoReason = ("This PAM result was saved in an earlier Slicer session; what the segment held before it "
-                          "is kept only in the session that propagated it.")
+            undoReason = ("This PAM result was read back from the record saved with the segment (a loaded scene, a "
+                          "copied segment, the Segment Editor's redo); what the segment held before it is kept only "
+                          "right after the run, in the session that ran it.")
         elif not undoReason and (entry is None or not entry.undo_available):
             undoReason = "No PAM propagation of this segment to undo in this session."
         self.ui.undoButton.enabled = not undoReason
@@ -468,7 +469,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         entry = self._historyEntry()
         if entry is not None:
             try:
-                edited = self.logic.editedSlices(segmentation, segmentId)
+                edited = self.logic.editedSlices(segmentation, segmentId, volume)
             except Exception:  # the volume left the scene...: the update explains it when pressed
                 edited = []
             if edited:
@@ -606,12 +607,12 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onUndo(self):
         if self.job is not None and not self.job.done:
             return
-        _, segmentation, segmentId = self._inputs()
+        volume, segmentation, segmentId = self._inputs()
         entry = self._historyEntry()
         if entry is None:
             return
         try:
-            edited = self.logic.editedSlices(segmentation, segmentId)
+            edited = self.logic.editedSlices(segmentation, segmentId, volume)
         except Exception:
             edited = []
         if edited and not slicer.util.confirmOkCancelDisplay(
@@ -926,14 +927,16 @@ class PAMSegmentLogic(ScriptedLoadableModuleLogic):
             return False
         return entry.holds_result(segment_mask(segmentationNode, segmentId, volume))
 
-    def editedSlices(self, segmentationNode, segmentId):
-        """Slices of the segment that differ from the last PAM result written (the user's edits)."""
+    def editedSlices(self, segmentationNode, segmentId, volumeNode=None):
+        """Slices of the segment that differ from the last PAM result written (the user's edits), read
+        on the volume it was propagated on (or ``volumeNode`` if that one was not found in the scene)."""
         from PAMSegmentLib.mrml import segment_mask
 
         entry = self.history.get(segmentationNode, segmentId)
-        if entry is None or entry.volume_node is None:
+        volume = entry.volume_for(volumeNode) if entry is not None else None
+        if volume is None:
             return []
-        return entry.edited_slices(segment_mask(segmentationNode, segmentId, entry.volume_node))
+        return entry.edited_slices(segment_mask(segmentationNode, segmentId, volume))
 
     def undoLast(self, segmentationNode, segmentId):
         """Put the segment back as it was before its last propagation/update; returns a sentence."""
@@ -1130,6 +1133,6 @@ class PAMSegmentTest(ScriptedLoadableModuleTest):
         self.assertTrue(np.array_equal(result[fixed] > 0, truth[fixed]))
         self.assertLess(job.result.n_predicted, entry.n_predicted)  # the saved walks above were reused
         logic.undoLast(loaded, loadedId)  # the update, made in this session, can be undone
-        with self.assertRaisesRegex(Exception, "earlier Slicer session"):  # its earlier state is not saved
+        with self.assertRaisesRegex(Exception, "read back from the record"):  # its earlier state is not saved
             logic.undoLast(loaded, loadedId)
         self.delayDisplay(f"Test passed: {job.summary()}")

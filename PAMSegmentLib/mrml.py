@@ -930,6 +930,8 @@ class SegmentPropagation:
         node = self.segmentation_node
         _segment(node, self.segment_id)  # still there, still stored as binary labelmaps
         before = None
+        source = node.GetSegmentation().GetSegment(self.segment_id)
+        before_tags = (_segment_tag(source, RUN_TAG), _segment_tag(source, RECORD_TAG))
         if history is not None and self.mode == "replace":
             before = LabelmapSnapshot.take(node, self.segment_id)
             if before is None:  # never replace what could not be saved for Undo
@@ -951,16 +953,20 @@ class SegmentPropagation:
         finally:
             node.EndModify(was_modifying)
         self.applied_segment_id = target
+        if history is None and self.mode == "replace":  # not remembered: an earlier run's tags are stale now
+            source.RemoveTag(RUN_TAG)
+            source.RemoveTag(RECORD_TAG)
         if history is not None:
             try:
-                self.history_entry = history.record(self._history_entry(target, before))
+                self.history_entry = history.record(self._history_entry(target, before, before_tags))
             except Exception:  # noqa: BLE001 - the result is written; only the session memory is missing
                 log.exception("PAMSegment: could not remember the propagation of %s", target)
             else:
                 _store_record(node, target, self.history_entry)
         return target
 
-    def _history_entry(self, target: str, before: "LabelmapSnapshot | None") -> "HistoryEntry":
+    def _history_entry(self, target: str, before: "LabelmapSnapshot | None",
+                       before_tags: tuple = (None, None)) -> "HistoryEntry":
         """What the session remembers of this run (main thread, right after the write)."""
         written = segment_mask(self.segmentation_node, target, self.volume_node).astype(bool)
         result = self.result
@@ -990,7 +996,7 @@ class SegmentPropagation:
             n_predicted=int(result.n_predicted), recomputed=recomputed, seconds=float(self.elapsed),
             edited=list(self._edited_slices()), reviewed=self._carried_reviews(recomputed),
             parent=self._parent_entry(), occupied=tuple(np.flatnonzero(on_axis.any(axis=(1, 2))).tolist()),
-            run_id=self._run_id(target),
+            run_id=self._run_id(target), before_tags=before_tags if self.mode == "replace" else (None, None),
         )
 
     def _run_id(self, target: str) -> str:
@@ -1225,6 +1231,8 @@ class HistoryEntry:
     record: str | None = None
     # Read back from the segment's RECORD_TAG (a scene saved and loaded again): no Undo state.
     restored: bool = False
+    # The segment's (RUN_TAG, RECORD_TAG) before the run, put back with ``before`` by Undo.
+    before_tags: tuple = (None, None)
 
     @property
     def user_slices(self) -> list[int]:
@@ -1320,8 +1328,10 @@ class HistoryEntry:
 #
 # RECORD_TAG's text: base64 of zlib(MAGIC + 4-byte header length + JSON header + arrays). Base64 holds
 # none of the characters Slicer uses to join tags in a .seg.nrrd header (":" and "|"). The text comes
-# from a file, so it is read as untrusted: sizes are bounded before anything is inflated, every
-# array's shape is checked against the grid, and anything wrong makes the record unused (ValueError).
+# from a file, so it is read as untrusted: only the header (at most 1 MiB) is inflated before the
+# record's grid is found to be that of a volume in the scene, which bounds every array that follows;
+# every array's shape is checked against the grid, and anything wrong makes the record unused
+# (ValueError, whatever failed).
 
 _RECORD_MAGIC = b"PAMSegment-record\x00"
 _RECORD_VERSION = 1
@@ -1408,12 +1418,46 @@ def _check_packed(meta, shape: tuple[int, int, int], name: str) -> tuple[tuple, 
     return packed_shape, offset, box, (int(np.prod(box)) + 7) // 8
 
 
+class RecordVolumeMissing(ValueError):
+    """A record that looks right but no volume of the scene has its grid (yet): not used now."""
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a number a record holds")
+
+
+def _plain_state(value, depth: int = 0):
+    """``begin_state`` as saved: nested lists (at most 4 deep, 64 items) of numbers, text and
+    None; anything else is dropped (None: an update then recomputes every walk)."""
+    if depth > 4:
+        raise ValueError("begin_state is nested too deep")
+    if isinstance(value, list):
+        if len(value) > 64:
+            raise ValueError("begin_state is too long")
+        return tuple(_plain_state(v, depth + 1) for v in value)
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    raise ValueError("begin_state holds a value of another kind")
+
+
 def decode_record(text: str, segmentation_node, segment_id: str, run_id: str) -> HistoryEntry:
     """Rebuild a ``HistoryEntry`` from RECORD_TAG's text (``encode_record``) for the segment tagged
-    ``run_id``. ValueError, saying what is wrong, for anything that is not such a record of that run.
-    The entry has no Undo state; its volume is the node saved with it when that node is in the
-    scene with the same grid, else None (an update then needs the volume selected)."""
-    if len(text) > MAX_RECORD_CHARS:
+    ``run_id``. ValueError, saying what is wrong, for anything that is not such a record of that
+    run (``RecordVolumeMissing`` when no volume of the scene has the record's grid: nothing of the
+    record beyond its header is inflated then, so a record cannot make this allocate more than the
+    scene's own volumes take). The entry has no Undo state; its volume is the node saved with it
+    (same ID and name) or the one node of that name, on the same grid, else None (an update then
+    needs the volume selected)."""
+    try:
+        return _decode_record(text, segmentation_node, segment_id, run_id)
+    except ValueError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - untrusted input: whatever fails, the record is not used
+        raise ValueError(f"the record is malformed ({type(exc).__name__}: {str(exc)[:200]})") from exc
+
+
+def _decode_record(text: str, segmentation_node, segment_id: str, run_id: str) -> HistoryEntry:
+    if not isinstance(text, str) or len(text) > MAX_RECORD_CHARS:
         raise ValueError(f"the record is {len(text)} characters, over {MAX_RECORD_CHARS}")
     try:
         raw = base64.b64decode(text.encode("ascii"), validate=True)
@@ -1422,53 +1466,79 @@ def decode_record(text: str, segmentation_node, segment_id: str, run_id: str) ->
     inflate = zlib.decompressobj()
     try:
         start = inflate.decompress(raw, len(_RECORD_MAGIC) + 4 + _MAX_HEADER_BYTES)
-        if not start.startswith(_RECORD_MAGIC) or len(start) < len(_RECORD_MAGIC) + 4:
-            raise ValueError("the record does not start as a PAMSegment record")
-        (n_head,) = struct.unpack("<I", start[len(_RECORD_MAGIC):len(_RECORD_MAGIC) + 4])
-        body = start[len(_RECORD_MAGIC) + 4:]
-        if n_head > _MAX_HEADER_BYTES or len(body) < n_head:
-            raise ValueError("the record's header is cut or too long")
-        header = json.loads(body[:n_head])
-        if not isinstance(header, dict) or header.get("version") != _RECORD_VERSION:
-            raise ValueError("the record is of another version")
-        if header.get("run_id") != run_id:
-            raise ValueError("the record is of another run than the segment's PAMSegment.Run tag")
-        grid_meta = header.get("grid")
-        if not isinstance(grid_meta, dict):
-            raise ValueError("the record has no grid")
-        shape = tuple(_int_list(grid_meta.get("shape"), "grid shape", 3))
-        if min(shape) < 1 or math.prod(shape) > _MAX_RECORD_VOXELS:
-            raise ValueError(f"grid {shape} is empty or too large")
-        spacing = tuple(float(v) for v in grid_meta.get("spacing", ()))
-        matrix = np.asarray(grid_meta.get("ijk_to_ras"), dtype=float)
-        finite = np.isfinite(matrix).all() and np.isfinite(spacing).all()
-        if len(spacing) != 3 or matrix.shape != (4, 4) or not finite or min(spacing) <= 0:
-            raise ValueError("the record's grid geometry is malformed")
-        axis = header.get("axis")
-        if axis not in (0, 1, 2):
-            raise ValueError(f"axis {axis!r} is not 0, 1 or 2")
-        n = shape[axis]
-        lo, hi = _int_list(header.get("range"), "range", 2)
-        header.setdefault("reviewed", [])
-        slices = [s for name in ("keyframes", "empty_keyframes", "edited", "reviewed")
-                  for s in _int_list(header.get(name), name)]
-        if not 0 <= lo <= hi < n or any(not 0 <= s < n for s in slices):
-            raise ValueError(f"a slice index lies outside the {n} slices along axis {axis}")
-        recomputed = [tuple(_int_list(iv, "recomputed", 2)) for iv in header.get("recomputed", [])]
-        written_meta = _check_packed(header.get("written"), shape, "written mask")
-        parts = [written_meta]
-        result_meta = None
-        if header.get("result") is not None:
-            result_meta = _check_packed(header["result"], shape, "result mask")
-            parts.append(result_meta)
-        sizes = [m[3] for m in parts] + [4 * n] + ([4 * n] if header.get("agreement") else [])
-        rest = body[n_head:] + inflate.decompress(inflate.unconsumed_tail, sum(sizes) + 1)
-        if len(rest) != sum(sizes) or inflate.unconsumed_tail or not inflate.eof:
-            raise ValueError("the record's arrays are cut or longer than its header says")
     except zlib.error as exc:
         raise ValueError(f"the record is not compressed data ({exc})") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as exc:
-        raise ValueError(f"the record's header is malformed ({exc})") from exc
+    if not start.startswith(_RECORD_MAGIC) or len(start) < len(_RECORD_MAGIC) + 4:
+        raise ValueError("the record does not start as a PAMSegment record")
+    (n_head,) = struct.unpack("<I", start[len(_RECORD_MAGIC):len(_RECORD_MAGIC) + 4])
+    body = start[len(_RECORD_MAGIC) + 4:]
+    if n_head > _MAX_HEADER_BYTES or len(body) < n_head:
+        raise ValueError("the record's header is cut or too long")
+    try:
+        header = json.loads(body[:n_head], parse_constant=_reject_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ValueError(f"the record's header is malformed ({type(exc).__name__})") from None
+    if not isinstance(header, dict) or header.get("version") != _RECORD_VERSION:
+        raise ValueError("the record is of another version")
+    if header.get("run_id") != run_id:
+        raise ValueError("the record is of another run than the segment's PAMSegment.Run tag")
+    grid_meta = header.get("grid")
+    if not isinstance(grid_meta, dict):
+        raise ValueError("the record has no grid")
+    shape = tuple(_int_list(grid_meta.get("shape"), "grid shape", 3))
+    if min(shape) < 1 or math.prod(shape) > _MAX_RECORD_VOXELS:
+        raise ValueError(f"grid {shape} is empty or too large")
+    spacing = grid_meta.get("spacing")
+    if not isinstance(spacing, list) or len(spacing) != 3 or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in spacing):
+        raise ValueError("the record's grid spacing is malformed")
+    spacing = tuple(float(v) for v in spacing)
+    matrix = np.asarray(grid_meta.get("ijk_to_ras"), dtype=float)
+    finite = np.isfinite(matrix).all() and np.isfinite(spacing).all()
+    if matrix.shape != (4, 4) or not finite or min(spacing) <= 0:
+        raise ValueError("the record's grid geometry is malformed")
+    grid = VolumeGrid(shape=shape, spacing=spacing, ijk_to_ras=matrix)
+    scene = segmentation_node.GetScene()
+    volumes = _scalar_volumes(scene)
+    if not any(_grid_of(v).same_as(grid) for v in volumes):
+        raise RecordVolumeMissing(f"no volume in the scene has the record's grid "
+                                  f"({' x '.join(map(str, shape[::-1]))} voxels)")
+    axis = header.get("axis")
+    if axis not in (0, 1, 2) or isinstance(axis, bool):
+        raise ValueError(f"axis {axis!r} is not 0, 1 or 2")
+    n = shape[axis]
+    lo, hi = _int_list(header.get("range"), "range", 2)
+    header.setdefault("reviewed", [])
+    slices = [s for name in ("keyframes", "empty_keyframes", "edited", "reviewed")
+              for s in _int_list(header.get(name), name)]
+    if not 0 <= lo <= hi < n or any(not 0 <= s < n for s in slices):
+        raise ValueError(f"a slice index lies outside the {n} slices along axis {axis}")
+    recomputed = header.get("recomputed", [])
+    if not isinstance(recomputed, list):
+        raise ValueError("recomputed is not a list")
+    recomputed = [tuple(_int_list(iv, "recomputed", 2)) for iv in recomputed]
+    n_predicted, seconds = header.get("n_predicted", 0), header.get("seconds", 0.0)
+    if not isinstance(n_predicted, int) or isinstance(n_predicted, bool) or not 0 <= n_predicted <= 2**40:
+        raise ValueError("n_predicted is not a count")
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not 0 <= seconds < 1e9:
+        raise ValueError("seconds is not a duration")
+    try:
+        begin_state = _plain_state(header.get("begin_state"))
+    except ValueError:
+        begin_state = None  # an update then recomputes every walk, which is correct, only slower
+    written_meta = _check_packed(header.get("written"), shape, "written mask")
+    parts = [written_meta]
+    result_meta = None
+    if header.get("result") is not None:
+        result_meta = _check_packed(header["result"], shape, "result mask")
+        parts.append(result_meta)
+    sizes = [m[3] for m in parts] + [4 * n] + ([4 * n] if header.get("agreement") else [])
+    try:
+        rest = body[n_head:] + inflate.decompress(inflate.unconsumed_tail, sum(sizes) + 1)
+    except zlib.error as exc:
+        raise ValueError(f"the record is not compressed data ({exc})") from exc
+    if len(rest) != sum(sizes) or inflate.unconsumed_tail or not inflate.eof:
+        raise ValueError("the record's arrays are cut or longer than its header says")
     chunks, pos = [], 0
     for size in sizes:
         chunks.append(rest[pos:pos + size])
@@ -1482,41 +1552,40 @@ def decode_record(text: str, segmentation_node, segment_id: str, run_id: str) ->
     i = 2 if result_meta is not None else 1
     confidence = np.frombuffer(chunks[i], dtype="<f4").astype(np.float32)
     agreement = np.frombuffer(chunks[i + 1], dtype="<f4").astype(np.float32) if header.get("agreement") else None
-    grid = VolumeGrid(shape=shape, spacing=spacing, ijk_to_ras=matrix)
     on_axis = np.moveaxis(written.unpack(), axis, 0)
     keyframes = {int(s): on_axis[s].copy() for s in header["keyframes"]}
-    volume = _saved_volume(segmentation_node.GetScene(), header.get("volume_id"), header.get("volume_name"), grid)
+    volume = _saved_volume(volumes, header.get("volume_id"), header.get("volume_name"), grid)
     kind = header.get("kind") if header.get("kind") in ("propagation", "update") else "propagation"
     return HistoryEntry(
         segmentation_node=segmentation_node, segment_id=segment_id, volume_node=volume, grid=grid, axis=axis,
-        range=(lo, hi), early_stop=bool(header.get("early_stop", True)), keyframes=keyframes,
+        range=(lo, hi), early_stop=header.get("early_stop") is not False, keyframes=keyframes,
         empty_keyframes=frozenset(header["empty_keyframes"]), confidence=confidence, result_mask=result,
-        written=written, before=None, created=False, kind=kind, n_predicted=int(header.get("n_predicted", 0)),
-        recomputed=recomputed, seconds=float(header.get("seconds", 0.0)), edited=list(header["edited"]),
+        written=written, before=None, created=False, kind=kind, n_predicted=n_predicted,
+        recomputed=recomputed, seconds=float(seconds), edited=list(header["edited"]),
         reviewed=set(header["reviewed"]),
-        agreement=agreement, begin_state=_tupled(header.get("begin_state")), run_id=run_id, record=text,
-        restored=True,
+        agreement=agreement, begin_state=begin_state, run_id=run_id, record=text, restored=True,
     )
 
 
-def _saved_volume(scene, volume_id, volume_name, grid: VolumeGrid):
-    """The volume a saved result was propagated on: the node saved under that ID if it has the
-    result's grid (IDs are kept when a scene is loaded), else the one node of that name and grid
-    (a scene imported into another renames clashing IDs), else None."""
+def _scalar_volumes(scene) -> list:
     if scene is None:
-        return None
+        return []
+    nodes = (scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
+             for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")))
+    return [v for v in nodes if v is not None and v.GetImageData() is not None]
 
-    def fits(node):
-        return (node is not None and node.IsA("vtkMRMLScalarVolumeNode") and node.GetImageData() is not None
-                and _grid_of(node).same_as(grid))
 
-    if isinstance(volume_id, str) and fits(scene.GetNodeByID(volume_id)):
-        return scene.GetNodeByID(volume_id)
+def _saved_volume(volumes, volume_id, volume_name, grid: VolumeGrid):
+    """The volume a saved result was propagated on, among ``volumes`` (the scene's): the node of
+    that ID if it also has that name and the result's grid, else the one node of that name and
+    grid, else None. The name decides: another scene's nodes may carry the ID (volumes loaded in
+    another order) on a volume of the same grid, e.g. a T1 where the result was made on the T2."""
     if not isinstance(volume_name, str):
         return None
-    named = [n for n in (scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
-                         for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")))
-             if n.GetName() == volume_name and fits(n)]
+    named = [v for v in volumes if v.GetName() == volume_name and _grid_of(v).same_as(grid)]
+    by_id = [v for v in named if v.GetID() == volume_id]
+    if by_id:
+        return by_id[0]
     return named[0] if len(named) == 1 else None
 
 
@@ -1549,13 +1618,19 @@ class PropagationHistory:
 
         self.max_entries = int(max_entries)
         self._entries: OrderedDict = OrderedDict()
-        self._unreadable: set = set()  # saved records that could not be read back (not tried again)
+        # Results read back from saved records, kept apart (and fewer) so that looking at segments
+        # never pushes a run of this session, and its Undo state, out of ``_entries``.
+        self._restored: OrderedDict = OrderedDict()
+        self._unreadable: OrderedDict = OrderedDict()  # records that could not be read (not tried again)
 
     @staticmethod
     def _key(segmentation_node, segment_id: str):
         return (segmentation_node.GetID(), str(segment_id))
 
+    MAX_RESTORED = 8
+
     def __len__(self) -> int:
+        """Runs of this session remembered (results read back from records are not counted)."""
         return len(self._entries)
 
     def get(self, segmentation_node, segment_id: str) -> HistoryEntry | None:
@@ -1570,6 +1645,7 @@ class PropagationHistory:
         segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
         if scene is None or scene.GetNodeByID(segmentation_node.GetID()) is not segmentation_node or segment is None:
             self._entries.pop(key, None)
+            self._restored.pop(key, None)
             return None
         tag = _segment_tag(segment, RUN_TAG)
         if entry is not None:
@@ -1585,23 +1661,38 @@ class PropagationHistory:
         return self._restore(segmentation_node, segment_id, segment, tag)
 
     def _restore(self, segmentation_node, segment_id: str, segment, run_id: str | None) -> HistoryEntry | None:
+        key = self._key(segmentation_node, segment_id)
+        kept = self._restored.get(key)
+        if kept is not None and kept.segmentation_node is segmentation_node and kept.run_id == run_id:
+            self._restored.move_to_end(key)
+            return kept
+        self._restored.pop(key, None)
         text = _segment_tag(segment, RECORD_TAG) if run_id else None
         if not text:
             return None
-        key = (self._key(segmentation_node, segment_id), run_id, len(text))
-        if key in self._unreadable:
+        bad = (key, run_id, len(text), hash(text))
+        if bad in self._unreadable:
             return None
         try:
             entry = decode_record(text, segmentation_node, segment_id, run_id)
+        except RecordVolumeMissing as exc:  # the volume may be loaded later: not remembered as unreadable
+            log.debug('PAMSegment: the saved PAM result of segment "%s" is not used yet: %s', segment.GetName(), exc)
+            return None
         except ValueError as exc:
-            self._unreadable.add(key)  # said once, not on every refresh of the panel
+            self._unreadable[bad] = True  # said once, not on every refresh of the panel
+            while len(self._unreadable) > 256:
+                self._unreadable.popitem(last=False)
             log.warning('PAMSegment: the saved PAM result of segment "%s" is not used: %s', segment.GetName(), exc)
             return None
-        return self.record(entry)
+        self._restored[key] = entry
+        while len(self._restored) > self.MAX_RESTORED:
+            self._restored.popitem(last=False)
+        return entry
 
     def record(self, entry: HistoryEntry) -> HistoryEntry:
         key = self._key(entry.segmentation_node, entry.segment_id)
         self._entries.pop(key, None)
+        self._restored.pop(key, None)
         self._entries[key] = entry
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
@@ -1617,12 +1708,15 @@ class PropagationHistory:
 
     def forget(self, segmentation_node, segment_id: str | None = None) -> None:
         """Forget one segment, or every segment of a segmentation node."""
-        for key in list(self._entries):
-            if key[0] == segmentation_node.GetID() and (segment_id is None or key[1] == segment_id):
-                del self._entries[key]
+        for entries in (self._entries, self._restored):
+            for key in list(entries):
+                if key[0] == segmentation_node.GetID() and (segment_id is None or key[1] == segment_id):
+                    del entries[key]
 
     def clear(self) -> None:
         self._entries.clear()
+        self._restored.clear()
+        self._unreadable.clear()
 
     def undo_last(self, segmentation_node, segment_id: str) -> str:
         """Undo the last propagation or update applied to the segment (main thread).
@@ -1646,9 +1740,10 @@ class PropagationHistory:
             return f'removed "{name}", the segment the propagation added'
         if entry.before is None:
             if entry.restored:
-                raise InputError(f'cannot undo: "{name}" holds a PAM result from an earlier Slicer session; what it '
-                                 f"held before that {entry.kind} is kept only in the session that ran it (Update "
-                                 "from my edits and the review still work)")
+                raise InputError(f'cannot undo: "{name}" holds a PAM result read back from the record saved with it '
+                                 "(a loaded scene, a copied segment, the Segment Editor's redo); what it held before "
+                                 f"that {entry.kind} is kept only right after the run, in the session that ran it "
+                                 "(Update from my edits and the review still work)")
             raise InputError(f'cannot undo: the state of "{name}" before the {entry.kind} was not saved')
         entry.before.restore(segmentation_node, segment_id)
         key = self._key(segmentation_node, segment_id)
@@ -1663,8 +1758,13 @@ class PropagationHistory:
             self._entries[key] = entry.parent
             return f'"{name}" is back as it was before the update'
         del self._entries[key]
-        segment.RemoveTag(RUN_TAG)
-        segment.RemoveTag(RECORD_TAG)
+        run, record = entry.before_tags
+        if run and record:  # the segment held an earlier PAM result: it is that result again
+            _set_segment_tag(segment, RUN_TAG, run)
+            _set_segment_tag(segment, RECORD_TAG, record)
+        else:
+            segment.RemoveTag(RUN_TAG)
+            segment.RemoveTag(RECORD_TAG)
         if entry.kind == "update":  # only one earlier step is kept: what came before it is final now
             return (f'"{name}" is back as it was before the update; the steps before it can no longer be undone '
                     "with Undo propagation")
@@ -1807,6 +1907,9 @@ class SegmentUpdate(SegmentPropagation):
                              "Propagate first")
         if volume_node is None:
             volume_node = entry.volume_node
+        elif entry.volume_node is not None and volume_node is not entry.volume_node:
+            raise InputError(f'segment "{name}" was propagated on volume "{entry.volume_node.GetName()}", not '
+                             f'"{volume_node.GetName()}"; select "{entry.volume_node.GetName()}" to update it')
         if volume_node is None:
             raise InputError(f'segment "{name}" was propagated in an earlier session on a volume this scene does not '
                              "hold under its name: select the volume it was propagated on, then update")

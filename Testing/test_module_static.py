@@ -1326,7 +1326,7 @@ def test_self_test_without_the_packages_skips_or_installs_them(module, monkeypat
     test = module.PAMSegmentTest()
     monkeypatch.setattr(test, "setUp", lambda: None)
     for name in ("test_PAMSegment_propagatesEllipsoid", "test_PAMSegment_cancelChangesNothing",
-                 "test_PAMSegment_updateKeepsEditsAndUndoRestores"):
+                 "test_PAMSegment_updateKeepsEditsAndUndoRestores", "test_PAMSegment_savedResultUpdatesInANewSession"):
         monkeypatch.setattr(test, name, lambda name=name: ran.append(name))
     options = types.SimpleNamespace(testingEnabled=False)
     monkeypatch.setattr(_slicer().app, "commandOptions", lambda: options, raising=False)
@@ -1338,7 +1338,7 @@ def test_self_test_without_the_packages_skips_or_installs_them(module, monkeypat
     assert ran == [] and installed == []
     options.testingEnabled = True
     test.runTest()
-    assert installed == [module.RUNTIME_REQUIREMENTS[0]] and len(ran) == 3
+    assert installed == [module.RUNTIME_REQUIREMENTS[0]] and len(ran) == 4
 
 
 def test_logic_process_and_model_reuse(module, drawn, monkeypatch, tmp_path):
@@ -1616,7 +1616,7 @@ def test_panel_forgets_the_session_when_the_scene_closes(panel, drawn, monkeypat
     # read back, as after loading a saved scene: it can be updated, not undone.
     panel.updateButtons()
     assert panel.ui.updateButton.enabled and not panel.ui.undoButton.enabled
-    assert panel.ui.undoButton.toolTip.startswith("This PAM result was saved in an earlier Slicer session")
+    assert panel.ui.undoButton.toolTip.startswith("This PAM result was read back from the record saved with the")
     assert panel.logic.historyEntry(segmentation, segment_id).restored
     segmentation.GetScene().RemoveNode(segmentation)
     panel.updateButtons()

@@ -639,7 +639,11 @@ def test_undoing_the_second_of_two_updates_says_what_can_no_longer_be_undone(ses
     assert history.undo_last(seg, sid) == ('"tumor" is back as it was before the update; the steps before it can no '
                                            "longer be undone with Undo propagation")
     assert_same_labelmap(internal_labelmap_state(seg, sid), edited[0])  # before the first update, not the drawing
-    assert history.get(seg, sid) is None
+    # that is the propagation's result (with the first edit): its tags are back, so it can still be
+    # updated (read back from its record), not undone
+    back = history.get(seg, sid)
+    assert back.restored and back.kind == "propagation" and not back.undo_available
+    assert back.edited_slices(on_volume(seg, sid, vol)) == [16]
 
 
 def test_undo_in_new_mode_removes_the_added_segment(mrml_scene):
@@ -832,20 +836,25 @@ def test_a_saved_result_is_updated_in_the_next_session_as_in_its_own(session, tm
         assert history2.undo_last(seg2, sid) == '"tumor" is back as it was before the update'
         np.testing.assert_array_equal(on_volume(seg2, sid, vol2), edited)
         assert tag(seg2, sid, RUN_TAG) == back.run_id and tag(seg2, sid, RECORD_TAG) == back.record
-        with pytest.raises(InputError, match="holds a PAM result from an earlier Slicer session"):
+        with pytest.raises(InputError, match="holds a PAM result read back from the record saved with it"):
             history2.undo_last(seg2, sid)
         np.testing.assert_array_equal(on_volume(seg2, sid, vol2), edited)  # the refusal changed nothing
 
 
-def test_a_saved_result_whose_volume_is_not_found_needs_the_volume_selected(session, tmp_path):
+def test_a_saved_result_is_read_on_the_volume_of_its_name_and_grid(session, tmp_path):
+    """After loading, the result's volume is the node saved with it only if the name matches too
+    (another scene's IDs may sit on another volume of the same grid); without it the user's
+    selection is used if its grid is the result's. With no volume of that grid in the scene the
+    record is not read (so it cannot make the module allocate more than the scene's volumes), and
+    it is read once such a volume is loaded."""
     seg, sid, vol, truth = session["seg"], session["sid"], session["vol"], session["truth"]
     save_scene(slicer.mrmlScene, tmp_path, [vol, seg])
     ids = (vol.GetID(), seg.GetID())
     with scene_context() as scene:
         load_scene(scene, tmp_path)
         vol2, seg2 = scene.GetNodeByID(ids[0]), scene.GetNodeByID(ids[1])
-        vol2.SetName("renamed")
-        scene.RemoveNode(vol2)  # neither the ID nor the name is in the scene any more
+        assert PropagationHistory().get(seg2, sid).volume_node is vol2
+        vol2.SetName("T1")  # the saved ID now names a volume of another name (and the same grid)
         history2 = PropagationHistory()
         back = history2.get(seg2, sid)
         assert back is not None and back.volume_node is None
@@ -855,14 +864,28 @@ def test_a_saved_result_whose_volume_is_not_found_needs_the_volume_selected(sess
             update_segment(None, seg2, sid, history2, model=GuideCopy(truth))
         with pytest.raises(InputError, match=r"propagated on a volume of another grid than \"other\" \(44 x 40 x 24"):
             update_segment(other, seg2, sid, history2, model=GuideCopy(truth))
-        # the same grid under another node and name: found by the user's choice, and the update runs
+        scene.RemoveNode(vol2)
+        assert PropagationHistory().get(seg2, sid) is None  # no volume of its grid: not read
         again = make_volume_node(synthetic()[1], name="CT again")
-        assert back.volume_for(again) is again
+        back = PropagationHistory().get(seg2, sid)
+        assert back is not None and back.volume_node is None and back.volume_for(again) is again
+        history3 = PropagationHistory()
         edited = on_volume(seg2, sid, again)
         edited[16] = truth[16]
         write(seg2, sid, again, edited)
-        job = update_segment(again, seg2, sid, history2, model=GuideCopy(truth))
+        job = update_segment(again, seg2, sid, history3, model=GuideCopy(truth))
         assert job.recomputed == [(13, 15), (17, 23)]
+
+
+def test_an_update_runs_on_the_volume_propagated_on_not_another_of_its_grid(session):
+    seg, sid, vol, history, truth = session["seg"], session["sid"], session["vol"], session["history"], session["truth"]
+    t1 = make_volume_node(synthetic(seed=5)[1], name="T1")  # same grid, other voxels
+    current = on_volume(seg, sid, vol)
+    current[16] = truth[16]
+    write(seg, sid, vol, current)
+    with pytest.raises(InputError, match='propagated on volume "volume", not "T1"; select "volume" to update it'):
+        update_segment(t1, seg, sid, history, model=GuideCopy(truth))
+    np.testing.assert_array_equal(on_volume(seg, sid, vol), current)
 
 
 def test_the_record_follows_the_run_not_the_segment_id(session, mrml_scene):
@@ -889,6 +912,17 @@ def _run_of(record: str) -> str:
     return json.loads(payload[len(mrml._RECORD_MAGIC) + 4:len(mrml._RECORD_MAGIC) + 4 + n])["run_id"]
 
 
+def _deep_header(base):
+    """A header nested far deeper than Python's recursion limit allows json to read."""
+    raw = zlib.decompress(base64.b64decode(base))
+    start = len(mrml._RECORD_MAGIC)
+    n = struct.unpack("<I", raw[start:start + 4])[0]
+    head = raw[start + 4:start + 4 + n].replace(b'"begin_state": ', b'"begin_state": ' + b"[" * 100_000 + b"]" * 100_000
+                                                + b", \"x\": ", 1)
+    return base64.b64encode(zlib.compress(mrml._RECORD_MAGIC + struct.pack("<I", len(head)) + head
+                                          + raw[start + 4 + n:])).decode()
+
+
 def _forged(header_change=None, tail=b"", payload=None, base=None):
     """A record re-packed with its header changed and/or bytes appended after its arrays."""
     raw = zlib.decompress(base64.b64decode(base))
@@ -910,14 +944,19 @@ def _forged(header_change=None, tail=b"", payload=None, base=None):
     ("huge header length", "header is cut or too long"),
     ("version", "another version"),
     ("run id", "another run"),
-    ("grid shape", "written mask is"),
+    ("grid shape", "no volume in the scene has the record's grid \\(45 x 40 x 24 voxels\\)"),
+    ("mask shape", "written mask is"),
     ("box outside", "box lies outside the grid"),
     ("axis", "axis 5 is not 0, 1 or 2"),
     ("keyframe outside", "slice index lies outside the 24 slices"),
     ("extra bytes", "arrays are cut or longer"),
     ("cut arrays", "arrays are cut or longer"),
     ("too long", "characters, over"),
-    ("nan matrix", "grid geometry is malformed"),
+    ("nan matrix", "NaN is not a number a record holds"),
+    ("matrix shape", "grid geometry is malformed"),
+    ("n_predicted", "n_predicted is not a count"),
+    ("spacing", "grid spacing is malformed"),
+    ("deep header", "header is malformed \\(RecursionError\\)"),
 ])
 def test_a_damaged_or_foreign_record_is_refused_with_its_reason(session, case, message, monkeypatch):
     seg, sid = session["seg"], session["sid"]
@@ -936,6 +975,7 @@ def test_a_damaged_or_foreign_record_is_refused_with_its_reason(session, case, m
         "version": lambda: _forged(set_("version", 99), base=good),
         "run id": lambda: _forged(set_("run_id", "not-this-run"), base=good),
         "grid shape": lambda: _forged(lambda h: h["grid"].__setitem__("shape", [24, 40, 45]), base=good),
+        "mask shape": lambda: _forged(lambda h: h["written"].__setitem__("shape", [24, 40, 45]), base=good),
         "box outside": lambda: _forged(lambda h: h["written"].__setitem__("offset", [20, 0, 0]), base=good),
         "axis": lambda: _forged(set_("axis", 5), base=good),
         "keyframe outside": lambda: _forged(set_("keyframes", [30]), base=good),
@@ -943,6 +983,10 @@ def test_a_damaged_or_foreign_record_is_refused_with_its_reason(session, case, m
         "cut arrays": lambda: _forged(payload=zlib.decompress(base64.b64decode(good))[:-9], base=good),
         "too long": lambda: (monkeypatch.setattr(mrml, "MAX_RECORD_CHARS", len(good) - 1), good)[1],
         "nan matrix": lambda: _forged(lambda h: h["grid"]["ijk_to_ras"][0].__setitem__(0, float("nan")), base=good),
+        "matrix shape": lambda: _forged(lambda h: h["grid"].__setitem__("ijk_to_ras", [[1.0, 0.0]]), base=good),
+        "n_predicted": lambda: _forged(set_("n_predicted", []), base=good),
+        "spacing": lambda: _forged(lambda h: h["grid"].__setitem__("spacing", [1.0, {}, 1.0]), base=good),
+        "deep header": lambda: _deep_header(good),
     }[case]()
     with pytest.raises(ValueError, match=message):
         decode_record(forged, seg, sid, run)
@@ -980,11 +1024,12 @@ def test_record_of_a_large_result_stays_small(mrml_scene):
     """The record is a segment tag written into the .seg.nrrd header: a 200-slice, 300 x 340 voxel
     ellipsoid costs about 0.16 MB of text, not the 2.3 MB of its packed bits."""
     shape = (200, 320, 360)
+    grid = mrml._grid_of(make_volume_node(np.zeros(shape, np.uint8), name="big"))  # a record is read only then
     g = np.ogrid[:shape[0], :shape[1], :shape[2]]
     mask = ((g[0] - 100) / 90.0) ** 2 + ((g[1] - 160) / 150.0) ** 2 + ((g[2] - 180) / 170.0) ** 2 <= 1
     entry = mrml.HistoryEntry(
         segmentation_node=None, segment_id="s", volume_node=None,
-        grid=mrml.VolumeGrid(shape, (1.0, 1.0, 1.0), np.eye(4)), axis=0, range=(0, 199), early_stop=True,
+        grid=grid, axis=0, range=(0, 199), early_stop=True,
         keyframes={100: mask[100]}, empty_keyframes=frozenset(), confidence=np.ones(200, np.float32),
         result_mask=mrml.PackedMask.of(mask), written=mrml.PackedMask.of(mask), before=None, created=False,
         kind="propagation", n_predicted=180, recomputed=[], seconds=3.0, edited=[], run_id="r",
