@@ -7,7 +7,9 @@ The manifest is a CSV file with a header row and the columns ``image``, ``prompt
 gives it with folders joined by ``_``: ``p01/ct.nii.gz`` -> ``p01_ct_pam.nii.gz``), ``label``
 (prompt labels to propagate, separated by spaces; default all) and ``series`` (for an image that is
 a DICOM folder holding several series: the SeriesInstanceUID to read; default the series with the
-most files). Relative paths are read from the manifest's folder. Every row is checked before any
+most files), and ``previous`` with ``edited`` (an earlier result of the row's prompt and a copy of it
+corrected by hand: the row is updated from the corrections, as ``propagate --previous --edited``
+does, and its output gets ``<output>.keyframes.json`` for the next round). Relative paths are read from the manifest's folder. Every row is checked before any
 work (files exist, series are in their DICOM folders, outputs are writable and unique), so a typo
 in row 37 does not surface after an hour. Rows are numbered by the file's lines, as a spreadsheet
 numbers them: the header is row 1, the first case usually row 2. Each output is written atomically
@@ -40,8 +42,8 @@ from .errors import InputError, PAMError, PropagationCancelled
 
 __all__ = ["BatchRow", "read_manifest", "parse_shard", "add_batch_arguments", "cmd_batch"]
 
-COLUMNS = ("image", "prompt", "output", "label", "series")
-COLUMNS_TEXT = "image,prompt[,output][,label][,series]"
+COLUMNS = ("image", "prompt", "output", "label", "series", "previous", "edited")
+COLUMNS_TEXT = "image,prompt[,output][,label][,series][,previous,edited]"
 REPORT_NAME = re.compile(r"batch_report(\.shard\d+-of-\d+)?\.csv")
 SKIPPED = "output exists (--skip-existing)"
 CARRIED = "done in an earlier run (--skip-existing)"  # a skipped row's columns are from the report of that run
@@ -56,6 +58,8 @@ class BatchRow:
     output: Path
     labels: list[int] | None = None
     series: str | None = None  # the SeriesInstanceUID to read from a DICOM folder (default: the largest series)
+    previous: Path | None = None  # with ``edited``: an earlier result of the prompt and its corrected copy
+    edited: Path | None = None
     status: str = "not run"
     message: str = ""
     seconds: float = 0.0
@@ -186,8 +190,13 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
         if not rec.get("image") or not rec.get("prompt"):
             raise InputError(f"{where}: image and prompt are both needed")
         image, prompt = resolve(rec["image"]), resolve(rec["prompt"])
-        for what, p in (("image", image), ("prompt", prompt)):
-            if not p.exists():
+        if bool(rec.get("previous")) != bool(rec.get("edited")):
+            raise InputError(f"{where}: previous and edited go together (an earlier result and your corrected copy "
+                             "of it); fill both or neither")
+        previous = resolve(rec["previous"]) if rec.get("previous") else None
+        edited = resolve(rec["edited"]) if rec.get("edited") else None
+        for what, p in (("image", image), ("prompt", prompt), ("previous", previous), ("edited", edited)):
+            if p is not None and not p.exists():
                 raise InputError(f"{where}: {what} {p} does not exist")
         if rec.get("series"):
             if not image.is_dir():
@@ -211,14 +220,15 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
             raise InputError(f"{where}: output {output} is also row {outputs[key]}'s; give each row its own output")
         outputs[key], outputs_key[line] = line, key
         rows.append(BatchRow(line, image, prompt, output, _labels(rec.get("label", ""), where),
-                             series=rec.get("series") or None))
+                             series=rec.get("series") or None, previous=previous, edited=edited))
     if not rows:
         raise InputError(f"{path.name} lists no cases")
     # No output may be any row's input: writing it would replace a scan or prompt another row reads.
     inputs = {}
     for r in rows:
-        for p in (r.image, r.prompt):
-            inputs.setdefault(str(p.resolve()), r.number)
+        for p in (r.image, r.prompt, r.previous, r.edited):
+            if p is not None:
+                inputs.setdefault(str(p.resolve()), r.number)
     for r in rows:
         other = inputs.get(outputs_key[r.number])
         if other is not None:
@@ -383,9 +393,26 @@ def _run_row(row: BatchRow, model, args) -> None:
     row.notes = []  # kept on the row when the case fails: a note may explain the failure
     image, prompt = read_case(row.image, row.prompt, row.output, args.resample_prompt, note=row.notes.append,
                               series=row.series, series_option="the manifest's series column")
-    result = propagate(image.array, prompt.array, image.spacing, model, labels=row.labels,
-                       batch_size=args.batch_size, device=args.device, threads=args.threads)
+    plan = None
+    keyframes, axis, walls = prompt.array, None, None
+    if row.edited is not None:
+        from .cli import plan_update
+
+        if row.previous.resolve() == row.prompt.resolve():
+            raise InputError("previous is the prompt itself: give the earlier result of the prompt as previous")
+        plan = plan_update(image, prompt, row.previous, row.edited, labels=row.labels,
+                           resample=args.resample_prompt, say=row.notes.append, names=("previous", "edited"))
+        keyframes, axis, walls = plan.prompt, plan.axis, plan.empty_slices
+    result = propagate(image.array, keyframes, image.spacing, model, labels=row.labels, axis=axis, empty_slices=walls,
+                       batch_size=args.batch_size, device=args.device, threads=args.threads,
+                       update=plan is not None)
+    from .cli import keyframes_record_path, write_keyframes_record
+
     write_labelmap(result.mask, image, row.output)
+    if plan is not None:  # the next round (this output as previous) keeps this round's keyframes
+        write_keyframes_record(row.output, plan, result.mask)
+    else:
+        keyframes_record_path(row.output).unlink(missing_ok=True)  # an update's record of the replaced output
     row.slices = "; ".join(f"{lab}: {a}-{b}" for lab, (a, b) in result.slice_range.items())
     row.check_first = result.review_summary()
     row.message = " | ".join(row.notes + result.notes())

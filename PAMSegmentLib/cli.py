@@ -398,6 +398,9 @@ def cmd_propagate(args: argparse.Namespace) -> int:
         given, missing = ("--previous", "--edited") if args.edited is None else ("--edited", "--previous")
         raise InputError(f"{given} needs {missing}: give the earlier result (--previous) and your corrected copy "
                          "of it (--edited)")
+    if args.previous is not None and _same_path(args.previous, args.prompt):
+        raise InputError("--previous is PROMPT itself: give OUT, the result of the run from PROMPT, as --previous "
+                         "and your corrected copy of it as --edited")
     inputs = [args.image, args.prompt] + [a for a in (args.previous, args.edited) if a is not None]
     _check_output_path(args.output, inputs)
     if args.report is not None:
@@ -420,9 +423,12 @@ def cmd_propagate(args: argparse.Namespace) -> int:
 
     # Check the prompt before loading a network (which can take seconds for the official one).
     find_prompt_slices(prompt.array, axis=args.axis, labels=args.label)
-    keyframes, empty_slices, axis = prompt.array, args.empty_slices, args.axis
+    keyframes, empty_slices, axis, plan = prompt.array, args.empty_slices, args.axis, None
     if args.edited is not None:
-        keyframes, empty_slices, axis = _plan_update(args, image, prompt)
+        plan = plan_update(image, prompt, args.previous, args.edited, axis=args.axis, labels=args.label,
+                           slice_range=args.slice_range, empty_slices=args.empty_slices,
+                           resample=args.resample_prompt, say=lambda text: print(text, flush=True))
+        keyframes, empty_slices, axis = plan.prompt, plan.empty_slices, plan.axis
     if args.server:  # propagate checks the inputs here, then the server does the work
         from .remote import RemoteModel
 
@@ -457,50 +463,148 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     tmp = out.with_name(f".pamsegment-{uuid.uuid4().hex[:12]}.tmp{ext}")
     report = None if args.report is None else through_link(Path(args.report))
     tmp_report = None if report is None else report.with_name(f".pamsegment-{uuid.uuid4().hex[:12]}.tmp.csv")
+    sidecar = keyframes_record_path(out)
+    tmp_sidecar = None if plan is None else sidecar.with_name(f".pamsegment-{uuid.uuid4().hex[:12]}.tmp.json")
     voxels = result.slice_voxels()  # once, for the table and the slices to check first
     check = result.review_summary(voxels)
     try:
         write_labelmap(result.mask, image, tmp)
         if report is not None:
             write_slice_report(result, tmp_report, voxels)
+        if plan is not None:
+            _write_keyframes_record(tmp_sidecar, plan, result.mask)
         with ctrl_c_ignored(keep=getattr(args, "_ends_process", False)):
             # The table first: if it cannot be moved in, OUT is still the old one.
             if report is not None:
                 _move_in(tmp_report, report, "the --report table; OUT was not written either")
+            if plan is not None:
+                _move_in(tmp_sidecar, sidecar, "the keyframes of this update; OUT was not written either")
             _move_in(tmp, out, "OUT" + ("; the --report table was written" if report is not None else ""))
-            print(f"wrote {args.output}{f' and {args.report}' if report is not None else ''}: {result.summary()}; "
+            wrote = [args.output] + ([args.report] if report is not None else [])
+            if plan is not None:
+                wrote.append(f"{args.output}{KEYFRAMES_SUFFIX}")
+            elif sidecar.is_file():  # an update's record of keyframes beside the OUT this run replaced
+                sidecar.unlink(missing_ok=True)
+                print(f"note: removed {args.output}{KEYFRAMES_SUFFIX}, the keyframes of an update whose result this "
+                      "run replaced", flush=True)
+            print(f"wrote {' and '.join(wrote)}: {result.summary()}; "
                   f"{time.perf_counter() - t0:.1f} s in all", flush=True)
             if check:
                 print(f"least confident slices, to check first: {check}", flush=True)
             for note in result.notes():
                 print(f"note: {note} ({how})", flush=True)
     finally:
-        for t in (tmp, tmp_report):
+        for t in (tmp, tmp_report, tmp_sidecar):
             if t is not None:
                 t.unlink(missing_ok=True)
     return EXIT_OK
 
 
-def _plan_update(args: argparse.Namespace, image, prompt):
-    """--previous/--edited: read both on the image's grid, print the keyframes and walls they give
-    (``keyframes_from_edits``) and return (prompt, empty slices per label, axis) to propagate."""
+KEYFRAMES_SUFFIX = ".keyframes.json"  # beside an update's OUT: its keyframes and walls, for the next round
+_KEYFRAMES_FORMAT = "pamsegment-keyframes"
+
+
+def keyframes_record_path(out: str | os.PathLike) -> Path:
+    """Where an update writes the keyframes beside its OUT (``OUT.keyframes.json``)."""
+    return Path(str(out) + KEYFRAMES_SUFFIX)
+
+
+def _label_digest(array) -> str:
+    """sha256 of a label map's values (as 16-bit labels, slice by slice: the same map read from
+    any format gives the same digest)."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256(str(tuple(array.shape)).encode())
+    for plane in array:
+        h.update(np.ascontiguousarray(plane, dtype="<u2").tobytes())
+    return h.hexdigest()
+
+
+def _write_keyframes_record(path: Path, plan, mask) -> None:
+    record = {"format": _KEYFRAMES_FORMAT, "version": 1, "axis": int(plan.axis), "shape": list(mask.shape),
+              "sha256": _label_digest(mask), "labels": plan.record()}
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(record, fh, indent=1)
+
+
+def _read_keyframes_record(path: Path, previous, option_axis) -> tuple[dict, int | None]:
+    """The earlier rounds' keyframes beside --previous, checked against it: ({label: {...}}, axis)."""
+    where = f"{path} (the keyframes of the update that wrote --previous)"
+    try:
+        if path.stat().st_size > 4 * 2**20:
+            raise ValueError("larger than 4 MB")
+        record = json.loads(path.read_text(encoding="utf-8"))
+        ok = (isinstance(record, dict) and record.get("format") == _KEYFRAMES_FORMAT and record.get("version") == 1
+              and record.get("axis") in (0, 1, 2) and isinstance(record.get("labels"), dict))
+        if not ok:
+            raise ValueError("not a PAMSegment keyframes record")
+        labels = {}
+        for key, value in record["labels"].items():
+            lists = [value.get(k) for k in ("keyframes", "walls")] if isinstance(value, dict) else [None]
+            if not key.isdigit() or not all(isinstance(v, list) and all(isinstance(s, int) for s in v) for v in lists):
+                raise ValueError(f"label {key!r} is malformed")
+            labels[int(key)] = {"keyframes": lists[0], "walls": lists[1]}
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"{where} cannot be read ({exc}); delete it to keep only PROMPT's keyframes") from None
+    if record.get("shape") != list(previous.shape) or record.get("sha256") != _label_digest(previous):
+        raise InputError(f"{where} does not match --previous, which has changed since it was written: give that "
+                         "update's unchanged output as --previous (and correct a copy of it), or delete "
+                         f"{path.name} to keep only PROMPT's keyframes")
+    if option_axis is not None and option_axis != record["axis"]:
+        raise InputError(f"--axis {option_axis}, but the earlier rounds propagated along axis {record['axis']}: drop "
+                         "--axis")
+    return labels, record["axis"]
+
+
+def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=None, slice_range=None,
+                empty_slices=None, resample: bool = False, say: Callable[[str], None] = print,
+                names: tuple[str, str] = ("--previous", "--edited")):
+    """--previous/--edited (and a batch row's previous/edited columns): read both on the image's
+    grid and the keyframes an earlier update wrote beside ``previous_path``, and return the plan
+    (``keyframes_from_edits``) with ``empty_slices`` among its walls. What it took goes to ``say``
+    (``update: ...`` lines and a ``note:`` for labels left out)."""
     from .propagate import keyframes_from_edits
     from .volumes import read_labelmap
 
     maps = []
-    for option, path in (("--previous", args.previous), ("--edited", args.edited)):
+    for option, path in zip(names, (previous_path, edited_path)):
         try:
-            maps.append(read_labelmap(path, reference=image, resample=args.resample_prompt).array)
+            maps.append(read_labelmap(path, reference=image, resample=resample).array)
         except InputError as error:
             raise InputError(f"{option}: {error}") from None
-    plan = keyframes_from_edits(prompt.array, maps[0], maps[1], axis=args.axis, labels=args.label)
-    walls = {lab: set(w) | set(args.empty_slices or ()) for lab, w in plan.empty_slices.items()}
+    earlier = {}
+    record = keyframes_record_path(previous_path)
+    if record.is_file():
+        earlier, axis = _read_keyframes_record(record, maps[0], axis)
+    plan = keyframes_from_edits(prompt.array, maps[0], maps[1], axis=axis, labels=labels, earlier=earlier)
+    if slice_range is not None:
+        lo, hi = slice_range
+        for lab in plan.drawn:
+            outside = [s for s in plan.edited[lab] if not lo <= s <= hi]
+            if outside:
+                raise InputError(f"label {lab} was edited on slice {outside[0]}, outside --range {lo}:{hi}; widen "
+                                 "--range or leave that slice as it was")
+    # --empty-slices are walls of this round too: the record for the next round keeps them
+    plan.empty_slices = {lab: sorted(set(w) | set(empty_slices or ())) for lab, w in plan.empty_slices.items()}
     for line in plan.describe():
-        print(f"update: {line}", flush=True)
+        say(f"update: {line}")
     if plan.ignored:
-        print(f"note: label{'s' if len(plan.ignored) > 1 else ''} {', '.join(map(str, plan.ignored))} changed in "
-              "--edited but not propagated (not in PROMPT or not chosen with --label): left out of OUT", flush=True)
-    return plan.prompt, {lab: sorted(w) for lab, w in walls.items()}, plan.axis
+        say(f"note: label{'s' if len(plan.ignored) > 1 else ''} {', '.join(map(str, plan.ignored))} changed in "
+            "--edited but not propagated (not in PROMPT or not chosen with --label): left out of OUT")
+    return plan
+
+
+def write_keyframes_record(out: Path, plan, mask) -> None:
+    """``OUT.keyframes.json`` for an update's OUT (through a temporary, moved in)."""
+    target = keyframes_record_path(out)
+    tmp = target.with_name(f".pamsegment-{uuid.uuid4().hex[:12]}.tmp.json")
+    try:
+        _write_keyframes_record(tmp, plan, mask)
+        _move_in(tmp, target, "the keyframes of this update")
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _move_in(tmp: Path, target: Path, what: str) -> None:

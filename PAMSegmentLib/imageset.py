@@ -191,7 +191,7 @@ def _validate(images, prompt_index, prompt_mask, labels, order, names=None):
     return imgs, int(prompt_index), mask, labels
 
 
-def _validate_more(more_prompts, imgs, p: int, labels, names) -> dict[int, np.ndarray]:
+def _validate_more(more_prompts, imgs, p: int, prompt_labels, names) -> dict[int, np.ndarray]:
     """``more_prompts`` {image number: label map on that image} -> the same, checked, int64."""
     if more_prompts is None:
         return {}
@@ -217,9 +217,14 @@ def _validate_more(more_prompts, imgs, p: int, labels, names) -> dict[int, np.nd
             if not np.issubdtype(mask.dtype, np.floating) or not np.all(np.mod(mask, 1) == 0):
                 raise InputError(f"the mask given for {name} must be an integer label map")
         mask = mask.astype(np.int64)
-        bad = [int(v) for v in np.unique(mask) if v != 0 and not 1 <= v <= MAX_LABEL]
+        held = [int(v) for v in np.unique(mask) if v != 0]
+        bad = [v for v in held if not 1 <= v <= MAX_LABEL]
         if bad:
             raise InputError(f"the mask given for {name} holds label {bad[0]}; labels must be 1-{MAX_LABEL}")
+        foreign = [v for v in held if v not in prompt_labels]
+        if foreign:
+            raise InputError(f"the mask given for {name} holds label {foreign[0]}, which the prompt mask does not (it "
+                             f"holds {', '.join(map(str, sorted(prompt_labels)))}): use the prompt's label values")
         out[index] = mask
     if len(out) + 1 >= len(imgs):
         raise InputError("every image has a mask already: nothing to label")
@@ -257,7 +262,7 @@ def label_images(
     returned then)."""
     t0 = time.perf_counter()
     imgs, p, mask, labels = _validate(images, prompt_index, prompt_mask, labels, order, names)
-    more = _validate_more(more_prompts, imgs, p, labels, names)
+    more = _validate_more(more_prompts, imgs, p, {int(v) for v in np.unique(mask)} - {0}, names)
     predictor = _as_predictor(model, device)
     shape = imgs[p].shape
     stack = to_common_grid(imgs, shape, normalize=normalize)
@@ -509,11 +514,18 @@ def cmd_label_images(args) -> int:
             raise InputError(f"the {what} {p} is not a file; check the path")
     if os.path.samefile(prompt_path, mask_path):
         raise InputError("the prompt image and the prompt mask are the same file; give the mask drawn on the image")
+    drawn_images = [prompt_path, *(i for i, _ in labelled)]
     for image_path, its_mask in labelled:
         if os.path.samefile(image_path, its_mask):
             raise InputError(f"--labelled {image_path} {its_mask}: the image and its mask are the same file")
         if os.path.samefile(image_path, prompt_path):
             raise InputError(f"--labelled {image_path} is the prompt image; give its mask as PROMPT_MASK only")
+        if any(os.path.samefile(its_mask, i) for i in drawn_images):
+            raise InputError(f"--labelled {image_path} {its_mask}: the mask is one of the labelled images; give the "
+                             "mask drawn on the image")
+        if any(os.path.samefile(image_path, m) for m in (mask_path, *(m for _, m in labelled))):
+            raise InputError(f"--labelled {image_path} is a mask given with the prompt or another --labelled image; "
+                             "give an image of the set")
     drawn_masks = [mask_path, *(m for _, m in labelled)]
     files = _expand(args.images)
     # The same file given twice (a folder and one of its files, or a link to it): labelled once, in
@@ -539,6 +551,9 @@ def cmd_label_images(args) -> int:
     files = [f for f in files if not any(os.path.samefile(f, m) for m in drawn_masks)]
     for image_path, _ in labelled:  # one of the set keeps its place; another joins at the end
         if not any(os.path.samefile(f, image_path) for f in files):
+            if args.order == "given":
+                raise InputError(f"--labelled {image_path} is not one of the images to label: with --order given it "
+                                 "must be (it takes its place in the sequence); add it to the images")
             files.append(image_path)
     if same:  # the prompt image is one of the set: it keeps its place (the "given" order's sequence)
         index = next(n for n, f in enumerate(files) if os.path.samefile(f, prompt_path))

@@ -1184,71 +1184,96 @@ def torch_threads(threads: int | None):
 class EditPlan:
     """What ``keyframes_from_edits`` found: the prompt and walls to propagate again from."""
 
-    prompt: np.ndarray  # the label map of every label's keyframes (its drawn and its edited slices)
-    empty_slices: dict[int, list[int]]  # per label: edited slices where it is now absent (walls)
+    prompt: np.ndarray  # the label map of every label's keyframes (drawn, earlier and edited slices)
+    empty_slices: dict[int, list[int]]  # per label: slices where it is absent (walls: erased, now or before)
     axis: int
     drawn: dict[int, list[int]]  # per label: the PROMPT's slices
     edited: dict[int, list[int]]  # per label: slices where EDITED differs from PREVIOUS
     ignored: list[int]  # labels edited but not in the prompt (not propagated)
+    earlier: dict[int, list[int]] = field(default_factory=dict)  # per label: keyframes of earlier rounds
+
+    def keyframes(self, label: int) -> list[int]:
+        """The label's keyframe slices (walls not included)."""
+        on_axis = np.moveaxis(self.prompt, self.axis, 0)
+        return [int(s) for s in np.flatnonzero((on_axis == label).any(axis=(1, 2)))]
 
     def describe(self) -> list[str]:
         lines = []
         for lab in sorted(self.drawn):
-            kept = ", ".join(str(s) for s in self.drawn[lab])
-            changed = [s for s in self.edited[lab] if s not in self.empty_slices[lab]]
-            text = f"label {lab}: keyframes {kept} (prompt)"
-            if changed:
-                text += ", " + ", ".join(str(s) for s in changed) + " (edited)"
-            if self.empty_slices[lab]:
-                text += "; erased, the object is absent there: " + ", ".join(str(s) for s in self.empty_slices[lab])
+            keys, walls, edited = self.keyframes(lab), set(self.empty_slices[lab]), set(self.edited[lab])
+            kinds = [("prompt", [s for s in keys if s in self.drawn[lab] and s not in edited]),
+                     ("earlier rounds", [s for s in keys if s in self.earlier.get(lab, ()) and s not in edited
+                                         and s not in self.drawn[lab]]),
+                     ("edited", [s for s in keys if s in edited])]
+            text = f"label {lab}: keyframes " + ", ".join(
+                ", ".join(str(s) for s in sl) + f" ({kind})" for kind, sl in kinds if sl)
+            if walls:
+                text += "; the object is absent (erased) on " + ", ".join(str(s) for s in sorted(walls))
             lines.append(text)
         return lines
 
+    def record(self) -> dict:
+        """What a next round needs beside the result (``keyframes_from_edits(..., earlier=)``)."""
+        return {str(lab): {"keyframes": self.keyframes(lab), "walls": sorted(int(s) for s in self.empty_slices[lab])}
+                for lab in sorted(self.drawn)}
+
 
 def keyframes_from_edits(prompt: np.ndarray, previous: np.ndarray, edited: np.ndarray, *,
-                         axis: int | None = None, labels: Sequence[int] | None = None) -> EditPlan:
+                         axis: int | None = None, labels: Sequence[int] | None = None,
+                         earlier: dict | None = None) -> EditPlan:
     """The correction loop from files: ``previous`` is an earlier result of ``prompt`` and
     ``edited`` that result corrected by hand (all three label maps on the image's grid). Each
-    label's keyframes become its drawn slices plus the slices along the axis where ``edited``
-    differs from ``previous`` for it, with ``edited``'s masks there; an edited slice where the label
-    is now absent is a wall ("the object is absent here"). Propagating the plan's prompt with its
-    walls (``update=True``) gives what Slicer's *Update from my edits* gives, recomputing every slice.
-    Raises InputError when ``previous`` is not a result of ``prompt`` or nothing was edited."""
+    label's keyframes become its drawn slices, the keyframes of earlier rounds (``earlier``: what
+    ``EditPlan.record()`` of the round that wrote ``previous`` gave, {label: {"keyframes": [...],
+    "walls": [...]}}), and the slices along the axis where ``edited`` differs from ``previous`` for
+    it, with ``edited``'s masks there; an edited slice where the label is now absent is a wall
+    ("the object is absent here"), and so are earlier walls not drawn on since. Propagating the
+    plan's prompt with its walls (``update=True``) gives what Slicer's *Update from my edits*
+    gives, recomputing every slice. Raises InputError when ``previous`` is not a result of
+    ``prompt``, nothing was edited, or the edits are no keyframes PAM can take."""
     prompt, previous, edited = (np.asarray(a) for a in (prompt, previous, edited))
     for name, arr in (("the earlier result", previous), ("the edited result", edited)):
         if arr.shape != prompt.shape:
             raise InputError(f"{name} has shape {arr.shape}, the prompt {prompt.shape}: both must be on the "
                              "image's grid")
     ax, drawn = find_prompt_slices(prompt, axis=axis, labels=labels)
-    on = [np.moveaxis(a, ax, 0) for a in (prompt, previous, edited)]
-    prm, prev, edit = on
+    prm, prev, edit = (np.moveaxis(a, ax, 0) for a in (prompt, previous, edited))
+    in_prev = {int(v) for v in np.unique(prev)} - {0}
+    in_edit = {int(v) for v in np.unique(edit)} - {0}
+    lost, new = sorted(set(drawn) & in_prev - in_edit), sorted(in_edit - in_prev)
+    if lost and new:
+        raise InputError(f"the edited result holds label {new[0]} where the earlier one holds {lost[0]}: save your "
+                         "corrections with the result's label values")
+    earlier = earlier or {}
     out = np.zeros(prm.shape, dtype=prompt.dtype if np.issubdtype(prompt.dtype, np.integer) else np.int32)
-    walls, changed_all = {}, {}
+    walls, changed_all, earlier_keys = {}, {}, {}
+    n = prm.shape[0]
     for lab, slices in drawn.items():
         for s in slices:
             if not np.array_equal(prev[s] == lab, prm[s] == lab):
                 raise InputError(f"the earlier result is not a result of this prompt: on slice {s} (axis {ax}) "
                                  f"label {lab} differs from the drawing; give the output of the run from this "
                                  "prompt as the earlier result")
-        differs = np.flatnonzero(((prev == lab) != (edit == lab)).any(axis=(1, 2)))
-        changed = sorted(int(s) for s in differs)
+        before = earlier.get(lab, earlier.get(str(lab), {}))
+        earlier_keys[lab] = [s for s in before.get("keyframes", []) if 0 <= s < n]
+        old_walls = {s for s in before.get("walls", []) if 0 <= s < n}
+        changed = sorted(int(s) for s in np.flatnonzero(((prev == lab) != (edit == lab)).any(axis=(1, 2))))
         changed_all[lab] = changed
-        keys = sorted(set(slices) | set(changed))
-        n = prm.shape[0]
-        if len(keys) > MAX_PROMPT_SLICES or (len(keys) > 2 and len(keys) > n // 2):
-            raise InputError(f"label {lab} would have {len(keys)} keyframes out of {n} slices along axis {ax} (its "
-                             f"drawn slices and {len(changed)} edited ones, {changed[0]}-{changed[-1]}): PAM takes at "
-                             f"most {min(MAX_PROMPT_SLICES, n // 2)}; correct slices across axis {ax} only, fewer "
-                             "of them, or draw a new prompt")
+        keys = sorted(set(slices) | set(earlier_keys[lab]) | set(changed) | old_walls)
         walls[lab] = [s for s in keys if not (edit[s] == lab).any()]
-        for s in keys:
-            if s not in walls[lab]:
-                out[s][edit[s] == lab] = lab
+        filled = [s for s in keys if s not in walls[lab]]
+        if len(filled) > MAX_PROMPT_SLICES or (len(filled) > 2 and len(filled) > n // 2):
+            raise InputError(f"label {lab} would have {len(filled)} keyframes out of {n} slices along axis {ax} (its "
+                             f"drawn and earlier slices and {len(changed)} edited ones, {changed[0]}-{changed[-1]}): "
+                             f"PAM takes at most {min(MAX_PROMPT_SLICES, n // 2)}; correct slices across axis {ax} "
+                             "only, fewer of them, or draw a new prompt")
+        for s in filled:
+            out[s][edit[s] == lab] = lab
     if not any(changed_all.values()):
         raise InputError("the edited result equals the earlier one on every slice of label"
                          f"{'s' if len(drawn) > 1 else ''} {', '.join(map(str, drawn))}: nothing to update; "
                          "correct the slices that are wrong first")
-    erased = [lab for lab in drawn if len(walls[lab]) == len(set(drawn[lab]) | set(changed_all[lab]))]
+    erased = [lab for lab in drawn if not (out == lab).any()]
     if erased:
         raise InputError(f"label {erased[0]} is erased on every slice it was drawn or edited on, so there is nothing "
                          "to propagate it from: draw it on a slice, or leave it out with --label")
@@ -1256,7 +1281,8 @@ def keyframes_from_edits(prompt: np.ndarray, previous: np.ndarray, edited: np.nd
     touched = {int(v) for v in np.unique(np.concatenate([prev[differ], edit[differ]]))} - {0}
     ignored = sorted(touched - set(drawn))
     return EditPlan(prompt=np.moveaxis(out, 0, ax), empty_slices=walls, axis=ax,
-                    drawn={lab: list(sl) for lab, sl in drawn.items()}, edited=changed_all, ignored=ignored)
+                    drawn={lab: list(sl) for lab, sl in drawn.items()}, edited=changed_all, ignored=ignored,
+                    earlier=earlier_keys)
 
 
 def check_request(prompt, axis, labels, range, empty_slices, update: bool):  # noqa: A002

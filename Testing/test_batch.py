@@ -472,3 +472,43 @@ def test_a_series_uid_the_folder_does_not_hold_is_found_before_any_work(tmp_path
         assert main(["batch", str(m), "-o", str(tmp_path / "out"), "--method", "copy"]) == 2
         assert capsys.readouterr().err == f"pamsegment: error: cases.csv row 3: {message}\n"
         assert not (tmp_path / "out").exists()
+
+
+def test_batch_updates_rows_from_corrected_copies_as_propagate_does(tmp_path, cases, run_cli):
+    """previous/edited columns: a row is updated from the corrections (what `propagate --previous
+    --edited` writes), its output gets the round's keyframes record, and a plain row replacing an
+    update's output drops that record."""
+    from conftest import write_image
+
+    c = cases[0]
+    first = tmp_path / "data" / "first.nii.gz"
+    assert main(["propagate", str(c.image_path), str(c.prompt_path), "-o", str(first), "--method", "copy"]) == 0
+    edited = _arr(first)
+    edited[13] = c.truth[13]
+    edited[6] = 0
+    write_image(edited.astype(np.uint8), tmp_path / "data" / "fixed.nii.gz", c.spacing)
+    m = _manifest(tmp_path / "data" / "cases.csv", [
+        "image,prompt,previous,edited,output",
+        "c0/image.nii.gz,c0/prompt.nii.gz,first.nii.gz,fixed.nii.gz,../out/c0.nii.gz",
+        "c1/image.nii.gz,c1/prompt.nii.gz,,,../out/c1.nii.gz",
+    ])
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "c1.nii.gz.keyframes.json").write_text("{}")  # of an earlier update of that output
+    proc = run_cli("batch", m, "-o", tmp_path / "out", "--method", "copy")
+    assert proc.returncode == 0, proc.stderr
+    rows = _report(tmp_path / "out" / "batch_report.csv")
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert rows[0]["message"].startswith("update: label 1: keyframes 10 (prompt), 13 (edited); the object is absent "
+                                         "(erased) on 6")
+    single = tmp_path / "single.nii.gz"
+    assert main(["propagate", str(c.image_path), str(c.prompt_path), "-o", str(single), "--method", "copy",
+                 "--previous", str(first), "--edited", str(tmp_path / "data" / "fixed.nii.gz")]) == 0
+    np.testing.assert_array_equal(_arr(tmp_path / "out" / "c0.nii.gz"), _arr(single))
+    assert (tmp_path / "out" / "c0.nii.gz.keyframes.json").read_text() == \
+        (tmp_path / "single.nii.gz.keyframes.json").read_text()
+    assert not (tmp_path / "out" / "c1.nii.gz.keyframes.json").exists()
+    # one of the two columns alone is refused before any work, naming the row
+    m = _manifest(tmp_path / "data" / "half.csv", ["image,prompt,previous,edited",
+                                                     "c0/image.nii.gz,c0/prompt.nii.gz,first.nii.gz,"])
+    proc = run_cli("batch", m, "-o", tmp_path / "out2", "--method", "copy")
+    assert proc.returncode == 2 and "half.csv row 2: previous and edited go together" in proc.stderr

@@ -42,8 +42,9 @@ def test_edited_slices_become_keyframes_and_erased_ones_walls():
     assert on_slices == {1: [12, 16], 2: [8]}  # label 2 keeps only its drawn slice: it was not edited
     np.testing.assert_array_equal(plan.prompt[16] == 1, one[16])
     np.testing.assert_array_equal(plan.prompt[12] == 1, prompt[12] == 1)
-    assert plan.describe() == ["label 1: keyframes 12 (prompt), 16 (edited); erased, the object is absent there: 19",
+    assert plan.describe() == ["label 1: keyframes 12 (prompt), 16 (edited); the object is absent (erased) on 19",
                                "label 2: keyframes 8 (prompt)"]
+    assert plan.record() == {"1": {"keyframes": [12, 16], "walls": [19]}, "2": {"keyframes": [8], "walls": []}}
 
 
 def test_edits_of_an_unprompted_label_are_named_and_left_out():
@@ -97,8 +98,8 @@ def test_cli_update_equals_a_run_from_the_same_keyframes(ct_case, capsys):
     assert cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out),
                      "--method", "copy", "--previous", str(first), "--edited", str(edited_path)]) == 0
     printed = capsys.readouterr().out.splitlines()
-    assert printed[0] == "update: label 1: keyframes 10 (prompt), 13 (edited); erased, the object is absent there: 6"
-    assert printed[1].startswith(f"wrote {out}: label 1: slices ")
+    assert printed[0] == "update: label 1: keyframes 10 (prompt), 13 (edited); the object is absent (erased) on 6"
+    assert printed[1].startswith(f"wrote {out} and {out}.keyframes.json: label 1: slices ")
     result = read_volume(out).array
     np.testing.assert_array_equal(result[13] > 0, ct_case.truth[13])
     assert not result[:7].any()
@@ -130,3 +131,101 @@ def test_cli_update_refusals_are_one_line(ct_case, run_cli):
     assert proc.returncode == 2 and proc.stderr.startswith("pamsegment: error: --edited: other.nii.gz is not on the "
                                                            "image grid: size differs")
     assert len(proc.stderr.strip().splitlines()) == 1 and not (d / "out.nii.gz").exists()
+
+
+def _update(ct_case, previous, edited, out, *extra):
+    return cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out), "--method",
+                     "copy", "--previous", str(previous), "--edited", str(edited), *map(str, extra)])
+
+
+def test_a_second_round_keeps_the_first_rounds_keyframes_and_walls(ct_case, capsys):
+    """Round 2 takes round 1's keyframes and walls from OUT.keyframes.json beside --previous: only
+    the differences between round 1's output and its corrected copy are new (the object came back
+    on the erased slices and slice 13 was recomputed before)."""
+    d = ct_case.directory
+    first = d / "first.nii.gz"
+    assert cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(first),
+                     "--method", "copy"]) == 0
+    edited = read_volume(first).array
+    edited[13] = ct_case.truth[13]
+    edited[5:7] = 0
+    e1 = write_image(edited.astype(np.uint8), d / "e1.nii.gz", ct_case.spacing)
+    assert _update(ct_case, first, e1, d / "second.nii.gz") == 0
+    second = read_volume(d / "second.nii.gz").array
+    edited2 = second.copy()
+    edited2[8] = ct_case.truth[8]
+    e2 = write_image(edited2.astype(np.uint8), d / "e2.nii.gz", ct_case.spacing)
+    capsys.readouterr()
+    assert _update(ct_case, d / "second.nii.gz", e2, d / "third.nii.gz") == 0
+    assert capsys.readouterr().out.splitlines()[0] == (
+        "update: label 1: keyframes 10 (prompt), 13 (earlier rounds), 8 (edited); the object is absent (erased) on 5, 6")
+    third = read_volume(d / "third.nii.gz").array
+    assert not third[5:7].any()
+    np.testing.assert_array_equal(third[13] > 0, ct_case.truth[13])
+    np.testing.assert_array_equal(third[8] > 0, ct_case.truth[8])
+    keyframes = np.zeros_like(ct_case.prompt)
+    for k in (8, 10, 13):
+        keyframes[k] = edited2[k]
+    by_hand = write_image(keyframes, d / "keyframes.nii.gz", ct_case.spacing)
+    assert cli.main(["propagate", str(ct_case.image_path), str(by_hand), "-o", str(d / "same.nii.gz"), "--method",
+                     "copy", "--empty-slices", "5,6"]) == 0
+    np.testing.assert_array_equal(read_volume(d / "same.nii.gz").array, third)
+    # the record describes its own output: once that output changes, it is refused, not half used
+    changed = second.copy()
+    changed[14] = 0
+    write_image(changed.astype(np.uint8), d / "second.nii.gz", ct_case.spacing)
+    capsys.readouterr()
+    assert _update(ct_case, d / "second.nii.gz", e2, d / "fourth.nii.gz") == 2
+    err = capsys.readouterr().err
+    assert "second.nii.gz.keyframes.json (the keyframes of the update that wrote --previous) does not match " \
+           "--previous, which has changed since it was written" in err
+    # a plain run replacing an update's output removes that output's record (it no longer describes it)
+    assert cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(d / "second.nii.gz"),
+                     "--method", "copy"]) == 0
+    assert "note: removed " in capsys.readouterr().out and not (d / "second.nii.gz.keyframes.json").exists()
+
+
+def test_erased_slices_do_not_count_as_keyframes(ct_case, capsys):
+    """Erasing a leak on many slices is walls, not keyframes: only drawn slices count against PAM's
+    keyframe limit (a 20-slice scan takes at most 10)."""
+    d = ct_case.directory
+    previous = np.repeat(ct_case.prompt[10][None], 20, axis=0)  # a result that ran over all 20 slices
+    first = write_image(previous, d / "first.nii.gz", ct_case.spacing)
+    edited = previous.copy()
+    edited[0:5] = 0
+    edited[16:20] = 0
+    edited[13] = ct_case.truth[13]
+    e = write_image(edited.astype(np.uint8), d / "e.nii.gz", ct_case.spacing)
+    capsys.readouterr()
+    assert _update(ct_case, first, e, d / "out.nii.gz") == 0
+    assert capsys.readouterr().out.splitlines()[0] == ("update: label 1: keyframes 10 (prompt), 13 (edited); the "
+                                                        "object is absent (erased) on 0, 1, 2, 3, 4, 16, 17, 18, 19")
+    result = read_volume(d / "out.nii.gz").array
+    assert not result[0:5].any() and not result[16:20].any() and result[5:16].any()
+
+
+@pytest.mark.parametrize("case, message", [
+    ("prompt as previous", "--previous is PROMPT itself"),
+    ("label values", "the edited result holds label 255 where the earlier one holds 1: save your corrections with "
+                     "the result's label values"),
+    ("outside range", "label 1 was edited on slice 15, outside --range 5:14"),
+])
+def test_cli_update_input_mistakes(ct_case, capsys, case, message):
+    d = ct_case.directory
+    first = d / "first.nii.gz"
+    assert cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(first),
+                     "--method", "copy"]) == 0
+    edited = read_volume(first).array.astype(np.uint8)
+    extra = []
+    if case == "label values":
+        edited[edited == 1] = 255
+    else:
+        edited[15] = 0
+    e = write_image(edited, d / "e.nii.gz", ct_case.spacing)
+    previous = ct_case.prompt_path if case == "prompt as previous" else first
+    if case == "outside range":
+        extra = ["--range", "5:14"]
+    capsys.readouterr()
+    assert _update(ct_case, previous, e, d / "out.nii.gz", *extra) == 2
+    out = capsys.readouterr()
+    assert message in out.err and out.out == "" and not (d / "out.nii.gz").exists()

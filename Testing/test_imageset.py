@@ -143,7 +143,9 @@ def test_more_labelled_images_guide_the_images_nearest_them():
 def test_a_labelled_image_without_the_object_is_absent_and_a_wall():
     images, truth = moving_disc_set(8)
     more = {4: np.zeros((48, 48), np.uint8), 6: truth[6].astype(np.uint8) * 2}  # 6 holds label 2 only
-    res = label_images(images, 1, truth[1], OracleModel(truth), order="given", more_prompts=more)
+    prompt = truth[1].astype(np.uint8)
+    prompt[2:5, 2:5] = 2  # the prompt holds label 2 as well; only label 1 is labelled
+    res = label_images(images, 1, prompt, OracleModel(truth), order="given", more_prompts=more, labels=[1])
     # label 1: 4 and 6 lack it; 0, 2, 3 come from 1's side; 5 lies between two walls; 7 beyond one
     assert list(res.guides[1]) == [1, -1, 1, 2, -1, -1, -1, -1]
     assert not res.masks[4].any() and not res.masks[5].any() and not res.masks[7].any()
@@ -158,6 +160,8 @@ def test_a_labelled_image_without_the_object_is_absent_and_a_wall():
     ({1: np.full((48, 48), 0.5)}, "must be an integer label map"),
     ({1: np.ones((48, 48), np.uint8), 2: np.ones((48, 48), np.uint8)}, "every image has a mask already"),
     ([np.ones((48, 48))], "more_prompts must be a dict"),
+    ({1: np.full((48, 48), 7, np.uint8)}, "the mask given for image 1 holds label 7, which the prompt mask does not "
+                                          r"\(it holds 1\): use the prompt's label values"),
 ])
 def test_bad_more_prompts_get_one_clear_message(more, message):
     images, truth = moving_disc_set(3)
@@ -186,6 +190,20 @@ def test_cli_labelled_keeps_a_corrected_mask_and_guides_from_it(tmp_path, run_cl
     proc = run_cli("label-images", tmp_path / "set" / "img_0.png", tmp_path / "mask.png", tmp_path / "set",
                    "-o", tmp_path / "out", "--labelled", corrected, corrected)
     assert proc.returncode == 2 and "the image and its mask are the same file" in proc.stderr
+    # the prompt image given as a mask was a StopIteration traceback; the prompt mask given as an image
+    proc = run_cli("label-images", tmp_path / "set" / "img_0.png", tmp_path / "mask.png", tmp_path / "set",
+                   "-o", tmp_path / "out", "--labelled", tmp_path / "set" / "img_5.png", tmp_path / "set" / "img_0.png")
+    assert proc.returncode == 2 and "the mask is one of the labelled images" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = run_cli("label-images", tmp_path / "set" / "img_0.png", tmp_path / "mask.png", tmp_path / "set",
+                   "-o", tmp_path / "out", "--labelled", tmp_path / "mask.png", corrected)
+    assert proc.returncode == 2 and "is a mask given with the prompt or another --labelled image" in proc.stderr
+    # with --order given a labelled image outside the sequence has no place in it
+    outside = tmp_path / "img_9.png"
+    sitk.WriteImage(sitk.ReadImage(str(tmp_path / "set" / "img_5.png")), str(outside))
+    proc = run_cli("label-images", tmp_path / "set" / "img_0.png", tmp_path / "mask.png", tmp_path / "set",
+                   "-o", tmp_path / "out2", "--order", "given", "--labelled", outside, corrected)
+    assert proc.returncode == 2 and "is not one of the images to label: with --order given it must be" in proc.stderr
     (tmp_path / "out" / "img_5_mask.png").unlink()
     (tmp_path / "out" / "img_5_mask.png").symlink_to(corrected)
     proc = run_cli("label-images", tmp_path / "set" / "img_0.png", tmp_path / "mask.png", tmp_path / "set",
