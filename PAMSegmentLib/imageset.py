@@ -149,6 +149,26 @@ def _similarity_box(mask: np.ndarray, scale: float = 2.0) -> tuple[slice, slice]
     return tuple(out)
 
 
+def _checked_mask(mask, image: np.ndarray, what: str, image_what: str) -> tuple[np.ndarray, list[int]]:
+    """A label map drawn on ``image``: (int64 array, the labels it holds), or InputError naming
+    ``what`` (e.g. "the prompt mask") for another size, non-integer values or labels out of range."""
+    mask = np.asarray(mask)
+    if mask.ndim == 3 and mask.shape[0] == 1:
+        mask = mask[0]
+    if mask.shape != image.shape:
+        raise InputError(f"{what} is {'x'.join(map(str, mask.shape))} but {image_what} is "
+                         f"{'x'.join(map(str, image.shape))}; draw the mask on that image")
+    if not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == bool):
+        if not np.issubdtype(mask.dtype, np.floating) or not np.all(np.mod(mask, 1) == 0):
+            raise InputError(f"{what} must be an integer label map")
+    mask = mask.astype(np.int64)
+    held = [int(v) for v in np.unique(mask) if v != 0]
+    bad = [v for v in held if not 1 <= v <= MAX_LABEL]
+    if bad:
+        raise InputError(f"{what} holds label {bad[0]}; labels must be 1-{MAX_LABEL}")
+    return mask, held
+
+
 def _validate(images, prompt_index, prompt_mask, labels, order, names=None):
     if isinstance(images, np.ndarray) and images.ndim == 3:
         images = list(images)
@@ -165,22 +185,10 @@ def _validate(images, prompt_index, prompt_mask, labels, order, names=None):
     if names is not None and len(names) != len(images):
         raise InputError(f"names must name each of the {len(images)} images, got {len(names)}")
     imgs = [_as_2d(im, str(names[n]) if names is not None else f"image {n}") for n, im in enumerate(images)]
-    mask = np.asarray(prompt_mask)
-    if mask.ndim == 3 and mask.shape[0] == 1:
-        mask = mask[0]
-    if mask.shape != imgs[prompt_index].shape:
-        raise InputError(f"the prompt mask is {'x'.join(map(str, mask.shape))} but its image (image {prompt_index}) is "
-                         f"{'x'.join(map(str, imgs[prompt_index].shape))}; draw the mask on that image")
-    if not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == bool):
-        if not np.issubdtype(mask.dtype, np.floating) or not np.all(np.mod(mask, 1) == 0):
-            raise InputError("the prompt mask must be an integer label map")
-    mask = mask.astype(np.int64)
-    present = [int(v) for v in np.unique(mask) if v != 0]
+    mask, present = _checked_mask(prompt_mask, imgs[prompt_index], "the prompt mask",
+                                  f"its image (image {prompt_index})")
     if not present:
         raise InputError("the prompt mask is empty: label the object on the prompt image")
-    bad = [v for v in present if not 1 <= v <= MAX_LABEL]
-    if bad:
-        raise InputError(f"the prompt mask holds label {bad[0]}; labels must be 1-{MAX_LABEL}")
     if labels is None:
         labels = present
     else:
@@ -207,20 +215,7 @@ def _validate_more(more_prompts, imgs, p: int, prompt_labels, names) -> dict[int
         name = str(names[index]) if names is not None else f"image {index}"
         if index == p:
             raise InputError(f"more_prompts: {name} is the prompt image itself")
-        mask = np.asarray(mask)
-        if mask.ndim == 3 and mask.shape[0] == 1:
-            mask = mask[0]
-        if mask.shape != imgs[index].shape:
-            raise InputError(f"the mask given for {name} is {'x'.join(map(str, mask.shape))} but the image is "
-                             f"{'x'.join(map(str, imgs[index].shape))}; draw the mask on that image")
-        if not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == bool):
-            if not np.issubdtype(mask.dtype, np.floating) or not np.all(np.mod(mask, 1) == 0):
-                raise InputError(f"the mask given for {name} must be an integer label map")
-        mask = mask.astype(np.int64)
-        held = [int(v) for v in np.unique(mask) if v != 0]
-        bad = [v for v in held if not 1 <= v <= MAX_LABEL]
-        if bad:
-            raise InputError(f"the mask given for {name} holds label {bad[0]}; labels must be 1-{MAX_LABEL}")
+        mask, held = _checked_mask(mask, imgs[index], f"the mask given for {name}", "the image")
         foreign = [v for v in held if v not in prompt_labels]
         if foreign:
             raise InputError(f"the mask given for {name} holds label {foreign[0]}, which the prompt mask does not (it "
