@@ -198,6 +198,10 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
         for what, p in (("image", image), ("prompt", prompt), ("previous", previous), ("edited", edited)):
             if p is not None and not p.exists():
                 raise InputError(f"{where}: {what} {p} does not exist")
+        if previous is not None:
+            from .cli import check_previous_is_not_prompt
+
+            check_previous_is_not_prompt(previous, prompt, f"{where}: previous is the row's prompt itself")
         if rec.get("series"):
             if not image.is_dir():
                 raise InputError(f"{where}: series applies to a DICOM folder, but {image} is a file; leave it empty")
@@ -213,6 +217,10 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
             if output.is_dir():
                 raise InputError(f"the output {output} is a folder; give a file name")
             _write_extension(output)
+            if edited is not None:
+                from .cli import check_keyframes_record_path
+
+                check_keyframes_record_path(output)
         except InputError as error:
             raise InputError(f"{where}: {error}") from None
         key = str(output.resolve())
@@ -398,21 +406,24 @@ def _run_row(row: BatchRow, model, args) -> None:
     if row.edited is not None:
         from .cli import plan_update
 
-        if row.previous.resolve() == row.prompt.resolve():
-            raise InputError("previous is the prompt itself: give the earlier result of the prompt as previous")
         plan = plan_update(image, prompt, row.previous, row.edited, labels=row.labels,
                            resample=args.resample_prompt, say=row.notes.append, names=("previous", "edited"))
         keyframes, axis, walls = plan.prompt, plan.axis, plan.empty_slices
     result = propagate(image.array, keyframes, image.spacing, model, labels=row.labels, axis=axis, empty_slices=walls,
                        batch_size=args.batch_size, device=args.device, threads=args.threads,
                        update=plan is not None)
-    from .cli import keyframes_record_path, write_keyframes_record
+    from .cli import drop_stale_keyframes_record, keyframes_record_path, keyframes_record_writer
+    from .volumes import _write_extension, replace_together
 
-    write_labelmap(result.mask, image, row.output)
-    if plan is not None:  # the next round (this output as previous) keeps this round's keyframes
-        write_keyframes_record(row.output, plan, result.mask)
-    else:
-        keyframes_record_path(row.output).unlink(missing_ok=True)  # an update's record of the replaced output
+    if plan is None:
+        write_labelmap(result.mask, image, row.output)
+        dropped = drop_stale_keyframes_record(row.output)
+        if dropped is not None:
+            row.notes.append(f"removed {dropped}, the keyframes of an update whose result this run replaced")
+    else:  # the output and the record the next round reads, put in place together
+        replace_together([(keyframes_record_path(row.output), ".json", keyframes_record_writer(plan, result.mask)),
+                          (row.output, _write_extension(row.output), lambda tmp: write_labelmap(result.mask, image,
+                                                                                               tmp))])
     row.slices = "; ".join(f"{lab}: {a}-{b}" for lab, (a, b) in result.slice_range.items())
     row.check_first = result.review_summary()
     row.message = " | ".join(row.notes + result.notes())

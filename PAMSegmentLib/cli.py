@@ -250,7 +250,8 @@ def add_propagate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--edited", metavar="EDITED",
                    help="with --previous: PREV corrected by hand (e.g. in ITK-SNAP or 3D Slicer). The slices where it "
                         "differs from PREV become keyframes beside PROMPT's, kept exactly; a slice you erased "
-                        "entirely is one where the object is absent. Every slice is recomputed")
+                        "entirely is one where the object is absent. Every slice is recomputed; OUT.keyframes.json, "
+                        "written beside OUT, carries this round's keyframes to the next (--previous OUT)")
     p.add_argument("--no-early-stop", action="store_true",
                    help="predict every slice in the range, also past slices where the object vanished")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="torch device (default: cpu)")
@@ -398,11 +399,12 @@ def cmd_propagate(args: argparse.Namespace) -> int:
         given, missing = ("--previous", "--edited") if args.edited is None else ("--edited", "--previous")
         raise InputError(f"{given} needs {missing}: give the earlier result (--previous) and your corrected copy "
                          "of it (--edited)")
-    if args.previous is not None and _same_path(args.previous, args.prompt):
-        raise InputError("--previous is PROMPT itself: give OUT, the result of the run from PROMPT, as --previous "
-                         "and your corrected copy of it as --edited")
+    if args.previous is not None:
+        check_previous_is_not_prompt(args.previous, args.prompt)
     inputs = [args.image, args.prompt] + [a for a in (args.previous, args.edited) if a is not None]
     _check_output_path(args.output, inputs)
+    if args.edited is not None:
+        check_keyframes_record_path(args.output)
     if args.report is not None:
         _check_report_path(args.report, [*inputs, args.output])
 
@@ -479,14 +481,18 @@ def cmd_propagate(args: argparse.Namespace) -> int:
                 _move_in(tmp_report, report, "the --report table; OUT was not written either")
             if plan is not None:
                 _move_in(tmp_sidecar, sidecar, "the keyframes of this update; OUT was not written either")
-            _move_in(tmp, out, "OUT" + ("; the --report table was written" if report is not None else ""))
+            written = [w for w, given in (("the --report table", report), (f"{sidecar} (delete it to go on from the "
+                                          "old OUT)", plan)) if given is not None]
+            _move_in(tmp, out, "OUT" + (f"; {' and '.join(written)} {'was' if len(written) == 1 else 'were'} written"
+                                        if written else ""))
             wrote = [args.output] + ([args.report] if report is not None else [])
             if plan is not None:
-                wrote.append(f"{args.output}{KEYFRAMES_SUFFIX}")
-            elif sidecar.is_file():  # an update's record of keyframes beside the OUT this run replaced
-                sidecar.unlink(missing_ok=True)
-                print(f"note: removed {args.output}{KEYFRAMES_SUFFIX}, the keyframes of an update whose result this "
-                      "run replaced", flush=True)
+                wrote.append(str(sidecar))
+            else:
+                dropped = drop_stale_keyframes_record(out)
+                if dropped is not None:
+                    print(f"note: removed {dropped}, the keyframes of an update whose result this run replaced",
+                          flush=True)
             print(f"wrote {' and '.join(wrote)}: {result.summary()}; "
                   f"{time.perf_counter() - t0:.1f} s in all", flush=True)
             if check:
@@ -505,8 +511,36 @@ _KEYFRAMES_FORMAT = "pamsegment-keyframes"
 
 
 def keyframes_record_path(out: str | os.PathLike) -> Path:
-    """Where an update writes the keyframes beside its OUT (``OUT.keyframes.json``)."""
-    return Path(str(out) + KEYFRAMES_SUFFIX)
+    """Where the keyframes of an update sit beside its OUT: ``OUT.keyframes.json`` beside the file
+    OUT is (a symbolic link's target, where writing OUT lands), for every writer and reader."""
+    from .volumes import through_link
+
+    at = through_link(Path(out))
+    return at.with_name(at.name + KEYFRAMES_SUFFIX)
+
+
+def check_keyframes_record_path(out: str | os.PathLike) -> None:
+    """Before any work: an update's record beside OUT must be writable as a file."""
+    target = keyframes_record_path(out)
+    if target.is_dir():
+        raise InputError(f"{target} is a folder, where this update would write its keyframes; move it away or choose "
+                         "another OUT")
+
+
+def drop_stale_keyframes_record(out: str | os.PathLike) -> Path | None:
+    """A run that replaced an update's OUT without an update: its record no longer describes OUT,
+    so it goes (returns its path if there was one)."""
+    target = keyframes_record_path(out)
+    if target.is_file():
+        target.unlink(missing_ok=True)
+        return target
+    return None
+
+
+def check_previous_is_not_prompt(previous, prompt, where: str = "--previous is PROMPT itself") -> None:
+    if _same_path(previous, prompt):
+        raise InputError(f"{where}: give OUT, the result of the run from PROMPT, as the earlier result and your "
+                         "corrected copy of it as the edited one")
 
 
 def _label_digest(array) -> str:
@@ -537,17 +571,20 @@ def _read_keyframes_record(path: Path, previous, option_axis) -> tuple[dict, int
             raise ValueError("larger than 4 MB")
         record = json.loads(path.read_text(encoding="utf-8"))
         ok = (isinstance(record, dict) and record.get("format") == _KEYFRAMES_FORMAT and record.get("version") == 1
-              and record.get("axis") in (0, 1, 2) and isinstance(record.get("labels"), dict))
+              and record.get("axis") in (0, 1, 2) and not isinstance(record.get("axis"), bool)
+              and isinstance(record.get("labels"), dict))
         if not ok:
             raise ValueError("not a PAMSegment keyframes record")
         labels = {}
         for key, value in record["labels"].items():
             lists = [value.get(k) for k in ("keyframes", "walls")] if isinstance(value, dict) else [None]
-            if not key.isdigit() or not all(isinstance(v, list) and all(isinstance(s, int) for s in v) for v in lists):
+            if not key.isdigit() or not all(isinstance(v, list) and all(
+                    isinstance(s, int) and not isinstance(s, bool) for s in v) for v in lists):
                 raise ValueError(f"label {key!r} is malformed")
             labels[int(key)] = {"keyframes": lists[0], "walls": lists[1]}
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise InputError(f"{where} cannot be read ({exc}); delete it to keep only PROMPT's keyframes") from None
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise InputError(f"{where} cannot be read ({type(exc).__name__}: {str(exc)[:200]}); delete it to keep only "
+                         "PROMPT's keyframes") from None
     if record.get("shape") != list(previous.shape) or record.get("sha256") != _label_digest(previous):
         raise InputError(f"{where} does not match --previous, which has changed since it was written: give that "
                          "update's unchanged output as --previous (and correct a copy of it), or delete "
@@ -565,7 +602,7 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
     grid and the keyframes an earlier update wrote beside ``previous_path``, and return the plan
     (``keyframes_from_edits``) with ``empty_slices`` among its walls. What it took goes to ``say``
     (``update: ...`` lines and a ``note:`` for labels left out)."""
-    from .propagate import keyframes_from_edits
+    from .propagate import check_request, keyframes_from_edits
     from .volumes import read_labelmap
 
     maps = []
@@ -588,6 +625,7 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
                                  "--range or leave that slice as it was")
     # --empty-slices are walls of this round too: the record for the next round keeps them
     plan.empty_slices = {lab: sorted(set(w) | set(empty_slices or ())) for lab, w in plan.empty_slices.items()}
+    check_request(plan.prompt, plan.axis, labels, slice_range, plan.empty_slices, True)  # refused before it is said
     for line in plan.describe():
         say(f"update: {line}")
     if plan.ignored:
@@ -596,15 +634,9 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
     return plan
 
 
-def write_keyframes_record(out: Path, plan, mask) -> None:
-    """``OUT.keyframes.json`` for an update's OUT (through a temporary, moved in)."""
-    target = keyframes_record_path(out)
-    tmp = target.with_name(f".pamsegment-{uuid.uuid4().hex[:12]}.tmp.json")
-    try:
-        _write_keyframes_record(tmp, plan, mask)
-        _move_in(tmp, target, "the keyframes of this update")
-    finally:
-        tmp.unlink(missing_ok=True)
+def keyframes_record_writer(plan, mask) -> Callable[[Path], None]:
+    """``write(tmp)`` of an update's record, for ``volumes.replace_together``."""
+    return lambda tmp: _write_keyframes_record(tmp, plan, mask)
 
 
 def _move_in(tmp: Path, target: Path, what: str) -> None:

@@ -961,6 +961,9 @@ class SegmentPropagation:
                 self.history_entry = history.record(self._history_entry(target, before, before_tags))
             except Exception:  # noqa: BLE001 - the result is written; only the session memory is missing
                 log.exception("PAMSegment: could not remember the propagation of %s", target)
+                written = node.GetSegmentation().GetSegment(target)
+                written.RemoveTag(RUN_TAG)  # an earlier run's tags would describe what is no longer there
+                written.RemoveTag(RECORD_TAG)
             else:
                 _store_record(node, target, self.history_entry)
         return target
@@ -1934,11 +1937,11 @@ class SegmentUpdate(SegmentPropagation):
         if not self.drawn:
             raise InputError(f'every slice of "{name}" that came from you is empty now, so there is nothing to '
                              "propagate from: draw the object on a slice (or clear the segment)")
-        from .propagate import MAX_PROMPT_SLICES  # noqa: PLC0415
+        from .propagate import keyframe_limit, too_many_keyframes  # noqa: PLC0415
 
-        if len(self.drawn) > MAX_PROMPT_SLICES or (len(self.drawn) > 2 and len(self.drawn) > n // 2):
+        if too_many_keyframes(len(self.drawn), n):
             raise InputError(f'"{name}" now has {len(self.drawn)} slices from you out of {n}: more than PAM uses '
-                             f"as keyframes (at most {min(MAX_PROMPT_SLICES, n // 2)}); keep editing by hand, or "
+                             f"as keyframes (at most {keyframe_limit(n)}); keep editing by hand, or "
                              "draw a few slices of a fresh segment and propagate again")
         prompt = np.zeros(self.grid.shape, dtype=np.uint8)
         on_axis = np.moveaxis(prompt, entry.axis, 0)

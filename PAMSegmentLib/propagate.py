@@ -44,6 +44,8 @@ __all__ = [
     "find_prompt_slices",
     "keyframes_from_edits",
     "EditPlan",
+    "too_many_keyframes",
+    "keyframe_limit",
     "review_order",
     "window_slices",
 ]
@@ -339,6 +341,17 @@ def _mixed_planes_error(lab: int, ax: int, lines: dict[int, tuple[int, int]], dr
                       f"{only} only, then try again")
 
 
+def too_many_keyframes(count: int, n_slices: int, max_slices: int = MAX_PROMPT_SLICES) -> bool:
+    """More drawn slices than PAM takes as keyframes: over ``max_slices``, or (beyond two) over half
+    the slices along the axis (then it is a 3D mask, not a prompt)."""
+    return count > max_slices or (count > 2 and count > n_slices // 2)
+
+
+def keyframe_limit(n_slices: int, max_slices: int = MAX_PROMPT_SLICES) -> int:
+    """The most keyframes ``too_many_keyframes`` allows along an axis of ``n_slices`` (at least 2)."""
+    return max(2, min(max_slices, n_slices // 2))
+
+
 def find_prompt_slices(prompt: np.ndarray, axis: int | None = None, labels: Sequence[int] | None = None,
                        max_slices: int = MAX_PROMPT_SLICES, *, plane_names: Sequence[str] | None = None,
                        update: bool = False) -> tuple[int, dict[int, list[int]]]:
@@ -442,7 +455,7 @@ def _drawn_slices(prompt: np.ndarray, present: list[int], axis: int | None, labe
             f"{len(sl)} slices along axis {best}, the propagation axis: {how}"
         )
     for lab, sl in slices.items():
-        three_d = len(sl) > max_slices or (len(sl) > 2 and len(sl) > n_axis // 2)
+        three_d = too_many_keyframes(len(sl), n_axis, max_slices)
         if not (update or three_d or len(sl) < 2):
             lines, counts = _stroke_lines(boxes[lab], starts[lab], best)
             if (lines and len(lines) < len(sl)
@@ -1208,7 +1221,7 @@ class EditPlan:
             text = f"label {lab}: keyframes " + ", ".join(
                 ", ".join(str(s) for s in sl) + f" ({kind})" for kind, sl in kinds if sl)
             if walls:
-                text += "; the object is absent (erased) on " + ", ".join(str(s) for s in sorted(walls))
+                text += "; the object is absent on " + ", ".join(str(s) for s in sorted(walls))
             lines.append(text)
         return lines
 
@@ -1262,11 +1275,12 @@ def keyframes_from_edits(prompt: np.ndarray, previous: np.ndarray, edited: np.nd
         keys = sorted(set(slices) | set(earlier_keys[lab]) | set(changed) | old_walls)
         walls[lab] = [s for s in keys if not (edit[s] == lab).any()]
         filled = [s for s in keys if s not in walls[lab]]
-        if len(filled) > MAX_PROMPT_SLICES or (len(filled) > 2 and len(filled) > n // 2):
+        if too_many_keyframes(len(filled), n):
+            edits = f", {changed[0]}-{changed[-1]}" if changed else ""
             raise InputError(f"label {lab} would have {len(filled)} keyframes out of {n} slices along axis {ax} (its "
-                             f"drawn and earlier slices and {len(changed)} edited ones, {changed[0]}-{changed[-1]}): "
-                             f"PAM takes at most {min(MAX_PROMPT_SLICES, n // 2)}; correct slices across axis {ax} "
-                             "only, fewer of them, or draw a new prompt")
+                             f"drawn and earlier slices and {len(changed)} edited ones{edits}): PAM takes at most "
+                             f"{keyframe_limit(n)}; correct slices across axis {ax} only, fewer of them, or draw a "
+                             "new prompt")
         for s in filled:
             out[s][edit[s] == lab] = lab
     if not any(changed_all.values()):

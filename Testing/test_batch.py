@@ -499,7 +499,7 @@ def test_batch_updates_rows_from_corrected_copies_as_propagate_does(tmp_path, ca
     rows = _report(tmp_path / "out" / "batch_report.csv")
     assert [r["status"] for r in rows] == ["ok", "ok"]
     assert rows[0]["message"].startswith("update: label 1: keyframes 10 (prompt), 13 (edited); the object is absent "
-                                         "(erased) on 6")
+                                         "on 6")
     single = tmp_path / "single.nii.gz"
     assert main(["propagate", str(c.image_path), str(c.prompt_path), "-o", str(single), "--method", "copy",
                  "--previous", str(first), "--edited", str(tmp_path / "data" / "fixed.nii.gz")]) == 0
@@ -507,6 +507,18 @@ def test_batch_updates_rows_from_corrected_copies_as_propagate_does(tmp_path, ca
     assert (tmp_path / "out" / "c0.nii.gz.keyframes.json").read_text() == \
         (tmp_path / "single.nii.gz.keyframes.json").read_text()
     assert not (tmp_path / "out" / "c1.nii.gz.keyframes.json").exists()
+    # a second round, from the batch's output, keeps the first round's keyframes and walls
+    fixed2 = _arr(tmp_path / "out" / "c0.nii.gz")
+    fixed2[8] = c.truth[8]
+    write_image(fixed2.astype(np.uint8), tmp_path / "data" / "fixed2.nii.gz", c.spacing)
+    m = _manifest(tmp_path / "data" / "round2.csv", [
+        "image,prompt,previous,edited,output",
+        "c0/image.nii.gz,c0/prompt.nii.gz,../out/c0.nii.gz,fixed2.nii.gz,../out/c0_round2.nii.gz"])
+    proc = run_cli("batch", m, "-o", tmp_path / "out", "--method", "copy")
+    assert proc.returncode == 0, proc.stderr
+    rows = _report(tmp_path / "out" / "batch_report.csv")
+    assert rows[0]["message"].startswith("update: label 1: keyframes 10 (prompt), 13 (earlier rounds), 8 (edited); "
+                                         "the object is absent on 6")
     # one of the two columns alone is refused before any work, naming the row
     m = _manifest(tmp_path / "data" / "half.csv", ["image,prompt,previous,edited",
                                                      "c0/image.nii.gz,c0/prompt.nii.gz,first.nii.gz,"])

@@ -42,7 +42,7 @@ def test_edited_slices_become_keyframes_and_erased_ones_walls():
     assert on_slices == {1: [12, 16], 2: [8]}  # label 2 keeps only its drawn slice: it was not edited
     np.testing.assert_array_equal(plan.prompt[16] == 1, one[16])
     np.testing.assert_array_equal(plan.prompt[12] == 1, prompt[12] == 1)
-    assert plan.describe() == ["label 1: keyframes 12 (prompt), 16 (edited); the object is absent (erased) on 19",
+    assert plan.describe() == ["label 1: keyframes 12 (prompt), 16 (edited); the object is absent on 19",
                                "label 2: keyframes 8 (prompt)"]
     assert plan.record() == {"1": {"keyframes": [12, 16], "walls": [19]}, "2": {"keyframes": [8], "walls": []}}
 
@@ -98,7 +98,7 @@ def test_cli_update_equals_a_run_from_the_same_keyframes(ct_case, capsys):
     assert cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out),
                      "--method", "copy", "--previous", str(first), "--edited", str(edited_path)]) == 0
     printed = capsys.readouterr().out.splitlines()
-    assert printed[0] == "update: label 1: keyframes 10 (prompt), 13 (edited); the object is absent (erased) on 6"
+    assert printed[0] == "update: label 1: keyframes 10 (prompt), 13 (edited); the object is absent on 6"
     assert printed[1].startswith(f"wrote {out} and {out}.keyframes.json: label 1: slices ")
     result = read_volume(out).array
     np.testing.assert_array_equal(result[13] > 0, ct_case.truth[13])
@@ -158,7 +158,7 @@ def test_a_second_round_keeps_the_first_rounds_keyframes_and_walls(ct_case, caps
     capsys.readouterr()
     assert _update(ct_case, d / "second.nii.gz", e2, d / "third.nii.gz") == 0
     assert capsys.readouterr().out.splitlines()[0] == (
-        "update: label 1: keyframes 10 (prompt), 13 (earlier rounds), 8 (edited); the object is absent (erased) on 5, 6")
+        "update: label 1: keyframes 10 (prompt), 13 (earlier rounds), 8 (edited); the object is absent on 5, 6")
     third = read_volume(d / "third.nii.gz").array
     assert not third[5:7].any()
     np.testing.assert_array_equal(third[13] > 0, ct_case.truth[13])
@@ -199,7 +199,7 @@ def test_erased_slices_do_not_count_as_keyframes(ct_case, capsys):
     capsys.readouterr()
     assert _update(ct_case, first, e, d / "out.nii.gz") == 0
     assert capsys.readouterr().out.splitlines()[0] == ("update: label 1: keyframes 10 (prompt), 13 (edited); the "
-                                                        "object is absent (erased) on 0, 1, 2, 3, 4, 16, 17, 18, 19")
+                                                        "object is absent on 0, 1, 2, 3, 4, 16, 17, 18, 19")
     result = read_volume(d / "out.nii.gz").array
     assert not result[0:5].any() and not result[16:20].any() and result[5:16].any()
 
@@ -229,3 +229,71 @@ def test_cli_update_input_mistakes(ct_case, capsys, case, message):
     assert _update(ct_case, previous, e, d / "out.nii.gz", *extra) == 2
     out = capsys.readouterr()
     assert message in out.err and out.out == "" and not (d / "out.nii.gz").exists()
+
+
+def test_the_record_sits_beside_the_file_a_linked_out_is(ct_case, capsys):
+    """OUT given as a symbolic link is written where the link points, and so is its record; the
+    next round, given the link as --previous, finds the record there (it was looked for beside the
+    link and silently not found)."""
+    d = ct_case.directory
+    first = d / "first.nii.gz"
+    assert cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(first),
+                     "--method", "copy"]) == 0
+    edited = read_volume(first).array
+    edited[13] = ct_case.truth[13]
+    edited[6] = 0
+    e1 = write_image(edited.astype(np.uint8), d / "e1.nii.gz", ct_case.spacing)
+    (d / "real").mkdir()
+    (d / "real" / "second.nii.gz").write_bytes(b"")
+    link = d / "latest.nii.gz"
+    link.symlink_to(d / "real" / "second.nii.gz")
+    capsys.readouterr()
+    assert _update(ct_case, first, e1, link) == 0
+    record = d / "real" / "second.nii.gz.keyframes.json"
+    assert record.is_file() and not (d / "latest.nii.gz.keyframes.json").exists() and link.is_symlink()
+    assert str(record) in capsys.readouterr().out
+    edited2 = read_volume(link).array
+    edited2[8] = ct_case.truth[8]
+    e2 = write_image(edited2.astype(np.uint8), d / "e2.nii.gz", ct_case.spacing)
+    assert _update(ct_case, link, e2, d / "third.nii.gz") == 0
+    assert capsys.readouterr().out.splitlines()[0] == (
+        "update: label 1: keyframes 10 (prompt), 13 (earlier rounds), 8 (edited); the object is absent on 6")
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[" * 100_000, "cannot be read (RecursionError"),
+    ('{"format": "pamsegment-keyframes", "version": 1, "axis": true, "labels": {}}', "not a PAMSegment keyframes"),
+    ("not json", "cannot be read (JSONDecodeError"),
+    ('{"format": "pamsegment-keyframes", "version": 1, "axis": 0, "labels": {"1": {"keyframes": [true], "walls": []}}}',
+     "label '1' is malformed"),
+])
+def test_an_unreadable_record_is_one_line(ct_case, capsys, content, message):
+    d = ct_case.directory
+    first = d / "first.nii.gz"
+    assert cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(first),
+                     "--method", "copy"]) == 0
+    (d / "first.nii.gz.keyframes.json").write_text(content)
+    edited = read_volume(first).array
+    edited[13] = ct_case.truth[13]
+    e = write_image(edited.astype(np.uint8), d / "e.nii.gz", ct_case.spacing)
+    capsys.readouterr()
+    assert _update(ct_case, first, e, d / "out.nii.gz") == 2
+    err = capsys.readouterr().err
+    assert "first.nii.gz.keyframes.json (the keyframes of the update that wrote --previous) cannot be read" in err
+    assert message in err and "delete it to keep only PROMPT's keyframes" in err and "Traceback" not in err
+
+
+def test_a_folder_where_the_record_goes_is_refused_before_any_work(ct_case, capsys):
+    d = ct_case.directory
+    first = d / "first.nii.gz"
+    assert cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(first),
+                     "--method", "copy"]) == 0
+    edited = read_volume(first).array
+    edited[13] = ct_case.truth[13]
+    e = write_image(edited.astype(np.uint8), d / "e.nii.gz", ct_case.spacing)
+    (d / "out.nii.gz.keyframes.json").mkdir()
+    capsys.readouterr()
+    assert _update(ct_case, first, e, d / "out.nii.gz") == 2
+    out = capsys.readouterr()
+    assert "out.nii.gz.keyframes.json is a folder, where this update would write its keyframes" in out.err
+    assert out.out == "" and not (d / "out.nii.gz").exists()
