@@ -85,9 +85,7 @@ def test_cli_update_equals_a_run_from_the_same_keyframes(ct_case, capsys):
     """--previous/--edited gives what propagating the drawn and edited slices with the erased one
     as --empty-slices gives (every slice recomputed), and keeps the edit exactly."""
     d = ct_case.directory
-    first = d / "first.nii.gz"
-    assert cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(first),
-                     "--method", "copy"]) == 0
+    first = _first_run(ct_case)
     previous = read_volume(first).array
     edited = previous.copy()
     edited[13] = ct_case.truth[13]  # redrawn
@@ -133,6 +131,14 @@ def test_cli_update_refusals_are_one_line(ct_case, run_cli):
     assert len(proc.stderr.strip().splitlines()) == 1 and not (d / "out.nii.gz").exists()
 
 
+def _first_run(ct_case):
+    """The first round: PROMPT propagated with copy into first.nii.gz."""
+    first = ct_case.directory / "first.nii.gz"
+    assert cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(first),
+                     "--method", "copy"]) == 0
+    return first
+
+
 def _update(ct_case, previous, edited, out, *extra):
     return cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out), "--method",
                      "copy", "--previous", str(previous), "--edited", str(edited), *map(str, extra)])
@@ -143,9 +149,7 @@ def test_a_second_round_keeps_the_first_rounds_keyframes_and_walls(ct_case, caps
     the differences between round 1's output and its corrected copy are new (the object came back
     on the erased slices and slice 13 was recomputed before)."""
     d = ct_case.directory
-    first = d / "first.nii.gz"
-    assert cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(first),
-                     "--method", "copy"]) == 0
+    first = _first_run(ct_case)
     edited = read_volume(first).array
     edited[13] = ct_case.truth[13]
     edited[5:7] = 0
@@ -212,9 +216,7 @@ def test_erased_slices_do_not_count_as_keyframes(ct_case, capsys):
 ])
 def test_cli_update_input_mistakes(ct_case, capsys, case, message):
     d = ct_case.directory
-    first = d / "first.nii.gz"
-    assert cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(first),
-                     "--method", "copy"]) == 0
+    first = _first_run(ct_case)
     edited = read_volume(first).array.astype(np.uint8)
     extra = []
     if case == "label values":
@@ -236,9 +238,7 @@ def test_the_record_sits_beside_the_file_a_linked_out_is(ct_case, capsys):
     next round, given the link as --previous, finds the record there (it was looked for beside the
     link and silently not found)."""
     d = ct_case.directory
-    first = d / "first.nii.gz"
-    assert cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(first),
-                     "--method", "copy"]) == 0
+    first = _first_run(ct_case)
     edited = read_volume(first).array
     edited[13] = ct_case.truth[13]
     edited[6] = 0
@@ -269,9 +269,7 @@ def test_the_record_sits_beside_the_file_a_linked_out_is(ct_case, capsys):
 ])
 def test_an_unreadable_record_is_one_line(ct_case, capsys, content, message):
     d = ct_case.directory
-    first = d / "first.nii.gz"
-    assert cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(first),
-                     "--method", "copy"]) == 0
+    first = _first_run(ct_case)
     (d / "first.nii.gz.keyframes.json").write_text(content)
     edited = read_volume(first).array
     edited[13] = ct_case.truth[13]
@@ -285,9 +283,7 @@ def test_an_unreadable_record_is_one_line(ct_case, capsys, content, message):
 
 def test_a_folder_where_the_record_goes_is_refused_before_any_work(ct_case, capsys):
     d = ct_case.directory
-    first = d / "first.nii.gz"
-    assert cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(first),
-                     "--method", "copy"]) == 0
+    first = _first_run(ct_case)
     edited = read_volume(first).array
     edited[13] = ct_case.truth[13]
     e = write_image(edited.astype(np.uint8), d / "e.nii.gz", ct_case.spacing)
