@@ -455,8 +455,13 @@ def cmd_batch(args: argparse.Namespace) -> int:
         check_checkpoint_file(args.checkpoint)
     # Everything is checked and the model loaded before -o is created: a refused batch leaves nothing behind.
     earlier = _earlier_results(out_dir) if args.skip_existing else {}  # read before the report is rewritten
+    from .cli import keyframes_record_path
+
     for r in rows:  # an empty file is what an interrupted copy leaves, not a result
-        if args.skip_existing and r.output.is_file() and r.output.stat().st_size > 0:
+        done = args.skip_existing and r.output.is_file() and r.output.stat().st_size > 0
+        if done and r.edited is not None and not keyframes_record_path(r.output).is_file():
+            done = False  # an update row is done with its keyframes record (written together with it)
+        if done:
             r.status, r.message = "skipped", SKIPPED
             _carry_over(r, earlier)
     todo = [r for r in rows if r.status == "not run"]

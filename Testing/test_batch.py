@@ -507,6 +507,14 @@ def test_batch_updates_rows_from_corrected_copies_as_propagate_does(tmp_path, ca
     assert (tmp_path / "out" / "c0.nii.gz.keyframes.json").read_text() == \
         (tmp_path / "single.nii.gz.keyframes.json").read_text()
     assert not (tmp_path / "out" / "c1.nii.gz.keyframes.json").exists()
+    # --skip-existing: an update row counts as done only with its keyframes record beside its output
+    record = (tmp_path / "out" / "c0.nii.gz.keyframes.json")
+    kept = record.read_text()
+    record.unlink()
+    proc = run_cli("batch", m, "-o", tmp_path / "out", "--method", "copy", "--skip-existing")
+    assert proc.returncode == 0, proc.stderr
+    assert [r["status"] for r in _report(tmp_path / "out" / "batch_report.csv")] == ["ok", "skipped"]
+    assert record.read_text() == kept
     # a second round, from the batch's output, keeps the first round's keyframes and walls
     fixed2 = _arr(tmp_path / "out" / "c0.nii.gz")
     fixed2[8] = c.truth[8]
