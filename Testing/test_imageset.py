@@ -723,3 +723,36 @@ def test_the_readme_quotes_the_evaluation_commands_that_give_its_figures():
         sys.path.remove(str(REPO / "scripts"))
     source = inspect.getsource(evaluate_image_sets.make_predictor)
     assert 'if method == "pam-reg0":\n        model.inference = replace(model.inference, intensity_gate=False)' in source
+
+
+class GuideCopy2D(SlicePredictor):
+    """Predicts the guide's mask unchanged: far from the prompt the masks drift from the truth."""
+
+    threshold, min_area, presence_threshold = 0.5, 0, 0.5
+
+    def predict(self, volume, guide_index, guide_mask, query_indices):
+        return SlicePrediction(np.stack([guide_mask.astype(np.float32)] * len(query_indices)))
+
+
+def test_the_image_set_correction_rounds_draw_the_worst_image_and_score_the_rest():
+    """scripts/evaluate_image_sets.py --corrections: each round the worst labelled image is drawn
+    (as the simulated user would correct it) and every round is scored over the same images, the
+    ones never drawn. On a moving disc copied from image 0 the worst is the last image; drawn, it
+    guides its neighbours, whose masks then overlap the truth better."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import evaluate_image_sets
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    images, truth = moving_disc_set(8)
+    predictor = GuideCopy2D()
+    first = label_images(images, 0, truth[0], predictor, order="given")
+    rounds = evaluate_image_sets.correction_rounds(list(images), list(truth), 0, predictor, "given", first, 1)
+    kept = range(1, 7)  # image 7, the worst, was drawn: scored neither before nor after
+    before = np.mean([dice(first.masks[q] > 0, truth[q]) for q in kept])
+    assert rounds[0] == pytest.approx(before)
+    after = label_images(images, 0, truth[0], predictor, order="given", more_prompts={7: truth[7].astype(np.uint8)})
+    assert rounds[1] == pytest.approx(np.mean([dice(after.masks[q] > 0, truth[q]) for q in kept]))
+    assert rounds[1] > rounds[0] + 0.1
