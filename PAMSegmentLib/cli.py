@@ -563,9 +563,10 @@ def _write_keyframes_record(path: Path, plan, mask) -> None:
         json.dump(record, fh, indent=1)
 
 
-def _read_keyframes_record(path: Path, previous, option_axis) -> tuple[dict, int | None]:
-    """The earlier rounds' keyframes beside --previous, checked against it: ({label: {...}}, axis)."""
-    where = f"{path} (the keyframes of the update that wrote --previous)"
+def _read_keyframes_record(path: Path, previous, option_axis, name: str = "--previous") -> tuple[dict, int | None]:
+    """The earlier rounds' keyframes beside the earlier result (``name``: what the user called it),
+    checked against it: ({label: {...}}, axis)."""
+    where = f"{path} (the keyframes of the update that wrote {name})"
     try:
         if path.stat().st_size > 4 * 2**20:
             raise ValueError("larger than 4 MB")
@@ -584,11 +585,11 @@ def _read_keyframes_record(path: Path, previous, option_axis) -> tuple[dict, int
             labels[int(key)] = {"keyframes": lists[0], "walls": lists[1]}
     except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise InputError(f"{where} cannot be read ({type(exc).__name__}: {str(exc)[:200]}); delete it to keep only "
-                         "PROMPT's keyframes") from None
+                         "the prompt's keyframes") from None
     if record.get("shape") != list(previous.shape) or record.get("sha256") != _label_digest(previous):
-        raise InputError(f"{where} does not match --previous, which has changed since it was written: give that "
-                         "update's unchanged output as --previous (and correct a copy of it), or delete "
-                         f"{path.name} to keep only PROMPT's keyframes")
+        raise InputError(f"{where} does not match {name}, which has changed since it was written: give that "
+                         f"update's unchanged output as {name} (and correct a copy of it), or delete "
+                         f"{path.name} to keep only the prompt's keyframes")
     if option_axis is not None and option_axis != record["axis"]:
         raise InputError(f"--axis {option_axis}, but the earlier rounds propagated along axis {record['axis']}: drop "
                          "--axis")
@@ -614,7 +615,7 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
     earlier = {}
     record = keyframes_record_path(previous_path)
     if record.is_file():
-        earlier, axis = _read_keyframes_record(record, maps[0], axis)
+        earlier, axis = _read_keyframes_record(record, maps[0], axis, names[0])
     plan = keyframes_from_edits(prompt.array, maps[0], maps[1], axis=axis, labels=labels, earlier=earlier)
     if slice_range is not None:
         lo, hi = slice_range
@@ -630,7 +631,8 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
         say(f"update: {line}")
     if plan.ignored:
         say(f"note: label{'s' if len(plan.ignored) > 1 else ''} {', '.join(map(str, plan.ignored))} changed in "
-            "--edited but not propagated (not in PROMPT or not chosen with --label): left out of OUT")
+            f"{names[1]} but not propagated (not in the prompt or not among the labels chosen): left out of the "
+            "result")
     return plan
 
 

@@ -532,3 +532,25 @@ def test_batch_updates_rows_from_corrected_copies_as_propagate_does(tmp_path, ca
                                                      "c0/image.nii.gz,c0/prompt.nii.gz,first.nii.gz,"])
     proc = run_cli("batch", m, "-o", tmp_path / "out2", "--method", "copy")
     assert proc.returncode == 2 and "half.csv row 2: previous and edited go together" in proc.stderr
+
+
+def test_batch_update_messages_name_the_manifest_columns(tmp_path, cases, run_cli):
+    """A batch row's update refusal names its columns (previous), not the command line's options."""
+    from conftest import write_image
+
+    c = cases[0]
+    first = tmp_path / "data" / "first.nii.gz"
+    assert main(["propagate", str(c.image_path), str(c.prompt_path), "-o", str(first), "--method", "copy"]) == 0
+    edited = _arr(first)
+    edited[13] = c.truth[13]
+    write_image(edited.astype(np.uint8), tmp_path / "data" / "fixed.nii.gz", c.spacing)
+    (tmp_path / "data" / "first.nii.gz.keyframes.json").write_text("not json")
+    m = _manifest(tmp_path / "data" / "cases.csv", [
+        "image,prompt,previous,edited,output",
+        "c0/image.nii.gz,c0/prompt.nii.gz,first.nii.gz,fixed.nii.gz,../out/c0.nii.gz"])
+    proc = run_cli("batch", m, "-o", tmp_path / "out", "--method", "copy")
+    assert proc.returncode == 2
+    (row,) = _report(tmp_path / "out" / "batch_report.csv")
+    assert row["status"] == "error"
+    assert "first.nii.gz.keyframes.json (the keyframes of the update that wrote previous) cannot be read" in \
+        row["message"] and "--previous" not in row["message"]

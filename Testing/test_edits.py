@@ -278,7 +278,7 @@ def test_an_unreadable_record_is_one_line(ct_case, capsys, content, message):
     assert _update(ct_case, first, e, d / "out.nii.gz") == 2
     err = capsys.readouterr().err
     assert "first.nii.gz.keyframes.json (the keyframes of the update that wrote --previous) cannot be read" in err
-    assert message in err and "delete it to keep only PROMPT's keyframes" in err and "Traceback" not in err
+    assert message in err and "delete it to keep only the prompt's keyframes" in err and "Traceback" not in err
 
 
 def test_a_folder_where_the_record_goes_is_refused_before_any_work(ct_case, capsys):
