@@ -1068,3 +1068,34 @@ def test_reviewed_slices_are_saved_with_the_result(session):
     seg.GetSegmentation().GetSegment(sid).SetTag(RUN_TAG, "another-run")
     history.mark_reviewed(entry, 5)
     assert tag(seg, sid, RECORD_TAG) == back.record and 5 in entry.reviewed
+
+
+def test_random_damage_to_a_record_never_escapes_as_anything_but_a_refusal(session):
+    """200 records damaged at random (bytes of the compressed data flipped, cut, or the text cut):
+    each is read back or refused with a ValueError; get() itself never raises."""
+    seg, sid = session["seg"], session["sid"]
+    good = tag(seg, sid, RECORD_TAG)
+    run = _run_of(good)
+    raw = base64.b64decode(good)
+    rng = np.random.default_rng(20)
+    outcomes = {"read": 0, "refused": 0}
+    segment = seg.GetSegmentation().GetSegment(sid)
+    for n in range(200):
+        data = bytearray(raw)
+        kind = n % 3
+        if kind == 0:
+            for i in rng.integers(0, len(data), size=int(rng.integers(1, 6))):
+                data[i] ^= int(rng.integers(1, 256))
+            text = base64.b64encode(bytes(data)).decode()
+        elif kind == 1:
+            text = base64.b64encode(bytes(data[:int(rng.integers(1, len(data)))])).decode()
+        else:
+            text = good[:int(rng.integers(1, len(good)))]
+        try:
+            decode_record(text, seg, sid, run)
+            outcomes["read"] += 1
+        except ValueError:
+            outcomes["refused"] += 1
+        segment.SetTag(RECORD_TAG, text)
+        PropagationHistory().get(seg, sid)  # the panel's path: never raises
+    assert outcomes["refused"] >= 150 and sum(outcomes.values()) == 200
