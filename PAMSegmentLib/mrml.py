@@ -1324,7 +1324,9 @@ class HistoryEntry:
         plane = axis_plane_name(self.grid.ijk_to_ras, self.axis)
         where = f"{plane} slices {occupied[0]}-{occupied[-1]}" if occupied else "no slice"
         yours = ", ".join(str(s) for s in self.user_slices[:10]) + (" ..." if len(self.user_slices) > 10 else "")
-        return f"PAM result on {where}; your slices: {yours}"
+        saved = " (read back from the record saved with the segment: it can be updated, not undone)" \
+            if self.restored else ""
+        return f"PAM result on {where}; your slices: {yours}{saved}"
 
 
 # -- the result saved with the scene ----------------------------------------------------------------

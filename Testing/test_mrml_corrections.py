@@ -821,6 +821,8 @@ def test_a_saved_result_is_updated_in_the_next_session_as_in_its_own(session, tm
         np.testing.assert_array_equal(back.confidence, entry.confidence)  # NaN where not predicted, too
         assert back.begin_state == entry.begin_state and back.n_predicted == entry.n_predicted == 18
         assert back.occupied_slices() == list(range(4, 21)) and back.next_to_review() == entry.next_to_review()
+        assert back.describe() == ("PAM result on axial slices 4-20; your slices: 12 (read back from the record saved "
+                                   "with the segment: it can be updated, not undone)")
         assert history2.get(seg2, sid) is back  # read once, then remembered
 
         write(seg2, sid, vol2, edited)
