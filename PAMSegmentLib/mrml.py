@@ -1572,6 +1572,11 @@ def _decode_record(text: str, segmentation_node, segment_id: str, run_id: str) -
     )
 
 
+def _volumes_signature(scene) -> tuple:
+    """What would let a waiting record be read: the scene's scalar volumes and their voxels' state."""
+    return tuple((v.GetID(), v.GetMTime(), v.GetImageData().GetMTime()) for v in _scalar_volumes(scene))
+
+
 def _scalar_volumes(scene) -> list:
     if scene is None:
         return []
@@ -1626,7 +1631,9 @@ class PropagationHistory:
         # Results read back from saved records, kept apart (and fewer) so that looking at segments
         # never pushes a run of this session, and its Undo state, out of ``_entries``.
         self._restored: OrderedDict = OrderedDict()
-        self._unreadable: OrderedDict = OrderedDict()  # records that could not be read (not tried again)
+        # records not read: True when unreadable (not tried again), else the scene's volumes when no
+        # volume had the record's grid (tried again once they change)
+        self._unreadable: OrderedDict = OrderedDict()
 
     @staticmethod
     def _key(segmentation_node, segment_id: str):
@@ -1676,23 +1683,30 @@ class PropagationHistory:
         if not text:
             return None
         bad = (key, run_id, len(text), hash(text))
-        if bad in self._unreadable:
-            return None
+        seen = self._unreadable.get(bad)
+        scene = segmentation_node.GetScene()
+        if seen is True or (seen is not None and seen == _volumes_signature(scene)):
+            return None  # unreadable, or still no volume of its grid: not decoded again on every refresh
         try:
             entry = decode_record(text, segmentation_node, segment_id, run_id)
-        except RecordVolumeMissing as exc:  # the volume may be loaded later: not remembered as unreadable
+        except RecordVolumeMissing as exc:  # tried again once the scene's volumes change
             log.debug('PAMSegment: the saved PAM result of segment "%s" is not used yet: %s', segment.GetName(), exc)
+            self._remember_unread(bad, _volumes_signature(scene))
             return None
         except ValueError as exc:
-            self._unreadable[bad] = True  # said once, not on every refresh of the panel
-            while len(self._unreadable) > 256:
-                self._unreadable.popitem(last=False)
+            self._remember_unread(bad, True)  # said once, not on every refresh of the panel
             log.warning('PAMSegment: the saved PAM result of segment "%s" is not used: %s', segment.GetName(), exc)
             return None
         self._restored[key] = entry
         while len(self._restored) > self.MAX_RESTORED:
             self._restored.popitem(last=False)
         return entry
+
+    def _remember_unread(self, bad: tuple, why) -> None:
+        """A record not read: True (unreadable) or the scene's volumes when no volume had its grid."""
+        self._unreadable[bad] = why
+        while len(self._unreadable) > 256:
+            self._unreadable.popitem(last=False)
 
     def record(self, entry: HistoryEntry) -> HistoryEntry:
         key = self._key(entry.segmentation_node, entry.segment_id)
