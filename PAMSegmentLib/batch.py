@@ -419,7 +419,7 @@ def _run_row(row: BatchRow, model, args) -> None:
         write_labelmap(result.mask, image, row.output)
         dropped = drop_stale_keyframes_record(row.output)
         if dropped is not None:
-            row.notes.append(f"removed {dropped}, the keyframes of an update whose result this run replaced")
+            row.notes.append(dropped)
     else:  # the output and the record the next round reads, put in place together
         replace_together([(keyframes_record_path(row.output), ".json", keyframes_record_writer(plan, result.mask)),
                           (row.output, _write_extension(row.output), lambda tmp: write_labelmap(result.mask, image,

@@ -491,8 +491,7 @@ def cmd_propagate(args: argparse.Namespace) -> int:
             else:
                 dropped = drop_stale_keyframes_record(out)
                 if dropped is not None:
-                    print(f"note: removed {dropped}, the keyframes of an update whose result this run replaced",
-                          flush=True)
+                    print(f"note: {dropped}", flush=True)
             print(f"wrote {' and '.join(wrote)}: {result.summary()}; "
                   f"{time.perf_counter() - t0:.1f} s in all", flush=True)
             if check:
@@ -527,13 +526,13 @@ def check_keyframes_record_path(out: str | os.PathLike) -> None:
                          "another OUT")
 
 
-def drop_stale_keyframes_record(out: str | os.PathLike) -> Path | None:
+def drop_stale_keyframes_record(out: str | os.PathLike) -> str | None:
     """A run that replaced an update's OUT without an update: its record no longer describes OUT,
-    so it goes (returns its path if there was one)."""
+    so it goes. Returns the sentence saying so (None if there was none)."""
     target = keyframes_record_path(out)
     if target.is_file():
         target.unlink(missing_ok=True)
-        return target
+        return f"removed {target}, the keyframes of an update whose result this run replaced"
     return None
 
 
@@ -565,7 +564,7 @@ def _write_keyframes_record(path: Path, plan, mask) -> None:
 
 def _read_keyframes_record(path: Path, previous, option_axis, name: str = "--previous") -> tuple[dict, int | None]:
     """The earlier rounds' keyframes beside the earlier result (``name``: what the user called it),
-    checked against it: ({label: {...}}, axis)."""
+    checked against it: ({"label": {...}}, axis), keys as ``EditPlan.record()`` writes them."""
     where = f"{path} (the keyframes of the update that wrote {name})"
     try:
         if path.stat().st_size > 4 * 2**20:
@@ -582,7 +581,7 @@ def _read_keyframes_record(path: Path, previous, option_axis, name: str = "--pre
             if not key.isdigit() or not all(isinstance(v, list) and all(
                     isinstance(s, int) and not isinstance(s, bool) for s in v) for v in lists):
                 raise ValueError(f"label {key!r} is malformed")
-            labels[int(key)] = {"keyframes": lists[0], "walls": lists[1]}
+            labels[str(int(key))] = {"keyframes": lists[0], "walls": lists[1]}
     except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise InputError(f"{where} cannot be read ({type(exc).__name__}: {str(exc)[:200]}); delete it to keep only "
                          "the prompt's keyframes") from None

@@ -136,6 +136,21 @@ def _set_segment_tag(segment, key: str, value: str) -> None:
         segment.SetTag(key, value)
 
 
+def _clear_run_tags(segment) -> None:
+    """The segment holds no remembered PAM result: neither RUN_TAG nor RECORD_TAG."""
+    segment.RemoveTag(RUN_TAG)
+    segment.RemoveTag(RECORD_TAG)
+
+
+def _put_run_tags(segment, run: str | None, record: str | None) -> None:
+    """Tag the segment as holding that run's result (both tags), or as holding none."""
+    if run and record:
+        _set_segment_tag(segment, RUN_TAG, run)
+        _set_segment_tag(segment, RECORD_TAG, record)
+    else:
+        _clear_run_tags(segment)
+
+
 def _grid_of(volume_node) -> VolumeGrid:
     slicer = _slicer()
     import vtk  # noqa: PLC0415
@@ -532,8 +547,7 @@ def _add_result_segment(segmentation_node, source_segment_id: str) -> str:
     source = segmentation.GetSegment(source_segment_id)
     segment = slicer.vtkSegment()
     segment.DeepCopyMetadata(source)  # colour, terminology tags
-    segment.RemoveTag(RUN_TAG)  # not the source's result: a run tags it when it is remembered
-    segment.RemoveTag(RECORD_TAG)
+    _clear_run_tags(segment)  # not the source's result: a run tags it when it is remembered
     segment.SetName(_unique_segment_name(segmentation, source.GetName()))
     segment.SetColor(source.GetColor())
     new_id = segmentation.GenerateUniqueSegmentID(source_segment_id + "_PAM")
@@ -954,16 +968,14 @@ class SegmentPropagation:
             node.EndModify(was_modifying)
         self.applied_segment_id = target
         if history is None and self.mode == "replace":  # not remembered: an earlier run's tags are stale now
-            source.RemoveTag(RUN_TAG)
-            source.RemoveTag(RECORD_TAG)
+            _clear_run_tags(source)
         if history is not None:
             try:
                 self.history_entry = history.record(self._history_entry(target, before, before_tags))
             except Exception:  # noqa: BLE001 - the result is written; only the session memory is missing
                 log.exception("PAMSegment: could not remember the propagation of %s", target)
                 written = node.GetSegmentation().GetSegment(target)
-                written.RemoveTag(RUN_TAG)  # an earlier run's tags would describe what is no longer there
-                written.RemoveTag(RECORD_TAG)
+                _clear_run_tags(written)  # an earlier run's tags would describe what is no longer there
             else:
                 _store_record(node, target, self.history_entry)
         return target
@@ -1777,13 +1789,7 @@ class PropagationHistory:
             self._entries[key] = entry.parent
             return f'"{name}" is back as it was before the update'
         del self._entries[key]
-        run, record = entry.before_tags
-        if run and record:  # the segment held an earlier PAM result: it is that result again
-            _set_segment_tag(segment, RUN_TAG, run)
-            _set_segment_tag(segment, RECORD_TAG, record)
-        else:
-            segment.RemoveTag(RUN_TAG)
-            segment.RemoveTag(RECORD_TAG)
+        _put_run_tags(segment, *entry.before_tags)  # an earlier PAM result held before is that result again
         if entry.kind == "update":  # only one earlier step is kept: what came before it is final now
             return (f'"{name}" is back as it was before the update; the steps before it can no longer be undone '
                     "with Undo propagation")

@@ -1237,7 +1237,7 @@ def keyframes_from_edits(prompt: np.ndarray, previous: np.ndarray, edited: np.nd
     """The correction loop from files: ``previous`` is an earlier result of ``prompt`` and
     ``edited`` that result corrected by hand (all three label maps on the image's grid). Each
     label's keyframes become its drawn slices, the keyframes of earlier rounds (``earlier``: what
-    ``EditPlan.record()`` of the round that wrote ``previous`` gave, {label: {"keyframes": [...],
+    ``EditPlan.record()`` of the round that wrote ``previous`` gave, {"label": {"keyframes": [...],
     "walls": [...]}}), and the slices along the axis where ``edited`` differs from ``previous`` for
     it, with ``edited``'s masks there; an edited slice where the label is now absent is a wall
     ("the object is absent here"), and so are earlier walls not drawn on since. Propagating the
@@ -1251,15 +1251,19 @@ def keyframes_from_edits(prompt: np.ndarray, previous: np.ndarray, edited: np.nd
                              "image's grid")
     ax, drawn = find_prompt_slices(prompt, axis=axis, labels=labels)
     prm, prev, edit = (np.moveaxis(a, ax, 0) for a in (prompt, previous, edited))
-    in_prev = {int(v) for v in np.unique(prev)} - {0}
-    in_edit = {int(v) for v in np.unique(edit)} - {0}
-    lost, new = sorted(set(drawn) & in_prev - in_edit), sorted(in_edit - in_prev)
+    # Every voxel of a label that appears or vanishes differs, so the voxels that differ (and the
+    # slices holding them) are all the whole volume is read for.
+    differ = prev != edit
+    differ_slices = np.flatnonzero(differ.any(axis=(1, 2)))
+    was, now = ({int(v) for v in np.unique(a[differ])} - {0} for a in (prev, edit))
+    lost = sorted(lab for lab in set(drawn) & was if not (edit == lab).any())
+    new = sorted(v for v in now if not (prev == v).any())
     if lost and new:
         raise InputError(f"the edited result holds label {new[0]} where the earlier one holds {lost[0]}: save your "
                          "corrections with the result's label values")
     earlier = earlier or {}
     out = np.zeros(prm.shape, dtype=prompt.dtype if np.issubdtype(prompt.dtype, np.integer) else np.int32)
-    walls, changed_all, earlier_keys = {}, {}, {}
+    walls, changed_all, earlier_keys, erased = {}, {}, {}, []
     n = prm.shape[0]
     for lab, slices in drawn.items():
         for s in slices:
@@ -1267,10 +1271,10 @@ def keyframes_from_edits(prompt: np.ndarray, previous: np.ndarray, edited: np.nd
                 raise InputError(f"the earlier result is not a result of this prompt: on slice {s} (axis {ax}) "
                                  f"label {lab} differs from the drawing; give the output of the run from this "
                                  "prompt as the earlier result")
-        before = earlier.get(lab, earlier.get(str(lab), {}))
+        before = earlier.get(str(lab), {})
         earlier_keys[lab] = [s for s in before.get("keyframes", []) if 0 <= s < n]
         old_walls = {s for s in before.get("walls", []) if 0 <= s < n}
-        changed = sorted(int(s) for s in np.flatnonzero(((prev == lab) != (edit == lab)).any(axis=(1, 2))))
+        changed = [int(s) for s in differ_slices if ((prev[s] == lab) != (edit[s] == lab)).any()]
         changed_all[lab] = changed
         keys = sorted(set(slices) | set(earlier_keys[lab]) | set(changed) | old_walls)
         walls[lab] = [s for s in keys if not (edit[s] == lab).any()]
@@ -1283,17 +1287,16 @@ def keyframes_from_edits(prompt: np.ndarray, previous: np.ndarray, edited: np.nd
                              "new prompt")
         for s in filled:
             out[s][edit[s] == lab] = lab
+        if not filled:
+            erased.append(lab)
     if not any(changed_all.values()):
         raise InputError("the edited result equals the earlier one on every slice of label"
                          f"{'s' if len(drawn) > 1 else ''} {', '.join(map(str, drawn))}: nothing to update; "
                          "correct the slices that are wrong first")
-    erased = [lab for lab in drawn if not (out == lab).any()]
     if erased:
         raise InputError(f"label {erased[0]} is erased on every slice it was drawn or edited on, so there is nothing "
                          "to propagate it from: draw it on a slice, or leave it out with --label")
-    differ = prev != edit
-    touched = {int(v) for v in np.unique(np.concatenate([prev[differ], edit[differ]]))} - {0}
-    ignored = sorted(touched - set(drawn))
+    ignored = sorted((was | now) - set(drawn))
     return EditPlan(prompt=np.moveaxis(out, 0, ax), empty_slices=walls, axis=ax,
                     drawn={lab: list(sl) for lab, sl in drawn.items()}, edited=changed_all, ignored=ignored,
                     earlier=earlier_keys)
