@@ -475,3 +475,31 @@ def test_the_cell_evaluation_counts_the_nuclei_it_scores():
     assert evaluate_cells.scored_nuclei(ref) == [2, 7]
     assert "125 instances,\nof which the 124 over 30 px are scored" in evaluate_cells.__doc__
     assert evaluate_cells.MIN_AREA == 30 and "512 x 512 px, 124 nuclei;" in (REPO / "README.md").read_text()
+
+
+def test_real_brightfield_image_stromal_examples_find_stromal_nuclei_not_the_glands():
+    """scikit-image's bundled IHC image of colon (real brightfield pathology, RGB, no reference
+    labels; scripts/look_cells_ihc.py): six stromal nuclei as examples find 198 more cells (the
+    README's figure), and none of them is centred in the brown-stained glands, whose nuclei look
+    different (blue-grey under DAB). Bounds kept loose for other scikit-image/-learn versions."""
+    import sys
+
+    from conftest import REPO
+
+    pytest.importorskip("skimage")
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import look_cells_ihc as ihc
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    image = ihc.ihc_image()
+    assert image.shape == (512, 512, 3)
+    examples = ihc.stromal_examples(image)
+    assert examples.max() == 6
+    glands = ihc.gland_epithelium(image)
+    assert 0.5 < glands.mean() < 0.65  # the glands cover 58 % of the image
+    assert ihc.centred_in(examples, glands) == 0  # the examples are stromal
+    labels = label_cells(image, examples).labels
+    found = int(labels.max()) - 6
+    assert 150 <= found <= 260, found
+    assert ihc.centred_in(labels, glands) <= 5
