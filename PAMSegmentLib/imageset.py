@@ -495,6 +495,13 @@ def cmd_label_images(args) -> int:
         raise InputError(f"{out_dir} is a file; -o takes a folder for the masks")
     if not out_dir.parent.is_dir():
         raise InputError(f"folder {out_dir.parent} does not exist; create it or choose another -o folder")
+    from .volumes import check_folder_writable
+
+    # Before the work: the masks are written only after the whole set is labelled.
+    if out_dir.is_dir():
+        check_folder_writable(out_dir, "the masks")
+    else:
+        check_folder_writable(out_dir.parent, f"the masks folder {out_dir.name}")
     if args.checkpoint is not None and args.method != "pam":
         raise InputError(f"--method {args.method} does not use a checkpoint; drop --checkpoint or use --method pam")
     if args.checkpoint:
@@ -538,10 +545,15 @@ def cmd_label_images(args) -> int:
         files = [f for f, _ in unique]
     # Masks written among the images would be read as images next time, and could replace a file
     # the user drew (e.g. the prompt mask itself, kept as masks/img_007_mask.png).
-    inputs = [prompt_path, *drawn_masks, *(i for i, _ in labelled), *files]
-    if out_dir.exists() and any(os.path.samefile(p.parent, out_dir) for p in inputs):
-        raise InputError(f"-o {out_dir} holds the prompt, its mask or images to label; write the masks to a "
-                         "folder of their own")
+    inputs = [("the prompt image", prompt_path), ("the prompt mask", mask_path),
+              *(("the --labelled mask", m) for _, m in labelled), *(("the --labelled image", i) for i, _ in labelled),
+              *(("the image to label", f) for f in files)]
+    inside = next(((what, p) for what, p in inputs if out_dir.exists() and os.path.samefile(p.parent, out_dir)), None)
+    if inside is not None:
+        what, p = inside
+        hint = (f"copy the corrected mask out of {out_dir} (or write to another -o folder)" if what == "the --labelled mask"
+                else "write the masks to a folder of their own")
+        raise InputError(f"{what} {p} lies in -o {out_dir}, where this run writes its masks; {hint}")
     same = [f for f in files if os.path.samefile(f, prompt_path)]
     files = [f for f in files if not any(os.path.samefile(f, m) for m in drawn_masks)]
     for image_path, _ in labelled:  # one of the set keeps its place; another joins at the end

@@ -475,7 +475,8 @@ def test_cli_refuses_to_write_masks_among_the_images(tmp_path, run_cli):
     _write_set(tmp_path / "set", images, truth[0])
     proc = run_cli("label-images", tmp_path / "set" / "img_0.png", tmp_path / "mask.png", tmp_path / "set",
                    "-o", tmp_path / "set", "--method", "copy")
-    assert proc.returncode == 2 and "holds the prompt, its mask or images to label" in proc.stderr
+    assert proc.returncode == 2 and f"the prompt image {tmp_path / 'set' / 'img_0.png'} lies in -o " in proc.stderr
+    assert "write the masks to a folder of their own" in proc.stderr
     assert sorted(p.name for p in (tmp_path / "set").iterdir()) == ["img_0.png", "img_1.png"]
     # The drawn mask kept in the masks folder (as img_0_mask.png) is never written over.
     (tmp_path / "masks").mkdir()
@@ -483,11 +484,33 @@ def test_cli_refuses_to_write_masks_among_the_images(tmp_path, run_cli):
     drawn.write_bytes((tmp_path / "mask.png").read_bytes())
     proc = run_cli("label-images", tmp_path / "set" / "img_0.png", drawn, tmp_path / "set",
                    "-o", tmp_path / "masks", "--method", "copy")
-    assert proc.returncode == 2 and "holds the prompt, its mask" in proc.stderr
+    assert proc.returncode == 2 and f"the prompt mask {drawn} lies in -o {tmp_path / 'masks'}" in proc.stderr
     assert drawn.read_bytes() == (tmp_path / "mask.png").read_bytes()
+    # A mask corrected in place after a first run, given back with --labelled: named as such.
+    fixed = tmp_path / "masks" / "img_1_mask.png"
+    fixed.write_bytes((tmp_path / "mask.png").read_bytes())
+    proc = run_cli("label-images", tmp_path / "set" / "img_0.png", tmp_path / "mask.png", tmp_path / "set",
+                   "-o", tmp_path / "masks", "--method", "copy", "--labelled", tmp_path / "set" / "img_1.png", fixed)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        f"pamsegment: error: the --labelled mask {fixed} lies in -o {tmp_path / 'masks'}, where this run writes its "
+        f"masks; copy the corrected mask out of {tmp_path / 'masks'} (or write to another -o folder)")
+    assert fixed.read_bytes() == (tmp_path / "mask.png").read_bytes()
     proc = run_cli("label-images", tmp_path / "set" / "img_0.png", tmp_path / "set" / "img_0.png", tmp_path / "set",
                    "-o", tmp_path / "out", "--method", "copy")
     assert proc.returncode == 2 and "are the same file" in proc.stderr
+
+
+def test_cli_refuses_an_output_folder_it_cannot_write_before_labelling(tmp_path, run_cli, monkeypatch):
+    """-o in a folder that takes no files (a read-only share; /proc here, which even root cannot
+    write) was found only after the whole set was labelled: a PermissionError traceback, exit 1."""
+    images, truth = moving_disc_set(2)
+    _write_set(tmp_path / "set", images, truth[0])
+    proc = run_cli("label-images", tmp_path / "set" / "img_0.png", tmp_path / "mask.png", tmp_path / "set",
+                   "-o", "/proc/pamsegment-masks", "--method", "copy")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "pamsegment: error: cannot write the masks folder pamsegment-masks in folder /proc (")
+    assert "labelling" not in proc.stdout + proc.stderr  # refused before any work
 
 
 def test_masks_that_are_not_label_maps_are_refused_and_palette_pngs_read(tmp_path):
