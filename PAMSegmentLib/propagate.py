@@ -432,6 +432,28 @@ def _drawn_slices(prompt: np.ndarray, present: list[int], axis: int | None, labe
     best = min(axes, key=key.get)
     slices = {lab: occupied(lab, best) for lab in labels}
     n_axis = full_shape[best]
+
+    def three_d_error(lab, note=""):
+        # Mostly slices holding only the line of a drawing on another plane: two drawings (e.g. a
+        # whole axial and a whole coronal slice), not a 3D mask.
+        lines, _ = _stroke_lines(boxes[lab], starts[lab], best)
+        if lines and len(lines) >= len(slices[lab]) - len(lines):
+            return _mixed_planes_error(lab, best, lines, slices[lab], plane_names, max_slices)
+        return InputError(
+            f"label {lab} is drawn on {len(slices[lab])} of {n_axis} slices along axis {best}: that is a 3D mask, "
+            f"not a slice prompt{note}; draw it on one slice (or a few keyframes: at most {max_slices}, and on at "
+            f"most half the slices)"
+        )
+
+    # Labels that are 3D masks (thick along every axis, so drawn on no plane, and on too many
+    # slices of this axis), named before the plane checks below: in a finished segmentation given
+    # as the prompt, a thin structure (a rib) would otherwise be reported as drawn on another plane.
+    solid = [lab for lab in labels if all(thick[lab, ax] >= 3 for ax in range(3))
+             and too_many_keyframes(len(slices[lab]), n_axis, max_slices)]
+    if solid:
+        note = (f" ({len(solid)} of the {len(labels)} labels are: is the prompt a finished segmentation?)"
+                if len(solid) > 1 else "")
+        raise three_d_error(solid[0], note)
     for lab, sl in slices.items():
         # A label drawn on slices of another plane crosses the chosen axis's slices as thin lines,
         # which would be taken as keyframes: refuse rather than return little more than the drawing.
@@ -462,16 +484,7 @@ def _drawn_slices(prompt: np.ndarray, present: list[int], axis: int | None, labe
                     and max(counts[s] for s in lines) <= STROKE_FRACTION * max(counts.values())):
                 raise _mixed_planes_error(lab, best, lines, sl, plane_names)
         if three_d:
-            # Mostly slices holding only the line of a drawing on another plane: two drawings (e.g. a
-            # whole axial and a whole coronal slice), not a 3D mask.
-            lines, _ = _stroke_lines(boxes[lab], starts[lab], best)
-            if lines and len(lines) >= len(sl) - len(lines):
-                raise _mixed_planes_error(lab, best, lines, sl, plane_names, max_slices)
-            raise InputError(
-                f"label {lab} is drawn on {len(sl)} of {n_axis} slices along axis {best}: that is a 3D mask, "
-                f"not a slice prompt; draw it on one slice (or a few keyframes: at most {max_slices}, and on at "
-                f"most half the slices)"
-            )
+            raise three_d_error(lab)
     return best, slices
 
 

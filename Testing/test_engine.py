@@ -883,6 +883,28 @@ def test_find_prompt_slices_names_two_planes_rather_than_a_3d_mask():
         find_prompt_slices(spaced)
 
 
+def test_a_finished_segmentation_as_prompt_is_called_a_3d_mask_not_a_drawing_on_another_plane():
+    """A full segmentation given as PROMPT (the wrong file): its thin structures (a rib, one voxel
+    thin along axis 2 here, label 1) were checked first and reported as drawn on another plane,
+    with advice (--label 1 --axis 2) that then ran on slices of a 3D mask."""
+    seg = np.zeros((30, 60, 60), np.uint8)
+    seg[8:22, 5:31, 5] = 1  # a plate one voxel thin along axis 2, over 14 slices along axis 0
+    k, j, i = np.ogrid[:30, :60, :60]
+    seg[((k - 15) / 8) ** 2 + ((j - 30) / 20) ** 2 + ((i - 30) / 20) ** 2 <= 1] = 2  # 17 of 30 slices along axis 0
+    with pytest.raises(InputError, match=r"^label 2 is drawn on 17 of 30 slices along axis 0: that is a 3D mask, not "
+                                         r"a slice prompt; draw it on one slice"):
+        find_prompt_slices(seg)
+    seg[((k - 15) / 8) ** 2 + ((j - 30) / 20) ** 2 + ((i - 52) / 6) ** 2 <= 1] = 3  # a second organ
+    with pytest.raises(InputError, match=r"^label 2 is drawn on 17 of 30 slices along axis 0: that is a 3D mask, not "
+                                         r"a slice prompt \(2 of the 3 labels are: is the prompt a finished "
+                                         r"segmentation\?\); draw it"):
+        find_prompt_slices(seg)
+    # The plate alone is still a drawing on another plane, with its axis.
+    with pytest.raises(InputError, match=r"^label 1 is drawn on 1 slice along axis 2 .*\(--axis 2\)$"):
+        find_prompt_slices((seg == 1).astype(np.uint8), axis=0)
+    assert find_prompt_slices((seg == 1).astype(np.uint8)) == (2, {1: [5]})
+
+
 def test_find_prompt_slices_keeps_small_objects_drawn_on_adjacent_slices():
     prompt = np.zeros((24, 40, 44), np.uint8)
     prompt[11:14, 19:22, 20:23] = 1  # a 3 x 3 px vessel drawn on slices 11-13
