@@ -692,7 +692,8 @@ def _provenance_text(provenance) -> str:
 
 
 def add_info_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint file (.pt/.pth)")
+    p.add_argument("checkpoint", metavar="CKPT", nargs="?", default=None,
+                   help="checkpoint file (.pt/.pth; default: the shipped weights, wherever they are installed)")
     p.add_argument("--json", action="store_true", help="print the description as JSON")
 
 
@@ -707,9 +708,14 @@ def _format_network(cfg: dict) -> str:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """Print what a checkpoint is; a file that does not load is a CheckpointError (exit 2)."""
-    from .checkpoints import describe_checkpoint
+    from .checkpoints import default_checkpoint_path, describe_checkpoint
 
-    d = describe_checkpoint(args.checkpoint)
+    path = args.checkpoint
+    if path is None:  # the shipped weights: after `pip install` they are not under Resources/Models
+        path = default_checkpoint_path()
+        if path is None:
+            raise CheckpointError("no default PAM weights are installed; give a checkpoint file: pamsegment info CKPT")
+    d = describe_checkpoint(path)
     if args.json:
         print(json.dumps(d, indent=2, default=str))
         return EXIT_OK
@@ -798,4 +804,12 @@ def main(argv: Sequence[str] | None = None, ends_process: bool = False) -> int:
         return EXIT_INTERRUPTED
     except PAMError as exc:
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] != "torch":
+            raise
+        # A torch-less install (the README's client for a server): the network cannot run here.
+        print(f"{PROG}: error: PAM's network needs PyTorch, which is not installed: pip install torch (see the "
+              "README's Quick start); without it, --method track or copy, or --server URL (a machine running "
+              "pamsegment serve), still work", file=sys.stderr)
         return EXIT_USAGE

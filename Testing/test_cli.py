@@ -3,6 +3,7 @@ sees, including exit codes and the absence of tracebacks for bad input."""
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 from pathlib import Path
@@ -804,3 +805,38 @@ def test_label_given_twice_on_the_command_line_adds_up():
 
     argv = ["propagate", "a.nii.gz", "p.nii.gz", "-o", "o.nii.gz", "--label", "2", "--label", "3", "4"]
     assert build_parser(argv).parse_args(argv).label == [2, 3, 4]  # the last --label used to win
+
+
+def test_without_pytorch_the_network_commands_say_so_in_one_line(ct_case, tmp_path, run_cli):
+    """A torch-less install (the README's client for a server) crashed with a ModuleNotFoundError
+    traceback on `propagate` and `info`; `--method track` needs no torch and still runs."""
+    import os
+
+    stub = tmp_path / "notorch" / "torch"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text('raise ModuleNotFoundError("No module named \'torch\'", name="torch")\n')
+    env = {"PYTHONPATH": os.pathsep.join([str(stub.parent), os.environ.get("PYTHONPATH", "")])}
+    out = tmp_path / "out.nii.gz"
+    proc = run_cli("propagate", ct_case.image_path, ct_case.prompt_path, "-o", out, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "pamsegment: error: PAM's network needs PyTorch, which is not installed: pip install torch (see the README's "
+        "Quick start); without it, --method track or copy, or --server URL (a machine running pamsegment serve), "
+        "still work"]
+    assert not out.exists()
+    proc = run_cli("propagate", ct_case.image_path, ct_case.prompt_path, "-o", out, "--method", "track", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert out.exists()
+
+
+def test_info_without_a_checkpoint_describes_the_shipped_weights(run_cli):
+    """After `pip install` the shipped weights are not under Resources/Models, so the README's path
+    did not work with `info`; without CKPT it describes them wherever they are installed."""
+    from PAMSegmentLib.checkpoints import shipped_checkpoint_path
+
+    proc = run_cli("info")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith(f"file: {shipped_checkpoint_path()} (")
+    card = json.loads(shipped_checkpoint_path().with_suffix(".json").read_text())
+    assert f"sha256 (weights): {card['sha256_weights']}" in proc.stdout and lines[-1] == "loads: yes"
