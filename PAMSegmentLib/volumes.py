@@ -186,6 +186,11 @@ def dicom_series_ids(folder: Path) -> list[str]:
         return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(_itk_path(folder)))
 
 
+def _series_label(uid: str) -> str:
+    """A series for the messages: its UID, or what GDCM groups files without one under."""
+    return uid if uid.strip() else "(files without a SeriesInstanceUID)"
+
+
 def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
     series_ids = dicom_series_ids(folder)
@@ -194,7 +199,8 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
     if series_uid is not None:
         if series_uid not in series_ids:
             raise InputError(
-                f"series {series_uid} is not in {folder}; available series: {', '.join(series_ids)}"
+                f"series {series_uid} is not in {folder}; available series: "
+                f"{', '.join(_series_label(uid) for uid in series_ids)}"
             )
         chosen = series_uid
         files = reader.GetGDCMSeriesFileNames(_itk_path(folder), chosen)
@@ -204,7 +210,8 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
         files = by_uid[chosen]
         if len(series_ids) > 1:
             warnings.warn(
-                f"{folder} holds {len(series_ids)} DICOM series; using {chosen} ({len(files)} files), the largest.",
+                f"{folder} holds {len(series_ids)} DICOM series; using {_series_label(chosen)} ({len(files)} files), "
+                "the largest.",
                 SeriesChoiceWarning,
                 stacklevel=3,
             )
@@ -214,8 +221,8 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
         with _itk_warnings_hidden():  # its spacing warning: checked below, in one line
             image = reader.Execute()
     except RuntimeError as error:
-        raise InputError(f"cannot read DICOM series {chosen} in {folder} ({_itk_reason(error)})") from None
-    _check_slice_positions(reader, image, f"DICOM series {chosen} in {folder}")
+        raise InputError(f"cannot read DICOM series {_series_label(chosen)} in {folder} ({_itk_reason(error)})") from None
+    _check_slice_positions(reader, image, f"DICOM series {_series_label(chosen)} in {folder}")
     return image
 
 

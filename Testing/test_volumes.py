@@ -598,3 +598,19 @@ def test_make_writable_folder_makes_it_or_says_why_not(tmp_path):
     with pytest.raises(InputError, match=r"^cannot make folder .*file/x for the results \(Not a directory\); "
                                          r"choose another folder$"):
         make_writable_folder(tmp_path / "file" / "x", "the results")
+
+
+def test_a_dicom_series_without_a_series_uid_is_named_as_such(tmp_path):
+    """GDCM groups files without a SeriesInstanceUID (TotalSegmentator's sample series) under an
+    empty ID: the messages said "DICOM series  in ..." and "available series: " with nothing after."""
+    vol = make_volume(shape=(8, 5, 6), spacing=(2.0, 0.9, 0.7))
+    folder = tmp_path / "nouid"
+    write_dicom_series(folder, vol, "")
+    assert read_volume(folder).shape == (8, 5, 6)
+    with pytest.raises(InputError, match=r"^series 1\.2\.3 is not in .*nouid; available series: \(files without a "
+                                         r"SeriesInstanceUID\)$"):
+        read_volume(folder, series_uid="1.2.3")
+    (folder / "slice003.dcm").unlink()
+    with pytest.raises(InputError, match=r"^DICOM series \(files without a SeriesInstanceUID\) in .*nouid is not "
+                                         r"evenly spaced"):
+        read_volume(folder)
