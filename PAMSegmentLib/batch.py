@@ -153,6 +153,8 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
     unknown = [f for f in fields if f and f not in COLUMNS]
     if unknown:
         hint = " (did you mean label?)" if "labels" in unknown else ""
+        if any("/" in f or "\\" in f or f.endswith((".gz", ".nrrd", ".mha", ".nii", ".dcm")) for f in unknown):
+            hint += " (it looks like a path: the first line must be the header naming the columns)"
         raise InputError(f"{path.name} has a column {unknown[0]!r} this command does not know{hint}; the columns are "
                          f"{COLUMNS_TEXT}" + ("; separate them with commas, not semicolons"
                                               if any(";" in f for f in fields) else ""))
@@ -166,8 +168,11 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
     # A column without a name (a trailing comma, as spreadsheets export) is ignored while it is empty.
     for line, values in records:
         if any(v.strip() for v in values[len(fields):]):
-            raise InputError(f"{path.name} row {line} has more fields than the header; put paths that contain "
-                             'commas in double quotes ("a,b.nii.gz")')
+            extra = [v.strip() for v in values[len(fields) - 1:] if v.strip()]
+            labels_split = "label" in fields and fields[-1] == "label" and all(v.isdigit() for v in extra)
+            raise InputError(f"{path.name} row {line} has more fields than the header; " + (
+                'separate several labels with spaces ("2 4"), not commas' if labels_split else
+                'put paths that contain commas in double quotes ("a,b.nii.gz")'))
         unnamed = next((n for n, v in enumerate(values[:len(fields)]) if not fields[n] and v.strip()), None)
         if unnamed is not None:
             raise InputError(f"{path.name}: column {unnamed + 1} has no name in the header but row {line} fills it; "
@@ -481,8 +486,10 @@ def cmd_batch(args: argparse.Namespace) -> int:
     interrupted = False
     bar = tqdm(todo, desc="cases", unit="case", file=sys.stderr, ncols=80)
     rewrite = _Report(rows, report, lambda text: bar.write(text, file=sys.stderr))
+    current = None
     try:
         for r in bar:
+            current = r
             t0 = time.perf_counter()
             try:
                 _run_row(r, model, args)
@@ -499,6 +506,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
                 break
     except (KeyboardInterrupt, PropagationCancelled):
         interrupted = True  # the case under way wrote nothing (outputs are written atomically)
+        if current is not None and current.status == "not run":
+            current.message = "interrupted while running; nothing was written for it"
         rewrite.write()
     finally:
         bar.close()
@@ -506,7 +515,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         rewrite.write()
     counts = {s: sum(1 for r in rows if r.status == s) for s in ("ok", "error", "skipped", "not run")}
     summary = ", ".join(f"{v} {k}" for k, v in counts.items() if v)
-    print(f"batch: {summary} of {len(rows)} rows in {time.perf_counter() - t_all:.1f} s; report {report}", flush=True)
+    print(f"batch: {summary} of {len(rows)} row{'s' if len(rows) != 1 else ''} in {time.perf_counter() - t_all:.1f} s; report {report}", flush=True)
     if rewrite.failure is not None:
         print(f"pamsegment: error: {_one_line(rewrite.failure)}; it does not show the cases run since it was last "
               "written (their outputs are written)", file=sys.stderr)

@@ -86,7 +86,10 @@ def test_every_row_is_checked_before_any_work(tmp_path, cases, run_cli):
      "cases.csv row 2: the output folder .*nowhere does not exist"),
     (["image,prompt,labels", "c0/image.nii.gz,c0/prompt.nii.gz,2"], "column 'labels' .*did you mean label"),
     (["image;prompt", "c0/image.nii.gz;c0/prompt.nii.gz"], "not semicolons"),
-    (["image,prompt", "c0/image.nii.gz,c0/prompt.nii.gz,extra"], "row 2 has more fields than the header"),
+    (["image,prompt", "c0/image.nii.gz,c0/prompt.nii.gz,extra"], "row 2 has more fields than the header; put paths"),
+    (["image,prompt,label", "c0/image.nii.gz,c0/prompt.nii.gz,2,4"],
+     r'row 2 has more fields than the header; separate several labels with spaces \("2 4"\), not commas'),
+    (["c0/image.nii.gz,c0/prompt.nii.gz"], "it looks like a path: the first line must be the header naming the columns"),
     (["image,prompt,output", "c0/image.nii.gz,c0/prompt.nii.gz,c1/image.nii.gz",
       "c1/image.nii.gz,c1/prompt.nii.gz,"], "row 2: the output .*c1/image.nii.gz is an input of row 3"),
     # csv.DictReader kept the last of two same-named columns: c0's prompt ran on c1's scan
@@ -136,7 +139,10 @@ def test_an_interrupted_batch_keeps_finished_cases_and_says_what_did_not_run(tmp
     out = tmp_path / "out"
     assert main(["batch", str(m), "-o", str(out), "--method", "copy"]) == 130
     assert calls == [2, 3]
-    assert [r["status"] for r in _report(out / "batch_report.csv")] == ["ok", "not run", "not run"]
+    report = _report(out / "batch_report.csv")
+    assert [r["status"] for r in report] == ["ok", "not run", "not run"]
+    # The case under way says it was interrupted; the one never started says nothing.
+    assert [r["message"] for r in report[1:]] == ["interrupted while running; nothing was written for it", ""]
     assert sorted(p.name for p in out.glob("*.nii.gz")) == ["c0_image_pam.nii.gz"]
     assert "--skip-existing to resume" in capsys.readouterr().err
 
