@@ -504,7 +504,8 @@ def cmd_label_cells(args) -> int:
                             f"{c['probability']:.3f}", "yes" if c["example"] else "no"])
 
     def report():  # within the moves' Ctrl-C shield: an interrupt now would say "nothing was written"
-        print(f"wrote {out} and {table.name}: {result.summary()}; {time.perf_counter() - t0:.1f} s in all", flush=True)
+        print(f"wrote {out} and {table.name}: {result.summary()} labelling, {time.perf_counter() - t0:.1f} s in all",
+              flush=True)
         for warning in result.warnings:
             print(f"warning: {warning}", flush=True)
         if background is None and not any("mark some background" in w for w in result.warnings):  # not twice

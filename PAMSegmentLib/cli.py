@@ -492,7 +492,8 @@ def cmd_propagate(args: argparse.Namespace) -> int:
                 dropped = drop_stale_keyframes_record(out)
                 if dropped is not None:
                     print(f"note: {dropped}", flush=True)
-            print(f"wrote {' and '.join(wrote)}: {result.summary()}; "
+            listing = wrote[0] if len(wrote) == 1 else f"{', '.join(wrote[:-1])} and {wrote[-1]}"
+            print(f"wrote {listing}: {result.summary()}; "
                   f"{time.perf_counter() - t0:.1f} s in all", flush=True)
             if check:
                 print(f"least confident slices, to check first: {check}", flush=True)

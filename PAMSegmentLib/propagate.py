@@ -1330,7 +1330,10 @@ def check_request(prompt, axis, labels, range, empty_slices, update: bool):  # n
     for lab, sl in slices.items():
         outside = [s for s in sl if not lo <= s <= hi]
         if outside:
-            raise InputError(f"label {lab}'s prompt slice {outside[0]} lies outside the range {lo}:{hi}")
+            others = (f", or leave label {lab} out (the command line's --label names the labels to propagate)"
+                      if len(slices) > 1 else "")
+            raise InputError(f"label {lab}'s prompt slice {outside[0]} lies outside the range {lo}:{hi}; widen the "
+                             f"range to include it{others}")
     return ax, slices, (lo, hi), _empty_slices_per_label(empty_slices, slices, lo, hi, ax)
 
 

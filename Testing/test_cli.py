@@ -468,7 +468,7 @@ def test_range_past_the_volume(ct_case, small_checkpoint, capsys):
 
 @pytest.mark.parametrize("options, phrase", [
     (["--range", "0:100"], "range 0:100 is outside the 20 slices along axis 0 (valid 0:19)"),
-    (["--range", "0:5"], "label 1's prompt slice 10 lies outside the range 0:5"),
+    (["--range", "0:5"], "label 1's prompt slice 10 lies outside the range 0:5; widen the range to include it\n"),
     (["--empty-slices", "10"], "slice 10 is both drawn (label 1) and marked empty"),
     (["--empty-slices", "44"], "empty slice 44 lies outside the range 0:19 along axis 0"),
     (["--server", "http://127.0.0.1:PORT"], "cannot reach the PAMSegment server at http://127.0.0.1:PORT"),

@@ -110,6 +110,14 @@ def test_cli_update_equals_a_run_from_the_same_keyframes(ct_case, capsys):
     assert cli.main(["propagate", str(ct_case.image_path), str(by_hand), "-o", str(same), "--method", "copy",
                      "--empty-slices", "6"]) == 0
     np.testing.assert_array_equal(read_volume(same).array, result)
+    # With --report too, the three files written are listed as a list is written.
+    capsys.readouterr()
+    report = d / "second.csv"
+    assert cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out),
+                     "--method", "copy", "--previous", str(first), "--edited", str(edited_path),
+                     "--report", str(report)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[1].startswith(f"wrote {out}, {report} and {out}.keyframes.json: label 1: slices ")
 
 
 def test_cli_update_refusals_are_one_line(ct_case, run_cli):

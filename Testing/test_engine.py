@@ -711,7 +711,9 @@ def test_empty_slice_input_errors(empty, phrase):
     ("NaN image", "the image has 1 NaN/inf voxels"),
     ("shape mismatch", "the prompt's shape (30, 16, 15) differs from the image's (30, 16, 16)"),
     ("range past the end", "range 5:40 is outside the 30 slices along axis 0"),
-    ("prompt outside range", "label 1's prompt slice 14 lies outside the range 16:20"),
+    ("prompt outside range", "label 1's prompt slice 14 lies outside the range 16:20; widen the range to include it"),
+    ("a label outside range", "label 2's prompt slice 10 lies outside the range 12:20; widen the range to include it, or "
+                              "leave label 2 out"),
     ("zero batch", "batch size must be at least 1"),
     ("bad axis", "axis must be 0, 1 or 2"),
 ])
@@ -735,6 +737,9 @@ def test_input_errors(case, phrase):
         kwargs["range"] = (5, 40)
     elif case == "prompt outside range":
         kwargs["range"] = (16, 20)
+    elif case == "a label outside range":
+        prompt[10, 1:3, 1:3] = 2
+        kwargs["range"] = (12, 20)
     elif case == "zero batch":
         kwargs["batch_size"] = 0
     elif case == "bad axis":
