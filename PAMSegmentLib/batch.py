@@ -398,7 +398,8 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
                    help="resample prompts on another grid onto their image's grid (nearest neighbour)")
 
 
-def _run_row(row: BatchRow, model, args) -> None:
+def _run_row(row: BatchRow, model, args, progress=None) -> None:
+    """Read, propagate and write one case; ``progress(fraction, message)`` follows its propagation."""
     from .cli import read_case
     from .propagate import propagate
     from .volumes import write_labelmap
@@ -416,7 +417,7 @@ def _run_row(row: BatchRow, model, args) -> None:
         keyframes, axis, walls = plan.prompt, plan.axis, plan.empty_slices
     result = propagate(image.array, keyframes, image.spacing, model, labels=row.labels, axis=axis, empty_slices=walls,
                        batch_size=args.batch_size, device=args.device, threads=args.threads,
-                       update=plan is not None)
+                       update=plan is not None, progress=progress)
     from .cli import drop_stale_keyframes_record, keyframes_record_path, keyframes_record_writer
     from .volumes import _write_extension, replace_together
 
@@ -432,6 +433,19 @@ def _run_row(row: BatchRow, model, args) -> None:
     row.slices = "; ".join(f"{lab}: {a}-{b}" for lab, (a, b) in result.slice_range.items())
     row.check_first = result.review_summary()
     row.message = " | ".join(row.notes + result.notes())
+
+
+def _case_progress(bar):
+    """A propagation's progress shown after the cases bar (a full-size scan takes minutes)."""
+    shown = [-1]
+
+    def progress(fraction: float, message: str) -> None:
+        percent = int(100 * fraction)
+        if percent != shown[0]:
+            shown[0] = percent
+            bar.set_postfix_str(f"this case {percent}%", refresh=True)
+
+    return progress
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
@@ -492,7 +506,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
             current = r
             t0 = time.perf_counter()
             try:
-                _run_row(r, model, args)
+                _run_row(r, model, args, progress=_case_progress(bar))
                 r.status = "ok"
             except PropagationCancelled:
                 raise

@@ -128,11 +128,11 @@ def test_an_interrupted_batch_keeps_finished_cases_and_says_what_did_not_run(tmp
     real = batch_module._run_row
     calls = []
 
-    def run_row(row, model, args):
+    def run_row(row, model, args, progress=None):
         calls.append(row.number)
         if row.number == 3:
             raise KeyboardInterrupt  # Ctrl-C during the second case (line 3)
-        real(row, model, args)
+        real(row, model, args, progress)
 
     monkeypatch.setattr(batch_module, "_run_row", run_row)
     (tmp_path / "out").mkdir()
@@ -196,7 +196,7 @@ def test_a_manifest_that_is_a_folder_or_not_utf8_says_so(tmp_path, cases, name, 
 def test_unwritable_outputs_are_refused_before_any_work(tmp_path, cases, monkeypatch, capsys, unwritable_folder):
     # -o that cannot be written was a traceback (PermissionError on batch_report.csv.tmp), and an
     # output column into such a folder failed only after its case was computed.
-    def not_reached(*args):
+    def not_reached(*args, **kwargs):
         raise AssertionError("a case ran before the output folders were checked")
 
     monkeypatch.setattr(batch_module, "_run_row", not_reached)
@@ -301,10 +301,10 @@ def test_a_resumed_report_keeps_what_the_earlier_run_said_of_the_cases_it_skips(
     out = tmp_path / "out"
     real = batch_module._run_row
 
-    def cut_at_the_second_case(row, model, args):
+    def cut_at_the_second_case(row, model, args, progress=None):
         if row.number == 3:
             raise KeyboardInterrupt
-        real(row, model, args)
+        real(row, model, args, progress)
 
     monkeypatch.setattr(batch_module, "_run_row", cut_at_the_second_case)
     assert main(["batch", str(m), "-o", str(out), "--method", "track"]) == 130
@@ -430,7 +430,7 @@ def test_a_report_that_cannot_be_written_before_any_work_stops_the_batch(tmp_pat
     def locked(self, target):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(batch_module, "_run_row", lambda *a: pytest.fail("a case ran"))
+    monkeypatch.setattr(batch_module, "_run_row", lambda *a, **k: pytest.fail("a case ran"))
     monkeypatch.setattr(Path, "replace", locked)
     assert main(["batch", str(m), "-o", str(tmp_path / "out"), "--method", "copy"]) == 2
     assert capsys.readouterr().err == (
@@ -468,7 +468,7 @@ def test_a_series_uid_the_folder_does_not_hold_is_found_before_any_work(tmp_path
     write_dicom_series(tmp_path / "dcm", volume, uid)
     (tmp_path / "empty").mkdir()
     write_volume(volume, tmp_path / "prompt.nrrd")
-    monkeypatch.setattr(batch_module, "_run_row", lambda *a: pytest.fail("a case ran"))
+    monkeypatch.setattr(batch_module, "_run_row", lambda *a, **k: pytest.fail("a case ran"))
     for series, folder, message in [(uid[:-1] + "9", "dcm", f"series {uid[:-1]}9 is not in {tmp_path / 'dcm'}; "
                                                             f"available series: {uid}"),
                                     (uid, "empty", f"series {uid} is not in {tmp_path / 'empty'}; it holds no "
@@ -560,3 +560,13 @@ def test_batch_update_messages_name_the_manifest_columns(tmp_path, cases, run_cl
     assert row["status"] == "error"
     assert "first.nii.gz.keyframes.json (the keyframes of the update that wrote previous) cannot be read" in \
         row["message"] and "--previous" not in row["message"]
+
+
+def test_the_cases_bar_follows_the_case_under_way(tmp_path, cases, capsys):
+    """The bar moved once per case only: on full-size scans nothing moved for minutes."""
+    m = _manifest(tmp_path / "data" / "cases.csv", ["image,prompt", "c0/image.nii.gz,c0/prompt.nii.gz"])
+    assert main(["batch", str(m), "-o", str(tmp_path / "out"), "--method", "copy"]) == 0
+    err = capsys.readouterr().err
+    assert "this case 100%" in err
+    shown = [int(p.split("%")[0]) for p in err.split("this case ")[1:]]
+    assert len(shown) >= 2 and shown == sorted(shown)  # several steps, in order
