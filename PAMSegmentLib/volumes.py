@@ -499,6 +499,20 @@ def _describe_difference(prop: str, label: Volume, ref: Volume) -> str:
     return f"{prop}{axes} {short(values[0])} vs {short(values[1])}"
 
 
+def _physical_box(volume: Volume) -> np.ndarray:
+    """The (2, 3) bounds in physical space (mm, x y z) of the volume's voxels' outer corners."""
+    direction = np.asarray(volume.direction, dtype=np.float64).reshape(3, 3)
+    size, spacing = np.asarray(volume.size_ijk, float), np.asarray(volume.spacing_ijk, float)
+    corners = np.array([[-0.5 if bit == 0 else n - 0.5 for bit, n in zip(bits, size)] for bits in np.ndindex(2, 2, 2)])
+    points = np.asarray(volume.origin, float) + (corners * spacing) @ direction.T
+    return np.stack([points.min(axis=0), points.max(axis=0)])
+
+
+def _overlaps(a: Volume, b: Volume) -> bool:
+    box_a, box_b = _physical_box(a), _physical_box(b)
+    return bool(np.all(box_a[0] < box_b[1]) and np.all(box_b[0] < box_a[1]))
+
+
 def read_labelmap(path: PathLike, reference: Volume | None = None, resample: bool = False) -> Volume:
     """Read an integer label map (e.g. a prompt) as a Volume with an integer array (K, J, I).
 
@@ -518,9 +532,12 @@ def read_labelmap(path: PathLike, reference: Volume | None = None, resample: boo
         if not resample:
             details = "; ".join(_describe_difference(d, labels, reference) for d in diffs)
             hint = " (Slicer may crop .seg.nrrd to the segment extent)" if name.lower().endswith(".seg.nrrd") and "size" in diffs else ""
+            advice = ("use --resample-prompt to resample it onto the image grid" if _overlaps(labels, reference) else
+                      "it does not even overlap the image in space (drawn on another scan?): draw the prompt on this "
+                      "image")
             raise InputError(
                 f"{name} is not on the image grid: {', '.join(diffs)} differ{'s' if len(diffs) == 1 else ''} "
-                f"({details}){hint}; use --resample-prompt to resample it onto the image grid"
+                f"({details}){hint}; {advice}"
             )
         resampler = sitk.ResampleImageFilter()
         resampler.SetSize(list(reference.size_ijk))

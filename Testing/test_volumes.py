@@ -614,3 +614,20 @@ def test_a_dicom_series_without_a_series_uid_is_named_as_such(tmp_path):
     with pytest.raises(InputError, match=r"^DICOM series \(files without a SeriesInstanceUID\) in .*nouid is not "
                                          r"evenly spaced"):
         read_volume(folder)
+
+
+def test_a_prompt_off_the_grid_is_told_to_resample_unless_it_misses_the_image_entirely(tmp_path):
+    """--resample-prompt was suggested even for a label map that does not overlap the image at all
+    (a prompt drawn on another scan), which resampling turns into an empty prompt."""
+    image = make_volume(shape=(6, 8, 10))
+    shifted = Volume(np.ones((6, 8, 10), np.uint8), image.spacing, image.origin, image.direction)
+    near, far = tmp_path / "near.nii.gz", tmp_path / "far.nii.gz"
+    write_volume(Volume(shifted.array, shifted.spacing, (-12.0, 30.25, 7.125), shifted.direction), near)  # 0.5 mm off
+    write_volume(Volume(shifted.array, shifted.spacing, (500.0, 30.25, 7.125), shifted.direction), far)
+    with pytest.raises(InputError, match=r"near.nii.gz is not on the image grid: origin differs .*; use "
+                                         r"--resample-prompt to resample it onto the image grid$"):
+        read_labelmap(near, reference=image)
+    with pytest.raises(InputError, match=r"far.nii.gz is not on the image grid: origin differs .*; it does not even "
+                                         r"overlap the image in space \(drawn on another scan\?\): draw the prompt on "
+                                         r"this image$"):
+        read_labelmap(far, reference=image)
