@@ -470,11 +470,14 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     voxels = result.slice_voxels()  # once, for the table and the slices to check first
     check = result.review_summary(voxels)
     try:
-        write_labelmap(result.mask, image, tmp)
+        try:
+            write_labelmap(result.mask, image, tmp)
+        except InputError as error:  # its message names the temporary: name OUT
+            raise InputError(str(error).replace(str(tmp), str(args.output))) from None
         if report is not None:
-            write_slice_report(result, tmp_report, voxels)
+            _write_or_refuse(args.report, lambda: write_slice_report(result, tmp_report, voxels))
         if plan is not None:
-            _write_keyframes_record(tmp_sidecar, plan, result.mask)
+            _write_or_refuse(str(sidecar), lambda: _write_keyframes_record(tmp_sidecar, plan, result.mask))
         with ctrl_c_ignored(keep=getattr(args, "_ends_process", False)):
             # The table first: if it cannot be moved in, OUT is still the old one.
             if report is not None:
@@ -639,6 +642,20 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
 def keyframes_record_writer(plan, mask) -> Callable[[Path], None]:
     """``write(tmp)`` of an update's record, for ``volumes.replace_together``."""
     return lambda tmp: _write_keyframes_record(tmp, plan, mask)
+
+
+def _os_reason(error: OSError) -> str:
+    import errno
+
+    return "no space left on the disk" if error.errno == errno.ENOSPC else (error.strerror or str(error))
+
+
+def _write_or_refuse(name: str, write: Callable[[], None]) -> None:
+    """``write()`` a temporary of the file ``name``; a failure (a full disk) is one InputError line."""
+    try:
+        write()
+    except OSError as error:
+        raise InputError(f"cannot write {name} ({_os_reason(error)}); nothing was replaced") from None
 
 
 def _move_in(tmp: Path, target: Path, what: str) -> None:

@@ -10,6 +10,7 @@ describe physical space, not array axes.
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
 import uuid
@@ -716,17 +717,88 @@ def _atomic_write(image: sitk.Image, path: PathLike, extensions: Sequence[str] =
     # The temporary name keeps the extension (ITK picks the format from it) and stays short.
     tmp = parent / f".pamsegment-{uuid.uuid4().hex[:12]}.tmp{ext}"
     try:
-        sitk.WriteImage(image, _itk_path(tmp), useCompression=True)
+        with _itk_warnings_hidden():  # a failed write is reported below, in one line naming OUT
+            sitk.WriteImage(image, _itk_path(tmp), useCompression=True)
+        _check_written(tmp, image, ext)
         os.replace(tmp, target)
     except (RuntimeError, OSError) as error:
-        reason = _itk_reason(error) if isinstance(error, RuntimeError) else str(error)
-        raise InputError(f"cannot write {path} ({reason}); check the folder is writable") from None
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            reason = "no space left on the disk"
+        else:
+            reason = _itk_reason(error) if isinstance(error, RuntimeError) else (error.strerror or str(error))
+        raise InputError(f"cannot write {path} ({reason}); nothing was replaced") from None
     finally:
         try:
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
     return Path(path)
+
+
+class IncompleteWrite(OSError):
+    """ITK's NIfTI, NRRD and PNG writers do not fail when the disk fills up: they leave an empty or
+    cut file, which must not be moved over the user's previous output."""
+
+
+def _check_written(tmp: Path, image: sitk.Image, ext: str) -> None:
+    """Is the file ITK just wrote whole? A compressed NIfTI by its gzip trailer (the size of what
+    it holds: a cut stream ends in compressed data instead), any other format by reading it back
+    and comparing the voxels (at most a few tenths of a second on a CT-sized label map).
+    Raises IncompleteWrite (an OSError, with ENOSPC when the disk has no room left)."""
+    import shutil
+    import zlib
+
+    def incomplete():
+        try:
+            full = shutil.disk_usage(tmp.parent).free < 1 << 20
+        except OSError:
+            full = False
+        return IncompleteWrite(errno.ENOSPC if full else errno.EIO,
+                               "the file written is incomplete: is the disk full?")
+
+    if ext == ".nii.gz":  # ITK's NIfTI reading of gzip is slow (0.6 s for 512 x 512 x 300): the trailer says it
+        with open(tmp, "rb") as fh:
+            head = fh.read(4096)
+            fh.seek(0, os.SEEK_END)
+            if fh.tell() < 18:
+                raise incomplete()
+            fh.seek(-4, os.SEEK_END)
+            stored = int.from_bytes(fh.read(4), "little")
+        try:
+            header = zlib.decompressobj(wbits=31).decompress(head, 540)
+        except zlib.error:
+            raise incomplete() from None
+        need = _nifti_data_bytes(header)
+        if need is None or stored != need % (1 << 32):
+            raise incomplete()
+        return
+    if ext == ".nii":  # ITK reads a cut NIfTI with its missing voxels as zeros, as a label map's often are
+        with open(tmp, "rb") as fh:
+            header = fh.read(540)
+            fh.seek(0, os.SEEK_END)
+            need = _nifti_data_bytes(header)
+            if need is None or fh.tell() < need:
+                raise incomplete()
+    if ext in (".nrrd", ".seg.nrrd"):  # ITK reads a gzip stream cut in its trailer without a word
+        with open(tmp, "rb") as fh:
+            head = fh.read(65536)
+            fh.seek(0, os.SEEK_END)
+            end = fh.tell()
+            fh.seek(max(end - 4, 0))
+            stored = int.from_bytes(fh.read(4), "little")
+        if b"\nencoding: gzip\n" in head.split(b"\n\n")[0] + b"\n":
+            nbytes = (int(np.prod(image.GetSize())) * image.GetNumberOfComponentsPerPixel()
+                      * image.GetSizeOfPixelComponent())
+            if end < 18 or stored != nbytes % (1 << 32):
+                raise incomplete()
+    try:
+        with _itk_warnings_hidden():
+            back = sitk.ReadImage(_itk_path(tmp))
+    except RuntimeError:
+        raise incomplete() from None
+    written, wanted = sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(image)
+    if back.GetSize() != image.GetSize() or not np.array_equal(written, wanted, equal_nan=wanted.dtype.kind in "fc"):
+        raise incomplete()
 
 
 def _is_orthonormal(direction: Sequence[float], tol: float = 1e-4) -> bool:

@@ -840,3 +840,26 @@ def test_info_without_a_checkpoint_describes_the_shipped_weights(run_cli):
     assert lines[0].startswith(f"file: {shipped_checkpoint_path()} (")
     card = json.loads(shipped_checkpoint_path().with_suffix(".json").read_text())
     assert f"sha256 (weights): {card['sha256_weights']}" in proc.stdout and lines[-1] == "loads: yes"
+
+
+def test_a_full_disk_while_writing_the_report_is_one_line_and_replaces_nothing(ct_case, tmp_path, monkeypatch,
+                                                                               capsys):
+    """write_slice_report's OSError (ENOSPC) escaped as a traceback, exit 1."""
+    import errno
+
+    out, report = tmp_path / "out.nii.gz", tmp_path / "r.csv"
+    out.write_bytes(b"the previous result")
+    report.write_text("the previous table")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cli, "write_slice_report", disk_full)
+    code = cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out), "--method", "copy",
+                     "--report", str(report)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip().splitlines()[-1] == f"pamsegment: error: cannot write {report} (no space left on the disk); " \
+                                           "nothing was replaced"
+    assert out.read_bytes() == b"the previous result" and report.read_text() == "the previous table"
+    assert not list(tmp_path.glob(".pamsegment-*"))  # no temporary left

@@ -3,6 +3,7 @@
 import locale
 import math
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -631,3 +632,57 @@ def test_a_prompt_off_the_grid_is_told_to_resample_unless_it_misses_the_image_en
                                          r"overlap the image in space \(drawn on another scan\?\): draw the prompt on "
                                          r"this image$"):
         read_labelmap(far, reference=image)
+
+
+@pytest.mark.parametrize("ext", [".nii.gz", ".nii", ".nrrd", ".seg.nrrd", ".mha"])
+@pytest.mark.parametrize("cut", ["empty", "half", "last byte"])
+def test_a_write_cut_short_replaces_nothing(tmp_path, monkeypatch, ext, cut):
+    """ITK's NIfTI, NRRD and PNG writers do not fail on a full disk: they leave an empty or cut
+    file, which was then moved over the previous output with exit 0 ("wrote ...")."""
+    from PAMSegmentLib import volumes
+
+    vol = make_volume(shape=(6, 20, 24), dtype=np.uint8)
+    vol = Volume((vol.array % 3).astype(np.uint8), vol.spacing, vol.origin, vol.direction)
+    out = tmp_path / f"result{ext}"
+    write_labelmap(vol.array, vol, out)
+    before = out.read_bytes()
+    real = sitk.WriteImage
+
+    def write_cut_short(image, path, *args, **kwargs):
+        real(image, path, *args, **kwargs)
+        data = Path(path).read_bytes()
+        Path(path).write_bytes({"empty": b"", "half": data[: len(data) // 2], "last byte": data[:-1]}[cut])
+
+    monkeypatch.setattr(volumes.sitk, "WriteImage", write_cut_short)
+    changed = Volume((vol.array + 1).astype(np.uint8), vol.spacing, vol.origin, vol.direction)
+    with pytest.raises(InputError, match=rf"^cannot write {re.escape(str(out))} \(the file written is incomplete: is "
+                                         r"the disk full\?\); nothing was replaced$"):
+        write_labelmap(changed.array, vol, out)
+    assert out.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temporary left
+    monkeypatch.setattr(volumes.sitk, "WriteImage", real)
+    write_labelmap(changed.array, vol, out)  # a whole write passes the check
+    np.testing.assert_array_equal(read_labelmap(out).array, changed.array)
+
+
+@pytest.mark.parametrize("ext", [".png", ".nii.gz", ".mha"])
+def test_a_2d_mask_cut_short_replaces_nothing(tmp_path, monkeypatch, ext):
+    """label-images' and label-cells' masks: a full disk left every mask empty, with exit 0."""
+    from PAMSegmentLib import volumes
+    from PAMSegmentLib.volumes import write_labelmap_2d
+
+    mask = (np.arange(30 * 40).reshape(30, 40) % 5).astype(np.uint8)
+    reference = sitk.Image(40, 30, sitk.sitkUInt8)
+    out = tmp_path / f"mask{ext}"
+    write_labelmap_2d(mask, reference, out)
+    before = out.read_bytes()
+    real = sitk.WriteImage
+
+    def write_empty(image, path, *args, **kwargs):
+        real(image, path, *args, **kwargs)
+        Path(path).write_bytes(b"")
+
+    monkeypatch.setattr(volumes.sitk, "WriteImage", write_empty)
+    with pytest.raises(InputError, match=r"the file written is incomplete: is the disk full\?\); nothing was replaced$"):
+        write_labelmap_2d(mask + 1, reference, out)
+    assert out.read_bytes() == before
