@@ -268,6 +268,12 @@ def _largest_overlapping(mask: np.ndarray, ref: np.ndarray) -> np.ndarray:
 # track
 
 
+# SimpleITK's demons (physical units = full-resolution px, as here) returns displacement fields of
+# NaN on grids coarser than about 17.8 times the image (measured on discs in 1150-3000 px crops:
+# the warp of a NaN field is empty, so a large object in a large slice was not propagated at all).
+MAX_FACTOR = 16.0
+
+
 class TrackPredictor(_ClassicalPredictor):
     """Slice-to-slice demons registration warping the guide mask onto the query slice.
 
@@ -323,9 +329,12 @@ class TrackPredictor(_ClassicalPredictor):
 
     def _factors(self, shape) -> list[float]:
         """Grid coarsening factors, finest first: the registration grid (at most ``max_side`` px),
-        then each pyramid level twice as coarse."""
-        fine = max(1.0, max(shape) / self.max_side)
-        return [fine * 2.0 ** k for k in range(1 + (self.coarse_levels if self.coarse_iterations else 0))]
+        then each pyramid level twice as coarse; none above MAX_FACTOR (a crop over 16 x
+        ``max_side`` px is registered on a grid finer than ``max_side``, and pyramid levels coarser
+        than that are left out)."""
+        fine = min(max(1.0, max(shape) / self.max_side), MAX_FACTOR)
+        levels = [fine * 2.0 ** k for k in range(1 + (self.coarse_levels if self.coarse_iterations else 0))]
+        return [f for f in levels if f <= MAX_FACTOR]
 
     def pyramid(self, arr: np.ndarray) -> list:
         """A normalised 2D crop on the registration's grids, finest first: (coarsening factor,
@@ -386,6 +395,11 @@ class TrackPredictor(_ClassicalPredictor):
                 # The coarser field, in physical units, resampled onto this grid: where it starts.
                 init = sitk.Resample(field, f_img, sitk.Transform(), sitk.sitkLinear, 0.0, field.GetPixelID())
                 field = d.Execute(f_img, m_img, init)
+        values = sitk.GetArrayViewFromImage(field)
+        if not np.isfinite(values).all():  # a safety net under MAX_FACTOR: no motion where demons failed
+            clean = sitk.GetImageFromArray(np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0), isVector=True)
+            clean.CopyInformation(field)
+            field = clean
         return sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
 
     @staticmethod

@@ -221,3 +221,30 @@ def test_get_predictor_methods_and_errors():
 def test_predict_before_begin_is_an_error():
     with pytest.raises(RuntimeError, match="begin"):
         CopyPredictor().predict(np.zeros((2, 8, 8), np.float32), 0, np.ones((8, 8), bool), [1])
+
+
+def test_registration_of_a_large_crop_stays_finite_and_the_shipped_fusion_propagates_it():
+    """SimpleITK's demons returned displacement fields of NaN on grids coarser than about 17.8x
+    (a 1150 px crop with the shipped 128 px grid and its half-resolution level): the warp was
+    empty and a large object in a large slice was not propagated at all, without a word."""
+    import SimpleITK as sitk
+
+    from PAMSegmentLib.baselines import MAX_FACTOR
+    from PAMSegmentLib.propagate import propagate
+
+    reg = TrackPredictor(max_side=128, iterations=10, coarse_iterations=10)  # the shipped weights' grid
+    assert reg._factors((1000, 1000)) == [7.8125, 15.625]  # below the cap: as before
+    assert reg._factors((1200, 1200)) == [9.375]  # the coarse level would be 18.75
+    assert reg._factors((4000, 4000)) == [MAX_FACTOR]  # the finest grid: 250 px instead of 128
+    n = 1200
+    yy, xx = np.mgrid[:n, :n]
+    disc = (((yy - n / 2) ** 2 + (xx - n / 2) ** 2) < 300 ** 2).astype(np.float32)
+    field = sitk.GetArrayFromImage(reg.register(disc, disc).GetDisplacementField())
+    assert np.isfinite(field).all()
+    volume = np.repeat(disc[None] * 200, 3, axis=0)
+    prompt = np.zeros(volume.shape, np.uint8)
+    prompt[1] = disc > 0
+    result = propagate(volume, prompt, (1.0, 1.0, 1.0), None, threads=1)
+    assert result.slice_range[1] == (0, 2)  # was (1, 1): the drawn slice alone
+    inside = result.mask[[0, 2]] > 0
+    assert 2 * (inside & (disc > 0)).sum() / (inside.sum() + 2 * disc.sum()) > 0.97
