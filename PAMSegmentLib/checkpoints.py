@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -466,13 +466,24 @@ def _check_model_card(path: Path, model: PAMModel) -> None:
         return
     if not isinstance(card, dict) or card.get("file") != path.name or not isinstance(card.get("sha256_weights"), str):
         return
+    advice = ("the install is damaged or the file was replaced: reinstall PAMSegment (if you changed the weights "
+              "on purpose, write the card again with scripts/make_model_card.py)")
     if card["sha256_weights"] != model.sha256:
         raise CheckpointError(
             f"checkpoint {path} does not match its model card {card_path.name}: its weights' sha256 is "
-            f"{model.sha256[:16]}..., the card's {card['sha256_weights'][:16]}...; the install is damaged or the file "
-            "was replaced: reinstall PAMSegment (if you changed the weights on purpose, write the card again with "
-            "scripts/make_model_card.py)"
-        )
+            f"{model.sha256[:16]}..., the card's {card['sha256_weights'][:16]}...; {advice}")
+    # The header's settings too: a byte changed there (a threshold) loads and runs, with other results.
+    for section, values in (("network", model.config.to_dict()), ("preprocessing", asdict(model.preprocessing)),
+                            ("inference", asdict(model.inference))):
+        recorded = card.get(section)
+        if not isinstance(recorded, dict):
+            continue
+        loaded = json.loads(json.dumps(values, default=str))
+        for key in sorted(set(recorded) | set(loaded)):
+            if recorded.get(key) != loaded.get(key):
+                raise CheckpointError(
+                    f"checkpoint {path} does not match its model card {card_path.name}: its {section} {key} is "
+                    f"{loaded.get(key)!r}, the card's {recorded.get(key)!r}; {advice}")
 
 
 def load_model(path: str | os.PathLike | None = None, device: str = "cpu") -> PAMModel:

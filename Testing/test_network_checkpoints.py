@@ -342,6 +342,34 @@ def test_default_weights_must_match_their_model_card(monkeypatch, tmp_path, smal
 
 
 @pytest.mark.skipif(not (SHIPPED / "pam_small.pt").is_file(), reason="the shipped weights are not installed")
+def test_one_byte_changed_in_the_shipped_header_is_refused(monkeypatch, tmp_path):
+    """The card was compared on the weights' sha256 only: one byte of the header's pickle changed
+    (the mask threshold 0.5 -> 0.75; torch does not check the zip's CRC) loaded and ran as the
+    default weights, with 10 % of a result's voxels different."""
+    import struct
+    import zipfile
+
+    path = tmp_path / "pam_small.pt"
+    shutil.copyfile(SHIPPED / "pam_small.pt", path)
+    shutil.copyfile(SHIPPED / "pam_small.json", tmp_path / "pam_small.json")
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as z:
+        name = next(n for n in z.namelist() if n.endswith("data.pkl"))
+        pickled = z.read(name)
+    at = data.find(pickled[:64]) + pickled.find(b"thresholdq") + len(b"thresholdq") + 2  # BINFLOAT: 8 bytes, big-endian
+    assert struct.unpack(">d", bytes(data[at:at + 8]))[0] == 0.5
+    data[at + 1] ^= 0x08
+    assert struct.unpack(">d", bytes(data[at:at + 8]))[0] == 0.75
+    path.write_bytes(bytes(data))
+    monkeypatch.setenv("PAMSEGMENT_MODEL", str(path))
+    with pytest.raises(CheckpointError, match=r"does not match its model card pam_small.json: its inference threshold "
+                                              r"is 0.75, the card's 0.5; the install is damaged"):
+        load_model(None)
+    monkeypatch.delenv("PAMSEGMENT_MODEL")
+    assert load_model(path).inference.threshold == 0.75  # as an ordinary checkpoint it is not held to the card
+
+
+@pytest.mark.skipif(not (SHIPPED / "pam_small.pt").is_file(), reason="the shipped weights are not installed")
 def test_shipped_weights_match_their_model_card(monkeypatch):
     monkeypatch.delenv("PAMSEGMENT_MODEL", raising=False)
     card = json.loads((SHIPPED / "pam_small.json").read_text())
