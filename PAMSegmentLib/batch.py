@@ -137,7 +137,7 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
     """The manifest's rows, every one checked (InputError naming the row for the first problem).
     A row's number is the line of the file it is on (the header is row 1), as a spreadsheet
     numbers it."""
-    from .volumes import _write_extension, dicom_series_ids
+    from .volumes import _series_label, _write_extension, check_name_length, dicom_series_ids
 
     path = Path(path)
     if path.is_dir():
@@ -215,10 +215,18 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
             ids = series_in[str(image)]
             if rec["series"] not in ids:
                 raise InputError(f"{where}: series {rec['series']} is not in {image}; "
-                                 + (f"available series: {', '.join(ids)}" if ids else "it holds no DICOM series"))
+                                 + (f"available series: {', '.join(_series_label(i) for i in ids)}" if ids
+                                    else "it holds no DICOM series"))
         try:
             output = (resolve(rec["output"]) if rec.get("output")
                       else out_dir / f"{_default_name(rec['image'], image)}_pam.nii.gz")
+            try:
+                check_name_length(output)
+            except InputError as error:  # default names join every folder of the image's path
+                if rec.get("output"):
+                    raise
+                raise InputError(f"{error} (this default name joins the folders of the image's path: give the row "
+                                 "an output)") from None
             if output.is_dir():
                 raise InputError(f"the output {output} is a folder; give a file name")
             _write_extension(output)

@@ -439,8 +439,8 @@ def cmd_label_cells(args) -> int:
     from pathlib import Path
 
     from .cli import EXIT_OK, _ProgressBar, _same_path
-    from .volumes import (MASK_2D_EXTENSIONS, check_link_target, check_output_path, read_image_2d, read_labelmap_2d,
-                          replace_together, write_labelmap_2d)
+    from .volumes import (MASK_2D_EXTENSIONS, check_link_target, check_name_length, check_output_path, read_image_2d,
+                          read_labelmap_2d, replace_together, write_labelmap_2d)
 
     t0 = time.perf_counter()
     out = Path(args.output)
@@ -452,6 +452,7 @@ def cmd_label_cells(args) -> int:
     # A PNG holds at most 65535 labels; a result with more goes to a TIFF beside OUT, whose name is
     # chosen now, before the work, so that it never replaces an input.
     fallback = _tif_fallback(out, inputs) if out.name.lower().endswith(".png") else None
+    check_name_length(out, extra=len(".csv"))  # OUT.csv beside OUT
     if out.with_name(out.name + ".csv").is_dir():  # the move at the end would fail after the work
         raise InputError(f"{out.with_name(out.name + '.csv')} is a folder, where the table of cells goes; move it "
                          "away or choose another -o file")

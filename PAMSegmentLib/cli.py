@@ -524,6 +524,9 @@ def keyframes_record_path(out: str | os.PathLike) -> Path:
 
 def check_keyframes_record_path(out: str | os.PathLike) -> None:
     """Before any work: an update's record beside OUT must be writable as a file."""
+    from .volumes import check_name_length
+
+    check_name_length(out, extra=len(KEYFRAMES_SUFFIX))
     target = keyframes_record_path(out)
     if target.is_dir():
         raise InputError(f"{target} is a folder, where this update would write its keyframes; move it away or choose "
@@ -669,9 +672,10 @@ def _move_in(tmp: Path, target: Path, what: str) -> None:
 def _check_report_path(report: str, others: Sequence[str]) -> None:
     """Fail before any work if the --report table could not be written or would replace a file
     the command reads or writes."""
-    from .volumes import check_folder_writable
+    from .volumes import check_folder_writable, check_name_length
 
     target = Path(report)
+    check_name_length(target)
     if target.suffix.lower() != ".csv" or target.stem in ("", "."):
         raise InputError(f"--report writes a CSV table: give it a file name ending in .csv (got {report!r})")
     for given in others:
@@ -822,6 +826,18 @@ def main(argv: Sequence[str] | None = None, ends_process: bool = False) -> int:
         return EXIT_INTERRUPTED
     except PAMError as exc:
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except (OSError, RuntimeError) as exc:
+        # Paths no check foresaw: a name too long for the file system, a loop of symbolic links
+        # (Python 3.11's Path.resolve raises RuntimeError for it, later versions OSError).
+        import errno
+
+        loop = isinstance(exc, RuntimeError) and str(exc).startswith("Symlink loop")
+        if not (loop or (isinstance(exc, OSError) and exc.errno in (errno.ENAMETOOLONG, errno.ELOOP))):
+            raise
+        what = "a loop of symbolic links" if loop or getattr(exc, "errno", None) == errno.ELOOP else "a name too long"
+        where = str(exc).removeprefix("Symlink loop from ") if loop else (exc.filename or exc)
+        print(f"{PROG}: error: {where} holds {what} for the file system; give another path", file=sys.stderr)
         return EXIT_USAGE
     except ModuleNotFoundError as exc:
         if (exc.name or "").split(".")[0] != "torch":

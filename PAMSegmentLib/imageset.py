@@ -428,8 +428,11 @@ def _check_targets(out_dir, names, prompt_path, mask_path, files, more_masks=())
         inputs.setdefault((st.st_dev, st.st_ino), f"{what} {f}")
     from .volumes import check_link_target
 
+    from .volumes import check_name_length
+
     for name in names:
         target = out_dir / name
+        check_name_length(target)  # <image name>_mask.png may pass what the file system takes
         check_link_target(target)  # a link is written onto its target: its folder must take files
         try:
             st = os.stat(target)  # follows a symbolic link

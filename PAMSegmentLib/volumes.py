@@ -584,6 +584,7 @@ def check_output_path(path: PathLike, extensions: Sequence[str] = _WRITE_EXTENSI
     returns the extension. Raises InputError. The writers pass ``probe=False``: the check before
     the work has tried the folder, and a failed write says why itself."""
     target = Path(path)
+    check_name_length(target)
     if target.is_dir():  # before the extension: `-o results/` is a folder, not a file of unknown format
         ext = next((e for e in extensions if target.name.lower().endswith(e)),
                    ".nii.gz" if ".nii.gz" in extensions else extensions[0])
@@ -595,6 +596,22 @@ def check_output_path(path: PathLike, extensions: Sequence[str] = _WRITE_EXTENSI
     if probe:
         check_folder_writable(parent)
     return ext
+
+
+NAME_MAX = 255  # bytes in one file or folder name on the common file systems (ext4, XFS, APFS, NTFS)
+
+
+def check_name_length(path: PathLike, extra: int = 0) -> None:
+    """InputError if a name in ``path`` (its last one with ``extra`` more bytes, e.g. a suffix the
+    command adds) is longer than the file system takes: the OSError (ENAMETOOLONG) came as a
+    traceback, in batch after the case had been computed (default names join every folder)."""
+    parts = Path(path).parts
+    for n, part in enumerate(parts):
+        size = len(os.fsencode(part)) + (extra if n == len(parts) - 1 else 0)
+        if size > NAME_MAX:
+            raise InputError(f"the name {part[:40]}... in {path} is {size} bytes long"
+                             + (f" (with the {extra} bytes added to it)" if extra and n == len(parts) - 1 else "")
+                             + f"; file systems take at most {NAME_MAX}: choose a shorter name")
 
 
 def check_folder_writable(folder: PathLike, what: str = "the output") -> None:

@@ -570,3 +570,25 @@ def test_the_cases_bar_follows_the_case_under_way(tmp_path, cases, capsys):
     assert "this case 100%" in err
     shown = [int(p.split("%")[0]) for p in err.split("this case ")[1:]]
     assert len(shown) >= 2 and shown == sorted(shown)  # several steps, in order
+
+
+def test_a_default_output_name_too_long_is_refused_with_its_row_before_any_work(tmp_path, cases):
+    """Default names join every folder of the image's path: nested patient folders passed 255
+    bytes, and the OSError came after the case was computed, as a traceback that ended the batch."""
+    import shutil
+
+    deep = tmp_path / "data" / "/".join(f"patient_folder_with_a_long_name_{n:02d}" for n in range(8))
+    deep.mkdir(parents=True)
+    for name in ("image.nii.gz", "prompt.nii.gz"):
+        shutil.copyfile(tmp_path / "data" / "c0" / name, deep / name)
+    rel = deep.relative_to(tmp_path / "data")
+    m = _manifest(tmp_path / "data" / "cases.csv", ["image,prompt", f"{rel}/image.nii.gz,{rel}/prompt.nii.gz"])
+    from PAMSegmentLib.errors import InputError
+
+    with pytest.raises(InputError, match=r"^cases.csv row 2: the name patient_folder_with_a_long_name_00_patie\.\.\. "
+                                         r"in .* is \d+ bytes long; file systems take at most 255: choose a shorter "
+                                         r"name \(this default name joins the folders of the image's path: give the "
+                                         r"row an output\)$"):
+        batch_module.read_manifest(m, tmp_path / "out")
+    assert main(["batch", str(m), "-o", str(tmp_path / "out"), "--method", "copy"]) == 2
+    assert not (tmp_path / "out").exists()

@@ -863,3 +863,26 @@ def test_a_full_disk_while_writing_the_report_is_one_line_and_replaces_nothing(c
                                            "nothing was replaced"
     assert out.read_bytes() == b"the previous result" and report.read_text() == "the previous table"
     assert not list(tmp_path.glob(".pamsegment-*"))  # no temporary left
+
+
+def test_names_too_long_and_link_loops_are_one_line(ct_case, tmp_path, capsys):
+    """ENAMETOOLONG and a loop of symbolic links came as tracebacks (exit 1)."""
+    long_out = tmp_path / ("a" * 300 + ".nii.gz")
+    code = cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(long_out),
+                     "--method", "copy"])
+    err = capsys.readouterr().err
+    assert code == 2 and "is 307 bytes long; file systems take at most 255: choose a shorter name" in err
+    out = tmp_path / "out.nii.gz"
+    code = cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out),
+                     "--method", "copy", "--report", str(tmp_path / ("r" * 300 + ".csv"))])
+    assert code == 2 and "is 304 bytes long" in capsys.readouterr().err and not out.exists()
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    for args in ([str(tmp_path / "loop1"), str(ct_case.prompt_path), "-o", str(out)],
+                 [str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(tmp_path / "loop1")]):
+        code = cli.main(["propagate", *args, "--method", "copy"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.strip().splitlines() == [
+            f"pamsegment: error: {str(tmp_path / 'loop1')!r} holds a loop of symbolic links for the file system; "
+            "give another path"], err
+    assert not out.exists()
