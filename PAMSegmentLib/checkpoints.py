@@ -401,10 +401,12 @@ def load_checkpoint_file(path: str | os.PathLike, device: str = "cpu") -> PAMMod
         expected = {k: v for k, v in network.state_dict().items() if ".decoder.encoder." not in k}
         _strict_check(expected, sd, f"checkpoint {path}")  # shapes before any tensor is read whole
         digest = weights_sha256(sd)
+        if not isinstance(obj.get("sha256"), (str, type(None))):
+            raise CheckpointError(f"checkpoint {path} has an invalid header: its 'sha256' entry is not text")
         if obj.get("sha256") and obj["sha256"] != digest:
             raise CheckpointError(f"checkpoint {path} is corrupt: its weights' sha256 does not match its header")
         network.load_state_dict(_finite_float32(sd, path), strict=False)  # only the decoder.encoder aliases are absent
-        provenance = obj.get("provenance", {})
+        provenance = _plain_provenance(obj.get("provenance", {}))
         return PAMModel(network.eval().to(device), pre, inf, kind="pamsegment", source=str(path),
                         sha256=digest, provenance=provenance if isinstance(provenance, dict) else {}, device=device)
 
@@ -418,6 +420,20 @@ def load_checkpoint_file(path: str | os.PathLike, device: str = "cpu") -> PAMMod
         raise CheckpointError(f"checkpoint {path} could not be loaded: {str(exc).splitlines()[0]}") from None
     return PAMModel(network.eval().to(device), PreprocessingParams(), InferenceParams(), kind="official",
                     source=str(path), sha256=digest, device=device)
+
+
+def _plain_provenance(value, depth: int = 0):
+    """A checkpoint's free-form provenance as JSON can hold it: mapping keys as text (a tuple key
+    made `pamsegment info` fail), tensors and other objects as their text, nesting cut at 32."""
+    if depth > 32:
+        return "..."
+    if isinstance(value, dict):
+        return {k if isinstance(k, str) else str(k): _plain_provenance(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain_provenance(v, depth + 1) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
 
 
 def default_checkpoint_path() -> Path | None:

@@ -485,3 +485,21 @@ def test_set_inference_params_rewrites_the_header_not_the_weights(small_checkpoi
     assert bad.returncode == 1
     assert "--set expects NAME=VALUE with NAME one of window_mm" in bad.stderr
     assert not (tmp_path / "bad.pt").exists()
+
+
+def test_a_header_sha256_that_is_not_text_and_provenance_with_odd_keys(tmp_path, small_checkpoint, run_cli):
+    """A 'sha256' entry that is a tensor raised "Boolean value of Tensor ... is ambiguous" (a
+    traceback in info and propagate); a provenance with a tuple key made `info` fail in json."""
+    ck = torch.load(small_checkpoint.path, weights_only=True)
+    bad = dict(ck, sha256=torch.zeros(2))
+    torch.save(bad, tmp_path / "sha_tensor.pt")
+    with pytest.raises(CheckpointError, match=r"has an invalid header: its 'sha256' entry is not text$"):
+        load_model(tmp_path / "sha_tensor.pt")
+    odd = dict(ck, provenance={(1, 2): "x", "nested": {3: torch.ones(1)}})
+    torch.save(odd, tmp_path / "prov.pt")
+    assert load_model(tmp_path / "prov.pt").provenance == {"(1, 2)": "x", "nested": {"3": "tensor([1.])"}}
+    for args in (["info", tmp_path / "prov.pt"], ["info", "--json", tmp_path / "prov.pt"]):
+        proc = run_cli(*args)
+        assert proc.returncode == 0 and '"(1, 2)": "x"' in proc.stdout, proc.stderr
+    proc = run_cli("info", tmp_path / "sha_tensor.pt")
+    assert proc.returncode == 2 and proc.stderr.strip().endswith("its 'sha256' entry is not text")
