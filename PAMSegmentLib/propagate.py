@@ -21,6 +21,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import math
+import os
 import sys
 import threading
 import time
@@ -618,8 +619,7 @@ def _validate_options(axis, labels, range, batch_size, threads, cancel, previous
         range = (_whole(range[0], "range's first slice"), _whole(range[1], "range's last slice"))
     if _whole(batch_size, "batch size") < 1:
         raise InputError("batch size must be at least 1")
-    if threads is not None and _whole(threads, "threads") < 1:
-        raise InputError(f"threads must be at least 1, got {threads}")
+    check_threads(threads)
     if cancel is not None and not hasattr(cancel, "is_cancelled"):
         raise InputError(f"cancel must be a CancelToken, got {type(cancel).__name__}")
     if previous is not None and not isinstance(previous, PropagationResult):
@@ -1190,10 +1190,29 @@ def propagate(
     )
 
 
+def max_threads() -> int:
+    """The most CPU threads a run may ask for: 4 per core, at least 64 (beyond the cores, threads
+    only slow torch down; 100000 failed to start and crashed the process)."""
+    return max(64, 4 * (os.cpu_count() or 1))
+
+
+def check_threads(threads) -> None:
+    """InputError unless ``threads`` is None or a whole number from 1 to ``max_threads()``."""
+    if threads is None:
+        return
+    n = _whole(threads, "threads")
+    if n < 1:
+        raise InputError(f"threads must be at least 1, got {threads}")
+    if n > max_threads():
+        raise InputError(f"threads {n} is more than this machine can use ({os.cpu_count()} CPU cores): give at most "
+                         f"{max_threads()}; more threads than cores only slow the network down")
+
+
 @contextlib.contextmanager
 def torch_threads(threads: int | None):
     """torch's CPU thread count set to ``threads`` (when given) for the block, then restored. torch
     is needed only by the network predictor: when nothing imported it, nothing is done."""
+    check_threads(threads)
     torch = sys.modules.get("torch")
     if not threads or torch is None:
         yield

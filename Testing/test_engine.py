@@ -1069,3 +1069,23 @@ def test_an_update_without_early_stopping_applies_no_agreement_stop():
     reused = propagate(truth * 1.0, prompt(15, 20), (1, 1, 1), Agreeing(), early_stop=False, previous=first)
     assert fresh.slice_range == reused.slice_range == {1: (3, 26)}
     assert reused.stops.get(1, []) == [] and fresh.stops.get(1, []) == []  # no walk ended
+
+
+def test_a_thread_count_beyond_what_the_machine_can_use_is_refused():
+    """--threads 100000 failed to start its threads and crashed the process (exit 139); 1000 ran
+    10 times slower. Now 4 per core (at least 64) is the most."""
+    import os
+
+    from PAMSegmentLib.propagate import max_threads, torch_threads
+
+    truth = tube(8, 20)
+    limit = max(64, 4 * (os.cpu_count() or 1))
+    assert max_threads() == limit
+    with pytest.raises(InputError, match=rf"^threads {limit + 1} is more than this machine can use \(\d+ CPU cores\): "
+                                         rf"give at most {limit}; more threads than cores only slow the network down$"):
+        propagate(image_for(truth), prompt_from(truth, 14), ISO, OracleModel(truth), threads=limit + 1)
+    with pytest.raises(InputError, match=r"^threads 100000 is more"):
+        with torch_threads(100000):
+            pass
+    result = propagate(image_for(truth), prompt_from(truth, 14), ISO, OracleModel(truth), threads=limit)
+    assert result.mask.any()
