@@ -16,6 +16,7 @@ import numpy as np
 from scipy import ndimage
 
 from .checkpoints import GATE_REFERENCES, QUERY_PRIORS
+from .errors import CheckpointError
 from .network import fuse_scales
 from .preprocess import IntensityWindow, crop_box_for_mask, crop_slices, intensity_window, uncrop_probability
 from .propagate import SlicePrediction, SlicePredictor
@@ -393,6 +394,10 @@ class PAMPredictor(SlicePredictor):
         out = stage.decode_queries(queries[None], keys, values, g_mask, prior)
         prob = fuse_scales(out.logits, size).float().cpu()
         presence = torch.sigmoid(out.presence).float().cpu().numpy() if out.presence is not None else None
+        if not bool(torch.isfinite(prob).all()) or (presence is not None and not np.isfinite(presence).all()):
+            # The inputs are finite and windowed to [-1, 1]: finite weights whose values overflow.
+            raise CheckpointError(f"the network's output is not finite (NaN or inf) on slice {query_indices[0]}: the "
+                                  f"checkpoint {self.model.source} holds weights that overflow; use another checkpoint")
         return SlicePrediction(uncrop_probability(prob, box, volume.shape[1:]), presence)
 
 

@@ -7,6 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -503,3 +504,27 @@ def test_a_header_sha256_that_is_not_text_and_provenance_with_odd_keys(tmp_path,
         assert proc.returncode == 0 and '"(1, 2)": "x"' in proc.stdout, proc.stderr
     proc = run_cli("info", tmp_path / "sha_tensor.pt")
     assert proc.returncode == 2 and proc.stderr.strip().endswith("its 'sha256' entry is not text")
+
+
+def test_weights_that_overflow_are_named_not_reported_as_a_stop(tmp_path, small_checkpoint):
+    """Finite but absurd weights (1e30) passed every load check; the network's output was NaN, so
+    the run "succeeded" with the drawn slice alone and a note blaming the drift test."""
+    from PAMSegmentLib.errors import PAMError
+    from PAMSegmentLib.propagate import propagate
+
+    ck = torch.load(small_checkpoint.path, weights_only=True)
+    sd = dict(ck["state_dict"])
+    first = sorted(sd)[0]
+    sd[first] = torch.full_like(sd[first], 1e30)
+    bad = dict(ck, state_dict=sd)
+    bad.pop("sha256", None)
+    torch.save(bad, tmp_path / "huge.pt")
+    model = load_model(tmp_path / "huge.pt")  # loads: every value is finite
+    rng = np.random.default_rng(0)
+    image = rng.normal(0, 10, (12, 48, 48)).astype(np.float32)
+    image[:, 14:34, 14:34] += 200
+    prompt = np.zeros(image.shape, np.uint8)
+    prompt[6, 14:34, 14:34] = 1
+    with pytest.raises(PAMError, match=r"^the network's output is not finite \(NaN or inf\) on slice \d+: the "
+                                       r"checkpoint .*huge.pt holds weights that overflow; use another checkpoint$"):
+        propagate(image, prompt, (2.0, 1.0, 1.0), model, threads=1)
