@@ -580,6 +580,8 @@ def _validate_inputs(image: np.ndarray, prompt: np.ndarray, spacing) -> tuple[fl
     if not np.issubdtype(prompt.dtype, np.integer) and not np.issubdtype(prompt.dtype, np.bool_):
         if not np.all(np.mod(prompt, 1) == 0):
             raise InputError("the prompt must be an integer label map")
+    if image.dtype.kind not in "biuf":  # complex, object, text: numpy would drop or convert them silently
+        raise InputError(f"the image must hold real numbers (integers or floats), got {image.dtype}")
     if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
         n = int((~np.isfinite(image)).sum())
         raise InputError(f"the image has {n} NaN/inf voxels; fix or mask them before propagating")
@@ -587,6 +589,15 @@ def _validate_inputs(image: np.ndarray, prompt: np.ndarray, spacing) -> tuple[fl
     if np.issubdtype(image.dtype, np.floating) and image.itemsize > 4 and image.size and \
             (float(image.max()) > big or float(image.min()) < -big):
         raise InputError("the image has values beyond float32's range (about 3.4e38); rescale it before propagating")
+    if image.itemsize >= 4 and image.dtype.kind in "iuf" and image.size:
+        # Read as float32 (24-bit precision): a small spread on a huge offset (e.g. 2**62 + CT values,
+        # or 1e12 + intensities) rounds away, and an image of one value cannot be windowed.
+        lo, hi = float(image.min()), float(image.max())
+        magnitude = max(abs(lo), abs(hi))
+        if magnitude > 2.0 ** 24 and hi - lo < magnitude * 2.0 ** -12:
+            raise InputError(f"the image's values lie between {lo:.6g} and {hi:.6g}: so small a spread on so large an "
+                             "offset does not survive the float32 the network and registration read; subtract the "
+                             "offset (e.g. the minimum) before propagating")
     try:
         spacing = tuple(float(s) for s in spacing)
     except (TypeError, ValueError):

@@ -6,6 +6,8 @@ and the truth is the engine's doing (walk, stopping, batching, post-processing).
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from doubles import LeakModel, OracleModel, ShiftModel
@@ -1089,3 +1091,20 @@ def test_a_thread_count_beyond_what_the_machine_can_use_is_refused():
             pass
     result = propagate(image_for(truth), prompt_from(truth, 14), ISO, OracleModel(truth), threads=limit)
     assert result.mask.any()
+
+
+@pytest.mark.parametrize("make, phrase", [
+    (lambda a: (a * 1j).astype(np.complex64), "the image must hold real numbers (integers or floats), got complex64"),
+    (lambda a: a.astype(object), "the image must hold real numbers (integers or floats), got object"),
+    (lambda a: a.astype(np.int64) + 2 ** 62, "so small a spread on so large an offset does not survive the float32"),
+    (lambda a: a.astype(np.float64) + 1e12, "so small a spread on so large an offset does not survive the float32"),
+])
+def test_images_the_predictors_cannot_read_faithfully_are_refused(make, phrase):
+    """Complex images lost their imaginary part with a numpy warning; int64 values near 2**62 raised
+    ZeroDivisionError; a float64 image on an offset of 1e12 returned the drawn slice alone."""
+    truth = tube(8, 20)
+    with pytest.raises(InputError, match=re.escape(phrase)):
+        propagate(make(image_for(truth)), prompt_from(truth, 14), ISO, OracleModel(truth))
+    # The same images without the offset, or with one float32 keeps, propagate.
+    ok = image_for(truth).astype(np.float64) + 1e6
+    assert propagate(ok, prompt_from(truth, 14), ISO, OracleModel(truth)).slice_range[1][1] > 14
