@@ -586,6 +586,14 @@ def cmd_label_images(args) -> int:
         _check_targets(out_dir, [*names, "labels.csv"], prompt_path, mask_path, files,
                        [m for _, m in labelled])
 
+    from .volumes import tiff_pages
+
+    for f in files:  # ITK would read the first page alone, silently
+        pages = tiff_pages(f)
+        if pages > 1:
+            raise InputError(f"{f} is a TIFF of {pages} pages (a stack); label-images labels one 2D image per file: "
+                             "save the pages as separate files (e.g. Fiji's Image > Stacks > Stack to Images), or "
+                             "propagate the stack as a volume with `pamsegment propagate`")
     read = [read_image_2d(f) for f in files]
     prompt = read_labelmap_2d(mask_path, reference=read[index])
     more = {}

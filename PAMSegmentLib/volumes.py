@@ -963,6 +963,21 @@ def read_image_2d(path: PathLike, keep_colour: bool = False) -> tuple[np.ndarray
     return arr, original
 
 
+def tiff_pages(path: PathLike) -> int:
+    """How many pages (frames) a TIFF file holds (1 for any other file, or when PIL cannot tell).
+    ITK reads the first page alone."""
+    p = Path(path)
+    if not p.name.lower().endswith((".tif", ".tiff")):
+        return 1
+    try:
+        from PIL import Image
+
+        with Image.open(p) as im:
+            return int(getattr(im, "n_frames", 1))
+    except Exception:  # noqa: BLE001 - PIL's many error types: ITK's reading then decides
+        return 1
+
+
 def _palette_indices(path: Path) -> np.ndarray | None:
     """An indexed-colour (palette) PNG's pixel indices, which annotation tools use as labels
     (SimpleITK expands them to colours); None for any other file."""

@@ -779,3 +779,22 @@ def test_the_image_set_correction_rounds_draw_the_worst_image_and_score_the_rest
     after = label_images(images, 0, truth[0], predictor, order="given", more_prompts={7: truth[7].astype(np.uint8)})
     assert rounds[1] == pytest.approx(np.mean([dice(after.masks[q] > 0, truth[q]) for q in kept]))
     assert rounds[1] > rounds[0] + 0.1
+
+
+def test_cli_refuses_a_multi_page_tiff_among_the_images(tmp_path, run_cli):
+    """ITK reads a TIFF's first page alone: a stack given as one image was labelled on page 1 (a
+    black page got a mask) and its other pages dropped without a word."""
+    from PIL import Image
+
+    images, truth = moving_disc_set(3)
+    _write_set(tmp_path / "set", images[:1], truth[0])
+    pages = [Image.fromarray(np.clip(im, 0, 255).astype(np.uint8)) for im in images]
+    pages[0].save(tmp_path / "stack.tif", save_all=True, append_images=pages[1:])
+    proc = run_cli("label-images", tmp_path / "set" / "img_0.png", tmp_path / "mask.png", tmp_path / "stack.tif",
+                   "-o", tmp_path / "out", "--method", "copy")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"pamsegment: error: {tmp_path / 'stack.tif'} is a TIFF of 3 pages (a stack); label-images labels one 2D image "
+        "per file: save the pages as separate files (e.g. Fiji's Image > Stacks > Stack to Images), or propagate the "
+        "stack as a volume with `pamsegment propagate`")
+    assert not (tmp_path / "out").exists()
