@@ -119,6 +119,8 @@ def parse_options(text: str | None) -> dict:
         options = json.loads(text)
     except json.JSONDecodeError as error:
         raise InputError(f"options must be a JSON object ({error.msg})") from None
+    except RecursionError:  # '[' * 3000: a 500 and a traceback in the server's log before
+        raise InputError("options must be a JSON object (nested too deeply)") from None
     if not isinstance(options, dict):
         raise InputError("options must be a JSON object")
     unknown = sorted(set(options) - OPTION_KEYS)

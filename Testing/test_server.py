@@ -92,6 +92,8 @@ def test_a_job_runs_and_its_result_is_what_propagate_returns(oracle_app):
     # found before the job is queued, not when it runs (they needed the volume's shape)
     ("good", {"options": json.dumps({"range": [0, 1000]})}, "range 0:1000 is outside the 16 slices along axis 0"),
     ("good", {"options": json.dumps({"empty_slices": [99]})}, "empty slice 99 lies outside the range 0:15 along axis 0"),
+    # a RecursionError in json.loads: 500 with a traceback in the server's log before
+    ("good", {"options": "[" * 3000 + "]" * 3000}, "options must be a JSON object (nested too deeply)"),
 ])
 def test_bad_uploads_are_refused_with_the_reason(oracle_app, body, params, message):
     client, image, prompt, _ = oracle_app
