@@ -589,10 +589,14 @@ def _validate_inputs(image: np.ndarray, prompt: np.ndarray, spacing) -> tuple[fl
     if np.issubdtype(image.dtype, np.floating) and image.itemsize > 4 and image.size and \
             (float(image.max()) > big or float(image.min()) < -big):
         raise InputError("the image has values beyond float32's range (about 3.4e38); rescale it before propagating")
-    if image.itemsize >= 4 and image.dtype.kind in "iuf" and image.size:
+    low, high = (image.min(), image.max()) if image.size else (0, 0)  # compared in the image's own type
+    lo, hi = float(low), float(high)
+    if low == high:
+        raise InputError(f"the image holds one value everywhere ({lo:g}): there is nothing to follow; check that it "
+                         "is the scan")
+    if image.itemsize >= 4 and image.dtype.kind in "iuf":
         # Read as float32 (24-bit precision): a small spread on a huge offset (e.g. 2**62 + CT values,
         # or 1e12 + intensities) rounds away, and an image of one value cannot be windowed.
-        lo, hi = float(image.min()), float(image.max())
         magnitude = max(abs(lo), abs(hi))
         if magnitude > 2.0 ** 24 and hi - lo < magnitude * 2.0 ** -12:
             raise InputError(f"the image's values lie between {lo:.6g} and {hi:.6g}: so small a spread on so large an "

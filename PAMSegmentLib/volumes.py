@@ -473,7 +473,8 @@ def _as_integer_labels(image: sitk.Image, name: str) -> sitk.Image:
         return sitk.Cast(image, sitk.sitkUInt8)
     if not np.all(np.isfinite(arr)) or not np.array_equal(arr, np.round(arr)):
         raise InputError(
-            f"{name} has non-integer values, so it is not a label map; save the prompt as an integer label map"
+            f"{name} has non-integer values, so it is not a label map; save the prompt as an integer label map (or "
+            "are the image and the label map swapped?)"
         )
     lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
     if lo >= 0 and hi <= 255:

@@ -886,3 +886,14 @@ def test_names_too_long_and_link_loops_are_one_line(ct_case, tmp_path, capsys):
             f"pamsegment: error: {str(tmp_path / 'loop1')!r} holds a loop of symbolic links for the file system; "
             "give another path"], err
     assert not out.exists()
+
+
+def test_image_and_prompt_swapped_are_named_as_a_possible_cause(ct_case, tmp_path, capsys):
+    """A float image (an MR) given as PROMPT said only that it has non-integer values."""
+    image = sitk.ReadImage(str(ct_case.image_path))
+    mr = sitk.Cast(image, sitk.sitkFloat32) * 0.37 + 100.25
+    sitk.WriteImage(mr, str(tmp_path / "mr.nii.gz"))
+    code = cli.main(["propagate", str(ct_case.prompt_path), str(tmp_path / "mr.nii.gz"), "-o", str(tmp_path / "o.nii.gz"),
+                     "--method", "copy"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip().endswith("(or are the image and the label map swapped?)"), err

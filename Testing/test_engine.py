@@ -1027,7 +1027,8 @@ def test_slice_table_and_the_slices_to_check_first():
     truth[6:14, 3:8, 3:8] = True
     prompt = np.zeros(truth.shape, np.uint8)
     prompt[10][truth[10]] = 1
-    res = propagate(np.zeros(truth.shape, np.float32), prompt, (1.0, 1.0, 1.0), _FadingOracle(truth, window=3))
+    noise = np.random.default_rng(0).normal(size=truth.shape).astype(np.float32)  # the oracle does not look at it
+    res = propagate(noise, prompt, (1.0, 1.0, 1.0), _FadingOracle(truth, window=3))
     rows = res.slice_table()
     held = {r["slice"]: r for r in rows if r["voxels"]}
     assert sorted(held) == list(range(6, 14)) and all(r["voxels"] == 25 for r in held.values())
@@ -1096,6 +1097,7 @@ def test_a_thread_count_beyond_what_the_machine_can_use_is_refused():
 @pytest.mark.parametrize("make, phrase", [
     (lambda a: (a * 1j).astype(np.complex64), "the image must hold real numbers (integers or floats), got complex64"),
     (lambda a: a.astype(object), "the image must hold real numbers (integers or floats), got object"),
+    (lambda a: np.full_like(a, 7.0), "the image holds one value everywhere (7): there is nothing to follow"),
     (lambda a: a.astype(np.int64) + 2 ** 62, "so small a spread on so large an offset does not survive the float32"),
     (lambda a: a.astype(np.float64) + 1e12, "so small a spread on so large an offset does not survive the float32"),
 ])
