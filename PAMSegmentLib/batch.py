@@ -167,6 +167,9 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
                          "(found: " + (", ".join(f for f in fields if f) or "nothing") + ")")
     # A column without a name (a trailing comma, as spreadsheets export) is ignored while it is empty.
     for line, values in records:
+        if any("\n" in v or "\r" in v for v in values):  # paths hold no line breaks: a quote left open
+            raise InputError(f"{path.name} row {line}: a field runs over several lines: a double quote (\") opened "
+                             "there is not closed; close it, or remove it")
         if any(v.strip() for v in values[len(fields):]):
             extra = [v.strip() for v in values[len(fields) - 1:] if v.strip()]
             labels_split = "label" in fields and fields[-1] == "label" and all(v.isdigit() for v in extra)
@@ -494,13 +497,19 @@ def cmd_batch(args: argparse.Namespace) -> int:
     todo = [r for r in rows if r.status == "not run"]
     _check_output_folders(out_dir, todo, Path(args.manifest).name)
     model = METHODS[args.method](args) if todo else None
+    made = not out_dir.exists()
     try:
         out_dir.mkdir(exist_ok=True)
     except OSError as error:
         raise InputError(f"cannot create the folder {out_dir} ({error.strerror or error}); choose another -o "
                          "folder") from None
     report = out_dir / report_name
-    write_report(rows, report)  # before any work: a report that cannot be written stops the batch here
+    try:
+        write_report(rows, report)  # before any work: a report that cannot be written stops the batch here
+    except BaseException:
+        if made and out_dir.is_dir() and not any(out_dir.iterdir()):  # a refused batch leaves nothing behind
+            out_dir.rmdir()
+        raise
 
     from tqdm import tqdm
 

@@ -593,6 +593,9 @@ def check_output_path(path: PathLike, extensions: Sequence[str] = _WRITE_EXTENSI
     ext = _write_extension(target, extensions)
     parent = target.parent if str(target.parent) else Path(".")
     if not parent.is_dir():
+        if parent.is_file():
+            raise InputError(f"{parent} is a file, not a folder: {target} cannot be made inside it; choose another "
+                             "output path")
         raise InputError(f"folder {parent} does not exist; create it or choose another output path")
     if probe:
         check_folder_writable(parent)

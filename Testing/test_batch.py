@@ -90,6 +90,8 @@ def test_every_row_is_checked_before_any_work(tmp_path, cases, run_cli):
     (["image,prompt,label", "c0/image.nii.gz,c0/prompt.nii.gz,2,4"],
      r'row 2 has more fields than the header; separate several labels with spaces \("2 4"\), not commas'),
     (["c0/image.nii.gz,c0/prompt.nii.gz"], "it looks like a path: the first line must be the header naming the columns"),
+    (["image,prompt", '"c0/image.nii.gz,c0/prompt.nii.gz', "c1/image.nii.gz,c1/prompt.nii.gz"],
+     'cases.csv row 2: a field runs over several lines: a double quote \\("\\) opened there is not closed'),
     (["image,prompt,output", "c0/image.nii.gz,c0/prompt.nii.gz,c1/image.nii.gz",
       "c1/image.nii.gz,c1/prompt.nii.gz,"], "row 2: the output .*c1/image.nii.gz is an input of row 3"),
     # csv.DictReader kept the last of two same-named columns: c0's prompt ran on c1's scan
@@ -592,3 +594,21 @@ def test_a_default_output_name_too_long_is_refused_with_its_row_before_any_work(
         batch_module.read_manifest(m, tmp_path / "out")
     assert main(["batch", str(m), "-o", str(tmp_path / "out"), "--method", "copy"]) == 2
     assert not (tmp_path / "out").exists()
+
+
+def test_a_report_that_cannot_be_written_leaves_no_folder_behind(tmp_path, cases, monkeypatch, capsys):
+    """-o DIR on a full disk: the report failed correctly (exit 2) but the empty DIR stayed."""
+    from PAMSegmentLib.errors import InputError
+
+    def full(rows, path):
+        raise InputError(f"cannot write the report {path} (No space left on device); check that its folder is "
+                         "writable and has space")
+
+    monkeypatch.setattr(batch_module, "write_report", full)
+    m = _manifest(tmp_path / "data" / "cases.csv", ["image,prompt", "c0/image.nii.gz,c0/prompt.nii.gz"])
+    assert main(["batch", str(m), "-o", str(tmp_path / "out"), "--method", "copy"]) == 2
+    assert "cannot write the report" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "kept").mkdir()  # a folder the user made stays
+    assert main(["batch", str(m), "-o", str(tmp_path / "kept"), "--method", "copy"]) == 2
+    assert (tmp_path / "kept").is_dir()

@@ -897,3 +897,12 @@ def test_image_and_prompt_swapped_are_named_as_a_possible_cause(ct_case, tmp_pat
                      "--method", "copy"])
     err = capsys.readouterr().err
     assert code == 2 and err.strip().endswith("(or are the image and the label map swapped?)"), err
+
+
+def test_an_output_inside_a_file_is_named_as_such(ct_case, tmp_path, capsys):
+    """-o image.nii.gz/x.nii.gz said "folder image.nii.gz does not exist"."""
+    out = ct_case.image_path / "x.nii.gz"
+    assert cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out),
+                     "--method", "copy"]) == 2
+    assert capsys.readouterr().err.strip() == (f"pamsegment: error: {ct_case.image_path} is a file, not a folder: {out} "
+                                               "cannot be made inside it; choose another output path")
