@@ -596,6 +596,18 @@ def _read_keyframes_record(path: Path, previous, option_axis, name: str = "--pre
         raise InputError(f"{where} does not match {name}, which has changed since it was written: give that "
                          f"update's unchanged output as {name} (and correct a copy of it), or delete "
                          f"{path.name} to keep only the prompt's keyframes")
+    # Checked against the result it describes (its checksum matched): slices on its axis, labels it
+    # can hold, no slice both a keyframe and a wall; hand-edited values were ignored before.
+    n_slices = previous.shape[record["axis"]]
+    for key, value in labels.items():
+        bad = next((s for s in value["keyframes"] + value["walls"] if not 0 <= s < n_slices), None)
+        problem = (f"label {key} is outside 1-65535" if not 1 <= int(key) <= 65535 else
+                   f"label {key}'s slice {bad} is outside the {n_slices} slices along axis {record['axis']}"
+                   if bad is not None else
+                   f"label {key} has slices that are both keyframes and walls"
+                   if set(value["keyframes"]) & set(value["walls"]) else None)
+        if problem:
+            raise InputError(f"{where} cannot be read ({problem}); delete it to keep only the prompt's keyframes")
     if option_axis is not None and option_axis != record["axis"]:
         raise InputError(f"--axis {option_axis}, but the earlier rounds propagated along axis {record['axis']}: drop "
                          "--axis")

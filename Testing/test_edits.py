@@ -301,3 +301,36 @@ def test_a_folder_where_the_record_goes_is_refused_before_any_work(ct_case, caps
     out = capsys.readouterr()
     assert "out.nii.gz.keyframes.json is a folder, where this update would write its keyframes" in out.err
     assert out.out == "" and not (d / "out.nii.gz").exists()
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda r: r["labels"]["1"]["keyframes"].append(1000), "label 1's slice 1000 is outside the 20 slices along axis 0"),
+    (lambda r: r["labels"]["1"]["walls"].append(-1), "label 1's slice -1 is outside the 20 slices along axis 0"),
+    (lambda r: r["labels"]["1"]["walls"].append(r["labels"]["1"]["keyframes"][0]),
+     "label 1 has slices that are both keyframes and walls"),
+    (lambda r: r["labels"].update({"65536": {"keyframes": [3], "walls": []}}), "label 65536 is outside 1-65535"),
+])
+def test_a_record_edited_by_hand_is_refused_not_half_used(ct_case, capsys, edit, problem):
+    """Out-of-range slices, a wall on a keyframe and impossible labels in OUT.keyframes.json were
+    ignored and the update went ahead (the record's checksum covers OUT, not itself)."""
+    import json
+
+    d = ct_case.directory
+    first = _first_run(ct_case)
+    edited = read_volume(first).array
+    edited[13] = ct_case.truth[13]
+    e = write_image(edited.astype(np.uint8), d / "e.nii.gz", ct_case.spacing)
+    assert _update(ct_case, first, e, d / "second.nii.gz") == 0
+    record_path = d / "second.nii.gz.keyframes.json"
+    record = json.loads(record_path.read_text())
+    edit(record)
+    record_path.write_text(json.dumps(record))
+    edited2 = read_volume(d / "second.nii.gz").array
+    edited2[8] = ct_case.truth[8]
+    e2 = write_image(edited2.astype(np.uint8), d / "e2.nii.gz", ct_case.spacing)
+    capsys.readouterr()
+    assert _update(ct_case, d / "second.nii.gz", e2, d / "third.nii.gz") == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (f"pamsegment: error: {record_path} (the keyframes of the update that wrote --previous) cannot "
+                           f"be read ({problem}); delete it to keep only the prompt's keyframes")
+    assert not (d / "third.nii.gz").exists()
