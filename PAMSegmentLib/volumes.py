@@ -586,6 +586,9 @@ def check_output_path(path: PathLike, extensions: Sequence[str] = _WRITE_EXTENSI
     the work has tried the folder, and a failed write says why itself."""
     target = Path(path)
     check_name_length(target)
+    if str(path).endswith(("/", os.sep)) and not target.is_dir():  # Path() drops the trailing slash
+        raise InputError(f"{path} names a folder (it ends with a slash); give a file name (e.g. "
+                         f"{target / ('result' + ('.nii.gz' if '.nii.gz' in extensions else extensions[0]))})")
     if target.is_dir():  # before the extension: `-o results/` is a folder, not a file of unknown format
         ext = next((e for e in extensions if target.name.lower().endswith(e)),
                    ".nii.gz" if ".nii.gz" in extensions else extensions[0])

@@ -906,3 +906,11 @@ def test_an_output_inside_a_file_is_named_as_such(ct_case, tmp_path, capsys):
                      "--method", "copy"]) == 2
     assert capsys.readouterr().err.strip() == (f"pamsegment: error: {ct_case.image_path} is a file, not a folder: {out} "
                                                "cannot be made inside it; choose another output path")
+
+
+def test_an_output_given_as_a_new_folder_is_told_to_name_a_file(ct_case, tmp_path, capsys):
+    """-o newdir/ (a folder that does not exist yet) said "cannot tell the output format of newdir"."""
+    assert cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", f"{tmp_path}/newdir/",
+                     "--method", "copy"]) == 2
+    assert capsys.readouterr().err.strip() == (f"pamsegment: error: {tmp_path}/newdir/ names a folder (it ends with a "
+                                               f"slash); give a file name (e.g. {tmp_path}/newdir/result.nii.gz)")
