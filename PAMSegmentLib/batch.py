@@ -387,7 +387,7 @@ def _check_output_folders(out_dir: Path, todo: list[BatchRow], manifest: str) ->
 
 
 def add_batch_arguments(p: argparse.ArgumentParser) -> None:
-    from .cli import METHODS, _positive_int, _through_plane_mm, _unit_interval
+    from .cli import METHODS, _positive_int, _thread_count, _through_plane_mm, _unit_interval
 
     p.add_argument("manifest", metavar="MANIFEST", help="CSV with columns " + COLUMNS_TEXT)
     p.add_argument("-o", "--output", required=True, metavar="DIR",
@@ -403,7 +403,7 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
                         "manifest between N machines)")
     p.add_argument("--stop-on-error", action="store_true", help="stop at the first case that fails (default: go on)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--threads", type=_positive_int, metavar="N", help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=_thread_count, metavar="N", help="torch CPU threads (default: torch's choice)")
     p.add_argument("--batch-size", type=_positive_int, default=16, metavar="N", help="query slices per network call (default 16)")
     p.add_argument("--resample-prompt", action="store_true",
                    help="resample prompts on another grid onto their image's grid (nearest neighbour)")
@@ -446,15 +446,17 @@ def _run_row(row: BatchRow, model, args, progress=None) -> None:
     row.message = " | ".join(row.notes + result.notes())
 
 
-def _case_progress(bar):
-    """A propagation's progress shown after the cases bar (a full-size scan takes minutes)."""
-    shown = [-1]
+def _case_progress(bar, every: float = 1.0):
+    """A propagation's progress shown after the cases bar (a full-size scan takes minutes), drawn
+    at most once a ``every`` seconds (a log of a long batch stays small) and at the case's end."""
+    bar.set_postfix_str("this case 0%", refresh=False)
+    last = [time.monotonic()]
 
     def progress(fraction: float, message: str) -> None:
-        percent = int(100 * fraction)
-        if percent != shown[0]:
-            shown[0] = percent
-            bar.set_postfix_str(f"this case {percent}%", refresh=True)
+        now = time.monotonic()
+        if now - last[0] >= every or fraction >= 1.0:
+            last[0] = now
+            bar.set_postfix_str(f"this case {int(100 * fraction)}%", refresh=True)
 
     return progress
 
@@ -466,6 +468,9 @@ def cmd_batch(args: argparse.Namespace) -> int:
     check_pam_only_options(args)
     check_no_checkpoint_for_classical(args)
     out_dir = Path(args.output)
+    from .volumes import check_not_a_broken_link
+
+    check_not_a_broken_link(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir} is a file; -o takes a folder")
     if not out_dir.parent.is_dir():
@@ -485,11 +490,11 @@ def cmd_batch(args: argparse.Namespace) -> int:
         check_checkpoint_file(args.checkpoint)
     # Everything is checked and the model loaded before -o is created: a refused batch leaves nothing behind.
     earlier = _earlier_results(out_dir) if args.skip_existing else {}  # read before the report is rewritten
-    from .cli import keyframes_record_path
+    from .cli import keyframes_record_exists
 
     for r in rows:  # an empty file is what an interrupted copy leaves, not a result
         done = args.skip_existing and r.output.is_file() and r.output.stat().st_size > 0
-        if done and r.edited is not None and not keyframes_record_path(r.output).is_file():
+        if done and r.edited is not None and not keyframes_record_exists(r.output):
             done = False  # an update row is done with its keyframes record (written together with it)
         if done:
             r.status, r.message = "skipped", SKIPPED
@@ -527,7 +532,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
                 r.status = "ok"
             except PropagationCancelled:
                 raise
-            except PAMError as error:
+            except (PAMError, OSError) as error:  # OSError: a file problem no check foresaw; the batch goes on
                 r.status, r.message = "error", " | ".join([*r.notes, _one_line(error)])
                 bar.write(f"row {r.number} ({r.image.name}): error: {r.message}")
             finally:

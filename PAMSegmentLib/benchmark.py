@@ -1129,14 +1129,15 @@ def partial_options(args: argparse.Namespace) -> list[str]:
 
 
 def add_benchmark_arguments(p: argparse.ArgumentParser, default_out: str = "docs/benchmark") -> None:
-    from .cli import _positive_int
+    from .cli import _positive_int, _thread_count
 
     p.add_argument("--out", default=None,
                    help=f"output folder (default: {default_out} for a full run; ./{SCRATCH_OUT} for a run with "
                         "--quick, --parts, an option that changes what is measured, --threads other than 2 or other "
                         "weights than the shipped ones, so that it never mixes into the published tables)")
     p.set_defaults(_default_out=default_out)
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads for every measurement (default: 2)")
+    p.add_argument("--threads", type=_thread_count, default=2,
+                   help="torch CPU threads for every measurement (default: 2)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: a smoke run in seconds")
     p.add_argument("--parts", type=_parts, default=None, help=f"any of {','.join(ALL_PARTS)} (default: all)")
     p.add_argument("--checkpoint", default=None,

@@ -182,6 +182,14 @@ _unit_interval = number_type(float, lambda v: 0.0 <= v <= 1.0, "a number from 0 
 _positive_int = number_type(int, lambda v: v >= 1, "a positive integer")
 
 
+def _thread_count(text: str) -> int:
+    """A ``--threads`` value: 1 to ``propagate.max_threads()`` (4 per core, at least 64)."""
+    from .propagate import max_threads
+
+    return number_type(int, lambda v: 1 <= v <= max_threads(),
+                       f"a thread count from 1 to {max_threads()} ({os.cpu_count()} CPU cores here)")(text)
+
+
 def _through_plane_mm(text: str) -> float:
     from .checkpoints import THROUGH_PLANE_RANGE_MM, valid_through_plane_mm
 
@@ -255,7 +263,7 @@ def add_propagate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-early-stop", action="store_true",
                    help="predict every slice in the range, also past slices where the object vanished")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--threads", type=_positive_int, metavar="N", help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=_thread_count, metavar="N", help="torch CPU threads (default: torch's choice)")
     p.add_argument("--batch-size", type=_positive_int, default=16, metavar="N",
                    help="query slices per network call; bounds memory (default: 16)")
     p.add_argument("--resample-prompt", action="store_true",
@@ -537,10 +545,19 @@ def drop_stale_keyframes_record(out: str | os.PathLike) -> str | None:
     """A run that replaced an update's OUT without an update: its record no longer describes OUT,
     so it goes. Returns the sentence saying so (None if there was none)."""
     target = keyframes_record_path(out)
-    if target.is_file():
+    if keyframes_record_exists(out):
         target.unlink(missing_ok=True)
         return f"removed {target}, the keyframes of an update whose result this run replaced"
     return None
+
+
+def keyframes_record_exists(out: str | os.PathLike) -> bool:
+    """Whether OUT has a keyframes record beside it. An OUT of 241-255 bytes is a legal name whose
+    record name is not (ENAMETOOLONG): it cannot have one."""
+    try:
+        return keyframes_record_path(out).is_file()
+    except OSError:
+        return False
 
 
 def check_previous_is_not_prompt(previous, prompt, where: str = "--previous is PROMPT itself") -> None:
@@ -599,15 +616,18 @@ def _read_keyframes_record(path: Path, previous, option_axis, name: str = "--pre
     # Checked against the result it describes (its checksum matched): slices on its axis, labels it
     # can hold, no slice both a keyframe and a wall; hand-edited values were ignored before.
     n_slices = previous.shape[record["axis"]]
+
+    def refuse(problem: str):
+        return InputError(f"{where} cannot be read ({problem}); delete it to keep only the prompt's keyframes")
+
     for key, value in labels.items():
+        if not 1 <= int(key) <= 65535:
+            raise refuse(f"label {key} is outside 1-65535")
         bad = next((s for s in value["keyframes"] + value["walls"] if not 0 <= s < n_slices), None)
-        problem = (f"label {key} is outside 1-65535" if not 1 <= int(key) <= 65535 else
-                   f"label {key}'s slice {bad} is outside the {n_slices} slices along axis {record['axis']}"
-                   if bad is not None else
-                   f"label {key} has slices that are both keyframes and walls"
-                   if set(value["keyframes"]) & set(value["walls"]) else None)
-        if problem:
-            raise InputError(f"{where} cannot be read ({problem}); delete it to keep only the prompt's keyframes")
+        if bad is not None:
+            raise refuse(f"label {key}'s slice {bad} is outside the {n_slices} slices along axis {record['axis']}")
+        if set(value["keyframes"]) & set(value["walls"]):
+            raise refuse(f"label {key} has slices that are both keyframes and walls")
     if option_axis is not None and option_axis != record["axis"]:
         raise InputError(f"--axis {option_axis}, but the earlier rounds propagated along axis {record['axis']}: drop "
                          "--axis")
@@ -659,18 +679,14 @@ def keyframes_record_writer(plan, mask) -> Callable[[Path], None]:
     return lambda tmp: _write_keyframes_record(tmp, plan, mask)
 
 
-def _os_reason(error: OSError) -> str:
-    import errno
-
-    return "no space left on the disk" if error.errno == errno.ENOSPC else (error.strerror or str(error))
-
-
 def _write_or_refuse(name: str, write: Callable[[], None]) -> None:
     """``write()`` a temporary of the file ``name``; a failure (a full disk) is one InputError line."""
     try:
         write()
     except OSError as error:
-        raise InputError(f"cannot write {name} ({_os_reason(error)}); nothing was replaced") from None
+        from .volumes import os_reason
+
+        raise InputError(f"cannot write {name} ({os_reason(error)}); nothing was replaced") from None
 
 
 def _move_in(tmp: Path, target: Path, what: str) -> None:
@@ -847,9 +863,10 @@ def main(argv: Sequence[str] | None = None, ends_process: bool = False) -> int:
         loop = isinstance(exc, RuntimeError) and str(exc).startswith("Symlink loop")
         if not (loop or (isinstance(exc, OSError) and exc.errno in (errno.ENAMETOOLONG, errno.ELOOP))):
             raise
-        what = "a loop of symbolic links" if loop or getattr(exc, "errno", None) == errno.ELOOP else "a name too long"
-        where = str(exc).removeprefix("Symlink loop from ") if loop else (exc.filename or exc)
-        print(f"{PROG}: error: {where} holds {what} for the file system; give another path", file=sys.stderr)
+        where = str(exc).removeprefix("Symlink loop from ").strip("'\"") if loop else (exc.filename or exc)
+        what = ("is a loop of symbolic links" if loop or getattr(exc, "errno", None) == errno.ELOOP
+                else "holds a name too long for the file system")
+        print(f"{PROG}: error: {where} {what}; give another path", file=sys.stderr)
         return EXIT_USAGE
     except ModuleNotFoundError as exc:
         if (exc.name or "").split(".")[0] != "torch":

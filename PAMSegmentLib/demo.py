@@ -122,11 +122,13 @@ def run_demo(out_dir: Path, checkpoint: str | None = None, method: str = "pam", 
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    from .cli import _thread_count
+
     p.add_argument("-o", "--out", default="pamsegment_demo", help="output folder (default: ./pamsegment_demo)")
     p.add_argument("--checkpoint", default=None, help="checkpoint (default: the shipped weights)")
     p.add_argument("--method", default="pam", choices=["pam", "track", "copy"])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=_thread_count, default=None, metavar="N", help="torch CPU threads")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

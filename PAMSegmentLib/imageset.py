@@ -426,9 +426,7 @@ def _check_targets(out_dir, names, prompt_path, mask_path, files, more_masks=())
                     *(("the --labelled mask", m) for m in more_masks), *(("the image", f) for f in files)):
         st = os.stat(f)
         inputs.setdefault((st.st_dev, st.st_ino), f"{what} {f}")
-    from .volumes import check_link_target
-
-    from .volumes import check_name_length
+    from .volumes import check_link_target, check_name_length
 
     for name in names:
         target = out_dir / name
@@ -450,7 +448,7 @@ def _check_targets(out_dir, names, prompt_path, mask_path, files, more_masks=())
 
 
 def add_label_images_arguments(p) -> None:
-    from .cli import _label_number, _positive_int
+    from .cli import _label_number, _thread_count
 
     p.add_argument("prompt_image", metavar="PROMPT_IMAGE", help="the labelled image (PNG, JPEG, TIFF, BMP, DICOM file, "
                    "2D NIfTI/NRRD/MHA; colour becomes grey)")
@@ -480,7 +478,7 @@ def add_label_images_arguments(p) -> None:
                    help="keep the images' grey values as they are (default: each scaled by its own 0.5-99.5 "
                         "percentiles, for sets whose images do not share a grey scale)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--threads", type=_positive_int, metavar="N", help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=_thread_count, metavar="N", help="torch CPU threads (default: torch's choice)")
 
 
 def cmd_label_images(args) -> int:
@@ -494,6 +492,9 @@ def cmd_label_images(args) -> int:
 
     t0 = time.perf_counter()
     out_dir = Path(args.output)
+    from .volumes import check_not_a_broken_link
+
+    check_not_a_broken_link(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir} is a file; -o takes a folder for the masks")
     if not out_dir.parent.is_dir():
@@ -586,14 +587,6 @@ def cmd_label_images(args) -> int:
         _check_targets(out_dir, [*names, "labels.csv"], prompt_path, mask_path, files,
                        [m for _, m in labelled])
 
-    from .volumes import tiff_pages
-
-    for f in files:  # ITK would read the first page alone, silently
-        pages = tiff_pages(f)
-        if pages > 1:
-            raise InputError(f"{f} is a TIFF of {pages} pages (a stack); label-images labels one 2D image per file: "
-                             "save the pages as separate files (e.g. Fiji's Image > Stacks > Stack to Images), or "
-                             "propagate the stack as a volume with `pamsegment propagate`")
     read = [read_image_2d(f) for f in files]
     prompt = read_labelmap_2d(mask_path, reference=read[index])
     more = {}

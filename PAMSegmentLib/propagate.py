@@ -598,7 +598,7 @@ def _validate_inputs(image: np.ndarray, prompt: np.ndarray, spacing) -> tuple[fl
         # Read as float32 (24-bit precision): a small spread on a huge offset (e.g. 2**62 + CT values,
         # or 1e12 + intensities) rounds away, and an image of one value cannot be windowed.
         magnitude = max(abs(lo), abs(hi))
-        if magnitude > 2.0 ** 24 and hi - lo < magnitude * 2.0 ** -12:
+        if magnitude > 2.0 ** 24 and hi - lo < magnitude * 2.0 ** -16:  # fewer than ~256 float32 levels
             raise InputError(f"the image's values lie between {lo:.6g} and {hi:.6g}: so small a spread on so large an "
                              "offset does not survive the float32 the network and registration read; subtract the "
                              "offset (e.g. the minimum) before propagating")

@@ -373,7 +373,7 @@ def create_app(model_factory: Callable[[str], Any], *, token: str | None = None,
 
 
 def add_serve_arguments(p) -> None:
-    from .cli import _positive_int, number_type
+    from .cli import _positive_int, _thread_count, number_type
 
     _port = number_type(int, lambda v: 1 <= v <= 65535, "a port number from 1 to 65535")
     _megabytes = number_type(float, lambda v: math.isfinite(v) and v > 0, "a size in MB greater than 0")
@@ -385,7 +385,7 @@ def add_serve_arguments(p) -> None:
     p.add_argument("--token", help="token clients must send (default: the PAMSEGMENT_TOKEN environment variable)")
     p.add_argument("--checkpoint", metavar="CKPT", help="PAMSegment or official checkpoint (default: the shipped weights)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--threads", type=_positive_int, metavar="N", help="torch CPU threads")
+    p.add_argument("--threads", type=_thread_count, metavar="N", help="torch CPU threads")
     p.add_argument("--batch-size", type=_positive_int, default=16, metavar="N",
                    help="query slices per network call, for every job; bounds memory (default: 16)")
     p.add_argument("--max-upload-mb", type=_megabytes, default=1024.0, metavar="MB",

@@ -613,11 +613,13 @@ def check_name_length(path: PathLike, extra: int = 0) -> None:
     command adds) is longer than the file system takes: the OSError (ENAMETOOLONG) came as a
     traceback, in batch after the case had been computed (default names join every folder)."""
     parts = Path(path).parts
+    unit = "characters" if os.name == "nt" else "bytes"  # NTFS counts UTF-16 units, the others bytes
     for n, part in enumerate(parts):
-        size = len(os.fsencode(part)) + (extra if n == len(parts) - 1 else 0)
+        length = len(part.encode("utf-16-le")) // 2 if os.name == "nt" else len(os.fsencode(part))
+        size = length + (extra if n == len(parts) - 1 else 0)
         if size > NAME_MAX:
-            raise InputError(f"the name {part[:40]}... in {path} is {size} bytes long"
-                             + (f" (with the {extra} bytes added to it)" if extra and n == len(parts) - 1 else "")
+            raise InputError(f"the name {part[:40]}... in {path} is {size} {unit} long"
+                             + (f" (with the {extra} added to it)" if extra and n == len(parts) - 1 else "")
                              + f"; file systems take at most {NAME_MAX}: choose a shorter name")
 
 
@@ -646,9 +648,23 @@ def check_folder_writable(folder: PathLike, what: str = "the output") -> None:
                          "renamed and removed there; choose another folder")
 
 
+def check_not_a_broken_link(folder: PathLike, option: str = "-o") -> None:
+    """InputError if ``folder`` is a symbolic link to nothing, or one of a loop: making it would
+    fail with "File exists" after the work."""
+    folder = Path(folder)
+    try:
+        broken = folder.is_symlink() and not folder.exists()
+    except (OSError, RuntimeError):  # a loop, on some Pythons
+        broken = True
+    if broken:
+        raise InputError(f"{option} {folder} is a symbolic link to nothing (or one of a loop of links); give a folder, "
+                         "or point the link at one")
+
+
 def make_writable_folder(folder: PathLike, what: str = "the output") -> None:
     """Make ``folder`` (with its parents) and ``check_folder_writable`` it; InputError if either fails."""
     folder = Path(folder)
+    check_not_a_broken_link(folder, "the folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -682,6 +698,11 @@ def _listed(paths: Sequence[Path]) -> str:
     return ", ".join(names) if len(names) <= 3 else f"{names[0]} ... {names[-1]} ({len(names)} files)"
 
 
+def os_reason(error: OSError) -> str:
+    """An OSError for a message: "no space left on the disk" for ENOSPC, else its own words."""
+    return "no space left on the disk" if error.errno == errno.ENOSPC else (error.strerror or str(error))
+
+
 def replace_together(outputs, keep_ctrl_c_ignored: bool = False, after=None) -> None:
     """Write files that belong together, then put them in place together.
 
@@ -706,8 +727,9 @@ def replace_together(outputs, keep_ctrl_c_ignored: bool = False, after=None) -> 
             try:
                 write(tmp)
             except OSError as error:
-                raise InputError(f"cannot write {path} ({error.strerror or error}): nothing was replaced; check that "
-                                 f"the folder {at.parent} exists and can be written") from None
+                hint = "" if error.errno == errno.ENOSPC else (f"; check that the folder {at.parent} exists and can be "
+                                                              "written")
+                raise InputError(f"cannot write {path} ({os_reason(error)}); nothing was replaced{hint}") from None
             except InputError as error:  # a writer's own message names the temporary: name the output
                 raise InputError(str(error).replace(str(tmp), str(path))) from None
         with ctrl_c_ignored(keep=keep_ctrl_c_ignored):
@@ -746,10 +768,7 @@ def _atomic_write(image: sitk.Image, path: PathLike, extensions: Sequence[str] =
         _check_written(tmp, image, ext)
         os.replace(tmp, target)
     except (RuntimeError, OSError) as error:
-        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-            reason = "no space left on the disk"
-        else:
-            reason = _itk_reason(error) if isinstance(error, RuntimeError) else (error.strerror or str(error))
+        reason = _itk_reason(error) if isinstance(error, RuntimeError) else os_reason(error)
         raise InputError(f"cannot write {path} ({reason}); nothing was replaced") from None
     finally:
         try:
@@ -765,12 +784,12 @@ class IncompleteWrite(OSError):
 
 
 def _check_written(tmp: Path, image: sitk.Image, ext: str) -> None:
-    """Is the file ITK just wrote whole? A compressed NIfTI by its gzip trailer (the size of what
-    it holds: a cut stream ends in compressed data instead), any other format by reading it back
-    and comparing the voxels (at most a few tenths of a second on a CT-sized label map).
-    Raises IncompleteWrite (an OSError, with ENOSPC when the disk has no room left)."""
+    """Is the file ITK just wrote whole? Without reading it back where its format tells: a NIfTI by
+    the size its header declares (the gzip trailer's for .nii.gz), a gzip-encoded NRRD by its
+    trailer, a MetaImage by the data size its header declares; other formats (PNG: its writer
+    does not fail on a full disk) by reading it back and comparing the voxels. Raises
+    IncompleteWrite (an OSError, with ENOSPC when the disk has no room left)."""
     import shutil
-    import zlib
 
     def incomplete():
         try:
@@ -780,41 +799,36 @@ def _check_written(tmp: Path, image: sitk.Image, ext: str) -> None:
         return IncompleteWrite(errno.ENOSPC if full else errno.EIO,
                                "the file written is incomplete: is the disk full?")
 
-    if ext == ".nii.gz":  # ITK's NIfTI reading of gzip is slow (0.6 s for 512 x 512 x 300): the trailer says it
-        with open(tmp, "rb") as fh:
-            head = fh.read(4096)
-            fh.seek(0, os.SEEK_END)
-            if fh.tell() < 18:
-                raise incomplete()
-            fh.seek(-4, os.SEEK_END)
-            stored = int.from_bytes(fh.read(4), "little")
+    size = tmp.stat().st_size
+    nbytes = int(np.prod(image.GetSize())) * image.GetNumberOfComponentsPerPixel() * image.GetSizeOfPixelComponent()
+    if ext in (".nii", ".nii.gz"):
         try:
-            header = zlib.decompressobj(wbits=31).decompress(head, 540)
-        except zlib.error:
-            raise incomplete() from None
-        need = _nifti_data_bytes(header)
-        if need is None or stored != need % (1 << 32):
-            raise incomplete()
-        return
-    if ext == ".nii":  # ITK reads a cut NIfTI with its missing voxels as zeros, as a label map's often are
-        with open(tmp, "rb") as fh:
-            header = fh.read(540)
-            fh.seek(0, os.SEEK_END)
-            need = _nifti_data_bytes(header)
-            if need is None or fh.tell() < need:
+            header = _nifti_header(tmp)
+            if header is None or _nifti_data_bytes(header) is None:
                 raise incomplete()
-    if ext in (".nrrd", ".seg.nrrd"):  # ITK reads a gzip stream cut in its trailer without a word
+            _check_nifti_complete(tmp, header)
+        except InputError:
+            raise incomplete() from None
+        return
+    if ext in (".nrrd", ".seg.nrrd", ".mha"):
         with open(tmp, "rb") as fh:
             head = fh.read(65536)
-            fh.seek(0, os.SEEK_END)
-            end = fh.tell()
-            fh.seek(max(end - 4, 0))
-            stored = int.from_bytes(fh.read(4), "little")
-        if b"\nencoding: gzip\n" in head.split(b"\n\n")[0] + b"\n":
-            nbytes = (int(np.prod(image.GetSize())) * image.GetNumberOfComponentsPerPixel()
-                      * image.GetSizeOfPixelComponent())
-            if end < 18 or stored != nbytes % (1 << 32):
+            fh.seek(max(size - 4, 0))
+            trailer = int.from_bytes(fh.read(4), "little")
+        if ext == ".mha":  # the data follows the header's last line, ElementDataFile = LOCAL
+            end = head.find(b"ElementDataFile = LOCAL")
+            declared = next((int(line.split(b"=")[1]) for line in head[:max(end, 0)].splitlines()
+                             if line.startswith(b"CompressedDataSize")), nbytes)
+            if end < 0 or size < head.index(b"\n", end) + 1 + declared:
                 raise incomplete()
+            return
+        fields = head.split(b"\n\n")[0] + b"\n"
+        if b"\nencoding: gzip\n" in fields:  # ITK reads a stream cut in its trailer without a word
+            if size < 18 or trailer != nbytes % (1 << 32):
+                raise incomplete()
+            return
+        if b"\nencoding: raw\n" in fields and size >= len(head.split(b"\n\n")[0]) + 2 + nbytes:
+            return
     try:
         with _itk_warnings_hidden():
             back = sitk.ReadImage(_itk_path(tmp))
@@ -968,21 +982,6 @@ def read_image_2d(path: PathLike, keep_colour: bool = False) -> tuple[np.ndarray
     if bad:
         raise InputError(f"{Path(path).name} contains {bad} NaN/inf pixels; replace them with a finite value first")
     return arr, original
-
-
-def tiff_pages(path: PathLike) -> int:
-    """How many pages (frames) a TIFF file holds (1 for any other file, or when PIL cannot tell).
-    ITK reads the first page alone."""
-    p = Path(path)
-    if not p.name.lower().endswith((".tif", ".tiff")):
-        return 1
-    try:
-        from PIL import Image
-
-        with Image.open(p) as im:
-            return int(getattr(im, "n_frames", 1))
-    except Exception:  # noqa: BLE001 - PIL's many error types: ITK's reading then decides
-        return 1
 
 
 def _palette_indices(path: Path) -> np.ndarray | None:

@@ -223,12 +223,13 @@ def test_predict_before_begin_is_an_error():
         CopyPredictor().predict(np.zeros((2, 8, 8), np.float32), 0, np.ones((8, 8), bool), [1])
 
 
-def test_registration_of_a_large_crop_stays_finite_and_the_shipped_fusion_propagates_it():
+def test_registration_of_a_large_crop_stays_finite_and_the_shipped_fusion_propagates_it(monkeypatch):
     """SimpleITK's demons returned displacement fields of NaN on grids coarser than about 17.8x
     (a 1150 px crop with the shipped 128 px grid and its half-resolution level): the warp was
     empty and a large object in a large slice was not propagated at all, without a word."""
     import SimpleITK as sitk
 
+    from PAMSegmentLib import baselines
     from PAMSegmentLib.baselines import MAX_FACTOR
     from PAMSegmentLib.propagate import propagate
 
@@ -239,8 +240,15 @@ def test_registration_of_a_large_crop_stays_finite_and_the_shipped_fusion_propag
     n = 1200
     yy, xx = np.mgrid[:n, :n]
     disc = (((yy - n / 2) ** 2 + (xx - n / 2) ** 2) < 300 ** 2).astype(np.float32)
-    field = sitk.GetArrayFromImage(reg.register(disc, disc).GetDisplacementField())
-    assert np.isfinite(field).all()
+    moved = (((yy - n / 2 - 40) ** 2 + (xx - n / 2) ** 2) < 300 ** 2).astype(np.float32)
+    field = sitk.GetArrayFromImage(reg.register(moved, disc).GetDisplacementField())
+    assert np.isfinite(field).all() and np.abs(field).max() > 1.0  # demons ran and moved the boundary
+    # Without the cap the coarse level's field is NaN; the safety net turns it into no motion.
+    monkeypatch.setattr(baselines, "MAX_FACTOR", 1e9)
+    assert reg._factors((n, n)) == [9.375, 18.75]
+    field = sitk.GetArrayFromImage(reg.register(moved, disc).GetDisplacementField())
+    assert np.isfinite(field).all() and not field.any()
+    monkeypatch.setattr(baselines, "MAX_FACTOR", MAX_FACTOR)
     volume = np.repeat(disc[None] * 200, 3, axis=0)
     prompt = np.zeros(volume.shape, np.uint8)
     prompt[1] = disc > 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import re
 from pathlib import Path
 
@@ -570,8 +571,20 @@ def test_the_cases_bar_follows_the_case_under_way(tmp_path, cases, capsys):
     assert main(["batch", str(m), "-o", str(tmp_path / "out"), "--method", "copy"]) == 0
     err = capsys.readouterr().err
     assert "this case 100%" in err
+    # Drawn at most once a second and at the end: a fast case shows its end only, not every percent.
     shown = [int(p.split("%")[0]) for p in err.split("this case ")[1:]]
-    assert len(shown) >= 2 and shown == sorted(shown)  # several steps, in order
+    assert shown[-1] == 100 and len(shown) <= 4, shown
+    # The throttle itself: with no interval every step is drawn, in order.
+    from tqdm import tqdm
+
+    with tqdm(total=1, file=io.StringIO()) as bar:
+        drawn = []
+        bar.set_postfix_str = lambda text, refresh=True: drawn.append((text, refresh))
+        progress = batch_module._case_progress(bar, every=0.0)
+        for f in (0.25, 0.5, 1.0):
+            progress(f, "")
+    assert drawn == [("this case 0%", False), ("this case 25%", True), ("this case 50%", True),
+                     ("this case 100%", True)]
 
 
 def test_a_default_output_name_too_long_is_refused_with_its_row_before_any_work(tmp_path, cases):
@@ -594,6 +607,17 @@ def test_a_default_output_name_too_long_is_refused_with_its_row_before_any_work(
         batch_module.read_manifest(m, tmp_path / "out")
     assert main(["batch", str(m), "-o", str(tmp_path / "out"), "--method", "copy"]) == 2
     assert not (tmp_path / "out").exists()
+    # A default name of 241-255 bytes is legal (its keyframes record's name would not be): written.
+    short = tmp_path / "data" / "/".join(f"patient_folder_with_a_long_name_{n:02d}" for n in range(6)) / ("s" * 22)
+    short.mkdir(parents=True)
+    for name in ("image.nii.gz", "prompt.nii.gz"):
+        shutil.copyfile(tmp_path / "data" / "c0" / name, short / name)
+    rel = short.relative_to(tmp_path / "data")
+    m = _manifest(tmp_path / "data" / "cases.csv", ["image,prompt", f"{rel}/image.nii.gz,{rel}/prompt.nii.gz",
+                                                   "c1/image.nii.gz,c1/prompt.nii.gz"])
+    assert main(["batch", str(m), "-o", str(tmp_path / "out"), "--method", "copy"]) == 0
+    written = sorted(p.name for p in (tmp_path / "out").glob("*.nii.gz"))
+    assert len(written) == 2 and 241 <= max(len(n.encode()) for n in written) <= 255, [len(n) for n in written]
 
 
 def test_a_report_that_cannot_be_written_leaves_no_folder_behind(tmp_path, cases, monkeypatch, capsys):

@@ -481,7 +481,8 @@ def test_real_brightfield_image_stromal_examples_find_stromal_nuclei_not_the_gla
     """scikit-image's bundled IHC image of colon (real brightfield pathology, RGB, no reference
     labels; scripts/look_cells_ihc.py): six stromal nuclei as examples find 198 more cells (the
     README's figure), and none of them is centred in the brown-stained glands, whose nuclei look
-    different (blue-grey under DAB). Bounds kept loose for other scikit-image/-learn versions."""
+    different (blue-grey under DAB). The bounds (150-260 found, at most 5 in the glands) leave room
+    for other scikit-image / scikit-learn versions."""
     import sys
 
     from conftest import REPO

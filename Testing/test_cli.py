@@ -394,8 +394,8 @@ def test_demo_out_naming_a_file_is_one_line(tmp_path, capsys):
 def test_a_failed_demo_leaves_no_output_folder(tmp_path, capsys):
     # The folder was made before the run, and left empty when the run failed.
     out = tmp_path / "demo_out"
-    assert cli.main(["demo", "--out", str(out), "--method", "copy", "--threads", "0"]) == 2
-    assert "threads must be at least 1" in capsys.readouterr().err
+    assert cli.main(["demo", "--out", str(out), "--method", "copy", "--checkpoint", str(tmp_path / "missing.pt")]) == 2
+    assert "missing.pt" in capsys.readouterr().err
     assert not out.exists()
 
 
@@ -883,8 +883,7 @@ def test_names_too_long_and_link_loops_are_one_line(ct_case, tmp_path, capsys):
         code = cli.main(["propagate", *args, "--method", "copy"])
         err = capsys.readouterr().err
         assert code == 2 and err.strip().splitlines() == [
-            f"pamsegment: error: {str(tmp_path / 'loop1')!r} holds a loop of symbolic links for the file system; "
-            "give another path"], err
+            f"pamsegment: error: {tmp_path / 'loop1'} is a loop of symbolic links; give another path"], err
     assert not out.exists()
 
 
@@ -914,3 +913,29 @@ def test_an_output_given_as_a_new_folder_is_told_to_name_a_file(ct_case, tmp_pat
                      "--method", "copy"]) == 2
     assert capsys.readouterr().err.strip() == (f"pamsegment: error: {tmp_path}/newdir/ names a folder (it ends with a "
                                                f"slash); give a file name (e.g. {tmp_path}/newdir/result.nii.gz)")
+
+
+def test_an_output_name_of_241_to_255_bytes_is_written_and_reported_as_written(ct_case, tmp_path, capsys):
+    """OUT + '.keyframes.json' passes 255 bytes: looking for a stale record beside it raised
+    ENAMETOOLONG after OUT was written, and the run said it failed."""
+    out = tmp_path / ("b" * 240 + ".nii.gz")  # 247 bytes: legal
+    assert cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out),
+                     "--method", "copy"]) == 0
+    assert out.is_file() and capsys.readouterr().out.startswith(f"wrote {out}: label 1: slices ")
+
+
+@pytest.mark.parametrize("command", [["propagate", "a.nii.gz", "b.nii.gz", "-o", "c.nii.gz"], ["batch", "m.csv", "-o", "d"],
+                                     ["serve"], ["benchmark", "--quick"], ["demo"],
+                                     ["label-images", "a.png", "b.png", "c.png", "-o", "d"]])
+def test_every_command_refuses_a_thread_count_the_machine_cannot_use(command, capsys):
+    """serve and benchmark had no bound (serve --threads 100000 reached torch.set_num_threads),
+    and batch failed every row on its own instead of refusing once."""
+    import os
+
+    from PAMSegmentLib.propagate import max_threads
+
+    with pytest.raises(SystemExit) as stop:  # argparse's own exit, before any work
+        cli.main([*command, "--threads", "100000"])
+    assert stop.value.code == 2
+    assert (f"argument --threads: expected a thread count from 1 to {max_threads()} ({os.cpu_count()} CPU cores "
+            "here), got '100000'") in capsys.readouterr().err

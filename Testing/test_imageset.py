@@ -782,8 +782,9 @@ def test_the_image_set_correction_rounds_draw_the_worst_image_and_score_the_rest
 
 
 def test_cli_refuses_a_multi_page_tiff_among_the_images(tmp_path, run_cli):
-    """ITK reads a TIFF's first page alone: a stack given as one image was labelled on page 1 (a
-    black page got a mask) and its other pages dropped without a word."""
+    """A stack given as one of the images is refused as a 3D image (ITK reads every page); the
+    adversarial review's "first page only" was a (3, H, W) array that tifffile writes as one
+    planar RGB page, a colour image by its own tags."""
     from PIL import Image
 
     images, truth = moving_disc_set(3)
@@ -793,8 +794,22 @@ def test_cli_refuses_a_multi_page_tiff_among_the_images(tmp_path, run_cli):
     proc = run_cli("label-images", tmp_path / "set" / "img_0.png", tmp_path / "mask.png", tmp_path / "stack.tif",
                    "-o", tmp_path / "out", "--method", "copy")
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == (
-        f"pamsegment: error: {tmp_path / 'stack.tif'} is a TIFF of 3 pages (a stack); label-images labels one 2D image "
-        "per file: save the pages as separate files (e.g. Fiji's Image > Stacks > Stack to Images), or propagate the "
-        "stack as a volume with `pamsegment propagate`")
+    assert "stack.tif is a 3D image" in proc.stderr and "for a volume use `pamsegment propagate`" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_an_output_folder_that_is_a_broken_link_before_labelling(tmp_path, run_cli):
+    """-o a dangling link (or a loop of links) passed the checks, then mkdir raised FileExistsError
+    after the whole set was labelled: a traceback, exit 1."""
+    images, truth = moving_disc_set(2)
+    _write_set(tmp_path / "set", images, truth[0])
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    for link in ("dangling", "loop1"):
+        proc = run_cli("label-images", tmp_path / "set" / "img_0.png", tmp_path / "mask.png", tmp_path / "set",
+                       "-o", tmp_path / link, "--method", "copy")
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.strip().splitlines()[-1] == (
+            f"pamsegment: error: -o {tmp_path / link} is a symbolic link to nothing (or one of a loop of links); give a "
+            "folder, or point the link at one")

@@ -186,6 +186,18 @@ def test_set_inference_params_refuses_out_of_range_values(tmp_path):
                           "--set", "threshold=0.45", "--reason", "test", "--out", str(tmp_path / "carded.pt")],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and f"note: {tmp_path / 'carded.json'} still lists the old inference" in run.stdout
+    # A card naming the output (as beside the default weights, which are held to it): its inference
+    # section follows, so the weights still load as the default.
+    import json
+
+    (tmp_path / "carded.json").write_text(json.dumps({"file": "carded.pt", "inference": {"threshold": 0.5}}))
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "set_inference_params.py"), str(src),
+                          "--set", "threshold=0.4", "--reason", "test", "--out", str(tmp_path / "carded.pt")],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and f"note: updated the inference section of {tmp_path / 'carded.json'}" in run.stdout
+    card = json.loads((tmp_path / "carded.json").read_text())
+    assert card["file"] == "carded.pt" and card["inference"]["threshold"] == 0.4
+    assert card["inference"] == json.loads(json.dumps(load_checkpoint_file(tmp_path / "carded.pt").inference.to_dict()))
     # A file that is not a checkpoint, or an output in a missing folder: one line, nothing written.
     for source, target, message in [(ROOT / "README.md", out, "error: cannot load checkpoint"),
                                     (src, tmp_path / "missing" / "o.pt", "lies in a folder that does not exist")]:

@@ -1,5 +1,6 @@
 """Volume I/O: geometry round trips, label maps on the image grid, and one-line input errors."""
 
+import errno
 import locale
 import math
 import os
@@ -535,8 +536,12 @@ def test_replace_together_moves_all_in_or_names_what_was_not(tmp_path, monkeypat
     def input_error(tmp):
         raise InputError(f"cannot write {tmp} (disk full); check the folder is writable")
 
-    for write, message in ((oserror, f"cannot write {b} (Permission denied): nothing was replaced; check that the "
+    def disk_full(tmp):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    for write, message in ((oserror, f"cannot write {b} (Permission denied); nothing was replaced; check that the "
                                      f"folder {tmp_path} exists and can be written"),
+                           (disk_full, f"cannot write {b} (no space left on the disk); nothing was replaced"),
                            (input_error, f"cannot write {b} (disk full); check the folder is writable")):
         with pytest.raises(InputError) as err:
             replace_together([(a, ".csv", text("newer a")), (b, ".txt", write)])
@@ -686,3 +691,26 @@ def test_a_2d_mask_cut_short_replaces_nothing(tmp_path, monkeypatch, ext):
     with pytest.raises(InputError, match=r"the file written is incomplete: is the disk full\?\); nothing was replaced$"):
         write_labelmap_2d(mask + 1, reference, out)
     assert out.read_bytes() == before
+
+
+def test_name_length_is_counted_as_the_file_system_counts_it(monkeypatch):
+    """POSIX file systems count a name's bytes (255), NTFS its UTF-16 units (255): 100 CJK
+    characters are 300 UTF-8 bytes, too long on Linux, legal on Windows."""
+    from PAMSegmentLib.volumes import check_name_length
+
+    cjk = "\u8111" * 100 + ".nii.gz"
+    check_name_length(Path("/data") / ("a" * 255))
+    with pytest.raises(InputError, match=r"is 256 bytes long; file systems take at most 255: choose a shorter name$"):
+        check_name_length(Path("/data") / ("a" * 256))
+    with pytest.raises(InputError, match=r"is 270 bytes long \(with the 15 added to it\)"):
+        check_name_length(Path("/data") / ("a" * 255), extra=15)
+    with pytest.raises(InputError, match=r"is 307 bytes long"):
+        check_name_length(Path("/data") / cjk)
+    from types import SimpleNamespace
+
+    from PAMSegmentLib import volumes
+
+    monkeypatch.setattr(volumes, "os", SimpleNamespace(name="nt", fsencode=os.fsencode))  # as on Windows
+    check_name_length(Path("/data") / cjk)  # 107 UTF-16 units
+    with pytest.raises(InputError, match=r"is 256 characters long"):
+        check_name_length(Path("/data") / ("\u8111" * 256))

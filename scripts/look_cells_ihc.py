@@ -52,7 +52,7 @@ def stromal_examples(image: np.ndarray, n: int = 6) -> np.ndarray:
 
     hem = gaussian(rgb2hed(image)[..., 0], 1)
     fg = ndimage.binary_fill_holes(ndimage.binary_opening(hem > threshold_otsu(hem)))
-    pieces, count = ndimage.label(fg)
+    pieces, _ = ndimage.label(fg)
     areas = np.bincount(pieces.ravel())[1:]
     radius = float(np.sqrt(np.median(areas[areas > 30]) / np.pi))
     split = split_instances(fg, radius)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -69,9 +71,23 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: the weights changed while rewriting ({model.sha256} -> {digest})")
     print(f"wrote {args.out}: " + ", ".join(f"{k}={v}" for k, v in changes.items()) + f" (weights sha256 {digest[:8]}...)")
     card = out.with_suffix(".json")
-    if card.is_file():  # the model card lists the inference parameters too: it is now out of date
-        print(f"note: {card} still lists the old inference parameters: rewrite it with scripts/make_model_card.py "
-              f"{args.out} (see its docstring for the logs and evaluation to give)")
+    if card.is_file():  # the model card lists the inference parameters too
+        try:
+            record = json.loads(card.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            record = None
+        if isinstance(record, dict) and record.get("file") == out.name and isinstance(record.get("inference"), dict):
+            # The default weights are held to their card (checkpoints._check_model_card): its inference
+            # section follows the checkpoint, or they would no longer load.
+            record["inference"] = json.loads(json.dumps(dataclasses.asdict(inference), default=str))
+            tmp = card.with_name(card.name + ".tmp")
+            tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+            os.replace(tmp, card)
+            print(f"note: updated the inference section of {card}; its evaluation figures are those of the old "
+                  f"parameters: rewrite it with scripts/make_model_card.py {args.out} once you have new ones")
+        else:
+            print(f"note: {card} still lists the old inference parameters: rewrite it with scripts/make_model_card.py "
+                  f"{args.out} (see its docstring for the logs and evaluation to give)")
     return 0
 
 
