@@ -289,6 +289,9 @@ def check_checkpoint_file(path: str | os.PathLike) -> int:
     command reads a large image; returns the size in bytes. Raises CheckpointError."""
     path = Path(path)
     if not path.exists():
+        if path.is_symlink():
+            raise CheckpointError(f"checkpoint {path} is a symbolic link to nothing (or one of a loop of links); "
+                                  "point it at the checkpoint file")
         raise CheckpointError(f"checkpoint {path} does not exist; check the path")
     if path.is_dir():
         raise CheckpointError(f"checkpoint {path} is a directory; give the .pt/.pth file inside it")

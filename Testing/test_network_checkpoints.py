@@ -528,3 +528,15 @@ def test_weights_that_overflow_are_named_not_reported_as_a_stop(tmp_path, small_
     with pytest.raises(PAMError, match=r"^the network's output is not finite \(NaN or inf\) on slice \d+: the "
                                        r"checkpoint .*huge.pt holds weights that overflow; use another checkpoint$"):
         propagate(image, prompt, (2.0, 1.0, 1.0), model, threads=1)
+
+
+def test_a_checkpoint_path_that_is_a_broken_link_is_named_as_such(tmp_path):
+    from PAMSegmentLib.checkpoints import check_checkpoint_file
+
+    (tmp_path / "a.pt").symlink_to(tmp_path / "b.pt")
+    (tmp_path / "b.pt").symlink_to(tmp_path / "a.pt")
+    with pytest.raises(CheckpointError, match=r"a.pt is a symbolic link to nothing \(or one of a loop of links\); "
+                                              r"point it at the checkpoint file$"):
+        check_checkpoint_file(tmp_path / "a.pt")
+    with pytest.raises(CheckpointError, match=r"missing.pt does not exist; check the path$"):
+        check_checkpoint_file(tmp_path / "missing.pt")
