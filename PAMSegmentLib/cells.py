@@ -452,7 +452,7 @@ def cmd_label_cells(args) -> int:
     # A PNG holds at most 65535 labels; a result with more goes to a TIFF beside OUT, whose name is
     # chosen now, before the work, so that it never replaces an input.
     fallback = _tif_fallback(out, inputs) if out.name.lower().endswith(".png") else None
-    check_name_length(out, extra=len(".csv"))  # OUT.csv beside OUT
+    check_name_length(out, suffix=".csv", whose="the table of cells beside it")
     if out.with_name(out.name + ".csv").is_dir():  # the move at the end would fail after the work
         raise InputError(f"{out.with_name(out.name + '.csv')} is a folder, where the table of cells goes; move it "
                          "away or choose another -o file")

@@ -1,9 +1,11 @@
-"""The one range check of untrusted numbers (checkpoint headers, API options)."""
+"""Checks of numbers the other modules share: the range check of untrusted numbers (checkpoint
+headers, API options) and the bound on CPU threads."""
 
 from __future__ import annotations
 
 import math
 import numbers
+import os
 
 
 def is_number(value, lo: float, hi: float, whole: bool = False) -> bool:
@@ -11,3 +13,9 @@ def is_number(value, lo: float, hi: float, whole: bool = False) -> bool:
     whole number if ``whole`` (an integral float such as 4.0 counts)."""
     return (not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
             and lo <= value <= hi and (not whole or float(value).is_integer()))
+
+
+def max_threads() -> int:
+    """The most CPU threads a run may ask for: 4 per core, at least 64 (beyond the cores, threads
+    only slow torch down; 100000 failed to start and crashed the process)."""
+    return max(64, 4 * (os.cpu_count() or 1))

@@ -184,7 +184,7 @@ _positive_int = number_type(int, lambda v: v >= 1, "a positive integer")
 
 def _thread_count(text: str) -> int:
     """A ``--threads`` value: 1 to ``propagate.max_threads()`` (4 per core, at least 64)."""
-    from .propagate import max_threads
+    from .checks import max_threads
 
     return number_type(int, lambda v: 1 <= v <= max_threads(),
                        f"a thread count from 1 to {max_threads()} ({os.cpu_count()} CPU cores here)")(text)
@@ -534,7 +534,7 @@ def check_keyframes_record_path(out: str | os.PathLike) -> None:
     """Before any work: an update's record beside OUT must be writable as a file."""
     from .volumes import check_name_length
 
-    check_name_length(out, extra=len(KEYFRAMES_SUFFIX))
+    check_name_length(out, suffix=KEYFRAMES_SUFFIX, whose="the update's keyframes record")
     target = keyframes_record_path(out)
     if target.is_dir():
         raise InputError(f"{target} is a folder, where this update would write its keyframes; move it away or choose "

@@ -32,6 +32,7 @@ import cc3d
 import numpy as np
 
 from .checks import is_number
+from .checks import max_threads
 from .errors import InputError, PropagationCancelled
 from .metrics import dice
 
@@ -598,10 +599,10 @@ def _validate_inputs(image: np.ndarray, prompt: np.ndarray, spacing) -> tuple[fl
         # Read as float32 (24-bit precision): a small spread on a huge offset (e.g. 2**62 + CT values,
         # or 1e12 + intensities) rounds away, and an image of one value cannot be windowed.
         magnitude = max(abs(lo), abs(hi))
-        if magnitude > 2.0 ** 24 and hi - lo < magnitude * 2.0 ** -16:  # fewer than ~256 float32 levels
-            raise InputError(f"the image's values lie between {lo:.6g} and {hi:.6g}: so small a spread on so large an "
-                             "offset does not survive the float32 the network and registration read; subtract the "
-                             "offset (e.g. the minimum) before propagating")
+        if magnitude > 2.0 ** 24 and hi - lo < magnitude * 2.0 ** -20:  # fewer than ~16 float32 levels
+            raise InputError(f"the image's values span only {hi - lo:.6g} at an offset of {lo:.10g}: so small a spread "
+                             "on so large an offset does not survive the float32 the network and registration read; "
+                             "subtract the offset (e.g. the minimum) before propagating")
     try:
         spacing = tuple(float(s) for s in spacing)
     except (TypeError, ValueError):
@@ -1203,12 +1204,6 @@ def propagate(
         overlapped=frozenset(overlapped),
         begin_state=begin_states,
     )
-
-
-def max_threads() -> int:
-    """The most CPU threads a run may ask for: 4 per core, at least 64 (beyond the cores, threads
-    only slow torch down; 100000 failed to start and crashed the process)."""
-    return max(64, 4 * (os.cpu_count() or 1))
 
 
 def check_threads(threads) -> None:

@@ -608,18 +608,23 @@ def check_output_path(path: PathLike, extensions: Sequence[str] = _WRITE_EXTENSI
 NAME_MAX = 255  # bytes in one file or folder name on the common file systems (ext4, XFS, APFS, NTFS)
 
 
-def check_name_length(path: PathLike, extra: int = 0) -> None:
-    """InputError if a name in ``path`` (its last one with ``extra`` more bytes, e.g. a suffix the
-    command adds) is longer than the file system takes: the OSError (ENAMETOOLONG) came as a
-    traceback, in batch after the case had been computed (default names join every folder)."""
+def check_name_length(path: PathLike, suffix: str = "", whose: str = "") -> None:
+    """InputError if a name in ``path`` (its last one with ``suffix`` added, the name of a file
+    ``whose`` the command writes beside it) is longer than the file system takes: the OSError
+    (ENAMETOOLONG) came as a traceback, in batch after the case had been computed (default names
+    join every folder)."""
     parts = Path(path).parts
     unit = "characters" if os.name == "nt" else "bytes"  # NTFS counts UTF-16 units, the others bytes
+
+    def length(text: str) -> int:
+        return len(text.encode("utf-16-le")) // 2 if os.name == "nt" else len(os.fsencode(text))
+
     for n, part in enumerate(parts):
-        length = len(part.encode("utf-16-le")) // 2 if os.name == "nt" else len(os.fsencode(part))
-        size = length + (extra if n == len(parts) - 1 else 0)
+        last = n == len(parts) - 1 and suffix
+        size = length(part + suffix) if last else length(part)
         if size > NAME_MAX:
             raise InputError(f"the name {part[:40]}... in {path} is {size} {unit} long"
-                             + (f" (with the {extra} added to it)" if extra and n == len(parts) - 1 else "")
+                             + (f" as {part[:12]}...{suffix}, the name of {whose}" if last else "")
                              + f"; file systems take at most {NAME_MAX}: choose a shorter name")
 
 

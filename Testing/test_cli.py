@@ -932,7 +932,7 @@ def test_every_command_refuses_a_thread_count_the_machine_cannot_use(command, ca
     and batch failed every row on its own instead of refusing once."""
     import os
 
-    from PAMSegmentLib.propagate import max_threads
+    from PAMSegmentLib.checks import max_threads
 
     with pytest.raises(SystemExit) as stop:  # argparse's own exit, before any work
         cli.main([*command, "--threads", "100000"])

@@ -1079,7 +1079,8 @@ def test_a_thread_count_beyond_what_the_machine_can_use_is_refused():
     10 times slower. Now 4 per core (at least 64) is the most."""
     import os
 
-    from PAMSegmentLib.propagate import max_threads, torch_threads
+    from PAMSegmentLib.checks import max_threads
+    from PAMSegmentLib.propagate import torch_threads
 
     truth = tube(8, 20)
     limit = max(64, 4 * (os.cpu_count() or 1))
@@ -1108,5 +1109,6 @@ def test_images_the_predictors_cannot_read_faithfully_are_refused(make, phrase):
     with pytest.raises(InputError, match=re.escape(phrase)):
         propagate(make(image_for(truth)), prompt_from(truth, 14), ISO, OracleModel(truth))
     # The same images without the offset, or with one float32 keeps, propagate.
-    for ok in (image_for(truth).astype(np.float64) + 1e6, image_for(truth).astype(np.float32) * 1000 + 2.0 ** 25):
+    for ok in (image_for(truth).astype(np.float64) + 1e6, image_for(truth).astype(np.float32) * 1000 + 2.0 ** 25,
+               image_for(truth).astype(np.float64) * 1000 + 1e9):  # ~16 float32 levels and more: propagated
         assert propagate(ok, prompt_from(truth, 14), ISO, OracleModel(truth)).slice_range[1][1] > 14
