@@ -822,9 +822,13 @@ def _check_written(tmp: Path, image: sitk.Image, ext: str) -> None:
             trailer = int.from_bytes(fh.read(4), "little")
         if ext == ".mha":  # the data follows the header's last line, ElementDataFile = LOCAL
             end = head.find(b"ElementDataFile = LOCAL")
-            declared = next((int(line.split(b"=")[1]) for line in head[:max(end, 0)].splitlines()
-                             if line.startswith(b"CompressedDataSize")), nbytes)
-            if end < 0 or size < head.index(b"\n", end) + 1 + declared:
+            line_end = head.find(b"\n", max(end, 0))
+            try:
+                declared = next((int(line.split(b"=")[1]) for line in head[:max(end, 0)].splitlines()
+                                 if line.startswith(b"CompressedDataSize")), nbytes)
+            except (ValueError, IndexError):
+                raise incomplete() from None
+            if end < 0 or line_end < 0 or size < line_end + 1 + declared:
                 raise incomplete()
             return
         fields = head.split(b"\n\n")[0] + b"\n"
