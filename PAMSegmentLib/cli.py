@@ -183,7 +183,7 @@ _positive_int = number_type(int, lambda v: v >= 1, "a positive integer")
 
 
 def _thread_count(text: str) -> int:
-    """A ``--threads`` value: 1 to ``propagate.max_threads()`` (4 per core, at least 64)."""
+    """A ``--threads`` value: 1 to ``checks.max_threads()`` (4 per core, at least 64)."""
     from .checks import max_threads
 
     return number_type(int, lambda v: 1 <= v <= max_threads(),
