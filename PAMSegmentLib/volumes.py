@@ -13,6 +13,7 @@ import contextlib
 import errno
 import math
 import os
+import sys
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -165,6 +166,29 @@ def _itk_warnings_hidden():
         yield
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+@contextlib.contextmanager
+def _native_stderr_hidden():
+    """What C libraries print on file descriptor 2 inside (NIfTI's "** ERROR: NWAD: wrote only ...",
+    MetaImage's and libtiff's lines on a full disk) discarded: the write is checked afterwards and
+    a failure reported in one line. Python's own sys.stderr is flushed first, and descriptor 2 is
+    restored on the way out."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no descriptor 2 (an embedded interpreter): nothing to hide
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
 
 
 def _itk_path(path) -> str:
@@ -768,7 +792,7 @@ def _atomic_write(image: sitk.Image, path: PathLike, extensions: Sequence[str] =
     # The temporary name keeps the extension (ITK picks the format from it) and stays short.
     tmp = parent / f".pamsegment-{uuid.uuid4().hex[:12]}.tmp{ext}"
     try:
-        with _itk_warnings_hidden():  # a failed write is reported below, in one line naming OUT
+        with _itk_warnings_hidden(), _native_stderr_hidden():  # a failure is reported below, in one line naming OUT
             sitk.WriteImage(image, _itk_path(tmp), useCompression=True)
         _check_written(tmp, image, ext)
         os.replace(tmp, target)
