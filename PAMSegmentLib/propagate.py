@@ -586,18 +586,17 @@ def _validate_inputs(image: np.ndarray, prompt: np.ndarray, spacing) -> tuple[fl
     if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
         n = int((~np.isfinite(image)).sum())
         raise InputError(f"the image has {n} NaN/inf voxels; fix or mask them before propagating")
-    big = float(np.finfo(np.float32).max)  # the predictors read slices as float32
-    if np.issubdtype(image.dtype, np.floating) and image.itemsize > 4 and image.size and \
-            (float(image.max()) > big or float(image.min()) < -big):
-        raise InputError("the image has values beyond float32's range (about 3.4e38); rescale it before propagating")
-    low, high = (image.min(), image.max()) if image.size else (0, 0)  # compared in the image's own type
+    low, high = (image.min(), image.max()) if image.size else (0, 0)  # one pass each, compared in the image's type
     lo, hi = float(low), float(high)
+    big = float(np.finfo(np.float32).max)  # the predictors read slices as float32
+    if np.issubdtype(image.dtype, np.floating) and image.itemsize > 4 and (hi > big or lo < -big):
+        raise InputError("the image has values beyond float32's range (about 3.4e38); rescale it before propagating")
     if low == high:
         raise InputError(f"the image holds one value everywhere ({lo:g}): there is nothing to follow; check that it "
                          "is the scan")
     if image.itemsize >= 4 and image.dtype.kind in "iuf":
         # Read as float32 (24-bit precision): a small spread on a huge offset (e.g. 2**62 + CT values,
-        # or 1e12 + intensities) rounds away, and an image of one value cannot be windowed.
+        # or 1e12 + intensities) rounds away.
         magnitude = max(abs(lo), abs(hi))
         if magnitude > 2.0 ** 24 and hi - lo < magnitude * 2.0 ** -20:  # fewer than ~16 float32 levels
             raise InputError(f"the image's values span only {hi - lo:.6g} at an offset of {lo:.10g}: so small a spread "
