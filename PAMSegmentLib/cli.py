@@ -544,8 +544,8 @@ def check_keyframes_record_path(out: str | os.PathLike) -> None:
 def drop_stale_keyframes_record(out: str | os.PathLike) -> str | None:
     """A run that replaced an update's OUT without an update: its record no longer describes OUT,
     so it goes. Returns the sentence saying so (None if there was none)."""
-    target = keyframes_record_path(out)
     if keyframes_record_exists(out):
+        target = keyframes_record_path(out)
         target.unlink(missing_ok=True)
         return f"removed {target}, the keyframes of an update whose result this run replaced"
     return None
@@ -651,9 +651,8 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
         except InputError as error:
             raise InputError(f"{option}: {error}") from None
     earlier = {}
-    record = keyframes_record_path(previous_path)
-    if record.is_file():
-        earlier, axis = _read_keyframes_record(record, maps[0], axis, names[0])
+    if keyframes_record_exists(previous_path):  # an earlier update's keyframes and walls
+        earlier, axis = _read_keyframes_record(keyframes_record_path(previous_path), maps[0], axis, names[0])
     plan = keyframes_from_edits(prompt.array, maps[0], maps[1], axis=axis, labels=labels, earlier=earlier)
     if slice_range is not None:
         lo, hi = slice_range

@@ -334,3 +334,19 @@ def test_a_record_edited_by_hand_is_refused_not_half_used(ct_case, capsys, edit,
     assert err.strip() == (f"pamsegment: error: {record_path} (the keyframes of the update that wrote --previous) cannot "
                            f"be read ({problem}); delete it to keep only the prompt's keyframes")
     assert not (d / "third.nii.gz").exists()
+
+
+def test_a_previous_result_named_with_241_to_255_bytes_has_no_record_and_updates(ct_case, capsys):
+    """Its record's name would pass 255 bytes, so looking for it raised ENAMETOOLONG: it has none."""
+    import shutil
+
+    d = ct_case.directory
+    first = _first_run(ct_case)
+    long_name = d / ("p" * 240 + ".nii.gz")
+    shutil.copyfile(first, long_name)
+    edited = read_volume(first).array
+    edited[13] = ct_case.truth[13]
+    e = write_image(edited.astype(np.uint8), d / "e.nii.gz", ct_case.spacing)
+    capsys.readouterr()
+    assert _update(ct_case, long_name, e, d / "out.nii.gz") == 0
+    assert capsys.readouterr().out.splitlines()[0] == "update: label 1: keyframes 10 (prompt), 13 (edited)"
