@@ -90,7 +90,7 @@ class IntensityGate:
         mad = 1.4826 * float(np.median(np.abs(vals - med)))
         q1, q99, q25, q75 = np.percentile(vals, [1, 99, 25, 75])
         s1, s99 = np.percentile(np.asarray(image_slice, dtype=np.float64), [1, 99])
-        floor = max(0.02 * float(s99 - s1), 1e-6 * max(abs(med), 1.0), 1e-12)
+        floor = max(0.02 * float(s99 - s1), 1e-6 * abs(med), 1e-300)  # relative: any unit of the values
         sd = max(mad, float(q75 - q25) / 1.349, floor)
         return cls(med, sd, float(q1) - k * sd * 0.5, float(q99) + k * sd * 0.5, k, min_inside)
 
@@ -317,7 +317,7 @@ class TrackPredictor(_ClassicalPredictor):
         vals = np.asarray(image_slice, dtype=np.float64)[np.asarray(mask, dtype=bool)]
         lo, hi = np.percentile(vals, self.window_percentiles)
         width = float(hi - lo)
-        if width <= 1e-6 * max(abs(lo), 1.0):
+        if width <= 1e-6 * max(abs(lo), abs(hi), float(np.ptp(np.asarray(image_slice, dtype=np.float64)))):
             width = 4 * st["gate"].sd  # a flat region: fall back to the robust spread
             lo, hi = lo - width / 2, hi + width / 2
         st["window"] = (float(lo - self.window_margin * width), float(hi + self.window_margin * width))

@@ -439,8 +439,8 @@ def cmd_label_cells(args) -> int:
     from pathlib import Path
 
     from .cli import EXIT_OK, _ProgressBar, _same_path
-    from .volumes import (MASK_2D_EXTENSIONS, check_link_target, check_name_length, check_output_path, read_image_2d,
-                          read_labelmap_2d, replace_together, write_labelmap_2d)
+    from .volumes import (MASK_2D_EXTENSIONS, check_link_target, check_name_length, check_not_read_only,
+                          check_output_path, read_image_2d, read_labelmap_2d, replace_together, write_labelmap_2d)
 
     t0 = time.perf_counter()
     out = Path(args.output)
@@ -458,6 +458,7 @@ def cmd_label_cells(args) -> int:
                          "away or choose another -o file")
     for written in (out, out.with_name(out.name + ".csv")):
         check_link_target(written)  # a link is written onto its target: its folder must take files
+        check_not_read_only(written)
     image, ref = read_image_2d(args.image, keep_colour=True)
     examples = read_labelmap_2d(args.examples, reference=(image[..., 0] if image.ndim == 3 else image, ref))
     background = None

@@ -295,6 +295,9 @@ def check_checkpoint_file(path: str | os.PathLike) -> int:
         raise CheckpointError(f"checkpoint {path} does not exist; check the path")
     if path.is_dir():
         raise CheckpointError(f"checkpoint {path} is a directory; give the .pt/.pth file inside it")
+    if not path.is_file():  # a FIFO would be read for ever, a device is no checkpoint
+        raise CheckpointError(f"checkpoint {path} is not a regular file (a named pipe or a device); give the "
+                              ".pt/.pth file")
     size = path.stat().st_size
     if size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes); download it again")

@@ -369,12 +369,15 @@ def read_case(image_path, prompt_path, output, resample: bool, note: Callable[[s
     the readers warn about (which of several DICOM series was used, a NIfTI header with two
     different grids) goes to ``note``, also when a read fails: the note may explain the failure.
     ``series_option``: the option choosing another of the image's DICOM series, named in its note."""
-    from .volumes import SeriesChoiceWarning, check_geometry_fits, read_labelmap, read_volume
+    from .volumes import (SeriesChoiceWarning, check_geometry_fits, check_grids_from_headers, read_labelmap,
+                          read_volume)
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         from_image = None  # how many of the warnings came from reading the image
         try:
+            if not resample:  # a prompt on another grid is refused before a large image is read
+                check_grids_from_headers(image_path, prompt_path)
             image = read_volume(image_path, series_uid=series)
             from_image = len(caught)
             check_geometry_fits(image.direction, output)

@@ -426,12 +426,13 @@ def _check_targets(out_dir, names, prompt_path, mask_path, files, more_masks=())
                     *(("the --labelled mask", m) for m in more_masks), *(("the image", f) for f in files)):
         st = os.stat(f)
         inputs.setdefault((st.st_dev, st.st_ino), f"{what} {f}")
-    from .volumes import check_link_target, check_name_length
+    from .volumes import check_link_target, check_name_length, check_not_read_only
 
     for name in names:
         target = out_dir / name
         check_name_length(target)  # <image name>_mask.png may pass what the file system takes
         check_link_target(target)  # a link is written onto its target: its folder must take files
+        check_not_read_only(target)
         try:
             st = os.stat(target)  # follows a symbolic link
         except OSError:

@@ -282,7 +282,8 @@ class PAMPredictor(SlicePredictor):
         """A slice's crop as the registration sees it: smoothed, in PAM's window, scaled to [0, 1]."""
         low, high = self.window.low, self.window.high
         arr = _smoothed(volume[index][crop])
-        return np.clip((arr - low) / max(high - low, 1e-6), 0.0, 1.0).astype(np.float32)
+        width = high - low  # never 0 (intensity_window widens a flat region), at any scale of the image's values
+        return np.clip((arr - low) / (width if width > 0 else 1.0), 0.0, 1.0).astype(np.float32)
 
     def _fuse(self, out: SlicePrediction, plan: _RegistrationPlan, transforms, guide_index, queries) -> SlicePrediction:
         w = self.registration_weight

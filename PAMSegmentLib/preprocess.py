@@ -84,6 +84,14 @@ class IntensityWindow:
         return ((np.clip(x, self.low, self.high) - self.low) * scale - 1.0).astype(np.float32)
 
 
+def _magnitude(image_slice: np.ndarray, lo: float, hi: float) -> float:
+    """The scale of a slice's values, for relative tests: the largest of |lo|, |hi| and the
+    slice's range (0 only for a slice of zeros)."""
+    arr = np.asarray(image_slice)
+    spread = float(arr.max()) - float(arr.min()) if arr.size else 0.0
+    return max(abs(float(lo)), abs(float(hi)), spread)
+
+
 def intensity_window(image_slice: np.ndarray, mask: np.ndarray, params: PreprocessingParams) -> IntensityWindow:
     """Window from the voxels inside ``mask`` on ``image_slice`` (both (j, i) or any same shape)."""
     values = np.asarray(image_slice)[np.asarray(mask) > 0]
@@ -91,10 +99,11 @@ def intensity_window(image_slice: np.ndarray, mask: np.ndarray, params: Preproce
         values = np.asarray(image_slice).ravel()
     lo, hi = np.percentile(values.astype(np.float64), params.window_percentiles)
     width = hi - lo
-    if width <= 1e-6:
+    if width <= 1e-6 * _magnitude(image_slice, lo, hi):
         # A uniform region (synthetic data, a flat phantom): fall back to the slice's spread so the
-        # window is never degenerate.
-        spread = float(np.std(image_slice)) or 1.0
+        # window is never degenerate. "Uniform" is relative to the slice's own values, so that an
+        # image in other units (x 1e-12) is windowed as the same image in HU.
+        spread = float(np.std(np.asarray(image_slice, dtype=np.float64))) or 1.0
         lo, hi, width = lo - spread, hi + spread, 2 * spread
     lo -= params.window_margin * width
     hi += params.window_margin * width

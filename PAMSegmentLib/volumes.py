@@ -402,6 +402,53 @@ def _note_nifti_qform_sform(p: Path, header: bytes, image: sitk.Image, tol_mm: f
                   f"tools that use the {other} would place input and output differently", stacklevel=3)
 
 
+def _nifti_pixdims(header: bytes) -> tuple[float, ...] | None:
+    """pixdim[1..ndim] of a NIfTI-1 or NIfTI-2 header (as stored), None if it is not one."""
+    import struct
+
+    for e in "<>":
+        size = struct.unpack(e + "i", header[:4])[0]
+        if size == 348:
+            ndim, pix = struct.unpack_from(e + "h", header, 40)[0], struct.unpack_from(e + "8f", header, 76)
+        elif size == 540 and len(header) >= 540:
+            ndim, pix = struct.unpack_from(e + "q", header, 16)[0], struct.unpack_from(e + "8d", header, 104)
+        else:
+            continue
+        return tuple(float(v) for v in pix[1:1 + max(0, min(int(ndim), 7))])
+    return None
+
+
+def _note_nifti_no_spacing(p: Path, header: bytes, dimension: int) -> None:
+    """A NIfTI header whose voxel size (pixdim) is 0, NaN or infinite along an axis: ITK (and
+    Slicer) read it as 1 mm without a word, and PAMSegment's walk window, drift test and the
+    metrics count millimetres; say so (a warning, which the command line prints as a note)."""
+    pix = _nifti_pixdims(header)
+    if pix is None:
+        return
+    bad = [f"{'ijk'[n]} (pixdim[{n + 1}] = {v:g})" for n, v in enumerate(pix[:min(dimension, 3)])
+           if not (math.isfinite(v) and v != 0)]
+    if bad:
+        warnings.warn(f"{p.name}: its NIfTI header gives no voxel size along {', '.join(bad)}; like ITK and "
+                      "Slicer, PAMSegment reads that as 1 mm, and its 20 mm walk window and distances count those "
+                      "millimetres: fix the header (e.g. set the true spacing in Slicer's Volumes module) if that is "
+                      "wrong", stacklevel=3)
+
+
+def check_regular_file(p: Path, what: str = "") -> None:
+    """InputError for an input that exists but is not a regular file or folder (a FIFO, a socket,
+    a device): ITK would wait on a FIFO for ever."""
+    import stat
+
+    try:
+        mode = p.stat().st_mode
+    except OSError:
+        return  # the reader names the problem
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+        raise InputError(f"{what or p} is {kind}, not an image file; save the image to a file and give that")
+
+
 def _exists(p: Path) -> bool:
     try:
         return p.exists()
@@ -419,7 +466,8 @@ def _read_sitk(path: PathLike, series_uid: str | None = None, single_slice_ok: b
     else:
         if series_uid is not None:
             raise InputError(f"series_uid applies to DICOM folders only, but {p} is a file")
-        header = _nifti_header(p)  # read once for both NIfTI checks
+        check_regular_file(p)
+        header = _nifti_header(p)  # read once for the NIfTI checks
         if header is not None:
             _check_nifti_complete(p, header)
         try:
@@ -432,6 +480,7 @@ def _read_sitk(path: PathLike, series_uid: str | None = None, single_slice_ok: b
             raise InputError(f"cannot read {p} as an image ({reason}); {_READ_HINT}") from None
         if header is not None:
             _note_nifti_qform_sform(p, header, image)
+            _note_nifti_no_spacing(p, header, image.GetDimension())
     name = p.name
 
     ncomp = image.GetNumberOfComponentsPerPixel()
@@ -539,6 +588,64 @@ def _overlaps(a: Volume, b: Volume) -> bool:
     return bool(np.all(box_a[0] < box_b[1]) and np.all(box_b[0] < box_a[1]))
 
 
+def _off_grid_error(name: str, labels: Volume, reference: Volume, diffs: list[str]) -> InputError:
+    """The refusal of a label map ``name`` that is not on the ``reference`` grid."""
+    details = "; ".join(_describe_difference(d, labels, reference) for d in diffs)
+    hint = (" (Slicer may crop .seg.nrrd to the segment extent)"
+            if name.lower().endswith(".seg.nrrd") and "size" in diffs else "")
+    advice = ("use --resample-prompt to resample it onto the image grid" if _overlaps(labels, reference) else
+              "it does not even overlap the image in space (drawn on another scan?): draw the prompt on this image")
+    return InputError(f"{name} is not on the image grid: {', '.join(diffs)} differ{'s' if len(diffs) == 1 else ''} "
+                      f"({details}){hint}; {advice}")
+
+
+def _grid_from_header(p: Path) -> Volume | None:
+    """The grid of a 3D image file from its header alone (a Volume whose array is a zero-strided
+    view: no voxels are read), or None where the header does not say it plainly (a folder, a
+    4D or 2D file, one ITK cannot read: the full read decides and names the problem)."""
+    try:
+        if not p.is_file():
+            return None
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(_itk_path(p))
+        with _itk_warnings_hidden(), _native_stderr_hidden():
+            reader.ReadImageInformation()
+        size, dim = list(reader.GetSize()), reader.GetDimension()
+        if dim == 4 and size[3] == 1:
+            spacing, origin = reader.GetSpacing()[:3], reader.GetOrigin()[:3]
+            d4 = reader.GetDirection()
+            direction = tuple(d4[4 * r + c] for r in range(3) for c in range(3))
+            size = size[:3]
+        elif dim == 3:
+            spacing, origin, direction = reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection()
+        else:
+            return None
+        if reader.GetNumberOfComponents() != 1 or min(size) < 1:
+            return None
+    except (RuntimeError, OSError, InputError):
+        return None
+    shape = tuple(int(n) for n in reversed(size))
+    return Volume(np.broadcast_to(np.zeros((), np.uint8), shape), tuple(float(v) for v in reversed(spacing)),
+                  tuple(float(v) for v in origin), tuple(float(v) for v in direction))
+
+
+def check_grids_from_headers(image_path: PathLike, prompt_path: PathLike) -> None:
+    """Before the image is read: a prompt file whose header puts it on another grid than the image
+    file's is refused at once (as ``read_labelmap`` would refuse it after reading both, which for
+    a large image takes a minute and gigabytes). Where either header cannot be compared so, nothing
+    is said here and the full read decides."""
+    image, prompt = _grid_from_header(Path(image_path)), _grid_from_header(Path(prompt_path))
+    if image is None or prompt is None:
+        return
+    diffs = same_grid(prompt, image)
+    if diffs:
+        for path in (Path(image_path), Path(prompt_path)):  # what the full read would note: it may explain this
+            header = _nifti_header(path)
+            if header is not None:
+                _note_nifti_no_spacing(path, header, 3)
+        raise _off_grid_error(Path(prompt_path).name, prompt, image, diffs)
+
+
 def read_labelmap(path: PathLike, reference: Volume | None = None, resample: bool = False) -> Volume:
     """Read an integer label map (e.g. a prompt) as a Volume with an integer array (K, J, I).
 
@@ -556,15 +663,7 @@ def read_labelmap(path: PathLike, reference: Volume | None = None, resample: boo
     diffs = same_grid(labels, reference)
     if diffs:
         if not resample:
-            details = "; ".join(_describe_difference(d, labels, reference) for d in diffs)
-            hint = " (Slicer may crop .seg.nrrd to the segment extent)" if name.lower().endswith(".seg.nrrd") and "size" in diffs else ""
-            advice = ("use --resample-prompt to resample it onto the image grid" if _overlaps(labels, reference) else
-                      "it does not even overlap the image in space (drawn on another scan?): draw the prompt on this "
-                      "image")
-            raise InputError(
-                f"{name} is not on the image grid: {', '.join(diffs)} differ{'s' if len(diffs) == 1 else ''} "
-                f"({details}){hint}; {advice}"
-            )
+            raise _off_grid_error(name, labels, reference, diffs)
         resampler = sitk.ResampleImageFilter()
         resampler.SetSize(list(reference.size_ijk))
         resampler.SetOutputSpacing(reference.spacing_ijk)
@@ -625,8 +724,38 @@ def check_output_path(path: PathLike, extensions: Sequence[str] = _WRITE_EXTENSI
                              "output path")
         raise InputError(f"folder {parent} does not exist; create it or choose another output path")
     if probe:
+        check_writable_output(target, extensions)
         check_folder_writable(parent)
     return ext
+
+
+def check_writable_output(path: PathLike, extensions: Sequence[str] = _WRITE_EXTENSIONS) -> None:
+    """Before any work, for an output that exists already: a symbolic link must point at a file
+    name of an output format (the file is written onto the link's target), and a file protected
+    by its permissions (no write bit at all: ``chmod a-w``) is not replaced, although the folder
+    would let a new file be moved over it. Raises InputError."""
+    path = Path(path)
+    if path.is_symlink():
+        target = through_link(path)
+        if not any(target.name.lower().endswith(e) for e in extensions):
+            raise InputError(f"{path} is a symbolic link to {target}, which is not a file of an output format "
+                             f"({', '.join(extensions)}); remove the link or choose another output")
+    check_not_read_only(path)
+
+
+def check_not_read_only(path: PathLike) -> None:
+    """InputError if the output ``path`` (through a symbolic link) is an existing file without
+    any write permission bit (``chmod a-w``, how users protect a result): replacing it by moving
+    a new file over it would be allowed by the folder, but not what its owner asked for."""
+    import stat
+
+    try:
+        mode = Path(path).stat().st_mode
+    except OSError:
+        return  # nothing there yet (or a folder problem the other checks name)
+    if stat.S_ISREG(mode) and not mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
+        raise InputError(f"{path} exists and is read-only (mode {stat.S_IMODE(mode):04o}), so it is kept as it is; make "
+                         "it writable (chmod u+w) to replace it, or choose another output name")
 
 
 NAME_MAX = 255  # bytes in one file or folder name on the common file systems (ext4, XFS, APFS, NTFS)
@@ -673,7 +802,10 @@ def check_folder_writable(folder: PathLike, what: str = "the output") -> None:
             except OSError:
                 pass
     if failed is not None:
-        raise InputError(f"cannot write {what} in folder {folder} ({failed.strerror or failed}): files must be made, "
+        reason = failed.strerror or str(failed)
+        if failed.errno == errno.ENOENT and folder.is_dir():  # /proc, some virtual file systems
+            reason = "the folder takes no new files"
+        raise InputError(f"cannot write {what} in folder {folder} ({reason}): files must be made, "
                          "renamed and removed there; choose another folder")
 
 

@@ -1,0 +1,170 @@
+"""Inputs and outputs a user can bring that the readers took silently: a NIfTI header without a
+voxel size, a named pipe, a protected result, a link to a device, a prompt on another grid than a
+huge image (refused before the image is read), and images in other units (x 1e-12)."""
+
+from __future__ import annotations
+
+import os
+import struct
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import make_ct_case, write_image
+
+from PAMSegmentLib import cli, volumes
+from PAMSegmentLib.baselines import CopyPredictor, TrackPredictor
+from PAMSegmentLib.errors import InputError
+from PAMSegmentLib.propagate import propagate
+
+
+def _pixdim_zero(path: Path, axis: int = 1) -> None:
+    """Set pixdim[axis] of a NIfTI-1 file to 0 (and its sform code to 0, so the qform rules)."""
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<f", data, 76 + 4 * axis, 0.0)
+    struct.pack_into("<h", data, 254, 0)
+    path.write_bytes(bytes(data))
+
+
+def test_nifti_without_a_voxel_size_is_read_as_1_mm_with_a_note(tmp_path, run_cli):
+    case = make_ct_case(tmp_path / "case")
+    image = write_image(case.image, tmp_path / "image.nii", case.spacing)
+    prompt = write_image(case.prompt, tmp_path / "prompt.nii", case.spacing)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert volumes.read_volume(image).spacing == pytest.approx(case.spacing)  # a sound header: nothing said
+    _pixdim_zero(image, 1)  # the i axis (0.7 mm) loses its size
+    with pytest.warns(UserWarning, match=r"image.nii: its NIfTI header gives no voxel size along i \(pixdim\[1\] = 0\); "
+                                         r"like ITK and Slicer, PAMSegment reads that as 1 mm"):
+        assert volumes.read_volume(image).spacing == pytest.approx((2.5, 0.8, 1.0))
+    # The command line: the note explains why the prompt (on the true grid) is refused, before
+    # the image is read.
+    proc = run_cli("propagate", image, prompt, "-o", tmp_path / "out.nii.gz", "--method", "copy")
+    assert proc.returncode == 2
+    assert "note: image.nii: its NIfTI header gives no voxel size along i (pixdim[1] = 0)" in proc.stdout
+    assert "prompt.nii is not on the image grid: spacing differs" in proc.stderr
+    # Both without it: the walk runs, with the note.
+    _pixdim_zero(prompt, 1)
+    proc = run_cli("propagate", image, prompt, "-o", tmp_path / "out.nii.gz", "--method", "copy")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("gives no voxel size along i (pixdim[1] = 0)") == 2  # image and prompt
+
+
+def test_nifti2_pixdims_are_read():
+    header = bytearray(540)
+    struct.pack_into("<i", header, 0, 540)
+    struct.pack_into("<8q", header, 16, 3, 4, 5, 6, 1, 1, 1, 1)
+    struct.pack_into("<8d", header, 104, 1.0, 0.5, 0.0, float("nan"), 1, 1, 1, 1)
+    assert volumes._nifti_pixdims(bytes(header))[:2] == (0.5, 0.0)
+    assert np.isnan(volumes._nifti_pixdims(bytes(header))[2])
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_named_pipe_as_image_prompt_or_checkpoint_is_refused_not_waited_on(tmp_path, run_cli, ct_case):
+    fifo = tmp_path / "pipe.nii.gz"
+    os.mkfifo(fifo)
+    for args in [(fifo, ct_case.prompt_path), (ct_case.image_path, fifo)]:
+        proc = run_cli("propagate", *args, "-o", tmp_path / "out.nii.gz", "--method", "copy", timeout=60)
+        assert proc.returncode == 2
+        assert proc.stderr.strip() == f"pamsegment: error: {fifo} is a named pipe (FIFO), not an image file; save the " \
+                                      "image to a file and give that"
+    proc = run_cli("info", fifo, timeout=60)
+    assert proc.returncode == 2 and "is not a regular file (a named pipe or a device)" in proc.stderr
+
+
+def test_read_only_result_is_kept(tmp_path, run_cli, ct_case):
+    out = tmp_path / "kept.nii.gz"
+    assert run_cli("propagate", ct_case.image_path, ct_case.prompt_path, "-o", out, "--method", "copy").returncode == 0
+    before = out.read_bytes()
+    out.chmod(0o444)
+    try:
+        proc = run_cli("propagate", ct_case.image_path, ct_case.prompt_path, "-o", out, "--method", "track")
+        assert proc.returncode == 2
+        assert proc.stderr.strip() == f"pamsegment: error: {out} exists and is read-only (mode 0444), so it is kept as " \
+                                      "it is; make it writable (chmod u+w) to replace it, or choose another output name"
+        assert "propagating" not in proc.stderr  # refused before any work
+        assert out.read_bytes() == before
+        # Batch: the row is named, nothing runs.
+        manifest = tmp_path / "m.csv"
+        manifest.write_text(f"image,prompt,output\n{ct_case.image_path},{ct_case.prompt_path},{out}\n")
+        proc = run_cli("batch", manifest, "-o", tmp_path / "runs", "--method", "copy")
+        assert proc.returncode == 2 and "m.csv row 2: " in proc.stderr and "is read-only (mode 0444)" in proc.stderr
+        assert not (tmp_path / "runs").exists() and out.read_bytes() == before
+        # With --skip-existing the row is skipped, so the protected file does not matter.
+        proc = run_cli("batch", manifest, "-o", tmp_path / "runs", "--method", "copy", "--skip-existing")
+        assert proc.returncode == 0, proc.stderr
+        assert out.read_bytes() == before
+    finally:
+        out.chmod(0o644)
+    out.chmod(0o200)  # the owner may write: replaced as before
+    assert run_cli("propagate", ct_case.image_path, ct_case.prompt_path, "-o", out, "--method", "track").returncode == 0
+    out.chmod(0o644)
+    assert out.read_bytes() != before
+
+
+def test_output_link_to_a_device_is_refused_before_the_work(tmp_path, run_cli, ct_case):
+    if not Path("/dev/null").exists():
+        pytest.skip("no /dev/null")
+    link = tmp_path / "out.nii.gz"
+    link.symlink_to("/dev/null")
+    proc = run_cli("propagate", ct_case.image_path, ct_case.prompt_path, "-o", link, "--method", "copy")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith(f"pamsegment: error: {link} is a symbolic link to /dev/null, which is not a "
+                                          "file of an output format")
+    assert "propagating" not in proc.stderr
+    # A link to a file of an output format is written through, as before.
+    target = tmp_path / "real.nrrd"
+    other = tmp_path / "other.nrrd"
+    other.symlink_to(target)
+    assert run_cli("propagate", ct_case.image_path, ct_case.prompt_path, "-o", other, "--method", "copy").returncode == 0
+    assert other.is_symlink() and target.is_file()
+
+
+def test_folder_that_takes_no_files_is_named_so():
+    if not Path("/proc/self").is_dir():
+        pytest.skip("no /proc")
+    with pytest.raises(InputError, match=r"cannot write the output in folder /proc \(the folder takes no new files\)"):
+        volumes.check_output_path("/proc/out.nii.gz")
+
+
+def test_prompt_on_another_grid_is_refused_from_the_headers(tmp_path, ct_case, monkeypatch):
+    """The image is not read when the prompt's header already puts it on another grid (before, a
+    3.5 MB .nii.gz declaring 3000 x 3000 x 400 voxels was read, 67 s and 7 GB, then refused)."""
+    other = write_image(ct_case.prompt[:, :, :40], tmp_path / "cropped.nii.gz", ct_case.spacing)
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("the image was read")
+
+    monkeypatch.setattr(volumes, "read_volume", no_read)
+    with pytest.raises(InputError) as caught:
+        cli.read_case(ct_case.image_path, other, "out.nii.gz", False, note=print)
+    assert str(caught.value) == ("cropped.nii.gz is not on the image grid: size differs (size (k, j, i) (20, 40, 40) vs "
+                                 "(20, 40, 48)); use --resample-prompt to resample it onto the image grid")
+    monkeypatch.undo()
+    # The same words as after a full read; with --resample-prompt both are read and it goes on.
+    with pytest.raises(InputError) as full:
+        volumes.read_labelmap(other, reference=volumes.read_volume(ct_case.image_path))
+    assert str(full.value) == str(caught.value)
+    image, prompt = cli.read_case(ct_case.image_path, other, "out.nii.gz", True, note=print)
+    assert prompt.shape == image.shape == (20, 40, 48)
+    # Headers that match, or one that cannot be compared (a DICOM folder, a 2D file): nothing said.
+    volumes.check_grids_from_headers(ct_case.image_path, ct_case.prompt_path)
+    volumes.check_grids_from_headers(tmp_path, ct_case.prompt_path)
+    flat = tmp_path / "flat.png"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 4), np.uint8)), str(flat))
+    volumes.check_grids_from_headers(ct_case.image_path, flat)
+
+
+@pytest.mark.parametrize("method", ["pam", "track", "copy"])
+def test_same_result_whatever_the_unit_of_the_values(method, ct_case):
+    """An image in other units (x 1e-12, say a quantity in SI units) gave other results: the
+    flat-region tests of the intensity window and the drift test were absolute (1e-6), and the
+    registration divided by at least 1e-6: at x 1e-12 the demo's organs fell from 0.92-0.94 to
+    0.52-0.71 Dice. Now scale-free."""
+    image = ct_case.image.astype(np.float64) + 1000.0  # positive values, as most units
+    model = {"pam": None, "track": TrackPredictor(), "copy": CopyPredictor()}[method]
+    results = [propagate(image * s, ct_case.prompt, ct_case.spacing, model, threads=1).mask for s in (1.0, 1e-12)]
+    assert results[0].sum() > 1.5 * ct_case.prompt.sum()  # the walk went somewhere
+    assert np.array_equal(results[0], results[1])
