@@ -192,6 +192,9 @@ def label_cells(image, examples, *, background=None, tile: int = 1024, seed: int
         raise InputError('cell labelling needs scikit-image and scikit-learn: pip install ".[cells]" in the PAMSegment '
                          'source folder (or pip install scikit-image scikit-learn)') \
             from None
+    from .propagate import check_progress_and_cancel
+
+    check_progress_and_cancel(progress, cancel)
     if not isinstance(tile, (int, np.integer)) or tile < 64:
         raise InputError(f"tile must be a whole number of at least 64 px, got {tile!r}")
     img, cells, n_ex, bg_user = _check(image, examples, background)

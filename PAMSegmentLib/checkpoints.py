@@ -189,11 +189,14 @@ class PAMModel:
 
 
 def resolve_device(device: str | None) -> str:
+    """``device`` (None: cpu) checked and lower-cased: cpu, cuda or cuda:N where torch has CUDA."""
+    if device is not None and not isinstance(device, str):
+        raise InputError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     device = (device or "cpu").lower()
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for but this torch has no CUDA device; use --device cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+    if device not in ("cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
         raise InputError(f"unknown device {device!r}; use cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"device {device} was asked for but this torch has no CUDA device; use cpu (--device cpu)")
     return device
 
 
@@ -403,7 +406,8 @@ def load_checkpoint_file(path: str | os.PathLike, device: str = "cpu") -> PAMMod
         if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
             raise CheckpointError(f"checkpoint {path} has no state_dict of tensors")
         sd = _checked_tensors(sd, path)
-        network = PAMNetwork(config)
+        with torch.random.fork_rng(devices=[]):  # the random initialisation is overwritten: leave the caller's RNG
+            network = PAMNetwork(config)
         expected = {k: v for k, v in network.state_dict().items() if ".decoder.encoder." not in k}
         _strict_check(expected, sd, f"checkpoint {path}")  # shapes before any tensor is read whole
         digest = weights_sha256(sd)
@@ -417,7 +421,8 @@ def load_checkpoint_file(path: str | os.PathLike, device: str = "cpu") -> PAMMod
                         sha256=digest, provenance=provenance if isinstance(provenance, dict) else {}, device=device)
 
     sd = _checked_tensors(_official_state_dict(obj, path), path)
-    network = PAMNetwork(PRESETS["official"])
+    with torch.random.fork_rng(devices=[]):
+        network = PAMNetwork(PRESETS["official"])
     _strict_check(network.state_dict(), sd, f"checkpoint {path} (official PAM layout)")
     digest = weights_sha256(sd)
     try:

@@ -649,10 +649,16 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
 
     maps = []
     for option, path in zip(names, (previous_path, edited_path)):
-        try:
-            maps.append(read_labelmap(path, reference=image, resample=resample).array)
-        except InputError as error:
-            raise InputError(f"{option}: {error}") from None
+        with warnings.catch_warnings(record=True) as caught:  # e.g. a cropped .seg.nrrd put back on the grid
+            warnings.simplefilter("always", UserWarning)
+            try:
+                maps.append(read_labelmap(path, reference=image, resample=resample).array)
+            except InputError as error:
+                raise InputError(f"{option}: {error}") from None
+            finally:
+                for w in caught:
+                    if issubclass(w.category, UserWarning):
+                        say(f"note: {option}: {w.message}")
     earlier = {}
     if keyframes_record_exists(previous_path):  # an earlier update's keyframes and walls
         earlier, axis = _read_keyframes_record(keyframes_record_path(previous_path), maps[0], axis, names[0])

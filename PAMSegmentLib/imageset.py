@@ -42,7 +42,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import InputError, PropagationCancelled
-from .propagate import MAX_LABEL, CancelToken, _as_predictor, _is_empty, _slice_confidence, _stop_presence, torch_threads
+from .propagate import (MAX_LABEL, CancelToken, _as_predictor, _is_empty, _slice_confidence, _stop_presence,
+                        check_progress_and_cancel, torch_threads)
 
 __all__ = ["ORDERS", "ImageSetResult", "label_images", "to_common_grid", "thumbnail_distances"]
 
@@ -192,6 +193,8 @@ def _validate(images, prompt_index, prompt_mask, labels, order, names=None):
     if labels is None:
         labels = present
     else:
+        if isinstance(labels, (str, bytes)) or not hasattr(labels, "__iter__"):
+            raise InputError(f"labels must be a list of label numbers, got {labels!r}")
         labels = list(dict.fromkeys(int(v) for v in labels))  # each once, in the order given
         missing = [v for v in labels if v not in present]
         if missing:
@@ -256,6 +259,7 @@ def label_images(
     Raises InputError for bad input and PropagationCancelled when ``cancel`` is set (nothing is
     returned then)."""
     t0 = time.perf_counter()
+    check_progress_and_cancel(progress, cancel)
     imgs, p, mask, labels = _validate(images, prompt_index, prompt_mask, labels, order, names)
     more = _validate_more(more_prompts, imgs, p, {int(v) for v in np.unique(mask)} - {0}, names)
     predictor = _as_predictor(model, device)

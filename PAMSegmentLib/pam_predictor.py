@@ -16,7 +16,8 @@ import numpy as np
 from scipy import ndimage
 
 from .checkpoints import GATE_REFERENCES, QUERY_PRIORS
-from .errors import CheckpointError
+from .checks import is_number
+from .errors import CheckpointError, InputError
 from .network import fuse_scales
 from .preprocess import IntensityWindow, crop_box_for_mask, crop_slices, intensity_window, uncrop_probability
 from .propagate import SlicePrediction, SlicePredictor
@@ -105,20 +106,25 @@ class PAMPredictor(SlicePredictor):
     def __init__(self, model, intensity_gate: bool | None = None, registration_weight: float | None = None,
                  gate_reference: str | None = None, query_prior: str | None = None):
         self.model = model
+        if not hasattr(model, "inference") or not hasattr(model, "preprocessing"):
+            raise InputError(f"PAMPredictor needs a PAMModel (load_model()), got {type(model).__name__}")
         inf = model.inference
         # A prior-channel network's prior for each query (checkpoints.QUERY_PRIORS); "carried" runs
         # the registration even at registration_weight 0 and predicts a window's slices in turn.
         self.query_prior = inf.query_prior if query_prior is None else query_prior
         if self.query_prior not in QUERY_PRIORS:
-            raise ValueError(f"query_prior must be one of {', '.join(QUERY_PRIORS)}, got {self.query_prior!r}")
+            raise InputError(f"query_prior must be one of {', '.join(QUERY_PRIORS)}, got {self.query_prior!r}")
         # The classical drift test (PAMSegmentLib.baselines.IntensityGate) on top of the network's
         # own presence: a slice whose predicted (fused) region no longer looks like the reference
         # region's intensity ends the walk. The reference is the drawn slice's region ("prompt") or
         # the window's guide region ("guide"). Default: what the checkpoint's inference parameters say.
+        if not (intensity_gate is None or isinstance(intensity_gate, (bool, np.bool_))):  # "off" would be True
+            raise InputError(f"intensity_gate must be True, False or None (the checkpoint's setting), got "
+                             f"{intensity_gate!r}; the command line's 'off' is False")
         self.intensity_gate = inf.intensity_gate if intensity_gate is None else bool(intensity_gate)
         self.gate_reference = inf.intensity_gate_reference if gate_reference is None else gate_reference
         if self.gate_reference not in GATE_REFERENCES:
-            raise ValueError(f"gate_reference must be one of {', '.join(GATE_REFERENCES)}, got {self.gate_reference!r}")
+            raise InputError(f"gate_reference must be one of {', '.join(GATE_REFERENCES)}, got {self.gate_reference!r}")
         self.gate = None
         self._guide_gates: dict = {}
         self.window_mm, self.max_window, self.min_window = inf.window_mm, inf.max_window, inf.min_window
@@ -139,8 +145,9 @@ class PAMPredictor(SlicePredictor):
         # An attribute: validate.py may override it.
         self.network_window: str = "prompt"
         w = inf.registration_weight if registration_weight is None else registration_weight
-        if not 0.0 <= float(w) <= 1.0:
-            raise ValueError(f"registration_weight must be within [0, 1], got {w}")
+        if isinstance(w, (str, bytes, bool)) or not is_number(w, 0.0, 1.0):
+            raise InputError(f"registration_weight must be within [0, 1], got {w!r}"
+                             + (" (text or a bool: give a number)" if isinstance(w, (str, bytes, bool)) else ""))
         self.registration_weight = float(w)
         self.registration = None
         self.window: IntensityWindow | None = None

@@ -146,6 +146,9 @@ class PropagationResult:
     # (``begin_state``, e.g. PAM's intensity window): an update by another predictor, or one that
     # begins differently, recomputes the label.
     begin_state: dict = field(default_factory=dict)
+    # ``image_digest`` of the image (and spacing) it was computed on: an update on another image
+    # recomputes everything. None where unknown (a result read back from a saved record).
+    image_digest: str | None = None
 
     def notes(self) -> list[str]:
         """Hints for the user about how walks ended (e.g. a drift test that stopped at once)."""
@@ -203,6 +206,9 @@ class PropagationResult:
         as Slicer's *Next slice to review* steps through them): the ones to check first.
         ``voxels``: ``slice_voxels()``, if already computed."""
         lab = int(label)
+        if lab not in self.confidence:
+            raise InputError(f"label {lab} was not propagated in this result (its labels: "
+                             f"{', '.join(map(str, sorted(self.confidence))) or 'none'})")
         area = self.slice_voxels()[lab] if voxels is None else voxels[lab]
         return review_order(self.confidence[lab], keyframes=self.prompt_slices.get(lab, []),
                             candidates=np.flatnonzero(area))[:n]
@@ -576,11 +582,20 @@ class _ScaledProgress:
 def _validate_inputs(image: np.ndarray, prompt: np.ndarray, spacing) -> tuple[float, float, float]:
     if image.ndim != 3:
         raise InputError(f"the image must be a 3D volume, got {image.ndim}D with shape {image.shape}")
+    if image.size == 0:
+        raise InputError(f"the image is empty (shape {image.shape}): it holds no voxels")
     if prompt.shape != image.shape:
         raise InputError(f"the prompt's shape {prompt.shape} differs from the image's {image.shape}")
-    if not np.issubdtype(prompt.dtype, np.integer) and not np.issubdtype(prompt.dtype, np.bool_):
+    if prompt.dtype.kind not in "biuf":  # complex, text, objects
+        raise InputError(f"the prompt must be an integer label map, got values of type {prompt.dtype}")
+    if prompt.dtype.kind == "f":
         if not np.all(np.mod(prompt, 1) == 0):
             raise InputError("the prompt must be an integer label map")
+        outside = np.abs(prompt) >= 2.0 ** 31  # checked here: the cast to int32 below would wrap such values
+        if outside.any():
+            raise InputError(f"the prompt has label {prompt[outside].flat[0]:.10g}: labels must be whole numbers from 1 "
+                             f"to {MAX_LABEL} (0 = background); renumber the label map (or are the image and the "
+                             "prompt swapped?)")
     if image.dtype.kind not in "biuf":  # complex, object, text: numpy would drop or convert them silently
         raise InputError(f"the image must hold real numbers (integers or floats), got {image.dtype}")
     if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
@@ -618,7 +633,16 @@ def _whole(value, what: str) -> int:
     return int(value)
 
 
-def _validate_options(axis, labels, range, batch_size, threads, cancel, previous):  # noqa: A002
+def check_progress_and_cancel(progress, cancel) -> None:
+    """InputError unless ``progress`` is None or callable and ``cancel`` None or a CancelToken."""
+    if progress is not None and not callable(progress):
+        raise InputError(f"progress must be a function progress(fraction, message), got {type(progress).__name__}")
+    if cancel is not None and not hasattr(cancel, "is_cancelled"):
+        raise InputError(f"cancel must be a CancelToken, got {type(cancel).__name__}")
+
+
+def _validate_options(axis, labels, range, batch_size, threads, cancel, previous,  # noqa: A002
+                      progress=None, early_stop=True, remove_disconnected=None, update=None):
     """Type checks of propagate()'s options, so that a wrong type is one InputError, not a traceback."""
     if axis is not None:
         _whole(axis, "axis")
@@ -635,10 +659,13 @@ def _validate_options(axis, labels, range, batch_size, threads, cancel, previous
     if _whole(batch_size, "batch size") < 1:
         raise InputError("batch size must be at least 1")
     check_threads(threads)
-    if cancel is not None and not hasattr(cancel, "is_cancelled"):
-        raise InputError(f"cancel must be a CancelToken, got {type(cancel).__name__}")
+    check_progress_and_cancel(progress, cancel)
     if previous is not None and not isinstance(previous, PropagationResult):
         raise InputError(f"previous must be the PropagationResult of an earlier run, got {type(previous).__name__}")
+    for name, value, optional in (("early_stop", early_stop, False), ("remove_disconnected", remove_disconnected, True),
+                                  ("update", update, True)):
+        if not (isinstance(value, (bool, np.bool_)) or (optional and value is None)):
+            raise InputError(f"{name} must be True or False, got {value!r}")
     return (None if axis is None else int(axis)), labels, range
 
 
@@ -1096,11 +1123,33 @@ def propagate(
     ``batch_size`` are then the server's). ``range`` = (first, last) slice
     along the propagation axis, both included. ``early_stop=False`` predicts every slice in the
     range; by default it also keeps components not connected to the prompt (objects that vanish
-    and reappear). Raises InputError for bad input, PropagationCancelled when cancelled.
+    and reappear).
+
+    ``axis``: the propagation axis (None: the one the drawing lies across). ``labels``: the prompt
+    labels to propagate (None: all). Where two labels' results overlap, the label propagated
+    first keeps the voxel (``labels``' order, else ascending) and a label's own drawn voxels
+    always win; the labels that lost voxels are listed in ``result.overlapped``.
+    ``remove_disconnected``: drop 3D components not connected to the drawing (default:
+    ``early_stop``). ``batch_size``: slices per network call. ``device``: 'cpu', 'cuda' or 'cuda:N'
+    (for ``model=None``; a loaded model stays on its device). ``threads``: torch CPU threads for
+    the call (None: torch's setting; the registration also runs up to two threads of its own).
+    ``progress(fraction, message)``: called on the calling thread with rising fractions up to 1.0;
+    an exception raised in it ends the run. ``cancel``: a ``CancelToken`` (one per run) whose
+    ``cancel()`` ends the run from another thread.
+
+    A predictor holds the state of the walk it runs: calls sharing one ``SlicePredictor`` from
+    several threads take turns (share the ``PAMModel`` instead to run them at once).
+
+    Raises InputError for bad input, CheckpointError when the weights cannot be used (the default
+    weights damaged, a network whose output is not finite), PropagationCancelled when cancelled,
+    and for a ``remote.RemoteModel`` PAMError when its server cannot be reached. All four are
+    importable from ``PAMSegmentLib`` (``from PAMSegmentLib import InputError``).
 
     ``previous``: the result of an earlier run on the same image whose prompt has since gained or
     changed keyframes (the correction loop). Regions whose keyframes are unchanged are copied
-    from it; only the others are recomputed (``result.recomputed``, ``result.n_predicted``).
+    from it; only the others are recomputed (``result.recomputed``, ``result.n_predicted``). A
+    result of another image (or spacing), by its ``image_digest``, is not reused: everything is
+    recomputed.
 
     ``empty_slices``: slices along the propagation axis where the user says the object is absent
     (an erased slice), as a sequence for every label or a dict {label: sequence}. Each is a wall:
@@ -1116,7 +1165,9 @@ def propagate(
     image = np.asarray(image)
     prompt = np.asarray(prompt)
     spacing = _validate_inputs(image, prompt, spacing)
-    axis, labels, range = _validate_options(axis, labels, range, batch_size, threads, cancel, previous)
+    axis, labels, range = _validate_options(axis, labels, range, batch_size, threads, cancel, previous, progress,
+                                            early_stop, remove_disconnected, update)
+    early_stop = bool(early_stop)
     if not np.issubdtype(prompt.dtype, np.integer):
         prompt = prompt.astype(np.int32)  # bool or integral floats; integer label maps are used as they are
     if update is None:
@@ -1131,7 +1182,37 @@ def propagate(
                                remove_disconnected=remove_disconnected, empty_slices=empty_slices, progress=progress,
                                cancel=cancel, previous=previous, update=update)
     predictor = _as_predictor(model, device)
+    digest = image_digest(image, spacing)
+    with _walk_lock(predictor):  # a predictor holds its walk's state: concurrent calls sharing one take turns
+        return _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, empties, vol, prm, labels,
+                                  early_stop, remove_disconnected, batch_size, threads, progress, cancel, previous,
+                                  digest, t_start)
 
+
+def image_digest(image: np.ndarray, spacing) -> str:
+    """A checksum of an image's values, shape, type and spacing (CRC-32, about 25 ms for 150 MB):
+    ``previous=`` is reused only on the image it was computed on."""
+    import zlib
+
+    h = zlib.crc32(repr((image.shape, image.dtype.str, tuple(float(v) for v in spacing))).encode())
+    planes = [image] if image.flags.c_contiguous else image
+    for plane in planes:
+        h = zlib.crc32(np.ascontiguousarray(plane).reshape(-1).view(np.uint8), h)
+    return f"crc32:{h:08x}"
+
+
+def _walk_lock(predictor) -> contextlib.AbstractContextManager:
+    """The lock of ``predictor``'s walks (made on first use): its ``begin`` state belongs to one
+    walk at a time."""
+    state = getattr(predictor, "__dict__", None)
+    if state is None:
+        return contextlib.nullcontext()
+    return state.setdefault("_pamsegment_walk_lock", threading.Lock())  # dict.setdefault: atomic under the GIL
+
+
+def _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, empties, vol, prm, labels, early_stop,
+                       remove_disconnected, batch_size, threads, progress, cancel, previous, digest, t_start):
+    """``propagate``'s work once its inputs are checked."""
     # No whole-volume float copy: the predictors cast only the slices they read.
     vol_f = vol
     # Every slice the user gave per label: drawn keyframes and walls.
@@ -1145,6 +1226,7 @@ def propagate(
         conf_all, ranges = {}, {}
         usable_previous = (
             previous is not None and previous.axis == ax and previous.mask.shape == image.shape
+            and previous.image_digest in (None, digest)  # None: a result read back from a record
             and previous.range == (lo, hi) and previous.early_stop == early_stop
             and previous.remove_disconnected == bool(remove_disconnected)
         )
@@ -1202,6 +1284,7 @@ def propagate(
         remove_disconnected=bool(remove_disconnected),
         overlapped=frozenset(overlapped),
         begin_state=begin_states,
+        image_digest=digest,
     )
 
 
@@ -1272,6 +1355,28 @@ class EditPlan:
                 for lab in sorted(self.drawn)}
 
 
+def _earlier_record(earlier) -> dict:
+    """``keyframes_from_edits``'s ``earlier`` checked: {label: {"keyframes": [...], "walls": [...]}}
+    with the label as text (as ``EditPlan.record()`` and its JSON write it) or a number."""
+    if earlier is None:
+        return {}
+    if not isinstance(earlier, dict):
+        raise InputError(f"earlier must be what EditPlan.record() gave, {{label: {{'keyframes': [...], 'walls': "
+                         f"[...]}}}}, got {type(earlier).__name__}")
+    out = {}
+    for key, value in earlier.items():
+        label = str(key).strip()
+        if isinstance(key, bool) or not label.isdigit():
+            raise InputError(f"earlier has the key {key!r}: keys are label numbers")
+        lists = [value.get(k, []) for k in ("keyframes", "walls")] if isinstance(value, dict) else None
+        if lists is None or not all(isinstance(v, (list, tuple)) and all(
+                is_number(s, -math.inf, math.inf, whole=True) for s in v) for v in lists):
+            raise InputError(f"earlier's label {key!r} must be {{'keyframes': [slice, ...], 'walls': [slice, ...]}}, "
+                             f"got {value!r:.120}")
+        out[str(int(label))] = {"keyframes": [int(s) for s in lists[0]], "walls": [int(s) for s in lists[1]]}
+    return out
+
+
 def keyframes_from_edits(prompt: np.ndarray, previous: np.ndarray, edited: np.ndarray, *,
                          axis: int | None = None, labels: Sequence[int] | None = None,
                          earlier: dict | None = None) -> EditPlan:
@@ -1279,7 +1384,7 @@ def keyframes_from_edits(prompt: np.ndarray, previous: np.ndarray, edited: np.nd
     ``edited`` that result corrected by hand (all three label maps on the image's grid). Each
     label's keyframes become its drawn slices, the keyframes of earlier rounds (``earlier``: what
     ``EditPlan.record()`` of the round that wrote ``previous`` gave, {"label": {"keyframes": [...],
-    "walls": [...]}}), and the slices along the axis where ``edited`` differs from ``previous`` for
+    "walls": [...]}}; labels as text or numbers), and the slices along the axis where ``edited`` differs from ``previous`` for
     it, with ``edited``'s masks there; an edited slice where the label is now absent is a wall
     ("the object is absent here"), and so are earlier walls not drawn on since. Propagating the
     plan's prompt with its walls (``update=True``) gives what Slicer's *Update from my edits*
@@ -1302,7 +1407,7 @@ def keyframes_from_edits(prompt: np.ndarray, previous: np.ndarray, edited: np.nd
     if lost and new:
         raise InputError(f"the edited result holds label {new[0]} where the earlier one holds {lost[0]}: save your "
                          "corrections with the result's label values")
-    earlier = earlier or {}
+    earlier = _earlier_record(earlier)
     out = np.zeros(prm.shape, dtype=prompt.dtype if np.issubdtype(prompt.dtype, np.integer) else np.int32)
     walls, changed_all, earlier_keys, erased = {}, {}, {}, []
     n = prm.shape[0]
@@ -1396,12 +1501,15 @@ def _empty_slices_per_label(empty_slices, slices: dict, lo: int, hi: int, axis: 
 def _as_predictor(model, device: str) -> SlicePredictor:
     if isinstance(model, SlicePredictor):
         return model
+    if device is not None and not isinstance(device, str):
+        raise InputError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     from .checkpoints import PAMModel, load_model
 
     if model is None:
         model = load_model(None, device=device)
     if isinstance(model, PAMModel):
-        if device not in (None, "cpu") and device != model.device:  # asked for, but it would not be used
+        asked = (device or "cpu").lower()  # as load_model reads it
+        if asked != "cpu" and asked != model.device:  # asked for, but it would not be used
             raise InputError(f"device {device!r} was asked for, but the model given is on {model.device!r}: load it "
                              f"with load_model(..., device={device!r}), or drop device=")
         from .pam_predictor import PAMPredictor

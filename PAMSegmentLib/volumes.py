@@ -234,9 +234,11 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
         chosen = max(series_ids, key=lambda uid: len(by_uid[uid]))
         files = by_uid[chosen]
         if len(series_ids) > 1:
+            ties = sum(len(by_uid[uid]) == len(files) for uid in series_ids)
+            which = "the largest" if ties == 1 else f"the first of {ties} series of that size"
             warnings.warn(
                 f"{folder} holds {len(series_ids)} DICOM series; using {_series_label(chosen)} ({len(files)} files), "
-                "the largest.",
+                f"{which}.",
                 SeriesChoiceWarning,
                 stacklevel=3,
             )
@@ -257,16 +259,21 @@ def _check_slice_positions(reader: sitk.ImageSeriesReader, image: sitk.Image, wh
     one series, would give a wrong grid. Refuse those: slice positions (ImagePositionPatient
     along the slice normal) must step by the same spacing within ``tol`` of it."""
     n = image.GetSize()[2]
-    if n < 3:
+    if n < 2:
         return
     normal = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)[:, 2]
-    positions = []
+    points = []
     for k in range(n):
         try:
             text = reader.GetMetaData(k, "0020|0032")
-            positions.append(float(np.dot(normal, [float(v) for v in text.split("\\")[:3]])))
+            points.append([float(v) for v in text.split("\\")[:3]])
         except (RuntimeError, ValueError):
             return  # positions not stored (e.g. secondary capture): nothing to check against
+    points = np.asarray(points, dtype=np.float64)
+    positions = points @ normal
+    _check_no_gantry_tilt(points[np.argsort(positions)], normal, image, what)
+    if n < 3:
+        return
     steps = np.diff(np.sort(positions))
     spacing = float(np.median(steps))
     if spacing <= 0 or np.min(steps) < (1 - tol) * spacing:
@@ -279,6 +286,28 @@ def _check_slice_positions(reader: sitk.ImageSeriesReader, image: sitk.Image, wh
         raise InputError(f"{what} is not evenly spaced: {gaps} gap(s) of up to {np.max(steps):.3g} mm between "
                          f"slices {spacing:.3g} mm apart (missing files?); add the missing slices or convert it "
                          "with a tool that resamples (e.g. dcm2niix or Slicer's DICOM module)")
+
+
+def _check_no_gantry_tilt(points: np.ndarray, normal: np.ndarray, image: sitk.Image, what: str) -> None:
+    """A series acquired with a gantry tilt: its slices step along a line that is not their plane's
+    normal (each slice shifted within its plane). ITK stacks them on an orthogonal grid at the
+    oblique distance, which places every slice but the first wrongly (by the shift times its
+    number) and a mask computed on it too: refused, with what to convert it with. A total shift
+    under half a pixel is rounding, not tilt."""
+    if len(points) < 2:
+        return
+    step = (points[-1] - points[0]) / (len(points) - 1)
+    along = float(step @ normal)
+    shift = float(np.linalg.norm(step - along * normal))  # per slice, within the slice plane
+    total = shift * (len(points) - 1)
+    if along == 0 or total <= 0.5 * min(image.GetSpacing()[:2]):
+        return
+    angle = math.degrees(math.atan2(shift, abs(along)))
+    raise InputError(f"{what} was acquired with a gantry tilt of {angle:.3g} degrees (each slice is shifted "
+                     f"{shift:.3g} mm within its plane from the one before): read as it is, its slices would be up to "
+                     f"{total:.3g} mm from where they were scanned. Convert it with a tool that corrects the tilt "
+                     "(3D Slicer's DICOM module with acquisition geometry regularization, then save the volume as "
+                     ".nrrd; or dcm2niix) and give that file")
 
 
 # NIfTI-1 / NIfTI-2 header fields: (header size, dim offset and format, bitpix offset and format,
@@ -471,7 +500,8 @@ def _read_sitk(path: PathLike, series_uid: str | None = None, single_slice_ok: b
         if header is not None:
             _check_nifti_complete(p, header)
         try:
-            image = sitk.ReadImage(_itk_path(p))
+            with _itk_warnings_hidden():  # e.g. NIfTI's "unexpected scales in sform": what matters is noted below
+                image = sitk.ReadImage(_itk_path(p))
         except RuntimeError as error:
             reason = _itk_reason(error)
             if "No such file or directory" in reason:  # the file is there: ITK reports a short read so (MetaImage)
@@ -490,7 +520,8 @@ def _read_sitk(path: PathLike, series_uid: str | None = None, single_slice_ok: b
         if name.lower().endswith(".seg.nrrd"):
             raise InputError(
                 f"{name} has {ncomp} overlapping segment layers; export a label map from Slicer "
-                "(Segmentations > Export to label map) and use that"
+                "(Segmentations > Export to label map) and use that, or, to keep the overlaps, save the overlapping "
+                "segments to separate files and propagate each"
             )
         raise InputError(
             f"{name} has {ncomp} components per voxel (colour or vector image); "
@@ -588,15 +619,103 @@ def _overlaps(a: Volume, b: Volume) -> bool:
     return bool(np.all(box_a[0] < box_b[1]) and np.all(box_b[0] < box_a[1]))
 
 
-def _off_grid_error(name: str, labels: Volume, reference: Volume, diffs: list[str]) -> InputError:
+def _no_position(path: Path) -> str | None:
+    """How the header of ``path`` fails to place it in space (NIfTI with qform and sform codes 0,
+    NRRD without space fields): ITK then gives it origin 0 and axes x, y, z, wherever it was
+    drawn. None when the header places it (or the format always does)."""
+    import struct
+
+    name = path.name.lower()
+    try:
+        if name.endswith((".nii", ".nii.gz")):
+            header = _nifti_header(path)
+            for e in "<>":
+                if header is not None and struct.unpack(e + "i", header[:4])[0] == 348:
+                    if struct.unpack_from(e + "2h", header, 252) == (0, 0):
+                        return "NIfTI qform and sform codes 0"
+            return None
+        if name.endswith(".nrrd"):
+            with open(path, "rb") as f:
+                head = f.read(1 << 16).split(b"\n\n", 1)[0].lower()
+            fields = {line.split(b":", 1)[0].strip() for line in head.splitlines() if b":" in line}
+            if not fields & {b"space", b"space dimension", b"space directions"}:
+                return "an NRRD without space fields"
+    except (OSError, InputError):
+        return None
+    return None
+
+
+def _off_grid_error(name: str, labels: Volume, reference: Volume, diffs: list[str],
+                    path: Path | None = None) -> InputError:
     """The refusal of a label map ``name`` that is not on the ``reference`` grid."""
+    unplaced = _no_position(path) if path is not None and labels.shape == reference.shape else None
+    if unplaced:  # resampling would place it by the origin and axes ITK made up: not where it was drawn
+        return InputError(f"{name} has the image's size but no position in space in its header ({unplaced}), so it "
+                          "cannot be placed on the image (--resample-prompt would put it in the wrong place). If it "
+                          "was drawn on this image's voxels, save it with the image's geometry (SimpleITK: "
+                          "mask.CopyInformation(image); nibabel: Nifti1Image(data, image.affine)) and try again")
+    flip = np.diag([-1.0, -1.0, 1.0])  # RAS <-> LPS
+    mirrored = Volume(labels.array, labels.spacing, tuple(flip @ np.asarray(labels.origin, dtype=np.float64)),
+                      tuple((flip @ np.asarray(labels.direction, dtype=np.float64).reshape(3, 3)).ravel()))
+    if set(diffs) & {"origin", "direction"} and not same_grid(mirrored, reference):
+        return InputError(f"{name} is the image's grid with the x and y axes' signs flipped (origin and axes): it was "
+                          "written in RAS coordinates where the image's are LPS, or the reverse, by a tool that mixed "
+                          "the two up; save it again with the image's geometry (SimpleITK: "
+                          "mask.CopyInformation(image))")
     details = "; ".join(_describe_difference(d, labels, reference) for d in diffs)
-    hint = (" (Slicer may crop .seg.nrrd to the segment extent)"
-            if name.lower().endswith(".seg.nrrd") and "size" in diffs else "")
+    hint = (" (the segmentation has a geometry of its own, not the image's: in Slicer, set its geometry from "
+            "the volume in the Segmentations module, or resample it here)" if _is_seg_nrrd(name) else "")
     advice = ("use --resample-prompt to resample it onto the image grid" if _overlaps(labels, reference) else
               "it does not even overlap the image in space (drawn on another scan?): draw the prompt on this image")
     return InputError(f"{name} is not on the image grid: {', '.join(diffs)} differ{'s' if len(diffs) == 1 else ''} "
                       f"({details}){hint}; {advice}")
+
+
+def _is_seg_nrrd(name: str) -> bool:
+    """A Slicer segmentation file, which Slicer saves cropped to its segments' extent."""
+    return name.lower().endswith(".seg.nrrd")
+
+
+def _lattice_offset(labels: Volume, reference: Volume) -> tuple[int, int, int] | None:
+    """Where ``labels`` starts on ``reference``'s voxel lattice, (k, j, i), when it is a crop or
+    an extension of that lattice (same spacing and axes, origin on a voxel of it, within the
+    tolerances of ``same_grid``); None otherwise."""
+    if set(same_grid(labels, reference)) & {"spacing", "direction"}:
+        return None
+    direction = np.asarray(reference.direction, dtype=np.float64).reshape(3, 3)
+    delta = np.asarray(labels.origin, dtype=np.float64) - np.asarray(reference.origin, dtype=np.float64)
+    index = np.linalg.solve(direction, delta) / np.asarray(reference.spacing_ijk, dtype=np.float64)  # (i, j, k)
+    off = np.round(index)
+    slack_mm = 1e-4 * max(1.0, *(abs(float(v)) for v in (*labels.origin, *reference.origin)))
+    if np.any(np.abs(index - off) * np.asarray(reference.spacing_ijk) > max(slack_mm, 1e-9)):
+        return None
+    return tuple(int(v) for v in reversed(off))  # type: ignore[return-value]
+
+
+def _on_reference_lattice(labels: Volume, reference: Volume, name: str) -> Volume | None:
+    """``labels`` put on ``reference``'s grid when it is a crop (or extension) of that lattice
+    whose labels all fall inside the image: exact, no resampling, with a warning that says so; None
+    otherwise. Used for Slicer's .seg.nrrd, which Slicer saves cropped to the segments' extent (other
+    label maps on another extent stay refused: e.g. a prompt drawn on another series of the same
+    geometry)."""
+    offset = _lattice_offset(labels, reference)
+    if offset is None:
+        return None
+    out = np.zeros(reference.shape, dtype=labels.array.dtype)
+    src, dst = [], []
+    for o, n_lab, n_ref in zip(offset, labels.shape, reference.shape):
+        lo, hi = max(o, 0), min(o + n_lab, n_ref)
+        if lo >= hi:
+            return None  # no voxel in common
+        src.append(slice(lo - o, hi - o))
+        dst.append(slice(lo, hi))
+    inside = labels.array[tuple(src)]
+    if np.count_nonzero(inside) != np.count_nonzero(labels.array):
+        return None  # labels outside the image: the usual refusal says so
+    out[tuple(dst)] = inside
+    warnings.warn(f"{name} covers {' x '.join(map(str, labels.shape))} voxels of the image's own grid (from voxel "
+                  f"{offset} in k, j, i); placed there as it is, without resampling", stacklevel=3)
+    return Volume(out, reference.spacing, reference.origin, reference.direction)
 
 
 def _grid_from_header(p: Path) -> Volume | None:
@@ -643,7 +762,8 @@ def check_grids_from_headers(image_path: PathLike, prompt_path: PathLike) -> Non
             header = _nifti_header(path)
             if header is not None:
                 _note_nifti_no_spacing(path, header, 3)
-        raise _off_grid_error(Path(prompt_path).name, prompt, image, diffs)
+        if not (_is_seg_nrrd(Path(prompt_path).name) and _lattice_offset(prompt, image) is not None):
+            raise _off_grid_error(Path(prompt_path).name, prompt, image, diffs, Path(prompt_path))
 
 
 def read_labelmap(path: PathLike, reference: Volume | None = None, resample: bool = False) -> Volume:
@@ -661,9 +781,12 @@ def read_labelmap(path: PathLike, reference: Volume | None = None, resample: boo
     if reference is None:
         return labels
     diffs = same_grid(labels, reference)
+    placed = _on_reference_lattice(labels, reference, name) if diffs and _is_seg_nrrd(name) else None
+    if placed is not None:  # a crop of the image's own grid (Slicer's .seg.nrrd): put back exactly
+        labels, diffs = placed, []
     if diffs:
         if not resample:
-            raise _off_grid_error(name, labels, reference, diffs)
+            raise _off_grid_error(name, labels, reference, diffs, Path(path))
         resampler = sitk.ResampleImageFilter()
         resampler.SetSize(list(reference.size_ijk))
         resampler.SetOutputSpacing(reference.spacing_ijk)

@@ -132,7 +132,7 @@ def test_folder_that_takes_no_files_is_named_so():
 def test_prompt_on_another_grid_is_refused_from_the_headers(tmp_path, ct_case, monkeypatch):
     """The image is not read when the prompt's header already puts it on another grid (before, a
     3.5 MB .nii.gz declaring 3000 x 3000 x 400 voxels was read, 67 s and 7 GB, then refused)."""
-    other = write_image(ct_case.prompt[:, :, :40], tmp_path / "cropped.nii.gz", ct_case.spacing)
+    other = write_image(ct_case.prompt, tmp_path / "finer.nii.gz", (2.5, 0.8, 0.75))
 
     def no_read(*args, **kwargs):
         raise AssertionError("the image was read")
@@ -140,8 +140,8 @@ def test_prompt_on_another_grid_is_refused_from_the_headers(tmp_path, ct_case, m
     monkeypatch.setattr(volumes, "read_volume", no_read)
     with pytest.raises(InputError) as caught:
         cli.read_case(ct_case.image_path, other, "out.nii.gz", False, note=print)
-    assert str(caught.value) == ("cropped.nii.gz is not on the image grid: size differs (size (k, j, i) (20, 40, 40) vs "
-                                 "(20, 40, 48)); use --resample-prompt to resample it onto the image grid")
+    assert str(caught.value) == ("finer.nii.gz is not on the image grid: spacing differs (spacing (k, j, i) (2.5, 0.8, "
+                                 "0.75) vs (2.5, 0.8, 0.7)); use --resample-prompt to resample it onto the image grid")
     monkeypatch.undo()
     # The same words as after a full read; with --resample-prompt both are read and it goes on.
     with pytest.raises(InputError) as full:
@@ -168,3 +168,97 @@ def test_same_result_whatever_the_unit_of_the_values(method, ct_case):
     results = [propagate(image * s, ct_case.prompt, ct_case.spacing, model, threads=1).mask for s in (1.0, 1e-12)]
     assert results[0].sum() > 1.5 * ct_case.prompt.sum()  # the walk went somewhere
     assert np.array_equal(results[0], results[1])
+
+
+def test_gantry_tilted_dicom_series_is_refused(tmp_path):
+    """A tilted CT's slices step obliquely (each shifted within its plane); ITK stacked them on an
+    orthogonal grid at the oblique distance (3.106 mm for 3 mm slices at 15 degrees), placing
+    slice k about 0.8 k mm from where it was scanned, and nothing was said."""
+    from test_volumes import write_dicom_series
+
+    tilt = np.radians(15)
+    array = (np.arange(12 * 16 * 16).reshape(12, 16, 16) % 200).astype(np.int16)
+    # Columns i, j, k of ITK's direction: k steps 3 mm along z and 0.8 mm along y per slice.
+    sheared = (1.0, 0.0, 0.0, 0.0, 1.0, float(np.sin(tilt)), 0.0, 0.0, float(np.cos(tilt)))
+    tilted = volumes.Volume(array, (3.0 / np.cos(tilt), 1.0, 1.0), (0.0, 0.0, 0.0), sheared)
+    write_dicom_series(tmp_path / "tilted", tilted, "1.2.826.0.1.3680043.2.1125.9.1")
+    with pytest.raises(InputError, match=r"was acquired with a gantry tilt of 15 degrees \(each slice is shifted "
+                                         r"0\.804 mm within its plane .*up to 8\.84 mm from where they were scanned\. "
+                                         r"Convert it with a tool that corrects the tilt"):
+        volumes.read_volume(tmp_path / "tilted")
+    # Positions rounded in their last digits are no tilt: the same series untilted reads.
+    straight = volumes.Volume(array, (3.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1.0, 0, 0, 0, 1.0, 1e-5, 0, 0, 1.0))
+    write_dicom_series(tmp_path / "straight", straight, "1.2.826.0.1.3680043.2.1125.9.2")
+    assert volumes.read_volume(tmp_path / "straight").spacing == pytest.approx((3.0, 1.0, 1.0))
+
+
+def test_prompt_without_a_position_is_told_so_not_sent_to_resample(tmp_path, ct_case):
+    """A mask saved by a script without geometry (NIfTI qform and sform codes 0) has ITK's made-up
+    origin and axes: --resample-prompt was advised, which places it wrongly or nowhere."""
+    path = tmp_path / "bare.nii"
+    sitk.WriteImage(sitk.GetImageFromArray(ct_case.prompt), str(path))
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<2h", data, 252, 0, 0)  # qform_code, sform_code
+    path.write_bytes(bytes(data))
+    image = volumes.read_volume(ct_case.image_path)
+    with pytest.raises(InputError) as caught:
+        volumes.read_labelmap(path, reference=image)
+    assert str(caught.value).startswith("bare.nii has the image's size but no position in space in its header (NIfTI "
+                                        "qform and sform codes 0), so it cannot be placed on the image (--resample-"
+                                        "prompt would put it in the wrong place)")
+    with pytest.raises(InputError, match="has the image's size but no position"):
+        volumes.check_grids_from_headers(ct_case.image_path, path)
+    # An NRRD without space fields likewise; one with them is placed (or refused) as usual.
+    nrrd = tmp_path / "bare.nrrd"
+    nrrd.write_bytes(b"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 48 40 20\nspacings: 0.7 0.8 2.5\n"
+                     b"encoding: raw\n\n" + ct_case.prompt.tobytes())
+    with pytest.raises(InputError, match=r"no position in space in its header \(an NRRD without space fields\)"):
+        volumes.read_labelmap(nrrd, reference=image)
+
+
+def test_cropped_seg_nrrd_is_put_back_on_the_image_grid(tmp_path, ct_case):
+    """Slicer saves a .seg.nrrd cropped to its segments' extent, on the volume's own lattice: it is
+    placed exactly (with a note), as Slicer would; other files on another extent stay refused."""
+    image = volumes.read_volume(ct_case.image_path)
+    full = sitk.ReadImage(str(ct_case.prompt_path))
+    crop = full[10:35, 5:30, 9:12]  # SimpleITK slicing keeps the physical position (x, y, z = i, j, k)
+    seg = tmp_path / "drawn.seg.nrrd"
+    sitk.WriteImage(crop, str(seg))
+    with pytest.warns(UserWarning, match=r"drawn.seg.nrrd covers 3 x 25 x 25 voxels of the image's own grid \(from voxel "
+                                         r"\(9, 5, 10\) in k, j, i\); placed there as it is"):
+        got = volumes.read_labelmap(seg, reference=image)
+    assert np.array_equal(got.array, ct_case.prompt) and volumes.same_grid(got, image) == []
+    volumes.check_grids_from_headers(ct_case.image_path, seg)  # no refusal from the headers either
+    plain = tmp_path / "drawn.nrrd"
+    sitk.WriteImage(crop, str(plain))
+    with pytest.raises(InputError, match="drawn.nrrd is not on the image grid: size, origin differ"):
+        volumes.read_labelmap(plain, reference=image)
+    # A crop whose labels reach beyond the image is no crop of it.
+    beyond = sitk.ConstantPad(crop, [0, 0, 0], [30, 0, 0])
+    beyond[54, 3, 1] = 1
+    sitk.WriteImage(beyond, str(tmp_path / "beyond.seg.nrrd"))
+    with pytest.raises(InputError, match="beyond.seg.nrrd is not on the image grid"):
+        volumes.read_labelmap(tmp_path / "beyond.seg.nrrd", reference=image)
+
+
+def test_prompt_with_x_and_y_signs_flipped_is_named_so(tmp_path, ct_case):
+    """A label map written with RAS numbers where the image's are LPS (a tool that mixed them up)
+    was called "drawn on another scan?"."""
+    image = volumes.read_volume(ct_case.image_path)
+    flip = np.diag([-1.0, -1.0, 1.0])
+    mirrored = volumes.Volume(ct_case.prompt, image.spacing, tuple(flip @ np.asarray(image.origin)),
+                              tuple((flip @ np.asarray(image.direction).reshape(3, 3)).ravel()))
+    path = volumes.write_volume(mirrored, tmp_path / "ras.nrrd")
+    with pytest.raises(InputError, match=r"ras.nrrd is the image's grid with the x and y axes' signs flipped .*RAS "
+                                         r"coordinates where the image's are LPS"):
+        volumes.read_labelmap(path, reference=image)
+
+
+def test_dicom_series_of_equal_size_are_not_called_the_largest(tmp_path):
+    from test_volumes import make_volume, write_dicom_series
+
+    one, two = make_volume(shape=(3, 5, 6)), make_volume(shape=(3, 5, 6))
+    write_dicom_series(tmp_path / "two", one, "1.2.826.0.1.3680043.2.1125.8.1", prefix="a")
+    write_dicom_series(tmp_path / "two", two, "1.2.826.0.1.3680043.2.1125.8.2", prefix="b")
+    with pytest.warns(volumes.SeriesChoiceWarning, match=r"\(3 files\), the first of 2 series of that size\.$"):
+        volumes.read_volume(tmp_path / "two")

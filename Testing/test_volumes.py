@@ -409,7 +409,7 @@ def test_multilayer_seg_nrrd_is_refused(tmp_path):
     )
     path = tmp_path / "overlap.seg.nrrd"
     path.write_bytes(header.encode() + bytes(2 * 6 * 5 * 4))
-    with pytest.raises(InputError, match="2 overlapping segment layers; export a label map"):
+    with pytest.raises(InputError, match="2 overlapping segment layers; export a label map.* to keep the overlaps, save"):
         read_labelmap(path)
 
 

@@ -1,0 +1,174 @@
+"""The Python API as a researcher calls it: shared predictors across threads, ``previous=`` on
+another image, option types, exception types, and no side effects on the caller's RNG."""
+
+from __future__ import annotations
+
+import threading
+import time
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from conftest import ellipsoid
+
+from PAMSegmentLib import InputError
+from PAMSegmentLib.baselines import CopyPredictor, TrackPredictor
+from PAMSegmentLib.checkpoints import load_model
+from PAMSegmentLib.imageset import label_images
+from PAMSegmentLib.pam_predictor import PAMPredictor
+from PAMSegmentLib.propagate import keyframes_from_edits, propagate
+
+
+class _SlowCopy(CopyPredictor):
+    """A copy predictor that records which thread called ``predict`` and gives the other thread
+    time to run in between: walks of two calls sharing it interleave unless they take turns."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def predict(self, volume, guide_index, guide_mask, query_indices):
+        self.calls.append(threading.current_thread().name)
+        time.sleep(0.01)
+        return super().predict(volume, guide_index, guide_mask, query_indices)
+
+
+def _two_objects(ct_case):
+    """ct_case's image with a second, darker object; prompts for each."""
+    image = ct_case.image.copy()
+    second = ellipsoid(image.shape, (10, 30, 12), (4.5, 5, 6)) & ~ct_case.truth
+    image[second] = 90
+    other = np.zeros_like(ct_case.prompt)
+    other[10][second[10]] = 1
+    return image, ct_case.prompt, other
+
+
+def test_one_predictor_shared_by_two_threads_gives_the_sequential_results(ct_case):
+    image, prompt_a, prompt_b = _two_objects(ct_case)
+    shared = _SlowCopy()
+    sequential = [propagate(image, p, ct_case.spacing, shared, threads=1).mask for p in (prompt_a, prompt_b)]
+    shared.calls.clear()
+    got = {}
+
+    def run(name, prompt):
+        got[name] = propagate(image, prompt, ct_case.spacing, shared, threads=1).mask
+
+    threads = [threading.Thread(target=run, args=(n, p), name=n) for n, p in (("A", prompt_a), ("B", prompt_b))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert np.array_equal(got["A"], sequential[0]) and np.array_equal(got["B"], sequential[1])
+    # The walks took turns: all of one call's predictions, then all of the other's.
+    switches = sum(a != b for a, b in zip(shared.calls, shared.calls[1:]))
+    assert switches == 1, shared.calls
+    # The state of the registration tracker, which differs per drawn slice, too.
+    track = TrackPredictor()
+    alone = [propagate(image, p, ct_case.spacing, track, threads=1).mask for p in (prompt_a, prompt_b)]
+    threads = [threading.Thread(target=run, args=(n, p), name=n) for n, p in (("A", prompt_a), ("B", prompt_b))]
+    shared = track
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert np.array_equal(got["A"], alone[0]) and np.array_equal(got["B"], alone[1])
+
+
+def test_previous_of_another_image_is_not_reused(ct_case):
+    first = propagate(ct_case.image, ct_case.prompt, ct_case.spacing, CopyPredictor(), threads=1)
+    assert first.image_digest.startswith("crc32:")
+    again = propagate(ct_case.image, ct_case.prompt, ct_case.spacing, CopyPredictor(), threads=1, previous=first)
+    assert again.n_predicted == 0 and np.array_equal(again.mask, first.mask)  # same image: all reused
+    changed = ct_case.image.copy()
+    changed[13:][ct_case.truth[13:]] = -500  # the object ends early, away from the drawn slice 10
+    fresh = propagate(changed, ct_case.prompt, ct_case.spacing, CopyPredictor(), threads=1)
+    updated = propagate(changed, ct_case.prompt, ct_case.spacing, CopyPredictor(), threads=1, previous=first)
+    assert not np.array_equal(fresh.mask, first.mask)
+    assert np.array_equal(updated.mask, fresh.mask) and updated.n_predicted == fresh.n_predicted > 0
+    # Another spacing is another image too (the walk's window counts millimetres).
+    respaced = propagate(ct_case.image, ct_case.prompt, (1.0, 0.8, 0.7), CopyPredictor(), threads=1, previous=first)
+    assert respaced.n_predicted > 0
+    # A result without a digest (read back from a saved record) is trusted as before.
+    first.image_digest = None
+    assert propagate(ct_case.image, ct_case.prompt, ct_case.spacing, CopyPredictor(), threads=1,
+                     previous=first).n_predicted == 0
+
+
+def test_option_types_are_checked(ct_case):
+    model = load_model(None)
+    with pytest.raises(InputError, match="intensity_gate must be True, False or None .* got 'off'; the command line's "
+                                         "'off' is False"):
+        PAMPredictor(model, intensity_gate="off")
+    with pytest.raises(InputError, match=r"registration_weight must be within \[0, 1\], got '0.5' \(text"):
+        PAMPredictor(model, registration_weight="0.5")
+    with pytest.raises(InputError, match="PAMPredictor needs a PAMModel"):
+        PAMPredictor(None)
+    assert PAMPredictor(model, intensity_gate=np.bool_(False)).intensity_gate is False
+    args = (ct_case.image, ct_case.prompt, ct_case.spacing, CopyPredictor())
+    for name, value in (("early_stop", "no"), ("remove_disconnected", 1), ("update", "yes")):
+        with pytest.raises(InputError, match=f"{name} must be True or False, got {value!r}"):
+            propagate(*args, **{name: value})
+    called = []
+    with pytest.raises(InputError, match="progress must be a function progress.fraction, message., got int"):
+        propagate(*args, progress=5, cancel=None)
+    with pytest.raises(InputError, match="cancel must be a CancelToken, got Event"):
+        propagate(*args, progress=lambda f, m: called.append(f), cancel=threading.Event())
+    assert called == []  # refused before any work
+    for device in (5, "gpu"):
+        with pytest.raises(InputError, match="device must be|unknown device"):
+            propagate(ct_case.image, ct_case.prompt, ct_case.spacing, None, device=device)
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="device cuda:0 was asked for but this torch has no CUDA device"):
+            propagate(ct_case.image, ct_case.prompt, ct_case.spacing, None, device="cuda:0")
+    # Upper case is the same device: no contradictory "the model is on 'cpu'" refusal.
+    assert propagate(ct_case.image, ct_case.prompt, ct_case.spacing, None, device="CPU", threads=1).mask.any()
+
+
+def test_bad_prompts_and_results_raise_input_error(ct_case):
+    args = (ct_case.image, ct_case.spacing, CopyPredictor())
+    with pytest.raises(InputError, match="the prompt must be an integer label map, got values of type complex64"):
+        propagate(args[0], ct_case.prompt.astype(np.complex64), *args[1:])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "invalid value encountered in cast" came from inside the library
+        with pytest.raises(InputError, match=r"the prompt has label 1e\+10: labels must be whole numbers from 1 to "
+                                             r"65535"):
+            propagate(args[0], ct_case.prompt.astype(np.float32) * 1e10, *args[1:])
+    with pytest.raises(InputError, match=r"the image is empty \(shape \(0, 40, 48\)\)"):
+        propagate(np.zeros((0, 40, 48)), np.zeros((0, 40, 48), np.uint8), *args[1:])
+    result = propagate(ct_case.image, ct_case.prompt, *args[1:], threads=1)
+    with pytest.raises(InputError, match=r"label 2 was not propagated in this result \(its labels: 1\)"):
+        result.review_first(2)
+
+
+def test_earlier_keyframes_with_number_keys(ct_case):
+    result = propagate(ct_case.image, ct_case.prompt, ct_case.spacing, CopyPredictor(), threads=1).mask
+    edited = result.copy()
+    edited[14] = 0  # erased: a wall
+    text = keyframes_from_edits(ct_case.prompt, result, edited, earlier={"1": {"keyframes": [], "walls": [17]}})
+    number = keyframes_from_edits(ct_case.prompt, result, edited, earlier={1: {"keyframes": [], "walls": [17]}})
+    assert text.empty_slices == number.empty_slices == {1: [14, 17]}  # the earlier wall kept (was lost)
+    with pytest.raises(InputError, match=r"earlier's label '1' must be \{'keyframes'"):
+        keyframes_from_edits(ct_case.prompt, result, edited, earlier={"1": [3, 4]})
+    with pytest.raises(InputError, match="earlier has the key 'one'"):
+        keyframes_from_edits(ct_case.prompt, result, edited, earlier={"one": {}})
+
+
+def test_label_images_checks_its_options_first():
+    rng = np.random.default_rng(0)
+    images = [rng.normal(0, 1, (32, 32)) for _ in range(3)]
+    mask = np.zeros((32, 32), np.uint8)
+    mask[10:20, 10:20] = 1
+    for kwargs, message in (({"labels": 1}, "labels must be a list of label numbers, got 1"),
+                            ({"progress": 5}, "progress must be a function"),
+                            ({"cancel": threading.Event()}, "cancel must be a CancelToken, got Event")):
+        with pytest.raises(InputError, match=message):
+            label_images(images, 0, mask, CopyPredictor(), **kwargs)
+
+
+def test_loading_the_model_leaves_the_callers_random_stream_alone():
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    load_model(None)
+    assert torch.equal(torch.rand(3), expected)
