@@ -149,10 +149,14 @@ class RemoteModel:
 
     def propagate(self, image, prompt, spacing, model=None, *, axis=None, labels=None, range=None,  # noqa: A002
                   early_stop=True, remove_disconnected=None, empty_slices=None, progress=None, cancel=None,
-                  previous=None, update=None, **ignored) -> PropagationResult:
+                  previous=None, update=None, **local_only) -> PropagationResult:
         """Run ``propagate`` on the server (the engine's arguments; device, threads and batch size
-        are the server's). Raises InputError for input the server refuses, PropagationCancelled
-        when ``cancel`` is set (the server's job is cancelled too), PAMError when it fails."""
+        are the server's: given here they are not used). Raises InputError for input the server
+        refuses or an argument ``propagate`` does not take, PropagationCancelled when ``cancel`` is
+        set (the server's job is cancelled too), PAMError when it fails."""
+        unknown = sorted(set(local_only) - {"device", "threads", "batch_size"})
+        if unknown:  # a typo (early_stopping=False) would otherwise be dropped without a word
+            raise InputError(f"propagate() got an unexpected argument {unknown[0]!r}")
         options = {"axis": axis, "labels": None if labels is None else [int(v) for v in labels],
                    "range": None if range is None else [int(v) for v in range], "early_stop": bool(early_stop),
                    "remove_disconnected": remove_disconnected, "method": self.method,

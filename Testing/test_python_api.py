@@ -172,3 +172,11 @@ def test_loading_the_model_leaves_the_callers_random_stream_alone():
     torch.manual_seed(0)
     load_model(None)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_remote_model_refuses_an_argument_propagate_does_not_take(ct_case):
+    from PAMSegmentLib.remote import RemoteModel
+
+    server = RemoteModel("http://127.0.0.1:9")  # nothing listens: the check comes before any request
+    with pytest.raises(InputError, match="propagate.. got an unexpected argument 'early_stopping'"):
+        server.propagate(ct_case.image, ct_case.prompt, ct_case.spacing, early_stopping=False)
