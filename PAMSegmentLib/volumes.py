@@ -211,6 +211,27 @@ def dicom_series_ids(folder: Path) -> list[str]:
         return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(_itk_path(folder)))
 
 
+def _subfolders_with_series(folder: Path, depth: int = 3, limit: int = 200) -> list[Path]:
+    """Folders below ``folder`` (at most ``depth`` levels, ``limit`` folders looked at) that hold a
+    DICOM series themselves, as a PACS export or a CD (DICOM/PATIENT/STUDY/SERIES) lays them out."""
+    found, todo, seen = [], [(folder, 0)], 0
+    while todo and seen < limit:
+        here, level = todo.pop(0)
+        try:
+            subs = sorted(p for p in here.iterdir() if p.is_dir() and not p.is_symlink())
+        except OSError:
+            continue
+        for sub in subs:
+            seen += 1
+            if seen > limit:
+                break
+            if dicom_series_ids(sub):
+                found.append(sub)
+            elif level + 1 < depth:
+                todo.append((sub, level + 1))
+    return found
+
+
 def _series_label(uid: str) -> str:
     """A series for the messages: its UID, or what GDCM groups files without one under."""
     return uid if uid.strip() else "(files without a SeriesInstanceUID)"
@@ -220,6 +241,11 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
     series_ids = dicom_series_ids(folder)
     if not series_ids:
+        below = _subfolders_with_series(folder)
+        if below:
+            shown = ", ".join(str(b) for b in below[:4]) + (f" and {len(below) - 4} more" if len(below) > 4 else "")
+            raise InputError(f"{folder} holds no DICOM series itself, but its subfolders do ({shown}): pass the folder "
+                             "of the series to propagate on")
         raise InputError(f"{folder} is a folder without a DICOM series; pass a DICOM series folder or an image file")
     if series_uid is not None:
         if series_uid not in series_ids:

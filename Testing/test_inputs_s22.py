@@ -262,3 +262,16 @@ def test_dicom_series_of_equal_size_are_not_called_the_largest(tmp_path):
     write_dicom_series(tmp_path / "two", two, "1.2.826.0.1.3680043.2.1125.8.2", prefix="b")
     with pytest.warns(volumes.SeriesChoiceWarning, match=r"\(3 files\), the first of 2 series of that size\.$"):
         volumes.read_volume(tmp_path / "two")
+
+
+def test_a_folder_whose_subfolders_hold_the_series_names_them(tmp_path):
+    from test_volumes import make_volume, write_dicom_series
+
+    write_dicom_series(tmp_path / "export" / "PATIENT1" / "SERIES2", make_volume(shape=(3, 5, 6)),
+                       "1.2.826.0.1.3680043.2.1125.8.3")
+    with pytest.raises(InputError, match=r"export holds no DICOM series itself, but its subfolders do \(.*PATIENT1."
+                                         r"SERIES2\): pass the folder of the series"):
+        volumes.read_volume(tmp_path / "export")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="empty is a folder without a DICOM series"):
+        volumes.read_volume(tmp_path / "empty")
