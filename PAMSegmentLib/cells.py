@@ -202,7 +202,8 @@ def label_cells(image, examples, *, background=None, tile: int = 1024, seed: int
     radius = float(np.median(np.sqrt(areas / np.pi)))
     # The intensities on one scale (per channel for colour): 0.5-99.5 percentiles to 0..1.
     lo, hi = np.percentile(img, [0.5, 99.5], axis=(0, 1))
-    img = np.clip((img - lo) / np.maximum(hi - lo, 1e-6), 0, 1).astype(np.float32)
+    width = np.asarray(hi - lo, dtype=np.float64)  # per channel; relative to the image's own values (any unit)
+    img = np.clip((img - lo) / np.where(width > 0, width, 1.0), 0, 1).astype(np.float32)
 
     h, w = img.shape[:2]
     pad = int(np.ceil(4 * max(radius, 1.0))) + 2  # the largest feature scale's reach

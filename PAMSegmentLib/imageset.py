@@ -97,7 +97,8 @@ def _normalised(arr: np.ndarray) -> np.ndarray:
     lo, hi = np.percentile(a, [0.5, 99.5])
     if hi <= lo:
         lo, hi = float(a.min()), float(a.max())
-    return np.clip((a - lo) / max(hi - lo, 1e-6), 0.0, 1.0).astype(np.float32)
+    width = float(hi - lo)  # 0 only for an image of one value; any unit of the values otherwise (x 1e-12 too)
+    return np.clip((a - lo) / (width if width > 0 else 1.0), 0.0, 1.0).astype(np.float32)
 
 
 def _resize(arr: np.ndarray, shape: tuple[int, int], nearest: bool = False) -> np.ndarray:

@@ -180,3 +180,22 @@ def test_remote_model_refuses_an_argument_propagate_does_not_take(ct_case):
     server = RemoteModel("http://127.0.0.1:9")  # nothing listens: the check comes before any request
     with pytest.raises(InputError, match="propagate.. got an unexpected argument 'early_stopping'"):
         server.propagate(ct_case.image, ct_case.prompt, ct_case.spacing, early_stopping=False)
+
+
+def test_2d_labellers_give_the_same_result_whatever_the_unit_of_the_values():
+    """label_images and label_cells normalised with at least 1e-6 of width, so an image in other
+    units (x 1e-12) lost its contrast."""
+    pytest.importorskip("sklearn")
+    from test_cells import disc_image
+
+    from PAMSegmentLib.cells import label_cells
+
+    image, ref = disc_image()
+    examples = np.where(np.isin(ref, [1, 4, 16]), ref, 0)
+    plain, tiny = (label_cells(image.astype(np.float64) * s, examples).labels for s in (1.0, 1e-12))
+    assert plain.max() == 16 and np.array_equal(plain, tiny)
+    rng = np.random.default_rng(1)
+    images = [np.where(ref > 0, 100.0, 20.0) + rng.normal(0, 5, ref.shape) for _ in range(3)]
+    mask = (ref == 6).astype(np.uint8)
+    got = [label_images([im * s for im in images], 0, mask, CopyPredictor()).masks for s in (1.0, 1e-12)]
+    assert all(np.array_equal(a, b) for a, b in zip(*got)) and got[0][1].any()
