@@ -1201,13 +1201,37 @@ def image_digest(image: np.ndarray, spacing) -> str:
     return f"crc32:{h:08x}"
 
 
+class _WalkLock:
+    """One walk at a time on a predictor: other threads wait their turn; the thread already
+    running one (a progress callback that propagates again with the same predictor) gets an
+    InputError, since waiting would never end and going on would mix the two walks' state."""
+
+    def __init__(self):
+        self._lock, self._owner = threading.Lock(), None
+
+    def __enter__(self):
+        if self._owner == threading.get_ident():
+            raise InputError("propagate was called again with the same predictor while it runs a walk (from its "
+                             "progress callback?): give that call a predictor of its own")
+        self._lock.acquire()
+        self._owner = threading.get_ident()
+        return self
+
+    def __exit__(self, *exc):
+        self._owner = None
+        self._lock.release()
+
+    def __reduce__(self):  # a copied or pickled predictor gets a lock of its own
+        return (_WalkLock, ())
+
+
 def _walk_lock(predictor) -> contextlib.AbstractContextManager:
     """The lock of ``predictor``'s walks (made on first use): its ``begin`` state belongs to one
     walk at a time."""
     state = getattr(predictor, "__dict__", None)
     if state is None:
         return contextlib.nullcontext()
-    return state.setdefault("_pamsegment_walk_lock", threading.Lock())  # dict.setdefault: atomic under the GIL
+    return state.setdefault("_pamsegment_walk_lock", _WalkLock())  # dict.setdefault: atomic under the GIL
 
 
 def _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, empties, vol, prm, labels, early_stop,

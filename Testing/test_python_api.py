@@ -199,3 +199,29 @@ def test_2d_labellers_give_the_same_result_whatever_the_unit_of_the_values():
     mask = (ref == 6).astype(np.uint8)
     got = [label_images([im * s for im in images], 0, mask, CopyPredictor()).masks for s in (1.0, 1e-12)]
     assert all(np.array_equal(a, b) for a, b in zip(*got)) and got[0][1].any()
+
+
+def test_propagating_again_from_inside_a_run_with_its_predictor_is_refused_not_deadlocked(ct_case):
+    shared = CopyPredictor()
+
+    def progress(fraction, message):
+        propagate(ct_case.image, ct_case.prompt, ct_case.spacing, shared, threads=1)
+
+    with pytest.raises(InputError, match="propagate was called again with the same predictor while it runs a walk"):
+        propagate(ct_case.image, ct_case.prompt, ct_case.spacing, shared, threads=1, progress=progress)
+    # The lock was released: the predictor works again, and another predictor inside a callback too.
+    assert propagate(ct_case.image, ct_case.prompt, ct_case.spacing, shared, threads=1).mask.any()
+    inner = []
+    propagate(ct_case.image, ct_case.prompt, ct_case.spacing, shared, threads=1, progress=lambda f, m: inner.append(
+        propagate(ct_case.image, ct_case.prompt, ct_case.spacing, CopyPredictor(), threads=1)) if not inner else None)
+    assert inner and inner[0].mask.any()
+
+
+def test_a_predictor_that_ran_can_still_be_copied_and_pickled(ct_case):
+    import copy
+    import pickle
+
+    track = TrackPredictor()
+    first = propagate(ct_case.image, ct_case.prompt, ct_case.spacing, track, threads=1).mask
+    for twin in (copy.deepcopy(track), pickle.loads(pickle.dumps(track))):
+        assert np.array_equal(propagate(ct_case.image, ct_case.prompt, ct_case.spacing, twin, threads=1).mask, first)
