@@ -435,17 +435,18 @@ def _run_row(row: BatchRow, model, args, progress=None) -> None:
                        batch_size=args.batch_size, device=args.device, threads=args.threads,
                        update=plan is not None, progress=progress)
     from .cli import drop_stale_keyframes_record, keyframes_record_path, keyframes_record_writer
-    from .volumes import _write_extension, replace_together
+    from .volumes import _write_extension, replace_together, seg_nrrd_segments
 
+    segments = seg_nrrd_segments(row.prompt)  # a Slicer prompt's segment names and colours, for a .seg.nrrd output
     if plan is None:
-        write_labelmap(result.mask, image, row.output)
+        write_labelmap(result.mask, image, row.output, segments=segments)
         dropped = drop_stale_keyframes_record(row.output)
         if dropped is not None:
             row.notes.append(dropped)
     else:  # the output and the record the next round reads, put in place together
         replace_together([(keyframes_record_path(row.output), ".json", keyframes_record_writer(plan, result.mask)),
                           (row.output, _write_extension(row.output), lambda tmp: write_labelmap(result.mask, image,
-                                                                                               tmp))])
+                                                                                               tmp, segments))])
     row.slices = "; ".join(f"{lab}: {a}-{b}" for lab, (a, b) in result.slice_range.items())
     row.check_first = result.review_summary()
     row.message = " | ".join(row.notes + result.notes())

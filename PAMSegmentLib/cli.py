@@ -480,9 +480,11 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     tmp_sidecar = None if plan is None else sidecar.with_name(f".pamsegment-{uuid.uuid4().hex[:12]}.tmp.json")
     voxels = result.slice_voxels()  # once, for the table and the slices to check first
     check = result.review_summary(voxels)
+    from .volumes import seg_nrrd_segments
+
     try:
         try:
-            write_labelmap(result.mask, image, tmp)
+            write_labelmap(result.mask, image, tmp, segments=seg_nrrd_segments(args.prompt))
         except InputError as error:  # its message names the temporary: name OUT
             raise InputError(str(error).replace(str(tmp), str(args.output))) from None
         if report is not None:
