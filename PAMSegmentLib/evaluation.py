@@ -688,6 +688,10 @@ def summary_markdown(rows: Sequence[dict], header: str = "", reference_position:
         lines += ["### Two keyframes (reference drawn at 25 % and 75 % of the extent)", "",
                   "Mean Dice per group; `single` columns: the same method from one prompt at 50 %.", ""]
         single_methods = [m for m in kf_methods if m in methods]
+        # The `single` columns over the structures the keyframe columns cover (the brain has no
+        # keyframe runs: over all structures the `all` row compared different sets).
+        kf_keys = {(r["case"], r["structure_id"]) for r in kf}
+        single_kf = [r for r in single if (r["case"], r["structure_id"]) in kf_keys]
         head = "| group | n | " + " | ".join(kf_methods) + " | " + " | ".join(f"{m} single" for m in single_methods) + " |"
         lines += [head, "|" + "---|" * (2 + len(kf_methods) + len(single_methods))]
         for g in list(OrderedDict.fromkeys(r["group"] for r in kf)) + ["all"]:
@@ -698,7 +702,7 @@ def summary_markdown(rows: Sequence[dict], header: str = "", reference_position:
                 n = max(n, v[1])
                 cells.append(_f(v[0]))
             for m in single_methods:
-                cells.append(_f(aggregate(single, (), "dice", {**w, "method": m, "position": rp}).get((), (float("nan"), 0))[0]))
+                cells.append(_f(aggregate(single_kf, (), "dice", {**w, "method": m, "position": rp}).get((), (float("nan"), 0))[0]))
             lines.append(f"| {'**all**' if g == 'all' else g} | {n} | " + " | ".join(cells) + " |")
         lines.append("")
 
