@@ -618,6 +618,8 @@ def _validate_inputs(image: np.ndarray, prompt: np.ndarray, spacing) -> tuple[fl
                              "on so large an offset does not survive the float32 the network and registration read; "
                              "subtract the offset (e.g. the minimum) before propagating")
     try:
+        if isinstance(spacing, (str, bytes)) or any(isinstance(s, (bool, np.bool_, str, bytes)) for s in spacing):
+            raise TypeError  # "333" was read as (3, 3, 3) and True as 1 mm
         spacing = tuple(float(s) for s in spacing)
     except (TypeError, ValueError):
         raise InputError(f"spacing must be three positive numbers (k, j, i), got {spacing!r}") from None

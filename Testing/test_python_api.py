@@ -225,3 +225,10 @@ def test_a_predictor_that_ran_can_still_be_copied_and_pickled(ct_case):
     first = propagate(ct_case.image, ct_case.prompt, ct_case.spacing, track, threads=1).mask
     for twin in (copy.deepcopy(track), pickle.loads(pickle.dumps(track))):
         assert np.array_equal(propagate(ct_case.image, ct_case.prompt, ct_case.spacing, twin, threads=1).mask, first)
+
+
+def test_spacing_given_as_text_or_bools_is_refused(ct_case):
+    for spacing in ("333", (True, True, True), ("2.5", 0.8, 0.7)):
+        with pytest.raises(InputError, match="spacing must be three positive numbers"):
+            propagate(ct_case.image, ct_case.prompt, spacing, CopyPredictor())
+    assert propagate(ct_case.image, ct_case.prompt, np.array([2.5, 0.8, 0.7]), CopyPredictor(), threads=1).mask.any()
