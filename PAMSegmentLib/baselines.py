@@ -317,7 +317,7 @@ class TrackPredictor(_ClassicalPredictor):
         vals = np.asarray(image_slice, dtype=np.float64)[np.asarray(mask, dtype=bool)]
         lo, hi = np.percentile(vals, self.window_percentiles)
         width = float(hi - lo)
-        if width <= 1e-6 * max(abs(lo), abs(hi), float(np.ptp(np.asarray(image_slice, dtype=np.float64)))):
+        if width <= 1e-6 * max(abs(lo), abs(hi)):  # relative to the region's values: any unit, any fill value
             width = 4 * st["gate"].sd  # a flat region: fall back to the robust spread
             lo, hi = lo - width / 2, hi + width / 2
         st["window"] = (float(lo - self.window_margin * width), float(hi + self.window_margin * width))

@@ -43,7 +43,7 @@ import numpy as np
 
 from .errors import InputError, PropagationCancelled
 from .propagate import (MAX_LABEL, CancelToken, _as_predictor, _is_empty, _slice_confidence, _stop_presence,
-                        check_progress_and_cancel, torch_threads)
+                        _walk_lock, check_progress_and_cancel, torch_threads)
 
 __all__ = ["ORDERS", "ImageSetResult", "label_images", "to_common_grid", "thumbnail_distances"]
 
@@ -273,7 +273,7 @@ def label_images(
     total = max((n - len(drawn)) * len(labels), 1)
     done = 0
 
-    with torch_threads(threads):
+    with _walk_lock(predictor), torch_threads(threads):  # one walk at a time on a predictor, as propagate
         for lab in labels:
             lab_mask = mask == lab
             predictor.begin(stack, p, lab_mask)

@@ -32,6 +32,7 @@ import threading
 import time
 import uuid
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -253,6 +254,76 @@ def _prompt_mask(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
     if not mask.any():
         _explain_lost_prompt(segmentation_node, segment_id, volume_node)
     return mask
+
+
+def _own_voxel_size(segmentation_node, segment_id: str) -> np.ndarray | None:
+    """The segment's stored labelmap's voxel size along i, j, k (mm), or None if it has none."""
+    slicer = _slicer()
+    import vtk  # noqa: PLC0415
+
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+    stored = segment.GetRepresentation(_binary_name()) if segment is not None else None
+    if stored is None:
+        return None
+    m = vtk.vtkMatrix4x4()
+    stored.GetImageToWorldMatrix(m)
+    return np.linalg.norm(slicer.util.arrayFromVTKMatrix(m)[:3, :3], axis=0)
+
+
+def _finer_than_volume(segmentation_node, segment_id: str, volume_node) -> bool:
+    """Whether the segment's own grid has voxels smaller than the volume's along some axis (some of
+    its voxels then lie between the volume's sample points)."""
+    own = _own_voxel_size(segmentation_node, segment_id)
+    if own is None or volume_node is None:
+        return False
+    theirs = np.linalg.norm(_grid_of(volume_node).ijk_to_ras[:3, :3], axis=0)
+    return bool(np.any(np.sort(own) < np.sort(theirs) * (1 - 1e-6)))  # smallest vs smallest, and so on
+
+
+def check_no_unseen_edits(entry: "HistoryEntry", segmentation_node, segment_id: str, volume_node,
+                          edited: Sequence[int]) -> None:
+    """InputError when the segment's own labelmap changed since the write near volume slices (along
+    the propagation axis) that the volume grid shows as unedited: an edit on thin slices of a finer
+    segmentation grid, between the volume's slices, which an update would silently write over.
+    Needs ``entry.own_after``; without parent transforms (the check maps voxels through the
+    segmentation's and volume's own matrices)."""
+    then = entry.own_after
+    if then is None or segmentation_node.GetParentTransformNode() is not None or (
+            volume_node is not None and volume_node.GetParentTransformNode() is not None):
+        return
+    now = LabelmapSnapshot.take(segmentation_node, segment_id)
+    if now is None or not np.allclose(now.image_to_world, then.image_to_world, atol=1e-6):
+        return
+    lo = [min(a, b) for a, b in zip(now.extent[0::2], then.extent[0::2])]  # i, j, k
+    hi = [max(a, b) for a, b in zip(now.extent[1::2], then.extent[1::2])]
+    if any(h < l_ for l_, h in zip(lo, hi)):
+        return
+    shape = (hi[2] - lo[2] + 1, hi[1] - lo[1] + 1, hi[0] - lo[0] + 1)
+
+    def placed(snap):
+        out = np.zeros(shape, dtype=bool)
+        if int(np.prod(snap.dims)):
+            e = snap.extent
+            out[e[4] - lo[2]:e[5] - lo[2] + 1, e[2] - lo[1]:e[3] - lo[1] + 1, e[0] - lo[0]:e[1] - lo[0] + 1] = (
+                snap.voxels() == snap.label_value)
+        return out
+
+    changed = np.argwhere(placed(now) != placed(then))  # (k, j, i) within the union extent
+    if not len(changed):
+        return
+    ijk = np.c_[changed[:, 2] + lo[0], changed[:, 1] + lo[1], changed[:, 0] + lo[2], np.ones(len(changed))]
+    to_volume = np.linalg.inv(entry.grid.ijk_to_ras) @ now.image_to_world
+    vol_ijk = np.rint((to_volume @ ijk.T)[:3]).astype(int)  # rows i, j, k
+    along = vol_ijk[2 - entry.axis]  # array axis 0 is k, the IJK row 2
+    unseen = sorted({int(v) for v in along if 0 <= v < entry.grid.shape[entry.axis]} - {int(v) for v in edited})
+    if unseen:
+        name = segmentation_node.GetSegmentation().GetSegment(segment_id).GetName()
+        shown = ", ".join(map(str, unseen[:6])) + (" ..." if len(unseen) > 6 else "")
+        raise InputError(
+            f'"{name}" was edited on thin slices of its segmentation, between the volume\'s slices (near slice'
+            f'{"s" if len(unseen) > 1 else ""} {shown}): the segmentation\'s grid is finer than the volume\'s, so the '
+            "update cannot see that edit and would write over it. Make the edit on slices that fall on the volume's "
+            "(or set the segmentation's geometry from the volume in the Segment Editor), or undo it, then update")
 
 
 def _explain_lost_prompt(segmentation_node, segment_id: str, volume_node) -> None:
@@ -1012,6 +1083,8 @@ class SegmentPropagation:
             edited=list(self._edited_slices()), reviewed=self._carried_reviews(recomputed),
             parent=self._parent_entry(), occupied=tuple(np.flatnonzero(on_axis.any(axis=(1, 2))).tolist()),
             run_id=self._run_id(target), before_tags=before_tags if self.mode == "replace" else (None, None),
+            own_after=(LabelmapSnapshot.take(self.segmentation_node, target)
+                       if _finer_than_volume(self.segmentation_node, target, self.volume_node) else None),
         )
 
     def _run_id(self, target: str) -> str:
@@ -1248,6 +1321,10 @@ class HistoryEntry:
     restored: bool = False
     # The segment's (RUN_TAG, RECORD_TAG) before the run, put back with ``before`` by Undo.
     before_tags: tuple = (None, None)
+    # The segment's own labelmap right after the write, kept only when the segmentation's grid is
+    # finer than the volume's: an edit on its thin slices between the volume's slices does not show
+    # on the volume grid, and an update would write over it (``check_no_unseen_edits``).
+    own_after: "LabelmapSnapshot | None" = None
 
     @property
     def user_slices(self) -> list[int]:
@@ -1950,6 +2027,7 @@ class SegmentUpdate(SegmentPropagation):
         self.source = segment_mask(segmentation_node, segment_id, volume_node)
         self.entry = entry
         self.edited = entry.edited_slices(self.source)
+        check_no_unseen_edits(entry, segmentation_node, segment_id, volume_node, self.edited)
         if not self.edited:
             raise InputError(f'no slice of "{name}" differs from the last PAM result: fix the slices that are '
                              "wrong in the Segment Editor, then update")

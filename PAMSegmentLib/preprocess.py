@@ -84,12 +84,11 @@ class IntensityWindow:
         return ((np.clip(x, self.low, self.high) - self.low) * scale - 1.0).astype(np.float32)
 
 
-def _magnitude(image_slice: np.ndarray, lo: float, hi: float) -> float:
-    """The scale of a slice's values, for relative tests: the largest of |lo|, |hi| and the
-    slice's range (0 only for a slice of zeros)."""
-    arr = np.asarray(image_slice)
-    spread = float(arr.max()) - float(arr.min()) if arr.size else 0.0
-    return max(abs(float(lo)), abs(float(hi)), spread)
+def _magnitude(lo: float, hi: float) -> float:
+    """The scale of a region's values, for relative tests: the larger of |lo| and |hi| (0 only
+    for a region of zeros). The region's own values, not the slice's: a fill value of -1e30
+    outside the field of view must not make every region look flat."""
+    return max(abs(float(lo)), abs(float(hi)))
 
 
 def intensity_window(image_slice: np.ndarray, mask: np.ndarray, params: PreprocessingParams) -> IntensityWindow:
@@ -99,7 +98,7 @@ def intensity_window(image_slice: np.ndarray, mask: np.ndarray, params: Preproce
         values = np.asarray(image_slice).ravel()
     lo, hi = np.percentile(values.astype(np.float64), params.window_percentiles)
     width = hi - lo
-    if width <= 1e-6 * _magnitude(image_slice, lo, hi):
+    if width <= 1e-6 * _magnitude(lo, hi):
         # A uniform region (synthetic data, a flat phantom): fall back to the slice's spread so the
         # window is never degenerate. "Uniform" is relative to the slice's own values, so that an
         # image in other units (x 1e-12) is windowed as the same image in HU.

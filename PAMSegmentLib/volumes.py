@@ -319,17 +319,18 @@ def _check_no_gantry_tilt(points: np.ndarray, normal: np.ndarray, image: sitk.Im
     normal (each slice shifted within its plane). ITK stacks them on an orthogonal grid at the
     oblique distance, which places every slice but the first wrongly (by the shift times its
     number) and a mask computed on it too: refused, with what to convert it with. A total shift
-    under half a pixel is rounding, not tilt."""
+    within one pixel is below the result's own precision (and rounding of positions), not refused."""
     if len(points) < 2:
         return
     step = (points[-1] - points[0]) / (len(points) - 1)
     along = float(step @ normal)
     shift = float(np.linalg.norm(step - along * normal))  # per slice, within the slice plane
     total = shift * (len(points) - 1)
-    if along == 0 or total <= 0.5 * min(image.GetSpacing()[:2]):
+    if along == 0 or total <= min(image.GetSpacing()[:2]):  # within a pixel at the far end
         return
     angle = math.degrees(math.atan2(shift, abs(along)))
-    raise InputError(f"{what} was acquired with a gantry tilt of {angle:.3g} degrees (each slice is shifted "
+    raise InputError(f"{what} was acquired with a gantry tilt of {angle:.3g} degree{'' if angle == 1 else 's'} (each "
+                     f"slice is shifted "
                      f"{shift:.3g} mm within its plane from the one before): read as it is, its slices would be up to "
                      f"{total:.3g} mm from where they were scanned. Convert it with a tool that corrects the tilt "
                      "(3D Slicer's DICOM module with acquisition geometry regularization, then save the volume as "
@@ -739,8 +740,8 @@ def _on_reference_lattice(labels: Volume, reference: Volume, name: str) -> Volum
     if np.count_nonzero(inside) != np.count_nonzero(labels.array):
         return None  # labels outside the image: the usual refusal says so
     out[tuple(dst)] = inside
-    warnings.warn(f"{name} covers {' x '.join(map(str, labels.shape))} voxels of the image's own grid (from voxel "
-                  f"{offset} in k, j, i); placed there as it is, without resampling", stacklevel=3)
+    warnings.warn(f"{name} ({' x '.join(map(str, labels.shape))} voxels) lies on the image's own voxel grid, from "
+                  f"voxel {offset} in k, j, i; placed there as it is, without resampling", stacklevel=3)
     return Volume(out, reference.spacing, reference.origin, reference.direction)
 
 
@@ -780,16 +781,15 @@ def check_grids_from_headers(image_path: PathLike, prompt_path: PathLike) -> Non
     a large image takes a minute and gigabytes). Where either header cannot be compared so, nothing
     is said here and the full read decides."""
     image, prompt = _grid_from_header(Path(image_path)), _grid_from_header(Path(prompt_path))
-    if image is None or prompt is None:
+    if image is None or prompt is None or min(image.shape) < 2:  # a one-slice image: the full read says so
         return
     diffs = same_grid(prompt, image)
-    if diffs:
+    if diffs and not (_is_seg_nrrd(Path(prompt_path).name) and _lattice_offset(prompt, image) is not None):
         for path in (Path(image_path), Path(prompt_path)):  # what the full read would note: it may explain this
             header = _nifti_header(path)
             if header is not None:
                 _note_nifti_no_spacing(path, header, 3)
-        if not (_is_seg_nrrd(Path(prompt_path).name) and _lattice_offset(prompt, image) is not None):
-            raise _off_grid_error(Path(prompt_path).name, prompt, image, diffs, Path(prompt_path))
+        raise _off_grid_error(Path(prompt_path).name, prompt, image, diffs, Path(prompt_path))
 
 
 def read_labelmap(path: PathLike, reference: Volume | None = None, resample: bool = False) -> Volume:

@@ -224,8 +224,8 @@ def test_cropped_seg_nrrd_is_put_back_on_the_image_grid(tmp_path, ct_case):
     crop = full[10:35, 5:30, 9:12]  # SimpleITK slicing keeps the physical position (x, y, z = i, j, k)
     seg = tmp_path / "drawn.seg.nrrd"
     sitk.WriteImage(crop, str(seg))
-    with pytest.warns(UserWarning, match=r"drawn.seg.nrrd covers 3 x 25 x 25 voxels of the image's own grid \(from voxel "
-                                         r"\(9, 5, 10\) in k, j, i\); placed there as it is"):
+    with pytest.warns(UserWarning, match=r"drawn.seg.nrrd \(3 x 25 x 25 voxels\) lies on the image's own voxel grid, "
+                                         r"from voxel \(9, 5, 10\) in k, j, i; placed there as it is"):
         got = volumes.read_labelmap(seg, reference=image)
     assert np.array_equal(got.array, ct_case.prompt) and volumes.same_grid(got, image) == []
     volumes.check_grids_from_headers(ct_case.image_path, seg)  # no refusal from the headers either
@@ -298,3 +298,40 @@ def test_seg_nrrd_result_keeps_the_prompts_segment_names_and_colours(tmp_path, c
     volumes.write_labelmap(ct_case.prompt, image, plain)
     assert volumes.seg_nrrd_segments(plain) == {1: {"ID": "Segment_1", "Name": "Segment_1", "Color": "0.5 0.68 0.5"}}
     assert volumes.seg_nrrd_segments(ct_case.prompt_path) == {}
+
+
+def test_a_single_slice_image_is_named_so_before_the_prompt_grid(tmp_path, ct_case, run_cli):
+    one = write_image(ct_case.image[10:11], tmp_path / "one.nii.gz", ct_case.spacing)
+    proc = run_cli("propagate", one, ct_case.prompt_path, "-o", tmp_path / "out.nii.gz", "--method", "copy")
+    assert proc.returncode == 2 and "one.nii.gz has a single slice" in proc.stderr, proc.stderr
+
+
+def test_one_outline_drawn_on_a_plane_tilted_against_the_slices_is_refused():
+    """In Slicer's RAS-aligned views, one outline painted on an oblique volume lands on several
+    slices as bands; each was kept as a drawn keyframe, so the result had 3-5 slices cut to slivers
+    (a review: 39 of 493 voxels on one)."""
+    from conftest import ellipsoid
+
+    from PAMSegmentLib.propagate import find_prompt_slices
+
+    shape = (24, 40, 44)
+    truth = ellipsoid(shape, (12, 20, 22), (8, 12, 14))
+    k, j, i = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+
+    def painted(tilt_deg):  # voxels within 1 mm of a plane through the centre, tilted about the i axis
+        t = np.radians(tilt_deg)
+        height = (j - 20) * 0.9 * np.sin(t) + (k - 12) * 2.0 * np.cos(t)  # mm along the plane's normal
+        return ((np.abs(height) <= 1.0) & truth).astype(np.uint8)
+
+    assert find_prompt_slices(painted(3)) == (0, {1: [12]})  # nearly aligned: one slice, as drawn
+    for tilt, run in ((10, "11-13"), (20, "10-14")):
+        with pytest.raises(InputError, match=rf"label 1 is drawn on \d adjacent slices along axis 0 \({run}\) whose "
+                                             r"outlines barely overlap.*'Rotate to volume plane'"):
+            find_prompt_slices(painted(tilt))
+    # Keyframes drawn on purpose on adjacent slices overlap as one object's sections do: accepted;
+    # so are the bands in an update (an edited result's slices), which the walk checks otherwise.
+    two = np.zeros(shape, np.uint8)
+    two[11][truth[11]] = 1
+    two[12][truth[12]] = 1
+    assert find_prompt_slices(two) == (0, {1: [11, 12]})
+    assert find_prompt_slices(painted(10), update=True)[1] == {1: [11, 12, 13]}

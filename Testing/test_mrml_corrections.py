@@ -1117,3 +1117,50 @@ def test_a_record_waiting_for_its_volume_is_decoded_again_only_when_the_volumes_
     again = make_volume_node(image, name="volume")
     back = history.get(seg, sid)
     assert back is not None and back.volume_node is again and len(calls) == 2
+
+
+def test_an_edit_between_the_volumes_slices_on_a_finer_segmentation_is_refused_not_overwritten(mrml_scene):
+    """A segmentation twice as fine along k as the volume (Specify geometry with oversampling): an
+    edit on the thin slice that no volume sample point reads was invisible to the update, which
+    wrote the old result over it (a review: 397 erased voxels back, without a word)."""
+    import vtk
+
+    truth, image = synthetic()
+    vol = make_volume_node(image)
+    m = vtk.vtkMatrix4x4()
+    vol.GetIJKToRASMatrix(m)
+    v = slicer.util.arrayFromVTKMatrix(m)
+    g = v.copy()
+    g[:3, 2] *= 0.5
+    g[:3, 3] -= 0.25 * v[:3, 2]  # thin slices 2k and 2k+1 cover volume slice k
+    geometry = mrml_scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "geometry")
+    grid = vtk.vtkImageData()
+    grid.SetDimensions(SHAPE[2], SHAPE[1], 2 * SHAPE[0])
+    grid.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    geometry.SetAndObserveImageData(grid)
+    geometry.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(g))
+    seg = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
+    seg.CreateDefaultDisplayNodes()
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(geometry)
+    sid = seg.GetSegmentation().AddEmptySegment("", "tumor", [1, 0, 0])
+    slicer.util.updateSegmentBinaryLabelmapFromArray(np.repeat(one_slice(truth, 12), 2, axis=0).astype(np.uint8),
+                                                     seg, sid, geometry)
+    history = PropagationHistory()
+    propagate_segment(vol, seg, sid, model=GuideCopy(truth), history=history)
+    assert history.get(seg, sid).own_after is not None  # kept: the segmentation is finer than the volume
+    thin = slicer.util.arrayFromSegmentBinaryLabelmap(seg, sid, geometry).astype(bool)
+    for erased, seen in ((32, False), (33, True)):  # both thin slices of volume slice 16
+        edit = thin.copy()
+        edit[erased] = False
+        edit[12:14] = False  # and volume slice 6 (thin 12, 13), which the volume grid shows
+        slicer.util.updateSegmentBinaryLabelmapFromArray(edit.astype(np.uint8), seg, sid, geometry)
+        if not seen:
+            with pytest.raises(InputError, match=r'"tumor" was edited on thin slices of its segmentation, between the '
+                                                 r"volume's slices \(near slice 16\)"):
+                update_segment(vol, seg, sid, history, model=GuideCopy(truth))
+            np.testing.assert_array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(seg, sid, geometry) > 0, edit)
+            slicer.util.updateSegmentBinaryLabelmapFromArray(thin.astype(np.uint8), seg, sid, geometry)  # undo it
+        else:
+            job = update_segment(vol, seg, sid, history, model=GuideCopy(truth))
+            assert sorted(job.edited) == [6, 16]
+            assert not (slicer.util.arrayFromSegmentBinaryLabelmap(seg, sid, geometry) > 0)[32:34].any()
