@@ -280,6 +280,18 @@ def _finer_than_volume(segmentation_node, segment_id: str, volume_node) -> bool:
     return bool(np.any(np.sort(own) < np.sort(theirs) * (1 - 1e-6)))  # smallest vs smallest, and so on
 
 
+def _runs(slices: Sequence[int]) -> str:
+    """``[4, 5, 6, 9]`` -> ``"4-6, 9"``."""
+    out, start = [], None
+    for n, s in enumerate(slices):
+        if start is None:
+            start = s
+        if n + 1 == len(slices) or slices[n + 1] != s + 1:
+            out.append(f"{start}-{s}" if s != start else f"{s}")
+            start = None
+    return ", ".join(out)
+
+
 def check_no_unseen_edits(entry: "HistoryEntry", segmentation_node, segment_id: str, volume_node,
                           edited: Sequence[int]) -> None:
     """InputError when the segment's own labelmap changed since the write near volume slices (along
@@ -2072,14 +2084,29 @@ class SegmentUpdate(SegmentPropagation):
     def n_recomputed(self) -> int:
         return int(sum(b - a + 1 for a, b in self.recomputed))
 
+    def cleared_slices(self) -> list[int]:
+        """Slices that held the object in the earlier result and are empty in this one, other than the
+        ones the user erased: what walls (erased slices) cut off."""
+        if self.result is None:
+            return []
+        other = tuple(a for a in range(3) if a != self.entry.axis)
+        now = set(np.flatnonzero(np.asarray(self.result.mask).any(axis=other)).tolist())
+        return sorted(set(self.entry.occupied_slices()) - now - set(self.empty) - set(self.edited))
+
     def summary(self) -> str:
         if self._state == "finished" and self.result is not None:
             edits = ", ".join(str(s) for s in self.edited[:8]) + (" ..." if len(self.edited) > 8 else "")
             word = "slice" if len(self.edited) == 1 else "slices"
             intervals = ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in self.recomputed) or "none"
-            return (f"updated from {len(self.edited)} edited {word} ({edits}): {self.n_recomputed} of "
+            text = (f"updated from {len(self.edited)} edited {word} ({edits}): {self.n_recomputed} of "
                     f"{self.slices_total} slices recomputed ({intervals}), {self.result.n_predicted} predicted "
                     f"in {self.elapsed:.1f} s")
+            cleared = self.cleared_slices()
+            if cleared:
+                runs = _runs(cleared)
+                text += (f"; slice{'s' if len(cleared) > 1 else ''} {runs} cleared: beyond a slice you erased, where "
+                         "the object is absent (draw on a slice there to bring them back)")
+            return text
         return super().summary()
 
     # history
