@@ -621,6 +621,9 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             windowTitle="PAMSegment: undo",
         ):
             return
+        # The result becomes a Segment Editor undo step too: the editor's Undo then brings it back
+        # (without this, its first Undo changed nothing and the result could not be had again).
+        self._saveStateForUndo(segmentation)
         try:
             message = self.logic.undoLast(segmentation, segmentId)
         except Exception as exc:
