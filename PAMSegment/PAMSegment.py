@@ -377,7 +377,8 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if self.ui.volumeSelector.currentNode() is None:
                 reference = segmentationNode.GetNodeReference(
                     slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole())
-                if reference is not None and reference.IsA("vtkMRMLScalarVolumeNode"):
+                if (reference is not None and reference.IsA("vtkMRMLScalarVolumeNode")
+                        and not reference.IsA("vtkMRMLLabelMapVolumeNode")):  # the selector lists no label maps
                     self.ui.volumeSelector.setCurrentNode(reference)
         self.onInputChanged()
 

@@ -189,6 +189,9 @@ def _check_scalar_volume(volume_node) -> None:
     """InputError unless ``volume_node`` is a scalar volume with one component per voxel."""
     if volume_node is None or not volume_node.IsA("vtkMRMLScalarVolumeNode"):
         raise InputError("select a scalar volume (a vector, tensor or missing volume cannot be propagated)")
+    if volume_node.IsA("vtkMRMLLabelMapVolumeNode"):  # its label values are no intensities to follow
+        raise InputError(f'"{volume_node.GetName()}" is a label map volume; select the image (scalar volume) the '
+                         "segment was drawn on")
     image = volume_node.GetImageData()
     if image is not None and image.GetNumberOfScalarComponents() != 1:
         raise InputError(f'volume "{volume_node.GetName()}" has {image.GetNumberOfScalarComponents()} '
@@ -396,10 +399,23 @@ def _plane_names(ijk_to_ras: np.ndarray) -> list[str]:
     return [f"{n} (axis {a})" if names.count(n) > 1 else n for a, n in enumerate(names)]
 
 
+def _in_segment_words(text: str) -> str:
+    """The engine's message about a prompt's label, for a segment (which has a name, not a label
+    number): "label 1 is drawn ..." -> "it is drawn ..."."""
+    import re  # noqa: PLC0415
+
+    text = re.sub(r"^label \d+ ", "it ", text)
+    return text.replace("the prompt is empty: draw the object on one slice (label > 0)",
+                        "it is empty: draw the object on one slice")
+
+
 def _prompt_info(prompt: np.ndarray, grid: VolumeGrid) -> PromptInfo:
     from .propagate import find_prompt_slices  # noqa: PLC0415 - keeps torch out of `import mrml`
 
-    axis, slices = find_prompt_slices(prompt, plane_names=_plane_names(grid.ijk_to_ras))
+    try:
+        axis, slices = find_prompt_slices(prompt, plane_names=_plane_names(grid.ijk_to_ras))
+    except InputError as exc:
+        raise InputError(_in_segment_words(str(exc))) from None
     lab = next(iter(slices))
     return PromptInfo(axis=axis, slices=list(slices[lab]), plane=axis_plane_name(grid.ijk_to_ras, axis),
                       n_slices=int(prompt.shape[axis]))
@@ -412,7 +428,11 @@ def describe_prompt(volume_node, segmentation_node, segment_id: str) -> PromptIn
     _check_scalar_volume(volume_node)  # as volume_array will check it on Propagate
     grid = _grid_of(volume_node)
     mask = _prompt_mask(segmentation_node, segment_id, volume_node)
-    return _prompt_info(mask, grid)
+    try:
+        return _prompt_info(mask, grid)
+    except InputError as exc:
+        segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+        raise InputError(f'segment "{segment.GetName()}": {exc}') from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -468,7 +488,9 @@ def write_segment_mask(mask: np.ndarray, grid: VolumeGrid, segmentation_node, se
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     if not logic.SetBinaryLabelmapToSegment(labelmap, segmentation_node, segment_id, logic.MODE_REPLACE,
                                             labelmap.GetExtent()):
-        raise PAMError(f'Slicer could not write the result into segment "{segment_id}"')
+        segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+        raise PAMError(f'Slicer could not write the result into segment '
+                       f'"{segment.GetName() if segment is not None else segment_id}"')
 
 
 def _on_segmentation_grid(labelmap, segmentation_node, segment_id: str | None = None):

@@ -95,10 +95,11 @@ def test_a_stroke_drawn_in_a_coronal_view_beside_the_axial_drawing_is_refused(mr
     prompt = one_slice(truth, CENTER[0])
     prompt[11:14, CENTER[1], 15:30] = 1
     seg, ids = make_segmentation(vol, {"tumor": prompt})
-    message = (r"label 1 is drawn on more than one plane: axial slice 12 and coronal slice 20 \(axial slices 11, 13 "
+    # The segment is named, not the engine's "label 1" (a segment has a name, no label number).
+    message = (r"it is drawn on more than one plane: axial slice 12 and coronal slice 20 \(axial slices 11, 13 "
                r"hold nothing but its line, one voxel thin: a stroke drawn in another view\?\); erase what is drawn "
                r"on coronal slice 20 and draw on axial slices only, then try again$")
-    with pytest.raises(InputError, match="^" + message):
+    with pytest.raises(InputError, match='^segment "tumor": ' + message):
         describe_prompt(vol, seg, ids["tumor"])
     with pytest.raises(InputError, match='^segment "tumor" on volume "volume": ' + message):
         SegmentPropagation(vol, seg, ids["tumor"], model=OracleModel(truth))
@@ -110,7 +111,7 @@ def test_a_drawing_on_two_whole_planes_is_named_so(mrml_scene):
     truth, image = synthetic()
     vol = make_volume_node(image)
     seg, ids = make_segmentation(vol, {"tumor": one_slice(truth, CENTER[0]) | one_slice(truth, CENTER[1], axis=1)})
-    with pytest.raises(InputError, match=r"^label 1 is drawn on more than one plane: axial slice 12 and coronal slice "
+    with pytest.raises(InputError, match=r"^segment \"tumor\": it is drawn on more than one plane: axial slice 12 and coronal slice "
                                          r"20 \(axial slices 4-11, 13-20 hold nothing but its line, one voxel thin\); "
                                          r"that is not a slice prompt: draw it on slices of one plane only"):
         describe_prompt(vol, seg, ids["tumor"])

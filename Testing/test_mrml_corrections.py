@@ -1168,3 +1168,16 @@ def test_an_edit_between_the_volumes_slices_on_a_finer_segmentation_is_refused_n
             job = update_segment(vol, seg, sid, history, model=GuideCopy(truth))
             assert sorted(job.edited) == [6, 16]
             assert not (slicer.util.arrayFromSegmentBinaryLabelmap(seg, sid, geometry) > 0)[32:34].any()
+
+
+def test_a_label_map_volume_is_not_propagated_on(mrml_scene):
+    """The panel's selector lists no label maps, but the Logic took one and walked its label values
+    as if they were intensities."""
+    truth, image = synthetic()
+    labels = slicer.util.addVolumeFromArray(truth.astype(np.uint8), name="labels",
+                                            nodeClassName="vtkMRMLLabelMapVolumeNode")
+    seg, ids = make_segmentation(labels, {"tumor": one_slice(truth, CENTER[0])})
+    before = internal_labelmap_state(seg, ids["tumor"])
+    with pytest.raises(InputError, match='"labels" is a label map volume; select the image'):
+        propagate_segment(labels, seg, ids["tumor"], model=GuideCopy(truth), history=PropagationHistory())
+    assert_same_labelmap(internal_labelmap_state(seg, ids["tumor"]), before)
