@@ -329,9 +329,15 @@ def test_one_outline_drawn_on_a_plane_tilted_against_the_slices_is_refused():
                                              r"outlines barely overlap.*'Rotate to volume plane'"):
             find_prompt_slices(painted(tilt))
     # Keyframes drawn on purpose on adjacent slices overlap as one object's sections do: accepted;
-    # so are the bands in an update (an edited result's slices), which the walk checks otherwise.
+    # so are two adjacent keyframes that barely overlap (a small structure on thick slices: the
+    # validation sets hold six such two-keyframe prompts, 31-48 % overlap), and the bands in an
+    # update (an edited result's slices).
     two = np.zeros(shape, np.uint8)
     two[11][truth[11]] = 1
     two[12][truth[12]] = 1
     assert find_prompt_slices(two) == (0, {1: [11, 12]})
+    small = np.zeros(shape, np.uint8)
+    small[6, 10:16, 10:16] = 1
+    small[7, 10:16, 14:20] = 1  # overlap 12 of 36 px
+    assert find_prompt_slices(small) == (0, {1: [6, 7]})
     assert find_prompt_slices(painted(10), update=True)[1] == {1: [11, 12, 13]}
