@@ -328,17 +328,23 @@ def check_no_unseen_edits(entry: "HistoryEntry", segmentation_node, segment_id: 
         return
     ijk = np.c_[changed[:, 2] + lo[0], changed[:, 1] + lo[1], changed[:, 0] + lo[2], np.ones(len(changed))]
     to_volume = np.linalg.inv(entry.grid.ijk_to_ras) @ now.image_to_world
-    vol_ijk = np.rint((to_volume @ ijk.T)[:3]).astype(int)  # rows i, j, k
-    along = vol_ijk[2 - entry.axis]  # array axis 0 is k, the IJK row 2
-    unseen = sorted({int(v) for v in along if 0 <= v < entry.grid.shape[entry.axis]} - {int(v) for v in edited})
+    coords = (to_volume @ ijk.T)[2 - entry.axis]  # along the propagation axis (array axis 0 is IJK k)
+    # A voxel halfway between two of the volume's slices is read by neither (the export samples the
+    # segmentation nearest to each volume voxel, and a finer grid has a nearer one): never seen.
+    halfway = np.abs(coords - np.floor(coords) - 0.5) < 1e-3
+    nearest = np.rint(coords).astype(int)
+    seen = {int(v) for v in edited}
+    unseen = sorted({int(v) for v, h in zip(nearest, halfway) if h or v not in seen}
+                    & set(range(entry.grid.shape[entry.axis])))
     if unseen:
         name = segmentation_node.GetSegmentation().GetSegment(segment_id).GetName()
         shown = ", ".join(map(str, unseen[:6])) + (" ..." if len(unseen) > 6 else "")
         raise InputError(
-            f'"{name}" was edited on thin slices of its segmentation, between the volume\'s slices (near slice'
-            f'{"s" if len(unseen) > 1 else ""} {shown}): the segmentation\'s grid is finer than the volume\'s, so the '
-            "update cannot see that edit and would write over it. Make the edit on slices that fall on the volume's "
-            "(or set the segmentation's geometry from the volume in the Segment Editor), or undo it, then update")
+            f'"{name}" was edited where the volume\'s voxels do not show it (near volume slice'
+            f'{"s" if len(unseen) > 1 else ""} {shown}): the segmentation\'s grid is finer than the volume\'s, and the '
+            "update, which reads the segment on the volume's grid, cannot see that edit and would write over it. "
+            "Make the edit on the volume's slices and larger than its voxels (or set the segmentation's geometry "
+            "from the volume in the Segment Editor), or undo it, then update")
 
 
 def _explain_lost_prompt(segmentation_node, segment_id: str, volume_node) -> None:
@@ -399,6 +405,23 @@ def _plane_names(ijk_to_ras: np.ndarray) -> list[str]:
     return [f"{n} (axis {a})" if names.count(n) > 1 else n for a, n in enumerate(names)]
 
 
+def _check_not_painted_across(prompt: np.ndarray, grid: VolumeGrid, axis: int, drawn: list[int]) -> None:
+    """On a volume whose slices are oblique to RAS, one outline painted in Slicer's RAS-aligned slice
+    views crosses several of the volume's slices in bands, each of which would be kept as a drawn
+    keyframe (the result's slices cut to slivers): refused, with the view setting that avoids it."""
+    from .propagate import tilted_drawing  # noqa: PLC0415
+
+    normal = np.asarray(grid.ijk_to_ras, dtype=float)[:3, 2 - int(axis)]
+    oblique = float(np.max(np.abs(normal)) / max(float(np.linalg.norm(normal)), 1e-12)) < np.cos(np.radians(1.0))
+    bands = tilted_drawing(prompt, axis, drawn) if oblique else None
+    if bands is not None:
+        plane = axis_plane_name(grid.ijk_to_ras, axis)
+        raise InputError(f"it lies on {len(drawn)} adjacent {plane} slices of the volume ({bands[0]}-{bands[1]}) whose "
+                         "outlines barely overlap: one outline painted in a slice view that is not aligned with this "
+                         "oblique volume crosses its slices in bands. Click the slice view's 'Rotate to volume plane' "
+                         "(in its pin menu), erase the drawing and draw it again")
+
+
 def _in_segment_words(text: str) -> str:
     """The engine's message about a prompt's label, for a segment (which has a name, not a label
     number): "label 1 is drawn ..." -> "it is drawn ..."."""
@@ -416,6 +439,7 @@ def _prompt_info(prompt: np.ndarray, grid: VolumeGrid) -> PromptInfo:
         axis, slices = find_prompt_slices(prompt, plane_names=_plane_names(grid.ijk_to_ras))
     except InputError as exc:
         raise InputError(_in_segment_words(str(exc))) from None
+    _check_not_painted_across(prompt, grid, axis, next(iter(slices.values())))
     lab = next(iter(slices))
     return PromptInfo(axis=axis, slices=list(slices[lab]), plane=axis_plane_name(grid.ijk_to_ras, axis),
                       n_slices=int(prompt.shape[axis]))
@@ -2108,7 +2132,7 @@ class SegmentUpdate(SegmentPropagation):
 
     def cleared_slices(self) -> list[int]:
         """Slices that held the object in the earlier result and are empty in this one, other than the
-        ones the user erased: what walls (erased slices) cut off."""
+        ones the user erased or edited: what walls (erased slices) cut off, or walks that ended sooner."""
         if self.result is None:
             return []
         other = tuple(a for a in range(3) if a != self.entry.axis)
@@ -2125,9 +2149,11 @@ class SegmentUpdate(SegmentPropagation):
                     f"in {self.elapsed:.1f} s")
             cleared = self.cleared_slices()
             if cleared:
-                runs = _runs(cleared)
-                text += (f"; slice{'s' if len(cleared) > 1 else ''} {runs} cleared: beyond a slice you erased, where "
-                         "the object is absent (draw on a slice there to bring them back)")
+                runs, plural = _runs(cleared), len(cleared) > 1
+                why = (": beyond a slice you erased, where the object is absent (draw on a slice there to bring "
+                       f"{'them' if plural else 'it'} back)" if self.empty - set(self.entry.empty_keyframes) else
+                       ": the walks from your edits ended sooner (draw on a slice there if the object goes on)")
+                text += f"; slice{'s' if plural else ''} {runs} no longer hold{'' if plural else 's'} the object{why}"
             return text
         return super().summary()
 

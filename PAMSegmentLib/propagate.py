@@ -491,15 +491,6 @@ def _drawn_slices(prompt: np.ndarray, present: list[int], axis: int | None, labe
             if (lines and len(lines) < len(sl)
                     and max(counts[s] for s in lines) <= STROKE_FRACTION * max(counts.values())):
                 raise _mixed_planes_error(lab, best, lines, sl, plane_names)
-            tilted = _tilted_drawing(boxes[lab], starts[lab][best], best, sl)
-            if tilted is not None:
-                first, last = tilted
-                where = plane_names[best] + " slices" if plane_names is not None else f"slices along axis {best}"
-                raise InputError(
-                    f"label {lab} is drawn on {len(sl)} adjacent {where} ({first}-{last}) whose outlines barely "
-                    "overlap: each holds a band of one outline, as a drawing on a plane tilted against the image's "
-                    "slices leaves it. Draw it on one of the image's own slices (in Slicer: click the slice view's "
-                    "'Rotate to volume plane' first), after erasing this drawing")
         if three_d:
             raise three_d_error(lab)
     return best, slices
@@ -508,14 +499,20 @@ def _drawn_slices(prompt: np.ndarray, present: list[int], axis: int | None, labe
 TILTED_OVERLAP = 0.5  # tilted bands overlap 0-0.44 (a review's sweep, 10-30 degrees); keyframes on purpose mostly ~1
 
 
+def tilted_drawing(mask: np.ndarray, axis: int, drawn: Sequence[int]) -> tuple[int, int] | None:
+    """``_tilted_drawing`` of a whole 3D mask (one label) drawn on slices ``drawn`` along ``axis``."""
+    box, start = _bounding_box(np.asarray(mask) != 0)
+    return _tilted_drawing(box, int(start[axis]), axis, drawn)
+
+
 def _tilted_drawing(box: np.ndarray, start: int, ax: int, drawn: Sequence[int]) -> tuple[int, int] | None:
     """(first, last) when a label's drawn slices are one run of three or more adjacent slices and
     every two neighbours overlap by less than TILTED_OVERLAP of the smaller (in the slice plane):
     the bands one outline drawn on a plane tilted against the slices leaves on each slice it
     crosses (Slicer's views are aligned with RAS, not with an oblique volume; 3-7 bands at 10-30
-    degrees). Two adjacent keyframes are not enough to tell: a small structure on thick slices
-    overlaps its neighbour by 31-48 % (six of the validation sets' two-keyframe prompts), and a
-    slight tilt leaving two bands is not caught. None otherwise."""
+    degrees). Small structures on thick slices overlap their neighbours that little too (a third of
+    the neighbouring slice pairs in the 3-4 mm brain cases), so the Slicer module asks this only of
+    a drawing on an oblique volume; the engine does not refuse on it. None otherwise."""
     if len(drawn) < 3 or drawn[-1] - drawn[0] != len(drawn) - 1:
         return None
     planes = np.moveaxis(box, ax, 0)

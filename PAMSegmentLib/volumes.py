@@ -1180,17 +1180,30 @@ def seg_nrrd_segments(path: PathLike) -> dict[int, dict[str, str]]:
         with _itk_warnings_hidden():
             reader.ReadImageInformation()
         keys = set(reader.GetMetaDataKeys())
-        out = {}
+        out, ids = {}, set()
         for n in range(10000):
             if f"Segment{n}_LabelValue" not in keys:
                 break
             fields = {k: reader.GetMetaData(f"Segment{n}_{k}") for k in ("ID", "Name", "Color", "LabelValue")
                       if f"Segment{n}_{k}" in keys}
-            value = int(fields.pop("LabelValue"))
-            if 1 <= value <= 65535 and all("\n" not in v and len(v) < 1000 for v in fields.values()):
-                out.setdefault(value, fields)
+            try:
+                value = int(fields.pop("LabelValue"))
+            except ValueError:
+                continue  # this segment's fields are odd: it is named by its label
+            fields = {k: v for k, v in fields.items() if "\n" not in v and "\r" not in v and 0 < len(v) < 1000}
+            try:
+                rgb = [float(c) for c in fields.get("Color", "").split()]
+            except ValueError:
+                rgb = []
+            if len(rgb) != 3 or not all(0.0 <= c <= 1.0 for c in rgb):
+                fields.pop("Color", None)  # Slicer reads three numbers from 0 to 1
+            if fields.get("ID") in ids:
+                fields.pop("ID")  # Slicer needs them unique
+            if 1 <= value <= 65535 and value not in out:
+                ids.add(fields.get("ID"))
+                out[value] = fields
         return out
-    except (RuntimeError, ValueError, OSError, InputError):
+    except (RuntimeError, OSError, InputError):
         return {}
 
 

@@ -397,8 +397,8 @@ def test_erased_slice_bounds_the_object(session):
     assert model.predicted == [] and job.result.n_predicted == 0  # the drawn keyframe did not change
     # The summary names what the erased slice cut off (slices 19-20 held the object before).
     assert job.cleared_slices() == [19, 20]
-    assert job.summary().endswith("; slices 19-20 cleared: beyond a slice you erased, where the object is absent "
-                                  "(draw on a slice there to bring them back)")
+    assert job.summary().endswith("; slices 19-20 no longer hold the object: beyond a slice you erased, where the "
+                                  "object is absent (draw on a slice there to bring them back)")
     entry = history.get(seg, sid)
     assert entry.empty_keyframes == {18} and sorted(entry.keyframes) == [12] and entry.user_slices == [12, 18]
     assert np.isnan(entry.confidence[18:]).all()
@@ -1159,8 +1159,8 @@ def test_an_edit_between_the_volumes_slices_on_a_finer_segmentation_is_refused_n
         edit[12:14] = False  # and volume slice 6 (thin 12, 13), which the volume grid shows
         slicer.util.updateSegmentBinaryLabelmapFromArray(edit.astype(np.uint8), seg, sid, geometry)
         if not seen:
-            with pytest.raises(InputError, match=r'"tumor" was edited on thin slices of its segmentation, between the '
-                                                 r"volume's slices \(near slice 16\)"):
+            with pytest.raises(InputError, match=r'"tumor" was edited where the volume\'s voxels do not show it \(near '
+                                                 r"volume slice 16\): the segmentation's grid is finer"):
                 update_segment(vol, seg, sid, history, model=GuideCopy(truth))
             np.testing.assert_array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(seg, sid, geometry) > 0, edit)
             slicer.util.updateSegmentBinaryLabelmapFromArray(thin.astype(np.uint8), seg, sid, geometry)  # undo it
@@ -1181,3 +1181,84 @@ def test_a_label_map_volume_is_not_propagated_on(mrml_scene):
     with pytest.raises(InputError, match='"labels" is a label map volume; select the image'):
         propagate_segment(labels, seg, ids["tumor"], model=GuideCopy(truth), history=PropagationHistory())
     assert_same_labelmap(internal_labelmap_state(seg, ids["tumor"]), before)
+
+
+def test_one_outline_painted_across_an_oblique_volumes_slices_is_refused(mrml_scene):
+    """On a volume tilted 20 degrees against RAS, an outline painted in Slicer's RAS-aligned axial
+    view lands on 5 of the volume's slices as bands, each kept as a drawn keyframe: the result had
+    those slices cut to slivers (a review: 39 of 493 voxels on one). The same bands on a volume
+    aligned with RAS are taken as drawn (there they are the user's own keyframes)."""
+    from PAMSegmentLib.mrml import describe_prompt
+
+    truth, image = synthetic()
+    m = oblique_ijk_to_ras(degrees=(0.0, 20.0))
+    k, j, i = np.meshgrid(*[np.arange(n) for n in SHAPE], indexing="ij")
+    ras = m @ np.stack([i.ravel(), j.ravel(), k.ravel(), np.ones(i.size)])
+    centre = m @ np.array([22, 20, 12, 1.0])
+    painted = ((np.abs(ras[2] - centre[2]) <= 1.0).reshape(SHAPE) & truth).astype(np.uint8)
+    vol = make_volume_node(image, ijk_to_ras=m)
+    seg, ids = make_segmentation(vol, {"tumor": painted})
+    with pytest.raises(InputError, match=r'^segment "tumor": it lies on 5 adjacent .* slices of the volume \(10-14\) '
+                                         r"whose outlines barely overlap: .*'Rotate to volume plane'"):
+        describe_prompt(vol, seg, ids["tumor"])
+    before = internal_labelmap_state(seg, ids["tumor"])
+    with pytest.raises(InputError, match="Rotate to volume plane"):
+        propagate_segment(vol, seg, ids["tumor"], model=GuideCopy(truth), history=PropagationHistory())
+    assert_same_labelmap(internal_labelmap_state(seg, ids["tumor"]), before)
+    straight = make_volume_node(image, name="straight")
+    seg2, ids2 = make_segmentation(straight, {"tumor": painted})
+    assert describe_prompt(straight, seg2, ids2["tumor"]).slices == [10, 11, 12, 13, 14]
+
+
+def test_update_summary_says_why_slices_no_longer_hold_the_object(session):
+    """Without an erased slice, slices an update no longer fills were called "cleared: beyond a
+    slice you erased"."""
+
+    class StopsWhenSmall(GuideCopy):  # the walk ends where its guide is small
+        def predict(self, volume, guide_index, guide_mask, query_indices):
+            out = super().predict(volume, guide_index, guide_mask, query_indices)
+            return SlicePrediction(out.prob * 0) if guide_mask.sum() < 200 else out
+
+    seg, sid, vol, history, truth = session["seg"], session["sid"], session["vol"], session["history"], session["truth"]
+    current = on_volume(seg, sid, vol)
+    current[16] = False
+    current[16, 18:24, 20:26] = True  # redrawn much smaller: the walk beyond it ends at once
+    write(seg, sid, vol, current)
+    job = update_segment(vol, seg, sid, history, model=StopsWhenSmall(truth))
+    assert job.cleared_slices() == [17, 18, 19, 20]
+    assert job.summary().endswith("; slices 17-20 no longer hold the object: the walks from your edits ended sooner "
+                                  "(draw on a slice there if the object goes on)")
+
+
+def test_an_edit_on_a_segmentation_slice_halfway_between_the_volumes_is_never_seen(mrml_scene):
+    """Segmentation slices exactly halfway between two volume slices are read by neither; the check
+    gave them to the even neighbour, so such an erase beside an edit on that slice was written over."""
+    import vtk
+
+    truth, image = synthetic()
+    vol = make_volume_node(image)
+    m = vtk.vtkMatrix4x4()
+    vol.GetIJKToRASMatrix(m)
+    g = slicer.util.arrayFromVTKMatrix(m).copy()
+    g[:3, 2] *= 0.5  # thin slice 2k on volume slice k, thin slice 2k+1 halfway to k+1
+    geometry = mrml_scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "geometry")
+    grid = vtk.vtkImageData()
+    grid.SetDimensions(SHAPE[2], SHAPE[1], 2 * SHAPE[0] - 1)
+    grid.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    geometry.SetAndObserveImageData(grid)
+    geometry.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(g))
+    seg = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
+    seg.CreateDefaultDisplayNodes()
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(geometry)
+    sid = seg.GetSegmentation().AddEmptySegment("", "tumor", [1, 0, 0])
+    drawn = np.zeros((2 * SHAPE[0] - 1, *SHAPE[1:]), np.uint8)
+    drawn[23:26] = truth[12]  # around volume slice 12 (thin 24)
+    slicer.util.updateSegmentBinaryLabelmapFromArray(drawn, seg, sid, geometry)
+    history = PropagationHistory()
+    propagate_segment(vol, seg, sid, model=GuideCopy(truth), history=history)
+    edit = slicer.util.arrayFromSegmentBinaryLabelmap(seg, sid, geometry).astype(bool)
+    edit[12] = False  # volume slice 6 (thin 12): seen
+    edit[13] = False  # halfway between volume slices 6 and 7 (thin 13): never read
+    slicer.util.updateSegmentBinaryLabelmapFromArray(edit.astype(np.uint8), seg, sid, geometry)
+    with pytest.raises(InputError, match=r"near volume slice 6\)"):
+        update_segment(vol, seg, sid, history, model=GuideCopy(truth))
