@@ -47,7 +47,7 @@ COLUMNS_TEXT = "image,prompt[,output][,label][,series][,previous,edited]"
 REPORT_NAME = re.compile(r"batch_report(\.shard\d+-of-\d+)?\.csv")
 SKIPPED = "output exists (--skip-existing)"
 CARRIED = "done in an earlier run (--skip-existing)"  # a skipped row's columns are from the report of that run
-REPORT_FIELDS = ("row", "image", "prompt", "output", "status", "seconds", "slices", "check_first", "message")
+REPORT_FIELDS = ("row", "image", "prompt", "output", "status", "seconds", "slices", "check_first", "message", "method")
 
 
 @dataclass
@@ -65,6 +65,7 @@ class BatchRow:
     seconds: float = 0.0
     slices: str = ""
     check_first: str = ""  # per label, its least confident predicted slices (PropagationResult.review_first)
+    method: str = ""  # what made the output: --method, with the checkpoint for pam (``made_with``)
     notes: list[str] = field(default_factory=list)  # what reading the case noted (e.g. which DICOM series)
     _paths: tuple[str, str, str] | None = field(default=None, repr=False, compare=False)
 
@@ -288,6 +289,25 @@ def _earlier_results(out_dir: Path) -> dict[str, tuple[dict, int]]:
     return found
 
 
+def made_with(args) -> str:
+    """What a batch's outputs are made with, for the report and --skip-existing: the method, and
+    for pam the checkpoint (the shipped weights unless --checkpoint)."""
+    if args.method != "pam":
+        return args.method
+    return f"pam ({_absolute(Path(args.checkpoint)) if args.checkpoint else 'shipped weights'})"
+
+
+def _made_otherwise(row: BatchRow, earlier: dict[str, tuple[dict, int]], method: str) -> str | None:
+    """What made ``row``'s existing output, when an earlier report says it was something else than
+    ``method`` (a trial with --method copy, say): then --skip-existing runs it again. None if the
+    same, or unknown (no report, or one from before the column existed)."""
+    found = earlier.get(row.absolute()[2])
+    if found is None or row.output.stat().st_mtime_ns > found[1]:
+        return None
+    before = found[0].get("method") or ""
+    return before if before and before != method else None
+
+
 def _carry_over(row: BatchRow, earlier: dict[str, tuple[dict, int]]) -> None:
     """A skipped row keeps what the report of the run that wrote its output said (seconds, slices,
     check_first, message), as long as the output is not newer than that report and that run read
@@ -303,6 +323,7 @@ def _carry_over(row: BatchRow, earlier: dict[str, tuple[dict, int]]) -> None:
         row.message = f"{SKIPPED}; the earlier report has it from another image or prompt"
         return
     row.slices, row.check_first = before.get("slices") or "", before.get("check_first") or ""
+    row.method = before.get("method") or ""
     try:
         row.seconds = float(before.get("seconds") or 0.0)
     except ValueError:
@@ -326,7 +347,7 @@ def write_report(rows: list[BatchRow], path: Path) -> None:
                 image, prompt, output = r.absolute()
                 w.writerow({"row": r.number, "image": image, "prompt": prompt, "output": output, "status": r.status,
                             "seconds": f"{r.seconds:.1f}", "slices": r.slices, "check_first": r.check_first,
-                            "message": r.message})
+                            "message": r.message, "method": r.method})
         tmp.replace(path)
     except (OSError, UnicodeError) as error:  # UnicodeError: a message holding a character no bytes stand for
         try:
@@ -420,7 +441,8 @@ def _run_row(row: BatchRow, model, args, progress=None) -> None:
     from .propagate import propagate
     from .volumes import write_labelmap
 
-    row.notes = []  # kept on the row when the case fails: a note may explain the failure
+    row.notes = [n for n in row.notes if n.startswith("run again: ")]  # the decision to run it; then what reading notes
+    # (kept on the row when the case fails: a note may explain the failure)
     image, prompt = read_case(row.image, row.prompt, row.output, args.resample_prompt, note=row.notes.append,
                               series=row.series, series_option="the manifest's series column")
     plan = None
@@ -498,10 +520,15 @@ def cmd_batch(args: argparse.Namespace) -> int:
     earlier = _earlier_results(out_dir) if args.skip_existing else {}  # read before the report is rewritten
     from .cli import keyframes_record_exists
 
+    method = made_with(args)
     for r in rows:  # an empty file is what an interrupted copy leaves, not a result
         done = args.skip_existing and r.output.is_file() and r.output.stat().st_size > 0
         if done and r.edited is not None and not keyframes_record_exists(r.output):
             done = False  # an update row is done with its keyframes record (written together with it)
+        other = _made_otherwise(r, earlier, method) if done else None
+        if other is not None:  # made by another method or checkpoint: not what this run asks for
+            done = False
+            r.notes.append(f"run again: its output was made with {other}, this run uses {method}")
         if done:
             r.status, r.message = "skipped", SKIPPED
             _carry_over(r, earlier)
@@ -535,7 +562,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
             t0 = time.perf_counter()
             try:
                 _run_row(r, model, args, progress=_case_progress(bar))
-                r.status = "ok"
+                r.status, r.method = "ok", method
             except PropagationCancelled:
                 raise
             except (PAMError, OSError) as error:  # OSError: a file problem no check foresaw; the batch goes on

@@ -33,6 +33,13 @@ SERVER_METHODS = ("pam", "track", "copy")
 __all__ = ["RemoteModel", "decode_result"]
 
 
+class _Unreachable(PAMError):
+    """No answer from the server (refused, reset, timed out)."""
+
+
+RETRY_SECONDS = 30.0  # a job's status and result are asked again this long when the network drops
+
+
 class _Answered(PAMError):
     """The server answered with an HTTP error ``code``."""
 
@@ -84,6 +91,11 @@ class RemoteModel:
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise InputError(f"server address {url!r} is not an http(s) URL (e.g. http://gpu-box:8765)")
         self.url = str(url).rstrip("/")
+        # Surrounding white space is no part of a token (a token file saved on Windows ends in "\r\n",
+        # which made urllib raise with the token in its message).
+        token = str(token).strip() if token is not None else None
+        if token and any(ord(c) < 32 or ord(c) == 127 for c in token):
+            raise InputError("the token holds control characters (a line break inside it?); give it on one line")
         self.token, self.timeout, self.poll_interval, self.method = token, float(timeout), float(poll_interval), method
 
     def _request(self, method: str, path: str, body: bytes | memoryview | None = None) -> bytes:
@@ -117,8 +129,23 @@ class RemoteModel:
                             error.code) from None
         except (urllib.error.URLError, OSError) as error:
             reason = getattr(error, "reason", error)
-            raise PAMError(f"cannot reach the PAMSegment server at {self.url} ({reason}); is `pamsegment serve` "
-                           "running there?") from None
+            raise _Unreachable(f"cannot reach the PAMSegment server at {self.url} ({reason}); is `pamsegment serve` "
+                               "running there?") from None
+
+    def _get_retrying(self, path: str, cancel=None, seconds: float = RETRY_SECONDS) -> bytes:
+        """GET ``path``, asking again for up to ``seconds`` while the server cannot be reached (a
+        network blip lost the whole job before, which the server then ran for nobody)."""
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                return self._request("GET", path)
+            except _Unreachable as error:
+                if time.monotonic() >= deadline:
+                    raise _Unreachable(f"{error} (asked again for {seconds:.0f} s)") from None
+            for _ in range(10):  # one second, cancellable
+                if cancel is not None and cancel.is_cancelled:
+                    raise PropagationCancelled("cancelled")
+                time.sleep(0.1)
 
     def _json(self, payload: bytes, keys: tuple = ()) -> dict:
         """A JSON answer holding ``keys``; anything else means this is not a PAMSegment server."""
@@ -189,7 +216,7 @@ class RemoteModel:
             while True:
                 if cancel is not None and cancel.is_cancelled:
                     raise PropagationCancelled("cancelled")
-                status = self._json(self._request("GET", f"/jobs/{job_id}"), ("state", "progress", "message"))
+                status = self._json(self._get_retrying(f"/jobs/{job_id}", cancel), ("state", "progress", "message"))
                 state = status["state"]
                 if progress is not None:
                     where = f" (queue position {status['queue_position']})" if status.get("queue_position") else ""
@@ -201,7 +228,7 @@ class RemoteModel:
                 if state == "cancelled":
                     raise PropagationCancelled("cancelled on the server")
                 time.sleep(self.poll_interval)
-            result = decode_result(self._request("GET", f"/jobs/{job_id}/result"))
+            result = decode_result(self._get_retrying(f"/jobs/{job_id}/result", cancel))
         finally:  # downloaded, cancelled, Ctrl-C or failed: the server need not keep the job any more
             try:
                 self._request("DELETE", f"/jobs/{job_id}")

@@ -636,3 +636,23 @@ def test_a_report_that_cannot_be_written_leaves_no_folder_behind(tmp_path, cases
     (tmp_path / "kept").mkdir()  # a folder the user made stays
     assert main(["batch", str(m), "-o", str(tmp_path / "kept"), "--method", "copy"]) == 2
     assert (tmp_path / "kept").is_dir()
+
+
+def test_skip_existing_runs_again_what_another_method_made(tmp_path, cases, capsys):
+    """A trial with --method copy, then the real run with --skip-existing: every output counted as
+    done ("done in an earlier run") and the copy results stayed. The report names what made each
+    output, and --skip-existing runs again the rows made with something else."""
+    lines = ["image,prompt,output"] + [f"c{n}/image.nii.gz,c{n}/prompt.nii.gz,../out/r{n}.nii.gz" for n in range(2)]
+    m = _manifest(tmp_path / "data" / "cases.csv", lines)
+    out = tmp_path / "out"
+    assert main(["batch", str(m), "-o", str(out), "--method", "copy"]) == 0
+    assert [r["method"] for r in _report(out / "batch_report.csv")] == ["copy", "copy"]
+    copied = (out / "r0.nii.gz").read_bytes()
+    assert main(["batch", str(m), "-o", str(out), "--method", "track", "--skip-existing"]) == 0
+    rows = _report(out / "batch_report.csv")
+    assert [(r["status"], r["method"]) for r in rows] == [("ok", "track"), ("ok", "track")]
+    assert rows[0]["message"].startswith("run again: its output was made with copy, this run uses track")
+    assert (out / "r0.nii.gz").read_bytes() != copied
+    # The same method again: skipped, and the report still says what made them.
+    assert main(["batch", str(m), "-o", str(out), "--method", "track", "--skip-existing"]) == 0
+    assert [(r["status"], r["method"]) for r in _report(out / "batch_report.csv")] == [("skipped", "track")] * 2
