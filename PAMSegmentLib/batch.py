@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import re
 import sys
 import time
@@ -272,7 +273,8 @@ def _absolute(path: Path) -> Path:
 def _earlier_results(out_dir: Path) -> dict[str, tuple[dict, int]]:
     """What the reports already in ``out_dir`` (``batch_report.csv`` and the shards') say of the
     cases that ran: {absolute output path: (its report row, the report's mtime in ns)} for rows
-    ``ok`` or ``skipped``, a newer report's word over an older one's."""
+    ``ok`` or ``skipped``, and rows that say what made their output (a failed re-run's), a newer
+    report's word over an older one's."""
     found: dict[str, tuple[dict, int]] = {}
     if not out_dir.is_dir():
         return found
@@ -282,7 +284,8 @@ def _earlier_results(out_dir: Path) -> dict[str, tuple[dict, int]]:
             stamp = report.stat().st_mtime_ns
             with open(report, newline="", encoding="utf-8", errors="surrogateescape") as fh:  # as written
                 for row in csv.DictReader(fh):
-                    if row.get("status") in ("ok", "skipped") and row.get("output"):
+                    # ok / skipped rows carry their columns over; any row says what made its output
+                    if row.get("output") and (row.get("status") in ("ok", "skipped") or row.get("method")):
                         found[str(_absolute(Path(row["output"])))] = (row, stamp)
         except (OSError, UnicodeDecodeError, csv.Error):
             continue  # a damaged report carries nothing over
@@ -291,10 +294,17 @@ def _earlier_results(out_dir: Path) -> dict[str, tuple[dict, int]]:
 
 def made_with(args) -> str:
     """What a batch's outputs are made with, for the report and --skip-existing: the method, and
-    for pam the checkpoint (the shipped weights unless --checkpoint)."""
-    if args.method != "pam":
+    for the network's methods the weights (--checkpoint, else PAMSEGMENT_MODEL, else the shipped
+    weights; a path to the shipped file counts as them)."""
+    if not args.method.startswith("pam"):
         return args.method
-    return f"pam ({_absolute(Path(args.checkpoint)) if args.checkpoint else 'shipped weights'})"
+    from .checkpoints import shipped_checkpoint_path
+
+    given = args.checkpoint or os.environ.get("PAMSEGMENT_MODEL") or None
+    shipped = shipped_checkpoint_path()
+    if given is None or (shipped is not None and _absolute(Path(given)) == _absolute(Path(shipped))):
+        return f"{args.method} (shipped weights)"
+    return f"{args.method} ({_absolute(Path(given))})"
 
 
 def _made_otherwise(row: BatchRow, earlier: dict[str, tuple[dict, int]], method: str) -> str | None:
@@ -319,6 +329,9 @@ def _carry_over(row: BatchRow, earlier: dict[str, tuple[dict, int]]) -> None:
     before, stamp = found
     if row.output.stat().st_mtime_ns > stamp:
         return  # written again since: that report does not describe it
+    if before.get("status") not in ("ok", "skipped"):  # it failed in that run: only its method tells
+        row.method = before.get("method") or ""
+        return
     if (before.get("image"), before.get("prompt")) != (image, prompt):  # the manifest changed since
         row.message = f"{SKIPPED}; the earlier report has it from another image or prompt"
         return
@@ -528,6 +541,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         other = _made_otherwise(r, earlier, method) if done else None
         if other is not None:  # made by another method or checkpoint: not what this run asks for
             done = False
+            r.method = other  # what the output still is until this run replaces it (interrupted, failed)
             r.notes.append(f"run again: its output was made with {other}, this run uses {method}")
         if done:
             r.status, r.message = "skipped", SKIPPED

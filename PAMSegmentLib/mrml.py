@@ -329,13 +329,20 @@ def check_no_unseen_edits(entry: "HistoryEntry", segmentation_node, segment_id: 
     ijk = np.c_[changed[:, 2] + lo[0], changed[:, 1] + lo[1], changed[:, 0] + lo[2], np.ones(len(changed))]
     to_volume = np.linalg.inv(entry.grid.ijk_to_ras) @ now.image_to_world
     coords = (to_volume @ ijk.T)[2 - entry.axis]  # along the propagation axis (array axis 0 is IJK k)
-    # A voxel halfway between two of the volume's slices is read by neither (the export samples the
-    # segmentation nearest to each volume voxel, and a finer grid has a nearer one): never seen.
+    # A voxel halfway between two of the volume's slices is read by neither when the segmentation is
+    # finer along that axis (each volume slice then has a nearer segmentation voxel): never seen.
+    # With as coarse a step along it (finer in-plane only), one of the two reads it.
+    step = float(np.max(np.abs(to_volume[2 - entry.axis, :3])))  # volume slices per segmentation voxel
     halfway = np.abs(coords - np.floor(coords) - 0.5) < 1e-3
-    nearest = np.rint(coords).astype(int)
-    seen = {int(v) for v in edited}
-    unseen = sorted({int(v) for v, h in zip(nearest, halfway) if h or v not in seen}
-                    & set(range(entry.grid.shape[entry.axis])))
+    finer_along = step < 1 - 1e-6
+    seen = np.asarray(sorted({int(v) for v in edited}), dtype=int)
+    nearest, below = np.rint(coords).astype(int), np.floor(coords).astype(int)
+    if finer_along:  # halfway: read by neither neighbour
+        missed = np.where(halfway | ~np.isin(nearest, seen), nearest, -1)
+    else:  # halfway: one of the two neighbours reads it (which one is the resampler's choice)
+        either = np.isin(below, seen) | np.isin(below + 1, seen)
+        missed = np.where(halfway, np.where(either, -1, below), np.where(np.isin(nearest, seen), -1, nearest))
+    unseen = sorted({int(v) for v in np.unique(missed)} & set(range(entry.grid.shape[entry.axis])))
     if unseen:
         name = segmentation_node.GetSegmentation().GetSegment(segment_id).GetName()
         shown = ", ".join(map(str, unseen[:6])) + (" ..." if len(unseen) > 6 else "")
@@ -405,14 +412,32 @@ def _plane_names(ijk_to_ras: np.ndarray) -> list[str]:
     return [f"{n} (axis {a})" if names.count(n) > 1 else n for a, n in enumerate(names)]
 
 
-def _check_not_painted_across(prompt: np.ndarray, grid: VolumeGrid, axis: int, drawn: list[int]) -> None:
-    """On a volume whose slices are oblique to RAS, one outline painted in Slicer's RAS-aligned slice
-    views crosses several of the volume's slices in bands, each of which would be kept as a drawn
-    keyframe (the result's slices cut to slivers): refused, with the view setting that avoids it."""
+def _ijk_to_world(grid: VolumeGrid, volume_node=None) -> np.ndarray:
+    """The grid's IJK-to-RAS in the world, through the volume's parent transform when it is linear
+    (as the slice views show it); the volume's own matrix otherwise."""
+    matrix = np.asarray(grid.ijk_to_ras, dtype=float)
+    transform = volume_node.GetParentTransformNode() if volume_node is not None else None
+    if transform is None or not transform.IsTransformToWorldLinear():
+        return matrix
+    slicer = _slicer()
+    import vtk  # noqa: PLC0415
+
+    to_world = vtk.vtkMatrix4x4()
+    transform.GetMatrixTransformToWorld(to_world)
+    return slicer.util.arrayFromVTKMatrix(to_world) @ matrix
+
+
+def _check_not_painted_across(prompt: np.ndarray, grid: VolumeGrid, axis: int, drawn: list[int],
+                              volume_node=None) -> None:
+    """On a volume whose slices are oblique to RAS (its own matrix or a parent transform, by more than
+    0.1 degree: a large outline on thin slices crosses several at 0.5 degree), one outline painted in
+    Slicer's RAS-aligned slice views crosses several of the volume's slices in bands, each of which
+    would be kept as a drawn keyframe (the result's slices cut to slivers): refused, with the view
+    setting that avoids it."""
     from .propagate import tilted_drawing  # noqa: PLC0415
 
-    normal = np.asarray(grid.ijk_to_ras, dtype=float)[:3, 2 - int(axis)]
-    oblique = float(np.max(np.abs(normal)) / max(float(np.linalg.norm(normal)), 1e-12)) < np.cos(np.radians(1.0))
+    normal = _ijk_to_world(grid, volume_node)[:3, 2 - int(axis)]
+    oblique = float(np.max(np.abs(normal)) / max(float(np.linalg.norm(normal)), 1e-12)) < np.cos(np.radians(0.1))
     bands = tilted_drawing(prompt, axis, drawn) if oblique else None
     if bands is not None:
         plane = axis_plane_name(grid.ijk_to_ras, axis)
@@ -432,14 +457,14 @@ def _in_segment_words(text: str) -> str:
                         "it is empty: draw the object on one slice")
 
 
-def _prompt_info(prompt: np.ndarray, grid: VolumeGrid) -> PromptInfo:
+def _prompt_info(prompt: np.ndarray, grid: VolumeGrid, volume_node=None) -> PromptInfo:
     from .propagate import find_prompt_slices  # noqa: PLC0415 - keeps torch out of `import mrml`
 
     try:
         axis, slices = find_prompt_slices(prompt, plane_names=_plane_names(grid.ijk_to_ras))
     except InputError as exc:
         raise InputError(_in_segment_words(str(exc))) from None
-    _check_not_painted_across(prompt, grid, axis, next(iter(slices.values())))
+    _check_not_painted_across(prompt, grid, axis, next(iter(slices.values())), volume_node)
     lab = next(iter(slices))
     return PromptInfo(axis=axis, slices=list(slices[lab]), plane=axis_plane_name(grid.ijk_to_ras, axis),
                       n_slices=int(prompt.shape[axis]))
@@ -453,7 +478,7 @@ def describe_prompt(volume_node, segmentation_node, segment_id: str) -> PromptIn
     grid = _grid_of(volume_node)
     mask = _prompt_mask(segmentation_node, segment_id, volume_node)
     try:
-        return _prompt_info(mask, grid)
+        return _prompt_info(mask, grid, volume_node)
     except InputError as exc:
         segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
         raise InputError(f'segment "{segment.GetName()}": {exc}') from None
@@ -758,7 +783,7 @@ class SegmentPropagation:
         self.prompt = _prompt_mask(segmentation_node, segment_id, volume_node)
         self.source = self.prompt  # what the segment held when the job was made (apply checks it is unchanged)
         try:
-            self.prompt_info = _prompt_info(self.prompt, self.grid)
+            self.prompt_info = _prompt_info(self.prompt, self.grid, volume_node)
         except InputError as exc:
             raise InputError(f'segment "{segment.GetName()}" on volume "{volume_node.GetName()}": {exc}') from None
         self._init_job(volume_node, segmentation_node, segment_id, segment.GetName(), mode=mode,

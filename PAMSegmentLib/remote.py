@@ -14,6 +14,7 @@ update is exact), only the server predicts every slice again.
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import math
@@ -127,7 +128,7 @@ class RemoteModel:
                                "(in Slicer, the Token field)") from None
             raise _Answered(f"the server at {self.url} answered {error.code}: {detail or error.reason}",
                             error.code) from None
-        except (urllib.error.URLError, OSError) as error:
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as error:  # IncompleteRead: a cut download
             reason = getattr(error, "reason", error)
             raise _Unreachable(f"cannot reach the PAMSegment server at {self.url} ({reason}); is `pamsegment serve` "
                                "running there?") from None
@@ -141,7 +142,7 @@ class RemoteModel:
                 return self._request("GET", path)
             except _Unreachable as error:
                 if time.monotonic() >= deadline:
-                    raise _Unreachable(f"{error} (asked again for {seconds:.0f} s)") from None
+                    raise _Unreachable(f"{error} (asked again until {seconds:.0f} s had passed)") from None
             for _ in range(10):  # one second, cancellable
                 if cancel is not None and cancel.is_cancelled:
                     raise PropagationCancelled("cancelled")

@@ -59,6 +59,20 @@ logger = logging.getLogger("pamsegment.server")
 HEADER_SECONDS = 20.0  # a connection must send a whole request head within this (slow or silent clients are dropped)
 
 
+def _stop_queue(queue: "JobQueue", wait: float = 60.0) -> None:
+    """On Ctrl-C: cancel the jobs and wait for the running one to stop between two batches, saying
+    so; a second Ctrl-C stops waiting (the process may then end under the job)."""
+    running = any(j.state == "running" for j in queue.waiting())
+    if running:
+        print("stopping: cancelling the running job, which ends between two batches (Ctrl-C again to quit at once)",
+              flush=True)
+    try:
+        if not queue.close(timeout=wait) and running:
+            print(f"the running job did not stop within {wait:.0f} s; quitting anyway", flush=True)
+    except KeyboardInterrupt:
+        print("quitting without waiting for the running job", flush=True)
+
+
 def header_timeout_protocol(seconds: float = HEADER_SECONDS):
     """uvicorn's h11 HTTP protocol with a deadline for each request's head: uvicorn keeps a
     connection that sends part of a request (or nothing) open for ever, and the token is checked
@@ -584,7 +598,7 @@ def cmd_serve(args) -> int:
         except KeyboardInterrupt:  # uvicorn stops on the first Ctrl-C, then passes it on
             pass
         finally:
-            app.state.queue.close()  # cancel and wait for a running job: the process must not end under it
+            _stop_queue(app.state.queue)
     finally:
         sock.close()
     print("pamsegment server stopped", flush=True)

@@ -656,3 +656,22 @@ def test_skip_existing_runs_again_what_another_method_made(tmp_path, cases, caps
     # The same method again: skipped, and the report still says what made them.
     assert main(["batch", str(m), "-o", str(out), "--method", "track", "--skip-existing"]) == 0
     assert [(r["status"], r["method"]) for r in _report(out / "batch_report.csv")] == [("skipped", "track")] * 2
+
+
+def test_a_row_run_again_that_fails_keeps_what_made_its_output(tmp_path, cases):
+    """A re-run of copy-made outputs rewrote the report; a row it did not finish lost its "made with
+    copy", so the next --skip-existing counted the copy output as done."""
+    lines = ["image,prompt,output"] + [f"c{n}/image.nii.gz,c{n}/prompt.nii.gz,../out/r{n}.nii.gz" for n in range(2)]
+    m = _manifest(tmp_path / "data" / "cases.csv", lines)
+    out = tmp_path / "out"
+    assert main(["batch", str(m), "-o", str(out), "--method", "copy"]) == 0
+    image = tmp_path / "data" / "c1" / "image.nii.gz"
+    kept = image.read_bytes()
+    image.write_bytes(b"not an image")  # row 3 fails on the re-run, while running: its output stays the copy one
+    assert main(["batch", str(m), "-o", str(out), "--method", "track", "--skip-existing"]) == 2
+    rows = _report(out / "batch_report.csv")
+    assert [(r["status"], r["method"]) for r in rows] == [("ok", "track"), ("error", "copy")]
+    image.write_bytes(kept)
+    assert main(["batch", str(m), "-o", str(out), "--method", "track", "--skip-existing"]) == 0
+    rows = _report(out / "batch_report.csv")
+    assert [(r["status"], r["method"]) for r in rows] == [("skipped", "track"), ("ok", "track")]

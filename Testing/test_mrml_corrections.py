@@ -1262,3 +1262,68 @@ def test_an_edit_on_a_segmentation_slice_halfway_between_the_volumes_is_never_se
     slicer.util.updateSegmentBinaryLabelmapFromArray(edit.astype(np.uint8), seg, sid, geometry)
     with pytest.raises(InputError, match=r"near volume slice 6\)"):
         update_segment(vol, seg, sid, history, model=GuideCopy(truth))
+
+
+def test_a_parent_transform_that_tilts_the_volume_counts_as_oblique(mrml_scene):
+    """The tilted-painting check read the volume's own matrix: a straight volume under a 3-degree
+    transform let one painted outline through as several thin keyframes."""
+    import vtk
+
+    truth, image = synthetic()
+    vol = make_volume_node(image)
+    m = vtk.vtkMatrix4x4()
+    vol.GetIJKToRASMatrix(m)
+    own = slicer.util.arrayFromVTKMatrix(m)
+    tilt = np.radians(20.0)
+    rotation = np.eye(4)
+    rotation[1:3, 1:3] = [[np.cos(tilt), -np.sin(tilt)], [np.sin(tilt), np.cos(tilt)]]
+    transform = mrml_scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "tilt")
+    transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(rotation))
+    vol.SetAndObserveTransformNodeID(transform.GetID())
+    world = rotation @ own
+    k, j, i = np.meshgrid(*[np.arange(n) for n in SHAPE], indexing="ij")
+    ras = world @ np.stack([i.ravel(), j.ravel(), k.ravel(), np.ones(i.size)])
+    centre = world @ np.array([22, 20, 12, 1.0])
+    painted = ((np.abs(ras[2] - centre[2]) <= 1.0).reshape(SHAPE) & truth).astype(np.uint8)
+    grid = mrml._grid_of(vol)
+    np.testing.assert_allclose(mrml._ijk_to_world(grid, vol), world)
+    with pytest.raises(InputError, match="Rotate to volume plane"):
+        mrml._check_not_painted_across(painted, grid, 0, [10, 11, 12, 13, 14], vol)
+    mrml._check_not_painted_across(painted, grid, 0, [10, 11, 12, 13, 14], None)  # the volume's own matrix: straight
+
+
+def test_a_segmentation_finer_in_plane_only_and_half_a_slice_off_sees_an_edit_on_a_slice(mrml_scene):
+    """The halfway rule (a segmentation slice halfway between two volume slices is read by neither)
+    holds only when the segmentation is finer along the slice axis; finer in-plane only, one of the
+    two volume slices reads it, and such an edit was refused."""
+    import vtk
+
+    truth, image = synthetic()
+    vol = make_volume_node(image)
+    m = vtk.vtkMatrix4x4()
+    vol.GetIJKToRASMatrix(m)
+    v = slicer.util.arrayFromVTKMatrix(m)
+    g = v.copy()
+    g[:3, 0] *= 0.5
+    g[:3, 1] *= 0.5  # finer in-plane
+    g[:3, 3] += 0.5 * v[:3, 2] - 0.25 * v[:3, 0] - 0.25 * v[:3, 1]  # slices half a volume slice up
+    geometry = mrml_scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "geometry")
+    grid = vtk.vtkImageData()
+    grid.SetDimensions(2 * SHAPE[2], 2 * SHAPE[1], SHAPE[0] - 1)
+    grid.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    geometry.SetAndObserveImageData(grid)
+    geometry.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(g))
+    seg = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
+    seg.CreateDefaultDisplayNodes()
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(geometry)
+    sid = seg.GetSegmentation().AddEmptySegment("", "tumor", [1, 0, 0])
+    history = PropagationHistory()
+    slicer.util.updateSegmentBinaryLabelmapFromArray(
+        np.repeat(np.repeat(one_slice(truth, 12)[:-1], 2, axis=1), 2, axis=2), seg, sid, geometry)
+    propagate_segment(vol, seg, sid, model=GuideCopy(truth), history=history)
+    assert history.get(seg, sid).own_after is not None
+    edit = slicer.util.arrayFromSegmentBinaryLabelmap(seg, sid, geometry).astype(bool)
+    edit[15] = False  # between volume slices 15 and 16; one of them reads it
+    slicer.util.updateSegmentBinaryLabelmapFromArray(edit.astype(np.uint8), seg, sid, geometry)
+    job = update_segment(vol, seg, sid, history, model=GuideCopy(truth))
+    assert job.edited  # seen on the volume grid, and not refused

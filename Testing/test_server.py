@@ -771,3 +771,45 @@ def test_the_client_asks_again_when_the_network_drops_during_a_job(live_server, 
     result = RemoteModel(url, token="tok", poll_interval=0.01).propagate(image, prompt, (2.0, 1.0, 1.0))
     assert len(dropped) == 2 and np.array_equal(result.mask, propagate(image, prompt, (2.0, 1.0, 1.0),
                                                                          OracleModel(truth)).mask)
+
+
+def test_a_result_download_cut_short_is_asked_again(live_server, monkeypatch):
+    import http.client
+    import urllib.request
+
+    url, holder = live_server
+    image, prompt, truth = case()
+    holder["model"] = OracleModel(truth)
+    real, cut = urllib.request.urlopen, []
+
+    def flaky(req, *args, **kwargs):
+        if req.full_url.endswith("/result") and not cut:
+            cut.append(req.full_url)
+            raise http.client.IncompleteRead(b"partial", 100)
+        return real(req, *args, **kwargs)
+
+    monkeypatch.setattr(urllib.request, "urlopen", flaky)
+    result = RemoteModel(url, token="tok", poll_interval=0.01).propagate(image, prompt, (2.0, 1.0, 1.0))
+    assert cut and result.mask.any()
+
+
+def test_stopping_serve_says_when_it_waits_for_a_job_that_does_not_stop(capsys):
+    from PAMSegmentLib.server import JobQueue, _stop_queue
+
+    release = threading.Event()
+    started = threading.Event()
+
+    def run(job):  # ignores its cancel token until released
+        started.set()
+        release.wait(10)
+        raise PropagationCancelled("cancelled")
+
+    queue = JobQueue(run)
+    queue.submit(np.zeros((2, 2, 2)), np.zeros((2, 2, 2), np.uint8), (1.0, 1.0, 1.0), {})
+    assert started.wait(10)
+    _stop_queue(queue, wait=0.3)
+    out = capsys.readouterr().out
+    assert out.startswith("stopping: cancelling the running job, which ends between two batches (Ctrl-C again to "
+                          "quit at once)\n")
+    assert "the running job did not stop within 0 s; quitting anyway" in out
+    release.set()
