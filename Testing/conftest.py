@@ -195,15 +195,16 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serving(app):
-    """Serve the ASGI ``app`` with uvicorn in a thread on a free local port; yields its URL."""
+def serving(app, **config):
+    """Serve the ASGI ``app`` with uvicorn in a thread on a free local port; yields its URL.
+    ``config``: further ``uvicorn.Config`` settings (e.g. ``http=`` a protocol class)."""
     import threading
     import time
 
     import uvicorn
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **config))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     t0 = time.monotonic()

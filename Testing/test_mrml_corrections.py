@@ -1123,30 +1123,43 @@ def test_a_record_waiting_for_its_volume_is_decoded_again_only_when_the_volumes_
     assert back is not None and back.volume_node is again and len(calls) == 2
 
 
-def test_an_edit_between_the_volumes_slices_on_a_finer_segmentation_is_refused_not_overwritten(mrml_scene):
-    """A segmentation twice as fine along k as the volume (Specify geometry with oversampling): an
-    edit on the thin slice that no volume sample point reads was invisible to the update, which
-    wrote the old result over it (a review: 397 erased voxels back, without a word)."""
+def _volume_and_its_matrix():
+    """The synthetic case's truth, its volume node and that node's IJK-to-RAS matrix."""
     import vtk
 
     truth, image = synthetic()
     vol = make_volume_node(image)
     m = vtk.vtkMatrix4x4()
     vol.GetIJKToRASMatrix(m)
-    v = slicer.util.arrayFromVTKMatrix(m)
+    return truth, vol, slicer.util.arrayFromVTKMatrix(m)
+
+
+def _segmentation_on_geometry(scene, ijk_to_ras: np.ndarray, dims_ijk):
+    """An empty volume with ``ijk_to_ras`` and ``dims_ijk`` (i, j, k), and a segmentation whose
+    geometry is that volume's, holding an empty segment "tumor": (geometry node, seg, segment id)."""
+    import vtk
+
+    geometry = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "geometry")
+    grid = vtk.vtkImageData()
+    grid.SetDimensions(*dims_ijk)
+    grid.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    geometry.SetAndObserveImageData(grid)
+    geometry.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(ijk_to_ras))
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
+    seg.CreateDefaultDisplayNodes()
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(geometry)
+    return geometry, seg, seg.GetSegmentation().AddEmptySegment("", "tumor", [1, 0, 0])
+
+
+def test_an_edit_between_the_volumes_slices_on_a_finer_segmentation_is_refused_not_overwritten(mrml_scene):
+    """A segmentation twice as fine along k as the volume (Specify geometry with oversampling): an
+    edit on the thin slice that no volume sample point reads was invisible to the update, which
+    wrote the old result over it (a review: 397 erased voxels back, without a word)."""
+    truth, vol, v = _volume_and_its_matrix()
     g = v.copy()
     g[:3, 2] *= 0.5
     g[:3, 3] -= 0.25 * v[:3, 2]  # thin slices 2k and 2k+1 cover volume slice k
-    geometry = mrml_scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "geometry")
-    grid = vtk.vtkImageData()
-    grid.SetDimensions(SHAPE[2], SHAPE[1], 2 * SHAPE[0])
-    grid.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
-    geometry.SetAndObserveImageData(grid)
-    geometry.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(g))
-    seg = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
-    seg.CreateDefaultDisplayNodes()
-    seg.SetReferenceImageGeometryParameterFromVolumeNode(geometry)
-    sid = seg.GetSegmentation().AddEmptySegment("", "tumor", [1, 0, 0])
+    geometry, seg, sid = _segmentation_on_geometry(mrml_scene, g, (SHAPE[2], SHAPE[1], 2 * SHAPE[0]))
     slicer.util.updateSegmentBinaryLabelmapFromArray(np.repeat(one_slice(truth, 12), 2, axis=0).astype(np.uint8),
                                                      seg, sid, geometry)
     history = PropagationHistory()
@@ -1241,16 +1254,7 @@ def test_an_edit_on_a_segmentation_slice_halfway_between_the_volumes_is_never_se
     vol.GetIJKToRASMatrix(m)
     g = slicer.util.arrayFromVTKMatrix(m).copy()
     g[:3, 2] *= 0.5  # thin slice 2k on volume slice k, thin slice 2k+1 halfway to k+1
-    geometry = mrml_scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "geometry")
-    grid = vtk.vtkImageData()
-    grid.SetDimensions(SHAPE[2], SHAPE[1], 2 * SHAPE[0] - 1)
-    grid.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
-    geometry.SetAndObserveImageData(grid)
-    geometry.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(g))
-    seg = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
-    seg.CreateDefaultDisplayNodes()
-    seg.SetReferenceImageGeometryParameterFromVolumeNode(geometry)
-    sid = seg.GetSegmentation().AddEmptySegment("", "tumor", [1, 0, 0])
+    geometry, seg, sid = _segmentation_on_geometry(mrml_scene, g, (SHAPE[2], SHAPE[1], 2 * SHAPE[0] - 1))
     drawn = np.zeros((2 * SHAPE[0] - 1, *SHAPE[1:]), np.uint8)
     drawn[23:26] = truth[12]  # around volume slice 12 (thin 24)
     slicer.util.updateSegmentBinaryLabelmapFromArray(drawn, seg, sid, geometry)
@@ -1267,13 +1271,7 @@ def test_an_edit_on_a_segmentation_slice_halfway_between_the_volumes_is_never_se
 def test_a_parent_transform_that_tilts_the_volume_counts_as_oblique(mrml_scene):
     """The tilted-painting check read the volume's own matrix: a straight volume under a 3-degree
     transform let one painted outline through as several thin keyframes."""
-    import vtk
-
-    truth, image = synthetic()
-    vol = make_volume_node(image)
-    m = vtk.vtkMatrix4x4()
-    vol.GetIJKToRASMatrix(m)
-    own = slicer.util.arrayFromVTKMatrix(m)
+    truth, vol, own = _volume_and_its_matrix()
     tilt = np.radians(20.0)
     rotation = np.eye(4)
     rotation[1:3, 1:3] = [[np.cos(tilt), -np.sin(tilt)], [np.sin(tilt), np.cos(tilt)]]
@@ -1296,27 +1294,12 @@ def test_a_segmentation_finer_in_plane_only_and_half_a_slice_off_sees_an_edit_on
     """The halfway rule (a segmentation slice halfway between two volume slices is read by neither)
     holds only when the segmentation is finer along the slice axis; finer in-plane only, one of the
     two volume slices reads it, and such an edit was refused."""
-    import vtk
-
-    truth, image = synthetic()
-    vol = make_volume_node(image)
-    m = vtk.vtkMatrix4x4()
-    vol.GetIJKToRASMatrix(m)
-    v = slicer.util.arrayFromVTKMatrix(m)
+    truth, vol, v = _volume_and_its_matrix()
     g = v.copy()
     g[:3, 0] *= 0.5
     g[:3, 1] *= 0.5  # finer in-plane
     g[:3, 3] += 0.5 * v[:3, 2] - 0.25 * v[:3, 0] - 0.25 * v[:3, 1]  # slices half a volume slice up
-    geometry = mrml_scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "geometry")
-    grid = vtk.vtkImageData()
-    grid.SetDimensions(2 * SHAPE[2], 2 * SHAPE[1], SHAPE[0] - 1)
-    grid.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
-    geometry.SetAndObserveImageData(grid)
-    geometry.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(g))
-    seg = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
-    seg.CreateDefaultDisplayNodes()
-    seg.SetReferenceImageGeometryParameterFromVolumeNode(geometry)
-    sid = seg.GetSegmentation().AddEmptySegment("", "tumor", [1, 0, 0])
+    geometry, seg, sid = _segmentation_on_geometry(mrml_scene, g, (2 * SHAPE[2], 2 * SHAPE[1], SHAPE[0] - 1))
     history = PropagationHistory()
     slicer.util.updateSegmentBinaryLabelmapFromArray(
         np.repeat(np.repeat(one_slice(truth, 12)[:-1], 2, axis=1), 2, axis=2), seg, sid, geometry)

@@ -688,21 +688,13 @@ def test_a_connection_that_sends_no_whole_request_head_is_dropped():
     """uvicorn kept a connection sending part of a request head open for ever, before any token
     check: enough of them locked every client out (a review: 300 timed all clients out). The
     server's protocol drops one after its deadline; whole requests are served as before."""
-    import uvicorn
-
     from PAMSegmentLib.server import header_timeout_protocol
 
     protocol = header_timeout_protocol(0.5)
     assert protocol is not None
     app = create_app(lambda method: OracleModel(np.zeros((4, 4, 4), bool)), token="secret")
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", http=protocol))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    t0 = time.monotonic()
-    while not server.started and time.monotonic() - t0 < 10:
-        time.sleep(0.02)
-    try:
+    with serving(app, http=protocol) as url:
+        port = int(url.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port), timeout=10) as slow:
             slow.sendall(b"GET /info HTTP/1.1\r\nHost: x\r\n")  # never finished
             assert slow.recv(100) == b""  # closed by the server (the timeout guards against a hang)
@@ -721,9 +713,6 @@ def test_a_connection_that_sends_no_whole_request_head_is_dropped():
                     body += kept.recv(4096)
                 assert head.startswith(b"HTTP/1.1 200") and json.loads(body)["server"] == "pamsegment"
         assert RemoteModel(f"http://127.0.0.1:{port}", token="secret\r\n").info()["server"] == "pamsegment"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def test_a_token_with_a_line_break_inside_is_one_message():
