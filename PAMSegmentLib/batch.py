@@ -67,6 +67,7 @@ class BatchRow:
     slices: str = ""
     check_first: str = ""  # per label, its least confident predicted slices (PropagationResult.review_first)
     method: str = ""  # what made the output: --method, with the checkpoint for pam (``made_with``)
+    rerun: str = ""  # why --skip-existing runs an existing output again (the first note of its message)
     notes: list[str] = field(default_factory=list)  # what reading the case noted (e.g. which DICOM series)
     _paths: tuple[str, str, str] | None = field(default=None, repr=False, compare=False)
 
@@ -454,8 +455,8 @@ def _run_row(row: BatchRow, model, args, progress=None) -> None:
     from .propagate import propagate
     from .volumes import write_labelmap
 
-    row.notes = [n for n in row.notes if n.startswith("run again: ")]  # the decision to run it; then what reading notes
-    # (kept on the row when the case fails: a note may explain the failure)
+    row.notes = [row.rerun] if row.rerun else []  # then what reading notes (kept when the case fails: a note
+    # may explain the failure)
     image, prompt = read_case(row.image, row.prompt, row.output, args.resample_prompt, note=row.notes.append,
                               series=row.series, series_option="the manifest's series column")
     plan = None
@@ -542,7 +543,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         if other is not None:  # made by another method or checkpoint: not what this run asks for
             done = False
             r.method = other  # what the output still is until this run replaces it (interrupted, failed)
-            r.notes.append(f"run again: its output was made with {other}, this run uses {method}")
+            r.rerun = f"run again: its output was made with {other}, this run uses {method}"
         if done:
             r.status, r.message = "skipped", SKIPPED
             _carry_over(r, earlier)

@@ -373,6 +373,13 @@ def _official_state_dict(obj: object, path: Path) -> dict:
     return out
 
 
+def _new_network(config) -> "PAMNetwork":
+    """A network to load weights into. Its random initialisation is overwritten, so it runs on a
+    forked random state: loading leaves the caller's torch random stream as it was."""
+    with torch.random.fork_rng(devices=[]):
+        return PAMNetwork(config)
+
+
 def load_checkpoint_file(path: str | os.PathLike, device: str = "cpu") -> PAMModel:
     """Load either format strictly; every problem is a one-line CheckpointError."""
     path = Path(path)
@@ -406,8 +413,7 @@ def load_checkpoint_file(path: str | os.PathLike, device: str = "cpu") -> PAMMod
         if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
             raise CheckpointError(f"checkpoint {path} has no state_dict of tensors")
         sd = _checked_tensors(sd, path)
-        with torch.random.fork_rng(devices=[]):  # the random initialisation is overwritten: leave the caller's RNG
-            network = PAMNetwork(config)
+        network = _new_network(config)
         expected = {k: v for k, v in network.state_dict().items() if ".decoder.encoder." not in k}
         _strict_check(expected, sd, f"checkpoint {path}")  # shapes before any tensor is read whole
         digest = weights_sha256(sd)
@@ -421,8 +427,7 @@ def load_checkpoint_file(path: str | os.PathLike, device: str = "cpu") -> PAMMod
                         sha256=digest, provenance=provenance if isinstance(provenance, dict) else {}, device=device)
 
     sd = _checked_tensors(_official_state_dict(obj, path), path)
-    with torch.random.fork_rng(devices=[]):
-        network = PAMNetwork(PRESETS["official"])
+    network = _new_network(PRESETS["official"])
     _strict_check(network.state_dict(), sd, f"checkpoint {path} (official PAM layout)")
     digest = weights_sha256(sd)
     try:

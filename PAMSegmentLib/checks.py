@@ -19,3 +19,10 @@ def max_threads() -> int:
     """The most CPU threads a run may ask for: 4 per core, at least 64 (beyond the cores, threads
     only slow torch down; 100000 failed to start and crashed the process)."""
     return max(64, 4 * (os.cpu_count() or 1))
+
+
+def is_flag(value) -> bool:
+    """True, False, a numpy bool, or the whole numbers 0 and 1 (not text: bool("off") is True)."""
+    import numpy as np  # here: parsing --threads imports this module and should stay quick
+
+    return isinstance(value, (bool, np.bool_)) or is_number(value, 0, 1, whole=True)

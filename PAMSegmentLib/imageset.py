@@ -43,7 +43,7 @@ import numpy as np
 
 from .errors import InputError, PropagationCancelled
 from .propagate import (MAX_LABEL, CancelToken, _as_predictor, _is_empty, _slice_confidence, _stop_presence,
-                        _walk_lock, check_progress_and_cancel, torch_threads)
+                        _walk_lock, check_progress_and_cancel, label_list, torch_threads)
 
 __all__ = ["ORDERS", "ImageSetResult", "label_images", "to_common_grid", "thumbnail_distances"]
 
@@ -194,9 +194,7 @@ def _validate(images, prompt_index, prompt_mask, labels, order, names=None):
     if labels is None:
         labels = present
     else:
-        if isinstance(labels, (str, bytes)) or not hasattr(labels, "__iter__"):
-            raise InputError(f"labels must be a list of label numbers, got {labels!r}")
-        labels = list(dict.fromkeys(int(v) for v in labels))  # each once, in the order given
+        labels = list(dict.fromkeys(label_list(labels)))  # each once, in the order given
         missing = [v for v in labels if v not in present]
         if missing:
             raise InputError(f"label {missing[0]} is not in the prompt mask (it holds {', '.join(map(str, present))})")

@@ -358,8 +358,6 @@ def _explain_lost_prompt(segmentation_node, segment_id: str, volume_node) -> Non
     """InputError if the segment holds voxels of its own (none reached the volume's grid): drawn on
     a thin slice of a finer segmentation grid, between the volume's slices (the export onto the
     volume is nearest neighbour), or outside the volume. Returns if the segment is empty."""
-    slicer = _slicer()
-    import vtk  # noqa: PLC0415
     from vtk.util import numpy_support  # noqa: PLC0415
 
     segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
@@ -369,9 +367,7 @@ def _explain_lost_prompt(segmentation_node, segment_id: str, volume_node) -> Non
     held = int(np.count_nonzero(numpy_support.vtk_to_numpy(stored.GetPointData().GetScalars()) == segment.GetLabelValue()))
     if not held:
         return
-    m = vtk.vtkMatrix4x4()
-    stored.GetImageToWorldMatrix(m)
-    own = np.linalg.norm(slicer.util.arrayFromVTKMatrix(m)[:3, :3], axis=0)  # voxel size along i, j, k (mm)
+    own = _own_voxel_size(segmentation_node, segment_id)  # voxel size along i, j, k (mm)
     theirs = np.linalg.norm(_grid_of(volume_node).ijk_to_ras[:3, :3], axis=0)
     name, volume = segment.GetName(), volume_node.GetName()
     if np.prod(own) < np.prod(theirs) * (1 - 1e-6):

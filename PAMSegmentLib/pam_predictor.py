@@ -16,7 +16,7 @@ import numpy as np
 from scipy import ndimage
 
 from .checkpoints import GATE_REFERENCES, QUERY_PRIORS
-from .checks import is_number
+from .checks import is_flag, is_number
 from .errors import CheckpointError, InputError
 from .network import fuse_scales
 from .preprocess import IntensityWindow, crop_box_for_mask, crop_slices, intensity_window, uncrop_probability
@@ -118,8 +118,7 @@ class PAMPredictor(SlicePredictor):
         # own presence: a slice whose predicted (fused) region no longer looks like the reference
         # region's intensity ends the walk. The reference is the drawn slice's region ("prompt") or
         # the window's guide region ("guide"). Default: what the checkpoint's inference parameters say.
-        if not (intensity_gate is None or isinstance(intensity_gate, (bool, np.bool_))
-                or is_number(intensity_gate, 0, 1, whole=True)):  # text: "off" would be True
+        if not (intensity_gate is None or is_flag(intensity_gate)):  # text: "off" would be True
             raise InputError(f"intensity_gate must be True, False or None (the checkpoint's setting), got "
                              f"{intensity_gate!r}; the command line's 'off' is False")
         self.intensity_gate = inf.intensity_gate if intensity_gate is None else bool(intensity_gate)

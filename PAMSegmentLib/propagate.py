@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import cc3d
 import numpy as np
 
-from .checks import is_number
+from .checks import is_flag, is_number
 from .checks import max_threads
 from .errors import InputError, PropagationCancelled
 from .metrics import dice
@@ -663,9 +663,14 @@ def _whole(value, what: str) -> int:
     return int(value)
 
 
-def _is_flag(value) -> bool:
-    """True, False, a numpy bool, or the whole numbers 0 and 1 (not text: "off" would be True)."""
-    return isinstance(value, (bool, np.bool_)) or (is_number(value, 0, 1, whole=True))
+def label_list(labels) -> list[int]:
+    """A ``labels=`` option as whole numbers (InputError for text, a single number, an empty list)."""
+    if isinstance(labels, (str, bytes)) or not hasattr(labels, "__iter__"):
+        raise InputError(f"labels must be a list of label numbers, got {labels!r}")
+    labels = [_whole(v, "a label") for v in labels]
+    if not labels:
+        raise InputError("labels is empty: give at least one label of the prompt (or None for all)")
+    return labels
 
 
 def check_progress_and_cancel(progress, cancel) -> None:
@@ -682,11 +687,7 @@ def _validate_options(axis, labels, range, batch_size, threads, cancel, previous
     if axis is not None:
         _whole(axis, "axis")
     if labels is not None:
-        if isinstance(labels, (str, bytes)) or not hasattr(labels, "__iter__"):
-            raise InputError(f"labels must be a list of label numbers, got {labels!r}")
-        labels = [_whole(v, "a label") for v in labels]
-        if not labels:
-            raise InputError("labels is empty: give at least one label of the prompt (or None for all)")
+        labels = label_list(labels)
     if range is not None:
         if isinstance(range, (str, bytes)) or not hasattr(range, "__len__") or len(range) != 2:
             raise InputError(f"range must be (first, last) slice numbers, got {range!r}")
@@ -699,7 +700,7 @@ def _validate_options(axis, labels, range, batch_size, threads, cancel, previous
         raise InputError(f"previous must be the PropagationResult of an earlier run, got {type(previous).__name__}")
     for name, value, optional in (("early_stop", early_stop, False), ("remove_disconnected", remove_disconnected, True),
                                   ("update", update, True)):
-        if not (_is_flag(value) or (optional and value is None)):
+        if not (is_flag(value) or (optional and value is None)):
             raise InputError(f"{name} must be True or False, got {value!r}")
     return (None if axis is None else int(axis)), labels, range
 

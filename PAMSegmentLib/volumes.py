@@ -330,9 +330,8 @@ def _check_no_gantry_tilt(points: np.ndarray, normal: np.ndarray, image: sitk.Im
         return
     angle = math.degrees(math.atan2(shift, abs(along)))
     raise InputError(f"{what} was acquired with a gantry tilt of {angle:.3g} degree{'' if angle == 1 else 's'} (each "
-                     f"slice is shifted "
-                     f"{shift:.3g} mm within its plane from the one before): read as it is, its slices would be up to "
-                     f"{total:.3g} mm from where they were scanned. Convert it with a tool that corrects the tilt "
+                     f"slice is shifted {shift:.3g} mm within its plane from the one before): read as it is, its slices "
+                     f"would be up to {total:.3g} mm from where they were scanned. Convert it with a tool that corrects the tilt "
                      "(3D Slicer's DICOM module with acquisition geometry regularization, then save the volume as "
                      ".nrrd; or dcm2niix) and give that file")
 
@@ -412,13 +411,21 @@ def _check_nifti_complete(p: Path, header: bytes) -> None:
                          "copy or download it again")
 
 
+def _nifti1_endian(header: bytes | None) -> str | None:
+    """The struct byte order ("<" or ">") of a NIfTI-1 header, None for anything else."""
+    import struct
+
+    if header is None or len(header) < 348:
+        return None
+    return next((e for e in "<>" if struct.unpack(e + "i", header[:4])[0] == 348), None)
+
+
 def _nifti_affines(header: bytes) -> tuple[np.ndarray, np.ndarray] | None:
     """(qform, sform) as 3 x 4 RAS affines of a NIfTI-1 header when both codes are set, else None."""
     import struct
 
-    for e in "<>":
-        if len(header) < 348 or struct.unpack(e + "i", header[:4])[0] != 348:
-            continue
+    e = _nifti1_endian(header)
+    if e is not None:
         qcode, scode = struct.unpack_from(e + "2h", header, 252)
         if qcode <= 0 or scode <= 0:
             return None
@@ -462,16 +469,15 @@ def _nifti_pixdims(header: bytes) -> tuple[float, ...] | None:
     """pixdim[1..ndim] of a NIfTI-1 or NIfTI-2 header (as stored), None if it is not one."""
     import struct
 
-    for e in "<>":
-        size = struct.unpack(e + "i", header[:4])[0]
-        if size == 348:
-            ndim, pix = struct.unpack_from(e + "h", header, 40)[0], struct.unpack_from(e + "8f", header, 76)
-        elif size == 540 and len(header) >= 540:
-            ndim, pix = struct.unpack_from(e + "q", header, 16)[0], struct.unpack_from(e + "8d", header, 104)
-        else:
-            continue
-        return tuple(float(v) for v in pix[1:1 + max(0, min(int(ndim), 7))])
-    return None
+    e = _nifti1_endian(header)
+    if e is not None:
+        ndim, pix = struct.unpack_from(e + "h", header, 40)[0], struct.unpack_from(e + "8f", header, 76)
+    else:
+        e = next((e for e in "<>" if len(header) >= 540 and struct.unpack(e + "i", header[:4])[0] == 540), None)
+        if e is None:
+            return None
+        ndim, pix = struct.unpack_from(e + "q", header, 16)[0], struct.unpack_from(e + "8d", header, 104)
+    return tuple(float(v) for v in pix[1:1 + max(0, min(int(ndim), 7))])
 
 
 def _note_nifti_no_spacing(p: Path, header: bytes, dimension: int) -> None:
@@ -490,7 +496,7 @@ def _note_nifti_no_spacing(p: Path, header: bytes, dimension: int) -> None:
                       "wrong", stacklevel=3)
 
 
-def check_regular_file(p: Path, what: str = "") -> None:
+def check_regular_file(p: Path) -> None:
     """InputError for an input that exists but is not a regular file or folder (a FIFO, a socket,
     a device): ITK would wait on a FIFO for ever."""
     import stat
@@ -502,7 +508,7 @@ def check_regular_file(p: Path, what: str = "") -> None:
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
         kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
                 else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
-        raise InputError(f"{what or p} is {kind}, not an image file; save the image to a file and give that")
+        raise InputError(f"{p} is {kind}, not an image file; save the image to a file and give that")
 
 
 def _exists(p: Path) -> bool:
@@ -544,7 +550,7 @@ def _read_sitk(path: PathLike, series_uid: str | None = None, single_slice_ok: b
     if image.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
         raise InputError(f"{name} has complex voxels; PAMSegment needs a real-valued 3D volume")
     if ncomp > 1:
-        if name.lower().endswith(".seg.nrrd"):
+        if _is_seg_nrrd(name):
             raise InputError(
                 f"{name} has {ncomp} overlapping segment layers; export a label map from Slicer "
                 "(Segmentations > Export to label map) and use that, or, to keep the overlaps, save the overlapping "
@@ -656,11 +662,8 @@ def _no_position(path: Path) -> str | None:
     try:
         if name.endswith((".nii", ".nii.gz")):
             header = _nifti_header(path)
-            for e in "<>":
-                if header is not None and struct.unpack(e + "i", header[:4])[0] == 348:
-                    if struct.unpack_from(e + "2h", header, 252) == (0, 0):
-                        return "NIfTI qform and sform codes 0"
-            return None
+            e = _nifti1_endian(header)
+            return "NIfTI qform and sform codes 0" if e and struct.unpack_from(e + "2h", header, 252) == (0, 0) else None
         if name.endswith(".nrrd"):
             with open(path, "rb") as f:
                 head = f.read(1 << 16).split(b"\n\n", 1)[0].lower()
@@ -1260,7 +1263,7 @@ def write_labelmap(array: np.ndarray, reference: Volume, path: PathLike,
         raise InputError(f"label map has labels up to {hi:g}; at most 65535 labels can be written")
     dtype = np.uint8 if hi <= 255 else np.uint16
     image = reference.to_sitk(labels.astype(dtype, copy=False))
-    if target.name.lower().endswith(".seg.nrrd"):
+    if _is_seg_nrrd(target.name):
         _seg_nrrd_metadata(image, labels, segments)
     return _atomic_write(image, target)
 
