@@ -138,12 +138,6 @@ class PAMPredictor(SlicePredictor):
         # The network crop's side as a multiple of the guide mask's larger extent (None: the
         # checkpoint's PreprocessingParams.crop_scale; an attribute: validate.py may override it).
         self.crop_scale: float | None = None
-        # The network's input side in px (None: the checkpoint's PreprocessingParams.input_size; an
-        # attribute: validate.py may override it, the network being convolutional plus attention).
-        self.input_size: int | None = None
-        # Experimental (validate.py ``sizeautoN``): the input side follows the crop's side in image px,
-        # rounded up to a multiple of 32, between the checkpoint's input size and this bound.
-        self.input_size_max: int | None = None
         # Where the network's intensity window comes from: "prompt" (the first drawn slice's region,
         # for every walk), "origin" (the drawn slice each walk started from: with several keyframes
         # of different brightness each walk keeps its own) or "guide" (each window's guide slice
@@ -374,10 +368,8 @@ class PAMPredictor(SlicePredictor):
         """The network's probabilities for ``query_indices``; ``priors`` (N, H, W) are the queries'
         prior masks for a prior-channel network (default: the guide's mask)."""
         pre = self.model.preprocessing
-        size, device = pre.input_size if self.input_size is None else int(self.input_size), self.model.device
+        size, device = pre.input_size, self.model.device
         box = crop_box_for_mask(guide_mask, pre if self.crop_scale is None else replace(pre, crop_scale=self.crop_scale))
-        if self.input_size_max:
-            size = int(min(max(-(-box.side // 32) * 32, pre.input_size), self.input_size_max))
         stage = self.model.network.proposing_stage
         # Successive batches of a window share their guide: encode it once.
         origin = None

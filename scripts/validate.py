@@ -68,8 +68,6 @@ _NUMERIC = {
     "carryss": (None, "carry_supersample", int),  # the chain's carried mask on an s times finer grid
     "up": (None, "through_plane_mm", float),  # thick slices: walks through slices interpolated to <= T mm (0 = off)
     "crop": (None, "crop_scale", float),  # the network crop's side, x the guide mask's larger extent
-    "sizeauto": (None, "input_size_max", int),  # input side = crop side in px (x32), at most N
-    "size": (None, "input_size", int),  # the network's input side in px (the checkpoint's: 128)
 }
 _PREFIXES_LONGEST_FIRST = sorted(_NUMERIC, key=len, reverse=True)
 
@@ -89,8 +87,7 @@ def parse_config(config: str) -> dict:
     an S times finer grid; ``carryss1`` = the slices' own grid), ``kfagreeD`` (with several
     keyframes, walks beyond the outermost ones end where the network's and the warped mask's
     Dice < D). ``upT`` (thick slices: walks through slices interpolated to <= T mm; 0 = off). ``cropS`` (the
-    network crop's side, S x the guide mask's larger extent; the checkpoint's is 1.5), ``sizeN`` (the
-    network's input side in px; the checkpoint's is 128). ``wguide`` (the
+    network crop's side, S x the guide mask's larger extent; the checkpoint's is 1.5). ``wguide`` (the
     network's intensity window from each window's guide instead of the drawn slice), ``kfwin`` (from
     the drawn slice each walk started from). Unknown options are an error."""
     if config.startswith("window"):
@@ -190,7 +187,7 @@ def main(argv=None) -> int:
                                          query_prior=opts.get("query_prior"))
                 predictor.registration_options = opts.get("registration_options", {})
                 for name in ("window_mm", "threshold", "presence_threshold", "consistency_min_dice",
-                             "keyframe_outward_min_agreement", "carry_supersample", "through_plane_mm", "crop_scale", "input_size", "input_size_max", "network_window",
+                             "keyframe_outward_min_agreement", "carry_supersample", "through_plane_mm", "crop_scale", "network_window",
                              "keyframe_empty_side_votes"):
                     if name in opts:
                         setattr(predictor, name, opts[name])
