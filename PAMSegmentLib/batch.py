@@ -48,7 +48,8 @@ COLUMNS_TEXT = "image,prompt[,output][,label][,series][,previous,edited]"
 REPORT_NAME = re.compile(r"batch_report(\.shard\d+-of-\d+)?\.csv")
 SKIPPED = "output exists (--skip-existing)"
 CARRIED = "done in an earlier run (--skip-existing)"  # a skipped row's columns are from the report of that run
-REPORT_FIELDS = ("row", "image", "prompt", "output", "status", "seconds", "slices", "check_first", "message", "method")
+REPORT_FIELDS = ("row", "image", "prompt", "output", "status", "seconds", "slices", "check_first", "message", "method",
+                 "manifest")
 
 
 @dataclass
@@ -348,7 +349,24 @@ def _carry_over(row: BatchRow, earlier: dict[str, tuple[dict, int]]) -> None:
         row.message = before["message"]
 
 
-def write_report(rows: list[BatchRow], path: Path) -> None:
+def _rows_of_other_manifests(report: Path, manifest: Path, rows: list[BatchRow]) -> list[dict]:
+    """The rows of ``report`` (in -o, about to be rewritten) that other manifests' runs wrote (a
+    second round of corrections into the same folder, say), except those for outputs this run
+    writes: the rewritten report keeps them after this run's rows, so that it still records every
+    batch that wrote into the folder. Rows without a ``manifest`` (versions before the column) or
+    a report that cannot be read are not kept, as before."""
+    ours = str(_absolute(manifest))
+    outputs = {r.absolute()[2] for r in rows}
+    try:
+        with open(report, newline="", encoding="utf-8", errors="surrogateescape") as fh:  # as written
+            found = list(csv.DictReader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
+    return [{k: row.get(k) or "" for k in REPORT_FIELDS} for row in found
+            if row.get("manifest") and row["manifest"] != ours and row.get("output") not in outputs]
+
+
+def write_report(rows: list[BatchRow], path: Path, manifest: Path | None = None, kept: list[dict] = ()) -> None:
     """The report, written atomically (a temporary moved in); InputError when it cannot be.
     UTF-8; a path's name that is not (a folder named in Latin-1 bytes, which Python holds as lone
     surrogates) is written as the bytes it has, so the report still names the file."""
@@ -361,7 +379,9 @@ def write_report(rows: list[BatchRow], path: Path) -> None:
                 image, prompt, output = r.absolute()
                 w.writerow({"row": r.number, "image": image, "prompt": prompt, "output": output, "status": r.status,
                             "seconds": f"{r.seconds:.1f}", "slices": r.slices, "check_first": r.check_first,
-                            "message": r.message, "method": r.method})
+                            "message": r.message, "method": r.method,
+                            "manifest": "" if manifest is None else str(_absolute(manifest))})
+            w.writerows(kept)  # other manifests' rows, as they were
         tmp.replace(path)
     except (OSError, UnicodeError) as error:  # UnicodeError: a message holding a character no bytes stand for
         try:
@@ -381,14 +401,14 @@ class _Report:
     and writes it again after the next case and at the end. ``failure`` is the last rewrite's
     error while the file is out of date."""
 
-    def __init__(self, rows: list[BatchRow], path: Path, warn) -> None:
-        self.rows, self.path, self.warn = rows, path, warn
+    def __init__(self, rows: list[BatchRow], path: Path, manifest: Path, kept: list[dict], warn) -> None:
+        self.rows, self.path, self.manifest, self.kept, self.warn = rows, path, manifest, kept, warn
         self.failure: InputError | None = None
         self.warned = False
 
     def write(self) -> None:
         try:
-            write_report(self.rows, self.path)
+            write_report(self.rows, self.path, self.manifest, self.kept)
         except InputError as error:
             self.failure = error
             if not self.warned:
@@ -549,6 +569,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
             _carry_over(r, earlier)
     todo = [r for r in rows if r.status == "not run"]
     _check_output_folders(out_dir, todo, Path(args.manifest).name)
+    report = out_dir / report_name
+    kept = _rows_of_other_manifests(report, Path(args.manifest), rows) if report.is_file() else []
     model = METHODS[args.method](args) if todo else None
     made = not out_dir.exists()
     try:
@@ -556,9 +578,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
     except OSError as error:
         raise InputError(f"cannot create the folder {out_dir} ({error.strerror or error}); choose another -o "
                          "folder") from None
-    report = out_dir / report_name
     try:
-        write_report(rows, report)  # before any work: a report that cannot be written stops the batch here
+        write_report(rows, report, Path(args.manifest), kept)  # before any work: a report that cannot be written stops the batch here
     except BaseException:
         if made and out_dir.is_dir() and not any(out_dir.iterdir()):  # a refused batch leaves nothing behind
             out_dir.rmdir()
@@ -569,7 +590,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     t_all = time.perf_counter()
     interrupted = False
     bar = tqdm(todo, desc="cases", unit="case", file=sys.stderr, ncols=80)
-    rewrite = _Report(rows, report, lambda text: bar.write(text, file=sys.stderr))
+    rewrite = _Report(rows, report, Path(args.manifest), kept, lambda text: bar.write(text, file=sys.stderr))
     current = None
     try:
         for r in bar:

@@ -624,7 +624,7 @@ def test_a_report_that_cannot_be_written_leaves_no_folder_behind(tmp_path, cases
     """-o DIR on a full disk: the report failed correctly (exit 2) but the empty DIR stayed."""
     from PAMSegmentLib.errors import InputError
 
-    def full(rows, path):
+    def full(rows, path, *args):
         raise InputError(f"cannot write the report {path} (No space left on device); check that its folder is "
                          "writable and has space")
 
@@ -675,3 +675,29 @@ def test_a_row_run_again_that_fails_keeps_what_made_its_output(tmp_path, cases):
     assert main(["batch", str(m), "-o", str(out), "--method", "track", "--skip-existing"]) == 0
     rows = _report(out / "batch_report.csv")
     assert [(r["status"], r["method"]) for r in rows] == [("skipped", "track"), ("ok", "track")]
+
+
+def test_a_second_manifest_into_the_same_folder_keeps_the_first_ones_rows_in_the_report(tmp_path, cases, capsys):
+    first = _manifest(tmp_path / "data" / "first.csv", ["image,prompt", "c0/image.nii.gz,c0/prompt.nii.gz",
+                                                        "c2/image.nii.gz,c2/prompt.nii.gz"])
+    second = _manifest(tmp_path / "data" / "second.csv", ["image,prompt", "c1/image.nii.gz,c1/prompt.nii.gz",
+                                                          "c2/image.nii.gz,c2/prompt.nii.gz"])
+    out = tmp_path / "out"
+    assert main(["batch", str(first), "-o", str(out), "--method", "copy"]) == 0
+    report = out / "batch_report.csv"
+    assert {r["manifest"] for r in _report(report)} == {str(first.resolve())}
+    assert main(["batch", str(second), "-o", str(out), "--method", "track"]) == 0
+    rows = _report(report)
+    # this run's rows first, then the first manifest's row for c0 (its c2 row: written again by this run)
+    assert [(Path(r["manifest"]).name, r["row"], Path(r["output"]).name, r["method"]) for r in rows] == [
+        ("second.csv", "2", "c1_image_pam.nii.gz", "track"),
+        ("second.csv", "3", "c2_image_pam.nii.gz", "track"),
+        ("first.csv", "2", "c0_image_pam.nii.gz", "copy")]
+    # The first manifest again: its own rows rewritten, the second's kept; --skip-existing sees c2 made by track
+    capsys.readouterr()
+    assert main(["batch", str(first), "-o", str(out), "--method", "copy", "--skip-existing"]) == 0
+    rows = _report(report)
+    assert [(Path(r["manifest"]).name, r["status"], Path(r["output"]).name) for r in rows] == [
+        ("first.csv", "skipped", "c0_image_pam.nii.gz"), ("first.csv", "ok", "c2_image_pam.nii.gz"),
+        ("second.csv", "ok", "c1_image_pam.nii.gz")]
+    assert rows[1]["message"].startswith("run again: its output was made with track") and rows[1]["method"] == "copy"
