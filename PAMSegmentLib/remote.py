@@ -39,6 +39,7 @@ class _Unreachable(PAMError):
 
 
 RETRY_SECONDS = 30.0  # a job's status and result are asked again this long when the network drops
+RETRY_CODES = (502, 503, 504)  # a proxy's "cannot reach the server now": asked again too
 
 
 class _Answered(PAMError):
@@ -135,14 +136,18 @@ class RemoteModel:
 
     def _get_retrying(self, path: str, cancel=None, seconds: float = RETRY_SECONDS) -> bytes:
         """GET ``path``, asking again for up to ``seconds`` while the server cannot be reached (a
-        network blip lost the whole job before, which the server then ran for nobody)."""
+        network blip lost the whole job before, which the server then ran for nobody) or a proxy in
+        front of it answers that it cannot reach it now (502, 503, 504)."""
         deadline = time.monotonic() + seconds
         while True:
             try:
                 return self._request("GET", path)
-            except _Unreachable as error:
+            except (_Unreachable, _Answered) as error:
+                if isinstance(error, _Answered) and error.code not in RETRY_CODES:
+                    raise
                 if time.monotonic() >= deadline:
-                    raise _Unreachable(f"{error} (asked again until {seconds:.0f} s had passed)") from None
+                    raise type(error)(f"{error} (asked again until {seconds:.0f} s had passed)",
+                                      *([error.code] if isinstance(error, _Answered) else [])) from None
             for _ in range(10):  # one second, cancellable
                 if cancel is not None and cancel.is_cancelled:
                     raise PropagationCancelled("cancelled")

@@ -14,7 +14,8 @@ The HTTP API (FastAPI, served by uvicorn; ``pip install ".[server]"`` in the sou
   the job's ``id``. One job runs at a time, in arrival order; at most ``max_jobs`` wait besides
   the running one (503).
 * ``GET /jobs/{id}``: ``state`` (queued, running, finished, failed, cancelled), ``progress``
-  0-1, ``message``, ``queue_position``.
+  0-1, ``message``, ``queue_position``. A queued or running job that no client asks about (this
+  or its result) for ``ABANDON_SECONDS`` (120 s) is cancelled: its client is gone.
 * ``GET /jobs/{id}/result``: the finished result as ``.npz`` (``PAMSegmentLib.remote`` reads
   it); 409 while it is not finished. Results are kept for ``result_ttl`` seconds.
 * ``DELETE /jobs/{id}``: cancel (a running job stops between batches) and forget it.
@@ -56,6 +57,9 @@ __all__ = ["create_app", "JobQueue", "encode_result", "read_arrays", "add_serve_
 
 logger = logging.getLogger("pamsegment.server")
 
+# A queued or running job no client asked about for this long lost its client and is cancelled
+# (the client asks every 0.3 s while it waits, and again for 30 s when the network drops).
+ABANDON_SECONDS = 120.0
 HEADER_SECONDS = 20.0  # a connection must send a whole request head within this (slow or silent clients are dropped)
 
 
@@ -267,14 +271,18 @@ class Job:
     result: bytes | None = None
     cancel: CancelToken = field(default_factory=CancelToken)
     finished_at: float | None = None
+    # When a client last asked about the job (submitted it, its status or result): a job nobody
+    # asks about for JobQueue.abandon_after seconds lost its client and is cancelled.
+    last_seen: float = field(default_factory=time.monotonic)
 
 
 class JobQueue:
     """Jobs run one at a time on one worker thread, in arrival order."""
 
-    def __init__(self, run: Callable[[Job], bytes], max_jobs: int = 8, result_ttl: float = 3600.0):
+    def __init__(self, run: Callable[[Job], bytes], max_jobs: int = 8, result_ttl: float = 3600.0,
+                 abandon_after: float = ABANDON_SECONDS):
         self._run = run
-        self.max_jobs, self.result_ttl = int(max_jobs), float(result_ttl)
+        self.max_jobs, self.result_ttl, self.abandon_after = int(max_jobs), float(result_ttl), float(abandon_after)
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         # Re-entrant: request threads read the jobs while the worker and other requests change them.
         self._lock = threading.RLock()
@@ -325,10 +333,18 @@ class JobQueue:
 
     def get(self, job_id: str) -> Job | None:
         """The job, unless it is unknown or its result expired (finished jobs older than ``result_ttl``
-        are forgotten here)."""
+        are forgotten here); a client asked about it (``last_seen``)."""
         with self._lock:
             self._expire()
-            return self.jobs.get(job_id)
+            job = self.jobs.get(job_id)
+            if job is not None:
+                job.last_seen = time.monotonic()
+            return job
+
+    def abandoned(self, job: Job) -> bool:
+        """Whether no client asked about ``job`` for ``abandon_after`` seconds (its client is gone:
+        killed after its upload, say; the client asks every fraction of a second while it waits)."""
+        return time.monotonic() - job.last_seen > self.abandon_after
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -346,9 +362,17 @@ class JobQueue:
                     continue
                 job.state, job.message = "running", "starting"
             try:
+                if self.abandoned(job):  # waited in the queue while its client went away
+                    raise PropagationCancelled("abandoned")
                 payload = self._run(job)
             except PropagationCancelled:
-                job.state, job.message = "cancelled", "cancelled"
+                if self.abandoned(job):
+                    job.message = f"cancelled: no client asked about it for {self.abandon_after:.0f} s"
+                    logger.warning("job %s cancelled: no client asked about it for %.0f s (its client is gone)",
+                                   job.id, self.abandon_after)
+                else:
+                    job.message = "cancelled"
+                job.state = "cancelled"
             except PAMError as error:
                 job.state, job.message = "failed", str(error)
             except Exception as error:  # noqa: BLE001 - a bug must fail the job, not the worker
@@ -361,10 +385,11 @@ class JobQueue:
 
 def create_app(model_factory: Callable[[str], Any], *, token: str | None = None, max_upload_mb: float = 1024,
                max_voxels: int = MAX_VOXELS, max_jobs: int = 8, result_ttl: float = 3600.0,
-               model_info: dict | None = None, batch_size: int = 16):
+               model_info: dict | None = None, batch_size: int = 16, abandon_after: float = ABANDON_SECONDS):
     """The FastAPI application. ``model_factory(method)`` returns what ``propagate`` takes as
     ``model`` for ``method`` (called on the worker thread; cache the network there).
-    ``batch_size``: query slices per network call, for every job."""
+    ``batch_size``: query slices per network call, for every job. ``abandon_after``: a queued or
+    running job no client asked about for this many seconds is cancelled (its client is gone)."""
     from fastapi import FastAPI, HTTPException, Request, Response
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import JSONResponse
@@ -379,12 +404,14 @@ def create_app(model_factory: Callable[[str], Any], *, token: str | None = None,
 
         def progress(fraction, message):
             job.progress, job.message = float(fraction), message
+            if queue.abandoned(job):  # its client is gone: nobody will fetch the result
+                job.cancel.cancel()
 
         result = propagate(job.image, job.prompt, job.spacing, model, progress=progress, cancel=job.cancel,
                            batch_size=batch_size, **options)
         return encode_result(result)
 
-    queue = JobQueue(run, max_jobs=max_jobs, result_ttl=result_ttl)
+    queue = JobQueue(run, max_jobs=max_jobs, result_ttl=result_ttl, abandon_after=abandon_after)
     app = FastAPI(title="PAMSegment server", version=__version__)
     app.state.queue = queue
 

@@ -802,3 +802,62 @@ def test_stopping_serve_says_when_it_waits_for_a_job_that_does_not_stop(capsys):
                           "quit at once)\n")
     assert "the running job did not stop within 0 s; quitting anyway" in out
     release.set()
+
+
+class Slow(OracleModel):
+    """The oracle, 0.2 s per prediction (a job of about 2 s on ``case()``)."""
+
+    def predict(self, volume, guide_index, guide_mask, query_indices):
+        time.sleep(0.2)
+        return super().predict(volume, guide_index, guide_mask, query_indices)
+
+
+def test_a_job_whose_client_is_gone_is_cancelled_and_one_asked_about_runs_to_the_end():
+    """A client killed right after its upload left its job running (and the jobs queued behind it
+    waiting) for nobody: a job no client asked about for abandon_after seconds is cancelled."""
+    image, prompt, truth = case()
+    client = TestClient(create_app(lambda m: Slow(truth), abandon_after=0.6))
+    body = npz(image=image, prompt=prompt, spacing=np.ones(3))
+    gone = client.post("/jobs", content=body).json()["id"]  # runs; nobody asks about it
+    also_gone = client.post("/jobs", content=body).json()["id"]  # waits behind it; nobody asks either
+    time.sleep(2.5)
+    first = client.get(f"/jobs/{gone}").json()
+    assert first["state"] == "cancelled" and first["message"] == "cancelled: no client asked about it for 1 s"
+    assert first["progress"] < 1.0
+    assert client.get(f"/jobs/{also_gone}").json()["state"] == "cancelled"
+    # A job whose client keeps asking (as RemoteModel does while it waits) runs past abandon_after.
+    kept = client.post("/jobs", content=body).json()["id"]
+    t0 = time.monotonic()
+    status = wait_for(client, kept)
+    assert status["state"] == "finished" and time.monotonic() - t0 > 0.6
+    assert np.array_equal(decode_result(client.get(f"/jobs/{kept}/result").content).mask,
+                          propagate(image, prompt, (1.0, 1.0, 1.0), OracleModel(truth)).mask)
+
+
+def test_a_proxys_bad_gateway_during_a_job_is_asked_again(live_server, monkeypatch):
+    """A proxy in front of the server answering 502/504 for a moment failed the job at once."""
+    from PAMSegmentLib import remote
+
+    url, holder = live_server
+    image, prompt, truth = case()
+    holder["model"] = OracleModel(truth)
+    real, answered = RemoteModel._request, []
+
+    def proxied(self, method, path, body=None):
+        if method == "GET" and path.startswith("/jobs/") and len(answered) < 2:
+            answered.append(path)
+            code = (502, 504)[len(answered) - 1]
+            raise remote._Answered(f"the server at {url} answered {code}: Bad Gateway", code)
+        return real(self, method, path, body)
+
+    monkeypatch.setattr(RemoteModel, "_request", proxied)
+    result = RemoteModel(url, token="tok", poll_interval=0.01).propagate(image, prompt, (2.0, 1.0, 1.0))
+    assert len(answered) == 2 and np.array_equal(result.mask, propagate(image, prompt, (2.0, 1.0, 1.0),
+                                                                          OracleModel(truth)).mask)
+    # Other answers are not asked again: a 500 is the server's own error, said at once.
+    monkeypatch.setattr(RemoteModel, "_request", lambda self, method, path, body=None: (_ for _ in ()).throw(
+        remote._Answered("the server answered 500: Internal Server Error", 500)))
+    t0 = time.monotonic()
+    with pytest.raises(remote._Answered, match="500"):
+        RemoteModel(url, token="tok")._get_retrying("/jobs/x")
+    assert time.monotonic() - t0 < 1.0
