@@ -135,10 +135,6 @@ class PAMPredictor(SlicePredictor):
         self.keyframe_outward_min_agreement = inf.keyframe_outward_min_agreement
         # InferenceParams.registration_carry_supersample (an attribute: validate.py may override it).
         self.carry_supersample = int(inf.registration_carry_supersample)
-        # Experimental (validate.py ``islandP``): the network's own components at probability >= P
-        # that the warped mask does not touch are added to the fused mask (0: off).
-        self.island_probability = 0.0
-        self.island_min_px = 4
         # The network crop's side as a multiple of the guide mask's larger extent (None: the
         # checkpoint's PreprocessingParams.crop_scale; an attribute: validate.py may override it).
         self.crop_scale: float | None = None
@@ -305,7 +301,6 @@ class PAMPredictor(SlicePredictor):
         agreement = np.zeros(len(queries), dtype=np.float32)
         net_area = (prob >= self.threshold).sum(axis=(1, 2))
         crop_net = prob[(slice(None), *plan.crop)] >= self.threshold
-        crop_net_prob = prob[(slice(None), *plan.crop)].copy() if self.island_probability > 0 else None
         prob *= 1.0 - w
         s = carry_factor(self.carry_supersample, crop_net.shape[1:])
         carried = plan.start_mask
@@ -323,7 +318,6 @@ class PAMPredictor(SlicePredictor):
             else:
                 warped = warp(transform, carried)
             wm = warped >= 0.5
-            islands = self._islands(crop_net_prob[n], wm) if self.island_probability > 0 else None
             agreement[n] = 2.0 * np.count_nonzero(crop_net[n] & wm) / max(int(net_area[n]) + np.count_nonzero(wm), 1)
             if plan.chained and s > 1:
                 # The fused decision on the fine grid: the network's share repeated onto the sub-pixels
@@ -333,32 +327,11 @@ class PAMPredictor(SlicePredictor):
                 carried[r0:r0 + fine.shape[0], c0:c0 + fine.shape[1]] = \
                     (_upsample(base[part], s) + w * fine) >= self.threshold
             prob[n][plan.crop] += w * warped
-            if islands is not None and islands.any():
-                view = prob[n][plan.crop]
-                view[islands] = np.maximum(view[islands], 1.0)
-                if plan.chained and s > 1:
-                    carried |= _upsample(islands, s)
             if plan.chained and s == 1:
                 carried = prob[n][plan.crop] >= self.threshold
         if plan.chained:
             self._chain = (guide_index, queries[-1], carried, plan.crop)
         return SlicePrediction(prob, out.presence, agreement=agreement)
-
-    def _islands(self, net_prob: np.ndarray, warped_mask: np.ndarray) -> np.ndarray:
-        """Components of ``net_prob >= island_probability`` (at least ``island_min_px`` px) that do
-        not touch ``warped_mask``: a part of the object the warp cannot bring (a new lobe)."""
-        strong = net_prob >= self.island_probability
-        if not strong.any() or not warped_mask.any():
-            return np.zeros_like(strong)
-        lab, n = ndimage.label(strong)
-        if n == 0:
-            return np.zeros_like(strong)
-        touching = np.unique(lab[ndimage.binary_dilation(warped_mask) & strong])
-        sizes = np.bincount(lab.ravel(), minlength=n + 1)
-        keep = sizes >= self.island_min_px
-        keep[0] = False
-        keep[touching] = False
-        return keep[lab]
 
     def _predict_carried(self, volume, plan: _RegistrationPlan, transforms, guide_index, guide_mask,
                          queries) -> SlicePrediction:

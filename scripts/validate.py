@@ -67,9 +67,7 @@ _NUMERIC = {
     "regstep": ("registration_options", "max_step", float),  # demons step limit, grid px per iteration
     "carryss": (None, "carry_supersample", int),  # the chain's carried mask on an s times finer grid
     "up": (None, "through_plane_mm", float),  # thick slices: walks through slices interpolated to <= T mm (0 = off)
-    "crop": (None, "crop_scale", float),
-    "island": (None, "island_probability", float),  # add the network's own components the warp misses
-    "islandpx": (None, "island_min_px", int),  # the network crop's side, x the guide mask's larger extent
+    "crop": (None, "crop_scale", float),  # the network crop's side, x the guide mask's larger extent
 }
 _PREFIXES_LONGEST_FIRST = sorted(_NUMERIC, key=len, reverse=True)
 
@@ -189,7 +187,7 @@ def main(argv=None) -> int:
                                          query_prior=opts.get("query_prior"))
                 predictor.registration_options = opts.get("registration_options", {})
                 for name in ("window_mm", "threshold", "presence_threshold", "consistency_min_dice",
-                             "keyframe_outward_min_agreement", "carry_supersample", "through_plane_mm", "crop_scale", "island_probability", "island_min_px", "network_window",
+                             "keyframe_outward_min_agreement", "carry_supersample", "through_plane_mm", "crop_scale", "network_window",
                              "keyframe_empty_side_votes"):
                     if name in opts:
                         setattr(predictor, name, opts[name])
