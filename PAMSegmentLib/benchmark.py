@@ -35,7 +35,8 @@ Three parts (issue 5), all on CPU with a fixed number of torch threads:
 Outputs in ``--out``: network.csv, paired.csv, end_to_end.csv, slicer.csv, targets.csv, benchmark.json,
 benchmark.png and benchmark.md (tables + machine + command), and the same tables on stdout. Only a
 full run as published (every part at the default sizes, 2 threads, the shipped pam_small.pt for
-the small preset and random weights for the official one) writes into docs/benchmark by default;
+the small preset and random weights for the official one) writes into docs/benchmark by default
+(when that folder exists: run from a checkout; elsewhere into ./benchmark_out);
 a run with --quick, --parts, an option that changes what is measured, --threads other than 2 or
 other weights (another --checkpoint or PAMSEGMENT_MODEL, random weights when pam_small.pt is
 missing, --official-checkpoint) writes into ./benchmark_out unless --out is given, so that it
@@ -1165,7 +1166,10 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     cfg = quick_config() if args.quick else BenchConfig()
     out = args.out
     if out is None:
-        out = SCRATCH_OUT if partial_options(args) else getattr(args, "_default_out", "docs/benchmark")
+        published = getattr(args, "_default_out", "docs/benchmark")
+        # The published tables' folder only in a checkout that has it (an installed package run from
+        # any folder would otherwise make ./docs/benchmark there).
+        out = SCRATCH_OUT if partial_options(args) or not Path(published).is_dir() else published
     cfg.out, cfg.threads = out, max(int(args.threads), 1)
     for name in ("parts", *SIZE_OPTIONS, "checkpoint", "official_checkpoint"):  # options named as the fields
         value = getattr(args, name, None)

@@ -213,6 +213,14 @@ def test_only_a_full_run_writes_into_docs_benchmark_by_default(argv, out, weight
     assert _out_folder(argv, weights) == out
 
 
+def test_a_full_run_outside_a_checkout_does_not_make_docs_benchmark(weights, tmp_path, monkeypatch):
+    """An installed package run from any folder made ./docs/benchmark there."""
+    monkeypatch.chdir(tmp_path)
+    assert _out_folder([], weights) == "benchmark_out"
+    (tmp_path / "docs" / "benchmark").mkdir(parents=True)  # a checkout: the published tables' folder
+    assert _out_folder([], weights) == "docs/benchmark"
+
+
 @pytest.mark.parametrize("argv, model, given", [
     (["--threads", "8"], None, "--threads 8"),
     (["--checkpoint", "OTHER"], None, "--checkpoint OTHER"),
