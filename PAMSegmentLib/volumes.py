@@ -1297,6 +1297,75 @@ def _read_png_with_pil(p: Path) -> sitk.Image | None:
         return None
 
 
+def _tiff_layout(p: Path) -> tuple[int, int, bool] | None:
+    """A TIFF's (samples per pixel, bits per sample, tiled) from its first page's tags (Pillow reads
+    them without decoding the pixels); None for any other file or one Pillow cannot open."""
+    if not p.name.lower().endswith((".tif", ".tiff")):
+        return None
+    try:
+        from PIL import Image
+
+        with Image.open(p) as im:
+            tags = getattr(im, "tag_v2", None)
+            if tags is None:
+                return None
+            bits = tags.get(258, (1,))
+            return int(tags.get(277, 1)), int(bits[0] if isinstance(bits, tuple) else bits), 322 in tags
+    except (ImportError, OSError, ValueError, TypeError):
+        return None
+
+
+def _tiff_pixels(p: Path) -> np.ndarray | None:
+    """A TIFF's first page as (rows, columns[, samples]) with its own bits: tifffile when installed
+    (it comes with scikit-image), else Pillow (grey, grey + alpha, 16-bit grey); None if neither can."""
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(p) as tif:
+            page = tif.pages[0]
+            arr = page.asarray()
+            if arr.ndim == 3 and page.samplesperpixel > 1 and arr.shape[0] == page.samplesperpixel \
+                    and page.planarconfig == 2:  # samples stored plane after plane
+                arr = np.moveaxis(arr, 0, -1)
+            return arr
+    except ImportError:
+        pass
+    except Exception:  # noqa: BLE001 - tifffile raises its own errors on files it cannot decode
+        return None
+    try:
+        from PIL import Image
+
+        with Image.open(p) as im:
+            return np.asarray(im.getchannel("L") if im.mode in ("LA", "La") else im)
+    except (ImportError, OSError, ValueError):
+        return None
+
+
+def _faithful_tiff(p: Path, image: sitk.Image) -> sitk.Image:
+    """``image`` as ITK read the TIFF ``p``, or the TIFF read again where ITK did not keep its values:
+    ITK falls back to 8-bit RGBA for tiled TIFFs (a 16-bit slide export read as 8 bits) and
+    interleaves the two samples of a grey + alpha TIFF into one grey row. InputError if it cannot
+    be read faithfully here."""
+    layout = _tiff_layout(p)
+    if layout is None:
+        return image
+    samples, bits, tiled = layout
+    itk_bits = 8 * np.dtype(sitk.GetArrayViewFromImage(image).dtype).itemsize
+    if image.GetNumberOfComponentsPerPixel() == samples and itk_bits == bits:
+        return image
+    arr = _tiff_pixels(p)
+    if arr is None or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] != samples):
+        raise InputError(f"{p.name} is a {'tiled ' if tiled else ''}TIFF of {samples} sample(s) x {bits} bits per pixel "
+                         f"that ITK reads as {image.GetNumberOfComponentsPerPixel()} x {itk_bits} bits (values would "
+                         "be lost); install tifffile (pip install tifffile) or save it as an untiled TIFF or PNG")
+    if arr.ndim == 3 and samples == 2:  # grey + alpha (or two channels): the first, as for PNG
+        arr = arr[..., 0]
+    out = sitk.GetImageFromArray(np.ascontiguousarray(arr), isVector=arr.ndim == 3)
+    if image.GetDimension() == 2 and image.GetSize() == out.GetSize():
+        out.CopyInformation(image)  # ITK's pixel size from the resolution tags
+    return out
+
+
 def _read_2d(path: PathLike, what: str) -> tuple[sitk.Image, sitk.Image]:
     """(the 2D image, the image as read: a one-slice 3D file keeps its 3D geometry there)."""
     p = Path(path)
@@ -1305,7 +1374,11 @@ def _read_2d(path: PathLike, what: str) -> tuple[sitk.Image, sitk.Image]:
     if p.is_dir():
         raise InputError(f"{p} is a folder; give an image file ({', '.join(IMAGE_2D_EXTENSIONS)})")
     try:
-        image = sitk.ReadImage(_itk_path(p))
+        if _tiff_layout(p) is not None:  # its fallback warning: _faithful_tiff checks what it read
+            with _itk_warnings_hidden():
+                image = _faithful_tiff(p, sitk.ReadImage(_itk_path(p)))
+        else:
+            image = sitk.ReadImage(_itk_path(p))
     except RuntimeError as error:
         image = _read_png_with_pil(p)  # grey + alpha PNGs, which ITK cannot read
         if image is None:

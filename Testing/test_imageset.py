@@ -813,3 +813,30 @@ def test_cli_refuses_an_output_folder_that_is_a_broken_link_before_labelling(tmp
         assert proc.stderr.strip().splitlines()[-1] == (
             f"pamsegment: error: -o {tmp_path / link} is a symbolic link to nothing (or one of a loop of links); give a "
             "folder, or point the link at one")
+
+
+def test_tiled_and_grey_alpha_tiffs_keep_their_values(tmp_path, monkeypatch):
+    """ITK reads a tiled TIFF through an 8-bit RGBA fallback (a 16-bit slide export lost its
+    values: 0 cells found) and interleaves a grey + alpha TIFF's two samples into one grey row."""
+    tifffile = pytest.importorskip("tifffile")
+    from PIL import Image
+
+    from PAMSegmentLib import volumes
+    from PAMSegmentLib.errors import InputError
+
+    rng = np.random.default_rng(0)
+    grey16 = rng.integers(0, 4000, size=(64, 96), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "tiled.tif", grey16, tile=(32, 32), compression="zlib")
+    arr, _ = volumes.read_image_2d(tmp_path / "tiled.tif")
+    assert arr.shape == (64, 96) and np.array_equal(arr, grey16.astype(np.float32))
+    grey8 = rng.integers(0, 255, size=(64, 96), dtype=np.uint8)
+    Image.fromarray(np.stack([grey8, np.full_like(grey8, 255)], -1), "LA").save(tmp_path / "la.tif")
+    arr, _ = volumes.read_image_2d(tmp_path / "la.tif")
+    assert arr.shape == (64, 96) and np.array_equal(arr, grey8.astype(np.float32))
+    # An ordinary TIFF is ITK's read, as before; one neither reader can decode faithfully is refused.
+    tifffile.imwrite(tmp_path / "strip.tif", grey16)
+    assert np.array_equal(volumes.read_image_2d(tmp_path / "strip.tif")[0], grey16.astype(np.float32))
+    monkeypatch.setattr(volumes, "_tiff_pixels", lambda p: None)
+    with pytest.raises(InputError, match=r"tiled.tif is a tiled TIFF of 1 sample\(s\) x 16 bits per pixel that ITK "
+                                         r"reads as 4 x 8 bits .*install tifffile"):
+        volumes.read_image_2d(tmp_path / "tiled.tif")
