@@ -1441,11 +1441,23 @@ def _earlier_record(earlier) -> dict:
     return out
 
 
-def keyframes_from_edits(prompt: np.ndarray, previous: np.ndarray, edited: np.ndarray, *,
+def _earlier_from_result(result: "PropagationResult", axis: int) -> dict:
+    """``earlier`` from a result: the keyframes (drawn, non-empty) and walls (empty) it ran with,
+    every round's until it, on ``axis`` (nothing from a result along another axis)."""
+    if result.axis != axis:
+        return {}
+    return {str(lab): {"keyframes": sorted(int(k) for k, m in keys.items() if np.any(m)),
+                       "walls": sorted(int(k) for k, m in keys.items() if not np.any(m))}
+            for lab, keys in result.keyframes.items()}
+
+
+def keyframes_from_edits(prompt: np.ndarray, previous, edited: np.ndarray, *,
                          axis: int | None = None, labels: Sequence[int] | None = None,
                          earlier: dict | None = None) -> EditPlan:
     """The correction loop from files: ``previous`` is an earlier result of ``prompt`` and
-    ``edited`` that result corrected by hand (all three label maps on the image's grid). Each
+    ``edited`` that result corrected by hand (all three label maps on the image's grid). ``previous``
+    may be the ``PropagationResult`` itself: then, unless ``earlier`` is given, the keyframes and
+    walls it ran with (those of every earlier round) are kept too, as ``earlier`` would. Each
     label's keyframes become its drawn slices, the keyframes of earlier rounds (``earlier``: what
     ``EditPlan.record()`` of the round that wrote ``previous`` gave, {"label": {"keyframes": [...],
     "walls": [...]}}; labels as text or numbers), and the slices along the axis where ``edited`` differs from ``previous`` for
@@ -1454,7 +1466,8 @@ def keyframes_from_edits(prompt: np.ndarray, previous: np.ndarray, edited: np.nd
     plan's prompt with its walls (``update=True``) gives what Slicer's *Update from my edits*
     gives, recomputing every slice. Raises InputError when ``previous`` is not a result of
     ``prompt``, nothing was edited, or the edits are no keyframes PAM can take."""
-    prompt, previous, edited = (np.asarray(a) for a in (prompt, previous, edited))
+    result = previous if isinstance(previous, PropagationResult) else None
+    prompt, previous, edited = (np.asarray(a) for a in (prompt, previous.mask if result else previous, edited))
     for name, arr in (("the earlier result", previous), ("the edited result", edited)):
         if arr.shape != prompt.shape:
             raise InputError(f"{name} has shape {arr.shape}, the prompt {prompt.shape}: both must be on the "
@@ -1471,6 +1484,8 @@ def keyframes_from_edits(prompt: np.ndarray, previous: np.ndarray, edited: np.nd
     if lost and new:
         raise InputError(f"the edited result holds label {new[0]} where the earlier one holds {lost[0]}: save your "
                          "corrections with the result's label values")
+    if earlier is None and result is not None:
+        earlier = _earlier_from_result(result, ax)
     earlier = _earlier_record(earlier)
     out = np.zeros(prm.shape, dtype=prompt.dtype if np.issubdtype(prompt.dtype, np.integer) else np.int32)
     walls, changed_all, earlier_keys, erased = {}, {}, {}, []

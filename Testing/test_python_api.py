@@ -156,6 +156,31 @@ def test_earlier_keyframes_with_number_keys(ct_case):
         keyframes_from_edits(ct_case.prompt, result, edited, earlier={"one": {}})
 
 
+def test_a_second_round_from_the_result_keeps_the_first_rounds_corrections(ct_case):
+    """The README's second round, keyframes_from_edits(prompt, result.mask, edited) without earlier=,
+    lost every correction of the first round: given the result itself, they are kept."""
+    args = (ct_case.image, ct_case.spacing, CopyPredictor())
+    first = propagate(ct_case.image, ct_case.prompt, *args[1:], threads=1)
+    edited = first.mask.copy()
+    edited[14] = 0  # round 1: the object is absent on 14 (a wall)
+    edited[9] = ct_case.truth[9]  # and redrawn on 9
+    plan1 = keyframes_from_edits(ct_case.prompt, first, edited)
+    second = propagate(ct_case.image, plan1.prompt, *args[1:], empty_slices=plan1.empty_slices, update=True, threads=1)
+    assert not second.mask[14].any() and np.array_equal(second.mask[9] == 1, ct_case.truth[9])
+    edited2 = second.mask.copy()
+    edited2[7] = 0  # round 2 edits slice 7 only
+    from_result = keyframes_from_edits(ct_case.prompt, second, edited2)
+    from_record = keyframes_from_edits(ct_case.prompt, second.mask, edited2, earlier=plan1.record())
+    from_mask = keyframes_from_edits(ct_case.prompt, second.mask, edited2)
+    assert from_result.empty_slices == from_record.empty_slices == {1: [7, 14]}
+    assert np.array_equal(from_result.prompt, from_record.prompt) and from_result.prompt[9].any()
+    assert from_mask.empty_slices == {1: [7]} and not from_mask.prompt[9].any()  # what the mask alone knows
+    third = propagate(ct_case.image, from_result.prompt, *args[1:], empty_slices=from_result.empty_slices, update=True,
+                      threads=1)
+    assert not third.mask[14].any() and not third.mask[7].any()
+    assert np.array_equal(third.mask[9] == 1, ct_case.truth[9])
+
+
 def test_label_images_checks_its_options_first():
     rng = np.random.default_rng(0)
     images = [rng.normal(0, 1, (32, 32)) for _ in range(3)]
