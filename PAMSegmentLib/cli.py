@@ -661,9 +661,15 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
                 for w in caught:
                     if issubclass(w.category, UserWarning):
                         say(f"note: {option}: {w.message}")
-    earlier = {}
+    earlier, no_record = {}, None
     if keyframes_record_exists(previous_path):  # an earlier update's keyframes and walls
         earlier, axis = _read_keyframes_record(keyframes_record_path(previous_path), maps[0], axis, names[0])
+    else:  # a first round; or an update's output copied or moved without its record (its corrections would go)
+        no_record = (f"note: {names[0]} has no record of earlier rounds beside it "
+                     f"({keyframes_record_path(previous_path).name}, which an update writes beside its output): this "
+                     f"round keeps the prompt's slices and these edits only; if {Path(previous_path).name} came from an "
+                     "update, put that record beside it first, or the corrections of its earlier rounds are predicted "
+                     "again")
     plan = keyframes_from_edits(prompt.array, maps[0], maps[1], axis=axis, labels=labels, earlier=earlier)
     if slice_range is not None:
         lo, hi = slice_range
@@ -677,6 +683,8 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
     check_request(plan.prompt, plan.axis, labels, slice_range, plan.empty_slices, True)  # refused before it is said
     for line in plan.describe():
         say(f"update: {line}")
+    if no_record:
+        say(no_record)
     if plan.ignored:
         say(f"note: label{'s' if len(plan.ignored) > 1 else ''} {', '.join(map(str, plan.ignored))} changed in "
             f"{names[1]} but not propagated (not in the prompt or not among the labels chosen): left out of the "

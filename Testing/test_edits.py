@@ -97,7 +97,10 @@ def test_cli_update_equals_a_run_from_the_same_keyframes(ct_case, capsys):
                      "--method", "copy", "--previous", str(first), "--edited", str(edited_path)]) == 0
     printed = capsys.readouterr().out.splitlines()
     assert printed[0] == "update: label 1: keyframes 10 (prompt), 13 (edited); the object is absent on 6"
-    assert printed[1].startswith(f"wrote {out} and {out}.keyframes.json: label 1: slices ")
+    # first.nii.gz has no record beside it: said, since a copied update's corrections would be lost
+    assert printed[1].startswith("note: --previous has no record of earlier rounds beside it "
+                                 "(first.nii.gz.keyframes.json, which an update writes beside its output)")
+    assert printed[2].startswith(f"wrote {out} and {out}.keyframes.json: label 1: slices ")
     result = read_volume(out).array
     np.testing.assert_array_equal(result[13] > 0, ct_case.truth[13])
     assert not result[:7].any()
@@ -117,7 +120,7 @@ def test_cli_update_equals_a_run_from_the_same_keyframes(ct_case, capsys):
                      "--method", "copy", "--previous", str(first), "--edited", str(edited_path),
                      "--report", str(report)]) == 0
     printed = capsys.readouterr().out.splitlines()
-    assert printed[1].startswith(f"wrote {out}, {report} and {out}.keyframes.json: label 1: slices ")
+    assert printed[2].startswith(f"wrote {out}, {report} and {out}.keyframes.json: label 1: slices ")
 
 
 def test_cli_update_refusals_are_one_line(ct_case, run_cli):
@@ -169,8 +172,10 @@ def test_a_second_round_keeps_the_first_rounds_keyframes_and_walls(ct_case, caps
     e2 = write_image(edited2.astype(np.uint8), d / "e2.nii.gz", ct_case.spacing)
     capsys.readouterr()
     assert _update(ct_case, d / "second.nii.gz", e2, d / "third.nii.gz") == 0
-    assert capsys.readouterr().out.splitlines()[0] == (
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[0] == (
         "update: label 1: keyframes 10 (prompt), 13 (earlier rounds), 8 (edited); the object is absent on 5, 6")
+    assert "no record of earlier rounds" not in printed  # second.nii.gz has its record beside it
     third = read_volume(d / "third.nii.gz").array
     assert not third[5:7].any()
     np.testing.assert_array_equal(third[13] > 0, ct_case.truth[13])
