@@ -964,9 +964,40 @@ def _work(keys: list[int], drawn: set[int], lo: int, hi: int) -> int:
     return total
 
 
+# Public attributes of a predictor that are no setting of its results: what ``begin`` measured
+# (in ``begin_state`` when it matters) and how many threads it uses.
+_NOT_SETTINGS = frozenset({"begin_state", "prompt_area", "threads", "registration_workers"})
+
+
+def _settings(predictor) -> tuple:
+    """A predictor's settings as text (``name=value``): its public attributes of plain types, the
+    class-level options an instance may override, and for the network its weights (sha256) and
+    preprocessing. Walks made with other settings (another registration weight, other weights) are
+    not reused by an update."""
+    state = getattr(predictor, "__dict__", {})
+    items = {name: value for name, value in state.items() if not name.startswith("_") and name not in _NOT_SETTINGS}
+    for name in ("registration_options", "keyframe_empty_side_votes"):
+        if hasattr(predictor, name):
+            items[name] = getattr(predictor, name)
+    model = items.pop("model", None)
+    if model is not None:
+        items["model"] = getattr(model, "sha256", "") or f"in memory {id(model)}"
+        items["preprocessing"] = getattr(model, "preprocessing", None)
+    out = []
+    for name, value in sorted(items.items()):
+        if isinstance(value, dict):
+            value = sorted(value.items())
+        elif not (value is None or isinstance(value, (bool, int, float, str, tuple, np.generic))) \
+                and name != "preprocessing":
+            continue  # state objects (the drift test, the registration predictor), not settings
+        out.append(f"{name}={value!r}")
+    return tuple(out)
+
+
 def _begin_key(predictor) -> tuple:
-    """Which predictor ran a label, and what it took from the drawn slice (``begin_state``)."""
-    return type(predictor).__name__, getattr(predictor, "begin_state", None)
+    """Which predictor ran a label, with which settings, and what it took from the drawn slice
+    (``begin_state``)."""
+    return type(predictor).__name__, getattr(predictor, "begin_state", None), _settings(predictor)
 
 
 def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo, hi, batch_size,

@@ -599,7 +599,9 @@ def test_an_update_recomputes_when_the_predictor_begins_differently():
     truth = tube(3, 25)
     image = image_for(truth)
     first = propagate(image, prompt_from(truth, 12), ISO, WindowedOracle(truth, window=4))
-    assert first.begin_state == {1: ("WindowedOracle", pytest.approx(float(image[12][truth[12]].mean())))}
+    (name, began, settings), = first.begin_state.values()
+    assert (name, began) == ("WindowedOracle", pytest.approx(float(image[12][truth[12]].mean())))
+    assert settings == ("max_window=4", "min_window=1", "window_mm=4.0", "with_presence=False")
     above = WindowedOracle(truth, window=4)  # keyframe added above the first: same beginning, reuse
     update = propagate(image, prompt_from(truth, [12, 20]), ISO, above, previous=first)
     assert 0 < update.n_predicted < first.n_predicted and min(predicted(above)) > 12
@@ -608,6 +610,24 @@ def test_an_update_recomputes_when_the_predictor_begins_differently():
     fresh = propagate(image, prompt_from(truth, [6, 12]), ISO, WindowedOracle(truth, window=4))
     assert update.n_predicted == fresh.n_predicted == 30 and update.recomputed == fresh.recomputed
     np.testing.assert_array_equal(update.mask, fresh.mask)
+
+
+def test_an_update_with_other_settings_recomputes():
+    """previous= of a run with other settings of the same method (another registration weight, the
+    network alone after the fusion) kept that run's walks: the result mixed two settings."""
+    from PAMSegmentLib.baselines import get_predictor
+
+    truth = tube(3, 25)
+    image = image_for(truth) + 5 * truth
+    first = propagate(image, prompt_from(truth, 12), ISO, get_predictor("track", iterations=5))
+    same = get_predictor("track", iterations=5)
+    assert 0 < propagate(image, prompt_from(truth, [12, 20]), ISO, same, previous=first).n_predicted \
+        < first.n_predicted  # the same settings: the walks below 12 are reused
+    update = propagate(image, prompt_from(truth, [12, 20]), ISO, get_predictor("track", iterations=40),
+                       previous=first)
+    fresh = propagate(image, prompt_from(truth, [12, 20]), ISO, get_predictor("track", iterations=40))
+    np.testing.assert_array_equal(update.mask, fresh.mask)
+    assert update.n_predicted == fresh.n_predicted > 0
 
 
 def test_an_update_by_another_method_recomputes():
