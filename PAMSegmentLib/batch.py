@@ -503,6 +503,7 @@ def _run_row(row: BatchRow, model, args, progress=None) -> None:
         replace_together([(keyframes_record_path(row.output), ".json", keyframes_record_writer(plan, result.mask)),
                           (row.output, _write_extension(row.output), lambda tmp: write_labelmap(result.mask, image,
                                                                                                tmp, segments))])
+        row.notes.extend(f"changed beside the edits: {line}" for line in plan.changes(result.mask))
     row.slices = "; ".join(f"{lab}: {a}-{b}" for lab, (a, b) in result.slice_range.items())
     row.check_first = result.review_summary()
     row.message = " | ".join(row.notes + result.notes())

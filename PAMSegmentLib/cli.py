@@ -513,6 +513,9 @@ def cmd_propagate(args: argparse.Namespace) -> int:
                   f"{time.perf_counter() - t0:.1f} s in all", flush=True)
             if check:
                 print(f"least confident slices, to check first: {check}", flush=True)
+            if plan is not None:
+                for line in plan.changes(result.mask):
+                    print(f"changed beside your edits: {line}", flush=True)
             for note in result.notes():
                 print(f"note: {note} ({how})", flush=True)
     finally:

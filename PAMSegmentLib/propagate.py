@@ -1423,6 +1423,33 @@ class EditPlan:
     edited: dict[int, list[int]]  # per label: slices where EDITED differs from PREVIOUS
     ignored: list[int]  # labels edited but not in the prompt (not propagated)
     earlier: dict[int, list[int]] = field(default_factory=dict)  # per label: keyframes of earlier rounds
+    previous: np.ndarray | None = field(default=None, repr=False)  # the earlier result (for ``changes``)
+
+    def changes(self, mask: np.ndarray) -> list[str]:
+        """Per label, the slices along the axis where the update's ``mask`` differs from the earlier
+        result other than the ones edited by hand (walls and the keyframe rules move a walk's end,
+        also far from an edit), as ``label 1: 65-69 (now empty), 116-166``: what to look at again."""
+        if self.previous is None:
+            return []
+        prev, now = (np.moveaxis(np.asarray(a), self.axis, 0) for a in (self.previous, mask))
+        lines = []
+        for lab in sorted(self.drawn):
+            was, got = prev == lab, now == lab
+            differ = np.flatnonzero((was != got).any(axis=(1, 2)))
+            differ = [int(s) for s in differ if s not in set(self.edited[lab])]
+            if not differ:
+                continue
+            def status(k):
+                return " (now empty)" if not got[k].any() else " (new)" if not was[k].any() else ""
+
+            parts, start = [], 0
+            for i in range(1, len(differ) + 1):  # runs of consecutive slices of one status
+                if i == len(differ) or differ[i] != differ[i - 1] + 1 or status(differ[i]) != status(differ[i - 1]):
+                    first, last = differ[start], differ[i - 1]
+                    parts.append((str(first) if first == last else f"{first}-{last}") + status(first))
+                    start = i
+            lines.append(f"label {lab}: {', '.join(parts)}")
+        return lines
 
     def keyframes(self, label: int) -> list[int]:
         """The label's keyframe slices (walls not included)."""
@@ -1555,7 +1582,7 @@ def keyframes_from_edits(prompt: np.ndarray, previous, edited: np.ndarray, *,
     ignored = sorted((was | now) - set(drawn))
     return EditPlan(prompt=np.moveaxis(out, 0, ax), empty_slices=walls, axis=ax,
                     drawn={lab: list(sl) for lab, sl in drawn.items()}, edited=changed_all, ignored=ignored,
-                    earlier=earlier_keys)
+                    earlier=earlier_keys, previous=np.moveaxis(prev, 0, ax))
 
 
 def check_request(prompt, axis, labels, range, empty_slices, update: bool):  # noqa: A002

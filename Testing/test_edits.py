@@ -81,6 +81,20 @@ def test_refusals_say_what_is_wrong(case, message):
     assert MAX_PROMPT_SLICES >= SHAPE[0] // 2  # the half-the-slices limit is the one reached above
 
 
+def _changed_runs(was, now, skip):
+    """The slices where ``was`` and ``now`` differ (except ``skip``) as runs, written independently of
+    EditPlan.changes: consecutive slices of one kind (now empty / new / changed) form a run."""
+    kinds = {k: " (now empty)" if not now[k].any() else " (new)" if not was[k].any() else ""
+             for k in range(was.shape[0]) if k not in skip and not np.array_equal(was[k], now[k])}
+    runs = []
+    for k in sorted(kinds):
+        if runs and runs[-1][1] == k - 1 and kinds[runs[-1][0]] == kinds[k]:
+            runs[-1][1] = k
+        else:
+            runs.append([k, k])
+    return ", ".join((f"{a}" if a == b else f"{a}-{b}") + kinds[a] for a, b in runs)
+
+
 def test_cli_update_equals_a_run_from_the_same_keyframes(ct_case, capsys):
     """--previous/--edited gives what propagating the drawn and edited slices with the erased one
     as --empty-slices gives (every slice recomputed), and keeps the edit exactly."""
@@ -104,6 +118,10 @@ def test_cli_update_equals_a_run_from_the_same_keyframes(ct_case, capsys):
     result = read_volume(out).array
     np.testing.assert_array_equal(result[13] > 0, ct_case.truth[13])
     assert not result[:7].any()
+    # The slices that changed besides the edited ones (13 and 6) are listed: what to look at again
+    expected = _changed_runs(previous == 1, result == 1, skip={6, 13})
+    assert expected == "5 (now empty), 12, 14-15"  # 5: below the wall, where the earlier result held the object
+    assert f"changed beside your edits: label 1: {expected}" in printed
 
     keyframes = np.zeros_like(ct_case.prompt)
     keyframes[10], keyframes[13] = ct_case.prompt[10], ct_case.truth[13]
