@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
+from .checks import is_flag, is_number
 from .errors import InputError, PropagationCancelled
 
 __all__ = ["CellResult", "label_cells", "example_cells", "match_instances"]
@@ -81,12 +82,17 @@ def _check(image, examples, background):
         raise InputError(f"the image must hold real grey or colour values, got {img.dtype}")
     if not np.all(np.isfinite(img)):
         raise InputError("the image holds NaN/inf values; replace them first")
+    if min(img.shape[:2]) < 8:  # the texture features need a few pixels each way
+        raise InputError(f"the image is {img.shape[1]} x {img.shape[0]} pixels; cell labelling needs at least 8 x 8")
     ex = np.asarray(examples)
     if ex.shape != img.shape[:2]:
         raise InputError(f"the example mask is {ex.shape[1]} x {ex.shape[0]} pixels but the image is "
                          f"{img.shape[1]} x {img.shape[0]}; draw the examples on that image")
     if not (np.issubdtype(ex.dtype, np.integer) or ex.dtype == bool):
         raise InputError("the example mask must be an integer label map (0 = background)")
+    if ex.dtype != bool and ex.min() < 0:
+        raise InputError(f"the example mask holds the negative value {int(ex.min())}: labels are whole numbers from 1 "
+                         "(0 = background); renumber it")
     cells = example_cells(ex)
     n = int(cells.max())
     if n == 0:
@@ -195,8 +201,14 @@ def label_cells(image, examples, *, background=None, tile: int = 1024, seed: int
     from .propagate import check_progress_and_cancel
 
     check_progress_and_cancel(progress, cancel)
-    if not isinstance(tile, (int, np.integer)) or tile < 64:
+    if isinstance(tile, bool) or not isinstance(tile, (int, np.integer)) or tile < 64:
         raise InputError(f"tile must be a whole number of at least 64 px, got {tile!r}")
+    for name, value in (("self_training", self_training), ("contrast_background", contrast_background)):
+        if not is_flag(value):  # text: "off" would be True
+            raise InputError(f"{name} must be True or False, got {value!r}")
+    if isinstance(seed, bool) or not is_number(seed, 0, 2**32 - 1, whole=True):
+        raise InputError(f"seed must be a whole number from 0 to {2**32 - 1}, got {seed!r}")
+    seed = int(seed)
     img, cells, n_ex, bg_user = _check(image, examples, background)
     areas = np.bincount(cells.ravel())[1:]
     radius = float(np.median(np.sqrt(areas / np.pi)))

@@ -181,6 +181,14 @@ def test_cancel_stops_between_tiles():
     (lambda ref: np.where(ref < 3, ref, 0)[:100], {}, "the example mask is 160 x 100 pixels but the image is 160 x 160"),
     (lambda ref: np.where(ref < 3, ref, 0), {"background": "overlap"}, "background mask overlaps the example cells"),
     (lambda ref: np.where(ref < 3, ref, 0), {"tile": 10}, "tile must be a whole number of at least 64"),
+    # option types (text was taken as True, "no" failed after the features were computed)
+    (lambda ref: np.where(ref < 3, ref, 0), {"contrast_background": "off"}, "contrast_background must be True or "
+                                                                            "False, got 'off'"),
+    (lambda ref: np.where(ref < 3, ref, 0), {"self_training": "no"}, "self_training must be True or False"),
+    (lambda ref: np.where(ref < 3, ref, 0), {"seed": "1"}, "seed must be a whole number from 0"),
+    (lambda ref: np.where(ref < 3, ref, 0), {"seed": -1}, "seed must be a whole number from 0"),
+    # negative labels were taken as cells
+    (lambda ref: np.where(ref < 3, ref, 0) - (ref == 5).astype(int), {}, "holds the negative value -1"),
 ])
 def test_bad_input_gets_one_clear_message(examples, kwargs, message):
     image, ref = disc_image()
@@ -188,6 +196,11 @@ def test_bad_input_gets_one_clear_message(examples, kwargs, message):
         kwargs = {"background": ref == 1}
     with pytest.raises(InputError, match=message):
         label_cells(image, examples(ref), **kwargs)
+
+
+def test_an_image_of_one_row_is_refused_with_its_size():
+    with pytest.raises(InputError, match="the image is 50 x 1 pixels; cell labelling needs at least 8 x 8"):
+        label_cells(np.zeros((1, 50)), np.eye(1, 50, dtype=np.uint8))
 
 
 def test_touching_examples_drawn_with_one_label_are_named_as_the_likely_cause():

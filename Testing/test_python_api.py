@@ -191,6 +191,8 @@ def test_label_images_checks_its_options_first():
                             ({"cancel": threading.Event()}, "cancel must be a CancelToken, got Event")):
         with pytest.raises(InputError, match=message):
             label_images(images, 0, mask, CopyPredictor(), **kwargs)
+    with pytest.raises(InputError, match="normalize must be True or False, got 'no'"):  # was taken as True
+        label_images(images, 0, mask, CopyPredictor(), normalize="no")
 
 
 def test_loading_the_model_leaves_the_callers_random_stream_alone():
