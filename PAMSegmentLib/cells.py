@@ -59,17 +59,54 @@ class CellResult:
 
 
 def example_cells(examples: np.ndarray) -> np.ndarray:
-    """The user's examples as instances: each label's connected components are separate cells."""
+    """The user's examples as instances: each label's connected components (8-connected, so that a
+    thin drawn outline stays one) are separate cells."""
     ex = np.asarray(examples)
     out = np.zeros(ex.shape, np.int32)
     n = 0
     for lab in np.unique(ex):
         if lab == 0:
             continue
-        comps, k = ndimage.label(ex == lab)
+        comps, k = ndimage.label(ex == lab, structure=np.ones((3, 3), bool))
         out[comps > 0] = comps[comps > 0] + n
         n += k
     return out
+
+
+def _tidy_examples(cells: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Examples drawn as outlines filled (a ring around at least its own area of background: the
+    cell is what it encloses), and specks left out (under a quarter of the median example's area:
+    a stray pixel of a label set the smallest cell size and was trained on as a cell). Returns the
+    examples renumbered from 1, and a note per change."""
+    notes = []
+    if not cells.any():
+        return cells, notes
+    out = cells.copy()
+    rings = 0
+    for k, box in enumerate(ndimage.find_objects(cells), start=1):
+        if box is None:
+            continue
+        own = cells[box] == k
+        inside = ndimage.binary_fill_holes(own) & ~own & (cells[box] == 0)
+        if inside.sum() >= own.sum():
+            out[box][inside] = k
+            rings += 1
+    if rings:
+        notes.append(f"{rings} example cell{'s were' if rings > 1 else ' was'} drawn as an outline; filled (draw "
+                     "examples filled, as the cells are)")
+    areas = np.bincount(out.ravel())[1:]
+    small = np.flatnonzero(areas < 0.1 * np.median(areas)) + 1
+    if small.size and small.size <= len(areas) - 2:  # at least two examples stay
+        rows = [ndimage.center_of_mass(out == k) for k in small[:3]]
+        where = "; ".join(f"row {r:.0f}, column {c:.0f} ({areas[k - 1]} px)" for k, (r, c) in zip(small, rows))
+        notes.append(f"{small.size} example{'s' if small.size > 1 else ''} under a tenth of the median example's "
+                     f"area ({np.median(areas):.0f} px) left out as stray pixels ({where}"
+                     f"{'; ...' if small.size > 3 else ''}): draw whole cells")
+        out[np.isin(out, small)] = 0
+    present = np.unique(out)
+    renumber = np.zeros(int(out.max()) + 1, np.int32)
+    renumber[present] = np.arange(len(present))
+    return renumber[out], notes
 
 
 def _check(image, examples, background):
@@ -93,7 +130,7 @@ def _check(image, examples, background):
     if ex.dtype != bool and ex.min() < 0:
         raise InputError(f"the example mask holds the negative value {int(ex.min())}: labels are whole numbers from 1 "
                          "(0 = background); renumber it")
-    cells = example_cells(ex)
+    cells, notes = _tidy_examples(example_cells(ex))
     n = int(cells.max())
     if n == 0:
         raise InputError("no example cells: outline a few cells (at least 2) in the example mask")
@@ -107,7 +144,7 @@ def _check(image, examples, background):
             raise InputError("the background mask must have the image's size")
         if (bg & (cells > 0)).any():
             raise InputError("the background mask overlaps the example cells; erase the overlap")
-    return img.astype(np.float32), cells, n, bg
+    return img.astype(np.float32), cells, n, bg, notes
 
 
 def _large_examples(cells: np.ndarray, areas: np.ndarray) -> list[str]:
@@ -209,7 +246,7 @@ def label_cells(image, examples, *, background=None, tile: int = 1024, seed: int
     if isinstance(seed, bool) or not is_number(seed, 0, 2**32 - 1, whole=True):
         raise InputError(f"seed must be a whole number from 0 to {2**32 - 1}, got {seed!r}")
     seed = int(seed)
-    img, cells, n_ex, bg_user = _check(image, examples, background)
+    img, cells, n_ex, bg_user, example_notes = _check(image, examples, background)
     areas = np.bincount(cells.ravel())[1:]
     radius = float(np.median(np.sqrt(areas / np.pi)))
     # The intensities on one scale (per channel for colour): 0.5-99.5 percentiles to 0..1.
@@ -338,7 +375,7 @@ def label_cells(image, examples, *, background=None, tile: int = 1024, seed: int
                                    "probability": float(mp), "example": bool(lab <= n_ex)})
     if progress is not None:
         progress(1.0, "done")
-    warnings_ = _large_examples(cells, areas)
+    warnings_ = example_notes + _large_examples(cells, areas)
     found_areas = [c["area"] for c in cells_info if not c["example"]]
     giant = sum(a > 4 * areas.max() for a in found_areas)
     covered = float((out > 0).mean())
