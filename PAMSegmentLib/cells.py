@@ -395,8 +395,12 @@ def split_instances(fg: np.ndarray, radius: float) -> np.ndarray:
     dist = ndimage.distance_transform_edt(fg)
     comps, _ = ndimage.label(fg)
     peaks = peak_local_max(dist, min_distance=max(int(round(0.6 * radius)), 1), labels=comps, exclude_border=False)
-    markers = np.zeros(fg.shape, np.int32)
-    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+    # Touching peaks are one marker: a small cell's flat top (several pixels at one distance, with
+    # min_distance 1) cut it into 3 px pieces that fell under the size floor (all of 400 cells of
+    # radius 2 were lost).
+    at_peak = np.zeros(fg.shape, bool)
+    at_peak[tuple(peaks.T)] = True
+    markers, _ = ndimage.label(at_peak, structure=np.ones((3, 3), bool))
     return watershed(-dist, markers, mask=fg)
 
 

@@ -539,3 +539,25 @@ def test_real_brightfield_image_stromal_examples_find_stromal_nuclei_not_the_gla
     found = int(labels.max()) - 6
     assert 150 <= found <= 260, found
     assert ihc.centred_in(labels, glands) <= 5
+
+
+def test_small_cells_with_a_flat_top_are_found_whole():
+    """Cells 4-5 px across: the watershed was seeded at every pixel of a cell's flat distance top and
+    cut each into pieces under the size floor (0 of 400 found at radius 2)."""
+    rng = np.random.default_rng(0)
+    side, grid = 8, 10
+    yy, xx = np.mgrid[:side, :side]
+    disk = ((yy - 3.5) ** 2 + (xx - 3.5) ** 2) <= 4.0  # radius 2, centred between pixels: a flat top
+    image = np.tile(np.where(disk, 200.0, 40.0), (grid, grid)) + rng.normal(0, 5, (side * grid, side * grid))
+    examples = np.zeros(image.shape, np.int32)
+    for k in range(4):
+        examples[k * side:(k + 1) * side, :side][disk] = k + 1
+    background = np.zeros(image.shape, bool)
+    background[:side, 2 * side:3 * side] = ~disk
+    result = label_cells(image, examples, background=background)
+    truth = np.zeros(image.shape, np.int32)
+    for i in range(grid):
+        for j in range(grid):
+            truth[i * side:(i + 1) * side, j * side:(j + 1) * side][disk] = i * grid + j + 1
+    score = match_instances(result.labels, truth, exclude=[1, 11, 21, 31])
+    assert len(result.cells) == grid * grid and score["tp"] == grid * grid - 4 == score["n_pred"]
