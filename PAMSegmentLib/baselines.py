@@ -82,7 +82,7 @@ class IntensityGate:
 
     @classmethod
     def from_prompt(cls, image_slice: np.ndarray, mask: np.ndarray, k: float = 2.0,
-                    min_inside: float = 0.5) -> "IntensityGate":
+                    min_inside: float = 0.5, sd_floor: float = 0.02) -> "IntensityGate":
         vals = np.asarray(image_slice, dtype=np.float64)[np.asarray(mask, dtype=bool)]
         if vals.size == 0:
             raise InputError("the prompt slice's mask is empty")
@@ -90,7 +90,7 @@ class IntensityGate:
         mad = 1.4826 * float(np.median(np.abs(vals - med)))
         q1, q99, q25, q75 = np.percentile(vals, [1, 99, 25, 75])
         s1, s99 = np.percentile(np.asarray(image_slice, dtype=np.float64), [1, 99])
-        floor = max(0.02 * float(s99 - s1), 1e-6 * abs(med), 1e-300)  # relative: any unit of the values
+        floor = max(sd_floor * float(s99 - s1), 1e-6 * abs(med), 1e-300)  # relative: any unit of the values
         sd = max(mad, float(q75 - q25) / 1.349, floor)
         return cls(med, sd, float(q1) - k * sd * 0.5, float(q99) + k * sd * 0.5, k, min_inside)
 

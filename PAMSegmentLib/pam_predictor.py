@@ -102,6 +102,9 @@ class PAMPredictor(SlicePredictor):
     # TrackPredictor options overriding the checkpoint's registration_max_side/_iterations.
     registration_options: dict = {}
     registration_workers: int = 2
+    # The drift test's smallest robust SD, as a fraction of the slice's 1-99 % range
+    # (IntensityGate.from_prompt); label_images widens it for images normalised one by one.
+    gate_sd_floor: float = 0.02
 
     def __init__(self, model, intensity_gate: bool | None = None, registration_weight: float | None = None,
                  gate_reference: str | None = None, query_prior: str | None = None):
@@ -176,7 +179,8 @@ class PAMPredictor(SlicePredictor):
         if self.intensity_gate:
             from .baselines import IntensityGate
 
-            self.gate = IntensityGate.from_prompt(_smoothed(volume[prompt_index]), prompt_mask)
+            self.gate = IntensityGate.from_prompt(_smoothed(volume[prompt_index]), prompt_mask,
+                                                  sd_floor=self.gate_sd_floor)
 
     @property
     def begin_state(self):
@@ -201,7 +205,8 @@ class PAMPredictor(SlicePredictor):
         if key not in self._guide_gates:
             if len(self._guide_gates) >= 4:  # a walk uses at most a few guides at a time
                 self._guide_gates.pop(next(iter(self._guide_gates)))
-            self._guide_gates[key] = IntensityGate.from_prompt(_smoothed(volume[guide_index]), mask) \
+            self._guide_gates[key] = IntensityGate.from_prompt(_smoothed(volume[guide_index]), mask,
+                                                               sd_floor=self.gate_sd_floor) \
                 if mask.any() else self.gate
         return self._guide_gates[key]
 

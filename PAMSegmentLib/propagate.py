@@ -976,7 +976,7 @@ def _settings(predictor) -> tuple:
     not reused by an update."""
     state = getattr(predictor, "__dict__", {})
     items = {name: value for name, value in state.items() if not name.startswith("_") and name not in _NOT_SETTINGS}
-    for name in ("registration_options", "keyframe_empty_side_votes"):
+    for name in ("registration_options", "keyframe_empty_side_votes", "gate_sd_floor"):
         if hasattr(predictor, name):
             items[name] = getattr(predictor, name)
     model = items.pop("model", None)

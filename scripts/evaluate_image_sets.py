@@ -66,6 +66,10 @@ def make_predictor(method: str, checkpoint: str):
         return PAMPredictor(model)
     if method == "pam-nogate":
         return PAMPredictor(model, intensity_gate=False)
+    if method.startswith("pam-floor"):  # the drift test's SD floor, e.g. pam-floor0.1
+        predictor = PAMPredictor(model)
+        predictor.gate_sd_floor = float(method[len("pam-floor"):])
+        return predictor
     if method == "pam-reg0":
         model.inference = replace(model.inference, intensity_gate=False)
         return PAMPredictor(model, registration_weight=0.0)
