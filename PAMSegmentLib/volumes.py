@@ -610,7 +610,7 @@ def _as_integer_labels(image: sitk.Image, name: str) -> sitk.Image:
         return sitk.Cast(image, sitk.sitkUInt8)
     if not np.all(np.isfinite(arr)) or not np.array_equal(arr, np.round(arr)):
         raise InputError(
-            f"{name} has non-integer values, so it is not a label map; save the prompt as an integer label map (or "
+            f"{name} has non-integer values, so it is not a label map; save it as an integer label map (or "
             "are the image and the label map swapped?)"
         )
     lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
@@ -1471,7 +1471,12 @@ def read_labelmap_2d(path: PathLike, reference: tuple[np.ndarray, sitk.Image] | 
     else:
         arr = sitk.GetArrayFromImage(_as_integer_labels(image, name))
     edges = _edge_labels(arr)
-    if len(edges) >= 3 and len(np.unique(arr)) > 5:  # a ramp of grey steps, not a few thin structures
+    n_values = len(np.unique(arr))
+    if n_values > 64 and len(edges) >= 3:  # most likely the image itself, given where the mask goes
+        raise InputError(f"{name} has {n_values - 1} grey values and looks like an image, not a label map: was the "
+                         "image given in the mask's place? A mask holds 0 = background, 1, 2 ... = labels (an "
+                         "anti-aliased mask, saved with smoothing, looks like this too)")
+    if len(edges) >= 3 and n_values > 5:  # a ramp of grey steps, not a few thin structures
         raise InputError(f"{name} has {len(np.unique(arr)) - 1} grey values, {len(edges)} of them only along the "
                          "edges of others: an anti-aliased (smoothed) mask, not a label map; save it without "
                          "smoothing (0 = background, 1, 2 ... = labels)")

@@ -840,3 +840,18 @@ def test_tiled_and_grey_alpha_tiffs_keep_their_values(tmp_path, monkeypatch):
     with pytest.raises(InputError, match=r"tiled.tif is a tiled TIFF of 1 sample\(s\) x 16 bits per pixel that ITK "
                                          r"reads as 4 x 8 bits .*install tifffile"):
         volumes.read_image_2d(tmp_path / "tiled.tif")
+
+
+def test_an_image_given_as_a_mask_is_named_as_such(tmp_path):
+    """The image given by mistake as a mask (label-cells --background, label-images' mask) was
+    called "an anti-aliased (smoothed) mask"."""
+    from PIL import Image
+
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.volumes import read_labelmap_2d
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (64, 64), dtype=np.uint8)).save(tmp_path / "image.png")
+    with pytest.raises(InputError, match=r"image.png has 255 grey values and looks like an image, not a label map: was "
+                                         r"the image given in the mask's place\?"):
+        read_labelmap_2d(tmp_path / "image.png")
