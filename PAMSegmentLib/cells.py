@@ -346,6 +346,8 @@ def label_cells(image, examples, *, background=None, tile: int = 1024, seed: int
         prob, _ = classify(forest, 1, False)
 
     # Instances: a watershed of the distance to the background, seeded at well separated peaks.
+    if progress is not None:  # on a large image this takes about as long as the classification
+        progress(0.9, "splitting touching cells")
     fg = ndimage.binary_opening(prob >= 0.5, iterations=1) & (cells == 0)
     # Holes no larger than the largest example are gaps inside a cell; larger ones (a gland's lumen
     # ringed by nuclei) are background and stay open.
@@ -363,6 +365,8 @@ def label_cells(image, examples, *, background=None, tile: int = 1024, seed: int
     out = cells.copy()
     out[found > 0] = relabel[found[found > 0]]
 
+    if progress is not None:
+        progress(0.95, "measuring the cells")
     cells_info = []
     index = np.unique(out)[1:]  # labels present (an example cell drawn over by none is still there)
     if index.size:
@@ -542,7 +546,7 @@ def cmd_label_cells(args) -> int:
                   f"size, and nearer their {look} than their surroundings'): {it} learned as background. If {it} "
                   f"{'a cell' if one else 'cells'}, draw {'it' if one else 'them'} with another label (or give "
                   "--background-label a label no cell uses)", flush=True)
-    with _ProgressBar("labelling cells") as bar:
+    with _ProgressBar("labelling cells", show_message=True) as bar:
         result = label_cells(image, examples, background=background, tile=args.tile,
                              self_training=args.self_training, progress=bar)
     if fallback is not None and int(result.labels.max()) > 65535:
@@ -572,6 +576,8 @@ def cmd_label_cells(args) -> int:
                   "--background MASK) usually remove cells found in the background (README: label-cells)",
                   flush=True)
 
+    if result.labels.size >= 2**24:  # a large image's map and table take seconds to write
+        print(f"writing {out.name} and {table.name} ({len(result.cells)} cells) ...", flush=True)
     replace_together([(table, ".csv", write_table),
                       (out, check_output_path(out, MASK_2D_EXTENSIONS, probe=False),  # the format's extension
                        lambda tmp: write_labelmap_2d(result.labels, ref, tmp))],
