@@ -506,7 +506,7 @@ def _run_row(row: BatchRow, model, args, progress=None) -> None:
         row.notes.extend(f"changed beside the edits: {line}" for line in plan.changes(result.mask))
     row.slices = "; ".join(f"{lab}: {a}-{b}" for lab, (a, b) in result.slice_range.items())
     row.check_first = result.review_summary()
-    row.message = " | ".join(row.notes + result.notes())
+    row.message = " | ".join(row.notes + result.notes(edited=None if plan is None else plan.edited))
 
 
 def _case_progress(bar, every: float = 1.0):

@@ -516,7 +516,7 @@ def cmd_propagate(args: argparse.Namespace) -> int:
             if plan is not None:
                 for line in plan.changes(result.mask):
                     print(f"changed beside your edits: {line}", flush=True)
-            for note in result.notes():
+            for note in result.notes(edited=None if plan is None else plan.edited):
                 print(f"note: {note} ({how})", flush=True)
     finally:
         for t in (tmp, tmp_report, tmp_sidecar):

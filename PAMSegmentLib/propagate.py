@@ -150,11 +150,14 @@ class PropagationResult:
     # recomputes everything. None where unknown (a result read back from a saved record).
     image_digest: str | None = None
 
-    def notes(self) -> list[str]:
-        """Hints for the user about how walks ended (e.g. a drift test that stopped at once)."""
+    def notes(self, edited: dict[int, Sequence[int]] | None = None) -> list[str]:
+        """Hints for the user about how walks ended (e.g. a drift test that stopped at once).
+        ``edited``: per label, slices the user just drew in an update; a walk from one of them that
+        ends at once is what the drawing says (an organ's last slice), not a hint."""
         out = []
         for lab, stops in self.stops.items():
-            at_once = [s for s in stops if s["reason"] == "drift" and s["last"] == s["start"]]
+            quiet = set((edited or {}).get(lab, ()))
+            at_once = [s for s in stops if s["reason"] == "drift" and s["last"] == s["start"] and s["start"] not in quiet]
             if at_once:
                 sides = " and ".join("after" if s["direction"] > 0 else "before" for s in at_once)
                 out.append(f"label {lab}: the intensity drift test ended the propagation right {sides} the drawn "

@@ -225,6 +225,9 @@ def test_result_says_what_ended_each_walk_and_warns_when_the_drift_test_stops_at
     assert res.notes() == ["label 1: the intensity drift test ended the propagation right after the drawn slice "
                            "(the next slice looked like different tissue); if the structure goes on there, run "
                            "again with the drift test off"]
+    # A slice the user just drew in an update (an organ's last slice): its walk ending at once is what
+    # the drawing says, not a hint to turn the drift test off.
+    assert res.notes(edited={1: [9]}) == [] and len(res.notes(edited={1: [4], 2: [9]})) == 1
     # The network's own presence: a stop, but no warning (that is the network's call).
     p = StaleNetwork(0.0, absent_from=10)
     res = propagate(img, prompt_on(truth, 9), (1.0, 1.0, 1.0), p, axis=0)
