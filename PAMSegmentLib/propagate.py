@@ -1542,6 +1542,10 @@ def keyframes_from_edits(prompt: np.ndarray, previous, edited: np.ndarray, *,
     was, now = ({int(v) for v in np.unique(a[differ])} - {0} for a in (prev, edit))
     lost = sorted(lab for lab in set(drawn) & was if not (edit == lab).any())
     new = sorted(v for v in now if not (prev == v).any())
+    if len(new) > 16 or (new and new[0] < 0):
+        raise InputError(f"the edited result holds {len(new)} values the earlier result does not ({', '.join(map(str, new[:3]))}"
+                         f"{', ...' if len(new) > 3 else ''}): it looks like an image, not a corrected copy of the earlier "
+                         "result; give the copy of the result you corrected")
     if lost and new:
         raise InputError(f"the edited result holds label {new[0]} where the earlier one holds {lost[0]}: save your "
                          "corrections with the result's label values")

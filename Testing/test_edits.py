@@ -158,6 +158,12 @@ def test_cli_update_refusals_are_one_line(ct_case, run_cli):
     assert proc.returncode == 2 and proc.stderr.startswith("pamsegment: error: --edited: other.nii.gz is not on the "
                                                            "image grid: size differs")
     assert len(proc.stderr.strip().splitlines()) == 1 and not (d / "out.nii.gz").exists()
+    # The CT itself given as --edited was told it had too many keyframes
+    ct = write_image(np.round(ct_case.image).astype(np.int16) - 1000, d / "ct_int.nii.gz", ct_case.spacing)
+    proc = run_cli("propagate", ct_case.image_path, ct_case.prompt_path, "-o", d / "out.nii.gz", "--method", "copy",
+                   "--previous", first, "--edited", ct)
+    assert proc.returncode == 2 and "it looks like an image, not a corrected copy of the earlier result" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (d / "out.nii.gz").exists()
 
 
 def _first_run(ct_case):
