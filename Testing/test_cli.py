@@ -793,7 +793,7 @@ def test_propagate_prints_the_results_notes(ct_case, small_checkpoint, monkeypat
     with the option that changes it."""
     from PAMSegmentLib.propagate import PropagationResult
 
-    monkeypatch.setattr(PropagationResult, "notes", lambda self: ["label 1: stopped at once"])
+    monkeypatch.setattr(PropagationResult, "notes", lambda self, edited=None: ["label 1: stopped at once"])
     out = ct_case.directory / "noted.nii.gz"
     assert cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out),
                      "--checkpoint", str(small_checkpoint.path)]) == 0
