@@ -734,7 +734,8 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.progressBar.setFormat(f"done in {_formatSeconds(job.elapsed)}")
                 hint = ""
                 if segmentId != job.segment_id:
-                    hint = f' Select "{written.GetName()}" to review it by confidence or update it from your edits.'
+                    hint = (f' Select "{written.GetName()}" to review it by confidence, update it from your edits or '
+                            "undo it (Undo propagation acts on the selected segment).")
                 notes = job.result.notes()
                 if notes:  # e.g. the drift test stopped right at the drawn slice
                     hint += (" The propagation stopped right next to your slice because the tissue changed there; if "
