@@ -1297,27 +1297,48 @@ def _read_png_with_pil(p: Path) -> sitk.Image | None:
         return None
 
 
-def _tiff_layout(p: Path) -> tuple[int, int, bool] | None:
-    """A TIFF's (samples per pixel, bits per sample, tiled) from its first page's tags (Pillow reads
-    them without decoding the pixels); None for any other file or one Pillow cannot open."""
+def _tiff_layout(p: Path) -> tuple[int, int, bool, int] | None:
+    """A TIFF's (samples per pixel, bits per sample, tiled, pages) from its tags, without decoding
+    the pixels (tifffile when installed, else Pillow with its pixel-count guard off: only the tags
+    are read); None for any other file or one neither can open."""
     if not p.name.lower().endswith((".tif", ".tiff")):
         return None
     try:
+        import tifffile
+
+        with tifffile.TiffFile(p) as tif:
+            page = tif.pages[0]
+            return int(page.samplesperpixel), int(page.bitspersample), bool(page.is_tiled), len(tif.pages)
+    except ImportError:
+        pass
+    except Exception:  # noqa: BLE001 - tifffile's own errors on files it cannot parse
+        return None
+    try:
+        import warnings
+
         from PIL import Image
 
-        with Image.open(p) as im:
-            tags = getattr(im, "tag_v2", None)
-            if tags is None:
-                return None
-            bits = tags.get(258, (1,))
-            return int(tags.get(277, 1)), int(bits[0] if isinstance(bits, tuple) else bits), 322 in tags
+        guard = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None  # a large slide's tags, not its pixels
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with Image.open(p) as im:
+                    tags = getattr(im, "tag_v2", None)
+                    if tags is None:
+                        return None
+                    bits = tags.get(258, (1,))
+                    return (int(tags.get(277, 1)), int(bits[0] if isinstance(bits, tuple) else bits), 322 in tags,
+                            int(getattr(im, "n_frames", 1)))
+        finally:
+            Image.MAX_IMAGE_PIXELS = guard
     except (ImportError, OSError, ValueError, TypeError):
         return None
 
 
 def _tiff_pixels(p: Path) -> np.ndarray | None:
-    """A TIFF's first page as (rows, columns[, samples]) with its own bits: tifffile when installed
-    (it comes with scikit-image), else Pillow (grey, grey + alpha, 16-bit grey); None if neither can."""
+    """A single-page TIFF's pixels as (rows, columns[, samples]) with their own bits: tifffile when it
+    can decode them (some compressions need imagecodecs), else Pillow; None if neither can."""
     try:
         import tifffile
 
@@ -1328,36 +1349,47 @@ def _tiff_pixels(p: Path) -> np.ndarray | None:
                     and page.planarconfig == 2:  # samples stored plane after plane
                 arr = np.moveaxis(arr, 0, -1)
             return arr
-    except ImportError:
+    except Exception:  # noqa: BLE001 - not installed, or a compression it has no codec for: try Pillow
         pass
-    except Exception:  # noqa: BLE001 - tifffile raises its own errors on files it cannot decode
-        return None
     try:
+        import warnings
+
         from PIL import Image
 
-        with Image.open(p) as im:
-            return np.asarray(im.getchannel("L") if im.mode in ("LA", "La") else im)
+        guard = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None  # the caller asked for this file; its size is checked elsewhere
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with Image.open(p) as im:
+                    return np.asarray(im.getchannel("L") if im.mode in ("LA", "La") else im)
+        finally:
+            Image.MAX_IMAGE_PIXELS = guard
     except (ImportError, OSError, ValueError):
         return None
 
 
 def _faithful_tiff(p: Path, image: sitk.Image) -> sitk.Image:
-    """``image`` as ITK read the TIFF ``p``, or the TIFF read again where ITK did not keep its values:
-    ITK falls back to 8-bit RGBA for tiled TIFFs (a 16-bit slide export read as 8 bits) and
-    interleaves the two samples of a grey + alpha TIFF into one grey row. InputError if it cannot
-    be read faithfully here."""
+    """``image`` as ITK read the TIFF ``p``, or, in the two cases where ITK loses the values, the
+    TIFF read again: a tiled TIFF of more than 8 bits per sample (ITK falls back to an 8-bit RGBA
+    reader: a 16-bit slide export loses its values) and a grey + alpha (two-sample) TIFF (ITK
+    interleaves the two samples into one grey row). Multi-page TIFFs are left to ITK (a stack is a
+    3D image, refused as such). InputError if such a file cannot be read faithfully here."""
     layout = _tiff_layout(p)
     if layout is None:
         return image
-    samples, bits, tiled = layout
+    samples, bits, tiled, pages = layout
     itk_bits = 8 * np.dtype(sitk.GetArrayViewFromImage(image).dtype).itemsize
-    if image.GetNumberOfComponentsPerPixel() == samples and itk_bits == bits:
+    lossy_fallback = tiled and bits > 8 and itk_bits == 8
+    interleaved = samples == 2 and image.GetNumberOfComponentsPerPixel() == 1
+    if pages != 1 or not (lossy_fallback or interleaved):
         return image
     arr = _tiff_pixels(p)
     if arr is None or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] != samples):
         raise InputError(f"{p.name} is a {'tiled ' if tiled else ''}TIFF of {samples} sample(s) x {bits} bits per pixel "
                          f"that ITK reads as {image.GetNumberOfComponentsPerPixel()} x {itk_bits} bits (values would "
-                         "be lost); install tifffile (pip install tifffile) or save it as an untiled TIFF or PNG")
+                         "be lost); install tifffile and imagecodecs (pip install tifffile imagecodecs) or save it "
+                         "as an untiled TIFF or PNG")
     if arr.ndim == 3 and samples == 2:  # grey + alpha (or two channels): the first, as for PNG
         arr = arr[..., 0]
     out = sitk.GetImageFromArray(np.ascontiguousarray(arr), isVector=arr.ndim == 3)

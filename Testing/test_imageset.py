@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -838,7 +839,7 @@ def test_tiled_and_grey_alpha_tiffs_keep_their_values(tmp_path, monkeypatch):
     assert np.array_equal(volumes.read_image_2d(tmp_path / "strip.tif")[0], grey16.astype(np.float32))
     monkeypatch.setattr(volumes, "_tiff_pixels", lambda p: None)
     with pytest.raises(InputError, match=r"tiled.tif is a tiled TIFF of 1 sample\(s\) x 16 bits per pixel that ITK "
-                                         r"reads as 4 x 8 bits .*install tifffile"):
+                                         r"reads as 4 x 8 bits .*install tifffile and imagecodecs"):
         volumes.read_image_2d(tmp_path / "tiled.tif")
 
 
@@ -855,3 +856,37 @@ def test_an_image_given_as_a_mask_is_named_as_such(tmp_path):
     with pytest.raises(InputError, match=r"image.png has 255 grey values and looks like an image, not a label map: was "
                                          r"the image given in the mask's place\?"):
         read_labelmap_2d(tmp_path / "image.png")
+
+
+def test_tiffs_itk_reads_faithfully_are_read_as_before(tmp_path, monkeypatch):
+    """Only the two cases where ITK loses values are read again: a 1-bit TIFF (a traceback), a stack
+    of tiled pages (read as its first page instead of refused as 3D) and a palette TIFF (read as its
+    indices) came out differently once every TIFF whose bits ITK reported otherwise was read again."""
+    tifffile = pytest.importorskip("tifffile")
+    from PIL import Image
+
+    from PAMSegmentLib import volumes
+    from PAMSegmentLib.errors import InputError
+
+    rng = np.random.default_rng(1)
+    bits = rng.integers(0, 2, size=(40, 56)).astype(bool)
+    Image.fromarray(bits).save(tmp_path / "bilevel.tif")
+    palette = Image.fromarray(rng.integers(0, 4, size=(40, 56), dtype=np.uint8), "P")
+    palette.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * 756)
+    palette.save(tmp_path / "palette.tif")
+    for name in ("bilevel.tif", "palette.tif"):
+        itk = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / name)))
+        if itk.ndim == 3:
+            itk = np.tensordot(itk[..., :3].astype(np.float32), np.asarray(volumes._LUMA, np.float32), axes=([-1], [0]))
+        np.testing.assert_array_equal(volumes.read_image_2d(tmp_path / name)[0], itk.astype(np.float32))
+    stack = rng.integers(0, 4000, size=(3, 32, 32), dtype=np.uint16)
+    with tifffile.TiffWriter(tmp_path / "stack.tif") as writer:  # three tiled pages (a z-stack)
+        for page in stack:
+            writer.write(page, tile=(16, 16))
+    with pytest.raises(InputError, match="3D image"):
+        volumes.read_image_2d(tmp_path / "stack.tif")
+    # Without tifffile's decoder (a compression it needs imagecodecs for), Pillow reads the tiled 16-bit file.
+    grey16 = rng.integers(0, 4000, size=(64, 96), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "tiled.tif", grey16, tile=(32, 32), compression="zlib")
+    monkeypatch.setitem(sys.modules, "tifffile", None)
+    np.testing.assert_array_equal(volumes.read_image_2d(tmp_path / "tiled.tif")[0], grey16.astype(np.float32))
