@@ -736,7 +736,9 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if segmentId != job.segment_id:
                     hint = (f' Select "{written.GetName()}" to review it by confidence, update it from your edits or '
                             "undo it (Undo propagation acts on the selected segment).")
-                notes = job.result.notes()
+                # After an update, a walk from a slice just drawn that ends at once is what the drawing says.
+                edited = getattr(job, "edited", None)
+                notes = job.result.notes(edited=None if edited is None else {1: list(edited)})
                 if notes:  # e.g. the drift test stopped right at the drawn slice
                     hint += (" The propagation stopped right next to your slice because the tissue changed there; if "
                              "the structure goes on, uncheck 'Stop where the tissue changes' and propagate again.")

@@ -73,11 +73,15 @@ def example_cells(examples: np.ndarray) -> np.ndarray:
     return out
 
 
+SPECK_PX = 8  # an example piece this small and under a tenth of the median example is a stray pixel
+
+
 def _tidy_examples(cells: np.ndarray) -> tuple[np.ndarray, list[str]]:
     """Examples drawn as outlines filled (a ring around at least its own area of background: the
-    cell is what it encloses), and specks left out (under a quarter of the median example's area:
-    a stray pixel of a label set the smallest cell size and was trained on as a cell). Returns the
-    examples renumbered from 1, and a note per change."""
+    cell is what it encloses), and specks left out (at most SPECK_PX px and under a tenth of the
+    median example's area: a stray pixel of a label set the smallest cell size and was trained on
+    as a cell; a small but whole cell among large ones stays). Returns the examples renumbered
+    from 1, and a note per change."""
     notes = []
     if not cells.any():
         return cells, notes
@@ -95,12 +99,12 @@ def _tidy_examples(cells: np.ndarray) -> tuple[np.ndarray, list[str]]:
         notes.append(f"{rings} example cell{'s were' if rings > 1 else ' was'} drawn as an outline; filled (draw "
                      "examples filled, as the cells are)")
     areas = np.bincount(out.ravel())[1:]
-    small = np.flatnonzero(areas < 0.1 * np.median(areas)) + 1
+    small = np.flatnonzero((areas < 0.1 * np.median(areas)) & (areas <= SPECK_PX)) + 1
     if small.size and small.size <= len(areas) - 2:  # at least two examples stay
         rows = [ndimage.center_of_mass(out == k) for k in small[:3]]
         where = "; ".join(f"row {r:.0f}, column {c:.0f} ({areas[k - 1]} px)" for k, (r, c) in zip(small, rows))
-        notes.append(f"{small.size} example{'s' if small.size > 1 else ''} under a tenth of the median example's "
-                     f"area ({np.median(areas):.0f} px) left out as stray pixels ({where}"
+        notes.append(f"{small.size} example{'s' if small.size > 1 else ''} of at most {SPECK_PX} px, under a tenth "
+                     f"of the median example's area ({np.median(areas):.0f} px) left out as stray pixels ({where}"
                      f"{'; ...' if small.size > 3 else ''}): draw whole cells")
         out[np.isin(out, small)] = 0
     present = np.unique(out)

@@ -132,20 +132,17 @@ NORMALISED_DRIFT_FLOOR = 0.05
 
 @contextlib.contextmanager
 def _drift_floor(predictor, normalize: bool):
-    """With ``normalize``, the predictor's drift test (when it has one) widened to
-    NORMALISED_DRIFT_FLOOR for the run, then as it was."""
-    if not normalize or not hasattr(predictor, "gate_sd_floor"):
+    """With ``normalize``, the predictor's drift test (when it has one, at its class default) widened
+    to NORMALISED_DRIFT_FLOOR for the run, then as it was; a floor set on the predictor is used as
+    given."""
+    if not normalize or not hasattr(predictor, "gate_sd_floor") or "gate_sd_floor" in vars(predictor):
         yield
         return
-    own = predictor.__dict__.get("gate_sd_floor")  # None: the class default
-    predictor.gate_sd_floor = max(NORMALISED_DRIFT_FLOOR, predictor.gate_sd_floor)
+    predictor.gate_sd_floor = NORMALISED_DRIFT_FLOOR
     try:
         yield
     finally:
-        if own is None:
-            del predictor.gate_sd_floor
-        else:
-            predictor.gate_sd_floor = own
+        del predictor.gate_sd_floor  # the class default again
 
 
 def to_common_grid(images: Sequence[np.ndarray], shape: tuple[int, int], normalize: bool = True) -> np.ndarray:

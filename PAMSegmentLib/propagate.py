@@ -986,12 +986,13 @@ def _settings(predictor) -> tuple:
     if model is not None:
         items["model"] = getattr(model, "sha256", "") or f"in memory {id(model)}"
         items["preprocessing"] = getattr(model, "preprocessing", None)
+        items["inference"] = getattr(model, "inference", None)  # e.g. the registration's grid and iterations
     out = []
     for name, value in sorted(items.items()):
         if isinstance(value, dict):
             value = sorted(value.items())
         elif not (value is None or isinstance(value, (bool, int, float, str, tuple, np.generic))) \
-                and name != "preprocessing":
+                and name not in ("preprocessing", "inference"):
             continue  # state objects (the drift test, the registration predictor), not settings
         out.append(f"{name}={value!r}")
     return tuple(out)
@@ -1504,9 +1505,10 @@ def _earlier_record(earlier) -> dict:
 
 def _earlier_from_result(result: "PropagationResult", axis: int) -> dict:
     """``earlier`` from a result: the keyframes (drawn, non-empty) and walls (empty) it ran with,
-    every round's until it, on ``axis`` (nothing from a result along another axis)."""
+    every round's until it, on ``axis`` (InputError for a result along another axis)."""
     if result.axis != axis:
-        return {}
+        raise InputError(f"the earlier result was propagated along axis {result.axis}, the prompt is drawn across axis "
+                         f"{axis}: give axis={result.axis} (or its mask with earlier=...)")
     return {str(lab): {"keyframes": sorted(int(k) for k, m in keys.items() if np.any(m)),
                        "walls": sorted(int(k) for k, m in keys.items() if not np.any(m))}
             for lab, keys in result.keyframes.items()}

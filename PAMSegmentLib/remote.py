@@ -231,8 +231,8 @@ class RemoteModel:
                     break
                 if state == "failed":
                     raise InputError(f"the server could not propagate: {status['message']}")
-                if state == "cancelled":
-                    raise PropagationCancelled("cancelled on the server")
+                if state == "cancelled":  # not by this client (its cancel deletes the job): the server stopped it
+                    raise PAMError(f"the server cancelled the job ({status['message']}); run it again")
                 time.sleep(self.poll_interval)
             result = decode_result(self._get_retrying(f"/jobs/{job_id}/result", cancel))
         finally:  # downloaded, cancelled, Ctrl-C or failed: the server need not keep the job any more

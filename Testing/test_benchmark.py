@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -186,6 +187,7 @@ def weights(tmp_path, monkeypatch):
     other.write_bytes(b"other")
     monkeypatch.delenv("PAMSEGMENT_MODEL", raising=False)
     monkeypatch.setattr(checkpoints, "shipped_checkpoint_path", lambda: shipped)
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # a checkout's root: docs/benchmark is there
     return {"SHIPPED": str(shipped), "OTHER": str(other)}
 
 

@@ -72,12 +72,20 @@ def test_examples_drawn_as_outlines_are_filled_and_stray_pixels_left_out():
     speck[150, 3] = 7  # a stray pixel of another label
     expected = label_cells(image, filled)
     for drawn, note in ((outlines, "3 example cells were drawn as an outline; filled"),
-                        (speck, "1 example under a tenth of the median example's area (113 px) left out as stray "
+                        (speck, "1 example of at most 8 px, under a tenth of the median example's area (113 px) left out as stray "
                                 "pixels (row 150, column 3 (1 px))")):
         result = label_cells(image, drawn)
         assert result.n_examples == 3 and any(w.startswith(note) for w in result.warnings), result.warnings
         np.testing.assert_array_equal(result.labels, expected.labels)
     assert not expected.warnings
+    # A small but whole cell among large ones (a 29 px lymphocyte beside 113 px nuclei) stays an example.
+    from PAMSegmentLib.cells import _tidy_examples
+
+    r, c = np.ogrid[:160, :160]
+    small = filled.copy()
+    small[(r - 150) ** 2 + (c - 150) ** 2 <= 9] = 9  # radius 3: 29 px
+    kept, notes = _tidy_examples(example_cells(small))
+    assert kept.max() == 4 and notes == [] and (kept > 0).sum() == (small > 0).sum()
 
 
 def test_a_lumen_ringed_by_cells_stays_background():

@@ -890,3 +890,35 @@ def test_tiffs_itk_reads_faithfully_are_read_as_before(tmp_path, monkeypatch):
     tifffile.imwrite(tmp_path / "tiled.tif", grey16, tile=(32, 32), compression="zlib")
     monkeypatch.setitem(sys.modules, "tifffile", None)
     np.testing.assert_array_equal(volumes.read_image_2d(tmp_path / "tiled.tif")[0], grey16.astype(np.float32))
+
+
+def test_normalised_sets_widen_the_drift_test_unless_the_predictor_sets_it(monkeypatch):
+    """The floor used per run (recorded from the gate each begin builds), and put back after it."""
+    from PAMSegmentLib import baselines
+    from PAMSegmentLib.checkpoints import load_model
+    from PAMSegmentLib.imageset import NORMALISED_DRIFT_FLOOR, label_images
+    from PAMSegmentLib.pam_predictor import PAMPredictor
+
+    used, real = [], baselines.IntensityGate.from_prompt.__func__
+
+    def recording(cls, *args, sd_floor=0.02, **kwargs):
+        used.append(sd_floor)
+        return real(cls, *args, sd_floor=sd_floor, **kwargs)
+
+    monkeypatch.setattr(baselines.IntensityGate, "from_prompt", classmethod(recording))
+    rng = np.random.default_rng(0)
+    images = [rng.normal(100, 10, (48, 48)) for _ in range(3)]
+    mask = np.zeros((48, 48), np.uint8)
+    mask[15:30, 15:30] = 1
+    for image in images:
+        image[mask > 0] += 80
+    predictor = PAMPredictor(load_model())
+    for normalize, expected in ((True, NORMALISED_DRIFT_FLOOR), (False, 0.02)):
+        used.clear()
+        label_images(images, 0, mask, predictor, normalize=normalize)
+        assert used and set(used) == {expected}
+        assert predictor.gate_sd_floor == 0.02 and "gate_sd_floor" not in vars(predictor)  # put back
+    predictor.gate_sd_floor = 0.03  # set by the caller (scripts/evaluate_image_sets.py pam-floorF): used as given
+    used.clear()
+    label_images(images, 0, mask, predictor)
+    assert set(used) == {0.03} and predictor.gate_sd_floor == 0.03

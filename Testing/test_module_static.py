@@ -1058,7 +1058,7 @@ def test_panel_warns_when_the_drift_test_stopped_next_to_the_drawn_slice(panel, 
 
     truth, volume, segmentation, segment_id = drawn
     oracle_loader(monkeypatch, truth)
-    monkeypatch.setattr(PropagationResult, "notes", lambda self: ["label 1: stopped at once"])
+    monkeypatch.setattr(PropagationResult, "notes", lambda self, edited=None: ["label 1: stopped at once"])
     ui = panel.ui
     ui.segmentationSelector.setCurrentNode(segmentation)
     ui.propagateButton.click()

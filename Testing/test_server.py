@@ -805,10 +805,12 @@ def test_stopping_serve_says_when_it_waits_for_a_job_that_does_not_stop(capsys):
 
 
 class Slow(OracleModel):
-    """The oracle, 0.2 s per prediction (a job of about 2 s on ``case()``)."""
+    """The oracle, ``delay`` s per prediction (0.2 s: a job of about 1 s on ``case()``)."""
+
+    delay = 0.2
 
     def predict(self, volume, guide_index, guide_mask, query_indices):
-        time.sleep(0.2)
+        time.sleep(self.delay)
         return super().predict(volume, guide_index, guide_mask, query_indices)
 
 
@@ -861,3 +863,42 @@ def test_a_proxys_bad_gateway_during_a_job_is_asked_again(live_server, monkeypat
     with pytest.raises(remote._Answered, match="500"):
         RemoteModel(url, token="tok")._get_retrying("/jobs/x")
     assert time.monotonic() - t0 < 1.0
+
+
+def test_a_job_the_server_cancelled_is_an_error_with_its_reason_not_an_interrupt():
+    """A client stalled past abandon_after (a laptop asleep) was told "interrupted" (batch then
+    stopped every remaining case): the server's reason is an error of that job alone."""
+    image, prompt, truth = case()
+    stalled = []
+
+    def progress(fraction, message):
+        if not stalled:
+            stalled.append(message)
+            time.sleep(2.0)  # no status asked meanwhile
+
+    slower = Slow(truth)
+    slower.delay = 0.6  # a job of about 3 s: still running when abandoned
+    with serving(create_app(lambda m: slower, abandon_after=1.0)) as url:
+        with pytest.raises(PAMError, match=r"the server cancelled the job \(cancelled: no client asked about it for "
+                                           r"1 s\); run it again") as caught:
+            RemoteModel(url, poll_interval=0.05).propagate(image, prompt, (1.0, 1.0, 1.0), progress=progress)
+    assert not isinstance(caught.value, PropagationCancelled)
+
+
+def test_queued_jobs_nobody_asks_about_give_their_place_up():
+    from PAMSegmentLib.server import JobQueue
+
+    release = threading.Event()
+    queue = JobQueue(lambda job: release.wait(10) and b"", max_jobs=2, abandon_after=0.2)
+    args = (np.zeros((2, 2, 2)), np.zeros((2, 2, 2), np.uint8), (1.0, 1.0, 1.0), {})
+    running = queue.submit(*args)
+    time.sleep(0.1)
+    waiting = [queue.submit(*args), queue.submit(*args)]
+    with pytest.raises(OverflowError):
+        queue.submit(*args)  # two wait already
+    time.sleep(0.3)  # nobody asked about the two waiting ones
+    fresh = queue.submit(*args)  # their places are free again
+    assert [j.state for j in waiting] == ["cancelled", "cancelled"] and fresh.state == "queued"
+    assert waiting[0].message == "cancelled: no client asked about it for 0 s" and running.state == "running"
+    release.set()
+    queue.close(timeout=10)
