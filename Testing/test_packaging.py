@@ -32,11 +32,25 @@ def wheel(tmp_path_factory) -> Path:
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     for sub in ("Models", "Demo"):
         shutil.copytree(ROOT / "Resources" / sub, src / "Resources" / sub)
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp / "dist"), str(src)],
-                          capture_output=True, text=True, timeout=600)
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp / "dist"), str(src)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0 and _setuptools_new_enough():  # no index here (offline): build with the one installed
+        proc = subprocess.run(command + ["--no-build-isolation"], capture_output=True, text=True, timeout=600)
+    elif proc.returncode != 0 and "setuptools" in proc.stderr and any(
+            word in proc.stderr for word in ("Could not find a version", "No matching distribution", "connection")):
+        pytest.skip("pip cannot fetch the build backend (setuptools>=77) from an index here, and the one installed "
+                    "is older; CI reaches PyPI")
     assert proc.returncode == 0, proc.stderr[-2000:]
     (built,) = (tmp / "dist").glob("*.whl")
     return built
+
+
+def _setuptools_new_enough() -> bool:
+    try:
+        import setuptools
+    except ImportError:
+        return False
+    return int(setuptools.__version__.split(".")[0]) >= 77
 
 
 def test_the_wheel_holds_the_modules_the_weights_their_card_and_the_demo_data(wheel):
