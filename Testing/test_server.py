@@ -740,26 +740,33 @@ def test_stopping_the_queue_cancels_the_running_job_and_ends_the_worker():
     assert job.state == "cancelled" and not queue._thread.is_alive()
 
 
+def _propagate_with_first_job_gets_failing(live_server, monkeypatch, errors):
+    """The remote propagation of ``case()`` when the client's first GETs of /jobs/... raise
+    ``errors`` (one each); returns (result, the paths that failed, the same propagation run here)."""
+    url, holder = live_server
+    image, prompt, truth = case()
+    holder["model"] = OracleModel(truth)
+    real, failed = RemoteModel._request, []
+
+    def flaky(self, method, path, body=None):
+        if method == "GET" and path.startswith("/jobs/") and len(failed) < len(errors):
+            failed.append(path)
+            raise errors[len(failed) - 1]
+        return real(self, method, path, body)
+
+    monkeypatch.setattr(RemoteModel, "_request", flaky)
+    result = RemoteModel(url, token="tok", poll_interval=0.01).propagate(image, prompt, (2.0, 1.0, 1.0))
+    return result, failed, propagate(image, prompt, (2.0, 1.0, 1.0), OracleModel(truth))
+
+
 def test_the_client_asks_again_when_the_network_drops_during_a_job(live_server, monkeypatch):
     """A one-second network cut lost the whole job (the client failed at once while the server ran
     it for nobody): status and result are asked again for up to 30 s."""
     from PAMSegmentLib import remote
 
-    url, holder = live_server
-    image, prompt, truth = case()
-    holder["model"] = OracleModel(truth)
-    real, dropped = RemoteModel._request, []
-
-    def flaky(self, method, path, body=None):
-        if method == "GET" and path.startswith("/jobs/") and len(dropped) < 2:
-            dropped.append(path)
-            raise remote._Unreachable("cannot reach the PAMSegment server (connection reset)")
-        return real(self, method, path, body)
-
-    monkeypatch.setattr(RemoteModel, "_request", flaky)
-    result = RemoteModel(url, token="tok", poll_interval=0.01).propagate(image, prompt, (2.0, 1.0, 1.0))
-    assert len(dropped) == 2 and np.array_equal(result.mask, propagate(image, prompt, (2.0, 1.0, 1.0),
-                                                                         OracleModel(truth)).mask)
+    drop = remote._Unreachable("cannot reach the PAMSegment server (connection reset)")
+    result, dropped, here = _propagate_with_first_job_gets_failing(live_server, monkeypatch, [drop, drop])
+    assert len(dropped) == 2 and np.array_equal(result.mask, here.mask)
 
 
 def test_a_result_download_cut_short_is_asked_again(live_server, monkeypatch):
@@ -840,22 +847,10 @@ def test_a_proxys_bad_gateway_during_a_job_is_asked_again(live_server, monkeypat
     """A proxy in front of the server answering 502/504 for a moment failed the job at once."""
     from PAMSegmentLib import remote
 
-    url, holder = live_server
-    image, prompt, truth = case()
-    holder["model"] = OracleModel(truth)
-    real, answered = RemoteModel._request, []
-
-    def proxied(self, method, path, body=None):
-        if method == "GET" and path.startswith("/jobs/") and len(answered) < 2:
-            answered.append(path)
-            code = (502, 504)[len(answered) - 1]
-            raise remote._Answered(f"the server at {url} answered {code}: Bad Gateway", code)
-        return real(self, method, path, body)
-
-    monkeypatch.setattr(RemoteModel, "_request", proxied)
-    result = RemoteModel(url, token="tok", poll_interval=0.01).propagate(image, prompt, (2.0, 1.0, 1.0))
-    assert len(answered) == 2 and np.array_equal(result.mask, propagate(image, prompt, (2.0, 1.0, 1.0),
-                                                                          OracleModel(truth)).mask)
+    url, _ = live_server
+    errors = [remote._Answered(f"the server at {url} answered {code}: Bad Gateway", code) for code in (502, 504)]
+    result, answered, here = _propagate_with_first_job_gets_failing(live_server, monkeypatch, errors)
+    assert len(answered) == 2 and np.array_equal(result.mask, here.mask)
     # Other answers are not asked again: a 500 is the server's own error, said at once.
     monkeypatch.setattr(RemoteModel, "_request", lambda self, method, path, body=None: (_ for _ in ()).throw(
         remote._Answered("the server answered 500: Internal Server Error", 500)))
