@@ -580,7 +580,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
         raise InputError(f"cannot create the folder {out_dir} ({error.strerror or error}); choose another -o "
                          "folder") from None
     try:
-        write_report(rows, report, Path(args.manifest), kept)  # before any work: a report that cannot be written stops the batch here
+        # before any work: a report that cannot be written stops the batch here
+        write_report(rows, report, Path(args.manifest), kept)
     except BaseException:
         if made and out_dir.is_dir() and not any(out_dir.iterdir()):  # a refused batch leaves nothing behind
             out_dir.rmdir()

@@ -157,7 +157,8 @@ class PropagationResult:
         out = []
         for lab, stops in self.stops.items():
             quiet = set((edited or {}).get(lab, ()))
-            at_once = [s for s in stops if s["reason"] == "drift" and s["last"] == s["start"] and s["start"] not in quiet]
+            at_once = [s for s in stops
+                       if s["reason"] == "drift" and s["last"] == s["start"] and s["start"] not in quiet]
             if at_once:
                 sides = " and ".join("after" if s["direction"] > 0 else "before" for s in at_once)
                 out.append(f"label {lab}: the intensity drift test ended the propagation right {sides} the drawn "
@@ -1439,11 +1440,12 @@ class EditPlan:
         lines = []
         for lab in sorted(self.drawn):
             was, got = prev == lab, now == lab
-            differ = np.flatnonzero((was != got).any(axis=(1, 2)))
-            differ = [int(s) for s in differ if s not in set(self.edited[lab])]
+            edited = set(self.edited.get(lab, ()))
+            differ = [int(s) for s in np.flatnonzero((was != got).any(axis=(1, 2))) if s not in edited]
             if not differ:
                 continue
-            def status(k):
+
+            def status(k, was=was, got=got):
                 return " (now empty)" if not got[k].any() else " (new)" if not was[k].any() else ""
 
             parts, start = [], 0
@@ -1544,10 +1546,11 @@ def keyframes_from_edits(prompt: np.ndarray, previous, edited: np.ndarray, *,
     was, now = ({int(v) for v in np.unique(a[differ])} - {0} for a in (prev, edit))
     lost = sorted(lab for lab in set(drawn) & was if not (edit == lab).any())
     new = sorted(v for v in now if not (prev == v).any())
-    if len(new) > 16 or (new and new[0] < 0):
-        raise InputError(f"the edited result holds {len(new)} values the earlier result does not ({', '.join(map(str, new[:3]))}"
-                         f"{', ...' if len(new) > 3 else ''}): it looks like an image, not a corrected copy of the earlier "
-                         "result; give the copy of the result you corrected")
+    if len(new) > 16 or (new and new[0] < 0):  # an image, not labels
+        shown = ", ".join(map(str, new[:3])) + (", ..." if len(new) > 3 else "")
+        raise InputError(f"the edited result holds {len(new)} values the earlier result does not ({shown}): it looks "
+                         "like an image, not a corrected copy of the earlier result; give the copy of the result you "
+                         "corrected")
     if lost and new:
         raise InputError(f"the edited result holds label {new[0]} where the earlier one holds {lost[0]}: save your "
                          "corrections with the result's label values")

@@ -350,7 +350,8 @@ class JobQueue:
         now = time.monotonic()
         for job in self.jobs.values():  # queued jobs whose client is gone give their place up
             if job.state == "queued" and self.abandoned(job):
-                job.state, job.message = "cancelled", f"cancelled: no client asked about it for {self.abandon_after:.0f} s"
+                job.state = "cancelled"
+                job.message = f"cancelled: no client asked about it for {self.abandon_after:.0f} s"
                 job.image = job.prompt = None
                 job.finished_at = now
         for jid in [j.id for j in self.jobs.values() if j.finished_at and now - j.finished_at > self.result_ttl]:

@@ -1386,7 +1386,8 @@ def _faithful_tiff(p: Path, image: sitk.Image) -> sitk.Image:
         return image
     arr = _tiff_pixels(p)
     if arr is None or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] != samples):
-        raise InputError(f"{p.name} is a {'tiled ' if tiled else ''}TIFF of {samples} sample(s) x {bits} bits per pixel "
+        kind = "tiled TIFF" if tiled else "TIFF"
+        raise InputError(f"{p.name} is a {kind} of {samples} sample(s) x {bits} bits per pixel "
                          f"that ITK reads as {image.GetNumberOfComponentsPerPixel()} x {itk_bits} bits (values would "
                          "be lost); install tifffile and imagecodecs (pip install tifffile imagecodecs) or save it "
                          "as an untiled TIFF or PNG")

@@ -72,8 +72,8 @@ def test_examples_drawn_as_outlines_are_filled_and_stray_pixels_left_out():
     speck[150, 3] = 7  # a stray pixel of another label
     expected = label_cells(image, filled)
     for drawn, note in ((outlines, "3 example cells were drawn as an outline; filled"),
-                        (speck, "1 example of at most 8 px, under a tenth of the median example's area (113 px) left out as stray "
-                                "pixels (row 150, column 3 (1 px))")):
+                        (speck, "1 example of at most 8 px, under a tenth of the median example's area (113 px) "
+                                "left out as stray pixels (row 150, column 3 (1 px))")):
         result = label_cells(image, drawn)
         assert result.n_examples == 3 and any(w.startswith(note) for w in result.warnings), result.warnings
         np.testing.assert_array_equal(result.labels, expected.labels)
