@@ -669,11 +669,11 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
         earlier, axis = _read_keyframes_record(keyframes_record_path(previous_path), maps[0], axis, names[0])
     else:  # a first round; or an update's output copied or moved without its record (its corrections would go)
         no_record = (f"note: {names[0]} has no record of earlier rounds beside it "
-                     f"({keyframes_record_path(previous_path).name}, which an update writes beside its output): this "
-                     f"round keeps the prompt's slices and these edits only; if {Path(previous_path).name} came from "
-                     "an update, put that record beside it first, or the corrections of its earlier rounds are "
-                     "predicted again" + (" (and give again any --empty-slices of the run that made it)"
-                                          if names[0].startswith("--") else ""))
+                     f"({keyframes_record_path(previous_path).name}, which an update writes beside its output): right "
+                     f"for a first correction of a plain run's result; if {Path(previous_path).name} came from an "
+                     "update, put that record beside it first, or the corrections of its earlier rounds are predicted "
+                     "again" + (" (and give again any --empty-slices of the run that made it)"
+                                if names[0].startswith("--") else ""))
     plan = keyframes_from_edits(prompt.array, maps[0], maps[1], axis=axis, labels=labels, earlier=earlier)
     if slice_range is not None:
         lo, hi = slice_range

@@ -66,6 +66,10 @@ def make_predictor(method: str, checkpoint: str):
         return PAMPredictor(model)
     if method == "pam-nogate":
         return PAMPredictor(model, intensity_gate=False)
+    if method.startswith("pam-pres"):  # the object-present threshold, e.g. pam-pres0.6
+        predictor = PAMPredictor(model)
+        predictor.presence_threshold = float(method[len("pam-pres"):])
+        return predictor
     if method.startswith("pam-floor"):  # the drift test's SD floor, e.g. pam-floor0.1
         predictor = PAMPredictor(model)
         predictor.gate_sd_floor = float(method[len("pam-floor"):])
