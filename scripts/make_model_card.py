@@ -23,6 +23,21 @@ sys.path.insert(0, str(ROOT))
 from PAMSegmentLib.checkpoints import load_checkpoint_file  # noqa: E402
 
 
+# What the stage commands need besides themselves (the data each read, and which starting weights
+# are kept), as measured from the stages' provenance; a new training stage updates this text.
+COMMANDS_NOTE = (
+    "(each stage continues from the previous one's weights and ran at the git revision given; `--cache` "
+    "named this machine's data cache, prepared with `python scripts/prepare_data.py --cache CACHE "
+    '--synthetic 400` for stages 1-3 (400 synthetic volumes; on a cache that also holds the layered '
+    'columns, add `--max-synthetic 400` to repeat them) and with `--synthetic-stacks 160` added for stage'
+    ' 4 (560); runs bounded by `--minutes` are not bit-identical when repeated (`--max-iterations` with '
+    "the counts above is). The weights a stage started from: stage 2's and stage 4's are "
+    "`Resources/Models/pam_small.pt` at their revisions; stage 2's output `runs/pam_small_r3.pt` (weights"
+    ' sha256 `c3d26b934f62c5d6...`), which stage 3 started from, was not kept, so stage 3 can only be '
+    'repeated from a new stage 2)'
+)
+
+
 def _rows(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -121,9 +136,7 @@ def main(argv=None) -> int:
             f"{card['network']['n_attention_stages']} deepest stages, object-present head.",
             f"* **Training**: {total_it} iterations in {total_min:.0f} min on this project's 2-core CPU machine; "
             f"runs: " + "; ".join(f"`{x['log']}` ({n} it, {x['seconds'] / 60:.0f} min)" for x, n in zip(t, its)) + ".",
-            "* **Commands** (each stage continues from the previous one's weights; each ran at the git revision "
-            "given, when `Resources/Models/pam_small.pt` held the previous stage's result, so check that revision "
-            "out to repeat a stage; `--cache` named this machine's data cache): "
+            f"* **Commands** {COMMANDS_NOTE}: "
             + "; ".join(f"`{st.get('command') or '?'}` (git {str(st.get('git_revision') or '?')[:10]})"
                         for st in card["training_stages"]) + ".",
             f"* **Inference** (in the checkpoint; the CLI, Python API and Slicer use it): window "

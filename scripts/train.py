@@ -93,7 +93,11 @@ def load_training_cases(cache: Path, split_path: Path, max_synthetic: int | None
             cases.append(case)
     real = [c for c in cases if not c.name.startswith("synth_")]
     synth = [c for c in cases if c.name.startswith("synth_")]
-    if real and not synth and max_synthetic != 0:
+    if real and not synth and max_synthetic is None:  # a cache prepared without them: not what the stages read
+        raise SystemExit(f"error: no synthetic volumes in {cache / 'cases'}: write them with scripts/prepare_data.py "
+                         "--synthetic 400 (the shipped stages read 400-560; real data alone scored far lower), or "
+                         "give --max-synthetic 0 to train on the real cases alone")
+    if real and not synth and max_synthetic:
         print(f"warning: no synthetic volumes in {cache / 'cases'} (scripts/prepare_data.py --synthetic N writes "
               "them); training on the real cases alone, weighted by source", file=sys.stderr)
     if real:
