@@ -192,7 +192,8 @@ def test_set_inference_params_refuses_out_of_range_values(tmp_path):
 
     (tmp_path / "carded.json").write_text(json.dumps({"file": "carded.pt", "inference": {"threshold": 0.5}}))
     run = subprocess.run([sys.executable, str(ROOT / "scripts" / "set_inference_params.py"), str(src),
-                          "--set", "threshold=0.4", "--reason", "test", "--out", str(tmp_path / "carded.pt")],
+                          "--set", "threshold=0.4", "--reason", "test", "--out", str(tmp_path / "carded.pt"),
+                          "--overwrite"],  # carded.pt was written above
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and f"note: updated the inference section of {tmp_path / 'carded.json'}" in run.stdout
     card = json.loads((tmp_path / "carded.json").read_text())

@@ -486,6 +486,27 @@ def test_set_inference_params_rewrites_the_header_not_the_weights(small_checkpoi
     assert bad.returncode == 1
     assert "--set expects NAME=VALUE with NAME one of window_mm" in bad.stderr
     assert not (tmp_path / "bad.pt").exists()
+    # An existing --out other than the checkpoint needs --overwrite; a card beside --out that describes
+    # other weights is refused (it wrote the weights and left a card the pair no longer loads with).
+    again = [sys.executable, str(script), str(small_checkpoint.path), "--set", "registration_weight=0.5", "--reason",
+             "x", "--out", str(out)]
+    kept = out.read_bytes()
+    refused = subprocess.run(again, capture_output=True, text=True)
+    assert refused.returncode == 1 and "exists and is another file than the checkpoint; give --overwrite" in \
+        refused.stderr and out.read_bytes() == kept
+    out.with_suffix(".json").write_text(json.dumps({"file": out.name, "sha256_weights": "0" * 64, "inference": {}}))
+    refused = subprocess.run(again + ["--overwrite"], capture_output=True, text=True)
+    assert refused.returncode == 1 and "is the model card of other weights (000000000000..." in refused.stderr
+    assert out.read_bytes() == kept
+    # A card of these weights follows: inference, its provenance's changes and the file size
+    out.with_suffix(".json").write_text(json.dumps({"file": out.name, "sha256_weights": small_checkpoint.sha256,
+                                                    "inference": {}, "provenance": {}, "size_bytes": 1}))
+    done = subprocess.run(again + ["--overwrite"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["inference"]["registration_weight"] == 0.5 and card["size_bytes"] == out.stat().st_size
+    assert card["provenance"]["inference_changes"] == load_checkpoint_file(out).provenance["inference_changes"] == [
+        {"set": {"registration_weight": 0.5}, "before": {"registration_weight": 0.0}, "reason": "x"}]
 
 
 def test_a_header_sha256_that_is_not_text_and_provenance_with_odd_keys(tmp_path, small_checkpoint, run_cli):

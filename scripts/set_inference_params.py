@@ -48,6 +48,7 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", required=True, metavar="NAME=VALUE", dest="assignments")
     ap.add_argument("--reason", required=True, help="why (the validation figures), kept in the provenance")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --out other than the checkpoint")
     args = ap.parse_args(argv)
     changes = dict(parse_assignment(a) for a in args.assignments)
     out = Path(args.out)
@@ -59,6 +60,21 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: {exc}") from None
     if model.kind != "pamsegment":
         raise SystemExit("error: only PAMSegment checkpoints carry inference parameters; the official file does not")
+    if out.exists() and not args.overwrite and out.resolve() != Path(args.checkpoint).resolve():
+        raise SystemExit(f"error: --out {out} exists and is another file than the checkpoint; give --overwrite to "
+                         "replace it")
+    card = out.with_suffix(".json")
+    card_record = None
+    if card.is_file():  # a model card beside --out must describe these weights, or the pair would stop loading
+        try:
+            card_record = json.loads(card.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            card_record = None
+        card_sha = card_record.get("sha256_weights") if isinstance(card_record, dict) else None
+        if card_sha and card_sha != model.sha256:
+            raise SystemExit(f"error: {card} is the model card of other weights ({card_sha[:12]}...; these are "
+                             f"{model.sha256[:12]}...): writing them as {out.name} would leave a card that does not "
+                             "match; choose another --out")
     try:
         inference = dataclasses.replace(model.inference, **changes)
     except ValueError as exc:  # a value outside its range: nothing is written
@@ -70,16 +86,16 @@ def main(argv=None) -> int:
     if digest != model.sha256:
         raise SystemExit(f"error: the weights changed while rewriting ({model.sha256} -> {digest})")
     print(f"wrote {args.out}: " + ", ".join(f"{k}={v}" for k, v in changes.items()) + f" (weights sha256 {digest[:8]}...)")
-    card = out.with_suffix(".json")
     if card.is_file():  # the model card lists the inference parameters too
-        try:
-            record = json.loads(card.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            record = None
+        record = card_record
         if isinstance(record, dict) and record.get("file") == out.name and isinstance(record.get("inference"), dict):
             # The default weights are held to their card (checkpoints._check_model_card): its inference
-            # section follows the checkpoint, or they would no longer load.
+            # section follows the checkpoint, or they would no longer load; so do its provenance and size.
             record["inference"] = json.loads(json.dumps(dataclasses.asdict(inference), default=str))
+            if isinstance(record.get("provenance"), dict):
+                record["provenance"]["inference_changes"] = json.loads(
+                    json.dumps(provenance["inference_changes"], default=str))
+            record["size_bytes"] = out.stat().st_size
             tmp = card.with_name(card.name + ".tmp")
             tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
             os.replace(tmp, card)
