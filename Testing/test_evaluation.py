@@ -370,6 +370,25 @@ def test_evaluate_script_end_to_end(tmp_path, capsys):
     (out / "summary.md").write_text((out / "summary.md").read_text().split("\n\n### ")[0])
     assert script.main(["--from-csv", "--out", str(out), "--no-figure"]) == 0
     assert (out / "summary.md").read_text() == md
+    assert not (out / "results.partial.csv").exists()
+    # A run interrupted after its first structure leaves results.csv as it was (it was cut to that
+    # run's rows before) and its own rows in results.partial.csv
+    before = (out / "results.csv").read_bytes()
+    real = script.evaluate_structure
+
+    def interrupted_after_one(*args, **kwargs):
+        if (out / "results.partial.csv").exists():
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    script.evaluate_structure = interrupted_after_one
+    split["eval"][0]["structures"].append({"id": 3, "name": "blob again"})
+    (tmp_path / "split.json").write_text(json.dumps(split))
+    with pytest.raises(KeyboardInterrupt):
+        script.main(["--split", str(tmp_path / "split.json"), "--cache", str(tmp_path / "cache"), "--methods", "copy",
+                     "--out", str(out), "--no-figure"])
+    assert (out / "results.csv").read_bytes() == before
+    assert len(ev.read_csv(out / "results.partial.csv")) == 1
 
 
 def test_merge_eval_renames_a_method_in_one_input(tmp_path, monkeypatch):

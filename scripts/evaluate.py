@@ -12,7 +12,9 @@ with two keyframes vs ITK morphological contour interpolation of the same two sl
 ``--prompt-variants`` (the 50 % prompt drawn imperfectly: eroded, dilated or roughened by a few mm,
 as a user's outline may be).
 
-Outputs in --out (default runs/eval in this repository): results.csv, summary.md, figure.png.
+Outputs in --out (default runs/eval in this repository): results.csv, summary.md, figure.png,
+written when the run finishes (its rows go to results.partial.csv meanwhile: an interrupted run
+leaves the earlier results.csv as it was).
 
 Examples:
     python scripts/evaluate.py --methods track,copy --limit 6
@@ -390,6 +392,10 @@ def main(argv=None):
           f"positions {positions}{', keyframes' if args.keyframes else ''}"
           f"{f', {args.correction_rounds} correction rounds' if args.correction_rounds else ''}", flush=True)
     rows, panel = [], None
+    partial = out / "results.partial.csv"
+    if (out / "results.csv").is_file():
+        print(f"note: {out / 'results.csv'} ({len(ev.read_csv(out / 'results.csv'))} rows) is replaced when this run "
+              f"finishes; until then the rows go to {partial.name}", flush=True)
     t_all = time.perf_counter()
     case, runner = None, None
     for n, st in enumerate(structures, 1):
@@ -409,9 +415,10 @@ def main(argv=None):
         parts = [f"{m} {mid[m]['dice']:.3f}" if mid.get(m, {}).get("dice") is not None else f"{m} ERR" for m, _ in methods]
         print(f"[{n}/{len(structures)}] {st.case}:{st.name} ({st.group}) Dice@50%: {', '.join(parts)} "
               f"({time.perf_counter() - t0:.1f} s)", flush=True)
-        ev.write_csv(rows, out / "results.csv")  # partial results survive an interrupted run
+        ev.write_csv(rows, partial)  # an interrupted run keeps its rows there; results.csv stays as it was
 
     ev.write_csv(rows, out / "results.csv")
+    partial.unlink(missing_ok=True)
     header = (f"## Evaluation\n\n`python scripts/evaluate.py {' '.join(sys.argv[1:] if argv is None else argv)}` "
               f"(commit {_git_commit() or '?'}; {len(structures)} structures, {args.threads} thread(s), "
               f"{time.perf_counter() - t_all:.0f} s)")
@@ -426,6 +433,10 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         sys.exit(main())
+    except KeyboardInterrupt:
+        print("evaluate: interrupted; the rows done are in OUT/results.partial.csv, and OUT/results.csv, summary.md "
+              "and figure.png are as they were", file=sys.stderr)
+        sys.exit(130)
     except PAMError as exc:  # bad checkpoint, missing case file, ...: one line, exit 2
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
