@@ -682,7 +682,8 @@ def test_cases_without_synthetic_volumes_keep_the_per_source_shares(tmp_path, ca
     split = tmp_path / "split.json"
     split.write_text(json.dumps({"train": [{"case": n, "labels": [1]} for n in ("ts_a", "ts_b", "tptbox_c")]}))
     # Not asked for none: refused (the documented stage commands on a cache without them trained on real data only)
-    with pytest.raises(SystemExit, match="no synthetic volumes in .*prepare_data.py --synthetic 400.*--max-synthetic 0"):
+    refused = "no synthetic volumes in .*prepare_data.py --synthetic 400.*--max-synthetic 0"
+    with pytest.raises(SystemExit, match=refused):
         train_script.load_training_cases(tmp_path, split, None)
     w = {c.name: c.weight for c in train_script.load_training_cases(tmp_path, split, 5)}
     ts, tptbox = train_script.SOURCE_SHARE["ts_"], train_script.SOURCE_SHARE["tptbox_"]
