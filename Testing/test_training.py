@@ -113,6 +113,7 @@ def test_tiny_training_run_lowers_the_loss_and_writes_a_loadable_checkpoint(tmp_
     print(f"fixed-batch loss {before:.3f} -> {after:.3f}")
     rows = log.read_text().splitlines()
     assert rows[0].startswith("iteration,seconds,lr,loss") and len(rows) >= 6
+    assert rows[-1].split(",")[0] == "60" and not (tmp_path / "log.partial.csv").exists()  # the last iteration too
 
 
 def test_a_run_with_an_iteration_count_is_reproducible(tmp_path):
@@ -177,6 +178,8 @@ def test_continued_training_records_the_earlier_stage(tmp_path):
                       seed=1, threads=1, workers=0, init_from=str(first), provenance={"command": "stage two"})
     train(cases, cfg, second, tmp_path / "l2.csv")
     old, new = load_checkpoint_file(first), load_checkpoint_file(second)
+    # the log ends with the last iteration (rows every 10 left out 1-9 at the end: the card counted fewer)
+    assert [row.split(",")[0] for row in (tmp_path / "l1.csv").read_text().splitlines()] == ["iteration", "1", "3"]
     assert new.sha256 == old.sha256  # zero iterations: the weights are the first stage's
     chain = new.provenance["init_from"]
     assert chain["sha256"] == old.sha256 and chain["provenance"]["command"] == "stage one"
@@ -516,9 +519,13 @@ def test_ctrl_c_saves_the_partial_file_and_leaves_out_alone(tmp_path, monkeypatc
     train_script = _tiny_script(monkeypatch)
     out = tmp_path / "model.pt"
     out.write_bytes(b"the previous run's weights")
+    (tmp_path / "log.csv").write_text("the previous run's curve\n")
     code = train_script.main(["--preset", "tiny", "--synthetic-inline", "1", "--workers", "0", "--max-iterations",
                               "10", "--out", str(out), "--log", str(tmp_path / "log.csv"), "--overwrite"])
     assert code == 130
+    # the previous run's curve stays with its weights (it was replaced by the interrupted run's)
+    assert (tmp_path / "log.csv").read_text() == "the previous run's curve\n"
+    assert (tmp_path / "log.partial.csv").read_text().startswith("iteration,")
     partial = tmp_path / "model.partial.pt"
     assert (f"interrupted: the weights after 2 iterations are in {partial} ({out} untouched); to go on, train with "
             f"--init-from {partial} and another --out" in capsys.readouterr().err.splitlines())

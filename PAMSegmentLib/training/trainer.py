@@ -18,6 +18,7 @@ import csv
 import itertools
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -275,7 +276,11 @@ def train(cases: list[Case], cfg: TrainConfig, out_path: Path, log_path: Path) -
                      "stopped_by": stopped_by})
         return save_checkpoint(path, net, cfg.preprocessing, inference, prov)
 
-    with open(log_path, "w", newline="") as logf:
+    # The curve goes to a partial log that replaces --log only when the run finishes, as the weights
+    # replace --out: an interrupted or failed run keeps the old pair (checkpoint and its curve).
+    log_partial = log_path.with_name(log_path.stem + ".partial" + log_path.suffix)
+    last_row, written = None, 0
+    with open(log_partial, "w", newline="") as logf:
         writer = csv.writer(logf)
         writer.writerow(["iteration", "seconds", "lr", "loss", "ce", "dice", "presence", "rollout"])
         try:
@@ -305,10 +310,12 @@ def train(cases: list[Case], cfg: TrainConfig, out_path: Path, log_path: Path) -
                 opt.step()
                 it += 1
                 ema = lv if ema is None else 0.98 * ema + 0.02 * lv
+                last_row = [it, round(elapsed, 1), f"{lr:.2e}", f"{lv:.4f}", f"{parts.get('ce', math.nan):.4f}",
+                            f"{parts.get('dice', math.nan):.4f}", f"{parts.get('presence', math.nan):.4f}",
+                            int(batch.relay_image is not None)]
                 if it % 10 == 0 or it == 1:
-                    writer.writerow([it, round(elapsed, 1), f"{lr:.2e}", f"{lv:.4f}", f"{parts.get('ce', math.nan):.4f}",
-                                     f"{parts.get('dice', math.nan):.4f}", f"{parts.get('presence', math.nan):.4f}",
-                                     int(batch.relay_image is not None)])
+                    writer.writerow(last_row)
+                    written = it
                     logf.flush()
                 if time.time() - last_ckpt > cfg.checkpoint_every_min * 60:
                     save(partial, final=False)  # never out_path: only a finished run replaces it
@@ -317,7 +324,10 @@ def train(cases: list[Case], cfg: TrainConfig, out_path: Path, log_path: Path) -
             stopped_by = "interrupted"
             save(partial, final=False)
             raise TrainingInterrupted(partial, it) from None
+        if last_row is not None and written != it:  # the last iteration too (the card counts the log's last row)
+            writer.writerow(last_row)
     digest = save(out_path, final=True)
+    os.replace(log_partial, log_path)
     partial.unlink(missing_ok=True)
     summary = {"iterations": it, "seconds": round(time.time() - start, 1), "loss_ema": ema, "sha256": digest}
     (log_path.with_suffix(".json")).write_text(json.dumps(summary, indent=2))
