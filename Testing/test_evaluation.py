@@ -315,6 +315,11 @@ def test_evaluate_script_refuses_bad_options_before_any_work(tmp_path):
     for args, message in [(["--positions", "0.5x"], "error: --positions expects fractions of the extent"),
                           (["--positions", "0.3,1.5"], "error: --positions must lie within [0, 1]"),
                           (["--threads", "0"], "argument --threads: expected a positive integer, got '0'"),
+                          # accepted before: every NSD 0.000, 8 of 9 structures, a negative round count
+                          (["--tolerance", "nan"], "argument --tolerance: expected a distance in mm above 0"),
+                          (["--tolerance", "-2"], "argument --tolerance: expected a distance in mm above 0"),
+                          (["--limit", "-1"], "argument --limit: expected a whole number of at least 0"),
+                          (["--correction-rounds", "-1"], "argument --correction-rounds: expected a whole number"),
                           (["--out", str(blocker / "ev")], f"error: cannot make folder {blocker / 'ev'} for the results (--out)"),
                           (["--from-csv", "--out", str(tmp_path / "none")], "which does not exist: give the --out of")]:
         run = subprocess.run([sys.executable, script, "--cache", str(tmp_path), "--no-figure", *args],

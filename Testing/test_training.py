@@ -727,3 +727,16 @@ def test_the_readme_and_docstring_state_what_reproduces_a_run():
     doc = _train_script().__doc__
     assert "prepare_data.py --cache cache --synthetic 400 --synthetic-stacks 160" in doc
     assert "--synthetic 400 --synthetic-stacks 160" in readme
+
+
+@pytest.mark.parametrize("option, value, expected", [
+    ("--seed", "-1", "expected a whole number from 0 to 4294967295"),  # a traceback from the loader after the data
+    ("--presence-weight", "-1", "expected a number of at least 0"),
+    ("--boundary-weight", "nan", "expected a number of at least 0"),
+    ("--max-synthetic", "-5", "expected a whole number of at least 0"),
+])
+def test_train_script_refuses_bad_numbers_in_its_arguments(option, value, expected, monkeypatch, capsys):
+    train_script = _tiny_script(monkeypatch, lambda *a: {})
+    with pytest.raises(SystemExit) as caught:
+        train_script.main(["--preset", "tiny", "--synthetic-inline", "1", option, value])
+    assert caught.value.code == 2 and f"argument {option}: {expected}, got '{value}'" in capsys.readouterr().err

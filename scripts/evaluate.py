@@ -51,6 +51,10 @@ from PAMSegmentLib.metrics import evaluate as score_masks  # noqa: E402
 _positive = number_type(int, lambda v: v >= 1, "a positive integer")
 
 
+_non_negative_int = number_type(int, lambda v: v >= 0, "a whole number of at least 0")
+_positive_mm = number_type(float, lambda v: np.isfinite(v) and v > 0, "a distance in mm above 0")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("Examples:")[1] if "Examples:" in __doc__ else None)
@@ -67,16 +71,16 @@ def parse_args(argv=None):
     p.add_argument("--prompt-variants", default="",
                    help="also propagate imperfect drawings of the 50 %% prompt, e.g. erode:2,dilate:2,rough:2 (mm; "
                         "see PAMSegmentLib.evaluation.perturb_prompt)")
-    p.add_argument("--correction-rounds", type=int, default=0, help="simulated correction rounds (0 = off)")
+    p.add_argument("--correction-rounds", type=_non_negative_int, default=0, help="simulated correction rounds (0 = off)")
     p.add_argument("--groups", default="", help="comma-separated group names or substrings to evaluate (default all)")
     p.add_argument("--cases", default="", help="comma-separated case ids to evaluate (default all)")
-    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N structures (quick runs)")
+    p.add_argument("--limit", type=_non_negative_int, default=0, help="evaluate only the first N structures (quick runs)")
     p.add_argument("--axis", type=int, choices=(0, 1, 2), default=0,
                    help="propagation axis of the arrays (default 0; 1 and 2: prompts drawn on the other two planes)")
     p.add_argument("--threads", type=_positive, default=1, help="torch/ITK threads (default 1)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=_positive, default=16)
-    p.add_argument("--tolerance", type=float, default=2.0, help="NSD tolerance in mm (default 2)")
+    p.add_argument("--tolerance", type=_positive_mm, default=2.0, help="NSD tolerance in mm (default 2)")
     p.add_argument("--figure-structure", default="", help="CASE:NAME shown in the qualitative panel (default: the first structure)")
     p.add_argument("--no-figure", action="store_true")
     p.add_argument("--out", default=str(ROOT / "runs" / "eval"), help="output directory (default runs/eval in this "

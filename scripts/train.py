@@ -146,6 +146,8 @@ def git_revision() -> str:
 _positive_int = number_type(int, lambda v: v >= 1, "a whole number of at least 1")
 _non_negative_int = number_type(int, lambda v: v >= 0, "a whole number of at least 0")
 _positive_float = number_type(float, lambda v: math.isfinite(v) and v > 0, "a number above 0")
+_non_negative_float = number_type(float, lambda v: math.isfinite(v) and v >= 0, "a number of at least 0")
+_seed = number_type(int, lambda v: 0 <= v < 2**32, "a whole number from 0 to 4294967295")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--minutes", type=_positive_float, default=80.0,
                     help="wall-clock budget (> 0); without --max-iterations the LR schedule and the start of rollouts "
                          "follow it, so how far a run gets depends on the machine")
-    ap.add_argument("--max-iterations", type=int, default=None,
+    ap.add_argument("--max-iterations", type=_non_negative_int, default=None,
                     help="end after N iterations; the LR schedule and the start of rollouts then follow the "
                          "iteration count, so the same seed, data, --threads and --workers give the same weights "
                          "(if --minutes does not end the run first)")
@@ -173,15 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=_positive_int, default=1, help="torch threads for the network")
     ap.add_argument("--workers", type=_non_negative_int, default=1,
                     help="batch-sampling processes (0 = in the main process)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=_seed, default=0)
     ap.add_argument("--guides", type=_positive_int, default=4, help="guides per batch")
     ap.add_argument("--queries", type=_positive_int, default=4, help="query slices per guide")
     ap.add_argument("--lr", type=_positive_float, default=2e-3)
-    ap.add_argument("--presence-weight", type=float, default=0.5, help="weight of the object-present BCE in the loss")
+    ap.add_argument("--presence-weight", type=_non_negative_float, default=0.5, help="weight of the object-present BCE in the loss")
     ap.add_argument("--p-rollout", type=float, default=0.35,
                     help="share of batches (after the first 15 %% of the run) whose guide is the network's own "
                          "prediction of a relay slice (default 0.35)")
-    ap.add_argument("--boundary-weight", type=float, default=0.0,
+    ap.add_argument("--boundary-weight", type=_non_negative_float, default=0.0,
                     help="extra cross-entropy weight on pixels near the target's edge (0 = plain mean; "
                          "1 = those pixels count twice)")
     ap.add_argument("--boundary-band", type=int, default=2,
@@ -190,8 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="probability of a random non-monotone intensity transfer function per sample")
     ap.add_argument("--stack-share", type=float, default=None,
                     help="share of all samples drawn from synth_stack_* volumes (default: by volume count)")
-    ap.add_argument("--max-synthetic", type=int, default=None, help="use at most this many cached synthetic volumes")
-    ap.add_argument("--synthetic-inline", type=int, default=0, help="train on N generated volumes only (no cache)")
+    ap.add_argument("--max-synthetic", type=_non_negative_int, default=None, help="use at most this many cached synthetic volumes")
+    ap.add_argument("--synthetic-inline", type=_non_negative_int, default=0, help="train on N generated volumes only (no cache)")
     ap.add_argument("--init-from", default=None, help="continue from a checkpoint of the same preset (or of the same network without the "
                     "prior channel: `small` weights start `small-prior`, the new channel's weights zero); for the "
                     "same network the new checkpoint keeps its inference parameters and preprocessing")
