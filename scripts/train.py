@@ -294,8 +294,6 @@ def main(argv=None) -> int:
     for flag, value in (("--p-remap", args.p_remap), ("--p-rollout", args.p_rollout)):
         if not 0 <= value <= 1:
             ap.error(f"{flag} is a probability, got {value}; use a value in [0, 1]")
-    if not args.boundary_weight >= 0:
-        ap.error(f"--boundary-weight must be >= 0 (0 = off), got {args.boundary_weight}")
     if args.boundary_band < 1:
         ap.error(f"--boundary-band must be at least 1 px, got {args.boundary_band}")
     if args.out is None:
