@@ -80,6 +80,21 @@ def training_stages(provenance: dict) -> list[dict]:
     return stages[::-1]
 
 
+def stage_case_notes(provenance: dict, final: list[str]) -> list[str]:
+    """Per earlier stage whose provenance lists other real cases than ``final``: what it read."""
+    lists, prov = [], provenance
+    while prov:
+        lists.append(prov.get("cases"))
+        prov = (prov.get("init_from") or {}).get("provenance")
+    notes = []
+    for n, cases in enumerate(lists[::-1], start=1):
+        if cases and set(cases) != set(final):
+            missing, extra = sorted(set(final) - set(cases)), sorted(set(cases) - set(final))
+            notes.append(f"stage {n} read {len(cases)} real ones" + (f", without {', '.join(missing)}" if missing else "")
+                         + (f", with {', '.join(extra)}" if extra else ""))
+    return notes
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", type=Path)
@@ -155,7 +170,9 @@ def main(argv=None) -> int:
             + "".join(f"; set after training: {', '.join(f'{k}={v}' for k, v in c['set'].items())} ({c['reason']})"
                       for c in card["provenance"].get("inference_changes", [])) + ".",
             f"* **Data**: {len(card['data']['training_cases'])} real training cases ("
-            + ", ".join(card["data"]["training_cases"][:6]) + ", ...) plus synthetic volumes; held-out structures "
+            + ", ".join(card["data"]["training_cases"][:6]) + ", ...) plus synthetic volumes"
+            + "".join(f" ({note})" for note in stage_case_notes(model.provenance, card["data"]["training_cases"]))
+            + "; held-out structures "
             + ", ".join(card["data"]["heldout_structures"]) + "; evaluation-only scans: "
             + ", ".join(sorted({e['case'] for e in card['data']['evaluation_cases'] if e['case'] not in ('ts_ct', 'ts_ct_dicom')})) + ".",
         ]
