@@ -80,6 +80,22 @@ def training_stages(provenance: dict) -> list[dict]:
     return stages[::-1]
 
 
+def check_logs(logs: list[dict], stages: list[dict]) -> None:
+    """SystemExit unless the training logs given are the checkpoint's stages, in order: one per stage,
+    each ending within 9 iterations of what that stage's provenance counted (older logs wrote a row
+    every 10 iterations). A card of other logs would claim another run's compute."""
+    if not logs:
+        return
+    if len(logs) != len(stages):
+        raise SystemExit(f"error: {len(logs)} --train-log given, but the checkpoint's provenance has {len(stages)} "
+                         "training stages: give one log per stage, oldest first")
+    for n, (log, stage) in enumerate(zip(logs, stages), start=1):
+        counted = stage.get("iterations")
+        if isinstance(counted, int) and not 0 <= counted - log["iterations"] <= 9:
+            raise SystemExit(f"error: {log['log']} ends at iteration {log['iterations']}, but stage {n} of the "
+                             f"checkpoint ran {counted}: it is another run's log")
+
+
 def stage_case_notes(provenance: dict, final: list[str]) -> list[str]:
     """Per earlier stage whose provenance lists other real cases than ``final``: what it read."""
     lists, prov = [], provenance
@@ -105,6 +121,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     model = load_checkpoint_file(args.checkpoint)
+    check_logs(training_summary(args.train_log), training_stages(model.provenance))
     split = json.loads((ROOT / "scripts" / "split.json").read_text())
     card = {
         "name": args.checkpoint.stem,
