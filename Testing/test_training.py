@@ -542,6 +542,13 @@ def test_ctrl_c_saves_the_partial_file_and_leaves_out_alone(tmp_path, monkeypatc
     saved = load_checkpoint_file(partial)
     assert saved.provenance["stopped_by"] == "interrupted" and saved.provenance["final"] is False
     assert saved.provenance["iterations"] == 2
+    # what code and data the run used: the tracked files changed since its commit, a digest of its cases
+    assert isinstance(saved.provenance["git_changes"], list) and len(saved.provenance["data_sha256"]) == 64
+    from types import SimpleNamespace
+
+    one = [SimpleNamespace(name="a", image=np.zeros((2, 3, 3), np.float32), labels=np.zeros((2, 3, 3), np.int16))]
+    other = [SimpleNamespace(name="a", image=one[0].image, labels=np.ones((2, 3, 3), np.int16))]
+    assert train_script.data_digest(one) == train_script.data_digest(list(one)) != train_script.data_digest(other)
 
 
 def test_a_non_finite_loss_stops_without_writing_out(tmp_path, monkeypatch, capsys):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import math
@@ -141,6 +142,28 @@ def git_revision() -> str:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
     except Exception:
         return "unknown"
+
+
+def git_changes() -> list[str]:
+    """Tracked files changed since the commit (``git status --porcelain``): a run of edited code is
+    not the code of its ``git_revision``."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                             text=True, timeout=10).stdout
+    except Exception:
+        return ["unknown"]
+    return sorted(line[3:] for line in out.splitlines() if line.strip())
+
+
+def data_digest(cases) -> str:
+    """sha256 over the training cases' names, images and labels, in order: the data a run read."""
+    h = hashlib.sha256()
+    for c in cases:
+        h.update(str(c.name).encode())
+        for array in (getattr(c, "image", None), getattr(c, "labels", None)):
+            if array is not None:
+                h.update(np.ascontiguousarray(array).tobytes())
+    return h.hexdigest()
 
 
 _positive_int = number_type(int, lambda v: v >= 1, "a whole number of at least 1")
@@ -361,6 +384,8 @@ def _run(args: argparse.Namespace, argv, net_cfg: PAMConfig) -> int:
         provenance={
             "command": "python scripts/train.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "git_revision": git_revision(),
+            "git_changes": git_changes(),  # [] when the tree was clean
+            "data_sha256": data_digest(cases),
             "cases": [c.name for c in cases if not c.name.startswith("synth_")],
             "n_synthetic": len(cases) - n_real,
             "split": str(args.split.relative_to(REPO)) if args.split.is_relative_to(REPO) else str(args.split),
