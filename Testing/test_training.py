@@ -73,7 +73,8 @@ def test_boundary_weight_raises_the_loss_of_edge_errors_only():
 
 
 @pytest.mark.parametrize("flag, value, message", [("--boundary-band", "0", "--boundary-band must be at least 1 px"),
-                                                   ("--boundary-weight", "-1", "--boundary-weight: expected a number of at least 0"),
+                                                   ("--boundary-weight", "-1",
+                                                    "--boundary-weight: expected a number of at least 0"),
                                                    ("--p-rollout", "1.5", "--p-rollout is a probability")])
 def test_train_script_rejects_a_bad_setting_before_loading_data(tmp_path, flag, value, message):
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--cache", str(tmp_path), flag, value],

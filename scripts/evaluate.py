@@ -71,10 +71,12 @@ def parse_args(argv=None):
     p.add_argument("--prompt-variants", default="",
                    help="also propagate imperfect drawings of the 50 %% prompt, e.g. erode:2,dilate:2,rough:2 (mm; "
                         "see PAMSegmentLib.evaluation.perturb_prompt)")
-    p.add_argument("--correction-rounds", type=_non_negative_int, default=0, help="simulated correction rounds (0 = off)")
+    p.add_argument("--correction-rounds", type=_non_negative_int, default=0,
+                   help="simulated correction rounds (0 = off)")
     p.add_argument("--groups", default="", help="comma-separated group names or substrings to evaluate (default all)")
     p.add_argument("--cases", default="", help="comma-separated case ids to evaluate (default all)")
-    p.add_argument("--limit", type=_non_negative_int, default=0, help="evaluate only the first N structures (quick runs)")
+    p.add_argument("--limit", type=_non_negative_int, default=0,
+                   help="evaluate only the first N structures (quick runs)")
     p.add_argument("--axis", type=int, choices=(0, 1, 2), default=0,
                    help="propagation axis of the arrays (default 0; 1 and 2: prompts drawn on the other two planes)")
     p.add_argument("--threads", type=_positive, default=1, help="torch/ITK threads (default 1)")

@@ -106,7 +106,8 @@ def stage_case_notes(provenance: dict, final: list[str]) -> list[str]:
     for n, cases in enumerate(lists[::-1], start=1):
         if cases and set(cases) != set(final):
             missing, extra = sorted(set(final) - set(cases)), sorted(set(cases) - set(final))
-            notes.append(f"stage {n} read {len(cases)} real ones" + (f", without {', '.join(missing)}" if missing else "")
+            notes.append(f"stage {n} read {len(cases)} real ones"
+                         + (f", without {', '.join(missing)}" if missing else "")
                          + (f", with {', '.join(extra)}" if extra else ""))
     return notes
 

@@ -202,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--guides", type=_positive_int, default=4, help="guides per batch")
     ap.add_argument("--queries", type=_positive_int, default=4, help="query slices per guide")
     ap.add_argument("--lr", type=_positive_float, default=2e-3)
-    ap.add_argument("--presence-weight", type=_non_negative_float, default=0.5, help="weight of the object-present BCE in the loss")
+    ap.add_argument("--presence-weight", type=_non_negative_float, default=0.5,
+                    help="weight of the object-present BCE in the loss")
     ap.add_argument("--p-rollout", type=float, default=0.35,
                     help="share of batches (after the first 15 %% of the run) whose guide is the network's own "
                          "prediction of a relay slice (default 0.35)")
@@ -215,8 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="probability of a random non-monotone intensity transfer function per sample")
     ap.add_argument("--stack-share", type=float, default=None,
                     help="share of all samples drawn from synth_stack_* volumes (default: by volume count)")
-    ap.add_argument("--max-synthetic", type=_non_negative_int, default=None, help="use at most this many cached synthetic volumes")
-    ap.add_argument("--synthetic-inline", type=_non_negative_int, default=0, help="train on N generated volumes only (no cache)")
+    ap.add_argument("--max-synthetic", type=_non_negative_int, default=None,
+                    help="use at most this many cached synthetic volumes")
+    ap.add_argument("--synthetic-inline", type=_non_negative_int, default=0,
+                    help="train on N generated volumes only (no cache)")
     ap.add_argument("--init-from", default=None, help="continue from a checkpoint of the same preset (or of the same network without the "
                     "prior channel: `small` weights start `small-prior`, the new channel's weights zero); for the "
                     "same network the new checkpoint keeps its inference parameters and preprocessing")
