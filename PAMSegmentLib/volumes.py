@@ -1297,6 +1297,24 @@ def _read_png_with_pil(p: Path) -> sitk.Image | None:
         return None
 
 
+@contextlib.contextmanager
+def _pillow_unguarded():
+    """Pillow with its decompression-bomb guard off (and its warning hidden) inside: a large slide the
+    user asked for, or only its tags, not a bomb; Image.MAX_IMAGE_PIXELS as it was after."""
+    import warnings
+
+    from PIL import Image
+
+    guard = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield Image
+    finally:
+        Image.MAX_IMAGE_PIXELS = guard
+
+
 def _tiff_layout(p: Path) -> tuple[int, int, bool, int] | None:
     """A TIFF's (samples per pixel, bits per sample, tiled, pages) from its tags, without decoding
     the pixels (tifffile when installed, else Pillow with its pixel-count guard off: only the tags
@@ -1314,24 +1332,13 @@ def _tiff_layout(p: Path) -> tuple[int, int, bool, int] | None:
     except Exception:  # noqa: BLE001 - tifffile's own errors on files it cannot parse
         return None
     try:
-        import warnings
-
-        from PIL import Image
-
-        guard = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = None  # a large slide's tags, not its pixels
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                with Image.open(p) as im:
-                    tags = getattr(im, "tag_v2", None)
-                    if tags is None:
-                        return None
-                    bits = tags.get(258, (1,))
-                    return (int(tags.get(277, 1)), int(bits[0] if isinstance(bits, tuple) else bits), 322 in tags,
-                            int(getattr(im, "n_frames", 1)))
-        finally:
-            Image.MAX_IMAGE_PIXELS = guard
+        with _pillow_unguarded() as Image, Image.open(p) as im:  # a large slide's tags, not its pixels
+            tags = getattr(im, "tag_v2", None)
+            if tags is None:
+                return None
+            bits = tags.get(258, (1,))
+            return (int(tags.get(277, 1)), int(bits[0] if isinstance(bits, tuple) else bits), 322 in tags,
+                    int(getattr(im, "n_frames", 1)))
     except (ImportError, OSError, ValueError, TypeError):
         return None
 
@@ -1352,32 +1359,19 @@ def _tiff_pixels(p: Path) -> np.ndarray | None:
     except Exception:  # noqa: BLE001 - not installed, or a compression it has no codec for: try Pillow
         pass
     try:
-        import warnings
-
-        from PIL import Image
-
-        guard = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = None  # the caller asked for this file; its size is checked elsewhere
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                with Image.open(p) as im:
-                    return np.asarray(im.getchannel("L") if im.mode in ("LA", "La") else im)
-        finally:
-            Image.MAX_IMAGE_PIXELS = guard
+        with _pillow_unguarded() as Image, Image.open(p) as im:  # ITK has read this file already: not a bomb
+            return np.asarray(im.getchannel("L") if im.mode in ("LA", "La") else im)
     except (ImportError, OSError, ValueError):
         return None
 
 
-def _faithful_tiff(p: Path, image: sitk.Image) -> sitk.Image:
+def _faithful_tiff(p: Path, image: sitk.Image, layout: tuple[int, int, bool, int]) -> sitk.Image:
     """``image`` as ITK read the TIFF ``p``, or, in the two cases where ITK loses the values, the
     TIFF read again: a tiled TIFF of more than 8 bits per sample (ITK falls back to an 8-bit RGBA
     reader: a 16-bit slide export loses its values) and a grey + alpha (two-sample) TIFF (ITK
     interleaves the two samples into one grey row). Multi-page TIFFs are left to ITK (a stack is a
-    3D image, refused as such). InputError if such a file cannot be read faithfully here."""
-    layout = _tiff_layout(p)
-    if layout is None:
-        return image
+    3D image, refused as such). ``layout``: ``_tiff_layout(p)``. InputError if such a file cannot be
+    read faithfully here."""
     samples, bits, tiled, pages = layout
     itk_bits = 8 * np.dtype(sitk.GetArrayViewFromImage(image).dtype).itemsize
     lossy_fallback = tiled and bits > 8 and itk_bits == 8
@@ -1407,9 +1401,10 @@ def _read_2d(path: PathLike, what: str) -> tuple[sitk.Image, sitk.Image]:
     if p.is_dir():
         raise InputError(f"{p} is a folder; give an image file ({', '.join(IMAGE_2D_EXTENSIONS)})")
     try:
-        if _tiff_layout(p) is not None:  # its fallback warning: _faithful_tiff checks what it read
+        layout = _tiff_layout(p)
+        if layout is not None:  # its fallback warning: _faithful_tiff checks what it read
             with _itk_warnings_hidden():
-                image = _faithful_tiff(p, sitk.ReadImage(_itk_path(p)))
+                image = _faithful_tiff(p, sitk.ReadImage(_itk_path(p)), layout)
         else:
             image = sitk.ReadImage(_itk_path(p))
     except RuntimeError as error:
