@@ -26,3 +26,19 @@ def is_flag(value) -> bool:
     import numpy as np  # here: parsing --threads imports this module and should stay quick
 
     return isinstance(value, (bool, np.bool_)) or is_number(value, 0, 1, whole=True)
+
+
+def slice_runs(slices) -> list[tuple[int, int]]:
+    """Sorted slice numbers as runs of consecutive ones: ``[4, 5, 6, 9]`` -> ``[(4, 6), (9, 9)]``."""
+    runs: list[tuple[int, int]] = []
+    for s in slices:
+        if runs and s == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], s)
+        else:
+            runs.append((s, s))
+    return runs
+
+
+def runs_text(slices) -> str:
+    """``[4, 5, 6, 9]`` -> ``"4-6, 9"``."""
+    return ", ".join(f"{a}-{b}" if b != a else f"{a}" for a, b in slice_runs(slices))

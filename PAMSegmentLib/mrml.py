@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .checks import runs_text
 from .errors import InputError, PAMError, PropagationCancelled
 
 __all__ = [
@@ -281,18 +282,6 @@ def _finer_than_volume(segmentation_node, segment_id: str, volume_node) -> bool:
         return False
     theirs = np.linalg.norm(_grid_of(volume_node).ijk_to_ras[:3, :3], axis=0)
     return bool(np.any(np.sort(own) < np.sort(theirs) * (1 - 1e-6)))  # smallest vs smallest, and so on
-
-
-def _runs(slices: Sequence[int]) -> str:
-    """``[4, 5, 6, 9]`` -> ``"4-6, 9"``."""
-    out, start = [], None
-    for n, s in enumerate(slices):
-        if start is None:
-            start = s
-        if n + 1 == len(slices) or slices[n + 1] != s + 1:
-            out.append(f"{start}-{s}" if s != start else f"{s}")
-            start = None
-    return ", ".join(out)
 
 
 def check_no_unseen_edits(entry: "HistoryEntry", segmentation_node, segment_id: str, volume_node,
@@ -2170,7 +2159,7 @@ class SegmentUpdate(SegmentPropagation):
                     f"in {self.elapsed:.1f} s")
             cleared = self.cleared_slices()
             if cleared:
-                runs, plural = _runs(cleared), len(cleared) > 1
+                runs, plural = runs_text(cleared), len(cleared) > 1
                 why = (": beyond a slice you erased, where the object is absent (draw on a slice there to bring "
                        f"{'them' if plural else 'it'} back)" if self.empty - set(self.entry.empty_keyframes) else
                        ": the walks from your edits ended sooner (draw on a slice there if the object goes on)")

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import cc3d
 import numpy as np
 
-from .checks import is_flag, is_number
+from .checks import is_flag, is_number, slice_runs
 from .checks import max_threads
 from .errors import InputError, PropagationCancelled
 from .metrics import dice
@@ -1440,21 +1440,18 @@ class EditPlan:
         lines = []
         for lab in sorted(self.drawn):
             was, got = prev == lab, now == lab
+            had, has = was.any(axis=(1, 2)), got.any(axis=(1, 2))
             edited = set(self.edited.get(lab, ()))
             differ = [int(s) for s in np.flatnonzero((was != got).any(axis=(1, 2))) if s not in edited]
             if not differ:
                 continue
-
-            def status(k, was=was, got=got):
-                return " (now empty)" if not got[k].any() else " (new)" if not was[k].any() else ""
-
-            parts, start = [], 0
-            for i in range(1, len(differ) + 1):  # runs of consecutive slices of one status
-                if i == len(differ) or differ[i] != differ[i - 1] + 1 or status(differ[i]) != status(differ[i - 1]):
-                    first, last = differ[start], differ[i - 1]
-                    parts.append((str(first) if first == last else f"{first}-{last}") + status(first))
-                    start = i
-            lines.append(f"label {lab}: {', '.join(parts)}")
+            by_status: dict[str, list[int]] = {}
+            for s in differ:
+                by_status.setdefault(" (now empty)" if not has[s] else " (new)" if not had[s] else "", []).append(s)
+            # runs of consecutive slices of one status, in slice order
+            parts = sorted((a, f"{a}-{b}" if b != a else f"{a}", status)
+                           for status, slices in by_status.items() for a, b in slice_runs(slices))
+            lines.append(f"label {lab}: {', '.join(text + status for _, text, status in parts)}")
         return lines
 
     def keyframes(self, label: int) -> list[int]:

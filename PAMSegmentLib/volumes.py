@@ -1460,13 +1460,14 @@ def _palette_indices(path: Path) -> np.ndarray | None:
         return np.asarray(im) if im.mode == "P" else None
 
 
-def _edge_labels(arr: np.ndarray) -> list[int]:
+def _edge_labels(arr: np.ndarray, present: np.ndarray, enough: int | None = None) -> list[int]:
     """Labels whose pixels nearly all touch another label's: the grey steps of an anti-aliased or
     lossy-compressed mask's edges, not structures. Each label is looked at within its bounding
-    box (a cell-example mask may hold many labels on a large image)."""
+    box (a cell-example mask may hold many labels on a large image). ``present``: ``np.unique(arr)``;
+    ``enough``: stop once that many are found."""
     from scipy import ndimage
 
-    values = [int(v) for v in np.unique(arr) if v > 0]
+    values = [int(v) for v in present if v > 0]
     if len(values) < 5:  # read_labelmap_2d refuses only masks with more grey values than that
         return []
     boxes = ndimage.find_objects(arr)  # label v's box at index v - 1 (negative values are skipped)
@@ -1478,6 +1479,8 @@ def _edge_labels(arr: np.ndarray) -> list[int]:
         touching = own & ndimage.binary_dilation((sub != v) & (sub != 0))
         if touching.sum() >= 0.8 * own.sum():
             out.append(v)
+            if enough is not None and len(out) >= enough:
+                break
     return out
 
 
@@ -1498,14 +1501,16 @@ def read_labelmap_2d(path: PathLike, reference: tuple[np.ndarray, sitk.Image] | 
                          "(0 = background, 1, 2 ... = labels)")
     else:
         arr = sitk.GetArrayFromImage(_as_integer_labels(image, name))
-    edges = _edge_labels(arr)
-    n_values = len(np.unique(arr))
+    present = np.unique(arr)
+    n_values = len(present)
+    # Beyond 64 values three edge labels are enough to refuse (an image given as a mask has hundreds).
+    edges = _edge_labels(arr, present, enough=3 if n_values > 64 else None)
     if n_values > 64 and len(edges) >= 3:  # most likely the image itself, given where the mask goes
         raise InputError(f"{name} has {n_values - 1} grey values and looks like an image, not a label map: was the "
                          "image given in the mask's place? A mask holds 0 = background, 1, 2 ... = labels (an "
                          "anti-aliased mask, saved with smoothing, looks like this too)")
     if len(edges) >= 3 and n_values > 5:  # a ramp of grey steps, not a few thin structures
-        raise InputError(f"{name} has {len(np.unique(arr)) - 1} grey values, {len(edges)} of them only along the "
+        raise InputError(f"{name} has {n_values - 1} grey values, {len(edges)} of them only along the "
                          "edges of others: an anti-aliased (smoothed) mask, not a label map; save it without "
                          "smoothing (0 = background, 1, 2 ... = labels)")
     if reference is not None and arr.shape != reference[0].shape:
