@@ -1009,7 +1009,7 @@ def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo
                      early_stop, remove_disconnected, progress, stats, reuse: _Reuse | None = None,
                      empty_keyframes=()):
     """One label, axis 0. Returns (bool mask, confidence per slice, recomputed intervals, agreement
-    per slice of the one-sided walks).
+    per slice of the one-sided walks, the predictor's ``_begin_key`` for this label).
 
     ``keyframes``: the drawn slices; ``empty_keyframes``: slices the user says do not hold the
     object (walls): no walk crosses one, a walk from a drawn keyframe towards one stops before it
@@ -1053,7 +1053,8 @@ def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo
     drawn = set(keyframes)
     keys = sorted(drawn | set(empty_keyframes))
     predictor.begin(walk_volume, keyframes[0] * k, prompt_mask[keyframes[0]])
-    if reuse is not None and reuse.begin_state != _begin_key(predictor):
+    begin_key = _begin_key(predictor)  # recorded with the result: what a later update compares
+    if reuse is not None and reuse.begin_state != begin_key:
         # Another method, or the same one begun differently (e.g. a keyframe drawn below the first
         # one gave PAM another intensity window): walks of the earlier run are not this run's.
         reuse = None
@@ -1163,7 +1164,7 @@ def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo
     for kf in keys:  # the user's slices are kept exactly (walls stay empty)
         mask[kf] = prompt_mask[kf]
     stats["postprocess"] += time.perf_counter() - t0
-    return mask, conf, sorted(recomputed), agreement
+    return mask, conf, sorted(recomputed), agreement, begin_key
 
 
 def propagate(
@@ -1341,11 +1342,10 @@ def _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, em
             if usable_previous and lab in previous.keyframes and lab not in previous.overlapped:
                 reuse = _Reuse(prev_mask == lab, previous.confidence[lab], previous.keyframes[lab],
                                previous.agreement.get(lab), previous.begin_state.get(lab))
-            mask, conf, recomputed_all[lab], agreement_all[lab] = _propagate_label(
+            mask, conf, recomputed_all[lab], agreement_all[lab], begin_states[lab] = _propagate_label(
                 vol_f, label_mask, keyframes, predictor, spacing[ax], lo, hi, batch_size, early_stop,
                 remove_disconnected, tracker, stats, reuse, empties[lab])
             keyframes_all[lab] = {k: label_mask[k].copy() for k in user_slices[lab]}
-            begin_states[lab] = _begin_key(predictor)
             stops_all[lab] = stats.pop("stops")
             # Earlier labels keep their voxels; a label's own prompt voxels always win.
             if lab != next(iter(slices)):  # the first label finds the map empty

@@ -122,7 +122,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     model = load_checkpoint_file(args.checkpoint)
-    check_logs(training_summary(args.train_log), training_stages(model.provenance))
+    logs, stages = training_summary(args.train_log), training_stages(model.provenance)
+    check_logs(logs, stages)
     split = json.loads((ROOT / "scripts" / "split.json").read_text())
     card = {
         "name": args.checkpoint.stem,
@@ -134,8 +135,8 @@ def main(argv=None) -> int:
         "preprocessing": model.preprocessing.to_dict(),
         "inference": model.inference.to_dict(),
         "provenance": model.provenance,
-        "training": training_summary(args.train_log),
-        "training_stages": training_stages(model.provenance),
+        "training": logs,
+        "training_stages": stages,
         "data": {
             # What this checkpoint was trained on (its provenance), not what the split lists today.
             "training_cases": model.provenance.get("cases") or [e["case"] for e in split["train"]],

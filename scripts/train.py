@@ -162,7 +162,7 @@ def data_digest(cases) -> str:
         h.update(str(c.name).encode())
         for array in (getattr(c, "image", None), getattr(c, "labels", None)):
             if array is not None:
-                h.update(np.ascontiguousarray(array).tobytes())
+                h.update(np.ascontiguousarray(array))  # its buffer: no copy of a contiguous volume
     return h.hexdigest()
 
 
