@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from .checks import is_flag, is_number
+from .checks import check_flag, is_number
 from .errors import InputError, PropagationCancelled
 
 __all__ = ["CellResult", "label_cells", "example_cells", "match_instances"]
@@ -244,10 +244,9 @@ def label_cells(image, examples, *, background=None, tile: int = 1024, seed: int
     check_progress_and_cancel(progress, cancel)
     if isinstance(tile, bool) or not isinstance(tile, (int, np.integer)) or tile < 64:
         raise InputError(f"tile must be a whole number of at least 64 px, got {tile!r}")
-    for name, value in (("self_training", self_training), ("contrast_background", contrast_background)):
-        if not is_flag(value):  # text: "off" would be True
-            raise InputError(f"{name} must be True or False, got {value!r}")
-    if isinstance(seed, bool) or not is_number(seed, 0, 2**32 - 1, whole=True):
+    check_flag("self_training", self_training)
+    check_flag("contrast_background", contrast_background)
+    if not is_number(seed, 0, 2**32 - 1, whole=True):  # not a bool either
         raise InputError(f"seed must be a whole number from 0 to {2**32 - 1}, got {seed!r}")
     seed = int(seed)
     img, cells, n_ex, bg_user, example_notes = _check(image, examples, background)

@@ -42,3 +42,12 @@ def slice_runs(slices) -> list[tuple[int, int]]:
 def runs_text(slices) -> str:
     """``[4, 5, 6, 9]`` -> ``"4-6, 9"``."""
     return ", ".join(f"{a}-{b}" if b != a else f"{a}" for a, b in slice_runs(slices))
+
+
+def check_flag(name: str, value, optional: bool = False) -> None:
+    """InputError unless ``value`` is a flag (``is_flag``; None too when ``optional``): an option
+    given as text ("off", "no") would otherwise count as True."""
+    if not (is_flag(value) or (optional and value is None)):
+        from .errors import InputError
+
+        raise InputError(f"{name} must be True or False, got {value!r}")

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .checks import is_flag
+from .checks import check_flag
 from .errors import InputError, PropagationCancelled
 from .propagate import (MAX_LABEL, CancelToken, _as_predictor, _is_empty, _slice_confidence, _stop_presence,
                         _walk_lock, check_progress_and_cancel, label_list, torch_threads)
@@ -286,8 +286,7 @@ def label_images(
     returned then)."""
     t0 = time.perf_counter()
     check_progress_and_cancel(progress, cancel)
-    if not is_flag(normalize):  # text: "no" would be True
-        raise InputError(f"normalize must be True or False, got {normalize!r}")
+    check_flag("normalize", normalize)
     imgs, p, mask, labels = _validate(images, prompt_index, prompt_mask, labels, order, names)
     more = _validate_more(more_prompts, imgs, p, {int(v) for v in np.unique(mask)} - {0}, names)
     predictor = _as_predictor(model, device)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import cc3d
 import numpy as np
 
-from .checks import is_flag, is_number, slice_runs
+from .checks import check_flag, is_number, slice_runs
 from .checks import max_threads
 from .errors import InputError, PropagationCancelled
 from .metrics import dice
@@ -702,10 +702,9 @@ def _validate_options(axis, labels, range, batch_size, threads, cancel, previous
     check_progress_and_cancel(progress, cancel)
     if previous is not None and not isinstance(previous, PropagationResult):
         raise InputError(f"previous must be the PropagationResult of an earlier run, got {type(previous).__name__}")
-    for name, value, optional in (("early_stop", early_stop, False), ("remove_disconnected", remove_disconnected, True),
-                                  ("update", update, True)):
-        if not (is_flag(value) or (optional and value is None)):
-            raise InputError(f"{name} must be True or False, got {value!r}")
+    check_flag("early_stop", early_stop)
+    check_flag("remove_disconnected", remove_disconnected, optional=True)
+    check_flag("update", update, optional=True)
     return (None if axis is None else int(axis)), labels, range
 
 
