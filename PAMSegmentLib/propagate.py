@@ -969,10 +969,11 @@ def _work(keys: list[int], drawn: set[int], lo: int, hi: int) -> int:
 
 # Public attributes of a predictor that are no setting of its results: what ``begin`` measured
 # (in ``begin_state`` when it matters) and how many threads it uses.
-_NOT_SETTINGS = frozenset({"begin_state", "prompt_area", "threads", "registration_workers"})
+_NOT_SETTINGS = frozenset({"begin_state", "prompt_area", "threads", "registration_workers",
+                           "gate", "window", "registration"})  # the last three: state set by begin()
 
 
-def _settings(predictor) -> tuple:
+def predictor_settings(predictor) -> tuple:
     """A predictor's settings as text (``name=value``): its public attributes of plain types, the
     class-level options an instance may override, and for the network its weights (sha256) and
     preprocessing. Walks made with other settings (another registration weight, other weights) are
@@ -1001,7 +1002,7 @@ def _settings(predictor) -> tuple:
 def _begin_key(predictor) -> tuple:
     """Which predictor ran a label, with which settings, and what it took from the drawn slice
     (``begin_state``)."""
-    return type(predictor).__name__, getattr(predictor, "begin_state", None), _settings(predictor)
+    return type(predictor).__name__, getattr(predictor, "begin_state", None), predictor_settings(predictor)
 
 
 def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo, hi, batch_size,

@@ -371,6 +371,11 @@ def test_evaluate_script_end_to_end(tmp_path, capsys):
     md = (out / "summary.md").read_text()
     assert "| toy | 1 |" in md and "Two keyframes" in md and "correction" in md and "Imperfect prompts" in md
     assert (out / "figure.png").stat().st_size > 1000
+    # each row and provenance.json say what made the rows: copy has no weights, its settings' digest
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["command"].startswith("python scripts/evaluate.py --split") and set(prov["methods"]) == {"copy"}
+    digest = prov["methods"]["copy"]["settings_sha256"]
+    assert {(r["weights_sha256"], r["settings_sha256"]) for r in rows if r["method"] != "ci"} == {("", digest)}
     # --from-csv rebuilds the summary from results.csv alone, keeping the run's command line
     (out / "summary.md").write_text((out / "summary.md").read_text().split("\n\n### ")[0])
     assert script.main(["--from-csv", "--out", str(out), "--no-figure"]) == 0
@@ -394,6 +399,46 @@ def test_evaluate_script_end_to_end(tmp_path, capsys):
                      "--out", str(out), "--no-figure"])
     assert (out / "results.csv").read_bytes() == before
     assert len(ev.read_csv(out / "results.partial.csv")) == 1
+
+
+def test_evaluate_stamps_each_row_with_the_weights_and_settings_that_made_it(tmp_path, capsys):
+    """results.csv recorded no checkpoint, so its figures could not be tied to the weights: each row
+    now carries its method's weights sha256 and a digest of its settings (inference parameters
+    included), and provenance.json lists them with the command."""
+    from PAMSegmentLib.baselines import get_predictor
+    from PAMSegmentLib.checkpoints import load_model
+
+    spec = importlib.util.spec_from_file_location("pam_evaluate_script2", REPO / "scripts" / "evaluate.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    shipped = REPO / "Resources" / "Models" / "pam_small.pt"
+    card = json.loads(shipped.with_suffix(".json").read_text())
+    model = load_model(shipped)
+    from PAMSegmentLib.propagate import PAMPredictor
+    methods = [("pam", PAMPredictor(model)), ("pam:w0", PAMPredictor(model, registration_weight=0.0)),
+               ("copy", get_predictor("copy"))]
+    stamps = script.method_stamps(methods)
+    assert stamps["pam"]["weights_sha256"] == card["sha256_weights"] == stamps["pam:w0"]["weights_sha256"]
+    assert stamps["copy"]["weights_sha256"] == ""
+    # the same weights at another registration weight are other settings; each digest is 16 hex digits
+    assert stamps["pam"]["settings_sha256"] != stamps["pam:w0"]["settings_sha256"]
+    assert all(len(v["settings_sha256"]) == 16 for v in stamps.values())
+    assert "registration_weight=0.0" in stamps["pam:w0"]["settings"]
+    # stamped before the run, they must hold after it: begin() sets state (the drift test, the
+    # intensity window, the registration) that is no setting (it showed as 'gate=None' before)
+    vol = np.zeros((12, 48, 48), np.float32)
+    vol[:, 14:34, 12:36] = 1
+    prompt = np.zeros(vol.shape, np.uint8)
+    prompt[6, 14:34, 12:36] = 1
+    from PAMSegmentLib.propagate import propagate
+    for _, predictor in methods:
+        propagate(vol, prompt, (2.0, 1.0, 1.0), predictor)
+    assert script.method_stamps(methods) == stamps
+    rows = [{"method": "pam"}, {"method": "ci@pam"}, {"method": "ci"}, {"method": "copy"}]
+    script.stamp_rows(rows, stamps)
+    assert [r["weights_sha256"] for r in rows] == [card["sha256_weights"]] * 2 + ["", ""]
+    assert [r["settings_sha256"] for r in rows] == [stamps["pam"]["settings_sha256"]] * 2 + \
+        ["", stamps["copy"]["settings_sha256"]]
 
 
 def test_merge_eval_renames_a_method_in_one_input(tmp_path, monkeypatch):

@@ -12,8 +12,9 @@ with two keyframes vs ITK morphological contour interpolation of the same two sl
 ``--prompt-variants`` (the 50 % prompt drawn imperfectly: eroded, dilated or roughened by a few mm,
 as a user's outline may be).
 
-Outputs in --out (default runs/eval in this repository): results.csv, summary.md, figure.png,
-written when the run finishes (its rows go to results.partial.csv meanwhile: an interrupted run
+Outputs in --out (default runs/eval in this repository): results.csv, summary.md, figure.png and
+provenance.json (the command, commit and, per method, the weights' sha256 and its settings, whose
+digests are also in every row: weights_sha256, settings_sha256), written when the run finishes (its rows go to results.partial.csv meanwhile: an interrupted run
 leaves the earlier results.csv as it was).
 
 Examples:
@@ -27,6 +28,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -136,6 +138,37 @@ def build_methods(args):
     if len(set(labels)) != len(labels):
         raise SystemExit(f"method labels must be unique, got {labels}; name checkpoints with LABEL=PATH")
     return out
+
+
+def method_stamps(methods) -> dict:
+    """What made each method's rows, written into them and into provenance.json: the weights'
+    sha256 (pam methods) and a digest of the predictor's settings (propagate.predictor_settings:
+    its options, the checkpoint's preprocessing and inference parameters), so that figures can be
+    tied to the weights and parameters that produced them."""
+    import hashlib
+
+    from PAMSegmentLib.propagate import predictor_settings
+
+    stamps = {}
+    for label, predictor in methods:
+        settings = list(predictor_settings(predictor))
+        model = getattr(predictor, "model", None)
+        stamps[label] = {
+            "weights_sha256": getattr(model, "sha256", "") if model is not None else "",
+            "settings_sha256": hashlib.sha256("\n".join(settings).encode()).hexdigest()[:16],
+            "checkpoint": getattr(model, "source", "") if model is not None else "",
+            "settings": settings,
+        }
+    return stamps
+
+
+def stamp_rows(rows, stamps) -> None:
+    """Each row gets its method's weights_sha256 and settings_sha256 (a row of method "ci@pam" its
+    pam's; contour interpolation ("ci") none)."""
+    for r in rows:
+        s = stamps.get(r["method"].split("@")[-1])
+        r["weights_sha256"] = s["weights_sha256"] if s else ""
+        r["settings_sha256"] = s["settings_sha256"] if s else ""
 
 
 def _git_commit():
@@ -392,6 +425,7 @@ def main(argv=None):
     except PAMError as exc:
         raise SystemExit(f"error: {exc}") from None
     methods = build_methods(args)
+    stamps = method_stamps(methods)
     fig_key = tuple(args.figure_structure.split(":", 1)) if args.figure_structure else (structures[0].case, structures[0].name)
 
     print(f"evaluating {len(structures)} structures x {len(methods)} methods ({', '.join(m for m, _ in methods)}), "
@@ -414,6 +448,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         keep = (not args.no_figure) and panel is None and (st.case, st.name) == fig_key
         new, masks = evaluate_structure(args, runner, st, methods, positions, keep_masks=keep)
+        stamp_rows(new, stamps)
         rows += new
         if keep:
             panel = (case.image, case.labels == st.label, masks, f"{st.case}: {st.name}")
@@ -425,7 +460,10 @@ def main(argv=None):
 
     ev.write_csv(rows, out / "results.csv")
     partial.unlink(missing_ok=True)
-    header = (f"## Evaluation\n\n`python scripts/evaluate.py {' '.join(sys.argv[1:] if argv is None else argv)}` "
+    command = f"python scripts/evaluate.py {' '.join(sys.argv[1:] if argv is None else argv)}"
+    (out / "provenance.json").write_text(json.dumps(
+        {"command": command, "commit": _git_commit() or "", "threads": args.threads, "methods": stamps}, indent=1) + "\n")
+    header = (f"## Evaluation\n\n`{command}` "
               f"(commit {_git_commit() or '?'}; {len(structures)} structures, {args.threads} thread(s), "
               f"{time.perf_counter() - t_all:.0f} s)")
     (out / "summary.md").write_text(ev.summary_markdown(rows, header=header))
