@@ -580,3 +580,23 @@ def test_validation_structures_and_prompts(tmp_path):
     assert ev.validation_prompt_slices(ref, keyframes=True) == [4, 8]  # 2 + 0.25 * 8, 2 + 0.75 * 8
     with pytest.raises(InputError, match="ts_mr not training cases in split.json; validation uses training cases only"):
         ev.validation_items(tmp_path, split, ["ts_mr"], n=24)
+
+
+def test_model_card_refuses_another_checkpoints_evaluation(tmp_path):
+    """make_model_card.py --eval quoted any results.csv's pam rows; stamped rows of other weights
+    are now refused, unstamped ones (older runs) are counted as such."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from make_model_card import eval_summary
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    rows = [dict(case="c", group="g", structure=f"s{i}", method=m, protocol="single", position=0.5, round=0, dice=d,
+                 weights_sha256=w, error="")
+            for i, (m, d, w) in enumerate([("pam", 0.8, "a" * 64), ("pam", 0.6, ""), ("track", 0.5, "")])]
+    ev.write_csv(rows, tmp_path / "r.csv")
+    got = eval_summary(tmp_path / "r.csv", "a" * 64)
+    assert got["mean_dice_by_group"] == {"g": {"pam": 0.7, "track": 0.5}}
+    assert got["pam_rows_with_these_weights"] == "1 of 2"
+    with pytest.raises(SystemExit, match=r"were made with weights aaaaaaaaaaaaaaaa\.\.\., not this checkpoint's "
+                                         r"bbbbbbbbbbbbbbbb\.\.\."):
+        eval_summary(tmp_path / "r.csv", "b" * 64)

@@ -59,15 +59,24 @@ def training_summary(logs: list[Path]) -> list[dict]:
     return out
 
 
-def eval_summary(path: Path, method_prefix: str = "pam") -> dict:
+def eval_summary(path: Path, weights_sha256: str = "") -> dict:
+    """Mean Dice by group and method at the 50 % prompt. The rows of method ``pam`` that carry a
+    weights sha256 (evaluate.py stamps them since session 24) must carry this checkpoint's: a card
+    must not quote another checkpoint's figures."""
     rows = [r for r in _rows(path) if r.get("protocol") == "single" and float(r.get("position") or 0.5) == 0.5
             and not r.get("error")]
+    stamped = {r.get("weights_sha256") for r in rows if r["method"] == "pam" and r.get("weights_sha256")}
+    if weights_sha256 and stamped - {weights_sha256}:
+        raise SystemExit(f"error: the pam rows of {path} were made with weights {', '.join(x[:16] for x in stamped)}"
+                         f"..., not this checkpoint's {weights_sha256[:16]}...: give the evaluation of these weights")
+    n_stamped = sum(1 for r in rows if r["method"] == "pam" and r.get("weights_sha256"))
     groups: dict[str, dict[str, list[float]]] = {}
     for r in rows:
         groups.setdefault(r["group"], {}).setdefault(r["method"], []).append(float(r["dice"]))
     table = {g: {m: round(sum(v) / len(v), 3) for m, v in ms.items()} for g, ms in groups.items()}
     n = {g: max(len(v) for v in ms.values()) for g, ms in groups.items()}
-    return {"mean_dice_by_group": table, "structures_by_group": n, "source": str(path)}
+    return {"mean_dice_by_group": table, "structures_by_group": n, "source": str(path),
+            "pam_rows_with_these_weights": f"{n_stamped} of {sum(1 for r in rows if r['method'] == 'pam')}"}
 
 
 def training_stages(provenance: dict) -> list[dict]:
@@ -145,7 +154,7 @@ def main(argv=None) -> int:
             "heldout_structures": split["heldout_structures"],
             "split_file": "scripts/split.json",
         },
-        "evaluation": eval_summary(args.eval) if args.eval else None,
+        "evaluation": eval_summary(args.eval, model.sha256) if args.eval else None,
         "intended_use": "Propagating a mask drawn on one (or a few) slices of a 3D medical image to the "
                         "whole structure, for review and correction by the user. Not a diagnostic device.",
     }
