@@ -1921,6 +1921,9 @@ class PropagationHistory:
                                  f"that {entry.kind} is kept only right after the run, in the session that ran it "
                                  "(Update from my edits and the review still work)")
             raise InputError(f'cannot undo: the state of "{name}" before the {entry.kind} was not saved')
+        # The saved state is a binary labelmap: written into a segmentation whose source became a
+        # closed surface since the run, it would be a derived copy and the surface would keep the result.
+        _segment(segmentation_node, segment_id)
         entry.before.restore(segmentation_node, segment_id)
         key = self._key(segmentation_node, segment_id)
         segment = segmentation.GetSegment(segment_id)

@@ -605,6 +605,22 @@ def test_undo_restores_the_labelmap_bit_identically(session):
         history.undo_last(seg, sid)
 
 
+def test_undo_is_refused_once_the_source_is_a_closed_surface(session):
+    """Undo wrote the saved labelmap into a segmentation whose source representation had become a
+    closed surface since the run: it said "back as it was" but the surface (the source) kept the
+    3D result, which came back on the next conversion. Refused as propagating such a segment is."""
+    seg, sid, history = session["seg"], session["sid"], session["history"]
+    segmentation = seg.GetSegmentation()
+    surface = slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName()
+    assert seg.CreateClosedSurfaceRepresentation()
+    (getattr(segmentation, "SetSourceRepresentationName", None) or segmentation.SetMasterRepresentationName)(surface)
+    points = segmentation.GetSegment(sid).GetRepresentation(surface).GetNumberOfPoints()
+    with pytest.raises(InputError, match=r'stores its segments as "Closed surface", not as binary labelmaps'):
+        history.undo_last(seg, sid)
+    assert segmentation.GetSegment(sid).GetRepresentation(surface).GetNumberOfPoints() == points > 0
+    assert history.get(seg, sid) is not None  # still undoable once the source is a labelmap again
+
+
 def test_undo_an_update_then_the_propagation(session):
     seg, sid, vol, history, truth = session["seg"], session["sid"], session["vol"], session["history"], session["truth"]
     current = on_volume(seg, sid, vol)
