@@ -1387,6 +1387,8 @@ class HistoryEntry:
     record: str | None = None
     # Read back from the segment's RECORD_TAG (a scene saved and loaded again): no Undo state.
     restored: bool = False
+    # The name of the volume propagated on, once its node left the scene (``_rebind_removed_volume``).
+    removed_volume_name: str | None = None
     # The segment's (RUN_TAG, RECORD_TAG) before the run, put back with ``before`` by Undo.
     before_tags: tuple = (None, None)
     # The segment's own labelmap right after the write, kept only when the segmentation's grid is
@@ -1742,6 +1744,23 @@ def _scalar_volumes(scene) -> list:
     return [v for v in nodes if v is not None and v.GetImageData() is not None]
 
 
+def _rebind_removed_volume(entry: HistoryEntry, scene) -> None:
+    """A volume node removed from the scene since the run (deleted, or closed and loaded again) is
+    the saved record's case: each entry of the chain (an update's parents too) takes the scene's
+    volume of the same name and grid (``_saved_volume``), else none until one is loaded (the user
+    may select it). Kept, the removed node was asked for by name although the reloaded one was
+    selected, or its stale voxels were used."""
+    while entry is not None:
+        node = entry.volume_node
+        if node is not None and not (node.GetScene() is scene and scene.GetNodeByID(node.GetID()) is node):
+            entry.removed_volume_name, entry.volume_node = node.GetName(), None
+        if entry.volume_node is None and entry.removed_volume_name is not None:
+            entry.volume_node = _saved_volume(_scalar_volumes(scene), None, entry.removed_volume_name, entry.grid)
+            if entry.volume_node is not None:
+                entry.removed_volume_name = None
+        entry = entry.parent
+
+
 def _saved_volume(volumes, volume_id, volume_name, grid: VolumeGrid):
     """The volume a saved result was propagated on, among ``volumes`` (the scene's): the node of
     that ID if it also has that name and the result's grid, else the one node of that name and
@@ -1818,6 +1837,7 @@ class PropagationHistory:
             return None
         tag = _segment_tag(segment, RUN_TAG)
         if entry is not None:
+            _rebind_removed_volume(entry, scene)
             if entry.segmentation_node is segmentation_node and (entry.run_id is None or tag == entry.run_id):
                 return entry
             if (entry.segmentation_node is segmentation_node and entry.parent is not None
@@ -2084,8 +2104,9 @@ class SegmentUpdate(SegmentPropagation):
             raise InputError(f'segment "{name}" was propagated on volume "{entry.volume_node.GetName()}", not '
                              f'"{volume_node.GetName()}"; select "{entry.volume_node.GetName()}" to update it')
         if volume_node is None:
-            raise InputError(f'segment "{name}" was propagated in an earlier session on a volume this scene does not '
-                             "hold under its name: select the volume it was propagated on, then update")
+            raise InputError(f'segment "{name}" was propagated on a volume this scene no longer holds under its name '
+                             "(removed, renamed, or a scene of an earlier session): select the volume it was "
+                             "propagated on, then update")
         self.image, self.grid = volume_array(volume_node)
         if not self.grid.same_as(entry.grid):
             if entry.volume_node is None:

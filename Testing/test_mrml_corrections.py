@@ -594,6 +594,32 @@ def test_update_refuses_when_the_segment_was_edited_meanwhile(session):
 # -- undo -----------------------------------------------------------------------------------------
 
 
+def test_update_after_the_volume_was_removed_and_loaded_again(session, mrml_scene):
+    """The volume was removed (closed) and the same image loaded again in the same session: the
+    update asked for "CT" while "CT" (the new node) was selected, and with none selected it ran on
+    the removed node's voxels and was then refused. The entry now takes the node of the same name
+    and grid, as a result read back from a saved scene does; with no such node the user is asked."""
+    seg, sid, vol, history, truth = session["seg"], session["sid"], session["vol"], session["history"], session["truth"]
+    image = slicer.util.arrayFromVolume(vol).copy()
+    current = on_volume(seg, sid, vol)
+    mrml_scene.RemoveNode(vol)
+    with pytest.raises(InputError, match=r'was propagated on a volume this scene no longer holds under its name '
+                                         r'\(removed, renamed'):
+        SegmentUpdate(None, seg, sid, history, model=GuideCopy(truth))
+    again = make_volume_node(image, name=vol.GetName())
+    current[18] = False
+    current[18, 18:22, 20:24] = True
+    write(seg, sid, again, current)
+    for selected in (again, None):
+        job = SegmentUpdate(selected, seg, sid, history, model=GuideCopy(truth), threads=1)
+        assert job.edited == [18]
+    job.start()
+    assert job.wait(30) and job.state == "finished", job.error
+    assert job.apply(history=history) == sid
+    np.testing.assert_array_equal(on_volume(seg, sid, again)[18], current[18])
+    assert history.get(seg, sid).volume_node is again
+
+
 def test_undo_restores_the_labelmap_bit_identically(session):
     seg, sid, history = session["seg"], session["sid"], session["history"]
     assert internal_labelmap_state(seg, sid)[0].shape != session["before"][0].shape  # the result is 3D
