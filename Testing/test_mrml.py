@@ -484,6 +484,49 @@ def test_volume_under_a_transform(mrml_scene):
     np.testing.assert_array_equal(segment_on_volume(seg, sid, vol), truth)
 
 
+def test_volume_and_segmentation_under_two_linear_transforms(mrml_scene):
+    """Both nodes under their own linear transforms (a registered volume, a segmentation moved
+    apart): Slicer's general-transform resampling misplaced the written result (520 of 5585 voxels
+    with rotations; a half-slice translation moved 3110) and its export misread it. Now the result
+    is stored exactly on the volume's voxels (the labelmap's matrix is Ts^-1 Tv IJKtoRAS) and read
+    back exactly. (No reference geometry: with one the result is stored on that grid, as documented.)"""
+    truth, image = synthetic()
+    vol = make_volume_node(image)
+    seg = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
+    seg.CreateDefaultDisplayNodes()
+    sid = seg.GetSegmentation().AddEmptySegment("", "tumor", [1, 0, 0])
+
+    def linear(axis, degrees, shift):
+        a = np.deg2rad(degrees)
+        m = np.eye(4)
+        i, j = [(1, 2), (0, 2), (0, 1)][axis]
+        m[i, i] = m[j, j] = np.cos(a)
+        m[i, j], m[j, i] = -np.sin(a), np.sin(a)
+        m[:3, 3] = shift
+        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+        node.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(m))
+        return node, m
+
+    for (v_axis, v_deg, v_shift), (s_axis, s_deg, s_shift) in [((2, 20, (5, -3, 2)), (1, -10, (1, 2, 3))),
+                                                               ((2, 0, (0, 0, 2)), (2, 0, (0, 0, 3)))]:
+        tv, mv = linear(v_axis, v_deg, v_shift)
+        ts, ms = linear(s_axis, s_deg, s_shift)
+        vol.SetAndObserveTransformNodeID(tv.GetID())
+        seg.SetAndObserveTransformNodeID(ts.GetID())
+        grid = mrml._grid_of(vol)
+        prompt = one_slice(truth, CENTER[0])
+        mrml.write_segment_mask(prompt, grid, seg, sid, vol)
+        stored = seg.GetSegmentation().GetSegment(sid).GetRepresentation(
+            slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
+        m = vtk.vtkMatrix4x4()
+        stored.GetImageToWorldMatrix(m)
+        np.testing.assert_allclose(slicer.util.arrayFromVTKMatrix(m), np.linalg.inv(ms) @ mv @ grid.ijk_to_ras,
+                                   atol=1e-9)
+        np.testing.assert_array_equal(mrml.segment_mask(seg, sid, vol), prompt)
+        propagate_segment(vol, seg, sid, model=OracleModel(truth))
+        np.testing.assert_array_equal(mrml.segment_mask(seg, sid, vol), truth)
+
+
 # -- background job: progress, cancel, failure ------------------------------------------------------
 
 
