@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import warnings
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -318,6 +319,8 @@ def _read(path: Path) -> object:
         shown = "".join(c if c.isprintable() else "?" for c in shown)
         raise CheckpointError(f"cannot load checkpoint {path}: it is not a PyTorch file (it begins {shown!r}); "
                               "if you downloaded it, the download may have saved an error page: download it again")
+    if magic.startswith(b"PK\x03\x04"):
+        _check_zip_entries(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. torch's notes on old pickle protocols: the error says it all
@@ -325,12 +328,49 @@ def _read(path: Path) -> object:
     except Exception as exc:  # torch raises many types for corrupt/foreign files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
-            reason = "it contains Python objects beyond tensors, which are not loaded for safety"
+            found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+            what = f" (here {found.group(1)})" if found else ""
+            reason = (f"it holds Python objects beyond tensors{what}, which are not loaded for safety; if you trust "
+                      "the file, save its weights alone once in Python: sd = torch.load(PATH, weights_only=False); "
+                      "torch.save(sd.get('model_state_dict', sd), 'weights.pth'), and give weights.pth")
         elif size < 1024 or "truncat" in first.lower() or "zip archive" in first.lower() or "EOF" in first:
-            reason = f"the file is truncated or not a PyTorch checkpoint ({first[:120]})"
+            reason = (f"the file is truncated or not a PyTorch checkpoint ({_first_sentence(first)}); download or copy "
+                      "it again")
         else:
-            reason = f"not a readable PyTorch checkpoint ({first[:120]})"
+            reason = f"not a readable PyTorch checkpoint ({_first_sentence(first)})"
         raise CheckpointError(f"cannot load checkpoint {path}: {reason}") from None
+
+
+def _first_sentence(text: str, limit: int = 160) -> str:
+    """``text`` up to its first sentence's end (torch's messages run on), at most ``limit`` characters."""
+    end = text.find(". ")
+    text = text[: end + 1] if 0 < end < limit else text
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
+
+
+def _check_zip_entries(path: Path) -> None:
+    """A torch zip checkpoint's entries as ``torch.save`` writes them: stored, not compressed, and at
+    most MAX_CHECKPOINT_BYTES in all. torch.load inflates a compressed entry in full before any key
+    is looked at, so a 4 MB file of deflated zeros asked for 4 GiB (and a file under the 2 GB size
+    limit could ask for terabytes)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise CheckpointError(f"cannot load checkpoint {path}: the file is truncated or not a PyTorch checkpoint "
+                              f"(its zip directory cannot be read: {_first_sentence(str(exc) or type(exc).__name__)}); "
+                              "download or copy it again") from None
+    packed = next((e for e in entries if e.compress_type != zipfile.ZIP_STORED), None)
+    if packed is not None:
+        raise CheckpointError(f"cannot load checkpoint {path}: its entry {packed.filename!r} is compressed, which "
+                              "torch.save never does (a compressed entry is inflated in full before it can be "
+                              "checked); re-save the weights with torch.save")
+    total = sum(e.file_size for e in entries)
+    if total > MAX_CHECKPOINT_BYTES:
+        raise CheckpointError(f"cannot load checkpoint {path}: its entries declare {total / 1e9:.1f} GB, more than "
+                              "any PAM checkpoint holds; wrong or damaged file?")
 
 
 def _strict_check(expected: dict, got: dict, what: str) -> None:

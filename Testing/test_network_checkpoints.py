@@ -119,8 +119,39 @@ def test_truncated_checkpoint(tmp_path, small_checkpoint):
     data = small_checkpoint.path.read_bytes()
     path = tmp_path / "half.pt"
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="truncated or not a PyTorch checkpoint"):
+    with pytest.raises(CheckpointError, match="truncated or not a PyTorch checkpoint") as err:
         load_checkpoint_file(path)
+    assert str(err.value).endswith("download or copy it again")  # was cut inside torch's sentence ("If yo")
+
+
+def test_compressed_zip_entries_are_refused_before_they_are_inflated(tmp_path, small_checkpoint):
+    """torch.load inflates a deflated entry in full before any check: a 1 MB file of deflated zeros
+    asked for 1 GiB (4 MB for 4 GiB). torch.save never compresses, so such a file is refused from
+    its zip directory alone; so is one whose entries declare more than the size limit."""
+    import zipfile
+
+    from PAMSegmentLib import checkpoints
+
+    with zipfile.ZipFile(small_checkpoint.path) as src, \
+            zipfile.ZipFile(tmp_path / "deflated.pt", "w", zipfile.ZIP_DEFLATED) as dst:
+        for entry in src.infolist():
+            dst.writestr(entry.filename, src.read(entry))
+    with pytest.raises(CheckpointError, match=r"its entry '.*' is compressed, which torch.save never does"):
+        load_checkpoint_file(tmp_path / "deflated.pt")
+    # the same file stored as torch writes it loads
+    with zipfile.ZipFile(small_checkpoint.path) as src, \
+            zipfile.ZipFile(tmp_path / "stored.pt", "w", zipfile.ZIP_STORED) as dst:
+        for entry in src.infolist():
+            dst.writestr(entry.filename, src.read(entry))
+    assert load_checkpoint_file(tmp_path / "stored.pt").sha256 == load_checkpoint_file(small_checkpoint.path).sha256
+    with zipfile.ZipFile(tmp_path / "stored.pt") as archive:
+        total = sum(e.file_size for e in archive.infolist())
+    checkpoints.MAX_CHECKPOINT_BYTES, limit = total - 1, checkpoints.MAX_CHECKPOINT_BYTES
+    try:  # entries declaring more than the limit (checked on the directory, before torch.load)
+        with pytest.raises(CheckpointError, match=r"its entries declare .* GB, more than any PAM checkpoint holds"):
+            checkpoints._check_zip_entries(tmp_path / "stored.pt")
+    finally:
+        checkpoints.MAX_CHECKPOINT_BYTES = limit
 
 
 def test_random_bytes(tmp_path):
@@ -165,9 +196,12 @@ def test_arbitrary_pickle_is_refused_and_not_executed(tmp_path):
     marker = tmp_path / "code_ran"
     path = tmp_path / "evil.pth"
     torch.save({"model_state_dict": {"w": torch.zeros(1)}, "payload": _Payload(marker)}, path)
-    with pytest.raises(CheckpointError, match="Python objects beyond tensors"):
+    with pytest.raises(CheckpointError, match="Python objects beyond tensors") as err:
         load_checkpoint_file(path)
     assert not marker.exists()
+    # the message names what was refused and how a user who trusts the file goes on
+    assert "(here posix.mkdir)" in str(err.value) or "(here os.mkdir)" in str(err.value), str(err.value)
+    assert "if you trust the file, save its weights alone once in Python" in str(err.value)
 
 
 # ----------------------------------------------------------------------------- our format
