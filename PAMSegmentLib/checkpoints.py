@@ -161,8 +161,12 @@ class InferenceParams:
 
     @classmethod
     def from_dict(cls, d: dict) -> "InferenceParams":
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in d.items() if k in known})
+        """ValueError for a name this version does not know (a misspelt "treshold" was dropped and
+        the run used the default, without a word)."""
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown inference parameter(s): {', '.join(map(str, unknown))[:200]}")
+        return cls(**d)
 
 
 @dataclass
@@ -427,7 +431,7 @@ def load_checkpoint_file(path: str | os.PathLike, device: str = "cpu") -> PAMMod
     obj = _read(path)
     if isinstance(obj, dict) and obj.get("format") == FORMAT_NAME:
         version = obj.get("format_version", 0)
-        if not isinstance(version, int):
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
             raise CheckpointError(f"checkpoint {path} has an invalid header: format_version {version!r}")
         if version > FORMAT_VERSION:
             raise CheckpointError(
@@ -442,6 +446,7 @@ def load_checkpoint_file(path: str | os.PathLike, device: str = "cpu") -> PAMMod
                 raise ValueError("its 'inference' entry is not a mapping")
             config = PAMConfig.from_dict(obj["config"])
             config.validate()  # bounded sizes before anything is built from them
+            config.check_parameters()  # counted on the meta device: nothing allocated
             pre = PreprocessingParams.from_dict(obj["preprocessing"])
             inf = InferenceParams.from_dict(obj.get("inference", {}))
         except (KeyError, TypeError, ValueError) as exc:

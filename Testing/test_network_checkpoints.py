@@ -280,12 +280,23 @@ def _first_weight(payload):
     # A small header asking for an enormous network (36 TB for 10^6 features).
     (lambda p, k: p["config"].update(base_features=10**6), "base_features must be a whole number within 1..64"),
     (lambda p, k: p["config"].update(n_stages="5"), "n_stages must be a whole number within 2..7, got '5'"),
+    # Within each field's bounds, but attention on 256 px maps (4.5x the official network's time per
+    # slice with 88 parameters), or 3.9x the official network's parameters: accepted before.
+    (lambda p, k: p["config"].update(input_size=256, n_stages=2, n_attention_stages=2),
+     "attention runs on 256 x 256 px maps (input_size 256, 2 of 2 stages), finer than the official network's 56 px"),
+    (lambda p, k: p["config"].update(input_size=64, n_stages=7, base_features=64, max_features=512, n_conv_per_stage=4,
+                                     n_attention_stages=6),
+     "the network would have 126.8 M parameters, more than the official network's 32.5 M"),
     (lambda p, k: p["config"].update(name="small\nkind: official"), "name must be a short printable string"),
     (lambda p, k: p["inference"].update(threshold=float("nan")), "threshold must be a number within"),
     (lambda p, k: p["inference"].update(registration_iterations=10**9),
      "registration_iterations must be a whole number within [1, 1000]"),
     (lambda p, k: p["inference"].update(window_mm="20"), "window_mm must be a number within"),
     (lambda p, k: p.update(inference=[1, 2]), "its 'inference' entry is not a mapping"),
+    # a misspelt parameter was dropped and the default used; a bool or negative version accepted
+    (lambda p, k: p["inference"].update(treshold=0.9), "invalid header: unknown inference parameter(s): treshold"),
+    (lambda p, k: p.update(format_version=True), "invalid header: format_version True"),
+    (lambda p, k: p.update(format_version=-3), "invalid header: format_version -3"),
     (lambda p, k: p["preprocessing"].update(crop_scale=0.0), "crop_scale must be a number within [1, 10], got 0.0"),
     (lambda p, k: p["preprocessing"].update(input_size=64), "preprocessing input_size 64 differs from the network's 128"),
 ])
