@@ -1557,6 +1557,12 @@ def keyframes_from_edits(prompt: np.ndarray, previous, edited: np.ndarray, *,
     out = np.zeros(prm.shape, dtype=prompt.dtype if np.issubdtype(prompt.dtype, np.integer) else np.int32)
     walls, changed_all, earlier_keys, erased = {}, {}, {}, []
     n = prm.shape[0]
+    absent = [lab for lab in drawn if not (prev == lab).any()]
+    if absent and len(absent) < len(drawn):  # a result of some of the prompt's labels: a --label run
+        present = [lab for lab in drawn if lab not in absent]
+        raise InputError(f"the earlier result holds no label {absent[0]} of the prompt, only label"
+                         f"{'s' if len(present) > 1 else ''} {', '.join(map(str, present))}: if it was made with "
+                         f"--label (labels=), give the same labels again (--label {' '.join(map(str, present))})")
     for lab, slices in drawn.items():
         for s in slices:
             if not np.array_equal(prev[s] == lab, prm[s] == lab):

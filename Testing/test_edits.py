@@ -57,6 +57,19 @@ def test_edits_of_an_unprompted_label_are_named_and_left_out():
     assert plan.ignored == [3]
 
 
+def test_a_result_of_some_labels_asks_for_the_same_labels_again():
+    """The first run used --label 2, the update left it out: it was told the earlier result is not a
+    result of this prompt (label 1 differs on slice 12), though only --label was missing."""
+    _, _, prompt, previous = first_run()
+    only_two = np.where(previous == 2, 2, 0).astype(np.uint8)
+    edited = only_two.copy()
+    edited[10][edited[10] == 2] = 0
+    with pytest.raises(InputError, match=r"^the earlier result holds no label 1 of the prompt, only label 2: if it was "
+                                         r"made with --label \(labels=\), give the same labels again \(--label 2\)$"):
+        keyframes_from_edits(prompt, only_two, edited)
+    assert keyframes_from_edits(prompt, only_two, edited, labels=[2]).edited == {2: [10]}
+
+
 @pytest.mark.parametrize("case, message", [
     ("not its result", "the earlier result is not a result of this prompt: on slice 12 (axis 0) label 1 differs"),
     ("unchanged", "the edited result equals the earlier one on every slice of labels 1, 2: nothing to update"),
