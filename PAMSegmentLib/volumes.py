@@ -465,6 +465,23 @@ def _note_nifti_qform_sform(p: Path, header: bytes, image: sitk.Image, tol_mm: f
                   f"tools that use the {other} would place input and output differently", stacklevel=3)
 
 
+def _qform_sform_apart(p: Path | None) -> float | None:
+    """How far (mm, over the volume's corners) a NIfTI file's qform and sform disagree, when both are
+    set and differ by more than 0.01 mm; else None (not NIfTI, one grid, or they agree)."""
+    import struct
+
+    header = _nifti_header(p) if p is not None else None
+    affines = _nifti_affines(header) if header is not None else None
+    if affines is None:
+        return None
+    dims = struct.unpack_from(_nifti1_endian(header) + "8h", header, 40)
+    n = [max(int(v), 1) for v in dims[1:4]]
+    corners = np.array([[0, 0, 0, 1], [n[0] - 1, 0, 0, 1], [0, n[1] - 1, 0, 1], [0, 0, n[2] - 1, 1]],
+                       dtype=np.float64).T
+    apart = float(np.max(np.linalg.norm(affines[0] @ corners - affines[1] @ corners, axis=0)))
+    return apart if apart > 0.01 else None
+
+
 def _nifti_pixdims(header: bytes) -> tuple[float, ...] | None:
     """pixdim[1..ndim] of a NIfTI-1 or NIfTI-2 header (as stored), None if it is not one."""
     import struct
@@ -676,8 +693,19 @@ def _no_position(path: Path) -> str | None:
 
 
 def _off_grid_error(name: str, labels: Volume, reference: Volume, diffs: list[str],
-                    path: Path | None = None) -> InputError:
+                    path: Path | None = None, reference_path: Path | None = None) -> InputError:
     """The refusal of a label map ``name`` that is not on the ``reference`` grid."""
+    split = [(q.name, mm) for q in (reference_path, path) if (mm := _qform_sform_apart(q)) is not None]
+    if split and set(diffs) & {"origin", "direction", "spacing"}:
+        # Resampling would move the prompt by the two grids' difference: the files most likely hold the
+        # same grid, written or read by tools that take different ones of the two.
+        which = " and ".join(f"{n} (qform and sform up to {mm:.3g} mm apart)" for n, mm in split)
+        details = "; ".join(_describe_difference(d, labels, reference) for d in diffs)
+        return InputError(f"{name} is not on the image grid ({details}), and the NIfTI header of {which} holds "
+                          "two different grids: the prompt was probably saved by a tool that uses the other one of "
+                          "the two, so --resample-prompt would move it by their difference. Save the prompt with the "
+                          "image's geometry as ITK reads it (SimpleITK: mask.CopyInformation(image)), or make the "
+                          "file's qform and sform agree (nibabel: img.set_qform(img.get_sform()))")
     unplaced = _no_position(path) if path is not None and labels.shape == reference.shape else None
     if unplaced:  # resampling would place it by the origin and axes ITK made up: not where it was drawn
         return InputError(f"{name} has the image's size but no position in space in its header ({unplaced}), so it "
@@ -792,7 +820,7 @@ def check_grids_from_headers(image_path: PathLike, prompt_path: PathLike) -> Non
             header = _nifti_header(path)
             if header is not None:
                 _note_nifti_no_spacing(path, header, 3)
-        raise _off_grid_error(Path(prompt_path).name, prompt, image, diffs, Path(prompt_path))
+        raise _off_grid_error(Path(prompt_path).name, prompt, image, diffs, Path(prompt_path), Path(image_path))
 
 
 def read_labelmap(path: PathLike, reference: Volume | None = None, resample: bool = False) -> Volume:

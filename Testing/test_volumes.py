@@ -303,6 +303,34 @@ def test_nifti_with_disagreeing_qform_and_sform_is_noted(tmp_path):
     assert got.origin[2] == pytest.approx(vol.origin[2] + (50.0 if used == "sform" else 0.0))
 
 
+def test_a_prompt_off_the_grid_of_an_image_with_two_grids_names_them(tmp_path):
+    """The image's header holds two grids 30 mm apart and the prompt was saved on the other one: the
+    refusal suggested --resample-prompt, which moved the prompt by 30 mm (exit 0). It now says
+    the image holds two grids and how to make them one, and does not suggest resampling."""
+    import struct
+
+    from PAMSegmentLib.volumes import check_grids_from_headers
+
+    vol = make_volume(shape=(6, 5, 4), direction=IDENTITY)
+    image = write_volume(vol, tmp_path / "two_grids.nii")
+    prompt = write_volume(make_volume(shape=(6, 5, 4), direction=IDENTITY), tmp_path / "prompt.nii")
+    check_grids_from_headers(image, prompt)  # one grid each, the same: nothing to say
+    data = bytearray(image.read_bytes())
+    struct.pack_into("<2h", data, 252, 1, 1)  # both codes set
+    z = struct.unpack_from("<f", data, 324)[0]  # srow_z's translation
+    struct.pack_into("<f", data, 324, z + 30.0)  # the sform 30 mm off the qform, where the prompt is
+    image.write_bytes(bytes(data))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert read_volume(image).origin[2] == pytest.approx(vol.origin[2] + 30.0)  # ITK uses the sform
+    with pytest.raises(InputError) as err:
+        check_grids_from_headers(image, prompt)
+    text = str(err.value)
+    assert text.startswith("prompt.nii is not on the image grid (origin") and "resample-prompt to resample" not in text
+    assert "the NIfTI header of two_grids.nii (qform and sform up to 30 mm apart) holds two different grids" in text
+    assert "--resample-prompt would move it by their difference" in text
+
+
 def test_truncated_metaimage_is_named_as_such(tmp_path):
     # ITK's own reason was "No such file or directory", about a file that is there.
     path = write_volume(make_volume(shape=(20, 30, 40)), tmp_path / "ct.mha")
