@@ -535,6 +535,25 @@ def _exists(p: Path) -> bool:
         raise InputError(f"cannot use the path {str(p)[:80]}... ({error.strerror})") from None
 
 
+def _read_error(p: Path, reason: str) -> InputError:
+    """ITK's failure to read file ``p`` as one line: a short read (MetaImage says "No such file",
+    NRRD "fread got only" / "expected ... bytes") is a damaged copy, an allocation failure a
+    header that declares more voxels than memory holds; only a file ITK found no reader for gets
+    the list of formats (a truncated NRRD was told to be NIfTI, NRRD, ...)."""
+    low = reason.lower()
+    if any(k in low for k in ("no such file or directory", "fread got only", "data not read completely",
+                              "unexpected end of file", "premature end", "expected", "_nrrdencoding")) \
+            and "imageio" not in low:
+        return InputError(f"cannot read {p}: its voxel data ends early or is damaged ({reason[:160]}); copy or "
+                          "download it again")
+    if "allocate" in low or "bad_alloc" in low:
+        return InputError(f"cannot read {p}: its header declares more voxels than this machine's memory holds "
+                          f"({reason[:160]}); is the header damaged? copy or download it again")
+    if "unable to determine imageio reader" in low or "could not create io object" in low:
+        return InputError(f"cannot read {p} as an image ({reason}); {_READ_HINT}")
+    return InputError(f"cannot read {p} as an image ({reason[:200]}); is the file damaged? copy or download it again")
+
+
 def _read_sitk(path: PathLike, series_uid: str | None = None, single_slice_ok: bool = False) -> sitk.Image:
     """Read any supported file or DICOM folder and check it is one 3D scalar volume."""
     p = Path(path)
@@ -550,14 +569,12 @@ def _read_sitk(path: PathLike, series_uid: str | None = None, single_slice_ok: b
         if header is not None:
             _check_nifti_complete(p, header)
         try:
-            with _itk_warnings_hidden():  # e.g. NIfTI's "unexpected scales in sform": what matters is noted below
+            # ITK's warnings (NIfTI's "unexpected scales in sform": what matters is noted below) and what
+            # MetaIO prints on a short read go: the failure is said below in one line.
+            with _itk_warnings_hidden(), _native_stderr_hidden():
                 image = sitk.ReadImage(_itk_path(p))
         except RuntimeError as error:
-            reason = _itk_reason(error)
-            if "No such file or directory" in reason:  # the file is there: ITK reports a short read so (MetaImage)
-                raise InputError(f"cannot read {p}: its voxel data ends early (truncated or damaged?); copy or "
-                                 "download it again") from None
-            raise InputError(f"cannot read {p} as an image ({reason}); {_READ_HINT}") from None
+            raise _read_error(p, _itk_reason(error)) from None
         if header is not None:
             _note_nifti_qform_sform(p, header, image)
             _note_nifti_no_spacing(p, header, image.GetDimension())

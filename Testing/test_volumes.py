@@ -331,14 +331,19 @@ def test_a_prompt_off_the_grid_of_an_image_with_two_grids_names_them(tmp_path):
     assert "--resample-prompt would move it by their difference" in text
 
 
-def test_truncated_metaimage_is_named_as_such(tmp_path):
-    # ITK's own reason was "No such file or directory", about a file that is there.
-    path = write_volume(make_volume(shape=(20, 30, 40)), tmp_path / "ct.mha")
+@pytest.mark.parametrize("ext", [".mha", ".nrrd"])
+def test_truncated_metaimage_and_nrrd_are_named_as_such(tmp_path, capfd, ext):
+    """ITK's own reason was "No such file or directory" (MetaImage), about a file that is there, and
+    MetaIO printed two lines of its own; a truncated NRRD was told the formats it could be."""
+    path = write_volume(make_volume(shape=(20, 30, 40)), tmp_path / f"ct{ext}")
     data = path.read_bytes()
-    cut = tmp_path / "cut.mha"
+    cut = tmp_path / f"cut{ext}"
     cut.write_bytes(data[: int(len(data) * 0.6)])
-    with pytest.raises(InputError, match="its voxel data ends early \\(truncated or damaged\\?\\)"):
+    capfd.readouterr()
+    with pytest.raises(InputError, match="its voxel data ends early or is damaged .*; copy or download it again$") as err:
         read_volume(cut)
+    assert "expected NIfTI" not in str(err.value)
+    assert capfd.readouterr().err == ""  # nothing of ITK's own on stderr
 
 
 @pytest.mark.parametrize("ext", [".nii", ".nii.gz"])
