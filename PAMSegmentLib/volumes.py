@@ -723,6 +723,16 @@ def _off_grid_error(name: str, labels: Volume, reference: Volume, diffs: list[st
                           "the two, so --resample-prompt would move it by their difference. Save the prompt with the "
                           "image's geometry as ITK reads it (SimpleITK: mask.CopyInformation(image)), or make the "
                           "file's qform and sform agree (nibabel: img.set_qform(img.get_sform()))")
+    return _never_resampled(name, labels, reference, diffs, path) or _generic_off_grid_error(name, labels, reference,
+                                                                                             diffs)
+
+
+def _never_resampled(name: str, labels: Volume, reference: Volume, diffs: list[str],
+                     path: Path | None = None) -> InputError | None:
+    """The refusal of a label map that resampling would put in the wrong place whatever the user
+    asks (``read_labelmap`` raises it with ``resample=True`` too: --resample-prompt moved a prompt
+    drawn on slice 60 to slice 93, exit 0): one of the image's size without a position in its
+    header, or the image's grid with x and y flipped (RAS written as LPS). None otherwise."""
     unplaced = _no_position(path) if path is not None and labels.shape == reference.shape else None
     if unplaced:  # resampling would place it by the origin and axes ITK made up: not where it was drawn
         return InputError(f"{name} has the image's size but no position in space in its header ({unplaced}), so it "
@@ -735,8 +745,12 @@ def _off_grid_error(name: str, labels: Volume, reference: Volume, diffs: list[st
     if set(diffs) & {"origin", "direction"} and not same_grid(mirrored, reference):
         return InputError(f"{name} is the image's grid with the x and y axes' signs flipped (origin and axes): it was "
                           "written in RAS coordinates where the image's are LPS, or the reverse, by a tool that mixed "
-                          "the two up; save it again with the image's geometry (SimpleITK: "
-                          "mask.CopyInformation(image))")
+                          "the two up (--resample-prompt would mirror it); save it again with the image's geometry "
+                          "(SimpleITK: mask.CopyInformation(image))")
+    return None
+
+
+def _generic_off_grid_error(name: str, labels: Volume, reference: Volume, diffs: list[str]) -> InputError:
     details = "; ".join(_describe_difference(d, labels, reference) for d in diffs)
     hint = (" (the segmentation has a geometry of its own, not the image's: in Slicer, set its geometry from "
             "the volume in the Segmentations module, or resample it here)" if _is_seg_nrrd(name) else "")
@@ -861,6 +875,9 @@ def read_labelmap(path: PathLike, reference: Volume | None = None, resample: boo
     if diffs:
         if not resample:
             raise _off_grid_error(name, labels, reference, diffs, Path(path))
+        never = _never_resampled(name, labels, reference, diffs, Path(path))
+        if never is not None:
+            raise never
         resampler = sitk.ResampleImageFilter()
         resampler.SetSize(list(reference.size_ijk))
         resampler.SetOutputSpacing(reference.spacing_ijk)

@@ -208,6 +208,9 @@ def test_prompt_without_a_position_is_told_so_not_sent_to_resample(tmp_path, ct_
                                         "prompt would put it in the wrong place)")
     with pytest.raises(InputError, match="has the image's size but no position"):
         volumes.check_grids_from_headers(ct_case.image_path, path)
+    # --resample-prompt placed it by ITK's made-up coordinates (a drawing on slice 60 on slice 93, exit 0)
+    with pytest.raises(InputError, match="has the image's size but no position"):
+        volumes.read_labelmap(path, reference=image, resample=True)
     # An NRRD without space fields likewise; one with them is placed (or refused) as usual.
     nrrd = tmp_path / "bare.nrrd"
     nrrd.write_bytes(b"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 48 40 20\nspacings: 0.7 0.8 2.5\n"
@@ -252,6 +255,8 @@ def test_prompt_with_x_and_y_signs_flipped_is_named_so(tmp_path, ct_case):
     with pytest.raises(InputError, match=r"ras.nrrd is the image's grid with the x and y axes' signs flipped .*RAS "
                                          r"coordinates where the image's are LPS"):
         volumes.read_labelmap(path, reference=image)
+    with pytest.raises(InputError, match=r"--resample-prompt would mirror it"):  # it did, exit 0
+        volumes.read_labelmap(path, reference=image, resample=True)
 
 
 def test_dicom_series_of_equal_size_are_not_called_the_largest(tmp_path):
