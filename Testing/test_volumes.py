@@ -113,6 +113,25 @@ def test_dicom_folder_with_two_series(tmp_path):
         read_volume(folder, series_uid="1.2.3")
 
 
+def test_dicom_series_whose_spacing_changes_part_way_is_refused(tmp_path):
+    """Each step within 10 % of the median, but 1.5 mm steps then 1.38 mm ones: ITK stacked it on a
+    1.44 mm grid, slices up to 0.57 mm (here; 3.2 mm on a 108-slice series) from where they were
+    acquired, and only warned (hidden). Refused like a missing slice."""
+    first = make_volume(shape=(10, 5, 6), spacing=(1.5, 0.9, 0.7), direction=IDENTITY)
+    second = Volume(first.array + 1, (1.38, 0.9, 0.7), (first.origin[0], first.origin[1], first.origin[2] + 9 * 1.5 + 1.38),
+                    first.direction)
+    folder = tmp_path / "zones"
+    write_dicom_series(folder, first, "1.2.826.0.1.3680043.2.1125.7.11", prefix="a_")
+    write_dicom_series(folder, second, "1.2.826.0.1.3680043.2.1125.7.11", prefix="b_", instance_prefix="9.")
+    with pytest.raises(InputError, match=r"is not evenly spaced: its slice spacing varies from 1.38 to 1.5 mm, so on "
+                                         r"one uniform grid its slices would lie up to 0.568 mm from where they were"):
+        read_volume(folder)
+    even = tmp_path / "even"
+    write_dicom_series(even, make_volume(shape=(20, 5, 6), spacing=(1.5, 0.9, 0.7), direction=IDENTITY),
+                       "1.2.826.0.1.3680043.2.1125.7.12")
+    assert read_volume(even).shape == (20, 5, 6)
+
+
 def test_dicom_series_with_a_missing_slice_or_repeated_positions_is_refused(tmp_path):
     # ITK would stack them on one uniform grid (a missing slice: 2.11 mm instead of 2 with a gap;
     # two echoes: 2 x the slices at half the spacing) and only warn.
