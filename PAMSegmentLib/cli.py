@@ -877,6 +877,12 @@ def main(argv: Sequence[str] | None = None, ends_process: bool = False) -> int:
     except PAMError as exc:
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
+    except MemoryError as exc:  # numpy's "Unable to allocate 1.32 GiB" (a traceback and exit 1 before)
+        detail = f" ({_one_line(exc)[:120]})" if str(exc) else ""
+        print(f"{PROG}: error: not enough memory{detail}; nothing was written. Propagation needs about 4 to 7 times "
+              "the image's size on disk uncompressed: close other programs, limit the work with --range or --label, "
+              "crop the image, or use a machine with more memory", file=sys.stderr)
+        return EXIT_USAGE
     except (OSError, RuntimeError) as exc:
         # Paths no check foresaw: a name too long for the file system, a loop of symbolic links
         # (Python 3.11's Path.resolve raises RuntimeError for it, later versions OSError).
