@@ -897,11 +897,42 @@ def read_labelmap(path: PathLike, reference: Volume | None = None, resample: boo
         resampler.SetDefaultPixelValue(0)
         resampler.SetOutputPixelType(image.GetPixelID())
         had_labels = bool(np.any(labels.array))
+        drawn = labels
         labels = Volume.from_sitk(resampler.Execute(image))
         if had_labels and not labels.array.any():
             raise InputError(f"{name} holds labels, but none of them is left on the image grid after resampling: the "
                              "drawing lies outside the image or between two of its slices; draw it on the image itself")
+        _check_not_oblique_strips(name, drawn, reference, labels.array)
     return Volume(labels.array, reference.spacing, reference.origin, reference.direction)
+
+
+def _slices_holding(mask: np.ndarray) -> list[int]:
+    """How many slices along each array axis hold ``mask``."""
+    return [int(np.count_nonzero(mask.any(axis=tuple(a for a in range(3) if a != ax)))) for ax in range(3)]
+
+
+def _check_not_oblique_strips(name: str, drawn: Volume, reference: Volume, resampled: np.ndarray,
+                              most: int = 3) -> None:
+    """A label drawn on one slice of a grid oblique to the image's (its plane's normal more than 2
+    degrees from every image axis) must not cross more than ``most`` of the image's slices along
+    every axis once resampled: such a drawing became 27 strips, each kept as a drawn keyframe, so
+    the result was the strips (exit 0). A slice of a parallel grid, even a coarser one, is fine."""
+    axes = np.asarray(drawn.direction, dtype=np.float64).reshape(3, 3)  # columns: i, j, k
+    image_axes = np.asarray(reference.direction, dtype=np.float64).reshape(3, 3)
+    values = np.unique(drawn.array[drawn.array != 0])
+    for value in values[:64]:
+        flat = [ax for ax, n in enumerate(_slices_holding(drawn.array == value)) if n == 1]
+        if not flat:
+            continue  # drawn across slices (a 3D mask or several keyframes): nothing to compare
+        normal = axes[:, 2 - flat[0]]  # array axis k, j, i is direction column 2, 1, 0
+        if np.max(np.abs(image_axes.T @ normal)) >= np.cos(np.deg2rad(2.0)):
+            continue
+        crossed = _slices_holding(resampled == value)
+        if min(crossed) > most:
+            raise InputError(f"{name}: label {value} was drawn on one slice of a grid oblique to the image's; on the "
+                             f"image it crosses {min(crossed)} slices along every axis as thin strips, which would "
+                             "each count as a drawn slice. Draw the prompt on the image's own slices (in Slicer: on "
+                             "this volume, in a view aligned with it)")
 
 
 # ----------------------------------------------------------------------------- writing

@@ -113,6 +113,22 @@ def test_dicom_folder_with_two_series(tmp_path):
         read_volume(folder, series_uid="1.2.3")
 
 
+def test_a_one_slice_drawing_on_an_oblique_grid_is_refused_when_resampled(tmp_path):
+    """A prompt drawn on one slice of a grid tilted 30 degrees crossed many of the image's slices as
+    thin strips, each then a drawn keyframe (27 on a head CT: the result was the strips). A drawing
+    on one slice of a coarser parallel grid is resampled as before."""
+    image = Volume(np.zeros((40, 40, 40), np.int16), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), IDENTITY)
+    drawing = np.zeros((9, 40, 40), np.uint8)
+    drawing[4, 8:32, 8:32] = 1  # one slice
+    tilted = write_volume(Volume(drawing, (3.0, 1.0, 1.0), (0.0, 0.0, 8.0), ROT_X_30), tmp_path / "tilted.nrrd")
+    with pytest.raises(InputError, match=r"^tilted.nrrd: label 1 was drawn on one slice of a grid oblique to the "
+                                         r"image's; on the image it crosses \d+ slices along every axis"):
+        read_labelmap(tilted, reference=image, resample=True)
+    coarse = write_volume(Volume(drawing, (3.0, 1.0, 1.0), (0.0, 0.0, 8.0), IDENTITY), tmp_path / "coarse.nrrd")
+    got = read_labelmap(coarse, reference=image, resample=True).array
+    assert np.count_nonzero(got.any(axis=(1, 2))) == 3  # the 3 mm slice covers three 1 mm slices
+
+
 def test_dicom_series_whose_spacing_changes_part_way_is_refused(tmp_path):
     """Each step within 10 % of the median, but 1.5 mm steps then 1.38 mm ones: ITK stacked it on a
     1.44 mm grid, slices up to 0.57 mm (here; 3.2 mm on a 108-slice series) from where they were
