@@ -268,6 +268,24 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
                 SeriesChoiceWarning,
                 stacklevel=3,
             )
+    try:
+        return _read_series_files(files, chosen, folder)
+    except InputError as refusal:
+        # A localizer (scout) saved under the series' UID: a file of another orientation or size in the
+        # stack, refused as "echoes or phases" or with a bare ITK size. Left out, as dcm2niix and Slicer do.
+        odd = _odd_files(files)
+        if not odd or len(odd) > max(2, len(files) // 20):
+            raise refusal from None
+        image = _read_series_files([f for f in files if f not in odd], chosen, folder)
+    shown = ", ".join(Path(f).name for f in odd[:3]) + (f" and {len(odd) - 3} more" if len(odd) > 3 else "")
+    warnings.warn(f"{folder}: left out {len(odd)} file(s) of series {_series_label(chosen)} whose orientation or size "
+                  f"differs from the other {len(files) - len(odd)} ({shown}: a localizer?)", SeriesChoiceWarning,
+                  stacklevel=3)
+    return image
+
+
+def _read_series_files(files, chosen: str, folder: Path) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
     try:
@@ -277,6 +295,29 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
         raise InputError(f"cannot read DICOM series {_series_label(chosen)} in {folder} ({_itk_reason(error)})") from None
     _check_slice_positions(reader, image, f"DICOM series {_series_label(chosen)} in {folder}")
     return image
+
+
+def _odd_files(files) -> list[str]:
+    """The files of a series whose orientation (ImageOrientationPatient) or size differs from the
+    most common one's (read from their headers only)."""
+    from collections import Counter
+
+    reader = sitk.ImageFileReader()
+    infos = []
+    for f in files:
+        try:
+            reader.SetFileName(f)
+            with _itk_warnings_hidden():
+                reader.ReadImageInformation()
+            text = reader.GetMetaData("0020|0037") if reader.HasMetaDataKey("0020|0037") else ""
+            orientation = tuple(round(float(v), 3) for v in text.split("\\")) if text.strip() else ()
+            infos.append((orientation, tuple(reader.GetSize()[:2])))
+        except (RuntimeError, ValueError):
+            infos.append(None)
+    common = Counter(i for i in infos if i is not None).most_common(1)
+    if not common:
+        return []
+    return [f for f, i in zip(files, infos) if i != common[0][0]]
 
 
 def _check_slice_positions(reader: sitk.ImageSeriesReader, image: sitk.Image, what: str, tol: float = 0.1) -> None:

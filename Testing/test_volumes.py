@@ -129,6 +129,25 @@ def test_a_one_slice_drawing_on_an_oblique_grid_is_refused_when_resampled(tmp_pa
     assert np.count_nonzero(got.any(axis=(1, 2))) == 3  # the 3 mm slice covers three 1 mm slices
 
 
+@pytest.mark.parametrize("size", [(6, 5), (9, 7)])
+def test_a_localizer_in_the_series_is_left_out_with_a_note(tmp_path, size):
+    """A scout of another orientation saved under the series' UID was refused as "echoes or phases"
+    (same size) or with a bare ITK size (another size). It is left out, as dcm2niix and Slicer do."""
+    from PAMSegmentLib.volumes import SeriesChoiceWarning
+
+    vol = make_volume(shape=(8, 5, 6), spacing=(2.0, 0.9, 0.7), direction=IDENTITY)
+    folder = tmp_path / "ct"
+    uid = "1.2.826.0.1.3680043.2.1125.7.13"
+    write_dicom_series(folder, vol, uid)
+    coronal = (1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, -1.0, 0.0)
+    scout = Volume(np.ones((1, size[1], size[0]), np.int16), (1.0, 1.2, 1.2), (-5.0, 3.0, 4.0), coronal)
+    write_dicom_series(folder, scout, uid, prefix="scout", instance_prefix="99.")
+    with pytest.warns(SeriesChoiceWarning, match=r"left out 1 file\(s\) of series .* whose orientation or size differs "
+                                                 r"from the other 8 \(scout000.dcm: a localizer\?\)"):
+        got = read_volume(folder)
+    assert got.shape == (8, 5, 6) and np.array_equal(got.array, vol.array)
+
+
 def test_dicom_series_whose_spacing_changes_part_way_is_refused(tmp_path):
     """Each step within 10 % of the median, but 1.5 mm steps then 1.38 mm ones: ITK stacked it on a
     1.44 mm grid, slices up to 0.57 mm (here; 3.2 mm on a 108-slice series) from where they were
