@@ -1235,6 +1235,11 @@ def propagate(
     update without ``previous`` passes True.
     """
     t_start = time.perf_counter()
+    for what, given in (("image", image), ("prompt", prompt)):
+        if type(given).__module__.startswith("SimpleITK"):  # np.asarray made it 1D ("got 1D with shape (6065928,)")
+            raise InputError(f"the {what} is a SimpleITK image; propagate takes numpy arrays (k, j, i): pass "
+                             f"sitk.GetArrayFromImage({what}) and the spacing reversed, "
+                             "tuple(reversed(image.GetSpacing())), or read files with PAMSegmentLib.volumes.read_volume")
     image = np.asarray(image)
     prompt = np.asarray(prompt)
     spacing = _validate_inputs(image, prompt, spacing)

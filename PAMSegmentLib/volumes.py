@@ -586,6 +586,19 @@ def _exists(p: Path) -> bool:
         raise InputError(f"cannot use the path {str(p)[:80]}... ({error.strerror})") from None
 
 
+def _is_dicom_file(p: Path) -> bool:
+    """A DICOM file by name (.dcm) or by content ("DICM" at byte 128; most scanner files have no
+    extension)."""
+    if p.name.lower().endswith(".dcm"):
+        return True
+    try:
+        with open(p, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
 def _read_error(p: Path, reason: str) -> InputError:
     """ITK's failure to read file ``p`` as one line: a short read (MetaImage says "No such file",
     NRRD "fread got only" / "expected ... bytes") is a damaged copy, an allocation failure a
@@ -660,7 +673,7 @@ def _read_sitk(path: PathLike, series_uid: str | None = None, single_slice_ok: b
     if min(size) < 2 and not single_slice_ok:
         raise InputError(
             f"{name} has a single slice ({_fmt_size(size)}); PAMSegment needs a 3D volume"
-            + (" (for DICOM pass the series folder, not one file)" if name.lower().endswith(".dcm") else "")
+            + (f" (for DICOM pass the series folder, {p.parent}, not one file)" if _is_dicom_file(p) else "")
         )
     return image
 
@@ -905,6 +918,16 @@ def check_grids_from_headers(image_path: PathLike, prompt_path: PathLike) -> Non
         raise _off_grid_error(Path(prompt_path).name, prompt, image, diffs, Path(prompt_path), Path(image_path))
 
 
+def as_volume(reference, what: str) -> "Volume":
+    """``reference`` as a Volume: a SimpleITK image is converted (``Volume.from_sitk``); anything
+    else but a Volume is an InputError (an AttributeError before)."""
+    if isinstance(reference, Volume):
+        return reference
+    if isinstance(reference, sitk.Image):
+        return Volume.from_sitk(reference)
+    raise InputError(f"{what} must be a Volume (read_volume) or a SimpleITK image, got {type(reference).__name__}")
+
+
 def read_labelmap(path: PathLike, reference: Volume | None = None, resample: bool = False) -> Volume:
     """Read an integer label map (e.g. a prompt) as a Volume with an integer array (K, J, I).
 
@@ -914,6 +937,8 @@ def read_labelmap(path: PathLike, reference: Volume | None = None, resample: boo
     reference's exact spacing, origin and direction.
     """
     name = Path(path).name
+    if reference is not None:
+        reference = as_volume(reference, "read_labelmap's reference")
     # A one-slice label map is fine: it has a 3D position and can be resampled onto the image.
     image = _as_integer_labels(_read_sitk(path, single_slice_ok=True), name)
     labels = Volume.from_sitk(image)
@@ -1390,6 +1415,7 @@ def write_labelmap(array: np.ndarray, reference: Volume, path: PathLike,
     """
     target = Path(path)
     _write_extension(target)
+    reference = as_volume(reference, "write_labelmap's reference")
     labels = np.asarray(array)
     if labels.shape != reference.shape:
         raise InputError(

@@ -294,3 +294,26 @@ def test_a_huge_fill_value_outside_the_field_of_view_changes_nothing(ct_case):
         filled[:, :3, :3] = fill  # 9 of 1920 pixels a slice
         results.append(propagate(filled, ct_case.prompt, ct_case.spacing, None, threads=1).mask)
     assert results[0].sum() > 1.5 * ct_case.prompt.sum() and np.array_equal(results[0], results[1])
+
+
+def test_simpleitk_images_are_named_not_flattened(tmp_path):
+    """A SimpleITK image given to propagate became a 1D array ("got 1D with shape (6065928,)"); as
+    the reference of write_labelmap / read_labelmap it raised AttributeError. propagate says what
+    to pass; the readers and writers take it (Volume.from_sitk)."""
+    import SimpleITK as sitk
+
+    from PAMSegmentLib.volumes import read_labelmap, write_labelmap
+
+    array = np.zeros((6, 8, 9), np.int16)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((0.7, 0.8, 2.0))
+    with pytest.raises(InputError, match=r"^the image is a SimpleITK image; propagate takes numpy arrays \(k, j, i\): "
+                                         r"pass sitk.GetArrayFromImage\(image\) and the spacing reversed"):
+        propagate(image, np.zeros((6, 8, 9), np.uint8), (2.0, 0.8, 0.7))
+    mask = np.zeros((6, 8, 9), np.uint8)
+    mask[3, 2:5, 2:6] = 1
+    out = write_labelmap(mask, image, tmp_path / "m.nii.gz")
+    back = read_labelmap(out, reference=image)
+    assert np.array_equal(back.array, mask) and back.spacing == pytest.approx((2.0, 0.8, 0.7))
+    with pytest.raises(InputError, match="write_labelmap's reference must be a Volume .* got ndarray"):
+        write_labelmap(mask, array, tmp_path / "n.nii.gz")

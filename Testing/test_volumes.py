@@ -148,6 +148,17 @@ def test_a_localizer_in_the_series_is_left_out_with_a_note(tmp_path, size):
     assert got.shape == (8, 5, 6) and np.array_equal(got.array, vol.array)
 
 
+def test_one_dicom_file_without_extension_asks_for_its_folder(tmp_path):
+    """Most scanner files have no .dcm extension; the hint to pass the folder keyed on the name."""
+    folder = tmp_path / "series"
+    write_dicom_series(folder, make_volume(shape=(3, 5, 6), direction=IDENTITY), "1.2.826.0.1.3680043.2.1125.7.14")
+    bare = folder / "CT.1.3.12.2.1107"
+    (folder / "slice000.dcm").rename(bare)
+    with pytest.raises(InputError, match=rf"has a single slice .*\(for DICOM pass the series folder, {re.escape(str(folder))}, "
+                                         r"not one file\)"):
+        read_volume(bare)
+
+
 def test_dicom_series_whose_spacing_changes_part_way_is_refused(tmp_path):
     """Each step within 10 % of the median, but 1.5 mm steps then 1.38 mm ones: ITK stacked it on a
     1.44 mm grid, slices up to 0.57 mm (here; 3.2 mm on a 108-slice series) from where they were
