@@ -524,10 +524,22 @@ def shipped_checkpoint_path() -> Path | None:
 
 
 def _is_default_weights(path: str | os.PathLike) -> bool:
-    default = default_checkpoint_path()
+    """``path`` is the default weights ($PAMSEGMENT_MODEL's file or the shipped one) or the shipped
+    file itself (held to its card whatever the variable says)."""
+    for default in (default_checkpoint_path(), shipped_checkpoint_path()):
+        try:
+            if default is not None and os.path.samefile(path, default):
+                return True
+        except OSError:  # either is missing: the load reports it
+            continue
+    return False
+
+
+def _is_shipped(path: Path) -> bool:
+    shipped = shipped_checkpoint_path()
     try:
-        return default is not None and os.path.samefile(path, default)
-    except OSError:  # either is missing: the load reports it
+        return shipped is not None and os.path.samefile(path, shipped)
+    except OSError:
         return False
 
 
@@ -535,16 +547,24 @@ def _check_model_card(path: Path, model: PAMModel) -> None:
     """The default weights against their model card, ``<name>.json`` beside them (written by
     scripts/make_model_card.py): the weights' sha256, computed while loading anyway (no second
     pass over the file), must be the one the card records. A damaged install, or a file replaced
-    by other weights, is refused. A checkpoint with no card naming it is not checked."""
+    by other weights, is refused. A checkpoint with no card naming it is not checked, except the
+    shipped file, whose card is part of the install (missing, unreadable or naming another file,
+    it was skipped without a word)."""
     card_path = path.with_suffix(".json")
-    try:
-        card = json.loads(card_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return
-    if not isinstance(card, dict) or card.get("file") != path.name or not isinstance(card.get("sha256_weights"), str):
-        return
     advice = ("the install is damaged or the file was replaced: reinstall PAMSegment (if you changed the weights "
               "on purpose, write the card again with scripts/make_model_card.py)")
+    try:
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        if _is_shipped(path):
+            raise CheckpointError(f"the shipped weights {path} have no readable model card {card_path.name} beside "
+                                  f"them ({type(exc).__name__}); {advice}") from None
+        return
+    if not isinstance(card, dict) or card.get("file") != path.name or not isinstance(card.get("sha256_weights"), str):
+        if _is_shipped(path):
+            raise CheckpointError(f"the model card {card_path.name} beside the shipped weights {path} is not theirs "
+                                  f"(no 'file': {path.name!r} with a 'sha256_weights'); {advice}")
+        return
     if card["sha256_weights"] != model.sha256:
         raise CheckpointError(
             f"checkpoint {path} does not match its model card {card_path.name}: its weights' sha256 is "

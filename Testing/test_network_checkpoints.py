@@ -387,6 +387,35 @@ def test_default_weights_must_match_their_model_card(monkeypatch, tmp_path, smal
     assert load_model(None).sha256 == small_checkpoint.sha256
 
 
+def test_the_shipped_weights_need_their_card_whatever_the_environment_says(monkeypatch, tmp_path, small_checkpoint):
+    """The shipped file's card was skipped when missing, unreadable or naming another file, and not
+    looked at at all while PAMSEGMENT_MODEL named another file."""
+    from PAMSegmentLib import checkpoints
+
+    install = tmp_path / "install"
+    install.mkdir()
+    shipped = _install_with_card(install, small_checkpoint.path, small_checkpoint.sha256)
+    monkeypatch.setattr(checkpoints, "shipped_checkpoint_path", lambda: shipped)
+    other = _install_with_card(tmp_path, small_checkpoint.path, small_checkpoint.sha256)
+    monkeypatch.setenv("PAMSEGMENT_MODEL", str(other))
+    assert load_model(shipped).sha256 == small_checkpoint.sha256  # with its card: fine
+    (install / "pam_small.json").write_text(json.dumps({"file": "pam_small.pt", "sha256_weights": "0" * 64}))
+    with pytest.raises(CheckpointError, match="does not match its model card"):  # checked although the variable
+        load_model(shipped)                                                        # names another file
+    (install / "pam_small.json").write_text(json.dumps({"file": "other.pt", "sha256_weights": "0" * 64}))
+    with pytest.raises(CheckpointError, match=r"the model card pam_small.json beside the shipped weights .* is not "
+                                              r"theirs"):
+        load_model(shipped)
+    (install / "pam_small.json").unlink()
+    with pytest.raises(CheckpointError, match=r"the shipped weights .* have no readable model card pam_small.json "
+                                              r"beside them \(FileNotFoundError\); the install is damaged"):
+        load_model(shipped)
+    monkeypatch.delenv("PAMSEGMENT_MODEL")
+    with pytest.raises(CheckpointError, match="have no readable model card"):
+        load_model(None)
+    assert load_model(other).sha256 == small_checkpoint.sha256  # another file, with its own card
+
+
 @pytest.mark.skipif(not (SHIPPED / "pam_small.pt").is_file(), reason="the shipped weights are not installed")
 def test_one_byte_changed_in_the_shipped_header_is_refused(monkeypatch, tmp_path):
     """The card was compared on the weights' sha256 only: one byte of the header's pickle changed
