@@ -403,8 +403,13 @@ def _strict_check(expected: dict, got: dict, what: str) -> None:
 def _official_state_dict(obj: object, path: Path) -> dict:
     sd = obj.get("model_state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        held = (f"it holds a mapping of {', '.join(repr(k) for k in list(obj)[:6])}"
+                + (" ..." if len(obj) > 6 else "") if isinstance(obj, dict) and obj else
+                f"it holds {type(obj).__name__}")
         raise CheckpointError(
-            f"checkpoint {path} holds no state dict (expected tensors, or a 'model_state_dict' entry)"
+            f"checkpoint {path} holds no state dict (expected tensors, or a 'model_state_dict' entry; {held}): if "
+            "its weights sit under another name, save them alone once in Python (torch.save(obj['NAME'], "
+            "'weights.pth')) and give that file"
         )
     if not all(isinstance(k, str) for k in sd):
         raise CheckpointError(f"checkpoint {path} has weights whose names are not strings; not a PAM state dict")
@@ -472,6 +477,10 @@ def load_checkpoint_file(path: str | os.PathLike, device: str = "cpu") -> PAMMod
                         sha256=digest, provenance=provenance if isinstance(provenance, dict) else {}, device=device)
 
     sd = _checked_tensors(_official_state_dict(obj, path), path)
+    if any(k.startswith("proposing_stage.presence_head.") for k in sd):  # no official weight is named so
+        raise CheckpointError(f"checkpoint {path} is the bare state dict of a PAMSegment network (it has an "
+                              "object-present head), without the header that says which network: save it with "
+                              "PAMSegmentLib.checkpoints.save_checkpoint (or train.py), which writes our format")
     network = _new_network(PRESETS["official"])
     _strict_check(network.state_dict(), sd, f"checkpoint {path} (official PAM layout)")
     digest = weights_sha256(sd)

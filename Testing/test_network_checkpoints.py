@@ -182,6 +182,20 @@ def test_pickle_without_tensors(tmp_path):
         load_checkpoint_file(path)
 
 
+def test_weights_under_another_name_or_our_bare_state_dict_say_what_the_file_is(tmp_path, small_checkpoint):
+    """{'state_dict': sd} got "holds no state dict" without what the file holds; our own network's
+    bare state dict was called a broken official checkpoint (73 missing, 4 unexpected keys)."""
+    sd = small_checkpoint.network.state_dict()
+    torch.save({"state_dict": sd, "epoch": 3}, tmp_path / "wrapped.pth")
+    with pytest.raises(CheckpointError, match=r"holds no state dict \(expected tensors, or a 'model_state_dict' entry; "
+                                              r"it holds a mapping of 'state_dict', 'epoch'\): if its weights sit under"):
+        load_checkpoint_file(tmp_path / "wrapped.pth")
+    for name, saved in (("bare.pth", sd), ("under.pth", {"model_state_dict": sd})):
+        torch.save(saved, tmp_path / name)
+        with pytest.raises(CheckpointError, match=r"is the bare state dict of a PAMSegment network .*save_checkpoint"):
+            load_checkpoint_file(tmp_path / name)
+
+
 class _Payload:
     """Unpickling this would create ``marker``: what a malicious checkpoint could do."""
 
