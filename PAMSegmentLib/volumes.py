@@ -13,6 +13,7 @@ import contextlib
 import errno
 import math
 import os
+import re
 import sys
 import uuid
 import warnings
@@ -579,6 +580,31 @@ def check_regular_file(p: Path) -> None:
         raise InputError(f"{p} is {kind}, not an image file; save the image to a file and give that")
 
 
+def _check_detached_data(p: Path) -> None:
+    """A detached header (.nhdr, .mhd) names its voxel data's file(s): each must be a regular file,
+    as the header itself must (one pointing at a FIFO hung the run; at /dev/urandom, noise was
+    segmented). LIST and LOCAL forms and numbered file patterns are left to ITK."""
+    name = p.name.lower()
+    if not name.endswith((".nhdr", ".mhd")):
+        return
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(64 * 1024).decode("latin-1")
+    except OSError:
+        return  # the reader names the problem
+    pattern = r"^\s*data ?file\s*:\s*(.+?)\s*$" if name.endswith(".nhdr") else r"^\s*ElementDataFile\s*=\s*(.+?)\s*$"
+    for found in re.finditer(pattern, head, flags=re.MULTILINE | re.IGNORECASE):
+        target = found.group(1)
+        if target.upper().startswith(("LIST", "LOCAL")) or "%" in target or " " in target:
+            continue
+        data = Path(target) if Path(target).is_absolute() else p.parent / target
+        try:
+            check_regular_file(data)
+        except InputError:
+            raise InputError(f"{p.name} names {data} as its voxel data, which is not a regular file (a named pipe, "
+                             "a socket or a device); give a header whose data file is an ordinary file") from None
+
+
 def _exists(p: Path) -> bool:
     try:
         return p.exists()
@@ -629,6 +655,7 @@ def _read_sitk(path: PathLike, series_uid: str | None = None, single_slice_ok: b
         if series_uid is not None:
             raise InputError(f"series_uid applies to DICOM folders only, but {p} is a file")
         check_regular_file(p)
+        _check_detached_data(p)
         header = _nifti_header(p)  # read once for the NIfTI checks
         if header is not None:
             _check_nifti_complete(p, header)

@@ -159,6 +159,29 @@ def test_one_dicom_file_without_extension_asks_for_its_folder(tmp_path):
         read_volume(bare)
 
 
+@pytest.mark.parametrize("kind", ["nhdr", "mhd"])
+def test_a_detached_header_whose_data_is_a_pipe_or_device_is_refused(tmp_path, kind):
+    """check_regular_file looked at the header only: one naming a FIFO hung the run, one naming
+    /dev/urandom segmented noise (exit 0). A header with an ordinary data file reads."""
+    data = np.arange(4 * 5 * 6, dtype=np.uint8).reshape(4, 5, 6)
+    (tmp_path / "ok.raw").write_bytes(data.tobytes())
+    if kind == "nhdr":
+        text = "NRRD0004\ntype: uint8\ndimension: 3\nsizes: 6 5 4\nspace: left-posterior-superior\n" \
+               "space directions: (1,0,0) (0,1,0) (0,0,2)\nspace origin: (0,0,0)\nencoding: raw\ndata file: {}\n"
+    else:
+        text = "ObjectType = Image\nNDims = 3\nDimSize = 6 5 4\nElementSpacing = 1 1 2\nElementType = MET_UCHAR\n" \
+               "ElementDataFile = {}\n"
+    good = tmp_path / f"ok.{kind}"
+    good.write_text(text.format("ok.raw"))
+    assert np.array_equal(read_volume(good).array, data)
+    os.mkfifo(tmp_path / "pipe.raw")
+    for target in ("pipe.raw", "/dev/urandom"):
+        bad = tmp_path / f"bad.{kind}"
+        bad.write_text(text.format(target))
+        with pytest.raises(InputError, match=rf"bad.{kind} names .* as its voxel data, which is not a regular file"):
+            read_volume(bad)
+
+
 def test_dicom_series_whose_spacing_changes_part_way_is_refused(tmp_path):
     """Each step within 10 % of the median, but 1.5 mm steps then 1.38 mm ones: ITK stacked it on a
     1.44 mm grid, slices up to 0.57 mm (here; 3.2 mm on a 108-slice series) from where they were
