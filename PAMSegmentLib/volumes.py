@@ -760,7 +760,7 @@ def _describe_difference(prop: str, label: Volume, ref: Volume) -> str:
         return "(" + ", ".join(f"{x:.6g}" for x in v) + ")"
 
     axes = " (k, j, i)" if prop in ("size", "spacing") else ""
-    return f"{prop}{axes} {short(values[0])} vs {short(values[1])}"
+    return f"{prop}{axes} {short(values[0])} in it vs the image's {short(values[1])}"
 
 
 def _physical_box(volume: Volume) -> np.ndarray:
