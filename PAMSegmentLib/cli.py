@@ -404,6 +404,11 @@ def cmd_propagate(args: argparse.Namespace) -> int:
         if args.method not in SERVER_METHODS:
             raise InputError(f"--method {args.method} does not run on a server; use {', '.join(SERVER_METHODS[:-1])} "
                              f"or {SERVER_METHODS[-1]}")
+        local = [o for o, used in (("--device", args.device != "cpu"), ("--threads", args.threads is not None),
+                                   ("--batch-size", args.batch_size != 16)) if used]
+        if local:  # the server's own settings decide (pamsegment serve --device/--threads/--batch-size)
+            print(f"note: {', '.join(local)} {'is' if len(local) == 1 else 'are'} the server's to set (pamsegment serve "
+                  f"{' '.join(local)}); ignored here", flush=True)
     elif args.token:
         raise InputError("--token is for --server; drop it")
     if (args.previous is None) != (args.edited is None):

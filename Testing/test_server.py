@@ -368,6 +368,16 @@ def test_propagate_with_server_refuses_local_model_options(run_cli, ct_case):
     assert proc.returncode == 2 and "--registration-weight sets up a local model" in proc.stderr
 
 
+def test_propagate_with_server_says_the_local_run_options_are_ignored(run_cli, ct_case):
+    """--device, --threads and --batch-size with --server were ignored without a word (a user could
+    think the GPU flag took effect)."""
+    proc = run_cli("propagate", ct_case.image_path, ct_case.prompt_path, "-o", ct_case.directory / "o.nii.gz",
+                   "--server", "http://127.0.0.1:9", "--threads", "2", "--batch-size", "4")
+    assert "note: --threads, --batch-size are the server's to set (pamsegment serve --threads --batch-size); " \
+           "ignored here" in proc.stdout
+    assert proc.returncode == 2 and "cannot reach the PAMSegment server" in proc.stderr  # nothing listens there
+
+
 
 def test_serve_without_the_server_extra_says_what_to_install(monkeypatch, capsys):
     import sys
