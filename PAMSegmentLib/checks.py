@@ -51,3 +51,31 @@ def check_flag(name: str, value, optional: bool = False) -> None:
         from .errors import InputError
 
         raise InputError(f"{name} must be True or False, got {value!r}")
+
+
+def state_to_json(value):
+    """A predictor's ``begin_state`` (nested tuples of numbers, text and None) as JSON can hold it:
+    tuples to lists, numpy scalars to Python numbers (exactly). TypeError for anything else."""
+    if isinstance(value, (tuple, list)):
+        return [state_to_json(v) for v in value]
+    if value is None or isinstance(value, (str, bool)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    raise TypeError(f"cannot save {type(value).__name__}")
+
+
+def state_from_json(value, depth: int = 0):
+    """``state_to_json``'s output read back from an untrusted file: nested lists (at most 4 deep,
+    64 items) of numbers, text and None, as tuples; ValueError for anything else."""
+    if depth > 4:
+        raise ValueError("begin_state is nested too deep")
+    if isinstance(value, list):
+        if len(value) > 64:
+            raise ValueError("begin_state is too long")
+        return tuple(state_from_json(v, depth + 1) for v in value)
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    raise ValueError("begin_state holds a value of another kind")

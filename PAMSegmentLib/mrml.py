@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .checks import runs_text
+from .checks import runs_text, state_from_json, state_to_json
 from .errors import InputError, PAMError, PropagationCancelled
 
 __all__ = [
@@ -1580,21 +1580,6 @@ def _same_packed(a: PackedMask, b: PackedMask) -> bool:
     return (a.shape, a.offset, a.box) == (b.shape, b.offset, b.box) and np.array_equal(a.bits, b.bits)
 
 
-def _plain(value):
-    """``begin_state`` as JSON: tuples and numpy scalars to lists and floats."""
-    if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if value is None or isinstance(value, (str, bool, int, float)):
-        return value
-    raise TypeError(f"cannot save {type(value).__name__}")
-
-
-def _tupled(value):
-    return tuple(_tupled(v) for v in value) if isinstance(value, list) else value
-
-
 def encode_record(entry: HistoryEntry) -> str:
     """The RECORD_TAG text of a history entry: what ``decode_record`` needs to rebuild it in
     another session (the written result, the user's slices, confidence, the walks' agreement
@@ -1615,7 +1600,7 @@ def encode_record(entry: HistoryEntry) -> str:
         "reviewed": sorted(int(s) for s in entry.reviewed),
     }
     try:
-        header["begin_state"] = _plain(entry.begin_state)
+        header["begin_state"] = state_to_json(entry.begin_state)
     except TypeError:
         header["begin_state"] = None  # an update then recomputes every walk, which is correct, only slower
     if not _same_packed(entry.result_mask, entry.written):
@@ -1656,20 +1641,6 @@ class RecordVolumeMissing(ValueError):
 
 def _reject_constant(name: str):
     raise ValueError(f"{name} is not a number a record holds")
-
-
-def _plain_state(value, depth: int = 0):
-    """``begin_state`` as saved: nested lists (at most 4 deep, 64 items) of numbers, text and
-    None; anything else is dropped (None: an update then recomputes every walk)."""
-    if depth > 4:
-        raise ValueError("begin_state is nested too deep")
-    if isinstance(value, list):
-        if len(value) > 64:
-            raise ValueError("begin_state is too long")
-        return tuple(_plain_state(v, depth + 1) for v in value)
-    if value is None or isinstance(value, (str, bool, int, float)):
-        return value
-    raise ValueError("begin_state holds a value of another kind")
 
 
 def decode_record(text: str, segmentation_node, segment_id: str, run_id: str) -> HistoryEntry:
@@ -1755,7 +1726,7 @@ def _decode_record(text: str, segmentation_node, segment_id: str, run_id: str) -
     if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not 0 <= seconds < 1e9:
         raise ValueError("seconds is not a duration")
     try:
-        begin_state = _plain_state(header.get("begin_state"))
+        begin_state = state_from_json(header.get("begin_state"))
     except ValueError:
         begin_state = None  # an update then recomputes every walk, which is correct, only slower
     written_meta = _check_packed(header.get("written"), shape, "written mask")
