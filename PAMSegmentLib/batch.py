@@ -237,7 +237,7 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
             if output.is_dir():
                 raise InputError(f"the output {output} is a folder; give a file name")
             _write_extension(output)
-            if edited is not None:
+            if edited is not None:  # an update's next round reads its record (a plain case's is optional)
                 from .cli import check_keyframes_record_path
 
                 check_keyframes_record_path(output)
@@ -479,30 +479,30 @@ def _run_row(row: BatchRow, model, args, progress=None) -> None:
     # may explain the failure)
     image, prompt = read_case(row.image, row.prompt, row.output, args.resample_prompt, note=row.notes.append,
                               series=row.series, series_option="the manifest's series column")
-    plan = None
+    plan, earlier = None, None
     keyframes, axis, walls = prompt.array, None, None
     if row.edited is not None:
         from .cli import plan_update
 
-        plan = plan_update(image, prompt, row.previous, row.edited, labels=row.labels,
-                           resample=args.resample_prompt, say=row.notes.append, names=("previous", "edited"))
+        plan, earlier = plan_update(image, prompt, row.previous, row.edited, labels=row.labels,
+                                    resample=args.resample_prompt, say=row.notes.append, names=("previous", "edited"))
         keyframes, axis, walls = plan.prompt, plan.axis, plan.empty_slices
     result = propagate(image.array, keyframes, image.spacing, model, labels=row.labels, axis=axis, empty_slices=walls,
                        batch_size=args.batch_size, device=args.device, threads=args.threads,
-                       update=plan is not None, progress=progress)
-    from .cli import drop_stale_keyframes_record, keyframes_record_path, keyframes_record_writer
+                       update=plan is not None, progress=progress, previous=earlier)
+    from .cli import keyframes_record_path, keyframes_record_writer, record_name_fits
     from .volumes import _write_extension, replace_together, seg_nrrd_segments
 
     segments = seg_nrrd_segments(row.prompt)  # a Slicer prompt's segment names and colours, for a .seg.nrrd output
-    if plan is None:
-        write_labelmap(result.mask, image, row.output, segments=segments)
-        dropped = drop_stale_keyframes_record(row.output)
-        if dropped is not None:
-            row.notes.append(dropped)
-    else:  # the output and the record the next round reads, put in place together
-        replace_together([(keyframes_record_path(row.output), ".json", keyframes_record_writer(plan, result.mask)),
-                          (row.output, _write_extension(row.output), lambda tmp: write_labelmap(result.mask, image,
-                                                                                               tmp, segments))])
+    # the output and the record a correction round reads (its keyframes and walks), put in place together
+    files = [(row.output, _write_extension(row.output), lambda tmp: write_labelmap(result.mask, image, tmp, segments))]
+    if plan is not None or record_name_fits(row.output):
+        files.insert(0, (keyframes_record_path(row.output), ".json", keyframes_record_writer(result, plan)))
+    else:
+        row.notes.append("no record was written beside the output (its name is too long for one): a correction "
+                         "round from it predicts every slice")
+    replace_together(files)
+    if plan is not None:
         row.notes.extend(f"changed beside the edits: {line}" for line in plan.changes(result.mask))
     row.slices = "; ".join(f"{lab}: {a}-{b}" for lab, (a, b) in result.slice_range.items())
     row.check_first = result.review_summary()

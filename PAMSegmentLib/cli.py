@@ -419,6 +419,8 @@ def cmd_propagate(args: argparse.Namespace) -> int:
         check_previous_is_not_prompt(args.previous, args.prompt)
     inputs = [args.image, args.prompt] + [a for a in (args.previous, args.edited) if a is not None]
     _check_output_path(args.output, inputs)
+    # Every run writes its record beside OUT; an update needs one (its next round reads it), a plain
+    # run of a name too long for one goes without (a correction round then predicts every slice).
     if args.edited is not None:
         check_keyframes_record_path(args.output)
     if args.report is not None:
@@ -441,11 +443,11 @@ def cmd_propagate(args: argparse.Namespace) -> int:
 
     # Check the prompt before loading a network (which can take seconds for the official one).
     find_prompt_slices(prompt.array, axis=args.axis, labels=args.label)
-    keyframes, empty_slices, axis, plan = prompt.array, args.empty_slices, args.axis, None
+    keyframes, empty_slices, axis, plan, earlier = prompt.array, args.empty_slices, args.axis, None, None
     if args.edited is not None:
-        plan = plan_update(image, prompt, args.previous, args.edited, axis=args.axis, labels=args.label,
-                           slice_range=args.slice_range, empty_slices=args.empty_slices,
-                           resample=args.resample_prompt, say=lambda text: print(text, flush=True))
+        plan, earlier = plan_update(image, prompt, args.previous, args.edited, axis=args.axis, labels=args.label,
+                                    slice_range=args.slice_range, empty_slices=args.empty_slices,
+                                    resample=args.resample_prompt, say=lambda text: print(text, flush=True))
         keyframes, empty_slices, axis = plan.prompt, plan.empty_slices, plan.axis
     if args.server:  # propagate checks the inputs here, then the server does the work
         from .remote import RemoteModel
@@ -470,6 +472,7 @@ def cmd_propagate(args: argparse.Namespace) -> int:
             threads=args.threads,
             progress=bar,
             update=args.edited is not None,
+            previous=None if args.server else earlier,  # walks the earlier run made that still hold are reused
         )
     how = ("run it here with --intensity-gate off; a server keeps its own setting" if args.server
            else "--intensity-gate off")
@@ -481,8 +484,8 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     tmp = out.with_name(f".pamsegment-{uuid.uuid4().hex[:12]}.tmp{ext}")
     report = None if args.report is None else through_link(Path(args.report))
     tmp_report = None if report is None else report.with_name(f".pamsegment-{uuid.uuid4().hex[:12]}.tmp.csv")
-    sidecar = keyframes_record_path(out)
-    tmp_sidecar = None if plan is None else sidecar.with_name(f".pamsegment-{uuid.uuid4().hex[:12]}.tmp.json")
+    sidecar = keyframes_record_path(out) if plan is not None or record_name_fits(out) else None
+    tmp_sidecar = None if sidecar is None else sidecar.with_name(f".pamsegment-{uuid.uuid4().hex[:12]}.tmp.json")
     voxels = result.slice_voxels()  # once, for the table and the slices to check first
     check = result.review_summary(voxels)
     from .volumes import seg_nrrd_segments
@@ -494,25 +497,20 @@ def cmd_propagate(args: argparse.Namespace) -> int:
             raise InputError(str(error).replace(str(tmp), str(args.output))) from None
         if report is not None:
             _write_or_refuse(args.report, lambda: write_slice_report(result, tmp_report, voxels))
-        if plan is not None:
-            _write_or_refuse(str(sidecar), lambda: _write_keyframes_record(tmp_sidecar, plan, result.mask))
+        if sidecar is not None:
+            _write_or_refuse(str(sidecar), lambda: _write_keyframes_record(tmp_sidecar, result, plan))
         with ctrl_c_ignored(keep=getattr(args, "_ends_process", False)):
             # The table first: if it cannot be moved in, OUT is still the old one.
             if report is not None:
                 _move_in(tmp_report, report, "the --report table; OUT was not written either")
-            if plan is not None:
-                _move_in(tmp_sidecar, sidecar, "the keyframes of this update; OUT was not written either")
+            if sidecar is not None:
+                _move_in(tmp_sidecar, sidecar, "the record of this run; OUT was not written either")
             written = [w for w, given in (("the --report table", report), (f"{sidecar} (delete it to go on from the "
-                                          "old OUT)", plan)) if given is not None]
+                                          "old OUT)", sidecar)) if given is not None]
             _move_in(tmp, out, "OUT" + (f"; {' and '.join(written)} {'was' if len(written) == 1 else 'were'} written"
                                         if written else ""))
-            wrote = [args.output] + ([args.report] if report is not None else [])
-            if plan is not None:
-                wrote.append(str(sidecar))
-            else:
-                dropped = drop_stale_keyframes_record(out)
-                if dropped is not None:
-                    print(f"note: {dropped}", flush=True)
+            wrote = [args.output] + ([args.report] if report is not None else []) + (
+                [str(sidecar)] if sidecar is not None else [])
             listing = wrote[0] if len(wrote) == 1 else f"{', '.join(wrote[:-1])} and {wrote[-1]}"
             print(f"wrote {listing}: {result.summary()}; "
                   f"{time.perf_counter() - t0:.1f} s in all", flush=True)
@@ -523,6 +521,9 @@ def cmd_propagate(args: argparse.Namespace) -> int:
                     print(f"changed beside your edits: {line}", flush=True)
             for note in result.notes(edited=None if plan is None else plan.edited):
                 print(f"note: {note} ({how})", flush=True)
+            if sidecar is None:
+                print(f"note: no record was written beside {args.output} (its name is too long for "
+                      f"{KEYFRAMES_SUFFIX} to be added): a correction round from it predicts every slice", flush=True)
     finally:
         for t in (tmp, tmp_report, tmp_sidecar):
             if t is not None:
@@ -554,14 +555,15 @@ def check_keyframes_record_path(out: str | os.PathLike) -> None:
                          "another OUT")
 
 
-def drop_stale_keyframes_record(out: str | os.PathLike) -> str | None:
-    """A run that replaced an update's OUT without an update: its record no longer describes OUT,
-    so it goes. Returns the sentence saying so (None if there was none)."""
-    if keyframes_record_exists(out):
-        target = keyframes_record_path(out)
-        target.unlink(missing_ok=True)
-        return f"removed {target}, the keyframes of an update whose result this run replaced"
-    return None
+def record_name_fits(out: str | os.PathLike) -> bool:
+    """Whether OUT's record name (OUT + KEYFRAMES_SUFFIX) is one the file system takes."""
+    from .volumes import check_name_length
+
+    try:
+        check_name_length(out, suffix=KEYFRAMES_SUFFIX)
+    except InputError:
+        return False
+    return True
 
 
 def keyframes_record_exists(out: str | os.PathLike) -> bool:
@@ -592,22 +594,32 @@ def _label_digest(array) -> str:
     return h.hexdigest()
 
 
-def _write_keyframes_record(path: Path, plan, mask) -> None:
-    record = {"format": _KEYFRAMES_FORMAT, "version": 1, "axis": int(plan.axis), "shape": list(mask.shape),
-              "sha256": _label_digest(mask), "labels": plan.record()}
+def _write_keyframes_record(path: Path, result, plan=None) -> None:
+    """OUT's record: its keyframes and walls per label (an update's ``plan.record()``, else the
+    run's own), checked against OUT by a digest of its labels, and (version 2) what a later update
+    needs to reuse the walks that still hold (``PropagationResult.to_record``)."""
+    reuse = result.to_record() if result.range is not None else None  # a server's result: no walks to reuse
+    labels = plan.record() if plan is not None else {
+        lab: {"keyframes": sorted(int(k) for k, m in keys.items() if m.any()),
+              "walls": sorted(int(k) for k, m in keys.items() if not m.any())}
+        for lab, keys in sorted(result.keyframes.items())}
+    record = {"format": _KEYFRAMES_FORMAT, "version": 2, "axis": int(result.axis), "shape": list(result.mask.shape),
+              "sha256": _label_digest(result.mask), "labels": labels, "result": reuse}
     with open(path, "w", encoding="utf-8") as fh:
-        json.dump(record, fh, indent=1)
+        json.dump(record, fh, allow_nan=False)
 
 
-def _read_keyframes_record(path: Path, previous, option_axis, name: str = "--previous") -> tuple[dict, int | None]:
+def _read_keyframes_record(path: Path, previous, option_axis, name: str = "--previous"):
     """The earlier rounds' keyframes beside the earlier result (``name``: what the user called it),
-    checked against it: ({"label": {...}}, axis), keys as ``EditPlan.record()`` writes them."""
-    where = f"{path} (the keyframes of the update that wrote {name})"
+    checked against it: ({"label": {...}}, axis, its ``result`` part or None), keys as
+    ``EditPlan.record()`` writes them; the result part (version 2) as stored, checked by
+    ``PropagationResult.from_record`` when used."""
+    where = f"{path} (the record of the run that wrote {name})"
     try:
-        if path.stat().st_size > 4 * 2**20:
-            raise ValueError("larger than 4 MB")
+        if path.stat().st_size > 64 * 2**20:
+            raise ValueError("larger than 64 MB")
         record = json.loads(path.read_text(encoding="utf-8"))
-        ok = (isinstance(record, dict) and record.get("format") == _KEYFRAMES_FORMAT and record.get("version") == 1
+        ok = (isinstance(record, dict) and record.get("format") == _KEYFRAMES_FORMAT and record.get("version") in (1, 2)
               and record.get("axis") in (0, 1, 2) and not isinstance(record.get("axis"), bool)
               and isinstance(record.get("labels"), dict))
         if not ok:
@@ -644,7 +656,7 @@ def _read_keyframes_record(path: Path, previous, option_axis, name: str = "--pre
     if option_axis is not None and option_axis != record["axis"]:
         raise InputError(f"--axis {option_axis}, but the earlier rounds propagated along axis {record['axis']}: drop "
                          "--axis")
-    return labels, record["axis"]
+    return labels, record["axis"], record.get("result")
 
 
 def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=None, slice_range=None,
@@ -652,8 +664,9 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
                 names: tuple[str, str] = ("--previous", "--edited")):
     """--previous/--edited (and a batch row's previous/edited columns): read both on the image's
     grid and the keyframes an earlier update wrote beside ``previous_path``, and return the plan
-    (``keyframes_from_edits``) with ``empty_slices`` among its walls. What it took goes to ``say``
-    (``update: ...`` lines and a ``note:`` for labels left out)."""
+    (``keyframes_from_edits``) with ``empty_slices`` among its walls, and the earlier run rebuilt from
+    its record (``PropagationResult.from_record``; None without one) to pass as ``previous``. What
+    it took goes to ``say`` (``update: ...`` lines and a ``note:`` for labels left out)."""
     from .propagate import check_request, keyframes_from_edits
     from .volumes import read_labelmap
 
@@ -669,16 +682,15 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
                 for w in caught:
                     if issubclass(w.category, UserWarning):
                         say(f"note: {option}: {w.message}")
-    earlier, no_record = {}, None
-    if keyframes_record_exists(previous_path):  # an earlier update's keyframes and walls
-        earlier, axis = _read_keyframes_record(keyframes_record_path(previous_path), maps[0], axis, names[0])
-    else:  # a first round; or an update's output copied or moved without its record (its corrections would go)
-        no_record = (f"note: {names[0]} has no record of earlier rounds beside it "
-                     f"({keyframes_record_path(previous_path).name}, which an update writes beside its output): right "
-                     f"for a first correction of a plain run's result; if {Path(previous_path).name} came from an "
-                     "update, put that record beside it first, or the corrections of its earlier rounds are predicted "
-                     "again" + (" (and give again any --empty-slices of the run that made it)"
-                                if names[0].startswith("--") else ""))
+    earlier, no_record, stored = {}, None, None
+    if keyframes_record_exists(previous_path):  # the earlier run's keyframes and walls, and its walks
+        earlier, axis, stored = _read_keyframes_record(keyframes_record_path(previous_path), maps[0], axis, names[0])
+    else:  # made by a version before records, or copied or moved without its record
+        no_record = (f"note: {names[0]} has no record beside it ({keyframes_record_path(previous_path).name}, "
+                     "which every run writes beside its output): every slice is predicted again, and if "
+                     f"{Path(previous_path).name} came from an update, the corrections of its earlier rounds are too "
+                     "(put the record beside it to keep them" + (", and give again any --empty-slices of the run that "
+                                                                  "made it)" if names[0].startswith("--") else ")"))
     plan = keyframes_from_edits(prompt.array, maps[0], maps[1], axis=axis, labels=labels, earlier=earlier)
     if slice_range is not None:
         lo, hi = slice_range
@@ -698,12 +710,21 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
         say(f"note: label{'s' if len(plan.ignored) > 1 else ''} {', '.join(map(str, plan.ignored))} changed in "
             f"{names[1]} but not propagated (not in the prompt or not among the labels chosen): left out of the "
             "result")
-    return plan
+    previous = None
+    if stored is not None:  # the earlier run's walks: those whose keyframes are unchanged are reused
+        from .propagate import PropagationResult
+
+        try:
+            previous = PropagationResult.from_record(maps[0], stored)
+        except ValueError as exc:
+            say(f"note: the record of {Path(previous_path).name} cannot tell which of its walks still hold "
+                f"({str(exc)[:120]}): every slice is predicted again")
+    return plan, previous
 
 
-def keyframes_record_writer(plan, mask) -> Callable[[Path], None]:
-    """``write(tmp)`` of an update's record, for ``volumes.replace_together``."""
-    return lambda tmp: _write_keyframes_record(tmp, plan, mask)
+def keyframes_record_writer(result, plan=None) -> Callable[[Path], None]:
+    """``write(tmp)`` of a run's record (``plan``: an update's), for ``volumes.replace_together``."""
+    return lambda tmp: _write_keyframes_record(tmp, result, plan)
 
 
 def _write_or_refuse(name: str, write: Callable[[], None]) -> None:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import cc3d
 import numpy as np
 
-from .checks import check_flag, is_number, slice_runs
+from .checks import check_flag, is_number, slice_runs, state_from_json, state_to_json
 from .checks import max_threads
 from .errors import InputError, PropagationCancelled
 from .metrics import dice
@@ -150,6 +150,77 @@ class PropagationResult:
     # recomputes everything. None where unknown (a result read back from a saved record).
     image_digest: str | None = None
 
+    def to_record(self) -> dict:
+        """What a later update needs of this result besides its mask, as JSON (the command line
+        keeps it in OUT.keyframes.json): per label the keyframes and walls it ran with (as
+        ``EditPlan.record()``), its confidence and walk agreement per slice and what the predictor
+        began with (its class, ``begin_state`` and settings); the range, stopping, component
+        filter and image digest. ``from_record(mask, record)`` rebuilds a result to pass as
+        ``previous=``: only the walks it can vouch for are reused, the rest recomputed."""
+        earlier = _earlier_from_result(self, self.axis)
+        labels = {}
+        for lab in sorted(self.confidence):
+            agreement = self.agreement.get(lab)
+            try:
+                begin = state_to_json(self.begin_state.get(lab))
+            except TypeError:
+                begin = None  # an update then recomputes the label: correct, only slower
+            labels[str(lab)] = {**earlier.get(str(lab), {"keyframes": [], "walls": []}),
+                                "confidence": _json_floats(self.confidence[lab]),
+                                "agreement": None if agreement is None else _json_floats(agreement),
+                                "begin": begin, "overlapped": lab in self.overlapped}
+        return {"axis": int(self.axis), "range": None if self.range is None else [int(v) for v in self.range],
+                "early_stop": bool(self.early_stop), "remove_disconnected": bool(self.remove_disconnected),
+                "image_digest": self.image_digest, "labels": labels}
+
+    @classmethod
+    def from_record(cls, mask: np.ndarray, record: dict) -> "PropagationResult":
+        """The result ``to_record`` described, rebuilt around ``mask`` (its label map, read back from
+        OUT): its keyframes are the mask's slices there. The record comes from a file, so it is
+        checked whole; ValueError says what is wrong."""
+        mask = np.asarray(mask)
+        if mask.ndim != 3 or not isinstance(record, dict):
+            raise ValueError("not a 3D label map and a record")
+        axis = record.get("axis")
+        if axis not in (0, 1, 2) or isinstance(axis, bool):
+            raise ValueError("its axis is not 0, 1 or 2")
+        n = mask.shape[axis]
+        lo_hi = record.get("range")
+        if not (isinstance(lo_hi, list) and len(lo_hi) == 2 and all(_whole_in(v, 0, n - 1) for v in lo_hi)
+                and lo_hi[0] <= lo_hi[1]):
+            raise ValueError(f"its range is not two slices within 0-{n - 1}")
+        flags = [record.get(k) for k in ("early_stop", "remove_disconnected")]
+        digest = record.get("image_digest")
+        if not all(isinstance(f, bool) for f in flags) or not (digest is None or (isinstance(digest, str)
+                                                                                  and len(digest) <= 128)):
+            raise ValueError("its early_stop, remove_disconnected or image_digest entry is malformed")
+        labels = record.get("labels")
+        if not isinstance(labels, dict) or len(labels) > 1024:
+            raise ValueError("its labels are not a mapping")
+        moved = np.moveaxis(mask, axis, 0)
+        out = dict(confidence={}, prompt_slices={}, keyframes={}, agreement={}, begin_state={})
+        overlapped = set()
+        for key, entry in labels.items():
+            if not (isinstance(key, str) and key.isdigit() and 1 <= int(key) <= MAX_LABEL and isinstance(entry, dict)):
+                raise ValueError(f"label {key!r} is malformed")
+            lab = int(key)
+            keys, walls = entry.get("keyframes"), entry.get("walls")
+            if not all(isinstance(v, list) and all(_whole_in(s, 0, n - 1) for s in v) for v in (keys, walls)) \
+                    or set(keys) & set(walls):
+                raise ValueError(f"label {lab}'s keyframes or walls are not slices within 0-{n - 1}")
+            out["confidence"][lab] = _floats_from_json(entry.get("confidence"), n, f"label {lab}'s confidence")
+            if entry.get("agreement") is not None:
+                out["agreement"][lab] = _floats_from_json(entry["agreement"], n, f"label {lab}'s agreement")
+            out["begin_state"][lab] = state_from_json(entry.get("begin"))
+            if entry.get("overlapped") is True:
+                overlapped.add(lab)
+            out["prompt_slices"][lab] = sorted(keys)
+            frames = {s: moved[s] == lab for s in keys}
+            frames.update({s: np.zeros(moved.shape[1:], dtype=bool) for s in walls})
+            out["keyframes"][lab] = dict(sorted(frames.items()))
+        return cls(mask=mask, axis=axis, slice_range={}, range=(lo_hi[0], lo_hi[1]), early_stop=flags[0],
+                   remove_disconnected=flags[1], overlapped=frozenset(overlapped), image_digest=digest, **out)
+
     def notes(self, edited: dict[int, Sequence[int]] | None = None) -> list[str]:
         """Hints for the user about how walks ended (e.g. a drift test that stopped at once).
         ``edited``: per label, slices the user just drew in an update; a walk from one of them that
@@ -230,6 +301,23 @@ class PropagationResult:
     def summary(self) -> str:
         parts = [f"label {lab}: slices {a}-{b}" for lab, (a, b) in self.slice_range.items()]
         return f"{'; '.join(parts)} (axis {self.axis}); {self.n_predicted} slices predicted in {self.timings.get('total', 0):.1f} s"
+
+
+def _json_floats(values) -> list:
+    """Per-slice values as JSON: NaN (not predicted) as null, float32 exactly."""
+    return [None if not np.isfinite(v) else float(v) for v in np.asarray(values, dtype=np.float32)]
+
+
+def _floats_from_json(values, n: int, what: str) -> np.ndarray:
+    if not (isinstance(values, list) and len(values) == n
+            and all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+                    for v in values)):
+        raise ValueError(f"{what} is not {n} numbers (or nulls)")
+    return np.array([np.nan if v is None else v for v in values], dtype=np.float32)
+
+
+def _whole_in(value, lo: int, hi: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
 
 
 def review_order(confidence, reviewed=(), keyframes=(), candidates=None) -> list[int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import re
 from pathlib import Path
 
@@ -379,7 +380,8 @@ def test_a_folder_name_that_is_not_utf8_is_written_to_the_report_as_its_bytes(tm
     make_ct_case(Path("c0"))
     _manifest(Path("cases.csv"), ["image,prompt", "c0/image.nii.gz,c0/prompt.nii.gz"])
     assert main(["batch", "cases.csv", "-o", "out", "--method", "copy"]) == 0
-    assert sorted(os.listdir("out")) == ["batch_report.csv", "c0_image_pam.nii.gz"]  # no .tmp left
+    assert sorted(os.listdir("out")) == ["batch_report.csv", "c0_image_pam.nii.gz",  # no .tmp left
+                                         "c0_image_pam.nii.gz.keyframes.json"]
     with open("out/batch_report.csv", newline="", encoding="utf-8", errors="surrogateescape") as fh:
         row = next(csv.DictReader(fh))
     assert os.fsencode(row["image"]) == os.path.join(os.path.realpath(folder), b"c0", b"image.nii.gz")  # the bytes
@@ -413,7 +415,8 @@ def test_a_report_that_cannot_be_rewritten_mid_run_is_a_warning_and_the_batch_go
     monkeypatch.setattr(Path, "replace", replace)
     assert main(["batch", str(m), "-o", str(out), "--method", "copy"]) == status
     captured = capsys.readouterr()
-    assert sorted(p.name for p in out.iterdir()) == ["batch_report.csv"] + [f"c{n}_image_pam.nii.gz" for n in range(3)]
+    assert sorted(p.name for p in out.iterdir()) == ["batch_report.csv"] + sorted(
+        f"c{n}_image_pam.nii.gz{record}" for n in range(3) for record in ("", ".keyframes.json"))
     assert "batch: 3 ok of 3 rows in " in captured.out
     warning = (f"pamsegment: warning: cannot write the report {out / 'batch_report.csv'} (Permission denied); it may "
                "be open in another program")
@@ -486,7 +489,7 @@ def test_a_series_uid_the_folder_does_not_hold_is_found_before_any_work(tmp_path
 def test_batch_updates_rows_from_corrected_copies_as_propagate_does(tmp_path, cases, run_cli):
     """previous/edited columns: a row is updated from the corrections (what `propagate --previous
     --edited` writes), its output gets the round's keyframes record, and a plain row replacing an
-    update's output drops that record."""
+    update's output replaces that record with its own."""
     from conftest import write_image
 
     c = cases[0]
@@ -515,7 +518,9 @@ def test_batch_updates_rows_from_corrected_copies_as_propagate_does(tmp_path, ca
     np.testing.assert_array_equal(_arr(tmp_path / "out" / "c0.nii.gz"), _arr(single))
     assert (tmp_path / "out" / "c0.nii.gz.keyframes.json").read_text() == \
         (tmp_path / "single.nii.gz.keyframes.json").read_text()
-    assert not (tmp_path / "out" / "c1.nii.gz.keyframes.json").exists()
+    # the plain row's own record replaced the earlier update's
+    assert json.loads((tmp_path / "out" / "c1.nii.gz.keyframes.json").read_text())["labels"] == \
+        {"1": {"keyframes": [10], "walls": []}}
     # --skip-existing: an update row counts as done only with its keyframes record beside its output
     record = (tmp_path / "out" / "c0.nii.gz.keyframes.json")
     kept = record.read_text()
@@ -561,7 +566,7 @@ def test_batch_update_messages_name_the_manifest_columns(tmp_path, cases, run_cl
     assert proc.returncode == 2
     (row,) = _report(tmp_path / "out" / "batch_report.csv")
     assert row["status"] == "error"
-    assert "first.nii.gz.keyframes.json (the keyframes of the update that wrote previous) cannot be read" in \
+    assert "first.nii.gz.keyframes.json (the record of the run that wrote previous) cannot be read" in \
         row["message"] and "--previous" not in row["message"]
 
 

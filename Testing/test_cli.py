@@ -42,7 +42,7 @@ def test_propagate_writes_label_map_on_the_input_grid(ct_case, small_checkpoint,
     assert "100%" in proc.stderr  # the progress bar
     summary = proc.stdout.strip().splitlines()
     assert len(summary) == 1  # random weights find nothing beyond the drawn slice: no slice to check first
-    assert summary[0].startswith(f"wrote {out}: label 1: slices ") and "(axis 0)" in summary[0]
+    assert summary[0].startswith(f"wrote {out} and {out}.keyframes.json: label 1: slices ") and "(axis 0)" in summary[0]
     assert "slices predicted in" in summary[0] and summary[0].endswith(" s in all")
 
     image, result = read_volume(ct_case.image_path), read_volume(out)
@@ -62,7 +62,7 @@ def test_report_lists_every_slice_of_the_result(ct_case, capsys):
                      "--method", "track", "--report", str(report), "--threads", "1"])
     assert code == 0
     printed = capsys.readouterr().out.splitlines()
-    assert printed[0].startswith(f"wrote {out} and {report}: label 1: slices ")
+    assert printed[0].startswith(f"wrote {out}, {report} and {out}.keyframes.json: label 1: slices ")
     result = read_volume(out).array
     with open(report, newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -135,7 +135,8 @@ def test_a_failed_move_is_one_line_and_the_table_never_stands_alone(ct_case, tmp
         assert f"cannot write {report} (Permission denied): the --report table; OUT was not written" in err
         assert not report.exists()
     else:
-        assert f"cannot write {out} (Permission denied): OUT; the --report table was written" in err
+        assert (f"cannot write {out} (Permission denied): OUT; the --report table and {out}.keyframes.json (delete "
+                "it to go on from the old OUT) were written") in err
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".pamsegment-")]
 
 
@@ -563,9 +564,11 @@ def test_ctrl_c_once_the_output_is_in_place_is_ignored(ct_case, monkeypatch, cap
                      "--method", "copy"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert captured.out.startswith(f"wrote {out}: label 1: slices") and "interrupted" not in captured.err
+    assert captured.out.startswith(f"wrote {out} and {out}.keyframes.json: label 1: slices") and \
+        "interrupted" not in captured.err
     assert read_volume(out).array.any()
-    assert sorted(p.name for p in ct_case.directory.iterdir()) == ["image.nii.gz", "out.nii.gz", "prompt.nii.gz"]
+    assert sorted(p.name for p in ct_case.directory.iterdir()) == ["image.nii.gz", "out.nii.gz",
+                                                                   "out.nii.gz.keyframes.json", "prompt.nii.gz"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # called from Python: Ctrl-C works again
 
 
@@ -938,7 +941,10 @@ def test_an_output_name_of_241_to_255_bytes_is_written_and_reported_as_written(c
     out = tmp_path / ("b" * 240 + ".nii.gz")  # 247 bytes: legal
     assert cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out),
                      "--method", "copy"]) == 0
-    assert out.is_file() and capsys.readouterr().out.startswith(f"wrote {out}: label 1: slices ")
+    printed = capsys.readouterr().out
+    assert out.is_file() and printed.startswith(f"wrote {out}: label 1: slices ")
+    # its record's name would be too long: written without one, said so
+    assert f"note: no record was written beside {out} (its name is too long for .keyframes.json to be added)" in printed
 
 
 @pytest.mark.parametrize("command", [["propagate", "a.nii.gz", "b.nii.gz", "-o", "c.nii.gz"], ["batch", "m.csv", "-o", "d"],

@@ -3,6 +3,8 @@ PREV --edited EDITED`` (an earlier result, corrected by hand in another program)
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from conftest import ellipsoid, write_image
@@ -110,7 +112,8 @@ def _changed_runs(was, now, skip):
 
 def test_cli_update_equals_a_run_from_the_same_keyframes(ct_case, capsys):
     """--previous/--edited gives what propagating the drawn and edited slices with the erased one
-    as --empty-slices gives (every slice recomputed), and keeps the edit exactly."""
+    as --empty-slices gives, and keeps the edit exactly. The first run's record beside its output
+    lets the update reuse the walks its edits left alone (it recomputed every slice)."""
     d = ct_case.directory
     first = _first_run(ct_case)
     previous = read_volume(first).array
@@ -124,10 +127,8 @@ def test_cli_update_equals_a_run_from_the_same_keyframes(ct_case, capsys):
                      "--method", "copy", "--previous", str(first), "--edited", str(edited_path)]) == 0
     printed = capsys.readouterr().out.splitlines()
     assert printed[0] == "update: label 1: keyframes 10 (prompt), 13 (edited); the object is absent on 6"
-    # first.nii.gz has no record beside it: said, since a copied update's corrections would be lost
-    assert printed[1].startswith("note: --previous has no record of earlier rounds beside it "
-                                 "(first.nii.gz.keyframes.json, which an update writes beside its output)")
-    assert printed[2].startswith(f"wrote {out} and {out}.keyframes.json: label 1: slices ")
+    assert printed[1].startswith(f"wrote {out} and {out}.keyframes.json: label 1: slices ")
+    updated = int(printed[1].split("; ")[1].split(" slices predicted")[0])
     result = read_volume(out).array
     np.testing.assert_array_equal(result[13] > 0, ct_case.truth[13])
     assert not result[:7].any()
@@ -141,9 +142,13 @@ def test_cli_update_equals_a_run_from_the_same_keyframes(ct_case, capsys):
     by_hand = d / "keyframes.nii.gz"
     write_image(keyframes, by_hand, ct_case.spacing)
     same = d / "same.nii.gz"
+    capsys.readouterr()
     assert cli.main(["propagate", str(ct_case.image_path), str(by_hand), "-o", str(same), "--method", "copy",
                      "--empty-slices", "6"]) == 0
     np.testing.assert_array_equal(read_volume(same).array, result)
+    # the walk from 10 down to the wall at 6 was the first run's (its keyframe unchanged): reused
+    scratch = int(capsys.readouterr().out.splitlines()[0].split("; ")[1].split(" slices predicted")[0])
+    assert updated == scratch - 3, (updated, scratch)
     # With --report too, the three files written are listed as a list is written.
     capsys.readouterr()
     report = d / "second.csv"
@@ -151,7 +156,44 @@ def test_cli_update_equals_a_run_from_the_same_keyframes(ct_case, capsys):
                      "--method", "copy", "--previous", str(first), "--edited", str(edited_path),
                      "--report", str(report)]) == 0
     printed = capsys.readouterr().out.splitlines()
-    assert printed[2].startswith(f"wrote {out}, {report} and {out}.keyframes.json: label 1: slices ")
+    assert printed[1].startswith(f"wrote {out}, {report} and {out}.keyframes.json: label 1: slices ")
+
+
+def test_an_update_without_the_record_says_so_and_recomputes(ct_case, capsys):
+    """An output copied or moved without its record: the update still works from the prompt and the
+    edits (every slice predicted again), and says what is lost (earlier rounds' corrections)."""
+    d = ct_case.directory
+    first = _first_run(ct_case)
+    (d / "first.nii.gz.keyframes.json").unlink()
+    edited = read_volume(first).array
+    edited[13] = ct_case.truth[13]
+    e1 = write_image(edited.astype(np.uint8), d / "e1.nii.gz", ct_case.spacing)
+    capsys.readouterr()
+    assert _update(ct_case, first, e1, d / "second.nii.gz") == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[1] == ("note: --previous has no record beside it (first.nii.gz.keyframes.json, which every run "
+                          "writes beside its output): every slice is predicted again, and if first.nii.gz came from an "
+                          "update, the corrections of its earlier rounds are too (put the record beside it to keep "
+                          "them, and give again any --empty-slices of the run that made it)")
+
+
+def test_an_update_whose_record_cannot_vouch_for_its_walks_recomputes_them(ct_case, capsys):
+    """The record's keyframes are sound but its result part is damaged: the update goes on from the
+    keyframes and edits, predicting every slice, and says why."""
+    d = ct_case.directory
+    first = _first_run(ct_case)
+    path = d / "first.nii.gz.keyframes.json"
+    record = json.loads(path.read_text())
+    record["result"]["labels"]["1"]["confidence"] = [0.5]
+    path.write_text(json.dumps(record))
+    edited = read_volume(first).array
+    edited[13] = ct_case.truth[13]
+    e1 = write_image(edited.astype(np.uint8), d / "e1.nii.gz", ct_case.spacing)
+    capsys.readouterr()
+    assert _update(ct_case, first, e1, d / "second.nii.gz") == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[1].startswith("note: the record of first.nii.gz cannot tell which of its walks still hold (label "
+                                 "1's confidence is not 20 numbers (or nulls)): every slice is predicted again")
 
 
 def test_cli_update_refusals_are_one_line(ct_case, run_cli):
@@ -212,7 +254,7 @@ def test_a_second_round_keeps_the_first_rounds_keyframes_and_walls(ct_case, caps
     printed = capsys.readouterr().out
     assert printed.splitlines()[0] == (
         "update: label 1: keyframes 10 (prompt), 13 (earlier rounds), 8 (edited); the object is absent on 5, 6")
-    assert "no record of earlier rounds" not in printed  # second.nii.gz has its record beside it
+    assert "has no record beside it" not in printed  # second.nii.gz has its record beside it
     third = read_volume(d / "third.nii.gz").array
     assert not third[5:7].any()
     np.testing.assert_array_equal(third[13] > 0, ct_case.truth[13])
@@ -231,12 +273,13 @@ def test_a_second_round_keeps_the_first_rounds_keyframes_and_walls(ct_case, caps
     capsys.readouterr()
     assert _update(ct_case, d / "second.nii.gz", e2, d / "fourth.nii.gz") == 2
     err = capsys.readouterr().err
-    assert "second.nii.gz.keyframes.json (the keyframes of the update that wrote --previous) does not match " \
+    assert "second.nii.gz.keyframes.json (the record of the run that wrote --previous) does not match " \
            "--previous, which has changed since it was written" in err
-    # a plain run replacing an update's output removes that output's record (it no longer describes it)
+    # a plain run replacing an update's output replaces that output's record with its own
     assert cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(d / "second.nii.gz"),
                      "--method", "copy"]) == 0
-    assert "note: removed " in capsys.readouterr().out and not (d / "second.nii.gz.keyframes.json").exists()
+    record = json.loads((d / "second.nii.gz.keyframes.json").read_text())
+    assert record["labels"] == {"1": {"keyframes": [10], "walls": []}} and record["version"] == 2
 
 
 def test_erased_slices_do_not_count_as_keyframes(ct_case, capsys):
@@ -327,7 +370,7 @@ def test_an_unreadable_record_is_one_line(ct_case, capsys, content, message):
     capsys.readouterr()
     assert _update(ct_case, first, e, d / "out.nii.gz") == 2
     err = capsys.readouterr().err
-    assert "first.nii.gz.keyframes.json (the keyframes of the update that wrote --previous) cannot be read" in err
+    assert "first.nii.gz.keyframes.json (the record of the run that wrote --previous) cannot be read" in err
     assert message in err and "delete it to keep only the prompt's keyframes" in err and "Traceback" not in err
 
 
@@ -373,7 +416,7 @@ def test_a_record_edited_by_hand_is_refused_not_half_used(ct_case, capsys, edit,
     capsys.readouterr()
     assert _update(ct_case, d / "second.nii.gz", e2, d / "third.nii.gz") == 2
     err = capsys.readouterr().err
-    assert err.strip() == (f"pamsegment: error: {record_path} (the keyframes of the update that wrote --previous) cannot "
+    assert err.strip() == (f"pamsegment: error: {record_path} (the record of the run that wrote --previous) cannot "
                            f"be read ({problem}); delete it to keep only the prompt's keyframes")
     assert not (d / "third.nii.gz").exists()
 

@@ -14,7 +14,8 @@ from doubles import LeakModel, OracleModel, ShiftModel
 
 from PAMSegmentLib.checkpoints import load_checkpoint_file
 from PAMSegmentLib.errors import InputError, PropagationCancelled
-from PAMSegmentLib.propagate import CancelToken, SlicePrediction, SlicePredictor, find_prompt_slices, propagate
+from PAMSegmentLib.propagate import (CancelToken, PropagationResult, SlicePrediction, SlicePredictor,
+                                     find_prompt_slices, propagate)
 
 ISO = (1.0, 1.0, 1.0)
 SHAPE = (30, 16, 16)
@@ -519,6 +520,38 @@ def test_an_update_applies_the_agreement_test_to_a_reused_walk_without_predictin
     back = propagate(image, prompt_from(truth, 16), ISO, model, previous=res)
     assert back.recomputed == {1: [(0, 15), (17, 29)]}
     np.testing.assert_array_equal(back.mask, first.mask)
+
+
+def test_a_result_saved_as_json_and_read_back_is_reused_as_the_one_in_memory():
+    """to_record / from_record: what the command line keeps beside OUT so that an update from files
+    reuses walks as Slicer's in-memory update does (it recomputed every slice). The rebuilt result
+    gives the same update as the original, and a damaged record is refused by name."""
+    import json
+
+    truth = tube(3, 25)
+    image = image_for(truth)
+    first = propagate(image, prompt_from(truth, 16), ISO, _AgreementOracle(truth, window=4))
+    record = json.loads(json.dumps(first.to_record()))
+    assert record["labels"]["1"]["keyframes"] == [16] and record["labels"]["1"]["walls"] == []
+    again = PropagationResult.from_record(first.mask, record)
+    model = _AgreementOracle(truth, window=4)
+    res = propagate(image, prompt_from(truth, [8, 16]), ISO, model, previous=again)
+    assert res.recomputed == {1: [(0, 7), (9, 15)]} and not [q for q in predicted(model) if q > 16]
+    memory = propagate(image, prompt_from(truth, [8, 16]), ISO, _AgreementOracle(truth, window=4), previous=first)
+    np.testing.assert_array_equal(res.mask, memory.mask)
+    np.testing.assert_array_equal(res.confidence[1], memory.confidence[1])
+    # another image (its digest differs): nothing reused
+    other = propagate(image + 1.0, prompt_from(truth, [8, 16]), ISO, _AgreementOracle(truth, window=4), previous=again)
+    assert other.recomputed == {1: [(0, 7), (9, 15), (17, 29)]}
+    for damage, phrase in [(lambda r: r.update(axis=3), "its axis is not 0, 1 or 2"),
+                           (lambda r: r.update(range=[0, 99]), "its range is not two slices within 0-29"),
+                           (lambda r: r["labels"]["1"].update(confidence=[0.5]), "label 1's confidence is not 30"),
+                           (lambda r: r["labels"]["1"].update(walls=[16]), "label 1's keyframes or walls are not"),
+                           (lambda r: r["labels"]["1"].update(begin=[[[[[[1]]]]]]), "begin_state is nested too deep")]:
+        bad = json.loads(json.dumps(record))
+        damage(bad)
+        with pytest.raises(ValueError, match=phrase):
+            PropagationResult.from_record(first.mask, bad)
 
 
 # ----------------------------------------------------------------------------- empty keyframes (walls)
