@@ -159,41 +159,38 @@ def test_cli_update_equals_a_run_from_the_same_keyframes(ct_case, capsys):
     assert printed[1].startswith(f"wrote {out}, {report} and {out}.keyframes.json: label 1: slices ")
 
 
-def test_an_update_without_the_record_says_so_and_recomputes(ct_case, capsys):
-    """An output copied or moved without its record: the update still works from the prompt and the
-    edits (every slice predicted again), and says what is lost (earlier rounds' corrections)."""
-    d = ct_case.directory
-    first = _first_run(ct_case)
-    (d / "first.nii.gz.keyframes.json").unlink()
-    edited = read_volume(first).array
-    edited[13] = ct_case.truth[13]
-    e1 = write_image(edited.astype(np.uint8), d / "e1.nii.gz", ct_case.spacing)
-    capsys.readouterr()
-    assert _update(ct_case, first, e1, d / "second.nii.gz") == 0
-    printed = capsys.readouterr().out.splitlines()
-    assert printed[1] == ("note: --previous has no record beside it (first.nii.gz.keyframes.json, which every run "
-                          "writes beside its output): every slice is predicted again, and if first.nii.gz came from an "
-                          "update, the corrections of its earlier rounds are too (put the record beside it to keep "
-                          "them, and give again any --empty-slices of the run that made it)")
+def _without_record(path):
+    path.unlink()
 
 
-def test_an_update_whose_record_cannot_vouch_for_its_walks_recomputes_them(ct_case, capsys):
-    """The record's keyframes are sound but its result part is damaged: the update goes on from the
-    keyframes and edits, predicting every slice, and says why."""
-    d = ct_case.directory
-    first = _first_run(ct_case)
-    path = d / "first.nii.gz.keyframes.json"
+def _record_with_damaged_result(path):
     record = json.loads(path.read_text())
     record["result"]["labels"]["1"]["confidence"] = [0.5]
     path.write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize("damage, note", [
+    # copied or moved without its record: what is lost is said (earlier rounds' corrections)
+    (_without_record, "note: --previous has no record beside it (first.nii.gz.keyframes.json, which every run "
+                      "writes beside its output): every slice is predicted again, and if first.nii.gz came from an "
+                      "update, the corrections of its earlier rounds are too (put the record beside it to keep them, "
+                      "and give again any --empty-slices of the run that made it)"),
+    # its keyframes are sound but the part about its walks is damaged
+    (_record_with_damaged_result, "note: the record of first.nii.gz cannot tell which of its walks still hold (label "
+                                  "1's confidence is not 20 numbers (or nulls)): every slice is predicted again"),
+])
+def test_an_update_without_a_usable_record_says_so_and_recomputes(ct_case, capsys, damage, note):
+    """The update goes on from the prompt (and the record's keyframes, if any) and the edits,
+    predicting every slice, with a note saying why."""
+    d = ct_case.directory
+    first = _first_run(ct_case)
+    damage(d / "first.nii.gz.keyframes.json")
     edited = read_volume(first).array
     edited[13] = ct_case.truth[13]
     e1 = write_image(edited.astype(np.uint8), d / "e1.nii.gz", ct_case.spacing)
     capsys.readouterr()
     assert _update(ct_case, first, e1, d / "second.nii.gz") == 0
-    printed = capsys.readouterr().out.splitlines()
-    assert printed[1].startswith("note: the record of first.nii.gz cannot tell which of its walks still hold (label "
-                                 "1's confidence is not 20 numbers (or nulls)): every slice is predicted again")
+    assert capsys.readouterr().out.splitlines()[1] == note
 
 
 def test_cli_update_refusals_are_one_line(ct_case, run_cli):
