@@ -1738,7 +1738,12 @@ def _empty_slices_per_label(empty_slices, slices: dict, lo: int, hi: int, axis: 
             raise InputError(f"empty slice {bad[0]} lies outside the range {lo}:{hi} along axis {axis}")
         both = sorted(idx & set(slices[lab]))
         if both:
-            raise InputError(f"slice {both[0]} is both drawn (label {lab}) and marked empty; erase it or unmark it")
+            others = [other for other in slices if other != lab]
+            hint = (f" (to mark it empty for other labels only, propagate them on their own: --label "
+                    f"{' '.join(map(str, others))} --empty-slices {both[0]}; empty_slices={{label: [...]}} in Python)"
+                    if others and not isinstance(empty_slices, dict) else "")
+            raise InputError(f"slice {both[0]} is both drawn (label {lab}) and marked empty; erase it or unmark it"
+                             + hint)
         out[lab] = idx
     return out
 

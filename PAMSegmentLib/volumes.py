@@ -1124,7 +1124,8 @@ def check_name_length(path: PathLike, suffix: str = "", whose: str = "") -> None
         last = n == len(parts) - 1 and suffix
         size = length(part + suffix) if last else length(part)
         if size > NAME_MAX:
-            raise InputError(f"the name {part[:40]}... in {path} is {size} {unit} long"
+            where = Path(*parts[:n]) if n else None  # the folder holding it (the whole path repeated the name)
+            raise InputError(f"the name {part[:40]}...{f' in {where}' if where is not None else ''} is {size} {unit} long"
                              + (f" as {part[:12]}...{suffix}, the name of {whose}" if last else "")
                              + f"; file systems take at most {NAME_MAX}: choose a shorter name")
 
@@ -1607,8 +1608,10 @@ def _read_2d(path: PathLike, what: str) -> tuple[sitk.Image, sitk.Image]:
     except RuntimeError as error:
         image = _read_png_with_pil(p)  # grey + alpha PNGs, which ITK cannot read
         if image is None:
-            raise InputError(f"cannot read {p} as an image ({_itk_reason(error)}); expected "
-                             f"{', '.join(IMAGE_2D_EXTENSIONS)}") from None
+            known = p.name.lower().endswith(tuple(IMAGE_2D_EXTENSIONS))
+            raise InputError(f"cannot read {p} as an image ({_itk_reason(error)}); "
+                             + ("is the file damaged? copy or export it again" if known else
+                                f"expected {', '.join(IMAGE_2D_EXTENSIONS)}")) from None
     size = image.GetSize()
     original = image
     if image.GetDimension() == 3 and size[2] == 1:

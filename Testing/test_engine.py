@@ -755,6 +755,18 @@ def test_empty_slice_input_errors(empty, phrase):
         propagate(image_for(truth), prompt_from(truth, 8), ISO, OracleModel(truth), empty_slices=empty)
 
 
+def test_an_empty_slice_drawn_for_another_label_says_how_to_mark_it_for_some_labels():
+    """--empty-slices 9 where label 2 is drawn on 9: the refusal now names the way (README: --label N
+    --empty-slices K) to mark it for the other labels only."""
+    truth = tube(3, 25)
+    prompt = prompt_from(truth, 8)
+    prompt[9][truth[9]] = 2
+    with pytest.raises(InputError, match=r"^slice 9 is both drawn \(label 2\) and marked empty; erase it or unmark it "
+                                         r"\(to mark it empty for other labels only, propagate them on their own: "
+                                         r"--label 1 --empty-slices 9; empty_slices=\{label: \[...\]\} in Python\)$"):
+        propagate(image_for(truth), prompt, ISO, OracleModel(truth), empty_slices=[9])
+
+
 # ----------------------------------------------------------------------------- input errors
 
 

@@ -922,3 +922,18 @@ def test_normalised_sets_widen_the_drift_test_unless_the_predictor_sets_it(monke
     used.clear()
     label_images(images, 0, mask, predictor)
     assert set(used) == {0.03} and predictor.gate_sd_floor == 0.03
+
+
+def test_a_damaged_image_of_a_known_type_is_called_damaged(tmp_path):
+    """A damaged .png was told the list of extensions it could be (.png among them)."""
+    from PAMSegmentLib.volumes import read_image_2d
+
+    bad = tmp_path / "img_021.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    with pytest.raises(InputError, match=r"img_021.png as an image \(.*\); is the file damaged\? copy or export it "
+                                         r"again$"):
+        read_image_2d(bad)
+    odd = tmp_path / "img_022.xyz"
+    odd.write_bytes(b"\0" * 40)
+    with pytest.raises(InputError, match=r"expected \.png, \.jpg"):
+        read_image_2d(odd)
