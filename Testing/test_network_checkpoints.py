@@ -112,6 +112,20 @@ def test_official_checkpoint_with_wrong_keys_names_them(tmp_path, official_check
     assert "\n" not in str(err.value)
 
 
+def test_names_of_one_weight_must_hold_equal_values(tmp_path, official_checkpoint):
+    """The official layout names many weights several times (the decoder's encoder, the
+    all_modules.* aliases); loading copies each name into the same tensor, so a file whose copies
+    differ (damaged or edited) loaded the last one silently."""
+    sd = torch.load(official_checkpoint.path, weights_only=True)["model_state_dict"]
+    name = "module.proposing_stage.decoder.encoder.stages.0.0.convs.0.conv.bias"
+    assert name in sd and torch.equal(sd[name], sd[name.replace("decoder.encoder.", "encoder.")])
+    sd[name] = sd[name] + 1.0
+    torch.save({"model_state_dict": sd}, tmp_path / "edited.pth")
+    with pytest.raises(CheckpointError, match=r"holds different values under .*encoder\.stages\.0\.0\.convs\.0\.conv"
+                                              r"\.bias and .*, which name the same weight: the file is damaged"):
+        load_checkpoint_file(tmp_path / "edited.pth")
+
+
 # ----------------------------------------------------------------------------- files that are no checkpoint
 
 
