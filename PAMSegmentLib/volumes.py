@@ -819,7 +819,7 @@ def _off_grid_error(name: str, labels: Volume, reference: Volume, diffs: list[st
 
 
 def _never_resampled(name: str, labels: Volume, reference: Volume, diffs: list[str],
-                     path: Path | None = None) -> InputError | None:
+                     path: Path | None = None, resample: bool = False) -> InputError | None:
     """The refusal of a label map that resampling would put in the wrong place whatever the user
     asks (``read_labelmap`` raises it with ``resample=True`` too: --resample-prompt moved a prompt
     drawn on slice 60 to slice 93, exit 0): one of the image's size without a position in its
@@ -834,6 +834,19 @@ def _never_resampled(name: str, labels: Volume, reference: Volume, diffs: list[s
     mirrored = Volume(labels.array, labels.spacing, tuple(flip @ np.asarray(labels.origin, dtype=np.float64)),
                       tuple((flip @ np.asarray(labels.direction, dtype=np.float64).reshape(3, 3)).ravel()))
     if set(diffs) & {"origin", "direction"} and not same_grid(mirrored, reference):
+        # An image whose x and y extent is centred on 0 (a field of view centred on the isocentre):
+        # there a copy reoriented to RAS (its voxels flipped with its axes, e.g. by nibabel's
+        # as_closest_canonical) has the same grid as one written with the signs mixed up.
+        box = _physical_box(reference)
+        half = 0.5 * float(min(reference.spacing_ijk))
+        if np.all(np.abs(box[0, :2] + box[1, :2]) <= half):
+            if resample:
+                return None  # resampled as before: right for a reoriented copy
+            return InputError(f"{name} is the image's grid with the x and y axes' signs flipped (origin and axes): "
+                              "if it is a reoriented copy of a drawing on this image (its voxels flipped with its "
+                              "axes, as RAS tools save it), use --resample-prompt; if a tool wrote RAS numbers where "
+                              "the image's are LPS, save it again with the image's geometry (SimpleITK: "
+                              "mask.CopyInformation(image))")
         return InputError(f"{name} is the image's grid with the x and y axes' signs flipped (origin and axes): it was "
                           "written in RAS coordinates where the image's are LPS, or the reverse, by a tool that mixed "
                           "the two up (--resample-prompt would mirror it); save it again with the image's geometry "
@@ -978,7 +991,7 @@ def read_labelmap(path: PathLike, reference: Volume | None = None, resample: boo
     if diffs:
         if not resample:
             raise _off_grid_error(name, labels, reference, diffs, Path(path))
-        never = _never_resampled(name, labels, reference, diffs, Path(path))
+        never = _never_resampled(name, labels, reference, diffs, Path(path), resample=True)
         if never is not None:
             raise never
         resampler = sitk.ResampleImageFilter()

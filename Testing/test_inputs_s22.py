@@ -259,6 +259,26 @@ def test_prompt_with_x_and_y_signs_flipped_is_named_so(tmp_path, ct_case):
         volumes.read_labelmap(path, reference=image, resample=True)
 
 
+def test_a_reoriented_prompt_on_an_image_centred_on_0_is_still_resampled(tmp_path):
+    """On an image whose x and y extent is centred on 0 (a field of view centred on the isocentre) a
+    copy reoriented to RAS (voxels flipped with the axes, as nibabel's as_closest_canonical saves
+    it) has the grid of one written with the signs mixed up: the refusal under --resample-prompt
+    (session 24) refused it, and its CopyInformation advice mirrored it. It is resampled as before;
+    without the flag the message names both readings."""
+    array = np.zeros((6, 8, 10), np.int16)
+    image = volumes.Volume(array, (2.0, 1.0, 1.0), (-4.5, -3.5, 0.0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
+    prompt = np.zeros((6, 8, 10), np.uint8)
+    prompt[3, 1:4, 2:7] = 1
+    drawn = volumes.Volume(prompt, image.spacing, image.origin, image.direction).to_sitk()
+    path = tmp_path / "canonical.nii.gz"
+    sitk.WriteImage(sitk.DICOMOrient(drawn, "RAS"), str(path))
+    got = volumes.read_labelmap(path, reference=image, resample=True)
+    assert np.array_equal(got.array, prompt)
+    with pytest.raises(InputError, match=r"if it is a reoriented copy of a drawing on this image .* use "
+                                         r"--resample-prompt; if a tool wrote RAS numbers"):
+        volumes.read_labelmap(path, reference=image)
+
+
 def test_dicom_series_of_equal_size_are_not_called_the_largest(tmp_path):
     from test_volumes import make_volume, write_dicom_series
 
