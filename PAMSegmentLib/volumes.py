@@ -581,23 +581,35 @@ def check_regular_file(p: Path) -> None:
 
 
 def _check_detached_data(p: Path) -> None:
-    """A detached header (.nhdr, .mhd) names its voxel data's file(s): each must be a regular file,
-    as the header itself must (one pointing at a FIFO hung the run; at /dev/urandom, noise was
-    segmented). LIST and LOCAL forms and numbered file patterns are left to ITK."""
+    """A header that names its voxel data's file (NRRD's ``data file:``, MetaImage's
+    ``ElementDataFile``; any of .nrrd, .nhdr, .mha, .mhd may) must name an ordinary file that
+    exists, as the image file itself must be one: a FIFO hung the run, /dev/urandom was segmented as
+    noise, and a .mhd copied without its .raw was called damaged. LIST and LOCAL forms and numbered
+    file patterns are left to ITK."""
     name = p.name.lower()
-    if not name.endswith((".nhdr", ".mhd")):
+    nrrd = name.endswith((".nrrd", ".nhdr"))
+    if not (nrrd or name.endswith((".mha", ".mhd"))):
         return
     try:
         with open(p, "rb") as fh:
             head = fh.read(64 * 1024).decode("latin-1")
     except OSError:
         return  # the reader names the problem
-    pattern = r"^\s*data ?file\s*:\s*(.+?)\s*$" if name.endswith(".nhdr") else r"^\s*ElementDataFile\s*=\s*(.+?)\s*$"
+    if nrrd:
+        head = re.split(r"\r?\n\r?\n", head, maxsplit=1)[0]  # the header ends at the first blank line
+        pattern = r"^\s*data ?file\s*:\s*(.+?)\s*$"
+    else:
+        end = re.search(r"^\s*ElementDataFile\s*=.*$", head, flags=re.MULTILINE | re.IGNORECASE)
+        head = head[: end.end()] if end else ""  # the last line of a MetaImage header
+        pattern = r"^\s*ElementDataFile\s*=\s*(.+?)\s*$"
     for found in re.finditer(pattern, head, flags=re.MULTILINE | re.IGNORECASE):
         target = found.group(1)
-        if target.upper().startswith(("LIST", "LOCAL")) or "%" in target or " " in target:
+        if target.upper().startswith(("LIST", "LOCAL")) or "%" in target:
             continue
         data = Path(target) if Path(target).is_absolute() else p.parent / target
+        if not _exists(data):
+            raise InputError(f"{p.name} names {data} as its voxel data, which does not exist; copy the data file "
+                             "beside its header too")
         try:
             check_regular_file(data)
         except InputError:

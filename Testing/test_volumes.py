@@ -174,12 +174,21 @@ def test_a_detached_header_whose_data_is_a_pipe_or_device_is_refused(tmp_path, k
     good = tmp_path / f"ok.{kind}"
     good.write_text(text.format("ok.raw"))
     assert np.array_equal(read_volume(good).array, data)
-    os.mkfifo(tmp_path / "pipe.raw")
-    for target in ("pipe.raw", "/dev/urandom"):
-        bad = tmp_path / f"bad.{kind}"
-        bad.write_text(text.format(target))
-        with pytest.raises(InputError, match=rf"bad.{kind} names .* as its voxel data, which is not a regular file"):
-            read_volume(bad)
+    os.mkfifo(tmp_path / "pipe raw.dat")  # a space in its name too
+    # the field is allowed in any header of the format, not only the detached kind's
+    attached = {"nhdr": "nrrd", "mhd": "mha"}[kind]
+    for target in ("pipe raw.dat", "/dev/urandom"):
+        for ext in (kind, attached):
+            bad = tmp_path / f"bad.{ext}"
+            bad.write_text(text.format(target))
+            with pytest.raises(InputError, match=rf"bad.{ext} names .* as its voxel data, which is not a regular file"):
+                read_volume(bad)
+    # copied without its data file: named, not called damaged
+    lost = tmp_path / f"lost.{kind}"
+    lost.write_text(text.format("nothere.raw"))
+    with pytest.raises(InputError, match=rf"lost.{kind} names .*nothere.raw as its voxel data, which does not exist; "
+                                         r"copy the data file beside its header too"):
+        read_volume(lost)
 
 
 def test_dicom_series_whose_spacing_changes_part_way_is_refused(tmp_path):
