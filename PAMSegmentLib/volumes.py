@@ -534,6 +534,21 @@ def _qform_sform_apart(p: Path | None) -> float | None:
     return apart if apart > 0.01 else None
 
 
+def _on_one_of_its_grids(p: Path | None, other: Volume, tol: float = 1e-3) -> bool:
+    """Whether ``other`` lies on one of the two grids (qform, sform) of NIfTI file ``p``'s header:
+    then a grid mismatch between them comes from tools reading different ones of the two."""
+    header = _nifti_header(p) if p is not None else None
+    affines = _nifti_affines(header) if header is not None else None
+    if affines is None:
+        return False
+    flip = np.diag([-1.0, -1.0, 1.0])  # NIfTI's RAS to ITK's LPS
+    axes = np.asarray(other.direction, dtype=np.float64).reshape(3, 3) * np.asarray(other.spacing_ijk, dtype=np.float64)
+    origin = np.asarray(other.origin, dtype=np.float64)
+    scale = max(1.0, float(np.max(np.abs(origin))))
+    return any(np.allclose(flip @ a[:, :3], axes, atol=tol) and np.allclose(flip @ a[:, 3], origin, atol=tol * scale)
+               for a in affines)
+
+
 def _nifti_pixdims(header: bytes) -> tuple[float, ...] | None:
     """pixdim[1..ndim] of a NIfTI-1 or NIfTI-2 header (as stored), None if it is not one."""
     import struct
@@ -815,7 +830,8 @@ def _no_position(path: Path) -> str | None:
 def _off_grid_error(name: str, labels: Volume, reference: Volume, diffs: list[str],
                     path: Path | None = None, reference_path: Path | None = None) -> InputError:
     """The refusal of a label map ``name`` that is not on the ``reference`` grid."""
-    split = [(q.name, mm) for q in (reference_path, path) if (mm := _qform_sform_apart(q)) is not None]
+    split = [(q.name, mm) for q, other in ((reference_path, labels), (path, reference))
+             if (mm := _qform_sform_apart(q)) is not None and _on_one_of_its_grids(q, other)]
     if split and set(diffs) & {"origin", "direction", "spacing"}:
         # Resampling would move the prompt by the two grids' difference: the files most likely hold the
         # same grid, written or read by tools that take different ones of the two.

@@ -426,6 +426,12 @@ def test_a_prompt_off_the_grid_of_an_image_with_two_grids_names_them(tmp_path):
     assert text.startswith("prompt.nii is not on the image grid (origin") and "resample-prompt to resample" not in text
     assert "the NIfTI header of two_grids.nii (qform and sform up to 30 mm apart) holds two different grids" in text
     assert "--resample-prompt would move it by their difference" in text
+    # a prompt on a grid of its own (coarser) is not about the two grids: resampling is the way
+    coarse = write_volume(make_volume(shape=(3, 5, 4), spacing=(5.0, 0.9, 0.7), direction=IDENTITY),
+                          tmp_path / "coarse.nii")
+    with pytest.raises(InputError, match=r"^coarse.nii is not on the image grid: size, spacing, origin differ") as err:
+        check_grids_from_headers(image, coarse)
+    assert "qform" not in str(err.value)
 
 
 @pytest.mark.parametrize("ext", [".mha", ".nrrd"])
