@@ -1055,16 +1055,18 @@ def _check_not_oblique_strips(name: str, drawn: Volume, reference: Volume, resam
     image_axes = np.asarray(reference.direction, dtype=np.float64).reshape(3, 3)
     values = np.unique(drawn.array[drawn.array != 0])
     for value in values[:64]:
-        flat = [ax for ax, n in enumerate(_slices_holding(drawn.array == value)) if n == 1]
-        if not flat:
-            continue  # drawn across slices (a 3D mask or several keyframes): nothing to compare
-        normal = axes[:, 2 - flat[0]]  # array axis k, j, i is direction column 2, 1, 0
+        counts = _slices_holding(drawn.array == value)
+        ax = int(np.argmin(counts))  # the axis it was drawn across: the fewest slices hold it
+        if counts[ax] > 10:
+            continue  # a 3D mask rather than drawn slices: resampled as it is
+        normal = axes[:, 2 - ax]  # array axis k, j, i is direction column 2, 1, 0
         if np.max(np.abs(image_axes.T @ normal)) >= np.cos(np.deg2rad(2.0)):
             continue
-        crossed = _slices_holding(resampled == value)
-        if min(crossed) > most:
-            raise InputError(f"{name}: label {value} was drawn on one slice of a grid oblique to the image's; on the "
-                             f"image it crosses {min(crossed)} slices along every axis as thin strips, which would "
+        crossed = min(_slices_holding(resampled == value))
+        if crossed > max(most, 3 * counts[ax]):
+            drawn_on = "one slice" if counts[ax] == 1 else f"{counts[ax]} slices"
+            raise InputError(f"{name}: label {value} was drawn on {drawn_on} of a grid oblique to the image's; on "
+                             f"the image it crosses {crossed} slices along every axis as thin strips, which would "
                              "each count as a drawn slice. Draw the prompt on the image's own slices (in Slicer: on "
                              "this volume, in a view aligned with it)")
 

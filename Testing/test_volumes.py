@@ -124,6 +124,11 @@ def test_a_one_slice_drawing_on_an_oblique_grid_is_refused_when_resampled(tmp_pa
     with pytest.raises(InputError, match=r"^tilted.nrrd: label 1 was drawn on one slice of a grid oblique to the "
                                          r"image's; on the image it crosses \d+ slices along every axis"):
         read_labelmap(tilted, reference=image, resample=True)
+    drawing[7, 10:30, 10:30] = 1  # a second drawn slice of the same grid: strips as well (accepted before)
+    two = write_volume(Volume(drawing, (3.0, 1.0, 1.0), (0.0, 0.0, 8.0), ROT_X_30), tmp_path / "two.nrrd")
+    with pytest.raises(InputError, match=r"^two.nrrd: label 1 was drawn on 2 slices of a grid oblique to the image's"):
+        read_labelmap(two, reference=image, resample=True)
+    drawing[7] = 0
     coarse = write_volume(Volume(drawing, (3.0, 1.0, 1.0), (0.0, 0.0, 8.0), IDENTITY), tmp_path / "coarse.nrrd")
     got = read_labelmap(coarse, reference=image, resample=True).array
     assert np.count_nonzero(got.any(axis=(1, 2))) == 3  # the 3 mm slice covers three 1 mm slices
