@@ -603,8 +603,15 @@ def cmd_batch(args: argparse.Namespace) -> int:
                 r.status, r.method = "ok", method
             except PropagationCancelled:
                 raise
-            except (PAMError, OSError) as error:  # OSError: a file problem no check foresaw; the batch goes on
-                r.status, r.message = "error", " | ".join([*r.notes, _one_line(error)])
+            except (PAMError, OSError, MemoryError, RuntimeError) as error:  # the batch goes on
+                # OSError: a file problem no check foresaw; running out of memory on one case (numpy's
+                # MemoryError, PyTorch's RuntimeError) fails that case, not the batch
+                from .cli import memory_message, out_of_memory
+
+                if isinstance(error, RuntimeError) and not out_of_memory(error):
+                    raise
+                text = memory_message(error) if out_of_memory(error) else _one_line(error)
+                r.status, r.message = "error", " | ".join([*r.notes, text])
                 bar.write(f"row {r.number} ({r.image.name}): error: {r.message}")
             finally:
                 r.seconds = time.perf_counter() - t0

@@ -888,6 +888,24 @@ def _one_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+_MEMORY_TEXTS = ("can't allocate memory", "cannot allocate memory", "not enough memory", "failed to allocate memory",
+                 "out of memory", "unable to allocate")
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """numpy's MemoryError, or the RuntimeError PyTorch's allocator and ITK raise when memory runs out."""
+    return isinstance(exc, MemoryError) or (isinstance(exc, (RuntimeError, OSError))
+                                            and any(t in str(exc).lower() for t in _MEMORY_TEXTS))
+
+
+def memory_message(exc: BaseException) -> str:
+    """One line for running out of memory: what ran out and what to do."""
+    detail = f" ({_one_line(exc)[:120]})" if str(exc) else ""
+    return (f"not enough memory{detail}; what was being computed was not written. A propagation needs about 4 to 7 "
+            "times the image's uncompressed size (more with a large --batch-size for the official checkpoint): close "
+            "other programs, limit the work (--range, --label), crop the image, or use a machine with more memory")
+
+
 def main(argv: Sequence[str] | None = None, ends_process: bool = False) -> int:
     """Run ``pamsegment`` with ``argv`` (default: sys.argv[1:]); returns the exit status.
     ends_process: the process ends when this returns (``__main__.run``), so a command may leave
@@ -904,12 +922,12 @@ def main(argv: Sequence[str] | None = None, ends_process: bool = False) -> int:
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except MemoryError as exc:  # numpy's "Unable to allocate 1.32 GiB" (a traceback and exit 1 before)
-        detail = f" ({_one_line(exc)[:120]})" if str(exc) else ""
-        print(f"{PROG}: error: not enough memory{detail}; nothing was written. Propagation needs about 4 to 7 times "
-              "the image's size on disk uncompressed: close other programs, limit the work with --range or --label, "
-              "crop the image, or use a machine with more memory", file=sys.stderr)
+        print(f"{PROG}: error: {memory_message(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except (OSError, RuntimeError) as exc:
+        if out_of_memory(exc):  # torch's "DefaultCPUAllocator: can't allocate memory", ITK's allocation failure
+            print(f"{PROG}: error: {memory_message(exc)}", file=sys.stderr)
+            return EXIT_USAGE
         # Paths no check foresaw: a name too long for the file system, a loop of symbolic links
         # (Python 3.11's Path.resolve raises RuntimeError for it, later versions OSError).
         import errno

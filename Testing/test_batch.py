@@ -151,6 +151,28 @@ def test_an_interrupted_batch_keeps_finished_cases_and_says_what_did_not_run(tmp
     assert "--skip-existing to resume" in capsys.readouterr().err
 
 
+def test_a_case_that_runs_out_of_memory_fails_alone(tmp_path, cases, monkeypatch, capsys):
+    """A MemoryError on one case ended the whole batch (the rows after it never ran) with the
+    command's 'nothing was written', although earlier outputs were; another RuntimeError is a bug
+    and still stops it."""
+    lines = ["image,prompt"] + [f"c{n}/image.nii.gz,c{n}/prompt.nii.gz" for n in range(3)]
+    m = _manifest(tmp_path / "data" / "cases.csv", lines)
+    real = batch_module._run_row
+
+    def run_row(row, model, args, progress=None):
+        if row.number == 3:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 GB")
+        real(row, model, args, progress)
+
+    monkeypatch.setattr(batch_module, "_run_row", run_row)
+    out = tmp_path / "out"
+    assert main(["batch", str(m), "-o", str(out), "--method", "copy"]) != 0  # a failed case
+    report = _report(out / "batch_report.csv")
+    assert [r["status"] for r in report] == ["ok", "error", "ok"]
+    assert report[1]["message"].startswith("not enough memory (DefaultCPUAllocator: can't allocate memory")
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["c0_image_pam.nii.gz", "c2_image_pam.nii.gz"]
+
+
 def test_rows_are_numbered_by_the_files_lines_and_shards_count_cases(tmp_path, cases, capsys):
     m = _manifest(tmp_path / "data" / "cases.csv", [
         "image,prompt,output",                       # line 1
