@@ -237,10 +237,10 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
             if output.is_dir():
                 raise InputError(f"the output {output} is a folder; give a file name")
             _write_extension(output)
-            if edited is not None:  # an update's next round reads its record (a plain case's is optional)
-                from .cli import check_keyframes_record_path
+            from .cli import check_keyframes_record_path
 
-                check_keyframes_record_path(output)
+            # an update's next round reads its record; a plain case of a name too long for one goes without
+            check_keyframes_record_path(output, required=edited is not None)
         except InputError as error:
             raise InputError(f"{where}: {error}") from None
         key = str(output.resolve())
@@ -490,13 +490,13 @@ def _run_row(row: BatchRow, model, args, progress=None) -> None:
     result = propagate(image.array, keyframes, image.spacing, model, labels=row.labels, axis=axis, empty_slices=walls,
                        batch_size=args.batch_size, device=args.device, threads=args.threads,
                        update=plan is not None, progress=progress, previous=earlier)
-    from .cli import keyframes_record_path, keyframes_record_writer, record_name_fits
+    from .cli import check_keyframes_record_path, keyframes_record_path, keyframes_record_writer
     from .volumes import _write_extension, replace_together, seg_nrrd_segments
 
     segments = seg_nrrd_segments(row.prompt)  # a Slicer prompt's segment names and colours, for a .seg.nrrd output
     # the output and the record a correction round reads (its keyframes and walks), put in place together
     files = [(row.output, _write_extension(row.output), lambda tmp: write_labelmap(result.mask, image, tmp, segments))]
-    if plan is not None or record_name_fits(row.output):
+    if check_keyframes_record_path(row.output, required=plan is not None):
         files.insert(0, (keyframes_record_path(row.output), ".json", keyframes_record_writer(result, plan)))
     else:
         row.notes.append("no record was written beside the output (its name is too long for one): a correction "

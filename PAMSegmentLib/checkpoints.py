@@ -553,24 +553,21 @@ def shipped_checkpoint_path() -> Path | None:
     return None
 
 
+def _same_file(a, b) -> bool:
+    try:
+        return a is not None and b is not None and os.path.samefile(a, b)
+    except OSError:  # either is missing: the load reports it
+        return False
+
+
 def _is_default_weights(path: str | os.PathLike) -> bool:
     """``path`` is the default weights ($PAMSEGMENT_MODEL's file or the shipped one) or the shipped
     file itself (held to its card whatever the variable says)."""
-    for default in (default_checkpoint_path(), shipped_checkpoint_path()):
-        try:
-            if default is not None and os.path.samefile(path, default):
-                return True
-        except OSError:  # either is missing: the load reports it
-            continue
-    return False
+    return _same_file(path, default_checkpoint_path()) or _is_shipped(path)
 
 
-def _is_shipped(path: Path) -> bool:
-    shipped = shipped_checkpoint_path()
-    try:
-        return shipped is not None and os.path.samefile(path, shipped)
-    except OSError:
-        return False
+def _is_shipped(path) -> bool:
+    return _same_file(path, shipped_checkpoint_path())
 
 
 def _check_model_card(path: Path, model: PAMModel) -> None:

@@ -258,8 +258,9 @@ def add_propagate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--edited", metavar="EDITED",
                    help="with --previous: PREV corrected by hand (e.g. in ITK-SNAP or 3D Slicer). The slices where it "
                         "differs from PREV become keyframes beside PROMPT's, kept exactly; a slice you erased "
-                        "entirely is one where the object is absent. Every slice is recomputed; OUT.keyframes.json, "
-                        "written beside OUT, carries this round's keyframes to the next (--previous OUT)")
+                        "entirely is one where the object is absent. The walks PREV's record (PREV.keyframes.json, "
+                        "which every run writes beside its OUT) shows unchanged are reused, the rest predicted; "
+                        "OUT's record carries this round's keyframes to the next (--previous OUT)")
     p.add_argument("--no-early-stop", action="store_true",
                    help="predict every slice in the range, also past slices where the object vanished")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="torch device (default: cpu)")
@@ -407,8 +408,9 @@ def cmd_propagate(args: argparse.Namespace) -> int:
         local = [o for o, used in (("--device", args.device != "cpu"), ("--threads", args.threads is not None),
                                    ("--batch-size", args.batch_size != 16)) if used]
         if local:  # the server's own settings decide (pamsegment serve --device/--threads/--batch-size)
-            print(f"note: {', '.join(local)} {'is' if len(local) == 1 else 'are'} the server's to set (pamsegment serve "
-                  f"{' '.join(local)}); ignored here", flush=True)
+            listed = local[0] if len(local) == 1 else f"{', '.join(local[:-1])} and {local[-1]}"
+            print(f"note: {listed} {'is' if len(local) == 1 else 'are'} set by the server (pamsegment serve "
+                  f"{' '.join(o + ' N' if o != '--device' else o + ' D' for o in local)}); ignored here", flush=True)
     elif args.token:
         raise InputError("--token is for --server; drop it")
     if (args.previous is None) != (args.edited is None):
@@ -421,8 +423,7 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     _check_output_path(args.output, inputs)
     # Every run writes its record beside OUT; an update needs one (its next round reads it), a plain
     # run of a name too long for one goes without (a correction round then predicts every slice).
-    if args.edited is not None:
-        check_keyframes_record_path(args.output)
+    with_record = check_keyframes_record_path(args.output, required=args.edited is not None)
     if args.report is not None:
         _check_report_path(args.report, [*inputs, args.output])
 
@@ -484,8 +485,9 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     tmp = out.with_name(f".pamsegment-{uuid.uuid4().hex[:12]}.tmp{ext}")
     report = None if args.report is None else through_link(Path(args.report))
     tmp_report = None if report is None else report.with_name(f".pamsegment-{uuid.uuid4().hex[:12]}.tmp.csv")
-    sidecar = keyframes_record_path(out) if plan is not None or record_name_fits(out) else None
+    sidecar = keyframes_record_path(out) if with_record else None
     tmp_sidecar = None if sidecar is None else sidecar.with_name(f".pamsegment-{uuid.uuid4().hex[:12]}.tmp.json")
+    old_sidecar = None if sidecar is None else sidecar.with_name(f".pamsegment-{uuid.uuid4().hex[:12]}.old.json")
     voxels = result.slice_voxels()  # once, for the table and the slices to check first
     check = result.review_summary(voxels)
     from .volumes import seg_nrrd_segments
@@ -503,12 +505,19 @@ def cmd_propagate(args: argparse.Namespace) -> int:
             # The table first: if it cannot be moved in, OUT is still the old one.
             if report is not None:
                 _move_in(tmp_report, report, "the --report table; OUT was not written either")
-            if sidecar is not None:
+            if sidecar is not None:  # the old OUT's record is kept aside until OUT is in place
+                if sidecar.is_file():
+                    os.replace(sidecar, old_sidecar)
                 _move_in(tmp_sidecar, sidecar, "the record of this run; OUT was not written either")
-            written = [w for w, given in (("the --report table", report), (f"{sidecar} (delete it to go on from the "
-                                          "old OUT)", sidecar)) if given is not None]
-            _move_in(tmp, out, "OUT" + (f"; {' and '.join(written)} {'was' if len(written) == 1 else 'were'} written"
-                                        if written else ""))
+            try:
+                _move_in(tmp, out, "OUT" + ("; the --report table was written" if report is not None else ""))
+            except InputError:
+                if sidecar is not None:  # the old OUT keeps its own record (or none)
+                    if old_sidecar.is_file():
+                        os.replace(old_sidecar, sidecar)
+                    else:
+                        sidecar.unlink(missing_ok=True)
+                raise
             wrote = [args.output] + ([args.report] if report is not None else []) + (
                 [str(sidecar)] if sidecar is not None else [])
             listing = wrote[0] if len(wrote) == 1 else f"{', '.join(wrote[:-1])} and {wrote[-1]}"
@@ -525,7 +534,7 @@ def cmd_propagate(args: argparse.Namespace) -> int:
                 print(f"note: no record was written beside {args.output} (its name is too long for "
                       f"{KEYFRAMES_SUFFIX} to be added): a correction round from it predicts every slice", flush=True)
     finally:
-        for t in (tmp, tmp_report, tmp_sidecar):
+        for t in (tmp, tmp_report, tmp_sidecar, old_sidecar):
             if t is not None:
                 t.unlink(missing_ok=True)
     return EXIT_OK
@@ -544,25 +553,22 @@ def keyframes_record_path(out: str | os.PathLike) -> Path:
     return at.with_name(at.name + KEYFRAMES_SUFFIX)
 
 
-def check_keyframes_record_path(out: str | os.PathLike) -> None:
-    """Before any work: an update's record beside OUT must be writable as a file."""
-    from .volumes import check_name_length
-
-    check_name_length(out, suffix=KEYFRAMES_SUFFIX, whose="the update's keyframes record")
-    target = keyframes_record_path(out)
-    if target.is_dir():
-        raise InputError(f"{target} is a folder, where this update would write its keyframes; move it away or choose "
-                         "another OUT")
-
-
-def record_name_fits(out: str | os.PathLike) -> bool:
-    """Whether OUT's record name (OUT + KEYFRAMES_SUFFIX) is one the file system takes."""
+def check_keyframes_record_path(out: str | os.PathLike, required: bool = True) -> bool:
+    """Before any work: whether OUT's record can be written beside it. A folder in its place is
+    refused; a name too long for the record (OUT of 241-255 bytes) is refused when ``required`` (an
+    update: its next round reads the record), else False (a plain run goes without one)."""
     from .volumes import check_name_length
 
     try:
-        check_name_length(out, suffix=KEYFRAMES_SUFFIX)
+        check_name_length(out, suffix=KEYFRAMES_SUFFIX, whose="the update's keyframes record")
     except InputError:
+        if required:
+            raise
         return False
+    target = keyframes_record_path(out)
+    if target.is_dir():
+        raise InputError(f"{target} is a folder, where this run would write its record; move it away or choose "
+                         "another OUT")
     return True
 
 
@@ -594,15 +600,20 @@ def _label_digest(array) -> str:
     return h.hexdigest()
 
 
+def _result_keyframes(result) -> dict:
+    """A plain run's keyframes and walls per label, as ``EditPlan.record()`` writes an update's."""
+    from .propagate import _earlier_from_result
+
+    return _earlier_from_result(result, result.axis)
+
+
 def _write_keyframes_record(path: Path, result, plan=None) -> None:
     """OUT's record: its keyframes and walls per label (an update's ``plan.record()``, else the
     run's own), checked against OUT by a digest of its labels, and (version 2) what a later update
     needs to reuse the walks that still hold (``PropagationResult.to_record``)."""
-    reuse = result.to_record() if result.range is not None else None  # a server's result: no walks to reuse
-    labels = plan.record() if plan is not None else {
-        lab: {"keyframes": sorted(int(k) for k, m in keys.items() if m.any()),
-              "walls": sorted(int(k) for k, m in keys.items() if not m.any())}
-        for lab, keys in sorted(result.keyframes.items())}
+    # a server's result carries no image digest: nothing of it to reuse
+    reuse = result.to_record() if result.image_digest is not None and result.range is not None else None
+    labels = plan.record() if plan is not None else _result_keyframes(result)
     record = {"format": _KEYFRAMES_FORMAT, "version": 2, "axis": int(result.axis), "shape": list(result.mask.shape),
               "sha256": _label_digest(result.mask), "labels": labels, "result": reuse}
     with open(path, "w", encoding="utf-8") as fh:
@@ -716,7 +727,14 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
 
         try:
             previous = PropagationResult.from_record(maps[0], stored)
+            said = {lab: (sorted(e["keyframes"]), sorted(e["walls"])) for lab, e in earlier.items()}
+            walked = {str(lab): (sorted(int(k) for k, m in keys.items() if m.any()),
+                                 sorted(int(k) for k, m in keys.items() if not m.any()))
+                      for lab, keys in previous.keyframes.items()}
+            if any(said.get(lab, walks) != walks for lab, walks in walked.items()):
+                raise ValueError("its walks' keyframes are not the record's")  # edited by hand: not vouched for
         except ValueError as exc:
+            previous = None
             say(f"note: the record of {Path(previous_path).name} cannot tell which of its walks still hold "
                 f"({str(exc)[:120]}): every slice is predicted again")
     return plan, previous

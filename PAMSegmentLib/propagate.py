@@ -191,8 +191,9 @@ class PropagationResult:
             raise ValueError(f"its range is not two slices within 0-{n - 1}")
         flags = [record.get(k) for k in ("early_stop", "remove_disconnected")]
         digest = record.get("image_digest")
-        if not all(isinstance(f, bool) for f in flags) or not (digest is None or (isinstance(digest, str)
-                                                                                  and len(digest) <= 128)):
+        # the digest is required: without it a record could be reused on another image (Slicer's
+        # records, which have none, are rebuilt by PAMSegmentLib.mrml, not here)
+        if not all(isinstance(f, bool) for f in flags) or not (isinstance(digest, str) and 0 < len(digest) <= 128):
             raise ValueError("its early_stop, remove_disconnected or image_digest entry is malformed")
         labels = record.get("labels")
         if not isinstance(labels, dict) or len(labels) > 1024:
@@ -1328,6 +1329,9 @@ def propagate(
             raise InputError(f"the {what} is a SimpleITK image; propagate takes numpy arrays (k, j, i): pass "
                              f"sitk.GetArrayFromImage({what}) and the spacing reversed, "
                              "tuple(reversed(image.GetSpacing())), or read files with PAMSegmentLib.volumes.read_volume")
+        if hasattr(given, "array") and hasattr(given, "spacing"):  # a Volume ("got 0D with shape ()")
+            raise InputError(f"the {what} is a {type(given).__name__}; propagate takes its array: pass {what}.array "
+                             "(and image.spacing as the spacing)")
     image = np.asarray(image)
     prompt = np.asarray(prompt)
     spacing = _validate_inputs(image, prompt, spacing)

@@ -992,6 +992,9 @@ def as_volume(reference, what: str) -> "Volume":
     if isinstance(reference, Volume):
         return reference
     if isinstance(reference, sitk.Image):
+        if reference.GetDimension() != 3 or reference.GetNumberOfComponentsPerPixel() != 1:
+            raise InputError(f"{what} must be a 3D single-component image, got a {reference.GetDimension()}D one with "
+                             f"{reference.GetNumberOfComponentsPerPixel()} component(s) per voxel")
         return Volume.from_sitk(reference)
     raise InputError(f"{what} must be a Volume (read_volume) or a SimpleITK image, got {type(reference).__name__}")
 

@@ -4,6 +4,7 @@ PREV --edited EDITED`` (an earlier result, corrected by hand in another program)
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -169,6 +170,18 @@ def _record_with_damaged_result(path):
     path.write_text(json.dumps(record))
 
 
+def _record_whose_walks_disagree(path):
+    record = json.loads(path.read_text())
+    record["result"]["labels"]["1"]["keyframes"] = [11]  # edited by hand: not the walks' keyframe (10)
+    path.write_text(json.dumps(record))
+
+
+def _record_without_digest(path):
+    record = json.loads(path.read_text())
+    record["result"]["image_digest"] = None  # could be reused on another image
+    path.write_text(json.dumps(record))
+
+
 @pytest.mark.parametrize("damage, note", [
     # copied or moved without its record: what is lost is said (earlier rounds' corrections)
     (_without_record, "note: --previous has no record beside it (first.nii.gz.keyframes.json, which every run "
@@ -178,6 +191,11 @@ def _record_with_damaged_result(path):
     # its keyframes are sound but the part about its walks is damaged
     (_record_with_damaged_result, "note: the record of first.nii.gz cannot tell which of its walks still hold (label "
                                   "1's confidence is not 20 numbers (or nulls)): every slice is predicted again"),
+    (_record_whose_walks_disagree, "note: the record of first.nii.gz cannot tell which of its walks still hold (its "
+                                   "walks' keyframes are not the record's): every slice is predicted again"),
+    (_record_without_digest, "note: the record of first.nii.gz cannot tell which of its walks still hold (its "
+                             "early_stop, remove_disconnected or image_digest entry is malformed): every slice is "
+                             "predicted again"),
 ])
 def test_an_update_without_a_usable_record_says_so_and_recomputes(ct_case, capsys, damage, note):
     """The update goes on from the prompt (and the record's keyframes, if any) and the edits,
@@ -371,7 +389,31 @@ def test_an_unreadable_record_is_one_line(ct_case, capsys, content, message):
     assert message in err and "delete it to keep only the prompt's keyframes" in err and "Traceback" not in err
 
 
+def test_a_run_whose_out_cannot_be_moved_in_leaves_the_old_outs_record(ct_case, capsys, monkeypatch):
+    """The record is moved in before OUT; when OUT's own move failed, the old OUT was left beside the
+    new run's record (its next update refused, an update's keyframes lost). The old record is put back."""
+    import os
+
+    first = _first_run(ct_case)
+    record = ct_case.directory / "first.nii.gz.keyframes.json"
+    kept, result = record.read_bytes(), first.read_bytes()
+    replace = os.replace
+
+    def refusing(src, dst):
+        if Path(dst) == first:
+            raise PermissionError(13, "Permission denied")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", refusing)
+    assert cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(first), "--method",
+                     "track"]) == 2
+    assert first.read_bytes() == result and record.read_bytes() == kept
+    assert not [p for p in ct_case.directory.iterdir() if p.name.startswith(".pamsegment-")]
+
+
 def test_a_folder_where_the_record_goes_is_refused_before_any_work(ct_case, capsys):
+    """For an update and, since every run writes a record, for a plain run too (it did the work and
+    then failed to write)."""
     d = ct_case.directory
     first = _first_run(ct_case)
     edited = read_volume(first).array
@@ -381,8 +423,13 @@ def test_a_folder_where_the_record_goes_is_refused_before_any_work(ct_case, caps
     capsys.readouterr()
     assert _update(ct_case, first, e, d / "out.nii.gz") == 2
     out = capsys.readouterr()
-    assert "out.nii.gz.keyframes.json is a folder, where this update would write its keyframes" in out.err
+    assert "out.nii.gz.keyframes.json is a folder, where this run would write its record" in out.err
     assert out.out == "" and not (d / "out.nii.gz").exists()
+    assert cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(d / "out.nii.gz"),
+                     "--method", "copy"]) == 2
+    out = capsys.readouterr()
+    assert "out.nii.gz.keyframes.json is a folder, where this run would write its record" in out.err
+    assert "propagating" not in out.err and not (d / "out.nii.gz").exists()  # before any work
 
 
 @pytest.mark.parametrize("edit, problem", [

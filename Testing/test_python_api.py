@@ -317,3 +317,8 @@ def test_simpleitk_images_are_named_not_flattened(tmp_path):
     assert np.array_equal(back.array, mask) and back.spacing == pytest.approx((2.0, 0.8, 0.7))
     with pytest.raises(InputError, match="write_labelmap's reference must be a Volume .* got ndarray"):
         write_labelmap(mask, array, tmp_path / "n.nii.gz")
+    # the project's own Volume ("got 0D with shape ()") and a 2D image as the reference (a reshape error)
+    with pytest.raises(InputError, match=r"^the image is a Volume; propagate takes its array: pass image.array"):
+        propagate(back, mask, (2.0, 0.8, 0.7))
+    with pytest.raises(InputError, match="read_labelmap's reference must be a 3D single-component image, got a 2D"):
+        read_labelmap(out, reference=image[:, :, 2])

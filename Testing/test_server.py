@@ -373,7 +373,7 @@ def test_propagate_with_server_says_the_local_run_options_are_ignored(run_cli, c
     think the GPU flag took effect)."""
     proc = run_cli("propagate", ct_case.image_path, ct_case.prompt_path, "-o", ct_case.directory / "o.nii.gz",
                    "--server", "http://127.0.0.1:9", "--threads", "2", "--batch-size", "4")
-    assert "note: --threads, --batch-size are the server's to set (pamsegment serve --threads --batch-size); " \
+    assert "note: --threads and --batch-size are set by the server (pamsegment serve --threads N --batch-size N); " \
            "ignored here" in proc.stdout
     assert proc.returncode == 2 and "cannot reach the PAMSegment server" in proc.stderr  # nothing listens there
 
