@@ -610,7 +610,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
                 if isinstance(error, RuntimeError) and not out_of_memory(error):
                     raise
-                text = memory_message(error) if out_of_memory(error) else _one_line(error)
+                text = memory_message(error, batch=True) if out_of_memory(error) else _one_line(error)
                 r.status, r.message = "error", " | ".join([*r.notes, text])
                 bar.write(f"row {r.number} ({r.image.name}): error: {r.message}")
             finally:

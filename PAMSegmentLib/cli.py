@@ -505,13 +505,13 @@ def cmd_propagate(args: argparse.Namespace) -> int:
             # The table first: if it cannot be moved in, OUT is still the old one.
             if report is not None:
                 _move_in(tmp_report, report, "the --report table; OUT was not written either")
-            if sidecar is not None:  # the old OUT's record is kept aside until OUT is in place
-                if sidecar.is_file():
-                    os.replace(sidecar, old_sidecar)
-                _move_in(tmp_sidecar, sidecar, "the record of this run; OUT was not written either")
             try:
+                if sidecar is not None:  # the old OUT's record is kept aside until OUT is in place
+                    if sidecar.is_file():
+                        os.replace(sidecar, old_sidecar)
+                    _move_in(tmp_sidecar, sidecar, "the record of this run; OUT was not written either")
                 _move_in(tmp, out, "OUT" + ("; the --report table was written" if report is not None else ""))
-            except InputError:
+            except (InputError, OSError):
                 if sidecar is not None:  # the old OUT keeps its own record (or none)
                     if old_sidecar.is_file():
                         os.replace(old_sidecar, sidecar)
@@ -916,12 +916,14 @@ def out_of_memory(exc: BaseException) -> bool:
                                             and any(t in str(exc).lower() for t in _MEMORY_TEXTS))
 
 
-def memory_message(exc: BaseException) -> str:
-    """One line for running out of memory: what ran out and what to do."""
+def memory_message(exc: BaseException, batch: bool = False) -> str:
+    """One line for running out of memory: what ran out and what to do (``batch``: for one case of a
+    manifest, whose options are the manifest's labels column)."""
     detail = f" ({_one_line(exc)[:120]})" if str(exc) else ""
+    limit = "fewer labels in the row's label column" if batch else "--range, --label"
     return (f"not enough memory{detail}; what was being computed was not written. A propagation needs about 4 to 7 "
             "times the image's uncompressed size (more with a large --batch-size for the official checkpoint): close "
-            "other programs, limit the work (--range, --label), crop the image, or use a machine with more memory")
+            f"other programs, limit the work ({limit}), crop the image, or use a machine with more memory")
 
 
 def main(argv: Sequence[str] | None = None, ends_process: bool = False) -> int:

@@ -612,12 +612,12 @@ def _check_detached_data(p: Path) -> None:
         return  # the reader names the problem
     if nrrd:
         head = re.split(r"\r?\n\r?\n", head, maxsplit=1)[0]  # the header ends at the first blank line
-        pattern = r"^\s*data ?file\s*:\s*(.+?)\s*$"
+        pattern = r"^\s*data ?file\s*:(?!=)\s*(.+?)\s*$"  # a field ("data file: x"), not a "key:=value" pair
     else:
         end = re.search(r"^\s*ElementDataFile\s*=.*$", head, flags=re.MULTILINE | re.IGNORECASE)
         head = head[: end.end()] if end else ""  # the last line of a MetaImage header
         pattern = r"^\s*ElementDataFile\s*=\s*(.+?)\s*$"
-    for found in re.finditer(pattern, head, flags=re.MULTILINE | re.IGNORECASE):
+    for found in re.finditer(pattern, head, flags=re.MULTILINE | (0 if nrrd else re.IGNORECASE)):
         target = found.group(1)
         if target.upper().startswith(("LIST", "LOCAL")) or "%" in target:
             continue
@@ -625,6 +625,9 @@ def _check_detached_data(p: Path) -> None:
         if not _exists(data):
             raise InputError(f"{p.name} names {data} as its voxel data, which does not exist; copy the data file "
                              "beside its header too")
+        if data.is_dir():
+            raise InputError(f"{p.name} names {data} as its voxel data, which is a folder; give a header whose data "
+                             "file is an ordinary file")
         try:
             check_regular_file(data)
         except InputError:
@@ -868,8 +871,12 @@ def _never_resampled(name: str, labels: Volume, reference: Volume, diffs: list[s
         box = _physical_box(reference)
         half = 0.5 * float(min(reference.spacing_ijk))
         if np.all(np.abs(box[0, :2] + box[1, :2]) <= half):
-            if resample:
-                return None  # resampled as before: right for a reoriented copy
+            if resample:  # resampled as before: right for a reoriented copy; said, since it cannot be told
+                warnings.warn(f"{name} has the image's grid with x and y flipped, which on this image (centred on 0 "
+                              "in x and y) is what a copy reoriented to RAS has: resampled as such; if a tool wrote "
+                              "it with RAS numbers where the image's are LPS, the result is mirrored: check it",
+                              stacklevel=4)
+                return None
             return InputError(f"{name} is the image's grid with the x and y axes' signs flipped (origin and axes): "
                               "if it is a reoriented copy of a drawing on this image (its voxels flipped with its "
                               "axes, as RAS tools save it), use --resample-prompt; if a tool wrote RAS numbers where "

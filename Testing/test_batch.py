@@ -170,6 +170,7 @@ def test_a_case_that_runs_out_of_memory_fails_alone(tmp_path, cases, monkeypatch
     report = _report(out / "batch_report.csv")
     assert [r["status"] for r in report] == ["ok", "error", "ok"]
     assert report[1]["message"].startswith("not enough memory (DefaultCPUAllocator: can't allocate memory")
+    assert "fewer labels in the row's label column" in report[1]["message"] and "--range" not in report[1]["message"]
     assert sorted(p.name for p in out.glob("*.nii.gz")) == ["c0_image_pam.nii.gz", "c2_image_pam.nii.gz"]
 
 

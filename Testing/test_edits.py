@@ -389,9 +389,11 @@ def test_an_unreadable_record_is_one_line(ct_case, capsys, content, message):
     assert message in err and "delete it to keep only the prompt's keyframes" in err and "Traceback" not in err
 
 
-def test_a_run_whose_out_cannot_be_moved_in_leaves_the_old_outs_record(ct_case, capsys, monkeypatch):
+@pytest.mark.parametrize("failing", ["out", "record"])
+def test_a_run_whose_out_cannot_be_moved_in_leaves_the_old_outs_record(ct_case, capsys, monkeypatch, failing):
     """The record is moved in before OUT; when OUT's own move failed, the old OUT was left beside the
-    new run's record (its next update refused, an update's keyframes lost). The old record is put back."""
+    new run's record (its next update refused, an update's keyframes lost), and when the record's
+    move failed, the old record (set aside first) was deleted. The old record is put back."""
     import os
 
     first = _first_run(ct_case)
@@ -400,7 +402,7 @@ def test_a_run_whose_out_cannot_be_moved_in_leaves_the_old_outs_record(ct_case, 
     replace = os.replace
 
     def refusing(src, dst):
-        if Path(dst) == first:
+        if Path(dst) == (first if failing == "out" else record) and ".tmp" in Path(src).name:
             raise PermissionError(13, "Permission denied")
         replace(src, dst)
 

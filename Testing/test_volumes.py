@@ -164,6 +164,18 @@ def test_one_dicom_file_without_extension_asks_for_its_folder(tmp_path):
         read_volume(bare)
 
 
+def test_an_nrrd_key_value_pair_named_data_file_is_no_data_file(tmp_path):
+    """NRRD's key/value pairs ("DataFile:=y") are not the "data file:" field: such a file, which ITK
+    reads, was refused once every NRRD header was scanned."""
+    vol = make_volume(shape=(4, 5, 6), direction=IDENTITY)
+    image = vol.to_sitk()
+    image.SetMetaData("DataFile", "y")
+    image.SetMetaData("data file", "x")
+    path = tmp_path / "kv.nrrd"
+    sitk.WriteImage(image, str(path))
+    assert np.array_equal(read_volume(path).array, vol.array)
+
+
 @pytest.mark.parametrize("kind", ["nhdr", "mhd"])
 def test_a_detached_header_whose_data_is_a_pipe_or_device_is_refused(tmp_path, kind):
     """check_regular_file looked at the header only: one naming a FIFO hung the run, one naming
@@ -188,6 +200,12 @@ def test_a_detached_header_whose_data_is_a_pipe_or_device_is_refused(tmp_path, k
             bad.write_text(text.format(target))
             with pytest.raises(InputError, match=rf"bad.{ext} names .* as its voxel data, which is not a regular file"):
                 read_volume(bad)
+    # a folder as the data file: named
+    (tmp_path / "adir.raw").mkdir()
+    folder = tmp_path / f"folder.{kind}"
+    folder.write_text(text.format("adir.raw"))
+    with pytest.raises(InputError, match=rf"folder.{kind} names .*adir.raw as its voxel data, which is a folder"):
+        read_volume(folder)
     # copied without its data file: named, not called damaged
     lost = tmp_path / f"lost.{kind}"
     lost.write_text(text.format("nothere.raw"))
