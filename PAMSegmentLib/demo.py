@@ -127,7 +127,8 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--out", default="pamsegment_demo", help="output folder (default: ./pamsegment_demo)")
     p.add_argument("--checkpoint", default=None, help="checkpoint (default: the shipped weights)")
     p.add_argument("--method", default="pam", choices=["pam", "track", "copy"],
-                   help="propagation method (default pam: the shipped network; track and copy: the classical baselines)")
+                   help="propagation method (default pam: the shipped network; track and copy: the classical "
+                        "baselines)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the network runs (default cpu)")
     p.add_argument("--threads", type=_thread_count, default=None, metavar="N", help="torch CPU threads")
 

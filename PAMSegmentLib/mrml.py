@@ -262,7 +262,9 @@ def _linear_between(volume_node, segmentation_node) -> np.ndarray | None:
     if volume_node is None:
         return None
     transforms = volume_node.GetParentTransformNode(), segmentation_node.GetParentTransformNode()
-    if None in transforms or transforms[0] is transforms[1] or not all(t.IsTransformToWorldLinear() for t in transforms):
+    if None in transforms or transforms[0] is transforms[1]:
+        return None
+    if not all(t.IsTransformToWorldLinear() for t in transforms):
         return None
     slicer = _slicer()
     import vtk  # noqa: PLC0415

@@ -1328,7 +1328,8 @@ def propagate(
         if type(given).__module__.startswith("SimpleITK"):  # np.asarray made it 1D ("got 1D with shape (6065928,)")
             raise InputError(f"the {what} is a SimpleITK image; propagate takes numpy arrays (k, j, i): pass "
                              f"sitk.GetArrayFromImage({what}) and the spacing reversed, "
-                             "tuple(reversed(image.GetSpacing())), or read files with PAMSegmentLib.volumes.read_volume")
+                             "tuple(reversed(image.GetSpacing())), or read files with "
+                             "PAMSegmentLib.volumes.read_volume")
         if hasattr(given, "array") and hasattr(given, "spacing"):  # a Volume ("got 0D with shape ()")
             raise InputError(f"the {what} is a {type(given).__name__}; propagate takes its array: pass {what}.array "
                              "(and image.spacing as the spacing)")

@@ -1178,7 +1178,8 @@ def check_name_length(path: PathLike, suffix: str = "", whose: str = "") -> None
         size = length(part + suffix) if last else length(part)
         if size > NAME_MAX:
             where = Path(*parts[:n]) if n else None  # the folder holding it (the whole path repeated the name)
-            raise InputError(f"the name {part[:40]}...{f' in {where}' if where is not None else ''} is {size} {unit} long"
+            folder = f" in {where}" if where is not None else ""
+            raise InputError(f"the name {part[:40]}...{folder} is {size} {unit} long"
                              + (f" as {part[:12]}...{suffix}, the name of {whose}" if last else "")
                              + f"; file systems take at most {NAME_MAX}: choose a shorter name")
 

@@ -539,7 +539,8 @@ def test_running_out_of_memory_is_one_line_and_writes_nothing(ct_case, monkeypat
 
     monkeypatch.setattr(engine, "propagate", too_big)
     out = ct_case.directory / "out.nii.gz"
-    code = cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out), "--method", "copy"])
+    code = cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out),
+                     "--method", "copy"])
     err = capsys.readouterr().err
     assert code == 2 and not out.exists()
     assert err.startswith(f"pamsegment: error: not enough memory ({str(error)[:40]}") and err.count("\n") == 1

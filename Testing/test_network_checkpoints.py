@@ -201,8 +201,9 @@ def test_weights_under_another_name_or_our_bare_state_dict_say_what_the_file_is(
     bare state dict was called a broken official checkpoint (73 missing, 4 unexpected keys)."""
     sd = small_checkpoint.network.state_dict()
     torch.save({"state_dict": sd, "epoch": 3}, tmp_path / "wrapped.pth")
-    with pytest.raises(CheckpointError, match=r"holds no state dict \(expected tensors, or a 'model_state_dict' entry; "
-                                              r"it holds a mapping of 'state_dict', 'epoch'\): if its weights sit under"):
+    with pytest.raises(CheckpointError, match=r"holds no state dict \(expected tensors, or a 'model_state_dict' "
+                                              r"entry; it holds a mapping of 'state_dict', 'epoch'\): if its "
+                                              r"weights sit under"):
         load_checkpoint_file(tmp_path / "wrapped.pth")
     for name, saved in (("bare.pth", sd), ("under.pth", {"model_state_dict": sd})):
         torch.save(saved, tmp_path / name)

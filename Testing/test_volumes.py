@@ -159,7 +159,8 @@ def test_one_dicom_file_without_extension_asks_for_its_folder(tmp_path):
     write_dicom_series(folder, make_volume(shape=(3, 5, 6), direction=IDENTITY), "1.2.826.0.1.3680043.2.1125.7.14")
     bare = folder / "CT.1.3.12.2.1107"
     (folder / "slice000.dcm").rename(bare)
-    with pytest.raises(InputError, match=rf"has a single slice .*\(for DICOM pass the series folder, {re.escape(str(folder))}, "
+    where = re.escape(str(folder))
+    with pytest.raises(InputError, match=rf"has a single slice .*\(for DICOM pass the series folder, {where}, "
                                          r"not one file\)"):
         read_volume(bare)
 
@@ -219,8 +220,8 @@ def test_dicom_series_whose_spacing_changes_part_way_is_refused(tmp_path):
     1.44 mm grid, slices up to 0.57 mm (here; 3.2 mm on a 108-slice series) from where they were
     acquired, and only warned (hidden). Refused like a missing slice."""
     first = make_volume(shape=(10, 5, 6), spacing=(1.5, 0.9, 0.7), direction=IDENTITY)
-    second = Volume(first.array + 1, (1.38, 0.9, 0.7), (first.origin[0], first.origin[1], first.origin[2] + 9 * 1.5 + 1.38),
-                    first.direction)
+    start = (first.origin[0], first.origin[1], first.origin[2] + 9 * 1.5 + 1.38)
+    second = Volume(first.array + 1, (1.38, 0.9, 0.7), start, first.direction)
     folder = tmp_path / "zones"
     write_dicom_series(folder, first, "1.2.826.0.1.3680043.2.1125.7.11", prefix="a_")
     write_dicom_series(folder, second, "1.2.826.0.1.3680043.2.1125.7.11", prefix="b_", instance_prefix="9.")
@@ -466,7 +467,8 @@ def test_truncated_metaimage_and_nrrd_are_named_as_such(tmp_path, capfd, ext):
     cut = tmp_path / f"cut{ext}"
     cut.write_bytes(data[: int(len(data) * 0.6)])
     capfd.readouterr()
-    with pytest.raises(InputError, match="its voxel data ends early or is damaged .*; copy or download it again$") as err:
+    with pytest.raises(InputError, match="its voxel data ends early or is damaged .*; copy or download it "
+                                         "again$") as err:
         read_volume(cut)
     assert "expected NIfTI" not in str(err.value)
     assert capfd.readouterr().err == ""  # nothing of ITK's own on stderr

@@ -14,8 +14,9 @@ as a user's outline may be).
 
 Outputs in --out (default runs/eval in this repository): results.csv, summary.md, figure.png and
 provenance.json (the command, commit and, per method, the weights' sha256 and its settings, whose
-digests are also in every row: weights_sha256, settings_sha256), written when the run finishes (its rows go to results.partial.csv meanwhile: an interrupted run
-leaves the earlier results.csv as it was).
+digests are also in every row: weights_sha256, settings_sha256), written when the run finishes
+(its rows go to results.partial.csv meanwhile: an interrupted run leaves the earlier results.csv as
+it was).
 
 Examples:
     python scripts/evaluate.py --methods track,copy --limit 6
@@ -462,7 +463,8 @@ def main(argv=None):
     partial.unlink(missing_ok=True)
     command = f"python scripts/evaluate.py {' '.join(sys.argv[1:] if argv is None else argv)}"
     (out / "provenance.json").write_text(json.dumps(
-        {"command": command, "commit": _git_commit() or "", "threads": args.threads, "methods": stamps}, indent=1) + "\n")
+        {"command": command, "commit": _git_commit() or "", "threads": args.threads, "methods": stamps},
+        indent=1) + "\n")
     header = (f"## Evaluation\n\n`{command}` "
               f"(commit {_git_commit() or '?'}; {len(structures)} structures, {args.threads} thread(s), "
               f"{time.perf_counter() - t_all:.0f} s)")
