@@ -511,12 +511,15 @@ def cmd_propagate(args: argparse.Namespace) -> int:
                         os.replace(sidecar, old_sidecar)
                     _move_in(tmp_sidecar, sidecar, "the record of this run; OUT was not written either")
                 _move_in(tmp, out, "OUT" + ("; the --report table was written" if report is not None else ""))
-            except (InputError, OSError):
+            except (InputError, OSError) as error:
                 if sidecar is not None:  # the old OUT keeps its own record (or none)
                     if old_sidecar.is_file():
                         os.replace(old_sidecar, sidecar)
                     else:
                         sidecar.unlink(missing_ok=True)
+                if isinstance(error, OSError):  # setting the old record aside failed
+                    raise InputError(f"cannot replace {sidecar} ({error.strerror or error}); OUT was not written "
+                                     "either") from None
                 raise
             wrote = [args.output] + ([args.report] if report is not None else []) + (
                 [str(sidecar)] if sidecar is not None else [])
@@ -540,13 +543,13 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-KEYFRAMES_SUFFIX = ".keyframes.json"  # beside an update's OUT: its keyframes and walls, for the next round
+KEYFRAMES_SUFFIX = ".keyframes.json"  # beside every OUT: its keyframes, walls and walks, for a correction round
 _KEYFRAMES_FORMAT = "pamsegment-keyframes"
 
 
 def keyframes_record_path(out: str | os.PathLike) -> Path:
-    """Where the keyframes of an update sit beside its OUT: ``OUT.keyframes.json`` beside the file
-    OUT is (a symbolic link's target, where writing OUT lands), for every writer and reader."""
+    """Where a run's record sits beside its OUT: ``OUT.keyframes.json`` beside the file OUT is (a
+    symbolic link's target, where writing OUT lands), for every writer and reader."""
     from .volumes import through_link
 
     at = through_link(Path(out))
