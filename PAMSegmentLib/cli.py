@@ -803,7 +803,24 @@ def write_slice_report(result, path: str | os.PathLike, voxels=None) -> None:
 
 
 def _provenance_text(provenance) -> str:
-    """The checkpoint's free-form provenance as one JSON line (keys of any type, escaped)."""
+    """The checkpoint's provenance: for our training runs (a chain of stages through ``init_from``)
+    one line per stage and the inference changes, the whole record being ``--json``'s (it was one
+    line of kilobytes); anything else as one JSON line (keys of any type, escaped)."""
+    if isinstance(provenance, dict) and ("init_from" in provenance or "command" in provenance):
+        stages, prov = [], provenance
+        while isinstance(prov, dict) and prov:
+            stages.append(prov)
+            prov = (prov.get("init_from") or {}).get("provenance") if isinstance(prov.get("init_from"), dict) else None
+        lines = []
+        for n, st in enumerate(reversed(stages), start=1):
+            minutes = st.get("train_seconds")
+            took = f" in {minutes / 60:.0f} min" if isinstance(minutes, (int, float)) else ""
+            lines.append(f"\n  stage {n}: {st.get('iterations', '?')} iterations{took}, git "
+                         f"{str(st.get('git_revision', '?'))[:10]}: {str(st.get('command', '?'))[:300]}")
+        changes = provenance.get("inference_changes") or []
+        if changes:
+            lines.append(f"\n  inference parameters changed {len(changes)} times after training (--json lists why)")
+        return f"{len(stages)} training stage(s) (the whole record: pamsegment info --json)" + "".join(lines)
     try:
         return json.dumps(provenance, sort_keys=True, default=str)
     except TypeError:  # keys of mixed types cannot be sorted

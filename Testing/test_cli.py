@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import free_port, write_image
+from conftest import REPO, free_port, write_image
 from doubles import OracleModel
 
 from PAMSegmentLib import cli
@@ -969,3 +969,16 @@ def test_every_command_refuses_a_thread_count_the_machine_cannot_use(command, ca
     assert stop.value.code == 2
     assert (f"argument --threads: expected a thread count from 1 to {max_threads()} ({os.cpu_count()} CPU cores "
             "here), got '100000'") in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not (REPO / "Resources" / "Models" / "pam_small.pt").is_file(), reason="no shipped weights")
+def test_info_summarises_the_training_stages(run_cli):
+    """`pamsegment info` printed the provenance as one JSON line of kilobytes; our checkpoints' chain
+    of training stages is one line per stage now (the whole record stays in --json)."""
+    proc = run_cli("info")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("provenance: "))
+    assert lines[at] == "provenance: 4 training stage(s) (the whole record: pamsegment info --json)"
+    assert lines[at + 4].startswith("  stage 4: 8600 iterations in 100 min, git 4b0f849706: python scripts/train.py")
+    assert lines[at + 5].startswith("  inference parameters changed ") and max(map(len, lines)) < 500
