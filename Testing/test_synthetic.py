@@ -334,6 +334,30 @@ def test_prepare_data_checks_where_it_writes_before_any_download(tmp_path, monke
     assert (tmp_path / "env_cache" / "cases").is_dir()  # the cache default follows $PAMSEGMENT_CACHE
 
 
+def test_prepare_data_without_the_optional_sources_leaves_the_tracked_split_alone(tmp_path, monkeypatch, capsys):
+    """Without invesalius or stardist (--no-... or a failed fetch) the tracked scripts/split.json was
+    rewritten with 15 training cases; it is left as it is and the cache's split goes beside the
+    cache. With no synthetic volume the summary said "generation nan s/volume"."""
+    prep = _prepare_data_script()
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    tracked = repo / "scripts" / "split.json"
+    tracked.write_text('{"tracked": true}\n')
+    monkeypatch.setattr(prep, "REPO", repo)
+    monkeypatch.setattr(prep.D, "ensure_downloaded", lambda cache, src: tmp_path)
+    monkeypatch.setattr(prep.D, "ensure_unpacked", lambda cache, path: tmp_path)
+    for name in ("build_totalsegmentator", "build_tptbox", "build_mni"):
+        monkeypatch.setattr(prep, name, lambda *a: [])
+    monkeypatch.setattr(prep, "build_abagen", lambda *a: [])
+    monkeypatch.setattr(prep, "make_split", lambda infos: ({"train": [], "eval": []}, {}))
+    prep.main(["--cache", str(tmp_path / "cache"), "--no-invesalius", "--no-stardist"])
+    out = capsys.readouterr().out
+    assert tracked.read_text() == '{"tracked": true}\n'
+    assert json.loads((tmp_path / "cache" / "split.json").read_text()) == {"train": [], "eval": []}
+    assert "note: invesalius, stardist not prepared: the tracked scripts/split.json is left as it is" in out
+    assert "nan" not in out and f"split written to {tmp_path / 'cache' / 'split.json'}" in out
+
+
 def test_prepare_data_abagen_draws_only_add_training_draws(tmp_path):
     """--abagen-draws N: the training subject gets draws d0..d(N-1) (even 1 mm, odd thick
     slices), the evaluation subject exactly d0 and d1, and d0/d1 are the same images as with

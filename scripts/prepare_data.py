@@ -563,6 +563,13 @@ def main(argv=None) -> int:
     t_real = time.perf_counter() - t0
 
     split, roles = make_split(infos)
+    missing = [k for k in ("invesalius", "stardist") if k not in roots]
+    if missing and split_path == (REPO / "scripts" / "split.json") and split_path.is_file():
+        # The tracked split was made with every source: a run without some would rewrite it with fewer
+        # training cases (the README's "this reproduces the split" holds only with all of them).
+        split_path = cases_dir.parent / "split.json"
+        print(f"note: {', '.join(missing)} not prepared: the tracked scripts/split.json is left as it is; this "
+              f"cache's split goes to {split_path} (give --split to write it elsewhere)", flush=True)
     split_path.write_text(json.dumps(split, indent=1) + "\n")
 
     t0 = time.perf_counter()
@@ -584,9 +591,9 @@ def main(argv=None) -> int:
               f"{'varies':<20} {'5-25':>7}  train ({len(stacks)} layered-column volumes, "
               f"{sum(not s['cached'] for s in stacks)} new)")
     print(f"\nreal cases: {len(infos)} in {t_real:.1f} s (invesalius + stardist: {t_extra:.1f} s); "
-          f"synthetic: {len(new)} new in {t_syn:.1f} s "
-          f"(generation {per_vol:.3f} s/volume, rest is compression/IO)")
-    print(f"cases in {cases_dir}; split written to {args.split}")
+          f"synthetic: {len(new)} new in {t_syn:.1f} s"
+          + (f" (generation {per_vol:.3f} s/volume, rest is compression/IO)" if new else ""))
+    print(f"cases in {cases_dir}; split written to {split_path}")
     ev_n = sum(len(e["structures"]) for e in split["eval"])
     print(f"split: {len(split['train'])} real training cases + synth_*; {len(split['eval'])} "
           f"evaluation entries with {ev_n} structures")
