@@ -503,10 +503,7 @@ def _note_nifti_qform_sform(p: Path, header: bytes, image: sitk.Image, tol_mm: f
     if affines is None:
         return
     qform, sform = affines
-    n = (list(image.GetSize()) + [1, 1])[:3]  # a 2D file has two sizes (refused later, but not here)
-    corners = np.array([[0, 0, 0, 1], [n[0] - 1, 0, 0, 1], [0, n[1] - 1, 0, 1], [0, 0, n[2] - 1, 1]],
-                       dtype=np.float64).T
-    apart = float(np.max(np.linalg.norm(qform @ corners - sform @ corners, axis=0)))
+    apart = _affines_apart(affines, (list(image.GetSize()) + [1, 1])[:3])  # a 2D file has two sizes
     if apart <= tol_mm:
         return
     lps = np.asarray((list(image.GetOrigin()) + [0.0, 0.0])[:3]) * np.array([-1.0, -1.0, 1.0])  # ITK's origin, in RAS
@@ -517,9 +514,18 @@ def _note_nifti_qform_sform(p: Path, header: bytes, image: sitk.Image, tol_mm: f
                   f"tools that use the {other} would place input and output differently", stacklevel=3)
 
 
-def _qform_sform_apart(p: Path | None) -> float | None:
-    """How far (mm, over the volume's corners) a NIfTI file's qform and sform disagree, when both are
-    set and differ by more than 0.01 mm; else None (not NIfTI, one grid, or they agree)."""
+def _affines_apart(affines, n) -> float:
+    """How far (mm) a NIfTI header's two grids place a volume of ``n`` voxels (i, j, k): the largest
+    distance between them over its corners."""
+    corners = np.array([[0, 0, 0, 1], [n[0] - 1, 0, 0, 1], [0, n[1] - 1, 0, 1], [0, 0, n[2] - 1, 1]],
+                       dtype=np.float64).T
+    return float(np.max(np.linalg.norm(affines[0] @ corners - affines[1] @ corners, axis=0)))
+
+
+def _two_grids_holding(p: Path | None, other: Volume, tol: float = 1e-3) -> float | None:
+    """How far (mm) the two grids (qform, sform) of NIfTI file ``p``'s header are apart, when they
+    differ by more than 0.01 mm and ``other`` lies on one of them (a grid mismatch between the two
+    files then comes from tools reading different ones of the two); else None. One header read."""
     import struct
 
     header = _nifti_header(p) if p is not None else None
@@ -527,26 +533,16 @@ def _qform_sform_apart(p: Path | None) -> float | None:
     if affines is None:
         return None
     dims = struct.unpack_from(_nifti1_endian(header) + "8h", header, 40)
-    n = [max(int(v), 1) for v in dims[1:4]]
-    corners = np.array([[0, 0, 0, 1], [n[0] - 1, 0, 0, 1], [0, n[1] - 1, 0, 1], [0, 0, n[2] - 1, 1]],
-                       dtype=np.float64).T
-    apart = float(np.max(np.linalg.norm(affines[0] @ corners - affines[1] @ corners, axis=0)))
-    return apart if apart > 0.01 else None
-
-
-def _on_one_of_its_grids(p: Path | None, other: Volume, tol: float = 1e-3) -> bool:
-    """Whether ``other`` lies on one of the two grids (qform, sform) of NIfTI file ``p``'s header:
-    then a grid mismatch between them comes from tools reading different ones of the two."""
-    header = _nifti_header(p) if p is not None else None
-    affines = _nifti_affines(header) if header is not None else None
-    if affines is None:
-        return False
+    apart = _affines_apart(affines, [max(int(v), 1) for v in dims[1:4]])
+    if apart <= 0.01:
+        return None
     flip = np.diag([-1.0, -1.0, 1.0])  # NIfTI's RAS to ITK's LPS
     axes = np.asarray(other.direction, dtype=np.float64).reshape(3, 3) * np.asarray(other.spacing_ijk, dtype=np.float64)
     origin = np.asarray(other.origin, dtype=np.float64)
     scale = max(1.0, float(np.max(np.abs(origin))))
-    return any(np.allclose(flip @ a[:, :3], axes, atol=tol) and np.allclose(flip @ a[:, 3], origin, atol=tol * scale)
-               for a in affines)
+    on_one = any(np.allclose(flip @ a[:, :3], axes, atol=tol) and np.allclose(flip @ a[:, 3], origin, atol=tol * scale)
+                 for a in affines)
+    return apart if on_one else None
 
 
 def _nifti_pixdims(header: bytes) -> tuple[float, ...] | None:
@@ -834,7 +830,7 @@ def _off_grid_error(name: str, labels: Volume, reference: Volume, diffs: list[st
                     path: Path | None = None, reference_path: Path | None = None) -> InputError:
     """The refusal of a label map ``name`` that is not on the ``reference`` grid."""
     split = [(q.name, mm) for q, other in ((reference_path, labels), (path, reference))
-             if (mm := _qform_sform_apart(q)) is not None and _on_one_of_its_grids(q, other)]
+             if (mm := _two_grids_holding(q, other)) is not None]
     if split and set(diffs) & {"origin", "direction", "spacing"}:
         # Resampling would move the prompt by the two grids' difference: the files most likely hold the
         # same grid, written or read by tools that take different ones of the two.
