@@ -731,9 +731,7 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
         try:
             previous = PropagationResult.from_record(maps[0], stored)
             said = {lab: (sorted(e["keyframes"]), sorted(e["walls"])) for lab, e in earlier.items()}
-            walked = {str(lab): (sorted(int(k) for k, m in keys.items() if m.any()),
-                                 sorted(int(k) for k, m in keys.items() if not m.any()))
-                      for lab, keys in previous.keyframes.items()}
+            walked = {lab: (e["keyframes"], e["walls"]) for lab, e in _result_keyframes(previous).items()}
             if any(said.get(lab, walks) != walks for lab, walks in walked.items()):
                 raise ValueError("its walks' keyframes are not the record's")  # edited by hand: not vouched for
         except ValueError as exc:
