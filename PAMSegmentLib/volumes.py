@@ -1059,14 +1059,16 @@ def _check_not_oblique_strips(name: str, drawn: Volume, reference: Volume, resam
     the result was the strips (exit 0). A slice of a parallel grid, even a coarser one, is fine."""
     axes = np.asarray(drawn.direction, dtype=np.float64).reshape(3, 3)  # columns: i, j, k
     image_axes = np.asarray(reference.direction, dtype=np.float64).reshape(3, 3)
+    aligned = np.max(np.abs(image_axes.T @ axes), axis=0) >= np.cos(np.deg2rad(2.0))  # per drawn axis i, j, k
+    if aligned.all():
+        return  # a grid parallel to the image's (the usual case): no label can cross it obliquely
     values = np.unique(drawn.array[drawn.array != 0])
     for value in values[:64]:
         counts = _slices_holding(drawn.array == value)
         ax = int(np.argmin(counts))  # the axis it was drawn across: the fewest slices hold it
         if counts[ax] > 10:
             continue  # a 3D mask rather than drawn slices: resampled as it is
-        normal = axes[:, 2 - ax]  # array axis k, j, i is direction column 2, 1, 0
-        if np.max(np.abs(image_axes.T @ normal)) >= np.cos(np.deg2rad(2.0)):
+        if aligned[2 - ax]:  # array axis k, j, i is direction column 2, 1, 0
             continue
         crossed = min(_slices_holding(resampled == value))
         if crossed > max(most, 3 * counts[ax]):
