@@ -608,9 +608,10 @@ def cmd_batch(args: argparse.Namespace) -> int:
                 # MemoryError, PyTorch's RuntimeError) fails that case, not the batch
                 from .cli import memory_message, out_of_memory
 
-                if isinstance(error, RuntimeError) and not out_of_memory(error):
+                memory = out_of_memory(error)
+                if isinstance(error, RuntimeError) and not memory:
                     raise
-                text = memory_message(error, batch=True) if out_of_memory(error) else _one_line(error)
+                text = memory_message(error, batch=True) if memory else _one_line(error)
                 r.status, r.message = "error", " | ".join([*r.notes, text])
                 bar.write(f"row {r.number} ({r.image.name}): error: {r.message}")
             finally:

@@ -462,11 +462,12 @@ def main(argv=None):
     ev.write_csv(rows, out / "results.csv")
     partial.unlink(missing_ok=True)
     command = f"python scripts/evaluate.py {' '.join(sys.argv[1:] if argv is None else argv)}"
+    commit = _git_commit() or ""  # one git call for provenance.json and the summary
     (out / "provenance.json").write_text(json.dumps(
-        {"command": command, "commit": _git_commit() or "", "threads": args.threads, "methods": stamps},
+        {"command": command, "commit": commit, "threads": args.threads, "methods": stamps},
         indent=1) + "\n")
     header = (f"## Evaluation\n\n`{command}` "
-              f"(commit {_git_commit() or '?'}; {len(structures)} structures, {args.threads} thread(s), "
+              f"(commit {commit or '?'}; {len(structures)} structures, {args.threads} thread(s), "
               f"{time.perf_counter() - t_all:.0f} s)")
     (out / "summary.md").write_text(ev.summary_markdown(rows, header=header))
     if not args.no_figure:
