@@ -527,6 +527,17 @@ def _plain_provenance(value, depth: int = 0):
     return str(value)
 
 
+def training_chain(provenance) -> list[dict]:
+    """A checkpoint's training runs, first to last: its provenance and, through ``init_from``, the
+    provenance of the weights each run started from (for the card and ``pamsegment info``)."""
+    chain, prov = [], provenance
+    while isinstance(prov, dict) and prov:
+        chain.append(prov)
+        start = prov.get("init_from")
+        prov = start.get("provenance") if isinstance(start, dict) else None
+    return chain[::-1]
+
+
 def default_checkpoint_path() -> Path | None:
     """The shipped default weights: $PAMSEGMENT_MODEL, the source tree's Resources/Models (also the
     layout of the Slicer extension), or the copy installed with the Python package."""

@@ -805,12 +805,11 @@ def _provenance_text(provenance) -> str:
     one line per stage and the inference changes, the whole record being ``--json``'s (it was one
     line of kilobytes); anything else as one JSON line (keys of any type, escaped)."""
     if isinstance(provenance, dict) and ("init_from" in provenance or "command" in provenance):
-        stages, prov = [], provenance
-        while isinstance(prov, dict) and prov:
-            stages.append(prov)
-            prov = (prov.get("init_from") or {}).get("provenance") if isinstance(prov.get("init_from"), dict) else None
+        from .checkpoints import training_chain
+
+        stages = training_chain(provenance)
         lines = []
-        for n, st in enumerate(reversed(stages), start=1):
+        for n, st in enumerate(stages, start=1):
             minutes = st.get("train_seconds")
             took = f" in {minutes / 60:.0f} min" if isinstance(minutes, (int, float)) else ""
             lines.append(f"\n  stage {n}: {st.get('iterations', '?')} iterations{took}, git "

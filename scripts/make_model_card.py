@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from PAMSegmentLib.checkpoints import load_checkpoint_file  # noqa: E402
+from PAMSegmentLib.checkpoints import load_checkpoint_file, training_chain  # noqa: E402
 
 
 # What the stage commands need besides themselves (the data each read, and which starting weights
@@ -81,12 +81,8 @@ def eval_summary(path: Path, weights_sha256: str = "") -> dict:
 
 def training_stages(provenance: dict) -> list[dict]:
     """The checkpoint's training stages, first to last, from the ``init_from`` chain."""
-    stages, prov = [], provenance
-    while prov:
-        stages.append({k: prov.get(k) for k in ("command", "iterations", "train_seconds", "machine", "seed",
-                                                  "git_revision")})
-        prov = (prov.get("init_from") or {}).get("provenance")
-    return stages[::-1]
+    return [{k: prov.get(k) for k in ("command", "iterations", "train_seconds", "machine", "seed", "git_revision")}
+            for prov in training_chain(provenance)]
 
 
 def check_logs(logs: list[dict], stages: list[dict]) -> None:
@@ -107,12 +103,8 @@ def check_logs(logs: list[dict], stages: list[dict]) -> None:
 
 def stage_case_notes(provenance: dict, final: list[str]) -> list[str]:
     """Per earlier stage whose provenance lists other real cases than ``final``: what it read."""
-    lists, prov = [], provenance
-    while prov:
-        lists.append(prov.get("cases"))
-        prov = (prov.get("init_from") or {}).get("provenance")
     notes = []
-    for n, cases in enumerate(lists[::-1], start=1):
+    for n, cases in enumerate((prov.get("cases") for prov in training_chain(provenance)), start=1):
         if cases and set(cases) != set(final):
             missing, extra = sorted(set(final) - set(cases)), sorted(set(cases) - set(final))
             notes.append(f"stage {n} read {len(cases)} real ones"
