@@ -447,7 +447,7 @@ def _check_output_folders(out_dir: Path, todo: list[BatchRow], manifest: str) ->
 
 
 def add_batch_arguments(p: argparse.ArgumentParser) -> None:
-    from .cli import METHODS, _positive_int, _thread_count, _through_plane_mm, _unit_interval
+    from .cli import METHODS, THREADS_HELP, _positive_int, _thread_count, _through_plane_mm, _unit_interval
 
     p.add_argument("manifest", metavar="MANIFEST", help="CSV with columns " + COLUMNS_TEXT)
     p.add_argument("-o", "--output", required=True, metavar="DIR",
@@ -463,7 +463,7 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
                         "manifest between N machines)")
     p.add_argument("--stop-on-error", action="store_true", help="stop at the first case that fails (default: go on)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--threads", type=_thread_count, metavar="N", help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=_thread_count, metavar="N", help=THREADS_HELP)
     p.add_argument("--batch-size", type=_positive_int, default=16, metavar="N", help="query slices per network call (default 16)")
     p.add_argument("--resample-prompt", action="store_true",
                    help="resample prompts on another grid onto their image's grid (nearest neighbour)")

@@ -182,6 +182,11 @@ _unit_interval = number_type(float, lambda v: 0.0 <= v <= 1.0, "a number from 0 
 _positive_int = number_type(int, lambda v: v >= 1, "a positive integer")
 
 
+# --threads' help, the same in every command that takes it.
+THREADS_HELP = ("CPU threads of the network (torch) and of the registrations (SimpleITK); 1 keeps the run to "
+                "one core (default: the libraries' choice, the registrations in two threads beside the network)")
+
+
 def _thread_count(text: str) -> int:
     """A ``--threads`` value: 1 to ``checks.max_threads()`` (4 per core, at least 64)."""
     from .checks import max_threads
@@ -264,7 +269,7 @@ def add_propagate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-early-stop", action="store_true",
                    help="predict every slice in the range, also past slices where the object vanished")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--threads", type=_thread_count, metavar="N", help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=_thread_count, metavar="N", help=THREADS_HELP)
     p.add_argument("--batch-size", type=_positive_int, default=16, metavar="N",
                    help="query slices per network call; bounds memory (default: 16)")
     p.add_argument("--resample-prompt", action="store_true",

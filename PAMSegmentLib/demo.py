@@ -122,7 +122,7 @@ def run_demo(out_dir: Path, checkpoint: str | None = None, method: str = "pam", 
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
-    from .cli import _thread_count
+    from .cli import THREADS_HELP, _thread_count
 
     p.add_argument("-o", "--out", default="pamsegment_demo", help="output folder (default: ./pamsegment_demo)")
     p.add_argument("--checkpoint", default=None, help="checkpoint (default: the shipped weights)")
@@ -130,7 +130,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
                    help="propagation method (default pam: the shipped network; track and copy: the classical "
                         "baselines)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the network runs (default cpu)")
-    p.add_argument("--threads", type=_thread_count, default=None, metavar="N", help="torch CPU threads")
+    p.add_argument("--threads", type=_thread_count, default=None, metavar="N", help=THREADS_HELP)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

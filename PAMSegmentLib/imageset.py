@@ -480,7 +480,7 @@ def _check_targets(out_dir, names, prompt_path, mask_path, files, more_masks=())
 
 
 def add_label_images_arguments(p) -> None:
-    from .cli import _label_number, _thread_count
+    from .cli import THREADS_HELP, _label_number, _thread_count
 
     p.add_argument("prompt_image", metavar="PROMPT_IMAGE", help="the labelled image (PNG, JPEG, TIFF, BMP, DICOM file, "
                    "2D NIfTI/NRRD/MHA; colour becomes grey)")
@@ -510,7 +510,7 @@ def add_label_images_arguments(p) -> None:
                    help="keep the images' grey values as they are (default: each scaled by its own 0.5-99.5 "
                         "percentiles, for sets whose images do not share a grey scale)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--threads", type=_thread_count, metavar="N", help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=_thread_count, metavar="N", help=THREADS_HELP)
 
 
 def cmd_label_images(args) -> int:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import torch
@@ -33,6 +33,27 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 def _smoothed(image_slice: np.ndarray) -> np.ndarray:
     # The same light smoothing as the classical predictors' gate statistics.
     return ndimage.gaussian_filter(np.asarray(image_slice, dtype=np.float32), 1.0)
+
+
+class _InlineExecutor(Executor):
+    """An executor that runs each task at once in the calling thread: the registrations of a run
+    limited to one CPU thread (``--threads 1``) do not run beside the network."""
+
+    def submit(self, fn, /, *args, **kwargs):
+        future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 - delivered by result(), as a pool would
+            future.set_exception(exc)
+        return future
+
+
+def registration_pool(workers: int) -> Executor:
+    """Where a window's registrations run: ``workers`` threads beside the network, but none when
+    torch was limited to one thread (the command line's ``--threads 1``, ``torch.set_num_threads(1)``):
+    then they run in turn in the calling thread, so that the whole run keeps to one core."""
+    workers = min(max(int(workers), 1), torch.get_num_threads())
+    return _InlineExecutor() if workers <= 1 else ThreadPoolExecutor(max_workers=workers)
 
 
 # At most this many sub-pixels in a supersampled carried mask (InferenceParams.registration_carry_supersample).
@@ -85,7 +106,8 @@ class PAMPredictor(SlicePredictor):
     ``registration_carry_supersample`` times finer (``carry_factor``), so that boundary motion
     below half a pixel per slice adds up (the prior-channel path, ``_predict_carried``, carries
     on the slice grid). The registrations depend on the images only, so they run in
-    ``registration_workers`` threads while the network predicts the same window. They cover a
+    ``registration_workers`` threads while the network predicts the same window (in turn, before
+    it, when torch is limited to one thread: ``registration_pool``). They cover a
     crop around the window guide's mask (padded by half its size, like ``track``); outside it
     the probability is ``(1 - w) * network``. Queries that are not a run of consecutive slices
     walked away from the guide (a forward-backward check) are registered to the guide directly.
@@ -250,7 +272,7 @@ class PAMPredictor(SlicePredictor):
         def register(f, m):
             return self.registration.register_pyramids(pyramid(f), pyramid(m))
 
-        with ThreadPoolExecutor(max_workers=max(int(self.registration_workers), 1)) as pool:
+        with registration_pool(self.registration_workers) as pool:
             futures = [pool.submit(register, f, m) for f, m in plan.pairs]
             if self._carried_prior:
                 # The network needs each slice's carried mask: the slices in turn, each as soon as its

@@ -1293,8 +1293,9 @@ def propagate(
     always win; the labels that lost voxels are listed in ``result.overlapped``.
     ``remove_disconnected``: drop 3D components not connected to the drawing (default:
     ``early_stop``). ``batch_size``: slices per network call. ``device``: 'cpu', 'cuda' or 'cuda:N'
-    (for ``model=None``; a loaded model stays on its device). ``threads``: torch CPU threads for
-    the call (None: torch's setting; the registration also runs up to two threads of its own).
+    (for ``model=None``; a loaded model stays on its device). ``threads``: CPU threads of torch and
+    SimpleITK for the call (None: their settings, the registrations in two threads beside the
+    network; 1: everything in the calling thread).
     ``progress(fraction, message)``: called on the calling thread with rising fractions up to 1.0;
     an exception raised in it ends the run. ``cancel``: a ``CancelToken`` (one per run) whose
     ``cancel()`` ends the run from another thread.
@@ -1500,19 +1501,29 @@ def check_threads(threads) -> None:
 
 @contextlib.contextmanager
 def torch_threads(threads: int | None):
-    """torch's CPU thread count set to ``threads`` (when given) for the block, then restored. torch
-    is needed only by the network predictor: when nothing imported it, nothing is done."""
+    """torch's and SimpleITK's CPU thread counts set to ``threads`` (when given) for the block, then
+    restored. torch is needed only by the network predictor and SimpleITK by the registrations:
+    what nothing imported is left alone. At one thread the network's registrations also run in
+    turn rather than beside it (``pam_predictor.registration_pool``): the run keeps to one core."""
     check_threads(threads)
     torch = sys.modules.get("torch")
-    if not threads or torch is None:
+    sitk = sys.modules.get("SimpleITK")
+    if not threads:
         yield
         return
-    old = torch.get_num_threads()
-    torch.set_num_threads(int(threads))
+    old_torch = torch.get_num_threads() if torch is not None else None
+    old_sitk = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() if sitk is not None else None
+    if torch is not None:
+        torch.set_num_threads(int(threads))
+    if sitk is not None:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(int(threads))
     try:
         yield
     finally:
-        torch.set_num_threads(old)
+        if torch is not None:
+            torch.set_num_threads(old_torch)
+        if sitk is not None:
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(old_sitk)
 
 
 @dataclass

@@ -505,7 +505,7 @@ def create_app(model_factory: Callable[[str], Any], *, token: str | None = None,
 
 
 def add_serve_arguments(p) -> None:
-    from .cli import _positive_int, _thread_count, number_type
+    from .cli import THREADS_HELP, _positive_int, _thread_count, number_type
 
     _port = number_type(int, lambda v: 1 <= v <= 65535, "a port number from 1 to 65535")
     _megabytes = number_type(float, lambda v: math.isfinite(v) and v > 0, "a size in MB greater than 0")
@@ -517,7 +517,7 @@ def add_serve_arguments(p) -> None:
     p.add_argument("--token", help="token clients must send (default: the PAMSEGMENT_TOKEN environment variable)")
     p.add_argument("--checkpoint", metavar="CKPT", help="PAMSegment or official checkpoint (default: the shipped weights)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--threads", type=_thread_count, metavar="N", help="torch CPU threads")
+    p.add_argument("--threads", type=_thread_count, metavar="N", help=THREADS_HELP)
     p.add_argument("--batch-size", type=_positive_int, default=16, metavar="N",
                    help="query slices per network call, for every job; bounds memory (default: 16)")
     p.add_argument("--max-upload-mb", type=_megabytes, default=1024.0, metavar="MB",
@@ -602,10 +602,12 @@ def cmd_serve(args) -> int:
     sock = _listen_socket(args.host, args.port)  # before the model: a busy port is found at once
     try:  # closed also when the model does not load
         model = load_model(args.checkpoint, device=args.device)  # fail now, not at the first job
-        if args.threads:
+        if args.threads:  # for the server's life: the network's and the registrations' threads
+            import SimpleITK as sitk
             import torch
 
             torch.set_num_threads(args.threads)
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
 
         def factory(method: str):
             return model if method == "pam" else get_predictor(method)

@@ -114,6 +114,41 @@ def test_registrations_run_beside_the_network_and_give_the_same_result_in_any_nu
     np.testing.assert_array_equal(got[1], got[4])
 
 
+def test_a_run_limited_to_one_thread_registers_in_the_calling_thread_and_gives_the_same_result():
+    """--threads 1 ran the network in one torch thread and the registrations in two more threads
+    beside it. Limited to one thread (torch_threads(1)), the registrations run in turn in the
+    calling thread and SimpleITK's own filters use one thread; both counts are restored after."""
+    import threading
+
+    import SimpleITK as sitk
+    import torch
+
+    from PAMSegmentLib.propagate import torch_threads
+
+    img, truth = sliding_square()
+    before = torch.get_num_threads(), sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    got, where = {}, {}
+    for threads in (1, 2):
+        p = StaleNetwork(0.6)
+        seen = []
+        with torch_threads(threads):
+            p.begin(img, 0, truth[0])
+            original = p.registration.register_pyramids
+
+            def register(*a, _seen=seen, _original=original):
+                _seen.append((threading.get_ident(), sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()))
+                return _original(*a)
+
+            p.registration.register_pyramids = register
+            got[threads] = p.predict(img, 0, truth[0], [1, 2, 3, 4]).prob
+        where[threads] = seen
+    assert [t for t, _ in where[1]] == [threading.get_ident()] * 4
+    assert {n for _, n in where[1]} == {1}
+    assert threading.get_ident() not in {t for t, _ in where[2]} and {n for _, n in where[2]} == {2}
+    np.testing.assert_array_equal(got[1], got[2])
+    assert (torch.get_num_threads(), sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()) == before
+
+
 def test_each_slice_is_put_on_the_registration_grids_once_per_window():
     """A chained window of 4 queries registers 4 pairs over 5 slices: the guide and each query's
     grid images are made once (5 pyramids, not 8), and the result is the one ``register`` gives."""
