@@ -194,11 +194,12 @@ def test_continued_training_records_the_earlier_stage(tmp_path):
     stages = training_stages(new.provenance)
     assert [st["command"] for st in stages] == ["stage one", "stage two"]
     # The card's logs must be these stages' (a 20-iteration network got a card of the 8600-iteration run's log)
-    check_logs([{"log": "l1.csv", "iterations": 3}, {"log": "l2.csv", "iterations": 0}], stages)
+    check_logs([{"log": "l1.csv", "last_logged_iteration": 3}, {"log": "l2.csv", "last_logged_iteration": 0}], stages)
     with pytest.raises(SystemExit, match="1 --train-log given, but the checkpoint's provenance has 2 training stages"):
-        check_logs([{"log": "l1.csv", "iterations": 3}], stages)
+        check_logs([{"log": "l1.csv", "last_logged_iteration": 3}], stages)
     with pytest.raises(SystemExit, match="l9.csv ends at iteration 8600, but stage 1 of the checkpoint ran 3"):
-        check_logs([{"log": "l9.csv", "iterations": 8600}, {"log": "l2.csv", "iterations": 0}], stages)
+        check_logs([{"log": "l9.csv", "last_logged_iteration": 8600},
+                    {"log": "l2.csv", "last_logged_iteration": 0}], stages)
     assert stage_case_notes({"cases": ["a"], "init_from": {"provenance": {"cases": ["a", "b"]}}}, ["a"]) == [
         "stage 1 read 2 real ones, with b"]
 

@@ -44,6 +44,8 @@ def _rows(path: Path) -> list[dict]:
 
 
 def training_summary(logs: list[Path]) -> list[dict]:
+    """Per training log: its last row's iteration and time (a log is written every few iterations,
+    so the run's own count is the provenance's, ``training_stages[].iterations``) and the loss."""
     out = []
     for log in logs:
         rows = _rows(log)
@@ -52,8 +54,8 @@ def training_summary(logs: list[Path]) -> list[dict]:
         tail = rows[-20:]
         out.append({
             "log": str(log.relative_to(ROOT)) if log.is_relative_to(ROOT) else str(log),
-            "iterations": int(rows[-1]["iteration"]),
-            "seconds": float(rows[-1]["seconds"]),
+            "last_logged_iteration": int(rows[-1]["iteration"]),
+            "last_logged_seconds": float(rows[-1]["seconds"]),
             "final_loss_mean_last_20_logged": round(sum(float(r["loss"]) for r in tail) / len(tail), 4),
         })
     return out
@@ -96,9 +98,9 @@ def check_logs(logs: list[dict], stages: list[dict]) -> None:
                          "training stages: give one log per stage, oldest first")
     for n, (log, stage) in enumerate(zip(logs, stages), start=1):
         counted = stage.get("iterations")
-        if isinstance(counted, int) and not 0 <= counted - log["iterations"] <= 9:
-            raise SystemExit(f"error: {log['log']} ends at iteration {log['iterations']}, but stage {n} of the "
-                             f"checkpoint ran {counted}: it is another run's log")
+        if isinstance(counted, int) and not 0 <= counted - log["last_logged_iteration"] <= 9:
+            raise SystemExit(f"error: {log['log']} ends at iteration {log['last_logged_iteration']}, but stage {n} "
+                             f"of the checkpoint ran {counted}: it is another run's log")
 
 
 def stage_case_notes(provenance: dict, final: list[str]) -> list[str]:
@@ -155,12 +157,12 @@ def main(argv=None) -> int:
     print(f"wrote {out_json}")
     if args.out_md:
         t = card["training"]
-        total_min = sum(x["seconds"] for x in t) / 60
+        total_min = sum(x["last_logged_seconds"] for x in t) / 60
         stages = card["training_stages"]
         # Iterations as each run's provenance counted them (its log's last row, written every 10
         # iterations, can be up to 9 fewer); the logs' counts where no provenance has them.
         counted = [st.get("iterations") for st in stages] if len(stages) == len(t) else [None] * len(t)
-        its = [c if isinstance(c, int) else x["iterations"] for c, x in zip(counted, t)]
+        its = [c if isinstance(c, int) else x["last_logged_iteration"] for c, x in zip(counted, t)]
         total_it = sum(its)
         lines = [
             f"* **File**: `Resources/Models/{card['file']}` ({card['size_bytes'] / 1e6:.1f} MB), weights sha256 "
@@ -170,7 +172,7 @@ def main(argv=None) -> int:
             f"{card['network']['base_features']}-{card['network']['max_features']} features, cross-attention at the "
             f"{card['network']['n_attention_stages']} deepest stages, object-present head.",
             f"* **Training**: {total_it} iterations in {total_min:.0f} min on this project's 2-core CPU machine; "
-            f"runs: " + "; ".join(f"`{x['log']}` ({n} it, {x['seconds'] / 60:.0f} min)" for x, n in zip(t, its)) + ".",
+            f"runs: " + "; ".join(f"`{x['log']}` ({n} it, {x['last_logged_seconds'] / 60:.0f} min)" for x, n in zip(t, its)) + ".",
             f"* **Commands** {COMMANDS_NOTE}: "
             + "; ".join(f"`{st.get('command') or '?'}` (git {str(st.get('git_revision') or '?')[:10]})"
                         for st in card["training_stages"]) + ".",
