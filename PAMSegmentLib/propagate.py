@@ -371,14 +371,9 @@ def _thickness(mask: np.ndarray, ax: int) -> int:
 
 
 def _slice_list(slices: Sequence[int]) -> str:
-    """Slice numbers for a message: runs of consecutive ones as ranges ("4-11, 13, 15-20")."""
-    runs: list[list[int]] = []
-    for s in sorted(slices):
-        if runs and s == runs[-1][-1] + 1:
-            runs[-1].append(s)
-        else:
-            runs.append([s])
-    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 2 else ", ".join(map(str, r)) for r in runs)
+    """Slice numbers for a message: runs of three or more as ranges ("4-11, 13, 15, 16, 18-20")."""
+    return ", ".join(f"{a}-{b}" if b - a > 1 else ", ".join(map(str, range(a, b + 1)))
+                     for a, b in slice_runs(sorted(slices)))
 
 
 def _on(ax: int, slices: Sequence[int], plane_names: Sequence[str] | None) -> str:
