@@ -457,6 +457,7 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--registration-weight", type=_unit_interval, metavar="W", help="as for propagate")
     p.add_argument("--intensity-gate", choices=("off", "prompt", "guide"), help="as for propagate")
     p.add_argument("--through-plane-mm", type=_through_plane_mm, metavar="T", help="as for propagate")
+    p.add_argument("--walk", choices=("engine", "published"), help="as for propagate")
     p.add_argument("--skip-existing", action="store_true", help="skip rows whose output exists (resume a cut run)")
     p.add_argument("--shard", type=parse_shard, metavar="K/N",
                    help="run only the manifest's cases K, K+N, K+2N ... (counting cases, not lines; split one "

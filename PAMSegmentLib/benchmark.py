@@ -301,7 +301,7 @@ def _small_checkpoint(cfg: BenchConfig) -> str | None:
 
 def _pam_model(preset: str, checkpoint: str | None):
     """(PAMModel, weights description). Speed does not depend on the weights' values."""
-    from .checkpoints import PAMModel, load_model
+    from .checkpoints import InferenceParams, PAMModel, load_model
     from .network import PRESETS, PAMNetwork
 
     if checkpoint:
@@ -312,7 +312,9 @@ def _pam_model(preset: str, checkpoint: str | None):
         if not same and not (preset == "official" and model.kind == "official"):
             raise ValueError(f"checkpoint {checkpoint} is a {model.config.name!r} network, not {preset!r}")
         return model, f"trained: {Path(checkpoint).name}"
-    return PAMModel.from_network(PAMNetwork(preset)), "random"
+    # Random official weights walk as the authors' checkpoint does (load_official: published_scheme).
+    inference = InferenceParams(published_scheme=True) if preset == "official" else None
+    return PAMModel.from_network(PAMNetwork(preset), inference=inference), "random"
 
 
 def _disk(size: int) -> np.ndarray:

@@ -113,6 +113,11 @@ class InferenceParams:
     # k = ceil(spacing / this), and the result is kept on the original slices
     # (PAMSegmentLib.propagate.AxisInterpolated; see the README's ablations).
     through_plane_mm: float = 0.0
+    # The authors' published inference (PAM-SPEC; the default of their checkpoint, off for ours):
+    # overlapping windows whose votes are united, a side ending only where a window's outermost
+    # slice is empty (PAMSegmentLib.propagate._walk_published), 6-connected components, crops
+    # resized without antialiasing and the output scales upsampled with aligned corners.
+    published_scheme: bool = False
 
     def __post_init__(self):
         if self.query_prior not in QUERY_PRIORS:
@@ -153,8 +158,9 @@ class InferenceParams:
         number("registration_coarse_iterations", 0, 1000, whole=True)
         if self.min_window > self.max_window:
             raise ValueError(f"min_window {self.min_window} exceeds max_window {self.max_window}")
-        if not isinstance(self.intensity_gate, bool):
-            raise ValueError(f"intensity_gate must be true or false, got {self.intensity_gate!r}")
+        for name in ("intensity_gate", "published_scheme"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -509,7 +515,8 @@ def load_checkpoint_file(path: str | os.PathLike, device: str = "cpu") -> PAMMod
         network.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint {path} could not be loaded: {str(exc).splitlines()[0]}") from None
-    return PAMModel(network.eval().to(device), PreprocessingParams(), InferenceParams(), kind="official",
+    return PAMModel(network.eval().to(device), PreprocessingParams(), InferenceParams(published_scheme=True),
+                    kind="official",
                     source=str(path), sha256=digest, device=device)
 
 

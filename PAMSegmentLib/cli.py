@@ -90,6 +90,9 @@ def _pam_method(args: argparse.Namespace) -> Any:
     through_plane = getattr(args, "through_plane_mm", None)
     if through_plane is not None:
         model.inference = replace(model.inference, through_plane_mm=through_plane)
+    walk = getattr(args, "walk", None)
+    if walk is not None:
+        model.inference = replace(model.inference, published_scheme=walk == "published")
     return model
 
 
@@ -239,6 +242,7 @@ def add_propagate_arguments(p: argparse.ArgumentParser) -> None:
                    help="pam: weight of the demons-registration fusion, 0 = the network alone as in the official "
                         "PAM (default: the checkpoint's; 0.5 for the shipped weights, 0 for the official checkpoint; "
                         "a prior-channel network with query_prior=carried still registers, for its prior)")
+    p.add_argument("--walk", choices=("engine", "published"), help=WALK_HELP)
     p.add_argument("--intensity-gate", choices=("off", "prompt", "guide"),
                    help="pam: also end the walk where the predicted region's intensity drifts from the drawn "
                         "slice's region (prompt) or from the region of the slice it was predicted from (guide) "
@@ -354,7 +358,11 @@ def ctrl_c_ignored(keep: bool = False):
             signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
 
 
-PAM_ONLY_OPTIONS = ("registration_weight", "intensity_gate", "through_plane_mm")  # the network's options
+PAM_ONLY_OPTIONS = ("registration_weight", "intensity_gate", "through_plane_mm", "walk")  # the network's options
+WALK_HELP = ("pam: how the walk goes on from the drawn slices: 'published', the authors' (overlapping windows whose "
+             "votes are united, a side ending only where a window's last slice is empty), or 'engine', ours (each "
+             "slice predicted once, a side ending at its first empty slice) (default: the checkpoint's; engine for "
+             "the shipped weights, published for the official checkpoint)")
 
 
 def check_pam_only_options(args: argparse.Namespace) -> None:

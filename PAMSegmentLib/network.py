@@ -302,11 +302,13 @@ class PAMNetwork(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def fuse_scales(logits: list[torch.Tensor], size: int) -> torch.Tensor:
-    """Average of all scales' logits at full size -> foreground probability (B, size, size)."""
+def fuse_scales(logits: list[torch.Tensor], size: int, align_corners: bool = False) -> torch.Tensor:
+    """Average of all scales' logits at full size -> foreground probability (B, size, size)
+    (``align_corners``: how the coarser scales are upsampled; the authors' code aligns them)."""
     acc = None
     for lg in logits:
-        up = lg if lg.shape[-1] == size else F.interpolate(lg, size=(size, size), mode="bilinear", align_corners=False)
+        up = lg if lg.shape[-1] == size else F.interpolate(lg, size=(size, size), mode="bilinear",
+                                                          align_corners=align_corners)
         acc = up if acc is None else acc + up
     return torch.softmax(acc / len(logits), dim=1)[:, 1]
 

@@ -158,6 +158,7 @@ class PAMPredictor(SlicePredictor):
         self.consistency_min_dice = inf.consistency_min_dice
         self.through_plane_mm = float(inf.through_plane_mm)
         self.keyframe_outward_min_agreement = inf.keyframe_outward_min_agreement
+        self.published_scheme = bool(inf.published_scheme)
         # InferenceParams.registration_carry_supersample (an attribute: validate.py may override it).
         self.carry_supersample = int(inf.registration_carry_supersample)
         # The network crop's side as a multiple of the guide mask's larger extent (None: the
@@ -398,6 +399,7 @@ class PAMPredictor(SlicePredictor):
         size, device = pre.input_size, self.model.device
         box = crop_box_for_mask(guide_mask, pre if self.crop_scale is None else replace(pre, crop_scale=self.crop_scale))
         stage = self.model.network.proposing_stage
+        antialias = not self.published_scheme  # the authors resize crops without antialiasing
         # Successive batches of a window share their guide: encode it once.
         origin = None
         if self.network_window == "origin":
@@ -415,19 +417,19 @@ class PAMPredictor(SlicePredictor):
                 window = intensity_window(volume[guide_index], guide_mask, pre)
             elif origin is not None:
                 window = self._drawn_windows.get(origin, self.window)
-            g_img = crop_slices(volume[guide_index][None], box, size, window).to(device)
+            g_img = crop_slices(volume[guide_index][None], box, size, window, antialias=antialias).to(device)
             g_mask = crop_slices(guide_mask[None], box, size, is_mask=True).to(device)
             if len(cache) >= 4:  # a walk uses at most a few guides at a time
                 cache.pop(next(iter(cache)))
             cache[key] = (stage.encode_guide(g_img, g_mask), g_mask, window)
         self._guide_cache = cache
         (keys, values), g_mask, window = cache[key]
-        queries = crop_slices(volume[list(query_indices)], box, size, window).to(device)
+        queries = crop_slices(volume[list(query_indices)], box, size, window, antialias=antialias).to(device)
         prior = None
         if priors is not None and self.model.config.mask_prior:
             prior = crop_slices(np.asarray(priors, dtype=np.float32), box, size, is_mask=True).to(device)[None]
         out = stage.decode_queries(queries[None], keys, values, g_mask, prior)
-        prob = fuse_scales(out.logits, size).float().cpu()
+        prob = fuse_scales(out.logits, size, align_corners=self.published_scheme).float().cpu()
         presence = torch.sigmoid(out.presence).float().cpu().numpy() if out.presence is not None else None
         if not bool(torch.isfinite(prob).all()) or (presence is not None and not np.isfinite(presence).all()):
             # The inputs are finite and windowed to [-1, 1]: finite weights whose values overflow.

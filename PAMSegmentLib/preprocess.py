@@ -142,11 +142,12 @@ def _padded_window(arr: np.ndarray, box: CropBox, fill: float) -> np.ndarray:
 
 
 def crop_slices(slices: np.ndarray, box: CropBox, size: int, window: IntensityWindow | None = None,
-                is_mask: bool = False) -> torch.Tensor:
+                is_mask: bool = False, antialias: bool = True) -> torch.Tensor:
     """Crop (N, H, W) slices to ``box`` and resize to (N, 1, size, size).
 
     Images are windowed to [-1, 1] (outside the slice counts as the window's low end) and resized
-    bilinearly; masks are resized with nearest neighbour.
+    bilinearly, antialiased when shrunk (``antialias``; the authors' code resizes without);
+    masks are resized with nearest neighbour.
     """
     if is_mask:
         crop = _padded_window(slices.astype(np.float32), box, 0.0)
@@ -159,7 +160,8 @@ def crop_slices(slices: np.ndarray, box: CropBox, size: int, window: IntensityWi
         return t
     if is_mask:
         return F.interpolate(t, size=(size, size), mode="nearest")
-    return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=box.side > size)
+    return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False,
+                         antialias=bool(antialias) and box.side > size)
 
 
 def uncrop_probability(prob: torch.Tensor | np.ndarray, box: CropBox, slice_shape: tuple[int, int]) -> np.ndarray:

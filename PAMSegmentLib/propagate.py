@@ -7,13 +7,20 @@ network (``PAMPredictor``), the classical baselines (``PAMSegmentLib.baselines``
 doubles all implement it, so the walk, the stopping rule, batching, cancellation and the
 post-processing are one piece of code whatever predicts the slices.
 
-Walk (PAM's published scheme): from the outermost prompt slice on each side, predict the next
-window of Z = min(int(window_mm / slice spacing), max_window) slices from the current guide, in
-bounded batches; the outermost slice of the window becomes the next guide. A side stops at the
-first slice predicted empty (for networks with an object-present head: presence below its
-threshold). Between two prompt slices (keyframes) each slice is predicted from both sides and the
-two probabilities are fused with weights by distance. Finally 3D components that do not touch
-the prompt are removed and the prompt slices are restored exactly.
+The engine's walk (``_walk``; PAM's windows, its own stopping): from the outermost prompt slice
+on each side, predict the next window of Z = min(int(window_mm / slice spacing), max_window)
+slices from the current guide, in bounded batches; the outermost slice of the window becomes the
+next guide. A side stops at the first slice predicted empty (for networks with an object-present
+head: presence below its threshold). Between two prompt slices (keyframes) each slice is
+predicted from both sides and the two probabilities are fused with weights by distance. Finally
+3D components that do not touch the prompt are removed and the prompt slices are restored
+exactly.
+
+The authors' published walk (``_walk_published``, PAM-SPEC's "Propagation"; the default of their
+checkpoint, ``InferenceParams.published_scheme``) differs: each guide predicts every slice within
++-Z of itself, so consecutive windows overlap and a slice gets several votes; a side ends only
+where a window's outermost slice is empty; a slice holds what any vote gave it (the union), and
+the components kept are 6-connected to the prompt. The prompt slices are still kept as drawn.
 """
 
 from __future__ import annotations
@@ -101,6 +108,9 @@ class SlicePredictor(abc.ABC):
     keyframe_outward_min_agreement: float = 0.0
     # Thick slices: walk through interpolated slices where the spacing exceeds this (mm); 0 = off.
     through_plane_mm: float = 0.0
+    # The authors' published walk (``_walk_published``) instead of the engine's (``_walk``) on the
+    # walks outward from the drawn slices; set from InferenceParams.published_scheme.
+    published_scheme: bool = False
 
     def begin(self, volume: np.ndarray, prompt_index: int, prompt_mask: np.ndarray) -> None:
         pass
@@ -890,6 +900,9 @@ def _walk(volume, predictor, start, start_mask, direction, end, window, batch_si
     the agreement of every slice that holds the object, so that an update can later apply a
     stricter agreement test to this walk without predicting it again (``_Reuse.first_below``).
     """
+    if getattr(predictor, "published_scheme", False) and stop_signals and not keep_prob:
+        return _walk_published(volume, predictor, start, start_mask, direction, end, window, batch_size, early_stop,
+                               progress, out_probs, out_conf, stats, min_agreement, out_agree, slice_step)
     fb_min = float(getattr(predictor, "consistency_min_dice", 0.0) or 0.0) if early_stop else 0.0
     reason = "end"
 
@@ -990,8 +1003,90 @@ def _walk(volume, predictor, start, start_mask, direction, end, window, batch_si
     return record(last_with_object)
 
 
-def _keep_connected(mask: np.ndarray, seeds: np.ndarray) -> np.ndarray:
-    """Keep the 26-connected components of ``mask`` that touch ``seeds`` (computed on the bbox)."""
+def _walk_published(volume, predictor, start, start_mask, direction, end, window, batch_size, early_stop,
+                    progress, out_probs, out_conf, stats, min_agreement: float = 0.0,
+                    out_agree: np.ndarray | None = None, slice_step: int = 1) -> int:
+    """The authors' published walk (PAM-SPEC, "Propagation") on one side of ``start``, with
+    ``_walk``'s arguments and results. Each guide predicts every slice of this side within
+    ``window`` slices of itself: the drawn slice the ``window`` beyond it, every later guide also
+    the ``window`` behind it, already predicted (another vote). A slice holds the union of its
+    votes. The next guide is the window's outermost slice with its votes' mask; the side ends where
+    that slice holds nothing (without ``early_stop`` the last guide that held the object predicts
+    the next window, up to ``end``). A slice's confidence is the mean over its votes.
+
+    The network's own stop signals (object-present output, drift test, ``min_agreement``) empty
+    the vote they come with; the authors' network has none of them."""
+    votes: dict[int, np.ndarray] = {}  # slice -> union of its votes so far
+    confidences: dict[int, list[float]] = {}
+    why_empty: dict[int, str] = {}  # slice -> what emptied its last vote
+    reported: set[int] = set()
+    guide_idx, guide_mask = start, np.asarray(start_mask, dtype=bool)
+    front, last_with_object, reason = start, start, "end"
+
+    def inside(idx: int) -> bool:  # on this side of start, up to end
+        return (idx - start) * direction > 0 and (end - idx) * direction >= 0
+
+    def vote_for(indices: list[int]) -> None:
+        """One vote from the guide for each of ``indices`` (a walk from the guide, either way)."""
+        guide_area = int(guide_mask.sum())
+        for b in range(0, len(indices), batch_size):
+            progress.check_cancel()
+            batch = indices[b: b + batch_size]
+            t0 = time.perf_counter()
+            pred = predictor.predict(volume, guide_idx, guide_mask, batch)
+            stats["predict"] += time.perf_counter() - t0
+            stats["n_predicted"] += len(batch)
+            for q, idx in enumerate(batch):
+                prob = pred.prob[q]
+                vote = prob >= predictor.threshold
+                agreement = None if pred.agreement is None else float(pred.agreement[q])
+                why = None
+                if _is_empty(prob, _stop_presence(pred, q), guide_area, predictor):
+                    why = _stop_reason(pred, q, predictor)
+                elif min_agreement > 0 and agreement is not None and agreement < min_agreement:
+                    why = "agreement"
+                if why is not None:
+                    vote[:] = False
+                    why_empty[idx] = why
+                elif out_agree is not None and agreement is not None:
+                    out_agree[idx] = agreement
+                votes[idx] = vote | votes[idx] if idx in votes else vote
+                presence = None if pred.presence is None else float(pred.presence[q])
+                confidences.setdefault(idx, []).append(_slice_confidence(prob, presence, predictor.threshold))
+            fresh = [i for i in batch if i not in reported]
+            reported.update(fresh)
+            if fresh:
+                progress.advance(len(fresh), f"slice {batch[-1] // slice_step}")
+
+    while True:
+        ahead = [front + direction * j for j in range(1, window + 1) if inside(front + direction * j)]
+        if not ahead:
+            break
+        behind = [guide_idx - direction * j for j in range(1, window + 1) if inside(guide_idx - direction * j)]
+        vote_for(ahead)
+        if guide_idx == front:  # a guide the last window ended on re-votes the window behind it
+            vote_for(behind)
+        last_with_object = next((i for i in reversed(ahead) if votes[i].any()), last_with_object)
+        front = ahead[-1]
+        if front == end:
+            break
+        if votes[front].any():
+            guide_idx, guide_mask = front, votes[front]
+        elif early_stop:
+            reason = why_empty.get(front, "area")
+            break
+    for idx, vote in votes.items():
+        out_probs[idx] = vote
+        out_conf[idx] = float(np.mean(confidences[idx]))
+    if early_stop:
+        _record_stop(stats, start, direction, last_with_object, reason)
+    progress.advance(abs(end - start) - len(reported), "side finished")
+    return last_with_object
+
+
+def _keep_connected(mask: np.ndarray, seeds: np.ndarray, connectivity: int = 26) -> np.ndarray:
+    """Keep the ``connectivity``-connected components of ``mask`` that touch ``seeds`` (computed on
+    the bbox; 26, or 6 as the authors' published walk)."""
     if not mask.any():
         return mask
     nz = np.nonzero(mask)
@@ -999,7 +1094,7 @@ def _keep_connected(mask: np.ndarray, seeds: np.ndarray) -> np.ndarray:
     hi = [int(a.max()) + 1 for a in nz]
     sl = tuple(slice(a, b) for a, b in zip(lo, hi))
     sub = mask[sl]
-    cc = cc3d.connected_components(sub.astype(np.uint8), connectivity=26)
+    cc = cc3d.connected_components(sub.astype(np.uint8), connectivity=connectivity)
     keep_ids = np.unique(cc[seeds[sl] & sub])
     keep_ids = keep_ids[keep_ids != 0]
     out = np.zeros_like(mask)
@@ -1243,8 +1338,8 @@ def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo
         mask[s] = p >= predictor.threshold
     for kf in keys:
         mask[kf] = prompt_mask[kf]
-    if remove_disconnected:
-        mask = _keep_connected(mask, prompt_mask)
+    if remove_disconnected:  # the authors' published walk keeps 6-connected components (scipy's default)
+        mask = _keep_connected(mask, prompt_mask, 6 if getattr(predictor, "published_scheme", False) else 26)
     for kf in keys:  # the user's slices are kept exactly (walls stay empty)
         mask[kf] = prompt_mask[kf]
     stats["postprocess"] += time.perf_counter() - t0

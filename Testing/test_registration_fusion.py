@@ -446,7 +446,7 @@ def test_network_window_from_the_guide_is_an_option(monkeypatch):
     class Stop(Exception):
         pass
 
-    def record(slices, box, size, window=None, is_mask=False):
+    def record(slices, box, size, window=None, is_mask=False, antialias=True):
         if is_mask:
             return pp.torch.zeros((len(slices), 1, size, size))
         seen.append((round(window.low, 3), round(window.high, 3)))
@@ -484,7 +484,7 @@ def test_network_window_from_the_keyframe_each_walk_started_from(monkeypatch):
 
     seen = []
 
-    def record(slices, box, size, window=None, is_mask=False):
+    def record(slices, box, size, window=None, is_mask=False, antialias=True):
         if not is_mask:
             seen.append((round(window.low, 3), round(window.high, 3)))
         return pp.torch.zeros((len(slices), 1, size, size))
@@ -501,7 +501,7 @@ def test_network_window_from_the_keyframe_each_walk_started_from(monkeypatch):
     w0, w8 = (round(first.low, 3), round(first.high, 3)), (round(other.low, 3), round(other.high, 3))
     assert w8 != w0
     monkeypatch.setattr(pp, "crop_slices", record)
-    monkeypatch.setattr(pp, "fuse_scales", lambda logits, size: pp.torch.zeros((2, size, size)))
+    monkeypatch.setattr(pp, "fuse_scales", lambda logits, size, **kw: pp.torch.zeros((2, size, size)))
     for mode, expected in (("prompt", [w0] * 6), ("origin", [w0, w0, w8, w8, w8, w8])):  # guide, queries each
         p = PAMPredictor(model, registration_weight=0.0)
         p.network_window = mode

@@ -52,6 +52,9 @@ _FLAGS = {
     # engine's rule since session 19); kfvotes: the walk that lost the object still votes (before).
     "kfnoempty": {"keyframe_empty_side_votes": False},
     "kfvotes": {"keyframe_empty_side_votes": True},
+    # The authors' published walk (overlapping windows, votes united, 6-connected components; the
+    # official checkpoint's default) instead of the engine's.
+    "published": {"published_scheme": True},
 }
 _NUMERIC = {
     "kfagree": (None, "keyframe_outward_min_agreement", float),  # min Dice network vs warped, outward
@@ -89,7 +92,8 @@ def parse_config(config: str) -> dict:
     Dice < D). ``upT`` (thick slices: walks through slices interpolated to <= T mm; 0 = off). ``cropS`` (the
     network crop's side, S x the guide mask's larger extent; the checkpoint's is 1.5). ``wguide`` (the
     network's intensity window from each window's guide instead of the drawn slice), ``kfwin`` (from
-    the drawn slice each walk started from). Unknown options are an error."""
+    the drawn slice each walk started from), ``published`` (the authors' published walk: overlapping
+    windows whose votes are united, 6-connected components). Unknown options are an error."""
     if config.startswith("window"):
         return {"window_mm": float(config[len("window"):])}
     head, *tokens = config.split("+")
@@ -188,7 +192,7 @@ def main(argv=None) -> int:
                 predictor.registration_options = opts.get("registration_options", {})
                 for name in ("window_mm", "threshold", "presence_threshold", "consistency_min_dice",
                              "keyframe_outward_min_agreement", "carry_supersample", "through_plane_mm", "crop_scale", "network_window",
-                             "keyframe_empty_side_votes"):
+                             "keyframe_empty_side_votes", "published_scheme"):
                     if name in opts:
                         setattr(predictor, name, opts[name])
             res = propagate(case.image, prompt, case.spacing, predictor, axis=0)
