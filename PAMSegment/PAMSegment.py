@@ -739,9 +739,14 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 # After an update, a walk from a slice just drawn that ends at once is what the drawing says.
                 edited = getattr(job, "edited", None)
                 notes = job.result.notes(edited=None if edited is None else {1: list(edited)})
-                if notes:  # e.g. the drift test stopped right at the drawn slice
+                drift = job.result.drift_notes(edited=None if edited is None else {1: list(edited)})
+                if drift:  # stopped right at the drawn slice
                     hint += (" The propagation stopped right next to your slice because the tissue changed there; if "
                              "the structure goes on, uncheck 'Stop where the tissue changes' and propagate again.")
+                for note in notes:  # e.g. slices filled between two drawn slices (one segment: label 1)
+                    if note not in drift:
+                        text = note.split(": ", 1)[1] if note.startswith("label ") else note
+                        hint += f" {text[0].upper()}{text[1:]}."
                 self._setStatus(f'"{written.GetName()}": {job.summary()}.{hint}', "warning" if notes else "ok")
                 self._reviewShown = None
                 self.updatePromptLabel()

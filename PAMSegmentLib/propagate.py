@@ -152,6 +152,12 @@ class PropagationResult:
     # Labels that lost voxels to an earlier label where they overlapped: ``mask`` does not hold all
     # of their own prediction, so an update recomputes them rather than reusing ``mask``.
     overlapped: frozenset = frozenset()
+    # label -> voxels it lost to labels propagated before it ({other label: voxels}) and its own
+    # prediction's voxels, as (lost, own): for the note that says so (this call only).
+    lost: dict = field(default_factory=dict)
+    # label -> slices between two of its drawn slices that the walks from both sides predicted
+    # empty, filled by interpolating the shapes on either side (``_fill_between``; this call only).
+    filled: dict[int, list[int]] = field(default_factory=dict)
     # label -> the predictor's class and its state after it began on the label's drawn slice
     # (``begin_state``, e.g. PAM's intensity window): an update by another predictor, or one that
     # begins differently, recomputes the label.
@@ -233,7 +239,27 @@ class PropagationResult:
                    remove_disconnected=flags[1], overlapped=frozenset(overlapped), image_digest=digest, **out)
 
     def notes(self, edited: dict[int, Sequence[int]] | None = None) -> list[str]:
-        """Hints for the user about how walks ended (e.g. a drift test that stopped at once).
+        """Hints for the user: how walks ended (``drift_notes``), slices filled between drawn
+        slices, voxels a label lost to labels propagated before it."""
+        out = list(self.drift_notes(edited))
+        for lab, slices in sorted(self.filled.items()):
+            if slices:
+                them = "it" if len(slices) == 1 else "them"
+                out.append(f"label {lab}: between its drawn slices the walks from both sides lost the object on "
+                           f"{_slice_list_text(slices)}, filled by interpolating the shapes on either side: check "
+                           f"{them}, and where the object is really absent mark the slice empty")
+        for lab, (by, own) in sorted(self.lost.items()):
+            total = sum(by.values())
+            if own and total >= max(0.05 * own, 1):
+                who = ", ".join(f"{v} voxels to label {o}" for o, v in sorted(by.items(), key=lambda x: -x[1]))
+                out.append(f"label {lab} lost {total} of its {own} voxels ({100 * total / own:.0f} %) where it "
+                           f"overlapped labels propagated before it ({who}); labels propagated earlier keep such "
+                           f"voxels: name the labels in another order (--label) to change that")
+        return out
+
+    def drift_notes(self, edited: dict[int, Sequence[int]] | None = None) -> list[str]:
+        """The notes of walks the intensity drift test ended right beside a drawn slice: turning
+        the test off is the remedy (the command line adds its option, Slicer its checkbox).
         ``edited``: per label, slices the user just drew in an update; a walk from one of them that
         ends at once is what the drawing says (an organ's last slice), not a hint."""
         out = []
@@ -384,6 +410,11 @@ def _slice_list(slices: Sequence[int]) -> str:
     """Slice numbers for a message: runs of three or more as ranges ("4-11, 13, 15, 16, 18-20")."""
     return ", ".join(f"{a}-{b}" if b - a > 1 else ", ".join(map(str, range(a, b + 1)))
                      for a, b in slice_runs(sorted(slices)))
+
+
+def _slice_list_text(slices: Sequence[int]) -> str:
+    """``slice 4`` or ``slices 4-11, 13``."""
+    return f"slice{'s' if len(slices) > 1 else ''} {_slice_list(slices)}"
 
 
 def _on(ax: int, slices: Sequence[int], plane_names: Sequence[str] | None) -> str:
@@ -1084,6 +1115,32 @@ def _walk_published(volume, predictor, start, start_mask, direction, end, window
     return last_with_object
 
 
+def _signed_distance(mask: np.ndarray) -> np.ndarray:
+    """Distance to the mask's edge, negative inside (px)."""
+    from scipy import ndimage
+
+    return (ndimage.distance_transform_edt(~mask) - ndimage.distance_transform_edt(mask)).astype(np.float32)
+
+
+def _fill_between(mask: np.ndarray, a: int, b: int, conf: np.ndarray) -> list[int]:
+    """Between drawn slices ``a`` and ``b`` of ``mask`` (both hold the object), runs of slices left
+    empty (the walks from both sides lost the object, or what they found was not connected to the
+    drawing) are filled by shape-based interpolation: the signed distances of the nearest slices
+    holding the object on either side, blended linearly by position (the nearer slice's shape
+    where the blend is empty). Their confidence becomes 0, so that review shows them first.
+    Returns the slices filled."""
+    empty = [s for s in range(a + 1, b) if not mask[s].any()]
+    for r0, r1 in slice_runs(empty):
+        lo, hi = r0 - 1, r1 + 1
+        d_lo, d_hi = _signed_distance(mask[lo]), _signed_distance(mask[hi])
+        for s in range(r0, r1 + 1):
+            t = (s - lo) / (hi - lo)
+            shape = (1 - t) * d_lo + t * d_hi < 0
+            mask[s] = shape if shape.any() else (mask[lo] if t <= 0.5 else mask[hi])
+            conf[s] = 0.0
+    return empty
+
+
 def _keep_connected(mask: np.ndarray, seeds: np.ndarray, connectivity: int = 26) -> np.ndarray:
     """Keep the ``connectivity``-connected components of ``mask`` that touch ``seeds`` (computed on
     the bbox; 26, or 6 as the authors' published walk)."""
@@ -1342,6 +1399,9 @@ def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo
         mask = _keep_connected(mask, prompt_mask, 6 if getattr(predictor, "published_scheme", False) else 26)
     for kf in keys:  # the user's slices are kept exactly (walls stay empty)
         mask[kf] = prompt_mask[kf]
+    for a, b in zip(keys[:-1], keys[1:]):  # the object is not cut off between two drawn slices
+        if a in drawn and b in drawn and b - a >= 2:
+            stats.setdefault("filled", []).extend(_fill_between(mask, a, b, conf))
     stats["postprocess"] += time.perf_counter() - t0
     return mask, conf, sorted(recomputed), agreement, begin_key
 
@@ -1523,9 +1583,10 @@ def _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, em
         overlapped = set()
         prev_mask = np.moveaxis(previous.mask, ax, 0) if usable_previous else None
         keyframes_all, recomputed_all, stops_all, agreement_all, begin_states = {}, {}, {}, {}, {}
+        filled_all, lost_all = {}, {}
         for lab, keyframes in slices.items():
             tracker.check_cancel()
-            stats["stops"] = []
+            stats["stops"], stats["filled"] = [], []
             label_mask = prm == lab
             reuse = None
             if usable_previous and lab in previous.keyframes and lab not in previous.overlapped:
@@ -1536,11 +1597,14 @@ def _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, em
                 remove_disconnected, tracker, stats, reuse, empties[lab])
             keyframes_all[lab] = {k: label_mask[k].copy() for k in user_slices[lab]}
             stops_all[lab] = stats.pop("stops")
+            filled_all[lab] = sorted(stats.pop("filled"))
             # Earlier labels keep their voxels; a label's own prompt voxels always win.
             if lab != next(iter(slices)):  # the first label finds the map empty
                 taken = out != 0
                 if (mask & taken).any():
                     overlapped.add(lab)
+                    values, counts = np.unique(out[mask & taken & ~label_mask], return_counts=True)
+                    lost_all[lab] = ({int(v): int(c) for v, c in zip(values, counts)}, int(mask.sum()))
                 overlapped.update(int(v) for v in np.unique(out[label_mask & taken]))  # lost to its drawing
                 out[mask & ~taken] = lab
             else:
@@ -1572,6 +1636,8 @@ def _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, em
         agreement=agreement_all,
         remove_disconnected=bool(remove_disconnected),
         overlapped=frozenset(overlapped),
+        lost=lost_all,
+        filled=filled_all,
         begin_state=begin_states,
         image_digest=digest,
     )

@@ -59,7 +59,11 @@ def decode_result(payload: bytes) -> PropagationResult:
             agreement = {int(lab): z[f"agreement_{lab}"] for lab in meta["labels"] if f"agreement_{lab}" in z.files}
             keyframes = {int(lab): {int(k): z[f"keyframe_{lab}_{k}"] for k in ks}
                          for lab, ks in meta.get("keyframes", {}).items()}
-    except (ValueError, KeyError, OSError) as error:
+            # (servers before session 25 send neither)
+            filled = {int(lab): [int(s) for s in v] for lab, v in meta.get("filled", {}).items()}
+            lost = {int(lab): ({int(o): int(n) for o, n in by.items()}, int(own))
+                    for lab, (by, own) in meta.get("lost", {}).items()}
+    except (ValueError, KeyError, OSError, TypeError, AttributeError) as error:
         raise PAMError(f"the server's answer is not a PAMSegment result ({error})") from None
     return PropagationResult(
         mask=mask, axis=int(meta["axis"]), confidence=confidence,
@@ -68,7 +72,7 @@ def decode_result(payload: bytes) -> PropagationResult:
         timings=meta["timings"], n_predicted=int(meta["n_predicted"]),
         range=tuple(meta["range"]) if meta.get("range") else None, early_stop=bool(meta["early_stop"]),
         stops={int(k): v for k, v in meta["stops"].items()}, keyframes=keyframes, agreement=agreement,
-        remove_disconnected=bool(meta["remove_disconnected"]),
+        remove_disconnected=bool(meta["remove_disconnected"]), filled=filled, lost=lost,
     )
 
 

@@ -752,6 +752,28 @@ def read_volume(path: PathLike, series_uid: str | None = None) -> Volume:
     return volume
 
 
+def _check_label_scaling(p: Path) -> None:
+    """A NIfTI-1 label map whose header scales its values (scl_slope, scl_inter; ITK applies them,
+    as Slicer does): an offset shifts the background too, so every voxel became a label (it was
+    called a 3D mask); a slope alone renumbers the labels, which the output then keeps (noted)."""
+    import struct
+
+    header = _nifti_header(p)
+    e = _nifti1_endian(header)
+    if e is None:
+        return
+    slope, inter = struct.unpack_from(e + "2f", header, 112)
+    slope = slope or 1.0  # ITK reads a slope of 0 as 1 (and still adds the intercept)
+    if not (np.isfinite(slope) and np.isfinite(inter)) or (slope == 1 and inter == 0):
+        return
+    if inter != 0:
+        raise InputError(f"{p.name}: its NIfTI header scales the stored values (scl_slope {slope:g}, scl_inter "
+                         f"{inter:g}), so every label v reads as {slope:g} x v + {inter:g} and the background 0 "
+                         f"as {inter:g}: save the label map without scaling (scl_slope 1, scl_inter 0)")
+    warnings.warn(f"{p.name}: its NIfTI header scales the stored values by scl_slope {slope:g}, so each stored label "
+                  f"v is read (and written back) as {slope:g} x v, as ITK and Slicer read it", stacklevel=2)
+
+
 def _as_integer_labels(image: sitk.Image, name: str) -> sitk.Image:
     """Cast a label image to the smallest integer pixel type holding its values."""
     arr = sitk.GetArrayViewFromImage(image)
@@ -1014,7 +1036,9 @@ def read_labelmap(path: PathLike, reference: Volume | None = None, resample: boo
     if reference is not None:
         reference = as_volume(reference, "read_labelmap's reference")
     # A one-slice label map is fine: it has a 3D position and can be resampled onto the image.
-    image = _as_integer_labels(_read_sitk(path, single_slice_ok=True), name)
+    raw = _read_sitk(path, single_slice_ok=True)
+    _check_label_scaling(Path(path))
+    image = _as_integer_labels(raw, name)
     labels = Volume.from_sitk(image)
     if reference is None:
         return labels

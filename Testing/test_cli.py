@@ -820,11 +820,15 @@ def test_propagate_prints_the_results_notes(ct_case, small_checkpoint, monkeypat
     with the option that changes it."""
     from PAMSegmentLib.propagate import PropagationResult
 
-    monkeypatch.setattr(PropagationResult, "notes", lambda self, edited=None: ["label 1: stopped at once"])
+    monkeypatch.setattr(PropagationResult, "drift_notes", lambda self, edited=None: ["label 1: stopped at once"])
+    monkeypatch.setattr(PropagationResult, "notes", lambda self, edited=None: ["label 1: stopped at once",
+                                                                             "label 1: something else"])
     out = ct_case.directory / "noted.nii.gz"
     assert cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out),
                      "--checkpoint", str(small_checkpoint.path)]) == 0
-    assert "note: label 1: stopped at once (--intensity-gate off)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "note: label 1: stopped at once (--intensity-gate off)\n" in printed
+    assert "note: label 1: something else\n" in printed  # other notes without the drift test's option
 
 
 def test_label_given_twice_on_the_command_line_adds_up():

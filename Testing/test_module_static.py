@@ -1058,7 +1058,7 @@ def test_panel_warns_when_the_drift_test_stopped_next_to_the_drawn_slice(panel, 
 
     truth, volume, segmentation, segment_id = drawn
     oracle_loader(monkeypatch, truth)
-    monkeypatch.setattr(PropagationResult, "notes", lambda self, edited=None: ["label 1: stopped at once"])
+    monkeypatch.setattr(PropagationResult, "drift_notes", lambda self, edited=None: ["label 1: stopped at once"])
     ui = panel.ui
     ui.segmentationSelector.setCurrentNode(segmentation)
     ui.propagateButton.click()
@@ -1066,6 +1066,25 @@ def test_panel_warns_when_the_drift_test_stopped_next_to_the_drawn_slice(panel, 
     assert panel.job.state == "finished"
     assert "uncheck 'Stop where the tissue changes'" in ui.statusLabel.text
     assert ui.statusLabel.styleSheet == "color: #a86b00;"  # the panel's warning colour, not the green "ok"
+
+
+def test_panel_shows_the_results_other_notes_without_the_drift_advice(panel, drawn, monkeypatch):
+    """A note that is not the drift test's (slices filled between two drawn slices) is shown in the
+    status as a sentence, without its "label 1:" (one segment), and without the checkbox advice."""
+    from PAMSegmentLib.propagate import PropagationResult
+
+    truth, volume, segmentation, segment_id = drawn
+    oracle_loader(monkeypatch, truth)
+    monkeypatch.setattr(PropagationResult, "notes", lambda self, edited=None: [
+        "label 1: between its drawn slices the walks from both sides lost the object on slice 7, filled"])
+    ui = panel.ui
+    ui.segmentationSelector.setCurrentNode(segmentation)
+    ui.propagateButton.click()
+    poll_until_idle(panel)
+    assert panel.job.state == "finished"
+    assert ui.statusLabel.text.endswith(" Between its drawn slices the walks from both sides lost the object on "
+                                        "slice 7, filled.")
+    assert "uncheck" not in ui.statusLabel.text and ui.statusLabel.styleSheet == "color: #a86b00;"
 
 
 def test_panel_follows_edits_only_while_shown(panel, drawn):

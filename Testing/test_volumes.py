@@ -902,3 +902,43 @@ def test_a_native_writers_own_complaint_on_a_full_disk_is_not_printed(tmp_path, 
     os.write(2, b"descriptor 2 is back\n")
     err = capfd.readouterr().err
     assert "NWAD" not in err and "descriptor 2 is back" in err
+
+
+def _with_scaling(path: Path, slope: float, inter: float) -> None:
+    """Set a NIfTI-1 file's scl_slope and scl_inter (header bytes 112-119, little endian)."""
+    import gzip
+    import struct
+
+    data = bytearray(gzip.decompress(path.read_bytes()))
+    assert struct.unpack_from("<i", data, 0)[0] == 348
+    struct.pack_into("<2f", data, 112, slope, inter)
+    path.write_bytes(gzip.compress(bytes(data)))
+
+
+def test_a_label_map_whose_nifti_header_scales_its_values_is_refused_or_noted(tmp_path):
+    """A label map with scl_inter 10 read every voxel, background included, as a label (10 for 0)
+    and was refused as "a 3D mask"; now the header's scaling is named. A slope alone renumbers the
+    labels (ITK and Slicer apply it too): read as scaled, with a note."""
+    labels = np.zeros((4, 6, 6), np.uint8)
+    labels[1, 2:4, 2:4] = 3
+    path = tmp_path / "prompt.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(labels), str(path))
+    assert read_labelmap(path).array.max() == 3
+    _with_scaling(path, 1.0, 10.0)
+    with pytest.raises(InputError, match=re.escape(
+            "prompt.nii.gz: its NIfTI header scales the stored values (scl_slope 1, scl_inter 10), so every label v "
+            "reads as 1 x v + 10 and the background 0 as 10: save the label map without scaling (scl_slope 1, "
+            "scl_inter 0)")):
+        read_labelmap(path)
+    _with_scaling(path, 2.0, 0.0)
+    with pytest.warns(UserWarning, match=r"scales the stored values by scl_slope 2, so each stored label v is read "
+                                         r"\(and written back\) as 2 x v"):
+        got = read_labelmap(path)
+    assert sorted(np.unique(got.array).tolist()) == [0, 6]
+    _with_scaling(path, 0.0, 10.0)  # ITK reads a slope of 0 as 1 and still adds the intercept
+    with pytest.raises(InputError, match=re.escape("(scl_slope 1, scl_inter 10)")):
+        read_labelmap(path)
+    _with_scaling(path, 0.0, 0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sorted(np.unique(read_labelmap(path).array).tolist()) == [0, 3]
