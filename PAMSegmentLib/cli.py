@@ -166,6 +166,34 @@ def parse_slice_list(text: str) -> list[int]:
     return sorted({int(p) for p in parts})
 
 
+def parse_empty_slices(text: str) -> tuple[int | None, list[int]]:
+    """One ``--empty-slices`` value: "K[,K...]" (absent for every label) or "LABEL:K[,K...]"
+    (absent for that label) -> (label or None, sorted slices)."""
+    label, sep, rest = text.partition(":")
+    if not sep:
+        return None, parse_slice_list(text)
+    if not label.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected slice numbers (12,30) or a label and its slices (3:12,30); "
+                                         f"got {text!r}")
+    return int(label), parse_slice_list(rest)
+
+
+def walls_option(values) -> list[int] | dict[int, list[int]] | None:
+    """The ``--empty-slices`` values together: one list for every label, or {label: slices}."""
+    if not values:
+        return None
+    plain = [slices for label, slices in values if label is None]
+    if plain and len(plain) < len(values):
+        raise InputError("--empty-slices takes slices for every label (12,30) or per label (3:12,30 5:40), not both; "
+                         "give the slices for every label with each label")
+    if plain:
+        return sorted(set().union(*map(set, plain)))
+    out: dict[int, set[int]] = {}
+    for label, slices in values:
+        out.setdefault(label, set()).update(slices)
+    return {label: sorted(s) for label, s in sorted(out.items())}
+
+
 def number_type(kind, accepted, expected: str):
     """An argparse ``type``: ``kind(text)`` (int or float) when ``accepted(value)``, else the one
     message "expected <expected>, got '<text>'" (also for text that is not a number)."""
@@ -258,9 +286,10 @@ def add_propagate_arguments(p: argparse.ArgumentParser) -> None:
                    help="array axis to propagate along, (k, j, i) order (default: the axis the prompt is drawn across)")
     p.add_argument("--range", type=parse_slice_range, metavar="K0:K1", dest="slice_range",
                    help="propagate only within slices K0..K1 along the axis, both included")
-    p.add_argument("--empty-slices", type=parse_slice_list, metavar="K[,K...]",
+    p.add_argument("--empty-slices", type=parse_empty_slices, nargs="+", action="extend",
+                   metavar="[LABEL:]K[,K...]",
                    help="slices along the axis where the object is absent (e.g. erased after a first run): "
-                        "propagation never crosses them")
+                        "propagation never crosses them; LABEL:K,K for one label only (e.g. 3:12,20 5:40)")
     p.add_argument("--previous", metavar="PREV",
                    help="with --edited: an earlier result of this command for PROMPT (its OUT); propagate again "
                         "keeping your corrections (see --edited)")
@@ -409,6 +438,7 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     """Read IMAGE and PROMPT, propagate, write OUT on the image's grid, print a summary."""
     t0 = time.perf_counter()
     check_pam_only_options(args)
+    args.empty_slices = walls_option(args.empty_slices)
     if args.server:
         from .remote import SERVER_METHODS
 
@@ -729,7 +759,10 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
                 raise InputError(f"label {lab} was edited on slice {outside[0]}, outside --range {lo}:{hi}; widen "
                                  "--range or leave that slice as it was")
     # --empty-slices are walls of this round too: the record for the next round keeps them
-    plan.empty_slices = {lab: sorted(set(w) | set(empty_slices or ())) for lab, w in plan.empty_slices.items()}
+    def given(lab):  # --empty-slices for every label, or per label
+        return set(empty_slices.get(lab, ())) if isinstance(empty_slices, dict) else set(empty_slices or ())
+
+    plan.empty_slices = {lab: sorted(set(w) | given(lab)) for lab, w in plan.empty_slices.items()}
     check_request(plan.prompt, plan.axis, labels, slice_range, plan.empty_slices, True)  # refused before it is said
     for line in plan.describe():
         say(f"update: {line}")

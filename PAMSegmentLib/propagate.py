@@ -1913,7 +1913,8 @@ def _empty_slices_per_label(empty_slices, slices: dict, lo: int, hi: int, axis: 
         if both:
             others = [other for other in slices if other != lab]
             hint = (f" (to mark it empty for other labels only, propagate them on their own: --label "
-                    f"{' '.join(map(str, others))} --empty-slices {both[0]}; empty_slices={{label: [...]}} in Python)"
+                    f"{' '.join(map(str, others))} --empty-slices {both[0]}, or mark it for each of them: --empty-slices "
+                    f"{' '.join(f'{o}:{both[0]}' for o in others)}; empty_slices={{label: [...]}} in Python)"
                     if others and not isinstance(empty_slices, dict) else "")
             raise InputError(f"slice {both[0]} is both drawn (label {lab}) and marked empty; erase it or unmark it"
                              + hint)

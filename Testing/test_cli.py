@@ -742,6 +742,39 @@ def test_bad_empty_slices_syntax(ct_case, run_cli, text):
     assert "argument --empty-slices: expected slice numbers separated by commas" in proc.stderr
 
 
+def test_empty_slices_per_label(tmp_path, capsys):
+    """--empty-slices LABEL:K marks a slice empty for one label only (a review: a radiologist who drew
+    every structure on a slice could not say that one of them is absent there; only the Python API
+    took {label: slices}). Two squares copied along axis 0 from slice 10: a wall on slice 13 for
+    label 2 ends label 2 at 12 and leaves label 1 to the end of the volume."""
+    import SimpleITK as sitk
+
+    image = np.zeros((20, 24, 24), np.float32)
+    image[:, 2:8, 2:8] = 100
+    image[:, 12:18, 12:18] = 200
+    prompt = np.zeros(image.shape, np.uint8)
+    prompt[10, 2:8, 2:8] = 1
+    prompt[10, 12:18, 12:18] = 2
+    for name, arr in (("img.nii.gz", image), ("prompt.nii.gz", prompt)):
+        sitk.WriteImage(sitk.GetImageFromArray(arr), str(tmp_path / name))
+    out = tmp_path / "out.nii.gz"
+    argv = ["propagate", str(tmp_path / "img.nii.gz"), str(tmp_path / "prompt.nii.gz"), "-o", str(out),
+            "--method", "copy"]
+    assert cli.main(argv + ["--empty-slices", "2:13", "2:4,5"]) == 0
+    got = read_volume(out).array
+    assert np.flatnonzero((got == 1).any(axis=(1, 2))).tolist() == list(range(20))
+    assert np.flatnonzero((got == 2).any(axis=(1, 2))).tolist() == list(range(6, 13))
+    capsys.readouterr()
+    assert cli.main(argv + ["--empty-slices", "13", "2:4"]) == 2
+    assert capsys.readouterr().err == ("pamsegment: error: --empty-slices takes slices for every label (12,30) or per "
+                                       "label (3:12,30 5:40), not both; give the slices for every label with each "
+                                       "label\n")
+    assert cli.main(argv + ["--empty-slices", "7:13"]) == 2
+    assert "empty slices given for label 7, which is not among the labels propagated (1, 2)" in capsys.readouterr().err
+    assert cli.parse_empty_slices("3:12, 4") == (3, [4, 12]) and cli.parse_empty_slices("5") == (None, [5])
+    assert cli.walls_option([(2, [4]), (1, [3]), (2, [9])]) == {1: [3], 2: [4, 9]}
+
+
 def test_parse_slice_list():
     assert cli.parse_slice_list("12") == [12]
     assert cli.parse_slice_list("30, 12,12") == [12, 30]

@@ -764,7 +764,8 @@ def test_an_empty_slice_drawn_for_another_label_says_how_to_mark_it_for_some_lab
     prompt[9][truth[9]] = 2
     with pytest.raises(InputError, match=r"^slice 9 is both drawn \(label 2\) and marked empty; erase it or unmark it "
                                          r"\(to mark it empty for other labels only, propagate them on their own: "
-                                         r"--label 1 --empty-slices 9; empty_slices=\{label: \[...\]\} in Python\)$"):
+                                         r"--label 1 --empty-slices 9, or mark it for each of them: --empty-slices "
+                                         r"1:9; empty_slices=\{label: \[...\]\} in Python\)$"):
         propagate(image_for(truth), prompt, ISO, OracleModel(truth), empty_slices=[9])
 
 
