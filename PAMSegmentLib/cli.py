@@ -355,6 +355,12 @@ class _ProgressBar:
         if self.show_message and message != self.message:
             self.message = message
             self.bar.set_postfix_str(message)
+        elif not self.show_message and message.startswith("label ") and ": " in message:
+            # several labels: the bar says which one ("propagating label 17 (5/39)")
+            label = message.split(": ", 1)[0]
+            if label != self.message:
+                self.message = label
+                self.bar.set_description_str(f"{self.description} {label}")
         target = int(round(100 * min(max(fraction, 0.0), 1.0)))
         if target > self.bar.n:
             self.bar.update(target - self.bar.n)

@@ -837,6 +837,7 @@ class _Progress:
     def __init__(self, total: int, callback: ProgressCallback | None, cancel: CancelToken | None):
         self.total, self.done, self.callback, self.cancel = max(total, 1), 0, callback, cancel
         self.last = -1.0
+        self.label = ""  # "label 17 (5/39)" while a run of several labels propagates one of them
 
     def check_cancel(self):
         if self.cancel is not None and self.cancel.is_cancelled:
@@ -847,7 +848,7 @@ class _Progress:
         frac = self.done / self.total
         if self.callback is not None and frac > self.last:
             self.last = frac
-            self.callback(frac, message)
+            self.callback(frac, f"{self.label}: {message}" if self.label else message)
 
 
 def _is_empty(prob_slice: np.ndarray, presence: float | None, guide_area: int, p: SlicePredictor) -> bool:
@@ -1584,8 +1585,9 @@ def _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, em
         prev_mask = np.moveaxis(previous.mask, ax, 0) if usable_previous else None
         keyframes_all, recomputed_all, stops_all, agreement_all, begin_states = {}, {}, {}, {}, {}
         filled_all, lost_all = {}, {}
-        for lab, keyframes in slices.items():
+        for n_lab, (lab, keyframes) in enumerate(slices.items(), start=1):
             tracker.check_cancel()
+            tracker.label = f"label {lab} ({n_lab}/{len(slices)})" if len(slices) > 1 else ""
             stats["stops"], stats["filled"] = [], []
             label_mask = prm == lab
             reuse = None

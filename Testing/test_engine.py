@@ -1179,3 +1179,21 @@ def test_images_the_predictors_cannot_read_faithfully_are_refused(make, phrase):
     for ok in (image_for(truth).astype(np.float64) + 1e6, image_for(truth).astype(np.float32) * 1000 + 2.0 ** 25,
                image_for(truth).astype(np.float64) * 1000 + 1e9):  # ~16 float32 levels and more: propagated
         assert propagate(ok, prompt_from(truth, 14), ISO, OracleModel(truth)).slice_range[1][1] > 14
+
+
+def test_progress_names_the_label_when_several_propagate():
+    """39 labels showed only "propagating: 63%" (a review): with several labels each progress
+    message says which one, and how many there are; one label's messages are as before."""
+    truth = tube(3, 25)
+    prompt = prompt_from(truth, 8)
+    other = np.zeros_like(truth)
+    other[3:26, 1:4, 1:4] = True
+    prompt[8][other[8]] = 2
+    seen = []
+    propagate(image_for(truth), prompt, ISO, OracleModel(truth | other), progress=lambda f, m: seen.append(m))
+    labels = [m.split(": ", 1)[0] for m in seen if m != "done"]
+    assert labels[0] == "label 1 (1/2)" and labels[-1] == "label 2 (2/2)"
+    assert set(labels) == {"label 1 (1/2)", "label 2 (2/2)"}
+    seen.clear()
+    propagate(image_for(truth), prompt_from(truth, 8), ISO, OracleModel(truth), progress=lambda f, m: seen.append(m))
+    assert seen and not any(m.startswith("label") for m in seen)
