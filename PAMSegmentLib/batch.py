@@ -31,11 +31,13 @@ N machines given the same manifest and output folder each take their share and w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import os
 import re
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -366,11 +368,48 @@ def _rows_of_other_manifests(report: Path, manifest: Path, rows: list[BatchRow])
             if row.get("manifest") and row["manifest"] != ours and row.get("output") not in outputs]
 
 
-def write_report(rows: list[BatchRow], path: Path, manifest: Path | None = None, kept: list[dict] = ()) -> None:
-    """The report, written atomically (a temporary moved in); InputError when it cannot be.
-    UTF-8; a path's name that is not (a folder named in Latin-1 bytes, which Python holds as lone
-    surrogates) is written as the bytes it has, so the report still names the file."""
-    tmp = path.with_name(path.name + ".tmp")
+@contextlib.contextmanager
+def _report_lock(path: Path):
+    """An exclusive lock on the report's folder (flock on the folder itself: no lock file is left)
+    for one rewrite: two batches writing into one folder at once (two people's overnight runs)
+    read each other's rows and write in turn, instead of dropping each other's rows. Where it
+    cannot be locked (no fcntl, a file system without flock) the rewrite goes on unlocked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass  # not lockable here: unlocked, as before
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def write_report(rows: list[BatchRow], path: Path, manifest: Path | None = None,
+                 kept: list[dict] | None = None) -> None:
+    """The report, written atomically (a temporary of its own moved in); InputError when it cannot
+    be. ``kept``: other manifests' rows to keep after this run's (None: read from the report as it
+    is now, under a lock on it, so that batches running into one folder at once keep each other's
+    rows). UTF-8; a path's name that is not (a folder named in Latin-1 bytes, which Python holds
+    as lone surrogates) is written as the bytes it has, so the report still names the file."""
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    with _report_lock(path):
+        if kept is None:
+            kept = (_rows_of_other_manifests(path, manifest, rows) if manifest is not None and path.is_file()
+                    else [])
+        _write_report(rows, path, manifest, kept, tmp)
+
+
+def _write_report(rows, path: Path, manifest, kept: list[dict], tmp: Path) -> None:
     try:
         with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
             w = csv.DictWriter(fh, fieldnames=REPORT_FIELDS)
@@ -401,14 +440,14 @@ class _Report:
     and writes it again after the next case and at the end. ``failure`` is the last rewrite's
     error while the file is out of date."""
 
-    def __init__(self, rows: list[BatchRow], path: Path, manifest: Path, kept: list[dict], warn) -> None:
-        self.rows, self.path, self.manifest, self.kept, self.warn = rows, path, manifest, kept, warn
+    def __init__(self, rows: list[BatchRow], path: Path, manifest: Path, warn) -> None:
+        self.rows, self.path, self.manifest, self.warn = rows, path, manifest, warn
         self.failure: InputError | None = None
         self.warned = False
 
     def write(self) -> None:
         try:
-            write_report(self.rows, self.path, self.manifest, self.kept)
+            write_report(self.rows, self.path, self.manifest)  # other manifests' rows as they are now
         except InputError as error:
             self.failure = error
             if not self.warned:
@@ -572,7 +611,6 @@ def cmd_batch(args: argparse.Namespace) -> int:
     todo = [r for r in rows if r.status == "not run"]
     _check_output_folders(out_dir, todo, Path(args.manifest).name)
     report = out_dir / report_name
-    kept = _rows_of_other_manifests(report, Path(args.manifest), rows) if report.is_file() else []
     model = METHODS[args.method](args) if todo else None
     made = not out_dir.exists()
     try:
@@ -582,7 +620,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
                          "folder") from None
     try:
         # before any work: a report that cannot be written stops the batch here
-        write_report(rows, report, Path(args.manifest), kept)
+        write_report(rows, report, Path(args.manifest))
     except BaseException:
         if made and out_dir.is_dir() and not any(out_dir.iterdir()):  # a refused batch leaves nothing behind
             out_dir.rmdir()
@@ -593,7 +631,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     t_all = time.perf_counter()
     interrupted = False
     bar = tqdm(todo, desc="cases", unit="case", file=sys.stderr, ncols=80)
-    rewrite = _Report(rows, report, Path(args.manifest), kept, lambda text: bar.write(text, file=sys.stderr))
+    rewrite = _Report(rows, report, Path(args.manifest), lambda text: bar.write(text, file=sys.stderr))
     current = None
     try:
         for r in bar:

@@ -729,3 +729,36 @@ def test_a_second_manifest_into_the_same_folder_keeps_the_first_ones_rows_in_the
         ("first.csv", "skipped", "c0_image_pam.nii.gz"), ("first.csv", "ok", "c2_image_pam.nii.gz"),
         ("second.csv", "ok", "c1_image_pam.nii.gz")]
     assert rows[1]["message"].startswith("run again: its output was made with track") and rows[1]["method"] == "copy"
+
+
+def test_two_batches_rewriting_one_folders_report_at_once_keep_each_others_rows(tmp_path):
+    """Two batches into one folder at once (two people's overnight runs) shared the temporary
+    batch_report.csv.tmp (a rewrite failed: "No such file or directory") and each rewrote the
+    report from the other manifest's rows read at its start, so one manifest's rows vanished. Two
+    processes rewrite the report 40 times each: no rewrite fails and the report ends with both
+    manifests' rows."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import sys
+        from pathlib import Path
+        from PAMSegmentLib.batch import BatchRow, write_report
+        out, name = Path(sys.argv[1]), sys.argv[2]
+        rows = [BatchRow(n + 2, out / f"{name}{n}.nii.gz", out / f"{name}{n}_p.nii.gz", out / f"{name}{n}_o.nii.gz",
+                         status="ok") for n in range(3)]
+        for _ in range(40):
+            write_report(rows, out / "batch_report.csv", out / f"{name}.csv")
+        """)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path), name], env=env, stderr=subprocess.PIPE,
+                              text=True) for name in ("a", "b")]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    with open(tmp_path / "batch_report.csv", newline="") as fh:
+        manifests = sorted(Path(r["manifest"]).name for r in csv.DictReader(fh))
+    assert manifests == ["a.csv"] * 3 + ["b.csv"] * 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["batch_report.csv"]  # no temporaries, no lock file
