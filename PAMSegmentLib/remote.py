@@ -206,6 +206,10 @@ class RemoteModel:
         # Ask first: a wrong token, another kind of server or an upload over the limits is then one
         # clear message (a server refusing a large upload early looks like a broken connection).
         limits = self.info()
+        queued, max_jobs = limits.get("queued"), limits.get("max_jobs")  # (servers before session 25 send neither)
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in (queued, max_jobs)) and queued >= max_jobs:
+            raise PAMError(f"the server at {self.url} has {queued} job{'' if queued == 1 else 's'} waiting already (it "
+                           f"queues at most {max_jobs}); try again later")
         voxels, max_voxels = math.prod(np.shape(image)), limits.get("max_voxels")
         if isinstance(max_voxels, int) and not isinstance(max_voxels, bool) and voxels > max_voxels:
             raise InputError(f"the volume has {voxels:,} voxels; the server at {self.url} takes at most {max_voxels:,} "

@@ -37,6 +37,7 @@ import json
 import logging
 import math
 import os
+import signal
 import socket
 import threading
 import time
@@ -61,6 +62,10 @@ logger = logging.getLogger("pamsegment.server")
 # (the client asks every 0.3 s while it waits, and again for 30 s when the network drops).
 ABANDON_SECONDS = 120.0
 HEADER_SECONDS = 20.0  # a connection must send a whole request head within this (slow or silent clients are dropped)
+
+
+# On Ctrl-C or SIGTERM, open connections (a stalled upload) get this long before they are closed.
+SHUTDOWN_GRACE = 10.0
 
 
 def _stop_queue(queue: "JobQueue", wait: float = 60.0) -> None:
@@ -309,12 +314,23 @@ class JobQueue:
         with self._lock:
             return [j for j in self.jobs.values() if j.state in ("queued", "running")]
 
+    def queued(self) -> int:
+        """Jobs waiting to run (the running one aside)."""
+        with self._lock:
+            return sum(1 for j in self.jobs.values() if j.state == "queued")
+
+    def full(self) -> str | None:
+        """Why no job can be queued now (``max_jobs`` wait already), else None."""
+        queued = self.queued()
+        return (f"{queued} job{' is' if queued == 1 else 's are'} waiting already; try again later"
+                if queued >= self.max_jobs else None)
+
     def submit(self, image, prompt, spacing, options) -> Job:
         with self._lock:
             self._expire()
-            queued = sum(1 for j in self.jobs.values() if j.state == "queued")  # the running one aside
-            if queued >= self.max_jobs:
-                raise OverflowError(f"{queued} job{' is' if queued == 1 else 's are'} waiting already; try again later")
+            full = self.full()  # checked again: another upload may have been queued meanwhile
+            if full:
+                raise OverflowError(full)
             job = Job(uuid.uuid4().hex, image, prompt, spacing, options)
             self.jobs[job.id] = job
             self._wake.notify()
@@ -442,11 +458,15 @@ def create_app(model_factory: Callable[[str], Any], *, token: str | None = None,
     @app.get("/info")
     def info():
         return {"server": "pamsegment", "version": __version__, "model": model_info or {},
-                "methods": list(METHODS), "waiting": len(queue.waiting()), "max_upload_mb": max_upload_mb,
-                "max_voxels": max_voxels, "batch_size": batch_size}
+                "methods": list(METHODS), "waiting": len(queue.waiting()), "queued": queue.queued(),
+                "max_jobs": queue.max_jobs, "max_upload_mb": max_upload_mb, "max_voxels": max_voxels,
+                "batch_size": batch_size}
 
     @app.post("/jobs", status_code=202)
     async def submit(request: Request, options: str | None = None):
+        full = queue.full()
+        if full:  # before the upload is read: a refused client does not send (and this server hold) it all
+            raise HTTPException(503, full)
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > max_bytes:
             raise HTTPException(413, f"the upload is {int(length) / 2**20:.0f} MB; this server takes at most "
@@ -516,7 +536,8 @@ def add_serve_arguments(p) -> None:
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 = every network, "
                         "which needs a token)")
     p.add_argument("--port", type=_port, default=8765, help="port (default 8765)")
-    p.add_argument("--token", help="token clients must send (default: the PAMSEGMENT_TOKEN environment variable)")
+    p.add_argument("--token", help="token clients must send (default: the PAMSEGMENT_TOKEN environment variable, "
+                                   "which, unlike --token, other users of this machine cannot see in the process list)")
     p.add_argument("--checkpoint", metavar="CKPT", help="PAMSegment or official checkpoint (default: the shipped weights)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="torch device (default: cpu)")
     p.add_argument("--threads", type=_thread_count, metavar="N", help=THREADS_HELP)
@@ -593,6 +614,10 @@ def cmd_serve(args) -> int:
         raise InputError('the server needs FastAPI and uvicorn: pip install ".[server]" in the PAMSegment source '
                          "folder (or pip install fastapi uvicorn)") from None
     token = (args.token or os.environ.get("PAMSEGMENT_TOKEN") or "").strip() or None  # as clients send it
+    if token is not None and not (token.isascii() and token.isprintable()):
+        # an HTTP header carries such a token as other bytes (or not at all): no client could send it
+        raise InputError("the token must be printable ASCII (letters, digits, punctuation): an HTTP header cannot "
+                         "carry other characters, so no client could send it; choose another")
     if not is_loopback(args.host) and not token:
         raise InputError(f"listening on {args.host} exposes the server beyond this machine: set a token with "
                          "--token or PAMSEGMENT_TOKEN (clients send it as Authorization: Bearer TOKEN)")
@@ -628,13 +653,38 @@ def cmd_serve(args) -> int:
                 if self.started:  # listening: the address printed now answers
                     print(line, flush=True)
 
+            async def shutdown(self, sockets=None):
+                open_requests = len(getattr(self.server_state, "connections", ()))
+                if open_requests:  # e.g. a client's upload that stalled: it gets SHUTDOWN_GRACE seconds
+                    print(f"stopping: {open_requests} open connection{'' if open_requests == 1 else 's'} (uploads, "
+                          f"status requests) get up to {SHUTDOWN_GRACE:.0f} s to finish", flush=True)
+                    # what is cut off then is said in one line, not as uvicorn's tracebacks of the cancelled request
+                    logging.getLogger("uvicorn.error").setLevel(logging.CRITICAL)
+                await super().shutdown(sockets=sockets)
+                left = len(getattr(self.server_state, "connections", ()))
+                if open_requests and left:
+                    print(f"closed {left} connection{'' if left == 1 else 's'} that did not finish", flush=True)
+
+        class Terminated(Exception):
+            """SIGTERM (kill, systemctl stop, docker stop), after uvicorn's own graceful stop."""
+
+        def terminated(signum, frame):
+            raise Terminated
+
         protocol = header_timeout_protocol()
-        server = Server(uvicorn.Config(app, log_level="warning", **({"http": protocol} if protocol else {})))
+        server = Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_GRACE,
+                                       **({"http": protocol} if protocol else {})))
+        # uvicorn stops gracefully on SIGTERM too, then raises it again under the handler found before
+        # it ran: this one, so that the running job is cancelled and the stop said, as for Ctrl-C.
+        previous_term = (signal.signal(signal.SIGTERM, terminated)
+                         if threading.current_thread() is threading.main_thread() else None)
         try:
             server.run(sockets=[sock])
-        except KeyboardInterrupt:  # uvicorn stops on the first Ctrl-C, then passes it on
+        except (KeyboardInterrupt, Terminated):  # uvicorn stops on the first Ctrl-C, then passes it on
             pass
         finally:
+            if previous_term is not None:
+                signal.signal(signal.SIGTERM, previous_term)
             _stop_queue(app.state.queue)
     finally:
         sock.close()

@@ -180,6 +180,12 @@ def test_the_queue_is_bounded_and_a_running_job_can_be_cancelled():
     assert (second["queue_position"], third["queue_position"]) == (1, 2)
     r = client.post("/jobs", content=body)  # two wait besides the running one: full
     assert r.status_code == 503 and "2 jobs are waiting already" in r.json()["detail"]
+    # refused before the upload is read (a refused 1 GB upload was received and parsed first): a body
+    # that is no volume at all gets the same 503, not a 400 about its bytes
+    r = client.post("/jobs", content=b"not a volume")
+    assert (r.status_code, r.json()["detail"]) == (503, "2 jobs are waiting already; try again later")
+    info = client.get("/info").json()
+    assert (info["queued"], info["max_jobs"], info["waiting"]) == (2, 2, 3)
     assert client.get(f"/jobs/{first['id']}/result").status_code == 409
     assert client.delete(f"/jobs/{first['id']}").status_code == 200
     assert client.get(f"/jobs/{first['id']}").status_code == 404
@@ -583,10 +589,14 @@ def test_serve_names_the_weights_pamsegment_model_points_at(monkeypatch):
     assert server._checkpoint_label(None) == "shipped default weights"
 
 
-def test_serve_prints_its_address_once_listening_and_stops_on_ctrl_c(small_checkpoint):
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_serve_prints_its_address_once_listening_and_stops_on_ctrl_c(small_checkpoint, stop):
     """The command itself: the line comes once the server answers at the address it gives, with
-    the limits and batch size asked for; Ctrl-C stops it with exit status 0."""
+    the limits and batch size asked for; Ctrl-C stops it with exit status 0. So does SIGTERM (it
+    ended the process with 143 and no word, the running job not cancelled), here with a client's
+    upload stalled halfway, which kept the server from ending at all: it gets 10 s, then is closed."""
     import signal
+    import socket
     import subprocess
     import sys
     import urllib.request
@@ -610,14 +620,27 @@ def test_serve_prints_its_address_once_listening_and_stops_on_ctrl_c(small_check
             info = json.loads(resp.read())
         assert info["model"]["checkpoint"] == str(small_checkpoint.path)
         assert (info["max_voxels"], info["max_upload_mb"], info["batch_size"]) == (1000, 2.0, 4)
-        proc.send_signal(signal.SIGINT)
+        stalled = None
+        if stop == "SIGTERM":
+            stalled = socket.create_connection(("127.0.0.1", port))
+            stalled.sendall(b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000)
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/info", timeout=30):  # the upload has begun
+                pass
+        proc.send_signal(getattr(signal, stop))
         out, err = proc.communicate(timeout=60)
+        if stalled is not None:
+            stalled.close()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
     assert proc.returncode == 0, err
-    assert out == "pamsegment server stopped\n" and "Traceback" not in err
+    assert "Traceback" not in err and "ERROR" not in err, err
+    if stop == "SIGINT":
+        assert out == "pamsegment server stopped\n"
+    else:
+        assert out.splitlines() == ["stopping: 1 open connection (uploads, status requests) get up to 10 s to finish",
+                                    "closed 1 connection that did not finish", "pamsegment server stopped"]
 
 
 def _requests_of(monkeypatch):
@@ -723,6 +746,26 @@ def test_a_connection_that_sends_no_whole_request_head_is_dropped():
                     body += kept.recv(4096)
                 assert head.startswith(b"HTTP/1.1 200") and json.loads(body)["server"] == "pamsegment"
         assert RemoteModel(f"http://127.0.0.1:{port}", token="secret\r\n").info()["server"] == "pamsegment"
+
+
+def test_a_client_is_refused_before_its_upload_when_the_servers_queue_is_full(monkeypatch):
+    """/info says how many jobs are queued and how many the server queues: a client refuses at once
+    instead of uploading a volume to be turned away."""
+    image, prompt, truth = case()
+    model = RemoteModel("http://127.0.0.1:9")
+    monkeypatch.setattr(model, "info", lambda: {"queued": 8, "max_jobs": 8, "max_voxels": 10**9})
+    monkeypatch.setattr(model, "_request", lambda *a, **k: pytest.fail("nothing is sent"))
+    with pytest.raises(PAMError, match=r"^the server at http://127.0.0.1:9 has 8 jobs waiting already \(it queues at "
+                                       r"most 8\); try again later$"):
+        model.propagate(image, prompt, (1.0, 1.0, 1.0))
+
+
+def test_serve_refuses_a_token_no_client_can_send(run_cli):
+    proc = run_cli("serve", "--port", "1", "--token", "s\u20accret")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "pamsegment: error: the token must be printable ASCII (letters, digits, punctuation): an HTTP header cannot "
+        "carry other characters, so no client could send it; choose another")
 
 
 def test_a_token_with_a_line_break_inside_is_one_message():
