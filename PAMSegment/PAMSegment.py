@@ -743,7 +743,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if drift:  # stopped right at the drawn slice
                     hint += (" The propagation stopped right next to your slice because the tissue changed there; if "
                              "the structure goes on, uncheck 'Stop where the tissue changes' and propagate again.")
-                for note in notes:  # e.g. slices filled between two drawn slices (one segment: label 1)
+                for note in notes:  # e.g. empty slices between two drawn slices (one segment: label 1)
                     if note not in drift:
                         text = note.split(": ", 1)[1] if note.startswith("label ") else note
                         hint += f" {text[0].upper()}{text[1:]}."

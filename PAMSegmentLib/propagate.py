@@ -155,9 +155,10 @@ class PropagationResult:
     # label -> voxels it lost to labels propagated before it ({other label: voxels}) and its own
     # prediction's voxels, as (lost, own): for the note that says so (this call only).
     lost: dict = field(default_factory=dict)
-    # label -> slices between two of its drawn slices that the walks from both sides predicted
-    # empty, filled by interpolating the shapes on either side (``_fill_between``; this call only).
-    filled: dict[int, list[int]] = field(default_factory=dict)
+    # label -> slices between two of its drawn slices left empty (the walks from both sides found
+    # nothing there, ``_gaps_between``; this call only): said in a note and first for review, since
+    # the object may go on there (or be really absent: a structure in several parts).
+    gaps: dict[int, list[int]] = field(default_factory=dict)
     # label -> the predictor's class and its state after it began on the label's drawn slice
     # (``begin_state``, e.g. PAM's intensity window): an update by another predictor, or one that
     # begins differently, recomputes the label.
@@ -239,15 +240,13 @@ class PropagationResult:
                    remove_disconnected=flags[1], overlapped=frozenset(overlapped), image_digest=digest, **out)
 
     def notes(self, edited: dict[int, Sequence[int]] | None = None) -> list[str]:
-        """Hints for the user: how walks ended (``drift_notes``), slices filled between drawn
+        """Hints for the user: how walks ended (``drift_notes``), empty slices between drawn
         slices, voxels a label lost to labels propagated before it."""
         out = list(self.drift_notes(edited))
-        for lab, slices in sorted(self.filled.items()):
+        for lab, slices in sorted(self.gaps.items()):
             if slices:
-                them = "it" if len(slices) == 1 else "them"
-                out.append(f"label {lab}: between its drawn slices the walks from both sides lost the object on "
-                           f"{_slice_list_text(slices)}, filled by interpolating the shapes on either side: check "
-                           f"{them}, and where the object is really absent mark the slice empty")
+                out.append(f"label {lab}: between its drawn slices nothing was found on {_slice_list_text(slices)}; "
+                           "if the object goes on there, draw it on one of them and update")
         for lab, (by, own) in sorted(self.lost.items()):
             total = sum(by.values())
             if own and total >= max(0.05 * own, 1):
@@ -322,8 +321,9 @@ class PropagationResult:
             raise InputError(f"label {lab} was not propagated in this result (its labels: "
                              f"{', '.join(map(str, sorted(self.confidence))) or 'none'})")
         area = self.slice_voxels()[lab] if voxels is None else voxels[lab]
-        return review_order(self.confidence[lab], keyframes=self.prompt_slices.get(lab, []),
-                            candidates=np.flatnonzero(area))[:n]
+        # the slices holding it, and the empty ones between two of its drawn slices (where it may go on)
+        candidates = sorted(set(np.flatnonzero(area).tolist()) | set(self.gaps.get(lab, ())))
+        return review_order(self.confidence[lab], keyframes=self.prompt_slices.get(lab, []), candidates=candidates)[:n]
 
     def review_summary(self, voxels: dict[int, np.ndarray] | None = None) -> str:
         """``label 1: 28, 2, 29; label 2: ...``: each label's slices to check first ("" if none)."""
@@ -1116,30 +1116,16 @@ def _walk_published(volume, predictor, start, start_mask, direction, end, window
     return last_with_object
 
 
-def _signed_distance(mask: np.ndarray) -> np.ndarray:
-    """Distance to the mask's edge, negative inside (px)."""
-    from scipy import ndimage
-
-    return (ndimage.distance_transform_edt(~mask) - ndimage.distance_transform_edt(mask)).astype(np.float32)
-
-
-def _fill_between(mask: np.ndarray, a: int, b: int, conf: np.ndarray) -> list[int]:
-    """Between drawn slices ``a`` and ``b`` of ``mask`` (both hold the object), runs of slices left
-    empty (the walks from both sides lost the object, or what they found was not connected to the
-    drawing) are filled by shape-based interpolation: the signed distances of the nearest slices
-    holding the object on either side, blended linearly by position (the nearer slice's shape
-    where the blend is empty). Their confidence becomes 0, so that review shows them first.
-    Returns the slices filled."""
-    empty = [s for s in range(a + 1, b) if not mask[s].any()]
-    for r0, r1 in slice_runs(empty):
-        lo, hi = r0 - 1, r1 + 1
-        d_lo, d_hi = _signed_distance(mask[lo]), _signed_distance(mask[hi])
-        for s in range(r0, r1 + 1):
-            t = (s - lo) / (hi - lo)
-            shape = (1 - t) * d_lo + t * d_hi < 0
-            mask[s] = shape if shape.any() else (mask[lo] if t <= 0.5 else mask[hi])
-            conf[s] = 0.0
-    return empty
+def _gaps_between(mask: np.ndarray, a: int, b: int, conf: np.ndarray) -> list[int]:
+    """Slices strictly between drawn slices ``a`` and ``b`` of ``mask`` (both hold the object) left
+    empty: the walks from both sides found nothing there (or nothing connected to the drawing).
+    The mask is not changed (filling them by interpolation cut a structure in several parts, the
+    discs of a spine, less often than it mended a lost one); their confidence becomes 0 so that
+    review shows them first."""
+    gaps = [s for s in range(a + 1, b) if not mask[s].any()]
+    for s in gaps:
+        conf[s] = 0.0
+    return gaps
 
 
 def _keep_connected(mask: np.ndarray, seeds: np.ndarray, connectivity: int = 26) -> np.ndarray:
@@ -1400,9 +1386,9 @@ def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo
         mask = _keep_connected(mask, prompt_mask, 6 if getattr(predictor, "published_scheme", False) else 26)
     for kf in keys:  # the user's slices are kept exactly (walls stay empty)
         mask[kf] = prompt_mask[kf]
-    for a, b in zip(keys[:-1], keys[1:]):  # the object is not cut off between two drawn slices
+    for a, b in zip(keys[:-1], keys[1:]):  # empty slices between two drawn ones: said, and reviewed first
         if a in drawn and b in drawn and b - a >= 2:
-            stats.setdefault("filled", []).extend(_fill_between(mask, a, b, conf))
+            stats.setdefault("gaps", []).extend(_gaps_between(mask, a, b, conf))
     stats["postprocess"] += time.perf_counter() - t0
     return mask, conf, sorted(recomputed), agreement, begin_key
 
@@ -1584,11 +1570,11 @@ def _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, em
         overlapped = set()
         prev_mask = np.moveaxis(previous.mask, ax, 0) if usable_previous else None
         keyframes_all, recomputed_all, stops_all, agreement_all, begin_states = {}, {}, {}, {}, {}
-        filled_all, lost_all = {}, {}
+        gaps_all, lost_all = {}, {}
         for n_lab, (lab, keyframes) in enumerate(slices.items(), start=1):
             tracker.check_cancel()
             tracker.label = f"label {lab} ({n_lab}/{len(slices)})" if len(slices) > 1 else ""
-            stats["stops"], stats["filled"] = [], []
+            stats["stops"], stats["gaps"] = [], []
             label_mask = prm == lab
             reuse = None
             if usable_previous and lab in previous.keyframes and lab not in previous.overlapped:
@@ -1599,7 +1585,7 @@ def _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, em
                 remove_disconnected, tracker, stats, reuse, empties[lab])
             keyframes_all[lab] = {k: label_mask[k].copy() for k in user_slices[lab]}
             stops_all[lab] = stats.pop("stops")
-            filled_all[lab] = sorted(stats.pop("filled"))
+            gaps_all[lab] = sorted(stats.pop("gaps"))
             # Earlier labels keep their voxels; a label's own prompt voxels always win.
             if lab != next(iter(slices)):  # the first label finds the map empty
                 taken = out != 0
@@ -1639,7 +1625,7 @@ def _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, em
         remove_disconnected=bool(remove_disconnected),
         overlapped=frozenset(overlapped),
         lost=lost_all,
-        filled=filled_all,
+        gaps=gaps_all,
         begin_state=begin_states,
         image_digest=digest,
     )

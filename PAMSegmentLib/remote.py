@@ -60,7 +60,7 @@ def decode_result(payload: bytes) -> PropagationResult:
             keyframes = {int(lab): {int(k): z[f"keyframe_{lab}_{k}"] for k in ks}
                          for lab, ks in meta.get("keyframes", {}).items()}
             # (servers before session 25 send neither)
-            filled = {int(lab): [int(s) for s in v] for lab, v in meta.get("filled", {}).items()}
+            gaps = {int(lab): [int(s) for s in v] for lab, v in meta.get("gaps", {}).items()}
             lost = {int(lab): ({int(o): int(n) for o, n in by.items()}, int(own))
                     for lab, (by, own) in meta.get("lost", {}).items()}
     except (ValueError, KeyError, OSError, TypeError, AttributeError) as error:
@@ -72,7 +72,7 @@ def decode_result(payload: bytes) -> PropagationResult:
         timings=meta["timings"], n_predicted=int(meta["n_predicted"]),
         range=tuple(meta["range"]) if meta.get("range") else None, early_stop=bool(meta["early_stop"]),
         stops={int(k): v for k, v in meta["stops"].items()}, keyframes=keyframes, agreement=agreement,
-        remove_disconnected=bool(meta["remove_disconnected"]), filled=filled, lost=lost,
+        remove_disconnected=bool(meta["remove_disconnected"]), gaps=gaps, lost=lost,
     )
 
 

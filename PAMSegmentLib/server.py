@@ -248,7 +248,7 @@ def encode_result(result) -> bytes:
         "stops": {str(k): v for k, v in result.stops.items()}, "notes": result.notes(),
         "range": list(result.range) if result.range else None, "early_stop": result.early_stop,
         "remove_disconnected": result.remove_disconnected,
-        "filled": {str(k): [int(s) for s in v] for k, v in result.filled.items()},
+        "gaps": {str(k): [int(s) for s in v] for k, v in result.gaps.items()},
         "lost": {str(k): [{str(o): int(n) for o, n in by.items()}, int(own)] for k, (by, own) in result.lost.items()},
     }
     arrays = {"mask": result.mask}

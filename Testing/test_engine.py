@@ -414,10 +414,9 @@ def test_keyframe_fusion_weights_each_side_by_distance():
     voting = _ForwardOnlyOracle(truth, window=4)
     voting.keyframe_empty_side_votes = True  # the rule before session 19 (validate.py's pam+kfvotes)
     res = propagate(image_for(truth), prompt_from(truth, [8, 16]), ISO, voting, range=(8, 16))
-    # Slice s gets weight (16 - s) / 8 from keyframe 8's (correct) side: >= 0.5 up to slice 12; the
-    # fusion left 13-15 empty, which are then filled between the two drawn slices (confidence 0).
-    assert res.filled == {1: [13, 14, 15]}
-    assert [s for s in range(9, 16) if res.confidence[1][s] > 0] == [9, 10, 11, 12]
+    # Slice s gets weight (16 - s) / 8 from keyframe 8's (correct) side: >= 0.5 up to slice 12.
+    occupied = [s for s in range(9, 16) if res.mask[s].any()]
+    assert occupied == [9, 10, 11, 12] and res.gaps == {1: [13, 14, 15]}
     # Now a walk that predicted nothing on a slice between two keyframes (both hold the object)
     # does not vote there: the other side's prediction is taken alone.
     res = propagate(image_for(truth), prompt_from(truth, [8, 16]), ISO, _ForwardOnlyOracle(truth, window=4),

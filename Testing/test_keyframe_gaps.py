@@ -1,14 +1,14 @@
-"""Between two drawn slices the object is not cut off: slices the walks from both sides left empty
-are filled by shape-based interpolation, put first for review and named in a note (a review found
-the spinal cord drawn on slices 3 and 26 empty on slices 7-14, unflagged). And a label that loses
-voxels to labels propagated before it is told so (L4 lost 61 % of its voxels to L3, silently).
+"""Slices between two drawn slices that the walks from both sides left empty are named in a note
+and put first for review (a review found the spinal cord drawn on slices 3 and 26 empty on slices
+7-14, unflagged). They are not filled: interpolating them (tried) cut the discs of a spine, a
+structure in several parts, more than it mended lost ones. And a label that loses voxels to labels
+propagated before it is told so (L4 lost 61 % of its voxels to L3, silently).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from PAMSegmentLib.metrics import dice
 from PAMSegmentLib.propagate import SlicePrediction, SlicePredictor, propagate
 
 ISO = (1.0, 1.0, 1.0)
@@ -44,32 +44,29 @@ def drawn_on(truth: np.ndarray, slices, label: int = 1) -> np.ndarray:
     return prompt
 
 
-def test_slices_both_walks_lost_between_two_drawn_slices_are_interpolated_and_reviewed_first():
-    """Drawn on slices 3 and 16; both walks find nothing on 8-11. Before: those slices were empty
-    (the object cut in two) and review never pointed there. Now each is the signed-distance blend
-    of slices 7 and 12 (the disc moving one column per slice: Dice with the truth above 0.9 on
-    every filled slice), with confidence 0, first for review, and a note names them."""
+def test_empty_slices_between_two_drawn_slices_are_said_and_reviewed_first():
+    """Drawn on slices 3 and 16; both walks find nothing on 8-11. Before, review never pointed
+    there (it ranked only slices holding the object) and nothing was said. Now they have
+    confidence 0, come first for review, and a note names them; the mask stays as predicted."""
     truth = sliding_disc()
     image = np.random.default_rng(0).normal(size=truth.shape).astype(np.float32)
     result = propagate(image, drawn_on(truth, [3, 16]), ISO, LosesSlices(truth, lost=range(8, 12)))
-    assert result.filled == {1: [8, 9, 10, 11]}
-    for k in range(8, 12):
-        assert dice(result.mask[k] > 0, truth[k]) > 0.9, k
-        assert result.confidence[1][k] == 0.0
+    assert result.gaps == {1: [8, 9, 10, 11]}
+    assert not result.mask[8:12].any() and all(result.confidence[1][k] == 0.0 for k in range(8, 12))
+    np.testing.assert_array_equal(result.mask[3:8] > 0, truth[3:8])
     np.testing.assert_array_equal(result.mask[12:17] > 0, truth[12:17])
     assert result.review_first(1) == [8, 9, 10]
-    assert ("label 1: between its drawn slices the walks from both sides lost the object on slices 8-11, filled by "
-            "interpolating the shapes on either side: check them, and where the object is really absent mark the "
-            "slice empty") in result.notes()
+    assert ("label 1: between its drawn slices nothing was found on slices 8-11; if the object goes on there, draw "
+            "it on one of them and update") in result.notes()
 
 
-def test_a_slice_marked_empty_between_two_drawn_slices_is_a_wall_not_a_gap_to_fill():
+def test_a_slice_marked_empty_between_two_drawn_slices_is_a_wall_not_a_gap():
+    """A wall says the object is absent: no note about slices the user emptied on purpose."""
     truth = sliding_disc()
     image = np.random.default_rng(0).normal(size=truth.shape).astype(np.float32)
-    result = propagate(image, drawn_on(truth, [3, 16]), ISO, LosesSlices(truth, lost=range(8, 12)),
-                       empty_slices=[10])
-    assert result.filled == {1: []}
-    assert not result.mask[10].any() and not any("interpolating" in n for n in result.notes())
+    result = propagate(image, drawn_on(truth, [3, 16]), ISO, LosesSlices(truth), empty_slices=[10])
+    assert result.gaps == {1: []}
+    assert not result.mask[10].any() and not any("nothing was found" in n for n in result.notes())
 
 
 def test_a_label_that_loses_voxels_to_an_earlier_label_is_told_how_many_and_to_which():
@@ -103,7 +100,7 @@ def test_a_label_that_loses_voxels_to_an_earlier_label_is_told_how_many_and_to_w
     assert propagate(image, prompt, ISO, Both(), labels=[2, 1]).lost[1][0] == {2: 4 * 4 * 19}
 
 
-def test_a_server_result_carries_the_filled_slices_and_the_lost_voxels():
+def test_a_server_result_carries_the_gaps_and_the_lost_voxels():
     from PAMSegmentLib.remote import decode_result
     from PAMSegmentLib.server import encode_result
 
@@ -112,5 +109,5 @@ def test_a_server_result_carries_the_filled_slices_and_the_lost_voxels():
     result = propagate(image, drawn_on(truth, [3, 16]), ISO, LosesSlices(truth, lost=range(8, 12)))
     result.lost = {1: ({2: 5}, 40)}
     back = decode_result(encode_result(result))
-    assert back.filled == {1: [8, 9, 10, 11]} and back.lost == {1: ({2: 5}, 40)}
+    assert back.gaps == {1: [8, 9, 10, 11]} and back.lost == {1: ({2: 5}, 40)}
     assert back.notes() == result.notes()

@@ -1069,21 +1069,21 @@ def test_panel_warns_when_the_drift_test_stopped_next_to_the_drawn_slice(panel, 
 
 
 def test_panel_shows_the_results_other_notes_without_the_drift_advice(panel, drawn, monkeypatch):
-    """A note that is not the drift test's (slices filled between two drawn slices) is shown in the
+    """A note that is not the drift test's (empty slices between two drawn slices) is shown in the
     status as a sentence, without its "label 1:" (one segment), and without the checkbox advice."""
     from PAMSegmentLib.propagate import PropagationResult
 
     truth, volume, segmentation, segment_id = drawn
     oracle_loader(monkeypatch, truth)
     monkeypatch.setattr(PropagationResult, "notes", lambda self, edited=None: [
-        "label 1: between its drawn slices the walks from both sides lost the object on slice 7, filled"])
+        "label 1: between its drawn slices nothing was found on slice 7; if the object goes on there, draw it"])
     ui = panel.ui
     ui.segmentationSelector.setCurrentNode(segmentation)
     ui.propagateButton.click()
     poll_until_idle(panel)
     assert panel.job.state == "finished"
-    assert ui.statusLabel.text.endswith(" Between its drawn slices the walks from both sides lost the object on "
-                                        "slice 7, filled.")
+    assert ui.statusLabel.text.endswith(" Between its drawn slices nothing was found on slice 7; if the object goes "
+                                        "on there, draw it.")
     assert "uncheck" not in ui.statusLabel.text and ui.statusLabel.styleSheet == "color: #a86b00;"
 
 
