@@ -1019,3 +1019,18 @@ def test_info_summarises_the_training_stages(run_cli):
     assert lines[at] == "provenance: 4 training stage(s) (the whole record: pamsegment info --json)"
     assert lines[at + 4].startswith("  stage 4: 8600 iterations in 100 min, git 4b0f849706: python scripts/train.py")
     assert lines[at + 5].startswith("  inference parameters changed ") and max(map(len, lines)) < 500
+
+
+def test_a_mask_saved_as_floats_is_named_as_such(tmp_path):
+    """A mask holding 0 and 0.999 (saved as floats, or resampled) was asked whether the image and
+    the label map were swapped; with few values they are listed and rounding is the advice."""
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.volumes import read_labelmap
+
+    mask = np.zeros((4, 6, 6), np.float32)
+    mask[1, 2:4, 2:4] = 0.999
+    sitk.WriteImage(sitk.GetImageFromArray(mask), str(tmp_path / "m.nii.gz"))
+    with pytest.raises(InputError) as err:
+        read_labelmap(tmp_path / "m.nii.gz")
+    assert str(err.value) == ("m.nii.gz holds the values 0, 0.999, not whole numbers: a mask saved as floats (or "
+                              "resampled)? Round it to integer labels (e.g. 0 and 1) and save it as an integer label map")
