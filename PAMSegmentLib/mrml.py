@@ -1527,8 +1527,18 @@ class HistoryEntry:
             begin_state={1: self.begin_state},
         )
 
+    def gap_slices(self) -> list[int]:
+        """Empty slices between two of the user's drawn slices (the walks from both sides found
+        nothing there; the engine gives them confidence 0): the object may go on there."""
+        occupied, drawn, keys = set(self.occupied_slices()), set(self.keyframes), self.user_slices
+        return [s for a, b in zip(keys[:-1], keys[1:]) if a in drawn and b in drawn
+                for s in range(a + 1, b) if s not in occupied]
+
     def review_order(self) -> list[int]:
-        return review_order(self.confidence, self.reviewed, self.user_slices, self.occupied_slices())
+        """Least confident first, among the slices holding the result and the empty ones between
+        two drawn slices (``gap_slices``)."""
+        return review_order(self.confidence, self.reviewed, self.user_slices,
+                            sorted(set(self.occupied_slices()) | set(self.gap_slices())))
 
     def next_to_review(self) -> int | None:
         order = self.review_order()

@@ -750,6 +750,25 @@ def test_undo_refreshes_a_3d_surface(session):
 # -- review by confidence -------------------------------------------------------------------------
 
 
+def test_review_includes_empty_slices_between_two_drawn_slices(session, monkeypatch):
+    """Between two drawn slices the walks from both sides may find nothing (the engine then gives
+    those slices confidence 0 and says so): *Next slice to review* goes there first, though they
+    hold nothing; empty slices outside the drawn ones, or beyond a wall, are not ranked."""
+    seg, sid, history = session["seg"], session["sid"], session["history"]
+    entry = history.get(seg, sid)
+    blank = np.zeros(next(iter(entry.keyframes.values())).shape, bool)
+    monkeypatch.setattr(entry, "keyframes", {6: blank | True, 16: blank | True})
+    monkeypatch.setattr(entry, "empty_keyframes", frozenset({18}))
+    monkeypatch.setattr(entry, "occupied_slices", lambda: [4, 5, 6, 7, 8, 13, 14, 15, 16, 17])
+    entry.confidence[:] = np.nan
+    entry.confidence[4:18] = 0.8
+    entry.confidence[9:13] = 0.0  # what the engine gives slices it found empty between drawn ones
+    entry.confidence[19:21] = 0.0  # beyond the wall at 18: empty, not between two drawn slices
+    assert entry.gap_slices() == [9, 10, 11, 12]
+    assert entry.review_order()[:5] == [9, 10, 11, 12, 4]
+    assert 19 not in entry.review_order()
+
+
 def test_review_jumps_the_slice_views_to_the_least_confident_slice(session, monkeypatch):
     seg, sid, vol, history, truth = session["seg"], session["sid"], session["vol"], session["history"], session["truth"]
     entry = history.get(seg, sid)
