@@ -906,6 +906,19 @@ def _consistent_prefix(volume, predictor, guide_idx, guide_mask, found, out_prob
     return 0
 
 
+def _predicted(volume, predictor, guide_idx, guide_mask, indices, batch_size, progress, stats):
+    """``indices`` predicted from the guide in batches of ``batch_size``: yields (batch, prediction),
+    checking for a cancel before each batch and counting the time and slices in ``stats``."""
+    for b in range(0, len(indices), batch_size):
+        progress.check_cancel()
+        batch = indices[b: b + batch_size]
+        t0 = time.perf_counter()
+        pred = predictor.predict(volume, guide_idx, guide_mask, batch)
+        stats["predict"] += time.perf_counter() - t0
+        stats["n_predicted"] += len(batch)
+        yield batch, pred
+
+
 def _record_stop(stats: dict, start: int, direction: int, last: int, reason: str) -> None:
     """One entry of ``PropagationResult.stops``: what ended the walk from ``start``."""
     stats.setdefault("stops", []).append({"start": int(start), "direction": int(direction), "last": int(last),
@@ -972,13 +985,7 @@ def _walk(volume, predictor, start, start_mask, direction, end, window, batch_si
         indices = list(range(s, stop + direction, direction))
         found: list[int] = []  # slices of this window holding the object, in walk order
         ended = False  # an empty slice ended the side (early_stop)
-        for b in range(0, len(indices), batch_size):
-            progress.check_cancel()
-            batch = indices[b : b + batch_size]
-            t0 = time.perf_counter()
-            pred = predictor.predict(volume, guide_idx, guide_mask, batch)
-            stats["predict"] += time.perf_counter() - t0
-            stats["n_predicted"] += len(batch)
+        for batch, pred in _predicted(volume, predictor, guide_idx, guide_mask, indices, batch_size, progress, stats):
             for q, idx in enumerate(batch):
                 prob = pred.prob[q]
                 stop_presence = _stop_presence(pred, q) if stop_signals else None
@@ -1061,13 +1068,7 @@ def _walk_published(volume, predictor, start, start_mask, direction, end, window
     def vote_for(indices: list[int]) -> None:
         """One vote from the guide for each of ``indices`` (a walk from the guide, either way)."""
         guide_area = int(guide_mask.sum())
-        for b in range(0, len(indices), batch_size):
-            progress.check_cancel()
-            batch = indices[b: b + batch_size]
-            t0 = time.perf_counter()
-            pred = predictor.predict(volume, guide_idx, guide_mask, batch)
-            stats["predict"] += time.perf_counter() - t0
-            stats["n_predicted"] += len(batch)
+        for batch, pred in _predicted(volume, predictor, guide_idx, guide_mask, indices, batch_size, progress, stats):
             for q, idx in enumerate(batch):
                 prob = pred.prob[q]
                 vote = prob >= predictor.threshold
