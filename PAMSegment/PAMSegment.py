@@ -1064,9 +1064,9 @@ class PAMSegmentTest(ScriptedLoadableModuleTest):
         result = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, newId, volume) > 0
         self.assertEqual(segmentation.GetSegmentation().GetSegment(newId).GetName(), "ellipsoid (PAM)")
         slicesWithObject = int(np.count_nonzero(result.any(axis=(1, 2))))
-        self.assertGreaterEqual(slicesWithObject, 10)
+        self.assertGreaterEqual(slicesWithObject, 13)  # the ellipsoid spans 17 slices (measured: 15)
         dice = 2.0 * np.logical_and(result, truth).sum() / (result.sum() + truth.sum())
-        self.assertGreater(dice, 0.7)
+        self.assertGreater(dice, 0.95)  # measured 0.992
         original = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segmentId, volume) > 0
         self.assertEqual(int(np.count_nonzero(original.any(axis=(1, 2)))), 1)  # "new" keeps the original
         self.delayDisplay(f"Test passed: {slicesWithObject} slices, Dice {dice:.3f}")

@@ -105,19 +105,25 @@ def ellipsoid(shape, center, radii) -> np.ndarray:
 
 
 def internal_labelmap_state(segmentation_node, segment_id):
-    """Everything that defines a segment's stored labelmap: voxels, extent and geometry."""
-    lm = segmentation_node.GetSegmentation().GetSegment(segment_id).GetRepresentation(
-        slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
+    """Everything that defines a segment's stored labelmap: (voxels, extent, image-to-world,
+    (scalar type, label value)). The label value says which voxel value is the segment's: the same
+    voxels under another label value are another (often empty) segment. It shares the last item
+    with the scalar type so that callers unpacking four items keep working."""
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+    lm = segment.GetRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
     m = vtk.vtkMatrix4x4()
     lm.GetImageToWorldMatrix(m)
     voxels = slicer.util.arrayFromSegmentInternalBinaryLabelmap(segmentation_node, segment_id)
     return (np.array(voxels, copy=True), tuple(lm.GetExtent()), slicer.util.arrayFromVTKMatrix(m).copy(),
-            lm.GetScalarType())
+            (lm.GetScalarType(), int(segment.GetLabelValue())))
 
 
 def assert_same_labelmap(after, before):
-    """Two ``internal_labelmap_state`` results are bit-identical (voxels, extent, geometry, type)."""
+    """Two ``internal_labelmap_state`` results are bit-identical (voxels, extent, geometry, scalar
+    type and label value)."""
     np.testing.assert_array_equal(after[0], before[0])
     assert after[0].dtype == before[0].dtype
-    assert after[1] == before[1] and after[3] == before[3]
+    assert after[1] == before[1]
+    assert after[3][0] == before[3][0], f"scalar type {after[3][0]} != {before[3][0]}"
+    assert after[3][1] == before[3][1], f"label value {after[3][1]} != {before[3][1]}"
     np.testing.assert_array_equal(after[2], before[2])

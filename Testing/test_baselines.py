@@ -36,15 +36,15 @@ def ellipsoid_case():
 
 
 # Measured on this case (seed 0): copy Dice 0.986 (slices 9..31), track Dice 0.973 (slices
-# 10..30); the true extent is 9..31. Thresholds leave a margin for platform differences.
-@pytest.mark.parametrize("method", ["copy", "track"])
-def test_baseline_follows_moving_ellipsoid_and_stops_at_its_ends(ellipsoid_case, method):
+# 10..30); the true extent is 9..31. Thresholds leave a small margin for platform differences.
+@pytest.mark.parametrize("method, least, ends", [("copy", 0.96, (9, 31)), ("track", 0.95, (10, 30))])
+def test_baseline_follows_moving_ellipsoid_and_stops_at_its_ends(ellipsoid_case, method, least, ends):
     img, truth, prompt = ellipsoid_case
     res = propagate(img, prompt, (2.0, 1.0, 1.0), get_predictor(method), axis=0)
     mask = res.mask > 0
-    assert dice(mask, truth) > 0.85
+    assert dice(mask, truth) > least
     first, last = res.slice_range[1]
-    assert abs(first - 9) <= 2 and abs(last - 31) <= 2
+    assert abs(first - ends[0]) <= 1 and abs(last - ends[1]) <= 1
     assert np.array_equal(mask[20], truth[20])  # the prompt slice is kept exactly
     conf = res.confidence[1]
     assert np.isfinite(conf[first:last + 1]).all() and (conf[first:last + 1] > 0).all()

@@ -569,3 +569,19 @@ def test_small_cells_with_a_flat_top_are_found_whole():
             truth[i * side:(i + 1) * side, j * side:(j + 1) * side][disk] = i * grid + j + 1
     score = match_instances(result.labels, truth, exclude=[1, 11, 21, 31])
     assert len(result.cells) == grid * grid and score["tp"] == grid * grid - 4 == score["n_pred"]
+
+
+def test_match_instances_counts_a_pair_at_exactly_the_iou_threshold():
+    """Pins that a pair at IoU exactly ``iou`` (0.5) is a match (IoU >= 0.5, as documented), not
+    only pairs above it: a 4 x 4 reference cell and a 4 x 2 prediction inside it overlap in 8 of
+    16 pixels (IoU 8 / 16 = 0.5), so tp = 1 and precision = recall = F1 = 1. A second pair with
+    one pixel less in the prediction (IoU 7 / 16) is no match."""
+    ref = np.zeros((12, 12), np.int32)
+    pred = np.zeros((12, 12), np.int32)
+    ref[1:5, 1:5] = 1
+    pred[1:5, 1:3] = 1
+    s = match_instances(pred, ref)
+    assert (s["tp"], s["precision"], s["recall"], s["f1"], s["mean_iou"]) == (1, 1.0, 1.0, 1.0, 0.5)
+    pred[4, 2] = 0  # 7 pixels, all inside: IoU 7 / 16
+    s = match_instances(pred, ref)
+    assert (s["tp"], s["f1"]) == (0, 0.0)

@@ -1196,3 +1196,45 @@ def test_progress_names_the_label_when_several_propagate():
     seen.clear()
     propagate(image_for(truth), prompt_from(truth, 8), ISO, OracleModel(truth), progress=lambda f, m: seen.append(m))
     assert seen and not any(m.startswith("label") for m in seen)
+
+
+def test_an_update_does_not_reuse_a_result_computed_with_another_early_stop():
+    """Pins that ``previous`` is reused only when it was computed with the same ``early_stop``.
+    The object lies on slices 8-12 and, after a gap, 16-20; it is drawn on slice 10 and no
+    component filter runs. With ``early_stop=True`` the walks stop at the gap (slices 8-12 only);
+    with ``early_stop=False`` they go on and find 16-20 too. An update without early stopping,
+    given the early-stopped result, must not reuse its walks: it must equal a fresh run, slices
+    8-12 and 16-20. (Reusing them dropped 16-20 without a word, with ``n_predicted == 0``.)"""
+    truth = np.zeros(SHAPE, bool)
+    truth[8:13, 5:10, 5:10] = True
+    truth[16:21, 5:10, 5:10] = True
+    image = image_for(truth)
+    first = propagate(image, prompt_from(truth, 10), ISO, OracleModel(truth), early_stop=True,
+                      remove_disconnected=False)
+    assert np.flatnonzero(first.mask.any(axis=(1, 2))).tolist() == [8, 9, 10, 11, 12]
+    update = propagate(image, prompt_from(truth, 10), ISO, OracleModel(truth), early_stop=False,
+                       remove_disconnected=False, previous=first)
+    fresh = propagate(image, prompt_from(truth, 10), ISO, OracleModel(truth), early_stop=False,
+                      remove_disconnected=False)
+    assert np.flatnonzero(update.mask.any(axis=(1, 2))).tolist() == [*range(8, 13), *range(16, 21)]
+    np.testing.assert_array_equal(update.mask, fresh.mask)
+    np.testing.assert_array_equal(update.mask, truth.astype(np.uint8))
+    assert update.n_predicted == fresh.n_predicted > 0
+
+
+@pytest.mark.parametrize("spacing, expected", [
+    (2.5, 8),    # 20 / 2.5 = 8 exactly
+    (0.7, 28),   # 20 / 0.7 = 28.57..., rounded down
+    (0.3, 40),   # 20 / 0.3 = 66.7, capped at max_window
+    (30.0, 1),   # 20 / 30 = 0.67 -> 0, raised to min_window
+])
+def test_window_slices_rounds_the_window_down_and_keeps_it_within_its_bounds(spacing, expected):
+    """Pins ``window_slices``: the number of slices covering ``window_mm`` at this slice spacing,
+    rounded down, then kept between ``min_window`` (1) and ``max_window`` (40). With
+    window_mm = 20: 2.5 mm -> 8, 0.7 mm -> 28 (not 29: rounding up would make the window wider
+    than 20 mm), 0.3 mm -> 40 (the cap), 30 mm -> 1 (the floor)."""
+    from types import SimpleNamespace
+
+    from PAMSegmentLib.propagate import window_slices
+
+    assert window_slices(spacing, SimpleNamespace(window_mm=20.0, max_window=40, min_window=1)) == expected

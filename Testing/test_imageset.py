@@ -437,7 +437,7 @@ def test_cli_keeps_symbolic_links_among_the_outputs(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["img_0_mask.png", "img_1_mask.png", "img_2_mask.png",
                                                      "labels.csv"]
     got = sitk.GetArrayFromImage(sitk.ReadImage(str(elsewhere / "img_1_mask.png")))
-    assert dice(got > 0, truth[1]) > 0.6
+    assert dice(got > 0, truth[1]) > 0.8  # measured 0.840
     with open(elsewhere / "labels.csv") as fh:
         assert [r["mask"] for r in csv.DictReader(fh)] == [f"img_{k}_mask.png" for k in range(3)]
 

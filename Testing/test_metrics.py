@@ -125,3 +125,45 @@ def test_bad_inputs():
         hd95(A, B, (1.0, 1.0))
     with pytest.raises(InputError, match="spacing"):
         hd95(A, B, (1.0, 0.0, 1.0))
+
+
+def test_hd95_pools_both_directions_before_taking_the_percentile():
+    """Pins HD95 as the 95th percentile of both directed distance sets pooled (medpy's hd95, as
+    documented), not MONAI's max of the two directed 95th percentiles: the two differ only when
+    the directions are asymmetric, which the mirrored cubes above are not.
+    pred = cube A plus a separate 4 x 3 x 3 block (slices 1-4, rows 2-4, columns 24-26); ref = A.
+    The block has 36 - 2 interior = 34 border voxels, 13, 14 and 15 mm from A's face at column 11:
+    12 at 13 mm (column 24), 10 at 14 mm (column 25, less its 2 interior voxels), 12 at 15 mm.
+    pred -> ref: 488 zeros + 34 block distances (522); ref -> pred: 488 zeros.
+    Pooled: 1010 distances, rank 0.95 * 1009 = 958.55 < 976 zeros, so HD95 = 0.
+    pred -> ref alone: rank 0.95 * 521 = 494.95, the block's 7th and 8th smallest (13 mm), so
+    the max of the directed percentiles would be 13 mm."""
+    shape = (16, 14, 30)
+    ref = np.zeros(shape, bool)
+    ref[:, :, :14] = A
+    pred = ref.copy()
+    pred[1:5, 2:5, 24:27] = True
+    d_pr, d_rp = surface_distances(pred, ref, ISO)
+    assert d_pr.size == 522 and d_rp.size == 488 and not d_rp.any()
+    assert sorted(d_pr[d_pr > 0].tolist()) == [13.0] * 12 + [14.0] * 10 + [15.0] * 12
+    assert np.percentile(d_pr, 95) == pytest.approx(13.0)  # what the max of the directed ones gives
+    assert hd95(pred, ref, ISO) == 0.0
+    assert hd95(ref, pred, ISO) == 0.0  # symmetric
+
+
+def test_the_border_is_face_connected():
+    """Pins the documented surface: border voxels are mask voxels with a face neighbour (6 in
+    3D) outside the mask. A 3 x 3 x 3 cube with one corner voxel removed, inside a zero array,
+    has 26 voxels; its centre's 6 face neighbours are all in the mask (the removed corner only
+    touches it at a vertex), so the centre is interior and 25 voxels are border. With
+    26-connectivity the centre would be border too: 26. (A box has the same border under both
+    rules, which is why the box-based tests do not see it.)"""
+    m = np.zeros((5, 5, 5), bool)
+    m[1:4, 1:4, 1:4] = True
+    m[1, 1, 1] = False
+    d_pr, d_rp = surface_distances(m, m, ISO)
+    assert d_pr.size == d_rp.size == 25
+    assert not d_pr.any() and not d_rp.any()
+    # The whole cube has 27 - 1 = 26 border voxels under either rule.
+    m[1, 1, 1] = True
+    assert surface_distances(m, m, ISO)[0].size == 26

@@ -1007,14 +1007,20 @@ def test_default_weights_segment_the_synthetic_ellipsoid(scene_with_prompt):
     truth, vol, seg, sid = scene_with_prompt
     new_id = propagate_segment(vol, seg, sid, mode="new")  # checkpoint None = shipped weights
     result = segment_on_volume(seg, new_id, vol)
-    assert span(result) >= 10
-    assert dice(result, truth) > 0.7
+    # Measured: Dice 0.992, slices 5-19 against the truth's 4-20 (its tips are a few voxels each).
+    # A margin for platform differences, but a result losing a quarter of its extent or 5 % of its
+    # voxels fails (the thresholds were span >= 10 and Dice > 0.7).
+    slices = np.flatnonzero(result.any(axis=(1, 2)))
+    assert abs(slices[0] - 4) <= 2 and abs(slices[-1] - 20) <= 2, slices
+    assert dice(result, truth) > 0.95
 
 
 # Propagated one at a time, the shipped weights (with their registration fusion) reach Dice
 # 0.915 / 0.923 (mean 0.919) on the two kidneys of the bundled CT crop (the evaluation on the whole
-# scan: 0.915 / 0.924, docs/evaluation); the threshold leaves a margin for platform differences.
-REAL_CT_KIDNEY_DICE = 0.86
+# scan: 0.915 / 0.924, docs/evaluation; measured here through MRML nodes: 0.918 / 0.932, spans 19 / 22
+# of 19 / 23 slices); the threshold leaves a margin for platform differences (it was 0.86, which let
+# a regression of 0.06 pass).
+REAL_CT_KIDNEY_DICE = 0.90
 
 
 @pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(), reason="no trained default weights yet")
@@ -1043,10 +1049,48 @@ def test_default_weights_on_the_real_ct_through_mrml_nodes(mrml_scene, mode):
         out_id = propagate_segment(vol, seg, ids[name], mode=mode)
         result = segment_on_volume(seg, out_id, vol)
         assert result.shape == truth.shape
-        assert span(result) >= 10
+        assert span(result) >= span(truth) - 2  # 19 of 19 and 22 of 23 slices measured
         np.testing.assert_array_equal(result[middle], truth[middle])  # the drawn slice is kept exactly
         if mode == "new":
             assert out_id != ids[name]
             np.testing.assert_array_equal(segment_on_volume(seg, ids[name], vol), prompt)  # original untouched
         scores.append(dice(result, truth))
-    assert np.mean(scores) > REAL_CT_KIDNEY_DICE, scores
+    assert np.mean(scores) > REAL_CT_KIDNEY_DICE and min(scores) > 0.89, scores
+
+
+def test_undo_gives_a_segment_of_a_shared_layer_its_label_value_back(mrml_scene):
+    """Pins that Undo restores the segment's label value with its voxels (LabelmapSnapshot keeps
+    it "exactly"). Three segments collapsed into one layer get label values 1, 2 and 3; the tumor
+    (label 3) is propagated and undone. The restore gives it a layer of its own (the other two are
+    never touched), which Slicer makes with label value 1: without setting 3 back, its saved voxels
+    (value 3) sat under label 1 and the segment read as empty. Expected after Undo: the layer's
+    extent, geometry and type as before, the tumor's own voxels (value 3, the others' set to 0),
+    label value 3, and the same 525 voxels on the volume as the drawing."""
+    truth, image = synthetic()
+    vol = make_volume_node(image)
+    a = np.zeros(SHAPE, np.uint8)
+    a[1:3, 2:6, 2:6] = 1
+    b = np.zeros(SHAPE, np.uint8)
+    b[1:3, 30:34, 2:6] = 1
+    seg, ids = make_segmentation(vol, {"a": a, "b": b, "tumor": one_slice(truth, CENTER[0])})
+    segmentation = seg.GetSegmentation()
+    segmentation.CollapseBinaryLabelmaps(False)  # one layer, as the Segment Editor keeps them
+    assert segmentation.GetNumberOfLayers() == 1
+    labels = {name: segmentation.GetSegment(sid).GetLabelValue() for name, sid in ids.items()}
+    assert labels == {"a": 1, "b": 2, "tumor": 3}
+    sid = ids["tumor"]
+    drawing = segment_on_volume(seg, sid, vol)
+    assert drawing.sum() == int(truth[CENTER[0]].sum()) == 525
+    before = internal_labelmap_state(seg, sid)
+    assert set(np.unique(before[0])) == {0, 1, 2, 3}  # the shared layer holds all three
+    history = mrml.PropagationHistory()
+    propagate_segment(vol, seg, sid, model=OracleModel(truth), history=history)
+    assert segment_on_volume(seg, sid, vol).sum() == truth.sum() > 525
+    history.undo_last(seg, sid)
+    own = np.where(before[0] == 3, before[0], 0)
+    assert_same_labelmap(internal_labelmap_state(seg, sid), (own, before[1], before[2], before[3]))
+    assert segmentation.GetSegment(sid).GetLabelValue() == 3
+    np.testing.assert_array_equal(segment_on_volume(seg, sid, vol), drawing)
+    for name, mask in (("a", a), ("b", b)):
+        assert segmentation.GetSegment(ids[name]).GetLabelValue() == labels[name]
+        np.testing.assert_array_equal(segment_on_volume(seg, ids[name], vol), mask.astype(bool))

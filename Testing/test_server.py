@@ -950,3 +950,41 @@ def test_queued_jobs_nobody_asks_about_give_their_place_up():
     assert waiting[0].message == "cancelled: no client asked about it for 0 s" and running.state == "running"
     release.set()
     queue.close(timeout=10)
+
+
+@pytest.mark.parametrize("header", ["Bearer ", "Bearer s3cre", "Bearer s3cretX"])
+def test_only_the_whole_token_is_accepted(oracle_app, header):
+    """Pins that the token is compared whole: an empty token, a prefix of it ("s3cre" of "s3cret")
+    and the token with a character more each get 401. A check by prefix (``token.startswith``)
+    would let "Authorization: Bearer " (nothing at all) through."""
+    _, image, prompt, truth = oracle_app
+    client = TestClient(create_app(lambda m: OracleModel(truth), token="s3cret"))
+    assert client.get("/info", headers={"Authorization": header}).status_code == 401
+    assert client.get("/info", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+
+
+def test_a_bug_in_the_model_fails_its_job_and_the_server_goes_on():
+    """Pins the worker's catch-all: an exception that is not a PAMError (here ValueError, as a bug
+    or a numpy error would raise) fails that job with "internal error: ValueError: boom", and the
+    worker thread lives on: a job submitted afterwards runs to "finished". Without the catch-all
+    the worker thread died, and every later job stayed queued forever."""
+    image, prompt, truth = case()
+    models = {"first": True}
+
+    class BrokenOnce(OracleModel):
+        def predict(self, *a, **k):
+            if models["first"]:
+                models["first"] = False
+                raise ValueError("boom")
+            return super().predict(*a, **k)
+
+    client = TestClient(create_app(lambda m: BrokenOnce(truth)))
+    body = npz(image=image, prompt=prompt, spacing=np.ones(3))
+    first = client.post("/jobs", content=body).json()
+    status = wait_for(client, first["id"], timeout=10)
+    assert status["state"] == "failed"
+    assert status["message"].startswith("internal error: ValueError: boom"), status["message"]
+    second = client.post("/jobs", content=body).json()
+    assert wait_for(client, second["id"], timeout=10)["state"] == "finished"
+    got = decode_result(client.get(f"/jobs/{second['id']}/result").content)
+    assert np.array_equal(got.mask, propagate(image, prompt, (1, 1, 1), OracleModel(truth)).mask)

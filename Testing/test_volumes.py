@@ -557,7 +557,7 @@ def test_float_labelmap(tmp_path):
     got = read_labelmap(write_volume(ok, tmp_path / "ok.nii.gz"))
     assert got.array.dtype.kind in "iu" and set(np.unique(got.array)) == {0, 2}
     bad = Volume(np.full(ref.shape, 0.5, np.float32), ref.spacing, ref.origin, ref.direction)
-    with pytest.raises(InputError, match="non-integer values"):
+    with pytest.raises(InputError, match="bad.nii.gz holds the values 0.5, not whole numbers"):
         read_labelmap(write_volume(bad, tmp_path / "bad.nii.gz"))
 
 
@@ -942,3 +942,34 @@ def test_a_label_map_whose_nifti_header_scales_its_values_is_refused_or_noted(tm
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert sorted(np.unique(read_labelmap(path).array).tolist()) == [0, 3]
+
+
+@pytest.mark.parametrize("field, index, delta, expected", [
+    # direction cosines: within 1e-4 absolute
+    ("direction", 4, 5e-5, []),
+    ("direction", 4, 2e-4, ["direction"]),
+    ("direction", 5, -1e-3, ["direction"]),
+    # spacing: within 1e-4 relative; slice spacing 2.5 mm -> 0.25 um allowed
+    ("spacing", 0, 1e-4, []),            # 4e-5 relative
+    ("spacing", 0, 1e-3, ["spacing"]),   # 4e-4 relative
+    # origin: within 1e-4 relative to max(1 mm, |coordinate|); x = -12.5 mm -> 1.25 um allowed
+    ("origin", 0, 5e-4, []),
+    ("origin", 0, 5e-3, ["origin"]),
+    # ... and near 0 mm the 1 mm floor applies: z = 0.25 mm -> 0.1 um allowed, not 0.025 um
+    ("origin", 2, 5e-5, []),
+    ("origin", 2, 2e-4, ["origin"]),
+])
+def test_same_grid_tolerances_at_their_boundaries(field, index, delta, expected):
+    """Pins same_grid's tolerances (tol = 1e-4): direction cosines 1e-4 absolute, spacing 1e-4
+    relative, origin 1e-4 relative to max(1 mm, |coordinate|). A change just inside each is the
+    same grid; one a few times outside is named. The existing grid tests change a rotation to the
+    identity, far outside any tolerance: a direction tolerance 100x looser (0.01, about 0.57
+    degrees) took a prompt on a slightly rotated grid as on the image grid, placed without
+    resampling, up to mm off at the edge of the field of view."""
+    ref = Volume(np.zeros((4, 5, 6), np.int16), (2.5, 0.9, 0.7), (-12.5, 30.25, 0.25), ROT_X_30)
+    values = list(getattr(ref, field))
+    values[index] += delta
+    other = Volume(ref.array.copy(), ref.spacing, ref.origin, ref.direction)
+    setattr(other, field, tuple(values))
+    assert same_grid(other, ref) == expected
+    assert same_grid(ref, other) == expected
