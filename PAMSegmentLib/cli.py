@@ -184,8 +184,8 @@ def walls_option(values) -> list[int] | dict[int, list[int]] | None:
         return None
     plain = [slices for label, slices in values if label is None]
     if plain and len(plain) < len(values):
-        raise InputError("--empty-slices takes slices for every label (12,30) or per label (3:12,30 5:40), not both; "
-                         "give the slices for every label with each label")
+        raise InputError("--empty-slices takes slices for every label (12,30) or per label (3:12,30, the option "
+                         "repeated for each label), not both; give the slices for every label with each label")
     if plain:
         return sorted(set().union(*map(set, plain)))
     out: dict[int, set[int]] = {}
@@ -286,10 +286,10 @@ def add_propagate_arguments(p: argparse.ArgumentParser) -> None:
                    help="array axis to propagate along, (k, j, i) order (default: the axis the prompt is drawn across)")
     p.add_argument("--range", type=parse_slice_range, metavar="K0:K1", dest="slice_range",
                    help="propagate only within slices K0..K1 along the axis, both included")
-    p.add_argument("--empty-slices", type=parse_empty_slices, nargs="+", action="extend",
-                   metavar="[LABEL:]K[,K...]",
+    p.add_argument("--empty-slices", type=parse_empty_slices, action="append", metavar="[LABEL:]K[,K...]",
                    help="slices along the axis where the object is absent (e.g. erased after a first run): "
-                        "propagation never crosses them; LABEL:K,K for one label only (e.g. 3:12,20 5:40)")
+                        "propagation never crosses them; LABEL:K,K for one label only, the option repeated for "
+                        "others (e.g. --empty-slices 3:12,20 --empty-slices 5:40)")
     p.add_argument("--previous", metavar="PREV",
                    help="with --edited: an earlier result of this command for PROMPT (its OUT); propagate again "
                         "keeping your corrections (see --edited)")

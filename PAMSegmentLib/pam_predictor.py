@@ -454,6 +454,9 @@ class MemoryPAMPredictor(PAMPredictor):
         super().__init__(model, registration_weight=0.0)
         # Back-predictions would enter the memory bank as guides: the check is for the plain walk.
         self.consistency_min_dice = 0.0
+        # The bank keeps the guides of a one-way walk: the authors' walk, whose guides also vote
+        # behind them, would feed it slices out of order; it walks as the engine does.
+        self.published_scheme = False
         self.memory = memory
         self.current_weight = current_weight
         self._predicted: set[int] = set()

@@ -253,7 +253,8 @@ class PropagationResult:
                 who = ", ".join(f"{v} voxels to label {o}" for o, v in sorted(by.items(), key=lambda x: -x[1]))
                 out.append(f"label {lab} lost {total} of its {own} voxels ({100 * total / own:.0f} %) where it "
                            f"overlapped labels propagated before it ({who}); labels propagated earlier keep such "
-                           f"voxels: name the labels in another order (--label) to change that")
+                           "voxels: to change that, list this label first (--label, a manifest's label column, "
+                           "labels= in Python)")
         return out
 
     def drift_notes(self, edited: dict[int, Sequence[int]] | None = None) -> list[str]:
@@ -1111,6 +1112,12 @@ def _walk_published(volume, predictor, start, start_mask, direction, end, window
     for idx, vote in votes.items():
         out_probs[idx] = vote
         out_conf[idx] = float(np.mean(confidences[idx]))
+    # What the result will hold: the object reaches from the drawn slice to the first slice left
+    # empty (beyond it the component filter drops what later windows found), and what emptied it.
+    first_empty = next((idx for idx in sorted(votes, key=lambda i: (i - start) * direction)
+                        if not votes[idx].any()), None)
+    if first_empty is not None and (first_empty - last_with_object) * direction < 0:
+        last_with_object, reason = first_empty - direction, why_empty.get(first_empty, "area")
     if early_stop:
         _record_stop(stats, start, direction, last_with_object, reason)
     progress.advance(abs(end - start) - len(reported), "side finished")
@@ -1317,6 +1324,11 @@ def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo
         # A walk is a function of its start, direction and stopping rule: a truncated earlier walk
         # is reused when it had the same rule. A stricter agreement test only ends it earlier, at
         # the first slice whose recorded agreement is below the new minimum: the rest is the same.
+        # Not so the authors' walk: its guides also vote on the slices behind them, so a walk cut
+        # short (a new wall) is not the earlier one truncated; only the same walk is reused.
+        published = bool(getattr(predictor, "published_scheme", False))
+        if old is not None and published and (old[0] != bound or old[1] != agree):
+            old = None
         if old is not None and (old[0] - a) * d >= (bound - a) * d:
             if old[1] == agree:
                 reuse.take(span, probs, conf, progress, agreement)
@@ -1902,8 +1914,9 @@ def _empty_slices_per_label(empty_slices, slices: dict, lo: int, hi: int, axis: 
         if both:
             others = [other for other in slices if other != lab]
             hint = (f" (to mark it empty for other labels only, propagate them on their own: --label "
-                    f"{' '.join(map(str, others))} --empty-slices {both[0]}, or mark it for each of them: --empty-slices "
-                    f"{' '.join(f'{o}:{both[0]}' for o in others)}; empty_slices={{label: [...]}} in Python)"
+                    f"{' '.join(map(str, others))} --empty-slices {both[0]}, or mark it for each of them: "
+                    f"{' '.join(f'--empty-slices {o}:{both[0]}' for o in others)}; empty_slices={{label: [...]}} "
+                    "in Python)"
                     if others and not isinstance(empty_slices, dict) else "")
             raise InputError(f"slice {both[0]} is both drawn (label {lab}) and marked empty; erase it or unmark it"
                              + hint)

@@ -754,8 +754,9 @@ def read_volume(path: PathLike, series_uid: str | None = None) -> Volume:
 
 def _check_label_scaling(p: Path) -> None:
     """A NIfTI-1 label map whose header scales its values (scl_slope, scl_inter; ITK applies them,
-    as Slicer does): an offset shifts the background too, so every voxel became a label (it was
-    called a 3D mask); a slope alone renumbers the labels, which the output then keeps (noted)."""
+    as Slicer does) is refused, naming the header: an offset shifts the background too, so every
+    voxel became a label (it was called a 3D mask), and a slope renumbers the labels or makes them
+    fractions or negative (then called a float mask or an image)."""
     import struct
 
     header = _nifti_header(p)
@@ -766,12 +767,10 @@ def _check_label_scaling(p: Path) -> None:
     slope = slope or 1.0  # ITK reads a slope of 0 as 1 (and still adds the intercept)
     if not (np.isfinite(slope) and np.isfinite(inter)) or (slope == 1 and inter == 0):
         return
-    if inter != 0:
-        raise InputError(f"{p.name}: its NIfTI header scales the stored values (scl_slope {slope:g}, scl_inter "
-                         f"{inter:g}), so every label v reads as {slope:g} x v + {inter:g} and the background 0 "
-                         f"as {inter:g}: save the label map without scaling (scl_slope 1, scl_inter 0)")
-    warnings.warn(f"{p.name}: its NIfTI header scales the stored values by scl_slope {slope:g}, so each stored label "
-                  f"v is read (and written back) as {slope:g} x v, as ITK and Slicer read it", stacklevel=2)
+    background = f" and the background 0 as {inter:g}" if inter != 0 else ""
+    raise InputError(f"{p.name}: its NIfTI header scales the stored values (scl_slope {slope:g}, scl_inter "
+                     f"{inter:g}), so every label v reads as {slope:g} x v + {inter:g}{background}: save the label "
+                     "map without scaling (scl_slope 1, scl_inter 0)")
 
 
 def _as_integer_labels(image: sitk.Image, name: str) -> sitk.Image:

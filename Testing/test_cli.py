@@ -760,15 +760,18 @@ def test_empty_slices_per_label(tmp_path, capsys):
     out = tmp_path / "out.nii.gz"
     argv = ["propagate", str(tmp_path / "img.nii.gz"), str(tmp_path / "prompt.nii.gz"), "-o", str(out),
             "--method", "copy"]
-    assert cli.main(argv + ["--empty-slices", "2:13", "2:4,5"]) == 0
+    assert cli.main(argv + ["--empty-slices", "2:13", "--empty-slices", "2:4,5"]) == 0
     got = read_volume(out).array
     assert np.flatnonzero((got == 1).any(axis=(1, 2))).tolist() == list(range(20))
     assert np.flatnonzero((got == 2).any(axis=(1, 2))).tolist() == list(range(6, 13))
     capsys.readouterr()
-    assert cli.main(argv + ["--empty-slices", "13", "2:4"]) == 2
+    assert cli.main(argv + ["--empty-slices", "13", "--empty-slices", "2:4"]) == 2
     assert capsys.readouterr().err == ("pamsegment: error: --empty-slices takes slices for every label (12,30) or per "
-                                       "label (3:12,30 5:40), not both; give the slices for every label with each "
-                                       "label\n")
+                                       "label (3:12,30, the option repeated for each label), not both; give the "
+                                       "slices for every label with each label\n")
+    # one value per option: written before the file names it takes only its own (a review: with
+    # several values it swallowed IMAGE and PROMPT)
+    assert cli.main(["propagate", "--empty-slices", "2:13", *argv[1:]]) == 0
     assert cli.main(argv + ["--empty-slices", "7:13"]) == 2
     assert "empty slices given for label 7, which is not among the labels propagated (1, 2)" in capsys.readouterr().err
     assert cli.parse_empty_slices("3:12, 4") == (3, [4, 12]) and cli.parse_empty_slices("5") == (None, [5])

@@ -96,7 +96,8 @@ def test_a_label_that_loses_voxels_to_an_earlier_label_is_told_how_many_and_to_w
     note = [n for n in result.notes() if n.startswith("label 2 lost")]
     assert note == [f"label 2 lost {4 * 4 * 19} of its {8 * 8 * 19 + 48} voxels (24 %) where it overlapped labels "
                     f"propagated before it ({4 * 4 * 19} voxels to label 1); labels propagated earlier keep such "
-                    "voxels: name the labels in another order (--label) to change that"]
+                    "voxels: to change that, list this label first (--label, a manifest's label column, labels= "
+                    "in Python)"]
     assert propagate(image, prompt, ISO, Both(), labels=[2, 1]).lost[1][0] == {2: 4 * 4 * 19}
 
 

@@ -224,3 +224,52 @@ def test_walk_option_sets_the_scheme_and_is_an_option_of_the_network(tmp_path, c
     assert capsys.readouterr().err == ("pamsegment: error: --walk sets up a local model; with --server the server's "
                                        "model is used, drop it\n")
     assert not (tmp_path / "out.nii.gz").exists()
+
+
+class SeesANeighbourFromFar(Tracker):
+    """The tracker, but guides at slice 26 or beyond also see a neighbour (a 4 x 4 block beside the
+    object) on every query slice: what a walk that ran into another structure predicts."""
+
+    def predict(self, volume, guide_index, guide_mask, query_indices):
+        out = super().predict(volume, guide_index, guide_mask, query_indices)
+        if guide_index >= 26:
+            out.prob[:, 22:26, 12:16] = 1.0
+        return out
+
+
+def test_an_update_with_a_new_wall_equals_a_fresh_run_under_the_published_walk():
+    """A review: an update reused the slices before a new wall from the earlier walk, but under
+    the published walk those slices also held votes of guides beyond the wall (guide 30 votes on
+    25-29), so the neighbour came back before the wall (120 voxels), unlike a fresh run. Now the
+    published walk reuses an earlier walk only when it is the same walk."""
+    image, truth = box_volume()
+    first = propagate(image, prompt_on(truth, 20), ISO, SeesANeighbourFromFar(truth, True),
+                      remove_disconnected=False)
+    assert first.mask[25:30, 22:26, 12:16].all()  # the neighbour, voted by guide 30
+    update = propagate(image, prompt_on(truth, 20), ISO, SeesANeighbourFromFar(truth, True), empty_slices=[27],
+                       previous=first, remove_disconnected=False)
+    fresh = propagate(image, prompt_on(truth, 20), ISO, SeesANeighbourFromFar(truth, True), empty_slices=[27],
+                      remove_disconnected=False)
+    np.testing.assert_array_equal(update.mask, fresh.mask)
+    assert not update.mask[:27, 22:26, 12:16].any() and not update.mask[27].any()
+
+
+def test_a_published_walk_records_its_end_where_the_object_ends_in_the_result():
+    """A review: a vote emptied inside a window does not end the published walk, but the result
+    ends there once the component filter drops what lies beyond; the stop record (the report's
+    walk_end, the drift note) named the window's far end instead. Slice 23 comes out empty from
+    every guide: the object ends at 22, and the record says so, with the reason that emptied 23."""
+    image, truth = box_volume()
+
+    class Loses23(Tracker):
+        def predict(self, volume, guide_index, guide_mask, query_indices):
+            out = super().predict(volume, guide_index, guide_mask, query_indices)
+            for n, q in enumerate(query_indices):
+                if q == 23:
+                    out.prob[n] = 0.0
+            return out
+
+    result = propagate(image, prompt_on(truth, 20), ISO, Loses23(truth, True))
+    assert held(result.mask) == list(range(5, 23))
+    assert [s for s in result.stops[1] if s["direction"] == 1] == [
+        {"start": 20, "direction": 1, "last": 22, "reason": "area"}]

@@ -917,8 +917,8 @@ def _with_scaling(path: Path, slope: float, inter: float) -> None:
 
 def test_a_label_map_whose_nifti_header_scales_its_values_is_refused_or_noted(tmp_path):
     """A label map with scl_inter 10 read every voxel, background included, as a label (10 for 0)
-    and was refused as "a 3D mask"; now the header's scaling is named. A slope alone renumbers the
-    labels (ITK and Slicer apply it too): read as scaled, with a note."""
+    and was refused as "a 3D mask"; a slope of 0.5 made fractions, refused as a float mask to
+    round. Now the header's scaling is named, for a slope other than 1 too."""
     labels = np.zeros((4, 6, 6), np.uint8)
     labels[1, 2:4, 2:4] = 3
     path = tmp_path / "prompt.nii.gz"
@@ -930,11 +930,12 @@ def test_a_label_map_whose_nifti_header_scales_its_values_is_refused_or_noted(tm
             "reads as 1 x v + 10 and the background 0 as 10: save the label map without scaling (scl_slope 1, "
             "scl_inter 0)")):
         read_labelmap(path)
-    _with_scaling(path, 2.0, 0.0)
-    with pytest.warns(UserWarning, match=r"scales the stored values by scl_slope 2, so each stored label v is read "
-                                         r"\(and written back\) as 2 x v"):
-        got = read_labelmap(path)
-    assert sorted(np.unique(got.array).tolist()) == [0, 6]
+    for slope in (2.0, 0.5, -1.0):
+        _with_scaling(path, slope, 0.0)
+        with pytest.raises(InputError, match=re.escape(
+                f"prompt.nii.gz: its NIfTI header scales the stored values (scl_slope {slope:g}, scl_inter 0), so "
+                f"every label v reads as {slope:g} x v + 0: save the label map without scaling")):
+            read_labelmap(path)
     _with_scaling(path, 0.0, 10.0)  # ITK reads a slope of 0 as 1 and still adds the intercept
     with pytest.raises(InputError, match=re.escape("(scl_slope 1, scl_inter 10)")):
         read_labelmap(path)
