@@ -1238,3 +1238,21 @@ def test_window_slices_rounds_the_window_down_and_keeps_it_within_its_bounds(spa
     from PAMSegmentLib.propagate import window_slices
 
     assert window_slices(spacing, SimpleNamespace(window_mm=20.0, max_window=40, min_window=1)) == expected
+
+
+def test_a_result_read_back_from_its_record_keeps_its_walls():
+    """A mutation review: a record read back without its walls went unnoticed (the update then
+    recomputed everything, right but slower). ``from_record(to_record())`` keeps every keyframe,
+    the walls among them as empty masks, and an update from it with the same keyframes and
+    walls predicts nothing again."""
+    from PAMSegmentLib.propagate import PropagationResult
+
+    truth = tube(3, 25)
+    prompt = prompt_from(truth, [8, 16])
+    first = propagate(image_for(truth), prompt, ISO, OracleModel(truth), empty_slices=[20])
+    back = PropagationResult.from_record(first.mask, first.to_record())
+    assert sorted(back.keyframes[1]) == [8, 16, 20]
+    assert not back.keyframes[1][20].any() and np.array_equal(back.keyframes[1][8], prompt[8] > 0)
+    again = propagate(image_for(truth), prompt, ISO, OracleModel(truth), empty_slices=[20], previous=back)
+    np.testing.assert_array_equal(again.mask, first.mask)
+    assert again.n_predicted == 0
