@@ -1256,3 +1256,26 @@ def test_a_result_read_back_from_its_record_keeps_its_walls():
     again = propagate(image_for(truth), prompt, ISO, OracleModel(truth), empty_slices=[20], previous=back)
     np.testing.assert_array_equal(again.mask, first.mask)
     assert again.n_predicted == 0
+
+
+def test_between_two_keyframes_neither_walk_uses_the_stop_signals():
+    """A mutation review: one side's walk between two keyframes could use the stop signals unseen,
+    since with an oracle both sides predict the same mask. Here the walk upward from 8 predicts
+    the truth and the walk downward from 16 the truth shifted two columns, both with an
+    object-present probability of 0.2 (below the 0.5 that ends a walk elsewhere). Each slice
+    follows the side nearer to it: the truth next to 8, the shifted mask next to 16. Were the
+    upward walk stopped by the presence, slice 9 would take the downward walk's shifted mask."""
+    truth = tube(3, 25)
+    shifted = np.roll(truth, 2, axis=2)
+
+    class TwoSided(OracleModel):
+        def predict(self, volume, guide_index, guide_mask, query_indices):
+            source = truth if query_indices[0] > guide_index else shifted
+            prob = source[list(query_indices)].astype(np.float32)
+            return SlicePrediction(prob, np.full(len(prob), 0.2, np.float32))
+
+    prompt = prompt_from(truth, 8)
+    prompt[16][shifted[16]] = 1
+    res = propagate(image_for(truth), prompt, ISO, TwoSided(truth, window=4))
+    np.testing.assert_array_equal(res.mask[9] > 0, truth[9])
+    np.testing.assert_array_equal(res.mask[15] > 0, shifted[15])
