@@ -189,3 +189,18 @@ def test_a_walk_keeps_only_the_interpolated_slices_it_still_needs():
     kept.pop(14)  # a dropped slice (forward-backward check) may be popped before it ages out
     kept[16] = 16
     assert sorted(kept) == [3, 6, 9, 12, 13, 15, 16]
+
+
+def test_a_downward_walk_that_ends_between_two_slices_records_the_last_slice_it_reached():
+    """A mutation review: a downward walk ending on an interpolated slice could have recorded the
+    original slice below it. Slice 2 holds the disc at 0.4 (below the 0.6 threshold) and slice 3
+    at 1.0: the interpolated slice between them (0.7) still holds it, slice 2 does not, so the
+    downward walk's last original slice with the object is 3, not 2."""
+    truth, image = _cylinder(3, 8)
+    image[2] = 0.4 * truth[3]
+    prompt = truth.astype(np.uint8) * 0
+    prompt[5][truth[5]] = 1
+    res = propagate(image, prompt, (3.0, 1.0, 1.0), _ThresholdModel(1.5), batch_size=1)
+    np.testing.assert_array_equal(res.mask > 0, truth)
+    down = [s for s in res.stops[1] if s["direction"] == -1]
+    assert [(s["start"], s["last"]) for s in down] == [(5, 3)]
