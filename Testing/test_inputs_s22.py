@@ -376,3 +376,22 @@ def test_odd_segment_fields_of_a_seg_nrrd_are_not_copied(tmp_path, ct_case):
     sitk.WriteImage(prompt, str(seg))
     # Colours Slicer cannot read, a repeated ID and a segment with a label that is no number are left out.
     assert volumes.seg_nrrd_segments(seg) == {1: {"ID": "same", "Name": "one"}, 2: {"Name": "two"}}
+
+
+@pytest.mark.parametrize("total_mm, refused", [(2.0, True), (0.5, False)])
+def test_a_gantry_tilt_is_refused_from_a_shift_of_more_than_a_pixel_over_the_series(tmp_path, total_mm, refused):
+    """A mutation review: the tilt's tolerance (the slices' in-plane shift over the whole series
+    within one pixel, here 1 mm) could be 5 times looser unseen; only 15 degrees was tried. 12
+    slices 3 mm apart shifted 2 mm in all (3.5 degrees) are refused; 0.5 mm (0.9 degrees) read."""
+    from test_volumes import write_dicom_series
+
+    tilt = np.arctan(total_mm / 11 / 3.0)
+    array = (np.arange(12 * 16 * 16).reshape(12, 16, 16) % 200).astype(np.int16)
+    sheared = (1.0, 0.0, 0.0, 0.0, 1.0, float(np.sin(tilt)), 0.0, 0.0, float(np.cos(tilt)))
+    write_dicom_series(tmp_path / "s", volumes.Volume(array, (3.0 / np.cos(tilt), 1.0, 1.0), (0.0, 0.0, 0.0), sheared),
+                       "1.2.826.0.1.3680043.2.1125.9.3")
+    if refused:
+        with pytest.raises(InputError, match=r"gantry tilt of 3\.47 degrees .* up to 2 mm from where they were scanned"):
+            volumes.read_volume(tmp_path / "s")
+    else:
+        assert volumes.read_volume(tmp_path / "s").shape == (12, 16, 16)
