@@ -1059,7 +1059,7 @@ def _walk_published(volume, predictor, start, start_mask, direction, end, window
     votes: dict[int, np.ndarray] = {}  # slice -> union of its votes so far
     confidences: dict[int, list[float]] = {}
     why_empty: dict[int, str] = {}  # slice -> what emptied its last vote
-    reported: set[int] = set()
+    credited: dict[int, float] = {}  # progress given per slice: half at its first vote, half at its second
     guide_idx, guide_mask = start, np.asarray(start_mask, dtype=bool)
     front, last_with_object, reason = start, start, "end"
 
@@ -1087,10 +1087,14 @@ def _walk_published(volume, predictor, start, start_mask, direction, end, window
                 votes[idx] = vote | votes[idx] if idx in votes else vote
                 presence = None if pred.presence is None else float(pred.presence[q])
                 confidences.setdefault(idx, []).append(_slice_confidence(prob, presence, predictor.threshold))
-            fresh = [i for i in batch if i not in reported]
-            reported.update(fresh)
-            if fresh:
-                progress.advance(len(fresh), f"slice {batch[-1] // slice_step}")
+            # most slices get two votes: each moves the bar half a slice, so re-votes move it too
+            gained = 0.0
+            for i in batch:
+                if credited.get(i, 0.0) < 1.0:
+                    credited[i] = credited.get(i, 0.0) + 0.5
+                    gained += 0.5
+            if gained:
+                progress.advance(gained, f"slice {batch[-1] // slice_step}")
 
     while True:
         ahead = [front + direction * j for j in range(1, window + 1) if inside(front + direction * j)]
@@ -1120,7 +1124,7 @@ def _walk_published(volume, predictor, start, start_mask, direction, end, window
         last_with_object, reason = first_empty - direction, why_empty.get(first_empty, "area")
     if early_stop:
         _record_stop(stats, start, direction, last_with_object, reason)
-    progress.advance(abs(end - start) - len(reported), "side finished")
+    progress.advance(abs(end - start) - sum(credited.values()), "side finished")
     return last_with_object
 
 
