@@ -1062,6 +1062,19 @@ def _walk_published(volume, predictor, start, start_mask, direction, end, window
     credited: dict[int, float] = {}  # progress given per slice: half at its first vote, half at its second
     guide_idx, guide_mask = start, np.asarray(start_mask, dtype=bool)
     front, last_with_object, reason = start, start, "end"
+    # What the result will hold: the object reaches from the drawn slice to the first slice left
+    # empty (beyond it the component filter drops what later windows found), and what emptied it.
+    first_empty = None
+
+    def finish(indices: list[int]) -> None:
+        """Slices that get no more votes, nearest the start first: into ``out_probs``."""
+        nonlocal first_empty
+        for idx in sorted(indices, key=lambda i: (i - start) * direction):
+            vote = votes.pop(idx)
+            if first_empty is None and not vote.any():
+                first_empty = idx
+            out_probs[idx] = vote
+            out_conf[idx] = float(np.mean(confidences.pop(idx)))
 
     def inside(idx: int) -> bool:  # on this side of start, up to end
         return (idx - start) * direction > 0 and (end - idx) * direction >= 0
@@ -1113,13 +1126,10 @@ def _walk_published(volume, predictor, start, start_mask, direction, end, window
         elif early_stop:
             reason = why_empty.get(front, "area")
             break
-    for idx, vote in votes.items():
-        out_probs[idx] = vote
-        out_conf[idx] = float(np.mean(confidences[idx]))
-    # What the result will hold: the object reaches from the drawn slice to the first slice left
-    # empty (beyond it the component filter drops what later windows found), and what emptied it.
-    first_empty = next((idx for idx in sorted(votes, key=lambda i: (i - start) * direction)
-                        if not votes[idx].any()), None)
+        # slices more than a window behind the next guide get no more votes: out of memory now
+        # (with thick slices, ``out_probs`` keeps only the original slices)
+        finish([i for i in votes if (front - i) * direction > window])
+    finish(list(votes))
     if first_empty is not None and (first_empty - last_with_object) * direction < 0:
         last_with_object, reason = first_empty - direction, why_empty.get(first_empty, "area")
     if early_stop:
