@@ -539,6 +539,8 @@ def add_serve_arguments(p) -> None:
     p.add_argument("--token", help="token clients must send (default: the PAMSEGMENT_TOKEN environment variable, "
                                    "which, unlike --token, other users of this machine cannot see in the process list)")
     p.add_argument("--checkpoint", metavar="CKPT", help="PAMSegment or official checkpoint (default: the shipped weights)")
+    p.add_argument("--walk", choices=("engine", "published"),
+                   help="the network's walk for every job, as propagate's --walk (default: the checkpoint's)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="torch device (default: cpu)")
     p.add_argument("--threads", type=_thread_count, metavar="N", help=THREADS_HELP)
     p.add_argument("--batch-size", type=_positive_int, default=16, metavar="N",
@@ -629,6 +631,10 @@ def cmd_serve(args) -> int:
     sock = _listen_socket(args.host, args.port)  # before the model: a busy port is found at once
     try:  # closed also when the model does not load
         model = load_model(args.checkpoint, device=args.device)  # fail now, not at the first job
+        if args.walk is not None:
+            from dataclasses import replace
+
+            model.inference = replace(model.inference, published_scheme=args.walk == "published")
         if args.threads:  # for the server's life: the network's and the registrations' threads
             import SimpleITK as sitk
             import torch
@@ -640,7 +646,8 @@ def cmd_serve(args) -> int:
             return model if method == "pam" else get_predictor(method)
 
         info = {"sha256": getattr(model, "sha256", ""), "device": args.device,
-                "checkpoint": _checkpoint_label(args.checkpoint)}
+                "checkpoint": _checkpoint_label(args.checkpoint),
+                "walk": "published" if model.inference.published_scheme else "engine"}
         app = create_app(factory, token=token, max_upload_mb=args.max_upload_mb, max_voxels=args.max_voxels,
                          max_jobs=args.max_jobs, model_info=info, batch_size=args.batch_size)
         where = ("; listening on every network, so clients may also use this machine's IP address"

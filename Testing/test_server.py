@@ -604,9 +604,10 @@ def test_serve_prints_its_address_once_listening_and_stops_on_ctrl_c(small_check
     from conftest import REPO, _cli_env
 
     port = free_port()
+    walk = ["--walk", "published"] if stop == "SIGTERM" else []  # the network's walk for every job
     proc = subprocess.Popen([sys.executable, "-m", "PAMSegmentLib", "serve", "--port", str(port), "--checkpoint",
                              str(small_checkpoint.path), "--max-voxels", "1000", "--max-upload-mb", "2",
-                             "--batch-size", "4"], cwd=REPO, env=_cli_env(), stdout=subprocess.PIPE,
+                             "--batch-size", "4", *walk], cwd=REPO, env=_cli_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         lines = []
@@ -619,6 +620,7 @@ def test_serve_prints_its_address_once_listening_and_stops_on_ctrl_c(small_check
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/info", timeout=30) as resp:  # answers already
             info = json.loads(resp.read())
         assert info["model"]["checkpoint"] == str(small_checkpoint.path)
+        assert info["model"]["walk"] == ("published" if walk else "engine")
         assert (info["max_voxels"], info["max_upload_mb"], info["batch_size"]) == (1000, 2.0, 4)
         stalled = None
         if stop == "SIGTERM":
