@@ -158,7 +158,10 @@ class PAMPredictor(SlicePredictor):
         self.consistency_min_dice = inf.consistency_min_dice
         self.through_plane_mm = float(inf.through_plane_mm)
         self.keyframe_outward_min_agreement = inf.keyframe_outward_min_agreement
-        self.published_scheme = bool(inf.published_scheme)
+        self.published_scheme = bool(inf.published_scheme)  # the walk (the engine reads it)
+        # ... and the authors' crop resizing and scale fusion, which a predictor that walks as the
+        # engine does (MemoryPAMPredictor) keeps for their network
+        self.authors_preprocessing = bool(inf.published_scheme)
         # InferenceParams.registration_carry_supersample (an attribute: validate.py may override it).
         self.carry_supersample = int(inf.registration_carry_supersample)
         # The network crop's side as a multiple of the guide mask's larger extent (None: the
@@ -399,7 +402,7 @@ class PAMPredictor(SlicePredictor):
         size, device = pre.input_size, self.model.device
         box = crop_box_for_mask(guide_mask, pre if self.crop_scale is None else replace(pre, crop_scale=self.crop_scale))
         stage = self.model.network.proposing_stage
-        antialias = not self.published_scheme  # the authors resize crops without antialiasing
+        antialias = not self.authors_preprocessing  # the authors resize crops without antialiasing
         # Successive batches of a window share their guide: encode it once.
         origin = None
         if self.network_window == "origin":
@@ -429,7 +432,7 @@ class PAMPredictor(SlicePredictor):
         if priors is not None and self.model.config.mask_prior:
             prior = crop_slices(np.asarray(priors, dtype=np.float32), box, size, is_mask=True).to(device)[None]
         out = stage.decode_queries(queries[None], keys, values, g_mask, prior)
-        prob = fuse_scales(out.logits, size, align_corners=self.published_scheme).float().cpu()
+        prob = fuse_scales(out.logits, size, align_corners=self.authors_preprocessing).float().cpu()
         presence = torch.sigmoid(out.presence).float().cpu().numpy() if out.presence is not None else None
         if not bool(torch.isfinite(prob).all()) or (presence is not None and not np.isfinite(presence).all()):
             # The inputs are finite and windowed to [-1, 1]: finite weights whose values overflow.
@@ -455,7 +458,8 @@ class MemoryPAMPredictor(PAMPredictor):
         # Back-predictions would enter the memory bank as guides: the check is for the plain walk.
         self.consistency_min_dice = 0.0
         # The bank keeps the guides of a one-way walk: the authors' walk, whose guides also vote
-        # behind them, would feed it slices out of order; it walks as the engine does.
+        # behind them, would feed it slices out of order; it walks as the engine does (the network
+        # still sees its input as the checkpoint's scheme says: authors_preprocessing).
         self.published_scheme = False
         self.memory = memory
         self.current_weight = current_weight

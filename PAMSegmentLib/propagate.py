@@ -1071,10 +1071,12 @@ def _walk_published(volume, predictor, start, start_mask, direction, end, window
         nonlocal first_empty
         for idx in sorted(indices, key=lambda i: (i - start) * direction):
             vote = votes.pop(idx)
-            if first_empty is None and not vote.any():
+            held = vote.any()
+            # (with thick slices only an original slice left empty cuts the object in the result)
+            if first_empty is None and not held and idx % slice_step == 0:
                 first_empty = idx
             out_probs[idx] = vote
-            out_conf[idx] = float(np.mean(confidences.pop(idx)))
+            out_conf[idx] = float(np.mean(confidences.pop(idx))) if held else 0.0
 
     def inside(idx: int) -> bool:  # on this side of start, up to end
         return (idx - start) * direction > 0 and (end - idx) * direction >= 0
@@ -1130,7 +1132,7 @@ def _walk_published(volume, predictor, start, start_mask, direction, end, window
         # (with thick slices, ``out_probs`` keeps only the original slices)
         finish([i for i in votes if (front - i) * direction > window])
     finish(list(votes))
-    if first_empty is not None and (first_empty - last_with_object) * direction < 0:
+    if early_stop and first_empty is not None:  # the result ends before it, whatever ended the walk
         last_with_object, reason = first_empty - direction, why_empty.get(first_empty, "area")
     if early_stop:
         _record_stop(stats, start, direction, last_with_object, reason)
@@ -1926,7 +1928,7 @@ def _empty_slices_per_label(empty_slices, slices: dict, lo: int, hi: int, axis: 
             raise InputError(f"empty slice {bad[0]} lies outside the range {lo}:{hi} along axis {axis}")
         both = sorted(idx & set(slices[lab]))
         if both:
-            others = [other for other in slices if other != lab]
+            others = [other for other in slices if other != lab and both[0] not in slices[other]]
             hint = (f" (to mark it empty for other labels only, propagate them on their own: --label "
                     f"{' '.join(map(str, others))} --empty-slices {both[0]}, or mark it for each of them: "
                     f"{' '.join(f'--empty-slices {o}:{both[0]}' for o in others)}; empty_slices={{label: [...]}} "

@@ -767,10 +767,10 @@ def _check_label_scaling(p: Path) -> None:
     slope = slope or 1.0  # ITK reads a slope of 0 as 1 (and still adds the intercept)
     if not (np.isfinite(slope) and np.isfinite(inter)) or (slope == 1 and inter == 0):
         return
-    background = f" and the background 0 as {inter:g}" if inter != 0 else ""
-    raise InputError(f"{p.name}: its NIfTI header scales the stored values (scl_slope {slope:g}, scl_inter "
-                     f"{inter:g}), so every label v reads as {slope:g} x v + {inter:g}{background}: save the label "
-                     "map without scaling (scl_slope 1, scl_inter 0)")
+    background = f" and the background 0 as {inter:.8g}" if inter != 0 else ""
+    raise InputError(f"{p.name}: its NIfTI header scales the stored values (scl_slope {slope:.8g}, scl_inter "
+                     f"{inter:.8g}), so every label v reads as {slope:.8g} x v + {inter:.8g}{background}: save the "
+                     "label map without scaling (scl_slope 1, scl_inter 0)")
 
 
 def _as_integer_labels(image: sitk.Image, name: str) -> sitk.Image:

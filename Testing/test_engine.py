@@ -755,6 +755,23 @@ def test_empty_slice_input_errors(empty, phrase):
         propagate(image_for(truth), prompt_from(truth, 8), ISO, OracleModel(truth), empty_slices=empty)
 
 
+def test_the_hint_for_an_empty_slice_drawn_by_several_labels_names_only_labels_not_drawn_there():
+    """A review: the hint suggested marking the slice for labels drawn on it too, which fails again.
+    Labels 1 and 2 are drawn on slice 9, label 3 elsewhere: only label 3 is suggested."""
+    truth = tube(3, 25)
+    prompt = prompt_from(truth, 8)
+    prompt[9][truth[9]] = 2
+    other = np.zeros_like(truth)
+    other[3:26, 1:3, 1:3] = True
+    prompt[8][other[8]] = 3
+    prompt[9][other[9]] = 1
+    with pytest.raises(InputError, match=r"^slice 9 is both drawn \(label 1\) and marked empty; erase it or unmark it "
+                                         r"\(to mark it empty for other labels only, propagate them on their own: "
+                                         r"--label 3 --empty-slices 9, or mark it for each of them: --empty-slices "
+                                         r"3:9; empty_slices=\{label: \[...\]\} in Python\)$"):
+        propagate(image_for(truth), prompt, ISO, OracleModel(truth | other), empty_slices=[9])
+
+
 def test_an_empty_slice_drawn_for_another_label_says_how_to_mark_it_for_some_labels():
     """--empty-slices 9 where label 2 is drawn on 9: the refusal now names the way (README: --label N
     --empty-slices K) to mark it for the other labels only."""

@@ -149,7 +149,7 @@ def test_the_published_scheme_resizes_without_antialiasing_and_aligns_the_scales
     import torch
 
     import PAMSegmentLib.pam_predictor as pp
-    from PAMSegmentLib.pam_predictor import PAMPredictor
+    from PAMSegmentLib.pam_predictor import MemoryPAMPredictor, PAMPredictor
 
     seen = []
     crop = pp.crop_slices
@@ -177,12 +177,15 @@ def test_the_published_scheme_resizes_without_antialiasing_and_aligns_the_scales
                                 preprocessing=PreprocessingParams(input_size=16), device="cpu",
                                 config=SimpleNamespace(mask_prior=False, presence_head=False),
                                 network=SimpleNamespace(proposing_stage=stage))
-        p = PAMPredictor(model)
-        p.begin(image, 0, truth[0])
-        seen.clear()
-        p._predict_network(image, 0, truth[0], [1, 2])
-        assert seen == [("antialias", not published), ("antialias", not published),
-                        ("align_corners", published)], published
+        for p in (PAMPredictor(model), MemoryPAMPredictor(model)):
+            # the memory bank walks as the engine does, but its network still sees the input its
+            # checkpoint's scheme says (a review: it lost the authors' resizing with their walk)
+            assert p.published_scheme is (published and type(p) is PAMPredictor)
+            p.begin(image, 0, truth[0])
+            seen.clear()
+            p._predict_network(image, 0, truth[0], [1, 2])
+            assert seen == [("antialias", not published), ("antialias", not published),
+                            ("align_corners", published)], (published, type(p).__name__)
 
 
 def test_crop_resizing_without_antialiasing_is_plain_bilinear():
@@ -273,3 +276,35 @@ def test_a_published_walk_records_its_end_where_the_object_ends_in_the_result():
     assert held(result.mask) == list(range(5, 23))
     assert [s for s in result.stops[1] if s["direction"] == 1] == [
         {"start": 20, "direction": 1, "last": 22, "reason": "area"}]
+
+
+def test_a_published_walk_ending_inside_its_last_window_says_what_ended_it():
+    """A review: when the object ended inside the walk's last window (next to the volume's end),
+    the record said "end" at the object's last slice instead of what emptied the next one. Object
+    on 5-36 of 40 slices: the walk reaches slice 39, the object ends at 36, and 37 was empty by
+    its area."""
+    image, truth = box_volume(n=40, first=5, last=36)
+    result = propagate(image, prompt_on(truth, 20), ISO, Tracker(truth, True))
+    assert [s for s in result.stops[1] if s["direction"] == 1] == [
+        {"start": 20, "direction": 1, "last": 36, "reason": "area"}]
+    assert result.confidence[1][37] == 0.0  # a slice left empty is not a confident one
+
+
+def test_a_published_walk_through_interpolated_slices_ends_only_at_an_empty_original_slice():
+    """A review: with thick slices an interpolated slice left empty was taken for the object's end
+    in the record (the result does not end there: the component filter runs on the original
+    slices). A double that finds nothing on every interpolated slice (k = 2) and the truth on the
+    original ones: the record ends where the object does, on slice 34."""
+    image, truth = box_volume()
+
+    class OnlyOriginals(Tracker):
+        through_plane_mm = 0.5  # 1 mm slices: one interpolated slice between neighbours
+
+        def predict(self, volume, guide_index, guide_mask, query_indices):
+            prob = np.stack([truth[q // 2].astype(np.float32) if q % 2 == 0 else np.zeros(truth.shape[1:], np.float32)
+                             for q in query_indices])
+            return SlicePrediction(prob)
+
+    result = propagate(image, prompt_on(truth, 20), ISO, OnlyOriginals(truth, True))
+    np.testing.assert_array_equal(result.mask > 0, truth)
+    assert sorted((s["direction"], s["last"]) for s in result.stops[1]) == [(-1, 5), (1, 34)]

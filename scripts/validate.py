@@ -54,7 +54,7 @@ _FLAGS = {
     "kfvotes": {"keyframe_empty_side_votes": True},
     # The authors' published walk (overlapping windows, votes united, 6-connected components; the
     # official checkpoint's default) instead of the engine's.
-    "published": {"published_scheme": True},
+    "published": {"published_scheme": True, "authors_preprocessing": True},
 }
 _NUMERIC = {
     "kfagree": (None, "keyframe_outward_min_agreement", float),  # min Dice network vs warped, outward
@@ -192,7 +192,7 @@ def main(argv=None) -> int:
                 predictor.registration_options = opts.get("registration_options", {})
                 for name in ("window_mm", "threshold", "presence_threshold", "consistency_min_dice",
                              "keyframe_outward_min_agreement", "carry_supersample", "through_plane_mm", "crop_scale", "network_window",
-                             "keyframe_empty_side_votes", "published_scheme"):
+                             "keyframe_empty_side_votes", "published_scheme", "authors_preprocessing"):
                     if name in opts:
                         setattr(predictor, name, opts[name])
             res = propagate(case.image, prompt, case.spacing, predictor, axis=0)
