@@ -785,7 +785,8 @@ def _as_integer_labels(image: sitk.Image, name: str) -> sitk.Image:
         if 0 < values.size <= 8 and np.all(np.isfinite(values)):
             listed = ", ".join(f"{v:g}" for v in values)
             raise InputError(f"{name} holds the values {listed}, not whole numbers: a mask saved as floats (or "
-                             "resampled)? Round it to integer labels (e.g. 0 and 1) and save it as an integer label map")
+                             "resampled)? Round it to integer labels (e.g. 0 and 1) and save it as an integer "
+                             "label map")
         raise InputError(
             f"{name} has non-integer values, so it is not a label map; save it as an integer label map (or "
             "are the image and the label map swapped?)"

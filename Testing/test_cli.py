@@ -1036,4 +1036,5 @@ def test_a_mask_saved_as_floats_is_named_as_such(tmp_path):
     with pytest.raises(InputError) as err:
         read_labelmap(tmp_path / "m.nii.gz")
     assert str(err.value) == ("m.nii.gz holds the values 0, 0.999, not whole numbers: a mask saved as floats (or "
-                              "resampled)? Round it to integer labels (e.g. 0 and 1) and save it as an integer label map")
+                              "resampled)? Round it to integer labels (e.g. 0 and 1) and save it as an integer "
+                              "label map")

@@ -391,7 +391,8 @@ def test_a_gantry_tilt_is_refused_from_a_shift_of_more_than_a_pixel_over_the_ser
     write_dicom_series(tmp_path / "s", volumes.Volume(array, (3.0 / np.cos(tilt), 1.0, 1.0), (0.0, 0.0, 0.0), sheared),
                        "1.2.826.0.1.3680043.2.1125.9.3")
     if refused:
-        with pytest.raises(InputError, match=r"gantry tilt of 3\.47 degrees .* up to 2 mm from where they were scanned"):
+        with pytest.raises(InputError,
+                           match=r"gantry tilt of 3\.47 degrees .* up to 2 mm from where they were scanned"):
             volumes.read_volume(tmp_path / "s")
     else:
         assert volumes.read_volume(tmp_path / "s").shape == (12, 16, 16)

@@ -172,7 +172,8 @@ def main(argv=None) -> int:
             f"{card['network']['base_features']}-{card['network']['max_features']} features, cross-attention at the "
             f"{card['network']['n_attention_stages']} deepest stages, object-present head.",
             f"* **Training**: {total_it} iterations in {total_min:.0f} min on this project's 2-core CPU machine; "
-            f"runs: " + "; ".join(f"`{x['log']}` ({n} it, {x['last_logged_seconds'] / 60:.0f} min)" for x, n in zip(t, its)) + ".",
+            f"runs: " + "; ".join(f"`{x['log']}` ({n} it, {x['last_logged_seconds'] / 60:.0f} min)"
+                                  for x, n in zip(t, its)) + ".",
             f"* **Commands** {COMMANDS_NOTE}: "
             + "; ".join(f"`{st.get('command') or '?'}` (git {str(st.get('git_revision') or '?')[:10]})"
                         for st in card["training_stages"]) + ".",
