@@ -951,6 +951,12 @@ class _Parser(argparse.ArgumentParser):
     """Usage errors in one line (what was wrong and where the help is), exit status 2."""
 
     def error(self, message: str):  # noqa: D102 - argparse's hook
+        import re
+
+        if message.startswith("unrecognized arguments:") and re.search(r"(^|\s)\d+:\d", message):
+            # "--empty-slices 1:20 2:4": the option takes one value; repeat it for each label
+            message += ("; --empty-slices takes one value: repeat it for each label (--empty-slices 1:20 "
+                        "--empty-slices 2:4)")
         self.exit(EXIT_USAGE, f"{PROG}: error: {message} (see {self.prog} --help)\n")  # one prefix for all errors
 
 
