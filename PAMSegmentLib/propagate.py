@@ -194,7 +194,16 @@ class PropagationResult:
     def from_record(cls, mask: np.ndarray, record: dict) -> "PropagationResult":
         """The result ``to_record`` described, rebuilt around ``mask`` (its label map, read back from
         OUT): its keyframes are the mask's slices there. The record comes from a file, so it is
-        checked whole; ValueError says what is wrong."""
+        checked whole; InputError (a ValueError) says what is wrong."""
+        try:
+            return cls._from_record(mask, record)
+        except InputError:
+            raise
+        except (ValueError, TypeError, KeyError) as error:  # a damaged record is bad input, one PAMError
+            raise InputError(str(error)) from None
+
+    @classmethod
+    def _from_record(cls, mask: np.ndarray, record: dict) -> "PropagationResult":
         mask = np.asarray(mask)
         if mask.ndim != 3 or not isinstance(record, dict):
             raise ValueError("not a 3D label map and a record")
@@ -673,8 +682,11 @@ def through_plane_factor(slice_spacing: float, predictor: SlicePredictor) -> int
 
 class AxisInterpolated:
     """``volume`` (axis 0 first) seen with k - 1 slices interpolated linearly between each pair of
-    neighbours: its slice i is slice i * k here. Slices are computed only when read (an int or a
-    list of ints), as float32, so no finer copy of the volume is ever held."""
+    neighbours: its slice i is slice i * k here. Slices are computed only when read, as float32,
+    so no finer copy of the volume is ever held. It is indexed as an array is (``v[j]``,
+    ``v[[j1, j2]]``, ``v[a:b]``, ``v[j, r0:r1, c0:c1]``...): the first index picks slices of this
+    finer grid, the rest applies to them, so a custom ``SlicePredictor`` reads it as it reads an
+    array."""
 
     def __init__(self, volume, k: int):
         if int(k) < 1:
@@ -697,12 +709,25 @@ class AxisInterpolated:
         return (1.0 - f) * below + f * np.asarray(self.base[i + 1], dtype=np.float32)
 
     def __getitem__(self, index):
-        if isinstance(index, (int, np.integer)):
-            return self._slice(int(index))
-        if isinstance(index, (list, np.ndarray)) and np.ndim(index) == 1:
-            return np.stack([self._slice(int(j)) for j in index]) if len(index) else \
-                np.zeros((0,) + self.shape[1:], np.float32)
-        raise TypeError(f"AxisInterpolated takes a slice number or a list of them, got {type(index).__name__}")
+        first, rest = (index[0], index[1:]) if isinstance(index, tuple) and index else (index, ())
+        if first is Ellipsis:
+            first, rest = slice(None), (Ellipsis,) + tuple(rest)
+        if isinstance(first, (int, np.integer)):
+            j = int(first) + (self.shape[0] if int(first) < 0 else 0)
+            return self._slice(j)[rest] if rest else self._slice(j)
+        if isinstance(first, slice):
+            picked = list(range(self.shape[0]))[first]
+        else:
+            arr = np.asarray(first)
+            if arr.dtype == bool and arr.shape == (self.shape[0],):
+                picked = np.flatnonzero(arr).tolist()
+            elif arr.ndim == 1 and arr.dtype.kind in "iu":
+                picked = [int(j) + (self.shape[0] if int(j) < 0 else 0) for j in arr]
+            else:
+                raise TypeError(f"AxisInterpolated (a volume with slices interpolated along axis 0) is indexed as an "
+                                f"array; {type(first).__name__} is no slice index")
+        out = np.stack([self._slice(j) for j in picked]) if picked else np.zeros((0,) + self.shape[1:], np.float32)
+        return out[(slice(None),) + tuple(rest)] if rest else out
 
 
 class _OriginalSlices(dict):
@@ -917,7 +942,30 @@ def _predicted(volume, predictor, guide_idx, guide_mask, indices, batch_size, pr
         pred = predictor.predict(volume, guide_idx, guide_mask, batch)
         stats["predict"] += time.perf_counter() - t0
         stats["n_predicted"] += len(batch)
+        _check_prediction(predictor, pred, len(batch), tuple(volume.shape[1:]))
         yield batch, pred
+
+
+def _check_prediction(predictor, pred, n: int, slice_shape: tuple) -> None:
+    """A predictor's answer (a custom ``SlicePredictor`` may return anything) is what the walk
+    needs: a SlicePrediction whose ``prob`` holds ``n`` slices of ``slice_shape``, finite, within
+    [0, 1], and as many presence values if any. InputError naming the predictor otherwise."""
+    name = f"{type(predictor).__name__}.predict"
+    if not isinstance(pred, SlicePrediction):
+        raise InputError(f"{name} returned a {type(pred).__name__}; it must return a SlicePrediction(prob, presence)")
+    prob = np.asarray(pred.prob)
+    if prob.shape != (n,) + slice_shape:
+        raise InputError(f"{name} returned probabilities of shape {prob.shape} for {n} query slice(s) of "
+                         f"{slice_shape[0]} x {slice_shape[1]}; it must return ({n}, {slice_shape[0]}, "
+                         f"{slice_shape[1]})")
+    if prob.dtype != bool:
+        if prob.dtype.kind not in "fiu" or not np.isfinite(prob).all():
+            raise InputError(f"{name} returned probabilities that are not finite numbers (NaN or inf)")
+        if prob.size and (float(prob.min()) < -1e-6 or float(prob.max()) > 1.0 + 1e-6):
+            raise InputError(f"{name} returned values from {float(prob.min()):g} to {float(prob.max()):g}; "
+                             "probabilities must lie within [0, 1] (a mask of 0 and 255: divide it by 255)")
+    if pred.presence is not None and np.shape(pred.presence) != (n,):
+        raise InputError(f"{name} returned {np.size(pred.presence)} presence value(s) for {n} query slice(s)")
 
 
 def _record_stop(stats: dict, start: int, direction: int, last: int, reason: str) -> None:

@@ -1296,3 +1296,74 @@ def test_between_two_keyframes_neither_walk_uses_the_stop_signals():
     res = propagate(image_for(truth), prompt, ISO, TwoSided(truth, window=4))
     np.testing.assert_array_equal(res.mask[9] > 0, truth[9])
     np.testing.assert_array_equal(res.mask[15] > 0, shifted[15])
+
+
+@pytest.mark.parametrize("answer, phrase", [
+    (lambda q, shape: np.zeros((len(q),) + shape, np.float32),
+     "returned a ndarray; it must return a SlicePrediction(prob, presence)"),
+    (lambda q, shape: SlicePrediction(np.zeros((len(q) + 1,) + shape, np.float32)),
+     "returned probabilities of shape"),
+    (lambda q, shape: SlicePrediction(np.full((len(q),) + shape, np.nan, np.float32)),
+     "returned probabilities that are not finite numbers (NaN or inf)"),
+    (lambda q, shape: SlicePrediction(np.full((len(q),) + shape, 255.0, np.float32)),
+     "returned values from 255 to 255; probabilities must lie within [0, 1] (a mask of 0 and 255: divide it by 255)"),
+    (lambda q, shape: SlicePrediction(np.zeros((len(q),) + shape, np.float32), np.zeros(len(q) + 2)),
+     "returned 16 presence value(s) for 14 query slice(s)"),
+])
+def test_a_custom_predictors_answer_is_checked(answer, phrase):
+    """A review of the Python API: a custom SlicePredictor's wrong answer gave an IndexError deep in
+    the engine, NaN a result of the drawn slice alone, 0/255 a "confidence" of 255. Now one
+    InputError names the predictor and what it must return."""
+    truth = tube(3, 25)
+
+    class Custom(SlicePredictor):
+        def predict(self, volume, guide_index, guide_mask, query_indices):
+            return answer(query_indices, tuple(volume.shape[1:]))
+
+    with pytest.raises(InputError, match=r"^Custom\.predict " + re.escape(phrase)):
+        propagate(image_for(truth), prompt_from(truth, 14), ISO, Custom())
+
+
+def test_a_custom_predictor_indexes_an_interpolated_volume_as_an_array():
+    """A review of the Python API: with thick slices (through_plane_mm) the engine hands predictors
+    an interpolated view that took only a slice number or a list: ``volume[g, r0:r1, c0:c1]`` or
+    ``volume[a:b]`` raised a bare TypeError. Now it is indexed as an array: a predictor that
+    thresholds a cropped window reads the same values with and without interpolation where the
+    slices are originals, and the result equals the list-indexing one."""
+    truth = tube(3, 25)
+    image = truth.astype(np.float32)
+
+    class Cropping(SlicePredictor):
+        through_plane_mm = 0.5  # 1 mm slices: one interpolated slice between neighbours
+
+        def __init__(self, use_slices):
+            self.use_slices, self.window_mm, self.max_window = use_slices, 4.0, 4
+
+        def predict(self, volume, guide_index, guide_mask, query_indices):
+            if self.use_slices:
+                lo, hi = min(query_indices), max(query_indices)
+                block = volume[lo:hi + 1]  # a slice of slices
+                rows = np.stack([block[q - lo] for q in query_indices])
+                assert np.array_equal(volume[query_indices[0], 2:10, 2:10], rows[0, 2:10, 2:10])
+            else:
+                rows = volume[list(query_indices)]
+            return SlicePrediction((rows >= 0.5).astype(np.float32))
+
+    by_slices = propagate(image, prompt_from(truth, 14), ISO, Cropping(True))
+    by_lists = propagate(image, prompt_from(truth, 14), ISO, Cropping(False))
+    np.testing.assert_array_equal(by_slices.mask, by_lists.mask)
+    np.testing.assert_array_equal(by_slices.mask > 0, truth)
+
+
+def test_a_damaged_record_is_an_input_error():
+    """A review of the Python API: ``from_record`` raised a plain ValueError, which code catching
+    PAMError missed."""
+    from PAMSegmentLib.errors import PAMError
+    from PAMSegmentLib.propagate import PropagationResult
+
+    truth = tube(3, 25)
+    result = propagate(image_for(truth), prompt_from(truth, 14), ISO, OracleModel(truth))
+    record = result.to_record()
+    record["axis"] = 7
+    with pytest.raises(PAMError, match="^its axis is not 0, 1 or 2$"):
+        PropagationResult.from_record(result.mask, record)

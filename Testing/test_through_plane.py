@@ -22,8 +22,12 @@ def test_interpolated_volume_keeps_the_original_slices_and_blends_linearly_betwe
     np.testing.assert_allclose(fine[[4, 5, 9]][:, 0, 0], [40.0, 50.0, 90.0])
     with pytest.raises(IndexError):
         fine[10]
+    # indexed as an array (a custom predictor slices it as one): ranges, crops, negative indices
+    np.testing.assert_allclose(fine[1:3][:, 0, 0], [10.0, 20.0])
+    np.testing.assert_allclose(fine[4, 0:1, 1:3], [[40.0, 40.0]])
+    np.testing.assert_array_equal(fine[-1], vol[-1])
     with pytest.raises(TypeError):
-        fine[1:3]
+        fine[1.5]
 
 
 @pytest.mark.parametrize("spacing, target, k", [(3.0, 1.5, 2), (2.0, 1.5, 2), (1.5, 1.5, 1), (1.0, 1.5, 1),
