@@ -484,6 +484,10 @@ def get_predictor(method: str, checkpoint=None, device: str = "cpu", **options) 
 
         if options and name == "pam":
             raise InputError(f"method 'pam' takes no options, got {', '.join(sorted(options))}")
+        unknown = sorted(set(options) - {"memory", "current_weight"})
+        if unknown:  # before the model is loaded (a TypeError from the constructor before)
+            raise InputError(f"bad option for method 'pam-memory': {', '.join(unknown)} (it takes memory and "
+                             "current_weight)")
         model = load_model(checkpoint, device=device)
         return PAMPredictor(model) if name == "pam" else MemoryPAMPredictor(model, **options)
     if name in ("copy", "track"):

@@ -326,6 +326,8 @@ class PropagationResult:
         """The ``n`` predicted slices holding ``label`` with the lowest confidence (``review_order``,
         as Slicer's *Next slice to review* steps through them): the ones to check first.
         ``voxels``: ``slice_voxels()``, if already computed."""
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise InputError(f"n must be a whole number of slices, 0 or more, got {n!r}")
         lab = int(label)
         if lab not in self.confidence:
             raise InputError(f"label {lab} was not propagated in this result (its labels: "
@@ -1716,8 +1718,9 @@ def check_threads(threads) -> None:
     if n < 1:
         raise InputError(f"threads must be at least 1, got {threads}")
     if n > max_threads():
-        raise InputError(f"threads {n} is more than this machine can use ({os.cpu_count()} CPU cores): give at most "
-                         f"{max_threads()}; more threads than cores only slow the network down")
+        raise InputError(f"threads {n} is more than this machine can use ({os.cpu_count()} CPU cores; the limit is 4 "
+                         f"threads per core or 64, whichever is more): give at most {max_threads()}; more threads "
+                         "than cores only slow the network down")
 
 
 @contextlib.contextmanager

@@ -1168,8 +1168,9 @@ def test_a_thread_count_beyond_what_the_machine_can_use_is_refused():
     truth = tube(8, 20)
     limit = max(64, 4 * (os.cpu_count() or 1))
     assert max_threads() == limit
-    with pytest.raises(InputError, match=rf"^threads {limit + 1} is more than this machine can use \(\d+ CPU cores\): "
-                                         rf"give at most {limit}; more threads than cores only slow the network down$"):
+    with pytest.raises(InputError, match=rf"^threads {limit + 1} is more than this machine can use \(\d+ CPU cores; the "
+                                         rf"limit is 4 threads per core or 64, whichever is more\): give at most "
+                                         rf"{limit}; more threads than cores only slow the network down$"):
         propagate(image_for(truth), prompt_from(truth, 14), ISO, OracleModel(truth), threads=limit + 1)
     with pytest.raises(InputError, match=r"^threads 100000 is more"):
         with torch_threads(100000):
@@ -1367,3 +1368,19 @@ def test_a_damaged_record_is_an_input_error():
     record["axis"] = 7
     with pytest.raises(PAMError, match="^its axis is not 0, 1 or 2$"):
         PropagationResult.from_record(result.mask, record)
+
+
+def test_review_first_and_get_predictor_refuse_bad_arguments_in_one_line():
+    """A review of the Python API: ``review_first(n=-1)`` returned all candidates but one and
+    ``n=2.5`` raised a TypeError; ``get_predictor("pam-memory", bogus=1)`` a TypeError."""
+    from PAMSegmentLib.baselines import get_predictor
+
+    truth = tube(3, 25)
+    result = propagate(image_for(truth), prompt_from(truth, 14), ISO, OracleModel(truth))
+    assert len(result.review_first(1, n=5)) == 5 and result.review_first(1, n=0) == []
+    for n in (-1, 2.5, True):
+        with pytest.raises(InputError, match=r"^n must be a whole number of slices, 0 or more, got "):
+            result.review_first(1, n=n)
+    with pytest.raises(InputError, match=r"^bad option for method 'pam-memory': bogus \(it takes memory and "
+                                         r"current_weight\)$"):
+        get_predictor("pam-memory", bogus=1)
