@@ -1168,9 +1168,9 @@ def test_a_thread_count_beyond_what_the_machine_can_use_is_refused():
     truth = tube(8, 20)
     limit = max(64, 4 * (os.cpu_count() or 1))
     assert max_threads() == limit
-    with pytest.raises(InputError, match=rf"^threads {limit + 1} is more than this machine can use \(\d+ CPU cores; the "
-                                         rf"limit is 4 threads per core or 64, whichever is more\): give at most "
-                                         rf"{limit}; more threads than cores only slow the network down$"):
+    with pytest.raises(InputError, match=rf"^threads {limit + 1} is more than this machine can use \(\d+ CPU "
+                                         rf"cores; the limit is 4 threads per core or 64, whichever is more\): give "
+                                         rf"at most {limit}; more threads than cores only slow the network down$"):
         propagate(image_for(truth), prompt_from(truth, 14), ISO, OracleModel(truth), threads=limit + 1)
     with pytest.raises(InputError, match=r"^threads 100000 is more"):
         with torch_threads(100000):
