@@ -1875,8 +1875,11 @@ def keyframes_from_edits(prompt: np.ndarray, previous, edited: np.ndarray, *,
     differ_slices = np.flatnonzero(differ.any(axis=(1, 2)))
     was, now = ({int(v) for v in np.unique(a[differ])} - {0} for a in (prev, edit))
     lost = sorted(lab for lab in set(drawn) & was if not (edit == lab).any())
-    prev_values = {int(v) for v in np.unique(prev)}  # once: an image as the edited result has thousands of values
-    new = sorted(now - prev_values)
+    if len(now) > 16:  # an image as the edited result has thousands of values: sort the earlier result once
+        prev_values = {int(v) for v in np.unique(prev)}
+        new = sorted(now - prev_values)
+    else:  # a few labels (every update): a look per value, not a sort of the whole volume
+        new = sorted(v for v in now if not (prev == v).any())
     if len(new) > 16 or (new and new[0] < 0):  # an image, not labels
         shown = ", ".join(map(str, new[:3])) + (", ..." if len(new) > 3 else "")
         raise InputError(f"the edited result holds {len(new)} values the earlier result does not ({shown}): it looks "
@@ -1891,7 +1894,7 @@ def keyframes_from_edits(prompt: np.ndarray, previous, edited: np.ndarray, *,
     out = np.zeros(prm.shape, dtype=prompt.dtype if np.issubdtype(prompt.dtype, np.integer) else np.int32)
     walls, changed_all, earlier_keys, erased = {}, {}, {}, []
     n = prm.shape[0]
-    absent = [lab for lab in drawn if lab not in prev_values]
+    absent = [lab for lab in drawn if not (prev == lab).any()]
     if absent and len(absent) < len(drawn):  # a result of some of the prompt's labels: a --label run
         present = [lab for lab in drawn if lab not in absent]
         raise InputError(f"the earlier result holds no label {absent[0]} of the prompt, only label"
