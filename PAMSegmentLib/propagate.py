@@ -960,11 +960,13 @@ def _check_prediction(predictor, pred, n: int, slice_shape: tuple) -> None:
         raise InputError(f"{name} returned probabilities of shape {prob.shape} for {n} query slice(s) of "
                          f"{slice_shape[0]} x {slice_shape[1]}; it must return ({n}, {slice_shape[0]}, "
                          f"{slice_shape[1]})")
-    if prob.dtype != bool:
-        if prob.dtype.kind not in "fiu" or not np.isfinite(prob).all():
+    if prob.dtype != bool and prob.size:
+        # one pass each for the lowest and highest value: NaN and inf show in them
+        lo, hi = (float(prob.min()), float(prob.max())) if prob.dtype.kind in "fiu" else (np.nan, np.nan)
+        if not (np.isfinite(lo) and np.isfinite(hi)):
             raise InputError(f"{name} returned probabilities that are not finite numbers (NaN or inf)")
-        if prob.size and (float(prob.min()) < -1e-6 or float(prob.max()) > 1.0 + 1e-6):
-            raise InputError(f"{name} returned values from {float(prob.min()):g} to {float(prob.max()):g}; "
+        if lo < -1e-6 or hi > 1.0 + 1e-6:
+            raise InputError(f"{name} returned values from {lo:g} to {hi:g}; "
                              "probabilities must lie within [0, 1] (a mask of 0 and 255: divide it by 255)")
     if pred.presence is not None and np.shape(pred.presence) != (n,):
         raise InputError(f"{name} returned {np.size(pred.presence)} presence value(s) for {n} query slice(s)")
@@ -1668,9 +1670,10 @@ def _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, em
             # Earlier labels keep their voxels; a label's own prompt voxels always win.
             if lab != next(iter(slices)):  # the first label finds the map empty
                 taken = out != 0
-                if (mask & taken).any():
+                clash = mask & taken
+                if clash.any():
                     overlapped.add(lab)
-                    values, counts = np.unique(out[mask & taken & ~label_mask], return_counts=True)
+                    values, counts = np.unique(out[clash & ~label_mask], return_counts=True)
                     lost_all[lab] = ({int(v): int(c) for v, c in zip(values, counts)}, int(mask.sum()))
                 overlapped.update(int(v) for v in np.unique(out[label_mask & taken]))  # lost to its drawing
                 out[mask & ~taken] = lab
