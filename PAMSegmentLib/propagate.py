@@ -153,7 +153,8 @@ class PropagationResult:
     # of their own prediction, so an update recomputes them rather than reusing ``mask``.
     overlapped: frozenset = frozenset()
     # label -> voxels it lost to labels propagated before it ({other label: voxels}) and its own
-    # prediction's voxels, as (lost, own): for the note that says so (this call only).
+    # prediction's voxels, as (lost, own): for the note that says so (this call only). Voxels taken
+    # by a later label's drawn slices are not counted: the drawing is the user's word, no order helps.
     lost: dict = field(default_factory=dict)
     # label -> slices between two of its drawn slices left empty (the walks from both sides found
     # nothing there, ``_gaps_between``; this call only): said in a note and first for review, since
@@ -225,7 +226,8 @@ class PropagationResult:
         if not isinstance(labels, dict) or len(labels) > 1024:
             raise ValueError("its labels are not a mapping")
         moved = np.moveaxis(mask, axis, 0)
-        out = dict(confidence={}, prompt_slices={}, keyframes={}, agreement={}, begin_state={})
+        out = dict(confidence={}, prompt_slices={}, keyframes={}, agreement={}, begin_state={}, slice_range={},
+                   gaps={})
         overlapped = set()
         for key, entry in labels.items():
             if not (isinstance(key, str) and key.isdigit() and 1 <= int(key) <= MAX_LABEL and isinstance(entry, dict)):
@@ -245,7 +247,15 @@ class PropagationResult:
             frames = {s: moved[s] == lab for s in keys}
             frames.update({s: np.zeros(moved.shape[1:], dtype=bool) for s in walls})
             out["keyframes"][lab] = dict(sorted(frames.items()))
-        return cls(mask=mask, axis=axis, slice_range={}, range=(lo_hi[0], lo_hi[1]), early_stop=flags[0],
+            # what the result said of the label: its extent, and the empty slices between two of its
+            # drawn slices (a wall between them is not one), as the run that wrote the record had them
+            held = np.flatnonzero((moved == lab).any(axis=(1, 2)))
+            if held.size:
+                out["slice_range"][lab] = (int(held[0]), int(held[-1]))
+            bounds, present = sorted(set(keys) | set(walls)), set(held.tolist())
+            out["gaps"][lab] = [s for a, b in zip(bounds[:-1], bounds[1:]) if a in keys and b in keys
+                                for s in range(a + 1, b) if s not in present]
+        return cls(mask=mask, axis=axis, range=(lo_hi[0], lo_hi[1]), early_stop=flags[0],
                    remove_disconnected=flags[1], overlapped=frozenset(overlapped), image_digest=digest, **out)
 
     def notes(self, edited: dict[int, Sequence[int]] | None = None) -> list[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from PAMSegmentLib.propagate import SlicePrediction, SlicePredictor, propagate
+from PAMSegmentLib.propagate import PropagationResult, SlicePrediction, SlicePredictor, propagate
 
 ISO = (1.0, 1.0, 1.0)
 
@@ -112,3 +112,19 @@ def test_a_server_result_carries_the_gaps_and_the_lost_voxels():
     back = decode_result(encode_result(result))
     assert back.gaps == {1: [8, 9, 10, 11]} and back.lost == {1: ({2: 5}, 40)}
     assert back.notes() == result.notes()
+
+
+def test_a_result_rebuilt_from_its_record_keeps_its_extent_and_gaps():
+    """A result read back from OUT and its record (``from_record``) had no extent and no gaps, so
+    its summary listed no label and its notes forgot the empty slices between drawn ones. Now both
+    are rebuilt from the label map and the record's drawn slices and walls (a wall is no gap)."""
+    truth = sliding_disc()
+    image = np.random.default_rng(0).normal(size=truth.shape).astype(np.float32)
+    first = propagate(image, drawn_on(truth, [3, 16]), ISO, LosesSlices(truth, lost=range(8, 12)))
+    back = PropagationResult.from_record(first.mask, first.to_record())
+    assert back.slice_range == first.slice_range == {1: (0, 19)}
+    assert back.gaps == first.gaps == {1: [8, 9, 10, 11]}
+    assert back.summary().startswith("label 1: slices 0-19 (axis 0)")
+    walled = propagate(image, drawn_on(truth, [3, 16]), ISO, LosesSlices(truth, lost=range(8, 12)),
+                       empty_slices=[10])
+    assert PropagationResult.from_record(walled.mask, walled.to_record()).gaps == walled.gaps == {1: []}
