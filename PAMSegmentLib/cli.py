@@ -426,11 +426,11 @@ def read_case(image_path, prompt_path, output, resample: bool, note: Callable[[s
         from_image = None  # how many of the warnings came from reading the image
         try:
             if not resample:  # a prompt on another grid is refused before a large image is read
-                check_grids_from_headers(image_path, prompt_path)
+                check_grids_from_headers(image_path, prompt_path, resample_option="--resample-prompt")
             image = read_volume(image_path, series_uid=series)
             from_image = len(caught)
             check_geometry_fits(image.direction, output)
-            prompt = read_labelmap(prompt_path, reference=image, resample=resample)
+            prompt = read_labelmap(prompt_path, reference=image, resample=resample, resample_option="--resample-prompt")
         finally:
             for n, w in enumerate(caught):
                 if issubclass(w.category, UserWarning):
@@ -740,7 +740,8 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
         with warnings.catch_warnings(record=True) as caught:  # e.g. a cropped .seg.nrrd put back on the grid
             warnings.simplefilter("always", UserWarning)
             try:
-                maps.append(read_labelmap(path, reference=image, resample=resample).array)
+                maps.append(read_labelmap(path, reference=image, resample=resample,
+                                          resample_option="--resample-prompt").array)
             except InputError as error:
                 raise InputError(f"{option}: {error}") from None
             finally:

@@ -854,8 +854,10 @@ def _no_position(path: Path) -> str | None:
 
 
 def _off_grid_error(name: str, labels: Volume, reference: Volume, diffs: list[str],
-                    path: Path | None = None, reference_path: Path | None = None) -> InputError:
-    """The refusal of a label map ``name`` that is not on the ``reference`` grid."""
+                    path: Path | None = None, reference_path: Path | None = None,
+                    option: str = "resample=True") -> InputError:
+    """The refusal of a label map ``name`` that is not on the ``reference`` grid. ``option``: how the
+    caller's user asks for resampling (the command line's ``--resample-prompt``)."""
     split = [(q.name, mm) for q, other in ((reference_path, labels), (path, reference))
              if (mm := _two_grids_holding(q, other)) is not None]
     if split and set(diffs) & {"origin", "direction", "spacing"}:
@@ -865,15 +867,16 @@ def _off_grid_error(name: str, labels: Volume, reference: Volume, diffs: list[st
         details = "; ".join(_describe_difference(d, labels, reference) for d in diffs)
         return InputError(f"{name} is not on the image grid ({details}), and the NIfTI header of {which} holds "
                           "two different grids: the prompt was probably saved by a tool that uses the other one of "
-                          "the two, so --resample-prompt would move it by their difference. Save the prompt with the "
+                          f"the two, so {option} would move it by their difference. Save the prompt with the "
                           "image's geometry as ITK reads it (SimpleITK: mask.CopyInformation(image)), or make the "
                           "file's qform and sform agree (nibabel: img.set_qform(img.get_sform()))")
-    return _never_resampled(name, labels, reference, diffs, path) or _generic_off_grid_error(name, labels, reference,
-                                                                                             diffs)
+    return (_never_resampled(name, labels, reference, diffs, path, option=option)
+            or _generic_off_grid_error(name, labels, reference, diffs, option))
 
 
 def _never_resampled(name: str, labels: Volume, reference: Volume, diffs: list[str],
-                     path: Path | None = None, resample: bool = False) -> InputError | None:
+                     path: Path | None = None, resample: bool = False,
+                     option: str = "resample=True") -> InputError | None:
     """The refusal of a label map that resampling would put in the wrong place whatever the user
     asks (``read_labelmap`` raises it with ``resample=True`` too: --resample-prompt moved a prompt
     drawn on slice 60 to slice 93, exit 0): one of the image's size without a position in its
@@ -881,7 +884,7 @@ def _never_resampled(name: str, labels: Volume, reference: Volume, diffs: list[s
     unplaced = _no_position(path) if path is not None and labels.shape == reference.shape else None
     if unplaced:  # resampling would place it by the origin and axes ITK made up: not where it was drawn
         return InputError(f"{name} has the image's size but no position in space in its header ({unplaced}), so it "
-                          "cannot be placed on the image (--resample-prompt would put it in the wrong place). If it "
+                          f"cannot be placed on the image ({option} would put it in the wrong place). If it "
                           "was drawn on this image's voxels, save it with the image's geometry (SimpleITK: "
                           "mask.CopyInformation(image); nibabel: Nifti1Image(data, image.affine)) and try again")
     flip = np.diag([-1.0, -1.0, 1.0])  # RAS <-> LPS
@@ -902,21 +905,22 @@ def _never_resampled(name: str, labels: Volume, reference: Volume, diffs: list[s
                 return None
             return InputError(f"{name} is the image's grid with the x and y axes' signs flipped (origin and axes): "
                               "if it is a reoriented copy of a drawing on this image (its voxels flipped with its "
-                              "axes, as RAS tools save it), use --resample-prompt; if a tool wrote RAS numbers where "
+                              f"axes, as RAS tools save it), use {option}; if a tool wrote RAS numbers where "
                               "the image's are LPS, save it again with the image's geometry (SimpleITK: "
                               "mask.CopyInformation(image))")
         return InputError(f"{name} is the image's grid with the x and y axes' signs flipped (origin and axes): it was "
                           "written in RAS coordinates where the image's are LPS, or the reverse, by a tool that mixed "
-                          "the two up (--resample-prompt would mirror it); save it again with the image's geometry "
+                          f"the two up ({option} would mirror it); save it again with the image's geometry "
                           "(SimpleITK: mask.CopyInformation(image))")
     return None
 
 
-def _generic_off_grid_error(name: str, labels: Volume, reference: Volume, diffs: list[str]) -> InputError:
+def _generic_off_grid_error(name: str, labels: Volume, reference: Volume, diffs: list[str],
+                            option: str = "resample=True") -> InputError:
     details = "; ".join(_describe_difference(d, labels, reference) for d in diffs)
     hint = (" (the segmentation has a geometry of its own, not the image's: in Slicer, set its geometry from "
             "the volume in the Segmentations module, or resample it here)" if _is_seg_nrrd(name) else "")
-    advice = ("use --resample-prompt to resample it onto the image grid" if _overlaps(labels, reference) else
+    advice = (f"use {option} to resample it onto the image grid" if _overlaps(labels, reference) else
               "it does not even overlap the image in space (drawn on another scan?): draw the prompt on this image")
     return InputError(f"{name} is not on the image grid: {', '.join(diffs)} differ{'s' if len(diffs) == 1 else ''} "
                       f"({details}){hint}; {advice}")
@@ -999,7 +1003,8 @@ def _grid_from_header(p: Path) -> Volume | None:
                   tuple(float(v) for v in origin), tuple(float(v) for v in direction))
 
 
-def check_grids_from_headers(image_path: PathLike, prompt_path: PathLike) -> None:
+def check_grids_from_headers(image_path: PathLike, prompt_path: PathLike,
+                             resample_option: str = "resample=True") -> None:
     """Before the image is read: a prompt file whose header puts it on another grid than the image
     file's is refused at once (as ``read_labelmap`` would refuse it after reading both, which for
     a large image takes a minute and gigabytes). Where either header cannot be compared so, nothing
@@ -1013,7 +1018,8 @@ def check_grids_from_headers(image_path: PathLike, prompt_path: PathLike) -> Non
             header = _nifti_header(path)
             if header is not None:
                 _note_nifti_no_spacing(path, header, 3)
-        raise _off_grid_error(Path(prompt_path).name, prompt, image, diffs, Path(prompt_path), Path(image_path))
+        raise _off_grid_error(Path(prompt_path).name, prompt, image, diffs, Path(prompt_path), Path(image_path),
+                              option=resample_option)
 
 
 def as_volume(reference, what: str) -> "Volume":
@@ -1029,13 +1035,15 @@ def as_volume(reference, what: str) -> "Volume":
     raise InputError(f"{what} must be a Volume (read_volume) or a SimpleITK image, got {type(reference).__name__}")
 
 
-def read_labelmap(path: PathLike, reference: Volume | None = None, resample: bool = False) -> Volume:
+def read_labelmap(path: PathLike, reference: Volume | None = None, resample: bool = False, *,
+                  resample_option: str = "resample=True") -> Volume:
     """Read an integer label map (e.g. a prompt) as a Volume with an integer array (K, J, I).
 
     With ``reference``: the label map must lie on the reference grid (``same_grid``), else
     InputError naming what differs; with ``resample=True`` it is instead resampled onto the
     reference grid by nearest neighbour. A matching or resampled result carries the
-    reference's exact spacing, origin and direction.
+    reference's exact spacing, origin and direction. ``resample_option``: how the refusal tells
+    the user to ask for resampling (the command line passes ``--resample-prompt``).
     """
     name = Path(path).name
     if reference is not None:
@@ -1053,8 +1061,8 @@ def read_labelmap(path: PathLike, reference: Volume | None = None, resample: boo
         labels, diffs = placed, []
     if diffs:
         if not resample:
-            raise _off_grid_error(name, labels, reference, diffs, Path(path))
-        never = _never_resampled(name, labels, reference, diffs, Path(path), resample=True)
+            raise _off_grid_error(name, labels, reference, diffs, Path(path), option=resample_option)
+        never = _never_resampled(name, labels, reference, diffs, Path(path), resample=True, option=resample_option)
         if never is not None:
             raise never
         resampler = sitk.ResampleImageFilter()

@@ -447,9 +447,11 @@ def test_a_prompt_off_the_grid_of_an_image_with_two_grids_names_them(tmp_path):
     with pytest.raises(InputError) as err:
         check_grids_from_headers(image, prompt)
     text = str(err.value)
-    assert text.startswith("prompt.nii is not on the image grid (origin") and "resample-prompt to resample" not in text
+    assert text.startswith("prompt.nii is not on the image grid (origin") and "to resample it onto" not in text
     assert "the NIfTI header of two_grids.nii (qform and sform up to 30 mm apart) holds two different grids" in text
-    assert "--resample-prompt would move it by their difference" in text
+    assert "resample=True would move it by their difference" in text  # the Python API's words for it
+    with pytest.raises(InputError, match="so --resample-prompt would move it by their difference"):
+        check_grids_from_headers(image, prompt, resample_option="--resample-prompt")
     # a prompt on a grid of its own (coarser) is not about the two grids: resampling is the way
     coarse = write_volume(make_volume(shape=(3, 5, 4), spacing=(5.0, 0.9, 0.7), direction=IDENTITY),
                           tmp_path / "coarse.nii")
@@ -506,7 +508,7 @@ def test_labelmap_on_other_grid_is_refused(tmp_path, change, phrase):
     other.origin = change.get("origin", ref.origin)
     other.direction = change.get("direction", ref.direction)
     path = write_volume(other, tmp_path / "prompt.nii.gz")
-    with pytest.raises(InputError, match=rf"not on the image grid: {phrase} differs .*--resample-prompt") as info:
+    with pytest.raises(InputError, match=rf"not on the image grid: {phrase} differs .*use resample=True") as info:
         read_labelmap(path, reference=ref)
     assert "\n" not in str(info.value)
     assert same_grid(read_labelmap(path), ref) == [phrase]
@@ -792,7 +794,7 @@ def test_a_prompt_off_the_grid_is_told_to_resample_unless_it_misses_the_image_en
     write_volume(Volume(shifted.array, shifted.spacing, (-12.0, 30.25, 7.125), shifted.direction), near)  # 0.5 mm off
     write_volume(Volume(shifted.array, shifted.spacing, (500.0, 30.25, 7.125), shifted.direction), far)
     with pytest.raises(InputError, match=r"near.nii.gz is not on the image grid: origin differs .*; use "
-                                         r"--resample-prompt to resample it onto the image grid$"):
+                                         r"resample=True to resample it onto the image grid$"):
         read_labelmap(near, reference=image)
     with pytest.raises(InputError, match=r"far.nii.gz is not on the image grid: origin differs .*; it does not even "
                                          r"overlap the image in space \(drawn on another scan\?\): draw the prompt on "
