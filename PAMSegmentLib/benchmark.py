@@ -169,10 +169,10 @@ def machine_info(threads: int) -> dict:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         usable = os.cpu_count()
-    try:
-        mem_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3, 1)
-    except (ValueError, OSError, AttributeError):  # pragma: no cover
-        mem_gb = None
+    from .volumes import physical_memory_bytes
+
+    memory = physical_memory_bytes()
+    mem_gb = None if memory is None else round(memory / 1024**3, 1)
     try:
         from importlib.metadata import version
 

@@ -670,6 +670,37 @@ def _read_error(p: Path, reason: str) -> InputError:
     return InputError(f"cannot read {p} as an image ({reason[:200]}); is the file damaged? copy or download it again")
 
 
+def physical_memory_bytes() -> int | None:
+    """This machine's physical memory, None where the OS does not say (``os.sysconf``)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_declared_size(p: Path) -> None:
+    """A file whose header declares more voxels than this machine's memory holds as float32 (the
+    engine's working copy) is refused before ITK allocates them: a damaged header, or a small
+    compressed file that unpacks to terabytes (a "bomb"), would otherwise end in the OS killing
+    the process, or Slicer. Headers ITK cannot read are left to the full read, which names the
+    problem."""
+    try:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(_itk_path(p))
+        with _itk_warnings_hidden(), _native_stderr_hidden():
+            reader.ReadImageInformation()
+        size, components = reader.GetSize(), reader.GetNumberOfComponents()
+    except RuntimeError:
+        return
+    voxels = math.prod(int(n) for n in size) * max(int(components), 1)
+    memory = physical_memory_bytes()
+    if memory and 4 * voxels > memory:
+        raise InputError(f"{p.name}'s header declares {_fmt_size(size)} = {voxels:,} voxels, {4 * voxels / 1024**3:,.0f} "
+                         f"GB as float32, more than this machine's {memory / 1024**3:.0f} GB of memory: if the file "
+                         "is what it should be, crop or downsample it (e.g. in Slicer's Crop Volume module); a small "
+                         "file declaring this is damaged")
+
+
 def _read_sitk(path: PathLike, series_uid: str | None = None, single_slice_ok: bool = False) -> sitk.Image:
     """Read any supported file or DICOM folder and check it is one 3D scalar volume."""
     p = Path(path)
@@ -682,6 +713,7 @@ def _read_sitk(path: PathLike, series_uid: str | None = None, single_slice_ok: b
             raise InputError(f"series_uid applies to DICOM folders only, but {p} is a file")
         check_regular_file(p)
         _check_detached_data(p)
+        _check_declared_size(p)
         header = _nifti_header(p)  # read once for the NIfTI checks
         if header is not None:
             _check_nifti_complete(p, header)
