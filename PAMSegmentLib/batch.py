@@ -26,6 +26,11 @@ cannot be written then).
 ``--shard K/N`` runs the manifest's cases K, K+N, K+2N ... (counting cases from 1, not lines):
 N machines given the same manifest and output folder each take their share and write their own
 ``batch_report.shardK-of-N.csv``.
+
+``--server URL`` runs every case on a ``pamsegment serve`` server (its model, device and settings):
+cases are read and checked here and uploaded one at a time; a full queue (other users) is waited
+out, up to an hour per case; a server that cannot be reached stops the batch (every later case
+would fail the same way), leaving the rest ``not run`` for ``--skip-existing``.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import json
 import os
 import re
 import sys
@@ -49,6 +55,7 @@ COLUMNS = ("image", "prompt", "output", "label", "series", "previous", "edited")
 COLUMNS_TEXT = "image,prompt[,output][,label][,series][,previous,edited]"
 REPORT_NAME = re.compile(r"batch_report(\.shard\d+-of-\d+)?\.csv")
 SKIPPED = "output exists (--skip-existing)"
+BUSY_WAIT_SECONDS = 3600.0  # with --server, a full queue is waited out this long per case
 CARRIED = "done in an earlier run (--skip-existing)"  # a skipped row's columns are from the report of that run
 REPORT_FIELDS = ("row", "image", "prompt", "output", "status", "seconds", "slices", "check_first", "message", "method",
                  "manifest")
@@ -296,19 +303,39 @@ def _earlier_results(out_dir: Path) -> dict[str, tuple[dict, int]]:
     return found
 
 
-def made_with(args) -> str:
+def made_with(args, server_info: dict | None = None) -> str:
     """What a batch's outputs are made with, for the report and --skip-existing: the method, and
     for the network's methods the weights (--checkpoint, else PAMSEGMENT_MODEL, else the shipped
-    weights; a path to the shipped file counts as them)."""
+    weights; a path to the shipped file counts as them). With ``--server`` the weights are the
+    server's (its ``/info``, ``server_info``): the shipped ones when their sha256 is the model
+    card's, so outputs made here or there count as the same."""
     if not args.method.startswith("pam"):
         return args.method
     from .checkpoints import shipped_checkpoint_path
+
+    if server_info is not None:
+        model = server_info.get("model") if isinstance(server_info.get("model"), dict) else {}
+        sha = str(model.get("sha256") or "")
+        return f"{args.method} (shipped weights)" if sha and sha == _shipped_sha256() else \
+            f"{args.method} (the server's weights, sha256 {sha[:16] or 'unknown'})"
 
     given = args.checkpoint or os.environ.get("PAMSEGMENT_MODEL") or None
     shipped = shipped_checkpoint_path()
     if given is None or (shipped is not None and _absolute(Path(given)) == _absolute(Path(shipped))):
         return f"{args.method} (shipped weights)"
     return f"{args.method} ({_absolute(Path(given))})"
+
+
+def _shipped_sha256() -> str | None:
+    """The shipped weights' sha256 as their model card gives it (no torch needed), None if unknown."""
+    from .checkpoints import shipped_checkpoint_path
+
+    path = shipped_checkpoint_path()
+    try:
+        card = json.loads(path.with_suffix(".json").read_text(encoding="utf-8")) if path is not None else None
+    except (OSError, ValueError):
+        return None
+    return card.get("sha256_weights") if isinstance(card, dict) else None
 
 
 def _made_otherwise(row: BatchRow, earlier: dict[str, tuple[dict, int]], method: str) -> str | None:
@@ -507,6 +534,11 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=16, metavar="N", help="query slices per network call (default 16)")
     p.add_argument("--resample-prompt", action="store_true",
                    help="resample prompts on another grid onto their image's grid (nearest neighbour)")
+    p.add_argument("--server", metavar="URL",
+                   help="propagate every case on a `pamsegment serve` server (e.g. http://gpu-box:8765); its model "
+                        "and device are used, a full queue is waited out (up to an hour per case), and the batch "
+                        "stops if the server cannot be reached (resume with --skip-existing)")
+    p.add_argument("--token", help="the server's token (default: the PAMSEGMENT_TOKEN environment variable)")
 
 
 def _run_row(row: BatchRow, model, args, progress=None) -> None:
@@ -527,9 +559,10 @@ def _run_row(row: BatchRow, model, args, progress=None) -> None:
         plan, earlier = plan_update(image, prompt, row.previous, row.edited, labels=row.labels,
                                     resample=args.resample_prompt, say=row.notes.append, names=("previous", "edited"))
         keyframes, axis, walls = plan.prompt, plan.axis, plan.empty_slices
+    remote = getattr(model, "runs_remotely", False) is True  # a server: an update runs there as a fresh run
     result = propagate(image.array, keyframes, image.spacing, model, labels=row.labels, axis=axis, empty_slices=walls,
                        batch_size=args.batch_size, device=args.device, threads=args.threads,
-                       update=plan is not None, progress=progress, previous=earlier)
+                       update=plan is not None, progress=progress, previous=None if remote else earlier)
     from .cli import check_keyframes_record_path, keyframes_record_path, keyframes_record_writer
     from .volumes import _write_extension, replace_together, seg_nrrd_segments
 
@@ -559,17 +592,21 @@ def _case_progress(bar, every: float = 1.0):
         now = time.monotonic()
         if now - last[0] >= every or fraction >= 1.0:
             last[0] = now
-            bar.set_postfix_str(f"this case {int(100 * fraction)}%", refresh=True)
+            # a server's waits are said (the bar would stand still at 0 % without a word)
+            waiting = message.startswith("server: busy") or "queue position" in message
+            bar.set_postfix_str(f"this case {int(100 * fraction)}%" + (f", {message}" if waiting else ""),
+                                refresh=True)
 
     return progress
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
     from .cli import (EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, METHODS, _one_line, check_no_checkpoint_for_classical,
-                      check_pam_only_options)
+                      check_pam_only_options, check_server_options)
 
     check_pam_only_options(args)
     check_no_checkpoint_for_classical(args)
+    check_server_options(args)
     out_dir = Path(args.output)
     from .volumes import check_not_a_broken_link
 
@@ -595,7 +632,16 @@ def cmd_batch(args: argparse.Namespace) -> int:
     earlier = _earlier_results(out_dir) if args.skip_existing else {}  # read before the report is rewritten
     from .cli import keyframes_record_exists
 
-    method = made_with(args)
+    server, server_info = None, None
+    if args.server:  # asked now: a wrong address or token is one line before anything is written
+        from .remote import RemoteModel
+
+        server = RemoteModel(args.server, token=args.token or os.environ.get("PAMSEGMENT_TOKEN"), method=args.method,
+                             wait_when_busy=BUSY_WAIT_SECONDS)
+        server_info = server.info()
+        if args.method not in server_info.get("methods", [args.method]):
+            raise InputError(f"the server at {server.url} does not run --method {args.method}")
+    method = made_with(args, server_info)
     for r in rows:  # an empty file is what an interrupted copy leaves, not a result
         done = args.skip_existing and r.output.is_file() and r.output.stat().st_size > 0
         if done and r.edited is not None and not keyframes_record_exists(r.output):
@@ -611,7 +657,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     todo = [r for r in rows if r.status == "not run"]
     _check_output_folders(out_dir, todo, Path(args.manifest).name)
     report = out_dir / report_name
-    model = METHODS[args.method](args) if todo else None
+    model = server if server is not None else METHODS[args.method](args) if todo else None
     made = not out_dir.exists()
     try:
         out_dir.mkdir(exist_ok=True)
@@ -629,7 +675,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     t_all = time.perf_counter()
-    interrupted = False
+    interrupted, unreachable = False, None
+    from .remote import ServerUnreachable
     bar = tqdm(todo, desc="cases", unit="case", file=sys.stderr, ncols=80)
     rewrite = _Report(rows, report, Path(args.manifest), lambda text: bar.write(text, file=sys.stderr))
     current = None
@@ -642,6 +689,11 @@ def cmd_batch(args: argparse.Namespace) -> int:
                 r.status, r.method = "ok", method
             except PropagationCancelled:
                 raise
+            except ServerUnreachable as error:  # every later case would fail the same way: stop here
+                r.status, r.message = "error", " | ".join([*r.notes, _one_line(error)])
+                bar.write(f"row {r.number} ({r.image.name}): error: {r.message}")
+                unreachable = error
+                break
             except (PAMError, OSError, MemoryError, RuntimeError) as error:  # the batch goes on
                 # OSError: a file problem no check foresaw; running out of memory on one case (numpy's
                 # MemoryError, PyTorch's RuntimeError) fails that case, not the batch
@@ -677,6 +729,10 @@ def cmd_batch(args: argparse.Namespace) -> int:
         print("pamsegment: interrupted; finished cases are written, the rest are 'not run' in the report "
               "(run again with --skip-existing to resume)", file=sys.stderr)
         return EXIT_INTERRUPTED
+    if unreachable is not None:
+        print(f"pamsegment: error: {_one_line(unreachable)}; the batch stopped there: finished cases are written, "
+              "the rest are 'not run' in the report (run again with --skip-existing to resume)", file=sys.stderr)
+        return EXIT_USAGE
     if counts["error"]:
         print(f"pamsegment: error: {counts['error']} of {len(rows)} cases failed; see {report}",
               file=sys.stderr)

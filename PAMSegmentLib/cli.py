@@ -407,6 +407,28 @@ def check_pam_only_options(args: argparse.Namespace) -> None:
             raise InputError(f"--{opt.replace('_', '-')} is an option of --method pam, not {args.method}; drop it")
 
 
+def check_server_options(args: argparse.Namespace) -> None:
+    """``--server`` (propagate, batch): options that set up a local model are refused, the local
+    device, threads and batch size noted as the server's to set; ``--token`` without it refused."""
+    if args.server:
+        from .remote import SERVER_METHODS
+
+        given = [f"--{o.replace('_', '-')}" for o in ("checkpoint", *PAM_ONLY_OPTIONS) if getattr(args, o) is not None]
+        if given:
+            raise InputError(f"{given[0]} sets up a local model; with --server the server's model is used, drop it")
+        if args.method not in SERVER_METHODS:
+            raise InputError(f"--method {args.method} does not run on a server; use {', '.join(SERVER_METHODS[:-1])} "
+                             f"or {SERVER_METHODS[-1]}")
+        local = [o for o, used in (("--device", args.device != "cpu"), ("--threads", args.threads is not None),
+                                   ("--batch-size", args.batch_size != 16)) if used]
+        if local:  # the server's own settings decide (pamsegment serve --device/--threads/--batch-size)
+            listed = local[0] if len(local) == 1 else f"{', '.join(local[:-1])} and {local[-1]}"
+            print(f"note: {listed} {'is' if len(local) == 1 else 'are'} set by the server (pamsegment serve "
+                  f"{' '.join(o + ' N' if o != '--device' else o + ' D' for o in local)}); ignored here", flush=True)
+    elif args.token:
+        raise InputError("--token is for --server; drop it")
+
+
 def check_no_checkpoint_for_classical(args: argparse.Namespace) -> None:
     if args.checkpoint is not None and args.method in CLASSICAL_METHODS:
         raise InputError(f"--method {args.method} does not use a checkpoint; drop --checkpoint or use --method pam")
@@ -445,23 +467,7 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     check_pam_only_options(args)
     args.empty_slices = walls_option(args.empty_slices)
-    if args.server:
-        from .remote import SERVER_METHODS
-
-        given = [f"--{o.replace('_', '-')}" for o in ("checkpoint", *PAM_ONLY_OPTIONS) if getattr(args, o) is not None]
-        if given:
-            raise InputError(f"{given[0]} sets up a local model; with --server the server's model is used, drop it")
-        if args.method not in SERVER_METHODS:
-            raise InputError(f"--method {args.method} does not run on a server; use {', '.join(SERVER_METHODS[:-1])} "
-                             f"or {SERVER_METHODS[-1]}")
-        local = [o for o, used in (("--device", args.device != "cpu"), ("--threads", args.threads is not None),
-                                   ("--batch-size", args.batch_size != 16)) if used]
-        if local:  # the server's own settings decide (pamsegment serve --device/--threads/--batch-size)
-            listed = local[0] if len(local) == 1 else f"{', '.join(local[:-1])} and {local[-1]}"
-            print(f"note: {listed} {'is' if len(local) == 1 else 'are'} set by the server (pamsegment serve "
-                  f"{' '.join(o + ' N' if o != '--device' else o + ' D' for o in local)}); ignored here", flush=True)
-    elif args.token:
-        raise InputError("--token is for --server; drop it")
+    check_server_options(args)
     if (args.previous is None) != (args.edited is None):
         given, missing = ("--previous", "--edited") if args.edited is None else ("--edited", "--previous")
         raise InputError(f"{given} needs {missing}: give the earlier result (--previous) and your corrected copy "

@@ -31,11 +31,18 @@ from .propagate import PropagationResult
 # What a `pamsegment serve` server runs (its /info lists them too).
 SERVER_METHODS = ("pam", "track", "copy")
 
-__all__ = ["RemoteModel", "decode_result"]
+__all__ = ["RemoteModel", "ServerBusy", "ServerUnreachable", "decode_result"]
 
 
 class _Unreachable(PAMError):
     """No answer from the server (refused, reset, timed out)."""
+
+
+ServerUnreachable = _Unreachable  # public name: a batch stops on it (every later case would fail too)
+
+
+class ServerBusy(PAMError):
+    """The server's queue is full (``RemoteModel(wait_when_busy=0)``, or still full after that long)."""
 
 
 RETRY_SECONDS = 30.0  # a job's status and result are asked again this long when the network drops
@@ -92,7 +99,10 @@ class RemoteModel:
     runs_remotely = True  # propagate() checks the inputs, then hands the whole job to ``propagate`` here
 
     def __init__(self, url: str, token: str | None = None, timeout: float = 60.0, poll_interval: float = 0.3,
-                 method: str = "pam"):
+                 method: str = "pam", wait_when_busy: float = 0.0, busy_interval: float = 5.0):
+        """``wait_when_busy``: for this many seconds a full queue is waited out (asked again every
+        ``busy_interval`` seconds, said in the progress) instead of raising ServerBusy at once:
+        a batch shares the server with other users."""
         parsed = urllib.parse.urlparse(str(url))
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise InputError(f"server address {url!r} is not an http(s) URL (e.g. http://gpu-box:8765)")
@@ -103,6 +113,7 @@ class RemoteModel:
         if token and any(ord(c) < 32 or ord(c) == 127 for c in token):
             raise InputError("the token holds control characters (a line break inside it?); give it on one line")
         self.token, self.timeout, self.poll_interval, self.method = token, float(timeout), float(poll_interval), method
+        self.wait_when_busy, self.busy_interval = float(wait_when_busy), float(busy_interval)
 
     def _request(self, method: str, path: str, body: bytes | memoryview | None = None) -> bytes:
         req = urllib.request.Request(self.url + path, data=body, method=method)
@@ -157,6 +168,21 @@ class RemoteModel:
                     raise PropagationCancelled("cancelled")
                 time.sleep(0.1)
 
+    def _wait_busy(self, until: float, why: str, progress, cancel) -> None:
+        """The queue is full: ServerBusy once ``until`` has passed, else a wait of ``busy_interval``
+        seconds (cancellable), said in the progress."""
+        if time.monotonic() >= until:
+            waited = f" for {self.wait_when_busy:.0f} s" if self.wait_when_busy > 0 else ""
+            raise ServerBusy(f"the server at {self.url} has {why}{' still' if waited else ''}; try again later"
+                             + (f" (waited{waited})" if waited else ""))
+        if progress is not None:
+            progress(0.0, f"server: busy, {why}; asking again in {self.busy_interval:.0f} s")
+        end = time.monotonic() + self.busy_interval
+        while time.monotonic() < end:
+            if cancel is not None and cancel.is_cancelled:
+                raise PropagationCancelled("cancelled")
+            time.sleep(min(0.1, self.busy_interval))
+
     def _json(self, payload: bytes, keys: tuple = ()) -> dict:
         """A JSON answer holding ``keys``; anything else means this is not a PAMSegment server."""
         try:
@@ -205,11 +231,15 @@ class RemoteModel:
         options = {k: v for k, v in options.items() if v is not None}
         # Ask first: a wrong token, another kind of server or an upload over the limits is then one
         # clear message (a server refusing a large upload early looks like a broken connection).
-        limits = self.info()
-        queued, max_jobs = limits.get("queued"), limits.get("max_jobs")  # (servers before session 25 send neither)
-        if all(isinstance(v, int) and not isinstance(v, bool) for v in (queued, max_jobs)) and queued >= max_jobs:
-            raise PAMError(f"the server at {self.url} has {queued} job{'' if queued == 1 else 's'} waiting already (it "
-                           f"queues at most {max_jobs}); try again later")
+        busy_until = time.monotonic() + self.wait_when_busy
+        while True:
+            limits = self.info()
+            queued, max_jobs = limits.get("queued"), limits.get("max_jobs")  # (servers before session 25 send neither)
+            if not (all(isinstance(v, int) and not isinstance(v, bool) for v in (queued, max_jobs))
+                    and queued >= max_jobs):
+                break
+            self._wait_busy(busy_until, f"{queued} job{'' if queued == 1 else 's'} waiting already (it queues at "
+                                        f"most {max_jobs})", progress, cancel)
         voxels, max_voxels = math.prod(np.shape(image)), limits.get("max_voxels")
         if isinstance(max_voxels, int) and not isinstance(max_voxels, bool) and voxels > max_voxels:
             raise InputError(f"the volume has {voxels:,} voxels; the server at {self.url} takes at most {max_voxels:,} "
@@ -224,8 +254,15 @@ class RemoteModel:
                              f"{self.url} takes at most {limits['max_upload_mb']:g} MB (crop the volume around the "
                              "object)")
         query = urllib.parse.urlencode({"options": json.dumps(options)})
-        # getbuffer: the upload is sent from the buffer, not from a second full copy (getvalue)
-        job_id = self._json(self._request("POST", f"/jobs?{query}", buf.getbuffer()), ("id",))["id"]
+        while True:
+            try:  # getbuffer: the upload is sent from the buffer, not from a second full copy (getvalue)
+                job_id = self._json(self._request("POST", f"/jobs?{query}", buf.getbuffer()), ("id",))["id"]
+                break
+            except _Answered as error:  # filled up since /info was asked
+                if error.code != 503 or "waiting already" not in str(error):
+                    raise
+                detail = str(error).split(": ", 1)[-1].split(";")[0]  # "2 jobs are waiting already"
+                self._wait_busy(busy_until, f"a full queue ({detail})", progress, cancel)
         try:
             while True:
                 if cancel is not None and cancel.is_cancelled:

@@ -612,8 +612,14 @@ def test_the_cases_bar_follows_the_case_under_way(tmp_path, cases, capsys):
         progress = batch_module._case_progress(bar, every=0.0)
         for f in (0.25, 0.5, 1.0):
             progress(f, "")
+        # on a server (batch --server) its waits are said: the bar stands at 0 % meanwhile
+        progress(0.0, "server: busy, 8 jobs waiting already (it queues at most 8); asking again in 5 s")
+        progress(0.0, "server: waiting (queue position 2)")
+        progress(0.5, "server: slice 9 (50%)")
     assert drawn == [("this case 0%", False), ("this case 25%", True), ("this case 50%", True),
-                     ("this case 100%", True)]
+                     ("this case 100%", True),
+                     ("this case 0%, server: busy, 8 jobs waiting already (it queues at most 8); asking again in 5 s",
+                      True), ("this case 0%, server: waiting (queue position 2)", True), ("this case 50%", True)]
 
 
 def test_a_default_output_name_too_long_is_refused_with_its_row_before_any_work(tmp_path, cases):

@@ -1,0 +1,137 @@
+"""``pamsegment batch --server``: a lab's batch run on its inference server (batch had no
+``--server``; only ``propagate`` had). Cases are read and checked here, run there; a full queue is
+waited out; a server that cannot be reached stops the batch."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from conftest import free_port, make_ct_case, serving  # noqa: E402
+from PAMSegmentLib import remote  # noqa: E402
+from PAMSegmentLib.baselines import get_predictor  # noqa: E402
+from PAMSegmentLib.cli import main  # noqa: E402
+from PAMSegmentLib.errors import PAMError  # noqa: E402
+from PAMSegmentLib.remote import RemoteModel, ServerBusy  # noqa: E402
+from PAMSegmentLib.server import create_app  # noqa: E402
+
+
+def _report(path):
+    with open(path, encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _arr(path):
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+@pytest.fixture
+def three_cases(tmp_path):
+    for n in range(3):
+        make_ct_case(tmp_path / "data" / f"c{n}", seed=n)
+    manifest = tmp_path / "data" / "cases.csv"
+    manifest.write_text("image,prompt\n" + "".join(f"c{n}/image.nii.gz,c{n}/prompt.nii.gz\n" for n in range(3)))
+    return manifest
+
+
+@pytest.fixture
+def copy_server():
+    with serving(create_app(lambda method: get_predictor(method), token="tok")) as url:
+        yield url
+
+
+def test_a_batch_on_a_server_writes_what_a_local_batch_writes(tmp_path, three_cases, copy_server, capsys):
+    assert main(["batch", str(three_cases), "-o", str(tmp_path / "here"), "--method", "copy"]) == 0
+    assert main(["batch", str(three_cases), "-o", str(tmp_path / "there"), "--method", "copy",
+                 "--server", copy_server, "--token", "tok"]) == 0
+    for n in range(3):
+        here, there = (_arr(tmp_path / d / f"c{n}_image_pam.nii.gz") for d in ("here", "there"))
+        assert here.any() and np.array_equal(here, there)
+    rows = _report(tmp_path / "there" / "batch_report.csv")
+    assert [(r["status"], r["method"]) for r in rows] == [("ok", "copy")] * 3
+    assert all(r["slices"] == h["slices"] for r, h in zip(rows, _report(tmp_path / "here" / "batch_report.csv")))
+
+
+def test_a_wrong_address_or_token_is_one_line_before_anything_is_written(tmp_path, three_cases, copy_server, capsys):
+    out = tmp_path / "out"
+    assert main(["batch", str(three_cases), "-o", str(out), "--server", f"http://127.0.0.1:{free_port()}"]) == 2
+    assert "cannot reach the PAMSegment server at http://127.0.0.1:" in capsys.readouterr().err
+    assert main(["batch", str(three_cases), "-o", str(out), "--server", copy_server, "--token", "wrong"]) == 2
+    assert "refused the token given" in capsys.readouterr().err
+    assert main(["batch", str(three_cases), "-o", str(out), "--server", copy_server, "--checkpoint", "x.pt"]) == 2
+    assert "--checkpoint sets up a local model; with --server the server's model is used" in capsys.readouterr().err
+    assert main(["batch", str(three_cases), "-o", str(out), "--token", "tok"]) == 2
+    assert "--token is for --server" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_server_lost_mid_batch_stops_it_and_the_rest_is_resumable(tmp_path, three_cases, copy_server, capsys,
+                                                                    monkeypatch):
+    """Before, each later case would have failed in turn (after its own connection timeout)."""
+    real, calls = RemoteModel.propagate, []
+
+    def goes_away(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise remote.ServerUnreachable(f"cannot reach the PAMSegment server at {self.url} (Connection refused)")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(RemoteModel, "propagate", goes_away)
+    out = tmp_path / "out"
+    args = ["batch", str(three_cases), "-o", str(out), "--method", "copy", "--server", copy_server, "--token", "tok"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "the batch stopped there" in err and "--skip-existing to resume" in err
+    assert [r["status"] for r in _report(out / "batch_report.csv")] == ["ok", "error", "not run"]
+    assert len(calls) == 2 and not (out / "c1_image_pam.nii.gz").exists()
+    assert main(args + ["--skip-existing"]) == 0
+    assert [r["status"] for r in _report(out / "batch_report.csv")] == ["skipped", "ok", "ok"]
+
+
+def test_a_full_queue_is_waited_out_when_asked_and_said_in_the_progress(copy_server, monkeypatch):
+    """RemoteModel(wait_when_busy=S): the queue is asked again every busy_interval seconds (batch
+    waits up to an hour); with the default 0 a full queue is refused at once, as before."""
+    image = np.zeros((6, 8, 8), np.float32)
+    image[1:5, 2:6, 2:6] = 100
+    prompt = np.zeros((6, 8, 8), np.uint8)
+    prompt[3, 2:6, 2:6] = 1
+    model = RemoteModel(copy_server, token="tok", poll_interval=0.01, method="copy", wait_when_busy=5,
+                        busy_interval=0.01)
+    real_info, asked = model.info, []
+
+    def full_twice():
+        info = real_info()
+        asked.append(1)
+        return {**info, "queued": info["max_jobs"]} if len(asked) <= 2 else info
+
+    monkeypatch.setattr(model, "info", full_twice)
+    seen = []
+    result = model.propagate(image, prompt, (1.0, 1.0, 1.0), progress=lambda f, m: seen.append(m))
+    assert len(asked) == 3 and result.mask[1:5].any()
+    busy = [m for m in seen if "busy" in m]
+    assert busy == ["server: busy, 8 jobs waiting already (it queues at most 8); asking again in 0 s"] * 2
+    model.wait_when_busy, asked[:] = 0.0, []
+    with pytest.raises(ServerBusy, match=r"has 8 jobs waiting already \(it queues at most 8\); try again later$"):
+        model.propagate(image, prompt, (1.0, 1.0, 1.0))
+    assert isinstance(ServerBusy("x"), PAMError)
+
+
+def test_a_servers_weights_are_named_in_the_report_as_local_ones_are():
+    """The report's method column decides what --skip-existing runs again: the shipped weights on a
+    server count as the shipped weights here (same results), other weights by their sha256."""
+    import argparse
+
+    from PAMSegmentLib.batch import _shipped_sha256, made_with
+
+    shipped = _shipped_sha256()
+    assert isinstance(shipped, str) and len(shipped) == 64
+    args = argparse.Namespace(method="pam", checkpoint=None)
+    assert made_with(args, {"model": {"sha256": shipped}}) == made_with(args) == "pam (shipped weights)"
+    assert made_with(args, {"model": {"sha256": "ab" * 32}}) == "pam (the server's weights, sha256 abababababababab)"
+    assert made_with(argparse.Namespace(method="copy", checkpoint=None), {"model": {}}) == "copy"
