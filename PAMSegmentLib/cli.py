@@ -772,6 +772,12 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
                 raise InputError(f"label {lab} was edited on slice {outside[0]}, outside --range {lo}:{hi}; widen "
                                  "--range or leave that slice as it was")
     # --empty-slices are walls of this round too: the record for the next round keeps them
+    if isinstance(empty_slices, dict):  # per label: one not propagated this round was dropped without a word
+        unknown = sorted(set(empty_slices) - set(plan.empty_slices))
+        if unknown:
+            raise InputError(f"empty slices given for label {unknown[0]}, which is not among the labels propagated "
+                             f"({', '.join(map(str, sorted(plan.empty_slices)))})")
+
     def given(lab):  # --empty-slices for every label, or per label
         return set(empty_slices.get(lab, ())) if isinstance(empty_slices, dict) else set(empty_slices or ())
 

@@ -481,3 +481,20 @@ def test_a_previous_result_named_with_241_to_255_bytes_has_no_record_and_updates
     capsys.readouterr()
     assert _update(ct_case, long_name, e, d / "out.nii.gz") == 0
     assert capsys.readouterr().out.splitlines()[0] == "update: label 1: keyframes 10 (prompt), 13 (edited)"
+
+
+def test_an_update_refuses_empty_slices_of_a_label_it_does_not_propagate(ct_case, capsys):
+    """A fresh run refuses --empty-slices 9:K for a label the prompt does not hold; an update kept
+    only the walls of its own labels and dropped the others without a word (exit 0)."""
+    d = ct_case.directory
+    first = _first_run(ct_case)
+    edited = read_volume(first).array
+    edited[13] = ct_case.truth[13]
+    e1 = write_image(edited.astype(np.uint8), d / "e1.nii.gz", ct_case.spacing)
+    capsys.readouterr()
+    assert _update(ct_case, first, e1, d / "second.nii.gz", "--empty-slices", "9:5") == 2
+    assert capsys.readouterr().err.strip() == ("pamsegment: error: empty slices given for label 9, which is not among "
+                                               "the labels propagated (1)")
+    assert not (d / "second.nii.gz").exists()
+    assert _update(ct_case, first, e1, d / "second.nii.gz", "--empty-slices", "1:5") == 0
+    assert not read_volume(d / "second.nii.gz").array[5].any()
