@@ -738,13 +738,12 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                             "undo it (Undo propagation acts on the selected segment).")
                 # After an update, a walk from a slice just drawn that ends at once is what the drawing says.
                 edited = getattr(job, "edited", None)
-                notes = job.result.notes(edited=None if edited is None else {1: list(edited)})
-                drift = job.result.drift_notes(edited=None if edited is None else {1: list(edited)})
-                if drift:  # stopped right at the drawn slice
+                notes = job.result.kinds_of_notes(edited=None if edited is None else {1: list(edited)})
+                if any(kind == "drift" for kind, _ in notes):  # stopped right at the drawn slice
                     hint += (" The propagation stopped right next to your slice because the tissue changed there; if "
                              "the structure goes on, uncheck 'Stop where the tissue changes' and propagate again.")
-                for note in notes:  # e.g. empty slices between two drawn slices (one segment: label 1)
-                    if note not in drift:
+                for kind, note in notes:  # e.g. empty slices between two drawn slices (one segment: label 1)
+                    if kind != "drift":
                         text = note.split(": ", 1)[1] if note.startswith("label ") else note
                         hint += f" {text[0].upper()}{text[1:]}."
                 self._setStatus(f'"{written.GetName()}": {job.summary()}.{hint}', "warning" if notes else "ok")

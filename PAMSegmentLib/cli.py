@@ -587,9 +587,8 @@ def cmd_propagate(args: argparse.Namespace) -> int:
                 for line in plan.changes(result.mask):
                     print(f"changed beside your edits: {line}", flush=True)
             edited = None if plan is None else plan.edited
-            drift = set(result.drift_notes(edited=edited))
-            for note in result.notes(edited=edited):
-                print(f"note: {note}" + (f" ({how})" if note in drift else ""), flush=True)
+            for kind, note in result.kinds_of_notes(edited=edited):
+                print(f"note: {note}" + (f" ({how})" if kind == "drift" else ""), flush=True)
             if sidecar is None:
                 print(f"note: no record was written beside {args.output} (its name is too long for "
                       f"{KEYFRAMES_SUFFIX} to be added): a correction round from it predicts every slice", flush=True)

@@ -261,19 +261,26 @@ class PropagationResult:
     def notes(self, edited: dict[int, Sequence[int]] | None = None) -> list[str]:
         """Hints for the user: how walks ended (``drift_notes``), empty slices between drawn
         slices, voxels a label lost to labels propagated before it."""
-        out = list(self.drift_notes(edited))
+        return [text for _, text in self.kinds_of_notes(edited)]
+
+    def kinds_of_notes(self, edited: dict[int, Sequence[int]] | None = None) -> list[tuple[str, str]]:
+        """``notes()`` with what each is about: ``("drift", text)`` (the drift test ended a walk at
+        a drawn slice: each front end names its own way to turn the test off), ``("gap", text)``,
+        ``("lost", text)``."""
+        out = [("drift", text) for text in self.drift_notes(edited)]
         for lab, slices in sorted(self.gaps.items()):
             if slices:
-                out.append(f"label {lab}: between its drawn slices nothing was found on {_slice_list_text(slices)}; "
-                           "if the object goes on there, draw it on one of them and update")
+                out.append(("gap", f"label {lab}: between its drawn slices nothing was found on "
+                                   f"{_slice_list_text(slices)}; if the object goes on there, draw it on one of them "
+                                   "and update"))
         for lab, (by, own) in sorted(self.lost.items()):
             total = sum(by.values())
             if own and total >= max(0.05 * own, 1):
                 who = ", ".join(f"{v} voxels to label {o}" for o, v in sorted(by.items(), key=lambda x: -x[1]))
-                out.append(f"label {lab} lost {total} of its {own} voxels ({100 * total / own:.0f} %) where it "
-                           f"overlapped labels propagated before it ({who}); labels propagated earlier keep such "
-                           "voxels: to change that, list this label first (--label, a manifest's label column, "
-                           "labels= in Python)")
+                out.append(("lost", f"label {lab} lost {total} of its {own} voxels ({100 * total / own:.0f} %) "
+                                    f"where it overlapped labels propagated before it ({who}); labels propagated "
+                                    "earlier keep such voxels: to change that, list this label first (--label, a "
+                                    "manifest's label column, labels= in Python)"))
         return out
 
     def drift_notes(self, edited: dict[int, Sequence[int]] | None = None) -> list[str]:

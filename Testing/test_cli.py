@@ -863,9 +863,8 @@ def test_propagate_prints_the_results_notes(ct_case, small_checkpoint, monkeypat
     with the option that changes it."""
     from PAMSegmentLib.propagate import PropagationResult
 
-    monkeypatch.setattr(PropagationResult, "drift_notes", lambda self, edited=None: ["label 1: stopped at once"])
-    monkeypatch.setattr(PropagationResult, "notes", lambda self, edited=None: ["label 1: stopped at once",
-                                                                             "label 1: something else"])
+    monkeypatch.setattr(PropagationResult, "kinds_of_notes", lambda self, edited=None: [
+        ("drift", "label 1: stopped at once"), ("gap", "label 1: something else")])
     out = ct_case.directory / "noted.nii.gz"
     assert cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out),
                      "--checkpoint", str(small_checkpoint.path)]) == 0
