@@ -54,3 +54,59 @@ def test_the_command_line_refuses_a_bomb_with_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bomb.nii.gz's header declares 30000 x 30000 x 30000 = 27,000,000,000,000 voxels" in err[0]
     assert not (tmp_path / "out.nii.gz").exists()
+
+
+def _tilted_prompt(tmp_path, degrees: float, slices=(20,)):
+    """A 40 x 160 x 160 image (1 x 0.8 x 0.8 mm) holding an ellipsoid 112 mm wide, and a prompt
+    drawn on ``slices`` of the same grid rotated ``degrees`` about x around its centre."""
+    k, j, i = np.mgrid[:40, :160, :160]
+    obj = ((k - 20) / 15.0) ** 2 + ((j - 80) / 70.0) ** 2 + ((i - 80) / 70.0) ** 2 <= 1
+    image = sitk.GetImageFromArray(obj.astype(np.uint8))
+    image.SetSpacing((0.8, 0.8, 1.0))
+    t = np.deg2rad(degrees)
+    rot = np.array([[1, 0, 0], [0, np.cos(t), -np.sin(t)], [0, np.sin(t), np.cos(t)]])
+    grid = sitk.Image([160, 160, 40], sitk.sitkUInt8)
+    grid.SetSpacing((0.8, 0.8, 1.0))
+    grid.SetDirection(rot.ravel().tolist())
+    centre_index = np.array([79.5, 79.5, 19.5])
+    centre = np.array(image.TransformContinuousIndexToPhysicalPoint(centre_index.tolist()))
+    grid.SetOrigin((centre - rot @ (centre_index * np.array([0.8, 0.8, 1.0]))).tolist())
+    on_grid = sitk.GetArrayFromImage(sitk.Resample(image, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
+    drawing = np.zeros_like(on_grid)
+    for s in slices:
+        drawing[s] = on_grid[s]
+    prompt = sitk.GetImageFromArray(drawing)
+    prompt.CopyInformation(grid)
+    sitk.WriteImage(image, str(tmp_path / "image.nrrd"))
+    sitk.WriteImage(prompt, str(tmp_path / f"prompt_{degrees}.nrrd"))
+    return volumes.read_volume(tmp_path / "image.nrrd"), str(tmp_path / f"prompt_{degrees}.nrrd"), obj
+
+
+@pytest.mark.parametrize("degrees, crossed", [(1.0, "19-21"), (1.9, "18-22"), (4.0, "16-24")])
+def test_a_drawing_on_a_slightly_tilted_grid_is_put_back_on_one_slice(tmp_path, degrees, crossed):
+    """A review: drawn on a grid tilted 1 degree (another series of the study), the outline crossed
+    image slices 19-21 as strips (2801, 9608 and 2920 voxels), each then a drawn slice; the result
+    was the strips (Dice 0.33 at 1 degree, 0.14 at 1.9, exit 0; 0.99 drawn on the image). Now each
+    drawn slice's strips are one slice again (with a note), close to the object's cross-section."""
+    image, prompt, obj = _tilted_prompt(tmp_path, degrees)
+    with pytest.warns(UserWarning, match=rf"label 1 was drawn on a grid tilted {degrees:.1f} degrees from the "
+                                         rf"image's; its outline crossed the image's slices along axis 0 in strips "
+                                         rf"\(slices {crossed} onto slice 20\)"):
+        got = volumes.read_labelmap(prompt, reference=image, resample=True).array
+    assert np.flatnonzero(got.any(axis=(1, 2))).tolist() == [20]
+    overlap = np.count_nonzero(got[20] & obj[20]) / np.count_nonzero(got[20] | obj[20])
+    assert overlap > 0.95, overlap  # IoU on slice 20: 0.997, 0.992, 0.966
+
+
+def test_two_drawn_slices_of_a_tilted_grid_stay_two_and_a_parallel_coarse_slice_is_untouched(tmp_path):
+    image, prompt, obj = _tilted_prompt(tmp_path, 1.0, slices=(12, 28))
+    with pytest.warns(UserWarning, match=r"slices 11-13 onto slice 12, slices 27-29 onto slice 28"):
+        got = volumes.read_labelmap(prompt, reference=image, resample=True).array
+    assert np.flatnonzero(got.any(axis=(1, 2))).tolist() == [12, 28]
+    # a 3 mm slice of a parallel grid covers three 1 mm slices with the same outline: kept as it is
+    coarse = sitk.GetImageFromArray(np.repeat(obj[19:22].any(axis=0, keepdims=True), 1, axis=0).astype(np.uint8))
+    coarse.SetSpacing((0.8, 0.8, 3.0))
+    coarse.SetOrigin((0.0, 0.0, 19.0))
+    sitk.WriteImage(coarse, str(tmp_path / "coarse.nrrd"))
+    got = volumes.read_labelmap(tmp_path / "coarse.nrrd", reference=image, resample=True).array
+    assert np.flatnonzero(got.any(axis=(1, 2))).tolist() == [18, 19, 20]
