@@ -483,7 +483,12 @@ def _nifti_affines(header: bytes) -> tuple[np.ndarray, np.ndarray] | None:
             return None
         pixdim = struct.unpack_from(e + "8f", header, 76)
         b, c, d, qx, qy, qz = struct.unpack_from(e + "6f", header, 256)
-        a = math.sqrt(max(0.0, 1.0 - (b * b + c * c + d * d)))
+        a = 1.0 - (b * b + c * c + d * d)
+        if a < 1e-7:  # a 180-degree rotation, as niftilib reads it: float32 rounding left a of about 2e-4,
+            norm = math.sqrt(b * b + c * c + d * d)  # a qform 0.02-0.1 mm off the sform ITK wrote with it
+            b, c, d, a = b / norm, c / norm, d / norm, 0.0
+        else:
+            a = math.sqrt(a)
         rot = np.array([[a * a + b * b - c * c - d * d, 2 * (b * c - a * d), 2 * (b * d + a * c)],
                         [2 * (b * c + a * d), a * a + c * c - b * b - d * d, 2 * (c * d - a * b)],
                         [2 * (b * d - a * c), 2 * (c * d + a * b), a * a + d * d - c * c - b * b]])
@@ -842,7 +847,7 @@ def _describe_difference(prop: str, label: Volume, ref: Volume) -> str:
     }[prop]
 
     def short(v: Sequence[float]) -> str:
-        return "(" + ", ".join(f"{x:.6g}" for x in v) + ")"
+        return "(" + ", ".join(f"{float(x) + 0.0:.6g}" for x in v) + ")"  # + 0.0: no "-0"
 
     axes = " (k, j, i)" if prop in ("size", "spacing") else ""
     return f"{prop}{axes} {short(values[0])} in it vs the image's {short(values[1])}"
