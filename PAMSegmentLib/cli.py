@@ -50,6 +50,7 @@ __all__ = ["main", "build_parser", "Subcommand", "SUBCOMMANDS", "METHODS", "pars
 
 PROG = "pamsegment"
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as `yes | head -1` ends: the reader of stdout went away
 
 
 # ----------------------------------------------------------------------------- registries
@@ -1033,6 +1034,16 @@ def main(argv: Sequence[str] | None = None, ends_process: bool = False) -> int:
     except MemoryError as exc:  # numpy's "Unable to allocate 1.32 GiB" (a traceback and exit 1 before)
         print(f"{PROG}: error: {memory_message(exc)}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:
+        # stdout went to a reader that stopped early (`pamsegment info | head -1`): a traceback and exit 1
+        # before, also after propagate had written OUT. What was written stays; the rest of the printing
+        # goes nowhere (the Python docs' "Note on SIGPIPE": else the interpreter's last flush fails again).
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return EXIT_BROKEN_PIPE
     except (OSError, RuntimeError) as exc:
         if out_of_memory(exc):  # torch's "DefaultCPUAllocator: can't allocate memory", ITK's allocation failure
             print(f"{PROG}: error: {memory_message(exc)}", file=sys.stderr)

@@ -139,3 +139,26 @@ def test_grid_differences_print_no_minus_zero():
     image = volumes.Volume(np.zeros((2, 2, 2)), (1, 1, 1), (0, 0, 0), (1, -0.0, -0.0, -0.0, 1, -0.0, 0, 0, 1))
     assert volumes._describe_difference("direction", flipped, image) == (
         "direction (-1, 0, 0, 0, 1, 0, 0, 0, 1) in it vs the image's (1, 0, 0, 0, 1, 0, 0, 0, 1)")
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly(ct_case):
+    """`pamsegment info | head -1`, `propagate ... | head -1`: a BrokenPipeError traceback and exit 1
+    (about half the runs), for propagate after OUT was written. Now exit 141 (as `yes | head -1`),
+    no traceback or error on stderr (only the progress bar), OUT written. The reader here closes the pipe before anything is printed."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO, _cli_env
+
+    out = ct_case.directory / "piped.nii.gz"
+    for args in (["info", "--json"], ["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out),
+                                      "--method", "copy"]):
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # the reader is gone before the first line
+        proc = subprocess.run([sys.executable, "-m", "PAMSegmentLib", *args], cwd=REPO, env=_cli_env(None),
+                              stdout=write_end, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=120)
+        os.close(write_end)
+        err = proc.stderr.decode()
+        assert proc.returncode == 141 and "Traceback" not in err and "error" not in err, err[-400:]
+    assert volumes.read_volume(out).array.any()
