@@ -1134,7 +1134,7 @@ def partial_options(args: argparse.Namespace) -> list[str]:
 def add_benchmark_arguments(p: argparse.ArgumentParser, default_out: str = "docs/benchmark") -> None:
     from .cli import _positive_int, _thread_count
 
-    p.add_argument("--out", default=None,
+    p.add_argument("-o", "--out", "--output", dest="out", default=None, metavar="DIR",
                    help=f"output folder (default: {default_out} for a full run; ./{SCRATCH_OUT} for a run with "
                         "--quick, --parts, an option that changes what is measured, --threads other than 2 or other "
                         "weights than the shipped ones, so that it never mixes into the published tables)")

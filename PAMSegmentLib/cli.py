@@ -964,13 +964,34 @@ class _Parser(argparse.ArgumentParser):
     """Usage errors in one line (what was wrong and where the help is), exit status 2."""
 
     def error(self, message: str):  # noqa: D102 - argparse's hook
-        import re
-
-        if message.startswith("unrecognized arguments:") and re.search(r"(^|\s)\d+:\d", message):
-            # "--empty-slices 1:20 2:4": the option takes one value; repeat it for each label
-            message += ("; --empty-slices takes one value: repeat it for each label (--empty-slices 1:20 "
-                        "--empty-slices 2:4)")
         self.exit(EXIT_USAGE, f"{PROG}: error: {message} (see {self.prog} --help)\n")  # one prefix for all errors
+
+
+def _unrecognized(parser: argparse.ArgumentParser, command: str, extra: list[str], argv: list[str]):
+    """Arguments the chosen subcommand does not take: one line from that subcommand's parser (its
+    help named), with a hint where one helps: ``--empty-slices 1:20 2:4`` (the option takes one
+    value), or an option of another subcommand (``batch --axis``: an option of propagate)."""
+    import re
+
+    sub = parser._pam_subparsers[command]
+    message = f"unrecognized arguments: {' '.join(extra)}"
+    if "--empty-slices" in argv and any(re.fullmatch(r"\d+:\d.*", a) for a in extra):
+        message += ("; --empty-slices takes one value: repeat it for each label (--empty-slices 1:20 "
+                    "--empty-slices 2:4)")
+    else:
+        options = [a.split("=", 1)[0] for a in extra if a.startswith("--")]
+        if options:
+            try:
+                full = build_parser(None)._pam_subparsers
+            except ImportError:  # a subcommand's module cannot be imported here: no hint, the line stands
+                full = {}
+            elsewhere = [name for name, p in full.items() if name != command and options[0] in p._option_string_actions]
+            if elsewhere:
+                names = elsewhere[0] if len(elsewhere) == 1 else f"{', '.join(elsewhere[:-1])} and {elsewhere[-1]}"
+                message += (f"; {options[0]} is an option of {names}, not {command}"
+                            + (": in a batch, give such a case its own run of propagate, or each label its own "
+                               "row (its axis is then found from its drawing)" if command == "batch" else ""))
+    sub.error(message)
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
@@ -983,11 +1004,13 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser._pam_subparsers = {}
     for name, spec in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=spec.help, description=spec.help)
         if argv is None or name == chosen:
             _resolve(spec.add_arguments)(p)
         p.set_defaults(_run=spec.run)
+        parser._pam_subparsers[name] = p
     return parser
 
 
@@ -1022,7 +1045,10 @@ def main(argv: Sequence[str] | None = None, ends_process: bool = False) -> int:
     Ctrl-C ignored once its output is in place."""
     try:  # also around the parser: building it imports the chosen subcommand's module
         argv = list(sys.argv[1:] if argv is None else argv)
-        args = build_parser(argv).parse_args(argv)  # usage errors exit 2 through argparse
+        parser = build_parser(argv)
+        args, extra = parser.parse_known_args(argv)  # usage errors exit 2 through argparse
+        if extra:
+            _unrecognized(parser, args.command, extra, argv)
         args._ends_process = ends_process
         return int(_resolve(args._run)(args) or EXIT_OK)
     except (PropagationCancelled, KeyboardInterrupt):

@@ -124,7 +124,8 @@ def run_demo(out_dir: Path, checkpoint: str | None = None, method: str = "pam", 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     from .cli import THREADS_HELP, _thread_count
 
-    p.add_argument("-o", "--out", default="pamsegment_demo", help="output folder (default: ./pamsegment_demo)")
+    p.add_argument("-o", "--out", "--output", dest="out", default="pamsegment_demo", metavar="DIR",
+                   help="output folder (default: ./pamsegment_demo)")
     p.add_argument("--checkpoint", default=None, help="checkpoint (default: the shipped weights)")
     p.add_argument("--method", default="pam", choices=["pam", "track", "copy"],
                    help="propagation method (default pam: the shipped network; track and copy: the classical "

@@ -778,7 +778,7 @@ def test_empty_slices_per_label(tmp_path, capsys):
     assert stop.value.code == 2
     assert capsys.readouterr().err == ("pamsegment: error: unrecognized arguments: 2:4; --empty-slices takes one "
                                        "value: repeat it for each label (--empty-slices 1:20 --empty-slices 2:4) "
-                                       "(see pamsegment --help)\n")
+                                       "(see pamsegment propagate --help)\n")
     assert cli.main(argv + ["--empty-slices", "7:13"]) == 2
     assert "empty slices given for label 7, which is not among the labels propagated (1, 2)" in capsys.readouterr().err
     assert cli.parse_empty_slices("3:12, 4") == (3, [4, 12]) and cli.parse_empty_slices("5") == (None, [5])

@@ -162,3 +162,31 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(ct_case):
         err = proc.stderr.decode()
         assert proc.returncode == 141 and "Traceback" not in err and "error" not in err, err[-400:]
     assert volumes.read_volume(out).array.any()
+
+
+@pytest.mark.parametrize("args, line", [
+    (["propagate", "a.nii.gz", "p.nii.gz", "-o", "x.nii.gz", "--range", "10:20", "25:29"],
+     "unrecognized arguments: 25:29 (see pamsegment propagate --help)"),
+    (["batch", "m.csv", "-o", "r", "--axis", "1"],
+     "unrecognized arguments: --axis 1; --axis is an option of propagate, not batch: in a batch, give such a case "
+     "its own run of propagate, or each label its own row (its axis is then found from its drawing) (see pamsegment "
+     "batch --help)"),
+    (["label-images", "a.png", "b.png", "c.png", "-o", "d", "--tile", "3:4"],
+     "unrecognized arguments: --tile 3:4; --tile is an option of label-cells, not label-images (see pamsegment "
+     "label-images --help)"),
+    (["batch", "m.csv", "-o", "r", "--bogus"], "unrecognized arguments: --bogus (see pamsegment batch --help)"),
+])
+def test_an_unknown_argument_names_the_subcommands_help_and_where_the_option_is(args, line, capsys):
+    """A review: every unknown N:M got the --empty-slices hint (also `--range 10:20 25:29`, and in
+    commands without --empty-slices), and every unknown argument pointed to `pamsegment --help`."""
+    with pytest.raises(SystemExit) as stop:
+        cli.main(args)
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == f"pamsegment: error: {line}\n"
+
+
+def test_demo_and_benchmark_take_o_and_output_as_the_other_commands_do():
+    parser = cli.build_parser(None)
+    for command, flag in (("demo", "--output"), ("benchmark", "-o"), ("benchmark", "--output")):
+        args = parser.parse_args([command, flag, "somewhere"])
+        assert args.out == "somewhere", (command, flag)
