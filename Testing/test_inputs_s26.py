@@ -190,3 +190,32 @@ def test_demo_and_benchmark_take_o_and_output_as_the_other_commands_do():
     for command, flag in (("demo", "--output"), ("benchmark", "-o"), ("benchmark", "--output")):
         args = parser.parse_args([command, flag, "somewhere"])
         assert args.out == "somewhere", (command, flag)
+
+
+def test_a_file_declaring_4_gib_more_than_it_holds_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    """A review: an 80-byte .nii.gz declaring 16384 x 16384 x 16 voxels (4 GiB) passed the
+    truncation check (the gzip trailer holds the length mod 4 GiB, which matched) and ITK took
+    8.5 GB over 55 s; a 195-byte NRRD declaring as much took 4.3 GB (NRRD had no such check). Both
+    are now refused at once as ending early (the memory is made large, so that the declared size
+    alone does not refuse them first)."""
+    monkeypatch.setattr(volumes, "physical_memory_bytes", lambda: 2**40)
+    nifti = _nifti_declaring(tmp_path, "four.nii.gz", (16, 16384, 16384), full_data=False)
+    with pytest.raises(InputError, match=r"four.nii.gz is truncated: its header needs 4294967648 bytes, the file "
+                                         r"has 416"):
+        volumes.read_volume(nifti)
+    head = b"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 16384 16384 16\nencoding: %s\n\n"
+    raw = tmp_path / "four_raw.nrrd"
+    raw.write_bytes(head % b"raw" + bytes(1000))
+    with pytest.raises(InputError, match=r"four_raw.nrrd: its voxel data ends early or is damaged \(its header "
+                                         r"declares 4294967296 bytes, the file holds 1000\)"):
+        volumes.read_volume(raw)
+    packed = tmp_path / "four_gz.nrrd"
+    packed.write_bytes(head % b"gzip" + gzip.compress(b""))  # the trailer's length, 0, is 4 GiB mod 4 GiB
+    with pytest.raises(InputError, match=r"four_gz.nrrd: its voxel data ends early or is damaged \(its header "
+                                         r"declares 4294967296 bytes, the file holds 0\)"):
+        volumes.read_volume(packed)
+    # a whole NRRD, raw and gzip, reads as before
+    for encoding, data in ((b"raw", bytes(range(24))), (b"gzip", gzip.compress(bytes(range(24))))):
+        whole = tmp_path / f"whole_{encoding.decode()}.nrrd"
+        whole.write_bytes(b"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 4 3 2\nencoding: %s\n\n" % encoding + data)
+        assert volumes.read_volume(whole).array.ravel().tolist() == list(range(24))
