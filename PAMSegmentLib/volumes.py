@@ -1750,13 +1750,13 @@ def _read_png_with_pil(p: Path) -> sitk.Image | None:
     if not p.name.lower().endswith(".png"):
         return None
     try:
-        from PIL import Image
-
-        with Image.open(p) as im:
+        # unguarded: Pillow's bomb guard raised its own error (a traceback, exit 1) for a cut PNG over
+        # 179 Mpx that ITK had failed on; here only the header is read unless it is grey + alpha
+        with _pillow_unguarded() as Image, Image.open(p) as im:
             if im.mode not in ("LA", "La"):
                 return None
             return sitk.GetImageFromArray(np.asarray(im.getchannel("L")))
-    except (ImportError, OSError):
+    except (ImportError, OSError, ValueError):  # ValueError: e.g. a damaged chunk; ITK's reason is said then
         return None
 
 
@@ -1863,6 +1863,7 @@ def _read_2d(path: PathLike, what: str) -> tuple[sitk.Image, sitk.Image]:
         raise InputError(f"{p} does not exist; check the path")
     if p.is_dir():
         raise InputError(f"{p} is a folder; give an image file ({', '.join(IMAGE_2D_EXTENSIONS)})")
+    _check_declared_size(p)
     try:
         layout = _tiff_layout(p)
         if layout is not None:  # its fallback warning: _faithful_tiff checks what it read

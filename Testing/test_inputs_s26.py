@@ -219,3 +219,27 @@ def test_a_file_declaring_4_gib_more_than_it_holds_is_refused_before_it_is_read(
         whole = tmp_path / f"whole_{encoding.decode()}.nrrd"
         whole.write_bytes(b"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 4 3 2\nencoding: %s\n\n" % encoding + data)
         assert volumes.read_volume(whole).array.ravel().tolist() == list(range(24))
+
+
+def _png_header_only(path, width: int, height: int, color_type: int = 0) -> None:
+    """A PNG that declares ``width`` x ``height`` 8-bit pixels and holds no image data (a copy cut
+    after its header)."""
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)))
+
+
+@pytest.mark.parametrize("color_type", [0, 4])  # grey, grey + alpha
+def test_a_cut_png_of_a_large_slide_is_one_line_not_pillows_traceback(tmp_path, color_type):
+    """A review: a PNG over Pillow's 179 Mpx guard that ITK failed to read (an interrupted copy of a
+    slide export) ended in Pillow's DecompressionBombError: a traceback and exit 1 (label-cells,
+    label-images). Now ITK's reason, in one line."""
+    path = tmp_path / "slide.png"
+    _png_header_only(path, 20000, 20000, color_type)
+    with pytest.raises(InputError, match=r"cannot read .*slide.png as an image .*; is the file damaged\? copy or "
+                                         r"export it again"):
+        volumes.read_image_2d(path)
