@@ -479,12 +479,19 @@ def _tif_fallback(out, inputs) -> tuple:
     symbolic link) or a folder, ``<stem>_labels.tif`` (then ``_labels2`` ...)."""
     from .cli import _same_path
 
+    from .volumes import check_link_target, check_not_read_only
+
     def taken(candidate):
         for p in (candidate, candidate.with_name(candidate.name + ".csv")):
             if any(_same_path(p, given) for given in inputs):
                 return f"{p.name} is one of the inputs"
             if p.is_dir():
                 return f"{p.name} is a folder"
+            try:  # a protected file (chmod a-w) is kept, as it is when named with -o (it was replaced)
+                check_not_read_only(p)
+                check_link_target(p)
+            except InputError:
+                return f"{p.name} is read-only" if p.exists() else f"{p.name} is a link that cannot be written"
         return None
 
     stem = out.name[:-4]

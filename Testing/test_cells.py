@@ -585,3 +585,26 @@ def test_match_instances_counts_a_pair_at_exactly_the_iou_threshold():
     pred[4, 2] = 0  # 7 pixels, all inside: IoU 7 / 16
     s = match_instances(pred, ref)
     assert (s["tp"], s["f1"]) == (0, 0.0)
+
+
+def test_cli_png_fallback_keeps_a_read_only_tif(tmp_path, monkeypatch, capsys):
+    """A review: the TIFF a .png OUT falls back to replaced a read-only <stem>.tif (and its table):
+    a file the user protected, and never named. It is now passed over as an input is."""
+    import os
+    import stat
+
+    from PAMSegmentLib import cli
+
+    _more_cells_than_a_png_holds(monkeypatch)
+    image, ref = disc_image()
+    sitk.WriteImage(sitk.GetImageFromArray(np.clip(image, 0, 255).astype(np.uint8)), str(tmp_path / "slide.tif"))
+    sitk.WriteImage(sitk.GetImageFromArray(np.where(np.isin(ref, [1, 4, 16]), ref, 0).astype(np.uint8)),
+                    str(tmp_path / "ex.png"))
+    kept = tmp_path / "cells.tif"
+    kept.write_bytes(b"precious")
+    os.chmod(kept, stat.S_IRUSR | stat.S_IRGRP)
+    assert cli.main(["label-cells", str(tmp_path / "slide.tif"), str(tmp_path / "ex.png"),
+                     "-o", str(tmp_path / "cells.png")]) == 0
+    assert "writing cells_labels.tif instead (cells.tif is read-only)" in capsys.readouterr().out
+    assert kept.read_bytes() == b"precious"
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "cells_labels.tif"))).max() == 70000
