@@ -657,6 +657,9 @@ def cmd_batch(args: argparse.Namespace) -> int:
     todo = [r for r in rows if r.status == "not run"]
     _check_output_folders(out_dir, todo, Path(args.manifest).name)
     report = out_dir / report_name
+    from .volumes import check_not_read_only
+
+    check_not_read_only(report)  # a protected report is kept, as protected outputs are
     model = server if server is not None else METHODS[args.method](args) if todo else None
     made = not out_dir.exists()
     try:

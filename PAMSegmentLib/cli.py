@@ -629,6 +629,9 @@ def check_keyframes_record_path(out: str | os.PathLike, required: bool = True) -
     if target.is_dir():
         raise InputError(f"{target} is a folder, where this run would write its record; move it away or choose "
                          "another OUT")
+    from .volumes import check_not_read_only
+
+    check_not_read_only(target)  # protected (chmod a-w): kept, as a protected OUT is (it was replaced)
     return True
 
 
@@ -834,7 +837,7 @@ def _move_in(tmp: Path, target: Path, what: str) -> None:
 def _check_report_path(report: str, others: Sequence[str]) -> None:
     """Fail before any work if the --report table could not be written or would replace a file
     the command reads or writes."""
-    from .volumes import check_folder_writable, check_name_length
+    from .volumes import check_folder_writable, check_link_target, check_name_length, check_not_read_only
 
     target = Path(report)
     check_name_length(target)
@@ -849,6 +852,8 @@ def _check_report_path(report: str, others: Sequence[str]) -> None:
     if not parent.is_dir():
         raise InputError(f"folder {parent} of --report does not exist; create it or choose another path")
     check_folder_writable(parent, "--report")
+    check_link_target(target)
+    check_not_read_only(target)  # a protected table (chmod a-w) is kept, as a protected OUT is (it was replaced)
 
 
 def write_slice_report(result, path: str | os.PathLike, voxels=None) -> None:

@@ -243,3 +243,33 @@ def test_a_cut_png_of_a_large_slide_is_one_line_not_pillows_traceback(tmp_path, 
     with pytest.raises(InputError, match=r"cannot read .*slide.png as an image .*; is the file damaged\? copy or "
                                          r"export it again"):
         volumes.read_image_2d(path)
+
+
+def test_protected_report_record_and_batch_report_are_kept(ct_case, tmp_path, capsys):
+    """A review: a read-only --report table, OUT.keyframes.json or batch_report.csv was replaced
+    (exit 0), while a read-only OUT is refused ("a result you protected is kept"). All are
+    refused now, before any work, and left as they were."""
+    import os
+    import stat
+
+    def protect(path, text):
+        path.write_text(text)
+        os.chmod(path, stat.S_IRUSR | stat.S_IRGRP)
+
+    base = ["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "--method", "copy"]
+    protect(tmp_path / "r.csv", "precious table\n")
+    assert cli.main(base + ["-o", str(tmp_path / "a.nii.gz"), "--report", str(tmp_path / "r.csv")]) == 2
+    assert "r.csv exists and is read-only" in capsys.readouterr().err
+    protect(tmp_path / "b.nii.gz.keyframes.json", '{"precious": 1}')
+    assert cli.main(base + ["-o", str(tmp_path / "b.nii.gz")]) == 2
+    assert "b.nii.gz.keyframes.json exists and is read-only" in capsys.readouterr().err
+    assert not (tmp_path / "a.nii.gz").exists() and not (tmp_path / "b.nii.gz").exists()
+    assert (tmp_path / "r.csv").read_text() == "precious table\n"
+    assert (tmp_path / "b.nii.gz.keyframes.json").read_text() == '{"precious": 1}'
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"image,prompt\n{ct_case.image_path},{ct_case.prompt_path}\n")
+    (tmp_path / "res").mkdir()
+    protect(tmp_path / "res" / "batch_report.csv", "precious report\n")
+    assert cli.main(["batch", str(manifest), "-o", str(tmp_path / "res"), "--method", "copy"]) == 2
+    assert "batch_report.csv exists and is read-only" in capsys.readouterr().err
+    assert (tmp_path / "res" / "batch_report.csv").read_text() == "precious report\n"
