@@ -24,6 +24,7 @@ def run() -> int:
         return 130  # cli.EXIT_INTERRUPTED
     code = main(ends_process=True)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the work is written and reported (see above)
     return code
 
 

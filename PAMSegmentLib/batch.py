@@ -574,12 +574,15 @@ def _run_row(row: BatchRow, model, args, progress=None) -> None:
     else:
         row.notes.append("no record was written beside the output (its name is too long for one): a correction "
                          "round from it predicts every slice")
-    replace_together(files)
+    # what the report says of the case, computed before its files are put in place: a Ctrl-C during
+    # these whole-volume passes after the move left the case "not run; nothing was written for it"
+    # with its output on disk
     if plan is not None:
         row.notes.extend(f"changed beside the edits: {line}" for line in plan.changes(result.mask))
     row.slices = "; ".join(f"{lab}: {a}-{b}" for lab, (a, b) in result.slice_range.items())
     row.check_first = result.review_summary()
     row.message = " | ".join(row.notes + result.notes(edited=None if plan is None else plan.edited))
+    replace_together(files)
 
 
 def _case_progress(bar, every: float = 1.0):

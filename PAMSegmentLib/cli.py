@@ -51,6 +51,7 @@ __all__ = ["main", "build_parser", "Subcommand", "SUBCOMMANDS", "METHODS", "pars
 PROG = "pamsegment"
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as `yes | head -1` ends: the reader of stdout went away
+EXIT_TERMINATED = 143  # 128 + SIGTERM: stopped by kill or a scheduler, cleaned up as after Ctrl-C
 
 
 # ----------------------------------------------------------------------------- registries
@@ -379,19 +380,31 @@ class _ProgressBar:
 
 @contextlib.contextmanager
 def ctrl_c_ignored(keep: bool = False):
-    """Ctrl-C is ignored inside: for moving finished files into place together (an interrupt
-    between two renames would leave a new file beside an old one, after "nothing was written").
-    keep: it stays ignored after the block (a command's last step, when the process ends with the
-    command). Outside the main thread, where Ctrl-C raises nothing, it changes nothing."""
+    """Ctrl-C (and SIGTERM) is ignored inside: for moving finished files into place together (an
+    interrupt between two renames would leave a new file beside an old one, after "nothing was
+    written"). keep: it stays ignored after the block (a command's last step, when the process ends
+    with the command). Outside the main thread, where Ctrl-C raises nothing, it changes nothing."""
     try:
-        previous, ignored = signal.signal(signal.SIGINT, signal.SIG_IGN), True
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        previous_term, ignored = signal.signal(signal.SIGTERM, signal.SIG_IGN), True
     except ValueError:  # not the main thread
-        previous, ignored = None, False
+        previous, previous_term, ignored = None, None, False
     try:
         yield
     finally:
         if ignored and not keep:
             signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous_term is None else previous_term)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, a job scheduler stopping the run): handled as Ctrl-C is, so
+    that temporaries are removed and nothing half-done is left (it ended the process at once, exit
+    143 without a word, leaving hidden partial files in the output folder)."""
+
+
+def _raise_terminated(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise Terminated()
 
 
 PAM_ONLY_OPTIONS = ("registration_weight", "intensity_gate", "through_plane_mm", "walk")  # the network's options
@@ -1048,6 +1061,11 @@ def main(argv: Sequence[str] | None = None, ends_process: bool = False) -> int:
     """Run ``pamsegment`` with ``argv`` (default: sys.argv[1:]); returns the exit status.
     ends_process: the process ends when this returns (``__main__.run``), so a command may leave
     Ctrl-C ignored once its output is in place."""
+    if ends_process:  # the process is this command's: SIGTERM stops it as Ctrl-C does (serve sets its own)
+        try:
+            signal.signal(signal.SIGTERM, _raise_terminated)
+        except ValueError:  # not the main thread
+            pass
     try:  # also around the parser: building it imports the chosen subcommand's module
         argv = list(sys.argv[1:] if argv is None else argv)
         parser = build_parser(argv)
@@ -1056,6 +1074,9 @@ def main(argv: Sequence[str] | None = None, ends_process: bool = False) -> int:
             _unrecognized(parser, args.command, extra, argv)
         args._ends_process = ends_process
         return int(_resolve(args._run)(args) or EXIT_OK)
+    except Terminated:
+        print(f"{PROG}: terminated (SIGTERM); nothing was written", file=sys.stderr)
+        return EXIT_TERMINATED
     except (PropagationCancelled, KeyboardInterrupt):
         print(f"{PROG}: interrupted; nothing was written", file=sys.stderr)
         return EXIT_INTERRUPTED

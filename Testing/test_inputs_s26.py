@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import gzip
 import struct
 import warnings
@@ -273,3 +274,58 @@ def test_protected_report_record_and_batch_report_are_kept(ct_case, tmp_path, ca
     assert cli.main(["batch", str(manifest), "-o", str(tmp_path / "res"), "--method", "copy"]) == 2
     assert "batch_report.csv exists and is read-only" in capsys.readouterr().err
     assert (tmp_path / "res" / "batch_report.csv").read_text() == "precious report\n"
+
+
+_TERM_DRIVER = """
+import os, signal, sys
+from PAMSegmentLib import volumes, __main__
+real = volumes.write_labelmap
+def write_then_terminated(*args, **kwargs):
+    real(*args, **kwargs)  # the temporary is on disk: a scheduler stops the run now
+    os.kill(os.getpid(), signal.SIGTERM)
+volumes.write_labelmap = write_then_terminated
+sys.argv = ["pamsegment"] + sys.argv[1:]
+sys.exit(__main__.run())
+"""
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does(ct_case, tmp_path):
+    """A review: SIGTERM (kill, timeout, a scheduler) ended the run at once, exit 143 without a word,
+    leaving hidden partial files (.pamsegment-*.tmp.nii.gz) in the output folder for ever. Now it
+    is handled as Ctrl-C: temporaries removed, the earlier OUT kept, one line, exit 143."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, _cli_env
+
+    folder = tmp_path / "results"
+    folder.mkdir()
+    out = folder / "out.nii.gz"
+    out.write_bytes(b"earlier result")
+    proc = subprocess.run([sys.executable, "-c", _TERM_DRIVER, "propagate", str(ct_case.image_path),
+                           str(ct_case.prompt_path), "-o", str(out), "--method", "copy", "--report",
+                           str(folder / "r.csv")], cwd=REPO, env=_cli_env(None), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 143, proc.stderr[-500:]
+    assert proc.stderr.strip().splitlines()[-1] == "pamsegment: terminated (SIGTERM); nothing was written"
+    assert sorted(p.name for p in folder.iterdir()) == ["out.nii.gz"]
+    assert out.read_bytes() == b"earlier result"
+
+
+def test_a_batch_interrupted_while_summing_up_a_case_writes_nothing_for_it(ct_case, tmp_path, monkeypatch, capsys):
+    """A review: Ctrl-C during the whole-volume passes after a case's output was put in place
+    (its slices to check first, its notes) left the output on disk and the report saying "not run;
+    nothing was written for it". They now come before the files are put in place."""
+    from PAMSegmentLib.propagate import PropagationResult
+
+    def interrupted(self, voxels=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PropagationResult, "review_summary", interrupted)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"image,prompt,output\n{ct_case.image_path},{ct_case.prompt_path},{tmp_path / 'o.nii.gz'}\n")
+    assert cli.main(["batch", str(manifest), "-o", str(tmp_path / "res"), "--method", "copy"]) == 130
+    assert not (tmp_path / "o.nii.gz").exists()
+    with open(tmp_path / "res" / "batch_report.csv", encoding="utf-8") as fh:
+        row = next(csv.DictReader(fh))
+    assert (row["status"], row["message"]) == ("not run", "interrupted while running; nothing was written for it")
