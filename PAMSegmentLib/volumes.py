@@ -248,6 +248,7 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
             raise InputError(f"{folder} holds no DICOM series itself, but its subfolders do ({shown}): pass the folder "
                              "of the series to propagate on")
         raise InputError(f"{folder} is a folder without a DICOM series; pass a DICOM series folder or an image file")
+    _check_no_damaged_files(folder, series_ids)
     if series_uid is not None:
         if series_uid not in series_ids:
             raise InputError(
@@ -283,6 +284,33 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
                   f"differs from the other {len(files) - len(odd)} ({shown}: a localizer?)", SeriesChoiceWarning,
                   stacklevel=3)
     return image
+
+
+def _check_no_damaged_files(folder: Path, series_ids) -> None:
+    """DICOM files of ``folder`` (by content, "DICM" at byte 128) that belong to none of its series
+    and whose header ITK cannot read are damaged (a copy cut short): GDCM leaves them out without a
+    word, so a cut end slice gave a series one slice shorter, exit 0 (a cut middle slice a "gap ...
+    missing files?" message). Refused, naming them. Readable DICOM files outside the series (a
+    report, a presentation state) are none of this check's business."""
+    listed = set()
+    for uid in series_ids:
+        listed.update(Path(f).name for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(_itk_path(folder), uid))
+    damaged = []
+    for p in sorted(folder.iterdir()):
+        if p.name in listed or p.name.upper() == "DICOMDIR" or not p.is_file() or not _is_dicom_file(p):
+            continue
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(_itk_path(p))
+        try:
+            with _itk_warnings_hidden(), _native_stderr_hidden():
+                reader.ReadImageInformation()
+        except RuntimeError:
+            damaged.append(p.name)
+    if damaged:
+        shown = ", ".join(damaged[:3]) + (f" and {len(damaged) - 3} more" if len(damaged) > 3 else "")
+        raise InputError(f"{len(damaged)} DICOM file{'s' if len(damaged) > 1 else ''} in {folder} cannot be read "
+                         f"(truncated or damaged: {shown}), so the series would lack "
+                         f"{'them' if len(damaged) > 1 else 'it'}; copy the series again")
 
 
 def _read_series_files(files, chosen: str, folder: Path) -> sitk.Image:

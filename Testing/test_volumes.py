@@ -976,3 +976,18 @@ def test_same_grid_tolerances_at_their_boundaries(field, index, delta, expected)
     setattr(other, field, tuple(values))
     assert same_grid(other, ref) == expected
     assert same_grid(ref, other) == expected
+
+
+@pytest.mark.parametrize("which", [0, 2, 4])  # the first, a middle and the last slice's file
+def test_a_cut_file_of_a_dicom_series_is_named_not_left_out(tmp_path, which):
+    """A review: GDCM leaves out a file it cannot parse without a word: a cut end slice gave a
+    series one slice shorter (exit 0), a cut middle one "not evenly spaced ... missing files?"."""
+    vol = make_volume(shape=(5, 5, 6))
+    write_dicom_series(tmp_path / "dcm", vol, "1.2.826.0.1.3680043.2.1125.7.9")
+    files = sorted((tmp_path / "dcm").iterdir())
+    data = files[which].read_bytes()
+    files[which].write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match=rf"^1 DICOM file in .*dcm cannot be read \(truncated or damaged: "
+                                         rf"{files[which].name}\), so the series would lack it; copy the series "
+                                         r"again$"):
+        read_volume(tmp_path / "dcm")
