@@ -85,7 +85,7 @@ def run_demo(out_dir: Path, checkpoint: str | None = None, method: str = "pam", 
     from .baselines import get_predictor
     from .metrics import dice
     from .propagate import propagate
-    from .volumes import read_labelmap, read_volume, write_labelmap
+    from .volumes import read_labelmap, read_volume, replace_together, write_labelmap
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -109,10 +109,13 @@ def run_demo(out_dir: Path, checkpoint: str | None = None, method: str = "pam", 
         except OSError as error:
             raise InputError(f"cannot make the folder {out_dir} ({error.strerror or error}); choose another --out") \
                 from None
-        write_labelmap(result.mask, image, seg_path)
-        _figure(image.array, prompt.array, result.mask, np.isin(reference.array, list(ORGANS)) * reference.array,
-                fig_path, f"PAMSegment demo ({method}): one slice per organ -> 3D; mean Dice {mean:.3f} "
-                "(yellow: reference)", image.direction)
+        # both written, then put in place together: a Ctrl-C while the figure was drawn left the new
+        # segmentation (beside an earlier run's figure) after "nothing was written"
+        shown = np.isin(reference.array, list(ORGANS)) * reference.array
+        title = f"PAMSegment demo ({method}): one slice per organ -> 3D; mean Dice {mean:.3f} (yellow: reference)"
+        replace_together([(seg_path, ".nii.gz", lambda tmp: write_labelmap(result.mask, image, tmp)),
+                          (fig_path, ".png", lambda tmp: _figure(image.array, prompt.array, result.mask, shown, tmp,
+                                                                 title, image.direction))])
     except BaseException:
         if made and out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()

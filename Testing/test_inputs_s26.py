@@ -329,3 +329,19 @@ def test_a_batch_interrupted_while_summing_up_a_case_writes_nothing_for_it(ct_ca
     with open(tmp_path / "res" / "batch_report.csv", encoding="utf-8") as fh:
         row = next(csv.DictReader(fh))
     assert (row["status"], row["message"]) == ("not run", "interrupted while running; nothing was written for it")
+
+
+def test_demo_interrupted_while_drawing_its_figure_writes_nothing(tmp_path, monkeypatch):
+    """A review: Ctrl-C while the figure was drawn left demo_segmentation.nii.gz after "nothing was
+    written" (in an earlier run's folder, beside that run's figure)."""
+    from PAMSegmentLib import demo
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "_figure", interrupted)
+    assert cli.main(["demo", "-o", str(tmp_path / "d"), "--method", "copy"]) == 130
+    assert not (tmp_path / "d").exists()
+    monkeypatch.undo()
+    assert cli.main(["demo", "-o", str(tmp_path / "d"), "--method", "copy"]) == 0
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["demo.png", "demo_segmentation.nii.gz"]
