@@ -1572,6 +1572,8 @@ def _atomic_write(image: sitk.Image, path: PathLike, extensions: Sequence[str] =
         os.replace(tmp, target)
     except (RuntimeError, OSError) as error:
         reason = _itk_reason(error) if isinstance(error, RuntimeError) else os_reason(error)
+        if "no space left on device" in reason.lower():  # ITK's words for ENOSPC: said as for every format
+            reason = "no space left on the disk"
         raise InputError(f"cannot write {path} ({reason}); nothing was replaced") from None
     finally:
         try:

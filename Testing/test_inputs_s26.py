@@ -345,3 +345,18 @@ def test_demo_interrupted_while_drawing_its_figure_writes_nothing(tmp_path, monk
     monkeypatch.undo()
     assert cli.main(["demo", "-o", str(tmp_path / "d"), "--method", "copy"]) == 0
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["demo.png", "demo_segmentation.nii.gz"]
+
+
+def test_a_full_disk_is_said_in_the_same_words_for_every_format(tmp_path, monkeypatch):
+    """A review: MetaImage and PNG outputs said ITK's "(... Reason: No space left on device)", the
+    others "(no space left on the disk)"."""
+    def full(*args, **kwargs):
+        raise RuntimeError("Exception thrown in SimpleITK ImageFileWriter_Execute: x.cxx:12:\nITK ERROR: "
+                           "MetaImageIO(0x1): Could not write file. Reason: No space left on device")
+
+    monkeypatch.setattr(volumes.sitk, "WriteImage", full)
+    vol = volumes.Volume(np.zeros((3, 4, 5), np.uint8), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    with pytest.raises(InputError, match=r"^cannot write .*out.mha \(no space left on the disk\); nothing was "
+                                         r"replaced$"):
+        volumes.write_volume(vol, tmp_path / "out.mha")
+    assert list(tmp_path.iterdir()) == []
