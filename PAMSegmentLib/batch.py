@@ -581,7 +581,11 @@ def _run_row(row: BatchRow, model, args, progress=None) -> None:
         row.notes.extend(f"changed beside the edits: {line}" for line in plan.changes(result.mask))
     row.slices = "; ".join(f"{lab}: {a}-{b}" for lab, (a, b) in result.slice_range.items())
     row.check_first = result.review_summary()
-    row.message = " | ".join(row.notes + result.notes(edited=None if plan is None else plan.edited))
+    how = "a server keeps its own setting" if getattr(model, "runs_remotely", False) is True else \
+        "--intensity-gate off"  # the drift test's remedy, as propagate says it
+    notes = [note + (f" ({how})" if kind == "drift" else "")
+             for kind, note in result.kinds_of_notes(edited=None if plan is None else plan.edited)]
+    row.message = " | ".join(row.notes + notes)
     replace_together(files)
 
 
@@ -659,6 +663,14 @@ def cmd_batch(args: argparse.Namespace) -> int:
             _carry_over(r, earlier)
     todo = [r for r in rows if r.status == "not run"]
     _check_output_folders(out_dir, todo, Path(args.manifest).name)
+    if not args.resample_prompt:  # a prompt of another case (a copy-paste slip) is found now, not at its turn
+        from .volumes import check_grids_from_headers
+
+        for r in todo:
+            try:
+                check_grids_from_headers(r.image, r.prompt, resample_option="--resample-prompt")
+            except InputError as error:
+                raise InputError(f"{Path(args.manifest).name} row {r.number}: {error}") from None
     report = out_dir / report_name
     from .volumes import check_not_read_only
 
@@ -693,11 +705,13 @@ def cmd_batch(args: argparse.Namespace) -> int:
             try:
                 _run_row(r, model, args, progress=_case_progress(bar))
                 r.status, r.method = "ok", method
+                if r.message:  # what propagate would print as notes (a drift stop, lost voxels): said here too
+                    bar.write(f"row {r.number} ({r.image.name}): note: {r.message}", file=sys.stderr)
             except PropagationCancelled:
                 raise
             except ServerUnreachable as error:  # every later case would fail the same way: stop here
                 r.status, r.message = "error", " | ".join([*r.notes, _one_line(error)])
-                bar.write(f"row {r.number} ({r.image.name}): error: {r.message}")
+                bar.write(f"row {r.number} ({r.image.name}): error: {r.message}", file=sys.stderr)
                 unreachable = error
                 break
             except (PAMError, OSError, MemoryError, RuntimeError) as error:  # the batch goes on
@@ -710,7 +724,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
                     raise
                 text = memory_message(error, batch=True) if memory else _one_line(error)
                 r.status, r.message = "error", " | ".join([*r.notes, text])
-                bar.write(f"row {r.number} ({r.image.name}): error: {r.message}")
+                bar.write(f"row {r.number} ({r.image.name}): error: {r.message}", file=sys.stderr)
             finally:
                 r.seconds = time.perf_counter() - t0
                 rewrite.write()
@@ -726,7 +740,12 @@ def cmd_batch(args: argparse.Namespace) -> int:
     if rewrite.failure is not None:  # the last try failed: once more, now that the work is done
         rewrite.write()
     counts = {s: sum(1 for r in rows if r.status == s) for s in ("ok", "error", "skipped", "not run")}
-    summary = ", ".join(f"{v} {k}" for k, v in counts.items() if v)
+    parts = [f"{v} {k}" for k, v in counts.items() if v]
+    noted = [r.number for r in rows if r.status == "ok" and r.message]
+    if noted:  # "2 ok (with notes: row 3)": the notes are in the report's message column
+        parts[0] += (f" (with notes: row{'s' if len(noted) > 1 else ''} {', '.join(map(str, noted[:10]))}"
+                     f"{' ...' if len(noted) > 10 else ''})")
+    summary = ", ".join(parts)
     print(f"batch: {summary} of {len(rows)} row{'s' if len(rows) != 1 else ''} in {time.perf_counter() - t_all:.1f} s; report {report}", flush=True)
     if rewrite.failure is not None:
         print(f"pamsegment: error: {_one_line(rewrite.failure)}; it does not show the cases run since it was last "

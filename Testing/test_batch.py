@@ -283,7 +283,7 @@ def test_a_series_column_chooses_the_dicom_series_and_a_failed_case_keeps_the_no
     assert note == (f"{tmp_path / 'dcm'} holds 2 DICOM series; using {uid_large} (5 files), the largest. Choose "
                     "another with the manifest's series column.")
     assert "prompt.nrrd is not on the image grid" in error
-    assert f"row 2 (dcm): error: {note} | {error}" in capsys.readouterr().out
+    assert f"row 2 (dcm): error: {note} | {error}" in capsys.readouterr().err
     assert _arr(tmp_path / "small.nii.gz").shape == (3, 5, 6) and not (tmp_path / "largest.nii.gz").exists()
 
 
@@ -837,3 +837,36 @@ def test_stop_on_error_stops_after_the_first_failing_case(tmp_path, cases):
     assert main(["batch", str(m), "-o", str(out), "--method", "copy"]) == 2
     assert [r["status"] for r in _report(out / "batch_report.csv")] == ["ok", "error", "ok"]
     assert (out / "third.nrrd").exists()
+
+
+def test_a_prompt_of_another_case_is_found_before_any_work(tmp_path, cases, capsys):
+    """A review: a row whose prompt belongs to another scan (another grid) failed only at its turn,
+    after the earlier cases had run. Every row's grids are now compared from the headers first."""
+    other = make_ct_case(tmp_path / "data" / "big", shape=(22, 40, 48), seed=9)
+    m = _manifest(tmp_path / "data" / "cases.csv", [
+        "image,prompt",
+        "c0/image.nii.gz,c0/prompt.nii.gz",
+        f"c1/image.nii.gz,{other.prompt_path}",
+    ])
+    assert main(["batch", str(m), "-o", str(tmp_path / "out"), "--method", "copy"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pamsegment: error: cases.csv row 3: prompt.nii.gz is not on the image grid: size differs")
+    assert "use --resample-prompt to resample it" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_cases_notes_are_said_on_the_console_and_counted_in_the_summary(tmp_path, cases, capsys, monkeypatch):
+    """A review: the console said "2 ok" while a row's drift stop and lost voxels sat only in the
+    report's message column (and the drift note lacked the option propagate names)."""
+    from PAMSegmentLib.propagate import PropagationResult
+
+    monkeypatch.setattr(PropagationResult, "kinds_of_notes", lambda self, edited=None: [
+        ("drift", "label 1: stopped at once"), ("lost", "label 1 lost 3 voxels")])
+    m = _manifest(tmp_path / "data" / "cases.csv", ["image,prompt", "c0/image.nii.gz,c0/prompt.nii.gz",
+                                                    "c1/image.nii.gz,c1/prompt.nii.gz"])
+    assert main(["batch", str(m), "-o", str(tmp_path / "out"), "--method", "copy"]) == 0
+    out, err = capsys.readouterr()
+    assert "row 2 (image.nii.gz): note: label 1: stopped at once (--intensity-gate off) | label 1 lost 3 voxels" in err
+    assert "batch: 2 ok (with notes: rows 2, 3) of 2 rows" in out
+    rows = _report(tmp_path / "out" / "batch_report.csv")
+    assert rows[0]["message"] == "label 1: stopped at once (--intensity-gate off) | label 1 lost 3 voxels"
