@@ -518,7 +518,7 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("manifest", metavar="MANIFEST", help="CSV with columns " + COLUMNS_TEXT)
     p.add_argument("-o", "--output", required=True, metavar="DIR",
                    help="folder for outputs without an output column and for batch_report.csv (created if missing)")
-    p.add_argument("--checkpoint", metavar="CKPT", help="checkpoint for every case (default: the shipped weights)")
+    p.add_argument("--checkpoint", metavar="CKPT", help="checkpoint for every case (default: $PAMSEGMENT_MODEL if set, else the shipped weights)")
     p.add_argument("--method", choices=sorted(METHODS), default="pam", help="what predicts the slices (default: pam)")
     p.add_argument("--registration-weight", type=_unit_interval, metavar="W", help="as for propagate")
     p.add_argument("--intensity-gate", choices=("off", "prompt", "guide"), help="as for propagate")
@@ -695,7 +695,10 @@ def cmd_batch(args: argparse.Namespace) -> int:
     t_all = time.perf_counter()
     interrupted, unreachable = False, None
     from .remote import ServerUnreachable
-    bar = tqdm(todo, desc="cases", unit="case", file=sys.stderr, ncols=80)
+    from .cli import progress_mode
+
+    mode = progress_mode()  # a bar on a terminal; in a log a line per finished case instead (no redrawn bars)
+    bar = tqdm(todo, desc="cases", unit="case", file=sys.stderr, ncols=80, disable=mode != "bar")
     rewrite = _Report(rows, report, Path(args.manifest), lambda text: bar.write(text, file=sys.stderr))
     current = None
     try:
@@ -728,6 +731,9 @@ def cmd_batch(args: argparse.Namespace) -> int:
             finally:
                 r.seconds = time.perf_counter() - t0
                 rewrite.write()
+                if mode == "lines" and r.status != "not run":
+                    print(f"cases: {todo.index(r) + 1}/{len(todo)} (row {r.number}: {r.status}, {r.seconds:.1f} s)",
+                          file=sys.stderr, flush=True)
             if r.status == "error" and args.stop_on_error:
                 break
     except (KeyboardInterrupt, PropagationCancelled):

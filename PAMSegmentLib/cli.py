@@ -110,6 +110,8 @@ def _load_pam(args: argparse.Namespace) -> Any:
             f"PAMSEGMENT_MODEL is set to {env}, which is not a file; point it at a checkpoint, unset it, "
             "or pass --checkpoint CKPT"
         )
+    if env:  # other weights than the shipped ones, chosen outside the command line: said
+        print(f"note: using the weights PAMSEGMENT_MODEL names ({env})", flush=True)
     if path is None or not Path(path).is_file():
         raise CheckpointError(
             "no default PAM weights are installed; pass --checkpoint CKPT (a PAMSegment checkpoint or the "
@@ -266,7 +268,7 @@ def add_propagate_arguments(p: argparse.ArgumentParser) -> None:
                    help="also write a table of every slice of the result: label, slice, voxels, drawn, the "
                         "engine's confidence and what ended each walk (written with OUT)")
     p.add_argument("--checkpoint", metavar="CKPT",
-                   help="PAMSegment checkpoint or the official PAM propmask.pth (default: the shipped weights)")
+                   help="PAMSegment checkpoint or the official PAM propmask.pth (default: $PAMSEGMENT_MODEL if set, else the shipped weights)")
     p.add_argument("--method", choices=sorted(METHODS), default="pam", help="what predicts the slices (default: pam)")
     p.add_argument("--registration-weight", type=_unit_interval, metavar="W",
                    help="pam: weight of the demons-registration fusion, 0 = the network alone as in the official "
@@ -338,16 +340,54 @@ def _check_output_path(out: str, inputs: Sequence[str]) -> None:
     volumes.check_output_path(out)  # the writer's own checks: format, folder, not a folder itself
 
 
+PROGRESS_MODES = ("auto", "bar", "lines", "off")
+
+
+def progress_mode(stream=None) -> str:
+    """How progress is shown on ``stream`` (stderr): $PAMSEGMENT_PROGRESS if it is one of "bar"
+    (tqdm's bar, redrawn with carriage returns), "lines" (a plain line every 10 %, for logs) or
+    "off"; by default ("auto") a bar on a terminal and lines otherwise (a log of a 30 s run held
+    11 KB of redrawn bars on one line)."""
+    mode = os.environ.get("PAMSEGMENT_PROGRESS", "auto").strip().lower()
+    if mode in ("bar", "lines", "off"):
+        return mode
+    stream = sys.stderr if stream is None else stream
+    try:
+        return "bar" if stream.isatty() else "lines"
+    except (AttributeError, ValueError):  # a closed or odd stream
+        return "lines"
+
+
 class _ProgressBar:
-    """tqdm bar on stderr (0..100 %), fed by the engine's ``progress(fraction, message)``. It
-    appears with the first progress call, so input refused before any work is one line alone.
-    show_message: the message follows the bar (a server's state and queue position, which a bar
-    standing at 0 % does not tell)."""
+    """Progress on stderr (0..100 %), fed by the engine's ``progress(fraction, message)``: a tqdm
+    bar on a terminal, plain lines every 10 % in a log (``progress_mode``). It appears with the
+    first progress call, so input refused before any work is one line alone. show_message: the
+    message follows the bar (a server's state and queue position, which a bar standing at 0 % does
+    not tell)."""
 
     def __init__(self, description: str, show_message: bool = False):
         self.description, self.bar, self.show_message, self.message = description, None, show_message, None
+        self.mode, self.said = progress_mode(), -1
+
+    def _line(self, fraction: float, message: str) -> None:
+        """The log form: a line at each new 10 % step, and where the message (or label) changes."""
+        percent = int(100 * min(max(fraction, 0.0), 1.0))
+        label = message.split(": ", 1)[0] if message.startswith("label ") and ": " in message else None
+        changed = (self.show_message and message != self.message) or (label is not None and label != self.message)
+        if changed:
+            self.message = message if self.show_message else label
+        if changed or percent // 10 > self.said // 10:
+            self.said = percent
+            what = self.description + (f" {label}" if label is not None and not self.show_message else "")
+            print(f"{what}: {percent}%" + (f", {message}" if self.show_message and message else ""),
+                  file=sys.stderr, flush=True)
 
     def __call__(self, fraction: float, message: str) -> None:
+        if self.mode == "off":
+            return
+        if self.mode == "lines":
+            self._line(fraction, message)
+            return
         if self.bar is None:
             from tqdm import tqdm
 
@@ -931,6 +971,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     path = args.checkpoint
     if path is None:  # the shipped weights: after `pip install` they are not under Resources/Models
         path = default_checkpoint_path()
+        env = os.environ.get("PAMSEGMENT_MODEL")
+        if env and (path is None or not Path(path).is_file()):
+            raise CheckpointError(f"PAMSEGMENT_MODEL is set to {env}, which is not a file; point it at a checkpoint, "
+                                  "unset it, or give a checkpoint file: pamsegment info CKPT")
         if path is None:
             raise CheckpointError("no default PAM weights are installed; give a checkpoint file: pamsegment info CKPT")
     d = describe_checkpoint(path)

@@ -129,7 +129,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("-o", "--out", "--output", dest="out", default="pamsegment_demo", metavar="DIR",
                    help="output folder (default: ./pamsegment_demo)")
-    p.add_argument("--checkpoint", default=None, help="checkpoint (default: the shipped weights)")
+    p.add_argument("--checkpoint", default=None, help="checkpoint (default: $PAMSEGMENT_MODEL if set, else the shipped weights)")
     p.add_argument("--method", default="pam", choices=["pam", "track", "copy"],
                    help="propagation method (default pam: the shipped network; track and copy: the classical "
                         "baselines)")
@@ -138,8 +138,13 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    import os
+
     from .cli import _ProgressBar
 
+    env = os.environ.get("PAMSEGMENT_MODEL")
+    if env and args.checkpoint is None and args.method.startswith("pam"):  # not the shipped weights: said
+        print(f"note: using the weights PAMSEGMENT_MODEL names ({env})", flush=True)
     with _ProgressBar("demo") as bar:  # appears with the first progress: a bad checkpoint is one line alone
         res = run_demo(Path(args.out), args.checkpoint, args.method, args.device, args.threads, progress=bar)
     for name, d in res["dice"].items():

@@ -557,7 +557,7 @@ def add_serve_arguments(p) -> None:
     p.add_argument("--port", type=_port, default=8765, help="port (default 8765)")
     p.add_argument("--token", help="token clients must send (default: the PAMSEGMENT_TOKEN environment variable, "
                                    "which, unlike --token, other users of this machine cannot see in the process list)")
-    p.add_argument("--checkpoint", metavar="CKPT", help="PAMSegment or official checkpoint (default: the shipped weights)")
+    p.add_argument("--checkpoint", metavar="CKPT", help="PAMSegment or official checkpoint (default: $PAMSEGMENT_MODEL if set, else the shipped weights)")
     p.add_argument("--walk", choices=("engine", "published"),
                    help="the network's walk for every job, as propagate's --walk (default: the checkpoint's)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="torch device (default: cpu)")

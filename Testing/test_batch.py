@@ -594,8 +594,9 @@ def test_batch_update_messages_name_the_manifest_columns(tmp_path, cases, run_cl
         row["message"] and "--previous" not in row["message"]
 
 
-def test_the_cases_bar_follows_the_case_under_way(tmp_path, cases, capsys):
+def test_the_cases_bar_follows_the_case_under_way(tmp_path, cases, capsys, monkeypatch):
     """The bar moved once per case only: on full-size scans nothing moved for minutes."""
+    monkeypatch.setenv("PAMSEGMENT_PROGRESS", "bar")  # as on a terminal (captured stderr is not one)
     m = _manifest(tmp_path / "data" / "cases.csv", ["image,prompt", "c0/image.nii.gz,c0/prompt.nii.gz"])
     assert main(["batch", str(m), "-o", str(tmp_path / "out"), "--method", "copy"]) == 0
     err = capsys.readouterr().err
@@ -870,3 +871,16 @@ def test_a_cases_notes_are_said_on_the_console_and_counted_in_the_summary(tmp_pa
     assert "batch: 2 ok (with notes: rows 2, 3) of 2 rows" in out
     rows = _report(tmp_path / "out" / "batch_report.csv")
     assert rows[0]["message"] == "label 1: stopped at once (--intensity-gate off) | label 1 lost 3 voxels"
+
+
+def test_a_batch_in_a_log_says_each_finished_case_on_a_line(tmp_path, cases, capsys, monkeypatch):
+    """Off a terminal (a log) the cases bar is not drawn (redrawn bars fill a log with carriage
+    returns); a line per finished case says how far the batch is."""
+    monkeypatch.delenv("PAMSEGMENT_PROGRESS", raising=False)
+    m = _manifest(tmp_path / "data" / "cases.csv", ["image,prompt", "c0/image.nii.gz,c0/prompt.nii.gz",
+                                                    "c1/image.nii.gz,c1/image.nii.gz"])
+    assert main(["batch", str(m), "-o", str(tmp_path / "out"), "--method", "copy"]) == 2
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if line.startswith("cases: ")]
+    assert [line.split(",")[0] for line in lines] == ["cases: 1/2 (row 2: ok", "cases: 2/2 (row 3: error"]

@@ -702,10 +702,11 @@ def test_the_client_deletes_its_job_once_the_result_is_downloaded():
         assert list(app.state.queue.jobs) == []  # not kept for result_ttl (an hour) after the download
 
 
-def test_the_command_line_shows_the_servers_state_and_queue_position(live_server, ct_case, capsys):
+def test_the_command_line_shows_the_servers_state_and_queue_position(live_server, ct_case, capsys, monkeypatch):
     from PAMSegmentLib.baselines import get_predictor
     from PAMSegmentLib.cli import _ProgressBar, main
 
+    monkeypatch.setenv("PAMSEGMENT_PROGRESS", "bar")  # as on a terminal (captured stderr is not one)
     bar = _ProgressBar("propagating", show_message=True)
     bar(0.0, "server: waiting (queue position 2)")  # the bar stands at 0 %: the message says why
     bar.close()
