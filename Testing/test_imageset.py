@@ -937,3 +937,37 @@ def test_a_damaged_image_of_a_known_type_is_called_damaged(tmp_path):
     odd.write_bytes(b"\0" * 40)
     with pytest.raises(InputError, match=r"expected \.png, \.jpg"):
         read_image_2d(odd)
+
+
+def test_images_stored_flipped_or_transposed_are_labelled_in_the_prompts_orientation(tmp_path, capsys):
+    """A review: label-images matched images by pixel order, so an image stored flipped or
+    transposed against the prompt image (the same picture in every viewer) got its mask mirrored
+    (Dice 0.89 with --method copy) or transposed (0.82). Where the files place themselves in space,
+    each image is now labelled in the prompt image's orientation and its mask written as it is
+    stored: in physical space the masks are the prompt's."""
+    from PAMSegmentLib import cli
+
+    rng = np.random.default_rng(3)
+    j, i = np.mgrid[:40, :50]
+    picture = (100 + 80 * (((j - 15) / 9.0) ** 2 + ((i - 30) / 12.0) ** 2 <= 1) + rng.normal(0, 3, (40, 50)))
+    prompt = sitk.GetImageFromArray(picture.astype(np.float32))
+    prompt.SetSpacing((0.7, 0.7))
+    prompt.SetOrigin((5.0, -3.0))
+    truth = (((j - 15) / 9.0) ** 2 + ((i - 30) / 12.0) ** 2 <= 1).astype(np.uint8)
+    mask = sitk.GetImageFromArray(truth)
+    mask.CopyInformation(prompt)
+    (tmp_path / "set").mkdir()
+    sitk.WriteImage(prompt, str(tmp_path / "prompt.nii.gz"))
+    sitk.WriteImage(mask, str(tmp_path / "prompt_mask.nii.gz"))
+    sitk.WriteImage(sitk.Flip(prompt, [True, False]), str(tmp_path / "set" / "flipped.nii.gz"))
+    sitk.WriteImage(sitk.PermuteAxes(prompt, [1, 0]), str(tmp_path / "set" / "transposed.nii.gz"))
+    assert cli.main(["label-images", str(tmp_path / "prompt.nii.gz"), str(tmp_path / "prompt_mask.nii.gz"),
+                     str(tmp_path / "set"), "-o", str(tmp_path / "out"), "--method", "copy", "--format",
+                     "nii.gz"]) == 0
+    out = capsys.readouterr().out
+    assert "note: flipped.nii.gz is stored flipped horizontally against the prompt image" in out
+    assert "note: transposed.nii.gz is stored transposed against the prompt image" in out
+    for name in ("flipped", "transposed"):
+        written = sitk.ReadImage(str(tmp_path / "out" / f"{name}_mask.nii.gz"))
+        back = sitk.GetArrayFromImage(sitk.Resample(written, prompt, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
+        assert np.array_equal(back > 0, truth > 0), name
