@@ -861,7 +861,8 @@ def _read_sitk(path: PathLike, series_uid: str | None = None, single_slice_ok: b
     if min(size) < 2 and not single_slice_ok:
         raise InputError(
             f"{name} has a single slice ({_fmt_size(size)}); PAMSegment needs a 3D volume"
-            + (f" (for DICOM pass the series folder, {p.parent}, not one file)" if _is_dicom_file(p) else "")
+            + (f" (for DICOM pass the series folder, {p.parent}, not one file)" if _is_dicom_file(p) else
+               " (a set of single images is labelled with `pamsegment label-images`)")
         )
     return image
 
@@ -1910,14 +1911,23 @@ def _read_2d(path: PathLike, what: str) -> tuple[sitk.Image, sitk.Image]:
                                 f"expected {', '.join(IMAGE_2D_EXTENSIONS)}")) from None
     size = image.GetSize()
     original = image
-    if image.GetDimension() == 3 and size[2] == 1:
-        image = sitk.Extract(image, [size[0], size[1], 0], [0, 0, 0])
+    if image.GetDimension() == 3 and 1 in size:
+        # a one-slice volume: an axial slice (the usual one-slice file), or a coronal or sagittal one
+        # (a slice saved from a volume in that plane: refused before, and propagate refused it too)
+        flat = _flat_axis(size)
+        image = sitk.Extract(image, [0 if a == flat else n for a, n in enumerate(size)], [0, 0, 0])
     elif image.GetDimension() != 2:
         raise InputError(f"{p.name} is a {image.GetDimension()}D image ({_fmt_size(size)}), not a 2D {what}; "
                          "for a volume use `pamsegment propagate`")
     if image.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
         raise InputError(f"{p.name} has complex pixels; a 2D {what} needs real grey values")
     return image, original
+
+
+def _flat_axis(size) -> int:
+    """The ITK axis (0 = i, 1 = j, 2 = k) of a one-slice 3D image's single slice: k when it is 1
+    (an axial slice), else the last axis of size 1."""
+    return 2 if size[2] == 1 else max(a for a, n in enumerate(size) if n == 1)
 
 
 def read_image_2d(path: PathLike, keep_colour: bool = False) -> tuple[np.ndarray, sitk.Image]:
@@ -2054,8 +2064,11 @@ def write_labelmap_2d(array: np.ndarray, reference: sitk.Image, path: PathLike) 
     """Write a 2D label map on ``reference``'s grid (its spacing and origin), as uint8 (uint16 past
     255, uint32 past 65535 where the format holds it), atomically; the format follows the extension (``MASK_2D_EXTENSIONS``; no lossy JPEG)."""
     labels = np.asarray(array)
-    if labels.shape != tuple(reversed(reference.GetSize()[:2])):
-        raise InputError(f"mask shape {labels.shape} does not match its image {tuple(reversed(reference.GetSize()))}")
+    size = reference.GetSize()
+    # a one-slice 3D reference: its slice's two axes (a coronal or sagittal slice's are not i and j)
+    kept = [a for a in range(len(size)) if a != _flat_axis(size)] if len(size) == 3 else [0, 1]
+    if labels.shape != tuple(size[a] for a in reversed(kept)):
+        raise InputError(f"mask shape {labels.shape} does not match its image {tuple(reversed(size))}")
     hi = int(labels.max()) if labels.size else 0
     if labels.min() < 0 or hi >= 2**32:
         raise InputError("mask labels must be 0 or positive 32-bit numbers")
@@ -2065,12 +2078,12 @@ def write_labelmap_2d(array: np.ndarray, reference: sitk.Image, path: PathLike) 
     name = Path(path).name.lower()
     if reference.GetDimension() == 3 and name.endswith((".nii", ".nii.gz", ".nrrd", ".mha")):
         # A one-slice volume (a DICOM file, a slice of a scan): the mask lies where its image does.
-        image = sitk.GetImageFromArray(labels.astype(dtype, copy=False)[None])
+        image = sitk.GetImageFromArray(np.expand_dims(labels.astype(dtype, copy=False), 2 - _flat_axis(size)))
         image.CopyInformation(reference)
         return _atomic_write(image, path, MASK_2D_EXTENSIONS)
     image = sitk.GetImageFromArray(labels.astype(dtype, copy=False))
-    image.SetSpacing(reference.GetSpacing()[:2])
-    image.SetOrigin(reference.GetOrigin()[:2])
+    image.SetSpacing([reference.GetSpacing()[a] for a in kept])
+    image.SetOrigin([reference.GetOrigin()[a] for a in kept])
     if reference.GetDimension() == 2:
         image.SetDirection(reference.GetDirection())
     return _atomic_write(image, path, MASK_2D_EXTENSIONS)

@@ -971,3 +971,35 @@ def test_images_stored_flipped_or_transposed_are_labelled_in_the_prompts_orienta
         written = sitk.ReadImage(str(tmp_path / "out" / f"{name}_mask.nii.gz"))
         back = sitk.GetArrayFromImage(sitk.Resample(written, prompt, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
         assert np.array_equal(back > 0, truth > 0), name
+
+
+@pytest.mark.parametrize("flat", [0, 1])  # a sagittal (i) and a coronal (j) one-slice file
+def test_one_slice_files_of_any_plane_are_2d_images(tmp_path, flat):
+    """A review: a one-slice 3D file whose single slice is not along k (a coronal or sagittal slice
+    saved from a volume) was refused by label-images ("a 3D image ... use propagate") and by
+    propagate ("a single slice ... needs a 3D volume"). It is a 2D image: read, and its mask written
+    on the file's own 3D grid."""
+    from PAMSegmentLib import cli
+    from PAMSegmentLib.volumes import read_image_2d
+
+    rng = np.random.default_rng(1)
+    size = [30, 30, 24]
+    size[flat] = 1
+    files = {}
+    for name in ("prompt", "other"):
+        volume = sitk.GetImageFromArray(rng.normal(100, 5, tuple(reversed(size))).astype(np.float32))
+        volume.SetSpacing((0.8, 0.9, 2.0))
+        volume.SetOrigin((1.0, 2.0, 3.0))
+        files[name] = tmp_path / f"{name}.nii.gz"
+        sitk.WriteImage(volume, str(files[name]))
+    arr, original = read_image_2d(files["prompt"])
+    assert arr.shape == tuple(n for a, n in reversed(list(enumerate(size))) if a != flat)
+    assert original.GetSize() == tuple(size)
+    mask = sitk.GetImageFromArray((np.arange(arr.size).reshape(arr.shape) % 7 == 0).astype(np.uint8)[..., None]
+                                  .reshape(tuple(reversed(size))))
+    mask.CopyInformation(original)
+    sitk.WriteImage(mask, str(tmp_path / "mask.nii.gz"))
+    assert cli.main(["label-images", str(files["prompt"]), str(tmp_path / "mask.nii.gz"), str(files["other"]),
+                     "-o", str(tmp_path / "out"), "--method", "copy", "--format", "nii.gz"]) == 0
+    written = sitk.ReadImage(str(tmp_path / "out" / "other_mask.nii.gz"))
+    assert written.GetSize() == tuple(size) and written.GetSpacing() == pytest.approx((0.8, 0.9, 2.0))
