@@ -94,9 +94,9 @@ def parse_shard(text: str) -> tuple[int, int]:
     try:
         k, n = (int(v) for v in text.split("/"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--shard takes K/N (e.g. 2/4), got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"K/N expected (e.g. 2/4), got {text!r}") from None
     if not 1 <= k <= n:
-        raise argparse.ArgumentTypeError(f"--shard K/N needs 1 <= K <= N, got {text!r}")
+        raise argparse.ArgumentTypeError(f"K/N needs 1 <= K <= N, got {text!r}")
     return k, n
 
 
@@ -513,13 +513,14 @@ def _check_output_folders(out_dir: Path, todo: list[BatchRow], manifest: str) ->
 
 
 def add_batch_arguments(p: argparse.ArgumentParser) -> None:
-    from .cli import METHODS, THREADS_HELP, _positive_int, _thread_count, _through_plane_mm, _unit_interval
+    from .cli import (METHOD_HELP, METHODS, THREADS_HELP, _positive_int, _thread_count, _through_plane_mm,
+                      _unit_interval)
 
     p.add_argument("manifest", metavar="MANIFEST", help="CSV with columns " + COLUMNS_TEXT)
     p.add_argument("-o", "--output", required=True, metavar="DIR",
                    help="folder for outputs without an output column and for batch_report.csv (created if missing)")
     p.add_argument("--checkpoint", metavar="CKPT", help="checkpoint for every case (default: $PAMSEGMENT_MODEL if set, else the shipped weights)")
-    p.add_argument("--method", choices=sorted(METHODS), default="pam", help="what predicts the slices (default: pam)")
+    p.add_argument("--method", choices=sorted(METHODS), default="pam", help=METHOD_HELP)
     p.add_argument("--registration-weight", type=_unit_interval, metavar="W", help="as for propagate")
     p.add_argument("--intensity-gate", choices=("off", "prompt", "guide"), help="as for propagate")
     p.add_argument("--through-plane-mm", type=_through_plane_mm, metavar="T", help="as for propagate")

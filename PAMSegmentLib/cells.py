@@ -28,6 +28,7 @@ review the lowest first).
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -467,10 +468,23 @@ def add_label_cells_arguments(p) -> None:
     p.add_argument("--background", metavar="MASK", help="optional mask of pixels that are not cells")
     p.add_argument("--background-label", type=_positive_int, metavar="N",
                    help="pixels of label N in EXAMPLES mark background, not a cell (draw both in one file)")
-    p.add_argument("--tile", type=_positive_int, default=1024, help="tile side for classifying large images, at least 64 px (default 1024; the result does not depend on it)")
+    p.add_argument("--tile", type=_tile_side, default=1024, metavar="PX",
+                   help="tile side for classifying large images, at least 64 px (default 1024; the result does not "
+                        "depend on it)")
     p.add_argument("--self-training", action="store_true",
                    help="one round of self-training on the pixels the first pass is sure of (off by default: "
                         "it can also reinforce mistakes; see the README)")
+
+
+def _tile_side(text: str) -> int:
+    """--tile: a whole number of at least 64 (argparse names the option in its message)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 64:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 64 px, got {text!r}")
+    return value
 
 
 def _tif_fallback(out, inputs) -> tuple:

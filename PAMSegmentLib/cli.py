@@ -110,14 +110,15 @@ def _load_pam(args: argparse.Namespace) -> Any:
             f"PAMSEGMENT_MODEL is set to {env}, which is not a file; point it at a checkpoint, unset it, "
             "or pass --checkpoint CKPT"
         )
-    if env:  # other weights than the shipped ones, chosen outside the command line: said
-        print(f"note: using the weights PAMSEGMENT_MODEL names ({env})", flush=True)
     if path is None or not Path(path).is_file():
         raise CheckpointError(
             "no default PAM weights are installed; pass --checkpoint CKPT (a PAMSegment checkpoint or the "
             "official propmask.pth from the PAM authors)"
         )
-    return checkpoints.load_model(path, device=args.device)
+    model = checkpoints.load_model(path, device=args.device)
+    if env:  # other weights than the shipped ones, chosen outside the command line: said once they load
+        print(f"note: using the weights PAMSEGMENT_MODEL names ({env})", flush=True)
+    return model
 
 
 # --method name -> factory(args) returning what ``propagate`` accepts as ``model``.
@@ -269,7 +270,7 @@ def add_propagate_arguments(p: argparse.ArgumentParser) -> None:
                         "engine's confidence and what ended each walk (written with OUT)")
     p.add_argument("--checkpoint", metavar="CKPT",
                    help="PAMSegment checkpoint or the official PAM propmask.pth (default: $PAMSEGMENT_MODEL if set, else the shipped weights)")
-    p.add_argument("--method", choices=sorted(METHODS), default="pam", help="what predicts the slices (default: pam)")
+    p.add_argument("--method", choices=sorted(METHODS), default="pam", help=METHOD_HELP)
     p.add_argument("--registration-weight", type=_unit_interval, metavar="W",
                    help="pam: weight of the demons-registration fusion, 0 = the network alone as in the official "
                         "PAM (default: the checkpoint's; 0.5 for the shipped weights, 0 for the official checkpoint; "
@@ -447,6 +448,10 @@ def _raise_terminated(signum, frame):  # noqa: ARG001 - signal handler signature
     raise Terminated()
 
 
+METHOD_HELP = ("what predicts the slices: pam (default; the network, fused with demons registration for the "
+               "shipped weights), pam-memory (the network from the current guide, the drawn slice and the previous "
+               "guide), track (demons registration slice to slice, no network) or copy (the drawn mask copied until "
+               "the tissue inside it changes)")
 PAM_ONLY_OPTIONS = ("registration_weight", "intensity_gate", "through_plane_mm", "walk")  # the network's options
 WALK_HELP = ("pam: how the walk goes on from the drawn slices: 'published', the authors' (overlapping windows whose "
              "votes are united, a side ending only where a window's last slice is empty), or 'engine', ours (each "
@@ -633,7 +638,9 @@ def cmd_propagate(args: argparse.Namespace) -> int:
             wrote = [args.output] + ([args.report] if report is not None else []) + (
                 [str(sidecar)] if sidecar is not None else [])
             listing = wrote[0] if len(wrote) == 1 else f"{', '.join(wrote[:-1])} and {wrote[-1]}"
-            print(f"wrote {listing}: {result.summary()}; "
+            from .volumes import plane_name
+
+            print(f"wrote {listing}: {result.summary(plane_name(image.direction, result.axis))}; "
                   f"{time.perf_counter() - t0:.1f} s in all", flush=True)
             if check:
                 print(f"least confident slices, to check first: {check}", flush=True)

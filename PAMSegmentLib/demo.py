@@ -142,11 +142,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from .cli import _ProgressBar
 
+    with _ProgressBar("demo") as bar:  # appears with the first progress: a bad checkpoint is one line alone
+        res = run_demo(Path(args.out), args.checkpoint, args.method, args.device, args.threads, progress=bar)
     env = os.environ.get("PAMSEGMENT_MODEL")
     if env and args.checkpoint is None and args.method.startswith("pam"):  # not the shipped weights: said
         print(f"note: using the weights PAMSEGMENT_MODEL names ({env})", flush=True)
-    with _ProgressBar("demo") as bar:  # appears with the first progress: a bad checkpoint is one line alone
-        res = run_demo(Path(args.out), args.checkpoint, args.method, args.device, args.threads, progress=bar)
     for name, d in res["dice"].items():
         print(f"  {name:<13} Dice {d:.3f}")
     print(f"demo: mean Dice {res['mean_dice']:.3f} over {len(res['dice'])} held-out organs, "

@@ -437,16 +437,9 @@ def axis_plane_name(ijk_to_ras: np.ndarray, axis: int) -> str:
     k direction, points mostly superior-inferior, and so on. Slices more than ~25 degrees off every
     anatomical plane are "oblique".
     """
-    column = 2 - int(axis)  # array axis 0 is k = IJK column 2
-    normal = np.asarray(ijk_to_ras, dtype=float)[:3, column]
-    norm = float(np.linalg.norm(normal))
-    if norm == 0:
-        return "oblique"
-    normal = np.abs(normal) / norm
-    dominant = int(np.argmax(normal))
-    if normal[dominant] < np.cos(np.deg2rad(25)):
-        return "oblique"
-    return ("sagittal", "coronal", "axial")[dominant]  # normal along R, A or S
+    from .volumes import plane_name
+
+    return plane_name(np.asarray(ijk_to_ras, dtype=float)[:3, :3].ravel(), axis)
 
 
 def _plane_names(ijk_to_ras: np.ndarray) -> list[str]:

@@ -364,9 +364,13 @@ class PropagationResult:
                 parts.append(f"label {lab}: {', '.join(map(str, first))}")
         return "; ".join(parts)
 
-    def summary(self) -> str:
+    def summary(self, plane: str | None = None) -> str:
+        """``label 1: slices 4-20; ... (axis 0); 17 slices predicted in 0.3 s``; ``plane``: what the
+        slices are called (``volumes.plane_name``: "axial" ...), said after the axis."""
         parts = [f"label {lab}: slices {a}-{b}" for lab, (a, b) in self.slice_range.items()]
-        return f"{'; '.join(parts)} (axis {self.axis}); {self.n_predicted} slices predicted in {self.timings.get('total', 0):.1f} s"
+        where = f"axis {self.axis}" + (f", {plane} slices" if plane else "")
+        return (f"{'; '.join(parts)} ({where}); {self.n_predicted} slices predicted in "
+                f"{self.timings.get('total', 0):.1f} s")
 
 
 def _json_floats(values) -> list:

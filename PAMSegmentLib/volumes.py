@@ -1924,6 +1924,22 @@ def _read_2d(path: PathLike, what: str) -> tuple[sitk.Image, sitk.Image]:
     return image, original
 
 
+def plane_name(direction: Sequence[float], axis: int) -> str:
+    """Anatomical name of the slices perpendicular to array ``axis`` (k, j, i order) of an image
+    whose ``direction`` (row-major 3 x 3, columns the i, j, k directions, LPS or RAS alike) is
+    given: "axial" when their normal points mostly superior-inferior, "coronal", "sagittal", or
+    "oblique" more than ~25 degrees off every anatomical plane."""
+    normal = np.asarray(direction, dtype=float).reshape(3, 3)[:, 2 - int(axis)]  # array axis 0 is k: column 2
+    norm = float(np.linalg.norm(normal))
+    if norm == 0:
+        return "oblique"
+    normal = np.abs(normal) / norm
+    dominant = int(np.argmax(normal))
+    if normal[dominant] < np.cos(np.deg2rad(25)):
+        return "oblique"
+    return ("sagittal", "coronal", "axial")[dominant]  # normal along x (L-R), y (P-A) or z (I-S)
+
+
 def _flat_axis(size) -> int:
     """The ITK axis (0 = i, 1 = j, 2 = k) of a one-slice 3D image's single slice: k when it is 1
     (an axial slice), else the last axis of size 1."""

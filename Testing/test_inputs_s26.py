@@ -434,3 +434,29 @@ def test_a_2d_mask_placed_otherwise_than_its_image_is_refused(tmp_path):
     with pytest.raises(InputError, match=r"^the mask elsewhere.nrrd is not on its image's grid \(spacing \(3, 3\) "
                                          r"vs the image's \(0.8, 0.9\); origin \(500, 500\)"):
         volumes.read_labelmap_2d(tmp_path / "elsewhere.nrrd", reference=reference)
+
+
+def test_the_summary_names_the_plane_of_the_slices(ct_case, capsys):
+    """A review: slices were named by array axis only ("slices 4-20 (axis 0)"), which is not axial
+    for an image stored sagittally (the TPTBox spine MR). The summary says the plane now."""
+    out = ct_case.directory / "planes.nii.gz"
+    assert cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out),
+                     "--method", "copy"]) == 0
+    assert "(axis 0, axial slices)" in capsys.readouterr().out
+    sagittal_stored = (0, 0, -1, 1, 0, 0, 0, -1, 0)  # the TPTBox MR's direction: k runs along x
+    assert [volumes.plane_name(sagittal_stored, a) for a in range(3)] == ["sagittal", "axial", "coronal"]
+    tilted = (1, 0, 0, 0, np.cos(0.7), -np.sin(0.7), 0, np.sin(0.7), np.cos(0.7))  # 40 degrees about x
+    assert volumes.plane_name(tilted, 0) == "oblique"
+
+
+@pytest.mark.parametrize("args, line", [
+    (["label-cells", "a.png", "b.png", "-o", "c.tif", "--tile", "10"],
+     "argument --tile: expected a whole number of at least 64 px, got '10' (see pamsegment label-cells --help)"),
+    (["batch", "m.csv", "-o", "r", "--shard", "3/2"],
+     "argument --shard: K/N needs 1 <= K <= N, got '3/2' (see pamsegment batch --help)"),
+])
+def test_option_errors_name_the_option_once(args, line, capsys):
+    """A review: --tile's error did not name the option ("tile must be ..."), --shard's named it twice."""
+    with pytest.raises(SystemExit):
+        cli.main(args)
+    assert capsys.readouterr().err == f"pamsegment: error: {line}\n"
