@@ -337,8 +337,8 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.serverUrlLineEdit.setEnabled(useServer)
         self.ui.serverTokenLineEdit.setEnabled(useServer)
         self.ui.deviceComboBox.setEnabled(local)
-        # The tracker has its own drift test (always on); the option is the network's (a server's is its own).
-        self.ui.intensityGateCheckBox.setEnabled(local)
+        # The tracker has its own drift test (always on); the option is the network's, here or on a server.
+        self.ui.intensityGateCheckBox.setEnabled(not self.ui.trackModelRadioButton.checked)
         self._saveSettings()
         self.updateButtons()
         if self._method() != self._promptMethod:  # not on every key typed in the address
@@ -887,7 +887,7 @@ class PAMSegmentLogic(ScriptedLoadableModuleLogic):
         ``finishPropagation``). Raises InputError for an empty or 3D segment or an unknown method.
         ``method``: "pam" (the network: ``checkpoint`` or the bundled weights), "track"
         (slice-to-slice registration, no network) or "server" (``server`` = (address, token):
-        a ``pamsegment serve`` machine does the work). ``intensityGate`` (network only): True also ends
+        a ``pamsegment serve`` machine does the work). ``intensityGate`` (the network, here or on a server): True also ends
         the walk where the region's intensity drifts from the slice it was predicted from, False
         leaves the stop to the network, None = what the checkpoint says."""
         from PAMSegmentLib.mrml import SegmentPropagation
@@ -898,7 +898,7 @@ class PAMSegmentLogic(ScriptedLoadableModuleLogic):
         threads = max(1, (os.cpu_count() or 2) - 1)
         job = SegmentPropagation(volumeNode, segmentationNode, segmentId, mode=mode, checkpoint=checkpoint,
                                  device=device, range=range, model=model, threads=threads,
-                                 intensity_gate=intensityGate if method == "pam" else None)
+                                 intensity_gate=intensityGate if method in ("pam", "server") else None)
         job.modelKey = key
         return job.start()
 
@@ -912,7 +912,7 @@ class PAMSegmentLogic(ScriptedLoadableModuleLogic):
         threads = max(1, (os.cpu_count() or 2) - 1)
         job = SegmentUpdate(volumeNode, segmentationNode, segmentId, self.history, checkpoint=checkpoint,
                             device=device, model=model, threads=threads,
-                            intensity_gate=intensityGate if method == "pam" else None)
+                            intensity_gate=intensityGate if method in ("pam", "server") else None)
         job.modelKey = key
         return job.start()
 

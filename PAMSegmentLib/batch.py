@@ -582,8 +582,7 @@ def _run_row(row: BatchRow, model, args, progress=None) -> None:
         row.notes.extend(f"changed beside the edits: {line}" for line in plan.changes(result.mask))
     row.slices = "; ".join(f"{lab}: {a}-{b}" for lab, (a, b) in result.slice_range.items())
     row.check_first = result.review_summary()
-    how = "a server keeps its own setting" if getattr(model, "runs_remotely", False) is True else \
-        "--intensity-gate off"  # the drift test's remedy, as propagate says it
+    how = "--intensity-gate off"  # the drift test's remedy, as propagate says it
     notes = [note + (f" ({how})" if kind == "drift" else "")
              for kind, note in result.kinds_of_notes(edited=None if plan is None else plan.edited)]
     row.message = " | ".join(row.notes + notes)
@@ -645,7 +644,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         from .remote import RemoteModel
 
         server = RemoteModel(args.server, token=args.token or os.environ.get("PAMSEGMENT_TOKEN"), method=args.method,
-                             wait_when_busy=BUSY_WAIT_SECONDS)
+                             wait_when_busy=BUSY_WAIT_SECONDS, intensity_gate=args.intensity_gate)
         server_info = server.info()
         if args.method not in server_info.get("methods", [args.method]):
             raise InputError(f"the server at {server.url} does not run --method {args.method}")

@@ -472,7 +472,8 @@ def check_server_options(args: argparse.Namespace) -> None:
     if args.server:
         from .remote import SERVER_METHODS
 
-        given = [f"--{o.replace('_', '-')}" for o in ("checkpoint", *PAM_ONLY_OPTIONS) if getattr(args, o) is not None]
+        given = [f"--{o.replace('_', '-')}" for o in ("checkpoint", *PAM_ONLY_OPTIONS)
+                 if o != "intensity_gate" and getattr(args, o) is not None]  # the drift test is set per job
         if given:
             raise InputError(f"{given[0]} sets up a local model; with --server the server's model is used, drop it")
         if args.method not in SERVER_METHODS:
@@ -567,7 +568,8 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     if args.server:  # propagate checks the inputs here, then the server does the work
         from .remote import RemoteModel
 
-        model = RemoteModel(args.server, token=args.token or os.environ.get("PAMSEGMENT_TOKEN"), method=args.method)
+        model = RemoteModel(args.server, token=args.token or os.environ.get("PAMSEGMENT_TOKEN"), method=args.method,
+                            intensity_gate=args.intensity_gate)
     else:
         model = METHODS[args.method](args)
 
@@ -589,8 +591,7 @@ def cmd_propagate(args: argparse.Namespace) -> int:
             update=args.edited is not None,
             previous=None if args.server else earlier,  # walks the earlier run made that still hold are reused
         )
-    how = ("run it here with --intensity-gate off; a server keeps its own setting" if args.server
-           else "--intensity-gate off")
+    how = "--intensity-gate off"
     # Written to a temporary beside OUT, then moved in and reported with Ctrl-C ignored (and left
     # ignored when the process ends with this command): an interrupt once OUT is in place would
     # say "nothing was written".

@@ -773,6 +773,12 @@ def _with_intensity_gate(model, gate: bool | None):
     """PAM's network with the drift test switched on or off for this job (None: the checkpoint's
     setting). The loaded model itself is left as it is (the Logic caches it across jobs); other
     predictors (the classical trackers, which always test drift) are returned unchanged."""
+    if gate is not None and getattr(model, "runs_remotely", False) is True:  # a server: set for the job there
+        import copy
+
+        remote = copy.copy(model)
+        remote.intensity_gate = "on" if gate else "off"
+        return remote
     if gate is None or not hasattr(model, "inference") or not hasattr(model, "network"):
         return model
     from .pam_predictor import PAMPredictor  # noqa: PLC0415

@@ -99,10 +99,15 @@ class RemoteModel:
     runs_remotely = True  # propagate() checks the inputs, then hands the whole job to ``propagate`` here
 
     def __init__(self, url: str, token: str | None = None, timeout: float = 60.0, poll_interval: float = 0.3,
-                 method: str = "pam", wait_when_busy: float = 0.0, busy_interval: float = 5.0):
+                 method: str = "pam", wait_when_busy: float = 0.0, busy_interval: float = 5.0,
+                 intensity_gate: str | None = None):
         """``wait_when_busy``: for this many seconds a full queue is waited out (asked again every
         ``busy_interval`` seconds, said in the progress) instead of raising ServerBusy at once:
-        a batch shares the server with other users."""
+        a batch shares the server with other users. ``intensity_gate`` (method pam): the drift test
+        for the jobs, "off", "on", "prompt" or "guide" (None: the server's setting)."""
+        if intensity_gate not in (None, "off", "on", "prompt", "guide"):
+            raise InputError(f"intensity_gate must be off, on, prompt or guide, got {intensity_gate!r}")
+        self.intensity_gate = intensity_gate
         parsed = urllib.parse.urlparse(str(url))
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise InputError(f"server address {url!r} is not an http(s) URL (e.g. http://gpu-box:8765)")
@@ -224,7 +229,8 @@ class RemoteModel:
                    "range": None if range is None else [int(v) for v in range], "early_stop": bool(early_stop),
                    "remove_disconnected": remove_disconnected, "method": self.method,
                    # an update runs as a fresh propagation there, of a prompt that is an edited result
-                   "update": True if previous is not None or update else None}
+                   "update": True if previous is not None or update else None,
+                   "intensity_gate": self.intensity_gate}
         if empty_slices is not None:
             options["empty_slices"] = ({str(k): [int(s) for s in v] for k, v in empty_slices.items()}
                                        if isinstance(empty_slices, dict) else [int(s) for s in empty_slices])

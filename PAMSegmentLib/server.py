@@ -9,7 +9,8 @@ The HTTP API (FastAPI, served by uvicorn; ``pip install ".[server]"`` in the sou
   ``image`` (k, j, i), ``prompt`` (the same shape, integer labels) and ``spacing`` (3 floats, mm,
   k, j, i). ``options`` (JSON object, optional): ``axis``, ``labels``, ``range``, ``early_stop``,
   ``empty_slices``, ``remove_disconnected``, ``update`` (the prompt is an edited earlier result),
-  ``method`` (``pam``, ``track``, ``copy``). The
+  ``method`` (``pam``, ``track``, ``copy``), ``intensity_gate`` (``pam``: the drift test for this
+  job, ``off``, ``on``, ``prompt`` or ``guide``; default the server model's setting). The
   arrays and options are checked at once (400 with the engine's one-line message); then 202 with
   the job's ``id``. One job runs at a time, in arrival order; at most ``max_jobs`` wait besides
   the running one (503).
@@ -139,7 +140,12 @@ def header_timeout_protocol(seconds: float = HEADER_SECONDS):
     return HeaderTimeoutH11Protocol
 
 
-OPTION_KEYS = {"axis", "labels", "range", "early_stop", "empty_slices", "remove_disconnected", "method", "update"}
+OPTION_KEYS = {"axis", "labels", "range", "early_stop", "empty_slices", "remove_disconnected", "method", "update",
+               "intensity_gate"}
+# intensity_gate (method pam): the drift test for this job, as propagate's --intensity-gate (off, prompt,
+# guide) or "on" (the checkpoint's reference, guide if it has the test off): the remedy the README gives
+# for a walk the test ended at once must work through a server too
+GATE_CHOICES = ("off", "on", "prompt", "guide")
 METHODS = SERVER_METHODS
 MAX_VOXELS = 512 * 512 * 1024  # default largest image (and prompt) a job may hold
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
@@ -213,6 +219,11 @@ def parse_options(text: str | None) -> dict:
         raise InputError(f"unknown option {unknown[0]!r}; known: {', '.join(sorted(OPTION_KEYS))}")
     if options.get("method", "pam") not in METHODS:
         raise InputError(f"method must be one of {', '.join(METHODS)}, got {options['method']!r}")
+    if "intensity_gate" in options:
+        if options["intensity_gate"] not in GATE_CHOICES:
+            raise InputError(f"intensity_gate must be one of {', '.join(GATE_CHOICES)}, got {options['intensity_gate']!r}")
+        if options.get("method", "pam") != "pam":
+            raise InputError(f"intensity_gate is an option of method pam, not {options['method']}")
     for key in ("early_stop", "remove_disconnected", "update"):
         if key in options and not (isinstance(options[key], bool) or (key == "remove_disconnected"
                                                                        and options[key] is None)):
@@ -426,6 +437,23 @@ def release_memory() -> None:
         pass
 
 
+def with_gate(model, gate: str | None):
+    """``model`` (a PAMModel) with its drift test set for one job (``GATE_CHOICES``; None: as it
+    is): a copy sharing the network, so the server's model stays as started."""
+    if gate is None or not hasattr(model, "inference"):  # a predictor without the network's drift test
+        return model
+    from dataclasses import replace
+
+    inf = model.inference
+    if gate == "off":
+        new = replace(inf, intensity_gate=False)
+    else:
+        reference = gate if gate in ("prompt", "guide") else (inf.intensity_gate_reference if inf.intensity_gate
+                                                                else "guide")
+        new = replace(inf, intensity_gate=True, intensity_gate_reference=reference)
+    return replace(model, inference=new)
+
+
 def create_app(model_factory: Callable[[str], Any], *, token: str | None = None, max_upload_mb: float = 1024,
                max_voxels: int = MAX_VOXELS, max_jobs: int = 8, result_ttl: float = 3600.0,
                model_info: dict | None = None, batch_size: int = 16, abandon_after: float = ABANDON_SECONDS):
@@ -443,7 +471,7 @@ def create_app(model_factory: Callable[[str], Any], *, token: str | None = None,
 
     def run(job: Job) -> bytes:
         options = dict(job.options)
-        model = model_factory(options.pop("method", "pam"))
+        model = with_gate(model_factory(options.pop("method", "pam")), options.pop("intensity_gate", None))
 
         def progress(fraction, message):
             job.progress, job.message = float(fraction), message

@@ -17,7 +17,7 @@ from conftest import free_port, make_ct_case, serving  # noqa: E402
 from PAMSegmentLib import remote  # noqa: E402
 from PAMSegmentLib.baselines import get_predictor  # noqa: E402
 from PAMSegmentLib.cli import main  # noqa: E402
-from PAMSegmentLib.errors import PAMError  # noqa: E402
+from PAMSegmentLib.errors import InputError, PAMError  # noqa: E402
 from PAMSegmentLib.remote import RemoteModel, ServerBusy  # noqa: E402
 from PAMSegmentLib.server import create_app  # noqa: E402
 
@@ -135,3 +135,42 @@ def test_a_servers_weights_are_named_in_the_report_as_local_ones_are():
     assert made_with(args, {"model": {"sha256": shipped}}) == made_with(args) == "pam (shipped weights)"
     assert made_with(args, {"model": {"sha256": "ab" * 32}}) == "pam (the server's weights, sha256 abababababababab)"
     assert made_with(argparse.Namespace(method="copy", checkpoint=None), {"model": {}}) == "copy"
+
+
+def test_the_drift_test_is_set_per_job_on_a_server(copy_server, monkeypatch):
+    """A review: the README's remedy for a walk the drift test ended at once (--intensity-gate off,
+    Slicer's checkbox) could not be applied through a server (refused, and serve had no such
+    option). It is now a job option: the server runs that job with its model's test set so, and
+    its model stays as started."""
+    from PAMSegmentLib.checkpoints import InferenceParams, PAMModel
+    from PAMSegmentLib.server import parse_options, with_gate
+
+    model = PAMModel(network=None, preprocessing=None, kind="pamsegment",
+                     inference=InferenceParams(intensity_gate=True, intensity_gate_reference="guide"))
+    off = with_gate(model, "off")
+    assert off.inference.intensity_gate is False and model.inference.intensity_gate is True
+    assert with_gate(model, "prompt").inference.intensity_gate_reference == "prompt"
+    assert with_gate(model, None) is model
+    assert with_gate(PAMModel(None, None, InferenceParams(intensity_gate=False), "official"),
+                     "on").inference.intensity_gate_reference == "guide"
+    assert parse_options('{"intensity_gate": "off"}') == {"intensity_gate": "off"}
+    with pytest.raises(InputError, match="intensity_gate must be one of off, on, prompt, guide"):
+        parse_options('{"intensity_gate": "maybe"}')
+    with pytest.raises(InputError, match="intensity_gate is an option of method pam, not track"):
+        parse_options('{"intensity_gate": "off", "method": "track"}')
+    sent = []
+    real = RemoteModel._request
+
+    def spy(self, method, path, body=None):
+        if method == "POST":
+            sent.append(path)
+        return real(self, method, path, body)
+
+    monkeypatch.setattr(RemoteModel, "_request", spy)
+    image = np.zeros((6, 8, 8), np.float32)
+    image[1:5, 2:6, 2:6] = 100
+    prompt = np.zeros((6, 8, 8), np.uint8)
+    prompt[3, 2:6, 2:6] = 1
+    RemoteModel(copy_server, token="tok", poll_interval=0.01, intensity_gate="off").propagate(
+        image, prompt, (1.0, 1.0, 1.0))
+    assert "intensity_gate" in sent[0] and "off" in sent[0]

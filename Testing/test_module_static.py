@@ -1012,7 +1012,9 @@ def test_panel_propagates_on_a_server(panel, drawn, monkeypatch):
     ui.segmentationSelector.setCurrentNode(segmentation)
     ui.serverModelRadioButton.setChecked(True)
     assert ui.serverUrlLineEdit.enabled and ui.serverTokenLineEdit.enabled
-    assert not ui.deviceComboBox.enabled and not ui.intensityGateCheckBox.enabled
+    # the drift test is set per job on the server too (it was disabled: the README's remedy for a walk it ended
+    # at once could not be applied through a server)
+    assert not ui.deviceComboBox.enabled and ui.intensityGateCheckBox.enabled
     assert not ui.propagateButton.enabled and "server's address" in ui.propagateButton.toolTip
     with serving(create_app(lambda method: OracleModel(truth, window=3), token="tok")) as url:
         ui.serverUrlLineEdit.text = url
@@ -1023,6 +1025,7 @@ def test_panel_propagates_on_a_server(panel, drawn, monkeypatch):
         poll_until_idle(panel)
     assert loads == []  # no local network
     assert type(panel.job.model).__name__ == "RemoteModel" and panel.job.state == "finished"
+    assert panel.job.intensity_gate is True  # the checkbox, sent with the job
     written = _slicer().util.arrayFromSegmentBinaryLabelmap(segmentation, segment_id, volume) > 0
     np.testing.assert_array_equal(written, truth)
     assert FakeSettings.store["PAMSegment/Method"] == "server"
