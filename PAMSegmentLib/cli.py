@@ -607,9 +607,10 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     check = result.review_summary(voxels)
     from .volumes import seg_nrrd_segments
 
+    segments = seg_nrrd_segments(args.prompt)
     try:
         try:
-            write_labelmap(result.mask, image, tmp, segments=seg_nrrd_segments(args.prompt))
+            write_labelmap(result.mask, image, tmp, segments=segments)
         except InputError as error:  # its message names the temporary: name OUT
             raise InputError(str(error).replace(str(tmp), str(args.output))) from None
         if report is not None:
@@ -641,10 +642,21 @@ def cmd_propagate(args: argparse.Namespace) -> int:
             listing = wrote[0] if len(wrote) == 1 else f"{', '.join(wrote[:-1])} and {wrote[-1]}"
             from .volumes import plane_name
 
-            print(f"wrote {listing}: {result.summary(plane_name(image.direction, result.axis))}; "
-                  f"{time.perf_counter() - t0:.1f} s in all", flush=True)
-            if check:
-                print(f"least confident slices, to check first: {check}", flush=True)
+            plane = plane_name(image.direction, result.axis)
+            if len(result.slice_range) <= MANY_LABELS:
+                print(f"wrote {listing}: {result.summary(plane)}; {time.perf_counter() - t0:.1f} s in all", flush=True)
+                if check:
+                    print(f"least confident slices, to check first: {check}", flush=True)
+            else:  # one line per label (41 labels made a 1.3 KB summary line and a 1 KB "check first" one)
+                print(f"wrote {listing}: {len(result.slice_range)} labels (axis {result.axis}, {plane} slices); "
+                      f"{result.n_predicted} slices predicted in {result.timings.get('total', 0):.1f} s; "
+                      f"{time.perf_counter() - t0:.1f} s in all; per label its slices and those to check first:",
+                      flush=True)
+                for lab, (a, b) in result.slice_range.items():
+                    name = segments.get(lab, {}).get("Name")
+                    first = result.review_first(lab, voxels=voxels)
+                    print(f"  label {lab}" + (f" ({name})" if name else "") + f": slices {a}-{b}"
+                          + (f"; check {', '.join(map(str, first))}" if first else ""), flush=True)
             if plan is not None:
                 for line in plan.changes(result.mask):
                     print(f"changed beside your edits: {line}", flush=True)
@@ -661,6 +673,7 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+MANY_LABELS = 4  # more labels than this: the summary gives each its own line
 KEYFRAMES_SUFFIX = ".keyframes.json"  # beside every OUT: its keyframes, walls and walks, for a correction round
 _KEYFRAMES_FORMAT = "pamsegment-keyframes"
 

@@ -460,3 +460,34 @@ def test_option_errors_name_the_option_once(args, line, capsys):
     with pytest.raises(SystemExit):
         cli.main(args)
     assert capsys.readouterr().err == f"pamsegment: error: {line}\n"
+
+
+def test_a_summary_of_many_labels_gives_each_its_own_line(tmp_path, capsys):
+    """A review: 41 labels made a 1.3 KB "wrote ..." line and a 1 KB "least confident slices"
+    line, with a .seg.nrrd prompt's segment names never shown. Past 4 labels each label has a line
+    (its name where the prompt has one)."""
+    rng = np.random.default_rng(0)
+    k, j, i = np.ogrid[:12, :24, :36]
+    image = rng.normal(0, 5, (12, 24, 36)).astype(np.float32)
+    prompt = np.zeros((12, 24, 36), np.uint8)
+    for lab in range(1, 7):  # six boxes along i, each on slices 2-9
+        image[2:10, 6:18, 6 * (lab - 1) + 1:6 * lab - 1] += 50 * lab
+        prompt[5, 6:18, 6 * (lab - 1) + 1:6 * lab - 1] = lab
+    img = sitk.GetImageFromArray(image)
+    sitk.WriteImage(img, str(tmp_path / "image.nrrd"))
+    seg = sitk.GetImageFromArray(prompt)
+    for n in range(6):
+        seg.SetMetaData(f"Segment{n}_ID", f"Segment_{n + 1}")
+        seg.SetMetaData(f"Segment{n}_Name", f"organ {n + 1}")
+        seg.SetMetaData(f"Segment{n}_LabelValue", str(n + 1))
+        seg.SetMetaData(f"Segment{n}_Layer", "0")
+    sitk.WriteImage(seg, str(tmp_path / "prompt.seg.nrrd"))
+    assert cli.main(["propagate", str(tmp_path / "image.nrrd"), str(tmp_path / "prompt.seg.nrrd"), "-o",
+                     str(tmp_path / "out.nii.gz"), "--method", "copy"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    head = next(n for n, line in enumerate(lines) if line.startswith("wrote "))
+    assert lines[head].endswith("per label its slices and those to check first:")
+    assert ": 6 labels (axis 0, axial slices); " in lines[head]
+    per_label = lines[head + 1:head + 7]
+    assert [line.split(":")[0] for line in per_label] == [f"  label {n} (organ {n})" for n in range(1, 7)]
+    assert all("slices 2-9; check " in line for line in per_label), per_label
