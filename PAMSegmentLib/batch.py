@@ -663,14 +663,18 @@ def cmd_batch(args: argparse.Namespace) -> int:
             _carry_over(r, earlier)
     todo = [r for r in rows if r.status == "not run"]
     _check_output_folders(out_dir, todo, Path(args.manifest).name)
-    if not args.resample_prompt:  # a prompt of another case (a copy-paste slip) is found now, not at its turn
-        from .volumes import check_grids_from_headers
+    from .volumes import _grid_from_header, check_geometry_fits, check_grids_from_headers
 
-        for r in todo:
-            try:
+    for r in todo:  # found now, not at the row's turn: a prompt of another case (a copy-paste slip), a
+        try:  # sheared image (gantry tilt) whose output, the default .nii.gz say, cannot store its grid
+            if not args.resample_prompt:
                 check_grids_from_headers(r.image, r.prompt, resample_option="--resample-prompt")
-            except InputError as error:
-                raise InputError(f"{Path(args.manifest).name} row {r.number}: {error}") from None
+            grid = _grid_from_header(r.image)
+            if grid is not None:
+                check_geometry_fits(grid.direction, r.output)
+        except InputError as error:
+            raise InputError(f"{Path(args.manifest).name} row {r.number}: {error}"
+                             + (" (give the row an output column)" if "sheared" in str(error) else "")) from None
     report = out_dir / report_name
     from .volumes import check_not_read_only
 

@@ -884,3 +884,21 @@ def test_a_batch_in_a_log_says_each_finished_case_on_a_line(tmp_path, cases, cap
     assert "\r" not in err
     lines = [line for line in err.splitlines() if line.startswith("cases: ")]
     assert [line.split(",")[0] for line in lines] == ["cases: 1/2 (row 2: ok", "cases: 2/2 (row 3: error"]
+
+
+def test_a_sheared_image_whose_default_output_cannot_hold_it_is_found_before_any_work(tmp_path, cases, capsys):
+    """A review: a sheared image (gantry tilt) with the default .nii.gz output failed at its turn,
+    after the earlier cases had run, with an output name the tool itself had chosen."""
+    sheared = sitk.ReadImage(str(tmp_path / "data" / "c1" / "image.nii.gz"))
+    sheared.SetDirection((1, 0, 0, 0, 1, 0.2588, 0, 0, 0.9659))  # k tilted 15 degrees towards j
+    sitk.WriteImage(sheared, str(tmp_path / "data" / "sheared.nrrd"))
+    prompt = sitk.ReadImage(str(tmp_path / "data" / "c1" / "prompt.nii.gz"))
+    prompt.CopyInformation(sheared)
+    sitk.WriteImage(prompt, str(tmp_path / "data" / "sheared_prompt.nrrd"))
+    m = _manifest(tmp_path / "data" / "cases.csv", ["image,prompt", "c0/image.nii.gz,c0/prompt.nii.gz",
+                                                    "sheared.nrrd,sheared_prompt.nrrd"])
+    assert main(["batch", str(m), "-o", str(tmp_path / "out"), "--method", "copy"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pamsegment: error: cases.csv row 3: the image's grid is sheared") and \
+        "write sheared_pam.nrrd or .mha instead (give the row an output column)" in err
+    assert not (tmp_path / "out").exists()
