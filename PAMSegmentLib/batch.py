@@ -516,6 +516,11 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
     from .cli import (METHOD_HELP, METHODS, THREADS_HELP, _positive_int, _thread_count, _through_plane_mm,
                       _unit_interval)
 
+    p.epilog = ("Per case, the axis is found from each prompt's drawing and the whole volume is searched: "
+                "propagate's --axis, --range, --no-early-stop, --empty-slices and --report have no batch form "
+                "(give a label drawn on another plane its own row with a label column, or run such a case with "
+                "propagate). Example: pamsegment batch cases.csv -o results/ --skip-existing")
+
     p.add_argument("manifest", metavar="MANIFEST", help="CSV with columns " + COLUMNS_TEXT)
     p.add_argument("-o", "--output", required=True, metavar="DIR",
                    help="folder for outputs without an output column and for batch_report.csv (created if missing)")
