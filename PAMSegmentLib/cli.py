@@ -660,6 +660,8 @@ def cmd_propagate(args: argparse.Namespace) -> int:
             if plan is not None:
                 for line in plan.changes(result.mask):
                     print(f"changed beside your edits: {line}", flush=True)
+                for line in _made_otherwise_notes(earlier, result):
+                    print(f"note: {line}", flush=True)
             edited = None if plan is None else plan.edited
             for kind, note in result.kinds_of_notes(edited=edited):
                 print(f"note: {note}" + (f" ({how})" if kind == "drift" else ""), flush=True)
@@ -671,6 +673,39 @@ def cmd_propagate(args: argparse.Namespace) -> int:
             if t is not None:
                 t.unlink(missing_ok=True)
     return EXIT_OK
+
+
+_METHOD_OF = {"PAMPredictor": "pam", "MemoryPAMPredictor": "pam-memory", "TrackPredictor": "track",
+              "CopyPredictor": "copy"}
+
+
+def _made_otherwise_notes(earlier, result) -> list[str]:
+    """A correction round run with another method, or other settings (weights, registration
+    weight, drift test), than the round it corrects predicts every slice again: its "changed
+    beside your edits" lines then show what the method changed, not the edits (a run with
+    --method track after pam listed nearly every slice, without a word why)."""
+    if earlier is None:
+        return []
+    from .checks import state_to_json
+
+    lines = []
+    for lab, now in sorted(result.begin_state.items()):
+        try:  # both as JSON holds them (a record read back gives tuples)
+            before, now_json = state_to_json(earlier.begin_state.get(lab)), state_to_json(now)
+        except TypeError:
+            continue
+        if not (isinstance(before, list) and len(before) == 3 and isinstance(now_json, list) and len(now_json) == 3):
+            continue
+        if before[0] != now_json[0]:
+            what = (f"--method {_METHOD_OF.get(before[0], before[0])} and this one --method "
+                    f"{_METHOD_OF.get(now_json[0], now_json[0])}")
+        elif before[2] != now_json[2]:
+            what = "other settings than this one (other weights, registration weight or drift test)"
+        else:
+            continue
+        lines.append(f"label {lab}: the round you corrected ran {what}: every slice was predicted again, so the "
+                     "changes beside your edits include what that difference makes")
+    return lines
 
 
 MANY_LABELS = 4  # more labels than this: the summary gives each its own line

@@ -498,3 +498,21 @@ def test_an_update_refuses_empty_slices_of_a_label_it_does_not_propagate(ct_case
     assert not (d / "second.nii.gz").exists()
     assert _update(ct_case, first, e1, d / "second.nii.gz", "--empty-slices", "1:5") == 0
     assert not read_volume(d / "second.nii.gz").array[5].any()
+
+
+def test_a_round_run_with_another_method_says_so(ct_case, capsys):
+    """A review: a correction round with --method track after a pam (here copy) round listed nearly
+    every slice as "changed beside your edits" without a word why: it predicted every slice again
+    with the other method. A note says so now; the same method says nothing."""
+    d = ct_case.directory
+    first = _first_run(ct_case)  # --method copy
+    edited = read_volume(first).array
+    edited[13] = ct_case.truth[13]
+    e1 = write_image(edited.astype(np.uint8), d / "e1.nii.gz", ct_case.spacing)
+    capsys.readouterr()
+    assert cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(d / "t.nii.gz"),
+                     "--method", "track", "--previous", str(first), "--edited", str(e1)]) == 0
+    assert ("note: label 1: the round you corrected ran --method copy and this one --method track: every slice was "
+            "predicted again") in capsys.readouterr().out
+    assert _update(ct_case, first, e1, d / "c.nii.gz") == 0
+    assert "the round you corrected ran" not in capsys.readouterr().out
