@@ -887,8 +887,8 @@ class PAMSegmentLogic(ScriptedLoadableModuleLogic):
         ``finishPropagation``). Raises InputError for an empty or 3D segment or an unknown method.
         ``method``: "pam" (the network: ``checkpoint`` or the bundled weights), "track"
         (slice-to-slice registration, no network) or "server" (``server`` = (address, token):
-        a ``pamsegment serve`` machine does the work). ``intensityGate`` (the network, here or on a server): True also ends
-        the walk where the region's intensity drifts from the slice it was predicted from, False
+        a ``pamsegment serve`` machine does the work). ``intensityGate`` (the network, here or on a
+        server): True also ends the walk where the region's intensity drifts from the slice it was predicted from, False
         leaves the stop to the network, None = what the checkpoint says."""
         from PAMSegmentLib.mrml import SegmentPropagation
 

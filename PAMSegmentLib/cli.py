@@ -269,7 +269,8 @@ def add_propagate_arguments(p: argparse.ArgumentParser) -> None:
                    help="also write a table of every slice of the result: label, slice, voxels, drawn, the "
                         "engine's confidence and what ended each walk (written with OUT)")
     p.add_argument("--checkpoint", metavar="CKPT",
-                   help="PAMSegment checkpoint or the official PAM propmask.pth (default: $PAMSEGMENT_MODEL if set, else the shipped weights)")
+                   help="PAMSegment checkpoint or the official PAM propmask.pth (default: $PAMSEGMENT_MODEL if set, "
+                        "else the shipped weights)")
     p.add_argument("--method", choices=sorted(METHODS), default="pam", help=METHOD_HELP)
     p.add_argument("--registration-weight", type=_unit_interval, metavar="W",
                    help="pam: weight of the demons-registration fusion, 0 = the network alone as in the official "

@@ -552,7 +552,8 @@ def add_label_images_arguments(p) -> None:
     p.add_argument("--label", type=_label_number, nargs="+", action="extend", metavar="N",
                    help="label only these prompt labels (default: every label in the prompt mask)")
     p.add_argument("--checkpoint", metavar="CKPT",
-                   help="PAMSegment checkpoint or the official PAM propmask.pth (default: $PAMSEGMENT_MODEL if set, else the shipped weights)")
+                   help="PAMSegment checkpoint or the official PAM propmask.pth (default: $PAMSEGMENT_MODEL if set, "
+                        "else the shipped weights)")
     p.add_argument("--method", choices=("pam", "track", "copy"), default="pam",
                    help="what predicts an image from its guide (default: pam)")
     p.add_argument("--no-normalize", action="store_true",

@@ -221,7 +221,8 @@ def parse_options(text: str | None) -> dict:
         raise InputError(f"method must be one of {', '.join(METHODS)}, got {options['method']!r}")
     if "intensity_gate" in options:
         if options["intensity_gate"] not in GATE_CHOICES:
-            raise InputError(f"intensity_gate must be one of {', '.join(GATE_CHOICES)}, got {options['intensity_gate']!r}")
+            raise InputError(f"intensity_gate must be one of {', '.join(GATE_CHOICES)}, got "
+                             f"{options['intensity_gate']!r}")
         if options.get("method", "pam") != "pam":
             raise InputError(f"intensity_gate is an option of method pam, not {options['method']}")
     for key in ("early_stop", "remove_disconnected", "update"):
@@ -585,7 +586,9 @@ def add_serve_arguments(p) -> None:
     p.add_argument("--port", type=_port, default=8765, help="port (default 8765)")
     p.add_argument("--token", help="token clients must send (default: the PAMSEGMENT_TOKEN environment variable, "
                                    "which, unlike --token, other users of this machine cannot see in the process list)")
-    p.add_argument("--checkpoint", metavar="CKPT", help="PAMSegment or official checkpoint (default: $PAMSEGMENT_MODEL if set, else the shipped weights)")
+    p.add_argument("--checkpoint", metavar="CKPT",
+                   help="PAMSegment or official checkpoint (default: $PAMSEGMENT_MODEL if set, else the shipped "
+                        "weights)")
     p.add_argument("--walk", choices=("engine", "published"),
                    help="the network's walk for every job, as propagate's --walk (default: the checkpoint's)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="torch device (default: cpu)")

@@ -796,10 +796,10 @@ def _check_declared_size(p: Path) -> None:
     voxels = math.prod(int(n) for n in size) * max(int(components), 1)
     memory = physical_memory_bytes()
     if memory and 4 * voxels > memory:
-        raise InputError(f"{p.name}'s header declares {_fmt_size(size)} = {voxels:,} voxels, {4 * voxels / 1024**3:,.0f} "
-                         f"GB as float32, more than this machine's {memory / 1024**3:.0f} GB of memory: if the file "
-                         "is what it should be, crop or downsample it (e.g. in Slicer's Crop Volume module); a small "
-                         "file declaring this is damaged")
+        raise InputError(f"{p.name}'s header declares {_fmt_size(size)} = {voxels:,} voxels, "
+                         f"{4 * voxels / 1024**3:,.0f} GB as float32, more than this machine's "
+                         f"{memory / 1024**3:.0f} GB of memory: if the file is what it should be, crop or downsample "
+                         "it (e.g. in Slicer's Crop Volume module); a small file declaring this is damaged")
 
 
 def _read_sitk(path: PathLike, series_uid: str | None = None, single_slice_ok: bool = False) -> sitk.Image:

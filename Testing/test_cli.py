@@ -42,7 +42,8 @@ def test_propagate_writes_label_map_on_the_input_grid(ct_case, small_checkpoint,
     assert "100%" in proc.stderr  # the progress bar
     summary = proc.stdout.strip().splitlines()
     assert len(summary) == 1  # random weights find nothing beyond the drawn slice: no slice to check first
-    assert summary[0].startswith(f"wrote {out} and {out}.keyframes.json: label 1: slices ") and "(axis 0, axial slices)" in summary[0]
+    assert summary[0].startswith(f"wrote {out} and {out}.keyframes.json: label 1: slices ")
+    assert "(axis 0, axial slices)" in summary[0]
     assert "slices predicted in" in summary[0] and summary[0].endswith(" s in all")
 
     image, result = read_volume(ct_case.image_path), read_volume(out)

@@ -145,7 +145,8 @@ def test_grid_differences_print_no_minus_zero():
 def test_a_reader_that_stops_early_ends_the_command_quietly(ct_case):
     """`pamsegment info | head -1`, `propagate ... | head -1`: a BrokenPipeError traceback and exit 1
     (about half the runs), for propagate after OUT was written. Now exit 141 (as `yes | head -1`),
-    no traceback or error on stderr (only the progress bar), OUT written. The reader here closes the pipe before anything is printed."""
+    no traceback or error on stderr (only the progress bar), OUT written. The reader here closes the
+    pipe before anything is printed."""
     import os
     import subprocess
     import sys

@@ -1079,7 +1079,8 @@ def test_panel_shows_the_results_other_notes_without_the_drift_advice(panel, dra
     truth, volume, segmentation, segment_id = drawn
     oracle_loader(monkeypatch, truth)
     monkeypatch.setattr(PropagationResult, "kinds_of_notes", lambda self, edited=None: [
-        ("gap", "label 1: between its drawn slices nothing was found on slice 7; if the object goes on there, draw it")])
+        ("gap", "label 1: between its drawn slices nothing was found on slice 7; if the object goes on there, "
+                "draw it")])
     ui = panel.ui
     ui.segmentationSelector.setCurrentNode(segmentation)
     ui.propagateButton.click()
