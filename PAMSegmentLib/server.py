@@ -40,6 +40,7 @@ import math
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -397,6 +398,7 @@ class JobQueue:
                     self._wake.wait(timeout=5.0)
                     continue
                 job.state, job.message = "running", "starting"
+            started = time.monotonic()
             try:
                 if self.abandoned(job):  # waited in the queue while its client went away
                     raise PropagationCancelled("abandoned")
@@ -417,6 +419,8 @@ class JobQueue:
                 job.result, job.progress, job.state, job.message = payload, 1.0, "finished", "done"
             job.image = job.prompt = None  # the inputs are not needed any more
             job.finished_at = time.monotonic()
+            logger.info("job %s %s after %.1f s%s", job.id[:8], job.state, job.finished_at - started,
+                        "" if job.state == "finished" else f": {job.message}")
             with self._lock:
                 idle = not any(j.state == "queued" for j in self.jobs.values())
             if idle:
@@ -492,6 +496,8 @@ def create_app(model_factory: Callable[[str], Any], *, token: str | None = None,
         if token is not None:
             scheme, _, given = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+                logger.info("refused %s %s from %s: %s token", request.method, request.url.path,
+                            request.client.host if request.client else "?", "a wrong" if given else "no")
                 return JSONResponse({"detail": "missing or wrong token (send Authorization: Bearer TOKEN)"}, 401)
         return await call_next(request)
 
@@ -537,16 +543,21 @@ def create_app(model_factory: Callable[[str], Any], *, token: str | None = None,
             _validate_inputs(image, prompt, spacing)  # the engine's own checks, the integer prompt among them
             check_request(np.asarray(prompt), opts.get("axis"), opts.get("labels"), opts.get("range"),
                           opts.get("empty_slices"), bool(opts.get("update", False)))  # range and walls too
-            return queue.submit(image, prompt, spacing, opts)
+            return queue.submit(image, prompt, spacing, opts), image.shape
 
+        client = request.client.host if request.client else "?"
         try:
             # Off the event loop: reading and checking a large volume takes seconds, and other
             # clients' status polls must not wait for it.
-            job = await run_in_threadpool(check)
+            job, shape = await run_in_threadpool(check)
         except PAMError as error:
+            logger.info("refused a job from %s: %s", client, error)
             raise HTTPException(400, str(error)) from None
         except OverflowError as error:
             raise HTTPException(503, str(error)) from None
+        logger.info("job %s from %s: %s voxels (%.0f MB), method %s; queue position %d", job.id[:8], client,
+                    " x ".join(map(str, shape)), size / 2**20, job.options.get("method", "pam"),
+                    queue.position(job) or 0)
         return {"id": job.id, "state": job.state, "queue_position": queue.position(job)}
 
     @app.get("/jobs/{job_id}")
@@ -670,6 +681,12 @@ def cmd_serve(args) -> int:
         # an HTTP header carries such a token as other bytes (or not at all): no client could send it
         raise InputError("the token must be printable ASCII (letters, digits, punctuation): an HTTP header cannot "
                          "carry other characters, so no client could send it; choose another")
+    if not logger.handlers:  # one line per job, refused request and end of job, for the operator
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
     if not is_loopback(args.host) and not token:
         raise InputError(f"listening on {args.host} exposes the server beyond this machine: set a token with "
                          "--token or PAMSEGMENT_TOKEN (clients send it as Authorization: Bearer TOKEN)")

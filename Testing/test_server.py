@@ -1018,3 +1018,31 @@ def test_an_idle_server_gives_freed_memory_back(monkeypatch):
         time.sleep(0.02)
     time.sleep(0.1)
     assert calls == [1]
+
+
+def test_the_server_says_what_it_does_one_line_per_event(caplog):
+    """A review: after its start line serve printed nothing (not a job received, finished or
+    refused, not a wrong token): an operator could not see what it did."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="pamsegment.server")
+    image, prompt, truth = case()
+    client = TestClient(create_app(lambda m: OracleModel(truth), token="tok"))
+    assert client.get("/info").status_code == 401
+    auth = {"Authorization": "Bearer tok"}
+    job = client.post("/jobs", content=npz(image=image, prompt=prompt, spacing=np.ones(3)), headers=auth).json()
+    t0 = time.monotonic()
+    while client.get(f"/jobs/{job['id']}", headers=auth).json()["state"] != "finished" and time.monotonic() - t0 < 30:
+        time.sleep(0.02)
+    bad = client.post("/jobs", content=npz(image=image, prompt=np.zeros_like(prompt), spacing=np.ones(3)),
+                      headers=auth)
+    assert bad.status_code == 400
+    deadline = time.monotonic() + 5
+    while not any("finished after" in r.getMessage() for r in caplog.records) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    lines = [r.getMessage() for r in caplog.records if r.name == "pamsegment.server"]
+    short = job["id"][:8]
+    assert "refused GET /info from testclient: no token" in lines
+    assert f"job {short} from testclient: 16 x 24 x 24 voxels (0 MB), method pam; queue position 0" in lines
+    assert any(line.startswith(f"job {short} finished after ") for line in lines)
+    assert any(line.startswith("refused a job from testclient: the prompt is empty") for line in lines), lines
