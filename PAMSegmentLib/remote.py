@@ -173,6 +173,17 @@ class RemoteModel:
                     raise PropagationCancelled("cancelled")
                 time.sleep(0.1)
 
+    def _lost_while_running(self, ask):
+        """``ask()``, its "cannot reach ... is `pamsegment serve` running there?" said as what it is
+        once the server has taken the job: it stopped (or the network failed) while the job ran."""
+        try:
+            return ask()
+        except _Unreachable as error:
+            reason = str(error).split(" (", 1)[-1].split(")", 1)[0] if " (" in str(error) else str(error)
+            raise _Unreachable(f"lost the PAMSegment server at {self.url} while it had the job ({reason}, asked "
+                               f"again for {RETRY_SECONDS:.0f} s): it stopped or the network failed; nothing was "
+                               "written, run again once it is back") from None
+
     def _wait_busy(self, until: float, why: str, progress, cancel) -> None:
         """The queue is full: ServerBusy once ``until`` has passed, else a wait of ``busy_interval``
         seconds (cancellable), said in the progress."""
@@ -273,7 +284,8 @@ class RemoteModel:
             while True:
                 if cancel is not None and cancel.is_cancelled:
                     raise PropagationCancelled("cancelled")
-                status = self._json(self._get_retrying(f"/jobs/{job_id}", cancel), ("state", "progress", "message"))
+                status = self._json(self._lost_while_running(lambda: self._get_retrying(f"/jobs/{job_id}", cancel)),
+                                    ("state", "progress", "message"))
                 state = status["state"]
                 if progress is not None:
                     where = f" (queue position {status['queue_position']})" if status.get("queue_position") else ""
@@ -285,7 +297,8 @@ class RemoteModel:
                 if state == "cancelled":  # not by this client (its cancel deletes the job): the server stopped it
                     raise PAMError(f"the server cancelled the job ({status['message']}); run it again")
                 time.sleep(self.poll_interval)
-            result = decode_result(self._get_retrying(f"/jobs/{job_id}/result", cancel))
+            result = decode_result(self._lost_while_running(lambda: self._get_retrying(f"/jobs/{job_id}/result",
+                                                                                       cancel)))
         finally:  # downloaded, cancelled, Ctrl-C or failed: the server need not keep the job any more
             try:
                 self._request("DELETE", f"/jobs/{job_id}")

@@ -1046,3 +1046,24 @@ def test_the_server_says_what_it_does_one_line_per_event(caplog):
     assert f"job {short} from testclient: 16 x 24 x 24 voxels (0 MB), method pam; queue position 0" in lines
     assert any(line.startswith(f"job {short} finished after ") for line in lines)
     assert any(line.startswith("refused a job from testclient: the prompt is empty") for line in lines), lines
+
+
+def test_a_server_lost_while_it_has_the_job_is_said_as_such(live_server, monkeypatch):
+    """A review: a server stopped during a job left the client asking "is `pamsegment serve` running
+    there?" after its 30 s of retries, as if it had never been reached. Once the job was taken,
+    the message says the server was lost while it had the job."""
+    from PAMSegmentLib import remote
+
+    url, holder = live_server
+    image, prompt, truth = case()
+    holder["model"] = OracleModel(truth)
+
+    def gone(self, path, cancel=None, seconds=remote.RETRY_SECONDS):
+        raise remote._Unreachable(f"cannot reach the PAMSegment server at {self.url} ([Errno 111] Connection "
+                                  "refused); is `pamsegment serve` running there? (asked again until 30 s had passed)")
+
+    monkeypatch.setattr(RemoteModel, "_get_retrying", gone)
+    with pytest.raises(remote.ServerUnreachable, match=r"^lost the PAMSegment server at .* while it had the job "
+                                                       r"\(\[Errno 111\] Connection refused, asked again for 30 s\): "
+                                                       r"it stopped or the network failed; nothing was written"):
+        RemoteModel(url, token="tok", poll_interval=0.01).propagate(image, prompt, (1.0, 1.0, 1.0))
