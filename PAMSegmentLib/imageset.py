@@ -76,6 +76,18 @@ class ImageSetResult:
             parts.append(f"label {lab} found in {found} of {len(self.masks) - len(drawn)} images")
         return f"{'; '.join(parts)}; {self.n_predicted} predictions in {self.seconds:.1f} s"
 
+    def check_first(self, n: int = 3) -> dict[int, list[int]]:
+        """Per label, the ``n`` predicted images holding it with the lowest confidence (ties: the
+        earlier image first): the masks to look at first, as propagate's least confident slices."""
+        drawn = set(self.drawn) | {self.prompt_index}
+        out = {}
+        for lab in self.labels:
+            conf = self.confidence.get(lab)
+            held = [i for i, m in enumerate(self.masks) if i not in drawn and (m == lab).any()]
+            if conf is not None and held:
+                out[lab] = sorted(held, key=lambda i: (float(conf[i]), i))[:n]
+        return out
+
 
 def _as_2d(image, what: str) -> np.ndarray:
     arr = np.asarray(image)
@@ -563,6 +575,15 @@ def add_label_images_arguments(p) -> None:
     p.add_argument("--threads", type=_thread_count, metavar="N", help=THREADS_HELP)
 
 
+def _say_written(result, files, out_dir, seconds: float) -> None:
+    print(f"wrote {len(files)} masks and labels.csv to {out_dir}: {result.summary()}; {seconds:.1f} s in all",
+          flush=True)
+    first = result.check_first()
+    if first:  # the images whose masks to look at first (labels.csv has every confidence)
+        print("least confident masks, to check first: " + "; ".join(
+            f"label {lab}: {', '.join(files[i].name for i in images)}" for lab, images in first.items()), flush=True)
+
+
 def cmd_label_images(args) -> int:
     """Read the set, label it, write one mask per image and labels.csv."""
     import csv
@@ -716,8 +737,7 @@ def cmd_label_images(args) -> int:
             + [(out_dir / name, f".{args.format}", mask_writer(m, ref))
                for name, (_, ref), m in zip(names, read, result.masks)],
             keep_ctrl_c_ignored=getattr(args, "_ends_process", False),
-            after=lambda: print(f"wrote {len(files)} masks and labels.csv to {out_dir}: {result.summary()}; "
-                                f"{time.perf_counter() - t0:.1f} s in all", flush=True))
+            after=lambda: _say_written(result, files, out_dir, time.perf_counter() - t0))
     finally:
         if made and out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()

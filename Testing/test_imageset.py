@@ -351,6 +351,11 @@ def test_cli_labels_a_folder_and_writes_one_mask_per_image_and_a_table(tmp_path,
         assert dice(got > 0, truth[k]) > (0.99 if k == 2 else 0.6), k  # the drawn image keeps the drawing
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
         [f"img_{k}_mask.png" for k in range(6)] + ["labels.csv"])  # no temporary files left
+    # the three least confident masks are named, as propagate names its least confident slices (a review:
+    # only the counts were printed); they are the lowest confidences of labels.csv
+    lowest = sorted((float(r["confidence"]), int(r["mask"][4])) for r in rows if r["guided_by"] != "(drawn)")[:3]
+    named = ", ".join(f"img_{k}.png" for _, k in lowest)
+    assert f"least confident masks, to check first: label 3: {named}" in proc.stdout
 
 
 def test_cli_interrupted_while_writing_leaves_no_folder_it_made(tmp_path, monkeypatch, capsys):
