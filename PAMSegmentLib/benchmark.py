@@ -1143,10 +1143,10 @@ def add_benchmark_arguments(p: argparse.ArgumentParser, default_out: str = "docs
                    help="torch CPU threads for every measurement (default: 2)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: a smoke run in seconds")
     p.add_argument("--parts", type=_parts, default=None, help=f"any of {','.join(ALL_PARTS)} (default: all)")
-    p.add_argument("--checkpoint", default=None,
+    p.add_argument("--checkpoint", default=None, metavar="CKPT",
                    help="weights of the small (default) preset (default: the shipped Resources/Models/pam_small.pt "
                         "if installed, else random weights and no honest end-to-end runs)")
-    p.add_argument("--official-checkpoint", default=None, help="the authors' propmask.pth, for honest official runs")
+    p.add_argument("--official-checkpoint", default=None, metavar="CKPT", help="the authors' propmask.pth, for honest official runs")
     p.add_argument("--batch-sizes", type=_int_list, default=None, help="network part batch sizes (default: 1,4,8,16)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per network figure (default: 5)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up calls before timing (default: 2)")

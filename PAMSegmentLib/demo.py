@@ -129,7 +129,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("-o", "--out", "--output", dest="out", default="pamsegment_demo", metavar="DIR",
                    help="output folder (default: ./pamsegment_demo)")
-    p.add_argument("--checkpoint", default=None,
+    p.add_argument("--checkpoint", default=None, metavar="CKPT",
                    help="checkpoint (default: $PAMSEGMENT_MODEL if set, else the shipped weights)")
     p.add_argument("--method", default="pam", choices=["pam", "track", "copy"],
                    help="propagation method (default pam: the shipped network; track and copy: the classical "

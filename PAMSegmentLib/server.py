@@ -591,10 +591,10 @@ def add_serve_arguments(p) -> None:
     _port = number_type(int, lambda v: 1 <= v <= 65535, "a port number from 1 to 65535")
     _megabytes = number_type(float, lambda v: math.isfinite(v) and v > 0, "a size in MB greater than 0")
 
-    p.add_argument("--host", default="127.0.0.1",
+    p.add_argument("--host", default="127.0.0.1", metavar="H",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 = every network, "
                         "which needs a token)")
-    p.add_argument("--port", type=_port, default=8765, help="port (default 8765)")
+    p.add_argument("--port", type=_port, default=8765, metavar="P", help="port (default: 8765)")
     p.add_argument("--token", help="token clients must send (default: the PAMSEGMENT_TOKEN environment variable, "
                                    "which, unlike --token, other users of this machine cannot see in the process list)")
     p.add_argument("--checkpoint", metavar="CKPT",
@@ -610,7 +610,8 @@ def add_serve_arguments(p) -> None:
                    help="largest upload accepted (default 1024 MB)")
     p.add_argument("--max-voxels", type=_positive_int, default=MAX_VOXELS, metavar="N",
                    help=f"largest image accepted, in voxels (default {MAX_VOXELS:,} = 512 x 512 x 1024)")
-    p.add_argument("--max-jobs", type=_positive_int, default=8, help="jobs that may wait besides the one running (default 8)")
+    p.add_argument("--max-jobs", type=_positive_int, default=8, metavar="N",
+                   help="jobs that may wait besides the one running (default: 8)")
 
 
 def _address(host: str, port: int) -> str:
