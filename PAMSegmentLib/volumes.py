@@ -1516,12 +1516,15 @@ def replace_together(outputs, keep_ctrl_c_ignored: bool = False, after=None) -> 
     temporary is written they are moved in with Ctrl-C ignored, and ``after()`` (e.g. printing what
     was written) runs within that too (``keep_ctrl_c_ignored``: left ignored after it, when the
     process ends with the command). A temporary that cannot be written is one InputError naming
-    the output (nothing was replaced); a move that fails names what was and was not replaced.
-    No temporary stays behind."""
+    the output (nothing was replaced). A move that fails puts back the files moved in before it
+    (each existing file is kept as a hard link, or a copy, until all are in place), so that the
+    outputs never mix two runs; the InputError says so, or, should a file not go back, which ones
+    mix. No temporary or kept file stays behind."""
     from .cli import ctrl_c_ignored
 
     stamp = f".pamsegment-{uuid.uuid4().hex[:12]}"
     moves = []  # (temporary, where it lands, the path as given)
+    kept = []  # (where it lands, the earlier file kept beside it or None if there was none, moved in yet)
     try:
         for n, (path, suffix, write) in enumerate(outputs):
             path = Path(path)
@@ -1539,12 +1542,17 @@ def replace_together(outputs, keep_ctrl_c_ignored: bool = False, after=None) -> 
         with ctrl_c_ignored(keep=keep_ctrl_c_ignored):
             for k, (tmp, at, path) in enumerate(moves):
                 try:
+                    kept.append([at, _keep_aside(at, at.with_name(f"{stamp}-{k}.old{moves[k][0].suffix}")), False])
                     os.replace(tmp, at)
+                    kept[-1][2] = True
                 except OSError as error:
-                    done, left = [m[2] for m in moves[:k]], [m[2] for m in moves[k + 1:]]
+                    mixed = _put_back(kept)
+                    done = [m[2] for m, (_, _, moved) in zip(moves, kept) if moved]
+                    again = "it was" if len(done) == 1 else "they were"
                     state = ("nothing was replaced" if not done else
-                             f"replaced: {_listed(done)}; not replaced: this one"
-                             + (f" and {_listed(left)}" if left else "") + " (the outputs now mix two runs)")
+                             f"nothing was replaced ({_listed(done)} put back as {again})" if not mixed else
+                             f"replaced: {_listed(mixed)}, which could not be put back; not replaced: this one (the "
+                             "outputs now mix two runs)")
                     raise InputError(f"cannot write {path} ({error.strerror or error}): {state}; fix that and "
                                      "run again") from None
             if after is not None:
@@ -1552,6 +1560,45 @@ def replace_together(outputs, keep_ctrl_c_ignored: bool = False, after=None) -> 
     finally:
         for tmp, _, _ in moves:
             tmp.unlink(missing_ok=True)
+        for _, old, _ in kept:
+            if old is not None:
+                old.unlink(missing_ok=True)
+
+
+def _keep_aside(at: Path, old: Path) -> Path | None:
+    """The file at ``at`` kept as ``old`` (a hard link: no copy; where the file system has none, a
+    copy) until the new one is in place, to put back should a later move fail; None where nothing is
+    there (or it cannot be kept: then it cannot be put back)."""
+    if not at.is_file():
+        return None
+    try:
+        os.link(at, old)
+    except OSError:
+        import shutil
+
+        try:
+            shutil.copy2(at, old)
+        except OSError:
+            old.unlink(missing_ok=True)
+            return None
+    return old
+
+
+def _put_back(kept) -> list[Path]:
+    """Undo the moves done (``kept`` entries moved in): each earlier file back, or a new file where
+    there was none removed. Returns the paths that could not be put back."""
+    failed = []
+    for at, old, moved in reversed(kept):
+        if not moved:
+            continue
+        try:
+            if old is not None:
+                os.replace(old, at)
+            else:
+                at.unlink()
+        except OSError:
+            failed.append(at)
+    return failed
 
 
 def _atomic_write(image: sitk.Image, path: PathLike, extensions: Sequence[str] = _WRITE_EXTENSIONS) -> Path:

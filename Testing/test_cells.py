@@ -444,8 +444,9 @@ def test_cli_refuses_a_folder_where_the_table_goes_and_names_a_failed_move(tmp_p
     for failing, message, after in (
             (table, f"cannot write {table} (Permission denied): nothing was replaced; fix that and run again",
              (b"old map", "old table")),
-            (out, f"cannot write {out} (Permission denied): replaced: out.tif.csv; not replaced: this one (the "
-                  "outputs now mix two runs); fix that and run again", (b"old map", "new"))):
+            # the table moved in first is put back (the outputs mixed two runs before: the old map, the new table)
+            (out, f"cannot write {out} (Permission denied): nothing was replaced (out.tif.csv put back as it was); "
+                  "fix that and run again", (b"old map", "old table"))):
         def refused(src, dst, failing=failing):
             if os.fspath(dst) == str(failing):
                 raise PermissionError(13, "Permission denied")

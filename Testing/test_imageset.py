@@ -643,16 +643,16 @@ def test_cli_refuses_a_folder_where_a_mask_or_the_table_goes_before_any_work(tmp
 
 @pytest.mark.parametrize("fail_at, message", [  # labels.csv goes in first, then the masks in order
     ("labels.csv", "cannot write {out}/labels.csv (Permission denied): nothing was replaced; fix that and run again"),
-    ("img_0_mask.png", "cannot write {out}/img_0_mask.png (Permission denied): replaced: labels.csv; not replaced: "
-                       "this one and img_1_mask.png, img_2_mask.png (the outputs now mix two runs); fix that and run "
-                       "again"),
-    ("img_1_mask.png", "cannot write {out}/img_1_mask.png (Permission denied): replaced: labels.csv, img_0_mask.png; "
-                       "not replaced: this one and img_2_mask.png (the outputs now mix two runs); fix that and run "
-                       "again"),
+    # the files moved in before the failure are put back (they mixed two runs before)
+    ("img_0_mask.png", "cannot write {out}/img_0_mask.png (Permission denied): nothing was replaced (labels.csv put "
+                       "back as it was); fix that and run again"),
+    ("img_1_mask.png", "cannot write {out}/img_1_mask.png (Permission denied): nothing was replaced (labels.csv, "
+                       "img_0_mask.png put back as they were); fix that and run again"),
 ])
 def test_cli_a_failed_final_move_says_what_was_and_was_not_replaced(tmp_path, capsys, monkeypatch, fail_at, message):
     """A move that fails at the end (after the checks: a permission, a full disk) was an OSError
-    traceback (exit 1) that left a mix of new and old masks unsaid."""
+    traceback (exit 1) that left a mix of new and old masks unsaid; then it said the mix; now the
+    files moved in before it are put back: the earlier run's outputs, whole."""
     import os
 
     from PAMSegmentLib import cli
@@ -676,9 +676,9 @@ def test_cli_a_failed_final_move_says_what_was_and_was_not_replaced(tmp_path, ca
     assert cli.main(run) == 2
     assert capsys.readouterr().err.splitlines()[-1] == f"pamsegment: error: {message.format(out=out)}"  # after the bar
     labels = [int(sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"img_{k}_mask.png"))).max()) for k in range(3)]
-    assert labels == {"labels.csv": [3, 3, 3], "img_0_mask.png": [3, 3, 3], "img_1_mask.png": [5, 3, 3]}[fail_at]
-    with open(out / "labels.csv", encoding="utf-8") as fh:  # the earlier run's table only if nothing was replaced
-        assert {r["label"] for r in csv.DictReader(fh)} == ({"3"} if fail_at == "labels.csv" else {"5"})
+    assert labels == [3, 3, 3]  # the earlier run's masks, all of them
+    with open(out / "labels.csv", encoding="utf-8") as fh:  # and its table
+        assert {r["label"] for r in csv.DictReader(fh)} == {"3"}
     assert sorted(p.name for p in out.iterdir()) == ["img_0_mask.png", "img_1_mask.png", "img_2_mask.png",
                                                      "labels.csv"]  # no temporaries left
 

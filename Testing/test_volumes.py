@@ -718,10 +718,27 @@ def test_replace_together_moves_all_in_or_names_what_was_not(tmp_path, monkeypat
         replace(src, dst)
 
     monkeypatch.setattr(os, "replace", refuse_c)
-    with pytest.raises(InputError, match=r"c.txt \(Permission denied\): replaced: a.csv, b.txt; not replaced: this "
-                                         r"one \(the outputs now mix two runs\); fix that and run again"):
+    # a move that fails puts back the files moved in before it (they mixed two runs before: "3", "3", "old")
+    with pytest.raises(InputError, match=r"c.txt \(Permission denied\): nothing was replaced \(a.csv, b.txt put back "
+                                         r"as they were\); fix that and run again"):
         replace_together([(a, ".csv", text("3")), (b, ".txt", text("3")), (c, ".txt", text("3"))])
-    assert (a.read_text(), b.read_text(), c.read_text()) == ("3", "3", "old")
+    assert (a.read_text(), b.read_text(), c.read_text()) == ("new a", "new b", "old")
+    d = tmp_path / "d.txt"  # a new output moved in before the failure is removed again
+    with pytest.raises(InputError, match=r"c.txt \(Permission denied\): nothing was replaced \(d.txt put back as it "
+                                         r"was\)"):
+        replace_together([(d, ".txt", text("new d")), (c, ".txt", text("3"))])
+    assert not d.exists()
+
+    def refuse_c_and_putting_back_a(src, dst):
+        if Path(dst) == c or (Path(dst) == a and ".old" in Path(src).name):
+            raise PermissionError(13, "Permission denied")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", refuse_c_and_putting_back_a)
+    with pytest.raises(InputError, match=r"c.txt \(Permission denied\): replaced: a.csv, which could not be put back; "
+                                         r"not replaced: this one \(the outputs now mix two runs\)"):
+        replace_together([(a, ".csv", text("4")), (b, ".txt", text("4")), (c, ".txt", text("4"))])
+    assert (a.read_text(), b.read_text(), c.read_text()) == ("4", "new b", "old")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.csv", "b.txt", "c.txt"]  # no temporaries left
 
 
