@@ -248,7 +248,8 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
             raise InputError(f"{folder} holds no DICOM series itself, but its subfolders do ({shown}): pass the folder "
                              "of the series to propagate on")
         raise InputError(f"{folder} is a folder without a DICOM series; pass a DICOM series folder or an image file")
-    _check_no_damaged_files(folder, series_ids)
+    by_uid = {uid: reader.GetGDCMSeriesFileNames(_itk_path(folder), uid) for uid in series_ids}  # one scan each
+    _check_no_damaged_files(folder, by_uid)
     if series_uid is not None:
         if series_uid not in series_ids:
             raise InputError(
@@ -256,9 +257,8 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
                 f"{', '.join(_series_label(uid) for uid in series_ids)}"
             )
         chosen = series_uid
-        files = reader.GetGDCMSeriesFileNames(_itk_path(folder), chosen)
+        files = by_uid[chosen]
     else:
-        by_uid = {uid: reader.GetGDCMSeriesFileNames(_itk_path(folder), uid) for uid in series_ids}
         chosen = max(series_ids, key=lambda uid: len(by_uid[uid]))
         files = by_uid[chosen]
         if len(series_ids) > 1:
@@ -286,18 +286,20 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
     return image
 
 
-def _check_no_damaged_files(folder: Path, series_ids) -> None:
-    """DICOM files of ``folder`` (by content, "DICM" at byte 128) that belong to none of its series
-    and whose header ITK cannot read are damaged (a copy cut short): GDCM leaves them out without a
-    word, so a cut end slice gave a series one slice shorter, exit 0 (a cut middle slice a "gap ...
-    missing files?" message). Refused, naming them. Readable DICOM files outside the series (a
-    report, a presentation state) are none of this check's business."""
-    listed = set()
-    for uid in series_ids:
-        listed.update(Path(f).name for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(_itk_path(folder), uid))
+def _check_no_damaged_files(folder: Path, by_uid: dict) -> None:
+    """Image files of ``folder`` ("DICM" at byte 128, an image storage class in their meta header)
+    that belong to none of its series (``by_uid``: each series' files) and whose header ITK cannot
+    read are damaged (a copy cut short): GDCM leaves them out without a word, so a cut end slice
+    gave a series one slice shorter, exit 0 (a cut middle slice a "gap ... missing files?" message).
+    Refused, naming them. Other DICOM objects beside the slices (a structure set, a dose report, a
+    presentation state), which ITK cannot read either, are none of this check's business; so is a
+    file whose meta header names no storage class this check knows."""
+    listed = {Path(f).name for files in by_uid.values() for f in files}
     damaged = []
     for p in sorted(folder.iterdir()):
         if p.name in listed or p.name.upper() == "DICOMDIR" or not p.is_file() or not _is_dicom_file(p):
+            continue
+        if not _dicom_image_class(p):
             continue
         reader = sitk.ImageFileReader()
         reader.SetFileName(_itk_path(p))
@@ -311,6 +313,43 @@ def _check_no_damaged_files(folder: Path, series_ids) -> None:
         raise InputError(f"{len(damaged)} DICOM file{'s' if len(damaged) > 1 else ''} in {folder} cannot be read "
                          f"(truncated or damaged: {shown}), so the series would lack "
                          f"{'them' if len(damaged) > 1 else 'it'}; copy the series again")
+
+
+# DICOM image storage classes (PS3.4 B.5): a file of one of these that ITK cannot read is damaged.
+_IMAGE_STORAGE = {f"1.2.840.10008.5.1.4.1.1.{c}" for c in (
+    "1", "1.1", "1.1.1", "1.2", "1.2.1", "1.3", "1.3.1", "2", "2.1", "2.2", "3.1", "4", "4.1", "4.2", "4.3", "4.4",
+    "6.1", "6.2", "7", "7.1", "7.2", "7.3", "7.4", "12.1", "12.1.1", "12.2", "12.2.1", "13.1.1", "13.1.2", "13.1.3",
+    "20", "30", "128", "128.1", "130", "481.1", "77.1.1", "77.1.2", "77.1.4", "77.1.5.1", "77.1.5.2", "77.1.6")}
+
+
+def _dicom_image_class(p: Path) -> bool:
+    """Whether the DICOM file ``p`` says in its meta header (MediaStorageSOPClassUID, 0002,0002:
+    explicit VR little endian, as PS3.10 fixes it) that it holds an image; False for other objects
+    (structure sets, reports, presentation states) and where the header cannot be read."""
+    import struct
+
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(132 + 4096)
+    except OSError:
+        return False
+    at = 132
+    while at + 8 <= len(head):
+        group, element = struct.unpack_from("<HH", head, at)
+        if group != 0x0002:
+            break
+        vr = head[at + 4:at + 6]
+        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"UC", b"UR"):
+            if at + 12 > len(head):
+                break
+            length, value_at = struct.unpack_from("<I", head, at + 8)[0], at + 12
+        else:
+            length, value_at = struct.unpack_from("<H", head, at + 6)[0], at + 8
+        if element == 0x0002:
+            uid = head[value_at:value_at + length].rstrip(b"\x00 ").decode("ascii", "replace")
+            return uid in _IMAGE_STORAGE
+        at = value_at + length
+    return False
 
 
 def _read_series_files(files, chosen: str, folder: Path) -> sitk.Image:

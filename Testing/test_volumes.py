@@ -1008,3 +1008,33 @@ def test_a_cut_file_of_a_dicom_series_is_named_not_left_out(tmp_path, which):
                                          rf"{files[which].name}\), so the series would lack it; copy the series "
                                          r"again$"):
         read_volume(tmp_path / "dcm")
+
+
+def _dicom_object(path: Path, sop_class: str) -> None:
+    """A DICOM file holding only its meta header (group 0002: the storage class), as a structure
+    set, a dose report or a presentation state beside the slices looks to an image reader."""
+    import struct
+
+    def element(elem: int, vr: bytes, value: bytes) -> bytes:
+        value += b"\x00" * (len(value) % 2)
+        return struct.pack("<HH", 0x0002, elem) + vr + struct.pack("<H", len(value)) + value
+
+    body = element(0x0002, b"UI", sop_class.encode()) + element(0x0003, b"UI", b"1.2.3.4.5.6.7")
+    body += element(0x0010, b"UI", b"1.2.840.10008.1.2.1")
+    path.write_bytes(b"\x00" * 128 + b"DICM" + struct.pack("<HH", 2, 0) + b"UL" + struct.pack("<HI", 4, len(body))
+                     + body + b"\x08\x00\x16\x00UI\x1e\x00")
+
+
+def test_non_image_dicom_objects_beside_a_series_are_not_called_damaged(tmp_path):
+    """A review of the damaged-file check: an RT structure set, a dose report (SR) or a presentation
+    state beside the slices, which ITK cannot read either, made the series refused as "truncated or
+    damaged". Only files whose meta header names an image storage class are checked."""
+    vol = make_volume(shape=(5, 5, 6))
+    write_dicom_series(tmp_path / "dcm", vol, "1.2.826.0.1.3680043.2.1125.7.10")
+    for name, sop in (("RS.dcm", "1.2.840.10008.5.1.4.1.1.481.3"), ("SR.dcm", "1.2.840.10008.5.1.4.1.1.88.67"),
+                      ("PR.dcm", "1.2.840.10008.5.1.4.1.1.11.1")):
+        _dicom_object(tmp_path / "dcm" / name, sop)
+    assert read_volume(tmp_path / "dcm").shape == (5, 5, 6)
+    _dicom_object(tmp_path / "dcm" / "CT.cut", "1.2.840.10008.5.1.4.1.1.2")  # a CT slice cut after its header
+    with pytest.raises(InputError, match=r"1 DICOM file in .* cannot be read \(truncated or damaged: CT.cut\)"):
+        read_volume(tmp_path / "dcm")
