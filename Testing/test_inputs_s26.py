@@ -492,3 +492,82 @@ def test_a_summary_of_many_labels_gives_each_its_own_line(tmp_path, capsys):
     per_label = lines[head + 1:head + 7]
     assert [line.split(":")[0] for line in per_label] == [f"  label {n} (organ {n})" for n in range(1, 7)]
     assert all("slices 2-9; check " in line for line in per_label), per_label
+
+
+def _rotated_grid(image, degrees: float):
+    """``image``'s grid rotated ``degrees`` about x around its centre (an empty uint8 image)."""
+    t = np.deg2rad(degrees)
+    rot = np.array([[1, 0, 0], [0, np.cos(t), -np.sin(t)], [0, np.sin(t), np.cos(t)]])
+    grid = sitk.Image(image.GetSize(), sitk.sitkUInt8)
+    grid.SetSpacing(image.GetSpacing())
+    grid.SetDirection(rot.ravel().tolist())
+    centre_index = (np.array(image.GetSize()) - 1) / 2.0
+    centre = np.array(image.TransformContinuousIndexToPhysicalPoint(centre_index.tolist()))
+    grid.SetOrigin((centre - rot @ (centre_index * np.array(image.GetSpacing()))).tolist())
+    return grid
+
+
+def test_a_3d_mask_on_a_slightly_tilted_grid_is_resampled_as_it_is(tmp_path):
+    """A review of the strip collapse: a registered lesion's mask (8 consecutive slices) on a grid
+    tilted 2-4.5 degrees had each of its slices "put back" on one image slice, and later slices
+    erased what earlier ones wrote: Dice 0.999 -> 0.65. Consecutive drawn slices are a 3D mask:
+    resampled as they are (nearest neighbour), no note."""
+    k, j, i = np.mgrid[:40, :100, :100]
+    lesion = ((k - 20) / 4.0) ** 2 + ((j - 50) / 30.0) ** 2 + ((i - 50) / 30.0) ** 2 <= 1  # slices 17-23 of 1 mm
+    image = sitk.GetImageFromArray(np.zeros((40, 100, 100), np.int16))
+    grid = _rotated_grid(image, 3.0)
+    mask = sitk.GetImageFromArray(lesion.astype(np.uint8))
+    mask.CopyInformation(grid)
+    sitk.WriteImage(mask, str(tmp_path / "lesion.nrrd"))
+    sitk.WriteImage(image, str(tmp_path / "image.nrrd"))
+    plain = sitk.GetArrayFromImage(sitk.Resample(mask, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no strips note, no loss note
+        got = volumes.read_labelmap(tmp_path / "lesion.nrrd", reference=volumes.read_volume(tmp_path / "image.nrrd"),
+                                    resample=True).array
+    assert np.array_equal(got, plain)
+
+
+def test_strips_are_put_back_along_any_image_axis(tmp_path):
+    """The collapse wrote the drawing through a reshaped view of the target plane, a copy when the
+    slices run along j or i: there the drawing was taken out and never put back. A drawing on one
+    j-slice of a grid tilted 2 degrees about x lands on one j-slice whole."""
+    k, j, i = np.mgrid[:100, :40, :100]
+    obj = ((k - 50) / 35.0) ** 2 + ((j - 20) / 15.0) ** 2 + ((i - 50) / 35.0) ** 2 <= 1
+    image = sitk.GetImageFromArray(obj.astype(np.uint8))
+    grid = _rotated_grid(image, 2.0)
+    on_grid = sitk.GetArrayFromImage(sitk.Resample(image, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
+    drawing = np.zeros_like(on_grid)
+    drawing[:, 20] = on_grid[:, 20]  # one coronal (j) slice
+    prompt = sitk.GetImageFromArray(drawing)
+    prompt.CopyInformation(grid)
+    sitk.WriteImage(prompt, str(tmp_path / "prompt.nrrd"))
+    sitk.WriteImage(image, str(tmp_path / "image.nrrd"))
+    with pytest.warns(UserWarning, match=r"crossed the image's slices along axis 1 in strips \(slices \d+-\d+ onto "
+                                         r"slice 20\)"):
+        got = volumes.read_labelmap(tmp_path / "prompt.nrrd", reference=volumes.read_volume(tmp_path / "image.nrrd"),
+                                    resample=True).array
+    assert np.flatnonzero(got.any(axis=(0, 2))).tolist() == [20]
+    overlap = np.count_nonzero(got[:, 20] & obj[:, 20]) / np.count_nonzero(got[:, 20] | obj[:, 20])
+    assert overlap > 0.97, overlap
+
+
+def test_a_drawing_mostly_lost_in_resampling_is_said(tmp_path):
+    """A review: three slices drawn on a 1 mm grid over a 5 mm image became 381 voxels on one slice
+    (IoU 0.025), without a word. Drawn slices that leave nothing on the image's grid are said."""
+    k, j, i = np.mgrid[:12, :60, :60]
+    image = sitk.GetImageFromArray(np.zeros((12, 60, 60), np.int16))
+    image.SetSpacing((1.0, 1.0, 5.0))
+    fine = sitk.Image([60, 60, 60], sitk.sitkUInt8)
+    fine.SetSpacing((1.0, 1.0, 1.0))
+    fine.SetOrigin((0.0, 0.0, 2.0))  # its slices 0, 5, 10 ... sit 2 mm off the image's slice centres
+    sitk.WriteImage(image, str(tmp_path / "image.nrrd"))
+    drawing = np.zeros((60, 60, 60), np.uint8)
+    drawing[[13, 20, 30], 15:45, 15:45] = 1  # slice 13 (z 15 mm) holds an image slice's centre, 20 and 30 none
+    prompt = sitk.GetImageFromArray(drawing)
+    prompt.CopyInformation(fine)
+    sitk.WriteImage(prompt, str(tmp_path / "fine.nrrd"))
+    with pytest.warns(UserWarning, match=r"label 1 was drawn on 3 slices of its grid, and 2 of them \(20, 30\) fell "
+                                         r"between the image's slices once resampled"):
+        volumes.read_labelmap(tmp_path / "fine.nrrd", reference=volumes.read_volume(tmp_path / "image.nrrd"),
+                              resample=True)
