@@ -117,17 +117,17 @@ def _normalised(arr: np.ndarray) -> np.ndarray:
 
 def orientation_to(reference, image, name: str = "", say=None) -> tuple[bool, bool, bool] | None:
     """(transpose, flip rows, flip columns) that put the pixels of ``image`` (a SimpleITK image as
-    read: 2D) in the orientation of ``reference``, when both files place themselves in space
+    read: 2D, or a one-slice volume such as a DICOM file) in the orientation of ``reference``, when both files place themselves in space
     (NIfTI, NRRD, MetaImage, DICOM; ``volumes.has_position``) and their axes are parallel; None
     otherwise (PNG, TIFF ...: matched as stored). An image oblique to the reference is matched as
     stored too, said to ``say``."""
-    from .volumes import has_position
+    from .volumes import has_position, in_plane_geometry
 
-    if image is reference or image.GetDimension() != 2 or reference.GetDimension() != 2 \
+    if image is reference or image.GetDimension() != reference.GetDimension() \
             or not (has_position(image) and has_position(reference)):
         return None
-    m = np.asarray(reference.GetDirection(), dtype=np.float64).reshape(2, 2).T @ \
-        np.asarray(image.GetDirection(), dtype=np.float64).reshape(2, 2)  # [reference axis, image axis]
+    # the in-plane axes of both (a DICOM file or a one-slice volume is 3D: its slice's two axes)
+    m = in_plane_geometry(reference)[1].T @ in_plane_geometry(image)[1]  # [reference axis, image axis]
     if not np.allclose(np.abs(m), np.round(np.abs(m)), atol=1e-3):
         if say is not None:
             say(f"{name} is stored obliquely to the prompt image (its axes are not parallel to the prompt image's): "

@@ -542,7 +542,6 @@ def _check_nrrd_complete(p: Path) -> None:
     holds fewer bytes than its ``sizes`` and ``type`` declare is refused before ITK allocates them:
     a 195-byte .nrrd declaring 4 GiB took 4.3 GB of memory before "damaged". Headers this check does
     not follow (other encodings, byte or line skips, file lists) are left to ITK."""
-    import gzip
     import zlib
 
     try:
@@ -586,16 +585,38 @@ def _check_nrrd_complete(p: Path) -> None:
                 if needed < 2**32 and int.from_bytes(raw.read(4), "little") == needed:
                     return  # ISIZE: the stream ends where the header says (see _check_nifti_complete)
                 raw.seek(offset)
-                have = 0
-                with gzip.GzipFile(fileobj=raw) as f:
-                    while have < needed and (chunk := f.read(1 << 22)):
-                        have += len(chunk)
+                have = _gzip_bytes_up_to(raw, needed)
     except (OSError, EOFError, zlib.error) as error:
         raise InputError(f"cannot read {p}: its voxel data ends early or is damaged ({error}); copy or download "
                          "it again") from None
     if have < needed:
         raise InputError(f"cannot read {p}: its voxel data ends early or is damaged (its header declares {needed} "
                          f"bytes, the file holds {have}); copy or download it again")
+
+
+def _gzip_bytes_up_to(raw, needed: int) -> int:
+    """Bytes the gzip data read from ``raw`` (member after member) decompresses to, counted up to
+    ``needed``, without holding them. Bytes after the last member that start no new one (a newline
+    some writers append; ITK ignores them, where gzip.GzipFile refused the file) end the count.
+    zlib.error for damaged data."""
+    import zlib
+
+    have, stream, pending = 0, zlib.decompressobj(wbits=31), b""
+    while have < needed:
+        if not pending:
+            pending = raw.read(1 << 20)
+            if not pending:
+                break  # the file ends
+        have += len(stream.decompress(pending, 1 << 24))
+        pending = stream.unconsumed_tail
+        if stream.eof:
+            rest = stream.unused_data + pending
+            if len(rest) < 2:
+                rest += raw.read(2 - len(rest))
+            if not rest.startswith(b"\x1f\x8b"):
+                break  # no further member: what follows is not data
+            stream, pending = zlib.decompressobj(wbits=31), rest
+    return have
 
 
 def _nifti1_endian(header: bytes | None) -> str | None:
@@ -1915,7 +1936,15 @@ def _read_png_with_pil(p: Path) -> sitk.Image | None:
         with _pillow_unguarded() as Image, Image.open(p) as im:
             if im.mode not in ("LA", "La"):
                 return None
+            width, height = im.size  # from the header: checked before a pixel is decoded (ITK could not)
+            memory = physical_memory_bytes()
+            if memory and 4 * 2 * width * height > memory:
+                raise InputError(f"{p.name}'s header declares {width} x {height} pixels with alpha, more than this "
+                                 f"machine's {memory / 1024**3:.0f} GB of memory holds as float32: if the file is "
+                                 "what it should be, save a smaller region; a small file declaring this is damaged")
             return sitk.GetImageFromArray(np.asarray(im.getchannel("L")))
+    except InputError:  # (a ValueError) the size refusal above
+        raise
     except (ImportError, OSError, ValueError):  # ValueError: e.g. a damaged chunk; ITK's reason is said then
         return None
 
@@ -2174,31 +2203,57 @@ def read_labelmap_2d(path: PathLike, reference: tuple[np.ndarray, sitk.Image] | 
 
 
 def has_position(image: sitk.Image) -> bool:
-    """Whether the file ``image`` was read from places it in space (NIfTI, NRRD, MetaImage, DICOM),
-    from the metadata ITK's readers leave; PNG, TIFF, JPEG and BMP do not (ITK gives them a unit
-    grid at 0)."""
+    """Whether the file ``image`` was read from places it in space (NIfTI, NRRD, MetaImage, a DICOM
+    file with its image position and orientation), from the metadata ITK's readers leave; PNG,
+    TIFF, JPEG and BMP do not (ITK gives them a unit grid at 0), nor a DICOM file without them (a
+    secondary capture)."""
     keys = set(image.GetMetaDataKeys())
-    return bool(keys & {"qform_code", "sform_code", "ITK_InputFilterName", "0020|0032"}) or \
-        any(k.startswith(("NRRD_", "0020|")) for k in keys)
+    if any(k.startswith("0020|") or k.startswith("0008|") for k in keys):  # DICOM
+        return {"0020|0032", "0020|0037"} <= keys
+    return bool(keys & {"qform_code", "sform_code", "ITK_InputFilterName"}) or any(k.startswith("NRRD_") for k in keys)
+
+
+def in_plane_geometry(image: sitk.Image):
+    """(origin, the two in-plane axes as columns, their spacings, the normal and the spacing across,
+    or None and 0 for a 2D image) of a 2D image or a one-slice 3D one (its single slice along any
+    axis, ``_flat_axis``): what places its pixels, whatever the file's dimension. The axes' order
+    is that of the 2D array's columns then rows."""
+    size = image.GetSize()
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(image.GetDimension(), -1)
+    spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
+    origin = np.asarray(image.GetOrigin(), dtype=np.float64)
+    if image.GetDimension() == 2:
+        return origin, direction, spacing, None, 0.0
+    flat = _flat_axis(size)
+    kept = [a for a in range(3) if a != flat]
+    return origin, direction[:, kept], spacing[kept], direction[:, flat], float(spacing[flat])
 
 
 def _check_same_2d_grid(name: str, mask: sitk.Image, image: sitk.Image) -> None:
     """A mask whose file places it in space (NIfTI, NRRD, MetaImage, DICOM) must lie on its image's
-    grid when the image's file does too: one stored flipped (the same physical placement) or placed
+    pixels when the image's file does too: one stored flipped (the same physical placement) or placed
     elsewhere was used pixel by pixel, mirrored (Dice 0.79 instead of 1.0) or somewhere else, exit 0.
-    PNG, TIFF, JPEG and BMP hold no position: their size alone is compared (above)."""
+    Compared in the slice's plane (spacing, axes, origin; for one-slice volumes also how far apart
+    the two planes are, within half a slice: the spacing across one slice is arbitrary, ITK gives a
+    DICOM file 1 where other tools write its thickness). PNG, TIFF, JPEG and BMP hold no position:
+    their size alone is compared (above)."""
     if mask.GetDimension() != image.GetDimension() or not (has_position(mask) and has_position(image)):
         return
-    def short(values) -> str:
-        return "(" + ", ".join(f"{float(v) + 0.0:.6g}" for v in values) + ")"
 
-    spacing_m, spacing_i = np.asarray(mask.GetSpacing()), np.asarray(image.GetSpacing())
+    def short(values) -> str:
+        return "(" + ", ".join(f"{float(v) + 0.0:.6g}" for v in np.ravel(values)) + ")"
+
+    o_m, axes_m, sp_m, normal_m, across_m = in_plane_geometry(mask)
+    o_i, axes_i, sp_i, normal_i, across_i = in_plane_geometry(image)
     diffs = []
-    for what, a, b, tol in (("spacing", spacing_m, spacing_i, 1e-4 * np.maximum(spacing_i, 1e-12)),
-                            ("direction", mask.GetDirection(), image.GetDirection(), 1e-4),
-                            ("origin", mask.GetOrigin(), image.GetOrigin(), 1e-3 * float(min(spacing_i)))):
-        if np.any(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) > tol):
-            diffs.append(f"{what} {short(a)} vs the image's {short(b)}")
+    if np.any(np.abs(sp_m - sp_i) > 1e-4 * np.maximum(sp_i, 1e-12)):
+        diffs.append(f"pixel spacing {short(sp_m)} vs the image's {short(sp_i)}")
+    if np.any(np.abs(axes_m - axes_i) > 1e-4):
+        diffs.append(f"axes {short(axes_m.T)} vs the image's {short(axes_i.T)}")
+    offset = o_m - o_i
+    if np.any(np.abs(axes_i.T @ offset) > 1e-3 * float(min(sp_i))) or (
+            normal_i is not None and abs(float(normal_i @ offset)) > max(0.5 * max(across_m, across_i), 1e-3)):
+        diffs.append(f"origin {short(o_m)} vs the image's {short(o_i)}")
     if diffs:
         raise InputError(f"the mask {name} is not on its image's grid ({'; '.join(diffs)}): it would be used pixel by "
                          "pixel, flipped or shifted against the image; save it with the image's geometry "

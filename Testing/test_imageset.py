@@ -1008,3 +1008,41 @@ def test_one_slice_files_of_any_plane_are_2d_images(tmp_path, flat):
                      "-o", str(tmp_path / "out"), "--method", "copy", "--format", "nii.gz"]) == 0
     written = sitk.ReadImage(str(tmp_path / "out" / "other_mask.nii.gz"))
     assert written.GetSize() == tuple(size) and written.GetSpacing() == pytest.approx((0.8, 0.9, 2.0))
+
+
+def test_one_slice_volumes_are_turned_and_their_masks_checked_in_the_slices_plane(tmp_path, capsys):
+    """A review: a DICOM file or a one-slice volume (read as 3D) stored flipped got its mask
+    mirrored without a note (only 2D files were turned), and a mask on the same pixels whose file
+    gave the single slice another thickness (ITK gives a DICOM file 1, other tools its thickness)
+    was refused as off the grid. Both are read in the slice's plane now."""
+    from PAMSegmentLib import cli
+
+    rng = np.random.default_rng(4)
+    j, i = np.mgrid[:40, :50]
+    truth = (((j - 15) / 9.0) ** 2 + ((i - 30) / 12.0) ** 2 <= 1).astype(np.uint8)
+    picture = (100 + 80 * truth + rng.normal(0, 3, (40, 50))).astype(np.float32)
+    prompt = sitk.GetImageFromArray(picture[None])  # 50 x 40 x 1
+    prompt.SetSpacing((0.7, 0.7, 1.0))
+    prompt.SetOrigin((5.0, -3.0, 12.0))
+    (tmp_path / "set").mkdir()
+    sitk.WriteImage(prompt, str(tmp_path / "prompt.nii.gz"))
+    mask = sitk.GetImageFromArray(truth[None])
+    mask.CopyInformation(prompt)
+    mask.SetSpacing((0.7, 0.7, 3.0))  # the slice's thickness, as another tool writes it
+    sitk.WriteImage(mask, str(tmp_path / "mask.nii.gz"))
+    sitk.WriteImage(sitk.Flip(prompt, [True, False, False]), str(tmp_path / "set" / "flipped.nii.gz"))
+    assert cli.main(["label-images", str(tmp_path / "prompt.nii.gz"), str(tmp_path / "mask.nii.gz"),
+                     str(tmp_path / "set"), "-o", str(tmp_path / "out"), "--method", "copy", "--format", "nii.gz"]) == 0
+    assert "note: flipped.nii.gz is stored flipped horizontally against the prompt image" in capsys.readouterr().out
+    written = sitk.ReadImage(str(tmp_path / "out" / "flipped_mask.nii.gz"))
+    back = sitk.GetArrayFromImage(sitk.Resample(written, prompt, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
+    assert np.array_equal(back[0] > 0, truth > 0)
+    shifted = sitk.GetImageFromArray(truth[None])
+    shifted.CopyInformation(prompt)
+    shifted.SetOrigin((5.0, -3.0, 16.0))  # another plane, 4 mm away
+    sitk.WriteImage(shifted, str(tmp_path / "other_plane.nii.gz"))
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.volumes import read_image_2d, read_labelmap_2d
+
+    with pytest.raises(InputError, match=r"the mask other_plane.nii.gz is not on its image's grid \(origin"):
+        read_labelmap_2d(tmp_path / "other_plane.nii.gz", reference=read_image_2d(tmp_path / "prompt.nii.gz"))

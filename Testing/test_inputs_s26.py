@@ -428,11 +428,11 @@ def test_a_2d_mask_placed_otherwise_than_its_image_is_refused(tmp_path):
     reference = volumes.read_image_2d(tmp_path / "image.nii.gz")
     assert np.array_equal(volumes.read_labelmap_2d(tmp_path / "mask.nii.gz", reference=reference), mask)
     assert np.array_equal(volumes.read_labelmap_2d(tmp_path / "mask.png", reference=reference), mask)
-    with pytest.raises(InputError, match=r"^the mask flipped.nii.gz is not on its image's grid \(direction \(-1, 0, "
+    with pytest.raises(InputError, match=r"^the mask flipped.nii.gz is not on its image's grid \(axes \(-1, 0, "
                                          r"0, 1\) vs the image's \(1, 0, 0, 1\); origin .*\): it would be used pixel "
                                          r"by pixel, flipped or shifted"):
         volumes.read_labelmap_2d(tmp_path / "flipped.nii.gz", reference=reference)
-    with pytest.raises(InputError, match=r"^the mask elsewhere.nrrd is not on its image's grid \(spacing \(3, 3\) "
+    with pytest.raises(InputError, match=r"^the mask elsewhere.nrrd is not on its image's grid \(pixel spacing \(3, 3\) "
                                          r"vs the image's \(0.8, 0.9\); origin \(500, 500\)"):
         volumes.read_labelmap_2d(tmp_path / "elsewhere.nrrd", reference=reference)
 
@@ -571,3 +571,33 @@ def test_a_drawing_mostly_lost_in_resampling_is_said(tmp_path):
                                          r"between the image's slices once resampled"):
         volumes.read_labelmap(tmp_path / "fine.nrrd", reference=volumes.read_volume(tmp_path / "image.nrrd"),
                               resample=True)
+
+
+def test_a_gzip_nrrd_with_bytes_after_its_data_is_read_as_itk_reads_it(tmp_path):
+    """A review of the NRRD check: a gzip NRRD with a newline after the compressed data (ITK reads
+    it) was refused as damaged (gzip.GzipFile refuses trailing bytes). Two members, and data cut
+    short, are counted as before."""
+    head = b"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 4 3 2\nencoding: gzip\n\n"
+    data = bytes(range(24))
+    for name, body in (("newline", gzip.compress(data) + b"\n"),
+                       ("members", gzip.compress(data[:10]) + gzip.compress(data[10:]) + b"\n\n")):
+        path = tmp_path / f"{name}.nrrd"
+        path.write_bytes(head + body)
+        assert volumes.read_volume(path).array.ravel().tolist() == list(range(24)), name
+    cut = tmp_path / "cut.nrrd"
+    cut.write_bytes(head + gzip.compress(data[:12]) + b"\n")
+    with pytest.raises(InputError, match=r"cut.nrrd: its voxel data ends early or is damaged \(its header declares "
+                                         r"24 bytes, the file holds 12\)"):
+        volumes.read_volume(cut)
+
+
+def test_a_grey_alpha_png_declaring_more_pixels_than_memory_holds_is_refused_before_decoding(tmp_path, monkeypatch):
+    """A review: Pillow's bomb guard was turned off for grey + alpha PNGs (which ITK cannot read, so
+    its declared-size check never saw them): a 12 MB file declaring 80000^2 pixels started
+    decoding 13 GB. Their size is now checked from the header first."""
+    path = tmp_path / "la.png"
+    _png_header_only(path, 20000, 20000, color_type=4)
+    monkeypatch.setattr(volumes, "physical_memory_bytes", lambda: 2**30)
+    with pytest.raises(InputError, match=r"la.png's header declares 20000 x 20000 pixels with alpha, more than this "
+                                         r"machine's 1 GB"):
+        volumes.read_image_2d(path)
