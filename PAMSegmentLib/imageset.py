@@ -117,10 +117,10 @@ def _normalised(arr: np.ndarray) -> np.ndarray:
 
 def orientation_to(reference, image, name: str = "", say=None) -> tuple[bool, bool, bool] | None:
     """(transpose, flip rows, flip columns) that put the pixels of ``image`` (a SimpleITK image as
-    read: 2D, or a one-slice volume such as a DICOM file) in the orientation of ``reference``, when both files place themselves in space
-    (NIfTI, NRRD, MetaImage, DICOM; ``volumes.has_position``) and their axes are parallel; None
-    otherwise (PNG, TIFF ...: matched as stored). An image oblique to the reference is matched as
-    stored too, said to ``say``."""
+    read: 2D, or a one-slice volume such as a DICOM file) in the orientation of ``reference``, when
+    both files place themselves in space (NIfTI, NRRD, MetaImage, DICOM; ``volumes.has_position``)
+    and their axes are parallel; None otherwise (PNG, TIFF ...: matched as stored). An image oblique
+    to the reference is matched as stored too, said to ``say``."""
     from .volumes import has_position, in_plane_geometry
 
     if image is reference or image.GetDimension() != reference.GetDimension() \

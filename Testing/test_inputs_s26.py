@@ -432,8 +432,8 @@ def test_a_2d_mask_placed_otherwise_than_its_image_is_refused(tmp_path):
                                          r"0, 1\) vs the image's \(1, 0, 0, 1\); origin .*\): it would be used pixel "
                                          r"by pixel, flipped or shifted"):
         volumes.read_labelmap_2d(tmp_path / "flipped.nii.gz", reference=reference)
-    with pytest.raises(InputError, match=r"^the mask elsewhere.nrrd is not on its image's grid \(pixel spacing \(3, 3\) "
-                                         r"vs the image's \(0.8, 0.9\); origin \(500, 500\)"):
+    with pytest.raises(InputError, match=r"^the mask elsewhere.nrrd is not on its image's grid \(pixel spacing "
+                                         r"\(3, 3\) vs the image's \(0.8, 0.9\); origin \(500, 500\)"):
         volumes.read_labelmap_2d(tmp_path / "elsewhere.nrrd", reference=reference)
 
 
