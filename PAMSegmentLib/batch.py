@@ -614,8 +614,8 @@ def _case_progress(bar, every: float = 1.0):
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from .cli import (EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, METHODS, _one_line, check_no_checkpoint_for_classical,
-                      check_pam_only_options, check_server_options)
+    from .cli import (EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, EXIT_USAGE, METHODS, _one_line,
+                      check_no_checkpoint_for_classical, check_pam_only_options, check_server_options)
 
     check_pam_only_options(args)
     check_no_checkpoint_for_classical(args)
@@ -703,7 +703,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     t_all = time.perf_counter()
-    interrupted, unreachable = False, None
+    interrupted, unreachable = "", None
     from .remote import ServerUnreachable
     from .cli import progress_mode
 
@@ -746,10 +746,12 @@ def cmd_batch(args: argparse.Namespace) -> int:
                           file=sys.stderr, flush=True)
             if r.status == "error" and args.stop_on_error:
                 break
-    except (KeyboardInterrupt, PropagationCancelled):
-        interrupted = True  # the case under way wrote nothing (outputs are written atomically)
-        if current is not None and current.status == "not run":
-            current.message = "interrupted while running; nothing was written for it"
+    except (KeyboardInterrupt, PropagationCancelled) as stop:
+        from .cli import Terminated
+
+        interrupted = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
+        if current is not None and current.status == "not run":  # it wrote nothing (outputs are atomic)
+            current.message = f"{interrupted} while running; nothing was written for it"
         rewrite.write()
     finally:
         bar.close()
@@ -767,9 +769,9 @@ def cmd_batch(args: argparse.Namespace) -> int:
         print(f"pamsegment: error: {_one_line(rewrite.failure)}; it does not show the cases run since it was last "
               "written (their outputs are written)", file=sys.stderr)
     if interrupted:
-        print("pamsegment: interrupted; finished cases are written, the rest are 'not run' in the report "
+        print(f"pamsegment: {interrupted}; finished cases are written, the rest are 'not run' in the report "
               "(run again with --skip-existing to resume)", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return EXIT_INTERRUPTED if interrupted == "interrupted" else EXIT_TERMINATED
     if unreachable is not None:
         print(f"pamsegment: error: {_one_line(unreachable)}; the batch stopped there: finished cases are written, "
               "the rest are 'not run' in the report (run again with --skip-existing to resume)", file=sys.stderr)

@@ -778,6 +778,7 @@ def _with_intensity_gate(model, gate: bool | None):
 
         remote = copy.copy(model)
         remote.intensity_gate = "on" if gate else "off"
+        remote.gate_required = False  # an older server keeps its own setting (the checkbox is always sent)
         return remote
     if gate is None or not hasattr(model, "inference") or not hasattr(model, "network"):
         return model

@@ -108,6 +108,9 @@ class RemoteModel:
         if intensity_gate not in (None, "off", "on", "prompt", "guide"):
             raise InputError(f"intensity_gate must be off, on, prompt or guide, got {intensity_gate!r}")
         self.intensity_gate = intensity_gate
+        # a server from before per-job drift tests refuses the option: an error if the user asked for it
+        # (--intensity-gate), left out with a word where it is only a front end's setting (Slicer's checkbox)
+        self.gate_required = True
         parsed = urllib.parse.urlparse(str(url))
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise InputError(f"server address {url!r} is not an http(s) URL (e.g. http://gpu-box:8765)")
@@ -257,6 +260,14 @@ class RemoteModel:
                 break
             self._wait_busy(busy_until, f"{queued} job{'' if queued == 1 else 's'} waiting already (it queues at "
                                         f"most {max_jobs})", progress, cancel)
+        if "intensity_gate" in options and "intensity_gate" not in (limits.get("options") or ()):
+            if self.gate_required:
+                raise InputError(f"the server at {self.url} is older than this client: it cannot set the drift test "
+                                 "per job; update PAMSegment there, or leave --intensity-gate out (the server's own "
+                                 "setting is used)")
+            del options["intensity_gate"]
+            if progress is not None:
+                progress(0.0, "server: an older server, which keeps its own drift-test setting")
         voxels, max_voxels = math.prod(np.shape(image)), limits.get("max_voxels")
         if isinstance(max_voxels, int) and not isinstance(max_voxels, bool) and voxels > max_voxels:
             raise InputError(f"the volume has {voxels:,} voxels; the server at {self.url} takes at most {max_voxels:,} "

@@ -514,7 +514,7 @@ def create_app(model_factory: Callable[[str], Any], *, token: str | None = None,
         return {"server": "pamsegment", "version": __version__, "model": model_info or {},
                 "methods": list(METHODS), "waiting": len(queue.waiting()), "queued": queue.queued(),
                 "max_jobs": queue.max_jobs, "max_upload_mb": max_upload_mb, "max_voxels": max_voxels,
-                "batch_size": batch_size}
+                "batch_size": batch_size, "options": sorted(OPTION_KEYS)}  # what a job may set (clients check)
 
     @app.post("/jobs", status_code=202)
     async def submit(request: Request, options: str | None = None):

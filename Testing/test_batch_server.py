@@ -174,3 +174,26 @@ def test_the_drift_test_is_set_per_job_on_a_server(copy_server, monkeypatch):
     RemoteModel(copy_server, token="tok", poll_interval=0.01, intensity_gate="off").propagate(
         image, prompt, (1.0, 1.0, 1.0))
     assert "intensity_gate" in sent[0] and "off" in sent[0]
+
+
+def test_an_older_server_without_per_job_drift_tests_is_named_or_left_its_setting(copy_server, monkeypatch):
+    """A review: a server from before this option refused every job that carried it ("unknown
+    option"), so an updated Slicer (whose checkbox is always sent) failed every job there. /info
+    lists the job options now: asked for on the command line, the client says the server is older;
+    from Slicer's checkbox (gate_required False), the server's own setting is used, said in the
+    progress."""
+    image = np.zeros((6, 8, 8), np.float32)
+    image[1:5, 2:6, 2:6] = 100
+    prompt = np.zeros((6, 8, 8), np.uint8)
+    prompt[3, 2:6, 2:6] = 1
+    model = RemoteModel(copy_server, token="tok", poll_interval=0.01, method="copy", intensity_gate="off")
+    real_info = model.info
+    assert "intensity_gate" in real_info()["options"]
+    monkeypatch.setattr(model, "info", lambda: {k: v for k, v in real_info().items() if k != "options"})  # older
+    with pytest.raises(InputError, match=r"the server at .* is older than this client: it cannot set the drift test "
+                                         r"per job"):
+        model.propagate(image, prompt, (1.0, 1.0, 1.0))
+    model.gate_required = False
+    seen = []
+    result = model.propagate(image, prompt, (1.0, 1.0, 1.0), progress=lambda f, m: seen.append(m))
+    assert result.mask.any() and "server: an older server, which keeps its own drift-test setting" in seen

@@ -601,3 +601,26 @@ def test_a_grey_alpha_png_declaring_more_pixels_than_memory_holds_is_refused_bef
     with pytest.raises(InputError, match=r"la.png's header declares 20000 x 20000 pixels with alpha, more than this "
                                          r"machine's 1 GB"):
         volumes.read_image_2d(path)
+
+
+def test_sigterm_stops_a_batch_with_its_own_exit_status(ct_case, tmp_path):
+    """A review: batch caught SIGTERM as Ctrl-C: exit 130, "interrupted", where the README says 143
+    for every command (a scheduler tells the two apart)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, _cli_env
+
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"image,prompt\n{ct_case.image_path},{ct_case.prompt_path}\n")
+    proc = subprocess.run([sys.executable, "-c", _TERM_DRIVER, "batch", str(manifest), "-o", str(tmp_path / "res"),
+                           "--method", "copy"], cwd=REPO, env=_cli_env(None), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 143, proc.stderr[-500:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("pamsegment: terminated (SIGTERM); finished cases are "
+                                                          "written")
+    with open(tmp_path / "res" / "batch_report.csv", encoding="utf-8") as fh:
+        row = next(csv.DictReader(fh))
+    assert (row["status"], row["message"]) == ("not run", "terminated (SIGTERM) while running; nothing was written "
+                                                           "for it")
+    assert sorted(p.name for p in (tmp_path / "res").iterdir()) == ["batch_report.csv"]
