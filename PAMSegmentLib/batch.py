@@ -595,18 +595,25 @@ def _run_row(row: BatchRow, model, args, progress=None) -> None:
     replace_together(files)
 
 
-def _case_progress(bar, every: float = 1.0):
+def _case_progress(bar, every: float = 1.0, lines: bool = False, row=None):
     """A propagation's progress shown after the cases bar (a full-size scan takes minutes), drawn
-    at most once a ``every`` seconds (a log of a long batch stays small) and at the case's end."""
+    at most once a ``every`` seconds (a log of a long batch stays small) and at the case's end.
+    ``lines`` (a log, no bar): a server's waits are said on a line of their own, at most once a
+    minute (a batch waiting on a full queue said nothing for as long as it waited)."""
     bar.set_postfix_str("this case 0%", refresh=False)
-    last = [time.monotonic()]
+    last, said = [time.monotonic()], [0.0]
 
     def progress(fraction: float, message: str) -> None:
         now = time.monotonic()
+        # a server's waits are said (the bar would stand still at 0 % without a word)
+        waiting = message.startswith("server: busy") or "queue position" in message
+        if lines:
+            if waiting and now - said[0] >= 60:
+                said[0] = now
+                print(f"row {row.number if row is not None else '?'}: {message}", file=sys.stderr, flush=True)
+            return
         if now - last[0] >= every or fraction >= 1.0:
             last[0] = now
-            # a server's waits are said (the bar would stand still at 0 % without a word)
-            waiting = message.startswith("server: busy") or "queue position" in message
             bar.set_postfix_str(f"this case {int(100 * fraction)}%" + (f", {message}" if waiting else ""),
                                 refresh=True)
 
@@ -716,7 +723,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
             current = r
             t0 = time.perf_counter()
             try:
-                _run_row(r, model, args, progress=_case_progress(bar))
+                _run_row(r, model, args, progress=_case_progress(bar, lines=mode == "lines", row=r))
                 r.status, r.method = "ok", method
                 if r.message:  # what propagate would print as notes (a drift stop, lost voxels): said here too
                     bar.write(f"row {r.number} ({r.image.name}): note: {r.message}", file=sys.stderr)

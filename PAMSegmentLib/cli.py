@@ -369,17 +369,29 @@ class _ProgressBar:
 
     def __init__(self, description: str, show_message: bool = False):
         self.description, self.bar, self.show_message, self.message = description, None, show_message, None
-        self.mode, self.said = progress_mode(), -1
+        self.mode, self.said, self.last_text, self.last_time = progress_mode(), -1, None, 0.0
 
     def _line(self, fraction: float, message: str) -> None:
-        """The log form: a line at each new 10 % step, and where the message (or label) changes."""
+        """The log form: a line at each new 10 % step, where the label changes, and, with
+        ``show_message``, where the message's kind changes (its words without the numbers:
+        "queued (queue position 2)" to "running", not slice 31 to slice 32 or tile 7 to tile 8,
+        which made a line per poll or tile: 29 lines in 14 s) or, its numbers only, a minute on."""
+        import re
+
         percent = int(100 * min(max(fraction, 0.0), 1.0))
         label = message.split(": ", 1)[0] if message.startswith("label ") and ": " in message else None
-        changed = (self.show_message and message != self.message) or (label is not None and label != self.message)
-        if changed:
-            self.message = message if self.show_message else label
+        now = time.monotonic()
+        if self.show_message:
+            kind = re.sub(r"\d+", "#", message)
+            changed = kind != self.message or (message != self.last_text and now - self.last_time >= 60)
+            if changed:
+                self.message = kind
+        else:
+            changed = label is not None and label != self.message
+            if changed:
+                self.message = label
         if changed or percent // 10 > self.said // 10:
-            self.said = percent
+            self.said, self.last_text, self.last_time = percent, message, now
             what = self.description + (f" {label}" if label is not None and not self.show_message else "")
             print(f"{what}: {percent}%" + (f", {message}" if self.show_message and message else ""),
                   file=sys.stderr, flush=True)

@@ -902,3 +902,21 @@ def test_a_sheared_image_whose_default_output_cannot_hold_it_is_found_before_any
     assert err.startswith("pamsegment: error: cases.csv row 3: the image's grid is sheared") and \
         "write sheared_pam.nrrd or .mha instead (give the row an output column)" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_batch_in_a_log_says_a_servers_wait_once_a_minute(capsys, monkeypatch):
+    """A review: off a terminal the cases bar is not drawn, and with it went the server's "busy"
+    and queue messages: a batch waiting on a full queue said nothing for as long as it waited."""
+    from tqdm import tqdm
+
+    clock = [1000.0]
+    monkeypatch.setattr(batch_module.time, "monotonic", lambda: clock[0])
+    with tqdm(total=1, file=io.StringIO(), disable=True) as bar:
+        progress = batch_module._case_progress(bar, lines=True, row=batch_module.BatchRow(
+            number=4, image=Path("a.nii.gz"), prompt=Path("p.nii.gz"), output=Path("o.nii.gz")))
+        for n in range(3):
+            progress(0.0, "server: busy, 8 jobs waiting already (it queues at most 8); asking again in 5 s")
+            clock[0] += 30
+        progress(0.2, "server: label 1: slice 3")
+    assert capsys.readouterr().err.splitlines() == [
+        "row 4: server: busy, 8 jobs waiting already (it queues at most 8); asking again in 5 s"] * 2

@@ -377,11 +377,14 @@ def test_progress_in_a_log_is_plain_lines(capsys, monkeypatch):
         + [f"propagating label 2 (2/3): {p}%" for p in range(50, 100, 10)] + ["propagating label 3 (3/3): 100%"])
     served = cli._ProgressBar("propagating", show_message=True)
     for fraction, message in ((0.0, "server: queued (queue position 2)"), (0.0, "server: queued (queue position 2)"),
-                              (0.0, "server: queued (queue position 1)"), (0.05, "server: slice 3")):
+                              (0.0, "server: queued (queue position 1)"), (0.05, "server: label 1: slice 3"),
+                              *((0.05 + n / 100, f"server: label 1: slice {4 + n}") for n in range(20))):
         served(fraction, message)
+    # a line where the kind of message changes and every 10 %, not one per slice (a review: 29 lines in 14 s
+    # for a server job, one per tile for label-cells)
     assert capsys.readouterr().err.splitlines() == [
-        "propagating: 0%, server: queued (queue position 2)", "propagating: 0%, server: queued (queue position 1)",
-        "propagating: 5%, server: slice 3"]
+        "propagating: 0%, server: queued (queue position 2)", "propagating: 5%, server: label 1: slice 3",
+        "propagating: 10%, server: label 1: slice 9", "propagating: 20%, server: label 1: slice 19"]
     monkeypatch.setenv("PAMSEGMENT_PROGRESS", "off")
     quiet = cli._ProgressBar("propagating")
     quiet(0.5, "")
