@@ -79,6 +79,8 @@ class BatchRow:
     method: str = ""  # what made the output: --method, with the checkpoint for pam (``made_with``)
     rerun: str = ""  # why --skip-existing runs an existing output again (the first note of its message)
     notes: list[str] = field(default_factory=list)  # what reading the case noted (e.g. which DICOM series)
+    info: list[str] = field(default_factory=list)  # an update's "update:" and "changed beside the edits:" lines
+    noted: str = ""  # a finished case's notes (not ``info``), printed and counted in the summary
     _paths: tuple[str, str, str] | None = field(default=None, repr=False, compare=False)
 
     def absolute(self) -> tuple[str, str, str]:
@@ -491,9 +493,12 @@ def _check_output_folders(out_dir: Path, todo: list[BatchRow], manifest: str) ->
     A skipped row's output exists, so its folder does too."""
     from .volumes import check_folder_writable, check_not_read_only
 
-    for r in todo:  # a result protected with chmod a-w is kept (--skip-existing has left such rows out)
-        try:
+    from .cli import keyframes_record_path
+
+    for r in todo:  # a result protected with chmod a-w is kept (--skip-existing has left such rows out), and
+        try:  # so is its record
             check_not_read_only(r.output)
+            check_not_read_only(keyframes_record_path(r.output))
         except InputError as error:
             raise InputError(f"{manifest} row {r.number}: {error}") from None
     if out_dir.is_dir():
@@ -556,6 +561,7 @@ def _run_row(row: BatchRow, model, args, progress=None) -> None:
 
     row.notes = [row.rerun] if row.rerun else []  # then what reading notes (kept when the case fails: a note
     # may explain the failure)
+    row.info = []
     image, prompt = read_case(row.image, row.prompt, row.output, args.resample_prompt, note=row.notes.append,
                               series=row.series, series_option="the manifest's series column")
     plan, earlier = None, None
@@ -563,8 +569,11 @@ def _run_row(row: BatchRow, model, args, progress=None) -> None:
     if row.edited is not None:
         from .cli import plan_update
 
+        def say(text: str) -> None:  # "update: ..." lines inform; other lines are notes
+            (row.info if text.startswith("update:") else row.notes).append(text)
+
         plan, earlier = plan_update(image, prompt, row.previous, row.edited, labels=row.labels,
-                                    resample=args.resample_prompt, say=row.notes.append, names=("previous", "edited"))
+                                    resample=args.resample_prompt, names=("previous", "edited"), say=say)
         keyframes, axis, walls = plan.prompt, plan.axis, plan.empty_slices
     remote = getattr(model, "runs_remotely", False) is True  # a server: an update runs there as a fresh run
     result = propagate(image.array, keyframes, image.spacing, model, labels=row.labels, axis=axis, empty_slices=walls,
@@ -585,13 +594,17 @@ def _run_row(row: BatchRow, model, args, progress=None) -> None:
     # these whole-volume passes after the move left the case "not run; nothing was written for it"
     # with its output on disk
     if plan is not None:
-        row.notes.extend(f"changed beside the edits: {line}" for line in plan.changes(result.mask))
+        from .cli import _made_otherwise_notes
+
+        row.info.extend(f"changed beside the edits: {line}" for line in plan.changes(result.mask))
+        row.notes.extend(_made_otherwise_notes(earlier, result))  # another method than the round it corrects
     row.slices = "; ".join(f"{lab}: {a}-{b}" for lab, (a, b) in result.slice_range.items())
     row.check_first = result.review_summary()
     how = "--intensity-gate off"  # the drift test's remedy, as propagate says it
     notes = [note + (f" ({how})" if kind == "drift" else "")
              for kind, note in result.kinds_of_notes(edited=None if plan is None else plan.edited)]
-    row.message = " | ".join(row.notes + notes)
+    row.noted = " | ".join(row.notes + notes)
+    row.message = " | ".join(row.info + row.notes + notes)
     replace_together(files)
 
 
@@ -678,16 +691,25 @@ def cmd_batch(args: argparse.Namespace) -> int:
     _check_output_folders(out_dir, todo, Path(args.manifest).name)
     from .volumes import _grid_from_header, check_geometry_fits, check_grids_from_headers
 
+    import warnings
+
     for r in todo:  # found now, not at the row's turn: a prompt of another case (a copy-paste slip), a
-        try:  # sheared image (gantry tilt) whose output, the default .nii.gz say, cannot store its grid
-            if not args.resample_prompt:
-                check_grids_from_headers(r.image, r.prompt, resample_option="--resample-prompt")
-            grid = _grid_from_header(r.image)
-            if grid is not None:
-                check_geometry_fits(grid.direction, r.output)
-        except InputError as error:
-            raise InputError(f"{Path(args.manifest).name} row {r.number}: {error}"
-                             + (" (give the row an output column)" if "sheared" in str(error) else "")) from None
+        # sheared image (gantry tilt) whose output, the default .nii.gz say, cannot store its grid
+        with warnings.catch_warnings(record=True) as caught:  # what the headers note, as a note (not Python's form)
+            warnings.simplefilter("always", UserWarning)
+            try:
+                if not args.resample_prompt:
+                    check_grids_from_headers(r.image, r.prompt, resample_option="--resample-prompt")
+                grid = _grid_from_header(r.image)
+                if grid is not None:
+                    check_geometry_fits(grid.direction, r.output)
+            except InputError as error:
+                raise InputError(f"{Path(args.manifest).name} row {r.number}: {error}"
+                                 + (" (give the row an output column)" if "sheared" in str(error) else "")) from None
+            finally:
+                for w in caught:
+                    if issubclass(w.category, UserWarning):
+                        print(f"note: row {r.number}: {w.message}", flush=True)
     report = out_dir / report_name
     from .volumes import check_not_read_only
 
@@ -711,7 +733,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
     t_all = time.perf_counter()
     interrupted, unreachable = "", None
-    from .remote import ServerUnreachable
+    from .remote import ServerBusy, ServerUnreachable
     from .cli import progress_mode
 
     mode = progress_mode()  # a bar on a terminal; in a log a line per finished case instead (no redrawn bars)
@@ -725,14 +747,18 @@ def cmd_batch(args: argparse.Namespace) -> int:
             try:
                 _run_row(r, model, args, progress=_case_progress(bar, lines=mode == "lines", row=r))
                 r.status, r.method = "ok", method
-                if r.message:  # what propagate would print as notes (a drift stop, lost voxels): said here too
-                    bar.write(f"row {r.number} ({r.image.name}): note: {r.message}", file=sys.stderr)
+                if r.noted:  # what propagate would print as notes (a drift stop, lost voxels): said here too
+                    bar.write(f"row {r.number} ({r.image.name}): note: {r.noted}", file=sys.stderr)
             except PropagationCancelled:
                 raise
-            except ServerUnreachable as error:  # every later case would fail the same way: stop here
+            except (ServerUnreachable, ServerBusy) as error:  # every later case would fail the same way: stop
                 r.status, r.message = "error", " | ".join([*r.notes, _one_line(error)])
                 bar.write(f"row {r.number} ({r.image.name}): error: {r.message}", file=sys.stderr)
                 unreachable = error
+                why = "could not be reached" if isinstance(error, ServerUnreachable) else "stayed busy"
+                for later in todo[todo.index(r) + 1:]:  # said in the report too, not on the console alone
+                    later.message = f"the batch stopped at row {r.number}, where the server {why}; resume with " \
+                                    "--skip-existing"
                 break
             except (PAMError, OSError, MemoryError, RuntimeError) as error:  # the batch goes on
                 # OSError: a file problem no check foresaw; running out of memory on one case (numpy's
@@ -766,7 +792,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         rewrite.write()
     counts = {s: sum(1 for r in rows if r.status == s) for s in ("ok", "error", "skipped", "not run")}
     parts = [f"{v} {k}" for k, v in counts.items() if v]
-    noted = [r.number for r in rows if r.status == "ok" and r.message]
+    noted = [r.number for r in rows if r.status == "ok" and r.noted]
     if noted:  # "2 ok (with notes: row 3)": the notes are in the report's message column
         parts[0] += (f" (with notes: row{'s' if len(noted) > 1 else ''} {', '.join(map(str, noted[:10]))}"
                      f"{' ...' if len(noted) > 10 else ''})")

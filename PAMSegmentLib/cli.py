@@ -343,6 +343,7 @@ def _check_output_path(out: str, inputs: Sequence[str]) -> None:
 
 
 PROGRESS_MODES = ("auto", "bar", "lines", "off")
+_PROGRESS_SAID: list[str] = []  # an unknown PAMSEGMENT_PROGRESS value, once said
 
 
 def progress_mode(stream=None) -> str:
@@ -353,6 +354,10 @@ def progress_mode(stream=None) -> str:
     mode = os.environ.get("PAMSEGMENT_PROGRESS", "auto").strip().lower()
     if mode in ("bar", "lines", "off"):
         return mode
+    if mode != "auto" and not _PROGRESS_SAID:  # a typo (line, quiet) said once, not taken as the default quietly
+        _PROGRESS_SAID.append(mode)
+        print(f"note: PAMSEGMENT_PROGRESS={mode!r} is not one of bar, lines, off or auto: auto is used",
+              file=sys.stderr, flush=True)
     stream = sys.stderr if stream is None else stream
     try:
         return "bar" if stream.isatty() else "lines"
@@ -552,6 +557,10 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     # Every run writes its record beside OUT; an update needs one (its next round reads it), a plain
     # run of a name too long for one goes without (a correction round then predicts every slice).
     with_record = check_keyframes_record_path(args.output, required=args.edited is not None)
+    if with_record:  # protected (chmod a-w): kept, as a protected OUT is (it was replaced)
+        from .volumes import check_not_read_only
+
+        check_not_read_only(keyframes_record_path(args.output))
     if args.report is not None:
         _check_report_path(args.report, [*inputs, args.output])
 
@@ -701,7 +710,7 @@ def _made_otherwise_notes(earlier, result) -> list[str]:
         return []
     from .checks import state_to_json
 
-    lines = []
+    whats: dict[str, list[int]] = {}
     for lab, now in sorted(result.begin_state.items()):
         try:  # both as JSON holds them (a record read back gives tuples)
             before, now_json = state_to_json(earlier.begin_state.get(lab)), state_to_json(now)
@@ -716,8 +725,12 @@ def _made_otherwise_notes(earlier, result) -> list[str]:
             what = "other settings than this one (other weights, registration weight or drift test)"
         else:
             continue
-        lines.append(f"label {lab}: the round you corrected ran {what}: every slice was predicted again, so the "
-                     "changes beside your edits include what that difference makes")
+        whats.setdefault(what, []).append(lab)
+    lines = []  # one line for the labels that share it (41 labels made 41 lines)
+    for what, labs in whats.items():
+        who = f"label {labs[0]}" if len(labs) == 1 else f"labels {', '.join(map(str, labs[:-1]))} and {labs[-1]}"
+        lines.append(f"{who}: the round you corrected ran {what}: every slice was predicted again, so the changes "
+                     "beside your edits include what that difference makes")
     return lines
 
 
@@ -751,9 +764,6 @@ def check_keyframes_record_path(out: str | os.PathLike, required: bool = True) -
     if target.is_dir():
         raise InputError(f"{target} is a folder, where this run would write its record; move it away or choose "
                          "another OUT")
-    from .volumes import check_not_read_only
-
-    check_not_read_only(target)  # protected (chmod a-w): kept, as a protected OUT is (it was replaced)
     return True
 
 
@@ -1106,7 +1116,9 @@ def _unrecognized(parser: argparse.ArgumentParser, command: str, extra: list[str
 
     sub = parser._pam_subparsers[command]
     message = f"unrecognized arguments: {' '.join(extra)}"
-    if "--empty-slices" in argv and any(re.fullmatch(r"\d+:\d.*", a) for a in extra):
+    given_walls = any(a == "--empty-slices" or a.startswith("--empty-slices=") for a in argv)
+    if given_walls and "--empty-slices" in sub._option_string_actions \
+            and any(re.fullmatch(r"\d+:\d.*", a) for a in extra):
         message += ("; --empty-slices takes one value: repeat it for each label (--empty-slices 1:20 "
                     "--empty-slices 2:4)")
     else:
@@ -1121,7 +1133,8 @@ def _unrecognized(parser: argparse.ArgumentParser, command: str, extra: list[str
                 names = elsewhere[0] if len(elsewhere) == 1 else f"{', '.join(elsewhere[:-1])} and {elsewhere[-1]}"
                 message += (f"; {options[0]} is an option of {names}, not {command}"
                             + (": in a batch, give such a case its own run of propagate, or each label its own "
-                               "row (its axis is then found from its drawing)" if command == "batch" else ""))
+                               "row (its axis is then found from its drawing)"
+                               if command == "batch" and "propagate" in elsewhere else ""))
     sub.error(message)
 
 

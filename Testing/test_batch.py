@@ -920,3 +920,35 @@ def test_a_batch_in_a_log_says_a_servers_wait_once_a_minute(capsys, monkeypatch)
         progress(0.2, "server: label 1: slice 3")
     assert capsys.readouterr().err.splitlines() == [
         "row 4: server: busy, 8 jobs waiting already (it queues at most 8); asking again in 5 s"] * 2
+
+
+def test_a_batch_correction_round_with_another_method_says_so_and_plain_updates_are_no_notes(tmp_path, cases,
+                                                                                              capsys):
+    """A diff review: batch update rows lacked propagate's note that the round corrected ran another
+    method, and every update row counted as "with notes" (its "update:" lines)."""
+    from PAMSegmentLib.volumes import read_volume, write_volume
+
+    m = _manifest(tmp_path / "data" / "cases.csv", ["image,prompt,output", "c0/image.nii.gz,c0/prompt.nii.gz,"
+                                                    "../r1/first.nii.gz"])
+    (tmp_path / "r1").mkdir()
+    assert main(["batch", str(m), "-o", str(tmp_path / "r1"), "--method", "copy"]) == 0
+    first = read_volume(tmp_path / "r1" / "first.nii.gz")
+    edited = first.array.copy()
+    edited[12] = 0
+    first.array = edited
+    write_volume(first, tmp_path / "r1" / "edited.nii.gz")
+    upd = _manifest(tmp_path / "data" / "upd.csv", [
+        "image,prompt,output,previous,edited",
+        "c0/image.nii.gz,c0/prompt.nii.gz,../r2/same.nii.gz,../r1/first.nii.gz,../r1/edited.nii.gz"])
+    (tmp_path / "r2").mkdir()
+    capsys.readouterr()
+    assert main(["batch", str(upd), "-o", str(tmp_path / "r2"), "--method", "copy"]) == 0
+    assert "batch: 1 ok of 1 row" in capsys.readouterr().out  # not "with notes": its update lines are no notes
+    assert _report(tmp_path / "r2" / "batch_report.csv")[0]["message"].startswith("update: label 1: keyframes")
+    other = _manifest(tmp_path / "data" / "other.csv", [
+        "image,prompt,output,previous,edited",
+        "c0/image.nii.gz,c0/prompt.nii.gz,../r2/track.nii.gz,../r1/first.nii.gz,../r1/edited.nii.gz"])
+    assert main(["batch", str(other), "-o", str(tmp_path / "r2"), "--method", "track"]) == 0
+    out, err = capsys.readouterr()
+    assert "with notes: row 2" in out
+    assert "label 1: the round you corrected ran --method copy and this one --method track" in err

@@ -177,6 +177,18 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(ct_case):
      "unrecognized arguments: --tile 3:4; --tile is an option of label-cells, not label-images (see pamsegment "
      "label-images --help)"),
     (["batch", "m.csv", "-o", "r", "--bogus"], "unrecognized arguments: --bogus (see pamsegment batch --help)"),
+    # a diff review: the hint where the option does not exist, the batch advice for other commands' options, and
+    # the --empty-slices=1:20 form that had lost its hint
+    (["batch", "m.csv", "-o", "r", "--empty-slices", "1:20"],
+     "unrecognized arguments: --empty-slices 1:20; --empty-slices is an option of propagate, not batch: in a batch, "
+     "give such a case its own run of propagate, or each label its own row (its axis is then found from its "
+     "drawing) (see pamsegment batch --help)"),
+    (["batch", "m.csv", "-o", "r", "--order", "similar"],
+     "unrecognized arguments: --order similar; --order is an option of label-images, not batch (see pamsegment "
+     "batch --help)"),
+    (["propagate", "a.nii.gz", "p.nii.gz", "-o", "x.nii.gz", "--empty-slices=1:20", "2:4"],
+     "unrecognized arguments: 2:4; --empty-slices takes one value: repeat it for each label (--empty-slices 1:20 "
+     "--empty-slices 2:4) (see pamsegment propagate --help)"),
 ])
 def test_an_unknown_argument_names_the_subcommands_help_and_where_the_option_is(args, line, capsys):
     """A review: every unknown N:M got the --empty-slices hint (also `--range 10:20 25:29`, and in
@@ -627,3 +639,21 @@ def test_sigterm_stops_a_batch_with_its_own_exit_status(ct_case, tmp_path):
     assert (row["status"], row["message"]) == ("not run", "terminated (SIGTERM) while running; nothing was written "
                                                            "for it")
     assert sorted(p.name for p in (tmp_path / "res").iterdir()) == ["batch_report.csv"]
+
+
+def test_a_batch_resumes_past_rows_whose_records_are_protected(ct_case, tmp_path, capsys):
+    """A diff review: refusing a read-only record also refused --skip-existing on a finished
+    folder whose records were write-protected (rows it skips). Only rows to run are checked."""
+    import os
+    import stat
+
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"image,prompt\n{ct_case.image_path},{ct_case.prompt_path}\n")
+    res = tmp_path / "res"
+    assert cli.main(["batch", str(manifest), "-o", str(res), "--method", "copy"]) == 0
+    record = next(res.glob("*.keyframes.json"))
+    os.chmod(record, stat.S_IRUSR | stat.S_IRGRP)
+    assert cli.main(["batch", str(manifest), "-o", str(res), "--method", "copy", "--skip-existing"]) == 0
+    assert "1 skipped of 1 row" in capsys.readouterr().out
+    assert cli.main(["batch", str(manifest), "-o", str(res), "--method", "copy"]) == 2  # a row to run: kept
+    assert f"{record.name} exists and is read-only" in capsys.readouterr().err
