@@ -36,7 +36,6 @@ import os
 import signal
 import sys
 import time
-import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -614,86 +613,56 @@ def cmd_propagate(args: argparse.Namespace) -> int:
             previous=None if args.server else earlier,  # walks the earlier run made that still hold are reused
         )
     how = "--intensity-gate off"
-    # Written to a temporary beside OUT, then moved in and reported with Ctrl-C ignored (and left
-    # ignored when the process ends with this command): an interrupt once OUT is in place would
-    # say "nothing was written".
+    # OUT, its record and the --report table are written to temporaries beside them, then moved in
+    # together (replace_together: a move that fails puts back those moved before it) and reported
+    # with Ctrl-C ignored (left ignored when the process ends with this command): an interrupt once
+    # OUT is in place would say "nothing was written".
     out = through_link(Path(args.output))
     ext = check_output_path(out, probe=False)  # OUT's format, for the temporary's name
-    tmp = out.with_name(f".pamsegment-{uuid.uuid4().hex[:12]}.tmp{ext}")
-    report = None if args.report is None else through_link(Path(args.report))
-    tmp_report = None if report is None else report.with_name(f".pamsegment-{uuid.uuid4().hex[:12]}.tmp.csv")
     sidecar = keyframes_record_path(out) if with_record else None
-    tmp_sidecar = None if sidecar is None else sidecar.with_name(f".pamsegment-{uuid.uuid4().hex[:12]}.tmp.json")
-    old_sidecar = None if sidecar is None else sidecar.with_name(f".pamsegment-{uuid.uuid4().hex[:12]}.old.json")
     voxels = result.slice_voxels()  # once, for the table and the slices to check first
     check = result.review_summary(voxels)
-    from .volumes import seg_nrrd_segments
+    from .volumes import plane_name, replace_together, seg_nrrd_segments
 
     segments = seg_nrrd_segments(args.prompt)
-    try:
-        try:
-            write_labelmap(result.mask, image, tmp, segments=segments)
-        except InputError as error:  # its message names the temporary: name OUT
-            raise InputError(str(error).replace(str(tmp), str(args.output))) from None
-        if report is not None:
-            _write_or_refuse(args.report, lambda: write_slice_report(result, tmp_report, voxels))
-        if sidecar is not None:
-            _write_or_refuse(str(sidecar), lambda: _write_keyframes_record(tmp_sidecar, result, plan))
-        with ctrl_c_ignored(keep=getattr(args, "_ends_process", False)):
-            # The table first: if it cannot be moved in, OUT is still the old one.
-            if report is not None:
-                _move_in(tmp_report, report, "the --report table; OUT was not written either")
-            try:
-                if sidecar is not None:  # the old OUT's record is kept aside until OUT is in place
-                    if sidecar.is_file():
-                        os.replace(sidecar, old_sidecar)
-                    _move_in(tmp_sidecar, sidecar, "the record of this run; OUT was not written either")
-                _move_in(tmp, out, "OUT" + ("; the --report table was written" if report is not None else ""))
-            except (InputError, OSError) as error:
-                if sidecar is not None:  # the old OUT keeps its own record (or none)
-                    if old_sidecar.is_file():
-                        os.replace(old_sidecar, sidecar)
-                    else:
-                        sidecar.unlink(missing_ok=True)
-                if isinstance(error, OSError):  # setting the old record aside failed
-                    raise InputError(f"cannot replace {sidecar} ({error.strerror or error}); OUT was not written "
-                                     "either") from None
-                raise
-            wrote = [args.output] + ([args.report] if report is not None else []) + (
-                [str(sidecar)] if sidecar is not None else [])
-            listing = wrote[0] if len(wrote) == 1 else f"{', '.join(wrote[:-1])} and {wrote[-1]}"
-            from .volumes import plane_name
+    files = []  # the table first, then the record, then OUT (as they are moved in)
+    if args.report is not None:
+        files.append((args.report, ".csv", lambda tmp: write_slice_report(result, tmp, voxels)))
+    if sidecar is not None:
+        files.append((sidecar, ".json", lambda tmp: _write_keyframes_record(tmp, result, plan)))
+    files.append((args.output, ext, lambda tmp: write_labelmap(result.mask, image, tmp, segments=segments)))
 
-            plane = plane_name(image.direction, result.axis)
-            if len(result.slice_range) <= MANY_LABELS:
-                print(f"wrote {listing}: {result.summary(plane)}; {time.perf_counter() - t0:.1f} s in all", flush=True)
-                if check:
-                    print(f"least confident slices, to check first: {check}", flush=True)
-            else:  # one line per label (41 labels made a 1.3 KB summary line and a 1 KB "check first" one)
-                print(f"wrote {listing}: {len(result.slice_range)} labels (axis {result.axis}, {plane} slices); "
-                      f"{result.n_predicted} slices predicted in {result.timings.get('total', 0):.1f} s; "
-                      f"{time.perf_counter() - t0:.1f} s in all; per label its slices and those to check first:",
-                      flush=True)
-                for lab, (a, b) in result.slice_range.items():
-                    name = segments.get(lab, {}).get("Name")
-                    first = result.review_first(lab, voxels=voxels)
-                    print(f"  label {lab}" + (f" ({name})" if name else "") + f": slices {a}-{b}"
-                          + (f"; check {', '.join(map(str, first))}" if first else ""), flush=True)
-            if plan is not None:
-                for line in plan.changes(result.mask):
-                    print(f"changed beside your edits: {line}", flush=True)
-                for line in _made_otherwise_notes(earlier, result):
-                    print(f"note: {line}", flush=True)
-            edited = None if plan is None else plan.edited
-            for kind, note in result.kinds_of_notes(edited=edited):
-                print(f"note: {note}" + (f" ({how})" if kind == "drift" else ""), flush=True)
-            if sidecar is None:
-                print(f"note: no record was written beside {args.output} (its name is too long for "
-                      f"{KEYFRAMES_SUFFIX} to be added): a correction round from it predicts every slice", flush=True)
-    finally:
-        for t in (tmp, tmp_report, tmp_sidecar, old_sidecar):
-            if t is not None:
-                t.unlink(missing_ok=True)
+    def report_written() -> None:
+        wrote = [args.output] + ([args.report] if args.report is not None else []) + (
+            [str(sidecar)] if sidecar is not None else [])
+        listing = wrote[0] if len(wrote) == 1 else f"{', '.join(wrote[:-1])} and {wrote[-1]}"
+        plane = plane_name(image.direction, result.axis)
+        if len(result.slice_range) <= MANY_LABELS:
+            print(f"wrote {listing}: {result.summary(plane)}; {time.perf_counter() - t0:.1f} s in all", flush=True)
+            if check:
+                print(f"least confident slices, to check first: {check}", flush=True)
+        else:  # one line per label (41 labels made a 1.3 KB summary line and a 1 KB "check first" one)
+            print(f"wrote {listing}: {len(result.slice_range)} labels (axis {result.axis}, {plane} slices); "
+                  f"{result.n_predicted} slices predicted in {result.timings.get('total', 0):.1f} s; "
+                  f"{time.perf_counter() - t0:.1f} s in all; per label its slices and those to check first:",
+                  flush=True)
+            for lab, (a, b) in result.slice_range.items():
+                name = segments.get(lab, {}).get("Name")
+                first = result.review_first(lab, voxels=voxels)
+                print(f"  label {lab}" + (f" ({name})" if name else "") + f": slices {a}-{b}"
+                      + (f"; check {', '.join(map(str, first))}" if first else ""), flush=True)
+        if plan is not None:
+            for line in plan.changes(result.mask):
+                print(f"changed beside your edits: {line}", flush=True)
+            for line in _made_otherwise_notes(earlier, result):
+                print(f"note: {line}", flush=True)
+        for kind, note in result.kinds_of_notes(edited=None if plan is None else plan.edited):
+            print(f"note: {note}" + (f" ({how})" if kind == "drift" else ""), flush=True)
+        if sidecar is None:
+            print(f"note: no record was written beside {args.output} (its name is too long for "
+                  f"{KEYFRAMES_SUFFIX} to be added): a correction round from it predicts every slice", flush=True)
+
+    replace_together(files, keep_ctrl_c_ignored=getattr(args, "_ends_process", False), after=report_written)
     return EXIT_OK
 
 
@@ -946,24 +915,6 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
 def keyframes_record_writer(result, plan=None) -> Callable[[Path], None]:
     """``write(tmp)`` of a run's record (``plan``: an update's), for ``volumes.replace_together``."""
     return lambda tmp: _write_keyframes_record(tmp, result, plan)
-
-
-def _write_or_refuse(name: str, write: Callable[[], None]) -> None:
-    """``write()`` a temporary of the file ``name``; a failure (a full disk) is one InputError line."""
-    try:
-        write()
-    except OSError as error:
-        from .volumes import os_reason
-
-        raise InputError(f"cannot write {name} ({os_reason(error)}); nothing was replaced") from None
-
-
-def _move_in(tmp: Path, target: Path, what: str) -> None:
-    """``tmp`` replaces ``target``; a failure is one InputError line naming ``what``."""
-    try:
-        os.replace(tmp, target)
-    except OSError as error:
-        raise InputError(f"cannot write {target} ({error.strerror or error}): {what}; choose another path") from None
 
 
 def _check_report_path(report: str, others: Sequence[str]) -> None:

@@ -113,7 +113,8 @@ def test_an_output_that_is_a_symbolic_link_stays_one(ct_case, tmp_path, capsys):
 @pytest.mark.parametrize("failing", ["report", "out"])
 def test_a_failed_move_is_one_line_and_the_table_never_stands_alone(ct_case, tmp_path, monkeypatch, capsys, failing):
     """The table is moved in first: if that fails, OUT is still the old file; if moving OUT fails,
-    the message says the table was written. Either way one line, exit 2, no temporaries left."""
+    the table and the record moved in before it are put back (it said the table was written: a new
+    table beside the old OUT). Either way one line, exit 2, nothing replaced, no temporaries left."""
     import os
 
     out, report = tmp_path / "out.nii.gz", tmp_path / "slices.csv"
@@ -133,12 +134,13 @@ def test_a_failed_move_is_one_line_and_the_table_never_stands_alone(ct_case, tmp
     err = err.strip().splitlines()[-1]  # after the progress bar: the work was done
     assert out.read_bytes() == b"old result"  # OUT untouched in both cases
     if failing == "report":
-        assert f"cannot write {report} (Permission denied): the --report table; OUT was not written" in err
-        assert not report.exists()
+        assert err.endswith(f"cannot write {report} (Permission denied): nothing was replaced; fix that and run again")
     else:
-        assert f"cannot write {out} (Permission denied): OUT; the --report table was written" in err
-        # the old OUT keeps its own record (here: none; another test keeps an update's)
-        assert not (tmp_path / "out.nii.gz.keyframes.json").exists()
+        assert err.endswith(f"cannot write {out} (Permission denied): nothing was replaced (slices.csv, "
+                            "out.nii.gz.keyframes.json put back as they were); fix that and run again")
+    assert not report.exists()  # no table beside the old OUT
+    # the old OUT keeps its own record (here: none; another test keeps an update's)
+    assert not (tmp_path / "out.nii.gz.keyframes.json").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".pamsegment-")]
 
 
