@@ -299,7 +299,7 @@ def _check_no_damaged_files(folder: Path, by_uid: dict) -> None:
     for p in sorted(folder.iterdir()):
         if p.name in listed or p.name.upper() == "DICOMDIR" or not p.is_file() or not _is_dicom_file(p):
             continue
-        if not _dicom_image_class(p):
+        if _dicom_image_class(p) is False:  # another kind of object (True: an image; None: no readable meta header)
             continue
         reader = sitk.ImageFileReader()
         reader.SetFileName(_itk_path(p))
@@ -317,28 +317,34 @@ def _check_no_damaged_files(folder: Path, by_uid: dict) -> None:
 
 # DICOM image storage classes (PS3.4 B.5): a file of one of these that ITK cannot read is damaged.
 _IMAGE_STORAGE = {f"1.2.840.10008.5.1.4.1.1.{c}" for c in (
-    "1", "1.1", "1.1.1", "1.2", "1.2.1", "1.3", "1.3.1", "2", "2.1", "2.2", "3.1", "4", "4.1", "4.2", "4.3", "4.4",
+    "1", "1.1", "1.1.1", "1.2", "1.2.1", "1.3", "1.3.1", "2", "2.1", "2.2", "3.1", "4", "4.1", "4.3", "4.4",
     "6.1", "6.2", "7", "7.1", "7.2", "7.3", "7.4", "12.1", "12.1.1", "12.2", "12.2.1", "13.1.1", "13.1.2", "13.1.3",
     "20", "30", "128", "128.1", "130", "481.1", "77.1.1", "77.1.2", "77.1.4", "77.1.5.1", "77.1.5.2", "77.1.6")}
 
 
-def _dicom_image_class(p: Path) -> bool:
+def _dicom_image_class(p: Path) -> bool | None:
     """Whether the DICOM file ``p`` says in its meta header (MediaStorageSOPClassUID, 0002,0002:
-    explicit VR little endian, as PS3.10 fixes it) that it holds an image; False for other objects
-    (structure sets, reports, presentation states) and where the header cannot be read."""
+    explicit VR little endian, as PS3.10 fixes it) that it holds an image: True, or False for
+    other objects (structure sets, reports, presentation states, spectroscopy); None where no such
+    header can be read (an empty file, one cut inside it, one without it): such a file is checked
+    as an image would be (a cut copy of a slice may look like this)."""
     import struct
 
     try:
         with open(p, "rb") as fh:
             head = fh.read(132 + 4096)
     except OSError:
-        return False
+        return None
+    if head[128:132] != b"DICM":
+        return None
     at = 132
     while at + 8 <= len(head):
         group, element = struct.unpack_from("<HH", head, at)
         if group != 0x0002:
             break
         vr = head[at + 4:at + 6]
+        if not (vr.isalpha() and vr.isupper()):
+            return None  # not explicit VR (a malformed meta header): checked as an image
         if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"UC", b"UR"):
             if at + 12 > len(head):
                 break
@@ -346,10 +352,12 @@ def _dicom_image_class(p: Path) -> bool:
         else:
             length, value_at = struct.unpack_from("<H", head, at + 6)[0], at + 8
         if element == 0x0002:
+            if value_at + length > len(head):
+                return None
             uid = head[value_at:value_at + length].rstrip(b"\x00 ").decode("ascii", "replace")
             return uid in _IMAGE_STORAGE
         at = value_at + length
-    return False
+    return None
 
 
 def _read_series_files(files, chosen: str, folder: Path) -> sitk.Image:
@@ -2208,9 +2216,13 @@ def has_position(image: sitk.Image) -> bool:
     TIFF, JPEG and BMP do not (ITK gives them a unit grid at 0), nor a DICOM file without them (a
     secondary capture)."""
     keys = set(image.GetMetaDataKeys())
-    if any(k.startswith("0020|") or k.startswith("0008|") for k in keys):  # DICOM
+    reader = image.GetMetaData("ITK_InputFilterName") if "ITK_InputFilterName" in keys else ""
+    if keys & {"qform_code", "sform_code"} or any(k.startswith("NRRD_") for k in keys) \
+            or reader in ("NrrdImageIO", "MetaImageIO"):  # such a file may keep DICOM tags too: it is placed
+        return True
+    if any(k.startswith(("0020|", "0008|")) for k in keys):  # DICOM: placed with its position and orientation
         return {"0020|0032", "0020|0037"} <= keys
-    return bool(keys & {"qform_code", "sform_code", "ITK_InputFilterName"}) or any(k.startswith("NRRD_") for k in keys)
+    return bool(reader)
 
 
 def in_plane_geometry(image: sitk.Image):

@@ -1034,7 +1034,16 @@ def test_non_image_dicom_objects_beside_a_series_are_not_called_damaged(tmp_path
     for name, sop in (("RS.dcm", "1.2.840.10008.5.1.4.1.1.481.3"), ("SR.dcm", "1.2.840.10008.5.1.4.1.1.88.67"),
                       ("PR.dcm", "1.2.840.10008.5.1.4.1.1.11.1")):
         _dicom_object(tmp_path / "dcm" / name, sop)
+    _dicom_object(tmp_path / "dcm" / "MRS.dcm", "1.2.840.10008.5.1.4.1.1.4.2")  # spectroscopy: no image either
     assert read_volume(tmp_path / "dcm").shape == (5, 5, 6)
+    # a second review: a file whose meta header cannot be read (empty, cut inside it) passed as "not an image"
+    (tmp_path / "dcm" / "IM9.dcm").write_bytes(b"")
+    with pytest.raises(InputError, match=r"1 DICOM file in .* cannot be read \(truncated or damaged: IM9.dcm\)"):
+        read_volume(tmp_path / "dcm")
+    (tmp_path / "dcm" / "IM9.dcm").write_bytes(b"\x00" * 128 + b"DICM\x02\x00")  # cut inside its meta header
+    with pytest.raises(InputError, match=r"\(truncated or damaged: IM9.dcm\)"):
+        read_volume(tmp_path / "dcm")
+    (tmp_path / "dcm" / "IM9.dcm").unlink()
     _dicom_object(tmp_path / "dcm" / "CT.cut", "1.2.840.10008.5.1.4.1.1.2")  # a CT slice cut after its header
     with pytest.raises(InputError, match=r"1 DICOM file in .* cannot be read \(truncated or damaged: CT.cut\)"):
         read_volume(tmp_path / "dcm")
