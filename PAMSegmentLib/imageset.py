@@ -123,11 +123,17 @@ def orientation_to(reference, image, name: str = "", say=None) -> tuple[bool, bo
     to the reference is matched as stored too, said to ``say``."""
     from .volumes import has_position, in_plane_geometry
 
-    if image is reference or image.GetDimension() != reference.GetDimension() \
-            or not (has_position(image) and has_position(reference)):
+    if image is reference or not (has_position(image) and has_position(reference)):
         return None
-    # the in-plane axes of both (a DICOM file or a one-slice volume is 3D: its slice's two axes)
-    m = in_plane_geometry(reference)[1].T @ in_plane_geometry(image)[1]  # [reference axis, image axis]
+
+    def axes(im) -> np.ndarray:  # its slice's two axes in space (a 2D file's x-y axes with z 0)
+        a = in_plane_geometry(im)[1]
+        return a if a.shape[0] == 3 else np.vstack([a, np.zeros((1, 2))])
+
+    m = axes(reference).T @ axes(image)  # [reference axis, image axis]
+    if image.GetDimension() != reference.GetDimension() and not np.allclose(
+            np.sort(np.abs(m), axis=None)[-2:], 1.0, atol=1e-3):
+        return None  # a 2D file and a slice of another plane: nothing to compare them by
     if not np.allclose(np.abs(m), np.round(np.abs(m)), atol=1e-3):
         if say is not None:
             say(f"{name} is stored obliquely to the prompt image (its axes are not parallel to the prompt image's): "

@@ -513,7 +513,6 @@ def _nifti_header(p: Path) -> bytes | None:
 def _check_nifti_complete(p: Path, header: bytes) -> None:
     """ITK's NIfTI reader fills a file cut short (an interrupted copy or download) with zeros and
     says nothing: check that the file holds all the voxel data its ``header`` declares."""
-    import gzip
     import zlib
 
     needed = _nifti_data_bytes(header)
@@ -529,11 +528,9 @@ def _check_nifti_complete(p: Path, header: bytes) -> None:
                 # ISIZE cannot tell 4 GiB more from nothing (an 80-byte file declaring 4 GiB passed: ITK
                 # then allocated and filled them), so the bytes are counted
                 return
-        have = 0  # otherwise (a cut stream, extra data, several gzip members): count the bytes
-        try:
-            with gzip.open(p, "rb") as f:
-                while chunk := f.read(1 << 22):
-                    have += len(chunk)
+        try:  # otherwise (a cut stream, bytes after it, several gzip members): count the bytes
+            with open(p, "rb") as raw:
+                have = _gzip_bytes_up_to(raw, needed)
         except (OSError, EOFError, zlib.error) as error:
             raise InputError(f"{p.name} is incomplete or damaged ({error}); copy or download it again") from None
     if have < needed:
@@ -603,18 +600,21 @@ def _check_nrrd_complete(p: Path) -> None:
 
 
 def _gzip_bytes_up_to(raw, needed: int) -> int:
-    """Bytes the gzip data read from ``raw`` (member after member) decompresses to, counted up to
-    ``needed``, without holding them. Bytes after the last member that start no new one (a newline
-    some writers append; ITK ignores them, where gzip.GzipFile refused the file) end the count.
-    zlib.error for damaged data."""
+    """Bytes the gzip data read from ``raw`` (member after member) decompresses to, without holding
+    them. Bytes after the last member that start no new one (a newline some writers append; ITK
+    ignores them, where gzip.GzipFile refused the file) end the count. EOFError for a member cut
+    short (its data or its trailer: a copy or a write cut off), zlib.error for damaged data.
+    ``needed``: kept for the callers' reading (the count is not capped)."""
     import zlib
 
     have, stream, pending = 0, zlib.decompressobj(wbits=31), b""
-    while have < needed:
+    while True:
         if not pending:
             pending = raw.read(1 << 20)
             if not pending:
-                break  # the file ends
+                if have or not stream.eof:  # the file ended inside a member
+                    raise EOFError("the compressed data ends before its end-of-stream marker")
+                break
         have += len(stream.decompress(pending, 1 << 24))
         pending = stream.unconsumed_tail
         if stream.eof:
@@ -622,7 +622,7 @@ def _gzip_bytes_up_to(raw, needed: int) -> int:
             if len(rest) < 2:
                 rest += raw.read(2 - len(rest))
             if not rest.startswith(b"\x1f\x8b"):
-                break  # no further member: what follows is not data
+                return have  # no further member: what follows is not data
             stream, pending = zlib.decompressobj(wbits=31), rest
     return have
 
@@ -1286,7 +1286,7 @@ def read_labelmap(path: PathLike, reference: Volume | None = None, resample: boo
         _check_not_oblique_strips(name, drawn, reference, labels.array)
         labels = Volume(_collapse_tilted_strips(name, drawn, reference, labels.array), labels.spacing,
                         labels.origin, labels.direction)
-        _warn_lost_in_resampling(name, drawn, reference, labels.array)
+        _check_resampled_labels(name, drawn, reference, labels.array)
     return Volume(labels.array, reference.spacing, reference.origin, reference.direction)
 
 
@@ -1338,31 +1338,77 @@ def _drawn_slice_of(drawn: Volume, reference: Volume, where, ax: int) -> np.ndar
         + np.asarray(reference.origin, dtype=np.float64)[:, None]
     axes = np.asarray(drawn.direction, dtype=np.float64).reshape(3, 3)
     index = (axes.T @ (points - np.asarray(drawn.origin, dtype=np.float64)[:, None]))[2 - ax]
-    return np.rint(index / drawn.spacing_ijk[2 - ax]).astype(np.int64)
+    return np.floor(index / drawn.spacing_ijk[2 - ax] + 0.5).astype(np.int64)  # halves up, as ITK's nearest
 
 
-def _warn_lost_in_resampling(name: str, drawn: Volume, reference: Volume, resampled: np.ndarray) -> None:
-    """Drawn slices that left nothing on the image's grid are said: drawn on slices thinner than
-    the image's, nearest-neighbour sampling keeps only those an image slice's centre falls in (a
-    review: three slices drawn on a 1 mm grid over a 5 mm image became 381 voxels on one slice,
-    without a word). A label lost whole is the caller's refusal; a 3D mask (more than 10 slices)
-    is not a drawing."""
+DRAWING_RUN = 3  # drawn slices in runs of at most this many adjacent slices are a drawing; longer runs a 3D mask
+
+
+def _drawing_slices(mine: np.ndarray, ax: int) -> set[int]:
+    """The slices along ``ax`` of a label's mask ``mine`` that are drawn slices: those in runs of at
+    most DRAWING_RUN adjacent slices (the engine keeps up to 3 adjacent drawn slices of a small
+    object as keyframes); longer runs are a 3D mask (a registered lesion's), resampled as it is."""
+    held = np.flatnonzero(np.moveaxis(mine, ax, 0).any(axis=(1, 2)))
+    out, run = set(), []
+    for s in [*held.tolist(), None]:
+        if run and (s is None or s != run[-1] + 1):
+            if len(run) <= DRAWING_RUN:
+                out.update(run)
+            run = []
+        if s is not None:
+            run.append(s)
+    return out
+
+
+def _check_resampled_labels(name: str, drawn: Volume, reference: Volume, resampled: np.ndarray) -> None:
+    """After resampling a prompt: a label left with nothing on the image's grid is refused (with
+    two labels drawn on thin slices, one vanished and the run went on without it, exit 0), and
+    drawn slices that left nothing are said: drawn on slices thinner than the image's, nearest-
+    neighbour sampling keeps only those an image slice's centre falls in (three slices drawn on a
+    1 mm grid over a 5 mm image became 381 voxels on one slice, without a word). Slices of a 3D
+    mask (longer runs) may fall between the image's: downsampling drops slices, nothing to say."""
+    present = set(np.unique(resampled).tolist())
+    for value in np.unique(drawn.array[drawn.array != 0])[:1024]:
+        if int(value) not in present:
+            raise InputError(f"{name}: label {int(value)} is not left on the image grid after resampling: it lies "
+                             "outside the image or between two of its slices; draw it on the image itself, or leave "
+                             "it out (--label)")
     for value in np.unique(drawn.array[drawn.array != 0])[:64]:
         mine = drawn.array == value
         counts = _slices_holding(mine)
         ax = int(np.argmin(counts))
-        if counts[ax] > 10:
+        drawing = _drawing_slices(mine, ax) if counts[ax] <= 10 else set()
+        if not drawing:
             continue
         where = np.nonzero(resampled == value)
-        if where[0].size == 0:
+        lost = sorted(drawing - set(np.unique(_drawn_slice_of(drawn, reference, where, ax)).tolist()))
+        if not lost:
             continue
-        held = set(np.flatnonzero(np.moveaxis(mine, ax, 0).any(axis=(1, 2))).tolist())
-        lost = sorted(held - set(np.unique(_drawn_slice_of(drawn, reference, where, ax)).tolist()))
-        if lost:
-            warnings.warn(f"{name}: label {int(value)} was drawn on {len(held)} slices of its grid, and "
-                          f"{len(lost)} of them ({', '.join(map(str, lost[:5]))}{' ...' if len(lost) > 5 else ''}) "
-                          "fell between the image's slices once resampled (drawn on slices thinner than the "
-                          "image's): check the prompt, or draw it on the image's own slices", stacklevel=3)
+        outside = [s for s in lost if not _drawn_slice_inside(drawn, reference, mine, ax, s)]
+        between = [s for s in lost if s not in outside]
+        parts = []
+        for what, slices in (("fell between the image's slices", between), ("lie outside the image", outside)):
+            if slices:
+                shown = ", ".join(map(str, slices[:5])) + (" ..." if len(slices) > 5 else "")
+                parts.append(f"{len(slices)} of them ({shown}) {what}")
+        warnings.warn(f"{name}: label {int(value)} was drawn on {len(drawing)} slice{'s' if len(drawing) > 1 else ''} "
+                      f"of its grid, and {' and '.join(parts)} once resampled: check the prompt, or draw it on the "
+                      "image's own slices", stacklevel=3)
+
+
+def _drawn_slice_inside(drawn: Volume, reference: Volume, mine: np.ndarray, ax: int, s: int) -> bool:
+    """Whether drawn slice ``s`` (of label mask ``mine``, along ``ax``) lies within the image's
+    extent: its drawn voxels' centre, as a continuous index of the image, within every axis."""
+    points = np.argwhere(np.moveaxis(mine, ax, 0)[s])
+    centre = np.insert(points.mean(axis=0), 0, s)  # along (ax, the other two) of the drawn array
+    order = [ax] + [a for a in range(3) if a != ax]
+    kji = np.empty(3)
+    kji[order] = centre
+    ijk = kji[::-1] * np.asarray(drawn.spacing_ijk)
+    point = np.asarray(drawn.direction, dtype=np.float64).reshape(3, 3) @ ijk + np.asarray(drawn.origin)
+    direction = np.asarray(reference.direction, dtype=np.float64).reshape(3, 3)
+    index = np.linalg.solve(direction, point - np.asarray(reference.origin)) / np.asarray(reference.spacing_ijk)
+    return bool(np.all((index >= -0.5) & (index <= np.asarray(reference.size_ijk) - 0.5)))
 
 
 def _collapse_tilted_strips(name: str, drawn: Volume, reference: Volume, resampled: np.ndarray) -> np.ndarray:
@@ -1392,11 +1438,10 @@ def _collapse_tilted_strips(name: str, drawn: Volume, reference: Volume, resampl
         if where[0].size == 0:
             continue
         source = _drawn_slice_of(drawn, reference, where, ax)  # the drawn slice each voxel came from
-        # only a drawn slice with no drawn neighbour is a drawing to put back: consecutive drawn
-        # slices are a 3D mask (a registered lesion's), resampled as it is (collapsing each of its
-        # slices cut a lesion's Dice from 0.999 to 0.65 at 4.5 degrees)
-        held = set(np.flatnonzero(np.moveaxis(drawn.array == value, ax, 0).any(axis=(1, 2))).tolist())
-        isolated = {s for s in held if s - 1 not in held and s + 1 not in held}
+        # only drawn slices (runs of at most DRAWING_RUN) are put back: a longer run is a 3D mask (a
+        # registered lesion's), resampled as it is (collapsing each of its slices cut a lesion's
+        # Dice from 0.999 to 0.65 at 4.5 degrees)
+        isolated = _drawing_slices(drawn.array == value, ax)
         plane_shape = tuple(n for a, n in enumerate(out.shape) if a != img_ax)
         plans, moved = [], []
         for s in np.unique(source):
