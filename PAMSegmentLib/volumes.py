@@ -1675,12 +1675,13 @@ def replace_together(outputs, keep_ctrl_c_ignored: bool = False, after=None) -> 
     the output (nothing was replaced). A move that fails puts back the files moved in before it
     (each existing file is kept as a hard link, or a copy, until all are in place), so that the
     outputs never mix two runs; the InputError says so, or, should a file not go back, which ones
-    mix. No temporary or kept file stays behind."""
+    mix and where their earlier files are kept. No temporary stays behind."""
     from .cli import ctrl_c_ignored
 
     stamp = f".pamsegment-{uuid.uuid4().hex[:12]}"
     moves = []  # (temporary, where it lands, the path as given)
-    kept = []  # (where it lands, the earlier file kept beside it or None if there was none, moved in yet)
+    kept = []  # per move: where it lands, the earlier file kept aside (None: there was none), moved in yet
+    keep_aside = set()  # earlier files that could not be put back: left beside their outputs, and named
     try:
         for n, (path, suffix, write) in enumerate(outputs):
             path = Path(path)
@@ -1697,18 +1698,35 @@ def replace_together(outputs, keep_ctrl_c_ignored: bool = False, after=None) -> 
                 raise InputError(str(error).replace(str(tmp), str(path))) from None
         with ctrl_c_ignored(keep=keep_ctrl_c_ignored):
             for k, (tmp, at, path) in enumerate(moves):
+                entry = {"at": at, "old": None, "moved": False}
+                kept.append(entry)
                 try:
-                    kept.append([at, _keep_aside(at, at.with_name(f"{stamp}-{k}.old{moves[k][0].suffix}")), False])
+                    if at.is_file():  # the earlier file, kept until every new one is in place
+                        entry["old"] = at.with_name(f"{stamp}-{k}.old{tmp.suffix}")
+                        _keep_aside(at, entry["old"])
                     os.replace(tmp, at)
-                    kept[-1][2] = True
+                    entry["moved"] = True
                 except OSError as error:
-                    mixed = _put_back(kept)
-                    done = [m[2] for m, (_, _, moved) in zip(moves, kept) if moved]
+                    if entry["old"] is not None and not at.exists():  # set aside by renaming, not moved in: back
+                        try:
+                            os.replace(entry["old"], at)
+                            entry["old"] = None
+                        except OSError:
+                            entry["moved"] = True  # its earlier file is aside: said below like a moved one
+                    failed = _put_back(kept)
+                    done = [m[2] for m, e in zip(moves, kept) if e["moved"]]
+                    rest = [m[2] for m in moves[k + 1:]]
                     again = "it was" if len(done) == 1 else "they were"
-                    state = ("nothing was replaced" if not done else
-                             f"nothing was replaced ({_listed(done)} put back as {again})" if not mixed else
-                             f"replaced: {_listed(mixed)}, which could not be put back; not replaced: this one (the "
-                             "outputs now mix two runs)")
+                    if not failed:
+                        state = (f"nothing was replaced ({_listed(done)} put back as {again})" if done else
+                                 "nothing was replaced")
+                    else:
+                        aside = ", ".join(e["old"].name for e in failed if e["old"] is not None)
+                        state = (f"replaced: {_listed([e['at'] for e in failed])}, which could not be put back"
+                                 + (f" (the earlier files are kept beside them as {aside})" if aside else "")
+                                 + "; not replaced: this one" + (f" and {_listed(rest)}" if rest else "")
+                                 + " (the outputs now mix two runs)")
+                        keep_aside.update(e["old"] for e in failed if e["old"] is not None)
                     raise InputError(f"cannot write {path} ({error.strerror or error}): {state}; fix that and "
                                      "run again") from None
             if after is not None:
@@ -1716,45 +1734,40 @@ def replace_together(outputs, keep_ctrl_c_ignored: bool = False, after=None) -> 
     finally:
         for tmp, _, _ in moves:
             tmp.unlink(missing_ok=True)
-        for _, old, _ in kept:
-            if old is not None:
-                old.unlink(missing_ok=True)
+        for entry in kept:
+            if entry["old"] is not None and entry["old"] not in keep_aside:
+                entry["old"].unlink(missing_ok=True)
 
 
-def _keep_aside(at: Path, old: Path) -> Path | None:
-    """The file at ``at`` kept as ``old`` (a hard link: no copy; where the file system has none, a
-    copy) until the new one is in place, to put back should a later move fail; None where nothing is
-    there (or it cannot be kept: then it cannot be put back)."""
-    if not at.is_file():
-        return None
+def _keep_aside(at: Path, old: Path) -> None:
+    """The file at ``at`` kept as ``old`` until the new one is in place, to put back should a later
+    move fail: a hard link (``at`` stays in place), or, where the file system makes none, ``at``
+    renamed to ``old`` (in the same folder: a rename works wherever the temporaries could be made).
+    OSError if neither works: nothing is moved in then (a copy, tried before, could fail on a full
+    disk and left the file to be deleted as if there had been none)."""
     try:
         os.link(at, old)
     except OSError:
-        import shutil
-
-        try:
-            shutil.copy2(at, old)
-        except OSError:
-            old.unlink(missing_ok=True)
-            return None
-    return old
+        os.replace(at, old)
 
 
-def _put_back(kept) -> list[Path]:
+def _put_back(kept) -> list[dict]:
     """Undo the moves done (``kept`` entries moved in): each earlier file back, or a new file where
-    there was none removed. Returns the paths that could not be put back."""
+    there was none removed. Returns the entries that could not be put back (their earlier file, if
+    any, stays aside)."""
     failed = []
-    for at, old, moved in reversed(kept):
-        if not moved:
+    for entry in reversed(kept):
+        if not entry["moved"]:
             continue
         try:
-            if old is not None:
-                os.replace(old, at)
+            if entry["old"] is not None:
+                os.replace(entry["old"], entry["at"])
+                entry["old"] = None
             else:
-                at.unlink()
+                entry["at"].unlink()
         except OSError:
-            failed.append(at)
-    return failed
+            failed.append(entry)
+    return failed[::-1]
 
 
 def _atomic_write(image: sitk.Image, path: PathLike, extensions: Sequence[str] = _WRITE_EXTENSIONS) -> Path:

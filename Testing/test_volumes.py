@@ -735,10 +735,15 @@ def test_replace_together_moves_all_in_or_names_what_was_not(tmp_path, monkeypat
         replace(src, dst)
 
     monkeypatch.setattr(os, "replace", refuse_c_and_putting_back_a)
-    with pytest.raises(InputError, match=r"c.txt \(Permission denied\): replaced: a.csv, which could not be put back; "
-                                         r"not replaced: this one \(the outputs now mix two runs\)"):
+    with pytest.raises(InputError, match=r"c.txt \(Permission denied\): replaced: a.csv, which could not be put back "
+                                         r"\(the earlier files are kept beside them as (\.pamsegment-\w+-0\.old\.csv)\); "
+                                         r"not replaced: this one \(the outputs now mix two runs\)") as info:
         replace_together([(a, ".csv", text("4")), (b, ".txt", text("4")), (c, ".txt", text("4"))])
     assert (a.read_text(), b.read_text(), c.read_text()) == ("4", "new b", "old")
+    # the earlier a.csv, which could not go back, is kept where the message says (it was deleted before)
+    aside = tmp_path / re.search(r"kept beside them as (\S+)\)", str(info.value)).group(1)
+    assert aside.read_text() == "new a"
+    aside.unlink()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.csv", "b.txt", "c.txt"]  # no temporaries left
 
 
@@ -1047,3 +1052,42 @@ def test_non_image_dicom_objects_beside_a_series_are_not_called_damaged(tmp_path
     _dicom_object(tmp_path / "dcm" / "CT.cut", "1.2.840.10008.5.1.4.1.1.2")  # a CT slice cut after its header
     with pytest.raises(InputError, match=r"1 DICOM file in .* cannot be read \(truncated or damaged: CT.cut\)"):
         read_volume(tmp_path / "dcm")
+
+
+def test_replace_together_keeps_an_earlier_file_it_cannot_link(tmp_path, monkeypatch):
+    """A third review: where an earlier file could be neither hard-linked nor copied aside, the
+    put-back deleted it while saying it was "put back as it was". Without hard links it is now
+    renamed aside (and renamed back); where even that fails, nothing is moved in."""
+    from PAMSegmentLib.volumes import replace_together
+
+    a, c = tmp_path / "a.csv", tmp_path / "c.txt"
+    a.write_text("old a")
+    c.write_text("old c")
+
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    replace = os.replace
+
+    def refuse_c(src, dst):
+        if Path(dst) == c and ".tmp" in Path(src).name:
+            raise PermissionError(13, "Permission denied")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", refuse_c)
+    with pytest.raises(InputError, match=r"c.txt \(Permission denied\): nothing was replaced \(a.csv put back as it "
+                                         r"was\)"):
+        replace_together([(a, ".csv", lambda tmp: tmp.write_text("new a")), (c, ".txt", lambda t: t.write_text("x"))])
+    assert (a.read_text(), c.read_text()) == ("old a", "old c")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.csv", "c.txt"]
+
+    def refuse_aside(src, dst):
+        if ".old" in Path(dst).name:
+            raise PermissionError(13, "Permission denied")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", refuse_aside)
+    with pytest.raises(InputError, match=r"a.csv \(Permission denied\): nothing was replaced; fix that"):
+        replace_together([(a, ".csv", lambda tmp: tmp.write_text("new a"))])
+    assert a.read_text() == "old a" and sorted(p.name for p in tmp_path.iterdir()) == ["a.csv", "c.txt"]
