@@ -736,8 +736,9 @@ def test_replace_together_moves_all_in_or_names_what_was_not(tmp_path, monkeypat
 
     monkeypatch.setattr(os, "replace", refuse_c_and_putting_back_a)
     with pytest.raises(InputError, match=r"c.txt \(Permission denied\): replaced: a.csv, which could not be put back "
-                                         r"\(the earlier files are kept beside them as (\.pamsegment-\w+-0\.old\.csv)\); "
-                                         r"not replaced: this one \(the outputs now mix two runs\)") as info:
+                                         r"\(the earlier files are kept beside them as "
+                                         r"(\.pamsegment-\w+-0\.old\.csv)\); not replaced: this one \(the outputs now "
+                                         r"mix two runs\)") as info:
         replace_together([(a, ".csv", text("4")), (b, ".txt", text("4")), (c, ".txt", text("4"))])
     assert (a.read_text(), b.read_text(), c.read_text()) == ("4", "new b", "old")
     # the earlier a.csv, which could not go back, is kept where the message says (it was deleted before)
