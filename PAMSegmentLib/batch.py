@@ -81,6 +81,7 @@ class BatchRow:
     notes: list[str] = field(default_factory=list)  # what reading the case noted (e.g. which DICOM series)
     info: list[str] = field(default_factory=list)  # an update's "update:" and "changed beside the edits:" lines
     noted: str = ""  # a finished case's notes (not ``info``), printed and counted in the summary
+    written: bool = False  # its output and record are in place (an interrupt after that: the row is done)
     _paths: tuple[str, str, str] | None = field(default=None, repr=False, compare=False)
 
     def absolute(self) -> tuple[str, str, str]:
@@ -491,7 +492,7 @@ def _check_output_folders(out_dir: Path, todo: list[BatchRow], manifest: str) ->
     """Before any work: files can be made in -o (or -o can be made), and every other folder an
     output of ``todo`` goes to exists and takes files (InputError naming the first row that fails).
     A skipped row's output exists, so its folder does too."""
-    from .volumes import check_folder_writable, check_not_read_only
+    from .volumes import check_folder_writable, check_link_target, check_not_read_only
 
     from .cli import keyframes_record_path
 
@@ -499,6 +500,7 @@ def _check_output_folders(out_dir: Path, todo: list[BatchRow], manifest: str) ->
         try:  # so is its record
             check_not_read_only(r.output)
             check_not_read_only(keyframes_record_path(r.output))
+            check_link_target(keyframes_record_path(r.output))  # a link is written through
         except InputError as error:
             raise InputError(f"{manifest} row {r.number}: {error}") from None
     if out_dir.is_dir():
@@ -549,7 +551,7 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", metavar="URL",
                    help="propagate every case on a `pamsegment serve` server (e.g. http://gpu-box:8765); its model "
                         "and device are used, a full queue is waited out (up to an hour per case), and the batch "
-                        "stops if the server cannot be reached (resume with --skip-existing)")
+                        "stops if the server cannot be reached or stays busy that long (resume with --skip-existing)")
     p.add_argument("--token", help="the server's token (default: the PAMSEGMENT_TOKEN environment variable)")
 
 
@@ -605,7 +607,8 @@ def _run_row(row: BatchRow, model, args, progress=None) -> None:
              for kind, note in result.kinds_of_notes(edited=None if plan is None else plan.edited)]
     row.noted = " | ".join(row.notes + notes)
     row.message = " | ".join(row.info + row.notes + notes)
-    replace_together(files)
+    # a Ctrl-C or SIGTERM while the files go in is raised once they are in: the row is then written
+    replace_together(files, after=lambda: setattr(row, "written", True), defer_interrupt=True)
 
 
 def _case_progress(bar, every: float = 1.0, lines: bool = False, row=None):
@@ -783,7 +786,9 @@ def cmd_batch(args: argparse.Namespace) -> int:
         from .cli import Terminated
 
         interrupted = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
-        if current is not None and current.status == "not run":  # it wrote nothing (outputs are atomic)
+        if current is not None and current.status == "not run" and current.written:  # stopped once it was in
+            current.status, current.method = "ok", method
+        elif current is not None and current.status == "not run":  # it wrote nothing (outputs are atomic)
             current.message = f"{interrupted} while running; nothing was written for it"
         rewrite.write()
     finally:

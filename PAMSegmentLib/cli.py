@@ -437,22 +437,36 @@ class _ProgressBar:
 
 
 @contextlib.contextmanager
-def ctrl_c_ignored(keep: bool = False):
+def ctrl_c_ignored(keep: bool = False, defer: bool = False):
     """Ctrl-C (and SIGTERM) is ignored inside: for moving finished files into place together (an
     interrupt between two renames would leave a new file beside an old one, after "nothing was
     written"). keep: it stays ignored after the block (a command's last step, when the process ends
-    with the command). Outside the main thread, where Ctrl-C raises nothing, it changes nothing."""
+    with the command). defer: a signal that comes meanwhile is raised once the block is done, for
+    work that goes on after it (a batch's next cases: dropped, the batch ran every remaining case
+    and exited 0). Outside the main thread, where Ctrl-C raises nothing, it changes nothing."""
+    pending: list[int] = []
+
+    def later(signum, frame):  # noqa: ARG001 - signal handler signature
+        pending.append(signum)
+
+    handler = later if defer else signal.SIG_IGN
     try:
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        previous_term, ignored = signal.signal(signal.SIGTERM, signal.SIG_IGN), True
+        previous = signal.signal(signal.SIGINT, handler)
+        previous_term, caught = signal.signal(signal.SIGTERM, handler), True
     except ValueError:  # not the main thread
-        previous, previous_term, ignored = None, None, False
+        previous, previous_term, caught = None, None, False
     try:
         yield
     finally:
-        if ignored and not keep:
-            signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous_term is None else previous_term)
+        if caught:
+            if keep:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            else:
+                signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL if previous_term is None else previous_term)
+    if pending and not keep:
+        raise Terminated() if signal.SIGTERM in pending else KeyboardInterrupt()
 
 
 class Terminated(KeyboardInterrupt):
@@ -556,10 +570,11 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     # Every run writes its record beside OUT; an update needs one (its next round reads it), a plain
     # run of a name too long for one goes without (a correction round then predicts every slice).
     with_record = check_keyframes_record_path(args.output, required=args.edited is not None)
-    if with_record:  # protected (chmod a-w): kept, as a protected OUT is (it was replaced)
-        from .volumes import check_not_read_only
+    if with_record:  # protected (chmod a-w): kept, as a protected OUT is (it was replaced); a link is
+        from .volumes import check_link_target, check_not_read_only  # written through: its folder must take it
 
         check_not_read_only(keyframes_record_path(args.output))
+        check_link_target(keyframes_record_path(args.output))
     if args.report is not None:
         _check_report_path(args.report, [*inputs, args.output])
 

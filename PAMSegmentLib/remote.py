@@ -176,6 +176,17 @@ class RemoteModel:
                     raise PropagationCancelled("cancelled")
                 time.sleep(0.1)
 
+    def _without_gate(self, options: dict, progress) -> None:
+        """A server from before per-job drift tests: InputError if the user asked for one
+        (--intensity-gate), else (Slicer's checkbox) the option left out, said in the progress."""
+        if self.gate_required:
+            raise InputError(f"the server at {self.url} is older than this client: it cannot set the drift test per "
+                             "job; update PAMSegment there, or leave --intensity-gate out (the server's own setting "
+                             "is used)")
+        del options["intensity_gate"]
+        if progress is not None:
+            progress(0.0, "server: an older server, which keeps its own drift-test setting")
+
     def _lost_while_running(self, ask):
         """``ask()``, its "cannot reach ... is `pamsegment serve` running there?" said as what it is
         once the server has taken the job: it stopped (or the network failed) while the job ran."""
@@ -260,14 +271,9 @@ class RemoteModel:
                 break
             self._wait_busy(busy_until, f"{queued} job{'' if queued == 1 else 's'} waiting already (it queues at "
                                         f"most {max_jobs})", progress, cancel)
-        if "intensity_gate" in options and "intensity_gate" not in (limits.get("options") or ()):
-            if self.gate_required:
-                raise InputError(f"the server at {self.url} is older than this client: it cannot set the drift test "
-                                 "per job; update PAMSegment there, or leave --intensity-gate out (the server's own "
-                                 "setting is used)")
-            del options["intensity_gate"]
-            if progress is not None:
-                progress(0.0, "server: an older server, which keeps its own drift-test setting")
+        listed = limits.get("options")  # servers before the list may or may not take the option: asked below
+        if "intensity_gate" in options and isinstance(listed, list) and "intensity_gate" not in listed:
+            self._without_gate(options, progress)
         voxels, max_voxels = math.prod(np.shape(image)), limits.get("max_voxels")
         if isinstance(max_voxels, int) and not isinstance(max_voxels, bool) and voxels > max_voxels:
             raise InputError(f"the volume has {voxels:,} voxels; the server at {self.url} takes at most {max_voxels:,} "
@@ -281,11 +287,15 @@ class RemoteModel:
             raise InputError(f"the volume and prompt are {math.ceil(size_mb * 10) / 10:.1f} MB; the server at "
                              f"{self.url} takes at most {limits['max_upload_mb']:g} MB (crop the volume around the "
                              "object)")
-        query = urllib.parse.urlencode({"options": json.dumps(options)})
         while True:
+            query = urllib.parse.urlencode({"options": json.dumps(options)})
             try:  # getbuffer: the upload is sent from the buffer, not from a second full copy (getvalue)
                 job_id = self._json(self._request("POST", f"/jobs?{query}", buf.getbuffer()), ("id",))["id"]
                 break
+            except InputError as error:  # a server from before per-job drift tests, which lists no options
+                if "intensity_gate" not in options or "unknown option 'intensity_gate'" not in str(error):
+                    raise
+                self._without_gate(options, progress)
             except _Answered as error:  # filled up since /info was asked
                 if error.code != 503 or "waiting already" not in str(error):
                     raise

@@ -1663,7 +1663,7 @@ def os_reason(error: OSError) -> str:
     return "no space left on the disk" if error.errno == errno.ENOSPC else (error.strerror or str(error))
 
 
-def replace_together(outputs, keep_ctrl_c_ignored: bool = False, after=None) -> None:
+def replace_together(outputs, keep_ctrl_c_ignored: bool = False, after=None, defer_interrupt: bool = False) -> None:
     """Write files that belong together, then put them in place together.
 
     ``outputs``: ``(path, suffix, write)`` in the order they are moved in; ``write(tmp)`` writes
@@ -1671,7 +1671,8 @@ def replace_together(outputs, keep_ctrl_c_ignored: bool = False, after=None) -> 
     the file lands (for a symbolic link: beside its target, so the link stays one). Once every
     temporary is written they are moved in with Ctrl-C ignored, and ``after()`` (e.g. printing what
     was written) runs within that too (``keep_ctrl_c_ignored``: left ignored after it, when the
-    process ends with the command). A temporary that cannot be written is one InputError naming
+    process ends with the command; ``defer_interrupt``: a Ctrl-C or SIGTERM meanwhile is raised
+    once they are in, for callers that go on). A temporary that cannot be written is one InputError naming
     the output (nothing was replaced). A move that fails puts back the files moved in before it
     (each existing file is kept as a hard link, or a copy, until all are in place), so that the
     outputs never mix two runs; the InputError says so, or, should a file not go back, which ones
@@ -1696,7 +1697,7 @@ def replace_together(outputs, keep_ctrl_c_ignored: bool = False, after=None) -> 
                 raise InputError(f"cannot write {path} ({os_reason(error)}); nothing was replaced{hint}") from None
             except InputError as error:  # a writer's own message names the temporary: name the output
                 raise InputError(str(error).replace(str(tmp), str(path))) from None
-        with ctrl_c_ignored(keep=keep_ctrl_c_ignored):
+        with ctrl_c_ignored(keep=keep_ctrl_c_ignored, defer=defer_interrupt):
             for k, (tmp, at, path) in enumerate(moves):
                 entry = {"at": at, "old": None, "moved": False}
                 kept.append(entry)

@@ -189,7 +189,7 @@ def test_an_older_server_without_per_job_drift_tests_is_named_or_left_its_settin
     model = RemoteModel(copy_server, token="tok", poll_interval=0.01, method="copy", intensity_gate="off")
     real_info = model.info
     assert "intensity_gate" in real_info()["options"]
-    monkeypatch.setattr(model, "info", lambda: {k: v for k, v in real_info().items() if k != "options"})  # older
+    monkeypatch.setattr(model, "info", lambda: {**real_info(), "options": ["axis", "labels", "method"]})  # older
     with pytest.raises(InputError, match=r"the server at .* is older than this client: it cannot set the drift test "
                                          r"per job"):
         model.propagate(image, prompt, (1.0, 1.0, 1.0))
@@ -197,3 +197,24 @@ def test_an_older_server_without_per_job_drift_tests_is_named_or_left_its_settin
     seen = []
     result = model.propagate(image, prompt, (1.0, 1.0, 1.0), progress=lambda f, m: seen.append(m))
     assert result.mask.any() and "server: an older server, which keeps its own drift-test setting" in seen
+
+
+def test_a_server_that_lists_no_options_is_asked_and_answered_by_what_it_does(copy_server, monkeypatch):
+    """A third review: servers between the per-job drift test and the /info options list take the
+    option but list nothing, and the client called them older. The option is sent; only a server
+    that answers "unknown option 'intensity_gate'" is older."""
+    from PAMSegmentLib import server
+
+    image = np.zeros((6, 8, 8), np.float32)
+    image[1:5, 2:6, 2:6] = 100
+    prompt = np.zeros((6, 8, 8), np.uint8)
+    prompt[3, 2:6, 2:6] = 1
+    model = RemoteModel(copy_server, token="tok", poll_interval=0.01, intensity_gate="off")
+    real_info = model.info
+    monkeypatch.setattr(model, "info", lambda: {k: v for k, v in real_info().items() if k != "options"})
+    assert model.propagate(image, prompt, (1.0, 1.0, 1.0)).mask.any()  # taken: it does the drift test per job
+    monkeypatch.setattr(server, "OPTION_KEYS", server.OPTION_KEYS - {"intensity_gate"})  # an older one
+    with pytest.raises(InputError, match="is older than this client: it cannot set the drift test per job"):
+        model.propagate(image, prompt, (1.0, 1.0, 1.0))
+    model.gate_required = False
+    assert model.propagate(image, prompt, (1.0, 1.0, 1.0)).mask.any()

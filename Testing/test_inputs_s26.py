@@ -693,3 +693,42 @@ def test_two_adjacent_drawn_slices_on_a_tilted_grid_are_each_put_back(tmp_path):
     with pytest.warns(UserWarning, match=r"slices 1\d-2\d onto slice 20, slices 1\d-2\d onto slice 21"):
         got = volumes.read_labelmap(prompt, reference=image, resample=True).array
     assert np.flatnonzero(got.any(axis=(1, 2))).tolist() == [20, 21]
+
+
+def test_ctrl_c_while_a_batch_moves_a_cases_files_in_stops_after_them(ct_case, tmp_path, monkeypatch, capsys):
+    """A third review: Ctrl-C while a case's files went in was ignored, and dropped: the batch ran
+    every remaining case and exited 0. It waits for the files, then stops the batch: that case is
+    ok (its files are in), the next is not run, exit 130."""
+    import os
+    import signal
+
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"image,prompt,output\n{ct_case.image_path},{ct_case.prompt_path},{tmp_path / 'a.nii.gz'}\n"
+                        f"{ct_case.image_path},{ct_case.prompt_path},{tmp_path / 'b.nii.gz'}\n")
+    replace, sent = os.replace, []
+
+    def interrupted_while_moving(src, dst):
+        replace(src, dst)
+        if not sent and str(dst).endswith("a.nii.gz"):
+            sent.append(1)
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C now: after this file, before the batch goes on
+
+    monkeypatch.setattr(os, "replace", interrupted_while_moving)
+    assert cli.main(["batch", str(manifest), "-o", str(tmp_path / "res"), "--method", "copy"]) == 130
+    with open(tmp_path / "res" / "batch_report.csv", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["status"] for r in rows] == ["ok", "not run"]
+    assert (tmp_path / "a.nii.gz").exists() and not (tmp_path / "b.nii.gz").exists()
+
+
+def test_a_record_that_is_a_dangling_link_is_refused_before_any_work(ct_case, tmp_path, capsys, monkeypatch):
+    """A third review: OUT.keyframes.json as a link into a missing folder failed after the whole
+    propagation (it is written through its link now)."""
+    from PAMSegmentLib import propagate as engine
+
+    out = tmp_path / "out.nii.gz"
+    (tmp_path / "out.nii.gz.keyframes.json").symlink_to(tmp_path / "missing" / "record.json")
+    monkeypatch.setattr(engine, "propagate", lambda *a, **k: pytest.fail("no work before the refusal"))
+    assert cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out),
+                     "--method", "copy"]) == 2
+    assert "missing" in capsys.readouterr().err and not out.exists()
