@@ -4,11 +4,9 @@ waited out; a server that cannot be reached stops the batch."""
 
 from __future__ import annotations
 
-import csv
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -20,15 +18,7 @@ from PAMSegmentLib.cli import main  # noqa: E402
 from PAMSegmentLib.errors import InputError, PAMError  # noqa: E402
 from PAMSegmentLib.remote import RemoteModel, ServerBusy  # noqa: E402
 from PAMSegmentLib.server import create_app  # noqa: E402
-
-
-def _report(path):
-    with open(path, encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
-
-
-def _arr(path):
-    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+from test_batch import _arr, _report  # noqa: E402  (the batch tests' readers of outputs and reports)
 
 
 @pytest.fixture
