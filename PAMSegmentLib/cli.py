@@ -465,8 +465,8 @@ def ctrl_c_ignored(keep: bool = False, defer: bool = False):
             else:
                 signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL if previous_term is None else previous_term)
-    if pending and not keep:
-        raise Terminated() if signal.SIGTERM in pending else KeyboardInterrupt()
+        if pending and not keep:  # also when the block failed (a move refused): the stop is what was asked
+            raise Terminated() if signal.SIGTERM in pending else KeyboardInterrupt()
 
 
 class Terminated(KeyboardInterrupt):

@@ -297,8 +297,9 @@ def _check_no_damaged_files(folder: Path, by_uid: dict) -> None:
     listed = {Path(f).name for files in by_uid.values() for f in files}
     damaged = []
     for p in sorted(folder.iterdir()):
-        if p.name in listed or p.name.upper() == "DICOMDIR" or not p.is_file() or not _is_dicom_file(p):
-            continue
+        if p.name in listed or p.name.upper() == "DICOMDIR" or p.name.startswith(".") or not p.is_file() \
+                or not _is_dicom_file(p):
+            continue  # hidden files too: macOS leaves "._IM0001.dcm" sidecars on exFAT, FAT and SMB drives
         if _dicom_image_class(p) is False:  # another kind of object (True: an image; None: no readable meta header)
             continue
         reader = sitk.ImageFileReader()
@@ -1361,19 +1362,24 @@ def _drawing_slices(mine: np.ndarray, ax: int) -> set[int]:
 
 
 def _check_resampled_labels(name: str, drawn: Volume, reference: Volume, resampled: np.ndarray) -> None:
-    """After resampling a prompt: a label left with nothing on the image's grid is refused (with
-    two labels drawn on thin slices, one vanished and the run went on without it, exit 0), and
+    """After resampling a prompt: a label left with nothing on the image's grid is said (with two
+    labels drawn on thin slices, one vanished and the run went on without a word; refusing it
+    refused a label outside a cropped image that --label could not leave out), and
     drawn slices that left nothing are said: drawn on slices thinner than the image's, nearest-
     neighbour sampling keeps only those an image slice's centre falls in (three slices drawn on a
     1 mm grid over a 5 mm image became 381 voxels on one slice, without a word). Slices of a 3D
     mask (longer runs) may fall between the image's: downsampling drops slices, nothing to say."""
     present = set(np.unique(resampled).tolist())
-    for value in np.unique(drawn.array[drawn.array != 0])[:1024]:
-        if int(value) not in present:
-            raise InputError(f"{name}: label {int(value)} is not left on the image grid after resampling: it lies "
-                             "outside the image or between two of its slices; draw it on the image itself, or leave "
-                             "it out (--label)")
+    gone = [int(v) for v in np.unique(drawn.array[drawn.array != 0])[:1024] if int(v) not in present]
+    if gone and len(present - {0}):  # (none left at all is the caller's refusal)
+        which = f"label {gone[0]}" if len(gone) == 1 else f"labels {', '.join(map(str, gone))}"
+        warnings.warn(f"{name}: {which} left nothing on the image grid once resampled (outside the image, or between "
+                      f"two of its slices): {'it is' if len(gone) == 1 else 'they are'} not propagated; if "
+                      f"{'it' if len(gone) == 1 else 'they'} should be, draw {'it' if len(gone) == 1 else 'them'} on "
+                      "the image itself", stacklevel=3)
     for value in np.unique(drawn.array[drawn.array != 0])[:64]:
+        if int(value) in gone:
+            continue  # said above
         mine = drawn.array == value
         counts = _slices_holding(mine)
         ax = int(np.argmin(counts))
@@ -1387,10 +1393,12 @@ def _check_resampled_labels(name: str, drawn: Volume, reference: Volume, resampl
         outside = [s for s in lost if not _drawn_slice_inside(drawn, reference, mine, ax, s)]
         between = [s for s in lost if s not in outside]
         parts = []
-        for what, slices in (("fell between the image's slices", between), ("lie outside the image", outside)):
+        for what, slices in (("fell between the image's slices", between),
+                             ("lie" if len(outside) > 1 else "lies", outside)):
             if slices:
                 shown = ", ".join(map(str, slices[:5])) + (" ..." if len(slices) > 5 else "")
-                parts.append(f"{len(slices)} of them ({shown}) {what}")
+                verb = what if slices is between else f"{what} outside the image"
+                parts.append(f"{len(slices)} of them ({shown}) {verb}")
         warnings.warn(f"{name}: label {int(value)} was drawn on {len(drawing)} slice{'s' if len(drawing) > 1 else ''} "
                       f"of its grid, and {' and '.join(parts)} once resampled: check the prompt, or draw it on the "
                       "image's own slices", stacklevel=3)
@@ -1708,12 +1716,14 @@ def replace_together(outputs, keep_ctrl_c_ignored: bool = False, after=None, def
                     os.replace(tmp, at)
                     entry["moved"] = True
                 except OSError as error:
+                    stranded = None  # this output's earlier file, renamed aside and not back (the name is empty)
                     if entry["old"] is not None and not at.exists():  # set aside by renaming, not moved in: back
                         try:
                             os.replace(entry["old"], at)
                             entry["old"] = None
                         except OSError:
-                            entry["moved"] = True  # its earlier file is aside: said below like a moved one
+                            stranded = entry["old"]
+                            keep_aside.add(stranded)
                     failed = _put_back(kept)
                     done = [m[2] for m, e in zip(moves, kept) if e["moved"]]
                     rest = [m[2] for m in moves[k + 1:]]
@@ -1728,6 +1738,9 @@ def replace_together(outputs, keep_ctrl_c_ignored: bool = False, after=None, def
                                  + "; not replaced: this one" + (f" and {_listed(rest)}" if rest else "")
                                  + " (the outputs now mix two runs)")
                         keep_aside.update(e["old"] for e in failed if e["old"] is not None)
+                    if stranded is not None:
+                        state += (f"; {path.name} itself is missing: its earlier file is kept beside it as "
+                                  f"{stranded.name}")
                     raise InputError(f"cannot write {path} ({error.strerror or error}): {state}; fix that and "
                                      "run again") from None
             if after is not None:

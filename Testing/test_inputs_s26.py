@@ -669,9 +669,10 @@ def test_a_gzip_nifti_with_bytes_after_its_data_is_read(tmp_path):
     assert volumes.read_volume(path).array.ravel().tolist() == list(range(60))
 
 
-def test_a_label_lost_whole_in_resampling_is_refused(tmp_path):
+def test_a_label_lost_whole_in_resampling_is_said_and_left_out(tmp_path):
     """A second review: with two labels drawn on thin slices over a thick-slice image, one vanished
-    in resampling and the run went on without it (exit 0)."""
+    in resampling and the run went on without a word. A third: refusing it also refused a label
+    lying outside a cropped image, which --label could not leave out. It is said and left out."""
     image = sitk.GetImageFromArray(np.zeros((12, 40, 40), np.int16))
     image.SetSpacing((1.0, 1.0, 5.0))
     sitk.WriteImage(image, str(tmp_path / "image.nrrd"))
@@ -680,9 +681,14 @@ def test_a_label_lost_whole_in_resampling_is_refused(tmp_path):
     drawing[12, 10:30, 10:30] = 2  # z 12: between two image slices' centres
     prompt = sitk.GetImageFromArray(drawing)
     sitk.WriteImage(prompt, str(tmp_path / "thin.nrrd"))
-    with pytest.raises(InputError, match=r"^thin.nrrd: label 2 is not left on the image grid after resampling"):
-        volumes.read_labelmap(tmp_path / "thin.nrrd", reference=volumes.read_volume(tmp_path / "image.nrrd"),
-                              resample=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = volumes.read_labelmap(tmp_path / "thin.nrrd", reference=volumes.read_volume(tmp_path / "image.nrrd"),
+                                    resample=True).array
+    assert [str(w.message) for w in caught] == [  # one note, not also "its slice fell between"
+        "thin.nrrd: label 2 left nothing on the image grid once resampled (outside the image, or between two of its "
+        "slices): it is not propagated; if it should be, draw it on the image itself"]
+    assert sorted(np.unique(got).tolist()) == [0, 1]
 
 
 def test_two_adjacent_drawn_slices_on_a_tilted_grid_are_each_put_back(tmp_path):
@@ -732,3 +738,40 @@ def test_a_record_that_is_a_dangling_link_is_refused_before_any_work(ct_case, tm
     assert cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out),
                      "--method", "copy"]) == 2
     assert "missing" in capsys.readouterr().err and not out.exists()
+
+
+
+def test_macos_sidecars_beside_a_dicom_series_are_no_damaged_slices(tmp_path):
+    """A last review: macOS leaves "._IM0001.dcm" sidecars (AppleDouble) when it copies onto exFAT,
+    FAT or SMB drives; checked as slices, they refused a whole series as damaged."""
+    from test_volumes import make_volume, write_dicom_series
+
+    write_dicom_series(tmp_path / "dcm", make_volume(shape=(5, 5, 6)), "1.2.826.0.1.3680043.2.1125.7.11")
+    for f in sorted((tmp_path / "dcm").iterdir()):
+        (tmp_path / "dcm" / f"._{f.name}").write_bytes(b"\x00\x05\x16\x07" + b"\x00" * 80)
+    assert volumes.read_volume(tmp_path / "dcm").shape == (5, 5, 6)
+
+
+def test_a_ctrl_c_held_while_a_move_fails_still_stops_the_batch(ct_case, tmp_path, monkeypatch):
+    """A last review: a Ctrl-C held while a case's files went in was lost when a move then failed:
+    the batch ran every remaining case (exit 2). The held signal stops it (nothing of the case was
+    kept: its earlier state was put back)."""
+    import os
+    import signal
+
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"image,prompt,output\n{ct_case.image_path},{ct_case.prompt_path},{tmp_path / 'a.nii.gz'}\n"
+                        f"{ct_case.image_path},{ct_case.prompt_path},{tmp_path / 'b.nii.gz'}\n")
+    replace = os.replace
+
+    def interrupted_then_refused(src, dst):
+        if str(dst).endswith("a.nii.gz") and ".tmp" in str(src):
+            os.kill(os.getpid(), signal.SIGINT)
+            raise PermissionError(13, "Permission denied")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", interrupted_then_refused)
+    assert cli.main(["batch", str(manifest), "-o", str(tmp_path / "res"), "--method", "copy"]) == 130
+    with open(tmp_path / "res" / "batch_report.csv", encoding="utf-8") as fh:
+        assert [r["status"] for r in csv.DictReader(fh)] == ["not run", "not run"]
+    assert not (tmp_path / "b.nii.gz").exists()
