@@ -18,7 +18,7 @@ import json
 import os
 import re
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -161,6 +161,16 @@ class InferenceParams:
         for name in ("intensity_gate", "published_scheme"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+
+    def with_gate(self, gate: str) -> "InferenceParams":
+        """These parameters with the drift test set as ``--intensity-gate`` (and a server job) say:
+        "off", "prompt" or "guide" (against that region), or "on" (the reference these parameters
+        name, "guide" where their test is off)."""
+        if gate == "off":
+            return replace(self, intensity_gate=False)
+        reference = gate if gate in ("prompt", "guide") else (self.intensity_gate_reference if self.intensity_gate
+                                                              else "guide")
+        return replace(self, intensity_gate=True, intensity_gate_reference=reference)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)

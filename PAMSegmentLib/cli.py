@@ -86,8 +86,7 @@ def _pam_method(args: argparse.Namespace) -> Any:
         model.inference = replace(model.inference, registration_weight=weight)
     gate = getattr(args, "intensity_gate", None)
     if gate is not None:
-        model.inference = (replace(model.inference, intensity_gate=False) if gate == "off" else
-                           replace(model.inference, intensity_gate=True, intensity_gate_reference=gate))
+        model.inference = model.inference.with_gate(gate)
     through_plane = getattr(args, "through_plane_mm", None)
     if through_plane is not None:
         model.inference = replace(model.inference, through_plane_mm=through_plane)

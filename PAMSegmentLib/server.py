@@ -449,14 +449,7 @@ def with_gate(model, gate: str | None):
         return model
     from dataclasses import replace
 
-    inf = model.inference
-    if gate == "off":
-        new = replace(inf, intensity_gate=False)
-    else:
-        reference = gate if gate in ("prompt", "guide") else (inf.intensity_gate_reference if inf.intensity_gate
-                                                                else "guide")
-        new = replace(inf, intensity_gate=True, intensity_gate_reference=reference)
-    return replace(model, inference=new)
+    return replace(model, inference=model.inference.with_gate(gate))
 
 
 def create_app(model_factory: Callable[[str], Any], *, token: str | None = None, max_upload_mb: float = 1024,
