@@ -531,7 +531,7 @@ def _check_nifti_complete(p: Path, header: bytes) -> None:
                 return
         try:  # otherwise (a cut stream, bytes after it, several gzip members): count the bytes
             with open(p, "rb") as raw:
-                have = _gzip_bytes_up_to(raw, needed)
+                have = _gzip_bytes(raw)
         except (OSError, EOFError, zlib.error) as error:
             raise InputError(f"{p.name} is incomplete or damaged ({error}); copy or download it again") from None
     if have < needed:
@@ -591,7 +591,7 @@ def _check_nrrd_complete(p: Path) -> None:
                 if needed < 2**32 and int.from_bytes(raw.read(4), "little") == needed:
                     return  # ISIZE: the stream ends where the header says (see _check_nifti_complete)
                 raw.seek(offset)
-                have = _gzip_bytes_up_to(raw, needed)
+                have = _gzip_bytes(raw)
     except (OSError, EOFError, zlib.error) as error:
         raise InputError(f"cannot read {p}: its voxel data ends early or is damaged ({error}); copy or download "
                          "it again") from None
@@ -600,22 +600,19 @@ def _check_nrrd_complete(p: Path) -> None:
                          f"bytes, the file holds {have}); copy or download it again")
 
 
-def _gzip_bytes_up_to(raw, needed: int) -> int:
+def _gzip_bytes(raw) -> int:
     """Bytes the gzip data read from ``raw`` (member after member) decompresses to, without holding
     them. Bytes after the last member that start no new one (a newline some writers append; ITK
     ignores them, where gzip.GzipFile refused the file) end the count. EOFError for a member cut
-    short (its data or its trailer: a copy or a write cut off), zlib.error for damaged data.
-    ``needed``: kept for the callers' reading (the count is not capped)."""
+    short (its data or its trailer: a copy or a write cut off), zlib.error for damaged data."""
     import zlib
 
     have, stream, pending = 0, zlib.decompressobj(wbits=31), b""
     while True:
         if not pending:
             pending = raw.read(1 << 20)
-            if not pending:
-                if have or not stream.eof:  # the file ended inside a member
-                    raise EOFError("the compressed data ends before its end-of-stream marker")
-                break
+            if not pending:  # the file ended inside a member (a member's end returns below)
+                raise EOFError("the compressed data ends before its end-of-stream marker")
         have += len(stream.decompress(pending, 1 << 24))
         pending = stream.unconsumed_tail
         if stream.eof:
@@ -625,7 +622,6 @@ def _gzip_bytes_up_to(raw, needed: int) -> int:
             if not rest.startswith(b"\x1f\x8b"):
                 return have  # no further member: what follows is not data
             stream, pending = zlib.decompressobj(wbits=31), rest
-    return have
 
 
 def _nifti1_endian(header: bytes | None) -> str | None:
