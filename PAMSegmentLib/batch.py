@@ -492,15 +492,13 @@ def _check_output_folders(out_dir: Path, todo: list[BatchRow], manifest: str) ->
     """Before any work: files can be made in -o (or -o can be made), and every other folder an
     output of ``todo`` goes to exists and takes files (InputError naming the first row that fails).
     A skipped row's output exists, so its folder does too."""
-    from .volumes import check_folder_writable, check_link_target, check_not_read_only
-
-    from .cli import keyframes_record_path
+    from .cli import check_record_replaceable
+    from .volumes import check_folder_writable, check_not_read_only
 
     for r in todo:  # a result protected with chmod a-w is kept (--skip-existing has left such rows out), and
         try:  # so is its record
             check_not_read_only(r.output)
-            check_not_read_only(keyframes_record_path(r.output))
-            check_link_target(keyframes_record_path(r.output))  # a link is written through
+            check_record_replaceable(r.output)
         except InputError as error:
             raise InputError(f"{manifest} row {r.number}: {error}") from None
     if out_dir.is_dir():

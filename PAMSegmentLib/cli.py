@@ -569,11 +569,8 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     # Every run writes its record beside OUT; an update needs one (its next round reads it), a plain
     # run of a name too long for one goes without (a correction round then predicts every slice).
     with_record = check_keyframes_record_path(args.output, required=args.edited is not None)
-    if with_record:  # protected (chmod a-w): kept, as a protected OUT is (it was replaced); a link is
-        from .volumes import check_link_target, check_not_read_only  # written through: its folder must take it
-
-        check_not_read_only(keyframes_record_path(args.output))
-        check_link_target(keyframes_record_path(args.output))
+    if with_record:
+        check_record_replaceable(args.output)
     if args.report is not None:
         _check_report_path(args.report, [*inputs, args.output])
 
@@ -748,6 +745,16 @@ def check_keyframes_record_path(out: str | os.PathLike, required: bool = True) -
         raise InputError(f"{target} is a folder, where this run would write its record; move it away or choose "
                          "another OUT")
     return True
+
+
+def check_record_replaceable(out: str | os.PathLike) -> None:
+    """Before any work: OUT's record is not a protected file (chmod a-w: kept, as a protected OUT
+    is; it was replaced), and, a link, one whose folder takes it (it is written through)."""
+    from .volumes import check_link_target, check_not_read_only
+
+    record = keyframes_record_path(out)
+    check_not_read_only(record)
+    check_link_target(record)
 
 
 def keyframes_record_exists(out: str | os.PathLike) -> bool:
