@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import json
 import os
 import re
 import sys
@@ -319,7 +318,9 @@ def made_with(args, server_info: dict | None = None) -> str:
     if server_info is not None:
         model = server_info.get("model") if isinstance(server_info.get("model"), dict) else {}
         sha = str(model.get("sha256") or "")
-        return f"{args.method} (shipped weights)" if sha and sha == _shipped_sha256() else \
+        from .checkpoints import shipped_weights_sha256
+
+        return f"{args.method} (shipped weights)" if sha and sha == shipped_weights_sha256() else \
             f"{args.method} (the server's weights, sha256 {sha[:16] or 'unknown'})"
 
     given = args.checkpoint or os.environ.get("PAMSEGMENT_MODEL") or None
@@ -327,18 +328,6 @@ def made_with(args, server_info: dict | None = None) -> str:
     if given is None or (shipped is not None and _absolute(Path(given)) == _absolute(Path(shipped))):
         return f"{args.method} (shipped weights)"
     return f"{args.method} ({_absolute(Path(given))})"
-
-
-def _shipped_sha256() -> str | None:
-    """The shipped weights' sha256 as their model card gives it (no torch needed), None if unknown."""
-    from .checkpoints import shipped_checkpoint_path
-
-    path = shipped_checkpoint_path()
-    try:
-        card = json.loads(path.with_suffix(".json").read_text(encoding="utf-8")) if path is not None else None
-    except (OSError, ValueError):
-        return None
-    return card.get("sha256_weights") if isinstance(card, dict) else None
 
 
 def _made_otherwise(row: BatchRow, earlier: dict[str, tuple[dict, int]], method: str) -> str | None:

@@ -598,6 +598,17 @@ def _is_shipped(path) -> bool:
     return _same_file(path, shipped_checkpoint_path())
 
 
+def shipped_weights_sha256() -> str | None:
+    """The shipped weights' sha256 as their model card gives it (without loading them, or torch
+    doing anything), None if unknown: what a server's weights are compared with."""
+    path = shipped_checkpoint_path()
+    try:
+        card = json.loads(path.with_suffix(".json").read_text(encoding="utf-8")) if path is not None else None
+    except (OSError, ValueError):
+        return None
+    return card.get("sha256_weights") if isinstance(card, dict) else None
+
+
 def _check_model_card(path: Path, model: PAMModel) -> None:
     """The default weights against their model card, ``<name>.json`` beside them (written by
     scripts/make_model_card.py): the weights' sha256, computed while loading anyway (no second

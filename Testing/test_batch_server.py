@@ -117,7 +117,8 @@ def test_a_servers_weights_are_named_in_the_report_as_local_ones_are():
     server count as the shipped weights here (same results), other weights by their sha256."""
     import argparse
 
-    from PAMSegmentLib.batch import _shipped_sha256, made_with
+    from PAMSegmentLib.batch import made_with
+    from PAMSegmentLib.checkpoints import shipped_weights_sha256 as _shipped_sha256
 
     shipped = _shipped_sha256()
     assert isinstance(shipped, str) and len(shipped) == 64
