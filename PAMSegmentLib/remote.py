@@ -57,6 +57,15 @@ class _Answered(PAMError):
         self.code = code
 
 
+def _sleep(seconds: float, cancel=None) -> None:
+    """Wait ``seconds``, looking at ``cancel`` every 0.1 s (PropagationCancelled once it is set)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if cancel is not None and cancel.is_cancelled:
+            raise PropagationCancelled("cancelled")
+        time.sleep(min(0.1, seconds))
+
+
 def decode_result(payload: bytes) -> PropagationResult:
     try:
         with np.load(io.BytesIO(payload), allow_pickle=False) as z:
@@ -171,10 +180,7 @@ class RemoteModel:
                 if time.monotonic() >= deadline:
                     raise type(error)(f"{error} (asked again until {seconds:.0f} s had passed)",
                                       *([error.code] if isinstance(error, _Answered) else [])) from None
-            for _ in range(10):  # one second, cancellable
-                if cancel is not None and cancel.is_cancelled:
-                    raise PropagationCancelled("cancelled")
-                time.sleep(0.1)
+            _sleep(1.0, cancel)
 
     def _without_gate(self, options: dict, progress) -> None:
         """A server from before per-job drift tests: InputError if the user asked for one
@@ -207,11 +213,7 @@ class RemoteModel:
                              + (f" (waited{waited})" if waited else ""))
         if progress is not None:
             progress(0.0, f"server: busy, {why}; asking again in {self.busy_interval:.0f} s")
-        end = time.monotonic() + self.busy_interval
-        while time.monotonic() < end:
-            if cancel is not None and cancel.is_cancelled:
-                raise PropagationCancelled("cancelled")
-            time.sleep(min(0.1, self.busy_interval))
+        _sleep(self.busy_interval, cancel)
 
     def _json(self, payload: bytes, keys: tuple = ()) -> dict:
         """A JSON answer holding ``keys``; anything else means this is not a PAMSegment server."""
