@@ -688,9 +688,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
         with warnings.catch_warnings(record=True) as caught:  # what the headers note, as a note (not Python's form)
             warnings.simplefilter("always", UserWarning)
             try:
-                if not args.resample_prompt:
-                    check_grids_from_headers(r.image, r.prompt, resample_option="--resample-prompt")
-                grid = _grid_from_header(r.image)
+                grid = (_grid_from_header(r.image) if args.resample_prompt else  # the image's header, read once
+                        check_grids_from_headers(r.image, r.prompt, resample_option="--resample-prompt"))
                 if grid is not None:
                     check_geometry_fits(grid.direction, r.output)
             except InputError as error:

@@ -1205,14 +1205,15 @@ def _grid_from_header(p: Path) -> Volume | None:
 
 
 def check_grids_from_headers(image_path: PathLike, prompt_path: PathLike,
-                             resample_option: str = "resample=True") -> None:
+                             resample_option: str = "resample=True") -> "Volume | None":
     """Before the image is read: a prompt file whose header puts it on another grid than the image
     file's is refused at once (as ``read_labelmap`` would refuse it after reading both, which for
     a large image takes a minute and gigabytes). Where either header cannot be compared so, nothing
-    is said here and the full read decides."""
+    is said here and the full read decides. Returns the image's grid from its header
+    (``_grid_from_header``; None where it does not say it plainly)."""
     image, prompt = _grid_from_header(Path(image_path)), _grid_from_header(Path(prompt_path))
     if image is None or prompt is None or min(image.shape) < 2:  # a one-slice image: the full read says so
-        return
+        return image
     diffs = same_grid(prompt, image)
     if diffs and not (_is_seg_nrrd(Path(prompt_path).name) and _lattice_offset(prompt, image) is not None):
         for path in (Path(image_path), Path(prompt_path)):  # what the full read would note: it may explain this
@@ -1221,6 +1222,7 @@ def check_grids_from_headers(image_path: PathLike, prompt_path: PathLike,
                 _note_nifti_no_spacing(path, header, 3)
         raise _off_grid_error(Path(prompt_path).name, prompt, image, diffs, Path(prompt_path), Path(image_path),
                               option=resample_option)
+    return image
 
 
 def as_volume(reference, what: str) -> "Volume":
