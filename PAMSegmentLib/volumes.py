@@ -249,18 +249,20 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
                              "of the series to propagate on")
         raise InputError(f"{folder} is a folder without a DICOM series; pass a DICOM series folder or an image file")
     by_uid = {uid: reader.GetGDCMSeriesFileNames(_itk_path(folder), uid) for uid in series_ids}  # one scan each
-    _check_no_damaged_files(folder, by_uid)
     if series_uid is not None:
         if series_uid not in series_ids:
+            _check_no_damaged_files(folder, by_uid, None)  # a cut file may be that series' only one
             raise InputError(
                 f"series {series_uid} is not in {folder}; available series: "
                 f"{', '.join(_series_label(uid) for uid in series_ids)}"
             )
         chosen = series_uid
         files = by_uid[chosen]
+        _check_no_damaged_files(folder, by_uid, chosen)
     else:
         chosen = max(series_ids, key=lambda uid: len(by_uid[uid]))
         files = by_uid[chosen]
+        _check_no_damaged_files(folder, by_uid, chosen)
         if len(series_ids) > 1:
             ties = sum(len(by_uid[uid]) == len(files) for uid in series_ids)
             which = "the largest" if ties == 1 else f"the first of {ties} series of that size"
@@ -286,14 +288,15 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
     return image
 
 
-def _check_no_damaged_files(folder: Path, by_uid: dict) -> None:
+def _check_no_damaged_files(folder: Path, by_uid: dict, chosen: str | None) -> None:
     """Image files of ``folder`` ("DICM" at byte 128, an image storage class in their meta header)
     that belong to none of its series (``by_uid``: each series' files) and whose header ITK cannot
     read are damaged (a copy cut short): GDCM leaves them out without a word, so a cut end slice
     gave a series one slice shorter, exit 0 (a cut middle slice a "gap ... missing files?" message).
     Refused, naming them. Other DICOM objects beside the slices (a structure set, a dose report, a
     presentation state), which ITK cannot read either, are none of this check's business; so is a
-    file whose meta header names no storage class this check knows."""
+    file whose meta header names no storage class this check knows, and a damaged file whose
+    SeriesInstanceUID can still be read and is not the ``chosen`` series' (None: every series')."""
     listed = {Path(f).name for files in by_uid.values() for f in files}
     damaged = []
     for p in sorted(folder.iterdir()):
@@ -302,6 +305,8 @@ def _check_no_damaged_files(folder: Path, by_uid: dict) -> None:
             continue  # hidden files too: macOS leaves "._IM0001.dcm" sidecars on exFAT, FAT and SMB drives
         if _dicom_image_class(p) is False:  # another kind of object (True: an image; None: no readable meta header)
             continue
+        if chosen is not None and _raw_series_uid(p) not in (None, chosen):
+            continue  # a damaged file of another series than the one read
         reader = sitk.ImageFileReader()
         reader.SetFileName(_itk_path(p))
         try:
@@ -358,6 +363,30 @@ def _dicom_image_class(p: Path) -> bool | None:
             uid = head[value_at:value_at + length].rstrip(b"\x00 ").decode("ascii", "replace")
             return uid in _IMAGE_STORAGE
         at = value_at + length
+    return None
+
+
+def _raw_series_uid(p: Path, limit: int = 65536) -> str | None:
+    """The SeriesInstanceUID (0020,000E) of the DICOM file ``p`` found in its first ``limit`` bytes
+    without parsing it (a cut file ITK cannot read still holds it before its pixel data): explicit or
+    implicit VR little endian; None where it is not found or not a UID."""
+    import struct
+
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(limit)
+    except OSError:
+        return None
+    tag = b"\x20\x00\x0e\x00"
+    at = head.find(tag)
+    while at != -1 and at + 8 <= len(head):
+        explicit = head[at + 4:at + 6] == b"UI"
+        length = struct.unpack_from("<H", head, at + 6)[0] if explicit else struct.unpack_from("<I", head, at + 4)[0]
+        value = head[at + 8:at + 8 + length] if 0 < length <= 64 else b""
+        uid = value.rstrip(b"\x00 ").decode("ascii", "replace")
+        if len(value) == length and uid and all(c.isdigit() or c == "." for c in uid):
+            return uid
+        at = head.find(tag, at + 1)
     return None
 
 

@@ -1092,3 +1092,26 @@ def test_replace_together_keeps_an_earlier_file_it_cannot_link(tmp_path, monkeyp
     with pytest.raises(InputError, match=r"a.csv \(Permission denied\): nothing was replaced; fix that"):
         replace_together([(a, ".csv", lambda tmp: tmp.write_text("new a"))])
     assert a.read_text() == "old a" and sorted(p.name for p in tmp_path.iterdir()) == ["a.csv", "c.txt"]
+
+
+def test_a_cut_file_of_another_series_does_not_refuse_the_one_read(tmp_path):
+    """A carried review finding: a damaged file refused the whole folder, even when the series read
+    (chosen with --series, or the largest) was whole. A cut file whose SeriesInstanceUID can still
+    be read is refused only when it belongs to the series read."""
+    whole, other = "1.2.826.0.1.3680043.2.1125.7.21", "1.2.826.0.1.3680043.2.1125.7.22"
+    write_dicom_series(tmp_path / "dcm", make_volume(shape=(5, 5, 6)), whole, prefix="a")
+    write_dicom_series(tmp_path / "dcm", make_volume(shape=(3, 5, 6)), other, prefix="b")
+    cut = tmp_path / "dcm" / "b001.dcm"
+    data = cut.read_bytes()
+    cut.write_bytes(data[:-30])  # its header (and UID) kept, half its pixel data (60 bytes) cut
+    from PAMSegmentLib.volumes import _raw_series_uid
+
+    assert _raw_series_uid(cut) == other
+    assert read_volume(tmp_path / "dcm", series_uid=whole).shape == (5, 5, 6)
+    with pytest.warns(UserWarning, match="using 1.2.826.0.1.3680043.2.1125.7.21 .5 files., the largest"):
+        assert read_volume(tmp_path / "dcm").shape == (5, 5, 6)
+    with pytest.raises(InputError, match=r"1 DICOM file in .* cannot be read \(truncated or damaged: b001.dcm\)"):
+        read_volume(tmp_path / "dcm", series_uid=other)
+    cut.write_bytes(data[:100])  # cut before its UID: which series it was is unknown, so it is refused
+    with pytest.raises(InputError, match=r"\(truncated or damaged: b001.dcm\)"):
+        read_volume(tmp_path / "dcm", series_uid=whole)
