@@ -131,9 +131,10 @@ def orientation_to(reference, image, name: str = "", say=None) -> tuple[bool, bo
         return a if a.shape[0] == 3 else np.vstack([a, np.zeros((1, 2))])
 
     m = axes(reference).T @ axes(image)  # [reference axis, image axis]
-    if image.GetDimension() != reference.GetDimension() and not np.allclose(
-            np.sort(np.abs(m), axis=None)[-2:], 1.0, atol=1e-3):
-        return None  # a 2D file and a slice of another plane: nothing to compare them by
+    if image.GetDimension() != reference.GetDimension():
+        normal = in_plane_geometry(image if image.GetDimension() == 3 else reference)[3]
+        if abs(abs(float(normal[2])) - 1.0) > 1e-3:
+            return None  # a 2D file (its x-y plane) and a slice of another plane: nothing to compare them by
     if not np.allclose(np.abs(m), np.round(np.abs(m)), atol=1e-3):
         if say is not None:
             say(f"{name} is stored obliquely to the prompt image (its axes are not parallel to the prompt image's): "

@@ -1046,3 +1046,31 @@ def test_one_slice_volumes_are_turned_and_their_masks_checked_in_the_slices_plan
 
     with pytest.raises(InputError, match=r"the mask other_plane.nii.gz is not on its image's grid \(origin"):
         read_labelmap_2d(tmp_path / "other_plane.nii.gz", reference=read_image_2d(tmp_path / "prompt.nii.gz"))
+
+
+def test_a_2d_file_oblique_to_a_one_slice_prompt_image_is_said(tmp_path):
+    """A carried review finding: a 2D file rotated within its plane against a one-slice prompt
+    volume of the same (axial) plane was matched as stored without the note a 2D prompt gives; a
+    2D file against a slice of another plane (coronal) has nothing to be compared by: no note."""
+    from PAMSegmentLib.imageset import orientation_to
+
+    def saved(array, name, direction=None):  # as read from a file that places itself (NIfTI)
+        image = sitk.GetImageFromArray(array)
+        if direction is not None:
+            image.SetDirection(direction)
+        sitk.WriteImage(image, str(tmp_path / name))
+        return sitk.ReadImage(str(tmp_path / name))
+
+    axial = saved(np.zeros((1, 20, 30), np.float32), "axial.nii.gz")
+    coronal = saved(np.zeros((20, 1, 30), np.float32), "coronal.nii.gz")
+    c, s = np.cos(np.radians(30)), np.sin(np.radians(30))
+    flat = saved(np.zeros((20, 30), np.float32), "turned.nii.gz", (c, -s, s, c))  # turned 30 degrees in its plane
+    said = []
+    assert orientation_to(axial, flat, "turned.nii.gz", said.append) is None
+    assert said == ["turned.nii.gz is stored obliquely to the prompt image (its axes are not parallel to the prompt "
+                    "image's): its pixels are matched as stored"]
+    said.clear()
+    assert orientation_to(coronal, flat, "turned.nii.gz", said.append) is None and said == []
+    flat = saved(np.zeros((20, 30), np.float32), "flipped.nii.gz", (-1.0, 0.0, 0.0, 1.0))  # stored flipped
+    assert orientation_to(axial, flat, "flipped.nii.gz", said.append) == (False, False, True)
+    assert orientation_to(flat, axial, "axial.nii.gz") == (False, False, True)
