@@ -40,8 +40,10 @@ def slice_runs(slices) -> list[tuple[int, int]]:
 
 
 def runs_text(slices) -> str:
-    """``[4, 5, 6, 9]`` -> ``"4-6, 9"``."""
-    return ", ".join(f"{a}-{b}" if b != a else f"{a}" for a, b in slice_runs(slices))
+    """Slice numbers for a message, runs of three or more as ranges: ``[4, 5, 6, 9, 11, 12]`` ->
+    ``"4-6, 9, 11, 12"``."""
+    return ", ".join(f"{a}-{b}" if b - a > 1 else ", ".join(map(str, range(a, b + 1)))
+                     for a, b in slice_runs(sorted(slices)))
 
 
 def check_flag(name: str, value, optional: bool = False) -> None:

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import cc3d
 import numpy as np
 
-from .checks import check_flag, is_number, slice_runs, state_from_json, state_to_json
+from .checks import check_flag, is_number, runs_text, slice_runs, state_from_json, state_to_json
 from .checks import max_threads
 from .errors import InputError, PropagationCancelled
 from .metrics import dice
@@ -439,23 +439,17 @@ def _thickness(mask: np.ndarray, ax: int) -> int:
     return int(m.any())
 
 
-def _slice_list(slices: Sequence[int]) -> str:
-    """Slice numbers for a message: runs of three or more as ranges ("4-11, 13, 15, 16, 18-20")."""
-    return ", ".join(f"{a}-{b}" if b - a > 1 else ", ".join(map(str, range(a, b + 1)))
-                     for a, b in slice_runs(sorted(slices)))
-
-
 def _slice_list_text(slices: Sequence[int]) -> str:
     """``slice 4`` or ``slices 4-11, 13``."""
-    return f"slice{'s' if len(slices) > 1 else ''} {_slice_list(slices)}"
+    return f"slice{'s' if len(slices) > 1 else ''} {runs_text(slices)}"
 
 
 def _on(ax: int, slices: Sequence[int], plane_names: Sequence[str] | None) -> str:
     """``axial slices 11, 13`` with plane names, else ``slices 11, 13 along axis 0``."""
     word = "slice" if len(slices) == 1 else "slices"
     if plane_names is not None:
-        return f"{plane_names[ax]} {word} {_slice_list(slices)}"
-    return f"{word} {_slice_list(slices)} along axis {ax}"
+        return f"{plane_names[ax]} {word} {runs_text(slices)}"
+    return f"{word} {runs_text(slices)} along axis {ax}"
 
 
 # A drawn slice holding only a line (two or more voxels in one row) of at most this fraction of

@@ -397,7 +397,7 @@ def test_erased_slice_bounds_the_object(session):
     assert model.predicted == [] and job.result.n_predicted == 0  # the drawn keyframe did not change
     # The summary names what the erased slice cut off (slices 19-20 held the object before).
     assert job.cleared_slices() == [19, 20]
-    assert job.summary().endswith("; slices 19-20 no longer hold the object: beyond a slice you erased, where the "
+    assert job.summary().endswith("; slices 19, 20 no longer hold the object: beyond a slice you erased, where the "
                                   "object is absent (draw on a slice there to bring them back)")
     entry = history.get(seg, sid)
     assert entry.empty_keyframes == {18} and sorted(entry.keyframes) == [12] and entry.user_slices == [12, 18]
