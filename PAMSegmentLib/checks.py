@@ -46,6 +46,15 @@ def runs_text(slices) -> str:
                      for a, b in slice_runs(sorted(slices)))
 
 
+def empty_between_drawn(bounds, drawn, occupied) -> list[int]:
+    """The slices strictly between two neighbours in ``bounds`` (a label's keyframes and walls) that
+    are both ``drawn`` (a wall between them is not) and not ``occupied`` by the result: where the
+    walks from both sides found nothing, which the engine reports as gaps."""
+    bounds, drawn, occupied = sorted(bounds), set(drawn), set(occupied)
+    return [s for a, b in zip(bounds[:-1], bounds[1:]) if a in drawn and b in drawn
+            for s in range(a + 1, b) if s not in occupied]
+
+
 def check_flag(name: str, value, optional: bool = False) -> None:
     """InputError unless ``value`` is a flag (``is_flag``; None too when ``optional``): an option
     given as text ("off", "no") would otherwise count as True."""

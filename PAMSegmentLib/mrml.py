@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .checks import runs_text, state_from_json, state_to_json
+from .checks import empty_between_drawn, runs_text, state_from_json, state_to_json
 from .errors import InputError, PAMError, PropagationCancelled
 
 __all__ = [
@@ -1530,9 +1530,7 @@ class HistoryEntry:
     def gap_slices(self) -> list[int]:
         """Empty slices between two of the user's drawn slices (the walks from both sides found
         nothing there; the engine gives them confidence 0): the object may go on there."""
-        occupied, drawn, keys = set(self.occupied_slices()), set(self.keyframes), self.user_slices
-        return [s for a, b in zip(keys[:-1], keys[1:]) if a in drawn and b in drawn
-                for s in range(a + 1, b) if s not in occupied]
+        return empty_between_drawn(self.user_slices, self.keyframes, self.occupied_slices())
 
     def review_order(self) -> list[int]:
         """Least confident first, among the slices holding the result and the empty ones between

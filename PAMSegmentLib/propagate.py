@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import cc3d
 import numpy as np
 
-from .checks import check_flag, is_number, runs_text, slice_runs, state_from_json, state_to_json
+from .checks import check_flag, empty_between_drawn, is_number, runs_text, slice_runs, state_from_json, state_to_json
 from .checks import max_threads
 from .errors import InputError, PropagationCancelled
 from .metrics import dice
@@ -252,9 +252,7 @@ class PropagationResult:
             held = np.flatnonzero((moved == lab).any(axis=(1, 2)))
             if held.size:
                 out["slice_range"][lab] = (int(held[0]), int(held[-1]))
-            bounds, present = sorted(set(keys) | set(walls)), set(held.tolist())
-            out["gaps"][lab] = [s for a, b in zip(bounds[:-1], bounds[1:]) if a in keys and b in keys
-                                for s in range(a + 1, b) if s not in present]
+            out["gaps"][lab] = empty_between_drawn(set(keys) | set(walls), keys, held.tolist())
         return cls(mask=mask, axis=axis, range=(lo_hi[0], lo_hi[1]), early_stop=flags[0],
                    remove_disconnected=flags[1], overlapped=frozenset(overlapped), image_digest=digest, **out)
 
