@@ -22,6 +22,7 @@ import ast
 import importlib
 import importlib.util
 import inspect
+import io
 import json
 import re
 import shutil
@@ -1347,9 +1348,7 @@ def test_self_test_without_the_packages_skips_or_installs_them(module, monkeypat
     monkeypatch.setattr(module.PAMSegmentLogic, "installRequirements",
                         staticmethod(lambda what, report=None: (installed.extend(what), missing.clear())))
     test = module.PAMSegmentTest()
-    monkeypatch.setattr(test, "setUp", lambda: None)
-    for name in ("test_PAMSegment_propagatesEllipsoid", "test_PAMSegment_cancelChangesNothing",
-                 "test_PAMSegment_updateKeepsEditsAndUndoRestores", "test_PAMSegment_savedResultUpdatesInANewSession"):
+    for name in SELF_TESTS:
         monkeypatch.setattr(test, name, lambda name=name: ran.append(name))
     options = types.SimpleNamespace(testingEnabled=False)
     monkeypatch.setattr(_slicer().app, "commandOptions", lambda: options, raising=False)
@@ -1362,6 +1361,40 @@ def test_self_test_without_the_packages_skips_or_installs_them(module, monkeypat
     options.testingEnabled = True
     test.runTest()
     assert installed == [module.RUNTIME_REQUIREMENTS[0]] and len(ran) == 4
+
+
+SELF_TESTS = ("test_PAMSegment_propagatesEllipsoid", "test_PAMSegment_cancelChangesNothing",
+              "test_PAMSegment_updateKeepsEditsAndUndoRestores", "test_PAMSegment_savedResultUpdatesInANewSession")
+
+
+def test_self_test_run_by_the_extension_build_installs_the_packages(module, monkeypatch):
+    """A review: the extension build runs each test_* method through unittest
+    (slicer.testing.runUnitTest: loadTestsFromName, TextTestRunner), never runTest, where the
+    packages were installed: in a Slicer without torch all four failed. Each test's setUp installs
+    them in an unattended (--testing) run; otherwise the four are skipped with one message box."""
+    missing = [module.RUNTIME_REQUIREMENTS[0]]
+    ran, installed, shown = [], [], []
+    monkeypatch.setattr(module.PAMSegmentLogic, "missingRequirements", staticmethod(lambda network=True: list(missing)))
+    monkeypatch.setattr(module.PAMSegmentLogic, "installRequirements",
+                        staticmethod(lambda what, report=None: (installed.extend(what), missing.clear())))
+    for name in SELF_TESTS:
+        monkeypatch.setattr(module.PAMSegmentTest, name, lambda self, name=name: ran.append(name))
+    options = types.SimpleNamespace(testingEnabled=False)
+    monkeypatch.setattr(_slicer().app, "commandOptions", lambda: options, raising=False)
+    monkeypatch.setattr(_slicer().util, "warningDisplay", lambda text, **kw: shown.append(text), raising=False)
+
+    def run_as_the_extension_build():
+        suite = unittest.TestLoader().loadTestsFromTestCase(module.PAMSegmentTest)
+        return unittest.TextTestRunner(stream=io.StringIO()).run(suite)
+
+    module.PAMSegmentTest._saidMissing = False
+    outcome = run_as_the_extension_build()  # interactive: skipped, said once
+    assert (outcome.testsRun, len(outcome.skipped), outcome.errors, outcome.failures) == (4, 4, [], [])
+    assert len(shown) == 1 and ran == [] and installed == []
+    options.testingEnabled = True
+    outcome = run_as_the_extension_build()  # unattended: installed once, then all four run
+    assert (outcome.testsRun, outcome.skipped, outcome.errors, outcome.failures) == (4, [], [], [])
+    assert installed == [module.RUNTIME_REQUIREMENTS[0]] and sorted(ran) == sorted(SELF_TESTS)
 
 
 def test_logic_process_and_model_reuse(module, drawn, monkeypatch, tmp_path):
