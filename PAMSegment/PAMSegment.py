@@ -757,6 +757,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             self.ui.progressBar.setValue(0)
             self.ui.progressBar.setFormat("failed")
+            job.log_failure()  # an unexpected failure's traceback, for the Error Log
             self._setStatus(f"Failed (nothing was changed): {job.error}", "error")
         self.updateButtons()
 
@@ -991,6 +992,7 @@ class PAMSegmentLogic(ScriptedLoadableModuleLogic):
                 job.wait()
                 raise RuntimeError(f"{job.kind} did not finish within {timeout:.0f} s; cancelled")
         if job.state == "failed":
+            job.log_failure()
             raise job.exception
         if job.state == "cancelled":
             raise RuntimeError(f"{job.kind} cancelled; nothing was changed")

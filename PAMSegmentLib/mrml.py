@@ -30,6 +30,7 @@ import math
 import struct
 import threading
 import time
+import traceback
 import uuid
 import zlib
 from collections.abc import Sequence
@@ -882,6 +883,7 @@ class SegmentPropagation:
         self.result = None
         self.exception: BaseException | None = None
         self.error = ""
+        self._traceback = ""  # an unexpected failure's, logged from the main thread (log_failure)
         self.applied_segment_id: str | None = None
         self.history_entry: HistoryEntry | None = None  # set by apply(history=...)
 
@@ -944,6 +946,15 @@ class SegmentPropagation:
         if self._state == "cancelled":
             return "cancelled; the segmentation was not changed"
         return self._message
+
+    def log_failure(self) -> None:
+        """Log an unexpected failure's traceback (not a PAMError, whose message says it all), once;
+        called on the main thread by whoever sees the job failed (the worker must not log: Slicer's
+        log handler updates its Error Log, a Qt model)."""
+        with self._lock:
+            tb, self._traceback = self._traceback, ""
+        if tb:
+            log.error("PAMSegment: %s failed\n%s", self.kind, tb.rstrip())
 
     # -- running ------------------------------------------------------------------------------
 
@@ -1071,9 +1082,10 @@ class SegmentPropagation:
                 with self._lock:
                     self._finish("cancelled", "cancelled; the segmentation was not changed")
                 return
-            if not isinstance(exc, PAMError):
-                log.exception("PAMSegment propagation failed")
+            # Not logged here: Slicer's log handler feeds a Qt model, which only the main thread may touch.
+            tb = "" if isinstance(exc, PAMError) else traceback.format_exc()
             with self._lock:
+                self._traceback = tb
                 self.exception = exc
                 self.error = str(exc) or type(exc).__name__
                 self._finish("failed", self.error)
@@ -1270,6 +1282,7 @@ def _run_and_apply(job: SegmentPropagation, history) -> str:
     if job.state == "cancelled":
         raise PropagationCancelled(f"{job.kind} cancelled; nothing was changed")
     if job.state == "failed":
+        job.log_failure()
         raise job.exception
     return job.apply(history=history)
 

@@ -9,6 +9,7 @@ transform wrong. The shipped weights are checked separately (skipped until they 
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from pathlib import Path
@@ -824,8 +825,26 @@ def test_engine_error_in_the_worker_is_reported(scene_with_prompt, monkeypatch):
         raise RuntimeError("out of memory (simulated)")
 
     monkeypatch.setattr(mrml, "_run_engine", broken)
-    job = SegmentPropagation(vol, seg, sid, model=OracleModel(truth)).start()
-    assert job.wait(30) and job.state == "failed" and job.error == "out of memory (simulated)"
+    records = []
+
+    class Recorder(logging.Handler):
+        def emit(self, record):
+            records.append((threading.current_thread() is threading.main_thread(), record.getMessage()))
+
+    handler = Recorder()
+    mrml.log.addHandler(handler)
+    try:
+        job = SegmentPropagation(vol, seg, sid, model=OracleModel(truth)).start()
+        assert job.wait(30) and job.state == "failed" and job.error == "out of memory (simulated)"
+        # A review: the worker logged the traceback itself, and Slicer's log handler feeds a Qt model.
+        assert records == []
+        job.log_failure()  # on the main thread, by whoever sees the failure (the panel, the Logic)
+        job.log_failure()  # once
+    finally:
+        mrml.log.removeHandler(handler)
+    assert len(records) == 1 and records[0][0]
+    assert records[0][1].startswith("PAMSegment: propagation failed\nTraceback (most recent call last):")
+    assert records[0][1].endswith("RuntimeError: out of memory (simulated)")
 
 
 def test_apply_refuses_when_the_segment_was_edited_meanwhile(scene_with_prompt):
