@@ -466,7 +466,10 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if missing:
             what = "PyTorch and PAM's packages are" if any(name == "torch" for name, _ in missing) else \
                 "PAM's packages are"
-            self.ui.promptLabel.text = f"{what} not installed yet; Propagate offers to install them."
+            old = [self.logic.requirementText(name, spec) for name, spec in missing
+                   if importlib.util.find_spec(name) is not None]  # installed, but in a version outside it
+            self.ui.promptLabel.text = (f"{what} not installed yet; Propagate offers to install them." if not old else
+                                        f"PAMSegment needs {', '.join(old)}; Propagate offers to update.")
             return
         entry = self._historyEntry()
         if entry is not None:
@@ -497,13 +500,14 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         missing = self.logic.missingRequirements(network)
         if not missing:
             return True
-        listing = "\n".join(f"  \u2022 {spec}" for _, spec in missing)
+        listing = "\n".join(f"  \u2022 {self.logic.requirementText(name, spec)}" for name, spec in missing)
         torchNote = ""
         if any(name == "torch" for name, _ in missing):
             torchNote = ("\n\nPyTorch is a large download (hundreds of MB, more with CUDA). It is installed through the "
                          "PyTorch extension when present, which picks the build for your GPU.")
         if not slicer.util.confirmOkCancelDisplay(
-            f"PAMSegment needs these Python packages, which are not installed yet:\n{listing}{torchNote}\n\n"
+            f"PAMSegment needs these Python packages, which are not installed yet (or too old):\n{listing}"
+            f"{torchNote}\n\n"
             "Install them now? This can take several minutes; progress is shown in the status bar and the "
             "Python console.",
             windowTitle="PAMSegment: install dependencies",
@@ -527,7 +531,8 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             dialog.close()
         still = self.logic.missingRequirements(network)
         if still:
-            self._setStatus("Still missing after installation: " + ", ".join(spec for _, spec in still)
+            self._setStatus("Still missing or too old after installation: "
+                            + ", ".join(self.logic.requirementText(name, spec) for name, spec in still)
                             + ". Restart Slicer and try again.", "error")
             return False
         self._populateDevices()
@@ -795,12 +800,40 @@ class PAMSegmentLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def missingRequirements(network=True):
-        """What is not installed; ``network=False`` (registration tracking, a server) leaves out
-        what only the network needs (torch, its U-Net), so a laptop using a server is not asked
-        for a large PyTorch download."""
+        """What is not installed, or installed in a version outside its requirement (an older
+        torch another extension installed: every run failed with a torch error); ``network=False``
+        (registration tracking, a server) leaves out what only the network needs (torch, its
+        U-Net), so a laptop using a server is not asked for a large PyTorch download."""
         skip = () if network else NETWORK_ONLY
         return [(name, spec) for name, spec in RUNTIME_REQUIREMENTS
-                if name not in skip and importlib.util.find_spec(name) is None]
+                if name not in skip and (importlib.util.find_spec(name) is None
+                                         or PAMSegmentLogic.unsuitableVersion(name, spec) is not None)]
+
+    @staticmethod
+    def unsuitableVersion(name, spec):
+        """The version of package ``name`` this Slicer runs when it is outside ``spec``, else None:
+        the loaded module's if imported (a newer one on disk takes a restart), else the installed
+        distribution's. None too where it cannot be told (no version, no ``packaging``)."""
+        try:
+            from importlib.metadata import version as installedVersion
+
+            from packaging.requirements import Requirement
+
+            requirement = Requirement(spec)
+            module = sys.modules.get(name)
+            version = getattr(module, "__version__", None) if module is not None else None
+            version = str(version) if version is not None else installedVersion(requirement.name)
+            if requirement.specifier.contains(version, prereleases=True):
+                return None
+            return version
+        except Exception:  # packaging absent, metadata unreadable ...: trust what is importable
+            return None
+
+    @staticmethod
+    def requirementText(name, spec):
+        """``spec`` for a message, with the version installed when it is outside it."""
+        version = PAMSegmentLogic.unsuitableVersion(name, spec) if importlib.util.find_spec(name) else None
+        return spec if version is None else f"{spec} ({version} installed)"
 
     @staticmethod
     def installRequirements(missing, report=lambda text: None):

@@ -54,7 +54,7 @@ SCHEMA_URL = "https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/slice
 # What Slicer's Python provides to a scripted module (besides the standard library).
 SLICER_PROVIDED = {"slicer", "qt", "ctk", "vtk", "numpy", "PAMSegmentLib"}
 # Installed on first use or by another extension: import only where an ImportError is handled.
-GUARDED_ONLY = {"torch", "PyTorchUtils"}
+GUARDED_ONLY = {"torch", "PyTorchUtils", "packaging"}
 
 
 def module_tree() -> ast.Module:
@@ -1315,6 +1315,24 @@ def test_panel_prompt_label_without_torch_follows_the_chosen_model(panel, drawn,
     ui.defaultModelRadioButton.setChecked(True)
     panel.promptRefreshTimer.fire()
     assert ui.promptLabel.text.startswith("PyTorch and PAM's packages are not installed yet")
+
+
+def test_an_older_torch_counts_as_missing_and_is_named(panel, drawn, monkeypatch):
+    """A review: only "is it importable" was checked, so a torch 2.0 another extension installed
+    passed, and every propagation then failed with a torch error about 'scale'. A version outside
+    the requirement is offered as an update, naming the version found."""
+    torch = pytest.importorskip("torch")
+    logic = panel.logic
+    monkeypatch.setattr(torch, "__version__", "2.0.1")  # the loaded module's version is the one that runs
+    assert logic.missingRequirements() == [("torch", "torch>=2.1")]
+    assert logic.missingRequirements(network=False) == []  # tracking and a server need no torch
+    assert logic.requirementText("torch", "torch>=2.1") == "torch>=2.1 (2.0.1 installed)"
+    _, _, segmentation, _ = drawn
+    panel.ui.segmentationSelector.setCurrentNode(segmentation)
+    panel.promptRefreshTimer.fire()
+    assert panel.ui.promptLabel.text == "PAMSegment needs torch>=2.1 (2.0.1 installed); Propagate offers to update."
+    monkeypatch.setattr(torch, "__version__", "2.13.0+cpu")  # a local build tag is still 2.13
+    assert logic.missingRequirements() == [] and logic.requirementText("torch", "torch>=2.1") == "torch>=2.1"
 
 
 def test_logic_installs_torch_through_the_pytorch_extension(module, monkeypatch):
