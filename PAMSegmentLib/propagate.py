@@ -264,8 +264,10 @@ class PropagationResult:
     def kinds_of_notes(self, edited: dict[int, Sequence[int]] | None = None) -> list[tuple[str, str]]:
         """``notes()`` with what each is about: ``("drift", text)`` (the drift test ended a walk at
         a drawn slice: each front end names its own way to turn the test off), ``("gap", text)``,
-        ``("lost", text)``."""
-        out = [("drift", text) for text in self.drift_notes(edited)]
+        ``("lost", text)``, ``("speck", text)`` (a drawn slice holding a few voxels against the
+        label's largest one: a stray click?)."""
+        out = [("speck", text) for text in self.speck_notes(edited)]
+        out += [("drift", text) for text in self.drift_notes(edited)]
         for lab, slices in sorted(self.gaps.items()):
             if slices:
                 out.append(("gap", f"label {lab}: between its drawn slices nothing was found on "
@@ -275,10 +277,44 @@ class PropagationResult:
             total = sum(by.values())
             if own and total >= max(0.05 * own, 1):
                 who = ", ".join(f"{v} voxels to label {o}" for o, v in sorted(by.items(), key=lambda x: -x[1]))
+                if total >= LEAK_FRACTION * own:  # not a border shared: one walk ran into the other's object
+                    how = ("so much overlap means a walk ran on into a neighbouring label's object: find the first "
+                           "slice where a label goes wrong, erase it there (or give it as an empty slice) and update")
+                else:
+                    how = ("labels propagated earlier keep such voxels: to change that, list this label first "
+                           "(--label, a manifest's label column, labels= in Python)")
                 out.append(("lost", f"label {lab} lost {total} of its {own} voxels ({100 * total / own:.0f} %) "
-                                    f"where it overlapped labels propagated before it ({who}); labels propagated "
-                                    "earlier keep such voxels: to change that, list this label first (--label, a "
-                                    "manifest's label column, labels= in Python)"))
+                                    f"where it overlapped labels propagated before it ({who}); {how}"))
+        return out
+
+    def specks(self, edited: dict[int, Sequence[int]] | None = None) -> dict[int, list[tuple[int, int, int, int]]]:
+        """Per label, its drawn slices holding at most SPECK_VOXELS voxels and at most SPECK_FRACTION
+        of its largest drawn slice's, as (slice, voxels, largest slice, its voxels): a stray click or
+        a speck of the brush, which the walks take as a drawn slice of the object (one voxel beside a
+        drawn liver cut it at that slice). ``edited``: slices drawn in an update (an organ's tip there
+        is what the user meant), left out."""
+        out = {}
+        for lab, frames in self.keyframes.items():
+            counts = {int(k): int(np.count_nonzero(m)) for k, m in frames.items()}
+            counts = {k: v for k, v in counts.items() if v}  # walls (empty slices) are not drawings
+            if len(counts) < 2:
+                continue
+            top = max(counts, key=counts.get)
+            quiet = set((edited or {}).get(lab, ()))
+            small = [(k, v, top, counts[top]) for k, v in sorted(counts.items())
+                     if k not in quiet and v <= SPECK_VOXELS and v <= SPECK_FRACTION * counts[top]]
+            if small:
+                out[lab] = small
+        return out
+
+    def speck_notes(self, edited: dict[int, Sequence[int]] | None = None) -> list[str]:
+        out = []
+        for lab, small in sorted(self.specks(edited).items()):
+            what = "; ".join(f"slice {k} holds {v} voxel{'s' if v != 1 else ''} against {n} on slice {top}"
+                             for k, v, top, n in small)
+            which = "it" if len(small) == 1 else "them"
+            out.append(f"label {lab}: {what}, and the walks took {which} as drawn: a stray click? If so, erase "
+                       f"{which} and run again")
         return out
 
     def drift_notes(self, edited: dict[int, Sequence[int]] | None = None) -> list[str]:
@@ -287,8 +323,10 @@ class PropagationResult:
         ``edited``: per label, slices the user just drew in an update; a walk from one of them that
         ends at once is what the drawing says (an organ's last slice), not a hint."""
         out = []
+        specks = self.specks(edited)
         for lab, stops in self.stops.items():
-            quiet = set((edited or {}).get(lab, ()))
+            # a walk from a speck that ends at once: the speck, not the tissue, is what to look at
+            quiet = set((edited or {}).get(lab, ())) | {k for k, *_ in specks.get(lab, [])}
             at_once = [s for s in stops
                        if s["reason"] == "drift" and s["last"] == s["start"] and s["start"] not in quiet]
             if at_once:
@@ -454,6 +492,13 @@ def _on(ax: int, slices: Sequence[int], plane_names: Sequence[str] | None) -> st
 # the largest drawn slice's voxels, beside a slice that reaches the same row, is the trace of a
 # stroke drawn in a perpendicular view, not a keyframe (find_prompt_slices).
 STROKE_FRACTION = 0.25
+# A drawn slice with at most SPECK_VOXELS voxels and at most SPECK_FRACTION of the label's largest
+# drawn slice's is named in a note (PropagationResult.specks): a stray click, kept as drawn.
+SPECK_VOXELS = 30
+SPECK_FRACTION = 0.02
+# A label that lost at least this share of its voxels to labels propagated before it ran into a
+# neighbour's object (a note says so, not "list it first", which would only move the error).
+LEAK_FRACTION = 0.3
 
 
 def _stroke_lines(box: np.ndarray, start: Sequence[int], ax: int) -> tuple[dict[int, tuple[int, int]], dict[int, int]]:
