@@ -689,7 +689,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
             warnings.simplefilter("always", UserWarning)
             try:
                 grid = (_grid_from_header(r.image) if args.resample_prompt else  # the image's header, read once
-                        check_grids_from_headers(r.image, r.prompt, resample_option="--resample-prompt"))
+                        check_grids_from_headers(r.image, r.prompt, resample_option="--resample-prompt",
+                                                 dicom_series=r.series))
                 if grid is not None:
                     check_geometry_fits(grid.direction, r.output)
             except InputError as error:

@@ -1233,17 +1233,66 @@ def _grid_from_header(p: Path) -> Volume | None:
                   tuple(float(v) for v in origin), tuple(float(v) for v in direction))
 
 
+def _grid_from_dicom_headers(folder: Path, series_uid: str | None = None) -> Volume | None:
+    """The grid the DICOM series of ``folder`` (``series_uid``, else the largest, as ``read_volume``
+    chooses) reads as, from the headers of its first two files in GDCM's order, as ITK stacks them
+    (origin and axes of the first, the spacing across from the step between the two positions);
+    None where it cannot be told so plainly (no series, one file, two files of other orientations or
+    sizes, a step not along the slices' normal: a tilted gantry): the full read decides."""
+    try:
+        if not folder.is_dir():
+            return None
+        ids = dicom_series_ids(folder)
+        if not ids or (series_uid is not None and series_uid not in ids):
+            return None
+        lister = sitk.ImageSeriesReader()
+        by_uid = {uid: lister.GetGDCMSeriesFileNames(_itk_path(folder), uid) for uid in ids}
+        files = by_uid[series_uid if series_uid is not None else max(ids, key=lambda uid: len(by_uid[uid]))]
+        if len(files) < 2:
+            return None
+        heads = []
+        for f in files[:2]:
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(f)
+            with _itk_warnings_hidden(), _native_stderr_hidden():
+                reader.ReadImageInformation()
+            if reader.GetDimension() != 3 or reader.GetSize()[2] != 1 or reader.GetNumberOfComponents() != 1:
+                return None
+            heads.append((reader.GetSize()[:2], reader.GetSpacing()[:2], np.asarray(reader.GetOrigin()),
+                          np.asarray(reader.GetDirection(), dtype=np.float64)))
+    except (RuntimeError, OSError, InputError):
+        return None
+    (size, spacing, origin, direction), (size2, spacing2, origin2, direction2) = heads
+    step = origin2 - origin
+    across = float(step @ direction.reshape(3, 3)[:, 2])
+    if size != size2 or not np.allclose(spacing, spacing2) or not np.allclose(direction, direction2, atol=1e-4) \
+            or across <= 0 or np.linalg.norm(step - across * direction.reshape(3, 3)[:, 2]) > 1e-3 * across:
+        return None
+    shape = (len(files), int(size[1]), int(size[0]))
+    return Volume(np.broadcast_to(np.zeros((), np.uint8), shape), (across, float(spacing[1]), float(spacing[0])),
+                  tuple(float(v) for v in origin), tuple(float(v) for v in direction))
+
+
 def check_grids_from_headers(image_path: PathLike, prompt_path: PathLike,
-                             resample_option: str = "resample=True") -> "Volume | None":
+                             resample_option: str = "resample=True", *, dicom_series: str | None | bool = False,
+                             ) -> "Volume | None":
     """Before the image is read: a prompt file whose header puts it on another grid than the image
     file's is refused at once (as ``read_labelmap`` would refuse it after reading both, which for
     a large image takes a minute and gigabytes). Where either header cannot be compared so, nothing
     is said here and the full read decides. Returns the image's grid from its header
-    (``_grid_from_header``; None where it does not say it plainly)."""
-    image, prompt = _grid_from_header(Path(image_path)), _grid_from_header(Path(prompt_path))
+    (``_grid_from_header``; None where it does not say it plainly). With ``dicom_series`` (a
+    SeriesInstanceUID, or None for the largest series; batch's pre-flight: a whole folder scan
+    more, worth it before a batch's work, not before one read) an image that is a DICOM folder is
+    placed from its first two files' headers (``_grid_from_dicom_headers``) and refused only where
+    it differs 10 times beyond the full read's tolerance (its positions are decimal strings)."""
+    tol = 1e-4
+    image = _grid_from_header(Path(image_path))
+    if image is None and dicom_series is not False and Path(image_path).is_dir():
+        image, tol = _grid_from_dicom_headers(Path(image_path), dicom_series or None), 1e-3
+    prompt = _grid_from_header(Path(prompt_path))
     if image is None or prompt is None or min(image.shape) < 2:  # a one-slice image: the full read says so
         return image
-    diffs = same_grid(prompt, image)
+    diffs = same_grid(prompt, image, tol=tol)
     if diffs and not (_is_seg_nrrd(Path(prompt_path).name) and _lattice_offset(prompt, image) is not None):
         for path in (Path(image_path), Path(prompt_path)):  # what the full read would note: it may explain this
             header = _nifti_header(path)

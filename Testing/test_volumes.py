@@ -1115,3 +1115,31 @@ def test_a_cut_file_of_another_series_does_not_refuse_the_one_read(tmp_path):
     cut.write_bytes(data[:100])  # cut before its UID: which series it was is unknown, so it is refused
     with pytest.raises(InputError, match=r"\(truncated or damaged: b001.dcm\)"):
         read_volume(tmp_path / "dcm", series_uid=whole)
+
+
+@pytest.mark.parametrize("direction", [ROT_X_30, (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)])
+def test_a_dicom_series_grid_from_two_headers_is_the_full_reads(tmp_path, direction):
+    """batch's pre-flight places a DICOM folder from its first two files' headers: the grid the
+    full read gives (a rotated and a flipped series), and the prompt's grid compared with it."""
+    from PAMSegmentLib.volumes import _grid_from_dicom_headers, check_grids_from_headers, same_grid
+
+    vol = make_volume(shape=(6, 5, 7), direction=direction)
+    write_dicom_series(tmp_path / "dcm", vol, "1.2.826.0.1.3680043.2.1125.7.31")
+    header = _grid_from_dicom_headers(tmp_path / "dcm")
+    full = read_volume(tmp_path / "dcm")
+    assert header.shape == full.shape == (6, 5, 7)
+    assert same_grid(header, full, tol=1e-4) == []
+    on_grid = Volume(np.zeros(full.shape, np.uint8), full.spacing, full.origin, full.direction)
+    on_grid.array[3, 2, 2] = 1
+    write_volume(on_grid, tmp_path / "prompt.nii.gz")
+    assert check_grids_from_headers(tmp_path / "dcm", tmp_path / "prompt.nii.gz", dicom_series=None).shape == (6, 5, 7)
+    assert check_grids_from_headers(tmp_path / "dcm", tmp_path / "prompt.nii.gz") is None  # not asked: not scanned
+    shifted = Volume(on_grid.array, full.spacing, tuple(v + 2.0 for v in full.origin), full.direction)
+    write_volume(shifted, tmp_path / "shifted.nii.gz")
+    with pytest.raises(InputError, match="shifted.nii.gz is not on the image grid"):
+        check_grids_from_headers(tmp_path / "dcm", tmp_path / "shifted.nii.gz", dicom_series=None)
+    # a series that does not say its grid plainly in two files is left to the full read
+    one = tmp_path / "one"
+    write_dicom_series(one, make_volume(shape=(1, 5, 7), direction=direction), "1.2.826.0.1.3680043.2.1125.7.32")
+    assert _grid_from_dicom_headers(one) is None and _grid_from_dicom_headers(tmp_path / "prompt.nii.gz") is None
+    assert _grid_from_dicom_headers(tmp_path / "dcm", "1.2.3.4") is None
