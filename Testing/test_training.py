@@ -202,6 +202,13 @@ def test_continued_training_records_the_earlier_stage(tmp_path):
                     {"log": "l2.csv", "last_logged_iteration": 0}], stages)
     assert stage_case_notes({"cases": ["a"], "init_from": {"provenance": {"cases": ["a", "b"]}}}, ["a"]) == [
         "stage 1 read 2 real ones, with b"]
+    # A review: every card got the shipped weights' history (their stages 2-4, a lost runs/pam_small_r3.pt)
+    from make_model_card import main as make_card
+
+    assert make_card([str(second), "--out-json", str(tmp_path / "card.json"), "--out-md", str(tmp_path / "card.md")]) == 0
+    text = (tmp_path / "card.md").read_text()
+    assert "pam_small_r3" not in text and "the git revision given is the commit its tree was at" in text
+    assert f"min ({stages[0]['machine'] or 'machine not recorded'})" in text  # not "this project's machine"
 
 
 @pytest.mark.skipif(not SHIPPED.exists(), reason="no shipped weights in Resources/Models")

@@ -23,18 +23,29 @@ sys.path.insert(0, str(ROOT))
 from PAMSegmentLib.checkpoints import load_checkpoint_file, training_chain  # noqa: E402
 
 
-# What the stage commands need besides themselves (the data each read, and which starting weights
-# are kept), as measured from the stages' provenance; a new training stage updates this text.
-COMMANDS_NOTE = (
-    "(each stage continues from the previous one's weights and ran at the git revision given; `--cache` "
+# What the shipped weights' stage commands need besides themselves (the data each read, which
+# starting weights are kept, what the revisions do not hold), as measured from the stages'
+# provenance. Printed only in the card of those weights (their weights' sha256, SHIPPED_WEIGHTS):
+# another checkpoint's card gets GENERIC_NOTE. A new shipped training stage updates this text.
+SHIPPED_WEIGHTS = "795f18e3ce7cde76f9bf73d37aa7878731883c80ecae0bb848be018a7a7399b9"
+SHIPPED_NOTE = (
+    "(each stage continues from the previous one's weights; `--cache` "
     "named this machine's data cache, prepared with `python scripts/prepare_data.py --cache CACHE "
     '--synthetic 400` for stages 1-3 (400 synthetic volumes; on a cache that also holds the layered '
     'columns, add `--max-synthetic 400` to repeat them) and with `--synthetic-stacks 160` added for stage'
-    ' 4 (560); runs bounded by `--minutes` are not bit-identical when repeated (`--max-iterations` with '
-    "the counts above is). The weights a stage started from: stage 2's and stage 4's are "
+    " 4 (560). The git revision given is the commit each stage's tree was at: stages 1, 3 and 4 ran it as "
+    "committed; stage 2 ran on uncommitted changes, its `--presence-weight` option committed 22 minutes "
+    "after it started (85cf8db), so no commit holds exactly the code that trained it. None of the stages "
+    "can be repeated bit for bit: at their revisions the learning rate and the rollouts followed wall time "
+    "even with `--max-iterations` (runs with `--max-iterations` repeat exactly from 4c93ef5 on, where it "
+    "sets the schedule). The weights a stage started from: stage 2's and stage 4's are "
     "`Resources/Models/pam_small.pt` at their revisions; stage 2's output `runs/pam_small_r3.pt` (weights"
     ' sha256 `c3d26b934f62c5d6...`), which stage 3 started from, was not kept, so stage 3 can only be '
     'repeated from a new stage 2)'
+)
+GENERIC_NOTE = (
+    "(each stage continues from the previous one's weights; the git revision given is the commit its "
+    "tree was at, with the files it had changed in its provenance's `git_changes` where recorded)"
 )
 
 
@@ -171,10 +182,12 @@ def main(argv=None) -> int:
             f"{card['network']['input_size']} px crops, {card['network']['n_stages']} stages "
             f"{card['network']['base_features']}-{card['network']['max_features']} features, cross-attention at the "
             f"{card['network']['n_attention_stages']} deepest stages, object-present head.",
-            f"* **Training**: {total_it} iterations in {total_min:.0f} min on this project's 2-core CPU machine; "
+            f"* **Training**: {total_it} iterations in {total_min:.0f} min ("
+            + (" / ".join(sorted({str(st['machine']) for st in stages if st.get('machine')})) or "machine not recorded")
+            + "); "
             f"runs: " + "; ".join(f"`{x['log']}` ({n} it, {x['last_logged_seconds'] / 60:.0f} min)"
                                   for x, n in zip(t, its)) + ".",
-            f"* **Commands** {COMMANDS_NOTE}: "
+            f"* **Commands** {SHIPPED_NOTE if card['sha256_weights'] == SHIPPED_WEIGHTS else GENERIC_NOTE}: "
             + "; ".join(f"`{st.get('command') or '?'}` (git {str(st.get('git_revision') or '?')[:10]})"
                         for st in card["training_stages"]) + ".",
             f"* **Inference** (in the checkpoint; the CLI, Python API and Slicer use it): window "
