@@ -1384,3 +1384,18 @@ def test_review_first_and_get_predictor_refuse_bad_arguments_in_one_line():
     with pytest.raises(InputError, match=r"^bad option for method 'pam-memory': bogus \(it takes memory and "
                                          r"current_weight\)$"):
         get_predictor("pam-memory", bogus=1)
+
+
+def test_find_prompt_slices_takes_a_short_line_beside_a_keyframe_for_the_objects_tip():
+    """A reproducibility review: the evaluation's simulated user drew the gallbladder's reference on
+    slices 2, 3 and 8; slice 2 holds its tip, 3 voxels in one column, and the prompt was refused as
+    "a stroke drawn in another view". A line of fewer than 5 voxels is an object's tip; a longer
+    one is still refused as a stroke (test above)."""
+    prompt = np.zeros((12, 40, 40), np.uint8)
+    prompt[3, 14:22, 12:20] = 1
+    prompt[8, 12:24, 10:22] = 1
+    prompt[2, 16:19, 15] = 1  # the tip: 3 voxels in one column, under the drawing on slice 3
+    assert find_prompt_slices(prompt) == (0, {1: [2, 3, 8]})
+    prompt[2, 14:22, 15] = 1  # 8 voxels: a stroke's line
+    with pytest.raises(InputError, match="drawn on more than one plane"):
+        find_prompt_slices(prompt)
