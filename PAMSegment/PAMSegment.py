@@ -890,10 +890,19 @@ class PAMSegmentLogic(ScriptedLoadableModuleLogic):
 
         return describe_prompt(volumeNode, segmentationNode, segmentId)
 
-    def _modelKey(self, checkpoint, device):
-        from PAMSegmentLib.checkpoints import default_checkpoint_path
+    @staticmethod
+    def bundledOr(checkpoint):
+        """``checkpoint``, or the weights shipped with the extension: the panel's "Bundled default
+        weights" are those, whatever $PAMSEGMENT_MODEL (the command line's default) names."""
+        if checkpoint:
+            return checkpoint
+        from PAMSegmentLib.checkpoints import shipped_checkpoint_path
 
-        path = checkpoint or default_checkpoint_path()
+        path = shipped_checkpoint_path()
+        return None if path is None else str(path)
+
+    def _modelKey(self, checkpoint, device):
+        path = self.bundledOr(checkpoint)
         if path is None or not os.path.isfile(path):
             return None
         return (os.path.abspath(path), os.path.getmtime(path), device)
@@ -927,6 +936,7 @@ class PAMSegmentLogic(ScriptedLoadableModuleLogic):
         leaves the stop to the network, None = what the checkpoint says."""
         from PAMSegmentLib.mrml import SegmentPropagation
 
+        checkpoint = self.bundledOr(checkpoint) if method == "pam" else checkpoint
         key, model = self._modelFor(method, checkpoint, device, server)
         # Leave a core to Slicer's GUI: the worker releases the GIL inside torch, but CPU starvation
         # would still make the views stutter.
@@ -943,6 +953,7 @@ class PAMSegmentLogic(ScriptedLoadableModuleLogic):
         poll it, then call ``finishPropagation``). Raises InputError when there is nothing to update."""
         from PAMSegmentLib.mrml import SegmentUpdate
 
+        checkpoint = self.bundledOr(checkpoint) if method == "pam" else checkpoint
         key, model = self._modelFor(method, checkpoint, device, server)
         threads = max(1, (os.cpu_count() or 2) - 1)
         job = SegmentUpdate(volumeNode, segmentationNode, segmentId, self.history, checkpoint=checkpoint,
@@ -1101,10 +1112,10 @@ class PAMSegmentTest(ScriptedLoadableModuleTest):
         return truth, volume, segmentation, segmentId
 
     def test_PAMSegment_propagatesEllipsoid(self):
-        from PAMSegmentLib.checkpoints import default_checkpoint_path
+        from PAMSegmentLib.checkpoints import shipped_checkpoint_path
 
         self.delayDisplay("Propagating a one-slice mask through a synthetic ellipsoid")
-        self.assertIsNotNone(default_checkpoint_path(),
+        self.assertIsNotNone(shipped_checkpoint_path(),
                              "the default weights (Resources/Models/pam_small.pt) are not installed")
         truth, volume, segmentation, segmentId = self._scene()
         logic = PAMSegmentLogic()

@@ -24,6 +24,7 @@ import importlib.util
 import inspect
 import io
 import json
+import os
 import re
 import shutil
 import struct
@@ -842,6 +843,10 @@ def oracle_loader(monkeypatch, truth, gate=None):
     loads = []
 
     def load(checkpoint, device):
+        from PAMSegmentLib.checkpoints import shipped_checkpoint_path
+
+        if checkpoint and shipped_checkpoint_path() is not None and checkpoint == str(shipped_checkpoint_path()):
+            checkpoint = None  # the panel's "Bundled default weights": the oracle stands in for them
         loads.append((checkpoint, device))
         if checkpoint:
             from PAMSegmentLib.checkpoints import load_model
@@ -1333,6 +1338,28 @@ def test_an_older_torch_counts_as_missing_and_is_named(panel, drawn, monkeypatch
     assert panel.ui.promptLabel.text == "PAMSegment needs torch>=2.1 (2.0.1 installed); Propagate offers to update."
     monkeypatch.setattr(torch, "__version__", "2.13.0+cpu")  # a local build tag is still 2.13
     assert logic.missingRequirements() == [] and logic.requirementText("torch", "torch>=2.1") == "torch>=2.1"
+
+
+def test_the_bundled_weights_choice_is_the_shipped_weights_whatever_pamsegment_model_says(module, drawn, monkeypatch,
+                                                                                            tmp_path):
+    """A review: $PAMSEGMENT_MODEL (the command line's default weights, documented for it) silently
+    replaced the panel's "Bundled default weights" (another checkpoint: Dice 0.17, the status line
+    blaming the tissue; a missing file: "pass --checkpoint"). The panel's choice is the shipped file."""
+    from PAMSegmentLib.checkpoints import shipped_checkpoint_path
+
+    shipped = shipped_checkpoint_path()
+    if shipped is None:
+        pytest.skip("no shipped weights in Resources/Models")
+    monkeypatch.setenv("PAMSEGMENT_MODEL", str(tmp_path / "experiment.pt"))
+    logic = module.PAMSegmentLogic()
+    assert logic.bundledOr(None) == str(shipped) and logic.bundledOr("mine.pt") == "mine.pt"
+    assert logic._modelKey(None, "cpu")[0] == os.path.abspath(shipped)
+    _, volume, segmentation, segment_id = drawn
+    job = logic.startPropagation(volume, segmentation, segment_id, method="pam")
+    job.cancel()
+    job.wait(30)
+    assert job.checkpoint == str(shipped)
+    assert logic.startPropagation(volume, segmentation, segment_id, method="track").wait(30)
 
 
 def test_logic_installs_torch_through_the_pytorch_extension(module, monkeypatch):
