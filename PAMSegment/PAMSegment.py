@@ -142,8 +142,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.job = None
         self._observedSegmentation = None
         self._promptMethod = None  # the model kind the prompt label was last written for
-        self._devicesPopulated = False  # the deferred device lookup ran
-        self._devicesListed = False  # ... and filled the list: only then is the device choice saved
+        self._devicesListed = False  # the device list was filled (torch was there): only then is the choice saved
         self._entered = False  # the panel is shown (enter() until exit())
         self._reviewShown = None  # (segmentation node ID, segment ID, slice) last shown for review
         self._editorSelectionSeen = None  # the Segment Editor's selection (IDs) when the panel last followed it
@@ -212,8 +211,10 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def enter(self):
         self._entered = True
         self._followSegmentEditor()
-        if not self._devicesPopulated:
-            # Deferred so the panel paints first: importing torch takes a few seconds once.
+        if not self._devicesListed:
+            # Deferred so the panel paints first: importing torch takes a few seconds once. Until
+            # torch is there, asked again each time (it may have been installed meanwhile, e.g.
+            # through the PyTorch Utils module or another extension).
             qt.QTimer.singleShot(0, self._populateDevices)
         self._observeSegmentation(self.ui.segmentationSelector.currentNode())
         self.updatePromptLabel()
@@ -296,7 +297,6 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         settings.setValue("PAMSegment/IntensityGate", self.ui.intensityGateCheckBox.checked)
 
     def _populateDevices(self):
-        self._devicesPopulated = True
         if self.logic.missingRequirements():
             return  # offered when the user presses Propagate
         saved = qt.QSettings().value("PAMSegment/Device", "cpu")
@@ -499,6 +499,8 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         network = self._method() == "pam"
         missing = self.logic.missingRequirements(network)
         if not missing:
+            if network and not self._devicesListed:  # installed outside this panel: the GPU is offered now
+                self._populateDevices()
             return True
         listing = "\n".join(f"  \u2022 {self.logic.requirementText(name, spec)}" for name, spec in missing)
         torchNote = ""
@@ -628,11 +630,12 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             windowTitle="PAMSegment: undo",
         ):
             return
-        # The result becomes a Segment Editor undo step too: the editor's Undo then brings it back
-        # (without this, its first Undo changed nothing and the result could not be had again).
-        self._saveStateForUndo(segmentation)
         try:
-            message = self.logic.undoLast(segmentation, segmentId)
+            # The result becomes a Segment Editor undo step too: the editor's Undo then brings it back
+            # (without this, its first Undo changed nothing and the result could not be had again);
+            # saved once the undo is certain (a refused one left an empty step).
+            message = self.logic.undoLast(segmentation, segmentId,
+                                          beforeWrite=lambda: self._saveStateForUndo(segmentation))
         except Exception as exc:
             self._setStatus(f"Undo failed: {exc}", "error")
         else:
@@ -995,9 +998,10 @@ class PAMSegmentLogic(ScriptedLoadableModuleLogic):
             return []
         return entry.edited_slices(segment_mask(segmentationNode, segmentId, volume))
 
-    def undoLast(self, segmentationNode, segmentId):
-        """Put the segment back as it was before its last propagation/update; returns a sentence."""
-        return self.history.undo_last(segmentationNode, segmentId)
+    def undoLast(self, segmentationNode, segmentId, beforeWrite=None):
+        """Put the segment back as it was before its last propagation/update; returns a sentence.
+        ``beforeWrite()`` runs once the undo is certain, right before the segment changes."""
+        return self.history.undo_last(segmentationNode, segmentId, before_write=beforeWrite)
 
     def reviewNext(self, segmentationNode, segmentId):
         """Centre the slice views on the least confident slice not reviewed yet and mark it reviewed.

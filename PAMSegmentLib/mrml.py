@@ -1976,7 +1976,7 @@ class PropagationHistory:
         self._restored.clear()
         self._unreadable.clear()
 
-    def undo_last(self, segmentation_node, segment_id: str) -> str:
+    def undo_last(self, segmentation_node, segment_id: str, before_write=None) -> str:
         """Undo the last propagation or update applied to the segment (main thread).
 
         The segment's stored labelmap is restored exactly as it was before it (voxels, extent,
@@ -1984,6 +1984,8 @@ class PropagationHistory:
         removed. After undoing an update the propagation it updated is current again (so its
         result can be updated or undone); after undoing a propagation the segment is forgotten.
         Edits made since the run are discarded with it. Returns a sentence for the status line.
+        ``before_write()`` runs once the undo is certain, right before the segment changes (Slicer
+        saves a Segment Editor undo state there: one saved before a refused undo was an empty step).
         """
         if threading.current_thread() is not threading.main_thread():
             raise PAMError("undo_last() must run on the main thread (it writes MRML nodes)")
@@ -1992,17 +1994,19 @@ class PropagationHistory:
             raise InputError("nothing to undo: this segment has no PAM propagation in this session")
         segmentation = segmentation_node.GetSegmentation()
         name = segmentation.GetSegment(segment_id).GetName()
-        if entry.created:
-            segmentation.RemoveSegment(segment_id)
-            self.forget(segmentation_node, segment_id)
-            return f'removed "{name}", the segment the propagation added'
-        if entry.before is None:
+        if not entry.created and entry.before is None:
             if entry.restored:
                 raise InputError(f'cannot undo: "{name}" holds a PAM result read back from the record saved with it '
                                  "(a loaded scene, a copied segment, the Segment Editor's redo); what it held before "
                                  f"that {entry.kind} is kept only right after the run, in the session that ran it "
                                  "(Update from my edits and the review still work)")
             raise InputError(f'cannot undo: the state of "{name}" before the {entry.kind} was not saved')
+        if before_write is not None:
+            before_write()
+        if entry.created:
+            segmentation.RemoveSegment(segment_id)
+            self.forget(segmentation_node, segment_id)
+            return f'removed "{name}", the segment the propagation added'
         # The saved state is a binary labelmap: written into a segmentation whose source became a
         # closed surface since the run, it would be a derived copy and the surface would keep the result.
         _segment(segmentation_node, segment_id)

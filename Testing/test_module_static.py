@@ -348,7 +348,7 @@ def test_catalog_entry_is_valid():
     assert entry["category"] == cmake_set_values(TOP_CMAKE)["EXTENSION_CATEGORY"]
     assert entry["scm_url"].removesuffix(".git") == REPO_URL
     assert entry["build_dependencies"] == cmake_set_values(TOP_CMAKE)["EXTENSION_DEPENDS"].split()
-    assert isinstance(entry["tier"], int) and 1 <= entry["tier"] <= 5
+    assert isinstance(entry["tier"], int) and entry["tier"] in (1, 3, 5)  # the schema's enum
     assert entry.get("scm_revision") and entry.get("build_subdirectory", ".") == "."
 
 
@@ -1194,6 +1194,29 @@ def test_panel_entering_lists_devices_and_restores_settings(module, monkeypatch)
         assert ui.deviceComboBox.currentText == "cuda"  # the saved choice, restored
         ui.deviceComboBox.setCurrentIndex(0)
         assert FakeSettings.store["PAMSegment/Device"] == "cpu"  # a choice made now is saved
+    finally:
+        widget.cleanup()
+
+
+def test_panel_offers_the_gpu_once_torch_was_installed_elsewhere(module, monkeypatch):
+    """A review: the device list was looked up once per session; opened before torch was there,
+    the panel kept "cpu" alone after torch was installed through the PyTorch Utils module (or
+    another extension), and a saved "cuda" choice was not applied until Slicer restarted."""
+    FakeSettings.store.update({"PAMSegment/Device": "cuda"})
+    missing = [module.RUNTIME_REQUIREMENTS[0]]
+    monkeypatch.setattr(module.PAMSegmentLogic, "missingRequirements", staticmethod(lambda network=True: list(missing)))
+    widget = module.PAMSegmentWidget(parent=None)
+    widget.setup()
+    try:
+        monkeypatch.setattr(widget.logic, "availableDevices", lambda: ["cpu", "cuda"])
+        widget.enter()
+        FakeTimer.deferred.pop()()
+        assert widget.ui.deviceComboBox.items == ["cpu"]  # no torch yet
+        widget.exit()
+        missing.clear()  # installed meanwhile, outside the panel
+        widget.enter()
+        FakeTimer.deferred.pop()()
+        assert widget.ui.deviceComboBox.items == ["cpu", "cuda"] and widget.ui.deviceComboBox.currentText == "cuda"
     finally:
         widget.cleanup()
 

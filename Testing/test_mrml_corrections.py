@@ -900,11 +900,15 @@ def test_a_saved_result_is_updated_in_the_next_session_as_in_its_own(session, tm
         # the update can be undone (this session saved the state before it); the saved result cannot
         update = history2.get(seg2, sid)
         assert update.kind == "update" and update.parent.run_id == back.run_id and tag(seg2, sid, RECORD_TAG) == update.record
-        assert history2.undo_last(seg2, sid) == '"tumor" is back as it was before the update'
+        saved = []  # Slicer saves a Segment Editor undo state there: only for an undo that happens
+        assert history2.undo_last(seg2, sid, before_write=lambda: saved.append(1)) == \
+            '"tumor" is back as it was before the update'
+        assert saved == [1]
         np.testing.assert_array_equal(on_volume(seg2, sid, vol2), edited)
         assert tag(seg2, sid, RUN_TAG) == back.run_id and tag(seg2, sid, RECORD_TAG) == back.record
         with pytest.raises(InputError, match="holds a PAM result read back from the record saved with it"):
-            history2.undo_last(seg2, sid)
+            history2.undo_last(seg2, sid, before_write=lambda: saved.append(2))
+        assert saved == [1]  # a review: a refused undo left an empty editor undo step
         np.testing.assert_array_equal(on_volume(seg2, sid, vol2), edited)  # the refusal changed nothing
 
 
