@@ -896,8 +896,10 @@ def _check_declared_size(p: Path) -> None:
                          "it (e.g. in Slicer's Crop Volume module); a small file declaring this is damaged")
 
 
-def _read_sitk(path: PathLike, series_uid: str | None = None, single_slice_ok: bool = False) -> sitk.Image:
-    """Read any supported file or DICOM folder and check it is one 3D scalar volume."""
+def _read_sitk(path: PathLike, series_uid: str | None = None, single_slice_ok: bool = False,
+               label_map: bool = False) -> sitk.Image:
+    """Read any supported file or DICOM folder and check it is one 3D scalar volume (``label_map``:
+    a prompt or mask, said so when it is 2D)."""
     p = Path(path)
     if not _exists(p):
         raise InputError(f"{p} does not exist; check the path")
@@ -946,6 +948,11 @@ def _read_sitk(path: PathLike, series_uid: str | None = None, single_slice_ok: b
         # A 4D file with a single time point / layer is just a 3D volume.
         image = sitk.Extract(image, [size[0], size[1], size[2], 0], [0, 0, 0, 0])
         dim, size = 3, image.GetSize()
+    if dim == 2 and label_map:
+        raise InputError(f"{name} is a 2D mask ({_fmt_size(size)}), which does not say which slice of the image it "
+                         "was drawn on: save the drawing as a label map of the whole image (3D, empty but on the "
+                         "drawn slice), e.g. the segmentation from 3D Slicer or ITK-SNAP as .seg.nrrd or NIfTI (2D "
+                         "images, each with its own mask, are labelled with `pamsegment label-images`)")
     if dim == 2:
         raise InputError(f"{name} is 2D ({_fmt_size(size)}); PAMSegment needs a 3D volume")
     if dim != 3:
@@ -1330,7 +1337,7 @@ def read_labelmap(path: PathLike, reference: Volume | None = None, resample: boo
     if reference is not None:
         reference = as_volume(reference, "read_labelmap's reference")
     # A one-slice label map is fine: it has a 3D position and can be resampled onto the image.
-    raw = _read_sitk(path, single_slice_ok=True)
+    raw = _read_sitk(path, single_slice_ok=True, label_map=True)
     _check_label_scaling(Path(path))
     image = _as_integer_labels(raw, name)
     labels = Volume.from_sitk(image)

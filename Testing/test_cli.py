@@ -254,6 +254,9 @@ def test_bad_image(ct_case, small_checkpoint, run_cli, case, phrase):
     ("label not present", "label 7 is not in the prompt; labels present: 1"),
     ("too many slices", "label 1 is drawn on 11 of 20 slices along axis 0: that is a 3D mask"),
     ("geometry mismatch", "prompt.nii.gz is not on the image grid: spacing differs"),
+    # a first-user review: a PNG of the drawn slice got "is 2D; PAMSegment needs a 3D volume",
+    # which reads as if the scan were wrong
+    ("2D mask", "slice.png is a 2D mask (48 x 40), which does not say which slice of the image it was drawn on"),
 ])
 def test_bad_prompt(ct_case, small_checkpoint, run_cli, case, phrase):
     out = ct_case.directory / "out.nii.gz"
@@ -269,6 +272,11 @@ def test_bad_prompt(ct_case, small_checkpoint, run_cli, case, phrase):
     elif case == "geometry mismatch":
         spacing = (3.0, 0.8, 0.7)
     write_image(prompt, ct_case.prompt_path, spacing)
+    if case == "2D mask":
+        from PIL import Image
+
+        Image.fromarray((ct_case.prompt.max(axis=0) * 255).astype(np.uint8)).save(ct_case.directory / "slice.png")
+        ct_case.prompt_path = ct_case.directory / "slice.png"
     proc = run_cli("propagate", ct_case.image_path, ct_case.prompt_path, "-o", out,
                    "--checkpoint", small_checkpoint.path, *extra)
     assert_clean_error(proc, phrase)
