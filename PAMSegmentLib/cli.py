@@ -632,10 +632,11 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     ext = check_output_path(out, probe=False)  # OUT's format, for the temporary's name
     sidecar = keyframes_record_path(out) if with_record else None
     voxels = result.slice_voxels()  # once, for the table and the slices to check first
-    check = result.review_summary(voxels)
     from .volumes import plane_name, replace_together, seg_nrrd_segments
 
     segments = seg_nrrd_segments(args.prompt)
+    names = {lab: seg.get("Name") for lab, seg in segments.items() if seg.get("Name")}  # a .seg.nrrd's
+    check = result.review_summary(voxels, names)
     files = []  # the table first, then the record, then OUT (as they are moved in)
     if args.report is not None:
         files.append((args.report, ".csv", lambda tmp: write_slice_report(result, tmp, voxels)))
@@ -649,7 +650,8 @@ def cmd_propagate(args: argparse.Namespace) -> int:
         listing = wrote[0] if len(wrote) == 1 else f"{', '.join(wrote[:-1])} and {wrote[-1]}"
         plane = plane_name(image.direction, result.axis)
         if len(result.slice_range) <= MANY_LABELS:
-            print(f"wrote {listing}: {result.summary(plane)}; {time.perf_counter() - t0:.1f} s in all", flush=True)
+            print(f"wrote {listing}: {result.summary(plane, names)}; {time.perf_counter() - t0:.1f} s in all",
+                  flush=True)
             if check:
                 print(f"least confident slices, to check first: {check}", flush=True)
         else:  # one line per label (41 labels made a 1.3 KB summary line and a 1 KB "check first" one)

@@ -390,23 +390,30 @@ class PropagationResult:
         candidates = sorted(set(np.flatnonzero(area).tolist()) | set(self.gaps.get(lab, ())))
         return review_order(self.confidence[lab], keyframes=self.prompt_slices.get(lab, []), candidates=candidates)[:n]
 
-    def review_summary(self, voxels: dict[int, np.ndarray] | None = None) -> str:
-        """``label 1: 28, 2, 29; label 2: ...``: each label's slices to check first ("" if none)."""
+    def review_summary(self, voxels: dict[int, np.ndarray] | None = None, names: dict[int, str] | None = None) -> str:
+        """``label 1: 28, 2, 29; label 2: ...``: each label's slices to check first ("" if none);
+        ``names``: labels' names (a .seg.nrrd's segments), said beside their numbers."""
         voxels = self.slice_voxels() if voxels is None else voxels
         parts = []
         for lab in sorted(self.confidence):
             first = self.review_first(lab, voxels=voxels)
             if first:
-                parts.append(f"label {lab}: {', '.join(map(str, first))}")
+                parts.append(f"{_label_text(lab, names)}: {', '.join(map(str, first))}")
         return "; ".join(parts)
 
-    def summary(self, plane: str | None = None) -> str:
+    def summary(self, plane: str | None = None, names: dict[int, str] | None = None) -> str:
         """``label 1: slices 4-20; ... (axis 0); 17 slices predicted in 0.3 s``; ``plane``: what the
-        slices are called (``volumes.plane_name``: "axial" ...), said after the axis."""
-        parts = [f"label {lab}: slices {a}-{b}" for lab, (a, b) in self.slice_range.items()]
+        slices are called (``volumes.plane_name``: "axial" ...), said after the axis; ``names``:
+        labels' names (``label 1 (liver): ...``)."""
+        parts = [f"{_label_text(lab, names)}: slices {a}-{b}" for lab, (a, b) in self.slice_range.items()]
         where = f"axis {self.axis}" + (f", {plane} slices" if plane else "")
         return (f"{'; '.join(parts)} ({where}); {self.n_predicted} slices predicted in "
                 f"{self.timings.get('total', 0):.1f} s")
+
+
+def _label_text(lab: int, names: dict[int, str] | None) -> str:
+    name = (names or {}).get(lab)
+    return f"label {lab}" + (f" ({name})" if name else "")
 
 
 def _json_floats(values) -> list:

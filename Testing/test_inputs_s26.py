@@ -775,3 +775,27 @@ def test_a_ctrl_c_held_while_a_move_fails_still_stops_the_batch(ct_case, tmp_pat
     with open(tmp_path / "res" / "batch_report.csv", encoding="utf-8") as fh:
         assert [r["status"] for r in csv.DictReader(fh)] == ["not run", "not run"]
     assert not (tmp_path / "b.nii.gz").exists()
+
+
+def test_a_summary_of_a_few_labels_names_a_seg_nrrds_segments(tmp_path, capsys):
+    """A first-user review: with up to 4 labels the summary said "label 1", "label 2" though the
+    .seg.nrrd prompt names its segments (Slicer users only see names); past 4 it named them."""
+    rng = np.random.default_rng(0)
+    image = rng.normal(0, 5, (12, 24, 36)).astype(np.float32)
+    prompt = np.zeros((12, 24, 36), np.uint8)
+    for lab in (1, 2):
+        image[2:10, 6:18, 6 * (lab - 1) + 1:6 * lab - 1] += 50 * lab
+        prompt[5, 6:18, 6 * (lab - 1) + 1:6 * lab - 1] = lab
+    sitk.WriteImage(sitk.GetImageFromArray(image), str(tmp_path / "image.nrrd"))
+    seg = sitk.GetImageFromArray(prompt)
+    for n, name in enumerate(("spleen", "liver")):
+        seg.SetMetaData(f"Segment{n}_ID", f"Segment_{n + 1}")
+        seg.SetMetaData(f"Segment{n}_Name", name)
+        seg.SetMetaData(f"Segment{n}_LabelValue", str(n + 1))
+        seg.SetMetaData(f"Segment{n}_Layer", "0")
+    sitk.WriteImage(seg, str(tmp_path / "prompt.seg.nrrd"))
+    assert cli.main(["propagate", str(tmp_path / "image.nrrd"), str(tmp_path / "prompt.seg.nrrd"), "-o",
+                     str(tmp_path / "out.nii.gz"), "--method", "copy"]) == 0
+    out = capsys.readouterr().out
+    assert ": label 1 (spleen): slices 2-9; label 2 (liver): slices 2-9 (axis 0, axial slices); " in out
+    assert "least confident slices, to check first: label 1 (spleen): " in out and "; label 2 (liver): " in out
