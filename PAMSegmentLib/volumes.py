@@ -2189,7 +2189,9 @@ def _faithful_tiff(p: Path, image: sitk.Image, layout: tuple[int, int, bool, int
     read faithfully here."""
     samples, bits, tiled, pages = layout
     itk_bits = 8 * np.dtype(sitk.GetArrayViewFromImage(image).dtype).itemsize
-    lossy_fallback = tiled and bits > 8 and itk_bits == 8
+    # tiled, or samples stored plane after plane (tifffile's default for a (3, H, W) array): ITK's
+    # 8-bit fallback reader divides the values by 256 (a dim 12-bit image came out as 3 grey levels)
+    lossy_fallback = bits > 8 and itk_bits == 8
     interleaved = samples == 2 and image.GetNumberOfComponentsPerPixel() == 1
     if pages != 1 or not (lossy_fallback or interleaved):
         return image
@@ -2225,6 +2227,10 @@ def _read_2d(path: PathLike, what: str) -> tuple[sitk.Image, sitk.Image]:
             image = sitk.ReadImage(_itk_path(p))
     except RuntimeError as error:
         image = _read_png_with_pil(p)  # grey + alpha PNGs, which ITK cannot read
+        if image is None and layout is not None and layout[3] == 1:  # a TIFF ITK cannot read (64-bit floats)
+            arr = _tiff_pixels(p)
+            if arr is not None and arr.ndim in (2, 3) and np.issubdtype(arr.dtype, np.number):
+                image = sitk.GetImageFromArray(np.ascontiguousarray(arr), isVector=arr.ndim == 3)
         if image is None:
             known = p.name.lower().endswith(tuple(IMAGE_2D_EXTENSIONS))
             raise InputError(f"cannot read {p} as an image ({_itk_reason(error)}); "
@@ -2296,11 +2302,10 @@ def _palette_indices(path: Path) -> np.ndarray | None:
     if not path.name.lower().endswith(".png"):
         return None
     try:
-        from PIL import Image
+        with _pillow_unguarded() as Image, Image.open(path) as im:  # a mask of a large slide: not a bomb
+            return np.asarray(im) if im.mode == "P" else None
     except ImportError:
         return None
-    with Image.open(path) as im:
-        return np.asarray(im) if im.mode == "P" else None
 
 
 def _edge_labels(arr: np.ndarray, present: np.ndarray, enough: int | None = None) -> list[int]:

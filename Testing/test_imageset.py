@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -1074,3 +1075,30 @@ def test_a_2d_file_oblique_to_a_one_slice_prompt_image_is_said(tmp_path):
     flat = saved(np.zeros((20, 30), np.float32), "flipped.nii.gz", (-1.0, 0.0, 0.0, 1.0))  # stored flipped
     assert orientation_to(axial, flat, "flipped.nii.gz", said.append) == (False, False, True)
     assert orientation_to(flat, axial, "axial.nii.gz") == (False, False, True)
+
+
+def test_planar_16_bit_and_64_bit_float_tiffs_keep_their_values(tmp_path, monkeypatch):
+    """A 2D review: a 16-bit TIFF whose samples are stored plane after plane (tifffile's default
+    for a (3, H, W) array) went through ITK's 8-bit fallback (a dim 12-bit image: 3 grey levels,
+    cell F1 0.817 -> 0.519, exit 0); a float64 TIFF, which ITK cannot read, was called damaged;
+    a palette PNG mask past Pillow's pixel guard was a DecompressionBombError traceback."""
+    tifffile = pytest.importorskip("tifffile")
+    from PIL import Image
+
+    from PAMSegmentLib import volumes
+
+    rng = np.random.default_rng(2)
+    dim = rng.integers(100, 453, size=(48, 64), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "planar.tif", np.stack([dim, dim, dim]), photometric="rgb", planarconfig="separate")
+    arr, _ = volumes.read_image_2d(tmp_path / "planar.tif")
+    assert np.abs(arr - dim).max() <= 1 and len(np.unique(arr)) > 200
+    tifffile.imwrite(tmp_path / "f64.tif", dim.astype(np.float64) / 7)
+    np.testing.assert_allclose(volumes.read_image_2d(tmp_path / "f64.tif")[0], dim / 7, rtol=1e-6)
+    palette = Image.fromarray(rng.integers(0, 3, size=(64, 64), dtype=np.uint8), "P")
+    palette.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * 759)
+    palette.save(tmp_path / "mask.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # as a 180 Mpx mask is to Pillow's default guard
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert volumes._palette_indices(tmp_path / "mask.png").shape == (64, 64)
+    assert Image.MAX_IMAGE_PIXELS == 1000
