@@ -531,17 +531,21 @@ def cmd_label_cells(args) -> int:
     out = Path(args.output)
     check_output_path(out, MASK_2D_EXTENSIONS)
     inputs = [given for given in (args.image, args.examples, args.background) if given]
+    table = out.with_name(out.name + ".csv")
     for given in inputs:
         if _same_path(out, given):
             raise InputError(f"the output {out} is one of the inputs ({given}); choose another -o file")
+        if _same_path(table, given):  # e.g. a symbolic link named like the table, onto an input
+            raise InputError(f"{table}, where the table of cells goes, is one of the inputs ({given}); move it "
+                             "away or choose another -o file")
     # A PNG holds at most 65535 labels; a result with more goes to a TIFF beside OUT, whose name is
     # chosen now, before the work, so that it never replaces an input.
     fallback = _tif_fallback(out, inputs) if out.name.lower().endswith(".png") else None
     check_name_length(out, suffix=".csv", whose="the table of cells beside it")
-    if out.with_name(out.name + ".csv").is_dir():  # the move at the end would fail after the work
-        raise InputError(f"{out.with_name(out.name + '.csv')} is a folder, where the table of cells goes; move it "
-                         "away or choose another -o file")
-    for written in (out, out.with_name(out.name + ".csv")):
+    if table.is_dir():  # the move at the end would fail after the work
+        raise InputError(f"{table} is a folder, where the table of cells goes; move it away or choose another -o "
+                         "file")
+    for written in (out, table):
         check_link_target(written)  # a link is written onto its target: its folder must take files
         check_not_read_only(written)
     image, ref = read_image_2d(args.image, keep_colour=True)

@@ -609,3 +609,20 @@ def test_cli_png_fallback_keeps_a_read_only_tif(tmp_path, monkeypatch, capsys):
     assert "writing cells_labels.tif instead (cells.tif is read-only)" in capsys.readouterr().out
     assert kept.read_bytes() == b"precious"
     assert sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "cells_labels.tif"))).max() == 70000
+
+
+def test_cli_refuses_a_table_name_that_is_an_input(tmp_path, capsys):
+    """A 2D review: OUT.csv as a symbolic link onto the input image was written through, replacing
+    the image with the table of cells (exit 0); only OUT itself was compared with the inputs."""
+    from PAMSegmentLib import cli
+
+    image, ref = disc_image()
+    sitk.WriteImage(sitk.GetImageFromArray(np.clip(image, 0, 255).astype(np.uint8)), str(tmp_path / "slide.tif"))
+    sitk.WriteImage(sitk.GetImageFromArray(np.where(np.isin(ref, [1, 4, 16]), ref, 0).astype(np.uint8)),
+                    str(tmp_path / "ex.png"))
+    before = (tmp_path / "slide.tif").read_bytes()
+    (tmp_path / "cells.tif.csv").symlink_to(tmp_path / "slide.tif")
+    assert cli.main(["label-cells", str(tmp_path / "slide.tif"), str(tmp_path / "ex.png"),
+                     "-o", str(tmp_path / "cells.tif")]) == 2
+    assert "cells.tif.csv, where the table of cells goes, is one of the inputs" in capsys.readouterr().err
+    assert (tmp_path / "slide.tif").read_bytes() == before and not (tmp_path / "cells.tif").exists()
