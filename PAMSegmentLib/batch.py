@@ -522,7 +522,7 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
                    help="checkpoint for every case (default: $PAMSEGMENT_MODEL if set, else the shipped weights)")
     p.add_argument("--method", choices=sorted(METHODS), default="pam", help=METHOD_HELP)
     p.add_argument("--registration-weight", type=_unit_interval, metavar="W", help="as for propagate")
-    p.add_argument("--intensity-gate", choices=("off", "prompt", "guide"), help="as for propagate")
+    p.add_argument("--intensity-gate", choices=("off", "prompt", "guide", "both"), help="as for propagate")
     p.add_argument("--through-plane-mm", type=_through_plane_mm, metavar="T", help="as for propagate")
     p.add_argument("--walk", choices=("engine", "published"), help="as for propagate")
     p.add_argument("--skip-existing", action="store_true", help="skip rows whose output exists (resume a cut run)")

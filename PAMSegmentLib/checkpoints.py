@@ -48,7 +48,7 @@ MAX_CHECKPOINT_BYTES = 2 * 1024**3  # the official file is ~320 MB; anything pas
 DEFAULT_MODEL_NAME = "pam_small.pt"
 
 
-GATE_REFERENCES = ("prompt", "guide")
+GATE_REFERENCES = ("prompt", "guide", "both")  # both: the walk ends where either test fails
 # What a prior-channel network (PAMConfig.mask_prior) sees as each query's prior mask: the window
 # guide's mask ("guide"), or the previous slice's final mask carried onto the query by the
 # fusion's demons registration ("carried"; the network is trained on simulated carried masks).
@@ -164,12 +164,12 @@ class InferenceParams:
 
     def with_gate(self, gate: str) -> "InferenceParams":
         """These parameters with the drift test set as ``--intensity-gate`` (and a server job) say:
-        "off", "prompt" or "guide" (against that region), or "on" (the reference these parameters
-        name, "guide" where their test is off)."""
+        "off", "prompt", "guide" or "both" (against that region, or either), or "on" (the reference
+        these parameters name, "guide" where their test is off)."""
         if gate == "off":
             return replace(self, intensity_gate=False)
-        reference = gate if gate in ("prompt", "guide") else (self.intensity_gate_reference if self.intensity_gate
-                                                              else "guide")
+        reference = gate if gate in GATE_REFERENCES else (self.intensity_gate_reference if self.intensity_gate
+                                                          else "guide")
         return replace(self, intensity_gate=True, intensity_gate_reference=reference)
 
     def to_dict(self) -> dict:

@@ -275,10 +275,11 @@ def add_propagate_arguments(p: argparse.ArgumentParser) -> None:
                         "PAM (default: the checkpoint's; 0.5 for the shipped weights, 0 for the official checkpoint; "
                         "a prior-channel network with query_prior=carried still registers, for its prior)")
     p.add_argument("--walk", choices=("engine", "published"), help=WALK_HELP)
-    p.add_argument("--intensity-gate", choices=("off", "prompt", "guide"),
+    p.add_argument("--intensity-gate", choices=("off", "prompt", "guide", "both"),
                    help="pam: also end the walk where the predicted region's intensity drifts from the drawn "
-                        "slice's region (prompt) or from the region of the slice it was predicted from (guide) "
-                        "(default: the checkpoint's; guide for the shipped weights, off for the official checkpoint)")
+                        "slice's region (prompt), from the region of the slice it was predicted from (guide), or "
+                        "from either (both) (default: the checkpoint's; both for the shipped weights, off for the "
+                        "official checkpoint)")
     p.add_argument("--through-plane-mm", type=_through_plane_mm, metavar="T",
                    help="pam: on scans whose slices are more than T mm apart, walk through slices interpolated "
                         "between them (ceil(spacing / T) steps per slice; the result stays on the scan's slices). "

@@ -127,6 +127,8 @@ class PAMPredictor(SlicePredictor):
     # The drift test's smallest robust SD, as a fraction of the slice's 1-99 % range
     # (IntensityGate.from_prompt); label_images widens it for images normalised one by one.
     gate_sd_floor: float = 0.02
+    # The drift test's window: the reference region's 1-99 % range widened by gate_k / 2 robust SDs.
+    gate_k: float = 2.0
 
     def __init__(self, model, intensity_gate: bool | None = None, registration_weight: float | None = None,
                  gate_reference: str | None = None, query_prior: str | None = None):
@@ -206,7 +208,9 @@ class PAMPredictor(SlicePredictor):
             from .baselines import IntensityGate
 
             self.gate = IntensityGate.from_prompt(_smoothed(volume[prompt_index]), prompt_mask,
-                                                  sd_floor=self.gate_sd_floor)
+                                                  k=self.gate_k, sd_floor=self.gate_sd_floor)
+        self._origin_gates = {int(prompt_index): self.gate}  # drawn slice -> its drift-test statistics
+        self._gate_origin: dict[int, int] = {}  # predicted slice -> the drawn slice its walk started from
 
     @property
     def begin_state(self):
@@ -231,10 +235,26 @@ class PAMPredictor(SlicePredictor):
         if key not in self._guide_gates:
             if len(self._guide_gates) >= 4:  # a walk uses at most a few guides at a time
                 self._guide_gates.pop(next(iter(self._guide_gates)))
-            self._guide_gates[key] = IntensityGate.from_prompt(_smoothed(volume[guide_index]), mask,
+            self._guide_gates[key] = IntensityGate.from_prompt(_smoothed(volume[guide_index]), mask, k=self.gate_k,
                                                                sd_floor=self.gate_sd_floor) \
                 if mask.any() else self.gate
         return self._guide_gates[key]
+
+    def _origin_gate(self, volume, guide_index, guide_mask, query_indices):
+        """The drift test's statistics of the drawn slice the walk predicting ``query_indices``
+        started from (a guide no walk predicted is a drawn slice: with several keyframes, each
+        walk is tested against its own)."""
+        from .baselines import IntensityGate
+
+        origin = self._gate_origin.get(int(guide_index), int(guide_index))
+        for q in query_indices:
+            self._gate_origin[int(q)] = origin
+        if origin not in self._origin_gates:
+            mask = np.asarray(guide_mask, dtype=bool)
+            self._origin_gates[origin] = IntensityGate.from_prompt(
+                _smoothed(volume[origin]), mask, k=self.gate_k, sd_floor=self.gate_sd_floor) \
+                if origin == int(guide_index) and mask.any() else self.gate
+        return self._origin_gates[origin]
 
     def _gated(self, volume, guide_index, guide_mask, query_indices, out: SlicePrediction) -> SlicePrediction:
         """``out`` with the drift test's scores (``SlicePrediction.drift``: the engine ends the walk
@@ -243,6 +263,10 @@ class PAMPredictor(SlicePredictor):
             return out
         drift = self._gate_scores(volume, list(query_indices), out.prob,
                                   self._reference_gate(volume, guide_index, guide_mask))
+        if self.gate_reference == "both":  # and against the drawn slice: a slow slide the guide follows
+            drift = np.minimum(drift, self._gate_scores(volume, list(query_indices), out.prob,
+                                                        self._origin_gate(volume, guide_index, guide_mask,
+                                                                          query_indices)))
         return SlicePrediction(out.prob, out.presence, drift, out.agreement)
 
     def _gate_scores(self, volume, query_indices, prob, reference) -> np.ndarray:

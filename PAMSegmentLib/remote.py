@@ -113,9 +113,9 @@ class RemoteModel:
         """``wait_when_busy``: for this many seconds a full queue is waited out (asked again every
         ``busy_interval`` seconds, said in the progress) instead of raising ServerBusy at once:
         a batch shares the server with other users. ``intensity_gate`` (method pam): the drift test
-        for the jobs, "off", "on", "prompt" or "guide" (None: the server's setting)."""
-        if intensity_gate not in (None, "off", "on", "prompt", "guide"):
-            raise InputError(f"intensity_gate must be off, on, prompt or guide, got {intensity_gate!r}")
+        for the jobs, "off", "on", "prompt", "guide" or "both" (None: the server's setting)."""
+        if intensity_gate not in (None, "off", "on", "prompt", "guide", "both"):
+            raise InputError(f"intensity_gate must be off, on, prompt, guide or both, got {intensity_gate!r}")
         self.intensity_gate = intensity_gate
         # a server from before per-job drift tests refuses the option: an error if the user asked for it
         # (--intensity-gate), left out with a word where it is only a front end's setting (Slicer's checkbox)

@@ -144,9 +144,9 @@ def header_timeout_protocol(seconds: float = HEADER_SECONDS):
 OPTION_KEYS = {"axis", "labels", "range", "early_stop", "empty_slices", "remove_disconnected", "method", "update",
                "intensity_gate"}
 # intensity_gate (method pam): the drift test for this job, as propagate's --intensity-gate (off, prompt,
-# guide) or "on" (the checkpoint's reference, guide if it has the test off): the remedy the README gives
-# for a walk the test ended at once must work through a server too
-GATE_CHOICES = ("off", "on", "prompt", "guide")
+# guide, both) or "on" (the checkpoint's reference, guide if it has the test off): the remedy the README
+# gives for a walk the test ended at once must work through a server too
+GATE_CHOICES = ("off", "on", "prompt", "guide", "both")
 METHODS = SERVER_METHODS
 MAX_VOXELS = 512 * 512 * 1024  # default largest image (and prompt) a job may hold
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")

@@ -141,6 +141,7 @@ def test_the_drift_test_is_set_per_job_on_a_server(copy_server, monkeypatch):
     off = with_gate(model, "off")
     assert off.inference.intensity_gate is False and model.inference.intensity_gate is True
     assert with_gate(model, "prompt").inference.intensity_gate_reference == "prompt"
+    assert with_gate(model, "both").inference.intensity_gate_reference == "both"
     assert with_gate(model, None) is model
     assert with_gate(PAMModel(None, None, InferenceParams(intensity_gate=False), "official"),
                      "on").inference.intensity_gate_reference == "guide"

@@ -143,11 +143,11 @@ def test_drift_ends_the_walk_but_does_not_lower_the_confidence():
 
 
 def test_bad_gate_reference_is_refused():
-    with pytest.raises(ValueError, match="intensity_gate_reference must be one of prompt, guide, got 'slice'"):
+    with pytest.raises(ValueError, match="intensity_gate_reference must be one of prompt, guide, both, got 'slice'"):
         InferenceParams(intensity_gate_reference="slice")
     with pytest.raises(ValueError, match="registration_weight must be within"):
         InferenceParams(registration_weight=1.5)
-    with pytest.raises(ValueError, match="gate_reference must be one of prompt, guide"):
+    with pytest.raises(ValueError, match="gate_reference must be one of prompt, guide, both"):
         PAMPredictor(StaleNetwork(0.0).model, gate_reference="first")
 
 
@@ -237,3 +237,21 @@ def test_result_says_what_ended_each_walk_and_warns_when_the_drift_test_stops_at
     # Where the drift test stops later, after the object was followed, there is nothing to say.
     res = propagate(img, prompt_on(truth, 5), (1.0, 1.0, 1.0), gated(0.0, "guide"), axis=0)
     assert res.stops[1][1] == {"start": 5, "direction": 1, "last": 9, "reason": "drift"} and res.notes() == []
+
+
+def test_both_ends_where_either_test_does_and_each_walk_keeps_its_own_drawn_slice():
+    """``both`` (the shipped setting since session 27): the walk ends where the region drifts from
+    its guide's (a slip into other tissue) or from its drawn slice's (a slow slide the guide test
+    follows: a liver drawn on one slice of a full abdominal CT ran 60 slices on into the pelvis).
+    With several keyframes each walk is tested against the slice it started from."""
+    img, truth = ramp_volume(0.004)
+    both = propagate(img, prompt_on(truth, 0), (1.0, 1.0, 1.0), gated(0.0, "both"), axis=0)
+    assert object_extent(both.mask) == (0, 8)  # as the prompt test on the ramp (the guide test: 0-23)
+    slip, slip_truth = slip_volume()
+    res = propagate(slip, prompt_on(slip_truth, 5), (1.0, 1.0, 1.0), gated(0.5, "both"), axis=0)
+    assert object_extent(res.mask) == (0, 9) and np.array_equal(res.mask > 0, slip_truth)
+    img, truth = ramp_volume(0.004, n=30)
+    keyframes = prompt_on(truth, 4)
+    keyframes[14] = truth[14]  # 0.04 brighter than slice 4: against slice 4's test, its walk up ended at once
+    res = propagate(img, keyframes, (1.0, 1.0, 1.0), gated(0.0, "both"), axis=0)
+    assert object_extent(res.mask) == (0, 23)  # from 14 up as far as from a single drawn slice (0-8 above)

@@ -38,6 +38,7 @@ N_DEFAULT = 24  # structures of the default set
 _FLAGS = {
     "gate": {"gate": True},  # the drift test against the drawn slice
     "gateg": {"gate": True, "gate_reference": "guide"},  # against the window's guide region
+    "gateb": {"gate": True, "gate_reference": "both"},  # against both: ends where either fails
     "nogate": {"gate": False},
     # A prior-channel network's query prior (checkpoints.QUERY_PRIORS).
     "carried": {"query_prior": "carried"},
@@ -70,6 +71,7 @@ _NUMERIC = {
     "regstep": ("registration_options", "max_step", float),  # demons step limit, grid px per iteration
     "carryss": (None, "carry_supersample", int),  # the chain's carried mask on an s times finer grid
     "up": (None, "through_plane_mm", float),  # thick slices: walks through slices interpolated to <= T mm (0 = off)
+    "gatek": (None, "gate_k", float),  # the drift test's window: the reference's 1-99 % range +- k/2 robust SDs
     "crop": (None, "crop_scale", float),  # the network crop's side, x the guide mask's larger extent
 }
 _PREFIXES_LONGEST_FIRST = sorted(_NUMERIC, key=len, reverse=True)
@@ -192,7 +194,7 @@ def main(argv=None) -> int:
                 predictor.registration_options = opts.get("registration_options", {})
                 for name in ("window_mm", "threshold", "presence_threshold", "consistency_min_dice",
                              "keyframe_outward_min_agreement", "carry_supersample", "through_plane_mm", "crop_scale", "network_window",
-                             "keyframe_empty_side_votes", "published_scheme", "authors_preprocessing"):
+                             "keyframe_empty_side_votes", "published_scheme", "authors_preprocessing", "gate_k"):
                     if name in opts:
                         setattr(predictor, name, opts[name])
             res = propagate(case.image, prompt, case.spacing, predictor, axis=0)
