@@ -476,7 +476,9 @@ def _expand(inputs: Sequence[str]) -> list:
     ``IMAGE_2D_EXTENSIONS``), sorted by name with numbers compared as numbers (``_natural``)."""
     from pathlib import Path
 
-    from .volumes import IMAGE_2D_EXTENSIONS
+    import itertools
+
+    from .volumes import IMAGE_2D_EXTENSIONS, _is_dicom_file
 
     out = []
     for item in inputs:
@@ -485,7 +487,12 @@ def _expand(inputs: Sequence[str]) -> list:
             found = sorted((f for f in p.iterdir() if f.is_file() and not f.name.startswith(".")
                             and f.name.lower().endswith(IMAGE_2D_EXTENSIONS)), key=_natural)
             if not found:
-                raise InputError(f"folder {p} holds no image files ({', '.join(IMAGE_2D_EXTENSIONS)})")
+                dicom = sum(1 for f in itertools.islice(p.iterdir(), 2000)
+                            if f.is_file() and not f.name.startswith(".") and _is_dicom_file(f))
+                its = "their names" if dicom != 1 else "its name"
+                raise InputError(f"folder {p} holds no image files ({', '.join(IMAGE_2D_EXTENSIONS)})" + (
+                    f"; it holds {dicom} DICOM file{'s' if dicom != 1 else ''} without .dcm in {its}, left out of "
+                    f"a folder: name them on the command line ({p}/*)" if dicom else ""))
             out.extend(found)
         elif not p.exists():
             raise InputError(f"{p} does not exist; check the path")
@@ -509,8 +516,9 @@ def _stem(path) -> str:
     """The file name without its image extension (``a.nii.gz`` -> ``a``)."""
     from .volumes import IMAGE_2D_EXTENSIONS, without_extension
 
-    name = without_extension(path.name, IMAGE_2D_EXTENSIONS)
-    return name if name != path.name else path.stem
+    # A name without an image extension is kept whole: DICOM files named by their UIDs
+    # (CT.1.3.12...16583) all lost their last part and clashed
+    return without_extension(path.name, IMAGE_2D_EXTENSIONS)
 
 
 def _check_targets(out_dir, names, prompt_path, mask_path, files, more_masks=()) -> None:

@@ -1102,3 +1102,30 @@ def test_planar_16_bit_and_64_bit_float_tiffs_keep_their_values(tmp_path, monkey
         warnings.simplefilter("error")
         assert volumes._palette_indices(tmp_path / "mask.png").shape == (64, 64)
     assert Image.MAX_IMAGE_PIXELS == 1000
+
+
+def test_dicom_files_named_by_their_uids_are_labelled_under_their_whole_names(tmp_path, capsys):
+    """A 2D review: DICOM files named by UID (CT.1.3.12...16583, the usual export) all lost their
+    last part in their output names and clashed, so such a set could not be labelled; their folder
+    was "no image files" without a word of why."""
+    from test_volumes import make_volume, write_dicom_series
+
+    from PAMSegmentLib import cli
+
+    vol = make_volume(shape=(3, 40, 48), direction=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+    write_dicom_series(tmp_path / "dcm", vol, "1.2.826.0.1.3680043.2.1125.7.51")
+    files = []
+    for n, f in enumerate(sorted((tmp_path / "dcm").iterdir())):
+        files.append(f.rename(tmp_path / "dcm" / f"CT.1.2.826.0.1.3680043.2.1125.7.51.{1000 + n}"))
+    mask = np.zeros((40, 48), np.uint8)
+    mask[10:30, 12:36] = 1
+    from PIL import Image
+
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    assert cli.main(["label-images", str(files[0]), str(tmp_path / "mask.png"), str(tmp_path / "dcm"), "-o",
+                     str(tmp_path / "out")]) == 2
+    assert "holds 3 DICOM files without .dcm in their names, left out of a folder: name them on the command " \
+           "line" in capsys.readouterr().err
+    assert cli.main(["label-images", str(files[0]), str(tmp_path / "mask.png"), *map(str, files), "-o",
+                     str(tmp_path / "out"), "--method", "copy"]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").glob("*_mask.png")) == [f"{f.name}_mask.png" for f in files]
