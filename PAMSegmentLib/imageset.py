@@ -471,9 +471,11 @@ def _schedule(order: str, drawn: Sequence[int], n: int, dist: np.ndarray | None,
 # ----------------------------------------------------------------------------- the command
 
 
-def _expand(inputs: Sequence[str]) -> list:
+def _expand(inputs: Sequence[str], left_out: list | None = None) -> list:
     """Files as given (each must exist); a folder contributes its image files (by extension,
-    ``IMAGE_2D_EXTENSIONS``), sorted by name with numbers compared as numbers (``_natural``)."""
+    ``IMAGE_2D_EXTENSIONS``), sorted by name with numbers compared as numbers (``_natural``),
+    but not those named ``*_mask.*``: masks, as this command writes them (labelled as images they
+    made ``x_mask_mask.png`` and could guide real images), added to ``left_out``."""
     from pathlib import Path
 
     import itertools
@@ -486,6 +488,11 @@ def _expand(inputs: Sequence[str]) -> list:
         if p.is_dir():
             found = sorted((f for f in p.iterdir() if f.is_file() and not f.name.startswith(".")
                             and f.name.lower().endswith(IMAGE_2D_EXTENSIONS)), key=_natural)
+            masks = [f for f in found if _stem(f).lower().endswith("_mask")]
+            if masks and len(masks) < len(found):
+                found = [f for f in found if f not in masks]
+                if left_out is not None:
+                    left_out.extend(masks)
             if not found:
                 dicom = sum(1 for f in itertools.islice(p.iterdir(), 2000)
                             if f.is_file() and not f.name.startswith(".") and _is_dicom_file(f))
@@ -651,7 +658,14 @@ def cmd_label_images(args) -> int:
             raise InputError(f"--labelled {image_path} is a mask given with the prompt or another --labelled image; "
                              "give an image of the set")
     drawn_masks = [mask_path, *(m for _, m in labelled)]
-    files = _expand(args.images)
+    masks_left_out: list = []
+    files = _expand(args.images, masks_left_out)
+    masks_left_out = [f for f in masks_left_out if not any(os.path.samefile(f, m) for m in drawn_masks)]
+    if masks_left_out:  # (the drawn masks are left out anyway)
+        shown = ", ".join(f.name for f in masks_left_out[:3]) + (
+            f" and {len(masks_left_out) - 3} more" if len(masks_left_out) > 3 else "")
+        print(f"note: left out {len(masks_left_out)} file{'s' if len(masks_left_out) != 1 else ''} named *_mask "
+              f"({shown}): masks, not images to label; name one on the command line to label it", flush=True)
     # The same file given twice (a folder and one of its files, or a link to it): labelled once, in
     # its first place (two masks of one image would be written to one name).
     seen, unique, twice = {}, [], []

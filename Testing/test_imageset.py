@@ -1129,3 +1129,25 @@ def test_dicom_files_named_by_their_uids_are_labelled_under_their_whole_names(tm
     assert cli.main(["label-images", str(files[0]), str(tmp_path / "mask.png"), *map(str, files), "-o",
                      str(tmp_path / "out"), "--method", "copy"]) == 0
     assert sorted(p.name for p in (tmp_path / "out").glob("*_mask.png")) == [f"{f.name}_mask.png" for f in files]
+
+
+def test_masks_lying_among_the_images_of_a_folder_are_left_out(tmp_path, capsys):
+    """A 2D review: img.png beside img_mask.png (a common layout, or this command's own masks
+    copied back) were labelled as images too (x_mask_mask.png), and could guide real images."""
+    from PIL import Image
+
+    from PAMSegmentLib import cli
+
+    rng = np.random.default_rng(5)
+    (tmp_path / "set").mkdir()
+    mask = np.zeros((40, 48), np.uint8)
+    mask[10:30, 12:36] = 1
+    for n in range(3):
+        Image.fromarray((rng.normal(100, 5, (40, 48)) + 80 * mask).clip(0, 255).astype(np.uint8)).save(
+            tmp_path / "set" / f"s{n}.png")
+        Image.fromarray(mask).save(tmp_path / "set" / f"s{n}_mask.png")
+    assert cli.main(["label-images", str(tmp_path / "set" / "s1.png"), str(tmp_path / "set" / "s1_mask.png"),
+                     str(tmp_path / "set"), "-o", str(tmp_path / "out"), "--method", "copy"]) == 0
+    assert "note: left out 2 files named *_mask (s0_mask.png, s2_mask.png): masks, not images to label" in \
+        capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["s0_mask.png", "s1_mask.png", "s2_mask.png"]
