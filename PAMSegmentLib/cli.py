@@ -1148,10 +1148,19 @@ def out_of_memory(exc: BaseException) -> bool:
                                             and any(t in str(exc).lower() for t in _MEMORY_TEXTS))
 
 
-def memory_message(exc: BaseException, batch: bool = False) -> str:
+def memory_message(exc: BaseException, batch: bool = False, command: str | None = None) -> str:
     """One line for running out of memory: what ran out and what to do (``batch``: for one case of a
-    manifest, whose options are the manifest's labels column)."""
+    manifest, whose options are the manifest's labels column; ``command``: the 2D commands have
+    their own advice, not propagate's options)."""
     detail = f" ({_one_line(exc)[:120]})" if str(exc) else ""
+    if command == "label-cells":
+        return (f"not enough memory{detail}; nothing was written. Labelling cells needs about 75 bytes per pixel of "
+                "a grey image and 165 of a colour one at its peak (a 10 000 x 10 000 grey region: about 7.5 GB): "
+                "crop the image to the region to label, close other programs, or use a machine with more memory")
+    if command == "label-images":
+        return (f"not enough memory{detail}; nothing was written. The whole set is held in memory (about 15 bytes "
+                "per pixel of all its images): label fewer or smaller images per run, close other programs, or use "
+                "a machine with more memory")
     limit = "fewer labels in the row's label column" if batch else "--range, --label"
     return (f"not enough memory{detail}; what was being computed was not written. A propagation needs about 4 to 7 "
             "times the image's uncompressed size (more with a large --batch-size for the official checkpoint): close "
@@ -1167,6 +1176,7 @@ def main(argv: Sequence[str] | None = None, ends_process: bool = False) -> int:
             signal.signal(signal.SIGTERM, _raise_terminated)
         except ValueError:  # not the main thread
             pass
+    args = None  # (what ran, for the out-of-memory advice)
     try:  # also around the parser: building it imports the chosen subcommand's module
         argv = list(sys.argv[1:] if argv is None else argv)
         parser = build_parser(argv)
@@ -1185,7 +1195,7 @@ def main(argv: Sequence[str] | None = None, ends_process: bool = False) -> int:
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except MemoryError as exc:  # numpy's "Unable to allocate 1.32 GiB" (a traceback and exit 1 before)
-        print(f"{PROG}: error: {memory_message(exc)}", file=sys.stderr)
+        print(f"{PROG}: error: {memory_message(exc, command=getattr(args, 'command', None))}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:
         # stdout went to a reader that stopped early (`pamsegment info | head -1`): a traceback and exit 1
@@ -1199,7 +1209,7 @@ def main(argv: Sequence[str] | None = None, ends_process: bool = False) -> int:
         return EXIT_BROKEN_PIPE
     except (OSError, RuntimeError) as exc:
         if out_of_memory(exc):  # torch's "DefaultCPUAllocator: can't allocate memory", ITK's allocation failure
-            print(f"{PROG}: error: {memory_message(exc)}", file=sys.stderr)
+            print(f"{PROG}: error: {memory_message(exc, command=getattr(args, 'command', None))}", file=sys.stderr)
             return EXIT_USAGE
         # Paths no check foresaw: a name too long for the file system, a loop of symbolic links
         # (Python 3.11's Path.resolve raises RuntimeError for it, later versions OSError).

@@ -626,3 +626,24 @@ def test_cli_refuses_a_table_name_that_is_an_input(tmp_path, capsys):
                      "-o", str(tmp_path / "cells.tif")]) == 2
     assert "cells.tif.csv, where the table of cells goes, is one of the inputs" in capsys.readouterr().err
     assert (tmp_path / "slide.tif").read_bytes() == before and not (tmp_path / "cells.tif").exists()
+
+
+def test_running_out_of_memory_gives_the_2d_commands_own_advice(tmp_path, monkeypatch, capsys):
+    """A 2D review: label-cells and label-images out of memory got propagate's advice (--range,
+    --label, --batch-size, "4 to 7 times the image"), options they do not have."""
+    from PAMSegmentLib import cells, cli
+
+    image, ref = disc_image()
+    sitk.WriteImage(sitk.GetImageFromArray(np.clip(image, 0, 255).astype(np.uint8)), str(tmp_path / "slide.tif"))
+    sitk.WriteImage(sitk.GetImageFromArray(np.where(np.isin(ref, [1, 4, 16]), ref, 0).astype(np.uint8)),
+                    str(tmp_path / "ex.png"))
+
+    def too_big(*args, **kwargs):
+        raise MemoryError("Unable to allocate 3.12 GiB for an array with shape (419430400,) and data type int64")
+
+    monkeypatch.setattr(cells, "label_cells", too_big)
+    assert cli.main(["label-cells", str(tmp_path / "slide.tif"), str(tmp_path / "ex.png"),
+                     "-o", str(tmp_path / "cells.tif")]) == 2
+    err = capsys.readouterr().err
+    assert "not enough memory (Unable to allocate 3.12 GiB" in err and "crop the image to the region to label" in err
+    assert "--range" not in err and not (tmp_path / "cells.tif").exists()
