@@ -374,6 +374,9 @@ def test_evaluate_script_end_to_end(tmp_path, capsys):
     # each row and provenance.json say what made the rows: copy has no weights, its settings' digest
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["command"].startswith("python scripts/evaluate.py --split") and set(prov["methods"]) == {"copy"}
+    from PAMSegmentLib.training.provenance import git_changes
+
+    assert prov["git_changes"] == git_changes()  # a review: rows of edited code were stamped as the commit's
     digest = prov["methods"]["copy"]["settings_sha256"]
     assert {(r["weights_sha256"], r["settings_sha256"]) for r in rows if r["method"] != "ci"} == {("", digest)}
     # --from-csv rebuilds the summary from results.csv alone, keeping the run's command line

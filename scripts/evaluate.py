@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 import zlib
@@ -170,14 +169,6 @@ def stamp_rows(rows, stamps) -> None:
         s = stamps.get(r["method"].split("@")[-1])
         r["weights_sha256"] = s["weights_sha256"] if s else ""
         r["settings_sha256"] = s["settings_sha256"] if s else ""
-
-
-def _git_commit():
-    try:
-        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-    except Exception:  # noqa: BLE001
-        return ""
 
 
 class Runner:
@@ -462,12 +453,16 @@ def main(argv=None):
     ev.write_csv(rows, out / "results.csv")
     partial.unlink(missing_ok=True)
     command = f"python scripts/evaluate.py {' '.join(sys.argv[1:] if argv is None else argv)}"
-    commit = _git_commit() or ""  # one git call for provenance.json and the summary
+    from PAMSegmentLib.training.provenance import git_changes, git_revision
+
+    commit = git_revision(short=True)  # one git call for provenance.json and the summary
+    changes = git_changes()  # rows of edited code are not the commit's
     (out / "provenance.json").write_text(json.dumps(
-        {"command": command, "commit": commit, "threads": args.threads, "methods": stamps},
+        {"command": command, "commit": commit, "git_changes": changes, "threads": args.threads, "methods": stamps},
         indent=1) + "\n")
     header = (f"## Evaluation\n\n`{command}` "
-              f"(commit {commit or '?'}; {len(structures)} structures, {args.threads} thread(s), "
+              f"(commit {commit}{' with changes' if changes else ''}; {len(structures)} structures, "
+              f"{args.threads} thread(s), "
               f"{time.perf_counter() - t_all:.0f} s)")
     (out / "summary.md").write_text(ev.summary_markdown(rows, header=header))
     if not args.no_figure:

@@ -185,7 +185,7 @@ def main(argv=None) -> int:
             f"* **Training**: {total_it} iterations in {total_min:.0f} min ("
             + (" / ".join(sorted({str(st['machine']) for st in stages if st.get('machine')})) or "machine not recorded")
             + "); "
-            f"runs: " + "; ".join(f"`{x['log']}` ({n} it, {x['last_logged_seconds'] / 60:.0f} min)"
+            "runs: " + "; ".join(f"`{x['log']}` ({n} it, {x['last_logged_seconds'] / 60:.0f} min)"
                                   for x, n in zip(t, its)) + ".",
             f"* **Commands** {SHIPPED_NOTE if card['sha256_weights'] == SHIPPED_WEIGHTS else GENERIC_NOTE}: "
             + "; ".join(f"`{st.get('command') or '?'}` (git {str(st.get('git_revision') or '?')[:10]})"

@@ -29,7 +29,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,6 +45,7 @@ from PAMSegmentLib.errors import InputError, PAMError  # noqa: E402
 from PAMSegmentLib.network import PRESETS, PAMConfig  # noqa: E402
 from PAMSegmentLib.preprocess import PreprocessingParams  # noqa: E402
 from PAMSegmentLib.training.data import is_temporary_case_file  # noqa: E402
+from PAMSegmentLib.training.provenance import git_changes, git_revision  # noqa: E402
 from PAMSegmentLib.training.samples import Case, SampleConfig  # noqa: E402
 from PAMSegmentLib.volumes import make_writable_folder  # noqa: E402
 from PAMSegmentLib.training.trainer import (  # noqa: E402
@@ -135,24 +135,6 @@ def inline_synthetic(n: int, seed: int) -> list[Case]:
         cases.append(Case(f"synth_inline_{i}", v.image, v.labels, tuple(v.spacing),
                           sorted(int(x) for x in np.unique(v.labels) if x)))
     return cases
-
-
-def git_revision() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
-    except Exception:
-        return "unknown"
-
-
-def git_changes() -> list[str]:
-    """Tracked files changed since the commit (``git status --porcelain``): a run of edited code is
-    not the code of its ``git_revision``."""
-    try:
-        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
-                             text=True, timeout=10).stdout
-    except Exception:
-        return ["unknown"]
-    return sorted(line[3:] for line in out.splitlines() if line.strip())
 
 
 def data_digest(cases) -> str:
