@@ -2244,8 +2244,10 @@ def _read_2d(path: PathLike, what: str) -> tuple[sitk.Image, sitk.Image]:
         flat = _flat_axis(size)
         image = sitk.Extract(image, [0 if a == flat else n for a, n in enumerate(size)], [0, 0, 0])
     elif image.GetDimension() != 2:
-        raise InputError(f"{p.name} is a {image.GetDimension()}D image ({_fmt_size(size)}), not a 2D {what}; "
-                         "for a volume use `pamsegment propagate`")
+        pages = " (a TIFF of several pages: channels, or a stack?)" if layout is not None else ""
+        raise InputError(f"{p.name} is a {image.GetDimension()}D image ({_fmt_size(size)}){pages}, not a 2D {what}; "
+                         + ("save the channel or plane to label as a file of its own; " if layout is not None else "")
+                         + "for a volume use `pamsegment propagate`")
     if image.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
         raise InputError(f"{p.name} has complex pixels; a 2D {what} needs real grey values")
     return image, original

@@ -802,6 +802,9 @@ def test_cli_refuses_a_multi_page_tiff_among_the_images(tmp_path, run_cli):
                    "-o", tmp_path / "out", "--method", "copy")
     assert proc.returncode == 2
     assert "stack.tif is a 3D image" in proc.stderr and "for a volume use `pamsegment propagate`" in proc.stderr
+    # a 2D review: channels of a microscopy TIFF were only told to use propagate
+    assert "(a TIFF of several pages: channels, or a stack?)" in proc.stderr
+    assert "save the channel or plane to label as a file of its own" in proc.stderr
     assert not (tmp_path / "out").exists()
 
 
