@@ -597,13 +597,23 @@ def add_label_images_arguments(p) -> None:
     p.add_argument("--threads", type=_thread_count, metavar="N", help=THREADS_HELP)
 
 
-def _say_written(result, files, out_dir, seconds: float) -> None:
+def _say_written(result, files, out_dir, seconds: float, earlier=()) -> None:
     print(f"wrote {len(files)} masks and labels.csv to {out_dir}: {result.summary()}; {seconds:.1f} s in all",
           flush=True)
     first = result.check_first()
     if first:  # the images whose masks to look at first (labels.csv has every confidence)
         print("least confident masks, to check first: " + "; ".join(
             f"label {lab}: {', '.join(files[i].name for i in images)}" for lab, images in first.items()), flush=True)
+    drawn = set(result.drawn) | {result.prompt_index}
+    for lab in result.labels:  # an image where the object was missed is as worth a look as a doubtful one
+        missing = [files[i].name for i, m in enumerate(result.masks) if i not in drawn and not (m == lab).any()]
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            print(f"label {lab} not found in: {shown}", flush=True)
+    if earlier:  # a run into a folder of an earlier run: its masks stay beside this run's labels.csv
+        shown = ", ".join(p.name for p in earlier[:3]) + (f" and {len(earlier) - 3} more" if len(earlier) > 3 else "")
+        print(f"note: {out_dir} also holds {len(earlier)} mask{'s' if len(earlier) != 1 else ''} this run did not "
+              f"write ({shown}: an earlier run's?); labels.csv lists only this run's", flush=True)
 
 
 def cmd_label_images(args) -> int:
@@ -766,7 +776,8 @@ def cmd_label_images(args) -> int:
             + [(out_dir / name, f".{args.format}", mask_writer(m, ref))
                for name, (_, ref), m in zip(names, read, result.masks)],
             keep_ctrl_c_ignored=getattr(args, "_ends_process", False),
-            after=lambda: _say_written(result, files, out_dir, time.perf_counter() - t0))
+            after=lambda: _say_written(result, files, out_dir, time.perf_counter() - t0,
+                                       sorted(p for p in out_dir.glob("*_mask.*") if p.name not in set(names))))
     finally:
         if made and out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()
