@@ -1240,12 +1240,13 @@ def _grid_from_header(p: Path) -> Volume | None:
                   tuple(float(v) for v in origin), tuple(float(v) for v in direction))
 
 
-def _grid_from_dicom_headers(folder: Path, series_uid: str | None = None) -> Volume | None:
+def _grid_from_dicom_headers(folder: Path, series_uid: str | None = None, chose: list | None = None) -> Volume | None:
     """The grid the DICOM series of ``folder`` (``series_uid``, else the largest, as ``read_volume``
     chooses) reads as, from the headers of its first two files in GDCM's order, as ITK stacks them
     (origin and axes of the first, the spacing across from the step between the two positions);
     None where it cannot be told so plainly (no series, one file, two files of other orientations or
-    sizes, a step not along the slices' normal: a tilted gantry): the full read decides."""
+    sizes, a step not along the slices' normal: a tilted gantry): the full read decides. ``chose``
+    gets a sentence saying which series was taken where the folder holds several and none was asked."""
     try:
         if not folder.is_dir():
             return None
@@ -1254,7 +1255,11 @@ def _grid_from_dicom_headers(folder: Path, series_uid: str | None = None) -> Vol
             return None
         lister = sitk.ImageSeriesReader()
         by_uid = {uid: lister.GetGDCMSeriesFileNames(_itk_path(folder), uid) for uid in ids}
-        files = by_uid[series_uid if series_uid is not None else max(ids, key=lambda uid: len(by_uid[uid]))]
+        uid = series_uid if series_uid is not None else max(ids, key=lambda uid: len(by_uid[uid]))
+        files = by_uid[uid]
+        if series_uid is None and len(ids) > 1 and chose is not None:
+            chose.append(f"{folder} holds {len(ids)} DICOM series; the largest, {_series_label(uid)} ({len(files)} "
+                         "files), was compared")
         if len(files) < 2:
             return None
         heads = []
@@ -1292,10 +1297,10 @@ def check_grids_from_headers(image_path: PathLike, prompt_path: PathLike,
     more, worth it before a batch's work, not before one read) an image that is a DICOM folder is
     placed from its first two files' headers (``_grid_from_dicom_headers``) and refused only where
     it differs 10 times beyond the full read's tolerance (its positions are decimal strings)."""
-    tol = 1e-4
+    tol, chose = 1e-4, []
     image = _grid_from_header(Path(image_path))
     if image is None and dicom_series is not False and Path(image_path).is_dir():
-        image, tol = _grid_from_dicom_headers(Path(image_path), dicom_series or None), 1e-3
+        image, tol = _grid_from_dicom_headers(Path(image_path), dicom_series or None, chose), 1e-3
     prompt = _grid_from_header(Path(prompt_path))
     if image is None or prompt is None or min(image.shape) < 2:  # a one-slice image: the full read says so
         return image
@@ -1305,8 +1310,11 @@ def check_grids_from_headers(image_path: PathLike, prompt_path: PathLike,
             header = _nifti_header(path)
             if header is not None:
                 _note_nifti_no_spacing(path, header, 3)
-        raise _off_grid_error(Path(prompt_path).name, prompt, image, diffs, Path(prompt_path), Path(image_path),
-                              option=resample_option)
+        error = _off_grid_error(Path(prompt_path).name, prompt, image, diffs, Path(prompt_path), Path(image_path),
+                                option=resample_option)
+        if chose:  # the series choice may be the mismatch
+            raise InputError(f"{error} ({chose[0]}; choose another with the manifest's series column)")
+        raise error
     return image
 
 
