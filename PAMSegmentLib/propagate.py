@@ -1876,6 +1876,8 @@ class EditPlan:
                 ", ".join(str(s) for s in sl) + f" ({kind})" for kind, sl in kinds if sl)
             if walls:
                 text += "; the object is absent on " + ", ".join(str(s) for s in sorted(walls))
+            if not self.edited[lab]:  # a label the user did not touch: said so, not read as a change
+                text += "; not edited"
             lines.append(text)
         return lines
 

@@ -46,7 +46,7 @@ def test_edited_slices_become_keyframes_and_erased_ones_walls():
     np.testing.assert_array_equal(plan.prompt[16] == 1, one[16])
     np.testing.assert_array_equal(plan.prompt[12] == 1, prompt[12] == 1)
     assert plan.describe() == ["label 1: keyframes 12 (prompt), 16 (edited); the object is absent on 19",
-                               "label 2: keyframes 8 (prompt)"]
+                               "label 2: keyframes 8 (prompt); not edited"]  # a review: it read as a change
     assert plan.record() == {"1": {"keyframes": [12, 16], "walls": [19]}, "2": {"keyframes": [8], "walls": []}}
 
 
