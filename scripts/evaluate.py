@@ -429,6 +429,10 @@ def main(argv=None):
         print(f"note: {out / 'results.csv'} ({len(ev.read_csv(out / 'results.csv'))} rows) is replaced when this run "
               f"finishes; until then the rows go to {partial.name}", flush=True)
     t_all = time.perf_counter()
+    from PAMSegmentLib.training.provenance import git_changes, git_revision
+
+    # the code this run imported: the tree as it starts (a commit made while it runs is not its code)
+    commit, changes = git_revision(short=True), git_changes()
     case, runner = None, None
     for n, st in enumerate(structures, 1):
         if case is None or case.case_id != st.case:
@@ -453,10 +457,6 @@ def main(argv=None):
     ev.write_csv(rows, out / "results.csv")
     partial.unlink(missing_ok=True)
     command = f"python scripts/evaluate.py {' '.join(sys.argv[1:] if argv is None else argv)}"
-    from PAMSegmentLib.training.provenance import git_changes, git_revision
-
-    commit = git_revision(short=True)  # one git call for provenance.json and the summary
-    changes = git_changes()  # rows of edited code are not the commit's
     (out / "provenance.json").write_text(json.dumps(
         {"command": command, "commit": commit, "git_changes": changes, "threads": args.threads, "methods": stamps},
         indent=1) + "\n")
