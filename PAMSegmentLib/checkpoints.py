@@ -13,10 +13,12 @@ checkpoint is untrusted input:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
+import threading
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
@@ -341,9 +343,14 @@ def _read(path: Path) -> object:
                               "if you downloaded it, the download may have saved an error page: download it again")
     if magic.startswith(b"PK\x03\x04"):
         _check_zip_entries(path)
+    # torch's notes (e.g. on old pickle protocols) are hidden: the error says it all. Only on the
+    # main thread: catch_warnings swaps the process-wide filters, which is not thread-safe (Slicer's
+    # worker loads the model while its GUI thread runs).
+    quiet = threading.current_thread() is threading.main_thread()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # e.g. torch's notes on old pickle protocols: the error says it all
+        with warnings.catch_warnings() if quiet else contextlib.nullcontext():
+            if quiet:
+                warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt/foreign files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -664,3 +664,23 @@ def test_a_checkpoint_path_that_is_a_broken_link_is_named_as_such(tmp_path):
         check_checkpoint_file(tmp_path / "a.pt")
     with pytest.raises(CheckpointError, match=r"missing.pt does not exist; check the path$"):
         check_checkpoint_file(tmp_path / "missing.pt")
+
+
+def test_a_checkpoint_loaded_off_the_main_thread_leaves_the_warning_filters_alone(small_checkpoint, monkeypatch):
+    """A Slicer review: the worker thread loaded the model inside warnings.catch_warnings, which
+    swaps the process-wide filters (not thread-safe: a filter the GUI thread set meanwhile could be
+    lost). Off the main thread the load does not touch them."""
+    import threading
+    import warnings
+
+    from PAMSegmentLib.checkpoints import load_checkpoint_file
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("catch_warnings on a worker thread")
+
+    monkeypatch.setattr(warnings, "catch_warnings", not_here)
+    got = []
+    worker = threading.Thread(target=lambda: got.append(load_checkpoint_file(small_checkpoint.path)))
+    worker.start()
+    worker.join(60)
+    assert len(got) == 1 and got[0].network is not None
