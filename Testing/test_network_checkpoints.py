@@ -675,12 +675,17 @@ def test_a_checkpoint_loaded_off_the_main_thread_leaves_the_warning_filters_alon
 
     from PAMSegmentLib.checkpoints import load_checkpoint_file
 
-    def not_here(*args, **kwargs):
-        raise AssertionError("catch_warnings on a worker thread")
+    real, on_main = warnings.catch_warnings, []
 
-    monkeypatch.setattr(warnings, "catch_warnings", not_here)
+    def spy(*args, **kwargs):
+        on_main.append(threading.current_thread() is threading.main_thread())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(warnings, "catch_warnings", spy)
     got = []
     worker = threading.Thread(target=lambda: got.append(load_checkpoint_file(small_checkpoint.path)))
     worker.start()
     worker.join(60)
+    monkeypatch.undo()
     assert len(got) == 1 and got[0].network is not None
+    assert False not in on_main  # no catch_warnings entered on the worker
