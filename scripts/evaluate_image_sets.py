@@ -19,7 +19,7 @@ both TotalSegmentator CTs in one set: 3 mm and 512 x 512 DICOM slices of two pat
 sizes), reported, never used to choose.
 
 Configs ``METHOD:ORDER``: METHOD ``pam`` (the checkpoint as shipped), ``pam-nogate`` (drift test
-off), ``pam-reg0`` (network alone: registration and drift test off), ``track`` (demons
+off), ``pam-guide`` / ``pam-prompt`` / ``pam-both`` (the drift test against that reference), ``pam-reg0`` (network alone: registration and drift test off), ``track`` (demons
 registration alone), ``copy``; ORDER one of ``similar``, ``prompt``, ``given`` (the true slice
 order: an upper reference for sequences). The README's tables:
 ``--sets evaluation --configs pam:similar,pam:prompt,pam:given,track:similar,copy:prompt`` and
@@ -66,6 +66,8 @@ def make_predictor(method: str, checkpoint: str):
         return PAMPredictor(model)
     if method == "pam-nogate":
         return PAMPredictor(model, intensity_gate=False)
+    if method in ("pam-guide", "pam-both", "pam-prompt"):  # the drift test against that reference
+        return PAMPredictor(model, intensity_gate=True, gate_reference=method[len("pam-"):])
     if method.startswith("pam-pres"):  # the object-present threshold, e.g. pam-pres0.6
         predictor = PAMPredictor(model)
         predictor.presence_threshold = float(method[len("pam-pres"):])
