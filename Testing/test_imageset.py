@@ -933,6 +933,40 @@ def test_normalised_sets_widen_the_drift_test_unless_the_predictor_sets_it(monke
     assert set(used) == {0.03} and predictor.gate_sd_floor == 0.03
 
 
+def test_image_sets_test_drift_against_the_guide_where_the_checkpoint_says_both(monkeypatch):
+    """Session 27's shipped "both" (chosen on volumes) scored lower on the image-set validation
+    sets (0.662 vs 0.665 against the guide): label_images runs the checkpoint's "both" against the
+    guide image, then puts the predictor back; a reference the caller set otherwise is kept."""
+    import dataclasses
+
+    from PAMSegmentLib.checkpoints import load_model
+    from PAMSegmentLib.imageset import label_images
+    from PAMSegmentLib.pam_predictor import PAMPredictor
+
+    rng = np.random.default_rng(0)
+    images = [rng.normal(100, 10, (48, 48)) for _ in range(3)]
+    mask = np.zeros((48, 48), np.uint8)
+    mask[15:30, 15:30] = 1
+    for image in images:
+        image[mask > 0] += 80
+    model = load_model()
+    model.inference = dataclasses.replace(model.inference, intensity_gate=True, intensity_gate_reference="both")
+    seen = []
+    real = PAMPredictor.predict
+
+    def recording(self, *args, **kwargs):
+        seen.append(self.gate_reference)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(PAMPredictor, "predict", recording)
+    predictor = PAMPredictor(model)
+    label_images(images, 0, mask, predictor)
+    assert seen and set(seen) == {"guide"} and predictor.gate_reference == "both"
+    seen.clear()
+    label_images(images, 0, mask, PAMPredictor(model, gate_reference="prompt"))
+    assert set(seen) == {"prompt"}
+
+
 def test_a_damaged_image_of_a_known_type_is_called_damaged(tmp_path):
     """A damaged .png was told the list of extensions it could be (.png among them)."""
     from PAMSegmentLib.volumes import read_image_2d
