@@ -1296,21 +1296,32 @@ def check_grids_from_headers(image_path: PathLike, prompt_path: PathLike,
     SeriesInstanceUID, or None for the largest series; batch's pre-flight: a whole folder scan
     more, worth it before a batch's work, not before one read) an image that is a DICOM folder is
     placed from its first two files' headers (``_grid_from_dicom_headers``) and refused only where
-    it differs 10 times beyond the full read's tolerance (its positions are decimal strings)."""
-    tol, chose = 1e-4, []
+    it differs 10 times beyond the full read's tolerance (its positions are decimal strings), in
+    the slice plane, in origin or axes, or in the slice count by more than localizers explain."""
+    tol, chose, dicom = 1e-4, [], False
     image = _grid_from_header(Path(image_path))
     if image is None and dicom_series is not False and Path(image_path).is_dir():
-        image, tol = _grid_from_dicom_headers(Path(image_path), dicom_series or None, chose), 1e-3
+        image, tol, dicom = _grid_from_dicom_headers(Path(image_path), dicom_series or None, chose), 1e-3, True
     prompt = _grid_from_header(Path(prompt_path))
     if image is None or prompt is None or min(image.shape) < 2:  # a one-slice image: the full read says so
         return image
-    diffs = same_grid(prompt, image, tol=tol)
-    if diffs and not (_is_seg_nrrd(Path(prompt_path).name) and _lattice_offset(prompt, image) is not None):
+    compared = image
+    if dicom:
+        # Two headers do not settle the spacing across (ITK takes the mean step over the series; two
+        # rounded positions differ from it) nor the slice count (the full read leaves out a localizer
+        # or two): those are left to the full read, but for a prompt of more slices than the folder
+        # has files, or of far fewer.
+        n = image.shape[0]
+        k = prompt.shape[0] if n - max(2, n // 20) <= prompt.shape[0] <= n else n
+        compared = Volume(np.broadcast_to(np.zeros((), np.uint8), (k, *image.shape[1:])),
+                          (prompt.spacing[0], *image.spacing[1:]), image.origin, image.direction)
+    diffs = same_grid(prompt, compared, tol=tol)
+    if diffs and not (_is_seg_nrrd(Path(prompt_path).name) and _lattice_offset(prompt, compared) is not None):
         for path in (Path(image_path), Path(prompt_path)):  # what the full read would note: it may explain this
             header = _nifti_header(path)
             if header is not None:
                 _note_nifti_no_spacing(path, header, 3)
-        error = _off_grid_error(Path(prompt_path).name, prompt, image, diffs, Path(prompt_path), Path(image_path),
+        error = _off_grid_error(Path(prompt_path).name, prompt, compared, diffs, Path(prompt_path), Path(image_path),
                                 option=resample_option)
         if chose:  # the series choice may be the mismatch
             raise InputError(f"{error} ({chose[0]}; choose another with the manifest's series column)")
