@@ -313,8 +313,8 @@ class PropagationResult:
             what = "; ".join(f"slice {k} holds {v} voxel{'s' if v != 1 else ''} against {n} on slice {top}"
                              for k, v, top, n in small)
             which = "it" if len(small) == 1 else "them"
-            out.append(f"label {lab}: {what}, and the walks took {which} as drawn: a stray click? If so, erase "
-                       f"{which} and run again")
+            out.append(f"label {lab}: {what}, and the walks took {which} as drawn: a stray click, or the "
+                       f"object's tip? If a stray click, erase {which} and run again")
         return out
 
     def drift_notes(self, edited: dict[int, Sequence[int]] | None = None) -> list[str]:
@@ -499,7 +499,7 @@ def _on(ax: int, slices: Sequence[int], plane_names: Sequence[str] | None) -> st
 # the largest drawn slice's voxels, beside a slice that reaches the same row, is the trace of a
 # stroke drawn in a perpendicular view, not a keyframe (find_prompt_slices).
 STROKE_FRACTION = 0.25
-STROKE_MIN_VOXELS = 5  # shorter lines are not taken for strokes
+STROKE_MIN_VOXELS = 5  # a shorter lone line beyond the outermost drawn slice is the object's tip
 # A drawn slice with at most SPECK_VOXELS voxels and at most SPECK_FRACTION of the label's largest
 # drawn slice's is named in a note (PropagationResult.specks): a stray click, kept as drawn.
 SPECK_VOXELS = 30
@@ -695,9 +695,13 @@ def _drawn_slices(prompt: np.ndarray, present: list[int], axis: int | None, labe
         three_d = too_many_keyframes(len(sl), n_axis, max_slices)
         if not (update or three_d or len(sl) < 2):
             lines, counts = _stroke_lines(boxes[lab], starts[lab], best)
-            # a line of a few voxels beside a drawn slice is the object's tip as often (a gallbladder's
-            # last 3 mm slice holds 3 voxels in a column): drawn (a stray one gets a speck note)
-            lines = {k: v for k, v in lines.items() if counts[k] >= STROKE_MIN_VOXELS}
+            # A lone line of a few voxels beyond the outermost drawn slice, beside it, is the object's
+            # tip as often (a gallbladder's last 3 mm slice holds 3 voxels in a column): drawn (a
+            # stray one gets a speck note). Two or more line slices in a row stay a stroke.
+            others = [k for k in sl if k not in lines]
+            lines = {k: v for k, v in lines.items()
+                     if not (others and counts[k] < STROKE_MIN_VOXELS and (k < min(others) or k > max(others))
+                             and (k - 1 in others or k + 1 in others) and k - 1 not in lines and k + 1 not in lines)}
             if (lines and len(lines) < len(sl)
                     and max(counts[s] for s in lines) <= STROKE_FRACTION * max(counts.values())):
                 raise _mixed_planes_error(lab, best, lines, sl, plane_names)

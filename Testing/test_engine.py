@@ -1399,3 +1399,9 @@ def test_find_prompt_slices_takes_a_short_line_beside_a_keyframe_for_the_objects
     prompt[2, 14:22, 15] = 1  # 8 voxels: a stroke's line
     with pytest.raises(InputError, match="drawn on more than one plane"):
         find_prompt_slices(prompt)
+    # A review of that rule: a stroke drawn in another view with a small brush (lines of 2-4 voxels on
+    # several slices in a row) must still be refused, not taken as keyframes cutting the object.
+    prompt[2] = 0
+    prompt[9:12, 20, 12:16] = 1  # 4 voxels on slices 9-11, beyond the drawn slice 8
+    with pytest.raises(InputError, match="drawn on more than one plane"):
+        find_prompt_slices(prompt)

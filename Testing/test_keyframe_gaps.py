@@ -150,7 +150,7 @@ def test_a_stray_voxel_drawn_beside_the_object_is_named_and_the_drift_advice_lef
     n = int(truth[10].sum())
     assert result.specks() == {1: [(9, 1, 10, n)]}
     assert result.notes() == [f"label 1: slice 9 holds 1 voxel against {n} on slice 10, and the walks took it as "
-                              "drawn: a stray click? If so, erase it and run again"]
+                              "drawn: a stray click, or the object's tip? If a stray click, erase it and run again"]
     assert not result.mask[:9].any()  # what the stray click did, which the note explains
     # an object's small tip drawn on purpose (4 % of the largest drawn slice) is no speck
     tip = drawn_on(truth, [10])
