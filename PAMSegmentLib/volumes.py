@@ -367,9 +367,12 @@ def _dicom_image_class(p: Path) -> bool | None:
 
 
 def _raw_series_uid(p: Path, limit: int = 65536) -> str | None:
-    """The SeriesInstanceUID (0020,000E) of the DICOM file ``p`` found in its first ``limit`` bytes
-    without parsing it (a cut file ITK cannot read still holds it before its pixel data): explicit or
-    implicit VR little endian; None where it is not found or not a UID."""
+    """The SeriesInstanceUID (0020,000E) of the DICOM file ``p`` from its first ``limit`` bytes,
+    without ITK (a cut file it cannot read still holds it before its pixel data): its top-level
+    elements walked in order (sequences of undefined length skipped through their delimiters),
+    explicit or implicit VR little endian as its meta header says. None where that cannot be done
+    (big endian or deflated, a file cut before it): such a file is taken for one of the series read. A UID found
+    anywhere in the bytes could be one a sequence refers to (Referenced Series), not the file's."""
     import struct
 
     try:
@@ -377,17 +380,83 @@ def _raw_series_uid(p: Path, limit: int = 65536) -> str | None:
             head = fh.read(limit)
     except OSError:
         return None
-    tag = b"\x20\x00\x0e\x00"
-    at = head.find(tag)
-    while at != -1 and at + 8 <= len(head):
-        explicit = head[at + 4:at + 6] == b"UI"
-        length = struct.unpack_from("<H", head, at + 6)[0] if explicit else struct.unpack_from("<I", head, at + 4)[0]
-        value = head[at + 8:at + 8 + length] if 0 < length <= 64 else b""
-        uid = value.rstrip(b"\x00 ").decode("ascii", "replace")
-        if len(value) == length and uid and all(c.isdigit() or c == "." for c in uid):
-            return uid
-        at = head.find(tag, at + 1)
-    return None
+    if head[128:132] != b"DICM":
+        return None
+    long_vrs = (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UT", b"UN", b"UC", b"UR")
+    at, syntax = 132, None
+    while at + 8 <= len(head):  # the meta header (group 0002): explicit VR little endian
+        group, element = struct.unpack_from("<HH", head, at)
+        if group != 0x0002:
+            break
+        vr = head[at + 4:at + 6]
+        if vr in long_vrs:
+            if at + 12 > len(head):
+                return None
+            length, value_at = struct.unpack_from("<I", head, at + 8)[0], at + 12
+        else:
+            length, value_at = struct.unpack_from("<H", head, at + 6)[0], at + 8
+        if element == 0x0010:
+            syntax = head[value_at:value_at + length].rstrip(b"\x00 ").decode("ascii", "replace")
+        at = value_at + length
+    if syntax is None or syntax in ("1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"):
+        return None  # big endian, deflated: not walked here
+    explicit = syntax != "1.2.840.10008.1.2"  # every other syntax encodes the data set in explicit VR LE
+
+    def element_at(at: int):
+        """(tag, value start, value length) of the element at ``at``; None past the bytes read."""
+        if at + 8 > len(head):
+            return None
+        tag = struct.unpack_from("<HH", head, at)
+        if tag[0] == 0xFFFE or not explicit:  # items and delimiters: always tag + 4-byte length
+            return tag, at + 8, struct.unpack_from("<I", head, at + 4)[0]
+        if head[at + 4:at + 6] in long_vrs:
+            return (tag, at + 12, struct.unpack_from("<I", head, at + 8)[0]) if at + 12 <= len(head) else None
+        return tag, at + 8, struct.unpack_from("<H", head, at + 6)[0]
+
+    def past_undefined(at: int, depth: int = 0) -> int | None:
+        """Where the element of undefined length whose value starts at ``at`` ends (its items, each of
+        defined length or up to its delimiter, then the sequence delimiter); None if beyond the bytes."""
+        while depth < 8:
+            found = element_at(at)
+            if found is None:
+                return None
+            tag, value_at, length = found
+            if tag == (0xFFFE, 0xE0DD):  # the sequence's end
+                return value_at
+            if tag != (0xFFFE, 0xE000):
+                return None
+            if length != 0xFFFFFFFF:
+                at = value_at + length
+                continue
+            at = value_at  # an item of undefined length: its elements up to the item's delimiter
+            while True:
+                found = element_at(at)
+                if found is None:
+                    return None
+                tag, value_at, length = found
+                if tag == (0xFFFE, 0xE00D):
+                    at = value_at
+                    break
+                at = past_undefined(value_at, depth + 1) if length == 0xFFFFFFFF else value_at + length
+                if at is None:
+                    return None
+        return None
+
+    while True:  # the data set's top-level elements, in ascending order
+        found = element_at(at)
+        if found is None:
+            return None
+        (group, element), value_at, length = found
+        if (group, element) > (0x0020, 0x000E):
+            return None
+        if (group, element) == (0x0020, 0x000E):
+            value = head[value_at:value_at + length]
+            uid = value.rstrip(b"\x00 ").decode("ascii", "replace")
+            ok = len(value) == length and 0 < length <= 64 and uid and all(c.isdigit() or c == "." for c in uid)
+            return uid if ok else None
+        at = past_undefined(value_at) if length == 0xFFFFFFFF else value_at + length
+        if at is None:
+            return None
 
 
 def _read_series_files(files, chosen: str, folder: Path) -> sitk.Image:

@@ -1182,3 +1182,37 @@ def test_the_dicom_pre_flight_leaves_the_spacing_across_and_localizers_to_the_fu
                  tmp_path / "more.nrrd")
     with pytest.raises(InputError, match="more.nrrd is not on the image grid: size differs"):
         check_grids_from_headers(tmp_path / "dcm", tmp_path / "more.nrrd", dicom_series=None)
+
+
+@pytest.mark.parametrize("undefined", [False, True])
+def test_a_cut_file_referring_to_another_series_is_still_the_series_own(tmp_path, undefined):
+    """A review of the damaged-file check: the SeriesInstanceUID was the first one in the raw bytes,
+    which may sit in a sequence referring to another series (Related Series, 0008,1250): a cut
+    slice of the series read was skipped as another series', and the series read one slice short
+    (exit 0). Only the top-level element counts (sequences of defined or undefined length skipped)."""
+    import struct
+
+    from PAMSegmentLib.volumes import _raw_series_uid
+
+    uid, other = "1.2.826.0.1.3680043.2.1125.7.81", "1.2.826.0.1.3680043.2.1125.7.82"
+    write_dicom_series(tmp_path / "dcm", make_volume(shape=(5, 5, 6), direction=IDENTITY), uid)
+    f = sorted((tmp_path / "dcm").iterdir())[-1]
+    data = f.read_bytes()
+    at = 144 + struct.unpack_from("<I", data, 140)[0]  # the data set (implicit VR little endian)
+    while struct.unpack_from("<HH", data, at) <= (0x0008, 0x1250):
+        at += 8 + struct.unpack_from("<I", data, at + 4)[0]
+    value = other.encode() + b"\x00" * (len(other) % 2)
+    inner = struct.pack("<HHI", 0x0020, 0x000E, len(value)) + value
+    if undefined:
+        item = struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF) + inner + struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
+        sequence = (struct.pack("<HHI", 0x0008, 0x1250, 0xFFFFFFFF) + item
+                    + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))
+    else:
+        item = struct.pack("<HHI", 0xFFFE, 0xE000, len(inner)) + inner
+        sequence = struct.pack("<HHI", 0x0008, 0x1250, len(item)) + item
+    data = data[:at] + sequence + data[at:]
+    f.write_bytes(data)
+    assert _raw_series_uid(f) == uid and read_volume(tmp_path / "dcm").shape == (5, 5, 6)
+    f.write_bytes(data[:-20])  # cut in its pixel data
+    with pytest.raises(InputError, match=rf"\(truncated or damaged: {f.name}\)"):
+        read_volume(tmp_path / "dcm")
