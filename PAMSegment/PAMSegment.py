@@ -814,19 +814,23 @@ class PAMSegmentLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def unsuitableVersion(name, spec):
-        """The version of package ``name`` this Slicer runs when it is outside ``spec``, else None:
-        the loaded module's if imported (a newer one on disk takes a restart), else the installed
-        distribution's. None too where it cannot be told (no version, no ``packaging``)."""
+        """The version of package ``name`` this Slicer runs when it is below ``spec``'s lower bound,
+        else None: the loaded module's if imported (a newer one on disk takes a restart), else the
+        installed distribution's. Upper bounds are not held against it: a newer package another
+        extension installed (dynamic-network-architectures for nnU-Net) works, and downgrading a
+        package other extensions share is not ours to offer. None too where it cannot be told."""
         try:
             from importlib.metadata import version as installedVersion
 
             from packaging.requirements import Requirement
+            from packaging.specifiers import SpecifierSet
 
             requirement = Requirement(spec)
+            lower = SpecifierSet(",".join(str(s) for s in requirement.specifier if s.operator in (">=", ">")))
             module = sys.modules.get(name)
             version = getattr(module, "__version__", None) if module is not None else None
             version = str(version) if version is not None else installedVersion(requirement.name)
-            if requirement.specifier.contains(version, prereleases=True):
+            if lower.contains(version, prereleases=True):
                 return None
             return version
         except Exception:  # packaging absent, metadata unreadable ...: trust what is importable

@@ -1361,6 +1361,13 @@ def test_an_older_torch_counts_as_missing_and_is_named(panel, drawn, monkeypatch
     assert panel.ui.promptLabel.text == "PAMSegment needs torch>=2.1 (2.0.1 installed); Propagate offers to update."
     monkeypatch.setattr(torch, "__version__", "2.13.0+cpu")  # a local build tag is still 2.13
     assert logic.missingRequirements() == [] and logic.requirementText("torch", "torch>=2.1") == "torch>=2.1"
+    # A newer package than the upper pin (another extension's dynamic-network-architectures) is not
+    # offered a downgrade (a review: the panel said "needs <0.4.1" and pip-installed the old one)
+    dna = "dynamic-network-architectures>=0.3.1,<0.4.1"
+    monkeypatch.setitem(sys.modules, "dynamic_network_architectures", types.SimpleNamespace(__version__="0.4.3"))
+    assert logic.unsuitableVersion("dynamic_network_architectures", dna) is None
+    monkeypatch.setitem(sys.modules, "dynamic_network_architectures", types.SimpleNamespace(__version__="0.2"))
+    assert logic.unsuitableVersion("dynamic_network_architectures", dna) == "0.2"
 
 
 def test_the_bundled_weights_choice_is_the_shipped_weights_whatever_pamsegment_model_says(module, drawn, monkeypatch,
