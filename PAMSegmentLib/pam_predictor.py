@@ -116,7 +116,8 @@ class PAMPredictor(SlicePredictor):
 
     Where the object ends is decided by the network's object-present output and, with
     ``intensity_gate`` on, by the drift test of each fused region against the reference region
-    (``gate_reference``: "prompt" or "guide"), reported as ``SlicePrediction.drift``: at w = 0.5
+    (``gate_reference``: "prompt", "guide" or "both", the lower score of the two counting),
+    reported as ``SlicePrediction.drift``: at w = 0.5
     the fused mask keeps the warped interior whatever the network says, so without it a walk
     that slipped into similar-looking tissue could only be ended by the presence output.
     """
@@ -143,8 +144,9 @@ class PAMPredictor(SlicePredictor):
             raise InputError(f"query_prior must be one of {', '.join(QUERY_PRIORS)}, got {self.query_prior!r}")
         # The classical drift test (PAMSegmentLib.baselines.IntensityGate) on top of the network's
         # own presence: a slice whose predicted (fused) region no longer looks like the reference
-        # region's intensity ends the walk. The reference is the drawn slice's region ("prompt") or
-        # the window's guide region ("guide"). Default: what the checkpoint's inference parameters say.
+        # region's intensity ends the walk. The reference is the drawn slice's region ("prompt": the
+        # walk's own drawn slice), the window's guide region ("guide") or both ("both": ends where
+        # either fails). Default: what the checkpoint's inference parameters say.
         if not (intensity_gate is None or is_flag(intensity_gate)):  # text: "off" would be True
             raise InputError(f"intensity_gate must be True, False or None (the checkpoint's setting), got "
                              f"{intensity_gate!r}; the command line's 'off' is False")
