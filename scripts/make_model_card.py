@@ -198,7 +198,9 @@ def main(argv=None) -> int:
                if card["inference"].get("registration_coarse_iterations", 0) else "")
             + (f", the carried mask on a {card['inference']['registration_carry_supersample']}x finer grid"
                if card["inference"].get("registration_carry_supersample", 1) > 1 else "") + "), "
-            + (f"intensity drift test against the {card['inference']['intensity_gate_reference']} region"
+            + ({"both": "intensity drift test against the guide's and the drawn slice's regions (either ends a walk)"}
+               .get(card["inference"]["intensity_gate_reference"],
+                    f"intensity drift test against the {card['inference']['intensity_gate_reference']} region")
                if card["inference"]["intensity_gate"] else "no intensity drift test")
             + (f", with two or more keyframes walks beyond the outermost end below a network-registration "
                f"agreement of {card['inference']['keyframe_outward_min_agreement']:g} (Dice)"
