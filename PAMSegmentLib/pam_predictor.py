@@ -263,22 +263,23 @@ class PAMPredictor(SlicePredictor):
         where they fall below the presence threshold, as for the presence itself)."""
         if self.gate is None:
             return out
-        drift = self._gate_scores(volume, list(query_indices), out.prob,
-                                  self._reference_gate(volume, guide_index, guide_mask))
+        references = [self._reference_gate(volume, guide_index, guide_mask)]
         if self.gate_reference == "both":  # and against the drawn slice: a slow slide the guide follows
-            drift = np.minimum(drift, self._gate_scores(volume, list(query_indices), out.prob,
-                                                        self._origin_gate(volume, guide_index, guide_mask,
-                                                                          query_indices)))
+            references.append(self._origin_gate(volume, guide_index, guide_mask, query_indices))
+        drift = self._gate_scores(volume, list(query_indices), out.prob, references)
         return SlicePrediction(out.prob, out.presence, drift, out.agreement)
 
-    def _gate_scores(self, volume, query_indices, prob, reference) -> np.ndarray:
+    def _gate_scores(self, volume, query_indices, prob, references) -> np.ndarray:
+        """Per query, the lowest drift score of its region against ``references`` (the region's
+        smoothed values taken once)."""
         scores = np.zeros(len(query_indices), dtype=np.float32)
         for n, q in enumerate(query_indices):
             region = prob[n] >= self.threshold
             if region.any():
                 rows, cols = np.flatnonzero(region.any(1)), np.flatnonzero(region.any(0))
                 sl = (slice(max(rows[0] - 2, 0), rows[-1] + 3), slice(max(cols[0] - 2, 0), cols[-1] + 3))
-                scores[n] = reference.score(_smoothed(volume[q][sl])[region[sl]])
+                values = _smoothed(volume[q][sl])[region[sl]]
+                scores[n] = min(reference.score(values) for reference in references)
         return scores
 
     def predict(self, volume, guide_index, guide_mask, query_indices):
