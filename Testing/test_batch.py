@@ -842,45 +842,30 @@ def test_stop_on_error_stops_after_the_first_failing_case(tmp_path, cases):
     assert (out / "third.nrrd").exists()
 
 
-def test_a_prompt_of_another_case_is_found_before_any_work(tmp_path, cases, capsys):
+@pytest.mark.parametrize("image", ["c1/image.nii.gz", "dcm"])
+def test_a_prompt_of_another_case_is_found_before_any_work(tmp_path, cases, capsys, image):
     """A review: a row whose prompt belongs to another scan (another grid) failed only at its turn,
-    after the earlier cases had run. Every row's grids are now compared from the headers first."""
+    after the earlier cases had run. Every row's grids are now compared from the headers first; a
+    DICOM folder's (a first-user review: it was skipped) from its first two files' headers."""
+    if image == "dcm":
+        from test_volumes import write_dicom_series
+
+        from PAMSegmentLib.volumes import read_volume
+
+        write_dicom_series(tmp_path / "data" / "dcm", read_volume(cases[1].image_path), "1.2.826.0.1.3680043.2.1125.7.41")
     other = make_ct_case(tmp_path / "data" / "big", shape=(22, 40, 48), seed=9)
     m = _manifest(tmp_path / "data" / "cases.csv", [
         "image,prompt",
         "c0/image.nii.gz,c0/prompt.nii.gz",
-        f"c1/image.nii.gz,{other.prompt_path}",
+        f"{image},{other.prompt_path}",
     ])
     assert main(["batch", str(m), "-o", str(tmp_path / "out"), "--method", "copy"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("pamsegment: error: cases.csv row 3: prompt.nii.gz is not on the image grid: size differs")
     assert "use --resample-prompt to resample it" in err
     assert not (tmp_path / "out").exists()
-
-
-def test_a_prompt_of_another_case_beside_a_dicom_folder_is_found_before_any_work(tmp_path, cases, capsys):
-    """A first-user review: the pre-flight compared grids from file headers only, so a DICOM-folder
-    row's foreign prompt was found at its turn, after the earlier rows had run. The folder's grid
-    is now read from its first two files' headers."""
-    from test_volumes import write_dicom_series
-
-    from PAMSegmentLib.volumes import read_volume
-
-    ct = read_volume(cases[1].image_path)
-    write_dicom_series(tmp_path / "data" / "dcm", ct, "1.2.826.0.1.3680043.2.1125.7.41")
-    other = make_ct_case(tmp_path / "data" / "big", shape=(22, 40, 48), seed=9)
-    m = _manifest(tmp_path / "data" / "cases.csv", [
-        "image,prompt",
-        "c0/image.nii.gz,c0/prompt.nii.gz",
-        f"dcm,{other.prompt_path}",
-    ])
-    assert main(["batch", str(m), "-o", str(tmp_path / "out"), "--method", "copy"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("pamsegment: error: cases.csv row 3: prompt.nii.gz is not on the image grid: size differs")
-    assert not (tmp_path / "out").exists()
-    m.write_text(f"image,prompt\ndcm,{cases[1].prompt_path}\n")  # the DICOM copy's own prompt: run
+    m.write_text(f"image,prompt\n{image},{cases[1].prompt_path}\n")  # the image's own prompt: runs
     assert main(["batch", str(m), "-o", str(tmp_path / "out"), "--method", "copy"]) == 0
-
 
 def test_a_cases_notes_are_said_on_the_console_and_counted_in_the_summary(tmp_path, cases, capsys, monkeypatch):
     """A review: the console said "2 ok" while a row's drift stop and lost voxels sat only in the

@@ -901,6 +901,17 @@ def test_tiffs_itk_reads_faithfully_are_read_as_before(tmp_path, monkeypatch):
     np.testing.assert_array_equal(volumes.read_image_2d(tmp_path / "tiled.tif")[0], grey16.astype(np.float32))
 
 
+def _three_squares():
+    """Three noisy 48 x 48 images holding the same bright square, and its mask."""
+    rng = np.random.default_rng(0)
+    images = [rng.normal(100, 10, (48, 48)) for _ in range(3)]
+    mask = np.zeros((48, 48), np.uint8)
+    mask[15:30, 15:30] = 1
+    for image in images:
+        image[mask > 0] += 80
+    return images, mask
+
+
 def test_normalised_sets_widen_the_drift_test_unless_the_predictor_sets_it(monkeypatch):
     """The floor used per run (recorded from the gate each begin builds), and put back after it."""
     from PAMSegmentLib import baselines
@@ -915,12 +926,7 @@ def test_normalised_sets_widen_the_drift_test_unless_the_predictor_sets_it(monke
         return real(cls, *args, sd_floor=sd_floor, **kwargs)
 
     monkeypatch.setattr(baselines.IntensityGate, "from_prompt", classmethod(recording))
-    rng = np.random.default_rng(0)
-    images = [rng.normal(100, 10, (48, 48)) for _ in range(3)]
-    mask = np.zeros((48, 48), np.uint8)
-    mask[15:30, 15:30] = 1
-    for image in images:
-        image[mask > 0] += 80
+    images, mask = _three_squares()
     predictor = PAMPredictor(load_model())
     for normalize, expected in ((True, NORMALISED_DRIFT_FLOOR), (False, 0.02)):
         used.clear()
@@ -943,12 +949,7 @@ def test_image_sets_test_drift_against_the_guide_where_the_checkpoint_says_both(
     from PAMSegmentLib.imageset import label_images
     from PAMSegmentLib.pam_predictor import PAMPredictor
 
-    rng = np.random.default_rng(0)
-    images = [rng.normal(100, 10, (48, 48)) for _ in range(3)]
-    mask = np.zeros((48, 48), np.uint8)
-    mask[15:30, 15:30] = 1
-    for image in images:
-        image[mask > 0] += 80
+    images, mask = _three_squares()
     model = load_model()
     model.inference = dataclasses.replace(model.inference, intensity_gate=True, intensity_gate_reference="both")
     seen = []
