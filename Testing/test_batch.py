@@ -852,7 +852,8 @@ def test_a_prompt_of_another_case_is_found_before_any_work(tmp_path, cases, caps
 
         from PAMSegmentLib.volumes import read_volume
 
-        write_dicom_series(tmp_path / "data" / "dcm", read_volume(cases[1].image_path), "1.2.826.0.1.3680043.2.1125.7.41")
+        ct = read_volume(cases[1].image_path)
+        write_dicom_series(tmp_path / "data" / "dcm", ct, "1.2.826.0.1.3680043.2.1125.7.41")
     other = make_ct_case(tmp_path / "data" / "big", shape=(22, 40, 48), seed=9)
     m = _manifest(tmp_path / "data" / "cases.csv", [
         "image,prompt",

@@ -205,7 +205,8 @@ def test_continued_training_records_the_earlier_stage(tmp_path):
     # A review: every card got the shipped weights' history (their stages 2-4, a lost runs/pam_small_r3.pt)
     from make_model_card import main as make_card
 
-    assert make_card([str(second), "--out-json", str(tmp_path / "card.json"), "--out-md", str(tmp_path / "card.md")]) == 0
+    assert make_card([str(second), "--out-json", str(tmp_path / "card.json"),
+                      "--out-md", str(tmp_path / "card.md")]) == 0
     text = (tmp_path / "card.md").read_text()
     assert "pam_small_r3" not in text and "the git revision given is the commit its tree was at" in text
     assert f"min ({stages[0]['machine'] or 'machine not recorded'})" in text  # not "this project's machine"

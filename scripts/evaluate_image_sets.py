@@ -19,7 +19,8 @@ both TotalSegmentator CTs in one set: 3 mm and 512 x 512 DICOM slices of two pat
 sizes), reported, never used to choose.
 
 Configs ``METHOD:ORDER``: METHOD ``pam`` (the checkpoint as shipped), ``pam-nogate`` (drift test
-off), ``pam-guide`` / ``pam-prompt`` / ``pam-both`` (the drift test against that reference), ``pam-reg0`` (network alone: registration and drift test off), ``track`` (demons
+off), ``pam-guide`` / ``pam-prompt`` / ``pam-both`` (the drift test against that reference),
+``pam-reg0`` (network alone: registration and drift test off), ``track`` (demons
 registration alone), ``copy``; ORDER one of ``similar``, ``prompt``, ``given`` (the true slice
 order: an upper reference for sequences). The README's tables:
 ``--sets evaluation --configs pam:similar,pam:prompt,pam:given,track:similar,copy:prompt`` and
