@@ -698,10 +698,11 @@ def _drawn_slices(prompt: np.ndarray, present: list[int], axis: int | None, labe
             # A lone line of a few voxels beyond the outermost drawn slice, beside it, is the object's
             # tip as often (a gallbladder's last 3 mm slice holds 3 voxels in a column): drawn (a
             # stray one gets a speck note). Two or more line slices in a row stay a stroke.
+            # A short line on each side of the drawing (a mark crossing the drawn slice) is a stroke.
             others = [k for k in sl if k not in lines]
             lines = {k: v for k, v in lines.items()
-                     if not (others and counts[k] < STROKE_MIN_VOXELS and (k < min(others) or k > max(others))
-                             and (k - 1 in others or k + 1 in others) and k - 1 not in lines and k + 1 not in lines)}
+                     if not (others and len(lines) == 1 and counts[k] < STROKE_MIN_VOXELS
+                             and (k < min(others) or k > max(others)) and (k - 1 in others or k + 1 in others))}
             if (lines and len(lines) < len(sl)
                     and max(counts[s] for s in lines) <= STROKE_FRACTION * max(counts.values())):
                 raise _mixed_planes_error(lab, best, lines, sl, plane_names)

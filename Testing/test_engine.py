@@ -1405,3 +1405,10 @@ def test_find_prompt_slices_takes_a_short_line_beside_a_keyframe_for_the_objects
     prompt[9:12, 20, 12:16] = 1  # 4 voxels on slices 9-11, beyond the drawn slice 8
     with pytest.raises(InputError, match="drawn on more than one plane"):
         find_prompt_slices(prompt)
+    # A second review: a short mark crossing the drawn slice 3 leaves a short line on each side
+    # (slices 2 and 4): two "tips" cut the object to the mark. A stroke, refused.
+    one = np.zeros((12, 40, 40), np.uint8)
+    one[3, 14:22, 12:20] = 1
+    one[2:5, 16:19, 15] = 1
+    with pytest.raises(InputError, match="drawn on more than one plane"):
+        find_prompt_slices(one)
