@@ -214,7 +214,8 @@ def _drift_floor(predictor, normalize: bool):
     IMAGE_SET_GATE_REFERENCE (one set on the predictor otherwise is used as given)."""
     inference = getattr(getattr(predictor, "model", None), "inference", None)
     reference = getattr(predictor, "gate_reference", None)
-    from_checkpoint = reference == "both" and getattr(inference, "intensity_gate_reference", None) == "both"
+    from_checkpoint = (reference == "both" and getattr(inference, "intensity_gate_reference", None) == "both"
+                       and not getattr(predictor, "_gate_reference_given", False))
     widen = normalize and hasattr(predictor, "gate_sd_floor") and "gate_sd_floor" not in vars(predictor)
     if widen:
         predictor.gate_sd_floor = NORMALISED_DRIFT_FLOOR

@@ -152,6 +152,7 @@ class PAMPredictor(SlicePredictor):
                              f"{intensity_gate!r}; the command line's 'off' is False")
         self.intensity_gate = inf.intensity_gate if intensity_gate is None else bool(intensity_gate)
         self.gate_reference = inf.intensity_gate_reference if gate_reference is None else gate_reference
+        self._gate_reference_given = gate_reference is not None  # (label_images keeps a reference asked for)
         if self.gate_reference not in GATE_REFERENCES:
             raise InputError(f"gate_reference must be one of {', '.join(GATE_REFERENCES)}, got {self.gate_reference!r}")
         self.gate = None

@@ -966,6 +966,9 @@ def test_image_sets_test_drift_against_the_guide_where_the_checkpoint_says_both(
     seen.clear()
     label_images(images, 0, mask, PAMPredictor(model, gate_reference="prompt"))
     assert set(seen) == {"prompt"}
+    seen.clear()  # a second review: "both" asked for (evaluate_image_sets.py pam-both) is kept too
+    label_images(images, 0, mask, PAMPredictor(model, gate_reference="both"))
+    assert set(seen) == {"both"}
 
 
 def test_a_damaged_image_of_a_known_type_is_called_damaged(tmp_path):

@@ -255,3 +255,20 @@ def test_both_ends_where_either_test_does_and_each_walk_keeps_its_own_drawn_slic
     keyframes[14] = truth[14]  # 0.04 brighter than slice 4: against slice 4's test, its walk up ended at once
     res = propagate(img, keyframes, (1.0, 1.0, 1.0), gated(0.0, "both"), axis=0)
     assert object_extent(res.mask) == (0, 23)  # from 14 up as far as from a single drawn slice (0-8 above)
+
+
+def test_both_scores_each_region_against_the_guide_and_the_drawn_slice():
+    """A second review: the tests passed with "both" scoring against the drawn slice only. Either
+    reference failing ends the walk: a stand-in that fails makes every score 0 through it."""
+    img, truth = slip_volume()
+
+    class Fails:
+        def score(self, values):
+            return 0.0
+
+    for failing in ("_reference_gate", "_origin_gate"):
+        p = gated(0.0, "both")
+        p.begin(img, 5, truth[5])
+        assert p.predict(img, 5, truth[5], [6, 7]).drift.min() > 0.9  # the same tissue: both pass
+        setattr(p, failing, lambda *args: Fails())
+        assert p.predict(img, 5, truth[5], [6, 7]).drift.tolist() == [0.0, 0.0], failing
