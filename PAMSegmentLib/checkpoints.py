@@ -79,7 +79,8 @@ class InferenceParams:
     min_area_px: int = 1
     # Also stop where the predicted region's intensity drifts (PAMSegmentLib.baselines.IntensityGate):
     # against the drawn slice's region ("prompt") or against the region of the window's guide slice
-    # ("guide": tolerates gradual change along an organ, catches a walk that slips into other tissue).
+    # ("guide": tolerates gradual change along an organ, catches a walk that slips into other tissue),
+    # or both ("both": either ends the walk; also a slow slide the guide test follows step by step).
     intensity_gate: bool = False
     intensity_gate_reference: str = "prompt"
     # Forward-backward check of each window (0 = off): predicting the guide back from a predicted

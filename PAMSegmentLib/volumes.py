@@ -382,7 +382,7 @@ def _raw_series_uid(p: Path, limit: int = 65536) -> str | None:
         return None
     if head[128:132] != b"DICM":
         return None
-    long_vrs = (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UT", b"UN", b"UC", b"UR")
+    long_vrs = (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"SV", b"UV", b"UT", b"UN", b"UC", b"UR")
     at, syntax = 132, None
     while at + 8 <= len(head):  # the meta header (group 0002): explicit VR little endian
         group, element = struct.unpack_from("<HH", head, at)
