@@ -194,7 +194,7 @@ class PAMPredictor(SlicePredictor):
     def begin(self, volume, prompt_index, prompt_mask):
         self.window = intensity_window(volume[prompt_index], prompt_mask, self.model.preprocessing)
         self._drawn_windows = {int(prompt_index): self.window}  # drawn slice -> its window
-        self._window_origin: dict[int, int] = {}  # predicted slice -> the drawn slice its walk started from
+        self._walk_origins: dict[int, int] = {}  # predicted slice -> the drawn slice its walk started from
         self._guide_cache = None
         self._chain = None
         self.registration = None
@@ -213,7 +213,6 @@ class PAMPredictor(SlicePredictor):
             self.gate = IntensityGate.from_prompt(_smoothed(volume[prompt_index]), prompt_mask,
                                                   k=self.gate_k, sd_floor=self.gate_sd_floor)
         self._origin_gates = {int(prompt_index): self.gate}  # drawn slice -> its drift-test statistics
-        self._gate_origin: dict[int, int] = {}  # predicted slice -> the drawn slice its walk started from
 
     @property
     def begin_state(self):
@@ -243,15 +242,21 @@ class PAMPredictor(SlicePredictor):
                 if mask.any() else self.gate
         return self._guide_gates[key]
 
+    def _walk_origin(self, guide_index, query_indices) -> int:
+        """The drawn slice the walk predicting ``query_indices`` from ``guide_index`` started from
+        (a guide no walk predicted is a drawn slice: a walk starts there), recorded for the queries."""
+        origin = self._walk_origins.get(int(guide_index), int(guide_index))
+        for q in query_indices:
+            self._walk_origins[int(q)] = origin
+        return origin
+
     def _origin_gate(self, volume, guide_index, guide_mask, query_indices):
         """The drift test's statistics of the drawn slice the walk predicting ``query_indices``
         started from (a guide no walk predicted is a drawn slice: with several keyframes, each
         walk is tested against its own)."""
         from .baselines import IntensityGate
 
-        origin = self._gate_origin.get(int(guide_index), int(guide_index))
-        for q in query_indices:
-            self._gate_origin[int(q)] = origin
+        origin = self._walk_origin(guide_index, query_indices)
         if origin not in self._origin_gates:
             mask = np.asarray(guide_mask, dtype=bool)
             self._origin_gates[origin] = IntensityGate.from_prompt(
@@ -434,12 +439,9 @@ class PAMPredictor(SlicePredictor):
         # Successive batches of a window share their guide: encode it once.
         origin = None
         if self.network_window == "origin":
-            # A guide no walk predicted is a drawn slice: a walk starts there.
-            origin = self._window_origin.get(int(guide_index), int(guide_index))
+            origin = self._walk_origin(guide_index, query_indices)
             if origin not in self._drawn_windows and np.any(guide_mask):
                 self._drawn_windows[origin] = intensity_window(volume[guide_index], guide_mask, pre)
-            for q in query_indices:
-                self._window_origin[int(q)] = origin
         key = (guide_index, box, guide_mask.tobytes().__hash__(), origin)
         cache = self._guide_cache if self._guide_cache is not None else {}
         if key not in cache:
