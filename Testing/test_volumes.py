@@ -1156,7 +1156,11 @@ def _round_positions(folder: Path, decimals: int = 2) -> None:
         writer = sitk.ImageFileWriter()
         writer.KeepOriginalImageUIDOn()
         writer.SetFileName(str(f))
-        writer.Execute(image)
+        saved = locale.setlocale(locale.LC_ALL)
+        try:
+            writer.Execute(image)
+        finally:  # GDCM's writer leaves the C locale set (as in write_dicom_series)
+            locale.setlocale(locale.LC_ALL, saved)
 
 
 def test_the_dicom_pre_flight_leaves_the_spacing_across_and_localizers_to_the_full_read(tmp_path):
