@@ -328,42 +328,52 @@ _IMAGE_STORAGE = {f"1.2.840.10008.5.1.4.1.1.{c}" for c in (
     "20", "30", "128", "128.1", "130", "481.1", "77.1.1", "77.1.2", "77.1.4", "77.1.5.1", "77.1.5.2", "77.1.6")}
 
 
-def _dicom_image_class(p: Path) -> bool | None:
-    """Whether the DICOM file ``p`` says in its meta header (MediaStorageSOPClassUID, 0002,0002:
-    explicit VR little endian, as PS3.10 fixes it) that it holds an image: True, or False for
-    other objects (structure sets, reports, presentation states, spectroscopy); None where no such
-    header can be read (an empty file, one cut inside it, one without it): such a file is checked
-    as an image would be (a cut copy of a slice may look like this)."""
+# Value representations whose length is 4 bytes after 2 reserved ones (explicit VR), PS3.5 7.1.2.
+_LONG_VRS = (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"SV", b"UV", b"UT", b"UN", b"UC", b"UR")
+
+
+def _dicom_meta(head: bytes) -> tuple[dict[int, str], int] | None:
+    """A DICOM file's meta header (group 0002, explicit VR little endian as PS3.10 fixes it) from
+    its first bytes ``head``: ({element: its value as text, for values read whole}, where the data
+    set starts); None without "DICM" at byte 128 or with a malformed header (not explicit VR)."""
     import struct
 
-    try:
-        with open(p, "rb") as fh:
-            head = fh.read(132 + 4096)
-    except OSError:
-        return None
     if head[128:132] != b"DICM":
         return None
-    at = 132
+    values, at = {}, 132
     while at + 8 <= len(head):
         group, element = struct.unpack_from("<HH", head, at)
         if group != 0x0002:
             break
         vr = head[at + 4:at + 6]
         if not (vr.isalpha() and vr.isupper()):
-            return None  # not explicit VR (a malformed meta header): checked as an image
-        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"UC", b"UR"):
+            return None
+        if vr in _LONG_VRS:
             if at + 12 > len(head):
                 break
             length, value_at = struct.unpack_from("<I", head, at + 8)[0], at + 12
         else:
             length, value_at = struct.unpack_from("<H", head, at + 6)[0], at + 8
-        if element == 0x0002:
-            if value_at + length > len(head):
-                return None
-            uid = head[value_at:value_at + length].rstrip(b"\x00 ").decode("ascii", "replace")
-            return uid in _IMAGE_STORAGE
+        if value_at + length <= len(head):
+            values[element] = head[value_at:value_at + length].rstrip(b"\x00 ").decode("ascii", "replace")
         at = value_at + length
-    return None
+    return values, at
+
+
+def _dicom_image_class(p: Path) -> bool | None:
+    """Whether the DICOM file ``p`` says in its meta header (MediaStorageSOPClassUID, 0002,0002)
+    that it holds an image: True, or False for other objects (structure sets, reports,
+    presentation states, spectroscopy); None where no such header can be read (an empty file, one
+    cut inside it, one without it): such a file is checked as an image would be (a cut copy of a
+    slice may look like this)."""
+    try:
+        with open(p, "rb") as fh:
+            meta = _dicom_meta(fh.read(132 + 4096))
+    except OSError:
+        return None
+    if meta is None or 0x0002 not in meta[0]:
+        return None
+    return meta[0][0x0002] in _IMAGE_STORAGE
 
 
 def _raw_series_uid(p: Path, limit: int = 65536) -> str | None:
@@ -380,24 +390,11 @@ def _raw_series_uid(p: Path, limit: int = 65536) -> str | None:
             head = fh.read(limit)
     except OSError:
         return None
-    if head[128:132] != b"DICM":
+    meta = _dicom_meta(head)
+    if meta is None:
         return None
-    long_vrs = (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"SV", b"UV", b"UT", b"UN", b"UC", b"UR")
-    at, syntax = 132, None
-    while at + 8 <= len(head):  # the meta header (group 0002): explicit VR little endian
-        group, element = struct.unpack_from("<HH", head, at)
-        if group != 0x0002:
-            break
-        vr = head[at + 4:at + 6]
-        if vr in long_vrs:
-            if at + 12 > len(head):
-                return None
-            length, value_at = struct.unpack_from("<I", head, at + 8)[0], at + 12
-        else:
-            length, value_at = struct.unpack_from("<H", head, at + 6)[0], at + 8
-        if element == 0x0010:
-            syntax = head[value_at:value_at + length].rstrip(b"\x00 ").decode("ascii", "replace")
-        at = value_at + length
+    values, at = meta
+    syntax = values.get(0x0010)  # TransferSyntaxUID
     if syntax is None or syntax in ("1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"):
         return None  # big endian, deflated: not walked here
     explicit = syntax != "1.2.840.10008.1.2"  # every other syntax encodes the data set in explicit VR LE
@@ -409,7 +406,7 @@ def _raw_series_uid(p: Path, limit: int = 65536) -> str | None:
         tag = struct.unpack_from("<HH", head, at)
         if tag[0] == 0xFFFE or not explicit:  # items and delimiters: always tag + 4-byte length
             return tag, at + 8, struct.unpack_from("<I", head, at + 4)[0]
-        if head[at + 4:at + 6] in long_vrs:
+        if head[at + 4:at + 6] in _LONG_VRS:
             return (tag, at + 12, struct.unpack_from("<I", head, at + 8)[0]) if at + 12 <= len(head) else None
         return tag, at + 8, struct.unpack_from("<H", head, at + 6)[0]
 
