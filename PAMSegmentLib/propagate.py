@@ -722,21 +722,26 @@ def tilted_drawing(mask: np.ndarray, axis: int, drawn: Sequence[int]) -> tuple[i
 
 def _tilted_drawing(box: np.ndarray, start: int, ax: int, drawn: Sequence[int]) -> tuple[int, int] | None:
     """(first, last) when a label's drawn slices are one run of three or more adjacent slices and
-    every two neighbours overlap by less than TILTED_OVERLAP of the smaller (in the slice plane):
-    the bands one outline drawn on a plane tilted against the slices leaves on each slice it
-    crosses (Slicer's views are aligned with RAS, not with an oblique volume; 3-7 bands at 10-30
-    degrees). Small structures on thick slices overlap their neighbours that little too (a third of
-    the neighbouring slice pairs in the 3-4 mm brain cases), so the Slicer module asks this only of
-    a drawing on an oblique volume; the engine does not refuse on it. None otherwise."""
+    most pairs of neighbours (all but fewer than half) overlap by less than TILTED_OVERLAP of the
+    smaller (in the slice plane): the bands one outline drawn on a plane tilted against the slices
+    leaves on each slice it crosses (Slicer's views are aligned with RAS, not with an oblique
+    volume; 3-7 bands at 10-30 degrees, 11-17 at 20-45 degrees on thin slices, where the small
+    pieces at the outline's two rounded ends may overlap their neighbours more than half, so one
+    such pair does not decide). Small structures on thick slices overlap their neighbours that
+    little too (a third of the neighbouring slice pairs in the 3-4 mm brain cases), so the Slicer
+    module asks this only of a drawing on an oblique volume; the engine does not refuse on it. None
+    otherwise."""
     if len(drawn) < 3 or drawn[-1] - drawn[0] != len(drawn) - 1:
         return None
     planes = np.moveaxis(box, ax, 0)
+    overlapping = 0
     for a, b in zip(drawn, drawn[1:]):
         pa, pb = planes[a - start], planes[b - start]
         smaller = min(int(pa.sum()), int(pb.sum()))
-        if not smaller or np.count_nonzero(pa & pb) >= TILTED_OVERLAP * smaller:
+        if not smaller:
             return None
-    return drawn[0], drawn[-1]
+        overlapping += np.count_nonzero(pa & pb) >= TILTED_OVERLAP * smaller
+    return (drawn[0], drawn[-1]) if 2 * overlapping < len(drawn) - 1 else None
 
 
 def window_slices(slice_spacing: float, predictor: SlicePredictor) -> int:
