@@ -1023,15 +1023,20 @@ class PAMSegmentLogic(ScriptedLoadableModuleLogic):
         return index, float(entry.confidence[index])
 
     def process(self, volumeNode, segmentationNode, segmentId, mode="replace", checkpoint=None, device="cpu",
-                range=None, timeout=3600.0):
-        """Propagate and write, keeping the GUI alive while waiting. Returns the segment id written."""
+                range=None, timeout=3600.0, method="pam", intensityGate=None, server=None):
+        """Propagate and write, keeping the GUI alive while waiting. Returns the segment id written.
+        ``method``, ``intensityGate``, ``server``: as ``startPropagation``."""
         job = self.startPropagation(volumeNode, segmentationNode, segmentId, mode=mode, checkpoint=checkpoint,
-                                    device=device, range=range)
+                                    device=device, range=range, method=method, intensityGate=intensityGate,
+                                    server=server)
         return self._waitAndFinish(job, timeout)
 
-    def processUpdate(self, volumeNode, segmentationNode, segmentId, checkpoint=None, device="cpu", timeout=3600.0):
-        """Update from the user's edits and write, keeping the GUI alive. Returns the finished job."""
-        job = self.startUpdate(volumeNode, segmentationNode, segmentId, checkpoint=checkpoint, device=device)
+    def processUpdate(self, volumeNode, segmentationNode, segmentId, checkpoint=None, device="cpu", timeout=3600.0,
+                      method="pam", intensityGate=None, server=None):
+        """Update from the user's edits and write, keeping the GUI alive. Returns the finished job.
+        ``method``, ``intensityGate``, ``server``: as ``startUpdate``."""
+        job = self.startUpdate(volumeNode, segmentationNode, segmentId, checkpoint=checkpoint, device=device,
+                               method=method, intensityGate=intensityGate, server=server)
         self._waitAndFinish(job, timeout)
         return job
 

@@ -1774,3 +1774,22 @@ def test_self_test_saved_result_case_runs_headless(module, mrml_scene, monkeypat
     monkeypatch.setattr(mrml, "_load_model", lambda checkpoint, device: ShiftModel())
     case = module.PAMSegmentTest("test_PAMSegment_savedResultUpdatesInANewSession")
     case.test_PAMSegment_savedResultUpdatesInANewSession()
+
+
+def test_logic_process_takes_the_method_the_console_docstring_offers(module, drawn, monkeypatch):
+    """A review (s28): process() and processUpdate(), the Python console's one-call API, took no
+    method, intensityGate or server, so `process(..., method="copy")` was a TypeError."""
+    import PAMSegmentLib.mrml as mrml
+
+    monkeypatch.setattr(mrml, "_load_model", lambda c, d: pytest.fail("copy needs no network"))
+    truth, volume, segmentation, segment_id = drawn
+    logic = module.PAMSegmentLogic()
+    written = logic.process(volume, segmentation, segment_id, mode="new", method="copy")
+    result = _segment_array(segmentation, written, volume)
+    assert 2 * (result & truth).sum() / (result.sum() + truth.sum()) > 0.5
+    edited = result.copy()
+    k = int(np.flatnonzero(result.any(axis=(1, 2)))[-1])  # the result's last slice, erased
+    edited[k] = False
+    _edit(segmentation, written, volume, edited)
+    job = logic.processUpdate(volume, segmentation, written, method="copy")
+    assert job.state == "finished" and not _segment_array(segmentation, written, volume)[k].any()
