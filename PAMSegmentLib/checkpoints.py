@@ -159,6 +159,9 @@ class InferenceParams:
         number("registration_max_side", 8, 1024, whole=True)
         number("registration_iterations", 1, 1000, whole=True)
         number("registration_coarse_iterations", 0, 1000, whole=True)
+        for name in ("max_window", "min_window", "min_area_px", "registration_max_side", "registration_iterations",
+                     "registration_coarse_iterations", "registration_carry_supersample"):
+            object.__setattr__(self, name, int(getattr(self, name)))  # 6.0 (a hand-written header) is 6
         if self.min_window > self.max_window:
             raise ValueError(f"min_window {self.min_window} exceeds max_window {self.max_window}")
         for name in ("intensity_gate", "published_scheme"):
@@ -390,6 +393,12 @@ def _check_zip_entries(path: Path) -> None:
         raise CheckpointError(f"cannot load checkpoint {path}: the file is truncated or not a PyTorch checkpoint "
                               f"(its zip directory cannot be read: {_first_sentence(str(exc) or type(exc).__name__)}); "
                               "download or copy it again") from None
+    if not any(e.filename == "data.pkl" or e.filename.endswith("/data.pkl") for e in entries):
+        # every torch.save zip holds <name>/data.pkl: this is an ordinary archive (a cloud drive's download)
+        inside = [e.filename for e in entries if e.filename.lower().endswith((".pt", ".pth", ".ckpt", ".bin"))]
+        found = (f"it holds {', '.join(repr(n) for n in inside[:3])}{' ...' if len(inside) > 3 else ''}: extract "
+                 "that file and give it instead" if inside else "it holds no .pt/.pth file either")
+        raise CheckpointError(f"cannot load checkpoint {path}: it is a zip archive, not a PyTorch checkpoint; {found}")
     packed = next((e for e in entries if e.compress_type != zipfile.ZIP_STORED), None)
     if packed is not None:
         raise CheckpointError(f"cannot load checkpoint {path}: its entry {packed.filename!r} is compressed, which "

@@ -52,6 +52,8 @@ class PreprocessingParams:
             raise ValueError(f"crop_scale must be a number within [1, 10], got {self.crop_scale!r}")
         if not is_number(self.min_crop, 1, 4096, whole=True):
             raise ValueError(f"min_crop must be a whole number within [1, 4096], got {self.min_crop!r}")
+        for name in ("input_size", "min_crop"):  # 128.0 (a header written by hand or by JSON) is 128
+            object.__setattr__(self, name, int(getattr(self, name)))
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -23,3 +23,71 @@ def test_bands_whose_two_end_pieces_overlap_are_still_one_tilted_outline():
     keyframes[8, 10:30, 20:40] = 0
     keyframes[8, 10:30, 40:55] = 1  # one pair of sections apart (a sharp turn) does not make it bands
     assert tilted_drawing(keyframes, 0, list(range(5, 12))) is None
+
+
+def test_whole_number_floats_in_a_checkpoint_header_are_taken_as_whole_numbers(tmp_path):
+    """A header holding input_size 128.0 or max_window 6.0 (written from JSON by another tool) passed
+    every load check, but each propagation then crashed with torch's raw TypeError (review s28)."""
+    import torch
+
+    from PAMSegmentLib.checkpoints import InferenceParams, load_model, save_checkpoint
+    from PAMSegmentLib.network import PAMConfig, build_network
+    from PAMSegmentLib.preprocess import PreprocessingParams
+    from PAMSegmentLib.propagate import propagate
+
+    path = tmp_path / "floats.pt"
+    config = PAMConfig(name="tiny", input_size=32, n_stages=3, base_features=4, max_features=8, n_attention_stages=1)
+    save_checkpoint(path, build_network(config), PreprocessingParams(input_size=32), InferenceParams(max_window=4))
+    header = torch.load(path, weights_only=True)
+    header["preprocessing"]["input_size"] = 32.0
+    header["preprocessing"]["min_crop"] = 16.0
+    header["inference"]["max_window"] = 4.0
+    header["inference"]["registration_iterations"] = 10.0
+    torch.save(header, path)
+    model = load_model(path)
+    assert type(model.preprocessing.input_size) is int and type(model.inference.max_window) is int
+    image = np.random.default_rng(0).normal(size=(12, 40, 40)).astype(np.float32)
+    prompt = np.zeros(image.shape, np.uint8)
+    prompt[6, 12:28, 12:28] = 1
+    image[3:10, 12:28, 12:28] += 4
+    result = propagate(image, prompt, (2.0, 1.0, 1.0), model, threads=1)
+    assert result.mask[6].sum() == 256  # the drawn slice kept as drawn; it ran
+
+
+def test_a_zip_archive_holding_the_weights_is_named_so(tmp_path):
+    """Official weights downloaded from a cloud drive arrive as a .zip holding propmask.pth: the
+    message said to "re-save the weights with torch.save" (compressed entry) or was torch's
+    "[enforce fail at inline_container.cc:180]" (stored entry). Review s28."""
+    import zipfile
+
+    import pytest
+    import torch
+
+    from PAMSegmentLib.checkpoints import load_model
+    from PAMSegmentLib.errors import CheckpointError
+
+    weights = tmp_path / "propmask.pth"
+    torch.save({"w": torch.zeros(3)}, weights)
+    for compression in (zipfile.ZIP_DEFLATED, zipfile.ZIP_STORED):
+        archive = tmp_path / f"download{compression}.zip"
+        with zipfile.ZipFile(archive, "w", compression) as z:
+            z.write(weights, "PAM/propmask.pth")
+        with pytest.raises(CheckpointError, match="is a zip archive, not a PyTorch checkpoint; it holds "
+                                                  "'PAM/propmask.pth': extract that file"):
+            load_model(archive)
+
+
+def test_an_unknown_device_name_with_a_loaded_model_gets_the_unknown_device_message():
+    """propagate(..., model, device="gpu") advised load_model(..., device='gpu'), which itself
+    fails with "unknown device" (review s28)."""
+    import pytest
+
+    from PAMSegmentLib.checkpoints import load_model
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.propagate import propagate
+
+    image = np.random.default_rng(0).normal(size=(6, 20, 20)).astype(np.float32)
+    prompt = np.zeros(image.shape, np.uint8)
+    prompt[3, 5:10, 5:10] = 1
+    with pytest.raises(InputError, match="^unknown device 'gpu'; use cpu or cuda$"):
+        propagate(image, prompt, (1.0, 1.0, 1.0), load_model(), device="gpu")
