@@ -330,14 +330,20 @@ def made_with(args, server_info: dict | None = None) -> str:
     return f"{args.method} ({_absolute(Path(given))})"
 
 
+def _made_before(row: BatchRow, earlier: dict[str, tuple[dict, int]]) -> str:
+    """What made ``row``'s existing output by the earlier report that names it ("" when no report
+    does, the output is newer than it, or it is from before the column existed)."""
+    found = earlier.get(row.absolute()[2])
+    if found is None or row.output.stat().st_mtime_ns > found[1]:
+        return ""
+    return found[0].get("method") or ""
+
+
 def _made_otherwise(row: BatchRow, earlier: dict[str, tuple[dict, int]], method: str) -> str | None:
     """What made ``row``'s existing output, when an earlier report says it was something else than
     ``method`` (a trial with --method copy, say): then --skip-existing runs it again. None if the
     same, or unknown (no report, or one from before the column existed)."""
-    found = earlier.get(row.absolute()[2])
-    if found is None or row.output.stat().st_mtime_ns > found[1]:
-        return None
-    before = found[0].get("method") or ""
+    before = _made_before(row, earlier)
     return before if before and before != method else None
 
 
@@ -652,7 +658,10 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
         check_checkpoint_file(args.checkpoint)
     # Everything is checked and the model loaded before -o is created: a refused batch leaves nothing behind.
-    earlier = _earlier_results(out_dir) if args.skip_existing else {}  # read before the report is rewritten
+    # Read before the report is rewritten, with or without --skip-existing: an output this run does not
+    # replace (stopped before its row, or the row failed) is still what the earlier run made, and the
+    # new report must say so, or a later --skip-existing would keep a --method copy trial as done.
+    earlier = _earlier_results(out_dir)
     from .cli import keyframes_record_exists
 
     server, server_info = None, None
@@ -666,7 +675,10 @@ def cmd_batch(args: argparse.Namespace) -> int:
             raise InputError(f"the server at {server.url} does not run --method {args.method}")
     method = made_with(args, server_info)
     for r in rows:  # an empty file is what an interrupted copy leaves, not a result
-        done = args.skip_existing and r.output.is_file() and r.output.stat().st_size > 0
+        exists = r.output.is_file() and r.output.stat().st_size > 0
+        done = args.skip_existing and exists
+        if exists:
+            r.method = _made_before(r, earlier)  # what the output is until this run replaces it
         if done and r.edited is not None and not keyframes_record_exists(r.output):
             done = False  # an update row is done with its keyframes record (written together with it)
         other = _made_otherwise(r, earlier, method) if done else None

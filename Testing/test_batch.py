@@ -715,6 +715,29 @@ def test_a_row_run_again_that_fails_keeps_what_made_its_output(tmp_path, cases):
     assert [(r["status"], r["method"]) for r in rows] == [("skipped", "track"), ("ok", "track")]
 
 
+def test_a_run_without_skip_existing_that_stops_early_keeps_what_made_the_outputs_it_did_not_replace(tmp_path, cases):
+    """A review (s28): a copy trial, then a run without --skip-existing stopped at its first row
+    (--stop-on-error; Ctrl-C or a lost server alike). The earlier report was read only with
+    --skip-existing, so the rewritten report had an empty method for the rows not reached, and the
+    advised resume with --skip-existing kept the copy outputs as done (exit 0)."""
+    lines = ["image,prompt,output"] + [f"c{n}/image.nii.gz,c{n}/prompt.nii.gz,../out/r{n}.nii.gz" for n in range(3)]
+    m = _manifest(tmp_path / "data" / "cases.csv", lines)
+    out = tmp_path / "out"
+    assert main(["batch", str(m), "-o", str(out), "--method", "copy"]) == 0
+    copied = [(out / f"r{n}.nii.gz").read_bytes() for n in range(3)]
+    image = tmp_path / "data" / "c0" / "image.nii.gz"
+    kept = image.read_bytes()
+    image.write_bytes(b"not an image")
+    assert main(["batch", str(m), "-o", str(out), "--method", "track", "--stop-on-error"]) == 2
+    rows = _report(out / "batch_report.csv")
+    assert [(r["status"], r["method"]) for r in rows] == [("error", "copy"), ("not run", "copy"), ("not run", "copy")]
+    image.write_bytes(kept)
+    assert main(["batch", str(m), "-o", str(out), "--method", "track", "--skip-existing"]) == 0
+    rows = _report(out / "batch_report.csv")
+    assert [(r["status"], r["method"]) for r in rows] == [("ok", "track")] * 3
+    assert all((out / f"r{n}.nii.gz").read_bytes() != copied[n] for n in range(3))
+
+
 def test_a_second_manifest_into_the_same_folder_keeps_the_first_ones_rows_in_the_report(tmp_path, cases, capsys):
     first = _manifest(tmp_path / "data" / "first.csv", ["image,prompt", "c0/image.nii.gz,c0/prompt.nii.gz",
                                                         "c2/image.nii.gz,c2/prompt.nii.gz"])
