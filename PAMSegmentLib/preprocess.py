@@ -83,7 +83,9 @@ class IntensityWindow:
         scale = 2.0 / (self.high - self.low)
         if isinstance(x, torch.Tensor):
             return (x.clamp(self.low, self.high) - self.low) * scale - 1.0
-        return ((np.clip(x, self.low, self.high) - self.low) * scale - 1.0).astype(np.float32)
+        # in float64: float32 values near its limit (3e38) overflowed to inf and NaN here
+        return ((np.clip(np.asarray(x, dtype=np.float64), self.low, self.high) - self.low) * scale - 1.0
+                ).astype(np.float32)
 
 
 def _magnitude(lo: float, hi: float) -> float:

@@ -91,3 +91,14 @@ def test_an_unknown_device_name_with_a_loaded_model_gets_the_unknown_device_mess
     prompt[3, 5:10, 5:10] = 1
     with pytest.raises(InputError, match="^unknown device 'gpu'; use cpu or cuda$"):
         propagate(image, prompt, (1.0, 1.0, 1.0), load_model(), device="gpu")
+
+
+def test_a_window_over_values_near_the_float32_limit_stays_finite():
+    """An image with values near 3e38 (float32's limit) overflowed in the window (x - low) and the
+    run failed blaming the shipped checkpoint's weights (review s28)."""
+    from PAMSegmentLib.preprocess import IntensityWindow
+
+    x = np.array([-3e38, 0.0, 1e38, 3e38], dtype=np.float32)
+    out = IntensityWindow(-3e38, 3e38).apply(x)
+    assert np.all(np.isfinite(out)) and out.dtype == np.float32
+    assert np.allclose(out, [-1.0, 0.0, 1.0 / 3.0, 1.0], atol=1e-6)
