@@ -215,13 +215,19 @@ class PAMModel:
         return cls(network.eval().to(device), pre, inference or InferenceParams(), kind="pamsegment", device=device)
 
 
-def resolve_device(device: str | None) -> str:
-    """``device`` (None: cpu) checked and lower-cased: cpu, cuda or cuda:N where torch has CUDA."""
+def device_name(device: str | None) -> str:
+    """``device`` (None: cpu) lower-cased, refused unless it is cpu, cuda or cuda:N."""
     if device is not None and not isinstance(device, str):
         raise InputError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     device = (device or "cpu").lower()
     if device not in ("cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
         raise InputError(f"unknown device {device!r}; use cpu or cuda")
+    return device
+
+
+def resolve_device(device: str | None) -> str:
+    """``device`` (None: cpu) checked and lower-cased: cpu, cuda or cuda:N where torch has CUDA."""
+    device = device_name(device)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"device {device} was asked for but this torch has no CUDA device; use cpu (--device cpu)")
     return device

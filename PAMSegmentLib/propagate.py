@@ -2088,9 +2088,9 @@ def _as_predictor(model, device: str) -> SlicePredictor:
     if model is None:
         model = load_model(None, device=device)
     if isinstance(model, PAMModel):
-        from .checkpoints import resolve_device
+        from .checkpoints import device_name
 
-        asked = resolve_device(device)  # as load_model reads it (and refuses an unknown name as it does)
+        asked = device_name(device)  # as load_model reads it (and refuses an unknown name as it does)
         if asked != "cpu" and asked != model.device:  # asked for, but it would not be used
             raise InputError(f"device {device!r} was asked for, but the model given is on {model.device!r}: load it "
                              f"with load_model(..., device={device!r}), or drop device=")
