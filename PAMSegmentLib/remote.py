@@ -79,6 +79,11 @@ def decode_result(payload: bytes) -> PropagationResult:
             gaps = {int(lab): [int(s) for s in v] for lab, v in meta.get("gaps", {}).items()}
             lost = {int(lab): ({int(o): int(n) for o, n in by.items()}, int(own))
                     for lab, (by, own) in meta.get("lost", {}).items()}
+            # servers before session 28 do not send it: every slice along the axis counts as recomputed
+            # then (a server always runs from scratch), so no review mark outlives a change
+            recomputed = ({int(lab): [(int(a), int(b)) for a, b in v] for lab, v in meta["recomputed"].items()}
+                          if "recomputed" in meta else
+                          {int(lab): [(0, int(mask.shape[int(meta["axis"])]) - 1)] for lab in meta["labels"]})
     except (ValueError, KeyError, OSError, TypeError, AttributeError) as error:
         raise PAMError(f"the server's answer is not a PAMSegment result ({error})") from None
     return PropagationResult(
@@ -88,7 +93,7 @@ def decode_result(payload: bytes) -> PropagationResult:
         timings=meta["timings"], n_predicted=int(meta["n_predicted"]),
         range=tuple(meta["range"]) if meta.get("range") else None, early_stop=bool(meta["early_stop"]),
         stops={int(k): v for k, v in meta["stops"].items()}, keyframes=keyframes, agreement=agreement,
-        remove_disconnected=bool(meta["remove_disconnected"]), gaps=gaps, lost=lost,
+        remove_disconnected=bool(meta["remove_disconnected"]), gaps=gaps, lost=lost, recomputed=recomputed,
     )
 
 

@@ -263,6 +263,9 @@ def encode_result(result) -> bytes:
         "remove_disconnected": result.remove_disconnected,
         "gaps": {str(k): [int(s) for s in v] for k, v in result.gaps.items()},
         "lost": {str(k): [{str(o): int(n) for o, n in by.items()}, int(own)] for k, (by, own) in result.lost.items()},
+        # the slice intervals this run walked (all of them: a server runs an update from scratch), which
+        # Slicer's review marks and update summary go by
+        "recomputed": {str(k): [[int(a), int(b)] for a, b in v] for k, v in result.recomputed.items()},
     }
     arrays = {"mask": result.mask}
     meta["keyframes"] = {str(lab): sorted(int(k) for k in kf) for lab, kf in result.keyframes.items()}

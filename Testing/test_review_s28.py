@@ -102,3 +102,34 @@ def test_a_window_over_values_near_the_float32_limit_stays_finite():
     out = IntensityWindow(-3e38, 3e38).apply(x)
     assert np.all(np.isfinite(out)) and out.dtype == np.float32
     assert np.allclose(out, [-1.0, 0.0, 1.0 / 3.0, 1.0], atol=1e-6)
+
+
+def test_a_server_result_says_which_slices_it_recomputed():
+    """A review (s28): the server's answer left out ``recomputed``, so Slicer's "Update from my edits"
+    through a server said "0 of 24 slices recomputed (none)" and kept the review marks of slices
+    the update changed. A server runs from scratch: every walked interval is recomputed; an answer
+    from an older server (without the field) counts every slice along the axis."""
+    import json
+    import io
+
+    from PAMSegmentLib.baselines import get_predictor
+    from PAMSegmentLib.propagate import propagate
+    from PAMSegmentLib.remote import decode_result
+    from PAMSegmentLib.server import encode_result
+
+    image = np.random.default_rng(0).normal(size=(20, 30, 30)).astype(np.float32)
+    image[4:16, 8:22, 8:22] += 5
+    prompt = np.zeros(image.shape, np.uint8)
+    prompt[7, 8:22, 8:22] = prompt[12, 8:22, 8:22] = 1
+    result = propagate(image, prompt, (1.0, 1.0, 1.0), get_predictor("copy"))
+    assert result.recomputed[1]  # the walks outward and between the two drawn slices
+    assert decode_result(encode_result(result)).recomputed == result.recomputed
+    # an older server's answer: no "recomputed" in its meta
+    with np.load(io.BytesIO(encode_result(result))) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(bytes(arrays["meta"]).decode())
+    del meta["recomputed"]
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    assert decode_result(buffer.getvalue()).recomputed == {1: [(0, 19)]}
