@@ -145,6 +145,30 @@ def _padded_window(arr: np.ndarray, box: CropBox, fill: float) -> np.ndarray:
     return out
 
 
+# Bytes a crop pixel takes at the peak of a prediction: the padded float32 crop, its float64 window,
+# the float32 result and the probability put back on the slice (measured: one 15000 px crop, 4.4 GB).
+CROP_BYTES_PER_PIXEL = 20
+
+
+def _check_crop_memory(n: int, box: CropBox, slice_shape: tuple[int, int]) -> None:
+    """InputError when ``n`` crops of ``box`` would take more than a quarter of this machine's
+    memory: the crop is a square of 1.5 x the object's longer extent, so an object along a long thin
+    slice (3 x 20000 px, a 0.3 MB upload to a server) asked for 3 GB and more, and one of 60000 px
+    would have taken all of it (the OS kills the process, or the server)."""
+    from .errors import InputError
+    from .volumes import physical_memory_bytes
+
+    need = int(n) * int(box.side) ** 2 * CROP_BYTES_PER_PIXEL
+    memory = physical_memory_bytes()
+    if memory and need > memory // 4:
+        h, w = slice_shape
+        raise InputError(f"the network works on a square crop around the object, here {box.side} x {box.side} px on "
+                         f"slices of {h} x {w} px: {need / 1024**3:.1f} GB "
+                         f"for {n} slice{'s' if n != 1 else ''}, more than a quarter of this machine's "
+                         f"{memory / 1024**3:.0f} GB of memory. Crop or downsample the image around the object, or "
+                         "use --method track (registration, no network)")
+
+
 def crop_slices(slices: np.ndarray, box: CropBox, size: int, window: IntensityWindow | None = None,
                 is_mask: bool = False, antialias: bool = True) -> torch.Tensor:
     """Crop (N, H, W) slices to ``box`` and resize to (N, 1, size, size).
@@ -153,6 +177,7 @@ def crop_slices(slices: np.ndarray, box: CropBox, size: int, window: IntensityWi
     bilinearly, antialiased when shrunk (``antialias``; the authors' code resizes without);
     masks are resized with nearest neighbour.
     """
+    _check_crop_memory(len(slices), box, slices.shape[-2:])
     if is_mask:
         crop = _padded_window(slices.astype(np.float32), box, 0.0)
     else:

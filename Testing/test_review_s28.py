@@ -133,3 +133,23 @@ def test_a_server_result_says_which_slices_it_recomputed():
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     assert decode_result(buffer.getvalue()).recomputed == {1: [(0, 19)]}
+
+
+def test_a_crop_too_large_for_this_machines_memory_is_refused_before_it_is_allocated(monkeypatch):
+    """A review (s28): the network's square crop is 1.5 x the object's longer extent, so a thin
+    3 x 1 x N volume drawn along its row (a 0.3 MB upload to a server at N = 20000) took 3 GB, and
+    N = 60000 would have taken all of this machine's memory. Refused above a quarter of it."""
+    import pytest
+
+    import PAMSegmentLib.volumes as volumes
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.preprocess import CropBox, IntensityWindow, crop_slices
+
+    monkeypatch.setattr(volumes, "physical_memory_bytes", lambda: 8 * 1024**3)  # an 8 GB machine
+    thin = np.zeros((1, 1, 40000), np.float32)
+    with pytest.raises(InputError, match=r"square crop around the object, here 60000 x 60000 px on slices of 1 x 40000 "
+                                         r"px: 67\.1 GB for 1 slice, more than a quarter of this machine's 8 GB"):
+        crop_slices(thin, CropBox(-30000, -10000, 60000), 128, IntensityWindow(0.0, 1.0))
+    # 1000 px crops of 8 slices (160 MB) go through
+    assert crop_slices(np.zeros((8, 600, 600), np.float32), CropBox(-200, -200, 1000), 128,
+                       IntensityWindow(0.0, 1.0)).shape == (8, 1, 128, 128)
