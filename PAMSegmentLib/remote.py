@@ -57,6 +57,23 @@ class _Answered(PAMError):
         self.code = code
 
 
+class _Redirected(Exception):
+    def __init__(self, url: str):
+        super().__init__(url)
+        self.url = url
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib follows a redirect with the request's headers, the token among them, to wherever it
+    points (another host too): not followed here, the client says where it pointed."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        raise _Redirected(newurl)
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
+
+
 def _sleep(seconds: float, cancel=None) -> None:
     """Wait ``seconds``, looking at ``cancel`` every 0.1 s (PropagationCancelled once it is set)."""
     end = time.monotonic() + seconds
@@ -149,8 +166,11 @@ class RemoteModel:
         if body is not None:
             req.add_header("Content-Type", "application/octet-stream")
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310 - http(s) checked above
+            with _OPENER.open(req, timeout=self.timeout) as resp:  # http(s) checked above
                 return resp.read()
+        except _Redirected as redirect:
+            raise InputError(f"the server at {self.url} redirects to {redirect.url}: give that address instead (a "
+                             "redirect is not followed, so that the token goes only to the address given)") from None
         except urllib.error.HTTPError as error:
             try:
                 detail = json.loads(error.read().decode()).get("detail", "")

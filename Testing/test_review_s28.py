@@ -153,3 +153,49 @@ def test_a_crop_too_large_for_this_machines_memory_is_refused_before_it_is_alloc
     # 1000 px crops of 8 slices (160 MB) go through
     assert crop_slices(np.zeros((8, 600, 600), np.float32), CropBox(-200, -200, 1000), 128,
                        IntensityWindow(0.0, 1.0)).shape == (8, 1, 128, 128)
+
+
+def test_a_redirect_is_not_followed_and_the_token_goes_nowhere_else():
+    """A review (s28): urllib followed a server's redirect with the Authorization header, so the
+    token reached whatever host the redirect named. Now the client stops and names the address."""
+    import http.server
+    import threading
+
+    import pytest
+
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.remote import RemoteModel
+
+    seen = []
+
+    class Other(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    other = http.server.HTTPServer(("127.0.0.1", 0), Other)
+
+    class Redirector(Other):
+        def do_GET(self):
+            self.send_response(302)
+            self.send_header("Location", f"http://localhost:{other.server_port}{self.path}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    redirector = http.server.HTTPServer(("127.0.0.1", 0), Redirector)
+    for server in (other, redirector):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(InputError, match=rf"redirects to http://localhost:{other.server_port}/info: give that "
+                                             "address instead"):
+            RemoteModel(f"http://127.0.0.1:{redirector.server_port}", token="s3cret-token").info()
+    finally:
+        for server in (other, redirector):
+            server.shutdown()
+    assert seen == []
