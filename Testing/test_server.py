@@ -828,12 +828,13 @@ def test_the_client_asks_again_when_the_network_drops_during_a_job(live_server, 
 
 def test_a_result_download_cut_short_is_asked_again(live_server, monkeypatch):
     import http.client
-    import urllib.request
+
+    import PAMSegmentLib.remote as remote
 
     url, holder = live_server
     image, prompt, truth = case()
     holder["model"] = OracleModel(truth)
-    real, cut = urllib.request.urlopen, []
+    real, cut = remote._OPENER.open, []
 
     def flaky(req, *args, **kwargs):
         if req.full_url.endswith("/result") and not cut:
@@ -841,7 +842,7 @@ def test_a_result_download_cut_short_is_asked_again(live_server, monkeypatch):
             raise http.client.IncompleteRead(b"partial", 100)
         return real(req, *args, **kwargs)
 
-    monkeypatch.setattr(urllib.request, "urlopen", flaky)
+    monkeypatch.setattr(remote._OPENER, "open", flaky)
     result = RemoteModel(url, token="tok", poll_interval=0.01).propagate(image, prompt, (2.0, 1.0, 1.0))
     assert cut and result.mask.any()
 
