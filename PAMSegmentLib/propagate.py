@@ -1983,7 +1983,8 @@ def keyframes_from_edits(prompt: np.ndarray, previous, edited: np.ndarray, *,
         present = [lab for lab in drawn if lab not in absent]
         raise InputError(f"the earlier result holds no label {absent[0]} of the prompt, only label"
                          f"{'s' if len(present) > 1 else ''} {', '.join(map(str, present))}: if it was made with "
-                         f"--label (labels=), give the same labels again (--label {' '.join(map(str, present))})")
+                         f"--label (labels=), give the same labels again (--label {' '.join(map(str, present))}; a "
+                         f"manifest's label column {' '.join(map(str, present))}; labels={present} in Python)")
     for lab, slices in drawn.items():
         for s in slices:
             if not np.array_equal(prev[s] == lab, prm[s] == lab):

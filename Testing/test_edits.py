@@ -68,7 +68,8 @@ def test_a_result_of_some_labels_asks_for_the_same_labels_again():
     edited = only_two.copy()
     edited[10][edited[10] == 2] = 0
     with pytest.raises(InputError, match=r"^the earlier result holds no label 1 of the prompt, only label 2: if it was "
-                                         r"made with --label \(labels=\), give the same labels again \(--label 2\)$"):
+                                         r"made with --label \(labels=\), give the same labels again \(--label 2; a "
+                                         r"manifest's label column 2; labels=\[2\] in Python\)$"):
         keyframes_from_edits(prompt, only_two, edited)
     assert keyframes_from_edits(prompt, only_two, edited, labels=[2]).edited == {2: [10]}
 
