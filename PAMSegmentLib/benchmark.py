@@ -1132,7 +1132,9 @@ def partial_options(args: argparse.Namespace) -> list[str]:
 
 
 def add_benchmark_arguments(p: argparse.ArgumentParser, default_out: str = "docs/benchmark") -> None:
-    from .cli import _positive_int, _thread_count
+    from .cli import _positive_int, _thread_count, number_type
+
+    non_negative = number_type(int, lambda v: v >= 0, "a whole number of 0 or more")
 
     p.add_argument("-o", "--out", "--output", dest="out", default=None, metavar="DIR",
                    help=f"output folder (default: {default_out} for a full run; ./{SCRATCH_OUT} for a run with "
@@ -1148,13 +1150,13 @@ def add_benchmark_arguments(p: argparse.ArgumentParser, default_out: str = "docs
                         "if installed, else random weights and no honest end-to-end runs)")
     p.add_argument("--official-checkpoint", default=None, metavar="CKPT", help="the authors' propmask.pth, for honest official runs")
     p.add_argument("--batch-sizes", type=_int_list, default=None, help="network part batch sizes (default: 1,4,8,16)")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats per network figure (default: 5)")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up calls before timing (default: 2)")
+    p.add_argument("--repeats", type=_positive_int, default=None, help="timed repeats per network figure (default: 5)")
+    p.add_argument("--warmup", type=non_negative, default=None, help="warm-up calls before timing (default: 2)")
     p.add_argument("--pairs", type=_positive_int, default=None,
                    help="alternated small/official call pairs per batch size for the paired ratio (default: 40)")
     p.add_argument("--depths", type=_int_list, default=None, help="end-to-end volume depths (default: 100,200,400)")
     p.add_argument("--objects", type=_int_list, default=None, help="end-to-end object lengths (default: 20,80,160)")
-    p.add_argument("--size", type=int, default=None, help="in-plane size of the synthetic volumes (default: 512)")
+    p.add_argument("--size", type=_positive_int, default=None, help="in-plane size of the synthetic volumes (default: 512)")
     p.add_argument("--no-sam2", action="store_true", help="skip SAM 2 tiny")
     p.add_argument("--isolate", dest="isolate", action="store_true", default=None,
                    help="run every measurement in a fresh subprocess (the default, except with --quick)")

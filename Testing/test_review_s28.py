@@ -199,3 +199,17 @@ def test_a_redirect_is_not_followed_and_the_token_goes_nowhere_else():
         for server in (other, redirector):
             server.shutdown()
     assert seen == []
+
+
+def test_benchmark_refuses_counts_that_measure_nothing(capsys):
+    """A review (s28): --repeats 0 (or -1), --warmup -3 and --size 0 were accepted; every network
+    figure then failed with a StatisticsError, the tables were written anyway, exit 0."""
+    import pytest
+
+    from PAMSegmentLib.cli import main
+
+    for option, value in (("--repeats", "0"), ("--repeats", "-1"), ("--warmup", "-3"), ("--size", "0")):
+        with pytest.raises(SystemExit) as stop:
+            main(["benchmark", "--quick", option, value, "--out", "unused"])
+        assert stop.value.code == 2
+        assert f"argument {option}: expected" in capsys.readouterr().err
