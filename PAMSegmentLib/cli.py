@@ -1005,7 +1005,8 @@ def _provenance_text(provenance) -> str:
 
 def add_info_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", metavar="CKPT", nargs="?", default=None,
-                   help="checkpoint file (.pt/.pth; default: the shipped weights, wherever they are installed)")
+                   help="checkpoint file (.pt/.pth; default: $PAMSEGMENT_MODEL if set, else the shipped weights, "
+                        "wherever they are installed)")
     p.add_argument("--json", action="store_true", help="print the description as JSON")
 
 
@@ -1031,6 +1032,8 @@ def cmd_info(args: argparse.Namespace) -> int:
                                   "unset it, or give a checkpoint file: pamsegment info CKPT")
         if path is None:
             raise CheckpointError("no default PAM weights are installed; give a checkpoint file: pamsegment info CKPT")
+        if env and not args.json:  # as propagate says it: other weights than the shipped ones
+            print(f"note: describing the weights PAMSEGMENT_MODEL names ({env})", flush=True)
     d = describe_checkpoint(path)
     if args.json:
         print(json.dumps(d, indent=2, default=str))

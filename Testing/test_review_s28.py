@@ -213,3 +213,11 @@ def test_benchmark_refuses_counts_that_measure_nothing(capsys):
             main(["benchmark", "--quick", option, value, "--out", "unused"])
         assert stop.value.code == 2
         assert f"argument {option}: expected" in capsys.readouterr().err
+
+
+def test_info_says_when_it_describes_the_weights_pamsegment_model_names(small_checkpoint, run_cli):
+    """A review (s28): propagate, batch, label-images and demo say they use $PAMSEGMENT_MODEL's
+    weights; info described them silently, its help saying the shipped weights."""
+    proc = run_cli("info", env={"PAMSEGMENT_MODEL": str(small_checkpoint.path)})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"note: describing the weights PAMSEGMENT_MODEL names ({small_checkpoint.path})\n")
