@@ -140,7 +140,8 @@ class PropagationResult:
     early_stop: bool = True
     recomputed: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # label -> slice intervals
     # label -> what ended each walk run in this call: {"start", "direction" (+1/-1), "last" (last
-    # slice with the object), "reason"}; reason "presence" (the network: object gone), "drift"
+    # slice with the object), "reason"}; reason "presence" (the network: object gone; copy and track:
+    # their own tissue test), "drift"
     # (the intensity drift test), "area" (the mask vanished), "consistency" (forward-backward
     # check), "agreement" (beyond the outermost of several keyframes: the network and the
     # registration parted ways) or "end" (the range's end was reached).
