@@ -1156,6 +1156,15 @@ def _no_position(path: Path) -> str | None:
     return None
 
 
+def _writer_default(grid: Volume) -> bool:
+    """Whether ``grid`` is what a script writes for an array saved without geometry: voxel size 1,
+    origin 0 and the identity axes (SimpleITK's GetImageFromArray), or x and y flipped (nibabel's
+    identity affine, which is RAS, read by ITK as LPS)."""
+    direction = np.asarray(grid.direction, dtype=np.float64).reshape(3, 3)
+    return (np.allclose(grid.spacing_ijk, 1.0, rtol=0, atol=1e-9) and np.allclose(grid.origin, 0.0, rtol=0, atol=1e-9)
+            and any(np.allclose(direction, np.diag(d), rtol=0, atol=1e-9) for d in ((1, 1, 1), (-1, -1, 1))))
+
+
 def _off_grid_error(name: str, labels: Volume, reference: Volume, diffs: list[str],
                     path: Path | None = None, reference_path: Path | None = None,
                     option: str = "resample=True") -> InputError:
@@ -1185,6 +1194,9 @@ def _never_resampled(name: str, labels: Volume, reference: Volume, diffs: list[s
     drawn on slice 60 to slice 93, exit 0): one of the image's size without a position in its
     header, or the image's grid with x and y flipped (RAS written as LPS). None otherwise."""
     unplaced = _no_position(path) if path is not None and labels.shape == reference.shape else None
+    if not unplaced and labels.shape == reference.shape and _writer_default(labels) and not _writer_default(reference):
+        unplaced = ("voxel size 1, origin 0 and plain axes: what SimpleITK's GetImageFromArray or nibabel's "
+                    "np.eye(4) affine writes when no geometry is given")
     if unplaced:  # resampling would place it by the origin and axes ITK made up: not where it was drawn
         return InputError(f"{name} has the image's size but no position in space in its header ({unplaced}), so it "
                           f"cannot be placed on the image ({option} would put it in the wrong place). If it "

@@ -221,3 +221,32 @@ def test_info_says_when_it_describes_the_weights_pamsegment_model_names(small_ch
     proc = run_cli("info", env={"PAMSEGMENT_MODEL": str(small_checkpoint.path)})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(f"note: describing the weights PAMSEGMENT_MODEL names ({small_checkpoint.path})\n")
+
+
+def test_a_mask_saved_by_a_script_without_geometry_is_refused_even_with_resample_prompt(tmp_path, ct_case):
+    """A review (s28): a same-size mask saved as sitk.GetImageFromArray(mask) (voxel size 1, origin
+    0) or with nibabel's np.eye(4) affine was refused with "use --resample-prompt", and doing so put
+    the prompt elsewhere (Dice 0.00-0.10 on a real CT, exit 0). Its header places it nowhere."""
+    import nibabel as nib
+    import pytest
+    import SimpleITK as sitk
+
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.volumes import read_labelmap, read_volume
+
+    image = read_volume(ct_case.image_path)
+    plain = tmp_path / "plain.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(ct_case.prompt), str(plain))
+    eye = tmp_path / "eye.nii.gz"
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(ct_case.prompt.transpose(2, 1, 0)), np.eye(4)), str(eye))
+    for path in (plain, eye):
+        for resample in (False, True):
+            with pytest.raises(InputError, match=r"has the image's size but no position in space in its header "
+                                                 r"\(voxel size 1, origin 0 and plain axes: what SimpleITK's "
+                                                 r"GetImageFromArray or nibabel's np.eye\(4\) affine writes"):
+                read_labelmap(path, reference=image, resample=resample, resample_option="--resample-prompt")
+    # A mask of another size on such a grid is judged as before (it is not the image's voxels).
+    small = tmp_path / "small.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(ct_case.prompt[:, :20, :20]), str(small))
+    with pytest.raises(InputError, match=r"^small.nii.gz is not on the image grid: size, spacing, origin"):
+        read_labelmap(small, reference=image, resample_option="--resample-prompt")
