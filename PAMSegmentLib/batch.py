@@ -222,9 +222,13 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
             if p is not None and not p.exists():
                 raise InputError(f"{where}: {what} {p} does not exist")
         if previous is not None:
-            from .cli import check_previous_is_not_prompt
+            from .cli import check_previous_is_not_edited, check_previous_is_not_prompt
 
             check_previous_is_not_prompt(previous, prompt, f"{where}: previous is the row's prompt itself")
+            try:
+                check_previous_is_not_edited(previous, edited, ("previous", "edited"), "to another output")
+            except InputError as error:
+                raise InputError(f"{where}: {error}") from None
         if rec.get("series"):
             if not image.is_dir():
                 raise InputError(f"{where}: series applies to a DICOM folder, but {image} is a file; leave it empty")

@@ -565,6 +565,7 @@ def cmd_propagate(args: argparse.Namespace) -> int:
                          "of it (--edited)")
     if args.previous is not None:
         check_previous_is_not_prompt(args.previous, args.prompt)
+        check_previous_is_not_edited(args.previous, args.edited)
     inputs = [args.image, args.prompt] + [a for a in (args.previous, args.edited) if a is not None]
     _check_output_path(args.output, inputs)
     # Every run writes its record beside OUT; an update needs one (its next round reads it), a plain
@@ -773,6 +774,15 @@ def check_previous_is_not_prompt(previous, prompt, where: str = "--previous is P
     if _same_path(previous, prompt):
         raise InputError(f"{where}: give OUT, the result of the run from PROMPT, as the earlier result and your "
                          "corrected copy of it as the edited one")
+
+
+def check_previous_is_not_edited(previous, edited, names=("--previous", "--edited"), again="with another -o") -> None:
+    """The earlier result and its corrected copy must be two files: the same one (a result corrected
+    in place) got advice to delete its record, then "nothing to update; correct the slices first"."""
+    if _same_path(previous, edited):
+        raise InputError(f"{names[0]} and {names[1]} are the same file: {names[0]} is the result as PAMSegment wrote "
+                         f"it, {names[1]} your corrected copy of it. If you corrected the result in place, run the "
+                         f"first propagation again {again} to get it back, and give that as {names[0]}")
 
 
 def _label_digest(array) -> str:

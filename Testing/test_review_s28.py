@@ -250,3 +250,33 @@ def test_a_mask_saved_by_a_script_without_geometry_is_refused_even_with_resample
     sitk.WriteImage(sitk.GetImageFromArray(ct_case.prompt[:, :20, :20]), str(small))
     with pytest.raises(InputError, match=r"^small.nii.gz is not on the image grid: size, spacing, origin"):
         read_labelmap(small, reference=image, resample_option="--resample-prompt")
+
+
+def test_the_same_file_as_previous_and_edited_is_named_so(tmp_path, ct_case, run_cli):
+    """A review (s28): a result corrected in place and given as both --previous and --edited got
+    advice to delete its record, then "nothing to update; correct the slices that are wrong
+    first", though the user had."""
+    out = tmp_path / "out.nii.gz"
+    proc = run_cli("propagate", ct_case.image_path, ct_case.prompt_path, "-o", out, "--method", "copy")
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("propagate", ct_case.image_path, ct_case.prompt_path, "-o", tmp_path / "out2.nii.gz",
+                   "--method", "copy", "--previous", out, "--edited", out)
+    assert proc.returncode == 2
+    assert proc.stderr == ("pamsegment: error: --previous and --edited are the same file: --previous is the result as "
+                           "PAMSegment wrote it, --edited your corrected copy of it. If you corrected the result in "
+                           "place, run the first propagation again with another -o to get it back, and give that as "
+                           "--previous\n")
+
+
+def test_a_batch_row_with_the_same_file_as_previous_and_edited_is_refused_before_any_work(tmp_path, ct_case, capsys):
+    from PAMSegmentLib.cli import main
+
+    out = tmp_path / "out.nii.gz"
+    assert main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out), "--method",
+                 "copy"]) == 0
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text(f"image,prompt,previous,edited\n{ct_case.image_path},{ct_case.prompt_path},{out},{out}\n")
+    capsys.readouterr()
+    assert main(["batch", str(manifest), "-o", str(tmp_path / "batch"), "--method", "copy"]) == 2
+    assert "cases.csv row 2: previous and edited are the same file" in capsys.readouterr().err
+    assert not (tmp_path / "batch").exists()
