@@ -565,9 +565,10 @@ def cmd_propagate(args: argparse.Namespace) -> int:
                          "of it (--edited)")
     if args.previous is not None:
         check_previous_is_not_prompt(args.previous, args.prompt)
-        check_previous_is_not_edited(args.previous, args.edited)
     inputs = [args.image, args.prompt] + [a for a in (args.previous, args.edited) if a is not None]
     _check_output_path(args.output, inputs)
+    if args.previous is not None:
+        check_previous_is_not_edited(args.previous, args.edited)
     # Every run writes its record beside OUT; an update needs one (its next round reads it), a plain
     # run of a name too long for one goes without (a correction round then predicts every slice).
     with_record = check_keyframes_record_path(args.output, required=args.edited is not None)
