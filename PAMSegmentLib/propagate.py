@@ -1973,6 +1973,13 @@ def keyframes_from_edits(prompt: np.ndarray, previous, edited: np.ndarray, *,
     if lost and new:
         raise InputError(f"the edited result holds label {new[0]} where the earlier one holds {lost[0]}: save your "
                          "corrections with the result's label values")
+    for lab in lost:  # a label gone whose voxels now hold another one: labels merged (saved as result > 0?)
+        taken = edit[prev == lab]
+        values, counts = np.unique(taken[taken != 0], return_counts=True)
+        if values.size and counts.max() >= 0.5 * taken.size:
+            raise InputError(f"the edited result holds no label {lab}: its voxels now hold label "
+                             f"{int(values[np.argmax(counts)])} (saved as a 0/1 mask?): save your corrections with "
+                             "the result's label values")
     if earlier is None and result is not None:
         earlier = _earlier_from_result(result, ax)
     earlier = _earlier_record(earlier)

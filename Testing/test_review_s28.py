@@ -280,3 +280,30 @@ def test_a_batch_row_with_the_same_file_as_previous_and_edited_is_refused_before
     assert main(["batch", str(manifest), "-o", str(tmp_path / "batch"), "--method", "copy"]) == 2
     assert "cases.csv row 2: previous and edited are the same file" in capsys.readouterr().err
     assert not (tmp_path / "batch").exists()
+
+
+def test_a_corrected_copy_saved_as_a_0_1_mask_is_named_so():
+    """A review (s28): a three-label result corrected and saved as result > 0 (labels merged into 1)
+    was told "label 1 would have 29 keyframes ... correct slices across axis 0 only", which the
+    user had done."""
+    import pytest
+
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.propagate import keyframes_from_edits
+
+    shape = (20, 30, 30)
+    previous = np.zeros(shape, np.uint8)
+    previous[2:18, 2:10, 2:10] = 1
+    previous[2:18, 12:20, 12:20] = 2
+    prompt = np.zeros(shape, np.uint8)
+    prompt[10] = previous[10]
+    edited = (previous > 0).astype(np.uint8)
+    edited[4][edited[4] == 1] = 0  # the one correction: label 1 erased on slice 4
+    with pytest.raises(InputError, match=r"^the edited result holds no label 2: its voxels now hold label 1 \(saved as "
+                                         r"a 0/1 mask\?\): save your corrections with the result's label values$"):
+        keyframes_from_edits(prompt, previous, edited)
+    # Erasing a whole label (its voxels now 0) is not a merge: that refusal stays as it was.
+    erased = previous.copy()
+    erased[erased == 2] = 0
+    with pytest.raises(InputError, match="label 2 is erased on every slice it was drawn or edited on"):
+        keyframes_from_edits(prompt, previous, erased)
