@@ -177,8 +177,18 @@ def read_arrays(body: bytes, max_voxels: int) -> tuple[np.ndarray, np.ndarray, t
                          f"{', '.join(sorted(n.removesuffix('.npy') for n in infos)) or 'nothing'}")
     if any(i.compress_type != zipfile.ZIP_STORED for i in infos.values()):
         raise InputError("the upload's arrays must be stored uncompressed (numpy.savez, not savez_compressed)")
+    try:
+        return _read_arrays(archive, want, max_voxels)
+    except InputError:
+        raise
+    except Exception as error:  # noqa: BLE001 - untrusted bytes: a bad CRC, an "encrypted" entry, a cut
+        # header (tokenize's error), a dimension of 2**70 (OverflowError): each was a 500 or a 503 before
+        raise InputError(f"the upload is damaged ({type(error).__name__}: {str(error)[:160]}); send it again") from None
+
+
+def _read_arrays(archive, want: set, max_voxels: int) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
     arrays = {}
-    for name in want:
+    for name in sorted(want):
         with archive.open(name) as fh:
             try:
                 version = np.lib.format.read_magic(fh)
@@ -211,6 +221,8 @@ def parse_options(text: str | None) -> dict:
         options = json.loads(text)
     except json.JSONDecodeError as error:
         raise InputError(f"options must be a JSON object ({error.msg})") from None
+    except ValueError as error:  # a number of thousands of digits (Python's int limit)
+        raise InputError(f"options must be a JSON object of plain values ({str(error)[:120]})") from None
     except RecursionError:  # '[' * 3000: a 500 and a traceback in the server's log before
         raise InputError("options must be a JSON object (nested too deeply)") from None
     if not isinstance(options, dict):

@@ -1070,3 +1070,47 @@ def test_a_server_lost_while_it_has_the_job_is_said_as_such(live_server, monkeyp
                                                        r"\(\[Errno 111\] Connection refused, asked again for 30 s\): "
                                                        r"it stopped or the network failed; nothing was written"):
         RemoteModel(url, token="tok", poll_interval=0.01).propagate(image, prompt, (1.0, 1.0, 1.0))
+
+
+def test_damaged_uploads_and_huge_numbers_are_a_400_with_a_reason(oracle_app):
+    """A review (s28): a bad CRC, an entry flagged encrypted, a cut .npy header and a dimension of
+    2**70 were answered 500 (a traceback in the log) or 503 ("queue full"); a 5000-digit number in
+    the options a 500."""
+    client, image, prompt, _ = oracle_app
+    good = npz(image=image, prompt=prompt, spacing=np.array([2.0, 1.0, 1.0]))
+    data = io.BytesIO()
+    np.save(data, image)
+    at = good.index(data.getvalue()[200:216])
+    bad_crc = bytearray(good)
+    bad_crc[at] ^= 0xFF
+    encrypted = bytearray(good)
+    for signature, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        j = 0
+        while (j := encrypted.find(signature, j)) >= 0:
+            encrypted[j + offset] |= 1
+            j += 4
+
+    def with_image(raw):
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as z:
+            z.writestr("image.npy", raw)
+            z.writestr("prompt.npy", npz_member(prompt))
+            z.writestr("spacing.npy", npz_member(np.array([2.0, 1.0, 1.0])))
+        return buf.getvalue()
+
+    cut = b"\x93NUMPY\x01\x00\x30\x00" + b"{'descr':'<f4','fortran_order':False,'shape':(-1,2,3)}".ljust(48)
+    head = ("{'descr':'<f4','fortran_order':False,'shape':(%d,0,3)}" % 2**70).ljust(118) + "\n"
+    huge = b"\x93NUMPY\x01\x00" + len(head).to_bytes(2, "little") + head.encode()
+    for body, reason in ((bytes(bad_crc), "BadZipFile: Bad CRC-32"), (bytes(encrypted), "is encrypted"),
+                         (with_image(cut), "TokenError"), (with_image(huge), "OverflowError")):
+        r = client.post("/jobs", content=body)
+        assert r.status_code == 400 and r.json()["detail"].startswith("the upload is damaged (")
+        assert reason in r.json()["detail"]
+    r = client.post("/jobs", params={"options": '{"axis": ' + "9" * 5000 + "}"}, content=good)
+    assert r.status_code == 400 and r.json()["detail"].startswith("options must be a JSON object of plain values")
+
+
+def npz_member(array):
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
