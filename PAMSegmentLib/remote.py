@@ -72,6 +72,17 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
 
 
 _OPENER = urllib.request.build_opener(_NoRedirects)
+UPLOAD_PIECE_BYTES = 1 << 20
+
+
+def _pieces(view: memoryview, cancel):
+    """``view`` in UPLOAD_PIECE_BYTES pieces; PropagationCancelled before a piece once ``cancel`` is
+    set (the connection is then closed mid-upload: the server makes no job of it)."""
+    view = view.cast("B")
+    for start in range(0, view.nbytes, UPLOAD_PIECE_BYTES):
+        if cancel.is_cancelled:
+            raise PropagationCancelled("cancelled")
+        yield view[start:start + UPLOAD_PIECE_BYTES]
 
 
 def _sleep(seconds: float, cancel=None) -> None:
@@ -154,8 +165,13 @@ class RemoteModel:
         self.token, self.timeout, self.poll_interval, self.method = token, float(timeout), float(poll_interval), method
         self.wait_when_busy, self.busy_interval = float(wait_when_busy), float(busy_interval)
 
-    def _request(self, method: str, path: str, body: bytes | memoryview | None = None) -> bytes:
-        req = urllib.request.Request(self.url + path, data=body, method=method)
+    def _request(self, method: str, path: str, body: bytes | memoryview | None = None, cancel=None) -> bytes:
+        """``cancel``: an upload is sent in pieces, looking at it between them (PropagationCancelled),
+        so that Cancel does not wait for a large volume to finish uploading over a slow link."""
+        data = body if body is None or cancel is None else _pieces(memoryview(body), cancel)
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        if data is not body:
+            req.add_header("Content-Length", str(memoryview(body).nbytes))
         if self.token:
             try:
                 str(self.token).encode("latin-1")
@@ -317,7 +333,8 @@ class RemoteModel:
         while True:
             query = urllib.parse.urlencode({"options": json.dumps(options)})
             try:  # getbuffer: the upload is sent from the buffer, not from a second full copy (getvalue)
-                job_id = self._json(self._request("POST", f"/jobs?{query}", buf.getbuffer()), ("id",))["id"]
+                job_id = self._json(self._request("POST", f"/jobs?{query}", buf.getbuffer(), cancel=cancel),
+                                    ("id",))["id"]
                 break
             except InputError as error:  # a server from before per-job drift tests, which lists no options
                 if "intensity_gate" not in options or "unknown option 'intensity_gate'" not in str(error):

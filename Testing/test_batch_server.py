@@ -153,10 +153,10 @@ def test_the_drift_test_is_set_per_job_on_a_server(copy_server, monkeypatch):
     sent = []
     real = RemoteModel._request
 
-    def spy(self, method, path, body=None):
+    def spy(self, method, path, body=None, **kw):
         if method == "POST":
             sent.append(path)
-        return real(self, method, path, body)
+        return real(self, method, path, body, **kw)
 
     monkeypatch.setattr(RemoteModel, "_request", spy)
     image = np.zeros((6, 8, 8), np.float32)

@@ -651,9 +651,9 @@ def _requests_of(monkeypatch):
     sent = []
     real = RemoteModel._request
 
-    def recording(self, method, path, body=None):
+    def recording(self, method, path, body=None, **kw):
         sent.append((method, path.split("?")[0]))
-        return real(self, method, path, body)
+        return real(self, method, path, body, **kw)
 
     monkeypatch.setattr(RemoteModel, "_request", recording)
     return sent
@@ -805,11 +805,11 @@ def _propagate_with_first_job_gets_failing(live_server, monkeypatch, errors):
     holder["model"] = OracleModel(truth)
     real, failed = RemoteModel._request, []
 
-    def flaky(self, method, path, body=None):
+    def flaky(self, method, path, body=None, **kw):
         if method == "GET" and path.startswith("/jobs/") and len(failed) < len(errors):
             failed.append(path)
             raise errors[len(failed) - 1]
-        return real(self, method, path, body)
+        return real(self, method, path, body, **kw)
 
     monkeypatch.setattr(RemoteModel, "_request", flaky)
     result = RemoteModel(url, token="tok", poll_interval=0.01).propagate(image, prompt, (2.0, 1.0, 1.0))
