@@ -754,11 +754,13 @@ def check_keyframes_record_path(out: str | os.PathLike, required: bool = True) -
 
 def check_record_replaceable(out: str | os.PathLike) -> None:
     """Before any work: OUT's record is not a protected file (chmod a-w: kept, as a protected OUT
-    is; it was replaced), and, a link, one whose folder takes it (it is written through)."""
-    from .volumes import check_link_target, check_not_read_only
+    is; it was replaced), and, a link, one to a record (another ``*.keyframes.json``: a link planted
+    at the record's name onto ~/.bashrc had it replaced by the record) whose folder takes it (it is
+    written through)."""
+    from .volumes import check_link_target, check_writable_output
 
     record = keyframes_record_path(out)
-    check_not_read_only(record)
+    check_writable_output(record, (KEYFRAMES_SUFFIX,))
     check_link_target(record)
 
 
@@ -955,7 +957,7 @@ def keyframes_record_writer(result, plan=None) -> Callable[[Path], None]:
 def _check_report_path(report: str, others: Sequence[str]) -> None:
     """Fail before any work if the --report table could not be written or would replace a file
     the command reads or writes."""
-    from .volumes import check_folder_writable, check_link_target, check_name_length, check_not_read_only
+    from .volumes import check_folder_writable, check_link_target, check_name_length, check_writable_output
 
     target = Path(report)
     check_name_length(target)
@@ -971,7 +973,8 @@ def _check_report_path(report: str, others: Sequence[str]) -> None:
         raise InputError(f"folder {parent} of --report does not exist; create it or choose another path")
     check_folder_writable(parent, "--report")
     check_link_target(target)
-    check_not_read_only(target)  # a protected table (chmod a-w) is kept, as a protected OUT is (it was replaced)
+    # a protected table (chmod a-w) is kept, as a protected OUT is (it was replaced); a link, only onto a table
+    check_writable_output(target, (".csv",))
 
 
 def write_slice_report(result, path: str | os.PathLike, voxels=None) -> None:

@@ -366,3 +366,29 @@ def test_cancel_during_a_slow_upload_stops_it():
     finally:
         server.shutdown()
     assert posted == []
+
+
+def test_a_link_planted_at_the_record_or_report_name_is_not_written_through(tmp_path, ct_case, run_cli):
+    """A review (s28): OUT is written through a link only onto a file of an output format, but a
+    link planted at OUT.keyframes.json (a shared folder) onto ~/.bashrc had that file replaced by
+    the record, exit 0; --report's table likewise."""
+    victim = tmp_path / "bashrc"
+    victim.write_text("export PATH=/usr/bin\n")
+    out = tmp_path / "res.nii.gz"
+    (tmp_path / "res.nii.gz.keyframes.json").symlink_to(victim)
+    proc = run_cli("propagate", ct_case.image_path, ct_case.prompt_path, "-o", out, "--method", "copy")
+    assert proc.returncode == 2 and "res.nii.gz.keyframes.json is a symbolic link to" in proc.stderr
+    assert victim.read_text() == "export PATH=/usr/bin\n" and not out.exists()
+    (tmp_path / "table.csv").symlink_to(victim)
+    proc = run_cli("propagate", ct_case.image_path, ct_case.prompt_path, "-o", tmp_path / "other.nii.gz",
+                   "--method", "copy", "--report", tmp_path / "table.csv")
+    assert proc.returncode == 2 and "table.csv is a symbolic link to" in proc.stderr
+    assert victim.read_text() == "export PATH=/usr/bin\n"
+    # a link onto another record is written through, as a link onto an image is for OUT
+    elsewhere = tmp_path / "kept"
+    elsewhere.mkdir()
+    (tmp_path / "two.nii.gz.keyframes.json").symlink_to(elsewhere / "two.nii.gz.keyframes.json")
+    proc = run_cli("propagate", ct_case.image_path, ct_case.prompt_path, "-o", tmp_path / "two.nii.gz",
+                   "--method", "copy")
+    assert proc.returncode == 0, proc.stderr
+    assert (elsewhere / "two.nii.gz.keyframes.json").read_text().startswith("{")
