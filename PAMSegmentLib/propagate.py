@@ -429,6 +429,8 @@ class PropagationResult:
 
 def _label_text(lab: int, names: dict[int, str] | None) -> str:
     name = (names or {}).get(lab)
+    if name and len(name) > 60:  # a summary line, not the whole name (a .seg.nrrd may hold 999 characters)
+        name = name[:57] + "..."
     return f"label {lab}" + (f" ({name})" if name else "")
 
 

@@ -2073,6 +2073,9 @@ def check_geometry_fits(direction: Sequence[float], path: PathLike) -> None:
                          f"NIfTI cannot store; write {Path(path).name.split('.')[0]}.nrrd or .mha instead")
 
 
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
 def seg_nrrd_segments(path: PathLike) -> dict[int, dict[str, str]]:
     """The segments a Slicer .seg.nrrd names, by label value: {value: {"ID", "Name", "Color"}}
     (from its header; {} for another file or one whose fields are missing or odd), so that a
@@ -2096,7 +2099,9 @@ def seg_nrrd_segments(path: PathLike) -> dict[int, dict[str, str]]:
                 value = int(fields.pop("LabelValue"))
             except ValueError:
                 continue  # this segment's fields are odd: it is named by its label
-            fields = {k: v for k, v in fields.items() if "\n" not in v and "\r" not in v and 0 < len(v) < 1000}
+            # a field with control characters (an ESC sequence clears or retitles the terminal the summary is
+            # printed on) or bidirectional overrides (text shown other than it reads) is left out
+            fields = {k: v for k, v in fields.items() if 0 < len(v) < 1000 and not _UNPRINTABLE.search(v)}
             try:
                 rgb = [float(c) for c in fields.get("Color", "").split()]
             except ValueError:

@@ -392,3 +392,24 @@ def test_a_link_planted_at_the_record_or_report_name_is_not_written_through(tmp_
                    "--method", "copy")
     assert proc.returncode == 0, proc.stderr
     assert (elsewhere / "two.nii.gz.keyframes.json").read_text().startswith("{")
+
+
+def test_segment_names_with_control_characters_are_not_printed_or_copied(tmp_path, ct_case):
+    """A review (s28): a .seg.nrrd segment name holding ESC sequences cleared the terminal and
+    printed fake text in the summary, and was copied into the output's header. Such a field is left
+    out (the segment is named by its label); a long name is shortened in summaries."""
+    import SimpleITK as sitk
+
+    from PAMSegmentLib import volumes
+    from PAMSegmentLib.propagate import _label_text
+
+    prompt = sitk.ReadImage(str(ct_case.prompt_path))
+    for key, value in {"Segment0_ID": "s0", "Segment0_Name": "liver\x1b[2J\x1b]0;owned\x07", "Segment0_LabelValue": "1",
+                       "Segment1_ID": "s1", "Segment1_Name": "spleen \u202egnp.exe", "Segment1_LabelValue": "2",
+                       "Segment2_ID": "s2", "Segment2_Name": "Leber (rechts) \u00e9", "Segment2_LabelValue": "3"}.items():
+        prompt.SetMetaData(key, value)
+    seg = tmp_path / "odd.seg.nrrd"
+    sitk.WriteImage(prompt, str(seg))
+    assert volumes.seg_nrrd_segments(seg) == {1: {"ID": "s0"}, 2: {"ID": "s1"},
+                                               3: {"ID": "s2", "Name": "Leber (rechts) \u00e9"}}
+    assert _label_text(4, {4: "x" * 999}) == "label 4 (" + "x" * 57 + "...)"
