@@ -871,6 +871,27 @@ def _read_keyframes_record(path: Path, previous, option_axis, name: str = "--pre
     return labels, record["axis"], record.get("result")
 
 
+def _check_prompt_axis(prompt, axis: int, labels, name: str) -> None:
+    """InputError when PROMPT is drawn across another axis than the one the run that made the
+    earlier result walked along (its record's): it is not that run's prompt. Following the engine's
+    own advice (--axis) then met "the earlier rounds propagated along axis B: drop --axis"."""
+    from .propagate import find_prompt_slices
+
+    try:
+        find_prompt_slices(prompt, axis=axis, labels=labels)
+        return  # drawn across that axis (or so it may be read: a line lies in two planes)
+    except InputError:
+        pass
+    try:
+        own, _ = find_prompt_slices(prompt, labels=labels)
+    except InputError:
+        return  # the update's own check names what is wrong with it
+    if own != axis:
+        what = "PROMPT" if name.startswith("--") else "the row's prompt"
+        raise InputError(f"{what} is drawn across axis {own}, but {name} was propagated along axis {axis} (its record "
+                         f"says so): give the prompt of the run that made {name}")
+
+
 def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=None, slice_range=None,
                 empty_slices=None, resample: bool = False, say: Callable[[str], None] = print,
                 names: tuple[str, str] = ("--previous", "--edited")):
@@ -897,7 +918,10 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
                         say(f"note: {option}: {w.message}")
     earlier, no_record, stored = {}, None, None
     if keyframes_record_exists(previous_path):  # the earlier run's keyframes and walls, and its walks
+        given_axis = axis
         earlier, axis, stored = _read_keyframes_record(keyframes_record_path(previous_path), maps[0], axis, names[0])
+        if given_axis is None:  # the axis is the record's: a prompt drawn across another is not that run's
+            _check_prompt_axis(prompt.array, axis, labels, names[0])
     else:  # made by a version before records, or copied or moved without its record
         no_record = (f"note: {names[0]} has no record beside it ({keyframes_record_path(previous_path).name}, "
                      "which every run writes beside its output): every slice is predicted again, and if "

@@ -413,3 +413,36 @@ def test_segment_names_with_control_characters_are_not_printed_or_copied(tmp_pat
     assert volumes.seg_nrrd_segments(seg) == {1: {"ID": "s0"}, 2: {"ID": "s1"},
                                                3: {"ID": "s2", "Name": "Leber (rechts) \u00e9"}}
     assert _label_text(4, {4: "x" * 999}) == "label 4 (" + "x" * 57 + "...)"
+
+
+def test_a_prompt_drawn_across_another_axis_than_the_earlier_run_is_named_so(tmp_path, ct_case, run_cli):
+    """A review (s28): the wrong PROMPT (drawn across axis 0) with --previous from a run along axis
+    1 was told to use --axis 0, and then "--axis 0, but the earlier rounds propagated along axis 1:
+    drop --axis": a loop, neither message naming the record."""
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(ct_case.image_path))
+    coronal = np.zeros(ct_case.truth.shape, np.uint8)
+    coronal[:, 20, :] = ct_case.truth[:, 20, :]
+    across_1 = tmp_path / "coronal.nii.gz"
+    written = sitk.GetImageFromArray(coronal)
+    written.CopyInformation(image)
+    sitk.WriteImage(written, str(across_1))
+    out = tmp_path / "out.nii.gz"
+    proc = run_cli("propagate", ct_case.image_path, across_1, "-o", out, "--method", "copy")
+    assert proc.returncode == 0 and "(axis 1," in proc.stdout, proc.stdout + proc.stderr
+    edited = sitk.ReadImage(str(out))
+    array = sitk.GetArrayFromImage(edited)
+    rows = np.flatnonzero(array.any(axis=(0, 2)))
+    array[:, rows[-1], :] = 0  # the last coronal slice erased
+    corrected = sitk.GetImageFromArray(array)
+    corrected.CopyInformation(edited)
+    sitk.WriteImage(corrected, str(tmp_path / "edited.nii.gz"))
+    proc = run_cli("propagate", ct_case.image_path, ct_case.prompt_path, "-o", tmp_path / "upd.nii.gz", "--method",
+                   "copy", "--previous", out, "--edited", tmp_path / "edited.nii.gz")
+    assert proc.returncode == 2
+    assert proc.stderr == ("pamsegment: error: PROMPT is drawn across axis 0, but --previous was propagated along "
+                           "axis 1 (its record says so): give the prompt of the run that made --previous\n")
+    proc = run_cli("propagate", ct_case.image_path, across_1, "-o", tmp_path / "upd.nii.gz", "--method", "copy",
+                   "--previous", out, "--edited", tmp_path / "edited.nii.gz")
+    assert proc.returncode == 0, proc.stderr
