@@ -440,10 +440,12 @@ def _json_floats(values) -> list:
 
 
 def _floats_from_json(values, n: int, what: str) -> np.ndarray:
+    """A record's per-slice confidence or agreement: ``n`` numbers from 0 to 1 or nulls (1e308 passed
+    as finite and became inf, with numpy's overflow warning, review s28)."""
     if not (isinstance(values, list) and len(values) == n
-            and all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+            and all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0)
                     for v in values)):
-        raise ValueError(f"{what} is not {n} numbers (or nulls)")
+        raise ValueError(f"{what} is not {n} numbers from 0 to 1 (or nulls)")
     return np.array([np.nan if v is None else v for v in values], dtype=np.float32)
 
 

@@ -191,7 +191,8 @@ def _record_without_digest(path):
                       "and give again any --empty-slices of the run that made it)"),
     # its keyframes are sound but the part about its walks is damaged
     (_record_with_damaged_result, "note: the record of first.nii.gz cannot tell which of its walks still hold (label "
-                                  "1's confidence is not 20 numbers (or nulls)): every slice is predicted again"),
+                                  "1's confidence is not 20 numbers from 0 to 1 (or nulls)): every slice is predicted "
+                                  "again"),
     (_record_whose_walks_disagree, "note: the record of first.nii.gz cannot tell which of its walks still hold (its "
                                    "walks' keyframes are not the record's): every slice is predicted again"),
     (_record_without_digest, "note: the record of first.nii.gz cannot tell which of its walks still hold (its "

@@ -446,3 +446,21 @@ def test_a_prompt_drawn_across_another_axis_than_the_earlier_run_is_named_so(tmp
     proc = run_cli("propagate", ct_case.image_path, across_1, "-o", tmp_path / "upd.nii.gz", "--method", "copy",
                    "--previous", out, "--edited", tmp_path / "edited.nii.gz")
     assert proc.returncode == 0, proc.stderr
+
+
+def test_a_record_confidence_outside_0_to_1_is_not_taken():
+    """A review (s28): a record's confidence of 1e308 passed as finite, became inf in float32 and
+    numpy printed its overflow warning; a confidence or agreement is a number from 0 to 1."""
+    import warnings
+
+    import pytest
+
+    from PAMSegmentLib.propagate import _floats_from_json
+
+    assert np.array_equal(_floats_from_json([0.0, None, 1.0, 0.25], 4, "c"), np.array([0, np.nan, 1, 0.25],
+                                                                                       np.float32), equal_nan=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for bad in (1e308, -0.1, 1.5, float("nan")):
+            with pytest.raises(ValueError, match="^c is not 2 numbers from 0 to 1 \\(or nulls\\)$"):
+                _floats_from_json([0.5, bad], 2, "c")
