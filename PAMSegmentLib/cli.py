@@ -826,6 +826,8 @@ def _read_keyframes_record(path: Path, previous, option_axis, name: str = "--pre
     checked against it: ({"label": {...}}, axis, its ``result`` part or None), keys as
     ``EditPlan.record()`` writes them; the result part (version 2) as stored, checked by
     ``PropagationResult.from_record`` when used."""
+    import numpy as np
+
     where = f"{path} (the record of the run that wrote {name})"
     try:
         if path.stat().st_size > 64 * 2**20:
@@ -865,6 +867,11 @@ def _read_keyframes_record(path: Path, previous, option_axis, name: str = "--pre
             raise refuse(f"label {key}'s slice {bad} is outside the {n_slices} slices along axis {record['axis']}")
         if set(value["keyframes"]) & set(value["walls"]):
             raise refuse(f"label {key} has slices that are both keyframes and walls")
+        # a wall is a slice the run left empty for its label: one holding it in the result is no wall
+        # (taken as one, such a slice silently became a keyframe of the update)
+        held = next((s for s in value["walls"] if (np.take(previous, s, axis=record["axis"]) == int(key)).any()), None)
+        if held is not None:
+            raise refuse(f"label {key}'s empty slice {held} holds that label in {name}")
     if option_axis is not None and option_axis != record["axis"]:
         raise InputError(f"--axis {option_axis}, but the earlier rounds propagated along axis {record['axis']}: drop "
                          "--axis")

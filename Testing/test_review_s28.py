@@ -464,3 +464,30 @@ def test_a_record_confidence_outside_0_to_1_is_not_taken():
         for bad in (1e308, -0.1, 1.5, float("nan")):
             with pytest.raises(ValueError, match="^c is not 2 numbers from 0 to 1 \\(or nulls\\)$"):
                 _floats_from_json([0.5, bad], 2, "c")
+
+
+def test_a_record_whose_empty_slice_holds_the_label_is_refused(tmp_path, ct_case, run_cli):
+    """A review (s28): a record (checksum matching OUT) listing as a wall a slice where OUT holds the
+    label made that slice a keyframe of the update without a word."""
+    import json
+
+    import SimpleITK as sitk
+
+    out = tmp_path / "out.nii.gz"
+    assert run_cli("propagate", ct_case.image_path, ct_case.prompt_path, "-o", out, "--method", "copy").returncode == 0
+    result = sitk.ReadImage(str(out))
+    array = sitk.GetArrayFromImage(result)
+    held = [int(k) for k in np.flatnonzero(array.any(axis=(1, 2))) if k != ct_case.prompt_slice]
+    edited = array.copy()
+    edited[held[-1]] = 0
+    corrected = sitk.GetImageFromArray(edited)
+    corrected.CopyInformation(result)
+    sitk.WriteImage(corrected, str(tmp_path / "edited.nii.gz"))
+    record_path = tmp_path / "out.nii.gz.keyframes.json"
+    record = json.loads(record_path.read_text())
+    record["labels"]["1"]["walls"] = [held[0]]
+    record_path.write_text(json.dumps(record))
+    proc = run_cli("propagate", ct_case.image_path, ct_case.prompt_path, "-o", tmp_path / "upd.nii.gz", "--method",
+                   "copy", "--previous", out, "--edited", tmp_path / "edited.nii.gz")
+    assert proc.returncode == 2
+    assert f"cannot be read (label 1's empty slice {held[0]} holds that label in --previous)" in proc.stderr
