@@ -32,7 +32,7 @@ HOMEPAGE_URL = "https://github.com/pamsegment/SlicerPAMSegment"
 # (import name, pip requirement): the runtime part of pyproject.toml's [project.dependencies];
 # numpy and SimpleITK ship with Slicer. Testing/test_module_static.py keeps the bounds in step.
 RUNTIME_REQUIREMENTS = (
-    ("torch", "torch>=2.1"),
+    ("torch", "torch>=2.3"),
     ("dynamic_network_architectures", "dynamic-network-architectures>=0.3.1,<0.4.1"),
     ("cc3d", "connected-components-3d>=3.12"),
 )

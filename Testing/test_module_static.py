@@ -1315,7 +1315,7 @@ def test_panel_with_a_server_does_not_ask_for_torch(panel, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
     asked = []
     monkeypatch.setattr(_slicer().util, "confirmOkCancelDisplay", lambda text, **kw: asked.append(text) or False)
-    assert panel.ensureRequirements() is False and "torch>=2.1" in asked[0]  # the network needs it
+    assert panel.ensureRequirements() is False and "torch>=2.3" in asked[0]  # the network needs it
     panel.ui.serverModelRadioButton.setChecked(True)
     assert panel.ensureRequirements() is True and len(asked) == 1  # a server does not
     panel.ui.trackModelRadioButton.setChecked(True)
@@ -1352,15 +1352,15 @@ def test_an_older_torch_counts_as_missing_and_is_named(panel, drawn, monkeypatch
     torch = pytest.importorskip("torch")
     logic = panel.logic
     monkeypatch.setattr(torch, "__version__", "2.0.1")  # the loaded module's version is the one that runs
-    assert logic.missingRequirements() == [("torch", "torch>=2.1")]
+    assert logic.missingRequirements() == [("torch", "torch>=2.3")]
     assert logic.missingRequirements(network=False) == []  # tracking and a server need no torch
-    assert logic.requirementText("torch", "torch>=2.1") == "torch>=2.1 (2.0.1 installed)"
+    assert logic.requirementText("torch", "torch>=2.3") == "torch>=2.3 (2.0.1 installed)"
     _, _, segmentation, _ = drawn
     panel.ui.segmentationSelector.setCurrentNode(segmentation)
     panel.promptRefreshTimer.fire()
-    assert panel.ui.promptLabel.text == "PAMSegment needs torch>=2.1 (2.0.1 installed); Propagate offers to update."
+    assert panel.ui.promptLabel.text == "PAMSegment needs torch>=2.3 (2.0.1 installed); Propagate offers to update."
     monkeypatch.setattr(torch, "__version__", "2.13.0+cpu")  # a local build tag is still 2.13
-    assert logic.missingRequirements() == [] and logic.requirementText("torch", "torch>=2.1") == "torch>=2.1"
+    assert logic.missingRequirements() == [] and logic.requirementText("torch", "torch>=2.3") == "torch>=2.3"
     # A newer package than the upper pin (another extension's dynamic-network-architectures) is not
     # offered a downgrade (a review: the panel said "needs <0.4.1" and pip-installed the old one)
     dna = "dynamic-network-architectures>=0.3.1,<0.4.1"
@@ -1403,14 +1403,14 @@ def test_logic_installs_torch_through_the_pytorch_extension(module, monkeypatch)
     monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic))
     monkeypatch.setattr(_slicer().util, "pip_install", lambda spec: calls.append(("pip", spec)))
     module.PAMSegmentLogic.installRequirements(list(module.RUNTIME_REQUIREMENTS))
-    assert calls == [("installTorch", False, ">=2.1"),  # not a second question: the panel asked
+    assert calls == [("installTorch", False, ">=2.3"),  # not a second question: the panel asked
                      ("pip", "dynamic-network-architectures>=0.3.1,<0.4.1"),
                      ("pip", "connected-components-3d>=3.12")]
 
     calls.clear()
     monkeypatch.setitem(sys.modules, "PyTorchUtils", None)  # extension absent: plain pip
     module.PAMSegmentLogic.installRequirements([module.RUNTIME_REQUIREMENTS[0]])
-    assert calls == [("pip", "torch>=2.1")]
+    assert calls == [("pip", "torch>=2.3")]
 
 
 def test_self_test_without_the_packages_skips_or_installs_them(module, monkeypatch):
@@ -1430,7 +1430,7 @@ def test_self_test_without_the_packages_skips_or_installs_them(module, monkeypat
     shown = []
     monkeypatch.setattr(_slicer().util, "warningDisplay", lambda text, **kw: shown.append(text), raising=False)
     test.runTest()  # Reload and Test: a message box saying what to do, no tests run, nothing installed
-    assert len(shown) == 1 and "did not run: its Python packages are not installed yet (torch>=2.1). Press " \
+    assert len(shown) == 1 and "did not run: its Python packages are not installed yet (torch>=2.3). Press " \
         "Propagate once" in shown[0]
     assert ran == [] and installed == []
     options.testingEnabled = True
