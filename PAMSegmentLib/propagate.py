@@ -700,6 +700,11 @@ def _drawn_slices(prompt: np.ndarray, present: list[int], axis: int | None, labe
         _, n_other, other = min(planes)
         if n_other > max_slices:
             continue
+        if (axis is not None or update) and n_other == 2 and thick[lab, other] == 2:
+            # Two adjacent slices of another plane, or an object 2 px thin drawn on 3+ adjacent slices
+            # of this one (a correction next to two drawn slices): the axis given decides (a review:
+            # the update was refused with advice to propagate along an axis nothing was drawn on).
+            continue
         others = [v for v in labels if v != lab]
         if not others:
             how = f"propagate it along axis {other} (--axis {other})"

@@ -491,3 +491,26 @@ def test_a_record_whose_empty_slice_holds_the_label_is_refused(tmp_path, ct_case
                    "copy", "--previous", out, "--edited", tmp_path / "edited.nii.gz")
     assert proc.returncode == 2
     assert f"cannot be read (label 1's empty slice {held[0]} holds that label in --previous)" in proc.stderr
+
+
+def test_a_thin_object_on_three_adjacent_keyframes_is_taken_along_the_axis_given():
+    """A review (s28): a 2 px thin object drawn on slices 7 and 8 was accepted, but correcting slice
+    9 of the result (three adjacent keyframes) was refused, "drawn on 2 slices along axis 2 ...
+    propagate it along axis 2": nothing was drawn along axis 2. With the axis given (or in an
+    update) such a drawing is that axis's keyframes; one slice of another plane is still refused."""
+    import pytest
+
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.propagate import find_prompt_slices
+
+    obj = np.zeros((16, 32, 32), bool)
+    obj[3:13, 10:17, 20:22] = True
+    prompt = np.zeros(obj.shape, np.uint8)
+    for k in (7, 8, 9):
+        prompt[k][obj[k]] = 1
+    assert find_prompt_slices(prompt, axis=0) == (0, {1: [7, 8, 9]})
+    assert find_prompt_slices(prompt, axis=0, update=True) == (0, {1: [7, 8, 9]})
+    coronal = np.zeros(obj.shape, np.uint8)
+    coronal[2:9, 12, 5:20] = 1  # one coronal slice, with axis 0 given: still refused
+    with pytest.raises(InputError, match="label 1 is drawn on 1 slice along axis 1 but crosses 7 slices along axis 0"):
+        find_prompt_slices(coronal, axis=0)
