@@ -821,6 +821,24 @@ def _write_keyframes_record(path: Path, result, plan=None) -> None:
         json.dump(record, fh, allow_nan=False)
 
 
+def _matching_record_kept_aside(path: Path, previous) -> Path | None:
+    """The earlier record ``replace_together`` sets aside while it moves a run's files in
+    (``.pamsegment-<id>-<n>.old.json`` beside ``path``), when one is left behind (the run was killed
+    between the two moves: a new record beside the old output) and it matches ``previous``."""
+    digest = None
+    for kept in sorted(path.parent.glob(".pamsegment-*.old.json")):
+        try:
+            record = json.loads(kept.read_text(encoding="utf-8")) if kept.stat().st_size <= 64 * 2**20 else None
+        except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+            continue
+        if isinstance(record, dict) and record.get("format") == _KEYFRAMES_FORMAT \
+                and record.get("shape") == list(previous.shape):
+            digest = digest or _label_digest(previous)
+            if record.get("sha256") == digest:
+                return kept
+    return None
+
+
 def _read_keyframes_record(path: Path, previous, option_axis, name: str = "--previous"):
     """The earlier rounds' keyframes beside the earlier result (``name``: what the user called it),
     checked against it: ({"label": {...}}, axis, its ``result`` part or None), keys as
@@ -849,6 +867,10 @@ def _read_keyframes_record(path: Path, previous, option_axis, name: str = "--pre
         raise InputError(f"{where} cannot be read ({type(exc).__name__}: {str(exc)[:200]}); delete it to keep only "
                          "the prompt's keyframes") from None
     if record.get("shape") != list(previous.shape) or record.get("sha256") != _label_digest(previous):
+        kept = _matching_record_kept_aside(path, previous)
+        if kept is not None:  # a run killed between moving its record and its output in (kill -9, power loss)
+            raise InputError(f"{where} does not match {name}, but {kept.name} beside it, the record an interrupted "
+                             f"run set aside, does: rename {kept.name} to {path.name} and run again")
         raise InputError(f"{where} does not match {name}, which has changed since it was written: give that "
                          f"update's unchanged output as {name} (and correct a copy of it), or delete "
                          f"{path.name} to keep only the prompt's keyframes")

@@ -514,3 +514,31 @@ def test_a_thin_object_on_three_adjacent_keyframes_is_taken_along_the_axis_given
     coronal[2:9, 12, 5:20] = 1  # one coronal slice, with axis 0 given: still refused
     with pytest.raises(InputError, match="label 1 is drawn on 1 slice along axis 1 but crosses 7 slices along axis 0"):
         find_prompt_slices(coronal, axis=0)
+
+
+def test_a_run_killed_between_its_two_moves_names_the_record_it_set_aside(tmp_path, ct_case, run_cli):
+    """A review (s28): kill -9 between moving the record in and moving OUT in left a new record
+    beside the old OUT, and the old record as a hidden .pamsegment-*.old.json; the next round said
+    OUT "has changed since it was written" and advised deleting the record (losing earlier rounds)."""
+    import shutil
+
+    import SimpleITK as sitk
+
+    out, other = tmp_path / "out.nii.gz", tmp_path / "other.nii.gz"
+    for target, extra in ((out, []), (other, ["--range", "6:14"])):
+        proc = run_cli("propagate", ct_case.image_path, ct_case.prompt_path, "-o", target, "--method", "copy", *extra)
+        assert proc.returncode == 0, proc.stderr
+    record = tmp_path / "out.nii.gz.keyframes.json"
+    shutil.copy(record, tmp_path / ".pamsegment-0123456789ab-0.old.json")  # what the killed run set aside
+    shutil.copy(tmp_path / "other.nii.gz.keyframes.json", record)  # and the record it moved in
+    result = sitk.ReadImage(str(out))
+    array = sitk.GetArrayFromImage(result)
+    array[np.flatnonzero(array.any(axis=(1, 2)))[-1]] = 0
+    edited = sitk.GetImageFromArray(array)
+    edited.CopyInformation(result)
+    sitk.WriteImage(edited, str(tmp_path / "edited.nii.gz"))
+    proc = run_cli("propagate", ct_case.image_path, ct_case.prompt_path, "-o", tmp_path / "next.nii.gz", "--method",
+                   "copy", "--previous", out, "--edited", tmp_path / "edited.nii.gz")
+    assert proc.returncode == 2
+    assert ("but .pamsegment-0123456789ab-0.old.json beside it, the record an interrupted run set aside, does: rename "
+            ".pamsegment-0123456789ab-0.old.json to out.nii.gz.keyframes.json and run again") in proc.stderr
