@@ -443,10 +443,11 @@ def _floats_from_json(values, n: int, what: str) -> np.ndarray:
     """A record's per-slice confidence or agreement: ``n`` numbers from 0 to 1 or nulls (1e308 passed
     as finite and became inf, with numpy's overflow warning, review s28)."""
     if not (isinstance(values, list) and len(values) == n
-            and all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0)
+            and all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and -1e-5 <= v <= 1 + 1e-5)
                     for v in values)):
         raise ValueError(f"{what} is not {n} numbers from 0 to 1 (or nulls)")
-    return np.array([np.nan if v is None else v for v in values], dtype=np.float32)
+    # (the engine accepts a predictor's probability up to 1 + 1e-6, so a record may hold 1.0000004)
+    return np.clip(np.array([np.nan if v is None else v for v in values], dtype=np.float32), 0.0, 1.0)
 
 
 def _whole_in(value, lo: int, hi: int) -> bool:
@@ -700,10 +701,13 @@ def _drawn_slices(prompt: np.ndarray, present: list[int], axis: int | None, labe
         _, n_other, other = min(planes)
         if n_other > max_slices:
             continue
-        if (axis is not None or update) and n_other == 2 and thick[lab, other] == 2:
-            # Two adjacent slices of another plane, or an object 2 px thin drawn on 3+ adjacent slices
-            # of this one (a correction next to two drawn slices): the axis given decides (a review:
-            # the update was refused with advice to propagate along an axis nothing was drawn on).
+        if (axis is not None or update) and n_other == 2 and thick[lab, other] == 2 and len(sl) == 3 \
+                and sl[-1] - sl[0] == 2:
+            # Two adjacent slices of another plane crossing three of this one, or an object 2 px thin
+            # drawn on 3 adjacent slices of this one (a correction next to two drawn slices): the
+            # axis given decides (a review: the update was refused with advice to propagate along an
+            # axis nothing was drawn on). Across more slices it is the other plane's drawing (an
+            # outline on two coronal slices crossing 7 axial ones became 7 keyframes of lines).
             continue
         others = [v for v in labels if v != lab]
         if not others:
@@ -754,26 +758,29 @@ def tilted_drawing(mask: np.ndarray, axis: int, drawn: Sequence[int]) -> tuple[i
 
 def _tilted_drawing(box: np.ndarray, start: int, ax: int, drawn: Sequence[int]) -> tuple[int, int] | None:
     """(first, last) when a label's drawn slices are one run of three or more adjacent slices and
-    most pairs of neighbours (all but fewer than half) overlap by less than TILTED_OVERLAP of the
-    smaller (in the slice plane): the bands one outline drawn on a plane tilted against the slices
-    leaves on each slice it crosses (Slicer's views are aligned with RAS, not with an oblique
-    volume; 3-7 bands at 10-30 degrees, 11-17 at 20-45 degrees on thin slices, where the small
-    pieces at the outline's two rounded ends may overlap their neighbours more than half, so one
-    such pair does not decide). Small structures on thick slices overlap their neighbours that
+    every pair of neighbours overlaps by less than TILTED_OVERLAP of the smaller (in the slice
+    plane), but for the two end pairs of four or more slices: the bands one outline drawn on a
+    plane tilted against the slices leaves on each slice it crosses (Slicer's views are aligned
+    with RAS, not with an oblique volume; 3-7 bands at 10-30 degrees, 11-17 at 20-45 degrees on thin
+    slices, where the small pieces at the outline's two rounded ends may overlap their neighbours
+    more than half). An inner pair that overlaps well is drawn on purpose (keyframes). Small structures on thick slices overlap their neighbours that
     little too (a third of the neighbouring slice pairs in the 3-4 mm brain cases), so the Slicer
     module asks this only of a drawing on an oblique volume; the engine does not refuse on it. None
     otherwise."""
     if len(drawn) < 3 or drawn[-1] - drawn[0] != len(drawn) - 1:
         return None
     planes = np.moveaxis(box, ax, 0)
-    overlapping = 0
+    overlapping = []
     for a, b in zip(drawn, drawn[1:]):
         pa, pb = planes[a - start], planes[b - start]
         smaller = min(int(pa.sum()), int(pb.sum()))
         if not smaller:
             return None
-        overlapping += np.count_nonzero(pa & pb) >= TILTED_OVERLAP * smaller
-    return (drawn[0], drawn[-1]) if 2 * overlapping < len(drawn) - 1 else None
+        overlapping.append(np.count_nonzero(pa & pb) >= TILTED_OVERLAP * smaller)
+    # the pairs that decide: all of them for three slices, else all but the two end pairs (where
+    # an outline's small rounded end pieces may overlap their neighbours more than half)
+    deciding = overlapping if len(overlapping) <= 2 else overlapping[1:-1]
+    return (drawn[0], drawn[-1]) if not any(deciding) else None
 
 
 def window_slices(slice_spacing: float, predictor: SlicePredictor) -> int:

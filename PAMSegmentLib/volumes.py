@@ -1194,11 +1194,16 @@ def _never_resampled(name: str, labels: Volume, reference: Volume, diffs: list[s
     drawn on slice 60 to slice 93, exit 0): one of the image's size without a position in its
     header, or the image's grid with x and y flipped (RAS written as LPS). None otherwise."""
     unplaced = _no_position(path) if path is not None and labels.shape == reference.shape else None
-    if not unplaced and labels.shape == reference.shape and _writer_default(labels) and not _writer_default(reference):
+    if (not unplaced and labels.shape == reference.shape and _writer_default(labels)
+            and not (np.allclose(reference.spacing_ijk, 1.0, rtol=0, atol=1e-9)
+                     and np.allclose(reference.origin, 0.0, rtol=0, atol=1e-9))):
+        # (an image of 1 mm voxels at origin 0 in other axes, a sagittal one, say, may have a drawing on
+        # its axial reformat, whose grid is this: resampled as asked)
         unplaced = ("voxel size 1, origin 0 and plain axes: what SimpleITK's GetImageFromArray or nibabel's "
                     "np.eye(4) affine writes when no geometry is given")
     if unplaced:  # resampling would place it by the origin and axes ITK made up: not where it was drawn
-        return InputError(f"{name} has the image's size but no position in space in its header ({unplaced}), so it "
+        how = "only a script's default position" if unplaced.startswith("voxel size 1") else "no position in space"
+        return InputError(f"{name} has the image's size but {how} in its header ({unplaced}), so it "
                           f"cannot be placed on the image ({option} would put it in the wrong place). If it "
                           "was drawn on this image's voxels, save it with the image's geometry (SimpleITK: "
                           "mask.CopyInformation(image); nibabel: Nifti1Image(data, image.affine)) and try again")

@@ -241,7 +241,7 @@ def test_a_mask_saved_by_a_script_without_geometry_is_refused_even_with_resample
     nib.save(nib.Nifti1Image(np.ascontiguousarray(ct_case.prompt.transpose(2, 1, 0)), np.eye(4)), str(eye))
     for path in (plain, eye):
         for resample in (False, True):
-            with pytest.raises(InputError, match=r"has the image's size but no position in space in its header "
+            with pytest.raises(InputError, match=r"has the image's size but only a script's default position in its header "
                                                  r"\(voxel size 1, origin 0 and plain axes: what SimpleITK's "
                                                  r"GetImageFromArray or nibabel's np.eye\(4\) affine writes"):
                 read_labelmap(path, reference=image, resample=resample, resample_option="--resample-prompt")
@@ -542,3 +542,47 @@ def test_a_run_killed_between_its_two_moves_names_the_record_it_set_aside(tmp_pa
     assert proc.returncode == 2
     assert ("but .pamsegment-0123456789ab-0.old.json beside it, the record an interrupted run set aside, does: rename "
             ".pamsegment-0123456789ab-0.old.json to out.nii.gz.keyframes.json and run again") in proc.stderr
+
+
+def test_review_s28_diff_regressions_are_mended():
+    """The review of this session's own fixes: (1) with --axis given, an outline on two adjacent
+    coronal slices crossing 7 axial ones was taken as 7 keyframes of lines (the thin-object
+    exception applies to 3 adjacent slices only); (2) deliberate keyframes on 4 adjacent slices of
+    an oblique volume whose inner pair overlaps well were refused as a tilted outline (only the two
+    end pairs may overlap); (3) a record's confidence of 1.0000004, which the engine itself writes
+    for a predictor's 1 + 1e-6, was refused."""
+    import pytest
+
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.propagate import _floats_from_json, find_prompt_slices, tilted_drawing
+
+    two_coronal = np.zeros((24, 32, 32), np.uint8)
+    two_coronal[10:17, 12:14, 5:25] = 1
+    with pytest.raises(InputError, match="drawn on 2 slices along axis 1 but crosses 7 slices along axis 0"):
+        find_prompt_slices(two_coronal, axis=0)
+    keyframes = np.zeros((24, 40, 40), np.uint8)
+    keyframes[11:13, 10:20, 20:30] = 1  # the inner pair: the same section on slices 11 and 12
+    keyframes[10, 10:20, 5:12] = 1  # overlapping slice 11 not at all
+    keyframes[13, 10:20, 28:35] = 1  # overlapping slice 12 by 2 of 7 columns
+    assert tilted_drawing(keyframes, 0, [10, 11, 12, 13]) is None  # slices 11 and 12 overlap fully
+    assert np.allclose(_floats_from_json([1.0000004, 0.5], 2, "c"), [1.0, 0.5])
+
+
+def test_a_mask_on_the_reformat_of_a_1mm_origin_0_image_is_resampled_as_asked(tmp_path):
+    """The writer-default refusal (voxel size 1, origin 0, plain axes) is for masks beside an image
+    placed elsewhere; an image of 1 mm voxels at origin 0 in other axes (sagittal) has such a grid
+    as its axial reformat, and a mask drawn there is resampled as before (review of s28's diff)."""
+    import SimpleITK as sitk
+
+    from PAMSegmentLib.volumes import read_labelmap, read_volume
+
+    array = np.random.default_rng(0).normal(size=(16, 16, 16)).astype(np.float32)
+    image = sitk.GetImageFromArray(array)
+    image.SetDirection((0, 0, 1, 1, 0, 0, 0, 1, 0))  # axes permuted, 1 mm, origin 0
+    sitk.WriteImage(image, str(tmp_path / "sagittal.nii.gz"))
+    mask = np.zeros((16, 16, 16), np.uint8)
+    mask[8, 4:9, 5:11] = 1
+    sitk.WriteImage(sitk.GetImageFromArray(mask), str(tmp_path / "axial_mask.nii.gz"))  # plain axes, 1 mm, 0
+    labels = read_labelmap(tmp_path / "axial_mask.nii.gz", reference=read_volume(tmp_path / "sagittal.nii.gz"),
+                           resample=True)
+    assert int(labels.array.sum()) == 30
