@@ -976,7 +976,16 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
         return set(empty_slices.get(lab, ())) if isinstance(empty_slices, dict) else set(empty_slices or ())
 
     plan.empty_slices = {lab: sorted(set(w) | given(lab)) for lab, w in plan.empty_slices.items()}
-    check_request(plan.prompt, plan.axis, labels, slice_range, plan.empty_slices, True)  # refused before it is said
+    try:
+        check_request(plan.prompt, plan.axis, labels, slice_range, plan.empty_slices, True)  # refused before it is said
+    except InputError as error:
+        lo, hi = slice_range if slice_range is not None else (0, 0)
+        mine = any(not lo <= v <= hi for lab in plan.empty_slices for v in given(lab))  # the user's own, said as is
+        if slice_range is not None and earlier and not mine and "outside the range" in str(error):
+            # a keyframe or empty slice of an earlier round (the record's), not one the user gave now
+            raise InputError(f"{error} (it is one of the earlier rounds' slices, from the record beside "
+                             f"{Path(previous_path).name}): widen the range to include it, or drop the range") from None
+        raise
     for line in plan.describe():
         say(f"update: {line}")
     if no_record:

@@ -586,3 +586,38 @@ def test_a_mask_on_the_reformat_of_a_1mm_origin_0_image_is_resampled_as_asked(tm
     labels = read_labelmap(tmp_path / "axial_mask.nii.gz", reference=read_volume(tmp_path / "sagittal.nii.gz"),
                            resample=True)
     assert int(labels.array.sum()) == 30
+
+
+def test_an_earlier_rounds_slice_outside_range_is_said_to_come_from_the_record(tmp_path, ct_case, run_cli):
+    """A review (s28): an empty slice of an earlier round outside --range refused every later update
+    with --range: "empty slice N lies outside the range", though the user never gave slice N."""
+    import SimpleITK as sitk
+
+    def edited_copy(src, dst, change):
+        image = sitk.ReadImage(str(src))
+        array = sitk.GetArrayFromImage(image)
+        change(array)
+        out = sitk.GetImageFromArray(array)
+        out.CopyInformation(image)
+        sitk.WriteImage(out, str(dst))
+
+    base = ["--method", "copy"]
+    r1, r2 = tmp_path / "r1.nii.gz", tmp_path / "r2.nii.gz"
+    assert run_cli("propagate", ct_case.image_path, ct_case.prompt_path, "-o", r1, *base).returncode == 0
+    last = int(np.flatnonzero(sitk.GetArrayFromImage(sitk.ReadImage(str(r1))).any(axis=(1, 2)))[-1])
+    edited_copy(r1, tmp_path / "e1.nii.gz", lambda a: a.__setitem__(last, 0))
+    proc = run_cli("propagate", ct_case.image_path, ct_case.prompt_path, "-o", r2, *base, "--previous", r1,
+                   "--edited", tmp_path / "e1.nii.gz")
+    assert proc.returncode == 0, proc.stderr
+    k = ct_case.prompt_slice
+
+    def trim(a):  # the first row of the object on the slice after the drawn one, erased
+        a[k + 1][np.flatnonzero(a[k + 1].any(axis=1))[0]] = 0
+
+    edited_copy(r2, tmp_path / "e2.nii.gz", trim)
+    proc = run_cli("propagate", ct_case.image_path, ct_case.prompt_path, "-o", tmp_path / "r3.nii.gz", *base,
+                   "--previous", r2, "--edited", tmp_path / "e2.nii.gz", "--range", f"{k - 2}:{k + 2}")
+    assert proc.returncode == 2
+    assert proc.stderr == (f"pamsegment: error: empty slice {last} lies outside the range {k - 2}:{k + 2} along axis 0 "
+                           "(it is one of the earlier rounds' slices, from the record beside r2.nii.gz): widen the "
+                           "range to include it, or drop the range\n")
