@@ -2016,8 +2016,8 @@ def keyframes_from_edits(prompt: np.ndarray, previous, edited: np.ndarray, *,
         values, counts = np.unique(taken[taken != 0], return_counts=True)
         if values.size and counts.max() >= 0.5 * taken.size:
             raise InputError(f"the edited result holds no label {lab}: its voxels now hold label "
-                             f"{int(values[np.argmax(counts)])} (saved as a 0/1 mask?): save your corrections with "
-                             "the result's label values")
+                             f"{int(values[np.argmax(counts)])} (labels merged, as when saved as result > 0?): save "
+                             "your corrections with the result's label values")
     if earlier is None and result is not None:
         earlier = _earlier_from_result(result, ax)
     earlier = _earlier_record(earlier)

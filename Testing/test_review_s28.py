@@ -299,8 +299,9 @@ def test_a_corrected_copy_saved_as_a_0_1_mask_is_named_so():
     prompt[10] = previous[10]
     edited = (previous > 0).astype(np.uint8)
     edited[4][edited[4] == 1] = 0  # the one correction: label 1 erased on slice 4
-    with pytest.raises(InputError, match=r"^the edited result holds no label 2: its voxels now hold label 1 \(saved as "
-                                         r"a 0/1 mask\?\): save your corrections with the result's label values$"):
+    with pytest.raises(InputError, match=r"^the edited result holds no label 2: its voxels now hold label 1 \(labels "
+                                         r"merged, as when saved as result > 0\?\): save your corrections with the "
+                                         r"result's label values$"):
         keyframes_from_edits(prompt, previous, edited)
     # Erasing a whole label (its voxels now 0) is not a merge: that refusal stays as it was.
     erased = previous.copy()
