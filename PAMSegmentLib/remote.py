@@ -72,6 +72,16 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
 
 
 _OPENER = urllib.request.build_opener(_NoRedirects)
+
+
+def _base_of(url: str, path: str) -> str:
+    """The server address a redirect of the request for ``path`` (/info, /jobs?...) points to: the
+    redirect's URL without that request's path and query (giving the whole URL asked for
+    /info/info)."""
+    parts = urllib.parse.urlsplit(url)
+    asked = urllib.parse.urlsplit(path).path
+    base = parts.path[: -len(asked)] if asked and parts.path.endswith(asked) else parts.path
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, base.rstrip("/"), "", ""))
 UPLOAD_PIECE_BYTES = 1 << 20
 
 
@@ -112,7 +122,7 @@ def decode_result(payload: bytes) -> PropagationResult:
             recomputed = ({int(lab): [(int(a), int(b)) for a, b in v] for lab, v in meta["recomputed"].items()}
                           if "recomputed" in meta else
                           {int(lab): [(0, int(mask.shape[int(meta["axis"])]) - 1)] for lab in meta["labels"]})
-    except (ValueError, KeyError, OSError, TypeError, AttributeError) as error:
+    except (ValueError, KeyError, OSError, TypeError, AttributeError, IndexError) as error:
         raise PAMError(f"the server's answer is not a PAMSegment result ({error})") from None
     return PropagationResult(
         mask=mask, axis=int(meta["axis"]), confidence=confidence,
@@ -185,8 +195,9 @@ class RemoteModel:
             with _OPENER.open(req, timeout=self.timeout) as resp:  # http(s) checked above
                 return resp.read()
         except _Redirected as redirect:
-            raise InputError(f"the server at {self.url} redirects to {redirect.url}: give that address instead (a "
-                             "redirect is not followed, so that the token goes only to the address given)") from None
+            raise InputError(f"the server at {self.url} redirects to {_base_of(redirect.url, path)}: give that address "
+                             "instead (a redirect is not followed, so that the token goes only to the address "
+                             "given)") from None
         except urllib.error.HTTPError as error:
             try:
                 detail = json.loads(error.read().decode()).get("detail", "")

@@ -45,6 +45,7 @@ import threading
 import time
 import uuid
 import zipfile
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -177,12 +178,17 @@ def read_arrays(body: bytes, max_voxels: int) -> tuple[np.ndarray, np.ndarray, t
                          f"{', '.join(sorted(n.removesuffix('.npy') for n in infos)) or 'nothing'}")
     if any(i.compress_type != zipfile.ZIP_STORED for i in infos.values()):
         raise InputError("the upload's arrays must be stored uncompressed (numpy.savez, not savez_compressed)")
+    import tokenize
+
     try:
         return _read_arrays(archive, want, max_voxels)
-    except InputError:
-        raise
-    except Exception as error:  # noqa: BLE001 - untrusted bytes: a bad CRC, an "encrypted" entry, a cut
-        # header (tokenize's error), a dimension of 2**70 (OverflowError): each was a 500 or a 503 before
+    except (zipfile.BadZipFile, RuntimeError, ValueError, EOFError, OverflowError, SyntaxError, tokenize.TokenError,
+            zlib.error, OSError) as error:
+        # untrusted bytes: a bad CRC, an "encrypted" entry (RuntimeError), a cut header (tokenize's error),
+        # a dimension of 2**70 (OverflowError): each was a 500 or a 503 before. Not MemoryError (the
+        # server's own state, a 503) nor anything else (a bug: a 500)
+        if isinstance(error, InputError):
+            raise
         raise InputError(f"the upload is damaged ({type(error).__name__}: {str(error)[:160]}); send it again") from None
 
 
@@ -563,6 +569,9 @@ def create_app(model_factory: Callable[[str], Any], *, token: str | None = None,
             raise HTTPException(400, str(error)) from None
         except OverflowError as error:
             raise HTTPException(503, str(error)) from None
+        except MemoryError:
+            raise HTTPException(503, "the server has not enough free memory for this upload now; try again later, or "
+                                     "crop the volume around the object") from None
         logger.info("job %s from %s: %s voxels (%.0f MB), method %s; queue position %d", job.id[:8], client,
                     " x ".join(map(str, shape)), size / 2**20, job.options.get("method", "pam"),
                     queue.position(job) or 0)

@@ -192,7 +192,7 @@ def test_a_redirect_is_not_followed_and_the_token_goes_nowhere_else():
     for server in (other, redirector):
         threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        with pytest.raises(InputError, match=rf"redirects to http://localhost:{other.server_port}/info: give that "
+        with pytest.raises(InputError, match=rf"redirects to http://localhost:{other.server_port}: give that "
                                              "address instead"):
             RemoteModel(f"http://127.0.0.1:{redirector.server_port}", token="s3cret-token").info()
     finally:

@@ -1114,3 +1114,31 @@ def npz_member(array):
     buf = io.BytesIO()
     np.save(buf, array)
     return buf.getvalue()
+
+
+def test_a_server_short_of_memory_says_so_not_that_the_upload_is_damaged(oracle_app, monkeypatch):
+    """The review of s28's fix: its catch-all turned the server's MemoryError while reading a valid
+    upload into "the upload is damaged; send it again" (a 400 that blames the user's file)."""
+    import PAMSegmentLib.server as server
+
+    client, image, prompt, _ = oracle_app
+
+    def short(body, max_voxels):
+        raise MemoryError("Unable to allocate 100. MiB")
+
+    monkeypatch.setattr(server, "read_arrays", short)
+    r = client.post("/jobs", content=npz(image=image, prompt=prompt, spacing=np.array([2.0, 1.0, 1.0])))
+    assert r.status_code == 503 and r.json()["detail"].startswith("the server has not enough free memory")
+
+
+def test_an_old_format_answer_with_a_bad_axis_is_not_a_result():
+    import json as _json
+
+    from PAMSegmentLib.errors import PAMError
+
+    meta = {"axis": 7, "labels": [1], "slice_range": {"1": [0, 1]}, "prompt_slices": {"1": [0]}, "timings": {},
+            "n_predicted": 1, "stops": {}, "range": None, "early_stop": True, "remove_disconnected": True}
+    body = npz(mask=np.zeros((2, 3, 3), np.uint8), confidence_1=np.zeros(2, np.float32),
+               meta=np.frombuffer(_json.dumps(meta).encode(), dtype=np.uint8))
+    with pytest.raises(PAMError, match="the server's answer is not a PAMSegment result"):
+        decode_result(body)
