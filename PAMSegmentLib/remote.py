@@ -356,6 +356,16 @@ class RemoteModel:
                     raise
                 detail = str(error).split(": ", 1)[-1].split(";")[0]  # "2 jobs are waiting already"
                 self._wait_busy(busy_until, f"a full queue ({detail})", progress, cancel)
+            except _Unreachable:  # a server refusing a large upload early (its queue filled since /info) resets it
+                try:
+                    now = self.info()
+                except PAMError:
+                    now = {}
+                queued, max_jobs = now.get("queued"), now.get("max_jobs")
+                if not (all(isinstance(v, int) and not isinstance(v, bool) for v in (queued, max_jobs))
+                        and queued >= max_jobs):
+                    raise
+                self._wait_busy(busy_until, f"a full queue ({queued} jobs waiting already)", progress, cancel)
         try:
             while True:
                 if cancel is not None and cancel.is_cancelled:

@@ -1142,3 +1142,44 @@ def test_an_old_format_answer_with_a_bad_axis_is_not_a_result():
                meta=np.frombuffer(_json.dumps(meta).encode(), dtype=np.uint8))
     with pytest.raises(PAMError, match="the server's answer is not a PAMSegment result"):
         decode_result(body)
+
+
+def test_a_queue_that_fills_between_info_and_a_large_upload_is_waited_for():
+    """A review (s28): when the queue filled after the client's /info, the server refused the large
+    upload early (a reset connection) and the client said "cannot reach the PAMSegment server ... is
+    `pamsegment serve` running there?". It asks /info again and waits its turn as for a full queue."""
+    from PAMSegmentLib.propagate import SlicePrediction, SlicePredictor
+    from PAMSegmentLib.remote import ServerBusy
+
+    gate = threading.Event()
+
+    class Blocking(SlicePredictor):
+        window_mm, max_window, min_window = 4.0, 4, 1
+
+        def predict(self, volume, guide_index, guide_mask, query_indices):
+            gate.wait(60)
+            return SlicePrediction(np.repeat(guide_mask[None].astype(np.float32), len(query_indices), 0))
+
+    small = np.random.default_rng(1).normal(0, 1, (6, 16, 16)).astype(np.float32)
+    small_prompt = np.zeros(small.shape, np.uint8)
+    small_prompt[3, 4:8, 4:8] = 1
+    big = np.random.default_rng(0).normal(0, 100, (40, 256, 256)).astype(np.float32)
+    big_prompt = np.zeros(big.shape, np.uint8)
+    big_prompt[20, 100:150, 100:150] = 1
+    with serving(create_app(lambda method: Blocking(), max_jobs=1)) as url:
+        for _ in range(2):  # one job runs (blocked), one waits: the queue is full
+            threading.Thread(target=lambda: RemoteModel(url, poll_interval=0.05).propagate(
+                small, small_prompt, (1, 1, 1)), daemon=True).start()
+            time.sleep(1.0)
+        client = RemoteModel(url, poll_interval=0.05, wait_when_busy=0.5, busy_interval=0.2)
+        real_info, asked = client.info, []
+
+        def info():  # the first answer from before the queue filled
+            asked.append(1)
+            return {**real_info(), "queued": 0} if len(asked) == 1 else real_info()
+
+        client.info = info
+        with pytest.raises(ServerBusy, match="has a full queue"):
+            client.propagate(big, big_prompt, (1, 1, 1))
+        assert len(asked) >= 2
+        gate.set()
