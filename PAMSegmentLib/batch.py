@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import functools
 import os
 import re
 import sys
@@ -57,7 +58,7 @@ SKIPPED = "output exists (--skip-existing)"
 BUSY_WAIT_SECONDS = 3600.0  # with --server, a full queue is waited out this long per case
 CARRIED = "done in an earlier run (--skip-existing)"  # a skipped row's columns are from the report of that run
 REPORT_FIELDS = ("row", "image", "prompt", "output", "status", "seconds", "slices", "check_first", "message", "method",
-                 "manifest")
+                 "manifest", "output_in_folder")
 
 
 @dataclass
@@ -287,12 +288,22 @@ def _absolute(path: Path) -> Path:
     return path.resolve() if path.name in ("", ".", "..") else path.parent.resolve() / path.name
 
 
+def _in_folder(output: str, folder: Path) -> str:
+    """``output`` relative to the report's ``folder`` (absolute, as ``_absolute`` gives it) when it
+    lies in it (POSIX form), else ""."""
+    try:
+        return Path(output).relative_to(folder).as_posix()
+    except ValueError:
+        return ""
+
+
 def _earlier_results(out_dir: Path) -> dict[str, tuple[dict, int]]:
     """What the reports already in ``out_dir`` (``batch_report.csv`` and the shards') say of the
     cases that ran: {absolute output path: (its report row, the report's mtime in ns)} for rows
     ``ok`` or ``skipped``, and rows that say what made their output (a failed re-run's), a newer
     report's word over an older one's."""
     found: dict[str, tuple[dict, int]] = {}
+    moved: list[tuple[str, tuple[dict, int]]] = []
     if not out_dir.is_dir():
         return found
     reports = [p for p in out_dir.iterdir() if REPORT_NAME.fullmatch(p.name) and p.is_file()]
@@ -304,8 +315,15 @@ def _earlier_results(out_dir: Path) -> dict[str, tuple[dict, int]]:
                     # ok / skipped rows carry their columns over; any row says what made its output
                     if row.get("output") and (row.get("status") in ("ok", "skipped") or row.get("method")):
                         found[str(_absolute(Path(row["output"])))] = (row, stamp)
+                        inside = row.get("output_in_folder") or ""
+                        if inside and not Path(inside).is_absolute() and ".." not in Path(inside).parts:
+                            # the folder moved, copied or mounted elsewhere since: its outputs are found by
+                            # where they lie in it (the absolute path's row wins where both name one)
+                            moved.append((str(_absolute(out_dir / inside)), (row, stamp)))
         except (OSError, UnicodeDecodeError, csv.Error):
             continue  # a damaged report carries nothing over
+    for key, value in dict(moved).items():  # (a newer report's word over an older one's, as above)
+        found.setdefault(key, value)
     return found
 
 
@@ -438,7 +456,14 @@ def write_report(rows: list[BatchRow], path: Path, manifest: Path | None = None,
         _write_report(rows, path, manifest, kept, tmp)
 
 
+@functools.lru_cache(maxsize=64)
+def _report_folder(folder: str, cwd: str) -> Path:
+    """The report's folder from the root, resolved once (the report is rewritten after every case)."""
+    return _absolute(Path(cwd) / folder)
+
+
 def _write_report(rows, path: Path, manifest, kept: list[dict], tmp: Path) -> None:
+    folder = _report_folder(str(path.parent), os.getcwd())
     try:
         with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
             w = csv.DictWriter(fh, fieldnames=REPORT_FIELDS)
@@ -448,7 +473,8 @@ def _write_report(rows, path: Path, manifest, kept: list[dict], tmp: Path) -> No
                 w.writerow({"row": r.number, "image": image, "prompt": prompt, "output": output, "status": r.status,
                             "seconds": f"{r.seconds:.1f}", "slices": r.slices, "check_first": r.check_first,
                             "message": r.message, "method": r.method,
-                            "manifest": "" if manifest is None else str(_absolute(manifest))})
+                            "manifest": "" if manifest is None else str(_absolute(manifest)),
+                            "output_in_folder": _in_folder(output, folder)})
             w.writerows(kept)  # other manifests' rows, as they were
         tmp.replace(path)
     except (OSError, UnicodeError) as error:  # UnicodeError: a message holding a character no bytes stand for

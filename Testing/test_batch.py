@@ -987,3 +987,22 @@ def test_a_batch_correction_round_with_another_method_says_so_and_plain_updates_
     out, err = capsys.readouterr()
     assert "with notes: row 2" in out
     assert "label 1: the round you corrected ran --method copy and this one --method track" in err
+
+
+def test_a_results_folder_copied_elsewhere_still_knows_what_made_its_outputs(tmp_path, cases):
+    """A review (s28): the reports named outputs by absolute path only, so in a copy of the results
+    folder (or one mounted at another path on another shard machine) a --method copy trial's
+    outputs were skipped as done. The report also says where each output lies within the folder."""
+    import shutil
+
+    m = _manifest(tmp_path / "data" / "cases.csv", ["image,prompt"] + [f"c{n}/image.nii.gz,c{n}/prompt.nii.gz"
+                                                                        for n in range(2)])
+    trial, moved = tmp_path / "trial", tmp_path / "elsewhere" / "results"
+    assert main(["batch", str(m), "-o", str(trial), "--method", "copy"]) == 0
+    assert [r["output_in_folder"] for r in _report(trial / "batch_report.csv")] == ["c0_image_pam.nii.gz",
+                                                                                     "c1_image_pam.nii.gz"]
+    shutil.copytree(trial, moved)  # copy2: the files keep their times
+    assert main(["batch", str(m), "-o", str(moved), "--method", "track", "--skip-existing"]) == 0
+    rows = _report(moved / "batch_report.csv")
+    assert [(r["status"], r["method"]) for r in rows] == [("ok", "track")] * 2
+    assert rows[0]["message"].startswith("run again: its output was made with copy")
