@@ -981,7 +981,7 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
     except InputError as error:
         lo, hi = slice_range if slice_range is not None else (0, 0)
         mine = any(not lo <= v <= hi for lab in plan.empty_slices for v in given(lab))  # the user's own, said as is
-        if slice_range is not None and earlier and not mine and "outside the range" in str(error):
+        if slice_range is not None and earlier and not mine and str(error).startswith("empty slice "):
             # a keyframe or empty slice of an earlier round (the record's), not one the user gave now
             raise InputError(f"{error} (it is one of the earlier rounds' slices, from the record beside "
                              f"{Path(previous_path).name}): widen the range to include it, or drop the range") from None

@@ -79,8 +79,9 @@ def _base_of(url: str, path: str) -> str:
     redirect's URL without that request's path and query (giving the whole URL asked for
     /info/info)."""
     parts = urllib.parse.urlsplit(url)
-    asked = urllib.parse.urlsplit(path).path
-    base = parts.path[: -len(asked)] if asked and parts.path.endswith(asked) else parts.path
+    asked = urllib.parse.urlsplit(path).path.rstrip("/")
+    here = parts.path.rstrip("/")  # (a redirect to .../info/ as well)
+    base = here[: -len(asked)] if asked and here.endswith(asked) else here
     return urllib.parse.urlunsplit((parts.scheme, parts.netloc, base.rstrip("/"), "", ""))
 UPLOAD_PIECE_BYTES = 1 << 20
 
@@ -122,17 +123,19 @@ def decode_result(payload: bytes) -> PropagationResult:
             recomputed = ({int(lab): [(int(a), int(b)) for a, b in v] for lab, v in meta["recomputed"].items()}
                           if "recomputed" in meta else
                           {int(lab): [(0, int(mask.shape[int(meta["axis"])]) - 1)] for lab in meta["labels"]})
+        if int(meta["axis"]) not in (0, 1, 2):
+            raise ValueError(f"axis {meta['axis']!r}")
+        return PropagationResult(
+            mask=mask, axis=int(meta["axis"]), confidence=confidence,
+            slice_range={int(k): tuple(v) for k, v in meta["slice_range"].items()},
+            prompt_slices={int(k): list(v) for k, v in meta["prompt_slices"].items()},
+            timings=meta["timings"], n_predicted=int(meta["n_predicted"]),
+            range=tuple(meta["range"]) if meta.get("range") else None, early_stop=bool(meta["early_stop"]),
+            stops={int(k): v for k, v in meta["stops"].items()}, keyframes=keyframes, agreement=agreement,
+            remove_disconnected=bool(meta["remove_disconnected"]), gaps=gaps, lost=lost, recomputed=recomputed,
+        )
     except (ValueError, KeyError, OSError, TypeError, AttributeError, IndexError) as error:
         raise PAMError(f"the server's answer is not a PAMSegment result ({error})") from None
-    return PropagationResult(
-        mask=mask, axis=int(meta["axis"]), confidence=confidence,
-        slice_range={int(k): tuple(v) for k, v in meta["slice_range"].items()},
-        prompt_slices={int(k): list(v) for k, v in meta["prompt_slices"].items()},
-        timings=meta["timings"], n_predicted=int(meta["n_predicted"]),
-        range=tuple(meta["range"]) if meta.get("range") else None, early_stop=bool(meta["early_stop"]),
-        stops={int(k): v for k, v in meta["stops"].items()}, keyframes=keyframes, agreement=agreement,
-        remove_disconnected=bool(meta["remove_disconnected"]), gaps=gaps, lost=lost, recomputed=recomputed,
-    )
 
 
 def _compact(image: np.ndarray) -> np.ndarray:

@@ -170,7 +170,8 @@ def read_arrays(body: bytes, max_voxels: int) -> tuple[np.ndarray, np.ndarray, t
     try:
         archive = zipfile.ZipFile(io.BytesIO(body))
         infos = {i.filename: i for i in archive.infolist()}
-    except zipfile.BadZipFile:
+    except (zipfile.BadZipFile, NotImplementedError, ValueError, OSError, EOFError):  # (a flipped byte in the
+        # directory: "compression type 99", a 500 before)
         raise InputError("the upload is not an .npz file (numpy.savez of image, prompt and spacing)") from None
     want = {"image.npy", "prompt.npy", "spacing.npy"}
     if set(infos) != want:

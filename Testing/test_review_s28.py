@@ -622,3 +622,46 @@ def test_an_earlier_rounds_slice_outside_range_is_said_to_come_from_the_record(t
     assert proc.stderr == (f"pamsegment: error: empty slice {last} lies outside the range {k - 2}:{k + 2} along axis 0 "
                            "(it is one of the earlier rounds' slices, from the record beside r2.nii.gz): widen the "
                            "range to include it, or drop the range\n")
+
+
+def test_review_s28_second_round_regressions_are_mended():
+    """The second review of this session's fixes: (1) an outline's 19 bands at 30 degrees on
+    0.8 mm slices, every 4th pair overlapping a little over half, were taken as keyframes (one
+    overlapping inner pair was enough); (2) a thin object's fourth adjacent correction in an update
+    was refused, advising an axis nothing was drawn on."""
+    from PAMSegmentLib.propagate import find_prompt_slices, tilted_drawing
+
+    bands = np.zeros((40, 40, 120), np.uint8)
+    for n, k in enumerate(range(10, 29)):  # 19 bands, 4 px wide, moving 4 px a slice
+        bands[k, 10:30, 10 + 4 * n:14 + 4 * n] = 1
+        if n % 4 == 1:  # every 4th band reaches 2 px back into its neighbour's: overlap 0.5
+            bands[k, 10:30, 8 + 4 * n:10 + 4 * n] = 1
+    assert tilted_drawing(bands, 0, list(range(10, 29))) == (10, 28)
+    obj = np.zeros((16, 32, 32), bool)
+    obj[3:13, 10:17, 20:22] = True
+    thin = np.zeros(obj.shape, np.uint8)
+    for k in (7, 8, 9, 10):
+        thin[k][obj[k]] = 1
+    assert find_prompt_slices(thin, axis=0, update=True) == (0, {1: [7, 8, 9, 10]})
+
+
+def test_a_script_mask_beside_a_rotated_1mm_origin_0_image_is_refused(tmp_path):
+    """The second review: the 1 mm / origin-0 exemption let a GetImageFromArray mask beside such an
+    image in rotated axes be resampled elsewhere (zero overlap with the drawing, exit 0)."""
+    import math
+
+    import pytest
+    import SimpleITK as sitk
+
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.volumes import read_labelmap, read_volume
+
+    image = sitk.GetImageFromArray(np.random.default_rng(0).normal(size=(20, 24, 28)).astype(np.float32))
+    c, s = math.cos(math.radians(20)), math.sin(math.radians(20))
+    image.SetDirection((c, -s, 0, s, c, 0, 0, 0, 1))
+    sitk.WriteImage(image, str(tmp_path / "rotated.nii.gz"))
+    mask = np.zeros((20, 24, 28), np.uint8)
+    mask[10, 5:15, 5:15] = 1
+    sitk.WriteImage(sitk.GetImageFromArray(mask), str(tmp_path / "mask.nii.gz"))
+    with pytest.raises(InputError, match="only a script's default position in its header"):
+        read_labelmap(tmp_path / "mask.nii.gz", reference=read_volume(tmp_path / "rotated.nii.gz"), resample=True)
