@@ -603,3 +603,33 @@ def test_model_card_refuses_another_checkpoints_evaluation(tmp_path):
     with pytest.raises(SystemExit, match=r"were made with weights aaaaaaaaaaaaaaaa\.\.\., not this checkpoint's "
                                          r"bbbbbbbbbbbbbbbb\.\.\."):
         eval_summary(tmp_path / "r.csv", "b" * 64)
+
+
+def test_merge_eval_keeps_prompt_variants_and_refuses_runs_that_disagree(tmp_path, monkeypatch):
+    """A review (s28): merge_eval's duplicate key left out the prompt variant (the imperfect-drawing
+    table's 1688 rows became 844, dilate and rough gone without a word), and an axis-1 run merged
+    before the axis-0 one put axis-1 rows beside axis-0 ones. Variants are kept; rows of one key
+    that score differently (another --axis or --tolerance) are refused."""
+    import csv
+
+    def write(path, rows):
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["case", "group", "structure", "method", "protocol", "position",
+                                              "round", "prompt_variant", "dice", "nsd"])
+            w.writeheader()
+            for method, variant, dice in rows:
+                w.writerow(dict(case="c", group="g", structure="s", method=method, protocol="single", position=0.5,
+                                round=0, prompt_variant=variant, dice=dice, nsd=0.5))
+    write(tmp_path / "variants.csv", [("pam", "erode:2", 0.8), ("pam", "dilate:2", 0.7), ("track", "erode:2", 0.6),
+                                      ("track", "dilate:2", 0.5)])
+    write(tmp_path / "other_axis.csv", [("pam", "erode:2", 0.3)])
+    spec = importlib.util.spec_from_file_location("pam_merge_eval2", REPO / "scripts" / "merge_eval.py")
+    merge = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(merge)
+    seen = {}
+    monkeypatch.setattr(merge.ev, "write_csv", lambda rows, path: seen.setdefault("n", len(rows)))
+    monkeypatch.setattr(merge.subprocess, "call", lambda *a, **k: 0)
+    assert merge.main(["--out", str(tmp_path / "m"), str(tmp_path / "variants.csv")]) == 0
+    assert seen["n"] == 4
+    with pytest.raises(SystemExit, match="with different scores"):
+        merge.main(["--out", str(tmp_path / "m2"), str(tmp_path / "variants.csv"), str(tmp_path / "other_axis.csv")])

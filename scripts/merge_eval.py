@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     ap.add_argument("inputs", nargs="+", help="results.csv files, each optionally PATH::OLD=NEW")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
-    rows, seen = [], set()
+    rows, seen = [], {}
     for given in args.inputs:
         path, _, rename = given.partition("::")
         old, eq, new = rename.partition("=")
@@ -42,10 +42,20 @@ def main(argv=None) -> int:
             if rename and r["method"].split("@")[-1] == old:
                 r["method"] = r["method"][: -len(old)] + new
             # The same run can appear in several inputs (every run also scores the 50 % prompt): keep the first.
-            key = (r["case"], r["structure"], r["method"], r["protocol"], r["position"], r["round"])
+            # The prompt variant is part of a row's identity (imperfect drawings: erode/dilate/rough), and two
+            # rows of one identity that score differently are two different runs (another --axis or
+            # --tolerance, which rows do not record): refused, not one kept silently (a review: merging
+            # axis-1 results before results.csv put axis-1 track beside axis-0 pam).
+            key = (r["case"], r["structure"], r["method"], r["protocol"], r["position"], r["round"],
+                   r.get("prompt_variant") or "")
+            score = (r.get("dice"), r.get("nsd"))
             if key not in seen:
-                seen.add(key)
+                seen[key] = (score, path)
                 rows.append(r)
+            elif seen[key][0] != score:
+                raise SystemExit(f"error: {path} and {seen[key][1]} both hold {', '.join(map(str, key))} with "
+                                 f"different scores ({score} vs {seen[key][0]}): runs of another --axis or "
+                                 "--tolerance cannot be merged into one table")
 
     def family(method: str) -> str:  # ci@pam and scratch@pam belong to pam's session
         return method.split("@")[-1]
