@@ -584,7 +584,7 @@ def summary_markdown(rows: Sequence[dict], header: str = "", reference_position:
         dice_g = aggregate(single, ("group", "method"), "dice", {"position": rp})
         nsd_g = aggregate(single, ("group", "method"), "nsd", {"position": rp})
         for g in groups + ["all", "groups"]:
-            cells = []
+            cells, counts = [], []
             n = 0
             for m in methods:
                 if g == "groups":  # every group weighs the same, however many structures it has
@@ -600,6 +600,12 @@ def summary_markdown(rows: Sequence[dict], header: str = "", reference_position:
                     s = nsd_g.get((g, m), (float("nan"), 0))
                 n = max(n, d[1])
                 cells += [_f(d[0]), _f(s[0])]
+                counts.append(d[1])
+            # a method that failed on some structures is averaged over fewer: said in its cell (a review:
+            # the row showed the largest n beside a mean over two of three)
+            for k, count in enumerate(counts):
+                if 0 < count < n:
+                    cells[2 * k] += f" (n={count})"
             name = {"all": "**all (mean over structures)**", "groups": "**all (mean over groups)**"}.get(g, g)
             lines.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
         lines.append("")

@@ -633,3 +633,15 @@ def test_merge_eval_keeps_prompt_variants_and_refuses_runs_that_disagree(tmp_pat
     assert seen["n"] == 4
     with pytest.raises(SystemExit, match="with different scores"):
         merge.main(["--out", str(tmp_path / "m2"), str(tmp_path / "variants.csv"), str(tmp_path / "other_axis.csv")])
+
+
+def test_a_group_cell_averaged_over_fewer_structures_says_how_many():
+    """A review (s28): a method that failed on a structure was averaged over fewer structures while
+    the row showed the largest n (n=3 beside a mean over two)."""
+    from PAMSegmentLib.evaluation import summary_markdown
+
+    rows = [dict(case="c", group="g", structure=s, method=m, protocol="single", position=0.5, round=0,
+                 dice=d, nsd=d) for s, m, d in [("a", "pam", 0.9), ("b", "pam", 0.9), ("a", "track", 0.5),
+                                                 ("b", "track", 0.5), ("c", "track", 0.2)]]
+    table = summary_markdown(rows)
+    assert "| g | 3 | 0.900 (n=2) | 0.900 | 0.400 | 0.400 |" in table
