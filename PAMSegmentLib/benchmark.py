@@ -1156,7 +1156,8 @@ def add_benchmark_arguments(p: argparse.ArgumentParser, default_out: str = "docs
                    help="alternated small/official call pairs per batch size for the paired ratio (default: 40)")
     p.add_argument("--depths", type=_int_list, default=None, help="end-to-end volume depths (default: 100,200,400)")
     p.add_argument("--objects", type=_int_list, default=None, help="end-to-end object lengths (default: 20,80,160)")
-    p.add_argument("--size", type=_positive_int, default=None, help="in-plane size of the synthetic volumes (default: 512)")
+    p.add_argument("--size", type=_positive_int, default=None,
+                   help="in-plane size of the synthetic volumes (default: 512)")
     p.add_argument("--no-sam2", action="store_true", help="skip SAM 2 tiny")
     p.add_argument("--isolate", dest="isolate", action="store_true", default=None,
                    help="run every measurement in a fresh subprocess (the default, except with --quick)")

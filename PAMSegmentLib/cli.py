@@ -981,10 +981,20 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
     except InputError as error:
         lo, hi = slice_range if slice_range is not None else (0, 0)
         mine = any(not lo <= v <= hi for lab in plan.empty_slices for v in given(lab))  # the user's own, said as is
-        if slice_range is not None and earlier and not mine and str(error).startswith("empty slice "):
-            # a keyframe or empty slice of an earlier round (the record's), not one the user gave now
-            raise InputError(f"{error} (it is one of the earlier rounds' slices, from the record beside "
-                             f"{Path(previous_path).name}): widen the range to include it, or drop the range") from None
+        import re
+
+        import numpy as np
+
+        text, record = str(error), f"from the record beside {Path(previous_path).name}"
+        keyframe = re.match(r"label (\d+)'s prompt slice (\d+) lies outside", text)
+        if slice_range is not None and earlier and not mine and text.startswith("empty slice "):
+            # an empty slice of an earlier round (the record's), not one the user gave now
+            raise InputError(f"{text} (it is one of the earlier rounds' slices, {record}): widen the range to "
+                             "include it, or drop the range") from None
+        if slice_range is not None and earlier and keyframe:
+            lab, k = int(keyframe.group(1)), int(keyframe.group(2))
+            if not (np.take(prompt.array, k, axis=plan.axis) == lab).any():  # not drawn in PROMPT: the record's
+                raise InputError(f"{text} (a keyframe of an earlier round, {record}; or drop the range)") from None
         raise
     for line in plan.describe():
         say(f"update: {line}")

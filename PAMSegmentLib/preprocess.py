@@ -166,8 +166,8 @@ def _check_crop_memory(n: int, box: CropBox, slice_shape: tuple[int, int]) -> No
                          f"slices of {h} x {w} px: {need / 1024**3:.1f} GB "
                          f"for {n} slice{'s' if n != 1 else ''}, more than a quarter of this machine's "
                          f"{memory / 1024**3:.0f} GB of memory. "
-                         + (f"A smaller --batch-size (batch_size= in Python; a server's own --batch-size; {n} slices went "
-                            "at once) may do; else "
+                         + (f"A smaller --batch-size (batch_size= in Python; a server's own --batch-size; {n} "
+                            "slices went at once) may do; else "
                             if n > 1 else "")
                          + "crop or downsample the image around the object, or use --method track (registration, "
                            "no network)")

@@ -750,7 +750,9 @@ DRIFT_NOTE_SLICES = 3
 DRIFT_NOTE_AREA = 0.5
 
 
-TILTED_OVERLAP = 0.5  # tilted bands overlap 0-0.44 (a review's sweep, 10-30 degrees); keyframes on purpose mostly ~1
+# Tilted bands overlap 0-0.44 (a review's sweep, 10-30 degrees), on thin slices up to 0.5-0.56 (2 px
+# bands shifting 1 px, 30-45 degrees: session 28's review); keyframes on purpose mostly ~1.
+TILTED_OVERLAP = 0.6
 
 
 def tilted_drawing(mask: np.ndarray, axis: int, drawn: Sequence[int]) -> tuple[int, int] | None:
@@ -766,8 +768,9 @@ def _tilted_drawing(box: np.ndarray, start: int, ax: int, drawn: Sequence[int]) 
     plane tilted against the slices leaves on each slice it crosses (Slicer's views are aligned
     with RAS, not with an oblique volume; 3-7 bands at 10-30 degrees, 11-17 at 20-45 degrees on thin
     slices, where the small pieces at the outline's two rounded ends may overlap their neighbours
-    more than half). Inner pairs that mostly overlap well are drawn on purpose (keyframes). Small structures on thick slices overlap their neighbours that
-    little too (a third of the neighbouring slice pairs in the 3-4 mm brain cases), so the Slicer
+    more than half). Inner pairs that mostly overlap well are drawn on purpose (keyframes). Small
+    structures on thick slices overlap their neighbours that little too (a third of the
+    neighbouring slice pairs in the 3-4 mm brain cases), so the Slicer
     module asks this only of a drawing on an oblique volume; the engine does not refuse on it. None
     otherwise."""
     if len(drawn) < 3 or drawn[-1] - drawn[0] != len(drawn) - 1:

@@ -1156,19 +1156,6 @@ def _no_position(path: Path) -> str | None:
     return None
 
 
-def _reformat_of(labels: Volume, reference: Volume) -> bool:
-    """Whether ``labels`` is a reformat of ``reference``'s voxels: 1 mm voxels at origin 0 in axes
-    that are a permutation (with signs) of the reference's, covering the same box in space. Not for
-    rotated axes or another extent (a script's mask beside such an image was resampled elsewhere)."""
-    if not (np.allclose(reference.spacing_ijk, 1.0, rtol=0, atol=1e-9)
-            and np.allclose(reference.origin, 0.0, rtol=0, atol=1e-9)):
-        return False
-    direction = np.asarray(reference.direction, dtype=np.float64).reshape(3, 3)
-    if not np.allclose(np.abs(direction), np.round(np.abs(direction)), rtol=0, atol=1e-9):
-        return False  # rotated, not permuted
-    return bool(np.allclose(_physical_box(labels), _physical_box(reference), rtol=0, atol=0.5))
-
-
 def _writer_default(grid: Volume) -> bool:
     """Whether ``grid`` is what a script writes for an array saved without geometry: voxel size 1,
     origin 0 and the identity axes (SimpleITK's GetImageFromArray), or x and y flipped (nibabel's
@@ -1207,10 +1194,10 @@ def _never_resampled(name: str, labels: Volume, reference: Volume, diffs: list[s
     drawn on slice 60 to slice 93, exit 0): one of the image's size without a position in its
     header, or the image's grid with x and y flipped (RAS written as LPS). None otherwise."""
     unplaced = _no_position(path) if path is not None and labels.shape == reference.shape else None
-    if not unplaced and labels.shape == reference.shape and _writer_default(labels) and not _reformat_of(labels,
-                                                                                                         reference):
-        # (an image of 1 mm voxels at origin 0 in other axes, a sagittal one, say, may have a drawing on
-        # its axial reformat, whose grid is this: resampled as asked)
+    if not unplaced and labels.shape == reference.shape and _writer_default(labels) and not _writer_default(reference):
+        # (also beside an image of 1 mm voxels at origin 0 in permuted axes, where a drawing on its
+        # reformat would have this grid too: the two cannot be told apart, and resampling a script's
+        # mask there transposed it silently, exit 0: refused as well)
         unplaced = ("voxel size 1, origin 0 and plain axes: what SimpleITK's GetImageFromArray or nibabel's "
                     "np.eye(4) affine writes when no geometry is given")
     if unplaced:  # resampling would place it by the origin and axes ITK made up: not where it was drawn
