@@ -4,6 +4,18 @@ from __future__ import annotations
 import numpy as np
 
 
+def _edited_copy(src, dst, change):
+    """A copy of the label map ``src`` at ``dst``, its array changed in place by ``change``."""
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(src))
+    array = sitk.GetArrayFromImage(image)
+    change(array)
+    out = sitk.GetImageFromArray(array)
+    out.CopyInformation(image)
+    sitk.WriteImage(out, str(dst))
+
+
 def test_bands_whose_two_end_pieces_overlap_are_still_one_tilted_outline():
     """One outline painted across thin slices of an oblique volume leaves disjoint bands, but the
     small pieces at its rounded ends may overlap their neighbour by more than half: one such pair
@@ -434,13 +446,10 @@ def test_a_prompt_drawn_across_another_axis_than_the_earlier_run_is_named_so(tmp
     out = tmp_path / "out.nii.gz"
     proc = run_cli("propagate", ct_case.image_path, across_1, "-o", out, "--method", "copy")
     assert proc.returncode == 0 and "(axis 1," in proc.stdout, proc.stdout + proc.stderr
-    edited = sitk.ReadImage(str(out))
-    array = sitk.GetArrayFromImage(edited)
-    rows = np.flatnonzero(array.any(axis=(0, 2)))
-    array[:, rows[-1], :] = 0  # the last coronal slice erased
-    corrected = sitk.GetImageFromArray(array)
-    corrected.CopyInformation(edited)
-    sitk.WriteImage(corrected, str(tmp_path / "edited.nii.gz"))
+    def erase_last_coronal(array):
+        array[:, np.flatnonzero(array.any(axis=(0, 2)))[-1], :] = 0
+
+    _edited_copy(out, tmp_path / "edited.nii.gz", erase_last_coronal)
     proc = run_cli("propagate", ct_case.image_path, ct_case.prompt_path, "-o", tmp_path / "upd.nii.gz", "--method",
                    "copy", "--previous", out, "--edited", tmp_path / "edited.nii.gz")
     assert proc.returncode == 2
@@ -525,8 +534,6 @@ def test_a_run_killed_between_its_two_moves_names_the_record_it_set_aside(tmp_pa
     OUT "has changed since it was written" and advised deleting the record (losing earlier rounds)."""
     import shutil
 
-    import SimpleITK as sitk
-
     out, other = tmp_path / "out.nii.gz", tmp_path / "other.nii.gz"
     for target, extra in ((out, []), (other, ["--range", "6:14"])):
         proc = run_cli("propagate", ct_case.image_path, ct_case.prompt_path, "-o", target, "--method", "copy", *extra)
@@ -534,12 +541,7 @@ def test_a_run_killed_between_its_two_moves_names_the_record_it_set_aside(tmp_pa
     record = tmp_path / "out.nii.gz.keyframes.json"
     shutil.copy(record, tmp_path / ".pamsegment-0123456789ab-0.old.json")  # what the killed run set aside
     shutil.copy(tmp_path / "other.nii.gz.keyframes.json", record)  # and the record it moved in
-    result = sitk.ReadImage(str(out))
-    array = sitk.GetArrayFromImage(result)
-    array[np.flatnonzero(array.any(axis=(1, 2)))[-1]] = 0
-    edited = sitk.GetImageFromArray(array)
-    edited.CopyInformation(result)
-    sitk.WriteImage(edited, str(tmp_path / "edited.nii.gz"))
+    _edited_copy(out, tmp_path / "edited.nii.gz", lambda a: a.__setitem__(np.flatnonzero(a.any(axis=(1, 2)))[-1], 0))
     proc = run_cli("propagate", ct_case.image_path, ct_case.prompt_path, "-o", tmp_path / "next.nii.gz", "--method",
                    "copy", "--previous", out, "--edited", tmp_path / "edited.nii.gz")
     assert proc.returncode == 2
@@ -598,19 +600,11 @@ def test_an_earlier_rounds_slice_outside_range_is_said_to_come_from_the_record(t
     with --range: "empty slice N lies outside the range", though the user never gave slice N."""
     import SimpleITK as sitk
 
-    def edited_copy(src, dst, change):
-        image = sitk.ReadImage(str(src))
-        array = sitk.GetArrayFromImage(image)
-        change(array)
-        out = sitk.GetImageFromArray(array)
-        out.CopyInformation(image)
-        sitk.WriteImage(out, str(dst))
-
     base = ["--method", "copy"]
     r1, r2 = tmp_path / "r1.nii.gz", tmp_path / "r2.nii.gz"
     assert run_cli("propagate", ct_case.image_path, ct_case.prompt_path, "-o", r1, *base).returncode == 0
     last = int(np.flatnonzero(sitk.GetArrayFromImage(sitk.ReadImage(str(r1))).any(axis=(1, 2)))[-1])
-    edited_copy(r1, tmp_path / "e1.nii.gz", lambda a: a.__setitem__(last, 0))
+    _edited_copy(r1, tmp_path / "e1.nii.gz", lambda a: a.__setitem__(last, 0))
     proc = run_cli("propagate", ct_case.image_path, ct_case.prompt_path, "-o", r2, *base, "--previous", r1,
                    "--edited", tmp_path / "e1.nii.gz")
     assert proc.returncode == 0, proc.stderr
@@ -619,7 +613,7 @@ def test_an_earlier_rounds_slice_outside_range_is_said_to_come_from_the_record(t
     def trim(a):  # the first row of the object on the slice after the drawn one, erased
         a[k + 1][np.flatnonzero(a[k + 1].any(axis=1))[0]] = 0
 
-    edited_copy(r2, tmp_path / "e2.nii.gz", trim)
+    _edited_copy(r2, tmp_path / "e2.nii.gz", trim)
     proc = run_cli("propagate", ct_case.image_path, ct_case.prompt_path, "-o", tmp_path / "r3.nii.gz", *base,
                    "--previous", r2, "--edited", tmp_path / "e2.nii.gz", "--range", f"{k - 2}:{k + 2}")
     assert proc.returncode == 2
