@@ -709,8 +709,8 @@ def _drawn_slices(prompt: np.ndarray, present: list[int], axis: int | None, labe
             # axis nothing was drawn on). Across more slices it is the other plane's drawing (an
             # outline on two coronal slices crossing 7 axial ones became 7 keyframes of lines). In an
             # update the keyframes are the earlier rounds' and the edits, along the record's axis by
-            # construction (a thin object's fourth adjacent correction was refused); strokes in
-            # another view are the stroke check's below.
+            # construction: whole corrected slices of the result, so an edit made in another view
+            # becomes full slices, not lines (a thin object's fourth adjacent correction was refused).
             continue
         others = [v for v in labels if v != lab]
         if not others:
