@@ -239,7 +239,6 @@ def test_a_mask_saved_by_a_script_without_geometry_is_refused_even_with_resample
     """A review (s28): a same-size mask saved as sitk.GetImageFromArray(mask) (voxel size 1, origin
     0) or with nibabel's np.eye(4) affine was refused with "use --resample-prompt", and doing so put
     the prompt elsewhere (Dice 0.00-0.10 on a real CT, exit 0). Its header places it nowhere."""
-    import nibabel as nib
     import pytest
     import SimpleITK as sitk
 
@@ -250,7 +249,9 @@ def test_a_mask_saved_by_a_script_without_geometry_is_refused_even_with_resample
     plain = tmp_path / "plain.nii.gz"
     sitk.WriteImage(sitk.GetImageFromArray(ct_case.prompt), str(plain))
     eye = tmp_path / "eye.nii.gz"
-    nib.save(nib.Nifti1Image(np.ascontiguousarray(ct_case.prompt.transpose(2, 1, 0)), np.eye(4)), str(eye))
+    as_nibabel = sitk.GetImageFromArray(ct_case.prompt)  # nibabel's np.eye(4) (RAS) as ITK reads it (LPS)
+    as_nibabel.SetDirection((-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))
+    sitk.WriteImage(as_nibabel, str(eye))
     for path in (plain, eye):
         for resample in (False, True):
             with pytest.raises(InputError, match=r"has the image's size but only a script's default position in its "
