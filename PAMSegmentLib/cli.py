@@ -976,26 +976,22 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
         return set(empty_slices.get(lab, ())) if isinstance(empty_slices, dict) else set(empty_slices or ())
 
     plan.empty_slices = {lab: sorted(set(w) | given(lab)) for lab, w in plan.empty_slices.items()}
-    try:
-        check_request(plan.prompt, plan.axis, labels, slice_range, plan.empty_slices, True)  # refused before it is said
-    except InputError as error:
-        lo, hi = slice_range if slice_range is not None else (0, 0)
-        mine = any(not lo <= v <= hi for lab in plan.empty_slices for v in given(lab))  # the user's own, said as is
-        import re
-
-        import numpy as np
-
-        text, record = str(error), f"from the record beside {Path(previous_path).name}"
-        keyframe = re.match(r"label (\d+)'s prompt slice (\d+) lies outside", text)
-        if slice_range is not None and earlier and not mine and text.startswith("empty slice "):
-            # an empty slice of an earlier round (the record's), not one the user gave now
-            raise InputError(f"{text} (it is one of the earlier rounds' slices, {record}): widen the range to "
-                             "include it, or drop the range") from None
-        if slice_range is not None and earlier and keyframe:
-            lab, k = int(keyframe.group(1)), int(keyframe.group(2))
-            if not (np.take(prompt.array, k, axis=plan.axis) == lab).any():  # not drawn in PROMPT: the record's
-                raise InputError(f"{text} (a keyframe of an earlier round, {record}; or drop the range)") from None
-        raise
+    if slice_range is not None:  # the earlier rounds' own slices (the record's) outside the range, said as such
+        lo, hi = slice_range
+        record = f"from the record beside {Path(previous_path).name}"
+        for lab in plan.empty_slices:
+            rounds = earlier.get(str(lab), {"keyframes": [], "walls": []})
+            walls = [s for s in rounds["walls"] if not lo <= s <= hi and s in plan.empty_slices[lab]
+                     and s not in given(lab)]
+            if walls:
+                raise InputError(f"empty slice {walls[0]} lies outside the range {lo}:{hi} along axis {plan.axis} (it "
+                                 f"is one of the earlier rounds' slices, {record}): widen the range to include it, or "
+                                 "drop the range")
+            keys = [s for s in rounds["keyframes"] if not lo <= s <= hi and s not in plan.drawn.get(lab, ())]
+            if keys:
+                raise InputError(f"label {lab}'s prompt slice {keys[0]} lies outside the range {lo}:{hi}; widen the "
+                                 f"range to include it (a keyframe of an earlier round, {record}; or drop the range)")
+    check_request(plan.prompt, plan.axis, labels, slice_range, plan.empty_slices, True)  # refused before it is said
     for line in plan.describe():
         say(f"update: {line}")
     if no_record:
