@@ -466,7 +466,7 @@ def write_csv(rows: Sequence[dict], path: str | os.PathLike) -> Path:
 
 
 _NUMERIC = {"structure_id", "position", "round", "ref_first", "ref_last", "pred_first", "pred_last", "dice", "nsd",
-            "hd95", "seconds", "n_predicted", "conf_chance", "added_slice", "prompt_dice"}
+            "hd95", "seconds", "n_predicted", "conf_chance", "added_slice", "prompt_dice", "axis", "nsd_tolerance_mm"}
 
 
 def read_csv(path: str | os.PathLike) -> list[dict]:
@@ -567,6 +567,17 @@ def _methods_in(rows, protocol):
     return seen
 
 
+def _tolerance_label(rows: Sequence[dict]) -> str:
+    """The NSD tolerance the rows were scored with: their ``nsd_tolerance_mm`` (rows written before
+    it was recorded: 2 mm, the only tolerance those runs used); "mixed" names every value."""
+    found = sorted({float(r["nsd_tolerance_mm"]) for r in rows if r.get("nsd_tolerance_mm") not in (None, "")})
+    if not found:
+        return "2 mm"
+    if len(found) == 1:
+        return f"{found[0]:g} mm"
+    return "mixed tolerances: " + " / ".join(f"{v:g}" for v in found) + " mm"
+
+
 def summary_markdown(rows: Sequence[dict], header: str = "", reference_position: float = 0.5) -> str:
     """The README-ready tables: per group, per structure, prompt position, confidence ranking,
     keyframes and correction rounds (the last two only when those rows exist)."""
@@ -578,7 +589,7 @@ def summary_markdown(rows: Sequence[dict], header: str = "", reference_position:
 
     if single:
         lines += [f"### Held-out structures: prompt at {int(round(rp * 100))} % of the extent", "",
-                  "Mean 3D Dice / normalized surface Dice (2 mm) per structure group.", ""]
+                  f"Mean 3D Dice / normalized surface Dice ({_tolerance_label(rows)}) per structure group.", ""]
         head = "| group | n | " + " | ".join(f"{m} Dice | {m} NSD" for m in methods) + " |"
         lines += [head, "|" + "---|" * (2 + 2 * len(methods))]
         dice_g = aggregate(single, ("group", "method"), "dice", {"position": rp})

@@ -346,7 +346,7 @@ def test_evaluate_script_end_to_end(tmp_path, capsys):
     spec.loader.exec_module(script)
     code = script.main(["--split", str(tmp_path / "split.json"), "--cache", str(tmp_path / "cache"), "--methods", "copy",
                         "--positions", "0.3,0.5,0.7", "--keyframes", "--correction-rounds", "1",
-                        "--prompt-variants", "erode:2", "--out", str(out)])
+                        "--prompt-variants", "erode:2", "--tolerance", "3", "--out", str(out)])
     assert code == 0
     assert "[1/1] tiny:blob" in capsys.readouterr().out
     rows = ev.read_csv(out / "results.csv")
@@ -374,6 +374,10 @@ def test_evaluate_script_end_to_end(tmp_path, capsys):
     # each row and provenance.json say what made the rows: copy has no weights, its settings' digest
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["command"].startswith("python scripts/evaluate.py --split") and set(prov["methods"]) == {"copy"}
+    # the NSD tolerance and axis are recorded in every row and in provenance, and the table names the tolerance
+    assert {(r["axis"], r["nsd_tolerance_mm"]) for r in rows} == {(0.0, 3.0)}
+    assert (prov["axis"], prov["nsd_tolerance_mm"]) == (0, 3.0)
+    assert "normalized surface Dice (3 mm) per structure group" in md
     from PAMSegmentLib.training.provenance import git_changes
 
     assert prov["git_changes"] == git_changes()  # a review: rows of edited code were stamped as the commit's
@@ -633,6 +637,43 @@ def test_merge_eval_keeps_prompt_variants_and_refuses_runs_that_disagree(tmp_pat
     assert seen["n"] == 4
     with pytest.raises(SystemExit, match="with different scores"):
         merge.main(["--out", str(tmp_path / "m2"), str(tmp_path / "variants.csv"), str(tmp_path / "other_axis.csv")])
+
+
+def test_merge_eval_refuses_runs_of_another_tolerance_or_axis(tmp_path, monkeypatch):
+    """Rows record their --axis and NSD --tolerance (a review, s28: neither was recorded, so runs at
+    5 mm merged with runs at 2 mm averaged into one table headed "2 mm"). Merging runs of
+    different values is refused, naming both; rows written before the columns existed still merge."""
+    import csv
+
+    from PAMSegmentLib.evaluation import summary_markdown
+
+    def write(path, structure, extra):
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["case", "group", "structure", "method", "protocol", "position",
+                                              "round", "dice", "nsd", *extra])
+            w.writeheader()
+            w.writerow(dict(case="c", group="g", structure=structure, method="pam", protocol="single", position=0.5,
+                            round=0, dice=0.8, nsd=0.5, **extra))
+    write(tmp_path / "t2.csv", "a", {"axis": 0, "nsd_tolerance_mm": 2})
+    write(tmp_path / "t5.csv", "b", {"axis": 0, "nsd_tolerance_mm": 5})
+    write(tmp_path / "ax1.csv", "c", {"axis": 1, "nsd_tolerance_mm": 2})
+    write(tmp_path / "old.csv", "d", {})
+    spec = importlib.util.spec_from_file_location("pam_merge_eval3", REPO / "scripts" / "merge_eval.py")
+    merge = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(merge)
+    seen = {}
+    monkeypatch.setattr(merge.ev, "write_csv", lambda rows, path: seen.setdefault(path.parent.name, len(rows)))
+    monkeypatch.setattr(merge.subprocess, "call", lambda *a, **k: 0)
+    with pytest.raises(SystemExit, match=r"different --tolerance \(2 in .*t2.csv, 5 in .*t5.csv\)"):
+        merge.main(["--out", str(tmp_path / "m1"), str(tmp_path / "t2.csv"), str(tmp_path / "t5.csv")])
+    with pytest.raises(SystemExit, match=r"different --axis \(0 in .*t2.csv, 1 in .*ax1.csv\)"):
+        merge.main(["--out", str(tmp_path / "m2"), str(tmp_path / "t2.csv"), str(tmp_path / "ax1.csv")])
+    assert merge.main(["--out", str(tmp_path / "m3"), str(tmp_path / "t2.csv"), str(tmp_path / "old.csv")]) == 0
+    assert seen["m3"] == 2
+    rows = [dict(case="c", group="g", structure="a", method="pam", protocol="single", position=0.5, round=0,
+                 dice=0.8, nsd=0.5, nsd_tolerance_mm=t) for t in (2.0, 5.0)]
+    assert "surface Dice (mixed tolerances: 2 / 5 mm)" in summary_markdown(rows)
+    assert "surface Dice (5 mm)" in summary_markdown(rows[1:])
 
 
 def test_a_group_cell_averaged_over_fewer_structures_says_how_many():

@@ -193,8 +193,11 @@ def evaluate_structure(args, runner: Runner, st: ev.EvalStructure, methods, posi
     case = runner.case
     ref = case.labels == st.label
     ext = ev.extent(ref)
+    # The propagation axis and the NSD tolerance go into every row: rows of other values must not be
+    # averaged into one table (merge_eval.py refuses them; the summary names the tolerance).
     base = {"case": st.case, "group": st.group, "modality": st.modality, "structure_id": st.label,
-            "structure": st.name, "ref_first": ext[0], "ref_last": ext[1]}
+            "structure": st.name, "ref_first": ext[0], "ref_last": ext[1], "axis": args.axis,
+            "nsd_tolerance_mm": args.tolerance}
     rows, masks = [], {}
 
     def fail(row, exc):
@@ -458,7 +461,8 @@ def main(argv=None):
     partial.unlink(missing_ok=True)
     command = f"python scripts/evaluate.py {' '.join(sys.argv[1:] if argv is None else argv)}"
     (out / "provenance.json").write_text(json.dumps(
-        {"command": command, "commit": commit, "git_changes": changes, "threads": args.threads, "methods": stamps},
+        {"command": command, "commit": commit, "git_changes": changes, "threads": args.threads, "axis": args.axis,
+         "nsd_tolerance_mm": args.tolerance, "methods": stamps},
         indent=1) + "\n")
     header = (f"## Evaluation\n\n`{command}` "
               f"(commit {commit}{' with changes' if changes else ''}; {len(structures)} structures, "

@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     ap.add_argument("inputs", nargs="+", help="results.csv files, each optionally PATH::OLD=NEW")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
-    rows, seen = [], {}
+    rows, seen, sources = [], {}, []
     for given in args.inputs:
         path, _, rename = given.partition("::")
         old, eq, new = rename.partition("=")
@@ -52,10 +52,23 @@ def main(argv=None) -> int:
             if key not in seen:
                 seen[key] = (score, path)
                 rows.append(r)
+                sources.append(path)
             elif seen[key][0] != score:
                 raise SystemExit(f"error: {path} and {seen[key][1]} both hold {', '.join(map(str, key))} with "
                                  f"different scores ({score} vs {seen[key][0]}): runs of another --axis or "
                                  "--tolerance cannot be merged into one table")
+
+    # Rows that record their propagation axis or NSD tolerance (evaluate.py since session 29) must
+    # agree on them: another axis is another experiment, and NSDs at other tolerances do not average.
+    for field, option in (("axis", "--axis"), ("nsd_tolerance_mm", "--tolerance")):
+        values = {}
+        for r, src in zip(rows, sources):
+            if r.get(field) not in (None, ""):
+                values.setdefault(float(r[field]), src)
+        if len(values) > 1:
+            raise SystemExit(f"error: the inputs were run with different {option} ("
+                             + ", ".join(f"{v:g} in {src}" for v, src in values.items())
+                             + "): merge runs of one value only")
 
     def family(method: str) -> str:  # ci@pam and scratch@pam belong to pam's session
         return method.split("@")[-1]
