@@ -694,6 +694,7 @@ def _made_otherwise_notes(earlier, result) -> list[str]:
     if earlier is None:
         return []
     from .checks import state_to_json
+    from .propagate import settings_kept
 
     whats: dict[str, list[int]] = {}
     for lab, now in sorted(result.begin_state.items()):
@@ -706,7 +707,7 @@ def _made_otherwise_notes(earlier, result) -> list[str]:
         if before[0] != now_json[0]:
             what = (f"--method {_METHOD_OF.get(before[0], before[0])} and this one --method "
                     f"{_METHOD_OF.get(now_json[0], now_json[0])}")
-        elif before[2] != now_json[2]:
+        elif not settings_kept(before[2], now_json[2]):
             what = "other settings than this one (other weights, registration weight or drift test)"
         else:
             continue

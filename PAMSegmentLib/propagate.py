@@ -1403,11 +1403,16 @@ def predictor_settings(predictor) -> tuple:
     class-level options an instance may override, and for the network its weights (sha256) and
     preprocessing. Walks made with other settings (another registration weight, other weights) are
     not reused by an update."""
+    items = {}
+    # Class-level options first, base classes before subclasses (a default a subclass or a new
+    # release changes is a setting too: gate_k, inherited thresholds), then the instance's own.
+    for cls in reversed(type(predictor).__mro__):
+        for name, value in vars(cls).items():
+            if not name.startswith("_") and name not in _NOT_SETTINGS and not callable(value) \
+                    and not isinstance(value, (property, staticmethod, classmethod)):
+                items[name] = value
     state = getattr(predictor, "__dict__", {})
-    items = {name: value for name, value in state.items() if not name.startswith("_") and name not in _NOT_SETTINGS}
-    for name in ("registration_options", "keyframe_empty_side_votes", "gate_sd_floor"):
-        if hasattr(predictor, name):
-            items[name] = getattr(predictor, name)
+    items.update({name: value for name, value in state.items() if not name.startswith("_") and name not in _NOT_SETTINGS})
     model = items.pop("model", None)
     if model is not None:
         items["model"] = getattr(model, "sha256", "") or f"in memory {id(model)}"
@@ -1422,6 +1427,30 @@ def predictor_settings(predictor) -> tuple:
             continue  # state objects (the drift test, the registration predictor), not settings
         out.append(f"{name}={value!r}")
     return tuple(out)
+
+
+def same_begin(before, now) -> bool:
+    """Whether a walk recorded with ``before`` (a ``_begin_key``, or its JSON form read back from a
+    record) may be reused by a run whose key is ``now``: the same predictor class and begin state,
+    and every setting the record names has the same value now. A setting the record does not name
+    is not compared: records written before class-level defaults were recorded (session 29) name
+    only the instance's settings, and an upgrade alone should not recompute every walk."""
+    from .checks import state_to_json
+
+    try:
+        before, now = state_to_json(before), state_to_json(now)
+    except (TypeError, ValueError):
+        return False
+    if not (isinstance(before, list) and isinstance(now, list) and len(before) == len(now) == 3):
+        return before == now
+    return before[:2] == now[:2] and settings_kept(before[2], now[2])
+
+
+def settings_kept(before, now) -> bool:
+    """Every setting (``name=value`` text) of ``before`` is among ``now``'s (see ``same_begin``)."""
+    if not isinstance(before, (list, tuple)) or not isinstance(now, (list, tuple)):
+        return False
+    return set(map(str, before)) <= set(map(str, now))
 
 
 def _begin_key(predictor) -> tuple:
@@ -1479,7 +1508,7 @@ def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo
     keys = sorted(drawn | set(empty_keyframes))
     predictor.begin(walk_volume, keyframes[0] * k, prompt_mask[keyframes[0]])
     begin_key = _begin_key(predictor)  # recorded with the result: what a later update compares
-    if reuse is not None and reuse.begin_state != begin_key:
+    if reuse is not None and not same_begin(reuse.begin_state, begin_key):
         # Another method, or the same one begun differently (e.g. a keyframe drawn below the first
         # one gave PAM another intensity window): walks of the earlier run are not this run's.
         reuse = None

@@ -634,7 +634,9 @@ def test_an_update_recomputes_when_the_predictor_begins_differently():
     first = propagate(image, prompt_from(truth, 12), ISO, WindowedOracle(truth, window=4))
     (name, began, settings), = first.begin_state.values()
     assert (name, began) == ("WindowedOracle", pytest.approx(float(image[12][truth[12]].mean())))
-    assert settings == ("max_window=4", "min_window=1", "window_mm=4.0", "with_presence=False")
+    # the instance's settings and the class-level defaults it inherits (the engine's thresholds)
+    assert {"max_window=4", "min_window=1", "window_mm=4.0", "with_presence=False", "threshold=0.5",
+            "presence_threshold=0.5"} <= set(settings)
     above = WindowedOracle(truth, window=4)  # keyframe added above the first: same beginning, reuse
     update = propagate(image, prompt_from(truth, [12, 20]), ISO, above, previous=first)
     assert 0 < update.n_predicted < first.n_predicted and min(predicted(above)) > 12
