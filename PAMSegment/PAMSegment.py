@@ -146,6 +146,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._entered = False  # the panel is shown (enter() until exit())
         self._reviewShown = None  # (segmentation node ID, segment ID, slice) last shown for review
         self._editorSelectionSeen = None  # the Segment Editor's selection (IDs) when the panel last followed it
+        self._cancelledBySceneClose = None  # the job a scene close cancelled (its last poll says so)
 
     def resourcePath(self, filename):
         return _resourcePath(filename)
@@ -229,6 +230,8 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneStartClose(self, caller, event):
         if self.job is not None and self.job.cancellable:
             self.job.cancel()
+            self._cancelledBySceneClose = self.job
+            self.ui.progressBar.setFormat("cancelling...")
             self._setStatus("Propagation cancelled because the scene was closed.", "warning")
         self.logic.history.clear()
         self._reviewShown = None
@@ -737,6 +740,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 job.cancel()  # the result is dropped: nothing is left to cancel or write
                 self._setStatus(f"Result not written: {exc}", "error")
                 self.ui.progressBar.setFormat("not written")
+                self.updatePromptLabel()  # the "Updating from your slices" line no longer applies
             else:
                 # The selection stays on the drawn segment: in "new" mode it is still the prompt.
                 written = job.segmentation_node.GetSegmentation().GetSegment(segmentId)
@@ -761,12 +765,18 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         elif job.state == "cancelled":
             self.ui.progressBar.setValue(0)
             self.ui.progressBar.setFormat("cancelled")
-            self._setStatus("Cancelled; the segmentation was not changed.", "warning")
+            if job is self._cancelledBySceneClose:  # its segmentation is gone with the scene
+                self._setStatus("Propagation cancelled because the scene was closed.", "warning")
+            else:
+                self._setStatus("Cancelled; the segmentation was not changed.", "warning")
+            self.updatePromptLabel()
         else:
             self.ui.progressBar.setValue(0)
             self.ui.progressBar.setFormat("failed")
             job.log_failure()  # an unexpected failure's traceback, for the Error Log
             self._setStatus(f"Failed (nothing was changed): {job.error}", "error")
+            self.updatePromptLabel()
+        self._cancelledBySceneClose = None
         self.updateButtons()
 
     def _saveStateForUndo(self, segmentationNode):

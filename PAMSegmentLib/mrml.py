@@ -1029,7 +1029,10 @@ class SegmentPropagation:
 
     @property
     def cancellable(self) -> bool:
-        """Running, or finished but not written yet: ``cancel()`` still means nothing is written."""
+        """Running, or finished but not written yet, and no cancel asked for yet: ``cancel()`` still
+        means something (the panel's Cancel stays off once pressed, or once a scene close cancelled)."""
+        if self._cancel.is_cancelled:
+            return False
         return not self.done or (self._state == "finished" and self.applied_segment_id is None)
 
     def cancel(self) -> None:

@@ -1793,3 +1793,51 @@ def test_logic_process_takes_the_method_the_console_docstring_offers(module, dra
     _edit(segmentation, written, volume, edited)
     job = logic.processUpdate(volume, segmentation, written, method="copy")
     assert job.state == "finished" and not _segment_array(segmentation, written, volume)[k].any()
+
+
+def test_a_cancelled_update_gives_the_prompt_line_back(panel, drawn, monkeypatch):
+    """A review (s29): after an update was cancelled (or failed, or was not written) the prompt line
+    still said "Updating from your slices: ..." until the next edit."""
+    truth, volume, segmentation, segment_id = _propagated(panel, drawn, monkeypatch)
+    edited = _segment_array(segmentation, segment_id, volume)
+    edited[13, :, :18] = False
+    _edit(segmentation, segment_id, volume, edited)
+    panel.promptRefreshTimer.fire()
+    waiting = panel.ui.promptLabel.text
+    assert "Edited since: 1 slice (13)" in waiting
+    gate = {"started": threading.Event(), "go": threading.Event()}
+    oracle_loader(monkeypatch, truth, gate)
+    panel.logic._models.clear()
+    panel.ui.updateButton.click()
+    assert gate["started"].wait(10)
+    assert panel.ui.promptLabel.text.startswith("Updating from your slices")
+    panel.ui.cancelButton.click()
+    assert not panel.ui.cancelButton.enabled
+    panel.updateButtons()  # a poll or a selection change while it stops: Cancel stays off once pressed
+    assert not panel.ui.cancelButton.enabled
+    gate["go"].set()
+    poll_until_idle(panel)
+    assert panel.ui.statusLabel.text == "Cancelled; the segmentation was not changed."
+    assert panel.ui.promptLabel.text == waiting
+
+
+def test_a_scene_close_during_a_run_keeps_its_message(panel, drawn, monkeypatch, mrml_scene):
+    """A review (s29): after a scene close cancelled a run, the progress still said "starting",
+    Cancel came back on, and the last poll replaced "cancelled because the scene was closed" by
+    "the segmentation was not changed" about a segmentation that was gone."""
+    truth, volume, segmentation, segment_id = drawn
+    gate = {"started": threading.Event(), "go": threading.Event()}
+    oracle_loader(monkeypatch, truth, gate)
+    panel.ui.segmentationSelector.setCurrentNode(segmentation)
+    panel.ui.propagateButton.click()
+    assert gate["started"].wait(10)
+    panel.onSceneStartClose(None, None)
+    panel.ui.segmentationSelector.setCurrentNode(None)
+    panel.ui.volumeSelector.setCurrentNode(None)
+    mrml_scene.Clear(0)
+    panel.onSceneEndClose(None, None)
+    assert panel.ui.progressBar.format == "cancelling..." and not panel.ui.cancelButton.enabled
+    gate["go"].set()
+    poll_until_idle(panel)
+    assert panel.ui.statusLabel.text == "Propagation cancelled because the scene was closed."
+    assert panel.ui.progressBar.format == "cancelled"
