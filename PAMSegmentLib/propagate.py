@@ -382,7 +382,15 @@ class PropagationResult:
             ends: dict[int, list[str]] = {}
             for stop in self.stops.get(lab, []):
                 if stop.get("last") is not None:
-                    ends.setdefault(int(stop["last"]), []).append(str(stop["reason"]))
+                    last = int(stop["last"])
+                    # The component filter may have emptied the walk's last slices (one touching its
+                    # neighbour only diagonally, under the published walk's 6-connectivity): the end
+                    # is marked on the last slice that still holds the object on that side.
+                    step = -1 if int(stop.get("direction", 1)) > 0 else 1
+                    start = int(stop.get("start", last))
+                    while last != start and 0 <= last < len(area) and not area[last]:
+                        last += step
+                    ends.setdefault(last, []).append(str(stop["reason"]))
             for k in range(len(conf)):
                 if not area[k] and not np.isfinite(conf[k]) and k not in drawn and k not in ends:
                     continue

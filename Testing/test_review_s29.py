@@ -44,3 +44,44 @@ def test_an_update_with_another_class_default_recomputes_but_an_older_record_is_
     scratch = propagate(image, prompt_from(truth, [12, 20]), ISO, CopyPredictor())
     assert 0 < again.n_predicted < scratch.n_predicted
     np.testing.assert_array_equal(again.mask, scratch.mask)
+
+
+def test_walk_end_sits_on_the_last_slice_the_component_filter_kept():
+    """A review (s29): under the authors' walk (6-connected components) slices that touch the
+    object only diagonally are removed after the walk, but the report's walk_end stayed on the
+    walk's last slice, now empty (`1,10,0,no,0.251,area` in the review's CSV)."""
+    from PAMSegmentLib.propagate import SlicePrediction, SlicePredictor
+
+    truth = np.zeros((20, 32, 32), bool)
+    truth[11:16, 10:20, 10:20] = True  # the drawn side, slices 11-15
+    truth[8:11, 10:20, 20:24] = True  # slices 8-10 touch slice 11 only along an edge
+
+    class Oracle(SlicePredictor):
+        published_scheme = True
+
+        def predict(self, volume, guide_index, guide_mask, query_indices):
+            return SlicePrediction(truth[list(query_indices)].astype(np.float32), None)
+
+    prompt = np.zeros(truth.shape, np.uint8)
+    prompt[13] = truth[13]
+    result = propagate(truth.astype(np.float32), prompt, (5.0, 1.0, 1.0), Oracle())
+    assert result.slice_range == {1: (11, 15)}
+    assert any(s["direction"] == -1 and s["last"] == 8 for s in result.stops[1])  # where the walk ended
+    ends = {row["slice"]: row for row in result.slice_table() if row["walk_end"]}
+    assert sorted(ends) == [11, 15] and all(row["voxels"] > 0 for row in ends.values())
+
+
+def test_a_state_dict_with_an_extra_number_names_that_entry(tmp_path):
+    """A review (s29): a state dict with `epoch` added was refused as "holds no state dict",
+    listing six weight names and never the entry that was wrong."""
+    import pytest
+    import torch
+
+    from PAMSegmentLib.checkpoints import load_checkpoint_file
+    from PAMSegmentLib.errors import CheckpointError
+
+    sd = {f"layer{i}.weight": torch.zeros(2, 2) for i in range(4)}
+    torch.save({**sd, "epoch": 5}, tmp_path / "with_epoch.pth")
+    with pytest.raises(CheckpointError, match=r"holds weights and 1 entry that is not a tensor: 'epoch' \(int\); "
+                                              r"save the weights alone"):
+        load_checkpoint_file(tmp_path / "with_epoch.pth")
