@@ -1928,6 +1928,8 @@ class EditPlan:
     ignored: list[int]  # labels edited but not in the prompt (not propagated)
     earlier: dict[int, list[int]] = field(default_factory=dict)  # per label: keyframes of earlier rounds
     previous: np.ndarray | None = field(default=None, repr=False)  # the earlier result (for ``changes``)
+    # per label: drawn slices an earlier round corrected (they hold that correction, not the drawing)
+    corrected: dict[int, list[int]] = field(default_factory=dict)
 
     def changes(self, mask: np.ndarray) -> list[str]:
         """Per label, the slices along the axis where the update's ``mask`` differs from the earlier
@@ -1962,9 +1964,10 @@ class EditPlan:
         lines = []
         for lab in sorted(self.drawn):
             keys, walls, edited = self.keyframes(lab), set(self.empty_slices[lab]), set(self.edited[lab])
-            kinds = [("prompt", [s for s in keys if s in self.drawn[lab] and s not in edited]),
+            fixed = set(self.corrected.get(lab, ()))
+            kinds = [("prompt", [s for s in keys if s in self.drawn[lab] and s not in edited and s not in fixed]),
                      ("earlier rounds", [s for s in keys if s in self.earlier.get(lab, ()) and s not in edited
-                                         and s not in self.drawn[lab]]),
+                                         and (s not in self.drawn[lab] or s in fixed)]),
                      ("edited", [s for s in keys if s in edited])]
             text = f"label {lab}: keyframes " + ", ".join(
                 ", ".join(str(s) for s in sl) + f" ({kind})" for kind, sl in kinds if sl)
@@ -2067,7 +2070,7 @@ def keyframes_from_edits(prompt: np.ndarray, previous, edited: np.ndarray, *,
         earlier = _earlier_from_result(result, ax)
     earlier = _earlier_record(earlier)
     out = np.zeros(prm.shape, dtype=prompt.dtype if np.issubdtype(prompt.dtype, np.integer) else np.int32)
-    walls, changed_all, earlier_keys, erased = {}, {}, {}, []
+    walls, changed_all, earlier_keys, erased, corrected = {}, {}, {}, [], {}
     n = prm.shape[0]
     absent = [lab for lab in drawn if not (prev == lab).any()]
     if absent and len(absent) < len(drawn):  # a result of some of the prompt's labels: a --label run
@@ -2077,14 +2080,21 @@ def keyframes_from_edits(prompt: np.ndarray, previous, edited: np.ndarray, *,
                          f"--label (labels=), give the same labels again (--label {' '.join(map(str, present))}; a "
                          f"manifest's label column {' '.join(map(str, present))}; labels={present} in Python)")
     for lab, slices in drawn.items():
-        for s in slices:
-            if not np.array_equal(prev[s] == lab, prm[s] == lab):
-                raise InputError(f"the earlier result is not a result of this prompt: on slice {s} (axis {ax}) "
-                                 f"label {lab} differs from the drawing; give the output of the run from this "
-                                 "prompt as the earlier result")
         before = earlier.get(str(lab), {})
         earlier_keys[lab] = [s for s in before.get("keyframes", []) if 0 <= s < n]
         old_walls = {s for s in before.get("walls", []) if 0 <= s < n}
+        for s in slices:
+            # A drawn slice may have been corrected in an earlier round (a review, s29: every round
+            # after that was refused): then the earlier result holds the correction, and the record of
+            # that round names the slice among its keyframes (or walls, if it was erased there).
+            if np.array_equal(prev[s] == lab, prm[s] == lab):
+                continue
+            if s in old_walls or s in earlier_keys[lab]:
+                corrected.setdefault(lab, []).append(int(s))
+            else:
+                raise InputError(f"the earlier result is not a result of this prompt: on slice {s} (axis {ax}) "
+                                 f"label {lab} differs from the drawing; give the output of the run from this "
+                                 "prompt as the earlier result")
         changed = [int(s) for s in differ_slices if ((prev[s] == lab) != (edit[s] == lab)).any()]
         changed_all[lab] = changed
         keys = sorted(set(slices) | set(earlier_keys[lab]) | set(changed) | old_walls)
@@ -2110,7 +2120,7 @@ def keyframes_from_edits(prompt: np.ndarray, previous, edited: np.ndarray, *,
     ignored = sorted((was | now) - set(drawn))
     return EditPlan(prompt=np.moveaxis(out, 0, ax), empty_slices=walls, axis=ax,
                     drawn={lab: list(sl) for lab, sl in drawn.items()}, edited=changed_all, ignored=ignored,
-                    earlier=earlier_keys, previous=np.moveaxis(prev, 0, ax))
+                    earlier=earlier_keys, previous=np.moveaxis(prev, 0, ax), corrected=corrected)
 
 
 def check_request(prompt, axis, labels, range, empty_slices, update: bool):  # noqa: A002

@@ -85,3 +85,44 @@ def test_a_state_dict_with_an_extra_number_names_that_entry(tmp_path):
     with pytest.raises(CheckpointError, match=r"holds weights and 1 entry that is not a tensor: 'epoch' \(int\); "
                                               r"save the weights alone"):
         load_checkpoint_file(tmp_path / "with_epoch.pth")
+
+
+def test_a_drawn_slice_corrected_in_one_round_does_not_block_the_next():
+    """A review (s29): after a round that corrected the drawn slice itself, every later round with
+    the same prompt was refused ("the earlier result is not a result of this prompt: on slice 12
+    ... differs from the drawing"), on the CLI, in Python and in batch. The record of that round
+    names the slice among its keyframes (or walls, if erased): it holds the correction."""
+    from test_edits import first_run
+
+    from PAMSegmentLib.propagate import keyframes_from_edits
+
+    one, _, prompt, previous = first_run()
+    round2 = previous.copy()
+    half = (round2[12] == 1) & (np.arange(round2.shape[2])[None, :] < np.flatnonzero(one[12].any(0)).mean())
+    round2[12][half] = 0  # the drawn slice corrected: its left half erased
+    plan2 = keyframes_from_edits(prompt, previous, round2)
+    assert plan2.edited[1] == [12] and plan2.record()["1"]["keyframes"] == [12]
+    round3 = round2.copy()
+    round3[16][round3[16] == 1] = 0  # the next round: label 1 erased on slice 16
+    plan3 = keyframes_from_edits(prompt, round2, round3, earlier=plan2.record())
+    np.testing.assert_array_equal(plan3.prompt[12] == 1, round2[12] == 1)  # the correction stays a keyframe
+    assert plan3.edited[1] == [16] and plan3.empty_slices[1] == [16]
+    assert plan3.corrected == {1: [12]}
+    assert plan3.describe()[0] == "label 1: keyframes 12 (earlier rounds); the object is absent on 16"
+    # erased altogether on its drawn slice in round 2: a wall there, and round 3 still runs
+    gone = previous.copy()
+    gone[12][gone[12] == 1] = 0
+    gone[16][(gone[16] == 1) & half] = 0  # and corrected on slice 16, which becomes a keyframe
+    plan2 = keyframes_from_edits(prompt, previous, gone)
+    assert plan2.record()["1"] == {"keyframes": [16], "walls": [12]}
+    again = gone.copy()
+    again[18][again[18] == 1] = 0
+    plan3 = keyframes_from_edits(prompt, gone, again, earlier=plan2.record())
+    assert 12 in plan3.empty_slices[1] and 18 in plan3.empty_slices[1]
+    # without a record naming the slice, an earlier result that differs on a drawn slice is refused
+    import pytest
+
+    from PAMSegmentLib.errors import InputError
+
+    with pytest.raises(InputError, match="is not a result of this prompt: on slice 12"):
+        keyframes_from_edits(prompt, round2, round3)
