@@ -997,6 +997,17 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
         say(f"update: {line}")
     if no_record:
         say(no_record)
+    if labels is not None:  # labels of the earlier result left out by the choice: said, never lost unsaid
+        import numpy as np
+
+        left = sorted(int(v) for v in np.unique(prompt.array)
+                      if v != 0 and int(v) not in plan.drawn and int(v) not in plan.ignored and (maps[0] == v).any())
+        if left:
+            option = "--label" if names[0].startswith("--") else "the label column"
+            who = f"label{'s' if len(left) > 1 else ''} {', '.join(map(str, left))}"
+            say(f"note: {who} of {Path(previous_path).name} {'are' if len(left) > 1 else 'is'} not among the labels chosen ({option}): "
+                f"left out of the result; leave out {option} to keep {'them' if len(left) > 1 else 'it'} (labels you "
+                "did not edit are reused, not predicted again)")
     if plan.ignored:
         say(f"note: label{'s' if len(plan.ignored) > 1 else ''} {', '.join(map(str, plan.ignored))} changed in "
             f"{names[1]} but not propagated (not in the prompt or not among the labels chosen): left out of the "

@@ -126,3 +126,36 @@ def test_a_drawn_slice_corrected_in_one_round_does_not_block_the_next():
 
     with pytest.raises(InputError, match="is not a result of this prompt: on slice 12"):
         keyframes_from_edits(prompt, round2, round3)
+
+
+def test_an_update_with_a_label_subset_says_what_it_leaves_out(ct_case, capsys):
+    """A review (s29): an update with --label 1 of a two-label result wrote label 1 only, the other
+    label gone without a word."""
+    from conftest import write_image
+    from test_edits import _update
+
+    from PAMSegmentLib import cli
+    from PAMSegmentLib.volumes import read_volume
+
+    d = ct_case.directory
+    prompt = ct_case.prompt.copy()
+    prompt[10, 30:34, 6:10] = 2  # a second label drawn on the same slice, in the body beside the object
+    write_image(prompt, ct_case.prompt_path, ct_case.spacing)
+    first = d / "first.nii.gz"
+    assert cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(first),
+                     "--method", "copy"]) == 0
+    previous = read_volume(first).array
+    assert (previous == 2).any()
+    edited = previous.copy()
+    edited[13][edited[13] == 1] = 0
+    edited[13][ct_case.truth[13]] = 1
+    edited[12][edited[12] == 1] = 0  # label 1 corrected: erased on slice 12
+    edited_path = write_image(edited.astype(np.uint8), d / "edited.nii.gz", ct_case.spacing)
+    capsys.readouterr()
+    assert _update(ct_case, first, edited_path, d / "second.nii.gz", "--label", "1") == 0
+    out = capsys.readouterr().out
+    assert ("note: label 2 of first.nii.gz is not among the labels chosen (--label): left out of the result; leave "
+            "out --label to keep it (labels you did not edit are reused, not predicted again)") in out
+    assert not (read_volume(d / "second.nii.gz").array == 2).any()
+    assert _update(ct_case, first, edited_path, d / "third.nii.gz") == 0  # all labels: both kept
+    assert (read_volume(d / "third.nii.gz").array == 2).any()
