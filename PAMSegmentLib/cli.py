@@ -595,11 +595,13 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     # Check the prompt before loading a network (which can take seconds for the official one).
     find_prompt_slices(prompt.array, axis=args.axis, labels=args.label)
     keyframes, empty_slices, axis, plan, earlier = prompt.array, args.empty_slices, args.axis, None, None
+    slice_range = args.slice_range
     if args.edited is not None:
         plan, earlier = plan_update(image, prompt, args.previous, args.edited, axis=args.axis, labels=args.label,
                                     slice_range=args.slice_range, empty_slices=args.empty_slices,
                                     resample=args.resample_prompt, say=lambda text: print(text, flush=True))
         keyframes, empty_slices, axis = plan.prompt, plan.empty_slices, plan.axis
+        slice_range = plan.slice_range  # the earlier run's range, from its record, unless --range was given
     if args.server:  # propagate checks the inputs here, then the server does the work
         from .remote import RemoteModel
 
@@ -616,7 +618,7 @@ def cmd_propagate(args: argparse.Namespace) -> int:
             model,
             axis=axis,
             labels=args.label,
-            range=args.slice_range,
+            range=slice_range,
             early_stop=not args.no_early_stop,
             empty_slices=empty_slices,
             batch_size=args.batch_size,
@@ -840,6 +842,10 @@ def _matching_record_kept_aside(path: Path, previous) -> Path | None:
     return None
 
 
+class _RecordMismatch(InputError):
+    """The record beside the earlier result describes another label map than that file holds."""
+
+
 def _read_keyframes_record(path: Path, previous, option_axis, name: str = "--previous"):
     """The earlier rounds' keyframes beside the earlier result (``name``: what the user called it),
     checked against it: ({"label": {...}}, axis, its ``result`` part or None), keys as
@@ -872,9 +878,9 @@ def _read_keyframes_record(path: Path, previous, option_axis, name: str = "--pre
         if kept is not None:  # a run killed between moving its record and its output in (kill -9, power loss)
             raise InputError(f"{where} does not match {name}, but {kept.name} beside it, the record an interrupted "
                              f"run set aside, does: rename {kept.name} to {path.name} and run again")
-        raise InputError(f"{where} does not match {name}, which has changed since it was written: give that "
-                         f"update's unchanged output as {name} (and correct a copy of it), or delete "
-                         f"{path.name} to keep only the prompt's keyframes")
+        raise _RecordMismatch(f"{where} does not match {name}, which has changed since it was written: give that "
+                              f"update's unchanged output as {name} (and correct a copy of it), or delete "
+                              f"{path.name} to keep only the prompt's keyframes")
     # Checked against the result it describes (its checksum matched): slices on its axis, labels it
     # can hold, no slice both a keyframe and a wall; hand-edited values were ignored before.
     n_slices = previous.shape[record["axis"]]
@@ -946,10 +952,31 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
                 for w in caught:
                     if issubclass(w.category, UserWarning):
                         say(f"note: {option}: {w.message}")
-    earlier, no_record, stored = {}, None, None
+    import numpy as np
+
+    earlier, no_record, stored, range_from_record = {}, None, None, False
     if keyframes_record_exists(previous_path):  # the earlier run's keyframes and walls, and its walks
         given_axis = axis
-        earlier, axis, stored = _read_keyframes_record(keyframes_record_path(previous_path), maps[0], axis, names[0])
+        try:
+            earlier, axis, stored = _read_keyframes_record(keyframes_record_path(previous_path), maps[0], axis,
+                                                           names[0])
+        except _RecordMismatch:
+            if not np.array_equal(maps[0], maps[1]):
+                raise
+            # the result corrected in place and saved under a second name too: deleting the record
+            # (the general advice) would only lead to "nothing to update"
+            raise InputError(f"{names[0]} has changed since its record was written, and {names[1]} is the same "
+                             f"label map: it looks like {Path(previous_path).name} was corrected in place. Run the "
+                             f"earlier command again with another -o to get the result back, and give that as "
+                             f"{names[0]} and your corrected file as {names[1]}") from None
+        recorded_range = stored.get("range") if isinstance(stored, dict) else None
+        if slice_range is None and isinstance(recorded_range, list) and len(recorded_range) == 2 \
+                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in recorded_range) \
+                and recorded_range[0] <= recorded_range[1] < maps[0].shape[axis] \
+                and (recorded_range[0], recorded_range[1]) != (0, maps[0].shape[axis] - 1):
+            # As the axis, the range of the run being corrected carries over (forgotten, it let every
+            # unedited label grow past it, without a word)
+            slice_range, range_from_record = (int(recorded_range[0]), int(recorded_range[1])), True
         if given_axis is None:  # the axis is the record's: a prompt drawn across another is not that run's
             _check_prompt_axis(prompt.array, axis, labels, names[0])
     else:  # made by a version before records, or copied or moved without its record
@@ -963,9 +990,14 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
         lo, hi = slice_range
         for lab in plan.drawn:
             outside = [s for s in plan.edited[lab] if not lo <= s <= hi]
+            if outside and range_from_record:
+                raise InputError(f"label {lab} was edited on slice {outside[0]}, outside the range {lo}:{hi} the run "
+                                 f"that made {Path(previous_path).name} was limited to (its record says so): give "
+                                 "--range to widen it, or leave that slice as it was")
             if outside:
                 raise InputError(f"label {lab} was edited on slice {outside[0]}, outside --range {lo}:{hi}; widen "
                                  "--range or leave that slice as it was")
+    plan.slice_range = slice_range
     # --empty-slices are walls of this round too: the record for the next round keeps them
     if isinstance(empty_slices, dict):  # per label: one not propagated this round was dropped without a word
         unknown = sorted(set(empty_slices) - set(plan.empty_slices))
@@ -995,6 +1027,10 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
     check_request(plan.prompt, plan.axis, labels, slice_range, plan.empty_slices, True)  # refused before it is said
     for line in plan.describe():
         say(f"update: {line}")
+    if range_from_record:
+        say(f"update: within slices {slice_range[0]}-{slice_range[1]} along axis {plan.axis}, as the run that made "
+            f"{Path(previous_path).name} (--range {slice_range[0]}:{slice_range[1]}, from its record; give --range "
+            "to change it)")
     if no_record:
         say(no_record)
     if labels is not None:  # labels of the earlier result left out by the choice: said, never lost unsaid

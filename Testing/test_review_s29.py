@@ -159,3 +159,67 @@ def test_an_update_with_a_label_subset_says_what_it_leaves_out(ct_case, capsys):
     assert not (read_volume(d / "second.nii.gz").array == 2).any()
     assert _update(ct_case, first, edited_path, d / "third.nii.gz") == 0  # all labels: both kept
     assert (read_volume(d / "third.nii.gz").array == 2).any()
+
+
+def test_a_result_corrected_in_place_gets_advice_that_works(ct_case, capsys):
+    """A review (s29): OUT corrected in place and saved under a second name too was told to delete
+    its record, which only led to "nothing to update". It is said what happened and what to run."""
+    from conftest import write_image
+    from test_edits import _first_run, _update
+
+    from PAMSegmentLib.volumes import read_volume
+
+    d = ct_case.directory
+    first = _first_run(ct_case)
+    corrected = read_volume(first).array
+    assert corrected[13].any()
+    corrected[13] = 0  # erased
+    write_image(corrected.astype(np.uint8), first, ct_case.spacing)  # in place
+    copy = write_image(corrected.astype(np.uint8), d / "copy.nii.gz", ct_case.spacing)
+    capsys.readouterr()
+    assert _update(ct_case, first, copy, d / "second.nii.gz") == 2
+    err = capsys.readouterr().err
+    assert ("--previous has changed since its record was written, and --edited is the same label map: it looks like "
+            "first.nii.gz was corrected in place. Run the earlier command again with another -o") in err
+
+
+def test_an_update_keeps_the_range_of_the_run_it_corrects(ct_case, capsys):
+    """A review (s29): round 1 ran with --range; round 2 without it recomputed every label over the
+    whole volume (unedited labels grew past the range, without a word). The record's range carries
+    over as its axis does, said in an update line; --range still changes it."""
+    from test_edits import _update
+
+    from PAMSegmentLib import cli
+    from PAMSegmentLib.volumes import read_volume
+
+    d = ct_case.directory
+    first = d / "first.nii.gz"
+    assert cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(first),
+                     "--method", "copy", "--range", "8:12"]) == 0
+    previous = read_volume(first).array
+    assert [k for k in range(previous.shape[0]) if previous[k].any()] == [8, 9, 10, 11, 12]
+    edited = previous.copy()
+    edited[11][edited[11] == 1] = 0
+    edited[11][ct_case.truth[11]] = 1
+    edited[11][15:18, 15:18] = 0  # label 1 corrected on slice 11
+    edited_path = ct_case.directory / "edited.nii.gz"
+    from conftest import write_image
+
+    write_image(edited.astype(np.uint8), edited_path, ct_case.spacing)
+    capsys.readouterr()
+    assert _update(ct_case, first, edited_path, d / "second.nii.gz") == 0
+    out = capsys.readouterr().out
+    assert ("update: within slices 8-12 along axis 0, as the run that made first.nii.gz (--range 8:12, from its "
+            "record; give --range to change it)") in out
+    second = read_volume(d / "second.nii.gz").array
+    assert [k for k in range(second.shape[0]) if second[k].any()] == [8, 9, 10, 11, 12]
+    np.testing.assert_array_equal(second[11], edited[11])
+    assert _update(ct_case, first, edited_path, d / "third.nii.gz", "--range", "0:19") == 0  # widened on purpose
+    third = read_volume(d / "third.nii.gz").array
+    assert any(third[k].any() for k in (5, 6, 7, 13, 14, 15))
+    edited[14][ct_case.truth[14]] = 1  # an edit outside the recorded range
+    write_image(edited.astype(np.uint8), edited_path, ct_case.spacing)
+    capsys.readouterr()
+    assert _update(ct_case, first, edited_path, d / "fourth.nii.gz") == 2
+    assert ("label 1 was edited on slice 14, outside the range 8:12 the run that made first.nii.gz was limited to "
+            "(its record says so): give --range to widen it") in capsys.readouterr().err
