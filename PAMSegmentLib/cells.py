@@ -149,6 +149,10 @@ def _check(image, examples, background):
             raise InputError("the background mask must have the image's size")
         if (bg & (cells > 0)).any():
             raise InputError("the background mask overlaps the example cells; erase the overlap")
+        if not bg.any():  # e.g. a background layer saved before anything was drawn on it
+            bg = None  # as no mask: the background unlike the examples is then learnt as usual
+            notes.append("the background mask marks no pixels, so it was taken as no background marks; mark some "
+                         "background in it (or leave it out)")
     return img.astype(np.float32), cells, n, bg, notes
 
 
