@@ -240,3 +240,26 @@ def test_an_empty_background_mask_counts_as_none():
     assert match_instances(result.labels, gt, exclude=picked)["f1"] > 0.95
     assert result.warnings == ["the background mask marks no pixels, so it was taken as no background marks; mark "
                                "some background in it (or leave it out)"]
+
+
+def test_a_16_bit_grey_alpha_png_is_named_not_called_damaged(tmp_path):
+    """A review (s29): a valid 16-bit grey + alpha PNG (Pillow opens it as 8-bit RGBA, ITK not at
+    all) was refused by label-images and label-cells as "is the file damaged?"."""
+    import pytest
+    import SimpleITK as sitk
+
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.volumes import read_image_2d
+
+    grey = (np.arange(64 * 64).reshape(64, 64) % 4000 + 100).astype(np.uint16)
+    path = tmp_path / "la16.png"
+    sitk.WriteImage(sitk.GetImageFromArray(np.dstack([grey, np.full_like(grey, 65535)]), isVector=True), str(path))
+    head = path.read_bytes()[:26]
+    assert (head[24], head[25]) == (16, 4)  # bit depth 16, grey + alpha
+    with pytest.raises(InputError, match=r"la16.png is a 16-bit grey PNG with an alpha channel, which cannot be read "
+                                         r"here at its full depth: save it without the alpha channel"):
+        read_image_2d(path)
+    eight = tmp_path / "la8.png"  # 8-bit grey + alpha is read as before: its grey channel
+    grey8 = (grey % 256).astype(np.uint8)
+    sitk.WriteImage(sitk.GetImageFromArray(np.dstack([grey8] * 2), isVector=True), str(eight))
+    np.testing.assert_array_equal(read_image_2d(eight)[0], grey8)
