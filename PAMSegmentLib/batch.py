@@ -259,9 +259,10 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
             check_keyframes_record_path(output, required=edited is not None)
         except InputError as error:
             raise InputError(f"{where}: {error}") from None
-        key = str(output.resolve())
+        key = str(output.resolve()).casefold()  # by case too: P01_ct and p01_ct are one file on macOS and Windows
         if key in outputs:
-            raise InputError(f"{where}: output {output} is also row {outputs[key]}'s; give each row its own output")
+            raise InputError(f"{where}: output {output} is also row {outputs[key]}'s (names that differ only in case "
+                             "are one file on macOS and Windows); give each row its own output")
         outputs[key], outputs_key[line] = line, key
         rows.append(BatchRow(line, image, prompt, output, _labels(rec.get("label", ""), where),
                              series=rec.get("series") or None, previous=previous, edited=edited))
@@ -272,7 +273,7 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
     for r in rows:
         for p in (r.image, r.prompt, r.previous, r.edited):
             if p is not None:
-                inputs.setdefault(str(p.resolve()), r.number)
+                inputs.setdefault(str(p.resolve()).casefold(), r.number)
     for r in rows:
         other = inputs.get(outputs_key[r.number])
         if other is not None:

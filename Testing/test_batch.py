@@ -82,6 +82,9 @@ def test_every_row_is_checked_before_any_work(tmp_path, cases, run_cli):
     (["img,prompt", "c0/image.nii.gz,c0/prompt.nii.gz"], "a column .img. this command does not know"),
     (["image,prompt,output", "c0/image.nii.gz,c0/prompt.nii.gz,x.nii.gz",
       "c1/image.nii.gz,c1/prompt.nii.gz,x.nii.gz"], "row 3: output .*x.nii.gz is also row 2's"),
+    # one file on macOS and Windows (s29)
+    (["image,prompt,output", "c0/image.nii.gz,c0/prompt.nii.gz,x.nii.gz",
+      "c1/image.nii.gz,c1/prompt.nii.gz,X.nii.gz"], "row 3: output .*X.nii.gz is also row 2's .names that differ only"),
     (["image,prompt,output", "c0/image.nii.gz,c0/prompt.nii.gz,x.png"], "row 2: cannot tell the output format"),
     (["image,prompt,label", "c0/image.nii.gz,c0/prompt.nii.gz,1 two"], "row 2: label must be whole numbers"),
     (["image,prompt"], "lists no cases"),
