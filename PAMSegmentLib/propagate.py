@@ -168,6 +168,11 @@ class PropagationResult:
     # ``image_digest`` of the image (and spacing) it was computed on: an update on another image
     # recomputes everything. None where unknown (a result read back from a saved record).
     image_digest: str | None = None
+    # label -> the voxels of its own prediction (and drawing) that ``mask`` gives to another label
+    # (an earlier label's, or a later label's drawing), as sorted flat indices into the label map
+    # with ``axis`` moved first: with them an update rebuilds an overlapped label's own mask and
+    # reuses its walks like any other label's (without them it recomputes the label).
+    lost_voxels: dict = field(default_factory=dict)
 
     def to_record(self) -> dict:
         """What a later update needs of this result besides its mask, as JSON (the command line
@@ -188,6 +193,9 @@ class PropagationResult:
                                 "confidence": _json_floats(self.confidence[lab]),
                                 "agreement": None if agreement is None else _json_floats(agreement),
                                 "begin": begin, "overlapped": lab in self.overlapped}
+            runs = _index_runs(self.lost_voxels.get(lab)) if lab in self.overlapped else None
+            if runs is not None:
+                labels[str(lab)]["lost_voxels"] = runs
         return {"axis": int(self.axis), "range": None if self.range is None else [int(v) for v in self.range],
                 "early_stop": bool(self.early_stop), "remove_disconnected": bool(self.remove_disconnected),
                 "image_digest": self.image_digest, "labels": labels}
@@ -229,11 +237,12 @@ class PropagationResult:
         moved = np.moveaxis(mask, axis, 0)
         out = dict(confidence={}, prompt_slices={}, keyframes={}, agreement={}, begin_state={}, slice_range={},
                    gaps={})
-        overlapped = set()
+        overlapped, lost_voxels = set(), {}
         for key, entry in labels.items():
             if not (isinstance(key, str) and key.isdigit() and 1 <= int(key) <= MAX_LABEL and isinstance(entry, dict)):
                 raise ValueError(f"label {key!r} is malformed")
             lab = int(key)
+            own = moved == lab
             keys, walls = entry.get("keyframes"), entry.get("walls")
             if not all(isinstance(v, list) and all(_whole_in(s, 0, n - 1) for s in v) for v in (keys, walls)) \
                     or set(keys) & set(walls):
@@ -244,8 +253,11 @@ class PropagationResult:
             out["begin_state"][lab] = state_from_json(entry.get("begin"))
             if entry.get("overlapped") is True:
                 overlapped.add(lab)
+                if entry.get("lost_voxels") is not None:
+                    lost_voxels[lab] = _runs_to_index(entry["lost_voxels"], moved, lab)
+                    own.flat[lost_voxels[lab]] = True  # the label's own mask, before the merge
             out["prompt_slices"][lab] = sorted(keys)
-            frames = {s: moved[s] == lab for s in keys}
+            frames = {s: own[s].copy() for s in keys}
             frames.update({s: np.zeros(moved.shape[1:], dtype=bool) for s in walls})
             out["keyframes"][lab] = dict(sorted(frames.items()))
             # what the result said of the label: its extent, and the empty slices between two of its
@@ -255,7 +267,8 @@ class PropagationResult:
                 out["slice_range"][lab] = (int(held[0]), int(held[-1]))
             out["gaps"][lab] = empty_between_drawn(set(keys) | set(walls), keys, held.tolist())
         return cls(mask=mask, axis=axis, range=(lo_hi[0], lo_hi[1]), early_stop=flags[0],
-                   remove_disconnected=flags[1], overlapped=frozenset(overlapped), image_digest=digest, **out)
+                   remove_disconnected=flags[1], overlapped=frozenset(overlapped), image_digest=digest,
+                   lost_voxels=lost_voxels, **out)
 
     def notes(self, edited: dict[int, Sequence[int]] | None = None) -> list[str]:
         """Hints for the user: how walks ended (``drift_notes``), empty slices between drawn
@@ -456,6 +469,44 @@ def _floats_from_json(values, n: int, what: str) -> np.ndarray:
         raise ValueError(f"{what} is not {n} numbers from 0 to 1 (or nulls)")
     # (the engine accepts a predictor's probability up to 1 + 1e-6, so a record may hold 1.0000004)
     return np.clip(np.array([np.nan if v is None else v for v in values], dtype=np.float32), 0.0, 1.0)
+
+
+MAX_LOST_RUNS = 100_000  # a record keeps at most this many runs of a label's lost voxels (else it recomputes)
+
+
+def _index_runs(index) -> list[list[int]] | None:
+    """Sorted flat indices as runs ``[[start, length], ...]`` (JSON), None if there are none or too many."""
+    if index is None:
+        return None
+    index = np.asarray(index, dtype=np.int64)
+    if index.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(index) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    if starts.size > MAX_LOST_RUNS:
+        return None
+    lengths = np.diff(np.concatenate([starts, [index.size]]))
+    return [[int(index[a]), int(n)] for a, n in zip(starts, lengths)]
+
+
+def _runs_to_index(runs, moved: np.ndarray, lab: int) -> np.ndarray:
+    """``_index_runs`` read back from an untrusted record and checked against the label map (axis
+    first): ascending, disjoint runs within it, on voxels that now hold another label (lost ones)."""
+    if not isinstance(runs, list) or len(runs) > MAX_LOST_RUNS or not all(
+            isinstance(r, list) and len(r) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in r)
+            for r in runs):
+        raise ValueError(f"label {lab}'s lost voxels are not runs of [start, length]")
+    end = -1
+    for start, length in runs:
+        if start <= end or length < 1 or start + length > moved.size:
+            raise ValueError(f"label {lab}'s lost voxels are not ascending runs within the label map")
+        end = start + length - 1
+    index = (np.concatenate([np.arange(a, a + n, dtype=np.int64) for a, n in runs]) if runs
+             else np.zeros(0, dtype=np.int64))
+    held = moved.reshape(-1)[index]
+    if ((held == 0) | (held == lab)).any():
+        raise ValueError(f"label {lab}'s lost voxels are not all held by another label in the result")
+    return index
 
 
 def _whole_in(value, lo: int, hi: int) -> bool:
@@ -1811,7 +1862,7 @@ def _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, em
             and previous.range == (lo, hi) and previous.early_stop == early_stop
             and previous.remove_disconnected == bool(remove_disconnected)
         )
-        overlapped = set()
+        overlapped, lost_voxels = set(), {}
         prev_mask = np.moveaxis(previous.mask, ax, 0) if usable_previous else None
         keyframes_all, recomputed_all, stops_all, agreement_all, begin_states = {}, {}, {}, {}, {}
         gaps_all, lost_all = {}, {}
@@ -1821,8 +1872,12 @@ def _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, em
             stats["stops"], stats["gaps"] = [], []
             label_mask = prm == lab
             reuse = None
-            if usable_previous and lab in previous.keyframes and lab not in previous.overlapped:
-                reuse = _Reuse(prev_mask == lab, previous.confidence[lab], previous.keyframes[lab],
+            if usable_previous and lab in previous.keyframes and (lab not in previous.overlapped
+                                                                   or lab in previous.lost_voxels):
+                own = prev_mask == lab
+                if lab in previous.overlapped:  # its own mask: the merged map's and the voxels it lost there
+                    own.reshape(-1)[previous.lost_voxels[lab]] = True
+                reuse = _Reuse(own, previous.confidence[lab], previous.keyframes[lab],
                                previous.agreement.get(lab), previous.begin_state.get(lab))
             mask, conf, recomputed_all[lab], agreement_all[lab], begin_states[lab] = _propagate_label(
                 vol_f, label_mask, keyframes, predictor, spacing[ax], lo, hi, batch_size, early_stop,
@@ -1838,7 +1893,12 @@ def _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, em
                     overlapped.add(lab)
                     values, counts = np.unique(out[clash & ~label_mask], return_counts=True)
                     lost_all[lab] = ({int(v): int(c) for v, c in zip(values, counts)}, int(mask.sum()))
-                overlapped.update(int(v) for v in np.unique(out[label_mask & taken]))  # lost to its drawing
+                    lost_voxels.setdefault(lab, []).append(np.flatnonzero(clash & ~label_mask))
+                drawn_over = label_mask & taken
+                if drawn_over.any():  # earlier labels lose these voxels to this label's drawing
+                    for v in np.unique(out[drawn_over]):
+                        overlapped.add(int(v))
+                        lost_voxels.setdefault(int(v), []).append(np.flatnonzero(drawn_over & (out == v)))
                 out[mask & ~taken] = lab
             else:
                 out[mask] = lab
@@ -1846,6 +1906,7 @@ def _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, em
             conf_all[lab] = conf
             occupied = np.flatnonzero(mask.any(axis=(1, 2)))
             ranges[lab] = (int(occupied[0]), int(occupied[-1]))
+        lost_voxels = {lab: np.unique(np.concatenate(parts)) for lab, parts in lost_voxels.items()}
         for lab in overlapped:  # the extent a label that lost voxels still has in the merged map
             occupied = np.flatnonzero((out == lab).any(axis=(1, 2)))
             ranges[lab] = (int(occupied[0]), int(occupied[-1]))
@@ -1873,6 +1934,7 @@ def _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, em
         gaps=gaps_all,
         begin_state=begin_states,
         image_digest=digest,
+        lost_voxels=lost_voxels,
     )
 
 

@@ -615,7 +615,19 @@ def test_an_update_with_two_overlapping_labels_equals_a_fresh_run():
     fresh = propagate(image, prompt, ISO, TwoOracles([one, two]), empty_slices={1: [12]})
     np.testing.assert_array_equal(update.mask, fresh.mask)
     np.testing.assert_array_equal(update.mask == 2, two)
-    assert update.recomputed[2] != []  # recomputed, not reused
+    # label 2's walks are reused (s29): the result keeps the voxels it lost to label 1 (lost_voxels),
+    # so its own mask is rebuilt, not recomputed; the same through a record written to JSON and read back
+    assert update.recomputed[2] == []
+    assert np.array_equal(np.sort(first.lost_voxels[2]), np.flatnonzero(two & (first.mask == 1)))
+    import json
+
+    from PAMSegmentLib.propagate import PropagationResult
+
+    stored = PropagationResult.from_record(first.mask, json.loads(json.dumps(first.to_record())) | {
+        "image_digest": first.image_digest})
+    via_record = propagate(image, prompt, ISO, TwoOracles([one, two]), previous=stored, empty_slices={1: [12]})
+    np.testing.assert_array_equal(via_record.mask, fresh.mask)
+    assert via_record.recomputed[2] == []
 
 
 class WindowedOracle(OracleModel):

@@ -277,3 +277,47 @@ def test_two_images_whose_names_differ_only_in_case_are_refused(tmp_path, run_cl
     proc = run_cli("label-images", tmp_path / "set" / "img_0.png", tmp_path / "mask.png", tmp_path / "set",
                    tmp_path / "b", "-o", tmp_path / "out", "--method", "copy")
     assert proc.returncode == 2 and "would both be written as" in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_an_overlapped_label_is_reused_and_its_record_is_checked():
+    """A review (s29): a label that lost voxels to another where they overlapped was never reused by
+    an update (the merged map does not hold its own mask): on the demo CT, correcting the spleen
+    predicted all 29 liver slices again (48 slices; 19 now, the same result). The voxels it lost
+    travel in the record as runs; a record whose runs are damaged or point at the label's own
+    voxels is refused."""
+    import json
+
+    import pytest
+
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.propagate import PropagationResult, _index_runs
+    from test_engine import TwoOracles
+
+    one, two = tube(4, 20), tube(14, 26, center=(8, 11))
+    prompt = prompt_from(one, 8)
+    prompt[prompt_from(two, 18) > 0] = 2
+    image = image_for(one | two)
+    first = propagate(image, prompt, ISO, TwoOracles([one, two]))
+    assert first.overlapped == {1, 2} and set(first.lost_voxels) == {1, 2}
+    assert _index_runs([3, 4, 5, 9, 11, 12]) == [[3, 3], [9, 1], [11, 2]]
+    record = json.loads(json.dumps(first.to_record()))
+    rebuilt = PropagationResult.from_record(first.mask, record)
+    for lab in (1, 2):
+        np.testing.assert_array_equal(rebuilt.lost_voxels[lab], first.lost_voxels[lab])
+    # label 2 edited above its drawn slice (a keyframe at 24): label 1's walks are reused as they were
+    edited = prompt.copy()
+    edited[24][two[24]] = 2
+    update = propagate(image, edited, ISO, TwoOracles([one, two]), previous=rebuilt)
+    fresh = propagate(image, edited, ISO, TwoOracles([one, two]))
+    np.testing.assert_array_equal(update.mask, fresh.mask)
+    assert update.recomputed[1] == [] and update.n_predicted < fresh.n_predicted
+    runs = record["labels"]["2"]["lost_voxels"]
+    for bad, why in ((runs[::-1] if len(runs) > 1 else [[runs[0][0], 0]], "not ascending runs"),
+                     ([[first.mask.size - 1, 2]], "not ascending runs within the label map"),
+                     ([[int(np.flatnonzero(np.moveaxis(first.mask, first.axis, 0) == 2)[0]), 1]],
+                      "not all held by another label"),
+                     ("1,2", "not runs of")):
+        damaged = json.loads(json.dumps(record))
+        damaged["labels"]["2"]["lost_voxels"] = bad
+        with pytest.raises(InputError, match=why):
+            PropagationResult.from_record(first.mask, damaged)
