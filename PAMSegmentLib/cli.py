@@ -1295,7 +1295,7 @@ def memory_message(exc: BaseException, batch: bool = False, command: str | None 
                 "per pixel of all its images): label fewer or smaller images per run, close other programs, or use "
                 "a machine with more memory")
     limit = "fewer labels in the row's label column" if batch else "--range, --label"
-    return (f"not enough memory{detail}; what was being computed was not written. A propagation needs about 4 to 7 "
+    return (f"not enough memory{detail}; what was being computed was not written. A propagation needs about 4 to 8 "
             "times the image's uncompressed size (more with a large --batch-size for the official checkpoint): close "
             f"other programs, limit the work ({limit}), crop the image, or use a machine with more memory")
 
