@@ -1043,10 +1043,11 @@ def read_volume(path: PathLike, series_uid: str | None = None) -> Volume:
     NaN/inf voxels (ITK's NIfTI reader already turns those into 0, so this fires for the
     other formats).
     """
-    image = _read_sitk(path, series_uid)
-    volume = Volume.from_sitk(image)
+    # ITK's copy is let go as soon as the array is made, and the NaN/inf count goes slice by slice:
+    # the whole-volume temporaries made a 600 MB float64 read peak at 1.6 GB (a review, s29)
+    volume = Volume.from_sitk(_read_sitk(path, series_uid))
     if volume.array.dtype.kind == "f":
-        bad = int(np.count_nonzero(~np.isfinite(volume.array)))
+        bad = sum(int(plane.size - np.count_nonzero(np.isfinite(plane))) for plane in volume.array)
         if bad:
             raise InputError(
                 f"{Path(path).name} contains {bad} NaN/inf voxels; replace them with a finite value "
