@@ -1875,10 +1875,20 @@ class PropagationHistory:
         # records not read: True when unreadable (not tried again), else the scene's volumes when no
         # volume had the record's grid (tried again once they change)
         self._unreadable: OrderedDict = OrderedDict()
+        # (segmentation, segment) -> the run an undone update put the segment back at, whose own
+        # step before was not kept: its refusal to undo says so (not "a loaded scene ...")
+        self._undone_to: OrderedDict = OrderedDict()
 
     @staticmethod
     def _key(segmentation_node, segment_id: str):
         return (segmentation_node.GetID(), str(segment_id))
+
+    def back_after_undo(self, segmentation_node, segment_id: str, entry=None) -> bool:
+        """Whether the segment holds the result an undone update put it back at (``entry``: its
+        current entry, if looked up already): that result's own earlier step was not kept."""
+        entry = self.get(segmentation_node, segment_id) if entry is None else entry
+        back_at = self._undone_to.get(self._key(segmentation_node, segment_id))
+        return bool(entry is not None and entry.restored and back_at is not None and back_at == entry.run_id)
 
     MAX_RESTORED = 8
 
@@ -1998,6 +2008,10 @@ class PropagationHistory:
         segmentation = segmentation_node.GetSegmentation()
         name = segmentation.GetSegment(segment_id).GetName()
         if not entry.created and entry.before is None:
+            if self.back_after_undo(segmentation_node, segment_id, entry):
+                raise InputError(f'cannot undo: "{name}" is back at the result from before an update you undid, and '
+                                 "only one step before an update is kept: the steps before it can no longer be "
+                                 "undone with Undo propagation (Update from my edits and the review still work)")
             if entry.restored:
                 raise InputError(f'cannot undo: "{name}" holds a PAM result read back from the record saved with it '
                                  "(a loaded scene, a copied segment, the Segment Editor's redo); what it held before "
@@ -2028,6 +2042,10 @@ class PropagationHistory:
         del self._entries[key]
         _put_run_tags(segment, *entry.before_tags)  # an earlier PAM result held before is that result again
         if entry.kind == "update":  # only one earlier step is kept: what came before it is final now
+            if entry.before_tags[0]:
+                self._undone_to[key] = entry.before_tags[0]
+                while len(self._undone_to) > self.max_entries:
+                    self._undone_to.popitem(last=False)
             return (f'"{name}" is back as it was before the update; the steps before it can no longer be undone '
                     "with Undo propagation")
         return f'"{name}" is back as it was before the propagation'

@@ -690,6 +690,12 @@ def test_undoing_the_second_of_two_updates_says_what_can_no_longer_be_undone(ses
     back = history.get(seg, sid)
     assert back.restored and back.kind == "propagation" and not back.undo_available
     assert back.edited_slices(on_volume(seg, sid, vol)) == [16]
+    # a third Undo is refused, for that reason (a review, s29: it blamed "a loaded scene, a copied
+    # segment, the Segment Editor's redo", none of which happened)
+    assert history.back_after_undo(seg, sid)
+    with pytest.raises(InputError, match=r'cannot undo: "tumor" is back at the result from before an update you '
+                                         r"undid, and only one step before an update is kept"):
+        history.undo_last(seg, sid)
 
 
 def test_undo_in_new_mode_removes_the_added_segment(mrml_scene):
