@@ -2222,6 +2222,12 @@ class SegmentUpdate(SegmentPropagation):
             raise InputError(f'"{name}" now has {len(self.drawn)} slices from you out of {n}: more than PAM uses '
                              f"as keyframes (at most {keyframe_limit(n)}); keep editing by hand, or "
                              "draw a few slices of a fresh segment and propagate again")
+        lo, hi = entry.range
+        outside = [s for s in sorted(self.drawn) if not lo <= s <= hi]
+        if outside:  # (a Logic.process(range=...) run): refused here, not by the engine in the worker
+            raise InputError(f'"{name}" holds your slice {outside[0]}, outside slices {lo}-{hi}, the range its '
+                             "propagation was limited to: undo the propagation and propagate again over a wider "
+                             "range, or erase that slice")
         prompt = np.zeros(self.grid.shape, dtype=np.uint8)
         on_axis = np.moveaxis(prompt, entry.axis, 0)
         for s, m in self.drawn.items():

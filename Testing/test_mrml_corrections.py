@@ -1381,3 +1381,24 @@ def test_a_segmentation_finer_in_plane_only_and_half_a_slice_off_sees_an_edit_on
     slicer.util.updateSegmentBinaryLabelmapFromArray(edit.astype(np.uint8), seg, sid, geometry)
     job = update_segment(vol, seg, sid, history, model=GuideCopy(truth))
     assert job.edited  # seen on the volume grid, and not refused
+
+
+def test_an_update_with_a_slice_outside_the_propagation_range_is_refused_before_it_starts(mrml_scene):
+    """A review (s29): after a propagation limited to a range (Logic.process(range=...)), a slice
+    drawn outside it started the update job, which then failed with the engine's command-line
+    wording ("label 1's prompt slice 27 ... widen the range")."""
+    truth, image = synthetic()
+    vol = make_volume_node(image)
+    seg, ids = make_segmentation(vol, {"tumor": one_slice(truth, CENTER[0])})
+    sid = ids["tumor"]
+    history = PropagationHistory()
+    propagate_segment(vol, seg, sid, model=GuideCopy(truth), history=history, range=(8, 16))
+    current = on_volume(seg, sid, vol)
+    assert not current[17:].any()
+    current[18] = truth[18]
+    write(seg, sid, vol, current)
+    before = internal_labelmap_state(seg, sid)
+    with pytest.raises(InputError, match=r'"tumor" holds your slice 18, outside slices 8-16, the range its '
+                                         r"propagation was limited to: undo the propagation"):
+        update_segment(vol, seg, sid, history, model=GuideCopy(truth))
+    assert_same_labelmap(internal_labelmap_state(seg, sid), before)
