@@ -202,7 +202,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.onModelChoiceChanged()
 
     def cleanup(self):
-        if self.job is not None and self.job.cancellable:
+        if self.job is not None and not self.job.done:  # also after Cancel was pressed: the worker may still run
             self.job.cancel()
             self.job.wait(5)  # it stops between batches; do not leave it running into a module reload
         self.pollTimer.stop()
@@ -228,7 +228,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.promptRefreshTimer.stop()
 
     def onSceneStartClose(self, caller, event):
-        if self.job is not None and self.job.cancellable:
+        if self.job is not None and (self.job.cancellable or not self.job.done):  # also after Cancel was pressed
             self.job.cancel()
             self._cancelledBySceneClose = self.job
             self.ui.progressBar.setFormat("cancelling...")

@@ -259,7 +259,7 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
             check_keyframes_record_path(output, required=edited is not None)
         except InputError as error:
             raise InputError(f"{where}: {error}") from None
-        key = str(output.resolve()).casefold()  # by case too: P01_ct and p01_ct are one file on macOS and Windows
+        key = str(output.resolve()).lower()  # by case too: P01_ct and p01_ct are one file on macOS and Windows
         if key in outputs:
             raise InputError(f"{where}: output {output} is also row {outputs[key]}'s (names that differ only in case "
                              "are one file on macOS and Windows); give each row its own output")
@@ -273,11 +273,13 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
     for r in rows:
         for p in (r.image, r.prompt, r.previous, r.edited):
             if p is not None:
-                inputs.setdefault(str(p.resolve()).casefold(), r.number)
+                inputs.setdefault(str(p.resolve()).lower(), (r.number, p))
     for r in rows:
         other = inputs.get(outputs_key[r.number])
         if other is not None:
-            raise InputError(f"{path.name} row {r.number}: the output {r.output} is an input of row {other}; "
+            case = ("" if str(other[1].resolve()) == str(r.output.resolve()) else
+                    f" ({other[1]}: names that differ only in case are one file on macOS and Windows)")
+            raise InputError(f"{path.name} row {r.number}: the output {r.output} is an input of row {other[0]}{case}; "
                              "choose another output")
     return rows
 

@@ -462,11 +462,13 @@ def _official_state_dict(obj: object, path: Path) -> dict:
         others = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
         if others and len(others) * 2 < len(sd):  # a state dict with a few other entries (an epoch number)
             shown = ", ".join(f"{k!r} ({type(sd[k]).__name__})" for k in others[:3])
+            load = ("sd = torch.load(FILE, weights_only=True)['model_state_dict']" if sd is not obj
+                    else "sd = torch.load(FILE, weights_only=True)")
             raise CheckpointError(
                 f"checkpoint {path} holds weights and {len(others)} entr{'y' if len(others) == 1 else 'ies'} that "
                 f"{'is' if len(others) == 1 else 'are'} not a tensor: {shown}{' ...' if len(others) > 3 else ''}; "
-                "save the weights alone once in Python (del obj[NAME] for those entries, then torch.save(obj, "
-                "'weights.pth')) and give that file")
+                f"save the weights alone once in Python ({load}, then del sd[NAME] for each of those entries and "
+                "torch.save(sd, 'weights.pth')) and give that file")
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         held = (f"it holds a mapping of {', '.join(repr(k) for k in list(obj)[:6])}"
                 + (" ..." if len(obj) > 6 else "") if isinstance(obj, dict) and obj else

@@ -865,11 +865,12 @@ def _read_keyframes_record(path: Path, previous, option_axis, name: str = "--pre
             raise ValueError("not a PAMSegment keyframes record")
         labels = {}
         for key, value in record["labels"].items():
-            lists = [value.get(k) for k in ("keyframes", "walls")] if isinstance(value, dict) else [None]
+            lists = [value.get(k) for k in ("keyframes", "walls")] + [value.get("corrected", [])] \
+                if isinstance(value, dict) else [None]
             if not key.isdigit() or not all(isinstance(v, list) and all(
                     isinstance(s, int) and not isinstance(s, bool) for s in v) for v in lists):
                 raise ValueError(f"label {key!r} is malformed")
-            labels[str(int(key))] = {"keyframes": lists[0], "walls": lists[1]}
+            labels[str(int(key))] = {"keyframes": lists[0], "walls": lists[1], "corrected": lists[2]}
     except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise InputError(f"{where} cannot be read ({type(exc).__name__}: {str(exc)[:200]}); delete it to keep only "
                          "the prompt's keyframes") from None

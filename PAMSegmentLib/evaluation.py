@@ -570,9 +570,8 @@ def _methods_in(rows, protocol):
 def _tolerance_label(rows: Sequence[dict]) -> str:
     """The NSD tolerance the rows were scored with: their ``nsd_tolerance_mm`` (rows written before
     it was recorded: 2 mm, the only tolerance those runs used); "mixed" names every value."""
-    found = sorted({float(r["nsd_tolerance_mm"]) for r in rows if r.get("nsd_tolerance_mm") not in (None, "")})
-    if not found:
-        return "2 mm"
+    found = sorted({float(r["nsd_tolerance_mm"]) if r.get("nsd_tolerance_mm") not in (None, "") else 2.0
+                    for r in rows} or {2.0})
     if len(found) == 1:
         return f"{found[0]:g} mm"
     return "mixed tolerances: " + " / ".join(f"{v:g}" for v in found) + " mm"

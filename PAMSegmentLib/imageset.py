@@ -736,7 +736,7 @@ def cmd_label_images(args) -> int:
         raise InputError("no images to label besides the prompt image; give image files or folders")
     stems = {}
     for f in files:  # by case too: on macOS and Windows A_mask.png and a_mask.png are one file
-        stems.setdefault(_stem(f).casefold(), []).append(f)
+        stems.setdefault(_stem(f).lower(), []).append(f)
     clash = next((v for v in stems.values() if len(v) > 1), None)
     if clash:
         raise InputError(f"{clash[0]} and {clash[1]} would both be written as {_stem(clash[0])}_mask; "

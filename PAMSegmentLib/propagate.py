@@ -2049,9 +2049,16 @@ class EditPlan:
         return lines
 
     def record(self) -> dict:
-        """What a next round needs beside the result (``keyframes_from_edits(..., earlier=)``)."""
-        return {str(lab): {"keyframes": self.keyframes(lab), "walls": sorted(int(s) for s in self.empty_slices[lab])}
-                for lab in sorted(self.drawn)}
+        """What a next round needs beside the result (``keyframes_from_edits(..., earlier=)``): per
+        label its keyframes and walls, and (when there are any) the drawn slices a round corrected,
+        which then hold that correction, not the drawing."""
+        out = {}
+        for lab in sorted(self.drawn):
+            out[str(lab)] = {"keyframes": self.keyframes(lab), "walls": sorted(int(s) for s in self.empty_slices[lab])}
+            corrected = sorted(set(self.corrected.get(lab, ())) | (set(self.drawn[lab]) & set(self.edited.get(lab, ()))))
+            if corrected:
+                out[str(lab)]["corrected"] = [int(s) for s in corrected]
+        return out
 
 
 def _earlier_record(earlier) -> dict:
@@ -2067,12 +2074,13 @@ def _earlier_record(earlier) -> dict:
         label = str(key).strip()
         if isinstance(key, bool) or not label.isdigit():
             raise InputError(f"earlier has the key {key!r}: keys are label numbers")
-        lists = [value.get(k, []) for k in ("keyframes", "walls")] if isinstance(value, dict) else None
+        lists = [value.get(k, []) for k in ("keyframes", "walls", "corrected")] if isinstance(value, dict) else None
         if lists is None or not all(isinstance(v, (list, tuple)) and all(
                 is_number(s, -math.inf, math.inf, whole=True) for s in v) for v in lists):
             raise InputError(f"earlier's label {key!r} must be {{'keyframes': [slice, ...], 'walls': [slice, ...]}}, "
                              f"got {value!r:.120}")
-        out[str(int(label))] = {"keyframes": [int(s) for s in lists[0]], "walls": [int(s) for s in lists[1]]}
+        out[str(int(label))] = {"keyframes": [int(s) for s in lists[0]], "walls": [int(s) for s in lists[1]],
+                                "corrected": [int(s) for s in lists[2]]}
     return out
 
 
@@ -2136,7 +2144,8 @@ def keyframes_from_edits(prompt: np.ndarray, previous, edited: np.ndarray, *,
             raise InputError(f"the edited result holds no label {lab}: its voxels now hold label "
                              f"{int(values[np.argmax(counts)])} (labels merged, as when saved as result > 0?): save "
                              "your corrections with the result's label values")
-    if earlier is None and result is not None:
+    from_result = earlier is None and result is not None  # a result knows its keyframes, not which were corrections
+    if from_result:
         earlier = _earlier_from_result(result, ax)
     earlier = _earlier_record(earlier)
     out = np.zeros(prm.shape, dtype=prompt.dtype if np.issubdtype(prompt.dtype, np.integer) else np.int32)
@@ -2156,15 +2165,17 @@ def keyframes_from_edits(prompt: np.ndarray, previous, edited: np.ndarray, *,
         for s in slices:
             # A drawn slice may have been corrected in an earlier round (a review, s29: every round
             # after that was refused): then the earlier result holds the correction, and the record of
-            # that round names the slice among its keyframes (or walls, if it was erased there).
+            # that round says so ("corrected"). Any other difference: the prompt is not that run's.
             if np.array_equal(prev[s] == lab, prm[s] == lab):
                 continue
-            if s in old_walls or s in earlier_keys[lab]:
+            if s in before.get("corrected", ()):
                 corrected.setdefault(lab, []).append(int(s))
             else:
+                hint = (" (if you corrected this drawn slice in an earlier round, pass that round's plan.record() "
+                        "as earlier=)" if from_result else "")
                 raise InputError(f"the earlier result is not a result of this prompt: on slice {s} (axis {ax}) "
                                  f"label {lab} differs from the drawing; give the output of the run from this "
-                                 "prompt as the earlier result")
+                                 f"prompt as the earlier result{hint}")
         changed = [int(s) for s in differ_slices if ((prev[s] == lab) != (edit[s] == lab)).any()]
         changed_all[lab] = changed
         keys = sorted(set(slices) | set(earlier_keys[lab]) | set(changed) | old_walls)

@@ -2207,7 +2207,7 @@ def _read_png_with_pil(p: Path) -> sitk.Image | None:
         return None
     # 16-bit grey + alpha (IHDR bit depth 16, colour type 4): Pillow opens it as 8-bit RGBA and ITK
     # not at all; refused by name, not called damaged (a review, s29), nor read at a lost precision
-    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" and head[24] == 16 and head[25] == 4:
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" and head[24:26] == b"\x10\x04":
         raise InputError(f"{p.name} is a 16-bit grey PNG with an alpha channel, which cannot be read here at its "
                          "full depth: save it without the alpha channel (16-bit grey PNG or TIFF)")
     try:

@@ -100,6 +100,9 @@ def test_every_row_is_checked_before_any_work(tmp_path, cases, run_cli):
      'cases.csv row 2: a field runs over several lines: a double quote \\("\\) opened there is not closed'),
     (["image,prompt,output", "c0/image.nii.gz,c0/prompt.nii.gz,c1/image.nii.gz",
       "c1/image.nii.gz,c1/prompt.nii.gz,"], "row 2: the output .*c1/image.nii.gz is an input of row 3"),
+    (["image,prompt,output", "c0/image.nii.gz,c0/prompt.nii.gz,c1/IMAGE.nii.gz",
+      "c1/image.nii.gz,c1/prompt.nii.gz,"],
+     "row 2: the output .*c1/IMAGE.nii.gz is an input of row 3 .*c1/image.nii.gz: names that differ only in case"),
     # csv.DictReader kept the last of two same-named columns: c0's prompt ran on c1's scan
     (["image,prompt,image", "c0/image.nii.gz,c0/prompt.nii.gz,c1/image.nii.gz"], "has the column image twice; keep one"),
     (["image,prompt,output", "c0/image.nii.gz,c0/prompt.nii.gz,c1"], "row 2: the output .*c1 is a folder; give a file"),

@@ -670,10 +670,16 @@ def test_merge_eval_refuses_runs_of_another_tolerance_or_axis(tmp_path, monkeypa
         merge.main(["--out", str(tmp_path / "m2"), str(tmp_path / "t2.csv"), str(tmp_path / "ax1.csv")])
     assert merge.main(["--out", str(tmp_path / "m3"), str(tmp_path / "t2.csv"), str(tmp_path / "old.csv")]) == 0
     assert seen["m3"] == 2
+    # rows from before the columns were all run at 2 mm along axis 0 (a re-review, s29: they merged
+    # with anything): beside a 5 mm run they are refused too
+    with pytest.raises(SystemExit, match=r"different --tolerance \(2 in .*old.csv, 5 in .*t5.csv\)"):
+        merge.main(["--out", str(tmp_path / "m4"), str(tmp_path / "old.csv"), str(tmp_path / "t5.csv")])
     rows = [dict(case="c", group="g", structure="a", method="pam", protocol="single", position=0.5, round=0,
                  dice=0.8, nsd=0.5, nsd_tolerance_mm=t) for t in (2.0, 5.0)]
     assert "surface Dice (mixed tolerances: 2 / 5 mm)" in summary_markdown(rows)
     assert "surface Dice (5 mm)" in summary_markdown(rows[1:])
+    unrecorded = [{k: v for k, v in rows[0].items() if k != "nsd_tolerance_mm"}]
+    assert "surface Dice (mixed tolerances: 2 / 5 mm)" in summary_markdown(unrecorded + rows[1:])
 
 
 def test_a_group_cell_averaged_over_fewer_structures_says_how_many():

@@ -1841,3 +1841,43 @@ def test_a_scene_close_during_a_run_keeps_its_message(panel, drawn, monkeypatch,
     poll_until_idle(panel)
     assert panel.ui.statusLabel.text == "Propagation cancelled because the scene was closed."
     assert panel.ui.progressBar.format == "cancelled"
+
+
+def test_after_cancel_cleanup_still_waits_and_a_scene_close_still_says_so(panel, drawn, monkeypatch, mrml_scene):
+    """A re-review (s29): once Cancel was pressed, job.cancellable is False, so cleanup() (a module
+    reload, Slicer's exit) no longer waited for the worker still inside its batch, and a scene
+    closed after Cancel ended with "the segmentation was not changed"."""
+    truth, volume, segmentation, segment_id = drawn
+    gate = {"started": threading.Event(), "go": threading.Event()}
+    oracle_loader(monkeypatch, truth, gate)
+    panel.ui.segmentationSelector.setCurrentNode(segmentation)
+    panel.ui.propagateButton.click()
+    assert gate["started"].wait(10)
+    panel.ui.cancelButton.click()
+    panel.onSceneStartClose(None, None)
+    panel.ui.segmentationSelector.setCurrentNode(None)
+    panel.ui.volumeSelector.setCurrentNode(None)
+    mrml_scene.Clear(0)
+    panel.onSceneEndClose(None, None)
+    gate["go"].set()
+    poll_until_idle(panel)
+    assert panel.ui.statusLabel.text == "Propagation cancelled because the scene was closed."
+
+
+
+def test_cleanup_waits_for_a_worker_still_stopping_after_cancel(panel, drawn, monkeypatch):
+    """(See the test above.) cleanup() after Cancel waits for the worker inside its batch."""
+    truth, volume, segmentation, segment_id = drawn
+    gate = {"started": threading.Event(), "go": threading.Event()}
+    oracle_loader(monkeypatch, truth, gate)
+    panel.ui.segmentationSelector.setCurrentNode(segmentation)
+    panel.ui.propagateButton.click()
+    assert gate["started"].wait(10)
+    job = panel.job
+    panel.ui.cancelButton.click()
+    waited = []
+    wait = job.wait
+    monkeypatch.setattr(job, "wait", lambda timeout=None: (waited.append(timeout), wait(timeout))[1])
+    threading.Timer(0.3, gate["go"].set).start()  # the batch goes on a moment after cleanup begins
+    panel.cleanup()
+    assert waited == [5] and job.done

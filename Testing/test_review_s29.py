@@ -101,7 +101,7 @@ def test_a_drawn_slice_corrected_in_one_round_does_not_block_the_next():
     half = (round2[12] == 1) & (np.arange(round2.shape[2])[None, :] < np.flatnonzero(one[12].any(0)).mean())
     round2[12][half] = 0  # the drawn slice corrected: its left half erased
     plan2 = keyframes_from_edits(prompt, previous, round2)
-    assert plan2.edited[1] == [12] and plan2.record()["1"]["keyframes"] == [12]
+    assert plan2.edited[1] == [12] and plan2.record()["1"] == {"keyframes": [12], "walls": [], "corrected": [12]}
     round3 = round2.copy()
     round3[16][round3[16] == 1] = 0  # the next round: label 1 erased on slice 16
     plan3 = keyframes_from_edits(prompt, round2, round3, earlier=plan2.record())
@@ -114,7 +114,7 @@ def test_a_drawn_slice_corrected_in_one_round_does_not_block_the_next():
     gone[12][gone[12] == 1] = 0
     gone[16][(gone[16] == 1) & half] = 0  # and corrected on slice 16, which becomes a keyframe
     plan2 = keyframes_from_edits(prompt, previous, gone)
-    assert plan2.record()["1"] == {"keyframes": [16], "walls": [12]}
+    assert plan2.record()["1"] == {"keyframes": [16], "walls": [12], "corrected": [12]}
     again = gone.copy()
     again[18][again[18] == 1] = 0
     plan3 = keyframes_from_edits(prompt, gone, again, earlier=plan2.record())
@@ -126,6 +126,20 @@ def test_a_drawn_slice_corrected_in_one_round_does_not_block_the_next():
 
     with pytest.raises(InputError, match="is not a result of this prompt: on slice 12"):
         keyframes_from_edits(prompt, round2, round3)
+    # A prompt redrawn on its slice is not a correction (a re-review, s29: every drawn slice is among
+    # a record's keyframes, so the first fix took any redrawing for one and kept the old drawing):
+    # only the slices a round corrected are let through
+    redrawn = prompt.copy()
+    redrawn[12][half] = 0  # the same slice, drawn smaller
+    first_round = {"1": {"keyframes": [12], "walls": []}, "2": {"keyframes": [8], "walls": []}}
+    with pytest.raises(InputError, match="is not a result of this prompt: on slice 12"):
+        keyframes_from_edits(redrawn, previous, round2, earlier=first_round)
+    from PAMSegmentLib.propagate import PropagationResult
+
+    as_result = PropagationResult(mask=previous, axis=0, confidence={}, slice_range={}, prompt_slices={},
+                                  keyframes={1: {12: prompt[12] == 1}, 2: {8: prompt[8] == 2}})
+    with pytest.raises(InputError, match=r"on slice 12 .*pass that round's plan.record\(\) as earlier="):
+        keyframes_from_edits(redrawn, as_result, round2)
 
 
 def test_an_update_with_a_label_subset_says_what_it_leaves_out(ct_case, capsys):
@@ -343,3 +357,53 @@ def test_keep_connected_keeps_the_components_touching_the_seeds():
             expected = np.isin(labels, ids[ids != 0])
             np.testing.assert_array_equal(_keep_connected(mask, seeds, connectivity), expected)
     assert not _keep_connected(np.zeros((3, 4, 5), bool), np.ones((3, 4, 5), bool)).any()
+
+
+def test_a_png_cut_inside_its_header_is_called_damaged(tmp_path):
+    """A re-review (s29): the 16-bit grey + alpha check read header bytes 24-25 of a PNG cut before
+    them (IndexError, a traceback and exit 1; before it, "is the file damaged?", exit 2)."""
+    import pytest
+    import SimpleITK as sitk
+
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.volumes import read_image_2d
+
+    whole = tmp_path / "whole.png"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((16, 16), np.uint16)), str(whole))
+    for n in (16, 20, 24, 25):
+        cut = tmp_path / f"cut{n}.png"
+        cut.write_bytes(whole.read_bytes()[:n])
+        with pytest.raises(InputError, match="damaged"):
+            read_image_2d(cut)
+
+
+def test_names_that_differ_only_by_unicode_folding_are_not_refused(tmp_path, run_cli):
+    """A re-review (s29): casefold() folded "ß" to "ss", so Straße.png and Strasse.png (two files on
+    every file system) were refused as sharing a mask name."""
+    from test_imageset import _write_set, moving_disc_set
+
+    images, truth = moving_disc_set(2)
+    _write_set(tmp_path / "set", images, truth[0])
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "Straße.png").write_bytes((tmp_path / "set" / "img_1.png").read_bytes())
+    (tmp_path / "b" / "Strasse.png").write_bytes((tmp_path / "set" / "img_1.png").read_bytes())
+    proc = run_cli("label-images", tmp_path / "set" / "img_0.png", tmp_path / "mask.png", tmp_path / "b",
+                   "-o", tmp_path / "out", "--method", "copy")
+    assert proc.returncode == 0, proc.stderr
+    assert {p.name for p in (tmp_path / "out").glob("Stra*")} == {"Straße_mask.png", "Strasse_mask.png"}
+
+
+def test_a_stray_entry_inside_model_state_dict_gets_advice_that_runs(tmp_path):
+    """A re-review (s29): the advice said del obj[NAME] for an entry inside 'model_state_dict'."""
+    import pytest
+    import torch
+
+    from PAMSegmentLib.checkpoints import load_checkpoint_file
+    from PAMSegmentLib.errors import CheckpointError
+
+    sd = {f"layer{i}.weight": torch.zeros(2, 2) for i in range(4)}
+    torch.save({"model_state_dict": {**sd, "step": 7}, "epoch": 3}, tmp_path / "nested.pth")
+    with pytest.raises(CheckpointError, match=r"'step' \(int\); save the weights alone once in Python \(sd = "
+                                              r"torch.load\(FILE, weights_only=True\)\['model_state_dict'\], then "
+                                              r"del sd\[NAME\]"):
+        load_checkpoint_file(tmp_path / "nested.pth")

@@ -58,13 +58,13 @@ def main(argv=None) -> int:
                                  f"different scores ({score} vs {seen[key][0]}): runs of another --axis or "
                                  "--tolerance cannot be merged into one table")
 
-    # Rows that record their propagation axis or NSD tolerance (evaluate.py since session 29) must
-    # agree on them: another axis is another experiment, and NSDs at other tolerances do not average.
-    for field, option in (("axis", "--axis"), ("nsd_tolerance_mm", "--tolerance")):
+    # Rows must agree on their propagation axis and NSD tolerance: another axis is another experiment,
+    # and NSDs at other tolerances do not average. Rows written before evaluate.py recorded them
+    # (session 29) were all run along axis 0 at 2 mm (docs/evaluation/provenance.json's commands).
+    for field, option, before in (("axis", "--axis", 0.0), ("nsd_tolerance_mm", "--tolerance", 2.0)):
         values = {}
         for r, src in zip(rows, sources):
-            if r.get(field) not in (None, ""):
-                values.setdefault(float(r[field]), src)
+            values.setdefault(float(r[field]) if r.get(field) not in (None, "") else before, src)
         if len(values) > 1:
             raise SystemExit(f"error: the inputs were run with different {option} ("
                              + ", ".join(f"{v:g} in {src}" for v, src in values.items())
