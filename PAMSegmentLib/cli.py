@@ -987,14 +987,17 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
                      "(put the record beside it to keep them" + (", and give again any --empty-slices of the run that "
                                                                   "made it)" if names[0].startswith("--") else ")"))
     plan = keyframes_from_edits(prompt.array, maps[0], maps[1], axis=axis, labels=labels, earlier=earlier)
+    # batch has no --range: a case whose earlier run had one is widened on the command line
+    widen = ("give --range to widen it" if names[0].startswith("--") else
+             "run that case with pamsegment propagate and a wider --range")
     if slice_range is not None:
         lo, hi = slice_range
         for lab in plan.drawn:
             outside = [s for s in plan.edited[lab] if not lo <= s <= hi]
             if outside and range_from_record:
                 raise InputError(f"label {lab} was edited on slice {outside[0]}, outside the range {lo}:{hi} the run "
-                                 f"that made {Path(previous_path).name} was limited to (its record says so): give "
-                                 "--range to widen it, or leave that slice as it was")
+                                 f"that made {Path(previous_path).name} was limited to (its record says so): "
+                                 f"{widen}, or leave that slice as it was")
             if outside:
                 raise InputError(f"label {lab} was edited on slice {outside[0]}, outside --range {lo}:{hi}; widen "
                                  "--range or leave that slice as it was")
@@ -1010,6 +1013,13 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
         return set(empty_slices.get(lab, ())) if isinstance(empty_slices, dict) else set(empty_slices or ())
 
     plan.empty_slices = {lab: sorted(set(w) | given(lab)) for lab, w in plan.empty_slices.items()}
+    if range_from_record:  # --empty-slices outside the range the user did not give this time
+        lo, hi = slice_range
+        for lab in plan.empty_slices:
+            out_of = sorted(s for s in given(lab) if not lo <= s <= hi)
+            if out_of:
+                raise InputError(f"empty slice {out_of[0]} lies outside slices {lo}-{hi}, the range the run that made "
+                                 f"{Path(previous_path).name} was limited to (its record says so): {widen}")
     if slice_range is not None:  # the earlier rounds' own slices (the record's) outside the range, said as such
         lo, hi = slice_range
         record = f"from the record beside {Path(previous_path).name}"
@@ -1042,9 +1052,10 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
         if left:
             option = "--label" if names[0].startswith("--") else "the label column"
             who = f"label{'s' if len(left) > 1 else ''} {', '.join(map(str, left))}"
-            say(f"note: {who} of {Path(previous_path).name} {'are' if len(left) > 1 else 'is'} not among the labels chosen ({option}): "
-                f"left out of the result; leave out {option} to keep {'them' if len(left) > 1 else 'it'} (labels you "
-                "did not edit are reused, not predicted again)")
+            are, them = ("are", "them") if len(left) > 1 else ("is", "it")
+            say(f"note: {who} of {Path(previous_path).name} {are} not among the labels chosen ({option}): left out "
+                f"of the result; leave out {option} to keep {them} (labels you did not edit are reused, not "
+                "predicted again)")
     if plan.ignored:
         say(f"note: label{'s' if len(plan.ignored) > 1 else ''} {', '.join(map(str, plan.ignored))} changed in "
             f"{names[1]} but not propagated (not in the prompt or not among the labels chosen): left out of the "

@@ -237,6 +237,11 @@ def test_an_update_keeps_the_range_of_the_run_it_corrects(ct_case, capsys):
     assert _update(ct_case, first, edited_path, d / "fourth.nii.gz") == 2
     assert ("label 1 was edited on slice 14, outside the range 8:12 the run that made first.nii.gz was limited to "
             "(its record says so): give --range to widen it") in capsys.readouterr().err
+    edited[14] = previous[14]  # (that edit undone) an --empty-slices outside the recorded range: said so too
+    write_image(edited.astype(np.uint8), edited_path, ct_case.spacing)
+    assert _update(ct_case, first, edited_path, d / "fourth.nii.gz", "--empty-slices", "14") == 2
+    assert ("empty slice 14 lies outside slices 8-12, the range the run that made first.nii.gz was limited to (its "
+            "record says so): give --range to widen it") in capsys.readouterr().err
 
 
 def test_an_empty_background_mask_counts_as_none():
@@ -407,3 +412,28 @@ def test_a_stray_entry_inside_model_state_dict_gets_advice_that_runs(tmp_path):
                                               r"torch.load\(FILE, weights_only=True\)\['model_state_dict'\], then "
                                               r"del sd\[NAME\]"):
         load_checkpoint_file(tmp_path / "nested.pth")
+
+
+def test_a_batch_row_edited_outside_the_recorded_range_gets_advice_it_can_follow(ct_case, capsys):
+    """A re-review (s29): a batch row whose earlier run had --range, edited outside it, was told to
+    "give --range", which batch does not have."""
+    from conftest import write_image
+
+    from PAMSegmentLib import cli
+    from PAMSegmentLib.volumes import read_volume
+
+    d = ct_case.directory
+    first = d / "first.nii.gz"
+    assert cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(first),
+                     "--method", "copy", "--range", "8:12"]) == 0
+    edited = read_volume(first).array
+    edited[14][ct_case.truth[14]] = 1
+    write_image(edited.astype(np.uint8), d / "edited.nii.gz", ct_case.spacing)
+    (d / "cases.csv").write_text("image,prompt,previous,edited,output\n"
+                                 f"{ct_case.image_path},{ct_case.prompt_path},{first},{d / 'edited.nii.gz'},"
+                                 f"{d / 'second.nii.gz'}\n")
+    capsys.readouterr()
+    assert cli.main(["batch", str(d / "cases.csv"), "-o", str(d / "out"), "--method", "copy"]) != 0
+    said = capsys.readouterr()
+    assert ("outside the range 8:12 the run that made first.nii.gz was limited to (its record says so): run that "
+            "case with pamsegment propagate and a wider --range") in said.out + said.err
