@@ -604,7 +604,8 @@ def _run_row(row: BatchRow, model, args, progress=None) -> None:
                                     resample=args.resample_prompt, names=("previous", "edited"), say=say)
         keyframes, axis, walls = plan.prompt, plan.axis, plan.empty_slices
     remote = getattr(model, "runs_remotely", False) is True  # a server: an update runs there as a fresh run
-    result = propagate(image.array, keyframes, image.spacing, model, labels=row.labels, axis=axis, empty_slices=walls,
+    result = propagate(image.array, keyframes, image.spacing, model, labels=row.labels if plan is None else plan.labels,
+                       axis=axis, empty_slices=walls,
                        range=None if plan is None else plan.slice_range,  # an update: the corrected run's range
                        batch_size=args.batch_size, device=args.device, threads=args.threads,
                        update=plan is not None, progress=progress, previous=None if remote else earlier)

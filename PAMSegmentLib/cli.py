@@ -617,7 +617,7 @@ def cmd_propagate(args: argparse.Namespace) -> int:
             image.spacing,
             model,
             axis=axis,
-            labels=args.label,
+            labels=args.label if plan is None else plan.labels,
             range=slice_range,
             early_stop=not args.no_early_stop,
             empty_slices=empty_slices,
@@ -819,7 +819,10 @@ def _write_keyframes_record(path: Path, result, plan=None) -> None:
     reuse = result.to_record() if result.image_digest is not None and result.range is not None else None
     labels = plan.record() if plan is not None else _result_keyframes(result)
     record = {"format": _KEYFRAMES_FORMAT, "version": 2, "axis": int(result.axis), "shape": list(result.mask.shape),
-              "sha256": _label_digest(result.mask), "labels": labels, "result": reuse}
+              "sha256": _label_digest(result.mask), "labels": labels, "result": reuse,
+              # the order the labels were propagated in (--label): where they overlap, earlier ones keep
+              # the voxels, so an update runs them in the same order
+              "label_order": [int(lab) for lab in result.confidence]}
     with open(path, "w", encoding="utf-8") as fh:
         json.dump(record, fh, allow_nan=False)
 
@@ -844,6 +847,19 @@ def _matching_record_kept_aside(path: Path, previous) -> Path | None:
 
 class _RecordMismatch(InputError):
     """The record beside the earlier result describes another label map than that file holds."""
+
+
+def _recorded_label_order(path: Path) -> list[int] | None:
+    """The order a run propagated its labels in, from its record (read again after
+    ``_read_keyframes_record`` accepted it); None if it does not say (records before session 29)."""
+    try:
+        order = json.loads(path.read_text(encoding="utf-8")).get("label_order")
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError, AttributeError):
+        return None
+    if not (isinstance(order, list) and 0 < len(order) <= 65535 and len(set(order)) == len(order)
+            and all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 65535 for v in order)):
+        return None
+    return order
 
 
 def _read_keyframes_record(path: Path, previous, option_axis, name: str = "--previous"):
@@ -955,7 +971,7 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
                         say(f"note: {option}: {w.message}")
     import numpy as np
 
-    earlier, no_record, stored, range_from_record = {}, None, None, False
+    earlier, no_record, stored, range_from_record, order_from_record = {}, None, None, False, False
     if keyframes_record_exists(previous_path):  # the earlier run's keyframes and walls, and its walks
         given_axis = axis
         try:
@@ -970,6 +986,15 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
                              f"label map: it looks like {Path(previous_path).name} was corrected in place. Run the "
                              f"earlier command again with another -o to get the result back, and give that as "
                              f"{names[0]} and your corrected file as {names[1]}") from None
+        recorded_order = _recorded_label_order(keyframes_record_path(previous_path))
+        if labels is None and recorded_order and recorded_order != sorted(recorded_order):
+            # as the range, the label order of the run being corrected carries over (its overlaps);
+            # a label drawn in the prompt since comes after them
+            import numpy as np
+
+            in_prompt = [int(v) for v in np.unique(prompt.array) if v > 0]
+            kept = [lab for lab in recorded_order if lab in in_prompt]
+            labels, order_from_record = kept + [lab for lab in in_prompt if lab not in kept], True
         recorded_range = stored.get("range") if isinstance(stored, dict) else None
         if slice_range is None and isinstance(recorded_range, list) and len(recorded_range) == 2 \
                 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in recorded_range) \
@@ -1038,6 +1063,14 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
     check_request(plan.prompt, plan.axis, labels, slice_range, plan.empty_slices, True)  # refused before it is said
     for line in plan.describe():
         say(f"update: {line}")
+    if order_from_record:
+        given_as = (f"--label {' '.join(map(str, labels))}, from its record" if names[0].startswith("--") else
+                    "from its record")
+        option = "--label" if names[0].startswith("--") else "a label column"
+        say(f"update: labels in the order {', '.join(map(str, labels))}, as the run that made "
+            f"{Path(previous_path).name} ({given_as}: where labels overlap, earlier ones keep the voxels; give "
+            f"{option} to change it)")
+    plan.labels = labels  # the labels and their order this update propagates (None: every label, ascending)
     if range_from_record:
         say(f"update: within slices {slice_range[0]}-{slice_range[1]} along axis {plan.axis}, as the run that made "
             f"{Path(previous_path).name} (--range {slice_range[0]}:{slice_range[1]}, from its record; give --range "

@@ -2000,6 +2000,7 @@ class EditPlan:
     # per label: drawn slices an earlier round corrected (they hold that correction, not the drawing)
     corrected: dict[int, list[int]] = field(default_factory=dict)
     slice_range: tuple[int, int] | None = None  # the update's range (--range, or the earlier run's; set by the CLI)
+    labels: list[int] | None = None  # the update's labels in order (--label, or the earlier run's; set by the CLI)
 
     def changes(self, mask: np.ndarray) -> list[str]:
         """Per label, the slices along the axis where the update's ``mask`` differs from the earlier

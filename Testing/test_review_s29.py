@@ -437,3 +437,36 @@ def test_a_batch_row_edited_outside_the_recorded_range_gets_advice_it_can_follow
     said = capsys.readouterr()
     assert ("outside the range 8:12 the run that made first.nii.gz was limited to (its record says so): run that "
             "case with pamsegment propagate and a wider --range") in said.out + said.err
+
+
+def test_an_update_keeps_the_label_order_of_the_run_it_corrects(ct_case, capsys):
+    """A re-review (s29): a first run with --label 2 1 (label 2 keeps the voxels where they overlap),
+    then an update without --label, ran them in ascending order: unedited slices changed owner
+    without a word. The record's order carries over, said in an update line."""
+    from conftest import write_image
+    from test_edits import _update
+
+    from PAMSegmentLib import cli
+    from PAMSegmentLib.volumes import read_volume
+
+    d = ct_case.directory
+    prompt = ct_case.prompt.copy()
+    prompt[12][np.roll(ct_case.truth[12], 4, axis=1) & ~ct_case.truth[12]] = 2  # beside label 1, overlapping its walk
+    write_image(prompt, ct_case.prompt_path, ct_case.spacing)
+    first = d / "first.nii.gz"
+    assert cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(first),
+                     "--method", "copy", "--label", "2", "1"]) == 0
+    previous = read_volume(first).array
+    edited = previous.copy()
+    edited[6][edited[6] == 1] = 0  # label 1 erased on slice 6
+    write_image(edited.astype(np.uint8), d / "edited.nii.gz", ct_case.spacing)
+    capsys.readouterr()
+    assert _update(ct_case, first, d / "edited.nii.gz", d / "second.nii.gz") == 0
+    assert ("update: labels in the order 2, 1, as the run that made first.nii.gz (--label 2 1, from its record: "
+            "where labels overlap, earlier ones keep the voxels; give --label to change it)") in capsys.readouterr().out
+    assert _update(ct_case, first, d / "edited.nii.gz", d / "explicit.nii.gz", "--label", "2", "1") == 0
+    second, explicit = read_volume(d / "second.nii.gz").array, read_volume(d / "explicit.nii.gz").array
+    np.testing.assert_array_equal(second, explicit)
+    # above the wall nothing changes (below it label 1 is gone: the wall ends its walk there)
+    np.testing.assert_array_equal(second[7:], previous[7:])
+    assert not (second[:7] == 1).any()
