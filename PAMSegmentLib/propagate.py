@@ -182,7 +182,7 @@ class PropagationResult:
         filter and image digest. ``from_record(mask, record)`` rebuilds a result to pass as
         ``previous=``: only the walks it can vouch for are reused, the rest recomputed."""
         earlier = _earlier_from_result(self, self.axis)
-        labels = {}
+        labels, total_runs = {}, 0
         for lab in sorted(self.confidence):
             agreement = self.agreement.get(lab)
             try:
@@ -194,8 +194,9 @@ class PropagationResult:
                                 "agreement": None if agreement is None else _json_floats(agreement),
                                 "begin": begin, "overlapped": lab in self.overlapped}
             runs = _index_runs(self.lost_voxels.get(lab)) if lab in self.overlapped else None
-            if runs is not None:
+            if runs is not None and total_runs + len(runs) <= MAX_LOST_RUNS_ALL:  # the record stays far under 64 MB
                 labels[str(lab)]["lost_voxels"] = runs
+                total_runs += len(runs)
         return {"axis": int(self.axis), "range": None if self.range is None else [int(v) for v in self.range],
                 "early_stop": bool(self.early_stop), "remove_disconnected": bool(self.remove_disconnected),
                 "image_digest": self.image_digest, "labels": labels}
@@ -472,6 +473,7 @@ def _floats_from_json(values, n: int, what: str) -> np.ndarray:
 
 
 MAX_LOST_RUNS = 100_000  # a record keeps at most this many runs of a label's lost voxels (else it recomputes)
+MAX_LOST_RUNS_ALL = 1_000_000  # and of all labels together (about 17 MB of JSON; records over 64 MB are refused)
 
 
 def _index_runs(index) -> list[list[int]] | None:

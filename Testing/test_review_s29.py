@@ -470,3 +470,18 @@ def test_an_update_keeps_the_label_order_of_the_run_it_corrects(ct_case, capsys)
     # above the wall nothing changes (below it label 1 is gone: the wall ends its walk there)
     np.testing.assert_array_equal(second[7:], previous[7:])
     assert not (second[:7] == 1).any()
+
+
+def test_the_record_keeps_lost_voxels_of_all_labels_within_a_bound(monkeypatch):
+    """A re-review's suspicion (s29): up to 100,000 runs per label, with many labels, could make a
+    record over the 64 MB the reader accepts, blocking the next update. All labels together keep at
+    most MAX_LOST_RUNS_ALL runs; a label past it goes without (an update then recomputes it)."""
+    from PAMSegmentLib import propagate as engine
+
+    result = engine.PropagationResult(mask=np.zeros((4, 4, 4), np.uint8), axis=0,
+                                      confidence={1: np.zeros(4), 2: np.zeros(4)}, slice_range={}, prompt_slices={},
+                                      overlapped=frozenset({1, 2}), range=(0, 3),
+                                      lost_voxels={1: np.array([0, 2]), 2: np.array([5])})
+    monkeypatch.setattr(engine, "MAX_LOST_RUNS_ALL", 2)
+    labels = result.to_record()["labels"]
+    assert labels["1"]["lost_voxels"] == [[0, 1], [2, 1]] and "lost_voxels" not in labels["2"]
