@@ -1478,7 +1478,8 @@ def predictor_settings(predictor) -> tuple:
                     and not isinstance(value, (property, staticmethod, classmethod)):
                 items[name] = value
     state = getattr(predictor, "__dict__", {})
-    items.update({name: value for name, value in state.items() if not name.startswith("_") and name not in _NOT_SETTINGS})
+    items.update({name: value for name, value in state.items()
+                  if not name.startswith("_") and name not in _NOT_SETTINGS})
     model = items.pop("model", None)
     if model is not None:
         items["model"] = getattr(model, "sha256", "") or f"in memory {id(model)}"
@@ -2058,7 +2059,8 @@ class EditPlan:
         out = {}
         for lab in sorted(self.drawn):
             out[str(lab)] = {"keyframes": self.keyframes(lab), "walls": sorted(int(s) for s in self.empty_slices[lab])}
-            corrected = sorted(set(self.corrected.get(lab, ())) | (set(self.drawn[lab]) & set(self.edited.get(lab, ()))))
+            corrected = sorted(set(self.corrected.get(lab, ()))
+                               | (set(self.drawn[lab]) & set(self.edited.get(lab, ()))))
             if corrected:
                 out[str(lab)]["corrected"] = [int(s) for s in corrected]
         return out
