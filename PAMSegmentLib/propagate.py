@@ -1886,7 +1886,7 @@ def _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, em
                                                                    or lab in previous.lost_voxels):
                 own = prev_mask == lab
                 if lab in previous.overlapped:  # its own mask: the merged map's and the voxels it lost there
-                    own.reshape(-1)[previous.lost_voxels[lab]] = True
+                    own.flat[previous.lost_voxels[lab]] = True  # (flat: reshape copies a view along axis 1 or 2)
                 reuse = _Reuse(own, previous.confidence[lab], previous.keyframes[lab],
                                previous.agreement.get(lab), previous.begin_state.get(lab))
             mask, conf, recomputed_all[lab], agreement_all[lab], begin_states[lab] = _propagate_label(

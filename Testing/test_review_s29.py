@@ -485,3 +485,33 @@ def test_the_record_keeps_lost_voxels_of_all_labels_within_a_bound(monkeypatch):
     monkeypatch.setattr(engine, "MAX_LOST_RUNS_ALL", 2)
     labels = result.to_record()["labels"]
     assert labels["1"]["lost_voxels"] == [[0, 1], [2, 1]] and "lost_voxels" not in labels["2"]
+
+
+def test_an_overlapped_label_is_reused_along_every_axis():
+    """A re-review (s29): the reused label's own mask was rebuilt with reshape(-1), which copies a
+    view along axis 1 or 2, so the voxels it had lost were not put back: a label walled off another
+    left them empty (156 voxels off a fresh run). Along every axis, in memory and through a record."""
+    import json
+
+    from test_engine import TwoOracles
+
+    from PAMSegmentLib.propagate import PropagationResult
+
+    one, two = tube(4, 20), tube(14, 26, center=(8, 11))
+    prompt = prompt_from(one, 8)
+    prompt[prompt_from(two, 18) > 0] = 2
+    image = image_for(one | two)
+    for axis in (0, 1, 2):
+        def stored(a, axis=axis):  # the same volume stored with the walk along ``axis``
+            return np.moveaxis(a, 0, axis)
+
+        first = propagate(stored(image), stored(prompt), ISO, TwoOracles([one, two]), axis=axis)
+        rebuilt = PropagationResult.from_record(np.ascontiguousarray(first.mask),
+                                                json.loads(json.dumps(first.to_record())))
+        fresh = propagate(stored(image), stored(prompt), ISO, TwoOracles([one, two]), axis=axis,
+                          empty_slices={1: [12]})
+        for previous in (first, rebuilt):
+            update = propagate(stored(image), stored(prompt), ISO, TwoOracles([one, two]), axis=axis,
+                               empty_slices={1: [12]}, previous=previous)
+            np.testing.assert_array_equal(update.mask, fresh.mask)
+            assert update.recomputed[2] == []
