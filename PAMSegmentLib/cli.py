@@ -886,7 +886,8 @@ def _read_keyframes_record(path: Path, previous, option_axis, name: str = "--pre
             if not key.isdigit() or not all(isinstance(v, list) and all(
                     isinstance(s, int) and not isinstance(s, bool) for s in v) for v in lists):
                 raise ValueError(f"label {key!r} is malformed")
-            labels[str(int(key))] = {"keyframes": lists[0], "walls": lists[1], "corrected": lists[2]}
+            labels[str(int(key))] = {"keyframes": lists[0], "walls": lists[1], "corrected": lists[2],
+                                     "drawn_sha256": value.get("drawn_sha256", {})}  # checked with the plan
     except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise InputError(f"{where} cannot be read ({type(exc).__name__}: {str(exc)[:200]}); delete it to keep only "
                          "the prompt's keyframes") from None

@@ -2002,6 +2002,7 @@ class EditPlan:
     previous: np.ndarray | None = field(default=None, repr=False)  # the earlier result (for ``changes``)
     # per label: drawn slices an earlier round corrected (they hold that correction, not the drawing)
     corrected: dict[int, list[int]] = field(default_factory=dict)
+    drawn_digest: dict[int, dict[int, str]] = field(default_factory=dict)  # per label and drawn slice: its digest
     slice_range: tuple[int, int] | None = None  # the update's range (--range, or the earlier run's; set by the CLI)
     labels: list[int] | None = None  # the update's labels in order (--label, or the earlier run's; set by the CLI)
 
@@ -2063,6 +2064,9 @@ class EditPlan:
                                | (set(self.drawn[lab]) & set(self.edited.get(lab, ()))))
             if corrected:
                 out[str(lab)]["corrected"] = [int(s) for s in corrected]
+                # the drawing those slices had in the prompt: a prompt redrawn there since is not this one
+                out[str(lab)]["drawn_sha256"] = {str(s): self.drawn_digest[lab][s] for s in corrected
+                                                 if s in self.drawn_digest.get(lab, {})}
         return out
 
 
@@ -2084,9 +2088,22 @@ def _earlier_record(earlier) -> dict:
                 is_number(s, -math.inf, math.inf, whole=True) for s in v) for v in lists):
             raise InputError(f"earlier's label {key!r} must be {{'keyframes': [slice, ...], 'walls': [slice, ...]}}, "
                              f"got {value!r:.120}")
+        sha = value.get("drawn_sha256", {})
+        if not (isinstance(sha, dict) and all(isinstance(k, str) and k.isdigit() and isinstance(v, str)
+                                              and 0 < len(v) <= 64 for k, v in sha.items())):
+            raise InputError(f"earlier's label {key!r} has a malformed drawn_sha256 (slice: digest of its drawing)")
         out[str(int(label))] = {"keyframes": [int(s) for s in lists[0]], "walls": [int(s) for s in lists[1]],
-                                "corrected": [int(s) for s in lists[2]]}
+                                "corrected": [int(s) for s in lists[2]],
+                                "drawn_sha256": {int(k): v for k, v in sha.items()}}
     return out
+
+
+def _drawing_digest(mask: np.ndarray) -> str:
+    """A short digest of one drawn slice (a 2D bool mask): which prompt a correction was made with."""
+    import hashlib
+
+    mask = np.asarray(mask, dtype=bool)
+    return hashlib.sha256(str(mask.shape).encode() + np.packbits(mask).tobytes()).hexdigest()[:16]
 
 
 def _earlier_from_result(result: "PropagationResult", axis: int) -> dict:
@@ -2154,7 +2171,7 @@ def keyframes_from_edits(prompt: np.ndarray, previous, edited: np.ndarray, *,
         earlier = _earlier_from_result(result, ax)
     earlier = _earlier_record(earlier)
     out = np.zeros(prm.shape, dtype=prompt.dtype if np.issubdtype(prompt.dtype, np.integer) else np.int32)
-    walls, changed_all, earlier_keys, erased, corrected = {}, {}, {}, [], {}
+    walls, changed_all, earlier_keys, erased, corrected, digests = {}, {}, {}, [], {}, {}
     n = prm.shape[0]
     absent = [lab for lab in drawn if not (prev == lab).any()]
     if absent and len(absent) < len(drawn):  # a result of some of the prompt's labels: a --label run
@@ -2171,9 +2188,15 @@ def keyframes_from_edits(prompt: np.ndarray, previous, edited: np.ndarray, *,
             # A drawn slice may have been corrected in an earlier round (a review, s29: every round
             # after that was refused): then the earlier result holds the correction, and the record of
             # that round says so ("corrected"). Any other difference: the prompt is not that run's.
+            digests.setdefault(lab, {})[int(s)] = _drawing_digest(prm[s] == lab)
             if np.array_equal(prev[s] == lab, prm[s] == lab):
                 continue
             if s in before.get("corrected", ()):
+                was_drawn = before.get("drawn_sha256", {}).get(int(s))
+                if was_drawn is not None and was_drawn != digests[lab][int(s)]:
+                    raise InputError(f"label {lab}'s drawing on slice {s} (axis {ax}) is not the one the earlier "
+                                     "rounds were run with (they corrected that slice): give the prompt of those "
+                                     "rounds, or start again from this prompt without --previous")
                 corrected.setdefault(lab, []).append(int(s))
             else:
                 hint = (" (if you corrected this drawn slice in an earlier round, pass that round's plan.record() "
@@ -2206,7 +2229,8 @@ def keyframes_from_edits(prompt: np.ndarray, previous, edited: np.ndarray, *,
     ignored = sorted((was | now) - set(drawn))
     return EditPlan(prompt=np.moveaxis(out, 0, ax), empty_slices=walls, axis=ax,
                     drawn={lab: list(sl) for lab, sl in drawn.items()}, edited=changed_all, ignored=ignored,
-                    earlier=earlier_keys, previous=np.moveaxis(prev, 0, ax), corrected=corrected)
+                    earlier=earlier_keys, previous=np.moveaxis(prev, 0, ax), corrected=corrected,
+                    drawn_digest=digests)
 
 
 def check_request(prompt, axis, labels, range, empty_slices, update: bool):  # noqa: A002

@@ -87,25 +87,42 @@ def test_a_state_dict_with_an_extra_number_names_that_entry(tmp_path):
         load_checkpoint_file(tmp_path / "with_epoch.pth")
 
 
+def ndimage_erode(mask):
+    """The border pixels of ``mask`` (removing them redraws it a pixel smaller)."""
+    from scipy import ndimage
+
+    return mask & ~ndimage.binary_erosion(mask)
+
+
 def test_a_drawn_slice_corrected_in_one_round_does_not_block_the_next():
     """A review (s29): after a round that corrected the drawn slice itself, every later round with
     the same prompt was refused ("the earlier result is not a result of this prompt: on slice 12
     ... differs from the drawing"), on the CLI, in Python and in batch. The record of that round
     names the slice among its keyframes (or walls, if erased): it holds the correction."""
+    import pytest
     from test_edits import first_run
 
-    from PAMSegmentLib.propagate import keyframes_from_edits
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.propagate import _drawing_digest, keyframes_from_edits
 
     one, _, prompt, previous = first_run()
     round2 = previous.copy()
     half = (round2[12] == 1) & (np.arange(round2.shape[2])[None, :] < np.flatnonzero(one[12].any(0)).mean())
     round2[12][half] = 0  # the drawn slice corrected: its left half erased
     plan2 = keyframes_from_edits(prompt, previous, round2)
-    assert plan2.edited[1] == [12] and plan2.record()["1"] == {"keyframes": [12], "walls": [], "corrected": [12]}
+    assert plan2.edited[1] == [12] and plan2.record()["1"] == {
+        "keyframes": [12], "walls": [], "corrected": [12], "drawn_sha256": {"12": _drawing_digest(prompt[12] == 1)}}
     round3 = round2.copy()
     round3[16][round3[16] == 1] = 0  # the next round: label 1 erased on slice 16
     plan3 = keyframes_from_edits(prompt, round2, round3, earlier=plan2.record())
     np.testing.assert_array_equal(plan3.prompt[12] == 1, round2[12] == 1)  # the correction stays a keyframe
+    # the prompt redrawn on that corrected slice since is not the one the rounds ran with (a second
+    # re-review, s29: any drawing there passed, replaced by the old correction)
+    smaller = prompt.copy()
+    smaller[12][ndimage_erode(prompt[12] == 1)] = 0
+    with pytest.raises(InputError, match="label 1's drawing on slice 12 .* is not the one the earlier rounds were "
+                                         "run with"):
+        keyframes_from_edits(smaller, round2, round3, earlier=plan2.record())
     assert plan3.edited[1] == [16] and plan3.empty_slices[1] == [16]
     assert plan3.corrected == {1: [12]}
     assert plan3.describe()[0] == "label 1: keyframes 12 (earlier rounds); the object is absent on 16"
@@ -114,16 +131,13 @@ def test_a_drawn_slice_corrected_in_one_round_does_not_block_the_next():
     gone[12][gone[12] == 1] = 0
     gone[16][(gone[16] == 1) & half] = 0  # and corrected on slice 16, which becomes a keyframe
     plan2 = keyframes_from_edits(prompt, previous, gone)
-    assert plan2.record()["1"] == {"keyframes": [16], "walls": [12], "corrected": [12]}
+    assert {k: v for k, v in plan2.record()["1"].items() if k != "drawn_sha256"} == {
+        "keyframes": [16], "walls": [12], "corrected": [12]}
     again = gone.copy()
     again[18][again[18] == 1] = 0
     plan3 = keyframes_from_edits(prompt, gone, again, earlier=plan2.record())
     assert 12 in plan3.empty_slices[1] and 18 in plan3.empty_slices[1]
     # without a record naming the slice, an earlier result that differs on a drawn slice is refused
-    import pytest
-
-    from PAMSegmentLib.errors import InputError
-
     with pytest.raises(InputError, match="is not a result of this prompt: on slice 12"):
         keyframes_from_edits(prompt, round2, round3)
     # A prompt redrawn on its slice is not a correction (a re-review, s29: every drawn slice is among
