@@ -821,8 +821,10 @@ def _write_keyframes_record(path: Path, result, plan=None) -> None:
     record = {"format": _KEYFRAMES_FORMAT, "version": 2, "axis": int(result.axis), "shape": list(result.mask.shape),
               "sha256": _label_digest(result.mask), "labels": labels, "result": reuse,
               # the order the labels were propagated in (--label): where they overlap, earlier ones keep
-              # the voxels, so an update runs them in the same order
-              "label_order": [int(lab) for lab in result.confidence]}
+              # the voxels, so an update runs them in the same order; and the range (--range), also for a
+              # server's result, which has no part to reuse
+              "label_order": [int(lab) for lab in result.confidence],
+              "range": None if result.range is None else [int(v) for v in result.range]}
     with open(path, "w", encoding="utf-8") as fh:
         json.dump(record, fh, allow_nan=False)
 
@@ -849,17 +851,28 @@ class _RecordMismatch(InputError):
     """The record beside the earlier result describes another label map than that file holds."""
 
 
-def _recorded_label_order(path: Path) -> list[int] | None:
-    """The order a run propagated its labels in, from its record (read again after
-    ``_read_keyframes_record`` accepted it); None if it does not say (records before session 29)."""
+def _recorded_order_and_range(path: Path, n_slices: int) -> tuple[list[int] | None, list[int] | None]:
+    """The order a run propagated its labels in and its slice range, from its record (read again
+    after ``_read_keyframes_record`` accepted it); None for what it does not say (records before
+    session 29). A value that is there but malformed is refused, as the rest of a record is."""
     try:
-        order = json.loads(path.read_text(encoding="utf-8")).get("label_order")
-    except (OSError, ValueError, UnicodeDecodeError, RecursionError, AttributeError):
-        return None
-    if not (isinstance(order, list) and 0 < len(order) <= 65535 and len(set(order)) == len(order)
-            and all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 65535 for v in order)):
-        return None
-    return order
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        return None, None
+    order, lo_hi = record.get("label_order"), record.get("range")
+
+    def whole(v, lo, hi):
+        return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+    if order is not None and not (isinstance(order, list) and 0 < len(order) <= 65535
+                                  and all(whole(v, 1, 65535) for v in order) and len(set(order)) == len(order)):
+        raise InputError(f"{path} cannot be read (its label_order is not distinct labels from 1 to 65535); delete it "
+                         "to keep only the prompt's keyframes")
+    if lo_hi is not None and not (isinstance(lo_hi, list) and len(lo_hi) == 2
+                                  and all(whole(v, 0, n_slices - 1) for v in lo_hi) and lo_hi[0] <= lo_hi[1]):
+        raise InputError(f"{path} cannot be read (its range is not two slices within 0-{n_slices - 1}); delete it "
+                         "to keep only the prompt's keyframes")
+    return order, lo_hi
 
 
 def _read_keyframes_record(path: Path, previous, option_axis, name: str = "--previous"):
@@ -987,7 +1000,8 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
                              f"label map: it looks like {Path(previous_path).name} was corrected in place. Run the "
                              f"earlier command again with another -o to get the result back, and give that as "
                              f"{names[0]} and your corrected file as {names[1]}") from None
-        recorded_order = _recorded_label_order(keyframes_record_path(previous_path))
+        recorded_order, top_range = _recorded_order_and_range(keyframes_record_path(previous_path),
+                                                              maps[0].shape[axis])
         if labels is None and recorded_order and recorded_order != sorted(recorded_order):
             # as the range, the label order of the run being corrected carries over (its overlaps);
             # a label drawn in the prompt since comes after them
@@ -996,7 +1010,8 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
             in_prompt = [int(v) for v in np.unique(prompt.array) if v > 0]
             kept = [lab for lab in recorded_order if lab in in_prompt]
             labels, order_from_record = kept + [lab for lab in in_prompt if lab not in kept], True
-        recorded_range = stored.get("range") if isinstance(stored, dict) else None
+        recorded_range = top_range if top_range is not None else (
+            stored.get("range") if isinstance(stored, dict) else None)
         if slice_range is None and isinstance(recorded_range, list) and len(recorded_range) == 2 \
                 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in recorded_range) \
                 and recorded_range[0] <= recorded_range[1] < maps[0].shape[axis] \
@@ -1073,9 +1088,10 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
             f"{option} to change it)")
     plan.labels = labels  # the labels and their order this update propagates (None: every label, ascending)
     if range_from_record:
+        change = ("give --range to change it" if names[0].startswith("--") else
+                  "run that case with pamsegment propagate and --range to change it")
         say(f"update: within slices {slice_range[0]}-{slice_range[1]} along axis {plan.axis}, as the run that made "
-            f"{Path(previous_path).name} (--range {slice_range[0]}:{slice_range[1]}, from its record; give --range "
-            "to change it)")
+            f"{Path(previous_path).name} (--range {slice_range[0]}:{slice_range[1]}, from its record; {change})")
     if no_record:
         say(no_record)
     if labels is not None:  # labels of the earlier result left out by the choice: said, never lost unsaid

@@ -529,3 +529,41 @@ def test_an_overlapped_label_is_reused_along_every_axis():
                                empty_slices={1: [12]}, previous=previous)
             np.testing.assert_array_equal(update.mask, fresh.mask)
             assert update.recomputed[2] == []
+
+
+def test_the_range_carries_over_without_a_reusable_part_and_bad_values_are_refused(ct_case, capsys):
+    """A second re-review (s29): the range came only from the record's reusable part, which a
+    server's result does not have ("result": null), so an update of a --server --range run grew past
+    it; and a hand-edited label_order that made no sense was ignored without a word."""
+    import json
+
+    from conftest import write_image
+    from test_edits import _update
+
+    from PAMSegmentLib import cli
+    from PAMSegmentLib.volumes import read_volume
+
+    d = ct_case.directory
+    first = d / "first.nii.gz"
+    assert cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(first),
+                     "--method", "copy", "--range", "8:12"]) == 0
+    record_path = d / "first.nii.gz.keyframes.json"
+    record = json.loads(record_path.read_text())
+    assert record["range"] == [8, 12] and record["label_order"] == [1]
+    record["result"] = None  # as a server's result writes it
+    record_path.write_text(json.dumps(record))
+    edited = read_volume(first).array
+    edited[11][edited[11] == 1] = 0
+    edited[11][ct_case.truth[11]] = 1
+    edited[11][15:18, 15:18] = 0
+    write_image(edited.astype(np.uint8), d / "edited.nii.gz", ct_case.spacing)
+    capsys.readouterr()
+    assert _update(ct_case, first, d / "edited.nii.gz", d / "second.nii.gz") == 0
+    assert "update: within slices 8-12 along axis 0" in capsys.readouterr().out
+    second = read_volume(d / "second.nii.gz").array
+    assert [k for k in range(second.shape[0]) if second[k].any()] == [8, 9, 10, 11, 12]
+    for bad in ([2, 2], [1.0], "1", [0]):
+        record["label_order"] = bad
+        record_path.write_text(json.dumps(record))
+        assert _update(ct_case, first, d / "edited.nii.gz", d / "third.nii.gz") == 2
+        assert "cannot be read (its label_order is not distinct labels from 1 to 65535)" in capsys.readouterr().err
