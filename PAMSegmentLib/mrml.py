@@ -1979,7 +1979,7 @@ class PropagationHistory:
 
     def forget(self, segmentation_node, segment_id: str | None = None) -> None:
         """Forget one segment, or every segment of a segmentation node."""
-        for entries in (self._entries, self._restored):
+        for entries in (self._entries, self._restored, self._undone_to):
             for key in list(entries):
                 if key[0] == segmentation_node.GetID() and (segment_id is None or key[1] == segment_id):
                     del entries[key]
@@ -1988,6 +1988,7 @@ class PropagationHistory:
         self._entries.clear()
         self._restored.clear()
         self._unreadable.clear()
+        self._undone_to.clear()
 
     def undo_last(self, segmentation_node, segment_id: str, before_write=None) -> str:
         """Undo the last propagation or update applied to the segment (main thread).

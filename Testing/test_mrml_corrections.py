@@ -696,6 +696,8 @@ def test_undoing_the_second_of_two_updates_says_what_can_no_longer_be_undone(ses
     with pytest.raises(InputError, match=r'cannot undo: "tumor" is back at the result from before an update you '
                                          r"undid, and only one step before an update is kept"):
         history.undo_last(seg, sid)
+    history.clear()  # a scene closed: what the session undid is forgotten with the rest
+    assert not history.back_after_undo(seg, sid)
 
 
 def test_undo_in_new_mode_removes_the_added_segment(mrml_scene):
