@@ -247,6 +247,9 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
             shown = ", ".join(str(b) for b in below[:4]) + (f" and {len(below) - 4} more" if len(below) > 4 else "")
             raise InputError(f"{folder} holds no DICOM series itself, but its subfolders do ({shown}): pass the folder "
                              "of the series to propagate on")
+        for f in sorted(folder.iterdir())[:1000]:  # a folder of a DICOM SEG or RT structure set: said what it is
+            if f.is_file():
+                _refuse_dicom_objects_not_images(f)
         raise InputError(f"{folder} is a folder without a DICOM series; pass a DICOM series folder or an image file")
     by_uid = {uid: reader.GetGDCMSeriesFileNames(_itk_path(folder), uid) for uid in series_ids}  # one scan each
     if series_uid is not None:
@@ -360,6 +363,32 @@ def _dicom_meta(head: bytes) -> tuple[dict[int, str], int] | None:
     return values, at
 
 
+_DICOM_OBJECTS = {  # DICOM objects that are not images, given where an image or a label map is read
+    "1.2.840.10008.5.1.4.1.1.66.4": ("a DICOM SEG (segmentation object)", "load it in 3D Slicer (with the "
+                                     "QuantitativeReporting extension) and save the segmentation as .seg.nrrd, or "
+                                     "convert it with dcmqi's segimage2itkimage"),
+    "1.2.840.10008.5.1.4.1.1.481.3": ("a DICOM RT structure set (contours)", "load it with its images in 3D Slicer "
+                                      "(with the SlicerRT extension) and save the segmentation as .seg.nrrd, or "
+                                      "convert it to a label map (e.g. with dcmrtstruct2nii)"),
+}
+
+
+def _refuse_dicom_objects_not_images(p: Path) -> None:
+    """InputError for a DICOM SEG or RT structure set (by its meta header's SOP class): GDCM read a
+    SEG's segments all as 255 (several segments merged into one label, exit 0) and an RTSTRUCT not
+    at all ("cannot determine ImageIO reader"), neither saying what the file is."""
+    try:
+        with open(p, "rb") as fh:
+            meta = _dicom_meta(fh.read(132 + 4096))
+    except OSError:
+        return
+    if meta is None:
+        return
+    found = _DICOM_OBJECTS.get(meta[0].get(0x0002, ""))
+    if found is not None:
+        raise InputError(f"{p.name} is {found[0]}, which PAMSegment does not read: {found[1]}, and give that file")
+
+
 def _dicom_image_class(p: Path) -> bool | None:
     """Whether the DICOM file ``p`` says in its meta header (MediaStorageSOPClassUID, 0002,0002)
     that it holds an image: True, or False for other objects (structure sets, reports,
@@ -457,6 +486,15 @@ def _raw_series_uid(p: Path, limit: int = 65536) -> str | None:
 
 
 def _read_series_files(files, chosen: str, folder: Path) -> sitk.Image:
+    what = f"DICOM series {_series_label(chosen)} in {folder}"
+    if len(files) == 1:  # one file: read as a file (a multi-frame one read as a series came back 4D)
+        try:
+            with _itk_warnings_hidden():
+                image = sitk.ReadImage(files[0])
+        except RuntimeError as error:
+            raise InputError(f"cannot read {what} ({_itk_reason(error)})") from None
+        _check_multiframe(Path(files[0]), image, what)
+        return image
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
@@ -500,7 +538,6 @@ def _check_slice_positions(reader: sitk.ImageSeriesReader, image: sitk.Image, wh
     n = image.GetSize()[2]
     if n < 2:
         return
-    normal = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)[:, 2]
     points = []
     for k in range(n):
         try:
@@ -508,7 +545,13 @@ def _check_slice_positions(reader: sitk.ImageSeriesReader, image: sitk.Image, wh
             points.append([float(v) for v in text.split("\\")[:3]])
         except (RuntimeError, ValueError):
             return  # positions not stored (e.g. secondary capture): nothing to check against
-    points = np.asarray(points, dtype=np.float64)
+    _check_positions(np.asarray(points, dtype=np.float64), image, what, tol)
+
+
+def _check_positions(points: np.ndarray, image: sitk.Image, what: str, tol: float = 0.1) -> None:
+    """``_check_slice_positions`` on the slices' ImagePositionPatient ``points`` (n, 3)."""
+    n = len(points)
+    normal = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)[:, 2]
     positions = points @ normal
     _check_no_gantry_tilt(points[np.argsort(positions)], normal, image, what)
     if n < 3:
@@ -535,6 +578,68 @@ def _check_slice_positions(reader: sitk.ImageSeriesReader, image: sitk.Image, wh
                          f"{np.max(steps):.3g} mm, so on one uniform grid its slices would lie up to {off:.3g} mm "
                          "from where they were acquired; convert it with a tool that resamples (e.g. dcm2niix or "
                          "Slicer's DICOM module)")
+
+
+_CONVERT = ("convert it to NIfTI or NRRD first (dcm2niix, or load it in 3D Slicer's DICOM module and save the "
+            "volume) and give that file")
+
+
+def _check_multiframe(p: Path, image: sitk.Image, what: str) -> None:
+    """A multi-frame (enhanced) DICOM file: ITK stacks its frames in the order stored, on a grid
+    from the first frames, whatever their own positions say (uneven or repeated frames were read
+    on a wrong grid, exit 0; a review, s29). Its per-frame positions (read with pydicom) must step
+    evenly along the slice normal, in order, and agree with the grid ITK read."""
+    frames = image.GetMetaData("0028|0008").strip() if image.HasMetaDataKey("0028|0008") else ""
+    try:
+        n_frames = int(float(frames)) if frames else 1
+    except ValueError:
+        n_frames = 1
+    if n_frames <= 1:
+        return
+    try:
+        import pydicom
+    except ImportError:
+        raise InputError(f"{what} is a multi-frame DICOM file, whose frame positions need pydicom to be checked "
+                         f"(pip install pydicom); or {_CONVERT}") from None
+    try:
+        ds = pydicom.dcmread(str(p), stop_before_pixels=True, force=True)
+        shared = ds.get("SharedFunctionalGroupsSequence")
+        shared = shared[0] if shared else None
+        per = ds.get("PerFrameFunctionalGroupsSequence")
+        points = []
+        for i in range(n_frames):
+            groups = [g for g in ((per[i] if per is not None and i < len(per) else None), shared) if g is not None]
+            found = next((g.PlanePositionSequence[0].get("ImagePositionPatient") for g in groups
+                          if g.get("PlanePositionSequence")), None)
+            if found is None or len(found) != 3:
+                points = None
+                break
+            points.append([float(v) for v in found])
+        spacing = next((g.PixelMeasuresSequence[0].get("PixelSpacing")
+                        for g in ([shared] if shared is not None else []) + ([per[0]] if per else [])
+                        if g.get("PixelMeasuresSequence")), None) or ds.get("PixelSpacing")
+    except Exception as error:  # pydicom's own errors on a damaged header
+        raise InputError(f"{what} is a multi-frame DICOM file whose frame positions cannot be read "
+                         f"({type(error).__name__}); {_CONVERT}") from None
+    if points is None or len(points) != image.GetSize()[2]:
+        raise InputError(f"{what} is a multi-frame DICOM file whose frames do not all say where they lie; {_CONVERT}")
+    points = np.asarray(points, dtype=np.float64)
+    normal = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)[:, 2]
+    steps = np.diff(points @ normal)
+    if np.any(steps <= 0) and np.any(steps >= 0) or np.any(np.abs(steps) < 1e-6):
+        raise InputError(f"{what} is a multi-frame DICOM file whose frames are not stored in order of position, or "
+                         "repeat positions (several phases or echoes in one file); split or " + _CONVERT)
+    _check_positions(points, image, what)
+    step = float(np.median(np.abs(steps)))
+    origin = np.asarray(image.GetOrigin(), dtype=np.float64)
+    pixel = [float(v) for v in spacing] if spacing is not None and len(spacing) == 2 else None
+    grid = image.GetSpacing()
+    if (abs(grid[2] - step) > 0.01 * step or np.linalg.norm(origin - points[0]) > 0.5 * min(grid)
+            or (pixel is not None and (abs(grid[0] - pixel[1]) > 1e-3 * pixel[1]
+                                       or abs(grid[1] - pixel[0]) > 1e-3 * pixel[0]))):
+        raise InputError(f"{what} is a multi-frame DICOM file that ITK reads on another grid than its frames give "
+                         f"(spacing {grid[0]:.4g} x {grid[1]:.4g} x {grid[2]:.4g} mm against "
+                         + (f"{pixel[1]:.4g} x {pixel[0]:.4g}" if pixel else "?") + f" x {step:.4g} mm); {_CONVERT}")
 
 
 def _check_no_gantry_tilt(points: np.ndarray, normal: np.ndarray, image: sitk.Image, what: str) -> None:
@@ -977,6 +1082,7 @@ def _read_sitk(path: PathLike, series_uid: str | None = None, single_slice_ok: b
         check_regular_file(p)
         _check_detached_data(p)
         _check_declared_size(p)
+        _refuse_dicom_objects_not_images(p)
         header = _nifti_header(p)  # read once for the NIfTI checks
         if header is not None:
             _check_nifti_complete(p, header)
@@ -992,6 +1098,8 @@ def _read_sitk(path: PathLike, series_uid: str | None = None, single_slice_ok: b
         if header is not None:
             _note_nifti_qform_sform(p, header, image)
             _note_nifti_no_spacing(p, header, image.GetDimension())
+        elif image.HasMetaDataKey("0028|0008") and image.GetDimension() == 3:  # a DICOM file of several frames
+            _check_multiframe(p, image, p.name)
     name = p.name
 
     ncomp = image.GetNumberOfComponentsPerPixel()

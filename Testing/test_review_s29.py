@@ -567,3 +567,82 @@ def test_the_range_carries_over_without_a_reusable_part_and_bad_values_are_refus
         record_path.write_text(json.dumps(record))
         assert _update(ct_case, first, d / "edited.nii.gz", d / "third.nii.gz") == 2
         assert "cannot be read (its label_order is not distinct labels from 1 to 65535)" in capsys.readouterr().err
+
+
+def _enhanced_ct(path, frames, zs, sop="1.2.840.10008.5.1.4.1.1.2.1"):
+    """A multi-frame (enhanced CT) DICOM file written with pydicom: frames at z positions ``zs``."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = sop, meta.MediaStorageSOPInstanceUID, "CT"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.InstanceNumber = generate_uid(), generate_uid(), 1
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.NumberOfFrames = 1, "MONOCHROME2", len(frames)
+    ds.Rows, ds.Columns = frames.shape[1:]
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    orient, measures, shared = Dataset(), Dataset(), Dataset()
+    orient.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    measures.PixelSpacing, measures.SliceThickness = [0.8, 0.8], 2
+    shared.PlaneOrientationSequence, shared.PixelMeasuresSequence = Sequence([orient]), Sequence([measures])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    per = []
+    for z in zs:
+        position, item = Dataset(), Dataset()
+        position.ImagePositionPatient = [-10.0, -20.0, float(z)]
+        item.PlanePositionSequence = Sequence([position])
+        per.append(item)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(per)
+    ds.PixelData = frames.astype("<i2").tobytes()
+    ds.save_as(str(path), enforce_file_format=True)
+
+
+def test_multi_frame_dicom_is_read_only_where_its_frames_agree_with_the_grid(tmp_path):
+    """A review (s29): ITK stacks a multi-frame DICOM's frames in stored order on a grid from the
+    first ones: frames 10 mm apart half-way were read 1 x 1 x 1 mm (frame 15 25 mm off) and two
+    phases at the same positions 2 mm apart, exit 0; a folder holding one such file crashed
+    (a 4D image). Frames are checked with pydicom now."""
+    import pytest
+
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.volumes import read_volume
+
+    frames = (np.arange(12 * 16 * 20).reshape(12, 16, 20) % 300).astype(np.int16)
+    _enhanced_ct(tmp_path / "even.dcm", frames, [2.0 * k for k in range(12)])
+    volume = read_volume(tmp_path / "even.dcm")
+    assert volume.spacing == pytest.approx((2.0, 0.8, 0.8)) and volume.origin == pytest.approx((-10, -20, 0))
+    np.testing.assert_array_equal(volume.array, frames)
+    (tmp_path / "folder").mkdir()
+    _enhanced_ct(tmp_path / "folder" / "only.dcm", frames, [2.0 * k for k in range(12)])
+    assert read_volume(tmp_path / "folder").spacing == pytest.approx((2.0, 0.8, 0.8))
+    _enhanced_ct(tmp_path / "uneven.dcm", frames, [2.0 * k + (6 if k >= 6 else 0) for k in range(12)])
+    with pytest.raises(InputError, match="uneven.dcm is not evenly spaced"):
+        read_volume(tmp_path / "uneven.dcm")
+    _enhanced_ct(tmp_path / "repeat.dcm", frames, [2.0 * (k % 6) for k in range(12)])
+    with pytest.raises(InputError, match="repeat.dcm is a multi-frame DICOM file whose frames are not stored in "
+                                         "order of position, or repeat positions"):
+        read_volume(tmp_path / "repeat.dcm")
+
+
+def test_a_dicom_seg_or_rt_structure_set_is_named(tmp_path):
+    """A review (s29): a DICOM SEG given as the prompt had all its segments read as one label 255
+    (exit 0 with two segments on adjacent slices); an RT structure set got "cannot determine ImageIO
+    reader". Both are named, with how to convert them, as a file and as a folder."""
+    import pytest
+
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.volumes import read_labelmap
+
+    frames = np.zeros((2, 16, 20), np.int16)
+    _enhanced_ct(tmp_path / "seg.dcm", frames, [0.0, 2.0], sop="1.2.840.10008.5.1.4.1.1.66.4")
+    with pytest.raises(InputError, match=r"seg.dcm is a DICOM SEG \(segmentation object\), which PAMSegment does "
+                                         r"not read: load it in 3D Slicer"):
+        read_labelmap(tmp_path / "seg.dcm")
+    (tmp_path / "rt").mkdir()
+    _enhanced_ct(tmp_path / "rt" / "rt.dcm", frames, [0.0, 2.0], sop="1.2.840.10008.5.1.4.1.1.481.3")
+    with pytest.raises(InputError, match=r"rt.dcm is a DICOM RT structure set \(contours\)"):
+        read_labelmap(tmp_path / "rt")
