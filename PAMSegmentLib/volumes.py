@@ -935,6 +935,12 @@ def _note_nifti_no_spacing(p: Path, header: bytes, dimension: int) -> None:
         return
     bad = [f"{'ijk'[n]} (pixdim[{n + 1}] = {v:g})" for n, v in enumerate(pix[:min(dimension, 3)])
            if not (math.isfinite(v) and v != 0)]
+    negative = [f"pixdim[{n + 1}] = {v:g}" for n, v in enumerate(pix[:min(dimension, 3)]) if v < 0]
+    if negative:  # ITK (and Slicer) flip that axis; FSL and nibabel take the size alone
+        warnings.warn(f"{p.name}: its NIfTI header gives a negative voxel size ({', '.join(negative)}); like ITK "
+                      "and Slicer, PAMSegment reads it as that axis flipped, where FSL and nibabel ignore the sign: "
+                      "the result lies on the image as Slicer shows it, mirrored against it in those tools",
+                      stacklevel=3)
     if bad:
         warnings.warn(f"{p.name}: its NIfTI header gives no voxel size along {', '.join(bad)}; like ITK and "
                       "Slicer, PAMSegment reads that as 1 mm, and its 20 mm walk window and distances count those "
@@ -1427,6 +1433,12 @@ def _grid_from_header(p: Path) -> Volume | None:
     except (RuntimeError, OSError, InputError):
         return None
     shape = tuple(int(n) for n in reversed(size))
+    spacing, direction = list(spacing), list(direction)
+    for c in range(3):  # a negative pixdim: the header read keeps the sign, the full read flips the axis instead
+        if spacing[c] < 0:
+            spacing[c] = -spacing[c]
+            for r in range(3):
+                direction[3 * r + c] = -direction[3 * r + c]
     return Volume(np.broadcast_to(np.zeros((), np.uint8), shape), tuple(float(v) for v in reversed(spacing)),
                   tuple(float(v) for v in origin), tuple(float(v) for v in direction))
 

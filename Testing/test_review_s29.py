@@ -646,3 +646,29 @@ def test_a_dicom_seg_or_rt_structure_set_is_named(tmp_path):
     _enhanced_ct(tmp_path / "rt" / "rt.dcm", frames, [0.0, 2.0], sop="1.2.840.10008.5.1.4.1.1.481.3")
     with pytest.raises(InputError, match=r"rt.dcm is a DICOM RT structure set \(contours\)"):
         read_labelmap(tmp_path / "rt")
+
+
+def test_a_negative_nifti_pixdim_is_one_grid_for_the_header_and_the_full_read(tmp_path):
+    """A review (s29): with pixdim[1] < 0 the header read gave spacing -0.8 along +x and the full
+    read +0.8 along -x, the same grid, compared field by field: a prompt saved on the image's own
+    grid was refused ("spacing, direction differ"). Also noted: FSL and nibabel ignore the sign."""
+    import struct
+    import warnings
+
+    import SimpleITK as sitk
+
+    from PAMSegmentLib.volumes import _grid_from_header, read_volume, same_grid
+
+    image = sitk.GetImageFromArray((np.arange(12 * 16 * 20).reshape(12, 16, 20) % 300).astype(np.int16))
+    image.SetSpacing((0.8, 0.8, 2.0))
+    image.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1))
+    sitk.WriteImage(image, str(tmp_path / "plain.nii"))
+    header = bytearray((tmp_path / "plain.nii").read_bytes())
+    struct.pack_into("<h", header, 254, 0)  # no sform: the qform and pixdim decide
+    struct.pack_into("<f", header, 80, -0.8)  # pixdim[1] negative
+    (tmp_path / "negative.nii").write_bytes(bytes(header))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        full = read_volume(tmp_path / "negative.nii")
+    assert full.spacing[2] > 0 and same_grid(_grid_from_header(tmp_path / "negative.nii"), full) == []
+    assert any("negative voxel size (pixdim[1] = -0.8)" in str(w.message) for w in caught)
