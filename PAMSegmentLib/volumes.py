@@ -286,8 +286,8 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
         image = _read_series_files([f for f in files if f not in odd], chosen, folder)
     shown = ", ".join(Path(f).name for f in odd[:3]) + (f" and {len(odd) - 3} more" if len(odd) > 3 else "")
     warnings.warn(f"{folder}: left out {len(odd)} file(s) of series {_series_label(chosen)} whose orientation or size "
-                  f"differs from the other {len(files) - len(odd)} ({shown}: a localizer?)", SeriesChoiceWarning,
-                  stacklevel=3)
+                  f"differs from the other {len(files) - len(odd)} ({shown}: a localizer?)", UserWarning,
+                  stacklevel=3)  # not a choice of series: no "choose another with --series" after it
     return image
 
 
