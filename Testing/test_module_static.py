@@ -1795,6 +1795,17 @@ def test_logic_process_takes_the_method_the_console_docstring_offers(module, dra
     assert job.state == "finished" and not _segment_array(segmentation, written, volume)[k].any()
 
 
+def _start_gated(panel, truth, segmentation, monkeypatch):
+    """Propagate ``segmentation``'s selected segment with an oracle held inside its first batch
+    until ``gate["go"]`` is set; returns the gate."""
+    gate = {"started": threading.Event(), "go": threading.Event()}
+    oracle_loader(monkeypatch, truth, gate)
+    panel.ui.segmentationSelector.setCurrentNode(segmentation)
+    panel.ui.propagateButton.click()
+    assert gate["started"].wait(10)
+    return gate
+
+
 def test_a_cancelled_update_gives_the_prompt_line_back(panel, drawn, monkeypatch):
     """A review (s29): after an update was cancelled (or failed, or was not written) the prompt line
     still said "Updating from your slices: ..." until the next edit."""
@@ -1826,11 +1837,7 @@ def test_a_scene_close_during_a_run_keeps_its_message(panel, drawn, monkeypatch,
     Cancel came back on, and the last poll replaced "cancelled because the scene was closed" by
     "the segmentation was not changed" about a segmentation that was gone."""
     truth, volume, segmentation, segment_id = drawn
-    gate = {"started": threading.Event(), "go": threading.Event()}
-    oracle_loader(monkeypatch, truth, gate)
-    panel.ui.segmentationSelector.setCurrentNode(segmentation)
-    panel.ui.propagateButton.click()
-    assert gate["started"].wait(10)
+    gate = _start_gated(panel, truth, segmentation, monkeypatch)
     panel.onSceneStartClose(None, None)
     panel.ui.segmentationSelector.setCurrentNode(None)
     panel.ui.volumeSelector.setCurrentNode(None)
@@ -1848,11 +1855,7 @@ def test_after_cancel_cleanup_still_waits_and_a_scene_close_still_says_so(panel,
     reload, Slicer's exit) no longer waited for the worker still inside its batch, and a scene
     closed after Cancel ended with "the segmentation was not changed"."""
     truth, volume, segmentation, segment_id = drawn
-    gate = {"started": threading.Event(), "go": threading.Event()}
-    oracle_loader(monkeypatch, truth, gate)
-    panel.ui.segmentationSelector.setCurrentNode(segmentation)
-    panel.ui.propagateButton.click()
-    assert gate["started"].wait(10)
+    gate = _start_gated(panel, truth, segmentation, monkeypatch)
     panel.ui.cancelButton.click()
     panel.onSceneStartClose(None, None)
     panel.ui.segmentationSelector.setCurrentNode(None)
@@ -1868,11 +1871,7 @@ def test_after_cancel_cleanup_still_waits_and_a_scene_close_still_says_so(panel,
 def test_cleanup_waits_for_a_worker_still_stopping_after_cancel(panel, drawn, monkeypatch):
     """(See the test above.) cleanup() after Cancel waits for the worker inside its batch."""
     truth, volume, segmentation, segment_id = drawn
-    gate = {"started": threading.Event(), "go": threading.Event()}
-    oracle_loader(monkeypatch, truth, gate)
-    panel.ui.segmentationSelector.setCurrentNode(segmentation)
-    panel.ui.propagateButton.click()
-    assert gate["started"].wait(10)
+    gate = _start_gated(panel, truth, segmentation, monkeypatch)
     job = panel.job
     panel.ui.cancelButton.click()
     waited = []
