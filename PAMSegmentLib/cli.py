@@ -896,11 +896,14 @@ def _read_keyframes_record(path: Path, previous, option_axis, name: str = "--pre
         for key, value in record["labels"].items():
             lists = [value.get(k) for k in ("keyframes", "walls")] + [value.get("corrected", [])] \
                 if isinstance(value, dict) else [None]
+            sha = value.get("drawn_sha256", {}) if isinstance(value, dict) else None
             if not key.isdigit() or not all(isinstance(v, list) and all(
-                    isinstance(s, int) and not isinstance(s, bool) for s in v) for v in lists):
+                    isinstance(s, int) and not isinstance(s, bool) for s in v) for v in lists) \
+                    or not (isinstance(sha, dict) and all(isinstance(k, str) and k.isdigit() and isinstance(d, str)
+                                                          and 0 < len(d) <= 64 for k, d in sha.items())):
                 raise ValueError(f"label {key!r} is malformed")
             labels[str(int(key))] = {"keyframes": lists[0], "walls": lists[1], "corrected": lists[2],
-                                     "drawn_sha256": value.get("drawn_sha256", {})}  # checked with the plan
+                                     "drawn_sha256": sha}
     except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise InputError(f"{where} cannot be read ({type(exc).__name__}: {str(exc)[:200]}); delete it to keep only "
                          "the prompt's keyframes") from None

@@ -487,6 +487,7 @@ def _raw_series_uid(p: Path, limit: int = 65536) -> str | None:
 
 def _read_series_files(files, chosen: str, folder: Path) -> sitk.Image:
     what = f"DICOM series {_series_label(chosen)} in {folder}"
+    _refuse_dicom_objects_not_images(Path(files[0]))  # GDCM lists a DICOM SEG as a series of images
     if len(files) == 1:  # one file: read as a file (a multi-frame one read as a series came back 4D)
         try:
             with _itk_warnings_hidden():
@@ -606,18 +607,22 @@ def _check_multiframe(p: Path, image: sitk.Image, what: str) -> None:
         shared = ds.get("SharedFunctionalGroupsSequence")
         shared = shared[0] if shared else None
         per = ds.get("PerFrameFunctionalGroupsSequence")
-        points = []
+        if per is None and shared is None:
+            return  # no functional groups (NM, multi-frame secondary capture): their geometry is GDCM's to read
+        points, orientations, pixels = [], [], []
+
+        def first(groups, sequence, key):
+            return next((g.get(sequence)[0].get(key) for g in groups if g.get(sequence)), None)
+
         for i in range(n_frames):
             groups = [g for g in ((per[i] if per is not None and i < len(per) else None), shared) if g is not None]
-            found = next((g.PlanePositionSequence[0].get("ImagePositionPatient") for g in groups
-                          if g.get("PlanePositionSequence")), None)
+            found = first(groups, "PlanePositionSequence", "ImagePositionPatient")
             if found is None or len(found) != 3:
                 points = None
                 break
             points.append([float(v) for v in found])
-        spacing = next((g.PixelMeasuresSequence[0].get("PixelSpacing")
-                        for g in ([shared] if shared is not None else []) + ([per[0]] if per else [])
-                        if g.get("PixelMeasuresSequence")), None) or ds.get("PixelSpacing")
+            orientations.append(first(groups, "PlaneOrientationSequence", "ImageOrientationPatient"))
+            pixels.append(first(groups, "PixelMeasuresSequence", "PixelSpacing") or ds.get("PixelSpacing"))
     except Exception as error:  # pydicom's own errors on a damaged header
         raise InputError(f"{what} is a multi-frame DICOM file whose frame positions cannot be read "
                          f"({type(error).__name__}); {_CONVERT}") from None
@@ -630,9 +635,24 @@ def _check_multiframe(p: Path, image: sitk.Image, what: str) -> None:
         raise InputError(f"{what} is a multi-frame DICOM file whose frames are not stored in order of position, or "
                          "repeat positions (several phases or echoes in one file); split or " + _CONVERT)
     _check_positions(points, image, what)
+    # every frame's orientation and pixel size must be the grid's (ITK takes the first frame's)
+    axes = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    for i, (orientation, pixel) in enumerate(zip(orientations, pixels)):
+        try:
+            turned = orientation is not None and (
+                len(orientation) != 6 or np.abs(np.asarray([float(v) for v in orientation[:3]]) - axes[:, 0]).max()
+                > 1e-3 or np.abs(np.asarray([float(v) for v in orientation[3:]]) - axes[:, 1]).max() > 1e-3)
+            resized = pixel is not None and (len(pixel) != 2 or abs(float(pixel[1]) - image.GetSpacing()[0]) > 1e-3
+                                             * image.GetSpacing()[0] or abs(float(pixel[0]) - image.GetSpacing()[1])
+                                             > 1e-3 * image.GetSpacing()[1])
+        except (TypeError, ValueError):
+            turned = resized = True
+        if turned or resized:
+            raise InputError(f"{what} is a multi-frame DICOM file whose frame {i} has another "
+                             f"{'orientation' if turned else 'pixel size'} than the grid it is read on; {_CONVERT}")
     step = float(np.median(np.abs(steps)))
     origin = np.asarray(image.GetOrigin(), dtype=np.float64)
-    pixel = [float(v) for v in spacing] if spacing is not None and len(spacing) == 2 else None
+    pixel = [float(v) for v in pixels[0]] if pixels[0] is not None and len(pixels[0]) == 2 else None
     grid = image.GetSpacing()
     if (abs(grid[2] - step) > 0.01 * step or np.linalg.norm(origin - points[0]) > 0.5 * min(grid)
             or (pixel is not None and (abs(grid[0] - pixel[1]) > 1e-3 * pixel[1]
@@ -1411,6 +1431,8 @@ def _grid_from_header(p: Path) -> Volume | None:
     """The grid of a 3D image file from its header alone (a Volume whose array is a zero-strided
     view: no voxels are read), or None where the header does not say it plainly (a folder, a
     4D or 2D file, one ITK cannot read: the full read decides and names the problem)."""
+    if p.is_file():  # a DICOM SEG or RT structure set: named before any grid is compared
+        _refuse_dicom_objects_not_images(p)
     try:
         if not p.is_file():
             return None
@@ -1463,6 +1485,8 @@ def _grid_from_dicom_headers(folder: Path, series_uid: str | None = None, chose:
         if series_uid is None and len(ids) > 1 and chose is not None:
             chose.append(f"{folder} holds {len(ids)} DICOM series; the largest, {_series_label(uid)} ({len(files)} "
                          "files), was compared")
+        if files:
+            _refuse_dicom_objects_not_images(Path(files[0]))  # a DICOM SEG: named before any grid is compared
         if len(files) < 2:
             return None
         heads = []

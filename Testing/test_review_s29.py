@@ -567,10 +567,17 @@ def test_the_range_carries_over_without_a_reusable_part_and_bad_values_are_refus
         record_path.write_text(json.dumps(record))
         assert _update(ct_case, first, d / "edited.nii.gz", d / "third.nii.gz") == 2
         assert "cannot be read (its label_order is not distinct labels from 1 to 65535)" in capsys.readouterr().err
+    record["label_order"] = [1]
+    record["labels"]["1"]["drawn_sha256"] = None  # (a re-review, s29: named as "earlier's label", no way out)
+    record_path.write_text(json.dumps(record))
+    assert _update(ct_case, first, d / "edited.nii.gz", d / "third.nii.gz") == 2
+    assert "cannot be read (ValueError: label '1' is malformed); delete it" in capsys.readouterr().err
 
 
-def _enhanced_ct(path, frames, zs, sop="1.2.840.10008.5.1.4.1.1.2.1"):
-    """A multi-frame (enhanced CT) DICOM file written with pydicom: frames at z positions ``zs``."""
+def _enhanced_ct(path, frames, zs, sop="1.2.840.10008.5.1.4.1.1.2.1", groups=True, turned=()):
+    """A multi-frame (enhanced CT) DICOM file written with pydicom: frames at z positions ``zs``
+    (``groups=False``: no functional groups, as an NM file; ``turned``: frames whose own
+    orientation is rotated 90 degrees in plane)."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.sequence import Sequence
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -589,14 +596,22 @@ def _enhanced_ct(path, frames, zs, sop="1.2.840.10008.5.1.4.1.1.2.1"):
     orient.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
     measures.PixelSpacing, measures.SliceThickness = [0.8, 0.8], 2
     shared.PlaneOrientationSequence, shared.PixelMeasuresSequence = Sequence([orient]), Sequence([measures])
-    ds.SharedFunctionalGroupsSequence = Sequence([shared])
     per = []
-    for z in zs:
+    for i, z in enumerate(zs):
         position, item = Dataset(), Dataset()
         position.ImagePositionPatient = [-10.0, -20.0, float(z)]
         item.PlanePositionSequence = Sequence([position])
+        if i in turned:
+            own = Dataset()
+            own.ImageOrientationPatient = [0, 1, 0, -1, 0, 0]
+            item.PlaneOrientationSequence = Sequence([own])
         per.append(item)
-    ds.PerFrameFunctionalGroupsSequence = Sequence(per)
+    if groups:
+        ds.SharedFunctionalGroupsSequence = Sequence([shared])
+        ds.PerFrameFunctionalGroupsSequence = Sequence(per)
+    else:
+        ds.ImagePositionPatient, ds.ImageOrientationPatient = [-10.0, -20.0, 0.0], [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing, ds.SpacingBetweenSlices = [0.8, 0.8], 2.0
     ds.PixelData = frames.astype("<i2").tobytes()
     ds.save_as(str(path), enforce_file_format=True)
 
@@ -626,6 +641,15 @@ def test_multi_frame_dicom_is_read_only_where_its_frames_agree_with_the_grid(tmp
     with pytest.raises(InputError, match="repeat.dcm is a multi-frame DICOM file whose frames are not stored in "
                                          "order of position, or repeat positions"):
         read_volume(tmp_path / "repeat.dcm")
+    # a re-review (s29): one frame turned was read on the first frame's grid; an NM-style file
+    # without functional groups (its geometry elsewhere) was refused, though GDCM reads it right
+    _enhanced_ct(tmp_path / "turned.dcm", frames, [2.0 * k for k in range(12)], turned=(4,))
+    with pytest.raises(InputError, match="turned.dcm is a multi-frame DICOM file whose frame 4 has another "
+                                         "orientation than the grid it is read on"):
+        read_volume(tmp_path / "turned.dcm")
+    _enhanced_ct(tmp_path / "nm.dcm", frames, [2.0 * k for k in range(12)], sop="1.2.840.10008.5.1.4.1.1.20",
+                 groups=False)
+    assert read_volume(tmp_path / "nm.dcm").array.shape == frames.shape
 
 
 def test_a_dicom_seg_or_rt_structure_set_is_named(tmp_path):
@@ -646,6 +670,11 @@ def test_a_dicom_seg_or_rt_structure_set_is_named(tmp_path):
     _enhanced_ct(tmp_path / "rt" / "rt.dcm", frames, [0.0, 2.0], sop="1.2.840.10008.5.1.4.1.1.481.3")
     with pytest.raises(InputError, match=r"rt.dcm is a DICOM RT structure set \(contours\)"):
         read_labelmap(tmp_path / "rt")
+    # a folder holding a SEG: GDCM lists it as a series of images (a re-review, s29: read as label 255)
+    (tmp_path / "segfolder").mkdir()
+    _enhanced_ct(tmp_path / "segfolder" / "seg.dcm", frames, [0.0, 2.0], sop="1.2.840.10008.5.1.4.1.1.66.4")
+    with pytest.raises(InputError, match=r"seg.dcm is a DICOM SEG"):
+        read_labelmap(tmp_path / "segfolder")
 
 
 def test_a_negative_nifti_pixdim_is_one_grid_for_the_header_and_the_full_read(tmp_path):
