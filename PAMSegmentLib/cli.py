@@ -1008,8 +1008,6 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
         if labels is None and recorded_order and recorded_order != sorted(recorded_order):
             # as the range, the label order of the run being corrected carries over (its overlaps);
             # a label drawn in the prompt since comes after them
-            import numpy as np
-
             in_prompt = [int(v) for v in np.unique(prompt.array) if v > 0]
             kept = [lab for lab in recorded_order if lab in in_prompt]
             labels, order_from_record = kept + [lab for lab in in_prompt if lab not in kept], True
@@ -1098,8 +1096,6 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
     if no_record:
         say(no_record)
     if labels is not None:  # labels of the earlier result left out by the choice: said, never lost unsaid
-        import numpy as np
-
         left = sorted(int(v) for v in np.unique(prompt.array)
                       if v != 0 and int(v) not in plan.drawn and int(v) not in plan.ignored and (maps[0] == v).any())
         if left:
