@@ -899,7 +899,8 @@ def _read_keyframes_record(path: Path, previous, option_axis, name: str = "--pre
             sha = value.get("drawn_sha256", {}) if isinstance(value, dict) else None
             if not key.isdigit() or not all(isinstance(v, list) and all(
                     isinstance(s, int) and not isinstance(s, bool) for s in v) for v in lists) \
-                    or not (isinstance(sha, dict) and all(isinstance(k, str) and k.isdigit() and isinstance(d, str)
+                    or not (isinstance(sha, dict) and all(isinstance(k, str) and k.isascii() and k.isdigit()
+                                                          and isinstance(d, str)
                                                           and 0 < len(d) <= 64 for k, d in sha.items())):
                 raise ValueError(f"label {key!r} is malformed")
             labels[str(int(key))] = {"keyframes": lists[0], "walls": lists[1], "corrected": lists[2],

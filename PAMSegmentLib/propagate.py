@@ -2089,7 +2089,7 @@ def _earlier_record(earlier) -> dict:
             raise InputError(f"earlier's label {key!r} must be {{'keyframes': [slice, ...], 'walls': [slice, ...]}}, "
                              f"got {value!r:.120}")
         sha = value.get("drawn_sha256", {})
-        if not (isinstance(sha, dict) and all(isinstance(k, str) and k.isdigit() and isinstance(v, str)
+        if not (isinstance(sha, dict) and all(isinstance(k, str) and k.isascii() and k.isdigit() and isinstance(v, str)
                                               and 0 < len(v) <= 64 for k, v in sha.items())):
             raise InputError(f"earlier's label {key!r} has a malformed drawn_sha256 (slice: digest of its drawing)")
         out[str(int(label))] = {"keyframes": [int(s) for s in lists[0]], "walls": [int(s) for s in lists[1]],

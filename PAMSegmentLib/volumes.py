@@ -263,11 +263,13 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
         files = by_uid[chosen]
         _check_no_damaged_files(folder, by_uid, chosen)
     else:
-        chosen = max(series_ids, key=lambda uid: len(by_uid[uid]))
+        # a DICOM SEG lists as a one-file series of images: never chosen over an image series
+        images = [uid for uid in series_ids if by_uid[uid] and _dicom_object_kind(Path(by_uid[uid][0])) is None]
+        chosen = max(images or series_ids, key=lambda uid: len(by_uid[uid]))
         files = by_uid[chosen]
         _check_no_damaged_files(folder, by_uid, chosen)
         if len(series_ids) > 1:
-            ties = sum(len(by_uid[uid]) == len(files) for uid in series_ids)
+            ties = sum(len(by_uid[uid]) == len(files) for uid in (images or series_ids))
             which = "the largest" if ties == 1 else f"the first of {ties} series of that size"
             warnings.warn(
                 f"{folder} holds {len(series_ids)} DICOM series; using {_series_label(chosen)} ({len(files)} files), "
@@ -373,18 +375,22 @@ _DICOM_OBJECTS = {  # DICOM objects that are not images, given where an image or
 }
 
 
-def _refuse_dicom_objects_not_images(p: Path) -> None:
-    """InputError for a DICOM SEG or RT structure set (by its meta header's SOP class): GDCM read a
-    SEG's segments all as 255 (several segments merged into one label, exit 0) and an RTSTRUCT not
-    at all ("cannot determine ImageIO reader"), neither saying what the file is."""
+def _dicom_object_kind(p: Path) -> tuple[str, str] | None:
+    """(what it is, how to convert it) for a DICOM SEG or RT structure set (by its meta header's SOP
+    class), else None."""
     try:
         with open(p, "rb") as fh:
             meta = _dicom_meta(fh.read(132 + 4096))
     except OSError:
-        return
-    if meta is None:
-        return
-    found = _DICOM_OBJECTS.get(meta[0].get(0x0002, ""))
+        return None
+    return None if meta is None else _DICOM_OBJECTS.get(meta[0].get(0x0002, ""))
+
+
+def _refuse_dicom_objects_not_images(p: Path) -> None:
+    """InputError for a DICOM SEG or RT structure set: GDCM read a SEG's segments all as 255 (several
+    segments merged into one label, exit 0) and an RTSTRUCT not at all ("cannot determine ImageIO
+    reader"), neither saying what the file is."""
+    found = _dicom_object_kind(p)
     if found is not None:
         raise InputError(f"{p.name} is {found[0]}, which PAMSegment does not read: {found[1]}, and give that file")
 
@@ -639,9 +645,12 @@ def _check_multiframe(p: Path, image: sitk.Image, what: str) -> None:
     axes = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
     for i, (orientation, pixel) in enumerate(zip(orientations, pixels)):
         try:
-            turned = orientation is not None and (
-                len(orientation) != 6 or np.abs(np.asarray([float(v) for v in orientation[:3]]) - axes[:, 0]).max()
-                > 1e-3 or np.abs(np.asarray([float(v) for v in orientation[3:]]) - axes[:, 1]).max() > 1e-3)
+            row_col = None if orientation is None else np.asarray([float(v) for v in orientation], dtype=np.float64)
+            if row_col is not None and row_col.size == 6:  # unit vectors, as ITK makes them (headers round them)
+                row_col = np.concatenate([v / max(np.linalg.norm(v), 1e-12) for v in (row_col[:3], row_col[3:])])
+            # within about half a degree (ITK also makes them orthogonal; 2-decimal headers differ by 1e-3)
+            turned = row_col is not None and (row_col.size != 6 or np.abs(row_col[:3] - axes[:, 0]).max() > 1e-2
+                                              or np.abs(row_col[3:] - axes[:, 1]).max() > 1e-2)
             resized = pixel is not None and (len(pixel) != 2 or abs(float(pixel[1]) - image.GetSpacing()[0]) > 1e-3
                                              * image.GetSpacing()[0] or abs(float(pixel[0]) - image.GetSpacing()[1])
                                              > 1e-3 * image.GetSpacing()[1])
@@ -1431,11 +1440,11 @@ def _grid_from_header(p: Path) -> Volume | None:
     """The grid of a 3D image file from its header alone (a Volume whose array is a zero-strided
     view: no voxels are read), or None where the header does not say it plainly (a folder, a
     4D or 2D file, one ITK cannot read: the full read decides and names the problem)."""
-    if p.is_file():  # a DICOM SEG or RT structure set: named before any grid is compared
-        _refuse_dicom_objects_not_images(p)
     try:
         if not p.is_file():
             return None
+        if _dicom_object_kind(p) is not None:  # a DICOM SEG or RT structure set: the full read names it
+            return None  # (not refused here: batch's pre-flight would stop every row for one)
         reader = sitk.ImageFileReader()
         reader.SetFileName(_itk_path(p))
         with _itk_warnings_hidden(), _native_stderr_hidden():
@@ -1485,8 +1494,8 @@ def _grid_from_dicom_headers(folder: Path, series_uid: str | None = None, chose:
         if series_uid is None and len(ids) > 1 and chose is not None:
             chose.append(f"{folder} holds {len(ids)} DICOM series; the largest, {_series_label(uid)} ({len(files)} "
                          "files), was compared")
-        if files:
-            _refuse_dicom_objects_not_images(Path(files[0]))  # a DICOM SEG: named before any grid is compared
+        if files and _dicom_object_kind(Path(files[0])) is not None:
+            return None  # a DICOM SEG: the full read names it (the row fails at its turn in batch)
         if len(files) < 2:
             return None
         heads = []

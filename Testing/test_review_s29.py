@@ -568,13 +568,15 @@ def test_the_range_carries_over_without_a_reusable_part_and_bad_values_are_refus
         assert _update(ct_case, first, d / "edited.nii.gz", d / "third.nii.gz") == 2
         assert "cannot be read (its label_order is not distinct labels from 1 to 65535)" in capsys.readouterr().err
     record["label_order"] = [1]
-    record["labels"]["1"]["drawn_sha256"] = None  # (a re-review, s29: named as "earlier's label", no way out)
-    record_path.write_text(json.dumps(record))
-    assert _update(ct_case, first, d / "edited.nii.gz", d / "third.nii.gz") == 2
-    assert "cannot be read (ValueError: label '1' is malformed); delete it" in capsys.readouterr().err
+    for bad in (None, {"\u00b9\u2074": "abc"}):  # (re-reviews, s29: "earlier's label" with no way out; a traceback)
+        record["labels"]["1"]["drawn_sha256"] = bad
+        record_path.write_text(json.dumps(record))
+        assert _update(ct_case, first, d / "edited.nii.gz", d / "third.nii.gz") == 2
+        assert "cannot be read (ValueError: label '1' is malformed); delete it" in capsys.readouterr().err
 
 
-def _enhanced_ct(path, frames, zs, sop="1.2.840.10008.5.1.4.1.1.2.1", groups=True, turned=()):
+def _enhanced_ct(path, frames, zs, sop="1.2.840.10008.5.1.4.1.1.2.1", groups=True, turned=(),
+                 orientation=(1, 0, 0, 0, 1, 0)):
     """A multi-frame (enhanced CT) DICOM file written with pydicom: frames at z positions ``zs``
     (``groups=False``: no functional groups, as an NM file; ``turned``: frames whose own
     orientation is rotated 90 degrees in plane)."""
@@ -593,7 +595,7 @@ def _enhanced_ct(path, frames, zs, sop="1.2.840.10008.5.1.4.1.1.2.1", groups=Tru
     ds.Rows, ds.Columns = frames.shape[1:]
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
     orient, measures, shared = Dataset(), Dataset(), Dataset()
-    orient.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    orient.ImageOrientationPatient = list(orientation)
     measures.PixelSpacing, measures.SliceThickness = [0.8, 0.8], 2
     shared.PlaneOrientationSequence, shared.PixelMeasuresSequence = Sequence([orient]), Sequence([measures])
     per = []
@@ -650,6 +652,20 @@ def test_multi_frame_dicom_is_read_only_where_its_frames_agree_with_the_grid(tmp
     _enhanced_ct(tmp_path / "nm.dcm", frames, [2.0 * k for k in range(12)], sop="1.2.840.10008.5.1.4.1.1.20",
                  groups=False)
     assert read_volume(tmp_path / "nm.dcm").array.shape == frames.shape
+    # an oblique file whose header rounds its orientation to 2 decimals (a third re-review: frame 0
+    # was called "another orientation than the grid", the grid being its own)
+    _enhanced_ct(tmp_path / "oblique.dcm", frames, [0.0] * 12, orientation=(0.96, 0.29, 0.0, -0.29, 0.94, 0.19))
+    frames_at = [[-10.0 + k * 0.0, -20.0, 0.0] for k in range(12)]  # (positions set below along the normal)
+    import pydicom
+
+    ds = pydicom.dcmread(str(tmp_path / "oblique.dcm"))
+    row, col = np.array([0.96, 0.29, 0.0]), np.array([-0.29, 0.94, 0.19])
+    normal = np.cross(row / np.linalg.norm(row), col / np.linalg.norm(col))
+    for k, item in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        item.PlanePositionSequence[0].ImagePositionPatient = [round(float(v), 4) for v in
+                                                              np.array(frames_at[k]) + 2.0 * k * normal]
+    ds.save_as(str(tmp_path / "oblique.dcm"))
+    assert read_volume(tmp_path / "oblique.dcm").spacing[0] == pytest.approx(2.0, abs=0.01)
 
 
 def test_a_dicom_seg_or_rt_structure_set_is_named(tmp_path):
@@ -675,6 +691,15 @@ def test_a_dicom_seg_or_rt_structure_set_is_named(tmp_path):
     _enhanced_ct(tmp_path / "segfolder" / "seg.dcm", frames, [0.0, 2.0], sop="1.2.840.10008.5.1.4.1.1.66.4")
     with pytest.raises(InputError, match=r"seg.dcm is a DICOM SEG"):
         read_labelmap(tmp_path / "segfolder")
+    # beside an image series of as many files it is not the one chosen (a third re-review: chosen by
+    # GDCM's order, then refused); and the header pre-check leaves it to the full read, so batch's
+    # pre-flight does not stop every row for one
+    from PAMSegmentLib.volumes import _grid_from_header, read_volume
+
+    _enhanced_ct(tmp_path / "segfolder" / "ct.dcm", np.ones((2, 16, 20), np.int16), [0.0, 2.0])
+    with pytest.warns(UserWarning, match="holds 2 DICOM series; using .* the largest"):
+        assert read_volume(tmp_path / "segfolder").array.min() == 1
+    assert _grid_from_header(tmp_path / "seg.dcm") is None
 
 
 def test_a_negative_nifti_pixdim_is_one_grid_for_the_header_and_the_full_read(tmp_path):
