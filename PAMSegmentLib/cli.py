@@ -897,7 +897,7 @@ def _read_keyframes_record(path: Path, previous, option_axis, name: str = "--pre
             lists = [value.get(k) for k in ("keyframes", "walls")] + [value.get("corrected", [])] \
                 if isinstance(value, dict) else [None]
             sha = value.get("drawn_sha256", {}) if isinstance(value, dict) else None
-            if not key.isdigit() or not all(isinstance(v, list) and all(
+            if not (key.isascii() and key.isdigit()) or not all(isinstance(v, list) and all(
                     isinstance(s, int) and not isinstance(s, bool) for s in v) for v in lists) \
                     or not (isinstance(sha, dict) and all(isinstance(k, str) and k.isascii() and k.isdigit()
                                                           and isinstance(d, str)

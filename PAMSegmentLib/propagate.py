@@ -240,7 +240,8 @@ class PropagationResult:
                    gaps={})
         overlapped, lost_voxels = set(), {}
         for key, entry in labels.items():
-            if not (isinstance(key, str) and key.isdigit() and 1 <= int(key) <= MAX_LABEL and isinstance(entry, dict)):
+            if not (isinstance(key, str) and key.isascii() and key.isdigit() and 1 <= int(key) <= MAX_LABEL
+                    and isinstance(entry, dict)):
                 raise ValueError(f"label {key!r} is malformed")
             lab = int(key)
             own = moved == lab
@@ -2081,7 +2082,7 @@ def _earlier_record(earlier) -> dict:
     out = {}
     for key, value in earlier.items():
         label = str(key).strip()
-        if isinstance(key, bool) or not label.isdigit():
+        if isinstance(key, bool) or not (label.isascii() and label.isdigit()):
             raise InputError(f"earlier has the key {key!r}: keys are label numbers")
         lists = [value.get(k, []) for k in ("keyframes", "walls", "corrected")] if isinstance(value, dict) else None
         if lists is None or not all(isinstance(v, (list, tuple)) and all(

@@ -1489,7 +1489,9 @@ def _grid_from_dicom_headers(folder: Path, series_uid: str | None = None, chose:
             return None
         lister = sitk.ImageSeriesReader()
         by_uid = {uid: lister.GetGDCMSeriesFileNames(_itk_path(folder), uid) for uid in ids}
-        uid = series_uid if series_uid is not None else max(ids, key=lambda uid: len(by_uid[uid]))
+        # as read_volume chooses: the largest series of images (a DICOM SEG lists as one too)
+        images = [u for u in ids if by_uid[u] and _dicom_object_kind(Path(by_uid[u][0])) is None]
+        uid = series_uid if series_uid is not None else max(images or ids, key=lambda u: len(by_uid[u]))
         files = by_uid[uid]
         if series_uid is None and len(ids) > 1 and chose is not None:
             chose.append(f"{folder} holds {len(ids)} DICOM series; the largest, {_series_label(uid)} ({len(files)} "

@@ -576,7 +576,7 @@ def test_the_range_carries_over_without_a_reusable_part_and_bad_values_are_refus
 
 
 def _enhanced_ct(path, frames, zs, sop="1.2.840.10008.5.1.4.1.1.2.1", groups=True, turned=(),
-                 orientation=(1, 0, 0, 0, 1, 0)):
+                 orientation=(1, 0, 0, 0, 1, 0), series_uid=None):
     """A multi-frame (enhanced CT) DICOM file written with pydicom: frames at z positions ``zs``
     (``groups=False``: no functional groups, as an NM file; ``turned``: frames whose own
     orientation is rotated 90 degrees in plane)."""
@@ -590,7 +590,7 @@ def _enhanced_ct(path, frames, zs, sop="1.2.840.10008.5.1.4.1.1.2.1", groups=Tru
     ds = Dataset()
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = sop, meta.MediaStorageSOPInstanceUID, "CT"
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.InstanceNumber = generate_uid(), generate_uid(), 1
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.InstanceNumber = generate_uid(), series_uid or generate_uid(), 1
     ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.NumberOfFrames = 1, "MONOCHROME2", len(frames)
     ds.Rows, ds.Columns = frames.shape[1:]
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
@@ -726,3 +726,32 @@ def test_a_negative_nifti_pixdim_is_one_grid_for_the_header_and_the_full_read(tm
         full = read_volume(tmp_path / "negative.nii")
     assert full.spacing[2] > 0 and same_grid(_grid_from_header(tmp_path / "negative.nii"), full) == []
     assert any("negative voxel size (pixdim[1] = -0.8)" in str(w.message) for w in caught)
+
+
+def test_label_keys_of_non_ascii_digits_are_refused():
+    """A fourth re-review (s29): earlier={"¹": ...} raised a bare ValueError from int(), and "١"
+    (Arabic-Indic one) was taken as label 1."""
+    import pytest
+
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.propagate import _earlier_record
+
+    for key in ("\u00b9", "\u0661"):
+        with pytest.raises(InputError, match="keys are label numbers"):
+            _earlier_record({key: {"keyframes": [1], "walls": []}})
+
+
+def test_the_header_pre_check_compares_the_image_series_not_a_larger_seg(tmp_path):
+    """A fourth re-review (s29): the header pre-check chose the largest series counting a DICOM SEG
+    series, returned no grid, and a prompt of another grid passed batch's upfront check."""
+    from test_volumes import IDENTITY, make_volume, write_dicom_series
+
+    from PAMSegmentLib.volumes import _grid_from_dicom_headers, same_grid
+
+    vol = make_volume(shape=(4, 5, 6), spacing=(2.0, 0.9, 0.7), direction=IDENTITY)
+    write_dicom_series(tmp_path / "case", vol, "1.2.826.0.1.3680043.2.1125.7.21")
+    for n in range(5):  # a SEG series of more files than the image series
+        _enhanced_ct(tmp_path / "case" / f"seg{n}.dcm", np.zeros((1, 16, 20), np.int16), [2.0 * n],
+                     sop="1.2.840.10008.5.1.4.1.1.66.4", series_uid="1.2.826.0.1.3680043.2.1125.7.22")
+    grid = _grid_from_dicom_headers(tmp_path / "case")
+    assert grid is not None and same_grid(grid, vol) == []
