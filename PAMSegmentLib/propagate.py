@@ -192,7 +192,11 @@ class PropagationResult:
             labels[str(lab)] = {**earlier.get(str(lab), {"keyframes": [], "walls": []}),
                                 "confidence": _json_floats(self.confidence[lab]),
                                 "agreement": None if agreement is None else _json_floats(agreement),
-                                "begin": begin, "overlapped": lab in self.overlapped}
+                                "begin": begin, "overlapped": lab in self.overlapped,
+                                # how its walks ended: an update that reuses a walk reports its ending too
+                                "stops": [{k: (int(v) if k != "reason" else str(v)) for k, v in stop.items()
+                                           if k in ("start", "direction", "last", "reason")}
+                                          for stop in self.stops.get(lab, [])]}
             runs = _index_runs(self.lost_voxels.get(lab)) if lab in self.overlapped else None
             if runs is not None and total_runs + len(runs) <= MAX_LOST_RUNS_ALL:  # the record stays far under 64 MB
                 labels[str(lab)]["lost_voxels"] = runs
@@ -237,7 +241,7 @@ class PropagationResult:
             raise ValueError("its labels are not a mapping")
         moved = np.moveaxis(mask, axis, 0)
         out = dict(confidence={}, prompt_slices={}, keyframes={}, agreement={}, begin_state={}, slice_range={},
-                   gaps={})
+                   gaps={}, stops={})
         overlapped, lost_voxels = set(), {}
         for key, entry in labels.items():
             if not (isinstance(key, str) and key.isascii() and key.isdigit() and 1 <= int(key) <= MAX_LABEL
@@ -253,6 +257,7 @@ class PropagationResult:
             if entry.get("agreement") is not None:
                 out["agreement"][lab] = _floats_from_json(entry["agreement"], n, f"label {lab}'s agreement")
             out["begin_state"][lab] = state_from_json(entry.get("begin"))
+            out["stops"][lab] = _stops_from_json(entry.get("stops", []), n, lab)
             if entry.get("overlapped") is True:
                 overlapped.add(lab)
                 if entry.get("lost_voxels") is not None:
@@ -471,6 +476,24 @@ def _floats_from_json(values, n: int, what: str) -> np.ndarray:
         raise ValueError(f"{what} is not {n} numbers from 0 to 1 (or nulls)")
     # (the engine accepts a predictor's probability up to 1 + 1e-6, so a record may hold 1.0000004)
     return np.clip(np.array([np.nan if v is None else v for v in values], dtype=np.float32), 0.0, 1.0)
+
+
+_STOP_REASONS = ("presence", "drift", "area", "consistency", "agreement", "end")
+
+
+def _stops_from_json(stops, n: int, lab: int) -> list[dict]:
+    """A record's ``stops`` of one label, checked (from an untrusted file): start and last slices
+    within 0..n-1, direction +1 or -1, a known reason."""
+    def whole(v, lo, hi):
+        return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+    if not isinstance(stops, list) or len(stops) > 4 * n + 8 or not all(
+            isinstance(s, dict) and whole(s.get("start"), 0, n - 1) and whole(s.get("last"), 0, n - 1)
+            and s.get("direction") in (-1, 1) and not isinstance(s.get("direction"), bool)
+            and s.get("reason") in _STOP_REASONS for s in stops):
+        raise ValueError(f"label {lab}'s stops are not walk endings within 0-{n - 1}")
+    return [{"start": s["start"], "direction": s["direction"], "last": s["last"], "reason": s["reason"]}
+            for s in stops]
 
 
 MAX_LOST_RUNS = 100_000  # a record keeps at most this many runs of a label's lost voxels (else it recomputes)
@@ -1426,6 +1449,11 @@ class _Reuse:
     keyframes: dict[int, np.ndarray]
     agreement: np.ndarray | None = None  # per slice, where a one-sided walk recorded it (else NaN)
     begin_state: object = None  # the predictor's class and ``begin_state`` in that run
+    stops: list = field(default_factory=list)  # how that run's walks ended (``PropagationResult.stops``)
+
+    def stop_of(self, start: int, direction: int) -> dict | None:
+        """How the earlier run's one-sided walk from ``start`` in ``direction`` ended, if it says."""
+        return next((s for s in self.stops if s.get("start") == start and s.get("direction") == direction), None)
 
     def same(self, s: int, prompt_mask: np.ndarray) -> bool:
         return s in self.keyframes and np.array_equal(self.keyframes[s], prompt_mask[s])
@@ -1623,6 +1651,14 @@ def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo
         if old is not None and (old[0] - a) * d >= (bound - a) * d:
             if old[1] == agree:
                 reuse.take(span, probs, conf, progress, agreement)
+                # how the walk ended, as a fresh run records it (the report's walk_end, the drift
+                # notes): the earlier ending where it lies before the bound, else the bound (a new wall)
+                ended = reuse.stop_of(a, d) if early_stop else None
+                if ended is not None and (bound - int(ended["last"])) * d > 0:
+                    _record_stop(stats, a, d, int(ended["last"]), str(ended["reason"]))
+                elif ended is not None:
+                    held = [k for k in span if reuse.mask[k].any()]
+                    _record_stop(stats, a, d, held[-1] if held else a, "end")
                 return
             if old[1] < agree:
                 cut = reuse.first_below(span, agree)
@@ -1889,7 +1925,8 @@ def _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, em
                 if lab in previous.overlapped:  # its own mask: the merged map's and the voxels it lost there
                     own.flat[previous.lost_voxels[lab]] = True  # (flat: reshape copies a view along axis 1 or 2)
                 reuse = _Reuse(own, previous.confidence[lab], previous.keyframes[lab],
-                               previous.agreement.get(lab), previous.begin_state.get(lab))
+                               previous.agreement.get(lab), previous.begin_state.get(lab),
+                               stops=list(previous.stops.get(lab, [])))
             mask, conf, recomputed_all[lab], agreement_all[lab], begin_states[lab] = _propagate_label(
                 vol_f, label_mask, keyframes, predictor, spacing[ax], lo, hi, batch_size, early_stop,
                 remove_disconnected, tracker, stats, reuse, empties[lab])

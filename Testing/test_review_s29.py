@@ -755,3 +755,36 @@ def test_the_header_pre_check_compares_the_image_series_not_a_larger_seg(tmp_pat
                      sop="1.2.840.10008.5.1.4.1.1.66.4", series_uid="1.2.826.0.1.3680043.2.1125.7.22")
     grid = _grid_from_dicom_headers(tmp_path / "case")
     assert grid is not None and same_grid(grid, vol) == []
+
+
+def test_an_update_reports_how_the_walks_it_reused_ended():
+    """A review with the shipped network (s29): every update was voxel-identical to a fresh run, but
+    the walks it reused had no ending: the report's walk_end was blank there and their drift notes
+    were gone. Their endings now come from the earlier result (and its record), cut at a new wall
+    as a fresh run's would be."""
+    import json
+
+    from test_engine import OracleModel
+
+    from PAMSegmentLib.propagate import PropagationResult
+
+    truth = tube(3, 25)
+    image = image_for(truth)
+
+    def ends(result):
+        return sorted((s["start"], s["direction"], s["last"], s["reason"]) for s in result.stops[1])
+
+    first = propagate(image, prompt_from(truth, 12), ISO, OracleModel(truth, window=4))
+    rebuilt = PropagationResult.from_record(first.mask, json.loads(json.dumps(first.to_record())))
+    assert ends(rebuilt) == ends(first)
+    for previous in (first, rebuilt):
+        for edit in ({"prompt": prompt_from(truth, [12, 20])},  # a keyframe above: the walk down is reused
+                     {"prompt": prompt_from(truth, 12), "empty_slices": {1: [8]}}):  # a wall cuts it
+            update = propagate(image, edit["prompt"], ISO, OracleModel(truth, window=4), previous=previous,
+                               empty_slices=edit.get("empty_slices"))
+            fresh = propagate(image, edit["prompt"], ISO, OracleModel(truth, window=4),
+                              empty_slices=edit.get("empty_slices"))
+            assert update.n_predicted < fresh.n_predicted  # something was reused
+            np.testing.assert_array_equal(update.mask, fresh.mask)
+            assert ends(update) == ends(fresh)
+            assert update.slice_table() == fresh.slice_table()
