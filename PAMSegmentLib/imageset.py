@@ -623,10 +623,14 @@ def _say_written(result, files, out_dir, seconds: float, earlier=()) -> None:
             f"label {lab}: {', '.join(files[i].name for i in images)}" for lab, images in first.items()), flush=True)
     drawn = set(result.drawn) | {result.prompt_index}
     for lab in result.labels:  # an image where the object was missed is as worth a look as a doubtful one
-        missing = [files[i].name for i, m in enumerate(result.masks) if i not in drawn and not (m == lab).any()]
-        if missing:
-            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-            print(f"label {lab} not found in: {shown}", flush=True)
+        empty = [i for i, m in enumerate(result.masks) if i not in drawn and not (m == lab).any()]
+        # never predicted for the label (beyond an image drawn without it, in the given order): not reached
+        unreached = [files[i].name for i in empty if int(result.guides[lab][i]) < 0]
+        missing = [files[i].name for i in empty if int(result.guides[lab][i]) >= 0]
+        for names_, what in ((missing, "not found in"), (unreached, "not reached (beyond an image drawn without it)")):
+            if names_:
+                shown = ", ".join(names_[:5]) + (f" and {len(names_) - 5} more" if len(names_) > 5 else "")
+                print(f"label {lab} {what}: {shown}", flush=True)
     if earlier:  # a run into a folder of an earlier run: its masks stay beside this run's labels.csv
         shown = ", ".join(p.name for p in earlier[:3]) + (f" and {len(earlier) - 3} more" if len(earlier) > 3 else "")
         print(f"note: {out_dir} also holds {len(earlier)} mask{'s' if len(earlier) != 1 else ''} this run did not "
@@ -761,6 +765,14 @@ def cmd_label_images(args) -> int:
              for f, (_, ref) in zip(files, read)]
     arrays = [reorient(a, t) for (a, _), t in zip(read, turns)]
     more = {at: reorient(m, turns[at]) for at, m in more.items()}
+    if args.label:  # labels of the drawn masks the choice leaves out: said, not dropped without a word
+        drawn_labels = set().union(*({int(v) for v in np.unique(m)} for m in [prompt, *more.values()])) - {0}
+        left = sorted(drawn_labels - set(args.label))
+        if left:
+            who = f"label{'s' if len(left) > 1 else ''} {', '.join(map(str, left))}"
+            print(f"note: {who} of the drawn masks {'are' if len(left) > 1 else 'is'} not among --label: left out "
+                  "of every mask written, the drawn ones too; leave out --label to keep "
+                  f"{'them' if len(left) > 1 else 'it'}", flush=True)
     model = METHODS[args.method](args)
     with _ProgressBar("labelling") as bar:
         result = label_images(arrays, index, prompt, model, order=args.order, labels=args.label,
