@@ -765,7 +765,12 @@ def cmd_label_images(args) -> int:
              for f, (_, ref) in zip(files, read)]
     arrays = [reorient(a, t) for (a, _), t in zip(read, turns)]
     more = {at: reorient(m, turns[at]) for at, m in more.items()}
-    if args.label:  # labels of the drawn masks the choice leaves out: said, not dropped without a word
+    model = METHODS[args.method](args)
+    with _ProgressBar("labelling") as bar:
+        result = label_images(arrays, index, prompt, model, order=args.order, labels=args.label,
+                              normalize=not args.no_normalize, device=args.device, threads=args.threads, progress=bar,
+                              names=[f.name for f in files], more_prompts=more)
+    if args.label:  # labels of the drawn masks the choice leaves out: said (once the run is accepted)
         drawn_labels = set().union(*({int(v) for v in np.unique(m)} for m in [prompt, *more.values()])) - {0}
         left = sorted(drawn_labels - set(args.label))
         if left:
@@ -773,11 +778,6 @@ def cmd_label_images(args) -> int:
             print(f"note: {who} of the drawn masks {'are' if len(left) > 1 else 'is'} not among --label: left out "
                   "of every mask written, the drawn ones too; leave out --label to keep "
                   f"{'them' if len(left) > 1 else 'it'}", flush=True)
-    model = METHODS[args.method](args)
-    with _ProgressBar("labelling") as bar:
-        result = label_images(arrays, index, prompt, model, order=args.order, labels=args.label,
-                              normalize=not args.no_normalize, device=args.device, threads=args.threads, progress=bar,
-                              names=[f.name for f in files], more_prompts=more)
     result.masks = [reorient(m, t, undo=True) for m, t in zip(result.masks, turns)]
 
     # Everything is computed: now write each file to a temporary beside where it lands, then move

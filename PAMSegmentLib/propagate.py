@@ -490,6 +490,7 @@ def _stops_from_json(stops, n: int, lab: int) -> list[dict]:
     if not isinstance(stops, list) or len(stops) > 4 * n + 8 or not all(
             isinstance(s, dict) and whole(s.get("start"), 0, n - 1) and whole(s.get("last"), 0, n - 1)
             and s.get("direction") in (-1, 1) and not isinstance(s.get("direction"), bool)
+            and (s["last"] - s["start"]) * s["direction"] >= 0  # a walk ends on its own side
             and s.get("reason") in _STOP_REASONS for s in stops):
         raise ValueError(f"label {lab}'s stops are not walk endings within 0-{n - 1}")
     return [{"start": s["start"], "direction": s["direction"], "last": s["last"], "reason": s["reason"]}
@@ -1633,6 +1634,16 @@ def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo
         k = nxt[0] if d > 0 else nxt[-1]
         return None if k in old_drawn else (k - d, 0.0)
 
+    def repeat_stop(a: int, d: int, bound: int, span) -> None:
+        """How a reused walk ended, as a fresh run records it (the report's walk_end, the drift
+        notes): the earlier ending where it lies before the bound, else the bound (a new wall)."""
+        ended = reuse.stop_of(a, d) if early_stop else None
+        if ended is not None and (bound - int(ended["last"])) * d > 0:
+            _record_stop(stats, a, d, int(ended["last"]), str(ended["reason"]))
+        elif ended is not None:
+            held = [k for k in span if reuse.mask[k].any()]
+            _record_stop(stats, a, d, held[-1] if held else a, "end")
+
     def one_sided(a: int, d: int, bound: int, outward: bool = False):
         """Walk from drawn keyframe ``a`` in direction ``d`` up to ``bound`` (inclusive)."""
         if (bound - a) * d <= 0:
@@ -1651,19 +1662,14 @@ def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo
         if old is not None and (old[0] - a) * d >= (bound - a) * d:
             if old[1] == agree:
                 reuse.take(span, probs, conf, progress, agreement)
-                # how the walk ended, as a fresh run records it (the report's walk_end, the drift
-                # notes): the earlier ending where it lies before the bound, else the bound (a new wall)
-                ended = reuse.stop_of(a, d) if early_stop else None
-                if ended is not None and (bound - int(ended["last"])) * d > 0:
-                    _record_stop(stats, a, d, int(ended["last"]), str(ended["reason"]))
-                elif ended is not None:
-                    held = [k for k in span if reuse.mask[k].any()]
-                    _record_stop(stats, a, d, held[-1] if held else a, "end")
+                repeat_stop(a, d, bound, span)
                 return
             if old[1] < agree:
                 cut = reuse.first_below(span, agree)
                 kept = list(span) if cut is None else list(range(a + d, cut, d))
                 reuse.take(kept, probs, conf, progress, agreement)
+                if cut is None:  # the stricter test ends it nowhere sooner: the same walk, the same ending
+                    repeat_stop(a, d, bound, span)
                 if cut is not None:
                     probs[cut] = np.zeros(volume.shape[1:], dtype=bool)
                     conf[cut] = 0.0

@@ -806,6 +806,9 @@ def test_label_images_says_which_labels_of_the_drawn_masks_label_leaves_out(tmp_
     assert proc.returncode == 0, proc.stderr
     assert ("note: label 5 of the drawn masks is not among --label: left out of every mask written, the drawn ones "
             "too; leave out --label to keep it") in proc.stdout
+    refused = run_cli("label-images", tmp_path / "set" / "img_0.png", tmp_path / "mask.png", tmp_path / "set",
+                      "-o", tmp_path / "out2", "--method", "copy", "--label", "4")  # a label the prompt lacks
+    assert refused.returncode == 2 and "note:" not in refused.stdout  # no note for a run that is refused
 
 
 def test_label_images_says_not_reached_beyond_an_image_drawn_without_the_label(tmp_path, run_cli):
@@ -823,3 +826,61 @@ def test_label_images_says_not_reached_beyond_an_image_drawn_without_the_label(t
     assert proc.returncode == 0, proc.stderr
     assert "label 3 not reached (beyond an image drawn without it): img_0.png" in proc.stdout
     assert "not found in: img_0.png" not in proc.stdout
+
+
+class _AgreeingOracle:
+    """The truth of each query slice, a network-registration agreement of 0.9 and a drift at one
+    slice: the shipped checkpoint's keyframe agreement test (0.4) in small (a review, s29)."""
+
+    def __new__(cls, truth, drift_at):
+        from PAMSegmentLib.propagate import SlicePrediction, SlicePredictor
+
+        class Oracle(SlicePredictor):
+            window_mm, max_window, min_window = 4.0, 4, 1
+            keyframe_outward_min_agreement = 0.5
+
+            def predict(self, volume, guide_index, guide_mask, query_indices):
+                drift = np.array([0.0 if q == drift_at else 1.0 for q in query_indices], np.float32)
+                return SlicePrediction(truth[list(query_indices)].astype(np.float32), None, drift=drift,
+                                       agreement=np.full(len(query_indices), 0.9, np.float32))
+
+        return Oracle()
+
+
+def test_a_walk_reused_under_a_stricter_agreement_test_keeps_its_ending():
+    """A final review (s29): a keyframe drawn further out reuses the first keyframe's outer walk
+    under the stricter agreement test of several keyframes; where no slice falls below it, the walk
+    is the same, but its ending (a drift stop right beside the drawn slice) was not repeated."""
+    import json
+
+    from PAMSegmentLib.propagate import PropagationResult
+
+    truth = tube(3, 25)
+    image = image_for(truth)
+    first = propagate(image, prompt_from(truth, 12), ISO, _AgreeingOracle(truth, drift_at=11))
+    for previous in (first, PropagationResult.from_record(first.mask, json.loads(json.dumps(first.to_record())))):
+        update = propagate(image, prompt_from(truth, [12, 20]), ISO, _AgreeingOracle(truth, 11), previous=previous)
+        fresh = propagate(image, prompt_from(truth, [12, 20]), ISO, _AgreeingOracle(truth, 11))
+        assert update.n_predicted < fresh.n_predicted
+        assert update.stops == fresh.stops and update.slice_table() == fresh.slice_table()
+        assert update.notes() == fresh.notes() and any("drift test" in note for note in fresh.notes())
+
+
+def test_a_record_stop_on_the_wrong_side_of_its_walk_is_refused():
+    """A final review (s29): a stop recorded as ending on the other side of its start was accepted."""
+    import json
+
+    import pytest
+
+    from test_engine import OracleModel
+
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.propagate import PropagationResult
+
+    truth = tube(3, 25)
+    first = propagate(image_for(truth), prompt_from(truth, 12), ISO, OracleModel(truth, window=4))
+    record = json.loads(json.dumps(first.to_record()))
+    down = next(s for s in record["labels"]["1"]["stops"] if s["direction"] == -1)
+    down["last"] = 20
+    with pytest.raises(InputError, match="stops are not walk endings"):
+        PropagationResult.from_record(first.mask, record)
