@@ -851,30 +851,6 @@ class _RecordMismatch(InputError):
     """The record beside the earlier result describes another label map than that file holds."""
 
 
-def _recorded_order_and_range(path: Path, n_slices: int) -> tuple[list[int] | None, list[int] | None]:
-    """The order a run propagated its labels in and its slice range, from its record (read again
-    after ``_read_keyframes_record`` accepted it); None for what it does not say (records before
-    session 29). A value that is there but malformed is refused, as the rest of a record is."""
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
-        return None, None
-    order, lo_hi = record.get("label_order"), record.get("range")
-
-    def whole(v, lo, hi):
-        return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
-
-    if order is not None and not (isinstance(order, list) and 0 < len(order) <= 65535
-                                  and all(whole(v, 1, 65535) for v in order) and len(set(order)) == len(order)):
-        raise InputError(f"{path} cannot be read (its label_order is not distinct labels from 1 to 65535); delete it "
-                         "to keep only the prompt's keyframes")
-    if lo_hi is not None and not (isinstance(lo_hi, list) and len(lo_hi) == 2
-                                  and all(whole(v, 0, n_slices - 1) for v in lo_hi) and lo_hi[0] <= lo_hi[1]):
-        raise InputError(f"{path} cannot be read (its range is not two slices within 0-{n_slices - 1}); delete it "
-                         "to keep only the prompt's keyframes")
-    return order, lo_hi
-
-
 def _read_keyframes_record(path: Path, previous, option_axis, name: str = "--previous"):
     """The earlier rounds' keyframes beside the earlier result (``name``: what the user called it),
     checked against it: ({"label": {...}}, axis, its ``result`` part or None), keys as
@@ -939,7 +915,17 @@ def _read_keyframes_record(path: Path, previous, option_axis, name: str = "--pre
     if option_axis is not None and option_axis != record["axis"]:
         raise InputError(f"--axis {option_axis}, but the earlier rounds propagated along axis {record['axis']}: drop "
                          "--axis")
-    return labels, record["axis"], record.get("result")
+    # the order its labels were propagated in and its slice range (records before session 29 say neither)
+    from .propagate import _whole_in
+
+    order, lo_hi = record.get("label_order"), record.get("range")
+    if order is not None and not (isinstance(order, list) and 0 < len(order) <= 65535
+                                  and all(_whole_in(v, 1, 65535) for v in order) and len(set(order)) == len(order)):
+        raise refuse("its label_order is not distinct labels from 1 to 65535")
+    if lo_hi is not None and not (isinstance(lo_hi, list) and len(lo_hi) == 2
+                                  and all(_whole_in(v, 0, n_slices - 1) for v in lo_hi) and lo_hi[0] <= lo_hi[1]):
+        raise refuse(f"its range is not two slices within 0-{n_slices - 1}")
+    return labels, record["axis"], record.get("result"), order, lo_hi
 
 
 def _check_prompt_axis(prompt, axis: int, labels, name: str) -> None:
@@ -971,7 +957,7 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
     (``keyframes_from_edits``) with ``empty_slices`` among its walls, and the earlier run rebuilt from
     its record (``PropagationResult.from_record``; None without one) to pass as ``previous``. What
     it took goes to ``say`` (``update: ...`` lines and a ``note:`` for labels left out)."""
-    from .propagate import check_request, keyframes_from_edits
+    from .propagate import _whole_in, check_request, keyframes_from_edits
     from .volumes import read_labelmap
 
     maps = []
@@ -993,8 +979,8 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
     if keyframes_record_exists(previous_path):  # the earlier run's keyframes and walls, and its walks
         given_axis = axis
         try:
-            earlier, axis, stored = _read_keyframes_record(keyframes_record_path(previous_path), maps[0], axis,
-                                                           names[0])
+            earlier, axis, stored, recorded_order, top_range = _read_keyframes_record(
+                keyframes_record_path(previous_path), maps[0], axis, names[0])
         except _RecordMismatch:
             if not np.array_equal(maps[0], maps[1]):
                 raise
@@ -1004,8 +990,6 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
                              f"label map: it looks like {Path(previous_path).name} was corrected in place. Run the "
                              f"earlier command again with another -o to get the result back, and give that as "
                              f"{names[0]} and your corrected file as {names[1]}") from None
-        recorded_order, top_range = _recorded_order_and_range(keyframes_record_path(previous_path),
-                                                              maps[0].shape[axis])
         if labels is None and recorded_order and recorded_order != sorted(recorded_order):
             # as the range, the label order of the run being corrected carries over (its overlaps);
             # a label drawn in the prompt since comes after them
@@ -1014,10 +998,10 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
             labels, order_from_record = kept + [lab for lab in in_prompt if lab not in kept], True
         recorded_range = top_range if top_range is not None else (
             stored.get("range") if isinstance(stored, dict) else None)
+        n_axis = maps[0].shape[axis]
         if slice_range is None and isinstance(recorded_range, list) and len(recorded_range) == 2 \
-                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in recorded_range) \
-                and recorded_range[0] <= recorded_range[1] < maps[0].shape[axis] \
-                and (recorded_range[0], recorded_range[1]) != (0, maps[0].shape[axis] - 1):
+                and all(_whole_in(v, 0, n_axis - 1) for v in recorded_range) \
+                and recorded_range[0] <= recorded_range[1] and recorded_range != [0, n_axis - 1]:
             # As the axis, the range of the run being corrected carries over (forgotten, it let every
             # unedited label grow past it, without a word)
             slice_range, range_from_record = (int(recorded_range[0]), int(recorded_range[1])), True

@@ -248,7 +248,7 @@ class PropagationResult:
                     and isinstance(entry, dict)):
                 raise ValueError(f"label {key!r} is malformed")
             lab = int(key)
-            own = moved == lab
+            merged = own = moved == lab  # the label in the result; ``own``: before the merge (lost voxels back)
             keys, walls = entry.get("keyframes"), entry.get("walls")
             if not all(isinstance(v, list) and all(_whole_in(s, 0, n - 1) for s in v) for v in (keys, walls)) \
                     or set(keys) & set(walls):
@@ -262,14 +262,15 @@ class PropagationResult:
                 overlapped.add(lab)
                 if entry.get("lost_voxels") is not None:
                     lost_voxels[lab] = _runs_to_index(entry["lost_voxels"], moved, lab)
-                    own.flat[lost_voxels[lab]] = True  # the label's own mask, before the merge
+                    own = merged.copy()
+                    own.flat[lost_voxels[lab]] = True
             out["prompt_slices"][lab] = sorted(keys)
             frames = {s: own[s].copy() for s in keys}
             frames.update({s: np.zeros(moved.shape[1:], dtype=bool) for s in walls})
             out["keyframes"][lab] = dict(sorted(frames.items()))
             # what the result said of the label: its extent, and the empty slices between two of its
             # drawn slices (a wall between them is not one), as the run that wrote the record had them
-            held = np.flatnonzero((moved == lab).any(axis=(1, 2)))
+            held = np.flatnonzero(merged.any(axis=(1, 2)))
             if held.size:
                 out["slice_range"][lab] = (int(held[0]), int(held[-1]))
             out["gaps"][lab] = empty_between_drawn(set(keys) | set(walls), keys, held.tolist())
@@ -484,11 +485,8 @@ _STOP_REASONS = ("presence", "drift", "area", "consistency", "agreement", "end")
 def _stops_from_json(stops, n: int, lab: int) -> list[dict]:
     """A record's ``stops`` of one label, checked (from an untrusted file): start and last slices
     within 0..n-1, direction +1 or -1, a known reason."""
-    def whole(v, lo, hi):
-        return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
-
     if not isinstance(stops, list) or len(stops) > 4 * n + 8 or not all(
-            isinstance(s, dict) and whole(s.get("start"), 0, n - 1) and whole(s.get("last"), 0, n - 1)
+            isinstance(s, dict) and _whole_in(s.get("start"), 0, n - 1) and _whole_in(s.get("last"), 0, n - 1)
             and s.get("direction") in (-1, 1) and not isinstance(s.get("direction"), bool)
             and (s["last"] - s["start"]) * s["direction"] >= 0  # a walk ends on its own side
             and s.get("reason") in _STOP_REASONS for s in stops):
@@ -2232,8 +2230,9 @@ def keyframes_from_edits(prompt: np.ndarray, previous, edited: np.ndarray, *,
             # A drawn slice may have been corrected in an earlier round (a review, s29: every round
             # after that was refused): then the earlier result holds the correction, and the record of
             # that round says so ("corrected"). Any other difference: the prompt is not that run's.
-            digests.setdefault(lab, {})[int(s)] = _drawing_digest(prm[s] == lab)
-            if np.array_equal(prev[s] == lab, prm[s] == lab):
+            drawing = prm[s] == lab
+            digests.setdefault(lab, {})[int(s)] = _drawing_digest(drawing)
+            if np.array_equal(prev[s] == lab, drawing):
                 continue
             if s in before.get("corrected", ()):
                 was_drawn = before.get("drawn_sha256", {}).get(int(s))
