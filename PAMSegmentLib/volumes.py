@@ -212,6 +212,15 @@ def dicom_series_ids(folder: Path) -> list[str]:
         return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(_itk_path(folder)))
 
 
+def _largest_image_series(series_ids, by_uid: dict) -> tuple[str, list[str]]:
+    """The series a folder is read as when none is asked for: the largest of its series of images
+    (a DICOM SEG lists as a one-file series too, and is never chosen over one), and the series it
+    was chosen among."""
+    images = [uid for uid in series_ids if by_uid[uid] and _dicom_object_kind(Path(by_uid[uid][0])) is None]
+    candidates = images or list(series_ids)
+    return max(candidates, key=lambda uid: len(by_uid[uid])), candidates
+
+
 def _subfolders_with_series(folder: Path, depth: int = 3, limit: int = 200) -> list[Path]:
     """Folders below ``folder`` (at most ``depth`` levels, ``limit`` folders looked at) that hold a
     DICOM series themselves, as a PACS export or a CD (DICOM/PATIENT/STUDY/SERIES) lays them out."""
@@ -263,13 +272,11 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
         files = by_uid[chosen]
         _check_no_damaged_files(folder, by_uid, chosen)
     else:
-        # a DICOM SEG lists as a one-file series of images: never chosen over an image series
-        images = [uid for uid in series_ids if by_uid[uid] and _dicom_object_kind(Path(by_uid[uid][0])) is None]
-        chosen = max(images or series_ids, key=lambda uid: len(by_uid[uid]))
+        chosen, candidates = _largest_image_series(series_ids, by_uid)
         files = by_uid[chosen]
         _check_no_damaged_files(folder, by_uid, chosen)
         if len(series_ids) > 1:
-            ties = sum(len(by_uid[uid]) == len(files) for uid in (images or series_ids))
+            ties = sum(len(by_uid[uid]) == len(files) for uid in candidates)
             which = "the largest" if ties == 1 else f"the first of {ties} series of that size"
             warnings.warn(
                 f"{folder} holds {len(series_ids)} DICOM series; using {_series_label(chosen)} ({len(files)} files), "
@@ -375,15 +382,20 @@ _DICOM_OBJECTS = {  # DICOM objects that are not images, given where an image or
 }
 
 
-def _dicom_object_kind(p: Path) -> tuple[str, str] | None:
-    """(what it is, how to convert it) for a DICOM SEG or RT structure set (by its meta header's SOP
-    class), else None."""
+def _dicom_sop_class(p: Path) -> str | None:
+    """The MediaStorageSOPClassUID (0002,0002) of the DICOM file ``p``'s meta header; None where no
+    such header can be read (not DICOM, an empty or cut file, one without it)."""
     try:
         with open(p, "rb") as fh:
             meta = _dicom_meta(fh.read(132 + 4096))
     except OSError:
         return None
-    return None if meta is None else _DICOM_OBJECTS.get(meta[0].get(0x0002, ""))
+    return None if meta is None else meta[0].get(0x0002)
+
+
+def _dicom_object_kind(p: Path) -> tuple[str, str] | None:
+    """(what it is, how to convert it) for a DICOM SEG or RT structure set (by its SOP class), else None."""
+    return _DICOM_OBJECTS.get(_dicom_sop_class(p) or "")
 
 
 def _refuse_dicom_objects_not_images(p: Path) -> None:
@@ -401,14 +413,8 @@ def _dicom_image_class(p: Path) -> bool | None:
     presentation states, spectroscopy); None where no such header can be read (an empty file, one
     cut inside it, one without it): such a file is checked as an image would be (a cut copy of a
     slice may look like this)."""
-    try:
-        with open(p, "rb") as fh:
-            meta = _dicom_meta(fh.read(132 + 4096))
-    except OSError:
-        return None
-    if meta is None or 0x0002 not in meta[0]:
-        return None
-    return meta[0][0x0002] in _IMAGE_STORAGE
+    sop_class = _dicom_sop_class(p)
+    return None if sop_class is None else sop_class in _IMAGE_STORAGE
 
 
 def _raw_series_uid(p: Path, limit: int = 65536) -> str | None:
@@ -659,16 +665,13 @@ def _check_multiframe(p: Path, image: sitk.Image, what: str) -> None:
         if turned or resized:
             raise InputError(f"{what} is a multi-frame DICOM file whose frame {i} has another "
                              f"{'orientation' if turned else 'pixel size'} than the grid it is read on; {_CONVERT}")
+    # (each frame's pixel size was compared above) the spacing across the frames and where the first lies
     step = float(np.median(np.abs(steps)))
-    origin = np.asarray(image.GetOrigin(), dtype=np.float64)
-    pixel = [float(v) for v in pixels[0]] if pixels[0] is not None and len(pixels[0]) == 2 else None
     grid = image.GetSpacing()
-    if (abs(grid[2] - step) > 0.01 * step or np.linalg.norm(origin - points[0]) > 0.5 * min(grid)
-            or (pixel is not None and (abs(grid[0] - pixel[1]) > 1e-3 * pixel[1]
-                                       or abs(grid[1] - pixel[0]) > 1e-3 * pixel[0]))):
+    if abs(grid[2] - step) > 0.01 * step or \
+            np.linalg.norm(np.asarray(image.GetOrigin(), dtype=np.float64) - points[0]) > 0.5 * min(grid):
         raise InputError(f"{what} is a multi-frame DICOM file that ITK reads on another grid than its frames give "
-                         f"(spacing {grid[0]:.4g} x {grid[1]:.4g} x {grid[2]:.4g} mm against "
-                         + (f"{pixel[1]:.4g} x {pixel[0]:.4g}" if pixel else "?") + f" x {step:.4g} mm); {_CONVERT}")
+                         f"({grid[2]:.4g} mm between frames against {step:.4g} mm, or elsewhere); {_CONVERT}")
 
 
 def _check_no_gantry_tilt(points: np.ndarray, normal: np.ndarray, image: sitk.Image, what: str) -> None:
@@ -1489,9 +1492,7 @@ def _grid_from_dicom_headers(folder: Path, series_uid: str | None = None, chose:
             return None
         lister = sitk.ImageSeriesReader()
         by_uid = {uid: lister.GetGDCMSeriesFileNames(_itk_path(folder), uid) for uid in ids}
-        # as read_volume chooses: the largest series of images (a DICOM SEG lists as one too)
-        images = [u for u in ids if by_uid[u] and _dicom_object_kind(Path(by_uid[u][0])) is None]
-        uid = series_uid if series_uid is not None else max(images or ids, key=lambda u: len(by_uid[u]))
+        uid = series_uid if series_uid is not None else _largest_image_series(ids, by_uid)[0]  # as read_volume
         files = by_uid[uid]
         if series_uid is None and len(ids) > 1 and chose is not None:
             chose.append(f"{folder} holds {len(ids)} DICOM series; the largest, {_series_label(uid)} ({len(files)} "
