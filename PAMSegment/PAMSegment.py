@@ -443,12 +443,11 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             "the slices around them are recomputed.")
 
         undoReason = "A propagation is running." if running else ""
-        if not undoReason and entry is not None and entry.restored and not entry.undo_available \
-                and self.logic.history.back_after_undo(segmentation, segmentId, entry):
+        if not undoReason and entry is not None and entry.restored and not entry.undo_available:
             undoReason = ("Back at the result from before an update you undid: only one step before an update is "
-                          "kept, so the steps before it can no longer be undone.")
-        elif not undoReason and entry is not None and entry.restored and not entry.undo_available:
-            undoReason = ("This PAM result was read back from the record saved with the segment (a loaded scene, a "
+                          "kept, so the steps before it can no longer be undone."
+                          if self.logic.history.back_after_undo(segmentation, segmentId, entry) else
+                          "This PAM result was read back from the record saved with the segment (a loaded scene, a "
                           "copied segment, the Segment Editor's redo); what the segment held before it is kept only "
                           "right after the run, in the session that ran it.")
         elif not undoReason and (entry is None or not entry.undo_available):

@@ -467,14 +467,17 @@ def test_cli_names_a_bad_image_by_its_file(tmp_path, run_cli):
     assert proc.returncode == 2 and "line.png is 1 x 64 pixels; images need at least 8 x 8" in proc.stderr
 
 
-def test_cli_refuses_two_images_that_would_share_a_mask_name(tmp_path, run_cli):
+# IMG_1.png (session 29): names that differ only in case are one file on macOS and Windows
+@pytest.mark.parametrize("other_name", ["img_1.png", "IMG_1.png"])
+def test_cli_refuses_two_images_that_would_share_a_mask_name(tmp_path, run_cli, other_name):
     images, truth = moving_disc_set(2)
     _write_set(tmp_path / "set", images, truth[0])
     (tmp_path / "b").mkdir()
-    (tmp_path / "b" / "img_1.png").write_bytes((tmp_path / "set" / "img_1.png").read_bytes())
+    (tmp_path / "b" / other_name).write_bytes((tmp_path / "set" / "img_1.png").read_bytes())
     proc = run_cli("label-images", tmp_path / "set" / "img_0.png", tmp_path / "mask.png", tmp_path / "set",
                    tmp_path / "b", "-o", tmp_path / "out", "--method", "copy")
     assert proc.returncode == 2 and "would both be written as img_1_mask" in proc.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_refuses_to_write_masks_among_the_images(tmp_path, run_cli):

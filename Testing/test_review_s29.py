@@ -298,20 +298,6 @@ def test_a_16_bit_grey_alpha_png_is_named_not_called_damaged(tmp_path):
     np.testing.assert_array_equal(read_image_2d(eight)[0], grey8)
 
 
-def test_two_images_whose_names_differ_only_in_case_are_refused(tmp_path, run_cli):
-    """A suspicion of a review (s29), true on macOS and Windows: IMG_1.png and img_1.png from two
-    folders were both written, as IMG_1_mask and img_1_mask, one file there."""
-    from test_imageset import _write_set, moving_disc_set
-
-    images, truth = moving_disc_set(2)
-    _write_set(tmp_path / "set", images, truth[0])
-    (tmp_path / "b").mkdir()
-    (tmp_path / "b" / "IMG_1.png").write_bytes((tmp_path / "set" / "img_1.png").read_bytes())
-    proc = run_cli("label-images", tmp_path / "set" / "img_0.png", tmp_path / "mask.png", tmp_path / "set",
-                   tmp_path / "b", "-o", tmp_path / "out", "--method", "copy")
-    assert proc.returncode == 2 and "would both be written as" in proc.stderr and not (tmp_path / "out").exists()
-
-
 def test_an_overlapped_label_is_reused_and_its_record_is_checked():
     """A review (s29): a label that lost voxels to another where they overlapped was never reused by
     an update (the merged map does not hold its own mask): on the demo CT, correcting the spleen
