@@ -1229,7 +1229,7 @@ class SegmentPropagation:
             (0, written.shape[axis] - 1), early_stop=bool(result.early_stop), keyframes=keyframes,
             empty_keyframes=frozenset(empty), confidence=conf.copy(),
             agreement=None if agreement is None else np.asarray(agreement, dtype=np.float32).copy(),
-            begin_state=result.begin_state.get(label),
+            begin_state=result.begin_state.get(label), stops=[dict(s) for s in result.stops.get(label, [])],
             result_mask=PackedMask.of(result.mask == label),
             written=PackedMask.of(written), before=before, created=self.mode == "new", kind=self.kind,
             n_predicted=int(result.n_predicted), recomputed=recomputed, seconds=float(self.elapsed),
@@ -1466,6 +1466,9 @@ class HistoryEntry:
     occupied: tuple[int, ...] | None = None  # slices holding the object in ``written`` (computed once)
     # per slice, the agreement the engine's one-sided walks recorded (PropagationResult.agreement)
     agreement: np.ndarray | None = None
+    # how that run's one-sided walks ended (PropagationResult.stops of its label): an update that
+    # reuses a walk repeats its ending, so its report and drift notes are those of a fresh run
+    stops: list = field(default_factory=list)
     begin_state: object = None  # the predictor's begin_state in that run (PropagationResult.begin_state)
     # The segment's RUN_TAG value when written: another segment given the same ID later lacks it.
     run_id: str | None = None
@@ -1540,7 +1543,7 @@ class HistoryEntry:
             keyframes={1: dict(sorted(keyframes.items()))}, range=tuple(self.range),
             early_stop=self.early_stop, remove_disconnected=self.early_stop,  # the engine's default, as run
             agreement={} if self.agreement is None else {1: self.agreement.copy()},
-            begin_state={1: self.begin_state},
+            begin_state={1: self.begin_state}, stops={1: [dict(s) for s in self.stops]},
         )
 
     def gap_slices(self) -> list[int]:
@@ -1624,6 +1627,8 @@ def encode_record(entry: HistoryEntry) -> str:
         "n_predicted": int(entry.n_predicted), "recomputed": [list(map(int, iv)) for iv in entry.recomputed],
         "seconds": float(entry.seconds), "edited": [int(s) for s in entry.edited],
         "reviewed": sorted(int(s) for s in entry.reviewed),
+        "stops": [{"start": int(s["start"]), "direction": int(s["direction"]), "last": int(s["last"]),
+                   "reason": str(s["reason"])} for s in entry.stops],
     }
     try:
         header["begin_state"] = state_to_json(entry.begin_state)
@@ -1755,6 +1760,9 @@ def _decode_record(text: str, segmentation_node, segment_id: str, run_id: str) -
         begin_state = state_from_json(header.get("begin_state"))
     except ValueError:
         begin_state = None  # an update then recomputes every walk, which is correct, only slower
+    from .propagate import _stops_from_json  # noqa: PLC0415 - keeps the engine out of `import mrml`
+
+    stops = _stops_from_json(header.get("stops", []), n, 1)  # none in records of before session 30
     written_meta = _check_packed(header.get("written"), shape, "written mask")
     parts = [written_meta]
     result_meta = None
@@ -1792,7 +1800,7 @@ def _decode_record(text: str, segmentation_node, segment_id: str, run_id: str) -
         written=written, before=None, created=False, kind=kind, n_predicted=n_predicted,
         recomputed=recomputed, seconds=float(seconds), edited=list(header["edited"]),
         reviewed=set(header["reviewed"]),
-        agreement=agreement, begin_state=begin_state, run_id=run_id, record=text, restored=True,
+        agreement=agreement, begin_state=begin_state, stops=stops, run_id=run_id, record=text, restored=True,
     )
 
 

@@ -1036,6 +1036,9 @@ def _forged(header_change=None, tail=b"", payload=None, base=None):
     ("n_predicted", "n_predicted is not a count"),
     ("spacing", "grid spacing is malformed"),
     ("deep header", "header is malformed \\(RecursionError\\)"),
+    ("stop outside", "label 1's stops are not walk endings within 0-23"),
+    ("stop on the wrong side", "label 1's stops are not walk endings within 0-23"),
+    ("stop reason", "label 1's stops are not walk endings within 0-23"),
 ])
 def test_a_damaged_or_foreign_record_is_refused_with_its_reason(session, case, message, monkeypatch):
     seg, sid = session["seg"], session["sid"]
@@ -1066,9 +1069,24 @@ def test_a_damaged_or_foreign_record_is_refused_with_its_reason(session, case, m
         "n_predicted": lambda: _forged(set_("n_predicted", []), base=good),
         "spacing": lambda: _forged(lambda h: h["grid"].__setitem__("spacing", [1.0, {}, 1.0]), base=good),
         "deep header": lambda: _deep_header(good),
+        "stop outside": lambda: _forged(set_("stops", [{"start": 12, "direction": 1, "last": 24, "reason": "area"}]),
+                                        base=good),
+        "stop on the wrong side": lambda: _forged(
+            set_("stops", [{"start": 12, "direction": 1, "last": 4, "reason": "area"}]), base=good),
+        "stop reason": lambda: _forged(set_("stops", [{"start": 12, "direction": 1, "last": 20, "reason": "x"}]),
+                                       base=good),
     }[case]()
     with pytest.raises(ValueError, match=message):
         decode_record(forged, seg, sid, run)
+
+
+def test_a_record_saved_before_walk_endings_were_kept_is_read_without_them(session):
+    seg, sid = session["seg"], session["sid"]
+    good = tag(seg, sid, RECORD_TAG)
+    assert len(decode_record(good, seg, sid, _run_of(good)).stops) == 2
+    older = _forged(lambda h: h.pop("stops"), base=good)
+    back = decode_record(older, seg, sid, _run_of(good))
+    assert back.stops == [] and sorted(back.keyframes) == [12]
 
 
 def test_a_damaged_record_is_ignored_once_with_a_warning(session, caplog):
@@ -1404,3 +1422,40 @@ def test_an_update_with_a_slice_outside_the_propagation_range_is_refused_before_
                                          r"propagation was limited to: undo the propagation"):
         update_segment(vol, seg, sid, history, model=GuideCopy(truth))
     assert_same_labelmap(internal_labelmap_state(seg, sid), before)
+
+
+def _walk_ends(stops):
+    return sorted((s["start"], s["direction"], s["last"], s["reason"]) for s in stops)
+
+
+def test_an_update_reports_the_endings_of_the_walks_it_reused_as_a_fresh_run_does(session, tmp_path):
+    """Session 30 (carried from 29): Slicer's history kept no walk endings, so an update's report
+    and drift notes left out the walks it reused (the CLI's record repeats them). Now the entry and
+    the record saved with the segment keep them."""
+    seg, sid, vol, history, truth = session["seg"], session["sid"], session["vol"], session["history"], session["truth"]
+    entry = history.get(seg, sid)
+    assert _walk_ends(entry.stops) == [(12, -1, 4, "area"), (12, 1, 20, "area")]
+    save_scene(slicer.mrmlScene, tmp_path, [vol, seg])
+    ids = (vol.GetID(), seg.GetID())
+    edited = on_volume(seg, sid, vol)
+    edited[16] = truth[16]
+    write(seg, sid, vol, edited)
+    job = update_segment(vol, seg, sid, history, model=GuideCopy(truth))
+    assert sorted(job.recomputed) == [(13, 15), (17, 23)]  # the walk down from slice 12 was reused
+    fresh = propagate(synthetic()[1], np.stack([edited[s] if s in (12, 16) else np.zeros_like(edited[s])
+                                                for s in range(SHAPE[0])]).astype(np.uint8), (2.0, 0.9, 0.8),
+                      GuideCopy(truth))
+    assert _walk_ends(job.result.stops[1]) == _walk_ends(fresh.stops[1]) == [(12, -1, 4, "area"),
+                                                                            (16, 1, 20, "area")]
+    assert [r["walk_end"] for r in job.result.slice_table() if r["slice"] in (4, 20)] == ["area", "area"]
+    assert _walk_ends(history.get(seg, sid).stops) == _walk_ends(fresh.stops[1])
+
+    with scene_context() as scene:  # the next session: the record saved with the segment keeps them too
+        load_scene(scene, tmp_path)
+        vol2, seg2 = scene.GetNodeByID(ids[0]), scene.GetNodeByID(ids[1])
+        history2 = PropagationHistory()
+        assert _walk_ends(history2.get(seg2, sid).stops) == _walk_ends(entry.stops)
+        write(seg2, sid, vol2, edited)
+        there = update_segment(vol2, seg2, sid, history2, model=GuideCopy(truth))
+        assert there.recomputed == [(13, 15), (17, 23)]
+        assert _walk_ends(there.result.stops[1]) == _walk_ends(fresh.stops[1])
