@@ -105,6 +105,17 @@ def _sleep(seconds: float, cancel=None) -> None:
         time.sleep(min(0.1, seconds))
 
 
+def _begin_state(value):
+    """A label's begin state as the server sent it (servers before session 30 send none), read as
+    untrusted: None, so that no later round reuses that label's walks, if it is not one."""
+    from .checks import state_from_json  # noqa: PLC0415
+
+    try:
+        return state_from_json(value)
+    except ValueError:
+        return None
+
+
 def decode_result(payload: bytes) -> PropagationResult:
     try:
         with np.load(io.BytesIO(payload), allow_pickle=False) as z:
@@ -123,6 +134,7 @@ def decode_result(payload: bytes) -> PropagationResult:
             recomputed = ({int(lab): [(int(a), int(b)) for a, b in v] for lab, v in meta["recomputed"].items()}
                           if "recomputed" in meta else
                           {int(lab): [(0, int(mask.shape[int(meta["axis"])]) - 1)] for lab in meta["labels"]})
+            begin_state = {int(lab): _begin_state(v) for lab, v in meta.get("begin_state", {}).items()}
         if int(meta["axis"]) not in (0, 1, 2):
             raise ValueError(f"axis {meta['axis']!r}")
         return PropagationResult(
@@ -133,6 +145,7 @@ def decode_result(payload: bytes) -> PropagationResult:
             range=tuple(meta["range"]) if meta.get("range") else None, early_stop=bool(meta["early_stop"]),
             stops={int(k): v for k, v in meta["stops"].items()}, keyframes=keyframes, agreement=agreement,
             remove_disconnected=bool(meta["remove_disconnected"]), gaps=gaps, lost=lost, recomputed=recomputed,
+            begin_state=begin_state,
         )
     except (ValueError, KeyError, OSError, TypeError, AttributeError, IndexError) as error:
         raise PAMError(f"the server's answer is not a PAMSegment result ({error})") from None

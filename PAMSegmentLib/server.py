@@ -286,6 +286,15 @@ def encode_result(result) -> bytes:
         # Slicer's review marks and update summary go by
         "recomputed": {str(k): [[int(a), int(b)] for a, b in v] for k, v in result.recomputed.items()},
     }
+    from .checks import state_to_json  # noqa: PLC0415
+
+    begin = {}  # which predictor ran each label, with which settings: a later round compares its own
+    for lab, state in result.begin_state.items():
+        try:
+            begin[str(lab)] = state_to_json(state)
+        except TypeError:
+            begin[str(lab)] = None  # a state JSON cannot hold: that label's walks are not reused
+    meta["begin_state"] = begin
     arrays = {"mask": result.mask}
     meta["keyframes"] = {str(lab): sorted(int(k) for k in kf) for lab, kf in result.keyframes.items()}
     for lab in labels:

@@ -1188,3 +1188,44 @@ def test_a_queue_that_fills_between_info_and_a_large_upload_is_waited_for():
             client.propagate(big, big_prompt, (1, 1, 1))
         assert len(asked) >= 2
         gate.set()
+
+
+def test_a_server_round_says_which_method_and_settings_it_ran(live_server):
+    """Session 30 (carried from 29): a server's answer carried no begin state, so a correction
+    round run locally with another method after a server round (or the other way round) gave no
+    "the round you corrected ran --method ..." note. The answer now says what ran each label."""
+    from PAMSegmentLib.baselines import CopyPredictor, TrackPredictor
+    from PAMSegmentLib.cli import _made_otherwise_notes
+    from PAMSegmentLib.checks import state_to_json
+
+    url, holder = live_server
+    image, prompt, truth = case()
+    holder["model"] = CopyPredictor()
+    remote = RemoteModel(url, token="tok", poll_interval=0.01).propagate(image, prompt, (2.0, 1.0, 1.0))
+    local = propagate(image, prompt, (2.0, 1.0, 1.0), CopyPredictor())
+    assert remote.begin_state[1][0] == "CopyPredictor"
+    assert state_to_json(remote.begin_state[1]) == state_to_json(local.begin_state[1])
+    track = propagate(image, prompt, (2.0, 1.0, 1.0), TrackPredictor())
+    assert _made_otherwise_notes(remote, track) == [
+        "label 1: the round you corrected ran --method copy and this one --method track: every slice was predicted "
+        "again, so the changes beside your edits include what that difference makes"]
+    assert _made_otherwise_notes(remote, local) == []
+
+
+@pytest.mark.parametrize("sent, read", [
+    (None, None),  # a label whose state the server could not write
+    ({"not": "a state"}, None),  # nonsense from a foreign server: no reuse, no note
+    ([[[[[["too deep"]]]]]], None),
+    (["CopyPredictor", None, ["k=1"]], ("CopyPredictor", None, ("k=1",))),
+])
+def test_a_servers_begin_state_is_read_as_untrusted(sent, read):
+    meta = {"axis": 0, "labels": [1], "slice_range": {"1": [0, 1]}, "prompt_slices": {"1": [0]}, "timings": {},
+            "n_predicted": 1, "stops": {}, "range": None, "early_stop": True, "remove_disconnected": True,
+            "begin_state": {"1": sent}}
+    body = npz(mask=np.zeros((2, 3, 3), np.uint8), confidence_1=np.zeros(2, np.float32),
+               meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+    assert decode_result(body).begin_state == {1: read}
+    del meta["begin_state"]  # servers before session 30
+    body = npz(mask=np.zeros((2, 3, 3), np.uint8), confidence_1=np.zeros(2, np.float32),
+               meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+    assert decode_result(body).begin_state == {}
