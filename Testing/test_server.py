@@ -1229,3 +1229,19 @@ def test_a_servers_begin_state_is_read_as_untrusted(sent, read):
     body = npz(mask=np.zeros((2, 3, 3), np.uint8), confidence_1=np.zeros(2, np.float32),
                meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
     assert decode_result(body).begin_state == {}
+
+
+def test_a_local_round_after_a_server_round_reuses_its_walks_and_matches_a_fresh_run(live_server):
+    from PAMSegmentLib.baselines import CopyPredictor
+
+    url, holder = live_server
+    image, prompt, truth = case()
+    holder["model"] = CopyPredictor()
+    remote = RemoteModel(url, token="tok", poll_interval=0.01).propagate(image, prompt, (2.0, 1.0, 1.0))
+    edited = prompt.copy()
+    edited[11] = truth[11]  # a second drawn slice above the first
+    update = propagate(image, edited, (2.0, 1.0, 1.0), CopyPredictor(), previous=remote)
+    fresh = propagate(image, edited, (2.0, 1.0, 1.0), CopyPredictor())
+    np.testing.assert_array_equal(update.mask, fresh.mask)
+    assert update.n_predicted < fresh.n_predicted  # the walk down from slice 8 was the server's
+    assert update.recomputed[1] and all(a > 8 for a, _ in update.recomputed[1])
