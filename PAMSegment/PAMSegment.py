@@ -7,8 +7,10 @@ Everything that computes lives in PAMSegmentLib and is tested without Qt (Testin
 """
 
 import importlib.util
+import inspect
 import logging
 import os
+import shlex
 import sys
 import time
 import unittest
@@ -41,6 +43,31 @@ POLL_INTERVAL_MS = 100
 PROMPT_REFRESH_DELAY_MS = 400
 PLOT_SIZE = (256, 56)  # confidence plot, pixels
 SEGMENT_EDITOR_SINGLETON_TAG = "SegmentEditor"  # the Segment Editor module's vtkMRMLSegmentEditorNode
+
+
+class InstallCancelled(Exception):
+    """The user declined Slicer's own confirmation of a package installation."""
+
+
+def _pipInstallOptions():
+    """``interactive=False`` for ``slicer.util.pip_install`` where Slicer's installer asks for
+    confirmation itself (``slicer.packaging.pip_install``, newer Slicer): PAMSegment's panel
+    asked already. Older Slicer's ``pip_install(requirements)`` takes no such option."""
+    try:
+        params = inspect.signature(slicer.util.pip_install).parameters
+    except (TypeError, ValueError):
+        return {}
+    if "interactive" in params:
+        return {"interactive": False}
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return {}
+    try:  # newer Slicer: a wrapper passing its keywords on to slicer.packaging.pip_install
+        import slicer.packaging as packaging
+
+        inner = inspect.signature(packaging.pip_install).parameters
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return {}
+    return {"interactive": False} if "interactive" in inner else {}
 
 
 def _resourcePath(relativePath):
@@ -516,8 +543,8 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not slicer.util.confirmOkCancelDisplay(
             f"PAMSegment needs these Python packages, which are not installed yet (or too old):\n{listing}"
             f"{torchNote}\n\n"
-            "Install them now? This can take several minutes; progress is shown in the status bar and the "
-            "Python console.",
+            "Install them now? This can take several minutes, during which Slicer may not respond; the "
+            "installer's output is shown in the Python console.",
             windowTitle="PAMSegment: install dependencies",
         ):
             self._setStatus("Not installed: propagation needs these packages. Press Propagate to be asked again.",
@@ -531,6 +558,10 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 slicer.app.processEvents()
 
             self.logic.installRequirements(missing, report)
+        except InstallCancelled:
+            self._setStatus("Not installed: the installation was cancelled. Press Propagate to be asked again.",
+                            "error")
+            return False
         except Exception as exc:
             logging.exception("PAMSegment: installing dependencies failed")
             self._setStatus(f"Installing dependencies failed: {exc}", "error")
@@ -745,6 +776,10 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.progressBar.setFormat("not written")
                 self.updatePromptLabel()  # the "Updating from your slices" line no longer applies
             else:
+                if job.checkpoint and job.checkpoint == (self.ui.checkpointPathLineEdit.currentPath.strip() or None) \
+                        and self.ui.checkpointModelRadioButton.checked:
+                    # the file's drop-down keeps the checkpoints that worked (the .ui's settingKey stores them)
+                    self.ui.checkpointPathLineEdit.addCurrentPathToHistory()
                 # The selection stays on the drawn segment: in "new" mode it is still the prompt.
                 written = job.segmentation_node.GetSegmentation().GetSegment(segmentId)
                 self.ui.progressBar.setFormat(f"done in {_formatSeconds(job.elapsed)}")
@@ -857,21 +892,34 @@ class PAMSegmentLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def installRequirements(missing, report=lambda text: None):
+        """Install ``missing`` ((import name, pip spec) pairs): torch through the PyTorch extension
+        when present, the rest in one ``slicer.util.pip_install`` call, without a confirmation of
+        its own where Slicer's installer would ask again (the panel asked already; the self-test
+        runs unattended). InstallCancelled if the user declines Slicer's own question."""
         torchSpec = dict(RUNTIME_REQUIREMENTS)["torch"]
+        specs = []
         for name, spec in missing:
-            report(f"Installing {spec} ...")
             if name == "torch":
                 try:
                     import PyTorchUtils  # the PyTorch extension (EXTENSION_DEPENDS)
                 except ImportError:
                     PyTorchUtils = None
                 if PyTorchUtils is not None:
+                    report(f"Installing {spec} ...")
                     torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
                         askConfirmation=False, torchVersionRequirement=torchSpec[len("torch"):])  # asked already
                     if torch is None:
                         raise RuntimeError("PyTorch was not installed")
                     continue
-            slicer.util.pip_install(spec)
+            specs.append(spec)
+        if specs:
+            report(f"Installing {', '.join(specs)} ...")
+            try:  # one call: Slicer's installer resolves them together (and asks at most once)
+                slicer.util.pip_install(" ".join(shlex.quote(spec) for spec in specs), **_pipInstallOptions())
+            except Exception as exc:
+                if type(exc).__name__ == "InstallationAbortedError":  # slicer.packaging: the user said no
+                    raise InstallCancelled("installation cancelled") from None
+                raise
         importlib.invalidate_caches()
 
     @staticmethod

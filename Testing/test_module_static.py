@@ -26,6 +26,7 @@ import io
 import json
 import os
 import re
+import shlex
 import shutil
 import struct
 import subprocess
@@ -598,6 +599,9 @@ class FakePathLineEdit(FakeWidget):
     def setCurrentPath(self, path):
         self.currentPath = path
         self.emit("currentPathChanged(QString)", path)
+
+    def addCurrentPathToHistory(self):  # ctkPathLineEdit: the drop-down's list, kept under settingKey
+        self.history = [self.currentPath] + [p for p in getattr(self, "history", []) if p != self.currentPath]
 
 
 class FakeComboBox(FakeWidget):
@@ -1271,6 +1275,26 @@ def test_panel_reports_a_bad_checkpoint(panel, drawn, monkeypatch, tmp_path):
     assert ui.statusLabel.text.startswith("Failed (nothing was changed): ") and "propmask.pth" in ui.statusLabel.text
     assert ui.progressBar.format == "failed" and "#b3261e" in ui.statusLabel.styleSheet
     assert segmentation.GetSegmentation().GetNumberOfSegments() == 1
+    assert getattr(ui.checkpointPathLineEdit, "history", []) == []  # a file that failed is not offered again
+
+
+def test_a_checkpoint_that_worked_is_kept_in_the_files_drop_down(panel, drawn, monkeypatch, tmp_path):
+    """A review (session 30): the .ui gave the checkpoint field a settingKey, but ctkPathLineEdit
+    fills that list only through addCurrentPathToHistory(), which nothing called."""
+    truth, volume, segmentation, segment_id = drawn
+    loads = oracle_loader(monkeypatch, truth)
+    from PAMSegmentLib.checkpoints import shipped_checkpoint_path
+
+    good = tmp_path / "mine.pt"  # a copy of the shipped weights, loaded as a file of the user's
+    shutil.copyfile(shipped_checkpoint_path(), good)
+    ui = panel.ui
+    ui.segmentationSelector.setCurrentNode(segmentation)
+    ui.checkpointModelRadioButton.setChecked(True)
+    ui.checkpointPathLineEdit.setCurrentPath(str(good))
+    ui.propagateButton.click()
+    poll_until_idle(panel)
+    assert loads == [(str(good), "cpu")] and ui.progressBar.format.startswith("done"), ui.statusLabel.text
+    assert ui.checkpointPathLineEdit.history == [str(good)]
 
 
 def test_panel_shows_input_errors_without_starting(panel, mrml, monkeypatch):
@@ -1401,16 +1425,64 @@ def test_logic_installs_torch_through_the_pytorch_extension(module, monkeypatch)
             return types.SimpleNamespace(__version__="2.5")
 
     monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic))
-    monkeypatch.setattr(_slicer().util, "pip_install", lambda spec: calls.append(("pip", spec)))
+    monkeypatch.setattr(_slicer().util, "pip_install", lambda spec: calls.append(("pip", shlex.split(spec))))
     module.PAMSegmentLogic.installRequirements(list(module.RUNTIME_REQUIREMENTS))
     assert calls == [("installTorch", False, ">=2.3"),  # not a second question: the panel asked
-                     ("pip", "dynamic-network-architectures>=0.3.1,<0.4.1"),
-                     ("pip", "connected-components-3d>=3.12")]
+                     ("pip", ["dynamic-network-architectures>=0.3.1,<0.4.1", "connected-components-3d>=3.12"])]
 
     calls.clear()
     monkeypatch.setitem(sys.modules, "PyTorchUtils", None)  # extension absent: plain pip
     module.PAMSegmentLogic.installRequirements([module.RUNTIME_REQUIREMENTS[0]])
-    assert calls == [("pip", "torch>=2.3")]
+    assert calls == [("pip", ["torch>=2.3"])]
+
+
+def _slicer_packaging(monkeypatch, calls, decline=False):
+    """Newer Slicer: ``slicer.util.pip_install(requirements, **kwargs)`` passes on to
+    ``slicer.packaging.pip_install``, which asks for confirmation itself unless told not to and
+    raises InstallationAbortedError when the user declines."""
+    class InstallationAbortedError(Exception):
+        pass
+
+    def pip_install(args=None, *, requirements=None, interactive=True):
+        calls.append((shlex.split(args), interactive))
+        if interactive and decline:
+            raise InstallationAbortedError(shlex.split(args), "x")
+
+    packaging = types.ModuleType("slicer.packaging")
+    packaging.pip_install = pip_install
+    monkeypatch.setitem(sys.modules, "slicer.packaging", packaging)
+    monkeypatch.setattr(_slicer(), "packaging", packaging, raising=False)
+    monkeypatch.setattr(_slicer().util, "pip_install", lambda requirements, **kw: pip_install(requirements, **kw))
+    return InstallationAbortedError
+
+
+def test_logic_installs_with_newer_slicers_installer_in_one_call_without_asking_again(module, monkeypatch):
+    """A review (session 30): on newer Slicer each pip_install call asked "Install dependencies?"
+    again after the panel's own question (once per package), and declining showed the exception's
+    arguments as the reason."""
+    calls = []
+    _slicer_packaging(monkeypatch, calls, decline=True)
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", None)
+    module.PAMSegmentLogic.installRequirements(list(module.RUNTIME_REQUIREMENTS))
+    assert calls == [(["torch>=2.3", "dynamic-network-architectures>=0.3.1,<0.4.1", "connected-components-3d>=3.12"],
+                      False)]
+
+
+def test_a_declined_installation_is_said_as_cancelled(module, panel, monkeypatch):
+    calls = []
+    aborted = _slicer_packaging(monkeypatch, calls, decline=True)
+    monkeypatch.setattr(module, "_pipInstallOptions", lambda: {})  # a Slicer that asks anyway
+    with pytest.raises(module.InstallCancelled):
+        panel.logic.installRequirements([("cc3d", "connected-components-3d>=3.12")])
+    assert len(calls) == 1
+    monkeypatch.setattr(panel.logic, "missingRequirements", lambda network=True: [("cc3d", "connected-components-3d")])
+    monkeypatch.setattr(_slicer().util, "confirmOkCancelDisplay", lambda text, **kw: True)
+    monkeypatch.setattr(_slicer().util, "createProgressDialog",
+                        lambda **kw: types.SimpleNamespace(labelText="", close=lambda: None))
+    assert panel.ensureRequirements() is False
+    assert panel.ui.statusLabel.text == ("Not installed: the installation was cancelled. Press Propagate to be asked "
+                                         "again.")
+    assert aborted.__name__ == "InstallationAbortedError"
 
 
 def test_self_test_without_the_packages_skips_or_installs_them(module, monkeypatch):
