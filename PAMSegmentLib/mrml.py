@@ -317,7 +317,80 @@ def _prompt_mask(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
     mask = segment_mask(segmentation_node, segment_id, volume_node)
     if not mask.any():
         _explain_lost_prompt(segmentation_node, segment_id, volume_node)
+    elif _finer_than_volume(segmentation_node, segment_id, volume_node):
+        _check_drawing_read_whole(segmentation_node, segment_id, volume_node, mask)
     return mask
+
+
+def _volume_to_segmentation(volume_node, segmentation_node) -> np.ndarray | None:
+    """The 4x4 from the volume node's coordinates to the segmentation node's (identity without
+    parent transforms, or with the same one); None when a transform between them is not linear."""
+    transforms = volume_node.GetParentTransformNode(), segmentation_node.GetParentTransformNode()
+    if transforms[0] is transforms[1]:
+        return np.eye(4)
+    if any(t is not None and not t.IsTransformToWorldLinear() for t in transforms):
+        return None
+    slicer = _slicer()
+    import vtk  # noqa: PLC0415
+
+    m = vtk.vtkMatrix4x4()
+    slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(transforms[0], transforms[1], m)
+    return slicer.util.arrayFromVTKMatrix(m).copy()
+
+
+def _check_drawing_read_whole(segmentation_node, segment_id: str, volume_node, mask: np.ndarray) -> None:
+    """InputError when a part of the segment's drawing on its own, finer grid reaches no voxel of
+    the volume (``mask``: what did): a keyframe drawn on a thin slice between the volume's slices
+    would be left out without a word, and a replace output would then write over it. A part is a
+    26-connected piece of the segment's own voxels of at least 10 voxels and 1 % of them (a stray
+    voxel is not worth a refusal)."""
+    import cc3d  # noqa: PLC0415
+
+    between = _volume_to_segmentation(volume_node, segmentation_node)
+    snap = LabelmapSnapshot.take(segmentation_node, segment_id)
+    if between is None or snap is None or not int(np.prod(snap.dims)):
+        return
+    own = snap.voxels() == snap.label_value  # (k, j, i) within snap.extent
+    held = int(np.count_nonzero(own))
+    if held < 10:
+        return
+    box = tuple(slice(int(np.flatnonzero(own.any(axis=other))[0]), int(np.flatnonzero(own.any(axis=other))[-1]) + 1)
+                for other in ((1, 2), (0, 2), (0, 1)))
+    own = own[box]
+    corner = np.array([snap.extent[0] + box[2].start, snap.extent[2] + box[1].start, snap.extent[4] + box[0].start])
+    # The segment's voxels the volume's read reached: the stored voxel nearest to each voxel of
+    # ``mask`` (both neighbours where it lies halfway: which one the resampler took is its choice).
+    to_own = np.linalg.inv(snap.image_to_world) @ between @ np.asarray(_grid_of(volume_node).ijk_to_ras, float)
+    kji = np.argwhere(mask)
+    at = to_own[:3, :3] @ kji[:, ::-1].T.astype(float) + to_own[:3, 3:4]  # (i, j, k) on the segment's grid
+    seen = np.zeros(own.shape, dtype=bool)
+    for pick in (np.floor(at + 0.5 + 1e-3), np.ceil(at - 0.5 - 1e-3)):
+        idx = pick.astype(np.int64) - corner[:, None]
+        inside = np.all((idx >= 0) & (idx < np.array(own.shape[::-1])[:, None]), axis=0)
+        seen[idx[2, inside], idx[1, inside], idx[0, inside]] = True
+    parts, n = cc3d.connected_components(own, connectivity=26, return_N=True)
+    size = np.bincount(parts.ravel(), minlength=n + 1)
+    reached = np.zeros(n + 1, dtype=bool)
+    reached[np.unique(parts[seen & own])] = True
+    lost = [p for p in range(1, n + 1) if not reached[p] and size[p] >= max(10, 0.01 * held)]
+    if not lost:
+        return
+    where = np.argwhere(np.isin(parts, lost))[:, ::-1] + corner  # (i, j, k) on the segment's grid
+    on_volume = np.linalg.inv(to_own) @ np.c_[where, np.ones(len(where))].T  # (i, j, k) of the volume
+    spans = np.ptp(on_volume[:3], axis=1)
+    axis_ijk = int(np.argmin(spans))  # the part is thinnest across the volume's slices along this axis
+    at_slice = float(np.median(on_volume[axis_ijk]))
+    plane = axis_plane_name(_grid_of(volume_node).ijk_to_ras, 2 - axis_ijk)
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+    voxels = int(size[lost].sum())
+    near = (f"between {plane} slices {int(np.floor(at_slice))} and {int(np.floor(at_slice)) + 1}"
+            if abs(at_slice - round(at_slice)) > 0.05 else f"near {plane} slice {int(round(at_slice))}")
+    raise InputError(
+        f'segment "{segment.GetName()}": part of its drawing ({voxels} voxels, {near}) lies on thin slices of the '
+        "segmentation's grid, which is finer than the volume's, where no voxel of volume "
+        f'"{volume_node.GetName()}" reads it: it would be left out (and output replace would write over it). Draw '
+        "it on the volume's own slices (in the Segment Editor, Specify geometry from the volume, then draw again), "
+        "or erase it, then propagate")
 
 
 def _own_voxel_size(segmentation_node, segment_id: str) -> np.ndarray | None:

@@ -1459,3 +1459,40 @@ def test_an_update_reports_the_endings_of_the_walks_it_reused_as_a_fresh_run_doe
         there = update_segment(vol2, seg2, sid, history2, model=GuideCopy(truth))
         assert there.recomputed == [(13, 15), (17, 23)]
         assert _walk_ends(there.result.stops[1]) == _walk_ends(fresh.stops[1])
+
+
+@pytest.mark.parametrize("transformed", [False, True])
+def test_a_keyframe_drawn_between_the_volumes_slices_is_refused_not_overwritten(mrml_scene, transformed):
+    """A review (session 30): on a segmentation with 0.5 mm slices over a 2 mm volume, a second
+    drawing on a thin slice between two volume slices was left out without a word (the prompt was
+    the other drawing alone) and output replace wrote over it (727 of its 1050 voxels lost)."""
+    truth, image = synthetic()
+    vol = make_volume_node(image)
+    fine = make_volume_node(np.zeros((96, 40, 44), np.uint8), name="0.5 mm slices",
+                            ijk_to_ras=np.array([[0.8, 0, 0, -12.0], [0, 0.9, 0, 30.0], [0, 0, 0.5, 6.5],
+                                                 [0, 0, 0, 1]]))
+    drawn = np.zeros((96, 40, 44), np.uint8)
+    drawn[50] = truth[12]  # thin slice 4 k + 2 lies on volume slice k (z 31.5 for slice 12)
+    seg, ids = make_segmentation(fine, {"tumor": drawn})
+    sid = ids["tumor"]
+    if transformed:  # a 5 mm shift on each node, two transform nodes: the check maps through both
+        for node in (vol, seg):
+            shift = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+            m = np.eye(4)
+            m[0, 3] = 5.0
+            shift.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(m))
+            node.SetAndObserveTransformNodeID(shift.GetID())
+    assert mrml.describe_prompt(vol, seg, sid).slices == [12]  # one drawing, read whole: no refusal
+    drawn[69, 5:35, 5:40] = 1  # a second drawing, at z 41.0, between volume slices 16 and 17 (z 39.5, 41.5)
+    slicer.util.updateSegmentBinaryLabelmapFromArray(drawn, seg, sid, fine)
+    before = internal_labelmap_state(seg, sid)
+    message = r'part of its drawing \(1050 voxels, between axial slices 16 and 17\) lies on thin slices'
+    with pytest.raises(InputError, match=message):
+        mrml.describe_prompt(vol, seg, sid)
+    with pytest.raises(InputError, match=message):
+        propagate_segment(vol, seg, sid, model=GuideCopy(truth), history=PropagationHistory())
+    assert_same_labelmap(internal_labelmap_state(seg, sid), before)
+    drawn[69] = 0
+    drawn[69, 5:7, 5:7] = 1  # 4 voxels: a stray click, not worth a refusal (the run goes on)
+    slicer.util.updateSegmentBinaryLabelmapFromArray(drawn, seg, sid, fine)
+    assert mrml.describe_prompt(vol, seg, sid).slices == [12]
