@@ -314,6 +314,7 @@ def _prompt_mask(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
     """``segment_mask`` of the segment the user drew as the prompt. If nothing of it lands on the
     volume's grid although the segment holds voxels, an InputError says why, rather than the
     engine's "the prompt is empty"."""
+    _check_not_half_a_voxel_apart(segmentation_node, segment_id, volume_node)
     mask = segment_mask(segmentation_node, segment_id, volume_node)
     if not mask.any():
         _explain_lost_prompt(segmentation_node, segment_id, volume_node)
@@ -336,6 +337,51 @@ def _volume_to_segmentation(volume_node, segmentation_node) -> np.ndarray | None
     m = vtk.vtkMatrix4x4()
     slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(transforms[0], transforms[1], m)
     return slicer.util.arrayFromVTKMatrix(m).copy()
+
+
+def _check_not_half_a_voxel_apart(segmentation_node, segment_id: str, volume_node) -> None:
+    """InputError when the segmentation's grid (where the Segment Editor paints and a result is
+    written) has the volume's voxel size along an axis but lies half a voxel off it: each voxel of
+    one lies halfway between two of the other, and Slicer's nearest-neighbour resampling breaks
+    those ties alike (or, by rounding, not even alike) reading and writing, so a written result
+    came back moved by a voxel, drawn slices included, and every update moved it again (a review,
+    session 30: the drawing's centre 22 -> 21 -> 20 in i)."""
+    slicer = _slicer()
+    converter = slicer.vtkSegmentationConverter
+    serialized = segmentation_node.GetSegmentation().GetConversionParameter(
+        converter.GetReferenceImageGeometryParameterName())
+    between = _volume_to_segmentation(volume_node, segmentation_node)
+    if not serialized or between is None:
+        return
+    geometry = slicer.vtkOrientedImageData()
+    if not converter.DeserializeImageGeometry(serialized, geometry, False):
+        return
+    import vtk  # noqa: PLC0415
+
+    theirs = vtk.vtkMatrix4x4()
+    geometry.GetImageToWorldMatrix(theirs)
+    grid = _grid_of(volume_node)
+    # volume (i, j, k) -> the segmentation grid's (i, j, k)
+    to_theirs = np.linalg.inv(slicer.util.arrayFromVTKMatrix(theirs)) @ between @ np.asarray(grid.ijk_to_ras, float)
+    rows = np.abs(to_theirs[:3, :3]) > 1e-6
+    if not (rows.sum(axis=0) == 1).all() or not (rows.sum(axis=1) == 1).all():
+        return  # rotated against each other: ties only on a set of measure zero
+    halfway = []
+    for col in range(3):  # the volume's i, j, k
+        row = int(np.flatnonzero(rows[:, col])[0])
+        offset = to_theirs[row, 3] % 1.0
+        if abs(abs(to_theirs[row, col]) - 1) < 1e-6 and abs(offset - 0.5) < 1e-3:
+            halfway.append(2 - col)  # array axis (k, j, i)
+    if not halfway:
+        return
+    names = _plane_names(grid.ijk_to_ras)
+    across = " and ".join(f"across its {names[a]} slices" for a in sorted(halfway))
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+    raise InputError(
+        f'segmentation "{segmentation_node.GetName()}" lies half a voxel off volume "{volume_node.GetName()}" '
+        f"({across}), with voxels of the same size: every voxel of one lies halfway between two of the other, so a "
+        f'result written into "{segment.GetName() if segment is not None else segment_id}" would come back moved by '
+        "one voxel. In the Segment Editor, Specify geometry from this volume, then try again")
 
 
 def _check_drawing_read_whole(segmentation_node, segment_id: str, volume_node, mask: np.ndarray) -> None:
@@ -2285,6 +2331,7 @@ class SegmentUpdate(SegmentPropagation):
             source = entry.volume_node.GetName()
             raise InputError(f'segment "{name}" was propagated on volume "{source}", whose grid differs from '
                              f'"{volume_node.GetName()}"; select "{source}" to update it')
+        _check_not_half_a_voxel_apart(segmentation_node, segment_id, volume_node)
         self.source = segment_mask(segmentation_node, segment_id, volume_node)
         self.entry = entry
         self.edited = entry.edited_slices(self.source)

@@ -1496,3 +1496,56 @@ def test_a_keyframe_drawn_between_the_volumes_slices_is_refused_not_overwritten(
     drawn[69, 5:7, 5:7] = 1  # 4 voxels: a stray click, not worth a refusal (the run goes on)
     slicer.util.updateSegmentBinaryLabelmapFromArray(drawn, seg, sid, fine)
     assert mrml.describe_prompt(vol, seg, sid).slices == [12]
+
+
+@pytest.mark.parametrize("axis, shift, refused", [
+    (0, 0.5, "across its sagittal slices"), (2, 0.5, "across its axial slices"), (2, -1.5, "across its axial slices"),
+    (0, 0.3, None),  # off by less than half a voxel: each voxel has one nearest, a round trip is exact
+])
+def test_a_segmentation_half_a_voxel_off_the_volume_is_refused_not_moved(mrml_scene, axis, shift, refused):
+    """A review (session 30): on a segmentation grid of the volume's voxel size lying half a voxel
+    off it, each write moved the segment by one voxel (the drawing's centre i 22 -> 21), and each
+    update moved it again (differing voxels 48, 94, 140, 186 after the propagation and three
+    updates): Slicer's nearest-neighbour resampling breaks the ties alike reading and writing."""
+    import vtk
+
+    truth, image = synthetic()
+    vol = make_volume_node(image)
+    m = vtk.vtkMatrix4x4()
+    vol.GetIJKToRASMatrix(m)
+    g = slicer.util.arrayFromVTKMatrix(m).copy()
+    g[:3, 3] += shift * g[:3, axis]
+    geometry, seg, sid = _segmentation_on_geometry(mrml_scene, g, SHAPE[::-1])
+    slicer.util.updateSegmentBinaryLabelmapFromArray(one_slice(truth, 12), seg, sid, geometry)
+    before = internal_labelmap_state(seg, sid)
+    if refused is None:
+        history = PropagationHistory()
+        propagate_segment(vol, seg, sid, model=GuideCopy(truth), history=history)
+        own = slicer.util.arrayFromSegmentBinaryLabelmap(seg, sid, geometry).astype(bool)
+        np.testing.assert_array_equal(own[12], truth[12])  # the drawing stays where it was drawn
+        return
+    with pytest.raises(InputError, match=f'lies half a voxel off volume "volume" \\({refused}\\), with voxels of the '
+                                         "same size: .* Specify geometry from this volume"):
+        mrml.describe_prompt(vol, seg, sid)
+    with pytest.raises(InputError, match="lies half a voxel off"):
+        propagate_segment(vol, seg, sid, model=GuideCopy(truth), history=PropagationHistory())
+    assert_same_labelmap(internal_labelmap_state(seg, sid), before)
+
+
+def test_an_update_on_a_segmentation_moved_half_a_voxel_off_is_refused(session, mrml_scene):
+    import vtk
+
+    seg, sid, vol, history, truth = session["seg"], session["sid"], session["vol"], session["history"], session["truth"]
+    m = vtk.vtkMatrix4x4()
+    vol.GetIJKToRASMatrix(m)
+    g = slicer.util.arrayFromVTKMatrix(m).copy()
+    g[:3, 3] += 0.5 * g[:3, 1]
+    geometry = _segmentation_on_geometry(mrml_scene, g, SHAPE[::-1])[0]
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(geometry)  # e.g. Specify geometry from another series
+    edited = on_volume(seg, sid, vol)
+    edited[16] = truth[16]
+    write(seg, sid, vol, edited)
+    before = internal_labelmap_state(seg, sid)
+    with pytest.raises(InputError, match=r"lies half a voxel off volume \"volume\" \(across its coronal slices\)"):
+        update_segment(vol, seg, sid, history, model=GuideCopy(truth))
+    assert_same_labelmap(internal_labelmap_state(seg, sid), before)
