@@ -323,6 +323,21 @@ def _prompt_mask(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
     return mask
 
 
+def _placement(volume_node, segmentation_node) -> tuple:
+    """Where the volume lies against the segmentation: the parent transform nodes' IDs and the 4x4
+    between them (None when it is not linear: then the transforms' modification times)."""
+    transforms = volume_node.GetParentTransformNode(), segmentation_node.GetParentTransformNode()
+    between = _volume_to_segmentation(volume_node, segmentation_node)
+    times = None if between is not None else tuple(t.GetMTime() if t is not None else 0 for t in transforms)
+    return tuple(t.GetID() if t is not None else None for t in transforms), between, times
+
+
+def _same_placement(a: tuple, b: tuple) -> bool:
+    if a[0] != b[0] or a[2] != b[2] or (a[1] is None) != (b[1] is None):
+        return False
+    return a[1] is None or bool(np.allclose(a[1], b[1], atol=1e-6))
+
+
 def _volume_to_segmentation(volume_node, segmentation_node) -> np.ndarray | None:
     """The 4x4 from the volume node's coordinates to the segmentation node's (identity without
     parent transforms, or with the same one); None when a transform between them is not linear."""
@@ -973,6 +988,7 @@ class SegmentPropagation:
         # What apply() compares against: taken after the voxels were read (reading can bump it).
         self._voxels_mtime = _voxels_mtime(volume_node)
         self.segmentation_node = segmentation_node
+        self._placement = _placement(volume_node, segmentation_node)  # apply() refuses if either moved
         self.segment_id = segment_id
         self.segment_name = segment_name
         self.mode = mode
@@ -1235,6 +1251,12 @@ class SegmentPropagation:
             raise InputError(f'segment "{self.segment_name}" was deleted while propagating; nothing was written')
         if not _grid_of(self.volume_node).same_as(self.grid):
             raise InputError("the volume's geometry changed while propagating; nothing was written. Run again.")
+        if self.mode == "replace" and not _same_placement(_placement(self.volume_node, self.segmentation_node),
+                                                          self._placement):
+            # (a new segment is written where the volume is now, as the result is computed on it;
+            # a replace would be refused below as an edit, with the wrong advice)
+            raise InputError("the volume or the segmentation was moved (its transform changed) while propagating, so "
+                             "the result would land elsewhere than the drawing; nothing was written. Run again.")
         if not self._voxels_unchanged():
             raise InputError("the volume's voxels changed while propagating (the result was computed from the old "
                              "ones); nothing was written. Run again.")

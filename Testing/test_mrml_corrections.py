@@ -1549,3 +1549,32 @@ def test_an_update_on_a_segmentation_moved_half_a_voxel_off_is_refused(session, 
     with pytest.raises(InputError, match=r"lies half a voxel off volume \"volume\" \(across its coronal slices\)"):
         update_segment(vol, seg, sid, history, model=GuideCopy(truth))
     assert_same_labelmap(internal_labelmap_state(seg, sid), before)
+
+
+@pytest.mark.parametrize("moved", ["volume", "segmentation"])
+def test_moving_a_node_while_propagating_is_said_as_such(mrml_scene, moved):
+    """A review (session 30): a volume moved during a run (its parent transform set or changed) was
+    refused as "segment was edited ... use output 'new segment'", which then wrote the result 8 mm
+    from the drawing. Replace now names the move; a new segment is written on the volume as it is
+    now, as the result was computed on its voxels."""
+    truth, image = synthetic()
+    vol = make_volume_node(image)
+    seg, ids = make_segmentation(vol, {"tumor": one_slice(truth, 12)})
+    sid = ids["tumor"]
+    before = internal_labelmap_state(seg, sid)
+    job = SegmentPropagation(vol, seg, sid, mode="replace", model=GuideCopy(truth))
+    job.run()
+    new = SegmentPropagation(vol, seg, sid, mode="new", model=GuideCopy(truth))
+    new.run()
+    shift = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    m = np.eye(4)
+    m[0, 3] = 8.0
+    shift.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(m))
+    (vol if moved == "volume" else seg).SetAndObserveTransformNodeID(shift.GetID())
+    with pytest.raises(InputError, match=r"^the volume or the segmentation was moved \(its transform changed\) while "
+                                         "propagating, so the result would land elsewhere than the drawing; nothing "
+                                         "was written. Run again.$"):
+        job.apply()
+    assert_same_labelmap(internal_labelmap_state(seg, sid), before)
+    written = new.apply()  # the result follows the volume's voxels it was computed on
+    np.testing.assert_array_equal(on_volume(seg, written, vol)[4:21], np.repeat(truth[12][None], 17, axis=0))
