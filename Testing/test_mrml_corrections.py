@@ -1381,26 +1381,23 @@ def test_a_parent_transform_that_tilts_the_volume_counts_as_oblique(mrml_scene):
     mrml._check_not_painted_across(painted, grid, 0, [10, 11, 12, 13, 14], None)  # the volume's own matrix: straight
 
 
-def test_a_segmentation_finer_in_plane_only_and_half_a_slice_off_sees_an_edit_on_a_slice(mrml_scene):
-    """The halfway rule (a segmentation slice halfway between two volume slices is read by neither)
-    holds only when the segmentation is finer along the slice axis; finer in-plane only, one of the
-    two volume slices reads it, and such an edit was refused."""
+def test_a_segmentation_finer_in_plane_only_and_half_a_slice_off_is_refused(mrml_scene):
+    """Finer in-plane only, with slices of the volume's thickness half a slice off: an edit on a
+    slice was seen by one of the two volume slices around it (an earlier test: not refused by the
+    halfway rule). Since session 30 such a grid is refused up front: every write moved the result
+    by one slice (each segmentation slice lies halfway between two of the volume's)."""
     truth, vol, v = _volume_and_its_matrix()
     g = v.copy()
     g[:3, 0] *= 0.5
     g[:3, 1] *= 0.5  # finer in-plane
     g[:3, 3] += 0.5 * v[:3, 2] - 0.25 * v[:3, 0] - 0.25 * v[:3, 1]  # slices half a volume slice up
     geometry, seg, sid = _segmentation_on_geometry(mrml_scene, g, (2 * SHAPE[2], 2 * SHAPE[1], SHAPE[0] - 1))
-    history = PropagationHistory()
     slicer.util.updateSegmentBinaryLabelmapFromArray(
         np.repeat(np.repeat(one_slice(truth, 12)[:-1], 2, axis=1), 2, axis=2), seg, sid, geometry)
-    propagate_segment(vol, seg, sid, model=GuideCopy(truth), history=history)
-    assert history.get(seg, sid).own_after is not None
-    edit = slicer.util.arrayFromSegmentBinaryLabelmap(seg, sid, geometry).astype(bool)
-    edit[15] = False  # between volume slices 15 and 16; one of them reads it
-    slicer.util.updateSegmentBinaryLabelmapFromArray(edit.astype(np.uint8), seg, sid, geometry)
-    job = update_segment(vol, seg, sid, history, model=GuideCopy(truth))
-    assert job.edited  # seen on the volume grid, and not refused
+    before = internal_labelmap_state(seg, sid)
+    with pytest.raises(InputError, match=r"lies half a voxel off volume \"volume\" \(across its axial slices\)"):
+        propagate_segment(vol, seg, sid, model=GuideCopy(truth), history=PropagationHistory())
+    assert_same_labelmap(internal_labelmap_state(seg, sid), before)
 
 
 def test_an_update_with_a_slice_outside_the_propagation_range_is_refused_before_it_starts(mrml_scene):
