@@ -436,8 +436,18 @@ def _check_drawing_read_whole(segmentation_node, segment_id: str, volume_node, m
     lost = [p for p in range(1, n + 1) if not reached[p] and size[p] >= max(10, 0.01 * held)]
     if not lost:
         return
-    where = np.argwhere(np.isin(parts, lost))[:, ::-1] + corner  # (i, j, k) on the segment's grid
-    on_volume = np.linalg.inv(to_own) @ np.c_[where, np.ones(len(where))].T  # (i, j, k) of the volume
+    where = np.argwhere(np.isin(parts, lost))  # (k, j, i) in the box
+    on_volume = np.linalg.inv(to_own) @ np.c_[where[:, ::-1] + corner, np.ones(len(where))].T  # the volume's (i, j, k)
+    # A part lying (even partly) outside the volume is not a prompt on it (e.g. a crop of the scan
+    # drawn on): it is kept as it is by the write. Only parts within the volume's box count.
+    dims_ijk = np.asarray(_grid_of(volume_node).shape[::-1], float)[:, None]
+    outside = np.any((on_volume[:3] < -0.5) | (on_volume[:3] > dims_ijk - 0.5), axis=0)
+    of_part = parts[tuple(where.T)]
+    lost = sorted(set(lost) - set(np.unique(of_part[outside]).tolist()))
+    if not lost:
+        return
+    keep = np.isin(of_part, lost)
+    on_volume = on_volume[:, keep]
     spans = np.ptp(on_volume[:3], axis=1)
     axis_ijk = int(np.argmin(spans))  # the part is thinnest across the volume's slices along this axis
     at_slice = float(np.median(on_volume[axis_ijk]))

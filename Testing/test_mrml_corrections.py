@@ -1473,12 +1473,13 @@ def test_a_keyframe_drawn_between_the_volumes_slices_is_refused_not_overwritten(
     seg, ids = make_segmentation(fine, {"tumor": drawn})
     sid = ids["tumor"]
     if transformed:  # a 5 mm shift on each node, two transform nodes: the check maps through both
-        for node in (vol, seg):
+        for nodes in ((vol,), (seg, fine)):  # (the drawings below are written through ``fine``)
             shift = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
             m = np.eye(4)
             m[0, 3] = 5.0
             shift.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(m))
-            node.SetAndObserveTransformNodeID(shift.GetID())
+            for node in nodes:
+                node.SetAndObserveTransformNodeID(shift.GetID())
     assert mrml.describe_prompt(vol, seg, sid).slices == [12]  # one drawing, read whole: no refusal
     drawn[69, 5:35, 5:40] = 1  # a second drawing, at z 41.0, between volume slices 16 and 17 (z 39.5, 41.5)
     slicer.util.updateSegmentBinaryLabelmapFromArray(drawn, seg, sid, fine)
