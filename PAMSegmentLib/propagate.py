@@ -161,6 +161,10 @@ class PropagationResult:
     # nothing there, ``_gaps_between``; this call only): said in a note and first for review, since
     # the object may go on there (or be really absent: a structure in several parts).
     gaps: dict[int, list[int]] = field(default_factory=dict)
+    # label -> (slices between two of its drawn slices where it predicted the object but holds none
+    # of it in ``mask``, the labels that took it: earlier ones, or later ones' drawings); said in a
+    # note whatever share of its voxels that is (the label is cut in two there), first for review.
+    cut: dict[int, tuple[list[int], list[int]]] = field(default_factory=dict)
     # label -> the predictor's class and its state after it began on the label's drawn slice
     # (``begin_state``, e.g. PAM's intensity window): an update by another predictor, or one that
     # begins differently, recomputes the label.
@@ -280,13 +284,15 @@ class PropagationResult:
 
     def notes(self, edited: dict[int, Sequence[int]] | None = None) -> list[str]:
         """Hints for the user: how walks ended (``drift_notes``), empty slices between drawn
-        slices, voxels a label lost to labels propagated before it."""
+        slices, voxels a label lost to labels propagated before it, slices between its drawn slices
+        all taken by other labels."""
         return [text for _, text in self.kinds_of_notes(edited)]
 
     def kinds_of_notes(self, edited: dict[int, Sequence[int]] | None = None) -> list[tuple[str, str]]:
         """``notes()`` with what each is about: ``("drift", text)`` (the drift test ended a walk at
         a drawn slice: each front end names its own way to turn the test off), ``("gap", text)``,
-        ``("lost", text)``, ``("speck", text)`` (a drawn slice holding a few voxels against the
+        ``("lost", text)``, ``("cut", text)`` (slices between a label's drawn slices all taken by
+        other labels), ``("speck", text)`` (a drawn slice holding a few voxels against the
         label's largest one: a stray click?)."""
         out = [("speck", text) for text in self.speck_notes(edited)]
         out += [("drift", text) for text in self.drift_notes(edited)]
@@ -295,6 +301,13 @@ class PropagationResult:
                 out.append(("gap", f"label {lab}: between its drawn slices nothing was found on "
                                    f"{_slice_list_text(slices)}; if the object goes on there, draw it on one of them "
                                    "and update"))
+        for lab, (slices, by) in sorted(self.cut.items()):
+            who = f"label {by[0]}" if len(by) == 1 else "labels " + ", ".join(map(str, by))
+            out.append(("cut", f"label {lab}: between its drawn slices, {_slice_list_text(slices)} "
+                               f"hold{'s' if len(slices) == 1 else ''} none of it ({who} took all of it there), so "
+                               "it is cut in two; if it goes on there, draw it on one of them (labels propagated "
+                               "earlier keep their voxels: --label, a manifest's label column or labels= in Python "
+                               "sets the order)"))
         for lab, (by, own) in sorted(self.lost.items()):
             total = sum(by.values())
             if own and total >= max(0.05 * own, 1):
@@ -432,7 +445,8 @@ class PropagationResult:
                              f"{', '.join(map(str, sorted(self.confidence))) or 'none'})")
         area = self.slice_voxels()[lab] if voxels is None else voxels[lab]
         # the slices holding it, and the empty ones between two of its drawn slices (where it may go on)
-        candidates = sorted(set(np.flatnonzero(area).tolist()) | set(self.gaps.get(lab, ())))
+        candidates = sorted(set(np.flatnonzero(area).tolist()) | set(self.gaps.get(lab, ()))
+                            | set(self.cut.get(lab, ((), ()))[0]))
         return review_order(self.confidence[lab], keyframes=self.prompt_slices.get(lab, []), candidates=candidates)[:n]
 
     def review_summary(self, voxels: dict[int, np.ndarray] | None = None, names: dict[int, str] | None = None) -> str:
@@ -1959,6 +1973,17 @@ def _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, em
             occupied = np.flatnonzero(mask.any(axis=(1, 2)))
             ranges[lab] = (int(occupied[0]), int(occupied[-1]))
         lost_voxels = {lab: np.unique(np.concatenate(parts)) for lab, parts in lost_voxels.items()}
+        cut_all = {}
+        for lab in overlapped:  # whole slices between its drawn slices that other labels took
+            drawn = sorted(slices[lab])
+            if len(drawn) >= 2:
+                held = (out[drawn[0]:drawn[-1] + 1] == lab).any(axis=(1, 2))
+                skip = set(gaps_all.get(lab, ())) | set(empties[lab])  # found nothing there / the user's walls
+                cut = [drawn[0] + int(i) for i in np.flatnonzero(~held) if drawn[0] + int(i) not in skip]
+                if cut:  # who holds its own voxels there (its lost voxels lie on those slices)
+                    lost = lost_voxels.get(lab, np.zeros(0, np.int64))
+                    there = lost[np.isin(lost // (out.shape[1] * out.shape[2]), cut)]
+                    cut_all[lab] = (cut, sorted(int(v) for v in np.unique(out.flat[there]) if v != 0))
         for lab in overlapped:  # the extent a label that lost voxels still has in the merged map
             occupied = np.flatnonzero((out == lab).any(axis=(1, 2)))
             ranges[lab] = (int(occupied[0]), int(occupied[-1]))
@@ -1984,6 +2009,7 @@ def _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, em
         overlapped=frozenset(overlapped),
         lost=lost_all,
         gaps=gaps_all,
+        cut=cut_all,
         begin_state=begin_states,
         image_digest=digest,
         lost_voxels=lost_voxels,

@@ -127,6 +127,8 @@ def decode_result(payload: bytes) -> PropagationResult:
                          for lab, ks in meta.get("keyframes", {}).items()}
             # (servers before session 25 send neither)
             gaps = {int(lab): [int(s) for s in v] for lab, v in meta.get("gaps", {}).items()}
+            cut = {int(lab): ([int(s) for s in v[0]], [int(o) for o in v[1]])  # (servers since session 30)
+                   for lab, v in meta.get("cut", {}).items()}
             lost = {int(lab): ({int(o): int(n) for o, n in by.items()}, int(own))
                     for lab, (by, own) in meta.get("lost", {}).items()}
             # servers before session 28 do not send it: every slice along the axis counts as recomputed
@@ -145,7 +147,7 @@ def decode_result(payload: bytes) -> PropagationResult:
             range=tuple(meta["range"]) if meta.get("range") else None, early_stop=bool(meta["early_stop"]),
             stops={int(k): v for k, v in meta["stops"].items()}, keyframes=keyframes, agreement=agreement,
             remove_disconnected=bool(meta["remove_disconnected"]), gaps=gaps, lost=lost, recomputed=recomputed,
-            begin_state=begin_state,
+            begin_state=begin_state, cut=cut,
         )
     except (ValueError, KeyError, OSError, TypeError, AttributeError, IndexError) as error:
         raise PAMError(f"the server's answer is not a PAMSegment result ({error})") from None

@@ -165,6 +165,19 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _local_host_header(host: str, names: tuple[str, ...]) -> bool:
+    """Whether a request's Host header (``name[:port]``, ``[v6]:port``) names this machine: a
+    loopback address, ``localhost`` or one of ``names``."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        if "]" not in host:
+            return False
+        name = host[1:host.find("]")]
+    else:
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    return bool(name) and (is_loopback(name) or name in {n.strip().lower().strip("[]") for n in names})
+
+
 def read_arrays(body: bytes, max_voxels: int) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
     """The upload's image, prompt and spacing; InputError for anything else."""
     try:
@@ -281,6 +294,7 @@ def encode_result(result) -> bytes:
         "range": list(result.range) if result.range else None, "early_stop": result.early_stop,
         "remove_disconnected": result.remove_disconnected,
         "gaps": {str(k): [int(s) for s in v] for k, v in result.gaps.items()},
+        "cut": {str(k): [[int(s) for s in v[0]], [int(o) for o in v[1]]] for k, v in result.cut.items()},
         "lost": {str(k): [{str(o): int(n) for o, n in by.items()}, int(own)] for k, (by, own) in result.lost.items()},
         # the slice intervals this run walked (all of them: a server runs an update from scratch), which
         # Slicer's review marks and update summary go by
@@ -485,11 +499,16 @@ def with_gate(model, gate: str | None):
 
 def create_app(model_factory: Callable[[str], Any], *, token: str | None = None, max_upload_mb: float = 1024,
                max_voxels: int = MAX_VOXELS, max_jobs: int = 8, result_ttl: float = 3600.0,
-               model_info: dict | None = None, batch_size: int = 16, abandon_after: float = ABANDON_SECONDS):
+               model_info: dict | None = None, batch_size: int = 16, abandon_after: float = ABANDON_SECONDS,
+               local_names: tuple[str, ...] | None = None):
     """The FastAPI application. ``model_factory(method)`` returns what ``propagate`` takes as
     ``model`` for ``method`` (called on the worker thread; cache the network there).
     ``batch_size``: query slices per network call, for every job. ``abandon_after``: a queued or
-    running job no client asked about for this many seconds is cancelled (its client is gone)."""
+    running job no client asked about for this many seconds is cancelled (its client is gone).
+    ``local_names``: for a server without a token on this machine only, the names a request may
+    give as its Host besides loopback addresses and ``localhost`` (its ``--host``): a web page
+    that turns its own name to 127.0.0.1 (DNS rebinding) is refused. A request a browser sends
+    from a web page (an ``Origin`` header) is always refused: clients of this server are programs."""
     from fastapi import FastAPI, HTTPException, Request, Response
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import JSONResponse
@@ -517,6 +536,16 @@ def create_app(model_factory: Callable[[str], Any], *, token: str | None = None,
 
     @app.middleware("http")
     async def check_token(request: Request, call_next):
+        origin = request.headers.get("origin")
+        if origin is not None:  # a page open in a browser here (a plain-text POST needs no preflight)
+            logger.info("refused %s %s from a web page (%s)", request.method, request.url.path, origin[:100])
+            return JSONResponse({"detail": "requests from web pages are refused: use pamsegment, Slicer or another "
+                                           "program (which sends no Origin header)"}, 403)
+        if local_names is not None and not _local_host_header(request.headers.get("host", ""), local_names):
+            logger.info("refused %s %s for host %r: this server answers only to this machine's names",
+                        request.method, request.url.path, request.headers.get("host", "")[:100])
+            return JSONResponse({"detail": "this server answers only requests addressed to this machine (localhost, "
+                                           "a loopback address or its --host)"}, 403)
         if token is not None:
             scheme, _, given = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
@@ -744,7 +773,8 @@ def cmd_serve(args) -> int:
                 "checkpoint": _checkpoint_label(args.checkpoint),
                 "walk": "published" if model.inference.published_scheme else "engine"}
         app = create_app(factory, token=token, max_upload_mb=args.max_upload_mb, max_voxels=args.max_voxels,
-                         max_jobs=args.max_jobs, model_info=info, batch_size=args.batch_size)
+                         max_jobs=args.max_jobs, model_info=info, batch_size=args.batch_size,
+                         local_names=None if token else (args.host,))  # without a token: this machine's names only
         where = ("; listening on every network, so clients may also use this machine's IP address"
                  if args.host in WILDCARD_HOSTS else "")
         line = f"pamsegment server on {_address(args.host, args.port)} ({info['checkpoint']}{where}); Ctrl-C stops it"
@@ -774,7 +804,10 @@ def cmd_serve(args) -> int:
             raise Terminated
 
         protocol = header_timeout_protocol()
+        # proxy_headers off: uvicorn would otherwise log the address a request's X-Forwarded-For claims
+        # when it comes from 127.0.0.1, which every SSH-tunnel user's does
         server = Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_GRACE,
+                                       proxy_headers=False,
                                        **({"http": protocol} if protocol else {})))
         # uvicorn stops gracefully on SIGTERM too, then raises it again under the handler found before
         # it ran: this one, so that the running job is cancelled and the stop said, as for Ctrl-C.

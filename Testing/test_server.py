@@ -600,6 +600,7 @@ def test_serve_prints_its_address_once_listening_and_stops_on_ctrl_c(small_check
     import socket
     import subprocess
     import sys
+    import urllib.error
     import urllib.request
 
     from conftest import REPO, _cli_env
@@ -623,10 +624,13 @@ def test_serve_prints_its_address_once_listening_and_stops_on_ctrl_c(small_check
         assert info["model"]["checkpoint"] == str(small_checkpoint.path)
         assert info["model"]["walk"] == ("published" if walk else "engine")
         assert (info["max_voxels"], info["max_upload_mb"], info["batch_size"]) == (1000, 2.0, 4)
+        rebound = urllib.request.Request(f"http://127.0.0.1:{port}/info", headers={"Host": f"evil.example:{port}"})
+        with pytest.raises(urllib.error.HTTPError, match="403"):  # no token: this machine's names only
+            urllib.request.urlopen(rebound, timeout=30)
         stalled = None
         if stop == "SIGTERM":
             stalled = socket.create_connection(("127.0.0.1", port))
-            stalled.sendall(b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000)
+            stalled.sendall(b"POST /jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000)
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/info", timeout=30):  # the upload has begun
                 pass
         proc.send_signal(getattr(signal, stop))
@@ -1245,3 +1249,30 @@ def test_a_local_round_after_a_server_round_reuses_its_walks_and_matches_a_fresh
     np.testing.assert_array_equal(update.mask, fresh.mask)
     assert update.n_predicted < fresh.n_predicted  # the walk down from slice 8 was the server's
     assert update.recomputed[1] and all(a > 8 for a, _ in update.recomputed[1])
+
+
+def test_requests_from_web_pages_are_refused(oracle_app):
+    """A review (session 30): a page open in a browser on the server's machine could queue jobs on a
+    server without a token (a cross-site POST with Content-Type text/plain needs no preflight)."""
+    client, image, prompt, _ = oracle_app
+    body = npz(image=image, prompt=prompt, spacing=np.array([2.0, 1.0, 1.0]))
+    r = client.post("/jobs", content=body, headers={"Content-Type": "text/plain", "Origin": "http://evil.example"})
+    assert r.status_code == 403 and "requests from web pages are refused" in r.json()["detail"]
+    assert client.get("/info", headers={"Origin": "null"}).status_code == 403
+    assert client.post("/jobs", content=body).status_code == 202  # a program's request (no Origin) goes on
+
+
+@pytest.mark.parametrize("host, answered", [
+    ("localhost:8765", True), ("127.0.0.1:8765", True), ("127.0.0.2", True), ("[::1]:8765", True),
+    ("LOCALHOST", True), ("gpu-box.lan:8765", True),  # the server's own --host
+    ("rebind.evil.example:8765", False), ("evil.example", False), ("", False), ("[::1", False),
+])
+def test_a_server_without_a_token_answers_only_to_this_machines_names(host, answered):
+    """A review (session 30): by DNS rebinding, a web page could read /info and its jobs' results
+    from a server without a token (its own name turned to 127.0.0.1: the Host header is its name)."""
+    image, prompt, truth = case()
+    client = TestClient(create_app(lambda method: OracleModel(truth), local_names=("gpu-box.lan",)))
+    r = client.get("/info", headers={"Host": host})
+    assert (r.status_code == 200) == answered, r.text
+    if not answered:
+        assert r.status_code == 403 and "answers only requests addressed to this machine" in r.json()["detail"]
