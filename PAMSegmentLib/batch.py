@@ -372,6 +372,25 @@ def _made_otherwise(row: BatchRow, earlier: dict[str, tuple[dict, int]], method:
     return before if before and before != method else None
 
 
+def _stale(row: BatchRow, earlier: dict[str, tuple[dict, int]]) -> str | None:
+    """Why --skip-existing runs a row whose output exists again (a review, session 30): the last
+    report says the row failed (its output is then an earlier run's, from inputs the user has
+    since changed), or its image, prompt or edited result is newer than the output (as make
+    decides). None if the output is up to date."""
+    found = earlier.get(row.absolute()[2])
+    out_time = row.output.stat().st_mtime_ns
+    if found is not None and out_time <= found[1] and found[0].get("status") == "error":
+        return "run again: it failed in the last run, so its output is from an earlier one"
+    for what, path in (("image", row.image), ("prompt", row.prompt), ("edited result", row.edited)):
+        try:
+            newer = path is not None and Path(path).stat().st_mtime_ns > out_time
+        except OSError:
+            continue  # gone: the run says so
+        if newer:
+            return f"run again: its {what} changed after its output was written"
+    return None
+
+
 def _carry_over(row: BatchRow, earlier: dict[str, tuple[dict, int]]) -> None:
     """A skipped row keeps what the report of the run that wrote its output said (seconds, slices,
     check_first, message), as long as the output is not newer than that report and that run read
@@ -717,10 +736,14 @@ def cmd_batch(args: argparse.Namespace) -> int:
         if done and r.edited is not None and not keyframes_record_exists(r.output):
             done = False  # an update row is done with its keyframes record (written together with it)
         other = _made_otherwise(r, earlier, method) if done else None
+        stale = _stale(r, earlier) if done and other is None else None
         if other is not None:  # made by another method or checkpoint: not what this run asks for
             done = False
             r.method = other  # what the output still is until this run replaces it (interrupted, failed)
             r.rerun = f"run again: its output was made with {other}, this run uses {method}"
+        elif stale is not None:  # its inputs changed since, or this row failed last time: not done
+            done = False
+            r.rerun = stale
         if done:
             r.status, r.message = "skipped", SKIPPED
             _carry_over(r, earlier)

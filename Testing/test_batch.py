@@ -1012,3 +1012,34 @@ def test_a_results_folder_copied_elsewhere_still_knows_what_made_its_outputs(tmp
     rows = _report(moved / "batch_report.csv")
     assert [(r["status"], r["method"]) for r in rows] == [("ok", "track")] * 2
     assert rows[0]["message"].startswith("run again: its output was made with copy")
+
+
+def test_skip_existing_runs_again_a_row_that_failed_last_time_or_whose_inputs_changed(tmp_path, cases, capsys):
+    """A review (session 30): run 1 wrote a row's output; its prompt was then redrawn (here emptied
+    by mistake) and run 2 failed on it, leaving the old output (as it should); a resume with
+    --skip-existing then counted the row as done, exit 0: a result of the old prompt accepted."""
+    import os
+
+    lines = ["image,prompt,output"] + [f"c{n}/image.nii.gz,c{n}/prompt.nii.gz,../out/r{n}.nii.gz" for n in range(2)]
+    m = _manifest(tmp_path / "data" / "cases.csv", lines)
+    out = tmp_path / "out"
+    assert main(["batch", str(m), "-o", str(out), "--method", "copy"]) == 0
+    prompt = tmp_path / "data" / "c0" / "prompt.nii.gz"
+    image = sitk.ReadImage(str(prompt))
+    empty = sitk.GetImageFromArray(sitk.GetArrayFromImage(image) * 0)
+    empty.CopyInformation(image)
+    sitk.WriteImage(empty, str(prompt))
+    assert main(["batch", str(m), "-o", str(out), "--method", "copy"]) == 2
+    assert [r["status"] for r in _report(out / "batch_report.csv")] == ["error", "ok"]
+    capsys.readouterr()
+    assert main(["batch", str(m), "-o", str(out), "--method", "copy", "--skip-existing"]) == 2
+    rows = _report(out / "batch_report.csv")
+    assert [r["status"] for r in rows] == ["error", "skipped"]
+    assert rows[0]["message"].startswith("run again: it failed in the last run, so its output is from an earlier one")
+
+    sitk.WriteImage(image, str(prompt))  # drawn again: newer than the output of run 1
+    os.utime(out / "r1.nii.gz", ns=(1, 1))  # and the second row's image is now newer than its output
+    assert main(["batch", str(m), "-o", str(out), "--method", "copy", "--skip-existing"]) == 0
+    rows = _report(out / "batch_report.csv")
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert rows[1]["message"].startswith("run again: its image changed after its output was written")
