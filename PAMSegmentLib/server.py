@@ -336,6 +336,7 @@ class Job:
     result: bytes | None = None
     cancel: CancelToken = field(default_factory=CancelToken)
     finished_at: float | None = None
+    position_at_submit: int = 0  # its place in the queue when submitted (0: it ran at once), for the log
     # When a client last asked about the job (submitted it, its status or result): a job nobody
     # asks about for JobQueue.abandon_after seconds lost its client and is cancelled.
     last_seen: float = field(default_factory=time.monotonic)
@@ -391,6 +392,9 @@ class JobQueue:
                 raise OverflowError(full)
             job = Job(uuid.uuid4().hex, image, prompt, spacing, options)
             self.jobs[job.id] = job
+            # its place as queued, before the worker can take it (0: it runs at once)
+            place = self.position(job)
+            job.position_at_submit = place if place > 1 or any(j.state == "running" for j in self.jobs.values()) else 0
             self._wake.notify()
         return job
 
@@ -402,9 +406,12 @@ class JobQueue:
     def cancel(self, job_id: str) -> bool:
         with self._lock:
             job = self.jobs.pop(job_id, None)
+            queued = job is not None and job.state == "queued"
         if job is None:
             return False
         job.cancel.cancel()
+        if queued:  # the worker never sees it: its end is said here (a running one's by the worker)
+            logger.info("job %s cancelled by its client while queued", job.id[:8])
         return True
 
     def get(self, job_id: str) -> Job | None:
@@ -430,6 +437,8 @@ class JobQueue:
                 job.message = f"cancelled: no client asked about it for {self.abandon_after:.0f} s"
                 job.image = job.prompt = None
                 job.finished_at = now
+                logger.warning("job %s cancelled while queued: no client asked about it for %.0f s (its client is "
+                               "gone)", job.id[:8], self.abandon_after)
         for jid in [j.id for j in self.jobs.values() if j.finished_at and now - j.finished_at > self.result_ttl]:
             del self.jobs[jid]
 
@@ -452,7 +461,7 @@ class JobQueue:
                 if self.abandoned(job):
                     job.message = f"cancelled: no client asked about it for {self.abandon_after:.0f} s"
                     logger.warning("job %s cancelled: no client asked about it for %.0f s (its client is gone)",
-                                   job.id, self.abandon_after)
+                                   job.id[:8], self.abandon_after)
                 else:
                     job.message = "cancelled"
                 job.state = "cancelled"
@@ -611,9 +620,10 @@ def create_app(model_factory: Callable[[str], Any], *, token: str | None = None,
         except MemoryError:
             raise HTTPException(503, "the server has not enough free memory for this upload now; try again later, or "
                                      "crop the volume around the object") from None
-        logger.info("job %s from %s: %s voxels (%.0f MB), method %s; queue position %d", job.id[:8], client,
+        place = job.position_at_submit
+        logger.info("job %s from %s: %s voxels (%.0f MB), method %s; %s", job.id[:8], client,
                     " x ".join(map(str, shape)), size / 2**20, job.options.get("method", "pam"),
-                    queue.position(job) or 0)
+                    f"queue position {place}" if place else "runs now")
         return {"id": job.id, "state": job.state, "queue_position": queue.position(job)}
 
     @app.get("/jobs/{job_id}")

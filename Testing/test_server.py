@@ -1048,9 +1048,8 @@ def test_the_server_says_what_it_does_one_line_per_event(caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "pamsegment.server"]
     short = job["id"][:8]
     assert "refused GET /info from testclient: no token" in lines
-    # queue position 0 or 1: the worker may not have taken the job yet when it is logged
-    assert any(line.startswith(f"job {short} from testclient: 16 x 24 x 24 voxels (0 MB), method pam; queue position ")
-               for line in lines), lines
+    # alone on the server: it runs at once (the line said "queue position 1" when the worker had not taken it yet)
+    assert f"job {short} from testclient: 16 x 24 x 24 voxels (0 MB), method pam; runs now" in lines, lines
     assert any(line.startswith(f"job {short} finished after ") for line in lines)
     assert any(line.startswith("refused a job from testclient: the prompt is empty") for line in lines), lines
 
@@ -1276,3 +1275,52 @@ def test_a_server_without_a_token_answers_only_to_this_machines_names(host, answ
     assert (r.status_code == 200) == answered, r.text
     if not answered:
         assert r.status_code == 403 and "answers only requests addressed to this machine" in r.json()["detail"]
+
+
+def test_the_log_says_where_a_job_waits_and_when_a_waiting_one_is_cancelled(caplog):
+    """A review (session 30): a queued job cancelled by its client (or abandoned) got a "received"
+    line and never an end line, and a job that ran at once was often logged at queue position 1."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="pamsegment.server")
+    image, prompt, truth = case()
+    model = Blocking(truth)
+    client = TestClient(create_app(lambda m: model))
+    body = npz(image=image, prompt=prompt, spacing=np.ones(3))
+    first = client.post("/jobs", content=body).json()
+    assert model.started.wait(10)
+    second = client.post("/jobs", content=body).json()
+    assert client.delete(f"/jobs/{second['id']}").status_code == 200
+    model.release.set()
+    assert wait_for(client, first["id"])["state"] == "finished"
+    lines = [r.getMessage() for r in caplog.records if r.name == "pamsegment.server"]
+    a, b = first["id"][:8], second["id"][:8]
+    assert any(line.startswith(f"job {a} from ") and line.endswith("; runs now") for line in lines), lines
+    assert any(line.startswith(f"job {b} from ") and line.endswith("; queue position 1") for line in lines), lines
+    assert f"job {b} cancelled by its client while queued" in lines
+
+
+def test_a_waiting_job_whose_client_is_gone_is_logged_when_given_up():
+    import logging
+
+    from PAMSegmentLib.server import JobQueue
+
+    release = threading.Event()
+    queue = JobQueue(lambda job: release.wait(10) and b"", abandon_after=0.05)
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger = logging.getLogger("pamsegment.server")
+    logger.addHandler(handler)
+    try:
+        running = queue.submit(None, None, (1.0, 1.0, 1.0), {})
+        waiting = queue.submit(None, None, (1.0, 1.0, 1.0), {})
+        time.sleep(0.1)
+        queue.get(running.id)  # asks about the running one; expires the waiting one
+        assert waiting.state == "cancelled"
+        assert f"job {waiting.id[:8]} cancelled while queued: no client asked about it for 0 s (its client is gone)" \
+            in records
+    finally:
+        release.set()
+        queue.close()
+        logger.removeHandler(handler)
