@@ -1192,8 +1192,11 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 def cmd_benchmark(args: argparse.Namespace) -> int:
     from .errors import InputError
 
-    if args.checkpoint and not Path(args.checkpoint).is_file():
-        raise InputError(f"checkpoint {args.checkpoint} does not exist")
+    from .checkpoints import check_checkpoint_header
+
+    for option in ("checkpoint", "official_checkpoint"):  # before the measurements, which take up to 15 min
+        if getattr(args, option, None):  # (a bad one only showed as error rows in the tables, exit 0)
+            check_checkpoint_header(getattr(args, option))
     cfg = config_from_args(args)
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():  # before the measurements, which take up to 15 min

@@ -342,7 +342,10 @@ def check_checkpoint_file(path: str | os.PathLike) -> int:
     return size
 
 
-def _read(path: Path) -> object:
+def check_checkpoint_header(path: str | os.PathLike) -> int:
+    """``check_checkpoint_file`` and the file's first bytes (a torch zip file or a legacy pickle),
+    without reading it: returns the size in bytes. Raises CheckpointError."""
+    path = Path(path)
     size = check_checkpoint_file(path)
     with open(path, "rb") as f:
         magic = f.read(16)
@@ -351,6 +354,13 @@ def _read(path: Path) -> object:
         shown = "".join(c if c.isprintable() else "?" for c in shown)
         raise CheckpointError(f"cannot load checkpoint {path}: it is not a PyTorch file (it begins {shown!r}); "
                               "if you downloaded it, the download may have saved an error page: download it again")
+    return size
+
+
+def _read(path: Path) -> object:
+    size = check_checkpoint_header(path)
+    with open(path, "rb") as f:
+        magic = f.read(4)
     if magic.startswith(b"PK\x03\x04"):
         _check_zip_entries(path)
     # torch's notes (e.g. on old pickle protocols) are hidden: the error says it all. Only on the

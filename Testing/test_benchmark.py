@@ -352,3 +352,23 @@ def test_the_full_run_report_shows_the_targets_table():
               "targets": [{"target": "t", "value": "1", "goal": ">= 10x", "met": "no", "note": ""}]}
     text = bm.report_text(result)
     assert "== Targets (the project's speed and memory goals)" in text and ">= 10x" in text
+
+
+@pytest.mark.parametrize("option", ["--checkpoint", "--official-checkpoint"])
+def test_a_bad_checkpoint_is_refused_before_measuring(tmp_path, capsys, option, monkeypatch):
+    """A review (session 30): a missing --official-checkpoint, or a --checkpoint that is no PyTorch
+    file, ran every measurement (up to 15 min) and exited 0, the failure only in the tables'
+    error rows."""
+    import PAMSegmentLib.benchmark as benchmark
+
+    monkeypatch.setattr(benchmark, "run_benchmark", lambda *a, **k: pytest.fail("measured"))
+    out = tmp_path / "tables"
+    assert cli.main(["benchmark", "--quick", "--threads", "1", "--no-sam2", "--out", str(out), option,
+                     str(tmp_path / "missing.pth")]) == 2
+    assert f"checkpoint {tmp_path / 'missing.pth'} does not exist; check the path" in capsys.readouterr().err
+    page = tmp_path / "page.pth"
+    page.write_text("<html>Not Found</html>")
+    assert cli.main(["benchmark", "--quick", "--threads", "1", "--no-sam2", "--out", str(out), option,
+                     str(page)]) == 2
+    assert "it is not a PyTorch file (it begins '<html>Not Found<')" in capsys.readouterr().err
+    assert not out.exists()  # refused before the tables' folder is made
