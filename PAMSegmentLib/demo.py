@@ -87,9 +87,17 @@ def run_demo(out_dir: Path, checkpoint: str | None = None, method: str = "pam", 
     from .propagate import propagate
     from .volumes import read_labelmap, read_volume, replace_together, write_labelmap
 
+    from .volumes import check_folder_writable
+
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir} is a file; --out takes a folder (the demo writes two files into it)")
+    # Before the propagation (a folder that cannot be made was found only after it): the folder, or
+    # the nearest of its parents that exists, must take files.
+    existing = next(p for p in (out_dir.absolute(), *out_dir.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise InputError(f"cannot make the folder {out_dir}: {existing} is a file; choose another --out")
+    check_folder_writable(existing, f"--out {out_dir}")
     data = demo_data_dir()
     image = read_volume(data / FILES[0])
     prompt = read_labelmap(data / FILES[1], reference=image)

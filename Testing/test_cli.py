@@ -404,6 +404,22 @@ def test_demo_out_naming_a_file_is_one_line(tmp_path, capsys):
     assert out.read_text() == "not a folder"
 
 
+@pytest.mark.parametrize("where", ["under a file", "/proc"])
+def test_demo_out_that_cannot_be_made_is_refused_before_propagating(tmp_path, capsys, monkeypatch, where):
+    """A review (session 30): demo --out /proc/x failed only after the whole propagation."""
+    import PAMSegmentLib.propagate as propagate_module
+
+    monkeypatch.setattr(propagate_module, "propagate", lambda *a, **k: pytest.fail("propagated"))
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("kept")
+    out = a_file / "demo" if where == "under a file" else Path("/proc/pamsegment-demo")
+    assert cli.main(["demo", "--out", str(out), "--method", "copy"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("pamsegment: error: cannot ")
+    assert (f"{a_file} is a file" if where == "under a file" else "in folder /proc") in err
+    assert a_file.read_text() == "kept"
+
+
 def test_a_failed_demo_leaves_no_output_folder(tmp_path, capsys):
     # The folder was made before the run, and left empty when the run failed.
     out = tmp_path / "demo_out"
