@@ -523,6 +523,21 @@ def check_server_options(args: argparse.Namespace) -> None:
 def check_no_checkpoint_for_classical(args: argparse.Namespace) -> None:
     if args.checkpoint is not None and args.method in CLASSICAL_METHODS:
         raise InputError(f"--method {args.method} does not use a checkpoint; drop --checkpoint or use --method pam")
+    note_network_only_options(args)
+
+
+def note_network_only_options(args: argparse.Namespace, say=None) -> None:
+    """A note when --device or --batch-size, the network's, are given with a classical method, which
+    ignores them (--device cuda ran on a machine without CUDA, exit 0, without a word). With
+    --server the server's settings note says it."""
+    if args.method not in CLASSICAL_METHODS or getattr(args, "server", None):
+        return
+    given = [o for o, used in (("--device", getattr(args, "device", "cpu") != "cpu"),
+                               ("--batch-size", getattr(args, "batch_size", 16) != 16)) if used]
+    if given:
+        (say or (lambda text: print(text, flush=True)))(
+            f"note: {' and '.join(given)} {'is an option' if len(given) == 1 else 'are options'} of the network, "
+            f"which --method {args.method} does not use (it runs on the processor); ignored")
 
 
 def read_case(image_path, prompt_path, output, resample: bool, note: Callable[[str], None],

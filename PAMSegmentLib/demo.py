@@ -149,8 +149,9 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     import os
 
-    from .cli import _ProgressBar
+    from .cli import _ProgressBar, note_network_only_options
 
+    note_network_only_options(args)
     with _ProgressBar("demo") as bar:  # appears with the first progress: a bad checkpoint is one line alone
         res = run_demo(Path(args.out), args.checkpoint, args.method, args.device, args.threads, progress=bar)
     env = os.environ.get("PAMSEGMENT_MODEL")

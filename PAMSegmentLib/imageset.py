@@ -664,6 +664,9 @@ def cmd_label_images(args) -> int:
         check_folder_writable(out_dir.parent, f"the masks folder {out_dir.name}")
     if args.checkpoint is not None and args.method != "pam":
         raise InputError(f"--method {args.method} does not use a checkpoint; drop --checkpoint or use --method pam")
+    from .cli import note_network_only_options
+
+    note_network_only_options(args)
     if args.checkpoint:
         from .checkpoints import check_checkpoint_file
 

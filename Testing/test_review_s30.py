@@ -61,3 +61,25 @@ def test_a_servers_answer_carries_the_cut_slices():
     result = propagate(image, prompt, (2.0, 1.0, 1.0), get_predictor("copy"), threads=1)
     back = decode_result(encode_result(result))
     assert back.cut == result.cut == {2: (list(range(17, 24)), [1])} and back.notes() == result.notes()
+
+
+def test_network_options_given_with_a_classical_method_are_noted(tmp_path, capsys):
+    """A review (session 30): --device cuda and --batch-size were ignored without a word by track
+    and copy (exit 0 on a machine without CUDA), where --checkpoint or --walk are refused."""
+    from conftest import make_ct_case
+
+    from PAMSegmentLib import cli
+
+    case = make_ct_case(tmp_path / "c")
+    out = tmp_path / "out.nii.gz"
+    assert cli.main(["propagate", str(case.image_path), str(case.prompt_path), "-o", str(out), "--method", "copy",
+                     "--device", "cuda", "--batch-size", "4"]) == 0
+    assert ("note: --device and --batch-size are options of the network, which --method copy does not use (it runs "
+            "on the processor); ignored") in capsys.readouterr().out
+    assert cli.main(["propagate", str(case.image_path), str(case.prompt_path), "-o", str(out), "--method", "track",
+                     "--batch-size", "4"]) == 0
+    assert ("note: --batch-size is an option of the network, which --method track does not use (it runs on the "
+            "processor); ignored") in capsys.readouterr().out
+    assert cli.main(["propagate", str(case.image_path), str(case.prompt_path), "-o", str(out), "--method",
+                     "copy"]) == 0
+    assert "of the network" not in capsys.readouterr().out  # the defaults say nothing
