@@ -33,6 +33,7 @@ import contextlib
 import importlib
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -178,6 +179,8 @@ def parse_empty_slices(text: str) -> tuple[int | None, list[int]]:
     if not label.strip().isdigit():
         raise argparse.ArgumentTypeError(f"expected slice numbers (12,30) or a label and its slices (3:12,30); "
                                          f"got {text!r}")
+    if not 1 <= int(label) <= 65535:
+        raise argparse.ArgumentTypeError(f"label {int(label)} in {text!r}: labels are 1-65535 (0 is the background)")
     return int(label), parse_slice_list(rest)
 
 
@@ -1361,6 +1364,26 @@ def memory_message(exc: BaseException, batch: bool = False, command: str | None 
             f"other programs, limit the work ({limit}), crop the image, or use a machine with more memory")
 
 
+# Options whose values may be written with a leading '-' by mistake (--range -1:5): argparse took
+# such a value for an option and said only "expected one argument"; joined as --range=-1:5, the
+# option's own check says what is wrong with it.
+_SIGNED_VALUE_OPTIONS = ("--range", "--shard", "--empty-slices")
+
+
+def _joined_negative_values(argv: list[str]) -> list[str]:
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--":  # positional arguments follow
+            return out + argv[i:]
+        if argv[i] in _SIGNED_VALUE_OPTIONS and i + 1 < len(argv) and re.match(r"^-\d", argv[i + 1]):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
 def main(argv: Sequence[str] | None = None, ends_process: bool = False) -> int:
     """Run ``pamsegment`` with ``argv`` (default: sys.argv[1:]); returns the exit status.
     ends_process: the process ends when this returns (``__main__.run``), so a command may leave
@@ -1372,7 +1395,7 @@ def main(argv: Sequence[str] | None = None, ends_process: bool = False) -> int:
             pass
     args = None  # (what ran, for the out-of-memory advice)
     try:  # also around the parser: building it imports the chosen subcommand's module
-        argv = list(sys.argv[1:] if argv is None else argv)
+        argv = _joined_negative_values(list(sys.argv[1:] if argv is None else argv))
         parser = build_parser(argv)
         args, extra = parser.parse_known_args(argv)  # usage errors exit 2 through argparse
         if extra:

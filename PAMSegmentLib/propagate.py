@@ -993,6 +993,9 @@ def _validate_inputs(image: np.ndarray, prompt: np.ndarray, spacing) -> tuple[fl
         raise InputError(f"the image must be a 3D volume, got {image.ndim}D with shape {image.shape}")
     if image.size == 0:
         raise InputError(f"the image is empty (shape {image.shape}): it holds no voxels")
+    if min(image.shape) < 2:  # a slice one pixel thick: demons registration on it gave another field each call
+        raise InputError(f"the image is one voxel thick along array axis {image.shape.index(min(image.shape))} (shape "
+                         f"{image.shape}); PAMSegment needs a 3D volume of at least 2 voxels along every axis")
     if prompt.shape != image.shape:
         raise InputError(f"the prompt's shape {prompt.shape} differs from the image's {image.shape}")
     if prompt.dtype.kind not in "biuf":  # complex, text, objects

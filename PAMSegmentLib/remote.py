@@ -184,6 +184,10 @@ class RemoteModel:
         parsed = urllib.parse.urlparse(str(url))
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise InputError(f"server address {url!r} is not an http(s) URL (e.g. http://gpu-box:8765)")
+        if "@" in parsed.netloc:  # user:password@: urllib tried to reach a host named so; never echoed
+            shown = urllib.parse.urlunparse(parsed._replace(netloc=parsed.netloc.rsplit("@", 1)[1]))
+            raise InputError(f"the server address holds a user name or password before '@'; give it as {shown} and "
+                             "the token with --token or PAMSEGMENT_TOKEN (Slicer: the token field)")
         self.url = str(url).rstrip("/")
         # Surrounding white space is no part of a token (a token file saved on Windows ends in "\r\n",
         # which made urllib raise with the token in its message).

@@ -1171,6 +1171,9 @@ def _read_sitk(path: PathLike, series_uid: str | None = None, single_slice_ok: b
         raise InputError(
             f"{name} is {dim}D ({_fmt_size(size)}); PAMSegment needs a 3D volume: extract one time point first"
         )
+    if min(size) < 2 and not single_slice_ok and size[2] > 1:  # (i, j, k): thin along i or j, not one slice
+        raise InputError(f"{name} is one voxel thick along {'ij'[list(size).index(min(size))]} ({_fmt_size(size)}); "
+                         "PAMSegment needs a 3D volume of at least 2 voxels along every axis")
     if min(size) < 2 and not single_slice_ok:
         raise InputError(
             f"{name} has a single slice ({_fmt_size(size)}); PAMSegment needs a 3D volume"

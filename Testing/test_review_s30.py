@@ -83,3 +83,62 @@ def test_network_options_given_with_a_classical_method_are_noted(tmp_path, capsy
     assert cli.main(["propagate", str(case.image_path), str(case.prompt_path), "-o", str(out), "--method",
                      "copy"]) == 0
     assert "of the network" not in capsys.readouterr().out  # the defaults say nothing
+
+
+def test_a_volume_one_voxel_thick_is_refused_by_the_engine_and_named_by_the_reader(tmp_path):
+    """A review (session 30): the Python API took slices one pixel thick (shape (20, 1, 48)), where
+    demons registration gave another field each call, so pam and track gave another mask each
+    run; the reader refused such a file as "a single slice", pointing to label-images."""
+    import pytest
+    import SimpleITK as sitk
+
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.volumes import read_volume
+
+    image = np.random.default_rng(0).normal(0, 1, (20, 1, 48)).astype(np.float32)
+    prompt = np.zeros(image.shape, np.uint8)
+    prompt[10, 0, 10:20] = 1
+    with pytest.raises(InputError, match=r"^the image is one voxel thick along array axis 1 \(shape \(20, 1, 48\)\); "
+                                         "PAMSegment needs a 3D volume of at least 2 voxels along every axis$"):
+        propagate(image, prompt, (1.0, 1.0, 1.0), get_predictor("track"))
+    path = tmp_path / "thin.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(image), str(path))
+    with pytest.raises(InputError, match=r"thin.nii.gz is one voxel thick along j \(48 x 1 x 20\); PAMSegment needs"):
+        read_volume(path)
+
+
+def test_a_server_address_with_a_password_is_refused_without_echoing_it():
+    """A review (session 30): http://user:pw@host:port was tried as a host named "user:pw@host"
+    ("Name or service not known") and the message printed the password."""
+    import pytest
+
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.remote import RemoteModel
+
+    with pytest.raises(InputError) as caught:
+        RemoteModel("http://alice:s3cret@gpu-box:8765")
+    assert str(caught.value) == ("the server address holds a user name or password before '@'; give it as "
+                                 "http://gpu-box:8765 and the token with --token or PAMSEGMENT_TOKEN (Slicer: the "
+                                 "token field)")
+    assert "s3cret" not in str(caught.value)
+
+
+def test_option_values_written_with_a_minus_get_the_options_own_message(tmp_path, capsys):
+    """A review (session 30): --range -1:5 and --shard -1/2 got argparse's "expected one argument"
+    (the value taken for an option), and --empty-slices 0:5 was refused later as a label "not
+    among the labels propagated" instead of what labels may be."""
+    import pytest
+
+    from PAMSegmentLib import cli
+
+    cases = [(["propagate", "a.nii.gz", "b.nii.gz", "-o", "c.nii.gz", "--range", "-1:5"],
+              "argument --range: expected K0:K1, two slice numbers with 0 <= K0 <= K1 (both included), e.g. 10:40; "
+              "got '-1:5'"),
+             (["batch", "cases.csv", "-o", "out", "--shard", "-1/2"], "argument --shard: K/N needs 1 <= K <= N, got '-1/2'"),
+             (["propagate", "a.nii.gz", "b.nii.gz", "-o", "c.nii.gz", "--empty-slices", "0:5"],
+              "argument --empty-slices: label 0 in '0:5': labels are 1-65535 (0 is the background)")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as stop:
+            cli.main(argv)
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert cli._joined_negative_values(["propagate", "--", "--range", "-1:5"]) == ["propagate", "--", "--range", "-1:5"]
