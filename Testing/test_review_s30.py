@@ -134,7 +134,8 @@ def test_option_values_written_with_a_minus_get_the_options_own_message(tmp_path
     cases = [(["propagate", "a.nii.gz", "b.nii.gz", "-o", "c.nii.gz", "--range", "-1:5"],
               "argument --range: expected K0:K1, two slice numbers with 0 <= K0 <= K1 (both included), e.g. 10:40; "
               "got '-1:5'"),
-             (["batch", "cases.csv", "-o", "out", "--shard", "-1/2"], "argument --shard: K/N needs 1 <= K <= N, got '-1/2'"),
+             (["batch", "cases.csv", "-o", "out", "--shard", "-1/2"],
+              "argument --shard: K/N needs 1 <= K <= N, got '-1/2'"),
              (["propagate", "a.nii.gz", "b.nii.gz", "-o", "c.nii.gz", "--empty-slices", "0:5"],
               "argument --empty-slices: label 0 in '0:5': labels are 1-65535 (0 is the background)")]
     for argv, message in cases:
