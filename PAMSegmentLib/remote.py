@@ -116,7 +116,26 @@ def _begin_state(value):
         return None
 
 
-def decode_result(payload: bytes) -> PropagationResult:
+def _check_unpacked_size(payload: bytes, max_bytes: int) -> None:
+    """A server's answer is a compressed .npz: what it unpacks to is bounded before any of it is
+    read (a small answer from a wrong or hostile server could otherwise unpack to gigabytes)."""
+    import zipfile  # noqa: PLC0415
+
+    try:
+        with zipfile.ZipFile(io.BytesIO(payload)) as archive:
+            total = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as error:
+        raise PAMError(f"the server's answer is not a PAMSegment result ({error})") from None
+    if total > max_bytes:
+        raise PAMError(f"the server's answer unpacks to {total / 2**20:.0f} MB, more than a result of this volume "
+                       f"takes (at most {max_bytes / 2**20:.0f} MB): it is not a PAMSegment result")
+
+
+def decode_result(payload: bytes, max_bytes: int | None = None) -> PropagationResult:
+    """The ``PropagationResult`` in a server's answer (``encode_result``); ``max_bytes``: the most
+    its arrays may unpack to (a bound from the volume sent), checked first."""
+    if max_bytes is not None:
+        _check_unpacked_size(payload, max_bytes)
     try:
         with np.load(io.BytesIO(payload), allow_pickle=False) as z:
             meta = json.loads(bytes(z["meta"]).decode())
@@ -405,8 +424,11 @@ class RemoteModel:
                 if state == "cancelled":  # not by this client (its cancel deletes the job): the server stopped it
                     raise PAMError(f"the server cancelled the job ({status['message']}); run it again")
                 time.sleep(self.poll_interval)
+            # the mask (at most 8 bytes a voxel), a keyframe's slice per drawn slice (at most every
+            # slice, 1 byte a voxel) and per-slice figures: far under 16 bytes a voxel, plus 64 MB
+            bound = 16 * int(np.prod(np.shape(image))) + 2**26
             result = decode_result(self._lost_while_running(lambda: self._get_retrying(f"/jobs/{job_id}/result",
-                                                                                       cancel)))
+                                                                                       cancel)), max_bytes=bound)
         finally:  # downloaded, cancelled, Ctrl-C or failed: the server need not keep the job any more
             try:
                 self._request("DELETE", f"/jobs/{job_id}")

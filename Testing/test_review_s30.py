@@ -143,3 +143,24 @@ def test_option_values_written_with_a_minus_get_the_options_own_message(tmp_path
             cli.main(argv)
         assert stop.value.code == 2 and message in capsys.readouterr().err
     assert cli._joined_negative_values(["propagate", "--", "--range", "-1:5"]) == ["propagate", "--", "--range", "-1:5"]
+
+
+def test_a_servers_answer_that_unpacks_to_far_more_than_a_result_is_refused_before_it_is_read():
+    """A suspicion of a review (session 30), confirmed here: the client unpacked a server's
+    compressed answer whole before looking at it, so 1 MB could ask for gigabytes."""
+    import io
+    import zipfile
+
+    import pytest
+
+    from PAMSegmentLib.errors import PAMError
+    from PAMSegmentLib.remote import decode_result
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("mask.npy", b"\0" * (200 * 2**20))  # 200 MB of zeros, about 0.2 MB packed
+    payload = buf.getvalue()
+    assert len(payload) < 2**20
+    with pytest.raises(PAMError, match=r"the server's answer unpacks to 200 MB, more than a result of this volume "
+                                       r"takes \(at most 1 MB\)"):
+        decode_result(payload, max_bytes=2**20)
