@@ -424,9 +424,10 @@ class RemoteModel:
                 if state == "cancelled":  # not by this client (its cancel deletes the job): the server stopped it
                     raise PAMError(f"the server cancelled the job ({status['message']}); run it again")
                 time.sleep(self.poll_interval)
-            # the mask (at most 8 bytes a voxel), a keyframe's slice per drawn slice (at most every
-            # slice, 1 byte a voxel) and per-slice figures: far under 16 bytes a voxel, plus 64 MB
-            bound = 16 * int(np.prod(np.shape(image))) + 2**26
+            # the mask (at most 8 bytes a voxel), a slice (1 byte a voxel) per label and drawn or empty
+            # slice (at most every slice of every label) and per-slice figures, plus 64 MB
+            n_labels = len(labels) if labels is not None else int(np.count_nonzero(np.unique(prompt)))
+            bound = (9 + n_labels) * int(np.prod(np.shape(image))) + 2**26
             result = decode_result(self._lost_while_running(lambda: self._get_retrying(f"/jobs/{job_id}/result",
                                                                                        cancel)), max_bytes=bound)
         finally:  # downloaded, cancelled, Ctrl-C or failed: the server need not keep the job any more
