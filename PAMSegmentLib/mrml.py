@@ -324,18 +324,30 @@ def _prompt_mask(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
 
 
 def _placement(volume_node, segmentation_node) -> tuple:
-    """Where the volume lies against the segmentation: the parent transform nodes' IDs and the 4x4
-    between them (None when it is not linear: then the transforms' modification times)."""
+    """Where the volume lies against the segmentation: the parent transform nodes' IDs and where
+    the volume's corners and centre land in the segmentation's coordinates (through the 4x4
+    between them, or the non-linear transform: a warp's own edits, or a move of a transform above
+    it, show there; a renamed transform node does not)."""
     transforms = volume_node.GetParentTransformNode(), segmentation_node.GetParentTransformNode()
+    grid = _grid_of(volume_node)
+    corners = np.array([[i, j, k] for i in (0, grid.shape[2] - 1) for j in (0, grid.shape[1] - 1)
+                        for k in (0, grid.shape[0] - 1)] + [[(n - 1) / 2 for n in grid.shape[::-1]]], float)
+    points = (np.c_[corners, np.ones(len(corners))] @ np.asarray(grid.ijk_to_ras, float).T)[:, :3]
     between = _volume_to_segmentation(volume_node, segmentation_node)
-    times = None if between is not None else tuple(t.GetMTime() if t is not None else 0 for t in transforms)
-    return tuple(t.GetID() if t is not None else None for t in transforms), between, times
+    if between is not None:
+        placed = points @ between[:3, :3].T + between[:3, 3]
+    else:
+        slicer = _slicer()
+        import vtk  # noqa: PLC0415
+
+        warp = vtk.vtkGeneralTransform()
+        slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(transforms[0], transforms[1], warp)
+        placed = np.array([warp.TransformPoint(*map(float, p)) for p in points])
+    return tuple(t.GetID() if t is not None else None for t in transforms), placed
 
 
 def _same_placement(a: tuple, b: tuple) -> bool:
-    if a[0] != b[0] or a[2] != b[2] or (a[1] is None) != (b[1] is None):
-        return False
-    return a[1] is None or bool(np.allclose(a[1], b[1], atol=1e-6))
+    return a[0] == b[0] and bool(np.allclose(a[1], b[1], rtol=0, atol=1e-3))  # mm
 
 
 def _volume_to_segmentation(volume_node, segmentation_node) -> np.ndarray | None:
@@ -406,22 +418,35 @@ def _check_drawing_read_whole(segmentation_node, segment_id: str, volume_node, m
     26-connected piece of the segment's own voxels of at least 10 voxels and 1 % of them (a stray
     voxel is not worth a refusal)."""
     import cc3d  # noqa: PLC0415
+    import vtk  # noqa: PLC0415
+    from vtk.util import numpy_support  # noqa: PLC0415
 
     between = _volume_to_segmentation(volume_node, segmentation_node)
-    snap = LabelmapSnapshot.take(segmentation_node, segment_id)
-    if between is None or snap is None or not int(np.prod(snap.dims)):
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+    stored = segment.GetRepresentation(_binary_name()) if segment is not None else None
+    if between is None or stored is None or stored.GetPointData().GetScalars() is None:
         return
-    own = snap.voxels() == snap.label_value  # (k, j, i) within snap.extent
+    extent = stored.GetExtent()
+    dims = (extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
+    if min(dims) <= 0:
+        return
+    # Read in place (no copy of a labelmap that may span the whole, oversampled scan: this runs on
+    # every stroke, for the prompt line), then cropped to the segment's own voxels.
+    own = numpy_support.vtk_to_numpy(stored.GetPointData().GetScalars()).reshape(dims) == segment.GetLabelValue()
+    along = [np.flatnonzero(own.any(axis=other)) for other in ((1, 2), (0, 2), (0, 1))]
+    if not len(along[0]):
+        return
+    own = own[tuple(slice(int(a[0]), int(a[-1]) + 1) for a in along)]
     held = int(np.count_nonzero(own))
     if held < 10:
         return
-    box = tuple(slice(int(np.flatnonzero(own.any(axis=other))[0]), int(np.flatnonzero(own.any(axis=other))[-1]) + 1)
-                for other in ((1, 2), (0, 2), (0, 1)))
-    own = own[box]
-    corner = np.array([snap.extent[0] + box[2].start, snap.extent[2] + box[1].start, snap.extent[4] + box[0].start])
+    corner = np.array([extent[0] + along[2][0], extent[2] + along[1][0], extent[4] + along[0][0]])
+    matrix = vtk.vtkMatrix4x4()
+    stored.GetImageToWorldMatrix(matrix)
     # The segment's voxels the volume's read reached: the stored voxel nearest to each voxel of
     # ``mask`` (both neighbours where it lies halfway: which one the resampler took is its choice).
-    to_own = np.linalg.inv(snap.image_to_world) @ between @ np.asarray(_grid_of(volume_node).ijk_to_ras, float)
+    to_own = (np.linalg.inv(_slicer().util.arrayFromVTKMatrix(matrix)) @ between
+              @ np.asarray(_grid_of(volume_node).ijk_to_ras, float))
     kji = np.argwhere(mask)
     at = to_own[:3, :3] @ kji[:, ::-1].T.astype(float) + to_own[:3, 3:4]  # (i, j, k) on the segment's grid
     seen = np.zeros(own.shape, dtype=bool)
@@ -1913,7 +1938,10 @@ def _decode_record(text: str, segmentation_node, segment_id: str, run_id: str) -
         begin_state = None  # an update then recomputes every walk, which is correct, only slower
     from .propagate import _stops_from_json  # noqa: PLC0415 - keeps the engine out of `import mrml`
 
-    stops = _stops_from_json(header.get("stops", []), n, 1)  # none in records of before session 30
+    try:  # none in records of before session 30
+        stops = _stops_from_json(header.get("stops", []), n, 1)
+    except ValueError:
+        stops = []  # an update then reports only the walks it computes, as before session 30
     written_meta = _check_packed(header.get("written"), shape, "written mask")
     parts = [written_meta]
     result_meta = None

@@ -1036,9 +1036,6 @@ def _forged(header_change=None, tail=b"", payload=None, base=None):
     ("n_predicted", "n_predicted is not a count"),
     ("spacing", "grid spacing is malformed"),
     ("deep header", "header is malformed \\(RecursionError\\)"),
-    ("stop outside", "label 1's stops are not walk endings within 0-23"),
-    ("stop on the wrong side", "label 1's stops are not walk endings within 0-23"),
-    ("stop reason", "label 1's stops are not walk endings within 0-23"),
 ])
 def test_a_damaged_or_foreign_record_is_refused_with_its_reason(session, case, message, monkeypatch):
     seg, sid = session["seg"], session["sid"]
@@ -1069,12 +1066,6 @@ def test_a_damaged_or_foreign_record_is_refused_with_its_reason(session, case, m
         "n_predicted": lambda: _forged(set_("n_predicted", []), base=good),
         "spacing": lambda: _forged(lambda h: h["grid"].__setitem__("spacing", [1.0, {}, 1.0]), base=good),
         "deep header": lambda: _deep_header(good),
-        "stop outside": lambda: _forged(set_("stops", [{"start": 12, "direction": 1, "last": 24, "reason": "area"}]),
-                                        base=good),
-        "stop on the wrong side": lambda: _forged(
-            set_("stops", [{"start": 12, "direction": 1, "last": 4, "reason": "area"}]), base=good),
-        "stop reason": lambda: _forged(set_("stops", [{"start": 12, "direction": 1, "last": 20, "reason": "x"}]),
-                                       base=good),
     }[case]()
     with pytest.raises(ValueError, match=message):
         decode_record(forged, seg, sid, run)
@@ -1087,6 +1078,13 @@ def test_a_record_saved_before_walk_endings_were_kept_is_read_without_them(sessi
     older = _forged(lambda h: h.pop("stops"), base=good)
     back = decode_record(older, seg, sid, _run_of(good))
     assert back.stops == [] and sorted(back.keyframes) == [12]
+    # a damaged entry costs only the walk endings (as a damaged begin_state costs only the reuse), not
+    # the record: a review found one unknown reason made the segment lose its review and update
+    for stops in (None, [{"start": 12, "direction": 1, "last": 24, "reason": "area"}],
+                  [{"start": 12, "direction": 1, "last": 4, "reason": "area"}],
+                  [{"start": 12, "direction": 1, "last": 20, "reason": "a reason of a later version"}]):
+        back = decode_record(_forged(lambda h, v=stops: h.__setitem__("stops", v), base=good), seg, sid, _run_of(good))
+        assert back.stops == [] and sorted(back.keyframes) == [12] and back.restored
 
 
 def test_a_damaged_record_is_ignored_once_with_a_warning(session, caplog):
@@ -1576,3 +1574,44 @@ def test_moving_a_node_while_propagating_is_said_as_such(mrml_scene, moved):
     assert_same_labelmap(internal_labelmap_state(seg, sid), before)
     written = new.apply()  # the result follows the volume's voxels it was computed on
     np.testing.assert_array_equal(on_volume(seg, written, vol)[4:21], np.repeat(truth[12][None], 17, axis=0))
+
+
+@pytest.mark.parametrize("change, refused", [("rename the warp", False), ("move the transform above it", True)])
+def test_a_move_under_a_non_linear_transform_is_judged_by_where_the_volume_lands(mrml_scene, change, refused):
+    """A re-review (session 30): under a non-linear transform the move check compared the transform
+    node's modification time: renaming it refused a run, while moving a linear transform above it
+    (the warp itself unmodified) was missed and refused with the old "edited" advice."""
+    import vtk
+
+    truth, image = synthetic()
+    vol = make_volume_node(image)
+    seg, ids = make_segmentation(vol, {"tumor": one_slice(truth, 12)})
+    sid = ids["tumor"]
+    warp = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLGridTransformNode", "warp")
+    grid = slicer.vtkOrientedGridTransform()
+    field = vtk.vtkImageData()
+    field.SetDimensions(4, 4, 4)
+    field.SetOrigin(-60, -60, -60)
+    field.SetSpacing(60, 60, 60)
+    field.AllocateScalars(vtk.VTK_DOUBLE, 3)
+    field.GetPointData().GetScalars().Fill(0.0)
+    grid.SetDisplacementGridData(field)
+    warp.SetAndObserveTransformFromParent(grid)
+    above = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    warp.SetAndObserveTransformNodeID(above.GetID())
+    vol.SetAndObserveTransformNodeID(warp.GetID())
+    assert not warp.IsTransformToWorldLinear()
+    before = internal_labelmap_state(seg, sid)
+    job = SegmentPropagation(vol, seg, sid, mode="replace", model=GuideCopy(truth))
+    job.run()
+    if change == "rename the warp":
+        warp.SetName("warp (renamed)")
+        job.apply()
+        assert on_volume(seg, sid, vol)[4:21].any(axis=(1, 2)).all()
+        return
+    m = np.eye(4)
+    m[0, 3] = 8.0
+    above.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(m))
+    with pytest.raises(InputError, match="^the volume or the segmentation was moved"):
+        job.apply()
+    assert_same_labelmap(internal_labelmap_state(seg, sid), before)
