@@ -383,12 +383,32 @@ def _stale(row: BatchRow, earlier: dict[str, tuple[dict, int]]) -> str | None:
         return "run again: it failed in the last run, so its output is from an earlier one"
     for what, path in (("image", row.image), ("prompt", row.prompt), ("edited result", row.edited)):
         try:
-            newer = path is not None and Path(path).stat().st_mtime_ns > out_time
+            newer = path is not None and _changed_at(Path(path), row.output) > out_time
         except OSError:
             continue  # gone: the run says so
         if newer:
             return f"run again: its {what} changed after its output was written"
     return None
+
+
+def _changed_at(path: Path, output: Path) -> int:
+    """When ``path`` last changed (ns): a file's own time; for a folder (a DICOM series) the newest
+    of its files' (its own time changes when anything, this batch's output or temporaries among
+    them, is put in or taken out), leaving out hidden files and the row's output and record."""
+    if not path.is_dir():
+        return path.stat().st_mtime_ns
+    skip = {output.name, output.name + ".keyframes.json"}
+    newest = 0
+    with os.scandir(path) as entries:
+        for entry in entries:
+            if entry.name.startswith(".") or entry.name in skip:
+                continue
+            try:
+                if entry.is_file():
+                    newest = max(newest, entry.stat().st_mtime_ns)
+            except OSError:
+                continue
+    return newest
 
 
 def _carry_over(row: BatchRow, earlier: dict[str, tuple[dict, int]]) -> None:

@@ -833,14 +833,14 @@ def _write_keyframes_record(path: Path, result, plan=None) -> None:
     """OUT's record: its keyframes and walls per label (an update's ``plan.record()``, else the
     run's own), checked against OUT by a digest of its labels, and (version 2) what a later update
     needs to reuse the walks that still hold (``PropagationResult.to_record``)."""
-    # a server's result carries no image digest: nothing of it to reuse
+    # (a result without an image digest, from a server before session 30, has nothing to reuse)
     reuse = result.to_record() if result.image_digest is not None and result.range is not None else None
     labels = plan.record() if plan is not None else _result_keyframes(result)
     record = {"format": _KEYFRAMES_FORMAT, "version": 2, "axis": int(result.axis), "shape": list(result.mask.shape),
               "sha256": _label_digest(result.mask), "labels": labels, "result": reuse,
               # the order the labels were propagated in (--label): where they overlap, earlier ones keep
-              # the voxels, so an update runs them in the same order; and the range (--range), also for a
-              # server's result, which has no part to reuse
+              # the voxels, so an update runs them in the same order; and the range (--range), also for an
+              # older server's result, which has no part to reuse
               "label_order": [int(lab) for lab in result.confidence],
               "range": None if result.range is None else [int(v) for v in result.range]}
     with open(path, "w", encoding="utf-8") as fh:

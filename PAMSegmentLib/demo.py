@@ -87,9 +87,11 @@ def run_demo(out_dir: Path, checkpoint: str | None = None, method: str = "pam", 
     from .propagate import propagate
     from .volumes import read_labelmap, read_volume, replace_together, write_labelmap
 
-    from .volumes import check_folder_writable
+    from .volumes import check_folder_writable, check_not_a_broken_link
 
     out_dir = Path(out_dir)
+    for link in (out_dir, *out_dir.parents):  # a dangling link on the way: "File exists" after the work
+        check_not_a_broken_link(link, "--out" if link == out_dir else f"--out {out_dir}: its folder")
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir} is a file; --out takes a folder (the demo writes two files into it)")
     # Before the propagation (a folder that cannot be made was found only after it): the folder, or

@@ -1979,12 +1979,14 @@ def _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, em
         cut_all = {}
         for lab in overlapped:  # whole slices between its drawn slices that other labels took
             drawn = sorted(slices[lab])
-            if len(drawn) >= 2:
+            lost = lost_voxels.get(lab)
+            if len(drawn) >= 2 and lost is not None and len(lost):
                 held = (out[drawn[0]:drawn[-1] + 1] == lab).any(axis=(1, 2))
-                skip = set(gaps_all.get(lab, ())) | set(empties[lab])  # found nothing there / the user's walls
-                cut = [drawn[0] + int(i) for i in np.flatnonzero(~held) if drawn[0] + int(i) not in skip]
-                if cut:  # who holds its own voxels there (its lost voxels lie on those slices)
-                    lost = lost_voxels.get(lab, np.zeros(0, np.int64))
+                # only slices where its own prediction was (its lost voxels lie there): not where its
+                # walks found nothing, nor the user's walls
+                had = set(np.unique(lost // (out.shape[1] * out.shape[2])).tolist())
+                cut = [drawn[0] + int(i) for i in np.flatnonzero(~held) if drawn[0] + int(i) in had]
+                if cut:  # who holds its own voxels there
                     there = lost[np.isin(lost // (out.shape[1] * out.shape[2]), cut)]
                     cut_all[lab] = (cut, sorted(int(v) for v in np.unique(out.flat[there]) if v != 0))
         for lab in overlapped:  # the extent a label that lost voxels still has in the merged map

@@ -167,6 +167,8 @@ def decode_result(payload: bytes, max_bytes: int | None = None) -> PropagationRe
             stops={int(k): v for k, v in meta["stops"].items()}, keyframes=keyframes, agreement=agreement,
             remove_disconnected=bool(meta["remove_disconnected"]), gaps=gaps, lost=lost, recomputed=recomputed,
             begin_state=begin_state, cut=cut,
+            # servers before session 30 send neither this nor the begin state, so nothing is reused
+            overlapped=frozenset(int(lab) for lab in meta.get("overlapped", [])),
         )
     except (ValueError, KeyError, OSError, TypeError, AttributeError, IndexError) as error:
         raise PAMError(f"the server's answer is not a PAMSegment result ({error})") from None
@@ -437,4 +439,9 @@ class RemoteModel:
                 pass  # the server may be gone (or the job already over); nothing local to undo
         if tuple(result.mask.shape) != tuple(np.shape(image)):
             raise PAMError(f"the server returned a {result.mask.shape} mask for a {np.shape(image)} image")
+        # Which image the result is of, as a local run records it: a later update (previous=) reuses
+        # its walks only on that image (without it, a server's result was reused on any image).
+        from .propagate import image_digest  # noqa: PLC0415
+
+        result.image_digest = image_digest(np.asarray(image), spacing)
         return result

@@ -165,9 +165,13 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback")
+
+
 def _local_host_header(host: str, names: tuple[str, ...]) -> bool:
     """Whether a request's Host header (``name[:port]``, ``[v6]:port``) names this machine: a
-    loopback address, ``localhost`` or one of ``names``."""
+    loopback address (also IPv4-mapped), ``localhost`` and its usual aliases, or one of ``names``;
+    a trailing dot (a fully qualified name) is allowed."""
     host = host.strip().lower()
     if host.startswith("["):
         if "]" not in host:
@@ -175,7 +179,16 @@ def _local_host_header(host: str, names: tuple[str, ...]) -> bool:
         name = host[1:host.find("]")]
     else:
         name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-    return bool(name) and (is_loopback(name) or name in {n.strip().lower().strip("[]") for n in names})
+    name = name.rstrip(".") if name.count(":") == 0 else name
+    if not name:
+        return False
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        address = None
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (is_loopback(name) or name in LOOPBACK_NAMES or (mapped is not None and mapped.is_loopback)
+            or name in {n.strip().lower().strip("[]").rstrip(".") for n in names})
 
 
 def read_arrays(body: bytes, max_voxels: int) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
@@ -295,6 +308,9 @@ def encode_result(result) -> bytes:
         "remove_disconnected": result.remove_disconnected,
         "gaps": {str(k): [int(s) for s in v] for k, v in result.gaps.items()},
         "cut": {str(k): [[int(s) for s in v[0]], [int(o) for o in v[1]]] for k, v in result.cut.items()},
+        # labels whose own prediction lost voxels to another label: the merged mask is not all of it,
+        # so a later update recomputes them (their lost voxels are not sent)
+        "overlapped": sorted(int(lab) for lab in result.overlapped),
         "lost": {str(k): [{str(o): int(n) for o, n in by.items()}, int(own)] for k, (by, own) in result.lost.items()},
         # the slice intervals this run walked (all of them: a server runs an update from scratch), which
         # Slicer's review marks and update summary go by

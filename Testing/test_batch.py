@@ -1043,3 +1043,31 @@ def test_skip_existing_runs_again_a_row_that_failed_last_time_or_whose_inputs_ch
     rows = _report(out / "batch_report.csv")
     assert [r["status"] for r in rows] == ["ok", "ok"]
     assert rows[1]["message"].startswith("run again: its image changed after its output was written")
+
+
+def test_skip_existing_judges_a_dicom_folder_by_its_files_not_its_own_time(tmp_path, capsys):
+    """A re-review (session 30): a row whose output lies inside its DICOM folder was run again by
+    every --skip-existing (putting the output in changed the folder's own time); a file of the
+    series rewritten in place was missed."""
+    import os
+
+    from test_volumes import make_volume, write_dicom_series
+
+    from PAMSegmentLib.volumes import Volume, write_volume
+
+    vol = make_volume(shape=(12, 20, 22))
+    write_dicom_series(tmp_path / "p01", vol, "1.2.826.0.1.3680043.2.1125.7.99")
+    prompt = np.zeros(vol.array.shape, np.uint8)
+    prompt[6, 5:15, 5:15] = 1
+    write_volume(Volume(prompt, vol.spacing, vol.origin, vol.direction), tmp_path / "p01_prompt.nrrd")
+    m = _manifest(tmp_path / "cases.csv", ["image,prompt,output", "p01,p01_prompt.nrrd,p01/seg.nii.gz"])
+    out = tmp_path / "out"
+    for expected in ("ok", "skipped", "skipped"):
+        assert main(["batch", str(m), "-o", str(out), "--method", "copy", "--skip-existing"]) == 0
+        assert _report(out / "batch_report.csv")[0]["status"] == expected
+    a_file = sorted((tmp_path / "p01").glob("*.dcm"))[0]
+    later = (tmp_path / "p01" / "seg.nii.gz").stat().st_mtime_ns + 10**9
+    os.utime(a_file, ns=(later, later))  # one file of the series written again
+    assert main(["batch", str(m), "-o", str(out), "--method", "copy", "--skip-existing"]) == 0
+    row = _report(out / "batch_report.csv")[0]
+    assert row["status"] == "ok" and row["message"].startswith("run again: its image changed")

@@ -404,7 +404,7 @@ def test_demo_out_naming_a_file_is_one_line(tmp_path, capsys):
     assert out.read_text() == "not a folder"
 
 
-@pytest.mark.parametrize("where", ["under a file", "/proc"])
+@pytest.mark.parametrize("where", ["under a file", "/proc", "a dangling link", "under a dangling link"])
 def test_demo_out_that_cannot_be_made_is_refused_before_propagating(tmp_path, capsys, monkeypatch, where):
     """A review (session 30): demo --out /proc/x failed only after the whole propagation."""
     import PAMSegmentLib.propagate as propagate_module
@@ -412,11 +412,16 @@ def test_demo_out_that_cannot_be_made_is_refused_before_propagating(tmp_path, ca
     monkeypatch.setattr(propagate_module, "propagate", lambda *a, **k: pytest.fail("propagated"))
     a_file = tmp_path / "notes.txt"
     a_file.write_text("kept")
-    out = a_file / "demo" if where == "under a file" else Path("/proc/pamsegment-demo")
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "nowhere")
+    out = {"under a file": a_file / "demo", "/proc": Path("/proc/pamsegment-demo"), "a dangling link": link,
+           "under a dangling link": link / "demo"}[where]
     assert cli.main(["demo", "--out", str(out), "--method", "copy"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("pamsegment: error: cannot ")
-    assert (f"{a_file} is a file" if where == "under a file" else "in folder /proc") in err
+    assert err.count("\n") == 1 and err.startswith("pamsegment: error: ")
+    assert {"under a file": f"{a_file} is a file", "/proc": "in folder /proc",
+            "a dangling link": f"--out {link} is a symbolic link to nothing",
+            "under a dangling link": f"--out {out}: its folder {link} is a symbolic link to nothing"}[where] in err
     assert a_file.read_text() == "kept"
 
 

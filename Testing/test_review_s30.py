@@ -164,3 +164,25 @@ def test_a_servers_answer_that_unpacks_to_far_more_than_a_result_is_refused_befo
     with pytest.raises(PAMError, match=r"the server's answer unpacks to 200 MB, more than a result of this volume "
                                        r"takes \(at most 1 MB\)"):
         decode_result(payload, max_bytes=2**20)
+
+
+def test_slices_a_label_never_reached_between_a_drawn_slice_and_a_wall_are_not_called_cut():
+    """A re-review (session 30): slices between a drawn slice and a wall where the label's own walk
+    found nothing were named as taken by other labels ("(labels  took all of it there)")."""
+    from doubles import OracleModel
+
+    _, j, i = np.ogrid[:20, :24, :24]
+    disk = ((j - 12) ** 2 + (i - 12) ** 2 <= 25)
+    truth = np.zeros((20, 24, 24), bool)
+    truth[2:8] = disk
+    truth[12:18] = disk  # absent on 8-11
+    prompt = np.zeros(truth.shape, np.uint8)
+    prompt[5][truth[5]] = 1
+    prompt[15][truth[15]] = 1
+    part = truth[3].copy()
+    part[:, :12] = False
+    prompt[3][part] = 2  # label 2 on part of label 1's slice 3: label 1 overlapped
+    result = propagate(truth.astype(np.float32) * 100, prompt, (2.0, 1.0, 1.0), OracleModel(truth),
+                       empty_slices={1: [10]}, threads=1)
+    assert 1 in result.overlapped and result.cut == {}
+    assert not any("cut in two" in note for note in result.notes())

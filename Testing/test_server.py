@@ -1265,6 +1265,10 @@ def test_requests_from_web_pages_are_refused(oracle_app):
     ("localhost:8765", True), ("127.0.0.1:8765", True), ("127.0.0.2", True), ("[::1]:8765", True),
     ("LOCALHOST", True), ("gpu-box.lan:8765", True),  # the server's own --host
     ("rebind.evil.example:8765", False), ("evil.example", False), ("", False), ("[::1", False),
+    # found by a re-review: other ways of writing this machine
+    ("127.0.0.1.:8765", True), ("[::ffff:127.0.0.1]:8765", True), ("localhost.localdomain", True),
+    ("ip6-localhost:8765", True), ("gpu-box.lan.", True), ("[::ffff:10.0.0.1]", False),
+    ("localhost.evil.example", False),
 ])
 def test_a_server_without_a_token_answers_only_to_this_machines_names(host, answered):
     """A review (session 30): by DNS rebinding, a web page could read /info and its jobs' results
@@ -1324,3 +1328,51 @@ def test_a_waiting_job_whose_client_is_gone_is_logged_when_given_up():
         release.set()
         queue.close()
         logger.removeHandler(handler)
+
+
+def test_a_server_result_is_not_reused_on_another_image(live_server):
+    """A re-review (session 30): a server's result had no image digest, which the engine took for a
+    record that needs none, and (once answers carried the begin state) an update on another image
+    reused every walk and returned the old image's mask."""
+    from PAMSegmentLib.baselines import CopyPredictor
+    from PAMSegmentLib.propagate import PropagationResult
+
+    url, holder = live_server
+    image, prompt, truth = case()
+    holder["model"] = CopyPredictor()
+    remote = RemoteModel(url, token="tok", poll_interval=0.01).propagate(image, prompt, (2.0, 1.0, 1.0))
+    local = propagate(image, prompt, (2.0, 1.0, 1.0), CopyPredictor())
+    assert remote.image_digest == local.image_digest is not None
+    other = image.copy()
+    other[9:] = other[9:, ::-1]  # another image beyond the drawn slice
+    update = propagate(other, prompt, (2.0, 1.0, 1.0), CopyPredictor(), previous=remote)
+    fresh = propagate(other, prompt, (2.0, 1.0, 1.0), CopyPredictor())
+    assert update.n_predicted == fresh.n_predicted > 0 and np.array_equal(update.mask, fresh.mask)
+    back = PropagationResult.from_record(remote.mask, remote.to_record())  # what the command line keeps
+    assert back.image_digest == remote.image_digest
+
+
+def test_a_local_round_after_a_server_round_recomputes_labels_that_overlapped(live_server):
+    """A re-review (session 30): the server's answer carried the begin state but not which labels
+    lost voxels to others, so a local update reused an overlapped label's walks from the merged map
+    (missing the voxels another label took) and kept holes a fresh run fills (306 voxels off)."""
+    from PAMSegmentLib.baselines import CopyPredictor
+
+    url, holder = live_server
+    shape = (20, 32, 32)
+    _, j, i = np.ogrid[:20, :32, :32]
+    left, right = ((j - 16) ** 2 + (i - 12) ** 2 <= 36)[0], ((j - 16) ** 2 + (i - 19) ** 2 <= 36)[0]
+    image = np.zeros(shape, np.float32)
+    image[:, left] += 100
+    image[:, right] += 60  # two overlapping tubes
+    prompt = np.zeros(shape, np.uint8)
+    prompt[3][left] = 1
+    prompt[15][right] = 2
+    holder["model"] = CopyPredictor()
+    remote = RemoteModel(url, token="tok", poll_interval=0.01).propagate(image, prompt, (2.0, 1.0, 1.0))
+    local = propagate(image, prompt, (2.0, 1.0, 1.0), CopyPredictor())
+    assert remote.overlapped == local.overlapped == {1, 2}  # each lost voxels to the other (its drawing)
+    walls = {1: [10]}  # the second round: label 1 ends below slice 10, label 2 gets its voxels there
+    update = propagate(image, prompt, (2.0, 1.0, 1.0), CopyPredictor(), empty_slices=walls, previous=remote)
+    fresh = propagate(image, prompt, (2.0, 1.0, 1.0), CopyPredictor(), empty_slices=walls)
+    assert np.array_equal(update.mask, fresh.mask)
