@@ -198,6 +198,11 @@ def _check_scalar_volume(volume_node) -> None:
     if image is not None and image.GetNumberOfScalarComponents() != 1:
         raise InputError(f'volume "{volume_node.GetName()}" has {image.GetNumberOfScalarComponents()} '
                          "components per voxel; convert it to a single-component (scalar) volume first")
+    if image is not None and 0 < min(image.GetDimensions()) < 2:  # the engine refuses it (session 30)
+        dims = " x ".join(map(str, image.GetDimensions()))
+        raise InputError(f'volume "{volume_node.GetName()}" is one voxel thick ({dims} voxels): PAMSegment propagates '
+                         "a drawing through the slices of a 3D volume (a set of 2D images is labelled with "
+                         "`pamsegment label-images`)")
 
 
 def volume_array(volume_node) -> tuple[np.ndarray, VolumeGrid]:
