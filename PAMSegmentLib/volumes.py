@@ -1400,10 +1400,32 @@ def _is_seg_nrrd(name: str) -> bool:
     return name.lower().endswith(".seg.nrrd")
 
 
+def _axes_flipped_to(labels: Volume, reference: Volume) -> tuple[Volume, str]:
+    """``labels`` with the array axes whose direction is the reverse of ``reference``'s flipped
+    (voxels and origin moved with them: the same voxels in space), and which axes those were
+    ("" when none). Slicer saves a segmentation of a left-handed image (FSL's LAS, dcm2niix) with
+    k reversed, so that its own grid is right-handed: voxel for voxel still the image's lattice."""
+    mine = np.asarray(labels.direction, dtype=np.float64).reshape(3, 3)
+    theirs = np.asarray(reference.direction, dtype=np.float64).reshape(3, 3)
+    dots = np.sum(mine * theirs, axis=0)  # per axis i, j, k: +1 same, -1 reversed
+    if not np.all(np.abs(np.abs(dots) - 1) < 1e-6) or np.all(dots > 0):
+        return labels, ""
+    array, origin, flipped = labels.array, np.asarray(labels.origin, dtype=np.float64), []
+    for a in range(3):  # i, j, k; array axes (k, j, i)
+        if dots[a] < 0:
+            array = np.flip(array, axis=2 - a)
+            origin = origin + mine[:, a] * labels.spacing_ijk[a] * (labels.array.shape[2 - a] - 1)
+            flipped.append("ijk"[a])
+    return (Volume(np.ascontiguousarray(array), labels.spacing, tuple(origin), tuple((mine * np.sign(dots)).ravel())),
+            " and ".join(flipped))
+
+
 def _lattice_offset(labels: Volume, reference: Volume) -> tuple[int, int, int] | None:
     """Where ``labels`` starts on ``reference``'s voxel lattice, (k, j, i), when it is a crop or
     an extension of that lattice (same spacing and axes, origin on a voxel of it, within the
-    tolerances of ``same_grid``); None otherwise."""
+    tolerances of ``same_grid``); None otherwise. Axes reversed against the reference's are
+    taken as flipped (``_axes_flipped_to``)."""
+    labels = _axes_flipped_to(labels, reference)[0]
     if set(same_grid(labels, reference)) & {"spacing", "direction"}:
         return None
     direction = np.asarray(reference.direction, dtype=np.float64).reshape(3, 3)
@@ -1422,6 +1444,7 @@ def _on_reference_lattice(labels: Volume, reference: Volume, name: str) -> Volum
     otherwise. Used for Slicer's .seg.nrrd, which Slicer saves cropped to the segments' extent (other
     label maps on another extent stay refused: e.g. a prompt drawn on another series of the same
     geometry)."""
+    labels, flipped = _axes_flipped_to(labels, reference)
     offset = _lattice_offset(labels, reference)
     if offset is None:
         return None
@@ -1437,8 +1460,10 @@ def _on_reference_lattice(labels: Volume, reference: Volume, name: str) -> Volum
     if np.count_nonzero(inside) != np.count_nonzero(labels.array):
         return None  # labels outside the image: the usual refusal says so
     out[tuple(dst)] = inside
-    warnings.warn(f"{name} ({' x '.join(map(str, labels.shape))} voxels) lies on the image's own voxel grid, from "
-                  f"voxel {offset} in k, j, i; placed there as it is, without resampling", stacklevel=3)
+    turned = (f" (its {flipped} axis reversed, as Slicer saves a segmentation of a left-handed image)"
+              if flipped else "")
+    warnings.warn(f"{name} ({' x '.join(map(str, labels.shape))} voxels) lies on the image's own voxel grid{turned}, "
+                  f"from voxel {offset} in k, j, i; placed there as it is, without resampling", stacklevel=3)
     return Volume(out, reference.spacing, reference.origin, reference.direction)
 
 

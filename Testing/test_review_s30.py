@@ -186,3 +186,36 @@ def test_slices_a_label_never_reached_between_a_drawn_slice_and_a_wall_are_not_c
                        empty_slices={1: [10]}, threads=1)
     assert 1 in result.overlapped and result.cut == {}
     assert not any("cut in two" in note for note in result.notes())
+
+
+def test_a_slicer_segmentation_of_a_left_handed_image_is_placed_on_its_grid(tmp_path):
+    """A review (session 30): Slicer saves a segmentation of a left-handed image (FSL's LAS,
+    dcm2niix) with k reversed, voxel for voxel still the image's lattice; it was refused as "not
+    on the image grid" with advice (set the geometry from the volume) that made just that file."""
+    import warnings
+
+    import SimpleITK as sitk
+
+    from PAMSegmentLib.volumes import read_labelmap, read_volume
+
+    rng = np.random.default_rng(0)
+    image = sitk.GetImageFromArray(rng.normal(0, 1, (20, 36, 40)).astype(np.float32))
+    image.SetSpacing((1.5, 1.5, 3.0))
+    image.SetDirection((-1, 0, 0, 0, 1, 0, 0, 0, 1))  # left-handed (determinant -1)
+    image.SetOrigin((30.0, -25.0, -20.0))
+    sitk.WriteImage(image, str(tmp_path / "scan.nii.gz"))
+    drawn = np.zeros((20, 36, 40), np.uint8)
+    drawn[9, 10:20, 12:25] = 3
+    drawn[9, 15, 30] = 3  # not symmetric: a flip the wrong way would show
+    flipped = sitk.GetImageFromArray(np.ascontiguousarray(drawn[::-1, 8:30, 5:35]))  # k reversed, and cropped
+    flipped.SetSpacing((1.5, 1.5, 3.0))
+    flipped.SetDirection((-1, 0, 0, 0, 1, 0, 0, 0, -1))  # right-handed, as Slicer keeps it
+    flipped.SetOrigin(image.TransformIndexToPhysicalPoint((5, 8, 19)))  # its first voxel: the image's last slice
+    sitk.WriteImage(flipped, str(tmp_path / "prompt.seg.nrrd"))
+    volume = read_volume(tmp_path / "scan.nii.gz")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        placed = read_labelmap(tmp_path / "prompt.seg.nrrd", reference=volume)
+    np.testing.assert_array_equal(placed.array, drawn)
+    assert any("its k axis reversed, as Slicer saves a segmentation of a left-handed image" in str(w.message)
+               for w in caught)
