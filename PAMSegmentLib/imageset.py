@@ -44,8 +44,8 @@ import numpy as np
 
 from .checks import check_flag
 from .errors import InputError, PropagationCancelled
-from .propagate import (MAX_LABEL, CancelToken, _as_predictor, _is_empty, _slice_confidence, _stop_presence,
-                        _walk_lock, check_progress_and_cancel, label_list, torch_threads)
+from .propagate import (MAX_LABEL, CancelToken, _as_predictor, _check_prediction, _is_empty, _slice_confidence,
+                        _stop_presence, _walk_lock, check_progress_and_cancel, label_list, torch_threads)
 
 __all__ = ["ORDERS", "ImageSetResult", "label_images", "to_common_grid", "thumbnail_distances"]
 
@@ -403,6 +403,7 @@ def label_images(
                 if hasattr(predictor, "forget_walk"):  # each image from its guide alone, never a carried walk
                     predictor.forget_walk()
                 pred = predictor.predict(stack, g, found[g], [q])
+                _check_prediction(predictor, pred, 1, stack.shape[1:])  # a custom predictor may return anything
                 prob = np.asarray(pred.prob[0])
                 presence = _stop_presence(pred, 0)  # the presence, or the drift test where lower
                 guides[q] = g

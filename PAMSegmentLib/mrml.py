@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .checks import empty_between_drawn, runs_text, state_from_json, state_to_json
+from .checks import check_flag, empty_between_drawn, runs_text, state_from_json, state_to_json
 from .errors import InputError, PAMError, PropagationCancelled
 
 __all__ = [
@@ -326,6 +326,19 @@ def _prompt_mask(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
     elif _finer_than_volume(segmentation_node, segment_id, volume_node):
         _check_drawing_read_whole(segmentation_node, segment_id, volume_node, mask)
     return mask
+
+
+def _slice_pair(value) -> tuple[int, int]:
+    """A job's ``range``: two whole slice numbers (1.5 was cut to 1 and "ab" raised ValueError)."""
+    import numbers  # noqa: PLC0415
+
+    try:
+        first, last = value
+    except (TypeError, ValueError):
+        raise InputError(f"range must be two slice numbers (first, last), got {value!r}") from None
+    if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in (first, last)):
+        raise InputError(f"range must be two whole slice numbers (first, last), got {value!r}")
+    return int(first), int(last)
 
 
 def _placement(volume_node, segmentation_node) -> tuple:
@@ -1034,10 +1047,11 @@ class SegmentPropagation:
         self.mode = mode
         self.checkpoint = None if checkpoint in (None, "") else str(checkpoint)
         self.device = device
-        self.range = None if range is None else (int(range[0]), int(range[1]))
+        self.range = None if range is None else _slice_pair(range)
         self.model = model
         self.batch_size = batch_size
         self.threads = threads
+        check_flag("intensity_gate", intensity_gate, optional=True)  # "off" would count as True
         self.intensity_gate = None if intensity_gate is None else bool(intensity_gate)
 
         from .propagate import CancelToken  # noqa: PLC0415

@@ -1197,6 +1197,12 @@ def _check_prediction(predictor, pred, n: int, slice_shape: tuple) -> None:
                              "probabilities must lie within [0, 1] (a mask of 0 and 255: divide it by 255)")
     if pred.presence is not None and np.shape(pred.presence) != (n,):
         raise InputError(f"{name} returned {np.size(pred.presence)} presence value(s) for {n} query slice(s)")
+    if pred.presence is not None and n:  # a NaN made every confidence NaN, 5.0 a confidence of 5
+        presence = np.asarray(pred.presence, dtype=np.float64)
+        if not np.all(np.isfinite(presence)) or presence.min() < -1e-6 or presence.max() > 1.0 + 1e-6:
+            raise InputError(f"{name} returned presence values {presence.min():g} to {presence.max():g}"
+                             f"{' (NaN or inf among them)' if not np.all(np.isfinite(presence)) else ''}; "
+                             "they must lie within [0, 1]")
 
 
 def _record_stop(stats: dict, start: int, direction: int, last: int, reason: str) -> None:

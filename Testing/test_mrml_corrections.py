@@ -1615,3 +1615,19 @@ def test_a_move_under_a_non_linear_transform_is_judged_by_where_the_volume_lands
     with pytest.raises(InputError, match="^the volume or the segmentation was moved"):
         job.apply()
     assert_same_labelmap(internal_labelmap_state(seg, sid), before)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"intensity_gate": "off"}, "intensity_gate must be True or False, got 'off'"),
+    ({"range": "ab"}, "range must be two whole slice numbers \\(first, last\\), got 'ab'"),
+    ({"range": 5}, "range must be two slice numbers \\(first, last\\), got 5"),
+    ({"range": (1.5, 20)}, "range must be two whole slice numbers \\(first, last\\), got \\(1.5, 20\\)"),
+])
+def test_a_scripts_job_options_are_checked_not_coerced(mrml_scene, kwargs, message):
+    """A review (session 30): SegmentPropagation(intensity_gate="off") turned the drift test on
+    (bool("off")), range="ab" raised a bare ValueError and (1.5, 20) was cut to (1, 20)."""
+    truth, image = synthetic()
+    vol = make_volume_node(image)
+    seg, ids = make_segmentation(vol, {"tumor": one_slice(truth, 12)})
+    with pytest.raises(InputError, match=f"^{message}$"):
+        SegmentPropagation(vol, seg, ids["tumor"], model=GuideCopy(truth), **kwargs)

@@ -219,3 +219,58 @@ def test_a_slicer_segmentation_of_a_left_handed_image_is_placed_on_its_grid(tmp_
     np.testing.assert_array_equal(placed.array, drawn)
     assert any("its k axis reversed, as Slicer saves a segmentation of a left-handed image" in str(w.message)
                for w in caught)
+
+
+class _Answers:
+    """A custom predictor (``SlicePredictor``) giving one kind of wrong answer."""
+
+    threshold, window_mm, max_window, min_window = 0.5, 2.0, 1, 1
+
+    def __init__(self, kind):
+        self.kind = kind
+
+    def predict(self, volume, guide_index, guide_mask, query_indices):
+        from PAMSegmentLib.propagate import SlicePrediction
+
+        n, (h, w) = len(query_indices), volume.shape[1:]
+        prob = np.repeat(guide_mask[None].astype(np.float32), n, axis=0)
+        if self.kind == "nan":
+            return SlicePrediction(np.full((n, h, w), np.nan, np.float32))
+        if self.kind == "small":
+            return SlicePrediction(np.zeros((n, 8, 8), np.float32))
+        if self.kind == "five":
+            return SlicePrediction(np.full((n, h, w), 5.0, np.float32))
+        if self.kind == "none":
+            return SlicePrediction(np.zeros((0, h, w), np.float32))
+        return SlicePrediction(prob, np.full(n, np.nan if self.kind == "nan presence" else 5.0, np.float32))
+
+
+def test_a_custom_predictors_wrong_answers_are_one_clear_error_in_label_images_and_propagate():
+    """A review (session 30): label_images took a custom predictor's NaN or 8 x 8 probabilities for
+    "found in 0 of 5 images", 5.0 for the object everywhere, and none at all raised IndexError; a
+    NaN presence made every confidence NaN in propagate (5.0 a confidence of 5)."""
+    import pytest
+
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.imageset import label_images
+    from PAMSegmentLib.propagate import SlicePredictor
+
+    images = [np.random.default_rng(s).normal(0, 1, (32, 32)).astype(np.float32) for s in range(4)]
+    mask = np.zeros((32, 32), np.uint8)
+    mask[10:20, 10:20] = 1
+    messages = {"nan": "probabilities that are not finite numbers", "small": "probabilities of shape (1, 8, 8)",
+                "five": "values from 5 to 5; probabilities must lie within [0, 1]",
+                "none": "probabilities of shape (0, 32, 32)",
+                "nan presence": "presence values nan to nan (NaN or inf among them); they must lie within [0, 1]",
+                "five presence": "presence values 5 to 5; they must lie within [0, 1]"}
+    for kind, message in messages.items():
+        predictor = type("Custom", (_Answers, SlicePredictor), {})(kind)
+        if "presence" not in kind:
+            with pytest.raises(InputError, match=f"^Custom.predict returned .*{message[:20]}"):
+                label_images(images, 0, mask, predictor)
+        volume = np.stack(images)
+        prompt = np.zeros(volume.shape, np.uint8)
+        prompt[1] = mask
+        with pytest.raises(InputError) as caught:
+            propagate(volume, prompt, (1.0, 1.0, 1.0), predictor)
+        assert message in str(caught.value), str(caught.value)
