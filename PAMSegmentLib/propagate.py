@@ -1858,7 +1858,7 @@ def propagate(
     if getattr(model, "runs_remotely", False) is True:  # a RemoteModel: its server does the work
         return model.propagate(image, prompt, spacing, axis=axis, labels=labels, range=range, early_stop=early_stop,
                                remove_disconnected=remove_disconnected, empty_slices=empty_slices, progress=progress,
-                               cancel=cancel, previous=previous, update=update)
+                               cancel=cancel, previous=previous, update=update, _checked=True)
     predictor = _as_predictor(model, device)
     digest = image_digest(image, spacing)
     with _walk_lock(predictor):  # a predictor holds its walk's state: concurrent calls sharing one take turns

@@ -344,9 +344,15 @@ class RemoteModel:
         are the server's: given here they are not used). Raises InputError for input the server
         refuses or an argument ``propagate`` does not take, PropagationCancelled when ``cancel`` is
         set (the server's job is cancelled too), PAMError when it fails."""
+        checked = local_only.pop("_checked", False)  # by the engine's propagate(), which hands its work here
         unknown = sorted(set(local_only) - {"device", "threads", "batch_size"})
         if unknown:  # a typo (early_stopping=False) would otherwise be dropped without a word
             raise InputError(f"propagate() got an unexpected argument {unknown[0]!r}")
+        if not checked:  # called directly (the module's example): the engine's checks, here, before the upload
+            from .propagate import _validate_inputs, check_request  # noqa: PLC0415
+
+            spacing = _validate_inputs(np.asarray(image), np.asarray(prompt), spacing)
+            check_request(np.asarray(prompt), axis, labels, range, empty_slices, bool(update))
         options = {"axis": axis, "labels": None if labels is None else [int(v) for v in labels],
                    "range": None if range is None else [int(v) for v in range], "early_stop": bool(early_stop),
                    "remove_disconnected": remove_disconnected, "method": self.method,

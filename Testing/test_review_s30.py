@@ -274,3 +274,22 @@ def test_a_custom_predictors_wrong_answers_are_one_clear_error_in_label_images_a
         with pytest.raises(InputError) as caught:
             propagate(volume, prompt, (1.0, 1.0, 1.0), predictor)
         assert message in str(caught.value), str(caught.value)
+
+
+def test_remote_model_propagate_called_directly_checks_its_inputs_before_any_upload():
+    """A review (session 30): the module's own example calls RemoteModel.propagate directly, which
+    skipped the engine's checks: spacing "333" was sent as (3, 3, 3), range (1.5, 20) cut to 1."""
+    import pytest
+
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.remote import RemoteModel
+
+    server = RemoteModel("http://127.0.0.1:9")  # nothing listens there: a check that passed would say so
+    image = np.zeros((10, 16, 16), np.float32)
+    image[:, 4:12, 4:12] = 100
+    prompt = np.zeros(image.shape, np.uint8)
+    prompt[5, 6:10, 6:10] = 1
+    with pytest.raises(InputError, match="spacing"):
+        server.propagate(image, prompt, "333")
+    with pytest.raises(InputError, match="range"):
+        server.propagate(image, prompt, (1.0, 1.0, 1.0), range=(1.5, 20))
