@@ -352,7 +352,8 @@ class RemoteModel:
             from .propagate import _validate_inputs, check_request  # noqa: PLC0415
 
             spacing = _validate_inputs(np.asarray(image), np.asarray(prompt), spacing)
-            check_request(np.asarray(prompt), axis, labels, range, empty_slices, bool(update))
+            check_request(np.asarray(prompt), axis, labels, range, empty_slices,
+                          bool(update) if update is not None else previous is not None)  # as the engine
         options = {"axis": axis, "labels": None if labels is None else [int(v) for v in labels],
                    "range": None if range is None else [int(v) for v in range], "early_stop": bool(early_stop),
                    "remove_disconnected": remove_disconnected, "method": self.method,

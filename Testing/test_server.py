@@ -680,6 +680,7 @@ def test_the_upload_size_message_rounds_up():
     rng = np.random.default_rng(0)
     image = rng.random((2, 1024, 107), dtype=np.float32)
     prompt = np.zeros(image.shape, np.uint8)
+    prompt[0, 10:20, 10:20] = 1  # (an empty prompt is refused first, here, since session 30)
     with serving(create_app(lambda m: None, max_upload_mb=1)) as url:
         with pytest.raises(InputError) as refused:
             RemoteModel(url).propagate(image, prompt, (1, 1, 1))
