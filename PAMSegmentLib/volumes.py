@@ -2282,8 +2282,12 @@ def seg_nrrd_segments(path: PathLike) -> dict[int, dict[str, str]]:
         for n in range(10000):
             if f"Segment{n}_LabelValue" not in keys:
                 break
-            fields = {k: reader.GetMetaData(f"Segment{n}_{k}") for k in ("ID", "Name", "Color", "LabelValue")
+            fields = {k: reader.GetMetaData(f"Segment{n}_{k}") for k in ("ID", "Name", "Color", "LabelValue", "Tags")
                       if f"Segment{n}_{k}" in keys}
+            if "Tags" in fields:  # e.g. the terminology entry; not PAMSegment's own run and record tags
+                kept = [t for t in fields.pop("Tags").split("|") if t and not t.startswith("PAMSegment.")]
+                if kept:
+                    fields["Tags"] = "|".join(kept) + "|"
             try:
                 value = int(fields.pop("LabelValue"))
             except ValueError:
@@ -2309,7 +2313,8 @@ def seg_nrrd_segments(path: PathLike) -> dict[int, dict[str, str]]:
 
 def _seg_nrrd_metadata(image: sitk.Image, labels: np.ndarray, segments: dict[int, dict[str, str]] | None = None) -> None:
     """Segment fields Slicer reads from a .seg.nrrd, one segment per non-zero label; names and
-    colours from ``segments`` (``seg_nrrd_segments`` of the prompt) where it has the label."""
+    colours (and tags: Slicer's terminology) from ``segments`` (``seg_nrrd_segments`` of the prompt)
+    where it has the label."""
     extent = " ".join(f"0 {n - 1}" for n in image.GetSize())
     image.SetMetaData("Segmentation_MasterRepresentation", "Binary labelmap")
     image.SetMetaData("Segmentation_ContainedRepresentationNames", "Binary labelmap|")
@@ -2327,7 +2332,7 @@ def _seg_nrrd_metadata(image: sitk.Image, labels: np.ndarray, segments: dict[int
             ("Extent", extent),
             ("Layer", "0"),
             ("LabelValue", str(value)),
-            ("Tags", "|"),
+            ("Tags", given.get("Tags", "|")),
         ):
             image.SetMetaData(f"Segment{n}_{key}", text)
 

@@ -293,3 +293,29 @@ def test_remote_model_propagate_called_directly_checks_its_inputs_before_any_upl
         server.propagate(image, prompt, "333")
     with pytest.raises(InputError, match="range"):
         server.propagate(image, prompt, (1.0, 1.0, 1.0), range=(1.5, 20))
+
+
+def test_a_seg_nrrd_result_keeps_the_prompts_terminology_tags(tmp_path):
+    """A review (session 30): the result's segments had no tags ("|"), so Slicer's terminology entry
+    of the prompt's segment (its anatomical meaning) was lost."""
+    import SimpleITK as sitk
+
+    from PAMSegmentLib import volumes
+
+    image = sitk.GetImageFromArray(np.zeros((4, 8, 8), np.float32))
+    sitk.WriteImage(image, str(tmp_path / "scan.nii.gz"))
+    prompt = sitk.GetImageFromArray(np.pad(np.ones((1, 2, 2), np.uint8), ((1, 2), (3, 3), (3, 3))))
+    terminology = ("TerminologyEntry:Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^"
+                   "Anatomical Structure~SCT^10200004^Liver~^^~Anatomic codes - DICOM master list~^^~^^")
+    for key, value in {"Segment0_ID": "liver", "Segment0_Name": "liver", "Segment0_LabelValue": "1",
+                       "Segment0_Tags": f"{terminology}|PAMSegment.Run:abc|"}.items():
+        prompt.SetMetaData(key, value)
+    sitk.WriteImage(prompt, str(tmp_path / "prompt.seg.nrrd"))
+    segments = volumes.seg_nrrd_segments(tmp_path / "prompt.seg.nrrd")
+    assert segments[1]["Tags"] == f"{terminology}|"  # PAMSegment's own run tag is not carried
+    volume = volumes.read_volume(tmp_path / "scan.nii.gz")
+    volumes.write_labelmap(sitk.GetArrayFromImage(prompt), volume, tmp_path / "out.seg.nrrd", segments=segments)
+    written = sitk.ImageFileReader()
+    written.SetFileName(str(tmp_path / "out.seg.nrrd"))
+    written.ReadImageInformation()
+    assert written.GetMetaData("Segment0_Tags") == f"{terminology}|"
