@@ -759,8 +759,13 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             job.share_time(POLL_INTERVAL_MS / 1000.0)
         self.ui.progressBar.setValue(int(round(1000 * job.progress)))
         if job.state == "running":
-            if job.message == "loading model":
+            message = job.message or ""
+            if not job.cancellable:  # Cancel pressed (or the scene closed): the worker ends its batch first
+                self.ui.progressBar.setFormat("cancelling...")
+            elif message == "loading model":
                 self.ui.progressBar.setFormat("loading model...")
+            elif message.startswith("server: ") and job.progress <= 0:  # waiting in its queue, uploading...
+                self.ui.progressBar.setFormat(message[len("server: "):][:80])
             else:
                 self.ui.progressBar.setFormat(
                     f"{job.slices_done} / {job.slices_total} slices \u00b7 {_formatSeconds(job.eta_seconds)} left")

@@ -123,7 +123,10 @@ class PromptInfo:
     def describe(self) -> str:
         idx = ", ".join(str(s) for s in self.slices[:8]) + (" ..." if len(self.slices) > 8 else "")
         word = "slice" if len(self.slices) == 1 else "slices"
-        return f"{len(self.slices)} {self.plane} {word} ({idx} of {self.n_slices}), array axis {self.axis}"
+        # Slice numbers are the volume's own (0 to n - 1, as Slicer's Data Probe shows the IJK index);
+        # "array axis" only where the plane's name does not tell the slices apart (oblique volumes).
+        axis = f", array axis {self.axis}" if self.plane.startswith("oblique") else ""
+        return f"{len(self.slices)} {self.plane} {word} ({idx}; slices 0-{self.n_slices - 1}){axis}"
 
 
 def _segment_tag(segment, key: str) -> str | None:
@@ -1319,7 +1322,8 @@ class SegmentPropagation:
             if not np.array_equal(current, self.source):
                 raise InputError(
                     f'segment "{self.segment_name}" was edited while propagating, so replacing it would lose '
-                    "the edit; nothing was written. Run again, or use output 'new segment'."
+                    "the edit; nothing was written. " + ("Update again." if self.kind == "update" else
+                                                         "Run again, or use output 'new segment'.")
                 )
 
     def _voxels_unchanged(self) -> bool:

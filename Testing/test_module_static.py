@@ -906,7 +906,7 @@ def test_panel_propagates_in_the_background_and_writes_once(panel, drawn, monkey
     assert ui.volumeSelector.currentNode() is volume
     assert ui.segmentSelector.currentSegmentID() == segment_id
     panel.promptRefreshTimer.fire()
-    assert ui.promptLabel.text == "Drawn on 1 axial slice (10 of 20), array axis 0."
+    assert ui.promptLabel.text == "Drawn on 1 axial slice (10; slices 0-19)."
     assert ui.propagateButton.enabled and not ui.cancelButton.enabled
 
     ui.newSegmentRadioButton.setChecked(True)
@@ -1107,7 +1107,7 @@ def test_panel_follows_edits_only_while_shown(panel, drawn):
     truth, volume, segmentation, segment_id = drawn
     panel.ui.segmentationSelector.setCurrentNode(segmentation)
     panel.promptRefreshTimer.fire()
-    assert panel.ui.promptLabel.text.startswith("Drawn on 1 axial slice (10 of 20)")
+    assert panel.ui.promptLabel.text.startswith("Drawn on 1 axial slice (10; slices 0-19)")
     panel.exit()
     assert not panel.promptRefreshTimer.active
     prompt = _slicer().util.arrayFromSegmentBinaryLabelmap(segmentation, segment_id, volume)
@@ -1235,6 +1235,8 @@ def test_panel_cancel_leaves_the_segmentation_alone(panel, drawn, monkeypatch):
     assert gate["started"].wait(10)
     panel.ui.cancelButton.click()
     assert panel.ui.progressBar.format == "cancelling..." and not panel.ui.cancelButton.enabled
+    panel.pollTimer.fire()  # the worker is still in its batch: the bar keeps saying so (a review, session 30:
+    assert panel.job.state == "running" and panel.ui.progressBar.format == "cancelling..."  # it showed slices)
     gate["go"].set()
     poll_until_idle(panel)
     assert panel.job.state == "cancelled"
@@ -1363,7 +1365,7 @@ def test_panel_prompt_label_without_torch_follows_the_chosen_model(panel, drawn,
         radio.setChecked(True)
         assert panel.promptRefreshTimer.active  # switching model refreshes the label
         panel.promptRefreshTimer.fire()
-        assert ui.promptLabel.text == "Drawn on 1 axial slice (10 of 20), array axis 0."
+        assert ui.promptLabel.text == "Drawn on 1 axial slice (10; slices 0-19)."
     ui.defaultModelRadioButton.setChecked(True)
     panel.promptRefreshTimer.fire()
     assert ui.promptLabel.text.startswith("PyTorch and PAM's packages are not installed yet")
@@ -1641,7 +1643,7 @@ def test_panel_update_and_undo_buttons_drive_the_jobs(panel, drawn, mrml, monkey
 
     ui.updateButton.click()
     assert panel.job.kind == "update" and panel.pollTimer.active  # (buttons while running: see below)
-    assert ui.promptLabel.text == "Updating from your slices: 2 axial slices (10, 13 of 20), array axis 0."
+    assert ui.promptLabel.text == "Updating from your slices: 2 axial slices (10, 13; slices 0-19)."
     poll_until_idle(panel)
     assert panel.job.state == "finished", panel.job.error
     np.testing.assert_array_equal(_segment_array(segmentation, segment_id, volume), edited)  # the edit survives
@@ -1663,7 +1665,7 @@ def test_panel_update_and_undo_buttons_drive_the_jobs(panel, drawn, mrml, monkey
     mrml.assert_same_labelmap(mrml.internal_labelmap_state(segmentation, segment_id), prompt_state)
     assert not ui.updateButton.enabled and not ui.undoButton.enabled and not ui.nextReviewButton.enabled
     panel.promptRefreshTimer.fire()
-    assert ui.promptLabel.text == "Drawn on 1 axial slice (10 of 20), array axis 0."
+    assert ui.promptLabel.text == "Drawn on 1 axial slice (10; slices 0-19)."
 
 
 def test_panel_undo_keeps_the_edits_when_the_user_says_no(panel, drawn, monkeypatch):
@@ -1952,3 +1954,18 @@ def test_cleanup_waits_for_a_worker_still_stopping_after_cancel(panel, drawn, mo
     threading.Timer(0.3, gate["go"].set).start()  # the batch goes on a moment after cleanup begins
     panel.cleanup()
     assert waited == [5] and job.done
+
+
+def test_the_bar_shows_the_servers_queue_position_while_a_job_waits(panel):
+    """A review (session 30): a job waiting in a server's queue showed "1 / 20 slices" on the bar,
+    the server's "waiting (queue position 2)" nowhere."""
+    job = types.SimpleNamespace(state="running", message="server: waiting (queue position 2)", progress=0.0,
+                                cancellable=True, share_time=lambda seconds: None, slices_done=1, slices_total=20,
+                                eta_seconds=None)
+    panel.job = job
+    panel.onPollJob()
+    assert panel.ui.progressBar.format == "waiting (queue position 2)"
+    job.message, job.progress, job.slices_done = "server: propagating", 0.5, 10
+    panel.onPollJob()
+    assert panel.ui.progressBar.format.startswith("10 / 20 slices")
+    panel.job = None

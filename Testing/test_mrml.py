@@ -84,7 +84,7 @@ def test_describe_prompt_finds_the_drawn_slice_and_plane(scene_with_prompt):
     _, vol, seg, sid = scene_with_prompt
     info = describe_prompt(vol, seg, sid)
     assert (info.axis, info.slices, info.plane, info.n_slices) == (0, [CENTER[0]], "axial", SHAPE[0])
-    assert "1 axial slice (12 of 24)" in info.describe()
+    assert "1 axial slice (12; slices 0-23)" in info.describe()
 
 
 def test_a_stroke_drawn_in_a_coronal_view_beside_the_axial_drawing_is_refused(mrml_scene):
