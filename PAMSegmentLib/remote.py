@@ -96,6 +96,31 @@ def _pieces(view: memoryview, cancel):
         yield view[start:start + UPLOAD_PIECE_BYTES]
 
 
+def _cancellable(ask, cancel):
+    """``ask()`` on a helper thread, waited for while ``cancel`` is not set: PropagationCancelled at
+    once when it is (a server that accepts the connection but never answers held Cancel for the
+    whole 60 s timeout); the helper ends on its own when the request does."""
+    import threading  # noqa: PLC0415
+
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = ask()
+        except BaseException as error:  # noqa: BLE001 - handed to the caller
+            outcome["error"] = error
+
+    helper = threading.Thread(target=run, name="pamsegment-request", daemon=True)
+    helper.start()
+    while helper.is_alive():
+        helper.join(0.1)
+        if cancel.is_cancelled and helper.is_alive():
+            raise PropagationCancelled("cancelled")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
 def _sleep(seconds: float, cancel=None) -> None:
     """Wait ``seconds``, looking at ``cancel`` every 0.1 s (PropagationCancelled once it is set)."""
     end = time.monotonic() + seconds
@@ -234,9 +259,12 @@ class RemoteModel:
             req.add_header("Authorization", f"Bearer {self.token}")
         if body is not None:
             req.add_header("Content-Type", "application/octet-stream")
-        try:
+        def ask() -> bytes:
             with _OPENER.open(req, timeout=self.timeout) as resp:  # http(s) checked above
                 return resp.read()
+
+        try:
+            return ask() if cancel is None else _cancellable(ask, cancel)
         except _Redirected as redirect:
             raise InputError(f"the server at {self.url} redirects to {_base_of(redirect.url, path)}: give that address "
                              "instead (a redirect is not followed, so that the token goes only to the address "
@@ -268,7 +296,7 @@ class RemoteModel:
         deadline = time.monotonic() + seconds
         while True:
             try:
-                return self._request("GET", path)
+                return self._request("GET", path, cancel=cancel)
             except (_Unreachable, _Answered) as error:
                 if isinstance(error, _Answered) and error.code not in RETRY_CODES:
                     raise
@@ -324,10 +352,11 @@ class RemoteModel:
         return PAMError(f"{self.url} answered, but not as a PAMSegment server does; check the address (as "
                         "`pamsegment serve` prints it)")
 
-    def info(self) -> dict:
-        """The server's version, model and limits (``GET /info``)."""
+    def info(self, cancel=None) -> dict:
+        """The server's version, model and limits (``GET /info``); ``cancel``: PropagationCancelled
+        as soon as it is set, not once a server that does not answer has timed out."""
         try:
-            payload = self._request("GET", "/info")
+            payload = self._request("GET", "/info", cancel=cancel)
         except _Answered as error:
             if error.code in (404, 405):  # no /info there: another server, or a path after the address
                 raise self._not_a_server() from None
@@ -368,7 +397,7 @@ class RemoteModel:
         # clear message (a server refusing a large upload early looks like a broken connection).
         busy_until = time.monotonic() + self.wait_when_busy
         while True:
-            limits = self.info()
+            limits = self.info(cancel)
             queued, max_jobs = limits.get("queued"), limits.get("max_jobs")  # (servers before session 25 send neither)
             if not (all(isinstance(v, int) and not isinstance(v, bool) for v in (queued, max_jobs))
                     and queued >= max_jobs):
@@ -408,7 +437,7 @@ class RemoteModel:
                 self._wait_busy(busy_until, f"a full queue ({detail})", progress, cancel)
             except _Unreachable:  # a server refusing a large upload early (its queue filled since /info) resets it
                 try:
-                    now = self.info()
+                    now = self.info(cancel)
                 except PAMError:
                     now = {}
                 queued, max_jobs = now.get("queued"), now.get("max_jobs")

@@ -95,7 +95,7 @@ def test_a_full_queue_is_waited_out_when_asked_and_said_in_the_progress(copy_ser
                         busy_interval=0.01)
     real_info, asked = model.info, []
 
-    def full_twice():
+    def full_twice(cancel=None):
         info = real_info()
         asked.append(1)
         return {**info, "queued": info["max_jobs"]} if len(asked) <= 2 else info
@@ -181,7 +181,7 @@ def test_an_older_server_without_per_job_drift_tests_is_named_or_left_its_settin
     model = RemoteModel(copy_server, token="tok", poll_interval=0.01, method="copy", intensity_gate="off")
     real_info = model.info
     assert "intensity_gate" in real_info()["options"]
-    monkeypatch.setattr(model, "info", lambda: {**real_info(), "options": ["axis", "labels", "method"]})  # older
+    monkeypatch.setattr(model, "info", lambda cancel=None: {**real_info(), "options": ["axis", "labels", "method"]})  # older
     with pytest.raises(InputError, match=r"the server at .* is older than this client: it cannot set the drift test "
                                          r"per job"):
         model.propagate(image, prompt, (1.0, 1.0, 1.0))
@@ -203,7 +203,7 @@ def test_a_server_that_lists_no_options_is_asked_and_answered_by_what_it_does(co
     prompt[3, 2:6, 2:6] = 1
     model = RemoteModel(copy_server, token="tok", poll_interval=0.01, intensity_gate="off")
     real_info = model.info
-    monkeypatch.setattr(model, "info", lambda: {k: v for k, v in real_info().items() if k != "options"})
+    monkeypatch.setattr(model, "info", lambda cancel=None: {k: v for k, v in real_info().items() if k != "options"})
     assert model.propagate(image, prompt, (1.0, 1.0, 1.0)).mask.any()  # taken: it does the drift test per job
     monkeypatch.setattr(server, "OPTION_KEYS", server.OPTION_KEYS - {"intensity_gate"})  # an older one
     with pytest.raises(InputError, match="is older than this client: it cannot set the drift test per job"):

@@ -319,3 +319,31 @@ def test_a_seg_nrrd_result_keeps_the_prompts_terminology_tags(tmp_path):
     written.SetFileName(str(tmp_path / "out.seg.nrrd"))
     written.ReadImageInformation()
     assert written.GetMetaData("Segment0_Tags") == f"{terminology}|"
+
+
+def test_cancel_does_not_wait_for_a_server_that_never_answers():
+    """A review (session 30): against a server that accepts the connection and never answers,
+    Cancel waited for the whole 60 s request timeout (Slicer's buttons stayed off meanwhile)."""
+    import socket
+    import threading
+    import time
+
+    import pytest
+
+    from PAMSegmentLib.errors import PropagationCancelled
+    from PAMSegmentLib.propagate import CancelToken
+    from PAMSegmentLib.remote import RemoteModel
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(4)  # accepts (the kernel does), never answers
+    try:
+        server = RemoteModel(f"http://127.0.0.1:{silent.getsockname()[1]}", timeout=300)
+        cancel = CancelToken()
+        threading.Timer(0.3, cancel.cancel).start()
+        t0 = time.monotonic()
+        with pytest.raises(PropagationCancelled):
+            server.info(cancel)
+        assert time.monotonic() - t0 < 100  # a guard, not a benchmark: the request alone waits 300 s
+    finally:
+        silent.close()

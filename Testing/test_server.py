@@ -762,7 +762,7 @@ def test_a_client_is_refused_before_its_upload_when_the_servers_queue_is_full(mo
     instead of uploading a volume to be turned away."""
     image, prompt, truth = case()
     model = RemoteModel("http://127.0.0.1:9")
-    monkeypatch.setattr(model, "info", lambda: {"queued": 8, "max_jobs": 8, "max_voxels": 10**9})
+    monkeypatch.setattr(model, "info", lambda cancel=None: {"queued": 8, "max_jobs": 8, "max_voxels": 10**9})
     monkeypatch.setattr(model, "_request", lambda *a, **k: pytest.fail("nothing is sent"))
     with pytest.raises(PAMError, match=r"^the server at http://127.0.0.1:9 has 8 jobs waiting already \(it queues at "
                                        r"most 8\); try again later$"):
@@ -915,7 +915,7 @@ def test_a_proxys_bad_gateway_during_a_job_is_asked_again(live_server, monkeypat
     result, answered, here = _propagate_with_first_job_gets_failing(live_server, monkeypatch, errors)
     assert len(answered) == 2 and np.array_equal(result.mask, here.mask)
     # Other answers are not asked again: a 500 is the server's own error, said at once.
-    monkeypatch.setattr(RemoteModel, "_request", lambda self, method, path, body=None: (_ for _ in ()).throw(
+    monkeypatch.setattr(RemoteModel, "_request", lambda self, method, path, body=None, cancel=None: (_ for _ in ()).throw(
         remote._Answered("the server answered 500: Internal Server Error", 500)))
     t0 = time.monotonic()
     with pytest.raises(remote._Answered, match="500"):
@@ -1183,7 +1183,7 @@ def test_a_queue_that_fills_between_info_and_a_large_upload_is_waited_for():
         client = RemoteModel(url, poll_interval=0.05, wait_when_busy=0.5, busy_interval=0.2)
         real_info, asked = client.info, []
 
-        def info():  # the first answer from before the queue filled
+        def info(cancel=None):  # the first answer from before the queue filled
             asked.append(1)
             return {**real_info(), "queued": 0} if len(asked) == 1 else real_info()
 
