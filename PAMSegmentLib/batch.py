@@ -372,18 +372,20 @@ def _made_otherwise(row: BatchRow, earlier: dict[str, tuple[dict, int]], method:
     return before if before and before != method else None
 
 
-def _stale(row: BatchRow, earlier: dict[str, tuple[dict, int]]) -> str | None:
+def _stale(row: BatchRow, earlier: dict[str, tuple[dict, int]], ours: frozenset = frozenset()) -> str | None:
     """Why --skip-existing runs a row whose output exists again (a review, session 30): the last
     report says the row failed (its output is then an earlier run's, from inputs the user has
-    since changed), or its image, prompt or edited result is newer than the output (as make
-    decides). None if the output is up to date."""
+    since changed), or its image, prompt or edited result changed after the output was written
+    (``_changed_at``; as make decides, with the inode change time too). ``ours``: the files this
+    batch writes (every row's output and record, its report, the manifest), which a DICOM folder
+    may hold. None if the output is up to date."""
     found = earlier.get(row.absolute()[2])
     out_time = row.output.stat().st_mtime_ns
     if found is not None and out_time <= found[1] and found[0].get("status") == "error":
         return "run again: it failed in the last run, so its output is from an earlier one"
     for what, path in (("image", row.image), ("prompt", row.prompt), ("edited result", row.edited)):
         try:
-            newer = path is not None and _changed_at(Path(path), row.output) > out_time
+            newer = path is not None and _changed_at(Path(path), ours) > out_time
         except OSError:
             continue  # gone: the run says so
         if newer:
@@ -391,21 +393,25 @@ def _stale(row: BatchRow, earlier: dict[str, tuple[dict, int]]) -> str | None:
     return None
 
 
-def _changed_at(path: Path, output: Path) -> int:
-    """When ``path`` last changed (ns): a file's own time; for a folder (a DICOM series) the newest
-    of its files' (its own time changes when anything, this batch's output or temporaries among
-    them, is put in or taken out), leaving out hidden files and the row's output and record."""
+def _changed_at(path: Path, ours: frozenset = frozenset()) -> int:
+    """When ``path`` last changed (ns): the later of a file's modification and inode change times
+    (a file moved in, or unpacked, keeps an old modification time). For a folder (a DICOM series)
+    the latest of its files' (leaving out hidden ones and ``ours``, absolute paths of what this
+    batch writes) and, when none of ``ours`` lies in it, its own (a file taken out of the series
+    shows only there)."""
+    info = path.stat()
     if not path.is_dir():
-        return path.stat().st_mtime_ns
-    skip = {output.name, output.name + ".keyframes.json"}
-    newest = 0
+        return max(info.st_mtime_ns, info.st_ctime_ns)
+    folder = _absolute(path)
+    newest = 0 if any(Path(p).parent == folder for p in ours) else info.st_mtime_ns
     with os.scandir(path) as entries:
         for entry in entries:
-            if entry.name.startswith(".") or entry.name in skip:
+            if entry.name.startswith(".") or str(folder / entry.name) in ours:
                 continue
             try:
                 if entry.is_file():
-                    newest = max(newest, entry.stat().st_mtime_ns)
+                    stat = entry.stat()
+                    newest = max(newest, stat.st_mtime_ns, stat.st_ctime_ns)
             except OSError:
                 continue
     return newest
@@ -736,7 +742,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     # replace (stopped before its row, or the row failed) is still what the earlier run made, and the
     # new report must say so, or a later --skip-existing would keep a --method copy trial as done.
     earlier = _earlier_results(out_dir)
-    from .cli import keyframes_record_exists
+    from .cli import KEYFRAMES_SUFFIX, keyframes_record_exists
 
     server, server_info = None, None
     if args.server:  # asked now: a wrong address or token is one line before anything is written
@@ -748,6 +754,9 @@ def cmd_batch(args: argparse.Namespace) -> int:
         if args.method not in server_info.get("methods", [args.method]):
             raise InputError(f"the server at {server.url} does not run --method {args.method}")
     method = made_with(args, server_info)
+    # what this batch writes (a DICOM folder may hold some of it: not a change of its series)
+    ours = frozenset([*(o for r in rows for o in (r.absolute()[2], r.absolute()[2] + KEYFRAMES_SUFFIX)),
+                      str(_absolute(out_dir / report_name)), str(_absolute(Path(args.manifest)))])
     for r in rows:  # an empty file is what an interrupted copy leaves, not a result
         exists = r.output.is_file() and r.output.stat().st_size > 0
         done = args.skip_existing and exists
@@ -756,7 +765,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         if done and r.edited is not None and not keyframes_record_exists(r.output):
             done = False  # an update row is done with its keyframes record (written together with it)
         other = _made_otherwise(r, earlier, method) if done else None
-        stale = _stale(r, earlier) if done and other is None else None
+        stale = _stale(r, earlier, ours) if done and other is None else None
         if other is not None:  # made by another method or checkpoint: not what this run asks for
             done = False
             r.method = other  # what the output still is until this run replaces it (interrupted, failed)

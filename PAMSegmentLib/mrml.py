@@ -326,20 +326,19 @@ def _prompt_mask(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
     mask = segment_mask(segmentation_node, segment_id, volume_node)
     if not mask.any():
         _explain_lost_prompt(segmentation_node, segment_id, volume_node)
-    elif _finer_than_volume(segmentation_node, segment_id, volume_node):
-        _check_drawing_read_whole(segmentation_node, segment_id, volume_node, mask)
     return mask
 
 
 def _slice_pair(value) -> tuple[int, int]:
-    """A job's ``range``: two whole slice numbers (1.5 was cut to 1 and "ab" raised ValueError)."""
-    import numbers  # noqa: PLC0415
+    """A job's ``range``: two whole slice numbers, as the engine takes them (3.0 too; 1.5 was cut
+    to 1 and "ab" raised ValueError)."""
+    from .checks import is_number  # noqa: PLC0415
 
     try:
         first, last = value
     except (TypeError, ValueError):
         raise InputError(f"range must be two slice numbers (first, last), got {value!r}") from None
-    if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in (first, last)):
+    if not all(is_number(v, -math.inf, math.inf, whole=True) for v in (first, last)):
         raise InputError(f"range must be two whole slice numbers (first, last), got {value!r}")
     return int(first), int(last)
 
@@ -706,10 +705,13 @@ def describe_prompt(volume_node, segmentation_node, segment_id: str) -> PromptIn
     grid = _grid_of(volume_node)
     mask = _prompt_mask(segmentation_node, segment_id, volume_node)
     try:
-        return _prompt_info(mask, grid, volume_node)
+        info = _prompt_info(mask, grid, volume_node)
     except InputError as exc:
         segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
         raise InputError(f'segment "{segment.GetName()}": {exc}') from None
+    if _finer_than_volume(segmentation_node, segment_id, volume_node):  # after the cheap refusals (a 3D mask)
+        _check_drawing_read_whole(segmentation_node, segment_id, volume_node, mask)
+    return info
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1032,6 +1034,8 @@ class SegmentPropagation:
             self.prompt_info = _prompt_info(self.prompt, self.grid, volume_node)
         except InputError as exc:
             raise InputError(f'segment "{segment.GetName()}" on volume "{volume_node.GetName()}": {exc}') from None
+        if _finer_than_volume(segmentation_node, segment_id, volume_node):  # after the cheap refusals (a 3D mask)
+            _check_drawing_read_whole(segmentation_node, segment_id, volume_node, self.prompt)
         self._init_job(volume_node, segmentation_node, segment_id, segment.GetName(), mode=mode,
                        checkpoint=checkpoint, device=device, range=range, model=model, batch_size=batch_size,
                        threads=threads, cancel=cancel, progress=progress, intensity_gate=intensity_gate)

@@ -1198,7 +1198,11 @@ def _check_prediction(predictor, pred, n: int, slice_shape: tuple) -> None:
     if pred.presence is not None and np.shape(pred.presence) != (n,):
         raise InputError(f"{name} returned {np.size(pred.presence)} presence value(s) for {n} query slice(s)")
     if pred.presence is not None and n:  # a NaN made every confidence NaN, 5.0 a confidence of 5
-        presence = np.asarray(pred.presence, dtype=np.float64)
+        try:  # value by value: a torch tensor that requires grad has no numpy view
+            values = pred.presence.detach() if hasattr(pred.presence, "detach") else pred.presence
+            presence = np.array([float(v) for v in values], dtype=np.float64)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise InputError(f"{name} returned presence values that are not numbers ({error})") from None
         if not np.all(np.isfinite(presence)) or presence.min() < -1e-6 or presence.max() > 1.0 + 1e-6:
             raise InputError(f"{name} returned presence values {presence.min():g} to {presence.max():g}"
                              f"{' (NaN or inf among them)' if not np.all(np.isfinite(presence)) else ''}; "

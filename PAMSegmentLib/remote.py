@@ -378,9 +378,12 @@ class RemoteModel:
         if unknown:  # a typo (early_stopping=False) would otherwise be dropped without a word
             raise InputError(f"propagate() got an unexpected argument {unknown[0]!r}")
         if not checked:  # called directly (the module's example): the engine's checks, here, before the upload
-            from .propagate import _validate_inputs, check_request  # noqa: PLC0415
+            from .propagate import _validate_inputs, _validate_options, check_request  # noqa: PLC0415
 
             spacing = _validate_inputs(np.asarray(image), np.asarray(prompt), spacing)
+            axis, labels, range = _validate_options(  # noqa: A001
+                axis, labels, range, local_only.get("batch_size", 16), local_only.get("threads"), cancel, previous,
+                progress, early_stop, remove_disconnected, update)
             check_request(np.asarray(prompt), axis, labels, range, empty_slices,
                           bool(update) if update is not None else previous is not None)  # as the engine
         options = {"axis": axis, "labels": None if labels is None else [int(v) for v in labels],

@@ -1071,3 +1071,25 @@ def test_skip_existing_judges_a_dicom_folder_by_its_files_not_its_own_time(tmp_p
     assert main(["batch", str(m), "-o", str(out), "--method", "copy", "--skip-existing"]) == 0
     row = _report(out / "batch_report.csv")[0]
     assert row["status"] == "ok" and row["message"].startswith("run again: its image changed")
+
+
+def test_skip_existing_sees_a_file_taken_out_of_a_dicom_series(tmp_path, capsys):
+    """A re-review (session 30): judging a DICOM folder by its newest file missed a slice file
+    removed from the series (no file is newer then): the row was skipped as done, its output from
+    the 12-slice series kept for the 11-slice one."""
+    from test_volumes import make_volume, write_dicom_series
+
+    from PAMSegmentLib.volumes import Volume, write_volume
+
+    vol = make_volume(shape=(12, 20, 22))
+    write_dicom_series(tmp_path / "p01", vol, "1.2.826.0.1.3680043.2.1125.7.98")
+    prompt = np.zeros(vol.array.shape, np.uint8)
+    prompt[6, 5:15, 5:15] = 1
+    write_volume(Volume(prompt, vol.spacing, vol.origin, vol.direction), tmp_path / "p01_prompt.nrrd")
+    m = _manifest(tmp_path / "cases.csv", ["image,prompt", "p01,p01_prompt.nrrd"])
+    out = tmp_path / "out"
+    assert main(["batch", str(m), "-o", str(out), "--method", "copy"]) == 0
+    sorted((tmp_path / "p01").glob("*.dcm"))[-1].unlink()
+    capsys.readouterr()
+    assert main(["batch", str(m), "-o", str(out), "--method", "copy", "--skip-existing"]) == 2
+    assert "not on the image grid: size differs" in capsys.readouterr().err  # run again: the series changed

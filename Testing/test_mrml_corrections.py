@@ -1631,3 +1631,4 @@ def test_a_scripts_job_options_are_checked_not_coerced(mrml_scene, kwargs, messa
     seg, ids = make_segmentation(vol, {"tumor": one_slice(truth, 12)})
     with pytest.raises(InputError, match=f"^{message}$"):
         SegmentPropagation(vol, seg, ids["tumor"], model=GuideCopy(truth), **kwargs)
+    assert SegmentPropagation(vol, seg, ids["tumor"], model=GuideCopy(truth), range=(3.0, 20.0)).range == (3, 20)

@@ -347,3 +347,34 @@ def test_cancel_does_not_wait_for_a_server_that_never_answers():
         assert time.monotonic() - t0 < 100  # a guard, not a benchmark: the request alone waits 300 s
     finally:
         silent.close()
+
+
+def test_presence_as_a_tensor_that_requires_grad_and_remote_options_checked_directly():
+    """Re-reviews (session 30): the new presence check converted with np.asarray, which a torch
+    tensor that requires grad refuses (a raw RuntimeError; it worked before); a direct
+    RemoteModel.propagate took early_stop="no" for True and cut range (1.5, 11) to (1, 11)."""
+    import pytest
+    import torch
+
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.propagate import SlicePrediction, SlicePredictor
+    from PAMSegmentLib.remote import RemoteModel
+
+    class WithGrad(SlicePredictor):
+        threshold, window_mm, max_window, min_window = 0.5, 2.0, 1, 1
+
+        def predict(self, volume, guide_index, guide_mask, query_indices):
+            n = len(query_indices)
+            prob = np.repeat(guide_mask[None].astype(np.float32), n, axis=0)
+            return SlicePrediction(prob, torch.full((n,), 0.9, requires_grad=True))
+
+    image = np.zeros((10, 16, 16), np.float32)
+    image[:, 4:12, 4:12] = 100
+    prompt = np.zeros(image.shape, np.uint8)
+    prompt[5, 6:10, 6:10] = 1
+    assert propagate(image, prompt, (1.0, 1.0, 1.0), WithGrad()).mask.any()
+    server = RemoteModel("http://127.0.0.1:9")  # nothing listens: a check that passed would say so
+    with pytest.raises(InputError, match="early_stop must be True or False, got 'no'"):
+        server.propagate(image, prompt, (1.0, 1.0, 1.0), early_stop="no")
+    with pytest.raises(InputError, match="range's first slice must be a whole number, got 1.5"):
+        server.propagate(image, prompt, (1.0, 1.0, 1.0), range=(1.5, 11))
