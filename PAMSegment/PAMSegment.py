@@ -564,7 +564,9 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return False
         except Exception as exc:
             logging.exception("PAMSegment: installing dependencies failed")
-            self._setStatus(f"Installing dependencies failed: {exc}", "error")
+            returncode = getattr(exc, "returncode", None)  # subprocess.CalledProcessError: its command is noise
+            reason = f"the installer exited with status {returncode}" if returncode is not None else str(exc)
+            self._setStatus(f"Installing dependencies failed ({reason}); the Python console shows why.", "error")
             return False
         finally:
             dialog.close()

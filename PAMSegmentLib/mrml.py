@@ -1286,7 +1286,12 @@ class SegmentPropagation:
             with self._lock:
                 self._traceback = tb
                 self.exception = exc
-                self.error = str(exc) or type(exc).__name__
+                # a programming fault's own text means nothing to a user (a KeyError read "'weights'"):
+                # its kind named, and where the details are (out of memory and the like say themselves)
+                bug = isinstance(exc, (KeyError, IndexError, AttributeError, TypeError, NameError, AssertionError,
+                                       ZeroDivisionError))
+                self.error = (f"an internal error ({type(exc).__name__}: {str(exc)[:300]}); the Python console "
+                              "has the details") if bug else (str(exc) or type(exc).__name__)
                 self._finish("failed", self.error)
         else:
             with self._lock:

@@ -1969,3 +1969,22 @@ def test_the_bar_shows_the_servers_queue_position_while_a_job_waits(panel):
     panel.onPollJob()
     assert panel.ui.progressBar.format.startswith("10 / 20 slices")
     panel.job = None
+
+
+def test_a_failed_installation_says_where_to_look_not_the_pip_command(panel, monkeypatch):
+    """A review (session 30): the status showed "Installing dependencies failed: Command
+    '['/opt/Slicer/bin/PythonSlicer', '-m', 'pip', ...]' returned non-zero exit status 1."."""
+    import subprocess
+
+    monkeypatch.setattr(panel.logic, "missingRequirements", lambda network=True: [("cc3d", "connected-components-3d")])
+    monkeypatch.setattr(_slicer().util, "confirmOkCancelDisplay", lambda text, **kw: True)
+    monkeypatch.setattr(_slicer().util, "createProgressDialog",
+                        lambda **kw: types.SimpleNamespace(labelText="", close=lambda: None))
+
+    def fails(todo, report):
+        raise subprocess.CalledProcessError(1, ["/opt/Slicer/bin/PythonSlicer", "-m", "pip", "install", "x"])
+
+    monkeypatch.setattr(panel.logic, "installRequirements", fails)
+    assert panel.ensureRequirements() is False
+    assert panel.ui.statusLabel.text == ("Installing dependencies failed (the installer exited with status 1); the "
+                                         "Python console shows why.")

@@ -1117,3 +1117,17 @@ def test_undo_gives_a_segment_of_a_shared_layer_its_label_value_back(mrml_scene)
     for name, mask in (("a", a), ("b", b)):
         assert segmentation.GetSegment(ids[name]).GetLabelValue() == labels[name]
         np.testing.assert_array_equal(segment_on_volume(seg, ids[name], vol), mask.astype(bool))
+
+
+def test_a_programming_fault_in_the_worker_is_said_as_one(scene_with_prompt, monkeypatch):
+    """A review (session 30): a KeyError in the model loader reached the panel as "Failed (nothing
+    was changed): 'weights'"."""
+    truth, vol, seg, sid = scene_with_prompt
+
+    def broken(*args, **kwargs):
+        raise KeyError("weights")
+
+    monkeypatch.setattr(mrml, "_run_engine", broken)
+    job = SegmentPropagation(vol, seg, sid, model=OracleModel(truth)).start()
+    assert job.wait(30) and job.state == "failed"
+    assert job.error == "an internal error (KeyError: 'weights'); the Python console has the details"
