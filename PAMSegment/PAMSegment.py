@@ -45,6 +45,14 @@ PLOT_SIZE = (256, 56)  # confidence plot, pixels
 SEGMENT_EDITOR_SINGLETON_TAG = "SegmentEditor"  # the Segment Editor module's vtkMRMLSegmentEditorNode
 
 
+def _sentence(text):
+    """A message of the library's (written for a command line's "error: ..." line) as a sentence
+    for the panel: a capital first letter and a full stop."""
+    text = text.strip() or "refused"
+    text = text[0].upper() + text[1:]
+    return text if text[-1] in ".!?" else text + "."
+
+
 class InstallCancelled(Exception):
     """The user declined Slicer's own confirmation of a package installation."""
 
@@ -596,7 +604,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 qt.QApplication.restoreOverrideCursor()
         except Exception as exc:  # bad input: shown in the panel, nothing started
             self.job = None
-            self._setStatus(str(exc), "error")
+            self._setStatus(_sentence(str(exc)) + " Nothing was changed.", "error")
             self.updateButtons()
             return exc
         if self.job.kind == "update":

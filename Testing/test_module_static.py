@@ -1308,7 +1308,8 @@ def test_panel_shows_input_errors_without_starting(panel, mrml, monkeypatch):
     assert "empty: draw the object on one slice" in panel.ui.promptLabel.text
     panel.ui.propagateButton.click()
     assert panel.job is None and not panel.pollTimer.active
-    assert 'segment "empty"' in panel.ui.statusLabel.text
+    assert panel.ui.statusLabel.text.startswith('Segment "empty"') and panel.ui.statusLabel.text.endswith(
+        'try again. Nothing was changed.')  # a sentence (a review, session 30: it read as a command line's error)
 
 
 def test_panel_asks_before_installing_and_reports(panel, drawn, monkeypatch):
@@ -1750,7 +1751,7 @@ def test_panel_propagate_on_a_hand_drawn_3d_segment_is_refused_without_offer(pan
 def test_panel_update_with_nothing_edited_explains(panel, drawn, monkeypatch):
     _, _, segmentation, segment_id = _propagated(panel, drawn, monkeypatch)
     panel.ui.updateButton.click()
-    assert panel.job is None and panel.ui.statusLabel.text.startswith('no slice of "liver" differs from the last PAM result')
+    assert panel.job is None and panel.ui.statusLabel.text.startswith('No slice of "liver" differs from the last PAM result')
     assert panel.ui.updateButton.enabled
 
 
