@@ -1751,7 +1751,8 @@ def test_panel_propagate_on_a_hand_drawn_3d_segment_is_refused_without_offer(pan
 def test_panel_update_with_nothing_edited_explains(panel, drawn, monkeypatch):
     _, _, segmentation, segment_id = _propagated(panel, drawn, monkeypatch)
     panel.ui.updateButton.click()
-    assert panel.job is None and panel.ui.statusLabel.text.startswith('No slice of "liver" differs from the last PAM result')
+    assert panel.job is None and panel.ui.statusLabel.text.startswith(
+        'No slice of "liver" differs from the last PAM result')
     assert panel.ui.updateButton.enabled
 
 
