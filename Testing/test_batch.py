@@ -1045,22 +1045,29 @@ def test_skip_existing_runs_again_a_row_that_failed_last_time_or_whose_inputs_ch
     assert rows[1]["message"].startswith("run again: its image changed after its output was written")
 
 
+def _dicom_case(tmp_path, uid, output=None):
+    """A 12-slice DICOM series in tmp_path/p01, a prompt beside it and a one-row manifest (its
+    output column ``output`` if given): the manifest's path."""
+    from test_volumes import make_volume, write_dicom_series
+
+    from PAMSegmentLib.volumes import Volume, write_volume
+
+    vol = make_volume(shape=(12, 20, 22))
+    write_dicom_series(tmp_path / "p01", vol, uid)
+    prompt = np.zeros(vol.array.shape, np.uint8)
+    prompt[6, 5:15, 5:15] = 1
+    write_volume(Volume(prompt, vol.spacing, vol.origin, vol.direction), tmp_path / "p01_prompt.nrrd")
+    row = "p01,p01_prompt.nrrd" + (f",{output}" if output else "")
+    return _manifest(tmp_path / "cases.csv", ["image,prompt" + (",output" if output else ""), row])
+
+
 def test_skip_existing_judges_a_dicom_folder_by_its_files_not_its_own_time(tmp_path, capsys):
     """A re-review (session 30): a row whose output lies inside its DICOM folder was run again by
     every --skip-existing (putting the output in changed the folder's own time); a file of the
     series rewritten in place was missed."""
     import os
 
-    from test_volumes import make_volume, write_dicom_series
-
-    from PAMSegmentLib.volumes import Volume, write_volume
-
-    vol = make_volume(shape=(12, 20, 22))
-    write_dicom_series(tmp_path / "p01", vol, "1.2.826.0.1.3680043.2.1125.7.99")
-    prompt = np.zeros(vol.array.shape, np.uint8)
-    prompt[6, 5:15, 5:15] = 1
-    write_volume(Volume(prompt, vol.spacing, vol.origin, vol.direction), tmp_path / "p01_prompt.nrrd")
-    m = _manifest(tmp_path / "cases.csv", ["image,prompt,output", "p01,p01_prompt.nrrd,p01/seg.nii.gz"])
+    m = _dicom_case(tmp_path, "1.2.826.0.1.3680043.2.1125.7.99", output="p01/seg.nii.gz")
     out = tmp_path / "out"
     for expected in ("ok", "skipped", "skipped"):
         assert main(["batch", str(m), "-o", str(out), "--method", "copy", "--skip-existing"]) == 0
@@ -1077,16 +1084,7 @@ def test_skip_existing_sees_a_file_taken_out_of_a_dicom_series(tmp_path, capsys)
     """A re-review (session 30): judging a DICOM folder by its newest file missed a slice file
     removed from the series (no file is newer then): the row was skipped as done, its output from
     the 12-slice series kept for the 11-slice one."""
-    from test_volumes import make_volume, write_dicom_series
-
-    from PAMSegmentLib.volumes import Volume, write_volume
-
-    vol = make_volume(shape=(12, 20, 22))
-    write_dicom_series(tmp_path / "p01", vol, "1.2.826.0.1.3680043.2.1125.7.98")
-    prompt = np.zeros(vol.array.shape, np.uint8)
-    prompt[6, 5:15, 5:15] = 1
-    write_volume(Volume(prompt, vol.spacing, vol.origin, vol.direction), tmp_path / "p01_prompt.nrrd")
-    m = _manifest(tmp_path / "cases.csv", ["image,prompt", "p01,p01_prompt.nrrd"])
+    m = _dicom_case(tmp_path, "1.2.826.0.1.3680043.2.1125.7.98")
     out = tmp_path / "out"
     assert main(["batch", str(m), "-o", str(out), "--method", "copy"]) == 0
     sorted((tmp_path / "p01").glob("*.dcm"))[-1].unlink()

@@ -866,6 +866,10 @@ def load_scene(scene, folder):
     assert scene.Connect() == 1
 
 
+def _walk_ends(stops):
+    return sorted((s["start"], s["direction"], s["last"], s["reason"]) for s in stops)
+
+
 def test_a_saved_result_is_updated_in_the_next_session_as_in_its_own(session, tmp_path):
     seg, sid, vol, history, truth = session["seg"], session["sid"], session["vol"], session["history"], session["truth"]
     entry = history.get(seg, sid)
@@ -878,6 +882,16 @@ def test_a_saved_result_is_updated_in_the_next_session_as_in_its_own(session, tm
     write(seg, sid, vol, edited)
     here = update_segment(vol, seg, sid, history, model=GuideCopy(truth))
     expected = on_volume(seg, sid, vol)
+    # Session 30 (carried from 29): the history kept no walk endings, so an update's report and drift
+    # notes left out the walks it reused (the command line's record repeats them): now as a fresh run's.
+    fresh = propagate(synthetic()[1], np.stack([edited[s] if s in (12, 16) else np.zeros_like(edited[s])
+                                                for s in range(SHAPE[0])]).astype(np.uint8), (2.0, 0.9, 0.8),
+                      GuideCopy(truth))
+    assert _walk_ends(entry.stops) == [(12, -1, 4, "area"), (12, 1, 20, "area")]
+    assert _walk_ends(here.result.stops[1]) == _walk_ends(fresh.stops[1]) == [(12, -1, 4, "area"),
+                                                                             (16, 1, 20, "area")]
+    assert [r["walk_end"] for r in here.result.slice_table() if r["slice"] in (4, 20)] == ["area", "area"]
+    assert _walk_ends(history.get(seg, sid).stops) == _walk_ends(fresh.stops[1])
 
     with scene_context() as scene:
         load_scene(scene, tmp_path)
@@ -893,6 +907,7 @@ def test_a_saved_result_is_updated_in_the_next_session_as_in_its_own(session, tm
         np.testing.assert_array_equal(back.result_mask.unpack(), entry.result_mask.unpack())
         np.testing.assert_array_equal(back.confidence, entry.confidence)  # NaN where not predicted, too
         assert back.begin_state == entry.begin_state and back.n_predicted == entry.n_predicted == 18
+        assert _walk_ends(back.stops) == _walk_ends(entry.stops)  # the record keeps the walk endings too
         assert back.occupied_slices() == list(range(4, 21)) and back.next_to_review() == entry.next_to_review()
         assert back.describe() == ("PAM result on axial slices 4-20; your slices: 12 (read back from the record saved "
                                    "with the segment: it can be updated, not undone)")
@@ -904,6 +919,7 @@ def test_a_saved_result_is_updated_in_the_next_session_as_in_its_own(session, tm
         np.testing.assert_array_equal(on_volume(seg2, sid, vol2), expected)
         assert there.recomputed == here.recomputed == [(13, 15), (17, 23)]  # the walks saved were reused
         assert there.result.n_predicted == here.result.n_predicted == len(model.predicted) == 11
+        assert _walk_ends(there.result.stops[1]) == _walk_ends(fresh.stops[1])
 
         # the update can be undone (this session saved the state before it); the saved result cannot
         update = history2.get(seg2, sid)
@@ -1417,43 +1433,6 @@ def test_an_update_with_a_slice_outside_the_propagation_range_is_refused_before_
                                          r"propagation was limited to: undo the propagation"):
         update_segment(vol, seg, sid, history, model=GuideCopy(truth))
     assert_same_labelmap(internal_labelmap_state(seg, sid), before)
-
-
-def _walk_ends(stops):
-    return sorted((s["start"], s["direction"], s["last"], s["reason"]) for s in stops)
-
-
-def test_an_update_reports_the_endings_of_the_walks_it_reused_as_a_fresh_run_does(session, tmp_path):
-    """Session 30 (carried from 29): Slicer's history kept no walk endings, so an update's report
-    and drift notes left out the walks it reused (the CLI's record repeats them). Now the entry and
-    the record saved with the segment keep them."""
-    seg, sid, vol, history, truth = session["seg"], session["sid"], session["vol"], session["history"], session["truth"]
-    entry = history.get(seg, sid)
-    assert _walk_ends(entry.stops) == [(12, -1, 4, "area"), (12, 1, 20, "area")]
-    save_scene(slicer.mrmlScene, tmp_path, [vol, seg])
-    ids = (vol.GetID(), seg.GetID())
-    edited = on_volume(seg, sid, vol)
-    edited[16] = truth[16]
-    write(seg, sid, vol, edited)
-    job = update_segment(vol, seg, sid, history, model=GuideCopy(truth))
-    assert sorted(job.recomputed) == [(13, 15), (17, 23)]  # the walk down from slice 12 was reused
-    fresh = propagate(synthetic()[1], np.stack([edited[s] if s in (12, 16) else np.zeros_like(edited[s])
-                                                for s in range(SHAPE[0])]).astype(np.uint8), (2.0, 0.9, 0.8),
-                      GuideCopy(truth))
-    assert _walk_ends(job.result.stops[1]) == _walk_ends(fresh.stops[1]) == [(12, -1, 4, "area"),
-                                                                            (16, 1, 20, "area")]
-    assert [r["walk_end"] for r in job.result.slice_table() if r["slice"] in (4, 20)] == ["area", "area"]
-    assert _walk_ends(history.get(seg, sid).stops) == _walk_ends(fresh.stops[1])
-
-    with scene_context() as scene:  # the next session: the record saved with the segment keeps them too
-        load_scene(scene, tmp_path)
-        vol2, seg2 = scene.GetNodeByID(ids[0]), scene.GetNodeByID(ids[1])
-        history2 = PropagationHistory()
-        assert _walk_ends(history2.get(seg2, sid).stops) == _walk_ends(entry.stops)
-        write(seg2, sid, vol2, edited)
-        there = update_segment(vol2, seg2, sid, history2, model=GuideCopy(truth))
-        assert there.recomputed == [(13, 15), (17, 23)]
-        assert _walk_ends(there.result.stops[1]) == _walk_ends(fresh.stops[1])
 
 
 @pytest.mark.parametrize("transformed", [False, True])
