@@ -529,7 +529,7 @@ def check_no_checkpoint_for_classical(args: argparse.Namespace) -> None:
     note_network_only_options(args)
 
 
-def note_network_only_options(args: argparse.Namespace, say=None) -> None:
+def note_network_only_options(args: argparse.Namespace) -> None:
     """A note when --device or --batch-size, the network's, are given with a classical method, which
     ignores them (--device cuda ran on a machine without CUDA, exit 0, without a word). With
     --server the server's settings note says it."""
@@ -538,9 +538,8 @@ def note_network_only_options(args: argparse.Namespace, say=None) -> None:
     given = [o for o, used in (("--device", getattr(args, "device", "cpu") != "cpu"),
                                ("--batch-size", getattr(args, "batch_size", 16) != 16)) if used]
     if given:
-        (say or (lambda text: print(text, flush=True)))(
-            f"note: {' and '.join(given)} {'is an option' if len(given) == 1 else 'are options'} of the network, "
-            f"which --method {args.method} does not use (it runs on the processor); ignored")
+        print(f"note: {' and '.join(given)} {'is an option' if len(given) == 1 else 'are options'} of the network, "
+              f"which --method {args.method} does not use (it runs on the processor); ignored", flush=True)
 
 
 def read_case(image_path, prompt_path, output, resample: bool, note: Callable[[str], None],

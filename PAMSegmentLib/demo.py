@@ -85,9 +85,8 @@ def run_demo(out_dir: Path, checkpoint: str | None = None, method: str = "pam", 
     from .baselines import get_predictor
     from .metrics import dice
     from .propagate import propagate
-    from .volumes import read_labelmap, read_volume, replace_together, write_labelmap
-
-    from .volumes import check_folder_writable, check_not_a_broken_link
+    from .volumes import (check_folder_writable, check_not_a_broken_link, read_labelmap, read_volume,
+                          replace_together, write_labelmap)
 
     out_dir = Path(out_dir)
     for link in (out_dir, *out_dir.parents):  # a dangling link on the way: "File exists" after the work

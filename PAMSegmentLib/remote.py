@@ -259,6 +259,7 @@ class RemoteModel:
             req.add_header("Authorization", f"Bearer {self.token}")
         if body is not None:
             req.add_header("Content-Type", "application/octet-stream")
+
         def ask() -> bytes:
             with _OPENER.open(req, timeout=self.timeout) as resp:  # http(s) checked above
                 return resp.read()
