@@ -376,7 +376,7 @@ def _stale(row: BatchRow, earlier: dict[str, tuple[dict, int]], ours: frozenset 
     """Why --skip-existing runs a row whose output exists again (a review, session 30): the last
     report says the row failed (its output is then an earlier run's, from inputs the user has
     since changed), or its image, prompt or edited result changed after the output was written
-    (``_changed_at``; as make decides, with the inode change time too). ``ours``: the files this
+    (``_changed_at``; as make decides, by modification times). ``ours``: the files this
     batch writes (every row's output and record, its report, the manifest), which a DICOM folder
     may hold. None if the output is up to date."""
     found = earlier.get(row.absolute()[2])
@@ -394,15 +394,15 @@ def _stale(row: BatchRow, earlier: dict[str, tuple[dict, int]], ours: frozenset 
 
 
 def _changed_at(path: Path, ours: frozenset = frozenset()) -> int:
-    """When ``path`` last changed (ns): the later of a file's modification and inode change times
-    (a file moved in, or unpacked, keeps an old modification time). For a folder (a DICOM series)
+    """When ``path`` last changed (ns), by modification times (inode change times moved with every
+    chmod, cp -a or backup, which reran whole batches): a file's own; for a folder (a DICOM series)
     the latest of its files' (leaving out hidden ones and ``ours``, absolute paths of what this
     batch writes) and, when none of ``ours`` lies in it, its own (a file taken out of the series
-    shows only there)."""
+    shows only there). Not seen: a file moved in with an old time (as make does not)."""
     info = path.stat()
     if not path.is_dir():
-        return max(info.st_mtime_ns, info.st_ctime_ns)
-    folder = _absolute(path)
+        return info.st_mtime_ns
+    folder = path.resolve()  # as ``ours`` names its files (a folder reached through a link, too)
     newest = 0 if any(Path(p).parent == folder for p in ours) else info.st_mtime_ns
     with os.scandir(path) as entries:
         for entry in entries:
@@ -410,8 +410,7 @@ def _changed_at(path: Path, ours: frozenset = frozenset()) -> int:
                 continue
             try:
                 if entry.is_file():
-                    stat = entry.stat()
-                    newest = max(newest, stat.st_mtime_ns, stat.st_ctime_ns)
+                    newest = max(newest, entry.stat().st_mtime_ns)
             except OSError:
                 continue
     return newest
@@ -726,6 +725,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         raise InputError(f"folder {out_dir.parent} does not exist; create it or choose another -o folder")
     rows = read_manifest(args.manifest, out_dir)
     report_name = "batch_report.csv"
+    every_row = list(rows)  # (what the whole manifest writes: other shards write into the same folders)
     if args.shard:
         k, n = args.shard
         rows = rows[k - 1::n]
@@ -755,8 +755,10 @@ def cmd_batch(args: argparse.Namespace) -> int:
             raise InputError(f"the server at {server.url} does not run --method {args.method}")
     method = made_with(args, server_info)
     # what this batch writes (a DICOM folder may hold some of it: not a change of its series)
-    ours = frozenset([*(o for r in rows for o in (r.absolute()[2], r.absolute()[2] + KEYFRAMES_SUFFIX)),
-                      str(_absolute(out_dir / report_name)), str(_absolute(Path(args.manifest)))])
+    reports = [name for name in os.listdir(out_dir) if REPORT_NAME.fullmatch(name)] if out_dir.is_dir() else []
+    ours = frozenset([*(o for r in every_row for o in (r.absolute()[2], r.absolute()[2] + KEYFRAMES_SUFFIX)),
+                      *(str(_absolute(out_dir / name)) for name in [*reports, report_name]),
+                      str(_absolute(Path(args.manifest)))])
     for r in rows:  # an empty file is what an interrupted copy leaves, not a result
         exists = r.output.is_file() and r.output.stat().st_size > 0
         done = args.skip_existing and exists

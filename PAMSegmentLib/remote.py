@@ -18,6 +18,7 @@ import http.client
 import io
 import json
 import math
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -96,25 +97,34 @@ def _pieces(view: memoryview, cancel):
         yield view[start:start + UPLOAD_PIECE_BYTES]
 
 
-def _cancellable(ask, cancel):
+def _cancellable(ask, cancel, on_late=None):
     """``ask()`` on a helper thread, waited for while ``cancel`` is not set: PropagationCancelled at
     once when it is (a server that accepts the connection but never answers held Cancel for the
-    whole 60 s timeout); the helper ends on its own when the request does."""
-    import threading  # noqa: PLC0415
-
+    whole 60 s timeout); the helper ends on its own when the request does, and then hands an answer
+    that came after all to ``on_late`` (on the helper thread)."""
     outcome = {}
+    given_up = threading.Event()
 
     def run():
         try:
             outcome["value"] = ask()
         except BaseException as error:  # noqa: BLE001 - handed to the caller
             outcome["error"] = error
+            return
+        if given_up.is_set() and on_late is not None:
+            try:
+                on_late(outcome["value"])
+            except Exception:  # noqa: BLE001 - best effort: nobody waits for it any more
+                pass
 
     helper = threading.Thread(target=run, name="pamsegment-request", daemon=True)
     helper.start()
     while helper.is_alive():
         helper.join(0.1)
         if cancel.is_cancelled and helper.is_alive():
+            given_up.set()
+            if not helper.is_alive() and "value" in outcome and on_late is not None:
+                on_late(outcome["value"])  # it ended just now, before it could see given_up
             raise PropagationCancelled("cancelled")
     if "error" in outcome:
         raise outcome["error"]
@@ -243,9 +253,12 @@ class RemoteModel:
         self.token, self.timeout, self.poll_interval, self.method = token, float(timeout), float(poll_interval), method
         self.wait_when_busy, self.busy_interval = float(wait_when_busy), float(busy_interval)
 
-    def _request(self, method: str, path: str, body: bytes | memoryview | None = None, cancel=None) -> bytes:
+    def _request(self, method: str, path: str, body: bytes | memoryview | None = None, cancel=None,
+                 on_late=None) -> bytes:
         """``cancel``: an upload is sent in pieces, looking at it between them (PropagationCancelled),
-        so that Cancel does not wait for a large volume to finish uploading over a slow link."""
+        so that Cancel does not wait for a large volume to finish uploading over a slow link, and the
+        answer is waited for while Cancel is looked at (``_cancellable``); ``on_late(answer)`` is
+        called with an answer that came after Cancel (a job made meanwhile is deleted so)."""
         data = body if body is None or cancel is None else _pieces(memoryview(body), cancel)
         req = urllib.request.Request(self.url + path, data=data, method=method)
         if data is not body:
@@ -265,7 +278,7 @@ class RemoteModel:
                 return resp.read()
 
         try:
-            return ask() if cancel is None else _cancellable(ask, cancel)
+            return ask() if cancel is None else _cancellable(ask, cancel, on_late)
         except _Redirected as redirect:
             raise InputError(f"the server at {self.url} redirects to {_base_of(redirect.url, path)}: give that address "
                              "instead (a redirect is not followed, so that the token goes only to the address "
@@ -353,6 +366,22 @@ class RemoteModel:
         return PAMError(f"{self.url} answered, but not as a PAMSegment server does; check the address (as "
                         "`pamsegment serve` prints it)")
 
+    def _delete_job(self, job_id: str) -> None:
+        try:
+            self._request("DELETE", f"/jobs/{job_id}")
+        except (PAMError, OSError):
+            pass  # the server may be gone (or the job already over); nothing local to undo
+
+    def _delete_late_job(self, answer: bytes) -> None:
+        """The answer to an upload that came after Cancel: the job it made is deleted (it held a place
+        in the queue and the server's GPU for nobody)."""
+        try:
+            job_id = json.loads(answer)["id"]
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            return
+        if isinstance(job_id, str) and job_id.isalnum():
+            self._delete_job(job_id)
+
     def info(self, cancel=None) -> dict:
         """The server's version, model and limits (``GET /info``); ``cancel``: PropagationCancelled
         as soon as it is set, not once a server that does not answer has timed out."""
@@ -427,8 +456,8 @@ class RemoteModel:
         while True:
             query = urllib.parse.urlencode({"options": json.dumps(options)})
             try:  # getbuffer: the upload is sent from the buffer, not from a second full copy (getvalue)
-                job_id = self._json(self._request("POST", f"/jobs?{query}", buf.getbuffer(), cancel=cancel),
-                                    ("id",))["id"]
+                job_id = self._json(self._request("POST", f"/jobs?{query}", buf.getbuffer(), cancel=cancel,
+                                                  on_late=self._delete_late_job), ("id",))["id"]
                 break
             except InputError as error:  # a server from before per-job drift tests, which lists no options
                 if "intensity_gate" not in options or "unknown option 'intensity_gate'" not in str(error):
@@ -473,10 +502,11 @@ class RemoteModel:
             result = decode_result(self._lost_while_running(lambda: self._get_retrying(f"/jobs/{job_id}/result",
                                                                                        cancel)), max_bytes=bound)
         finally:  # downloaded, cancelled, Ctrl-C or failed: the server need not keep the job any more
-            try:
-                self._request("DELETE", f"/jobs/{job_id}")
-            except (PAMError, OSError):
-                pass  # the server may be gone (or the job already over); nothing local to undo
+            if cancel is not None and cancel.is_cancelled:  # not waited for: a silent server held Cancel 60 s
+                threading.Thread(target=self._delete_job, args=(job_id,), name="pamsegment-delete",
+                                 daemon=True).start()
+            else:
+                self._delete_job(job_id)
         if tuple(result.mask.shape) != tuple(np.shape(image)):
             raise PAMError(f"the server returned a {result.mask.shape} mask for a {np.shape(image)} image")
         # Which image the result is of, as a local run records it: a later update (previous=) reuses

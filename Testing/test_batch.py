@@ -1091,3 +1091,23 @@ def test_skip_existing_sees_a_file_taken_out_of_a_dicom_series(tmp_path, capsys)
     capsys.readouterr()
     assert main(["batch", str(m), "-o", str(out), "--method", "copy", "--skip-existing"]) == 2
     assert "not on the image grid: size differs" in capsys.readouterr().err  # run again: the series changed
+
+
+def test_skip_existing_is_not_fooled_by_metadata_changes_or_a_linked_folder(tmp_path, capsys):
+    """A re-review (session 30): judging inputs by their inode change time too reran every row
+    after a chmod, a backup tool or cp -a; a DICOM folder reached through a symbolic link, with the
+    output inside it, ran again every time."""
+    import os
+
+    m = _dicom_case(tmp_path, "1.2.826.0.1.3680043.2.1125.7.97", output="p01/seg.nii.gz")
+    out = tmp_path / "out"
+    assert main(["batch", str(m), "-o", str(out), "--method", "copy"]) == 0
+    for path in [tmp_path / "p01_prompt.nrrd", *(tmp_path / "p01").glob("*.dcm")]:
+        os.chmod(path, 0o640)  # the content is the same: only the inode change time moves
+    assert main(["batch", str(m), "-o", str(out), "--method", "copy", "--skip-existing"]) == 0
+    assert _report(out / "batch_report.csv")[0]["status"] == "skipped"
+    os.symlink(tmp_path / "p01", tmp_path / "linked")
+    linked = _manifest(tmp_path / "linked.csv", ["image,prompt,output", "linked,p01_prompt.nrrd,linked/seg2.nii.gz"])
+    for expected in ("ok", "skipped", "skipped"):
+        assert main(["batch", str(linked), "-o", str(tmp_path / "out2"), "--method", "copy", "--skip-existing"]) == 0
+        assert _report(tmp_path / "out2" / "batch_report.csv")[0]["status"] == expected

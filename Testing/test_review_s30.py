@@ -4,6 +4,7 @@ reader can check."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from PAMSegmentLib.baselines import get_predictor
 from PAMSegmentLib.propagate import propagate
@@ -379,3 +380,94 @@ def test_presence_as_a_tensor_that_requires_grad_and_remote_options_checked_dire
         server.propagate(image, prompt, (1.0, 1.0, 1.0), early_stop="no")
     with pytest.raises(InputError, match="range's first slice must be a whole number, got 1.5"):
         server.propagate(image, prompt, (1.0, 1.0, 1.0), range=(1.5, 11))
+
+
+def _slow_server(post_delay=0.0, status_hang=0.0):
+    """A stand-in PAMSegment server in a thread that answers an upload after ``post_delay`` s, a
+    job's status and its deletion after ``status_hang`` s; (server, url, log of requests)."""
+    import json
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    log = []
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def _send(self, obj, code=200):
+            body = json.dumps(obj).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            log.append(f"GET {self.path}")
+            if self.path == "/info":
+                return self._send({"server": "pamsegment", "version": "x", "queued": 0, "max_jobs": 8,
+                                   "methods": ["copy"], "options": ["axis", "labels", "range", "early_stop", "method",
+                                                                    "update", "intensity_gate", "empty_slices",
+                                                                    "remove_disconnected"]})
+            time.sleep(status_hang)
+            return self._send({"id": "J1", "state": "running", "progress": 0.0, "message": "running"})
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            log.append("POST received")
+            time.sleep(post_delay)  # the server reading and checking the volume
+            self._send({"id": "J1", "state": "queued", "queue_position": 0}, 202)
+
+        def do_DELETE(self):
+            log.append(f"DELETE {self.path}")
+            time.sleep(status_hang)
+            self._send({"id": "J1", "state": "cancelled"})
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}", log
+
+
+@pytest.mark.parametrize("when", ["while the upload is answered", "while a silent server has the job"])
+def test_cancel_leaves_no_job_on_the_server_and_does_not_wait_for_it(when):
+    """A re-review (session 30): with requests waited on a helper thread, a Cancel while the
+    server was answering the upload left its job there (nobody read the id to delete it), and a
+    Cancel while the server had stopped answering still waited the 60 s timeout for the delete."""
+    import threading
+    import time
+
+    from PAMSegmentLib.errors import PropagationCancelled
+    from PAMSegmentLib.propagate import CancelToken
+    from PAMSegmentLib.remote import RemoteModel
+
+    upload = when == "while the upload is answered"
+    server, url, log = _slow_server(post_delay=1.0 if upload else 0.0, status_hang=0.0 if upload else 30.0)
+    try:
+        image = np.random.default_rng(0).normal(0, 1, (8, 32, 32)).astype(np.float32)
+        prompt = np.zeros(image.shape, np.uint8)
+        prompt[3, 5:10, 5:10] = 1
+        cancel = CancelToken()
+
+        def cancel_soon():
+            while not any(e == ("POST received" if upload else "GET /jobs/J1") for e in log):
+                time.sleep(0.01)
+            time.sleep(0.2)
+            cancel.cancel()
+
+        threading.Thread(target=cancel_soon, daemon=True).start()
+        t0 = time.monotonic()
+        with pytest.raises(PropagationCancelled):
+            RemoteModel(url, timeout=120, poll_interval=0.05, method="copy").propagate(image, prompt, (1, 1, 1),
+                                                                                       cancel=cancel)
+        assert time.monotonic() - t0 < 20  # a guard, not a benchmark: the silent server answers after 30 s
+        deadline = time.monotonic() + 10
+        while "DELETE /jobs/J1" not in log and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "DELETE /jobs/J1" in log  # the job made meanwhile is deleted
+    finally:
+        server.shutdown()
