@@ -309,7 +309,11 @@ def _earlier_results(out_dir: Path) -> dict[str, tuple[dict, int]]:
     moved: list[tuple[str, tuple[dict, int]]] = []
     if not out_dir.is_dir():
         return found
-    reports = [p for p in out_dir.iterdir() if REPORT_NAME.fullmatch(p.name) and p.is_file()]
+    try:
+        reports = [p for p in out_dir.iterdir() if REPORT_NAME.fullmatch(p.name) and p.is_file()]
+    except OSError as error:  # a folder that cannot be listed: a traceback before
+        raise InputError(f"cannot read the folder {out_dir} ({error.strerror or error}); check its permissions or "
+                         "choose another -o") from None
     for report in sorted(reports, key=lambda p: p.stat().st_mtime_ns):
         try:
             stamp = report.stat().st_mtime_ns

@@ -97,23 +97,35 @@ def _pieces(view: memoryview, cancel):
         yield view[start:start + UPLOAD_PIECE_BYTES]
 
 
+DELETE_AFTER_CANCEL_SECONDS = 3.0  # how long a Cancel waits for the server to take its job's deletion
+
+
+def _job_id_ok(job_id) -> bool:
+    """A job id as `pamsegment serve` makes them (hex): it goes into request paths."""
+    return isinstance(job_id, str) and 0 < len(job_id) <= 64 and job_id.isascii() and job_id.isalnum()
+
+
 def _cancellable(ask, cancel, on_late=None):
     """``ask()`` on a helper thread, waited for while ``cancel`` is not set: PropagationCancelled at
     once when it is (a server that accepts the connection but never answers held Cancel for the
-    whole 60 s timeout); the helper ends on its own when the request does, and then hands an answer
-    that came after all to ``on_late`` (on the helper thread)."""
-    outcome = {}
-    given_up = threading.Event()
+    whole 60 s timeout); the helper ends on its own when the request does. An answer that comes
+    after all is handed to ``on_late`` exactly once: by the helper, or here when it came just as
+    Cancel was seen (decided under one lock)."""
+    outcome, lock = {"given_up": False}, threading.Lock()
 
     def run():
         try:
-            outcome["value"] = ask()
+            value = ask()
         except BaseException as error:  # noqa: BLE001 - handed to the caller
-            outcome["error"] = error
+            with lock:
+                outcome["error"] = error
             return
-        if given_up.is_set() and on_late is not None:
+        with lock:
+            outcome["value"] = value
+            late = outcome["given_up"]
+        if late and on_late is not None:
             try:
-                on_late(outcome["value"])
+                on_late(value)
             except Exception:  # noqa: BLE001 - best effort: nobody waits for it any more
                 pass
 
@@ -121,10 +133,12 @@ def _cancellable(ask, cancel, on_late=None):
     helper.start()
     while helper.is_alive():
         helper.join(0.1)
-        if cancel.is_cancelled and helper.is_alive():
-            given_up.set()
-            if not helper.is_alive() and "value" in outcome and on_late is not None:
-                on_late(outcome["value"])  # it ended just now, before it could see given_up
+        if cancel.is_cancelled:
+            with lock:
+                outcome["given_up"] = True
+                arrived = "value" in outcome
+            if arrived and on_late is not None:
+                on_late(outcome["value"])  # it came just now: the helper will not hand it on
             raise PropagationCancelled("cancelled")
     if "error" in outcome:
         raise outcome["error"]
@@ -254,7 +268,7 @@ class RemoteModel:
         self.wait_when_busy, self.busy_interval = float(wait_when_busy), float(busy_interval)
 
     def _request(self, method: str, path: str, body: bytes | memoryview | None = None, cancel=None,
-                 on_late=None) -> bytes:
+                 on_late=None, timeout: float | None = None) -> bytes:
         """``cancel``: an upload is sent in pieces, looking at it between them (PropagationCancelled),
         so that Cancel does not wait for a large volume to finish uploading over a slow link, and the
         answer is waited for while Cancel is looked at (``_cancellable``); ``on_late(answer)`` is
@@ -274,7 +288,7 @@ class RemoteModel:
             req.add_header("Content-Type", "application/octet-stream")
 
         def ask() -> bytes:
-            with _OPENER.open(req, timeout=self.timeout) as resp:  # http(s) checked above
+            with _OPENER.open(req, timeout=timeout or self.timeout) as resp:  # http(s) checked above
                 return resp.read()
 
         try:
@@ -366,9 +380,12 @@ class RemoteModel:
         return PAMError(f"{self.url} answered, but not as a PAMSegment server does; check the address (as "
                         "`pamsegment serve` prints it)")
 
-    def _delete_job(self, job_id: str) -> None:
+    def _delete_job(self, job_id: str, timeout: float | None = None) -> None:
+        """Ask the server to forget the job; ``timeout``: seconds to wait for its answer (after a
+        Cancel a few, on the caller's thread: a helper thread would die with a process that ends
+        right after, and the server would run the job for nobody)."""
         try:
-            self._request("DELETE", f"/jobs/{job_id}")
+            self._request("DELETE", f"/jobs/{job_id}", timeout=timeout)
         except (PAMError, OSError):
             pass  # the server may be gone (or the job already over); nothing local to undo
 
@@ -379,8 +396,8 @@ class RemoteModel:
             job_id = json.loads(answer)["id"]
         except (ValueError, KeyError, TypeError, UnicodeDecodeError):
             return
-        if isinstance(job_id, str) and job_id.isalnum():
-            self._delete_job(job_id)
+        if _job_id_ok(job_id):
+            self._delete_job(job_id, timeout=min(self.timeout, DELETE_AFTER_CANCEL_SECONDS))
 
     def info(self, cancel=None) -> dict:
         """The server's version, model and limits (``GET /info``); ``cancel``: PropagationCancelled
@@ -458,6 +475,8 @@ class RemoteModel:
             try:  # getbuffer: the upload is sent from the buffer, not from a second full copy (getvalue)
                 job_id = self._json(self._request("POST", f"/jobs?{query}", buf.getbuffer(), cancel=cancel,
                                                   on_late=self._delete_late_job), ("id",))["id"]
+                if not _job_id_ok(job_id):  # it goes into the paths asked next ("../info", "J1?x=1")
+                    raise self._not_a_server()
                 break
             except InputError as error:  # a server from before per-job drift tests, which lists no options
                 if "intensity_gate" not in options or "unknown option 'intensity_gate'" not in str(error):
@@ -502,11 +521,8 @@ class RemoteModel:
             result = decode_result(self._lost_while_running(lambda: self._get_retrying(f"/jobs/{job_id}/result",
                                                                                        cancel)), max_bytes=bound)
         finally:  # downloaded, cancelled, Ctrl-C or failed: the server need not keep the job any more
-            if cancel is not None and cancel.is_cancelled:  # not waited for: a silent server held Cancel 60 s
-                threading.Thread(target=self._delete_job, args=(job_id,), name="pamsegment-delete",
-                                 daemon=True).start()
-            else:
-                self._delete_job(job_id)
+            cancelled = cancel is not None and cancel.is_cancelled  # a silent server held Cancel 60 s
+            self._delete_job(job_id, timeout=min(self.timeout, DELETE_AFTER_CANCEL_SECONDS) if cancelled else None)
         if tuple(result.mask.shape) != tuple(np.shape(image)):
             raise PAMError(f"the server returned a {result.mask.shape} mask for a {np.shape(image)} image")
         # Which image the result is of, as a local run records it: a later update (previous=) reuses

@@ -382,7 +382,7 @@ def test_presence_as_a_tensor_that_requires_grad_and_remote_options_checked_dire
         server.propagate(image, prompt, (1.0, 1.0, 1.0), range=(1.5, 11))
 
 
-def _slow_server(post_delay=0.0, status_hang=0.0):
+def _slow_server(post_delay=0.0, status_hang=0.0, job_id="J1"):
     """A stand-in PAMSegment server in a thread that answers an upload after ``post_delay`` s, a
     job's status and its deletion after ``status_hang`` s; (server, url, log of requests)."""
     import json
@@ -420,7 +420,7 @@ def _slow_server(post_delay=0.0, status_hang=0.0):
             self.rfile.read(int(self.headers.get("Content-Length", 0)))
             log.append("POST received")
             time.sleep(post_delay)  # the server reading and checking the volume
-            self._send({"id": "J1", "state": "queued", "queue_position": 0}, 202)
+            self._send({"id": job_id, "state": "queued", "queue_position": 0}, 202)
 
         def do_DELETE(self):
             log.append(f"DELETE {self.path}")
@@ -471,3 +471,47 @@ def test_cancel_leaves_no_job_on_the_server_and_does_not_wait_for_it(when):
         assert "DELETE /jobs/J1" in log  # the job made meanwhile is deleted
     finally:
         server.shutdown()
+
+
+@pytest.mark.parametrize("job_id", ["../info", "J1?x=1", "a b", "\u00e9t\u00e9", 7])
+def test_a_job_id_that_is_no_job_id_is_not_put_in_request_paths(job_id):
+    """A re-review (session 30): the id in an upload's answer went into the next requests' paths as
+    it was ("GET /jobs/../info", "DELETE /jobs/J1?x=1"; "\u00e9t\u00e9" a raw UnicodeEncodeError)."""
+    from PAMSegmentLib.errors import PAMError
+    from PAMSegmentLib.remote import RemoteModel
+
+    server, url, log = _slow_server(job_id=job_id)
+    try:
+        image = np.random.default_rng(0).normal(0, 1, (8, 32, 32)).astype(np.float32)
+        prompt = np.zeros(image.shape, np.uint8)
+        prompt[3, 5:10, 5:10] = 1
+        with pytest.raises(PAMError, match="answered, but not as a PAMSegment server does"):
+            RemoteModel(url, method="copy").propagate(image, prompt, (1, 1, 1))
+        assert log == ["GET /info", "POST received"]  # nothing asked with that id
+    finally:
+        server.shutdown()
+
+
+def test_an_output_folder_that_cannot_be_listed_is_one_message(tmp_path, monkeypatch, capsys):
+    """A re-review (session 30): a -o folder that cannot be listed (permissions) gave a traceback."""
+    from pathlib import Path
+
+    from conftest import make_ct_case
+
+    from PAMSegmentLib import cli
+
+    case = make_ct_case(tmp_path / "c")
+    (tmp_path / "cases.csv").write_text(f"image,prompt\n{case.image_path},{case.prompt_path}\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    real = Path.iterdir
+
+    def denied(self):
+        if self == out:
+            raise PermissionError(13, "Permission denied")
+        return real(self)
+
+    monkeypatch.setattr(Path, "iterdir", denied)
+    assert cli.main(["batch", str(tmp_path / "cases.csv"), "-o", str(out), "--method", "copy"]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"cannot read the folder {out} (Permission denied); check its "
+                                                    "permissions or choose another -o")
