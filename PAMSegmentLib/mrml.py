@@ -273,14 +273,7 @@ def _linear_between(volume_node, segmentation_node) -> np.ndarray | None:
     transforms = volume_node.GetParentTransformNode(), segmentation_node.GetParentTransformNode()
     if None in transforms or transforms[0] is transforms[1]:
         return None
-    if not all(t.IsTransformToWorldLinear() for t in transforms):
-        return None
-    slicer = _slicer()
-    import vtk  # noqa: PLC0415
-
-    m = vtk.vtkMatrix4x4()
-    slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(transforms[0], transforms[1], m)
-    return slicer.util.arrayFromVTKMatrix(m).copy()
+    return _volume_to_segmentation(volume_node, segmentation_node)
 
 
 def _segment_mask_linear(segmentation_node, segment, segment_id: str, volume_node, between: np.ndarray) -> np.ndarray:
@@ -386,6 +379,25 @@ def _volume_to_segmentation(volume_node, segmentation_node) -> np.ndarray | None
     return slicer.util.arrayFromVTKMatrix(m).copy()
 
 
+def _reference_geometry_matrix(segmentation_node) -> np.ndarray | None:
+    """The image-to-world 4x4 of the segmentation's reference image geometry (its own grid, where
+    the Segment Editor paints), or None when it has none."""
+    slicer = _slicer()
+    import vtk  # noqa: PLC0415
+
+    converter = slicer.vtkSegmentationConverter
+    serialized = segmentation_node.GetSegmentation().GetConversionParameter(
+        converter.GetReferenceImageGeometryParameterName())
+    if not serialized:
+        return None
+    geometry = slicer.vtkOrientedImageData()
+    if not converter.DeserializeImageGeometry(serialized, geometry, False):
+        return None
+    matrix = vtk.vtkMatrix4x4()
+    geometry.GetImageToWorldMatrix(matrix)
+    return slicer.util.arrayFromVTKMatrix(matrix)
+
+
 def _check_not_half_a_voxel_apart(segmentation_node, segment_id: str, volume_node) -> None:
     """InputError when the segmentation's grid (where the Segment Editor paints and a result is
     written) has the volume's voxel size along an axis but lies half a voxel off it: each voxel of
@@ -393,23 +405,13 @@ def _check_not_half_a_voxel_apart(segmentation_node, segment_id: str, volume_nod
     those ties alike (or, by rounding, not even alike) reading and writing, so a written result
     came back moved by a voxel, drawn slices included, and every update moved it again (a review,
     session 30: the drawing's centre 22 -> 21 -> 20 in i)."""
-    slicer = _slicer()
-    converter = slicer.vtkSegmentationConverter
-    serialized = segmentation_node.GetSegmentation().GetConversionParameter(
-        converter.GetReferenceImageGeometryParameterName())
+    theirs = _reference_geometry_matrix(segmentation_node)
     between = _volume_to_segmentation(volume_node, segmentation_node)
-    if not serialized or between is None:
+    if theirs is None or between is None:
         return
-    geometry = slicer.vtkOrientedImageData()
-    if not converter.DeserializeImageGeometry(serialized, geometry, False):
-        return
-    import vtk  # noqa: PLC0415
-
-    theirs = vtk.vtkMatrix4x4()
-    geometry.GetImageToWorldMatrix(theirs)
     grid = _grid_of(volume_node)
     # volume (i, j, k) -> the segmentation grid's (i, j, k)
-    to_theirs = np.linalg.inv(slicer.util.arrayFromVTKMatrix(theirs)) @ between @ np.asarray(grid.ijk_to_ras, float)
+    to_theirs = np.linalg.inv(theirs) @ between @ np.asarray(grid.ijk_to_ras, float)
     rows = np.abs(to_theirs[:3, :3]) > 1e-6
     if not (rows.sum(axis=0) == 1).all() or not (rows.sum(axis=1) == 1).all():
         return  # rotated against each other: ties only on a set of measure zero
@@ -436,11 +438,13 @@ def _check_drawing_read_whole(segmentation_node, segment_id: str, volume_node, m
     the volume (``mask``: what did): a keyframe drawn on a thin slice between the volume's slices
     would be left out without a word, and a replace output would then write over it. A part is a
     26-connected piece of the segment's own voxels of at least 10 voxels and 1 % of them (a stray
-    voxel is not worth a refusal)."""
+    voxel is not worth a refusal). Nothing to check on a grid no finer than the volume's."""
     import cc3d  # noqa: PLC0415
     import vtk  # noqa: PLC0415
     from vtk.util import numpy_support  # noqa: PLC0415
 
+    if not _finer_than_volume(segmentation_node, segment_id, volume_node):
+        return
     between = _volume_to_segmentation(volume_node, segmentation_node)
     segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
     stored = segment.GetRepresentation(_binary_name()) if segment is not None else None
@@ -465,8 +469,8 @@ def _check_drawing_read_whole(segmentation_node, segment_id: str, volume_node, m
     stored.GetImageToWorldMatrix(matrix)
     # The segment's voxels the volume's read reached: the stored voxel nearest to each voxel of
     # ``mask`` (both neighbours where it lies halfway: which one the resampler took is its choice).
-    to_own = (np.linalg.inv(_slicer().util.arrayFromVTKMatrix(matrix)) @ between
-              @ np.asarray(_grid_of(volume_node).ijk_to_ras, float))
+    grid = _grid_of(volume_node)
+    to_own = np.linalg.inv(_slicer().util.arrayFromVTKMatrix(matrix)) @ between @ np.asarray(grid.ijk_to_ras, float)
     kji = np.argwhere(mask)
     at = to_own[:3, :3] @ kji[:, ::-1].T.astype(float) + to_own[:3, 3:4]  # (i, j, k) on the segment's grid
     seen = np.zeros(own.shape, dtype=bool)
@@ -485,7 +489,7 @@ def _check_drawing_read_whole(segmentation_node, segment_id: str, volume_node, m
     on_volume = np.linalg.inv(to_own) @ np.c_[where[:, ::-1] + corner, np.ones(len(where))].T  # the volume's (i, j, k)
     # A part lying (even partly) outside the volume is not a prompt on it (e.g. a crop of the scan
     # drawn on): it is kept as it is by the write. Only parts within the volume's box count.
-    dims_ijk = np.asarray(_grid_of(volume_node).shape[::-1], float)[:, None]
+    dims_ijk = np.asarray(grid.shape[::-1], float)[:, None]
     outside = np.any((on_volume[:3] < -0.5) | (on_volume[:3] > dims_ijk - 0.5), axis=0)
     of_part = parts[tuple(where.T)]
     lost = sorted(set(lost) - set(np.unique(of_part[outside]).tolist()))
@@ -496,8 +500,7 @@ def _check_drawing_read_whole(segmentation_node, segment_id: str, volume_node, m
     spans = np.ptp(on_volume[:3], axis=1)
     axis_ijk = int(np.argmin(spans))  # the part is thinnest across the volume's slices along this axis
     at_slice = float(np.median(on_volume[axis_ijk]))
-    plane = axis_plane_name(_grid_of(volume_node).ijk_to_ras, 2 - axis_ijk)
-    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+    plane = axis_plane_name(grid.ijk_to_ras, 2 - axis_ijk)
     voxels = int(size[lost].sum())
     near = (f"between {plane} slices {int(np.floor(at_slice))} and {int(np.floor(at_slice)) + 1}"
             if abs(at_slice - round(at_slice)) > 0.05 else f"near {plane} slice {int(round(at_slice))}")
@@ -709,8 +712,7 @@ def describe_prompt(volume_node, segmentation_node, segment_id: str) -> PromptIn
     except InputError as exc:
         segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
         raise InputError(f'segment "{segment.GetName()}": {exc}') from None
-    if _finer_than_volume(segmentation_node, segment_id, volume_node):  # after the cheap refusals (a 3D mask)
-        _check_drawing_read_whole(segmentation_node, segment_id, volume_node, mask)
+    _check_drawing_read_whole(segmentation_node, segment_id, volume_node, mask)  # after the cheap refusals
     return info
 
 
@@ -762,11 +764,8 @@ def write_segment_mask(mask: np.ndarray, grid: VolumeGrid, segmentation_node, se
             # Linear: the labelmap's own matrix moves, no voxel is resampled. (Resampling through the
             # general transform between two transformed nodes misplaced voxels: the pair is not seen
             # as linear, so the labelmap was resampled onto its original axes.)
-            between = vtk.vtkMatrix4x4()
-            slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(volume_transform, segmentation_transform,
-                                                                      between)
             labelmap.SetImageToWorldMatrix(slicer.util.vtkMatrixFromArray(
-                slicer.util.arrayFromVTKMatrix(between) @ np.asarray(grid.ijk_to_ras, dtype=float)))
+                _volume_to_segmentation(volume_node, segmentation_node) @ np.asarray(grid.ijk_to_ras, dtype=float)))
         else:
             to_segmentation = vtk.vtkGeneralTransform()
             slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(volume_transform, segmentation_transform,
@@ -791,18 +790,12 @@ def _on_segmentation_grid(labelmap, segmentation_node, segment_id: str | None = 
     slicer = _slicer()
     import vtk  # noqa: PLC0415
 
-    converter = slicer.vtkSegmentationConverter
-    serialized = segmentation_node.GetSegmentation().GetConversionParameter(
-        converter.GetReferenceImageGeometryParameterName())
-    if not serialized:
+    b = _reference_geometry_matrix(segmentation_node)
+    if b is None:
         return labelmap
-    geometry = slicer.vtkOrientedImageData()
-    if not converter.DeserializeImageGeometry(serialized, geometry, False):
-        return labelmap
-    own, theirs = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+    own = vtk.vtkMatrix4x4()
     labelmap.GetImageToWorldMatrix(own)
-    geometry.GetImageToWorldMatrix(theirs)
-    a, b = slicer.util.arrayFromVTKMatrix(own), slicer.util.arrayFromVTKMatrix(theirs)
+    a = slicer.util.arrayFromVTKMatrix(own)
     if np.allclose(a[:3, :3], b[:3, :3], atol=1e-6):
         # Same axes and voxel size: the grids coincide if the origins differ by whole voxels.
         offset = np.linalg.solve(b[:3, :3], a[:3, 3] - b[:3, 3])
@@ -812,7 +805,7 @@ def _on_segmentation_grid(labelmap, segmentation_node, segment_id: str | None = 
     # and a result padded to it would replace the segment everywhere outside a cropped volume.
     to_theirs = np.linalg.inv(b) @ a
     footprint = slicer.vtkOrientedImageData()
-    footprint.SetImageToWorldMatrix(theirs)
+    footprint.SetImageToWorldMatrix(slicer.util.vtkMatrixFromArray(b))
     footprint.SetExtent(*_footprint_extent(labelmap.GetExtent(), to_theirs))
     resampled = slicer.vtkOrientedImageData()
     slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
@@ -1034,8 +1027,7 @@ class SegmentPropagation:
             self.prompt_info = _prompt_info(self.prompt, self.grid, volume_node)
         except InputError as exc:
             raise InputError(f'segment "{segment.GetName()}" on volume "{volume_node.GetName()}": {exc}') from None
-        if _finer_than_volume(segmentation_node, segment_id, volume_node):  # after the cheap refusals (a 3D mask)
-            _check_drawing_read_whole(segmentation_node, segment_id, volume_node, self.prompt)
+        _check_drawing_read_whole(segmentation_node, segment_id, volume_node, self.prompt)  # after the cheap refusals
         self._init_job(volume_node, segmentation_node, segment_id, segment.GetName(), mode=mode,
                        checkpoint=checkpoint, device=device, range=range, model=model, batch_size=batch_size,
                        threads=threads, cancel=cancel, progress=progress, intensity_gate=intensity_gate)
@@ -1820,7 +1812,9 @@ def _same_packed(a: PackedMask, b: PackedMask) -> bool:
 def encode_record(entry: HistoryEntry) -> str:
     """The RECORD_TAG text of a history entry: what ``decode_record`` needs to rebuild it in
     another session (the written result, the user's slices, confidence, the walks' agreement
-    and what the predictor took from the drawn slice), not the Undo state."""
+    and endings and what the predictor took from the drawn slice), not the Undo state."""
+    from .propagate import stops_to_json  # noqa: PLC0415 - keeps the engine out of `import mrml`
+
     arrays = [np.ascontiguousarray(entry.written.bits, dtype=np.uint8)]
     header = {
         "version": _RECORD_VERSION, "run_id": entry.run_id, "kind": entry.kind, "axis": int(entry.axis),
@@ -1835,8 +1829,7 @@ def encode_record(entry: HistoryEntry) -> str:
         "n_predicted": int(entry.n_predicted), "recomputed": [list(map(int, iv)) for iv in entry.recomputed],
         "seconds": float(entry.seconds), "edited": [int(s) for s in entry.edited],
         "reviewed": sorted(int(s) for s in entry.reviewed),
-        "stops": [{"start": int(s["start"]), "direction": int(s["direction"]), "last": int(s["last"]),
-                   "reason": str(s["reason"])} for s in entry.stops],
+        "stops": stops_to_json(entry.stops),
     }
     try:
         header["begin_state"] = state_to_json(entry.begin_state)

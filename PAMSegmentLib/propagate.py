@@ -198,9 +198,7 @@ class PropagationResult:
                                 "agreement": None if agreement is None else _json_floats(agreement),
                                 "begin": begin, "overlapped": lab in self.overlapped,
                                 # how its walks ended: an update that reuses a walk reports its ending too
-                                "stops": [{k: (int(v) if k != "reason" else str(v)) for k, v in stop.items()
-                                           if k in ("start", "direction", "last", "reason")}
-                                          for stop in self.stops.get(lab, [])]}
+                                "stops": stops_to_json(self.stops.get(lab, []))}
             runs = _index_runs(self.lost_voxels.get(lab)) if lab in self.overlapped else None
             if runs is not None and total_runs + len(runs) <= MAX_LOST_RUNS_ALL:  # the record stays far under 64 MB
                 labels[str(lab)]["lost_voxels"] = runs
@@ -494,6 +492,13 @@ def _floats_from_json(values, n: int, what: str) -> np.ndarray:
 
 
 _STOP_REASONS = ("presence", "drift", "area", "consistency", "agreement", "end")
+
+
+def stops_to_json(stops) -> list[dict]:
+    """A label's ``PropagationResult.stops`` as records keep them (the command line's and the one
+    Slicer saves with a segment); ``_stops_from_json`` reads them back."""
+    return [{"start": int(s["start"]), "direction": int(s["direction"]), "last": int(s["last"]),
+             "reason": str(s["reason"])} for s in stops]
 
 
 def _stops_from_json(stops, n: int, lab: int) -> list[dict]:
@@ -1994,10 +1999,11 @@ def _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, em
                 held = (out[drawn[0]:drawn[-1] + 1] == lab).any(axis=(1, 2))
                 # only slices where its own prediction was (its lost voxels lie there): not where its
                 # walks found nothing, nor the user's walls
-                had = set(np.unique(lost // (out.shape[1] * out.shape[2])).tolist())
+                lost_slice = lost // (out.shape[1] * out.shape[2])
+                had = set(np.unique(lost_slice).tolist())
                 cut = [drawn[0] + int(i) for i in np.flatnonzero(~held) if drawn[0] + int(i) in had]
                 if cut:  # who holds its own voxels there
-                    there = lost[np.isin(lost // (out.shape[1] * out.shape[2]), cut)]
+                    there = lost[np.isin(lost_slice, cut)]
                     cut_all[lab] = (cut, sorted(int(v) for v in np.unique(out.flat[there]) if v != 0))
         for lab in overlapped:  # the extent a label that lost voxels still has in the merged map
             occupied = np.flatnonzero((out == lab).any(axis=(1, 2)))
