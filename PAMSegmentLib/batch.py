@@ -17,7 +17,9 @@ when its case is done; ``batch_report.csv`` in the output folder records per row
 (with the one-line message, after what reading the case noted), ``skipped`` (``--skip-existing``:
 the output exists; the row keeps the seconds, slices, check_first and message that the earlier
 report in the folder gave the case, unless the output is newer than that report or that report has
-it from another image or prompt) or ``not run`` (interrupted), with absolute paths, and is
+it from another image or prompt; a row whose inputs are not what its output was made from, by the
+fingerprints the report's ``inputs`` column keeps, runs again) or ``not run`` (interrupted), with
+absolute paths, and is
 rewritten after every case, so it is current even when the run is cut. A rewrite that fails once
 the work has started (the file open in a spreadsheet that locks it) is a warning, given once, and
 the batch goes on, writing it again after the next case and at the end (exit status 2 if it still
@@ -39,6 +41,7 @@ import argparse
 import contextlib
 import csv
 import functools
+import hashlib
 import os
 import re
 import sys
@@ -58,7 +61,7 @@ SKIPPED = "output exists (--skip-existing)"
 BUSY_WAIT_SECONDS = 3600.0  # with --server, a full queue is waited out this long per case
 CARRIED = "done in an earlier run (--skip-existing)"  # a skipped row's columns are from the report of that run
 REPORT_FIELDS = ("row", "image", "prompt", "output", "status", "seconds", "slices", "check_first", "message", "method",
-                 "manifest", "output_in_folder")
+                 "manifest", "output_in_folder", "inputs")
 
 
 @dataclass
@@ -78,6 +81,8 @@ class BatchRow:
     check_first: str = ""  # per label, its least confident predicted slices (PropagationResult.review_first)
     method: str = ""  # what made the output: --method, with the checkpoint for pam (``made_with``)
     rerun: str = ""  # why --skip-existing runs an existing output again (the first note of its message)
+    inputs: str = ""  # what its output was made from (``_fingerprints``), for a later --skip-existing
+    reading: str = ""  # the inputs' fingerprints as this run reads them (``inputs`` once its output is in)
     notes: list[str] = field(default_factory=list)  # what reading the case noted (e.g. which DICOM series)
     info: list[str] = field(default_factory=list)  # an update's "update:" and "changed beside the edits:" lines
     noted: str = ""  # a finished case's notes (not ``info``), printed and counted in the summary
@@ -376,22 +381,84 @@ def _made_otherwise(row: BatchRow, earlier: dict[str, tuple[dict, int]], method:
     return before if before and before != method else None
 
 
+INPUT_COLUMNS = (("image", "image"), ("prompt", "prompt"), ("previous", "previous result"),
+                 ("edited", "edited result"))
+
+
+def _fingerprint(path: Path, ours: frozenset = frozenset()) -> str:
+    """What ``path`` is now, as far as --skip-existing asks (16 hex digits; "" if it cannot be
+    read): a file's size and modification time; a folder's (a DICOM series) for each of its files
+    by name, leaving out hidden ones (.DS_Store) and ``ours`` (absolute paths of what this batch
+    writes). Any change counts, not only a newer time: a file replaced by one with an older time
+    (``cp -p``, ``unzip -o``, ``mv``) or taken out of the series; a chmod, a backup or the folder
+    moved elsewhere (``mv``, ``cp -a``) does not change it."""
+    try:
+        info = path.stat()
+        if not path.is_dir():
+            items = [f"{info.st_size}:{info.st_mtime_ns}"]
+        else:
+            folder, items = path.resolve(), []
+            with os.scandir(path) as entries:
+                for entry in entries:
+                    if entry.name.startswith(".") or str(folder / entry.name) in ours:
+                        continue
+                    try:
+                        if entry.is_file():
+                            e = entry.stat()
+                            items.append(f"{entry.name}:{e.st_size}:{e.st_mtime_ns}")
+                    except OSError:
+                        continue
+            items.sort()
+    except OSError:
+        return ""
+    return hashlib.sha256("\n".join(items).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def _fingerprints(row: BatchRow, ours: frozenset = frozenset()) -> str:
+    """The report's ``inputs`` cell: ``image:<fingerprint> prompt:<...>`` and, for an update row,
+    ``previous:`` and ``edited:``."""
+    return " ".join(f"{key}:{_fingerprint(Path(path), ours)}" for key, _ in INPUT_COLUMNS
+                    if (path := getattr(row, key)) is not None)
+
+
+def _recorded_inputs(row: BatchRow, earlier: dict[str, tuple[dict, int]]) -> str:
+    """The ``inputs`` cell of the earlier report's row that describes ``row``'s existing output
+    ("" when none does: no report, the output is newer than it, or a report from before the
+    column)."""
+    found = earlier.get(row.absolute()[2])
+    if found is None or row.output.stat().st_mtime_ns > found[1]:
+        return ""
+    return found[0].get("inputs") or ""
+
+
 def _stale(row: BatchRow, earlier: dict[str, tuple[dict, int]], ours: frozenset = frozenset()) -> str | None:
     """Why --skip-existing runs a row whose output exists again (a review, session 30): the last
     report says the row failed (its output is then an earlier run's, from inputs the user has
-    since changed), or its image, prompt or edited result changed after the output was written
-    (``_changed_at``; as make decides, by modification times). ``ours``: the files this
+    since changed), or its image, prompt, previous or edited result is not what its output was
+    made from. That is judged by the fingerprints the report recorded when the output was made
+    (``_fingerprint``; session 31: modification times missed a file replaced by an older one and
+    reran on a .DS_Store); for an output no report describes so, by modification times, as make
+    does (``_changed_at``). An input that is gone does not rerun the row. ``ours``: the files this
     batch writes (every row's output and record, its report, the manifest), which a DICOM folder
     may hold. None if the output is up to date."""
     found = earlier.get(row.absolute()[2])
     out_time = row.output.stat().st_mtime_ns
     if found is not None and out_time <= found[1] and found[0].get("status") == "error":
         return "run again: it failed in the last run, so its output is from an earlier one"
-    for what, path in (("image", row.image), ("prompt", row.prompt), ("edited result", row.edited)):
+    recorded = dict(item.split(":", 1) for item in _recorded_inputs(row, earlier).split() if ":" in item)
+    for key, what in INPUT_COLUMNS:
+        path = getattr(row, key)
+        if path is None:
+            continue
+        if recorded:
+            now = _fingerprint(Path(path), ours)
+            if now and now != recorded.get(key):
+                return f"run again: its {what} is not the one its output was made from (it changed since)"
+            continue
         try:
-            newer = path is not None and _changed_at(Path(path), ours) > out_time
+            newer = _changed_at(Path(path), ours) > out_time
         except OSError:
-            continue  # gone: the run says so
+            continue  # gone: the output is kept
         if newer:
             return f"run again: its {what} changed after its output was written"
     return None
@@ -525,7 +592,7 @@ def _write_report(rows, path: Path, manifest, kept: list[dict], tmp: Path) -> No
                             "seconds": f"{r.seconds:.1f}", "slices": r.slices, "check_first": r.check_first,
                             "message": r.message, "method": r.method,
                             "manifest": "" if manifest is None else str(_absolute(manifest)),
-                            "output_in_folder": _in_folder(output, folder)})
+                            "output_in_folder": _in_folder(output, folder), "inputs": r.inputs})
             w.writerows(kept)  # other manifests' rows, as they were
         tmp.replace(path)
     except (OSError, UnicodeError) as error:  # UnicodeError: a message holding a character no bytes stand for
@@ -630,7 +697,9 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_row(row: BatchRow, model, args, progress=None) -> None:
-    """Read, propagate and write one case; ``progress(fraction, message)`` follows its propagation."""
+    """Read, propagate and write one case; ``progress(fraction, message)`` follows its propagation.
+    Its ``reading`` (input fingerprints taken before it was read) becomes its ``inputs`` once its
+    output is in place (a row that fails or stops before that keeps the earlier output's)."""
     from .cli import read_case
     from .propagate import propagate
     from .volumes import write_labelmap
@@ -684,7 +753,10 @@ def _run_row(row: BatchRow, model, args, progress=None) -> None:
     row.noted = " | ".join(row.notes + notes)
     row.message = " | ".join(row.info + row.notes + notes)
     # a Ctrl-C or SIGTERM while the files go in is raised once they are in: the row is then written
-    replace_together(files, after=lambda: setattr(row, "written", True), defer_interrupt=True)
+    def written() -> None:
+        row.written, row.inputs = True, row.reading
+
+    replace_together(files, after=written, defer_interrupt=True)
 
 
 def _case_progress(bar, every: float = 1.0, lines: bool = False, row=None):
@@ -766,8 +838,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
     for r in rows:  # an empty file is what an interrupted copy leaves, not a result
         exists = r.output.is_file() and r.output.stat().st_size > 0
         done = args.skip_existing and exists
-        if exists:
-            r.method = _made_before(r, earlier)  # what the output is until this run replaces it
+        if exists:  # what the output is (and was made from) until this run replaces it
+            r.method, r.inputs = _made_before(r, earlier), _recorded_inputs(r, earlier)
         if done and r.edited is not None and not keyframes_record_exists(r.output):
             done = False  # an update row is done with its keyframes record (written together with it)
         other = _made_otherwise(r, earlier, method) if done else None
@@ -781,6 +853,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
             r.rerun = stale
         if done:
             r.status, r.message = "skipped", SKIPPED
+            r.inputs = r.inputs or _fingerprints(r, ours)  # judged by times: up to date as the inputs are now
             _carry_over(r, earlier)
     todo = [r for r in rows if r.status == "not run"]
     _check_output_folders(out_dir, todo, Path(args.manifest).name)
@@ -840,6 +913,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
             current = r
             t0 = time.perf_counter()
             try:
+                r.reading = _fingerprints(r, ours)
                 _run_row(r, model, args, progress=_case_progress(bar, lines=mode == "lines", row=r))
                 r.status, r.method = "ok", method
                 if r.noted:  # what propagate would print as notes (a drift stop, lost voxels): said here too

@@ -478,20 +478,34 @@ def test_a_report_that_cannot_be_written_before_any_work_stops_the_batch(tmp_pat
     assert not (tmp_path / "out").exists()  # the folder it made is removed again, and no .tmp is left
 
 
-@pytest.mark.parametrize("now", ["c1/image.nii.gz,c0/prompt.nii.gz", "c0/image.nii.gz,c1/prompt.nii.gz"])
-def test_a_skipped_row_keeps_the_earlier_report_only_for_the_same_image_and_prompt(tmp_path, cases, now):
+def test_a_skipped_row_keeps_the_earlier_report_only_for_the_same_image_and_prompt(tmp_path, cases):
     """The carry-over was keyed on the output alone: a row that now names another image or prompt
-    showed them beside the slices and check_first of the case that wrote the file."""
+    showed them beside the slices and check_first of the case that wrote the file. (Since session
+    31 a row naming another file runs again; files moved elsewhere, the same as they were, are
+    skipped without the earlier run's figures.)"""
+    import shutil
+
     m = _manifest(tmp_path / "data" / "cases.csv", ["image,prompt,output", "c0/image.nii.gz,c0/prompt.nii.gz,r.nii.gz"])
     out = tmp_path / "out"
     assert main(["batch", str(m), "-o", str(out), "--method", "track"]) == 0
     assert _report(out / "batch_report.csv")[0]["check_first"].startswith("label 1: ")
-    _manifest(m, ["image,prompt,output", f"{now},r.nii.gz"])
+    shutil.copytree(tmp_path / "data" / "c0", tmp_path / "data" / "moved")  # copy2: sizes and times kept
+    _manifest(m, ["image,prompt,output", "moved/image.nii.gz,moved/prompt.nii.gz,r.nii.gz"])
     assert main(["batch", str(m), "-o", str(out), "--method", "track", "--skip-existing"]) == 0
     row = _report(out / "batch_report.csv")[0]
     assert (row["status"], row["seconds"], row["slices"], row["check_first"]) == ("skipped", "0.0", "", "")
     assert row["message"] == "output exists (--skip-existing); the earlier report has it from another image or prompt"
-    assert (row["image"], row["prompt"]) == tuple(str(tmp_path.resolve() / "data" / p) for p in now.split(","))
+    assert (row["image"], row["prompt"]) == tuple(str(tmp_path.resolve() / "data" / "moved" / p)
+                                                  for p in ("image.nii.gz", "prompt.nii.gz"))
+    for now, what in (("c1/image.nii.gz,moved/prompt.nii.gz", "image"),
+                      ("moved/image.nii.gz,c1/prompt.nii.gz", "prompt")):
+        _manifest(m, ["image,prompt,output", f"{now},r.nii.gz"])
+        assert main(["batch", str(m), "-o", str(out), "--method", "track", "--skip-existing"]) == 0
+        row = _report(out / "batch_report.csv")[0]
+        assert row["status"] == "ok"
+        assert row["message"].startswith(f"run again: its {what} is not the one its output was made from")
+        _manifest(m, ["image,prompt,output", "moved/image.nii.gz,moved/prompt.nii.gz,r.nii.gz"])
+        assert main(["batch", str(m), "-o", str(out), "--method", "track"]) == 0
 
 
 def test_a_series_uid_the_folder_does_not_hold_is_found_before_any_work(tmp_path, monkeypatch, capsys):
@@ -1038,11 +1052,14 @@ def test_skip_existing_runs_again_a_row_that_failed_last_time_or_whose_inputs_ch
     assert rows[0]["message"].startswith("run again: it failed in the last run, so its output is from an earlier one")
 
     sitk.WriteImage(image, str(prompt))  # drawn again: newer than the output of run 1
-    os.utime(out / "r1.nii.gz", ns=(1, 1))  # and the second row's image is now newer than its output
+    other = tmp_path / "data" / "c1" / "image.nii.gz"
+    old_time = other.stat().st_mtime_ns
+    sitk.WriteImage(sitk.ReadImage(str(tmp_path / "data" / "c2" / "image.nii.gz")), str(other))
+    os.utime(other, ns=(old_time - 10**9, old_time - 10**9))  # the second row's image replaced by an older-dated one
     assert main(["batch", str(m), "-o", str(out), "--method", "copy", "--skip-existing"]) == 0
     rows = _report(out / "batch_report.csv")
     assert [r["status"] for r in rows] == ["ok", "ok"]
-    assert rows[1]["message"].startswith("run again: its image changed after its output was written")
+    assert rows[1]["message"].startswith("run again: its image is not the one its output was made from")
 
 
 def _dicom_case(tmp_path, uid, output=None):
@@ -1077,7 +1094,8 @@ def test_skip_existing_judges_a_dicom_folder_by_its_files_not_its_own_time(tmp_p
     os.utime(a_file, ns=(later, later))  # one file of the series written again
     assert main(["batch", str(m), "-o", str(out), "--method", "copy", "--skip-existing"]) == 0
     row = _report(out / "batch_report.csv")[0]
-    assert row["status"] == "ok" and row["message"].startswith("run again: its image changed")
+    assert row["status"] == "ok"
+    assert row["message"].startswith("run again: its image is not the one its output was made from")
 
 
 def test_skip_existing_sees_a_file_taken_out_of_a_dicom_series(tmp_path, capsys):
@@ -1111,3 +1129,84 @@ def test_skip_existing_is_not_fooled_by_metadata_changes_or_a_linked_folder(tmp_
     for expected in ("ok", "skipped", "skipped"):
         assert main(["batch", str(linked), "-o", str(tmp_path / "out2"), "--method", "copy", "--skip-existing"]) == 0
         assert _report(tmp_path / "out2" / "batch_report.csv")[0]["status"] == expected
+
+
+def test_skip_existing_judges_inputs_by_what_the_output_was_made_from(tmp_path, cases, monkeypatch, capsys):
+    """Session 31 (carried from the session-30 review): judging inputs by modification times
+    missed an image replaced by a file with an older time (cp -p, unzip -o, mv): the row was
+    skipped, its output of the old image kept. The report now records each row's inputs as they
+    were read (size and time per file), and any difference reruns the row; a chmod does not."""
+    import os
+    import shutil
+
+    lines = ["image,prompt,output"] + [f"c{n}/image.nii.gz,c{n}/prompt.nii.gz,../out/r{n}.nii.gz" for n in range(2)]
+    m = _manifest(tmp_path / "data" / "cases.csv", lines)
+    out = tmp_path / "out"
+    assert main(["batch", str(m), "-o", str(out), "--method", "copy"]) == 0
+    recorded = [r["inputs"] for r in _report(out / "batch_report.csv")]
+    assert all(re.fullmatch(r"image:[0-9a-f]{16} prompt:[0-9a-f]{16}", v) for v in recorded), recorded
+    image = tmp_path / "data" / "c0" / "image.nii.gz"
+    os.chmod(image, 0o600)
+    assert main(["batch", str(m), "-o", str(out), "--method", "copy", "--skip-existing"]) == 0
+    rows = _report(out / "batch_report.csv")
+    assert [r["status"] for r in rows] == ["skipped", "skipped"]
+    assert [r["inputs"] for r in rows] == recorded  # carried over with the output it describes
+
+    # the image replaced by another with a time older than the output's (as cp -p leaves it)
+    backup = tmp_path / "c2_image_from_last_week.nii.gz"
+    shutil.copyfile(tmp_path / "data" / "c2" / "image.nii.gz", backup)
+    os.utime(backup, ns=(10**18, 10**18))  # 2001
+    shutil.copy2(backup, image)
+    assert image.stat().st_mtime_ns < (out / "r0.nii.gz").stat().st_mtime_ns
+    # a run without --skip-existing that stops before the row is in keeps what its output was made from
+    real = batch_module._run_row
+
+    def interrupted(row, model, args, progress=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(batch_module, "_run_row", interrupted)
+    assert main(["batch", str(m), "-o", str(out), "--method", "copy"]) == 130
+    assert [r["inputs"] for r in _report(out / "batch_report.csv")] == recorded
+    monkeypatch.setattr(batch_module, "_run_row", real)
+    capsys.readouterr()
+    assert main(["batch", str(m), "-o", str(out), "--method", "copy", "--skip-existing"]) == 0
+    rows = _report(out / "batch_report.csv")
+    assert [r["status"] for r in rows] == ["ok", "skipped"]
+    assert rows[0]["message"].startswith("run again: its image is not the one its output was made from")
+    assert rows[0]["inputs"] != recorded[0] and rows[1]["inputs"] == recorded[1]
+    assert main(["batch", str(m), "-o", str(out), "--method", "copy", "--skip-existing"]) == 0
+    assert [r["status"] for r in _report(out / "batch_report.csv")] == ["skipped", "skipped"]
+
+
+def test_skip_existing_leaves_hidden_files_in_a_dicom_folder_out_and_reads_old_reports_by_times(tmp_path, capsys):
+    """Session 31: a .DS_Store (a Mac's Finder) appearing in a DICOM folder reran its row (the
+    folder's own time moved); a report written before the ``inputs`` column is still judged by
+    modification times."""
+    import os
+
+    m = _dicom_case(tmp_path, "1.2.826.0.1.3680043.2.1125.7.96")
+    out = tmp_path / "out"
+    report = out / "batch_report.csv"
+
+    def as_an_earlier_version_wrote_it():
+        rows = _report(report)
+        with open(report, "w", newline="", encoding="utf-8") as fh:
+            w = csv.DictWriter(fh, fieldnames=[f for f in rows[0] if f != "inputs"], extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+
+    assert main(["batch", str(m), "-o", str(out), "--method", "copy"]) == 0
+    as_an_earlier_version_wrote_it()
+    assert main(["batch", str(m), "-o", str(out), "--method", "copy", "--skip-existing"]) == 0
+    assert _report(report)[0]["status"] == "skipped" and _report(report)[0]["inputs"].startswith("image:")
+    as_an_earlier_version_wrote_it()
+    a_file = sorted((tmp_path / "p01").glob("*.dcm"))[0]
+    later = (out / "p01_pam.nii.gz").stat().st_mtime_ns + 10**9
+    os.utime(a_file, ns=(later, later))
+    assert main(["batch", str(m), "-o", str(out), "--method", "copy", "--skip-existing"]) == 0
+    row = _report(report)[0]
+    assert row["status"] == "ok" and row["message"].startswith("run again: its image changed after its output was")
+
+    (tmp_path / "p01" / ".DS_Store").write_bytes(b"\0" * 64)  # the report now records the inputs
+    assert main(["batch", str(m), "-o", str(out), "--method", "copy", "--skip-existing"]) == 0
+    assert _report(report)[0]["status"] == "skipped"
