@@ -36,6 +36,7 @@ crop around the guide's mask), and images whose aspect ratio differs much from t
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -546,6 +547,18 @@ def _stem(path) -> str:
     return without_extension(path.name, IMAGE_2D_EXTENSIONS)
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet takes a cell for a formula by
+
+
+def table_path(path) -> str:
+    """A file's path for a table that is opened in spreadsheets: a relative path that begins as a
+    formula does (an image named ``=HYPERLINK(...).png`` in a shared folder, which Excel or
+    LibreOffice would run when labels.csv is opened) is written as ``./`` and the path, which names
+    the same file for every program that reads paths; absolute paths begin with ``/`` or a drive."""
+    text = str(path)
+    return f".{os.sep}{text}" if text.startswith(FORMULA_STARTS) else text
+
+
 def _check_targets(out_dir, names, prompt_path, mask_path, files, more_masks=()) -> None:
     """Before any work, of the files ``names`` in ``out_dir``: none may be a folder (the move at
     the end would fail half-way), and none may be, or be a symbolic link to, one of the inputs (a
@@ -795,8 +808,9 @@ def cmd_label_images(args) -> int:
             for n, (f, name, m) in enumerate(zip(files, names, result.masks)):
                 for lab in result.labels:
                     g = int(result.guides[lab][n])
-                    w.writerow([str(f), name, lab, int((m == lab).sum()), f"{result.confidence[lab][n]:.3f}",
-                                "(drawn)" if n in result.drawn else "" if g < 0 else str(files[g])])
+                    w.writerow([table_path(f), table_path(name), lab, int((m == lab).sum()),
+                                f"{result.confidence[lab][n]:.3f}",
+                                "(drawn)" if n in result.drawn else "" if g < 0 else table_path(files[g])])
 
     def mask_writer(m, ref):
         return lambda tmp: write_labelmap_2d(m, ref, tmp)

@@ -1220,3 +1220,31 @@ def test_images_a_label_was_not_found_in_and_an_earlier_runs_masks_are_named(tmp
     out = capsys.readouterr().out
     assert "label 1 not found in: s2.png" in out  # the object is absent there: copy's drift test ends it
     assert f"note: {tmp_path / 'out'} also holds 1 mask this run did not write (old_mask.png: an earlier run's?)" in out
+
+
+def test_labels_csv_paths_never_begin_as_a_spreadsheet_formula(tmp_path, monkeypatch):
+    """Session 31 (carried from the session-30 review): labels.csv named each image as given, so an
+    image called ``=HYPERLINK(...).png`` in a shared folder gave a cell that Excel or LibreOffice
+    runs as a formula when the table is opened. Such paths are written as ``./`` and the path,
+    which names the same file."""
+    from PAMSegmentLib.cli import main
+
+    images, truth = moving_disc_set(4)
+    folder = tmp_path / "set"
+    folder.mkdir()
+    names = ["=1+1.png", "-2.png", "@sum.png", "plain.png"]
+    for name, im in zip(names, images):
+        sitk.WriteImage(sitk.GetImageFromArray(np.clip(im, 0, 255).astype(np.uint8)), str(folder / name))
+    sitk.WriteImage(sitk.GetImageFromArray(truth[3].astype(np.uint8)), str(tmp_path / "mask.png"))
+    monkeypatch.chdir(folder)
+    assert main(["label-images", "plain.png", str(tmp_path / "mask.png"), ".",
+                 "-o", str(tmp_path / "out"), "--method", "copy", "--order", "given"]) == 0
+    with open(tmp_path / "out" / "labels.csv", newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["image"] for r in rows] == ["./-2.png", "./=1+1.png", "./@sum.png", "plain.png"]  # the folder's order
+    assert [r["mask"] for r in rows] == ["./-2_mask.png", "./=1+1_mask.png", "./@sum_mask.png", "plain_mask.png"]
+    assert [r["guided_by"] for r in rows] == ["./=1+1.png", "./@sum.png", "plain.png", "(drawn)"]
+    for r in rows:  # the same files as before
+        assert (tmp_path / "out" / r["mask"]).is_file() and (folder / r["image"]).is_file()
+    cells = [cell for r in rows for cell in r.values()]
+    assert not any(cell.startswith(("=", "+", "-", "@")) for cell in cells)
