@@ -38,6 +38,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import socket
 import sys
@@ -168,23 +169,27 @@ def is_loopback(host: str) -> bool:
 LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback")
 
 
+HOST_HEADER = re.compile(r"(?:\[(?P<v6>[0-9a-f:.]+)\]|(?P<name>[a-z0-9._-]+))(?::(?P<port>[0-9]{1,5}))?")
+
+
 def _local_host_header(host: str, names: tuple[str, ...]) -> bool:
-    """Whether a request's Host header (``name[:port]``, ``[v6]:port``) names this machine: a
-    loopback address (also IPv4-mapped), ``localhost`` and its usual aliases, or one of ``names``;
-    a trailing dot (a fully qualified name) is allowed."""
+    """Whether a request's Host header names this machine: the whole header must be ``name``,
+    ``name:port``, ``[v6]`` or ``[v6]:port`` (RFC 9110; a form browsers never send, such as
+    ``[::1]evil.example`` or ``localhost:80@evil``, is refused), the name a loopback address (also
+    IPv4-mapped), ``localhost`` and its usual aliases, or one of ``names``; a trailing dot (a
+    fully qualified name) is allowed."""
     host = host.strip().lower()
-    if host.startswith("["):
-        if "]" not in host:
-            return False
-        name = host[1:host.find("]")]
-    else:
-        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-    name = name.rstrip(".") if name.count(":") == 0 else name
+    found = HOST_HEADER.fullmatch(host)
+    if found is None:
+        return False
+    name = found["v6"] or found["name"].rstrip(".")
     if not name:
         return False
     try:
         address = ipaddress.ip_address(name)
     except ValueError:
+        if found["v6"]:
+            return False  # brackets hold an IPv6 address or nothing
         address = None
     mapped = getattr(address, "ipv4_mapped", None)
     return (is_loopback(name) or name in LOOPBACK_NAMES or (mapped is not None and mapped.is_loopback)
