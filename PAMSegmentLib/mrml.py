@@ -536,6 +536,40 @@ def _finer_than_volume(segmentation_node, segment_id: str, volume_node) -> bool:
     return bool(np.any(np.sort(own) < np.sort(theirs) * (1 - 1e-6)))  # smallest vs smallest, and so on
 
 
+def _own_voxels_digest(segmentation_node, segment_id: str) -> str | None:
+    """A digest of which voxels of the segment's own stored labelmap hold its label, and where they
+    lie (their box's corner and the labelmap's image-to-world), read in place: on a segmentation
+    grid finer than the volume an edit on a thin slice between the volume's slices is seen by no
+    read on the volume's grid, but changes this (a review, session 31: such a stroke made while
+    propagating was written over). Unchanged by a shared layer's extent or another segment's
+    voxels. None without a binary labelmap."""
+    import hashlib  # noqa: PLC0415
+
+    import vtk  # noqa: PLC0415
+    from vtk.util import numpy_support  # noqa: PLC0415
+
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+    stored = segment.GetRepresentation(_binary_name()) if segment is not None else None
+    if stored is None:
+        return None
+    digest = hashlib.sha256()
+    matrix = vtk.vtkMatrix4x4()
+    stored.GetImageToWorldMatrix(matrix)
+    digest.update(np.round(_slicer().util.arrayFromVTKMatrix(matrix), 9).tobytes())
+    extent = stored.GetExtent()
+    dims = (extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
+    if min(dims) <= 0 or stored.GetPointData().GetScalars() is None:
+        return digest.hexdigest()
+    own = numpy_support.vtk_to_numpy(stored.GetPointData().GetScalars()).reshape(dims) == segment.GetLabelValue()
+    along = [np.flatnonzero(own.any(axis=other)) for other in ((1, 2), (0, 2), (0, 1))]
+    if len(along[0]):
+        corner = (extent[4] + along[0][0], extent[2] + along[1][0], extent[0] + along[2][0])
+        box = own[tuple(slice(int(a[0]), int(a[-1]) + 1) for a in along)]
+        digest.update(np.asarray([*corner, *box.shape], np.int64).tobytes())
+        digest.update(np.packbits(box).tobytes())
+    return digest.hexdigest()
+
+
 def check_no_unseen_edits(entry: "HistoryEntry", segmentation_node, segment_id: str, volume_node,
                           edited: Sequence[int]) -> None:
     """InputError when the segment's own labelmap changed since the write near volume slices (along
@@ -1044,6 +1078,11 @@ class SegmentPropagation:
         self.segment_id = segment_id
         self.segment_name = segment_name
         self.mode = mode
+        # on a finer segmentation grid, what apply() compares the segment's own voxels against (an edit
+        # on a thin slice between the volume's slices shows in no read on the volume's grid)
+        self._own_digest = (_own_voxels_digest(segmentation_node, segment_id) if mode == "replace" and
+                            _finer_than_volume(segmentation_node, segment_id, volume_node) else None)
+        self._applying = False  # apply() is writing: a cancel() from another thread is too late then
         self.checkpoint = None if checkpoint in (None, "") else str(checkpoint)
         self.device = device
         self.range = None if range is None else _slice_pair(range)
@@ -1219,14 +1258,18 @@ class SegmentPropagation:
     def cancellable(self) -> bool:
         """Running, or finished but not written yet, and no cancel asked for yet: ``cancel()`` still
         means something (the panel's Cancel stays off once pressed, or once a scene close cancelled)."""
-        if self._cancel.is_cancelled:
+        if self._cancel.is_cancelled or self._applying:
             return False
         return not self.done or (self._state == "finished" and self.applied_segment_id is None)
 
     def cancel(self) -> None:
-        """Ask the worker to stop at the next batch. Nothing is ever written by a cancelled job."""
-        self._cancel.cancel()
+        """Ask the worker to stop at the next batch. Nothing is ever written by a cancelled job; a
+        cancel from another thread while ``apply()`` writes comes too late and changes nothing (a
+        review, session 31: it marked a written result "not changed" and lost its Undo)."""
         with self._lock:
+            if self._applying:
+                return
+            self._cancel.cancel()
             if self._state == "pending":
                 self._finish("cancelled", "cancelled before it started")
             elif self._state == "finished" and self.applied_segment_id is None:
@@ -1285,6 +1328,13 @@ class SegmentPropagation:
                 self.error = (f"an internal error ({type(exc).__name__}: {str(exc)[:300]}); the Python console "
                               "has the details") if bug else (str(exc) or type(exc).__name__)
                 self._finish("failed", self.error)
+        except BaseException as exc:  # a KeyboardInterrupt or SystemExit: the job ends, not "running" for ever
+            with self._lock:  # (a review, session 31: Cancel could not end it, and the panel stayed blocked)
+                self.exception = exc
+                self.error = f"interrupted ({type(exc).__name__})"
+                self._finish("cancelled" if self._cancel.is_cancelled else "failed", self.error)
+            if threading.current_thread() is not self._thread:
+                raise  # run() on the caller's thread: the interrupt is the caller's
         else:
             with self._lock:
                 if self._cancel.is_cancelled:  # cancelled during the last batch: still nothing written
@@ -1309,6 +1359,11 @@ class SegmentPropagation:
             raise InputError(f'segment "{self.segment_name}" was deleted while propagating; nothing was written')
         if not _grid_of(self.volume_node).same_as(self.grid):
             raise InputError("the volume's geometry changed while propagating; nothing was written. Run again.")
+        try:  # Specify geometry while propagating (a review, session 31: written a voxel off, drawn slices too)
+            _check_not_half_a_voxel_apart(self.segmentation_node, self.segment_id, self.volume_node)
+        except InputError as exc:
+            raise InputError(f"the segmentation's geometry changed while propagating: {exc}. Nothing was written."
+                             ) from None
         if self.mode == "replace" and not _same_placement(_placement(self.volume_node, self.segmentation_node),
                                                           self._placement):
             # (a new segment is written where the volume is now, as the result is computed on it;
@@ -1320,7 +1375,9 @@ class SegmentPropagation:
                              "ones); nothing was written. Run again.")
         if self.mode == "replace":
             current = segment_mask(self.segmentation_node, self.segment_id, self.volume_node)
-            if not np.array_equal(current, self.source):
+            if not np.array_equal(current, self.source) or (
+                    self._own_digest is not None
+                    and _own_voxels_digest(self.segmentation_node, self.segment_id) != self._own_digest):
                 raise InputError(
                     f'segment "{self.segment_name}" was edited while propagating, so replacing it would lose '
                     "the edit; nothing was written. " + ("Update again." if self.kind == "update" else
@@ -1360,9 +1417,18 @@ class SegmentPropagation:
             raise PAMError("apply() must run on the main thread (it writes MRML nodes)")
         if self.applied_segment_id is not None:
             return self.applied_segment_id
-        if self._state != "finished":
-            raise PAMError(f"nothing to apply: the {self.kind} is {self._state}"
-                           + (f" ({self.error})" if self.error else ""))
+        with self._lock:  # a cancel() from another thread from now on is too late (it waits for no write)
+            if self._state != "finished":
+                raise PAMError(f"nothing to apply: the {self.kind} is {self._state}"
+                               + (f" ({self.error})" if self.error else ""))
+            self._applying = True
+        try:
+            return self._apply(history, before_write)
+        finally:
+            with self._lock:
+                self._applying = False
+
+    def _apply(self, history, before_write) -> str:
         self._check_scene_unchanged()
         mask = self.result.mask > 0
         node = self.segmentation_node
@@ -1377,32 +1443,55 @@ class SegmentPropagation:
                                "nothing was changed (choose the new-segment output instead)")
         if before_write is not None:
             before_write()
-        was_modifying = node.StartModify()
-        try:
-            target = self.segment_id
-            if self.mode == "new":
-                target = _add_result_segment(node, self.segment_id)
+        target = self.segment_id
+        entry = None
+        try:  # all or nothing: the write, and the session's memory of it (for Undo and updates)
+            was_modifying = node.StartModify()
             try:
+                if self.mode == "new":
+                    target = _add_result_segment(node, self.segment_id)
                 write_segment_mask(mask, self.grid, node, target, self.volume_node)
-            except Exception:
-                if target != self.segment_id:
-                    node.GetSegmentation().RemoveSegment(target)
-                raise
-        finally:
-            node.EndModify(was_modifying)
+            finally:
+                node.EndModify(was_modifying)
+            if history is not None:
+                entry = self._history_entry(target, before, before_tags)
+        except BaseException as exc:  # (a Ctrl-C in a script, memory running out while remembering the run)
+            taken_back = self._take_back(target, before, before_tags)
+            if isinstance(exc, Exception) and not isinstance(exc, (InputError, PAMError)):
+                log.exception("PAMSegment: writing the %s of %s failed", self.kind, target)
+                raise PAMError(
+                    f"the result could not be written and remembered for Undo ({type(exc).__name__}: "
+                    f"{str(exc)[:200] or 'no details'}); " + ("it was taken back: nothing was changed" if taken_back
+                                                             else "the segment may hold part of it: use the Segment "
+                                                                  "Editor's Undo")) from exc
+            raise
         self.applied_segment_id = target
         if history is None and self.mode == "replace":  # not remembered: an earlier run's tags are stale now
             _clear_run_tags(source)
-        if history is not None:
-            try:
-                self.history_entry = history.record(self._history_entry(target, before, before_tags))
-            except Exception:  # noqa: BLE001 - the result is written; only the session memory is missing
-                log.exception("PAMSegment: could not remember the propagation of %s", target)
-                written = node.GetSegmentation().GetSegment(target)
-                _clear_run_tags(written)  # an earlier run's tags would describe what is no longer there
-            else:
-                _store_record(node, target, self.history_entry)
+        if entry is not None:
+            self.history_entry = history.record(entry)
+            _store_record(node, target, self.history_entry)  # a failure costs only the next session's update
         return target
+
+    def _take_back(self, target: str, before: "LabelmapSnapshot | None", before_tags: tuple) -> bool:
+        """Undo a write that could not be completed (main thread): a segment this job added is
+        removed, a replaced one restored from ``before``. False when it could not be (replaced
+        without a saved state, or the restore failed: logged); the panel's saved Segment Editor
+        state is then what is left."""
+        node = self.segmentation_node
+        try:
+            if target != self.segment_id:
+                if node.GetSegmentation().GetSegment(target) is not None:
+                    node.GetSegmentation().RemoveSegment(target)
+                return True
+            if before is None:
+                return False
+            before.restore(node, self.segment_id)
+            _put_run_tags(node.GetSegmentation().GetSegment(self.segment_id), *before_tags)
+            return True
+        except Exception:  # noqa: BLE001 - the original failure is what the user is told
+            log.exception("PAMSegment: could not take back the %s of %s", self.kind, target)
+            return False
 
     def _history_entry(self, target: str, before: "LabelmapSnapshot | None",
                        before_tags: tuple = (None, None)) -> "HistoryEntry":
@@ -2059,12 +2148,12 @@ def _store_record(segmentation_node, segment_id: str, entry: HistoryEntry) -> No
         text = encode_record(entry)
         if len(text) > MAX_RECORD_CHARS:
             raise ValueError(f"{len(text)} characters, over {MAX_RECORD_CHARS}")
+        _set_segment_tag(segment, RECORD_TAG, text)  # (outside this try, its failure read "Result not written")
     except Exception:  # noqa: BLE001 - the result is written and remembered in this session
         log.exception("PAMSegment: the result of %s is not saved for later sessions", segment_id)
         segment.RemoveTag(RECORD_TAG)
         return
     entry.record = text
-    _set_segment_tag(segment, RECORD_TAG, text)
 
 
 class PropagationHistory:
@@ -2252,8 +2341,9 @@ class PropagationHistory:
                 segment.RemoveTag(RECORD_TAG)
             self._entries[key] = entry.parent
             return f'"{name}" is back as it was before the update'
-        del self._entries[key]
+        # the tags first: if that fails the session still remembers the run, whose tags the segment keeps
         _put_run_tags(segment, *entry.before_tags)  # an earlier PAM result held before is that result again
+        del self._entries[key]
         if entry.kind == "update":  # only one earlier step is kept: what came before it is final now
             if entry.before_tags[0]:
                 self._undone_to[key] = entry.before_tags[0]

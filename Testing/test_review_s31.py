@@ -1,0 +1,211 @@
+"""Findings of session 31's reviews, each reproduced here on the code before its fix.
+
+Slicer (real MRML nodes from slicer-core): a result is written all or nothing, and a scene changed
+while a job runs is judged at the write as at the start.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import numpy as np
+import pytest
+
+from conftest_mrml import *  # noqa: F401,F403 - fixtures and helpers
+from conftest_mrml import assert_same_labelmap, internal_labelmap_state, make_segmentation, make_volume_node, slicer
+import PAMSegmentLib.mrml as mrml
+from PAMSegmentLib.errors import InputError, PAMError
+from PAMSegmentLib.mrml import RECORD_TAG, RUN_TAG, PropagationHistory, SegmentPropagation
+from test_mrml_corrections import (CENTER, SHAPE, GuideCopy, _segmentation_on_geometry, _volume_and_its_matrix,
+                                   one_slice, synthetic)
+
+
+def _finished_job(mrml_scene, mode="replace", **options):
+    """A propagation job of the synthetic case, run to its end but not written: (job, seg, sid, vol, truth)."""
+    truth, image = synthetic()
+    vol = make_volume_node(image)
+    seg, ids = make_segmentation(vol, {"tumor": one_slice(truth, CENTER[0])})
+    job = SegmentPropagation(vol, seg, ids["tumor"], model=GuideCopy(truth), mode=mode, **options).run()
+    assert job.state == "finished"
+    return job, seg, ids["tumor"], vol, truth
+
+
+def test_a_segmentation_set_half_a_voxel_off_while_propagating_is_refused_at_the_write(mrml_scene):
+    """A review (session 31): the half-voxel check ran only when a job started; Specify geometry
+    half a voxel off during the run had the result written one slice off, the drawn slice too
+    (617 voxels off the result, the drawing of slice 10 found on slice 9)."""
+    job, seg, sid, vol, truth = _finished_job(mrml_scene)
+    m = slicer.util.arrayFromVTKMatrix(_ijk_to_ras(vol)).copy()
+    m[:3, 3] += 0.5 * m[:3, 2]  # half a voxel along k
+    geometry, _, _ = _segmentation_on_geometry(mrml_scene, m, SHAPE[::-1])
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(geometry)
+    before = internal_labelmap_state(seg, sid)
+    with pytest.raises(InputError, match=r"^the segmentation's geometry changed while propagating: segmentation "
+                                         r"\"segmentation\" lies half a voxel off volume \"volume\" \(across its "
+                                         r"axial slices\).*Nothing was written\.$"):
+        job.apply(history=PropagationHistory())
+    assert_same_labelmap(internal_labelmap_state(seg, sid), before)
+
+
+def _ijk_to_ras(vol):
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    vol.GetIJKToRASMatrix(m)
+    return m
+
+
+def test_a_stroke_on_a_thin_slice_of_a_finer_grid_made_while_propagating_is_not_written_over(mrml_scene):
+    """A review (session 31): on a segmentation twice as fine along k as the volume, a stroke made
+    during the run on a thin slice no volume voxel reads was erased by the replace write (16 of 16
+    voxels), while the same stroke made before the run was refused."""
+    truth, vol, v = _volume_and_its_matrix()
+    g = v.copy()
+    g[:3, 2] *= 0.5
+    g[:3, 3] -= 0.25 * v[:3, 2]  # thin slices 2k and 2k+1 cover volume slice k
+    geometry, seg, sid = _segmentation_on_geometry(mrml_scene, g, (SHAPE[2], SHAPE[1], 2 * SHAPE[0]))
+    drawn = np.repeat(one_slice(truth, 12), 2, axis=0).astype(np.uint8)
+    slicer.util.updateSegmentBinaryLabelmapFromArray(drawn, seg, sid, geometry)
+    job = SegmentPropagation(vol, seg, sid, model=GuideCopy(truth)).run()
+    stroke = drawn.copy()
+    stroke[28, 1:5, 1:5] = 1  # far from the object, on a thin slice no voxel of the volume reads (of slice 14)
+    slicer.util.updateSegmentBinaryLabelmapFromArray(stroke, seg, sid, geometry)
+    assert np.array_equal(mrml.segment_mask(seg, sid, vol), job.source)  # the volume's grid does not show it
+    before = internal_labelmap_state(seg, sid)
+    with pytest.raises(InputError, match=r'segment "tumor" was edited while propagating, so replacing it would lose '
+                                         "the edit; nothing was written"):
+        job.apply(history=PropagationHistory())
+    assert_same_labelmap(internal_labelmap_state(seg, sid), before)
+    # a change of the segment that leaves its own voxels as they were is no edit
+    slicer.util.updateSegmentBinaryLabelmapFromArray(drawn, seg, sid, geometry)
+    job = SegmentPropagation(vol, seg, sid, model=GuideCopy(truth)).run()
+    seg.GetSegmentation().GetSegment(sid).SetColor(0.1, 0.9, 0.1)
+    seg.GetSegmentation().AddEmptySegment("", "other", [0, 0, 1])
+    seg.GetSegmentation().CollapseBinaryLabelmaps(False)  # the two share a layer now (its extent changes)
+    assert job.apply(history=PropagationHistory()) == sid
+
+
+def test_a_cancel_from_another_thread_while_the_result_is_written_comes_too_late(mrml_scene, monkeypatch):
+    """A review (session 31): cancel() "may be called from any thread at any time", but one that
+    landed while apply() wrote left the result written with the job saying "cancelled; the
+    segmentation was not changed" and no Undo; one during apply's checks gave an AttributeError."""
+    job, seg, sid, vol, truth = _finished_job(mrml_scene)
+    history = PropagationHistory()
+    real = mrml.write_segment_mask
+    seen = []
+
+    def write_while_cancelled(*args, **kwargs):
+        other = threading.Thread(target=job.cancel)
+        other.start()
+        other.join()
+        seen.append((job.state, job.cancellable))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mrml, "write_segment_mask", write_while_cancelled)
+    assert job.apply(history=history) == sid
+    assert seen == [("finished", False)]  # no Cancel offered while writing, and the one sent changed nothing
+    assert job.state == "finished" and job.result is not None
+    assert history.get(seg, sid) is not None and history.get(seg, sid).undo_available
+    np.testing.assert_array_equal(mrml.segment_mask(seg, sid, vol) > 0, job.result.mask > 0)
+    job.cancel()  # after the write: nothing happens
+    assert job.state == "finished"
+
+
+@pytest.mark.parametrize("mode", ["replace", "new"])
+def test_a_run_that_cannot_be_remembered_for_undo_is_taken_back(mrml_scene, monkeypatch, mode, caplog):
+    """A review (session 31): when remembering the run failed after the write (memory running out),
+    the result stayed without Undo and the panel said plain success (for an update, the earlier
+    propagation's Undo went too). It is now taken back, and the message says so."""
+    job, seg, sid, vol, truth = _finished_job(mrml_scene, mode=mode)
+    ids = list(seg.GetSegmentation().GetSegmentIDs())
+    before = internal_labelmap_state(seg, sid)
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(SegmentPropagation, "_history_entry", out_of_memory)
+    history = PropagationHistory()
+    with caplog.at_level(logging.CRITICAL, logger="PAMSegmentLib.mrml"):
+        with pytest.raises(PAMError, match=r"^the result could not be written and remembered for Undo \(MemoryError: "
+                                           r"no details\); it was taken back: nothing was changed$"):
+            job.apply(history=history)
+    assert list(seg.GetSegmentation().GetSegmentIDs()) == ids  # new mode: the added segment is gone again
+    assert_same_labelmap(internal_labelmap_state(seg, sid), before)
+    assert history.get(seg, sid) is None and job.applied_segment_id is None
+
+
+def test_ctrl_c_while_a_new_segment_is_written_removes_it_again(mrml_scene, monkeypatch):
+    """A review (session 31): the new mode's rollback caught Exception only, so a KeyboardInterrupt
+    in a script (propagate_segment) left an extra "tumor (PAM)" segment."""
+    job, seg, sid, vol, truth = _finished_job(mrml_scene, mode="new")
+    ids = list(seg.GetSegmentation().GetSegmentIDs())
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mrml, "write_segment_mask", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        job.apply(history=PropagationHistory())
+    assert list(seg.GetSegmentation().GetSegmentIDs()) == ids
+
+
+def test_an_interrupt_in_the_worker_ends_the_job(mrml_scene):
+    """A review (session 31): the worker caught Exception only; a KeyboardInterrupt or SystemExit
+    there left the job "running" for ever, Cancel could not end it and the panel stayed blocked."""
+    truth, image = synthetic()
+    vol = make_volume_node(image)
+    seg, ids = make_segmentation(vol, {"tumor": one_slice(truth, CENTER[0])})
+
+    class Interrupted(GuideCopy):
+        def predict(self, *args):
+            raise SystemExit(1)
+
+    job = SegmentPropagation(vol, seg, ids["tumor"], model=Interrupted(truth)).start()
+    assert job.wait(30)
+    assert (job.state, job.error) == ("failed", "interrupted (SystemExit)")
+    with pytest.raises(SystemExit):  # run() on the caller's thread: the interrupt is the caller's
+        SegmentPropagation(vol, seg, ids["tumor"], model=Interrupted(truth)).run()
+
+
+def test_a_record_that_cannot_be_saved_with_the_segment_costs_only_the_record(mrml_scene, monkeypatch, caplog):
+    """A review (session 31): the record's tag was set outside the guarded part, so its failure
+    escaped from apply() after the write and the panel said "Result not written"."""
+    job, seg, sid, vol, truth = _finished_job(mrml_scene)
+    real = mrml._set_segment_tag
+
+    def no_record(segment, key, value):
+        if key == RECORD_TAG:
+            raise MemoryError()
+        return real(segment, key, value)
+
+    monkeypatch.setattr(mrml, "_set_segment_tag", no_record)
+    history = PropagationHistory()
+    with caplog.at_level(logging.CRITICAL, logger="PAMSegmentLib.mrml"):
+        assert job.apply(history=history) == sid
+    segment = seg.GetSegmentation().GetSegment(sid)
+    assert mrml._segment_tag(segment, RECORD_TAG) is None and mrml._segment_tag(segment, RUN_TAG)
+    assert history.get(seg, sid).undo_available
+
+
+def test_an_undo_whose_tags_cannot_be_put_back_can_be_tried_again(mrml_scene, monkeypatch):
+    """A review (session 31): Undo forgot the run before putting the segment's tags back; when that
+    failed, the restored drawing kept the run's tags, was read back as "a PAM result read back from
+    the record" and a second Undo was refused with that text."""
+    job, seg, sid, vol, truth = _finished_job(mrml_scene)
+    history = PropagationHistory()
+    before = internal_labelmap_state(seg, sid)
+    job.apply(history=history)
+    real = mrml._put_run_tags
+
+    def fails_once(*args):
+        monkeypatch.setattr(mrml, "_put_run_tags", real)
+        raise MemoryError()
+
+    monkeypatch.setattr(mrml, "_put_run_tags", fails_once)
+    with pytest.raises(MemoryError):
+        history.undo_last(seg, sid)
+    assert history.get(seg, sid) is not None  # still remembered: Undo can be asked again
+    assert history.undo_last(seg, sid) == '"tumor" is back as it was before the propagation'
+    assert_same_labelmap(internal_labelmap_state(seg, sid), before)
+    assert mrml._segment_tag(seg.GetSegmentation().GetSegment(sid), RUN_TAG) is None
