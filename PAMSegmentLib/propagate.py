@@ -1212,6 +1212,7 @@ def _check_prediction(predictor, pred, n: int, slice_shape: tuple) -> None:
             raise InputError(f"{name} returned presence values {presence.min():g} to {presence.max():g}"
                              f"{' (NaN or inf among them)' if not np.all(np.isfinite(presence)) else ''}; "
                              "they must lie within [0, 1]")
+        pred.presence = presence  # read as numbers from here on (a tensor that requires grad warned at each read)
 
 
 def _record_stop(stats: dict, start: int, direction: int, last: int, reason: str) -> None:
@@ -1741,12 +1742,17 @@ def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo
         # (session 19, chosen on training-case structures: two keyframes 0.783 -> 0.787 and 0.711 -> 0.711;
         # an attribute so that validate.py's pam+kfvotes can measure the old rule)
         empty_side_votes = bool(getattr(predictor, "keyframe_empty_side_votes", False))
+        # (session 31, a candidate measured with validate.py's pam+kfcollapseF: a walk whose area fell
+        # below F x the area expected from the two drawn slices lost the object too)
+        collapse = float(getattr(predictor, "keyframe_collapse_fraction", 0.0) or 0.0)
+        area_a, area_b = int(np.count_nonzero(prompt_mask[a])), int(np.count_nonzero(prompt_mask[b]))
         for s in range(a + 1, b):
             w_f, w_b = (b - s) / (b - a), (s - a) / (b - a)
             if not empty_side_votes:
                 # Both ends hold the object: a walk that lost it here says nothing about its shape.
-                f_has = bool((fwd_p[s] >= predictor.threshold).any())
-                b_has = bool((bwd_p[s] >= predictor.threshold).any())
+                least = collapse * (w_f * area_a + w_b * area_b)
+                f_has = int(np.count_nonzero(fwd_p[s] >= predictor.threshold)) > least
+                b_has = int(np.count_nonzero(bwd_p[s] >= predictor.threshold)) > least
                 if f_has != b_has:
                     w_f, w_b = (1.0, 0.0) if f_has else (0.0, 1.0)
             # each side's probability is dropped once fused, and the fused slice kept as the mask it

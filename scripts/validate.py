@@ -59,6 +59,8 @@ _FLAGS = {
 }
 _NUMERIC = {
     "kfagree": (None, "keyframe_outward_min_agreement", float),  # min Dice network vs warped, outward
+    # between two keyframes a walk whose area is at most F x the drawn slices' (distance-weighted) lost it
+    "kfcollapse": (None, "keyframe_collapse_fraction", float),
     "fb": (None, "consistency_min_dice", float),
     "thr": (None, "threshold", float),
     "pres": (None, "presence_threshold", float),
@@ -194,7 +196,8 @@ def main(argv=None) -> int:
                 predictor.registration_options = opts.get("registration_options", {})
                 for name in ("window_mm", "threshold", "presence_threshold", "consistency_min_dice",
                              "keyframe_outward_min_agreement", "carry_supersample", "through_plane_mm", "crop_scale", "network_window",
-                             "keyframe_empty_side_votes", "published_scheme", "authors_preprocessing", "gate_k"):
+                             "keyframe_empty_side_votes", "published_scheme", "authors_preprocessing", "gate_k",
+                             "keyframe_collapse_fraction"):
                     if name in opts:
                         setattr(predictor, name, opts[name])
             res = propagate(case.image, prompt, case.spacing, predictor, axis=0)
