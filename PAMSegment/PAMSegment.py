@@ -179,6 +179,9 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._promptMethod = None  # the model kind the prompt label was last written for
         self._devicesListed = False  # the device list was filled (torch was there): only then is the choice saved
         self._entered = False  # the panel is shown (enter() until exit())
+        # (segmentation id, segment id, history entry) the last prompt refresh found no edits of: Update is
+        # then off, with why (pressing it only said so); any other refresh or selection turns it on again
+        self._noEditsOf = None
         self._reviewShown = None  # (segmentation node ID, segment ID, slice) last shown for review
         self._editorSelectionSeen = None  # the Segment Editor's selection (IDs) when the panel last followed it
         self._cancelledBySceneClose = None  # the job a scene close cancelled (its last poll says so)
@@ -470,6 +473,10 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             updateReason = "Enter the PAMSegment server's address (as pamsegment serve prints it)."
         elif entry is None:
             updateReason = "No PAM result for this segment: propagate it first."
+        elif self._noEditsOf is not None and self._noEditsOf[:2] == (segmentation.GetID(), segmentId) \
+                and self._noEditsOf[2] is entry:
+            updateReason = ("No slice differs from the PAM result yet: fix the wrong slices in the Segment Editor, "
+                            "then update.")
         else:
             updateReason = ""
         self.ui.updateButton.enabled = not updateReason
@@ -498,6 +505,13 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def updatePromptLabel(self):
         self.promptRefreshTimer.stop()  # a refresh asked for meanwhile (e.g. by our own write) is this one
+        self._noEditsOf = None
+        try:
+            self._refreshPromptLabel()
+        finally:
+            self.updateButtons()  # Update is offered only once a slice was edited (found just now)
+
+    def _refreshPromptLabel(self):
         self.updateReview()
         volume, segmentation, segmentId = self._inputs()
         if volume is None or segmentation is None or not segmentId:
@@ -515,14 +529,16 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         entry = self._historyEntry()
         if entry is not None:
             try:
-                edited = self.logic.editedSlices(segmentation, segmentId, volume)
+                edited, known = self.logic.editedSlices(segmentation, segmentId, volume), True
             except Exception:  # the volume left the scene...: the update explains it when pressed
-                edited = []
+                edited, known = [], False
             if edited:
                 listing = ", ".join(str(s) for s in edited[:8]) + (" ..." if len(edited) > 8 else "")
                 todo = f"Edited since: {len(edited)} slice{'s' if len(edited) > 1 else ''} ({listing}); press Update from my edits."
             else:
                 todo = "Fix any wrong slice in the Segment Editor, then press Update from my edits."
+                if known and entry.volume_for(volume) is not None:  # read on its volume: no edit for certain
+                    self._noEditsOf = (segmentation.GetID(), segmentId, entry)
             self.ui.promptLabel.text = f"Propagated: {entry.describe()}. {todo}"
             return
         try:

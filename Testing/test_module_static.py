@@ -1624,7 +1624,10 @@ def test_panel_update_and_undo_buttons_drive_the_jobs(panel, drawn, mrml, monkey
     prompt_state = mrml.internal_labelmap_state(segmentation, segment_id)
 
     _propagated(panel, drawn, monkeypatch)
-    assert ui.updateButton.enabled and ui.undoButton.enabled and ui.nextReviewButton.enabled
+    assert ui.undoButton.enabled and ui.nextReviewButton.enabled
+    # nothing edited yet: Update is off, saying why (session 31; pressing it only said so)
+    assert not ui.updateButton.enabled and ui.updateButton.toolTip == (
+        "No slice differs from the PAM result yet: fix the wrong slices in the Segment Editor, then update.")
     assert ui.undoButton.toolTip == "Put the segment back exactly as it was before the last propagation."
     assert ui.promptLabel.text == ("Propagated: PAM result on axial slices 4-16; your slices: 10. Fix any wrong slice "
                                    "in the Segment Editor, then press Update from my edits.")
@@ -1640,6 +1643,7 @@ def test_panel_update_and_undo_buttons_drive_the_jobs(panel, drawn, mrml, monkey
     assert panel.promptRefreshTimer.active
     panel.promptRefreshTimer.fire()
     assert "Edited since: 1 slice (13); press Update from my edits." in ui.promptLabel.text
+    assert ui.updateButton.enabled and ui.updateButton.toolTip.startswith("Re-propagate keeping the slices you fixed")
     edited_state = mrml.internal_labelmap_state(segmentation, segment_id)
 
     ui.updateButton.click()
@@ -1750,10 +1754,11 @@ def test_panel_propagate_on_a_hand_drawn_3d_segment_is_refused_without_offer(pan
 
 def test_panel_update_with_nothing_edited_explains(panel, drawn, monkeypatch):
     _, _, segmentation, segment_id = _propagated(panel, drawn, monkeypatch)
-    panel.ui.updateButton.click()
+    assert not panel.ui.updateButton.enabled  # said on the button (session 31), and by the update if asked
+    assert panel.ui.updateButton.toolTip.startswith("No slice differs from the PAM result yet")
+    panel.onUpdate()  # (as a shortcut or a script would)
     assert panel.job is None and panel.ui.statusLabel.text.startswith(
         'No slice of "liver" differs from the last PAM result')
-    assert panel.ui.updateButton.enabled
 
 
 def test_panel_buttons_are_disabled_while_a_job_runs(panel, drawn, monkeypatch):
@@ -1765,6 +1770,7 @@ def test_panel_buttons_are_disabled_while_a_job_runs(panel, drawn, monkeypatch):
     edited[14, :, :] = False
     edited[14, 14:18, 16:20] = True
     _edit(segmentation, segment_id, volume, edited)
+    panel.promptRefreshTimer.fire()
     panel.ui.updateButton.click()
     assert gate["started"].wait(10)
     ui = panel.ui
