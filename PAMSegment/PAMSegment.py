@@ -475,8 +475,8 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             updateReason = "No PAM result for this segment: propagate it first."
         elif self._noEditsOf is not None and self._noEditsOf[:2] == (segmentation.GetID(), segmentId) \
                 and self._noEditsOf[2] is entry:
-            updateReason = ("No slice differs from the PAM result yet: fix the wrong slices in the Segment Editor, "
-                            "then update.")
+            updateReason = ("No slice differs from the propagated result yet: fix the wrong slices in the Segment "
+                            "Editor, then update.")
         else:
             updateReason = ""
         self.ui.updateButton.enabled = not updateReason

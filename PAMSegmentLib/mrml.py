@@ -1871,7 +1871,18 @@ class HistoryEntry:
         yours = ", ".join(str(s) for s in self.user_slices[:10]) + (" ..." if len(self.user_slices) > 10 else "")
         saved = " (read back from the record saved with the segment: it can be updated, not undone)" \
             if self.restored else ""
-        return f"PAM result on {where}; your slices: {yours}{saved}"
+        return f"{self.result_name()} on {where}; your slices: {yours}{saved}"
+
+    def result_name(self) -> str:
+        """What made the result, as the panel names the methods: "PAM result", "Registration
+        tracking result" or "Copied-mask result" (from the predictor's class in ``begin_state``; a
+        record from before it, or an unknown predictor, is a PAM result)."""
+        try:
+            predictor = str(self.begin_state[0])
+        except (TypeError, IndexError, KeyError):
+            return "PAM result"
+        return {"TrackPredictor": "Registration tracking result",
+                "CopyPredictor": "Copied-mask result"}.get(predictor, "PAM result")
 
 
 # -- the result saved with the scene ----------------------------------------------------------------

@@ -1627,7 +1627,7 @@ def test_panel_update_and_undo_buttons_drive_the_jobs(panel, drawn, mrml, monkey
     assert ui.undoButton.enabled and ui.nextReviewButton.enabled
     # nothing edited yet: Update is off, saying why (session 31; pressing it only said so)
     assert not ui.updateButton.enabled and ui.updateButton.toolTip == (
-        "No slice differs from the PAM result yet: fix the wrong slices in the Segment Editor, then update.")
+        "No slice differs from the propagated result yet: fix the wrong slices in the Segment Editor, then update.")
     assert ui.undoButton.toolTip == "Put the segment back exactly as it was before the last propagation."
     assert ui.promptLabel.text == ("Propagated: PAM result on axial slices 4-16; your slices: 10. Fix any wrong slice "
                                    "in the Segment Editor, then press Update from my edits.")
@@ -1755,7 +1755,7 @@ def test_panel_propagate_on_a_hand_drawn_3d_segment_is_refused_without_offer(pan
 def test_panel_update_with_nothing_edited_explains(panel, drawn, monkeypatch):
     _, _, segmentation, segment_id = _propagated(panel, drawn, monkeypatch)
     assert not panel.ui.updateButton.enabled  # said on the button (session 31), and by the update if asked
-    assert panel.ui.updateButton.toolTip.startswith("No slice differs from the PAM result yet")
+    assert panel.ui.updateButton.toolTip.startswith("No slice differs from the propagated result yet")
     panel.onUpdate()  # (as a shortcut or a script would)
     assert panel.job is None and panel.ui.statusLabel.text.startswith(
         'No slice of "liver" differs from the last PAM result')

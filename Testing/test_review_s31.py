@@ -209,3 +209,21 @@ def test_an_undo_whose_tags_cannot_be_put_back_can_be_tried_again(mrml_scene, mo
     assert history.undo_last(seg, sid) == '"tumor" is back as it was before the propagation'
     assert_same_labelmap(internal_labelmap_state(seg, sid), before)
     assert mrml._segment_tag(seg.GetSegmentation().GetSegment(sid), RUN_TAG) is None
+
+
+@pytest.mark.parametrize("method, name", [("track", "Registration tracking result"), ("copy", "Copied-mask result")])
+def test_a_classical_methods_result_is_not_called_a_pam_result(mrml_scene, method, name):
+    """Carried from the session-30 review: the panel's prompt line called every result a "PAM
+    result", also one made by the registration tracker the user chose."""
+    from PAMSegmentLib.baselines import get_predictor
+
+    truth, image = synthetic()
+    vol = make_volume_node(image)
+    seg, ids = make_segmentation(vol, {"tumor": one_slice(truth, CENTER[0])})
+    history = PropagationHistory()
+    mrml.propagate_segment(vol, seg, ids["tumor"], model=get_predictor(method), history=history)
+    text = history.get(seg, ids["tumor"]).describe()
+    assert text.startswith(f"{name} on axial slices ") and text.endswith(f"your slices: {CENTER[0]}"), text
+    other, others = make_segmentation(vol, {"tumor": one_slice(truth, CENTER[0])})
+    mrml.propagate_segment(vol, other, others["tumor"], model=GuideCopy(truth), history=history)
+    assert history.get(other, others["tumor"]).describe().startswith("PAM result on axial slices ")  # any other
