@@ -488,6 +488,13 @@ def get_predictor(method: str, checkpoint=None, device: str = "cpu", **options) 
         if unknown:  # before the model is loaded (a TypeError from the constructor before)
             raise InputError(f"bad option for method 'pam-memory': {', '.join(unknown)} (it takes memory and "
                              "current_weight)")
+        memory, weight = options.get("memory", 2), options.get("current_weight", 0.5)
+        if isinstance(memory, bool) or not isinstance(memory, (int, np.integer)) or memory < 1:
+            raise InputError(f"bad option for method 'pam-memory': memory must be a whole number of guides, at least "
+                             f"1; got {memory!r}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float, np.number)) or not 0.0 <= weight <= 1.0:
+            raise InputError(f"bad option for method 'pam-memory': current_weight must be a number from 0 to 1; got "
+                             f"{weight!r}")
         model = load_model(checkpoint, device=device)
         return PAMPredictor(model) if name == "pam" else MemoryPAMPredictor(model, **options)
     if name in ("copy", "track"):
@@ -496,6 +503,6 @@ def get_predictor(method: str, checkpoint=None, device: str = "cpu", **options) 
         cls = CopyPredictor if name == "copy" else TrackPredictor
         try:
             return cls(**options)
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:  # an unknown option, or a value the constructor refuses
             raise InputError(f"bad option for method {name!r}: {exc}") from None
     raise InputError(f"unknown method {method!r}; choose one of: {', '.join(METHOD_NAMES)}")

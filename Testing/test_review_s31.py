@@ -227,3 +227,19 @@ def test_a_classical_methods_result_is_not_called_a_pam_result(mrml_scene, metho
     other, others = make_segmentation(vol, {"tumor": one_slice(truth, CENTER[0])})
     mrml.propagate_segment(vol, other, others["tumor"], model=GuideCopy(truth), history=history)
     assert history.get(other, others["tumor"]).describe().startswith("PAM result on axial slices ")  # any other
+
+
+@pytest.mark.parametrize("method, options, message", [
+    ("pam-memory", {"memory": -1}, "memory must be a whole number of guides, at least 1; got -1"),
+    ("pam-memory", {"memory": "x"}, "memory must be a whole number of guides, at least 1; got 'x'"),
+    ("pam-memory", {"current_weight": 5}, "current_weight must be a number from 0 to 1; got 5"),
+    ("track", {"iterations": -5}, "registration needs iterations >= 1"),
+    ("track", {"iterations": "a"}, "invalid literal for int"),
+])
+def test_get_predictor_option_values_it_cannot_use_are_input_errors(method, options, message):
+    """Carried from the session-30 review: pam-memory took memory=-1 or 'x' (and failed inside the
+    walk), and the tracker's value errors came out as ValueError, not the library's InputError."""
+    from PAMSegmentLib.baselines import get_predictor
+
+    with pytest.raises(InputError, match=f"^bad option for method '{method}': {message}"):
+        get_predictor(method, **options)
