@@ -311,7 +311,6 @@ def _earlier_results(out_dir: Path) -> dict[str, tuple[dict, int]]:
     ``ok`` or ``skipped``, and rows that say what made their output (a failed re-run's), a newer
     report's word over an older one's."""
     found: dict[str, tuple[dict, int]] = {}
-    moved: list[tuple[str, tuple[dict, int]]] = []
     if not out_dir.is_dir():
         return found
     try:
@@ -320,22 +319,28 @@ def _earlier_results(out_dir: Path) -> dict[str, tuple[dict, int]]:
         raise InputError(f"cannot read the folder {out_dir} ({error.strerror or error}); check its permissions or "
                          "choose another -o") from None
     for report in sorted(reports, key=lambda p: p.stat().st_mtime_ns):
+        claimed: dict[str, tuple[dict, int]] = {}
         try:
             stamp = report.stat().st_mtime_ns
             with open(report, newline="", encoding="utf-8", errors="surrogateescape") as fh:  # as written
                 for row in csv.DictReader(fh):
                     # ok / skipped rows carry their columns over; any row says what made its output
-                    if row.get("output") and (row.get("status") in ("ok", "skipped") or row.get("method")):
-                        found[str(_absolute(Path(row["output"])))] = (row, stamp)
-                        inside = row.get("output_in_folder") or ""
-                        if inside and not Path(inside).is_absolute() and ".." not in Path(inside).parts:
-                            # the folder moved, copied or mounted elsewhere since: its outputs are found by
-                            # where they lie in it (the absolute path's row wins where both name one)
-                            moved.append((str(_absolute(out_dir / inside)), (row, stamp)))
+                    if not (row.get("output") and (row.get("status") in ("ok", "skipped") or row.get("method"))):
+                        continue
+                    keys = [str(_absolute(Path(row["output"])))]
+                    inside = row.get("output_in_folder") or ""
+                    if inside and not Path(inside).is_absolute() and ".." not in Path(inside).parts:
+                        # the folder moved, copied or mounted elsewhere since: its outputs are found by
+                        # where they lie in it
+                        keys.append(str(_absolute(out_dir / inside)))
+                    for key in keys:
+                        # within a report the first row for an output is the newest: the run that wrote it
+                        # puts its own rows first and other manifests' kept rows after (a review, session
+                        # 31: a kept row of the folder's earlier mount point had the last word)
+                        claimed.setdefault(key, (row, stamp))
         except (OSError, UnicodeDecodeError, csv.Error):
             continue  # a damaged report carries nothing over
-    for key, value in dict(moved).items():  # (a newer report's word over an older one's, as above)
-        found.setdefault(key, value)
+        found.update(claimed)  # a newer report's word over an older one's
     return found
 
 
@@ -524,13 +529,18 @@ def _rows_of_other_manifests(report: Path, manifest: Path, rows: list[BatchRow])
     a report that cannot be read are not kept, as before."""
     ours = str(_absolute(manifest))
     outputs = {r.absolute()[2] for r in rows}
+    folder = _report_folder(str(report.parent), os.getcwd())
+    inside = {name for r in rows if (name := _in_folder(r.absolute()[2], folder))}
     try:
         with open(report, newline="", encoding="utf-8", errors="surrogateescape") as fh:  # as written
             found = list(csv.DictReader(fh))
     except (OSError, UnicodeDecodeError, csv.Error):
         return []
+    # a row of the same output by where it lies in the folder is this run's output too (the folder
+    # reached by another path: moved, or its disk mounted elsewhere; a review, session 31)
     return [{k: row.get(k) or "" for k in REPORT_FIELDS} for row in found
-            if row.get("manifest") and row["manifest"] != ours and row.get("output") not in outputs]
+            if row.get("manifest") and row["manifest"] != ours and row.get("output") not in outputs
+            and (row.get("output_in_folder") or "") not in inside]
 
 
 @contextlib.contextmanager
@@ -595,11 +605,13 @@ def _write_report(rows, path: Path, manifest, kept: list[dict], tmp: Path) -> No
                             "output_in_folder": _in_folder(output, folder), "inputs": r.inputs})
             w.writerows(kept)  # other manifests' rows, as they were
         tmp.replace(path)
-    except (OSError, UnicodeError) as error:  # UnicodeError: a message holding a character no bytes stand for
-        try:
+    except BaseException as error:  # UnicodeError: a message holding a character no bytes stand for
+        try:  # also on Ctrl-C or SIGTERM during the rewrite (a review, session 31: the .tmp stayed behind)
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
+        if not isinstance(error, (OSError, UnicodeError)):
+            raise
         reason = error.strerror if isinstance(error, OSError) and error.strerror else error
         hint = ("it may be open in another program, which keeps it from being replaced (close it there), or its "
                 "folder may not take files" if isinstance(error, PermissionError)

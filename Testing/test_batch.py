@@ -1210,3 +1210,78 @@ def test_skip_existing_leaves_hidden_files_in_a_dicom_folder_out_and_reads_old_r
     (tmp_path / "p01" / ".DS_Store").write_bytes(b"\0" * 64)  # the report now records the inputs
     assert main(["batch", str(m), "-o", str(out), "--method", "copy", "--skip-existing"]) == 0
     assert _report(report)[0]["status"] == "skipped"
+
+
+def test_a_folder_reached_by_another_path_and_back_keeps_what_made_its_outputs(tmp_path, cases, capsys):
+    """A review (session 31): a project run at one path, then at another (moved, or its disk mounted
+    elsewhere) with a --method copy trial, kept the first path's rows as another manifest's; back
+    at the first path, --skip-existing found those stale rows by their absolute paths and skipped
+    the copy trial's outputs as the other method's."""
+    import shutil
+
+    lines = ["image,prompt,output"] + [f"c{n}/image.nii.gz,c{n}/prompt.nii.gz,../out/r{n}.nii.gz" for n in range(2)]
+    _manifest(tmp_path / "data" / "cases.csv", lines)
+    first, second = tmp_path / "mount1", tmp_path / "mount2"
+    first.mkdir()
+    shutil.move(str(tmp_path / "data"), str(first / "data"))
+    assert main(["batch", str(first / "data" / "cases.csv"), "-o", str(first / "out"), "--method", "track"]) == 0
+    shutil.move(str(first), str(second))
+    assert main(["batch", str(second / "data" / "cases.csv"), "-o", str(second / "out"), "--method", "copy"]) == 0
+    rows = _report(second / "out" / "batch_report.csv")
+    assert [r["method"] for r in rows] == ["copy", "copy"]  # the first path's rows of the same outputs are gone
+    shutil.move(str(second), str(first))
+    capsys.readouterr()
+    assert main(["batch", str(first / "data" / "cases.csv"), "-o", str(first / "out"), "--method", "track",
+                 "--skip-existing"]) == 0
+    rows = _report(first / "out" / "batch_report.csv")
+    assert [(r["status"], r["method"]) for r in rows] == [("ok", "track"), ("ok", "track")]
+    assert all(r["message"].startswith("run again: its output was made with copy, this run uses track") for r in rows)
+
+
+def test_an_earlier_report_with_a_stale_kept_row_gives_the_rows_this_run_wrote_the_last_word(tmp_path, cases):
+    """A report written before session 31 may hold, after a run's own rows, another mount point's
+    stale row of the same output (kept as another manifest's): the run's own row, first in the
+    report, is what made the output."""
+    lines = ["image,prompt,output"] + [f"c{n}/image.nii.gz,c{n}/prompt.nii.gz,../out/r{n}.nii.gz" for n in range(2)]
+    m = _manifest(tmp_path / "data" / "cases.csv", lines)
+    out = tmp_path / "out"
+    assert main(["batch", str(m), "-o", str(out), "--method", "copy"]) == 0
+    report = out / "batch_report.csv"
+    rows = _report(report)
+    stale = [dict(r, method="track", manifest="/elsewhere/cases.csv") for r in rows]
+    with open(report, "a", newline="", encoding="utf-8") as fh:
+        csv.DictWriter(fh, fieldnames=list(rows[0])).writerows(stale)
+    assert main(["batch", str(m), "-o", str(out), "--method", "track", "--skip-existing"]) == 0
+    assert [r["status"] for r in _report(report)[:2]] == ["ok", "ok"]  # made with copy: run again
+
+
+def test_an_interrupt_while_the_report_is_written_leaves_no_temporary_and_no_new_folder(tmp_path, cases,
+                                                                                         monkeypatch, capsys):
+    """A review (session 31): the report's temporary was removed only on a file error; a Ctrl-C or
+    SIGTERM during a rewrite (often, in a batch of quick cases) left batch_report.csv.<id>.tmp, and
+    on the first write the new -o folder stayed with it ("leaves nothing behind")."""
+    lines = ["image,prompt,output"] + [f"c{n}/image.nii.gz,c{n}/prompt.nii.gz,../out/r{n}.nii.gz" for n in range(2)]
+    m = _manifest(tmp_path / "data" / "cases.csv", lines)
+
+    class Interrupted(csv.DictWriter):
+        def writerows(self, rows):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(batch_module.csv, "DictWriter", Interrupted)
+    assert main(["batch", str(m), "-o", str(tmp_path / "out"), "--method", "copy"]) == 130
+    assert not (tmp_path / "out").exists()
+    monkeypatch.undo()
+    assert main(["batch", str(m), "-o", str(tmp_path / "out"), "--method", "copy"]) == 0
+    calls = []
+    real = csv.DictWriter.writerow
+
+    def cut_at_the_second_rewrite(self, row):
+        calls.append(1)
+        if len(calls) == 5:  # header, then two rows per rewrite: the second rewrite's first row
+            raise KeyboardInterrupt
+        return real(self, row)
+
+    monkeypatch.setattr(csv.DictWriter, "writerow", cut_at_the_second_rewrite)
+    assert main(["batch", str(m), "-o", str(tmp_path / "out"), "--method", "copy"]) == 130
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "batch_report.csv", "r0.nii.gz", "r0.nii.gz.keyframes.json", "r1.nii.gz", "r1.nii.gz.keyframes.json"]
