@@ -537,7 +537,12 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 todo = f"Edited since: {len(edited)} slice{'s' if len(edited) > 1 else ''} ({listing}); press Update from my edits."
             else:
                 todo = "Fix any wrong slice in the Segment Editor, then press Update from my edits."
-                if known and entry.volume_for(volume) is not None:  # read on its volume: no edit for certain
+                # an edit on thin slices of a finer segmentation grid is seen by no read on the volume's
+                # grid: said here, and Update stays on (it refuses, saying the same)
+                unseen = self.logic.unseenEdits(segmentation, segmentId, volume) if known else ""
+                if unseen:
+                    todo = unseen
+                elif known and entry.volume_for(volume) is not None:  # read on its volume: no edit for certain
                     self._noEditsOf = (segmentation.GetID(), segmentId, entry)
             self.ui.promptLabel.text = f"Propagated: {entry.describe()}. {todo}"
             return
@@ -1093,6 +1098,22 @@ class PAMSegmentLogic(ScriptedLoadableModuleLogic):
         if volume is None:
             return []
         return entry.edited_slices(segment_mask(segmentationNode, segmentId, volume))
+
+    def unseenEdits(self, segmentationNode, segmentId, volumeNode=None):
+        """Why the segment was edited where its volume's voxels do not show it (thin slices of a finer
+        segmentation grid), or "" (PAMSegmentLib.mrml.check_no_unseen_edits)."""
+        from PAMSegmentLib.errors import InputError
+        from PAMSegmentLib.mrml import check_no_unseen_edits
+
+        entry = self.history.get(segmentationNode, segmentId)
+        volume = entry.volume_for(volumeNode) if entry is not None else None
+        if volume is None:
+            return ""
+        try:
+            check_no_unseen_edits(entry, segmentationNode, segmentId, volume, [])
+        except InputError as exc:
+            return str(exc)
+        return ""
 
     def undoLast(self, segmentationNode, segmentId, beforeWrite=None):
         """Put the segment back as it was before its last propagation/update; returns a sentence.

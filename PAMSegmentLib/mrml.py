@@ -553,9 +553,12 @@ def _own_voxels_digest(segmentation_node, segment_id: str) -> str | None:
     if stored is None:
         return None
     digest = hashlib.sha256()
-    matrix = vtk.vtkMatrix4x4()
-    stored.GetImageToWorldMatrix(matrix)
-    digest.update(np.round(_slicer().util.arrayFromVTKMatrix(matrix), 9).tobytes())
+    vtk_matrix = vtk.vtkMatrix4x4()
+    stored.GetImageToWorldMatrix(vtk_matrix)
+    matrix = _slicer().util.arrayFromVTKMatrix(vtk_matrix)
+    # the grid's axes (not its origin: a layer's origin moves by whole voxels when layers are merged);
+    # rounded, and + 0.0 so that -0.0 and 0.0 are one value
+    digest.update((np.round(matrix[:3, :3], 6) + 0.0).tobytes())
     extent = stored.GetExtent()
     dims = (extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
     if min(dims) <= 0 or stored.GetPointData().GetScalars() is None:
@@ -563,9 +566,11 @@ def _own_voxels_digest(segmentation_node, segment_id: str) -> str | None:
     own = numpy_support.vtk_to_numpy(stored.GetPointData().GetScalars()).reshape(dims) == segment.GetLabelValue()
     along = [np.flatnonzero(own.any(axis=other)) for other in ((1, 2), (0, 2), (0, 1))]
     if len(along[0]):
-        corner = (extent[4] + along[0][0], extent[2] + along[1][0], extent[0] + along[2][0])
+        ijk = np.array([extent[0] + along[2][0], extent[2] + along[1][0], extent[4] + along[0][0], 1.0])
+        where = np.round(matrix @ ijk, 4)[:3] + 0.0  # the box's first voxel in the world (mm, to 0.1 um)
         box = own[tuple(slice(int(a[0]), int(a[-1]) + 1) for a in along)]
-        digest.update(np.asarray([*corner, *box.shape], np.int64).tobytes())
+        digest.update(where.tobytes())
+        digest.update(np.asarray(box.shape, np.int64).tobytes())
         digest.update(np.packbits(box).tobytes())
     return digest.hexdigest()
 
@@ -1083,6 +1088,7 @@ class SegmentPropagation:
         self._own_digest = (_own_voxels_digest(segmentation_node, segment_id) if mode == "replace" and
                             _finer_than_volume(segmentation_node, segment_id, volume_node) else None)
         self._applying = False  # apply() is writing: a cancel() from another thread is too late then
+        self._cancel_while_applying = False  # ... unless that apply is refused (then the cancel holds)
         self.checkpoint = None if checkpoint in (None, "") else str(checkpoint)
         self.device = device
         self.range = None if range is None else _slice_pair(range)
@@ -1267,7 +1273,8 @@ class SegmentPropagation:
         cancel from another thread while ``apply()`` writes comes too late and changes nothing (a
         review, session 31: it marked a written result "not changed" and lost its Undo)."""
         with self._lock:
-            if self._applying:
+            if self._applying:  # too late if it writes; if it is refused, the cancel then holds
+                self._cancel_while_applying = True
                 return
             self._cancel.cancel()
             if self._state == "pending":
@@ -1359,17 +1366,17 @@ class SegmentPropagation:
             raise InputError(f'segment "{self.segment_name}" was deleted while propagating; nothing was written')
         if not _grid_of(self.volume_node).same_as(self.grid):
             raise InputError("the volume's geometry changed while propagating; nothing was written. Run again.")
-        try:  # Specify geometry while propagating (a review, session 31: written a voxel off, drawn slices too)
-            _check_not_half_a_voxel_apart(self.segmentation_node, self.segment_id, self.volume_node)
-        except InputError as exc:
-            raise InputError(f"the segmentation's geometry changed while propagating: {exc}. Nothing was written."
-                             ) from None
         if self.mode == "replace" and not _same_placement(_placement(self.volume_node, self.segmentation_node),
                                                           self._placement):
             # (a new segment is written where the volume is now, as the result is computed on it;
             # a replace would be refused below as an edit, with the wrong advice)
             raise InputError("the volume or the segmentation was moved (its transform changed) while propagating, so "
                              "the result would land elsewhere than the drawing; nothing was written. Run again.")
+        try:  # Specify geometry while propagating (a review, session 31: written a voxel off, drawn slices too)
+            _check_not_half_a_voxel_apart(self.segmentation_node, self.segment_id, self.volume_node)
+        except InputError as exc:
+            raise InputError(f"the segmentation's geometry changed while propagating: {exc}. Nothing was written."
+                             ) from None
         if not self._voxels_unchanged():
             raise InputError("the volume's voxels changed while propagating (the result was computed from the old "
                              "ones); nothing was written. Run again.")
@@ -1421,12 +1428,19 @@ class SegmentPropagation:
             if self._state != "finished":
                 raise PAMError(f"nothing to apply: the {self.kind} is {self._state}"
                                + (f" ({self.error})" if self.error else ""))
-            self._applying = True
+            if self._applying:  # (from an observer of the write, say: it would write twice)
+                raise PAMError(f"this {self.kind}'s result is being written already")
+            self._applying, self._cancel_while_applying = True, False
         try:
             return self._apply(history, before_write)
         finally:
             with self._lock:
                 self._applying = False
+                if self.applied_segment_id is None and self._cancel_while_applying:
+                    # refused or failed after a cancel that came while it was checked: the cancel holds
+                    self._cancel.cancel()
+                    self.result = None
+                    self._finish("cancelled", "cancelled; the segmentation was not changed")
 
     def _apply(self, history, before_write) -> str:
         self._check_scene_unchanged()
@@ -1443,7 +1457,7 @@ class SegmentPropagation:
                                "nothing was changed (choose the new-segment output instead)")
         if before_write is not None:
             before_write()
-        target = self.segment_id
+        target = self.segment_id if self.mode == "replace" else None  # (new mode: once the segment is added)
         entry = None
         try:  # all or nothing: the write, and the session's memory of it (for Undo and updates)
             was_modifying = node.StartModify()
@@ -1473,15 +1487,15 @@ class SegmentPropagation:
             _store_record(node, target, self.history_entry)  # a failure costs only the next session's update
         return target
 
-    def _take_back(self, target: str, before: "LabelmapSnapshot | None", before_tags: tuple) -> bool:
+    def _take_back(self, target: str | None, before: "LabelmapSnapshot | None", before_tags: tuple) -> bool:
         """Undo a write that could not be completed (main thread): a segment this job added is
-        removed, a replaced one restored from ``before``. False when it could not be (replaced
-        without a saved state, or the restore failed: logged); the panel's saved Segment Editor
-        state is then what is left."""
+        removed (``target`` None: none was added), a replaced one restored from ``before``. False
+        when it could not be (replaced without a saved state, or the restore failed: logged); the
+        panel's saved Segment Editor state is then what is left."""
         node = self.segmentation_node
         try:
-            if target != self.segment_id:
-                if node.GetSegmentation().GetSegment(target) is not None:
+            if self.mode == "new":
+                if target is not None and node.GetSegmentation().GetSegment(target) is not None:
                     node.GetSegmentation().RemoveSegment(target)
                 return True
             if before is None:

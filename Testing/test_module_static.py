@@ -1996,3 +1996,41 @@ def test_a_failed_installation_says_where_to_look_not_the_pip_command(panel, mon
     assert panel.ensureRequirements() is False
     assert panel.ui.statusLabel.text == ("Installing dependencies failed (the installer exited with status 1); the "
                                          "Python console shows why.")
+
+
+def test_panel_update_stays_on_and_says_why_after_an_edit_only_a_finer_grid_shows(panel, drawn, mrml, monkeypatch):
+    """A re-review (session 31): with Update off while no slice differs, an edit on a thin slice of
+    an oversampled segmentation (which no read on the volume's grid sees) left Update off, its
+    tooltip saying nothing was edited; the update's own explanation was no longer reachable."""
+    from PAMSegmentLib.mrml import segment_mask
+
+    truth, volume, segmentation, segment_id = drawn
+    geometry = _slicer().vtkSlicerSegmentationGeometryLogic()
+    geometry.SetInputSegmentationNode(segmentation)
+    geometry.SetSourceGeometryNode(volume)
+    geometry.SetOversamplingFactor(2.0)
+    geometry.CalculateOutputGeometry()
+    geometry.SetReferenceImageGeometryInSegmentationNode()
+    geometry.ResampleLabelmapsInSegmentationNode()
+    _propagated(panel, drawn, monkeypatch)
+    assert not panel.ui.updateButton.enabled
+    segment = segmentation.GetSegmentation().GetSegment(segment_id)
+    read = segment_mask(segmentation, segment_id, volume).copy()
+    stored = _slicer().util.arrayFromSegmentInternalBinaryLabelmap(segmentation, segment_id)
+    k0 = segment.GetRepresentation("Binary labelmap").GetExtent()[4]
+    for fine in (26, 27):  # the two fine slices of volume slice 13: one of them no volume voxel reads
+        saved = stored[fine - k0].copy()
+        stored[fine - k0] = 0
+        segment.GetRepresentation("Binary labelmap").Modified()
+        if np.array_equal(segment_mask(segmentation, segment_id, volume), read):
+            break
+        stored[fine - k0] = saved
+        segment.GetRepresentation("Binary labelmap").Modified()
+    else:
+        pytest.fail("no thin slice unseen by the volume's grid")
+    panel.promptRefreshTimer.fire()
+    assert "was edited where the volume's voxels do not show it" in panel.ui.promptLabel.text
+    assert panel.ui.updateButton.enabled  # pressing it refuses, saying the same
+    panel.ui.updateButton.click()
+    assert panel.job is None or panel.job.kind != "update" or panel.job.state != "running"
+    assert "was edited where the volume's voxels do not show it" in panel.ui.statusLabel.text

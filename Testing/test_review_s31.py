@@ -243,3 +243,107 @@ def test_get_predictor_option_values_it_cannot_use_are_input_errors(method, opti
 
     with pytest.raises(InputError, match=f"^bad option for method '{method}': {message}"):
         get_predictor(method, **options)
+
+
+def _oversample(seg, vol, factor=2.0):
+    """The Segment Editor's Specify geometry with oversampling ``factor``."""
+    logic = slicer.vtkSlicerSegmentationGeometryLogic()
+    logic.SetInputSegmentationNode(seg)
+    logic.SetSourceGeometryNode(vol)
+    logic.SetOversamplingFactor(factor)
+    logic.CalculateOutputGeometry()
+    logic.SetReferenceImageGeometryInSegmentationNode()
+    logic.ResampleLabelmapsInSegmentationNode()
+
+
+def test_layers_merged_while_propagating_with_another_origin_are_no_edit_of_the_segment(mrml_scene):
+    """A re-review (session 31): the finer-grid edit check hashed the labelmap's matrix and the
+    box's index apart, so merging layers with a segment stored with its origin moved by whole
+    voxels (an imported, cropped labelmap) was refused as an edit, the voxels unmoved."""
+    import vtk
+
+    truth, image = synthetic()
+    vol = make_volume_node(image)
+    far = np.zeros(SHAPE, np.uint8)
+    far[1:4, 1:5, 1:5] = 1
+    seg, ids = make_segmentation(vol, {"far": far, "tumor": one_slice(truth, CENTER[0])})
+    _oversample(seg, vol)
+    segmentation = seg.GetSegmentation()
+    stored = segmentation.GetSegment(ids["far"]).GetRepresentation("Binary labelmap")
+    m = vtk.vtkMatrix4x4()
+    stored.GetImageToWorldMatrix(m)
+    moved = slicer.util.arrayFromVTKMatrix(m).copy()
+    moved[:3, 3] += 3 * moved[:3, 0]  # the origin 3 voxels on, the extent 3 back: the same voxels in the world
+    copy = slicer.vtkOrientedImageData()
+    copy.DeepCopy(stored)
+    e = list(stored.GetExtent())
+    copy.SetExtent(e[0] - 3, e[1] - 3, *e[2:])
+    copy.SetImageToWorldMatrix(slicer.util.vtkMatrixFromArray(moved))
+    segmentation.GetSegment(ids["far"]).AddRepresentation("Binary labelmap", copy)
+    job = SegmentPropagation(vol, seg, ids["tumor"], model=GuideCopy(truth)).run()
+    segmentation.CollapseBinaryLabelmaps(False)
+    assert job.apply(history=PropagationHistory()) == ids["tumor"]
+
+
+def test_a_cancel_sent_while_the_write_is_checked_holds_when_the_write_is_refused(mrml_scene, monkeypatch):
+    """A re-review (session 31): a cancel from another thread while apply() checked the scene was
+    dropped; the apply then refused, the job stayed "finished" and a second apply wrote the
+    result the user had cancelled. apply() entered again from within the write is refused (it
+    wrote a second "(PAM)" segment)."""
+    job, seg, sid, vol, truth = _finished_job(mrml_scene)
+
+    def refused(self):
+        other = threading.Thread(target=self.cancel)
+        other.start()
+        other.join()
+        raise InputError("the volume's voxels changed while propagating; nothing was written. Run again.")
+
+    monkeypatch.setattr(SegmentPropagation, "_check_scene_unchanged", refused)
+    with pytest.raises(InputError, match="voxels changed"):
+        job.apply(history=PropagationHistory())
+    assert job.state == "cancelled" and job.result is None
+    with pytest.raises(PAMError, match="nothing to apply: the propagation is cancelled"):
+        job.apply(history=PropagationHistory())
+    monkeypatch.undo()
+
+    job, seg, sid, vol, truth = _finished_job(mrml_scene, mode="new")
+    inner = []
+
+    def again():
+        with pytest.raises(PAMError, match="being written already"):
+            job.apply(history=PropagationHistory())
+        inner.append(True)
+
+    added = job.apply(history=PropagationHistory(), before_write=again)
+    assert inner == [True]
+    names = [seg.GetSegmentation().GetSegment(s).GetName() for s in seg.GetSegmentation().GetSegmentIDs()]
+    assert names == ["tumor", "tumor (PAM)"] and added != sid
+
+
+def test_new_mode_failing_to_add_its_segment_says_nothing_changed(mrml_scene, monkeypatch, caplog):
+    """A re-review (session 31): when adding the result segment failed, the message said the segment
+    might hold part of the result (use the Segment Editor's Undo), though nothing had changed."""
+    job, seg, sid, vol, truth = _finished_job(mrml_scene, mode="new")
+
+    def cannot_add(*args):
+        raise RuntimeError("vtkSegmentation::AddSegment failed")
+
+    monkeypatch.setattr(mrml, "_add_result_segment", cannot_add)
+    with caplog.at_level(logging.CRITICAL, logger="PAMSegmentLib.mrml"):
+        with pytest.raises(PAMError, match=r"\(RuntimeError: vtkSegmentation::AddSegment failed\); it was taken back: "
+                                           "nothing was changed$"):
+            job.apply(history=PropagationHistory())
+    assert list(seg.GetSegmentation().GetSegmentIDs()) == [sid]
+
+
+def test_a_half_voxel_move_of_the_volume_while_propagating_is_said_as_a_move(mrml_scene):
+    """A re-review (session 31): the new half-voxel check ran before the placement check, so a
+    volume moved by half a voxel (its transform) was told to Specify geometry."""
+    job, seg, sid, vol, truth = _finished_job(mrml_scene)
+    transform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    shift = np.eye(4)
+    shift[2, 3] = 0.5 * vol.GetSpacing()[2]
+    transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(shift))
+    vol.SetAndObserveTransformNodeID(transform.GetID())
+    with pytest.raises(InputError, match=r"^the volume or the segmentation was moved \(its transform changed\)"):
+        job.apply(history=PropagationHistory())
