@@ -390,33 +390,90 @@ INPUT_COLUMNS = (("image", "image"), ("prompt", "prompt"), ("previous", "previou
                  ("edited", "edited result"))
 
 
+HASHED_UP_TO = 32 * 2**20  # files up to this size are fingerprinted by their content, larger ones by size and time
+TIME_SLACK_NS = 2 * 10**9  # file systems keep times to 2 s (FAT), 1 s (HFS+), 10 ms (exFAT), 100 ns (NTFS)
+
+
+def _data_file(path: Path) -> Path | None:
+    """The voxel file a MetaImage (.mhd) or detached NRRD (.nhdr) header names, if one file."""
+    if path.suffix.lower() not in (".mhd", ".nhdr"):
+        return None
+    try:
+        with open(path, "rb") as fh:
+            text = fh.read(65536).decode("latin-1")
+    except OSError:
+        return None
+    key = r"ElementDataFile\s*=" if path.suffix.lower() == ".mhd" else r"data\s*file\s*:"
+    found = re.search(rf"^\s*{key}\s*(.+?)\s*$", text, re.MULTILINE | re.IGNORECASE)
+    name = found.group(1) if found else ""
+    if not name or name.upper() in ("LOCAL", "LIST") or "%" in name or " " in name:
+        return None  # in the header itself, or several files (they change the header's own time when written)
+    return path.parent / name
+
+
 def _fingerprint(path: Path, ours: frozenset = frozenset()) -> str:
-    """What ``path`` is now, as far as --skip-existing asks (16 hex digits; "" if it cannot be
-    read): a file's size and modification time; a folder's (a DICOM series) for each of its files
-    by name, leaving out hidden ones (.DS_Store) and ``ours`` (absolute paths of what this batch
-    writes). Any change counts, not only a newer time: a file replaced by one with an older time
-    (``cp -p``, ``unzip -o``, ``mv``) or taken out of the series; a chmod, a backup or the folder
-    moved elsewhere (``mv``, ``cp -a``) does not change it."""
+    """What ``path`` is now, as far as --skip-existing asks ("" if it cannot be read): a file up to
+    32 MiB by its content (``h`` and 16 hex digits), a larger one by its size and modification
+    time (``s<size>t<ns>``), with the voxel file a .mhd or .nhdr header names; a folder (a DICOM
+    series) by its files' names and sizes and its newest file's time (``d<16 hex>t<ns>``), leaving
+    out hidden files (.DS_Store) and ``ours`` (absolute paths of what batches write there). Times
+    match within 2 s (``_same_input``: a copy onto FAT, exFAT or HFS+ keeps them only that
+    closely). Any other change counts, not only a newer time: a file replaced by one with an older
+    time (``cp -p``, ``unzip -o``, ``mv``), a slice file taken out; a chmod, a backup or the inputs
+    moved elsewhere (``mv``, ``cp -a``) do not."""
     try:
         info = path.stat()
         if not path.is_dir():
-            items = [f"{info.st_size}:{info.st_mtime_ns}"]
-        else:
-            folder, items = path.resolve(), []
-            with os.scandir(path) as entries:
-                for entry in entries:
-                    if entry.name.startswith(".") or str(folder / entry.name) in ours:
-                        continue
-                    try:
-                        if entry.is_file():
-                            e = entry.stat()
-                            items.append(f"{entry.name}:{e.st_size}:{e.st_mtime_ns}")
-                    except OSError:
-                        continue
-            items.sort()
+            parts = []
+            for part in (path, _data_file(path)):
+                if part is None:
+                    continue
+                found = part.stat() if part is not path else info
+                if found.st_size <= HASHED_UP_TO:
+                    digest = hashlib.sha256()
+                    with open(part, "rb") as fh:
+                        for block in iter(lambda: fh.read(1 << 20), b""):
+                            digest.update(block)
+                    parts.append(f"h{digest.hexdigest()[:16]}")
+                else:
+                    parts.append(f"s{found.st_size}t{found.st_mtime_ns}")
+            return "+".join(parts)
+        folder, items, newest = path.resolve(), [], 0
+        with os.scandir(path) as entries:
+            for entry in entries:
+                if entry.name.startswith(".") or str(folder / entry.name) in ours:
+                    continue
+                try:
+                    if entry.is_file():
+                        e = entry.stat()
+                        items.append(f"{entry.name}:{e.st_size}")
+                        newest = max(newest, e.st_mtime_ns)
+                except OSError:
+                    continue
+        items.sort()
     except OSError:
         return ""
-    return hashlib.sha256("\n".join(items).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    listed = hashlib.sha256("\n".join(items).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return f"d{listed}t{newest}"
+
+
+def _same_input(recorded: str, now: str) -> bool:
+    """Whether two ``_fingerprint`` values name the same input: contents alike, or sizes (a
+    folder's listing) alike and times within ``TIME_SLACK_NS``."""
+    def split(value):
+        out = []
+        for part in value.split("+"):
+            found = re.fullmatch(r"([hsd])([0-9a-f]+)(?:t(\d+))?", part)
+            if found is None:
+                return None
+            out.append((found.group(1), found.group(2), int(found.group(3)) if found.group(3) else None))
+        return out
+
+    a, b = split(recorded), split(now)
+    if a is None or b is None or len(a) != len(b):
+        return False
+    return all(x[:2] == y[:2] and (x[2] is None or y[2] is not None and abs(x[2] - y[2]) <= TIME_SLACK_NS)
+               for x, y in zip(a, b))
 
 
 def _fingerprints(row: BatchRow, ours: frozenset = frozenset()) -> str:
@@ -457,7 +514,7 @@ def _stale(row: BatchRow, earlier: dict[str, tuple[dict, int]], ours: frozenset 
             continue
         if recorded:
             now = _fingerprint(Path(path), ours)
-            if now and now != recorded.get(key):
+            if now and not _same_input(recorded.get(key, ""), now):
                 return f"run again: its {what} is not the one its output was made from (it changed since)"
             continue
         try:
@@ -844,7 +901,10 @@ def cmd_batch(args: argparse.Namespace) -> int:
     method = made_with(args, server_info)
     # what this batch writes (a DICOM folder may hold some of it: not a change of its series)
     reports = [name for name in os.listdir(out_dir) if REPORT_NAME.fullmatch(name)] if out_dir.is_dir() else []
+    # (and what other manifests' batches wrote there, by the reports in -o: two manifests with outputs
+    # in one DICOM folder reran each other for ever; a re-review, session 31)
     ours = frozenset([*(o for r in every_row for o in (r.absolute()[2], r.absolute()[2] + KEYFRAMES_SUFFIX)),
+                      *(o for written in earlier for o in (written, written + KEYFRAMES_SUFFIX)),
                       *(str(_absolute(out_dir / name)) for name in [*reports, report_name]),
                       str(_absolute(Path(args.manifest)))])
     for r in rows:  # an empty file is what an interrupted copy leaves, not a result

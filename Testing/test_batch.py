@@ -497,8 +497,12 @@ def test_a_skipped_row_keeps_the_earlier_report_only_for_the_same_image_and_prom
     assert row["message"] == "output exists (--skip-existing); the earlier report has it from another image or prompt"
     assert (row["image"], row["prompt"]) == tuple(str(tmp_path.resolve() / "data" / "moved" / p)
                                                   for p in ("image.nii.gz", "prompt.nii.gz"))
+    other = sitk.ReadImage(str(tmp_path / "data" / "c1" / "prompt.nii.gz"))  # (the cases' prompts are alike)
+    redrawn = sitk.GetImageFromArray(np.roll(sitk.GetArrayFromImage(other), 1, axis=0))
+    redrawn.CopyInformation(other)
+    sitk.WriteImage(redrawn, str(tmp_path / "data" / "c1" / "prompt2.nii.gz"))
     for now, what in (("c1/image.nii.gz,moved/prompt.nii.gz", "image"),
-                      ("moved/image.nii.gz,c1/prompt.nii.gz", "prompt")):
+                      ("moved/image.nii.gz,c1/prompt2.nii.gz", "prompt")):
         _manifest(m, ["image,prompt,output", f"{now},r.nii.gz"])
         assert main(["batch", str(m), "-o", str(out), "--method", "track", "--skip-existing"]) == 0
         row = _report(out / "batch_report.csv")[0]
@@ -1090,7 +1094,7 @@ def test_skip_existing_judges_a_dicom_folder_by_its_files_not_its_own_time(tmp_p
         assert main(["batch", str(m), "-o", str(out), "--method", "copy", "--skip-existing"]) == 0
         assert _report(out / "batch_report.csv")[0]["status"] == expected
     a_file = sorted((tmp_path / "p01").glob("*.dcm"))[0]
-    later = (tmp_path / "p01" / "seg.nii.gz").stat().st_mtime_ns + 10**9
+    later = (tmp_path / "p01" / "seg.nii.gz").stat().st_mtime_ns + 10 * 10**9
     os.utime(a_file, ns=(later, later))  # one file of the series written again
     assert main(["batch", str(m), "-o", str(out), "--method", "copy", "--skip-existing"]) == 0
     row = _report(out / "batch_report.csv")[0]
@@ -1144,7 +1148,7 @@ def test_skip_existing_judges_inputs_by_what_the_output_was_made_from(tmp_path, 
     out = tmp_path / "out"
     assert main(["batch", str(m), "-o", str(out), "--method", "copy"]) == 0
     recorded = [r["inputs"] for r in _report(out / "batch_report.csv")]
-    assert all(re.fullmatch(r"image:[0-9a-f]{16} prompt:[0-9a-f]{16}", v) for v in recorded), recorded
+    assert all(re.fullmatch(r"image:h[0-9a-f]{16} prompt:h[0-9a-f]{16}", v) for v in recorded), recorded
     image = tmp_path / "data" / "c0" / "image.nii.gz"
     os.chmod(image, 0o600)
     assert main(["batch", str(m), "-o", str(out), "--method", "copy", "--skip-existing"]) == 0
@@ -1285,3 +1289,58 @@ def test_an_interrupt_while_the_report_is_written_leaves_no_temporary_and_no_new
     assert main(["batch", str(m), "-o", str(tmp_path / "out"), "--method", "copy"]) == 130
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "batch_report.csv", "r0.nii.gz", "r0.nii.gz.keyframes.json", "r1.nii.gz", "r1.nii.gz.keyframes.json"]
+
+
+def test_skip_existing_takes_times_a_copy_rounded_and_sees_a_mhd_files_voxels(tmp_path, cases, monkeypatch, capsys):
+    """A re-review (session 31): fingerprints held times to the nanosecond, so inputs copied onto a
+    disk that keeps times to 10 ms (exFAT), 1 s (HFS+) or 2 s (FAT) reran every row; a MetaImage's
+    voxels, in the .raw file its .mhd header names, were not fingerprinted at all."""
+    import os
+
+    monkeypatch.setattr(batch_module, "HASHED_UP_TO", 0)  # every file by its size and time, as large images are
+    lines = ["image,prompt,output"] + [f"c{n}/image.nii.gz,c{n}/prompt.nii.gz,../out/r{n}.nii.gz" for n in range(2)]
+    m = _manifest(tmp_path / "data" / "cases.csv", lines)
+    out = tmp_path / "out"
+    assert main(["batch", str(m), "-o", str(out), "--method", "copy"]) == 0
+    for n in range(2):  # copied onto FAT: times to 2 s
+        for name in ("image.nii.gz", "prompt.nii.gz"):
+            path = tmp_path / "data" / f"c{n}" / name
+            t = path.stat().st_mtime_ns // (2 * 10**9) * (2 * 10**9)
+            os.utime(path, ns=(t, t))
+    assert main(["batch", str(m), "-o", str(out), "--method", "copy", "--skip-existing"]) == 0
+    assert [r["status"] for r in _report(out / "batch_report.csv")] == ["skipped", "skipped"]
+    image = tmp_path / "data" / "c0" / "image.nii.gz"  # replaced by an older file of the same size
+    t = image.stat().st_mtime_ns - 5 * 10**9
+    image.write_bytes(image.read_bytes()[::-1][::-1])
+    os.utime(image, ns=(t, t))
+    assert main(["batch", str(m), "-o", str(out), "--method", "copy", "--skip-existing"]) == 0
+    rows = _report(out / "batch_report.csv")
+    assert [r["status"] for r in rows] == ["ok", "skipped"]
+    assert rows[0]["message"].startswith("run again: its image is not the one its output was made from")
+
+    vol = sitk.ReadImage(str(tmp_path / "data" / "c1" / "image.nii.gz"))
+    sitk.WriteImage(vol, str(tmp_path / "data" / "c1" / "image.mhd"), False)  # image.mhd + image.raw
+    _manifest(m, ["image,prompt,output", "c1/image.mhd,c1/prompt.nii.gz,../out/mhd.nii.gz"])
+    monkeypatch.undo()
+    assert main(["batch", str(m), "-o", str(out), "--method", "copy"]) == 0
+    raw = tmp_path / "data" / "c1" / "image.raw"
+    voxels = np.fromfile(raw, dtype=np.int16)
+    voxels[::7] += 100  # another scan's voxels, the header as it was
+    voxels.tofile(raw)
+    assert main(["batch", str(m), "-o", str(out), "--method", "copy", "--skip-existing"]) == 0
+    row = _report(out / "batch_report.csv")[0]
+    assert row["status"] == "ok" and row["message"].startswith("run again: its image is not the one")
+
+
+def test_two_manifests_with_outputs_in_one_dicom_folder_do_not_rerun_each_other(tmp_path, capsys):
+    """A re-review (session 31): each manifest's output (and record) inside a DICOM folder counted as
+    a file of the other's series, so the two reran each other at every --skip-existing."""
+    m = _dicom_case(tmp_path, "1.2.826.0.1.3680043.2.1125.7.95", output="p01/first.nii.gz")
+    second = _manifest(tmp_path / "second.csv", ["image,prompt,output", "p01,p01_prompt.nrrd,p01/second.nii.gz"])
+    out = tmp_path / "out"
+    for expected in ("ok", "skipped", "skipped"):
+        for manifest in (m, second):
+            assert main(["batch", str(manifest), "-o", str(out), "--method", "copy", "--skip-existing"]) == 0
+            rows = {r["output"]: r["status"] for r in _report(out / "batch_report.csv")}
+            assert rows[str((tmp_path / "p01" / ("first" if manifest == m else "second")).resolve()) + ".nii.gz"] \
+                == expected, rows
