@@ -161,6 +161,10 @@ class PropagationResult:
     # nothing there, ``_gaps_between``; this call only): said in a note and first for review, since
     # the object may go on there (or be really absent: a structure in several parts).
     gaps: dict[int, list[int]] = field(default_factory=dict)
+    # label -> slices between two of its drawn slices holding less than a third of the area the two
+    # suggest (``_thin_between``; this call only): the walks from both sides shrank there; said in a
+    # note and first for review.
+    thin: dict[int, list[int]] = field(default_factory=dict)
     # label -> (slices between two of its drawn slices where it predicted the object but holds none
     # of it in ``mask``, the labels that took it: earlier ones, or later ones' drawings); said in a
     # note whatever share of its voxels that is (the label is cut in two there), first for review.
@@ -289,6 +293,7 @@ class PropagationResult:
     def kinds_of_notes(self, edited: dict[int, Sequence[int]] | None = None) -> list[tuple[str, str]]:
         """``notes()`` with what each is about: ``("drift", text)`` (the drift test ended a walk at
         a drawn slice: each front end names its own way to turn the test off), ``("gap", text)``,
+        ``("thin", text)`` (slices between drawn slices holding far less than they suggest),
         ``("lost", text)``, ``("cut", text)`` (slices between a label's drawn slices all taken by
         other labels), ``("speck", text)`` (a drawn slice holding a few voxels against the
         label's largest one: a stray click?)."""
@@ -299,6 +304,13 @@ class PropagationResult:
                 out.append(("gap", f"label {lab}: between its drawn slices nothing was found on "
                                    f"{_slice_list_text(slices)}; if the object goes on there, draw it on one of them "
                                    "and update"))
+        for lab, slices in sorted(self.thin.items()):
+            if slices:
+                out.append(("thin", f"label {lab}: between its drawn slices, {_slice_list_text(slices)} "
+                                    f"hold{'s' if len(slices) == 1 else ''} less than a third of what the drawn "
+                                    "slices on either side suggest (the walks from both shrank there); check "
+                                    f"{'it' if len(slices) == 1 else 'them'}, and if the object is larger there, "
+                                    "draw it on one and update"))
         for lab, (slices, by) in sorted(self.cut.items()):
             who = f"label {by[0]}" if len(by) == 1 else "labels " + ", ".join(map(str, by))
             out.append(("cut", f"label {lab}: between its drawn slices, {_slice_list_text(slices)} "
@@ -1447,6 +1459,29 @@ def _gaps_between(mask: np.ndarray, a: int, b: int, conf: np.ndarray) -> list[in
     return gaps
 
 
+# A slice between two drawn slices holding less than this share of the area the two suggest (linear
+# between their areas) is said in a note and reviewed first (session 31; on two-keyframe runs of the
+# validation sets' training-case structures, 39 of the 40 slices it flagged held less than half of
+# the reference there: the walks from both sides had shrunk, and the fused slice with them).
+THIN_FRACTION = 1 / 3
+
+
+def _thin_between(mask: np.ndarray, a: int, b: int, conf: np.ndarray) -> list[int]:
+    """Slices strictly between drawn slices ``a`` and ``b`` of ``mask`` that hold the object, but
+    less than THIN_FRACTION of the area the two drawn slices suggest there: the walks from both
+    sides shrank (one may have lost the object). Not changed; their confidence becomes 0 so that
+    review shows them first, as the empty ones (``_gaps_between``)."""
+    area_a, area_b = int(np.count_nonzero(mask[a])), int(np.count_nonzero(mask[b]))
+    thin = []
+    for s in range(a + 1, b):
+        expected = ((b - s) * area_a + (s - a) * area_b) / (b - a)
+        held = int(np.count_nonzero(mask[s]))
+        if 0 < held < THIN_FRACTION * expected:
+            thin.append(s)
+            conf[s] = 0.0
+    return thin
+
+
 def _keep_connected(mask: np.ndarray, seeds: np.ndarray, connectivity: int = 26) -> np.ndarray:
     """Keep the ``connectivity``-connected components of ``mask`` that touch ``seeds`` (computed on
     the bbox; 26, or 6 as the authors' published walk)."""
@@ -1773,6 +1808,7 @@ def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo
     for a, b in zip(keys[:-1], keys[1:]):  # empty slices between two drawn ones: said, and reviewed first
         if a in drawn and b in drawn and b - a >= 2:
             stats.setdefault("gaps", []).extend(_gaps_between(mask, a, b, conf))
+            stats.setdefault("thin", []).extend(_thin_between(mask, a, b, conf))
     stats["postprocess"] += time.perf_counter() - t0
     return mask, conf, sorted(recomputed), agreement, begin_key
 
@@ -1954,11 +1990,11 @@ def _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, em
         overlapped, lost_voxels = set(), {}
         prev_mask = np.moveaxis(previous.mask, ax, 0) if usable_previous else None
         keyframes_all, recomputed_all, stops_all, agreement_all, begin_states = {}, {}, {}, {}, {}
-        gaps_all, lost_all = {}, {}
+        gaps_all, lost_all, thin_all = {}, {}, {}
         for n_lab, (lab, keyframes) in enumerate(slices.items(), start=1):
             tracker.check_cancel()
             tracker.label = f"label {lab} ({n_lab}/{len(slices)})" if len(slices) > 1 else ""
-            stats["stops"], stats["gaps"] = [], []
+            stats["stops"], stats["gaps"], stats["thin"] = [], [], []
             label_mask = prm == lab
             reuse = None
             if usable_previous and lab in previous.keyframes and (lab not in previous.overlapped
@@ -1975,6 +2011,7 @@ def _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, em
             keyframes_all[lab] = {k: label_mask[k].copy() for k in user_slices[lab]}
             stops_all[lab] = stats.pop("stops")
             gaps_all[lab] = sorted(stats.pop("gaps"))
+            thin_all[lab] = sorted(stats.pop("thin"))
             # Earlier labels keep their voxels; a label's own prompt voxels always win.
             if lab != next(iter(slices)):  # the first label finds the map empty
                 taken = out != 0
@@ -2036,6 +2073,8 @@ def _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, em
         overlapped=frozenset(overlapped),
         lost=lost_all,
         gaps=gaps_all,
+        # (slices other labels took whole are said as cut, not as thin)
+        thin={lab: [s for s in v if s not in set(cut_all.get(lab, ((), ()))[0])] for lab, v in thin_all.items()},
         cut=cut_all,
         begin_state=begin_states,
         image_digest=digest,

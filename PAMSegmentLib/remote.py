@@ -195,6 +195,7 @@ def decode_result(payload: bytes, max_bytes: int | None = None) -> PropagationRe
                          for lab, ks in meta.get("keyframes", {}).items()}
             # (servers before session 25 send neither)
             gaps = {int(lab): [int(s) for s in v] for lab, v in meta.get("gaps", {}).items()}
+            thin = {int(lab): [int(s) for s in v] for lab, v in meta.get("thin", {}).items()}  # (since session 31)
             cut = {int(lab): ([int(s) for s in v[0]], [int(o) for o in v[1]])  # (servers since session 30)
                    for lab, v in meta.get("cut", {}).items()}
             lost = {int(lab): ({int(o): int(n) for o, n in by.items()}, int(own))
@@ -214,7 +215,8 @@ def decode_result(payload: bytes, max_bytes: int | None = None) -> PropagationRe
             timings=meta["timings"], n_predicted=int(meta["n_predicted"]),
             range=tuple(meta["range"]) if meta.get("range") else None, early_stop=bool(meta["early_stop"]),
             stops={int(k): v for k, v in meta["stops"].items()}, keyframes=keyframes, agreement=agreement,
-            remove_disconnected=bool(meta["remove_disconnected"]), gaps=gaps, lost=lost, recomputed=recomputed,
+            remove_disconnected=bool(meta["remove_disconnected"]), gaps=gaps, thin=thin, lost=lost,
+            recomputed=recomputed,
             begin_state=begin_state, cut=cut,
             # servers before session 30 send neither this nor the begin state, so nothing is reused
             overlapped=frozenset(int(lab) for lab in meta.get("overlapped", [])),

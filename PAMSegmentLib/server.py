@@ -312,6 +312,7 @@ def encode_result(result) -> bytes:
         "range": list(result.range) if result.range else None, "early_stop": result.early_stop,
         "remove_disconnected": result.remove_disconnected,
         "gaps": {str(k): [int(s) for s in v] for k, v in result.gaps.items()},
+        "thin": {str(k): [int(s) for s in v] for k, v in result.thin.items()},
         "cut": {str(k): [[int(s) for s in v[0]], [int(o) for o in v[1]]] for k, v in result.cut.items()},
         # labels whose own prediction lost voxels to another label: the merged mask is not all of it,
         # so a later update recomputes them (their lost voxels are not sent)

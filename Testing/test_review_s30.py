@@ -49,8 +49,8 @@ def test_slices_between_a_labels_drawn_slices_taken_whole_by_another_label_are_s
     # listed first, label 2 keeps the neck but on slice 20, where label 1's drawing (always its own) lies
     first = propagate(image, prompt, (2.0, 1.0, 1.0), get_predictor("copy"), labels=[2, 1], threads=1)
     assert first.cut == {2: ([20], [1])} and [s for s in range(2, 38) if not (first.mask[s] == 2).any()] == [20]
-    assert "label 2: between its drawn slices, slice 20 holds none of it (label 1 took all of it there)" in \
-        first.notes()[0]
+    assert any("label 2: between its drawn slices, slice 20 holds none of it (label 1 took all of it there)" in note
+               for note in first.notes())  # (beside session 31's note on the neck's thin slices, 17-19 and 21-23)
 
 
 def test_a_servers_answer_carries_the_cut_slices():
