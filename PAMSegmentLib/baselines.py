@@ -503,6 +503,6 @@ def get_predictor(method: str, checkpoint=None, device: str = "cpu", **options) 
         cls = CopyPredictor if name == "copy" else TrackPredictor
         try:
             return cls(**options)
-        except (TypeError, ValueError) as exc:  # an unknown option, or a value the constructor refuses
+        except (TypeError, ValueError, OverflowError) as exc:  # an unknown option, or a value it refuses (inf)
             raise InputError(f"bad option for method {name!r}: {exc}") from None
     raise InputError(f"unknown method {method!r}; choose one of: {', '.join(METHOD_NAMES)}")

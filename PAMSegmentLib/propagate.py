@@ -308,7 +308,7 @@ class PropagationResult:
             if slices:
                 out.append(("thin", f"label {lab}: between its drawn slices, {_slice_list_text(slices)} "
                                     f"hold{'s' if len(slices) == 1 else ''} less than a third of what the drawn "
-                                    "slices on either side suggest (the walks from both shrank there); check "
+                                    "slices on either side suggest (the propagation shrank there); check "
                                     f"{'it' if len(slices) == 1 else 'them'}, and if the object is larger there, "
                                     "draw it on one and update"))
         for lab, (slices, by) in sorted(self.cut.items()):
@@ -1464,6 +1464,7 @@ def _gaps_between(mask: np.ndarray, a: int, b: int, conf: np.ndarray) -> list[in
 # validation sets' training-case structures, 39 of the 40 slices it flagged held less than half of
 # the reference there: the walks from both sides had shrunk, and the fused slice with them).
 THIN_FRACTION = 1 / 3
+THIN_MIN_EXPECTED = 12  # voxels: a structure a few voxels across is not judged by its area
 
 
 def _thin_between(mask: np.ndarray, a: int, b: int, conf: np.ndarray) -> list[int]:
@@ -1472,11 +1473,14 @@ def _thin_between(mask: np.ndarray, a: int, b: int, conf: np.ndarray) -> list[in
     sides shrank (one may have lost the object). Not changed; their confidence becomes 0 so that
     review shows them first, as the empty ones (``_gaps_between``)."""
     area_a, area_b = int(np.count_nonzero(mask[a])), int(np.count_nonzero(mask[b]))
+    small, large = sorted((area_a, area_b))
+    if small <= SPECK_VOXELS and small <= SPECK_FRACTION * large:
+        return []  # a stray click on one of them: the speck note says so (a re-review, session 31)
     thin = []
     for s in range(a + 1, b):
         expected = ((b - s) * area_a + (s - a) * area_b) / (b - a)
         held = int(np.count_nonzero(mask[s]))
-        if 0 < held < THIN_FRACTION * expected:
+        if 0 < held < THIN_FRACTION * expected and expected >= THIN_MIN_EXPECTED:
             thin.append(s)
             conf[s] = 0.0
     return thin

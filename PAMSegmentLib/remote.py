@@ -165,6 +165,15 @@ def _begin_state(value):
         return None
 
 
+def _slice_numbers(values, n: int) -> list[int]:
+    """Slice numbers from a server's answer (untrusted): a list of whole numbers from 0 to ``n - 1``
+    (a string "12" was read as slices 1 and 2, -7 and 99999 were named in notes); ValueError else."""
+    if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < n
+                                               for v in values):
+        raise ValueError(f"slice numbers {str(values)[:60]} are not whole numbers from 0 to {n - 1}")
+    return [int(v) for v in values]
+
+
 def _check_unpacked_size(payload: bytes, max_bytes: int) -> None:
     """A server's answer is a compressed .npz: what it unpacks to is bounded before any of it is
     read (a small answer from a wrong or hostile server could otherwise unpack to gigabytes)."""
@@ -194,9 +203,11 @@ def decode_result(payload: bytes, max_bytes: int | None = None) -> PropagationRe
             keyframes = {int(lab): {int(k): z[f"keyframe_{lab}_{k}"] for k in ks}
                          for lab, ks in meta.get("keyframes", {}).items()}
             # (servers before session 25 send neither)
-            gaps = {int(lab): [int(s) for s in v] for lab, v in meta.get("gaps", {}).items()}
-            thin = {int(lab): [int(s) for s in v] for lab, v in meta.get("thin", {}).items()}  # (since session 31)
-            cut = {int(lab): ([int(s) for s in v[0]], [int(o) for o in v[1]])  # (servers since session 30)
+            n_along = int(mask.shape[int(meta["axis"])]) if mask.ndim == 3 and int(meta["axis"]) in (0, 1, 2) else 0
+            gaps = {int(lab): _slice_numbers(v, n_along) for lab, v in meta.get("gaps", {}).items()}
+            thin = {int(lab): _slice_numbers(v, n_along)  # (since session 31)
+                    for lab, v in meta.get("thin", {}).items()}
+            cut = {int(lab): (_slice_numbers(v[0], n_along), [int(o) for o in v[1]])  # (servers since session 30)
                    for lab, v in meta.get("cut", {}).items()}
             lost = {int(lab): ({int(o): int(n) for o, n in by.items()}, int(own))
                     for lab, (by, own) in meta.get("lost", {}).items()}
@@ -221,7 +232,8 @@ def decode_result(payload: bytes, max_bytes: int | None = None) -> PropagationRe
             # servers before session 30 send neither this nor the begin state, so nothing is reused
             overlapped=frozenset(int(lab) for lab in meta.get("overlapped", [])),
         )
-    except (ValueError, KeyError, OSError, TypeError, AttributeError, IndexError) as error:
+    except (ValueError, KeyError, OSError, TypeError, AttributeError, IndexError, OverflowError) as error:
+        # (OverflowError: int() of a JSON Infinity; a traceback before, a re-review of session 31)
         raise PAMError(f"the server's answer is not a PAMSegment result ({error})") from None
 
 

@@ -169,12 +169,13 @@ def is_loopback(host: str) -> bool:
 LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback")
 
 
-HOST_HEADER = re.compile(r"(?:\[(?P<v6>[0-9a-f:.]+)\]|(?P<name>[a-z0-9._-]+))(?::(?P<port>[0-9]{1,5}))?")
+HOST_HEADER = re.compile(r"(?:\[(?P<v6>[0-9a-f:.]+)\]|(?P<name>[a-z0-9._-]+))(?::(?P<port>[0-9]{0,5}))?")
 
 
 def _local_host_header(host: str, names: tuple[str, ...]) -> bool:
     """Whether a request's Host header names this machine: the whole header must be ``name``,
-    ``name:port``, ``[v6]`` or ``[v6]:port`` (RFC 9110; a form browsers never send, such as
+    ``name:port``, ``[v6]`` or ``[v6]:port``, the port possibly empty as URLs allow (RFC 9110;
+    a form browsers never send, such as
     ``[::1]evil.example`` or ``localhost:80@evil``, is refused), the name a loopback address (also
     IPv4-mapped), ``localhost`` and its usual aliases, or one of ``names``; a trailing dot (a
     fully qualified name) is allowed."""

@@ -393,10 +393,69 @@ def test_slices_between_drawn_slices_far_smaller_than_both_are_said_and_reviewed
     assert thin and result.thin == {1: thin}, (areas.tolist(), result.thin)
     notes = [text for kind, text in result.kinds_of_notes() if kind == "thin"]
     assert notes == [f"label 1: between its drawn slices, slices {thin[0]}-{thin[-1]} hold less than a third of what "
-                     "the drawn slices on either side suggest (the walks from both shrank there); check them, and if "
+                     "the drawn slices on either side suggest (the propagation shrank there); check them, and if "
                      "the object is larger there, draw it on one and update"]
     assert set(result.review_first(1)) <= set(thin)
     from PAMSegmentLib.remote import decode_result
     from PAMSegmentLib.server import encode_result
 
     assert decode_result(encode_result(result)).thin == result.thin  # a server's answer carries them too
+
+
+@pytest.mark.parametrize("field, bad", [(f, b) for f in ("thin", "gaps", "cut_slices")
+                                        for b in ("[Infinity]", "[-7, 99999]", '"12"')] + [("n_predicted", "Infinity")])
+def test_a_servers_answer_with_slice_numbers_that_are_no_slices_is_one_clear_error(field, bad):
+    """A re-review (session 31): int() of a JSON Infinity in a server's answer escaped as an
+    OverflowError traceback; -7 or 99999 were named in notes, and "12" read as slices 1 and 2."""
+    import io
+    import json
+
+    from PAMSegmentLib.baselines import get_predictor
+    from PAMSegmentLib.propagate import propagate
+    from PAMSegmentLib.remote import decode_result
+    from PAMSegmentLib.server import encode_result
+
+    image = np.zeros((8, 16, 16), np.float32)
+    image[2:6, 4:12, 4:12] = 100
+    prompt = np.zeros(image.shape, np.uint8)
+    prompt[4, 4:12, 4:12] = 1
+    good = encode_result(propagate(image, prompt, (1, 1, 1), get_predictor("copy")))
+    with np.load(io.BytesIO(good)) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(bytes(arrays["meta"]).decode())
+    if field == "cut_slices":
+        meta["cut"] = {"1": "@@"}
+        text = json.dumps(meta).replace('"@@"', f"[{bad}, [2]]")
+    elif field == "n_predicted":
+        meta[field] = "@@"
+        text = json.dumps(meta).replace('"@@"', bad)
+    else:
+        meta[field] = {"1": "@@"}
+        text = json.dumps(meta).replace('"@@"', bad)
+    arrays["meta"] = np.frombuffer(text.encode(), dtype=np.uint8)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    with pytest.raises(PAMError, match=r"^the server's answer is not a PAMSegment result \("):
+        decode_result(buffer.getvalue())
+
+
+def test_a_drawn_speck_gets_the_speck_note_not_the_thin_one_and_overflowing_options_are_input_errors():
+    """A re-review (session 31): a cylinder drawn on slice 5 with a 2-voxel click on slice 15 got the
+    speck note (erase it) and a thin note for slices 11-14 (draw there): contradictory advice.
+    get_predictor("track", iterations=inf) raised OverflowError."""
+    from PAMSegmentLib.baselines import get_predictor
+    from PAMSegmentLib.propagate import propagate
+
+    shape = (20, 32, 32)
+    jj, ii = np.mgrid[:32, :32]
+    disk = (jj - 16) ** 2 + (ii - 16) ** 2 <= 49
+    image = np.zeros(shape, np.float32)
+    image[2:18] = 100.0 * disk
+    prompt = np.zeros(shape, np.uint8)
+    prompt[5] = disk
+    prompt[15, 16, 16:18] = 1
+    result = propagate(image, prompt, (1.0, 1.0, 1.0), get_predictor("copy"), axis=0)
+    kinds = [kind for kind, _ in result.kinds_of_notes()]
+    assert "speck" in kinds and "thin" not in kinds and result.thin == {1: []}
+    with pytest.raises(InputError, match="^bad option for method 'track'"):
+        get_predictor("track", iterations=float("inf"))

@@ -1272,7 +1272,8 @@ def test_requests_from_web_pages_are_refused(oracle_app):
     ("localhost.evil.example", False),
     # session 31 (carried from the session-30 review): forms browsers never send, taken before
     ("[::1]evil.example", False), ("[::1]:80evil", False), ("localhost:80@evil.example", False),
-    ("[localhost]", False), ("localhost:8765:1", False), ("local host", False), ("[::1]:", False),
+    ("[localhost]", False), ("localhost:8765:1", False), ("local host", False),
+    ("[::1]:", True), ("127.0.0.1:", True),  # an empty port, as URLs allow (urllib sends it for http://127.0.0.1:)
 ])
 def test_a_server_without_a_token_answers_only_to_this_machines_names(host, answered):
     """A review (session 30): by DNS rebinding, a web page could read /info and its jobs' results
