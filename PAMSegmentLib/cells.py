@@ -614,4 +614,9 @@ def cmd_label_cells(args) -> int:
                       (out, check_output_path(out, MASK_2D_EXTENSIONS, probe=False),  # the format's extension
                        lambda tmp: write_labelmap_2d(result.labels, ref, tmp))],
                      keep_ctrl_c_ignored=getattr(args, "_ends_process", False), after=report)
+    from .volumes import leftover_note
+
+    leftovers = leftover_note([table, out])
+    if leftovers:
+        print(f"note: {leftovers}", flush=True)
     return EXIT_OK

@@ -828,4 +828,9 @@ def cmd_label_images(args) -> int:
     finally:
         if made and out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()
+    from .volumes import leftover_note
+
+    leftovers = leftover_note([out_dir / "labels.csv"])
+    if leftovers:
+        print(f"note: {leftovers}", flush=True)
     return EXIT_OK

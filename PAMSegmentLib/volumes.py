@@ -15,6 +15,7 @@ import math
 import os
 import re
 import sys
+import time
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -2120,6 +2121,42 @@ def replace_together(outputs, keep_ctrl_c_ignored: bool = False, after=None, def
         for entry in kept:
             if entry["old"] is not None and entry["old"] not in keep_aside:
                 entry["old"].unlink(missing_ok=True)
+
+
+LEFTOVER_NAME = re.compile(r"\.pamsegment-[0-9a-f]{12}(-\d+)?\.(tmp|old|probe2?)(\..*)?")
+LEFTOVER_AGE_SECONDS = 600.0  # younger ones may be another run's, writing into the same folder now
+
+
+def leftover_note(paths) -> str | None:
+    """A note when the folders of ``paths`` (outputs just written) hold files an earlier run left
+    because it was killed (SIGKILL, a power cut) while writing: temporaries, and earlier outputs
+    kept aside while the new ones were moved in (``.old``: the outputs there may then mix two runs;
+    a review, session 31: nothing said so, and nothing ever removed them). Only files untouched for
+    LEFTOVER_AGE_SECONDS count. None if there are none."""
+    found: list[Path] = []
+    folders = sorted({through_link(Path(p)).parent for p in paths})
+    now = time.time()
+    for folder in folders:
+        try:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    try:
+                        if LEFTOVER_NAME.fullmatch(entry.name) and now - entry.stat().st_ctime > LEFTOVER_AGE_SECONDS:
+                            found.append(folder / entry.name)
+                    except OSError:
+                        continue
+        except OSError:
+            continue
+    if not found:
+        return None
+    found.sort()
+    kept = [f for f in found if ".old" in f.name]
+    where = ", ".join(sorted({str(f.parent) for f in found}))
+    shown = ", ".join(f.name for f in found[:3]) + (" ..." if len(found) > 3 else "")
+    return (f"{where} hold{'s' if len(folders) == 1 else ''} {len(found)} file{'s' if len(found) > 1 else ''} an "
+            f"earlier run left when it was stopped while writing ({shown})"
+            + ("; those named .old are outputs it had set aside, so the outputs there may mix two runs: check them"
+               if kept else "") + "; remove them once checked")
 
 
 def _keep_aside(at: Path, old: Path) -> None:
