@@ -438,18 +438,10 @@ def _fingerprint(path: Path, ours: frozenset = frozenset()) -> str:
                 else:
                     parts.append(f"s{found.st_size}t{found.st_mtime_ns}")
             return "+".join(parts)
-        folder, items, newest = path.resolve(), [], 0
-        with os.scandir(path) as entries:
-            for entry in entries:
-                if entry.name.startswith(".") or str(folder / entry.name) in ours:
-                    continue
-                try:
-                    if entry.is_file():
-                        e = entry.stat()
-                        items.append(f"{entry.name}:{e.st_size}")
-                        newest = max(newest, e.st_mtime_ns)
-                except OSError:
-                    continue
+        items, newest = [], 0
+        for name, e in _series_files(path, ours):
+            items.append(f"{name}:{e.st_size}")
+            newest = max(newest, e.st_mtime_ns)
         items.sort()
     except OSError:
         return ""
@@ -537,16 +529,25 @@ def _changed_at(path: Path, ours: frozenset = frozenset()) -> int:
         return info.st_mtime_ns
     folder = path.resolve()  # as ``ours`` names its files (a folder reached through a link, too)
     newest = 0 if any(Path(p).parent == folder for p in ours) else info.st_mtime_ns
+    for _, e in _series_files(path, ours):
+        newest = max(newest, e.st_mtime_ns)
+    return newest
+
+
+def _series_files(path: Path, ours: frozenset):
+    """(name, stat) of the files in the folder ``path`` (a DICOM series), leaving out hidden ones
+    (.DS_Store; GDCM skips them too) and ``ours`` (absolute paths, resolved, of what batches write);
+    files that vanish meanwhile are left out. OSError if the folder cannot be listed."""
+    folder = path.resolve()  # as ``ours`` names its files (a folder reached through a link, too)
     with os.scandir(path) as entries:
         for entry in entries:
             if entry.name.startswith(".") or str(folder / entry.name) in ours:
                 continue
             try:
                 if entry.is_file():
-                    newest = max(newest, entry.stat().st_mtime_ns)
+                    yield entry.name, entry.stat()
             except OSError:
                 continue
-    return newest
 
 
 def _carry_over(row: BatchRow, earlier: dict[str, tuple[dict, int]]) -> None:

@@ -349,6 +349,15 @@ def test_a_half_voxel_move_of_the_volume_while_propagating_is_said_as_a_move(mrm
         job.apply(history=PropagationHistory())
 
 
+def _disk_column(shape, radius, first, last):
+    """A bright disk of ``radius`` centred in-plane on slices first..last-1: (image, the disk)."""
+    jj, ii = np.mgrid[:shape[1], :shape[2]]
+    disk = (jj - shape[1] // 2) ** 2 + (ii - shape[2] // 2) ** 2 <= radius ** 2
+    image = np.zeros(shape, np.float32)
+    image[first:last] = 100.0 * disk
+    return image, disk
+
+
 class _ShrinksBackward:
     """Walks up (to higher slices) carry the guide's mask; walks down shrink it to a 2 x 2 square at
     its centre: between two drawn slices the fused slices near the upper one hold a speck."""
@@ -380,12 +389,8 @@ def test_slices_between_drawn_slices_far_smaller_than_both_are_said_and_reviewed
     class Predictor(_ShrinksBackward, SlicePredictor):
         pass
 
-    shape = (24, 40, 40)
-    jj, ii = np.mgrid[:40, :40]
-    disk = (jj - 20) ** 2 + (ii - 20) ** 2 <= 64
-    image = np.zeros(shape, np.float32)
-    image[4:20] = 100.0 * disk
-    prompt = np.zeros(shape, np.uint8)
+    image, disk = _disk_column((24, 40, 40), 8, 4, 20)
+    prompt = np.zeros(image.shape, np.uint8)
     prompt[6], prompt[16] = disk, disk
     result = propagate(image, prompt, (1.0, 1.0, 1.0), Predictor(), axis=0)
     areas = (result.mask > 0).sum(axis=(1, 2))
@@ -446,12 +451,8 @@ def test_a_drawn_speck_gets_the_speck_note_not_the_thin_one_and_overflowing_opti
     from PAMSegmentLib.baselines import get_predictor
     from PAMSegmentLib.propagate import propagate
 
-    shape = (20, 32, 32)
-    jj, ii = np.mgrid[:32, :32]
-    disk = (jj - 16) ** 2 + (ii - 16) ** 2 <= 49
-    image = np.zeros(shape, np.float32)
-    image[2:18] = 100.0 * disk
-    prompt = np.zeros(shape, np.uint8)
+    image, disk = _disk_column((20, 32, 32), 7, 2, 18)
+    prompt = np.zeros(image.shape, np.uint8)
     prompt[5] = disk
     prompt[15, 16, 16:18] = 1
     result = propagate(image, prompt, (1.0, 1.0, 1.0), get_predictor("copy"), axis=0)
