@@ -538,7 +538,7 @@ def _finer_than_volume(segmentation_node, segment_id: str, volume_node) -> bool:
 
 def _own_voxels_digest(segmentation_node, segment_id: str) -> str | None:
     """A digest of which voxels of the segment's own stored labelmap hold its label, and where they
-    lie (their box's corner and the labelmap's image-to-world), read in place: on a segmentation
+    lie (the grid's axes and the box's first voxel in the world), read in place: on a segmentation
     grid finer than the volume an edit on a thin slice between the volume's slices is seen by no
     read on the volume's grid, but changes this (a review, session 31: such a stroke made while
     propagating was written over). Unchanged by a shared layer's extent or another segment's

@@ -162,8 +162,8 @@ class PropagationResult:
     # the object may go on there (or be really absent: a structure in several parts).
     gaps: dict[int, list[int]] = field(default_factory=dict)
     # label -> slices between two of its drawn slices holding less than a third of the area the two
-    # suggest (``_thin_between``; this call only): the walks from both sides shrank there; said in a
-    # note and first for review.
+    # suggest (``_thin_between``; this call only): the propagation shrank there; said in a note and
+    # first for review.
     thin: dict[int, list[int]] = field(default_factory=dict)
     # label -> (slices between two of its drawn slices where it predicted the object but holds none
     # of it in ``mask``, the labels that took it: earlier ones, or later ones' drawings); said in a

@@ -2151,9 +2151,10 @@ def leftover_note(paths) -> str | None:
         return None
     found.sort()
     kept = [f for f in found if ".old" in f.name]
-    where = ", ".join(sorted({str(f.parent) for f in found}))
+    holding = sorted({str(f.parent) for f in found})
+    where = ", ".join(holding)
     shown = ", ".join(f.name for f in found[:3]) + (" ..." if len(found) > 3 else "")
-    return (f"{where} hold{'s' if len(folders) == 1 else ''} {len(found)} file{'s' if len(found) > 1 else ''} an "
+    return (f"{where} hold{'s' if len(holding) == 1 else ''} {len(found)} file{'s' if len(found) > 1 else ''} an "
             f"earlier run left when it was stopped while writing ({shown})"
             + ("; those named .old are outputs it had set aside, so the outputs there may mix two runs: check them"
                if kept else "") + "; remove them once checked")
