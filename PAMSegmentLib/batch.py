@@ -406,41 +406,67 @@ def _data_file(path: Path) -> Path | None:
     key = r"ElementDataFile\s*=" if path.suffix.lower() == ".mhd" else r"data\s*file\s*:"
     found = re.search(rf"^\s*{key}\s*(.+?)\s*$", text, re.MULTILINE | re.IGNORECASE)
     name = found.group(1) if found else ""
-    if not name or name.upper() in ("LOCAL", "LIST") or "%" in name or " " in name:
+    if not name or name.upper() in ("LOCAL", "LIST") or "%" in name:
         return None  # in the header itself, or several files (they change the header's own time when written)
-    return path.parent / name
+    data = path.parent / name
+    return data if data.is_file() else None  # (a name with spaces is one file; "a%03d.raw 1 9 1" is not)
+
+
+SAMPLE_BYTES = 2**20  # a large file's content sample: its first and last MiB
+DICOM_SAMPLE_BYTES = 4096  # a DICOM file's: its first 4 KiB (the header, with the instance's UIDs)
+_fingerprinted: dict = {}  # (path, size, mtime, ctime) -> fingerprint, within one process (rows sharing an image)
+
+
+def _file_fingerprint(part: Path, found: os.stat_result) -> str:
+    """One file's part of ``_fingerprint``."""
+    key = (str(part), found.st_size, found.st_mtime_ns, found.st_ctime_ns)
+    if key in _fingerprinted:
+        return _fingerprinted[key]
+    digest = hashlib.sha256()
+    with open(part, "rb") as fh:
+        if found.st_size <= HASHED_UP_TO:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+            value = f"h{digest.hexdigest()[:16]}"
+        else:
+            digest.update(fh.read(SAMPLE_BYTES))
+            fh.seek(max(found.st_size - SAMPLE_BYTES, 0))
+            digest.update(fh.read(SAMPLE_BYTES))
+            value = f"s{found.st_size}t{found.st_mtime_ns}c{digest.hexdigest()[:16]}"
+    if len(_fingerprinted) > 4096:
+        _fingerprinted.clear()
+    _fingerprinted[key] = value
+    return value
 
 
 def _fingerprint(path: Path, ours: frozenset = frozenset()) -> str:
     """What ``path`` is now, as far as --skip-existing asks ("" if it cannot be read): a file up to
-    32 MiB by its content (``h`` and 16 hex digits), a larger one by its size and modification
-    time (``s<size>t<ns>``), with the voxel file a .mhd or .nhdr header names; a folder (a DICOM
-    series) by its files' names and sizes and its newest file's time (``d<16 hex>t<ns>``), leaving
-    out hidden files (.DS_Store) and ``ours`` (absolute paths of what batches write there). Times
-    match within 2 s (``_same_input``: a copy onto FAT, exFAT or HFS+ keeps them only that
-    closely). Any other change counts, not only a newer time: a file replaced by one with an older
-    time (``cp -p``, ``unzip -o``, ``mv``), a slice file taken out; a chmod, a backup or the inputs
-    moved elsewhere (``mv``, ``cp -a``) do not."""
+    32 MiB by its content (``h`` and 16 hex digits), a larger one by its size, modification time
+    and a sample of its content, its first and last MiB (``s<size>t<ns>c<16 hex>``), with the voxel
+    file a .mhd or .nhdr header names; a folder (a DICOM series) by its files' names, sizes and
+    first 4 KiB (their UIDs) and its newest file's time (``d<16 hex>t<ns>``), leaving out hidden
+    files (.DS_Store) and ``ours`` (absolute paths of what batches write there). Times match
+    within 2 s (``_same_input``: a copy onto FAT, exFAT or HFS+ keeps them only that closely).
+    Any other change counts, not only a newer time: a file replaced by one with an older time
+    (``cp -p``, ``unzip -o``, ``mv``), a slice file taken out, another scan of the same size; a
+    chmod, a backup or the inputs moved elsewhere (``mv``, ``cp -a``) do not. A file's value is
+    kept for the rest of the process while it stays as it was (rows sharing an image)."""
     try:
         info = path.stat()
         if not path.is_dir():
             parts = []
             for part in (path, _data_file(path)):
-                if part is None:
-                    continue
-                found = part.stat() if part is not path else info
-                if found.st_size <= HASHED_UP_TO:
-                    digest = hashlib.sha256()
-                    with open(part, "rb") as fh:
-                        for block in iter(lambda: fh.read(1 << 20), b""):
-                            digest.update(block)
-                    parts.append(f"h{digest.hexdigest()[:16]}")
-                else:
-                    parts.append(f"s{found.st_size}t{found.st_mtime_ns}")
+                if part is not None:
+                    parts.append(_file_fingerprint(part, part.stat() if part is not path else info))
             return "+".join(parts)
         items, newest = [], 0
         for name, e in _series_files(path, ours):
-            items.append(f"{name}:{e.st_size}")
+            try:
+                with open(path / name, "rb") as fh:
+                    head = hashlib.sha256(fh.read(DICOM_SAMPLE_BYTES)).hexdigest()[:16]
+            except OSError:
+                continue
+            items.append(f"{name}:{e.st_size}:{head}")
             newest = max(newest, e.st_mtime_ns)
         items.sort()
     except OSError:
@@ -450,21 +476,22 @@ def _fingerprint(path: Path, ours: frozenset = frozenset()) -> str:
 
 
 def _same_input(recorded: str, now: str) -> bool:
-    """Whether two ``_fingerprint`` values name the same input: contents alike, or sizes (a
-    folder's listing) alike and times within ``TIME_SLACK_NS``."""
+    """Whether two ``_fingerprint`` values name the same input: contents (or content samples) and
+    sizes alike, times within ``TIME_SLACK_NS``."""
     def split(value):
         out = []
         for part in value.split("+"):
-            found = re.fullmatch(r"([hsd])([0-9a-f]+)(?:t(\d+))?", part)
+            found = re.fullmatch(r"([hsd])([0-9a-f]+)(?:t(\d+))?(?:c([0-9a-f]+))?", part)
             if found is None:
                 return None
-            out.append((found.group(1), found.group(2), int(found.group(3)) if found.group(3) else None))
+            out.append((found.group(1), found.group(2), found.group(4),
+                        int(found.group(3)) if found.group(3) else None))
         return out
 
     a, b = split(recorded), split(now)
     if a is None or b is None or len(a) != len(b):
         return False
-    return all(x[:2] == y[:2] and (x[2] is None or y[2] is not None and abs(x[2] - y[2]) <= TIME_SLACK_NS)
+    return all(x[:3] == y[:3] and (x[3] is None or y[3] is not None and abs(x[3] - y[3]) <= TIME_SLACK_NS)
                for x, y in zip(a, b))
 
 
@@ -574,7 +601,10 @@ def _carry_over(row: BatchRow, earlier: dict[str, tuple[dict, int]]) -> None:
     except ValueError:
         pass
     if before["status"] == "ok":
-        row.message = " | ".join([CARRIED, *([before["message"]] if before.get("message") else [])])
+        # (what made that run run the row again is no word on this one: it was "run again: ..." then)
+        kept = [part for part in (before.get("message") or "").split(" | ")
+                if part and not part.startswith("run again:")]
+        row.message = " | ".join([CARRIED, *kept])
     elif before.get("message"):  # skipped then too: its message already says where the columns come from
         row.message = before["message"]
 

@@ -1467,14 +1467,14 @@ THIN_FRACTION = 1 / 3
 THIN_MIN_EXPECTED = 12  # voxels: a structure a few voxels across is not judged by its area
 
 
-def _thin_between(mask: np.ndarray, a: int, b: int, conf: np.ndarray) -> list[int]:
+def _thin_between(mask: np.ndarray, a: int, b: int, conf: np.ndarray, largest: int) -> list[int]:
     """Slices strictly between drawn slices ``a`` and ``b`` of ``mask`` that hold the object, but
     less than THIN_FRACTION of the area the two drawn slices suggest there: the walks from both
     sides shrank (one may have lost the object). Not changed; their confidence becomes 0 so that
-    review shows them first, as the empty ones (``_gaps_between``)."""
+    review shows them first, as the empty ones (``_gaps_between``). ``largest``: the label's
+    largest drawn slice's area, against which a drawn slice is a speck as ``specks`` judges."""
     area_a, area_b = int(np.count_nonzero(mask[a])), int(np.count_nonzero(mask[b]))
-    small, large = sorted((area_a, area_b))
-    if small <= SPECK_VOXELS and small <= SPECK_FRACTION * large:
+    if any(v <= SPECK_VOXELS and v <= SPECK_FRACTION * largest for v in (area_a, area_b)):
         return []  # a stray click on one of them: the speck note says so (a re-review, session 31)
     thin = []
     for s in range(a + 1, b):
@@ -1809,10 +1809,11 @@ def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo
         mask = _keep_connected(mask, prompt_mask, 6 if getattr(predictor, "published_scheme", False) else 26)
     for kf in keys:  # the user's slices are kept exactly (walls stay empty)
         mask[kf] = prompt_mask[kf]
+    largest = max((int(np.count_nonzero(prompt_mask[k])) for k in drawn), default=0)
     for a, b in zip(keys[:-1], keys[1:]):  # empty slices between two drawn ones: said, and reviewed first
         if a in drawn and b in drawn and b - a >= 2:
             stats.setdefault("gaps", []).extend(_gaps_between(mask, a, b, conf))
-            stats.setdefault("thin", []).extend(_thin_between(mask, a, b, conf))
+            stats.setdefault("thin", []).extend(_thin_between(mask, a, b, conf, largest))
     stats["postprocess"] += time.perf_counter() - t0
     return mask, conf, sorted(recomputed), agreement, begin_key
 

@@ -2123,7 +2123,8 @@ def replace_together(outputs, keep_ctrl_c_ignored: bool = False, after=None, def
                 entry["old"].unlink(missing_ok=True)
 
 
-LEFTOVER_NAME = re.compile(r"\.pamsegment-[0-9a-f]{12}(-\d+)?\.(tmp|old|probe2?)(\..*)?")
+LEFTOVER_NAME = re.compile(r"\.pamsegment-[0-9a-f]{12}(-\d+)?\.(tmp|old|probe2?)(\..*)?"
+                           r"|batch_report(\.shard\d+-of-\d+)?\.csv\.[0-9a-f]{12}\.tmp")  # (batch's report)
 LEFTOVER_AGE_SECONDS = 600.0  # younger ones may be another run's, writing into the same folder now
 
 
@@ -2157,7 +2158,7 @@ def leftover_note(paths) -> str | None:
     return (f"{where} hold{'s' if len(holding) == 1 else ''} {len(found)} file{'s' if len(found) > 1 else ''} an "
             f"earlier run left when it was stopped while writing ({shown})"
             + ("; those named .old are outputs it had set aside, so the outputs there may mix two runs: check them"
-               if kept else "") + "; remove them once checked")
+               if kept else "") + f"; remove {'them' if len(found) > 1 else 'it'} once checked")
 
 
 def _keep_aside(at: Path, old: Path) -> None:

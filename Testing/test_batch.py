@@ -1344,3 +1344,64 @@ def test_two_manifests_with_outputs_in_one_dicom_folder_do_not_rerun_each_other(
             rows = {r["output"]: r["status"] for r in _report(out / "batch_report.csv")}
             assert rows[str((tmp_path / "p01" / ("first" if manifest == m else "second")).resolve()) + ".nii.gz"] \
                 == expected, rows
+
+
+def test_skip_existing_tells_apart_inputs_of_one_size_and_time(tmp_path, cases, monkeypatch, capsys):
+    """A re-review (session 31): with large files judged by size and time (within 2 s) and DICOM
+    folders by names and sizes, a row corrected to name another patient's image of the same grid,
+    converted a second later, or another series exported with the same file names, was skipped:
+    its output of the wrong image kept. Content samples (a large file's first and last MiB, each
+    DICOM file's first 4 KiB) tell them apart; a .mhd whose voxel file's name has a space is
+    fingerprinted by its voxels; a skipped row's message no longer repeats why it last ran."""
+    import os
+
+    from test_volumes import make_volume, write_dicom_series
+
+    from PAMSegmentLib.volumes import Volume, write_volume
+
+    monkeypatch.setattr(batch_module, "HASHED_UP_TO", 0)  # as files over 32 MiB are
+    data = tmp_path / "data"
+    first, second = data / "c0" / "image.nii", data / "c1" / "image.nii"  # uncompressed: one size
+    for n, path in enumerate((first, second)):
+        sitk.WriteImage(sitk.ReadImage(str(data / f"c{n}" / "image.nii.gz")), str(path), False)
+    os.utime(second, ns=(first.stat().st_mtime_ns, first.stat().st_mtime_ns))
+    assert first.stat().st_size == second.stat().st_size
+    m = _manifest(data / "cases.csv", ["image,prompt,output", "c0/image.nii,c0/prompt.nii.gz,../out/r.nii.gz"])
+    out = tmp_path / "out"
+    assert main(["batch", str(m), "-o", str(out), "--method", "copy"]) == 0
+    _manifest(m, ["image,prompt,output", "c1/image.nii,c0/prompt.nii.gz,../out/r.nii.gz"])
+    assert main(["batch", str(m), "-o", str(out), "--method", "copy", "--skip-existing"]) == 0
+    row = _report(out / "batch_report.csv")[0]
+    assert row["status"] == "ok" and row["message"].startswith("run again: its image is not the one")
+    monkeypatch.undo()
+
+    for n, uid in enumerate(("1.2.826.0.1.3680043.2.1125.7.61", "1.2.826.0.1.3680043.2.1125.7.62")):
+        vol = make_volume(shape=(12, 20, 22))
+        write_dicom_series(tmp_path / f"s{n}", vol, uid)
+    assert sorted((f.name, f.stat().st_size) for f in (tmp_path / "s0").iterdir()) == \
+        sorted((f.name, f.stat().st_size) for f in (tmp_path / "s1").iterdir())
+    prompt = np.zeros(vol.array.shape, np.uint8)
+    prompt[6, 5:15, 5:15] = 1
+    write_volume(Volume(prompt, vol.spacing, vol.origin, vol.direction), tmp_path / "p.nrrd")
+    m = _manifest(tmp_path / "series.csv", ["image,prompt,output", "s0,p.nrrd,out/s.nii.gz"])
+    assert main(["batch", str(m), "-o", str(tmp_path / "out2"), "--method", "copy"]) == 0
+    _manifest(m, ["image,prompt,output", "s1,p.nrrd,out/s.nii.gz"])
+    assert main(["batch", str(m), "-o", str(tmp_path / "out2"), "--method", "copy", "--skip-existing"]) == 0
+    row = _report(tmp_path / "out2" / "batch_report.csv")[0]
+    assert row["status"] == "ok" and row["message"].startswith("run again: its image is not the one")
+    assert main(["batch", str(m), "-o", str(tmp_path / "out2"), "--method", "copy", "--skip-existing"]) == 0
+    row = _report(tmp_path / "out2" / "batch_report.csv")[0]
+    assert row["status"] == "skipped" and row["message"] == "done in an earlier run (--skip-existing)"
+
+    scan = sitk.ReadImage(str(first))
+    sitk.WriteImage(scan, str(data / "c0" / "CT scan.mhd"), False)  # its voxels in "CT scan.raw"
+    m = _manifest(data / "mhd.csv", ["image,prompt,output", "c0/CT scan.mhd,c0/prompt.nii.gz,../out/mhd.nii.gz"])
+    assert main(["batch", str(m), "-o", str(out), "--method", "copy"]) == 0
+    raw = data / "c0" / "CT scan.raw"
+    voxels = np.fromfile(raw, dtype=np.int16)
+    voxels[::5] += 50
+    stamp = raw.stat().st_mtime_ns
+    voxels.tofile(raw)
+    os.utime(raw, ns=(stamp, stamp))
+    assert main(["batch", str(m), "-o", str(out), "--method", "copy", "--skip-existing"]) == 0
+    assert _report(out / "batch_report.csv")[0]["status"] == "ok"

@@ -496,3 +496,45 @@ def test_files_a_killed_run_left_beside_the_outputs_are_said(tmp_path, capsys, m
     assert (f"note: {out} holds 3 files an earlier run left when it was stopped while writing "
             f"({old.name}, {tmp.name}, {young.name}); those named .old are outputs it had set aside, so the outputs "
             "there may mix two runs: check them; remove them once checked") in printed
+
+
+def test_a_speck_by_the_labels_largest_drawn_slice_gets_no_thin_note_beside_it():
+    """A re-review (session 31): the thin note's speck test compared a stray click with its pair's
+    larger drawn slice, while the speck note compares with the label's largest: a 10-voxel click
+    between a large disk and a small one got both "erase it" and "draw it on one and update"."""
+    from PAMSegmentLib.baselines import get_predictor
+    from PAMSegmentLib.propagate import propagate
+
+    large, small = _disk_column((30, 40, 40), 17, 2, 15), _disk_column((30, 40, 40), 8, 15, 28)
+    image = large[0] + small[0]
+    prompt = np.zeros(image.shape, np.uint8)
+    prompt[5], prompt[25] = large[1], small[1]
+    prompt[15, 20, 18:28] = 1  # 10 voxels: 1 % of the large disk, 5 % of the small one
+    result = propagate(image, prompt, (1.0, 1.0, 1.0), get_predictor("copy"), axis=0)
+    assert [k for k, *_ in result.specks()[1]] == [15]
+    assert result.thin[1] == [] and "thin" not in [kind for kind, _ in result.kinds_of_notes()]
+
+
+def test_a_batch_reports_temporary_is_a_leftover_too_and_one_file_is_it(tmp_path):
+    """A re-review (session 31): a batch killed while rewriting its report leaves
+    batch_report.csv.<id>.tmp, which the leftover note did not name; one file read "remove them"."""
+    import os
+    import time
+
+    from PAMSegmentLib.volumes import LEFTOVER_AGE_SECONDS, leftover_note
+
+    left = tmp_path / "batch_report.csv.0123456789ab.tmp"
+    left.write_text("row\n")
+    output = tmp_path / "r0.nii.gz"
+    assert leftover_note([output]) is None  # just made: maybe a batch writing now
+    real = time.time
+    import PAMSegmentLib.volumes as volumes
+
+    volumes.time.time = lambda: real() + LEFTOVER_AGE_SECONDS + 1
+    try:
+        note = leftover_note([output])
+    finally:
+        volumes.time.time = real
+    assert note == (f"{tmp_path} holds 1 file an earlier run left when it was stopped while writing ({left.name}); "
+                    "remove it once checked")
+    assert os.path.exists(left)  # named, never removed
