@@ -169,6 +169,10 @@ class PropagationResult:
     # of it in ``mask``, the labels that took it: earlier ones, or later ones' drawings); said in a
     # note whatever share of its voxels that is (the label is cut in two there), first for review.
     cut: dict[int, tuple[list[int], list[int]]] = field(default_factory=dict)
+    # label -> its drawn slices this call added or changed against ``previous`` (an update; this call
+    # only): the notes' default ``edited`` (a tip the user just drew is no stray click, and a walk
+    # from it that ends at once no drift stop; a review, session 31: Python's notes() said both)
+    edited: dict[int, list[int]] = field(default_factory=dict)
     # label -> the predictor's class and its state after it began on the label's drawn slice
     # (``begin_state``, e.g. PAM's intensity window): an update by another predictor, or one that
     # begins differently, recomputes the label.
@@ -337,7 +341,8 @@ class PropagationResult:
         of its largest drawn slice's, as (slice, voxels, largest slice, its voxels): a stray click or
         a speck of the brush, which the walks take as a drawn slice of the object (one voxel beside a
         drawn liver cut it at that slice). ``edited``: slices drawn in an update (an organ's tip there
-        is what the user meant), left out."""
+        is what the user meant), left out (None: ``self.edited``, what this update's call found)."""
+        edited = self.edited if edited is None else edited
         out = {}
         for lab, frames in self.keyframes.items():
             counts = {int(k): int(np.count_nonzero(m)) for k, m in frames.items()}
@@ -366,7 +371,9 @@ class PropagationResult:
         """The notes of walks the intensity drift test ended right beside a drawn slice: turning
         the test off is the remedy (the command line adds its option, Slicer its checkbox).
         ``edited``: per label, slices the user just drew in an update; a walk from one of them that
-        ends at once is what the drawing says (an organ's last slice), not a hint."""
+        ends at once is what the drawing says (an organ's last slice), not a hint (None:
+        ``self.edited``, what this update's call found)."""
+        edited = self.edited if edited is None else edited
         out = []
         specks = self.specks(edited)
         voxels = None
@@ -1995,7 +2002,7 @@ def _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, em
         overlapped, lost_voxels = set(), {}
         prev_mask = np.moveaxis(previous.mask, ax, 0) if usable_previous else None
         keyframes_all, recomputed_all, stops_all, agreement_all, begin_states = {}, {}, {}, {}, {}
-        gaps_all, lost_all, thin_all = {}, {}, {}
+        gaps_all, lost_all, thin_all, edited_all = {}, {}, {}, {}
         for n_lab, (lab, keyframes) in enumerate(slices.items(), start=1):
             tracker.check_cancel()
             tracker.label = f"label {lab} ({n_lab}/{len(slices)})" if len(slices) > 1 else ""
@@ -2014,6 +2021,10 @@ def _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, em
                 vol_f, label_mask, keyframes, predictor, spacing[ax], lo, hi, batch_size, early_stop,
                 remove_disconnected, tracker, stats, reuse, empties[lab])
             keyframes_all[lab] = {k: label_mask[k].copy() for k in user_slices[lab]}
+            if previous is not None and previous.axis == ax and lab in previous.keyframes:
+                before = previous.keyframes[lab]
+                edited_all[lab] = [int(k) for k in user_slices[lab] if k not in before or np.shape(before[k])
+                                   != label_mask[k].shape or not np.array_equal(before[k], label_mask[k])]
             stops_all[lab] = stats.pop("stops")
             gaps_all[lab] = sorted(stats.pop("gaps"))
             thin_all[lab] = sorted(stats.pop("thin"))
@@ -2081,6 +2092,7 @@ def _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, em
         # (slices other labels took whole are said as cut, not as thin)
         thin={lab: [s for s in v if s not in set(cut_all.get(lab, ((), ()))[0])] for lab, v in thin_all.items()},
         cut=cut_all,
+        edited=edited_all,
         begin_state=begin_states,
         image_digest=digest,
         lost_voxels=lost_voxels,

@@ -538,3 +538,23 @@ def test_a_batch_reports_temporary_is_a_leftover_too_and_one_file_is_it(tmp_path
     assert note == (f"{tmp_path} holds 1 file an earlier run left when it was stopped while writing ({left.name}); "
                     "remove it once checked")
     assert os.path.exists(left)  # named, never removed
+
+
+def test_an_updates_notes_leave_out_the_slices_it_was_given_by_default():
+    """A review on training cases (session 31): after an update through the Python API, notes()
+    called a tip the user had just drawn a stray click ("erase it") unless notes(edited=...) was
+    given, which the README never said; the result now knows which drawn slices the update added."""
+    from PAMSegmentLib.baselines import get_predictor
+    from PAMSegmentLib.propagate import propagate
+
+    image, disk = _disk_column((24, 40, 40), 12, 3, 20)
+    prompt = np.zeros(image.shape, np.uint8)
+    prompt[10] = disk
+    first = propagate(image, prompt, (1.0, 1.0, 1.0), get_predictor("copy"), axis=0)
+    assert first.edited == {}
+    corrected = prompt.copy()
+    corrected[19, 20, 20:23] = 1  # the object's last slice, as the user sees it: 3 voxels
+    update = propagate(image, corrected, (1.0, 1.0, 1.0), get_predictor("copy"), axis=0, previous=first)
+    assert update.edited == {1: [19]}
+    assert "speck" not in [kind for kind, _ in update.kinds_of_notes()]
+    assert "speck" in [kind for kind, _ in update.kinds_of_notes(edited={})]  # as a fresh run would say
