@@ -1474,14 +1474,16 @@ THIN_FRACTION = 1 / 3
 THIN_MIN_EXPECTED = 12  # voxels: a structure a few voxels across is not judged by its area
 
 
-def _thin_between(mask: np.ndarray, a: int, b: int, conf: np.ndarray, largest: int) -> list[int]:
+def _thin_between(mask: np.ndarray, a: int, b: int, conf: np.ndarray, largest: int, edited=()) -> list[int]:
     """Slices strictly between drawn slices ``a`` and ``b`` of ``mask`` that hold the object, but
     less than THIN_FRACTION of the area the two drawn slices suggest there: the walks from both
     sides shrank (one may have lost the object). Not changed; their confidence becomes 0 so that
     review shows them first, as the empty ones (``_gaps_between``). ``largest``: the label's
-    largest drawn slice's area, against which a drawn slice is a speck as ``specks`` judges."""
+    largest drawn slice's area, against which a drawn slice is a speck as ``specks`` judges;
+    ``edited``: drawn slices an update added or changed (a tip the user drew is no speck)."""
     area_a, area_b = int(np.count_nonzero(mask[a])), int(np.count_nonzero(mask[b]))
-    if any(v <= SPECK_VOXELS and v <= SPECK_FRACTION * largest for v in (area_a, area_b)):
+    if any(v <= SPECK_VOXELS and v <= SPECK_FRACTION * largest and k not in edited
+           for k, v in ((a, area_a), (b, area_b))):
         return []  # a stray click on one of them: the speck note says so (a re-review, session 31)
     thin = []
     for s in range(a + 1, b):
@@ -1635,7 +1637,7 @@ def _begin_key(predictor) -> tuple:
 
 def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo, hi, batch_size,
                      early_stop, remove_disconnected, progress, stats, reuse: _Reuse | None = None,
-                     empty_keyframes=()):
+                     empty_keyframes=(), edited=()):
     """One label, axis 0. Returns (bool mask, confidence per slice, recomputed intervals, agreement
     per slice of the one-sided walks, the predictor's ``_begin_key`` for this label).
 
@@ -1820,7 +1822,7 @@ def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo
     for a, b in zip(keys[:-1], keys[1:]):  # empty slices between two drawn ones: said, and reviewed first
         if a in drawn and b in drawn and b - a >= 2:
             stats.setdefault("gaps", []).extend(_gaps_between(mask, a, b, conf))
-            stats.setdefault("thin", []).extend(_thin_between(mask, a, b, conf, largest))
+            stats.setdefault("thin", []).extend(_thin_between(mask, a, b, conf, largest, edited))
     stats["postprocess"] += time.perf_counter() - t0
     return mask, conf, sorted(recomputed), agreement, begin_key
 
@@ -2017,14 +2019,14 @@ def _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, em
                 reuse = _Reuse(own, previous.confidence[lab], previous.keyframes[lab],
                                previous.agreement.get(lab), previous.begin_state.get(lab),
                                stops=list(previous.stops.get(lab, [])))
-            mask, conf, recomputed_all[lab], agreement_all[lab], begin_states[lab] = _propagate_label(
-                vol_f, label_mask, keyframes, predictor, spacing[ax], lo, hi, batch_size, early_stop,
-                remove_disconnected, tracker, stats, reuse, empties[lab])
-            keyframes_all[lab] = {k: label_mask[k].copy() for k in user_slices[lab]}
             if previous is not None and previous.axis == ax and lab in previous.keyframes:
                 before = previous.keyframes[lab]
                 edited_all[lab] = [int(k) for k in user_slices[lab] if k not in before or np.shape(before[k])
                                    != label_mask[k].shape or not np.array_equal(before[k], label_mask[k])]
+            mask, conf, recomputed_all[lab], agreement_all[lab], begin_states[lab] = _propagate_label(
+                vol_f, label_mask, keyframes, predictor, spacing[ax], lo, hi, batch_size, early_stop,
+                remove_disconnected, tracker, stats, reuse, empties[lab], edited=edited_all.get(lab, ()))
+            keyframes_all[lab] = {k: label_mask[k].copy() for k in user_slices[lab]}
             stops_all[lab] = stats.pop("stops")
             gaps_all[lab] = sorted(stats.pop("gaps"))
             thin_all[lab] = sorted(stats.pop("thin"))
