@@ -1541,6 +1541,7 @@ class SegmentPropagation:
             run_id=self._run_id(target), before_tags=before_tags if self.mode == "replace" else (None, None),
             own_after=(LabelmapSnapshot.take(self.segmentation_node, target)
                        if _finer_than_volume(self.segmentation_node, target, self.volume_node) else None),
+            flagged=tuple(int(s) for s in (*result.thin.get(label, ()), *result.dropped.get(label, ()))),
         )
 
     def _run_id(self, target: str) -> str:
@@ -1787,6 +1788,9 @@ class HistoryEntry:
     # finer than the volume's: an edit on its thin slices between the volume's slices does not show
     # on the volume grid, and an update would write over it (``check_no_unseen_edits``).
     own_after: "LabelmapSnapshot | None" = None
+    # slices this run's thin and dropped notes name (PropagationResult.thin / .dropped; this session
+    # only, not in the record): review shows them first, the confidence staying as the walks gave it
+    flagged: tuple = ()
 
     @property
     def user_slices(self) -> list[int]:
@@ -1857,8 +1861,12 @@ class HistoryEntry:
     def review_order(self) -> list[int]:
         """Least confident first, among the slices holding the result and the empty ones between
         two drawn slices (``gap_slices``)."""
-        return review_order(self.confidence, self.reviewed, self.user_slices,
-                            sorted(set(self.occupied_slices()) | set(self.gap_slices())))
+        conf = self.confidence
+        if self.flagged:
+            conf = conf.copy()
+            conf[[s for s in self.flagged if 0 <= s < conf.size]] = 0.0
+        return review_order(conf, self.reviewed, self.user_slices,
+                            sorted(set(self.occupied_slices()) | set(self.gap_slices()) | set(self.flagged)))
 
     def next_to_review(self) -> int | None:
         order = self.review_order()

@@ -173,6 +173,12 @@ class PropagationResult:
     # only): the notes' default ``edited`` (a tip the user just drew is no stray click, and a walk
     # from it that ends at once no drift stop; a review, session 31: Python's notes() said both)
     edited: dict[int, list[int]] = field(default_factory=dict)
+    # label -> slices beyond its outermost drawn slices that held it in ``previous`` (the result an
+    # update corrects) and are empty now (this call only): a walk from a new outermost drawn slice
+    # ended sooner (with two or more drawn slices, also where the network and the registration
+    # disagree); said in a note and first for review (a review on training cases, session 31:
+    # correct slices on the far side vanished without a word)
+    dropped: dict[int, list[int]] = field(default_factory=dict)
     # label -> the predictor's class and its state after it began on the label's drawn slice
     # (``begin_state``, e.g. PAM's intensity window): an update by another predictor, or one that
     # begins differently, recomputes the label.
@@ -298,6 +304,7 @@ class PropagationResult:
         """``notes()`` with what each is about: ``("drift", text)`` (the drift test ended a walk at
         a drawn slice: each front end names its own way to turn the test off), ``("gap", text)``,
         ``("thin", text)`` (slices between drawn slices holding far less than they suggest),
+        ``("dropped", text)`` (an update: slices beyond the outermost drawn ones emptied),
         ``("lost", text)``, ``("cut", text)`` (slices between a label's drawn slices all taken by
         other labels), ``("speck", text)`` (a drawn slice holding a few voxels against the
         label's largest one: a stray click?)."""
@@ -315,6 +322,13 @@ class PropagationResult:
                                     "slices on either side suggest (the propagation shrank there); check "
                                     f"{'it' if len(slices) == 1 else 'them'}, and if the object is larger there, "
                                     "draw it on one and update"))
+        for lab, slices in sorted(self.dropped.items()):
+            if slices:
+                out.append(("dropped", f"label {lab}: {_slice_list_text(slices)}, beyond its outermost drawn "
+                                       f"slices, held it in the result this update corrects and "
+                                       f"{'is' if len(slices) == 1 else 'are'} empty now (the walk from the "
+                                       "nearest drawn slice ended sooner); if the object goes on there, draw it on "
+                                       f"{'it' if len(slices) == 1 else 'one of them'} and update"))
         for lab, (slices, by) in sorted(self.cut.items()):
             who = f"label {by[0]}" if len(by) == 1 else "labels " + ", ".join(map(str, by))
             out.append(("cut", f"label {lab}: between its drawn slices, {_slice_list_text(slices)} "
@@ -464,7 +478,18 @@ class PropagationResult:
         # the slices holding it, and the empty ones between two of its drawn slices (where it may go on)
         candidates = sorted(set(np.flatnonzero(area).tolist()) | set(self.gaps.get(lab, ()))
                             | set(self.cut.get(lab, ((), ()))[0]))
-        return review_order(self.confidence[lab], keyframes=self.prompt_slices.get(lab, []), candidates=candidates)[:n]
+        return review_order(self.review_confidence(lab), keyframes=self.prompt_slices.get(lab, []),
+                            candidates=sorted(set(candidates) | set(self.dropped.get(lab, ()))))[:n]
+
+    def review_confidence(self, label: int) -> np.ndarray:
+        """``confidence[label]`` as review ranks the slices: 0 on the slices the thin and dropped
+        notes name (the result's own confidence stays as the walks gave it, so that an update and a
+        fresh run of the same keyframes agree)."""
+        conf = np.array(self.confidence[int(label)], dtype=np.float32, copy=True)
+        for s in (*self.thin.get(int(label), ()), *self.dropped.get(int(label), ())):
+            if 0 <= s < conf.size:
+                conf[s] = 0.0
+        return conf
 
     def review_summary(self, voxels: dict[int, np.ndarray] | None = None, names: dict[int, str] | None = None) -> str:
         """``label 1: 28, 2, 29; label 2: ...``: each label's slices to check first ("" if none);
@@ -1474,11 +1499,11 @@ THIN_FRACTION = 1 / 3
 THIN_MIN_EXPECTED = 12  # voxels: a structure a few voxels across is not judged by its area
 
 
-def _thin_between(mask: np.ndarray, a: int, b: int, conf: np.ndarray, largest: int, edited=()) -> list[int]:
+def _thin_between(mask: np.ndarray, a: int, b: int, largest: int, edited=()) -> list[int]:
     """Slices strictly between drawn slices ``a`` and ``b`` of ``mask`` that hold the object, but
     less than THIN_FRACTION of the area the two drawn slices suggest there: the walks from both
-    sides shrank (one may have lost the object). Not changed; their confidence becomes 0 so that
-    review shows them first, as the empty ones (``_gaps_between``). ``largest``: the label's
+    sides shrank (one may have lost the object). Not changed; review ranks them first
+    (``PropagationResult.review_confidence``). ``largest``: the label's
     largest drawn slice's area, against which a drawn slice is a speck as ``specks`` judges;
     ``edited``: drawn slices an update added or changed (a tip the user drew is no speck)."""
     area_a, area_b = int(np.count_nonzero(mask[a])), int(np.count_nonzero(mask[b]))
@@ -1491,7 +1516,6 @@ def _thin_between(mask: np.ndarray, a: int, b: int, conf: np.ndarray, largest: i
         held = int(np.count_nonzero(mask[s]))
         if 0 < held < THIN_FRACTION * expected and expected >= THIN_MIN_EXPECTED:
             thin.append(s)
-            conf[s] = 0.0
     return thin
 
 
@@ -1822,7 +1846,7 @@ def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo
     for a, b in zip(keys[:-1], keys[1:]):  # empty slices between two drawn ones: said, and reviewed first
         if a in drawn and b in drawn and b - a >= 2:
             stats.setdefault("gaps", []).extend(_gaps_between(mask, a, b, conf))
-            stats.setdefault("thin", []).extend(_thin_between(mask, a, b, conf, largest, edited))
+            stats.setdefault("thin", []).extend(_thin_between(mask, a, b, largest, edited))
     stats["postprocess"] += time.perf_counter() - t0
     return mask, conf, sorted(recomputed), agreement, begin_key
 
@@ -2004,7 +2028,9 @@ def _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, em
         overlapped, lost_voxels = set(), {}
         prev_mask = np.moveaxis(previous.mask, ax, 0) if usable_previous else None
         keyframes_all, recomputed_all, stops_all, agreement_all, begin_states = {}, {}, {}, {}, {}
-        gaps_all, lost_all, thin_all, edited_all = {}, {}, {}, {}
+        gaps_all, lost_all, thin_all, edited_all, dropped_all = {}, {}, {}, {}, {}
+        before_moved = (np.moveaxis(previous.mask, ax, 0) if previous is not None and previous.axis == ax
+                        and previous.mask.shape == image.shape else None)
         for n_lab, (lab, keyframes) in enumerate(slices.items(), start=1):
             tracker.check_cancel()
             tracker.label = f"label {lab} ({n_lab}/{len(slices)})" if len(slices) > 1 else ""
@@ -2027,6 +2053,14 @@ def _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, em
                 vol_f, label_mask, keyframes, predictor, spacing[ax], lo, hi, batch_size, early_stop,
                 remove_disconnected, tracker, stats, reuse, empties[lab], edited=edited_all.get(lab, ()))
             keyframes_all[lab] = {k: label_mask[k].copy() for k in user_slices[lab]}
+            if before_moved is not None and lab in previous.keyframes and slices[lab]:
+                drawn = sorted(slices[lab])
+                # up to a wall the user set beyond them (the object is absent there by the user's word)
+                below = max((w for w in empties[lab] if w < drawn[0]), default=lo - 1)
+                above = min((w for w in empties[lab] if w > drawn[-1]), default=hi + 1)
+                gone = (before_moved == lab).any(axis=(1, 2)) & ~mask.any(axis=(1, 2))
+                dropped_all[lab] = [int(k) for k in np.flatnonzero(gone)
+                                    if below < k < drawn[0] or drawn[-1] < k < above]
             stops_all[lab] = stats.pop("stops")
             gaps_all[lab] = sorted(stats.pop("gaps"))
             thin_all[lab] = sorted(stats.pop("thin"))
@@ -2095,6 +2129,7 @@ def _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, em
         thin={lab: [s for s in v if s not in set(cut_all.get(lab, ((), ()))[0])] for lab, v in thin_all.items()},
         cut=cut_all,
         edited=edited_all,
+        dropped=dropped_all,
         begin_state=begin_states,
         image_digest=digest,
         lost_voxels=lost_voxels,

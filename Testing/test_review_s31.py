@@ -562,3 +562,39 @@ def test_an_updates_notes_leave_out_the_slices_it_was_given_by_default():
     # tip is the user's word, not a stray click (a review: the thin note kept quiet then)
     areas = (update.mask > 0).sum(axis=(1, 2))
     assert areas[15:19].tolist() == [3, 3, 3, 3] and update.thin == {1: [15, 16, 17, 18]}
+
+
+def test_an_update_that_empties_slices_beyond_the_drawn_ones_says_so():
+    """A review on training cases (session 31): a correction drawn near one end made the walk from it
+    end sooner (with two or more drawn slices the walks beyond them also end where the network and
+    the registration disagree), and slices the result held correctly there were emptied without a
+    word: the duodenum lost slices 0-7 (Dice 0.671 -> 0.538). The update now names them and
+    reviews them first."""
+    from PAMSegmentLib.propagate import SlicePrediction, SlicePredictor, propagate
+
+    class SmallGuidesStop(SlicePredictor):
+        """Carries the guide's mask where the image holds the object; not present from a guide under 100 px."""
+        threshold, presence_threshold, min_area_px, min_area_fraction = 0.5, 0.5, 1, 0.0
+        window_mm, max_window, min_window = 3.0, 3, 1
+
+        def predict(self, volume, guide_index, guide_mask, query_indices):
+            guide = np.asarray(guide_mask, np.float32)
+            there = [float(volume[q].max() > 50) for q in query_indices]
+            return SlicePrediction(np.stack([guide * t for t in there]),
+                                   presence=np.array([t * float(guide.sum() >= 100) for t in there], np.float32))
+
+    image, disk = _disk_column((24, 40, 40), 12, 3, 20)
+    prompt = np.zeros(image.shape, np.uint8)
+    prompt[8] = disk
+    first = propagate(image, prompt, (1.0, 1.0, 1.0), SmallGuidesStop(), axis=0)
+    assert np.flatnonzero((first.mask > 0).any(axis=(1, 2))).tolist() == list(range(3, 20))
+    corrected = prompt.copy()
+    corrected[15] = _disk_column((24, 40, 40), 4, 0, 1)[1]  # drawn smaller there: the walk from it stops
+    update = propagate(image, corrected, (1.0, 1.0, 1.0), SmallGuidesStop(), axis=0, previous=first)
+    held = np.flatnonzero((update.mask > 0).any(axis=(1, 2))).tolist()
+    assert held[-1] == 15 and update.dropped == {1: [16, 17, 18, 19]}
+    assert [text for kind, text in update.kinds_of_notes() if kind == "dropped"] == [
+        "label 1: slices 16-19, beyond its outermost drawn slices, held it in the result this update corrects and "
+        "are empty now (the walk from the nearest drawn slice ended sooner); if the object goes on there, draw it "
+        "on one of them and update"]
+    assert set(update.review_first(1)) & {16, 17, 18, 19}  # (beside 12 and 13, as unsure)
