@@ -823,9 +823,9 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if segmentId != job.segment_id:
                     hint = (f' Select "{written.GetName()}" to review it by confidence, update it from your edits or '
                             "undo it (Undo propagation acts on the selected segment).")
-                # After an update, a walk from a slice just drawn that ends at once is what the drawing says.
-                edited = getattr(job, "edited", None)
-                notes = job.result.kinds_of_notes(edited=None if edited is None else {1: list(edited)})
+                # After an update, a walk from a slice just drawn (or by an earlier update) that ends at once is
+                # what the drawing says (result.edited); the slices it emptied are said by the update's summary.
+                notes = [(kind, note) for kind, note in job.result.kinds_of_notes() if kind != "dropped"]
                 if any(kind == "drift" for kind, _ in notes):  # stopped right at the drawn slice
                     hint += (" The propagation stopped right next to your slice because the tissue changed there; if "
                              "the structure goes on, uncheck 'Stop where the tissue changes' and propagate again.")

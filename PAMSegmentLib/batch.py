@@ -849,7 +849,7 @@ def _run_row(row: BatchRow, model, args, progress=None) -> None:
     row.check_first = result.review_summary()
     how = "--intensity-gate off"  # the drift test's remedy, as propagate says it
     notes = [note + (f" ({how})" if kind == "drift" else "")
-             for kind, note in result.kinds_of_notes(edited=None if plan is None else plan.edited)]
+             for kind, note in result.kinds_of_notes(edited=None if plan is None else plan.users_own())]
     row.noted = " | ".join(row.notes + notes)
     row.message = " | ".join(row.info + row.notes + notes)
     # a Ctrl-C or SIGTERM while the files go in is raised once they are in: the row is then written

@@ -691,7 +691,7 @@ def cmd_propagate(args: argparse.Namespace) -> int:
                 print(f"changed beside your edits: {line}", flush=True)
             for line in _made_otherwise_notes(earlier, result):
                 print(f"note: {line}", flush=True)
-        for kind, note in result.kinds_of_notes(edited=None if plan is None else plan.edited):
+        for kind, note in result.kinds_of_notes(edited=None if plan is None else plan.users_own()):
             print(f"note: {note}" + (f" ({how})" if kind == "drift" else ""), flush=True)
         if sidecar is None:
             print(f"note: no record was written beside {args.output} (its name is too long for "
@@ -1130,6 +1130,8 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
             previous = None
             say(f"note: the record of {Path(previous_path).name} cannot tell which of its walks still hold "
                 f"({str(exc)[:120]}): every slice is predicted again")
+    if previous is not None:  # the slices earlier rounds drew: the user's word (no stray clicks; the thin note)
+        previous.edited = {lab: sorted(set(v) - set(plan.edited.get(lab, ()))) for lab, v in plan.users_own().items()}
     return plan, previous
 
 

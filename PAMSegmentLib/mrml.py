@@ -1542,6 +1542,7 @@ class SegmentPropagation:
             own_after=(LabelmapSnapshot.take(self.segmentation_node, target)
                        if _finer_than_volume(self.segmentation_node, target, self.volume_node) else None),
             flagged=tuple(int(s) for s in (*result.thin.get(label, ()), *result.dropped.get(label, ()))),
+            users_own=tuple(int(s) for s in result.edited.get(label, ())),
         )
 
     def _run_id(self, target: str) -> str:
@@ -1791,6 +1792,9 @@ class HistoryEntry:
     # slices this run's thin and dropped notes name (PropagationResult.thin / .dropped; this session
     # only, not in the record): review shows them first, the confidence staying as the walks gave it
     flagged: tuple = ()
+    # drawn slices update rounds added (PropagationResult.edited; this session only): handed on to
+    # the next update, whose notes then do not take them for stray clicks
+    users_own: tuple = ()
 
     @property
     def user_slices(self) -> list[int]:
@@ -1851,6 +1855,7 @@ class HistoryEntry:
             early_stop=self.early_stop, remove_disconnected=self.early_stop,  # the engine's default, as run
             agreement={} if self.agreement is None else {1: self.agreement.copy()},
             begin_state={1: self.begin_state}, stops={1: [dict(s) for s in self.stops]},
+            edited={1: list(self.users_own)} if self.users_own else {},
         )
 
     def gap_slices(self) -> list[int]:

@@ -2047,8 +2047,12 @@ def _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, em
                                stops=list(previous.stops.get(lab, [])))
             if previous is not None and previous.axis == ax and lab in previous.keyframes:
                 before = previous.keyframes[lab]
-                edited_all[lab] = [int(k) for k in user_slices[lab] if k not in before or np.shape(before[k])
-                                   != label_mask[k].shape or not np.array_equal(before[k], label_mask[k])]
+                # drawn in this round, or by an earlier update round (``previous.edited``: a tip drawn in
+                # round 1 is no stray click in round 3; a re-review, session 31)
+                edited_all[lab] = sorted(
+                    {int(k) for k in user_slices[lab] if k not in before or np.shape(before[k]) != label_mask[k].shape
+                     or not np.array_equal(before[k], label_mask[k])}
+                    | (set(previous.edited.get(lab, ())) & set(user_slices[lab])))
             mask, conf, recomputed_all[lab], agreement_all[lab], begin_states[lab] = _propagate_label(
                 vol_f, label_mask, keyframes, predictor, spacing[ax], lo, hi, batch_size, early_stop,
                 remove_disconnected, tracker, stats, reuse, empties[lab], edited=edited_all.get(lab, ()))
@@ -2240,6 +2244,12 @@ class EditPlan:
                 text += "; not edited"
             lines.append(text)
         return lines
+
+    def users_own(self) -> dict[int, list[int]]:
+        """Per label, the keyframes this round or earlier rounds drew (edited, earlier, corrected):
+        the user's word, which the notes do not take for stray clicks or drift stops."""
+        return {lab: sorted(set(self.edited.get(lab, ())) | (set(self.earlier.get(lab, ())) - set(self.drawn[lab]))
+                            | set(self.corrected.get(lab, ()))) for lab in self.drawn}
 
     def record(self) -> dict:
         """What a next round needs beside the result (``keyframes_from_edits(..., earlier=)``): per

@@ -598,3 +598,47 @@ def test_an_update_that_empties_slices_beyond_the_drawn_ones_says_so():
         "are empty now (the walk from the nearest drawn slice ended sooner); if the object goes on there, draw it "
         "on one of them and update"]
     assert set(update.review_first(1)) & {16, 17, 18, 19}  # (beside 12 and 13, as unsure)
+
+
+def test_a_tip_drawn_in_an_earlier_round_stays_the_users_word_in_later_rounds(tmp_path, capsys):
+    """A re-review (session 31): result.edited listed only the current round's slices, so from round 2
+    on a tip drawn in round 1 was called a stray click again and the thin note beside it vanished,
+    in Python and on the command line (which printed "19 (earlier rounds)" just above)."""
+    import SimpleITK as sitk
+
+    from PAMSegmentLib.baselines import get_predictor
+    from PAMSegmentLib.cli import main
+    from PAMSegmentLib.propagate import propagate
+
+    image, disk = _disk_column((24, 40, 40), 12, 3, 20)
+    prompt = np.zeros(image.shape, np.uint8)
+    prompt[10] = disk
+    first = propagate(image, prompt, (1.0, 1.0, 1.0), get_predictor("copy"), axis=0)
+    round1 = prompt.copy()
+    round1[19, 20, 20:23] = 1
+    one = propagate(image, round1, (1.0, 1.0, 1.0), get_predictor("copy"), axis=0, previous=first)
+    round2 = round1.copy()
+    round2[5] = disk
+    round2[5, 20, 20] = 0  # an unrelated correction
+    two = propagate(image, round2, (1.0, 1.0, 1.0), get_predictor("copy"), axis=0, previous=one)
+    assert two.edited == {1: [5, 19]} and two.thin == one.thin == {1: [15, 16, 17, 18]}
+    assert [kind for kind, _ in two.kinds_of_notes()] == ["thin"]
+
+    for name, array in (("img.nii.gz", image), ("prompt.nii.gz", prompt)):
+        sitk.WriteImage(sitk.GetImageFromArray(array), str(tmp_path / name))
+    run = ["propagate", str(tmp_path / "img.nii.gz"), str(tmp_path / "prompt.nii.gz"), "--method", "copy",
+           "--axis", "0"]
+    assert main([*run, "-o", str(tmp_path / "out1.nii.gz")]) == 0
+    for n, (k, change) in enumerate(((19, "tip"), (5, "speck")), start=1):
+        result = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f"out{n}.nii.gz")))
+        if change == "tip":
+            result[19] = 0
+            result[19, 20, 20:23] = 1
+        else:
+            result[5, 20, 20] = 0
+        sitk.WriteImage(sitk.GetImageFromArray(result), str(tmp_path / f"corr{n}.nii.gz"))
+        capsys.readouterr()
+        assert main([*run, "--previous", str(tmp_path / f"out{n}.nii.gz"),
+                     "--edited", str(tmp_path / f"corr{n}.nii.gz"), "-o", str(tmp_path / f"out{n + 1}.nii.gz")]) == 0
+        printed = capsys.readouterr().out
+        assert "slices 15-18 hold less than a third" in printed and "stray click" not in printed, printed
