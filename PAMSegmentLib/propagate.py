@@ -1519,6 +1519,42 @@ def _thin_between(mask: np.ndarray, a: int, b: int, largest: int, edited=()) -> 
     return thin
 
 
+def annotate_update(result: "PropagationResult", previous: "PropagationResult", prompt: np.ndarray,
+                    empty_slices=None) -> None:
+    """What the engine says of an update (``edited``, ``dropped``, the thin slices beside drawn
+    tips), worked out for a ``result`` computed elsewhere from ``prompt`` as a fresh run (a server:
+    a re-review, session 31, found its updates called a tip just drawn a stray click); from the
+    merged mask. ``empty_slices``: the update's walls, as ``propagate`` takes them."""
+    if previous is None or previous.axis != result.axis or previous.mask.shape != result.mask.shape:
+        return
+    ax = result.axis
+    moved, before = np.moveaxis(np.asarray(prompt), ax, 0), np.moveaxis(previous.mask, ax, 0)
+    now = np.moveaxis(result.mask, ax, 0)
+    lo, hi = result.range if result.range else (0, moved.shape[0] - 1)
+    walls_of = (empty_slices if isinstance(empty_slices, dict)
+                else {lab: list(empty_slices or ()) for lab in result.confidence})
+    for lab in result.confidence:
+        held = moved == lab
+        drawn = [int(k) for k in np.flatnonzero(held.any(axis=(1, 2)))]
+        walls = {int(w) for w in walls_of.get(lab, walls_of.get(str(lab), ())) or ()}
+        if not drawn or lab not in previous.keyframes:
+            continue
+        frames = previous.keyframes[lab]
+        edited = sorted({k for k in drawn if k not in frames or np.shape(frames[k]) != held[k].shape
+                         or not np.array_equal(frames[k], held[k])} | (set(previous.edited.get(lab, ())) & set(drawn)))
+        result.edited[lab] = edited
+        own = now == lab
+        below = max((w for w in walls if w < drawn[0]), default=lo - 1)
+        above = min((w for w in walls if w > drawn[-1]), default=hi + 1)
+        gone = (before == lab).any(axis=(1, 2)) & ~own.any(axis=(1, 2))
+        result.dropped[lab] = [int(k) for k in np.flatnonzero(gone) if below < k < drawn[0] or drawn[-1] < k < above]
+        largest = max(int(np.count_nonzero(held[k])) for k in drawn)
+        cut = set(result.cut.get(lab, ((), ()))[0])
+        thin = [s for a, b in zip(drawn[:-1], drawn[1:]) if b - a >= 2 and not (walls & set(range(a, b)))
+                for s in _thin_between(own, a, b, largest, edited) if s not in cut]
+        result.thin[lab] = sorted(thin)
+
+
 def _keep_connected(mask: np.ndarray, seeds: np.ndarray, connectivity: int = 26) -> np.ndarray:
     """Keep the ``connectivity``-connected components of ``mask`` that touch ``seeds`` (computed on
     the bbox; 26, or 6 as the authors' published walk)."""

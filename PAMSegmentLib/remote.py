@@ -544,4 +544,8 @@ class RemoteModel:
         from .propagate import image_digest  # noqa: PLC0415
 
         result.image_digest = image_digest(np.asarray(image), spacing)
+        if previous is not None:  # the server ran a fresh propagation: what an update says, worked out here
+            from .propagate import annotate_update  # noqa: PLC0415
+
+            annotate_update(result, previous, np.asarray(prompt), empty_slices)
         return result

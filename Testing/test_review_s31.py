@@ -642,3 +642,30 @@ def test_a_tip_drawn_in_an_earlier_round_stays_the_users_word_in_later_rounds(tm
                      "--edited", str(tmp_path / f"corr{n}.nii.gz"), "-o", str(tmp_path / f"out{n + 1}.nii.gz")]) == 0
         printed = capsys.readouterr().out
         assert "slices 15-18 hold less than a third" in printed and "stray click" not in printed, printed
+
+
+def test_an_update_run_on_a_server_says_what_a_local_one_says():
+    """A re-review (session 31): a server runs an update as a fresh propagation, so its answer had no
+    edited or dropped slices and its thin test took the tip just drawn for a stray click: the
+    client now works them out from the result and the previous one it holds."""
+    from conftest import serving
+
+    from PAMSegmentLib.baselines import get_predictor
+    from PAMSegmentLib.propagate import propagate
+    from PAMSegmentLib.remote import RemoteModel
+    from PAMSegmentLib.server import create_app
+
+    image, disk = _disk_column((24, 40, 40), 12, 3, 20)
+    prompt = np.zeros(image.shape, np.uint8)
+    prompt[10] = disk
+    first = propagate(image, prompt, (1.0, 1.0, 1.0), get_predictor("copy"), axis=0)
+    corrected = prompt.copy()
+    corrected[19, 20, 20:23] = 1
+    local = propagate(image, corrected, (1.0, 1.0, 1.0), get_predictor("copy"), axis=0, previous=first)
+    with serving(create_app(lambda method: get_predictor("copy"))) as url:
+        remote = RemoteModel(url, poll_interval=0.01).propagate(image, corrected, (1.0, 1.0, 1.0), axis=0,
+                                                                  previous=first)
+    assert np.array_equal(local.mask, remote.mask)
+    assert (remote.edited, remote.thin, remote.dropped) == (local.edited, local.thin, local.dropped) == (
+        {1: [19]}, {1: [15, 16, 17, 18]}, {1: []})
+    assert remote.kinds_of_notes() == local.kinds_of_notes()
