@@ -434,7 +434,8 @@ class PropagationResult:
         """One row per label and slice that holds the label or was predicted for it, in slice
         order: ``label``, ``slice`` (along ``axis``), ``voxels`` (of the label on that slice),
         ``drawn`` (a drawn slice, kept as drawn), ``confidence`` (the engine's confidence in a
-        predicted slice, as Slicer's review uses it; None where drawn) and ``walk_end`` (on the last
+        predicted slice; None where drawn; review ranks the thin and dropped slices first beside it,
+        ``review_confidence``) and ``walk_end`` (on the last
         slice holding the object of a walk that ended there: what ended it, a ``stops`` reason;
         blank with ``early_stop=False``, and between keyframes, where no walk ends).
         ``voxels``: ``slice_voxels()``, if already computed."""
@@ -2066,7 +2067,8 @@ def _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, em
         keyframes_all, recomputed_all, stops_all, agreement_all, begin_states = {}, {}, {}, {}, {}
         gaps_all, lost_all, thin_all, edited_all, dropped_all = {}, {}, {}, {}, {}
         before_moved = (np.moveaxis(previous.mask, ax, 0) if previous is not None and previous.axis == ax
-                        and previous.mask.shape == image.shape else None)
+                        and previous.mask.shape == image.shape and previous.image_digest in (None, digest)
+                        else None)  # (a result of another image says nothing of what this one emptied)
         for n_lab, (lab, keyframes) in enumerate(slices.items(), start=1):
             tracker.check_cancel()
             tracker.label = f"label {lab} ({n_lab}/{len(slices)})" if len(slices) > 1 else ""
