@@ -310,25 +310,19 @@ class PropagationResult:
         label's largest one: a stray click?)."""
         out = [("speck", text) for text in self.speck_notes(edited)]
         out += [("drift", text) for text in self.drift_notes(edited)]
-        for lab, slices in sorted(self.gaps.items()):
-            if slices:
-                out.append(("gap", f"label {lab}: between its drawn slices nothing was found on "
-                                   f"{_slice_list_text(slices)}; if the object goes on there, draw it on one of them "
-                                   "and update"))
-        for lab, slices in sorted(self.thin.items()):
-            if slices:
-                out.append(("thin", f"label {lab}: between its drawn slices, {_slice_list_text(slices)} "
-                                    f"hold{'s' if len(slices) == 1 else ''} less than a third of what the drawn "
-                                    "slices on either side suggest (the propagation shrank there); check "
-                                    f"{'it' if len(slices) == 1 else 'them'}, and if the object is larger there, "
-                                    "draw it on one and update"))
-        for lab, slices in sorted(self.dropped.items()):
-            if slices:
-                out.append(("dropped", f"label {lab}: {_slice_list_text(slices)}, beyond its outermost drawn "
-                                       f"slices, held it in the result this update corrects and "
-                                       f"{'is' if len(slices) == 1 else 'are'} empty now (the walk from the "
-                                       "nearest drawn slice ended sooner); if the object goes on there, draw it on "
-                                       f"{'it' if len(slices) == 1 else 'one of them'} and update"))
+        def per_label(kind: str, lists: dict, say) -> None:  # a note per label with slices in ``lists``
+            out.extend((kind, f"label {lab}: {say(_slice_list_text(sl), len(sl) == 1)}")
+                       for lab, sl in sorted(lists.items()) if sl)
+
+        per_label("gap", self.gaps, lambda where, one: f"between its drawn slices nothing was found on {where}; if "
+                  "the object goes on there, draw it on one of them and update")
+        per_label("thin", self.thin, lambda where, one: f"between its drawn slices, {where} hold{'s' if one else ''} "
+                  "less than a third of what the drawn slices on either side suggest (the propagation shrank there); "
+                  f"check {'it' if one else 'them'}, and if the object is larger there, draw it on one and update")
+        per_label("dropped", self.dropped, lambda where, one: f"{where}, beyond its outermost drawn slices, held it "
+                  f"in the result this update corrects and {'is' if one else 'are'} empty now (the walk from the "
+                  "nearest drawn slice ended sooner); if the object goes on there, draw it on "
+                  f"{'it' if one else 'one of them'} and update")
         for lab, (slices, by) in sorted(self.cut.items()):
             who = f"label {by[0]}" if len(by) == 1 else "labels " + ", ".join(map(str, by))
             out.append(("cut", f"label {lab}: between its drawn slices, {_slice_list_text(slices)} "

@@ -358,6 +358,21 @@ def _disk_column(shape, radius, first, last):
     return image, disk
 
 
+def _tip_case():
+    """A disk column on slices 3-19 drawn on slice 10 and propagated with ``copy``, and the prompt with
+    its last slice drawn as a 3-voxel tip: (image, disk, prompt, first result, corrected prompt)."""
+    from PAMSegmentLib.baselines import get_predictor
+    from PAMSegmentLib.propagate import propagate
+
+    image, disk = _disk_column((24, 40, 40), 12, 3, 20)
+    prompt = np.zeros(image.shape, np.uint8)
+    prompt[10] = disk
+    first = propagate(image, prompt, (1.0, 1.0, 1.0), get_predictor("copy"), axis=0)
+    corrected = prompt.copy()
+    corrected[19, 20, 20:23] = 1
+    return image, disk, prompt, first, corrected
+
+
 class _ShrinksBackward:
     """Walks up (to higher slices) carry the guide's mask; walks down shrink it to a 2 x 2 square at
     its centre: between two drawn slices the fused slices near the upper one hold a speck."""
@@ -547,13 +562,8 @@ def test_an_updates_notes_leave_out_the_slices_it_was_given_by_default():
     from PAMSegmentLib.baselines import get_predictor
     from PAMSegmentLib.propagate import propagate
 
-    image, disk = _disk_column((24, 40, 40), 12, 3, 20)
-    prompt = np.zeros(image.shape, np.uint8)
-    prompt[10] = disk
-    first = propagate(image, prompt, (1.0, 1.0, 1.0), get_predictor("copy"), axis=0)
+    image, disk, prompt, first, corrected = _tip_case()  # the object's last slice drawn as the user sees it
     assert first.edited == {}
-    corrected = prompt.copy()
-    corrected[19, 20, 20:23] = 1  # the object's last slice, as the user sees it: 3 voxels
     update = propagate(image, corrected, (1.0, 1.0, 1.0), get_predictor("copy"), axis=0, previous=first)
     assert update.edited == {1: [19]}
     assert "speck" not in [kind for kind, _ in update.kinds_of_notes()]
@@ -610,12 +620,7 @@ def test_a_tip_drawn_in_an_earlier_round_stays_the_users_word_in_later_rounds(tm
     from PAMSegmentLib.cli import main
     from PAMSegmentLib.propagate import propagate
 
-    image, disk = _disk_column((24, 40, 40), 12, 3, 20)
-    prompt = np.zeros(image.shape, np.uint8)
-    prompt[10] = disk
-    first = propagate(image, prompt, (1.0, 1.0, 1.0), get_predictor("copy"), axis=0)
-    round1 = prompt.copy()
-    round1[19, 20, 20:23] = 1
+    image, disk, prompt, first, round1 = _tip_case()
     one = propagate(image, round1, (1.0, 1.0, 1.0), get_predictor("copy"), axis=0, previous=first)
     round2 = round1.copy()
     round2[5] = disk
@@ -655,12 +660,7 @@ def test_an_update_run_on_a_server_says_what_a_local_one_says():
     from PAMSegmentLib.remote import RemoteModel
     from PAMSegmentLib.server import create_app
 
-    image, disk = _disk_column((24, 40, 40), 12, 3, 20)
-    prompt = np.zeros(image.shape, np.uint8)
-    prompt[10] = disk
-    first = propagate(image, prompt, (1.0, 1.0, 1.0), get_predictor("copy"), axis=0)
-    corrected = prompt.copy()
-    corrected[19, 20, 20:23] = 1
+    image, disk, prompt, first, corrected = _tip_case()
     local = propagate(image, corrected, (1.0, 1.0, 1.0), get_predictor("copy"), axis=0, previous=first)
     with serving(create_app(lambda method: get_predictor("copy"))) as url:
         remote = RemoteModel(url, poll_interval=0.01).propagate(image, corrected, (1.0, 1.0, 1.0), axis=0,
