@@ -820,12 +820,11 @@ def _run_row(row: BatchRow, model, args, progress=None) -> None:
         plan, earlier = plan_update(image, prompt, row.previous, row.edited, labels=row.labels,
                                     resample=args.resample_prompt, names=("previous", "edited"), say=say)
         keyframes, axis, walls = plan.prompt, plan.axis, plan.empty_slices
-    remote = getattr(model, "runs_remotely", False) is True  # a server: an update runs there as a fresh run
     result = propagate(image.array, keyframes, image.spacing, model, labels=row.labels if plan is None else plan.labels,
                        axis=axis, empty_slices=walls,
                        range=None if plan is None else plan.slice_range,  # an update: the corrected run's range
                        batch_size=args.batch_size, device=args.device, threads=args.threads,
-                       update=plan is not None, progress=progress, previous=None if remote else earlier)
+                       update=plan is not None, progress=progress, previous=earlier)  # (a server: not uploaded)
     from .cli import check_keyframes_record_path, keyframes_record_path, keyframes_record_writer
     from .volumes import _write_extension, replace_together, seg_nrrd_segments
 

@@ -643,7 +643,9 @@ def cmd_propagate(args: argparse.Namespace) -> int:
             threads=args.threads,
             progress=bar,
             update=args.edited is not None,
-            previous=None if args.server else earlier,  # walks the earlier run made that still hold are reused
+            # walks the earlier run made that still hold are reused (a server runs it afresh; the client
+            # then works out from it what the update changed: annotate_update)
+            previous=earlier,
         )
     how = "--intensity-gate off"
     # OUT, its record and the --report table are written to temporaries beside them, then moved in

@@ -1526,23 +1526,34 @@ def annotate_update(result: "PropagationResult", previous: "PropagationResult", 
     moved, before = np.moveaxis(np.asarray(prompt), ax, 0), np.moveaxis(previous.mask, ax, 0)
     now = np.moveaxis(result.mask, ax, 0)
     lo, hi = result.range if result.range else (0, moved.shape[0] - 1)
-    walls_of = (empty_slices if isinstance(empty_slices, dict)
-                else {lab: list(empty_slices or ()) for lab in result.confidence})
+    same_image = previous.image_digest in (None, result.image_digest)
+    if empty_slices is None:
+        walls_of = {}
+    elif isinstance(empty_slices, dict):
+        walls_of = {int(k): v for k, v in empty_slices.items()}
+    else:
+        walls_of = {lab: empty_slices for lab in result.confidence}
     for lab in result.confidence:
         held = moved == lab
         drawn = [int(k) for k in np.flatnonzero(held.any(axis=(1, 2)))]
-        walls = {int(w) for w in walls_of.get(lab, walls_of.get(str(lab), ())) or ()}
+        listed = walls_of.get(lab)
+        walls = set() if listed is None else {int(w) for w in np.asarray(listed).ravel()}
         if not drawn or lab not in previous.keyframes:
             continue
         frames = previous.keyframes[lab]
-        edited = sorted({k for k in drawn if k not in frames or np.shape(frames[k]) != held[k].shape
-                         or not np.array_equal(frames[k], held[k])} | (set(previous.edited.get(lab, ())) & set(drawn)))
+        edited = sorted({k for k in (*drawn, *walls) if k not in frames or np.shape(frames[k]) != held[k].shape
+                         or not np.array_equal(frames[k], held[k])}
+                        | (set(previous.edited.get(lab, ())) & (set(drawn) | walls)))
         result.edited[lab] = edited
+        if lab in result.overlapped:  # its own mask is not the merged map's: other labels took voxels of it
+            continue
         own = now == lab
-        below = max((w for w in walls if w < drawn[0]), default=lo - 1)
-        above = min((w for w in walls if w > drawn[-1]), default=hi + 1)
-        gone = (before == lab).any(axis=(1, 2)) & ~own.any(axis=(1, 2))
-        result.dropped[lab] = [int(k) for k in np.flatnonzero(gone) if below < k < drawn[0] or drawn[-1] < k < above]
+        if same_image:  # (a result of another image says nothing of what this one emptied)
+            below = max((w for w in walls if w < drawn[0]), default=lo - 1)
+            above = min((w for w in walls if w > drawn[-1]), default=hi + 1)
+            gone = (before == lab).any(axis=(1, 2)) & ~own.any(axis=(1, 2))
+            result.dropped[lab] = [int(k) for k in np.flatnonzero(gone)
+                                   if below < k < drawn[0] or drawn[-1] < k < above]
         largest = max(int(np.count_nonzero(held[k])) for k in drawn)
         cut = set(result.cut.get(lab, ((), ()))[0])
         thin = [s for a, b in zip(drawn[:-1], drawn[1:]) if b - a >= 2 and not (walls & set(range(a, b)))

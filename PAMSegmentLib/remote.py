@@ -435,6 +435,9 @@ class RemoteModel:
         refuses or an argument ``propagate`` does not take, PropagationCancelled when ``cancel`` is
         set (the server's job is cancelled too), PAMError when it fails."""
         checked = local_only.pop("_checked", False)  # by the engine's propagate(), which hands its work here
+        if empty_slices is not None:  # read more than once here (the upload, then annotate_update): a generator once
+            empty_slices = ({k: list(v) for k, v in empty_slices.items()} if isinstance(empty_slices, dict)
+                            else list(empty_slices))
         unknown = sorted(set(local_only) - {"device", "threads", "batch_size"})
         if unknown:  # a typo (early_stopping=False) would otherwise be dropped without a word
             raise InputError(f"propagate() got an unexpected argument {unknown[0]!r}")

@@ -669,3 +669,29 @@ def test_an_update_run_on_a_server_says_what_a_local_one_says():
     assert (remote.edited, remote.thin, remote.dropped) == (local.edited, local.thin, local.dropped) == (
         {1: [19]}, {1: [15, 16, 17, 18]}, {1: []})
     assert remote.kinds_of_notes() == local.kinds_of_notes()
+
+
+def test_a_server_update_with_walls_as_arrays_and_a_previous_of_another_image():
+    """A re-review (session 31): the client's working out of an update (annotate_update) failed on
+    walls given as numpy arrays, after the server's job had ended (the result lost), and named
+    dropped slices against a previous result of another image."""
+    from conftest import serving
+
+    from PAMSegmentLib.baselines import get_predictor
+    from PAMSegmentLib.propagate import propagate
+    from PAMSegmentLib.remote import RemoteModel
+    from PAMSegmentLib.server import create_app
+
+    image, disk, prompt, first, corrected = _tip_case()
+    other = image.copy()
+    other[0, 0, 0] = 1.0  # another image: the first result's digest does not match it
+    with serving(create_app(lambda method: get_predictor("copy"))) as url:
+        model = RemoteModel(url, poll_interval=0.01)
+        for walls in (np.array([1]), {1: np.array([1])}, (w for w in [1])):
+            result = model.propagate(image, corrected, (1.0, 1.0, 1.0), axis=0, previous=first, empty_slices=walls)
+            assert result.edited == {1: [1, 19]} and result.thin == {1: [15, 16, 17, 18]}
+        shorter = corrected.copy()
+        shorter[16] = disk  # a new outermost slice on another image: nothing said of what the first result held
+        result = model.propagate(other, shorter, (1.0, 1.0, 1.0), axis=0, previous=first)
+        local = propagate(other, shorter, (1.0, 1.0, 1.0), get_predictor("copy"), axis=0, previous=first)
+        assert result.dropped == local.dropped == {}
