@@ -1789,10 +1789,10 @@ class HistoryEntry:
     # finer than the volume's: an edit on its thin slices between the volume's slices does not show
     # on the volume grid, and an update would write over it (``check_no_unseen_edits``).
     own_after: "LabelmapSnapshot | None" = None
-    # slices this run's thin and dropped notes name (PropagationResult.thin / .dropped; this session
-    # only, not in the record): review shows them first, the confidence staying as the walks gave it
+    # slices this run's thin and dropped notes name (PropagationResult.thin / .dropped; kept in the
+    # record since session 31): review shows them first, the confidence staying as the walks gave it
     flagged: tuple = ()
-    # drawn slices update rounds added (PropagationResult.edited; this session only): handed on to
+    # drawn slices update rounds added (PropagationResult.edited; in the record too): handed on to
     # the next update, whose notes then do not take them for stray clicks
     users_own: tuple = ()
 
@@ -1957,6 +1957,8 @@ def encode_record(entry: HistoryEntry) -> str:
         "seconds": float(entry.seconds), "edited": [int(s) for s in entry.edited],
         "reviewed": sorted(int(s) for s in entry.reviewed),
         "stops": stops_to_json(entry.stops),
+        # (session 31) review's first slices (thin, dropped) and the drawn slices update rounds added
+        "flagged": sorted(int(s) for s in entry.flagged), "users_own": sorted(int(s) for s in entry.users_own),
     }
     try:
         header["begin_state"] = state_to_json(entry.begin_state)
@@ -2071,7 +2073,9 @@ def _decode_record(text: str, segmentation_node, segment_id: str, run_id: str) -
     n = shape[axis]
     lo, hi = _int_list(header.get("range"), "range", 2)
     header.setdefault("reviewed", [])
-    slices = [s for name in ("keyframes", "empty_keyframes", "edited", "reviewed")
+    header.setdefault("flagged", [])  # (records before session 31 have neither)
+    header.setdefault("users_own", [])
+    slices = [s for name in ("keyframes", "empty_keyframes", "edited", "reviewed", "flagged", "users_own")
               for s in _int_list(header.get(name), name)]
     if not 0 <= lo <= hi < n or any(not 0 <= s < n for s in slices):
         raise ValueError(f"a slice index lies outside the {n} slices along axis {axis}")
@@ -2130,7 +2134,7 @@ def _decode_record(text: str, segmentation_node, segment_id: str, run_id: str) -
         empty_keyframes=frozenset(header["empty_keyframes"]), confidence=confidence, result_mask=result,
         written=written, before=None, created=False, kind=kind, n_predicted=n_predicted,
         recomputed=recomputed, seconds=float(seconds), edited=list(header["edited"]),
-        reviewed=set(header["reviewed"]),
+        reviewed=set(header["reviewed"]), flagged=tuple(header["flagged"]), users_own=tuple(header["users_own"]),
         agreement=agreement, begin_state=begin_state, stops=stops, run_id=run_id, record=text, restored=True,
     )
 

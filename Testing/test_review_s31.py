@@ -695,3 +695,26 @@ def test_a_server_update_with_walls_as_arrays_and_a_previous_of_another_image():
         result = model.propagate(other, shorter, (1.0, 1.0, 1.0), axis=0, previous=first)
         local = propagate(other, shorter, (1.0, 1.0, 1.0), get_predictor("copy"), axis=0, previous=first)
         assert result.dropped == local.dropped == {}
+
+
+def test_the_record_keeps_the_slices_review_shows_first_and_the_tips_of_update_rounds(mrml_scene):
+    """A re-review (session 31): the thin and dropped slices review shows first, and the drawn slices
+    update rounds added, were kept for the session only: read back from the record (a reloaded
+    scene, an entry the history let go) review lost them and a tip drawn in an update was called a
+    stray click again. Records before them are read as before."""
+    from test_mrml_corrections import _run_of
+
+    job, seg, sid, vol, truth = _finished_job(mrml_scene)
+    history = PropagationHistory()
+    job.apply(history=history)
+    entry = history.get(seg, sid)
+    entry.flagged, entry.users_own = (14, 15), (16,)
+    text = mrml.encode_record(entry)
+    back = mrml.decode_record(text, seg, sid, _run_of(text))
+    assert (back.flagged, back.users_own) == ((14, 15), (16,))
+    assert back.review_order()[:2] == [14, 15]
+    assert back.previous_result().edited == {1: [16]}
+    entry.flagged, entry.users_own = (99,), ()
+    with pytest.raises(ValueError, match="a slice index lies outside the"):
+        text = mrml.encode_record(entry)
+        mrml.decode_record(text, seg, sid, _run_of(text))
