@@ -2621,14 +2621,30 @@ class SegmentUpdate(SegmentPropagation):
                     f"{self.slices_total} slices recomputed ({intervals}), {self.result.n_predicted} predicted "
                     f"in {self.elapsed:.1f} s")
             cleared = self.cleared_slices()
-            if cleared:
-                runs, plural = runs_text(cleared), len(cleared) > 1
-                why = (": beyond a slice you erased, where the object is absent (draw on a slice there to bring "
-                       f"{'them' if plural else 'it'} back)" if self.empty - set(self.entry.empty_keyframes) else
-                       ": the walks from your edits ended sooner (draw on a slice there if the object goes on)")
-                text += f"; slice{'s' if plural else ''} {runs} no longer hold{'' if plural else 's'} the object{why}"
+            walled = [c for c in cleared if self._beyond_a_new_wall(c)]  # (a re-review, session 31: all the
+            ended = [c for c in cleared if c not in walled]  # cleared slices were said to be beyond one)
+            for group, why in ((walled, "beyond a slice you erased, where the object is absent (draw on a slice "
+                                        "there to bring {} back)"),
+                               (ended, "the walks from your edits ended sooner (draw on a slice there if the object "
+                                       "goes on)")):
+                if group:
+                    plural = len(group) > 1
+                    text += (f"; slice{'s' if plural else ''} {runs_text(group)} no longer hold{'' if plural else 's'} "
+                             f"the object: " + why.format("them" if plural else "it"))
             return text
         return super().summary()
+
+    def _beyond_a_new_wall(self, index: int) -> bool:
+        """Whether a slice erased in this update lies between ``index`` and the drawn slice nearest to
+        it on the way there (so that wall cut it off)."""
+        walls = set(self.empty) - set(self.entry.empty_keyframes)
+        drawn = sorted(self.drawn)
+        if not walls or not drawn:
+            return False
+        below = max((d for d in drawn if d < index), default=None)
+        above = min((d for d in drawn if d > index), default=None)
+        return any((below is not None and below < w < index) or (above is not None and index < w < above)
+                   for w in walls)
 
     # history
     def _empty_keyframes(self):

@@ -718,3 +718,37 @@ def test_the_record_keeps_the_slices_review_shows_first_and_the_tips_of_update_r
     with pytest.raises(ValueError, match="a slice index lies outside the"):
         text = mrml.encode_record(entry)
         mrml.decode_record(text, seg, sid, _run_of(text))
+
+
+def test_slicers_update_summary_says_which_slices_a_wall_cut_off_and_which_a_walk_left(mrml_scene):
+    """A re-review (session 31): when the user also erased a slice at the other end, the update's
+    summary said every emptied slice lay "beyond a slice you erased", also those a walk from a new
+    drawn slice left, far from that slice."""
+    from PAMSegmentLib.mrml import propagate_segment, update_segment
+    from PAMSegmentLib.propagate import SlicePrediction, SlicePredictor
+
+    class SmallGuidesStop(SlicePredictor):
+        threshold, presence_threshold, min_area_px, min_area_fraction = 0.5, 0.5, 1, 0.0
+        window_mm, max_window, min_window = 3.0, 3, 1
+
+        def predict(self, volume, guide_index, guide_mask, query_indices):
+            guide = np.asarray(guide_mask, np.float32)
+            there = [float(volume[q].max() > 50) for q in query_indices]
+            return SlicePrediction(np.stack([guide * t for t in there]),
+                                   presence=np.array([t * float(guide.sum() >= 100) for t in there], np.float32))
+
+    image, disk = _disk_column((24, 40, 40), 12, 3, 20)
+    vol = make_volume_node(image, spacing_ijk=(1.0, 1.0, 1.0))
+    prompt = np.zeros(image.shape, bool)
+    prompt[8] = disk
+    seg, ids = make_segmentation(vol, {"duodenum": prompt})
+    sid = ids["duodenum"]
+    history = PropagationHistory()
+    propagate_segment(vol, seg, sid, model=SmallGuidesStop(), history=history)
+    now = slicer.util.arrayFromSegmentBinaryLabelmap(seg, sid, vol).astype(bool)
+    now[15] = _disk_column((24, 40, 40), 4, 0, 1)[1]  # drawn smaller: the walk from it stops
+    now[3] = False  # and the bottom slice erased
+    slicer.util.updateSegmentBinaryLabelmapFromArray(now.astype(np.uint8), seg, sid, vol)
+    job = update_segment(vol, seg, sid, history, model=SmallGuidesStop())
+    assert job.summary().endswith("; slices 16-19 no longer hold the object: the walks from your edits ended sooner "
+                                  "(draw on a slice there if the object goes on)"), job.summary()
