@@ -373,6 +373,24 @@ def _tip_case():
     return image, disk, prompt, first, corrected
 
 
+def _small_guides_stop():
+    """A predictor that carries the guide's mask where the image holds the object, and says the
+    object is not present from a guide under 100 px (a walk from a small drawn slice stops)."""
+    from PAMSegmentLib.propagate import SlicePrediction, SlicePredictor
+
+    class SmallGuidesStop(SlicePredictor):
+        threshold, presence_threshold, min_area_px, min_area_fraction = 0.5, 0.5, 1, 0.0
+        window_mm, max_window, min_window = 3.0, 3, 1
+
+        def predict(self, volume, guide_index, guide_mask, query_indices):
+            guide = np.asarray(guide_mask, np.float32)
+            there = [float(volume[q].max() > 50) for q in query_indices]
+            return SlicePrediction(np.stack([guide * t for t in there]),
+                                   presence=np.array([t * float(guide.sum() >= 100) for t in there], np.float32))
+
+    return SmallGuidesStop()
+
+
 class _ShrinksBackward:
     """Walks up (to higher slices) carry the guide's mask; walks down shrink it to a 2 x 2 square at
     its centre: between two drawn slices the fused slices near the upper one hold a speck."""
@@ -580,27 +598,16 @@ def test_an_update_that_empties_slices_beyond_the_drawn_ones_says_so():
     the registration disagree), and slices the result held correctly there were emptied without a
     word: the duodenum lost slices 0-7 (Dice 0.671 -> 0.538). The update now names them and
     reviews them first."""
-    from PAMSegmentLib.propagate import SlicePrediction, SlicePredictor, propagate
-
-    class SmallGuidesStop(SlicePredictor):
-        """Carries the guide's mask where the image holds the object; not present from a guide under 100 px."""
-        threshold, presence_threshold, min_area_px, min_area_fraction = 0.5, 0.5, 1, 0.0
-        window_mm, max_window, min_window = 3.0, 3, 1
-
-        def predict(self, volume, guide_index, guide_mask, query_indices):
-            guide = np.asarray(guide_mask, np.float32)
-            there = [float(volume[q].max() > 50) for q in query_indices]
-            return SlicePrediction(np.stack([guide * t for t in there]),
-                                   presence=np.array([t * float(guide.sum() >= 100) for t in there], np.float32))
+    from PAMSegmentLib.propagate import propagate
 
     image, disk = _disk_column((24, 40, 40), 12, 3, 20)
     prompt = np.zeros(image.shape, np.uint8)
     prompt[8] = disk
-    first = propagate(image, prompt, (1.0, 1.0, 1.0), SmallGuidesStop(), axis=0)
+    first = propagate(image, prompt, (1.0, 1.0, 1.0), _small_guides_stop(), axis=0)
     assert np.flatnonzero((first.mask > 0).any(axis=(1, 2))).tolist() == list(range(3, 20))
     corrected = prompt.copy()
     corrected[15] = _disk_column((24, 40, 40), 4, 0, 1)[1]  # drawn smaller there: the walk from it stops
-    update = propagate(image, corrected, (1.0, 1.0, 1.0), SmallGuidesStop(), axis=0, previous=first)
+    update = propagate(image, corrected, (1.0, 1.0, 1.0), _small_guides_stop(), axis=0, previous=first)
     held = np.flatnonzero((update.mask > 0).any(axis=(1, 2))).tolist()
     assert held[-1] == 15 and update.dropped == {1: [16, 17, 18, 19]}
     assert [text for kind, text in update.kinds_of_notes() if kind == "dropped"] == [
@@ -725,17 +732,6 @@ def test_slicers_update_summary_says_which_slices_a_wall_cut_off_and_which_a_wal
     summary said every emptied slice lay "beyond a slice you erased", also those a walk from a new
     drawn slice left, far from that slice."""
     from PAMSegmentLib.mrml import propagate_segment, update_segment
-    from PAMSegmentLib.propagate import SlicePrediction, SlicePredictor
-
-    class SmallGuidesStop(SlicePredictor):
-        threshold, presence_threshold, min_area_px, min_area_fraction = 0.5, 0.5, 1, 0.0
-        window_mm, max_window, min_window = 3.0, 3, 1
-
-        def predict(self, volume, guide_index, guide_mask, query_indices):
-            guide = np.asarray(guide_mask, np.float32)
-            there = [float(volume[q].max() > 50) for q in query_indices]
-            return SlicePrediction(np.stack([guide * t for t in there]),
-                                   presence=np.array([t * float(guide.sum() >= 100) for t in there], np.float32))
 
     image, disk = _disk_column((24, 40, 40), 12, 3, 20)
     vol = make_volume_node(image, spacing_ijk=(1.0, 1.0, 1.0))
@@ -744,11 +740,11 @@ def test_slicers_update_summary_says_which_slices_a_wall_cut_off_and_which_a_wal
     seg, ids = make_segmentation(vol, {"duodenum": prompt})
     sid = ids["duodenum"]
     history = PropagationHistory()
-    propagate_segment(vol, seg, sid, model=SmallGuidesStop(), history=history)
+    propagate_segment(vol, seg, sid, model=_small_guides_stop(), history=history)
     now = slicer.util.arrayFromSegmentBinaryLabelmap(seg, sid, vol).astype(bool)
     now[15] = _disk_column((24, 40, 40), 4, 0, 1)[1]  # drawn smaller: the walk from it stops
     now[3] = False  # and the bottom slice erased
     slicer.util.updateSegmentBinaryLabelmapFromArray(now.astype(np.uint8), seg, sid, vol)
-    job = update_segment(vol, seg, sid, history, model=SmallGuidesStop())
+    job = update_segment(vol, seg, sid, history, model=_small_guides_stop())
     assert job.summary().endswith("; slices 16-19 no longer hold the object: the walks from your edits ended sooner "
                                   "(draw on a slice there if the object goes on)"), job.summary()
