@@ -1070,11 +1070,9 @@ def cmd_batch(args: argparse.Namespace) -> int:
         parts[0] += (f" (with notes: row{'s' if len(noted) > 1 else ''} {', '.join(map(str, noted[:10]))}"
                      f"{' ...' if len(noted) > 10 else ''})")
     summary = ", ".join(parts)
-    from .volumes import leftover_note
+    from .volumes import say_leftovers
 
-    leftovers = leftover_note([report, *(r.output for r in rows if r.status == "ok")])
-    if leftovers:
-        print(f"note: {leftovers}", flush=True)
+    say_leftovers([report, *(r.output for r in rows if r.status == "ok")])
     print(f"batch: {summary} of {len(rows)} row{'s' if len(rows) != 1 else ''} in {time.perf_counter() - t_all:.1f} s; report {report}", flush=True)
     if rewrite.failure is not None:
         print(f"pamsegment: error: {_one_line(rewrite.failure)}; it does not show the cases run since it was last "

@@ -614,9 +614,7 @@ def cmd_label_cells(args) -> int:
                       (out, check_output_path(out, MASK_2D_EXTENSIONS, probe=False),  # the format's extension
                        lambda tmp: write_labelmap_2d(result.labels, ref, tmp))],
                      keep_ctrl_c_ignored=getattr(args, "_ends_process", False), after=report)
-    from .volumes import leftover_note
+    from .volumes import say_leftovers
 
-    leftovers = leftover_note([table, out])
-    if leftovers:
-        print(f"note: {leftovers}", flush=True)
+    say_leftovers([table, out])
     return EXIT_OK

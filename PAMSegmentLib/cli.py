@@ -700,11 +700,9 @@ def cmd_propagate(args: argparse.Namespace) -> int:
                   f"{KEYFRAMES_SUFFIX} to be added): a correction round from it predicts every slice", flush=True)
 
     replace_together(files, keep_ctrl_c_ignored=getattr(args, "_ends_process", False), after=report_written)
-    from .volumes import leftover_note
+    from .volumes import say_leftovers
 
-    leftovers = leftover_note([path for path, _, _ in files])
-    if leftovers:
-        print(f"note: {leftovers}", flush=True)
+    say_leftovers([path for path, _, _ in files])
     return EXIT_OK
 
 

@@ -828,9 +828,7 @@ def cmd_label_images(args) -> int:
     finally:
         if made and out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()
-    from .volumes import leftover_note
+    from .volumes import say_leftovers
 
-    leftovers = leftover_note([out_dir / "labels.csv"])
-    if leftovers:
-        print(f"note: {leftovers}", flush=True)
+    say_leftovers([out_dir / "labels.csv"])
     return EXIT_OK

@@ -433,6 +433,32 @@ def _check_not_half_a_voxel_apart(segmentation_node, segment_id: str, volume_nod
         "one voxel. In the Segment Editor, Specify geometry from this volume, then try again")
 
 
+def _own_voxels_box(segment):
+    """The segment's own stored voxels (those holding its label), read in place (no copy of a
+    labelmap that may span the whole, oversampled scan) and cropped to their box: (box (k, j, i),
+    the box's first voxel as the labelmap's (i, j, k) index, its image-to-world 4x4), or None when
+    it holds none or has no binary labelmap."""
+    import vtk  # noqa: PLC0415
+    from vtk.util import numpy_support  # noqa: PLC0415
+
+    stored = segment.GetRepresentation(_binary_name()) if segment is not None else None
+    if stored is None or stored.GetPointData().GetScalars() is None:
+        return None
+    extent = stored.GetExtent()
+    dims = (extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
+    if min(dims) <= 0:
+        return None
+    own = numpy_support.vtk_to_numpy(stored.GetPointData().GetScalars()).reshape(dims) == segment.GetLabelValue()
+    along = [np.flatnonzero(own.any(axis=other)) for other in ((1, 2), (0, 2), (0, 1))]
+    if not len(along[0]):
+        return None
+    box = own[tuple(slice(int(a[0]), int(a[-1]) + 1) for a in along)]
+    corner = np.array([extent[0] + along[2][0], extent[2] + along[1][0], extent[4] + along[0][0]])
+    matrix = vtk.vtkMatrix4x4()
+    stored.GetImageToWorldMatrix(matrix)
+    return box, corner, _slicer().util.arrayFromVTKMatrix(matrix)
+
+
 def _check_drawing_read_whole(segmentation_node, segment_id: str, volume_node, mask: np.ndarray) -> None:
     """InputError when a part of the segment's drawing on its own, finer grid reaches no voxel of
     the volume (``mask``: what did): a keyframe drawn on a thin slice between the volume's slices
@@ -440,37 +466,23 @@ def _check_drawing_read_whole(segmentation_node, segment_id: str, volume_node, m
     26-connected piece of the segment's own voxels of at least 10 voxels and 1 % of them (a stray
     voxel is not worth a refusal). Nothing to check on a grid no finer than the volume's."""
     import cc3d  # noqa: PLC0415
-    import vtk  # noqa: PLC0415
-    from vtk.util import numpy_support  # noqa: PLC0415
 
     if not _finer_than_volume(segmentation_node, segment_id, volume_node):
         return
     between = _volume_to_segmentation(volume_node, segmentation_node)
     segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
-    stored = segment.GetRepresentation(_binary_name()) if segment is not None else None
-    if between is None or stored is None or stored.GetPointData().GetScalars() is None:
+    # read in place, cropped to the segment's own voxels (this runs on every stroke, for the prompt line)
+    found = _own_voxels_box(segment) if between is not None else None
+    if found is None:
         return
-    extent = stored.GetExtent()
-    dims = (extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
-    if min(dims) <= 0:
-        return
-    # Read in place (no copy of a labelmap that may span the whole, oversampled scan: this runs on
-    # every stroke, for the prompt line), then cropped to the segment's own voxels.
-    own = numpy_support.vtk_to_numpy(stored.GetPointData().GetScalars()).reshape(dims) == segment.GetLabelValue()
-    along = [np.flatnonzero(own.any(axis=other)) for other in ((1, 2), (0, 2), (0, 1))]
-    if not len(along[0]):
-        return
-    own = own[tuple(slice(int(a[0]), int(a[-1]) + 1) for a in along)]
+    own, corner, matrix = found
     held = int(np.count_nonzero(own))
     if held < 10:
         return
-    corner = np.array([extent[0] + along[2][0], extent[2] + along[1][0], extent[4] + along[0][0]])
-    matrix = vtk.vtkMatrix4x4()
-    stored.GetImageToWorldMatrix(matrix)
     # The segment's voxels the volume's read reached: the stored voxel nearest to each voxel of
     # ``mask`` (both neighbours where it lies halfway: which one the resampler took is its choice).
     grid = _grid_of(volume_node)
-    to_own = np.linalg.inv(_slicer().util.arrayFromVTKMatrix(matrix)) @ between @ np.asarray(grid.ijk_to_ras, float)
+    to_own = np.linalg.inv(matrix) @ between @ np.asarray(grid.ijk_to_ras, float)
     kji = np.argwhere(mask)
     at = to_own[:3, :3] @ kji[:, ::-1].T.astype(float) + to_own[:3, 3:4]  # (i, j, k) on the segment's grid
     seen = np.zeros(own.shape, dtype=bool)
@@ -545,30 +557,25 @@ def _own_voxels_digest(segmentation_node, segment_id: str) -> str | None:
     voxels. None without a binary labelmap."""
     import hashlib  # noqa: PLC0415
 
-    import vtk  # noqa: PLC0415
-    from vtk.util import numpy_support  # noqa: PLC0415
-
     segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
     stored = segment.GetRepresentation(_binary_name()) if segment is not None else None
     if stored is None:
         return None
+    found = _own_voxels_box(segment)
+    if found is None:  # none of its own: the grid's axes alone
+        import vtk  # noqa: PLC0415
+
+        vtk_matrix = vtk.vtkMatrix4x4()
+        stored.GetImageToWorldMatrix(vtk_matrix)
+        matrix = _slicer().util.arrayFromVTKMatrix(vtk_matrix)
+    else:
+        box, corner, matrix = found
     digest = hashlib.sha256()
-    vtk_matrix = vtk.vtkMatrix4x4()
-    stored.GetImageToWorldMatrix(vtk_matrix)
-    matrix = _slicer().util.arrayFromVTKMatrix(vtk_matrix)
     # the grid's axes (not its origin: a layer's origin moves by whole voxels when layers are merged);
     # rounded, and + 0.0 so that -0.0 and 0.0 are one value
     digest.update((np.round(matrix[:3, :3], 6) + 0.0).tobytes())
-    extent = stored.GetExtent()
-    dims = (extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
-    if min(dims) <= 0 or stored.GetPointData().GetScalars() is None:
-        return digest.hexdigest()
-    own = numpy_support.vtk_to_numpy(stored.GetPointData().GetScalars()).reshape(dims) == segment.GetLabelValue()
-    along = [np.flatnonzero(own.any(axis=other)) for other in ((1, 2), (0, 2), (0, 1))]
-    if len(along[0]):
-        ijk = np.array([extent[0] + along[2][0], extent[2] + along[1][0], extent[4] + along[0][0], 1.0])
-        where = np.round(matrix @ ijk, 4)[:3] + 0.0  # the box's first voxel in the world (mm, to 0.1 um)
-        box = own[tuple(slice(int(a[0]), int(a[-1]) + 1) for a in along)]
+    if found is not None:
+        where = np.round(matrix @ np.append(corner, 1.0), 4)[:3] + 0.0  # the box's first voxel in the world (mm)
         digest.update(where.tobytes())
         digest.update(np.asarray(box.shape, np.int64).tobytes())
         digest.update(np.packbits(box).tobytes())
@@ -1866,10 +1873,9 @@ class HistoryEntry:
     def review_order(self) -> list[int]:
         """Least confident first, among the slices holding the result and the empty ones between
         two drawn slices (``gap_slices``)."""
-        conf = self.confidence
-        if self.flagged:
-            conf = conf.copy()
-            conf[[s for s in self.flagged if 0 <= s < conf.size]] = 0.0
+        from .propagate import flagged_first  # noqa: PLC0415 - keeps the engine out of `import mrml`
+
+        conf = flagged_first(self.confidence, self.flagged) if self.flagged else self.confidence
         return review_order(conf, self.reviewed, self.user_slices,
                             sorted(set(self.occupied_slices()) | set(self.gap_slices()) | set(self.flagged)))
 

@@ -480,11 +480,8 @@ class PropagationResult:
         """``confidence[label]`` as review ranks the slices: 0 on the slices the thin and dropped
         notes name (the result's own confidence stays as the walks gave it, so that an update and a
         fresh run of the same keyframes agree)."""
-        conf = np.array(self.confidence[int(label)], dtype=np.float32, copy=True)
-        for s in (*self.thin.get(int(label), ()), *self.dropped.get(int(label), ())):
-            if 0 <= s < conf.size:
-                conf[s] = 0.0
-        return conf
+        return flagged_first(self.confidence[int(label)],
+                             (*self.thin.get(int(label), ()), *self.dropped.get(int(label), ())))
 
     def review_summary(self, voxels: dict[int, np.ndarray] | None = None, names: dict[int, str] | None = None) -> str:
         """``label 1: 28, 2, 29; label 2: ...``: each label's slices to check first ("" if none);
@@ -1514,6 +1511,33 @@ def _thin_between(mask: np.ndarray, a: int, b: int, largest: int, edited=()) -> 
     return thin
 
 
+def _edited_slices(frames: dict, drawn_mask: np.ndarray, slices, carried=()) -> list[int]:
+    """Of ``slices`` (a label's drawn slices and walls, along axis 0 of ``drawn_mask``), those an
+    update added or changed against ``frames`` (the previous result's keyframes of the label), and
+    those of ``carried`` (what earlier update rounds added) it still holds."""
+    slices = {int(k) for k in slices}
+    return sorted({k for k in slices if k not in frames or np.shape(frames[k]) != drawn_mask[k].shape
+                   or not np.array_equal(frames[k], drawn_mask[k])} | (set(carried) & slices))
+
+
+def _dropped_slices(before: np.ndarray, now: np.ndarray, drawn: Sequence[int], walls, lo: int, hi: int) -> list[int]:
+    """Slices beyond the outermost ``drawn`` ones (up to a wall, within ``lo``-``hi``) where the label's
+    mask ``before`` (the previous result, axis 0) held it and ``now`` does not."""
+    first, last = min(drawn), max(drawn)
+    below = max((w for w in walls if w < first), default=lo - 1)
+    above = min((w for w in walls if w > last), default=hi + 1)
+    gone = before.any(axis=(1, 2)) & ~now.any(axis=(1, 2))
+    return [int(k) for k in np.flatnonzero(gone) if below < k < first or last < k < above]
+
+
+def flagged_first(confidence: np.ndarray, slices) -> np.ndarray:
+    """A copy of ``confidence`` with 0 on ``slices`` (those in range): what review ranks by, so that
+    the slices the thin and dropped notes name come first."""
+    conf = np.array(confidence, dtype=np.float32, copy=True)
+    conf[[int(s) for s in slices if 0 <= s < conf.size]] = 0.0
+    return conf
+
+
 def annotate_update(result: "PropagationResult", previous: "PropagationResult", prompt: np.ndarray,
                     empty_slices=None) -> None:
     """What the engine says of an update (``edited``, ``dropped``, the thin slices beside drawn
@@ -1540,20 +1564,13 @@ def annotate_update(result: "PropagationResult", previous: "PropagationResult", 
         walls = set() if listed is None else {int(w) for w in np.asarray(listed).ravel()}
         if not drawn or lab not in previous.keyframes:
             continue
-        frames = previous.keyframes[lab]
-        edited = sorted({k for k in (*drawn, *walls) if k not in frames or np.shape(frames[k]) != held[k].shape
-                         or not np.array_equal(frames[k], held[k])}
-                        | (set(previous.edited.get(lab, ())) & (set(drawn) | walls)))
+        edited = _edited_slices(previous.keyframes[lab], held, (*drawn, *walls), previous.edited.get(lab, ()))
         result.edited[lab] = edited
         if lab in result.overlapped:  # its own mask is not the merged map's: other labels took voxels of it
             continue
         own = now == lab
         if same_image:  # (a result of another image says nothing of what this one emptied)
-            below = max((w for w in walls if w < drawn[0]), default=lo - 1)
-            above = min((w for w in walls if w > drawn[-1]), default=hi + 1)
-            gone = (before == lab).any(axis=(1, 2)) & ~own.any(axis=(1, 2))
-            result.dropped[lab] = [int(k) for k in np.flatnonzero(gone)
-                                   if below < k < drawn[0] or drawn[-1] < k < above]
+            result.dropped[lab] = _dropped_slices(before == lab, own, drawn, walls, lo, hi)
         largest = max(int(np.count_nonzero(held[k])) for k in drawn)
         cut = set(result.cut.get(lab, ((), ()))[0])
         thin = [s for a, b in zip(drawn[:-1], drawn[1:]) if b - a >= 2 and not (walls & set(range(a, b)))
@@ -2089,25 +2106,17 @@ def _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, em
                                previous.agreement.get(lab), previous.begin_state.get(lab),
                                stops=list(previous.stops.get(lab, [])))
             if previous is not None and previous.axis == ax and lab in previous.keyframes:
-                before = previous.keyframes[lab]
                 # drawn in this round, or by an earlier update round (``previous.edited``: a tip drawn in
                 # round 1 is no stray click in round 3; a re-review, session 31)
-                edited_all[lab] = sorted(
-                    {int(k) for k in user_slices[lab] if k not in before or np.shape(before[k]) != label_mask[k].shape
-                     or not np.array_equal(before[k], label_mask[k])}
-                    | (set(previous.edited.get(lab, ())) & set(user_slices[lab])))
+                edited_all[lab] = _edited_slices(previous.keyframes[lab], label_mask, user_slices[lab],
+                                                 previous.edited.get(lab, ()))
             mask, conf, recomputed_all[lab], agreement_all[lab], begin_states[lab] = _propagate_label(
                 vol_f, label_mask, keyframes, predictor, spacing[ax], lo, hi, batch_size, early_stop,
                 remove_disconnected, tracker, stats, reuse, empties[lab], edited=edited_all.get(lab, ()))
             keyframes_all[lab] = {k: label_mask[k].copy() for k in user_slices[lab]}
             if before_moved is not None and lab in previous.keyframes and slices[lab]:
-                drawn = sorted(slices[lab])
                 # up to a wall the user set beyond them (the object is absent there by the user's word)
-                below = max((w for w in empties[lab] if w < drawn[0]), default=lo - 1)
-                above = min((w for w in empties[lab] if w > drawn[-1]), default=hi + 1)
-                gone = (before_moved == lab).any(axis=(1, 2)) & ~mask.any(axis=(1, 2))
-                dropped_all[lab] = [int(k) for k in np.flatnonzero(gone)
-                                    if below < k < drawn[0] or drawn[-1] < k < above]
+                dropped_all[lab] = _dropped_slices(before_moved == lab, mask, slices[lab], empties[lab], lo, hi)
             stops_all[lab] = stats.pop("stops")
             gaps_all[lab] = sorted(stats.pop("gaps"))
             thin_all[lab] = sorted(stats.pop("thin"))
@@ -2173,7 +2182,7 @@ def _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, em
         lost=lost_all,
         gaps=gaps_all,
         # (slices other labels took whole are said as cut, not as thin)
-        thin={lab: [s for s in v if s not in set(cut_all.get(lab, ((), ()))[0])] for lab, v in thin_all.items()},
+        thin={lab: sorted(set(v) - set(cut_all.get(lab, ((), ()))[0])) for lab, v in thin_all.items()},
         cut=cut_all,
         edited=edited_all,
         dropped=dropped_all,

@@ -2161,6 +2161,13 @@ def leftover_note(paths) -> str | None:
                if kept else "") + f"; remove {'them' if len(found) > 1 else 'it'} once checked")
 
 
+def say_leftovers(paths) -> None:
+    """Print ``leftover_note(paths)`` as a command's note, if there is one."""
+    note = leftover_note(paths)
+    if note:
+        print(f"note: {note}", flush=True)
+
+
 def _keep_aside(at: Path, old: Path) -> None:
     """The file at ``at`` kept as ``old`` until the new one is in place, to put back should a later
     move fail: a hard link (``at`` stays in place), or, where the file system makes none, ``at``
