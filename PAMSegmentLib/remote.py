@@ -100,6 +100,21 @@ def _pieces(view: memoryview, cancel):
 DELETE_AFTER_CANCEL_SECONDS = 3.0  # how long a Cancel waits for the server to take its job's deletion
 
 
+class _Watch:
+    """What a request looks at to stop: the caller's CancelToken (None: only Ctrl-C) or a Ctrl-C
+    (``interrupt``) that came while the request's answer was awaited."""
+
+    def __init__(self, cancel=None):
+        self.cancel, self._interrupted = cancel, threading.Event()
+
+    def interrupt(self) -> None:
+        self._interrupted.set()
+
+    @property
+    def is_cancelled(self) -> bool:
+        return self._interrupted.is_set() or (self.cancel is not None and self.cancel.is_cancelled)
+
+
 def _job_id_ok(job_id) -> bool:
     """A job id as `pamsegment serve` makes them (hex): it goes into request paths."""
     return isinstance(job_id, str) and 0 < len(job_id) <= 64 and job_id.isascii() and job_id.isalnum()
@@ -129,17 +144,36 @@ def _cancellable(ask, cancel, on_late=None):
             except Exception:  # noqa: BLE001 - best effort: nobody waits for it any more
                 pass
 
+    def give_up() -> None:
+        with lock:
+            outcome["given_up"] = True
+            arrived = "value" in outcome
+        if arrived and on_late is not None:
+            on_late(outcome["value"])  # it came just now: the helper will not hand it on
+
     helper = threading.Thread(target=run, name="pamsegment-request", daemon=True)
     helper.start()
-    while helper.is_alive():
-        helper.join(0.1)
-        if cancel.is_cancelled:
-            with lock:
-                outcome["given_up"] = True
-                arrived = "value" in outcome
-            if arrived and on_late is not None:
-                on_late(outcome["value"])  # it came just now: the helper will not hand it on
-            raise PropagationCancelled("cancelled")
+    try:
+        while helper.is_alive():
+            helper.join(0.1)
+            if cancel.is_cancelled:
+                give_up()
+                raise PropagationCancelled("cancelled")
+    except BaseException as error:
+        if isinstance(error, PropagationCancelled) or not isinstance(cancel, _Watch):
+            raise
+        # Ctrl-C (or SIGTERM) while the answer was awaited: an upload stops at its next piece; an
+        # answer that comes within a few seconds is handed to ``on_late`` (the job it made is
+        # deleted) before the process ends, which would take a helper thread down with it. A
+        # second Ctrl-C ends the wait at once.
+        cancel.interrupt()
+        give_up()
+        helper.join(DELETE_AFTER_CANCEL_SECONDS)
+        with lock:
+            handed_on = "value" in outcome
+        if handed_on and on_late is not None:
+            helper.join(DELETE_AFTER_CANCEL_SECONDS)  # the helper is deleting the job
+        raise
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]
@@ -287,7 +321,10 @@ class RemoteModel:
         so that Cancel does not wait for a large volume to finish uploading over a slow link, and the
         answer is waited for while Cancel is looked at (``_cancellable``); ``on_late(answer)`` is
         called with an answer that came after Cancel (a job made meanwhile is deleted so)."""
-        data = body if body is None or cancel is None else _pieces(memoryview(body), cancel)
+        # An upload whose answer makes a job (``on_late``) is always sent and awaited on a helper
+        # thread, so that a Ctrl-C while the server reads it still deletes the job it made.
+        watch = _Watch(cancel) if cancel is not None or on_late is not None else None
+        data = body if body is None or watch is None else _pieces(memoryview(body), watch)
         req = urllib.request.Request(self.url + path, data=data, method=method)
         if data is not body:
             req.add_header("Content-Length", str(memoryview(body).nbytes))
@@ -306,7 +343,7 @@ class RemoteModel:
                 return resp.read()
 
         try:
-            return ask() if cancel is None else _cancellable(ask, cancel, on_late)
+            return ask() if watch is None else _cancellable(ask, watch, on_late)
         except _Redirected as redirect:
             raise InputError(f"the server at {self.url} redirects to {_base_of(redirect.url, path)}: give that address "
                              "instead (a redirect is not followed, so that the token goes only to the address "
@@ -514,6 +551,7 @@ class RemoteModel:
                         and queued >= max_jobs):
                     raise
                 self._wait_busy(busy_until, f"a full queue ({queued} jobs waiting already)", progress, cancel)
+        interrupted = False
         try:
             while True:
                 if cancel is not None and cancel.is_cancelled:
@@ -537,8 +575,12 @@ class RemoteModel:
             bound = (9 + n_labels) * int(np.prod(np.shape(image))) + 2**26
             result = decode_result(self._lost_while_running(lambda: self._get_retrying(f"/jobs/{job_id}/result",
                                                                                        cancel)), max_bytes=bound)
+        except BaseException as error:  # Ctrl-C or SIGTERM too: the job is deleted on the way out, briefly
+            interrupted = not isinstance(error, Exception)
+            raise
         finally:  # downloaded, cancelled, Ctrl-C or failed: the server need not keep the job any more
-            cancelled = cancel is not None and cancel.is_cancelled  # a silent server held Cancel 60 s
+            # a silent server held Cancel 60 s, and Ctrl-C as long
+            cancelled = interrupted or (cancel is not None and cancel.is_cancelled)
             self._delete_job(job_id, timeout=min(self.timeout, DELETE_AFTER_CANCEL_SECONDS) if cancelled else None)
         if tuple(result.mask.shape) != tuple(np.shape(image)):
             raise PAMError(f"the server returned a {result.mask.shape} mask for a {np.shape(image)} image")

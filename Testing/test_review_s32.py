@@ -1,0 +1,54 @@
+"""Findings of session 32, each reproduced here on the code before its fix."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from test_review_s30 import _slow_server
+
+
+def _interrupt_main_when(log, entry, delay=0.2):
+    """Ctrl-C (SIGINT to the main thread, as a terminal sends it) ``delay`` s after ``entry`` is in ``log``."""
+    main = threading.main_thread().ident
+
+    def later():
+        deadline = time.monotonic() + 20
+        while entry not in log and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(delay)
+        signal.pthread_kill(main, signal.SIGINT)
+
+    threading.Thread(target=later, daemon=True).start()
+
+
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="needs the main thread")
+@pytest.mark.parametrize("when", ["while the server reads the upload", "while a silent server has the job"])
+def test_ctrl_c_at_the_command_line_leaves_no_job_on_the_server_and_does_not_wait_for_it(when):
+    """The command line runs a server's job without a CancelToken: a Ctrl-C after the upload was
+    sent, while the server was still answering it, left the job there for 120 s (nobody read its id
+    to delete it), and a Ctrl-C while the server had stopped answering waited the whole timeout
+    (here 30 s) for the delete."""
+    from PAMSegmentLib.remote import RemoteModel
+
+    upload = when == "while the server reads the upload"
+    server, url, log = _slow_server(post_delay=1.0 if upload else 0.0, status_hang=0.0 if upload else 30.0)
+    try:
+        image = np.random.default_rng(0).normal(0, 1, (8, 32, 32)).astype(np.float32)
+        prompt = np.zeros(image.shape, np.uint8)
+        prompt[3, 5:10, 5:10] = 1
+        _interrupt_main_when(log, "POST received" if upload else "GET /jobs/J1")
+        t0 = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            RemoteModel(url, timeout=120, poll_interval=0.05, method="copy").propagate(image, prompt, (1, 1, 1))
+        assert time.monotonic() - t0 < 20  # a guard, not a benchmark: the silent server answers after 30 s
+        deadline = time.monotonic() + 10
+        while "DELETE /jobs/J1" not in log and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "DELETE /jobs/J1" in log  # the job the upload made is deleted
+    finally:
+        server.shutdown()
