@@ -2217,19 +2217,38 @@ def torch_threads(threads: int | None):
     if not threads:
         yield
         return
-    old_torch = torch.get_num_threads() if torch is not None else None
-    old_sitk = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() if sitk is not None else None
-    if torch is not None:
-        torch.set_num_threads(int(threads))
-    if sitk is not None:
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(int(threads))
+    # Both counts are process-wide: runs overlapping in several threads (Slicer's worker beside a
+    # script, a pool of Python API calls) restore them once, when the last one ends, and a block
+    # that ends while others go on leaves the count of the latest of those. Restoring per block in
+    # whatever order the blocks ended left the count of the run that ended last for good.
+    mine = object()
+    with _THREADS_LOCK:
+        if not _THREADS_ACTIVE:
+            _THREADS_SAVED["torch"] = torch.get_num_threads() if torch is not None else None
+            _THREADS_SAVED["sitk"] = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() if sitk is not None else None
+        _THREADS_ACTIVE.append((mine, int(threads)))
+        _set_thread_counts(torch, sitk, int(threads), int(threads))
     try:
         yield
     finally:
-        if torch is not None:
-            torch.set_num_threads(old_torch)
-        if sitk is not None:
-            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(old_sitk)
+        with _THREADS_LOCK:
+            _THREADS_ACTIVE[:] = [entry for entry in _THREADS_ACTIVE if entry[0] is not mine]
+            if _THREADS_ACTIVE:
+                _set_thread_counts(torch, sitk, _THREADS_ACTIVE[-1][1], _THREADS_ACTIVE[-1][1])
+            else:
+                _set_thread_counts(torch, sitk, _THREADS_SAVED["torch"], _THREADS_SAVED["sitk"])
+
+
+def _set_thread_counts(torch, sitk, torch_count: int | None, sitk_count: int | None) -> None:
+    if torch is not None and torch_count is not None:
+        torch.set_num_threads(torch_count)
+    if sitk is not None and sitk_count is not None:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(sitk_count)
+
+
+_THREADS_LOCK = threading.Lock()
+_THREADS_ACTIVE: list = []  # (block, threads) of the torch_threads blocks running now, oldest first
+_THREADS_SAVED: dict = {"torch": None, "sitk": None}  # the counts before the first of overlapping blocks
 
 
 @dataclass

@@ -52,3 +52,33 @@ def test_ctrl_c_at_the_command_line_leaves_no_job_on_the_server_and_does_not_wai
         assert "DELETE /jobs/J1" in log  # the job the upload made is deleted
     finally:
         server.shutdown()
+
+
+def test_runs_overlapping_in_two_threads_give_back_the_thread_counts_they_found():
+    """torch's and SimpleITK's thread counts are process-wide: two runs overlapping (Slicer's worker
+    beside a script, a pool of Python API calls), the first ending first, left the counts at the
+    second run's 1 for good (each block restored what it had found when it began)."""
+    import SimpleITK as sitk
+    import torch
+
+    from PAMSegmentLib.propagate import torch_threads
+
+    before = torch.get_num_threads(), sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    try:
+        torch.set_num_threads(2)
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(3)
+        first, second = torch_threads(1), torch_threads(1)
+        first.__enter__()
+        second.__enter__()
+        first.__exit__(None, None, None)
+        assert (torch.get_num_threads(), sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()) == (1, 1)  # 2nd runs
+        second.__exit__(None, None, None)
+        assert (torch.get_num_threads(), sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()) == (2, 3)
+        with torch_threads(2):  # nested in one thread: the inner block's end gives the outer's count back
+            with torch_threads(1):
+                assert torch.get_num_threads() == 1
+            assert (torch.get_num_threads(), sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()) == (2, 2)
+        assert (torch.get_num_threads(), sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()) == (2, 3)
+    finally:
+        torch.set_num_threads(before[0])
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before[1])
