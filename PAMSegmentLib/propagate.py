@@ -1780,9 +1780,16 @@ def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo
     min_agreement = float(getattr(predictor, "keyframe_outward_min_agreement", 0.0) or 0.0)
 
     def outward_agreement(n_drawn: int) -> float:
-        # Beyond the outermost of several drawn keyframes (not towards a wall) the agreement test
-        # applies, as a stop test: not without early stopping (walk() skips it then too).
+        # Beyond the outermost of several drawn keyframes the agreement test applies, as a stop
+        # test: not without early stopping (walk() skips it then too).
         return min_agreement if n_drawn >= 2 and early_stop else 0.0
+
+    def outermost(a: int, d: int, drawn_slices) -> bool:
+        """No drawn keyframe lies beyond ``a`` in direction ``d``: a walk from it goes outward, to
+        the volume's end or to a wall. (Until session 32 a walk towards a wall had no agreement
+        test: erasing a leaked slice beyond where the test had ended the walk made the leak grow
+        back up to that wall.)"""
+        return not any((k - a) * d > 0 for k in drawn_slices)
 
     def old_walk(a: int, d: int) -> tuple[int, float] | None:
         """How far the previous run walked one-sidedly from drawn keyframe ``a`` in direction ``d``,
@@ -1794,7 +1801,13 @@ def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo
         if not nxt:
             return (lo if d < 0 else hi), outward_agreement(len(old_drawn))
         k = nxt[0] if d > 0 else nxt[-1]
-        return None if k in old_drawn else (k - d, 0.0)
+        if k in old_drawn:
+            return None
+        if outward_agreement(len(old_drawn)) > 0 and outermost(a, d, old_drawn):
+            # outward to a wall: a result of a version before session 32 walked there without the
+            # agreement test, and nothing in a result says which version made it: predicted again
+            return None
+        return k - d, 0.0
 
     def repeat_stop(a: int, d: int, bound: int, span) -> None:
         """How a reused walk ended, as a fresh run records it (the report's walk_end, the drift
@@ -1811,7 +1824,7 @@ def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo
         if (bound - a) * d <= 0:
             return
         span = range(a + d, bound + d, d)
-        agree = outward_agreement(len(drawn)) if outward else 0.0
+        agree = outward_agreement(len(drawn)) if outward or outermost(a, d, drawn) else 0.0
         old = old_walk(a, d)
         # A walk is a function of its start, direction and stopping rule: a truncated earlier walk
         # is reused when it had the same rule. A stricter agreement test only ends it earlier, at

@@ -82,3 +82,37 @@ def test_runs_overlapping_in_two_threads_give_back_the_thread_counts_they_found(
     finally:
         torch.set_num_threads(before[0])
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before[1])
+
+
+@pytest.mark.parametrize("wall", [2, 24])
+def test_a_wall_beyond_where_the_agreement_test_ended_a_walk_does_not_let_it_grow_back(wall):
+    """A review (session 32, a simulated correction loop on training cases): with two drawn slices,
+    the walk outward from the outermost one had the network-vs-registration agreement test, but a
+    walk towards a wall had not, so erasing a leaked slice beyond where the test had ended the walk
+    made the result run on up to the wall (a spinous process 0.690 -> 0.581). Here the test ends
+    the walks at 6 and 20 (_AgreementOracle); a wall at 2 or 24 changes nothing, fresh or as an
+    update, which matches a fresh run."""
+    from test_engine import ISO, _AgreementOracle, image_for, predicted, prompt_from, tube
+
+    from PAMSegmentLib.propagate import propagate
+
+    truth = tube(3, 25)
+    image, prompt = image_for(truth), prompt_from(truth, [8, 16])
+    plain = propagate(image, prompt, ISO, _AgreementOracle(truth, window=4))
+    assert plain.slice_range == {1: (6, 20)}
+    walled = propagate(image, prompt, ISO, _AgreementOracle(truth, window=4), empty_slices={1: [wall]})
+    assert walled.slice_range == {1: (6, 20)}  # (3, 20) / (6, 24) before: the walk ran on to the wall
+    np.testing.assert_array_equal(walled.mask, plain.mask)
+    assert {"start": 8 if wall < 8 else 16, "direction": -1 if wall < 8 else 1, "last": 6 if wall < 8 else 20,
+            "reason": "agreement"} in walled.stops[1]
+    # The same as an update of the run without the wall: every walk is reused, nothing predicted
+    model = _AgreementOracle(truth, window=4)
+    update = propagate(image, prompt, ISO, model, empty_slices={1: [wall]}, previous=plain)
+    np.testing.assert_array_equal(update.mask, walled.mask)
+    np.testing.assert_array_equal(update.confidence[1], walled.confidence[1])
+    assert predicted(model) == []
+    # and an update of the walled run (a result that may come from an older version) agrees too
+    again = propagate(image, prompt, ISO, _AgreementOracle(truth, window=4), empty_slices={1: [wall]},
+                      previous=walled)
+    np.testing.assert_array_equal(again.mask, walled.mask)
+    np.testing.assert_array_equal(again.confidence[1], walled.confidence[1])
