@@ -260,7 +260,10 @@ def label_cells(image, examples, *, background=None, tile: int = 1024, seed: int
     # The intensities on one scale (per channel for colour): 0.5-99.5 percentiles to 0..1.
     lo, hi = np.percentile(img, [0.5, 99.5], axis=(0, 1))
     width = np.asarray(hi - lo, dtype=np.float64)  # per channel; relative to the image's own values (any unit)
-    img = np.clip((img - lo) / np.where(width > 0, width, 1.0), 0, 1).astype(np.float32)
+    # In place on _check's float32 copy: whole-image float64 temporaries took 48 bytes a colour pixel
+    img -= np.asarray(lo, dtype=np.float32)
+    img /= np.where(width > 0, width, 1.0).astype(np.float32)
+    np.clip(img, 0, 1, out=img)
 
     h, w = img.shape[:2]
     pad = int(np.ceil(4 * max(radius, 1.0))) + 2  # the largest feature scale's reach
@@ -353,6 +356,11 @@ def label_cells(image, examples, *, background=None, tile: int = 1024, seed: int
                    np.r_[np.ones(len(x_fg) + len(sure_fg)), np.zeros(len(x_bg) + len(sure_bg))])
         prob, _ = classify(forest, 1, False)
 
+    # The normalised image and a single tile's features are not needed any more: the instance
+    # split below is the run's peak of memory.
+    img = None  # (the tiles' closure holds it: rebound, not deleted)
+    if one_tile:
+        one_tile.clear()
     # Instances: a watershed of the distance to the background, seeded at well separated peaks.
     if progress is not None:  # on a large image this takes about as long as the classification
         progress(0.9, "splitting touching cells")
@@ -475,9 +483,53 @@ def add_label_cells_arguments(p) -> None:
     p.add_argument("--tile", type=_tile_side, default=1024, metavar="PX",
                    help="tile side for classifying large images, at least 64 px (default 1024; the result does not "
                         "depend on it)")
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="run even when the image looks too large for this machine's memory (the check before "
+                        "the work refuses it; with enough swap it may still finish)")
     p.add_argument("--self-training", action="store_true",
                    help="one round of self-training on the pixels the first pass is sure of (off by default: "
                         "it can also reinforce mistakes; see the README)")
+
+
+# Peak memory of `label-cells` (measured with session 32's scripts/benchmark_cells.py-like runs,
+# RSS sampled every 20 ms, 2000 and 4000 px square H&E-like images): a share per pixel of the
+# whole image (colour 66 bytes, grey 54: the image, its normalised copy, the probability map and
+# the instance split's arrays), one tile's features with their margin (16 features per channel,
+# computed in float64 and kept in float32) and the interpreter with its libraries.
+CELLS_BYTES_PER_PIXEL = {1: 54, 3: 66}
+CELLS_FIXED_BYTES = 400 * 2**20
+
+
+def cells_memory_bytes(rows: int, columns: int, channels: int, tile: int) -> int:
+    """About the peak memory `label-cells` needs for an image of this size (pixels from its header)."""
+    side = min(tile, max(rows, columns)) + 64  # a tile with its margin (cells up to 15 px across)
+    return int(CELLS_FIXED_BYTES + rows * columns * CELLS_BYTES_PER_PIXEL[channels] + side * side * 16 * channels * 12)
+
+
+def _check_cells_memory(path, tile: int, skip: bool) -> None:
+    """Before anything is read: refuse an image whose labelling cannot fit this machine's memory
+    (it ran for most of an hour and then died in the instance split, or was killed without a
+    word), naming the largest region that fits; warn when it fits but not in what is free now."""
+    from pathlib import Path
+
+    from .volumes import check_memory, image_pixels_2d, memory_budget
+
+    header = image_pixels_2d(path)
+    if header is None:
+        return
+    rows, columns, channels = header
+    need = cells_memory_bytes(rows, columns, channels, tile)
+    limit, _ = memory_budget()
+    room = 0.9 * limit - cells_memory_bytes(0, 0, channels, tile) + 64 * 64 * 16 * channels * 12 \
+        - (tile + 64) ** 2 * 16 * channels * 12 if limit else 0  # with a whole tile's features
+    fits = int(np.sqrt(room / CELLS_BYTES_PER_PIXEL[channels])) if room > 0 else 0
+    kind = "colour" if channels == 3 else "grey"
+    advice = (f"Crop the region to label to at most about {fits // 100 * 100:,} x {fits // 100 * 100:,} px {kind}"
+              if fits >= 100 else "Use a machine with more memory")
+    warning = check_memory(need, f"labelling the cells of {Path(path).name} ({columns:,} x {rows:,} px {kind}, "
+                                 f"about {CELLS_BYTES_PER_PIXEL[channels]} bytes a pixel)", advice, skip)
+    if warning:
+        print(f"warning: {warning}", flush=True)
 
 
 def _tile_side(text: str) -> int:
@@ -552,6 +604,7 @@ def cmd_label_cells(args) -> int:
     for written in (out, table):
         check_link_target(written)  # a link is written onto its target: its folder must take files
         check_not_read_only(written)
+    _check_cells_memory(args.image, args.tile, args.no_memory_check)
     image, ref = read_image_2d(args.image, keep_colour=True)
     examples = read_labelmap_2d(args.examples, reference=(image[..., 0] if image.ndim == 3 else image, ref))
     background = None

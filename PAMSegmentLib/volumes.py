@@ -1083,6 +1083,82 @@ def physical_memory_bytes() -> int | None:
         return None
 
 
+def memory_budget() -> tuple[int | None, int | None]:
+    """(limit, free) in bytes: the least of physical memory, the control group's limit (a container,
+    a batch scheduler's job) and the address-space limit (``ulimit -v``), and what is free now
+    (MemAvailable, within that limit); None where the system does not say."""
+    limits = [physical_memory_bytes()]
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except (OSError, ValueError):
+            continue
+        if text.isdigit() and int(text) < 2**60:  # "max", or v1's huge number: no limit
+            limits.append(int(text))
+        break
+    try:
+        import resource  # noqa: PLC0415 - POSIX only
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft not in (resource.RLIM_INFINITY, -1) and soft > 0:
+            limits.append(int(soft))
+    except (ImportError, ValueError, OSError):
+        pass
+    known = [v for v in limits if v]
+    limit = min(known) if known else None
+    free = None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    free = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    if free is not None and limit is not None:
+        free = min(free, limit)
+    return limit, free
+
+
+def image_pixels_2d(path: PathLike) -> tuple[int, int, int] | None:
+    """(rows, columns, colour channels: 1 or 3) of a 2D image file from its header alone, before a
+    pixel is decoded; None when ITK cannot read the header (the full read then says why)."""
+    try:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(_itk_path(Path(path)))
+        with _itk_warnings_hidden(), _native_stderr_hidden():
+            reader.ReadImageInformation()
+        size, components = reader.GetSize(), int(reader.GetNumberOfComponents())
+    except RuntimeError:
+        return None
+    flat = [int(n) for n in size if int(n) != 1] or [1]
+    if len(flat) > 2:
+        return None
+    columns, rows = (flat + [1])[:2]
+    return rows, columns, 3 if components >= 3 else 1
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1024**3:.1f} GB" if n < 10 * 1024**3 else f"{n / 1024**3:,.0f} GB"
+
+
+def check_memory(need: int, what: str, advice: str, skip: bool = False) -> str | None:
+    """Refuse (InputError) work that needs ``need`` bytes at its peak when that is more than 90 %
+    of what this process may use (``memory_budget``): it would end in a MemoryError late in the run
+    or in the system killing the process without a word. ``what`` says what needs it, ``advice``
+    what to do instead; ``skip`` (--no-memory-check) lets it run anyway. Returns a warning to print
+    when the work fits the limit but not what is free now, else None."""
+    limit, free = memory_budget()
+    if limit and need > 0.9 * limit and not skip:
+        raise InputError(f"{what} needs about {_gb(need)} of memory at its peak, but this process may use "
+                         f"{_gb(limit)}: nothing was done. {advice}, or run again with --no-memory-check (with "
+                         "enough swap, say)")
+    if free and need > free:
+        return (f"{what} needs about {_gb(need)} of memory at its peak and {_gb(free)} is free now: close other "
+                "programs, or the system may stop it without a message")
+    return None
+
+
 def _check_declared_size(p: Path) -> None:
     """A file whose header declares more voxels than this machine's memory holds as float32 (the
     engine's working copy) is refused before ITK allocates them: a damaged header, or a small
@@ -1120,6 +1196,7 @@ def _read_sitk(path: PathLike, series_uid: str | None = None, single_slice_ok: b
             raise InputError(f"series_uid applies to DICOM folders only, but {p} is a file")
         check_regular_file(p)
         _check_detached_data(p)
+        _check_not_pyramid(p, volume=True)
         _check_declared_size(p)
         _refuse_dicom_objects_not_images(p)
         header = _nifti_header(p)  # read once for the NIfTI checks
@@ -2510,6 +2587,51 @@ def _tiff_layout(p: Path) -> tuple[int, int, bool, int] | None:
         return None
 
 
+def _tiff_page_sizes(p: Path, most: int = 16) -> list[tuple[int, int]] | None:
+    """The (columns, rows) of a TIFF's first ``most`` pages from their tags (tifffile, else
+    Pillow), without decoding pixels; None for any other file or one neither can open."""
+    if not p.name.lower().endswith((".tif", ".tiff", ".svs")):
+        return None
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(p) as tif:
+            return [(int(page.imagewidth), int(page.imagelength)) for page in tif.pages[:most]]
+    except ImportError:
+        pass
+    except Exception:  # noqa: BLE001 - tifffile's own errors on files it cannot parse
+        return None
+    try:
+        with _pillow_unguarded() as Image, Image.open(p) as im:  # tags only, not the pixels
+            sizes = []
+            for k in range(min(int(getattr(im, "n_frames", 1)), most)):
+                im.seek(k)
+                sizes.append(tuple(int(v) for v in im.size))
+            return sizes
+    except (ImportError, OSError, ValueError, TypeError, EOFError):
+        return None
+
+
+def _check_not_pyramid(p: Path, volume: bool = False) -> None:
+    """A whole-slide (pyramidal) TIFF or SVS stores its levels, thumbnail and label images as pages
+    of different sizes; ITK read it as one volume and said "is the file damaged?", "a 3D image
+    (250 x 250 x 3)" (the thumbnail's size) or "crop it in Slicer's Crop Volume module", and with
+    a smaller page first it crashed the process (a segmentation fault). ``volume``: the file was
+    given as a volume (pages of different sizes are no volume either)."""
+    sizes = _tiff_page_sizes(p)
+    if sizes and len(set(sizes)) > 1:
+        (w, h) = max(sizes, key=lambda wh: wh[0] * wh[1])
+        shown = ", ".join(f"{a:,} x {b:,}" for a, b in sizes[:4]) + (", ..." if len(sizes) > 4 else "")
+        pages = f"its pages are images of different sizes ({shown} px), the largest {w:,} x {h:,} px"
+        if volume:
+            raise InputError(f"{p.name} is no volume: {pages} (a whole-slide image?); a volume's slices all have one "
+                             "size: give a NIfTI, NRRD, MHA or DICOM volume, or label a 2D region of a slide with "
+                             "`pamsegment label-cells` or `label-images`")
+        raise InputError(f"{p.name} is a whole-slide (pyramidal) image: {pages}; PAMSegment reads one plain 2D image, "
+                         "so export the region to label from the full-resolution level as a TIFF or PNG (QuPath: "
+                         "File > Export images; or OpenSlide, `vips crop`)")
+
+
 def _tiff_pixels(p: Path) -> np.ndarray | None:
     """A single-page TIFF's pixels as (rows, columns[, samples]) with their own bits: tifffile when it
     can decode them (some compressions need imagecodecs), else Pillow; None if neither can."""
@@ -2569,6 +2691,7 @@ def _read_2d(path: PathLike, what: str) -> tuple[sitk.Image, sitk.Image]:
         raise InputError(f"{p} does not exist; check the path")
     if p.is_dir():
         raise InputError(f"{p} is a folder; give an image file ({', '.join(IMAGE_2D_EXTENSIONS)})")
+    _check_not_pyramid(p)
     _check_declared_size(p)
     try:
         layout = _tiff_layout(p)

@@ -116,3 +116,152 @@ def test_a_wall_beyond_where_the_agreement_test_ended_a_walk_does_not_let_it_gro
                       previous=walled)
     np.testing.assert_array_equal(again.mask, walled.mask)
     np.testing.assert_array_equal(again.confidence[1], walled.confidence[1])
+
+
+GIB = 2**30
+
+
+def _declared_only(path, columns, rows, kind="MET_UCHAR", channels=1):
+    """A MetaImage header declaring an image of that size whose pixels are not there: what the
+    memory check reads (the header) is real, the pixels are never needed when it refuses."""
+    path.write_text(f"ObjectType = Image\nNDims = 2\nDimSize = {columns} {rows}\nElementType = {kind}\n"
+                    f"ElementNumberOfChannels = {channels}\nElementDataFile = {path.stem}.raw\n")
+    return path
+
+
+def test_label_cells_refuses_an_image_its_memory_cannot_hold_before_reading_it(tmp_path, monkeypatch, capsys):
+    """A review (session 32): the one check before `label-cells` compared 4 bytes a pixel with all
+    of the machine's memory, while the run needs about 54-66 bytes a pixel at its peak (the
+    instance split, at the end): a 20000 x 20000 grey region passed on a 24 GB machine, needed about
+    22 GB, and ran for a long time before it died. Now it is refused before a pixel is read, naming
+    the largest region that fits; --no-memory-check runs it anyway; a run that fits the limit but
+    not what is free now is warned about."""
+    from test_cells import disc_image
+
+    import SimpleITK as sitk
+    from PAMSegmentLib import cli, volumes
+    from PAMSegmentLib.cells import cells_memory_bytes
+
+    # 400 MiB + 20000^2 x 54 bytes + a 1088 px tile's 16 grey features (12 bytes each) = 21.6 GB
+    assert cells_memory_bytes(20000, 20000, 1, 1024) == 400 * 2**20 + 400_000_000 * 54 + 1088**2 * 16 * 12
+    monkeypatch.setattr(volumes, "memory_budget", lambda: (8 * GIB, 6 * GIB))
+    image = _declared_only(tmp_path / "slide.mhd", 20000, 20000)
+    examples = tmp_path / "examples.png"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((8, 8), np.uint8)), str(examples))
+    run = ["label-cells", str(image), str(examples), "-o", str(tmp_path / "out.tif")]
+    assert cli.main(run) == 2
+    err = capsys.readouterr().err
+    # the largest square that fits: sqrt((0.9 x 8 GiB - 400 MiB - the tile's 227 MB) / 54) = 11 455 px
+    assert ("error: labelling the cells of slide.mhd (20,000 x 20,000 px grey, about 54 bytes a pixel) needs about "
+            "21 GB of memory at its peak, but this process may use 8.0 GB: nothing was done. Crop the region to label "
+            "to at most about 11,400 x 11,400 px grey, or run again with --no-memory-check (with enough swap, say)"
+            ) in err
+    assert not (tmp_path / "out.tif").exists()
+    assert cli.main([*run, "--no-memory-check"]) == 2  # past the check: the pixels are missing
+    assert "needs about" not in capsys.readouterr().err
+    # a region that fits the limit but not what is free now: a warning, and the run goes on
+    small, ref = disc_image()
+    sitk.WriteImage(sitk.GetImageFromArray(np.clip(small, 0, 255).astype(np.uint8)), str(tmp_path / "cells.png"))
+    sitk.WriteImage(sitk.GetImageFromArray(np.where(np.isin(ref, [1, 4, 16]), ref, 0).astype(np.uint8)),
+                    str(examples))
+    monkeypatch.setattr(volumes, "memory_budget", lambda: (8 * GIB, 100 * 2**20))
+    assert cli.main(["label-cells", str(tmp_path / "cells.png"), str(examples), "-o", str(tmp_path / "out.tif")]) == 0
+    assert ("warning: labelling the cells of cells.png (160 x 160 px grey, about 54 bytes a pixel) needs about "
+            "0.4 GB of memory at its peak and 0.1 GB is free now: close other programs, or the system may stop it "
+            "without a message") in capsys.readouterr().out
+    assert (tmp_path / "out.tif").exists()
+
+
+def test_label_images_refuses_a_set_its_memory_cannot_hold_before_reading_it(tmp_path, monkeypatch, capsys):
+    """Each image of a set passed the per-file check alone, but the whole set is held in memory:
+    a hundred large images died while being read, before any progress. The set is now totalled
+    from the files' headers first."""
+    import SimpleITK as sitk
+    from PAMSegmentLib import cli, volumes
+
+    monkeypatch.setattr(volumes, "memory_budget", lambda: (4 * GIB, 4 * GIB))
+    (tmp_path / "set").mkdir()
+    for k in range(3):  # 3 x 15000 x 10000 colour: 450 Mpx x 24 bytes + 512 MiB = 10.6 GiB
+        _declared_only(tmp_path / "set" / f"img_{k}.mhd", 15000, 10000, channels=3)
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((8, 8), np.uint8)), str(tmp_path / "mask.png"))
+    assert cli.main(["label-images", str(tmp_path / "set" / "img_0.mhd"), str(tmp_path / "mask.png"),
+                     str(tmp_path / "set"), "--method", "copy", "-o", str(tmp_path / "out")]) == 2
+    assert ("error: labelling these 3 images (450 megapixels in all, about 20-24 bytes a pixel) needs about 11 GB of "
+            "memory at its peak, but this process may use 4.0 GB: nothing was done. Label fewer or smaller images per "
+            "run, or run again with --no-memory-check (with enough swap, say)") in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_memory_budget_takes_the_least_of_the_machine_a_container_and_ulimit(monkeypatch):
+    """A container's limit (cgroup) or `ulimit -v` below the machine's memory is what a run may use."""
+    import resource
+
+    from PAMSegmentLib import volumes
+
+    monkeypatch.setattr(volumes, "physical_memory_bytes", lambda: 64 * GIB)
+    real = volumes.Path.read_text
+
+    def cgroup(path, *args, **kwargs):
+        if str(path) == "/sys/fs/cgroup/memory.max":
+            return "8589934592\n"
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(volumes.Path, "read_text", cgroup)
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    assert volumes.memory_budget()[0] == 8 * GIB
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (2 * GIB, resource.RLIM_INFINITY))
+    limit, free = volumes.memory_budget()
+    assert limit == 2 * GIB and (free is None or free <= 2 * GIB)
+
+
+@pytest.mark.parametrize("reader", ["tifffile", "Pillow"])
+@pytest.mark.parametrize("order", ["full resolution first", "thumbnail first"])
+def test_a_whole_slide_tiff_is_named_so_with_what_to_do(tmp_path, monkeypatch, capsys, reader, order):
+    """A review (session 32): a pyramidal TIFF (levels as pages, as Aperio's SVS and `vips tiffsave
+    --pyramid` store them) was "damaged? copy or export it again" with level 0 first, and "a 3D
+    image (100 x 100 x 3)", the thumbnail's size, with the thumbnail first."""
+    import sys
+
+    import tifffile
+
+    from PAMSegmentLib import cli
+
+    if reader == "Pillow":
+        monkeypatch.setitem(sys.modules, "tifffile", None)  # import tifffile: ImportError
+    rng = np.random.default_rng(0)
+    levels = [rng.integers(0, 255, (n, n, 3), dtype=np.uint8) for n in (400, 200, 100)]
+    if order == "thumbnail first":
+        levels = [levels[2], levels[0], levels[1]]
+    with tifffile.TiffWriter(tmp_path / "slide.tif") as tif:
+        for level in levels:
+            tif.write(level, photometric="rgb", tile=(64, 64))
+    (tmp_path / "ex.png").write_bytes(b"")
+    assert cli.main(["label-cells", str(tmp_path / "slide.tif"), str(tmp_path / "ex.png"), "-o",
+                     str(tmp_path / "out.tif")]) == 2
+    sizes = "400 x 400, 200 x 200, 100 x 100" if order == "full resolution first" else "100 x 100, 400 x 400, 200 x 200"
+    assert (f"error: slide.tif is a whole-slide (pyramidal) image: its pages are images of different sizes ({sizes} "
+            "px), the largest 400 x 400 px; PAMSegment reads one plain 2D image, so export the region to label from "
+            "the full-resolution level as a TIFF or PNG (QuPath: File > Export images; or OpenSlide, `vips crop`)"
+            ) in capsys.readouterr().err
+    # a stack of pages of one size is still what it was (channels or a stack), and one page reads
+    with tifffile.TiffWriter(tmp_path / "one.tif") as tif:
+        tif.write(levels[0], photometric="rgb")
+    from PAMSegmentLib.volumes import read_image_2d
+
+    assert read_image_2d(tmp_path / "one.tif", keep_colour=True)[0].shape == levels[0].shape
+
+
+def test_a_tiff_of_pages_of_different_sizes_given_as_a_volume_is_refused_not_a_crash(tmp_path):
+    """Found with the review above: ITK read a TIFF whose first page is smaller than the next as
+    one volume and crashed the process (a segmentation fault) in `pamsegment propagate`."""
+    import tifffile
+
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.volumes import read_volume
+
+    with tifffile.TiffWriter(tmp_path / "scan.tif") as tif:
+        for n in (50, 200):
+            tif.write(np.zeros((n, n), np.uint8))
+    with pytest.raises(InputError, match=r"^scan.tif is no volume: its pages are images of different sizes \(50 x 50, "
+                                         r"200 x 200 px\), the largest 200 x 200 px \(a whole-slide image\?\)"):
+        read_volume(tmp_path / "scan.tif")
