@@ -299,11 +299,14 @@ def label_cells(image, examples, *, background=None, tile: int = 1024, seed: int
     if bg_user is None and contrast_background:
         bg_all |= _unlike_examples(img, ex_all, ring_px, int(bg_all.sum()), seed)
     fg_parts, bg_parts = [], []
-    for r, c in starts:
-        region = (slice(r, r + tile), slice(c, c + tile))
-        if not (ex_all[region].any() or bg_all[region].any()):
-            continue
+    learning = [(r, c) for r, c in starts
+                if ex_all[r:r + tile, c:c + tile].any() or bg_all[r:r + tile, c:c + tile].any()]
+    for n, (r, c) in enumerate(learning):
+        if cancel is not None and cancel.is_cancelled:
+            raise PropagationCancelled("cancelled")
         f, region = tile_features(r, c)
+        if progress is not None:  # without background marks every tile is learnt from: half the run
+            progress(LEARN_SHARE * (n + 1) / len(learning), f"learning from tile {n + 1} of {len(learning)}")
         for parts, mask in ((fg_parts, ex_all[region]), (bg_parts, bg_all[region])):
             rr, cc = np.nonzero(mask)
             parts.append(((rr + r) * w + (cc + c), f[rr, cc]))  # each pixel's index in the whole image
@@ -336,8 +339,8 @@ def label_cells(image, examples, *, background=None, tile: int = 1024, seed: int
                 pick = rng.choice(fi.shape[0], min(fi.shape[0], max(2 * MAX_SAMPLES // len(starts), 64)), replace=False)
                 kept.append((fi[pick], p[pick]))
             if progress is not None:
-                progress(0.9 * (round_no * len(starts) + n + 1) / (rounds * len(starts)),
-                         f"classified tile {n + 1} of {len(starts)}")
+                done = (round_no * len(starts) + n + 1) / (rounds * len(starts))
+                progress(LEARN_SHARE + (0.9 - LEARN_SHARE) * done, f"classified tile {n + 1} of {len(starts)}")
         return prob, kept
 
     prob, kept = classify(forest, 0, self_training)
@@ -497,6 +500,7 @@ def add_label_cells_arguments(p) -> None:
 # the instance split's arrays), one tile's features with their margin (16 features per channel,
 # computed in float64 and kept in float32) and the interpreter with its libraries.
 CELLS_BYTES_PER_PIXEL = {1: 54, 3: 66}
+LEARN_SHARE = 0.3  # of the progress bar: the features of the tiles learnt from (every tile without background marks)
 CELLS_FIXED_BYTES = 400 * 2**20
 
 

@@ -202,7 +202,7 @@ def test_cancel_stops_between_tiles():
 
     with pytest.raises(PropagationCancelled):
         label_cells(image, np.where(np.isin(ref, [1, 2]), ref, 0), tile=64, progress=progress, cancel=token)
-    assert seen == ["classified tile 1 of 9"]
+    assert seen == ["learning from tile 1 of 9"]
 
 
 @pytest.mark.parametrize("examples, kwargs, message", [
