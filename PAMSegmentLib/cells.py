@@ -530,6 +530,8 @@ def _check_cells_memory(path, tile: int, skip: bool) -> None:
     kind = "colour" if channels == 3 else "grey"
     advice = (f"Crop the region to label to at most about {fits // 100 * 100:,} x {fits // 100 * 100:,} px {kind}"
               if fits >= 100 else "Use a machine with more memory")
+    if tile > 1024:  # a tile's features (16 a channel, computed in float64) weigh with a large --tile
+        advice += f" (or give a smaller --tile than {tile}: the default 1024 needs less)"
     warning = check_memory(need, f"labelling the cells of {Path(path).name} ({columns:,} x {rows:,} px {kind}, "
                                  f"about {CELLS_BYTES_PER_PIXEL[channels]} bytes a pixel)", advice, skip)
     if warning:

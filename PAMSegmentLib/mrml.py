@@ -1550,6 +1550,7 @@ class SegmentPropagation:
                        if _finer_than_volume(self.segmentation_node, target, self.volume_node) else None),
             flagged=tuple(int(s) for s in (*result.thin.get(label, ()), *result.dropped.get(label, ()))),
             users_own=tuple(int(s) for s in result.edited.get(label, ())),
+            outward_wall_test=bool(result.outward_wall_test),
         )
 
     def _run_id(self, target: str) -> str:
@@ -1802,6 +1803,8 @@ class HistoryEntry:
     # drawn slices update rounds added (PropagationResult.edited; in the record too): handed on to
     # the next update, whose notes then do not take them for stray clicks
     users_own: tuple = ()
+    # PropagationResult.outward_wall_test of the run (in the record since session 32; False before)
+    outward_wall_test: bool = False
 
     @property
     def user_slices(self) -> list[int]:
@@ -1863,6 +1866,7 @@ class HistoryEntry:
             agreement={} if self.agreement is None else {1: self.agreement.copy()},
             begin_state={1: self.begin_state}, stops={1: [dict(s) for s in self.stops]},
             edited={1: list(self.users_own)} if self.users_own else {},
+            outward_wall_test=self.outward_wall_test,
         )
 
     def gap_slices(self) -> list[int]:
@@ -1965,6 +1969,7 @@ def encode_record(entry: HistoryEntry) -> str:
         "stops": stops_to_json(entry.stops),
         # (session 31) review's first slices (thin, dropped) and the drawn slices update rounds added
         "flagged": sorted(int(s) for s in entry.flagged), "users_own": sorted(int(s) for s in entry.users_own),
+        "outward_wall_test": bool(entry.outward_wall_test),  # (session 32)
     }
     try:
         header["begin_state"] = state_to_json(entry.begin_state)
@@ -2141,6 +2146,7 @@ def _decode_record(text: str, segmentation_node, segment_id: str, run_id: str) -
         written=written, before=None, created=False, kind=kind, n_predicted=n_predicted,
         recomputed=recomputed, seconds=float(seconds), edited=list(header["edited"]),
         reviewed=set(header["reviewed"]), flagged=tuple(header["flagged"]), users_own=tuple(header["users_own"]),
+        outward_wall_test=header.get("outward_wall_test") is True,
         agreement=agreement, begin_state=begin_state, stops=stops, run_id=run_id, record=text, restored=True,
     )
 

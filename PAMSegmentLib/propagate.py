@@ -191,6 +191,10 @@ class PropagationResult:
     # with ``axis`` moved first: with them an update rebuilds an overlapped label's own mask and
     # reuses its walks like any other label's (without them it recomputes the label).
     lost_voxels: dict = field(default_factory=dict)
+    # Made by a version whose walks beyond the outermost drawn slice towards a wall keep the agreement
+    # test (session 32 on): an update reuses such walks. False for results of earlier versions (their
+    # records, older servers' answers), whose walks there are predicted again.
+    outward_wall_test: bool = False
 
     def to_record(self) -> dict:
         """What a later update needs of this result besides its mask, as JSON (the command line
@@ -219,7 +223,8 @@ class PropagationResult:
                 total_runs += len(runs)
         return {"axis": int(self.axis), "range": None if self.range is None else [int(v) for v in self.range],
                 "early_stop": bool(self.early_stop), "remove_disconnected": bool(self.remove_disconnected),
-                "image_digest": self.image_digest, "labels": labels}
+                "image_digest": self.image_digest, "outward_wall_test": bool(self.outward_wall_test),
+                "labels": labels}
 
     @classmethod
     def from_record(cls, mask: np.ndarray, record: dict) -> "PropagationResult":
@@ -292,7 +297,7 @@ class PropagationResult:
             out["gaps"][lab] = empty_between_drawn(set(keys) | set(walls), keys, held.tolist())
         return cls(mask=mask, axis=axis, range=(lo_hi[0], lo_hi[1]), early_stop=flags[0],
                    remove_disconnected=flags[1], overlapped=frozenset(overlapped), image_digest=digest,
-                   lost_voxels=lost_voxels, **out)
+                   lost_voxels=lost_voxels, outward_wall_test=record.get("outward_wall_test") is True, **out)
 
     def notes(self, edited: dict[int, Sequence[int]] | None = None) -> list[str]:
         """Hints for the user: how walks ended (``drift_notes``), empty slices between drawn
@@ -1613,6 +1618,7 @@ class _Reuse:
     agreement: np.ndarray | None = None  # per slice, where a one-sided walk recorded it (else NaN)
     begin_state: object = None  # the predictor's class and ``begin_state`` in that run
     stops: list = field(default_factory=list)  # how that run's walks ended (``PropagationResult.stops``)
+    outward_wall_test: bool = False  # ``PropagationResult.outward_wall_test`` of that run
 
     def stop_of(self, start: int, direction: int) -> dict | None:
         """How the earlier run's one-sided walk from ``start`` in ``direction`` ended, if it says."""
@@ -1804,9 +1810,9 @@ def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo
         if k in old_drawn:
             return None
         if outward_agreement(len(old_drawn)) > 0 and outermost(a, d, old_drawn):
-            # outward to a wall: a result of a version before session 32 walked there without the
-            # agreement test, and nothing in a result says which version made it: predicted again
-            return None
+            # outward to a wall: with the agreement test since session 32; a result of an earlier
+            # version walked there without it, and is predicted again
+            return (k - d, outward_agreement(len(old_drawn))) if reuse.outward_wall_test else None
         return k - d, 0.0
 
     def repeat_stop(a: int, d: int, bound: int, span) -> None:
@@ -2117,7 +2123,8 @@ def _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, em
                     own.flat[previous.lost_voxels[lab]] = True  # (flat: reshape copies a view along axis 1 or 2)
                 reuse = _Reuse(own, previous.confidence[lab], previous.keyframes[lab],
                                previous.agreement.get(lab), previous.begin_state.get(lab),
-                               stops=list(previous.stops.get(lab, [])))
+                               stops=list(previous.stops.get(lab, [])),
+                               outward_wall_test=bool(getattr(previous, "outward_wall_test", False)))
             if previous is not None and previous.axis == ax and lab in previous.keyframes:
                 # drawn in this round, or by an earlier update round (``previous.edited``: a tip drawn in
                 # round 1 is no stray click in round 3; a re-review, session 31)
@@ -2198,6 +2205,7 @@ def _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, em
         thin={lab: sorted(set(v) - set(cut_all.get(lab, ((), ()))[0])) for lab, v in thin_all.items()},
         cut=cut_all,
         edited=edited_all,
+        outward_wall_test=True,
         dropped=dropped_all,
         begin_state=begin_states,
         image_digest=digest,
@@ -2225,43 +2233,51 @@ def torch_threads(threads: int | None):
     what nothing imported is left alone. At one thread the network's registrations also run in
     turn rather than beside it (``pam_predictor.registration_pool``): the run keeps to one core."""
     check_threads(threads)
-    torch = sys.modules.get("torch")
-    sitk = sys.modules.get("SimpleITK")
     if not threads:
         yield
         return
     # Both counts are process-wide: runs overlapping in several threads (Slicer's worker beside a
     # script, a pool of Python API calls) restore them once, when the last one ends, and a block
     # that ends while others go on leaves the count of the latest of those. Restoring per block in
-    # whatever order the blocks ended left the count of the run that ended last for good.
+    # whatever order the blocks ended left the count of the run that ended last for good. A count
+    # is saved when a block first finds its module loaded (torch may be imported by a later run).
     mine = object()
     with _THREADS_LOCK:
-        if not _THREADS_ACTIVE:
-            _THREADS_SAVED["torch"] = torch.get_num_threads() if torch is not None else None
-            _THREADS_SAVED["sitk"] = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() if sitk is not None else None
         _THREADS_ACTIVE.append((mine, int(threads)))
-        _set_thread_counts(torch, sitk, int(threads), int(threads))
+        _set_thread_counts(int(threads))
     try:
         yield
     finally:
         with _THREADS_LOCK:
             _THREADS_ACTIVE[:] = [entry for entry in _THREADS_ACTIVE if entry[0] is not mine]
             if _THREADS_ACTIVE:
-                _set_thread_counts(torch, sitk, _THREADS_ACTIVE[-1][1], _THREADS_ACTIVE[-1][1])
+                _set_thread_counts(_THREADS_ACTIVE[-1][1])
             else:
-                _set_thread_counts(torch, sitk, _THREADS_SAVED["torch"], _THREADS_SAVED["sitk"])
+                _set_thread_counts(None)
 
 
-def _set_thread_counts(torch, sitk, torch_count: int | None, sitk_count: int | None) -> None:
-    if torch is not None and torch_count is not None:
-        torch.set_num_threads(torch_count)
-    if sitk is not None and sitk_count is not None:
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(sitk_count)
+def _set_thread_counts(threads: int | None) -> None:
+    """torch's and SimpleITK's counts set to ``threads`` (what each had before, saved the first
+    time, when None), for the modules loaded; under _THREADS_LOCK."""
+    torch, sitk = sys.modules.get("torch"), sys.modules.get("SimpleITK")
+    get_set = {"torch": (torch.get_num_threads, torch.set_num_threads) if torch is not None else None,
+               "sitk": (sitk.ProcessObject.GetGlobalDefaultNumberOfThreads,
+                        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads) if sitk is not None else None}
+    for name, pair in get_set.items():
+        if pair is None:
+            continue
+        get, put = pair
+        if threads is None:
+            if name in _THREADS_SAVED:
+                put(_THREADS_SAVED.pop(name))
+            continue
+        _THREADS_SAVED.setdefault(name, get())
+        put(threads)
 
 
 _THREADS_LOCK = threading.Lock()
 _THREADS_ACTIVE: list = []  # (block, threads) of the torch_threads blocks running now, oldest first
-_THREADS_SAVED: dict = {"torch": None, "sitk": None}  # the counts before the first of overlapping blocks
+_THREADS_SAVED: dict = {}  # module -> its count before the first of overlapping blocks changed it
 
 
 @dataclass

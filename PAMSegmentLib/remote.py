@@ -127,6 +127,9 @@ def _cancellable(ask, cancel, on_late=None):
     after all is handed to ``on_late`` exactly once: by the helper, or here when it came just as
     Cancel was seen (decided under one lock)."""
     outcome, lock = {"given_up": False}, threading.Lock()
+    # Waited on instead of Thread.join: a Ctrl-C inside join() can leave the thread marked as ended
+    # while it still runs (CPython 3.11), and a later join() then returned at once.
+    done = threading.Event()
 
     def run():
         try:
@@ -134,15 +137,18 @@ def _cancellable(ask, cancel, on_late=None):
         except BaseException as error:  # noqa: BLE001 - handed to the caller
             with lock:
                 outcome["error"] = error
+            done.set()
             return
         with lock:
             outcome["value"] = value
             late = outcome["given_up"]
-        if late and on_late is not None:
-            try:
+        try:
+            if late and on_late is not None:
                 on_late(value)
-            except Exception:  # noqa: BLE001 - best effort: nobody waits for it any more
-                pass
+        except Exception:  # noqa: BLE001 - best effort: nobody waits for it any more
+            pass
+        finally:
+            done.set()
 
     def give_up() -> None:
         with lock:
@@ -154,9 +160,9 @@ def _cancellable(ask, cancel, on_late=None):
     helper = threading.Thread(target=run, name="pamsegment-request", daemon=True)
     helper.start()
     try:
-        while helper.is_alive():
-            helper.join(0.1)
-            if cancel.is_cancelled:
+        while not done.is_set():
+            done.wait(0.1)
+            if cancel.is_cancelled and not done.is_set():
                 give_up()
                 raise PropagationCancelled("cancelled")
     except BaseException as error:
@@ -168,11 +174,11 @@ def _cancellable(ask, cancel, on_late=None):
         # second Ctrl-C ends the wait at once.
         cancel.interrupt()
         give_up()
-        helper.join(DELETE_AFTER_CANCEL_SECONDS)
-        with lock:
-            handed_on = "value" in outcome
-        if handed_on and on_late is not None:
-            helper.join(DELETE_AFTER_CANCEL_SECONDS)  # the helper is deleting the job
+        if not done.wait(DELETE_AFTER_CANCEL_SECONDS):  # the answer, and the helper deleting its job
+            with lock:
+                handed_on = "value" in outcome
+            if handed_on and on_late is not None:
+                done.wait(DELETE_AFTER_CANCEL_SECONDS)
         raise
     if "error" in outcome:
         raise outcome["error"]
@@ -265,6 +271,7 @@ def decode_result(payload: bytes, max_bytes: int | None = None) -> PropagationRe
             begin_state=begin_state, cut=cut,
             # servers before session 30 send neither this nor the begin state, so nothing is reused
             overlapped=frozenset(int(lab) for lab in meta.get("overlapped", [])),
+            outward_wall_test=meta.get("outward_wall_test") is True,  # servers before session 32: False
         )
     except (ValueError, KeyError, OSError, TypeError, AttributeError, IndexError, OverflowError) as error:
         # (OverflowError: int() of a JSON Infinity; a traceback before, a re-review of session 31)

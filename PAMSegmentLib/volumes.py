@@ -19,7 +19,7 @@ import time
 import uuid
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Sequence, Union
 
 import numpy as np
@@ -1087,15 +1087,7 @@ def memory_budget() -> tuple[int | None, int | None]:
     """(limit, free) in bytes: the least of physical memory, the control group's limit (a container,
     a batch scheduler's job) and the address-space limit (``ulimit -v``), and what is free now
     (MemAvailable, within that limit); None where the system does not say."""
-    limits = [physical_memory_bytes()]
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            text = Path(path).read_text().strip()
-        except (OSError, ValueError):
-            continue
-        if text.isdigit() and int(text) < 2**60:  # "max", or v1's huge number: no limit
-            limits.append(int(text))
-        break
+    limits = [physical_memory_bytes(), *_cgroup_limits()]
     try:
         import resource  # noqa: PLC0415 - POSIX only
 
@@ -1120,6 +1112,37 @@ def memory_budget() -> tuple[int | None, int | None]:
     return limit, free
 
 
+def _cgroup_limits(root: str = "/sys/fs/cgroup", own: str = "/proc/self/cgroup") -> list[int]:
+    """The memory limits of this process's control group and of every group above it (a batch
+    scheduler's job or a systemd unit sits deep in the tree; a v2 root has no limit file), v2
+    (``memory.max``) and v1 (``memory.limit_in_bytes``)."""
+    try:
+        lines = Path(own).read_text().splitlines()
+    except (OSError, ValueError):
+        lines = []
+    places = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        if parts[0] == "0" and parts[1] == "":
+            places.append((Path(root), parts[2], "memory.max"))
+        elif "memory" in parts[1].split(","):
+            places.append((Path(root) / "memory", parts[2], "memory.limit_in_bytes"))
+    places += [(Path(root), "/", "memory.max"), (Path(root) / "memory", "/", "memory.limit_in_bytes")]
+    found = []
+    for base, group, name in places:
+        folder = PurePosixPath(group if group.startswith("/") else "/" + group)
+        for level in (folder, *folder.parents):
+            try:
+                text = (base / str(level).lstrip("/") / name).read_text().strip()
+            except (OSError, ValueError):
+                continue
+            if text.isdigit() and int(text) < 2**60:  # "max", or v1's huge number: no limit
+                found.append(int(text))
+    return found
+
+
 def image_pixels_2d(path: PathLike) -> tuple[int, int, int] | None:
     """(rows, columns, colour channels: 1 or 3) of a 2D image file from its header alone, before a
     pixel is decoded; None when ITK cannot read the header (the full read then says why)."""
@@ -1130,12 +1153,27 @@ def image_pixels_2d(path: PathLike) -> tuple[int, int, int] | None:
             reader.ReadImageInformation()
         size, components = reader.GetSize(), int(reader.GetNumberOfComponents())
     except RuntimeError:
-        return None
+        return _pixels_2d_without_itk(Path(path))
     flat = [int(n) for n in size if int(n) != 1] or [1]
     if len(flat) > 2:
         return None
     columns, rows = (flat + [1])[:2]
     return rows, columns, 3 if components >= 3 else 1
+
+
+def _pixels_2d_without_itk(p: Path) -> tuple[int, int, int] | None:
+    """``image_pixels_2d`` of the files the reading falls back to tifffile or Pillow for (a grey +
+    alpha PNG, a TIFF of 64-bit floats), from their tags; None when neither can say."""
+    sizes = _tiff_page_sizes(p)
+    if sizes:
+        layout = _tiff_layout(p)
+        return sizes[0][1], sizes[0][0], 3 if layout is not None and layout[0] >= 3 else 1
+    try:
+        with _pillow_unguarded() as Image, Image.open(p) as im:  # the header, not the pixels
+            columns, rows = im.size
+            return rows, columns, 3 if len(im.getbands()) >= 3 else 1
+    except (ImportError, OSError, ValueError, TypeError):
+        return None
 
 
 def _gb(n: float) -> str:
@@ -1150,9 +1188,9 @@ def check_memory(need: int, what: str, advice: str, skip: bool = False) -> str |
     when the work fits the limit but not what is free now, else None."""
     limit, free = memory_budget()
     if limit and need > 0.9 * limit and not skip:
-        raise InputError(f"{what} needs about {_gb(need)} of memory at its peak, but this process may use "
-                         f"{_gb(limit)}: nothing was done. {advice}, or run again with --no-memory-check (with "
-                         "enough swap, say)")
+        raise InputError(f"{what} needs about {_gb(need)} of memory at its peak, more than 90 % of the "
+                         f"{_gb(limit)} this process may use: nothing was done. {advice}, or run again with "
+                         "--no-memory-check (with enough swap, say)")
     if free and need > free:
         return (f"{what} needs about {_gb(need)} of memory at its peak and {_gb(free)} is free now: close other "
                 "programs, or the system may stop it without a message")
@@ -2590,7 +2628,11 @@ def _tiff_layout(p: Path) -> tuple[int, int, bool, int] | None:
 def _tiff_page_sizes(p: Path, most: int = 16) -> list[tuple[int, int]] | None:
     """The (columns, rows) of a TIFF's first ``most`` pages from their tags (tifffile, else
     Pillow), without decoding pixels; None for any other file or one neither can open."""
-    if not p.name.lower().endswith((".tif", ".tiff", ".svs")):
+    try:  # by content: ITK reads a TIFF named .btf, .ndpi, .scn or .dat as one too
+        with open(p, "rb") as fh:
+            if fh.read(4) not in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):  # TIFF, BigTIFF
+                return None
+    except OSError:
         return None
     try:
         import tifffile
@@ -2614,22 +2656,32 @@ def _tiff_page_sizes(p: Path, most: int = 16) -> list[tuple[int, int]] | None:
 
 def _check_not_pyramid(p: Path, volume: bool = False) -> None:
     """A whole-slide (pyramidal) TIFF or SVS stores its levels, thumbnail and label images as pages
-    of different sizes; ITK read it as one volume and said "is the file damaged?", "a 3D image
-    (250 x 250 x 3)" (the thumbnail's size) or "crop it in Slicer's Crop Volume module", and with
-    a smaller page first it crashed the process (a segmentation fault). ``volume``: the file was
-    given as a volume (pages of different sizes are no volume either)."""
+    of different sizes. ITK reads a TIFF's pages as one volume of its first page's size: with a
+    smaller page first it crashed the process (a segmentation fault) or cropped every larger page
+    to the first one's size without a word, so such a file is refused before ITK reads it (a file
+    whose first page is the largest is left to ITK, which reads a plain image with a thumbnail page
+    as it is; ``_pyramid_error`` names the file when ITK cannot). ``volume``: the file was given as
+    a volume, whose slices all have one size: any difference is refused."""
     sizes = _tiff_page_sizes(p)
-    if sizes and len(set(sizes)) > 1:
-        (w, h) = max(sizes, key=lambda wh: wh[0] * wh[1])
-        shown = ", ".join(f"{a:,} x {b:,}" for a, b in sizes[:4]) + (", ..." if len(sizes) > 4 else "")
-        pages = f"its pages are images of different sizes ({shown} px), the largest {w:,} x {h:,} px"
-        if volume:
-            raise InputError(f"{p.name} is no volume: {pages} (a whole-slide image?); a volume's slices all have one "
-                             "size: give a NIfTI, NRRD, MHA or DICOM volume, or label a 2D region of a slide with "
-                             "`pamsegment label-cells` or `label-images`")
-        raise InputError(f"{p.name} is a whole-slide (pyramidal) image: {pages}; PAMSegment reads one plain 2D image, "
-                         "so export the region to label from the full-resolution level as a TIFF or PNG (QuPath: "
-                         "File > Export images; or OpenSlide, `vips crop`)")
+    if not sizes or len(set(sizes)) < 2:
+        return
+    first = sizes[0]
+    if volume or any(w > first[0] or h > first[1] for w, h in sizes[1:]):
+        raise _pyramid_error(p, sizes, volume)
+
+
+def _pyramid_error(p: Path, sizes: list[tuple[int, int]], volume: bool = False) -> InputError:
+    """What to do with a TIFF whose pages are images of different ``sizes`` (a whole-slide image)."""
+    (w, h) = max(sizes, key=lambda wh: wh[0] * wh[1])
+    shown = ", ".join(f"{a:,} x {b:,}" for a, b in sizes[:4]) + (", ..." if len(sizes) > 4 else "")
+    pages = f"its pages are images of different sizes ({shown} px), the largest {w:,} x {h:,} px"
+    if volume:
+        return InputError(f"{p.name} is no volume: {pages} (a whole-slide image?); a volume's slices all have one "
+                          "size: give a NIfTI, NRRD, MHA or DICOM volume, or label a 2D region of a slide with "
+                          "`pamsegment label-cells` or `label-images`")
+    return InputError(f"{p.name} is a whole-slide (pyramidal) image: {pages}; PAMSegment reads one plain 2D image, "
+                      "so export the region to label from the full-resolution level as a TIFF or PNG (QuPath: "
+                      "File > Export images; or OpenSlide, `vips crop`)")
 
 
 def _tiff_pixels(p: Path) -> np.ndarray | None:
@@ -2692,7 +2744,13 @@ def _read_2d(path: PathLike, what: str) -> tuple[sitk.Image, sitk.Image]:
     if p.is_dir():
         raise InputError(f"{p} is a folder; give an image file ({', '.join(IMAGE_2D_EXTENSIONS)})")
     _check_not_pyramid(p)
-    _check_declared_size(p)
+    try:
+        _check_declared_size(p)
+    except InputError:
+        sizes = _tiff_page_sizes(p)  # ITK counts a slide's levels as one volume: not what to say then
+        if sizes and len(set(sizes)) > 1:
+            raise _pyramid_error(p, sizes) from None
+        raise
     try:
         layout = _tiff_layout(p)
         if layout is not None:  # its fallback warning: _faithful_tiff checks what it read
@@ -2707,6 +2765,9 @@ def _read_2d(path: PathLike, what: str) -> tuple[sitk.Image, sitk.Image]:
             if arr is not None and arr.ndim in (2, 3) and np.issubdtype(arr.dtype, np.number):
                 image = sitk.GetImageFromArray(np.ascontiguousarray(arr), isVector=arr.ndim == 3)
         if image is None:
+            sizes = _tiff_page_sizes(p)
+            if sizes and len(set(sizes)) > 1:  # a whole-slide image whose first page is the largest
+                raise _pyramid_error(p, sizes) from None
             known = p.name.lower().endswith(tuple(IMAGE_2D_EXTENSIONS))
             raise InputError(f"cannot read {p} as an image ({_itk_reason(error)}); "
                              + ("is the file damaged? copy or export it again" if known else
@@ -2719,6 +2780,9 @@ def _read_2d(path: PathLike, what: str) -> tuple[sitk.Image, sitk.Image]:
         flat = _flat_axis(size)
         image = sitk.Extract(image, [0 if a == flat else n for a, n in enumerate(size)], [0, 0, 0])
     elif image.GetDimension() != 2:
+        sizes = _tiff_page_sizes(p)
+        if sizes and len(set(sizes)) > 1:
+            raise _pyramid_error(p, sizes)
         pages = " (a TIFF of several pages: channels, or a stack?)" if layout is not None else ""
         raise InputError(f"{p.name} is a {image.GetDimension()}D image ({_fmt_size(size)}){pages}, not a 2D {what}; "
                          + ("save the channel or plane to label as a file of its own; " if layout is not None else "")

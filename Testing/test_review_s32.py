@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 
+from conftest_mrml import *  # noqa: F401,F403 - fixtures (mrml_scene) for the Slicer test below
 from test_review_s30 import _slow_server
 
 
@@ -94,7 +95,7 @@ def test_a_wall_beyond_where_the_agreement_test_ended_a_walk_does_not_let_it_gro
     update, which matches a fresh run."""
     from test_engine import ISO, _AgreementOracle, image_for, predicted, prompt_from, tube
 
-    from PAMSegmentLib.propagate import propagate
+    from PAMSegmentLib.propagate import PropagationResult, propagate
 
     truth = tube(3, 25)
     image, prompt = image_for(truth), prompt_from(truth, [8, 16])
@@ -111,9 +112,20 @@ def test_a_wall_beyond_where_the_agreement_test_ended_a_walk_does_not_let_it_gro
     np.testing.assert_array_equal(update.mask, walled.mask)
     np.testing.assert_array_equal(update.confidence[1], walled.confidence[1])
     assert predicted(model) == []
-    # and an update of the walled run (a result that may come from an older version) agrees too
-    again = propagate(image, prompt, ISO, _AgreementOracle(truth, window=4), empty_slices={1: [wall]},
-                      previous=walled)
+    # an update of the walled run reuses its walk towards the wall (a re-review: it was predicted
+    # again on every update, and Slicer forgot the review marks there) ...
+    assert walled.outward_wall_test and walled.to_record()["outward_wall_test"] is True
+    model = _AgreementOracle(truth, window=4)
+    again = propagate(image, prompt, ISO, model, empty_slices={1: [wall]}, previous=walled)
+    assert predicted(model) == [] and again.recomputed == {1: []}
+    np.testing.assert_array_equal(again.mask, walled.mask)
+    np.testing.assert_array_equal(again.confidence[1], walled.confidence[1])
+    # ... unless an earlier version made it (walked there without the test): then it is predicted again
+    old = PropagationResult.from_record(walled.mask, {**walled.to_record(), "outward_wall_test": False})
+    model = _AgreementOracle(truth, window=4)
+    again = propagate(image, prompt, ISO, model, empty_slices={1: [wall]}, previous=old)
+    assert again.recomputed == {1: [(3, 7)] if wall < 8 else [(17, 23)]}  # the walk towards the wall
+    assert predicted(model) == ([4, 5, 6, 7] if wall < 8 else list(range(17, 24)))  # windows of 4 slices
     np.testing.assert_array_equal(again.mask, walled.mask)
     np.testing.assert_array_equal(again.confidence[1], walled.confidence[1])
 
@@ -153,8 +165,9 @@ def test_label_cells_refuses_an_image_its_memory_cannot_hold_before_reading_it(t
     err = capsys.readouterr().err
     # the largest square that fits: sqrt((0.9 x 8 GiB - 400 MiB - the tile's 227 MB) / 54) = 11 455 px
     assert ("error: labelling the cells of slide.mhd (20,000 x 20,000 px grey, about 54 bytes a pixel) needs about "
-            "21 GB of memory at its peak, but this process may use 8.0 GB: nothing was done. Crop the region to label "
-            "to at most about 11,400 x 11,400 px grey, or run again with --no-memory-check (with enough swap, say)"
+            "21 GB of memory at its peak, more than 90 % of the 8.0 GB this process may use: nothing was done. Crop "
+            "the region to label to at most about 11,400 x 11,400 px grey, or run again with --no-memory-check "
+            "(with enough swap, say)"
             ) in err
     assert not (tmp_path / "out.tif").exists()
     assert cli.main([*run, "--no-memory-check"]) == 2  # past the check: the pixels are missing
@@ -187,7 +200,8 @@ def test_label_images_refuses_a_set_its_memory_cannot_hold_before_reading_it(tmp
     assert cli.main(["label-images", str(tmp_path / "set" / "img_0.mhd"), str(tmp_path / "mask.png"),
                      str(tmp_path / "set"), "--method", "copy", "-o", str(tmp_path / "out")]) == 2
     assert ("error: labelling these 3 images (450 megapixels in all, about 20-24 bytes a pixel) needs about 11 GB of "
-            "memory at its peak, but this process may use 4.0 GB: nothing was done. Label fewer or smaller images per "
+            "memory at its peak, more than 90 % of the 4.0 GB this process may use: nothing was done. Label fewer or "
+            "smaller images per "
             "run, or run again with --no-memory-check (with enough swap, say)") in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -283,3 +297,166 @@ def test_label_cells_shows_progress_while_it_learns_from_the_tiles():
     assert seen[8:10] == [(0.3, "learning from tile 9 of 9"), (0.367, "classified tile 1 of 9")]
     assert seen[17:] == [(0.9, "classified tile 9 of 9"), (0.9, "splitting touching cells"),
                          (0.95, "measuring the cells"), (1.0, "done")]
+
+
+def test_the_memory_budget_finds_a_batch_jobs_limit_deep_in_the_cgroup_tree(tmp_path):
+    """A re-review (session 32): only the root's limit files were read, but a v2 root has none, and
+    a Slurm job or a systemd unit sits deep in the tree: the job's 4 GiB was taken for the machine's
+    23.5 GiB. The process's own group and every group above it count, v2 and v1."""
+    from PAMSegmentLib.volumes import _cgroup_limits
+
+    root = tmp_path / "cgroup"
+    (root / "system.slice" / "job.scope").mkdir(parents=True)
+    (root / "system.slice" / "memory.max").write_text(f"{4 * GIB}\n")
+    (root / "system.slice" / "job.scope" / "memory.max").write_text("max\n")
+    own = tmp_path / "self_cgroup"
+    own.write_text("0::/system.slice/job.scope\n")
+    assert _cgroup_limits(str(root), str(own)) == [4 * GIB]
+    v1 = root / "memory" / "slurm" / "uid_1" / "job_2"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text(f"{2 * GIB}\n")
+    (root / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "no limit"
+    own.write_text("12:pids:/slurm/uid_1/job_2\n5:memory:/slurm/uid_1/job_2\n")
+    assert _cgroup_limits(str(root), str(own)) == [2 * GIB]
+    own.write_text("")  # no groups said: the roots alone (here v2's has no file, v1's says no limit)
+    assert _cgroup_limits(str(root), str(own)) == []
+
+
+def test_a_plain_tiff_with_a_thumbnail_page_still_reads_and_a_tiff_is_known_by_its_content(tmp_path):
+    """A re-review (session 32) of the whole-slide check: an image whose second page is a small
+    thumbnail read as before (page 0) and must go on doing so; and ITK reads a TIFF named .dat or
+    .qptiff as one too, so a smaller first page there cropped every larger page to its size."""
+    import tifffile
+
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.volumes import read_image_2d, read_volume
+
+    rng = np.random.default_rng(1)
+    photo = rng.integers(0, 255, (120, 160), dtype=np.uint8)
+    with tifffile.TiffWriter(tmp_path / "photo.tif") as tif:
+        tif.write(photo)
+        tif.write(photo[::4, ::4].copy(), subfiletype=1)  # marked as a reduced image, as thumbnails are
+    np.testing.assert_array_equal(read_image_2d(tmp_path / "photo.tif")[0], photo)
+    with pytest.raises(InputError, match="photo.tif is no volume: its pages are images of different sizes"):
+        read_volume(tmp_path / "photo.tif")
+    with tifffile.TiffWriter(tmp_path / "scan.dat") as tif:
+        tif.write(photo[:40, :40].copy())
+        tif.write(photo)
+    with pytest.raises(InputError, match=r"scan.dat is a whole-slide \(pyramidal\) image: its pages are images of "
+                                         r"different sizes \(40 x 40, 160 x 120 px\)"):
+        read_image_2d(tmp_path / "scan.dat")
+
+
+def test_a_large_tile_is_named_in_the_refusal(tmp_path, monkeypatch, capsys):
+    from PAMSegmentLib import cli, volumes
+
+    monkeypatch.setattr(volumes, "memory_budget", lambda: (GIB, GIB))
+    image = _declared_only(tmp_path / "region.mhd", 3000, 3000)
+    assert cli.main(["label-cells", str(image), str(image), "-o", str(tmp_path / "out.tif"), "--tile", "4096"]) == 2
+    assert "(or give a smaller --tile than 4096: the default 1024 needs less), or run again" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_on_the_command_line_process_deletes_the_job_before_it_exits(tmp_path, sig):
+    """A re-review (session 32): in a real `pamsegment` process a Ctrl-C (or SIGTERM) inside the
+    wait for the upload's answer left the helper thread marked as ended while it still ran
+    (Thread.join interrupted, CPython 3.11), so the process exited at once and the job the upload
+    made stayed on the server; the in-process test above lives on in pytest, so it did not see it."""
+    import subprocess
+    import sys
+
+    import SimpleITK as sitk
+    from conftest import REPO, _cli_env
+
+    image = np.random.default_rng(0).normal(0, 1, (8, 32, 32)).astype(np.float32)
+    prompt = np.zeros(image.shape, np.uint8)
+    prompt[3, 5:10, 5:10] = 1
+    sitk.WriteImage(sitk.GetImageFromArray(image), str(tmp_path / "img.nii.gz"))
+    sitk.WriteImage(sitk.GetImageFromArray(prompt), str(tmp_path / "prompt.nii.gz"))
+    server, url, log = _slow_server(post_delay=1.0)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "PAMSegmentLib", "propagate", str(tmp_path / "img.nii.gz"),
+                                 str(tmp_path / "prompt.nii.gz"), "-o", str(tmp_path / "out.nii.gz"), "--server", url,
+                                 "--method", "copy"], cwd=REPO, env=_cli_env(None), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while "POST received" not in log and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)
+        proc.send_signal(sig)
+        proc.communicate(timeout=30)
+        assert proc.returncode != 0 and not (tmp_path / "out.nii.gz").exists()
+        assert "DELETE /jobs/J1" in log  # sent before the process ended: nothing in this test sends it later
+    finally:
+        server.shutdown()
+
+
+def test_slicer_records_and_server_answers_say_whether_walks_towards_walls_had_the_test(mrml_scene):
+    """A re-review (session 32): results of earlier versions walked towards a wall without the
+    agreement test, so such walks were predicted again on every update; a result now says that it
+    had the test, in Slicer's record and in a server's answer, and its walks are reused."""
+    import PAMSegmentLib.mrml as mrml
+    from PAMSegmentLib.mrml import PropagationHistory
+    from PAMSegmentLib.remote import decode_result
+    from PAMSegmentLib.server import encode_result
+    from test_mrml_corrections import _run_of
+    from test_review_s31 import _finished_job
+
+    job, seg, sid, vol, truth = _finished_job(mrml_scene)
+    assert job.result.outward_wall_test
+    history = PropagationHistory()
+    job.apply(history=history)
+    entry = history.get(seg, sid)
+    text = mrml.encode_record(entry)
+    back = mrml.decode_record(text, seg, sid, _run_of(text))
+    assert back.outward_wall_test and back.previous_result().outward_wall_test
+    entry.outward_wall_test = False  # as a record of an earlier version reads
+    older = mrml.encode_record(entry)
+    assert not mrml.decode_record(older, seg, sid, _run_of(older)).previous_result().outward_wall_test
+    assert decode_result(encode_result(job.result)).outward_wall_test
+
+
+def test_a_thread_count_is_given_back_when_torch_was_imported_during_an_overlapping_run(monkeypatch):
+    """A re-review (session 32): a `copy` run began before torch was imported, a `pam` run beside it
+    imported torch; torch's count, saved by neither, stayed at 1 once both had ended."""
+    import sys
+
+    import torch
+
+    from PAMSegmentLib.propagate import torch_threads
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.delitem(sys.modules, "torch")  # not imported yet
+        first = torch_threads(1)
+        first.__enter__()
+        monkeypatch.setitem(sys.modules, "torch", torch)  # the second run imports it
+        second = torch_threads(1)
+        second.__enter__()
+        assert torch.get_num_threads() == 1
+        first.__exit__(None, None, None)
+        second.__exit__(None, None, None)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_files_itk_cannot_read_the_header_of_are_checked_too(tmp_path, monkeypatch, capsys):
+    """A re-review (session 32): a grey + alpha PNG and a TIFF of 64-bit floats (which ITK cannot
+    read; tifffile or Pillow do) skipped the memory check, and label-images counted their pixels
+    as none."""
+    import tifffile
+    from PIL import Image
+
+    from PAMSegmentLib import cli, volumes
+
+    grey_alpha = np.zeros((300, 200, 2), np.uint8)
+    Image.fromarray(grey_alpha, mode="LA").save(tmp_path / "la.png")
+    tifffile.imwrite(tmp_path / "f64.tif", np.zeros((150, 100), np.float64))
+    assert volumes.image_pixels_2d(tmp_path / "la.png") == (300, 200, 1)
+    assert volumes.image_pixels_2d(tmp_path / "f64.tif") == (150, 100, 1)
+    monkeypatch.setattr(volumes, "memory_budget", lambda: (2**28, 2**28))  # 256 MiB: below the fixed share
+    assert cli.main(["label-cells", str(tmp_path / "la.png"), str(tmp_path / "la.png"), "-o",
+                     str(tmp_path / "out.tif")]) == 2
+    assert "labelling the cells of la.png (200 x 300 px grey" in capsys.readouterr().err
