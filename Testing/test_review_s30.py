@@ -382,6 +382,14 @@ def test_presence_as_a_tensor_that_requires_grad_and_remote_options_checked_dire
         server.propagate(image, prompt, (1.0, 1.0, 1.0), range=(1.5, 11))
 
 
+def _tiny_case():
+    """An 8 x 32 x 32 noise volume and a 5 x 5 square drawn on slice 3: what a stand-in server is sent."""
+    image = np.random.default_rng(0).normal(0, 1, (8, 32, 32)).astype(np.float32)
+    prompt = np.zeros(image.shape, np.uint8)
+    prompt[3, 5:10, 5:10] = 1
+    return image, prompt
+
+
 def _slow_server(post_delay=0.0, status_hang=0.0, job_id="J1"):
     """A stand-in PAMSegment server in a thread that answers an upload after ``post_delay`` s, a
     job's status and its deletion after ``status_hang`` s; (server, url, log of requests)."""
@@ -448,9 +456,7 @@ def test_cancel_leaves_no_job_on_the_server_and_does_not_wait_for_it(when):
     upload = when == "while the upload is answered"
     server, url, log = _slow_server(post_delay=1.0 if upload else 0.0, status_hang=0.0 if upload else 30.0)
     try:
-        image = np.random.default_rng(0).normal(0, 1, (8, 32, 32)).astype(np.float32)
-        prompt = np.zeros(image.shape, np.uint8)
-        prompt[3, 5:10, 5:10] = 1
+        image, prompt = _tiny_case()
         cancel = CancelToken()
 
         def cancel_soon():
@@ -482,9 +488,7 @@ def test_a_job_id_that_is_no_job_id_is_not_put_in_request_paths(job_id):
 
     server, url, log = _slow_server(job_id=job_id)
     try:
-        image = np.random.default_rng(0).normal(0, 1, (8, 32, 32)).astype(np.float32)
-        prompt = np.zeros(image.shape, np.uint8)
-        prompt[3, 5:10, 5:10] = 1
+        image, prompt = _tiny_case()
         with pytest.raises(PAMError, match="answered, but not as a PAMSegment server does"):
             RemoteModel(url, method="copy").propagate(image, prompt, (1, 1, 1))
         assert log == ["GET /info", "POST received"]  # nothing asked with that id

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest_mrml import *  # noqa: F401,F403 - fixtures (mrml_scene) for the Slicer test below
-from test_review_s30 import _slow_server
+from test_review_s30 import _slow_server, _tiny_case
 
 
 def _interrupt_main_when(log, entry, delay=0.2):
@@ -39,9 +39,7 @@ def test_ctrl_c_at_the_command_line_leaves_no_job_on_the_server_and_does_not_wai
     upload = when == "while the server reads the upload"
     server, url, log = _slow_server(post_delay=1.0 if upload else 0.0, status_hang=0.0 if upload else 30.0)
     try:
-        image = np.random.default_rng(0).normal(0, 1, (8, 32, 32)).astype(np.float32)
-        prompt = np.zeros(image.shape, np.uint8)
-        prompt[3, 5:10, 5:10] = 1
+        image, prompt = _tiny_case()
         _interrupt_main_when(log, "POST received" if upload else "GET /jobs/J1")
         t0 = time.monotonic()
         with pytest.raises(KeyboardInterrupt):
@@ -368,9 +366,7 @@ def test_ctrl_c_on_the_command_line_process_deletes_the_job_before_it_exits(tmp_
     import SimpleITK as sitk
     from conftest import REPO, _cli_env
 
-    image = np.random.default_rng(0).normal(0, 1, (8, 32, 32)).astype(np.float32)
-    prompt = np.zeros(image.shape, np.uint8)
-    prompt[3, 5:10, 5:10] = 1
+    image, prompt = _tiny_case()
     sitk.WriteImage(sitk.GetImageFromArray(image), str(tmp_path / "img.nii.gz"))
     sitk.WriteImage(sitk.GetImageFromArray(prompt), str(tmp_path / "prompt.nii.gz"))
     server, url, log = _slow_server(post_delay=1.0)
