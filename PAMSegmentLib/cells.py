@@ -504,10 +504,16 @@ LEARN_SHARE = 0.3  # of the progress bar: the features of the tiles learnt from 
 CELLS_FIXED_BYTES = 400 * 2**20
 
 
+def _tile_bytes(side: int, channels: int) -> int:
+    """One tile's features with a 32 px margin each way (cells up to 15 px across): 16 a channel,
+    computed in float64 and kept in float32."""
+    return (side + 64) ** 2 * 16 * channels * 12
+
+
 def cells_memory_bytes(rows: int, columns: int, channels: int, tile: int) -> int:
     """About the peak memory `label-cells` needs for an image of this size (pixels from its header)."""
-    side = min(tile, max(rows, columns)) + 64  # a tile with its margin (cells up to 15 px across)
-    return int(CELLS_FIXED_BYTES + rows * columns * CELLS_BYTES_PER_PIXEL[channels] + side * side * 16 * channels * 12)
+    pixels = rows * columns * CELLS_BYTES_PER_PIXEL[channels]
+    return int(CELLS_FIXED_BYTES + pixels + _tile_bytes(min(tile, max(rows, columns)), channels))
 
 
 def _check_cells_memory(path, tile: int, skip: bool) -> None:
@@ -524,8 +530,7 @@ def _check_cells_memory(path, tile: int, skip: bool) -> None:
     rows, columns, channels = header
     need = cells_memory_bytes(rows, columns, channels, tile)
     limit, _ = memory_budget()
-    room = 0.9 * limit - cells_memory_bytes(0, 0, channels, tile) + 64 * 64 * 16 * channels * 12 \
-        - (tile + 64) ** 2 * 16 * channels * 12 if limit else 0  # with a whole tile's features
+    room = 0.9 * limit - CELLS_FIXED_BYTES - _tile_bytes(tile, channels) if limit else 0  # a whole tile's features
     fits = int(np.sqrt(room / CELLS_BYTES_PER_PIXEL[channels])) if room > 0 else 0
     kind = "colour" if channels == 3 else "grey"
     advice = (f"Crop the region to label to at most about {fits // 100 * 100:,} x {fits // 100 * 100:,} px {kind}"

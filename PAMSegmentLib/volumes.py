@@ -2670,6 +2670,14 @@ def _check_not_pyramid(p: Path, volume: bool = False) -> None:
         raise _pyramid_error(p, sizes, volume)
 
 
+def _refuse_pages_of_different_sizes(p: Path) -> None:
+    """InputError (``_pyramid_error``) for a TIFF whose pages differ in size: said where ITK read
+    such a file wrongly or not at all."""
+    sizes = _tiff_page_sizes(p)
+    if sizes and len(set(sizes)) > 1:
+        raise _pyramid_error(p, sizes) from None
+
+
 def _pyramid_error(p: Path, sizes: list[tuple[int, int]], volume: bool = False) -> InputError:
     """What to do with a TIFF whose pages are images of different ``sizes`` (a whole-slide image)."""
     (w, h) = max(sizes, key=lambda wh: wh[0] * wh[1])
@@ -2747,9 +2755,7 @@ def _read_2d(path: PathLike, what: str) -> tuple[sitk.Image, sitk.Image]:
     try:
         _check_declared_size(p)
     except InputError:
-        sizes = _tiff_page_sizes(p)  # ITK counts a slide's levels as one volume: not what to say then
-        if sizes and len(set(sizes)) > 1:
-            raise _pyramid_error(p, sizes) from None
+        _refuse_pages_of_different_sizes(p)  # ITK counts a slide's levels as one volume: not what to say then
         raise
     try:
         layout = _tiff_layout(p)
@@ -2765,9 +2771,7 @@ def _read_2d(path: PathLike, what: str) -> tuple[sitk.Image, sitk.Image]:
             if arr is not None and arr.ndim in (2, 3) and np.issubdtype(arr.dtype, np.number):
                 image = sitk.GetImageFromArray(np.ascontiguousarray(arr), isVector=arr.ndim == 3)
         if image is None:
-            sizes = _tiff_page_sizes(p)
-            if sizes and len(set(sizes)) > 1:  # a whole-slide image whose first page is the largest
-                raise _pyramid_error(p, sizes) from None
+            _refuse_pages_of_different_sizes(p)  # a whole-slide image whose first page is the largest
             known = p.name.lower().endswith(tuple(IMAGE_2D_EXTENSIONS))
             raise InputError(f"cannot read {p} as an image ({_itk_reason(error)}); "
                              + ("is the file damaged? copy or export it again" if known else
@@ -2780,9 +2784,7 @@ def _read_2d(path: PathLike, what: str) -> tuple[sitk.Image, sitk.Image]:
         flat = _flat_axis(size)
         image = sitk.Extract(image, [0 if a == flat else n for a, n in enumerate(size)], [0, 0, 0])
     elif image.GetDimension() != 2:
-        sizes = _tiff_page_sizes(p)
-        if sizes and len(set(sizes)) > 1:
-            raise _pyramid_error(p, sizes)
+        _refuse_pages_of_different_sizes(p)
         pages = " (a TIFF of several pages: channels, or a stack?)" if layout is not None else ""
         raise InputError(f"{p.name} is a {image.GetDimension()}D image ({_fmt_size(size)}){pages}, not a 2D {what}; "
                          + ("save the channel or plane to label as a file of its own; " if layout is not None else "")
