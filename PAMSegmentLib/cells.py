@@ -191,11 +191,14 @@ def _marks_like_cells(image: np.ndarray, examples: np.ndarray, marked: np.ndarra
     ex = cells > 0
     cell_look, ring_look = look(ex), look(ndimage.binary_dilation(ex, iterations=3) & ~ex & ~marked)
     out = []
-    for k in candidates:
-        piece = pieces == k
-        v = look(piece)
+    boxes = ndimage.find_objects(pieces)  # each piece within its own box: a whole-image mask per mark
+    for k in candidates:                   # took about 0.003 s per mark and megapixel (a review, s32)
+        box = boxes[k - 1]
+        piece = pieces[box] == k
+        v = img[box][piece].astype(np.float64).mean(axis=0)
         if np.linalg.norm(v - cell_look) < np.linalg.norm(v - ring_look):
-            out.append(tuple(float(x) for x in ndimage.center_of_mass(piece)))
+            centre = ndimage.center_of_mass(piece)
+            out.append(tuple(float(x + s.start) for x, s in zip(centre, box)))
     return out
 
 

@@ -456,3 +456,33 @@ def test_files_itk_cannot_read_the_header_of_are_checked_too(tmp_path, monkeypat
     assert cli.main(["label-cells", str(tmp_path / "la.png"), str(tmp_path / "la.png"), "-o",
                      str(tmp_path / "out.tif")]) == 2
     assert "labelling the cells of la.png (200 x 300 px grey" in capsys.readouterr().err
+
+
+def test_background_marks_like_cells_are_found_within_their_own_boxes():
+    """A review (session 32): each background mark was looked at through a whole-image mask (about
+    0.003 s per mark and megapixel: 10.7 s for 200 marks on a 3000 px image, 0.7 s now); the marks
+    named and their centres are the same as the whole-image computation's (written out here)."""
+    from scipy import ndimage
+
+    from PAMSegmentLib.cells import _marks_like_cells
+
+    rng = np.random.default_rng(0)
+    image = rng.normal(100, 10, (200, 240)).astype(np.float32)
+    examples, marked = np.zeros(image.shape, np.int32), np.zeros(image.shape, bool)
+    yy, xx = np.mgrid[-6:7, -6:7]
+    disc = yy ** 2 + xx ** 2 <= 36
+    for k in range(3):  # bright example cells
+        examples[20 + 30 * k - 6:20 + 30 * k + 7, 14:27][disc] = k + 1
+        image[20 + 30 * k - 6:20 + 30 * k + 7, 14:27][disc] += 80
+    for k, (r, c) in enumerate([(40, 100), (90, 60), (150, 200), (170, 120), (120, 180), (60, 220)]):
+        marked[r - 6:r + 7, c - 6:c + 7][disc] = True
+        if k % 2:  # every other mark lies on something bright, like a cell
+            image[r - 6:r + 7, c - 6:c + 7][disc] += 80
+    found = _marks_like_cells(image, examples, marked)
+    pieces, n = ndimage.label(marked)
+    ex = examples > 0
+    cell, ring = image[ex].mean(), image[ndimage.binary_dilation(ex, iterations=3) & ~ex & ~marked].mean()
+    expected = [ndimage.center_of_mass(pieces == k) for k in range(1, n + 1)
+                if abs(image[pieces == k].mean() - cell) < abs(image[pieces == k].mean() - ring)]
+    assert len(found) == 3 and found == [tuple(float(v) for v in e) for e in expected]
+    assert sorted(found) == [(60.0, 220.0), (90.0, 60.0), (170.0, 120.0)]
