@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import math
 import os
 import re
@@ -2625,20 +2626,29 @@ def _tiff_layout(p: Path) -> tuple[int, int, bool, int] | None:
         return None
 
 
-def _tiff_page_sizes(p: Path, most: int = 16) -> list[tuple[int, int]] | None:
-    """The (columns, rows) of a TIFF's first ``most`` pages from their tags (tifffile, else
-    Pillow), without decoding pixels; None for any other file or one neither can open."""
+def _tiff_page_sizes(p: Path, most: int = 100_000) -> list[tuple[int, int]] | None:
+    """The (columns, rows) of the pages of a TIFF that ITK reads as its slices (those not flagged
+    as reduced-resolution images: a flagged preview or level is skipped by ITK), from their tags
+    (tifffile, else Pillow) without decoding pixels; None for any other file (a DICOM file with a
+    TIFF preamble too) or one neither can open."""
     try:  # by content: ITK reads a TIFF named .btf, .ndpi, .scn or .dat as one too
         with open(p, "rb") as fh:
-            if fh.read(4) not in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):  # TIFF, BigTIFF
-                return None
+            head = fh.read(132)
     except OSError:
+        return None
+    if head[:4] not in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+") or head[128:132] == b"DICM":
         return None
     try:
         import tifffile
 
-        with tifffile.TiffFile(p) as tif:
-            return [(int(page.imagewidth), int(page.imagelength)) for page in tif.pages[:most]]
+        logger = logging.getLogger("tifffile")
+        quiet, logger.disabled = logger.disabled, True  # its warnings on odd tags are not the user's business
+        try:
+            with tifffile.TiffFile(p) as tif:
+                return [(int(page.imagewidth), int(page.imagelength)) for page in tif.pages[:most]
+                        if not int(getattr(page, "subfiletype", 0) or 0) & 1]
+        finally:
+            logger.disabled = quiet
     except ImportError:
         pass
     except Exception:  # noqa: BLE001 - tifffile's own errors on files it cannot parse
@@ -2648,7 +2658,8 @@ def _tiff_page_sizes(p: Path, most: int = 16) -> list[tuple[int, int]] | None:
             sizes = []
             for k in range(min(int(getattr(im, "n_frames", 1)), most)):
                 im.seek(k)
-                sizes.append(tuple(int(v) for v in im.size))
+                if not int(getattr(im, "tag_v2", {}).get(254, 0) or 0) & 1:
+                    sizes.append(tuple(int(v) for v in im.size))
             return sizes
     except (ImportError, OSError, ValueError, TypeError, EOFError):
         return None
@@ -2656,32 +2667,21 @@ def _tiff_page_sizes(p: Path, most: int = 16) -> list[tuple[int, int]] | None:
 
 def _check_not_pyramid(p: Path, volume: bool = False) -> None:
     """A whole-slide (pyramidal) TIFF or SVS stores its levels, thumbnail and label images as pages
-    of different sizes. ITK reads a TIFF's pages as one volume of its first page's size: with a
-    smaller page first it crashed the process (a segmentation fault) or cropped every larger page
-    to the first one's size without a word, so such a file is refused before ITK reads it (a file
-    whose first page is the largest is left to ITK, which reads a plain image with a thumbnail page
-    as it is; ``_pyramid_error`` names the file when ITK cannot). ``volume``: the file was given as
-    a volume, whose slices all have one size: any difference is refused."""
-    sizes = _tiff_page_sizes(p)
-    if not sizes or len(set(sizes)) < 2:
-        return
-    first = sizes[0]
-    if volume or any(w > first[0] or h > first[1] for w, h in sizes[1:]):
-        raise _pyramid_error(p, sizes, volume)
-
-
-def _refuse_pages_of_different_sizes(p: Path) -> None:
-    """InputError (``_pyramid_error``) for a TIFF whose pages differ in size: said where ITK read
-    such a file wrongly or not at all."""
+    of different sizes. ITK reads the pages not flagged as reduced images as the slices of one
+    volume of the first one's size: a page of another size crashed the process (a segmentation
+    fault: a smaller page first, or an Aperio thumbnail after a tiled full-resolution level), was
+    cropped to the first page's size without a word, or gave "is the file damaged?". Such a file
+    is refused before ITK reads it, as a 2D image and as a volume (``volume``)."""
     sizes = _tiff_page_sizes(p)
     if sizes and len(set(sizes)) > 1:
-        raise _pyramid_error(p, sizes) from None
+        raise _pyramid_error(p, sizes, volume)
 
 
 def _pyramid_error(p: Path, sizes: list[tuple[int, int]], volume: bool = False) -> InputError:
     """What to do with a TIFF whose pages are images of different ``sizes`` (a whole-slide image)."""
     (w, h) = max(sizes, key=lambda wh: wh[0] * wh[1])
-    shown = ", ".join(f"{a:,} x {b:,}" for a, b in sizes[:4]) + (", ..." if len(sizes) > 4 else "")
+    distinct = list(dict.fromkeys(sizes))  # in the order the pages come
+    shown = ", ".join(f"{a:,} x {b:,}" for a, b in distinct[:4]) + (", ..." if len(distinct) > 4 else "")
     pages = f"its pages are images of different sizes ({shown} px), the largest {w:,} x {h:,} px"
     if volume:
         return InputError(f"{p.name} is no volume: {pages} (a whole-slide image?); a volume's slices all have one "
@@ -2752,11 +2752,7 @@ def _read_2d(path: PathLike, what: str) -> tuple[sitk.Image, sitk.Image]:
     if p.is_dir():
         raise InputError(f"{p} is a folder; give an image file ({', '.join(IMAGE_2D_EXTENSIONS)})")
     _check_not_pyramid(p)
-    try:
-        _check_declared_size(p)
-    except InputError:
-        _refuse_pages_of_different_sizes(p)  # ITK counts a slide's levels as one volume: not what to say then
-        raise
+    _check_declared_size(p)
     try:
         layout = _tiff_layout(p)
         if layout is not None:  # its fallback warning: _faithful_tiff checks what it read
@@ -2771,7 +2767,6 @@ def _read_2d(path: PathLike, what: str) -> tuple[sitk.Image, sitk.Image]:
             if arr is not None and arr.ndim in (2, 3) and np.issubdtype(arr.dtype, np.number):
                 image = sitk.GetImageFromArray(np.ascontiguousarray(arr), isVector=arr.ndim == 3)
         if image is None:
-            _refuse_pages_of_different_sizes(p)  # a whole-slide image whose first page is the largest
             known = p.name.lower().endswith(tuple(IMAGE_2D_EXTENSIONS))
             raise InputError(f"cannot read {p} as an image ({_itk_reason(error)}); "
                              + ("is the file damaged? copy or export it again" if known else
@@ -2784,7 +2779,6 @@ def _read_2d(path: PathLike, what: str) -> tuple[sitk.Image, sitk.Image]:
         flat = _flat_axis(size)
         image = sitk.Extract(image, [0 if a == flat else n for a, n in enumerate(size)], [0, 0, 0])
     elif image.GetDimension() != 2:
-        _refuse_pages_of_different_sizes(p)
         pages = " (a TIFF of several pages: channels, or a stack?)" if layout is not None else ""
         raise InputError(f"{p.name} is a {image.GetDimension()}D image ({_fmt_size(size)}){pages}, not a 2D {what}; "
                          + ("save the channel or plane to label as a file of its own; " if layout is not None else "")

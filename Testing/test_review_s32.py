@@ -335,8 +335,21 @@ def test_a_plain_tiff_with_a_thumbnail_page_still_reads_and_a_tiff_is_known_by_i
         tif.write(photo)
         tif.write(photo[::4, ::4].copy(), subfiletype=1)  # marked as a reduced image, as thumbnails are
     np.testing.assert_array_equal(read_image_2d(tmp_path / "photo.tif")[0], photo)
-    with pytest.raises(InputError, match="photo.tif is no volume: its pages are images of different sizes"):
-        read_volume(tmp_path / "photo.tif")
+    # a volume with a flagged preview page reads as its slices (ITK skips the preview; a re-review:
+    # it was refused), every page is looked at (a larger 20th page was cropped to the first's size)
+    stack = rng.integers(0, 255, (20, 32, 32), dtype=np.uint8)
+    with tifffile.TiffWriter(tmp_path / "stack.tif") as tif:
+        for plane in stack:
+            tif.write(plane)
+        tif.write(stack[0, ::4, ::4].copy(), subfiletype=1)
+    np.testing.assert_array_equal(read_volume(tmp_path / "stack.tif").array, stack)
+    with tifffile.TiffWriter(tmp_path / "bigger.tif") as tif:
+        for plane in stack:
+            tif.write(plane)
+        tif.write(np.zeros((64, 64), np.uint8))
+    with pytest.raises(InputError, match=r"bigger.tif is no volume: its pages are images of different sizes "
+                                         r"\(32 x 32, 64 x 64 px\), the largest 64 x 64 px"):
+        read_volume(tmp_path / "bigger.tif")
     with tifffile.TiffWriter(tmp_path / "scan.dat") as tif:
         tif.write(photo[:40, :40].copy())
         tif.write(photo)
@@ -486,3 +499,59 @@ def test_background_marks_like_cells_are_found_within_their_own_boxes():
                 if abs(image[pieces == k].mean() - cell) < abs(image[pieces == k].mean() - ring)]
     assert len(found) == 3 and found == [tuple(float(v) for v in e) for e in expected]
     assert sorted(found) == [(60.0, 220.0), (90.0, 60.0), (170.0, 120.0)]
+
+
+def test_an_aperio_layout_slide_is_refused_before_itk_reads_it(tmp_path):
+    """A re-review (session 32): a tiled full-resolution level followed by a thumbnail page that is
+    not flagged as reduced (as Aperio's SVS store it) went to ITK, which wrote outside its buffer:
+    a segmentation fault of `label-cells` on a 6000 x 4000 slide. Refused from the tags now."""
+    import tifffile
+
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.volumes import read_image_2d
+
+    level0 = np.random.default_rng(2).integers(0, 255, (768, 1024, 3), dtype=np.uint8)
+    with tifffile.TiffWriter(tmp_path / "biopsy.svs") as tif:
+        tif.write(level0, photometric="rgb", tile=(256, 256))
+        tif.write(level0[::4, ::4].copy(), photometric="rgb")  # the thumbnail, stripped, not flagged
+        tif.write(level0[::2, ::2].copy(), photometric="rgb", tile=(256, 256))
+    with pytest.raises(InputError, match=r"biopsy.svs is a whole-slide \(pyramidal\) image: its pages are images of "
+                                         r"different sizes \(1,024 x 768, 256 x 192, 512 x 384 px\)"):
+        read_image_2d(tmp_path / "biopsy.svs", keep_colour=True)
+
+
+def test_a_dicom_file_with_a_tiff_preamble_is_read_as_dicom(tmp_path, capfd):
+    """A re-review (session 32): DICOM allows a TIFF header in its 128-byte preamble (a
+    "dual-personality" file); the whole-slide check took it for a TIFF whose pages differ in size
+    and refused the volume, with tifffile's warnings on stderr."""
+    import struct
+
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    from PAMSegmentLib.volumes import read_volume
+
+    def ifd(width, height, following):
+        entries = [(256, 3, 1, width), (257, 3, 1, height)]
+        return (struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHII", *e) for e in entries)
+                + struct.pack("<I", following))
+
+    preamble = (b"II*\x00" + struct.pack("<I", 8) + ifd(64, 64, 38) + ifd(16, 16, 0)).ljust(128, b"\x00")
+    volume = np.random.default_rng(0).integers(0, 1000, (6, 64, 64)).astype(np.uint16)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta, ds.preamble = meta, preamble
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.Rows, ds.Columns, ds.NumberOfFrames, ds.SamplesPerPixel = "CT", 64, 64, 6, 1
+    ds.PhotometricInterpretation, ds.BitsAllocated, ds.BitsStored, ds.HighBit = "MONOCHROME2", 16, 16, 15
+    ds.PixelRepresentation, ds.PixelSpacing, ds.SliceThickness = 0, [1, 1], 1
+    ds.PixelData = volume.tobytes()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.PatientID = generate_uid(), generate_uid(), "x"
+    ds.save_as(tmp_path / "dual.dcm", enforce_file_format=True)
+    assert pydicom.dcmread(tmp_path / "dual.dcm").preamble[:4] == b"II*\x00"
+    np.testing.assert_array_equal(read_volume(tmp_path / "dual.dcm").array, volume)
+    assert "tifffile" not in capfd.readouterr().err
