@@ -16,6 +16,7 @@ import math
 import os
 import re
 import sys
+import threading
 import time
 import uuid
 import warnings
@@ -2626,11 +2627,15 @@ def _tiff_layout(p: Path) -> tuple[int, int, bool, int] | None:
         return None
 
 
-def _tiff_page_sizes(p: Path, most: int = 100_000) -> list[tuple[int, int]] | None:
-    """The (columns, rows) of the pages of a TIFF that ITK reads as its slices (those not flagged
-    as reduced-resolution images: a flagged preview or level is skipped by ITK), from their tags
-    (tifffile, else Pillow) without decoding pixels; None for any other file (a DICOM file with a
-    TIFF preamble too) or one neither can open."""
+TIFF_PAGES_LOOKED_AT = 2000  # pages whose tags the whole-slide check reads (more: about 0.1 ms a page)
+_TIFFFILE_QUIET = threading.Lock()  # its logger is switched off while a file is probed, one probe at a time
+
+
+def _tiff_pages(p: Path, most: int = TIFF_PAGES_LOOKED_AT) -> list[tuple[int, int, bool]] | None:
+    """(columns, rows, flagged) of a TIFF's first ``most`` pages from their tags (tifffile, else
+    Pillow) without decoding pixels; ``flagged``: NewSubfileType marks it a reduced-resolution
+    image or a mask (bits 0 and 2), which ITK skips. None for any other file (by content: a
+    DICOM file with a TIFF preamble is none) or one neither can open."""
     try:  # by content: ITK reads a TIFF named .btf, .ndpi, .scn or .dat as one too
         with open(p, "rb") as fh:
             head = fh.read(132)
@@ -2642,39 +2647,59 @@ def _tiff_page_sizes(p: Path, most: int = 100_000) -> list[tuple[int, int]] | No
         import tifffile
 
         logger = logging.getLogger("tifffile")
-        quiet, logger.disabled = logger.disabled, True  # its warnings on odd tags are not the user's business
-        try:
-            with tifffile.TiffFile(p) as tif:
-                return [(int(page.imagewidth), int(page.imagelength)) for page in tif.pages[:most]
-                        if not int(getattr(page, "subfiletype", 0) or 0) & 1]
-        finally:
-            logger.disabled = quiet
+        with _TIFFFILE_QUIET:
+            quiet, logger.disabled = logger.disabled, True  # its warnings on odd tags are not the user's business
+            try:
+                with tifffile.TiffFile(p) as tif:
+                    return [(int(page.imagewidth), int(page.imagelength),
+                             bool(int(getattr(page, "subfiletype", 0) or 0) & 5)) for page in tif.pages[:most]]
+            finally:
+                logger.disabled = quiet
     except ImportError:
         pass
     except Exception:  # noqa: BLE001 - tifffile's own errors on files it cannot parse
         return None
     try:
         with _pillow_unguarded() as Image, Image.open(p) as im:  # tags only, not the pixels
-            sizes = []
+            pages = []
             for k in range(min(int(getattr(im, "n_frames", 1)), most)):
                 im.seek(k)
-                if not int(getattr(im, "tag_v2", {}).get(254, 0) or 0) & 1:
-                    sizes.append(tuple(int(v) for v in im.size))
-            return sizes
-    except (ImportError, OSError, ValueError, TypeError, EOFError):
+                flags = int(getattr(im, "tag_v2", {}).get(254, 0) or 0)
+                pages.append((int(im.size[0]), int(im.size[1]), bool(flags & 5)))
+            return pages
+    except Exception:  # noqa: BLE001 - Pillow's errors on pages it cannot parse (a SyntaxError for a mask page)
         return None
+
+
+def _tiff_page_sizes(p: Path) -> list[tuple[int, int]] | None:
+    """The (columns, rows) of the pages ITK reads as a TIFF's slices (``_tiff_pages`` not flagged)."""
+    pages = _tiff_pages(p)
+    return None if pages is None else [(w, h) for w, h, flagged in pages if not flagged]
 
 
 def _check_not_pyramid(p: Path, volume: bool = False) -> None:
     """A whole-slide (pyramidal) TIFF or SVS stores its levels, thumbnail and label images as pages
-    of different sizes. ITK reads the pages not flagged as reduced images as the slices of one
-    volume of the first one's size: a page of another size crashed the process (a segmentation
-    fault: a smaller page first, or an Aperio thumbnail after a tiled full-resolution level), was
-    cropped to the first page's size without a word, or gave "is the file damaged?". Such a file
-    is refused before ITK reads it, as a 2D image and as a volume (``volume``)."""
-    sizes = _tiff_page_sizes(p)
-    if sizes and len(set(sizes)) > 1:
+    of different sizes. ITK takes a TIFF's size from its first page and reads the pages not flagged
+    as reduced images or masks as slices, each at the place its page number gives (flagged ones
+    counted): a page of another size crashed the process (a segmentation fault: a smaller page
+    first, or an Aperio thumbnail after a tiled full-resolution level) or was cropped to the first
+    page's size without a word, and a flagged first page (a preview) was read instead of the image,
+    or crashed a volume (a preview between slices, as a Zeiss LSM stores them). Such files are
+    refused before ITK reads them, as a 2D image and as a volume (``volume``): ITK is given a TIFF
+    only when its first page is unflagged, its flagged pages all come last and the rest share one
+    size. (The first TIFF_PAGES_LOOKED_AT pages are looked at.)"""
+    pages = _tiff_pages(p)
+    if not pages or len(pages) == 1:  # one page, flagged or not, reads as it is
+        return
+    sizes = [(w, h) for w, h, flagged in pages if not flagged]
+    if len(set(sizes)) > 1:
         raise _pyramid_error(p, sizes, volume)
+    flags = [flagged for _, _, flagged in pages]
+    if flags[0] or (True in flags and False in flags[flags.index(True):]):
+        where = "the first page" if flags[0] else "a page between its images"
+        raise InputError(f"{p.name}: {where} is a reduced-resolution preview or a mask (NewSubfileType), which the "
+                         "TIFF reader cannot skip there; save the image (or the slices) without previews, e.g. "
+                         "with Fiji (File > Save As > Tiff) or `tifffile`, and give that file")
 
 
 def _pyramid_error(p: Path, sizes: list[tuple[int, int]], volume: bool = False) -> InputError:

@@ -555,3 +555,31 @@ def test_a_dicom_file_with_a_tiff_preamble_is_read_as_dicom(tmp_path, capfd):
     assert pydicom.dcmread(tmp_path / "dual.dcm").preamble[:4] == b"II*\x00"
     np.testing.assert_array_equal(read_volume(tmp_path / "dual.dcm").array, volume)
     assert "tifffile" not in capfd.readouterr().err
+
+
+def test_a_tiff_whose_preview_page_comes_first_or_between_slices_is_refused(tmp_path):
+    """A re-review (session 32): ITK takes a TIFF's size from its first page and places each slice
+    by its page number, so a flagged preview first was read instead of the image (a 64 x 48
+    preview of a 512 x 384 photo), and a preview after every slice (as a Zeiss LSM stores them)
+    crashed a volume read. A single flagged page still reads."""
+    import tifffile
+
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.volumes import read_image_2d, read_volume
+
+    rng = np.random.default_rng(3)
+    photo = rng.integers(0, 255, (96, 128), dtype=np.uint8)
+    with tifffile.TiffWriter(tmp_path / "preview_first.tif") as tif:
+        tif.write(photo[::8, ::8].copy(), subfiletype=1)
+        tif.write(photo)
+    with pytest.raises(InputError, match=r"preview_first.tif: the first page is a reduced-resolution preview or a "
+                                         r"mask \(NewSubfileType\), which the TIFF reader cannot skip there"):
+        read_image_2d(tmp_path / "preview_first.tif")
+    with tifffile.TiffWriter(tmp_path / "lsm_like.tif") as tif:
+        for plane in rng.integers(0, 255, (4, 32, 32), dtype=np.uint8):
+            tif.write(plane)
+            tif.write(plane[::4, ::4].copy(), subfiletype=1)
+    with pytest.raises(InputError, match="lsm_like.tif: a page between its images is a reduced-resolution preview"):
+        read_volume(tmp_path / "lsm_like.tif")
+    tifffile.imwrite(tmp_path / "one_flagged.tif", photo, subfiletype=1)
+    np.testing.assert_array_equal(read_image_2d(tmp_path / "one_flagged.tif")[0], photo)
