@@ -583,3 +583,33 @@ def test_a_tiff_whose_preview_page_comes_first_or_between_slices_is_refused(tmp_
         read_volume(tmp_path / "lsm_like.tif")
     tifffile.imwrite(tmp_path / "one_flagged.tif", photo, subfiletype=1)
     np.testing.assert_array_equal(read_image_2d(tmp_path / "one_flagged.tif")[0], photo)
+
+
+@pytest.mark.parametrize("reader", ["tifffile", "Pillow"])
+def test_mask_pages_between_slices_are_refused_and_pages_all_flagged_read(tmp_path, monkeypatch, reader):
+    """A re-review (session 32): without tifffile (Pillow reads the tags; tifffile is no dependency)
+    a mask page Pillow cannot set up made the whole check give up, and ITK crashed on a stack with
+    a mask page after each slice; a file whose pages are all flagged was refused, though ITK reads
+    its first page right."""
+    import sys
+
+    import tifffile
+
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.volumes import read_image_2d, read_volume
+
+    rng = np.random.default_rng(4)
+    stack = rng.integers(0, 255, (4, 24, 32), dtype=np.uint8)
+    with tifffile.TiffWriter(tmp_path / "masked.tif") as tif:
+        for plane in stack:
+            tif.write(plane)
+            tif.write(plane > 128, subfiletype=4)
+    with tifffile.TiffWriter(tmp_path / "all_flagged.tif") as tif:
+        tif.write(stack[0], subfiletype=1)
+        tif.write(stack[0, ::2, ::2].copy(), subfiletype=1)
+    if reader == "Pillow":
+        monkeypatch.setitem(sys.modules, "tifffile", None)
+    with pytest.raises(InputError, match="masked.tif: a page between its images is a reduced-resolution preview or a "
+                                         "mask"):
+        read_volume(tmp_path / "masked.tif")
+    np.testing.assert_array_equal(read_image_2d(tmp_path / "all_flagged.tif")[0], stack[0])
