@@ -525,25 +525,26 @@ def _check_cells_memory(path, tile: int, skip: bool) -> None:
     word), naming the largest region that fits; warn when it fits but not in what is free now."""
     from pathlib import Path
 
-    from .volumes import check_memory, image_pixels_2d, memory_budget
+    from .volumes import check_memory, image_pixels_2d
 
     header = image_pixels_2d(path)
     if header is None:
         return
     rows, columns, channels = header
-    need = cells_memory_bytes(rows, columns, channels, tile)
-    limit, _ = memory_budget()
-    room = 0.9 * limit - CELLS_FIXED_BYTES - _tile_bytes(tile, channels) if limit else 0  # a whole tile's features
-    fits = int(np.sqrt(room / CELLS_BYTES_PER_PIXEL[channels])) if room > 0 else 0
     kind = "colour" if channels == 3 else "grey"
-    advice = (f"Crop the region to label to at most about {fits // 100 * 100:,} x {fits // 100 * 100:,} px {kind}"
-              if fits >= 100 else "Use a machine with more memory")
-    if tile > 1024:  # a tile's features (16 a channel, computed in float64) weigh with a large --tile
-        advice += f" (or give a smaller --tile than {tile}: the default 1024 needs less)"
-    warning = check_memory(need, f"labelling the cells of {Path(path).name} ({columns:,} x {rows:,} px {kind}, "
-                                 f"about {CELLS_BYTES_PER_PIXEL[channels]} bytes a pixel)", advice, skip)
-    if warning:
-        print(f"warning: {warning}", flush=True)
+
+    def advice(limit: int) -> str:  # the largest square region that fits, with a whole tile's features
+        room = 0.9 * limit - CELLS_FIXED_BYTES - _tile_bytes(tile, channels)
+        fits = int(np.sqrt(room / CELLS_BYTES_PER_PIXEL[channels])) if room > 0 else 0
+        text = (f"Crop the region to label to at most about {fits // 100 * 100:,} x {fits // 100 * 100:,} px {kind}"
+                if fits >= 100 else "Use a machine with more memory")
+        if tile > 1024:  # a tile's features (16 a channel, computed in float64) weigh with a large --tile
+            text += f" (or give a smaller --tile than {tile}: the default 1024 needs less)"
+        return text
+
+    check_memory(cells_memory_bytes(rows, columns, channels, tile),
+                 f"labelling the cells of {Path(path).name} ({columns:,} x {rows:,} px {kind}, about "
+                 f"{CELLS_BYTES_PER_PIXEL[channels]} bytes a pixel)", advice, skip)
 
 
 def _tile_side(text: str) -> int:

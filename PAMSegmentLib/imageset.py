@@ -674,10 +674,8 @@ def _check_set_memory(files, skip: bool) -> None:
             rows, columns, channels = header
             pixels += rows * columns
             need += rows * columns * SET_BYTES_PER_PIXEL[channels]
-    warning = check_memory(need, f"labelling these {len(files)} images ({pixels / 1e6:,.0f} megapixels in all, about "
-                                 "20-24 bytes a pixel)", "Label fewer or smaller images per run", skip)
-    if warning:
-        print(f"warning: {warning}", flush=True)
+    check_memory(need, f"labelling these {len(files)} images ({pixels / 1e6:,.0f} megapixels in all, about 20-24 "
+                       "bytes a pixel)", lambda limit: "Label fewer or smaller images per run", skip)
 
 
 def cmd_label_images(args) -> int:

@@ -120,7 +120,7 @@ def _job_id_ok(job_id) -> bool:
     return isinstance(job_id, str) and 0 < len(job_id) <= 64 and job_id.isascii() and job_id.isalnum()
 
 
-def _cancellable(ask, cancel, on_late=None):
+def _cancellable(ask, cancel: _Watch, on_late=None):
     """``ask()`` on a helper thread, waited for while ``cancel`` is not set: PropagationCancelled at
     once when it is (a server that accepts the connection but never answers held Cancel for the
     whole 60 s timeout); the helper ends on its own when the request does. An answer that comes
@@ -166,7 +166,7 @@ def _cancellable(ask, cancel, on_late=None):
                 give_up()
                 raise PropagationCancelled("cancelled")
     except BaseException as error:
-        if isinstance(error, PropagationCancelled) or not isinstance(cancel, _Watch):
+        if isinstance(error, PropagationCancelled):
             raise
         # Ctrl-C (or SIGTERM) while the answer was awaited: an upload stops at its next piece; an
         # answer that comes within a few seconds is handed to ``on_late`` (the job it made is

@@ -1182,21 +1182,20 @@ def _gb(n: float) -> str:
     return f"{n / 1024**3:.1f} GB" if n < 10 * 1024**3 else f"{n / 1024**3:,.0f} GB"
 
 
-def check_memory(need: int, what: str, advice: str, skip: bool = False) -> str | None:
+def check_memory(need: int, what: str, advice, skip: bool = False) -> None:
     """Refuse (InputError) work that needs ``need`` bytes at its peak when that is more than 90 %
     of what this process may use (``memory_budget``): it would end in a MemoryError late in the run
     or in the system killing the process without a word. ``what`` says what needs it, ``advice``
-    what to do instead; ``skip`` (--no-memory-check) lets it run anyway. Returns a warning to print
-    when the work fits the limit but not what is free now, else None."""
+    what to do instead (a callable: made from the limit); ``skip`` (--no-memory-check) lets it run
+    anyway. Prints a warning when the work fits the limit but not what is free now."""
     limit, free = memory_budget()
     if limit and need > 0.9 * limit and not skip:
         raise InputError(f"{what} needs about {_gb(need)} of memory at its peak, more than 90 % of the "
-                         f"{_gb(limit)} this process may use: nothing was done. {advice}, or run again with "
+                         f"{_gb(limit)} this process may use: nothing was done. {advice(limit)}, or run again with "
                          "--no-memory-check (with enough swap, say)")
     if free and need > free:
-        return (f"{what} needs about {_gb(need)} of memory at its peak and {_gb(free)} is free now: close other "
-                "programs, or the system may stop it without a message")
-    return None
+        print(f"warning: {what} needs about {_gb(need)} of memory at its peak and {_gb(free)} is free now: close "
+              "other programs, or the system may stop it without a message", flush=True)
 
 
 def _check_declared_size(p: Path) -> None:
