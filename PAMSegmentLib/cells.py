@@ -368,8 +368,15 @@ def label_cells(image, examples, *, background=None, tile: int = 1024, seed: int
     if one_tile:
         one_tile.clear()
     # Instances: a watershed of the distance to the background, seeded at well separated peaks.
-    if progress is not None:  # on a large image this takes about as long as the classification
-        progress(0.9, "splitting touching cells")
+    # On a large image this takes about a tenth of the run, so it reports its steps (0.9 to 0.95)
+    # and can be cancelled between them.
+    def split_step(done: float, message: str) -> None:
+        if cancel is not None and cancel.is_cancelled:
+            raise PropagationCancelled("cancelled")
+        if progress is not None:
+            progress(0.9 + 0.05 * done, f"splitting touching cells: {message}")
+
+    split_step(0.0, "filling gaps")
     fg = ndimage.binary_opening(prob >= 0.5, iterations=1) & (cells == 0)
     # Holes no larger than the largest example are gaps inside a cell; larger ones (a gland's lumen
     # ringed by nuclei) are background and stay open.
@@ -378,7 +385,7 @@ def label_cells(image, examples, *, background=None, tile: int = 1024, seed: int
         small = np.bincount(holes.ravel()) <= areas.max()
         small[0] = False
         fg |= small[holes]
-    found = split_instances(fg, radius)
+    found = split_instances(fg, radius, step=split_step)
     sizes = np.bincount(found.ravel())
     keep = sizes >= max(0.25 * areas.min(), 4)
     keep[0] = False
@@ -387,6 +394,8 @@ def label_cells(image, examples, *, background=None, tile: int = 1024, seed: int
     out = cells.copy()
     out[found > 0] = relabel[found[found > 0]]
 
+    if cancel is not None and cancel.is_cancelled:
+        raise PropagationCancelled("cancelled")
     if progress is not None:
         progress(0.95, "measuring the cells")
     cells_info = []
@@ -412,13 +421,19 @@ def label_cells(image, examples, *, background=None, tile: int = 1024, seed: int
     return CellResult(out, prob, n_ex, radius, cells_info, time.perf_counter() - t0, warnings_)
 
 
-def split_instances(fg: np.ndarray, radius: float) -> np.ndarray:
+def split_instances(fg: np.ndarray, radius: float,
+                    step: Callable[[float, str], None] | None = None) -> np.ndarray:
     """Instances of a foreground mask: a watershed of the distance to the background, seeded at
-    peaks at least 0.6 x ``radius`` apart (touching cells of that radius are split)."""
+    peaks at least 0.6 x ``radius`` apart (touching cells of that radius are split). ``step``
+    (optional) is called as step(share done, what comes next) before each part (it may raise to
+    cancel); the shares are those of a 4096 px image (the watershed about half)."""
     from skimage.feature import peak_local_max
     from skimage.segmentation import watershed
 
+    step = step or (lambda done, message: None)
+    step(0.1, "distances to the background")
     dist = ndimage.distance_transform_edt(fg)
+    step(0.35, "finding cell centres")
     comps, _ = ndimage.label(fg)
     peaks = peak_local_max(dist, min_distance=max(int(round(0.6 * radius)), 1), labels=comps, exclude_border=False)
     # Touching peaks are one marker: a small cell's flat top (several pixels at one distance, with
@@ -427,6 +442,7 @@ def split_instances(fg: np.ndarray, radius: float) -> np.ndarray:
     at_peak = np.zeros(fg.shape, bool)
     at_peak[tuple(peaks.T)] = True
     markers, _ = ndimage.label(at_peak, structure=np.ones((3, 3), bool))
+    step(0.55, "watershed")
     return watershed(-dist, markers, mask=fg)
 
 
