@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import logging
 import math
 import os
 import re
+import struct
 import sys
-import threading
 import time
 import uuid
 import warnings
@@ -2334,7 +2333,9 @@ def _atomic_write(image: sitk.Image, path: PathLike, extensions: Sequence[str] =
         os.replace(tmp, target)
     except (RuntimeError, OSError) as error:
         reason = _itk_reason(error) if isinstance(error, RuntimeError) else os_reason(error)
-        if "no space left on device" in reason.lower():  # ITK's words for ENOSPC: said as for every format
+        if "no space left on device" in reason.lower() or (isinstance(error, RuntimeError) and _disk_full(parent)):
+            # ITK's words for ENOSPC, or its NRRD writer's own ("_nrrdGzClose: failed to flush pending
+            # data") on a full disk (looked at before the partial file is removed): said as for every format
             reason = "no space left on the disk"
         raise InputError(f"cannot write {path} ({reason}); nothing was replaced") from None
     finally:
@@ -2343,6 +2344,16 @@ def _atomic_write(image: sitk.Image, path: PathLike, extensions: Sequence[str] =
         except OSError:
             pass
     return Path(path)
+
+
+def _disk_full(folder: Path) -> bool:
+    """Whether the file system holding ``folder`` has (nearly) no space left for this user: less
+    than 256 KiB, so that a write failing there failed for want of space."""
+    try:
+        stat = os.statvfs(folder)
+    except (OSError, AttributeError):  # (no statvfs on Windows)
+        return False
+    return stat.f_bavail * stat.f_frsize < 256 * 1024
 
 
 class IncompleteWrite(OSError):
@@ -2599,107 +2610,153 @@ def _pillow_unguarded():
 
 
 def _tiff_layout(p: Path) -> tuple[int, int, bool, int] | None:
-    """A TIFF's (samples per pixel, bits per sample, tiled, pages) from its tags, without decoding
-    the pixels (tifffile when installed, else Pillow with its pixel-count guard off: only the tags
-    are read); None for any other file or one neither can open."""
+    """A TIFF's (samples per pixel, bits per sample, tiled, pages: 1, or 2 for two or more) from its
+    first page's tags (``tiff_pages``), without decoding the pixels; None for any other file (named
+    other than .tif or .tiff) or one whose tags cannot be read."""
     if not p.name.lower().endswith((".tif", ".tiff")):
         return None
-    try:
-        import tifffile
-
-        with tifffile.TiffFile(p) as tif:
-            page = tif.pages[0]
-            return int(page.samplesperpixel), int(page.bitspersample), bool(page.is_tiled), len(tif.pages)
-    except ImportError:
-        pass
-    except Exception:  # noqa: BLE001 - tifffile's own errors on files it cannot parse
+    pages = tiff_pages(p, most=2)
+    if not pages:
         return None
+    first = pages[0]
+    return first.samples, first.bits, first.tiled, len(pages)
+
+
+@dataclass(frozen=True)
+class TiffPage:
+    """The tags of one TIFF page (image file directory) that decide how ITK reads it."""
+
+    columns: int
+    rows: int
+    subfile_type: int | None  # NewSubfileType (tag 254), None when the page has none
+    samples: int = 1
+    bits: int = 1  # of the first sample
+    sample_format: int = 1  # 1 unsigned, 2 signed, 3 float
+    planar: int = 1  # 1 samples interleaved, 2 stored plane after plane
+    tiled: bool = False
+
+    @property
+    def flagged(self) -> bool:
+        """Marked a reduced-resolution image or a mask (NewSubfileType bits 0 and 2): ITK skips it."""
+        return bool((self.subfile_type or 0) & 5)
+
+
+TIFF_MOST_PAGES = 65535  # ITK's TIFF reader counts pages in 16 bits: a file with more is misread
+_TIFF_TYPES = {1: "B", 3: "H", 4: "I", 6: "b", 8: "h", 9: "i", 13: "I", 16: "Q", 17: "q", 18: "Q"}
+_TIFF_TAGS = {254: "subfile_type", 256: "columns", 257: "rows", 258: "bits", 277: "samples",
+              284: "planar", 322: "tiled", 339: "sample_format"}
+
+
+def tiff_pages(p: Path, most: int | None = None) -> list[TiffPage] | None:
+    """The pages of a TIFF (classic or BigTIFF, known by its content: ITK reads a TIFF named .btf,
+    .ndpi or .dat as one too) from their tags, at most ``most``: the chain of image file
+    directories is walked here, reading a few bytes per page (65 536 pages in about 0.3 s; tifffile
+    parses every tag of every page, about 6 s for 100 000, and Pillow's page count reads the pages
+    too, 94 s), so that every page ITK would read is checked. None for any other file (a DICOM file
+    with a TIFF preamble is none) or when the first page's tags cannot be read; a damaged chain
+    ends the list where it breaks (or loops). ``most``: TIFF_MOST_PAGES + 1 unless given (enough to
+    know a file has too many)."""
+    most = TIFF_MOST_PAGES + 1 if most is None else most
     try:
-        with _pillow_unguarded() as Image, Image.open(p) as im:  # a large slide's tags, not its pixels
-            tags = getattr(im, "tag_v2", None)
-            if tags is None:
-                return None
-            bits = tags.get(258, (1,))
-            return (int(tags.get(277, 1)), int(bits[0] if isinstance(bits, tuple) else bits), 322 in tags,
-                    int(getattr(im, "n_frames", 1)))
-    except (ImportError, OSError, ValueError, TypeError):
-        return None
-
-
-TIFF_PAGES_LOOKED_AT = 2000  # pages whose tags the whole-slide check reads (more: about 0.1 ms a page)
-_TIFFFILE_QUIET = threading.Lock()  # its logger is switched off while a file is probed, one probe at a time
-
-
-def _tiff_pages(p: Path, most: int = TIFF_PAGES_LOOKED_AT) -> list[tuple[int, int, bool]] | None:
-    """(columns, rows, flagged) of a TIFF's first ``most`` pages from their tags (tifffile, else
-    Pillow) without decoding pixels; ``flagged``: NewSubfileType marks it a reduced-resolution
-    image or a mask (bits 0 and 2), which ITK skips. None for any other file (by content: a
-    DICOM file with a TIFF preamble is none) or one neither can open."""
-    try:  # by content: ITK reads a TIFF named .btf, .ndpi, .scn or .dat as one too
         with open(p, "rb") as fh:
             head = fh.read(132)
-    except OSError:
-        return None
-    if head[:4] not in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+") or head[128:132] == b"DICM":
-        return None
-    try:
-        import tifffile
-
-        logger = logging.getLogger("tifffile")
-        with _TIFFFILE_QUIET:
-            quiet, logger.disabled = logger.disabled, True  # its warnings on odd tags are not the user's business
-            try:
-                with tifffile.TiffFile(p) as tif:
-                    return [(int(page.imagewidth), int(page.imagelength),
-                             bool(int(getattr(page, "subfiletype", 0) or 0) & 5)) for page in tif.pages[:most]]
-            finally:
-                logger.disabled = quiet
-    except ImportError:
-        pass
-    except Exception:  # noqa: BLE001 - tifffile's own errors on files it cannot parse
-        return None
-    try:
-        with _pillow_unguarded() as Image, Image.open(p) as im:  # tags only, not the pixels
-            pages = []
-            for k in range(most):  # not n_frames: it walks every page first (94 s for 100 000)
-                try:
-                    im.seek(k)
-                except EOFError:
+            if head[:4] not in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+") or head[128:132] == b"DICM":
+                return None
+            end = "<" if head[:2] == b"II" else ">"
+            big = head[2:4] in (b"+\x00", b"\x00+")
+            word, entry = ("Q", 20) if big else ("I", 12)  # offsets and counts of the layout's size
+            count_format = "Q" if big else "H"
+            offset = struct.unpack_from(end + word, head, 8 if big else 4)[0]
+            size = os.fstat(fh.fileno()).st_size
+            pages: list[TiffPage] = []
+            seen = set()
+            while offset and offset not in seen and len(pages) < most:
+                seen.add(offset)
+                page = _tiff_page(fh, offset, end, word, entry, count_format, size)
+                if page is None:
                     break
-                except Exception:  # noqa: BLE001 - a page Pillow cannot set up (a mask page: SyntaxError)
-                    pages.append((0, 0, True))  # taken as one ITK skips, as a mask page is
-                    continue
-                flags = int(getattr(im, "tag_v2", {}).get(254, 0) or 0)
-                pages.append((int(im.size[0]), int(im.size[1]), bool(flags & 5)))
-            return pages
-    except Exception:  # noqa: BLE001 - Pillow's errors on a first page it cannot parse: left to ITK
+                tags, offset = page
+                pages.append(tags)
+            return pages or None
+    except (OSError, struct.error, ValueError):
         return None
+
+
+def _tiff_page(fh, offset: int, end: str, word: str, entry: int, count_format: str, size: int):
+    """(TiffPage, the next page's offset) of the image file directory at ``offset``; None where it
+    cannot be read (past the file's end, no width or height)."""
+    width = struct.calcsize(word)  # of a value field: values that fit are stored in it
+    fh.seek(offset)
+    raw = fh.read(struct.calcsize(count_format))
+    if len(raw) < struct.calcsize(count_format):
+        return None
+    n = struct.unpack(end + count_format, raw)[0]
+    if offset + n * entry > size:
+        return None
+    block = fh.read(n * entry + width)
+    if len(block) < n * entry + width:
+        return None
+    tags = {}
+    for k in range(n):
+        tag, kind = struct.unpack_from(end + "HH", block, k * entry)
+        if tag not in _TIFF_TAGS or kind not in _TIFF_TYPES or tag in tags:
+            continue
+        count = struct.unpack_from(end + word, block, k * entry + 4)[0]
+        if count < 1:
+            continue
+        value_size = struct.calcsize(_TIFF_TYPES[kind])
+        if count * value_size <= width:  # the first value, where it is stored
+            value = struct.unpack_from(end + _TIFF_TYPES[kind], block, k * entry + 4 + width)[0]
+        else:
+            where = struct.unpack_from(end + word, block, k * entry + 4 + width)[0]
+            fh.seek(where)
+            raw = fh.read(value_size)
+            if len(raw) < value_size:
+                continue
+            value = struct.unpack(end + _TIFF_TYPES[kind], raw)[0]
+        tags[tag] = int(value)
+    following = struct.unpack_from(end + word, block, n * entry)[0]
+    if not tags.get(256) or not tags.get(257):
+        return None
+    return TiffPage(columns=tags[256], rows=tags[257], subfile_type=tags.get(254), samples=tags.get(277, 1),
+                    bits=tags.get(258, 1), sample_format=tags.get(339, 1), planar=tags.get(284, 1),
+                    tiled=322 in tags), following
 
 
 def _tiff_page_sizes(p: Path) -> list[tuple[int, int]] | None:
-    """The (columns, rows) of the pages ITK reads as a TIFF's slices (``_tiff_pages`` not flagged)."""
-    pages = _tiff_pages(p)
-    return None if pages is None else [(w, h) for w, h, flagged in pages if not flagged]
+    """The (columns, rows) of the pages ITK reads as a TIFF's slices (``tiff_pages`` not flagged)."""
+    pages = tiff_pages(p)
+    return None if pages is None else [(page.columns, page.rows) for page in pages if not page.flagged]
 
 
 def _check_not_pyramid(p: Path, volume: bool = False) -> None:
-    """A whole-slide (pyramidal) TIFF or SVS stores its levels, thumbnail and label images as pages
-    of different sizes. ITK takes a TIFF's size from its first page and reads the pages not flagged
-    as reduced images or masks as slices, each at the place its page number gives (flagged ones
-    counted): a page of another size crashed the process (a segmentation fault: a smaller page
-    first, or an Aperio thumbnail after a tiled full-resolution level) or was cropped to the first
-    page's size without a word, and a flagged first page (a preview) was read instead of the image,
-    or crashed a volume (a preview between slices, as a Zeiss LSM stores them). Such files are
-    refused before ITK reads them, as a 2D image and as a volume (``volume``): ITK is given a TIFF
-    only when its first page is unflagged, its flagged pages all come last and the rest share one
-    size. (The first TIFF_PAGES_LOOKED_AT pages are looked at.)"""
-    pages = _tiff_pages(p)
+    """Refuse, before ITK reads it, a TIFF that ITK would misread or crash on. ITK takes a TIFF's
+    size and pixel layout from its first page and reads as slices the pages whose NewSubfileType is
+    0 (when any page says so; else every page not flagged as a reduced image or a mask), each at
+    the place its page number gives (flagged ones counted), and counts pages in 16 bits. So:
+    a whole-slide (pyramidal) TIFF or SVS, whose levels, thumbnail and label images are pages of
+    different sizes, crashed the process (a segmentation fault: a smaller page first, or an Aperio
+    thumbnail after a tiled full-resolution level) or was cropped to the first page's size without
+    a word; a flagged first page (a preview) was read instead of the image, or crashed a volume (a
+    preview between slices, as a Zeiss LSM stores them); pages of which some but not all say
+    NewSubfileType 0 crashed it (pages appended to a stack by another program); pages storing
+    their pixels differently (8 and 16 bits, grey and colour) gave those slices wrong values; a
+    tiled stack was read as colour; and past 65 535 pages the count wrapped (100 000 pages read as
+    34 464 slices). ITK is given a TIFF only when its first page is unflagged, its flagged pages
+    all come last, the rest share one size and pixel layout, and it has at most 65 535 pages. Every
+    page is looked at (``tiff_pages``), as a 2D image and as a volume (``volume``)."""
+    pages = tiff_pages(p)
     if not pages or len(pages) == 1:  # one page, flagged or not, reads as it is
         return
-    sizes = [(w, h) for w, h, flagged in pages if not flagged]
+    if len(pages) > TIFF_MOST_PAGES:
+        raise InputError(f"{p.name} has more than {TIFF_MOST_PAGES:,} pages, more than the TIFF reader can count (it "
+                         "would read a wrong number of slices); save the stack as one NRRD, NIfTI or MHA file (Fiji: "
+                         "File > Save As > Nrrd) or split it into stacks of fewer pages")
+    images = [page for page in pages if not page.flagged]
+    sizes = [(page.columns, page.rows) for page in images]
     if len(set(sizes)) > 1:
         raise _pyramid_error(p, sizes, volume)
-    flags = [flagged for _, _, flagged in pages]
+    flags = [page.flagged for page in pages]
     if all(flags):  # every page flagged: read as its first page, as before
         return
     if flags[0] or (True in flags and False in flags[flags.index(True):]):
@@ -2707,6 +2764,32 @@ def _check_not_pyramid(p: Path, volume: bool = False) -> None:
         raise InputError(f"{p.name}: {where} is a reduced-resolution preview or a mask (NewSubfileType), which the "
                          "TIFF reader cannot skip there; save the image (or the slices) without previews or mask "
                          "pages, e.g. with Fiji (File > Save As > Tiff) or `tifffile`, and give that file")
+    if len(images) < 2:
+        return
+    save_again = ("save the slices again as one stack (Fiji: File > Save As > Tiff; or tifffile) or as one NRRD, NIfTI "
+                  "or MHA file, and give that file")
+    marked = [page.subfile_type == 0 for page in images]
+    if any(marked) and not all(marked):
+        raise InputError(f"{p.name}: its pages are marked inconsistently ({sum(marked)} of {len(images)} carry "
+                         "NewSubfileType 0, the others not), which crashes the TIFF reader (pages added to a stack by "
+                         f"another program?); {save_again}")
+    layouts = {(page.samples, page.bits, page.sample_format, page.planar if page.samples > 1 else 1, page.tiled)
+               for page in images}
+    if len(layouts) > 1:
+        described = "; ".join(_tiff_layout_words(*layout) for layout in sorted(layouts)[:4])
+        raise InputError(f"{p.name}: its pages store their pixels differently ({described}), and the TIFF reader "
+                         f"reads every page as the first one is stored (the other slices' values would be wrong); "
+                         f"{save_again}")
+    if images[0].tiled and volume:  # (as a 2D image, a stack is refused as 3D with what to do)
+        raise InputError(f"{p.name} is a tiled TIFF of {len(images)} pages, which the TIFF reader reads as colour "
+                         f"(red, green, blue, alpha), not as the values stored; {save_again}")
+
+
+def _tiff_layout_words(samples: int, bits: int, sample_format: int, planar: int, tiled: bool) -> str:
+    """A page layout in words: "1 sample of 16-bit unsigned integers, tiled"."""
+    kind = {2: "signed integers", 3: "floats"}.get(sample_format, "unsigned integers")
+    words = f"{samples} sample{'s' if samples != 1 else ''} of {bits}-bit {kind}"
+    return words + (", planes apart" if planar == 2 else "") + (", tiled" if tiled else "")
 
 
 def _pyramid_error(p: Path, sizes: list[tuple[int, int]], volume: bool = False) -> InputError:

@@ -293,8 +293,8 @@ def test_label_cells_shows_progress_while_it_learns_from_the_tiles():
                 progress=lambda fraction, message: seen.append((round(fraction, 3), message)))
     assert seen[:2] == [(0.033, "learning from tile 1 of 9"), (0.067, "learning from tile 2 of 9")]
     assert seen[8:10] == [(0.3, "learning from tile 9 of 9"), (0.367, "classified tile 1 of 9")]
-    assert seen[17:] == [(0.9, "classified tile 9 of 9"), (0.9, "splitting touching cells"),
-                         (0.95, "measuring the cells"), (1.0, "done")]
+    assert seen[17:19] == [(0.9, "classified tile 9 of 9"), (0.9, "splitting touching cells: filling gaps")]
+    assert seen[-2:] == [(0.95, "measuring the cells"), (1.0, "done")]
 
 
 def test_the_memory_budget_finds_a_batch_jobs_limit_deep_in_the_cgroup_tree(tmp_path):
