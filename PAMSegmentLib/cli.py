@@ -998,6 +998,7 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
     import numpy as np
 
     earlier, no_record, stored, range_from_record, order_from_record = {}, None, None, False, False
+    left_out: list[int] = []  # labels of the prompt the run being corrected did not propagate (its record)
     if keyframes_record_exists(previous_path):  # the earlier run's keyframes and walls, and its walks
         given_axis = axis
         try:
@@ -1012,12 +1013,15 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
                              f"label map: it looks like {Path(previous_path).name} was corrected in place. Run the "
                              f"earlier command again with another -o to get the result back, and give that as "
                              f"{names[0]} and your corrected file as {names[1]}") from None
-        if labels is None and recorded_order and recorded_order != sorted(recorded_order):
-            # as the range, the label order of the run being corrected carries over (its overlaps);
-            # a label drawn in the prompt since comes after them
+        if labels is None and recorded_order:
+            # as the range, the labels of the run being corrected and their order carry over (its
+            # overlaps). A label of the prompt that run left out (--label 5 1 of labels 1, 2, 3, 5) is
+            # left out again: added, the update was refused (the earlier result holds no label 2)
             in_prompt = [int(v) for v in np.unique(prompt.array) if v > 0]
             kept = [lab for lab in recorded_order if lab in in_prompt]
-            labels, order_from_record = kept + [lab for lab in in_prompt if lab not in kept], True
+            if kept and kept != in_prompt:
+                labels, order_from_record = kept, True
+                left_out = [lab for lab in in_prompt if lab not in kept]
         recorded_range = top_range if top_range is not None else (
             stored.get("range") if isinstance(stored, dict) else None)
         n_axis = maps[0].shape[axis]
@@ -1033,8 +1037,9 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
         no_record = (f"note: {names[0]} has no record beside it ({keyframes_record_path(previous_path).name}, "
                      "which every run writes beside its output): every slice is predicted again, and if "
                      f"{Path(previous_path).name} came from an update, the corrections of its earlier rounds are too "
-                     "(put the record beside it to keep them" + (", and give again any --empty-slices of the run that "
-                                                                  "made it)" if names[0].startswith("--") else ")"))
+                     "(put the record beside it to keep them"
+                     + (", and give again any --range, --label and --empty-slices of the run that made it)"
+                        if names[0].startswith("--") else ")"))
     plan = keyframes_from_edits(prompt.array, maps[0], maps[1], axis=axis, labels=labels, earlier=earlier)
     # batch has no --range: a case whose earlier run had one is widened on the command line
     widen = ("give --range to widen it" if names[0].startswith("--") else
@@ -1094,6 +1099,11 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
         say(f"update: labels in the order {', '.join(map(str, labels))}, as the run that made "
             f"{Path(previous_path).name} ({given_as}: where labels overlap, earlier ones keep the voxels; give "
             f"{option} to change it)")
+        if left_out:
+            who = f"label{'s' if len(left_out) > 1 else ''} {', '.join(map(str, left_out))}"
+            say(f"note: the prompt's {who} {'were' if len(left_out) > 1 else 'was'} left out, as by the run that "
+                f"made {Path(previous_path).name} (not in its record); propagate "
+                f"{'them in a run of their own' if len(left_out) > 1 else 'it in a run of its own'}")
     plan.labels = labels  # the labels and their order this update propagates (None: every label, ascending)
     if range_from_record:
         change = ("give --range to change it" if names[0].startswith("--") else

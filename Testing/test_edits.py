@@ -188,7 +188,7 @@ def _record_without_digest(path):
     (_without_record, "note: --previous has no record beside it (first.nii.gz.keyframes.json, which every run "
                       "writes beside its output): every slice is predicted again, and if first.nii.gz came from an "
                       "update, the corrections of its earlier rounds are too (put the record beside it to keep them, "
-                      "and give again any --empty-slices of the run that made it)"),
+                      "and give again any --range, --label and --empty-slices of the run that made it)"),
     # its keyframes are sound but the part about its walks is damaged
     (_record_with_damaged_result, "note: the record of first.nii.gz cannot tell which of its walks still hold (label "
                                   "1's confidence is not 20 numbers from 0 to 1 (or nulls)): every slice is predicted "
