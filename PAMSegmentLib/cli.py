@@ -1020,7 +1020,9 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
             in_prompt = [int(v) for v in np.unique(prompt.array) if v > 0]
             kept = [lab for lab in recorded_order if lab in in_prompt]
             if kept and kept != in_prompt:
-                labels, order_from_record = kept, True
+                # (said as an order only when it is one: ascending, it may be a run without --label
+                # whose prompt got a label since)
+                labels, order_from_record = kept, kept != sorted(kept)
                 left_out = [lab for lab in in_prompt if lab not in kept]
         recorded_range = top_range if top_range is not None else (
             stored.get("range") if isinstance(stored, dict) else None)
@@ -1099,11 +1101,14 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
         say(f"update: labels in the order {', '.join(map(str, labels))}, as the run that made "
             f"{Path(previous_path).name} ({given_as}: where labels overlap, earlier ones keep the voxels; give "
             f"{option} to change it)")
-        if left_out:
-            who = f"label{'s' if len(left_out) > 1 else ''} {', '.join(map(str, left_out))}"
-            say(f"note: the prompt's {who} {'were' if len(left_out) > 1 else 'was'} left out, as by the run that "
-                f"made {Path(previous_path).name} (not in its record); propagate "
-                f"{'them in a run of their own' if len(left_out) > 1 else 'it in a run of its own'}")
+    if left_out:
+        several = len(left_out) > 1
+        option = "--label" if names[0].startswith("--") else "a label column"
+        say(f"note: the prompt's label{'s' if several else ''} {', '.join(map(str, left_out))} "
+            f"{'are' if several else 'is'} not among the labels of the run that made {Path(previous_path).name} "
+            f"({', '.join(map(str, labels))}, its record says: chosen with {option}, or drawn since): left out; "
+            f"propagate {'them' if several else 'it'} in a run of {'their' if several else 'its'} own, or give "
+            f"{option} to choose the labels")
     plan.labels = labels  # the labels and their order this update propagates (None: every label, ascending)
     if range_from_record:
         change = ("give --range to change it" if names[0].startswith("--") else

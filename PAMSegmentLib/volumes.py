@@ -2642,83 +2642,92 @@ class TiffPage:
 
 
 TIFF_MOST_PAGES = 65535  # ITK's TIFF reader counts pages in 16 bits: a file with more is misread
+TIFF_MOST_ENTRIES = 4096  # tags a page may have: libtiff (ITK) and tifffile refuse a page with more
 _TIFF_TYPES = {1: "B", 3: "H", 4: "I", 6: "b", 8: "h", 9: "i", 13: "I", 16: "Q", 17: "q", 18: "Q"}
-_TIFF_TAGS = {254: "subfile_type", 256: "columns", 257: "rows", 258: "bits", 277: "samples",
-              284: "planar", 322: "tiled", 339: "sample_format"}
+_TIFF_TAGS = (254, 255, 256, 257, 258, 277, 284, 322, 339)  # the tags a TiffPage holds (255: old SubfileType)
 
 
 def tiff_pages(p: Path, most: int | None = None) -> list[TiffPage] | None:
     """The pages of a TIFF (classic or BigTIFF, known by its content: ITK reads a TIFF named .btf,
-    .ndpi or .dat as one too) from their tags, at most ``most``: the chain of image file
-    directories is walked here, reading a few bytes per page (65 536 pages in about 0.3 s; tifffile
-    parses every tag of every page, about 6 s for 100 000, and Pillow's page count reads the pages
-    too, 94 s), so that every page ITK would read is checked. None for any other file (a DICOM file
-    with a TIFF preamble is none) or when the first page's tags cannot be read; a damaged chain
-    ends the list where it breaks (or loops). ``most``: TIFF_MOST_PAGES + 1 unless given (enough to
-    know a file has too many)."""
+    .ndpi or .dat as one too) from their tags, at most ``most`` (TIFF_MOST_PAGES + 1 unless given:
+    enough to know a file has too many). The chain of image file directories is walked here,
+    reading a few bytes per page (65 536 pages in about 0.6 s; tifffile parses every tag of every
+    page, about 6 s for 100 000, and Pillow's page count reads the pages too, 94 s), so that every
+    page ITK would read is checked. None for any other file (a DICOM file with a TIFF preamble is
+    none) or when the first page's tags cannot be read; a damaged chain ends the list where it
+    breaks (or loops), as a page of more than TIFF_MOST_ENTRIES tags does (libtiff refuses it)."""
     most = TIFF_MOST_PAGES + 1 if most is None else most
     try:
-        with open(p, "rb") as fh:
+        fh = open(p, "rb")
+    except OSError:
+        return None
+    with fh:
+        try:
             head = fh.read(132)
-            if head[:4] not in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+") or head[128:132] == b"DICM":
-                return None
-            end = "<" if head[:2] == b"II" else ">"
-            big = head[2:4] in (b"+\x00", b"\x00+")
-            word, entry = ("Q", 20) if big else ("I", 12)  # offsets and counts of the layout's size
-            count_format = "Q" if big else "H"
-            offset = struct.unpack_from(end + word, head, 8 if big else 4)[0]
             size = os.fstat(fh.fileno()).st_size
-            pages: list[TiffPage] = []
-            seen = set()
-            while offset and offset not in seen and len(pages) < most:
-                seen.add(offset)
-                page = _tiff_page(fh, offset, end, word, entry, count_format, size)
-                if page is None:
-                    break
-                tags, offset = page
-                pages.append(tags)
-            return pages or None
-    except (OSError, struct.error, ValueError):
-        return None
+        except OSError:
+            return None
+        if head[:4] not in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+") or head[128:132] == b"DICM":
+            return None
+        end = "<" if head[:2] == b"II" else ">"
+        big = head[2:4] in (b"+\x00", b"\x00+")
+        if len(head) < (16 if big else 8):
+            return None
+        word = "Q" if big else "I"  # offsets and counts are of the layout's size
+        offset = struct.unpack_from(end + word, head, 8 if big else 4)[0]
+        entries = np.dtype([("tag", end + "u2"), ("type", end + "u2"), ("count", end + ("u8" if big else "u4")),
+                            ("value", f"V{8 if big else 4}")])  # an entry of the page's table of tags
+        pages: list[TiffPage] = []
+        seen = set()
+        while offset and offset not in seen and len(pages) < most:
+            seen.add(offset)
+            try:
+                page = _tiff_page(fh, offset, end, big, entries, size)
+            except (OSError, struct.error, ValueError, OverflowError):
+                page = None
+            if page is None:
+                break
+            tags, offset = page
+            pages.append(tags)
+        return pages or None
 
 
-def _tiff_page(fh, offset: int, end: str, word: str, entry: int, count_format: str, size: int):
+def _tiff_page(fh, offset: int, end: str, big: bool, entries: np.dtype, size: int):
     """(TiffPage, the next page's offset) of the image file directory at ``offset``; None where it
-    cannot be read (past the file's end, no width or height)."""
-    width = struct.calcsize(word)  # of a value field: values that fit are stored in it
+    cannot be read (past the file's end, more than TIFF_MOST_ENTRIES tags, no width or height). A
+    value stored past the file's end is taken as absent."""
+    count_size, width = (8, 8) if big else (2, 4)  # of the tag count, and of an offset or value field
+    if offset + count_size > size:
+        return None
     fh.seek(offset)
-    raw = fh.read(struct.calcsize(count_format))
-    if len(raw) < struct.calcsize(count_format):
+    n = struct.unpack(end + ("Q" if big else "H"), fh.read(count_size))[0]
+    if n > TIFF_MOST_ENTRIES or offset + count_size + n * entries.itemsize + width > size:
         return None
-    n = struct.unpack(end + count_format, raw)[0]
-    if offset + n * entry > size:
-        return None
-    block = fh.read(n * entry + width)
-    if len(block) < n * entry + width:
-        return None
+    block = fh.read(n * entries.itemsize + width)
+    table = np.frombuffer(block, entries, count=n)
     tags = {}
-    for k in range(n):
-        tag, kind = struct.unpack_from(end + "HH", block, k * entry)
-        if tag not in _TIFF_TAGS or kind not in _TIFF_TYPES or tag in tags:
-            continue
-        count = struct.unpack_from(end + word, block, k * entry + 4)[0]
-        if count < 1:
+    for k in np.flatnonzero(np.isin(table["tag"], _TIFF_TAGS)):  # a few of the page's entries, in order
+        tag, kind, count = int(table["tag"][k]), int(table["type"][k]), int(table["count"][k])
+        if kind not in _TIFF_TYPES or tag in tags or count < 1:
             continue
         value_size = struct.calcsize(_TIFF_TYPES[kind])
-        if count * value_size <= width:  # the first value, where it is stored
-            value = struct.unpack_from(end + _TIFF_TYPES[kind], block, k * entry + 4 + width)[0]
-        else:
-            where = struct.unpack_from(end + word, block, k * entry + 4 + width)[0]
+        field = table["value"][k].tobytes()
+        if count * value_size <= width:  # the first value, where it is stored: in the entry
+            raw = field[:value_size]
+        else:  # or elsewhere in the file
+            where = struct.unpack(end + ("Q" if big else "I"), field)[0]
+            if where + value_size > size:
+                continue
             fh.seek(where)
             raw = fh.read(value_size)
-            if len(raw) < value_size:
-                continue
-            value = struct.unpack(end + _TIFF_TYPES[kind], raw)[0]
-        tags[tag] = int(value)
-    following = struct.unpack_from(end + word, block, n * entry)[0]
+        tags[tag] = int(struct.unpack(end + _TIFF_TYPES[kind], raw)[0])
+    following = struct.unpack_from(end + ("Q" if big else "I"), block, n * entries.itemsize)[0]
     if not tags.get(256) or not tags.get(257):
         return None
-    return TiffPage(columns=tags[256], rows=tags[257], subfile_type=tags.get(254), samples=tags.get(277, 1),
+    subfile_type = tags.get(254)
+    if subfile_type is None and 255 in tags:  # the old SubfileType, as libtiff reads it: 2 reduced, 3 a page
+        subfile_type = {2: 1, 3: 2}.get(tags[255])
+    return TiffPage(columns=tags[256], rows=tags[257], subfile_type=subfile_type, samples=tags.get(277, 1),
                     bits=tags.get(258, 1), sample_format=tags.get(339, 1), planar=tags.get(284, 1),
                     tiled=322 in tags), following
 

@@ -210,10 +210,14 @@ def test_an_update_propagates_the_labels_of_the_run_it_corrects_not_every_label_
     capsys.readouterr()
     assert _update(ct_case, first, d / "edited.nii.gz", d / "second.nii.gz") == 0
     said = capsys.readouterr().out
-    assert (f"update: labels in the order {', '.join(order)}, as the run that made first.nii.gz (--label "
-            f"{' '.join(order)}, from its record") in said
-    assert ("note: the prompt's labels 2, 3 were left out, as by the run that made first.nii.gz (not in its record); "
-            "propagate them in a run of their own") in said
+    # an order is said as one only when it is one (ascending, it may be a run without --label whose
+    # prompt got a label since: a re-review)
+    assert ("update: labels in the order 5, 1, as the run that made first.nii.gz (--label 5 1, from its record"
+            in said) == (order == ["5", "1"])
+    assert "update: labels in the order 1, 5" not in said
+    assert (f"note: the prompt's labels 2, 3 are not among the labels of the run that made first.nii.gz "
+            f"({', '.join(order)}, its record says: chosen with --label, or drawn since): left out; propagate them in "
+            "a run of their own, or give --label to choose the labels") in said
     assert _update(ct_case, first, d / "edited.nii.gz", d / "explicit.nii.gz", "--label", *order) == 0
     second = read_volume(d / "second.nii.gz").array
     np.testing.assert_array_equal(second, read_volume(d / "explicit.nii.gz").array)
@@ -249,3 +253,55 @@ def test_a_full_disk_while_writing_nrrd_is_said_as_for_every_format(tmp_path, mo
     with pytest.raises(InputError, match=r"_nrrdGzClose: failed to flush pending data\); nothing was replaced$"):
         volumes.write_volume(vol, tmp_path / "o.nrrd")
     assert (tmp_path / "o.nrrd").read_bytes() == b"earlier result"
+
+
+def test_old_style_subfile_type_pages_and_damaged_tag_tables(tmp_path):
+    """A re-review (session 33) of the page walk: the old SubfileType tag (255; 2 a reduced image, as
+    libtiff and tifffile read it) was not read, so such a preview between slices reached ITK
+    (a crash) and such a smaller last page was refused as a whole-slide image (ITK skips it); a
+    page declaring 65 535 tags (overlapping tables of a 0.9 MB file) took 81 s to walk; a value
+    stored past the file's end made the whole check give up (a pyramid read cropped)."""
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.volumes import read_volume, tiff_pages
+
+    planes = np.arange(4 * 48 * 40, dtype=np.uint16).reshape(4, 48, 40)
+
+    def old_style(path, kinds, last=None):
+        with tifffile.TiffWriter(path) as tif:
+            for plane, kind in zip(planes, kinds):
+                tif.write(plane, metadata=None, extratags=[] if kind is None else [(255, "H", 1, kind, True)])
+            if last is not None:
+                tif.write(last, metadata=None, extratags=[(255, "H", 1, 2, True)])
+
+    old_style(tmp_path / "small_last.tif", [1, 1, 1, 1], last=planes[0, ::4, ::4].copy())
+    np.testing.assert_array_equal(read_volume(tmp_path / "small_last.tif").array, planes)
+    old_style(tmp_path / "between.tif", [1, 2, 1, 1])
+    assert [page.flagged for page in tiff_pages(tmp_path / "between.tif")] == [False, True, False, False]
+    with pytest.raises(InputError, match="between.tif: a page between its images is a reduced-resolution preview"):
+        read_volume(tmp_path / "between.tif")
+
+    # a table of more tags than libtiff reads (4096) ends the walk there: the first page is unreadable
+    path = tmp_path / "huge_table.tif"
+    tifffile.imwrite(path, planes[0], metadata=None)
+    data = bytearray(path.read_bytes())
+    first = struct.unpack_from("<I", data, 4)[0]
+    struct.pack_into("<H", data, first, 65535)
+    path.write_bytes(bytes(data) + bytes(12 * 65535 + 4))
+    assert tiff_pages(path) is None
+
+    # a value stored past the file's end is taken as absent, not the end of the check
+    path = tmp_path / "far_value.tif"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(np.zeros((20, 30, 3), np.uint8), photometric="rgb", metadata=None)  # bits: 3 values elsewhere
+        tif.write(np.zeros((40, 60, 3), np.uint8), photometric="rgb", metadata=None)
+    data = bytearray(path.read_bytes())
+    count = struct.unpack_from("<H", data, first := struct.unpack_from("<I", data, 4)[0])[0]
+    for k in range(count):
+        at = first + 2 + 12 * k
+        if struct.unpack_from("<H", data, at)[0] == 258:
+            struct.pack_into("<I", data, at + 8, len(data) + 10**6)
+    path.write_bytes(bytes(data))
+    pages = tiff_pages(path)
+    assert [(page.columns, page.rows, page.bits) for page in pages] == [(30, 20, 1), (60, 40, 8)]
+    with pytest.raises(InputError, match="far_value.tif is no volume: its pages are images of different sizes"):
+        read_volume(path)
