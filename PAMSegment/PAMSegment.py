@@ -1160,7 +1160,7 @@ class PAMSegmentLogic(ScriptedLoadableModuleLogic):
             if time.time() > deadline:
                 job.cancel()
                 job.wait()
-                raise RuntimeError(f"{job.kind} did not finish within {timeout:.0f} s; cancelled")
+                raise RuntimeError(f"{job.kind} did not finish within {timeout:g} s; cancelled")
         if job.state == "failed":
             job.log_failure()
             raise job.exception

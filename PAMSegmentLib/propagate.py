@@ -820,7 +820,9 @@ def _drawn_slices(prompt: np.ndarray, present: list[int], axis: int | None, labe
         if lines and len(lines) >= len(slices[lab]) - len(lines):
             return _mixed_planes_error(lab, best, lines, slices[lab], plane_names, max_slices)
         return InputError(
-            f"label {lab} is drawn on {len(slices[lab])} of {n_axis} slices along axis {best}: that is a 3D mask, "
+            f"label {lab} is drawn on {len(slices[lab])} of {n_axis} "
+            f"{f'{plane_names[best]} slices' if plane_names is not None else f'slices along axis {best}'}: that is a "
+            "3D mask, "
             f"not a slice prompt{note}; draw it on one slice (or a few keyframes: at most {max_slices}, and on at "
             f"most half the slices)"
         )

@@ -305,3 +305,18 @@ def test_old_style_subfile_type_pages_and_damaged_tag_tables(tmp_path):
     assert [(page.columns, page.rows, page.bits) for page in pages] == [(30, 20, 1), (60, 40, 8)]
     with pytest.raises(InputError, match="far_value.tif is no volume: its pages are images of different sizes"):
         read_volume(path)
+
+
+def test_a_3d_mask_is_named_by_its_plane_where_the_planes_have_names():
+    """A review (session 33) of the Slicer Logic: a segment filled in 3D was refused as "drawn on 13
+    of 20 slices along axis 0", where the neighbouring messages (and the panel) say "axial"."""
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.propagate import find_prompt_slices
+
+    prompt = np.zeros((20, 16, 16), np.uint8)
+    prompt[4:15, 1:15, 1:15] = 1
+    with pytest.raises(InputError, match=r"^label 1 is drawn on 11 of 20 axial slices: that is a 3D mask, not a slice "
+                                         r"prompt"):
+        find_prompt_slices(prompt, plane_names=("axial", "coronal", "sagittal"))
+    with pytest.raises(InputError, match=r"^label 1 is drawn on 11 of 20 slices along axis 0: that is a 3D mask"):
+        find_prompt_slices(prompt)
