@@ -695,7 +695,7 @@ def _worker_slicer(task: dict) -> list[dict]:
     step("setup: prompt -> segment (updateSegmentBinaryLabelmapFromArray)",
          lambda: slicer.util.updateSegmentBinaryLabelmapFromArray(prompt, seg, sid, volume_node),
          "scene setup, the user's drawing")
-    arr, grid = step("volume node -> float32 array (mrml.volume_array)", lambda: mrml.volume_array(volume_node))
+    arr, grid = step("volume node -> array (mrml.volume_array)", lambda: mrml.volume_array(volume_node))
     prm = step("segment -> uint8 array on the volume grid (mrml.segment_mask)",
                lambda: mrml.segment_mask(seg, sid, volume_node))
     if hasattr(mrml, "_prompt_info"):

@@ -1587,7 +1587,8 @@ def annotate_update(result: "PropagationResult", previous: "PropagationResult", 
 
 def _keep_connected(mask: np.ndarray, seeds: np.ndarray, connectivity: int = 26) -> np.ndarray:
     """Keep the ``connectivity``-connected components of ``mask`` that touch ``seeds`` (computed on
-    the bbox; 26, or 6 as the authors' published walk)."""
+    the bbox; 26, or 6 as the authors' published walk). In place: ``mask`` is changed and returned
+    (a second full-volume array was 1 B a voxel of the run's peak)."""
     if not mask.any():
         return mask
     # The box from the projections (np.nonzero took 24 bytes per object voxel: 324 MB for a
@@ -1603,9 +1604,8 @@ def _keep_connected(mask: np.ndarray, seeds: np.ndarray, connectivity: int = 26)
     keep = np.zeros(int(cc.max()) + 1, dtype=bool)
     keep[cc[seeds[sl] & sub]] = True
     keep[0] = False
-    out = np.zeros_like(mask)
-    out[sl] = keep[cc]
-    return out
+    mask[sl] = keep[cc]  # (outside its box the mask is empty)
+    return mask
 
 
 @dataclass
@@ -2116,8 +2116,10 @@ def _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, em
             tracker.check_cancel()
             tracker.label = f"label {lab} ({n_lab}/{len(slices)})" if len(slices) > 1 else ""
             stats["stops"], stats["gaps"], stats["thin"] = [], [], []
+            # the previous label's full-volume arrays go before this label's are made (with three or
+            # more labels they were the run's peak of memory: 4 B a voxel more than with one)
+            mask = taken = clash = drawn_over = label_mask = reuse = None
             label_mask = prm == lab
-            reuse = None
             if usable_previous and lab in previous.keyframes and (lab not in previous.overlapped
                                                                    or lab in previous.lost_voxels):
                 own = prev_mask == lab
@@ -2144,19 +2146,25 @@ def _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, em
             thin_all[lab] = sorted(stats.pop("thin"))
             # Earlier labels keep their voxels; a label's own prompt voxels always win.
             if lab != next(iter(slices)):  # the first label finds the map empty
-                taken = out != 0
-                clash = mask & taken
+                # on the slab of slices this label holds or is drawn on (flat indices shifted to the
+                # whole map's): not five more full-volume arrays per label
+                rows = np.flatnonzero(mask.any(axis=(1, 2)) | label_mask.any(axis=(1, 2)))
+                z0, z1 = (int(rows[0]), int(rows[-1]) + 1) if rows.size else (0, 0)
+                o, m, drawn_here = out[z0:z1], mask[z0:z1], label_mask[z0:z1]
+                shift = z0 * out.shape[1] * out.shape[2]
+                taken = o != 0
+                clash = m & taken
                 if clash.any():
                     overlapped.add(lab)
-                    values, counts = np.unique(out[clash & ~label_mask], return_counts=True)
+                    values, counts = np.unique(o[clash & ~drawn_here], return_counts=True)
                     lost_all[lab] = ({int(v): int(c) for v, c in zip(values, counts)}, int(mask.sum()))
-                    lost_voxels.setdefault(lab, []).append(np.flatnonzero(clash & ~label_mask))
-                drawn_over = label_mask & taken
+                    lost_voxels.setdefault(lab, []).append(np.flatnonzero(clash & ~drawn_here) + shift)
+                drawn_over = drawn_here & taken
                 if drawn_over.any():  # earlier labels lose these voxels to this label's drawing
-                    for v in np.unique(out[drawn_over]):
+                    for v in np.unique(o[drawn_over]):
                         overlapped.add(int(v))
-                        lost_voxels.setdefault(int(v), []).append(np.flatnonzero(drawn_over & (out == v)))
-                out[mask & ~taken] = lab
+                        lost_voxels.setdefault(int(v), []).append(np.flatnonzero(drawn_over & (o == v)) + shift)
+                o[m & ~taken] = lab
             else:
                 out[mask] = lab
             out[label_mask] = lab
