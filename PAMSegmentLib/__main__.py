@@ -9,12 +9,20 @@ Once ``cli.main`` has returned, its work is written and reported: Ctrl-C is then
 ``propagate`` leaves it ignored from the moment its output is in place), so an interrupt during
 Python's shutdown (about half a second with torch loaded) neither changes the exit status nor
 prints a traceback.
+
+OpenBLAS (scipy's copy loads once the image is read) starts one thread per core, each with its
+buffer; under an address-space limit (`ulimit -v`, a cluster's h_vmem) that its buffers no longer
+fit it retried for good, in C, deaf to Ctrl-C and SIGTERM (a review, session 33: killed after 11
+minutes). Nothing here gains from BLAS threads (the network has torch's own), so one is asked for
+unless OPENBLAS_NUM_THREADS is set: the run then ends with the memory message in a second.
 """
 
+import os
 import sys
 
 
 def run() -> int:
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     try:
         import signal
 

@@ -784,6 +784,8 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
                    help="run only the manifest's cases K, K+N, K+2N ... (counting cases, not lines; split one "
                         "manifest between N machines)")
     p.add_argument("--stop-on-error", action="store_true", help="stop at the first case that fails (default: go on)")
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="run a case even when its volume looks too large for the memory this process may use")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="torch device (default: cpu)")
     p.add_argument("--threads", type=_thread_count, metavar="N", help=THREADS_HELP)
     p.add_argument("--batch-size", type=_positive_int, default=16, metavar="N", help="query slices per network call (default 16)")
@@ -811,6 +813,13 @@ def _run_row(row: BatchRow, model, args, progress=None) -> None:
                               series=row.series, series_option="the manifest's series column")
     plan, earlier = None, None
     keyframes, axis, walls = prompt.array, None, None
+    if getattr(args, "server", None) is None:  # (a server's work is the server's memory)
+        from .cli import check_propagation_memory
+        from .propagate import find_prompt_slices
+
+        drawn_axis, drawn = find_prompt_slices(prompt.array, labels=row.labels)
+        check_propagation_memory(image, drawn_axis, drawn, args.method, getattr(args, "no_memory_check", False),
+                                 Path(row.image).name)
     if row.edited is not None:
         from .cli import plan_update
 

@@ -309,6 +309,9 @@ def add_propagate_arguments(p: argparse.ArgumentParser) -> None:
                         "OUT's record carries this round's keyframes to the next (--previous OUT)")
     p.add_argument("--no-early-stop", action="store_true",
                    help="predict every slice in the range, also past slices where the object vanished")
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="run even when the volume looks too large for the memory this process may use (the check "
+                        "before the walks refuses it; with enough swap it may still finish)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="torch device (default: cpu)")
     p.add_argument("--threads", type=_thread_count, metavar="N", help=THREADS_HELP)
     p.add_argument("--batch-size", type=_positive_int, default=16, metavar="N",
@@ -570,6 +573,46 @@ def read_case(image_path, prompt_path, output, resample: bool, note: Callable[[s
     return image, prompt
 
 
+PROPAGATION_FIXED_BYTES = {True: 600 * 2**20, False: 200 * 2**20}  # the process with torch and a network / without
+PROPAGATION_BYTES_PER_VOXEL = 7  # beyond the image's own: the prompt, the result, the masks of a label's walks
+
+
+def propagation_memory_bytes(shape, itemsize: int, axis: int, slices: dict, network: bool) -> int:
+    """The peak memory of propagating a volume of ``shape`` (``itemsize`` bytes a voxel) along
+    ``axis`` from the drawn ``slices`` (per label; ``find_prompt_slices``), measured (session 33):
+    the process (about 0.2 GB, 0.6 GB with torch and a network) + the image + 7 bytes a voxel
+    (512 x 512 x 100 int16: 1 label 6.3 measured, 4 labels 8.2; a 186-slice object of 512 x 512 x
+    200: 7.5), and between the outermost of two or more drawn slices both walks' float32
+    probabilities until they are fused (8 bytes a voxel there)."""
+    import math
+
+    voxels = math.prod(int(n) for n in shape)
+    per_slice = voxels // max(int(shape[axis]), 1)
+    between = max((max(k) - min(k) - 1 for k in slices.values() if len(k) >= 2), default=0)
+    return (PROPAGATION_FIXED_BYTES[bool(network)] + voxels * (int(itemsize) + PROPAGATION_BYTES_PER_VOXEL)
+            + 8 * between * per_slice)
+
+
+def check_propagation_memory(image, axis: int, slices: dict, method: str, skip: bool, what: str = "") -> None:
+    """Refuse (``volumes.check_memory``) a propagation whose peak memory would not fit what this
+    process may use, before the walks: it ended in a MemoryError after every slice was predicted
+    (or in the system killing the process)."""
+    from .volumes import check_memory
+
+    network = method.startswith("pam")
+    need = propagation_memory_bytes(image.array.shape, image.array.dtype.itemsize, axis, slices, network)
+    size = " x ".join(str(n) for n in image.array.shape[::-1])
+
+    def advice(limit: int) -> str:
+        fits = (0.9 * limit - PROPAGATION_FIXED_BYTES[network]) / (image.array.dtype.itemsize
+                                                                  + PROPAGATION_BYTES_PER_VOXEL)
+        return (f"Crop the volume around the object first (at most about {max(fits, 0) / 1e6:,.0f} million voxels "
+                "fit; Slicer's Crop Volume module, or any tool) or resample it to coarser voxels")
+
+    check_memory(need, f"propagating {what or 'this volume'} ({size} voxels of {image.array.dtype})", advice,
+                 skip=skip)
+
+
 def cmd_propagate(args: argparse.Namespace) -> int:
     """Read IMAGE and PROMPT, propagate, write OUT on the image's grid, print a summary."""
     t0 = time.perf_counter()
@@ -610,7 +653,9 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     from .propagate import find_prompt_slices, propagate
 
     # Check the prompt before loading a network (which can take seconds for the official one).
-    find_prompt_slices(prompt.array, axis=args.axis, labels=args.label)
+    drawn_axis, drawn = find_prompt_slices(prompt.array, axis=args.axis, labels=args.label)
+    if not args.server:  # (a server's work is the server's memory)
+        check_propagation_memory(image, drawn_axis, drawn, args.method, args.no_memory_check, Path(args.image).name)
     keyframes, empty_slices, axis, plan, earlier = prompt.array, args.empty_slices, args.axis, None, None
     slice_range = args.slice_range
     if args.edited is not None:

@@ -1063,6 +1063,13 @@ def _read_error(p: Path, reason: str) -> InputError:
     header that declares more voxels than memory holds; only a file ITK found no reader for gets
     the list of formats (a truncated NRRD was told to be NIfTI, NRRD, ...)."""
     low = reason.lower()
+    short = _memory_short_of(p)
+    if short is not None:  # a healthy file was called damaged under a memory limit (a review, session 33)
+        need, left = short
+        return InputError(f"cannot read {p}: not enough memory: reading it needs about {_gb(need)} and about "
+                          f"{_gb(left)} is left to this process ({reason[:120]}); close other programs, run where "
+                          "more memory is allowed (a larger job or container, a higher `ulimit -v`), or crop the "
+                          "volume first")
     if any(k in low for k in ("no such file or directory", "fread got only", "data not read completely",
                               "unexpected end of file", "premature end", "expected", "_nrrdencoding")) \
             and "imageio" not in low:
@@ -1074,6 +1081,41 @@ def _read_error(p: Path, reason: str) -> InputError:
     if "unable to determine imageio reader" in low or "could not create io object" in low:
         return InputError(f"cannot read {p} as an image ({reason}); {_READ_HINT}")
     return InputError(f"cannot read {p} as an image ({reason[:200]}); is the file damaged? copy or download it again")
+
+
+def _memory_short_of(p: Path) -> tuple[int, int] | None:
+    """(bytes reading ``p`` needs: ITK's buffer and its array copy, bytes left to this process) when
+    its header's size does not fit what is left (MemAvailable within the process's limits, and the
+    address space ``ulimit -v`` leaves beside what the process has mapped already); else None."""
+    try:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(_itk_path(p))
+        with _itk_warnings_hidden(), _native_stderr_hidden():
+            reader.ReadImageInformation()
+        voxels = math.prod(int(n) for n in reader.GetSize()) * max(int(reader.GetNumberOfComponents()), 1)
+        itemsize = np.dtype(sitk.GetArrayViewFromImage(sitk.Image([1] * reader.GetDimension(),
+                                                                 reader.GetPixelID())).dtype).itemsize
+    except (RuntimeError, TypeError, ValueError):
+        return None
+    need = 2 * voxels * itemsize
+    left = [v for v in (memory_budget()[1], _address_space_left()) if v is not None]
+    return (need, min(left)) if left and need > min(left) else None
+
+
+def _address_space_left() -> int | None:
+    """What ``ulimit -v`` (RLIMIT_AS) leaves this process beside what it has mapped (VmSize); None
+    without such a limit."""
+    try:
+        import resource  # noqa: PLC0415 - POSIX only
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft in (resource.RLIM_INFINITY, -1) or soft <= 0:
+            return None
+        with open("/proc/self/status", encoding="ascii") as fh:
+            mapped = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmSize:"))
+        return max(int(soft) - mapped, 0)
+    except (ImportError, ValueError, OSError, StopIteration, IndexError):
+        return None
 
 
 def physical_memory_bytes() -> int | None:

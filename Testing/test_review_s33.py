@@ -350,3 +350,86 @@ def test_the_slicer_job_keeps_the_volume_in_its_own_type(mrml_scene):
         slicer.util.arrayFromVolumeModified(vol)
         assert not job._voxels_unchanged()
     np.testing.assert_array_equal(results[0], results[1])
+
+
+def test_propagate_refuses_a_volume_its_memory_cannot_hold_before_the_walks(ct_case, monkeypatch, capsys):
+    """A review (session 33) measured propagate's peak (the process, the image and about 7 bytes a
+    voxel; both walks' probabilities between two drawn slices) and found no check before the
+    walks: a run that did not fit ended in a MemoryError after every slice was predicted (or
+    hung under `ulimit -v`). The command line and batch now refuse it first, naming what fits."""
+    from PAMSegmentLib import cli, volumes
+
+    mib = 2**20
+    assert cli.propagation_memory_bytes((100, 512, 512), 2, 0, {1: [50]}, False) == 200 * mib + 26214400 * 9
+    assert cli.propagation_memory_bytes((100, 512, 512), 2, 0, {1: [10, 60], 2: [5]}, True) == \
+        600 * mib + 26214400 * 9 + 8 * 49 * 262144
+    voxels = ct_case.image.size
+    need = cli.propagation_memory_bytes(ct_case.image.shape, 2, 0, {1: [ct_case.prompt_slice]}, False)
+    assert need == 200 * mib + voxels * 9
+    monkeypatch.setattr(volumes, "memory_budget", lambda: (int(need / 0.9) - mib, None))  # just too little
+    out = ct_case.directory / "out.nii.gz"
+    args = ["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out), "--method", "copy"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "error: propagating image.nii.gz (" in err and "voxels of int16) needs about 0.2 GB of memory at its peak" \
+        in err and "nothing was done. Crop the volume around the object first (at most about" in err
+    assert not out.exists()
+    assert cli.main(args + ["--no-memory-check"]) == 0 and out.exists()
+    monkeypatch.setattr(volumes, "memory_budget", lambda: (int(need / 0.9) + mib, None))  # just enough
+    assert cli.main(args) == 0
+    # batch: the case fails with the same words, the others go on
+    monkeypatch.setattr(volumes, "memory_budget", lambda: (int(need / 0.9) - mib, None))
+    (ct_case.directory / "cases.csv").write_text(f"image,prompt\n{ct_case.image_path},{ct_case.prompt_path}\n")
+    capsys.readouterr()
+    assert cli.main(["batch", str(ct_case.directory / "cases.csv"), "-o", str(ct_case.directory / "b"),
+                     "--method", "copy"]) != 0
+    said = capsys.readouterr()
+    assert "needs about 0.2 GB of memory at its peak" in said.out + said.err
+    assert cli.main(["batch", str(ct_case.directory / "cases.csv"), "-o", str(ct_case.directory / "b"),
+                     "--method", "copy", "--no-memory-check"]) == 0
+
+
+def test_a_healthy_file_that_does_not_fit_is_not_called_damaged(tmp_path, monkeypatch):
+    """A review (session 33): under a memory limit (`ulimit -v`, a container) a healthy volume ITK
+    could not allocate was "its header declares more voxels than this machine's memory holds ...
+    is the header damaged?" or "is the file damaged?"."""
+    import SimpleITK as sitk
+
+    from PAMSegmentLib import volumes
+
+    path = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((10, 20, 30), np.int16)), str(path))
+    monkeypatch.setattr(volumes, "_address_space_left", lambda: None)
+    monkeypatch.setattr(volumes, "memory_budget", lambda: (2**30, 20000))  # 24 000 bytes to read
+    error = volumes._read_error(path, "ITK ERROR: NiftiImageIO(0x1): nifti_image_load failed for file")
+    assert str(error).startswith(f"cannot read {path}: not enough memory: reading it needs about 0.0 GB and about "
+                                 "0.0 GB is left to this process (ITK ERROR: NiftiImageIO(0x1): nifti_image_load")
+    monkeypatch.setattr(volumes, "memory_budget", lambda: (2**30, 2**30))
+    assert "is the file damaged?" in str(volumes._read_error(path, "ITK ERROR: nifti_image_load failed"))
+    monkeypatch.setattr(volumes, "_address_space_left", lambda: 1000)  # `ulimit -v` leaves 1000 bytes
+    assert "not enough memory" in str(volumes._read_error(path, "ITK ERROR: nifti_image_load failed"))
+
+
+def test_the_command_asks_openblas_for_one_thread_unless_told(monkeypatch):
+    """A review (session 33): under `ulimit -v` scipy's OpenBLAS, loaded after the image was read,
+    retried its per-thread buffers for good, deaf to SIGTERM; with one thread the run ends with
+    the memory message. A value the user set is kept."""
+    import signal
+
+    from PAMSegmentLib import __main__ as entry
+    from PAMSegmentLib import cli
+
+    monkeypatch.setattr(cli, "main", lambda ends_process=False: 0)
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+        assert entry.run() == 0
+        import os
+
+        assert os.environ["OPENBLAS_NUM_THREADS"] == "1"
+        monkeypatch.setenv("OPENBLAS_NUM_THREADS", "4")
+        entry.run()
+        assert os.environ["OPENBLAS_NUM_THREADS"] == "4"
+    finally:
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
