@@ -573,24 +573,32 @@ def read_case(image_path, prompt_path, output, resample: bool, note: Callable[[s
     return image, prompt
 
 
-PROPAGATION_FIXED_BYTES = {True: 600 * 2**20, False: 200 * 2**20}  # the process with torch and a network / without
-PROPAGATION_BYTES_PER_VOXEL = 7  # beyond the image's own: the prompt, the result, the masks of a label's walks
+PROPAGATION_FIXED_BYTES = {True: 500 * 2**20, False: 200 * 2**20}  # the process with torch and a network / without
+PROPAGATION_BYTES_PER_VOXEL = 6  # beyond the image's own: the prompt, the result, the masks of a label's walks
 
 
 def propagation_memory_bytes(shape, itemsize: int, axis: int, slices: dict, network: bool) -> int:
     """The peak memory of propagating a volume of ``shape`` (``itemsize`` bytes a voxel) along
     ``axis`` from the drawn ``slices`` (per label; ``find_prompt_slices``), measured (session 33):
-    the process (about 0.2 GB, 0.6 GB with torch and a network) + the image + 7 bytes a voxel
-    (512 x 512 x 100 int16: 1 label 6.3 measured, 4 labels 8.2; a 186-slice object of 512 x 512 x
-    200: 7.5), and between the outermost of two or more drawn slices both walks' float32
-    probabilities until they are fused (8 bytes a voxel there)."""
+    the process (about 0.2 GB, 0.5 GB with torch and a network) + the image + 6 bytes a voxel
+    (all told, int16, copy: 512 x 512 x 100 1 label 6.3 measured, 4 labels 8.2; a 186-slice object
+    of 512 x 512 x 200 7.5; a 296-slice object drawn on 9 of 300 slices 5.8), and between two
+    neighbouring drawn slices both walks' float32 probabilities until they are fused (8 bytes a
+    voxel of the largest such gap: one gap is held at a time)."""
+    voxels = _prod(shape)
+    return PROPAGATION_FIXED_BYTES[bool(network)] + int(voxels * _bytes_per_voxel(shape, itemsize, axis, slices))
+
+
+def _prod(shape) -> int:
     import math
 
-    voxels = math.prod(int(n) for n in shape)
-    per_slice = voxels // max(int(shape[axis]), 1)
-    between = max((max(k) - min(k) - 1 for k in slices.values() if len(k) >= 2), default=0)
-    return (PROPAGATION_FIXED_BYTES[bool(network)] + voxels * (int(itemsize) + PROPAGATION_BYTES_PER_VOXEL)
-            + 8 * between * per_slice)
+    return math.prod(int(n) for n in shape)
+
+
+def _bytes_per_voxel(shape, itemsize: int, axis: int, slices: dict) -> float:
+    """``propagation_memory_bytes`` per voxel of the volume, the fixed part aside."""
+    gap = max((b - a - 1 for k in slices.values() for a, b in zip(sorted(k)[:-1], sorted(k)[1:])), default=0)
+    return int(itemsize) + PROPAGATION_BYTES_PER_VOXEL + 8 * max(gap, 0) / max(int(shape[axis]), 1)
 
 
 def check_propagation_memory(image, axis: int, slices: dict, method: str, skip: bool, what: str = "") -> None:
@@ -604,8 +612,8 @@ def check_propagation_memory(image, axis: int, slices: dict, method: str, skip: 
     size = " x ".join(str(n) for n in image.array.shape[::-1])
 
     def advice(limit: int) -> str:
-        fits = (0.9 * limit - PROPAGATION_FIXED_BYTES[network]) / (image.array.dtype.itemsize
-                                                                  + PROPAGATION_BYTES_PER_VOXEL)
+        fits = (0.9 * limit - PROPAGATION_FIXED_BYTES[network]) / _bytes_per_voxel(
+            image.array.shape, image.array.dtype.itemsize, axis, slices)
         return (f"Crop the volume around the object first (at most about {max(fits, 0) / 1e6:,.0f} million voxels "
                 "fit; Slicer's Crop Volume module, or any tool) or resample it to coarser voxels")
 
@@ -1425,9 +1433,10 @@ def memory_message(exc: BaseException, batch: bool = False, command: str | None 
                 "per pixel of all its images): label fewer or smaller images per run, close other programs, or use "
                 "a machine with more memory")
     limit = "fewer labels in the row's label column" if batch else "--range, --label"
-    return (f"not enough memory{detail}; what was being computed was not written. A propagation needs about 4 to 8 "
-            "times the image's uncompressed size (more with a large --batch-size for the official checkpoint): close "
-            f"other programs, limit the work ({limit}), crop the image, or use a machine with more memory")
+    return (f"not enough memory{detail}; what was being computed was not written. A propagation needs about 0.2 GB "
+            "(0.5 GB with a network) + the image + 6 bytes a voxel, and 8 more a voxel between two drawn slices "
+            "(more with a large --batch-size for the official checkpoint): close other programs, limit the work "
+            f"({limit}), crop the image, or use a machine with more memory")
 
 
 # Options whose values may be written with a leading '-' by mistake (--range -1:5): argparse took

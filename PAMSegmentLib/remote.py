@@ -280,11 +280,15 @@ def decode_result(payload: bytes, max_bytes: int | None = None) -> PropagationRe
 
 def _compact(image: np.ndarray) -> np.ndarray:
     """A float image whose voxels are all whole numbers within int16 (a CT in HU, most MR as
-    Slicer hands them over) as int16: half the upload, the same values."""
+    Slicer hands them over) as int16: half the upload, the same values; any other float64 image
+    as float32, the type the engine computes in (Slicer's job keeps a volume in its own type since
+    session 33: a float64 volume was twice the upload, over the server's limit sooner)."""
     if image.dtype.kind == "f" and image.size:
         lo, hi = float(np.nanmin(image)), float(np.nanmax(image))
         if -32768 <= lo and hi <= 32767 and np.array_equal(image, np.round(image)):
             return image.astype(np.int16)
+        if image.dtype.itemsize > 4:
+            return image.astype(np.float32)
     return image
 
 

@@ -576,7 +576,8 @@ def test_running_out_of_memory_is_one_line_and_writes_nothing(ct_case, monkeypat
     err = capsys.readouterr().err
     assert code == 2 and not out.exists()
     assert err.startswith(f"pamsegment: error: not enough memory ({str(error)[:40]}") and err.count("\n") == 1
-    assert "; what was being computed was not written. A propagation needs about 4 to 8 times" in err
+    assert ("; what was being computed was not written. A propagation needs about 0.2 GB (0.5 GB with a network) + "
+            "the image + 6 bytes a voxel") in err
 
 
 def _ctrl_c_when_moved_to(monkeypatch, wanted) -> None:
