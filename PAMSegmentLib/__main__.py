@@ -14,7 +14,8 @@ OpenBLAS (scipy's copy loads once the image is read) starts one thread per core,
 buffer; under an address-space limit (`ulimit -v`, a cluster's h_vmem) that its buffers no longer
 fit it retried for good, in C, deaf to Ctrl-C and SIGTERM (a review, session 33: killed after 11
 minutes). Nothing here gains from BLAS threads (the network has torch's own), so one is asked for
-unless OPENBLAS_NUM_THREADS is set: the run then ends with the memory message in a second.
+unless OPENBLAS_NUM_THREADS is set, and ``cli.main`` loads scipy before a command reads an image
+(with one thread alone it still hung): the run then ends with the memory message in a second.
 """
 
 import os

@@ -1439,6 +1439,8 @@ def memory_message(exc: BaseException, batch: bool = False, command: str | None 
             f"({limit}), crop the image, or use a machine with more memory")
 
 
+_IMAGE_COMMANDS = {"propagate", "batch", "demo", "label-images", "label-cells", "serve"}
+
 # Options whose values may be written with a leading '-' by mistake (--range -1:5): argparse took
 # such a value for an option and said only "expected one argument"; joined as --range=-1:5, the
 # option's own check says what is wrong with it.
@@ -1476,6 +1478,11 @@ def main(argv: Sequence[str] | None = None, ends_process: bool = False) -> int:
         if extra:
             _unrecognized(parser, args.command, extra, argv)
         args._ends_process = ends_process
+        if ends_process and args.command in _IMAGE_COMMANDS:
+            # scipy's OpenBLAS loaded while memory is still free: loaded after a large image was read
+            # under `ulimit -v`, it retried its buffer for good, deaf to SIGTERM, even with one thread
+            # (a re-review, session 33)
+            import scipy.ndimage  # noqa: F401
         return int(_resolve(args._run)(args) or EXIT_OK)
     except Terminated:
         print(f"{PROG}: terminated (SIGTERM); nothing was written", file=sys.stderr)

@@ -1071,7 +1071,7 @@ def _read_error(p: Path, reason: str) -> InputError:
     short = _memory_short_of(p)
     if short is not None:  # a healthy file was called damaged under a memory limit (a review, session 33)
         need, left = short
-        return InputError(f"cannot read {p}: not enough memory: its voxels need about {_mb_or_gb(need)} and about "
+        return InputError(f"cannot read {p}: not enough memory: reading it needs about {_mb_or_gb(need)} and about "
                           f"{_mb_or_gb(left)} is left to this process ({reason[:120]}); close other programs, run "
                           "where more memory is allowed (a larger job or container, a higher `ulimit -v`), or crop "
                           "the volume first")
@@ -1084,9 +1084,10 @@ def _read_error(p: Path, reason: str) -> InputError:
 
 
 def _memory_short_of(p: Path) -> tuple[int, int] | None:
-    """(bytes ITK's buffer for ``p`` needs, bytes left to this process) when its header's size does
-    not fit what is left (MemAvailable within the process's limits, and the address space ``ulimit
-    -v`` leaves beside what the process has mapped already); else None."""
+    """(bytes reading ``p`` needs: the reader's buffer and ITK's, twice its voxels, bytes left to
+    this process) when that does not fit what is left (MemAvailable within the process's limits,
+    and the address space ``ulimit -v`` leaves beside what the process has mapped already); else
+    None. (Called for a failure that is no short read: those are damaged files.)"""
     try:
         reader = sitk.ImageFileReader()
         reader.SetFileName(_itk_path(p))
@@ -1097,19 +1098,9 @@ def _memory_short_of(p: Path) -> tuple[int, int] | None:
                                                                  reader.GetPixelID())).dtype).itemsize
     except (RuntimeError, TypeError, ValueError):
         return None
-    need = voxels * itemsize
+    need = 2 * voxels * itemsize
     left = [v for v in (memory_budget()[1], _address_space_left()) if v is not None]
     return (need, min(left)) if left and need > min(left) else None
-
-
-def _mapped_not_resident() -> int:
-    """Bytes this process has mapped but not in memory (VmSize - VmRSS); 0 where unknown."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            status = {line.split(":")[0]: line.split()[1] for line in fh if line.startswith(("VmSize:", "VmRSS:"))}
-        return max(int(status["VmSize"]) - int(status["VmRSS"]), 0) * 1024
-    except (OSError, ValueError, KeyError, IndexError):
-        return 0
 
 
 def _address_space_left() -> int | None:
@@ -1138,19 +1129,17 @@ def physical_memory_bytes() -> int | None:
 
 def memory_budget() -> tuple[int | None, int | None]:
     """(limit, free) in bytes: the least of physical memory, the control group's limit (a container,
-    a batch scheduler's job) and the address-space limit (``ulimit -v``, less what the process maps
-    without holding it in memory), and what is free now (MemAvailable, within that limit); None
-    where the system does not say."""
+    a batch scheduler's job) and the address-space limit (``ulimit -v``), and what is free now
+    (MemAvailable, within that limit); None where the system does not say."""
     limits = [physical_memory_bytes(), *_cgroup_limits()]
     try:
         import resource  # noqa: PLC0415 - POSIX only
 
         soft = resource.getrlimit(resource.RLIMIT_AS)[0]
         if soft not in (resource.RLIM_INFINITY, -1) and soft > 0:
-            # the estimates are of resident memory; the address space also holds what the process
-            # maps without using (libraries, reserved arenas: 0.45-1.2 GB measured, a review in
-            # session 33: a run the check let through failed after every slice)
-            limits.append(max(int(soft) - _mapped_not_resident(), 1))
+            limits.append(int(soft))  # (of address space: the estimates are of resident memory, so
+            # under `ulimit -v` a run may pass the check and still fail; what the process maps
+            # without holding could not be told in advance: it refused runs that fit, session 33)
     except (ImportError, ValueError, OSError):
         pass
     known = [v for v in limits if v]

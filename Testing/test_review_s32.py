@@ -222,12 +222,8 @@ def test_the_memory_budget_takes_the_least_of_the_machine_a_container_and_ulimit
     monkeypatch.setattr(resource, "getrlimit", lambda what: (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
     assert volumes.memory_budget()[0] == 8 * GIB
     monkeypatch.setattr(resource, "getrlimit", lambda what: (2 * GIB, resource.RLIM_INFINITY))
-    monkeypatch.setattr(volumes, "_mapped_not_resident", lambda: 0)
     limit, free = volumes.memory_budget()
     assert limit == 2 * GIB and (free is None or free <= 2 * GIB)
-    # (session 33) what the process maps without holding it counts against `ulimit -v` too
-    monkeypatch.setattr(volumes, "_mapped_not_resident", lambda: GIB // 2)
-    assert volumes.memory_budget()[0] == 2 * GIB - GIB // 2
 
 
 @pytest.mark.parametrize("reader", ["tifffile", "Pillow"])

@@ -404,10 +404,12 @@ def test_a_healthy_file_that_does_not_fit_is_not_called_damaged(tmp_path, monkey
     path = tmp_path / "ct.nii.gz"
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((60, 100, 100), np.int16)), str(path))
     monkeypatch.setattr(volumes, "_address_space_left", lambda: None)
-    monkeypatch.setattr(volumes, "memory_budget", lambda: (2**30, 200000))  # 1.2 MB to read
+    # 1.2 MB of voxels, read twice over (the reader's buffer and ITK's: a re-review found a healthy
+    # NIfTI called damaged again when what was left lay between once and twice its voxels)
+    monkeypatch.setattr(volumes, "memory_budget", lambda: (2**30, 1800000))
     error = volumes._read_error(path, "ITK ERROR: NiftiImageIO(0x1): nifti_image_load failed for file")
-    assert str(error).startswith(f"cannot read {path}: not enough memory: its voxels need about 1 MB and about "
-                                 "0 MB is left to this process (ITK ERROR: NiftiImageIO(0x1): nifti_image_load")
+    assert str(error).startswith(f"cannot read {path}: not enough memory: reading it needs about 2 MB and about "
+                                 "2 MB is left to this process (ITK ERROR: NiftiImageIO(0x1): nifti_image_load")
     # a file that ends early is damaged, whatever memory is left (a re-review: a cut .mha was "not
     # enough memory")
     assert "its voxel data ends early or is damaged" in str(volumes._read_error(path, "fread got only 10 bytes"))
@@ -453,3 +455,28 @@ def test_a_float64_volume_is_uploaded_as_float32():
     assert sent.dtype == np.float32 and np.array_equal(sent, mr.astype(np.float32))
     assert _compact(mr.astype(np.float32)).dtype == np.float32
     assert _compact(np.round(mr * 1000)).dtype == np.int16
+
+
+def test_the_command_loads_scipy_before_it_reads_an_image():
+    """A re-review (session 33): even with one OpenBLAS thread, scipy's OpenBLAS, loaded after a
+    large image was read under `ulimit -v`, retried its buffer for good, deaf to SIGTERM. The
+    commands that read images load it first, while memory is free (`info` does not)."""
+    import subprocess
+
+    code = """
+import sys
+from PAMSegmentLib import cli
+seen = []
+resolve = cli._resolve
+def spy(ref):  # the command itself is replaced by a look at what is loaded when it would start
+    run = resolve(ref)
+    if not getattr(run, "__name__", "").startswith("cmd_"):
+        return run
+    return lambda args: seen.append("scipy.ndimage" in sys.modules) or 0
+cli._resolve = spy
+cli.main([*sys.argv[1:]], ends_process=True)
+print(seen)
+"""
+    for argv, loaded in ((["propagate", "a.nii.gz", "b.nii.gz", "-o", "c.nii.gz"], True), (["info"], False)):
+        out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+        assert out.stdout.strip() == f"[{loaded}]", out.stderr
