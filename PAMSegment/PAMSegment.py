@@ -615,17 +615,25 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.setStyleSheet(colors.get(level, ""))
         self.ui.statusLabel.text = text
 
-    def _startJob(self, start):
-        """Create and start a job with ``start()``; on bad input show why and return the error."""
+    def _startJob(self, start, memoryCheck=True):
+        """Create and start a job with ``start(memoryCheck)``; on bad input show why and return the
+        error. A job refused for memory (more than is free now) is offered to be run anyway."""
+        from PAMSegmentLib.errors import NotEnoughMemory
+
         try:
             qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)
             try:
-                self.job = start()
+                self.job = start(memoryCheck)
             finally:
                 qt.QApplication.restoreOverrideCursor()
         except Exception as exc:  # bad input: shown in the panel, nothing started
             self.job = None
-            self._setStatus(_sentence(str(exc)) + " Nothing was changed.", "error")
+            if isinstance(exc, NotEnoughMemory) and slicer.util.confirmOkCancelDisplay(
+                f"{_sentence(getattr(exc, 'reason', str(exc)))}\n\nRun it anyway? Save your work first.",
+                windowTitle="PAMSegment: not enough memory",
+            ):
+                return self._startJob(start, memoryCheck=False)
+            self._setStatus(_sentence(str(getattr(exc, "reason", exc))) + " Nothing was changed.", "error")
             self.updateButtons()
             return exc
         if self.job.kind == "update":
@@ -666,10 +674,10 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._setStatus(f'Not propagated: "{name}" holds a result from PAM. Use Update from my edits, or '
                                 "Undo to get your drawing back.", "warning")
             return
-        self._startJob(lambda: self.logic.startPropagation(
+        self._startJob(lambda memoryCheck: self.logic.startPropagation(
             volume, segmentation, segmentId, mode=self._outputMode(), checkpoint=self._checkpoint(),
             device=self.ui.deviceComboBox.currentText, method=self._method(),
-            intensityGate=self.ui.intensityGateCheckBox.checked, server=self._server()))
+            intensityGate=self.ui.intensityGateCheckBox.checked, server=self._server(), memoryCheck=memoryCheck))
 
     def onUpdate(self):
         if self.job is not None and not self.job.done:
@@ -677,9 +685,10 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self.ensureRequirements():
             return
         volume, segmentation, segmentId = self._inputs()
-        self._startJob(lambda: self.logic.startUpdate(
+        self._startJob(lambda memoryCheck: self.logic.startUpdate(
             volume, segmentation, segmentId, checkpoint=self._checkpoint(), device=self.ui.deviceComboBox.currentText,
-            method=self._method(), intensityGate=self.ui.intensityGateCheckBox.checked, server=self._server()))
+            method=self._method(), intensityGate=self.ui.intensityGateCheckBox.checked, server=self._server(),
+            memoryCheck=memoryCheck))
 
     def onUndo(self):
         if self.job is not None and not self.job.done:
@@ -1030,14 +1039,15 @@ class PAMSegmentLogic(ScriptedLoadableModuleLogic):
         return None, get_predictor(method)
 
     def startPropagation(self, volumeNode, segmentationNode, segmentId, mode="replace", checkpoint=None,
-                         device="cpu", range=None, method="pam", intensityGate=None, server=None):
+                         device="cpu", range=None, method="pam", intensityGate=None, server=None, memoryCheck=True):
         """Copy the inputs out of MRML and start the background job (returns it; poll it, then call
         ``finishPropagation``). Raises InputError for an empty or 3D segment or an unknown method.
         ``method``: "pam" (the network: ``checkpoint`` or the bundled weights), "track"
         (slice-to-slice registration, no network) or "server" (``server`` = (address, token):
         a ``pamsegment serve`` machine does the work). ``intensityGate`` (the network, here or on a
         server): True also ends the walk where the region's intensity drifts from the slice it was predicted from, False
-        leaves the stop to the network, None = what the checkpoint says."""
+        leaves the stop to the network, None = what the checkpoint says. ``memoryCheck`` False runs a job
+        whose estimated peak memory is more than is free (else refused: NotEnoughMemory, an InputError)."""
         from PAMSegmentLib.mrml import SegmentPropagation
 
         checkpoint = self.bundledOr(checkpoint) if method == "pam" else checkpoint
@@ -1047,14 +1057,16 @@ class PAMSegmentLogic(ScriptedLoadableModuleLogic):
         threads = max(1, (os.cpu_count() or 2) - 1)
         job = SegmentPropagation(volumeNode, segmentationNode, segmentId, mode=mode, checkpoint=checkpoint,
                                  device=device, range=range, model=model, threads=threads,
-                                 intensity_gate=intensityGate if method in ("pam", "server") else None)
+                                 intensity_gate=intensityGate if method in ("pam", "server") else None,
+                                 memory_check=memoryCheck)
         job.modelKey = key
         return job.start()
 
     def startUpdate(self, volumeNode, segmentationNode, segmentId, checkpoint=None, device="cpu", method="pam",
-                    intensityGate=None, server=None):
+                    intensityGate=None, server=None, memoryCheck=True):
         """Start "Update from my edits" on a segment this Logic propagated (returns the running job;
-        poll it, then call ``finishPropagation``). Raises InputError when there is nothing to update."""
+        poll it, then call ``finishPropagation``). Raises InputError when there is nothing to update
+        (``memoryCheck``: as in ``startPropagation``)."""
         from PAMSegmentLib.mrml import SegmentUpdate
 
         checkpoint = self.bundledOr(checkpoint) if method == "pam" else checkpoint
@@ -1062,7 +1074,8 @@ class PAMSegmentLogic(ScriptedLoadableModuleLogic):
         threads = max(1, (os.cpu_count() or 2) - 1)
         job = SegmentUpdate(volumeNode, segmentationNode, segmentId, self.history, checkpoint=checkpoint,
                             device=device, model=model, threads=threads,
-                            intensity_gate=intensityGate if method in ("pam", "server") else None)
+                            intensity_gate=intensityGate if method in ("pam", "server") else None,
+                            memory_check=memoryCheck)
         job.modelKey = key
         return job.start()
 
@@ -1136,20 +1149,20 @@ class PAMSegmentLogic(ScriptedLoadableModuleLogic):
         return index, float(entry.confidence[index])
 
     def process(self, volumeNode, segmentationNode, segmentId, mode="replace", checkpoint=None, device="cpu",
-                range=None, timeout=3600.0, method="pam", intensityGate=None, server=None):
+                range=None, timeout=3600.0, method="pam", intensityGate=None, server=None, memoryCheck=True):
         """Propagate and write, keeping the GUI alive while waiting. Returns the segment id written.
-        ``method``, ``intensityGate``, ``server``: as ``startPropagation``."""
+        ``method``, ``intensityGate``, ``server``, ``memoryCheck``: as ``startPropagation``."""
         job = self.startPropagation(volumeNode, segmentationNode, segmentId, mode=mode, checkpoint=checkpoint,
                                     device=device, range=range, method=method, intensityGate=intensityGate,
-                                    server=server)
+                                    server=server, memoryCheck=memoryCheck)
         return self._waitAndFinish(job, timeout)
 
     def processUpdate(self, volumeNode, segmentationNode, segmentId, checkpoint=None, device="cpu", timeout=3600.0,
-                      method="pam", intensityGate=None, server=None):
+                      method="pam", intensityGate=None, server=None, memoryCheck=True):
         """Update from the user's edits and write, keeping the GUI alive. Returns the finished job.
-        ``method``, ``intensityGate``, ``server``: as ``startUpdate``."""
+        ``method``, ``intensityGate``, ``server``, ``memoryCheck``: as ``startUpdate``."""
         job = self.startUpdate(volumeNode, segmentationNode, segmentId, checkpoint=checkpoint, device=device,
-                               method=method, intensityGate=intensityGate, server=server)
+                               method=method, intensityGate=intensityGate, server=server, memoryCheck=memoryCheck)
         self._waitAndFinish(job, timeout)
         return job
 

@@ -2,4 +2,4 @@
 
 __version__ = "0.1.0"
 
-from .errors import CheckpointError, InputError, PAMError, PropagationCancelled  # noqa: F401
+from .errors import CheckpointError, InputError, NotEnoughMemory, PAMError, PropagationCancelled  # noqa: F401

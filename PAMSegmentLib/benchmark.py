@@ -676,7 +676,7 @@ def _worker_slicer(task: dict) -> list[dict]:
 
     depth, size, obj = task["depth"], task["size"], task["object_slices"]
     scene, _app, _logics = _mrml_scene(slicer)  # noqa: F841 - keep the logics alive
-    image, truth, prompt, (first, last, _mid) = synthetic_ct(depth, size, obj)
+    image, truth, prompt, (first, last, mid) = synthetic_ct(depth, size, obj)
     del truth
     volume_node = slicer.util.addVolumeFromArray(image, name="ct")
     volume_node.SetSpacing(*reversed(task["spacing"]))
@@ -695,7 +695,7 @@ def _worker_slicer(task: dict) -> list[dict]:
     step("setup: prompt -> segment (updateSegmentBinaryLabelmapFromArray)",
          lambda: slicer.util.updateSegmentBinaryLabelmapFromArray(prompt, seg, sid, volume_node),
          "scene setup, the user's drawing")
-    arr, grid = step("volume node -> array (mrml.volume_array)", lambda: mrml.volume_array(volume_node))
+    arr, grid = step("volume node -> array in its own type (mrml.volume_array)", lambda: mrml.volume_array(volume_node))
     prm = step("segment -> uint8 array on the volume grid (mrml.segment_mask)",
                lambda: mrml.segment_mask(seg, sid, volume_node))
     if hasattr(mrml, "_prompt_info"):
@@ -718,6 +718,8 @@ def _worker_slicer(task: dict) -> list[dict]:
     if hasattr(mrml, "SegmentPropagation"):
         sid3 = seg.GetSegmentation().AddEmptySegment("", "job", [0.2, 0.3, 0.9])
         slicer.util.updateSegmentBinaryLabelmapFromArray(prompt, seg, sid3, volume_node)
+        base = _status_mb("VmRSS")
+        reset = _reset_peak_rss()
         job = step("job: SegmentPropagation.__init__ (node/segment -> arrays, prompt check)",
                    lambda: mrml.SegmentPropagation(volume_node, seg, sid3, mode="replace", model=stub,
                                                    range=(first, last), batch_size=task["batch_size"],
@@ -727,6 +729,14 @@ def _worker_slicer(task: dict) -> list[dict]:
             rows[-1]["note"] = f"job {job.state}: {job.error}"
         else:
             step("job: apply (scene check incl. re-export of the segment + write)", job.apply)
+            peak = _status_mb("VmHWM")
+            if reset and base is not None and peak is not None:
+                # what Slicer must have free for the job: its estimate, and the copy it held when checked
+                estimate = (mrml.job_memory_bytes(arr.shape, 0, [mid], network=False) + arr.nbytes) / 2**20
+                rows.append(dict(step="job: peak memory added to the process (init + run + apply)", seconds=None,
+                                 depth=depth, size=size,
+                                 note=f"{peak - base:.0f} MB = {(peak - base) * 2**20 / arr.size:.1f} bytes a voxel "
+                                      f"of {arr.dtype}; the Logic's estimate {estimate:.0f} MB"))
     return rows
 
 

@@ -15,3 +15,8 @@ class CheckpointError(PAMError):
 
 class PropagationCancelled(PAMError):
     """Raised inside a propagation when its cancel token was set; nothing was written."""
+
+
+class NotEnoughMemory(InputError):
+    """A job refused before it started because its estimated peak memory exceeds what is free
+    (Slicer's panel then offers to run it anyway)."""

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .checks import check_flag, empty_between_drawn, runs_text, state_from_json, state_to_json
-from .errors import InputError, PAMError, PropagationCancelled
+from .errors import InputError, NotEnoughMemory, PAMError, PropagationCancelled
 
 __all__ = [
     "MODES",
@@ -260,7 +260,7 @@ def segment_mask(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
         array = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation_node, segment_id, volume_node)
     except RuntimeError as exc:
         raise InputError(f"could not read the segment on the volume's grid: {exc}") from None
-    return (np.asarray(array) > 0).astype(np.uint8)
+    return np.greater(array, 0).view(np.uint8)  # (bool and uint8 0/1 share their bytes: no second copy)
 
 
 def _linear_between(volume_node, segmentation_node) -> np.ndarray | None:
@@ -794,14 +794,16 @@ def write_segment_mask(mask: np.ndarray, grid: VolumeGrid, segmentation_node, se
     import vtk  # noqa: PLC0415
     from vtk.util import numpy_support  # noqa: PLC0415
 
-    mask = np.ascontiguousarray(np.asarray(mask) > 0, dtype=np.uint8)
+    mask = np.asarray(mask)
     if tuple(mask.shape) != tuple(grid.shape):
         raise InputError(f"result shape {mask.shape} does not match the volume's grid {grid.shape}")
     k, j, i = mask.shape
     labelmap = slicer.vtkOrientedImageData()
     labelmap.SetDimensions(i, j, k)
     labelmap.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
-    numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars())[:] = mask.ravel()  # x fastest = C order
+    # 0/1 straight into the labelmap's voxels (x fastest = C order), no copy of the mask between
+    np.greater(mask, 0, out=numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars()).reshape(k, j, i)
+               .view(bool))
     labelmap.SetImageToWorldMatrix(slicer.util.vtkMatrixFromArray(grid.ijk_to_ras))
 
     volume_transform = volume_node.GetParentTransformNode() if volume_node is not None else None
@@ -916,7 +918,10 @@ def _segment_own_voxels(segmentation_node, segment_id: str):
     own = _slicer().vtkOrientedImageData()
     own.DeepCopy(stored)
     voxels = numpy_support.vtk_to_numpy(own.GetPointData().GetScalars())
-    voxels[:] = voxels == segment.GetLabelValue()
+    label = segment.GetLabelValue()
+    for start in range(0, voxels.size, 1 << 22):  # in parts: no boolean copy of a whole layer
+        part = voxels[start:start + (1 << 22)]
+        part[:] = part == label
     return own
 
 
@@ -1042,6 +1047,90 @@ def _run_engine(image, prompt, spacing, *, model, device, range, progress, cance
 # ----------------------------------------------------------------------------------------------
 
 
+# What a job adds to Slicer at its peak beyond the volume's copy (measured on the slicer-core scene,
+# session 34: 512 x 512 x 100 / 200 int16, one drawn slice; copy 320 / 505 MB, track 333 MB for
+# 100, the network 652 / 785 MB when torch was not loaded yet and 531 / 650 MB when it was; the
+# estimate is -3 to +14 % of these): the work of the engine and of writing the result back, and for
+# the network its weights, its batches and (the first time) torch itself.
+JOB_FIXED_BYTES = {"classical": 150 * 2**20, "network": 300 * 2**20, "network and torch": 450 * 2**20}
+
+
+def _uses_local_network(model) -> bool:
+    """Whether a job with ``model`` runs PAM's network in this process (None: it loads one)."""
+    if model is None:
+        return True
+    from .remote import RemoteModel  # noqa: PLC0415
+
+    if isinstance(model, RemoteModel):
+        return False
+    from .baselines import _ClassicalPredictor  # noqa: PLC0415
+
+    return not isinstance(model, _ClassicalPredictor)
+
+
+def job_memory_bytes(shape, axis: int, slices, network: bool, torch_loaded: bool = True) -> int:
+    """The memory a job needs at its peak beyond the copy of the volume it already holds: its fixed
+    part (``JOB_FIXED_BYTES``) + 6 bytes a voxel (the prompt, the result, the masks of the walks and
+    of the write back) + 8 bytes a voxel of the largest gap between two neighbouring drawn
+    ``slices`` (both walks' probabilities until they are fused; ``cli.propagation_memory_bytes``)."""
+    from .cli import _prod  # noqa: PLC0415
+
+    fixed, per_voxel = _job_memory_parts(shape, axis, slices, network, torch_loaded)
+    return fixed + int(_prod(shape) * per_voxel)
+
+
+def _job_memory_parts(shape, axis: int, slices, network: bool, torch_loaded: bool) -> tuple[int, float]:
+    from .cli import PROPAGATION_BYTES_PER_VOXEL  # noqa: PLC0415
+
+    fixed = JOB_FIXED_BYTES["classical" if not network else "network" if torch_loaded else "network and torch"]
+    drawn = sorted(int(s) for s in slices)
+    gap = max((b - a - 1 for a, b in zip(drawn[:-1], drawn[1:])), default=0)
+    return fixed, PROPAGATION_BYTES_PER_VOXEL + 8 * max(gap, 0) / max(int(shape[axis]), 1)
+
+
+def _memory_free_now() -> int | None:
+    """What this process can still take: the machine's available memory (MemAvailable) and, under
+    a limit (a container, a job's control group, ``ulimit -v``), the limit less what the process
+    holds; None where the system does not say."""
+    from .volumes import memory_budget  # noqa: PLC0415
+
+    limit, free = memory_budget()
+    held = None
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            held = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmRSS:"))
+    except (OSError, ValueError, StopIteration, IndexError):
+        pass
+    room = [v for v in (free, None if limit is None or held is None else max(limit - held, 0)) if v is not None]
+    return min(room) if room else None
+
+
+def check_job_memory(image: np.ndarray, axis: int, slices, model, what: str) -> None:
+    """Refuse (``NotEnoughMemory``) a job whose estimated peak (``job_memory_bytes``) is more than
+    the memory free now: Slicer holds the user's unsaved work, and a run that runs the machine out
+    of memory can end with the system stopping Slicer without a word."""
+    import sys  # noqa: PLC0415
+
+    network, torch_loaded = _uses_local_network(model), "torch" in sys.modules
+    need = job_memory_bytes(image.shape, axis, slices, network, torch_loaded)
+    free = _memory_free_now()
+    if free is None or need <= free:
+        return
+    from .volumes import _mb_or_gb  # noqa: PLC0415
+
+    # a cropped volume's job: its copy (held now, freed by this refusal) and its share of the rest
+    fixed, per_voxel = _job_memory_parts(image.shape, axis, slices, network, torch_loaded)
+    fits = max(free + image.nbytes - fixed, 0) / (per_voxel + image.itemsize)
+    size = " x ".join(str(n) for n in image.shape[::-1])
+    text = (f"{what} ({size} voxels) needs about {_mb_or_gb(need)} more memory at its peak and about "
+            f"{_mb_or_gb(free)} is free now, so the system could stop Slicer, unsaved work and all. Close other "
+            "programs or data you do not need, or crop the volume around the object first (Crop Volume module: "
+            f"about {fits / 1e6:,.1f} million voxels fit now)")
+    error = NotEnoughMemory(f"{text}. Nothing was started; to run it anyway, pass memory_check=False")
+    error.reason = text  # (the panel asks whether to run it anyway)
+    raise error
+
+
 class SegmentPropagation:
     """One propagation of one segment, run in the background.
 
@@ -1057,13 +1146,14 @@ class SegmentPropagation:
     CPU threads (None: torch's default; Slicer leaves one core to its GUI); ``cancel`` a CancelToken
     to share; ``progress`` an extra ``progress(fraction, message)`` listener (called on the worker);
     ``intensity_gate`` True/False switches PAM's drift test on/off for this job (None: the
-    checkpoint's setting).
+    checkpoint's setting). ``memory_check`` False skips the refusal (``NotEnoughMemory``, an
+    InputError) of a job whose estimated peak memory (``job_memory_bytes``) is more than is free.
     """
 
     def __init__(self, volume_node, segmentation_node, segment_id: str, *, mode: str = "replace",
                  checkpoint=None, device: str = "cpu", range=None, model=None,  # noqa: A002
                  batch_size: int = 16, threads: int | None = None, cancel=None, progress=None,
-                 intensity_gate: bool | None = None):
+                 intensity_gate: bool | None = None, memory_check: bool = True):
         if mode not in MODES:
             raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         segment = _segment(segmentation_node, segment_id)
@@ -1077,12 +1167,19 @@ class SegmentPropagation:
         _check_drawing_read_whole(segmentation_node, segment_id, volume_node, self.prompt)  # after the cheap refusals
         self._init_job(volume_node, segmentation_node, segment_id, segment.GetName(), mode=mode,
                        checkpoint=checkpoint, device=device, range=range, model=model, batch_size=batch_size,
-                       threads=threads, cancel=cancel, progress=progress, intensity_gate=intensity_gate)
+                       threads=threads, cancel=cancel, progress=progress, intensity_gate=intensity_gate,
+                       memory_check=memory_check)
 
     kind = "propagation"
 
     def _init_job(self, volume_node, segmentation_node, segment_id, segment_name, *, mode, checkpoint, device,
-                  range, model, batch_size, threads, cancel, progress, intensity_gate=None):  # noqa: A002
+                  range, model, batch_size, threads, cancel, progress, intensity_gate=None,  # noqa: A002
+                  memory_check=True):
+        check_flag("memory_check", memory_check)
+        if memory_check:  # before anything else is held (the volume's copy is, and is counted)
+            verb = "updating" if self.kind == "update" else "propagating"
+            check_job_memory(self.image, self.prompt_info.axis, self.prompt_info.slices, model,
+                             f'{verb} "{segment_name}" on "{volume_node.GetName()}"')
         self.volume_node = volume_node
         # What apply() compares against: taken after the voxels were read (reading can bump it).
         self._voxels_mtime = _voxels_mtime(volume_node)
@@ -1452,7 +1549,7 @@ class SegmentPropagation:
 
     def _apply(self, history, before_write) -> str:
         self._check_scene_unchanged()
-        mask = self.result.mask > 0
+        mask = self.result.mask  # (write_segment_mask writes its voxels > 0)
         node = self.segmentation_node
         _segment(node, self.segment_id)  # still there, still stored as binary labelmaps
         before = None
@@ -1518,7 +1615,7 @@ class SegmentPropagation:
     def _history_entry(self, target: str, before: "LabelmapSnapshot | None",
                        before_tags: tuple = (None, None)) -> "HistoryEntry":
         """What the session remembers of this run (main thread, right after the write)."""
-        written = segment_mask(self.segmentation_node, target, self.volume_node).astype(bool)
+        written = segment_mask(self.segmentation_node, target, self.volume_node).view(bool)  # 0/1: no copy
         result = self.result
         label = next(iter(result.keyframes)) if result.keyframes else 1
         axis = result.axis
@@ -1541,7 +1638,7 @@ class SegmentPropagation:
             empty_keyframes=frozenset(empty), confidence=conf.copy(),
             agreement=None if agreement is None else np.asarray(agreement, dtype=np.float32).copy(),
             begin_state=result.begin_state.get(label), stops=[dict(s) for s in result.stops.get(label, [])],
-            result_mask=PackedMask.of(result.mask == label),
+            result_mask=PackedMask.of(result.mask, value=label),
             written=PackedMask.of(written), before=before, created=self.mode == "new", kind=self.kind,
             n_predicted=int(result.n_predicted), recomputed=recomputed, seconds=float(self.elapsed),
             edited=list(self._edited_slices()), reviewed=self._carried_reviews(recomputed),
@@ -1578,19 +1675,21 @@ class SegmentPropagation:
 
 def propagate_segment(volume_node, segmentation_node, segment_id: str, *, mode: str = "replace",
                       checkpoint=None, device: str = "cpu", range=None, model=None,  # noqa: A002
-                      progress=None, cancel=None, history: "PropagationHistory | None" = None) -> str:
+                      progress=None, cancel=None, history: "PropagationHistory | None" = None,
+                      memory_check: bool = True) -> str:
     """Propagate a segment drawn on one (or a few) slices through the volume, synchronously.
 
     Reads the volume and the segment on the volume's grid, runs the engine on the calling thread,
     writes the result in one step and returns the id of the segment written (the same segment for
     ``mode="replace"``, a new "<name> (PAM)" segment for ``mode="new"``). ``progress`` is called as
     ``progress(fraction, message)``; ``cancel`` is a ``CancelToken``; ``history`` a
-    ``PropagationHistory`` that remembers the result (for ``update_segment`` and ``undo_last``).
-    Raises InputError, CheckpointError or PropagationCancelled; on any error the segmentation is
-    unchanged.
+    ``PropagationHistory`` that remembers the result (for ``update_segment`` and ``undo_last``);
+    ``memory_check`` False runs a job refused for memory (``NotEnoughMemory``). Raises InputError,
+    CheckpointError or PropagationCancelled; on any error the segmentation is unchanged.
     """
     job = SegmentPropagation(volume_node, segmentation_node, segment_id, mode=mode, checkpoint=checkpoint,
-                             device=device, range=range, model=model, cancel=cancel, progress=progress)
+                             device=device, range=range, model=model, cancel=cancel, progress=progress,
+                             memory_check=memory_check)
     return _run_and_apply(job, history)
 
 
@@ -1633,8 +1732,42 @@ class PackedMask:
     bits: np.ndarray
 
     @classmethod
-    def of(cls, mask: np.ndarray) -> "PackedMask":
-        mask = np.asarray(mask) > 0
+    def of(cls, mask: np.ndarray, value: int | None = None) -> "PackedMask":
+        """``mask > 0`` packed (``value``: ``mask == value``), read a slice at a time: beyond the
+        packed bits only the bounding box as bytes is held (a whole boolean copy or two of a large
+        volume was the peak of writing a result in Slicer, session 34)."""
+        mask = np.asarray(mask)
+        if mask.ndim < 2:
+            return cls._of_whole(mask > 0 if value is None else mask == value)
+
+        def on(part):
+            return part > 0 if value is None else part == value
+
+        rows = np.zeros(mask.shape[1:], dtype=bool)  # which voxels of a slice are set in any slice
+        first = last = None
+        for k in range(mask.shape[0]):
+            here = on(mask[k])
+            if here.any():
+                first = k if first is None else first
+                last = k
+                rows |= here
+        if first is None:
+            return cls(tuple(int(n) for n in mask.shape), (0,) * mask.ndim, (0,) * mask.ndim,
+                       np.packbits(np.zeros(0, dtype=bool)))
+        lo, hi = [first], [last + 1]
+        for ax in range(rows.ndim):
+            present = np.flatnonzero(rows.any(axis=tuple(a for a in range(rows.ndim) if a != ax)))
+            lo.append(int(present[0]))
+            hi.append(int(present[-1]) + 1)
+        inner = tuple(slice(a, b) for a, b in zip(lo[1:], hi[1:]))
+        crop = np.empty(tuple(b - a for a, b in zip(lo, hi)), dtype=bool)
+        for k in range(first, last + 1):
+            crop[k - first] = on(mask[k][inner])
+        return cls(tuple(int(n) for n in mask.shape), tuple(lo), tuple(int(n) for n in crop.shape),
+                   np.packbits(crop.ravel()))
+
+    @classmethod
+    def _of_whole(cls, mask: np.ndarray) -> "PackedMask":
         lo, hi = [], []
         for ax in range(mask.ndim):
             other = tuple(a for a in range(mask.ndim) if a != ax)
@@ -1703,20 +1836,20 @@ class LabelmapSnapshot:
         scalars = labelmap.GetPointData().GetScalars()
         if scalars is None or int(np.prod(dims)) == 0:
             voxels = np.zeros(dims, dtype=np.uint8)
-        else:
-            voxels = np.array(numpy_support.vtk_to_numpy(scalars), copy=True).reshape(dims)
+        else:  # read in place, a slice at a time (copies of a whole layer were the peak of a write)
+            voxels = numpy_support.vtk_to_numpy(scalars).reshape(dims)
         label = int(segment.GetLabelValue())
-        if _sharing(segmentation, segment_id):
-            voxels = np.where(voxels == label, voxels, 0).astype(voxels.dtype)
+        # In a layer shared with other segments only the segment's own voxels are kept (the rest 0).
+        only_label = bool(_sharing(segmentation, segment_id)) or all(
+            np.count_nonzero(part) == np.count_nonzero(part == label) for part in voxels)
         import vtk  # noqa: PLC0415
 
         vtk_matrix = vtk.vtkMatrix4x4()
         labelmap.GetImageToWorldMatrix(vtk_matrix)
         matrix = slicer.util.arrayFromVTKMatrix(vtk_matrix).copy()
-        only_label = bool(np.isin(voxels, (0, label)).all())
         return cls(extent=extent, image_to_world=matrix, scalar_type=int(labelmap.GetScalarType()), label_value=label,
-                   dims=dims, packed=PackedMask.of(voxels == label) if only_label else None,
-                   raw=None if only_label else voxels)
+                   dims=dims, packed=PackedMask.of(voxels, value=label) if only_label else None,
+                   raw=None if only_label else np.array(voxels, copy=True))
 
     def voxels(self) -> np.ndarray:
         from vtk.util import numpy_support  # noqa: PLC0415
@@ -2536,7 +2669,8 @@ class SegmentUpdate(SegmentPropagation):
 
     def __init__(self, volume_node, segmentation_node, segment_id: str, history: PropagationHistory, *,
                  checkpoint=None, device: str = "cpu", model=None, batch_size: int = 16,
-                 threads: int | None = None, cancel=None, progress=None, intensity_gate: bool | None = None):
+                 threads: int | None = None, cancel=None, progress=None, intensity_gate: bool | None = None,
+                 memory_check: bool = True):
         segment = _segment(segmentation_node, segment_id)
         name = segment.GetName()
         entry = history.get(segmentation_node, segment_id) if history is not None else None
@@ -2597,7 +2731,7 @@ class SegmentUpdate(SegmentPropagation):
                                       plane=axis_plane_name(self.grid.ijk_to_ras, entry.axis), n_slices=n)
         self._init_job(volume_node, segmentation_node, segment_id, name, mode="replace", checkpoint=checkpoint,
                        device=device, range=entry.range, model=model, batch_size=batch_size, threads=threads,
-                       cancel=cancel, progress=progress, intensity_gate=intensity_gate)
+                       cancel=cancel, progress=progress, intensity_gate=intensity_gate, memory_check=memory_check)
 
     # worker
     def _engine_options(self) -> dict:
@@ -2680,13 +2814,14 @@ class SegmentUpdate(SegmentPropagation):
 
 
 def update_segment(volume_node, segmentation_node, segment_id: str, history: PropagationHistory, *,
-                   checkpoint=None, device: str = "cpu", model=None, progress=None, cancel=None) -> SegmentUpdate:
+                   checkpoint=None, device: str = "cpu", model=None, progress=None, cancel=None,
+                   memory_check: bool = True) -> SegmentUpdate:
     """"Update from my edits", synchronously: build a ``SegmentUpdate``, run it on the calling thread
     and apply it (recorded in ``history``). Returns the applied job (``summary()``, ``recomputed``,
     ``result.n_predicted``). Raises InputError, CheckpointError or PropagationCancelled; on any
-    error the segmentation is unchanged."""
+    error the segmentation is unchanged (``memory_check``: as in ``propagate_segment``)."""
     job = SegmentUpdate(volume_node, segmentation_node, segment_id, history, checkpoint=checkpoint, device=device,
-                        model=model, cancel=cancel, progress=progress)
+                        model=model, cancel=cancel, progress=progress, memory_check=memory_check)
     _run_and_apply(job, history)
     return job
 

@@ -1312,6 +1312,36 @@ def test_panel_shows_input_errors_without_starting(panel, mrml, monkeypatch):
         'try again. Nothing was changed.')  # a sentence (a review, session 30: it read as a command line's error)
 
 
+def test_panel_asks_before_running_a_job_that_needs_more_memory_than_is_free(panel, drawn, monkeypatch):
+    """Session 34: a job whose estimated peak is more than is free is refused by the Logic; the panel
+    says why and asks whether to run it anyway (declined: nothing starts; accepted: it runs)."""
+    import PAMSegmentLib.mrml as mrml
+
+    truth, volume, segmentation, segment_id = drawn
+    oracle_loader(monkeypatch, truth)
+    monkeypatch.setattr(mrml, "_memory_free_now", lambda: 10 * 2**20)
+    asked = []
+    answer = {"run": False}
+    monkeypatch.setattr(_slicer().util, "confirmOkCancelDisplay",
+                        lambda text, **kw: asked.append((text, kw.get("windowTitle"))) or answer["run"])
+    panel.ui.segmentationSelector.setCurrentNode(segmentation)
+    panel.promptRefreshTimer.fire()
+    panel.ui.propagateButton.click()
+    assert len(asked) == 1 and asked[0][1] == "PAMSegment: not enough memory"
+    assert 'Propagating "liver" on "volume"' in asked[0][0] and "is free now" in asked[0][0]
+    assert asked[0][0].endswith("Run it anyway? Save your work first.") and "memory_check" not in asked[0][0]
+    assert panel.job is None and not panel.pollTimer.active
+    status = panel.ui.statusLabel.text
+    assert "needs about" in status and "memory_check" not in status and status.endswith("Nothing was changed.")
+    assert segmentation.GetSegmentation().GetNumberOfSegments() == 1
+
+    answer["run"] = True
+    panel.ui.propagateButton.click()
+    assert len(asked) == 2 and panel.job is not None
+    poll_until_idle(panel)
+    assert panel.job.state == "finished" and panel.job.applied_segment_id is not None
+
+
 def test_panel_asks_before_installing_and_reports(panel, drawn, monkeypatch):
     logic = panel.logic
     missing = [("cc3d", "connected-components-3d>=3.12")]

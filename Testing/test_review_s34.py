@@ -1,0 +1,205 @@
+"""Session 34: the memory of a propagation in Slicer. Writing a result back held whole copies of
+the segment's layer (a 512 x 512 x 100 job added 560 MB to Slicer, 320 MB now), and a job whose
+peak did not fit what was free could end with the system stopping Slicer, unsaved work and all:
+the Logic now estimates the peak first and refuses (``NotEnoughMemory``) unless told to run anyway."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest_mrml import *  # noqa: F401,F403 - fixtures (mrml_scene)
+from conftest_mrml import ellipsoid, make_segmentation, make_volume_node
+
+from PAMSegmentLib import mrml
+from PAMSegmentLib.baselines import get_predictor
+from PAMSegmentLib.errors import InputError, NotEnoughMemory
+
+MiB = 2**20
+
+
+# -- PackedMask read a slice at a time: the same bits as packing the whole array -------------------
+
+
+def _fields(p):
+    return p.shape, p.offset, p.box, p.bits.tobytes()
+
+
+@pytest.mark.parametrize("case", ["random", "labels", "empty", "one voxel", "2d", "edge slices"])
+def test_packed_mask_read_by_slices_packs_the_same_bits_as_the_whole_array(case):
+    rng = np.random.default_rng(7)
+    value = None
+    if case == "random":
+        mask = np.zeros((9, 13, 11), bool)
+        mask[2:7, 3:10, 1:6] = rng.random((5, 7, 5)) > 0.5
+    elif case == "labels":
+        mask = rng.integers(0, 4, (6, 10, 12)).astype(np.uint8)
+        mask[:, :2] = 0
+        value = 2
+    elif case == "empty":
+        mask = np.zeros((4, 5, 6), np.uint8)
+    elif case == "one voxel":
+        mask = np.zeros((4, 5, 6), bool)
+        mask[3, 0, 5] = True
+    elif case == "2d":
+        mask = rng.random((7, 9)) > 0.7
+    else:
+        mask = np.zeros((5, 6, 7), np.uint8)
+        mask[0, 1, 1] = mask[4, 5, 6] = 1
+    whole = mrml.PackedMask._of_whole(np.asarray(mask) > 0 if value is None else np.asarray(mask) == value)
+    packed = mrml.PackedMask.of(mask, value=value)
+    assert _fields(packed) == _fields(whole)
+    expected = np.asarray(mask) > 0 if value is None else np.asarray(mask) == value
+    np.testing.assert_array_equal(packed.unpack(), expected)
+    if case == "edge slices":
+        assert packed.offset == (0, 1, 1) and packed.box == (5, 5, 6)
+
+
+# -- LabelmapSnapshot read in place: shared layers and layers with other values -------------------
+
+
+def test_snapshot_of_a_shared_layer_keeps_only_the_segments_own_voxels(mrml_scene):
+    shape = (6, 8, 9)
+    volume = make_volume_node(np.zeros(shape, np.float32))
+    a = np.zeros(shape, np.uint8)
+    a[1:4, 2:5, 2:6] = 1
+    b = np.zeros(shape, np.uint8)
+    b[2:5, 5:7, 1:8] = 1
+    seg, ids = make_segmentation(volume, {"a": a, "b": b})
+    segmentation = seg.GetSegmentation()
+    segmentation.CollapseBinaryLabelmaps(False)  # one layer for both, as the Segment Editor keeps them
+    assert mrml._sharing(segmentation, ids["a"]) == [ids["b"]]
+    snap = mrml.LabelmapSnapshot.take(seg, ids["a"])
+    assert snap.raw is None
+    label = segmentation.GetSegment(ids["a"]).GetLabelValue()
+    voxels = snap.voxels()
+    assert set(np.unique(voxels).tolist()) == {0, label}
+    assert int((voxels == label).sum()) == int(a.sum())  # b's voxels are not in a's snapshot
+
+
+def test_snapshot_of_a_layer_with_other_values_keeps_them_raw(mrml_scene):
+    shape = (5, 6, 7)
+    volume = make_volume_node(np.zeros(shape, np.float32))
+    a = np.zeros(shape, np.uint8)
+    a[1:3, 1:4, 2:5] = 1
+    seg, ids = make_segmentation(volume, {"a": a})
+    stored = seg.GetSegmentation().GetSegment(ids["a"]).GetRepresentation(mrml._binary_name())
+    from vtk.util import numpy_support
+
+    values = numpy_support.vtk_to_numpy(stored.GetPointData().GetScalars())
+    values[0] = 7  # a value that is neither 0 nor the label (no segment of this layer)
+    snap = mrml.LabelmapSnapshot.take(seg, ids["a"])
+    assert snap.packed is None and snap.raw is not None
+    np.testing.assert_array_equal(snap.raw.ravel(), values)
+    values[1] = 9  # a copy: later changes of the layer do not reach it
+    assert snap.raw.ravel()[1] != 9
+
+
+# -- the estimate -----------------------------------------------------------------------------------
+
+
+def test_job_memory_estimate_is_the_stated_formula():
+    shape = (100, 512, 512)
+    voxels = 100 * 512 * 512
+    assert mrml.job_memory_bytes(shape, 0, [50], network=False) == 150 * MiB + 6 * voxels
+    assert mrml.job_memory_bytes(shape, 0, [50], network=True, torch_loaded=True) == 300 * MiB + 6 * voxels
+    assert mrml.job_memory_bytes(shape, 0, [50], network=True, torch_loaded=False) == 450 * MiB + 6 * voxels
+    # two drawn slices 50 apart: 8 bytes a voxel of the 49 slices between them, spread over the 100
+    assert mrml.job_memory_bytes(shape, 0, [10, 60], network=False) == 150 * MiB + int(voxels * (6 + 8 * 49 / 100))
+    assert mrml.job_memory_bytes(shape, 0, [60, 10, 30], network=False) == 150 * MiB + int(voxels * (6 + 8 * 29 / 100))
+
+
+def test_which_jobs_run_a_network_here():
+    from PAMSegmentLib.remote import RemoteModel
+
+    assert mrml._uses_local_network(None) is True
+    assert mrml._uses_local_network(get_predictor("copy")) is False
+    assert mrml._uses_local_network(get_predictor("track")) is False
+    assert mrml._uses_local_network(RemoteModel("http://127.0.0.1:9")) is False
+
+
+# -- the refusal, on real nodes ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def drawn_ball(mrml_scene):
+    shape = (20, 40, 40)
+    truth = ellipsoid(shape, (10, 20, 20), (6, 10, 10))
+    volume = make_volume_node((truth * 100.0).astype(np.int16), name="ct")
+    prompt = np.zeros(shape, np.uint8)
+    prompt[10] = truth[10]
+    seg, ids = make_segmentation(volume, {"ball": prompt})
+    return volume, seg, ids["ball"], prompt
+
+
+def test_a_job_that_does_not_fit_what_is_free_is_refused_before_it_starts(drawn_ball, monkeypatch):
+    volume, seg, sid, prompt = drawn_ball
+    before = mrml.segment_mask(seg, sid, volume).copy()
+    need = mrml.job_memory_bytes((20, 40, 40), 0, [10], network=False)
+    monkeypatch.setattr(mrml, "_memory_free_now", lambda: need - 1)
+    with pytest.raises(NotEnoughMemory) as info:
+        mrml.SegmentPropagation(volume, seg, sid, model=get_predictor("copy"))
+    text = str(info.value)
+    assert isinstance(info.value, InputError)  # (the command line's and the panel's handling of bad input)
+    assert text.startswith('propagating "ball" on "ct" (40 x 40 x 20 voxels) needs about 150 MB more memory')
+    assert "and about 150 MB is free now" in text and "Crop Volume" in text and "memory_check=False" in text
+    # the voxels that would fit: (free + the copy it held - the fixed part) / (6 + 2 bytes a voxel)
+    fits = (need - 1 + 20 * 40 * 40 * 2 - 150 * MiB) / 8
+    assert f"about {fits / 1e6:,.1f} million voxels fit now" in text
+    assert "memory_check" not in info.value.reason  # what the panel shows, asking to run it anyway
+    np.testing.assert_array_equal(mrml.segment_mask(seg, sid, volume), before)
+
+    monkeypatch.setattr(mrml, "_memory_free_now", lambda: need)  # just enough: runs
+    job = mrml.SegmentPropagation(volume, seg, sid, model=get_predictor("copy"))
+    assert job.state == "pending"
+
+
+def test_a_refused_job_runs_when_told_to_and_the_api_passes_it_on(drawn_ball, monkeypatch):
+    volume, seg, sid, prompt = drawn_ball
+    monkeypatch.setattr(mrml, "_memory_free_now", lambda: 1 * MiB)
+    with pytest.raises(NotEnoughMemory):
+        mrml.propagate_segment(volume, seg, sid, model=get_predictor("copy"))
+    history = mrml.PropagationHistory()
+    written = mrml.propagate_segment(volume, seg, sid, model=get_predictor("copy"), memory_check=False,
+                                     history=history)
+    assert written == sid
+    result = mrml.segment_mask(seg, sid, volume)
+    assert result[10].sum() == prompt[10].sum() and result.any(axis=(1, 2)).sum() > 1  # propagated
+
+
+def test_an_update_is_refused_for_memory_too(drawn_ball, monkeypatch):
+    volume, seg, sid, prompt = drawn_ball
+    history = mrml.PropagationHistory()
+    mrml.propagate_segment(volume, seg, sid, model=get_predictor("copy"), history=history)
+    edited = mrml.segment_mask(seg, sid, volume)
+    edited[12] = 0
+    import slicer
+
+    slicer.util.updateSegmentBinaryLabelmapFromArray(edited, seg, sid, volume)
+    monkeypatch.setattr(mrml, "_memory_free_now", lambda: 1 * MiB)
+    with pytest.raises(NotEnoughMemory) as info:
+        mrml.update_segment(volume, seg, sid, history, model=get_predictor("copy"))
+    assert str(info.value).startswith('updating "ball" on "ct"')
+    np.testing.assert_array_equal(mrml.segment_mask(seg, sid, volume), edited)
+    job = mrml.update_segment(volume, seg, sid, history, model=get_predictor("copy"), memory_check=False)
+    assert job.state == "finished"
+
+
+def test_memory_check_must_be_a_flag(drawn_ball):
+    volume, seg, sid, _ = drawn_ball
+    with pytest.raises(InputError, match="memory_check must be True or False"):
+        mrml.SegmentPropagation(volume, seg, sid, model=get_predictor("copy"), memory_check="off")
+
+
+def test_free_memory_is_the_least_of_available_and_the_limit_less_what_is_held(monkeypatch):
+    import PAMSegmentLib.volumes as volumes
+
+    monkeypatch.setattr(volumes, "memory_budget", lambda: (None, None))
+    assert mrml._memory_free_now() is None
+    monkeypatch.setattr(volumes, "memory_budget", lambda: (None, 3 * 2**30))
+    assert mrml._memory_free_now() == 3 * 2**30
+    with open("/proc/self/status", encoding="ascii") as fh:
+        held = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmRSS:"))
+    monkeypatch.setattr(volumes, "memory_budget", lambda: (held + 100 * MiB, 3 * 2**30))
+    room = mrml._memory_free_now()
+    assert 50 * MiB < room <= 100 * MiB  # the limit less what this process holds (it grows a little)
