@@ -1163,7 +1163,11 @@ class SegmentPropagation:
         try:
             self.prompt_info = _prompt_info(self.prompt, self.grid, volume_node)
         except InputError as exc:
-            raise InputError(f'segment "{segment.GetName()}" on volume "{volume_node.GetName()}": {exc}') from None
+            text = f'segment "{segment.GetName()}" on volume "{volume_node.GetName()}": {exc}'
+            if "3D mask" in text and _segment_tag(segment, RUN_TAG):  # a result this module wrote and remembers
+                text += (". It holds a result PAMSegment wrote: fix its wrong slices and press Update from my edits "
+                         "(update_segment from Python), or Undo propagation to get your drawing back")
+            raise InputError(text) from None
         _check_drawing_read_whole(segmentation_node, segment_id, volume_node, self.prompt)  # after the cheap refusals
         self._init_job(volume_node, segmentation_node, segment_id, segment.GetName(), mode=mode,
                        checkpoint=checkpoint, device=device, range=range, model=model, batch_size=batch_size,

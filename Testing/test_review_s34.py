@@ -203,3 +203,22 @@ def test_free_memory_is_the_least_of_available_and_the_limit_less_what_is_held(m
     monkeypatch.setattr(volumes, "memory_budget", lambda: (held + 100 * MiB, 3 * 2**30))
     room = mrml._memory_free_now()
     assert 50 * MiB < room <= 100 * MiB  # the limit less what this process holds (it grows a little)
+
+
+# -- a segment holding a remembered result, propagated again from Python ----------------------------
+
+
+def test_propagating_a_remembered_result_again_names_update_and_undo(drawn_ball):
+    volume, seg, sid, prompt = drawn_ball
+    history = mrml.PropagationHistory()
+    mrml.propagate_segment(volume, seg, sid, model=get_predictor("copy"), history=history)
+    with pytest.raises(InputError) as info:
+        mrml.SegmentPropagation(volume, seg, sid, model=get_predictor("copy"))
+    text = str(info.value)
+    assert "3D mask" in text and "Update from my edits" in text and "Undo propagation" in text
+    # a 3D mask PAMSegment did not write (or no longer remembers) gets no such advice
+    other = ellipsoid((20, 40, 40), (10, 20, 20), (6, 10, 10)).astype(np.uint8)
+    seg2, ids2 = make_segmentation(volume, {"solid": other})
+    with pytest.raises(InputError) as info:
+        mrml.SegmentPropagation(volume, seg2, ids2["solid"], model=get_predictor("copy"))
+    assert "3D mask" in str(info.value) and "Update from my edits" not in str(info.value)
