@@ -620,6 +620,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         error. A job refused for memory (more than is free now) is offered to be run anyway."""
         from PAMSegmentLib.errors import NotEnoughMemory
 
+        runAnyway = False
         try:
             qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)
             try:
@@ -628,14 +629,19 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 qt.QApplication.restoreOverrideCursor()
         except Exception as exc:  # bad input: shown in the panel, nothing started
             self.job = None
-            if isinstance(exc, NotEnoughMemory) and slicer.util.confirmOkCancelDisplay(
-                f"{_sentence(getattr(exc, 'reason', str(exc)))}\n\nRun it anyway? Save your work first.",
+            memory = isinstance(exc, NotEnoughMemory)
+            text = _sentence(exc.reason if memory and hasattr(exc, "reason") else str(exc))
+            runAnyway = memory and slicer.util.confirmOkCancelDisplay(
+                f"{text}\n\nRun it anyway now? To save your work first, answer Cancel, save, and press the "
+                "button again.",
                 windowTitle="PAMSegment: not enough memory",
-            ):
-                return self._startJob(start, memoryCheck=False)
-            self._setStatus(_sentence(str(getattr(exc, "reason", exc))) + " Nothing was changed.", "error")
-            self.updateButtons()
-            return exc
+            )
+            if not runAnyway:
+                self._setStatus(text + " Nothing was changed.", "error")
+                self.updateButtons()
+                return exc
+        if runAnyway:  # (out of the handler: the refused job's arrays are let go before the new job's)
+            return self._startJob(start, memoryCheck=False)
         if self.job.kind == "update":
             self.ui.promptLabel.text = f"Updating from your slices: {self.job.prompt_info.describe()}."
             self._setStatus(f'Updating "{self.job.segment_name}" from your edits... you can keep working.', "info")

@@ -723,7 +723,7 @@ def _worker_slicer(task: dict) -> list[dict]:
         job = step("job: SegmentPropagation.__init__ (node/segment -> arrays, prompt check)",
                    lambda: mrml.SegmentPropagation(volume_node, seg, sid3, mode="replace", model=stub,
                                                    range=(first, last), batch_size=task["batch_size"],
-                                                   threads=task["threads"]))
+                                                   threads=task["threads"], memory_check=False))
         step("job: run (engine, stub predictor)", job.run)
         if job.state != "finished":
             rows[-1]["note"] = f"job {job.state}: {job.error}"
@@ -732,11 +732,11 @@ def _worker_slicer(task: dict) -> list[dict]:
             peak = _status_mb("VmHWM")
             if reset and base is not None and peak is not None:
                 # what Slicer must have free for the job: its estimate, and the copy it held when checked
-                estimate = (mrml.job_memory_bytes(arr.shape, 0, [mid], network=False) + arr.nbytes) / 2**20
+                estimate = (mrml.job_memory_bytes(arr.shape, 0, [mid], network=None) + arr.nbytes) / 2**20
                 rows.append(dict(step="job: peak memory added to the process (init + run + apply)", seconds=None,
                                  depth=depth, size=size,
                                  note=f"{peak - base:.0f} MB = {(peak - base) * 2**20 / arr.size:.1f} bytes a voxel "
-                                      f"of {arr.dtype}; the Logic's estimate {estimate:.0f} MB"))
+                                      f"of {arr.dtype}; the Logic's estimate + the volume's copy {estimate:.0f} MB"))
     return rows
 
 

@@ -260,7 +260,8 @@ def segment_mask(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
         array = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation_node, segment_id, volume_node)
     except RuntimeError as exc:
         raise InputError(f"could not read the segment on the volume's grid: {exc}") from None
-    return np.greater(array, 0).view(np.uint8)  # (bool and uint8 0/1 share their bytes: no second copy)
+    # (bool and uint8 0/1 share their bytes: no second copy; the array is a view, so write only 0 or 1 into it)
+    return np.greater(array, 0).view(np.uint8)
 
 
 def _linear_between(volume_node, segmentation_node) -> np.ndarray | None:
@@ -1047,86 +1048,101 @@ def _run_engine(image, prompt, spacing, *, model, device, range, progress, cance
 # ----------------------------------------------------------------------------------------------
 
 
-# What a job adds to Slicer at its peak beyond the volume's copy (measured on the slicer-core scene,
-# session 34: 512 x 512 x 100 / 200 int16, one drawn slice; copy 320 / 505 MB, track 333 MB for
-# 100, the network 652 / 785 MB when torch was not loaded yet and 531 / 650 MB when it was; the
-# estimate is -3 to +14 % of these): the work of the engine and of writing the result back, and for
-# the network its weights, its batches and (the first time) torch itself.
-JOB_FIXED_BYTES = {"classical": 150 * 2**20, "network": 300 * 2**20, "network and torch": 450 * 2**20}
+# What a job needs from the moment it is checked (holding its copy of the volume and the prompt)
+# to its peak, measured on the slicer-core scene (session 34; the process's peak reset once, before
+# the job): 512 x 512 int16, one drawn slice, the classical methods 132-135 MB for 100 slices
+# (a small and a large object), 307 / 457 MB for 200 / 300 slices of a large object (`track`
+# 310); the network 472 MB for 100 slices and 677 MB for 200 when the job loads torch, 290 / 549 MB
+# when it is loaded already; two drawn slices 80 apart 567 MB (100 slices). The estimate below is
+# 4-24 % above these for 200 slices or more and up to 60 % above on small volumes (by tens of MB).
+JOB_FIXED_BYTES = {"classical": 50 * 2**20, "network": 150 * 2**20, "network and torch": 300 * 2**20}
+JOB_BYTES_PER_VOXEL = {"classical": 6, "network": 8}  # the prompt, the walks' masks, the result, the write
+# A network of the official preset's size (32.5 M parameters, 224 px, batches of 16) holds about
+# 0.8 GB more than the shipped one (the benchmark's network part: 1.2-1.3 GB peak against 0.5 GB).
+LARGE_NETWORK_BYTES = 800 * 2**20
+LARGE_NETWORK_PARAMETERS = 10_000_000
+LARGE_CHECKPOINT_FILE_BYTES = 50 * 2**20  # a checkpoint not loaded yet: 130 MB official, 8 MB shipped
 
 
-def _uses_local_network(model) -> bool:
-    """Whether a job with ``model`` runs PAM's network in this process (None: it loads one)."""
-    if model is None:
-        return True
-    from .remote import RemoteModel  # noqa: PLC0415
+def _network_of(model, checkpoint=None) -> str | None:
+    """Which network a job with ``model`` runs in this process: "small", "large" (the official
+    preset's size) or None (a classical method, a server, a stand-in without a network)."""
+    import os  # noqa: PLC0415
+    import sys  # noqa: PLC0415
 
-    if isinstance(model, RemoteModel):
-        return False
-    from .baselines import _ClassicalPredictor  # noqa: PLC0415
+    if model is None:  # loaded by the job: ``checkpoint``, or the shipped weights
+        try:
+            size = os.path.getsize(checkpoint) if checkpoint not in (None, "") else 0
+        except OSError:
+            size = 0
+        return "large" if size > LARGE_CHECKPOINT_FILE_BYTES else "small"
+    if "torch" not in sys.modules:
+        return None  # (a network model cannot exist without torch)
+    from .checkpoints import PAMModel  # noqa: PLC0415
+    from .pam_predictor import PAMPredictor  # noqa: PLC0415
 
-    return not isinstance(model, _ClassicalPredictor)
+    net = model.model if isinstance(model, PAMPredictor) else model
+    if not isinstance(net, PAMModel):
+        return None
+    parameters = sum(int(p.numel()) for p in net.network.parameters())
+    return "large" if parameters > LARGE_NETWORK_PARAMETERS else "small"
 
 
-def job_memory_bytes(shape, axis: int, slices, network: bool, torch_loaded: bool = True) -> int:
-    """The memory a job needs at its peak beyond the copy of the volume it already holds: its fixed
-    part (``JOB_FIXED_BYTES``) + 6 bytes a voxel (the prompt, the result, the masks of the walks and
-    of the write back) + 8 bytes a voxel of the largest gap between two neighbouring drawn
-    ``slices`` (both walks' probabilities until they are fused; ``cli.propagation_memory_bytes``)."""
+def job_memory_bytes(shape, axis: int, slices, network: str | None, torch_loaded: bool = True) -> int:
+    """The memory a job needs from the moment it is checked to its peak: ``JOB_FIXED_BYTES`` (+
+    ``LARGE_NETWORK_BYTES`` for a "large" ``network``) + ``JOB_BYTES_PER_VOXEL`` bytes a voxel +
+    8 bytes a voxel of the largest gap between two neighbouring drawn ``slices`` (both walks'
+    probabilities until they are fused)."""
     from .cli import _prod  # noqa: PLC0415
 
     fixed, per_voxel = _job_memory_parts(shape, axis, slices, network, torch_loaded)
     return fixed + int(_prod(shape) * per_voxel)
 
 
-def _job_memory_parts(shape, axis: int, slices, network: bool, torch_loaded: bool) -> tuple[int, float]:
-    from .cli import PROPAGATION_BYTES_PER_VOXEL  # noqa: PLC0415
-
-    fixed = JOB_FIXED_BYTES["classical" if not network else "network" if torch_loaded else "network and torch"]
+def _job_memory_parts(shape, axis: int, slices, network: str | None, torch_loaded: bool,
+                      remote_copy: int = 0) -> tuple[int, float]:
+    kind = "classical" if network is None else "network"
+    fixed = JOB_FIXED_BYTES[kind if network is None or torch_loaded else "network and torch"]
+    fixed += LARGE_NETWORK_BYTES if network == "large" else 0
     drawn = sorted(int(s) for s in slices)
     gap = max((b - a - 1 for a, b in zip(drawn[:-1], drawn[1:])), default=0)
-    return fixed, PROPAGATION_BYTES_PER_VOXEL + 8 * max(gap, 0) / max(int(shape[axis]), 1)
+    return fixed, JOB_BYTES_PER_VOXEL[kind] + remote_copy + 8 * max(gap, 0) / max(int(shape[axis]), 1)
 
 
 def _memory_free_now() -> int | None:
-    """What this process can still take: the machine's available memory (MemAvailable) and, under
-    a limit (a container, a job's control group, ``ulimit -v``), the limit less what the process
-    holds; None where the system does not say."""
-    from .volumes import memory_budget  # noqa: PLC0415
+    """What this process can still take (``volumes.memory_room``); None where the system does not say."""
+    from .volumes import memory_room  # noqa: PLC0415
 
-    limit, free = memory_budget()
-    held = None
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            held = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmRSS:"))
-    except (OSError, ValueError, StopIteration, IndexError):
-        pass
-    room = [v for v in (free, None if limit is None or held is None else max(limit - held, 0)) if v is not None]
-    return min(room) if room else None
+    return memory_room()
 
 
-def check_job_memory(image: np.ndarray, axis: int, slices, model, what: str) -> None:
+def check_job_memory(image: np.ndarray, axis: int, slices, model, what: str, checkpoint=None) -> None:
     """Refuse (``NotEnoughMemory``) a job whose estimated peak (``job_memory_bytes``) is more than
     the memory free now: Slicer holds the user's unsaved work, and a run that runs the machine out
-    of memory can end with the system stopping Slicer without a word."""
+    of memory can end with the system stopping Slicer without a word. (A GPU's host-side memory is
+    not counted.)"""
     import sys  # noqa: PLC0415
 
-    network, torch_loaded = _uses_local_network(model), "torch" in sys.modules
-    need = job_memory_bytes(image.shape, axis, slices, network, torch_loaded)
+    network, torch_loaded = _network_of(model, checkpoint), "torch" in sys.modules
+    # a server job sends a float volume of more than 4 bytes a voxel as float32 (remote._compact)
+    remote_copy = 4 if getattr(model, "runs_remotely", False) and image.dtype.itemsize > 4 else 0
+    fixed, per_voxel = _job_memory_parts(image.shape, axis, slices, network, torch_loaded, remote_copy)
+    need = fixed + int(image.size * per_voxel)
     free = _memory_free_now()
     if free is None or need <= free:
         return
     from .volumes import _mb_or_gb  # noqa: PLC0415
 
     # a cropped volume's job: its copy (held now, freed by this refusal) and its share of the rest
-    fixed, per_voxel = _job_memory_parts(image.shape, axis, slices, network, torch_loaded)
-    fits = max(free + image.nbytes - fixed, 0) / (per_voxel + image.itemsize)
+    fits = (free + image.nbytes - fixed) / (per_voxel + image.itemsize)
     size = " x ".join(str(n) for n in image.shape[::-1])
+    advice = (f"crop the volume around the object first (Crop Volume module: about {fits / 1e6:,.1f} million voxels "
+              "fit now)" if fits >= 1e6 else "free memory first: too little is free now for a volume of any size")
     text = (f"{what} ({size} voxels) needs about {_mb_or_gb(need)} more memory at its peak and about "
             f"{_mb_or_gb(free)} is free now, so the system could stop Slicer, unsaved work and all. Close other "
-            "programs or data you do not need, or crop the volume around the object first (Crop Volume module: "
-            f"about {fits / 1e6:,.1f} million voxels fit now)")
-    error = NotEnoughMemory(f"{text}. Nothing was started; to run it anyway, pass memory_check=False")
+            f"programs or data you do not need, or {advice}")
+    error = NotEnoughMemory(f"{text}. Nothing was started; to run it anyway, pass memory_check=False "
+                            "(memoryCheck=False to the module's Logic)")
     error.reason = text  # (the panel asks whether to run it anyway)
     raise error
 
@@ -1183,7 +1199,7 @@ class SegmentPropagation:
         if memory_check:  # before anything else is held (the volume's copy is, and is counted)
             verb = "updating" if self.kind == "update" else "propagating"
             check_job_memory(self.image, self.prompt_info.axis, self.prompt_info.slices, model,
-                             f'{verb} "{segment_name}" on "{volume_node.GetName()}"')
+                             f'{verb} "{segment_name}" on "{volume_node.GetName()}"', checkpoint=checkpoint)
         self.volume_node = volume_node
         # What apply() compares against: taken after the voxels were read (reading can bump it).
         self._voxels_mtime = _voxels_mtime(volume_node)

@@ -1600,11 +1600,17 @@ def _keep_connected(mask: np.ndarray, seeds: np.ndarray, connectivity: int = 26)
         sl.append(slice(int(held[0]), int(held[-1]) + 1))
     sl = tuple(sl)
     sub = mask[sl]
-    cc = cc3d.connected_components(sub.astype(np.uint8), connectivity=connectivity)
+    # The labels are the only box-sized array: the mask is read as bytes in place, and the seeds
+    # and the kept voxels go a slice at a time (three box-sized temporaries were 3 of the 9 bytes a
+    # voxel of a large object's run, session 34).
+    cc = cc3d.connected_components(np.ascontiguousarray(sub).view(np.uint8), connectivity=connectivity)
     keep = np.zeros(int(cc.max()) + 1, dtype=bool)
-    keep[cc[seeds[sl] & sub]] = True
+    seeds = seeds[sl]
+    for k in range(cc.shape[0]):
+        keep[cc[k][seeds[k] & sub[k]]] = True
     keep[0] = False
-    mask[sl] = keep[cc]  # (outside its box the mask is empty)
+    for k in range(cc.shape[0]):
+        sub[k] = keep[cc[k]]  # (sub is a view of mask; outside its box the mask is empty)
     return mask
 
 
@@ -1914,8 +1920,8 @@ def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo
 
     t0 = time.perf_counter()
     mask = np.zeros(volume.shape, dtype=bool)
-    for s, p in probs.items():
-        mask[s] = p >= predictor.threshold
+    for s in list(probs):  # each slice's mask let go once copied: not both held whole (session 34)
+        mask[s] = probs.pop(s) >= predictor.threshold
     for kf in keys:
         mask[kf] = prompt_mask[kf]
     if remove_disconnected:  # the authors' published walk keeps 6-connected components (scipy's default)

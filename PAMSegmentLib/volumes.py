@@ -1162,6 +1162,12 @@ def _cgroup_limits(root: str = "/sys/fs/cgroup", own: str = "/proc/self/cgroup")
     """The memory limits of this process's control group and of every group above it (a batch
     scheduler's job or a systemd unit sits deep in the tree; a v2 root has no limit file), v2
     (``memory.max``) and v1 (``memory.limit_in_bytes``)."""
+    return [limit for limit, _ in _cgroup_levels(root, own)]
+
+
+def _cgroup_levels(root: str = "/sys/fs/cgroup", own: str = "/proc/self/cgroup") -> list[tuple[int, int | None]]:
+    """(limit, usage or None) of each control group level with a memory limit (``_cgroup_limits``):
+    usage is what the whole group holds (``memory.current``, v1 ``memory.usage_in_bytes``)."""
     try:
         lines = Path(own).read_text().splitlines()
     except (OSError, ValueError):
@@ -1185,8 +1191,45 @@ def _cgroup_limits(root: str = "/sys/fs/cgroup", own: str = "/proc/self/cgroup")
             except (OSError, ValueError):
                 continue
             if text.isdigit() and int(text) < 2**60:  # "max", or v1's huge number: no limit
-                found.append(int(text))
+                usage_name = "memory.current" if name == "memory.max" else "memory.usage_in_bytes"
+                try:
+                    used = (base / str(level).lstrip("/") / usage_name).read_text().strip()
+                except (OSError, ValueError):
+                    used = ""
+                found.append((int(text), int(used) if used.isdigit() else None))
     return found
+
+
+def memory_room() -> int | None:
+    """What this process can still take before the system refuses it memory or stops it: the least
+    of the machine's available memory (MemAvailable), each memory control group's limit less what
+    the whole group holds (a container's or job's other processes count), and ``ulimit -v`` less
+    the address space the process maps; None where the system says none of these (not Linux)."""
+    room = []
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            room += [int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            status = {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in fh)
+                      if k in ("VmRSS", "VmSize")}
+    except (OSError, ValueError, IndexError):
+        status = {}
+    for limit, used in _cgroup_levels():
+        used = used if used is not None else status.get("VmRSS")
+        if used is not None:
+            room.append(max(limit - used, 0))
+    try:
+        import resource  # noqa: PLC0415 - POSIX only
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft not in (resource.RLIM_INFINITY, -1) and soft > 0 and "VmSize" in status:
+            room.append(max(int(soft) - status["VmSize"], 0))
+    except (ImportError, ValueError, OSError):
+        pass
+    return min(room) if room else None
 
 
 def image_pixels_2d(path: PathLike) -> tuple[int, int, int] | None:

@@ -1329,15 +1329,32 @@ def test_panel_asks_before_running_a_job_that_needs_more_memory_than_is_free(pan
     panel.ui.propagateButton.click()
     assert len(asked) == 1 and asked[0][1] == "PAMSegment: not enough memory"
     assert 'Propagating "liver" on "volume"' in asked[0][0] and "is free now" in asked[0][0]
-    assert asked[0][0].endswith("Run it anyway? Save your work first.") and "memory_check" not in asked[0][0]
+    assert asked[0][0].endswith("Run it anyway now? To save your work first, answer Cancel, save, and press the "
+                                "button again.") and "memory_check" not in asked[0][0]
     assert panel.job is None and not panel.pollTimer.active
     status = panel.ui.statusLabel.text
     assert "needs about" in status and "memory_check" not in status and status.endswith("Nothing was changed.")
     assert segmentation.GetSegmentation().GetNumberOfSegments() == 1
 
+    # Run anyway: the refused job's copy of the volume is let go before the new job makes its own
+    import gc
+    import weakref
+
+    refused, alive_at_retry = [], []
+    real_check, real_start = mrml.check_job_memory, panel.logic.startPropagation
+    monkeypatch.setattr(mrml, "check_job_memory",
+                        lambda image, *a, **k: refused.append(weakref.ref(image)) or real_check(image, *a, **k))
+
+    def start(*args, **kwargs):
+        if kwargs.get("memoryCheck") is False:
+            gc.collect()
+            alive_at_retry.append(refused[-1]() is not None)
+        return real_start(*args, **kwargs)
+
+    monkeypatch.setattr(panel.logic, "startPropagation", start)
     answer["run"] = True
     panel.ui.propagateButton.click()
-    assert len(asked) == 2 and panel.job is not None
+    assert len(asked) == 2 and panel.job is not None and alive_at_retry == [False]
     poll_until_idle(panel)
     assert panel.job.state == "finished" and panel.job.applied_segment_id is not None
 

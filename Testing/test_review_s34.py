@@ -101,21 +101,34 @@ def test_snapshot_of_a_layer_with_other_values_keeps_them_raw(mrml_scene):
 def test_job_memory_estimate_is_the_stated_formula():
     shape = (100, 512, 512)
     voxels = 100 * 512 * 512
-    assert mrml.job_memory_bytes(shape, 0, [50], network=False) == 150 * MiB + 6 * voxels
-    assert mrml.job_memory_bytes(shape, 0, [50], network=True, torch_loaded=True) == 300 * MiB + 6 * voxels
-    assert mrml.job_memory_bytes(shape, 0, [50], network=True, torch_loaded=False) == 450 * MiB + 6 * voxels
+    assert mrml.job_memory_bytes(shape, 0, [50], network=None) == 50 * MiB + 6 * voxels
+    assert mrml.job_memory_bytes(shape, 0, [50], network="small", torch_loaded=True) == 150 * MiB + 8 * voxels
+    assert mrml.job_memory_bytes(shape, 0, [50], network="small", torch_loaded=False) == 300 * MiB + 8 * voxels
+    assert mrml.job_memory_bytes(shape, 0, [50], network="large", torch_loaded=True) == 950 * MiB + 8 * voxels
     # two drawn slices 50 apart: 8 bytes a voxel of the 49 slices between them, spread over the 100
-    assert mrml.job_memory_bytes(shape, 0, [10, 60], network=False) == 150 * MiB + int(voxels * (6 + 8 * 49 / 100))
-    assert mrml.job_memory_bytes(shape, 0, [60, 10, 30], network=False) == 150 * MiB + int(voxels * (6 + 8 * 29 / 100))
+    assert mrml.job_memory_bytes(shape, 0, [10, 60], network=None) == 50 * MiB + int(voxels * (6 + 8 * 49 / 100))
+    assert mrml.job_memory_bytes(shape, 0, [60, 10, 30], network=None) == 50 * MiB + int(voxels * (6 + 8 * 29 / 100))
 
 
-def test_which_jobs_run_a_network_here():
+def test_which_jobs_run_which_network_here(tmp_path):
+    from doubles import OracleModel
+
+    from PAMSegmentLib.checkpoints import load_model
+    from PAMSegmentLib.pam_predictor import PAMPredictor
     from PAMSegmentLib.remote import RemoteModel
 
-    assert mrml._uses_local_network(None) is True
-    assert mrml._uses_local_network(get_predictor("copy")) is False
-    assert mrml._uses_local_network(get_predictor("track")) is False
-    assert mrml._uses_local_network(RemoteModel("http://127.0.0.1:9")) is False
+    assert mrml._network_of(None) == "small"  # the job loads the shipped weights
+    big = tmp_path / "propmask.pth"
+    with open(big, "wb") as fh:
+        fh.truncate(130 * MiB)  # the official checkpoint's size (sparse: no disk used)
+    assert mrml._network_of(None, str(big)) == "large"
+    assert mrml._network_of(None, str(tmp_path / "missing.pt")) == "small"
+    assert mrml._network_of(get_predictor("copy")) is None
+    assert mrml._network_of(get_predictor("track")) is None
+    assert mrml._network_of(RemoteModel("http://127.0.0.1:9")) is None
+    assert mrml._network_of(OracleModel(np.zeros((4, 4, 4), bool))) is None  # a stand-in without a network
+    shipped = load_model()
+    assert mrml._network_of(shipped) == "small" and mrml._network_of(PAMPredictor(shipped)) == "small"
 
 
 # -- the refusal, on real nodes ---------------------------------------------------------------------
@@ -135,23 +148,29 @@ def drawn_ball(mrml_scene):
 def test_a_job_that_does_not_fit_what_is_free_is_refused_before_it_starts(drawn_ball, monkeypatch):
     volume, seg, sid, prompt = drawn_ball
     before = mrml.segment_mask(seg, sid, volume).copy()
-    need = mrml.job_memory_bytes((20, 40, 40), 0, [10], network=False)
+    need = mrml.job_memory_bytes((20, 40, 40), 0, [10], network=None)
     monkeypatch.setattr(mrml, "_memory_free_now", lambda: need - 1)
     with pytest.raises(NotEnoughMemory) as info:
         mrml.SegmentPropagation(volume, seg, sid, model=get_predictor("copy"))
     text = str(info.value)
     assert isinstance(info.value, InputError)  # (the command line's and the panel's handling of bad input)
-    assert text.startswith('propagating "ball" on "ct" (40 x 40 x 20 voxels) needs about 150 MB more memory')
-    assert "and about 150 MB is free now" in text and "Crop Volume" in text and "memory_check=False" in text
-    # the voxels that would fit: (free + the copy it held - the fixed part) / (6 + 2 bytes a voxel)
-    fits = (need - 1 + 20 * 40 * 40 * 2 - 150 * MiB) / 8
-    assert f"about {fits / 1e6:,.1f} million voxels fit now" in text
+    assert text.startswith('propagating "ball" on "ct" (40 x 40 x 20 voxels) needs about 50 MB more memory')
+    assert "and about 50 MB is free now" in text and "memory_check=False" in text and "memoryCheck=False" in text
+    # too little for the fixed part alone: no volume size is suggested
+    assert "too little is free now for a volume of any size" in text and "Crop Volume" not in text
     assert "memory_check" not in info.value.reason  # what the panel shows, asking to run it anyway
     np.testing.assert_array_equal(mrml.segment_mask(seg, sid, volume), before)
 
     monkeypatch.setattr(mrml, "_memory_free_now", lambda: need)  # just enough: runs
     job = mrml.SegmentPropagation(volume, seg, sid, model=get_predictor("copy"))
     assert job.state == "pending"
+    # 3 GB free: (free + the copy it held - the fixed part) / (6 + 2 bytes a voxel) fit
+    monkeypatch.setattr(mrml, "job_memory_bytes", lambda *a, **k: 0)  # (not used by the check itself)
+    monkeypatch.setattr(mrml, "_memory_free_now", lambda: 3 * 2**30)
+    monkeypatch.setattr(mrml, "_job_memory_parts", lambda *a, **k: (50 * MiB, 6.0 + 2**40))  # needs more
+    with pytest.raises(NotEnoughMemory) as info:
+        mrml.SegmentPropagation(volume, seg, sid, model=get_predictor("copy"))
+    assert "Crop Volume" not in str(info.value)  # (2**40 bytes a voxel: none fit)
 
 
 def test_a_refused_job_runs_when_told_to_and_the_api_passes_it_on(drawn_ball, monkeypatch):
@@ -191,18 +210,65 @@ def test_memory_check_must_be_a_flag(drawn_ball):
         mrml.SegmentPropagation(volume, seg, sid, model=get_predictor("copy"), memory_check="off")
 
 
-def test_free_memory_is_the_least_of_available_and_the_limit_less_what_is_held(monkeypatch):
+def test_free_memory_is_the_least_of_available_the_groups_room_and_the_address_space_left(monkeypatch, tmp_path):
+    import resource
+
     import PAMSegmentLib.volumes as volumes
 
-    monkeypatch.setattr(volumes, "memory_budget", lambda: (None, None))
-    assert mrml._memory_free_now() is None
-    monkeypatch.setattr(volumes, "memory_budget", lambda: (None, 3 * 2**30))
-    assert mrml._memory_free_now() == 3 * 2**30
+    with open("/proc/meminfo", encoding="ascii") as fh:
+        available = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable:"))
+    monkeypatch.setattr(volumes, "_cgroup_levels", lambda *a: [])
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    room = volumes.memory_room()
+    assert abs(room - available) < 200 * MiB  # (what is available moves a little between the two reads)
+    # a control group of 1 GB of which the whole group holds 900 MB: 100 MB left, whatever this process holds
+    monkeypatch.setattr(volumes, "_cgroup_levels", lambda *a: [(2**30, 900 * MiB)])
+    assert volumes.memory_room() == 2**30 - 900 * MiB
+    # ulimit -v: the limit less the address space the process maps (not what it holds)
     with open("/proc/self/status", encoding="ascii") as fh:
-        held = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmRSS:"))
-    monkeypatch.setattr(volumes, "memory_budget", lambda: (held + 100 * MiB, 3 * 2**30))
-    room = mrml._memory_free_now()
-    assert 50 * MiB < room <= 100 * MiB  # the limit less what this process holds (it grows a little)
+        mapped = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmSize:"))
+    monkeypatch.setattr(volumes, "_cgroup_levels", lambda *a: [])
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (mapped + 64 * MiB, resource.RLIM_INFINITY))
+    assert 0 < volumes.memory_room() <= 64 * MiB
+
+
+def test_a_groups_usage_is_read_beside_its_limit(tmp_path):
+    from PAMSegmentLib.volumes import _cgroup_levels
+
+    root = tmp_path / "cg"
+    (root / "job").mkdir(parents=True)
+    (root / "job" / "memory.max").write_text(str(4 * 2**30))
+    (root / "job" / "memory.current").write_text(str(3 * 2**30))
+    (root / "memory.max").write_text("max")
+    own = tmp_path / "cgroup"
+    own.write_text("0::/job\n")
+    assert _cgroup_levels(str(root), str(own)) == [(4 * 2**30, 3 * 2**30)]
+    (root / "job" / "memory.current").unlink()
+    assert _cgroup_levels(str(root), str(own)) == [(4 * 2**30, None)]
+
+
+def test_the_check_of_a_server_job_counts_the_float32_copy_of_a_float64_volume(monkeypatch):
+    from PAMSegmentLib.remote import RemoteModel, _compact
+
+    parts = []
+    real = mrml._job_memory_parts
+    monkeypatch.setattr(mrml, "_job_memory_parts", lambda *a: parts.append(real(*a)) or parts[-1])
+    monkeypatch.setattr(mrml, "_memory_free_now", lambda: 0)
+    image = np.zeros((10, 20, 30), np.float64)
+    for dtype in (np.float64, np.float32, np.int16):
+        with pytest.raises(NotEnoughMemory):
+            mrml.check_job_memory(image.astype(dtype), 0, [5], RemoteModel("http://127.0.0.1:9"), "x")
+    with pytest.raises(NotEnoughMemory):  # a local method keeps the volume as it is
+        mrml.check_job_memory(image, 0, [5], get_predictor("copy"), "x")
+    # 50 MB + 6 bytes a voxel, + 4 for the float32 copy a server job of a float64 volume sends
+    assert parts == [(50 * MiB, 10.0), (50 * MiB, 6.0), (50 * MiB, 6.0), (50 * MiB, 6.0)]
+    # whole numbers within int16 go as int16, a slice at a time (same values as before)
+    whole = np.arange(6000, dtype=np.float64).reshape(10, 20, 30) - 3000
+    assert _compact(whole).dtype == np.int16 and np.array_equal(_compact(whole), whole)
+    half = whole + 0.5
+    assert _compact(half).dtype == np.float32
+    half[9, 19, 29] = np.nan
+    assert _compact(half).dtype == np.float32
 
 
 # -- a segment holding a remembered result, propagated again from Python ----------------------------
