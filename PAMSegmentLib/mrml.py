@@ -1070,10 +1070,12 @@ def _network_of(model, checkpoint=None) -> str | None:
     import os  # noqa: PLC0415
     import sys  # noqa: PLC0415
 
-    if model is None:  # loaded by the job: ``checkpoint``, or the shipped weights
+    if model is None:  # loaded by the job: ``checkpoint``, or the default weights ($PAMSEGMENT_MODEL or shipped)
+        if checkpoint in (None, ""):
+            checkpoint = os.environ.get("PAMSEGMENT_MODEL") or None  # (as checkpoints.default_checkpoint_path)
         try:
-            size = os.path.getsize(checkpoint) if checkpoint not in (None, "") else 0
-        except OSError:
+            size = os.path.getsize(checkpoint) if checkpoint is not None else 0
+        except (OSError, TypeError, ValueError):
             size = 0
         return "large" if size > LARGE_CHECKPOINT_FILE_BYTES else "small"
     if "torch" not in sys.modules:
@@ -1091,8 +1093,10 @@ def _network_of(model, checkpoint=None) -> str | None:
 def job_memory_bytes(shape, axis: int, slices, network: str | None, torch_loaded: bool = True) -> int:
     """The memory a job needs from the moment it is checked to its peak: ``JOB_FIXED_BYTES`` (+
     ``LARGE_NETWORK_BYTES`` for a "large" ``network``) + ``JOB_BYTES_PER_VOXEL`` bytes a voxel +
-    8 bytes a voxel of the largest gap between two neighbouring drawn ``slices`` (both walks'
-    probabilities until they are fused)."""
+    with a network, 8 bytes a voxel of the largest gap between two neighbouring drawn ``slices``
+    (both walks' probabilities until they are fused; the classical methods' walks between two drawn
+    slices measured no more than one drawn slice's). ``network``: None, "small" or "large"
+    (``_network_of``)."""
     from .cli import _prod  # noqa: PLC0415
 
     fixed, per_voxel = _job_memory_parts(shape, axis, slices, network, torch_loaded)
@@ -1101,12 +1105,15 @@ def job_memory_bytes(shape, axis: int, slices, network: str | None, torch_loaded
 
 def _job_memory_parts(shape, axis: int, slices, network: str | None, torch_loaded: bool,
                       remote_copy: int = 0) -> tuple[int, float]:
+    if network not in (None, "small", "large"):
+        raise ValueError(f'network must be None, "small" or "large", got {network!r}')
     kind = "classical" if network is None else "network"
     fixed = JOB_FIXED_BYTES[kind if network is None or torch_loaded else "network and torch"]
     fixed += LARGE_NETWORK_BYTES if network == "large" else 0
     drawn = sorted(int(s) for s in slices)
     gap = max((b - a - 1 for a, b in zip(drawn[:-1], drawn[1:])), default=0)
-    return fixed, JOB_BYTES_PER_VOXEL[kind] + remote_copy + 8 * max(gap, 0) / max(int(shape[axis]), 1)
+    between = 8 * max(gap, 0) / max(int(shape[axis]), 1) if network is not None else 0.0
+    return fixed, JOB_BYTES_PER_VOXEL[kind] + remote_copy + between
 
 
 def _memory_free_now() -> int | None:
@@ -1144,7 +1151,11 @@ def check_job_memory(image: np.ndarray, axis: int, slices, model, what: str, che
     error = NotEnoughMemory(f"{text}. Nothing was started; to run it anyway, pass memory_check=False "
                             "(memoryCheck=False to the module's Logic)")
     error.reason = text  # (the panel asks whether to run it anyway)
-    raise error
+    try:
+        raise error
+    finally:  # no cycle (this frame -> error -> its traceback -> this frame): the refused job's copy of
+        del error  # the volume is let go with the exception, not at the next garbage collection
+
 
 
 class SegmentPropagation:

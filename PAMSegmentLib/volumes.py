@@ -1191,13 +1191,31 @@ def _cgroup_levels(root: str = "/sys/fs/cgroup", own: str = "/proc/self/cgroup")
             except (OSError, ValueError):
                 continue
             if text.isdigit() and int(text) < 2**60:  # "max", or v1's huge number: no limit
-                usage_name = "memory.current" if name == "memory.max" else "memory.usage_in_bytes"
-                try:
-                    used = (base / str(level).lstrip("/") / usage_name).read_text().strip()
-                except (OSError, ValueError):
-                    used = ""
-                found.append((int(text), int(used) if used.isdigit() else None))
+                found.append((int(text), _cgroup_usage(base / str(level).lstrip("/"), v2=name == "memory.max")))
     return found
+
+
+def _cgroup_usage(folder: Path, v2: bool) -> int | None:
+    """What a control group holds that the kernel cannot simply drop: its usage less its inactive
+    file cache (as the kubelet's "working set"; reading or writing a large series filled the cache
+    and made a job look short of memory), None when unreadable."""
+    try:
+        used = (folder / ("memory.current" if v2 else "memory.usage_in_bytes")).read_text().strip()
+    except (OSError, ValueError):
+        return None
+    if not used.isdigit():
+        return None
+    inactive = 0
+    key = "inactive_file" if v2 else "total_inactive_file"
+    try:
+        for line in (folder / "memory.stat").read_text().splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[0] == key and parts[1].isdigit():
+                inactive = int(parts[1])
+                break
+    except (OSError, ValueError):
+        pass
+    return max(int(used) - inactive, 0)
 
 
 def memory_room() -> int | None:

@@ -105,12 +105,16 @@ def test_job_memory_estimate_is_the_stated_formula():
     assert mrml.job_memory_bytes(shape, 0, [50], network="small", torch_loaded=True) == 150 * MiB + 8 * voxels
     assert mrml.job_memory_bytes(shape, 0, [50], network="small", torch_loaded=False) == 300 * MiB + 8 * voxels
     assert mrml.job_memory_bytes(shape, 0, [50], network="large", torch_loaded=True) == 950 * MiB + 8 * voxels
-    # two drawn slices 50 apart: 8 bytes a voxel of the 49 slices between them, spread over the 100
-    assert mrml.job_memory_bytes(shape, 0, [10, 60], network=None) == 50 * MiB + int(voxels * (6 + 8 * 49 / 100))
-    assert mrml.job_memory_bytes(shape, 0, [60, 10, 30], network=None) == 50 * MiB + int(voxels * (6 + 8 * 29 / 100))
+    # two drawn slices 50 apart: with the network, 8 bytes a voxel of the 49 slices between them,
+    # spread over the 100 (the classical methods' walks between them held no more than from one slice)
+    assert mrml.job_memory_bytes(shape, 0, [10, 60], network="small") == 150 * MiB + int(voxels * (8 + 8 * 49 / 100))
+    assert mrml.job_memory_bytes(shape, 0, [60, 10, 30], network="small") == 150 * MiB + int(voxels * (8 + 8 * 29 / 100))
+    assert mrml.job_memory_bytes(shape, 0, [10, 60], network=None) == 50 * MiB + 6 * voxels
+    with pytest.raises(ValueError, match='network must be None, "small" or "large"'):
+        mrml.job_memory_bytes(shape, 0, [50], network=False)  # (a bool before session 34's mend)
 
 
-def test_which_jobs_run_which_network_here(tmp_path):
+def test_which_jobs_run_which_network_here(tmp_path, monkeypatch):
     from doubles import OracleModel
 
     from PAMSegmentLib.checkpoints import load_model
@@ -123,6 +127,9 @@ def test_which_jobs_run_which_network_here(tmp_path):
         fh.truncate(130 * MiB)  # the official checkpoint's size (sparse: no disk used)
     assert mrml._network_of(None, str(big)) == "large"
     assert mrml._network_of(None, str(tmp_path / "missing.pt")) == "small"
+    monkeypatch.setenv("PAMSEGMENT_MODEL", str(big))  # what the job loads without a checkpoint
+    assert mrml._network_of(None) == "large" and mrml._network_of(None, "") == "large"
+    monkeypatch.delenv("PAMSEGMENT_MODEL")
     assert mrml._network_of(get_predictor("copy")) is None
     assert mrml._network_of(get_predictor("track")) is None
     assert mrml._network_of(RemoteModel("http://127.0.0.1:9")) is None
@@ -243,8 +250,19 @@ def test_a_groups_usage_is_read_beside_its_limit(tmp_path):
     own = tmp_path / "cgroup"
     own.write_text("0::/job\n")
     assert _cgroup_levels(str(root), str(own)) == [(4 * 2**30, 3 * 2**30)]
+    # file cache the kernel can drop is not held: its inactive part is left out of the usage
+    (root / "job" / "memory.stat").write_text(f"anon 1000\nfile {2 * 2**30}\ninactive_file {2**30}\nactive_file 5\n")
+    assert _cgroup_levels(str(root), str(own)) == [(4 * 2**30, 2 * 2**30)]
     (root / "job" / "memory.current").unlink()
     assert _cgroup_levels(str(root), str(own)) == [(4 * 2**30, None)]
+    # cgroup v1: memory.usage_in_bytes less total_inactive_file
+    v1 = tmp_path / "v1"
+    (v1 / "memory" / "job").mkdir(parents=True)
+    (v1 / "memory" / "job" / "memory.limit_in_bytes").write_text(str(2**30))
+    (v1 / "memory" / "job" / "memory.usage_in_bytes").write_text(str(900 * MiB))
+    (v1 / "memory" / "job" / "memory.stat").write_text(f"inactive_file 1\ntotal_inactive_file {400 * MiB}\n")
+    own.write_text("4:memory:/job\n")
+    assert _cgroup_levels(str(v1), str(own)) == [(2**30, 500 * MiB)]
 
 
 def test_the_check_of_a_server_job_counts_the_float32_copy_of_a_float64_volume(monkeypatch):
