@@ -1167,7 +1167,7 @@ def _cgroup_limits(root: str = "/sys/fs/cgroup", own: str = "/proc/self/cgroup")
 
 def _cgroup_levels(root: str = "/sys/fs/cgroup", own: str = "/proc/self/cgroup") -> list[tuple[int, int | None]]:
     """(limit, usage or None) of each control group level with a memory limit (``_cgroup_limits``):
-    usage is what the whole group holds (``memory.current``, v1 ``memory.usage_in_bytes``)."""
+    usage is what the whole group holds less its inactive file cache (``_cgroup_usage``)."""
     try:
         lines = Path(own).read_text().splitlines()
     except (OSError, ValueError):

@@ -105,11 +105,11 @@ def test_job_memory_estimate_is_the_stated_formula():
     assert mrml.job_memory_bytes(shape, 0, [50], network="small", torch_loaded=True) == 150 * MiB + 8 * voxels
     assert mrml.job_memory_bytes(shape, 0, [50], network="small", torch_loaded=False) == 300 * MiB + 8 * voxels
     assert mrml.job_memory_bytes(shape, 0, [50], network="large", torch_loaded=True) == 950 * MiB + 8 * voxels
-    # two drawn slices 50 apart: with the network, 8 bytes a voxel of the 49 slices between them,
-    # spread over the 100 (the classical methods' walks between them held no more than from one slice)
+    # two drawn slices 50 apart: 8 bytes a voxel (3 without the network) of the 49 slices between
+    # them, spread over the 100
     assert mrml.job_memory_bytes(shape, 0, [10, 60], network="small") == 150 * MiB + int(voxels * (8 + 8 * 49 / 100))
     assert mrml.job_memory_bytes(shape, 0, [60, 10, 30], network="small") == 150 * MiB + int(voxels * (8 + 8 * 29 / 100))
-    assert mrml.job_memory_bytes(shape, 0, [10, 60], network=None) == 50 * MiB + 6 * voxels
+    assert mrml.job_memory_bytes(shape, 0, [10, 60], network=None) == 50 * MiB + int(voxels * (6 + 3 * 49 / 100))
     with pytest.raises(ValueError, match='network must be None, "small" or "large"'):
         mrml.job_memory_bytes(shape, 0, [50], network=False)  # (a bool before session 34's mend)
 
