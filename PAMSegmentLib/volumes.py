@@ -1130,7 +1130,13 @@ def physical_memory_bytes() -> int | None:
 def memory_budget() -> tuple[int | None, int | None]:
     """(limit, free) in bytes: the least of physical memory, the control group's limit (a container,
     a batch scheduler's job) and the address-space limit (``ulimit -v``), and what is free now
-    (MemAvailable, within that limit); None where the system does not say."""
+    (MemAvailable, within that limit); on Windows the physical memory and ``_windows_room``; None
+    where the system does not say (macOS)."""
+    if _on_windows():  # (no /proc, no sysconf): the physical memory, and what is free of it now
+        status = _windows_memory_status()
+        if status is None:
+            return None, None
+        return status["ullTotalPhys"], min(status["ullAvailPhys"], status["ullAvailPageFile"])
     limits = [physical_memory_bytes(), *_cgroup_limits()]
     try:
         import resource  # noqa: PLC0415 - POSIX only
@@ -1156,6 +1162,41 @@ def memory_budget() -> tuple[int | None, int | None]:
     if free is not None and limit is not None:
         free = min(free, limit)
     return limit, free
+
+
+def _on_windows() -> bool:
+    return sys.platform == "win32"
+
+
+def _windows_room() -> int | None:
+    """Windows: the least of the physical memory available now (``ullAvailPhys``: the standby, free
+    and zero lists, as Linux's MemAvailable) and what this process may still commit
+    (``ullAvailPageFile``: beyond it allocations fail), from ``GlobalMemoryStatusEx``; None if the
+    call fails."""
+    status = _windows_memory_status()
+    return None if status is None else min(status["ullAvailPhys"], status["ullAvailPageFile"])
+
+
+def _windows_memory_status() -> dict | None:
+    """``GlobalMemoryStatusEx``'s MEMORYSTATUSEX as a dict of ints; None if the call fails."""
+    import ctypes  # noqa: PLC0415
+
+    class MemoryStatusEx(ctypes.Structure):  # MEMORYSTATUSEX (sysinfoapi.h)
+        # DWORD is 32 bits and DWORDLONG 64 on every Windows (64 bytes in all); c_ulong is not 32 bits everywhere
+        _fields_ = [("dwLength", ctypes.c_uint32), ("dwMemoryLoad", ctypes.c_uint32),
+                    ("ullTotalPhys", ctypes.c_uint64), ("ullAvailPhys", ctypes.c_uint64),
+                    ("ullTotalPageFile", ctypes.c_uint64), ("ullAvailPageFile", ctypes.c_uint64),
+                    ("ullTotalVirtual", ctypes.c_uint64), ("ullAvailVirtual", ctypes.c_uint64),
+                    ("ullAvailExtendedVirtual", ctypes.c_uint64)]
+
+    status = MemoryStatusEx()
+    status.dwLength = ctypes.sizeof(MemoryStatusEx)
+    try:
+        if not ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(status)):
+            return None
+    except (AttributeError, OSError):  # (not Windows after all)
+        return None
+    return {name: int(getattr(status, name)) for name, _ in MemoryStatusEx._fields_}
 
 
 def _cgroup_limits(root: str = "/sys/fs/cgroup", own: str = "/proc/self/cgroup") -> list[int]:
@@ -1222,7 +1263,10 @@ def memory_room() -> int | None:
     """What this process can still take before the system refuses it memory or stops it: the least
     of the machine's available memory (MemAvailable), each memory control group's limit less what
     the whole group holds (a container's or job's other processes count), and ``ulimit -v`` less
-    the address space the process maps; None where the system says none of these (not Linux)."""
+    the address space the process maps; on Windows the physical memory available and what the
+    process may still commit (``_windows_room``); None where the system says none of these (macOS)."""
+    if _on_windows():
+        return _windows_room()
     room = []
     try:
         with open("/proc/meminfo", encoding="ascii") as fh:

@@ -306,3 +306,34 @@ def test_propagating_a_remembered_result_again_names_update_and_undo(drawn_ball)
     with pytest.raises(InputError) as info:
         mrml.SegmentPropagation(volume, seg2, ids2["solid"], model=get_predictor("copy"))
     assert "3D mask" in str(info.value) and "Update from my edits" not in str(info.value)
+
+
+# -- Windows: what is free from GlobalMemoryStatusEx (a stand-in kernel32: no Windows here) --------
+
+
+def test_windows_room_is_the_least_of_available_physical_memory_and_what_may_be_committed(monkeypatch):
+    import ctypes
+    import types
+
+    import PAMSegmentLib.volumes as volumes
+
+    calls = []
+
+    def global_memory_status_ex(ref):
+        status = ref._obj
+        calls.append(int(status.dwLength))
+        status.ullTotalPhys, status.ullAvailPhys = 16 * 2**30, 5 * 2**30
+        status.ullTotalPageFile, status.ullAvailPageFile = 20 * 2**30, 3 * 2**30
+        return 1
+
+    kernel32 = types.SimpleNamespace(GlobalMemoryStatusEx=global_memory_status_ex)
+    monkeypatch.setattr(ctypes, "windll", types.SimpleNamespace(kernel32=kernel32), raising=False)
+    assert volumes._windows_room() == 3 * 2**30
+    assert calls == [64]  # the structure's size, as the call requires (2 DWORDs + 7 DWORDLONGs)
+    monkeypatch.setattr(volumes, "_on_windows", lambda: True)
+    assert volumes.memory_room() == 3 * 2**30  # (not /proc, which Windows has not)
+    assert volumes.memory_budget() == (16 * 2**30, 3 * 2**30)  # the command line's check: limit, free
+    kernel32.GlobalMemoryStatusEx = lambda ref: 0  # the call failed: nothing is known
+    assert volumes.memory_room() is None and volumes.memory_budget() == (None, None)
+    monkeypatch.delattr(ctypes, "windll")
+    assert volumes._windows_room() is None
