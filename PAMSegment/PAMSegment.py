@@ -630,7 +630,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except Exception as exc:  # bad input: shown in the panel, nothing started
             self.job = None
             memory = isinstance(exc, NotEnoughMemory)
-            text = _sentence(exc.reason if memory and hasattr(exc, "reason") else str(exc))
+            text = _sentence(exc.reason if memory else str(exc))
             runAnyway = memory and slicer.util.confirmOkCancelDisplay(
                 f"{text}\n\nRun it anyway now? To save your work first, answer Cancel, save, and press the "
                 "button again.",

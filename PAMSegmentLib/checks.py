@@ -28,6 +28,12 @@ def is_flag(value) -> bool:
     return isinstance(value, (bool, np.bool_)) or is_number(value, 0, 1, whole=True)
 
 
+def largest_gap(slice_lists) -> int:
+    """The most slices between two neighbouring drawn slices of any one label (each item of
+    ``slice_lists`` a label's drawn slices); 0 with fewer than two drawn."""
+    return max((b - a - 1 for k in slice_lists for a, b in zip(sorted(k)[:-1], sorted(k)[1:])), default=0)
+
+
 def slice_runs(slices) -> list[tuple[int, int]]:
     """Sorted slice numbers as runs of consecutive ones: ``[4, 5, 6, 9]`` -> ``[(4, 6), (9, 9)]``."""
     runs: list[tuple[int, int]] = []

@@ -585,19 +585,17 @@ def propagation_memory_bytes(shape, itemsize: int, axis: int, slices: dict, netw
     of 512 x 512 x 200 7.5; a 296-slice object drawn on 9 of 300 slices 5.8), and between two
     neighbouring drawn slices both walks' float32 probabilities until they are fused (8 bytes a
     voxel of the largest such gap: one gap is held at a time)."""
-    voxels = _prod(shape)
-    return PROPAGATION_FIXED_BYTES[bool(network)] + int(voxels * _bytes_per_voxel(shape, itemsize, axis, slices))
-
-
-def _prod(shape) -> int:
     import math
 
-    return math.prod(int(n) for n in shape)
+    voxels = math.prod(int(n) for n in shape)
+    return PROPAGATION_FIXED_BYTES[bool(network)] + int(voxels * _bytes_per_voxel(shape, itemsize, axis, slices))
 
 
 def _bytes_per_voxel(shape, itemsize: int, axis: int, slices: dict) -> float:
     """``propagation_memory_bytes`` per voxel of the volume, the fixed part aside."""
-    gap = max((b - a - 1 for k in slices.values() for a, b in zip(sorted(k)[:-1], sorted(k)[1:])), default=0)
+    from .checks import largest_gap
+
+    gap = largest_gap(slices.values())
     return int(itemsize) + PROPAGATION_BYTES_PER_VOXEL + 8 * max(gap, 0) / max(int(shape[axis]), 1)
 
 
@@ -609,11 +607,11 @@ def check_propagation_memory(image, axis: int, slices: dict, method: str, skip: 
 
     network = method.startswith("pam")
     need = propagation_memory_bytes(image.array.shape, image.array.dtype.itemsize, axis, slices, network)
+    per_voxel = _bytes_per_voxel(image.array.shape, image.array.dtype.itemsize, axis, slices)
     size = " x ".join(str(n) for n in image.array.shape[::-1])
 
     def advice(limit: int) -> str:
-        fits = (0.9 * limit - PROPAGATION_FIXED_BYTES[network]) / _bytes_per_voxel(
-            image.array.shape, image.array.dtype.itemsize, axis, slices)
+        fits = (0.9 * limit - PROPAGATION_FIXED_BYTES[network]) / per_voxel
         return (f"Crop the volume around the object first (at most about {max(fits, 0) / 1e6:,.0f} million voxels "
                 "fit; Slicer's Crop Volume module, or any tool) or resample it to coarser voxels")
 

@@ -19,4 +19,8 @@ class PropagationCancelled(PAMError):
 
 class NotEnoughMemory(InputError):
     """A job refused before it started because its estimated peak memory exceeds what is free
-    (Slicer's panel then offers to run it anyway)."""
+    (Slicer's panel then offers to run it anyway); ``reason`` says why without the Python advice."""
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = message if reason is None else reason

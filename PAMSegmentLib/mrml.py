@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .checks import check_flag, empty_between_drawn, runs_text, state_from_json, state_to_json
+from .checks import check_flag, empty_between_drawn, largest_gap, runs_text, state_from_json, state_to_json
 from .errors import InputError, NotEnoughMemory, PAMError, PropagationCancelled
 
 __all__ = [
@@ -1100,10 +1100,8 @@ def job_memory_bytes(shape, axis: int, slices, network: str | None, torch_loaded
     ``JOB_GAP_BYTES_PER_VOXEL`` (3, 8 with the network) a voxel of the largest gap between two
     neighbouring drawn ``slices`` (both walks' probabilities until they are fused). ``network``:
     None, "small" or "large" (``_network_of``)."""
-    from .cli import _prod  # noqa: PLC0415
-
     fixed, per_voxel = _job_memory_parts(shape, axis, slices, network, torch_loaded)
-    return fixed + int(_prod(shape) * per_voxel)
+    return fixed + int(math.prod(int(n) for n in shape) * per_voxel)
 
 
 def _job_memory_parts(shape, axis: int, slices, network: str | None, torch_loaded: bool,
@@ -1113,8 +1111,7 @@ def _job_memory_parts(shape, axis: int, slices, network: str | None, torch_loade
     kind = "classical" if network is None else "network"
     fixed = JOB_FIXED_BYTES[kind if network is None or torch_loaded else "network and torch"]
     fixed += LARGE_NETWORK_BYTES if network == "large" else 0
-    drawn = sorted(int(s) for s in slices)
-    gap = max((b - a - 1 for a, b in zip(drawn[:-1], drawn[1:])), default=0)
+    gap = largest_gap([[int(s) for s in slices]])
     between = JOB_GAP_BYTES_PER_VOXEL[kind] * max(gap, 0) / max(int(shape[axis]), 1)
     return fixed, JOB_BYTES_PER_VOXEL[kind] + remote_copy + between
 
@@ -1137,7 +1134,7 @@ def check_job_memory(image: np.ndarray, axis: int, slices, model, what: str, che
     # a server job sends a float volume of more than 4 bytes a voxel as float32 (remote._compact)
     remote_copy = 4 if getattr(model, "runs_remotely", False) and image.dtype.itemsize > 4 else 0
     fixed, per_voxel = _job_memory_parts(image.shape, axis, slices, network, torch_loaded, remote_copy)
-    need = fixed + int(image.size * per_voxel)
+    need = fixed + int(image.size * per_voxel)  # (job_memory_bytes, from the parts the advice below needs)
     free = _memory_free_now()
     if free is None or need <= free:
         return
@@ -1151,13 +1148,10 @@ def check_job_memory(image: np.ndarray, axis: int, slices, model, what: str, che
     text = (f"{what} ({size} voxels) needs about {_mb_or_gb(need)} more memory at its peak and about "
             f"{_mb_or_gb(free)} is free now, so the system could stop Slicer, unsaved work and all. Close other "
             f"programs or data you do not need, or {advice}")
-    error = NotEnoughMemory(f"{text}. Nothing was started; to run it anyway, pass memory_check=False "
-                            "(memoryCheck=False to the module's Logic)")
-    error.reason = text  # (the panel asks whether to run it anyway)
-    try:
-        raise error
-    finally:  # no cycle (this frame -> error -> its traceback -> this frame): the refused job's copy of
-        del error  # the volume is let go with the exception, not at the next garbage collection
+    # (raised unnamed: a local holding it made a cycle through this frame, which kept the refused
+    # job's copy of the volume until the next garbage collection)
+    raise NotEnoughMemory(f"{text}. Nothing was started; to run it anyway, pass memory_check=False "
+                          "(memoryCheck=False to the module's Logic)", reason=text)
 
 
 class SegmentPropagation:

@@ -1600,9 +1600,9 @@ def _keep_connected(mask: np.ndarray, seeds: np.ndarray, connectivity: int = 26)
         sl.append(slice(int(held[0]), int(held[-1]) + 1))
     sl = tuple(sl)
     sub = mask[sl]
-    # The labels are the only box-sized array: the mask is read as bytes in place, and the seeds
-    # and the kept voxels go a slice at a time (three box-sized temporaries were 3 of the 9 bytes a
-    # voxel of a large object's run, session 34).
+    # Besides the labels, only cc3d's contiguous copy of the box (none when the box is whole slices,
+    # read as bytes in place); the seeds and the kept voxels go a slice at a time (two more
+    # box-sized temporaries were part of the 9 bytes a voxel of a large object's run, session 34).
     cc = cc3d.connected_components(np.ascontiguousarray(sub).view(np.uint8), connectivity=connectivity)
     keep = np.zeros(int(cc.max()) + 1, dtype=bool)
     seeds = seeds[sl]

@@ -1106,16 +1106,37 @@ def _memory_short_of(p: Path) -> tuple[int, int] | None:
 def _address_space_left() -> int | None:
     """What ``ulimit -v`` (RLIMIT_AS) leaves this process beside what it has mapped (VmSize); None
     without such a limit."""
+    soft = _address_space_limit()
+    mapped = _process_status("VmSize") if soft is not None else None
+    return None if mapped is None else max(soft - mapped, 0)
+
+
+def _address_space_limit() -> int | None:
+    """The address-space limit (``ulimit -v``, RLIMIT_AS) in bytes; None without one (or off POSIX)."""
     try:
         import resource  # noqa: PLC0415 - POSIX only
 
         soft = resource.getrlimit(resource.RLIMIT_AS)[0]
-        if soft in (resource.RLIM_INFINITY, -1) or soft <= 0:
-            return None
+    except (ImportError, ValueError, OSError):
+        return None
+    return None if soft in (resource.RLIM_INFINITY, -1) or soft <= 0 else int(soft)
+
+
+def _process_status(key: str) -> int | None:
+    """A size line of /proc/self/status ("VmRSS", "VmSize") in bytes; None where it cannot be read."""
+    try:
         with open("/proc/self/status", encoding="ascii") as fh:
-            mapped = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmSize:"))
-        return max(int(soft) - mapped, 0)
-    except (ImportError, ValueError, OSError, StopIteration, IndexError):
+            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith(key + ":"))
+    except (OSError, ValueError, StopIteration, IndexError):
+        return None
+
+
+def _mem_available() -> int | None:
+    """The machine's MemAvailable (/proc/meminfo) in bytes; None where it cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable:"))
+    except (OSError, ValueError, StopIteration, IndexError):
         return None
 
 
@@ -1134,31 +1155,14 @@ def memory_budget() -> tuple[int | None, int | None]:
     where the system does not say (macOS)."""
     if _on_windows():  # (no /proc, no sysconf): the physical memory, and what is free of it now
         status = _windows_memory_status()
-        if status is None:
-            return None, None
-        return status["ullTotalPhys"], min(status["ullAvailPhys"], status["ullAvailPageFile"])
-    limits = [physical_memory_bytes(), *_cgroup_limits()]
-    try:
-        import resource  # noqa: PLC0415 - POSIX only
-
-        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
-        if soft not in (resource.RLIM_INFINITY, -1) and soft > 0:
-            limits.append(int(soft))  # (of address space: the estimates are of resident memory, so
-            # under `ulimit -v` a run may pass the check and still fail; what the process maps
-            # without holding could not be told in advance: it refused runs that fit, session 33)
-    except (ImportError, ValueError, OSError):
-        pass
+        return (None, None) if status is None else (status["ullTotalPhys"], _windows_room(status))
+    # (the address-space limit as it is: the estimates are of resident memory, so under `ulimit -v` a
+    # run may pass the check and still fail; what the process maps without holding could not be
+    # told in advance: it refused runs that fit, session 33)
+    limits = [physical_memory_bytes(), *_cgroup_limits(), _address_space_limit()]
     known = [v for v in limits if v]
     limit = min(known) if known else None
-    free = None
-    try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    free = int(line.split()[1]) * 1024
-                    break
-    except (OSError, ValueError, IndexError):
-        pass
+    free = _mem_available()
     if free is not None and limit is not None:
         free = min(free, limit)
     return limit, free
@@ -1168,12 +1172,12 @@ def _on_windows() -> bool:
     return sys.platform == "win32"
 
 
-def _windows_room() -> int | None:
+def _windows_room(status: dict | None = None) -> int | None:
     """Windows: the least of the physical memory available now (``ullAvailPhys``: the standby, free
     and zero lists, as Linux's MemAvailable) and what this process may still commit
     (``ullAvailPageFile``: beyond it allocations fail), from ``GlobalMemoryStatusEx``; None if the
-    call fails."""
-    status = _windows_memory_status()
+    call fails. ``status``: an already read ``_windows_memory_status``."""
+    status = status if status is not None else _windows_memory_status()
     return None if status is None else min(status["ullAvailPhys"], status["ullAvailPageFile"])
 
 
@@ -1267,31 +1271,13 @@ def memory_room() -> int | None:
     process may still commit (``_windows_room``); None where the system says none of these (macOS)."""
     if _on_windows():
         return _windows_room()
-    room = []
-    try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            room += [int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable:")]
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            status = {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in fh)
-                      if k in ("VmRSS", "VmSize")}
-    except (OSError, ValueError, IndexError):
-        status = {}
+    room = [_mem_available(), _address_space_left()]
     for limit, used in _cgroup_levels():
-        used = used if used is not None else status.get("VmRSS")
+        used = used if used is not None else _process_status("VmRSS")
         if used is not None:
             room.append(max(limit - used, 0))
-    try:
-        import resource  # noqa: PLC0415 - POSIX only
-
-        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
-        if soft not in (resource.RLIM_INFINITY, -1) and soft > 0 and "VmSize" in status:
-            room.append(max(int(soft) - status["VmSize"], 0))
-    except (ImportError, ValueError, OSError):
-        pass
-    return min(room) if room else None
+    known = [v for v in room if v is not None]
+    return min(known) if known else None
 
 
 def image_pixels_2d(path: PathLike) -> tuple[int, int, int] | None:
