@@ -212,7 +212,20 @@ class PAMModel:
     def from_network(cls, network: PAMNetwork, preprocessing: PreprocessingParams | None = None,
                      inference: InferenceParams | None = None, device: str = "cpu") -> "PAMModel":
         pre = preprocessing or PreprocessingParams(input_size=network.config.input_size)
-        return cls(network.eval().to(device), pre, inference or InferenceParams(), kind="pamsegment", device=device)
+        return cls(_for_inference(network, device), pre, inference or InferenceParams(), kind="pamsegment",
+                   device=device)
+
+
+def _for_inference(network: PAMNetwork, device: str) -> PAMNetwork:
+    """``network`` in eval mode on ``device``; on the CPU its weights in channels-last order, so
+    oneDNN's convolutions skip reordering every layer's input and output: about 8 % less time per
+    slice for both presets (session 35: small 17.0 -> 15.6 ms at batch 1, 47.5 -> 44.1 at batch 4;
+    official 151 -> 140 ms; outputs within 1e-5). The state dict keeps its values (its hash reads
+    them contiguous)."""
+    network = network.eval().to(device)
+    if device == "cpu":
+        network = network.to(memory_format=torch.channels_last)
+    return network
 
 
 def device_name(device: str | None) -> str:
@@ -552,7 +565,7 @@ def load_checkpoint_file(path: str | os.PathLike, device: str = "cpu") -> PAMMod
         _check_aliases(network.state_dict(keep_vars=True), weights, f"checkpoint {path}")
         network.load_state_dict(weights, strict=False)  # only the decoder.encoder aliases are absent
         provenance = _plain_provenance(obj.get("provenance", {}))
-        return PAMModel(network.eval().to(device), pre, inf, kind="pamsegment", source=str(path),
+        return PAMModel(_for_inference(network, device), pre, inf, kind="pamsegment", source=str(path),
                         sha256=digest, provenance=provenance if isinstance(provenance, dict) else {}, device=device)
 
     sd = _checked_tensors(_official_state_dict(obj, path), path)
@@ -569,7 +582,7 @@ def load_checkpoint_file(path: str | os.PathLike, device: str = "cpu") -> PAMMod
         network.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint {path} could not be loaded: {str(exc).splitlines()[0]}") from None
-    return PAMModel(network.eval().to(device), PreprocessingParams(), InferenceParams(published_scheme=True),
+    return PAMModel(_for_inference(network, device), PreprocessingParams(), InferenceParams(published_scheme=True),
                     kind="official",
                     source=str(path), sha256=digest, device=device)
 
