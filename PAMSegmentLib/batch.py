@@ -771,7 +771,8 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("manifest", metavar="MANIFEST", help="CSV with columns " + COLUMNS_TEXT)
     p.add_argument("-o", "--output", required=True, metavar="DIR",
-                   help="folder for outputs without an output column and for batch_report.csv (created if missing)")
+                   help="folder for outputs without an output column and for the report, batch_report.csv "
+                        "(batch_report.shardK-of-N.csv with --shard K/N); created if missing")
     p.add_argument("--checkpoint", metavar="CKPT",
                    help="checkpoint for every case (default: $PAMSEGMENT_MODEL if set, else the shipped weights)")
     p.add_argument("--method", choices=sorted(METHODS), default="pam", help=METHOD_HELP)

@@ -928,8 +928,13 @@ def report_text(result: dict, markdown: bool = False) -> str:
                       f"ratio = median official ms / median small ms",
                   _table(result["paired"], PAIRED_COLUMNS, markdown)]
     if result.get("end_to_end") is not None:
-        parts += ["", f"{head}2. End to end (fresh process per row; read + propagate + write = wall_s; "
-                      f"model_s separate; peak RSS of the whole process, run_peak after imports + model load)",
+        isolated = cfg.get("isolate", True)  # off with --quick or --in-process: every row in this one process
+        parts += ["", f"{head}2. End to end ("
+                      + ("fresh process per row" if isolated else "every row in the benchmark's own process")
+                      + "; read + propagate + write = wall_s; model_s separate; "
+                      + ("peak RSS of the whole process" if isolated
+                         else "peak RSS of that process so far, earlier rows included")
+                      + ", run_peak after imports + model load)",
                   _table(result["end_to_end"], E2E_SHOW, markdown)]
         parts += _scaling_lines(result["end_to_end"], markdown)
     if result.get("slicer") is not None:
@@ -1151,30 +1156,38 @@ def add_benchmark_arguments(p: argparse.ArgumentParser, default_out: str = "docs
                         "--quick, --parts, an option that changes what is measured, --threads other than 2 or other "
                         "weights than the shipped ones, so that it never mixes into the published tables)")
     p.set_defaults(_default_out=default_out)
-    p.add_argument("--threads", type=_thread_count, default=2,
+    p.add_argument("--threads", type=_thread_count, default=2, metavar="N",
                    help="torch CPU threads for every measurement (default: 2)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: a smoke run in seconds")
-    p.add_argument("--parts", type=_parts, default=None, help=f"any of {','.join(ALL_PARTS)} (default: all)")
+    p.add_argument("--parts", type=_parts, default=None, metavar="LIST",
+                   help=f"the parts to run, comma-separated: any of {','.join(ALL_PARTS)} (default: all)")
     p.add_argument("--checkpoint", default=None, metavar="CKPT",
-                   help="weights of the small (default) preset (default: the shipped Resources/Models/pam_small.pt "
-                        "if installed, else random weights and no honest end-to-end runs)")
-    p.add_argument("--official-checkpoint", default=None, metavar="CKPT", help="the authors' propmask.pth, for honest official runs")
-    p.add_argument("--batch-sizes", type=_int_list, default=None, help="network part batch sizes (default: 1,4,8,16)")
-    p.add_argument("--repeats", type=_positive_int, default=None, help="timed repeats per network figure (default: 5)")
-    p.add_argument("--warmup", type=non_negative, default=None, help="warm-up calls before timing (default: 2)")
-    p.add_argument("--pairs", type=_positive_int, default=None,
+                   help="weights of the small (default) preset (default: $PAMSEGMENT_MODEL if set, else the shipped "
+                        "weights; random weights and no honest end-to-end runs if that file is missing)")
+    p.add_argument("--official-checkpoint", default=None, metavar="CKPT",
+                   help="the authors' propmask.pth, for honest official runs")
+    p.add_argument("--batch-sizes", type=_int_list, default=None, metavar="LIST",
+                   help="network part batch sizes, comma-separated (default: 1,4,8,16)")
+    p.add_argument("--repeats", type=_positive_int, default=None, metavar="N",
+                   help="timed repeats per network figure (default: 5)")
+    p.add_argument("--warmup", type=non_negative, default=None, metavar="N",
+                   help="warm-up calls before timing (default: 2)")
+    p.add_argument("--pairs", type=_positive_int, default=None, metavar="N",
                    help="alternated small/official call pairs per batch size for the paired ratio (default: 40)")
-    p.add_argument("--depths", type=_int_list, default=None, help="end-to-end volume depths (default: 100,200,400)")
-    p.add_argument("--objects", type=_int_list, default=None, help="end-to-end object lengths (default: 20,80,160)")
-    p.add_argument("--size", type=_positive_int, default=None,
-                   help="in-plane size of the synthetic volumes (default: 512)")
+    p.add_argument("--depths", type=_int_list, default=None, metavar="LIST",
+                   help="end-to-end volume depths in slices, comma-separated (default: 100,200,400)")
+    p.add_argument("--objects", type=_int_list, default=None, metavar="LIST",
+                   help="end-to-end object lengths in slices, comma-separated (default: 20,80,160)")
+    p.add_argument("--size", type=_positive_int, default=None, metavar="PX",
+                   help="in-plane size of the synthetic volumes in pixels (default: 512)")
     p.add_argument("--no-sam2", action="store_true", help="skip SAM 2 tiny")
     p.add_argument("--isolate", dest="isolate", action="store_true", default=None,
                    help="run every measurement in a fresh subprocess (the default, except with --quick)")
     p.add_argument("--in-process", dest="isolate", action="store_false",
                    help="run the measurements in this process (faster; memory figures not per configuration)")
-    p.add_argument("--sam2-sizes", type=_int_list, default=None,
-                   help="SAM 2 input sizes (default: 1024,512; 1024 is its config's own and the target's)")
+    p.add_argument("--sam2-sizes", type=_int_list, default=None, metavar="LIST",
+                   help="SAM 2 input sizes, comma-separated (default: 1024,512; 1024 is its config's own and the "
+                        "target's)")
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:

@@ -497,7 +497,8 @@ def add_label_cells_arguments(p) -> None:
                    help="label map of the same size with a few cells outlined (each connected piece is one cell)")
     p.add_argument("-o", "--output", required=True, metavar="OUT",
                    help="instance label map (.tif, .png, .nrrd, .nii.gz, .mha; a .png with more than 65535 cells "
-                        "becomes <name>.tif, or <name>_labels.tif if that is an input); a table of the cells is "
+                        "becomes <name>.tif, or <name>_labels.tif (then _labels2.tif ...) if <name>.tif or its table "
+                        "is an input, a folder, read-only or a link that cannot be written); a table of the cells is "
                         "written beside it as OUT's name + .csv")
     p.add_argument("--background", metavar="MASK", help="optional mask of pixels that are not cells")
     p.add_argument("--background-label", type=_positive_int, metavar="N",
@@ -506,8 +507,8 @@ def add_label_cells_arguments(p) -> None:
                    help="tile side for classifying large images, at least 64 px (default 1024; the result does not "
                         "depend on it)")
     p.add_argument("--no-memory-check", action="store_true",
-                   help="run even when the image looks too large for this machine's memory (the check before "
-                        "the work refuses it; with enough swap it may still finish)")
+                   help="run even when the image looks too large for the memory this process may use (the check "
+                        "before the work refuses it; with enough swap it may still finish)")
     p.add_argument("--self-training", action="store_true",
                    help="one round of self-training on the pixels the first pass is sure of (off by default: "
                         "it can also reinforce mistakes; see the README)")
@@ -683,7 +684,7 @@ def cmd_label_cells(args) -> int:
                             f"{c['probability']:.3f}", "yes" if c["example"] else "no"])
 
     def report():  # within the moves' Ctrl-C shield: an interrupt now would say "nothing was written"
-        print(f"wrote {out} and {table.name}: {result.summary()} labelling, {time.perf_counter() - t0:.1f} s in all",
+        print(f"wrote {out} and {table}: {result.summary()} labelling, {time.perf_counter() - t0:.1f} s in all",
               flush=True)
         for warning in result.warnings:
             print(f"warning: {warning}", flush=True)

@@ -5,12 +5,14 @@
     pamsegment batch MANIFEST.csv -o DIR [--skip-existing] [--shard K/N]
     pamsegment label-images PROMPT_IMAGE PROMPT_MASK IMAGE... -o DIR
     pamsegment label-cells IMAGE EXAMPLES -o OUT
-    pamsegment info CKPT
+    pamsegment info [CKPT]
 
 Exit status: 0 on success; 2 with a one-line ``pamsegment: error: ...`` message for bad input
-(an unreadable or inconsistent image/prompt, a bad checkpoint, a bad option); 130 when
-interrupted (nothing is written); 1 for an unexpected internal error (with its traceback, which
-is a bug worth reporting).
+(an unreadable or inconsistent image/prompt, a bad checkpoint, a bad option) or not enough
+memory; 130 when interrupted (nothing is written); 143 when stopped by SIGTERM (cleaned up as
+after Ctrl-C); 141 when the reader of the output stopped early (``pamsegment info | head -1``;
+what was written stays); 1 for an unexpected internal error (with its traceback, which is a bug
+worth reporting). ``serve`` exits 0 when Ctrl-C or SIGTERM stops it.
 
 Adding a subcommand: write ``add_<name>_arguments(parser)`` and ``cmd_<name>(args) -> int`` in
 any module and add one ``Subcommand`` entry to ``SUBCOMMANDS`` below, e.g.::
@@ -162,12 +164,26 @@ def parse_slice_range(text: str) -> tuple[int, int]:
     return k0, k1
 
 
+MAX_SLICE_RUN = 100_000  # a run K0-K1 longer than any volume's slices is a typo, not a list to build
+
+
 def parse_slice_list(text: str) -> list[int]:
-    """"K[,K...]" -> sorted slice numbers (non-negative integers)."""
-    parts = [p.strip() for p in text.split(",")]
-    if not parts or not all(p.isdigit() for p in parts):
-        raise argparse.ArgumentTypeError(f"expected slice numbers separated by commas, e.g. 12,30; got {text!r}")
-    return sorted({int(p) for p in parts})
+    """"K[,K...]" -> sorted slice numbers (non-negative integers); an item may be a run "K0-K1"
+    (both included), as the command prints slices (``changed beside your edits: label 5: 0-2, 4-9``)."""
+    out: set[int] = set()
+    for part in (p.strip() for p in text.split(",")):
+        first, dash, last = part.partition("-")
+        if not first.strip().isdigit() or (dash and not last.strip().isdigit()):
+            raise argparse.ArgumentTypeError(f"expected slice numbers or runs separated by commas, e.g. 12,30 or "
+                                             f"12,25-28; got {text!r}")
+        k0, k1 = int(first), int(last) if dash else int(first)
+        if k1 < k0:
+            raise argparse.ArgumentTypeError(f"the run {part} in {text!r} ends before it starts; write it K0-K1 with "
+                                             "K0 <= K1")
+        if k1 - k0 >= MAX_SLICE_RUN:
+            raise argparse.ArgumentTypeError(f"the run {part} in {text!r} spans more than {MAX_SLICE_RUN:,} slices")
+        out.update(range(k0, k1 + 1))
+    return sorted(out)
 
 
 def parse_empty_slices(text: str) -> tuple[int | None, list[int]]:
@@ -289,14 +305,16 @@ def add_propagate_arguments(p: argparse.ArgumentParser) -> None:
                         "1.5 helped single-slice prompts on thick-slice validation scans; 0 = off (default: the "
                         "checkpoint's, off for the shipped weights)")
     p.add_argument("--label", type=_label_number, nargs="+", action="extend", metavar="N",
-                   help="propagate only these prompt labels (default: every label in the prompt)")
+                   help="propagate only these prompt labels, in this order, which decides overlaps: the label "
+                        "propagated first keeps the voxels (default: every label in the prompt, in ascending order)")
     p.add_argument("--axis", type=int, choices=(0, 1, 2),
                    help="array axis to propagate along, (k, j, i) order (default: the axis the prompt is drawn across)")
     p.add_argument("--range", type=parse_slice_range, metavar="K0:K1", dest="slice_range",
                    help="propagate only within slices K0..K1 along the axis, both included")
     p.add_argument("--empty-slices", type=parse_empty_slices, action="append", metavar="[LABEL:]K[,K...]",
-                   help="slices along the axis where the object is absent (e.g. erased after a first run): "
-                        "propagation never crosses them; LABEL:K,K for one label only, the option repeated for "
+                   help="slices along the axis where the object is absent (e.g. erased after a first run), "
+                        "each K a slice or a run K0-K1: propagation never crosses them; LABEL:K,K for one label "
+                        "only, the option repeated for "
                         "others (e.g. --empty-slices 3:12,20 --empty-slices 5:40)")
     p.add_argument("--previous", metavar="PREV",
                    help="with --edited: an earlier result of this command for PROMPT (its OUT); propagate again "
@@ -1355,7 +1373,8 @@ class _Parser(argparse.ArgumentParser):
 def _unrecognized(parser: argparse.ArgumentParser, command: str, extra: list[str], argv: list[str]):
     """Arguments the chosen subcommand does not take: one line from that subcommand's parser (its
     help named), with a hint where one helps: ``--empty-slices 1:20 2:4`` (the option takes one
-    value), or an option of another subcommand (``batch --axis``: an option of propagate)."""
+    value), ``--labelled a.png a_mask.png b.png b_mask.png`` (one pair per option), or an option of
+    another subcommand (``batch --axis``: an option of propagate)."""
     import re
 
     sub = parser._pam_subparsers[command]
@@ -1365,6 +1384,10 @@ def _unrecognized(parser: argparse.ArgumentParser, command: str, extra: list[str
             and any(re.fullmatch(r"\d+:\d.*", a) for a in extra):
         message += ("; --empty-slices takes one value: repeat it for each label (--empty-slices 1:20 "
                     "--empty-slices 2:4)")
+    elif "--labelled" in argv and "--labelled" in sub._option_string_actions \
+            and any(not a.startswith("-") for a in extra):
+        message += ("; --labelled takes one IMAGE MASK pair: repeat it for each pair (--labelled a.png a_mask.png "
+                    "--labelled b.png b_mask.png)")
     else:
         options = [a.split("=", 1)[0] for a in extra if a.startswith("--")]
         if options:

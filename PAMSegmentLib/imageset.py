@@ -615,7 +615,9 @@ def add_label_images_arguments(p) -> None:
     p.add_argument("--format", choices=("png", "tif", "nii.gz", "nrrd", "mha"), default="png",
                    help="mask file format (default: png)")
     p.add_argument("--label", type=_label_number, nargs="+", action="extend", metavar="N",
-                   help="label only these prompt labels (default: every label in the prompt mask)")
+                   help="label only these prompt labels, in this order, which decides overlaps: the label "
+                        "propagated first keeps the pixels (default: every label in the prompt mask, in ascending "
+                        "order)")
     p.add_argument("--checkpoint", metavar="CKPT",
                    help="PAMSegment checkpoint or the official PAM propmask.pth (default: $PAMSEGMENT_MODEL if set, "
                         "else the shipped weights)")
@@ -625,8 +627,8 @@ def add_label_images_arguments(p) -> None:
                    help="keep the images' grey values as they are (default: each scaled by its own 0.5-99.5 "
                         "percentiles, for sets whose images do not share a grey scale)")
     p.add_argument("--no-memory-check", action="store_true",
-                   help="run even when the set looks too large for this machine's memory (the check before the work "
-                        "refuses it; with enough swap it may still finish)")
+                   help="run even when the set looks too large for the memory this process may use (the check "
+                        "before the work refuses it; with enough swap it may still finish)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="torch device (default: cpu)")
     p.add_argument("--threads", type=_thread_count, metavar="N", help=THREADS_HELP)
 

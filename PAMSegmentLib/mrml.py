@@ -214,7 +214,16 @@ def volume_array(volume_node) -> tuple[np.ndarray, VolumeGrid]:
     slicer = _slicer()
     _check_scalar_volume(volume_node)
     grid = _grid_of(volume_node)
-    array = np.array(slicer.util.arrayFromVolume(volume_node), copy=True)
+    voxels = slicer.util.arrayFromVolume(volume_node)  # a view of the node's voxels, no copy
+    try:
+        array = np.array(voxels, copy=True)
+    except MemoryError:  # (numpy's _ArrayMemoryError, reported without a word of what to do)
+        array = None
+    if array is None:  # raised here, not in the except block, which would keep the failed copy's frame
+        raise InputError(f'volume "{volume_node.GetName()}" ({" x ".join(map(str, voxels.shape[::-1]))} voxels) '
+                         f"could not be copied for the job: its {voxels.nbytes / 2**20:,.0f} MB did not fit in the "
+                         "memory free now. Nothing was started; close other programs or data you do not need, or "
+                         "crop the volume around the object first (Crop Volume module)")
     if array.ndim != 3 or min(array.shape) < 1:
         raise InputError(f'volume "{volume_node.GetName()}" is not a 3D image (array shape {array.shape})')
     return array, grid

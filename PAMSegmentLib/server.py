@@ -682,8 +682,8 @@ def add_serve_arguments(p) -> None:
     _megabytes = number_type(float, lambda v: math.isfinite(v) and v > 0, "a size in MB greater than 0")
 
     p.add_argument("--host", default="127.0.0.1", metavar="H",
-                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 = every network, "
-                        "which needs a token)")
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 = every network); "
+                        "any address other than localhost or a loopback one (127.x.x.x, ::1) needs a token")
     p.add_argument("--port", type=_port, default=8765, metavar="P", help="port (default: 8765)")
     p.add_argument("--token", help="token clients must send (default: the PAMSEGMENT_TOKEN environment variable, "
                                    "which, unlike --token, other users of this machine cannot see in the process list)")

@@ -1612,6 +1612,15 @@ def _never_resampled(name: str, labels: Volume, reference: Volume, diffs: list[s
                           f"cannot be placed on the image ({option} would put it in the wrong place). If it "
                           "was drawn on this image's voxels, save it with the image's geometry (SimpleITK: "
                           "mask.CopyInformation(image); nibabel: Nifti1Image(data, image.affine)) and try again")
+    if _axes_in_another_order(labels, reference):
+        size, image_size = (" x ".join(map(str, v.shape[::-1])) for v in (labels, reference))
+        return InputError(f"{name} has the image's origin and axes and its numbers of voxels in another order "
+                          f"({size} voxels against the image's {image_size}): an array saved with its axes "
+                          "reversed (numpy and SimpleITK index a volume (k, j, i), nibabel (i, j, k)), so it cannot "
+                          f"be placed on the image ({option} would put it in the wrong place, along another axis). "
+                          "Save it with its axes in the image's order (nibabel: Nifti1Image(array.transpose(2, 1, 0), "
+                          "image.affine) for an array from SimpleITK's GetArrayFromImage; SimpleITK: "
+                          "mask.CopyInformation(image)) and try again")
     flip = np.diag([-1.0, -1.0, 1.0])  # RAS <-> LPS
     mirrored = Volume(labels.array, labels.spacing, tuple(flip @ np.asarray(labels.origin, dtype=np.float64)),
                       tuple((flip @ np.asarray(labels.direction, dtype=np.float64).reshape(3, 3)).ravel()))
@@ -1640,6 +1649,18 @@ def _never_resampled(name: str, labels: Volume, reference: Volume, diffs: list[s
     return None
 
 
+def _axes_in_another_order(labels: Volume, reference: Volume) -> bool:
+    """Whether ``labels`` has the reference's origin and axes and its numbers of voxels permuted (not
+    all equal): an array written in the wrong index order (a SimpleITK (k, j, i) array given to
+    nibabel, which takes (i, j, k), with the image's affine). Resampled, the drawing lands on
+    another axis (a prompt drawn axially was propagated sagittally at Dice 0.63, exit 0)."""
+    if labels.shape == reference.shape or sorted(labels.shape) != sorted(reference.shape):
+        return False
+    scale = float(max(reference.spacing_ijk))
+    return bool(np.allclose(labels.origin, reference.origin, rtol=0, atol=1e-3 * scale)
+                and np.allclose(labels.direction, reference.direction, rtol=0, atol=1e-4))
+
+
 def _generic_off_grid_error(name: str, labels: Volume, reference: Volume, diffs: list[str],
                             option: str = "resample=True") -> InputError:
     details = "; ".join(_describe_difference(d, labels, reference) for d in diffs)
@@ -1647,6 +1668,13 @@ def _generic_off_grid_error(name: str, labels: Volume, reference: Volume, diffs:
             "the volume in the Segmentations module, or resample it here)" if _is_seg_nrrd(name) else "")
     advice = (f"use {option} to resample it onto the image grid" if _overlaps(labels, reference) else
               "it does not even overlap the image in space (drawn on another scan?): draw the prompt on this image")
+    if diffs == ["spacing"] and labels.shape == reference.shape:
+        # the image's voxels with another voxel size in the header: most often a header written wrong
+        # (resampling moved a drawing on slice 14 to slice 12)
+        advice = ("it has the image's number of voxels, origin and axes, so if it was drawn on this image's voxels "
+                  "its header's voxel size is wrong: save it with the image's geometry (SimpleITK: "
+                  f"mask.CopyInformation(image)); {option} only if it was drawn on a grid of that voxel size "
+                  "(it would move the drawing)")
     return InputError(f"{name} is not on the image grid: {', '.join(diffs)} differ{'s' if len(diffs) == 1 else ''} "
                       f"({details}){hint}; {advice}")
 

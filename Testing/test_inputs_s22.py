@@ -141,8 +141,11 @@ def test_prompt_on_another_grid_is_refused_from_the_headers(tmp_path, ct_case, m
     with pytest.raises(InputError) as caught:
         cli.read_case(ct_case.image_path, other, "out.nii.gz", False, note=print)
     assert str(caught.value) == ("finer.nii.gz is not on the image grid: spacing differs (spacing (k, j, i) (2.5, 0.8, "
-                                 "0.75) in it vs the image's (2.5, 0.8, 0.7)); use --resample-prompt to resample it "
-                                 "onto the image grid")
+                                 "0.75) in it vs the image's (2.5, 0.8, 0.7)); it has the image's number of voxels, "
+                                 "origin and axes, so if it was drawn on this image's voxels its header's voxel size "
+                                 "is wrong: save it with the image's geometry (SimpleITK: mask.CopyInformation(image)); "
+                                 "--resample-prompt only if it was drawn on a grid of that voxel size (it would move "
+                                 "the drawing)")
     monkeypatch.undo()
     # The same words as after a full read; with --resample-prompt both are read and it goes on.
     with pytest.raises(InputError) as full:

@@ -2,7 +2,8 @@
 """Speed, memory and scaling of propagation (issue 5); the logic is PAMSegmentLib.benchmark.
 
 Network alone (default vs official preset vs SAM 2 tiny), end to end on synthetic 512 x 512 CTs
-(read, preprocess, propagate, write; wall time and peak RSS in a fresh process per row) and the
+(read, preprocess, propagate, write; wall time and peak RSS in a fresh process per row, unless
+--quick or --in-process runs them in this one) and the
 Slicer path on slicer-core MRML nodes. Prints the tables and the issue's targets and writes
 network.csv, paired.csv, end_to_end.csv, slicer.csv, targets.csv, benchmark.json, benchmark.md and
 benchmark.png into --out: by default docs/benchmark/ in this repository for a full run as
