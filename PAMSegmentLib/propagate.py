@@ -2562,10 +2562,16 @@ def keyframes_from_edits(prompt: np.ndarray, previous, edited: np.ndarray, *,
         filled = [s for s in keys if s not in walls[lab]]
         if too_many_keyframes(len(filled), n):
             edits = f", {changed[0]}-{changed[-1]}" if changed else ""
+            held = np.count_nonzero(((prev == lab) | (edit == lab)).any(axis=(1, 2)))
+            # edits on most of the label's slices: more often a correction of another round's result (a
+            # new user's trial, session 35, corrected round 2's and gave round 1's) than so many edits
+            other = ("; or is the earlier result not the one that was corrected? If the corrections were made on a "
+                     "copy of a later round's result, give that result as the earlier one (--previous)"
+                     if len(changed) >= max(0.5 * held, 2) else "")
             raise InputError(f"label {lab} would have {len(filled)} keyframes out of {n} slices along axis {ax} (its "
                              f"drawn and earlier slices and {len(changed)} edited ones{edits}): PAM takes at most "
                              f"{keyframe_limit(n)}; correct slices across axis {ax} only, fewer of them, or draw a "
-                             "new prompt")
+                             f"new prompt{other}")
         for s in filled:
             out[s][edit[s] == lab] = lab
         if not filled:

@@ -772,7 +772,7 @@ def test_bad_empty_slices_syntax(ct_case, run_cli, text):
     proc = run_cli("propagate", ct_case.image_path, ct_case.prompt_path, "-o", ct_case.directory / "o.nii.gz",
                    f"--empty-slices={text}")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "argument --empty-slices: expected slice numbers separated by commas" in proc.stderr
+    assert "argument --empty-slices: expected slice numbers or runs separated by commas" in proc.stderr
 
 
 def test_empty_slices_per_label(tmp_path, capsys):

@@ -191,3 +191,46 @@ def test_empty_slice_runs_become_walls_on_the_command_line(tmp_path, ct_case):
     assert cli.main(args + ["--empty-slices", f"{wall}-{wall + 1}"]) == 0
     walled = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
     assert np.flatnonzero(walled.any(axis=(1, 2))).max() == wall - 1
+
+
+# -- a correction of another round's result given with the wrong earlier result --------------------
+
+
+def _round(shape, first, last, shift):
+    out = np.zeros(shape, np.uint8)
+    out[first:last + 1, 10 + shift:20 + shift, 10:20] = 1
+    return out
+
+
+def test_edits_on_most_slices_ask_whether_the_earlier_result_is_the_corrected_one():
+    """A new user's trial (session 35): corrections made on round 2's result, given with round 1's
+    as --previous, differ on every slice, and the refusal advised correcting fewer slices, or in
+    another plane, though one slice was corrected. Now it also asks whether the earlier result is
+    the one that was corrected; a user who did edit that many of a long object's slices is not asked."""
+    from PAMSegmentLib.propagate import keyframes_from_edits
+
+    shape = (40, 32, 32)
+    prompt = np.zeros(shape, np.uint8)
+    prompt[20, 10:20, 10:20] = 1
+    round1 = _round(shape, 5, 34, 0)
+    round2 = _round(shape, 5, 34, 1)  # every slice moved one row
+    round2[20] = prompt[20]
+    corrected2 = round2.copy()
+    corrected2[30] = 0  # the one slice the user corrected
+    with pytest.raises(InputError) as caught:
+        keyframes_from_edits(prompt, round1, corrected2)
+    text = str(caught.value)
+    assert text.startswith("label 1 would have 29 keyframes out of 40 slices along axis 0"), text
+    assert text.endswith("draw a new prompt; or is the earlier result not the one that was corrected? If the "
+                         "corrections were made on a copy of a later round's result, give that result as the earlier "
+                         "one (--previous)")
+    shape = (100, 32, 32)
+    prompt = np.zeros(shape, np.uint8)
+    prompt[50, 10:20, 10:20] = 1
+    long = _round(shape, 5, 94, 0)
+    many = long.copy()
+    many[6:86:2, 25:28, 25:28] = 1  # 40 of its 90 slices really edited
+    with pytest.raises(InputError) as caught:
+        keyframes_from_edits(prompt, long, many)
+    assert str(caught.value).endswith("40 edited ones, 6-84): PAM takes at most 32; correct slices across axis 0 only, "
+                                      "fewer of them, or draw a new prompt"), caught.value
