@@ -219,11 +219,12 @@ class PAMModel:
 def _for_inference(network: PAMNetwork, device: str) -> PAMNetwork:
     """``network`` in eval mode on ``device``; on the CPU its weights in channels-last order, so
     oneDNN's convolutions skip reordering every layer's input and output: about 8 % less time per
-    slice for both presets (session 35: small 17.0 -> 15.6 ms at batch 1, 47.5 -> 44.1 at batch 4;
-    official 151 -> 140 ms; outputs within 1e-5). The state dict keeps its values (its hash reads
-    them contiguous)."""
+    slice for both presets (session 35, an Intel Xeon: small 17.0 -> 15.6 ms at batch 1, 47.5 -> 44.1
+    at batch 4; official 151 -> 140 ms; outputs within 2e-5; session 9 had found it slower on an AMD
+    machine, so $PAMSEGMENT_CHANNELS_LAST=0 keeps the plain order). The state dict keeps its values
+    (its hash reads them contiguous)."""
     network = network.eval().to(device)
-    if device == "cpu":
+    if device == "cpu" and os.environ.get("PAMSEGMENT_CHANNELS_LAST", "").strip() != "0":
         network = network.to(memory_format=torch.channels_last)
     return network
 

@@ -175,7 +175,7 @@ def parse_slice_list(text: str) -> list[int]:
         first, dash, last = part.partition("-")
         if not first.strip().isdigit() or (dash and not last.strip().isdigit()):
             raise argparse.ArgumentTypeError(f"expected slice numbers or runs separated by commas, e.g. 12,30 or "
-                                             f"12,25-28; got {text!r}")
+                                             f"12,25-28 (no spaces, or the list in quotes); got {text!r}")
         k0, k1 = int(first), int(last) if dash else int(first)
         if k1 < k0:
             raise argparse.ArgumentTypeError(f"the run {part} in {text!r} ends before it starts; write it K0-K1 with "
@@ -1381,11 +1381,13 @@ def _unrecognized(parser: argparse.ArgumentParser, command: str, extra: list[str
     message = f"unrecognized arguments: {' '.join(extra)}"
     given_walls = any(a == "--empty-slices" or a.startswith("--empty-slices=") for a in argv)
     if given_walls and "--empty-slices" in sub._option_string_actions \
-            and any(re.fullmatch(r"\d+:\d.*", a) for a in extra):
+            and any(re.fullmatch(r"(\d+:)?\d[\d,-]*", a) for a in extra):
         message += ("; --empty-slices takes one value: repeat it for each label (--empty-slices 1:20 "
-                    "--empty-slices 2:4)")
-    elif "--labelled" in argv and "--labelled" in sub._option_string_actions \
-            and any(not a.startswith("-") for a in extra):
+                    "--empty-slices 2:4)" if any(":" in a for a in extra) else
+                    "; --empty-slices takes one value: its slices separated by commas without spaces "
+                    "(--empty-slices 20-25,30-35)")
+    elif "--labelled" in argv and "--labelled" in sub._option_string_actions and len(extra) % 2 == 0 \
+            and all(not a.startswith("-") for a in extra):
         message += ("; --labelled takes one IMAGE MASK pair: repeat it for each pair (--labelled a.png a_mask.png "
                     "--labelled b.png b_mask.png)")
     else:

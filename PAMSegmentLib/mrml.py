@@ -1132,6 +1132,34 @@ def _memory_free_now() -> int | None:
     return memory_room()
 
 
+READ_BYTES_PER_VOXEL = 3  # beside the copy of the volume: the segment's export (int16) and its 0/1 mask
+
+
+def check_read_memory(volume_node, what: str, extra_per_voxel: float = 0.0) -> None:
+    """Refuse (``NotEnoughMemory``) a job when the copies it takes out of the scene before its own
+    check (``check_job_memory``) do not fit in what is free: the volume's copy and the segment's
+    export and mask (``READ_BYTES_PER_VOXEL`` + ``extra_per_voxel`` a voxel). The export runs in
+    VTK, which ends the whole process on an allocation that fails (``std::bad_alloc``: Slicer
+    gone, unsaved work and all; a review, session 35, under ``ulimit -v``)."""
+    image = volume_node.GetImageData() if volume_node is not None else None
+    if image is None:
+        return
+    voxels = int(np.prod([max(int(n), 0) for n in image.GetDimensions()], dtype=np.int64))
+    need = int(voxels * (int(image.GetScalarSize()) + READ_BYTES_PER_VOXEL + extra_per_voxel))
+    free = _memory_free_now()
+    if free is None or need <= free:
+        return
+    from .volumes import _mb_or_gb  # noqa: PLC0415
+
+    size = " x ".join(map(str, image.GetDimensions()))
+    text = (f"{what} ({size} voxels) needs about {_mb_or_gb(need)} just to copy the volume and the segment out of "
+            f"the scene and about {_mb_or_gb(free)} is free now, so the system could stop Slicer, unsaved work and "
+            "all. Close other programs or data you do not need, or crop the volume around the object first (Crop "
+            "Volume module)")
+    raise NotEnoughMemory(f"{text}. Nothing was started; to run it anyway, pass memory_check=False "
+                          "(memoryCheck=False to the module's Logic)", reason=text)
+
+
 def check_job_memory(image: np.ndarray, axis: int, slices, model, what: str, checkpoint=None) -> None:
     """Refuse (``NotEnoughMemory``) a job whose estimated peak (``job_memory_bytes``) is more than
     the memory free now: Slicer holds the user's unsaved work, and a run that runs the machine out
@@ -1189,6 +1217,10 @@ class SegmentPropagation:
         if mode not in MODES:
             raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         segment = _segment(segmentation_node, segment_id)
+        check_flag("memory_check", memory_check)
+        if memory_check:
+            _check_scalar_volume(volume_node)
+            check_read_memory(volume_node, f'propagating "{segment.GetName()}" on "{volume_node.GetName()}"')
         self.image, self.grid = volume_array(volume_node)
         self.prompt = _prompt_mask(segmentation_node, segment_id, volume_node)
         self.source = self.prompt  # what the segment held when the job was made (apply checks it is unchanged)
@@ -2722,6 +2754,10 @@ class SegmentUpdate(SegmentPropagation):
             raise InputError(f'segment "{name}" was propagated on a volume this scene no longer holds under its name '
                              "(removed, renamed, or a scene of an earlier session): select the volume it was "
                              "propagated on, then update")
+        check_flag("memory_check", memory_check)
+        if memory_check:  # (+ the drawn slices as a prompt and the earlier result, a byte a voxel each)
+            _check_scalar_volume(volume_node)
+            check_read_memory(volume_node, f'updating "{name}" on "{volume_node.GetName()}"', extra_per_voxel=2)
         self.image, self.grid = volume_array(volume_node)
         if not self.grid.same_as(entry.grid):
             if entry.volume_node is None:

@@ -370,33 +370,6 @@ class PropagationResult:
                 out[lab] = small
         return out
 
-    def stray_parts(self, edited: dict[int, Sequence[int]] | None = None) -> dict[int, list[tuple[int, int, int]]]:
-        """Per label, its drawn slices holding beside the drawing a separate part (8-connected within
-        the slice) of at most SPECK_VOXELS voxels and at most STRAY_PART_FRACTION of the slice's
-        largest part, as (slice, the part's voxels, the largest part's): a stray click on the drawn slice
-        itself, which the walks follow as part of the object (a 5 x 5 px click inside the liver beside
-        a drawn spleen took 72 liver voxels over 12 slices: spleen Dice 0.939 -> 0.900, without a
-        word; a new user's trial, session 35). ``edited`` as in ``specks``."""
-        edited = self.edited if edited is None else edited
-        out = {}
-        for lab, frames in self.keyframes.items():
-            quiet = set((edited or {}).get(lab, ()))
-            found = []
-            for k, frame in sorted(frames.items()):
-                if int(k) in quiet or not np.any(frame):
-                    continue
-                rows, cols = np.flatnonzero(frame.any(axis=1)), np.flatnonzero(frame.any(axis=0))
-                box = np.ascontiguousarray(frame[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] != 0)
-                sizes = np.bincount(cc3d.connected_components(box, connectivity=8).ravel())[1:]
-                if sizes.size < 2:
-                    continue
-                largest = int(sizes.max())
-                found += [(int(k), int(v), largest) for v in sorted(sizes.tolist())
-                          if v <= SPECK_VOXELS and v <= STRAY_PART_FRACTION * largest]
-            if found:
-                out[lab] = found
-        return out
-
     def speck_notes(self, edited: dict[int, Sequence[int]] | None = None) -> list[str]:
         out = []
         for lab, small in sorted(self.specks(edited).items()):
@@ -405,12 +378,6 @@ class PropagationResult:
             which = "it" if len(small) == 1 else "them"
             out.append(f"label {lab}: {what}, and the walks took {which} as drawn: a stray click, or the "
                        f"object's tip? If a stray click, erase {which} and run again")
-        for lab, parts in sorted(self.stray_parts(edited).items()):
-            what = "; ".join(f"{v} voxel{'s' if v != 1 else ''} apart from its {n} on drawn slice {k}"
-                             for k, v, n in parts)
-            which = "it" if len(parts) == 1 else "them"
-            out.append(f"label {lab}: a small part of the drawing lies apart from the rest ({what}), and the walks "
-                       f"follow {which} as the object: a stray click? If so, erase {which} and run again")
         return out
 
     def drift_notes(self, edited: dict[int, Sequence[int]] | None = None) -> list[str]:
@@ -702,9 +669,6 @@ STROKE_MIN_VOXELS = 5  # a shorter lone line beyond the outermost drawn slice is
 # drawn slice's is named in a note (PropagationResult.specks): a stray click, kept as drawn.
 SPECK_VOXELS = 30
 SPECK_FRACTION = 0.02
-# ... and so is a part of a drawn slice apart from the rest, of at most SPECK_VOXELS voxels and this
-# fraction of the slice's largest part (PropagationResult.stray_parts).
-STRAY_PART_FRACTION = 0.1
 # A label that lost at least this share of its voxels to labels propagated before it ran into a
 # neighbour's object (a note says so, not "list it first", which would only move the error).
 LEAK_FRACTION = 0.3

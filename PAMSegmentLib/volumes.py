@@ -1615,12 +1615,13 @@ def _never_resampled(name: str, labels: Volume, reference: Volume, diffs: list[s
     if _axes_in_another_order(labels, reference):
         size, image_size = (" x ".join(map(str, v.shape[::-1])) for v in (labels, reference))
         return InputError(f"{name} has the image's origin and axes and its numbers of voxels in another order "
-                          f"({size} voxels against the image's {image_size}): an array saved with its axes "
-                          "reversed (numpy and SimpleITK index a volume (k, j, i), nibabel (i, j, k)), so it cannot "
-                          f"be placed on the image ({option} would put it in the wrong place, along another axis). "
-                          "Save it with its axes in the image's order (nibabel: Nifti1Image(array.transpose(2, 1, 0), "
-                          "image.affine) for an array from SimpleITK's GetArrayFromImage; SimpleITK: "
-                          "mask.CopyInformation(image)) and try again")
+                          f"({size} voxels against the image's {image_size}): an array saved with its axes in "
+                          "another order (e.g. reversed: numpy and SimpleITK index a volume (k, j, i), nibabel "
+                          f"(i, j, k)), so it cannot be placed on the image ({option} would put it in the wrong "
+                          "place, along another axis). Put the array's axes in the image's order before saving it "
+                          "with the image's geometry (for an array from SimpleITK's GetArrayFromImage saved by "
+                          "nibabel: Nifti1Image(array.transpose(2, 1, 0), image.affine); in SimpleITK, "
+                          "GetImageFromArray of the reordered array, then mask.CopyInformation(image)) and try again")
     flip = np.diag([-1.0, -1.0, 1.0])  # RAS <-> LPS
     mirrored = Volume(labels.array, labels.spacing, tuple(flip @ np.asarray(labels.origin, dtype=np.float64)),
                       tuple((flip @ np.asarray(labels.direction, dtype=np.float64).reshape(3, 3)).ravel()))

@@ -87,7 +87,7 @@ def test_official_checkpoint_loads_strictly_and_reproduces_outputs(official_chec
     assert all(torch.equal(loaded[k], saved[k]) for k in saved)
     # Loaded for inference, the weights are in channels-last order on the CPU (oneDNN's faster path),
     # which sums in another order: the same outputs to float32 rounding.
-    assert model.network.proposing_stage.encoder.stages[0][0].convs[0].conv.weight.is_contiguous(
+    assert model.network.proposing_stage.encoder.stages[1][0].convs[0].conv.weight.is_contiguous(
         memory_format=torch.channels_last)
     got = _outputs(model.network, 224)
     want = _outputs(official_checkpoint.network, 224)

@@ -14,10 +14,11 @@ from PAMSegmentLib import volumes
 from PAMSegmentLib.errors import InputError
 
 _COPY_REFUSED = textwrap.dedent("""
-    import resource, numpy as np, slicer
+    import resource, sys, numpy as np, slicer
     from PAMSegmentLib.mrml import headless_scene, SegmentPropagation
     from PAMSegmentLib.errors import InputError, NotEnoughMemory
     from PAMSegmentLib.baselines import get_predictor
+    left_mib, check = int(sys.argv[1]), sys.argv[2] == "check"
     scene, app, logics = headless_scene()
     shape = (200, 512, 512)  # int16: 100 MiB
     vol = slicer.util.addVolumeFromArray(np.zeros(shape, np.int16), name="big")
@@ -28,11 +29,13 @@ _COPY_REFUSED = textwrap.dedent("""
     m = np.zeros(shape, np.uint8)
     m[100, 200:300, 200:300] = 1
     slicer.util.updateSegmentBinaryLabelmapFromArray(m, seg, sid, vol)
+    del m
     model = get_predictor("copy")
+    import PAMSegmentLib.volumes  # (in Slicer the module has loaded it)
     mapped = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
-    resource.setrlimit(resource.RLIMIT_AS, (mapped + 40 * 2**20, resource.RLIM_INFINITY))  # 40 MiB left
+    resource.setrlimit(resource.RLIMIT_AS, (mapped + left_mib * 2**20, resource.RLIM_INFINITY))
     try:
-        SegmentPropagation(vol, seg, sid, mode="new", model=model, threads=1, memory_check=False)
+        SegmentPropagation(vol, seg, sid, mode="new", model=model, threads=1, memory_check=check)
     except NotEnoughMemory as e:
         print("NotEnoughMemory:", e)
     except InputError as e:
@@ -47,18 +50,35 @@ _COPY_REFUSED = textwrap.dedent("""
 """)
 
 
+def _job_under_limit(left_mib: int, check: bool) -> list[str]:
+    out = subprocess.run([sys.executable, "-c", _COPY_REFUSED, str(left_mib), "check" if check else "no-check"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.strip().splitlines()
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc/self/status: Linux")
 def test_a_volume_slicer_cannot_copy_for_the_job_is_refused_in_words():
     """A review (session 35): when the job's copy of the volume did not fit in what was left, the
     Logic raised numpy's bare ``_ArrayMemoryError: Unable to allocate 100. MiB`` (before the memory
     check, which counts that copy as held). Now an InputError says what did not fit and what to do,
     and not NotEnoughMemory, whose "run it anyway" could not help; nothing changed in the scene."""
-    out = subprocess.run([sys.executable, "-c", _COPY_REFUSED], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    lines = out.stdout.strip().splitlines()
-    assert lines[0].startswith("InputError: "), out.stdout
+    lines = _job_under_limit(40, check=False)
+    assert lines[0].startswith("InputError: "), lines
     assert 'volume "big" (512 x 512 x 200 voxels) could not be copied for the job: its 100 MB' in lines[0]
     assert "crop the volume around the object first" in lines[0]
+    assert lines[-1] == "segments: 1 voxels: 10000"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc/self/status: Linux")
+def test_a_job_whose_copies_out_of_the_scene_do_not_fit_is_refused_before_any():
+    """A re-review (session 35): with the volume's copy fitting but not the segment's export after
+    it, VTK's allocation failed and ended the process (``std::bad_alloc``: Slicer gone, unsaved work
+    and all), before the job's memory check ran. The check now first counts those copies (the
+    volume's 2 bytes a voxel + 3): 150 MiB left, about 250 needed."""
+    lines = _job_under_limit(150, check=True)
+    assert lines[0].startswith('NotEnoughMemory: propagating "obj" on "big" (512 x 512 x 200 voxels) needs about '
+                               "250 MB just to copy the volume and the segment out of the scene and about "), lines
     assert lines[-1] == "segments: 1 voxels: 10000"
 
 
@@ -85,7 +105,7 @@ def test_a_prompt_saved_with_its_axes_reversed_is_named_so_and_never_resampled(t
     _transposed_prompt(path, ct_case.image_path, ct_case.prompt)
     image = volumes.read_volume(ct_case.image_path)
     want = ("kji.nii.gz has the image's origin and axes and its numbers of voxels in another order (20 x 40 x 48 "
-            "voxels against the image's 48 x 40 x 20): an array saved with its axes reversed")
+            "voxels against the image's 48 x 40 x 20): an array saved with its axes in another order (e.g. reversed")
     for resample in (False, True):
         with pytest.raises(InputError) as caught:
             volumes.read_labelmap(path, reference=image, resample=resample)
@@ -118,43 +138,6 @@ def test_a_prompt_with_only_another_voxel_size_in_its_header_says_the_header_is_
                            "so if it was drawn on this image's voxels its header's voxel size is wrong"), text
     assert text.endswith("resample=True only if it was drawn on a grid of that voxel size (it would move the drawing)")
     assert volumes.read_labelmap(path, reference=image, resample=True).shape == image.shape  # asked for: resampled
-
-
-# -- a stray click on the drawn slice itself ------------------------------------------------------
-
-
-def _disc_volume():
-    zz, yy, xx = np.mgrid[:20, :64, :64]
-    disc = ((yy - 32) ** 2 + (xx - 24) ** 2 <= 100) & (zz >= 3) & (zz <= 16)
-    image = np.where(disc, 200.0, 0.0) + np.random.default_rng(3).normal(0, 5, disc.shape)
-    return image.astype(np.float32), disc
-
-
-@pytest.mark.parametrize("extra, noted", [("click", True), ("second object", False), ("none", False)])
-def test_a_stray_click_on_the_drawn_slice_is_named_in_a_note(extra, noted):
-    """A new user's trial (session 35): a small blob drawn apart from the object on the drawn slice
-    itself was followed by the walks without a word (the note on stray clicks looked only at slices
-    holding nothing else). Now a part of at most 30 voxels and 10 % of the slice's largest is named;
-    a second object of similar size (two kidneys as one label) is not."""
-    from PAMSegmentLib.baselines import get_predictor
-    from PAMSegmentLib.propagate import propagate
-
-    image, disc = _disc_volume()
-    prompt = np.zeros(disc.shape, np.uint8)
-    prompt[10] = disc[10]
-    if extra == "click":
-        prompt[10, 5:8, 50:53] = 1  # 9 voxels, 2.8 % of the disc's 317
-    elif extra == "second object":
-        prompt[10, 40:56, 45:60] = 1
-    result = propagate(image, prompt, (2.0, 1.0, 1.0), get_predictor("copy"), axis=0)
-    notes = [text for kind, text in result.kinds_of_notes() if kind == "speck"]
-    largest = int(disc[10].sum())
-    if noted:
-        assert notes == [f"label 1: a small part of the drawing lies apart from the rest (9 voxels apart from its "
-                         f"{largest} on drawn slice 10), and the walks follow it as the object: a stray click? If so, "
-                         "erase it and run again"]
-    else:
-        assert notes == []
 
 
 # -- --empty-slices takes runs, as the command prints slices ---------------------------------------
@@ -234,3 +217,39 @@ def test_edits_on_most_slices_ask_whether_the_earlier_result_is_the_corrected_on
         keyframes_from_edits(prompt, long, many)
     assert str(caught.value).endswith("40 edited ones, 6-84): PAM takes at most 32; correct slices across axis 0 only, "
                                       "fewer of them, or draw a new prompt"), caught.value
+
+
+@pytest.mark.parametrize("extra, hint", [
+    (["--empty-slices", "20-25", "30-35"], "unrecognized arguments: 30-35; --empty-slices takes one value: its slices "
+                                            "separated by commas without spaces (--empty-slices 20-25,30-35)"),
+    (["--empty-slices", "1:20", "2:4"], "unrecognized arguments: 2:4; --empty-slices takes one value: repeat it for "
+                                        "each label (--empty-slices 1:20 --empty-slices 2:4)"),
+])
+def test_a_second_empty_slices_value_gets_the_hint_that_fits(tmp_path, extra, hint, capsys):
+    """A re-review (session 35): runs printed with spaces (`0-2, 4-9`) and copied as two values got no
+    hint; the hint named labels only."""
+    from PAMSegmentLib import cli
+
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["propagate", "i.nii.gz", "p.nii.gz", "-o", str(tmp_path / "o.nii.gz"), *extra])
+    assert stop.value.code == 2
+    assert hint in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setting, channels_last", [(None, True), ("1", True), ("0", False)])
+def test_channels_last_weights_can_be_switched_off(monkeypatch, setting, channels_last):
+    """Session 35: loaded on the CPU, the weights are channels-last (faster on the Intel machine it
+    was measured on; session 9 found it slower on an AMD one), unless PAMSEGMENT_CHANNELS_LAST=0."""
+    import torch
+
+    from PAMSegmentLib.checkpoints import PAMModel
+    from PAMSegmentLib.network import PAMNetwork
+
+    if setting is None:
+        monkeypatch.delenv("PAMSEGMENT_CHANNELS_LAST", raising=False)
+    else:
+        monkeypatch.setenv("PAMSEGMENT_CHANNELS_LAST", setting)
+    # (a convolution of 16 input channels: with one, both orders are the same)
+    weight = PAMModel.from_network(PAMNetwork("small")).network.proposing_stage.encoder.stages[1][0].convs[0].conv.weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) is channels_last
+    assert weight.is_contiguous() is not channels_last
