@@ -253,3 +253,29 @@ def test_channels_last_weights_can_be_switched_off(monkeypatch, setting, channel
     weight = PAMModel.from_network(PAMNetwork("small")).network.proposing_stage.encoder.stages[1][0].convs[0].conv.weight
     assert weight.is_contiguous(memory_format=torch.channels_last) is channels_last
     assert weight.is_contiguous() is not channels_last
+
+
+def test_a_corrected_result_on_another_grid_is_told_what_to_do_with_it(tmp_path, ct_case, capsys):
+    """A new user's trial (session 35): refusals of --edited gave the prompt's advice ("draw the
+    prompt on this image"; overlapping Slicer layers: "propagate each", which an update cannot)."""
+    from PAMSegmentLib import cli
+
+    out = tmp_path / "out.nii.gz"
+    base = ["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "--method", "copy"]
+    assert cli.main(base + ["-o", str(out)]) == 0
+    moved = sitk.ReadImage(str(out))
+    moved.SetOrigin(tuple(np.asarray(moved.GetOrigin()) + 5000.0))  # nowhere near the image
+    sitk.WriteImage(moved, str(tmp_path / "edited.nii.gz"))
+    capsys.readouterr()
+    assert cli.main(base + ["--previous", str(out), "--edited", str(tmp_path / "edited.nii.gz"),
+                            "-o", str(tmp_path / "out2.nii.gz")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pamsegment: error: --edited: edited.nii.gz is not on the image grid: origin differs")
+    assert err.rstrip().endswith("it does not even overlap the image in space (drawn on another scan?): save it on the "
+                                 "grid of the image it was propagated on"), err
+    said = cli._as_a_result("x.seg.nrrd has 2 overlapping segment layers; export a label map from Slicer "
+                            "(Segmentations > Export to label map) and use that, or, to keep the overlaps, save the "
+                            "overlapping segments to separate files and propagate each")
+    assert said == ("x.seg.nrrd has 2 overlapping segment layers; a correction must not overlap other labels: remove "
+                    "the overlaps (Segment Editor, Masking: Modify other segments: Overwrite all) or export a label "
+                    "map from Slicer (Segmentations > Export to label map) and give that")
