@@ -219,12 +219,13 @@ class PAMModel:
 def _for_inference(network: PAMNetwork, device: str) -> PAMNetwork:
     """``network`` in eval mode on ``device``; on the CPU its weights in channels-last order, so
     oneDNN's convolutions skip reordering every layer's input and output: about 8 % less time per
-    slice for both presets (session 35, an Intel Xeon: small 17.0 -> 15.6 ms at batch 1, 47.5 -> 44.1
-    at batch 4; official 151 -> 140 ms; outputs within 2e-5; session 9 had found it slower on an AMD
-    machine, so $PAMSEGMENT_CHANNELS_LAST=0 keeps the plain order). The state dict keeps its values
-    (its hash reads them contiguous)."""
+    slice for both presets (session 35, an Intel Xeon, timed paired: small 15.3 -> 14.5 ms at batch 1,
+    48.9 -> 45.5 at batch 4; official 134 -> 125 ms; outputs within 2e-5; session 9 had found it
+    slower on an AMD machine, so $PAMSEGMENT_CHANNELS_LAST=0 (or false, off, no) keeps the plain
+    order). The state dict keeps its values (its hash reads them contiguous)."""
     network = network.eval().to(device)
-    if device == "cpu" and os.environ.get("PAMSEGMENT_CHANNELS_LAST", "").strip() != "0":
+    off = os.environ.get("PAMSEGMENT_CHANNELS_LAST", "").strip().lower() in ("0", "false", "off", "no")
+    if device == "cpu" and not off:
         network = network.to(memory_format=torch.channels_last)
     return network
 

@@ -1132,20 +1132,25 @@ def _memory_free_now() -> int | None:
     return memory_room()
 
 
-READ_BYTES_PER_VOXEL = 3  # beside the copy of the volume: the segment's export (int16) and its 0/1 mask
+# Beside the copy of the volume, what taking the segment out of the scene holds at its peak: the
+# export's two int16 images at once (then its 0/1 mask); measured under ``ulimit -v`` (session 35):
+# 512 x 512 x 200 int16 needed 332 MiB, 512 x 512 x 400 632 MiB (the volume's 2 bytes + these).
+READ_BYTES_PER_VOXEL = 4
+READ_FIXED_BYTES = 48 * 2**20
 
 
-def check_read_memory(volume_node, what: str, extra_per_voxel: float = 0.0) -> None:
+def check_read_memory(volume_node, what: str) -> None:
     """Refuse (``NotEnoughMemory``) a job when the copies it takes out of the scene before its own
     check (``check_job_memory``) do not fit in what is free: the volume's copy and the segment's
-    export and mask (``READ_BYTES_PER_VOXEL`` + ``extra_per_voxel`` a voxel). The export runs in
-    VTK, which ends the whole process on an allocation that fails (``std::bad_alloc``: Slicer
-    gone, unsaved work and all; a review, session 35, under ``ulimit -v``)."""
+    export (``READ_BYTES_PER_VOXEL`` a voxel beside the volume's own size, + ``READ_FIXED_BYTES``).
+    The export runs in VTK, which ends the whole process on an allocation that fails
+    (``std::bad_alloc``: Slicer gone, unsaved work and all; a review, session 35, under ``ulimit
+    -v``). An update's prompt and earlier result are made after the export's images are let go."""
     image = volume_node.GetImageData() if volume_node is not None else None
     if image is None:
         return
     voxels = int(np.prod([max(int(n), 0) for n in image.GetDimensions()], dtype=np.int64))
-    need = int(voxels * (int(image.GetScalarSize()) + READ_BYTES_PER_VOXEL + extra_per_voxel))
+    need = READ_FIXED_BYTES + voxels * (int(image.GetScalarSize()) + READ_BYTES_PER_VOXEL)
     free = _memory_free_now()
     if free is None or need <= free:
         return
@@ -2755,11 +2760,8 @@ class SegmentUpdate(SegmentPropagation):
                              "(removed, renamed, or a scene of an earlier session): select the volume it was "
                              "propagated on, then update")
         check_flag("memory_check", memory_check)
-        if memory_check:  # (+ the drawn slices as a prompt and the earlier result, a byte a voxel each)
-            _check_scalar_volume(volume_node)
-            check_read_memory(volume_node, f'updating "{name}" on "{volume_node.GetName()}"', extra_per_voxel=2)
-        self.image, self.grid = volume_array(volume_node)
-        if not self.grid.same_as(entry.grid):
+        _check_scalar_volume(volume_node)
+        if not _grid_of(volume_node).same_as(entry.grid):  # (before the volume is copied, and its memory checked)
             if entry.volume_node is None:
                 raise InputError(f'segment "{name}" was propagated on a volume of another grid than '
                                  f'"{volume_node.GetName()}" ({" x ".join(map(str, entry.grid.shape[::-1]))} '
@@ -2767,6 +2769,9 @@ class SegmentUpdate(SegmentPropagation):
             source = entry.volume_node.GetName()
             raise InputError(f'segment "{name}" was propagated on volume "{source}", whose grid differs from '
                              f'"{volume_node.GetName()}"; select "{source}" to update it')
+        if memory_check:
+            check_read_memory(volume_node, f'updating "{name}" on "{volume_node.GetName()}"')
+        self.image, self.grid = volume_array(volume_node)
         _check_not_half_a_voxel_apart(segmentation_node, segment_id, volume_node)
         self.source = segment_mask(segmentation_node, segment_id, volume_node)
         self.entry = entry

@@ -1319,7 +1319,8 @@ def test_panel_asks_before_running_a_job_that_needs_more_memory_than_is_free(pan
 
     truth, volume, segmentation, segment_id = drawn
     oracle_loader(monkeypatch, truth)
-    monkeypatch.setattr(mrml, "_memory_free_now", lambda: 10 * 2**20)
+    # the copies out of the scene fit (48 MB and a little: check_read_memory), the job (50 MB and up) not
+    monkeypatch.setattr(mrml, "_memory_free_now", lambda: 49 * 2**20)
     asked = []
     answer = {"run": False}
     monkeypatch.setattr(_slicer().util, "confirmOkCancelDisplay",
