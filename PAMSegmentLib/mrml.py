@@ -1225,6 +1225,9 @@ class SegmentPropagation:
         check_flag("memory_check", memory_check)
         if memory_check:
             _check_scalar_volume(volume_node)
+            if _own_voxels_box(segment) is None:  # said before the memory check ("Run it anyway?", then "empty")
+                raise InputError(f'segment "{segment.GetName()}" on volume "{volume_node.GetName()}": it is empty: '
+                                 "draw the object on one slice and try again")
             check_read_memory(volume_node, f'propagating "{segment.GetName()}" on "{volume_node.GetName()}"')
         self.image, self.grid = volume_array(volume_node)
         self.prompt = _prompt_mask(segmentation_node, segment_id, volume_node)

@@ -9,9 +9,10 @@ import textwrap
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest_mrml import *  # noqa: F401,F403 - fixtures (mrml_scene)
 
 from PAMSegmentLib import volumes
-from PAMSegmentLib.errors import InputError
+from PAMSegmentLib.errors import InputError, NotEnoughMemory
 
 _COPY_REFUSED = textwrap.dedent("""
     import resource, sys, numpy as np, slicer
@@ -281,3 +282,26 @@ def test_a_corrected_result_on_another_grid_is_told_what_to_do_with_it(tmp_path,
     assert said == ("x.seg.nrrd has 2 overlapping segment layers; a correction must not overlap other labels: remove "
                     "the overlaps (Segment Editor, Masking: Modify other segments: Overwrite all) or export a label "
                     "map from Slicer (Segmentations > Export to label map) and give that")
+
+
+def test_an_empty_segment_is_said_before_the_memory_check(mrml_scene, monkeypatch):
+    """A re-review (session 35): short of memory, a user who pressed Propagate on an empty segment was
+    first asked "Run it anyway?" and only then told the segment was empty."""
+    from conftest_mrml import make_segmentation, make_volume_node
+
+    from PAMSegmentLib import mrml
+    from PAMSegmentLib.baselines import get_predictor
+
+    monkeypatch.setattr(mrml, "_memory_free_now", lambda: 2**20)  # 1 MiB free: any job is refused
+    image = np.zeros((12, 16, 16), np.int16)
+    vol = make_volume_node(image)
+    drawn = np.zeros(image.shape, np.uint8)
+    drawn[6, 4:9, 4:9] = 1
+    seg, ids = make_segmentation(vol, {"empty": np.zeros(image.shape, np.uint8), "drawn": drawn})
+    with pytest.raises(InputError) as caught:
+        mrml.SegmentPropagation(vol, seg, ids["empty"], model=get_predictor("copy"))
+    assert not isinstance(caught.value, NotEnoughMemory)
+    assert str(caught.value).startswith('segment "empty" on volume ') and "it is empty: draw the object" in str(
+        caught.value)
+    with pytest.raises(NotEnoughMemory, match="just to copy the volume and the segment"):
+        mrml.SegmentPropagation(vol, seg, ids["drawn"], model=get_predictor("copy"))
