@@ -811,7 +811,7 @@ def _run_row(row: BatchRow, model, args, progress=None) -> None:
     # may explain the failure)
     row.info = []
     image, prompt = read_case(row.image, row.prompt, row.output, args.resample_prompt, note=row.notes.append,
-                              series=row.series, series_option="the manifest's series column")
+                              series=row.series, series_option="the manifest's series column", labels=row.labels)
     plan, earlier = None, None
     keyframes, axis, walls = prompt.array, None, None
     if getattr(args, "server", None) is None:  # (a server's work is the server's memory)

@@ -564,11 +564,12 @@ def note_network_only_options(args: argparse.Namespace) -> None:
 
 
 def read_case(image_path, prompt_path, output, resample: bool, note: Callable[[str], None],
-              series: str | None = None, series_option: str | None = None):
+              series: str | None = None, series_option: str | None = None, labels=None):
     """The image and its prompt (on the image's grid), checked against the output's format. What
     the readers warn about (which of several DICOM series was used, a NIfTI header with two
     different grids) goes to ``note``, also when a read fails: the note may explain the failure.
-    ``series_option``: the option choosing another of the image's DICOM series, named in its note."""
+    ``series_option``: the option choosing another of the image's DICOM series, named in its note.
+    ``labels``: the prompt labels to be propagated (a resampled prompt's notes leave others out)."""
     from .volumes import (SeriesChoiceWarning, check_geometry_fits, check_grids_from_headers, read_labelmap,
                           read_volume)
 
@@ -581,7 +582,8 @@ def read_case(image_path, prompt_path, output, resample: bool, note: Callable[[s
             image = read_volume(image_path, series_uid=series)
             from_image = len(caught)
             check_geometry_fits(image.direction, output)
-            prompt = read_labelmap(prompt_path, reference=image, resample=resample, resample_option="--resample-prompt")
+            prompt = read_labelmap(prompt_path, reference=image, resample=resample, resample_option="--resample-prompt",
+                                   only_labels=labels)
         finally:
             for n, w in enumerate(caught):
                 if issubclass(w.category, UserWarning):
@@ -672,7 +674,7 @@ def cmd_propagate(args: argparse.Namespace) -> int:
         raise InputError(f"--series applies to a DICOM folder, but {args.image} is a file; drop it")
     image, prompt = read_case(args.image, args.prompt, args.output, args.resample_prompt,
                               note=lambda text: print(f"note: {text}", flush=True), series=args.series,
-                              series_option="--series UID")
+                              series_option="--series UID", labels=args.label)
 
     from .propagate import find_prompt_slices, propagate
 

@@ -1895,14 +1895,15 @@ def as_volume(reference, what: str) -> "Volume":
 
 
 def read_labelmap(path: PathLike, reference: Volume | None = None, resample: bool = False, *,
-                  resample_option: str = "resample=True") -> Volume:
+                  resample_option: str = "resample=True", only_labels: Sequence[int] | None = None) -> Volume:
     """Read an integer label map (e.g. a prompt) as a Volume with an integer array (K, J, I).
 
     With ``reference``: the label map must lie on the reference grid (``same_grid``), else
     InputError naming what differs; with ``resample=True`` it is instead resampled onto the
     reference grid by nearest neighbour. A matching or resampled result carries the
     reference's exact spacing, origin and direction. ``resample_option``: how the refusal tells
-    the user to ask for resampling (the command line passes ``--resample-prompt``).
+    the user to ask for resampling (the command line passes ``--resample-prompt``). ``only_labels``:
+    the labels the caller will propagate; what resampling did to others is not said (None: all).
     """
     name = Path(path).name
     if reference is not None:
@@ -1941,7 +1942,7 @@ def read_labelmap(path: PathLike, reference: Volume | None = None, resample: boo
         _check_not_oblique_strips(name, drawn, reference, labels.array)
         labels = Volume(_collapse_tilted_strips(name, drawn, reference, labels.array), labels.spacing,
                         labels.origin, labels.direction)
-        _check_resampled_labels(name, drawn, reference, labels.array)
+        _check_resampled_labels(name, drawn, reference, labels.array, only_labels)
     return Volume(labels.array, reference.spacing, reference.origin, reference.direction)
 
 
@@ -2015,23 +2016,27 @@ def _drawing_slices(mine: np.ndarray, ax: int) -> set[int]:
     return out
 
 
-def _check_resampled_labels(name: str, drawn: Volume, reference: Volume, resampled: np.ndarray) -> None:
+def _check_resampled_labels(name: str, drawn: Volume, reference: Volume, resampled: np.ndarray,
+                            only: Sequence[int] | None = None) -> None:
     """After resampling a prompt: a label left with nothing on the image's grid is said (with two
     labels drawn on thin slices, one vanished and the run went on without a word; refusing it
     refused a label outside a cropped image that --label could not leave out), and
     drawn slices that left nothing are said: drawn on slices thinner than the image's, nearest-
     neighbour sampling keeps only those an image slice's centre falls in (three slices drawn on a
     1 mm grid over a 5 mm image became 381 voxels on one slice, without a word). Slices of a 3D
-    mask (longer runs) may fall between the image's: downsampling drops slices, nothing to say."""
+    mask (longer runs) may fall between the image's: downsampling drops slices, nothing to say.
+    ``only``: the labels to say this of (those the caller propagates; None: all)."""
     present = set(np.unique(resampled).tolist())
-    gone = [int(v) for v in np.unique(drawn.array[drawn.array != 0])[:1024] if int(v) not in present]
+    asked = None if only is None else {int(v) for v in only}
+    values = [int(v) for v in np.unique(drawn.array[drawn.array != 0]) if asked is None or int(v) in asked]
+    gone = [v for v in values[:1024] if v not in present]
     if gone and len(present - {0}):  # (none left at all is the caller's refusal)
         which = f"label {gone[0]}" if len(gone) == 1 else f"labels {', '.join(map(str, gone))}"
         warnings.warn(f"{name}: {which} left nothing on the image grid once resampled (outside the image, or between "
                       f"two of its slices): {'it is' if len(gone) == 1 else 'they are'} not propagated; if "
                       f"{'it' if len(gone) == 1 else 'they'} should be, draw {'it' if len(gone) == 1 else 'them'} on "
                       "the image itself", stacklevel=3)
-    for value in np.unique(drawn.array[drawn.array != 0])[:64]:
+    for value in values[:64]:
         if int(value) in gone:
             continue  # said above
         mine = drawn.array == value

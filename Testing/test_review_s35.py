@@ -305,3 +305,31 @@ def test_an_empty_segment_is_said_before_the_memory_check(mrml_scene, monkeypatc
         caught.value)
     with pytest.raises(NotEnoughMemory, match="just to copy the volume and the segment"):
         mrml.SegmentPropagation(vol, seg, ids["drawn"], model=get_predictor("copy"))
+
+
+def test_a_resampled_prompt_notes_only_the_labels_asked_for(tmp_path, capsys):
+    """A new user's trial (session 35): `--label 1 --resample-prompt` printed a note about label 2,
+    which was not asked for, having left nothing on the image grid."""
+    import warnings
+
+    from PAMSegmentLib import cli
+
+    image = sitk.GetImageFromArray(np.zeros((12, 40, 40), np.int16) + np.arange(40, dtype=np.int16))
+    image.SetSpacing((1.0, 1.0, 5.0))
+    sitk.WriteImage(image, str(tmp_path / "image.nrrd"))
+    drawing = np.zeros((60, 40, 40), np.uint8)
+    drawing[30, 10:30, 10:30] = 1  # z 30: an image slice's centre
+    drawing[32, 10:30, 10:30] = 2  # z 32: between two image slices' centres
+    sitk.WriteImage(sitk.GetImageFromArray(drawing), str(tmp_path / "thin.nrrd"))
+    base = ["propagate", str(tmp_path / "image.nrrd"), str(tmp_path / "thin.nrrd"), "--resample-prompt",
+            "--method", "copy"]
+    note = "note: thin.nrrd: label 2 left nothing on the image grid once resampled"
+    assert cli.main(base + ["-o", str(tmp_path / "all.nii.gz")]) == 0
+    assert note in capsys.readouterr().out
+    assert cli.main(base + ["-o", str(tmp_path / "one.nii.gz"), "--label", "1"]) == 0
+    assert "label 2" not in capsys.readouterr().out
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        volumes.read_labelmap(tmp_path / "thin.nrrd", reference=volumes.read_volume(tmp_path / "image.nrrd"),
+                              resample=True, only_labels=[2])
+    assert [str(w.message)[:40] for w in caught] == ["thin.nrrd: label 2 left nothing on the i"]
