@@ -46,7 +46,8 @@ import numpy as np
 from .checks import check_flag
 from .errors import InputError, PropagationCancelled
 from .propagate import (MAX_LABEL, CancelToken, _as_predictor, _check_prediction, _is_empty, _slice_confidence,
-                        _stop_presence, _walk_lock, check_progress_and_cancel, label_list, torch_threads)
+                        _stop_presence, _stop_reason, _walk_lock, check_progress_and_cancel, label_list,
+                        torch_threads)
 
 __all__ = ["ORDERS", "ImageSetResult", "label_images", "to_common_grid", "thumbnail_distances"]
 
@@ -68,6 +69,9 @@ class ImageSetResult:
     n_predicted: int = 0
     seconds: float = 0.0
     drawn: tuple[int, ...] = ()  # every image whose mask was given: the prompt and ``more_prompts``
+    # label -> images found empty by the drift test alone (the network's object-present output said
+    # present): most often images saved with another grey scale, window or size than their guide
+    drift_emptied: dict[int, list[int]] = field(default_factory=dict)
 
     def summary(self) -> str:
         drawn = set(self.drawn) | {self.prompt_index}
@@ -381,7 +385,7 @@ def label_images(
     n = len(imgs)
     drawn = sorted({p, *more})
     results = np.zeros((n, *shape), dtype=np.uint16 if max(labels) > 255 else np.uint8)
-    guides_all, conf_all = {}, {}
+    guides_all, conf_all, drift_emptied = {}, {}, {}
     total = max((n - len(drawn)) * len(labels), 1)
     done = 0
 
@@ -410,6 +414,8 @@ def label_images(
                 guides[q] = g
                 if _is_empty(prob, presence, int(found[g].sum()), predictor):  # the engine's own "object gone" test
                     found[q] = None
+                    if _stop_reason(pred, 0, predictor) == "drift":
+                        drift_emptied.setdefault(lab, []).append(int(q))
                 else:
                     m = prob >= predictor.threshold
                     found[q] = m
@@ -431,7 +437,7 @@ def label_images(
     if progress is not None:
         progress(1.0, "done")
     return ImageSetResult(masks, labels, guides_all, conf_all, p, order, done, time.perf_counter() - t0,
-                          tuple(drawn))
+                          tuple(drawn), drift_emptied)
 
 
 def _schedule(order: str, drawn: Sequence[int], n: int, dist: np.ndarray | None, found: dict):
@@ -650,6 +656,12 @@ def _say_written(result, files, out_dir, seconds: float, earlier=()) -> None:
             if names_:
                 shown = ", ".join(names_[:5]) + (f" and {len(names_) - 5} more" if len(names_) > 5 else "")
                 print(f"label {lab} {what}: {shown}", flush=True)
+        drifted = [files[i].name for i in empty if i in set(result.drift_emptied.get(lab, ()))]
+        if drifted:  # (a new user's trial, session 35: resized or otherwise exported copies all came back empty)
+            shown = ", ".join(drifted[:5]) + (f" and {len(drifted) - 5} more" if len(drifted) > 5 else "")
+            print(f"note: label {lab}: in {shown} the network found the object, but its brightness there differs "
+                  "from the image it was labelled from, so it was taken as absent: images saved with another grey "
+                  "scale, window or size? Export them as the prompt image was, or try --no-normalize", flush=True)
     if earlier:  # a run into a folder of an earlier run: its masks stay beside this run's labels.csv
         shown = ", ".join(p.name for p in earlier[:3]) + (f" and {len(earlier) - 3} more" if len(earlier) > 3 else "")
         print(f"note: {out_dir} also holds {len(earlier)} mask{'s' if len(earlier) != 1 else ''} this run did not "

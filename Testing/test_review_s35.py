@@ -333,3 +333,35 @@ def test_a_resampled_prompt_notes_only_the_labels_asked_for(tmp_path, capsys):
         volumes.read_labelmap(tmp_path / "thin.nrrd", reference=volumes.read_volume(tmp_path / "image.nrrd"),
                               resample=True, only_labels=[2])
     assert [str(w.message)[:40] for w in caught] == ["thin.nrrd: label 2 left nothing on the i"]
+
+
+def test_images_emptied_by_the_drift_test_alone_are_named_with_what_to_try(tmp_path, capsys):
+    """A new user's trial (session 35): copies of CT slices saved at another size, or with another
+    window, came back empty, said only as "label 1 not found in ...": the network had found the
+    organ (present 0.74-0.87) and the drift test, its brightness against the guide's, emptied them.
+    Such images are now named in a note with what to try."""
+    from PAMSegmentLib.imageset import _say_written, label_images
+    from PAMSegmentLib.propagate import SlicePrediction, SlicePredictor
+
+    class DriftOnLast(SlicePredictor):  # the guide's mask everywhere; the last image fails the drift test only
+        threshold, min_area, presence_threshold = 0.5, 0, 0.5
+
+        def predict(self, volume, guide_index, guide_mask, query_indices):
+            n = len(query_indices)
+            drift = np.array([0.1 if q == volume.shape[0] - 1 else 0.9 for q in query_indices], np.float32)
+            return SlicePrediction(np.stack([guide_mask.astype(np.float32)] * n), presence=np.full(n, 0.9, np.float32),
+                                   drift=drift)
+
+    images = [np.random.default_rng(i).random((32, 32)).astype(np.float32) for i in range(4)]
+    prompt = np.zeros((32, 32), np.uint8)
+    prompt[8:20, 8:20] = 1
+    res = label_images(images, 0, prompt, DriftOnLast(), order="prompt")
+    assert res.drift_emptied == {1: [3]}
+    assert [bool((m == 1).any()) for m in res.masks] == [True, True, True, False]
+    files = [tmp_path / f"im{i}.png" for i in range(4)]
+    _say_written(res, files, tmp_path, 1.0)
+    out = capsys.readouterr().out
+    assert "label 1 not found in: im3.png" in out
+    assert ("note: label 1: in im3.png the network found the object, but its brightness there differs from the image "
+            "it was labelled from, so it was taken as absent: images saved with another grey scale, window or size? "
+            "Export them as the prompt image was, or try --no-normalize") in out
