@@ -156,7 +156,7 @@ def parse_slice_range(text: str) -> tuple[int, int]:
     """"K0:K1" -> (K0, K1): two non-negative integers with K0 <= K1, both slices included."""
     parts = text.strip().split(":")
     hint = "expected K0:K1, two slice numbers with 0 <= K0 <= K1 (both included), e.g. 10:40"
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+    if len(parts) != 2 or not all(p.strip().isdecimal() for p in parts):
         raise argparse.ArgumentTypeError(f"{hint}; got {text!r}")
     k0, k1 = (int(p) for p in parts)
     if k0 > k1:
@@ -173,7 +173,7 @@ def parse_slice_list(text: str) -> list[int]:
     out: set[int] = set()
     for part in (p.strip() for p in text.split(",")):
         first, dash, last = part.partition("-")
-        if not first.strip().isdigit() or (dash and not last.strip().isdigit()):
+        if not first.strip().isdecimal() or (dash and not last.strip().isdecimal()):
             raise argparse.ArgumentTypeError(f"expected slice numbers or runs separated by commas, e.g. 12,30 or "
                                              f"12,25-28 (no spaces, or the list in quotes); got {text!r}")
         k0, k1 = int(first), int(last) if dash else int(first)
@@ -192,7 +192,7 @@ def parse_empty_slices(text: str) -> tuple[int | None, list[int]]:
     label, sep, rest = text.partition(":")
     if not sep:
         return None, parse_slice_list(text)
-    if not label.strip().isdigit():
+    if not label.strip().isdecimal():
         raise argparse.ArgumentTypeError(f"expected slice numbers (12,30) or a label and its slices (3:12,30); "
                                          f"got {text!r}")
     if not 1 <= int(label) <= 65535:

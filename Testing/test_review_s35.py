@@ -365,3 +365,16 @@ def test_images_emptied_by_the_drift_test_alone_are_named_with_what_to_try(tmp_p
     assert ("note: label 1: in im3.png the network found the object, but its brightness there differs from the image "
             "it was labelled from, so it was taken as absent: images saved with another grey scale, window or size? "
             "Export them as the prompt image was, or try --no-normalize") in out
+
+
+@pytest.mark.parametrize("text", ["²", "1,²", "3:²", "²-4", "1-²"])
+def test_slice_numbers_that_are_digits_but_not_numbers_are_refused_in_words(text):
+    """A re-review (session 35): `--empty-slices ²` passed str.isdigit and ended in int()'s ValueError."""
+    import argparse
+
+    from PAMSegmentLib.cli import parse_empty_slices, parse_slice_range
+
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_empty_slices(text)
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_slice_range(f"{text}:9" if ":" not in text else text)
