@@ -1042,20 +1042,6 @@ def _check_prompt_axis(prompt, axis: int, labels, name: str) -> None:
                          f"says so): give the prompt of the run that made {name}")
 
 
-def _as_a_result(text: str) -> str:
-    """A label map reader's refusal, written for a prompt, said of a result or its corrected copy
-    (a new user's trial, session 35: `--edited` was told to draw the prompt on the image, or to
-    propagate overlapping segments one by one, which an update cannot take)."""
-    if "overlapping segment layers" in text:
-        head = text.split(";", 1)[0]
-        return (f"{head}; a correction must not overlap other labels: remove the overlaps (Segment Editor, Masking: "
-                "Modify other segments: Overwrite all) or export a label map from Slicer (Segmentations > Export "
-                "to label map) and give that")
-    return (text.replace("draw the prompt on this image", "save it on the grid of the image it was propagated on")
-            .replace("the prompt was probably saved by", "it was probably saved by")
-            .replace("Save the prompt with the image's geometry", "Save it with the image's geometry"))
-
-
 def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=None, slice_range=None,
                 empty_slices=None, resample: bool = False, say: Callable[[str], None] = print,
                 names: tuple[str, str] = ("--previous", "--edited")):
@@ -1073,9 +1059,9 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
             warnings.simplefilter("always", UserWarning)
             try:
                 maps.append(read_labelmap(path, reference=image, resample=resample,
-                                          resample_option="--resample-prompt").array)
+                                          resample_option="--resample-prompt", role="result").array)
             except InputError as error:
-                raise InputError(f"{option}: {_as_a_result(str(error))}") from None
+                raise InputError(f"{option}: {error}") from None
             finally:
                 for w in caught:
                     if issubclass(w.category, UserWarning):

@@ -1156,13 +1156,21 @@ def check_read_memory(volume_node, what: str) -> None:
         return
     from .volumes import _mb_or_gb  # noqa: PLC0415
 
-    size = " x ".join(map(str, image.GetDimensions()))
-    text = (f"{what} ({size} voxels) needs about {_mb_or_gb(need)} just to copy the volume and the segment out of "
-            f"the scene and about {_mb_or_gb(free)} is free now, so the system could stop Slicer, unsaved work and "
-            "all. Close other programs or data you do not need, or crop the volume around the object first (Crop "
-            "Volume module)")
-    raise NotEnoughMemory(f"{text}. Nothing was started; to run it anyway, pass memory_check=False "
-                          "(memoryCheck=False to the module's Logic)", reason=text)
+    raise _not_enough_memory(what, image.GetDimensions(), f"{_mb_or_gb(need)} just to copy the volume and the "
+                             "segment out of the scene", free, "crop the volume around the object first (Crop Volume "
+                             "module)")
+
+
+def _not_enough_memory(what: str, size_ijk, needs: str, free: int, advice: str) -> NotEnoughMemory:
+    """The refusal of a job short of memory (``check_read_memory``, ``check_job_memory``): ``needs``
+    what it needs, ``advice`` what to do beside closing other programs."""
+    from .volumes import _mb_or_gb  # noqa: PLC0415
+
+    text = (f"{what} ({' x '.join(str(int(n)) for n in size_ijk)} voxels) needs about {needs} and about "
+            f"{_mb_or_gb(free)} is free now, so the system could stop Slicer, unsaved work and all. Close other "
+            f"programs or data you do not need, or {advice}")
+    return NotEnoughMemory(f"{text}. Nothing was started; to run it anyway, pass memory_check=False "
+                           "(memoryCheck=False to the module's Logic)", reason=text)
 
 
 def check_job_memory(image: np.ndarray, axis: int, slices, model, what: str, checkpoint=None) -> None:
@@ -1184,16 +1192,11 @@ def check_job_memory(image: np.ndarray, axis: int, slices, model, what: str, che
 
     # a cropped volume's job: its copy (held now, freed by this refusal) and its share of the rest
     fits = (free + image.nbytes - fixed) / (per_voxel + image.itemsize)
-    size = " x ".join(str(n) for n in image.shape[::-1])
     advice = (f"crop the volume around the object first (Crop Volume module: about {fits / 1e6:,.1f} million voxels "
               "fit now)" if fits >= 1e6 else "free memory first: too little is free now for a volume of any size")
-    text = (f"{what} ({size} voxels) needs about {_mb_or_gb(need)} more memory at its peak and about "
-            f"{_mb_or_gb(free)} is free now, so the system could stop Slicer, unsaved work and all. Close other "
-            f"programs or data you do not need, or {advice}")
     # (raised unnamed: a local holding it made a cycle through this frame, which kept the refused
     # job's copy of the volume until the next garbage collection)
-    raise NotEnoughMemory(f"{text}. Nothing was started; to run it anyway, pass memory_check=False "
-                          "(memoryCheck=False to the module's Logic)", reason=text)
+    raise _not_enough_memory(what, image.shape[::-1], f"{_mb_or_gb(need)} more memory at its peak", free, advice)
 
 
 class SegmentPropagation:
@@ -1251,8 +1254,9 @@ class SegmentPropagation:
     def _init_job(self, volume_node, segmentation_node, segment_id, segment_name, *, mode, checkpoint, device,
                   range, model, batch_size, threads, cancel, progress, intensity_gate=None,  # noqa: A002
                   memory_check=True):
-        check_flag("memory_check", memory_check)
-        if memory_check:  # before anything else is held (the volume's copy is, and is counted)
+        # (memory_check: a flag, as both constructors checked) before anything else is held (the volume's
+        # copy is, and is counted)
+        if memory_check:
             verb = "updating" if self.kind == "update" else "propagating"
             check_job_memory(self.image, self.prompt_info.axis, self.prompt_info.slices, model,
                              f'{verb} "{segment_name}" on "{volume_node.GetName()}"', checkpoint=checkpoint)

@@ -1361,9 +1361,10 @@ def _check_declared_size(p: Path) -> None:
 
 
 def _read_sitk(path: PathLike, series_uid: str | None = None, single_slice_ok: bool = False,
-               label_map: bool = False) -> sitk.Image:
+               label_map: bool = False, role: str = "prompt") -> sitk.Image:
     """Read any supported file or DICOM folder and check it is one 3D scalar volume (``label_map``:
-    a prompt or mask, said so when it is 2D)."""
+    a prompt or mask, said so when it is 2D; ``role``: "prompt", or "result" for an earlier result
+    or its corrected copy, whose refusals say what to do with one of those)."""
     p = Path(path)
     if not _exists(p):
         raise InputError(f"{p} does not exist; check the path")
@@ -1400,6 +1401,12 @@ def _read_sitk(path: PathLike, series_uid: str | None = None, single_slice_ok: b
     if image.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
         raise InputError(f"{name} has complex voxels; PAMSegment needs a real-valued 3D volume")
     if ncomp > 1:
+        if _is_seg_nrrd(name) and role == "result":  # (an update cannot take its labels one file at a time)
+            raise InputError(
+                f"{name} has {ncomp} overlapping segment layers; a correction must not overlap other labels: remove "
+                "the overlaps (Segment Editor, Masking: Modify other segments: Overwrite all) or export a label map "
+                "from Slicer (Segmentations > Export to label map) and give that"
+            )
         if _is_seg_nrrd(name):
             raise InputError(
                 f"{name} has {ncomp} overlapping segment layers; export a label map from Slicer "
@@ -1573,7 +1580,7 @@ def _writer_default(grid: Volume) -> bool:
 
 def _off_grid_error(name: str, labels: Volume, reference: Volume, diffs: list[str],
                     path: Path | None = None, reference_path: Path | None = None,
-                    option: str = "resample=True") -> InputError:
+                    option: str = "resample=True", role: str = "prompt") -> InputError:
     """The refusal of a label map ``name`` that is not on the ``reference`` grid. ``option``: how the
     caller's user asks for resampling (the command line's ``--resample-prompt``)."""
     split = [(q.name, mm) for q, other in ((reference_path, labels), (path, reference))
@@ -1584,12 +1591,13 @@ def _off_grid_error(name: str, labels: Volume, reference: Volume, diffs: list[st
         which = " and ".join(f"{n} (qform and sform up to {mm:.3g} mm apart)" for n, mm in split)
         details = "; ".join(_describe_difference(d, labels, reference) for d in diffs)
         return InputError(f"{name} is not on the image grid ({details}), and the NIfTI header of {which} holds "
-                          "two different grids: the prompt was probably saved by a tool that uses the other one of "
-                          f"the two, so {option} would move it by their difference. Save the prompt with the "
+                          f"two different grids: {'it' if role == 'result' else 'the prompt'} was probably saved by a "
+                          f"tool that uses the other one of the two, so {option} would move it by their difference. "
+                          f"Save {'it' if role == 'result' else 'the prompt'} with the "
                           "image's geometry as ITK reads it (SimpleITK: mask.CopyInformation(image)), or make the "
                           "file's qform and sform agree (nibabel: img.set_qform(img.get_sform()))")
     return (_never_resampled(name, labels, reference, diffs, path, option=option)
-            or _generic_off_grid_error(name, labels, reference, diffs, option))
+            or _generic_off_grid_error(name, labels, reference, diffs, option, role))
 
 
 def _never_resampled(name: str, labels: Volume, reference: Volume, diffs: list[str],
@@ -1663,12 +1671,14 @@ def _axes_in_another_order(labels: Volume, reference: Volume) -> bool:
 
 
 def _generic_off_grid_error(name: str, labels: Volume, reference: Volume, diffs: list[str],
-                            option: str = "resample=True") -> InputError:
+                            option: str = "resample=True", role: str = "prompt") -> InputError:
     details = "; ".join(_describe_difference(d, labels, reference) for d in diffs)
     hint = (" (the segmentation has a geometry of its own, not the image's: in Slicer, set its geometry from "
             "the volume in the Segmentations module, or resample it here)" if _is_seg_nrrd(name) else "")
     advice = (f"use {option} to resample it onto the image grid" if _overlaps(labels, reference) else
-              "it does not even overlap the image in space (drawn on another scan?): draw the prompt on this image")
+              "it does not even overlap the image in space (drawn on another scan?): "
+              + ("save it on the grid of the image it was propagated on" if role == "result" else
+                 "draw the prompt on this image"))
     if diffs == ["spacing"] and labels.shape == reference.shape:
         # the image's voxels with another voxel size in the header: most often a header written wrong
         # (resampling moved a drawing on slice 14 to slice 12)
@@ -1895,7 +1905,8 @@ def as_volume(reference, what: str) -> "Volume":
 
 
 def read_labelmap(path: PathLike, reference: Volume | None = None, resample: bool = False, *,
-                  resample_option: str = "resample=True", only_labels: Sequence[int] | None = None) -> Volume:
+                  resample_option: str = "resample=True", only_labels: Sequence[int] | None = None,
+                  role: str = "prompt") -> Volume:
     """Read an integer label map (e.g. a prompt) as a Volume with an integer array (K, J, I).
 
     With ``reference``: the label map must lie on the reference grid (``same_grid``), else
@@ -1904,12 +1915,14 @@ def read_labelmap(path: PathLike, reference: Volume | None = None, resample: boo
     reference's exact spacing, origin and direction. ``resample_option``: how the refusal tells
     the user to ask for resampling (the command line passes ``--resample-prompt``). ``only_labels``:
     the labels the caller will propagate; what resampling did to others is not said (None: all).
+    ``role``: "prompt", or "result" for an earlier result or its corrected copy (the refusals then
+    say what to do with one of those, not with a prompt).
     """
     name = Path(path).name
     if reference is not None:
         reference = as_volume(reference, "read_labelmap's reference")
     # A one-slice label map is fine: it has a 3D position and can be resampled onto the image.
-    raw = _read_sitk(path, single_slice_ok=True, label_map=True)
+    raw = _read_sitk(path, single_slice_ok=True, label_map=True, role=role)
     _check_label_scaling(Path(path))
     image = _as_integer_labels(raw, name)
     labels = Volume.from_sitk(image)
@@ -1921,7 +1934,7 @@ def read_labelmap(path: PathLike, reference: Volume | None = None, resample: boo
         labels, diffs = placed, []
     if diffs:
         if not resample:
-            raise _off_grid_error(name, labels, reference, diffs, Path(path), option=resample_option)
+            raise _off_grid_error(name, labels, reference, diffs, Path(path), option=resample_option, role=role)
         never = _never_resampled(name, labels, reference, diffs, Path(path), resample=True, option=resample_option)
         if never is not None:
             raise never

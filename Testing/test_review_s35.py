@@ -276,12 +276,16 @@ def test_a_corrected_result_on_another_grid_is_told_what_to_do_with_it(tmp_path,
     assert err.startswith("pamsegment: error: --edited: edited.nii.gz is not on the image grid: origin differs")
     assert err.rstrip().endswith("it does not even overlap the image in space (drawn on another scan?): save it on the "
                                  "grid of the image it was propagated on"), err
-    said = cli._as_a_result("x.seg.nrrd has 2 overlapping segment layers; export a label map from Slicer "
-                            "(Segmentations > Export to label map) and use that, or, to keep the overlaps, save the "
-                            "overlapping segments to separate files and propagate each")
+    layers = sitk.GetImageFromArray(np.zeros((4, 5, 6, 2), np.uint8), isVector=True)  # two overlapping layers
+    sitk.WriteImage(layers, str(tmp_path / "x.seg.nrrd"))
+    with pytest.raises(InputError) as caught:
+        volumes.read_labelmap(tmp_path / "x.seg.nrrd", role="result")
+    said = str(caught.value)
     assert said == ("x.seg.nrrd has 2 overlapping segment layers; a correction must not overlap other labels: remove "
                     "the overlaps (Segment Editor, Masking: Modify other segments: Overwrite all) or export a label "
                     "map from Slicer (Segmentations > Export to label map) and give that")
+    with pytest.raises(InputError, match="save the overlapping segments to separate files and propagate each"):
+        volumes.read_labelmap(tmp_path / "x.seg.nrrd")  # a prompt: its own advice
 
 
 def test_an_empty_segment_is_said_before_the_memory_check(mrml_scene, monkeypatch):
