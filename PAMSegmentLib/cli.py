@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import CheckpointError, InputError, PAMError, PropagationCancelled
+from .errors import CheckpointError, InputError, PAMError, PropagationCancelled, out_of_memory
 
 __all__ = ["main", "build_parser", "Subcommand", "SUBCOMMANDS", "METHODS", "parse_slice_range"]
 
@@ -1432,16 +1432,6 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 def _one_line(exc: BaseException) -> str:
     text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
     return text or type(exc).__name__
-
-
-_MEMORY_TEXTS = ("can't allocate memory", "cannot allocate memory", "not enough memory", "failed to allocate memory",
-                 "out of memory", "unable to allocate")
-
-
-def out_of_memory(exc: BaseException) -> bool:
-    """numpy's MemoryError, or the RuntimeError PyTorch's allocator and ITK raise when memory runs out."""
-    return isinstance(exc, MemoryError) or (isinstance(exc, (RuntimeError, OSError))
-                                            and any(t in str(exc).lower() for t in _MEMORY_TEXTS))
 
 
 def memory_message(exc: BaseException, batch: bool = False, command: str | None = None) -> str:

@@ -24,3 +24,14 @@ class NotEnoughMemory(InputError):
     def __init__(self, message: str, reason: str | None = None):
         super().__init__(message)
         self.reason = message if reason is None else reason
+
+
+_MEMORY_TEXTS = ("can't allocate memory", "cannot allocate memory", "not enough memory", "failed to allocate memory",
+                 "out of memory", "unable to allocate")
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """numpy's MemoryError, or the RuntimeError PyTorch's allocator (CPU or CUDA) and ITK raise when
+    memory runs out."""
+    return isinstance(exc, MemoryError) or (isinstance(exc, (RuntimeError, OSError))
+                                            and any(t in str(exc).lower() for t in _MEMORY_TEXTS))

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .checks import check_flag, empty_between_drawn, largest_gap, runs_text, state_from_json, state_to_json
-from .errors import InputError, NotEnoughMemory, PAMError, PropagationCancelled
+from .errors import InputError, NotEnoughMemory, PAMError, PropagationCancelled, out_of_memory
 
 __all__ = [
     "MODES",
@@ -1011,6 +1011,17 @@ def _add_result_segment(segmentation_node, source_segment_id: str) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
+def _memory_failure(exc: BaseException, device: str) -> str:
+    """What the panel says when a job ran out of memory: what ran out and what to do."""
+    detail = " ".join(str(exc).split())[:120]
+    gpu = device != "cpu" and ("cuda" in detail.lower() or "gpu" in detail.lower())
+    where = "memory on the GPU" if gpu else "memory"
+    advice = ("choose device cpu, or crop the volume (Crop Volume module)" if gpu else
+              "close other programs or remove data from the scene you no longer need, crop the volume (Crop Volume "
+              "module) to the structure's region")
+    return f"not enough {where} while propagating ({detail or type(exc).__name__}); {advice}"
+
+
 def _load_model(checkpoint, device: str):
     from .checkpoints import load_model  # noqa: PLC0415
 
@@ -1509,10 +1520,15 @@ class SegmentPropagation:
                     self._finish("cancelled", "cancelled; the segmentation was not changed")
                 return
             # Not logged here: Slicer's log handler feeds a Qt model, which only the main thread may touch.
-            tb = "" if isinstance(exc, PAMError) else traceback.format_exc()
+            memory = out_of_memory(exc)  # says itself: no traceback for the Error Log
+            tb = "" if isinstance(exc, PAMError) or memory else traceback.format_exc()
             with self._lock:
                 self._traceback = tb
                 self.exception = exc
+                if memory:  # (a trial, session 36: "Failed (nothing was changed): MemoryError", no advice)
+                    self.error = _memory_failure(exc, self.device)
+                    self._finish("failed", self.error)
+                    return
                 # a programming fault's own text means nothing to a user (a KeyError read "'weights'"):
                 # its kind named, and where the details are (out of memory and the like say themselves)
                 bug = isinstance(exc, (KeyError, IndexError, AttributeError, TypeError, NameError, AssertionError,

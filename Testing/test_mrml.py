@@ -826,7 +826,7 @@ def test_engine_error_in_the_worker_is_reported(scene_with_prompt, monkeypatch):
     truth, vol, seg, sid = scene_with_prompt
 
     def broken(*args, **kwargs):
-        raise RuntimeError("out of memory (simulated)")
+        raise RuntimeError("the engine broke (simulated)")
 
     monkeypatch.setattr(mrml, "_run_engine", broken)
     records = []
@@ -839,7 +839,7 @@ def test_engine_error_in_the_worker_is_reported(scene_with_prompt, monkeypatch):
     mrml.log.addHandler(handler)
     try:
         job = SegmentPropagation(vol, seg, sid, model=OracleModel(truth)).start()
-        assert job.wait(30) and job.state == "failed" and job.error == "out of memory (simulated)"
+        assert job.wait(30) and job.state == "failed" and job.error == "the engine broke (simulated)"
         # A review: the worker logged the traceback itself, and Slicer's log handler feeds a Qt model.
         assert records == []
         job.log_failure()  # on the main thread, by whoever sees the failure (the panel, the Logic)
@@ -848,7 +848,7 @@ def test_engine_error_in_the_worker_is_reported(scene_with_prompt, monkeypatch):
         mrml.log.removeHandler(handler)
     assert len(records) == 1 and records[0][0]
     assert records[0][1].startswith("PAMSegment: propagation failed\nTraceback (most recent call last):")
-    assert records[0][1].endswith("RuntimeError: out of memory (simulated)")
+    assert records[0][1].endswith("RuntimeError: the engine broke (simulated)")
 
 
 def test_apply_refuses_when_the_segment_was_edited_meanwhile(scene_with_prompt):

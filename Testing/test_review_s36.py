@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest_mrml import *  # noqa: F401,F403 - fixtures (mrml_scene)
 
 
 def _png(path, array) -> str:
@@ -51,3 +52,47 @@ def test_a_grey_image_named_like_a_mask_is_still_labelled(tmp_path, image_set):
     out = tmp_path / "out"
     assert cli.main(["label-images", f["e"], f["e_mask"], f["c"], grey, "-o", str(out), "--method", "copy"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["c_mask.png", "c_mask_mask.png", "e_mask.png", "labels.csv"]
+
+
+@pytest.mark.parametrize("error, device, says", [
+    (MemoryError(), "cpu", "not enough memory while propagating (MemoryError); close other programs"),
+    (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 4.00 GiB total capacity)"), "cuda",
+     "not enough memory on the GPU while propagating (CUDA out of memory."),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to "
+                  "allocate 8589934592 bytes"), "cpu", "not enough memory while propagating ([enforce fail"),
+])
+def test_a_slicer_job_that_runs_out_of_memory_says_what_to_do(request, monkeypatch, error, device, says):
+    """A trial (session 36): the panel said "Failed (nothing was changed): MemoryError" (or PyTorch's
+    raw CUDA text) with a traceback in the Error Log; it now says what ran out and what to do."""
+    request.getfixturevalue("mrml_scene")
+    import logging
+
+    import PAMSegmentLib.mrml as mrml
+    from conftest_mrml import assert_same_labelmap, internal_labelmap_state, make_segmentation, make_volume_node
+    from test_mrml_corrections import CENTER, GuideCopy, one_slice, synthetic
+
+    truth, image = synthetic()
+    vol = make_volume_node(image)
+    seg, ids = make_segmentation(vol, {"tumor": one_slice(truth, CENTER[0])})
+    before = internal_labelmap_state(seg, ids["tumor"])
+
+    def runs_out(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(mrml, "_run_engine", runs_out)
+    monkeypatch.setattr(mrml, "_load_model", lambda checkpoint, device: GuideCopy(truth))
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    mrml.log.addHandler(handler)
+    try:
+        job = mrml.SegmentPropagation(vol, seg, ids["tumor"], checkpoint="x.pt", device=device).start()
+        assert job.wait(30) and job.state == "failed"
+        job.log_failure()
+    finally:
+        mrml.log.removeHandler(handler)
+    assert says in job.error and job.error.count("not enough") == 1
+    assert ("choose device cpu" in job.error) == (device == "cuda")
+    assert ("close other programs" in job.error) == (device == "cpu")
+    assert records == []  # it says itself: no traceback
+    assert_same_labelmap(internal_labelmap_state(seg, ids["tumor"]), before)
