@@ -638,7 +638,8 @@ def cmd_label_cells(args) -> int:
         check_not_read_only(written)
     _check_cells_memory(args.image, args.tile, args.no_memory_check)
     image, ref = read_image_2d(args.image, keep_colour=True)
-    examples = read_labelmap_2d(args.examples, reference=(image[..., 0] if image.ndim == 3 else image, ref))
+    examples = read_labelmap_2d(args.examples, reference=(image[..., 0] if image.ndim == 3 else image, ref),
+                                say=lambda text: print(f"note: {text}", flush=True))
     background = None
     if args.background:
         background = read_labelmap_2d(args.background, reference=(examples, ref)) > 0

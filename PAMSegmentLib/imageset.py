@@ -838,13 +838,13 @@ def cmd_label_images(args) -> int:
 
     _check_set_memory(files, args.no_memory_check)
     read = [read_image_2d(f) for f in files]
-    prompt = read_labelmap_2d(mask_path, reference=read[index])
+    prompt = read_labelmap_2d(mask_path, reference=read[index], say=lambda text: print(f"note: {text}", flush=True))
     more = {}
     for image_path, its_mask in labelled:
         at = next(n for n, f in enumerate(files) if os.path.samefile(f, image_path))
         if at in more:
             raise InputError(f"--labelled {image_path} is given twice; give each image's mask once")
-        more[at] = read_labelmap_2d(its_mask, reference=read[at])
+        more[at] = read_labelmap_2d(its_mask, reference=read[at], say=lambda text: print(f"note: {text}", flush=True))
     # images stored flipped or transposed against the prompt image (their files say so) are labelled
     # in its orientation and their masks written back as stored (they were matched pixel by pixel:
     # a mask mirrored, Dice 0.89, or transposed, 0.82)

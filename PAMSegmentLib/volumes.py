@@ -21,7 +21,7 @@ import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Sequence, Union
+from typing import Callable, Sequence, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -3156,15 +3156,15 @@ def _palette_indices(path: Path) -> np.ndarray | None:
         return None
 
 
-def _edge_labels(arr: np.ndarray, present: np.ndarray, enough: int | None = None) -> list[int]:
+def _edge_labels(arr: np.ndarray, present: np.ndarray, enough: int | None = None, fewest: int = 5) -> list[int]:
     """Labels whose pixels nearly all touch another label's: the grey steps of an anti-aliased or
     lossy-compressed mask's edges, not structures. Each label is looked at within its bounding
     box (a cell-example mask may hold many labels on a large image). ``present``: ``np.unique(arr)``;
-    ``enough``: stop once that many are found."""
+    ``enough``: stop once that many are found; ``fewest``: none looked for below that many labels."""
     from scipy import ndimage
 
     values = [int(v) for v in present if v > 0]
-    if len(values) < 5:  # read_labelmap_2d refuses only masks with more grey values than that
+    if len(values) < fewest:  # read_labelmap_2d refuses only masks with more grey values than that
         return []
     boxes = ndimage.find_objects(arr)  # label v's box at index v - 1 (negative values are skipped)
     out = []
@@ -3180,10 +3180,13 @@ def _edge_labels(arr: np.ndarray, present: np.ndarray, enough: int | None = None
     return out
 
 
-def read_labelmap_2d(path: PathLike, reference: tuple[np.ndarray, sitk.Image] | None = None) -> np.ndarray:
+def read_labelmap_2d(path: PathLike, reference: tuple[np.ndarray, sitk.Image] | None = None,
+                     say: Callable[[str], None] | None = None) -> np.ndarray:
     """A 2D label map (0 = background, 1..65535 = labels) as an integer array; with ``reference``
     (what ``read_image_2d`` returned) its size must match. Palette PNGs give their indices;
-    JPEG masks and masks with anti-aliased edges (grey steps between labels) are refused."""
+    JPEG masks and masks with anti-aliased edges (grey steps between labels) are refused. With 2-4
+    labels such steps cannot be told from a drawn rim (an interior/boundary mask): ``say`` gets a
+    note naming them."""
     name = Path(path).name
     if name.lower().endswith((".jpg", ".jpeg")):
         raise InputError(f"{name} is a JPEG: its compression changes label values along every edge; save the mask "
@@ -3209,6 +3212,15 @@ def read_labelmap_2d(path: PathLike, reference: tuple[np.ndarray, sitk.Image] | 
         raise InputError(f"{name} has {n_values - 1} grey values, {len(edges)} of them only along the "
                          "edges of others: an anti-aliased (smoothed) mask, not a label map; save it without "
                          "smoothing (0 = background, 1, 2 ... = labels)")
+    if say is not None and 3 <= n_values <= 5:  # (a trial, session 35: 0/127/255 was read as two structures)
+        rims = _edge_labels(arr, present, fewest=2)
+        if 0 < len(rims) < n_values - 1:
+            them = ", ".join(map(str, rims))
+            ones = "labels" if len(rims) > 1 else "label"
+            say(f"{name}: {ones} {them} lie{'' if len(rims) > 1 else 's'} only along the edges of another label; "
+                "if the mask was resized or saved with smoothing, those are the grey steps of an edge, not "
+                "structures (they are labelled as drawn): save it without smoothing (nearest neighbour), one value "
+                "per structure")
     if reference is not None and arr.shape != reference[0].shape:
         rows, cols = reference[0].shape
         raise InputError(f"the mask {Path(path).name} is {arr.shape[1]} x {arr.shape[0]} pixels but its image is "

@@ -96,3 +96,49 @@ def test_a_slicer_job_that_runs_out_of_memory_says_what_to_do(request, monkeypat
     assert ("close other programs" in job.error) == (device == "cpu")
     assert records == []  # it says itself: no traceback
     assert_same_labelmap(internal_labelmap_state(seg, ids["tumor"]), before)
+
+
+def _square_with_rim(rim_values):
+    """A 20 x 20 square of 255 whose outer rings are rim_values[0], rim_values[1] ... (an anti-aliased edge)."""
+    from scipy import ndimage
+
+    m = np.zeros((64, 64), np.uint8)
+    inside = np.zeros((64, 64), bool)
+    inside[22:42, 22:42] = True
+    m[inside] = 255
+    for value in rim_values:
+        ring = ndimage.binary_dilation(inside) & ~inside
+        m[ring] = value
+        inside |= ring
+    return m
+
+
+@pytest.mark.parametrize("mask, says", [
+    (_square_with_rim([127]), "label 127 lies only along the edges of another label"),
+    (_square_with_rim([191, 64]), "labels 64, 191 lie only along the edges of another label"),
+    (_square_with_rim([]), None),
+    (np.repeat(np.repeat(np.array([[0, 0, 0, 0], [0, 1, 2, 0], [0, 1, 2, 0], [0, 0, 0, 0]], np.uint8), 16, 0), 16, 1),
+     None),  # two structures side by side
+])
+def test_a_few_grey_steps_along_an_edge_are_noted(tmp_path, mask, says):
+    """Session 35's trial: a mask saved anti-aliased with 2-4 grey steps (0/127/255) was labelled as
+    several structures without a word (the refusal of such masks starts at 5 grey values, where a
+    drawn rim cannot be one of them)."""
+    from PAMSegmentLib.volumes import read_labelmap_2d
+
+    notes = []
+    arr = read_labelmap_2d(_png(tmp_path / "m_mask.png", mask), say=notes.append)
+    assert np.array_equal(arr, mask)  # read as drawn
+    if says is None:
+        assert notes == []
+    else:
+        assert len(notes) == 1 and notes[0].startswith(f"m_mask.png: {says}; if the mask was resized")
+
+
+def test_label_images_prints_the_grey_step_note(tmp_path, image_set, capsys):
+    from PAMSegmentLib import cli
+
+    f = image_set
+    mask = _png(tmp_path / "rim_mask.png", _square_with_rim([127])[8:56, 8:56])
+    assert cli.main(["label-images", f["e"], mask, f["c"], "-o", str(tmp_path / "out"), "--method", "copy"]) == 0
+    assert "note: rim_mask.png: label 127 lies only along the edges" in capsys.readouterr().out
