@@ -142,3 +142,73 @@ def test_label_images_prints_the_grey_step_note(tmp_path, image_set, capsys):
     mask = _png(tmp_path / "rim_mask.png", _square_with_rim([127])[8:56, 8:56])
     assert cli.main(["label-images", f["e"], mask, f["c"], "-o", str(tmp_path / "out"), "--method", "copy"]) == 0
     assert "note: rim_mask.png: label 127 lies only along the edges" in capsys.readouterr().out
+
+
+def test_a_png_result_falling_back_to_tiff_says_the_earlier_png_is_not_this_runs(tmp_path, monkeypatch, capsys):
+    """A trial (session 36): when a .png run found more than 65535 cells it wrote res.tif, and an
+    earlier run's res.png and res.png.csv stayed beside it without a word."""
+    from PAMSegmentLib import cli
+    from test_cells import _more_cells_than_a_png_holds, disc_image
+
+    image, ref = disc_image()
+    sitk.WriteImage(sitk.GetImageFromArray(np.clip(image, 0, 255).astype(np.uint8)), str(tmp_path / "slide.tif"))
+    sitk.WriteImage(sitk.GetImageFromArray(np.where(np.isin(ref, [1, 4, 16]), ref, 0).astype(np.uint8)),
+                    str(tmp_path / "ex.png"))
+    run = ["label-cells", str(tmp_path / "slide.tif"), str(tmp_path / "ex.png"), "-o", str(tmp_path / "res.png")]
+    assert cli.main(run) == 0  # a first run that fits a PNG
+    assert "do not fit" not in capsys.readouterr().out
+    earlier = (tmp_path / "res.png").read_bytes(), (tmp_path / "res.png.csv").read_bytes()
+    _more_cells_than_a_png_holds(monkeypatch)
+    assert cli.main(run) == 0
+    assert ("writing res.tif instead; res.png and res.png.csv, from an earlier run, are left as they were: not this "
+            "run's result") in capsys.readouterr().out
+    assert ((tmp_path / "res.png").read_bytes(), (tmp_path / "res.png.csv").read_bytes()) == earlier
+
+
+def _nuclei():
+    from pathlib import Path
+
+    data = np.load(Path(__file__).parent / "data" / "stardist_nuclei_crop.npz")
+    image, labels = data["image"].astype(np.float32), data["labels"].astype(np.int32)
+    ids, areas = np.unique(labels, return_counts=True)
+    whole = [int(i) for i, a in zip(ids[1:], areas[1:]) if a > 150]  # not cut by the crop's edge
+    return image, labels, whole
+
+
+@pytest.mark.parametrize("flip", [None, "left-right", "up-down"])
+def test_examples_drawn_on_a_flipped_copy_are_warned_about(flip):
+    """A trial (session 36): examples outlined on a flipped copy of the image found 212 cells, F1
+    0.01, with only the usual note; now a warning asks whether they lie on this image's cells."""
+    from PAMSegmentLib.cells import label_cells
+
+    image, labels, whole = _nuclei()
+    examples = np.where(np.isin(labels, whole[:4]), labels, 0)
+    examples = {None: examples, "left-right": examples[:, ::-1], "up-down": examples[::-1]}[flip]
+    said = [w for w in label_cells(image, examples).warnings if "no more than their outlines placed at random" in w]
+    assert len(said) == (0 if flip is None else 1)
+
+
+def _touching_pairs_image():
+    """A 200 x 200 noisy image with 12 pairs of touching bright discs (radius 7, centres 13 px
+    apart), each pair labelled as one cell."""
+    rng = np.random.default_rng(0)
+    r, c = np.ogrid[:200, :200]
+    pairs = np.zeros((200, 200), np.int32)
+    for n, (cy, cx) in enumerate([(25 + 50 * i, 20 + 60 * j) for i in range(4) for j in range(3)], 1):
+        pairs[((r - cy) ** 2 + (c - cx) ** 2 <= 49) | ((r - cy) ** 2 + (c - cx - 13) ** 2 <= 49)] = n
+    return (np.where(pairs > 0, 120.0, 30.0) + rng.normal(0, 8, pairs.shape)).astype(np.float32), pairs
+
+
+def test_examples_that_are_all_touching_pairs_are_warned_about():
+    """A trial (session 36): in a 0/255 mask where every example is two touching cells, none is
+    larger than the others, so the size warning never came (180 cells found, radius 18.6 for 13)."""
+    from PAMSegmentLib.cells import label_cells
+
+    image, pairs = _touching_pairs_image()
+    binary = np.isin(pairs, [1, 5, 9]).astype(np.uint8)  # three pairs, one label
+    said = [w for w in label_cells(image, binary).warnings if "rounder parts" in w]
+    assert len(said) == 3 and all(w.startswith("the example at row ") for w in said)
+    # the same pairs' cells drawn one label each (split down the middle): nothing to say
+    split = np.where(binary > 0, 1 + (np.arange(200)[None, :] % 60 >= 27), 0) * binary
+    split = split + np.where(binary > 0, 2 * np.isin(pairs, [5]) + 4 * np.isin(pairs, [9]), 0)
+    assert not [w for w in label_cells(image, split).warnings if "rounder parts" in w or "times the other" in w]
