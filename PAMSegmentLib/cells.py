@@ -696,7 +696,7 @@ def cmd_label_cells(args) -> int:
 
     t0 = time.perf_counter()
     out = Path(args.output)
-    check_output_path(out, MASK_2D_EXTENSIONS)
+    check_output_path(args.output, MASK_2D_EXTENSIONS, example="cells.tif")  # (its trailing slash kept)
     inputs = [given for given in (args.image, args.examples, args.background) if given]
     table = out.with_name(out.name + ".csv")
     for given in inputs:
@@ -716,7 +716,7 @@ def cmd_label_cells(args) -> int:
         check_link_target(written)  # a link is written onto its target: its folder must take files
         check_not_read_only(written)
     _check_cells_memory(args.image, args.tile, args.no_memory_check)
-    image, ref = read_image_2d(args.image, keep_colour=True)
+    image, ref = read_image_2d(args.image, keep_colour=True, say=lambda text: print(f"note: {text}", flush=True))
     examples = read_labelmap_2d(args.examples, reference=(image[..., 0] if image.ndim == 3 else image, ref),
                                 say=lambda text: print(f"note: {text}", flush=True))
     background = None

@@ -2179,20 +2179,22 @@ def _write_extension(path: Path, extensions: Sequence[str] = _WRITE_EXTENSIONS) 
     )
 
 
-def check_output_path(path: PathLike, extensions: Sequence[str] = _WRITE_EXTENSIONS, probe: bool = True) -> str:
+def check_output_path(path: PathLike, extensions: Sequence[str] = _WRITE_EXTENSIONS, probe: bool = True,
+                      example: str | None = None) -> str:
     """What can be checked of an output path before any work (the format from its extension, its
     folder exists and, with ``probe``, a file can be made in it, it is not itself a folder);
     returns the extension. Raises InputError. The writers pass ``probe=False``: the check before
-    the work has tried the folder, and a failed write says why itself."""
+    the work has tried the folder, and a failed write says why itself. ``example``: the file name
+    suggested for a folder given as the output (default result.nii.gz, or the first extension's)."""
     target = Path(path)
     check_name_length(target)
+    default = example or "result" + (".nii.gz" if ".nii.gz" in extensions else extensions[0])
     if str(path).endswith(("/", os.sep)) and not target.is_dir():  # Path() drops the trailing slash
-        raise InputError(f"{path} names a folder (it ends with a slash); give a file name (e.g. "
-                         f"{target / ('result' + ('.nii.gz' if '.nii.gz' in extensions else extensions[0]))})")
+        raise InputError(f"{path} names a folder (it ends with a slash); give a file name (e.g. {target / default})")
     if target.is_dir():  # before the extension: `-o results/` is a folder, not a file of unknown format
-        ext = next((e for e in extensions if target.name.lower().endswith(e)),
-                   ".nii.gz" if ".nii.gz" in extensions else extensions[0])
-        raise InputError(f"{target} is a folder; give a file name (e.g. {target / ('result' + ext)})")
+        ext = next((e for e in extensions if target.name.lower().endswith(e)), None)
+        name = default if ext is None else "result" + ext
+        raise InputError(f"{target} is a folder; give a file name (e.g. {target / name})")
     ext = _write_extension(target, extensions)
     parent = target.parent if str(target.parent) else Path(".")
     if not parent.is_dir():
@@ -3121,15 +3123,23 @@ def _flat_axis(size) -> int:
     return 2 if size[2] == 1 else max(a for a, n in enumerate(size) if n == 1)
 
 
-def read_image_2d(path: PathLike, keep_colour: bool = False) -> tuple[np.ndarray, sitk.Image]:
+def read_image_2d(path: PathLike, keep_colour: bool = False,
+                  say: Callable[[str], None] | None = None) -> tuple[np.ndarray, sitk.Image]:
     """A 2D image (PNG, JPEG, TIFF, BMP, a single DICOM file, 2D NIfTI/NRRD/MHA) as a float32
     (rows, columns) array of grey values, and the SimpleITK image (its geometry, for writing a
     mask; a one-slice 3D file, e.g. a DICOM file, keeps its 3D position and orientation there).
     Colour images become grey (BT.601 luma of the first three channels; alpha is ignored), or
-    with ``keep_colour`` stay (rows, columns, 3)."""
+    with ``keep_colour`` stay (rows, columns, 3). ``say``: told when an alpha channel that is
+    not opaque everywhere is left out (transparency does not mark background)."""
     image, original = _read_2d(path, "image")
     arr = sitk.GetArrayFromImage(image)
     ncomp = image.GetNumberOfComponentsPerPixel()
+    if say is not None and ncomp in (2, 4) and np.issubdtype(arr.dtype, np.integer):
+        see_through = float(np.mean(arr[..., -1] < np.iinfo(arr.dtype).max))
+        if see_through > 0:
+            say(f"{Path(path).name}: its alpha (transparency) channel is left out ({100 * see_through:.2g} % of the "
+                "pixels are not opaque): the pixels are used as stored; to leave a region out, mark it as "
+                "background")
     if ncomp > 1:
         if ncomp == 2:  # grey + alpha
             arr = arr[..., 0]

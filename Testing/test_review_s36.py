@@ -212,3 +212,41 @@ def test_examples_that_are_all_touching_pairs_are_warned_about():
     split = np.where(binary > 0, 1 + (np.arange(200)[None, :] % 60 >= 27), 0) * binary
     split = split + np.where(binary > 0, 2 * np.isin(pairs, [5]) + 4 * np.isin(pairs, [9]), 0)
     assert not [w for w in label_cells(image, split).warnings if "rounder parts" in w or "times the other" in w]
+
+
+@pytest.mark.parametrize("given, says", [("folder", "folder is a folder; give a file name (e.g. {}/cells.tif)"),
+                                         ("new/", "new/ names a folder (it ends with a slash); give a file name "
+                                                  "(e.g. {}/cells.tif)")])
+def test_label_cells_given_a_folder_suggests_a_cell_map_name(tmp_path, given, says, capsys):
+    """A trial (session 36): `label-cells ... -o folder` suggested folder/result.nii.gz (propagate's
+    name), and `-o new/` (not yet made) said only that the format could not be told."""
+    from PAMSegmentLib import cli
+
+    image, ref = _nuclei()[:2]
+    _png(tmp_path / "img.png", image / image.max() * 255)
+    _png(tmp_path / "ex.png", np.isin(ref, _nuclei()[2][:3]) * ref)
+    (tmp_path / "folder").mkdir()
+    out = f"{tmp_path}/{given}"  # (a Path would drop the slash)
+    assert cli.main(["label-cells", str(tmp_path / "img.png"), str(tmp_path / "ex.png"), "-o", out]) == 2
+    target = str(tmp_path / given.rstrip("/"))
+    assert f"error: {tmp_path}/{says.format(target)}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("opaque", [True, False])
+def test_label_cells_says_a_transparency_channel_is_left_out(tmp_path, opaque, capsys):
+    """A trial (session 36): a half-transparent RGBA image gave exactly an opaque one's result
+    without a word (transparency does not mark background)."""
+    from PAMSegmentLib import cli
+
+    image, ref, whole = _nuclei()
+    grey = (image / image.max() * 255).astype(np.uint8)
+    alpha = np.full(grey.shape, 255, np.uint8)
+    if not opaque:
+        alpha[:, :64] = 0  # a quarter see-through
+    rgba = np.stack([grey, grey, grey, alpha], axis=-1)
+    sitk.WriteImage(sitk.GetImageFromArray(rgba, isVector=True), str(tmp_path / "img.png"))
+    _png(tmp_path / "ex.png", np.isin(ref, whole[:4]) * ref)
+    assert cli.main(["label-cells", str(tmp_path / "img.png"), str(tmp_path / "ex.png"),
+                     "-o", str(tmp_path / "cells.tif")]) == 0
+    said = "note: img.png: its alpha (transparency) channel is left out (25 % of the pixels are not opaque)"
+    assert (said in capsys.readouterr().out) == (not opaque)
