@@ -605,8 +605,11 @@ CELLS_FIXED_BYTES = 400 * 2**20
 
 def _tile_bytes(side: int, channels: int) -> int:
     """One tile's features with a 32 px margin each way (cells up to 15 px across): 16 a channel,
-    computed in float64 and kept in float32."""
-    return (side + 64) ** 2 * 16 * channels * 12
+    computed in float64 and kept in float32, 16 bytes a feature for grey and 20 for colour (the
+    peaks of 1024-3072 px square crops of a 4000 px H&E-like image, session 36: 12 for both
+    underestimated colour crops of 1536-3072 px by up to 18 % (1.67 GB at 2048 px against 1.38) and
+    a grey 2560 px crop by 1 %; now each of the ten is estimated 4-87 % above its peak)."""
+    return (side + 64) ** 2 * 16 * channels * (20 if channels == 3 else 16)
 
 
 def cells_memory_bytes(rows: int, columns: int, channels: int, tile: int) -> int:

@@ -152,8 +152,8 @@ def test_label_cells_refuses_an_image_its_memory_cannot_hold_before_reading_it(t
     from PAMSegmentLib import cli, volumes
     from PAMSegmentLib.cells import cells_memory_bytes
 
-    # 400 MiB + 20000^2 x 54 bytes + a 1088 px tile's 16 grey features (12 bytes each) = 21.6 GB
-    assert cells_memory_bytes(20000, 20000, 1, 1024) == 400 * 2**20 + 400_000_000 * 54 + 1088**2 * 16 * 12
+    # 400 MiB + 20000^2 x 54 bytes + a 1088 px tile's 16 grey features (16 bytes each since session 36) = 22.3 GB
+    assert cells_memory_bytes(20000, 20000, 1, 1024) == 400 * 2**20 + 400_000_000 * 54 + 1088**2 * 16 * 16
     monkeypatch.setattr(volumes, "memory_budget", lambda: (8 * GIB, 6 * GIB))
     image = _declared_only(tmp_path / "slide.mhd", 20000, 20000)
     examples = tmp_path / "examples.png"
@@ -161,10 +161,10 @@ def test_label_cells_refuses_an_image_its_memory_cannot_hold_before_reading_it(t
     run = ["label-cells", str(image), str(examples), "-o", str(tmp_path / "out.tif")]
     assert cli.main(run) == 2
     err = capsys.readouterr().err
-    # the largest square that fits: sqrt((0.9 x 8 GiB - 400 MiB - the tile's 227 MB) / 54) = 11 455 px
+    # the largest square that fits: sqrt((0.9 x 8 GiB - 400 MiB - the tile's 303 MB) / 54) = 11 392 px
     assert ("error: labelling the cells of slide.mhd (20,000 x 20,000 px grey, about 54 bytes a pixel) needs about "
             "21 GB of memory at its peak, more than 90 % of the 8.0 GB this process may use: nothing was done. Crop "
-            "the region to label to at most about 11,400 x 11,400 px grey, or run again with --no-memory-check "
+            "the region to label to at most about 11,300 x 11,300 px grey, or run again with --no-memory-check "
             "(with enough swap, say)"
             ) in err
     assert not (tmp_path / "out.tif").exists()

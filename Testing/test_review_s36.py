@@ -250,3 +250,15 @@ def test_label_cells_says_a_transparency_channel_is_left_out(tmp_path, opaque, c
                      "-o", str(tmp_path / "cells.tif")]) == 0
     said = "note: img.png: its alpha (transparency) channel is left out (25 % of the pixels are not opaque)"
     assert (said in capsys.readouterr().out) == (not opaque)
+
+
+@pytest.mark.parametrize("side, channels, peak_gb", [(2048, 3, 1.67), (3072, 3, 2.09), (2560, 1, 1.01),
+                                                      (3072, 1, 1.02)])
+def test_the_cell_memory_estimate_covers_the_measured_peaks(side, channels, peak_gb):
+    """A trial (session 36): the check before label-cells underestimated mid-size colour images
+    (a 2048 px colour crop peaked at 1.67 GB, VmHWM, against 1.38 estimated) and passed them where
+    they then ran out of memory. The peaks measured that session (/proc VmHWM of `label-cells` on
+    crops of a 4000 px H&E-like image, 4 examples, the default tile) are now covered."""
+    from PAMSegmentLib.cells import cells_memory_bytes
+
+    assert peak_gb * 1e9 <= cells_memory_bytes(side, side, channels, 1024) <= 1.3 * peak_gb * 1e9
