@@ -534,7 +534,12 @@ def _stale(row: BatchRow, earlier: dict[str, tuple[dict, int]], ours: frozenset 
         if recorded:
             now = _fingerprint(Path(path), ours)
             if now and not _same_input(recorded.get(key, ""), now):
-                return f"run again: its {what} is not the one its output was made from (it changed since)"
+                # another file named in the manifest now, or the same file changed (a trial, session 36:
+                # "it changed since" of an image that had not)
+                then = (found[0].get(key) or "") if found is not None else ""
+                since = (f"it was made from {then}" if then and key in ("image", "prompt")
+                         and then != str(_absolute(Path(path))) else "it changed since")
+                return f"run again: its {what} is not the one its output was made from ({since})"
             continue
         try:
             newer = _changed_at(Path(path), ours) > out_time
@@ -543,6 +548,29 @@ def _stale(row: BatchRow, earlier: dict[str, tuple[dict, int]], ours: frozenset 
         if newer:
             return f"run again: its {what} changed after its output was written"
     return None
+
+
+def _made_for_another_manifest(row: BatchRow, earlier: dict[str, tuple[dict, int]], manifest: Path,
+                               ours: frozenset = frozenset()) -> tuple[str, str] | None:
+    """(the other manifest, its row's image) when the report in -o says ``row``'s existing output
+    was made by another manifest's row from another image: two manifests whose images share a
+    relative path (``p01/ct.nii.gz`` at two sites) get the same default output name, and the
+    second run replaced the first's result without a word (a trial, session 36). The same image
+    (a manifest of redrawn prompts, say), or an image moved with the project (the same
+    fingerprint), is not. None otherwise."""
+    found = earlier.get(row.absolute()[2])
+    if found is None or not row.output.is_file() or row.output.stat().st_mtime_ns > found[1]:
+        return None
+    before = found[0]
+    if not before.get("manifest") or before["manifest"] == str(_absolute(manifest)):
+        return None
+    image = row.absolute()[0]
+    if before.get("image") == image:
+        return None
+    recorded = dict(item.split(":", 1) for item in (before.get("inputs") or "").split() if ":" in item)
+    if recorded and _same_input(recorded.get("image", ""), _fingerprint(Path(image), ours)):
+        return None
+    return before["manifest"], before.get("image") or "?"
 
 
 def _changed_at(path: Path, ours: frozenset = frozenset()) -> int:
@@ -968,6 +996,12 @@ def cmd_batch(args: argparse.Namespace) -> int:
             r.inputs = r.inputs or _fingerprints(r, ours)  # judged by times: up to date as the inputs are now
             _carry_over(r, earlier)
     todo = [r for r in rows if r.status == "not run"]
+    for r in todo:
+        other = _made_for_another_manifest(r, earlier, Path(args.manifest), ours)
+        if other is not None:
+            raise InputError(f"{Path(args.manifest).name} row {r.number}: its output {r.output} holds another "
+                             f"manifest's result ({other[0]}, made from {other[1]}), which this run would replace; "
+                             "give the row an output column (or write to another -o folder)")
     _check_output_folders(out_dir, todo, Path(args.manifest).name)
     from .volumes import _grid_from_header, check_geometry_fits, check_grids_from_headers
 

@@ -262,3 +262,42 @@ def test_the_cell_memory_estimate_covers_the_measured_peaks(side, channels, peak
     from PAMSegmentLib.cells import cells_memory_bytes
 
     assert peak_gb * 1e9 <= cells_memory_bytes(side, side, channels, 1024) <= 1.3 * peak_gb * 1e9
+
+
+def test_a_second_manifest_does_not_replace_another_manifests_result_from_another_image(tmp_path, capsys):
+    """A trial (session 36): two sites' manifests, both `p01/ct.nii.gz,p01/prompt.nii.gz`, run into
+    one -o folder: the same default output name, so the second run replaced the first's result
+    from another scan without a word (and the first's --skip-existing then said its image had
+    "changed since"). Now refused before any work; the same image in another manifest (redrawn
+    prompts) still replaces its output, as before."""
+    import shutil
+
+    from conftest import make_ct_case
+    from PAMSegmentLib.cli import main
+
+    for site, seed in (("A", 0), ("B", 1)):
+        case = make_ct_case(tmp_path / site / "p01", seed=seed)
+        shutil.move(case.image_path, tmp_path / site / "p01" / "ct.nii.gz")
+        (tmp_path / site / "cases.csv").write_text("image,prompt\np01/ct.nii.gz,p01/prompt.nii.gz\n")
+    out = tmp_path / "results"
+    result = out / "p01_ct_pam.nii.gz"
+    assert main(["batch", str(tmp_path / "A" / "cases.csv"), "-o", str(out), "--method", "copy"]) == 0
+    made_by_a = result.read_bytes()
+    capsys.readouterr()
+    assert main(["batch", str(tmp_path / "B" / "cases.csv"), "-o", str(out), "--method", "copy"]) == 2
+    err = capsys.readouterr().err
+    assert (f"error: cases.csv row 2: its output {result} holds another manifest's result ({tmp_path}/A/cases.csv, "
+            f"made from {tmp_path}/A/p01/ct.nii.gz), which this run would replace; give the row an output column"
+            ) in err
+    assert result.read_bytes() == made_by_a
+    # a manifest of redrawn prompts for A's image, into the same folder: replaces it as asked
+    (tmp_path / "A" / "redrawn.csv").write_text("image,prompt\np01/ct.nii.gz,../B/p01/prompt.nii.gz\n")
+    assert main(["batch", str(tmp_path / "A" / "redrawn.csv"), "-o", str(out), "--method", "copy"]) == 0
+    # the same manifest with another image in its row: said to be another image, not "changed since"
+    capsys.readouterr()
+    (tmp_path / "A" / "redrawn.csv").write_text("image,prompt,output\n../B/p01/ct.nii.gz,../B/p01/prompt.nii.gz,"
+                                                 f"{result}\n")
+    assert main(["batch", str(tmp_path / "A" / "redrawn.csv"), "-o", str(out), "--method", "copy",
+                 "--skip-existing"]) == 0
+    assert (f"run again: its image is not the one its output was made from (it was made from {tmp_path}/A/p01/"
+            "ct.nii.gz)") in capsys.readouterr().err
