@@ -40,7 +40,8 @@ def one(size: int, colour: bool = False) -> dict:
     examples[: image.shape[0], : image.shape[1]] = np.where(np.isin(ref, [20, 17, 11, 13, 26]), ref, 0)
     t0 = time.perf_counter()
     result = label_cells(big, examples)
-    return {"size": big.shape[0], "kind": "colour" if colour else "grey", "cells": len(result.cells), "present": 35 * reps * reps,
+    return {"size": big.shape[0], "kind": "colour" if colour else "grey", "cells": len(result.cells),
+            "present": 35 * reps * reps,
             "seconds": time.perf_counter() - t0,
             "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
