@@ -201,7 +201,8 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
         if unnamed is not None:
             raise InputError(f"{path.name}: column {unnamed + 1} has no name in the header but row {line} fills it; "
                              f"name it ({COLUMNS_TEXT}) or remove it")
-    rows, outputs, outputs_key = [], {}, {}  # {resolved output: row}, {row: resolved output}
+    # {resolved output, lower case: (its row, image, prompt, output)}, {row: that key}
+    rows, outputs, outputs_key = [], {}, {}
     series_in: dict[str, list[str]] = {}  # {DICOM folder: its series}, read once per folder
     for line, values in records:
         rec = {f: v.strip() for f, v in zip(fields, values) if f}
@@ -226,7 +227,12 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
         edited = resolve(rec["edited"]) if rec.get("edited") else None
         for what, p in (("image", image), ("prompt", prompt), ("previous", previous), ("edited", edited)):
             if p is not None and not p.exists():
-                raise InputError(f"{where}: {what} {p} does not exist")
+                given = rec.get(what, "")
+                # written from the working folder rather than the manifest's (a trial, session 36)
+                here = (f" (relative paths are read from the manifest's folder, {base}; {given} exists from the "
+                        "current folder: write it relative to the manifest's folder, or absolute)"
+                        if given and not Path(given).is_absolute() and Path(given).exists() else "")
+                raise InputError(f"{where}: {what} {p} does not exist{here}")
         if previous is not None:
             from .cli import check_previous_is_not_edited, check_previous_is_not_prompt
 
@@ -266,9 +272,19 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
             raise InputError(f"{where}: {error}") from None
         key = str(output.resolve()).lower()  # by case too: P01_ct and p01_ct are one file on macOS and Windows
         if key in outputs:
-            raise InputError(f"{where}: output {output} is also row {outputs[key]}'s (names that differ only in case "
-                             "are one file on macOS and Windows); give each row its own output")
-        outputs[key], outputs_key[line] = line, key
+            first, first_image, first_prompt, first_output = outputs[key]
+            same_image = first_output == str(output.resolve()) and first_image == str(image.resolve())
+            if same_image and first_prompt == str(prompt.resolve()):
+                raise InputError(f"{where} repeats row {first} (the same image, prompt and output); remove one")
+            if same_image and not rec.get("output"):  # (a trial, session 36: said only of names that differ in case)
+                raise InputError(f"{where}: its image is row {first}'s too, so it gets the same default output "
+                                 f"name ({output.name}); give the rows output names (an output column), or put both "
+                                 "labels in one prompt")
+            case = ("" if first_output == str(output.resolve()) else
+                    " (names that differ only in case are one file on macOS and Windows)")
+            raise InputError(f"{where}: output {output} is also row {first}'s{case}; give each row its own output")
+        outputs[key] = (line, str(image.resolve()), str(prompt.resolve()), str(output.resolve()))
+        outputs_key[line] = key
         rows.append(BatchRow(line, image, prompt, output, _labels(rec.get("label", ""), where),
                              series=rec.get("series") or None, previous=previous, edited=edited))
     if not rows:
@@ -921,6 +937,15 @@ def _case_progress(bar, every: float = 1.0, lines: bool = False, row=None):
     return progress
 
 
+def _as_written(path: Path, folder: Path) -> str:
+    """``path`` as the manifest in ``folder`` wrote it (relative to it), or whole: per-row lines
+    named only the image's file name, "row 4 (image.nii.gz)" for seven scans (a trial, session 36)."""
+    try:
+        return path.relative_to(folder).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def cmd_batch(args: argparse.Namespace) -> int:
     from .cli import (EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, EXIT_USAGE, METHODS, _one_line,
                       check_no_checkpoint_for_classical, check_pam_only_options, check_server_options)
@@ -937,6 +962,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     if not out_dir.parent.is_dir():
         raise InputError(f"folder {out_dir.parent} does not exist; create it or choose another -o folder")
     rows = read_manifest(args.manifest, out_dir)
+    manifest_folder = Path(args.manifest).parent  # (read_manifest's base for relative paths)
     report_name = "batch_report.csv"
     every_row = list(rows)  # (what the whole manifest writes: other shards write into the same folders)
     if args.shard:
@@ -1063,12 +1089,12 @@ def cmd_batch(args: argparse.Namespace) -> int:
                 _run_row(r, model, args, progress=_case_progress(bar, lines=mode == "lines", row=r))
                 r.status, r.method = "ok", method
                 if r.noted:  # what propagate would print as notes (a drift stop, lost voxels): said here too
-                    bar.write(f"row {r.number} ({r.image.name}): note: {r.noted}", file=sys.stderr)
+                    bar.write(f"row {r.number} ({_as_written(r.image, manifest_folder)}): note: {r.noted}", file=sys.stderr)
             except PropagationCancelled:
                 raise
             except (ServerUnreachable, ServerBusy) as error:  # every later case would fail the same way: stop
                 r.status, r.message = "error", " | ".join([*r.notes, _one_line(error)])
-                bar.write(f"row {r.number} ({r.image.name}): error: {r.message}", file=sys.stderr)
+                bar.write(f"row {r.number} ({_as_written(r.image, manifest_folder)}): error: {r.message}", file=sys.stderr)
                 unreachable = error
                 why = "could not be reached" if isinstance(error, ServerUnreachable) else "stayed busy"
                 for later in todo[todo.index(r) + 1:]:  # said in the report too, not on the console alone
@@ -1085,7 +1111,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
                     raise
                 text = memory_message(error, batch=True) if memory else _one_line(error)
                 r.status, r.message = "error", " | ".join([*r.notes, text])
-                bar.write(f"row {r.number} ({r.image.name}): error: {r.message}", file=sys.stderr)
+                bar.write(f"row {r.number} ({_as_written(r.image, manifest_folder)}): error: {r.message}", file=sys.stderr)
             finally:
                 r.seconds = time.perf_counter() - t0
                 rewrite.write()

@@ -301,3 +301,31 @@ def test_a_second_manifest_does_not_replace_another_manifests_result_from_anothe
                  "--skip-existing"]) == 0
     assert (f"run again: its image is not the one its output was made from (it was made from {tmp_path}/A/p01/"
             "ct.nii.gz)") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rows, says", [
+    (["c0/image.nii.gz,c0/prompt.nii.gz", "c0/image.nii.gz,c1/prompt.nii.gz"],
+     "cases.csv row 3: its image is row 2's too, so it gets the same default output name (c0_image_pam.nii.gz); "
+     "give the rows output names (an output column), or put both labels in one prompt"),
+    (["c0/image.nii.gz,c0/prompt.nii.gz", "c0/image.nii.gz,c0/prompt.nii.gz"],
+     "cases.csv row 3 repeats row 2 (the same image, prompt and output); remove one"),
+    (["data/c0/image.nii.gz,data/c0/prompt.nii.gz"],
+     "(relative paths are read from the manifest's folder, {base}; data/c0/image.nii.gz exists from the current "
+     "folder: write it relative to the manifest's folder, or absolute)"),
+])
+def test_common_first_manifest_mistakes_are_said_as_they_are(tmp_path, monkeypatch, rows, says, capsys):
+    """A trial (session 36): two structures of one scan (or a repeated row) were told "(names that
+    differ only in case are one file on macOS and Windows)"; paths written from the working folder
+    got only "does not exist"."""
+    from conftest import make_ct_case
+    from PAMSegmentLib.cli import main
+
+    for n in range(2):
+        make_ct_case(tmp_path / "data" / f"c{n}", seed=n)
+    manifest = tmp_path / "data" / "cases.csv"
+    manifest.write_text("\n".join(["image,prompt", *rows]) + "\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["batch", str(manifest), "-o", str(tmp_path / "out"), "--method", "copy"]) == 2
+    err = capsys.readouterr().err
+    assert says.format(base=tmp_path / "data") in err and "only in case" not in err
+    assert not (tmp_path / "out").exists()
