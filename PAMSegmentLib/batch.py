@@ -1089,12 +1089,14 @@ def cmd_batch(args: argparse.Namespace) -> int:
                 _run_row(r, model, args, progress=_case_progress(bar, lines=mode == "lines", row=r))
                 r.status, r.method = "ok", method
                 if r.noted:  # what propagate would print as notes (a drift stop, lost voxels): said here too
-                    bar.write(f"row {r.number} ({_as_written(r.image, manifest_folder)}): note: {r.noted}", file=sys.stderr)
+                    bar.write(f"row {r.number} ({_as_written(r.image, manifest_folder)}): note: {r.noted}",
+                              file=sys.stderr)
             except PropagationCancelled:
                 raise
             except (ServerUnreachable, ServerBusy) as error:  # every later case would fail the same way: stop
                 r.status, r.message = "error", " | ".join([*r.notes, _one_line(error)])
-                bar.write(f"row {r.number} ({_as_written(r.image, manifest_folder)}): error: {r.message}", file=sys.stderr)
+                bar.write(f"row {r.number} ({_as_written(r.image, manifest_folder)}): error: {r.message}",
+                          file=sys.stderr)
                 unreachable = error
                 why = "could not be reached" if isinstance(error, ServerUnreachable) else "stayed busy"
                 for later in todo[todo.index(r) + 1:]:  # said in the report too, not on the console alone
@@ -1111,7 +1113,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
                     raise
                 text = memory_message(error, batch=True) if memory else _one_line(error)
                 r.status, r.message = "error", " | ".join([*r.notes, text])
-                bar.write(f"row {r.number} ({_as_written(r.image, manifest_folder)}): error: {r.message}", file=sys.stderr)
+                bar.write(f"row {r.number} ({_as_written(r.image, manifest_folder)}): error: {r.message}",
+                          file=sys.stderr)
             finally:
                 r.seconds = time.perf_counter() - t0
                 rewrite.write()

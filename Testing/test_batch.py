@@ -926,7 +926,8 @@ def test_a_cases_notes_are_said_on_the_console_and_counted_in_the_summary(tmp_pa
                                                     "c1/image.nii.gz,c1/prompt.nii.gz"])
     assert main(["batch", str(m), "-o", str(tmp_path / "out"), "--method", "copy"]) == 0
     out, err = capsys.readouterr()
-    assert "row 2 (c0/image.nii.gz): note: label 1: stopped at once (--intensity-gate off) | label 1 lost 3 voxels" in err
+    assert ("row 2 (c0/image.nii.gz): note: label 1: stopped at once (--intensity-gate off) | label 1 lost 3 voxels"
+            in err)
     assert "batch: 2 ok (with notes: rows 2, 3) of 2 rows" in out
     rows = _report(tmp_path / "out" / "batch_report.csv")
     assert rows[0]["message"] == "label 1: stopped at once (--intensity-gate off) | label 1 lost 3 voxels"
