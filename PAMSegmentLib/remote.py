@@ -378,6 +378,11 @@ class RemoteModel:
                             error.code) from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as error:  # IncompleteRead: a cut download
             reason = getattr(error, "reason", error)
+            if self.url.startswith("https:") and "WRONG_VERSION_NUMBER" in str(reason):
+                # TLS spoken to a plain-HTTP server: it runs, the scheme is wrong (a trial, session 36)
+                raise _Unreachable(f"the server at {self.url} does not speak HTTPS ({reason}): `pamsegment serve` "
+                                   f"answers plain HTTP, so use {'http:' + self.url[len('https:'):]} (or put an "
+                                   "HTTPS proxy in front of it)") from None
             raise _Unreachable(f"cannot reach the PAMSegment server at {self.url} ({reason}); is `pamsegment serve` "
                                "running there?") from None
 

@@ -10,7 +10,8 @@ The HTTP API (FastAPI, served by uvicorn; ``pip install ".[server]"`` in the sou
   k, j, i). ``options`` (JSON object, optional): ``axis``, ``labels``, ``range``, ``early_stop``,
   ``empty_slices``, ``remove_disconnected``, ``update`` (the prompt is an edited earlier result),
   ``method`` (``pam``, ``track``, ``copy``), ``intensity_gate`` (``pam``: the drift test for this
-  job, ``off``, ``on``, ``prompt`` or ``guide``; default the server model's setting). The
+  job, ``off``, ``on``, ``prompt`` (also written ``both``, the command line's word) or ``guide``;
+  default the server model's setting). The
   arrays and options are checked at once (400 with the engine's one-line message); then 202 with
   the job's ``id``. One job runs at a time, in arrival order; at most ``max_jobs`` wait besides
   the running one (503).
@@ -416,16 +417,18 @@ class JobQueue:
                 raise OverflowError(full)
             job = Job(uuid.uuid4().hex, image, prompt, spacing, options)
             self.jobs[job.id] = job
-            # its place as queued, before the worker can take it (0: it runs at once)
-            place = self.position(job)
-            job.position_at_submit = place if place > 1 or any(j.state == "running" for j in self.jobs.values()) else 0
+            job.position_at_submit = self.position(job)  # before the worker can take it (0: it runs at once)
             self._wake.notify()
         return job
 
     def position(self, job: Job) -> int:
+        """How many jobs run before ``job`` starts: 0 once it runs, or while it is first in line and
+        none runs (the worker is about to take it: a client polling then showed "queue position 1"
+        while the log said it ran at once; a trial, session 36)."""
         with self._lock:
             queued = [j for j in self.jobs.values() if j.state == "queued"]
-        return queued.index(job) + 1 if job in queued else 0
+            running = any(j.state == "running" for j in self.jobs.values())
+        return queued.index(job) + (1 if running else 0) if job in queued else 0
 
     def cancel(self, job_id: str) -> bool:
         with self._lock:
@@ -497,8 +500,12 @@ class JobQueue:
                 job.result, job.progress, job.state, job.message = payload, 1.0, "finished", "done"
             job.image = job.prompt = None  # the inputs are not needed any more
             job.finished_at = time.monotonic()
-            logger.info("job %s %s after %.1f s%s", job.id[:8], job.state, job.finished_at - started,
-                        "" if job.state == "finished" else f": {job.message}")
+            # finished in its last batch as the server was stopping: not sent, as the cancel said (a trial,
+            # session 36: "cancelling the running job", then "finished" without a word on its result)
+            gone = "; the server is stopping: its result is not sent (its client may run it again)" \
+                if job.state == "finished" and self._stopping else ""
+            logger.info("job %s %s after %.1f s%s%s", job.id[:8], job.state, job.finished_at - started,
+                        "" if job.state == "finished" else f": {job.message}", gone)
             with self._lock:
                 idle = not any(j.state == "queued" for j in self.jobs.values())
             if idle:
@@ -602,15 +609,21 @@ def create_app(model_factory: Callable[[str], Any], *, token: str | None = None,
                 "max_jobs": queue.max_jobs, "max_upload_mb": max_upload_mb, "max_voxels": max_voxels,
                 "batch_size": batch_size, "options": sorted(OPTION_KEYS)}  # what a job may set (clients check)
 
+    def refuse(request: Request, status: int, detail: str) -> HTTPException:
+        """A refusal the operator's log says too (a trial, session 36: the 413s and the full queue's
+        503 left no line, though every other refused request does)."""
+        logger.info("refused a job from %s: %s", request.client.host if request.client else "?", detail)
+        return HTTPException(status, detail)
+
     @app.post("/jobs", status_code=202)
     async def submit(request: Request, options: str | None = None):
         full = queue.full()
         if full:  # before the upload is read: a refused client does not send (and this server hold) it all
-            raise HTTPException(503, full)
+            raise refuse(request, 503, full)
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > max_bytes:
-            raise HTTPException(413, f"the upload is {int(length) / 2**20:.0f} MB; this server takes at most "
-                                     f"{max_upload_mb:g} MB")
+            raise refuse(request, 413, f"the upload is {int(length) / 2**20:.0f} MB; this server takes at most "
+                                       f"{max_upload_mb:g} MB")
         from starlette.requests import ClientDisconnect
 
         chunks, size = [], 0
@@ -618,7 +631,7 @@ def create_app(model_factory: Callable[[str], Any], *, token: str | None = None,
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > max_bytes:
-                    raise HTTPException(413, f"the upload exceeds this server's {max_upload_mb:g} MB")
+                    raise refuse(request, 413, f"the upload exceeds this server's {max_upload_mb:g} MB")
                 chunks.append(chunk)
         except ClientDisconnect:  # the client left mid-upload: nothing to answer, nothing to run
             logger.warning("a client disconnected during its upload (%d bytes received); no job was made", size)
@@ -640,10 +653,10 @@ def create_app(model_factory: Callable[[str], Any], *, token: str | None = None,
             logger.info("refused a job from %s: %s", client, error)
             raise HTTPException(400, str(error)) from None
         except OverflowError as error:
-            raise HTTPException(503, str(error)) from None
+            raise refuse(request, 503, str(error)) from None
         except MemoryError:
-            raise HTTPException(503, "the server has not enough free memory for this upload now; try again later, or "
-                                     "crop the volume around the object") from None
+            raise refuse(request, 503, "the server has not enough free memory for this upload now; try again later, "
+                                       "or crop the volume around the object") from None
         place = job.position_at_submit
         logger.info("job %s from %s: %s voxels (%.0f MB), method %s; %s", job.id[:8], client,
                     " x ".join(map(str, shape)), size / 2**20, job.options.get("method", "pam"),

@@ -329,3 +329,67 @@ def test_common_first_manifest_mistakes_are_said_as_they_are(tmp_path, monkeypat
     err = capsys.readouterr().err
     assert says.format(base=tmp_path / "data") in err and "only in case" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_server_log_says_every_refused_job(caplog):
+    """A trial (session 36): an upload over --max-upload-mb (413) and a full queue (503) left no
+    line in the server's log, though README says it logs every refused request."""
+    pytest.importorskip("fastapi")
+    import logging
+
+    from doubles import OracleModel
+    from fastapi.testclient import TestClient
+    from test_server import npz
+
+    from PAMSegmentLib.server import create_app
+
+    truth = np.zeros((16, 24, 24), np.uint8)
+    truth[4:12, 8:16, 8:16] = 1
+    prompt = np.zeros_like(truth)
+    prompt[8] = truth[8]
+    body = npz(image=truth.astype(np.float32), prompt=prompt, spacing=np.ones(3))
+    client = TestClient(create_app(lambda m: OracleModel(truth), max_upload_mb=0.01))
+    with caplog.at_level(logging.INFO, logger="pamsegment.server"):
+        assert client.post("/jobs", content=body).status_code == 413
+    assert [r.getMessage() for r in caplog.records if r.name == "pamsegment.server"] == [
+        "refused a job from testclient: the upload is 0 MB; this server takes at most 0.01 MB"]
+
+
+def test_https_to_the_plain_http_server_says_to_use_http(monkeypatch):
+    """A trial (session 36): --server https://... against `pamsegment serve` said "cannot reach ...
+    is pamsegment serve running there?" while it ran: the scheme was wrong."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    from PAMSegmentLib.errors import PAMError
+    from PAMSegmentLib.remote import RemoteModel
+
+    def tls_to_plain(*args, **kwargs):
+        raise urllib.error.URLError(ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number (_ssl.c:1006)"))
+
+    monkeypatch.setattr(urllib.request.OpenerDirector, "open", tls_to_plain)
+    with pytest.raises(PAMError, match=r"the server at https://127\.0\.0\.1:18765 does not speak HTTPS \(.*WRONG_VERSION"
+                                       r".*\): `pamsegment serve` answers plain HTTP, so use http://127\.0\.0\.1:18765"):
+        RemoteModel("https://127.0.0.1:18765").info()
+
+
+def test_a_job_first_in_line_with_none_running_is_not_said_to_wait():
+    """A trial (session 36): between its submission and the worker taking it, an idle server's job
+    was reported at "queue position 1" to its client while the log said it ran at once."""
+    pytest.importorskip("fastapi")
+    from PAMSegmentLib.server import Job, JobQueue
+
+    queue = JobQueue(lambda job: b"")
+    try:
+        with queue._lock:  # the worker cannot take a job meanwhile
+            first, second = (Job(name, None, None, (1, 1, 1), {}) for name in ("a", "b"))
+            queue.jobs.update(a=first, b=second)
+            assert (queue.position(first), queue.position(second)) == (0, 1)  # idle: the first is next
+            first.state = "running"
+            third = Job("c", None, None, (1, 1, 1), {})
+            queue.jobs["c"] = third
+            assert (queue.position(first), queue.position(second), queue.position(third)) == (0, 1, 2)
+            first.state = second.state = third.state = "cancelled"
+    finally:
+        queue.close(5)
