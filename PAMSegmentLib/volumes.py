@@ -290,15 +290,33 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
         return _read_series_files(files, chosen, folder)
     except InputError as refusal:
         # A localizer (scout) saved under the series' UID: a file of another orientation or size in the
-        # stack, refused as "echoes or phases" or with a bare ITK size. Left out, as dcm2niix and Slicer do.
-        odd = _odd_files(files)
-        if not odd or len(odd) > max(2, len(files) // 20):
+        # stack, refused as "echoes or phases" or with a bare ITK size. Left out, as dcm2niix and Slicer do;
+        # so are screenshots (colour, or without a position) and second copies of one file (its SOP UID).
+        infos = _header_infos(files)
+        seen, copies = {}, []
+        for f, info in zip(files, infos):
+            uid = info[2] if info is not None else ""
+            if uid and uid in seen:
+                copies.append((f, seen[uid]))
+            elif uid:
+                seen[uid] = f
+        rest = [(f, i) for f, i in zip(files, infos) if f not in {c for c, _ in copies}]
+        odd = _odd_files([f for f, _ in rest], [i for _, i in rest])
+        if not (odd or copies) or len(odd) > max(2, len(files) // 20):
             raise refusal from None
-        image = _read_series_files([f for f in files if f not in odd], chosen, folder)
-    shown = ", ".join(Path(f).name for f in odd[:3]) + (f" and {len(odd) - 3} more" if len(odd) > 3 else "")
-    warnings.warn(f"{folder}: left out {len(odd)} file(s) of series {_series_label(chosen)} whose orientation or size "
-                  f"differs from the other {len(files) - len(odd)} ({shown}: a localizer?)", UserWarning,
-                  stacklevel=3)  # not a choice of series: no "choose another with --series" after it
+        kept = [(f, i) for f, i in rest if f not in odd]
+        image = _read_series_files(_by_position([f for f, _ in kept], [i for _, i in kept]), chosen, folder)
+    if copies:
+        shown = ", ".join(f"{Path(c).name} (= {Path(o).name})" for c, o in copies[:3]) + (
+            f" and {len(copies) - 3} more" if len(copies) > 3 else "")
+        warnings.warn(f"{folder}: left out {len(copies)} file(s) of series {_series_label(chosen)} that repeat another "
+                      f"file's SOPInstanceUID ({shown}: copies of one slice)", UserWarning, stacklevel=3)
+    if odd:
+        shown = ", ".join(Path(f).name for f in odd[:3]) + (f" and {len(odd) - 3} more" if len(odd) > 3 else "")
+        warnings.warn(f"{folder}: left out {len(odd)} file(s) of series {_series_label(chosen)} whose orientation, "
+                      f"size, colour or position information differs from the other {len(files) - len(odd) - len(copies)} "
+                      f"({shown}: a localizer or a screenshot?)", UserWarning,
+                      stacklevel=3)  # not a choice of series: no "choose another with --series" after it
     return image
 
 
@@ -522,11 +540,10 @@ def _read_series_files(files, chosen: str, folder: Path) -> sitk.Image:
     return image
 
 
-def _odd_files(files) -> list[str]:
-    """The files of a series whose orientation (ImageOrientationPatient) or size differs from the
-    most common one's (read from their headers only)."""
-    from collections import Counter
-
+def _header_infos(files) -> list:
+    """Per file of a series, from its header only: (its kind: orientation (ImageOrientationPatient),
+    size, samples per pixel and whether it stores a position; its position (ImagePositionPatient)
+    or None; its SOPInstanceUID or ""), or None for a file whose header cannot be read."""
     reader = sitk.ImageFileReader()
     infos = []
     for f in files:
@@ -534,15 +551,46 @@ def _odd_files(files) -> list[str]:
             reader.SetFileName(f)
             with _itk_warnings_hidden():
                 reader.ReadImageInformation()
-            text = reader.GetMetaData("0020|0037") if reader.HasMetaDataKey("0020|0037") else ""
-            orientation = tuple(round(float(v), 3) for v in text.split("\\")) if text.strip() else ()
-            infos.append((orientation, tuple(reader.GetSize()[:2])))
+
+            def tag(key):
+                return reader.GetMetaData(key).strip() if reader.HasMetaDataKey(key) else ""
+
+            text = tag("0020|0037")
+            orientation = tuple(round(float(v), 3) for v in text.split("\\")) if text else ()
+            position = tuple(float(v) for v in tag("0020|0032").split("\\")[:3]) if tag("0020|0032") else None
+            samples = tag("0028|0002") or "1"
+            kind = (orientation, tuple(reader.GetSize()[:2]), samples, position is not None)
+            infos.append((kind, position, tag("0008|0018").rstrip("\x00 ")))
         except (RuntimeError, ValueError):
             infos.append(None)
-    common = Counter(i for i in infos if i is not None).most_common(1)
+    return infos
+
+
+def _odd_files(files, infos=None) -> list[str]:
+    """The files of a series whose orientation (ImageOrientationPatient), size, samples per pixel
+    (a colour screenshot) or storing of a position differs from the most common kind's (read from
+    their headers only; ``infos``: ``_header_infos(files)`` if read already)."""
+    from collections import Counter
+
+    infos = _header_infos(files) if infos is None else infos
+    kinds = [i[0] if i is not None else None for i in infos]
+    common = Counter(k for k in kinds if k is not None).most_common(1)
     if not common:
         return []
-    return [f for f, i in zip(files, infos) if i != common[0][0]]
+    return [f for f, k in zip(files, kinds) if k != common[0][0]]
+
+
+def _by_position(files, infos) -> list[str]:
+    """``files`` (none odd) in the order of their positions along the slice normal, as GDCM sorts a
+    series whose files all store one; as given where any does not. (With a file that stores none in
+    the series, GDCM fell back to the files' name order: the series read head first, its slices
+    numbered the other way than in Slicer; a trial, session 36.)"""
+    known = {f: i for f, i in zip(files, infos) if i is not None}
+    if len(known) != len(files) or any(i[1] is None or len(i[0][0]) != 6 for i in known.values()):
+        return list(files)
+    row, col = np.asarray(known[files[0]][0][0][:3]), np.asarray(known[files[0]][0][0][3:])
+    normal = np.cross(row, col)
+    return sorted(files, key=lambda f: float(np.dot(known[f][1], normal)))
 
 
 def _check_slice_positions(reader: sitk.ImageSeriesReader, image: sitk.Image, what: str, tol: float = 0.1) -> None:
@@ -559,25 +607,44 @@ def _check_slice_positions(reader: sitk.ImageSeriesReader, image: sitk.Image, wh
             text = reader.GetMetaData(k, "0020|0032")
             points.append([float(v) for v in text.split("\\")[:3]])
         except (RuntimeError, ValueError):
-            return  # positions not stored (e.g. secondary capture): nothing to check against
-    _check_positions(np.asarray(points, dtype=np.float64), image, what, tol)
+            points.append(None)
+    missing = sum(p is None for p in points)
+    if missing == n:
+        return  # positions not stored (e.g. secondary capture): nothing to check against
+    if missing:  # screenshots filed under the scan's UID were stacked as slices (a trial, session 36)
+        raise InputError(f"{what}: {missing} of its {n} files store no slice position (screenshots or secondary "
+                         "captures filed with the scan?); remove them from the folder")
+    _check_positions(np.asarray(points, dtype=np.float64), image, what, tol, names=reader.GetFileNames())
 
 
-def _check_positions(points: np.ndarray, image: sitk.Image, what: str, tol: float = 0.1) -> None:
-    """``_check_slice_positions`` on the slices' ImagePositionPatient ``points`` (n, 3)."""
+def _check_positions(points: np.ndarray, image: sitk.Image, what: str, tol: float = 0.1,
+                     names: Sequence[str] | None = None) -> None:
+    """``_check_slice_positions`` on the slices' ImagePositionPatient ``points`` (n, 3); ``names``:
+    their files, to name two at one position."""
     n = len(points)
     normal = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)[:, 2]
     positions = points @ normal
     _check_no_gantry_tilt(points[np.argsort(positions)], normal, image, what)
     if n < 3:
         return
-    steps = np.diff(np.sort(positions))
+    order = np.argsort(positions, kind="stable")
+    steps = np.diff(positions[order])
     spacing = float(np.median(steps))
-    if spacing <= 0 or np.min(steps) < (1 - tol) * spacing:
-        repeats = int(np.sum(steps < (1 - tol) * max(spacing, 1e-6)))
-        raise InputError(f"{what} has {repeats} slice position(s) occupied more than once (e.g. several echoes or "
-                         "phases in one series); split it into one series per acquisition (e.g. with dcm2niix or "
-                         "Slicer's DICOM module) and pass one of them")
+    # one position twice: a step near 0 (a spacing that changes part-way, 2 mm then 2.5, has none;
+    # it was called "echoes or phases", a trial, session 36)
+    same = steps < max(0.1 * spacing, 1e-3)  # (mm; a median step of 0: half the files or more repeat)
+    if same.any():
+        first = int(np.flatnonzero(same)[0])
+        pair = (f" (e.g. {Path(names[order[first]]).name} and {Path(names[order[first + 1]]).name})"
+                if names is not None and len(names) == n else "")
+        raise InputError(f"{what} has {int(same.sum())} slice position(s) occupied more than once{pair}: several "
+                         "echoes or phases in one series, or copies of a file under another name; remove the copies, "
+                         "or split the series into one per acquisition (e.g. with dcm2niix or Slicer's DICOM module) "
+                         "and pass one of them")
+    if np.min(steps) < (1 - tol) * spacing:
+        raise InputError(f"{what} is not evenly spaced: its slice spacing varies from {np.min(steps):.3g} to "
+                         f"{np.max(steps):.3g} mm; convert it with a tool that resamples (e.g. dcm2niix or Slicer's "
+                         "DICOM module)")
     if np.max(steps) > (1 + tol) * spacing:
         gaps = int(np.sum(steps > (1 + tol) * spacing))
         raise InputError(f"{what} is not evenly spaced: {gaps} gap(s) of up to {np.max(steps):.3g} mm between "
@@ -1800,13 +1867,16 @@ def _grid_from_header(p: Path) -> Volume | None:
                   tuple(float(v) for v in origin), tuple(float(v) for v in direction))
 
 
-def _grid_from_dicom_headers(folder: Path, series_uid: str | None = None, chose: list | None = None) -> Volume | None:
+def _grid_from_dicom_headers(folder: Path, series_uid: str | None = None, chose: list | None = None,
+                             missing: list | None = None) -> Volume | None:
     """The grid the DICOM series of ``folder`` (``series_uid``, else the largest, as ``read_volume``
     chooses) reads as, from the headers of its first two files in GDCM's order, as ITK stacks them
     (origin and axes of the first, the spacing across from the step between the two positions);
     None where it cannot be told so plainly (no series, one file, two files of other orientations or
     sizes, a step not along the slices' normal: a tilted gantry): the full read decides. ``chose``
-    gets a sentence saying which series was taken where the folder holds several and none was asked."""
+    gets a sentence saying which series was taken where the folder holds several and none was asked;
+    ``missing`` gets how many slices the series lacks between its first and last file (its last
+    file's header read too: the steps of the first two, over the span, against the files there are)."""
     try:
         if not folder.is_dir():
             return None
@@ -1825,7 +1895,7 @@ def _grid_from_dicom_headers(folder: Path, series_uid: str | None = None, chose:
         if len(files) < 2:
             return None
         heads = []
-        for f in files[:2]:
+        for f in [*files[:2], *(files[-1:] if missing is not None and len(files) > 2 else ())]:
             reader = sitk.ImageFileReader()
             reader.SetFileName(f)
             with _itk_warnings_hidden(), _native_stderr_hidden():
@@ -1836,12 +1906,15 @@ def _grid_from_dicom_headers(folder: Path, series_uid: str | None = None, chose:
                           np.asarray(reader.GetDirection(), dtype=np.float64)))
     except (RuntimeError, OSError, InputError):
         return None
-    (size, spacing, origin, direction), (size2, spacing2, origin2, direction2) = heads
+    (size, spacing, origin, direction), (size2, spacing2, origin2, direction2) = heads[:2]
     step = origin2 - origin
     across = float(step @ direction.reshape(3, 3)[:, 2])
     if size != size2 or not np.allclose(spacing, spacing2) or not np.allclose(direction, direction2, atol=1e-4) \
             or across <= 0 or np.linalg.norm(step - across * direction.reshape(3, 3)[:, 2]) > 1e-3 * across:
         return None
+    if len(heads) == 3 and heads[2][0] == size:  # (a localizer last in GDCM's order: not counted)
+        span = float((heads[2][2] - origin) @ direction.reshape(3, 3)[:, 2]) / across
+        missing.append(max(int(round(span)) + 1 - len(files), 0))
     shape = (len(files), int(size[1]), int(size[0]))
     return Volume(np.broadcast_to(np.zeros((), np.uint8), shape), (across, float(spacing[1]), float(spacing[0])),
                   tuple(float(v) for v in origin), tuple(float(v) for v in direction))
@@ -1863,7 +1936,8 @@ def check_grids_from_headers(image_path: PathLike, prompt_path: PathLike,
     tol, chose, dicom = 1e-4, [], False
     image = _grid_from_header(Path(image_path))
     if image is None and dicom_series is not False and Path(image_path).is_dir():
-        image, tol, dicom = _grid_from_dicom_headers(Path(image_path), dicom_series or None, chose), 1e-3, True
+        lacks: list = []
+        image, tol, dicom = _grid_from_dicom_headers(Path(image_path), dicom_series or None, chose, lacks), 1e-3, True
     prompt = _grid_from_header(Path(prompt_path))
     if image is None or prompt is None or min(image.shape) < 2:  # a one-slice image: the full read says so
         return image
@@ -1874,6 +1948,13 @@ def check_grids_from_headers(image_path: PathLike, prompt_path: PathLike,
         # or two): those are left to the full read, but for a prompt of more slices than the folder
         # has files, or of far fewer.
         n = image.shape[0]
+        if lacks and lacks[0] and prompt.shape[0] == n + lacks[0] and tuple(prompt.shape[1:]) == tuple(image.shape[1:]):
+            # not a grid to resample onto: the scan lacks slices the prompt was drawn with (a trial,
+            # session 36: "size differs; use --resample-prompt" for a file missing from the folder)
+            raise InputError(f"{Path(prompt_path).name} has {prompt.shape[0]} slices but the DICOM series in "
+                             f"{image_path} has {n} files, with a gap of {lacks[0]} slice{'s' if lacks[0] > 1 else ''} "
+                             "between them: is a file missing from the folder? Put it back (resampling the prompt "
+                             "would not mend the series)")
         k = prompt.shape[0] if n - max(2, n // 20) <= prompt.shape[0] <= n else n
         compared = Volume(np.broadcast_to(np.zeros((), np.uint8), (k, *image.shape[1:])),
                           (prompt.spacing[0], *image.spacing[1:]), image.origin, image.direction)

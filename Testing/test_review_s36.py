@@ -393,3 +393,96 @@ def test_a_job_first_in_line_with_none_running_is_not_said_to_wait():
             first.state = second.state = third.state = "cancelled"
     finally:
         queue.close(5)
+
+
+UID = "1.2.826.0.1.3680043.2.1125.36.1"
+
+
+def _series(tmp_path, shape=(12, 20, 22), spacing=(2.0, 0.9, 0.7)):
+    from test_volumes import make_volume, write_dicom_series
+
+    vol = make_volume(shape=shape, spacing=spacing, direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
+    write_dicom_series(tmp_path / "series", vol, UID)
+    return tmp_path / "series", vol
+
+
+def _screenshot(path, rows, cols):
+    """A colour secondary capture under the series' UID, without a position or orientation."""
+    shot = sitk.GetImageFromArray(np.full((rows, cols, 3), 200, np.uint8), isVector=True)
+    for tag, value in {"0008|0016": "1.2.840.10008.5.1.4.1.1.7", "0008|0018": f"{UID}.999", "0008|0060": "OT",
+                       "0020|000d": "1.2.826.0.1.3680043.2.1125.7.1", "0020|000e": UID}.items():
+        shot.SetMetaData(tag, value)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    writer.SetFileName(str(path))
+    import locale
+
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        writer.Execute(shot)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def test_a_screenshot_filed_with_the_scan_is_left_out_not_stacked_as_a_slice(tmp_path):
+    """A trial (session 36): an RGB screenshot of the scan's size under its SeriesInstanceUID was
+    stacked as a slice (22 slices 43.67 mm apart, exit 0); the prompt then refused or misplaced."""
+    from PAMSegmentLib.volumes import read_volume
+
+    folder, vol = _series(tmp_path)
+    _screenshot(folder / "slice999.dcm", 20, 22)
+    with pytest.warns(UserWarning, match=r"left out 1 file\(s\) of series .* whose orientation, size, colour or "
+                                         r"position information differs from the other 12 \(slice999\.dcm"):
+        got = read_volume(folder)
+    assert got.shape == vol.shape and np.array_equal(got.array, vol.array)
+    np.testing.assert_allclose(got.spacing, vol.spacing, atol=1e-3)
+
+
+def test_a_copy_of_a_slice_file_is_left_out_with_a_note(tmp_path):
+    """A trial (session 36): a slice file copied under another name (the same SOPInstanceUID) was
+    refused as "several echoes or phases in one series"."""
+    import shutil
+
+    from PAMSegmentLib.volumes import read_volume
+
+    folder, vol = _series(tmp_path)
+    shutil.copy(folder / "slice005.dcm", folder / "slice005 copy.dcm")
+    with pytest.warns(UserWarning, match=r"left out 1 file\(s\) of series .* that repeat another file's "
+                                         r"SOPInstanceUID \(slice005( copy)?\.dcm \(= slice005( copy)?\.dcm\)"):
+        got = read_volume(folder)
+    assert np.array_equal(got.array, vol.array)
+
+
+def test_a_spacing_that_changes_part_way_is_said_so_not_echoes(tmp_path):
+    """A trial (session 36): 6 slices 2 mm apart then 6 slices 2.5 mm apart were called "slice
+    positions occupied more than once (several echoes or phases)"."""
+    from test_volumes import make_volume, write_dicom_series
+
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.volumes import Volume, read_volume
+
+    first = make_volume(shape=(6, 20, 22), spacing=(2.0, 0.9, 0.7), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
+    second = Volume(first.array, (2.5, 0.9, 0.7), (first.origin[0], first.origin[1], first.origin[2] + 12.5),
+                    first.direction)
+    write_dicom_series(tmp_path / "series", first, UID)
+    write_dicom_series(tmp_path / "series", second, UID, prefix="later", instance_prefix="2")
+    with pytest.raises(InputError, match=r"is not evenly spaced: its slice spacing varies from 2 to 2\.5 mm; convert "
+                                         r"it with a tool that resamples") as refused:
+        read_volume(tmp_path / "series")
+    assert "echoes" not in str(refused.value)
+
+
+def test_batch_says_a_file_missing_from_a_dicom_folder_not_resample(tmp_path, capsys):
+    """A trial (session 36): a series with its middle file gone was refused before a batch's work
+    as "size differs ...; use --resample-prompt" (propagate said "missing files?")."""
+    from test_batch import _dicom_case
+
+    from PAMSegmentLib.cli import main
+
+    manifest = _dicom_case(tmp_path, UID)
+    (tmp_path / "p01" / "slice006.dcm").unlink()
+    assert main(["batch", str(manifest), "-o", str(tmp_path / "out"), "--method", "copy"]) == 2
+    err = capsys.readouterr().err
+    assert (f"cases.csv row 2: p01_prompt.nrrd has 12 slices but the DICOM series in {tmp_path}/p01 has 11 files, "
+            "with a gap of 1 slice between them: is a file missing from the folder? Put it back (resampling the "
+            "prompt would not mend the series)") in err and "--resample-prompt" not in err
