@@ -314,8 +314,8 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
     if odd:
         shown = ", ".join(Path(f).name for f in odd[:3]) + (f" and {len(odd) - 3} more" if len(odd) > 3 else "")
         warnings.warn(f"{folder}: left out {len(odd)} file(s) of series {_series_label(chosen)} whose orientation, "
-                      f"size, colour or position information differs from the other {len(files) - len(odd) - len(copies)} "
-                      f"({shown}: a localizer or a screenshot?)", UserWarning,
+                      f"size, colour or position information differs from the other "
+                      f"{len(files) - len(odd) - len(copies)} ({shown}: a localizer or a screenshot?)", UserWarning,
                       stacklevel=3)  # not a choice of series: no "choose another with --series" after it
     return image
 
