@@ -280,9 +280,12 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
         if len(series_ids) > 1:
             ties = sum(len(by_uid[uid]) == len(files) for uid in candidates)
             which = "the largest" if ties == 1 else f"the first of {ties} series of that size"
+            others = [uid for uid in series_ids if uid != chosen]  # named, so that one can be chosen (a trial, s36)
+            listed = "; ".join(f"{_series_label(uid)} ({len(by_uid[uid])} file{'s' if len(by_uid[uid]) != 1 else ''})"
+                               for uid in others[:4]) + (f"; and {len(others) - 4} more" if len(others) > 4 else "")
             warnings.warn(
                 f"{folder} holds {len(series_ids)} DICOM series; using {_series_label(chosen)} ({len(files)} files), "
-                f"{which}.",
+                f"{which}; the other{'s' if len(others) > 1 else ''}: {listed}.",
                 SeriesChoiceWarning,
                 stacklevel=3,
             )

@@ -267,8 +267,9 @@ def test_cli_series_option_and_note(tmp_path, run_cli):
     out = tmp_path / "out.nrrd"
     proc = run_cli("propagate", folder, prompt_path, "-o", out, "--method", "copy")
     assert proc.returncode == 2
-    assert "mixed holds 2 DICOM series; using 1.2.826.0.1.3680043.2.1125.7.4 (5 files), the largest. " \
-           "Choose another with --series UID." in proc.stdout and proc.stdout.startswith("note: ")
+    assert "mixed holds 2 DICOM series; using 1.2.826.0.1.3680043.2.1125.7.4 (5 files), the largest; the other: " \
+           "1.2.826.0.1.3680043.2.1125.7.3 (3 files). Choose another with --series UID." in proc.stdout \
+        and proc.stdout.startswith("note: ")
     assert "series_uid" not in proc.stdout  # the command line's message, not the Python argument
     assert "UserWarning" not in proc.stderr
     proc = run_cli("propagate", folder, prompt_path, "-o", out, "--method", "copy",
@@ -278,11 +279,13 @@ def test_cli_series_option_and_note(tmp_path, run_cli):
     proc = run_cli("propagate", prompt_path, prompt_path.with_name("p2.nrrd"), "-o", out, "--series", "1.2")
     assert proc.returncode == 2 and "--series applies to a DICOM folder" in proc.stderr
     # The folder given as PROMPT: --series chooses the image's series, so its note does not name it.
-    with pytest.warns(SeriesChoiceWarning, match="the largest.$"):
+    with pytest.warns(SeriesChoiceWarning, match=r"the largest; the other: 1\.2\.826\.0\.1\.3680043\.2\.1125\.7\.3 "
+                                                 r"\(3 files\)\.$"):
         image_path = write_volume(read_volume(folder), tmp_path / "image.nrrd")
     proc = run_cli("propagate", image_path, folder, "-o", out, "--method", "copy")
     assert [line for line in proc.stdout.splitlines() if line.startswith("note: ")] == [
-        f"note: {folder} holds 2 DICOM series; using 1.2.826.0.1.3680043.2.1125.7.4 (5 files), the largest."]
+        f"note: {folder} holds 2 DICOM series; using 1.2.826.0.1.3680043.2.1125.7.4 (5 files), the largest; the "
+        "other: 1.2.826.0.1.3680043.2.1125.7.3 (3 files)."]
 
 
 # ----------------------------------------------------------------------------- label maps
