@@ -1441,6 +1441,11 @@ def _read_sitk(path: PathLike, series_uid: str | None = None, single_slice_ok: b
     if p.is_dir():
         image = _read_dicom_series(p, series_uid)
     else:
+        if p.name.upper() == "DICOMDIR":  # a disc's index, the first file a CD user tries (a trial, session 36)
+            below = _subfolders_with_series(p.parent)
+            shown = ", ".join(str(b) for b in below[:4]) + (f" and {len(below) - 4} more" if len(below) > 4 else "")
+            raise InputError(f"{p} is the index of a DICOM disc, not an image: pass the folder of one series"
+                             + (f" ({shown})" if below else " (the folder holding its image files)"))
         if series_uid is not None:
             raise InputError(f"series_uid applies to DICOM folders only, but {p} is a file")
         check_regular_file(p)

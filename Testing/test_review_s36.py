@@ -486,3 +486,18 @@ def test_batch_says_a_file_missing_from_a_dicom_folder_not_resample(tmp_path, ca
     assert (f"cases.csv row 2: p01_prompt.nrrd has 12 slices but the DICOM series in {tmp_path}/p01 has 11 files, "
             "with a gap of 1 slice between them: is a file missing from the folder? Put it back (resampling the "
             "prompt would not mend the series)") in err and "--resample-prompt" not in err
+
+
+def test_a_dicomdir_given_as_the_image_names_the_series_folders(tmp_path):
+    """A trial (session 36): the DICOMDIR file itself, the first thing a CD user tries, got "cannot
+    read ... (Unable to determine ImageIO reader)"."""
+    from test_volumes import make_volume, write_dicom_series
+
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.volumes import read_volume
+
+    write_dicom_series(tmp_path / "cd" / "PT0" / "ST0" / "SE0", make_volume(shape=(4, 6, 7)), UID)
+    (tmp_path / "cd" / "DICOMDIR").write_bytes(b"\0" * 128 + b"DICM")
+    with pytest.raises(InputError, match=r"^.*cd/DICOMDIR is the index of a DICOM disc, not an image: pass the folder "
+                                         r"of one series \(.*cd/PT0/ST0/SE0\)$"):
+        read_volume(tmp_path / "cd" / "DICOMDIR")
