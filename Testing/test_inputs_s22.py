@@ -292,7 +292,8 @@ def test_dicom_series_of_equal_size_are_not_called_the_largest(tmp_path):
     one, two = make_volume(shape=(3, 5, 6)), make_volume(shape=(3, 5, 6))
     write_dicom_series(tmp_path / "two", one, "1.2.826.0.1.3680043.2.1125.8.1", prefix="a")
     write_dicom_series(tmp_path / "two", two, "1.2.826.0.1.3680043.2.1125.8.2", prefix="b")
-    said = r"\(3 files\), the first of 2 series of that size; the other: 1\.2\.826\.0\.1\.3680043\.2\.1125\.8\.2 \(3 files\)\.$"
+    said = (r"\(3 files\), the first of 2 series of that size; the other: "
+            r"1\.2\.826\.0\.1\.3680043\.2\.1125\.8\.2 \(3 files\)\.$")
     with pytest.warns(volumes.SeriesChoiceWarning, match=said):
         volumes.read_volume(tmp_path / "two")
 
