@@ -272,18 +272,23 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
             raise InputError(f"{where}: {error}") from None
         key = str(output.resolve()).lower()  # by case too: P01_ct and p01_ct are one file on macOS and Windows
         if key in outputs:
-            first, first_image, first_prompt, first_output = outputs[key]
+            first, first_image, first_prompt, first_output, first_rest = outputs[key]
             same_image = first_output == str(output.resolve()) and first_image == str(image.resolve())
-            if same_image and first_prompt == str(prompt.resolve()):
-                raise InputError(f"{where} repeats row {first} (the same image, prompt and output); remove one")
+            rest = (rec.get("label", ""), rec.get("series", ""))
+            if same_image and first_prompt == str(prompt.resolve()) and first_rest == rest:
+                raise InputError(f"{where} repeats row {first} (the same image, prompt, output, label and series); "
+                                 "remove one")
             if same_image and not rec.get("output"):  # (a trial, session 36: said only of names that differ in case)
+                # two labels of one prompt go in one row; two series of one folder, or two prompts, need names
+                one_row = first_prompt == str(prompt.resolve()) and first_rest[1] == rest[1]
                 raise InputError(f"{where}: its image is row {first}'s too, so it gets the same default output "
-                                 f"name ({output.name}); give the rows output names (an output column), or put both "
-                                 "labels in one prompt")
+                                 f"name ({output.name}); give the rows output names (an output column)"
+                                 + (", or list both labels in one row's label column (1 2)" if one_row else ""))
             case = ("" if first_output == str(output.resolve()) else
                     " (names that differ only in case are one file on macOS and Windows)")
             raise InputError(f"{where}: output {output} is also row {first}'s{case}; give each row its own output")
-        outputs[key] = (line, str(image.resolve()), str(prompt.resolve()), str(output.resolve()))
+        outputs[key] = (line, str(image.resolve()), str(prompt.resolve()), str(output.resolve()),
+                        (rec.get("label", ""), rec.get("series", "")))
         outputs_key[line] = key
         rows.append(BatchRow(line, image, prompt, output, _labels(rec.get("label", ""), where),
                              series=rec.get("series") or None, previous=previous, edited=edited))
@@ -1027,7 +1032,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
         if other is not None:
             raise InputError(f"{Path(args.manifest).name} row {r.number}: its output {r.output} holds another "
                              f"manifest's result ({other[0]}, made from {other[1]}), which this run would replace; "
-                             "give the row an output column (or write to another -o folder)")
+                             "give the row an output column (or write to another -o folder; to replace it on "
+                             "purpose, delete it first)")
     _check_output_folders(out_dir, todo, Path(args.manifest).name)
     from .volumes import _grid_from_header, check_geometry_fits, check_grids_from_headers
 

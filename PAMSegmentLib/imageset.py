@@ -553,11 +553,15 @@ def _stem(path) -> str:
     return without_extension(path.name, IMAGE_2D_EXTENSIONS)
 
 
-def _refuse_image_and_mask_as_images(images: Sequence[str], prompt_path, any_labelled: bool) -> None:
+def _refuse_image_and_mask_as_images(images: Sequence[str], prompt_path, any_labelled: bool,
+                                     drawn_masks: Sequence = ()) -> None:
     """Refuse IMAGES that name a file and, next to it, ``<its name>_mask`` holding a few label values:
     an image and its mask given as two images to label. ``--labelled b b_mask e e_mask a a_mask c``
     (two pairs to one option) read e as the prompt and labelled a_mask.png as an image, silently
-    (a new user's trial, session 35); the mask would be labelled and could guide real images."""
+    (a new user's trial, session 35); the mask would be labelled and could guide real images.
+    ``drawn_masks``: the prompt's and --labelled masks, left out of the images anyway (a glob
+    ``*.png`` naming them beside their images is fine)."""
+    import os
     from pathlib import Path
 
     from .volumes import read_image_2d
@@ -566,14 +570,16 @@ def _refuse_image_and_mask_as_images(images: Sequence[str], prompt_path, any_lab
     for first, second in zip(given, given[1:]):
         if not (first.is_file() and second.is_file()) or _stem(second).lower() != _stem(first).lower() + "_mask":
             continue
+        if any(os.path.samefile(second, m) for m in drawn_masks):
+            continue  # a mask given as drawn: left out of the images later (a re-review, session 36)
         try:
             values = np.unique(read_image_2d(second)[0])
         except InputError:
             continue  # not readable as an image: its own message comes where it is read
         if len(values) > 32 or not np.all(values == np.round(values)):
             continue  # an image that happens to be named *_mask
-        how = ("one --labelled takes one pair: repeat it for each (--labelled b.png b_mask.png --labelled "
-               f"{first.name} {second.name}); here {prompt_path} was read as the prompt image" if any_labelled else
+        how = (f"one --labelled takes one pair: repeat it for each (... --labelled {first.name} {second.name}); "
+               f"here {prompt_path} was read as the prompt image" if any_labelled else
                f"give it as --labelled {first} {second} (the prompt image, {prompt_path}, and its mask go first)")
         raise InputError(f"{first} and {second} are given as images to label, but {second.name} looks like the "
                          f"mask of {first.name} ({len(values)} values): it would be labelled as an image; {how}. "
@@ -773,7 +779,7 @@ def cmd_label_images(args) -> int:
         if any(os.path.samefile(image_path, m) for m in (mask_path, *(m for _, m in labelled))):
             raise InputError(f"--labelled {image_path} is a mask given with the prompt or another --labelled image; "
                              "give an image of the set")
-    _refuse_image_and_mask_as_images(args.images, prompt_path, bool(labelled))
+    _refuse_image_and_mask_as_images(args.images, prompt_path, bool(labelled), [mask_path, *(m for _, m in labelled)])
     drawn_masks = [mask_path, *(m for _, m in labelled)]
     masks_left_out: list = []
     files = _expand(args.images, masks_left_out)

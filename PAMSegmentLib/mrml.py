@@ -1014,12 +1014,12 @@ def _add_result_segment(segmentation_node, source_segment_id: str) -> str:
 def _memory_failure(exc: BaseException, device: str) -> str:
     """What the panel says when a job ran out of memory: what ran out and what to do."""
     detail = " ".join(str(exc).split())[:120]
-    gpu = device != "cpu" and ("cuda" in detail.lower() or "gpu" in detail.lower())
+    gpu = device != "cpu" and any(t in detail.lower() for t in ("cuda", "gpu", "mps"))
     where = "memory on the GPU" if gpu else "memory"
     advice = ("choose device cpu, or crop the volume (Crop Volume module)" if gpu else
-              "close other programs or remove data from the scene you no longer need, crop the volume (Crop Volume "
-              "module) to the structure's region")
-    return f"not enough {where} while propagating ({detail or type(exc).__name__}); {advice}"
+              "close other programs or remove data from the scene you no longer need, or crop the volume (Crop "
+              "Volume module) to the structure's region")
+    return f"not enough {where} for the job ({detail or type(exc).__name__}); {advice}"  # (the panel: nothing changed)
 
 
 def _load_model(checkpoint, device: str):

@@ -378,7 +378,9 @@ class RemoteModel:
                             error.code) from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as error:  # IncompleteRead: a cut download
             reason = getattr(error, "reason", error)
-            if self.url.startswith("https:") and "WRONG_VERSION_NUMBER" in str(reason):
+            # (OpenSSL 3.2 and later say "record layer failure"; a re-review, session 36)
+            if self.url.startswith("https:") and any(t in str(reason).upper() for t in (
+                    "WRONG_VERSION_NUMBER", "RECORD LAYER FAILURE", "RECORD_LAYER_FAILURE", "UNKNOWN PROTOCOL")):
                 # TLS spoken to a plain-HTTP server: it runs, the scheme is wrong (a trial, session 36)
                 raise _Unreachable(f"the server at {self.url} does not speak HTTPS ({reason}): `pamsegment serve` "
                                    f"answers plain HTTP, so use {'http:' + self.url[len('https:'):]} (or put an "

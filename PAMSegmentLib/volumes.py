@@ -1444,6 +1444,8 @@ def _read_sitk(path: PathLike, series_uid: str | None = None, single_slice_ok: b
         if p.name.upper() == "DICOMDIR":  # a disc's index, the first file a CD user tries (a trial, session 36)
             below = _subfolders_with_series(p.parent)
             shown = ", ".join(str(b) for b in below[:4]) + (f" and {len(below) - 4} more" if len(below) > 4 else "")
+            if not below and dicom_series_ids(p.parent):
+                below, shown = [p.parent], str(p.parent)  # a flat disc: the series beside its index
             raise InputError(f"{p} is the index of a DICOM disc, not an image: pass the folder of one series"
                              + (f" ({shown})" if below else " (the folder holding its image files)"))
         if series_uid is not None:
@@ -1920,7 +1922,8 @@ def _grid_from_dicom_headers(folder: Path, series_uid: str | None = None, chose:
     if size != size2 or not np.allclose(spacing, spacing2) or not np.allclose(direction, direction2, atol=1e-4) \
             or across <= 0 or np.linalg.norm(step - across * direction.reshape(3, 3)[:, 2]) > 1e-3 * across:
         return None
-    if len(heads) == 3 and heads[2][0] == size:  # (a localizer last in GDCM's order: not counted)
+    if len(heads) == 3 and heads[2][0] == size and np.allclose(heads[2][3], direction, atol=1e-4):
+        # (a localizer last in GDCM's order: not counted; a re-review, session 36)
         span = float((heads[2][2] - origin) @ direction.reshape(3, 3)[:, 2]) / across
         missing.append(max(int(round(span)) + 1 - len(files), 0))
     shape = (len(files), int(size[1]), int(size[0]))
@@ -3225,10 +3228,11 @@ def read_image_2d(path: PathLike, keep_colour: bool = False,
     ncomp = image.GetNumberOfComponentsPerPixel()
     if say is not None and ncomp in (2, 4) and np.issubdtype(arr.dtype, np.integer):
         see_through = float(np.mean(arr[..., -1] < np.iinfo(arr.dtype).max))
-        if see_through > 0:
-            say(f"{Path(path).name}: its alpha (transparency) channel is left out ({100 * see_through:.2g} % of the "
-                "pixels are not opaque): the pixels are used as stored; to leave a region out, mark it as "
-                "background")
+        if see_through > 0:  # (a 2-channel image may be two stains, not grey + alpha: said as a question)
+            which = "its alpha (transparency) channel" if ncomp == 4 else "its second channel (alpha?)"
+            share = f"{100 * see_through:.3g}" if see_through < 0.995 else "all"
+            say(f"{Path(path).name}: {which} is left out ({share} % of the pixels are not opaque): the pixels are "
+                "used as stored; to leave a region out, mark it as background")
     if ncomp > 1:
         if ncomp == 2:  # grey + alpha
             arr = arr[..., 0]

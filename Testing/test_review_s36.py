@@ -55,11 +55,11 @@ def test_a_grey_image_named_like_a_mask_is_still_labelled(tmp_path, image_set):
 
 
 @pytest.mark.parametrize("error, device, says", [
-    (MemoryError(), "cpu", "not enough memory while propagating (MemoryError); close other programs"),
+    (MemoryError(), "cpu", "not enough memory for the job (MemoryError); close other programs"),
     (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 4.00 GiB total capacity)"), "cuda",
-     "not enough memory on the GPU while propagating (CUDA out of memory."),
+     "not enough memory on the GPU for the job (CUDA out of memory."),
     (RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to "
-                  "allocate 8589934592 bytes"), "cpu", "not enough memory while propagating ([enforce fail"),
+                  "allocate 8589934592 bytes"), "cpu", "not enough memory for the job ([enforce fail"),
 ])
 def test_a_slicer_job_that_runs_out_of_memory_says_what_to_do(request, monkeypatch, error, device, says):
     """A trial (session 36): the panel said "Failed (nothing was changed): MemoryError" (or PyTorch's
@@ -306,9 +306,12 @@ def test_a_second_manifest_does_not_replace_another_manifests_result_from_anothe
 @pytest.mark.parametrize("rows, says", [
     (["c0/image.nii.gz,c0/prompt.nii.gz", "c0/image.nii.gz,c1/prompt.nii.gz"],
      "cases.csv row 3: its image is row 2's too, so it gets the same default output name (c0_image_pam.nii.gz); "
-     "give the rows output names (an output column), or put both labels in one prompt"),
+     "give the rows output names (an output column)\n"),
     (["c0/image.nii.gz,c0/prompt.nii.gz", "c0/image.nii.gz,c0/prompt.nii.gz"],
-     "cases.csv row 3 repeats row 2 (the same image, prompt and output); remove one"),
+     "cases.csv row 3 repeats row 2 (the same image, prompt, output, label and series); remove one"),
+    (["c0/image.nii.gz,c0/prompt.nii.gz,,1", "c0/image.nii.gz,c0/prompt.nii.gz,,2"],  # (a re-review: "remove one")
+     "cases.csv row 3: its image is row 2's too, so it gets the same default output name (c0_image_pam.nii.gz); "
+     "give the rows output names (an output column), or list both labels in one row's label column (1 2)"),
     (["data/c0/image.nii.gz,data/c0/prompt.nii.gz"],
      "(relative paths are read from the manifest's folder, {base}; data/c0/image.nii.gz exists from the current "
      "folder: write it relative to the manifest's folder, or absolute)"),
@@ -323,7 +326,7 @@ def test_common_first_manifest_mistakes_are_said_as_they_are(tmp_path, monkeypat
     for n in range(2):
         make_ct_case(tmp_path / "data" / f"c{n}", seed=n)
     manifest = tmp_path / "data" / "cases.csv"
-    manifest.write_text("\n".join(["image,prompt", *rows]) + "\n")
+    manifest.write_text("\n".join(["image,prompt,output,label", *rows]) + "\n")
     monkeypatch.chdir(tmp_path)
     assert main(["batch", str(manifest), "-o", str(tmp_path / "out"), "--method", "copy"]) == 2
     err = capsys.readouterr().err
@@ -501,3 +504,63 @@ def test_a_dicomdir_given_as_the_image_names_the_series_folders(tmp_path):
     with pytest.raises(InputError, match=r"^.*cd/DICOMDIR is the index of a DICOM disc, not an image: pass the folder "
                                          r"of one series \(.*cd/PT0/ST0/SE0\)$"):
         read_volume(tmp_path / "cd" / "DICOMDIR")
+
+
+def test_a_glob_naming_the_prompts_own_mask_among_the_images_still_runs(tmp_path, image_set):
+    """A re-review (session 36): `label-images a.png a_mask.png *.png` (the glob names the prompt's
+    mask beside its image, which is left out of the images anyway) was refused by the check above."""
+    from PAMSegmentLib import cli
+
+    f = image_set
+    out = tmp_path / "out"
+    glob = sorted(str(p) for p in tmp_path.glob("*.png"))  # a, a_mask, b, c, e, e_mask
+    assert cli.main(["label-images", f["a"], f["a_mask"], *[g for g in glob if "e" not in g.rsplit("/", 1)[1]],
+                     "-o", str(out), "--method", "copy"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["a_mask.png", "b_mask.png", "c_mask.png", "labels.csv"]
+
+
+@pytest.mark.parametrize("reason", ["[SSL: WRONG_VERSION_NUMBER] wrong version number (_ssl.c:1006)",
+                                    "[SSL] record layer failure (_ssl.c:1000)"])
+def test_https_hint_with_old_and_new_openssl(monkeypatch, reason):
+    """A re-review (session 36): OpenSSL 3.2 and later report TLS spoken to a plain-HTTP server as
+    "record layer failure", which the hint missed."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    from PAMSegmentLib.errors import PAMError
+    from PAMSegmentLib.remote import RemoteModel
+
+    def tls_to_plain(*args, **kwargs):
+        raise urllib.error.URLError(ssl.SSLError(1, reason))
+
+    monkeypatch.setattr(urllib.request.OpenerDirector, "open", tls_to_plain)
+    with pytest.raises(PAMError, match=r"does not speak HTTPS .* so use http://127\.0\.0\.1:18765"):
+        RemoteModel("https://127.0.0.1:18765").info()
+
+
+@pytest.mark.parametrize("share, said", [(1.0, "(all % of the pixels"), (0.25, "(25 % of the pixels")])
+def test_the_alpha_note_says_its_share_plainly(tmp_path, share, said):
+    """A re-review (session 36): an image whose alpha is under 255 everywhere was said as '1e+02 %'."""
+    from PAMSegmentLib.volumes import read_image_2d
+
+    rgba = np.full((20, 20, 4), 255, np.uint8)
+    rgba[:, : int(20 * share), 3] = 128
+    sitk.WriteImage(sitk.GetImageFromArray(rgba, isVector=True), str(tmp_path / "x.png"))
+    notes = []
+    read_image_2d(tmp_path / "x.png", keep_colour=True, say=notes.append)
+    assert len(notes) == 1 and said in notes[0] and "alpha (transparency) channel" in notes[0]
+
+
+def test_a_dicomdir_beside_its_series_names_its_own_folder(tmp_path):
+    """A re-review (session 36): on a flat disc (the images beside DICOMDIR) the message named no
+    folder."""
+    from test_volumes import make_volume, write_dicom_series
+
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.volumes import read_volume
+
+    write_dicom_series(tmp_path / "flat", make_volume(shape=(4, 6, 7)), UID)
+    (tmp_path / "flat" / "DICOMDIR").write_bytes(b"\0" * 128 + b"DICM")
+    with pytest.raises(InputError, match=rf"pass the folder of one series \({tmp_path}/flat\)$"):
+        read_volume(tmp_path / "flat" / "DICOMDIR")
