@@ -184,8 +184,10 @@ def test_examples_drawn_on_a_flipped_copy_are_warned_about(flip):
     image, labels, whole = _nuclei()
     examples = np.where(np.isin(labels, whole[:4]), labels, 0)
     examples = {None: examples, "left-right": examples[:, ::-1], "up-down": examples[::-1]}[flip]
-    said = [w for w in label_cells(image, examples).warnings if "no more than their outlines placed at random" in w]
+    said = [w for w in label_cells(image, examples).warnings if "were they drawn on a flipped copy?" in w]
     assert len(said) == (0 if flip is None else 1)
+    if flip is not None:
+        assert f"only when mirrored {'left-right' if flip == 'left-right' else 'upside down'}" in said[0]
 
 
 def _touching_pairs_image():
