@@ -566,3 +566,24 @@ def test_a_dicomdir_beside_its_series_names_its_own_folder(tmp_path):
     (tmp_path / "flat" / "DICOMDIR").write_bytes(b"\0" * 128 + b"DICM")
     with pytest.raises(InputError, match=rf"pass the folder of one series \({tmp_path}/flat\)$"):
         read_volume(tmp_path / "flat" / "DICOMDIR")
+
+
+def test_a_prompt_on_the_images_voxels_with_an_axis_reversed_is_said_to_resample_exactly(tmp_path):
+    """A trial (session 36): a prompt saved by a dcm2niix-like conversion (j reversed: the same
+    voxels) was refused as 'origin, direction differ' like any other grid; --resample-prompt puts it
+    back exactly, which the refusal now says."""
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.volumes import Volume, read_labelmap
+
+    image = Volume(np.zeros((6, 8, 10), np.int16), (2.0, 0.8, 0.7), (-10.0, 20.0, 5.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    drawn = np.zeros((6, 8, 10), np.uint8)
+    drawn[3, 2:5, 3:7] = 1
+    end = 20.0 + 0.8 * 7  # the last row's y: the reversed file's origin
+    stored = Volume(drawn[:, ::-1, :].copy(), image.spacing, (-10.0, end, 5.0), (1, 0, 0, 0, -1, 0, 0, 0, 1))
+    from PAMSegmentLib.volumes import write_volume
+
+    path = write_volume(stored, tmp_path / "prompt.nii.gz")
+    with pytest.raises(InputError, match=r"it lies on the image's own voxels, stored with its j axis reversed .*so "
+                                         r"resample=True puts it back exactly$"):
+        read_labelmap(path, reference=image)
+    assert np.array_equal(read_labelmap(path, reference=image, resample=True).array, drawn)
