@@ -417,16 +417,9 @@ def _screenshot(path, rows, cols):
     for tag, value in {"0008|0016": "1.2.840.10008.5.1.4.1.1.7", "0008|0018": f"{UID}.999", "0008|0060": "OT",
                        "0020|000d": "1.2.826.0.1.3680043.2.1125.7.1", "0020|000e": UID}.items():
         shot.SetMetaData(tag, value)
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    writer.SetFileName(str(path))
-    import locale
+    from test_volumes import write_dicom_file
 
-    saved = locale.setlocale(locale.LC_ALL)
-    try:
-        writer.Execute(shot)
-    finally:
-        locale.setlocale(locale.LC_ALL, saved)
+    write_dicom_file(shot, path)
 
 
 def test_a_screenshot_filed_with_the_scan_is_left_out_not_stacked_as_a_slice(tmp_path):

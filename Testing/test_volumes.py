@@ -1161,14 +1161,19 @@ def _round_positions(folder: Path, decimals: int = 2) -> None:
         image = reader.Execute()
         position = [float(v) for v in image.GetMetaData("0020|0032").split("\\")]
         image.SetMetaData("0020|0032", "\\".join(f"{v:.{decimals}f}" for v in position))
-        writer = sitk.ImageFileWriter()
-        writer.KeepOriginalImageUIDOn()
-        writer.SetFileName(str(f))
-        saved = locale.setlocale(locale.LC_ALL)
-        try:
-            writer.Execute(image)
-        finally:  # GDCM's writer leaves the C locale set (as in write_dicom_series)
-            locale.setlocale(locale.LC_ALL, saved)
+        write_dicom_file(image, f)
+
+
+def write_dicom_file(image: sitk.Image, path: Path) -> None:
+    """``image`` as one DICOM file with the UIDs its metadata gives, the process's locale kept."""
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    writer.SetFileName(str(path))
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        writer.Execute(image)
+    finally:  # GDCM's writer leaves the C locale set (as in write_dicom_series)
+        locale.setlocale(locale.LC_ALL, saved)
 
 
 def test_the_dicom_pre_flight_leaves_the_spacing_across_and_localizers_to_the_full_read(tmp_path):
