@@ -274,21 +274,26 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
         if key in outputs:
             first, first_image, first_prompt, first_output, first_rest = outputs[key]
             same_image = first_output == str(output.resolve()) and first_image == str(image.resolve())
-            rest = (rec.get("label", ""), rec.get("series", ""))
+            labels = _labels(rec.get("label", ""), where)
+            rest = (None if labels is None else frozenset(labels), rec.get("series", ""))
             if same_image and first_prompt == str(prompt.resolve()) and first_rest == rest:
-                raise InputError(f"{where} repeats row {first} (the same image, prompt, output, label and series); "
+                raise InputError(f"{where} repeats row {first} (the same image, prompt, output, labels and series); "
                                  "remove one")
             if same_image and not rec.get("output"):  # (a trial, session 36: said only of names that differ in case)
                 # two labels of one prompt go in one row; two series of one folder, or two prompts, need names
                 one_row = first_prompt == str(prompt.resolve()) and first_rest[1] == rest[1]
+                every = one_row and None in (first_rest[0], rest[0])  # a row without labels takes every label
+                hint = (f", or drop row {line if rest[0] is not None else first}: a row without a label column takes "
+                        "every label of its prompt" if every else
+                        ", or list both rows' labels in one row's label column (1 2)" if one_row else "")
                 raise InputError(f"{where}: its image is row {first}'s too, so it gets the same default output "
-                                 f"name ({output.name}); give the rows output names (an output column)"
-                                 + (", or list both labels in one row's label column (1 2)" if one_row else ""))
+                                 f"name ({output.name}); give the rows output names (an output column){hint}")
             case = ("" if first_output == str(output.resolve()) else
                     " (names that differ only in case are one file on macOS and Windows)")
             raise InputError(f"{where}: output {output} is also row {first}'s{case}; give each row its own output")
+        given = _labels(rec.get("label", ""), where)
         outputs[key] = (line, str(image.resolve()), str(prompt.resolve()), str(output.resolve()),
-                        (rec.get("label", ""), rec.get("series", "")))
+                        (None if given is None else frozenset(given), rec.get("series", "")))
         outputs_key[line] = key
         rows.append(BatchRow(line, image, prompt, output, _labels(rec.get("label", ""), where),
                              series=rec.get("series") or None, previous=previous, edited=edited))

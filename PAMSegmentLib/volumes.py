@@ -3236,9 +3236,10 @@ def read_image_2d(path: PathLike, keep_colour: bool = False,
         see_through = float(np.mean(arr[..., -1] < np.iinfo(arr.dtype).max))
         if see_through > 0:  # (a 2-channel image may be two stains, not grey + alpha: said as a question)
             which = "its alpha (transparency) channel" if ncomp == 4 else "its second channel (alpha?)"
-            share = f"{100 * see_through:.3g}" if see_through < 0.995 else "all"
-            say(f"{Path(path).name}: {which} is left out ({share} % of the pixels are not opaque): the pixels are "
-                "used as stored; to leave a region out, mark it as background")
+            share = ("no pixel is opaque" if see_through == 1 else
+                     f"{min(100 * see_through, 99.9):.3g} % of the pixels are not opaque")
+            say(f"{Path(path).name}: {which} is left out ({share}): the pixels are used as stored; to leave a "
+                "region out, mark it as background")
     if ncomp > 1:
         if ncomp == 2:  # grey + alpha
             arr = arr[..., 0]

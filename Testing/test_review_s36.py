@@ -310,10 +310,15 @@ def test_a_second_manifest_does_not_replace_another_manifests_result_from_anothe
      "cases.csv row 3: its image is row 2's too, so it gets the same default output name (c0_image_pam.nii.gz); "
      "give the rows output names (an output column)\n"),
     (["c0/image.nii.gz,c0/prompt.nii.gz", "c0/image.nii.gz,c0/prompt.nii.gz"],
-     "cases.csv row 3 repeats row 2 (the same image, prompt, output, label and series); remove one"),
+     "cases.csv row 3 repeats row 2 (the same image, prompt, output, labels and series); remove one"),
+    (["c0/image.nii.gz,c0/prompt.nii.gz,,1 2", "c0/image.nii.gz,c0/prompt.nii.gz,,2 1"],  # the same labels
+     "cases.csv row 3 repeats row 2 (the same image, prompt, output, labels and series); remove one"),
+    (["c0/image.nii.gz,c0/prompt.nii.gz,,", "c0/image.nii.gz,c0/prompt.nii.gz,,2"],
+     "give the rows output names (an output column), or drop row 3: a row without a label column takes every "
+     "label of its prompt"),
     (["c0/image.nii.gz,c0/prompt.nii.gz,,1", "c0/image.nii.gz,c0/prompt.nii.gz,,2"],  # (a re-review: "remove one")
      "cases.csv row 3: its image is row 2's too, so it gets the same default output name (c0_image_pam.nii.gz); "
-     "give the rows output names (an output column), or list both labels in one row's label column (1 2)"),
+     "give the rows output names (an output column), or list both rows' labels in one row's label column (1 2)"),
     (["data/c0/image.nii.gz,data/c0/prompt.nii.gz"],
      "(relative paths are read from the manifest's folder, {base}; data/c0/image.nii.gz exists from the current "
      "folder: write it relative to the manifest's folder, or absolute)"),
@@ -534,7 +539,7 @@ def test_https_hint_with_old_and_new_openssl(monkeypatch, reason):
         RemoteModel("https://127.0.0.1:18765").info()
 
 
-@pytest.mark.parametrize("share, said", [(1.0, "(all % of the pixels"), (0.25, "(25 % of the pixels")])
+@pytest.mark.parametrize("share, said", [(1.0, "(no pixel is opaque)"), (0.25, "(25 % of the pixels are not opaque)")])
 def test_the_alpha_note_says_its_share_plainly(tmp_path, share, said):
     """A re-review (session 36): an image whose alpha is under 255 everywhere was said as '1e+02 %'."""
     from PAMSegmentLib.volumes import read_image_2d
