@@ -585,3 +585,24 @@ def test_a_prompt_on_the_images_voxels_with_an_axis_reversed_is_said_to_resample
                                          r"resample=True puts it back exactly$"):
         read_labelmap(path, reference=image)
     assert np.array_equal(read_labelmap(path, reference=image, resample=True).array, drawn)
+
+
+def test_a_prompt_drawn_on_every_slice_of_its_extent_is_said_to_be_the_result(tmp_path):
+    """A trial (session 36): a finished segment given as the prompt (a kidney on 22 of 118 sagittal
+    slices, under both keyframe limits) came back unchanged with only the drift test's hint."""
+    from doubles import OracleModel
+
+    from PAMSegmentLib.propagate import propagate
+
+    truth = np.zeros((20, 24, 24), np.uint8)
+    truth[6:12, 8:16, 8:16] = 1
+    image = np.where(truth > 0, 100.0, 0.0).astype(np.float32)
+    whole = propagate(image, truth, spacing=(1.0, 1.0, 1.0), model=OracleModel(truth.astype(bool)), axis=0)
+    said = [text for kind, text in whole.kinds_of_notes() if kind == "whole"]
+    assert said == ["label 1: drawn on every slice from 6 to 11 and found on no other, so the result is the drawing "
+                    "itself (a finished segmentation given as the prompt?); to propagate, give one drawn slice or a "
+                    "few apart"]
+    one = np.zeros_like(truth)
+    one[6:9] = truth[6:9]  # three slices of an object that goes on: found beyond them, nothing said
+    grown = propagate(image, one, spacing=(1.0, 1.0, 1.0), model=OracleModel(truth.astype(bool)), axis=0)
+    assert [kind for kind, _ in grown.kinds_of_notes()].count("whole") == 0
