@@ -115,7 +115,10 @@ def _tidy_examples(cells: np.ndarray) -> tuple[np.ndarray, list[str]]:
 
 
 def _check(image, examples, background):
-    img = np.asarray(image)
+    from .checks import as_array
+
+    img = as_array(image, "image", "PAMSegmentLib.volumes.read_image_2d(path, keep_colour=True)")
+    fourth = img.ndim == 3 and img.shape[-1] == 4  # said in the result's warnings (a Python API trial, s36)
     if img.ndim == 3 and img.shape[-1] in (3, 4):
         img = img[..., :3]
     elif img.ndim != 2:
@@ -126,7 +129,7 @@ def _check(image, examples, background):
         raise InputError("the image holds NaN/inf values; replace them first")
     if min(img.shape[:2]) < 8:  # the texture features need a few pixels each way
         raise InputError(f"the image is {img.shape[1]} x {img.shape[0]} pixels; cell labelling needs at least 8 x 8")
-    ex = np.asarray(examples)
+    ex = as_array(examples, "example mask", "PAMSegmentLib.volumes.read_labelmap_2d")
     if ex.shape != img.shape[:2]:
         raise InputError(f"the example mask is {ex.shape[1]} x {ex.shape[0]} pixels but the image is "
                          f"{img.shape[1]} x {img.shape[0]}; draw the examples on that image")
@@ -136,6 +139,9 @@ def _check(image, examples, background):
         raise InputError(f"the example mask holds the negative value {int(ex.min())}: labels are whole numbers from 1 "
                          "(0 = background); renumber it")
     cells, notes = _tidy_examples(example_cells(ex))
+    if fourth:
+        notes.insert(0, "the image's 4th channel (alpha?) was left out: the cells are labelled from its first three "
+                        "(colour) channels")
     n = int(cells.max())
     if n == 0:
         raise InputError("no example cells: outline a few cells (at least 2) in the example mask")
@@ -144,7 +150,7 @@ def _check(image, examples, background):
                          "labels); outline at least 2 (3-10 typical cells; also mark some background)")
     bg = None
     if background is not None:
-        bg = np.asarray(background).astype(bool)
+        bg = as_array(background, "background mask", "PAMSegmentLib.volumes.read_labelmap_2d").astype(bool)
         if bg.shape != img.shape[:2]:
             raise InputError("the background mask must have the image's size")
         if (bg & (cells > 0)).any():
@@ -342,7 +348,8 @@ def _unlike_examples(img: np.ndarray, examples: np.ndarray, ring_px: int, n_ring
 def label_cells(image, examples, *, background=None, tile: int = 1024, seed: int = 0, self_training: bool = False,
                 contrast_background: bool = True,
                 progress: Callable[[float, str], None] | None = None, cancel=None) -> CellResult:
-    """Label every cell of ``image`` (2D grey or (H, W, 3) colour) like the cells outlined in
+    """Label every cell of ``image`` (2D grey or (H, W, 3) colour; a 4th channel, alpha, is left
+    out with a warning) like the cells outlined in
     ``examples`` (a label map: each connected component is one example cell). ``background``:
     optional mask of pixels the user marked as not-cell. Raises InputError for bad input,
     PropagationCancelled when ``cancel`` is set."""
@@ -493,6 +500,9 @@ def label_cells(image, examples, *, background=None, tile: int = 1024, seed: int
         small = np.bincount(holes.ravel()) <= areas.max()
         small[0] = False
         fg |= small[holes]
+        # an example ringed by found foreground is a hole too: kept as drawn, not filled over (a found
+        # cell took both examples of a constant image, "-1 found"; a Python API trial, session 36)
+        fg &= cells == 0
     found = split_instances(fg, radius, step=split_step)
     sizes = np.bincount(found.ravel())
     keep = sizes >= max(0.25 * areas.min(), 4)

@@ -124,27 +124,28 @@ class InferenceParams:
 
     def __post_init__(self):
         if self.query_prior not in QUERY_PRIORS:
-            raise ValueError(f"query_prior must be one of {', '.join(QUERY_PRIORS)}, got {self.query_prior!r}")
+            raise InputError(f"query_prior must be one of {', '.join(QUERY_PRIORS)}, got {self.query_prior!r}")
         if self.intensity_gate_reference not in GATE_REFERENCES:
-            raise ValueError(f"intensity_gate_reference must be one of {', '.join(GATE_REFERENCES)}, "
+            raise InputError(f"intensity_gate_reference must be one of {', '.join(GATE_REFERENCES)}, "
                              f"got {self.intensity_gate_reference!r}")
         if not is_number(self.registration_weight, 0.0, 1.0):
-            raise ValueError(f"registration_weight must be within [0, 1], got {self.registration_weight}")
+            raise InputError(f"registration_weight must be within [0, 1], got {self.registration_weight!r}")
         if not is_number(self.registration_carry_supersample, 1, 8, whole=True):
-            raise ValueError("registration_carry_supersample must be within 1..8, "
-                             f"got {self.registration_carry_supersample}")
+            raise InputError("registration_carry_supersample must be within 1..8, "
+                             f"got {self.registration_carry_supersample!r}")
         if not valid_through_plane_mm(self.through_plane_mm):
             lo, hi = THROUGH_PLANE_RANGE_MM
-            raise ValueError(f"through_plane_mm must be 0 (off) or within [{lo:g}, {hi:g}] mm, got {self.through_plane_mm}")
+            raise InputError(f"through_plane_mm must be 0 (off) or within [{lo:g}, {hi:g}] mm, "
+                             f"got {self.through_plane_mm!r}")
         if not is_number(self.keyframe_outward_min_agreement, 0.0, 1.0):
-            raise ValueError("keyframe_outward_min_agreement must be within [0, 1], "
-                             f"got {self.keyframe_outward_min_agreement}")
+            raise InputError("keyframe_outward_min_agreement must be within [0, 1], "
+                             f"got {self.keyframe_outward_min_agreement!r}")
 
         def number(name, lo, hi, whole=False):
             value = getattr(self, name)
             if not is_number(value, lo, hi, whole):
                 kind = "a whole number" if whole else "a number"
-                raise ValueError(f"{name} must be {kind} within [{lo:g}, {hi:g}], got {value!r}")
+                raise InputError(f"{name} must be {kind} within [{lo:g}, {hi:g}], got {value!r}")
 
         # Checked because a checkpoint is untrusted input: a NaN threshold or 10^9 registration
         # iterations in its header would otherwise fail mid-run, run away, or never end.
@@ -163,10 +164,10 @@ class InferenceParams:
                      "registration_coarse_iterations", "registration_carry_supersample"):
             object.__setattr__(self, name, int(getattr(self, name)))  # 6.0 (a hand-written header) is 6
         if self.min_window > self.max_window:
-            raise ValueError(f"min_window {self.min_window} exceeds max_window {self.max_window}")
+            raise InputError(f"min_window {self.min_window} exceeds max_window {self.max_window}")
         for name in ("intensity_gate", "published_scheme"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+                raise InputError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
     def with_gate(self, gate: str) -> "InferenceParams":
         """These parameters with the drift test set as ``--intensity-gate`` (and a server job) say:

@@ -8,6 +8,28 @@ import numbers
 import os
 
 
+def as_array(value, what: str, reader: str = "PAMSegmentLib.volumes.read_volume"):
+    """``value`` as a numpy array for the Python API, or one InputError: a file path (``reader``
+    reads files), None, or what numpy cannot convert (a torch tensor that requires grad or is
+    bfloat16, a ragged list: torch's RuntimeError or numpy's ValueError reached the caller; a
+    Python API trial, session 36)."""
+    import numpy as np
+
+    from .errors import InputError
+
+    if isinstance(value, (str, os.PathLike)):
+        raise InputError(f"the {what} is a file path ({os.fspath(value)!r}); pass an array: read the file with "
+                         f"{reader}")
+    if value is None:
+        raise InputError(f"the {what} is None; pass an array")
+    try:
+        return np.asarray(value)
+    except (TypeError, ValueError, RuntimeError) as error:
+        text = " ".join(str(error).split())[:160]
+        raise InputError(f"the {what} cannot be read as a numpy array ({type(error).__name__}: {text}); pass a "
+                         "numpy array (a torch tensor: t.detach().cpu().float().numpy())") from None
+
+
 def is_number(value, lo: float, hi: float, whole: bool = False) -> bool:
     """Whether ``value`` is a real number (not a bool, not a string) within [lo, hi], finite, and a
     whole number if ``whole`` (an integral float such as 4.0 counts)."""

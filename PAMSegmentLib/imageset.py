@@ -95,7 +95,9 @@ class ImageSetResult:
 
 
 def _as_2d(image, what: str) -> np.ndarray:
-    arr = np.asarray(image)
+    from .checks import as_array
+
+    arr = as_array(image, what, "PAMSegmentLib.volumes.read_image_2d")
     if arr.ndim == 3 and arr.shape[0] == 1:
         arr = arr[0]
     if arr.ndim != 2:
@@ -105,6 +107,12 @@ def _as_2d(image, what: str) -> np.ndarray:
         raise InputError(f"{what} is {arr.shape[0]} x {arr.shape[1]} pixels; images need at least 8 x 8")
     if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool) or np.issubdtype(arr.dtype, np.complexfloating):
         raise InputError(f"{what} must hold real grey values, got {arr.dtype}")
+    if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
+        # as propagate and label_cells refuse them (they were set to the image's minimum without a word:
+        # an all-NaN image came back "not found"; a Python API trial, session 36)
+        bad = int(np.count_nonzero(~np.isfinite(arr)))
+        raise InputError(f"{what} holds {bad} NaN/inf pixel{'s' if bad != 1 else ''}; replace them with finite "
+                         "values (or leave the image out)")
     return arr
 
 
@@ -278,8 +286,12 @@ def _checked_mask(mask, image: np.ndarray, what: str, image_what: str) -> tuple[
         raise InputError(f"{what} is {'x'.join(map(str, mask.shape))} but {image_what} is "
                          f"{'x'.join(map(str, image.shape))}; draw the mask on that image")
     if not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == bool):
-        if not np.issubdtype(mask.dtype, np.floating) or not np.all(np.mod(mask, 1) == 0):
-            raise InputError(f"{what} must be an integer label map")
+        if not np.issubdtype(mask.dtype, np.floating):
+            raise InputError(f"{what} must be an integer label map, got values of type {mask.dtype}")
+        if not np.all(np.mod(mask, 1) == 0):
+            from .propagate import _not_whole
+
+            raise InputError(_not_whole(what, mask))
     mask = mask.astype(np.int64)
     held = [int(v) for v in np.unique(mask) if v != 0]
     bad = [v for v in held if not 1 <= v <= MAX_LABEL]

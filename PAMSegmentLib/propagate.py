@@ -39,7 +39,7 @@ import cc3d
 import numpy as np
 
 from .checks import check_flag, empty_between_drawn, is_number, runs_text, slice_runs, state_from_json, state_to_json
-from .checks import max_threads
+from .checks import as_array, max_threads
 from .errors import InputError, PropagationCancelled
 from .metrics import dice
 
@@ -639,6 +639,16 @@ MAX_LABEL = 65535
 IMAGE_LIKE_VALUES = 1000
 
 
+def _not_whole(what: str, values: np.ndarray) -> str:
+    """The refusal of a float label map holding a value that is not a whole number (a probability
+    map or a resampled mask), naming one (a Python API trial, session 36: only "must be an integer
+    label map")."""
+    odd = values[np.mod(values, 1) != 0].flat[0]
+    return (f"{what} must be an integer label map, but it holds {float(odd):.4g}: a probability or a mask "
+            "resampled with interpolation? Threshold it (mask > 0.5) or resample it with nearest neighbour, then "
+            "give it as integers (.astype(np.uint16))")
+
+
 def _image_like(present: Sequence[int]) -> str:
     """Why a prompt holding the (sorted) values ``present`` looks like an image, as a hint; "" if not."""
     why = (["negative values"] if present[0] < 0 else []) + (
@@ -1072,7 +1082,7 @@ def _validate_inputs(image: np.ndarray, prompt: np.ndarray, spacing) -> tuple[fl
         raise InputError(f"the prompt must be an integer label map, got values of type {prompt.dtype}")
     if prompt.dtype.kind == "f":
         if not np.all(np.mod(prompt, 1) == 0):
-            raise InputError("the prompt must be an integer label map")
+            raise InputError(_not_whole("the prompt", prompt))
         outside = np.abs(prompt) >= 2.0 ** 31  # checked here: the cast to int32 below would wrap such values
         if outside.any():
             raise InputError(f"the prompt has label {prompt[outside].flat[0]:.10g}: labels must be whole numbers from 1 "
@@ -2037,8 +2047,8 @@ def propagate(
         if hasattr(given, "array") and hasattr(given, "spacing"):  # a Volume ("got 0D with shape ()")
             raise InputError(f"the {what} is a {type(given).__name__}; propagate takes its array: pass {what}.array "
                              "(and image.spacing as the spacing)")
-    image = np.asarray(image)
-    prompt = np.asarray(prompt)
+    image = as_array(image, "image")
+    prompt = as_array(prompt, "prompt", "PAMSegmentLib.volumes.read_labelmap (with reference=the image)")
     spacing = _validate_inputs(image, prompt, spacing)
     axis, labels, range = _validate_options(axis, labels, range, batch_size, threads, cancel, previous, progress,
                                             early_stop, remove_disconnected, update)

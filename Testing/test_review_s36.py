@@ -606,3 +606,93 @@ def test_a_prompt_drawn_on_every_slice_of_its_extent_is_said_to_be_the_result(tm
     one[6:9] = truth[6:9]  # three slices of an object that goes on: found beyond them, nothing said
     grown = propagate(image, one, spacing=(1.0, 1.0, 1.0), model=OracleModel(truth.astype(bool)), axis=0)
     assert [kind for kind, _ in grown.kinds_of_notes()].count("whole") == 0
+
+
+@pytest.mark.parametrize("given, says", [
+    ("scan.nii.gz", "the image is a file path ('scan.nii.gz'); pass an array: read the file with "
+                    "PAMSegmentLib.volumes.read_volume"),
+    (None, "the image is None; pass an array"),
+    ([[[1.0, 2.0], [3.0]]], "the image cannot be read as a numpy array (ValueError: "),
+    ("requires_grad", "the image cannot be read as a numpy array (RuntimeError: Can't call numpy() on Tensor that "
+                      "requires grad"),
+])
+def test_what_numpy_cannot_convert_is_one_input_error(given, says):
+    """A Python API trial (session 36): a torch tensor that requires grad, a bfloat16 tensor or a
+    ragged list raised torch's RuntimeError, a TypeError or numpy's ValueError; a file path said
+    'got 0D with shape ()'."""
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.propagate import propagate
+
+    if given == "requires_grad":
+        import torch
+
+        given = torch.zeros((6, 10, 10), requires_grad=True)
+    prompt = np.zeros((6, 10, 10), np.uint8)
+    prompt[3, 2:5, 2:5] = 1
+    with pytest.raises(InputError) as refused:
+        propagate(given, prompt, (1.0, 1.0, 1.0), model="copy")
+    assert str(refused.value).startswith(says)
+
+
+def test_label_images_refuses_nan_pixels_as_the_other_entry_points_do():
+    """A Python API trial (session 36): label_images set NaN/inf pixels to the image's minimum
+    without a word (an all-NaN image came back 'not found'); propagate and label_cells refuse them."""
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.imageset import label_images
+
+    rng = np.random.default_rng(0)
+    images = [rng.random((24, 24)).astype(np.float32) for _ in range(3)]
+    images[2][5:9, 5:9] = np.nan
+    mask = np.zeros((24, 24), np.uint8)
+    mask[8:16, 8:16] = 1
+    with pytest.raises(InputError, match=r"^image 2 holds 16 NaN/inf pixels; replace them with finite values"):
+        label_images(images, 0, mask, model="copy")
+
+
+def test_label_cells_keeps_the_examples_as_drawn_when_found_foreground_rings_them():
+    """A Python API trial (session 36): on a constant image the found foreground filled the examples
+    in as holes and one found cell took both ('1 cells (2 drawn as examples, -1 found)')."""
+    from PAMSegmentLib.cells import label_cells
+
+    image = np.full((64, 64), 100.0, np.float32)
+    examples = np.zeros((64, 64), np.uint8)
+    examples[10:16, 10:16] = 1
+    examples[40:46, 40:46] = 2
+    result = label_cells(image, examples)
+    assert np.array_equal(result.labels[examples > 0], examples[examples > 0])  # kept exactly
+    drawn = [c for c in result.cells if c["example"]]
+    assert len(drawn) == 2 and "-" not in result.summary()
+
+
+def test_a_four_channel_array_given_to_label_cells_is_said_to_lose_its_fourth():
+    from test_cells import disc_image
+
+    from PAMSegmentLib.cells import label_cells
+
+    image, ref = disc_image()
+    rgba = np.stack([image, image, image, np.full_like(image, 255)], axis=-1)
+    said = label_cells(rgba, np.where(np.isin(ref, [1, 4, 16]), ref, 0)).warnings
+    assert said[0].startswith("the image's 4th channel (alpha?) was left out")
+
+
+def test_bad_inference_settings_are_input_errors_naming_text_as_text():
+    """A Python API trial (session 36): dataclasses.replace(model.inference, through_plane_mm="1.5")
+    raised a plain ValueError saying 'got 1.5'."""
+    import dataclasses
+
+    from PAMSegmentLib.checkpoints import InferenceParams
+    from PAMSegmentLib.errors import InputError
+
+    with pytest.raises(InputError, match=r"through_plane_mm must be 0 \(off\) or within .* got '1\.5'$"):
+        dataclasses.replace(InferenceParams(), through_plane_mm="1.5")
+
+
+def test_a_fractional_prompt_names_a_value_and_what_to_do():
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.propagate import propagate
+
+    prompt = np.zeros((6, 10, 10))
+    prompt[3, 2:5, 2:5] = 0.5
+    with pytest.raises(InputError, match=r"^the prompt must be an integer label map, but it holds 0\.5: a probability "
+                                         r"or a mask resampled with interpolation\? Threshold it"):
+        propagate(np.zeros((6, 10, 10), np.float32), prompt, (1.0, 1.0, 1.0), model="copy")
