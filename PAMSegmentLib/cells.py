@@ -117,8 +117,10 @@ def _tidy_examples(cells: np.ndarray) -> tuple[np.ndarray, list[str]]:
 def _check(image, examples, background):
     from .checks import as_array
 
-    img = as_array(image, "image", "PAMSegmentLib.volumes.read_image_2d(path, keep_colour=True)")
-    fourth = img.ndim == 3 and img.shape[-1] == 4  # said in the result's warnings (a Python API trial, s36)
+    img = as_array(image, "image", "PAMSegmentLib.volumes.read_image_2d(path, keep_colour=True)[0]")
+    # a 4th channel that is not opaque everywhere is said in the result's warnings (a Python API trial, s36)
+    fourth = img.ndim == 3 and img.shape[-1] == 4 and not np.all(
+        img[..., 3] == (np.iinfo(img.dtype).max if np.issubdtype(img.dtype, np.integer) else img[..., 3].max()))
     if img.ndim == 3 and img.shape[-1] in (3, 4):
         img = img[..., :3]
     elif img.ndim != 2:

@@ -22,12 +22,16 @@ def as_array(value, what: str, reader: str = "PAMSegmentLib.volumes.read_volume"
                          f"{reader}")
     if value is None:
         raise InputError(f"the {what} is None; pass an array")
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], np.ndarray) \
+            and not isinstance(value[1], np.ndarray):  # what read_image_2d returns: (array, its SimpleITK image)
+        raise InputError(f"the {what} is a pair (array, image), as read_image_2d returns it; pass its array, [0]")
     try:
         return np.asarray(value)
     except (TypeError, ValueError, RuntimeError) as error:
         text = " ".join(str(error).split())[:160]
+        tensor = type(value).__module__.startswith("torch")
         raise InputError(f"the {what} cannot be read as a numpy array ({type(error).__name__}: {text}); pass a "
-                         "numpy array (a torch tensor: t.detach().cpu().float().numpy())") from None
+                         "numpy array" + (" (t.detach().cpu().float().numpy())" if tensor else "")) from None
 
 
 def is_number(value, lo: float, hi: float, whole: bool = False) -> bool:

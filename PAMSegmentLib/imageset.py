@@ -97,7 +97,7 @@ class ImageSetResult:
 def _as_2d(image, what: str) -> np.ndarray:
     from .checks import as_array
 
-    arr = as_array(image, what, "PAMSegmentLib.volumes.read_image_2d")
+    arr = as_array(image, what, "PAMSegmentLib.volumes.read_image_2d(path)[0]")
     if arr.ndim == 3 and arr.shape[0] == 1:
         arr = arr[0]
     if arr.ndim != 2:
@@ -111,8 +111,8 @@ def _as_2d(image, what: str) -> np.ndarray:
         # as propagate and label_cells refuse them (they were set to the image's minimum without a word:
         # an all-NaN image came back "not found"; a Python API trial, session 36)
         bad = int(np.count_nonzero(~np.isfinite(arr)))
-        raise InputError(f"{what} holds {bad} NaN/inf pixel{'s' if bad != 1 else ''}; replace them with finite "
-                         "values (or leave the image out)")
+        raise InputError(f"{what} holds {bad} NaN/inf pixel{'s' if bad != 1 else ''}; replace "
+                         f"{'them' if bad != 1 else 'it'} with finite values (or leave the image out)")
     return arr
 
 
@@ -288,7 +288,7 @@ def _checked_mask(mask, image: np.ndarray, what: str, image_what: str) -> tuple[
     if not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == bool):
         if not np.issubdtype(mask.dtype, np.floating):
             raise InputError(f"{what} must be an integer label map, got values of type {mask.dtype}")
-        if not np.all(np.mod(mask, 1) == 0):
+        if not np.all(np.isfinite(mask)) or not np.all(np.mod(mask, 1) == 0):
             from .propagate import _not_whole
 
             raise InputError(_not_whole(what, mask))

@@ -364,6 +364,11 @@ class PropagationResult:
             drawn = sorted(int(k) for k, m in frames.items() if np.any(m))
             if len(drawn) < 3 or drawn[-1] - drawn[0] + 1 != len(drawn):
                 continue
+            # both ways a walk went out and found nothing: not where --range, a wall or the image's edge
+            # stopped it (then the drawing is all there was to find; a re-review, session 36)
+            walks = {(int(w["start"]), int(w["direction"])) for w in self.stops.get(lab, []) if w["reason"] != "end"}
+            if not {(drawn[0], -1), (drawn[-1], 1)} <= walks:
+                continue
             voxels = self.slice_voxels() if voxels is None else voxels
             if lab in voxels and set(np.flatnonzero(voxels[lab]).tolist()) <= set(drawn):
                 out.append(f"label {lab}: drawn on every slice from {drawn[0]} to {drawn[-1]} and found on no other, "
@@ -643,6 +648,8 @@ def _not_whole(what: str, values: np.ndarray) -> str:
     """The refusal of a float label map holding a value that is not a whole number (a probability
     map or a resampled mask), naming one (a Python API trial, session 36: only "must be an integer
     label map")."""
+    if not np.all(np.isfinite(values)):  # not a probability: thresholding would make them 0 silently
+        return f"{what} holds NaN or infinite values; replace them (a label map holds 0 = background, 1, 2 ...)"
     odd = values[np.mod(values, 1) != 0].flat[0]
     return (f"{what} must be an integer label map, but it holds {float(odd):.4g}: a probability or a mask "
             "resampled with interpolation? Threshold it (mask > 0.5) or resample it with nearest neighbour, then "
@@ -1081,7 +1088,7 @@ def _validate_inputs(image: np.ndarray, prompt: np.ndarray, spacing) -> tuple[fl
     if prompt.dtype.kind not in "biuf":  # complex, text, objects
         raise InputError(f"the prompt must be an integer label map, got values of type {prompt.dtype}")
     if prompt.dtype.kind == "f":
-        if not np.all(np.mod(prompt, 1) == 0):
+        if not np.all(np.isfinite(prompt)) or not np.all(np.mod(prompt, 1) == 0):  # (no warning from mod(inf))
             raise InputError(_not_whole("the prompt", prompt))
         outside = np.abs(prompt) >= 2.0 ** 31  # checked here: the cast to int32 below would wrap such values
         if outside.any():

@@ -1760,8 +1760,8 @@ def _generic_off_grid_error(name: str, labels: Volume, reference: Volume, diffs:
     if axes and labels.shape == reference.shape and not same_grid(flipped, reference):
         # the image's own voxels stored with axes reversed (dcm2niix's conversion of a DICOM series, whose
         # j runs the other way): resampling is exact there, and said so (a trial, session 36)
-        advice = (f"it lies on the image's own voxels, stored with its {axes} axis reversed (as dcm2niix and other "
-                  f"tools that save RAS-ordered files store a DICOM series), so {option} puts it back exactly")
+        advice = (f"it lies on the image's own voxels, stored with its {axes} axis reversed (as some converters "
+                  f"and viewers save it), so {option} puts it back exactly")
     elif diffs == ["spacing"] and labels.shape == reference.shape:
         # the image's voxels with another voxel size in the header: most often a header written wrong
         # (resampling moved a drawing on slice 14 to slice 12)

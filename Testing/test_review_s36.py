@@ -671,6 +671,7 @@ def test_a_four_channel_array_given_to_label_cells_is_said_to_lose_its_fourth():
 
     image, ref = disc_image()
     rgba = np.stack([image, image, image, np.full_like(image, 255)], axis=-1)
+    rgba[:10, :, 3] = 0  # partly transparent
     said = label_cells(rgba, np.where(np.isin(ref, [1, 4, 16]), ref, 0)).warnings
     assert said[0].startswith("the image's 4th channel (alpha?) was left out")
 
@@ -696,3 +697,52 @@ def test_a_fractional_prompt_names_a_value_and_what_to_do():
     with pytest.raises(InputError, match=r"^the prompt must be an integer label map, but it holds 0\.5: a probability "
                                          r"or a mask resampled with interpolation\? Threshold it"):
         propagate(np.zeros((6, 10, 10), np.float32), prompt, (1.0, 1.0, 1.0), model="copy")
+
+
+def test_no_whole_note_where_the_range_or_walls_stopped_the_walks():
+    """A re-review (session 36): a drawing limited on purpose by range= or walls got the 'finished
+    segmentation?' note; only walks that went out and found nothing say so."""
+    from doubles import OracleModel
+
+    from PAMSegmentLib.propagate import propagate
+
+    truth = np.zeros((20, 24, 24), np.uint8)
+    truth[4:16, 8:16, 8:16] = 1
+    image = np.where(truth > 0, 100.0, 0.0).astype(np.float32)
+    drawn = np.zeros_like(truth)
+    drawn[7:10] = truth[7:10]
+    for options in ({"range": (7, 9)}, {"empty_slices": [6, 10]}):
+        result = propagate(image, drawn, (1.0, 1.0, 1.0), model=OracleModel(truth.astype(bool)), axis=0, **options)
+        assert "whole" not in [kind for kind, _ in result.kinds_of_notes()], options
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_prompt_holding_nan_is_not_told_to_be_thresholded(bad):
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.propagate import propagate
+
+    prompt = np.zeros((6, 10, 10))
+    prompt[3, 2:5, 2:5] = 1
+    prompt[3, 0, 0] = bad
+    with pytest.raises(InputError, match=r"^the prompt holds NaN or infinite values; replace them"):
+        propagate(np.zeros((6, 10, 10), np.float32), prompt, (1.0, 1.0, 1.0))
+
+
+def test_read_image_2ds_pair_given_as_an_image_is_said_so():
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.imageset import label_images
+
+    pair = (np.zeros((24, 24), np.float32), sitk.Image(24, 24, sitk.sitkFloat32))
+    with pytest.raises(InputError, match=r"is a pair \(array, image\), as read_image_2d returns it; pass its array"):
+        label_images([pair, np.zeros((24, 24), np.float32)], 0, np.ones((24, 24), np.uint8))
+
+
+def test_an_opaque_fourth_channel_is_not_warned_about():
+    from test_cells import disc_image
+
+    from PAMSegmentLib.cells import label_cells
+
+    image, ref = disc_image()
+    rgba = np.stack([image, image, image, np.full_like(image, 255)], axis=-1).clip(0, 255).astype(np.uint8)
+    said = label_cells(rgba, np.where(np.isin(ref, [1, 4, 16]), ref, 0)).warnings
+    assert not [w for w in said if "4th channel" in w]
