@@ -440,7 +440,9 @@ class PropagationResult:
                     out.append(f"label {lab}: the intensity drift test ended the propagation {n} slice"
                                f"{'s' if n > 1 else ''} {side} the drawn slice {s['start']}, where the object still "
                                f"covered {100 * share:.0f} % of its drawn area (the next slice looked like different "
-                               "tissue); if the structure goes on there, run again with the drift test off")
+                               "tissue: a neighbour, or a thinner part of the object where stopping may be right, as "
+                               "at a vertebra's spinous process); if the structure goes on there, run again with the "
+                               "drift test off")
         return out
 
     def slice_voxels(self) -> dict[int, np.ndarray]:

@@ -19,7 +19,7 @@ import sys
 import time
 import uuid
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Callable, Sequence, Union
 
@@ -73,6 +73,9 @@ class Volume:
     spacing: tuple[float, float, float]
     origin: tuple[float, float, float]
     direction: tuple[float, ...]
+    # A NIfTI-1 file's (qform_code, sform_code) as read (MNI 4, aligned 2 ...), for label maps
+    # written on this grid to keep its space; None for other files (``read_volume`` sets it).
+    nifti_codes: tuple[int, int] | None = field(default=None, compare=False, repr=False)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -928,6 +931,41 @@ def _gzip_bytes(raw) -> int:
             stream, pending = zlib.decompressobj(wbits=31), rest
 
 
+def _nifti_codes(p: Path) -> tuple[int, int] | None:
+    """A NIfTI-1 file's (qform_code, sform_code), None for any other file or one placed by neither."""
+    import struct
+
+    if not p.is_file():
+        return None
+    header = _nifti_header(p)
+    e = _nifti1_endian(header)
+    if e is None:
+        return None
+    codes = struct.unpack_from(e + "hh", header, 252)
+    return (int(codes[0]), int(codes[1])) if any(c > 0 for c in codes) and all(0 <= c <= 5 for c in codes) else None
+
+
+def _patch_nifti_codes(tmp: Path, codes: tuple[int, int]) -> None:
+    """Set the qform and sform codes of the NIfTI-1 file SimpleITK just wrote at ``tmp`` (it writes
+    1, scanner, for both; an output on an MNI template, code 4, then showed in another space in
+    FSLeyes and AFNI: a trial, session 36). Both of its transforms hold the same grid, so whichever
+    a reader takes, the grid is unchanged; a code of 0 leaves that transform to the other."""
+    import gzip
+    import struct
+
+    data = gzip.open(tmp, "rb").read() if tmp.name.endswith(".gz") else tmp.read_bytes()
+    e = _nifti1_endian(data[:348])
+    if e is None:
+        return
+    patched = bytearray(data)
+    struct.pack_into(e + "hh", patched, 252, *codes)
+    if tmp.name.endswith(".gz"):
+        with gzip.open(tmp, "wb", compresslevel=6) as fh:
+            fh.write(patched)
+    else:
+        tmp.write_bytes(patched)
+
+
 def _nifti1_endian(header: bytes | None) -> str | None:
     """The struct byte order ("<" or ">") of a NIfTI-1 header, None for anything else."""
     import struct
@@ -1150,6 +1188,12 @@ def _read_error(p: Path, reason: str) -> InputError:
                           f"({reason[:160]}); is the header damaged? copy or download it again")
     if "unable to determine imageio reader" in low or "could not create io object" in low:
         return InputError(f"cannot read {p} as an image ({reason}); {_READ_HINT}")
+    if "orthonormal" in low:  # a sheared NIfTI grid (sform), not a damaged file (a trial, session 36)
+        return InputError(f"cannot read {p}: its grid is not orthogonal (a sheared affine, e.g. an sform with a "
+                          "tilt or a rounding skew, and no usable qform), which ITK and Slicer cannot place "
+                          f"({reason[:120]}); resample it onto an orthogonal grid (e.g. nibabel's resample_to_output, "
+                          "or FSL's flirt -applyxfm), or if the skew is only rounding, save it again with the "
+                          "nearest orthogonal affine")
     return InputError(f"cannot read {p} as an image ({reason[:200]}); is the file damaged? copy or download it again")
 
 
@@ -1535,6 +1579,7 @@ def read_volume(path: PathLike, series_uid: str | None = None) -> Volume:
     # ITK's copy is let go as soon as the array is made, and the NaN/inf count goes slice by slice:
     # the whole-volume temporaries made a 600 MB float64 read peak at 1.6 GB (a review, s29)
     volume = Volume.from_sitk(_read_sitk(path, series_uid))
+    volume.nifti_codes = _nifti_codes(Path(path))
     if volume.array.dtype.kind == "f":
         bad = sum(int(plane.size - np.count_nonzero(np.isfinite(plane))) for plane in volume.array)
         if bad:
@@ -1605,7 +1650,9 @@ def _describe_difference(prop: str, label: Volume, ref: Volume) -> str:
     def short(v: Sequence[float]) -> str:
         return "(" + ", ".join(f"{float(x) + 0.0:.6g}" for x in v) + ")"  # + 0.0: no "-0"
 
-    axes = " (k, j, i)" if prop in ("size", "spacing") else ""
+    # origins and axes as ITK and Slicer give them (LPS): nibabel's RAS numbers differ in the signs of
+    # x and y (a trial, session 36: "(179.4, ...)" against nibabel's (-179.4, ...))
+    axes = " (k, j, i)" if prop in ("size", "spacing") else " (LPS)" if prop in ("origin", "direction") else ""
     return f"{prop}{axes} {short(values[0])} in it vs the image's {short(values[1])}"
 
 
@@ -2601,10 +2648,11 @@ def _put_back(kept) -> list[dict]:
     return failed[::-1]
 
 
-def _atomic_write(image: sitk.Image, path: PathLike, extensions: Sequence[str] = _WRITE_EXTENSIONS) -> Path:
+def _atomic_write(image: sitk.Image, path: PathLike, extensions: Sequence[str] = _WRITE_EXTENSIONS,
+                  nifti_codes: tuple[int, int] | None = None) -> Path:
     """Write ``image`` compressed to ``path`` via a temporary file in the same folder, so an
     existing file is either fully replaced or left untouched. A symbolic link stays one: its
-    target is written."""
+    target is written. ``nifti_codes``: a NIfTI output's (qform_code, sform_code), the image's."""
     _itk_path(path)  # a name ITK cannot take: refused before anything is written, naming the output
     target = through_link(Path(path))
     ext = check_output_path(target, extensions, probe=False)
@@ -2617,6 +2665,9 @@ def _atomic_write(image: sitk.Image, path: PathLike, extensions: Sequence[str] =
         with _itk_warnings_hidden(), _native_stderr_hidden():  # a failure is reported below, in one line naming OUT
             sitk.WriteImage(image, _itk_path(tmp), useCompression=True)
         _check_written(tmp, image, ext)
+        if nifti_codes is not None and tuple(nifti_codes) != (1, 1) and ext in (".nii", ".nii.gz"):
+            _patch_nifti_codes(tmp, nifti_codes)
+            _check_written(tmp, image, ext)
         os.replace(tmp, target)
     except (RuntimeError, OSError) as error:
         reason = _itk_reason(error) if isinstance(error, RuntimeError) else os_reason(error)
@@ -2828,7 +2879,7 @@ def write_labelmap(array: np.ndarray, reference: Volume, path: PathLike,
     image = reference.to_sitk(labels.astype(dtype, copy=False))
     if _is_seg_nrrd(target.name):
         _seg_nrrd_metadata(image, labels, segments)
-    return _atomic_write(image, target)
+    return _atomic_write(image, target, nifti_codes=reference.nifti_codes)
 
 
 def write_volume(volume: Volume, path: PathLike) -> Path:

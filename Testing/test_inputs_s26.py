@@ -139,7 +139,7 @@ def test_grid_differences_print_no_minus_zero():
     flipped = volumes.Volume(np.zeros((2, 2, 2)), (1, 1, 1), (0, 0, 0), (-1, 0, 0, 0, 1, -0.0, 0, 0, 1))
     image = volumes.Volume(np.zeros((2, 2, 2)), (1, 1, 1), (0, 0, 0), (1, -0.0, -0.0, -0.0, 1, -0.0, 0, 0, 1))
     assert volumes._describe_difference("direction", flipped, image) == (
-        "direction (-1, 0, 0, 0, 1, 0, 0, 0, 1) in it vs the image's (1, 0, 0, 0, 1, 0, 0, 0, 1)")
+        "direction (LPS) (-1, 0, 0, 0, 1, 0, 0, 0, 1) in it vs the image's (1, 0, 0, 0, 1, 0, 0, 0, 1)")
 
 
 def test_a_reader_that_stops_early_ends_the_command_quietly(ct_case):

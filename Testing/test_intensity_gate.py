@@ -286,6 +286,7 @@ def test_a_drift_stop_a_few_slices_out_while_the_object_is_still_large_gets_a_no
     assert share >= 0.5
     assert res.notes() == [f"label 1: the intensity drift test ended the propagation 2 slices after the drawn slice 7, "
                            f"where the object still covered {100 * share:.0f} % of its drawn area (the next slice "
-                           "looked like different tissue); if the structure goes on there, run again with the drift "
-                           "test off"]
+                           "looked like different tissue: a neighbour, or a thinner part of the object where stopping "
+                           "may be right, as at a vertebra's spinous process); if the structure goes on there, run "
+                           "again with the drift test off"]
     assert res.notes(edited={1: [7]}) == []  # a slice just drawn in an update: what the drawing says

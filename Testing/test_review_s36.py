@@ -746,3 +746,61 @@ def test_an_opaque_fourth_channel_is_not_warned_about():
     rgba = np.stack([image, image, image, np.full_like(image, 255)], axis=-1).clip(0, 255).astype(np.uint8)
     said = label_cells(rgba, np.where(np.isin(ref, [1, 4, 16]), ref, 0)).warnings
     assert not [w for w in said if "4th channel" in w]
+
+
+def _nifti_with_codes(path, codes):
+    """A small NIfTI written by SimpleITK, its (qform_code, sform_code) then set in its header."""
+    import gzip
+    import struct
+
+    image = sitk.GetImageFromArray(np.zeros((4, 5, 6), np.int16))
+    image.SetSpacing((1.0, 1.0, 2.0))
+    image.SetOrigin((-90.0, -126.0, -72.0))
+    sitk.WriteImage(image, str(path))
+    data = bytearray(gzip.open(path).read())
+    struct.pack_into("<hh", data, 252, *codes)
+    with gzip.open(path, "wb") as fh:
+        fh.write(data)
+    return path
+
+
+@pytest.mark.parametrize("codes", [(0, 4), (2, 2), (1, 1)])
+def test_a_nifti_label_map_keeps_the_images_space_codes(tmp_path, codes):
+    """A trial (session 36): an MNI-template image (sform code 4) gave a result written with code 1
+    (scanner): FSLeyes and AFNI then show it in another space than its image. The grid is the same
+    either way; the codes now follow the image's."""
+    import gzip
+    import struct
+
+    from PAMSegmentLib.volumes import read_labelmap, read_volume, write_labelmap
+
+    image = read_volume(_nifti_with_codes(tmp_path / "t1.nii.gz", codes))
+    assert image.nifti_codes == codes
+    out = write_labelmap(np.ones(image.shape, np.uint8), image, tmp_path / "out.nii.gz")
+    assert struct.unpack_from("<hh", gzip.open(out).read(348), 252) == codes
+    back = read_labelmap(out, reference=image)  # on the image's grid, as ITK reads it
+    assert np.array_equal(back.array, np.ones(image.shape, np.uint8))
+    nrrd = write_labelmap(np.ones(image.shape, np.uint8), image, tmp_path / "out.nrrd")  # other formats: as before
+    assert read_labelmap(nrrd, reference=image).shape == image.shape
+
+
+def test_a_sheared_nifti_is_not_called_damaged(tmp_path):
+    """A trial (session 36): a NIfTI whose sform is slightly sheared (and no qform), as nibabel or
+    SPM write one, was refused as 'is the file damaged? copy or download it again'."""
+    import gzip
+    import struct
+
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.volumes import read_volume
+
+    path = _nifti_with_codes(tmp_path / "sheared.nii.gz", (0, 2))
+    data = bytearray(gzip.open(path).read())
+    rows = [(-1.0, 0.05, 0.0, 90.0), (0.0, -1.0, 0.0, 126.0), (0.0, 0.0, 2.0, -72.0)]  # x leans with j
+    for n, row in enumerate(rows):
+        struct.pack_into("<4f", data, 280 + 16 * n, *row)
+    with gzip.open(path, "wb") as fh:
+        fh.write(data)
+    with pytest.raises(InputError, match=r"its grid is not orthogonal \(a sheared affine.*resample it onto an "
+                                         r"orthogonal grid") as refused:
+        read_volume(path)
+    assert "damaged" not in str(refused.value)
