@@ -201,7 +201,7 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
         if unnamed is not None:
             raise InputError(f"{path.name}: column {unnamed + 1} has no name in the header but row {line} fills it; "
                              f"name it ({COLUMNS_TEXT}) or remove it")
-    # {resolved output, lower case: (its row, image, prompt, output)}, {row: that key}
+    # {resolved output, lower case: (its row, what it names)}, {row: that key}
     rows, outputs, outputs_key = [], {}, {}
     series_in: dict[str, list[str]] = {}  # {DICOM folder: its series}, read once per folder
     for line, values in records:
@@ -270,32 +270,31 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
             check_keyframes_record_path(output, required=edited is not None)
         except InputError as error:
             raise InputError(f"{where}: {error}") from None
-        key = str(output.resolve()).lower()  # by case too: P01_ct and p01_ct are one file on macOS and Windows
+        labels = _labels(rec.get("label", ""), where)
+        # (image, prompt, output resolved; the label set, None for every label; the series): what tells
+        # a repeated row from two rows of one scan
+        this = (str(image.resolve()), str(prompt.resolve()), str(output.resolve()),
+                None if labels is None else frozenset(labels), rec.get("series", ""))
+        key = this[2].lower()  # by case too: P01_ct and p01_ct are one file on macOS and Windows
         if key in outputs:
-            first, first_image, first_prompt, first_output, first_rest = outputs[key]
-            same_image = first_output == str(output.resolve()) and first_image == str(image.resolve())
-            labels = _labels(rec.get("label", ""), where)
-            rest = (None if labels is None else frozenset(labels), rec.get("series", ""))
-            if same_image and first_prompt == str(prompt.resolve()) and first_rest == rest:
+            first, before = outputs[key]
+            same_image = before[2] == this[2] and before[0] == this[0]
+            if same_image and before[1:] == this[1:]:
                 raise InputError(f"{where} repeats row {first} (the same image, prompt, output, labels and series); "
                                  "remove one")
             if same_image and not rec.get("output"):  # (a trial, session 36: said only of names that differ in case)
                 # two labels of one prompt go in one row; two series of one folder, or two prompts, need names
-                one_row = first_prompt == str(prompt.resolve()) and first_rest[1] == rest[1]
-                every = one_row and None in (first_rest[0], rest[0])  # a row without labels takes every label
-                hint = (f", or drop row {line if rest[0] is not None else first}: a row without a label column takes "
+                one_row = before[1] == this[1] and before[4] == this[4]
+                every = one_row and None in (before[3], this[3])  # a row without labels takes every label
+                hint = (f", or drop row {line if this[3] is not None else first}: a row without a label column takes "
                         "every label of its prompt" if every else
                         ", or list both rows' labels in one row's label column (1 2)" if one_row else "")
                 raise InputError(f"{where}: its image is row {first}'s too, so it gets the same default output "
                                  f"name ({output.name}); give the rows output names (an output column){hint}")
-            case = ("" if first_output == str(output.resolve()) else
-                    " (names that differ only in case are one file on macOS and Windows)")
+            case = "" if before[2] == this[2] else " (names that differ only in case are one file on macOS and Windows)"
             raise InputError(f"{where}: output {output} is also row {first}'s{case}; give each row its own output")
-        given = _labels(rec.get("label", ""), where)
-        outputs[key] = (line, str(image.resolve()), str(prompt.resolve()), str(output.resolve()),
-                        (None if given is None else frozenset(given), rec.get("series", "")))
-        outputs_key[line] = key
-        rows.append(BatchRow(line, image, prompt, output, _labels(rec.get("label", ""), where),
+        outputs[key], outputs_key[line] = (line, this), key
+        rows.append(BatchRow(line, image, prompt, output, labels,
                              series=rec.get("series") or None, previous=previous, edited=edited))
     if not rows:
         raise InputError(f"{path.name} lists no cases")

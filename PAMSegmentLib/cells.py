@@ -762,9 +762,11 @@ def cmd_label_cells(args) -> int:
         check_link_target(written)  # a link is written onto its target: its folder must take files
         check_not_read_only(written)
     _check_cells_memory(args.image, args.tile, args.no_memory_check)
-    image, ref = read_image_2d(args.image, keep_colour=True, say=lambda text: print(f"note: {text}", flush=True))
-    examples = read_labelmap_2d(args.examples, reference=(image[..., 0] if image.ndim == 3 else image, ref),
-                                say=lambda text: print(f"note: {text}", flush=True))
+    def note(text: str) -> None:
+        print(f"note: {text}", flush=True)
+
+    image, ref = read_image_2d(args.image, keep_colour=True, say=note)
+    examples = read_labelmap_2d(args.examples, reference=(image[..., 0] if image.ndim == 3 else image, ref), say=note)
     background = None
     if args.background:
         background = read_labelmap_2d(args.background, reference=(examples, ref)) > 0

@@ -791,8 +791,8 @@ def cmd_label_images(args) -> int:
         if any(os.path.samefile(image_path, m) for m in (mask_path, *(m for _, m in labelled))):
             raise InputError(f"--labelled {image_path} is a mask given with the prompt or another --labelled image; "
                              "give an image of the set")
-    _refuse_image_and_mask_as_images(args.images, prompt_path, bool(labelled), [mask_path, *(m for _, m in labelled)])
     drawn_masks = [mask_path, *(m for _, m in labelled)]
+    _refuse_image_and_mask_as_images(args.images, prompt_path, bool(labelled), drawn_masks)
     masks_left_out: list = []
     files = _expand(args.images, masks_left_out)
     masks_left_out = [f for f in masks_left_out if not any(os.path.samefile(f, m) for m in drawn_masks)]
@@ -856,17 +856,20 @@ def cmd_label_images(args) -> int:
 
     _check_set_memory(files, args.no_memory_check)
     read = [read_image_2d(f) for f in files]
-    prompt = read_labelmap_2d(mask_path, reference=read[index], say=lambda text: print(f"note: {text}", flush=True))
+    def note(text: str) -> None:
+        print(f"note: {text}", flush=True)
+
+    prompt = read_labelmap_2d(mask_path, reference=read[index], say=note)
     more = {}
     for image_path, its_mask in labelled:
         at = next(n for n, f in enumerate(files) if os.path.samefile(f, image_path))
         if at in more:
             raise InputError(f"--labelled {image_path} is given twice; give each image's mask once")
-        more[at] = read_labelmap_2d(its_mask, reference=read[at], say=lambda text: print(f"note: {text}", flush=True))
+        more[at] = read_labelmap_2d(its_mask, reference=read[at], say=note)
     # images stored flipped or transposed against the prompt image (their files say so) are labelled
     # in its orientation and their masks written back as stored (they were matched pixel by pixel:
     # a mask mirrored, Dice 0.89, or transposed, 0.82)
-    turns = [orientation_to(read[index][1], ref, f.name, say=lambda text: print(f"note: {text}", flush=True))
+    turns = [orientation_to(read[index][1], ref, f.name, say=note)
              for f, (_, ref) in zip(files, read)]
     arrays = [reorient(a, t) for (a, _), t in zip(read, turns)]
     more = {at: reorient(m, turns[at]) for at, m in more.items()}

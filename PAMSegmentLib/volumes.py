@@ -953,7 +953,11 @@ def _patch_nifti_codes(tmp: Path, codes: tuple[int, int]) -> None:
     import gzip
     import struct
 
-    data = gzip.open(tmp, "rb").read() if tmp.name.endswith(".gz") else tmp.read_bytes()
+    if tmp.name.endswith(".gz"):
+        with gzip.open(tmp, "rb") as fh:
+            data = fh.read()
+    else:
+        data = tmp.read_bytes()
     e = _nifti1_endian(data[:348])
     if e is None:
         return
