@@ -34,6 +34,16 @@ def as_array(value, what: str, reader: str = "PAMSegmentLib.volumes.read_volume"
                          "numpy array" + (" (t.detach().cpu().float().numpy())" if tensor else "")) from None
 
 
+def shown(value, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters for a message (a client's 309-digit number or a
+    long list would otherwise fill the message and the server's log)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int of more digits than Python converts to text
+        return f"a number of about {value.bit_length() * 0.30103:.0f} digits"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def is_number(value, lo: float, hi: float, whole: bool = False) -> bool:
     """Whether ``value`` is a real number (not a bool, not a string) within [lo, hi], finite, and a
     whole number if ``whole`` (an integral float such as 4.0 counts)."""

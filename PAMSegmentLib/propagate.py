@@ -32,14 +32,14 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import cc3d
 import numpy as np
 
 from .checks import check_flag, empty_between_drawn, is_number, runs_text, slice_runs, state_from_json, state_to_json
-from .checks import as_array, max_threads
+from .checks import as_array, max_threads, shown
 from .errors import InputError, PropagationCancelled
 from .metrics import dice
 
@@ -1132,14 +1132,14 @@ def _validate_inputs(image: np.ndarray, prompt: np.ndarray, spacing) -> tuple[fl
 def _whole(value, what: str) -> int:
     """``value`` as an int if it is a whole number (not a bool), else InputError naming ``what``."""
     if not is_number(value, -math.inf, math.inf, whole=True):
-        raise InputError(f"{what} must be a whole number, got {value!r}")
+        raise InputError(f"{what} must be a whole number, got {shown(value)}")
     return int(value)
 
 
 def label_list(labels) -> list[int]:
     """A ``labels=`` option as whole numbers (InputError for text, a single number, an empty list)."""
-    if isinstance(labels, (str, bytes)) or not hasattr(labels, "__iter__"):
-        raise InputError(f"labels must be a list of label numbers, got {labels!r}")
+    if isinstance(labels, (str, bytes, Mapping)) or not hasattr(labels, "__iter__"):  # a dict gave its keys
+        raise InputError(f"labels must be a list of label numbers, got {shown(labels)}")
     labels = [_whole(v, "a label") for v in labels]
     if not labels:
         raise InputError("labels is empty: give at least one label of the prompt (or None for all)")
@@ -1162,8 +1162,9 @@ def _validate_options(axis, labels, range, batch_size, threads, cancel, previous
     if labels is not None:
         labels = label_list(labels)
     if range is not None:
-        if isinstance(range, (str, bytes)) or not hasattr(range, "__len__") or len(range) != 2:
-            raise InputError(f"range must be (first, last) slice numbers, got {range!r}")
+        if (isinstance(range, (str, bytes, Mapping, set, frozenset)) or not hasattr(range, "__len__")
+                or len(range) != 2):  # a dict of 2 keys passed the length test, then range[0] was a KeyError
+            raise InputError(f"range must be (first, last) slice numbers, got {shown(range)}")
         range = (_whole(range[0], "range's first slice"), _whole(range[1], "range's last slice"))
     if _whole(batch_size, "batch size") < 1:
         raise InputError("batch size must be at least 1")
@@ -2625,19 +2626,19 @@ def _empty_slices_per_label(empty_slices, slices: dict, lo: int, hi: int, axis: 
         given = {_whole(lab, "an empty_slices label"): seq for lab, seq in empty_slices.items()}
         unknown = [lab for lab in given if lab not in slices]
         if unknown:
-            raise InputError(f"empty slices given for label {unknown[0]}, which is not among the labels propagated "
-                             f"({', '.join(map(str, slices))})")
+            raise InputError(f"empty slices given for label {shown(unknown[0])}, which is not among the labels "
+                             f"propagated ({', '.join(map(str, slices))})")
         per = {lab: given.get(lab, ()) for lab in slices}
     else:
         per = {lab: empty_slices for lab in slices}
     out = {}
     for lab, seq in per.items():
         if isinstance(seq, (str, bytes)) or not hasattr(seq, "__iter__"):
-            raise InputError(f"empty slices must be a list of slice numbers, got {seq!r}")
+            raise InputError(f"empty slices must be a list of slice numbers, got {shown(seq)}")
         idx = {_whole(v, "an empty slice") for v in seq}
         bad = sorted(v for v in idx if not lo <= v <= hi)
         if bad:
-            raise InputError(f"empty slice {bad[0]} lies outside the range {lo}:{hi} along axis {axis}")
+            raise InputError(f"empty slice {shown(bad[0])} lies outside the range {lo}:{hi} along axis {axis}")
         both = sorted(idx & set(slices[lab]))
         if both:
             others = [other for other in slices if other != lab and both[0] not in slices[other]]

@@ -251,6 +251,8 @@ def _read_arrays(archive, want: set, max_voxels: int) -> tuple[np.ndarray, np.nd
     spacing = arrays["spacing.npy"]
     if spacing.shape != (3,):
         raise InputError(f"spacing must be 3 numbers (k, j, i), got shape {spacing.shape}")
+    if spacing.dtype.kind == "b":  # True would be read as 1 mm, which the engine refuses from Python
+        raise InputError("spacing must be 3 numbers of millimetres (k, j, i), got true/false values")
     return arrays["image.npy"], arrays["prompt.npy"], tuple(float(s) for s in spacing)
 
 
@@ -571,7 +573,11 @@ def create_app(model_factory: Callable[[str], Any], *, token: str | None = None,
         return encode_result(result)
 
     queue = JobQueue(run, max_jobs=max_jobs, result_ttl=result_ttl, abandon_after=abandon_after)
-    app = FastAPI(title="PAMSegment server", version=__version__)
+    # No /docs or /redoc pages: they load their scripts from a CDN into this server's origin, and their
+    # "Try it out" would be refused by the Origin check below. /openapi.json describes the API.
+    # A trailing slash is a 404 like any other unknown path, not a redirect built from the Host header.
+    app = FastAPI(title="PAMSegment server", version=__version__, docs_url=None, redoc_url=None,
+                  redirect_slashes=False)
     app.state.queue = queue
 
     @app.middleware("http")
