@@ -104,7 +104,8 @@ def _as_2d(image, what: str) -> np.ndarray:
         raise InputError(f"{what} must be a 2D image (rows, columns), got shape {arr.shape}; "
                          "a colour image must be converted to grey values first")
     if arr.shape[0] < 8 or arr.shape[1] < 8:
-        raise InputError(f"{what} is {arr.shape[0]} x {arr.shape[1]} pixels; images need at least 8 x 8")
+        raise InputError(f"{what} is {arr.shape[1]} x {arr.shape[0]} pixels (width x height); images need at least "
+                         "8 x 8")
     if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool) or np.issubdtype(arr.dtype, np.complexfloating):
         raise InputError(f"{what} must hold real grey values, got {arr.dtype}")
     if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
@@ -855,9 +856,10 @@ def cmd_label_images(args) -> int:
                        [m for _, m in labelled])
 
     _check_set_memory(files, args.no_memory_check)
-    read = [read_image_2d(f) for f in files]
     def note(text: str) -> None:
         print(f"note: {text}", flush=True)
+
+    read = [read_image_2d(f, say=note) for f in files]  # (an alpha channel left out is said, as label-cells says it)
 
     prompt = read_labelmap_2d(mask_path, reference=read[index], say=note)
     more = {}

@@ -156,10 +156,59 @@ def _fmt_size(size: Sequence[int]) -> str:
 
 
 def _itk_reason(error: RuntimeError) -> str:
-    """Last line of an ITK exception, without the source-file location noise."""
+    """Last line of an ITK exception, without the source-file location noise; where that line is
+    only numbers (a matrix's last row: a singular direction's message ended in "0 0 1"), the
+    ``ITK ERROR:`` line's text instead, its object address dropped and cut before "Refusing ..."."""
     lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
     reason = lines[-1] if lines else "unknown error"
+    if not re.sub(r"[-+0-9.eE\s\[\],]", "", reason):
+        for line in lines:
+            if line.startswith("ITK ERROR:"):
+                text = line.removeprefix("ITK ERROR:").strip()
+                text = text.split("): ", 1)[1] if text.split("(", 1)[0].isidentifier() and "): " in text else text
+                return text.split(". Refusing", 1)[0].rstrip(".").strip() or reason
     return reason.removeprefix("sitk::ERROR:").strip()
+
+
+# What a file holds, by its first bytes, for a file ITK found no reader for (its name's extension
+# then names another format: a JPEG saved as .png, a gzip stream named .nii).
+_MAGIC = ((b"\x1f\x8b", "gzip-compressed", ".nii.gz"),
+          (b"\x89PNG\r\n\x1a\n", "a PNG image", ".png"), (b"\xff\xd8\xff", "a JPEG image", ".jpg"),
+          (b"II*\x00", "a TIFF image", ".tif"), (b"MM\x00*", "a TIFF image", ".tif"),
+          (b"NRRD000", "an NRRD image", ".nrrd"), (b"BM", "a BMP image", ".bmp"))
+
+
+def _content_kind(p: Path) -> tuple[str, str] | None:
+    """(what the file holds, the extension that names it) by its first bytes, when its own name's
+    extension names something else; None when it does not tell or the name fits."""
+    try:
+        with open(p, "rb") as f:
+            head = f.read(352)
+    except OSError:
+        return None
+    found = next(((kind, ext) for magic, kind, ext in _MAGIC if head.startswith(magic)), None)
+    if found is None and head[344:348] in (b"n+1\x00", b"ni1\x00"):
+        found = ("an uncompressed NIfTI image", ".nii")
+    if found is None and any(head.lstrip().startswith(k) for k in (b"ObjectType", b"NDims")):
+        found = ("a MetaImage", ".mha")
+    name = p.name.lower()
+    if found is None or name.endswith(found[1]) or (found[1] == ".jpg" and name.endswith(".jpeg")) or (
+            found[1] == ".tif" and name.endswith(".tiff")):
+        return None
+    return found
+
+
+def _named_as_another_kind(p: Path) -> str | None:
+    """"X is a JPEG image named .png: rename it to .jpg" for a file whose contents and name disagree."""
+    kind = _content_kind(p)
+    if kind is None:
+        return None
+    ext = "".join(p.suffixes[-2:]) if p.name.lower().endswith(".nii.gz") else p.suffix
+    renamed = p.name[:len(p.name) - len(ext)] + kind[1]
+    if kind[1] == ".nii.gz":  # gzip holds anything; a compressed NIfTI is what a scan's .gz usually is
+        return f"{p.name} is gzip-compressed but its name ends in {ext or 'no extension'}: if it is a compressed " \
+               f"NIfTI image, rename it to {renamed}"
+    return f"{p.name} is {kind[0]} but its name ends in {ext or 'no extension'}: rename it to {renamed}"
 
 
 @contextlib.contextmanager
@@ -774,11 +823,14 @@ def _check_no_gantry_tilt(points: np.ndarray, normal: np.ndarray, image: sitk.Im
 # NIfTI-1 / NIfTI-2 header fields: (header size, dim offset and format, bitpix offset and format,
 # vox_offset offset and format) per endianness.
 _NIFTI_LAYOUTS = {348: ((40, "8h"), (72, "h"), (108, "f")), 540: ((16, "8q"), (14, "h"), (168, "q"))}
+# Bytes per voxel of each NIfTI datatype code: ITK (niftilib), like nibabel, reads by the datatype,
+# not by bitpix (DT_BINARY, 1, has no whole byte size and is left to ITK).
+_NIFTI_DATATYPE_BYTES = {2: 1, 4: 2, 8: 4, 16: 4, 32: 8, 64: 8, 128: 3, 256: 1, 512: 2, 768: 4, 1024: 8, 1280: 8,
+                         1536: 16, 1792: 16, 2048: 32, 2304: 4}
 
 
-def _nifti_data_bytes(header: bytes) -> int | None:
-    """Bytes a NIfTI file needs up to the end of its voxel data, from its header; None if the
-    header is not one this check understands (ITK then decides)."""
+def _nifti_layout(header: bytes) -> tuple[int, tuple, int, int, int] | None:
+    """(header size, dims, datatype, bitpix, vox_offset) of a NIfTI-1 or -2 header, else None."""
     import struct
 
     for endian in "<>":
@@ -788,14 +840,39 @@ def _nifti_data_bytes(header: bytes) -> int | None:
         if size not in _NIFTI_LAYOUTS or len(header) < size:
             continue
         (d_at, d_fmt), (b_at, b_fmt), (v_at, v_fmt) = _NIFTI_LAYOUTS[size]
-        dims = struct.unpack_from(endian + d_fmt, header, d_at)
-        bitpix = struct.unpack_from(endian + b_fmt, header, b_at)[0]
-        vox_offset = struct.unpack_from(endian + v_fmt, header, v_at)[0]
-        if not 1 <= dims[0] <= 7 or bitpix <= 0 or bitpix % 8 or vox_offset < 0:
-            return None
-        voxels = int(np.prod([max(int(d), 1) for d in dims[1:dims[0] + 1]], dtype=np.int64))
-        return int(vox_offset) + voxels * (bitpix // 8)
+        datatype = struct.unpack_from(endian + "h", header, b_at - 2)[0]  # just before bitpix in both versions
+        return (size, struct.unpack_from(endian + d_fmt, header, d_at), datatype,
+                struct.unpack_from(endian + b_fmt, header, b_at)[0], struct.unpack_from(endian + v_fmt, header, v_at)[0])
     return None
+
+
+def _nifti_data_bytes(header: bytes) -> int | None:
+    """Bytes a NIfTI file needs up to the end of its voxel data, from its header (the voxel size
+    from its datatype, as ITK reads it; from bitpix for a datatype this table does not know); None
+    if the header is not one this check understands (ITK then decides)."""
+    layout = _nifti_layout(header)
+    if layout is None:
+        return None
+    _, dims, datatype, bitpix, vox_offset = layout
+    nbytes = _NIFTI_DATATYPE_BYTES.get(datatype, bitpix // 8 if bitpix > 0 and bitpix % 8 == 0 else None)
+    if not 1 <= dims[0] <= 7 or not nbytes or vox_offset < 0:
+        return None
+    voxels = int(np.prod([max(int(d), 1) for d in dims[1:dims[0] + 1]], dtype=np.int64))
+    return int(vox_offset) + voxels * nbytes
+
+
+def _check_nifti_layout(p: Path, header: bytes) -> None:
+    """A single-file NIfTI whose voxel data would start inside its own header (vox_offset below 352,
+    544 for NIfTI-2) is refused: ITK then reads from byte 348 and nibabel from byte 0, so the voxels
+    come out shifted, differently in each tool, without a word."""
+    layout = _nifti_layout(header)
+    if layout is None or not p.name.lower().endswith((".nii", ".nii.gz")):
+        return
+    size, _, _, _, vox_offset = layout
+    if vox_offset < size + 4:
+        raise InputError(f"{p.name}'s header puts its voxel data at byte {vox_offset:g} (vox_offset), inside the "
+                         f"header (a .nii file's data starts at byte {size + 4} or later): tools read such a file "
+                         "shifted, each differently; export it again from where it came from")
 
 
 def _nifti_header(p: Path) -> bytes | None:
@@ -806,6 +883,9 @@ def _nifti_header(p: Path) -> bytes | None:
     name = p.name.lower()
     if not name.endswith((".nii", ".nii.gz")):
         return None
+    other = _named_as_another_kind(p)  # a gzip stream named .nii was "truncated inside its header"
+    if other:
+        raise InputError(f"cannot read {p}: {other}")
     try:  # a header that cannot be read: ITK decides (and names the problem)
         with (gzip.open(p, "rb") if name.endswith(".gz") else open(p, "rb")) as f:
             header = f.read(540)
@@ -842,6 +922,14 @@ def _check_nifti_complete(p: Path, header: bytes) -> None:
         except (OSError, EOFError, zlib.error) as error:
             raise InputError(f"{p.name} is incomplete or damaged ({error}); copy or download it again") from None
     if have < needed:
+        _, _, datatype, bitpix, vox_offset = _nifti_layout(header)
+        nbytes = _NIFTI_DATATYPE_BYTES.get(datatype)
+        if nbytes and bitpix != 8 * nbytes and bitpix > 0 and bitpix % 8 == 0 and (
+                have >= vox_offset + (needed - vox_offset) // nbytes * (bitpix // 8)):  # enough by bitpix
+            raise InputError(f"{p.name}'s header is inconsistent: its datatype ({datatype}) has {8 * nbytes}-bit "
+                             f"voxels but its bitpix says {bitpix}, and the file holds data for the bitpix only "
+                             "(ITK would read past its end and fill the rest with zeros); export it again from "
+                             "where it came from")
         raise InputError(f"{p.name} is truncated: its header needs {needed} bytes, the file has {have}; "
                          "copy or download it again")
 
@@ -1016,14 +1104,66 @@ def _note_nifti_qform_sform(p: Path, header: bytes, image: sitk.Image, tol_mm: f
         return
     qform, sform = affines
     apart = _affines_apart(affines, (list(image.GetSize()) + [1, 1])[:3])  # a 2D file has two sizes
-    if apart <= tol_mm:
+    if not apart > tol_mm:  # (NaN: a pixdim of NaN, which the voxel-size note names)
         return
-    lps = np.asarray((list(image.GetOrigin()) + [0.0, 0.0])[:3]) * np.array([-1.0, -1.0, 1.0])  # ITK's origin, in RAS
-    used = "qform" if np.linalg.norm(lps - qform[:, 3]) <= np.linalg.norm(lps - sform[:, 3]) else "sform"
+    n = (list(image.GetSize()) + [1, 1])[:3]
+    itk = _itk_ras_affine(image)  # which of the two ITK used: the nearer over the volume's corners (origins alone
+    used = "qform" if _affines_apart((itk, qform), n) <= _affines_apart((itk, sform), n) else "sform"  # can tie)
     other = "sform" if used == "qform" else "qform"
     warnings.warn(f"{p.name}: its NIfTI header holds two different grids (qform and sform are up to {apart:.3g} mm "
                   f"apart); like ITK and Slicer, PAMSegment uses the {used}, and an output stores only that one, so "
                   f"tools that use the {other} would place input and output differently", stacklevel=3)
+
+
+def _itk_ras_affine(image: sitk.Image) -> np.ndarray:
+    """The 3 x 4 voxel-to-RAS affine of an image as ITK read it (its first three axes)."""
+    d = image.GetDimension()
+    direction = np.eye(3)
+    direction[:min(d, 3), :min(d, 3)] = np.asarray(image.GetDirection(), dtype=np.float64).reshape(d, d)[:3, :3]
+    spacing = np.ones(3)
+    spacing[:min(d, 3)] = image.GetSpacing()[:3]
+    origin = np.zeros(3)
+    origin[:min(d, 3)] = image.GetOrigin()[:3]
+    flip = np.array([-1.0, -1.0, 1.0])  # ITK's LPS to NIfTI's RAS
+    return np.hstack([(direction * spacing) * flip[:, None], (origin * flip)[:, None]])
+
+
+def _check_nifti_finite(p: Path, header: bytes) -> None:
+    """A NIfTI-1 header whose sform (or qform) in use holds NaN or infinity is refused before ITK reads
+    it: ITK either took the NaN grid (a result written at origin 0 with plain axes) or called it
+    sheared ("resample it onto an orthogonal grid")."""
+    import struct
+
+    e = _nifti1_endian(header)
+    if e is None:
+        return
+    qcode, scode = struct.unpack_from(e + "2h", header, 252)
+    bad = [form for form, code, at, n in (("sform (srow_x/y/z)", scode, 280, 12), ("qform (quatern_b/c/d, "
+                                          "qoffset_x/y/z)", qcode, 256, 6))
+           if code > 0 and not all(math.isfinite(v) for v in struct.unpack_from(e + f"{n}f", header, at))]
+    if bad:
+        raise InputError(f"{p.name}'s NIfTI header holds NaN or infinity in its {' and its '.join(bad)}: the file "
+                         "has no usable position; export it again from where it came from")
+
+
+def _check_finite_grid(p: Path, image: sitk.Image) -> None:
+    """A grid holding NaN or infinity (a NIfTI sform of NaN, a MetaImage TransformMatrix of nan) has
+    no position: refused, naming what, before any check or output works with it (a NaN sform went
+    on to a result written at origin 0 with identity axes, and to VNL's messages on stderr)."""
+    parts = {"origin": image.GetOrigin(), "voxel size": image.GetSpacing(), "axes (direction)": image.GetDirection()}
+    bad = [name for name, values in parts.items() if not all(math.isfinite(v) for v in values)]
+    if bad:
+        where = (" (in a NIfTI file: its sform srow_x/y/z or its qform quatern/qoffset and pixdim)"
+                 if p.name.lower().endswith((".nii", ".nii.gz")) else "")
+        raise InputError(f"{p.name}'s header gives its {' and '.join(bad)} as NaN or infinity{where}: the file has "
+                         "no usable position; export it again from where it came from, or set a valid grid "
+                         "(e.g. in Slicer's Volumes module)")
+    odd = [f"{'ijk'[n]} {v:.3g} mm" for n, v in enumerate(image.GetSpacing()[:3]) if not 1e-7 <= abs(v) <= 1e5]
+    if odd:  # 0.1 nm to 100 m: outside, a unit or a header is wrong (pixdim 1e-9 ran without a word)
+        warnings.warn(f"{p.name}: its header gives a voxel size of {', '.join(odd)}, far outside what a scan or "
+                      "microscope image has: is the header's unit or spacing wrong? PAMSegment's 20 mm walk window and "
+                      "its distances count millimetres; fix the header (e.g. in Slicer's Volumes module) if so",
+                      stacklevel=3)
 
 
 def _affines_apart(affines, n) -> float:
@@ -1046,7 +1186,7 @@ def _two_grids_holding(p: Path | None, other: Volume, tol: float = 1e-3) -> floa
         return None
     dims = struct.unpack_from(_nifti1_endian(header) + "8h", header, 40)
     apart = _affines_apart(affines, [max(int(v), 1) for v in dims[1:4]])
-    if apart <= 0.01:
+    if not apart > 0.01:  # (or NaN: no distance to name)
         return None
     flip = np.diag([-1.0, -1.0, 1.0])  # NIfTI's RAS to ITK's LPS
     axes = np.asarray(other.direction, dtype=np.float64).reshape(3, 3) * np.asarray(other.spacing_ijk, dtype=np.float64)
@@ -1178,8 +1318,8 @@ def _read_error(p: Path, reason: str) -> InputError:
     if any(k in low for k in ("no such file or directory", "fread got only", "data not read completely",
                               "unexpected end of file", "premature end", "expected", "_nrrdencoding")) \
             and "imageio" not in low:
-        return InputError(f"cannot read {p}: its voxel data ends early or is damaged ({reason[:160]}); copy or "
-                          "download it again")
+        why = "" if "no such file or directory" in low else f" ({reason[:160]})"  # MetaIO's errno text, not a reason
+        return InputError(f"cannot read {p}: its voxel data ends early or is damaged{why}; copy or download it again")
     short = _memory_short_of(p)
     if short is not None:  # a healthy file was called damaged under a memory limit (a review, session 33)
         need, left = short
@@ -1191,7 +1331,12 @@ def _read_error(p: Path, reason: str) -> InputError:
         return InputError(f"cannot read {p}: its header declares more voxels than this machine's memory holds "
                           f"({reason[:160]}); is the header damaged? copy or download it again")
     if "unable to determine imageio reader" in low or "could not create io object" in low:
-        return InputError(f"cannot read {p} as an image ({reason}); {_READ_HINT}")
+        other = _named_as_another_kind(p)
+        return InputError(f"cannot read {p}: {other}" if other else f"cannot read {p} as an image ({reason}); {_READ_HINT}")
+    if "determinant is 0" in low:  # a singular direction matrix (two axes parallel, or one of zero length)
+        return InputError(f"cannot read {p}: its header's axes (direction) are degenerate, two of them parallel or one "
+                          f"of length zero ({reason[:120]}), so the image has no usable grid; export it again from "
+                          "where it came from")
     if "orthonormal" in low:  # a sheared NIfTI grid (sform), not a damaged file (a trial, session 36)
         return InputError(f"cannot read {p}: its grid is not orthogonal (a sheared affine, e.g. an sform with a "
                           "tilt or a rounding skew, and no usable qform), which ITK and Slicer cannot place "
@@ -1488,6 +1633,7 @@ def _read_sitk(path: PathLike, series_uid: str | None = None, single_slice_ok: b
         raise InputError(f"{p} does not exist; check the path")
     if p.is_dir():
         image = _read_dicom_series(p, series_uid)
+        _check_finite_grid(p, image)
     else:
         if p.name.upper() == "DICOMDIR":  # a disc's index, the first file a CD user tries (a trial, session 36)
             below = _subfolders_with_series(p.parent)
@@ -1505,6 +1651,8 @@ def _read_sitk(path: PathLike, series_uid: str | None = None, single_slice_ok: b
         _refuse_dicom_objects_not_images(p)
         header = _nifti_header(p)  # read once for the NIfTI checks
         if header is not None:
+            _check_nifti_layout(p, header)
+            _check_nifti_finite(p, header)
             _check_nifti_complete(p, header)
         elif p.name.lower().endswith((".nrrd", ".nhdr")):
             _check_nrrd_complete(p)
@@ -1515,6 +1663,7 @@ def _read_sitk(path: PathLike, series_uid: str | None = None, single_slice_ok: b
                 image = sitk.ReadImage(_itk_path(p))
         except RuntimeError as error:
             raise _read_error(p, _itk_reason(error)) from None
+        _check_finite_grid(p, image)
         if header is not None:
             _note_nifti_qform_sform(p, header, image)
             _note_nifti_no_spacing(p, header, image.GetDimension())
@@ -1724,6 +1873,15 @@ def _off_grid_error(name: str, labels: Volume, reference: Volume, diffs: list[st
                           f"Save {'it' if role == 'result' else 'the prompt'} with the "
                           "image's geometry as ITK reads it (SimpleITK: mask.CopyInformation(image)), or make the "
                           "file's qform and sform agree (nibabel: img.set_qform(img.get_sform()))")
+    image_unplaced = (_no_position(reference_path) if reference_path is not None and labels.shape == reference.shape
+                      and path is not None and _no_position(path) is None else None)
+    if image_unplaced:  # the image's header is what lacks a position (the prompt was blamed: "drawn on another scan?")
+        return InputError(f"{name} is not on the image grid because the image, {reference_path.name}, has no position "
+                          f"in space in its header ({image_unplaced}: ITK gives it origin 0 and plain axes) while "
+                          f"{name} has one, so the two cannot be matched by position ({option} would put it in the "
+                          "wrong place). If it was drawn on this image's voxels, save it with the image's geometry "
+                          "(SimpleITK: mask.CopyInformation(image)); better, give the image its position again (export "
+                          "it again from the scan)")
     return (_never_resampled(name, labels, reference, diffs, path, option=option)
             or _generic_off_grid_error(name, labels, reference, diffs, option, role))
 
@@ -2031,6 +2189,8 @@ def check_grids_from_headers(image_path: PathLike, prompt_path: PathLike,
         for path in (Path(image_path), Path(prompt_path)):  # what the full read would note: it may explain this
             header = _nifti_header(path)
             if header is not None:
+                _check_nifti_layout(path, header)  # a file cut short: the size its header declares is not the
+                _check_nifti_complete(path, header)  # mismatch to name (the prompt was told to be resampled)
                 _note_nifti_no_spacing(path, header, 3)
         error = _off_grid_error(Path(prompt_path).name, prompt, compared, diffs, Path(prompt_path), Path(image_path),
                                 option=resample_option)
@@ -3234,6 +3394,9 @@ def _read_2d(path: PathLike, what: str) -> tuple[sitk.Image, sitk.Image]:
                 image = sitk.GetImageFromArray(np.ascontiguousarray(arr), isVector=arr.ndim == 3)
         if image is None:
             known = p.name.lower().endswith(tuple(IMAGE_2D_EXTENSIONS))
+            other = _named_as_another_kind(p)
+            if other:
+                raise InputError(f"cannot read {p}: {other}") from None
             raise InputError(f"cannot read {p} as an image ({_itk_reason(error)}); "
                              + ("is the file damaged? copy or export it again" if known else
                                 f"expected {', '.join(IMAGE_2D_EXTENSIONS)}")) from None
