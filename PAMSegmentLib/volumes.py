@@ -1332,7 +1332,8 @@ def _read_error(p: Path, reason: str) -> InputError:
                           f"({reason[:160]}); is the header damaged? copy or download it again")
     if "unable to determine imageio reader" in low or "could not create io object" in low:
         other = _named_as_another_kind(p)
-        return InputError(f"cannot read {p}: {other}" if other else f"cannot read {p} as an image ({reason}); {_READ_HINT}")
+        return InputError(f"cannot read {p}: {other}" if other else
+                          f"cannot read {p} as an image ({reason}); {_READ_HINT}")
     if "determinant is 0" in low:  # a singular direction matrix (two axes parallel, or one of zero length)
         return InputError(f"cannot read {p}: its header's axes (direction) are degenerate, two of them parallel or one "
                           f"of length zero ({reason[:120]}), so the image has no usable grid; export it again from "

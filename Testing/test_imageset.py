@@ -464,7 +464,8 @@ def test_cli_names_a_bad_image_by_its_file(tmp_path, run_cli):
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((1, 64), np.uint8)), str(tmp_path / "set" / "line.png"))
     proc = run_cli("label-images", tmp_path / "set" / "img_0.png", tmp_path / "mask.png", tmp_path / "set",
                    "-o", tmp_path / "out", "--method", "copy")
-    assert proc.returncode == 2 and "line.png is 64 x 1 pixels (width x height); images need at least 8 x 8" in proc.stderr
+    assert proc.returncode == 2
+    assert "line.png is 64 x 1 pixels (width x height); images need at least 8 x 8" in proc.stderr
 
 
 # IMG_1.png (session 29): names that differ only in case are one file on macOS and Windows
