@@ -1105,7 +1105,9 @@ class PAMSegmentLogic(ScriptedLoadableModuleLogic):
         volume = entry.volume_for(volumeNode) if entry is not None else None
         if volume is None:
             return False
-        return entry.holds_result(segment_mask(segmentationNode, segmentId, volume))
+        # refused, not read, where the export would not fit in memory (VTK would end the whole process)
+        mask = segment_mask(segmentationNode, segmentId, volume, check_memory="reading the segment")
+        return entry.holds_result(mask)
 
     def editedSlices(self, segmentationNode, segmentId, volumeNode=None):
         """Slices of the segment that differ from the last PAM result written (the user's edits), read
@@ -1116,7 +1118,9 @@ class PAMSegmentLogic(ScriptedLoadableModuleLogic):
         volume = entry.volume_for(volumeNode) if entry is not None else None
         if volume is None:
             return []
-        return entry.edited_slices(segment_mask(segmentationNode, segmentId, volume))
+        # refused, not read, where the export would not fit in memory (VTK would end the whole process)
+        mask = segment_mask(segmentationNode, segmentId, volume, check_memory="reading the segment")
+        return entry.edited_slices(mask)
 
     def unseenEdits(self, segmentationNode, segmentId, volumeNode=None):
         """Why the segment was edited where its volume's voxels do not show it (thin slices of a finer

@@ -239,7 +239,10 @@ class CopyPredictor(_ClassicalPredictor):
                     cand = (g | (grown & inr)) & inr
                 else:
                     cand = g & inr
-                cand = ndimage.binary_fill_holes(ndimage.binary_closing(cand, iterations=1)) & (
+                # closed with a margin: scipy's closing erodes from outside the array, so it took the
+                # slice's edge row off an object touching it (a drawing on edge pixels only came back empty)
+                closed = ndimage.binary_closing(np.pad(cand, 1), iterations=1)[1:-1, 1:-1]
+                cand = ndimage.binary_fill_holes(closed) & (
                     ndimage.binary_dilation(g, iterations=self.grow_px) if self.grow_px > 0 else g)
                 pred = _largest_overlapping(cand, g)
             # The mask whatever the drift test says: the engine empties a slice whose presence is
@@ -325,7 +328,10 @@ class TrackPredictor(_ClassicalPredictor):
 
     def _normalise(self, arr: np.ndarray) -> np.ndarray:
         lo, hi = self._state["window"]
-        return np.clip((np.asarray(arr, dtype=np.float32) - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+        width = np.float32(hi) - np.float32(lo)
+        if not width > 0:  # a flat region of 0: its floor width (1e-300) is 0 in float32, and 0 / 0 warned
+            width = np.float32(1.0)
+        return np.clip((np.asarray(arr, dtype=np.float32) - np.float32(lo)) / width, 0.0, 1.0).astype(np.float32)
 
     def _factors(self, shape) -> list[float]:
         """Grid coarsening factors, finest first: the registration grid (at most ``max_side`` px),

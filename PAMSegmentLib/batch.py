@@ -50,6 +50,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .checks import shown
 from .errors import InputError, PAMError, PropagationCancelled
 
 __all__ = ["BatchRow", "read_manifest", "parse_shard", "add_batch_arguments", "cmd_batch"]
@@ -112,8 +113,8 @@ def _labels(text: str, where: str) -> list[int] | None:
     text = (text or "").strip()
     if not text:
         return None
-    try:
-        out = [int(v) for v in text.replace(",", " ").split()]
+    try:  # (pandas writes a label column with empty cells as floats: 2.0)
+        out = [int(float(v)) if re.fullmatch(r"\d+\.0*", v) else int(v) for v in text.replace(",", " ").split()]
     except ValueError:
         raise InputError(f"{where}: label must be whole numbers separated by spaces, got {text!r}") from None
     if any(not 1 <= v <= 65535 for v in out):
@@ -138,19 +139,59 @@ def _default_name(image: str, resolved: Path) -> str:
     return "_".join([*parts[:-1], last])
 
 
+def _manifest_text(path: Path) -> str:
+    """The manifest's text: UTF-8 (with or without the byte-order mark Excel's "CSV UTF-8" writes)
+    or UTF-16 with its byte-order mark (Excel's "Unicode Text"); a workbook or another encoding is
+    named, with the line of the first byte that is not UTF-8."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise InputError(f"cannot read manifest {path} ({error.strerror or error})") from None
+    if data.startswith((b"PK\x03\x04", b"\xd0\xcf\x11\xe0")):  # .xlsx / .ods (zip), .xls (OLE)
+        raise InputError(f"{path.name} is a spreadsheet workbook, not a CSV file: save it as CSV (in Excel: File > "
+                         "Save As > CSV UTF-8 (Comma delimited)) and give that")
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        try:
+            return data.decode("utf-16")
+        except UnicodeDecodeError:
+            raise InputError(f"cannot read {path.name}: it starts as UTF-16 text but is damaged; save it as CSV "
+                             "UTF-8") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        raise InputError(f"cannot read {path.name} as a CSV file: line {line} holds a character that is not UTF-8 "
+                         f"(byte 0x{data[error.start]:02x}; Excel's plain \"CSV (Comma delimited)\" writes accents "
+                         "in another encoding): save it as \"CSV UTF-8 (Comma delimited)\"") from None
+
+
+def _other_unicode_form(p: Path) -> Path | None:
+    """``p`` with its name's accents in the other Unicode form (NFC / NFD) where only that exists."""
+    import unicodedata
+
+    for form in ("NFC", "NFD"):
+        other = Path(unicodedata.normalize(form, str(p)))
+        if other != p:
+            try:
+                if other.exists():
+                    return other
+            except OSError:
+                return None
+    return None
+
+
 def _read_records(path: Path) -> list[tuple[int, list[str]]]:
     """The manifest's records as (the file line each starts on, its fields)."""
+    import io
+
+    reader = csv.reader(io.StringIO(_manifest_text(path), newline=""))
+    records, line = [], 1
     try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.reader(fh)
-            records, line = [], 1
-            for fields in reader:
-                records.append((line, fields))
-                line = reader.line_num + 1  # a quoted field may span lines
-    except UnicodeDecodeError as error:
-        raise InputError(f"cannot read {path.name} as a CSV file ({error}); save it as CSV in UTF-8") from None
+        for fields in reader:
+            records.append((line, fields))
+            line = reader.line_num + 1  # a quoted field may span lines
     except csv.Error as error:
-        raise InputError(f"cannot read {path.name} as a CSV file ({error})") from None
+        raise InputError(f"cannot read {path.name} as a CSV file (line {reader.line_num}: {error})") from None
     return records
 
 
@@ -163,12 +204,17 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
     path = Path(path)
     if path.is_dir():
         raise InputError(f"manifest {path} is a folder; give the CSV file that lists the cases")
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"manifest {path} does not exist; give a CSV file with columns {COLUMNS_TEXT}")
-    base, out_dir = path.parent, Path(out_dir)
+    # (a pipe, <(grep ... all.csv), is read as it is: it was told it does not exist)
+    # relative paths from the manifest's folder; from the working folder for a pipe (<(grep ... all.csv))
+    base, out_dir = (path.parent if path.is_file() else Path.cwd()), Path(out_dir)
     records = _read_records(path)
     while records and not any(f.strip() for f in records[0][1]):  # blank lines before the header
         records.pop(0)
+    first = records[0][1] if records else []
+    if first and first[0].strip().lower().startswith("sep=") and not any(f.strip() for f in first[1:]):
+        records.pop(0)  # Excel's "sep=," line, which names the separator before the header
     header = records.pop(0)[1] if records else []
     fields = [f.strip().lower() for f in header]
     unknown = [f for f in fields if f and f not in COLUMNS]
@@ -176,9 +222,10 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
         hint = " (did you mean label?)" if "labels" in unknown else ""
         if any("/" in f or "\\" in f or f.endswith((".gz", ".nrrd", ".mha", ".nii", ".dcm")) for f in unknown):
             hint += " (it looks like a path: the first line must be the header naming the columns)"
-        raise InputError(f"{path.name} has a column {unknown[0]!r} this command does not know{hint}; the columns are "
-                         f"{COLUMNS_TEXT}" + ("; separate them with commas, not semicolons"
-                                              if any(";" in f for f in fields) else ""))
+        other = next((name for sep, name in ((";", "semicolons"), ("\t", "tabs"))
+                      if any(sep in f for f in fields)), None)
+        raise InputError(f"{path.name} has a column {shown(unknown[0], 80)} this command does not know{hint}; the "
+                         f"columns are {COLUMNS_TEXT}" + (f"; separate them with commas, not {other}" if other else ""))
     twice = next((f for n, f in enumerate(fields) if f and f in fields[:n]), None)
     if twice:
         raise InputError(f"{path.name} has the column {twice} twice; keep one")
@@ -190,7 +237,8 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
     for line, values in records:
         if any("\n" in v or "\r" in v for v in values):  # paths hold no line breaks: a quote left open
             raise InputError(f"{path.name} row {line}: a field runs over several lines: a double quote (\") opened "
-                             "there is not closed; close it, or remove it")
+                             "there is not closed, or a cell holds a line break (Alt+Enter in Excel); close the "
+                             "quote or remove the line break")
         if any(v.strip() for v in values[len(fields):]):
             extra = [v.strip() for v in values[len(fields) - 1:] if v.strip()]
             labels_split = "label" in fields and fields[-1] == "label" and all(v.isdigit() for v in extra)
@@ -209,8 +257,17 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
         if not any(rec.values()):
             continue  # blank line
         where = f"{path.name} row {line}"
+        if [v.strip().lower() for v in values[:len(fields)]] == fields:  # two manifests joined with cat
+            raise InputError(f"{where} repeats the header (two manifests joined?); remove it")
 
-        def resolve(value: str) -> Path:
+        def resolve(value: str, what: str) -> Path:
+            if os.name != "nt" and ("\\" in value or re.match(r"^[A-Za-z]:[\\/]", value)):
+                # a manifest made on Windows: an output was written as one file named "res\p01.nii.gz", exit 0
+                raise InputError(f"{where}: {what} {value[:120]} is a Windows path; on this system write it "
+                                 "with / (relative to the manifest's folder, e.g. res/p01.nii.gz, or absolute)")
+            if not value.isprintable():
+                raise InputError(f"{where}: {what} {ascii(value)[:160]} holds invisible or control characters; "
+                                 "remove them")
             try:
                 p = Path(value).expanduser()
             except RuntimeError:  # ~name of no such user
@@ -219,15 +276,24 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
 
         if not rec.get("image") or not rec.get("prompt"):
             raise InputError(f"{where}: image and prompt are both needed")
-        image, prompt = resolve(rec["image"]), resolve(rec["prompt"])
+        image, prompt = resolve(rec["image"], "image"), resolve(rec["prompt"], "prompt")
         if bool(rec.get("previous")) != bool(rec.get("edited")):
             raise InputError(f"{where}: previous and edited go together (an earlier result and your corrected copy "
                              "of it); fill both or neither")
-        previous = resolve(rec["previous"]) if rec.get("previous") else None
-        edited = resolve(rec["edited"]) if rec.get("edited") else None
+        previous = resolve(rec["previous"], "previous") if rec.get("previous") else None
+        edited = resolve(rec["edited"], "edited") if rec.get("edited") else None
         for what, p in (("image", image), ("prompt", prompt), ("previous", previous), ("edited", edited)):
-            if p is not None and not p.exists():
+            try:
+                found = p is None or p.exists()
+            except OSError as error:  # a name over the system's limit: without the row before
+                raise InputError(f"{where}: {what} {shown(str(p), 120)}: {error.strerror or error}") from None
+            if not found:
                 given = rec.get(what, "")
+                other = _other_unicode_form(p)
+                if other is not None:  # pasted from macOS (decomposed accents) onto Linux (composed), or back
+                    raise InputError(f"{where}: {what} {p} does not exist as written, but {other} does (the same "
+                                     "name with its accents encoded the other way, as macOS and Linux differ): "
+                                     "copy the name from the file itself")
                 # written from the working folder rather than the manifest's (a trial, session 36)
                 here = (f" (relative paths are read from the manifest's folder, {base}; {given} exists from the "
                         "current folder: write it relative to the manifest's folder, or absolute)"
@@ -251,9 +317,9 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
                 raise InputError(f"{where}: series {rec['series']} is not in {image}; "
                                  + (f"available series: {', '.join(_series_label(i) for i in ids)}" if ids
                                     else "it holds no DICOM series"))
+        output = resolve(rec["output"], "output") if rec.get("output") else None  # (its refusals name the row)
         try:
-            output = (resolve(rec["output"]) if rec.get("output")
-                      else out_dir / f"{_default_name(rec['image'], image)}_pam.nii.gz")
+            output = output or out_dir / f"{_default_name(rec['image'], image)}_pam.nii.gz"
             try:
                 check_name_length(output)
             except InputError as error:  # default names join every folder of the image's path
@@ -347,7 +413,7 @@ def _earlier_results(out_dir: Path) -> dict[str, tuple[dict, int]]:
         claimed: dict[str, tuple[dict, int]] = {}
         try:
             stamp = report.stat().st_mtime_ns
-            with open(report, newline="", encoding="utf-8", errors="surrogateescape") as fh:  # as written
+            with open(report, newline="", encoding="utf-8-sig", errors="surrogateescape") as fh:  # (or re-saved by Excel)
                 for row in csv.DictReader(fh):
                     # ok / skipped rows carry their columns over; any row says what made its output
                     if not (row.get("output") and (row.get("status") in ("ok", "skipped") or row.get("method"))):
@@ -673,7 +739,7 @@ def _rows_of_other_manifests(report: Path, manifest: Path, rows: list[BatchRow])
     folder = _report_folder(str(report.parent), os.getcwd())
     inside = {name for r in rows if (name := _in_folder(r.absolute()[2], folder))}
     try:
-        with open(report, newline="", encoding="utf-8", errors="surrogateescape") as fh:  # as written
+        with open(report, newline="", encoding="utf-8-sig", errors="surrogateescape") as fh:  # (or re-saved by Excel)
             found = list(csv.DictReader(fh))
     except (OSError, UnicodeDecodeError, csv.Error):
         return []
@@ -1043,6 +1109,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
     import warnings
 
+    if len(todo) >= 1000:  # (a few milliseconds a row: minutes, silent before, for a very long manifest)
+        print(f"checking the images and prompts of {len(todo)} rows before the first case ...", flush=True)
     for r in todo:  # found now, not at the row's turn: a prompt of another case (a copy-paste slip), a
         # sheared image (gantry tilt) whose output, the default .nii.gz say, cannot store its grid
         with warnings.catch_warnings(record=True) as caught:  # what the headers note, as a note (not Python's form)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .checks import is_number
+from .checks import is_number, names_shown, shown
 from .errors import CheckpointError, InputError
 from .network import PAMConfig, PAMNetwork, PRESETS
 from .preprocess import PreprocessingParams
@@ -124,28 +124,28 @@ class InferenceParams:
 
     def __post_init__(self):
         if self.query_prior not in QUERY_PRIORS:
-            raise InputError(f"query_prior must be one of {', '.join(QUERY_PRIORS)}, got {self.query_prior!r}")
+            raise InputError(f"query_prior must be one of {', '.join(QUERY_PRIORS)}, got {shown(self.query_prior)}")
         if self.intensity_gate_reference not in GATE_REFERENCES:
             raise InputError(f"intensity_gate_reference must be one of {', '.join(GATE_REFERENCES)}, "
-                             f"got {self.intensity_gate_reference!r}")
+                             f"got {shown(self.intensity_gate_reference)}")
         if not is_number(self.registration_weight, 0.0, 1.0):
-            raise InputError(f"registration_weight must be within [0, 1], got {self.registration_weight!r}")
+            raise InputError(f"registration_weight must be within [0, 1], got {shown(self.registration_weight)}")
         if not is_number(self.registration_carry_supersample, 1, 8, whole=True):
             raise InputError("registration_carry_supersample must be within 1..8, "
-                             f"got {self.registration_carry_supersample!r}")
+                             f"got {shown(self.registration_carry_supersample)}")
         if not valid_through_plane_mm(self.through_plane_mm):
             lo, hi = THROUGH_PLANE_RANGE_MM
             raise InputError(f"through_plane_mm must be 0 (off) or within [{lo:g}, {hi:g}] mm, "
-                             f"got {self.through_plane_mm!r}")
+                             f"got {shown(self.through_plane_mm)}")
         if not is_number(self.keyframe_outward_min_agreement, 0.0, 1.0):
             raise InputError("keyframe_outward_min_agreement must be within [0, 1], "
-                             f"got {self.keyframe_outward_min_agreement!r}")
+                             f"got {shown(self.keyframe_outward_min_agreement)}")
 
         def number(name, lo, hi, whole=False):
             value = getattr(self, name)
             if not is_number(value, lo, hi, whole):
                 kind = "a whole number" if whole else "a number"
-                raise InputError(f"{name} must be {kind} within [{lo:g}, {hi:g}], got {value!r}")
+                raise InputError(f"{name} must be {kind} within [{lo:g}, {hi:g}], got {shown(value)}")
 
         # Checked because a checkpoint is untrusted input: a NaN threshold or 10^9 registration
         # iterations in its header would otherwise fail mid-run, run away, or never end.
@@ -167,7 +167,7 @@ class InferenceParams:
             raise InputError(f"min_window {self.min_window} exceeds max_window {self.max_window}")
         for name in ("intensity_gate", "published_scheme"):
             if not isinstance(getattr(self, name), bool):
-                raise InputError(f"{name} must be true or false, got {getattr(self, name)!r}")
+                raise InputError(f"{name} must be true or false, got {shown(getattr(self, name))}")
 
     def with_gate(self, gate: str) -> "InferenceParams":
         """These parameters with the drift test set as ``--intensity-gate`` (and a server job) say:
@@ -186,9 +186,9 @@ class InferenceParams:
     def from_dict(cls, d: dict) -> "InferenceParams":
         """ValueError for a name this version does not know (a misspelt "treshold" was dropped and
         the run used the default, without a word)."""
-        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        unknown = sorted((k for k in d if k not in cls.__dataclass_fields__), key=str)  # keys of any type
         if unknown:
-            raise ValueError(f"unknown inference parameter(s): {', '.join(map(str, unknown))[:200]}")
+            raise ValueError(f"unknown inference parameter(s): {names_shown(unknown)}")
         return cls(**d)
 
 
@@ -234,10 +234,10 @@ def _for_inference(network: PAMNetwork, device: str) -> PAMNetwork:
 def device_name(device: str | None) -> str:
     """``device`` (None: cpu) lower-cased, refused unless it is cpu, cuda or cuda:N."""
     if device is not None and not isinstance(device, str):
-        raise InputError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+        raise InputError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {shown(device)}")
     device = (device or "cpu").lower()
     if device not in ("cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
-        raise InputError(f"unknown device {device!r}; use cpu or cuda")
+        raise InputError(f"unknown device {shown(device)}; use cpu or cuda")
     return device
 
 
@@ -272,7 +272,7 @@ def _checked_tensors(sd: dict, path: Path) -> dict:
     out = {}
     for key, t in sd.items():
         if not isinstance(key, str):
-            raise CheckpointError(f"checkpoint {path} has a weight named {key!r}; names must be strings")
+            raise CheckpointError(f"checkpoint {path} has a weight named {shown(key)}; names must be strings")
         if t.layout != torch.strided or t.device.type == "meta":
             raise CheckpointError(f"checkpoint {path}: weight {key} is not a plain dense tensor ({t.layout}, {t.device})")
         if t.dtype not in _WEIGHT_DTYPES:
@@ -363,12 +363,22 @@ def check_checkpoint_header(path: str | os.PathLike) -> int:
     without reading it: returns the size in bytes. Raises CheckpointError."""
     path = Path(path)
     size = check_checkpoint_file(path)
-    with open(path, "rb") as f:
-        magic = f.read(16)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(16)
+    except OSError as error:  # permission denied: a traceback and exit 1 before
+        raise CheckpointError(f"cannot read checkpoint {path} ({error.strerror or error}); check its permissions "
+                              "(or copy it somewhere you can read it)") from None
     if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):  # a torch zip file, or a legacy pickle
-        shown = magic.decode("ascii", "replace").replace("\ufffd", "?")
-        shown = "".join(c if c.isprintable() else "?" for c in shown)
-        raise CheckpointError(f"cannot load checkpoint {path}: it is not a PyTorch file (it begins {shown!r}); "
+        if magic.startswith(b"\x1f\x8b"):
+            raise CheckpointError(f"cannot load checkpoint {path}: it is gzip-compressed; decompress it first "
+                                  "(gunzip, or 7-Zip on Windows) and give the file inside")
+        if len(magic) >= 10 and magic[8:10] == b"{\"":  # an 8-byte header length, then the JSON header
+            raise CheckpointError(f"cannot load checkpoint {path}: it is a safetensors file, which PAMSegment does "
+                                  "not read; use the PyTorch .pt/.pth file of the same weights")
+        begins = magic.decode("ascii", "replace").replace("\ufffd", "?")
+        begins = "".join(c if c.isprintable() else "?" for c in begins)
+        raise CheckpointError(f"cannot load checkpoint {path}: it is not a PyTorch file (it begins {begins!r}); "
                               "if you downloaded it, the download may have saved an error page: download it again")
     return size
 
@@ -433,7 +443,7 @@ def _check_zip_entries(path: Path) -> None:
         raise CheckpointError(f"cannot load checkpoint {path}: it is a zip archive, not a PyTorch checkpoint; {found}")
     packed = next((e for e in entries if e.compress_type != zipfile.ZIP_STORED), None)
     if packed is not None:
-        raise CheckpointError(f"cannot load checkpoint {path}: its entry {packed.filename!r} is compressed, which "
+        raise CheckpointError(f"cannot load checkpoint {path}: its entry {shown(packed.filename)} is compressed, which "
                               "torch.save never does (a compressed entry is inflated in full before it can be "
                               "checked); re-save the weights with torch.save")
     total = sum(e.file_size for e in entries)
@@ -487,12 +497,12 @@ def _official_state_dict(obj: object, path: Path) -> dict:
     if isinstance(sd, dict) and sd:
         others = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
         if others and len(others) * 2 < len(sd):  # a state dict with a few other entries (an epoch number)
-            shown = ", ".join(f"{k!r} ({type(sd[k]).__name__})" for k in others[:3])
+            listed = ", ".join(f"{shown(k)} ({type(sd[k]).__name__})" for k in others[:3])
             load = ("sd = torch.load(FILE, weights_only=True)['model_state_dict']" if sd is not obj
                     else "sd = torch.load(FILE, weights_only=True)")
             raise CheckpointError(
                 f"checkpoint {path} holds weights and {len(others)} entr{'y' if len(others) == 1 else 'ies'} that "
-                f"{'is' if len(others) == 1 else 'are'} not a tensor: {shown}{' ...' if len(others) > 3 else ''}; "
+                f"{'is' if len(others) == 1 else 'are'} not a tensor: {listed}{' ...' if len(others) > 3 else ''}; "
                 f"save the weights alone once in Python ({load}, then del sd[NAME] for each of those entries and "
                 "torch.save(sd, 'weights.pth')) and give that file")
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -530,7 +540,7 @@ def load_checkpoint_file(path: str | os.PathLike, device: str = "cpu") -> PAMMod
     if isinstance(obj, dict) and obj.get("format") == FORMAT_NAME:
         version = obj.get("format_version", 0)
         if isinstance(version, bool) or not isinstance(version, int) or version < 0:
-            raise CheckpointError(f"checkpoint {path} has an invalid header: format_version {version!r}")
+            raise CheckpointError(f"checkpoint {path} has an invalid header: format_version {shown(version)}")
         if version > FORMAT_VERSION:
             raise CheckpointError(
                 f"checkpoint {path} uses format version {obj['format_version']}; this PAMSegmentLib reads "
@@ -539,7 +549,7 @@ def load_checkpoint_file(path: str | os.PathLike, device: str = "cpu") -> PAMMod
         try:
             for part in ("config", "preprocessing"):
                 if not isinstance(obj.get(part), dict):
-                    raise ValueError(f"its {part!r} entry is missing or not a mapping")
+                    raise ValueError(f"its {shown(part)} entry is missing or not a mapping")
             if not isinstance(obj.get("inference", {}), dict):
                 raise ValueError("its 'inference' entry is not a mapping")
             config = PAMConfig.from_dict(obj["config"])
@@ -590,18 +600,41 @@ def load_checkpoint_file(path: str | os.PathLike, device: str = "cpu") -> PAMMod
                     source=str(path), sha256=digest, device=device)
 
 
-def _plain_provenance(value, depth: int = 0):
+PROVENANCE_ITEMS = 20000  # a training run's provenance holds a few hundred values
+PROVENANCE_TEXT = 10000  # characters of one text value
+
+
+def _plain_provenance(value, depth: int = 0, budget: list | None = None):
     """A checkpoint's free-form provenance as JSON can hold it: mapping keys as text (a tuple key
-    made `pamsegment info` fail), tensors and other objects as their text, nesting cut at 32."""
-    if depth > 32:
+    made `pamsegment info` fail), tensors and other objects as their text (cut at PROVENANCE_TEXT
+    characters), nesting cut at 32 and the whole at PROVENANCE_ITEMS values ("..." beyond): a 1 KB
+    pickle of 30 levels of one shared two-item list unfolds into 2**30 values, and every load
+    (info, propagate, Slicer) ran out of memory copying it."""
+    budget = [PROVENANCE_ITEMS] if budget is None else budget
+    budget[0] -= 1
+    if depth > 32 or budget[0] < 0:
         return "..."
     if isinstance(value, dict):
-        return {k if isinstance(k, str) else str(k): _plain_provenance(v, depth + 1) for k, v in value.items()}
+        out = {}
+        for k, v in value.items():
+            if budget[0] < 0:
+                out["..."] = "..."
+                break
+            out[(k if isinstance(k, str) else shown(k))[:PROVENANCE_TEXT]] = _plain_provenance(v, depth + 1, budget)
+        return out
     if isinstance(value, (list, tuple)):
-        return [_plain_provenance(v, depth + 1) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
+        out = []
+        for v in value:
+            if budget[0] < 0:
+                out.append("...")
+                break
+            out.append(_plain_provenance(v, depth + 1, budget))
+        return out
+    if value is None or isinstance(value, (bool, int, float)):
+        return value if not isinstance(value, int) or abs(value) < 10 ** 100 else shown(value)
+    if isinstance(value, str):
+        return value[:PROVENANCE_TEXT]
+    return shown(value, PROVENANCE_TEXT)
 
 
 def training_chain(provenance) -> list[dict]:
@@ -689,7 +722,7 @@ def _check_model_card(path: Path, model: PAMModel) -> None:
     if not isinstance(card, dict) or card.get("file") != path.name or not isinstance(card.get("sha256_weights"), str):
         if _is_shipped(path):
             raise CheckpointError(f"the model card {card_path.name} beside the shipped weights {path} is not theirs "
-                                  f"(no 'file': {path.name!r} with a 'sha256_weights'); {advice}")
+                                  f"(no 'file': {shown(path.name)} with a 'sha256_weights'); {advice}")
         return
     if card["sha256_weights"] != model.sha256:
         raise CheckpointError(
@@ -706,7 +739,7 @@ def _check_model_card(path: Path, model: PAMModel) -> None:
             if key in loaded and recorded[key] != loaded[key]:
                 raise CheckpointError(
                     f"checkpoint {path} does not match its model card {card_path.name}: its {section} {key} is "
-                    f"{loaded.get(key)!r}, the card's {recorded.get(key)!r}; {advice}")
+                    f"{shown(loaded.get(key))}, the card's {shown(recorded.get(key))}; {advice}")
 
 
 def load_model(path: str | os.PathLike | None = None, device: str = "cpu") -> PAMModel:

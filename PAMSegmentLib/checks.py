@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import reprlib
 
 
 def as_array(value, what: str, reader: str = "PAMSegmentLib.volumes.read_volume"):
@@ -35,13 +36,24 @@ def as_array(value, what: str, reader: str = "PAMSegmentLib.volumes.read_volume"
 
 
 def shown(value, limit: int = 60) -> str:
-    """``repr(value)`` cut to ``limit`` characters for a message (a client's 309-digit number or a
-    long list would otherwise fill the message and the server's log)."""
+    """``value`` for a message, at most ``limit`` characters: a client's 309-digit number, a 5 MB
+    string or a nested list of a billion shared items in a checkpoint's header (built level by level,
+    reprlib stops at 3 levels and 6 items each) would otherwise fill the message or never finish."""
+    r = reprlib.Repr()
+    r.maxlevel, r.maxstring, r.maxother, r.maxlong = 3, limit, limit, limit
+    r.maxlist = r.maxtuple = r.maxdict = r.maxset = r.maxfrozenset = r.maxdeque = r.maxarray = 6
     try:
-        text = repr(value)
+        text = r.repr(value)
     except ValueError:  # an int of more digits than Python converts to text
         return f"a number of about {value.bit_length() * 0.30103:.0f} digits"
+    except Exception:  # noqa: BLE001 - an object whose own repr fails: its type is what can be said
+        return f"a {type(value).__name__}"
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def names_shown(keys, most: int = 5) -> str:
+    """Mapping keys for a message: text as it is (cut at 80 characters), other keys by ``shown``."""
+    return ", ".join(k[:80] if isinstance(k, str) else shown(k) for k in list(keys)[:most])
 
 
 def is_number(value, lo: float, hi: float, whole: bool = False) -> bool:

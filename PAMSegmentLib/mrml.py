@@ -171,9 +171,21 @@ def _grid_of(volume_node) -> VolumeGrid:
     # Array index 0 is the image's first voxel, which need not be voxel (0, 0, 0) of the node's
     # IJK: an extent that starts elsewhere is folded into the matrix, so that ijk_to_ras maps
     # array indices (what is read, written and shown) wherever the extent starts.
+    name = volume_node.GetName()
+    if not np.all(np.isfinite(matrix)):  # the drawing was blamed: "none lies inside volume ...: draw it on this volume"
+        raise InputError(f'volume "{name}" has no usable position: its IJK-to-RAS matrix (origin, spacing, directions) '
+                         "holds NaN or infinity; fix them in the Volumes module (Volume Information) or load the "
+                         "volume again")
+    axes = matrix[:3, :3]
+    lengths = np.linalg.norm(axes, axis=0)
+    if not np.all(lengths > 0) or abs(np.linalg.det(axes)) <= 1e-9 * float(np.prod(lengths)):
+        raise InputError(f'volume "{name}" has a degenerate grid (a voxel size of 0, or two axes parallel): fix its '
+                         "spacing and directions in the Volumes module (Volume Information) or load it again")
     start = np.array(image.GetExtent()[0::2], float)
     matrix[:3, 3] += matrix[:3, :3] @ start
-    spacing_ijk = volume_node.GetSpacing()
+    # sizes, not signs (a negative spacing flips its axis in the matrix, where the sign is kept): the engine
+    # refused "spacing must be three positive numbers, got (-2.0, 0.9, 0.8)" in (k, j, i) order
+    spacing_ijk = np.abs(volume_node.GetSpacing())
     return VolumeGrid(
         shape=(int(dims[2]), int(dims[1]), int(dims[0])),
         spacing=(float(spacing_ijk[2]), float(spacing_ijk[1]), float(spacing_ijk[0])),
@@ -198,6 +210,12 @@ def _check_scalar_volume(volume_node) -> None:
         raise InputError(f'"{volume_node.GetName()}" is a label map volume; select the image (scalar volume) the '
                          "segment was drawn on")
     image = volume_node.GetImageData()
+    scalars = image.GetPointData().GetScalars() if image is not None else None
+    if image is not None and (scalars is None or 0 in image.GetDimensions()):  # (a tensors-only image: no scalars)
+        raise InputError(f'volume "{volume_node.GetName()}" has no voxels loaded (its image holds no scalar values)')
+    if image is not None and scalars.GetNumberOfTuples() != int(np.prod(image.GetDimensions(), dtype=np.int64)):
+        raise InputError(f'volume "{volume_node.GetName()}" is damaged: its voxels ({scalars.GetNumberOfTuples():,}) '
+                         f'do not fill its extent ({" x ".join(map(str, image.GetDimensions()))}); load it again')
     if image is not None and image.GetNumberOfScalarComponents() != 1:
         raise InputError(f'volume "{volume_node.GetName()}" has {image.GetNumberOfScalarComponents()} '
                          "components per voxel; convert it to a single-component (scalar) volume first")
@@ -226,6 +244,12 @@ def volume_array(volume_node) -> tuple[np.ndarray, VolumeGrid]:
                          "crop the volume around the object first (Crop Volume module)")
     if array.ndim != 3 or min(array.shape) < 1:
         raise InputError(f'volume "{volume_node.GetName()}" is not a 3D image (array shape {array.shape})')
+    if array.dtype.kind == "f":  # said before the job starts, with what to do in Slicer (the engine said it later)
+        bad = sum(int(plane.size - np.count_nonzero(np.isfinite(plane))) for plane in array)
+        if bad:
+            raise InputError(f'volume "{volume_node.GetName()}" has {bad:,} NaN/inf voxel{"s" if bad != 1 else ""}; '
+                             "replace them first (Python console: a = slicer.util.arrayFromVolume(v); "
+                             "a[~numpy.isfinite(a)] = 0; slicer.util.arrayFromVolumeModified(v))")
     return array, grid
 
 
@@ -254,13 +278,18 @@ def _segment(segmentation_node, segment_id):
     return segment
 
 
-def segment_mask(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
+def segment_mask(segmentation_node, segment_id: str, volume_node, check_memory: str | None = None) -> np.ndarray:
     """The segment as a uint8 0/1 array on the volume's voxel grid, (k, j, i).
 
     Slicer's export resamples from the segmentation's own geometry (and parent transform) to the
     volume's, so the mask lines up with ``volume_array`` whatever resolution the user segmented at.
+    ``check_memory``: what the read is for, to refuse it (``check_read_memory``) where the export
+    would not fit in the memory free now (VTK then ends the whole process).
     """
     slicer = _slicer()
+    if check_memory is not None:
+        _check_scalar_volume(volume_node)
+        check_read_memory(volume_node, check_memory)
     segment = _segment(segmentation_node, segment_id)
     between = _linear_between(volume_node, segmentation_node)
     if between is not None:
@@ -762,6 +791,11 @@ def describe_prompt(volume_node, segmentation_node, segment_id: str) -> PromptIn
     if volume_node is None or not volume_node.IsA("vtkMRMLScalarVolumeNode"):
         raise InputError("select a scalar volume")
     _check_scalar_volume(volume_node)  # as volume_array will check it on Propagate
+    # the segment's export below is a volume-sized image made by VTK, which ends the whole process (Slicer
+    # and unsaved work) when it cannot allocate it: refused as a propagation is (a trial, session 37)
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id) if segmentation_node is not None else None
+    check_read_memory(volume_node, f'reading "{segment.GetName() if segment is not None else segment_id}" on '
+                                   f'"{volume_node.GetName()}"')
     grid = _grid_of(volume_node)
     mask = _prompt_mask(segmentation_node, segment_id, volume_node)
     try:
@@ -1387,11 +1421,16 @@ class SegmentPropagation:
 
     # -- running ------------------------------------------------------------------------------
 
+    def _not_pending(self) -> str:
+        if self._state == "cancelled" and self._t_start is None:  # cancelled before it ran
+            return "this propagation was cancelled before it started; make a new one to run"
+        return f"this propagation was already started ({self._state})"
+
     def start(self) -> "SegmentPropagation":
         """Run the engine on a background thread; returns immediately."""
         with self._lock:
             if self._state != "pending":
-                raise PAMError(f"this propagation was already started ({self._state})")
+                raise PAMError(self._not_pending())
             self._state = "running"
             self._t_start = time.perf_counter()
         self._thread = threading.Thread(target=self._work, name="PAMSegment propagation", daemon=True)
@@ -1444,7 +1483,7 @@ class SegmentPropagation:
         """Run the engine on the calling thread (CLI, tests, ``propagate_segment``)."""
         with self._lock:
             if self._state != "pending":
-                raise PAMError(f"this propagation was already started ({self._state})")
+                raise PAMError(self._not_pending())
             self._state = "running"
             self._t_start = time.perf_counter()
         self._work()

@@ -24,6 +24,8 @@ from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
 from torch import nn
 
+from .checks import names_shown, shown
+
 __all__ = ["PAMConfig", "PRESETS", "PAMNetwork", "PAMOutput", "CrossAttention", "InstanceNorm", "build_network"]
 
 
@@ -58,9 +60,9 @@ class PAMConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "PAMConfig":
         known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(d) - known)
+        unknown = sorted((k for k in d if k not in known), key=str)  # (keys of any type: a header is untrusted)
         if unknown:
-            raise ValueError(f"unknown network config field(s): {', '.join(unknown)}")
+            raise ValueError(f"unknown network config field(s): {names_shown(unknown)}")
         return cls(**d)
 
     def validate(self) -> None:
@@ -71,10 +73,10 @@ class PAMConfig:
                              ("max_features", 1, 512), ("n_conv_per_stage", 1, 4), ("n_attention_stages", 1, 7)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-                raise ValueError(f"{name} must be a whole number within {lo}..{hi}, got {value!r}")
+                raise ValueError(f"{name} must be a whole number within {lo}..{hi}, got {shown(value)}")
         for name in ("presence_head", "mask_prior"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+                raise ValueError(f"{name} must be true or false, got {shown(getattr(self, name))}")
         if not isinstance(self.name, str) or not self.name.isprintable() or len(self.name) > 64:
             raise ValueError("name must be a short printable string")
         if self.max_features < self.base_features:
@@ -259,7 +261,7 @@ class ProposingStage(nn.Module):
                 raise ValueError("this network needs a prior mask for the queries (query_prior or the guide mask)")
             x = torch.cat([query_images, prior], 2)
         elif query_prior is not None:
-            raise ValueError(f"network {self.config.name!r} has no prior channel; pass no query_prior")
+            raise ValueError(f"network {shown(self.config.name)} has no prior channel; pass no query_prior")
         skips = self.encoder(x.reshape(g * n, *x.shape[2:]))
         skips = list(skips)
         for attn, s, k, v in zip(self.cross_attns, self.config.attention_stages, guide_keys, guide_values):
@@ -281,7 +283,7 @@ class PAMNetwork(nn.Module):
         super().__init__()
         if isinstance(config, str):
             if config not in PRESETS:
-                raise ValueError(f"unknown preset {config!r}; choose one of {', '.join(PRESETS)}")
+                raise ValueError(f"unknown preset {shown(config)}; choose one of {', '.join(PRESETS)}")
             config = PRESETS[config]
         self.config = config
         self.proposing_stage = ProposingStage(config)

@@ -122,6 +122,8 @@ class PAMPredictor(SlicePredictor):
     that slipped into similar-looking tissue could only be ended by the presence output.
     """
 
+    presence_by = "network"  # its "presence" stops are the network's object-present output
+
     # TrackPredictor options overriding the checkpoint's registration_max_side/_iterations.
     registration_options: dict = {}
     registration_workers: int = 2

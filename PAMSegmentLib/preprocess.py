@@ -7,13 +7,14 @@ functions, so the two cannot drift apart.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checks import is_number
+from .checks import is_number, names_shown, shown
 
 __all__ = [
     "PreprocessingParams",
@@ -42,16 +43,16 @@ class PreprocessingParams:
         # Checked because a checkpoint is untrusted input (a NaN crop scale or a 0 px input would
         # fail mid-run or silently return only the drawn slice).
         if not is_number(self.input_size, 16, 512, whole=True):
-            raise ValueError(f"input_size must be a whole number within [16, 512], got {self.input_size!r}")
+            raise ValueError(f"input_size must be a whole number within [16, 512], got {shown(self.input_size)}")
         pct = self.window_percentiles
         if len(pct) != 2 or not all(is_number(v, 0, 100) for v in pct) or not pct[0] < pct[1]:
-            raise ValueError(f"window_percentiles must be two increasing numbers within [0, 100], got {pct!r}")
+            raise ValueError(f"window_percentiles must be two increasing numbers within [0, 100], got {shown(pct)}")
         if not is_number(self.window_margin, 0, 10):
-            raise ValueError(f"window_margin must be a number within [0, 10], got {self.window_margin!r}")
+            raise ValueError(f"window_margin must be a number within [0, 10], got {shown(self.window_margin)}")
         if not is_number(self.crop_scale, 1, 10):
-            raise ValueError(f"crop_scale must be a number within [1, 10], got {self.crop_scale!r}")
+            raise ValueError(f"crop_scale must be a number within [1, 10], got {shown(self.crop_scale)}")
         if not is_number(self.min_crop, 1, 4096, whole=True):
-            raise ValueError(f"min_crop must be a whole number within [1, 4096], got {self.min_crop!r}")
+            raise ValueError(f"min_crop must be a whole number within [1, 4096], got {shown(self.min_crop)}")
         for name in ("input_size", "min_crop"):  # 128.0 (a header written by hand or by JSON) is 128
             object.__setattr__(self, name, int(getattr(self, name)))
 
@@ -63,12 +64,16 @@ class PreprocessingParams:
     @classmethod
     def from_dict(cls, d: dict) -> "PreprocessingParams":
         d = dict(d)
-        if "window_percentiles" in d:
-            d["window_percentiles"] = tuple(float(x) for x in d["window_percentiles"])
         known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(d) - known)
+        unknown = sorted((k for k in d if k not in known), key=str)
         if unknown:
-            raise ValueError(f"unknown preprocessing field(s): {', '.join(unknown)}")
+            raise ValueError(f"unknown preprocessing field(s): {names_shown(unknown)}")
+        if "window_percentiles" in d:  # two real numbers (a string "19" was read as (1, 9), [True, 50] accepted)
+            pct = d["window_percentiles"]
+            if (not isinstance(pct, (list, tuple)) or len(pct) != 2
+                    or not all(is_number(v, -math.inf, math.inf) for v in pct)):
+                raise ValueError(f"window_percentiles must be two increasing numbers within [0, 100], got {shown(pct)}")
+            d["window_percentiles"] = tuple(float(x) for x in pct)
         return cls(**d)
 
 

@@ -195,6 +195,9 @@ class PropagationResult:
     # test (session 32 on): an update reuses such walks. False for results of earlier versions (their
     # records, older servers' answers), whose walks there are predicted again.
     outward_wall_test: bool = False
+    # Whether "presence" stops came from a network's object-present output ("network": PAMPredictor)
+    # or from a baseline's drift test (copy, track: ""); the "nothing" note speaks of the network.
+    presence_by: str = ""
 
     def to_record(self) -> dict:
         """What a later update needs of this result besides its mask, as JSON (the command line
@@ -313,10 +316,12 @@ class PropagationResult:
         ``("lost", text)``, ``("cut", text)`` (slices between a label's drawn slices all taken by
         other labels), ``("speck", text)`` (a drawn slice holding a few voxels against the
         label's largest one: a stray click?), ``("whole", text)`` (drawn on every slice of its
-        extent and found on no other: the result is the drawing)."""
+        extent and found on no other: the result is the drawing), ``("nothing", text)`` (every walk
+        ended at once on the network's word)."""
         out = [("speck", text) for text in self.speck_notes(edited)]
         out += [("drift", text) for text in self.drift_notes(edited)]
         out += [("whole", text) for text in self.whole_notes(edited)]
+        out += [("nothing", text) for text in self.nothing_notes(edited)]
         def per_label(kind: str, lists: dict, say) -> None:  # a note per label with slices in ``lists``
             out.extend((kind, f"label {lab}: {say(_slice_list_text(sl), len(sl) == 1)}")
                        for lab, sl in sorted(lists.items()) if sl)
@@ -350,6 +355,22 @@ class PropagationResult:
                 out.append(("lost", f"label {lab} lost {total} of its {own} voxels ({100 * total / own:.0f} %) "
                                     f"where it overlapped labels propagated before it ({who}); {how}"))
         return out
+
+    def nothing_notes(self, edited: dict[int, Sequence[int]] | None = None) -> list[str]:
+        """One note when every walk of every label ended at once because the network said the object
+        is not there (``presence``): the result is the drawn slices alone. A checkpoint whose
+        object-present output always says "absent" gave exactly that with exit 0 and no word (a
+        fuzzing trial, session 37); a structure on one slice only can give it too, hence "if".
+        Not after an update (its walks are corrections')."""
+        if self.edited if edited is None else edited:
+            return []
+        walks = [w for stops in self.stops.values() for w in stops if w["reason"] != "end"]
+        if self.presence_by != "network" or len(walks) < 2 or not all(
+                w["reason"] == "presence" and w["last"] == w["start"] for w in walks):
+            return []
+        return ["the network found no object on any slice next to the drawn ones (every walk ended at once), so the "
+                "result is the drawing alone; if the structure goes on there, the weights may not suit this image: "
+                "try the registration tracker (--method track; in Slicer, Registration tracking) or other weights"]
 
     def whole_notes(self, edited: dict[int, Sequence[int]] | None = None) -> list[str]:
         """A note per label drawn on three or more slices in one unbroken run and found on no other
@@ -1101,7 +1122,8 @@ def _validate_inputs(image: np.ndarray, prompt: np.ndarray, spacing) -> tuple[fl
         raise InputError(f"the image must hold real numbers (integers or floats), got {image.dtype}")
     if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
         n = int((~np.isfinite(image)).sum())
-        raise InputError(f"the image has {n} NaN/inf voxels; fix or mask them before propagating")
+        raise InputError(f"the image has {n} NaN/inf voxel{'s' if n != 1 else ''}; fix or mask them before "
+                         "propagating")
     low, high = (image.min(), image.max()) if image.size else (0, 0)  # one pass each, compared in the image's type
     lo, hi = float(low), float(high)
     big = float(np.finfo(np.float32).max)  # the predictors read slices as float32
@@ -2268,6 +2290,7 @@ def _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, em
         begin_state=begin_states,
         image_digest=digest,
         lost_voxels=lost_voxels,
+        presence_by=getattr(predictor, "presence_by", ""),
     )
 
 
@@ -2672,8 +2695,10 @@ def _as_predictor(model, device: str) -> SlicePredictor:
         from .pam_predictor import PAMPredictor
 
         return PAMPredictor(model)
+    hint = (" (for a checkpoint file pass PAMSegmentLib.checkpoints.load_model(path); for a method such as 'track', "
+            "PAMSegmentLib.baselines.get_predictor('track'))" if isinstance(model, (str, os.PathLike)) else "")
     raise InputError(f"model must be a PAMModel, a SlicePredictor, a remote.RemoteModel or None, got "
-                     f"{type(model).__name__}")
+                     f"{type(model).__name__}{hint}")
 
 
 def __getattr__(name: str):

@@ -272,6 +272,7 @@ def decode_result(payload: bytes, max_bytes: int | None = None) -> PropagationRe
             # servers before session 30 send neither this nor the begin state, so nothing is reused
             overlapped=frozenset(int(lab) for lab in meta.get("overlapped", [])),
             outward_wall_test=meta.get("outward_wall_test") is True,  # servers before session 32: False
+            presence_by="network" if meta.get("presence_by") == "network" else "",
         )
     except (ValueError, KeyError, OSError, TypeError, AttributeError, IndexError, OverflowError) as error:
         # (OverflowError: int() of a JSON Infinity; a traceback before, a re-review of session 31)

@@ -316,6 +316,7 @@ def encode_result(result) -> bytes:
         "range": list(result.range) if result.range else None, "early_stop": result.early_stop,
         "remove_disconnected": result.remove_disconnected,
         "outward_wall_test": bool(result.outward_wall_test),  # (since session 32)
+        "presence_by": str(result.presence_by),  # (since session 37)
         "gaps": {str(k): [int(s) for s in v] for k, v in result.gaps.items()},
         "thin": {str(k): [int(s) for s in v] for k, v in result.thin.items()},
         "cut": {str(k): [[int(s) for s in v[0]], [int(o) for o in v[1]]] for k, v in result.cut.items()},

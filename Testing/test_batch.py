@@ -217,7 +217,8 @@ def test_an_image_named_dot_or_dot_dot_names_its_output_after_the_folder(tmp_pat
 
 @pytest.mark.parametrize("name, message", [
     ("", "manifest .*data is a folder; give the CSV file"),
-    ("latin.csv", "cannot read latin.csv as a CSV file .*; save it as CSV in UTF-8"),
+    ("latin.csv", "cannot read latin.csv as a CSV file: line 2 holds a character that is not UTF-8 .*: save it "
+                  "as \"CSV UTF-8 \\(Comma delimited\\)\""),
 ])
 def test_a_manifest_that_is_a_folder_or_not_utf8_says_so(tmp_path, cases, name, message, capsys):
     manifest = tmp_path / "data" / name

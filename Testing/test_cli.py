@@ -41,7 +41,8 @@ def test_propagate_writes_label_map_on_the_input_grid(ct_case, small_checkpoint,
     assert "Traceback" not in proc.stderr
     assert "100%" in proc.stderr  # the progress bar
     summary = proc.stdout.strip().splitlines()
-    assert len(summary) == 1  # random weights find nothing beyond the drawn slice: no slice to check first
+    # random weights find nothing beyond the drawn slice: no slice to check first, and a note that says so
+    assert len(summary) == 2 and summary[1].startswith("note: the network found no object on any slice next to")
     assert summary[0].startswith(f"wrote {out} and {out}.keyframes.json: label 1: slices ")
     assert "(axis 0, axial slices)" in summary[0]
     assert "slices predicted in" in summary[0] and summary[0].endswith(" s in all")

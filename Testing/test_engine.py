@@ -807,7 +807,7 @@ def test_an_empty_slice_drawn_for_another_label_says_how_to_mark_it_for_some_lab
     ("missing label", "label 3 is not in the prompt; labels present: 1"),
     ("3D mask as prompt", "that is a 3D mask, not a slice prompt"),
     ("2D image", "the image must be a 3D volume, got 2D"),
-    ("NaN image", "the image has 1 NaN/inf voxels"),
+    ("NaN image", "the image has 1 NaN/inf voxel;"),
     ("shape mismatch", "the prompt's shape (30, 16, 15) differs from the image's (30, 16, 16)"),
     ("range past the end", "range 5:40 is outside the 30 slices along axis 0"),
     ("prompt outside range", "label 1's prompt slice 14 lies outside the range 16:20; widen the range to include it"),

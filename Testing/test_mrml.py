@@ -788,7 +788,7 @@ def test_cancel_before_start_and_cancel_token_in_propagate_segment(scene_with_pr
     job = SegmentPropagation(vol, seg, sid, model=OracleModel(truth))
     job.cancel()
     assert job.state == "cancelled"
-    with pytest.raises(PAMError, match="already started"):
+    with pytest.raises(PAMError, match="cancelled before it started"):
         job.start()
     token = CancelToken()
     token.cancel()
