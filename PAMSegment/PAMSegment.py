@@ -661,8 +661,13 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         volume, segmentation, segmentId = self._inputs()
         entry = self._historyEntry()
+        from PAMSegmentLib.errors import NotEnoughMemory
+
         try:
             holdsResult = entry is not None and self.logic.holdsPamResult(segmentation, segmentId, volume)
+        except NotEnoughMemory as exc:  # not "no result": a segment holding one would be propagated from scratch
+            slicer.util.errorDisplay(f"Cannot check the segment before propagating: {exc.reason}")
+            return
         except Exception:  # unreadable segment: the propagation below says why
             holdsResult = False
         if holdsResult:
@@ -703,8 +708,13 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         entry = self._historyEntry()
         if entry is None:
             return
+        from PAMSegmentLib.errors import NotEnoughMemory
+
         try:
             edited = self.logic.editedSlices(segmentation, segmentId, volume)
+        except NotEnoughMemory as exc:  # not "no edits": Undo would discard them without asking
+            slicer.util.errorDisplay(f"Cannot check the segment for your edits before undoing: {exc.reason}")
+            return
         except Exception:
             edited = []
         if edited and not slicer.util.confirmOkCancelDisplay(

@@ -328,10 +328,10 @@ class TrackPredictor(_ClassicalPredictor):
 
     def _normalise(self, arr: np.ndarray) -> np.ndarray:
         lo, hi = self._state["window"]
-        width = np.float32(hi) - np.float32(lo)
-        if not width > 0:  # a flat region of 0: its floor width (1e-300) is 0 in float32, and 0 / 0 warned
-            width = np.float32(1.0)
-        return np.clip((np.asarray(arr, dtype=np.float32) - np.float32(lo)) / width, 0.0, 1.0).astype(np.float32)
+        width = hi - lo
+        if not np.float32(width) > 0:  # a flat region of 0: its floor width (1e-300) is 0 in float32: 0 / 0 warned
+            width = 1.0
+        return np.clip((np.asarray(arr, dtype=np.float32) - lo) / width, 0.0, 1.0).astype(np.float32)
 
     def _factors(self, shape) -> list[float]:
         """Grid coarsening factors, finest first: the registration grid (at most ``max_side`` px),

@@ -289,7 +289,7 @@ def segment_mask(segmentation_node, segment_id: str, volume_node, check_memory: 
     slicer = _slicer()
     if check_memory is not None:
         _check_scalar_volume(volume_node)
-        check_read_memory(volume_node, check_memory)
+        check_read_memory(volume_node, check_memory, job=False)
     segment = _segment(segmentation_node, segment_id)
     between = _linear_between(volume_node, segmentation_node)
     if between is not None:
@@ -795,7 +795,7 @@ def describe_prompt(volume_node, segmentation_node, segment_id: str) -> PromptIn
     # and unsaved work) when it cannot allocate it: refused as a propagation is (a trial, session 37)
     segment = segmentation_node.GetSegmentation().GetSegment(segment_id) if segmentation_node is not None else None
     check_read_memory(volume_node, f'reading "{segment.GetName() if segment is not None else segment_id}" on '
-                                   f'"{volume_node.GetName()}"')
+                                   f'"{volume_node.GetName()}"', job=False)
     grid = _grid_of(volume_node)
     mask = _prompt_mask(segmentation_node, segment_id, volume_node)
     try:
@@ -1184,26 +1184,29 @@ READ_BYTES_PER_VOXEL = 4
 READ_FIXED_BYTES = 48 * 2**20
 
 
-def check_read_memory(volume_node, what: str) -> None:
+def check_read_memory(volume_node, what: str, job: bool = True) -> None:
     """Refuse (``NotEnoughMemory``) a job when the copies it takes out of the scene before its own
     check (``check_job_memory``) do not fit in what is free: the volume's copy and the segment's
     export (``READ_BYTES_PER_VOXEL`` a voxel beside the volume's own size, + ``READ_FIXED_BYTES``).
     The export runs in VTK, which ends the whole process on an allocation that fails
     (``std::bad_alloc``: Slicer gone, unsaved work and all; a review, session 35, under ``ulimit
-    -v``). An update's prompt and earlier result are made after the export's images are let go."""
+    -v``). An update's prompt and earlier result are made after the export's images are let go.
+    ``job`` False: a read of the segment alone (the panel's prompt line, its edit checks), which
+    copies no volume and has nothing to run anyway."""
     image = volume_node.GetImageData() if volume_node is not None else None
     if image is None:
         return
     voxels = int(np.prod([max(int(n), 0) for n in image.GetDimensions()], dtype=np.int64))
-    need = READ_FIXED_BYTES + voxels * (int(image.GetScalarSize()) + READ_BYTES_PER_VOXEL)
+    need = READ_FIXED_BYTES + voxels * ((int(image.GetScalarSize()) if job else 0) + READ_BYTES_PER_VOXEL)
     free = _memory_free_now()
     if free is None or need <= free:
         return
     from .volumes import _mb_or_gb  # noqa: PLC0415
 
-    raise _not_enough_memory(what, image.GetDimensions(), f"{_mb_or_gb(need)} just to copy the volume and the "
-                             "segment out of the scene", free, "crop the volume around the object first (Crop Volume "
-                             "module)")
+    refusal = _not_enough_memory(what, image.GetDimensions(), f"{_mb_or_gb(need)} just to copy the "
+                                 f"{'volume and the ' if job else ''}segment out of the scene", free,
+                                 "crop the volume around the object first (Crop Volume module)")
+    raise refusal if job else NotEnoughMemory(refusal.reason, reason=refusal.reason)
 
 
 def _not_enough_memory(what: str, size_ijk, needs: str, free: int, advice: str) -> NotEnoughMemory:

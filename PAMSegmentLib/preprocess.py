@@ -70,10 +70,16 @@ class PreprocessingParams:
             raise ValueError(f"unknown preprocessing field(s): {names_shown(unknown)}")
         if "window_percentiles" in d:  # two real numbers (a string "19" was read as (1, 9), [True, 50] accepted)
             pct = d["window_percentiles"]
-            if (not isinstance(pct, (list, tuple)) or len(pct) != 2
-                    or not all(is_number(v, -math.inf, math.inf) for v in pct)):
-                raise ValueError(f"window_percentiles must be two increasing numbers within [0, 100], got {shown(pct)}")
-            d["window_percentiles"] = tuple(float(x) for x in pct)
+            try:  # a list, tuple, array or tensor of two numbers
+                values = [] if isinstance(pct, (str, bytes)) else list(pct)
+                ok = len(values) == 2 and not any(isinstance(v, (bool, str, bytes)) for v in values)
+                values = [float(v) for v in values] if ok else []
+            except (TypeError, ValueError, RuntimeError):
+                values = []
+            if len(values) != 2 or not all(math.isfinite(v) for v in values):
+                raise ValueError(f"window_percentiles must be a list of two increasing numbers within [0, 100], got "
+                                 f"{shown(pct)}")
+            d["window_percentiles"] = tuple(values)
         return cls(**d)
 
 

@@ -2068,11 +2068,12 @@ def _grid_from_header(p: Path) -> Volume | None:
         st = p.stat()
     except OSError:
         return None
-    return _grid_from_header_of(str(p.resolve()), st.st_size, st.st_mtime_ns)
+    # (the inode and ctime too: a file replaced by `cp -p`, rsync -t or tar keeps its size and mtime)
+    return _grid_from_header_of(str(p.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, st.st_ctime_ns)
 
 
 @functools.lru_cache(maxsize=256)
-def _grid_from_header_of(path: str, size: int, mtime_ns: int) -> Volume | None:
+def _grid_from_header_of(path: str, *stat_key) -> Volume | None:
     p = Path(path)
     try:
         if _dicom_object_kind(p) is not None:  # a DICOM SEG or RT structure set: the full read names it

@@ -1736,6 +1736,30 @@ def test_panel_undo_keeps_the_edits_when_the_user_says_no(panel, drawn, monkeypa
     assert panel.ui.undoButton.enabled
 
 
+def test_panel_undo_and_propagate_stop_when_the_edit_check_does_not_fit_in_memory(panel, drawn, monkeypatch):
+    """Session 37's re-review: the edit checks now refuse a read that would not fit, and the panel took
+    the refusal as "no edits" (Undo discarded them without asking) or "no result" (Propagate ran from
+    scratch over a PAM result); it says so and stops."""
+    from PAMSegmentLib import mrml as mrml_module
+
+    truth, volume, segmentation, segment_id = _propagated(panel, drawn, monkeypatch)
+    edited = _segment_array(segmentation, segment_id, volume)
+    edited[6] = False
+    _edit(segmentation, segment_id, volume, edited)
+    shown, asked = [], []
+    monkeypatch.setattr(_slicer().util, "errorDisplay", lambda text, **kw: shown.append(text))
+    monkeypatch.setattr(_slicer().util, "confirmOkCancelDisplay", lambda text, **kw: asked.append(text) or True)
+    monkeypatch.setattr(mrml_module, "_memory_free_now", lambda: 2**20)
+    finished = panel.job
+    panel.ui.undoButton.click()
+    panel.ui.propagateButton.click()
+    assert [t.split(":")[0] for t in shown] == ["Cannot check the segment for your edits before undoing",
+                                                "Cannot check the segment before propagating"]
+    assert "memory_check" not in shown[0] and "segment out of the scene" in shown[0]
+    assert asked == [] and panel.job is finished
+    np.testing.assert_array_equal(_segment_array(segmentation, segment_id, volume), edited)
+
+
 def test_panel_propagate_on_a_propagated_segment_offers_the_update(panel, drawn, monkeypatch):
     truth, volume, segmentation, segment_id = _propagated(panel, drawn, monkeypatch)
     edited = _segment_array(segmentation, segment_id, volume)

@@ -323,12 +323,21 @@ def test_window_percentiles_of_the_wrong_kind_are_named(tmp_path, value):
     ckpt["preprocessing"]["window_percentiles"] = value
     ckpt["config"][7] = 1  # a key of another type beside it: named, not "sequence item 0: expected str"
     torch.save(ckpt, tmp_path / "w.pt")
-    with pytest.raises(CheckpointError, match=r"unknown network config field\(s\): 7|window_percentiles must be two"):
+    with pytest.raises(CheckpointError, match=r"unknown network config field\(s\): 7|window_percentiles must be"):
         load_model(tmp_path / "w.pt")
     del ckpt["config"][7]
     torch.save(ckpt, tmp_path / "w.pt")
-    with pytest.raises(CheckpointError, match="window_percentiles must be two increasing numbers"):
+    with pytest.raises(CheckpointError, match="window_percentiles must be a list of two increasing numbers"):
         load_model(tmp_path / "w.pt")
+
+
+def test_window_percentiles_as_an_array_or_tensor_still_load():
+    import torch
+
+    from PAMSegmentLib.preprocess import PreprocessingParams
+
+    for pct in (np.array([0.5, 99.5]), torch.tensor([0.5, 99.5]), (0.5, 99.5), [np.float32(0.5), 99.5]):
+        assert PreprocessingParams.from_dict({"window_percentiles": pct}).window_percentiles == (0.5, 99.5)
 
 
 def test_a_gzip_or_safetensors_file_is_named_as_such(tmp_path):
@@ -536,6 +545,10 @@ def test_a_negative_spacing_runs_as_a_flipped_axis(mrml_scene):
     job = mrml.SegmentPropagation(vol, seg, ids["ball"], model=get_predictor("copy"), threads=1).run()
     assert job.state == "finished", job.error
     assert job.grid.spacing == (2.0, 0.9, 0.8)
+    job.apply()
+    written = mrml.segment_mask(seg, ids["ball"], vol)
+    np.testing.assert_array_equal(written[10], prompt[10])  # the drawn slice where it was drawn
+    assert written[[9, 11]].sum() > 0.8 * truth[[9, 11]].sum() and not written[0].any()
 
 
 def test_nan_voxels_in_a_slicer_volume_are_refused_before_the_job_starts(drawn_volume):
@@ -594,6 +607,9 @@ def test_a_windows_output_path_is_refused_not_written_as_one_file_name(one_case,
     assert not list(one_case.glob("res*")) and not (tmp_path / "out").exists()
     m.write_text("image,prompt\nC:\\data\\c0\\image.nii.gz,c0/prompt.nii.gz\n")
     assert "image C:\\data\\c0\\image.nii.gz is a Windows path" in _run_batch(m, tmp_path / "out", capsys)[1]
+    (one_case / "c0" / "image.nii.gz").rename(one_case / "c0" / "scan\\1.nii.gz")  # a POSIX name may hold one
+    m.write_text("image,prompt\nc0/scan\\1.nii.gz,c0/prompt.nii.gz\n")
+    assert _run_batch(m, tmp_path / "out", capsys)[0] == 0
 
 
 @pytest.mark.parametrize("data, says", [
@@ -666,3 +682,12 @@ def test_a_header_is_read_once_per_file_for_many_rows(one_case, monkeypatch):
     os.utime(image, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
     volumes._grid_from_header(image)
     assert len(reads) == 2
+    # replaced by a file of the same size and time (cp -p, rsync -t, tar): read again too
+    before = image.stat()
+    copy = image.with_name("copy.nii.gz")
+    copy.write_bytes(image.read_bytes())
+    os.replace(copy, image)
+    os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (image.stat().st_size, image.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    volumes._grid_from_header(image)
+    assert len(reads) == 3
