@@ -35,17 +35,22 @@ def as_array(value, what: str, reader: str = "PAMSegmentLib.volumes.read_volume"
                          "numpy array" + (" (t.detach().cpu().float().numpy())" if tensor else "")) from None
 
 
+class _ShortRepr(reprlib.Repr):
+    def repr_int(self, x, level):  # Python converts ints of over 4300 digits to text only on request
+        if x.bit_length() > 13000:
+            return f"<a number of about {x.bit_length() * 0.30103:.0f} digits>"
+        return super().repr_int(x, level)
+
+
 def shown(value, limit: int = 60) -> str:
     """``value`` for a message, at most ``limit`` characters: a client's 309-digit number, a 5 MB
     string or a nested list of a billion shared items in a checkpoint's header (built level by level,
     reprlib stops at 3 levels and 6 items each) would otherwise fill the message or never finish."""
-    r = reprlib.Repr()
+    r = _ShortRepr()
     r.maxlevel, r.maxstring, r.maxother, r.maxlong = 3, limit, limit, limit
     r.maxlist = r.maxtuple = r.maxdict = r.maxset = r.maxfrozenset = r.maxdeque = r.maxarray = 6
     try:
         text = r.repr(value)
-    except ValueError:  # an int of more digits than Python converts to text
-        return f"a number of about {value.bit_length() * 0.30103:.0f} digits"
     except Exception:  # noqa: BLE001 - an object whose own repr fails: its type is what can be said
         return f"a {type(value).__name__}"
     return text if len(text) <= limit else text[:limit - 3] + "..."
@@ -59,6 +64,8 @@ def names_shown(keys, most: int = 5) -> str:
 def is_number(value, lo: float, hi: float, whole: bool = False) -> bool:
     """Whether ``value`` is a real number (not a bool, not a string) within [lo, hi], finite, and a
     whole number if ``whole`` (an integral float such as 4.0 counts)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):  # (math.isfinite(10**400) overflows)
+        return lo <= value <= hi
     return (not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
             and lo <= value <= hi and (not whole or float(value).is_integer()))
 

@@ -368,6 +368,8 @@ class PropagationResult:
         if self.presence_by != "network" or len(walks) < 2 or not all(
                 w["reason"] == "presence" and w["last"] == w["start"] for w in walks):
             return []
+        if self.whole_notes(edited):  # a finished segmentation given as the prompt: that note says it (the
+            return []  # network was right that the object ends there)
         return ["the network found no object on any slice next to the drawn ones (every walk ended at once), so the "
                 "result is the drawing alone; if the structure goes on there, the weights may not suit this image: "
                 "try the registration tracker (--method track; in Slicer, Registration tracking) or other weights"]
@@ -844,7 +846,7 @@ def _drawn_slices(prompt: np.ndarray, present: list[int], axis: int | None, labe
         missing = [int(v) for v in labels if int(v) not in present]
         if missing:
             raise InputError(
-                f"label {missing[0]} is not in the prompt; labels present: {', '.join(map(str, present[:20]))}"
+                f"label {shown(missing[0])} is not in the prompt; labels present: {', '.join(map(str, present[:20]))}"
                 + (f" ... ({len(present)} in all)" if len(present) > 20 else "")
             )
         labels = [int(v) for v in labels]
@@ -2628,9 +2630,11 @@ def check_request(prompt, axis, labels, range, empty_slices, update: bool):  # n
     n = prompt.shape[ax]
     lo, hi = (0, n - 1) if range is None else (int(range[0]), int(range[1]))
     if lo > hi:
-        raise InputError(f"range {lo}:{hi} is reversed; give the first slice first (e.g. {hi}:{lo})")
+        raise InputError(f"range {shown(lo)}:{shown(hi)} is reversed; give the first slice first (e.g. "
+                             f"{shown(hi)}:{shown(lo)})")
     if not (0 <= lo <= hi < n):
-        raise InputError(f"range {lo}:{hi} is outside the {n} slices along axis {ax} (valid 0:{n - 1})")
+        raise InputError(f"range {shown(lo)}:{shown(hi)} is outside the {n} slices along axis {ax} "
+                             f"(valid 0:{n - 1})")
     for lab, sl in slices.items():
         outside = [s for s in sl if not lo <= s <= hi]
         if outside:

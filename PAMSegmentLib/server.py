@@ -55,6 +55,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import __version__
+from .checks import shown
 from .errors import InputError, PAMError, PropagationCancelled
 from .propagate import CancelToken
 from .remote import SERVER_METHODS
@@ -71,6 +72,11 @@ HEADER_SECONDS = 20.0  # a connection must send a whole request head within this
 
 # On Ctrl-C or SIGTERM, open connections (a stalled upload) get this long before they are closed.
 SHUTDOWN_GRACE = 10.0
+
+
+class QueueFull(Exception):
+    """The server's queue holds ``max_jobs`` waiting jobs (a 503; an OverflowError before, which a
+    client's 401-digit option value raised too and was answered as "busy")."""
 
 
 def _stop_queue(queue: "JobQueue", wait: float = 60.0) -> None:
@@ -271,21 +277,21 @@ def parse_options(text: str | None) -> dict:
         raise InputError("options must be a JSON object")
     unknown = sorted(set(options) - OPTION_KEYS)
     if unknown:
-        raise InputError(f"unknown option {unknown[0]!r}; known: {', '.join(sorted(OPTION_KEYS))}")
+        raise InputError(f"unknown option {shown(unknown[0])}; known: {', '.join(sorted(OPTION_KEYS))}")
     if options.get("method", "pam") not in METHODS:
-        raise InputError(f"method must be one of {', '.join(METHODS)}, got {options['method']!r}")
+        raise InputError(f"method must be one of {', '.join(METHODS)}, got {shown(options['method'])}")
     if "intensity_gate" in options:
         if options["intensity_gate"] not in GATE_CHOICES:
             raise InputError(f"intensity_gate must be one of {', '.join(GATE_CHOICES)}, got "
-                             f"{options['intensity_gate']!r}")
+                             f"{shown(options['intensity_gate'])}")
         if options.get("method", "pam") != "pam":
             raise InputError(f"intensity_gate is an option of method pam, not {options['method']}")
     for key in ("early_stop", "remove_disconnected", "update"):
         if key in options and not (isinstance(options[key], bool) or (key == "remove_disconnected"
                                                                        and options[key] is None)):
-            raise InputError(f"{key} must be true or false, got {options[key]!r}")
+            raise InputError(f"{key} must be true or false, got {shown(options[key])}")
     if options.get("axis") is not None and (isinstance(options["axis"], bool) or options["axis"] not in (0, 1, 2)):
-        raise InputError(f"axis must be 0, 1 or 2, got {options['axis']!r}")
+        raise InputError(f"axis must be 0, 1 or 2, got {shown(options['axis'])}")
     if isinstance(options.get("range"), list):
         options["range"] = tuple(options["range"])
     empty = options.get("empty_slices")
@@ -293,13 +299,13 @@ def parse_options(text: str | None) -> dict:
         try:
             options["empty_slices"] = {int(k): v for k, v in empty.items()}
         except ValueError:
-            raise InputError(f"empty_slices' keys must be label numbers, got {list(empty)!r}") from None
+            raise InputError(f"empty_slices' keys must be label numbers, got {shown(list(empty))}") from None
     from .propagate import _validate_options
 
     axis, labels, rng = _validate_options(options.get("axis"), options.get("labels"), options.get("range"), 16, None,
                                           None, None)
     if rng is not None and rng[0] > rng[1]:
-        raise InputError(f"range {rng[0]}:{rng[1]} is reversed; give the first slice first")
+        raise InputError(f"range {shown(rng[0])}:{shown(rng[1])} is reversed; give the first slice first")
     options.update({k: v for k, v in (("axis", axis), ("labels", labels), ("range", rng)) if k in options})
     return options
 
@@ -417,7 +423,7 @@ class JobQueue:
             self._expire()
             full = self.full()  # checked again: another upload may have been queued meanwhile
             if full:
-                raise OverflowError(full)
+                raise QueueFull(full)
             job = Job(uuid.uuid4().hex, image, prompt, spacing, options)
             self.jobs[job.id] = job
             job.position_at_submit = self.position(job)  # before the worker can take it (0: it runs at once)
@@ -659,7 +665,7 @@ def create_app(model_factory: Callable[[str], Any], *, token: str | None = None,
         except PAMError as error:
             logger.info("refused a job from %s: %s", client, error)
             raise HTTPException(400, str(error)) from None
-        except OverflowError as error:
+        except QueueFull as error:
             raise refuse(request, 503, str(error)) from None
         except MemoryError:
             raise refuse(request, 503, "the server has not enough free memory for this upload now; try again later, "

@@ -193,10 +193,27 @@ def _content_kind(p: Path) -> tuple[str, str] | None:
     if found is None and any(head.lstrip().startswith(k) for k in (b"ObjectType", b"NDims")):
         found = ("a MetaImage", ".mha")
     name = p.name.lower()
-    if found is None or name.endswith(found[1]) or (found[1] == ".jpg" and name.endswith(".jpeg")) or (
-            found[1] == ".tif" and name.endswith(".tiff")):
+    also = {".jpg": (".jpeg",), ".tif": (".tiff",), ".mha": (".mhd",), ".nrrd": (".nhdr", ".seg.nrrd"),
+            ".nii": (".hdr", ".img")}
+    if found is None or name.endswith((found[1], *also.get(found[1], ()))):
         return None
     return found
+
+
+def _nifti2_magic(p: Path) -> bool:
+    """Whether ``p`` (plain or gzip-compressed) starts as a NIfTI-2 header ("n+2" at byte 4)."""
+    import gzip
+    import zlib
+
+    try:
+        with open(p, "rb") as f:
+            head = f.read(8)
+        if head.startswith(b"\x1f\x8b"):
+            with gzip.open(p, "rb") as f:
+                head = f.read(8)
+    except (OSError, EOFError, zlib.error):
+        return False
+    return head[4:7] == b"n+2"
 
 
 def _named_as_another_kind(p: Path) -> str | None:
@@ -884,9 +901,10 @@ def _nifti_header(p: Path) -> bytes | None:
     name = p.name.lower()
     if not name.endswith((".nii", ".nii.gz")):
         return None
-    other = _named_as_another_kind(p)  # a gzip stream named .nii was "truncated inside its header"
-    if other:
-        raise InputError(f"cannot read {p}: {other}")
+    if name.endswith(".nii") and _content_kind(p) is not None and _content_kind(p)[1] == ".nii.gz":
+        # a gzip stream named .nii, which ITK cannot read, was "truncated inside its header" (other
+        # mismatches are left to ITK, which reads plain NIfTI data named .nii.gz, say)
+        raise InputError(f"cannot read {p}: {_named_as_another_kind(p)}")
     try:  # a header that cannot be read: ITK decides (and names the problem)
         with (gzip.open(p, "rb") if name.endswith(".gz") else open(p, "rb")) as f:
             header = f.read(540)
@@ -1332,6 +1350,11 @@ def _read_error(p: Path, reason: str) -> InputError:
         return InputError(f"cannot read {p}: its header declares more voxels than this machine's memory holds "
                           f"({reason[:160]}); is the header damaged? copy or download it again")
     if "unable to determine imageio reader" in low or "could not create io object" in low:
+        if _nifti2_magic(p):
+            return InputError(f"cannot read {p}: it is a NIfTI-2 file, which this ITK (and so SimpleITK and "
+                              "Slicer's reader) does not read; save it as NIfTI-1 (nibabel: "
+                              "nib.save(nib.Nifti1Image(img.get_fdata(), img.affine, img.header), 'x.nii.gz'); "
+                              "or write .nrrd)")
         other = _named_as_another_kind(p)
         return InputError(f"cannot read {p}: {other}" if other else
                           f"cannot read {p} as an image ({reason}); {_READ_HINT}")
@@ -3409,7 +3432,9 @@ def _read_2d(path: PathLike, what: str) -> tuple[sitk.Image, sitk.Image]:
                 image = sitk.GetImageFromArray(np.ascontiguousarray(arr), isVector=arr.ndim == 3)
         if image is None:
             known = p.name.lower().endswith(tuple(IMAGE_2D_EXTENSIONS))
-            other = _named_as_another_kind(p)
+            reason = _itk_reason(error).lower()
+            other = (_named_as_another_kind(p) if "unable to determine imageio reader" in reason
+                     or "could not create io object" in reason else None)  # (not for a missing data file)
             if other:
                 raise InputError(f"cannot read {p}: {other}") from None
             raise InputError(f"cannot read {p} as an image ({_itk_reason(error)}); "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -49,7 +50,7 @@ def test_shown_cuts_long_values_and_names_huge_numbers():
     assert shown("x" * 100) == "'" + "x" * 27 + "..." + "x" * 28 + "'"  # reprlib keeps both ends
     assert shown(list(range(1000))) == "[0, 1, 2, 3, 4, 5, ...]"
     assert shown({"a": [[[[1]]]]}) == "{'a': [[[...]]]}"
-    assert shown(10 ** 5000) == "a number of about 5000 digits"  # repr refuses ints over 4300 digits
+    assert shown(10 ** 5000) == "<a number of about 5000 digits>"  # repr refuses ints over 4300 digits
 
 
 def _server_client(token=None):
@@ -691,3 +692,66 @@ def test_a_header_is_read_once_per_file_for_many_rows(one_case, monkeypatch):
     assert (image.stat().st_size, image.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
     volumes._grid_from_header(image)
     assert len(reads) == 3
+
+
+# --- the re-review's findings (session 37) ---
+
+def test_numbers_of_hundreds_of_digits_are_input_errors_not_overflows():
+    """math.isfinite(10**400) raised OverflowError: a raw traceback from Python, and a server answered
+    it as "busy" (503: it took OverflowError for a full queue)."""
+    from PAMSegmentLib.checks import is_number, shown
+
+    assert is_number(10**400, 0, math.inf) and not is_number(10**400, 0, 65535)
+    assert shown([10**5000]) == "[<a number of about 5000 digits>]"  # (reprlib's own int repr refuses it)
+    image, prompt, truth = _case()
+    for options in ({"labels": [10**400]}, {"empty_slices": [10**400]}, {"range": [0, 10**5000]}):
+        with pytest.raises(InputError):
+            propagate(image, prompt, (2.0, 1.0, 1.0), OracleModel(truth), **options)
+    client, image, prompt = _server_client()
+    body = _npz(image=image, prompt=prompt, spacing=np.array([2.0, 1.0, 1.0]))
+    r = client.post("/jobs", params={"options": json.dumps({"labels": [10**400]})}, content=body)
+    assert r.status_code == 400 and len(r.json()["detail"]) < 300
+    r = client.post("/jobs", params={"options": json.dumps({"method": "x" * 20000})}, content=body)
+    assert r.status_code == 400 and len(r.json()["detail"]) < 300  # (a 20 KB message before)
+
+
+def test_plain_nifti_data_named_nii_gz_is_still_read(tmp_path):
+    """The new rename check refused a file ITK reads (uncompressed data named .nii.gz)."""
+    plain = _nii(tmp_path / "ct.nii")
+    plain.rename(tmp_path / "ct.nii.gz")
+    assert read_volume(tmp_path / "ct.nii.gz").shape == (4, 5, 6)
+
+
+def test_a_2d_header_whose_data_file_is_missing_is_not_told_to_rename(tmp_path):
+    path = tmp_path / "two.mhd"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((16, 16), np.uint8)), str(path))
+    (tmp_path / "two.raw").unlink()
+    with pytest.raises(InputError) as refused:
+        read_image_2d(path)
+    assert "rename" not in str(refused.value)
+
+
+def test_a_nifti2_file_is_named_as_one(tmp_path):
+    header = bytearray(544)
+    struct.pack_into("<i8s", header, 0, 540, b"n+2\x00\r\n\x1a\n")
+    struct.pack_into("<hh", header, 12, 4, 16)  # int16
+    struct.pack_into("<8q", header, 16, 3, 6, 5, 4, 1, 1, 1, 1)
+    struct.pack_into("<8d", header, 104, 1, 1, 1, 2, 1, 1, 1, 1)
+    struct.pack_into("<q", header, 168, 544)
+    path = tmp_path / "n2.nii"
+    path.write_bytes(bytes(header) + bytes(2 * 120))
+    with pytest.raises(InputError, match="it is a NIfTI-2 file, which this ITK .* does not read; save it as NIfTI-1"):
+        read_volume(path)
+
+
+def test_a_finished_segmentation_as_the_prompt_gets_the_whole_note_not_the_nothing_note():
+    """Both fired: the network was right that the object ends there, and 'nothing' blamed the weights."""
+    image, _, truth = _case()
+    prompt = truth.astype(np.uint8)
+    prompt[:6] = 0
+    prompt[11:] = 0  # drawn on slices 6-10, every slice of the (cut) object
+    cut = truth.copy()
+    cut[:6] = False
+    cut[11:] = False
+    result = propagate(image, prompt, (2.0, 1.0, 1.0), _NeverThere(cut))
+    assert [k for k, _ in result.kinds_of_notes()] == ["whole"]

@@ -21,7 +21,7 @@ from conftest import ellipsoid, free_port, serving  # noqa: E402
 from PAMSegmentLib.errors import InputError, PAMError, PropagationCancelled  # noqa: E402
 from PAMSegmentLib.propagate import CancelToken, propagate  # noqa: E402
 from PAMSegmentLib.remote import RemoteModel, decode_result  # noqa: E402
-from PAMSegmentLib.server import create_app  # noqa: E402
+from PAMSegmentLib.server import QueueFull, create_app  # noqa: E402
 
 SHAPE = (16, 24, 24)
 
@@ -412,7 +412,7 @@ def test_one_waiting_job_is_one_job():
     queue.submit(None, None, None, {})
     assert started.wait(10)  # the first runs
     queue.submit(None, None, None, {})  # the second waits
-    with pytest.raises(OverflowError, match="^1 job is waiting already; try again later$"):
+    with pytest.raises(QueueFull, match="^1 job is waiting already; try again later$"):
         queue.submit(None, None, None, {})
     release.set()
 
@@ -952,7 +952,7 @@ def test_queued_jobs_nobody_asks_about_give_their_place_up():
     running = queue.submit(*args)
     time.sleep(0.1)
     waiting = [queue.submit(*args), queue.submit(*args)]
-    with pytest.raises(OverflowError):
+    with pytest.raises(QueueFull):
         queue.submit(*args)  # two wait already
     time.sleep(0.3)  # nobody asked about the two waiting ones
     fresh = queue.submit(*args)  # their places are free again
