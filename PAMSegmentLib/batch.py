@@ -206,8 +206,8 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
         raise InputError(f"manifest {path} is a folder; give the CSV file that lists the cases")
     if not path.exists():
         raise InputError(f"manifest {path} does not exist; give a CSV file with columns {COLUMNS_TEXT}")
-    # (a pipe, <(grep ... all.csv), is read as it is: it was told it does not exist)
-    # relative paths from the manifest's folder; from the working folder for a pipe (<(grep ... all.csv))
+    # relative paths from the manifest's folder; from the working folder for a pipe (<(grep ... all.csv), which
+    # was told it does not exist)
     base, out_dir = (path.parent if path.is_file() else Path.cwd()), Path(out_dir)
     records = _read_records(path)
     while records and not any(f.strip() for f in records[0][1]):  # blank lines before the header

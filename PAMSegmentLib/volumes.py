@@ -901,7 +901,7 @@ def _nifti_header(p: Path) -> bytes | None:
     name = p.name.lower()
     if not name.endswith((".nii", ".nii.gz")):
         return None
-    if name.endswith(".nii") and _content_kind(p) is not None and _content_kind(p)[1] == ".nii.gz":
+    if name.endswith(".nii") and (_content_kind(p) or ("", ""))[1] == ".nii.gz":
         # a gzip stream named .nii, which ITK cannot read, was "truncated inside its header" (other
         # mismatches are left to ITK, which reads plain NIfTI data named .nii.gz, say)
         raise InputError(f"cannot read {p}: {_named_as_another_kind(p)}")
@@ -1166,9 +1166,10 @@ def _check_nifti_finite(p: Path, header: bytes) -> None:
 
 
 def _check_finite_grid(p: Path, image: sitk.Image) -> None:
-    """A grid holding NaN or infinity (a NIfTI sform of NaN, a MetaImage TransformMatrix of nan) has
-    no position: refused, naming what, before any check or output works with it (a NaN sform went
-    on to a result written at origin 0 with identity axes, and to VNL's messages on stderr)."""
+    """A grid holding NaN or infinity as ITK read it (a NIfTI-2 sform of NaN, which the NIfTI-1 header
+    check does not parse; NRRD and MetaIO refuse or zero such values themselves) has no position:
+    refused, naming what, before any check or output works with it (a NaN sform went on to a result
+    written at origin 0 with identity axes, and to VNL's messages on stderr)."""
     parts = {"origin": image.GetOrigin(), "voxel size": image.GetSpacing(), "axes (direction)": image.GetDirection()}
     bad = [name for name, values in parts.items() if not all(math.isfinite(v) for v in values)]
     if bad:
