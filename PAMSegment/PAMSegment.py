@@ -528,8 +528,15 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         entry = self._historyEntry()
         if entry is not None:
+            from PAMSegmentLib.errors import NotEnoughMemory
+
             try:
                 edited, known = self.logic.editedSlices(segmentation, segmentId, volume), True
+            except (NotEnoughMemory, MemoryError) as exc:  # not "no edits": say the check could not run
+                reason = exc.reason if isinstance(exc, NotEnoughMemory) else "not enough memory"
+                self.ui.promptLabel.text = (f"Propagated: {entry.describe()}. Cannot check the segment for your "
+                                            f"edits now: {reason}")
+                return
             except Exception:  # the volume left the scene...: the update explains it when pressed
                 edited, known = [], False
             if edited:
@@ -665,8 +672,9 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         try:
             holdsResult = entry is not None and self.logic.holdsPamResult(segmentation, segmentId, volume)
-        except NotEnoughMemory as exc:  # not "no result": a segment holding one would be propagated from scratch
-            slicer.util.errorDisplay(f"Cannot check the segment before propagating: {exc.reason}")
+        except (NotEnoughMemory, MemoryError) as exc:  # not "no result": one would be propagated from scratch
+            reason = exc.reason if isinstance(exc, NotEnoughMemory) else "not enough memory"
+            slicer.util.errorDisplay(f"Cannot check the segment before propagating: {reason}")
             return
         except Exception:  # unreadable segment: the propagation below says why
             holdsResult = False
@@ -712,9 +720,13 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         try:
             edited = self.logic.editedSlices(segmentation, segmentId, volume)
-        except NotEnoughMemory as exc:  # not "no edits": Undo would discard them without asking
-            slicer.util.errorDisplay(f"Cannot check the segment for your edits before undoing: {exc.reason}")
-            return
+        except (NotEnoughMemory, MemoryError) as exc:  # not "no edits": Undo would discard them without asking
+            reason = exc.reason if isinstance(exc, NotEnoughMemory) else "not enough memory"
+            if not slicer.util.confirmOkCancelDisplay(  # (Undo itself restores a stored copy: it needs no export)
+                    f"Cannot check the segment for your edits before undoing: {reason}\n\nUndo anyway? Any changes "
+                    "you made since the last propagation are discarded with it."):
+                return
+            edited = []
         except Exception:
             edited = []
         if edited and not slicer.util.confirmOkCancelDisplay(

@@ -261,17 +261,20 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
             raise InputError(f"{where} repeats the header (two manifests joined?); remove it")
 
         def resolve(value: str, what: str) -> Path:
-            try:  # a name that exists as written is taken as it is (a POSIX name may hold a backslash)
-                there = what != "output" and (base / Path(value).expanduser()).exists()
-            except (OSError, RuntimeError):
-                there = False
-            if there:
-                pass
-            elif os.name != "nt" and ("\\" in value or re.match(r"^[A-Za-z]:[\\/]", value)):
+            windows = os.name != "nt" and ("\\" in value or re.match(r"^[A-Za-z]:[\\/]", value))
+            if (windows or not value.isprintable()) and what != "output":  # (one more stat only for those)
+                try:  # a name that exists as written is taken as it is (a POSIX name may hold a backslash)
+                    windows = windows and not (base / Path(value).expanduser()).exists()
+                    odd = not value.isprintable() and not (base / Path(value).expanduser()).exists()
+                except (OSError, RuntimeError):
+                    odd = not value.isprintable()
+            else:
+                odd = not value.isprintable()
+            if windows:
                 # a manifest made on Windows: an output was written as one file named "res\p01.nii.gz", exit 0
                 raise InputError(f"{where}: {what} {value[:120]} is a Windows path; on this system write it "
                                  "with / (relative to the manifest's folder, e.g. res/p01.nii.gz, or absolute)")
-            elif not value.isprintable():
+            elif odd:
                 raise InputError(f"{where}: {what} {ascii(value)[:160]} holds invisible or control characters; "
                                  "remove them")
             try:

@@ -109,8 +109,9 @@ def _tidy_examples(cells: np.ndarray) -> tuple[np.ndarray, list[str]]:
                      f"{'; ...' if small.size > 3 else ''}): draw whole cells")
         out[np.isin(out, small)] = 0
     present = np.unique(out)
+    present = present[present > 0]  # (with no 0 pixel left, the first label was renumbered 0: lost)
     renumber = np.zeros(int(out.max()) + 1, np.int32)
-    renumber[present] = np.arange(len(present))
+    renumber[present] = np.arange(1, len(present) + 1)
     return renumber[out], notes
 
 
@@ -132,6 +133,8 @@ def _check(image, examples, background):
     if min(img.shape[:2]) < 8:  # the texture features need a few pixels each way
         raise InputError(f"the image is {img.shape[1]} x {img.shape[0]} pixels; cell labelling needs at least 8 x 8")
     ex = as_array(examples, "example mask", "PAMSegmentLib.volumes.read_labelmap_2d")
+    if ex.ndim != 2:  # (a (1, H, W) array was "the example mask is W x 1 pixels")
+        raise InputError(f"the example mask must be 2D (rows, columns), got shape {ex.shape}")
     if ex.shape != img.shape[:2]:
         raise InputError(f"the example mask is {ex.shape[1]} x {ex.shape[0]} pixels but the image is "
                          f"{img.shape[1]} x {img.shape[0]}; draw the examples on that image")
@@ -161,6 +164,10 @@ def _check(image, examples, background):
             bg = None  # as no mask: the background unlike the examples is then learnt as usual
             notes.append("the background mask marks no pixels, so it was taken as no background marks; mark some "
                          "background in it (or leave it out)")
+    if img.dtype.kind == "f" and img.itemsize > 4:
+        low, high = float(img.min()), float(img.max())
+        if max(abs(low), abs(high)) > 1e30 or 0 < high - low < 1e-30:  # float32 would make them inf, or all one
+            img = (img - low) / (high - low)  # value (0 cells found, numpy's warnings): rescaled to 0-1 first
     return img.astype(np.float32), cells, n, bg, notes
 
 
@@ -438,6 +445,10 @@ def label_cells(image, examples, *, background=None, tile: int = 1024, seed: int
         return x[np.sort(rng.choice(len(x), MAX_SAMPLES, replace=False))] if len(x) > MAX_SAMPLES else x
 
     x_fg, x_bg = sample(fg_parts), sample(bg_parts)
+    if len(x_bg) == 0:  # (the forest learned one class and predict_proba(...)[:, 1] was an IndexError)
+        raise InputError("the examples (and the rings around them) cover the whole image: nothing is left to learn "
+                         "the background from; draw fewer or smaller examples, or mark some background "
+                         "(--background, --background-label; background= in Python)")
     forest = RandomForestClassifier(n_estimators=50, max_depth=12, min_samples_leaf=2, n_jobs=1,
                                     random_state=seed, class_weight="balanced")
     forest.fit(np.concatenate([x_fg, x_bg]), np.r_[np.ones(len(x_fg)), np.zeros(len(x_bg))])
@@ -505,6 +516,8 @@ def label_cells(image, examples, *, background=None, tile: int = 1024, seed: int
         # an example ringed by found foreground is a hole too: kept as drawn, not filled over (a found
         # cell took both examples of a constant image, "-1 found"; a Python API trial, session 36)
         fg &= cells == 0
+    if bg_user is not None:  # the user's background marks are background: learnt from, and held (found cells
+        fg &= ~bg_user  # lay on 903 marked pixels; a fuzzing trial, session 37)
     found = split_instances(fg, radius, step=split_step)
     sizes = np.bincount(found.ravel())
     keep = sizes >= max(0.25 * areas.min(), 4)

@@ -7,6 +7,7 @@ import math
 import numbers
 import os
 import reprlib
+import sys
 
 
 def as_array(value, what: str, reader: str = "PAMSegmentLib.volumes.read_volume"):
@@ -36,9 +37,10 @@ def as_array(value, what: str, reader: str = "PAMSegmentLib.volumes.read_volume"
 
 
 class _ShortRepr(reprlib.Repr):
-    def repr_int(self, x, level):  # Python converts ints of over 4300 digits to text only on request
-        if x.bit_length() > 13000:
-            return f"<a number of about {x.bit_length() * 0.30103:.0f} digits>"
+    def repr_int(self, x, level):  # Python converts ints of over 4300 digits (its limit) to text only on request
+        limit = sys.get_int_max_str_digits() if hasattr(sys, "get_int_max_str_digits") else 0
+        if limit and x.bit_length() * 0.30103 > limit - 2:
+            return f"<a {'negative ' if x < 0 else ''}number of about {x.bit_length() * 0.30103:.0f} digits>"
         return super().repr_int(x, level)
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .checks import shown
 from .errors import InputError
 
 __all__ = [
@@ -112,7 +113,7 @@ def along_axis(case: EvalCase, axis: int) -> EvalCase:
     along axis 0 is propagating the original along ``axis``."""
     axis = int(axis)
     if axis not in (0, 1, 2):
-        raise InputError(f"axis must be 0, 1 or 2, got {axis}")
+        raise InputError(f"axis must be 0, 1 or 2, got {shown(axis)}")
     if axis == 0:
         return case
     order = [axis] + [a for a in range(3) if a != axis]

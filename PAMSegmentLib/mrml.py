@@ -1205,8 +1205,9 @@ def check_read_memory(volume_node, what: str, job: bool = True) -> None:
 
     refusal = _not_enough_memory(what, image.GetDimensions(), f"{_mb_or_gb(need)} just to copy the "
                                  f"{'volume and the ' if job else ''}segment out of the scene", free,
-                                 "crop the volume around the object first (Crop Volume module)")
-    raise refusal if job else NotEnoughMemory(refusal.reason, reason=refusal.reason)
+                                 "crop the volume around the object first (Crop Volume module)" if job else
+                                 "save your work and restart Slicer")
+    raise refusal if job else NotEnoughMemory(refusal.reason + ".", reason=refusal.reason + ".")
 
 
 def _not_enough_memory(what: str, size_ijk, needs: str, free: int, advice: str) -> NotEnoughMemory:

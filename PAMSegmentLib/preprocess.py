@@ -71,10 +71,11 @@ class PreprocessingParams:
         if "window_percentiles" in d:  # two real numbers (a string "19" was read as (1, 9), [True, 50] accepted)
             pct = d["window_percentiles"]
             try:  # a list, tuple, array or tensor of two numbers
-                values = [] if isinstance(pct, (str, bytes)) else list(pct)
-                ok = len(values) == 2 and not any(isinstance(v, (bool, str, bytes)) for v in values)
+                ok = not isinstance(pct, (str, bytes, bytearray, dict)) and len(pct) == 2
+                values = list(pct) if ok else []
+                ok = ok and not any(isinstance(v, (bool, np.bool_, str, bytes)) for v in values)
                 values = [float(v) for v in values] if ok else []
-            except (TypeError, ValueError, RuntimeError):
+            except (TypeError, ValueError, RuntimeError, OverflowError):
                 values = []
             if len(values) != 2 or not all(math.isfinite(v) for v in values):
                 raise ValueError(f"window_percentiles must be a list of two increasing numbers within [0, 100], got "

@@ -368,8 +368,9 @@ class PropagationResult:
         if self.presence_by != "network" or len(walks) < 2 or not all(
                 w["reason"] == "presence" and w["last"] == w["start"] for w in walks):
             return []
-        if self.whole_notes(edited):  # a finished segmentation given as the prompt: that note says it (the
-            return []  # network was right that the object ends there)
+        walked = {lab for lab, stops in self.stops.items() if any(w["reason"] != "end" for w in stops)}
+        if walked <= set(self._whole_labels(edited)):  # every label a finished segmentation: the "whole" notes say
+            return []  # it (the network was right that each object ends there)
         return ["the network found no object on any slice next to the drawn ones (every walk ended at once), so the "
                 "result is the drawing alone; if the structure goes on there, the weights may not suit this image: "
                 "try the registration tracker (--method track; in Slicer, Registration tracking) or other weights"]
@@ -380,9 +381,15 @@ class PropagationResult:
         leaves (a trial, session 36: a kidney's reference segment on 22 of 118 sagittal slices was
         taken as keyframes and came back unchanged, with only the drift test's hint). Not after an
         update (``edited``, None: ``self.edited``): its keyframes are corrections."""
+        return [f"label {lab}: drawn on every slice from {first} to {last} and found on no other, so the result is "
+                "the drawing itself (a finished segmentation given as the prompt?); to propagate, give one drawn "
+                "slice or a few apart" for lab, (first, last) in self._whole_labels(edited).items()]
+
+    def _whole_labels(self, edited: dict[int, Sequence[int]] | None = None) -> dict[int, tuple[int, int]]:
+        """``whole_notes``' labels: {label: (first, last drawn slice)}."""
         if self.edited if edited is None else edited:
-            return []
-        out, voxels = [], None
+            return {}
+        out, voxels = {}, None
         for lab, frames in sorted(self.keyframes.items()):
             drawn = sorted(int(k) for k, m in frames.items() if np.any(m))
             if len(drawn) < 3 or drawn[-1] - drawn[0] + 1 != len(drawn):
@@ -394,9 +401,7 @@ class PropagationResult:
                 continue
             voxels = self.slice_voxels() if voxels is None else voxels
             if lab in voxels and set(np.flatnonzero(voxels[lab]).tolist()) <= set(drawn):
-                out.append(f"label {lab}: drawn on every slice from {drawn[0]} to {drawn[-1]} and found on no other, "
-                           "so the result is the drawing itself (a finished segmentation given as the prompt?); "
-                           "to propagate, give one drawn slice or a few apart")
+                out[lab] = (drawn[0], drawn[-1])
         return out
 
     def specks(self, edited: dict[int, Sequence[int]] | None = None) -> dict[int, list[tuple[int, int, int, int]]]:
@@ -851,7 +856,7 @@ def _drawn_slices(prompt: np.ndarray, present: list[int], axis: int | None, labe
             )
         labels = [int(v) for v in labels]
     if axis is not None and axis not in (0, 1, 2):
-        raise InputError(f"axis must be 0, 1 or 2, got {axis}")
+        raise InputError(f"axis must be 0, 1 or 2, got {shown(axis)}")
 
     # Each label's mask once, cropped to its bounding box (and where that box starts).
     boxes, starts = {}, {}

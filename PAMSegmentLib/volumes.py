@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import errno
 import math
 import os
@@ -1354,8 +1355,8 @@ def _read_error(p: Path, reason: str) -> InputError:
         if _nifti2_magic(p):
             return InputError(f"cannot read {p}: it is a NIfTI-2 file, which this ITK (and so SimpleITK and "
                               "Slicer's reader) does not read; save it as NIfTI-1 (nibabel: "
-                              "nib.save(nib.Nifti1Image(img.get_fdata(), img.affine, img.header), 'x.nii.gz'); "
-                              "or write .nrrd)")
+                              "nib.save(nib.Nifti1Image.from_image(img), 'x.nii.gz'), which keeps its values and "
+                              "type)")
         other = _named_as_another_kind(p)
         return InputError(f"cannot read {p}: {other}" if other else
                           f"cannot read {p} as an image ({reason}); {_READ_HINT}")
@@ -1584,7 +1585,7 @@ def image_pixels_2d(path: PathLike) -> tuple[int, int, int] | None:
     if len(flat) > 2:
         return None
     columns, rows = (flat + [1])[:2]
-    return rows, columns, 3 if components >= 3 else 1
+    return rows, columns, 3 if components >= 3 and not _tiff_grey_through_rgba(Path(path)) else 1
 
 
 def _pixels_2d_without_itk(p: Path) -> tuple[int, int, int] | None:
@@ -2092,8 +2093,15 @@ def _grid_from_header(p: Path) -> Volume | None:
         st = p.stat()
     except OSError:
         return None
-    # (the inode and ctime too: a file replaced by `cp -p`, rsync -t or tar keeps its size and mtime)
-    return _grid_from_header_of(str(p.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, st.st_ctime_ns)
+    # the inode and ctime too (a file replaced by `cp -p`, rsync -t or tar keeps its size and mtime), and its
+    # first 4 KB, where a header lies (Windows' ctime is the creation time, which an overwrite keeps)
+    try:
+        with open(p, "rb") as fh:
+            head = hashlib.sha1(fh.read(4096)).hexdigest()
+    except OSError:
+        return None
+    return _grid_from_header_of(str(p.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, st.st_ctime_ns,
+                                head)
 
 
 @functools.lru_cache(maxsize=256)
@@ -3150,6 +3158,18 @@ def _pillow_unguarded():
         Image.MAX_IMAGE_PIXELS = guard
 
 
+def _tiff_grey_through_rgba(p: Path) -> bool:
+    """Whether ``p`` is a grey TIFF of at most 8 bits per pixel (one sample, white- or black-is-zero)
+    whose page ITK decodes through libtiff's RGBA reader (tiled, or of 1 bit), which gives 4 equal
+    colour channels: a grey tiled slide export was costed and labelled as colour (3 times the features)
+    and a 1-bit (black-and-white) mask refused as a colour image."""
+    if not p.name.lower().endswith((".tif", ".tiff")):
+        return False
+    pages = tiff_pages(p, most=2)
+    return bool(pages) and len(pages) == 1 and pages[0].samples == 1 and pages[0].photometric in (0, 1) and (
+        pages[0].bits <= 8 and (pages[0].tiled or pages[0].bits == 1))
+
+
 def _tiff_layout(p: Path) -> tuple[int, int, bool, int] | None:
     """A TIFF's (samples per pixel, bits per sample, tiled, pages: 1, or 2 for two or more) from its
     first page's tags (``tiff_pages``), without decoding the pixels; None for any other file (named
@@ -3175,6 +3195,7 @@ class TiffPage:
     sample_format: int = 1  # 1 unsigned, 2 signed, 3 float
     planar: int = 1  # 1 samples interleaved, 2 stored plane after plane
     tiled: bool = False
+    photometric: int = 1  # 0 white is zero, 1 black is zero (grey), 2 RGB, 3 palette, ...
 
     @property
     def flagged(self) -> bool:
@@ -3185,7 +3206,7 @@ class TiffPage:
 TIFF_MOST_PAGES = 65535  # ITK's TIFF reader counts pages in 16 bits: a file with more is misread
 TIFF_MOST_ENTRIES = 4096  # tags a page may have: libtiff (ITK) and tifffile refuse a page with more
 _TIFF_TYPES = {1: "B", 3: "H", 4: "I", 6: "b", 8: "h", 9: "i", 13: "I", 16: "Q", 17: "q", 18: "Q"}
-_TIFF_TAGS = (254, 255, 256, 257, 258, 277, 284, 322, 339)  # the tags a TiffPage holds (255: old SubfileType)
+_TIFF_TAGS = (254, 255, 256, 257, 258, 262, 277, 284, 322, 339)  # the tags a TiffPage holds (255: old SubfileType)
 
 
 def tiff_pages(p: Path, most: int | None = None) -> list[TiffPage] | None:
@@ -3270,7 +3291,7 @@ def _tiff_page(fh, offset: int, end: str, big: bool, entries: np.dtype, size: in
         subfile_type = {2: 1, 3: 2}.get(tags[255])
     return TiffPage(columns=tags[256], rows=tags[257], subfile_type=subfile_type, samples=tags.get(277, 1),
                     bits=tags.get(258, 1), sample_format=tags.get(339, 1), planar=tags.get(284, 1),
-                    tiled=322 in tags), following
+                    tiled=322 in tags, photometric=tags.get(262, 1)), following
 
 
 def _tiff_page_sizes(p: Path) -> list[tuple[int, int]] | None:
@@ -3387,6 +3408,11 @@ def _faithful_tiff(p: Path, image: sitk.Image, layout: tuple[int, int, bool, int
     3D image, refused as such). ``layout``: ``_tiff_layout(p)``. InputError if such a file cannot be
     read faithfully here."""
     samples, bits, tiled, pages = layout
+    if image.GetNumberOfComponentsPerPixel() in (3, 4) and _tiff_grey_through_rgba(p):
+        grey = sitk.VectorIndexSelectionCast(image, 0)  # its grey, once (R = G = B; alpha all opaque)
+        if tiff_pages(p, most=1)[0].photometric == 0:  # white-is-zero, which the RGBA reader shows inverted: the
+            grey = 255 - grey  # values as stored, as ITK reads an untiled one (a 1-bit mask: its 1 bits 255)
+        return grey
     itk_bits = 8 * np.dtype(sitk.GetArrayViewFromImage(image).dtype).itemsize
     # tiled, or samples stored plane after plane (tifffile's default for a (3, H, W) array): ITK's
     # 8-bit fallback reader divides the values by 256 (a dim 12-bit image came out as 3 grey levels)
@@ -3535,10 +3561,18 @@ def _edge_labels(arr: np.ndarray, present: np.ndarray, enough: int | None = None
     values = [int(v) for v in present if v > 0]
     if len(values) < fewest:  # read_labelmap_2d refuses only masks with more grey values than that
         return []
-    boxes = ndimage.find_objects(arr)  # label v's box at index v - 1 (negative values are skipped)
+    if values[-1] > 4 * len(values) + 65536:  # find_objects keeps a slot per value up to the largest: a label of
+        # 4e9 was a MemoryError ("not enough memory" for a 256 px mask); numbered 1.. in value order here instead
+        index = np.searchsorted(np.asarray(values), arr) + 1
+        index[arr <= 0] = 0
+        boxes = ndimage.find_objects(index)
+        slot = {v: n for n, v in enumerate(values)}
+    else:
+        boxes = ndimage.find_objects(arr)  # label v's box at index v - 1 (negative values are skipped)
+        slot = {v: v - 1 for v in values}
     out = []
     for v in values:
-        box = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in boxes[v - 1])
+        box = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in boxes[slot[v]])
         sub = arr[box]
         own = sub == v
         touching = own & ndimage.binary_dilation((sub != v) & (sub != 0))

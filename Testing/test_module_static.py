@@ -1751,13 +1751,20 @@ def test_panel_undo_and_propagate_stop_when_the_edit_check_does_not_fit_in_memor
     monkeypatch.setattr(_slicer().util, "confirmOkCancelDisplay", lambda text, **kw: asked.append(text) or True)
     monkeypatch.setattr(mrml_module, "_memory_free_now", lambda: 2**20)
     finished = panel.job
-    panel.ui.undoButton.click()
+    panel.promptRefreshTimer.fire()  # the prompt line says the check could not run (it said "no edits")
+    assert "Cannot check the segment for your edits now: reading the segment" in panel.ui.promptLabel.text
+    monkeypatch.setattr(_slicer().util, "confirmOkCancelDisplay", lambda text, **kw: asked.append(text) or False)
+    panel.ui.undoButton.click()  # asked whether to undo anyway (Undo restores a stored copy): declined
     panel.ui.propagateButton.click()
-    assert [t.split(":")[0] for t in shown] == ["Cannot check the segment for your edits before undoing",
-                                                "Cannot check the segment before propagating"]
-    assert "memory_check" not in shown[0] and "segment out of the scene" in shown[0]
-    assert asked == [] and panel.job is finished
+    assert len(asked) == 1 and asked[0].startswith("Cannot check the segment for your edits before undoing: ")
+    assert "Undo anyway? Any changes you made since the last propagation are discarded" in asked[0]
+    assert "memory_check" not in asked[0] and "save your work and restart Slicer." in asked[0]
+    assert [t.split(":")[0] for t in shown] == ["Cannot check the segment before propagating"]
+    assert panel.job is finished
     np.testing.assert_array_equal(_segment_array(segmentation, segment_id, volume), edited)
+    monkeypatch.setattr(_slicer().util, "confirmOkCancelDisplay", lambda text, **kw: asked.append(text) or True)
+    panel.ui.undoButton.click()  # accepted: undone without the check
+    assert "back as it was before the propagation" in panel.ui.statusLabel.text
 
 
 def test_panel_propagate_on_a_propagated_segment_offers_the_update(panel, drawn, monkeypatch):

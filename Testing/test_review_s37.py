@@ -755,3 +755,141 @@ def test_a_finished_segmentation_as_the_prompt_gets_the_whole_note_not_the_nothi
     cut[11:] = False
     result = propagate(image, prompt, (2.0, 1.0, 1.0), _NeverThere(cut))
     assert [k for k, _ in result.kinds_of_notes()] == ["whole"]
+
+
+# --- the third re-review's findings (session 37) ---
+
+def test_window_percentiles_refusals_cover_overflow_dicts_and_numpy_bools():
+    from PAMSegmentLib.preprocess import PreprocessingParams
+
+    for pct in ([10**400, 50], {0: 1, 1: 99}, [np.bool_(True), 50], bytearray(b"\x01\x63"), np.arange(1000)):
+        with pytest.raises(ValueError, match="window_percentiles must be a list of two"):
+            PreprocessingParams.from_dict({"window_percentiles": pct})
+
+
+def test_the_nothing_note_is_kept_for_a_label_that_is_not_a_finished_segmentation():
+    """One label's 'whole' note silenced the 'nothing' note for every label."""
+    image, _, truth = _case()
+    prompt = np.zeros(SHAPE, np.uint8)
+    for k in range(6, 11):
+        prompt[k][truth[k]] = 1  # label 1: every slice of its (cut) extent
+    prompt[3, 1:3, 1:3] = 2  # label 2: one slice
+    cut = truth.copy()
+    cut[:6] = False
+    cut[11:] = False
+    result = propagate(image, prompt, (2.0, 1.0, 1.0), _NeverThere(cut))
+    assert sorted(k for k, _ in result.kinds_of_notes()) == ["nothing", "whole"]
+
+
+def test_huge_negative_numbers_and_a_huge_axis_are_shown_by_their_size():
+    from PAMSegmentLib.checks import shown
+
+    assert shown(-10**5000) == "<a negative number of about 5000 digits>"
+    image, prompt, truth = _case()
+    with pytest.raises(InputError, match="axis must be 0, 1 or 2, got <a number of about 5000 digits>"):
+        propagate(image, prompt, (2.0, 1.0, 1.0), OracleModel(truth), axis=10**5000)
+
+
+def test_the_nifti2_advice_keeps_the_values():
+    from PAMSegmentLib.volumes import _read_error
+
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "n2.nii"
+        path.write_bytes(struct.pack("<i8s", 540, b"n+2\x00\r\n\x1a\n") + bytes(600))
+        text = str(_read_error(path, "Unable to determine ImageIO reader for n2.nii"))
+    assert "nib.Nifti1Image.from_image(img)" in text and "get_fdata" not in text
+
+
+# --- label-cells on hostile inputs (a fuzzing trial, session 37) ---
+
+def _disc_cells(n=6, size=96, seed=0):
+    rng = np.random.default_rng(seed)
+    image = rng.normal(20, 3, (size, size)).astype(np.float32)
+    labels = np.zeros((size, size), np.int32)
+    yy, xx = np.mgrid[:size, :size]
+    for k in range(n):
+        cy, cx = 12 + (k // 3) * 30, 12 + (k % 3) * 30
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= 36
+        image[disc] += 100
+        labels[disc] = k + 1
+    return image, labels
+
+
+def test_examples_covering_the_image_keep_every_label_or_are_refused():
+    """With no 0 pixel left the first label was renumbered 0 (lost); covering everything ended in an
+    IndexError traceback from the forest (one class learnt)."""
+    from PAMSegmentLib.cells import _tidy_examples, label_cells
+
+    full = np.ones((40, 40), np.int32)
+    full[:, 13:26], full[:, 26:] = 2, 3
+    assert sorted(np.unique(_tidy_examples(full)[0])) == [1, 2, 3]
+    image = np.random.default_rng(0).normal(100, 5, (40, 40)).astype(np.float32)
+    with pytest.raises(InputError, match="the examples .* cover the whole image: nothing is left to learn the "
+                                         "background from"):
+        label_cells(image, full)
+
+
+def test_example_labels_of_billions_are_not_a_memory_error(tmp_path):
+    from PAMSegmentLib.volumes import read_labelmap_2d
+
+    image, labels = _disc_cells()
+    big = np.where(labels > 0, labels.astype(np.uint32) * 400_000_000 + 1, 0).astype(np.uint32)
+    path = tmp_path / "ex.tif"
+    sitk.WriteImage(sitk.GetImageFromArray(big), str(path))
+    mask = read_labelmap_2d(path)  # find_objects kept a slot per value up to 2.4e9: "not enough memory"
+    assert len(np.unique(mask)) == 7
+
+
+def test_found_cells_do_not_lie_on_marked_background():
+    """Marks were learnt from but not held: found cells lay on 903 marked pixels in the trial."""
+    from PAMSegmentLib.cells import label_cells
+
+    image, labels = _disc_cells(n=9, size=96)
+    examples = np.where(np.isin(labels, [1, 2, 3]), labels, 0)
+    marks = ndimage_dilate(np.isin(labels, [7, 8, 9]))  # cell-like blobs the user says are background
+    result = label_cells(image, examples, background=marks)
+    assert not (result.labels[marks] > 0).any()
+    assert all(result.labels[labels == k].max() > 0 for k in (4, 5, 6))  # the unmarked cells are still found
+
+
+def ndimage_dilate(mask):
+    from scipy import ndimage
+
+    return ndimage.binary_dilation(mask, iterations=2)
+
+
+def test_a_3d_example_array_and_float64_beyond_float32_are_handled():
+    from PAMSegmentLib.cells import label_cells
+
+    image, labels = _disc_cells()
+    with pytest.raises(InputError, match=r"the example mask must be 2D \(rows, columns\), got shape \(1, 96, 96\)"):
+        label_cells(image, labels[None])
+    examples = np.where(np.isin(labels, [1, 2, 3]), labels, 0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # was: overflow to inf, 0 cells and numpy's warnings
+        huge = label_cells(image.astype(np.float64) * 1e300, examples)
+    plain = label_cells(image, examples)
+    assert huge.labels.max() == plain.labels.max() >= 5
+
+
+def test_a_grey_tiled_or_one_bit_tiff_is_read_as_grey(tmp_path):
+    """ITK decodes tiled 8-bit and 1-bit TIFFs through libtiff's RGBA reader: a grey slide export was
+    labelled as colour (3 times the work, costed as colour) and a 1-bit mask refused as a colour image."""
+    tifffile = pytest.importorskip("tifffile")
+    from PAMSegmentLib.volumes import image_pixels_2d, read_image_2d, read_labelmap_2d
+
+    grey = (np.arange(128 * 128) % 251).astype(np.uint8).reshape(128, 128)
+    tifffile.imwrite(tmp_path / "tiled.tif", grey, tile=(64, 64), photometric="minisblack")
+    array, _ = read_image_2d(tmp_path / "tiled.tif", keep_colour=True)
+    assert array.shape == (128, 128) and np.array_equal(array, grey)
+    assert image_pixels_2d(tmp_path / "tiled.tif") == (128, 128, 1)
+    mask = np.zeros((64, 64), bool)
+    mask[10:30, 10:40] = True
+    tifffile.imwrite(tmp_path / "bits.tif", mask)  # a bool array: written 1 bit a pixel
+    read = read_labelmap_2d(tmp_path / "bits.tif")
+    assert read.shape == (64, 64) and np.array_equal(read > 0, mask)
