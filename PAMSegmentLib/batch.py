@@ -205,7 +205,8 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
     if path.is_dir():
         raise InputError(f"manifest {path} is a folder; give the CSV file that lists the cases")
     if not path.exists():
-        raise InputError(f"manifest {path} does not exist; give a CSV file with columns {COLUMNS_TEXT}")
+        stdin = " (to read it from a pipe, give /dev/stdin)" if str(path) == "-" else ""
+        raise InputError(f"manifest {path} does not exist{stdin}; give a CSV file with columns {COLUMNS_TEXT}")
     # relative paths from the manifest's folder; from the working folder for a pipe (<(grep ... all.csv), which
     # was told it does not exist)
     base, out_dir = (path.parent if path.is_file() else Path.cwd()), Path(out_dir)
@@ -286,6 +287,9 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
         if not rec.get("image") or not rec.get("prompt"):
             raise InputError(f"{where}: image and prompt are both needed")
         image, prompt = resolve(rec["image"], "image"), resolve(rec["prompt"], "prompt")
+        from .cli import check_image_is_not_prompt
+
+        check_image_is_not_prompt(image, prompt, f"{where}: its image and prompt are")
         if bool(rec.get("previous")) != bool(rec.get("edited")):
             raise InputError(f"{where}: previous and edited go together (an earlier result and your corrected copy "
                              "of it); fill both or neither")
@@ -374,7 +378,7 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
     if not rows:
         raise InputError(f"{path.name} lists no cases")
     # No output may be any row's input: writing it would replace a scan or prompt another row reads.
-    inputs = {}
+    inputs = {str(path.resolve()).lower(): (0, path)} if path.is_file() else {}  # (0: the manifest itself)
     for r in rows:
         for p in (r.image, r.prompt, r.previous, r.edited):
             if p is not None:
@@ -384,7 +388,8 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
         if other is not None:
             case = ("" if str(other[1].resolve()) == str(r.output.resolve()) else
                     f" ({other[1]}: names that differ only in case are one file on macOS and Windows)")
-            raise InputError(f"{path.name} row {r.number}: the output {r.output} is an input of row {other[0]}{case}; "
+            what = "the manifest itself" if other[0] == 0 else f"an input of row {other[0]}"
+            raise InputError(f"{path.name} row {r.number}: the output {r.output} is {what}{case}; "
                              "choose another output")
     return rows
 
@@ -1138,6 +1143,12 @@ def cmd_batch(args: argparse.Namespace) -> int:
                     if issubclass(w.category, UserWarning):
                         print(f"note: row {r.number}: {w.message}", flush=True)
     report = out_dir / report_name
+    manifest_path = Path(args.manifest)
+    for r in rows:  # the report must replace no input (a row's prompt named batch_report.csv, or the manifest)
+        for p in (manifest_path, r.image, r.prompt, r.previous, r.edited):
+            if p is not None and p.is_file() and report.is_file() and os.path.samefile(p, report):
+                raise InputError(f"the report {report} would replace {'the manifest' if p is manifest_path else p}, "
+                                 "which this batch reads; write to another -o folder")
     from .volumes import check_not_read_only
 
     check_not_read_only(report)  # a protected report is kept, as protected outputs are

@@ -192,6 +192,15 @@ def parse_empty_slices(text: str) -> tuple[int | None, list[int]]:
     label, sep, rest = text.partition(":")
     if not sep:
         return None, parse_slice_list(text)
+    try:
+        return _label_and_slices(label, rest, text)
+    except argparse.ArgumentTypeError as error:  # (the part after the colon alone was quoted: "got '-2'")
+        if repr(text) in str(error):
+            raise
+        raise argparse.ArgumentTypeError(f"{error} (in {text!r})") from None
+
+
+def _label_and_slices(label: str, rest: str, text: str) -> tuple[int | None, list[int]]:
     if not label.strip().isdecimal():
         raise argparse.ArgumentTypeError(f"expected slice numbers (12,30) or a label and its slices (3:12,30); "
                                          f"got {text!r}")
@@ -524,7 +533,10 @@ def check_pam_only_options(args: argparse.Namespace) -> None:
 def check_server_options(args: argparse.Namespace) -> None:
     """``--server`` (propagate, batch): options that set up a local model are refused, the local
     device, threads and batch size noted as the server's to set; ``--token`` without it refused."""
-    if args.server:
+    if args.server is not None and not args.server.strip():  # `--server "$GPU"` with the variable unset ran the job
+        raise InputError("--server is empty (an unset variable?); give the server's address, e.g. "  # here, exit 0
+                         "http://gpu-box:8765, or leave --server out to run here")
+    if args.server is not None:
         from .remote import SERVER_METHODS
 
         given = [f"--{o.replace('_', '-')}" for o in ("checkpoint", *PAM_ONLY_OPTIONS)
@@ -639,6 +651,16 @@ def check_propagation_memory(image, axis: int, slices: dict, method: str, skip: 
                  skip=skip)
 
 
+def check_image_is_not_prompt(image, prompt, what: str = "IMAGE and PROMPT are") -> None:
+    """The image given as its own prompt (the drawn slices came back alone, exit 0, no word)."""
+    try:
+        same = Path(image).is_file() and Path(prompt).is_file() and os.path.samefile(image, prompt)
+    except OSError:
+        same = False
+    if same:
+        raise InputError(f"{what} the same file ({prompt}); give the scan and the label map drawn on it")
+
+
 def cmd_propagate(args: argparse.Namespace) -> int:
     """Read IMAGE and PROMPT, propagate, write OUT on the image's grid, print a summary."""
     t0 = time.perf_counter()
@@ -649,6 +671,10 @@ def cmd_propagate(args: argparse.Namespace) -> int:
         given, missing = ("--previous", "--edited") if args.edited is None else ("--edited", "--previous")
         raise InputError(f"{given} needs {missing}: give the earlier result (--previous) and your corrected copy "
                          "of it (--edited)")
+    for option, value in (("IMAGE", args.image), ("PROMPT", args.prompt), ("-o", args.output)):
+        if not str(value).strip():  # ('' was read as '.': "is a folder without a DICOM series")
+            raise InputError(f"{option} is empty (an unset variable?); give a file")
+    check_image_is_not_prompt(args.image, args.prompt)
     if args.previous is not None:
         check_previous_is_not_prompt(args.previous, args.prompt)
     inputs = [args.image, args.prompt] + [a for a in (args.previous, args.edited) if a is not None]

@@ -39,10 +39,15 @@ def _manifest(path, lines):
 
 
 def test_batch_writes_what_propagate_writes_and_goes_on_past_a_failing_case(tmp_path, cases, run_cli):
+    import shutil
+
+    # a copy of an image as its prompt: refused when its turn comes (the very same file is refused before
+    # any work since session 37, with every row's other checks)
+    shutil.copy(tmp_path / "data" / "c1" / "image.nii.gz", tmp_path / "data" / "c1" / "copy.nii.gz")
     m = _manifest(tmp_path / "data" / "cases.csv", [
         "image,prompt,output",
         "c0/image.nii.gz,c0/prompt.nii.gz,",
-        "c1/image.nii.gz,c1/image.nii.gz,",  # an image as its own prompt: refused when its turn comes
+        "c1/image.nii.gz,c1/copy.nii.gz,",
         "c2/image.nii.gz,c2/prompt.nii.gz,../out/third.nrrd",
     ])
     proc = run_cli("batch", m, "-o", tmp_path / "out", "--method", "track")
@@ -875,10 +880,13 @@ def test_stop_on_error_stops_after_the_first_failing_case(tmp_path, cases):
     """Pins --stop-on-error: the manifest of the first test (its second row uses an image as its own
     prompt, refused when its turn comes) gives ok, error and then "not run" for the third row,
     which is not written; without the option the third row runs (ok)."""
+    import shutil
+
+    shutil.copy(tmp_path / "data" / "c1" / "image.nii.gz", tmp_path / "data" / "c1" / "copy.nii.gz")  # a bad prompt
     m = _manifest(tmp_path / "data" / "cases.csv", [
         "image,prompt,output",
         "c0/image.nii.gz,c0/prompt.nii.gz,",
-        "c1/image.nii.gz,c1/image.nii.gz,",
+        "c1/image.nii.gz,c1/copy.nii.gz,",
         "c2/image.nii.gz,c2/prompt.nii.gz,../out/third.nrrd",
     ])
     out = tmp_path / "out"
@@ -938,8 +946,11 @@ def test_a_batch_in_a_log_says_each_finished_case_on_a_line(tmp_path, cases, cap
     """Off a terminal (a log) the cases bar is not drawn (redrawn bars fill a log with carriage
     returns); a line per finished case says how far the batch is."""
     monkeypatch.delenv("PAMSEGMENT_PROGRESS", raising=False)
+    import shutil
+
+    shutil.copy(tmp_path / "data" / "c1" / "image.nii.gz", tmp_path / "data" / "c1" / "copy.nii.gz")  # a bad prompt
     m = _manifest(tmp_path / "data" / "cases.csv", ["image,prompt", "c0/image.nii.gz,c0/prompt.nii.gz",
-                                                    "c1/image.nii.gz,c1/image.nii.gz"])
+                                                    "c1/image.nii.gz,c1/copy.nii.gz"])
     assert main(["batch", str(m), "-o", str(tmp_path / "out"), "--method", "copy"]) == 2
     err = capsys.readouterr().err
     assert "\r" not in err

@@ -893,3 +893,65 @@ def test_a_grey_tiled_or_one_bit_tiff_is_read_as_grey(tmp_path):
     tifffile.imwrite(tmp_path / "bits.tif", mask)  # a bool array: written 1 bit a pixel
     read = read_labelmap_2d(tmp_path / "bits.tif")
     assert read.shape == (64, 64) and np.array_equal(read > 0, mask)
+
+
+# --- command-line options (482 fuzzed runs, session 37) ---
+
+def _demo_copy(tmp_path):
+    import shutil
+
+    from PAMSegmentLib.demo import demo_data_dir
+
+    shutil.copy(demo_data_dir() / "abdomen_ct.nii.gz", tmp_path / "ct.nii.gz")
+    shutil.copy(demo_data_dir() / "abdomen_prompt.nii.gz", tmp_path / "prompt.nii.gz")
+    return tmp_path / "ct.nii.gz", tmp_path / "prompt.nii.gz"
+
+
+def test_an_empty_server_address_is_refused_not_run_here(tmp_path, capsys):
+    from PAMSegmentLib.cli import main
+
+    ct, pr = _demo_copy(tmp_path)
+    out = tmp_path / "out.nii.gz"
+    assert main(["propagate", str(ct), str(pr), "-o", str(out), "--method", "copy", "--server", ""]) == 2
+    assert "--server is empty (an unset variable?)" in capsys.readouterr().err and not out.exists()
+
+
+def test_image_given_as_its_own_prompt_and_empty_paths_are_refused(tmp_path, capsys):
+    from PAMSegmentLib.cli import main
+
+    ct, pr = _demo_copy(tmp_path)
+    out = tmp_path / "out.nii.gz"
+    assert main(["propagate", str(pr), str(pr), "-o", str(out), "--method", "copy"]) == 2
+    assert "IMAGE and PROMPT are the same file" in capsys.readouterr().err and not out.exists()
+    assert main(["propagate", "", str(pr), "-o", str(out), "--method", "copy"]) == 2
+    assert "IMAGE is empty (an unset variable?)" in capsys.readouterr().err
+
+
+def test_batch_never_writes_over_its_manifest_or_an_input(tmp_path, capsys):
+    from PAMSegmentLib.cli import main
+
+    _demo_copy(tmp_path)
+    m = tmp_path / "batch_report.csv"  # a manifest named as the report, in the -o folder
+    m.write_text("image,prompt\nct.nii.gz,prompt.nii.gz\n")
+    assert main(["batch", str(m), "-o", str(tmp_path), "--method", "copy"]) == 2
+    assert "would replace the manifest" in capsys.readouterr().err
+    assert m.read_text() == "image,prompt\nct.nii.gz,prompt.nii.gz\n"
+    m2 = tmp_path / "m2.nii.gz"  # a manifest named as a row's output
+    m2.write_text("image,prompt,output\nct.nii.gz,prompt.nii.gz,m2.nii.gz\n")
+    assert main(["batch", str(m2), "-o", str(tmp_path / "res"), "--method", "copy"]) == 2
+    assert "the output" in (err := capsys.readouterr().err) and "is the manifest itself" in err
+    m3 = tmp_path / "m3.csv"
+    m3.write_text("image,prompt\nprompt.nii.gz,prompt.nii.gz\n")
+    assert main(["batch", str(m3), "-o", str(tmp_path / "res"), "--method", "copy"]) == 2
+    assert "m3.csv row 2: its image and prompt are the same file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value, says", [("1:-2", "(in '1:-2')"), ("1:", "(in '1:')")])
+def test_an_empty_slices_error_quotes_the_whole_value(value, says):
+    import argparse
+
+    from PAMSegmentLib.cli import parse_empty_slices
+
+    with pytest.raises(argparse.ArgumentTypeError) as refused:
+        parse_empty_slices(value)
+    assert says in str(refused.value)
