@@ -533,7 +533,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             try:
                 edited, known = self.logic.editedSlices(segmentation, segmentId, volume), True
             except (NotEnoughMemory, MemoryError) as exc:  # not "no edits": say the check could not run
-                reason = exc.reason if isinstance(exc, NotEnoughMemory) else "not enough memory"
+                reason = exc.reason if isinstance(exc, NotEnoughMemory) else "not enough memory."
                 self.ui.promptLabel.text = (f"Propagated: {entry.describe()}. Cannot check the segment for your "
                                             f"edits now: {reason}")
                 return
@@ -673,7 +673,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             holdsResult = entry is not None and self.logic.holdsPamResult(segmentation, segmentId, volume)
         except (NotEnoughMemory, MemoryError) as exc:  # not "no result": one would be propagated from scratch
-            reason = exc.reason if isinstance(exc, NotEnoughMemory) else "not enough memory"
+            reason = exc.reason if isinstance(exc, NotEnoughMemory) else "not enough memory."
             slicer.util.errorDisplay(f"Cannot check the segment before propagating: {reason}")
             return
         except Exception:  # unreadable segment: the propagation below says why
@@ -721,10 +721,11 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             edited = self.logic.editedSlices(segmentation, segmentId, volume)
         except (NotEnoughMemory, MemoryError) as exc:  # not "no edits": Undo would discard them without asking
-            reason = exc.reason if isinstance(exc, NotEnoughMemory) else "not enough memory"
+            reason = exc.reason if isinstance(exc, NotEnoughMemory) else "not enough memory."
             if not slicer.util.confirmOkCancelDisplay(  # (Undo itself restores a stored copy: it needs no export)
                     f"Cannot check the segment for your edits before undoing: {reason}\n\nUndo anyway? Any changes "
-                    "you made since the last propagation are discarded with it."):
+                    "you made since the last propagation are discarded with it (save the scene first to keep them).",
+                    windowTitle="PAMSegment: undo"):
                 return
             edited = []
         except Exception:

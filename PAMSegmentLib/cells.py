@@ -166,8 +166,11 @@ def _check(image, examples, background):
                          "background in it (or leave it out)")
     if img.dtype.kind == "f" and img.itemsize > 4:
         low, high = float(img.min()), float(img.max())
-        if max(abs(low), abs(high)) > 1e30 or 0 < high - low < 1e-30:  # float32 would make them inf, or all one
-            img = (img - low) / (high - low)  # value (0 cells found, numpy's warnings): rescaled to 0-1 first
+        half = high / 2 - low / 2  # (halved: high - low may overflow)
+        if half > 0 and (max(abs(low), abs(high)) > 1e30 or half < 1e-5 * max(abs(low), abs(high))):
+            # float32 would make the values inf, or all one value (values far from 0 varying little, 1e6 +
+            # 0.01 x signal): 0 cells found and numpy's warnings; rescaled to 0-1 in float64 first
+            img = (img / 2 - low / 2) / half
     return img.astype(np.float32), cells, n, bg, notes
 
 
@@ -801,7 +804,8 @@ def cmd_label_cells(args) -> int:
             what = f"a piece at {where} that looks" if one else f"{len(like)} pieces (the first at {where}) that look"
             it = "it is" if one else "they are"
             print(f"warning: --background-label {args.background_label} marks {what} like the example cells (their "
-                  f"size, and nearer their {look} than their surroundings'): {it} learned as background. If {it} "
+                  f"size, and nearer their {look} than their surroundings'): {it} learned as background and kept "
+                  f"background in the result. If {it} "
                   f"{'a cell' if one else 'cells'}, draw {'it' if one else 'them'} with another label (or give "
                   "--background-label a label no cell uses)", flush=True)
     with _ProgressBar("labelling cells", show_message=True) as bar:

@@ -38,8 +38,8 @@ def as_array(value, what: str, reader: str = "PAMSegmentLib.volumes.read_volume"
 
 class _ShortRepr(reprlib.Repr):
     def repr_int(self, x, level):  # Python converts ints of over 4300 digits (its limit) to text only on request
-        limit = sys.get_int_max_str_digits() if hasattr(sys, "get_int_max_str_digits") else 0
-        if limit and x.bit_length() * 0.30103 > limit - 2:
+        limit = (sys.get_int_max_str_digits() if hasattr(sys, "get_int_max_str_digits") else 0) or 4300
+        if x.bit_length() * 0.30103 > limit - 2:  # (limit 0, no limit: a million digits took 12 s to text)
             return f"<a {'negative ' if x < 0 else ''}number of about {x.bit_length() * 0.30103:.0f} digits>"
         return super().repr_int(x, level)
 

@@ -71,9 +71,10 @@ class PreprocessingParams:
         if "window_percentiles" in d:  # two real numbers (a string "19" was read as (1, 9), [True, 50] accepted)
             pct = d["window_percentiles"]
             try:  # a list, tuple, array or tensor of two numbers
-                ok = not isinstance(pct, (str, bytes, bytearray, dict)) and len(pct) == 2
+                ok = not isinstance(pct, (str, bytes, bytearray, memoryview, dict, set, frozenset)) and len(pct) == 2
                 values = list(pct) if ok else []
-                ok = ok and not any(isinstance(v, (bool, np.bool_, str, bytes)) for v in values)
+                ok = ok and not any(isinstance(v, (bool, np.bool_, str, bytes)) or str(getattr(v, "dtype", "")).split(
+                    ".")[-1].startswith(("bool", "complex")) for v in values)  # (numpy's or torch's bools, complex)
                 values = [float(v) for v in values] if ok else []
             except (TypeError, ValueError, RuntimeError, OverflowError):
                 values = []

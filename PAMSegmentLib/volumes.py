@@ -1585,7 +1585,7 @@ def image_pixels_2d(path: PathLike) -> tuple[int, int, int] | None:
     if len(flat) > 2:
         return None
     columns, rows = (flat + [1])[:2]
-    return rows, columns, 3 if components >= 3 and not _tiff_grey_through_rgba(Path(path)) else 1
+    return rows, columns, 3 if components >= 3 and not _tiff_single_grey(Path(path)) else 1
 
 
 def _pixels_2d_without_itk(p: Path) -> tuple[int, int, int] | None:
@@ -3165,9 +3165,18 @@ def _tiff_grey_through_rgba(p: Path) -> bool:
     and a 1-bit (black-and-white) mask refused as a colour image."""
     if not p.name.lower().endswith((".tif", ".tiff")):
         return False
-    pages = tiff_pages(p, most=2)
+    pages = [page for page in tiff_pages(p, most=8) if not page.flagged]  # (a slide's thumbnail page is flagged)
     return bool(pages) and len(pages) == 1 and pages[0].samples == 1 and pages[0].photometric in (0, 1) and (
         pages[0].bits <= 8 and (pages[0].tiled or pages[0].bits == 1))
+
+
+def _tiff_single_grey(p: Path) -> bool:
+    """Whether ``p`` is a TIFF of one grey sample a pixel (white- or black-is-zero) on its one page
+    ITK reads, whatever its bits or tiling: one channel, however ITK decodes it."""
+    if not p.name.lower().endswith((".tif", ".tiff")):
+        return False
+    pages = [page for page in tiff_pages(p, most=8) if not page.flagged]
+    return len(pages) == 1 and pages[0].samples == 1 and pages[0].photometric in (0, 1)
 
 
 def _tiff_layout(p: Path) -> tuple[int, int, bool, int] | None:
@@ -3410,8 +3419,14 @@ def _faithful_tiff(p: Path, image: sitk.Image, layout: tuple[int, int, bool, int
     samples, bits, tiled, pages = layout
     if image.GetNumberOfComponentsPerPixel() in (3, 4) and _tiff_grey_through_rgba(p):
         grey = sitk.VectorIndexSelectionCast(image, 0)  # its grey, once (R = G = B; alpha all opaque)
-        if tiff_pages(p, most=1)[0].photometric == 0:  # white-is-zero, which the RGBA reader shows inverted: the
-            grey = 255 - grey  # values as stored, as ITK reads an untiled one (a 1-bit mask: its 1 bits 255)
+        page = next(page for page in tiff_pages(p, most=8) if not page.flagged)
+        if page.photometric == 0:  # white-is-zero, which the RGBA reader shows inverted: the values as
+            grey = 255 - grey  # stored, as ITK reads an untiled one (a 1-bit mask: its 1 bits 255)
+        if page.sample_format == 2 and page.bits == 8:  # signed: -125 was read as 131
+            values = sitk.GetArrayFromImage(grey).view(np.int8)
+            signed = sitk.GetImageFromArray(values)
+            signed.CopyInformation(grey)
+            grey = signed
         return grey
     itk_bits = 8 * np.dtype(sitk.GetArrayViewFromImage(image).dtype).itemsize
     # tiled, or samples stored plane after plane (tifffile's default for a (3, H, W) array): ITK's
@@ -3563,7 +3578,8 @@ def _edge_labels(arr: np.ndarray, present: np.ndarray, enough: int | None = None
         return []
     if values[-1] > 4 * len(values) + 65536:  # find_objects keeps a slot per value up to the largest: a label of
         # 4e9 was a MemoryError ("not enough memory" for a 256 px mask); numbered 1.. in value order here instead
-        index = np.searchsorted(np.asarray(values), arr) + 1
+        index = np.searchsorted(np.asarray(values, dtype=arr.dtype), arr) + 1  # (in the mask's own type: int64
+        # against uint64 compares as float64, which misplaces labels over 2**53)
         index[arr <= 0] = 0
         boxes = ndimage.find_objects(index)
         slot = {v: n for n, v in enumerate(values)}

@@ -290,7 +290,8 @@ def test_cli_warns_when_the_background_label_marks_a_cell(tmp_path, capsys):
     assert "looks like the example cells" not in capsys.readouterr().out
     assert cli.main([*run, "--background-label", "4"]) == 0  # disc 4, at row 25, column 133
     assert ("warning: --background-label 4 marks a piece at row 25, column 133 that looks like the example cells "
-            "(their size, and nearer their grey value than their surroundings'): it is learned as background. If it "
+            "(their size, and nearer their grey value than their surroundings'): it is learned as background and kept "
+            "background in the result. If it "
             "is a cell, draw it with another label (or give --background-label a label no cell uses)"
             ) in capsys.readouterr().out
     sitk.WriteImage(sitk.GetImageFromArray((ex > 0).astype(np.uint8) * 255), str(tmp_path / "examples.png"))

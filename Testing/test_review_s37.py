@@ -955,3 +955,68 @@ def test_an_empty_slices_error_quotes_the_whole_value(value, says):
     with pytest.raises(argparse.ArgumentTypeError) as refused:
         parse_empty_slices(value)
     assert says in str(refused.value)
+
+
+# --- the fourth re-review's findings (session 37) ---
+
+@pytest.mark.parametrize("offset, scale", [(1e6, 0.01), (-1e308, 1e308), (0.0, 1e35)])
+def test_float64_cell_images_that_float32_cannot_hold_are_rescaled(offset, scale):
+    from PAMSegmentLib.cells import label_cells
+
+    image, labels = _disc_cells()
+    examples = np.where(np.isin(labels, [1, 2, 3]), labels, 0)
+    plain = label_cells(image / image.max(), examples)
+    odd = label_cells(offset + scale * (image.astype(np.float64) / image.max()), examples)
+    assert odd.labels.max() == plain.labels.max() >= 5  # 0 found before (all one value, or NaN)
+
+
+def test_labels_beyond_two_to_the_53_keep_their_places(tmp_path):
+    from PAMSegmentLib.volumes import _edge_labels
+
+    arr = np.zeros((20, 20), np.uint64)
+    for k in range(6):
+        arr[2 + 3 * k, 2:6] = 2**60 + k  # int64 against uint64 compared as float64: one slot for all
+    assert _edge_labels(arr, np.unique(arr)) == []
+
+
+def test_grey_tiffs_are_costed_as_grey_whatever_their_bits_or_pages(tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+    from PAMSegmentLib.volumes import image_pixels_2d, read_image_2d
+
+    g16 = (np.arange(128 * 128) % 4000).astype(np.uint16).reshape(128, 128)
+    tifffile.imwrite(tmp_path / "g16.tif", g16, tile=(64, 64), photometric="minisblack")
+    assert image_pixels_2d(tmp_path / "g16.tif") == (128, 128, 1)
+    g8 = (np.arange(128 * 128) % 250).astype(np.uint8).reshape(128, 128)
+    with tifffile.TiffWriter(tmp_path / "thumb.tif") as tw:  # a slide export: the image, then a thumbnail
+        tw.write(g8, tile=(64, 64), photometric="minisblack")
+        tw.write(g8[::4, ::4], photometric="minisblack", subfiletype=1)
+    assert image_pixels_2d(tmp_path / "thumb.tif") == (128, 128, 1)
+    assert read_image_2d(tmp_path / "thumb.tif", keep_colour=True)[0].shape == (128, 128)
+    i8 = np.array(np.arange(-128, 128).reshape(16, 16), np.int8).repeat(8, 0).repeat(8, 1)
+    tifffile.imwrite(tmp_path / "i8.tif", i8, tile=(64, 64), photometric="minisblack")
+    assert np.array_equal(read_image_2d(tmp_path / "i8.tif")[0], i8.astype(np.float32))  # -125 was 131
+
+
+def test_shown_stays_short_and_fast_without_pythons_digit_limit():
+    import sys
+
+    from PAMSegmentLib.checks import shown
+
+    if not hasattr(sys, "set_int_max_str_digits"):
+        pytest.skip("Python before 3.11 has no digit limit")
+    before = sys.get_int_max_str_digits()
+    sys.set_int_max_str_digits(0)  # as PYTHONINTMAXSTRDIGITS=0: a million digits took 12 s to text
+    try:
+        assert shown(10**1_000_000) == "<a number of about 1000000 digits>"
+    finally:
+        sys.set_int_max_str_digits(before)
+
+
+def test_window_percentiles_refuse_sets_memoryviews_and_tensor_bools():
+    import torch
+
+    from PAMSegmentLib.preprocess import PreprocessingParams
+
+    for pct in ({1.0, 99.0}, memoryview(b"\x01\x63"), torch.tensor([False, True]), np.array([1 + 0j, 99 + 0j])):
+        with pytest.raises(ValueError, match="window_percentiles must be a list of two"):
+            PreprocessingParams.from_dict({"window_percentiles": pct})
