@@ -209,7 +209,8 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
         raise InputError(f"manifest {path} does not exist{stdin}; give a CSV file with columns {COLUMNS_TEXT}")
     # relative paths from the manifest's folder; from the working folder for a pipe (<(grep ... all.csv), which
     # was told it does not exist)
-    base, out_dir = (path.parent if path.is_file() else Path.cwd()), Path(out_dir)
+    piped = not path.is_file() or str(path).startswith(("/dev/", "/proc/"))  # (/dev/stdin < m.csv is a file)
+    base, out_dir = (Path.cwd() if piped else path.parent), Path(out_dir)
     records = _read_records(path)
     while records and not any(f.strip() for f in records[0][1]):  # blank lines before the header
         records.pop(0)
@@ -383,7 +384,12 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
         for p in (r.image, r.prompt, r.previous, r.edited):
             if p is not None:
                 inputs.setdefault(str(p.resolve()).lower(), (r.number, p))
+    manifest_key = str(path.resolve()).lower() if not piped else None
     for r in rows:
+        record = str(r.output.resolve()).lower() + ".keyframes.json"  # (the output's record beside it)
+        if manifest_key is not None and record == manifest_key:
+            raise InputError(f"{path.name} row {r.number}: the record {r.output}.keyframes.json written beside its "
+                             "output would replace the manifest itself; give the row another output")
         other = inputs.get(outputs_key[r.number])
         if other is not None:
             case = ("" if str(other[1].resolve()) == str(r.output.resolve()) else
@@ -1039,6 +1045,9 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from .cli import (EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, EXIT_USAGE, METHODS, _one_line,
                       check_no_checkpoint_for_classical, check_pam_only_options, check_server_options)
 
+    from .cli import check_not_empty
+
+    check_not_empty(("MANIFEST", args.manifest), ("-o", args.output))
     check_pam_only_options(args)
     check_no_checkpoint_for_classical(args)
     check_server_options(args)

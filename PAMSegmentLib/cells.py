@@ -166,8 +166,10 @@ def _check(image, examples, background):
                          "background in it (or leave it out)")
     if img.dtype.kind == "f" and img.itemsize > 4:
         low, high = float(img.min()), float(img.max())
-        half = high / 2 - low / 2  # (halved: high - low may overflow)
-        if half > 0 and (max(abs(low), abs(high)) > 1e30 or half < 1e-5 * max(abs(low), abs(high))):
+        half, size = high / 2 - low / 2, max(abs(low), abs(high))  # (halved: high - low may overflow)
+        if half == 0 and size > 1e30:  # a constant beyond float32's range: inf and numpy's warnings in the cast
+            img = np.zeros_like(img)
+        elif half > 0 and (size > 1e30 or size < 1e-30 or half < 1e-5 * size):
             # float32 would make the values inf, or all one value (values far from 0 varying little, 1e6 +
             # 0.01 x signal): 0 cells found and numpy's warnings; rescaled to 0-1 in float64 first
             img = (img / 2 - low / 2) / half
@@ -752,11 +754,12 @@ def cmd_label_cells(args) -> int:
     import csv
     from pathlib import Path
 
-    from .cli import EXIT_OK, _ProgressBar, _same_path
+    from .cli import EXIT_OK, _ProgressBar, _same_path, check_not_empty
     from .volumes import (MASK_2D_EXTENSIONS, check_link_target, check_name_length, check_not_read_only,
                           check_output_path, read_image_2d, read_labelmap_2d, replace_together, write_labelmap_2d)
 
     t0 = time.perf_counter()
+    check_not_empty(("IMAGE", args.image), ("EXAMPLES", args.examples), ("-o", args.output))
     out = Path(args.output)
     check_output_path(args.output, MASK_2D_EXTENSIONS, example="cells.tif")  # (its trailing slash kept)
     inputs = [given for given in (args.image, args.examples, args.background) if given]

@@ -651,10 +651,19 @@ def check_propagation_memory(image, axis: int, slices: dict, method: str, skip: 
                  skip=skip)
 
 
+def check_not_empty(*named) -> None:
+    """Path arguments given as '' (an unset variable: `-o "$OUT"`) are refused: they were read as '.'
+    (the working folder), where a batch then wrote its outputs and report."""
+    for option, value in named:
+        if value is not None and not str(value).strip():
+            raise InputError(f"{option} is empty (an unset variable?); give a file or folder")
+
+
 def check_image_is_not_prompt(image, prompt, what: str = "IMAGE and PROMPT are") -> None:
     """The image given as its own prompt (the drawn slices came back alone, exit 0, no word)."""
     try:
-        same = Path(image).is_file() and Path(prompt).is_file() and os.path.samefile(image, prompt)
+        same = (Path(image).is_file() and Path(prompt).is_file() and os.path.samefile(image, prompt)) or (
+            Path(image).is_dir() and Path(prompt).is_dir() and Path(image).resolve() == Path(prompt).resolve())
     except OSError:
         same = False
     if same:
@@ -671,9 +680,7 @@ def cmd_propagate(args: argparse.Namespace) -> int:
         given, missing = ("--previous", "--edited") if args.edited is None else ("--edited", "--previous")
         raise InputError(f"{given} needs {missing}: give the earlier result (--previous) and your corrected copy "
                          "of it (--edited)")
-    for option, value in (("IMAGE", args.image), ("PROMPT", args.prompt), ("-o", args.output)):
-        if not str(value).strip():  # ('' was read as '.': "is a folder without a DICOM series")
-            raise InputError(f"{option} is empty (an unset variable?); give a file")
+    check_not_empty(("IMAGE", args.image), ("PROMPT", args.prompt), ("-o", args.output))
     check_image_is_not_prompt(args.image, args.prompt)
     if args.previous is not None:
         check_previous_is_not_prompt(args.previous, args.prompt)

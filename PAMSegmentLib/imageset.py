@@ -744,8 +744,10 @@ def cmd_label_images(args) -> int:
     import os
     from pathlib import Path
 
-    from .cli import EXIT_OK, METHODS, _ProgressBar
+    from .cli import EXIT_OK, METHODS, _ProgressBar, check_not_empty
     from .volumes import read_image_2d, read_labelmap_2d, replace_together, write_labelmap_2d
+
+    check_not_empty(("PROMPT_IMAGE", args.prompt_image), ("PROMPT_MASK", args.prompt_mask), ("-o", args.output))
 
     t0 = time.perf_counter()
     out_dir = Path(args.output)

@@ -3165,7 +3165,7 @@ def _tiff_grey_through_rgba(p: Path) -> bool:
     and a 1-bit (black-and-white) mask refused as a colour image."""
     if not p.name.lower().endswith((".tif", ".tiff")):
         return False
-    pages = [page for page in tiff_pages(p, most=8) if not page.flagged]  # (a slide's thumbnail page is flagged)
+    pages = [page for page in (tiff_pages(p, most=8) or []) if not page.flagged]  # (a slide's thumbnail page is flagged)
     return bool(pages) and len(pages) == 1 and pages[0].samples == 1 and pages[0].photometric in (0, 1) and (
         pages[0].bits <= 8 and (pages[0].tiled or pages[0].bits == 1))
 
@@ -3175,7 +3175,7 @@ def _tiff_single_grey(p: Path) -> bool:
     ITK reads, whatever its bits or tiling: one channel, however ITK decodes it."""
     if not p.name.lower().endswith((".tif", ".tiff")):
         return False
-    pages = [page for page in tiff_pages(p, most=8) if not page.flagged]
+    pages = [page for page in (tiff_pages(p, most=8) or []) if not page.flagged]
     return len(pages) == 1 and pages[0].samples == 1 and pages[0].photometric in (0, 1)
 
 
@@ -3185,11 +3185,13 @@ def _tiff_layout(p: Path) -> tuple[int, int, bool, int] | None:
     other than .tif or .tiff) or one whose tags cannot be read."""
     if not p.name.lower().endswith((".tif", ".tiff")):
         return None
-    pages = tiff_pages(p, most=2)
+    # the pages ITK reads as the image's: a slide export's flagged thumbnail is not one (a 16-bit tiled grey
+    # image with one was taken for a stack, left to ITK's 8-bit reader and read as colour, its values / 256)
+    pages = [page for page in (tiff_pages(p, most=8) or []) if not page.flagged] or tiff_pages(p, most=2)
     if not pages:
         return None
     first = pages[0]
-    return first.samples, first.bits, first.tiled, len(pages)
+    return first.samples, first.bits, first.tiled, min(len(pages), 2)
 
 
 @dataclass(frozen=True)

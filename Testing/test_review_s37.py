@@ -1020,3 +1020,50 @@ def test_window_percentiles_refuse_sets_memoryviews_and_tensor_bools():
     for pct in ({1.0, 99.0}, memoryview(b"\x01\x63"), torch.tensor([False, True]), np.array([1 + 0j, 99 + 0j])):
         with pytest.raises(ValueError, match="window_percentiles must be a list of two"):
             PreprocessingParams.from_dict({"window_percentiles": pct})
+
+
+# --- the fifth re-review's findings (session 37) ---
+
+def test_a_png_named_tif_and_a_16_bit_tiled_tiff_with_a_thumbnail_are_read(tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+    from PAMSegmentLib.volumes import image_pixels_2d, read_image_2d
+
+    rgb = np.zeros((32, 32, 3), np.uint8)
+    rgb[..., 0] = 200
+    sitk.WriteImage(sitk.GetImageFromArray(rgb, isVector=True), str(tmp_path / "c.png"))
+    (tmp_path / "c.png").rename(tmp_path / "c.tif")  # not a TIFF: tiff_pages says None (a TypeError before)
+    assert image_pixels_2d(tmp_path / "c.tif") == (32, 32, 3)
+    g16 = (np.arange(128 * 128) % 4000).astype(np.uint16).reshape(128, 128)
+    with tifffile.TiffWriter(tmp_path / "g16.tif") as tw:
+        tw.write(g16, tile=(64, 64), photometric="minisblack")
+        tw.write(g16[::4, ::4], photometric="minisblack", subfiletype=1)
+    array = read_image_2d(tmp_path / "g16.tif", keep_colour=True)[0]
+    assert array.shape == (128, 128) and array.max() == 3999  # colour, 0-15, before
+
+
+def test_tiny_float64_cell_images_are_rescaled_too():
+    from PAMSegmentLib.cells import label_cells
+
+    image, labels = _disc_cells()
+    examples = np.where(np.isin(labels, [1, 2, 3]), labels, 0)
+    plain = label_cells(image / image.max(), examples)
+    tiny = label_cells(1e-46 * image.astype(np.float64) / image.max(), examples)  # 0 in float32
+    assert tiny.labels.max() == plain.labels.max() >= 5
+
+
+def test_other_commands_refuse_empty_paths_and_a_record_over_the_manifest(tmp_path, capsys):
+    from PAMSegmentLib.cli import main
+
+    _demo_copy(tmp_path)
+    m = tmp_path / "m.csv"
+    m.write_text("image,prompt\nct.nii.gz,prompt.nii.gz\n")
+    assert main(["batch", str(m), "-o", "", "--method", "copy"]) == 2  # wrote into the working folder before
+    assert "-o is empty (an unset variable?)" in capsys.readouterr().err
+    assert main(["label-cells", "", "ex.png", "-o", "x.tif"]) == 2
+    assert "IMAGE is empty" in capsys.readouterr().err
+    record = tmp_path / "out" / "r.nii.gz.keyframes.json"
+    record.parent.mkdir()
+    record.write_text("image,prompt,output\n../ct.nii.gz,../prompt.nii.gz,r.nii.gz\n")
+    assert main(["batch", str(record), "-o", str(tmp_path / "res"), "--method", "copy"]) == 2
+    assert "would replace the manifest itself" in capsys.readouterr().err
+    assert record.read_text().startswith("image,prompt,output")
