@@ -264,14 +264,13 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
 
         def resolve(value: str, what: str) -> Path:
             windows = os.name != "nt" and ("\\" in value or re.match(r"^[A-Za-z]:[\\/]", value))
-            if (windows or not value.isprintable()) and what != "output":  # (one more stat only for those)
+            odd = not value.isprintable()
+            if (windows or odd) and what != "output":  # (one more stat, only for such names)
                 try:  # a name that exists as written is taken as it is (a POSIX name may hold a backslash)
-                    windows = windows and not (base / Path(value).expanduser()).exists()
-                    odd = not value.isprintable() and not (base / Path(value).expanduser()).exists()
+                    there = (base / Path(value).expanduser()).exists()
                 except (OSError, RuntimeError):
-                    odd = not value.isprintable()
-            else:
-                odd = not value.isprintable()
+                    there = False
+                windows, odd = windows and not there, odd and not there
             if windows:
                 # a manifest made on Windows: an output was written as one file named "res\p01.nii.gz", exit 0
                 raise InputError(f"{where}: {what} {value[:120]} is a Windows path; on this system write it "

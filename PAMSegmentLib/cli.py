@@ -192,21 +192,15 @@ def parse_empty_slices(text: str) -> tuple[int | None, list[int]]:
     label, sep, rest = text.partition(":")
     if not sep:
         return None, parse_slice_list(text)
-    try:
-        return _label_and_slices(label, rest, text)
-    except argparse.ArgumentTypeError as error:  # (the part after the colon alone was quoted: "got '-2'")
-        if repr(text) in str(error):
-            raise
-        raise argparse.ArgumentTypeError(f"{error} (in {text!r})") from None
-
-
-def _label_and_slices(label: str, rest: str, text: str) -> tuple[int | None, list[int]]:
     if not label.strip().isdecimal():
         raise argparse.ArgumentTypeError(f"expected slice numbers (12,30) or a label and its slices (3:12,30); "
                                          f"got {text!r}")
     if not 1 <= int(label) <= 65535:
         raise argparse.ArgumentTypeError(f"label {int(label)} in {text!r}: labels are 1-65535 (0 is the background)")
-    return int(label), parse_slice_list(rest)
+    try:
+        return int(label), parse_slice_list(rest)
+    except argparse.ArgumentTypeError as error:  # (the part after the colon alone was quoted: "got '-2'")
+        raise argparse.ArgumentTypeError(f"{error} (in {text!r})") from None
 
 
 def walls_option(values) -> list[int] | dict[int, list[int]] | None:
@@ -661,12 +655,7 @@ def check_not_empty(*named) -> None:
 
 def check_image_is_not_prompt(image, prompt, what: str = "IMAGE and PROMPT are") -> None:
     """The image given as its own prompt (the drawn slices came back alone, exit 0, no word)."""
-    try:
-        same = (Path(image).is_file() and Path(prompt).is_file() and os.path.samefile(image, prompt)) or (
-            Path(image).is_dir() and Path(prompt).is_dir() and Path(image).resolve() == Path(prompt).resolve())
-    except OSError:
-        same = False
-    if same:
+    if _same_path(image, prompt):
         raise InputError(f"{what} the same file ({prompt}); give the scan and the label map drawn on it")
 
 

@@ -1585,7 +1585,7 @@ def image_pixels_2d(path: PathLike) -> tuple[int, int, int] | None:
     if len(flat) > 2:
         return None
     columns, rows = (flat + [1])[:2]
-    return rows, columns, 3 if components >= 3 and not _tiff_single_grey(Path(path)) else 1
+    return rows, columns, 3 if components >= 3 and _tiff_grey_page(Path(path)) is None else 1
 
 
 def _pixels_2d_without_itk(p: Path) -> tuple[int, int, int] | None:
@@ -3158,25 +3158,18 @@ def _pillow_unguarded():
         Image.MAX_IMAGE_PIXELS = guard
 
 
-def _tiff_grey_through_rgba(p: Path) -> bool:
-    """Whether ``p`` is a grey TIFF of at most 8 bits per pixel (one sample, white- or black-is-zero)
-    whose page ITK decodes through libtiff's RGBA reader (tiled, or of 1 bit), which gives 4 equal
-    colour channels: a grey tiled slide export was costed and labelled as colour (3 times the features)
-    and a 1-bit (black-and-white) mask refused as a colour image."""
+def _tiff_grey_page(p: Path) -> "TiffPage | None":
+    """The page of a TIFF of one grey sample a pixel (white- or black-is-zero), the only page ITK
+    reads as the image (a slide's flagged thumbnail is not one), whatever its bits or tiling; None
+    for any other file. Such a page is one channel however ITK decodes it: tiled 8-bit and 1-bit ones
+    come through libtiff's RGBA reader as 4 equal channels (a grey slide export was costed and
+    labelled as colour, 3 times the features; a 1-bit mask refused as a colour image)."""
     if not p.name.lower().endswith((".tif", ".tiff")):
-        return False
-    pages = [page for page in (tiff_pages(p, most=8) or []) if not page.flagged]  # (a slide's thumbnail page is flagged)
-    return bool(pages) and len(pages) == 1 and pages[0].samples == 1 and pages[0].photometric in (0, 1) and (
-        pages[0].bits <= 8 and (pages[0].tiled or pages[0].bits == 1))
-
-
-def _tiff_single_grey(p: Path) -> bool:
-    """Whether ``p`` is a TIFF of one grey sample a pixel (white- or black-is-zero) on its one page
-    ITK reads, whatever its bits or tiling: one channel, however ITK decodes it."""
-    if not p.name.lower().endswith((".tif", ".tiff")):
-        return False
+        return None
     pages = [page for page in (tiff_pages(p, most=8) or []) if not page.flagged]
-    return len(pages) == 1 and pages[0].samples == 1 and pages[0].photometric in (0, 1)
+    if len(pages) == 1 and pages[0].samples == 1 and pages[0].photometric in (0, 1):
+        return pages[0]
+    return None
 
 
 def _tiff_layout(p: Path) -> tuple[int, int, bool, int] | None:
@@ -3419,9 +3412,9 @@ def _faithful_tiff(p: Path, image: sitk.Image, layout: tuple[int, int, bool, int
     3D image, refused as such). ``layout``: ``_tiff_layout(p)``. InputError if such a file cannot be
     read faithfully here."""
     samples, bits, tiled, pages = layout
-    if image.GetNumberOfComponentsPerPixel() in (3, 4) and _tiff_grey_through_rgba(p):
+    page = _tiff_grey_page(p) if image.GetNumberOfComponentsPerPixel() in (3, 4) else None
+    if page is not None and page.bits <= 8 and (page.tiled or page.bits == 1):  # through the RGBA reader
         grey = sitk.VectorIndexSelectionCast(image, 0)  # its grey, once (R = G = B; alpha all opaque)
-        page = next(page for page in tiff_pages(p, most=8) if not page.flagged)
         if page.photometric == 0:  # white-is-zero, which the RGBA reader shows inverted: the values as
             grey = 255 - grey  # stored, as ITK reads an untiled one (a 1-bit mask: its 1 bits 255)
         if page.sample_format == 2 and page.bits == 8:  # signed: -125 was read as 131
