@@ -1181,10 +1181,11 @@ def add_benchmark_arguments(p: argparse.ArgumentParser, default_out: str = "docs
     p.add_argument("--size", type=_positive_int, default=None, metavar="PX",
                    help="in-plane size of the synthetic volumes in pixels (default: 512)")
     p.add_argument("--no-sam2", action="store_true", help="skip SAM 2 tiny")
-    p.add_argument("--isolate", dest="isolate", action="store_true", default=None,
-                   help="run every measurement in a fresh subprocess (the default, except with --quick)")
-    p.add_argument("--in-process", dest="isolate", action="store_false",
-                   help="run the measurements in this process (faster; memory figures not per configuration)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--isolate", dest="isolate", action="store_true", default=None,
+                       help="run every measurement in a fresh subprocess (the default, except with --quick)")
+    where.add_argument("--in-process", dest="isolate", action="store_false",
+                       help="run the measurements in this process (faster; memory figures not per configuration)")
     p.add_argument("--sam2-sizes", type=_int_list, default=None, metavar="LIST",
                    help="SAM 2 input sizes, comma-separated (default: 1024,512; 1024 is its config's own and the "
                         "target's)")
@@ -1212,15 +1213,51 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     return cfg
 
 
+# What the options may ask for: a CT slice is 512 px and the walk predicts at most 16 slices in one call,
+# so these leave room for any honest measurement while a slip of the keyboard (--size 100000: a 75 GB
+# array; --batch-sizes 100000: no end) is named at once instead of minutes into the run.
+OPTION_LIMITS = {"size": 4096, "batch_sizes": 256, "sam2_sizes": 2048, "depths": 4000, "objects": 4000,
+                 "repeats": 1000, "warmup": 1000, "pairs": 1000}
+
+
+def check_benchmark_config(cfg: BenchConfig, skip_memory: bool = False) -> None:
+    """Refuse, before anything is measured, options beyond ``OPTION_LIMITS``, end-to-end object
+    lengths that fit none of the depths (the part then measured nothing), and an end-to-end or Slicer
+    volume larger than this machine's memory."""
+    from .cli import propagation_memory_bytes
+    from .errors import InputError
+    from .volumes import check_memory
+
+    for name, limit in OPTION_LIMITS.items():
+        value = getattr(cfg, name)
+        values = value if isinstance(value, tuple) else (value,)
+        if max(values, default=0) > limit:
+            raise InputError(f"--{name.replace('_', '-')} {max(values)} is more than this benchmark measures "
+                             f"(at most {limit})")
+    if "e2e" in cfg.parts and not any(o <= d - 4 for d in cfg.depths for o in cfg.objects):
+        raise InputError(f"no end-to-end case: every --objects length ({', '.join(map(str, cfg.objects))}) must "
+                         f"be at least 4 slices shorter than a --depths value ({', '.join(map(str, cfg.depths))})")
+    depths = ([max(cfg.depths)] if "e2e" in cfg.parts else []) + ([cfg.slicer_depth] if "slicer" in cfg.parts else [])
+    if depths:
+        shape = (max(depths), cfg.size, cfg.size)
+        need = propagation_memory_bytes(shape, 2, 0, {1: [shape[0] // 2]}, True)
+        check_memory(need, f"the benchmark's largest volume ({cfg.size} x {cfg.size} x {shape[0]} voxels)",
+                     lambda limit: "give a smaller --size or --depths", skip=skip_memory)
+
+
 def cmd_benchmark(args: argparse.Namespace) -> int:
     from .errors import InputError
 
     from .checkpoints import check_checkpoint_header
+    from .cli import check_not_empty
 
+    check_not_empty(("--out", args.out), ("--checkpoint", args.checkpoint),
+                    ("--official-checkpoint", args.official_checkpoint))
     for option in ("checkpoint", "official_checkpoint"):  # before the measurements, which take up to 15 min
         if getattr(args, option, None):  # (a bad one only showed as error rows in the tables, exit 0)
             check_checkpoint_header(getattr(args, option))
     cfg = config_from_args(args)
+    check_benchmark_config(cfg)
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():  # before the measurements, which take up to 15 min
         raise InputError(f"--out {out} is a file; give a folder for the tables")

@@ -336,9 +336,15 @@ def save_checkpoint(path: str | os.PathLike, network: PAMNetwork, preprocessing:
     return digest
 
 
+def _refuse_empty_path(path) -> None:
+    if not str(path).strip():  # Path('') is '.': "checkpoint . is a directory" for an unset variable
+        raise CheckpointError("the checkpoint path is empty (an unset variable?); give the .pt/.pth file")
+
+
 def check_checkpoint_file(path: str | os.PathLike) -> int:
     """The cheap checks of a checkpoint path (exists, a file, size plausible), e.g. before a
     command reads a large image; returns the size in bytes. Raises CheckpointError."""
+    _refuse_empty_path(path)
     path = Path(path)
     if not path.exists():
         if path.is_symlink():
@@ -361,6 +367,7 @@ def check_checkpoint_file(path: str | os.PathLike) -> int:
 def check_checkpoint_header(path: str | os.PathLike) -> int:
     """``check_checkpoint_file`` and the file's first bytes (a torch zip file or a legacy pickle),
     without reading it: returns the size in bytes. Raises CheckpointError."""
+    _refuse_empty_path(path)
     path = Path(path)
     size = check_checkpoint_file(path)
     try:
@@ -745,6 +752,8 @@ def _check_model_card(path: Path, model: PAMModel) -> None:
 def load_model(path: str | os.PathLike | None = None, device: str = "cpu") -> PAMModel:
     """Load a checkpoint, or the shipped default weights when ``path`` is None. The default
     weights (also when ``path`` is their file) are checked against their model card."""
+    if path is not None:
+        _refuse_empty_path(path)
     if path is None:
         path = default_checkpoint_path()
         if path is None:

@@ -150,8 +150,9 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     import os
 
-    from .cli import _ProgressBar, note_network_only_options
+    from .cli import _ProgressBar, check_not_empty, note_network_only_options
 
+    check_not_empty(("-o", args.out), ("--checkpoint", args.checkpoint))  # '' was read as '.': the working folder
     note_network_only_options(args)
     with _ProgressBar("demo") as bar:  # appears with the first progress: a bad checkpoint is one line alone
         res = run_demo(Path(args.out), args.checkpoint, args.method, args.device, args.threads, progress=bar)

@@ -106,6 +106,31 @@ def _ctrl_c_as_in_a_terminal():
         signal.signal(signal.SIGINT, before)
 
 
+_TOOL_CACHES = {"__pycache__", ".pytest_cache", ".hypothesis", ".ruff_cache"}
+
+
+def _names_in(folder: Path) -> set[str]:
+    try:
+        return set(os.listdir(folder)) - _TOOL_CACHES
+    except OSError:
+        return set()
+
+
+@pytest.fixture(autouse=True)
+def _no_files_left_in_the_checkout():
+    """A test writes into its tmp_path, never into the checkout or the working folder: a command
+    given an empty or relative output path once wrote ct_pam.nii.gz and batch_report.csv into the
+    repository root on the code before a fix, and they were committed. Fails the test that did it."""
+    folders = {REPO, TESTING, Path.cwd()}
+    before = {folder: _names_in(folder) for folder in folders}
+    yield
+    left = {folder: sorted(_names_in(folder) - names) for folder, names in before.items()}
+    left = {folder: names for folder, names in left.items() if names}
+    if left:
+        pytest.fail("the test left files behind: " + "; ".join(f"{folder}: {', '.join(names)}"
+                                                               for folder, names in left.items()))
+
+
 @pytest.fixture
 def unwritable_folder(tmp_path: Path) -> Path:
     """A folder no file can be made in: read-only for a user; for root, who may write anywhere

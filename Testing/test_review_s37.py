@@ -1051,9 +1051,10 @@ def test_tiny_float64_cell_images_are_rescaled_too():
     assert tiny.labels.max() == plain.labels.max() >= 5
 
 
-def test_other_commands_refuse_empty_paths_and_a_record_over_the_manifest(tmp_path, capsys):
+def test_other_commands_refuse_empty_paths_and_a_record_over_the_manifest(tmp_path, capsys, monkeypatch):
     from PAMSegmentLib.cli import main
 
+    monkeypatch.chdir(tmp_path)  # on the code before the fix, "-o ''" wrote into the working folder
     _demo_copy(tmp_path)
     m = tmp_path / "m.csv"
     m.write_text("image,prompt\nct.nii.gz,prompt.nii.gz\n")
