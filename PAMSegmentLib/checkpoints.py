@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import threading
@@ -637,6 +638,8 @@ def _plain_provenance(value, depth: int = 0, budget: list | None = None):
                 break
             out.append(_plain_provenance(v, depth + 1, budget))
         return out
+    if isinstance(value, float) and not math.isfinite(value):  # NaN/Infinity are not JSON (info --json)
+        return str(value)
     if value is None or isinstance(value, (bool, int, float)):
         return value if not isinstance(value, int) or abs(value) < 10 ** 100 else shown(value)
     if isinstance(value, str):
@@ -715,8 +718,10 @@ def _check_model_card(path: Path, model: PAMModel) -> None:
     pass over the file), must be the one the card records. A damaged install, or a file replaced
     by other weights, is refused. A checkpoint with no card naming it is not checked, except the
     shipped file, whose card is part of the install (missing, unreadable or naming another file,
-    it was skipped without a word)."""
-    card_path = path.with_suffix(".json")
+    it was skipped without a word). The card is looked for beside the file itself: a link to the
+    weights (symbolic or hard, /dev/stdin) has no card beside its own name."""
+    real = shipped_checkpoint_path() if _is_shipped(path) else Path(os.path.realpath(path))
+    card_path = real.with_suffix(".json")
     advice = ("the install is damaged or the file was replaced: reinstall PAMSegment (if you changed the weights "
               "on purpose, write the card again with scripts/make_model_card.py)")
     try:
@@ -726,10 +731,10 @@ def _check_model_card(path: Path, model: PAMModel) -> None:
             raise CheckpointError(f"the shipped weights {path} have no readable model card {card_path.name} beside "
                                   f"them ({type(exc).__name__}); {advice}") from None
         return
-    if not isinstance(card, dict) or card.get("file") != path.name or not isinstance(card.get("sha256_weights"), str):
+    if not isinstance(card, dict) or card.get("file") != real.name or not isinstance(card.get("sha256_weights"), str):
         if _is_shipped(path):
             raise CheckpointError(f"the model card {card_path.name} beside the shipped weights {path} is not theirs "
-                                  f"(no 'file': {shown(path.name)} with a 'sha256_weights'); {advice}")
+                                  f"(no 'file': {shown(real.name)} with a 'sha256_weights'); {advice}")
         return
     if card["sha256_weights"] != model.sha256:
         raise CheckpointError(

@@ -651,6 +651,10 @@ def check_not_empty(*named) -> None:
     for option, value in named:
         if value is not None and not str(value).strip():
             raise InputError(f"{option} is empty (an unset variable?); give a file or folder")
+    for option, value in named:  # `-o "res "`: a folder whose name ends in a space, unseen in the messages
+        text = str(value) if value is not None else ""
+        if text != text.strip() and not os.path.lexists(text):
+            print(f"note: {option} {text!r} begins or ends with a space, and is used so", file=sys.stderr, flush=True)
 
 
 def check_image_is_not_prompt(image, prompt, what: str = "IMAGE and PROMPT are") -> None:
@@ -1292,23 +1296,36 @@ def _provenance_text(provenance) -> str:
     one line per stage and the inference changes, the whole record being ``--json``'s (it was one
     line of kilobytes); anything else as one JSON line (keys of any type, escaped)."""
     if isinstance(provenance, dict) and ("init_from" in provenance or "command" in provenance):
+        import math
+
+        from .checks import shown
         from .checkpoints import training_chain
 
         stages = training_chain(provenance)
         lines = []
+        start = stages[0].get("init_from") if stages else None
+        if start == "..." or (isinstance(start, dict) and start.get("provenance") == "..."):
+            lines.append("\n  (earlier stages were cut from the record: it nests at most 32 deep)")
         for n, st in enumerate(stages, start=1):
             minutes = st.get("train_seconds")
-            took = f" in {minutes / 60:.0f} min" if isinstance(minutes, (int, float)) else ""
-            lines.append(f"\n  stage {n}: {st.get('iterations', '?')} iterations{took}, git "
+            took = (f" in {minutes / 60:.0f} min" if isinstance(minutes, (int, float)) and not isinstance(minutes, bool)
+                    and math.isfinite(minutes) else "")
+            iterations = st.get("iterations")
+            if not isinstance(iterations, int):
+                iterations = "?" if iterations is None else shown(iterations, 40)
+            lines.append(f"\n  stage {n}: {iterations} iterations{took}, git "
                          f"{str(st.get('git_revision', '?'))[:10]}: {str(st.get('command', '?'))[:300]}")
-        changes = provenance.get("inference_changes") or []
-        if changes:
-            lines.append(f"\n  inference parameters changed {len(changes)} times after training (--json lists why)")
+        changes = provenance.get("inference_changes")
+        if isinstance(changes, list) and changes:
+            lines.append(f"\n  inference parameters changed {len(changes)} time{'s' if len(changes) > 1 else ''} "
+                         "after training (--json lists why)")
         return f"{len(stages)} training stage(s) (the whole record: pamsegment info --json)" + "".join(lines)
     try:
-        return json.dumps(provenance, sort_keys=True, default=str)
+        text = json.dumps(provenance, sort_keys=True, default=str)
     except TypeError:  # keys of mixed types cannot be sorted
-        return json.dumps(provenance, default=str)
+        text = json.dumps(provenance, default=str)
+    # a record of thousands of values (up to PROVENANCE_ITEMS) was one line of up to 190 MB
+    return text if len(text) <= 1000 else text[:1000] + f"... ({len(text):,} characters; pamsegment info --json)"
 
 
 def add_info_arguments(p: argparse.ArgumentParser) -> None:
@@ -1498,10 +1515,11 @@ def _joined_negative_values(argv: list[str]) -> list[str]:
     return out
 
 
-def main(argv: Sequence[str] | None = None, ends_process: bool = False) -> int:
+def main(argv: Sequence[str] | None = None, ends_process: bool = False, defaults: dict | None = None) -> int:
     """Run ``pamsegment`` with ``argv`` (default: sys.argv[1:]); returns the exit status.
     ends_process: the process ends when this returns (``__main__.run``), so a command may leave
-    Ctrl-C ignored once its output is in place."""
+    Ctrl-C ignored once its output is in place. defaults: attributes set on the parsed arguments
+    (a script's own defaults, e.g. scripts/benchmark.py's tables folder)."""
     if ends_process:  # the process is this command's: SIGTERM stops it as Ctrl-C does (serve sets its own)
         try:
             signal.signal(signal.SIGTERM, _raise_terminated)
@@ -1515,6 +1533,8 @@ def main(argv: Sequence[str] | None = None, ends_process: bool = False) -> int:
         if extra:
             _unrecognized(parser, args.command, extra, argv)
         args._ends_process = ends_process
+        for name, value in (defaults or {}).items():
+            setattr(args, name, value)
         if ends_process and args.command in _IMAGE_COMMANDS:
             # scipy's OpenBLAS loaded while memory is still free: loaded after a large image was read
             # under `ulimit -v`, it retried its buffer for good, deaf to SIGTERM, even with one thread

@@ -173,7 +173,7 @@ def test_small_rows_accept_the_small_network_with_a_prior_channel_only(tmp_path)
         save_checkpoint(path, PAMNetwork(preset), PreprocessingParams(input_size=128), InferenceParams(), {})
         model, weights = _pam_model("small", str(path))
         assert model.config.name == preset and weights == f"trained: {preset}.pt"
-    with pytest.raises(ValueError, match="is a 'small-prior' network, not 'official'"):
+    with pytest.raises(ValueError, match="holds the 'small-prior' network, not 'official'"):
         _pam_model("official", str(tmp_path / "small-prior.pt"))
 
 

@@ -27,4 +27,4 @@ if str(ROOT) not in sys.path:
 from PAMSegmentLib.benchmark import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(default_out=str(ROOT / "docs" / "benchmark")))
+    sys.exit(main(default_out=str(ROOT / "docs" / "benchmark"), ends_process=True))
