@@ -164,16 +164,10 @@ def _check(image, examples, background):
             bg = None  # as no mask: the background unlike the examples is then learnt as usual
             notes.append("the background mask marks no pixels, so it was taken as no background marks; mark some "
                          "background in it (or leave it out)")
-    if img.dtype.kind == "f" and img.itemsize > 4:
-        low, high = float(img.min()), float(img.max())
-        half, size = high / 2 - low / 2, max(abs(low), abs(high))  # (halved: high - low may overflow)
-        if half == 0 and size > 1e30:  # a constant beyond float32's range: inf and numpy's warnings in the cast
-            img = np.zeros_like(img)
-        elif half > 0 and (size > 1e30 or size < 1e-30 or half < 1e-5 * size):
-            # float32 would make the values inf, or all one value (values far from 0 varying little, 1e6 +
-            # 0.01 x signal): 0 cells found and numpy's warnings; rescaled to 0-1 in float64 first
-            img = (img / 2 - low / 2) / half
-    return img.astype(np.float32), cells, n, bg, notes
+    from .volumes import float32_values
+
+    # float64 values float32 cannot hold: 0 cells found and numpy's warnings; rescaled to 0-1 first
+    return float32_values(img)[0], cells, n, bg, notes
 
 
 def _large_examples(cells: np.ndarray, areas: np.ndarray) -> dict[int, str]:

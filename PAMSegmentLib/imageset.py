@@ -118,7 +118,9 @@ def _as_2d(image, what: str) -> np.ndarray:
 
 
 def _normalised(arr: np.ndarray) -> np.ndarray:
-    a = arr.astype(np.float32)
+    from .volumes import float32_values
+
+    a = float32_values(arr)[0]  # (float64 beyond float32's range: inf, numpy's warnings, the image "not found")
     finite = np.isfinite(a)
     if not finite.all():
         a = np.where(finite, a, np.nanmin(np.where(finite, a, np.nan)) if finite.any() else 0.0)
@@ -526,6 +528,13 @@ def _expand(inputs: Sequence[str], left_out: list | None = None) -> list:
         if p.is_dir():
             found = sorted((f for f in p.iterdir() if f.is_file() and not f.name.startswith(".")
                             and f.name.lower().endswith(IMAGE_2D_EXTENSIONS)), key=_natural)
+            # an image that is a link to nothing (an unmounted share) was left out without a word
+            broken = sorted((f for f in p.iterdir() if f.is_symlink() and not f.exists()
+                             and f.name.lower().endswith(IMAGE_2D_EXTENSIONS)), key=_natural)
+            if broken:
+                raise InputError(f"folder {p}: {_links_to_nothing(broken)}; mount or copy what "
+                                 f"{'they point' if len(broken) > 1 else 'it points'} to, or remove the "
+                                 f"link{'s' if len(broken) > 1 else ''}")
             masks = [f for f in found if _stem(f).lower().endswith("_mask")]
             if masks and len(masks) < len(found):
                 found = [f for f in found if f not in masks]
@@ -540,12 +549,25 @@ def _expand(inputs: Sequence[str], left_out: list | None = None) -> list:
                     f"a folder: name them on the command line ({p}/*)" if dicom else ""))
             out.extend(found)
         elif not p.exists():
+            if p.is_symlink():
+                raise InputError(f"{_links_to_nothing([p])}; mount or copy what it points to")
             raise InputError(f"{p} does not exist; check the path")
         elif not p.is_file():
             raise InputError(f"{p} is not a file or a folder; give image files or folders of them")
         else:
             out.append(p)
     return out
+
+
+def _links_to_nothing(links) -> str:
+    import os
+
+    from .checks import names_shown
+
+    if len(links) == 1:
+        return f"{links[0].name} is a link to {os.readlink(links[0])}, which does not exist"
+    more = ", ..." if len(links) > 5 else ""
+    return f"{len(links)} images are links to files that do not exist ({names_shown([f.name for f in links])}{more})"
 
 
 def _natural(path) -> tuple:
@@ -685,7 +707,35 @@ def add_label_images_arguments(p) -> None:
     p.add_argument("--threads", type=_thread_count, metavar="N", help=THREADS_HELP)
 
 
-def _say_written(result, files, out_dir, seconds: float, earlier=()) -> None:
+def _grey_range(array) -> tuple[float, float]:
+    """An image's robust grey range (0.5-99.5 percentiles of at most about a million pixels)."""
+    step = max(1, int(np.sqrt(array.size / 1e6)))
+    values = np.asarray(array[::step, ::step], np.float64)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return 0.0, 0.0
+    low, high = np.percentile(values, [0.5, 99.5])
+    return float(low), float(high)
+
+
+def _other_scale(ranges, prompt_index: int) -> set:
+    """Indices of images whose grey values lie on another scale than the prompt image's: a range 4x
+    wider or narrower, or a middle outside the prompt's range (a 16-bit export of raw CT values beside
+    an 8-bit windowed prompt came back "not found" with no word why: the network's presence output,
+    not the drift test, dropped it)."""
+    low0, high0 = ranges[prompt_index]
+    span0 = high0 - low0
+    other = set()
+    for n, (low, high) in enumerate(ranges):
+        span = high - low
+        if n == prompt_index or span0 <= 0:
+            continue
+        if span > 4 * span0 or span < span0 / 4 or not low0 <= (low + high) / 2 <= high0:
+            other.add(n)
+    return other
+
+
+def _say_written(result, files, out_dir, seconds: float, earlier=(), ranges=None) -> None:
     print(f"wrote {len(files)} masks and labels.csv to {out_dir}: {result.summary()}; {seconds:.1f} s in all",
           flush=True)
     first = result.check_first()
@@ -693,6 +743,7 @@ def _say_written(result, files, out_dir, seconds: float, earlier=()) -> None:
         print("least confident masks, to check first: " + "; ".join(
             f"label {lab}: {', '.join(files[i].name for i in images)}" for lab, images in first.items()), flush=True)
     drawn = set(result.drawn) | {result.prompt_index}
+    missed, explained = set(), set()  # images where a label was not found; those the drift note names
     for lab in result.labels:  # an image where the object was missed is as worth a look as a doubtful one
         empty = [i for i, m in enumerate(result.masks) if i not in drawn and not (m == lab).any()]
         # never predicted for the label (beyond an image drawn without it, in the given order): not reached
@@ -703,11 +754,22 @@ def _say_written(result, files, out_dir, seconds: float, earlier=()) -> None:
                 shown = ", ".join(names_[:5]) + (f" and {len(names_) - 5} more" if len(names_) > 5 else "")
                 print(f"label {lab} {what}: {shown}", flush=True)
         drifted = [files[i].name for i in empty if i in set(result.drift_emptied.get(lab, ()))]
+        missed.update(empty)
+        explained.update(i for i in empty if i in set(result.drift_emptied.get(lab, ())))
         if drifted:  # (a new user's trial, session 35: resized or otherwise exported copies all came back empty)
             shown = ", ".join(drifted[:5]) + (f" and {len(drifted) - 5} more" if len(drifted) > 5 else "")
-            print(f"note: label {lab}: in {shown} the network found the object, but its brightness there differs "
-                  "from the image it was labelled from, so it was taken as absent: images saved with another grey "
-                  "scale, window or size? Export them as the prompt image was, or try --no-normalize", flush=True)
+            print(f"note: label {lab}: in {shown} the network found something like the object, but its brightness "
+                  "there differs from the image it was labelled from, so it was taken as absent. If the object is "
+                  "there: images saved with another grey scale, window or size? Export them as the prompt image "
+                  "was, or try --no-normalize", flush=True)
+    scale = sorted(i for i in _other_scale(ranges, result.prompt_index) if i in missed - explained) if ranges else []
+    if scale:
+        low0, high0 = ranges[result.prompt_index]
+        shown = ", ".join(f"{files[i].name} ({ranges[i][0]:.4g} to {ranges[i][1]:.4g})" for i in scale[:3]) + (
+            f" and {len(scale) - 3} more" if len(scale) > 3 else "")
+        print(f"note: {shown} hold grey values on another scale than {files[result.prompt_index].name} ({low0:.4g} "
+              f"to {high0:.4g}); where an object was not found in them but is there, export them as the prompt image "
+              "was (the same window and bit depth)", flush=True)
     if earlier:  # a run into a folder of an earlier run: its masks stay beside this run's labels.csv
         shown = ", ".join(p.name for p in earlier[:3]) + (f" and {len(earlier) - 3} more" if len(earlier) > 3 else "")
         print(f"note: {out_dir} also holds {len(earlier)} mask{'s' if len(earlier) != 1 else ''} this run did not "
@@ -861,7 +923,18 @@ def cmd_label_images(args) -> int:
     def note(text: str) -> None:
         print(f"note: {text}", flush=True)
 
-    read = [read_image_2d(f, say=note) for f in files]  # (an alpha channel left out is said, as label-cells says it)
+    read, unreadable = [], []  # (an alpha channel left out is said, as label-cells says it)
+    for f in files:  # every file that cannot be read named at once (it took one run per bad file)
+        try:
+            read.append(read_image_2d(f, say=note))
+        except InputError as exc:
+            unreadable.append(str(exc))
+    if len(unreadable) == 1:
+        raise InputError(unreadable[0])
+    if unreadable:
+        more = f"; and {len(unreadable) - 3} more" if len(unreadable) > 3 else ""
+        raise InputError(f"{len(unreadable)} of the images cannot be read: " + "; ".join(unreadable[:3]) + more
+                         + ". Mend them or leave them out")
 
     prompt = read_labelmap_2d(mask_path, reference=read[index], say=note)
     more = {}
@@ -919,7 +992,8 @@ def cmd_label_images(args) -> int:
                for name, (_, ref), m in zip(names, read, result.masks)],
             keep_ctrl_c_ignored=getattr(args, "_ends_process", False),
             after=lambda: _say_written(result, files, out_dir, time.perf_counter() - t0,
-                                       sorted(p for p in out_dir.glob("*_mask.*") if p.name not in set(names))))
+                                       sorted(p for p in out_dir.glob("*_mask.*") if p.name not in set(names)),
+                                       [_grey_range(a) for a in arrays]))
     finally:
         if made and out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()

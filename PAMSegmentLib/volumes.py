@@ -218,7 +218,18 @@ def _nifti2_magic(p: Path) -> bool:
 
 
 def _named_as_another_kind(p: Path) -> str | None:
-    """"X is a JPEG image named .png: rename it to .jpg" for a file whose contents and name disagree."""
+    """"X is a JPEG image named .png: rename it to .jpg" for a file whose contents and name disagree;
+    also an empty file and the formats ITK has no reader for (GIF, WebP: "is the file damaged?")."""
+    try:
+        with open(p, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        head = None
+    if head == b"":
+        return f"{p.name} is empty (0 bytes); copy or export it again"
+    if head and (head[:6] in (b"GIF87a", b"GIF89a") or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")):
+        return (f"{p.name} is a {'GIF' if head[:3] == b'GIF' else 'WebP'} image, which SimpleITK (and so this tool) "
+                "cannot read; save it as PNG")
     kind = _content_kind(p)
     if kind is None:
         return None
@@ -3516,6 +3527,21 @@ def _flat_axis(size) -> int:
     return 2 if size[2] == 1 else max(a for a, n in enumerate(size) if n == 1)
 
 
+def float32_values(arr: np.ndarray) -> tuple[np.ndarray, bool]:
+    """``arr`` as float32, and whether it was rescaled: float64 values that float32 cannot hold
+    (beyond 1e30 or under 1e-30 in size: inf or 0 and numpy's warnings in the cast; or far from 0 and
+    varying by under 1e-5 of their size, 1e6 + 0.01 x signal: all one value) are rescaled to 0-1 in
+    float64 first; a constant beyond float32's range becomes 0."""
+    if arr.dtype.kind == "f" and arr.itemsize > 4 and arr.size:
+        low, high = float(np.min(arr)), float(np.max(arr))
+        half, size = high / 2 - low / 2, max(abs(low), abs(high))  # (halved: high - low may overflow)
+        if half == 0 and size > 1e30:
+            return np.zeros(arr.shape, np.float32), True
+        if half > 0 and (size > 1e30 or size < 1e-30 or half < 1e-5 * size):
+            return ((arr / 2 - low / 2) / half).astype(np.float32), True
+    return arr.astype(np.float32), False
+
+
 def read_image_2d(path: PathLike, keep_colour: bool = False,
                   say: Callable[[str], None] | None = None) -> tuple[np.ndarray, sitk.Image]:
     """A 2D image (PNG, JPEG, TIFF, BMP, a single DICOM file, 2D NIfTI/NRRD/MHA) as a float32
@@ -3542,10 +3568,12 @@ def read_image_2d(path: PathLike, keep_colour: bool = False,
             arr = arr[..., :3]
         else:
             arr = np.tensordot(arr[..., :3].astype(np.float32), np.asarray(_LUMA, np.float32), axes=([-1], [0]))
-    arr = arr.astype(np.float32)
-    bad = int(np.count_nonzero(~np.isfinite(arr)))
+    bad = int(np.count_nonzero(~np.isfinite(arr))) if arr.dtype.kind == "f" else 0  # in the file's own type
     if bad:
         raise InputError(f"{Path(path).name} contains {bad} NaN/inf pixels; replace them with a finite value first")
+    arr, rescaled = float32_values(arr)  # (finite float64 beyond float32 became "NaN/inf pixels" the file has not)
+    if rescaled and say is not None:
+        say(f"{Path(path).name} holds values float32 cannot (or can only as one value); they were rescaled to 0-1")
     return arr, original
 
 

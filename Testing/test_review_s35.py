@@ -366,9 +366,9 @@ def test_images_emptied_by_the_drift_test_alone_are_named_with_what_to_try(tmp_p
     _say_written(res, files, tmp_path, 1.0)
     out = capsys.readouterr().out
     assert "label 1 not found in: im3.png" in out
-    assert ("note: label 1: in im3.png the network found the object, but its brightness there differs from the image "
-            "it was labelled from, so it was taken as absent: images saved with another grey scale, window or size? "
-            "Export them as the prompt image was, or try --no-normalize") in out
+    assert ("note: label 1: in im3.png the network found something like the object, but its brightness there differs "
+            "from the image it was labelled from, so it was taken as absent. If the object is there: images saved with "
+            "another grey scale, window or size? Export them as the prompt image was, or try --no-normalize") in out
 
 
 @pytest.mark.parametrize("text", ["²", "1,²", "3:²", "²-4", "1-²"])

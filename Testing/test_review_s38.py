@@ -219,3 +219,123 @@ def test_benchmark_lists_drop_repeated_values_and_small_sizes_are_refused(tmp_pa
     assert bm._int_list("1,1,4,1") == (1, 4)
     assert main(["benchmark", "--quick", "--parts", "e2e", "--size", "2", "-o", str(tmp_path / "b")]) == 2
     assert "--size 2 is too small" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- label-images trial
+
+
+def _demo_slices(folder, n=4):
+    """Axial slices of the bundled demo CT as 8-bit PNGs windowed at -160..240 HU (the kidneys and
+    spleen visible), the middle one with its reference mask; returns (prompt png, mask png, HU slices)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from conftest import REPO
+
+    ct = sitk.GetArrayFromImage(sitk.ReadImage(str(REPO / "Resources/Demo/abdomen_ct.nii.gz")))
+    ref = sitk.GetArrayFromImage(sitk.ReadImage(str(REPO / "Resources/Demo/abdomen_reference.nii.gz")))
+    middle = ct.shape[0] // 2
+    folder.mkdir(exist_ok=True)
+
+    def png(array, name, kind=np.uint8):
+        sitk.WriteImage(sitk.GetImageFromArray(np.ascontiguousarray(array.astype(kind))), str(folder / name))
+        return folder / name
+
+    def windowed(s):
+        return np.clip((s + 160.0) / 400.0 * 255.0, 0, 255)
+
+    prompt = png(windowed(ct[middle]), "p.png")
+    mask = png(ref[middle], "p_mask.png")
+    slices = [ct[middle + d] for d in range(1, n + 1)]
+    return prompt, mask, slices, windowed, png
+
+
+def test_label_images_names_links_to_nothing(tmp_path, capsys):
+    """A folder image that is a link to a missing file (an unmounted share) was left out without a
+    word, exit 0; a folder of only such links "holds no image files"."""
+    from PAMSegmentLib.cli import main
+
+    prompt, mask, slices, windowed, png = _demo_slices(tmp_path / "in", 2)
+    for n, s in enumerate(slices):
+        png(windowed(s), f"s{n}.png")
+    (tmp_path / "in" / "s9.png").symlink_to("/nonexistent/share/s9.png")
+    assert main(["label-images", "--method", "copy", str(prompt), str(mask), str(tmp_path / "in"),
+                 "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "s9.png is a link to /nonexistent/share/s9.png, which does not exist" in err
+    assert not (tmp_path / "out").exists()
+    assert main(["label-images", "--method", "copy", str(prompt), str(mask), str(tmp_path / "in" / "s9.png"),
+                 "-o", str(tmp_path / "out")]) == 2
+    assert "is a link to /nonexistent/share/s9.png" in capsys.readouterr().err
+
+
+def test_label_images_notes_images_on_another_grey_scale(tmp_path, capsys):
+    """A 16-bit export of raw CT values beside an 8-bit windowed prompt came back "not found" with no
+    word why (the network's presence output dropped it, so the drift note did not appear)."""
+    import numpy as np
+
+    from PAMSegmentLib.cli import main
+    from PAMSegmentLib.imageset import _other_scale
+
+    assert _other_scale([(0, 255), (0, 250), (0, 4095), (300, 400), (10, 40)], 0) == {2, 3, 4}
+    prompt, mask, slices, windowed, png = _demo_slices(tmp_path / "in", 2)
+    png(windowed(slices[0]), "a.png")
+    png(slices[1] + 1024.0, "raw.png", np.uint16)
+    assert main(["label-images", str(prompt), str(mask), str(tmp_path / "in" / "a.png"),
+                 str(tmp_path / "in" / "raw.png"), "-o", str(tmp_path / "out"), "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "not found in: raw.png" in out
+    assert "note: raw.png (" in out and "hold grey values on another scale than p.png (0 to 255)" in out
+    assert "a.png (" not in out.split("note: raw.png")[1]
+
+
+def test_float64_images_beyond_float32_are_rescaled(tmp_path, capsys):
+    """A NIfTI slice x 1e300 (finite) was "11274 NaN/inf pixels" the file does not have, and through
+    the Python API the image came back empty with numpy's overflow warning."""
+    import warnings
+
+    import numpy as np
+    import SimpleITK as sitk
+
+    from PAMSegmentLib.baselines import CopyPredictor
+    from PAMSegmentLib.imageset import label_images
+    from PAMSegmentLib.volumes import read_image_2d
+
+    prompt, mask, slices, windowed, png = _demo_slices(tmp_path / "in", 1)
+    big = tmp_path / "big.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(slices[0].astype(np.float64) * 1e300), str(big))
+    said = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        arr, _ = read_image_2d(big, say=said.append)
+    assert np.isfinite(arr).all() and 0 <= arr.min() and arr.max() <= 1
+    assert said and "rescaled to 0-1" in said[0]
+    drawn = sitk.GetArrayFromImage(sitk.ReadImage(str(mask)))
+    image0 = slices[0].astype(np.float64)  # (the drawn mask is of the slice next to it: copy keeps it)
+    areas = []
+    for scale in (1.0, 1e300):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            result = label_images([image0, slices[0].astype(np.float64) * scale], 0, drawn, CopyPredictor())
+        areas.append(int((result.masks[1] > 0).sum()))
+    assert areas[0] > 100 and areas[1] == areas[0]
+
+
+def test_unreadable_images_are_named_for_what_they_are_and_all_at_once(tmp_path, capsys):
+    from PAMSegmentLib.cli import main
+
+    prompt, mask, slices, windowed, png = _demo_slices(tmp_path / "in", 1)
+    bad = tmp_path / "set"
+    bad.mkdir()
+    (bad / "zero.png").write_bytes(b"")
+    (bad / "anim.png").write_bytes(b"GIF89a" + bytes(100))
+    (bad / "photo.png").write_bytes(b"RIFF\x00\x01\x00\x00WEBPVP8 " + bytes(100))
+    png(windowed(slices[0]), "fine.png")
+    (tmp_path / "in" / "fine.png").rename(bad / "fine.png")
+    assert main(["label-images", "--method", "copy", str(prompt), str(mask), str(bad), "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "3 of the images cannot be read" in err
+    assert "zero.png is empty (0 bytes)" in err
+    assert "anim.png is a GIF image, which SimpleITK (and so this tool) cannot read; save it as PNG" in err
+    assert "photo.png is a WebP image" in err
+    assert not (tmp_path / "o").exists()
