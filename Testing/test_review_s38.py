@@ -339,3 +339,157 @@ def test_unreadable_images_are_named_for_what_they_are_and_all_at_once(tmp_path,
     assert "anim.png is a GIF image, which SimpleITK (and so this tool) cannot read; save it as PNG" in err
     assert "photo.png is a WebP image" in err
     assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------- developer scripts audit
+
+
+def _script(name):
+    import importlib
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+
+
+def test_train_refuses_a_log_that_is_its_checkpoint_or_its_summary(tmp_path):
+    """--log naming --out wrote the curve over the finished weights, exit 0; a --log ending in .json
+    was replaced by the run's summary."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, _cli_env
+
+    for out, log, message in ((tmp_path / "a.pt", tmp_path / "a.pt", "--out and --log are the same file"),
+                              (tmp_path / "b.pt", tmp_path / "curve.json",
+                               "--log and the summary written beside --log are the same file")):
+        proc = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), "--synthetic-inline", "2",
+                               "--max-iterations", "1", "--workers", "0", "--threads", "1", "--out", str(out),
+                               "--log", str(log)], capture_output=True, text=True, env=_cli_env(), timeout=300)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        assert not out.exists() and "Traceback" not in proc.stderr
+
+
+def test_train_refuses_a_held_out_structure_by_its_name_and_a_damaged_split(tmp_path):
+    """The held-out test looked only at the ids listed under the evaluation entries: a held-out organ
+    no longer listed there (dropped from a re-prepared cache) could be a training label."""
+    import json
+
+    import numpy as np
+
+    train = _script("train")
+    (tmp_path / "cases").mkdir()
+    labels = np.zeros((4, 8, 8), np.int16)
+    labels[1:3, 2:5, 2:5], labels[1:3, 5:7, 5:7] = 1, 2
+    np.savez(tmp_path / "cases" / "ts_fake.npz", image=np.zeros((4, 8, 8), np.float32), labels=labels,
+             spacing=np.ones(3), label_names=json.dumps({"1": "spleen", "2": "liver", "3": "kidney_left"}))
+    split = {"heldout_structures": ["spleen", "kidney_left"],
+             "eval": [{"case": "ts_fake", "group": "g", "structures": [{"id": 3, "name": "kidney_left"}]}],
+             "train": [{"case": "ts_fake", "labels": [2, 1]}]}
+    path = tmp_path / "split.json"
+    path.write_text(json.dumps(split))
+    train.check_split_honest(split, path)  # the ids alone pass
+    with pytest.raises(SystemExit, match=r"training case ts_fake lists label 1 \(spleen\), a held-out structure"):
+        train.load_training_cases(tmp_path, path, 0)
+    path.write_text("{not json")
+    with pytest.raises(SystemExit, match="cannot read the split"):
+        train.load_training_cases(tmp_path, path, 0)
+    path.write_text("{}")
+    with pytest.raises(SystemExit, match="has no list of training cases"):
+        train.load_training_cases(tmp_path, path, 0)
+
+
+def test_model_card_names_what_the_weights_saw(small_checkpoint, tmp_path, capsys):
+    """A synthetic-only run (cases: []) got a card listing the split's 17 real cases; a card was
+    written from today's split whatever the checkpoint was trained with; a .json as --train-log or a
+    file that is no checkpoint ended in a traceback."""
+    import hashlib
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO, _cli_env
+
+    card_script = _script("make_model_card")
+    split_sha256 = hashlib.sha256((REPO / "scripts/split.json").read_bytes()).hexdigest()
+    synthetic = _with_provenance(small_checkpoint, tmp_path / "synth.pt",
+                                 {"command": "train", "cases": [], "split": "scripts/split.json",
+                                  "split_sha256": split_sha256})
+    assert card_script.main([str(synthetic), "--out-json", str(tmp_path / "c.json")]) == 0
+    assert json.loads((tmp_path / "c.json").read_text())["data"]["training_cases"] == []
+    other = tmp_path / "other_split.json"
+    other.write_text((REPO / "scripts/split.json").read_text().replace('"ts_ct"', '"ts_ct" ', 1))
+    with pytest.raises(ValueError, match="the checkpoint was trained with a split of sha256"):
+        card_script.main([str(synthetic), "--split", str(other), "--out-json", str(tmp_path / "d.json")])
+    (tmp_path / "summary.json").write_text('{"iterations": 3}')
+    (tmp_path / "not.pt").write_text("not a checkpoint")
+    for argv, message in (([str(synthetic), "--train-log", str(tmp_path / "summary.json")], "is not a training curve"),
+                          ([str(tmp_path / "not.pt")], "not.pt"),
+                          ([str(synthetic), "--eval", str(tmp_path / "missing.csv")], "missing.csv")):
+        proc = subprocess.run([sys.executable, str(REPO / "scripts" / "make_model_card.py"), *argv, "--out-json",
+                               str(tmp_path / "e.json")], capture_output=True, text=True, env=_cli_env(), timeout=120)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "d.json").exists() and not (tmp_path / "e.json").exists()
+
+
+def test_merge_eval_and_validate_refuse_what_would_mislead(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO, _cli_env
+
+    results = REPO / "docs" / "evaluation" / "results.csv"
+
+    def run(script, *argv):
+        return subprocess.run([sys.executable, str(REPO / "scripts" / script), *argv], capture_output=True,
+                              text=True, env=_cli_env(), timeout=120)
+
+    for argv, message in (((str(tmp_path / "nosuch.csv"), "--out", str(tmp_path / "m")), "nosuch.csv is not a file"),
+                          ((f"{results}::nosuchmethod=x", "--out", str(tmp_path / "m")), "has no method 'nosuchmethod'"),
+                          ((str(REPO / "scripts" / "split.json"), "--out", str(tmp_path / "m")),
+                           "is not a results table")):
+        proc = run("merge_eval.py", *argv)
+        assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    proc = run("validate.py", str(REPO / "Resources/Models/pam_small.pt"), "--configs", "ci", "--cache", str(tmp_path))
+    assert proc.returncode != 0 and "give --keyframes with it" in proc.stderr
+    assert not (tmp_path / "m").exists()
+
+
+def test_an_sdist_is_unpacked_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A source package was unpacked straight into raw/ and taken as done once its top folder
+    existed: a run stopped mid-extraction left a tree every later run trusted."""
+    import io
+    import tarfile
+
+    from PAMSegmentLib.training import data as D
+
+    archive = tmp_path / "pkg-1.0.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        for name, text in (("pkg-1.0/a.py", "a"), ("pkg-1.0/sub/b.py", "b"), ("pkg-1.0/aorta_report/x.nii", "r")):
+            info = tarfile.TarInfo(name)
+            info.size = len(text)
+            tf.addfile(info, io.BytesIO(text.encode()))
+    cache = tmp_path / "cache"
+    calls = []
+    real_extractall = tarfile.TarFile.extractall
+
+    def stopped(self, path, members=None, **kw):  # Ctrl-C after the first member
+        calls.append(path)
+        real_extractall(self, path, members=list(members)[:1], **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tarfile.TarFile, "extractall", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        D.ensure_unpacked(cache, archive)
+    assert not (cache / "raw" / "pkg-1.0").exists()  # not taken as done next time
+    monkeypatch.setattr(tarfile.TarFile, "extractall", real_extractall)
+    root = D.ensure_unpacked(cache, archive)
+    assert root == cache / "raw" / "pkg-1.0"
+    assert (root / "a.py").read_text() == "a" and (root / "sub" / "b.py").read_text() == "b"
+    assert not (root / "aorta_report").exists()  # the reserved folder is never unpacked
+    assert sorted(p.name for p in (cache / "raw").iterdir()) == ["pkg-1.0"]  # no .partial left

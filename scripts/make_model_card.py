@@ -2,8 +2,12 @@
 """Write the model card of a trained checkpoint (JSON beside it + a markdown section).
 
     python scripts/make_model_card.py Resources/Models/pam_small.pt \
-        --train-log runs/train_r1.csv --train-log runs/train_r2.csv \
-        --eval runs/eval/results.csv --out-md docs/model_card.md
+        --train-log docs/train_logs/pam_small_stage1.csv --train-log docs/train_logs/pam_small_stage2.csv \
+        --train-log docs/train_logs/pam_small_stage3.csv --train-log docs/train_logs/pam_small_stage4.csv \
+        --eval docs/evaluation/results.csv --out-md docs/model_card.md
+
+(one --train-log per training stage, first to last; the shipped weights have four). --split names
+the split the weights were trained with when it is not scripts/split.json.
 
 Everything in the card is read from the checkpoint (config, preprocessing, provenance, sha256),
 the training logs and the evaluation CSV written by scripts/evaluate.py; nothing is typed in.
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -21,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from PAMSegmentLib.checkpoints import load_checkpoint_file, training_chain  # noqa: E402
+from PAMSegmentLib.errors import PAMError  # noqa: E402
 
 
 # What the shipped weights' stage commands need besides themselves (the data each read, which
@@ -59,7 +65,13 @@ def training_summary(logs: list[Path]) -> list[dict]:
     so the run's own count is the provenance's, ``training_stages[].iterations``) and the loss."""
     out = []
     for log in logs:
-        rows = _rows(log)
+        with open(log, newline="") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            lacking = {"iteration", "seconds", "loss"} - set(reader.fieldnames or ())
+        if lacking:  # (a .json summary given as --train-log was KeyError: 'iteration', or taken as no rows)
+            raise ValueError(f"--train-log {log} is not a training curve (no {', '.join(sorted(lacking))} column): "
+                             "give the .csv scripts/train.py wrote (--log)")
         if not rows:
             continue
         tail = rows[-20:]
@@ -133,12 +145,20 @@ def main(argv=None) -> int:
     ap.add_argument("--eval", type=Path, default=None, help="results.csv of scripts/evaluate.py")
     ap.add_argument("--out-json", type=Path, default=None, help="default: <checkpoint>.json")
     ap.add_argument("--out-md", type=Path, default=None)
+    ap.add_argument("--split", type=Path, default=ROOT / "scripts" / "split.json",
+                    help="the split the checkpoint was trained with (default: scripts/split.json)")
     args = ap.parse_args(argv)
 
     model = load_checkpoint_file(args.checkpoint)
     logs, stages = training_summary(args.train_log), training_stages(model.provenance)
     check_logs(logs, stages)
-    split = json.loads((ROOT / "scripts" / "split.json").read_text())
+    split_bytes = args.split.read_bytes()
+    recorded = model.provenance.get("split_sha256") if isinstance(model.provenance, dict) else None
+    if isinstance(recorded, str) and recorded != hashlib.sha256(split_bytes).hexdigest():
+        raise ValueError(f"the checkpoint was trained with a split of sha256 {recorded[:16]}... "
+                         f"({model.provenance.get('split')}), and {args.split} is another: give that split (--split) "
+                         "so that the card names the data the weights saw")
+    split = json.loads(split_bytes)
     card = {
         "name": args.checkpoint.stem,
         "file": args.checkpoint.name,
@@ -153,11 +173,14 @@ def main(argv=None) -> int:
         "training_stages": stages,
         "data": {
             # What this checkpoint was trained on (its provenance), not what the split lists today.
-            "training_cases": model.provenance.get("cases") or [e["case"] for e in split["train"]],
+            # (an empty list is a synthetic-only run: it was given the split's 17 real cases)
+            "training_cases": (model.provenance["cases"] if "cases" in model.provenance
+                               else [e["case"] for e in split["train"]]),
             "synthetic": split.get("train_synthetic"),
             "evaluation_cases": [{"case": e["case"], "group": e["group"]} for e in split["eval"]],
             "heldout_structures": split["heldout_structures"],
-            "split_file": "scripts/split.json",
+            "split_file": (str(args.split.resolve().relative_to(ROOT)) if args.split.resolve().is_relative_to(ROOT)
+                           else str(args.split)),
         },
         "evaluation": eval_summary(args.eval, model.sha256) if args.eval else None,
         "intended_use": "Propagating a mask drawn on one (or a few) slices of a 3D medical image to the "
@@ -221,4 +244,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (PAMError, OSError, ValueError) as exc:  # one line, not a traceback (a missing file, a wrong log)
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

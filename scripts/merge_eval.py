@@ -38,7 +38,17 @@ def main(argv=None) -> int:
         old, eq, new = rename.partition("=")
         if rename and (not eq or not old or not new):
             raise SystemExit(f"error: expected PATH::OLD=NEW to rename a method, got {given!r}")
-        for r in ev.read_csv(Path(path)):
+        if not Path(path).is_file():
+            raise SystemExit(f"error: {path} is not a file; give results.csv files of scripts/evaluate.py")
+        read = ev.read_csv(Path(path))
+        lacking = {"case", "structure", "method", "protocol", "position", "round"} - set(read[0] if read else {})
+        if read and lacking:
+            raise SystemExit(f"error: {path} is not a results table of scripts/evaluate.py (no "
+                             f"{', '.join(sorted(lacking))} column)")
+        if rename and not any(r["method"].split("@")[-1] == old for r in read):
+            raise SystemExit(f"error: {given}: {path} has no method {old!r} to rename (its methods: "
+                             f"{', '.join(sorted({r['method'] for r in read}))})")
+        for r in read:
             if rename and r["method"].split("@")[-1] == old:
                 r["method"] = r["method"][: -len(old)] + new
             # The same run can appear in several inputs (every run also scores the 50 % prompt): keep the first.
@@ -56,7 +66,8 @@ def main(argv=None) -> int:
             elif seen[key][0] != score:
                 raise SystemExit(f"error: {path} and {seen[key][1]} both hold {', '.join(map(str, key))} with "
                                  f"different scores ({score} vs {seen[key][0]}): runs of another --axis or "
-                                 "--tolerance cannot be merged into one table")
+                                 "--tolerance cannot be merged into one table; if one is a re-run of the method "
+                                 "(e.g. copy after a fix), give the other file as PATH::OLD=NEW to keep both")
 
     # Rows must agree on their propagation axis and NSD tolerance: another axis is another experiment,
     # and NSDs at other tolerances do not average. Rows written before evaluate.py recorded them
@@ -91,6 +102,8 @@ def main(argv=None) -> int:
     keep = {k for k, ms in by_key.items() if ms == methods_of[k[2]]}
     merged = [r for r in rows if (r["case"], r["structure"], proto(r)) in keep
               and (r["method"] in primary or family(r["method"]) in primary or r["method"] == "ci")]
+    if args.out.exists() and not args.out.is_dir():
+        raise SystemExit(f"error: --out {args.out} is a file; give a folder for the merged tables")
     args.out.mkdir(parents=True, exist_ok=True)
     ev.write_csv(merged, args.out / "results.csv")
     print(f"{len(merged)} rows from {len(args.inputs)} files; protocols: "

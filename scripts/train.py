@@ -2,7 +2,7 @@
 """Train PAMSegment's default weights (the `small` preset) on CPU.
 
     python scripts/prepare_data.py --cache cache --synthetic 400 --synthetic-stacks 160   # once
-    python scripts/train.py --cache cache --minutes 80       # writes runs/pam_small.pt
+    python scripts/train.py --cache cache --minutes 85       # writes runs/pam_small.pt
 
 The checkpoint goes to ``--out`` (default ``runs/pam_small.pt`` in this repository). The shipped
 weights, ``Resources/Models/pam_small.pt``, are written only when ``--out`` names them. An existing
@@ -85,8 +85,17 @@ def load_training_cases(cache: Path, split_path: Path, max_synthetic: int | None
                         stack_share: float | None = None) -> list[Case]:
     if stack_share is not None and not 0 <= stack_share <= SYNTHETIC_SHARE:  # before reading any case
         raise SystemExit(f"error: --stack-share must lie in [0, {SYNTHETIC_SHARE}] (the synthetic share)")
-    split = json.loads(split_path.read_text())
+    try:
+        split = json.loads(split_path.read_text())
+    except (OSError, ValueError) as exc:  # (a JSONDecodeError traceback before)
+        raise SystemExit(f"error: cannot read the split {split_path} ({exc}); write it again with "
+                         "scripts/prepare_data.py") from None
+    if not isinstance(split, dict) or not isinstance(split.get("train"), list):
+        raise SystemExit(f"error: the split {split_path} has no list of training cases ('train'); write it again "
+                         "with scripts/prepare_data.py")
     check_split_honest(split, split_path)
+    held_out = set(split.get("heldout_structures", []))
+    shares_a_scan = {entry["case"] for entry in split.get("eval", [])}
     cases: list[Case] = []
     for entry in split["train"]:
         name = entry["case"]
@@ -100,6 +109,13 @@ def load_training_cases(cache: Path, split_path: Path, max_synthetic: int | None
             image = z["image"].astype(np.float32)
             labels = z["labels"].astype(np.int16)
             spacing = tuple(float(s) for s in z["spacing"])
+            label_names = json.loads(str(z["label_names"])) if "label_names" in z.files else {}
+        # By name too: a held-out organ dropped from its scan's evaluation list (too small in a re-prepared
+        # cache) passed check_split_honest's id test and could be trained on, its card still calling it held out.
+        taken = [int(x) for x in entry["labels"] if label_names.get(str(int(x))) in held_out]
+        if name in shares_a_scan and taken:
+            raise SystemExit(f"error: {split_path}: training case {name} lists label {taken[0]} "
+                             f"({label_names[str(taken[0])]}), a held-out structure")
         case = Case(name, image, labels, spacing, [int(x) for x in entry["labels"]])
         if case.usable:
             cases.append(case)
@@ -285,11 +301,20 @@ def _preflight(args: argparse.Namespace, net_cfg: PAMConfig) -> str | None:
     if args.init_from is not None and _same_path(partial, args.init_from):
         return (f"--init-from {args.init_from} is where this run's partial saves go (--out {args.out}): they would "
                 "replace the weights it starts from; continue into another --out")
+    log_partial = args.log.with_name(args.log.stem + ".partial" + args.log.suffix)
     outputs = [(args.out, "--out"), (partial, "the partial save of --out"), (args.log, "--log"),
+               (log_partial, "the curve's partial file beside --log"),
                (args.log.with_suffix(".json"), "the summary written beside --log")]
     for path, what in outputs:
         if path.is_dir():
             return f"{what} {path} is a folder; name a file"
+    # --log naming the checkpoint (or a .json log, which the summary replaces): the curve was written
+    # over the finished weights, exit 0 (a developer-scripts audit, session 38)
+    for n, (path, what) in enumerate(outputs):
+        for other, other_what in outputs[n + 1:]:
+            if _same_path(path, other):
+                return (f"{what} and {other_what} are the same file ({path}): one would replace the other; give "
+                        "--log a .csv name of its own")
     if not args.overwrite:
         for path, what in outputs:
             if path.exists() or path.is_symlink():
@@ -366,7 +391,8 @@ def _run(args: argparse.Namespace, argv, net_cfg: PAMConfig) -> int:
     else:
         cases = load_training_cases(args.cache, args.split, args.max_synthetic, args.stack_share)
     if not cases:
-        print("error: no training cases found; run scripts/prepare_data.py first", file=sys.stderr)
+        print(f"error: no training cases found in {args.cache}; run scripts/prepare_data.py --cache {args.cache} first",
+              file=sys.stderr)
         return 2
     n_real = sum(not c.name.startswith("synth_") for c in cases)
     print(f"{len(cases)} training cases ({n_real} real, {len(cases) - n_real} synthetic) loaded in {time.time() - t0:.0f} s",

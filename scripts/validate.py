@@ -151,6 +151,8 @@ def main(argv=None) -> int:
     parsed = {c: parse_config(c) for c in configs if c != "ci"}  # a typo fails here, before any case is read
     if args.n < 1:
         raise SystemExit("error: --n must be at least 1")
+    if "ci" in configs and not args.keyframes:  # (it interpolated one slice: Dice 0.068, exit 0)
+        raise SystemExit("error: config ci interpolates between two drawn slices: give --keyframes with it")
     import torch
 
     torch.set_num_threads(1)
@@ -162,7 +164,7 @@ def main(argv=None) -> int:
         model = load_checkpoint_file(args.checkpoint)
     except (PAMError, OSError) as exc:
         raise SystemExit(f"error: {exc}") from None
-    names = [c.strip() for c in args.cases.split(",") if c.strip()]
+    names = list(dict.fromkeys(c.strip() for c in args.cases.split(",") if c.strip()))  # ts_ct,ts_ct: once
     try:
         cases, items = validation_items(args.cache, ROOT / "scripts" / "split.json", names, args.n)
     except InputError as exc:
@@ -211,4 +213,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except InputError as exc:  # an option a predictor refuses (pam+reg2), found at its first structure
+        sys.exit(f"error: {exc}")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import ast
 import json
 import logging
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -235,18 +236,27 @@ def ensure_unpacked(cache: Path, archive: Path) -> Path:
         root = raw / archive.name[: -len(".tar.gz")]
         if root.is_dir():
             return root
-        raw.mkdir(parents=True, exist_ok=True)
+        # Unpacked into a folder of its own and moved into place when whole, as a wheel is: a run stopped
+        # mid-extraction left a partial tree that every later run took as done (a developer-scripts audit).
+        tmp = root.with_name(root.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
         with tarfile.open(archive, "r:gz") as tf:
             members = [m for m in tf.getmembers()
                        if (m.isfile() or m.isdir()) and not _is_reserved(m.name)]
             for m in members:
-                _safe_target(raw, m.name)
+                _safe_target(tmp, m.name)
             try:
-                tf.extractall(raw, members=members, filter="data")
+                tf.extractall(tmp, members=members, filter="data")
             except TypeError:          # Python without extraction filters; members were checked
-                tf.extractall(raw, members=members)
-        if not root.is_dir():
+                tf.extractall(tmp, members=members)
+        if not (tmp / root.name).is_dir():
             raise FileNotFoundError(f"{archive.name} did not unpack to {root}")
+        (tmp / root.name).rename(root)
+        for other in sorted(tmp.iterdir()):  # members outside its top folder, where they were put before
+            if not (raw / other.name).exists():
+                other.rename(raw / other.name)
+        shutil.rmtree(tmp, ignore_errors=True)
         return root
     raise ValueError(f"unknown archive type: {archive}")
 
