@@ -217,7 +217,10 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
     first = records[0][1] if records else []
     if first and first[0].strip().lower().startswith("sep=") and not any(f.strip() for f in first[1:]):
         records.pop(0)  # Excel's "sep=," line, which names the separator before the header
-    header = records.pop(0)[1] if records else []
+    if not records:  # (an empty file or /dev/null: "null has no image or prompt column (found: nothing)")
+        raise InputError(f"manifest {path} is empty; give a CSV file whose first line names the columns "
+                         f"{COLUMNS_TEXT}")
+    header = records.pop(0)[1]
     fields = [f.strip().lower() for f in header]
     unknown = [f for f in fields if f and f not in COLUMNS]
     if unknown:

@@ -817,7 +817,8 @@ def cmd_label_images(args) -> int:
 
     check_not_a_broken_link(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"{out_dir} is a file; -o takes a folder for the masks")
+        raise InputError(f"{out_dir} is {'a file' if out_dir.is_file() else 'a device or pipe'}; -o takes a folder for "
+                         "the masks")
     if not out_dir.parent.is_dir():
         raise InputError(f"folder {out_dir.parent} does not exist; create it or choose another -o folder")
     from .volumes import check_folder_writable

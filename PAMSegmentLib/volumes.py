@@ -1725,6 +1725,10 @@ def _read_sitk(path: PathLike, series_uid: str | None = None, single_slice_ok: b
                 "(Segmentations > Export to label map) and use that, or, to keep the overlaps, save the overlapping "
                 "segments to separate files and propagate each"
             )
+        layout = _tiff_layout(p)
+        if layout is not None and layout[0] == 1 and layout[1] == 1:  # ITK expands 1-bit pages to 4 channels
+            raise InputError(f"{name} is a stack of 1-bit (black and white) TIFF pages, which ITK reads as colour; "
+                             "save it as 8-bit grey (e.g. Fiji: Image > Type > 8-bit, then File > Save As > Tiff)")
         raise InputError(
             f"{name} has {ncomp} components per voxel (colour or vector image); "
             "PAMSegment needs a single-channel 3D volume"
@@ -2541,6 +2545,9 @@ def _write_extension(path: Path, extensions: Sequence[str] = _WRITE_EXTENSIONS) 
     for ext in extensions:
         if lower.endswith(ext):
             return ext
+    if path.exists() and not path.is_file() and not path.is_dir():  # -o /dev/null: "the output format of null"
+        raise InputError(f"{path} is a device or pipe, not a file the output can be written to; give a file name "
+                         f"ending in {', '.join(extensions)}")
     raise InputError(
         f"cannot tell the output format of {path.name}; use one of {', '.join(extensions)}"
     )

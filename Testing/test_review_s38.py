@@ -493,3 +493,32 @@ def test_an_sdist_is_unpacked_whole_or_not_at_all(tmp_path, monkeypatch):
     assert (root / "a.py").read_text() == "a" and (root / "sub" / "b.py").read_text() == "b"
     assert not (root / "aorta_report").exists()  # the reserved folder is never unpacked
     assert sorted(p.name for p in (cache / "raw").iterdir()) == ["pkg-1.0"]  # no .partial left
+
+
+# ----------------------------------------------------------------------------- carried from session 37
+
+
+def test_devices_empty_manifests_and_1_bit_stacks_are_named(ct_case, tmp_path, capsys):
+    """-o /dev/null was "cannot tell the output format of null"; an empty manifest (or /dev/null) was
+    "null has no image or prompt column (found: nothing)"; a 1-bit TIFF stack as the image was
+    "4 components per voxel (colour or vector image)"."""
+    import numpy as np
+    import tifffile
+
+    from PAMSegmentLib.cli import main
+
+    assert main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", "/dev/null",
+                 "--method", "copy"]) == 2
+    assert "/dev/null is a device or pipe, not a file the output can be written to" in capsys.readouterr().err
+    empty = tmp_path / "m.csv"
+    empty.write_text("\n\n")
+    for manifest in (str(empty), "/dev/null"):
+        assert main(["batch", manifest, "-o", str(tmp_path / "res")]) == 2
+        assert f"manifest {manifest} is empty; give a CSV file whose first line names" in capsys.readouterr().err
+    stack = tmp_path / "bits.tif"
+    tifffile.imwrite(stack, np.random.default_rng(0).random((5, 32, 32)) > 0.5, bitspersample=1,
+                     photometric="minisblack")
+    assert main(["propagate", str(stack), str(ct_case.prompt_path), "-o", str(tmp_path / "o.nii.gz"),
+                 "--method", "copy"]) == 2
+    assert "is a stack of 1-bit (black and white) TIFF pages, which ITK reads as colour" in capsys.readouterr().err
+    assert not (tmp_path / "res").exists() and not (tmp_path / "o.nii.gz").exists()
