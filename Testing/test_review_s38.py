@@ -503,10 +503,10 @@ def test_devices_empty_manifests_and_1_bit_stacks_are_named(ct_case, tmp_path, c
     "null has no image or prompt column (found: nothing)"; a 1-bit TIFF stack as the image was
     "4 components per voxel (colour or vector image)"."""
     import numpy as np
-    import tifffile
 
     from PAMSegmentLib.cli import main
 
+    tifffile = pytest.importorskip("tifffile")  # (with scikit-image, in the test extra)
     assert main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", "/dev/null",
                  "--method", "copy"]) == 2
     assert "/dev/null is a device or pipe, not a file the output can be written to" in capsys.readouterr().err
