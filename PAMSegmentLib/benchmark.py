@@ -54,7 +54,6 @@ import math
 import os
 import platform
 import shlex
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -1056,45 +1055,46 @@ def _plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(result: dict, out: Path) -> dict:
-    """The tables, report, plot and JSON, written into a temporary folder inside ``out`` and moved
-    into place together, with Ctrl-C held off meanwhile: an interrupt while the files were written one
-    by one (the plot alone takes 2 s) left new tables beside an older run's JSON and plot, after
-    "nothing was written"."""
-    from .cli import ctrl_c_ignored
+def write_outputs(result: dict, out: Path, after=None, keep_ctrl_c_ignored: bool = False) -> dict:
+    """The tables, report, plot and JSON, put in place together (``volumes.replace_together``: each
+    written to a temporary first, then moved in with Ctrl-C held off, a link kept a link): an
+    interrupt while they were written one by one (the plot alone takes 2 s) left new tables beside
+    an older run's JSON and plot, after "nothing was written". ``after(result)`` runs once they are
+    in, within the same shield (printing the report: a Ctrl-C there said "nothing was written")."""
+    import io
+
+    from .volumes import replace_together
 
     out.mkdir(parents=True, exist_ok=True)
-    files = {}
-    staging = Path(tempfile.mkdtemp(prefix=".benchmark-", dir=out))
-    try:
-        for key, name, cols in (("network", "network.csv", NETWORK_COLUMNS), ("paired", "paired.csv", PAIRED_COLUMNS),
-                                ("end_to_end", "end_to_end.csv", E2E_COLUMNS),
-                                ("slicer", "slicer.csv", SLICER_COLUMNS), ("targets", "targets.csv", TARGET_COLUMNS)):
-            if result.get(key) is not None:
-                _write_csv(staging / name, result[key], cols)
-                files[key] = str(out / name)
-        (staging / "benchmark.md").write_text("# PAMSegment benchmark\n\n" + report_text(result, markdown=True) + "\n",
-                                              encoding="utf-8")
-        files["markdown"] = str(out / "benchmark.md")
-        try:
-            _plot(result, staging / "benchmark.png")
-            files["plot"] = str(out / "benchmark.png")
-        except Exception as exc:  # noqa: BLE001 - a plot failure must not lose the numbers
-            files["plot_error"] = f"{type(exc).__name__}: {exc}"
-        files["json"] = str(out / "benchmark.json")
-        result["files"] = files
-        (staging / "benchmark.json").write_text(json.dumps(result, indent=2, default=_json_default),
-                                                encoding="utf-8")
-        with ctrl_c_ignored(defer=True):
-            for written in sorted(staging.iterdir()):
-                os.replace(written, out / written.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    files, outputs = {}, []
+    for key, name, cols in (("network", "network.csv", NETWORK_COLUMNS), ("paired", "paired.csv", PAIRED_COLUMNS),
+                            ("end_to_end", "end_to_end.csv", E2E_COLUMNS),
+                            ("slicer", "slicer.csv", SLICER_COLUMNS), ("targets", "targets.csv", TARGET_COLUMNS)):
+        if result.get(key) is not None:
+            outputs.append((out / name, ".csv", lambda tmp, rows=result[key], cols=cols: _write_csv(tmp, rows, cols)))
+            files[key] = str(out / name)
+    markdown = "# PAMSegment benchmark\n\n" + report_text(result, markdown=True) + "\n"
+    outputs.append((out / "benchmark.md", ".md", lambda tmp: tmp.write_text(markdown, encoding="utf-8")))
+    files["markdown"] = str(out / "benchmark.md")
+    try:  # drawn before anything is written: a plot failure must not lose the numbers
+        png = io.BytesIO()
+        _plot(result, png)
+        outputs.append((out / "benchmark.png", ".png", lambda tmp: tmp.write_bytes(png.getvalue())))
+        files["plot"] = str(out / "benchmark.png")
+    except Exception as exc:  # noqa: BLE001
+        files["plot_error"] = f"{type(exc).__name__}: {exc}"
+    files["json"] = str(out / "benchmark.json")
+    result["files"] = files
+    text = json.dumps(result, indent=2, default=_json_default)
+    outputs.append((out / "benchmark.json", ".json", lambda tmp: tmp.write_text(text, encoding="utf-8")))
+    replace_together(outputs, keep_ctrl_c_ignored=keep_ctrl_c_ignored,
+                     after=(lambda: after(result)) if after is not None else None)
     return files
 
 
-def run_benchmark(cfg: BenchConfig, log=print) -> dict:
-    """Run the selected parts; returns the result dict (also written to cfg.out)."""
+def run_benchmark(cfg: BenchConfig, log=print, after=None, keep_ctrl_c_ignored: bool = False) -> dict:
+    """Run the selected parts; returns the result dict (also written to cfg.out; ``after(result)``
+    runs once the files are in place, see ``write_outputs``)."""
     result: dict = {"machine": machine_info(cfg.threads), "config": asdict(cfg)}
     if "network" in cfg.parts:
         result["network"] = run_network_part(cfg, log)
@@ -1105,7 +1105,7 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
     if "slicer" in cfg.parts:
         result["slicer"] = run_slicer_part(cfg, log)
     result["targets"] = evaluate_targets(result)
-    write_outputs(result, Path(cfg.out))
+    write_outputs(result, Path(cfg.out), after, keep_ctrl_c_ignored)
     return result
 
 
@@ -1214,6 +1214,8 @@ def add_benchmark_arguments(p: argparse.ArgumentParser, default_out: str = "docs
                        help="run every measurement in a fresh subprocess (the default, except with --quick)")
     where.add_argument("--in-process", dest="isolate", action="store_false",
                        help="run the measurements in this process (faster; memory figures not per configuration)")
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="run even when the largest end-to-end volume needs more memory than this machine has")
     p.add_argument("--sam2-sizes", type=_int_list, default=None, metavar="LIST",
                    help="SAM 2 input sizes, comma-separated (default: 1024,512; 1024 is its config's own and the "
                         "target's)")
@@ -1272,7 +1274,7 @@ def check_benchmark_config(cfg: BenchConfig, skip_memory: bool = False) -> None:
         shape = (max(depths), cfg.size, cfg.size)
         need = propagation_memory_bytes(shape, 2, 0, {1: [shape[0] // 2]}, True)
         check_memory(need, f"the benchmark's largest volume ({cfg.size} x {cfg.size} x {shape[0]} voxels)",
-                     lambda limit: "give a smaller --size or --depths", skip=skip_memory)
+                     lambda limit: "Give a smaller --size or --depths", skip=skip_memory)
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
@@ -1294,34 +1296,43 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
                 raise InputError(f"--{option.replace('_', '-')}: {exc}; give it as {other}, or the "
                                  f"{preset} preset's weights here") from None
     cfg = config_from_args(args)
-    check_benchmark_config(cfg)
+    check_benchmark_config(cfg, skip_memory=args.no_memory_check)
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():  # before the measurements, which take up to 15 min
         raise InputError(f"--out {out} is a file; give a folder for the tables")
     from .volumes import make_writable_folder
 
-    created = not out.exists()
+    made = []  # the folders this run makes for -o (n1/n2: both), deepest first
+    folder = out.absolute()
+    while not folder.exists() and folder != folder.parent:
+        made.append(folder)
+        folder = folder.parent
     make_writable_folder(out, "the benchmark tables")
     partial = partial_options(args)
     if partial and args.out is None:
         print(f"note: this is not the full run ({', '.join(partial)}), so the tables go to {cfg.out}, not "
               f"{getattr(args, '_default_out', 'docs/benchmark')} (--out chooses)", flush=True)
     t0 = time.perf_counter()
+
+    def say(result: dict) -> None:  # once the files are in place (within their Ctrl-C shield)
+        print(report_text(result))
+        print(f"\nwrote {', '.join(v for k, v in result['files'].items() if not k.endswith('error'))} "
+              f"in {time.perf_counter() - t0:.0f} s")
+        stale = [name for part, names in PART_FILES.items() if part not in cfg.parts for name in names
+                 if (Path(cfg.out) / name).exists()]
+        if stale:
+            print(f"note: {', '.join(stale)} in {cfg.out} are from an earlier run (this one measured "
+                  f"{', '.join(cfg.parts)} only); benchmark.md, benchmark.json and targets.csv describe this one",
+                  flush=True)
+
     try:
-        result = run_benchmark(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))
-    except BaseException:  # interrupted or failed: no empty folder of ours left behind
-        if created:
+        run_benchmark(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True), after=say,
+                      keep_ctrl_c_ignored=getattr(args, "_ends_process", False))
+    except BaseException:  # interrupted or failed before the tables were in: no empty folders of ours left
+        for folder in made:
             with contextlib.suppress(OSError):
-                out.rmdir()
+                folder.rmdir()
         raise
-    print(report_text(result))
-    print(f"\nwrote {', '.join(v for k, v in result['files'].items() if not k.endswith('error'))} "
-          f"in {time.perf_counter() - t0:.0f} s")
-    stale = [name for part, names in PART_FILES.items() if part not in cfg.parts for name in names
-             if (Path(cfg.out) / name).exists()]
-    if stale:
-        print(f"note: {', '.join(stale)} in {cfg.out} are from an earlier run (this one measured "
-              f"{', '.join(cfg.parts)} only); benchmark.md, benchmark.json and targets.csv describe this one", flush=True)
     return 0
 
 

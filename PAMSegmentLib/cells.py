@@ -167,7 +167,7 @@ def _check(image, examples, background):
     from .volumes import float32_values
 
     # float64 values float32 cannot hold: 0 cells found and numpy's warnings; rescaled to 0-1 first
-    return float32_values(img)[0], cells, n, bg, notes
+    return float32_values(img, precision=True)[0], cells, n, bg, notes
 
 
 def _large_examples(cells: np.ndarray, areas: np.ndarray) -> dict[int, str]:

@@ -712,46 +712,65 @@ def shipped_weights_sha256() -> str | None:
     return card.get("sha256_weights") if isinstance(card, dict) else None
 
 
+def _card_naming(card_path: Path, name: str):
+    """(the card at ``card_path`` if it names the weights file ``name`` with a sha256, else None; the
+    error that kept it from being read, if any)."""
+    try:
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return None, exc
+    if not isinstance(card, dict) or card.get("file") != name or not isinstance(card.get("sha256_weights"), str):
+        return None, None
+    return card, None
+
+
 def _check_model_card(path: Path, model: PAMModel) -> None:
     """The default weights against their model card, ``<name>.json`` beside them (written by
     scripts/make_model_card.py): the weights' sha256, computed while loading anyway (no second
     pass over the file), must be the one the card records. A damaged install, or a file replaced
     by other weights, is refused. A checkpoint with no card naming it is not checked, except the
     shipped file, whose card is part of the install (missing, unreadable or naming another file,
-    it was skipped without a word). The card is looked for beside the file itself: a link to the
-    weights (symbolic or hard, /dev/stdin) has no card beside its own name."""
-    real = shipped_checkpoint_path() if _is_shipped(path) else Path(os.path.realpath(path))
-    card_path = real.with_suffix(".json")
+    it was skipped without a word). For a link (symbolic or hard, /dev/stdin) both the card beside
+    the name given (a model hub's links to blobs) and the one beside the file itself are held: the
+    shipped weights' card is beside their file only."""
     advice = ("the install is damaged or the file was replaced: reinstall PAMSegment (if you changed the weights "
               "on purpose, write the card again with scripts/make_model_card.py)")
-    try:
-        card = json.loads(card_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        if _is_shipped(path):
+    given = Path(path)
+    real = shipped_checkpoint_path() if _is_shipped(path) else Path(os.path.realpath(path))
+    places = [(given.with_suffix(".json"), given.name)]
+    if str(real) != str(given.absolute()) and (real.with_suffix(".json"), real.name) != places[0]:
+        places.append((real.with_suffix(".json"), real.name))
+    cards = []
+    for card_path, name in places:
+        card, _ = _card_naming(card_path, name)
+        if card is not None:
+            cards.append((card_path, card))
+    if _is_shipped(path):
+        card_path = real.with_suffix(".json")
+        card, exc = _card_naming(card_path, real.name)
+        if exc is not None:
             raise CheckpointError(f"the shipped weights {path} have no readable model card {card_path.name} beside "
-                                  f"them ({type(exc).__name__}); {advice}") from None
-        return
-    if not isinstance(card, dict) or card.get("file") != real.name or not isinstance(card.get("sha256_weights"), str):
-        if _is_shipped(path):
+                                  f"them ({type(exc).__name__}); {advice}")
+        if card is None:
             raise CheckpointError(f"the model card {card_path.name} beside the shipped weights {path} is not theirs "
                                   f"(no 'file': {shown(real.name)} with a 'sha256_weights'); {advice}")
-        return
-    if card["sha256_weights"] != model.sha256:
-        raise CheckpointError(
-            f"checkpoint {path} does not match its model card {card_path.name}: its weights' sha256 is "
-            f"{model.sha256[:16]}..., the card's {card['sha256_weights'][:16]}...; {advice}")
-    # The header's settings too: a byte changed there (a threshold) loads and runs, with other results.
-    for section, values in (("network", model.config.to_dict()), ("preprocessing", asdict(model.preprocessing)),
-                            ("inference", asdict(model.inference))):
-        recorded = card.get(section)
-        if not isinstance(recorded, dict):
-            continue
-        loaded = json.loads(json.dumps(values, default=str))
-        for key in sorted(recorded):  # the card's keys: a setting added to the code later is no mismatch
-            if key in loaded and recorded[key] != loaded[key]:
-                raise CheckpointError(
-                    f"checkpoint {path} does not match its model card {card_path.name}: its {section} {key} is "
-                    f"{shown(loaded.get(key))}, the card's {shown(recorded.get(key))}; {advice}")
+    for card_path, card in cards:
+        if card["sha256_weights"] != model.sha256:
+            raise CheckpointError(
+                f"checkpoint {path} does not match its model card {card_path.name}: its weights' sha256 is "
+                f"{model.sha256[:16]}..., the card's {card['sha256_weights'][:16]}...; {advice}")
+        # The header's settings too: a byte changed there (a threshold) loads and runs, with other results.
+        for section, values in (("network", model.config.to_dict()), ("preprocessing", asdict(model.preprocessing)),
+                                ("inference", asdict(model.inference))):
+            recorded = card.get(section)
+            if not isinstance(recorded, dict):
+                continue
+            loaded = json.loads(json.dumps(values, default=str))
+            for key in sorted(recorded):  # the card's keys: a setting added to the code later is no mismatch
+                if key in loaded and recorded[key] != loaded[key]:
+                    raise CheckpointError(
+                        f"checkpoint {path} does not match its model card {card_path.name}: its {section} {key} is "
+                        f"{shown(loaded.get(key))}, the card's {shown(recorded.get(key))}; {advice}")
 
 
 def load_model(path: str | os.PathLike | None = None, device: str = "cpu") -> PAMModel:

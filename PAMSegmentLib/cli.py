@@ -1296,22 +1296,23 @@ def _provenance_text(provenance) -> str:
     one line per stage and the inference changes, the whole record being ``--json``'s (it was one
     line of kilobytes); anything else as one JSON line (keys of any type, escaped)."""
     if isinstance(provenance, dict) and ("init_from" in provenance or "command" in provenance):
-        import math
-
         from .checks import shown
         from .checkpoints import training_chain
 
         stages = training_chain(provenance)
         lines = []
         start = stages[0].get("init_from") if stages else None
-        if start == "..." or (isinstance(start, dict) and start.get("provenance") == "..."):
-            lines.append("\n  (earlier stages were cut from the record: it nests at most 32 deep)")
+        cut = start == "..." or (isinstance(start, dict) and "..." in (start.get("provenance"), *start)) or any(
+            k == "..." or v == "..." for st in stages for k, v in st.items())
+        if cut:  # (_plain_provenance cut it: nested deeper than 32, or more values than it keeps)
+            lines.append("\n  (the record was cut where it nests too deep or holds too many values: earlier "
+                         "stages or their details may be missing)")
         for n, st in enumerate(stages, start=1):
-            minutes = st.get("train_seconds")
-            took = (f" in {minutes / 60:.0f} min" if isinstance(minutes, (int, float)) and not isinstance(minutes, bool)
-                    and math.isfinite(minutes) else "")
+            seconds = st.get("train_seconds")
+            took = (f" in {seconds / 60:.0f} min" if isinstance(seconds, (int, float)) and not isinstance(seconds, bool)
+                    and 0 <= seconds < 1e9 else "")
             iterations = st.get("iterations")
-            if not isinstance(iterations, int):
+            if not isinstance(iterations, int) or isinstance(iterations, bool) or abs(iterations) >= 10**12:
                 iterations = "?" if iterations is None else shown(iterations, 40)
             lines.append(f"\n  stage {n}: {iterations} iterations{took}, git "
                          f"{str(st.get('git_revision', '?'))[:10]}: {str(st.get('command', '?'))[:300]}")

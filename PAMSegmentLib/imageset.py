@@ -530,7 +530,15 @@ def _expand(inputs: Sequence[str], left_out: list | None = None) -> list:
                             and f.name.lower().endswith(IMAGE_2D_EXTENSIONS)), key=_natural)
             # an image that is a link to nothing (an unmounted share) was left out without a word
             broken = sorted((f for f in p.iterdir() if f.is_symlink() and not f.exists()
+                             and not f.name.startswith(".") and not _stem(f).lower().endswith("_mask")
                              and f.name.lower().endswith(IMAGE_2D_EXTENSIONS)), key=_natural)
+            unread = sorted((f.name for f in p.iterdir() if f.is_file() and not f.name.startswith(".")
+                             and f.name.lower().endswith((".gif", ".webp"))), key=str.lower)
+            if unread:  # (left out without a word: "found in 6 of 6 images" beside 2 GIF/WebP frames)
+                more = f" and {len(unread) - 3} more" if len(unread) > 3 else ""
+                print(f"note: left out {len(unread)} GIF/WebP file{'s' if len(unread) != 1 else ''} of folder {p} "
+                      f"({', '.join(unread[:3])}{more}), which SimpleITK cannot read; save them as PNG to label them",
+                      flush=True)
             if broken:
                 raise InputError(f"folder {p}: {_links_to_nothing(broken)}; mount or copy what "
                                  f"{'they point' if len(broken) > 1 else 'it points'} to, or remove the "
@@ -709,7 +717,7 @@ def add_label_images_arguments(p) -> None:
 
 def _grey_range(array) -> tuple[float, float]:
     """An image's robust grey range (0.5-99.5 percentiles of at most about a million pixels)."""
-    step = max(1, int(np.sqrt(array.size / 1e6)))
+    step = max(1, int(np.ceil(np.sqrt(array.size / 1e6))))
     values = np.asarray(array[::step, ::step], np.float64)
     values = values[np.isfinite(values)]
     if values.size == 0:
@@ -718,19 +726,19 @@ def _grey_range(array) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def _other_scale(ranges, prompt_index: int) -> set:
-    """Indices of images whose grey values lie on another scale than the prompt image's: a range 4x
-    wider or narrower, or a middle outside the prompt's range (a 16-bit export of raw CT values beside
-    an 8-bit windowed prompt came back "not found" with no word why: the network's presence output,
-    not the drift test, dropped it)."""
+def _other_scale(ranges: dict, prompt_index: int) -> set:
+    """Indices (keys of ``ranges``: index -> robust grey range) of images whose grey values lie on
+    another scale than the prompt image's: a range over 4x wider, or a middle outside the prompt's
+    range (a 16-bit export of raw CT values beside an 8-bit windowed prompt came back "not found"
+    with no word why: the network's presence output, not the drift test, dropped it). Not a narrower
+    range: blank and near-blank images (beyond the head, an empty field) have one, exported alike."""
     low0, high0 = ranges[prompt_index]
     span0 = high0 - low0
     other = set()
-    for n, (low, high) in enumerate(ranges):
-        span = high - low
-        if n == prompt_index or span0 <= 0:
+    for n, (low, high) in ranges.items():
+        if n == prompt_index or span0 <= 0 or high <= low:
             continue
-        if span > 4 * span0 or span < span0 / 4 or not low0 <= (low + high) / 2 <= high0:
+        if high - low > 4 * span0 or not low0 <= (low + high) / 2 <= high0:
             other.add(n)
     return other
 
@@ -763,6 +771,7 @@ def _say_written(result, files, out_dir, seconds: float, earlier=(), ranges=None
                   "there: images saved with another grey scale, window or size? Export them as the prompt image "
                   "was, or try --no-normalize", flush=True)
     scale = sorted(i for i in _other_scale(ranges, result.prompt_index) if i in missed - explained) if ranges else []
+    # (ranges: of the prompt image and the images where a label was missed, computed before the writes)
     if scale:
         low0, high0 = ranges[result.prompt_index]
         shown = ", ".join(f"{files[i].name} ({ranges[i][0]:.4g} to {ranges[i][1]:.4g})" for i in scale[:3]) + (
@@ -927,9 +936,13 @@ def cmd_label_images(args) -> int:
     read, unreadable = [], []  # (an alpha channel left out is said, as label-cells says it)
     for f in files:  # every file that cannot be read named at once (it took one run per bad file)
         try:
-            read.append(read_image_2d(f, say=note))
+            image = read_image_2d(f, say=note if not unreadable else None)
         except InputError as exc:
             unreadable.append(str(exc))
+            read.clear()  # the run stops after the reading: the images read are not kept meanwhile
+            continue
+        if not unreadable:
+            read.append(image)
     if len(unreadable) == 1:
         raise InputError(unreadable[0])
     if unreadable:
@@ -984,6 +997,11 @@ def cmd_label_images(args) -> int:
     def mask_writer(m, ref):
         return lambda tmp: write_labelmap_2d(m, ref, tmp)
 
+    # the grey ranges the "another scale" note compares: of the prompt image and of images where a label
+    # was not found only (about 10-50 ms an image: not for every image of every run, and not in the shield)
+    missed = {n for n, m in enumerate(result.masks) for lab in result.labels
+              if n not in set(result.drawn) | {result.prompt_index} and not (m == lab).any()}
+    ranges = {n: _grey_range(arrays[n]) for n in sorted(missed | {result.prompt_index})} if missed else None
     made = not out_dir.exists()
     try:
         out_dir.mkdir(exist_ok=True)
@@ -994,7 +1012,7 @@ def cmd_label_images(args) -> int:
             keep_ctrl_c_ignored=getattr(args, "_ends_process", False),
             after=lambda: _say_written(result, files, out_dir, time.perf_counter() - t0,
                                        sorted(p for p in out_dir.glob("*_mask.*") if p.name not in set(names)),
-                                       [_grey_range(a) for a in arrays]))
+                                       ranges))
     finally:
         if made and out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()

@@ -3534,17 +3534,19 @@ def _flat_axis(size) -> int:
     return 2 if size[2] == 1 else max(a for a, n in enumerate(size) if n == 1)
 
 
-def float32_values(arr: np.ndarray) -> tuple[np.ndarray, bool]:
-    """``arr`` as float32, and whether it was rescaled: float64 values that float32 cannot hold
-    (beyond 1e30 or under 1e-30 in size: inf or 0 and numpy's warnings in the cast; or far from 0 and
-    varying by under 1e-5 of their size, 1e6 + 0.01 x signal: all one value) are rescaled to 0-1 in
-    float64 first; a constant beyond float32's range becomes 0."""
-    if arr.dtype.kind == "f" and arr.itemsize > 4 and arr.size:
+def float32_values(arr: np.ndarray, precision: bool = False) -> tuple[np.ndarray, bool]:
+    """``arr`` as float32, and whether it was rescaled: finite float64 values that float32 cannot hold
+    (beyond 1e30 or under 1e-37 in size: inf or 0 and numpy's warnings in the cast) are rescaled to
+    0-1 in float64 first, and with ``precision`` also values far from 0 varying by under 1e-5 of their
+    size (1e6 + 0.01 x signal: all one value in float32; label-cells, which learns from the values
+    themselves); a constant beyond float32's range becomes 0. Values float32 holds are left as they
+    are (with --no-normalize a set keeps its shared scale)."""
+    if arr.dtype.kind == "f" and arr.itemsize > 4 and arr.size and np.isfinite(arr).all():
         low, high = float(np.min(arr)), float(np.max(arr))
         half, size = high / 2 - low / 2, max(abs(low), abs(high))  # (halved: high - low may overflow)
         if half == 0 and size > 1e30:
             return np.zeros(arr.shape, np.float32), True
-        if half > 0 and (size > 1e30 or size < 1e-30 or half < 1e-5 * size):
+        if half > 0 and (size > 1e30 or size < 1e-37 or (precision and (size < 1e-30 or half < 1e-5 * size))):
             return ((arr / 2 - low / 2) / half).astype(np.float32), True
     return arr.astype(np.float32), False
 
@@ -3574,7 +3576,8 @@ def read_image_2d(path: PathLike, keep_colour: bool = False,
         elif keep_colour:
             arr = arr[..., :3]
         else:
-            arr = np.tensordot(arr[..., :3].astype(np.float32), np.asarray(_LUMA, np.float32), axes=([-1], [0]))
+            wide = np.float64 if arr.dtype.itemsize > 4 else np.float32  # (float64 colour beyond float32's range)
+            arr = np.tensordot(arr[..., :3].astype(wide), np.asarray(_LUMA, wide), axes=([-1], [0]))
     bad = int(np.count_nonzero(~np.isfinite(arr))) if arr.dtype.kind == "f" else 0  # in the file's own type
     if bad:
         raise InputError(f"{Path(path).name} contains {bad} NaN/inf pixels; replace them with a finite value first")

@@ -106,29 +106,49 @@ def _ctrl_c_as_in_a_terminal():
         signal.signal(signal.SIGINT, before)
 
 
-_TOOL_CACHES = {"__pycache__", ".pytest_cache", ".hypothesis", ".ruff_cache"}
+_TOOL_CACHES = {"__pycache__", ".pytest_cache", ".hypothesis", ".ruff_cache", ".git", ".ci-venv"}
 
 
-def _names_in(folder: Path) -> set[str]:
-    try:
-        return set(os.listdir(folder)) - _TOOL_CACHES
-    except OSError:
-        return set()
+def _files_in(folder: Path, recursive: bool) -> dict:
+    """path -> (size, mtime) of the files under ``folder`` (only its own entries unless
+    ``recursive``), tool caches left out."""
+    out = {}
+    for top, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if d not in _TOOL_CACHES and not d.endswith(".egg-info")] if recursive else []
+        for name in files + ([] if recursive else dirs):
+            path = os.path.join(top, name)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            out[path] = (st.st_size, st.st_mtime_ns)
+        if not recursive:
+            break
+    return out
+
+
+def _checkout_state() -> dict:
+    state = _files_in(REPO, recursive=True)  # the whole checkout (docs/benchmark, Resources/Models too)
+    cwd = Path.cwd()
+    if REPO not in (cwd, *cwd.parents):
+        state.update(_files_in(cwd, recursive=False))
+    return state
 
 
 @pytest.fixture(autouse=True)
 def _no_files_left_in_the_checkout():
     """A test writes into its tmp_path, never into the checkout or the working folder: a command
     given an empty or relative output path once wrote ct_pam.nii.gz and batch_report.csv into the
-    repository root on the code before a fix, and they were committed. Fails the test that did it."""
-    folders = {REPO, TESTING, Path.cwd()}
-    before = {folder: _names_in(folder) for folder in folders}
+    repository root on the code before a fix, and they were committed. Fails the test that added or
+    changed a file there."""
+    before = _checkout_state()
     yield
-    left = {folder: sorted(_names_in(folder) - names) for folder, names in before.items()}
-    left = {folder: names for folder, names in left.items() if names}
-    if left:
-        pytest.fail("the test left files behind: " + "; ".join(f"{folder}: {', '.join(names)}"
-                                                               for folder, names in left.items()))
+    after = _checkout_state()
+    added = sorted(p for p in after if p not in before)
+    changed = sorted(p for p in after if p in before and after[p] != before[p])
+    if added or changed:
+        pytest.fail("the test left files behind: " + "; ".join(
+            f"{what}: {', '.join(paths[:5])}" for what, paths in (("added", added), ("changed", changed)) if paths))
 
 
 @pytest.fixture

@@ -261,9 +261,11 @@ def test_a_partial_run_says_where_it_wrote_and_which_tables_are_older(tmp_path, 
     (tmp_path / "benchmark_out").mkdir()
     (tmp_path / "benchmark_out" / "end_to_end.csv").write_text("an earlier run\n")
 
-    def run(cfg, log):  # what run_benchmark writes for the network part, without timing anything
-        (tmp_path / cfg.out / "network.csv").write_text("new\n")
-        return {"files": {"network": f"{cfg.out}/network.csv"}}
+    def run(cfg, log, after=None, keep_ctrl_c_ignored=False):  # what run_benchmark writes for the network part
+        (tmp_path / cfg.out / "network.csv").write_text("new\n")  # (without timing anything)
+        result = {"files": {"network": f"{cfg.out}/network.csv"}}
+        after(result)
+        return result
 
     monkeypatch.setattr(bm, "run_benchmark", run)
     monkeypatch.setattr(bm, "report_text", lambda result: "(tables)")

@@ -115,7 +115,7 @@ def test_info_reads_odd_provenance_and_keeps_its_output_short_and_its_json_valid
         if name == "int":
             assert "inference parameters changed" not in out and "stage 1: 'xxxx" in out
         if name == "chain":
-            assert "earlier stages were cut from the record" in out
+            assert "the record was cut where it nests too deep" in out
         if name == "flood":
             assert "characters; pamsegment info --json)" in out
 
@@ -258,6 +258,11 @@ def test_label_images_names_links_to_nothing(tmp_path, capsys):
     prompt, mask, slices, windowed, png = _demo_slices(tmp_path / "in", 2)
     for n, s in enumerate(slices):
         png(windowed(s), f"s{n}.png")
+    (tmp_path / "in" / ".#s1.png").symlink_to("user@host.1234")  # an editor's lock: hidden, left alone
+    (tmp_path / "in" / "frame.gif").write_bytes(b"GIF89a" + bytes(20))
+    assert main(["label-images", "--method", "copy", str(prompt), str(mask), str(tmp_path / "in"),
+                 "-o", str(tmp_path / "out1")]) == 0
+    assert "note: left out 1 GIF/WebP file of folder" in capsys.readouterr().out
     (tmp_path / "in" / "s9.png").symlink_to("/nonexistent/share/s9.png")
     assert main(["label-images", "--method", "copy", str(prompt), str(mask), str(tmp_path / "in"),
                  "-o", str(tmp_path / "out")]) == 2
@@ -277,7 +282,9 @@ def test_label_images_notes_images_on_another_grey_scale(tmp_path, capsys):
     from PAMSegmentLib.cli import main
     from PAMSegmentLib.imageset import _other_scale
 
-    assert _other_scale([(0, 255), (0, 250), (0, 4095), (300, 400), (10, 40)], 0) == {2, 3, 4}
+    ranges = [(0, 255), (0, 250), (0, 4095), (300, 400), (10, 40), (0, 0), (0, 20)]
+    # wider than 4x, or centred outside: flagged; narrower (an 8-bit near-blank slice) or blank: not
+    assert _other_scale(dict(enumerate(ranges)), 0) == {2, 3}
     prompt, mask, slices, windowed, png = _demo_slices(tmp_path / "in", 2)
     png(windowed(slices[0]), "a.png")
     png(slices[1] + 1024.0, "raw.png", np.uint16)
@@ -394,6 +401,9 @@ def test_train_refuses_a_held_out_structure_by_its_name_and_a_damaged_split(tmp_
     path = tmp_path / "split.json"
     path.write_text(json.dumps(split))
     train.check_split_honest(split, path)  # the ids alone pass
+    with pytest.raises(SystemExit, match=r"training case ts_fake lists label 1 \(spleen\), a held-out structure"):
+        train.load_training_cases(tmp_path, path, 0)
+    path.write_text(json.dumps(dict(split, eval=[])))  # a scan whose held-out organs were all too small: no entry
     with pytest.raises(SystemExit, match=r"training case ts_fake lists label 1 \(spleen\), a held-out structure"):
         train.load_training_cases(tmp_path, path, 0)
     path.write_text("{not json")
@@ -522,3 +532,90 @@ def test_devices_empty_manifests_and_1_bit_stacks_are_named(ct_case, tmp_path, c
                  "--method", "copy"]) == 2
     assert "is a stack of 1-bit (black and white) TIFF pages, which ITK reads as colour" in capsys.readouterr().err
     assert not (tmp_path / "res").exists() and not (tmp_path / "o.nii.gz").exists()
+
+
+def test_ctrl_c_while_the_benchmark_report_prints_does_not_say_nothing_was_written(tmp_path, monkeypatch, capsys):
+    """A Ctrl-C once the tables were in place (moving them, or printing the report after) ended with
+    "interrupted; nothing was written" and exit 130, with every table written: the report is now
+    printed within the tables' Ctrl-C shield."""
+    import os
+    import signal
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from PAMSegmentLib import benchmark as bm
+    from PAMSegmentLib import cli
+
+    write = bm.write_outputs
+
+    def run(cfg, log, after=None, keep_ctrl_c_ignored=False):  # the real tables of an empty run, no timing
+        result = {"machine": bm.machine_info(1), "config": asdict(cfg), "network": [], "targets": []}
+        write(result, Path(cfg.out), *((after, keep_ctrl_c_ignored) if after else ()))
+        return result
+
+    report = bm.report_text
+
+    def interrupted_report(result, markdown=False):
+        if not markdown:  # the printed report, once the files are in
+            os.kill(os.getpid(), signal.SIGINT)
+        return report(result, markdown=markdown)
+
+    monkeypatch.setattr(bm, "run_benchmark", run)
+    monkeypatch.setattr(bm, "report_text", interrupted_report)
+    out = tmp_path / "b"
+    assert cli.main(["benchmark", "--quick", "--parts", "network", "-o", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "nothing was written" not in captured.err and f"wrote {out}/network.csv" in captured.out
+    assert sorted(p.name for p in out.iterdir()) == ["benchmark.json", "benchmark.md", "benchmark.png", "network.csv",
+                                                     "targets.csv"]
+
+
+def test_benchmark_memory_refusal_names_an_option_it_has(tmp_path, capsys, monkeypatch):
+    from PAMSegmentLib import volumes
+    from PAMSegmentLib.cli import main
+
+    monkeypatch.setattr(volumes, "memory_budget", lambda: (2 * 2**30, 2 * 2**30))
+    argv = ["benchmark", "-o", str(tmp_path / "b"), "--parts", "e2e", "--size", "2048", "--depths", "100"]
+    assert main(argv) == 2
+    assert "or run again with --no-memory-check" in capsys.readouterr().err
+    from PAMSegmentLib import benchmark as bm
+
+    monkeypatch.setattr(bm, "run_benchmark", lambda cfg, log, after=None, keep_ctrl_c_ignored=False: {})
+    assert main([*argv, "--no-memory-check"]) == 0  # the advice works (the run itself left out here)
+
+
+def test_an_interrupted_benchmark_removes_every_folder_it_made(tmp_path, monkeypatch):
+    from PAMSegmentLib import benchmark as bm
+    from PAMSegmentLib.cli import main
+
+    def interrupted(cfg, log, after=None, keep_ctrl_c_ignored=False):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bm, "run_benchmark", interrupted)
+    (tmp_path / "kept").mkdir()
+    assert main(["benchmark", "--quick", "-o", str(tmp_path / "kept" / "n1" / "n2")]) == 130
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"] and not any((tmp_path / "kept").iterdir())
+
+
+def test_a_card_beside_a_link_is_held_as_well_as_one_beside_its_file(small_checkpoint, tmp_path, monkeypatch):
+    """A model hub's layout (models/my.pt -> blobs/<hash>, the card models/my.json beside the link):
+    after the card was looked for beside the file itself only, a blob with other weights than its
+    card's loaded without a word."""
+    import json
+
+    from PAMSegmentLib.checkpoints import load_model
+    from PAMSegmentLib.errors import CheckpointError
+
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "models").mkdir()
+    blob = tmp_path / "blobs" / "3f2a9c"
+    blob.write_bytes(small_checkpoint.path.read_bytes())
+    link = tmp_path / "models" / "my.pt"
+    link.symlink_to(blob)
+    card = tmp_path / "models" / "my.json"
+    monkeypatch.setenv("PAMSEGMENT_MODEL", str(link))
+    card.write_text(json.dumps({"file": "my.pt", "sha256_weights": "0" * 64}))
+    with pytest.raises(CheckpointError, match="does not match its model card my.json"):
+        load_model()
+    card.write_text(json.dumps({"file": "my.pt", "sha256_weights": small_checkpoint.sha256}))
+    assert load_model().sha256 == small_checkpoint.sha256

@@ -95,7 +95,6 @@ def load_training_cases(cache: Path, split_path: Path, max_synthetic: int | None
                          "with scripts/prepare_data.py")
     check_split_honest(split, split_path)
     held_out = set(split.get("heldout_structures", []))
-    shares_a_scan = {entry["case"] for entry in split.get("eval", [])}
     cases: list[Case] = []
     for entry in split["train"]:
         name = entry["case"]
@@ -110,10 +109,11 @@ def load_training_cases(cache: Path, split_path: Path, max_synthetic: int | None
             labels = z["labels"].astype(np.int16)
             spacing = tuple(float(s) for s in z["spacing"])
             label_names = json.loads(str(z["label_names"])) if "label_names" in z.files else {}
-        # By name too: a held-out organ dropped from its scan's evaluation list (too small in a re-prepared
-        # cache) passed check_split_honest's id test and could be trained on, its card still calling it held out.
+        # By name too, in every case: a held-out organ dropped from its scan's evaluation list (too small in a
+        # re-prepared cache; a scan whose held-out organs all were has no entry at all) passed
+        # check_split_honest's id test and could be trained on, its card still calling it held out.
         taken = [int(x) for x in entry["labels"] if label_names.get(str(int(x))) in held_out]
-        if name in shares_a_scan and taken:
+        if taken:
             raise SystemExit(f"error: {split_path}: training case {name} lists label {taken[0]} "
                              f"({label_names[str(taken[0])]}), a held-out structure")
         case = Case(name, image, labels, spacing, [int(x) for x in entry["labels"]])
