@@ -938,7 +938,8 @@ def _write_keyframes_record(path: Path, result, plan=None) -> None:
     reuse = result.to_record() if result.image_digest is not None and result.range is not None else None
     labels = plan.record() if plan is not None else _result_keyframes(result)
     record = {"format": _KEYFRAMES_FORMAT, "version": 2, "axis": int(result.axis), "shape": list(result.mask.shape),
-              "sha256": _label_digest(result.mask), "labels": labels, "result": reuse,
+              "sha256": _label_digest(result.mask), "labels": labels, "labels_sha256": _labels_part_digest(labels),
+              "result": reuse,
               # the order the labels were propagated in (--label): where they overlap, earlier ones keep
               # the voxels, so an update runs them in the same order; and the range (--range), also for an
               # older server's result, which has no part to reuse
@@ -946,6 +947,16 @@ def _write_keyframes_record(path: Path, result, plan=None) -> None:
               "range": None if result.range is None else [int(v) for v in result.range]}
     with open(path, "w", encoding="utf-8") as fh:
         json.dump(record, fh, allow_nan=False)
+
+
+def _labels_part_digest(labels) -> str:
+    """sha256 of a record's keyframes and walls (its ``labels`` part) as canonical JSON: the record's
+    checksum covers OUT, not itself, and a keyframe moved by one slice by hand or by damage re-predicted
+    an earlier correction without a word (session 38's trial)."""
+    import hashlib
+
+    text = json.dumps(labels, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _matching_record_kept_aside(path: Path, previous) -> Path | None:
@@ -982,11 +993,17 @@ def _read_keyframes_record(path: Path, previous, option_axis, name: str = "--pre
         if path.stat().st_size > 64 * 2**20:
             raise ValueError("larger than 64 MB")
         record = json.loads(path.read_text(encoding="utf-8"))
-        ok = (isinstance(record, dict) and record.get("format") == _KEYFRAMES_FORMAT and record.get("version") in (1, 2)
-              and record.get("axis") in (0, 1, 2) and not isinstance(record.get("axis"), bool)
+        # whole numbers as ints: an axis of 0.0 (a JSON tool's re-save) passed `in (0, 1, 2)` and ended in a
+        # TypeError traceback, which also stopped a batch's later rows
+        ok = (isinstance(record, dict) and record.get("format") == _KEYFRAMES_FORMAT
+              and type(record.get("version")) is int and record.get("version") in (1, 2)
+              and type(record.get("axis")) is int and record.get("axis") in (0, 1, 2)
               and isinstance(record.get("labels"), dict))
         if not ok:
             raise ValueError("not a PAMSegment keyframes record")
+        written = record.get("labels_sha256")  # (records before session 38 have none)
+        if written is not None and written != _labels_part_digest(record["labels"]):
+            raise ValueError("its keyframes and walls were changed since it was written (edited by hand, or damaged)")
         labels = {}
         for key, value in record["labels"].items():
             lists = [value.get(k) for k in ("keyframes", "walls")] + [value.get("corrected", [])] \
@@ -1000,7 +1017,7 @@ def _read_keyframes_record(path: Path, previous, option_axis, name: str = "--pre
                 raise ValueError(f"label {key!r} is malformed")
             labels[str(int(key))] = {"keyframes": lists[0], "walls": lists[1], "corrected": lists[2],
                                      "drawn_sha256": sha}
-    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError, TypeError, AttributeError) as exc:
         raise InputError(f"{where} cannot be read ({type(exc).__name__}: {str(exc)[:200]}); delete it to keep only "
                          "the prompt's keyframes") from None
     if record.get("shape") != list(previous.shape) or record.get("sha256") != _label_digest(previous):
@@ -1008,9 +1025,9 @@ def _read_keyframes_record(path: Path, previous, option_axis, name: str = "--pre
         if kept is not None:  # a run killed between moving its record and its output in (kill -9, power loss)
             raise InputError(f"{where} does not match {name}, but {kept.name} beside it, the record an interrupted "
                              f"run set aside, does: rename {kept.name} to {path.name} and run again")
-        raise _RecordMismatch(f"{where} does not match {name}, which has changed since it was written: give that "
-                              f"update's unchanged output as {name} (and correct a copy of it), or delete "
-                              f"{path.name} to keep only the prompt's keyframes")
+        raise _RecordMismatch(f"{where} does not match {name}: {name} has changed since it was written, or the "
+                              f"record was written for another result: give that update's unchanged output as {name} "
+                              f"(and correct a copy of it), or delete {path.name} to keep only the prompt's keyframes")
     # Checked against the result it describes (its checksum matched): slices on its axis, labels it
     # can hold, no slice both a keyframe and a wall; hand-edited values were ignored before.
     n_slices = previous.shape[record["axis"]]
@@ -1021,16 +1038,26 @@ def _read_keyframes_record(path: Path, previous, option_axis, name: str = "--pre
     for key, value in labels.items():
         if not 1 <= int(key) <= 65535:
             raise refuse(f"label {key} is outside 1-65535")
+        for what in ("keyframes", "walls"):  # (a 6-million-entry list was checked entry by entry: 30 s)
+            if len(value[what]) > n_slices:
+                raise refuse(f"label {key} lists {len(value[what]):,} {what}, more than the {n_slices} slices")
         bad = next((s for s in value["keyframes"] + value["walls"] if not 0 <= s < n_slices), None)
         if bad is not None:
             raise refuse(f"label {key}'s slice {bad} is outside the {n_slices} slices along axis {record['axis']}")
         if set(value["keyframes"]) & set(value["walls"]):
             raise refuse(f"label {key} has slices that are both keyframes and walls")
         # a wall is a slice the run left empty for its label: one holding it in the result is no wall
-        # (taken as one, such a slice silently became a keyframe of the update)
-        held = next((s for s in value["walls"] if (np.take(previous, s, axis=record["axis"]) == int(key)).any()), None)
+        # (taken as one, such a slice silently became a keyframe of the update); a keyframe is a slice drawn
+        # or corrected with the label, which the result holds exactly: one without it is a damaged record
+        # (a keyframe moved by one slice re-predicted an earlier correction without a word)
+        held = next((s for s in sorted(set(value["walls"]))
+                     if (np.take(previous, s, axis=record["axis"]) == int(key)).any()), None)
         if held is not None:
             raise refuse(f"label {key}'s empty slice {held} holds that label in {name}")
+        lacking = next((s for s in sorted(set(value["keyframes"]))
+                        if not (np.take(previous, s, axis=record["axis"]) == int(key)).any()), None)
+        if lacking is not None:
+            raise refuse(f"label {key}'s keyframe {lacking} does not hold that label in {name}")
     if option_axis is not None and option_axis != record["axis"]:
         raise InputError(f"--axis {option_axis}, but the earlier rounds propagated along axis {record['axis']}: drop "
                          "--axis")

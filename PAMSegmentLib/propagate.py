@@ -2613,8 +2613,12 @@ def keyframes_from_edits(prompt: np.ndarray, previous, edited: np.ndarray, *,
         if not filled:
             erased.append(lab)
     if not any(changed_all.values()):
+        others = sorted((was | now) - set(drawn))  # (a new label drawn in the edit alone was not named)
+        also = (f" (label{'s' if len(others) > 1 else ''} {', '.join(map(str, others))} changed, but "
+                f"{'are' if len(others) > 1 else 'is'} not in the prompt: draw {'them' if len(others) > 1 else 'it'} "
+                "in the prompt to propagate)") if others else ""
         raise InputError("the edited result equals the earlier one on every slice of label"
-                         f"{'s' if len(drawn) > 1 else ''} {', '.join(map(str, drawn))}: nothing to update; "
+                         f"{'s' if len(drawn) > 1 else ''} {', '.join(map(str, drawn))}: nothing to update{also}; "
                          "correct the slices that are wrong first")
     if erased:
         raise InputError(f"label {erased[0]} is erased on every slice it was drawn or edited on, so there is nothing "

@@ -291,7 +291,8 @@ def test_a_second_round_keeps_the_first_rounds_keyframes_and_walls(ct_case, caps
     assert _update(ct_case, d / "second.nii.gz", e2, d / "fourth.nii.gz") == 2
     err = capsys.readouterr().err
     assert "second.nii.gz.keyframes.json (the record of the run that wrote --previous) does not match " \
-           "--previous, which has changed since it was written" in err
+           "--previous: --previous has changed since it was written, or the record was written for another " \
+           "result" in err
     # a plain run replacing an update's output replaces that output's record with its own
     assert cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(d / "second.nii.gz"),
                      "--method", "copy"]) == 0
@@ -457,6 +458,7 @@ def test_a_record_edited_by_hand_is_refused_not_half_used(ct_case, capsys, edit,
     record_path = d / "second.nii.gz.keyframes.json"
     record = json.loads(record_path.read_text())
     edit(record)
+    record.pop("labels_sha256")  # as a record written before session 38 (its digest refuses any such edit first)
     record_path.write_text(json.dumps(record))
     edited2 = read_volume(d / "second.nii.gz").array
     edited2[8] = ct_case.truth[8]

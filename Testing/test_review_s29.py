@@ -537,6 +537,7 @@ def test_the_range_carries_over_without_a_reusable_part_and_bad_values_are_refus
     record = json.loads(record_path.read_text())
     assert record["range"] == [8, 12] and record["label_order"] == [1]
     record["result"] = None  # as a server's result writes it
+    record.pop("labels_sha256")  # as a record written before session 38 (its digest refuses any edit of labels)
     record_path.write_text(json.dumps(record))
     edited = read_volume(first).array
     edited[11][edited[11] == 1] = 0

@@ -619,3 +619,90 @@ def test_a_card_beside_a_link_is_held_as_well_as_one_beside_its_file(small_check
         load_model()
     card.write_text(json.dumps({"file": "my.pt", "sha256_weights": small_checkpoint.sha256}))
     assert load_model().sha256 == small_checkpoint.sha256
+
+
+# ----------------------------------------------------------------------------- correction records
+
+
+def _round_two(ct_case):
+    """Round 1 (copy) and round 2 with slice 13 corrected: returns (second, its record, its edit)."""
+    import numpy as np
+
+    from conftest import write_image
+    from PAMSegmentLib.volumes import read_volume
+    from test_edits import _first_run, _update
+
+    d = ct_case.directory
+    first = _first_run(ct_case)
+    edited = read_volume(first).array
+    edited[13] = ct_case.truth[13]
+    e1 = write_image(edited.astype(np.uint8), d / "e1.nii.gz", ct_case.spacing)
+    assert _update(ct_case, first, e1, d / "second.nii.gz") == 0
+    second = d / "second.nii.gz"
+    edited2 = read_volume(second).array
+    edited2[8] = ct_case.truth[8]
+    e2 = write_image(edited2.astype(np.uint8), d / "e2.nii.gz", ct_case.spacing)
+    return second, d / "second.nii.gz.keyframes.json", e2
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda r: r.update(axis=0.0), "cannot be read"),  # a JSON tool's re-save: a TypeError traceback before
+    (lambda r: r.update(version=True), "cannot be read"),
+    (lambda r: r["labels"]["1"].update(keyframes=[k + 1 if k == 13 else k for k in r["labels"]["1"]["keyframes"]]),
+     "its keyframes and walls were changed since it was written"),  # round 2's correction was re-predicted
+    (lambda r: (r["labels"]["1"].update(keyframes=[k for k in r["labels"]["1"]["keyframes"] if k != 13] + [3]),
+                r.pop("labels_sha256")), "keyframe 3 does not hold that label"),  # (a record without the digest)
+    (lambda r: (r["labels"]["1"].update(walls=[0] * 100_000), r.pop("labels_sha256")),
+     "lists 100,000 walls, more than the 20 slices"),
+])
+def test_a_damaged_correction_record_is_refused_in_one_line(damage, message, ct_case, capsys):
+    import json
+
+    from test_edits import _update
+
+    second, record_path, e2 = _round_two(ct_case)
+    record = json.loads(record_path.read_text())
+    assert 13 in record["labels"]["1"]["keyframes"] and "labels_sha256" in record
+    damage(record)
+    record_path.write_text(json.dumps(record))
+    capsys.readouterr()
+    out = ct_case.directory / "third.nii.gz"
+    assert _update(ct_case, second, e2, out) == 2
+    err = capsys.readouterr().err
+    assert message in err and "delete it to keep only the prompt's keyframes" in err, err
+    assert not out.exists()
+
+
+def test_a_batch_goes_on_past_a_row_whose_record_has_a_float_axis(ct_case, tmp_path, capsys):
+    import csv
+    import json
+
+    from PAMSegmentLib.cli import main
+
+    second, record_path, e2 = _round_two(ct_case)
+    record = json.loads(record_path.read_text())
+    record["axis"] = 0.0
+    record_path.write_text(json.dumps(record))
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"image,prompt,output,previous,edited\n{ct_case.image_path},{ct_case.prompt_path},u.nii.gz,"
+                        f"{second},{e2}\n{ct_case.image_path},{ct_case.prompt_path},plain.nii.gz,,\n")
+    assert main(["batch", str(manifest), "-o", str(tmp_path / "res"), "--method", "copy"]) == 2  # 1 of 2 failed
+    rows = list(csv.DictReader(open(tmp_path / "res" / "batch_report.csv", encoding="utf-8")))
+    assert [r["status"] for r in rows] == ["error", "ok"]  # the row after it ran (it was 'not run', exit 1)
+    assert "cannot be read" in rows[0]["message"]
+
+
+def test_an_edit_that_only_adds_a_label_not_in_the_prompt_names_it(ct_case, capsys):
+    import numpy as np
+
+    from conftest import write_image
+    from PAMSegmentLib.volumes import read_volume
+    from test_edits import _first_run, _update
+
+    first = _first_run(ct_case)
+    edited = read_volume(first).array
+    edited[15, 2:6, 2:6] = 4
+    e1 = write_image(edited.astype(np.uint8), ct_case.directory / "e1.nii.gz", ct_case.spacing)
+    capsys.readouterr()
+    assert _update(ct_case, first, e1, ct_case.directory / "second.nii.gz") == 2
+    assert "(label 4 changed, but is not in the prompt: draw it in the prompt to propagate)" in capsys.readouterr().err
