@@ -409,6 +409,7 @@ def _absolute(path: Path) -> Path:
     return path.resolve() if path.name in ("", ".", "..") else path.parent.resolve() / path.name
 
 
+@functools.lru_cache(maxsize=65536)  # (called for every row at every rewrite of the report: a third of a run)
 def _in_folder(output: str, folder: Path) -> str:
     """``output`` relative to the report's ``folder`` (absolute, as ``_absolute`` gives it) when it
     lies in it (POSIX form), else ""."""
@@ -766,10 +767,15 @@ def _rows_of_other_manifests(report: Path, manifest: Path, rows: list[BatchRow])
     except (OSError, UnicodeDecodeError, csv.Error):
         return []
     # a row of the same output by where it lies in the folder is this run's output too (the folder
-    # reached by another path: moved, or its disk mounted elsewhere; a review, session 31)
+    # reached by another path: moved, or its disk mounted elsewhere; a review, session 31). This
+    # manifest's own rows for outputs it no longer lists are kept while their output exists: a row left
+    # out for one run and put back later lost what had made its output, and --skip-existing kept a
+    # result of another method (a trial, session 38)
     return [{k: row.get(k) or "" for k in REPORT_FIELDS} for row in found
-            if row.get("manifest") and row["manifest"] != ours and row.get("output") not in outputs
-            and (row.get("output_in_folder") or "") not in inside]
+            if row.get("manifest") and row.get("output") not in outputs
+            and (row.get("output_in_folder") or "") not in inside
+            and (row["manifest"] != ours or (row.get("status") in ("ok", "skipped") and row.get("output")
+                                             and os.path.isfile(row["output"])))]
 
 
 @contextlib.contextmanager
@@ -1043,7 +1049,55 @@ def _as_written(path: Path, folder: Path) -> str:
         return str(path)
 
 
+def _claim_the_report(report: Path, manifest: Path, claims: list) -> None:
+    """Hold, for the whole run, a lock that names this manifest and report (a hidden
+    ``.<report>.<digest>.lock`` beside it, removed at the end): a second run of the same manifest into
+    the same folder while the first runs (each rewriting all its rows, the last report written
+    winning whatever output was written last: a report that did not match the files, which
+    --skip-existing then trusted) is refused. Shards (their own reports) and other manifests (whose
+    rows each rewrite keeps) run beside it as before. Not for a piped manifest, nor where files cannot
+    be locked (no fcntl: Windows)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return
+    if not manifest.is_file() or str(manifest).startswith(("/dev/", "/proc/")):
+        return
+    digest = hashlib.sha1(str(_absolute(manifest)).encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    lock = report.with_name(f".{report.name}.{digest}.lock")
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise InputError(f"another run of {manifest.name} is writing into {report.parent} now ({report.name}); wait "
+                         "for it to finish (then --skip-existing), or give this run another -o folder") from None
+    except OSError:  # a file system without flock: unlocked, as before
+        os.close(fd)
+        return
+    claims.append((fd, lock))
+
+
+def _release(claims: list) -> None:
+    for fd, lock in claims:
+        with contextlib.suppress(OSError):
+            lock.unlink()
+        os.close(fd)
+    claims.clear()
+
+
 def cmd_batch(args: argparse.Namespace) -> int:
+    claims: list = []
+    try:
+        return _cmd_batch(args, claims)
+    finally:
+        _release(claims)
+
+
+def _cmd_batch(args: argparse.Namespace, claims: list) -> int:
     from .cli import (EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, EXIT_USAGE, METHODS, _one_line,
                       check_no_checkpoint_for_classical, check_pam_only_options, check_server_options)
 
@@ -1162,6 +1216,9 @@ def cmd_batch(args: argparse.Namespace) -> int:
                                  "which this batch reads; write to another -o folder")
     from .volumes import check_not_read_only
 
+    if report.is_dir():  # (was "cannot write the report (Is a directory); check that its folder is writable")
+        raise InputError(f"{report} is a folder, and the report needs its name; rename or remove that folder, or "
+                         "write to another -o folder")
     check_not_read_only(report)  # a protected report is kept, as protected outputs are
     model = server if server is not None else METHODS[args.method](args) if todo else None
     made = not out_dir.exists()
@@ -1171,9 +1228,11 @@ def cmd_batch(args: argparse.Namespace) -> int:
         raise InputError(f"cannot create the folder {out_dir} ({error.strerror or error}); choose another -o "
                          "folder") from None
     try:
+        _claim_the_report(report, Path(args.manifest), claims)
         # before any work: a report that cannot be written stops the batch here
         write_report(rows, report, Path(args.manifest))
     except BaseException:
+        _release(claims)
         if made and out_dir.is_dir() and not any(out_dir.iterdir()):  # a refused batch leaves nothing behind
             out_dir.rmdir()
         raise

@@ -3,6 +3,8 @@ that fails on the code before the fix."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 
@@ -706,3 +708,66 @@ def test_an_edit_that_only_adds_a_label_not_in_the_prompt_names_it(ct_case, caps
     capsys.readouterr()
     assert _update(ct_case, first, e1, ct_case.directory / "second.nii.gz") == 2
     assert "(label 4 changed, but is not in the prompt: draw it in the prompt to propagate)" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- batch runs that overlap
+
+
+def test_a_second_run_of_the_same_manifest_into_the_same_folder_is_refused_while_the_first_runs(
+        ct_case, tmp_path, capsys):
+    """Two runs of one manifest into one -o at once each rewrote all their rows, and the report of the
+    last to write named the other's outputs' method (30 of 60 wrong in the trial; --skip-existing
+    trusted it). Shards and other manifests still run beside it."""
+    from PAMSegmentLib import batch
+    from PAMSegmentLib.cli import main
+
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"image,prompt\n{ct_case.image_path},{ct_case.prompt_path}\n")
+    out = tmp_path / "res"
+    out.mkdir()
+    running = []  # the first run's claim, held here
+    batch._claim_the_report(out / "batch_report.csv", manifest, running)
+    try:
+        assert main(["batch", str(manifest), "-o", str(out), "--method", "copy"]) == 2
+        assert f"another run of m.csv is writing into {out} now (batch_report.csv)" in capsys.readouterr().err
+        assert main(["batch", str(manifest), "-o", str(out), "--method", "copy", "--shard", "1/1"]) == 0  # own report
+        other = tmp_path / "other.csv"
+        other.write_text(f"image,prompt,output\n{ct_case.image_path},{ct_case.prompt_path},b.nii.gz\n")
+        assert main(["batch", str(other), "-o", str(out), "--method", "copy"]) == 0
+    finally:
+        batch._release(running)
+    capsys.readouterr()
+    assert main(["batch", str(manifest), "-o", str(out), "--method", "copy"]) == 0
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".lock")]  # no lock file left
+
+
+def test_a_row_left_out_for_one_run_keeps_what_made_its_output(ct_case, tmp_path, capsys):
+    """A row dropped from the manifest for one run lost its report row; put back, a run with another
+    method and --skip-existing kept the first method's output as done."""
+    import csv
+
+    from PAMSegmentLib.cli import main
+
+    full = f"image,prompt,output\n{ct_case.image_path},{ct_case.prompt_path},a.nii.gz\n" \
+           f"{ct_case.image_path},{ct_case.prompt_path},b.nii.gz\n"
+    manifest = tmp_path / "m.csv"
+    out = tmp_path / "res"
+    manifest.write_text(full)
+    assert main(["batch", str(manifest), "-o", str(out), "--method", "track"]) == 0
+    manifest.write_text("\n".join(full.splitlines()[:2]) + "\n")  # b left out
+    assert main(["batch", str(manifest), "-o", str(out), "--method", "track", "--skip-existing"]) == 0
+    manifest.write_text(full)
+    assert main(["batch", str(manifest), "-o", str(out), "--method", "copy", "--skip-existing"]) == 0
+    rows = {Path(r["output"]).name: r for r in csv.DictReader(open(out / "batch_report.csv", encoding="utf-8"))}
+    assert rows["b.nii.gz"]["status"] == "ok" and rows["b.nii.gz"]["method"] == "copy"
+    assert "its output was made with track" in rows["b.nii.gz"]["message"]
+
+
+def test_a_folder_with_the_reports_name_is_named_before_any_work(ct_case, tmp_path, capsys):
+    from PAMSegmentLib.cli import main
+
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"image,prompt\n{ct_case.image_path},{ct_case.prompt_path}\n")
+    (tmp_path / "res" / "batch_report.csv").mkdir(parents=True)
+    assert main(["batch", str(manifest), "-o", str(tmp_path / "res"), "--method", "copy"]) == 2
+    assert "batch_report.csv is a folder, and the report needs its name" in capsys.readouterr().err
