@@ -771,11 +771,27 @@ def _rows_of_other_manifests(report: Path, manifest: Path, rows: list[BatchRow])
     # manifest's own rows for outputs it no longer lists are kept while their output exists: a row left
     # out for one run and put back later lost what had made its output, and --skip-existing kept a
     # result of another method (a trial, session 38)
+    # Not in a shard's report (a shard's rows move to another shard as the manifest changes: kept, they
+    # went stale beside the other shard's rewrite), and only a row that says what made its output (any
+    # status: a failed re-run's row says the output is still the earlier method's) for an output not
+    # written since the report was.
+    try:
+        written = report.stat().st_mtime_ns
+    except OSError:
+        written = 0
+
+    def own_kept(row) -> bool:
+        if ".shard" in report.name or not row.get("method") or not row.get("output"):
+            return False
+        try:
+            return os.stat(row["output"]).st_mtime_ns <= written
+        except OSError:
+            return False
+
     return [{k: row.get(k) or "" for k in REPORT_FIELDS} for row in found
             if row.get("manifest") and row.get("output") not in outputs
             and (row.get("output_in_folder") or "") not in inside
-            and (row["manifest"] != ours or (row.get("status") in ("ok", "skipped") and row.get("output")
-                                             and os.path.isfile(row["output"])))]
+            and (row["manifest"] != ours or own_kept(row))]
 
 
 @contextlib.contextmanager
@@ -1049,42 +1065,79 @@ def _as_written(path: Path, folder: Path) -> str:
         return str(path)
 
 
-def _claim_the_report(report: Path, manifest: Path, claims: list) -> None:
-    """Hold, for the whole run, a lock that names this manifest and report (a hidden
-    ``.<report>.<digest>.lock`` beside it, removed at the end): a second run of the same manifest into
-    the same folder while the first runs (each rewriting all its rows, the last report written
-    winning whatever output was written last: a report that did not match the files, which
-    --skip-existing then trusted) is refused. Shards (their own reports) and other manifests (whose
-    rows each rewrite keeps) run beside it as before. Not for a piped manifest, nor where files cannot
-    be locked (no fcntl: Windows)."""
+def _flock(path: Path, mode: int):
+    """An fd of ``path`` (made if missing) locked with ``mode`` (fcntl.LOCK_EX or LOCK_SH, never
+    waiting: BlockingIOError when another process holds it), or None where files cannot be locked.
+    The lock is checked to be on the file the path still names (another run may have removed it
+    between the open and the lock)."""
+    import fcntl
+
+    for _ in range(5):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise
+        except OSError:  # a file system without flock: unlocked, as before
+            os.close(fd)
+            return None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except OSError:
+            pass
+        os.close(fd)  # removed or replaced meanwhile: lock the file there now
+    return None
+
+
+def _claim_the_report(report: Path, manifest: Path, claims: list, sharded: bool = False) -> None:
+    """Hold, for the whole run, locks beside the report (hidden ``.batch-<manifest id>.lock`` files,
+    removed at the end by the last run holding them): a second run of the same manifest (the same
+    file, by any path or link) into the same folder while the first runs (each rewrote all its rows,
+    the last report written winning whatever output was written last: a report that did not match the
+    files, which --skip-existing then trusted) is refused; so is a whole run beside one of its shards,
+    and a shard beside the same shard. Shards run beside each other, other manifests (whose rows each
+    rewrite keeps) beside any. Not for a piped manifest, nor where files cannot be locked (Windows)."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
         return
     if not manifest.is_file() or str(manifest).startswith(("/dev/", "/proc/")):
         return
-    digest = hashlib.sha1(str(_absolute(manifest)).encode("utf-8", "surrogateescape")).hexdigest()[:12]
-    lock = report.with_name(f".{report.name}.{digest}.lock")
-    try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError:
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise InputError(f"another run of {manifest.name} is writing into {report.parent} now ({report.name}); wait "
-                         "for it to finish (then --skip-existing), or give this run another -o folder") from None
-    except OSError:  # a file system without flock: unlocked, as before
-        os.close(fd)
-        return
-    claims.append((fd, lock))
+    info = manifest.stat()
+    key = f"{info.st_dev:x}-{info.st_ino:x}"
+    locks = [(report.with_name(f".batch-{key}.lock"), fcntl.LOCK_SH if sharded else fcntl.LOCK_EX)]
+    if sharded:
+        locks.append((report.with_name(f".{report.name}-{key}.lock"), fcntl.LOCK_EX))
+    for path, mode in locks:
+        try:
+            fd = _flock(path, mode)
+        except BlockingIOError:
+            _release(claims)
+            which = "this shard of " if sharded and mode == fcntl.LOCK_EX else ""
+            raise InputError(f"another run of {which}{manifest.name} (or of its shards) is writing into "
+                             f"{report.parent} now; wait for it to finish (then --skip-existing), or give this run "
+                             "another -o folder") from None
+        if fd is not None:
+            claims.append((fd, path))
 
 
 def _release(claims: list) -> None:
-    for fd, lock in claims:
-        with contextlib.suppress(OSError):
-            lock.unlink()
+    """Let go of ``_claim_the_report``'s locks; a lock file no other run holds is removed."""
+    if not claims:  # (also where fcntl is missing: nothing was claimed)
+        return
+    import fcntl
+
+    for fd, path in reversed(claims):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # no other run holds it (a shard's shared lock)
+            path.unlink()
+        except OSError:
+            pass
         os.close(fd)
     claims.clear()
 
@@ -1228,7 +1281,7 @@ def _cmd_batch(args: argparse.Namespace, claims: list) -> int:
         raise InputError(f"cannot create the folder {out_dir} ({error.strerror or error}); choose another -o "
                          "folder") from None
     try:
-        _claim_the_report(report, Path(args.manifest), claims)
+        _claim_the_report(report, Path(args.manifest), claims, sharded=bool(args.shard))
         # before any work: a report that cannot be written stops the batch here
         write_report(rows, report, Path(args.manifest))
     except BaseException:

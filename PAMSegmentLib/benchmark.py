@@ -1302,6 +1302,14 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         raise InputError(f"--out {out} is a file; give a folder for the tables")
     from .volumes import make_writable_folder
 
+    from .volumes import check_link_target, check_writable_output
+
+    # the tables are written through links (a link stays a link), so, before measuring: a link's target must
+    # be a table of the same kind (not ~/.bashrc) in a folder that takes files (not an unmounted share)
+    for name in (*(n for names in PART_FILES.values() for n in names), "benchmark.md", "benchmark.json",
+                 "benchmark.png"):
+        check_writable_output(out / name, (Path(name).suffix,))
+        check_link_target(out / name)
     made = []  # the folders this run makes for -o (n1/n2: both), deepest first
     folder = out.absolute()
     while not folder.exists() and folder != folder.parent:

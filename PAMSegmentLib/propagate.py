@@ -2614,9 +2614,15 @@ def keyframes_from_edits(prompt: np.ndarray, previous, edited: np.ndarray, *,
             erased.append(lab)
     if not any(changed_all.values()):
         others = sorted((was | now) - set(drawn))  # (a new label drawn in the edit alone was not named)
-        also = (f" (label{'s' if len(others) > 1 else ''} {', '.join(map(str, others))} changed, but "
-                f"{'are' if len(others) > 1 else 'is'} not in the prompt: draw {'them' if len(others) > 1 else 'it'} "
-                "in the prompt to propagate)") if others else ""
+        in_prompt = [lab for lab in others if (prm == lab).any()]  # (left out with --label, not absent)
+        absent = [lab for lab in others if lab not in in_prompt]
+        also = "".join(
+            f" (label{'s' if len(group) > 1 else ''} {', '.join(map(str, group))} changed, but "
+            f"{'are' if len(group) > 1 else 'is'} {why})"
+            for group, why in ((absent, "not in the prompt: draw " + ("them" if len(absent) > 1 else "it")
+                                + " in the prompt to propagate"),
+                               (in_prompt, "left out with --label: add " + ("them" if len(in_prompt) > 1 else "it")
+                                + " to --label")) if group)
         raise InputError("the edited result equals the earlier one on every slice of label"
                          f"{'s' if len(drawn) > 1 else ''} {', '.join(map(str, drawn))}: nothing to update{also}; "
                          "correct the slices that are wrong first")

@@ -3551,14 +3551,15 @@ def float32_values(arr: np.ndarray, precision: bool = False) -> tuple[np.ndarray
     return arr.astype(np.float32), False
 
 
-def read_image_2d(path: PathLike, keep_colour: bool = False,
-                  say: Callable[[str], None] | None = None) -> tuple[np.ndarray, sitk.Image]:
+def read_image_2d(path: PathLike, keep_colour: bool = False, say: Callable[[str], None] | None = None,
+                  precision: bool = False) -> tuple[np.ndarray, sitk.Image]:
     """A 2D image (PNG, JPEG, TIFF, BMP, a single DICOM file, 2D NIfTI/NRRD/MHA) as a float32
     (rows, columns) array of grey values, and the SimpleITK image (its geometry, for writing a
     mask; a one-slice 3D file, e.g. a DICOM file, keeps its 3D position and orientation there).
     Colour images become grey (BT.601 luma of the first three channels; alpha is ignored), or
     with ``keep_colour`` stay (rows, columns, 3). ``say``: told when an alpha channel that is
-    not opaque everywhere is left out (transparency does not mark background)."""
+    not opaque everywhere is left out (transparency does not mark background), or values are
+    rescaled (``float32_values``, with its ``precision``)."""
     image, original = _read_2d(path, "image")
     arr = sitk.GetArrayFromImage(image)
     ncomp = image.GetNumberOfComponentsPerPixel()
@@ -3581,7 +3582,9 @@ def read_image_2d(path: PathLike, keep_colour: bool = False,
     bad = int(np.count_nonzero(~np.isfinite(arr))) if arr.dtype.kind == "f" else 0  # in the file's own type
     if bad:
         raise InputError(f"{Path(path).name} contains {bad} NaN/inf pixels; replace them with a finite value first")
-    arr, rescaled = float32_values(arr)  # (finite float64 beyond float32 became "NaN/inf pixels" the file has not)
+    # (finite float64 beyond float32 became "NaN/inf pixels" the file has not; ``precision``: label-cells, see
+    # float32_values)
+    arr, rescaled = float32_values(arr, precision)
     if rescaled and say is not None:
         say(f"{Path(path).name} holds values float32 cannot (or can only as one value); they were rescaled to 0-1")
     return arr, original

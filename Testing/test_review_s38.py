@@ -284,9 +284,16 @@ def test_label_images_notes_images_on_another_grey_scale(tmp_path, capsys):
     from PAMSegmentLib.cli import main
     from PAMSegmentLib.imageset import _other_scale
 
-    ranges = [(0, 255), (0, 250), (0, 4095), (300, 400), (10, 40), (0, 0), (0, 20)]
-    # wider than 4x, or centred outside: flagged; narrower (an 8-bit near-blank slice) or blank: not
-    assert _other_scale(dict(enumerate(ranges)), 0) == {2, 3}
+    ranges = [(0, 4095, 0.6), (0, 3900, 0.5), (0, 20000, 0.6), (5000, 6000, 0.4), (0, 255, 0.5), (0, 0, 0.0),
+              (0, 200, 0.01)]
+    # wider or narrower than 4x (a windowed 8-bit export beside a raw 16-bit prompt), or centred outside:
+    # flagged; blank, or narrower but near-blank (a slice beyond the head, 1 % of its pixels off its median): not
+    assert _other_scale(dict(enumerate(ranges)), 0) == {2, 3, 4}
+    from PAMSegmentLib.imageset import _grey_range
+
+    beyond = np.zeros((64, 64), np.float32)
+    beyond[30:32, 30:32] = 200  # a few bright pixels: near-blank
+    assert _grey_range(beyond)[2] < 0.05 and _grey_range(np.arange(4096, dtype=np.float32).reshape(64, 64))[2] > 0.5
     prompt, mask, slices, windowed, png = _demo_slices(tmp_path / "in", 2)
     png(windowed(slices[0]), "a.png")
     png(slices[1] + 1024.0, "raw.png", np.uint16)
@@ -725,17 +732,29 @@ def test_a_second_run_of_the_same_manifest_into_the_same_folder_is_refused_while
     manifest.write_text(f"image,prompt\n{ct_case.image_path},{ct_case.prompt_path}\n")
     out = tmp_path / "res"
     out.mkdir()
+    link = tmp_path / "link.csv"
+    link.symlink_to(manifest)  # the same manifest by another name
     running = []  # the first run's claim, held here
     batch._claim_the_report(out / "batch_report.csv", manifest, running)
     try:
-        assert main(["batch", str(manifest), "-o", str(out), "--method", "copy"]) == 2
-        assert f"another run of m.csv is writing into {out} now (batch_report.csv)" in capsys.readouterr().err
-        assert main(["batch", str(manifest), "-o", str(out), "--method", "copy", "--shard", "1/1"]) == 0  # own report
+        for given in (manifest, link):
+            assert main(["batch", str(given), "-o", str(out), "--method", "copy"]) == 2
+            assert f"another run of {given.name} (or of its shards) is writing into {out} now" in capsys.readouterr().err
+        assert main(["batch", str(manifest), "-o", str(out), "--method", "copy", "--shard", "1/1"]) == 2  # a shard too
+        capsys.readouterr()
         other = tmp_path / "other.csv"
         other.write_text(f"image,prompt,output\n{ct_case.image_path},{ct_case.prompt_path},b.nii.gz\n")
-        assert main(["batch", str(other), "-o", str(out), "--method", "copy"]) == 0
+        assert main(["batch", str(other), "-o", str(out), "--method", "copy"]) == 0  # another manifest runs
     finally:
         batch._release(running)
+    shard = []  # a shard running: another shard runs beside it, the same shard and a whole run do not
+    batch._claim_the_report(out / "batch_report.shard1-of-2.csv", manifest, shard, sharded=True)
+    try:
+        assert main(["batch", str(manifest), "-o", str(out), "--method", "copy", "--shard", "2/2"]) == 0
+        assert main(["batch", str(manifest), "-o", str(out), "--method", "copy", "--shard", "1/2"]) == 2
+        assert main(["batch", str(manifest), "-o", str(out), "--method", "copy"]) == 2
+    finally:
+        batch._release(shard)
     capsys.readouterr()
     assert main(["batch", str(manifest), "-o", str(out), "--method", "copy"]) == 0
     assert not [p.name for p in out.iterdir() if p.name.endswith(".lock")]  # no lock file left
@@ -771,3 +790,100 @@ def test_a_folder_with_the_reports_name_is_named_before_any_work(ct_case, tmp_pa
     (tmp_path / "res" / "batch_report.csv").mkdir(parents=True)
     assert main(["batch", str(manifest), "-o", str(tmp_path / "res"), "--method", "copy"]) == 2
     assert "batch_report.csv is a folder, and the report needs its name" in capsys.readouterr().err
+
+
+def test_own_rows_kept_for_outputs_no_longer_listed_only_where_they_still_hold(tmp_path):
+    """A row of this manifest for an output it no longer lists is kept (whatever its status: a
+    failed re-run's row says the output is still the earlier method's), but not in a shard's report
+    (rows move between shards as the manifest changes: kept, they went stale beside the other shard's
+    rewrite) and not for an output written since the report was."""
+    import csv
+    import os
+
+    from PAMSegmentLib.batch import REPORT_FIELDS, BatchRow, _absolute, _rows_of_other_manifests
+
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("image,prompt\n")
+    listed = BatchRow(2, tmp_path / "ct.nii.gz", tmp_path / "p.nii.gz", tmp_path / "a.nii.gz")
+    dropped = tmp_path / "b.nii.gz"
+    dropped.write_text("b")
+    rows = [{"row": 3, "output": str(dropped), "status": "error", "method": "copy", "manifest": str(_absolute(manifest)),
+             "message": "MemoryError"}]
+    for name in ("batch_report.csv", "batch_report.shard1-of-2.csv"):
+        with open(tmp_path / name, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=REPORT_FIELDS)
+            writer.writeheader()
+            writer.writerows([{k: r.get(k, "") for k in REPORT_FIELDS} for r in rows])
+    report = tmp_path / "batch_report.csv"
+    os.utime(dropped, ns=(report.stat().st_mtime_ns - 10**9,) * 2)
+    kept = _rows_of_other_manifests(report, manifest, [listed])
+    assert [(r["output"], r["status"], r["method"]) for r in kept] == [(str(dropped), "error", "copy")]
+    assert _rows_of_other_manifests(tmp_path / "batch_report.shard1-of-2.csv", manifest, [listed]) == []
+    os.utime(dropped, ns=(report.stat().st_mtime_ns + 10**9,) * 2)  # written since: another run's
+    assert _rows_of_other_manifests(report, manifest, [listed]) == []
+
+
+def test_label_cells_command_keeps_the_precision_of_float64_images(tmp_path, capsys):
+    """1e6 + 0.01 x signal in float64: the Python API rescaled it (6 cells), the command read it as
+    float32 first (one value: only the 3 examples came back)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from PAMSegmentLib.cells import label_cells
+    from PAMSegmentLib.cli import main
+    from test_review_s37 import _disc_cells
+
+    image, labels = _disc_cells()
+    examples = np.where(np.isin(labels, [1, 2, 3]), labels, 0).astype(np.uint8)
+    odd = 1e6 + 0.01 * (image.astype(np.float64) / image.max())
+    sitk.WriteImage(sitk.GetImageFromArray(odd), str(tmp_path / "img.nrrd"))
+    sitk.WriteImage(sitk.GetImageFromArray(examples), str(tmp_path / "ex.png"))
+    found = int(label_cells(odd, examples).labels.max())
+    assert found > 3
+    assert main(["label-cells", str(tmp_path / "img.nrrd"), str(tmp_path / "ex.png"), "-o",
+                 str(tmp_path / "o.png")]) == 0
+    written = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "o.png")))
+    assert len(np.unique(written)) - 1 == found
+
+
+def test_benchmark_table_links_are_checked_before_measuring(tmp_path, capsys, monkeypatch):
+    """The tables are written through links since they are put in place together: a link to
+    ~/.bashrc was written into, and a link into an unmounted share failed after the measurements."""
+    from PAMSegmentLib import benchmark as bm
+    from PAMSegmentLib.cli import main
+
+    measured = []
+    monkeypatch.setattr(bm, "run_benchmark", lambda cfg, log, after=None, keep_ctrl_c_ignored=False: measured.append(1))
+    victim = tmp_path / ".bashrc"
+    victim.write_text("export PATH=...\n")
+    for name, target, message in (("benchmark.md", victim, "which is not a file of an output format (.md)"),
+                                  ("benchmark.png", tmp_path / "unmounted" / "benchmark.png",
+                                   "whose folder does not exist")):
+        out = tmp_path / f"out_{name}"
+        out.mkdir()
+        (out / name).symlink_to(target)
+        assert main(["benchmark", "--quick", "-o", str(out)]) == 2
+        assert message in capsys.readouterr().err
+    assert not measured and victim.read_text() == "export PATH=...\n"
+
+
+def test_nothing_to_update_names_a_label_left_out_with_label(ct_case, capsys):
+    import numpy as np
+
+    from conftest import write_image
+    from PAMSegmentLib.cli import main
+    from PAMSegmentLib.volumes import read_volume
+
+    d = ct_case.directory
+    prompt = read_volume(ct_case.prompt_path).array.copy()
+    prompt[10, 2:6, 2:6] = 2
+    two = write_image(prompt.astype(np.uint8), d / "two.nii.gz", ct_case.spacing)
+    first = d / "first.nii.gz"
+    assert main(["propagate", str(ct_case.image_path), str(two), "-o", str(first), "--method", "copy"]) == 0
+    edited = read_volume(first).array
+    edited[11, 2:6, 2:6] = 0  # label 2 corrected only
+    e = write_image(edited.astype(np.uint8), d / "e.nii.gz", ct_case.spacing)
+    capsys.readouterr()
+    assert main(["propagate", str(ct_case.image_path), str(two), "-o", str(d / "second.nii.gz"), "--method", "copy",
+                 "--previous", str(first), "--edited", str(e), "--label", "1"]) == 2
+    assert "(label 2 changed, but is left out with --label: add it to --label)" in capsys.readouterr().err
