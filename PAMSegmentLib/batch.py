@@ -788,10 +788,16 @@ def _rows_of_other_manifests(report: Path, manifest: Path, rows: list[BatchRow])
         except OSError:
             return False
 
-    return [{k: row.get(k) or "" for k in REPORT_FIELDS} for row in found
+    kept = [{k: row.get(k) or "" for k in REPORT_FIELDS} for row in found
             if row.get("manifest") and row.get("output") not in outputs
             and (row.get("output_in_folder") or "") not in inside
             and (row["manifest"] != ours or own_kept(row))]
+    for row in kept:  # its row number is another row's now: said instead
+        if row["manifest"] == ours and row["row"]:
+            row["message"] = " | ".join(part for part in (f"not in the manifest since (was row {row['row']})",
+                                                          row["message"]) if part)
+            row["row"] = ""
+    return kept
 
 
 @contextlib.contextmanager
@@ -1072,16 +1078,24 @@ def _flock(path: Path, mode: int):
     between the open and the lock)."""
     import fcntl
 
-    for _ in range(5):
+    for attempt in range(20):
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except PermissionError:  # another user's lock file (a shared -o): read-only opens lock too
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                return None
         except OSError:
             return None
         try:
             fcntl.flock(fd, mode | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise
+            if attempt >= 10:  # held: by a running batch (not one letting go, which takes microseconds)
+                raise
+            time.sleep(0.02)
+            continue
         except OSError:  # a file system without flock: unlocked, as before
             os.close(fd)
             return None
@@ -1108,20 +1122,23 @@ def _claim_the_report(report: Path, manifest: Path, claims: list, sharded: bool 
         return
     if not manifest.is_file() or str(manifest).startswith(("/dev/", "/proc/")):
         return
+    # the manifest by where it is (a re-save by an editor, sed -i or Excel gives it a new inode) and by its
+    # file (a hard link names it elsewhere): a lock on each
     info = manifest.stat()
-    key = f"{info.st_dev:x}-{info.st_ino:x}"
-    locks = [(report.with_name(f".batch-{key}.lock"), fcntl.LOCK_SH if sharded else fcntl.LOCK_EX)]
+    keys = (hashlib.sha1(os.path.realpath(manifest).encode("utf-8", "surrogateescape")).hexdigest()[:12],
+            f"{info.st_dev:x}-{info.st_ino:x}")
+    locks = [(report.with_name(f".batch-{key}.lock"), fcntl.LOCK_SH if sharded else fcntl.LOCK_EX) for key in keys]
     if sharded:
-        locks.append((report.with_name(f".{report.name}-{key}.lock"), fcntl.LOCK_EX))
+        locks += [(report.with_name(f".{report.name}-{key}.lock"), fcntl.LOCK_EX) for key in keys]
     for path, mode in locks:
         try:
             fd = _flock(path, mode)
         except BlockingIOError:
             _release(claims)
-            which = "this shard of " if sharded and mode == fcntl.LOCK_EX else ""
-            raise InputError(f"another run of {which}{manifest.name} (or of its shards) is writing into "
-                             f"{report.parent} now; wait for it to finish (then --skip-existing), or give this run "
-                             "another -o folder") from None
+            which = ("this shard of " + manifest.name if sharded and mode == fcntl.LOCK_EX
+                     else manifest.name + " (or of its shards)")
+            raise InputError(f"another run of {which} is writing into {report.parent} now; wait for it to finish "
+                             "(then --skip-existing), or give this run another -o folder") from None
         if fd is not None:
             claims.append((fd, path))
 
@@ -1135,7 +1152,8 @@ def _release(claims: list) -> None:
     for fd, path in reversed(claims):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # no other run holds it (a shard's shared lock)
-            path.unlink()
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:  # still this file (not one made since by another run)
+                path.unlink()
         except OSError:
             pass
         os.close(fd)

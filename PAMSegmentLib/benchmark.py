@@ -97,6 +97,9 @@ MB = 1024.0 * 1024.0
 # The parts and the CSV files each writes; ALL_PARTS, the default and --parts' choices follow it.
 PART_FILES = {"network": ("network.csv", "paired.csv"), "e2e": ("end_to_end.csv",), "slicer": ("slicer.csv",)}
 ALL_PARTS = tuple(PART_FILES)
+# every file write_outputs may put in --out (its links are checked before measuring)
+OUTPUT_FILES = (*(n for names in PART_FILES.values() for n in names), "targets.csv", "benchmark.md", "benchmark.json",
+                "benchmark.png")
 
 
 @dataclass
@@ -1306,8 +1309,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
     # the tables are written through links (a link stays a link), so, before measuring: a link's target must
     # be a table of the same kind (not ~/.bashrc) in a folder that takes files (not an unmounted share)
-    for name in (*(n for names in PART_FILES.values() for n in names), "benchmark.md", "benchmark.json",
-                 "benchmark.png"):
+    for name in OUTPUT_FILES:
         check_writable_output(out / name, (Path(name).suffix,))
         check_link_target(out / name)
     made = []  # the folders this run makes for -o (n1/n2: both), deepest first

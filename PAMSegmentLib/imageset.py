@@ -715,34 +715,32 @@ def add_label_images_arguments(p) -> None:
     p.add_argument("--threads", type=_thread_count, metavar="N", help=THREADS_HELP)
 
 
-def _grey_range(array) -> tuple[float, float, float]:
-    """An image's robust grey range (0.5-99.5 percentiles of at most about a million pixels) and
-    the share of those pixels more than a tenth of that range from the median (near 0 for a blank or
-    near-blank image: beyond the head, an empty field)."""
+def _grey_range(array) -> tuple[float, float]:
+    """An image's robust grey range (0.5-99.5 percentiles of at most about a million pixels)."""
     step = max(1, int(np.ceil(np.sqrt(array.size / 1e6))))
     values = np.asarray(array[::step, ::step], np.float64)
     values = values[np.isfinite(values)]
     if values.size == 0:
-        return 0.0, 0.0, 0.0
-    low, high, middle = np.percentile(values, [0.5, 99.5, 50])
-    busy = float(np.mean(np.abs(values - middle) > 0.1 * (high - low))) if high > low else 0.0
-    return float(low), float(high), busy
+        return 0.0, 0.0
+    low, high = np.percentile(values, [0.5, 99.5])
+    return float(low), float(high)
 
 
 def _other_scale(ranges: dict, prompt_index: int) -> set:
     """Indices (keys of ``ranges``: index -> ``_grey_range``) of images whose grey values lie on
-    another scale than the prompt image's: a range over 4x wider or narrower, or a middle outside the
-    prompt's range (a 16-bit export of raw CT values beside an 8-bit windowed prompt came back "not
-    found" with no word why: the network's presence output, not the drift test, dropped it; and the
-    other way round). A narrower range only for an image that is not near-blank (a slice beyond the
-    head has one, exported like the prompt: fewer than 5 % of its pixels away from its median)."""
-    low0, high0 = ranges[prompt_index][:2]
+    another scale than the prompt image's: a range over 4x wider, or a middle outside the prompt's
+    range (a 16-bit export of raw CT values beside an 8-bit windowed prompt came back "not found"
+    with no word why: the network's presence output, not the drift test, dropped it), or, the other
+    way round, an 8-bit range (at most 255) 4x narrower than a prompt's beyond 1024. Not any narrower
+    range: a blank or near-blank slice (beyond the head; noise in air) has one, exported alike."""
+    low0, high0 = ranges[prompt_index]
     span0 = high0 - low0
     other = set()
-    for n, (low, high, busy) in ranges.items():
+    for n, (low, high) in ranges.items():
         if n == prompt_index or span0 <= 0 or high <= low:
             continue
-        if high - low > 4 * span0 or not low0 <= (low + high) / 2 <= high0 or (high - low < span0 / 4 and busy >= 0.05):
+        if (high - low > 4 * span0 or not low0 <= (low + high) / 2 <= high0
+                or (high - low < span0 / 4 and high <= 255 < 1024 < high0)):
             other.add(n)
     return other
 
@@ -777,7 +775,7 @@ def _say_written(result, files, out_dir, seconds: float, earlier=(), ranges=None
     scale = sorted(i for i in _other_scale(ranges, result.prompt_index) if i in missed - explained) if ranges else []
     # (ranges: of the prompt image and the images where a label was missed, computed before the writes)
     if scale:
-        low0, high0 = ranges[result.prompt_index][:2]
+        low0, high0 = ranges[result.prompt_index]
         shown = ", ".join(f"{files[i].name} ({ranges[i][0]:.4g} to {ranges[i][1]:.4g})" for i in scale[:3]) + (
             f" and {len(scale) - 3} more" if len(scale) > 3 else "")
         print(f"note: {shown} hold grey values on another scale than {files[result.prompt_index].name} ({low0:.4g} "

@@ -2621,8 +2621,9 @@ def keyframes_from_edits(prompt: np.ndarray, previous, edited: np.ndarray, *,
             f"{'are' if len(group) > 1 else 'is'} {why})"
             for group, why in ((absent, "not in the prompt: draw " + ("them" if len(absent) > 1 else "it")
                                 + " in the prompt to propagate"),
-                               (in_prompt, "left out with --label: add " + ("them" if len(in_prompt) > 1 else "it")
-                                + " to --label")) if group)
+                               (in_prompt, "left out of the labels to propagate (--label, a manifest's label "
+                                "column, labels=): add " + ("them" if len(in_prompt) > 1 else "it") + " there"))
+            if group)
         raise InputError("the edited result equals the earlier one on every slice of label"
                          f"{'s' if len(drawn) > 1 else ''} {', '.join(map(str, drawn))}: nothing to update{also}; "
                          "correct the slices that are wrong first")

@@ -109,24 +109,28 @@ def _ctrl_c_as_in_a_terminal():
 _TOOL_CACHES = {"__pycache__", ".pytest_cache", ".hypothesis", ".ruff_cache", ".git", ".ci-venv"}
 
 
-def _ignored_patterns() -> tuple[str, ...]:
-    """The checkout's .gitignore patterns as plain name patterns (a training run writing into runs/, a
-    local .venv: not the tests' doing, and walking a venv twice a test cost minutes)."""
+def _ignored_patterns() -> tuple[tuple[str, bool, bool], ...]:
+    """The checkout's .gitignore patterns as (name pattern, only at the root, only for folders): a
+    training run writing into runs/, a local .venv: not the tests' doing (walking a venv twice a test
+    cost minutes)."""
     try:
         lines = (REPO / ".gitignore").read_text(encoding="utf-8").splitlines()
     except OSError:
         return ()
-    return tuple(line.strip().strip("/") for line in lines if line.strip() and not line.startswith("#"))
+    return tuple((line.strip().strip("/"), line.strip().startswith("/"), line.strip().endswith("/"))
+                 for line in lines if line.strip() and not line.startswith("#"))
 
 
 _IGNORED = _ignored_patterns()
 
 
-def _skipped(top: str, name: str) -> bool:
+def _skipped(top: str, name: str, folder: bool) -> bool:
     import fnmatch
 
-    return (name in _TOOL_CACHES or any(fnmatch.fnmatch(name, p) for p in _IGNORED)
-            or os.path.isfile(os.path.join(top, name, "pyvenv.cfg")))
+    at_root = os.path.abspath(top) == str(REPO)
+    return (name in _TOOL_CACHES or (folder and os.path.isfile(os.path.join(top, name, "pyvenv.cfg")))
+            or any(fnmatch.fnmatch(name, pattern) and (at_root or not rooted) and (folder or not folders_only)
+                   for pattern, rooted, folders_only in _IGNORED))
 
 
 def _files_in(folder: Path, recursive: bool) -> dict:
@@ -134,8 +138,8 @@ def _files_in(folder: Path, recursive: bool) -> dict:
     ``recursive``), tool caches, what .gitignore names and virtual environments left out."""
     out = {}
     for top, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if not _skipped(top, d)] if recursive else []
-        files = [f for f in files if not _skipped(top, f)] if recursive else files
+        dirs[:] = [d for d in dirs if not _skipped(top, d, True)] if recursive else []
+        files = [f for f in files if not _skipped(top, f, False)] if recursive else files
         for name in files + ([] if recursive else dirs):
             path = os.path.join(top, name)
             try:

@@ -284,16 +284,11 @@ def test_label_images_notes_images_on_another_grey_scale(tmp_path, capsys):
     from PAMSegmentLib.cli import main
     from PAMSegmentLib.imageset import _other_scale
 
-    ranges = [(0, 4095, 0.6), (0, 3900, 0.5), (0, 20000, 0.6), (5000, 6000, 0.4), (0, 255, 0.5), (0, 0, 0.0),
-              (0, 200, 0.01)]
-    # wider or narrower than 4x (a windowed 8-bit export beside a raw 16-bit prompt), or centred outside:
-    # flagged; blank, or narrower but near-blank (a slice beyond the head, 1 % of its pixels off its median): not
-    assert _other_scale(dict(enumerate(ranges)), 0) == {2, 3, 4}
-    from PAMSegmentLib.imageset import _grey_range
-
-    beyond = np.zeros((64, 64), np.float32)
-    beyond[30:32, 30:32] = 200  # a few bright pixels: near-blank
-    assert _grey_range(beyond)[2] < 0.05 and _grey_range(np.arange(4096, dtype=np.float32).reshape(64, 64))[2] > 0.5
+    ranges = [(0, 4095), (0, 3900), (0, 20000), (5000, 6000), (0, 255), (0, 0), (299, 438), (0, 40)]
+    # wider than 4x, centred outside, or 8-bit exports (0-255, 0-40) beside a raw 16-bit prompt: flagged;
+    # blank, a noisy blank raw slice (air, 299-438) or an 8-bit near-blank one beside an 8-bit prompt: not
+    assert _other_scale(dict(enumerate(ranges)), 0) == {2, 3, 4, 7}
+    assert _other_scale({0: (0, 235), 1: (0, 20), 2: (0, 0)}, 0) == set()
     prompt, mask, slices, windowed, png = _demo_slices(tmp_path / "in", 2)
     png(windowed(slices[0]), "a.png")
     png(slices[1] + 1024.0, "raw.png", np.uint16)
@@ -739,7 +734,12 @@ def test_a_second_run_of_the_same_manifest_into_the_same_folder_is_refused_while
     try:
         for given in (manifest, link):
             assert main(["batch", str(given), "-o", str(out), "--method", "copy"]) == 2
-            assert f"another run of {given.name} (or of its shards) is writing into {out} now" in capsys.readouterr().err
+            assert f"another run of {given.name} (or of its shards) is writing into {out} now" in \
+                capsys.readouterr().err
+        resaved = manifest.read_text()  # an editor's save: a new file renamed over the old one (a new inode)
+        manifest.unlink()
+        manifest.write_text(resaved)
+        assert main(["batch", str(manifest), "-o", str(out), "--method", "copy"]) == 2
         assert main(["batch", str(manifest), "-o", str(out), "--method", "copy", "--shard", "1/1"]) == 2  # a shard too
         capsys.readouterr()
         other = tmp_path / "other.csv"
@@ -857,6 +857,7 @@ def test_benchmark_table_links_are_checked_before_measuring(tmp_path, capsys, mo
     victim = tmp_path / ".bashrc"
     victim.write_text("export PATH=...\n")
     for name, target, message in (("benchmark.md", victim, "which is not a file of an output format (.md)"),
+                                  ("targets.csv", victim, "which is not a file of an output format (.csv)"),
                                   ("benchmark.png", tmp_path / "unmounted" / "benchmark.png",
                                    "whose folder does not exist")):
         out = tmp_path / f"out_{name}"
@@ -886,4 +887,5 @@ def test_nothing_to_update_names_a_label_left_out_with_label(ct_case, capsys):
     capsys.readouterr()
     assert main(["propagate", str(ct_case.image_path), str(two), "-o", str(d / "second.nii.gz"), "--method", "copy",
                  "--previous", str(first), "--edited", str(e), "--label", "1"]) == 2
-    assert "(label 2 changed, but is left out with --label: add it to --label)" in capsys.readouterr().err
+    assert "(label 2 changed, but is left out of the labels to propagate (--label, a manifest's label column, " \
+           "labels=): add it there)" in capsys.readouterr().err
