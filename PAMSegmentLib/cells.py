@@ -778,7 +778,7 @@ def cmd_label_cells(args) -> int:
     def note(text: str) -> None:
         print(f"note: {text}", flush=True)
 
-    image, ref = read_image_2d(args.image, keep_colour=True, say=note, precision=True)
+    image, ref = read_image_2d(args.image, keep_colour=True, say=note)
     examples = read_labelmap_2d(args.examples, reference=(image[..., 0] if image.ndim == 3 else image, ref), say=note)
     background = None
     if args.background:

@@ -3552,14 +3552,15 @@ def float32_values(arr: np.ndarray, precision: bool = False) -> tuple[np.ndarray
 
 
 def read_image_2d(path: PathLike, keep_colour: bool = False, say: Callable[[str], None] | None = None,
-                  precision: bool = False) -> tuple[np.ndarray, sitk.Image]:
+                  precision: bool | None = None) -> tuple[np.ndarray, sitk.Image]:
     """A 2D image (PNG, JPEG, TIFF, BMP, a single DICOM file, 2D NIfTI/NRRD/MHA) as a float32
     (rows, columns) array of grey values, and the SimpleITK image (its geometry, for writing a
     mask; a one-slice 3D file, e.g. a DICOM file, keeps its 3D position and orientation there).
     Colour images become grey (BT.601 luma of the first three channels; alpha is ignored), or
     with ``keep_colour`` stay (rows, columns, 3). ``say``: told when an alpha channel that is
     not opaque everywhere is left out (transparency does not mark background), or values are
-    rescaled (``float32_values``, with its ``precision``)."""
+    rescaled (``float32_values``, with its ``precision``: by default with ``keep_colour``, as
+    label-cells reads its images, so that its Python example and the command agree)."""
     image, original = _read_2d(path, "image")
     arr = sitk.GetArrayFromImage(image)
     ncomp = image.GetNumberOfComponentsPerPixel()
@@ -3584,7 +3585,7 @@ def read_image_2d(path: PathLike, keep_colour: bool = False, say: Callable[[str]
         raise InputError(f"{Path(path).name} contains {bad} NaN/inf pixels; replace them with a finite value first")
     # (finite float64 beyond float32 became "NaN/inf pixels" the file has not; ``precision``: label-cells, see
     # float32_values)
-    arr, rescaled = float32_values(arr, precision)
+    arr, rescaled = float32_values(arr, keep_colour if precision is None else precision)
     if rescaled and say is not None:
         say(f"{Path(path).name} holds values float32 cannot (or can only as one value); they were rescaled to 0-1")
     return arr, original

@@ -844,6 +844,9 @@ def test_label_cells_command_keeps_the_precision_of_float64_images(tmp_path, cap
                  str(tmp_path / "o.png")]) == 0
     written = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "o.png")))
     assert len(np.unique(written)) - 1 == found
+    from PAMSegmentLib.volumes import read_image_2d  # README's Python example reads it so: the same cells
+
+    assert int(label_cells(read_image_2d(tmp_path / "img.nrrd", keep_colour=True)[0], examples).labels.max()) == found
 
 
 def test_benchmark_table_links_are_checked_before_measuring(tmp_path, capsys, monkeypatch):
