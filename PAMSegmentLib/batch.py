@@ -745,10 +745,12 @@ def _carry_over(row: BatchRow, earlier: dict[str, tuple[dict, int]]) -> None:
     if before["status"] == "ok":
         # (what made that run run the row again is no word on this one: it was "run again: ..." then)
         kept = [part for part in (before.get("message") or "").split(" | ")
-                if part and not part.startswith("run again:")]
+                if part and not part.startswith(("run again:", "not in the manifest since"))]
         row.message = " | ".join([CARRIED, *kept])
     elif before.get("message"):  # skipped then too: its message already says where the columns come from
-        row.message = before["message"]
+        # (a row kept while it was out of the manifest is in it again)
+        row.message = " | ".join(part for part in before["message"].split(" | ")
+                                 if not part.startswith("not in the manifest since"))
 
 
 def _rows_of_other_manifests(report: Path, manifest: Path, rows: list[BatchRow]) -> list[dict]:

@@ -731,7 +731,7 @@ def _other_scale(ranges: dict, prompt_index: int) -> set:
     another scale than the prompt image's: a range over 4x wider, or a middle outside the prompt's
     range (a 16-bit export of raw CT values beside an 8-bit windowed prompt came back "not found"
     with no word why: the network's presence output, not the drift test, dropped it), or, the other
-    way round, an 8-bit range (at most 255) 4x narrower than a prompt's beyond 1024. Not any narrower
+    way round, an 8-bit range (within 0-255) 4x narrower than a prompt's beyond 1024. Not any narrower
     range: a blank or near-blank slice (beyond the head; noise in air) has one, exported alike."""
     low0, high0 = ranges[prompt_index]
     span0 = high0 - low0
@@ -740,7 +740,7 @@ def _other_scale(ranges: dict, prompt_index: int) -> set:
         if n == prompt_index or span0 <= 0 or high <= low:
             continue
         if (high - low > 4 * span0 or not low0 <= (low + high) / 2 <= high0
-                or (high - low < span0 / 4 and high <= 255 < 1024 < high0)):
+                or (high - low < span0 / 4 and 0 <= low and high <= 255 < 1024 < high0)):
             other.add(n)
     return other
 

@@ -289,6 +289,7 @@ def test_label_images_notes_images_on_another_grey_scale(tmp_path, capsys):
     # blank, a noisy blank raw slice (air, 299-438) or an 8-bit near-blank one beside an 8-bit prompt: not
     assert _other_scale(dict(enumerate(ranges)), 0) == {2, 3, 4, 7}
     assert _other_scale({0: (0, 235), 1: (0, 20), 2: (0, 0)}, 0) == set()
+    assert _other_scale({0: (-1024, 1457), 1: (-1024, -685)}, 0) == set()  # air in signed HU: the same export
     prompt, mask, slices, windowed, png = _demo_slices(tmp_path / "in", 2)
     png(windowed(slices[0]), "a.png")
     png(slices[1] + 1024.0, "raw.png", np.uint16)
@@ -572,6 +573,7 @@ def test_ctrl_c_while_the_benchmark_report_prints_does_not_say_nothing_was_writt
     assert "nothing was written" not in captured.err and f"wrote {out}/network.csv" in captured.out
     assert sorted(p.name for p in out.iterdir()) == ["benchmark.json", "benchmark.md", "benchmark.png", "network.csv",
                                                      "targets.csv"]
+    assert {p.name for p in out.iterdir()} <= set(bm.OUTPUT_FILES)  # the files whose links are checked first
 
 
 def test_benchmark_memory_refusal_names_an_option_it_has(tmp_path, capsys, monkeypatch):
@@ -780,6 +782,10 @@ def test_a_row_left_out_for_one_run_keeps_what_made_its_output(ct_case, tmp_path
     rows = {Path(r["output"]).name: r for r in csv.DictReader(open(out / "batch_report.csv", encoding="utf-8"))}
     assert rows["b.nii.gz"]["status"] == "ok" and rows["b.nii.gz"]["method"] == "copy"
     assert "its output was made with track" in rows["b.nii.gz"]["message"]
+    assert main(["batch", str(manifest), "-o", str(out), "--method", "copy", "--skip-existing"]) == 0
+    rows = {Path(r["output"]).name: r for r in csv.DictReader(open(out / "batch_report.csv", encoding="utf-8"))}
+    assert [r["row"] for r in rows.values()] == ["2", "3"]  # one row each, numbered, back in the manifest:
+    assert not any("not in the manifest" in r["message"] for r in rows.values())  # not said to be out of it
 
 
 def test_a_folder_with_the_reports_name_is_named_before_any_work(ct_case, tmp_path, capsys):
