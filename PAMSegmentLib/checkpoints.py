@@ -368,9 +368,8 @@ def check_checkpoint_file(path: str | os.PathLike) -> int:
 def check_checkpoint_header(path: str | os.PathLike) -> int:
     """``check_checkpoint_file`` and the file's first bytes (a torch zip file or a legacy pickle),
     without reading it: returns the size in bytes. Raises CheckpointError."""
-    _refuse_empty_path(path)
+    size = check_checkpoint_file(path)  # (given as it came: Path('') would be '.')
     path = Path(path)
-    size = check_checkpoint_file(path)
     try:
         with open(path, "rb") as f:
             magic = f.read(16)
