@@ -88,3 +88,40 @@ def record_ctrl_c_handler(monkeypatch, module) -> dict:
     monkeypatch.setattr(os, "replace", noting_move)
     monkeypatch.setattr(module, "print", noting_print, raising=False)
     return handlers
+
+
+def local_http_server(handler, threaded: bool = True):
+    """A stand-in HTTP server for ``handler`` on 127.0.0.1, served from a daemon thread; returns it.
+
+    Its ``shutdown()`` also sets ``server.stopping`` (handlers that stand for a slow server wait on
+    it, not on time.sleep, so they end with their test) and closes the socket. Errors a handler
+    meets (a write to a client that has gone: the point of many of these tests) go to
+    ``server.errors``, never to sys.stderr: socketserver prints them there from the handler's
+    thread, which may be seconds later, into the output pytest is capturing for another test (CI
+    failed so on test_review_s35, session 39).
+    """
+    import http.server
+    import sys
+    import threading
+
+    base = http.server.ThreadingHTTPServer if threaded else http.server.HTTPServer
+
+    class QuietServer(base):
+        daemon_threads = True
+
+        def __init__(self):
+            self.errors: list[BaseException] = []
+            self.stopping = threading.Event()
+            super().__init__(("127.0.0.1", 0), handler)
+
+        def handle_error(self, request, client_address):
+            self.errors.append(sys.exc_info()[1])
+
+        def shutdown(self):
+            self.stopping.set()
+            super().shutdown()
+            self.server_close()
+
+    server = QuietServer()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server

@@ -171,9 +171,9 @@ def test_a_redirect_is_not_followed_and_the_token_goes_nowhere_else():
     """A review (s28): urllib followed a server's redirect with the Authorization header, so the
     token reached whatever host the redirect named. Now the client stops and names the address."""
     import http.server
-    import threading
 
     import pytest
+    from doubles import local_http_server
 
     from PAMSegmentLib.errors import InputError
     from PAMSegmentLib.remote import RemoteModel
@@ -191,7 +191,7 @@ def test_a_redirect_is_not_followed_and_the_token_goes_nowhere_else():
         def log_message(self, *args):
             pass
 
-    other = http.server.HTTPServer(("127.0.0.1", 0), Other)
+    other = local_http_server(Other, threaded=False)
 
     class Redirector(Other):
         def do_GET(self):
@@ -200,9 +200,7 @@ def test_a_redirect_is_not_followed_and_the_token_goes_nowhere_else():
             self.send_header("Content-Length", "0")
             self.end_headers()
 
-    redirector = http.server.HTTPServer(("127.0.0.1", 0), Redirector)
-    for server in (other, redirector):
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+    redirector = local_http_server(Redirector, threaded=False)
     try:
         with pytest.raises(InputError, match=rf"redirects to http://localhost:{other.server_port}: give that "
                                              "address instead"):
@@ -329,11 +327,11 @@ def test_cancel_during_a_slow_upload_stops_it():
     so on a slow link (1 MB/s, 10 MB) Cancel at 1 s returned at 13 s. The upload goes in pieces now,
     and the server makes no job of a cut upload."""
     import http.server
-    import socketserver
     import threading
     import time
 
     import pytest
+    from doubles import local_http_server
 
     from PAMSegmentLib.errors import PropagationCancelled
     from PAMSegmentLib.propagate import CancelToken, propagate
@@ -364,9 +362,7 @@ def test_cancel_during_a_slow_upload_stops_it():
         def log_message(self, *args):
             pass
 
-    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Slow)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = local_http_server(Slow)
     image = np.random.default_rng(0).normal(0, 100, (40, 256, 256)).astype(np.float32)  # 10 MB, not int16
     prompt = np.zeros(image.shape, np.uint8)
     prompt[20, 100:150, 100:150] = 1

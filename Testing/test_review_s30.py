@@ -394,9 +394,9 @@ def _slow_server(post_delay=0.0, status_hang=0.0, job_id="J1"):
     """A stand-in PAMSegment server in a thread that answers an upload after ``post_delay`` s, a
     job's status and its deletion after ``status_hang`` s; (server, url, log of requests)."""
     import json
-    import threading
-    import time
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import BaseHTTPRequestHandler
+
+    from doubles import local_http_server
 
     log = []
 
@@ -421,23 +421,21 @@ def _slow_server(post_delay=0.0, status_hang=0.0, job_id="J1"):
                                    "methods": ["copy"], "options": ["axis", "labels", "range", "early_stop", "method",
                                                                     "update", "intensity_gate", "empty_slices",
                                                                     "remove_disconnected"]})
-            time.sleep(status_hang)
+            self.server.stopping.wait(status_hang)
             return self._send({"id": "J1", "state": "running", "progress": 0.0, "message": "running"})
 
         def do_POST(self):
             self.rfile.read(int(self.headers.get("Content-Length", 0)))
             log.append("POST received")
-            time.sleep(post_delay)  # the server reading and checking the volume
+            self.server.stopping.wait(post_delay)  # the server reading and checking the volume
             self._send({"id": job_id, "state": "queued", "queue_position": 0}, 202)
 
         def do_DELETE(self):
             log.append(f"DELETE {self.path}")
-            time.sleep(status_hang)
+            self.server.stopping.wait(status_hang)
             self._send({"id": "J1", "state": "cancelled"})
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = local_http_server(Handler)
     return server, f"http://127.0.0.1:{server.server_address[1]}", log
 
 
