@@ -31,6 +31,7 @@ use HTTPS through a reverse proxy or an SSH tunnel for anything but a trusted ne
 """
 
 
+import contextlib
 import errno
 import hmac
 import io
@@ -789,7 +790,7 @@ def _checkpoint_label(checkpoint: str | None) -> str:
 
 def cmd_serve(args) -> int:
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401 - present? (used in _serve)
     except ImportError:
         raise InputError('the server needs FastAPI and uvicorn: pip install ".[server]" in the PAMSegment source '
                          "folder (or pip install fastapi uvicorn)") from None
@@ -798,12 +799,36 @@ def cmd_serve(args) -> int:
         # an HTTP header carries such a token as other bytes (or not at all): no client could send it
         raise InputError("the token must be printable ASCII (letters, digits, punctuation): an HTTP header cannot "
                          "carry other characters, so no client could send it; choose another")
-    if not logger.handlers:  # one line per job, refused request and end of job, for the operator
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
+    with _operator_log():
+        return _serve(args, token)
+
+
+@contextlib.contextmanager
+def _operator_log():
+    """One line per job, refused request and end of job on stderr, for the operator, while ``serve``
+    runs; taken off after it, so a run inside another program (its tests, a notebook) leaves the
+    logger as it was (the handler wrote to the stderr of that moment: a later line went into a
+    closed stream, or into what a later test captured). A logger set up by the caller is left alone."""
+    if logger.handlers:
+        yield
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
+def _serve(args, token) -> int:
+    import uvicorn  # (cmd_serve has checked that it is installed)
+
     if not is_loopback(args.host) and not token:
         raise InputError(f"listening on {args.host} exposes the server beyond this machine: set a token with "
                          "--token or PAMSEGMENT_TOKEN (clients send it as Authorization: Bearer TOKEN)")

@@ -161,6 +161,27 @@ def _checkout_state() -> dict:
 
 
 @pytest.fixture(autouse=True)
+def _signal_handlers_as_found():
+    """A test leaves Ctrl-C's and SIGTERM's handlers as it found them: the command ignores both once
+    its output is in place (it ends the process then), and two tests that restored SIGINT alone left
+    the test run, and every process it started, ignoring SIGTERM (a `timeout` could no longer stop a
+    hung run). Put back, and the test that changed one fails."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    found = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    changed = [sig.name for sig, handler in found.items() if signal.getsignal(sig) != handler]
+    for sig, handler in found.items():
+        signal.signal(sig, handler)
+    if changed:
+        pytest.fail(f"the test left the handler of {' and '.join(changed)} changed")
+
+
+@pytest.fixture(autouse=True)
 def _no_files_left_in_the_checkout():
     """A test writes into its tmp_path, never into the checkout or the working folder: a command
     given an empty or relative output path once wrote ct_pam.nii.gz and batch_report.csv into the
@@ -172,7 +193,9 @@ def _no_files_left_in_the_checkout():
     added = sorted(p for p in after if p not in before)
     # changed: data files only (weights, cards, fixtures, published tables); source and prose may be edited
     # by the developer while the suite runs
-    changed = sorted(p for p in after if p in before and after[p] != before[p] and not p.endswith((".py", ".md")))
+    # (in a working folder outside the checkout, added files only: the run's own log may grow there)
+    changed = sorted(p for p in after if p in before and after[p] != before[p] and not p.endswith((".py", ".md"))
+                     and Path(p).is_relative_to(REPO))
     if added or changed:
         pytest.fail("the test left files behind: " + "; ".join(
             f"{what}: {', '.join(paths[:5])}" for what, paths in (("added", added), ("changed", changed)) if paths))
@@ -287,3 +310,6 @@ def serving(app, **config):
     finally:
         server.should_exit = True
         thread.join(10)
+        queue = getattr(getattr(app, "state", None), "queue", None)
+        if queue is not None:  # the app's job worker: ended with its server, not left for the session
+            queue.close(timeout=10)

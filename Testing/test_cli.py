@@ -618,12 +618,14 @@ def test_as_the_command_ctrl_c_stays_ignored_once_the_output_is_in_place(ct_case
     # handler restored before main returned let a Ctrl-C in that moment end the finished run as
     # interrupted (exit 130) or print a traceback from an object's __del__.
     out = ct_case.directory / "out.nii.gz"
+    term = signal.getsignal(signal.SIGTERM)
     try:
         assert cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(out),
                          "--method", "copy"], ends_process=True) == 0
         assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
-    finally:
+    finally:  # (SIGTERM too: ignored, it stayed so for the rest of the run and every process it started)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, term)
     assert capsys.readouterr().out.startswith(f"wrote {out}")
 
 
@@ -647,12 +649,14 @@ def test_the_entry_point_ignores_ctrl_c_once_the_command_has_returned(monkeypatc
     from PAMSegmentLib.__main__ import run
 
     monkeypatch.setattr(cli, "main", lambda argv=None, ends_process=False: 0)
+    term = signal.getsignal(signal.SIGTERM)
     try:
         assert run() == 0
         os.kill(os.getpid(), signal.SIGINT)  # raised KeyboardInterrupt here
         assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, term)
 
 
 class _InterruptedImport:

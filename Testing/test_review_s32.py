@@ -13,18 +13,23 @@ from conftest_mrml import *  # noqa: F401,F403 - fixtures (mrml_scene) for the S
 from test_review_s30 import _slow_server, _tiny_case
 
 
-def _interrupt_main_when(log, entry, delay=0.2):
-    """Ctrl-C (SIGINT to the main thread, as a terminal sends it) ``delay`` s after ``entry`` is in ``log``."""
+def _interrupt_main_when(log, entry, delay=0.2) -> threading.Event:
+    """Ctrl-C (SIGINT to the main thread, as a terminal sends it) ``delay`` s after ``entry`` is in
+    ``log``; returns an event the test sets when it ends. Nothing is sent if the entry never came
+    within 20 s or the test has ended meanwhile (a SIGINT landing in a later test stopped the whole run)."""
     main = threading.main_thread().ident
+    done = threading.Event()
 
     def later():
         deadline = time.monotonic() + 20
-        while entry not in log and time.monotonic() < deadline:
+        while entry not in log and time.monotonic() < deadline and not done.is_set():
             time.sleep(0.01)
-        time.sleep(delay)
+        if entry not in log or done.wait(delay):
+            return
         signal.pthread_kill(main, signal.SIGINT)
 
     threading.Thread(target=later, daemon=True).start()
+    return done
 
 
 @pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="needs the main thread")
@@ -38,9 +43,10 @@ def test_ctrl_c_at_the_command_line_leaves_no_job_on_the_server_and_does_not_wai
 
     upload = when == "while the server reads the upload"
     server, url, log = _slow_server(post_delay=1.0 if upload else 0.0, status_hang=0.0 if upload else 30.0)
+    done = threading.Event()
     try:
         image, prompt = _tiny_case()
-        _interrupt_main_when(log, "POST received" if upload else "GET /jobs/J1")
+        done = _interrupt_main_when(log, "POST received" if upload else "GET /jobs/J1")
         t0 = time.monotonic()
         with pytest.raises(KeyboardInterrupt):
             RemoteModel(url, timeout=120, poll_interval=0.05, method="copy").propagate(image, prompt, (1, 1, 1))
@@ -50,6 +56,7 @@ def test_ctrl_c_at_the_command_line_leaves_no_job_on_the_server_and_does_not_wai
             time.sleep(0.05)
         assert "DELETE /jobs/J1" in log  # the job the upload made is deleted
     finally:
+        done.set()
         server.shutdown()
 
 

@@ -25,12 +25,13 @@ def test_a_stand_in_server_s_late_errors_reach_no_later_test_s_output(capfd):
         def log_message(self, *args):
             pass
 
+    before = set(threading.enumerate())
     server = local_http_server(Hanging)
     client = threading.Thread(target=lambda: _get_ignoring_errors(f"http://127.0.0.1:{server.server_port}/"),
                               daemon=True)
     client.start()
     assert reached.wait(10)
-    handlers = [t for t in threading.enumerate() if t is not threading.current_thread() and t is not client]
+    handlers = [t for t in threading.enumerate() if t not in before and t is not client]  # this server's
     server.shutdown()  # sets `stopping`: the handler ends now, not 30 s later in another test
     for t in handlers:
         t.join(10)
@@ -92,3 +93,25 @@ def test_fuse_scales_of_channels_last_logits_is_the_same_arithmetic():
                                 if lg.shape[-1] != 64 else lg for lg in logits) / 4, dim=1)[:, 1]
     assert not torch.allclose(aligned, want, atol=1e-3)  # the two upsamplings differ: the option is used
     assert torch.allclose(fuse_scales(logits, 64, align_corners=True), aligned, atol=1e-6)
+
+
+def test_serve_run_inside_a_program_leaves_the_server_logger_as_it_found_it(monkeypatch, capsys):
+    """An audit (session 39): `serve` called in-process (tests, a notebook) left its stderr handler
+    on the server's logger, with propagate off: later log lines went into a closed capture
+    ("--- Logging error ---" in other tests' output) and pytest 8's caplog saw none of them (two
+    tests of test_server.py failed after this one)."""
+    import logging
+    import socket
+
+    from PAMSegmentLib import checkpoints
+    from PAMSegmentLib.cli import main
+
+    log = logging.getLogger("pamsegment.server")
+    found = (list(log.handlers), log.level, log.propagate)
+    monkeypatch.setattr(checkpoints, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert main(["serve", "--port", str(busy.getsockname()[1])]) == 2
+    assert "is in use" in capsys.readouterr().err
+    assert (list(log.handlers), log.level, log.propagate) == found
