@@ -708,8 +708,13 @@ def test_the_command_runs_main_through_its_entry_point(monkeypatch, capsys):
     from PAMSegmentLib.__main__ import run
 
     monkeypatch.setattr(sys, "argv", ["pamsegment", "--version"])
-    with pytest.raises(SystemExit) as exit_:
-        run()
+    found = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            run()
+    finally:  # (the command's own handlers: it ends the process)
+        for sig, handler in found.items():
+            signal.signal(sig, handler)
     assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"pamsegment {__version__}"
 
 
