@@ -312,8 +312,9 @@ def fuse_scales(logits: list[torch.Tensor], size: int, align_corners: bool = Fal
         # In the layer order a channels-last network leaves them, torch's bilinear upsampling of these
         # 2-channel maps took 3.5 times as long (about 170 against 45 us at 128 px on an Intel Xeon),
         # and the sums and softmax after it mixed both orders: in plain order it is the same
-        # arithmetic (results equal within 1e-6) and the default network 7 % faster per slice at
-        # batch 1 (session 39, README Benchmarks).
+        # arithmetic (results equal within 1e-6); with the plain first-layer weights (checkpoints.
+        # _for_inference) the default network is 4 % faster per slice at batch 1 (session 39,
+        # README Benchmarks).
         lg = lg.contiguous()
         up = lg if lg.shape[-1] == size else F.interpolate(lg, size=(size, size), mode="bilinear",
                                                           align_corners=align_corners)
