@@ -899,7 +899,11 @@ def _on_segmentation_grid(labelmap, segmentation_node, segment_id: str | None = 
     to_theirs = np.linalg.inv(b) @ a
     footprint = slicer.vtkOrientedImageData()
     footprint.SetImageToWorldMatrix(slicer.util.vtkMatrixFromArray(b))
-    footprint.SetExtent(*_footprint_extent(labelmap.GetExtent(), to_theirs))
+    # And within it only the box that holds the result or the segment's voxels: elsewhere both are
+    # empty and the write changes nothing. The whole footprint cost the volume's voxels times the
+    # oversampling factor cubed: x3 on a 512 x 512 x 200 CT, 13 s and 2.5 GB on the GUI thread for
+    # a small result (1.4 G voxels; under a memory limit Slicer aborted; session 39).
+    footprint.SetExtent(*_written_extent(labelmap, to_theirs, b, segmentation_node, segment_id))
     resampled = slicer.vtkOrientedImageData()
     slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
         labelmap, footprint, resampled, False, False)
@@ -909,6 +913,52 @@ def _on_segmentation_grid(labelmap, segmentation_node, segment_id: str | None = 
     if segment_id is not None and not axis_aligned:
         _keep_segment_outside_footprint(resampled, labelmap, segmentation_node, segment_id)
     return resampled
+
+
+def _written_extent(labelmap, to_theirs: np.ndarray, b: np.ndarray, segmentation_node,
+                    segment_id: str | None) -> tuple[int, ...]:
+    """The extent, on the segmentation's grid (image-to-world ``b``), that the result ``labelmap``
+    (``to_theirs``: its ijk to that grid's) is written into: its footprint there, cut to the box
+    around the result's voxels and the segment's own (a voxel of neither is 0 before and after)."""
+    import vtk  # noqa: PLC0415
+
+    full = _footprint_extent(labelmap.GetExtent(), to_theirs)
+    boxes = []
+    result = _content_extent(labelmap)
+    if result is not None:
+        boxes.append(_footprint_extent(result, to_theirs))
+    own = _segment_own_voxels(segmentation_node, segment_id) if segment_id is not None else None
+    held = _content_extent(own) if own is not None else None
+    if held is not None:
+        matrix = vtk.vtkMatrix4x4()
+        own.GetImageToWorldMatrix(matrix)
+        boxes.append(_footprint_extent(held, np.linalg.inv(b) @ _slicer().util.arrayFromVTKMatrix(matrix)))
+    if not boxes:
+        return tuple(v for a in range(3) for v in (full[2 * a], full[2 * a]))  # nothing to write: one voxel
+    lo = [max(full[2 * a], min(box[2 * a] for box in boxes)) for a in range(3)]
+    hi = [min(full[2 * a + 1], max(box[2 * a + 1] for box in boxes)) for a in range(3)]
+    if any(h < low for low, h in zip(lo, hi)):  # the segment's voxels all outside the volume, no result
+        return tuple(v for a in range(3) for v in (full[2 * a], full[2 * a]))
+    return tuple(v for a in range(3) for v in (lo[a], hi[a]))
+
+
+def _content_extent(image) -> tuple[int, ...] | None:
+    """The VTK extent of the box around ``image``'s non-zero voxels; None when it has none."""
+    from vtk.util import numpy_support  # noqa: PLC0415
+
+    e = image.GetExtent()
+    scalars = image.GetPointData().GetScalars()
+    if scalars is None or any(e[2 * a + 1] < e[2 * a] for a in range(3)):
+        return None
+    voxels = numpy_support.vtk_to_numpy(scalars).reshape(e[5] - e[4] + 1, e[3] - e[2] + 1, e[1] - e[0] + 1)
+    ks = np.flatnonzero(voxels.any(axis=(1, 2)))
+    if ks.size == 0:
+        return None
+    part = voxels[ks[0]:ks[-1] + 1]
+    js = np.flatnonzero(part.any(axis=(0, 2)))
+    is_ = np.flatnonzero(part[:, js[0]:js[-1] + 1].any(axis=(0, 1)))
+    return (e[0] + int(is_[0]), e[0] + int(is_[-1]), e[2] + int(js[0]), e[2] + int(js[-1]),
+            e[4] + int(ks[0]), e[4] + int(ks[-1]))
 
 
 def _keep_segment_outside_footprint(resampled, labelmap, segmentation_node, segment_id: str) -> None:
