@@ -213,7 +213,7 @@ class PAMPredictor(SlicePredictor):
             from .baselines import IntensityGate
 
             self.gate = IntensityGate.from_prompt(_smoothed(volume[prompt_index]), prompt_mask,
-                                                  k=self.gate_k, sd_floor=self.gate_sd_floor)
+                                                  k=self.gate_k, sd_floor=self.gate_sd_floor, raw=volume[prompt_index])
         self._origin_gates = {int(prompt_index): self.gate}  # drawn slice -> its drift-test statistics
 
     @property
@@ -240,7 +240,7 @@ class PAMPredictor(SlicePredictor):
             if len(self._guide_gates) >= 4:  # a walk uses at most a few guides at a time
                 self._guide_gates.pop(next(iter(self._guide_gates)))
             self._guide_gates[key] = IntensityGate.from_prompt(_smoothed(volume[guide_index]), mask, k=self.gate_k,
-                                                               sd_floor=self.gate_sd_floor) \
+                                                               sd_floor=self.gate_sd_floor, raw=volume[guide_index]) \
                 if mask.any() else self.gate
         return self._guide_gates[key]
 
@@ -262,7 +262,7 @@ class PAMPredictor(SlicePredictor):
         if origin not in self._origin_gates:
             mask = np.asarray(guide_mask, dtype=bool)
             self._origin_gates[origin] = IntensityGate.from_prompt(
-                _smoothed(volume[origin]), mask, k=self.gate_k, sd_floor=self.gate_sd_floor) \
+                _smoothed(volume[origin]), mask, k=self.gate_k, sd_floor=self.gate_sd_floor, raw=volume[origin]) \
                 if origin == int(guide_index) and mask.any() else self.gate
         return self._origin_gates[origin]
 

@@ -6,6 +6,8 @@ import http.server
 import threading
 import urllib.request
 
+import pytest
+
 from doubles import local_http_server
 
 
@@ -115,3 +117,79 @@ def test_serve_run_inside_a_program_leaves_the_server_logger_as_it_found_it(monk
         assert main(["serve", "--port", str(busy.getsockname()[1])]) == 2
     assert "is in use" in capsys.readouterr().err
     assert (list(log.handlers), log.level, log.propagate) == found
+
+
+def _padded_ct(padding: float):
+    """A CT whose voxels outside the scanner's circular field of view hold ``padding``; a large
+    organ (100 HU in 40 HU tissue) on slices 8-32 of 40, drawn on slice 20."""
+    import numpy as np
+
+    shape = (40, 128, 128)
+    zz, yy, xx = np.indices(shape)
+    body = ((yy - 64) / 55.0) ** 2 + ((xx - 64) / 60.0) ** 2 <= 1
+    organ = ((zz - 20) / 12.0) ** 2 + ((yy - 55) / 28.0) ** 2 + ((xx - 43) / 30.0) ** 2 <= 1
+    fov = (yy - 64) ** 2 + (xx - 64) ** 2 <= 63 ** 2
+    base = np.where(organ, 100.0, np.where(body, 40.0, -1000.0)) + np.random.default_rng(0).normal(0, 15, shape)
+    prompt = np.zeros(shape, np.uint8)
+    prompt[20] = organ[20]
+    return np.where(fov, base, padding).astype(np.float32), prompt, organ
+
+
+@pytest.mark.parametrize("method", ["copy", "track"])
+@pytest.mark.parametrize("padding", [-1024.0, -2048.0, -32768.0])
+def test_padding_outside_a_ct_s_field_of_view_does_not_move_where_a_walk_stops(method, padding):
+    """A trial (session 39): with -2048, -3024 or -32768 outside the field of view (as several
+    vendors store it), the drift test's floor (2 % of the slice's range) grew until the tissue
+    around the organ passed as the organ: `track` and `copy` ran through all 40 slices (the organ's
+    8-32 with -1024). The padding plateau is left out of that range now."""
+    import numpy as np
+
+    from PAMSegmentLib.baselines import get_predictor
+    from PAMSegmentLib.propagate import propagate
+
+    image, prompt, organ = _padded_ct(padding)
+    result = propagate(image, prompt, (3.0, 1.5, 1.5), get_predictor(method), threads=1)
+    filled = np.flatnonzero(result.mask.any(axis=(1, 2)))
+    assert 7 <= filled[0] <= 10 and 30 <= filled[-1] <= 33, (filled[0], filled[-1])
+    dice = 2 * np.count_nonzero(result.mask.astype(bool) & organ) / (np.count_nonzero(result.mask) + organ.sum())
+    assert dice > 0.9
+
+
+def test_a_zero_background_or_air_at_minus_1024_is_no_padding():
+    """The padding rule's limits: a masked image's zero background (the evaluation's MNI template)
+    and CT air clamped at -1024 beside air near -1000 stay in the range; -2048 beyond the air is out,
+    with the 3 px its smoothed edge blurs."""
+    import numpy as np
+
+    from PAMSegmentLib.baselines import _padding
+
+    rng = np.random.default_rng(1)
+    yy, xx = np.indices((100, 100))
+    inside = (yy - 50) ** 2 + (xx - 50) ** 2 <= 40 ** 2
+    tissue = rng.normal(120, 20, (100, 100)).clip(40, None)
+    assert _padding(np.where(inside, tissue, 0.0)) is None  # zero background: image content
+    air = rng.normal(-1000, 15, (100, 100))
+    assert _padding(np.maximum(np.where(inside, tissue, air), -1024.0)) is None  # clamped air
+    padded = np.where(inside, tissue, -2048.0)
+    padded[:, 45:55] = np.where(inside[:, 45:55], tissue[:, 45:55], air[:, 45:55])  # air across the middle
+    found = _padding(padded)
+    assert found is not None and found[padded == -2048.0].all()
+    assert not found[inside & ((yy - 50) ** 2 + (xx - 50) ** 2 <= 36 ** 2)].any()  # 3 px from the edge at most
+
+
+def test_the_network_s_drift_test_has_the_same_statistics_whatever_the_padding():
+    """The default method's drift test takes its floor from the whole drawn slice, padding and all:
+    with -32768 outside the field of view its SD was 657 HU against 23 with -1024, its in-range
+    window 16 times as wide (the network's own object-present output then stopped the walk alone)."""
+    import numpy as np
+
+    from PAMSegmentLib.baselines import get_predictor
+
+    gates = {}
+    for padding in (-1024.0, -2048.0, -32768.0):
+        image, prompt, _ = _padded_ct(padding)
+        predictor = get_predictor("pam")
+        predictor.begin(image, 20, prompt[20])
+        gates[padding] = np.array([predictor.gate.median, predictor.gate.sd, predictor.gate.low, predictor.gate.high])
+    np.testing.assert_allclose(gates[-2048.0], gates[-1024.0], rtol=0.05)
+    np.testing.assert_allclose(gates[-32768.0], gates[-1024.0], rtol=0.05)
