@@ -83,10 +83,11 @@ class IntensityGate:
 
     @classmethod
     def from_prompt(cls, image_slice: np.ndarray, mask: np.ndarray, k: float = 2.0,
-                    min_inside: float = 0.5, sd_floor: float = 0.02, raw: np.ndarray | None = None
-                    ) -> "IntensityGate":
+                    min_inside: float = 0.5, sd_floor: float = 0.02, raw: np.ndarray | None = None,
+                    padding: np.ndarray | bool | None = None) -> "IntensityGate":
         """``image_slice``: the (smoothed) slice the statistics are taken on; ``raw``: the same slice
-        as stored, where a padding plateau is found (exact values: smoothing blurs its edge)."""
+        as stored, where a padding plateau is found (exact values: smoothing blurs its edge), or
+        ``padding``: where it is (``_padding`` of a larger slice this one is cut from; False: none)."""
         vals = np.asarray(image_slice, dtype=np.float64)[np.asarray(mask, dtype=bool)]
         if vals.size == 0:
             raise InputError("the prompt slice's mask is empty")
@@ -94,8 +95,10 @@ class IntensityGate:
         mad = 1.4826 * float(np.median(np.abs(vals - med)))
         q1, q99, q25, q75 = np.percentile(vals, [1, 99, 25, 75])
         whole = np.asarray(image_slice, dtype=np.float64)
-        padding = _padding(np.asarray(raw if raw is not None else image_slice))
-        s1, s99 = np.percentile(whole if padding is None else whole[~padding], [1, 99])
+        if padding is None:
+            padding = _padding(np.asarray(raw if raw is not None else image_slice))
+        kept = whole if padding is None or padding is False or np.all(padding) else whole[~np.asarray(padding)]
+        s1, s99 = np.percentile(kept, [1, 99])
         floor = max(sd_floor * float(s99 - s1), 1e-6 * abs(med), 1e-300)  # relative: any unit of the values
         sd = max(mad, float(q75 - q25) / 1.349, floor)
         return cls(med, sd, float(q1) - k * sd * 0.5, float(q99) + k * sd * 0.5, k, min_inside)
@@ -116,7 +119,7 @@ class IntensityGate:
 
 def _padding(raw: np.ndarray) -> np.ndarray | None:
     """Where a slice holds padding (with 3 px around it, which a smoothed copy blurs), or None: its
-    minimum, when that is a negative value held by 1 % of the pixels or more and lying apart from all
+    minimum, when that is a negative value held by 0.1 % of the pixels or more and lying apart from all
     others by over a tenth of their 1-99 % range (a CT's -2048, -3024 or -32768 outside the scanner's
     field of view). Air clamped at -1024 beside air at -1000 is none; neither is noise down to a
     minimum, nor a zero background (a masked MR or template: image content, as the evaluation's MNI
@@ -132,7 +135,7 @@ def _padding(raw: np.ndarray) -> np.ndarray | None:
         return None
     at = raw == low
     n = int(np.count_nonzero(at))
-    if n < 0.01 * raw.size or n == raw.size:
+    if n < 0.001 * raw.size or n == raw.size:  # (smoothed, 0.3 % of padding moved the 1st percentile)
         return None
     rest = raw[~at].astype(np.float64)
     r1, r99 = np.percentile(rest, [1, 99])
@@ -192,9 +195,14 @@ class _ClassicalPredictor(SlicePredictor):
         sl = _crop_around(mask, 0.5, 8)
         if sl is None:
             raise InputError("a drawn slice's mask is empty")
-        # Statistics on the lightly smoothed slice: the same smoothing is applied to queries.
+        # Statistics on the lightly smoothed slice: the same smoothing is applied to queries. Padding
+        # is looked for on the whole slice: a crop may hold too little of it to be found, yet enough,
+        # smoothed, to widen the gate; and in a crop of soft tissue a few voxels of air clamped at
+        # -1024 would pass for a plateau far below the rest (374 crops of the evaluation's structures).
+        padding = _padding(image_slice)
+        padding = False if padding is None else padding[sl]
         gate = IntensityGate.from_prompt(self._smooth(image_slice[sl]), mask[sl], k=self.k,
-                                         min_inside=self.min_inside, raw=image_slice[sl])
+                                         min_inside=self.min_inside, padding=padding)
         return {"gate": gate, "area": int(mask.sum())}
 
     def begin(self, volume, prompt_index, prompt_mask):

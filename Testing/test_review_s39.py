@@ -49,7 +49,7 @@ def _get_ignoring_errors(url):
         pass
 
 
-def test_single_channel_convolutions_keep_the_plain_weight_order_on_the_cpu():
+def test_single_channel_convolutions_keep_the_plain_weight_order_on_the_cpu(monkeypatch):
     """Session 39: in channels-last order a one-input-channel convolution's weights (the image
     encoders' first layer, run on every query slice) sent torch to its own kernel at 4 times the
     time. They keep the plain order; every other convolution stays channels-last; outputs as before."""
@@ -58,6 +58,7 @@ def test_single_channel_convolutions_keep_the_plain_weight_order_on_the_cpu():
     from PAMSegmentLib.checkpoints import _for_inference
     from PAMSegmentLib.network import build_network
 
+    monkeypatch.delenv("PAMSEGMENT_CHANNELS_LAST", raising=False)  # (set to 0, all stay plain)
     torch.manual_seed(0)
     plain = build_network("small").eval()
     net = _for_inference(build_network("small"), "cpu")
@@ -193,3 +194,28 @@ def test_the_network_s_drift_test_has_the_same_statistics_whatever_the_padding()
         gates[padding] = np.array([predictor.gate.median, predictor.gate.sd, predictor.gate.low, predictor.gate.high])
     np.testing.assert_allclose(gates[-2048.0], gates[-1024.0], rtol=0.05)
     np.testing.assert_allclose(gates[-32768.0], gates[-1024.0], rtol=0.05)
+
+
+@pytest.mark.parametrize("method", ["copy", "track"])
+def test_a_small_organ_by_the_edge_of_the_field_of_view_stops_with_padding_too(method):
+    """A re-review (session 39): the baselines looked for padding in the crop around the drawing,
+    where a small organ by the edge of the field of view leaves under 1 % of it (0.9 % here): not
+    found, yet smoothed it moved the 1st percentile, and `track`/`copy` ran through all 40 slices
+    again (the organ: 13-27). Padding is found on the whole drawn slice now."""
+    import numpy as np
+
+    from PAMSegmentLib.baselines import get_predictor
+    from PAMSegmentLib.propagate import propagate
+
+    zz, yy, xx = np.indices((40, 128, 128))
+    organ = ((zz - 20) / 8.0) ** 2 + ((yy - 32.1) / 6.0) ** 2 + ((xx - 30.8) / 6.0) ** 2 <= 1
+    image, prompt, _ = _padded_ct(-32768.0)
+    body = ((yy - 64) / 55.0) ** 2 + ((xx - 64) / 60.0) ** 2 <= 1
+    fov = (yy - 64) ** 2 + (xx - 64) ** 2 <= 63 ** 2
+    image = np.where(fov, np.where(organ, 100.0, np.where(body, 40.0, -1000.0)), -32768.0).astype(np.float32)
+    image += np.where(fov, np.random.default_rng(0).normal(0, 15, image.shape), 0.0).astype(np.float32)
+    prompt[:] = 0
+    prompt[20] = organ[20]
+    result = propagate(image, prompt, (3.0, 1.5, 1.5), get_predictor(method), threads=1)
+    filled = np.flatnonzero(result.mask.any(axis=(1, 2)))
+    assert 12 <= filled[0] <= 14 and 26 <= filled[-1] <= 28, (filled[0], filled[-1])
