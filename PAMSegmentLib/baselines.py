@@ -97,7 +97,11 @@ class IntensityGate:
         whole = np.asarray(image_slice, dtype=np.float64)
         if padding is None:
             padding = _padding(np.asarray(raw if raw is not None else image_slice))
-        kept = whole if padding is None or padding is False or np.all(padding) else whole[~np.asarray(padding)]
+        if padding is not None and padding is not False:
+            padding = np.asarray(padding, dtype=bool)  # (0/1 integers: ~ would be a bitwise NOT)
+            if padding.shape != whole.shape:
+                raise InputError(f"the padding mask has shape {padding.shape}, the slice {whole.shape}")
+        kept = whole if padding is None or padding is False or padding.all() else whole[~padding]
         s1, s99 = np.percentile(kept, [1, 99])
         floor = max(sd_floor * float(s99 - s1), 1e-6 * abs(med), 1e-300)  # relative: any unit of the values
         sd = max(mad, float(q75 - q25) / 1.349, floor)

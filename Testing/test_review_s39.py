@@ -219,3 +219,26 @@ def test_a_small_organ_by_the_edge_of_the_field_of_view_stops_with_padding_too(m
     result = propagate(image, prompt, (3.0, 1.5, 1.5), get_predictor(method), threads=1)
     filled = np.flatnonzero(result.mask.any(axis=(1, 2)))
     assert 12 <= filled[0] <= 14 and 26 <= filled[-1] <= 28, (filled[0], filled[-1])
+
+
+def test_a_padding_mask_of_integers_or_of_another_shape():
+    """A re-review (session 39): `IntensityGate.from_prompt(padding=)` took a 0/1 integer mask as
+    indices (~ is a bitwise NOT there): silently no padding, or an IndexError for uint8."""
+    import numpy as np
+
+    from PAMSegmentLib.baselines import IntensityGate
+    from PAMSegmentLib.errors import InputError
+
+    rng = np.random.default_rng(0)
+    image = rng.normal(40, 15, (64, 64))
+    image[:, :8] = -32768.0
+    mask = np.zeros((64, 64), bool)
+    mask[20:40, 20:40] = True
+    padding = np.zeros((64, 64), bool)
+    padding[:, :11] = True
+    want = IntensityGate.from_prompt(image, mask, padding=padding)
+    assert want.sd < 25  # (without the padding left out: about 650)
+    for given in (padding.astype(np.int64), padding.astype(np.uint8)):
+        assert IntensityGate.from_prompt(image, mask, padding=given) == want
+    with pytest.raises(InputError, match=r"the padding mask has shape \(64, 32\), the slice \(64, 64\)"):
+        IntensityGate.from_prompt(image, mask, padding=padding[:, :32])
