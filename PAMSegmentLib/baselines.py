@@ -127,7 +127,8 @@ def _padding(raw: np.ndarray) -> np.ndarray | None:
     others by over a tenth of their 1-99 % range (a CT's -2048, -3024 or -32768 outside the scanner's
     field of view). Air clamped at -1024 beside air at -1000 is none; neither is noise down to a
     minimum, nor a zero background (a masked MR or template: image content, as the evaluation's MNI
-    template and brains have it, whose results stay as they were).
+    template and brains have it, whose results stay as they were); a constant negative background (a
+    z-scored image) or a CT masked to the body at exactly -1024 is taken for padding (README).
     Left in, it widened the drift test's floor (2 % of the slice's range: 660 HU with -32768) until
     the tissue around an organ passed as the organ: a session-39 trial's `track` ran through all 40
     slices of a CT padded with -2048, 23 (the organ's) with -1024."""
