@@ -865,8 +865,9 @@ def write_segment_mask(mask: np.ndarray, grid: VolumeGrid, segmentation_node, se
                                                                  to_segmentation)
             slicer.vtkOrientedImageDataResample.TransformOrientedImage(labelmap, to_segmentation)
 
-    labelmap = _on_segmentation_grid(labelmap, segmentation_node, segment_id)
-    labelmap = _with_segment_outside(labelmap, segmentation_node, segment_id)
+    own = _segment_own_voxels(segmentation_node, segment_id)  # (a copy of its layer: made once per write)
+    labelmap = _on_segmentation_grid(labelmap, segmentation_node, own)
+    labelmap = _with_segment_outside(labelmap, own)
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     if not logic.SetBinaryLabelmapToSegment(labelmap, segmentation_node, segment_id, logic.MODE_REPLACE,
                                             labelmap.GetExtent()):
@@ -875,20 +876,21 @@ def write_segment_mask(mask: np.ndarray, grid: VolumeGrid, segmentation_node, se
                        f'"{segment.GetName() if segment is not None else segment_id}"')
 
 
-def _on_segmentation_grid(labelmap, segmentation_node, segment_id: str | None = None):
+def _on_segmentation_grid(labelmap, segmentation_node, own=None):
     """``labelmap`` resampled (nearest neighbour) onto the segmentation's own grid (its reference
     image geometry, where the Segment Editor paints) when that grid is not the volume's: stored on
     the volume's grid, the segment would be resampled as a whole by the next editor stroke, and
-    every slice would then look edited to *Update from my edits*. Unchanged when the grids match."""
+    every slice would then look edited to *Update from my edits*. Unchanged when the grids match.
+    ``own``: the segment's own voxels (``_segment_own_voxels``), or None."""
     slicer = _slicer()
     import vtk  # noqa: PLC0415
 
     b = _reference_geometry_matrix(segmentation_node)
     if b is None:
         return labelmap
-    own = vtk.vtkMatrix4x4()
-    labelmap.GetImageToWorldMatrix(own)
-    a = slicer.util.arrayFromVTKMatrix(own)
+    matrix = vtk.vtkMatrix4x4()
+    labelmap.GetImageToWorldMatrix(matrix)
+    a = slicer.util.arrayFromVTKMatrix(matrix)
     if np.allclose(a[:3, :3], b[:3, :3], atol=1e-6):
         # Same axes and voxel size: the grids coincide if the origins differ by whole voxels.
         offset = np.linalg.solve(b[:3, :3], a[:3, 3] - b[:3, 3])
@@ -903,23 +905,23 @@ def _on_segmentation_grid(labelmap, segmentation_node, segment_id: str | None = 
     # empty and the write changes nothing. The whole footprint cost the volume's voxels times the
     # oversampling factor cubed: x3 on a 512 x 512 x 200 CT, 13 s and 2.5 GB on the GUI thread for
     # a small result (1.4 G voxels; under a memory limit Slicer aborted; session 39).
-    footprint.SetExtent(*_written_extent(labelmap, to_theirs, b, segmentation_node, segment_id))
+    footprint.SetExtent(*_written_extent(labelmap, to_theirs, b, own))
     resampled = slicer.vtkOrientedImageData()
     slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
         labelmap, footprint, resampled, False, False)
     # Each axis of one grid along an axis of the other: the box is the footprint. Otherwise
     # (rotated grids) the box's corners lie outside the volume and keep what the segment holds.
     axis_aligned = bool(((np.abs(to_theirs[:3, :3]) > 1e-6).sum(axis=1) == 1).all())
-    if segment_id is not None and not axis_aligned:
-        _keep_segment_outside_footprint(resampled, labelmap, segmentation_node, segment_id)
+    if own is not None and not axis_aligned:
+        _keep_segment_outside_footprint(resampled, labelmap, own)
     return resampled
 
 
-def _written_extent(labelmap, to_theirs: np.ndarray, b: np.ndarray, segmentation_node,
-                    segment_id: str | None) -> tuple[int, ...]:
+def _written_extent(labelmap, to_theirs: np.ndarray, b: np.ndarray, own) -> tuple[int, ...]:
     """The extent, on the segmentation's grid (image-to-world ``b``), that the result ``labelmap``
     (``to_theirs``: its ijk to that grid's) is written into: its footprint there, cut to the box
-    around the result's voxels and the segment's own (a voxel of neither is 0 before and after)."""
+    around the result's voxels and the segment's own (``own``: ``_segment_own_voxels``; a voxel of
+    neither is 0 before and after)."""
     import vtk  # noqa: PLC0415
 
     full = _footprint_extent(labelmap.GetExtent(), to_theirs)
@@ -927,7 +929,6 @@ def _written_extent(labelmap, to_theirs: np.ndarray, b: np.ndarray, segmentation
     result = _content_extent(labelmap)
     if result is not None:
         boxes.append(_footprint_extent(result, to_theirs))
-    own = _segment_own_voxels(segmentation_node, segment_id) if segment_id is not None else None
     held = _content_extent(own) if own is not None else None
     if held is not None:
         matrix = vtk.vtkMatrix4x4()
@@ -961,10 +962,10 @@ def _content_extent(image) -> tuple[int, ...] | None:
             e[4] + int(ks[0]), e[4] + int(ks[-1]))
 
 
-def _keep_segment_outside_footprint(resampled, labelmap, segmentation_node, segment_id: str) -> None:
+def _keep_segment_outside_footprint(resampled, labelmap, own) -> None:
     """On a grid rotated against the volume's, the box around the volume's footprint also holds
-    voxels outside the volume: there ``resampled`` (the result) takes what the segment holds, so
-    the replace write leaves it unchanged outside the volume."""
+    voxels outside the volume: there ``resampled`` (the result) takes what the segment holds
+    (``own``: ``_segment_own_voxels``), so the replace write leaves it unchanged outside the volume."""
     slicer = _slicer()
     from vtk.util import numpy_support  # noqa: PLC0415
 
@@ -976,9 +977,6 @@ def _keep_segment_outside_footprint(resampled, labelmap, segmentation_node, segm
     resample(ones, resampled, inside_image, False, False)
     inside = numpy_support.vtk_to_numpy(inside_image.GetPointData().GetScalars()) > 0
     if inside.all():
-        return
-    own = _segment_own_voxels(segmentation_node, segment_id)
-    if own is None:
         return
     current = slicer.vtkOrientedImageData()
     resample(own, resampled, current, False, False)
@@ -1019,21 +1017,19 @@ def _segment_own_voxels(segmentation_node, segment_id: str):
     return own
 
 
-def _with_segment_outside(labelmap, segmentation_node, segment_id: str):
+def _with_segment_outside(labelmap, own):
     """``labelmap`` (the result on the volume's grid, in the segmentation's coordinates), widened to
-    keep the segment's own voxels that lie outside it: Slicer's replace write replaces the whole
-    segment, so without this a propagation on a cropped volume would erase the rest of the segment.
-    Returns ``labelmap`` itself when the segment has nothing outside it."""
+    keep the segment's own voxels (``own``: ``_segment_own_voxels``, or None) that lie outside it:
+    Slicer's replace write replaces the whole segment, so without this a propagation on a cropped
+    volume would erase the rest of the segment. Returns ``labelmap`` itself when the segment has
+    nothing outside it."""
     slicer = _slicer()
     from vtk.util import numpy_support  # noqa: PLC0415
 
-    own = _segment_own_voxels(segmentation_node, segment_id)
-    if own is None:
+    held = _content_extent(own) if own is not None else None
+    if held is None:
         return labelmap
-    voxels = numpy_support.vtk_to_numpy(own.GetPointData().GetScalars())
-    if not voxels.any():
-        return labelmap
-    if _content_inside(own, voxels, labelmap):
+    if _content_inside(own, held, labelmap):
         return labelmap  # the usual case, decided without resampling the whole segment
     widened = slicer.vtkOrientedImageData()
     # Nearest neighbour onto the result's grid, padded to the segment's whole extent.
@@ -1052,19 +1048,14 @@ def _with_segment_outside(labelmap, segmentation_node, segment_id: str):
     return widened
 
 
-def _content_inside(image, voxels: np.ndarray, labelmap) -> bool:
-    """Whether the non-zero ``voxels`` of oriented ``image`` all lie within ``labelmap``'s extent
-    (the corners of their index bounding box, mapped through both image-to-world matrices)."""
+def _content_inside(image, held: tuple[int, ...], labelmap) -> bool:
+    """Whether the non-zero voxels of oriented ``image`` (``held``: their index box, from
+    ``_content_extent``) all lie within ``labelmap``'s extent (the box's corners mapped through both
+    image-to-world matrices)."""
     slicer = _slicer()
     import vtk  # noqa: PLC0415
 
-    ext = image.GetExtent()
-    arr = voxels.reshape(ext[5] - ext[4] + 1, ext[3] - ext[2] + 1, ext[1] - ext[0] + 1)
-    box = []
-    for axis in (2, 1, 0):  # i, j, k
-        nz = np.flatnonzero(arr.any(axis=tuple(a for a in range(3) if a != axis)))
-        box.append((nz[0] + ext[2 * (2 - axis)], nz[-1] + ext[2 * (2 - axis)]))
-    corners = np.array([[i, j, k, 1.0] for i in box[0] for j in box[1] for k in box[2]]).T
+    corners = np.array([[i, j, k, 1.0] for i in held[0:2] for j in held[2:4] for k in held[4:6]]).T
     m_image, m_labelmap = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
     image.GetImageToWorldMatrix(m_image)
     labelmap.GetImageToWorldMatrix(m_labelmap)
