@@ -841,12 +841,23 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self.pollTimer.stop()
         if job.state == "finished":
+            from PAMSegmentLib.errors import NotEnoughMemory
+
             try:
-                segmentId = self.logic.finishPropagation(
-                    job, beforeWrite=lambda: self._saveStateForUndo(job.segmentation_node))
+                try:
+                    segmentId = self.logic.finishPropagation(
+                        job, beforeWrite=lambda: self._saveStateForUndo(job.segmentation_node))
+                except NotEnoughMemory as exc:  # on a finer segmentation grid (Specify geometry): nothing written
+                    if not slicer.util.confirmOkCancelDisplay(
+                            f"{_sentence(exc.reason)}\n\nWrite it anyway now?",
+                            windowTitle="PAMSegment: not enough memory"):
+                        raise
+                    segmentId = self.logic.finishPropagation(
+                        job, beforeWrite=lambda: self._saveStateForUndo(job.segmentation_node), memoryCheck=False)
             except Exception as exc:
                 job.cancel()  # the result is dropped: nothing is left to cancel or write
-                self._setStatus(f"Result not written: {exc}", "error")
+                self._setStatus(f"Result not written: {exc.reason if isinstance(exc, NotEnoughMemory) else exc}",
+                                "error")
                 self.ui.progressBar.setFormat("not written")
                 self.updatePromptLabel()  # the "Updating from your slices" line no longer applies
             else:
@@ -1108,10 +1119,12 @@ class PAMSegmentLogic(ScriptedLoadableModuleLogic):
         job.modelKey = key
         return job.start()
 
-    def finishPropagation(self, job, beforeWrite=None):
+    def finishPropagation(self, job, beforeWrite=None, memoryCheck=None):
         """Write a finished job's result (main thread) and remember it; returns the segment id written.
-        ``beforeWrite()`` runs once the write is certain, right before it (e.g. saving an undo state)."""
-        segmentId = job.apply(history=self.history, before_write=beforeWrite)
+        ``beforeWrite()`` runs once the write is certain, right before it (e.g. saving an undo state).
+        ``memoryCheck`` False writes a result refused (NotEnoughMemory) because its labelmap on a finer
+        segmentation grid would not fit in the memory free now (None: the job's own setting)."""
+        segmentId = job.apply(history=self.history, before_write=beforeWrite, memory_check=memoryCheck)
         if job.modelKey is not None and job.model is not None:
             self._models = {job.modelKey: job.model}  # keep one model: the official one is ~320 MB
         return segmentId

@@ -822,7 +822,8 @@ def _unique_segment_name(segmentation, base: str) -> str:
 
 def write_segment_mask(mask: np.ndarray, grid: VolumeGrid, segmentation_node, segment_id: str,
                        volume_node=None) -> None:
-    """Replace the segment's content inside the volume's extent by ``mask`` (k, j, i) in one call.
+    """Replace the segment's content inside the volume's extent by ``mask`` (k, j, i) in one call
+    (``result_labelmap``, then ``_write_labelmap``).
 
     Uses the Segment Editor's own write (``SetBinaryLabelmapToSegment``, replace mode) rather than
     ``slicer.util.updateSegmentBinaryLabelmapFromArray``: the latter places the array on the
@@ -834,6 +835,18 @@ def write_segment_mask(mask: np.ndarray, grid: VolumeGrid, segmentation_node, se
     segment is stored on the segmentation's own grid (its reference geometry) when that differs from
     the volume's, as the Segment Editor's effects store it.
     """
+    _write_labelmap(result_labelmap(mask, grid, segmentation_node, segment_id, volume_node), segmentation_node,
+                    segment_id)
+
+
+def result_labelmap(mask: np.ndarray, grid: VolumeGrid, segmentation_node, segment_id: str | None, volume_node=None,
+                    check_memory: str | None = None):
+    """The labelmap ``write_segment_mask`` hands to Slicer's replace write: ``mask`` (k, j, i) on the
+    segmentation's coordinates and grid, widened to keep what segment ``segment_id`` (None: a segment
+    not added yet, which holds nothing) holds outside the volume. Changes nothing in the scene, so a
+    job's ``apply`` makes it before anything is changed. ``check_memory``: what the write is for, to
+    refuse it (``NotEnoughMemory``) where the labelmap on a finer segmentation grid would not fit in
+    the memory free now (``check_write_memory``)."""
     slicer = _slicer()
     import vtk  # noqa: PLC0415
     from vtk.util import numpy_support  # noqa: PLC0415
@@ -865,9 +878,15 @@ def write_segment_mask(mask: np.ndarray, grid: VolumeGrid, segmentation_node, se
                                                                  to_segmentation)
             slicer.vtkOrientedImageDataResample.TransformOrientedImage(labelmap, to_segmentation)
 
-    own = _segment_own_voxels(segmentation_node, segment_id)  # (a copy of its layer: made once per write)
-    labelmap = _on_segmentation_grid(labelmap, segmentation_node, own)
-    labelmap = _with_segment_outside(labelmap, own)
+    # (a copy of its layer: made once per write)
+    own = _segment_own_voxels(segmentation_node, segment_id) if segment_id is not None else None
+    labelmap = _on_segmentation_grid(labelmap, segmentation_node, own, check_memory)
+    return _with_segment_outside(labelmap, own)
+
+
+def _write_labelmap(labelmap, segmentation_node, segment_id: str) -> None:
+    """Slicer's replace write of ``labelmap`` (``result_labelmap``) into the segment: one change."""
+    slicer = _slicer()
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     if not logic.SetBinaryLabelmapToSegment(labelmap, segmentation_node, segment_id, logic.MODE_REPLACE,
                                             labelmap.GetExtent()):
@@ -876,12 +895,13 @@ def write_segment_mask(mask: np.ndarray, grid: VolumeGrid, segmentation_node, se
                        f'"{segment.GetName() if segment is not None else segment_id}"')
 
 
-def _on_segmentation_grid(labelmap, segmentation_node, own=None):
+def _on_segmentation_grid(labelmap, segmentation_node, own=None, check_memory: str | None = None):
     """``labelmap`` resampled (nearest neighbour) onto the segmentation's own grid (its reference
     image geometry, where the Segment Editor paints) when that grid is not the volume's: stored on
     the volume's grid, the segment would be resampled as a whole by the next editor stroke, and
     every slice would then look edited to *Update from my edits*. Unchanged when the grids match.
-    ``own``: the segment's own voxels (``_segment_own_voxels``), or None."""
+    ``own``: the segment's own voxels (``_segment_own_voxels``), or None. ``check_memory``: what the
+    write is for, to refuse it (``check_write_memory``) before anything is resampled."""
     slicer = _slicer()
     import vtk  # noqa: PLC0415
 
@@ -906,12 +926,15 @@ def _on_segmentation_grid(labelmap, segmentation_node, own=None):
     # oversampling factor cubed: x3 on a 512 x 512 x 200 CT, 13 s and 2.5 GB on the GUI thread for
     # a small result (1.4 G voxels; under a memory limit Slicer aborted; session 39).
     footprint.SetExtent(*_written_extent(labelmap, to_theirs, b, own))
-    resampled = slicer.vtkOrientedImageData()
-    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
-        labelmap, footprint, resampled, False, False)
     # Each axis of one grid along an axis of the other: the box is the footprint. Otherwise
     # (rotated grids) the box's corners lie outside the volume and keep what the segment holds.
     axis_aligned = bool(((np.abs(to_theirs[:3, :3]) > 1e-6).sum(axis=1) == 1).all())
+    if check_memory is not None:
+        check_write_memory(footprint.GetDimensions(), labelmap.GetDimensions(), axis_aligned,
+                           abs(np.linalg.det(a[:3, :3]) / np.linalg.det(b[:3, :3])) ** (1 / 3), check_memory)
+    resampled = slicer.vtkOrientedImageData()
+    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+        labelmap, footprint, resampled, False, False)
     if own is not None and not axis_aligned:
         _keep_segment_outside_footprint(resampled, labelmap, own)
     return resampled
@@ -1251,6 +1274,41 @@ def check_read_memory(volume_node, what: str, job: bool = True) -> None:
     raise refusal if job else NotEnoughMemory(refusal.reason + ".", reason=refusal.reason + ".")
 
 
+# Writing a result onto a segmentation grid that is not the volume's (Segment Editor > Specify
+# geometry) holds, a voxel of the box written on that grid: the resampled result and Slicer's
+# replace write into the segment's layer, 3.4-3.6 bytes measured on slicer-core at oversampling 2,
+# 3 and 4 (boxes of 9-74 M voxels; session 40); on a grid rotated against the volume's, two more
+# 1-byte images of the box and a 1-byte copy of the result on the volume's grid (the footprint test).
+WRITE_BYTES_PER_VOXEL = 4
+WRITE_ROTATED_BYTES_PER_VOXEL = 6
+
+
+def check_write_memory(box_ijk, volume_ijk, axis_aligned: bool, finer: float, what: str) -> None:
+    """Refuse (``NotEnoughMemory``) writing a result whose labelmap on the segmentation's grid (the
+    box ``box_ijk`` voxels there; ``volume_ijk`` the result's dimensions on the volume's grid,
+    ``finer`` how many times as fine the segmentation's voxels are along an axis) would not fit in the
+    memory free now: VTK ends the whole process on an allocation that fails (std::bad_alloc; a
+    whole-volume result at oversampling 4 needs some 60 bytes a volume voxel). Nothing is changed
+    before this check. ``what``: what the write is for."""
+    box = math.prod(int(n) for n in box_ijk)
+    need = box * (WRITE_BYTES_PER_VOXEL if axis_aligned else WRITE_ROTATED_BYTES_PER_VOXEL)
+    need += 0 if axis_aligned else math.prod(int(n) for n in volume_ijk)
+    free = _memory_free_now()
+    if free is None or need <= free:
+        return
+    from .volumes import _mb_or_gb  # noqa: PLC0415
+
+    grid = (f"{finer:.2g} times as fine as the volume's along each axis" if finer > 1.01 else
+            "not the volume's grid")
+    text = (f"{what}: the result on the segmentation's own grid ({grid}: Segment Editor > Specify geometry) is "
+            f"{' x '.join(str(int(n)) for n in box_ijk)} voxels and needs about {_mb_or_gb(need)} to write, and about "
+            f"{_mb_or_gb(free)} is free now, so the system could stop Slicer, unsaved work and all. Nothing was "
+            "changed. Save your work, close other programs or data you do not need, or lower the segmentation's "
+            "oversampling (Specify geometry) and propagate again")
+    raise NotEnoughMemory(f"{text}; to write it anyway, pass memory_check=False (to apply() or when the job is made; "
+                          "memoryCheck=False to the module's Logic)", reason=text)
+
+
 def _not_enough_memory(what: str, size_ijk, needs: str, free: int, advice: str) -> NotEnoughMemory:
     """The refusal of a job short of memory (``check_read_memory``, ``check_job_memory``): ``needs``
     what it needs, ``advice`` what to do beside closing other programs."""
@@ -1355,6 +1413,7 @@ class SegmentPropagation:
         self._voxels_mtime = _voxels_mtime(volume_node)
         self.segmentation_node = segmentation_node
         self._placement = _placement(volume_node, segmentation_node)  # apply() refuses if either moved
+        self.memory_check = memory_check  # (also apply()'s default: the write on a finer segmentation grid)
         self.segment_id = segment_id
         self.segment_name = segment_name
         self.mode = mode
@@ -1693,7 +1752,8 @@ class SegmentPropagation:
                 return False
         return True
 
-    def apply(self, history: "PropagationHistory | None" = None, before_write=None) -> str:
+    def apply(self, history: "PropagationHistory | None" = None, before_write=None,
+              memory_check: bool | None = None) -> str:
         """Write the result into the segmentation (main thread only); returns the segment id written.
 
         In "replace" mode the prompt segment is replaced inside the volume's extent; in "new" mode a
@@ -1704,9 +1764,13 @@ class SegmentPropagation:
         write (for ``undo_last``) and the result is remembered for ``SegmentUpdate`` and the review.
         ``before_write()`` is called once every check has passed, right before the write (the panel
         saves the Segment Editor's undo state there, so a refused write leaves no empty undo step).
+        ``memory_check`` (None: the job's own setting) False writes a result refused because its
+        labelmap on a finer segmentation grid would not fit in the memory free now
+        (``check_write_memory``; the job stays finished, so apply can be called again).
         """
         if threading.current_thread() is not threading.main_thread():
             raise PAMError("apply() must run on the main thread (it writes MRML nodes)")
+        check_flag("memory_check", memory_check, optional=True)
         if self.applied_segment_id is not None:
             return self.applied_segment_id
         with self._lock:  # a cancel() from another thread from now on is too late (it waits for no write)
@@ -1717,7 +1781,7 @@ class SegmentPropagation:
                 raise PAMError(f"this {self.kind}'s result is being written already")
             self._applying, self._cancel_while_applying = True, False
         try:
-            return self._apply(history, before_write)
+            return self._apply(history, before_write, self.memory_check if memory_check is None else memory_check)
         finally:
             with self._lock:
                 self._applying = False
@@ -1727,7 +1791,7 @@ class SegmentPropagation:
                     self.result = None
                     self._finish("cancelled", "cancelled; the segmentation was not changed")
 
-    def _apply(self, history, before_write) -> str:
+    def _apply(self, history, before_write, memory_check: bool) -> str:
         self._check_scene_unchanged()
         mask = self.result.mask  # (write_segment_mask writes its voxels > 0)
         node = self.segmentation_node
@@ -1740,6 +1804,10 @@ class SegmentPropagation:
             if before is None:  # never replace what could not be saved for Undo
                 raise PAMError(f'the state of segment "{self.segment_name}" could not be saved for Undo; '
                                "nothing was changed (choose the new-segment output instead)")
+        # made (and checked for memory) before anything changes; a new segment holds nothing yet
+        labelmap = result_labelmap(mask, self.grid, node, self.segment_id if self.mode == "replace" else None,
+                                   self.volume_node, check_memory=(f'writing "{self.segment_name}"' if memory_check
+                                                                   else None))
         if before_write is not None:
             before_write()
         target = self.segment_id if self.mode == "replace" else None  # (new mode: once the segment is added)
@@ -1749,7 +1817,7 @@ class SegmentPropagation:
             try:
                 if self.mode == "new":
                     target = _add_result_segment(node, self.segment_id)
-                write_segment_mask(mask, self.grid, node, target, self.volume_node)
+                _write_labelmap(labelmap, node, target)
             finally:
                 node.EndModify(was_modifying)
             if history is not None:

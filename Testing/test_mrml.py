@@ -914,7 +914,7 @@ def test_a_failed_write_in_new_mode_leaves_no_segment_behind(scene_with_prompt, 
     def refuse(*args, **kwargs):
         raise PAMError("Slicer could not write the result (simulated)")
 
-    monkeypatch.setattr(mrml, "write_segment_mask", refuse)
+    monkeypatch.setattr(mrml, "_write_labelmap", refuse)
     history = mrml.PropagationHistory()
     with pytest.raises(PAMError, match="simulated"):
         job.apply(history=history)

@@ -92,7 +92,7 @@ def test_a_cancel_from_another_thread_while_the_result_is_written_comes_too_late
     segmentation was not changed" and no Undo; one during apply's checks gave an AttributeError."""
     job, seg, sid, vol, truth = _finished_job(mrml_scene)
     history = PropagationHistory()
-    real = mrml.write_segment_mask
+    real = mrml._write_labelmap
     seen = []
 
     def write_while_cancelled(*args, **kwargs):
@@ -102,7 +102,7 @@ def test_a_cancel_from_another_thread_while_the_result_is_written_comes_too_late
         seen.append((job.state, job.cancellable))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(mrml, "write_segment_mask", write_while_cancelled)
+    monkeypatch.setattr(mrml, "_write_labelmap", write_while_cancelled)
     assert job.apply(history=history) == sid
     assert seen == [("finished", False)]  # no Cancel offered while writing, and the one sent changed nothing
     assert job.state == "finished" and job.result is not None
@@ -144,7 +144,7 @@ def test_ctrl_c_while_a_new_segment_is_written_removes_it_again(mrml_scene, monk
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(mrml, "write_segment_mask", interrupted)
+    monkeypatch.setattr(mrml, "_write_labelmap", interrupted)
     with pytest.raises(KeyboardInterrupt):
         job.apply(history=PropagationHistory())
     assert list(seg.GetSegmentation().GetSegmentIDs()) == ids

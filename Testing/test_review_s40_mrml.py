@@ -1,0 +1,116 @@
+"""Session 40, the Slicer side: writing a result onto a finer segmentation grid is checked for memory."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest_mrml import *  # noqa: F401,F403 - fixtures (mrml_scene)
+from conftest_mrml import assert_same_labelmap, ellipsoid, internal_labelmap_state, make_segmentation, make_volume_node
+from PAMSegmentLib import mrml
+from PAMSegmentLib.baselines import get_predictor
+from PAMSegmentLib.errors import NotEnoughMemory
+from test_review_s31 import _oversample
+
+SHAPE = (20, 40, 40)
+MiB = 2**20
+
+
+@pytest.fixture
+def oversampled_ball(mrml_scene):
+    """A ball drawn on slice 10 of a 40 x 40 x 20 volume, its segmentation oversampled 3 times."""
+    truth = ellipsoid(SHAPE, (10, 20, 20), (6, 10, 10))
+    volume = make_volume_node((truth * 100.0).astype(np.int16), name="ct")
+    prompt = np.zeros(SHAPE, np.uint8)
+    prompt[10] = truth[10]
+    seg, ids = make_segmentation(volume, {"ball": prompt})
+    _oversample(seg, volume, 3.0)
+    return volume, seg, ids["ball"], truth
+
+
+def _finished(job):
+    job.start()
+    assert job.wait(60) and job.state == "finished", job.error
+    return job
+
+
+@pytest.mark.parametrize("mode", ["replace", "new"])
+def test_a_result_too_large_for_the_memory_free_on_a_finer_grid_is_refused_before_anything_changes(
+        oversampled_ball, monkeypatch, mode):
+    """Session 39 narrowed the write on an oversampled segmentation grid to the box around the
+    result, yet a large result there still needs some 4 bytes a voxel of that box on the fine grid
+    (measured 3.4-3.6): a whole-volume result at oversampling 4 on a 512 x 512 x 200 CT is 3.4 G
+    voxels, and VTK ends Slicer on an allocation that fails. The job's own memory check counts the
+    volume's grid only. Now the write is checked first and refused with nothing changed (no undo
+    step either), and written when told to."""
+    volume, seg, sid, truth = oversampled_ball
+    job = _finished(mrml.SegmentPropagation(volume, seg, sid, mode=mode, model=get_predictor("copy")))
+    result = job.result.mask > 0
+    ks, js, is_ = (np.flatnonzero(result.any(axis=other)) for other in ((1, 2), (0, 2), (0, 1)))
+    box = (ks[-1] - ks[0] + 1) * (js[-1] - js[0] + 1) * (is_[-1] - is_[0] + 1) * 27  # on the x3 grid
+    need = box * mrml.WRITE_BYTES_PER_VOXEL
+    assert need > 400_000  # (the copy baseline's result spans several slices: 4 bytes x 130 k voxels)
+    before = internal_labelmap_state(seg, sid)
+    segments_before = seg.GetSegmentation().GetNumberOfSegments()
+    calls = []
+    monkeypatch.setattr(mrml, "_memory_free_now", lambda: need - 1)
+    with pytest.raises(NotEnoughMemory) as info:
+        job.apply(history=mrml.PropagationHistory(), before_write=lambda: calls.append("before_write"))
+    reason = info.value.reason
+    assert reason.startswith('writing "ball": the result on the segmentation\'s own grid (3 times as fine as the '
+                             "volume's along each axis: Segment Editor > Specify geometry) is ")
+    assert f"needs about {need / MiB:,.0f} MB to write" in reason and "Nothing was changed" in reason
+    assert "memory_check=False" in str(info.value) and "memory_check" not in reason  # (the panel shows the reason)
+    assert calls == [] and job.state == "finished" and job.applied_segment_id is None
+    assert seg.GetSegmentation().GetNumberOfSegments() == segments_before
+    assert_same_labelmap(internal_labelmap_state(seg, sid), before)
+
+    monkeypatch.setattr(mrml, "_memory_free_now", lambda: need)  # just enough: written
+    written = job.apply(history=mrml.PropagationHistory(), before_write=lambda: calls.append("before_write"))
+    assert calls == ["before_write"] and (written == sid) == (mode == "replace")
+    np.testing.assert_array_equal(mrml.segment_mask(seg, written, volume) > 0, result)
+
+
+def test_told_to_the_refused_write_goes_ahead_and_a_grid_like_the_volumes_is_not_checked(oversampled_ball,
+                                                                                        monkeypatch):
+    volume, seg, sid, truth = oversampled_ball
+    job = _finished(mrml.SegmentPropagation(volume, seg, sid, model=get_predictor("copy")))
+    monkeypatch.setattr(mrml, "_memory_free_now", lambda: 1000)
+    with pytest.raises(NotEnoughMemory):
+        job.apply()
+    assert job.apply(memory_check=False) == sid
+    np.testing.assert_array_equal(mrml.segment_mask(seg, sid, volume) > 0, job.result.mask > 0)
+    with pytest.raises(ValueError, match="memory_check"):
+        job.apply(memory_check="no")  # (a flag; checked even after the write: it is the call's argument)
+
+    # a job made with memory_check=False writes without the check too (the panel's "Run it anyway")
+    monkeypatch.setattr(mrml, "_memory_free_now", lambda: 10**12)
+    other = mrml.segment_mask(seg, sid, volume)
+    other[:] = 0
+    other[10] = truth[10]
+    seg2, ids = make_segmentation(volume, {"ball": other})
+    _oversample(seg2, volume, 3.0)
+    job2 = _finished(mrml.SegmentPropagation(volume, seg2, ids["ball"], model=get_predictor("copy"),
+                                             memory_check=False))
+    monkeypatch.setattr(mrml, "_memory_free_now", lambda: 1000)
+    assert job2.apply() == ids["ball"]
+
+    # on the volume's own grid nothing is resampled, so nothing is checked at write time
+    plain, ids3 = make_segmentation(volume, {"ball": other})
+    monkeypatch.setattr(mrml, "_memory_free_now", lambda: 10**12)
+    job3 = _finished(mrml.SegmentPropagation(volume, plain, ids3["ball"], model=get_predictor("copy")))
+    monkeypatch.setattr(mrml, "_memory_free_now", lambda: 1)
+    assert job3.apply() == ids3["ball"]
+
+
+def test_the_write_estimate_counts_the_rotated_grids_footprint_test(monkeypatch):
+    """On a grid rotated against the volume's the write also holds two more images of the box and
+    a copy of the result on the volume's grid: 6 bytes a box voxel + 1 a volume voxel."""
+    monkeypatch.setattr(mrml, "_memory_free_now", lambda: 10 * 20 * 30 * 6 + 5 * 5 * 5 - 1)
+    with pytest.raises(NotEnoughMemory, match="not the volume's grid"):
+        mrml.check_write_memory((10, 20, 30), (5, 5, 5), False, 1.0, "writing")
+    monkeypatch.setattr(mrml, "_memory_free_now", lambda: 10 * 20 * 30 * 6 + 5 * 5 * 5)
+    mrml.check_write_memory((10, 20, 30), (5, 5, 5), False, 1.0, "writing")
+    mrml.check_write_memory((10, 20, 30), (5, 5, 5), True, 2.0, "writing")  # aligned: 4 bytes a voxel fit
+    monkeypatch.setattr(mrml, "_memory_free_now", lambda: None)  # the system does not say: not refused
+    mrml.check_write_memory((10**4, 10**4, 10**4), (5, 5, 5), True, 4.0, "writing")
