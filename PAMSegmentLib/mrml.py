@@ -1805,9 +1805,16 @@ class SegmentPropagation:
                 raise PAMError(f'the state of segment "{self.segment_name}" could not be saved for Undo; '
                                "nothing was changed (choose the new-segment output instead)")
         # made (and checked for memory) before anything changes; a new segment holds nothing yet
-        labelmap = result_labelmap(mask, self.grid, node, self.segment_id if self.mode == "replace" else None,
-                                   self.volume_node, check_memory=(f'writing "{self.segment_name}"' if memory_check
-                                                                   else None))
+        try:
+            labelmap = result_labelmap(mask, self.grid, node, self.segment_id if self.mode == "replace" else None,
+                                       self.volume_node, check_memory=(f'writing "{self.segment_name}"' if memory_check
+                                                                       else None))
+        except Exception as exc:
+            if isinstance(exc, PAMError):
+                raise
+            log.exception("PAMSegment: preparing the %s of %s for writing failed", self.kind, self.segment_id)
+            raise PAMError(f"the result could not be written ({type(exc).__name__}: {str(exc)[:200] or 'no details'}); "
+                           "nothing was changed") from exc
         if before_write is not None:
             before_write()
         target = self.segment_id if self.mode == "replace" else None  # (new mode: once the segment is added)

@@ -114,3 +114,25 @@ def test_the_write_estimate_counts_the_rotated_grids_footprint_test(monkeypatch)
     mrml.check_write_memory((10, 20, 30), (5, 5, 5), True, 2.0, "writing")  # aligned: 4 bytes a voxel fit
     monkeypatch.setattr(mrml, "_memory_free_now", lambda: None)  # the system does not say: not refused
     mrml.check_write_memory((10**4, 10**4, 10**4), (5, 5, 5), True, 4.0, "writing")
+
+
+def test_a_failure_while_the_result_is_prepared_is_one_message_and_changes_nothing(oversampled_ball, monkeypatch,
+                                                                                    caplog):
+    """The result's labelmap is now made before the write's try (which takes a write back and says
+    so): an unexpected failure there (numpy's MemoryError has no text) is still one message."""
+    import logging
+
+    volume, seg, sid, truth = oversampled_ball
+    job = _finished(mrml.SegmentPropagation(volume, seg, sid, model=get_predictor("copy")))
+    before = internal_labelmap_state(seg, sid)
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(mrml, "_on_segmentation_grid", out_of_memory)
+    with caplog.at_level(logging.CRITICAL, logger="PAMSegmentLib.mrml"):
+        with pytest.raises(mrml.PAMError, match=r"^the result could not be written \(MemoryError: no details\); "
+                                                r"nothing was changed$"):
+            job.apply(history=mrml.PropagationHistory())
+    assert_same_labelmap(internal_labelmap_state(seg, sid), before)
+    assert job.state == "finished" and job.applied_segment_id is None
