@@ -568,6 +568,13 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         network = self._method() == "pam"
         missing = self.logic.missingRequirements(network)
         if not missing:
+            problem = self.logic.torchLoadError() if network else None
+            if problem is not None:  # installed, but it does not load: the buttons did nothing, without a word
+                self._setStatus(f"PyTorch is installed but cannot be loaded ({problem}). Reinstall it (the PyTorch "
+                                "extension's PyTorch Utils module; on Windows the Microsoft Visual C++ Redistributable "
+                                "may be missing), or choose Registration tracking or a server, which need no PyTorch "
+                                "here. Nothing was changed.", "error")
+                return False
             if network and not self._devicesListed:  # installed outside this panel: the GPU is offered now
                 self._populateDevices()
             return True
@@ -1012,11 +1019,22 @@ class PAMSegmentLogic(ScriptedLoadableModuleLogic):
         devices = ["cpu"]
         try:
             import torch
-        except ImportError:
+        except Exception:  # not installed, or installed but not loadable (torchLoadError says why)
             return devices
         if torch.cuda.is_available():
             devices.append("cuda")
         return devices
+
+    @staticmethod
+    def torchLoadError():
+        """None when torch imports; otherwise why not, in one line. An installed torch whose native
+        libraries fail to load raises OSError, not ImportError (Windows: "[WinError 126] ... fbgemm.dll",
+        a missing Visual C++ runtime), so the version check finds it installed."""
+        try:
+            import torch  # noqa: F401
+        except Exception as exc:
+            return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        return None
 
     @staticmethod
     def segmentEditorSelection():

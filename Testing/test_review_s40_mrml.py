@@ -136,3 +136,4 @@ def test_a_failure_while_the_result_is_prepared_is_one_message_and_changes_nothi
             job.apply(history=mrml.PropagationHistory())
     assert_same_labelmap(internal_labelmap_state(seg, sid), before)
     assert job.state == "finished" and job.applied_segment_id is None
+

@@ -1,0 +1,52 @@
+"""Session 40: the Slicer panel (on the stand-in Qt of test_module_static), from a desk-check."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest_mrml import *  # noqa: F401,F403 - fixtures (mrml_scene)
+from test_module_static import drawn, module, mrml, panel  # noqa: F401,F811 - fixtures
+
+
+def _torch_fails_to_load(monkeypatch):
+    """``import torch`` raises what an installed torch whose native libraries do not load raises."""
+    import builtins
+    import sys
+
+    real_import = builtins.__import__
+
+    def importing(name, *args, **kwargs):
+        if name == "torch" or name.startswith("torch."):
+            raise OSError('[WinError 126] The specified module could not be found. Error loading "fbgemm.dll"')
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", importing)
+    monkeypatch.delitem(sys.modules, "torch", raising=False)  # (a failed import leaves no module behind)
+
+
+@pytest.mark.parametrize("button", ["propagateButton", "updateButton"])
+def test_a_torch_that_is_installed_but_does_not_load_is_said_in_the_panel(panel, drawn, monkeypatch,  # noqa: F811
+                                                                          button):
+    """A desk-check of the panel (session 40): a torch whose native libraries fail to load raises
+    OSError, not ImportError, so the version check counts it installed and the device lookup raised
+    out of the click handler: Propagate and Update did nothing, without a word (a traceback in the
+    Python console only), and every module entry raised again."""
+    truth, volume, segmentation, segment_id = drawn
+    panel.ui.volumeSelector.setCurrentNode(volume)
+    panel.ui.segmentationSelector.setCurrentNode(segmentation)
+    panel.ui.segmentSelector.setCurrentSegmentID(segment_id)
+    logic = type(panel.logic)
+    monkeypatch.setattr(logic, "missingRequirements", staticmethod(lambda network=True: []))
+    _torch_fails_to_load(monkeypatch)
+    assert logic.availableDevices() == ["cpu"]  # (the deferred lookup on entering the module)
+    getattr(panel, "onPropagate" if button == "propagateButton" else "onUpdate")()
+    text = panel.ui.statusLabel.text
+    assert text.startswith("PyTorch is installed but cannot be loaded (OSError: [WinError 126] The specified module "
+                           'could not be found. Error loading "fbgemm.dll"). Reinstall it')
+    assert text.endswith("Nothing was changed.") and panel.job is None
+
+    panel.ui.trackModelRadioButton.checked = True  # the classical tracker needs no torch: it runs
+    panel.onModelChoiceChanged()
+    panel.onPropagate()
+    assert panel.job is not None and panel.job.kind == "propagation", panel.ui.statusLabel.text
+    assert panel.job.wait(60) and panel.job.state == "finished", panel.job.error
