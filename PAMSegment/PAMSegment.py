@@ -432,8 +432,12 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateButtons()
 
     def _inputs(self):
-        return (self.ui.volumeSelector.currentNode(), self.ui.segmentationSelector.currentNode(),
-                self.ui.segmentSelector.currentSegmentID())
+        segmentation, segmentId = self.ui.segmentationSelector.currentNode(), self.ui.segmentSelector.currentSegmentID()
+        if segmentId and (segmentation is None or segmentation.GetSegmentation().GetSegment(segmentId) is None):
+            # Slicer's segment selector may keep the ID of the last segment once it is deleted (its list
+            # is then empty): no segment, not Propagate on one that is gone
+            segmentId = ""
+        return self.ui.volumeSelector.currentNode(), segmentation, segmentId
 
     def _historyEntry(self):
         """What the session remembers of the selected segment's last propagation, or None."""

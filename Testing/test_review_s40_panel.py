@@ -50,3 +50,21 @@ def test_a_torch_that_is_installed_but_does_not_load_is_said_in_the_panel(panel,
     panel.onPropagate()
     assert panel.job is not None and panel.job.kind == "propagation", panel.ui.statusLabel.text
     assert panel.job.wait(60) and panel.job.state == "finished", panel.job.error
+
+
+def test_a_segment_deleted_while_the_selector_keeps_its_id_is_no_input(panel, drawn):  # noqa: F811
+    """A desk-check (session 40): Slicer's segment selector returns early on a segmentation with no
+    segments, keeping the ID of the segment just deleted; the panel then kept Propagate on for a
+    segment that no longer exists. A segment ID the segmentation does not hold counts as none."""
+    truth, volume, segmentation, segment_id = drawn
+    panel.ui.volumeSelector.setCurrentNode(volume)
+    panel.ui.segmentationSelector.setCurrentNode(segmentation)
+    panel.ui.segmentSelector.setCurrentSegmentID(segment_id)
+    panel.updateButtons()
+    assert panel.ui.propagateButton.enabled
+    segmentation.GetSegmentation().RemoveSegment(segment_id)  # the selector (a stand-in) keeps the ID
+    assert panel.ui.segmentSelector.currentSegmentID() == segment_id
+    panel.updateButtons()
+    panel._refreshPromptLabel()
+    assert not panel.ui.propagateButton.enabled
+    assert panel.ui.promptLabel.text == "Select a volume and a segment drawn on one slice."
