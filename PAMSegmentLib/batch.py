@@ -1039,13 +1039,21 @@ def _run_row(row: BatchRow, model, args, progress=None) -> None:
     replace_together(files, after=written, defer_interrupt=True)
 
 
+LONG_CASE_S = 10.0  # in a log, a case running longer says its progress (``_case_progress``)
+
+
 def _case_progress(bar, every: float = 1.0, lines: bool = False, row=None):
     """A propagation's progress shown after the cases bar (a full-size scan takes minutes), drawn
     at most once a ``every`` seconds (a log of a long batch stays small) and at the case's end.
     ``lines`` (a log, no bar): a server's waits are said on a line of their own, at most once a
-    minute (a batch waiting on a full queue said nothing for as long as it waited)."""
+    minute (a batch waiting on a full queue said nothing for as long as it waited), and a case that
+    runs longer than ``LONG_CASE_S`` says each new 10 % of its progress as propagate does (a 2-minute
+    case of a thin-slice whole-body scan left its log silent for 110 s, a trial, session 40); shorter
+    cases add no line."""
     bar.set_postfix_str("this case 0%", refresh=False)
-    last, said = [time.monotonic()], [0.0]
+    started = time.monotonic()
+    last, said, step = [started], [0.0], [0]
+    name = f"row {row.number if row is not None else '?'}"
 
     def progress(fraction: float, message: str) -> None:
         now = time.monotonic()
@@ -1054,7 +1062,11 @@ def _case_progress(bar, every: float = 1.0, lines: bool = False, row=None):
         if lines:
             if waiting and now - said[0] >= 60:
                 said[0] = now
-                print(f"row {row.number if row is not None else '?'}: {message}", file=sys.stderr, flush=True)
+                print(f"{name}: {message}", file=sys.stderr, flush=True)
+            tenth = int(10 * min(max(fraction, 0.0), 1.0))
+            if tenth > step[0] and now - started >= LONG_CASE_S:
+                step[0] = tenth
+                print(f"{name}: {10 * tenth}%", file=sys.stderr, flush=True)
             return
         if now - last[0] >= every or fraction >= 1.0:
             last[0] = now

@@ -991,7 +991,8 @@ def test_a_batch_in_a_log_says_a_servers_wait_once_a_minute(capsys, monkeypatch)
             clock[0] += 30
         progress(0.2, "server: label 1: slice 3")
     assert capsys.readouterr().err.splitlines() == [
-        "row 4: server: busy, 8 jobs waiting already (it queues at most 8); asking again in 5 s"] * 2
+        "row 4: server: busy, 8 jobs waiting already (it queues at most 8); asking again in 5 s"] * 2 + [
+        "row 4: 20%"]  # (90 s into the case: a long case says its progress, test_review_s40)
 
 
 def test_a_batch_correction_round_with_another_method_says_so_and_plain_updates_are_no_notes(tmp_path, cases,
