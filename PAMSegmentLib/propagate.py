@@ -1656,10 +1656,19 @@ def annotate_update(result: "PropagationResult", previous: "PropagationResult", 
         result.thin[lab] = sorted(thin)
 
 
+# The component labels of at most this many voxels are held at once: cc3d numbers a large object's
+# box with 4-byte labels (its estimate of the labels a box needs passes 65 535 long before the box
+# is large), which was the run's peak for an object on most of every slice (a body outline on
+# 512 x 512 x 1000: 1 GB of labels, the peak 24 % above the memory check's estimate; session 40).
+# 2**24 voxels: 64 slices of 512 x 512 (64 MB), so an organ's box is labelled in one piece.
+KEEP_CONNECTED_CHUNK_VOXELS = 2**24
+
+
 def _keep_connected(mask: np.ndarray, seeds: np.ndarray, connectivity: int = 26) -> np.ndarray:
     """Keep the ``connectivity``-connected components of ``mask`` that touch ``seeds`` (computed on
     the bbox; 26, or 6 as the authors' published walk). In place: ``mask`` is changed and returned
-    (a second full-volume array was 1 B a voxel of the run's peak)."""
+    (a second full-volume array was 1 B a voxel of the run's peak). A box of more than
+    ``KEEP_CONNECTED_CHUNK_VOXELS`` is labelled in slabs along axis 0 (``_keep_connected_slabs``)."""
     if not mask.any():
         return mask
     # The box from the projections (np.nonzero took 24 bytes per object voxel: 324 MB for a
@@ -1671,18 +1680,80 @@ def _keep_connected(mask: np.ndarray, seeds: np.ndarray, connectivity: int = 26)
         sl.append(slice(int(held[0]), int(held[-1]) + 1))
     sl = tuple(sl)
     sub = mask[sl]
+    seeds = seeds[sl]
+    step = max(1, KEEP_CONNECTED_CHUNK_VOXELS // max(1, math.prod(sub.shape[1:])))
+    if step < sub.shape[0]:
+        _keep_connected_slabs(sub, seeds, connectivity, step)
+        return mask
     # Besides the labels, only cc3d's contiguous copy of the box (none when the box is whole slices,
     # read as bytes in place); the seeds and the kept voxels go a slice at a time (two more
     # box-sized temporaries were part of the 9 bytes a voxel of a large object's run, session 34).
     cc = cc3d.connected_components(np.ascontiguousarray(sub).view(np.uint8), connectivity=connectivity)
     keep = np.zeros(int(cc.max()) + 1, dtype=bool)
-    seeds = seeds[sl]
     for k in range(cc.shape[0]):
         keep[cc[k][seeds[k] & sub[k]]] = True
     keep[0] = False
     for k in range(cc.shape[0]):
         sub[k] = keep[cc[k]]  # (sub is a view of mask; outside its box the mask is empty)
     return mask
+
+
+def _keep_connected_slabs(sub: np.ndarray, seeds: np.ndarray, connectivity: int, step: int) -> None:
+    """``_keep_connected`` on the box ``sub`` (in place) in slabs of ``step`` slices: each slab's
+    components are labelled on their own (cc3d), the components of neighbouring slabs that touch
+    across the slabs' boundary are joined (scipy's connected components of that graph), and the
+    slabs are labelled again to keep the joined components that touch ``seeds``. The same result as
+    labelling the whole box at once, holding one slab's labels at a time."""
+    from scipy.sparse import coo_matrix  # noqa: PLC0415
+    from scipy.sparse.csgraph import connected_components  # noqa: PLC0415
+
+    # A voxel of the slice above touches these in-plane offsets of the slice below: 6-connected the
+    # voxel right below, 18 also the four sharing an edge with it, 26 also the four corners.
+    offsets = [(0, 0)] + ([(-1, 0), (1, 0), (0, -1), (0, 1)] if connectivity >= 18 else []) + \
+        ([(-1, -1), (-1, 1), (1, -1), (1, 1)] if connectivity == 26 else [])
+    starts = list(range(0, sub.shape[0], step))
+
+    def labels(start):
+        slab = np.ascontiguousarray(sub[start:start + step]).view(np.uint8)
+        return cc3d.connected_components(slab, connectivity=connectivity, return_N=True)
+
+    offset, touching, pairs, below = [], [], [], None
+    total = 0  # labels of the slabs so far: a slab's label L is L + its offset in the joined graph
+    for start in starts:
+        cc, n = labels(start)
+        offset.append(total)
+        for k in range(cc.shape[0]):
+            hit = cc[k][seeds[start + k] & sub[start + k]]
+            if hit.size:
+                touching.append(np.unique(hit).astype(np.int64) + total)
+        if below is not None:  # the previous slab's last slice against this slab's first
+            first = cc[0]
+            h, w = first.shape
+            codes, base = [], total + int(n) + 1  # each touching pair (below's, this slab's) as one
+            for dj, di in offsets:  # number a * base + b: a 1D unique (pairs' unique took 2 s a box)
+                a = below[max(0, -dj):h - max(0, dj), max(0, -di):w - max(0, di)]
+                b = first[max(0, dj):h - max(0, -dj), max(0, di):w - max(0, -di)]
+                both = (a > 0) & (b > 0)
+                codes.append(a[both] * base + (b[both].astype(np.int64) + total))
+            code = np.unique(np.concatenate(codes))
+            pairs.append(np.stack([code // base, code % base], axis=1))
+        below = np.where(cc[-1] > 0, cc[-1].astype(np.int64) + total, 0)
+        total += int(n)
+        del cc
+    edges = np.concatenate(pairs) if pairs else np.zeros((0, 2), np.int64)
+    graph = coo_matrix((np.ones(len(edges), np.int8), (edges[:, 0], edges[:, 1])), shape=(total + 1, total + 1))
+    _, component = connected_components(graph, directed=False)
+    keep_component = np.zeros(int(component.max()) + 1, dtype=bool)
+    if touching:
+        keep_component[component[np.concatenate(touching)]] = True
+    keep = keep_component[component]
+    keep[0] = False  # (the background: label 0 of every slab)
+    for start, base in zip(starts, offset):
+        cc, _ = labels(start)
+        lookup = keep[base:base + int(cc.max()) + 1].copy()
+        lookup[0] = False
+        for k in range(cc.shape[0]):
+            sub[start + k] = lookup[cc[k]]
 
 
 @dataclass
