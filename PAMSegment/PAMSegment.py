@@ -1141,11 +1141,11 @@ class PAMSegmentLogic(ScriptedLoadableModuleLogic):
         job.modelKey = key
         return job.start()
 
-    def finishPropagation(self, job, beforeWrite=None, memoryCheck=None):
+    def finishPropagation(self, job, beforeWrite=None, memoryCheck=True):
         """Write a finished job's result (main thread) and remember it; returns the segment id written.
         ``beforeWrite()`` runs once the write is certain, right before it (e.g. saving an undo state).
         ``memoryCheck`` False writes a result refused (NotEnoughMemory) because its labelmap on a finer
-        segmentation grid would not fit in the memory free now (None: the job's own setting)."""
+        segmentation grid would not fit in the memory free now."""
         segmentId = job.apply(history=self.history, before_write=beforeWrite, memory_check=memoryCheck)
         if job.modelKey is not None and job.model is not None:
             self._models = {job.modelKey: job.model}  # keep one model: the official one is ~320 MB
@@ -1223,7 +1223,7 @@ class PAMSegmentLogic(ScriptedLoadableModuleLogic):
         job = self.startPropagation(volumeNode, segmentationNode, segmentId, mode=mode, checkpoint=checkpoint,
                                     device=device, range=range, method=method, intensityGate=intensityGate,
                                     server=server, memoryCheck=memoryCheck)
-        return self._waitAndFinish(job, timeout)
+        return self._waitAndFinish(job, timeout, memoryCheck)
 
     def processUpdate(self, volumeNode, segmentationNode, segmentId, checkpoint=None, device="cpu", timeout=3600.0,
                       method="pam", intensityGate=None, server=None, memoryCheck=True):
@@ -1231,10 +1231,10 @@ class PAMSegmentLogic(ScriptedLoadableModuleLogic):
         ``method``, ``intensityGate``, ``server``, ``memoryCheck``: as ``startUpdate``."""
         job = self.startUpdate(volumeNode, segmentationNode, segmentId, checkpoint=checkpoint, device=device,
                                method=method, intensityGate=intensityGate, server=server, memoryCheck=memoryCheck)
-        self._waitAndFinish(job, timeout)
+        self._waitAndFinish(job, timeout, memoryCheck)
         return job
 
-    def _waitAndFinish(self, job, timeout):
+    def _waitAndFinish(self, job, timeout, memoryCheck=True):
         deadline = time.time() + timeout
         while not job.wait(0.05):
             slicer.app.processEvents()
@@ -1247,7 +1247,7 @@ class PAMSegmentLogic(ScriptedLoadableModuleLogic):
             raise job.exception
         if job.state == "cancelled":
             raise RuntimeError(f"{job.kind} cancelled; nothing was changed")
-        return self.finishPropagation(job)
+        return self.finishPropagation(job, memoryCheck=memoryCheck)
 
 
 #

@@ -1026,17 +1026,32 @@ def _segment_own_voxels(segmentation_node, segment_id: str):
     0 elsewhere (a layer may be shared with other segments); None when it stores none."""
     from vtk.util import numpy_support  # noqa: PLC0415
 
+    import vtk  # noqa: PLC0415
+
     segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
     stored = segment.GetRepresentation(_binary_name()) if segment is not None else None
     if stored is None or stored.GetPointData().GetScalars() is None or stored.IsEmpty():
         return None
+    # Only the box of the layer's non-zero voxels: after Specify geometry a layer can span the whole
+    # finer grid (a one-slice drawing on 256 x 256 x 200 at x3: 354 M voxels copied before the write's
+    # memory check; a re-review, session 40).
+    box = _content_extent(stored)
+    if box is None:
+        return None
+    e = stored.GetExtent()
+    layer = numpy_support.vtk_to_numpy(stored.GetPointData().GetScalars()).reshape(
+        e[5] - e[4] + 1, e[3] - e[2] + 1, e[1] - e[0] + 1)
     own = _slicer().vtkOrientedImageData()
-    own.DeepCopy(stored)
-    voxels = numpy_support.vtk_to_numpy(own.GetPointData().GetScalars())
+    own.SetExtent(*box)
+    own.AllocateScalars(stored.GetScalarType(), 1)
+    matrix = vtk.vtkMatrix4x4()
+    stored.GetImageToWorldMatrix(matrix)
+    own.SetImageToWorldMatrix(matrix)
+    voxels = numpy_support.vtk_to_numpy(own.GetPointData().GetScalars()).reshape(
+        box[5] - box[4] + 1, box[3] - box[2] + 1, box[1] - box[0] + 1)
     label = segment.GetLabelValue()
-    for start in range(0, voxels.size, 1 << 22):  # in parts: no boolean copy of a whole layer
-        part = voxels[start:start + (1 << 22)]
-        part[:] = part == label
+    for k in range(voxels.shape[0]):  # a slice at a time: no boolean copy of a whole layer
+        voxels[k] = layer[box[4] - e[4] + k, box[2] - e[2]:box[3] - e[2] + 1, box[0] - e[0]:box[1] - e[0] + 1] == label
     return own
 
 
@@ -1413,7 +1428,6 @@ class SegmentPropagation:
         self._voxels_mtime = _voxels_mtime(volume_node)
         self.segmentation_node = segmentation_node
         self._placement = _placement(volume_node, segmentation_node)  # apply() refuses if either moved
-        self.memory_check = memory_check  # (also apply()'s default: the write on a finer segmentation grid)
         self.segment_id = segment_id
         self.segment_name = segment_name
         self.mode = mode
@@ -1654,6 +1668,9 @@ class SegmentPropagation:
                                  batch_size=self.batch_size, threads=self.threads, **self._engine_options())
             if tuple(result.mask.shape) != self.grid.shape:
                 raise PAMError(f"the engine returned a {result.mask.shape} mask for a {self.grid.shape} volume")
+            from .volumes import trim_heap  # noqa: PLC0415
+
+            trim_heap()  # the run's freed temporaries, before apply() adds the write's (a plain C call)
         except PropagationCancelled:
             with self._lock:
                 self._finish("cancelled", "cancelled; the segmentation was not changed")
@@ -1753,7 +1770,7 @@ class SegmentPropagation:
         return True
 
     def apply(self, history: "PropagationHistory | None" = None, before_write=None,
-              memory_check: bool | None = None) -> str:
+              memory_check: bool = True) -> str:
         """Write the result into the segmentation (main thread only); returns the segment id written.
 
         In "replace" mode the prompt segment is replaced inside the volume's extent; in "new" mode a
@@ -1764,13 +1781,14 @@ class SegmentPropagation:
         write (for ``undo_last``) and the result is remembered for ``SegmentUpdate`` and the review.
         ``before_write()`` is called once every check has passed, right before the write (the panel
         saves the Segment Editor's undo state there, so a refused write leaves no empty undo step).
-        ``memory_check`` (None: the job's own setting) False writes a result refused because its
-        labelmap on a finer segmentation grid would not fit in the memory free now
-        (``check_write_memory``; the job stays finished, so apply can be called again).
+        ``memory_check`` False writes a result refused because its labelmap on a finer segmentation
+        grid would not fit in the memory free now (``check_write_memory``; the job stays finished, so
+        apply can be called again). A job made with ``memory_check=False`` (the panel's "Run it
+        anyway") is still checked here: the write is another risk than the run the user accepted.
         """
         if threading.current_thread() is not threading.main_thread():
             raise PAMError("apply() must run on the main thread (it writes MRML nodes)")
-        check_flag("memory_check", memory_check, optional=True)
+        check_flag("memory_check", memory_check)
         if self.applied_segment_id is not None:
             return self.applied_segment_id
         with self._lock:  # a cancel() from another thread from now on is too late (it waits for no write)
@@ -1781,7 +1799,7 @@ class SegmentPropagation:
                 raise PAMError(f"this {self.kind}'s result is being written already")
             self._applying, self._cancel_while_applying = True, False
         try:
-            return self._apply(history, before_write, self.memory_check if memory_check is None else memory_check)
+            return self._apply(history, before_write, memory_check)
         finally:
             with self._lock:
                 self._applying = False
@@ -1825,6 +1843,7 @@ class SegmentPropagation:
                 if self.mode == "new":
                     target = _add_result_segment(node, self.segment_id)
                 _write_labelmap(labelmap, node, target)
+                del labelmap  # (held while the run is remembered, it was 1 byte a voxel above the job's estimate)
             finally:
                 node.EndModify(was_modifying)
             if history is not None:
@@ -1939,23 +1958,24 @@ def propagate_segment(volume_node, segmentation_node, segment_id: str, *, mode: 
     ``mode="replace"``, a new "<name> (PAM)" segment for ``mode="new"``). ``progress`` is called as
     ``progress(fraction, message)``; ``cancel`` is a ``CancelToken``; ``history`` a
     ``PropagationHistory`` that remembers the result (for ``update_segment`` and ``undo_last``);
-    ``memory_check`` False runs a job refused for memory (``NotEnoughMemory``). Raises InputError,
+    ``memory_check`` False runs a job refused for memory (``NotEnoughMemory``) and writes a result
+    refused for it (``SegmentPropagation.apply``). Raises InputError,
     CheckpointError or PropagationCancelled; on any error the segmentation is unchanged.
     """
     job = SegmentPropagation(volume_node, segmentation_node, segment_id, mode=mode, checkpoint=checkpoint,
                              device=device, range=range, model=model, cancel=cancel, progress=progress,
                              memory_check=memory_check)
-    return _run_and_apply(job, history)
+    return _run_and_apply(job, history, memory_check)
 
 
-def _run_and_apply(job: SegmentPropagation, history) -> str:
+def _run_and_apply(job: SegmentPropagation, history, memory_check: bool = True) -> str:
     job.run()
     if job.state == "cancelled":
         raise PropagationCancelled(f"{job.kind} cancelled; nothing was changed")
     if job.state == "failed":
         job.log_failure()
         raise job.exception
-    return job.apply(history=history)
+    return job.apply(history=history, memory_check=memory_check)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -3081,7 +3101,7 @@ def update_segment(volume_node, segmentation_node, segment_id: str, history: Pro
     error the segmentation is unchanged (``memory_check``: as in ``propagate_segment``)."""
     job = SegmentUpdate(volume_node, segmentation_node, segment_id, history, checkpoint=checkpoint, device=device,
                         model=model, cancel=cancel, progress=progress, memory_check=memory_check)
-    _run_and_apply(job, history)
+    _run_and_apply(job, history, memory_check)
     return job
 
 

@@ -528,13 +528,10 @@ def release_memory() -> None:
     holding about 3 GB. ``malloc_trim`` returns them (Linux with glibc; elsewhere nothing to do)."""
     import gc
 
-    gc.collect()
-    try:
-        import ctypes
+    from .volumes import trim_heap
 
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    gc.collect()
+    trim_heap()
 
 
 def with_gate(model, gate: str | None):

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from conftest_mrml import *  # noqa: F401,F403 - fixtures (mrml_scene)
-from conftest_mrml import assert_same_labelmap, ellipsoid, internal_labelmap_state, make_segmentation, make_volume_node
+from conftest_mrml import (assert_same_labelmap, ellipsoid, internal_labelmap_state, make_segmentation, make_volume_node,
+                           slicer, vtk)
 from PAMSegmentLib import mrml
 from PAMSegmentLib.baselines import get_predictor
 from PAMSegmentLib.errors import NotEnoughMemory
@@ -83,7 +84,9 @@ def test_told_to_the_refused_write_goes_ahead_and_a_grid_like_the_volumes_is_not
     with pytest.raises(ValueError, match="memory_check"):
         job.apply(memory_check="no")  # (a flag; checked even after the write: it is the call's argument)
 
-    # a job made with memory_check=False writes without the check too (the panel's "Run it anyway")
+    # a job made with memory_check=False (the panel's "Run it anyway") is still checked when written
+    # (a re-review: the write is another risk than the run the user accepted); propagate_segment's
+    # memory_check=False is for both
     monkeypatch.setattr(mrml, "_memory_free_now", lambda: 10**12)
     other = mrml.segment_mask(seg, sid, volume)
     other[:] = 0
@@ -93,14 +96,21 @@ def test_told_to_the_refused_write_goes_ahead_and_a_grid_like_the_volumes_is_not
     job2 = _finished(mrml.SegmentPropagation(volume, seg2, ids["ball"], model=get_predictor("copy"),
                                              memory_check=False))
     monkeypatch.setattr(mrml, "_memory_free_now", lambda: 1000)
-    assert job2.apply() == ids["ball"]
+    with pytest.raises(NotEnoughMemory):
+        job2.apply()
+    assert job2.apply(memory_check=False) == ids["ball"]
+    seg3, ids3 = make_segmentation(volume, {"ball": other})
+    _oversample(seg3, volume, 3.0)
+    assert mrml.propagate_segment(volume, seg3, ids3["ball"], model=get_predictor("copy"), memory_check=False,
+                                  history=mrml.PropagationHistory()) == ids3["ball"]
+    np.testing.assert_array_equal(mrml.segment_mask(seg3, ids3["ball"], volume), job.result.mask > 0)
 
     # on the volume's own grid nothing is resampled, so nothing is checked at write time
-    plain, ids3 = make_segmentation(volume, {"ball": other})
+    plain, ids4 = make_segmentation(volume, {"ball": other})
     monkeypatch.setattr(mrml, "_memory_free_now", lambda: 10**12)
-    job3 = _finished(mrml.SegmentPropagation(volume, plain, ids3["ball"], model=get_predictor("copy")))
+    job4 = _finished(mrml.SegmentPropagation(volume, plain, ids4["ball"], model=get_predictor("copy")))
     monkeypatch.setattr(mrml, "_memory_free_now", lambda: 1)
-    assert job3.apply() == ids3["ball"]
+    assert job4.apply() == ids4["ball"]
 
 
 def test_the_write_estimate_counts_the_rotated_grids_footprint_test(monkeypatch):
@@ -137,3 +147,45 @@ def test_a_failure_while_the_result_is_prepared_is_one_message_and_changes_nothi
     assert_same_labelmap(internal_labelmap_state(seg, sid), before)
     assert job.state == "finished" and job.applied_segment_id is None
 
+
+
+def test_the_segments_own_voxels_are_copied_within_their_box_only(oversampled_ball):
+    """A re-review (session 40): after Specify geometry a segment's layer can span the whole finer
+    grid, and the write copied all of it (a one-slice drawing on 256 x 256 x 200 at x3: 354 M
+    voxels, +342 MB) before its memory check. Only the box of the layer's voxels is copied now."""
+    from vtk.util import numpy_support
+
+    volume, seg, sid, truth = oversampled_ball
+    stored = seg.GetSegmentation().GetSegment(sid).GetRepresentation(
+        slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
+    e = stored.GetExtent()
+    layer = numpy_support.vtk_to_numpy(stored.GetPointData().GetScalars()).reshape(
+        e[5] - e[4] + 1, e[3] - e[2] + 1, e[1] - e[0] + 1)
+    ks, js, is_ = (np.flatnonzero(layer.any(axis=other)) for other in ((1, 2), (0, 2), (0, 1)))
+    box = (e[0] + is_[0], e[0] + is_[-1], e[2] + js[0], e[2] + js[-1], e[4] + ks[0], e[4] + ks[-1])
+    assert (e[5] - e[4] + 1) > 3 * (ks[-1] - ks[0] + 1)  # (the layer spans the fine grid, the drawing 3 slices)
+    own = mrml._segment_own_voxels(seg, sid)
+    assert own.GetExtent() == tuple(int(v) for v in box)
+    voxels = numpy_support.vtk_to_numpy(own.GetPointData().GetScalars())
+    assert int(voxels.sum()) == int((layer == seg.GetSegmentation().GetSegment(sid).GetLabelValue()).sum()) > 0
+    m1, m2 = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+    own.GetImageToWorldMatrix(m1)
+    stored.GetImageToWorldMatrix(m2)
+    np.testing.assert_array_equal(slicer.util.arrayFromVTKMatrix(m1), slicer.util.arrayFromVTKMatrix(m2))
+
+
+def test_a_finished_run_gives_its_freed_memory_back_before_the_write(oversampled_ball, monkeypatch):
+    """A re-review (session 40): glibc kept a large run's freed temporaries resident, and the write
+    came on top of them (a body outline on 512 x 512 x 300 with the copy baseline: 530 MB above the
+    job's memory check against its 500 MB estimate; 418 MB after malloc_trim). The worker trims the
+    heap once the engine has returned."""
+    import PAMSegmentLib.volumes as volumes
+
+    volume, seg, sid, truth = oversampled_ball
+    order = []
+    real_engine = mrml._run_engine
+    monkeypatch.setattr(mrml, "_run_engine", lambda *a, **k: (order.append("engine"), real_engine(*a, **k))[1])
+    monkeypatch.setattr(volumes, "trim_heap", lambda: order.append("trim"))
+    job = _finished(mrml.SegmentPropagation(volume, seg, sid, model=get_predictor("copy")))
+    assert order == ["engine", "trim"]
+    job.apply()
