@@ -860,7 +860,8 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                         job, beforeWrite=lambda: self._saveStateForUndo(job.segmentation_node))
                 except NotEnoughMemory as exc:  # on a finer segmentation grid (Specify geometry): nothing written
                     if not slicer.util.confirmOkCancelDisplay(
-                            f"{_sentence(exc.reason)}\n\nWrite it anyway now?",
+                            f"{_sentence(exc.reason)}\n\nWrite it anyway now? (Cancel drops this result and leaves "
+                            "the segmentation as it is.)",
                             windowTitle="PAMSegment: not enough memory"):
                         raise
                     segmentId = self.logic.finishPropagation(
