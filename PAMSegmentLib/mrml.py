@@ -1034,11 +1034,15 @@ def _segment_own_voxels(segmentation_node, segment_id: str):
         return None
     # Only the box of the layer's non-zero voxels: after Specify geometry a layer can span the whole
     # finer grid (a one-slice drawing on 256 x 256 x 200 at x3: 354 M voxels copied before the write's
-    # memory check; a re-review, session 40).
+    # memory check; a re-review, session 40), with a voxel of the layer's zeros around it where the
+    # layer has them: a nearest-neighbour resample of this copy that falls exactly half-way past its
+    # edge (a layer on a grid half a voxel off, or twice as fine) took the edge's 1 instead of the 0 beyond
+    # it, and a replace write added a column of voxels outside the volume (a second re-review).
     box = _content_extent(stored)
     if box is None:
         return None
     e = stored.GetExtent()
+    box = tuple(max(box[a] - 1, e[a]) if a % 2 == 0 else min(box[a] + 1, e[a]) for a in range(6))
     layer = numpy_support.vtk_to_numpy(stored.GetPointData().GetScalars()).reshape(
         e[5] - e[4] + 1, e[3] - e[2] + 1, e[1] - e[0] + 1)
     own = _slicer().vtkOrientedImageData()
@@ -1320,8 +1324,8 @@ def check_write_memory(box_ijk, volume_ijk, axis_aligned: bool, finer: float, wh
             f"{_mb_or_gb(free)} is free now, so the system could stop Slicer, unsaved work and all. Nothing was "
             "changed. Save your work, close other programs or data you do not need, or lower the segmentation's "
             "oversampling (Specify geometry) and propagate again")
-    raise NotEnoughMemory(f"{text}; to write it anyway, pass memory_check=False (to apply() or when the job is made; "
-                          "memoryCheck=False to the module's Logic)", reason=text)
+    raise NotEnoughMemory(f"{text}; to write it anyway, pass memory_check=False to apply() (memoryCheck=False to the "
+                          "module Logic's finishPropagation or process)", reason=text)
 
 
 def _not_enough_memory(what: str, size_ijk, needs: str, free: int, advice: str) -> NotEnoughMemory:

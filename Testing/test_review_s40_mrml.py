@@ -165,7 +165,9 @@ def test_the_segments_own_voxels_are_copied_within_their_box_only(oversampled_ba
     box = (e[0] + is_[0], e[0] + is_[-1], e[2] + js[0], e[2] + js[-1], e[4] + ks[0], e[4] + ks[-1])
     assert (e[5] - e[4] + 1) > 3 * (ks[-1] - ks[0] + 1)  # (the layer spans the fine grid, the drawing 3 slices)
     own = mrml._segment_own_voxels(seg, sid)
-    assert own.GetExtent() == tuple(int(v) for v in box)
+    # (with a voxel of the layer's zeros around the box: test_a_copy_cut_to_its_box_keeps_a_half_voxel_tie_as_it_was)
+    padded = tuple(max(box[a] - 1, e[a]) if a % 2 == 0 else min(box[a] + 1, e[a]) for a in range(6))
+    assert own.GetExtent() == tuple(int(v) for v in padded)
     voxels = numpy_support.vtk_to_numpy(own.GetPointData().GetScalars())
     assert int(voxels.sum()) == int((layer == seg.GetSegmentation().GetSegment(sid).GetLabelValue()).sum()) > 0
     m1, m2 = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
@@ -189,3 +191,43 @@ def test_a_finished_run_gives_its_freed_memory_back_before_the_write(oversampled
     job = _finished(mrml.SegmentPropagation(volume, seg, sid, model=get_predictor("copy")))
     assert order == ["engine", "trim"]
     job.apply()
+
+
+def test_a_copy_cut_to_its_box_keeps_a_half_voxel_tie_as_it_was(mrml_scene):
+    """A second re-review (session 40): with the segment's own voxels cut to exactly their box, a
+    layer on a grid half a voxel off the volume's resampled at a tie took the box's edge voxel (1)
+    where the full copy had the 0 beyond it: writing an empty result inside the volume added a column
+    of 4 voxels to what the segment held outside it (16 voxels instead of 12). A voxel of zeros is
+    kept around the box."""
+    from vtk.util import numpy_support
+
+    vol = slicer.util.addVolumeFromArray(np.zeros((4, 4, 4), np.int16), name="vol")
+    vol.SetIJKToRASMatrix(vtk.vtkMatrix4x4())  # identity: world x 0..3
+    seg = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
+    seg.CreateDefaultDisplayNodes()
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(vol)
+    layer = slicer.vtkOrientedImageData()
+    layer.SetExtent(-6, 9, 0, 3, 0, 3)
+    layer.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(0, 3, 0.5)  # half a voxel off along x (an imported labelmap)
+    layer.SetImageToWorldMatrix(matrix)
+    voxels = numpy_support.vtk_to_numpy(layer.GetPointData().GetScalars()).reshape(4, 4, 16)
+    voxels[:] = 0
+    voxels[1:3, 1:3, 0:3] = 1  # world x -5.5 .. -3.5: outside the volume
+    segment = slicer.vtkSegment()
+    segment.SetName("s")
+    segment.AddRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName(), layer)
+    seg.GetSegmentation().AddSegment(segment, "s")
+
+    mrml.write_segment_mask(np.zeros((4, 4, 4), np.uint8), mrml._grid_of(vol), seg, "s", vol)
+    stored = seg.GetSegmentation().GetSegment("s").GetRepresentation(
+        slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
+    e = stored.GetExtent()
+    held = numpy_support.vtk_to_numpy(stored.GetPointData().GetScalars()).reshape(
+        e[5] - e[4] + 1, e[3] - e[2] + 1, e[1] - e[0] + 1)
+    k, j, i = np.nonzero(held == seg.GetSegmentation().GetSegment("s").GetLabelValue())
+    m = vtk.vtkMatrix4x4()
+    stored.GetImageToWorldMatrix(m)
+    x = slicer.util.arrayFromVTKMatrix(m) @ np.vstack([i + e[0], j + e[2], k + e[4], np.ones_like(i)])
+    assert len(i) == 12 and sorted(set(np.round(x[0], 3))) == [-6.0, -5.0, -4.0]  # re-gridded, nothing added
