@@ -1659,7 +1659,7 @@ def annotate_update(result: "PropagationResult", previous: "PropagationResult", 
 # The component labels of at most this many voxels are held at once: cc3d numbers a large object's
 # box with 4-byte labels (its estimate of the labels a box needs passes 65 535 long before the box
 # is large), which was the run's peak for an object on most of every slice (a body outline on
-# 512 x 512 x 1000: 1 GB of labels, the peak 24 % above the memory check's estimate; session 40).
+# 512 x 512 x 1000: 1 GB of labels, the peak 29 % above the memory check's estimate; session 40).
 # 2**24 voxels: 64 slices of 512 x 512 (64 MB), so an organ's box is labelled in one piece.
 KEEP_CONNECTED_CHUNK_VOXELS = 2**24
 
@@ -1748,9 +1748,9 @@ def _keep_connected_slabs(sub: np.ndarray, seeds: np.ndarray, connectivity: int,
         keep_component[component[np.concatenate(touching)]] = True
     keep = keep_component[component]
     keep[0] = False  # (the background: label 0 of every slab)
-    for start, base in zip(starts, offset):
+    for start, first_label in zip(starts, offset):
         cc, _ = labels(start)
-        lookup = keep[base:base + int(cc.max()) + 1].copy()
+        lookup = keep[first_label:first_label + int(cc.max()) + 1].copy()
         lookup[0] = False
         for k in range(cc.shape[0]):
             sub[start + k] = lookup[cc[k]]
