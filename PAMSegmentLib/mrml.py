@@ -1307,7 +1307,7 @@ def check_write_memory(box_ijk, volume_ijk, axis_aligned: bool, finer: float, wh
     box ``box_ijk`` voxels there; ``volume_ijk`` the result's dimensions on the volume's grid,
     ``finer`` how many times as fine the segmentation's voxels are along an axis) would not fit in the
     memory free now: VTK ends the whole process on an allocation that fails (std::bad_alloc; a
-    whole-volume result at oversampling 4 needs some 60 bytes a volume voxel). Nothing is changed
+    whole-volume result at oversampling 4 needs some 256 bytes a volume voxel). Nothing is changed
     before this check. ``what``: what the write is for."""
     box = math.prod(int(n) for n in box_ijk)
     need = box * (WRITE_BYTES_PER_VOXEL if axis_aligned else WRITE_ROTATED_BYTES_PER_VOXEL)
