@@ -550,7 +550,11 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 todo = "Fix any wrong slice in the Segment Editor, then press Update from my edits."
                 # an edit on thin slices of a finer segmentation grid is seen by no read on the volume's
                 # grid: said here, and Update stays on (it refuses, saying the same)
-                unseen = self.logic.unseenEdits(segmentation, segmentId, volume) if known else ""
+                try:
+                    unseen = self.logic.unseenEdits(segmentation, segmentId, volume) if known else ""
+                except Exception:  # (memory running out hashing a finer grid's layer...): not "no edits"
+                    logging.exception("PAMSegment: checking the segment for edits on its finer grid failed")
+                    unseen, known = "", False  # Update stays on; pressed, it checks again and says why
                 if unseen:
                     todo = unseen
                 elif known and entry.volume_for(volume) is not None:  # read on its volume: no edit for certain

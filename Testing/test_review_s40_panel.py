@@ -68,3 +68,30 @@ def test_a_segment_deleted_while_the_selector_keeps_its_id_is_no_input(panel, dr
     panel._refreshPromptLabel()
     assert not panel.ui.propagateButton.enabled
     assert panel.ui.promptLabel.text == "Select a volume and a segment drawn on one slice."
+
+
+def test_a_failed_check_for_unseen_edits_leaves_update_on_and_says_the_prompt(panel, drawn,  # noqa: F811
+                                                                            monkeypatch, caplog):
+    """A desk-check (session 40): the prompt line's check for edits only a finer segmentation grid
+    shows ran outside the panel's error handling: a failure there (memory running out hashing a
+    large layer) left the prompt line unset and raised out of the refresh timer; and Update must not
+    be switched off as "no edits for certain" when the check could not run."""
+    import logging
+
+    from test_module_static import _propagated
+
+    _propagated(panel, drawn, monkeypatch)
+    logic = type(panel.logic)
+
+    def fails(self, *args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(logic, "unseenEdits", fails)
+    panel._noEditsOf = None
+    panel.ui.promptLabel.text = ""
+    with caplog.at_level(logging.ERROR):
+        panel._refreshPromptLabel()
+    assert panel.ui.promptLabel.text == ("Propagated: PAM result on axial slices 4-16; your slices: 10. Fix any wrong "
+                                         "slice in the Segment Editor, then press Update from my edits.")
+    assert panel._noEditsOf is None  # (not "no edits for certain": Update stays on)
+    assert "checking the segment for edits on its finer grid failed" in caplog.text
