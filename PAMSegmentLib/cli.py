@@ -601,39 +601,48 @@ def read_case(image_path, prompt_path, output, resample: bool, note: Callable[[s
 
 PROPAGATION_FIXED_BYTES = {True: 500 * 2**20, False: 200 * 2**20}  # the process with torch and a network / without
 PROPAGATION_BYTES_PER_VOXEL = 6  # beyond the image's own: the prompt, the result, the masks of a label's walks
+# An update (--previous/--edited) also holds the earlier result and the edited label map (1 byte a
+# voxel each, held through the walks): a scale trial (session 40) measured 151 MB more than a fresh
+# run from the same drawn slices on 512 x 512 x 300.
+UPDATE_BYTES_PER_VOXEL = 2
 
 
-def propagation_memory_bytes(shape, itemsize: int, axis: int, slices: dict, network: bool) -> int:
+def propagation_memory_bytes(shape, itemsize: int, axis: int, slices: dict, network: bool, update: bool = False) -> int:
     """The peak memory of propagating a volume of ``shape`` (``itemsize`` bytes a voxel) along
     ``axis`` from the drawn ``slices`` (per label; ``find_prompt_slices``), measured (session 33):
     the process (about 0.2 GB, 0.5 GB with torch and a network) + the image + 6 bytes a voxel
     (all told, int16, copy: 512 x 512 x 100 1 label 6.3 measured, 4 labels 8.2; a 186-slice object
     of 512 x 512 x 200 7.5; a 296-slice object drawn on 9 of 300 slices 5.8), and between two
     neighbouring drawn slices both walks' float32 probabilities until they are fused (8 bytes a
-    voxel of the largest such gap: one gap is held at a time)."""
+    voxel of the largest such gap: one gap is held at a time); an ``update`` also its two label maps
+    (``UPDATE_BYTES_PER_VOXEL``), its ``slices`` being the update's own (the edits drawn slices too)."""
     import math
 
     voxels = math.prod(int(n) for n in shape)
-    return PROPAGATION_FIXED_BYTES[bool(network)] + int(voxels * _bytes_per_voxel(shape, itemsize, axis, slices))
+    return PROPAGATION_FIXED_BYTES[bool(network)] + int(voxels * _bytes_per_voxel(shape, itemsize, axis, slices,
+                                                                                  update))
 
 
-def _bytes_per_voxel(shape, itemsize: int, axis: int, slices: dict) -> float:
+def _bytes_per_voxel(shape, itemsize: int, axis: int, slices: dict, update: bool = False) -> float:
     """``propagation_memory_bytes`` per voxel of the volume, the fixed part aside."""
     from .checks import largest_gap
 
     gap = largest_gap(slices.values())
-    return int(itemsize) + PROPAGATION_BYTES_PER_VOXEL + 8 * max(gap, 0) / max(int(shape[axis]), 1)
+    return (int(itemsize) + PROPAGATION_BYTES_PER_VOXEL + (UPDATE_BYTES_PER_VOXEL if update else 0)
+            + 8 * max(gap, 0) / max(int(shape[axis]), 1))
 
 
-def check_propagation_memory(image, axis: int, slices: dict, method: str, skip: bool, what: str = "") -> None:
+def check_propagation_memory(image, axis: int, slices: dict, method: str, skip: bool, what: str = "",
+                             update: bool = False) -> None:
     """Refuse (``volumes.check_memory``) a propagation whose peak memory would not fit what this
     process may use, before the walks: it ended in a MemoryError after every slice was predicted
-    (or in the system killing the process)."""
+    (or in the system killing the process). ``update``: a correction run, ``slices`` its own drawn
+    slices (``plan_update``'s prompt: the edited slices are drawn slices of the update)."""
     from .volumes import check_memory
 
     network = method.startswith("pam")
-    need = propagation_memory_bytes(image.array.shape, image.array.dtype.itemsize, axis, slices, network)
-    per_voxel = _bytes_per_voxel(image.array.shape, image.array.dtype.itemsize, axis, slices)
+    need = propagation_memory_bytes(image.array.shape, image.array.dtype.itemsize, axis, slices, network, update)
+    per_voxel = _bytes_per_voxel(image.array.shape, image.array.dtype.itemsize, axis, slices, update)
     size = " x ".join(str(n) for n in image.array.shape[::-1])
 
     def advice(limit: int) -> str:
@@ -716,6 +725,11 @@ def cmd_propagate(args: argparse.Namespace) -> int:
                                     resample=args.resample_prompt, say=lambda text: print(text, flush=True))
         keyframes, empty_slices, axis = plan.prompt, plan.empty_slices, plan.axis
         slice_range = plan.slice_range  # the earlier run's range, from its record, unless --range was given
+        if not args.server:  # again with the update's own drawn slices (edits far from the prompt: a scale
+            # trial's update peaked 28-37 % above the first check, which counted the prompt's alone)
+            update_axis, update_drawn = find_prompt_slices(plan.prompt, axis=plan.axis, labels=plan.labels)
+            check_propagation_memory(image, update_axis, update_drawn, args.method, args.no_memory_check,
+                                     Path(args.image).name, update=True)
     if args.server:  # propagate checks the inputs here, then the server does the work
         from .remote import RemoteModel
 

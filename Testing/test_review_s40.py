@@ -119,3 +119,46 @@ def test_a_long_batch_case_says_its_progress_in_a_log(capsys, monkeypatch):
     assert capsys.readouterr().err.splitlines() == [f"row 2: {p}%" for p in range(10, 101, 10)]
     case(3, 0.05)  # 5 s in all: nothing
     assert capsys.readouterr().err == ""
+
+
+def test_an_update_is_checked_for_memory_with_its_own_drawn_slices(ct_case, monkeypatch, capsys):
+    """A scale trial (session 40): propagate --previous/--edited checked its memory from PROMPT's
+    drawn slices only, before the edits became drawn slices of the update, and without the two label
+    maps the update holds: edits far from the drawing (a 512 x 512 x 1000 body outline corrected on
+    slices 5 and 995) peaked 37 % above the figure checked. The update is checked again with its own
+    slices (the largest gap between them) and 2 bytes a voxel more; batch too."""
+    from PAMSegmentLib import cli, volumes
+    from PAMSegmentLib.volumes import read_volume, write_volume
+
+    mib = 2**20
+    first = ct_case.directory / "first.nii.gz"
+    base = ["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "--method", "copy"]
+    assert cli.main(base + ["-o", str(first)]) == 0
+    result = read_volume(first)
+    edited = result.array.copy()
+    edited[6][:, :22] = 0  # two corrections apart from the prompt (slice 10): half of 6 and of 14 taken off
+    edited[14][:18] = 0
+    result.array = edited
+    edited_path = ct_case.directory / "edited.nii.gz"
+    write_volume(result, edited_path)
+    shape, voxels = ct_case.image.shape, ct_case.image.size
+    plain = cli.propagation_memory_bytes(shape, 2, 0, {1: [10]}, False)
+    update = cli.propagation_memory_bytes(shape, 2, 0, {1: [6, 10, 14]}, False, update=True)
+    assert update == plain + voxels * (2 + 8 * 3 / shape[0])  # the maps, and the 6-10 and 10-14 gaps (3 slices)
+    monkeypatch.setattr(volumes, "memory_budget", lambda: (int(update / 0.9) - mib // 64, None))  # plain fits
+    second = ct_case.directory / "second.nii.gz"
+    args = base + ["-o", str(second), "--previous", str(first), "--edited", str(edited_path)]
+    capsys.readouterr()
+    assert cli.main(args) == 2
+    assert "needs about" in capsys.readouterr().err and not second.exists()
+    monkeypatch.setattr(volumes, "memory_budget", lambda: (int(update / 0.9) + mib // 64, None))  # just enough
+    assert cli.main(args) == 0 and second.exists()
+
+    monkeypatch.setattr(volumes, "memory_budget", lambda: (int(update / 0.9) - mib // 64, None))
+    (ct_case.directory / "cases.csv").write_text(f"image,prompt,previous,edited\n{ct_case.image_path},"
+                                                 f"{ct_case.prompt_path},{first},{edited_path}\n")
+    capsys.readouterr()
+    assert cli.main(["batch", str(ct_case.directory / "cases.csv"), "-o", str(ct_case.directory / "b"),
+                     "--method", "copy"]) != 0
+    said = capsys.readouterr()
+    assert "needs about" in said.out + said.err
