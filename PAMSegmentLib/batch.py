@@ -1001,13 +1001,11 @@ def _run_row(row: BatchRow, model, args, progress=None) -> None:
         plan, earlier = plan_update(image, prompt, row.previous, row.edited, labels=row.labels,
                                     resample=args.resample_prompt, names=("previous", "edited"), say=say)
         keyframes, axis, walls = plan.prompt, plan.axis, plan.empty_slices
-        if getattr(args, "server", None) is None:  # again with the update's own drawn slices (cli.cmd_propagate)
-            from .cli import check_propagation_memory
-            from .propagate import find_prompt_slices
+        if getattr(args, "server", None) is None:
+            from .cli import check_update_memory
 
-            update_axis, update_drawn = find_prompt_slices(plan.prompt, axis=plan.axis, labels=plan.labels)
-            check_propagation_memory(image, update_axis, update_drawn, args.method,
-                                     getattr(args, "no_memory_check", False), Path(row.image).name, update=True)
+            check_update_memory(image, plan, args.method, getattr(args, "no_memory_check", False),
+                                Path(row.image).name)
     result = propagate(image.array, keyframes, image.spacing, model, labels=row.labels if plan is None else plan.labels,
                        axis=axis, empty_slices=walls,
                        range=None if plan is None else plan.slice_range,  # an update: the corrected run's range
