@@ -1637,3 +1637,9 @@ def main(argv: Sequence[str] | None = None, ends_process: bool = False, defaults
               "README's Quick start); without it, --method track or copy, or --server URL (a machine running "
               "pamsegment serve), still work", file=sys.stderr)
         return EXIT_USAGE
+
+
+if __name__ == "__main__":  # (python -m PAMSegmentLib.cli: as python -m PAMSegmentLib, which the README gives)
+    from .__main__ import run
+
+    sys.exit(run())

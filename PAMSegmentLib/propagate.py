@@ -264,6 +264,8 @@ class PropagationResult:
         if not isinstance(labels, dict) or len(labels) > 1024:
             raise ValueError("its labels are not a mapping")
         moved = np.moveaxis(mask, axis, 0)
+        boxes = _LabelBoxes(moved, [int(k) for k in labels if isinstance(k, str) and k.isascii() and k.isdigit()
+                                    and 1 <= int(k) <= MAX_LABEL])
         out = dict(confidence={}, prompt_slices={}, keyframes={}, agreement={}, begin_state={}, slice_range={},
                    gaps={}, stops={})
         overlapped, lost_voxels = set(), {}
@@ -272,7 +274,7 @@ class PropagationResult:
                     and isinstance(entry, dict)):
                 raise ValueError(f"label {key!r} is malformed")
             lab = int(key)
-            merged = own = moved == lab  # the label in the result; ``own``: before the merge (lost voxels back)
+            merged = own = boxes.mask(lab)  # the label in the result; ``own``: before the merge (lost voxels back)
             keys, walls = entry.get("keyframes"), entry.get("walls")
             if not all(isinstance(v, list) and all(_whole_in(s, 0, n - 1) for s in v) for v in (keys, walls)) \
                     or set(keys) & set(walls):
@@ -294,7 +296,7 @@ class PropagationResult:
             out["keyframes"][lab] = dict(sorted(frames.items()))
             # what the result said of the label: its extent, and the empty slices between two of its
             # drawn slices (a wall between them is not one), as the run that wrote the record had them
-            held = np.flatnonzero(merged.any(axis=(1, 2)))
+            held = np.flatnonzero(boxes.rows(lab))
             if held.size:
                 out["slice_range"][lab] = (int(held[0]), int(held[-1]))
             out["gaps"][lab] = empty_between_drawn(set(keys) | set(walls), keys, held.tolist())
@@ -749,6 +751,58 @@ def _sparse_label_boxes(prompt: np.ndarray,
         box = tuple(slice(int(c.min()), int(c.max()) + 1) for c in coords)
         boxes[lab] = (prompt[box] == lab, tuple(b.start for b in box))
     return boxes
+
+
+LABEL_BOXES_FROM = 8  # labels from which _LabelBoxes finds their boxes in one pass (about 7 label-by-label passes' time)
+
+
+class _LabelBoxes:
+    """Each label's voxels in a dense label map (an earlier result, its corrected copy) read within
+    the label's bounding box: with ``LABEL_BOXES_FROM`` or more labels of an integer map the boxes
+    come from one pass (scipy's ``find_objects``), not from passes over the whole volume a label
+    (an update of 49 labels on 256 x 256 x 600 spent about 5 s so); with fewer labels, or a map of
+    other values, every question is one such pass, as before."""
+
+    def __init__(self, labelmap: np.ndarray, labels) -> None:
+        self.map = labelmap
+        labels = sorted({int(v) for v in labels})
+        self.boxes: dict[int, tuple[slice, ...] | None] | None = None
+        if labelmap.dtype.kind in "iu" and len(labels) >= LABEL_BOXES_FROM and labels[0] >= 1 and labelmap.size:
+            from scipy import ndimage  # noqa: PLC0415
+
+            found = ndimage.find_objects(labelmap, max_label=labels[-1])
+            self.boxes = {lab: found[lab - 1] for lab in labels}
+
+    def _box(self, lab: int):
+        """(True, box or None) where known, (False, None) where a whole-map comparison answers."""
+        if self.boxes is None or int(lab) not in self.boxes:
+            return False, None
+        return True, self.boxes[int(lab)]
+
+    def mask(self, lab: int) -> np.ndarray:
+        """``labelmap == lab``."""
+        known, box = self._box(lab)
+        if not known:
+            return self.map == lab
+        out = np.zeros(self.map.shape, dtype=bool)
+        if box is not None:
+            out[box] = self.map[box] == lab
+        return out
+
+    def rows(self, lab: int) -> np.ndarray:
+        """Per slice along axis 0, whether it holds ``lab``: ``(labelmap == lab).any(axis=(1, 2))``."""
+        known, box = self._box(lab)
+        if not known:
+            return (self.map == lab).any(axis=tuple(range(1, self.map.ndim)))
+        out = np.zeros(self.map.shape[0], dtype=bool)
+        if box is not None:
+            out[box[0]] = (self.map[box] == lab).any(axis=tuple(range(1, self.map.ndim)))
+        return out
+
+    def holds(self, lab: int) -> bool:
+        """``(labelmap == lab).any()``."""
+        known, box = self._box(lab)
+        return bool((self.map == lab).any()) if not known else box is not None
 
 
 def _thickness(mask: np.ndarray, ax: int) -> int:
@@ -1645,11 +1699,13 @@ def _edited_slices(frames: dict, drawn_mask: np.ndarray, slices, carried=()) -> 
 
 def _dropped_slices(before: np.ndarray, now: np.ndarray, drawn: Sequence[int], walls, lo: int, hi: int) -> list[int]:
     """Slices beyond the outermost ``drawn`` ones (up to a wall, within ``lo``-``hi``) where the label's
-    mask ``before`` (the previous result, axis 0) held it and ``now`` does not."""
+    mask ``before`` (the previous result, axis 0) held it and ``now`` does not (either mask may be
+    given as its rows, ``mask.any(axis=(1, 2))``)."""
     first, last = min(drawn), max(drawn)
     below = max((w for w in walls if w < first), default=lo - 1)
     above = min((w for w in walls if w > last), default=hi + 1)
-    gone = before.any(axis=(1, 2)) & ~now.any(axis=(1, 2))
+    # (either may be given as its slices' rows already: one bool per slice)
+    gone = (before if before.ndim == 1 else before.any(axis=(1, 2))) & ~(now if now.ndim == 1 else now.any(axis=(1, 2)))
     return [int(k) for k in np.flatnonzero(gone) if below < k < first or last < k < above]
 
 
@@ -2302,12 +2358,13 @@ def _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, em
             and previous.remove_disconnected == bool(remove_disconnected)
         )
         overlapped, lost_voxels = set(), {}
-        prev_mask = np.moveaxis(previous.mask, ax, 0) if usable_previous else None
         keyframes_all, recomputed_all, stops_all, agreement_all, begin_states = {}, {}, {}, {}, {}
         gaps_all, lost_all, thin_all, edited_all, dropped_all = {}, {}, {}, {}, {}
         before_moved = (np.moveaxis(previous.mask, ax, 0) if previous is not None and previous.axis == ax
                         and previous.mask.shape == image.shape and previous.image_digest in (None, digest)
                         else None)  # (a result of another image says nothing of what this one emptied)
+        # (usable_previous implies before_moved: the same map, so one set of boxes for both)
+        before_boxes = _LabelBoxes(before_moved, slices) if before_moved is not None else None
         # each label's drawing from one pass over the prompt where it is sparse (not a pass a label)
         drawings = _sparse_label_boxes(prm, list(slices))
         for n_lab, (lab, keyframes) in enumerate(slices.items(), start=1):
@@ -2328,7 +2385,7 @@ def _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, em
                 drawn_box = None
             if usable_previous and lab in previous.keyframes and (lab not in previous.overlapped
                                                                    or lab in previous.lost_voxels):
-                own = prev_mask == lab
+                own = before_boxes.mask(lab)
                 if lab in previous.overlapped:  # its own mask: the merged map's and the voxels it lost there
                     own.flat[previous.lost_voxels[lab]] = True  # (flat: reshape copies a view along axis 1 or 2)
                 reuse = _Reuse(own, previous.confidence[lab], previous.keyframes[lab],
@@ -2344,14 +2401,14 @@ def _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, em
                 vol_f, label_mask, keyframes, predictor, spacing[ax], lo, hi, batch_size, early_stop,
                 remove_disconnected, tracker, stats, reuse, empties[lab], edited=edited_all.get(lab, ()))
             keyframes_all[lab] = {k: label_mask[k].copy() for k in user_slices[lab]}
+            held_rows = mask.any(axis=(1, 2))
             if before_moved is not None and lab in previous.keyframes and slices[lab]:
                 # up to a wall the user set beyond them (the object is absent there by the user's word)
-                dropped_all[lab] = _dropped_slices(before_moved == lab, mask, slices[lab], empties[lab], lo, hi)
+                dropped_all[lab] = _dropped_slices(before_boxes.rows(lab), held_rows, slices[lab], empties[lab], lo, hi)
             stops_all[lab] = stats.pop("stops")
             gaps_all[lab] = sorted(stats.pop("gaps"))
             thin_all[lab] = sorted(stats.pop("thin"))
             # Earlier labels keep their voxels; a label's own prompt voxels always win.
-            held_rows = mask.any(axis=(1, 2))
             if lab != next(iter(slices)):  # the first label finds the map empty
                 # on the slab of slices this label holds or is drawn on (flat indices shifted to the
                 # whole map's): not five more full-volume arrays per label
@@ -2532,11 +2589,14 @@ class EditPlan:
             return []
         prev, now = (np.moveaxis(np.asarray(a), self.axis, 0) for a in (self.previous, mask))
         lines = []
+        before, after = _LabelBoxes(prev, self.drawn), _LabelBoxes(now, self.drawn)
         for lab in sorted(self.drawn):
-            was, got = prev == lab, now == lab
-            had, has = was.any(axis=(1, 2)), got.any(axis=(1, 2))
+            had, has = before.rows(lab), after.rows(lab)
             edited = set(self.edited.get(lab, ()))
-            differ = [int(s) for s in np.flatnonzero((was != got).any(axis=(1, 2))) if s not in edited]
+            either = np.flatnonzero(had | has)  # (where neither holds the label, nothing differs for it)
+            first, last = (int(either[0]), int(either[-1]) + 1) if either.size else (0, 0)
+            differ_there = ((prev[first:last] == lab) != (now[first:last] == lab)).any(axis=(1, 2))
+            differ = [first + int(s) for s in np.flatnonzero(differ_there) if first + int(s) not in edited]
             if not differ:
                 continue
             by_status: dict[str, list[int]] = {}
@@ -2550,13 +2610,25 @@ class EditPlan:
 
     def keyframes(self, label: int) -> list[int]:
         """The label's keyframe slices (walls not included)."""
+        return self._keyframes_of([label])[int(label)]
+
+    def _keyframes_of(self, labels) -> dict[int, list[int]]:
+        """``keyframes`` of each of ``labels``, from one look at each slice the prompt is drawn on (the
+        plan's prompt holds keyframe slices only: not a pass over the volume a label)."""
         on_axis = np.moveaxis(self.prompt, self.axis, 0)
-        return [int(s) for s in np.flatnonzero((on_axis == label).any(axis=(1, 2)))]
+        found: dict[int, list[int]] = {int(lab): [] for lab in labels}
+        for s in np.flatnonzero(on_axis.any(axis=(1, 2))):
+            drawn = on_axis[s]
+            for value in np.unique(drawn[drawn != 0]):
+                if int(value) in found:
+                    found[int(value)].append(int(s))
+        return found
 
     def describe(self) -> list[str]:
         lines = []
+        keyframes = self._keyframes_of(self.drawn)
         for lab in sorted(self.drawn):
-            keys, walls, edited = self.keyframes(lab), set(self.empty_slices[lab]), set(self.edited[lab])
+            keys, walls, edited = keyframes[lab], set(self.empty_slices[lab]), set(self.edited[lab])
             fixed = set(self.corrected.get(lab, ()))
             kinds = [("prompt", [s for s in keys if s in self.drawn[lab] and s not in edited and s not in fixed]),
                      ("earlier rounds", [s for s in keys if s in self.earlier.get(lab, ()) and s not in edited
@@ -2582,8 +2654,9 @@ class EditPlan:
         label its keyframes and walls, and (when there are any) the drawn slices a round corrected,
         which then hold that correction, not the drawing."""
         out = {}
+        keyframes = self._keyframes_of(self.drawn)
         for lab in sorted(self.drawn):
-            out[str(lab)] = {"keyframes": self.keyframes(lab), "walls": sorted(int(s) for s in self.empty_slices[lab])}
+            out[str(lab)] = {"keyframes": keyframes[lab], "walls": sorted(int(s) for s in self.empty_slices[lab])}
             corrected = sorted(set(self.corrected.get(lab, ()))
                                | (set(self.drawn[lab]) & set(self.edited.get(lab, ()))))
             if corrected:
@@ -2697,7 +2770,8 @@ def keyframes_from_edits(prompt: np.ndarray, previous, edited: np.ndarray, *,
     out = np.zeros(prm.shape, dtype=prompt.dtype if np.issubdtype(prompt.dtype, np.integer) else np.int32)
     walls, changed_all, earlier_keys, erased, corrected, digests = {}, {}, {}, [], {}, {}
     n = prm.shape[0]
-    absent = [lab for lab in drawn if not (prev == lab).any()]
+    prev_boxes = _LabelBoxes(prev, drawn)
+    absent = [lab for lab in drawn if not prev_boxes.holds(lab)]
     if absent and len(absent) < len(drawn):  # a result of some of the prompt's labels: a --label run
         present = [lab for lab in drawn if lab not in absent]
         raise InputError(f"the earlier result holds no label {absent[0]} of the prompt, only label"
