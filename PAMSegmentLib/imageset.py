@@ -818,7 +818,7 @@ def cmd_label_images(args) -> int:
     from pathlib import Path
 
     from .cli import EXIT_OK, METHODS, _ProgressBar, check_not_empty
-    from .volumes import read_image_2d, read_labelmap_2d, replace_together, write_labelmap_2d
+    from .volumes import exif_note, read_image_2d, read_labelmap_2d, replace_together, write_labelmap_2d
 
     check_not_empty(("PROMPT_IMAGE", args.prompt_image), ("PROMPT_MASK", args.prompt_mask), ("-o", args.output))
 
@@ -938,7 +938,7 @@ def cmd_label_images(args) -> int:
     read, unreadable = [], []  # (an alpha channel left out is said, as label-cells says it)
     for f in files:  # every file that cannot be read named at once (it took one run per bad file)
         try:
-            image = read_image_2d(f, say=note if not unreadable else None)
+            image = read_image_2d(f, say=note if not unreadable else None, exif=False)
         except InputError as exc:
             unreadable.append(str(exc))
             read.clear()  # the run stops after the reading: the images read are not kept meanwhile
@@ -952,6 +952,9 @@ def cmd_label_images(args) -> int:
         raise InputError(f"{len(unreadable)} of the images cannot be read: " + "; ".join(unreadable[:3]) + more
                          + ". Mend them or leave them out")
 
+    turned = exif_note(files)  # (said once for the set: a phone's photos all carry one)
+    if turned:
+        note(turned)
     prompt = read_labelmap_2d(mask_path, reference=read[index], say=note)
     more = {}
     for image_path, its_mask in labelled:

@@ -3565,7 +3565,7 @@ def float32_values(arr: np.ndarray, precision: bool = False) -> tuple[np.ndarray
 
 
 def read_image_2d(path: PathLike, keep_colour: bool = False, say: Callable[[str], None] | None = None,
-                  precision: bool | None = None) -> tuple[np.ndarray, sitk.Image]:
+                  precision: bool | None = None, exif: bool = True) -> tuple[np.ndarray, sitk.Image]:
     """A 2D image (PNG, JPEG, TIFF, BMP, a single DICOM file, 2D NIfTI/NRRD/MHA) as a float32
     (rows, columns) array of grey values, and the SimpleITK image (its geometry, for writing a
     mask; a one-slice 3D file, e.g. a DICOM file, keeps its 3D position and orientation there).
@@ -3573,14 +3573,27 @@ def read_image_2d(path: PathLike, keep_colour: bool = False, say: Callable[[str]
     with ``keep_colour`` stay (rows, columns, 3). ``say``: told when an alpha channel that is
     not opaque everywhere is left out (transparency does not mark background), or values are
     rescaled (``float32_values``, with its ``precision``: by default with ``keep_colour``, as
-    label-cells reads its images, so that its Python example and the command agree)."""
+    label-cells reads its images, so that its Python example and the command agree), and when the
+    file carries an EXIF orientation (``exif_note``; not with ``exif`` False: a set says it once).
+    A grey TIFF stored white-is-zero is read as viewers show it (inverted from the values stored)."""
     image, original = _read_2d(path, "image")
+    if exif:
+        _exif_note(path, say)
     arr = sitk.GetArrayFromImage(image)
     ncomp = image.GetNumberOfComponentsPerPixel()
+    page = _tiff_grey_page(Path(path)) if ncomp == 1 and arr.dtype.kind == "u" else None
+    if page is not None and page.photometric == 0:  # white-is-zero (ImageJ's inverted LUT), read as stored:
+        top = 255 if page.bits == 1 else min(2 ** page.bits - 1, int(np.iinfo(arr.dtype).max))  # shown as viewers
+        arr = top - np.minimum(arr, top)  # show it (a 1-bit page's 1 bits were read as 255)
+    alpha = None
     if say is not None and ncomp in (2, 4) and np.issubdtype(arr.dtype, np.integer):
-        see_through = float(np.mean(arr[..., -1] < np.iinfo(arr.dtype).max))
+        alpha = arr[..., -1]
+    elif say is not None and ncomp == 1:  # a grey + alpha PNG (read through Pillow without its alpha)
+        alpha = _png_alpha(Path(path))
+    if alpha is not None:
+        see_through = float(np.mean(alpha < np.iinfo(alpha.dtype).max))
         if see_through > 0:  # (a 2-channel image may be two stains, not grey + alpha: said as a question)
-            which = "its alpha (transparency) channel" if ncomp == 4 else "its second channel (alpha?)"
+            which = "its alpha (transparency) channel" if ncomp in (1, 4) else "its second channel (alpha?)"
             share = ("no pixel is opaque" if see_through == 1 else
                      f"{min(100 * see_through, 99.9):.3g} % of the pixels are not opaque")
             say(f"{Path(path).name}: {which} is left out ({share}): the pixels are used as stored; to leave a "
@@ -3604,10 +3617,113 @@ def read_image_2d(path: PathLike, keep_colour: bool = False, say: Callable[[str]
     return arr, original
 
 
-def _palette_indices(path: Path) -> np.ndarray | None:
-    """An indexed-colour (palette) PNG's pixel indices, which annotation tools use as labels
-    (SimpleITK expands them to colours); None for any other file."""
+_EXIF_TURNS = {2: "mirrored left to right", 3: "turned half round", 4: "mirrored top to bottom",
+               5: "mirrored along its diagonal", 6: "turned a quarter clockwise",
+               7: "turned a quarter and mirrored", 8: "turned a quarter anticlockwise"}
+
+
+def exif_orientation(path: PathLike) -> int | None:
+    """A photo's EXIF Orientation (tag 274) when it asks viewers for a turn or a mirror (2-8): phones
+    store a photo as the sensor took it and this tag for how to show it. None when it is 1, absent
+    or unreadable, and for files other than JPEG, PNG and TIFF. The pixels are used as stored."""
+    p = Path(path)
+    if not p.name.lower().endswith((".jpg", ".jpeg", ".png", ".tif", ".tiff")):
+        return None
+    try:
+        with _pillow_unguarded() as Image, Image.open(p) as im:  # (the header only)
+            value = im.getexif().get(274)
+    except (ImportError, OSError, ValueError, SyntaxError, struct.error):
+        return None
+    return int(value) if isinstance(value, int) and 2 <= value <= 8 else None
+
+
+def exif_note(paths: Sequence[PathLike]) -> str | None:
+    """What to tell a user of ``paths`` (images or masks) that carry an EXIF orientation
+    (``exif_orientation``), in one note; None if none does."""
+    turned = [(Path(p).name, t) for p in paths for t in [exif_orientation(p)] if t is not None]
+    if not turned:
+        return None
+    if len(turned) == 1:
+        name, turn = turned[0]
+        who, shown_as, them, pixels = (f"{name} carries an EXIF orientation ({turn})", f"show it {_EXIF_TURNS[turn]}",
+                                       "it", "its pixels")
+    else:
+        listed = ", ".join(name for name, _ in turned[:3]) + (" ..." if len(turned) > 3 else "")
+        turns = sorted({t for _, t in turned})
+        who = f"{len(turned)} files carry an EXIF orientation ({', '.join(map(str, turns))}: {listed})"
+        shown_as, them, pixels = "show them turned or mirrored", "them", "their pixels"
+    return (f"{who}: phones, web browsers and most photo viewers {shown_as}, but {pixels} are used as stored (as "
+            f"Fiji, napari and ITK show {them}); a mask drawn on a photo as such a viewer shows it does not line up "
+            "with it: draw masks on the images as stored, or save the photos with the turn applied (without the tag)")
+
+
+def _exif_note(path: PathLike, say: Callable[[str], None] | None) -> None:
+    """Tell ``say`` (if given) that ``path`` carries an EXIF orientation (``exif_note``)."""
+    text = exif_note([path]) if say is not None else None
+    if text is not None:
+        say(text)
+
+
+def _one_bit(path: Path) -> bool:
+    """A 1-bit grey PNG or TIFF (a black-and-white mask), which is read as 0 and 255."""
+    name = path.name.lower()
+    if name.endswith(".png"):
+        try:
+            with open(path, "rb") as f:
+                head = f.read(26)
+        except OSError:
+            return False
+        return head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" and head[24:26] == b"\x01\x00"
+    page = _tiff_grey_page(path) if name.endswith((".tif", ".tiff")) else None
+    return page is not None and page.bits == 1
+
+
+def _png_alpha(path: Path) -> np.ndarray | None:
+    """A grey + alpha PNG's alpha channel (which the grey reading drops); None for any other file."""
     if not path.name.lower().endswith(".png"):
+        return None
+    try:
+        with _pillow_unguarded() as Image, Image.open(path) as im:
+            return np.asarray(im.getchannel("A")) if im.mode in ("LA", "La") else None
+    except (ImportError, OSError, ValueError):
+        return None
+
+
+def _transparent_as_background(arr: np.ndarray, alpha: np.ndarray | None, name: str,
+                               say: Callable[[str], None] | None) -> np.ndarray:
+    """A mask's fully transparent pixels (``alpha`` 0) as background: labels drawn on a transparent
+    layer leave the layer's grey (often white) under it, which no viewer shows."""
+    if alpha is None or alpha.shape != arr.shape:
+        return arr
+    hidden = (alpha == 0) & (arr != 0)
+    count = int(np.count_nonzero(hidden))
+    if count:
+        arr = arr.copy()
+        arr[hidden] = 0
+        if say is not None:
+            say(f"{name}: {count:,} fully transparent pixels hold label values, which no viewer shows; they are read "
+                "as background (0)")
+    return arr
+
+
+def _grey_of_colour_mask(image: sitk.Image, name: str, say: Callable[[str], None] | None) -> np.ndarray:
+    """A mask read as colour whose red, green and blue are equal everywhere (a grey BMP, which ITK
+    reads as colour; a grey mask saved as RGB or RGBA) as its grey labels, transparent pixels as
+    background; InputError for a real colour image."""
+    arr = sitk.GetArrayViewFromImage(image)
+    if arr.ndim != 3 or arr.shape[-1] not in (3, 4) or not (
+            np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])):
+        raise InputError(f"{name} is a colour image; save the mask as a grey-level label image "
+                         "(0 = background, 1, 2 ... = labels)")
+    grey = sitk.GetImageFromArray(np.array(arr[..., 0]))
+    labels = sitk.GetArrayFromImage(_as_integer_labels(grey, name))
+    return _transparent_as_background(labels, np.array(arr[..., 3]) if arr.shape[-1] == 4 else None, name, say)
+
+
+def _palette_indices(path: Path) -> np.ndarray | None:
+    """An indexed-colour (palette) PNG's, TIFF's or BMP's pixel indices, which annotation tools use as
+    labels (SimpleITK expands them to colours); None for any other file."""
+    if not path.name.lower().endswith((".png", ".tif", ".tiff", ".bmp")):
         return None
     try:
         with _pillow_unguarded() as Image, Image.open(path) as im:  # a mask of a large slide: not a bomb
@@ -3661,14 +3777,24 @@ def read_labelmap_2d(path: PathLike, reference: tuple[np.ndarray, sitk.Image] | 
         raise InputError(f"{name} is a JPEG: its compression changes label values along every edge; save the mask "
                          "as PNG or TIFF")
     image, original = _read_2d(path, "mask")
+    _exif_note(path, say)
     palette = _palette_indices(Path(path))
     if palette is not None:
         arr = palette.astype(np.uint8)
+        drawn = np.unique(arr)
+        if 255 in drawn and np.count_nonzero(drawn) > 1:  # index 255 beside other labels: VOC's "void"
+            arr[arr == 255] = 0
+            if say is not None:
+                say(f"{name}: palette index 255 (\"void\" in VOC-style masks: borders and regions left "
+                    "unlabelled) is read as background, beside the labels "
+                    f"{', '.join(str(int(v)) for v in drawn[(drawn > 0) & (drawn < 255)][:10])}")
     elif image.GetNumberOfComponentsPerPixel() > 1:
-        raise InputError(f"{name} is a colour image; save the mask as a grey-level label image "
-                         "(0 = background, 1, 2 ... = labels)")
+        arr = _grey_of_colour_mask(image, name, say)
     else:
         arr = sitk.GetArrayFromImage(_as_integer_labels(image, name))
+        arr = _transparent_as_background(arr, _png_alpha(Path(path)), name, say)
+        if _one_bit(Path(path)):  # its 1 bits read as 255: label 1, as stored
+            arr = (arr != 0).astype(np.uint8)
     present = np.unique(arr)
     n_values = len(present)
     # Beyond 64 values three edge labels are enough to refuse (an image given as a mask has hundreds).
@@ -3692,8 +3818,10 @@ def read_labelmap_2d(path: PathLike, reference: tuple[np.ndarray, sitk.Image] | 
                 "per structure")
     if reference is not None and arr.shape != reference[0].shape:
         rows, cols = reference[0].shape
+        turned = (" (the image's size turned a quarter: drawn on the photo as a viewer showed it turned by its "
+                  "EXIF orientation? draw it on the image as stored)" if arr.shape == (cols, rows) else "")
         raise InputError(f"the mask {Path(path).name} is {arr.shape[1]} x {arr.shape[0]} pixels but its image is "
-                         f"{cols} x {rows}; draw the mask on that image")
+                         f"{cols} x {rows}; draw the mask on that image{turned}")
     if reference is not None and reference[1] is not None:
         _check_same_2d_grid(name, original, reference[1])
     return arr

@@ -320,7 +320,9 @@ def test_colour_images_read_as_grey_and_masks_keep_the_image_geometry(tmp_path):
 
 
 def test_colour_mask_and_3d_files_are_refused(tmp_path):
-    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((6, 8, 3), np.uint8), isVector=True), str(tmp_path / "c.png"))
+    colour = np.zeros((6, 8, 3), np.uint8)
+    colour[2:4, 3:5] = (200, 30, 30)  # (a mask whose red, green and blue are equal is read as grey: session 41)
+    sitk.WriteImage(sitk.GetImageFromArray(colour, isVector=True), str(tmp_path / "c.png"))
     with pytest.raises(InputError, match="colour image; save the mask as a grey-level"):
         read_labelmap_2d(tmp_path / "c.png")
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 6, 8), np.float32)), str(tmp_path / "v.nrrd"))

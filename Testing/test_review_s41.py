@@ -196,3 +196,164 @@ def test_python_m_cli_runs_the_command(tmp_path):
                           cwd=tmp_path, timeout=120)
     assert done.returncode == 2
     assert "pamsegment: error: the following arguments are required: IMAGE, PROMPT" in done.stderr
+
+
+# -- 2D images and masks as tools save them (a helper's review of label-images and label-cells) -------------------
+
+def _two_labels(shape=(24, 32)):
+    mask = np.zeros(shape, dtype=np.uint8)
+    mask[4:10, 5:14] = 1
+    mask[14:20, 18:28] = 2
+    return mask
+
+
+def test_a_mask_drawn_on_a_transparent_layer_reads_its_transparent_pixels_as_background(tmp_path):
+    """A grey + alpha PNG whose transparent pixels hold grey 255 (labels drawn on a transparent
+    layer over white) was read as label 255 over the whole background (label-images labelled it as
+    a structure; label-cells took it for one huge example cell): transparent pixels are now
+    background, said in a note. An RGBA mask of equal red, green and blue is read the same way."""
+    from PIL import Image
+
+    from PAMSegmentLib.volumes import read_labelmap_2d
+
+    truth = _two_labels()
+    alpha = np.where(truth > 0, 255, 0).astype(np.uint8)
+    Image.fromarray(np.stack([np.where(truth > 0, truth, 255), alpha], -1).astype(np.uint8), "LA").save(
+        tmp_path / "layer.png")
+    grey = np.where(truth > 0, truth, 255).astype(np.uint8)
+    Image.fromarray(np.stack([grey, grey, grey, alpha], -1), "RGBA").save(tmp_path / "layer_rgba.png")
+    for name in ("layer.png", "layer_rgba.png"):
+        said = []
+        np.testing.assert_array_equal(read_labelmap_2d(tmp_path / name, say=said.append), truth)
+        assert said == [f"{name}: {int((truth == 0).sum()):,} fully transparent pixels hold label values, which no "
+                        "viewer shows; they are read as background (0)"]
+
+
+def test_grey_masks_stored_as_colour_palette_or_one_bit_give_their_labels(tmp_path):
+    """Masks refused or misread before: an 8-bit grey BMP (ITK reads it as colour) and a grey mask
+    saved as RGB were refused as "a colour image"; palette TIFFs and BMPs too (only palette PNGs gave
+    their indices); a 1-bit PNG or TIFF mask was read as label 255. A real colour mask is still
+    refused."""
+    from PIL import Image
+
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.volumes import read_labelmap_2d
+
+    truth = _two_labels()
+    Image.fromarray(truth, "L").save(tmp_path / "grey.bmp")
+    Image.fromarray(np.stack([truth] * 3, -1), "RGB").save(tmp_path / "rgb_grey.png")
+    palette = Image.fromarray(truth, "P")
+    palette.putpalette([0, 0, 0, 200, 30, 30, 30, 200, 30] + [0] * (3 * 253))
+    for name in ("palette.tif", "palette.bmp", "palette.png"):
+        palette.save(tmp_path / name)
+    for name in ("grey.bmp", "rgb_grey.png", "palette.tif", "palette.bmp", "palette.png"):
+        np.testing.assert_array_equal(read_labelmap_2d(tmp_path / name), truth, err_msg=name)
+    one = truth == 1
+    Image.fromarray(one).save(tmp_path / "onebit.png")  # mode "1"
+    Image.fromarray(one).save(tmp_path / "onebit.tif")
+    for name in ("onebit.png", "onebit.tif"):
+        np.testing.assert_array_equal(read_labelmap_2d(tmp_path / name), one.astype(np.uint8), err_msg=name)
+    colour = np.stack([truth * 100, truth * 50, truth * 100], -1).astype(np.uint8)
+    Image.fromarray(colour, "RGB").save(tmp_path / "colour.png")
+    with pytest.raises(InputError, match="colour.png is a colour image; save the mask as a grey-level label image"):
+        read_labelmap_2d(tmp_path / "colour.png")
+
+
+def test_a_voc_palette_masks_void_index_is_background(tmp_path):
+    """VOC-style palette masks mark unlabelled borders with index 255 ("void"): those rims were a
+    third structure (label-images labelled rings; label-cells took them for example cells). Beside
+    other labels index 255 is background now, said in a note; a palette mask of 0 and 255 alone
+    keeps 255 (its only label)."""
+    from PIL import Image
+
+    from PAMSegmentLib.volumes import read_labelmap_2d
+
+    truth = _two_labels()
+    voc = truth.copy()
+    voc[3:11, 4:15][truth[3:11, 4:15] == 0] = 255  # a void rim around label 1
+    image = Image.fromarray(voc, "P")
+    image.putpalette([0, 0, 0, 128, 0, 0, 0, 128, 0] + [0] * (3 * 252) + [224, 224, 192])
+    image.save(tmp_path / "voc.png")
+    said = []
+    np.testing.assert_array_equal(read_labelmap_2d(tmp_path / "voc.png", say=said.append), truth)
+    assert said == ['voc.png: palette index 255 ("void" in VOC-style masks: borders and regions left unlabelled) is '
+                    "read as background, beside the labels 1, 2"]
+    alone = Image.fromarray(np.where(truth == 1, 255, 0).astype(np.uint8), "P")
+    alone.putpalette([0, 0, 0] * 255 + [255, 255, 255])
+    alone.save(tmp_path / "binary.png")
+    assert set(np.unique(read_labelmap_2d(tmp_path / "binary.png"))) == {0, 255}
+
+
+def test_a_white_is_zero_grey_tiff_image_is_read_as_viewers_show_it(tmp_path):
+    """ImageJ saves an image with an inverted lookup table as a white-is-zero (MinIsWhite) TIFF; it
+    was read with the values as stored, the inverse of what every viewer shows (label-images then
+    found nothing in it beside normal images). Images are now read as shown; masks keep their
+    values as stored (ImageJ's binary masks store 255 = object)."""
+    tifffile = pytest.importorskip("tifffile")
+    from PAMSegmentLib.volumes import read_image_2d, read_labelmap_2d
+
+    shown = np.tile(np.arange(0, 240, 10, dtype=np.uint8), (8, 1))  # dark on the left, as a viewer shows it
+    tifffile.imwrite(tmp_path / "inverted.tif", 255 - shown, photometric="miniswhite")
+    tifffile.imwrite(tmp_path / "inverted16.tif", (65535 - shown.astype(np.uint16) * 200), photometric="miniswhite")
+    np.testing.assert_array_equal(read_image_2d(tmp_path / "inverted.tif")[0], shown.astype(np.float32))
+    np.testing.assert_array_equal(read_image_2d(tmp_path / "inverted16.tif")[0], shown.astype(np.float32) * 200)
+    mask = _two_labels() * 127
+    tifffile.imwrite(tmp_path / "mask.tif", mask, photometric="miniswhite")
+    np.testing.assert_array_equal(read_labelmap_2d(tmp_path / "mask.tif"), mask)
+
+
+def test_photos_with_an_exif_orientation_are_named_once(tmp_path, capsys):
+    """Phones store a photo as the sensor took it and an EXIF orientation for viewers; the pixels are
+    used as stored, so a mask drawn on the photo as a phone or browser shows it did not line up:
+    turned half round it labelled background without a word (Dice 0.00 on a helper's photos), turned
+    a quarter it was refused as the wrong size. label-images now names such files in one note, and
+    the size refusal says the mask is the image turned a quarter."""
+    from PIL import Image
+
+    from PAMSegmentLib import cli
+    from PAMSegmentLib.volumes import exif_note, exif_orientation
+
+    rng = np.random.default_rng(2)
+    truth = _two_labels((48, 64))
+    for k in range(3):
+        photo = (60 + 120 * (truth > 0) + rng.normal(0, 8, truth.shape)).clip(0, 255).astype(np.uint8)
+        exif = Image.Exif()
+        exif[274] = 3 if k else 1
+        Image.fromarray(photo, "L").save(tmp_path / f"photo_{k}.jpg", exif=exif, quality=95)
+    Image.fromarray(truth, "L").save(tmp_path / "mask.png")
+    assert [exif_orientation(tmp_path / f"photo_{k}.jpg") for k in range(3)] == [None, 3, 3]
+    assert exif_note([tmp_path / "photo_0.jpg"]) is None
+    out = tmp_path / "out"
+    assert cli.main(["label-images", str(tmp_path / "photo_0.jpg"), str(tmp_path / "mask.png"),
+                     str(tmp_path / "photo_1.jpg"), str(tmp_path / "photo_2.jpg"), "-o", str(out),
+                     "--method", "copy"]) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if "EXIF" in line]
+    assert notes == ["note: 2 files carry an EXIF orientation (3: photo_1.jpg, photo_2.jpg): phones, web browsers and "
+                     "most photo viewers show them turned or mirrored, but their pixels are used as stored (as Fiji, "
+                     "napari and ITK show them); a mask drawn on a photo as such a viewer shows it does not line up "
+                     "with it: draw masks on the images as stored, or save the photos with the turn applied (without "
+                     "the tag)"]
+    Image.fromarray(np.ascontiguousarray(truth.T), "L").save(tmp_path / "turned_mask.png")
+    assert cli.main(["label-images", str(tmp_path / "photo_0.jpg"), str(tmp_path / "turned_mask.png"),
+                     str(tmp_path / "photo_1.jpg"), "-o", str(tmp_path / "out2"), "--method", "copy"]) == 2
+    assert ("the mask turned_mask.png is 48 x 64 pixels but its image is 64 x 48; draw the mask on that image (the "
+            "image's size turned a quarter: drawn on the photo as a viewer showed it turned by its EXIF orientation? "
+            "draw it on the image as stored)") in capsys.readouterr().err
+
+
+def test_a_grey_and_alpha_png_image_says_its_alpha_is_left_out(tmp_path):
+    """The README says an image's alpha that is not opaque everywhere is left out with a note; a grey +
+    alpha PNG (read through Pillow, its alpha dropped before the check) had none."""
+    from PIL import Image
+
+    from PAMSegmentLib.volumes import read_image_2d
+
+    grey = np.full((8, 10), 120, np.uint8)
+    alpha = np.full((8, 10), 255, np.uint8)
+    alpha[:2] = 0
+    Image.fromarray(np.stack([grey, alpha], -1), "LA").save(tmp_path / "la.png")
+    said = []
+    arr, _ = read_image_2d(tmp_path / "la.png", say=said.append)
+    assert (arr == 120).all()
+    assert said == ["la.png: its alpha (transparency) channel is left out (25 % of the pixels are not opaque): the "
+                    "pixels are used as stored; to leave a region out, mark it as background"]
