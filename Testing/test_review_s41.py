@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -357,3 +358,127 @@ def test_a_grey_and_alpha_png_image_says_its_alpha_is_left_out(tmp_path):
     assert (arr == 120).all()
     assert said == ["la.png: its alpha (transparency) channel is left out (25 % of the pixels are not opaque): the "
                     "pixels are used as stored; to leave a region out, mark it as background"]
+
+
+# -- training as a newcomer follows the README (a helper's review) --------------------------------------------------
+
+def _train_script(monkeypatch):
+    """scripts/train.py with test_training's tiny preset and tiny inline volumes."""
+    from test_training import _tiny_script
+
+    return _tiny_script(monkeypatch)
+
+
+def test_max_iterations_is_not_cut_short_by_a_hidden_time_budget(tmp_path, monkeypatch, capsys):
+    """--max-iterations N promises the same weights for the same seed, but an unstated 80-minute
+    --minutes default ended long runs early on slow machines, exit 0, with nothing said but a
+    stopped_by in the checkpoint. With --max-iterations there is no time budget unless --minutes is
+    given; a run --minutes ends before N says so."""
+    import PAMSegmentLib.training.trainer as trainer_module
+
+    script = _train_script(monkeypatch)
+    seen = []
+    real_train = script.train
+    monkeypatch.setattr(script, "train", lambda cases, cfg, out, log: seen.append(cfg.minutes) or real_train(
+        cases, cfg, out, log))
+    base = ["--preset", "tiny", "--synthetic-inline", "1", "--workers", "0"]
+    assert script.main([*base, "--max-iterations", "2", "--out", str(tmp_path / "a.pt")]) == 0
+    assert script.main([*base, "--max-iterations", "2", "--minutes", "5", "--out", str(tmp_path / "b.pt")]) == 0
+    assert seen[0] == float("inf") and seen[1] == 5
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["stopped_by"] == "iterations" and summary["iterations"] == 2
+    # a budget that ends the run first: said (the clock is made to jump past it after one iteration)
+    clock = iter([0.0] * 8 + [1e9] * 10**6)
+    monkeypatch.setattr(trainer_module.time, "time", lambda: next(clock))
+    assert script.main([*base, "--max-iterations", "50", "--minutes", "1", "--out", str(tmp_path / "c.pt")]) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert summary["stopped_by"] == "time" and summary["iterations"] < 50
+    assert (f"warning: --minutes 1 ended the run after {summary['iterations']} of --max-iterations 50 iterations: its "
+            "weights are not those the same seed gives a run of 50") in captured.err
+
+
+def test_training_over_carded_weights_says_the_card_no_longer_matches(tmp_path, monkeypatch, capsys):
+    """--out Resources/Models/pam_small.pt (which the README's commands name) replaced the weights
+    and left their model card beside them: every command then refused the default weights ("does
+    not match its model card"). The run now says which file to rewrite and how."""
+    script = _train_script(monkeypatch)
+    out = tmp_path / "model.pt"
+    out.write_bytes(b"old weights")
+    card = tmp_path / "model.json"
+    card.write_text('{"sha256_weights": "0000"}')
+    assert script.main(["--preset", "tiny", "--synthetic-inline", "1", "--workers", "0", "--max-iterations", "1",
+                        "--out", str(out), "--overwrite"]) == 0
+    assert (f"note: {card} (a model card) describes the weights {out} held before this run; PAMSegment refuses a "
+            "checkpoint its card beside it does not match: write a new card with python scripts/make_model_card.py "
+            f"{out}, or remove that file") in capsys.readouterr().err
+
+
+def test_ctrl_c_before_the_first_iteration_saves_nothing(tmp_path, monkeypatch, capsys):
+    """Ctrl-C before any iteration saved the untrained starting weights as a partial checkpoint and
+    advised continuing from it; and a second Ctrl-C during the save the first asked for cut it
+    short (with a false "no partial save made"). Now nothing is saved before the first iteration,
+    and signals wait while the save is written."""
+    import signal
+
+    import PAMSegmentLib.training.trainer as trainer_module
+
+    def forward(net, batch):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_module, "_forward", forward)
+    script = _train_script(monkeypatch)
+    out = tmp_path / "model.pt"
+    assert script.main(["--preset", "tiny", "--synthetic-inline", "1", "--workers", "0", "--max-iterations", "5",
+                        "--out", str(out)]) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"interrupted before the first iteration: nothing was saved ({out} untouched)")
+    assert not (tmp_path / "model.partial.pt").exists() and not out.exists()
+
+    held = []
+    with trainer_module._interrupts_held():
+        held.append(signal.getsignal(signal.SIGINT))
+    assert held == [signal.SIG_IGN] and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
+
+
+def test_an_init_checkpoint_of_another_network_names_the_preset(tmp_path):
+    """--init-from a checkpoint of another preset printed two dataclass dumps; it now names both
+    networks, what differs and the --preset to give."""
+    from PAMSegmentLib.network import PRESETS
+    from PAMSegmentLib.training.trainer import check_init_network
+
+    with pytest.raises(ValueError) as caught:
+        check_init_network(PRESETS["official"], PRESETS["small"])
+    text = str(caught.value)
+    assert text.startswith("--init-from has network 'official', not the 'small' network this run trains (input_size "
+                           "224 (this run: 128); n_stages 6 (this run: 5);")
+    assert text.endswith("): give --preset official, or a small checkpoint")
+
+
+def test_a_stack_share_that_cannot_apply_is_said(tmp_path, capsys):
+    """--stack-share was recorded in the checkpoint's training flags but silently ignored on a cache
+    without synth_stack_* volumes (stages 1-3's) and on one without real cases: the run says so."""
+    import sys
+
+    from PAMSegmentLib.training.data import write_case
+
+    lab = np.zeros((6, 16, 16), np.int16)
+    lab[1:5, 4:10, 4:10] = 1
+    img = lab.astype(np.float32) * 100
+    for name in ("ts_x", "synth_0000", "synth_0001"):
+        write_case(tmp_path / "cases" / f"{name}.npz", img, lab, (1, 1, 1), {1: "box"}, "CT", "test")
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": [{"case": "ts_x", "labels": [1]}]}))
+    scripts = str(Path(__file__).resolve().parents[1] / "scripts")
+    sys.path.insert(0, scripts)
+    try:
+        import train as train_script
+    finally:
+        sys.path.remove(scripts)
+    capsys.readouterr()
+    cases = train_script.load_training_cases(tmp_path, split, None, 0.3)
+    assert {c.name for c in cases} == {"ts_x", "synth_0000", "synth_0001"}
+    assert ("warning: --stack-share 0.3 does not apply here (the cache has no synth_stack_* volumes "
+            "(prepare_data.py --synthetic-stacks N)); the synthetic volumes are drawn by count") in capsys.readouterr().err
+    train_script.load_training_cases(tmp_path, split, None, None)
+    assert "stack-share" not in capsys.readouterr().err

@@ -55,6 +55,15 @@ GENERIC_NOTE = (
 )
 
 
+def _shown_path(path: Path) -> str:
+    """The checkpoint's path for the card's text: relative to the repository when inside it
+    (``Resources/Models/pam_small.pt``), else as given."""
+    try:
+        return path.resolve().relative_to(ROOT).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def _rows(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -199,7 +208,7 @@ def main(argv=None) -> int:
         its = [c if isinstance(c, int) else x["last_logged_iteration"] for c, x in zip(counted, t)]
         total_it = sum(its)
         lines = [
-            f"* **File**: `Resources/Models/{card['file']}` ({card['size_bytes'] / 1e6:.1f} MB), weights sha256 "
+            f"* **File**: `{_shown_path(args.checkpoint)}` ({card['size_bytes'] / 1e6:.1f} MB), weights sha256 "
             f"`{card['sha256_weights'][:16]}...` (full value and everything below in `{out_json.name}`).",
             f"* **Network**: preset `{card['network']['name']}`, {card['parameters'] / 1e6:.2f} M parameters, "
             f"{card['network']['input_size']} px crops, {card['network']['n_stages']} stages "
@@ -230,8 +239,10 @@ def main(argv=None) -> int:
                if card["inference"].get("keyframe_outward_min_agreement", 0) else "")
             + "".join(f"; set after training: {', '.join(f'{k}={v}' for k, v in c['set'].items())} ({c['reason']})"
                       for c in card["provenance"].get("inference_changes", [])) + ".",
-            f"* **Data**: {len(card['data']['training_cases'])} real training cases ("
-            + ", ".join(card["data"]["training_cases"][:6]) + ", ...) plus synthetic volumes"
+            f"* **Data**: {len(card['data']['training_cases'])} real training cases"
+            + (" (" + ", ".join(card["data"]["training_cases"][:6])
+               + (", ...)" if len(card["data"]["training_cases"]) > 6 else ")") if card["data"]["training_cases"] else "")
+            + " plus synthetic volumes"
             + "".join(f" ({note})" for note in stage_case_notes(model.provenance, card["data"]["training_cases"]))
             + "; held-out structures "
             + ", ".join(card["data"]["heldout_structures"]) + "; evaluation-only scans: "

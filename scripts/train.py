@@ -155,8 +155,14 @@ def load_training_cases(cache: Path, split_path: Path, max_synthetic: int | None
         for g, members in groups.items():
             for c in members:
                 c.weight = real_share * shares[g] / norm / len(members)
+    stacks = [c for c in synth if c.name.startswith("synth_stack_")]
+    if stack_share is not None and (not real or not stacks or len(stacks) == len(synth)):
+        why = ("the cache has no real cases: the synthetic volumes are all the samples" if not real else
+               "the cache has no synth_stack_* volumes (prepare_data.py --synthetic-stacks N)" if not stacks else
+               "every synthetic volume is a synth_stack_* one")
+        print(f"warning: --stack-share {stack_share:g} does not apply here ({why}); the synthetic volumes are drawn by "
+              "count", file=sys.stderr)
     if real and synth:
-        stacks = [c for c in synth if c.name.startswith("synth_stack_")]
         if stack_share is None or not stacks or len(stacks) == len(synth):
             for c in synth:
                 c.weight = SYNTHETIC_SHARE / len(synth)
@@ -197,6 +203,9 @@ _non_negative_float = number_type(float, lambda v: math.isfinite(v) and v >= 0, 
 _seed = number_type(int, lambda v: 0 <= v < 2**32, "a whole number from 0 to 4294967295")
 
 
+DEFAULT_MINUTES = 80.0  # --minutes without --max-iterations
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("PAMSEGMENT_CACHE", str(REPO / "cache"))),
@@ -204,13 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "repository)")
     ap.add_argument("--split", type=Path, default=REPO / "scripts" / "split.json")
     ap.add_argument("--preset", default="small", choices=sorted(PRESETS))
-    ap.add_argument("--minutes", type=_positive_float, default=80.0,
-                    help="wall-clock budget (> 0); without --max-iterations the LR schedule and the start of rollouts "
-                         "follow it, so how far a run gets depends on the machine")
+    ap.add_argument("--minutes", type=_positive_float, default=None,
+                    help="wall-clock budget (> 0; default 80 without --max-iterations, none with it); without "
+                         "--max-iterations the LR schedule and the start of rollouts follow it, so how far a run gets "
+                         "depends on the machine")
     ap.add_argument("--max-iterations", type=_non_negative_int, default=None,
                     help="end after N iterations; the LR schedule and the start of rollouts then follow the "
                          "iteration count, so the same seed, data, --threads and --workers give the same weights "
-                         "(if --minutes does not end the run first)")
+                         "(no time limit unless --minutes is given too: a run it ends first says so)")
     ap.add_argument("--out", type=Path, default=None,
                     help="where the checkpoint goes (default: runs/pam_small.pt in this repository; the shipped "
                          "Resources/Models/pam_small.pt only when named here); saves during the run go to "
@@ -342,6 +352,10 @@ def _preflight(args: argparse.Namespace, net_cfg: PAMConfig) -> str | None:
                     source += "; a flag its command did not give counts at today's default"
                 print(f"warning: training flags differ from the run that made --init-from {args.init_from} "
                       f"({source}): {', '.join(differ)}", file=sys.stderr, flush=True)
+    if not args.synthetic_inline and not (args.cache / "cases").is_dir():
+        what = "does not exist" if not args.cache.exists() else "holds no cases/ folder"
+        return (f"the cache {args.cache} {what}; write it with scripts/prepare_data.py --cache {args.cache} "
+                "--synthetic 400, or give --cache the folder it wrote")
     return None
 
 
@@ -350,6 +364,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.max_iterations is not None and args.max_iterations < 1:
         ap.error(f"--max-iterations must be at least 1, got {args.max_iterations}")
+    if args.minutes is None:  # (a hidden 80-minute cap ended --max-iterations runs short, exit 0: session 41)
+        args.minutes = DEFAULT_MINUTES if args.max_iterations is None else math.inf
     for flag, value in (("--p-remap", args.p_remap), ("--p-rollout", args.p_rollout)):
         if not 0 <= value <= 1:
             ap.error(f"{flag} is a probability, got {value}; use a value in [0, 1]")
@@ -368,19 +384,33 @@ def main(argv=None) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    partial_before = _mtime(partial_path(args.out))  # (--overwrite: an earlier run's partial save is not this one's)
     try:
         return _run(args, argv, net_cfg)
     except TrainingInterrupted as exc:
+        if exc.path is None:
+            print(f"interrupted before the first iteration: nothing was saved ({args.out} untouched)", file=sys.stderr)
+            return 130
         print(f"interrupted: the weights after {exc.iterations} iterations are in {exc.path} ({args.out} untouched); "
               f"to go on, train with --init-from {exc.path} and another --out", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
-        print(f"interrupted outside the training loop; no partial save made, {args.out} not written by this run",
-              file=sys.stderr)
+        partial = partial_path(args.out)
+        saved = (f"; {partial}, saved during the run, holds its weights as they were then"
+                 if _mtime(partial) not in (None, partial_before) else "; no partial save made")
+        print(f"interrupted outside the training loop{saved}, {args.out} not written by this run", file=sys.stderr)
         return 130
     except NonFiniteLoss as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+
+
+def _mtime(path: Path) -> int | None:
+    """``path``'s modification time in ns, None if it is not a file."""
+    try:
+        return path.stat().st_mtime_ns if path.is_file() else None
+    except OSError:
+        return None
 
 
 def _run(args: argparse.Namespace, argv, net_cfg: PAMConfig) -> int:
@@ -433,8 +463,18 @@ def _run(args: argparse.Namespace, argv, net_cfg: PAMConfig) -> int:
             "train_flags": training_flags(args),
         },
     )
+    card = args.out.with_suffix(".json")
+    card_before = card.read_bytes() if card.is_file() else None
     summary = train(cases, cfg, args.out, args.log)
     print(json.dumps(summary), flush=True)
+    if args.max_iterations is not None and summary.get("stopped_by") == "time":
+        print(f"warning: --minutes {args.minutes:g} ended the run after {summary['iterations']} of --max-iterations "
+              f"{args.max_iterations} iterations: its weights are not those the same seed gives a run of "
+              f"{args.max_iterations}", file=sys.stderr, flush=True)
+    if card_before is not None and card.read_bytes() == card_before:
+        print(f"note: {card} (a model card) describes the weights {args.out} held before this run; PAMSegment refuses "
+              f"a checkpoint its card beside it does not match: write a new card with python scripts/make_model_card.py "
+              f"{args.out}, or remove that file", file=sys.stderr, flush=True)
     return 0
 
 

@@ -14,11 +14,13 @@ stopped, crashes or diverges never replaces an earlier checkpoint at ``out_path`
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import itertools
 import json
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checkpoints import InferenceParams, load_checkpoint_file, save_checkpoint
-from ..network import PAMConfig, PAMNetwork, fuse_scales
+from ..network import PRESETS, PAMConfig, PAMNetwork, fuse_scales
 from ..preprocess import PreprocessingParams
 from .samples import Case, SampleBatch, SampleConfig, make_batch
 
@@ -68,11 +70,30 @@ class TrainConfig:
 
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C during ``train``: the weights so far were saved to ``path`` (``final`` false,
-    ``stopped_by`` "interrupted"); ``out_path`` was not written."""
+    ``stopped_by`` "interrupted"), or nothing was (``path`` None: before the first iteration);
+    ``out_path`` was not written."""
 
-    def __init__(self, path: Path, iterations: int):
-        super().__init__(f"interrupted after {iterations} iterations; the weights so far are in {path}")
+    def __init__(self, path: Path | None, iterations: int):
+        super().__init__(f"interrupted after {iterations} iterations; the weights so far are in {path}" if path else
+                         "interrupted before the first iteration; nothing was saved")
         self.path, self.iterations = path, iterations
+
+
+@contextlib.contextmanager
+def _interrupts_held():
+    """SIGINT and SIGTERM ignored for the block (the save the first Ctrl-C asked for), where this
+    is the main thread; restored after."""
+    import signal  # noqa: PLC0415
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -182,7 +203,14 @@ def check_init_network(init_config: PAMConfig, config: PAMConfig) -> None:
         return
     if not (config.mask_prior and not init_config.mask_prior
             and replace(init_config, name=config.name, mask_prior=True) == config):
-        raise ValueError(f"--init-from has network {init_config}, not {config}")
+        differ = [f"{name} {getattr(init_config, name)!r} (this run: {getattr(config, name)!r})"
+                  for name in init_config.__dataclass_fields__
+                  if name != "name" and getattr(init_config, name) != getattr(config, name)]
+        preset = init_config.name if init_config.name in PRESETS else None
+        fix = (f"give --preset {preset}, or a {config.name} checkpoint" if preset else
+               f"give a {config.name} checkpoint (of --preset {config.name})")
+        raise ValueError(f"--init-from has network {init_config.name!r}, not the {config.name!r} network this run "
+                         f"trains ({'; '.join(differ)}): {fix}")
 
 
 def initial_state(net: PAMNetwork, init) -> None:
@@ -322,13 +350,17 @@ def train(cases: list[Case], cfg: TrainConfig, out_path: Path, log_path: Path) -
                     saved_partial, last_ckpt = True, time.time()
         except KeyboardInterrupt:
             stopped_by = "interrupted"
-            save(partial, final=False)
+            if it == 0:  # nothing learned: the starting weights are not saved as if they were a run's
+                raise TrainingInterrupted(None, 0) from None
+            with _interrupts_held():  # a second Ctrl-C while saving cut the save short (a review, session 41)
+                save(partial, final=False)
             raise TrainingInterrupted(partial, it) from None
         if last_row is not None and written != it:  # the last iteration too (the card counts the log's last row)
             writer.writerow(last_row)
     digest = save(out_path, final=True)
     os.replace(log_partial, log_path)
     partial.unlink(missing_ok=True)
-    summary = {"iterations": it, "seconds": round(time.time() - start, 1), "loss_ema": ema, "sha256": digest}
+    summary = {"iterations": it, "seconds": round(time.time() - start, 1), "loss_ema": ema, "sha256": digest,
+               "stopped_by": stopped_by}
     (log_path.with_suffix(".json")).write_text(json.dumps(summary, indent=2))
     return summary
