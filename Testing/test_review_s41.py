@@ -478,7 +478,8 @@ def test_a_stack_share_that_cannot_apply_is_said(tmp_path, capsys):
     capsys.readouterr()
     cases = train_script.load_training_cases(tmp_path, split, None, 0.3)
     assert {c.name for c in cases} == {"ts_x", "synth_0000", "synth_0001"}
+    said = capsys.readouterr().err
     assert ("warning: --stack-share 0.3 does not apply here (the cache has no synth_stack_* volumes "
-            "(prepare_data.py --synthetic-stacks N)); the synthetic volumes are drawn by count") in capsys.readouterr().err
+            "(prepare_data.py --synthetic-stacks N)); the synthetic volumes are drawn by count") in said
     train_script.load_training_cases(tmp_path, split, None, None)
     assert "stack-share" not in capsys.readouterr().err

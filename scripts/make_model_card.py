@@ -241,7 +241,8 @@ def main(argv=None) -> int:
                       for c in card["provenance"].get("inference_changes", [])) + ".",
             f"* **Data**: {len(card['data']['training_cases'])} real training cases"
             + (" (" + ", ".join(card["data"]["training_cases"][:6])
-               + (", ...)" if len(card["data"]["training_cases"]) > 6 else ")") if card["data"]["training_cases"] else "")
+               + (", ...)" if len(card["data"]["training_cases"]) > 6 else ")")
+               if card["data"]["training_cases"] else "")
             + " plus synthetic volumes"
             + "".join(f" ({note})" for note in stage_case_notes(model.provenance, card["data"]["training_cases"]))
             + "; held-out structures "
