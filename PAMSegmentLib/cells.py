@@ -652,8 +652,11 @@ def add_label_cells_arguments(p) -> None:
 # RSS sampled every 20 ms, 2000 and 4000 px square H&E-like images): a share per pixel of the
 # whole image (colour 66 bytes, grey 54: the image, its normalised copy, the probability map and
 # the instance split's arrays), one tile's features with their margin (16 features per channel,
-# computed in float64 and kept in float32) and the interpreter with its libraries.
-CELLS_BYTES_PER_PIXEL = {1: 54, 3: 66}
+# computed in float64 and kept in float32) and the interpreter with its libraries. Those runs took
+# in-memory arrays; through the command (reading the file, full-size examples and marks, the
+# output's write) a helper measured grey tiled TIFFs of 6000 and 10 000 px square at 2.53 and 6.15
+# GiB, about 61 bytes a pixel more each (session 41, when the figures were 54 and 66): 64 and 76.
+CELLS_BYTES_PER_PIXEL = {1: 64, 3: 76}
 LEARN_SHARE = 0.3  # of the progress bar: the features of the tiles learnt from (every tile without background marks)
 CELLS_FIXED_BYTES = 400 * 2**20
 

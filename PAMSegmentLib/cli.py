@@ -1529,9 +1529,13 @@ def memory_message(exc: BaseException, batch: bool = False, command: str | None 
     their own advice, not propagate's options)."""
     detail = f" ({_one_line(exc)[:120]})" if str(exc) else ""
     if command == "label-cells":
-        return (f"not enough memory{detail}; nothing was written. Labelling cells needs about 54 bytes per pixel of "
-                "a grey image and 66 of a colour one at its peak (a 10 000 x 10 000 grey region: about 6 GB): "
-                "crop the image to the region to label, close other programs, or use a machine with more memory")
+        from .cells import CELLS_BYTES_PER_PIXEL, cells_memory_bytes  # noqa: PLC0415
+
+        return (f"not enough memory{detail}; nothing was written. Labelling cells needs about "
+                f"{CELLS_BYTES_PER_PIXEL[1]} bytes per pixel of a grey image and {CELLS_BYTES_PER_PIXEL[3]} of a colour "
+                f"one at its peak (a 10 000 x 10 000 grey region: about "
+                f"{cells_memory_bytes(10_000, 10_000, 1, 1024) / 1e9:.0f} GB): crop the image to the region to label, "
+                "close other programs, or use a machine with more memory")
     if command == "label-images":
         return (f"not enough memory{detail}; nothing was written. The whole set is held in memory (about 20 bytes "
                 "per pixel of all its images): label fewer or smaller images per run, close other programs, or use "
