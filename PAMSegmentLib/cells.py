@@ -655,8 +655,8 @@ def add_label_cells_arguments(p) -> None:
 # computed in float64 and kept in float32) and the interpreter with its libraries. Those runs took
 # in-memory arrays; through the command (reading the file, full-size examples and marks, the
 # output's write) a helper measured grey tiled TIFFs of 6000 and 10 000 px square at 2.53 and 6.15
-# GiB, about 61 bytes a pixel more each (session 41, when the figures were 54 and 66): 64 and 76.
-CELLS_BYTES_PER_PIXEL = {1: 64, 3: 76}
+# GiB, about 61 bytes a pixel more each (session 41, when the figures were 54 and 66): 62 and 74.
+CELLS_BYTES_PER_PIXEL = {1: 62, 3: 74}
 LEARN_SHARE = 0.3  # of the progress bar: the features of the tiles learnt from (every tile without background marks)
 CELLS_FIXED_BYTES = 400 * 2**20
 

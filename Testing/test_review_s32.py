@@ -148,7 +148,7 @@ def _declared_only(path, columns, rows, kind="MET_UCHAR", channels=1):
 
 def test_label_cells_refuses_an_image_its_memory_cannot_hold_before_reading_it(tmp_path, monkeypatch, capsys):
     """A review (session 32): the one check before `label-cells` compared 4 bytes a pixel with all
-    of the machine's memory, while the run needs about 64-76 bytes a pixel at its peak (54-66 until session 41) (the
+    of the machine's memory, while the run needs about 62-74 bytes a pixel at its peak (54-66 until session 41) (the
     instance split, at the end): a 20000 x 20000 grey region passed on a 24 GB machine, needed about
     22 GB, and ran for a long time before it died. Now it is refused before a pixel is read, naming
     the largest region that fits; --no-memory-check runs it anyway; a run that fits the limit but
@@ -159,9 +159,9 @@ def test_label_cells_refuses_an_image_its_memory_cannot_hold_before_reading_it(t
     from PAMSegmentLib import cli, volumes
     from PAMSegmentLib.cells import cells_memory_bytes
 
-    # 400 MiB + 20000^2 x 64 bytes (54 until session 41) + a 1088 px tile's 16 grey features (16 bytes each since
-    # session 36) = 26.3 GB
-    assert cells_memory_bytes(20000, 20000, 1, 1024) == 400 * 2**20 + 400_000_000 * 64 + 1088**2 * 16 * 16
+    # 400 MiB + 20000^2 x 62 bytes (54 until session 41) + a 1088 px tile's 16 grey features (16 bytes each since
+    # session 36) = 25.5 GB
+    assert cells_memory_bytes(20000, 20000, 1, 1024) == 400 * 2**20 + 400_000_000 * 62 + 1088**2 * 16 * 16
     monkeypatch.setattr(volumes, "memory_budget", lambda: (8 * GIB, 6 * GIB))
     image = _declared_only(tmp_path / "slide.mhd", 20000, 20000)
     examples = tmp_path / "examples.png"
@@ -169,10 +169,10 @@ def test_label_cells_refuses_an_image_its_memory_cannot_hold_before_reading_it(t
     run = ["label-cells", str(image), str(examples), "-o", str(tmp_path / "out.tif")]
     assert cli.main(run) == 2
     err = capsys.readouterr().err
-    # the largest square that fits: sqrt((0.9 x 8 GiB - 400 MiB - the tile's 303 MB) / 64) = 10 464 px
-    assert ("error: labelling the cells of slide.mhd (20,000 x 20,000 px grey, about 64 bytes a pixel) needs about "
-            "25 GB of memory at its peak, more than 90 % of the 8.0 GB this process may use: nothing was done. Crop "
-            "the region to label to at most about 10,400 x 10,400 px grey, or run again with --no-memory-check "
+    # the largest square that fits: sqrt((0.9 x 8 GiB - 400 MiB - the tile's 303 MB) / 62) = 10 632 px
+    assert ("error: labelling the cells of slide.mhd (20,000 x 20,000 px grey, about 62 bytes a pixel) needs about "
+            "24 GB of memory at its peak, more than 90 % of the 8.0 GB this process may use: nothing was done. Crop "
+            "the region to label to at most about 10,600 x 10,600 px grey, or run again with --no-memory-check "
             "(with enough swap, say)"
             ) in err
     assert not (tmp_path / "out.tif").exists()
@@ -185,7 +185,7 @@ def test_label_cells_refuses_an_image_its_memory_cannot_hold_before_reading_it(t
                     str(examples))
     monkeypatch.setattr(volumes, "memory_budget", lambda: (8 * GIB, 100 * 2**20))
     assert cli.main(["label-cells", str(tmp_path / "cells.png"), str(examples), "-o", str(tmp_path / "out.tif")]) == 0
-    assert ("warning: labelling the cells of cells.png (160 x 160 px grey, about 64 bytes a pixel) needs about "
+    assert ("warning: labelling the cells of cells.png (160 x 160 px grey, about 62 bytes a pixel) needs about "
             "0.4 GB of memory at its peak and 0.1 GB is free now: close other programs, or the system may stop it "
             "without a message") in capsys.readouterr().out
     assert (tmp_path / "out.tif").exists()
