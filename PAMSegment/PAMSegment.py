@@ -643,6 +643,8 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         from PAMSegmentLib.errors import NotEnoughMemory
 
         runAnyway = False
+        if self.job is not None and self.job.done:  # (an ended job's arrays go before the new job's are made)
+            self.job = None
         try:
             qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)
             try:
@@ -916,6 +918,10 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._setStatus(f"Failed (nothing was changed): {job.error}", "error")
             self.updatePromptLabel()
         self._cancelledBySceneClose = None
+        # The ended job's arrays go (it stays, to be shown): it held the volume, the prompt and the result
+        # (300-450 MB at 512 x 512 x 300) until the next job was made, which then counted them as used (a
+        # helper's probe, session 41).
+        job.release()
         self.updateButtons()
 
     def _saveStateForUndo(self, segmentationNode):

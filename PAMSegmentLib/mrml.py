@@ -23,6 +23,7 @@ must import without Slicer.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import binascii
 import json
 import logging
@@ -488,12 +489,15 @@ def _own_voxels_box(segment):
     dims = (extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
     if min(dims) <= 0:
         return None
-    own = numpy_support.vtk_to_numpy(stored.GetPointData().GetScalars()).reshape(dims) == segment.GetLabelValue()
-    along = [np.flatnonzero(own.any(axis=other)) for other in ((1, 2), (0, 2), (0, 1))]
-    if not len(along[0]):
+    layer = numpy_support.vtk_to_numpy(stored.GetPointData().GetScalars()).reshape(dims)
+    # a slice at a time (a boolean of a whole layer shared with other segments on a finer grid was
+    # hundreds of MB on every prompt refresh, session 41)
+    packed = PackedMask.of(layer, value=segment.GetLabelValue())
+    n = int(np.prod(packed.box))
+    if not n:
         return None
-    box = own[tuple(slice(int(a[0]), int(a[-1]) + 1) for a in along)]
-    corner = np.array([extent[0] + along[2][0], extent[2] + along[1][0], extent[4] + along[0][0]])
+    box = np.unpackbits(packed.bits, count=n).reshape(packed.box).astype(bool)
+    corner = np.array([extent[0] + packed.offset[2], extent[2] + packed.offset[1], extent[4] + packed.offset[0]])
     matrix = vtk.vtkMatrix4x4()
     stored.GetImageToWorldMatrix(matrix)
     return box, corner, _slicer().util.arrayFromVTKMatrix(matrix)
@@ -636,24 +640,25 @@ def check_no_unseen_edits(entry: "HistoryEntry", segmentation_node, segment_id: 
     now = LabelmapSnapshot.take(segmentation_node, segment_id)
     if now is None or not np.allclose(now.image_to_world, then.image_to_world, atol=1e-6):
         return
-    lo = [min(a, b) for a, b in zip(now.extent[0::2], then.extent[0::2])]  # i, j, k
-    hi = [max(a, b) for a, b in zip(now.extent[1::2], then.extent[1::2])]
-    if any(h < l_ for l_, h in zip(lo, hi)):
+    # Compared within the box of the segment's own voxels then and now: a layer shared with other
+    # segments spans theirs too (30 segments on a x3 grid: 2.1 GB for a 25 MB volume, session 41).
+    boxes = [box for box in (now.own_box(), then.own_box()) if box is not None]
+    if not boxes:
         return
-    shape = (hi[2] - lo[2] + 1, hi[1] - lo[1] + 1, hi[0] - lo[0] + 1)
+    lo = [min(first[a] for first, _ in boxes) for a in range(3)]  # k, j, i
+    hi = [max(first[a] + crop.shape[a] for first, crop in boxes) for a in range(3)]
 
-    def placed(snap):
-        out = np.zeros(shape, dtype=bool)
-        if int(np.prod(snap.dims)):
-            e = snap.extent
-            out[e[4] - lo[2]:e[5] - lo[2] + 1, e[2] - lo[1]:e[3] - lo[1] + 1, e[0] - lo[0]:e[1] - lo[0] + 1] = (
-                snap.voxels() == snap.label_value)
+    def placed(box):
+        out = np.zeros(tuple(h - l_ for l_, h in zip(lo, hi)), dtype=bool)
+        if box is not None:
+            first, crop = box
+            out[tuple(slice(f - l_, f - l_ + n) for f, l_, n in zip(first, lo, crop.shape))] = crop
         return out
 
-    changed = np.argwhere(placed(now) != placed(then))  # (k, j, i) within the union extent
+    changed = np.argwhere(placed(now.own_box()) != placed(then.own_box()))  # (k, j, i) within the union box
     if not len(changed):
         return
-    ijk = np.c_[changed[:, 2] + lo[0], changed[:, 1] + lo[1], changed[:, 0] + lo[2], np.ones(len(changed))]
+    ijk = np.c_[changed[:, 2] + lo[2], changed[:, 1] + lo[1], changed[:, 0] + lo[0], np.ones(len(changed))]
     to_volume = np.linalg.inv(entry.grid.ijk_to_ras) @ now.image_to_world
     coords = (to_volume @ ijk.T)[2 - entry.axis]  # along the propagation axis (array axis 0 is IJK k)
     # A voxel halfway between two of the volume's slices is read by neither when the segmentation is
@@ -1038,13 +1043,17 @@ def _segment_own_voxels(segmentation_node, segment_id: str):
     # layer has them: a nearest-neighbour resample of this copy that falls exactly half-way past its
     # edge (a layer on a grid half a voxel off, or twice as fine) took the edge's 1 instead of the 0 beyond
     # it, and a replace write added a column of voxels outside the volume (a second re-review).
-    box = _content_extent(stored)
-    if box is None:
-        return None
     e = stored.GetExtent()
-    box = tuple(max(box[a] - 1, e[a]) if a % 2 == 0 else min(box[a] + 1, e[a]) for a in range(6))
     layer = numpy_support.vtk_to_numpy(stored.GetPointData().GetScalars()).reshape(
         e[5] - e[4] + 1, e[3] - e[2] + 1, e[1] - e[0] + 1)
+    # (the box of its own voxels, not of the layer's: in a layer shared with other segments that is
+    # theirs too, 198 MB copied for a one-slice segment among 30 on a x3 grid, session 41)
+    packed = PackedMask.of(layer, value=segment.GetLabelValue())
+    if not int(np.prod(packed.box)):
+        return None
+    (k0, j0, i0), (nk, nj, ni) = packed.offset, packed.box
+    box = (e[0] + i0, e[0] + i0 + ni - 1, e[2] + j0, e[2] + j0 + nj - 1, e[4] + k0, e[4] + k0 + nk - 1)
+    box = tuple(max(box[a] - 1, e[a]) if a % 2 == 0 else min(box[a] + 1, e[a]) for a in range(6))
     own = _slicer().vtkOrientedImageData()
     own.SetExtent(*box)
     own.AllocateScalars(stored.GetScalarType(), 1)
@@ -1517,8 +1526,30 @@ class SegmentPropagation:
         drawn = len(self.prompt_info.slices)
         return int(round(drawn + self._progress * max(self.slices_total - drawn, 0)))
 
+    def release(self) -> bool:
+        """Let go of the job's volume-sized arrays once it has ended (its result written, cancelled or
+        failed): the volume's copy, the prompt, the segment as read and, for an update, the earlier
+        result; and the result's mask. Its summary and the rest of its result stay. A panel keeps
+        its last job to show it: without this the next job was made while these were held (300 MB
+        after a propagation of 512 x 512 x 300, 450 MB after an update; a helper's probe, session 41).
+        False (nothing let go) while it runs or holds a result not yet written."""
+        with self._lock:
+            if self._state == "running" or self._applying or (
+                    self._state == "finished" and self.applied_segment_id is None):
+                return False
+        self._summary_kept = self.summary()
+        self._cleared_kept = self.cleared_slices() if hasattr(self, "cleared_slices") else None
+        self.image = self.prompt = self.source = None
+        if hasattr(self, "previous"):
+            self.previous = None
+        if self.result is not None:
+            self.result = dataclasses.replace(self.result, mask=None)
+        return True
+
     def summary(self) -> str:
         """One line for the status label."""
+        if getattr(self, "_summary_kept", None) is not None:  # (released: the arrays it came from are gone)
+            return self._summary_kept
         if self._state == "finished" and self.result is not None:
             lab = next(iter(self.result.slice_range))
             first, last = self.result.slice_range[lab]
@@ -2095,6 +2126,7 @@ class LabelmapSnapshot:
     dims: tuple[int, int, int]  # (k, j, i) of the extent
     packed: PackedMask | None
     raw: np.ndarray | None
+    shared: bool = False  # the layer held other segments' voxels too (its extent is theirs as well)
 
     @classmethod
     def take(cls, segmentation_node, segment_id: str) -> "LabelmapSnapshot | None":
@@ -2119,8 +2151,8 @@ class LabelmapSnapshot:
             voxels = numpy_support.vtk_to_numpy(scalars).reshape(dims)
         label = int(segment.GetLabelValue())
         # In a layer shared with other segments only the segment's own voxels are kept (the rest 0).
-        only_label = bool(_sharing(segmentation, segment_id)) or all(
-            np.count_nonzero(part) == np.count_nonzero(part == label) for part in voxels)
+        shared = bool(_sharing(segmentation, segment_id))
+        only_label = shared or all(np.count_nonzero(part) == np.count_nonzero(part == label) for part in voxels)
         import vtk  # noqa: PLC0415
 
         vtk_matrix = vtk.vtkMatrix4x4()
@@ -2128,7 +2160,7 @@ class LabelmapSnapshot:
         matrix = slicer.util.arrayFromVTKMatrix(vtk_matrix).copy()
         return cls(extent=extent, image_to_world=matrix, scalar_type=int(labelmap.GetScalarType()), label_value=label,
                    dims=dims, packed=PackedMask.of(voxels, value=label) if only_label else None,
-                   raw=None if only_label else np.array(voxels, copy=True))
+                   raw=None if only_label else np.array(voxels, copy=True), shared=shared)
 
     def voxels(self) -> np.ndarray:
         from vtk.util import numpy_support  # noqa: PLC0415
@@ -2136,7 +2168,23 @@ class LabelmapSnapshot:
         dtype = numpy_support.get_vtk_to_numpy_typemap()[self.scalar_type]
         if self.raw is not None:
             return self.raw.astype(dtype, copy=True)
-        return (self.packed.unpack() * self.label_value).astype(dtype)
+        # in the stored type (bool x label was int64: 8 bytes a voxel of a layer that may span a finer grid)
+        out = self.packed.unpack().astype(dtype)
+        if self.label_value != 1:
+            out *= np.asarray(self.label_value, dtype=dtype)
+        return out
+
+    def own_box(self) -> tuple[tuple[int, int, int], np.ndarray] | None:
+        """The segment's own voxels (those holding its label) cropped to their box: (the box's first
+        voxel as the labelmap's (k, j, i) index, the boolean box), or None when it holds none. Only
+        the box is unpacked, not the layer's whole extent."""
+        packed = self.packed if self.packed is not None else PackedMask.of(self.raw, value=self.label_value)
+        n = int(np.prod(packed.box))
+        if not n:
+            return None
+        crop = np.unpackbits(packed.bits, count=n).reshape(packed.box).astype(bool)
+        first = (self.extent[4] + packed.offset[0], self.extent[2] + packed.offset[1], self.extent[0] + packed.offset[2])
+        return first, crop
 
     def restore(self, segmentation_node, segment_id: str) -> None:
         """Put the saved labelmap back as the segment's own (main thread), in one modification."""
@@ -2148,10 +2196,21 @@ class LabelmapSnapshot:
         if segment is None:
             raise InputError(f'segment "{segment_id}" is no longer in the segmentation; nothing to undo')
         image = slicer.vtkOrientedImageData()
-        image.SetExtent(*self.extent)
-        image.AllocateScalars(self.scalar_type, 1)
-        if int(np.prod(self.dims)):
-            numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = self.voxels().ravel()
+        own = self.own_box() if self.shared else None
+        if own is not None:
+            # a layer shared with others spans their voxels too (a whole finer grid after Specify geometry):
+            # the segment's own layer spans its own voxels (the same voxels in the world, on the same grid)
+            (k0, j0, i0), crop = own
+            image.SetExtent(i0, i0 + crop.shape[2] - 1, j0, j0 + crop.shape[1] - 1, k0, k0 + crop.shape[0] - 1)
+            image.AllocateScalars(self.scalar_type, 1)
+            values = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(crop.shape)
+            values[:] = 0
+            values[crop] = self.label_value
+        else:
+            image.SetExtent(*self.extent)
+            image.AllocateScalars(self.scalar_type, 1)
+            if int(np.prod(self.dims)):
+                numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = self.voxels().ravel()
         image.SetImageToWorldMatrix(slicer.util.vtkMatrixFromArray(self.image_to_world))
         was_modifying = segmentation_node.StartModify()
         try:
@@ -2646,6 +2705,9 @@ class PropagationHistory:
         # (segmentation, segment) -> the run an undone update put the segment back at, whose own
         # step before was not kept: its refusal to undo says so (not "a loaded scene ...")
         self._undone_to: OrderedDict = OrderedDict()
+        # (segmentation, segment) -> the run pushed out of ``_entries`` by newer ones: its refusal to
+        # undo says so (it blamed a loaded scene; a helper's probe with 40 segments, session 41)
+        self._evicted: OrderedDict = OrderedDict()
 
     @staticmethod
     def _key(segmentation_node, segment_id: str):
@@ -2733,8 +2795,12 @@ class PropagationHistory:
         self._entries.pop(key, None)
         self._restored.pop(key, None)
         self._entries[key] = entry
+        self._evicted.pop(key, None)
         while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+            old_key, old = self._entries.popitem(last=False)
+            self._evicted[old_key] = old.run_id
+            while len(self._evicted) > 64 * self.max_entries:
+                self._evicted.popitem(last=False)
         return entry
 
     def mark_reviewed(self, entry: HistoryEntry, index: int) -> None:
@@ -2747,7 +2813,7 @@ class PropagationHistory:
 
     def forget(self, segmentation_node, segment_id: str | None = None) -> None:
         """Forget one segment, or every segment of a segmentation node."""
-        for entries in (self._entries, self._restored, self._undone_to):
+        for entries in (self._entries, self._restored, self._undone_to, self._evicted):
             for key in list(entries):
                 if key[0] == segmentation_node.GetID() and (segment_id is None or key[1] == segment_id):
                     del entries[key]
@@ -2757,6 +2823,7 @@ class PropagationHistory:
         self._restored.clear()
         self._unreadable.clear()
         self._undone_to.clear()
+        self._evicted.clear()
 
     def undo_last(self, segmentation_node, segment_id: str, before_write=None) -> str:
         """Undo the last propagation or update applied to the segment (main thread).
@@ -2781,6 +2848,12 @@ class PropagationHistory:
                 raise InputError(f'cannot undo: "{name}" is back at the result from before an update you undid, and '
                                  "only one step before an update is kept: the steps before it can no longer be "
                                  "undone with Undo propagation (Update from my edits and the review still work)")
+            evicted = self._evicted.get(self._key(segmentation_node, segment_id))
+            if entry.restored and evicted is not None and evicted == entry.run_id:
+                raise InputError(f'cannot undo: what "{name}" held before its {entry.kind} is kept for the last '
+                                 f"{self.max_entries} segments propagated or updated in this session, and "
+                                 f"{self.max_entries} others were since (the Segment Editor's Undo may still take "
+                                 "it back; Update from my edits and the review still work)")
             if entry.restored:
                 raise InputError(f'cannot undo: "{name}" holds a PAM result read back from the record saved with it '
                                  "(a loaded scene, a copied segment, the Segment Editor's redo); what it held before "
@@ -3036,6 +3109,8 @@ class SegmentUpdate(SegmentPropagation):
     def cleared_slices(self) -> list[int]:
         """Slices that held the object in the earlier result and are empty in this one, other than the
         ones the user erased or edited: what walls (erased slices) cut off, or walks that ended sooner."""
+        if getattr(self, "_cleared_kept", None) is not None:  # (released)
+            return list(self._cleared_kept)
         if self.result is None:
             return []
         other = tuple(a for a in range(3) if a != self.entry.axis)
@@ -3043,6 +3118,8 @@ class SegmentUpdate(SegmentPropagation):
         return sorted(set(self.entry.occupied_slices()) - now - set(self.empty) - set(self.edited))
 
     def summary(self) -> str:
+        if getattr(self, "_summary_kept", None) is not None:  # (released)
+            return self._summary_kept
         if self._state == "finished" and self.result is not None:
             edits = ", ".join(str(s) for s in self.edited[:8]) + (" ..." if len(self.edited) > 8 else "")
             word = "slice" if len(self.edited) == 1 else "slices"
