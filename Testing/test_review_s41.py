@@ -483,3 +483,35 @@ def test_a_stack_share_that_cannot_apply_is_said(tmp_path, capsys):
             "(prepare_data.py --synthetic-stacks N)); the synthetic volumes are drawn by count") in said
     train_script.load_training_cases(tmp_path, split, None, None)
     assert "stack-share" not in capsys.readouterr().err
+
+
+def test_prepare_data_refuses_negative_counts_and_names_synthetic_volumes_beyond_those_asked(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """prepare_data took --synthetic -1 as 0 (exit 0), and on a cache holding 4 synthetic volumes
+    --synthetic 2 said "(2 volumes, 0 new)" while train.py then read all 4 (a newcomer's trial)."""
+    from test_synthetic import _prepare_data_script
+
+    prep = _prepare_data_script()
+    monkeypatch.setattr(prep, "REPO", tmp_path)  # (nothing fetched or built, whatever the code does)
+    (tmp_path / "scripts").mkdir()
+    monkeypatch.setattr(prep.D, "ensure_downloaded", lambda cache, src: tmp_path)
+    monkeypatch.setattr(prep.D, "ensure_unpacked", lambda cache, path: tmp_path)
+    for name in ("build_totalsegmentator", "build_tptbox", "build_mni", "build_abagen"):
+        monkeypatch.setattr(prep, name, lambda *a: [])
+    monkeypatch.setattr(prep, "make_split", lambda infos: ({"train": [], "eval": []}, {}))
+    for flag in ("--synthetic", "--synthetic-stacks"):
+        with pytest.raises(SystemExit) as caught:
+            prep.main(["--cache", str(tmp_path / "cache"), flag, "-1", "--no-invesalius", "--no-stardist"])
+        assert caught.value.code == 2
+        assert f"{flag} is a number of volumes, at least 0, got -1" in capsys.readouterr().err
+    monkeypatch.setattr(prep, "build_synthetic", lambda n, *a, **k: ([{"case": f"synth_{i:04d}", "cached": True}
+                                                                     for i in range(n)], 0.0))
+    cases = tmp_path / "cache" / "cases"
+    cases.mkdir(parents=True, exist_ok=True)
+    for i in range(4):
+        (cases / f"synth_{i:04d}.npz").write_bytes(b"")
+    (cases / "synth_stack_0000.npz").write_bytes(b"")
+    prep.main(["--cache", str(tmp_path / "cache"), "--synthetic", "2", "--no-invesalius", "--no-stardist"])
+    assert (f"note: {cases} holds 4 synthetic volumes (synth_NNNN), more than the 2 asked for: train.py reads every "
+            "synthetic volume of the cache, unless --max-synthetic N (the first N, synth_NNNN before "
+            "synth_stack_NNNN)") in capsys.readouterr().out

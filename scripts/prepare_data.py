@@ -513,6 +513,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-stardist", action="store_true",
                     help="skip the stardist 0.9.2 3D nuclei stack")
     args = ap.parse_args(argv)
+    for flag, value in (("--synthetic", args.synthetic), ("--synthetic-stacks", args.synthetic_stacks)):
+        if value < 0:  # (-1 was taken as 0, exit 0)
+            ap.error(f"{flag} is a number of volumes, at least 0, got {value}")
     _check_abagen_draws(args.abagen_draws)  # before any download
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -583,6 +586,11 @@ def main(argv=None) -> int:
         shp = "x".join(str(s) for s in info["shape"])
         print(f"{info['case']:<22} {shp:<17} {sp:<20} {len(info['stats']):>7}  {roles[info['case']]}")
     new = [s for s in synth if not s["cached"]]
+    on_disk = len(list(cases_dir.glob("synth_[0-9]*.npz")))
+    if on_disk > len(synth):  # train.py reads every synth_* volume of the cache (--max-synthetic caps it)
+        print(f"note: {cases_dir} holds {on_disk} synthetic volumes (synth_NNNN), more than the {len(synth)} asked "
+              "for: train.py reads every synthetic volume of the cache, unless --max-synthetic N (the first N, "
+              "synth_NNNN before synth_stack_NNNN)")
     if synth:
         print(f"{'synth_0000..' + f'{len(synth) - 1:04d}':<22} {'48x128x128':<17} "
               f"{'varies':<20} {'4-10':>7}  train ({len(synth)} volumes, {len(new)} new)")
