@@ -1940,6 +1940,9 @@ class SegmentPropagation:
         conf = np.asarray(result.confidence.get(label, np.full(written.shape[axis], np.nan)), dtype=np.float32)
         agreement = result.agreement.get(label)
         recomputed = sorted(tuple(int(v) for v in iv) for iv in result.recomputed.get(label, []))
+        result_mask, written_mask = PackedMask.of(result.mask, value=label), PackedMask.of(written)
+        if _same_packed(result_mask, written_mask):  # (the usual case: one copy, not two; a helper's probe, s41)
+            written_mask = result_mask
         return HistoryEntry(
             segmentation_node=self.segmentation_node, segment_id=target, volume_node=self.volume_node,
             grid=self.grid, axis=axis, range=tuple(result.range) if result.range is not None else
@@ -1947,8 +1950,8 @@ class SegmentPropagation:
             empty_keyframes=frozenset(empty), confidence=conf.copy(),
             agreement=None if agreement is None else np.asarray(agreement, dtype=np.float32).copy(),
             begin_state=result.begin_state.get(label), stops=[dict(s) for s in result.stops.get(label, [])],
-            result_mask=PackedMask.of(result.mask, value=label),
-            written=PackedMask.of(written), before=before, created=self.mode == "new", kind=self.kind,
+            result_mask=result_mask,
+            written=written_mask, before=before, created=self.mode == "new", kind=self.kind,
             n_predicted=int(result.n_predicted), recomputed=recomputed, seconds=float(self.elapsed),
             edited=list(self._edited_slices()), reviewed=self._carried_reviews(recomputed),
             parent=self._parent_entry(), occupied=tuple(np.flatnonzero(on_axis.any(axis=(1, 2))).tolist()),
