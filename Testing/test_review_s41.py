@@ -515,3 +515,33 @@ def test_prepare_data_refuses_negative_counts_and_names_synthetic_volumes_beyond
     assert (f"note: {cases} holds 4 synthetic volumes (synth_NNNN), more than the 2 asked for: train.py reads every "
             "synthetic volume of the cache, unless --max-synthetic N (the first N, synth_NNNN before "
             "synth_stack_NNNN)") in capsys.readouterr().out
+
+
+def test_an_interrupted_runs_curve_reaches_its_saved_weights_and_info_says_unfinished(tmp_path, monkeypatch, capsys):
+    """Ctrl-C after some iterations: the partial curve lacked the iterations since its last row
+    (rows go every 10), and `pamsegment info` showed the partial checkpoint like a finished run
+    (``final: false`` was in --json only)."""
+    import csv
+
+    import PAMSegmentLib.training.trainer as trainer_module
+    from PAMSegmentLib import cli
+
+    real_forward, calls = trainer_module._forward, []
+
+    def forward(net, batch):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_forward(net, batch)
+
+    monkeypatch.setattr(trainer_module, "_forward", forward)
+    script = _train_script(monkeypatch)
+    out = tmp_path / "model.pt"
+    assert script.main(["--preset", "tiny", "--synthetic-inline", "1", "--workers", "0", "--max-iterations", "10",
+                        "--out", str(out)]) == 130
+    rows = list(csv.reader((tmp_path / "model_log.partial.csv").open()))
+    assert [r[0] for r in rows] == ["iteration", "1", "3"]
+    capsys.readouterr()
+    assert cli.main(["info", str(tmp_path / "model.partial.pt")]) == 0
+    assert "stage 1: 3 iterations in 0 min (unfinished: a save made during the run, stopped by 'interrupted')" in (
+        capsys.readouterr().out)

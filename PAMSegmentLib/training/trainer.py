@@ -350,6 +350,9 @@ def train(cases: list[Case], cfg: TrainConfig, out_path: Path, log_path: Path) -
                     saved_partial, last_ckpt = True, time.time()
         except KeyboardInterrupt:
             stopped_by = "interrupted"
+            if last_row is not None and written != it:  # the curve up to the weights saved (rows go every 10)
+                writer.writerow(last_row)
+                logf.flush()
             if it == 0:  # nothing learned: the starting weights are not saved as if they were a run's
                 raise TrainingInterrupted(None, 0) from None
             with _interrupts_held():  # a second Ctrl-C while saving cut the save short (a review, session 41)
