@@ -1539,6 +1539,11 @@ class SegmentPropagation:
                 return False
         self._summary_kept = self.summary()
         self._cleared_kept = self.cleared_slices() if hasattr(self, "cleared_slices") else None
+        failure, seen = self.exception, set()  # its traceback's frames held the volume's copy and the engine's
+        while failure is not None and id(failure) not in seen:  # arrays (log_failure prints the text kept before)
+            seen.add(id(failure))
+            failure.__traceback__ = None
+            failure = failure.__cause__ or failure.__context__
         self.image = self.prompt = self.source = None
         if hasattr(self, "previous"):
             self.previous = None
@@ -2202,13 +2207,20 @@ class LabelmapSnapshot:
         own = self.own_box() if self.shared else None
         if own is not None:
             # a layer shared with others spans their voxels too (a whole finer grid after Specify geometry):
-            # the segment's own layer spans its own voxels (the same voxels in the world, on the same grid)
+            # the segment's own layer spans its own voxels and one voxel of zeros around them within the
+            # old extent (the same voxels in the world, on the same grid; without that margin a volume
+            # voxel half a fine voxel past the edge read the edge's 1, not the 0 beyond: a re-review)
             (k0, j0, i0), crop = own
-            image.SetExtent(i0, i0 + crop.shape[2] - 1, j0, j0 + crop.shape[1] - 1, k0, k0 + crop.shape[0] - 1)
+            e = self.extent
+            first = (max(i0 - 1, e[0]), max(j0 - 1, e[2]), max(k0 - 1, e[4]))
+            last = (min(i0 + crop.shape[2], e[1]), min(j0 + crop.shape[1], e[3]), min(k0 + crop.shape[0], e[5]))
+            image.SetExtent(first[0], last[0], first[1], last[1], first[2], last[2])
             image.AllocateScalars(self.scalar_type, 1)
-            values = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(crop.shape)
+            values = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(
+                tuple(b - a + 1 for a, b in zip(first[::-1], last[::-1])))
             values[:] = 0
-            values[crop] = self.label_value
+            at = (k0 - first[2], j0 - first[1], i0 - first[0])
+            values[tuple(slice(a, a + n) for a, n in zip(at, crop.shape))][crop] = self.label_value
         else:
             image.SetExtent(*self.extent)
             image.AllocateScalars(self.scalar_type, 1)
@@ -2798,10 +2810,9 @@ class PropagationHistory:
         self._entries.pop(key, None)
         self._restored.pop(key, None)
         self._entries[key] = entry
-        self._evicted.pop(key, None)
-        while len(self._entries) > self.max_entries:
+        while len(self._entries) > self.max_entries:  # (an entry kept after an update: its run_id says which)
             old_key, old = self._entries.popitem(last=False)
-            self._evicted[old_key] = old.run_id
+            self._evicted[old_key] = (old.run_id, old.created)
             while len(self._evicted) > 64 * self.max_entries:
                 self._evicted.popitem(last=False)
         return entry
@@ -2852,11 +2863,15 @@ class PropagationHistory:
                                  "only one step before an update is kept: the steps before it can no longer be "
                                  "undone with Undo propagation (Update from my edits and the review still work)")
             evicted = self._evicted.get(self._key(segmentation_node, segment_id))
-            if entry.restored and evicted is not None and evicted == entry.run_id:
-                raise InputError(f'cannot undo: what "{name}" held before its {entry.kind} is kept for the last '
-                                 f"{self.max_entries} segments propagated or updated in this session, and "
-                                 f"{self.max_entries} others were since (the Segment Editor's Undo may still take "
-                                 "it back; Update from my edits and the review still work)")
+            if entry.restored and evicted is not None and evicted[0] == entry.run_id:
+                kept = (f"the last {self.max_entries} segments propagated or updated in this session are kept for "
+                        f"Undo, and {self.max_entries} others were since")
+                if evicted[1]:  # made by a new-segment run: taking it back is deleting it
+                    raise InputError(f'cannot undo: "{name}" was made by a {entry.kind} no longer remembered ({kept}): '
+                                     "delete the segment in the Segment Editor to take it back")
+                raise InputError(f'cannot undo: what "{name}" held before its {entry.kind} is no longer remembered '
+                                 f"({kept}; the Segment Editor's Undo may still take it back; Update from my edits "
+                                 "and the review still work)")
             if entry.restored:
                 raise InputError(f'cannot undo: "{name}" holds a PAM result read back from the record saved with it '
                                  "(a loaded scene, a copied segment, the Segment Editor's redo); what it held before "

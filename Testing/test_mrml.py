@@ -1087,9 +1087,9 @@ def test_undo_gives_a_segment_of_a_shared_layer_its_label_value_back(mrml_scene)
     (label 3) is propagated and undone. The restore gives it a layer of its own (the other two are
     never touched), which Slicer makes with label value 1: without setting 3 back, its saved voxels
     (value 3) sat under label 1 and the segment read as empty. Expected after Undo: the layer's
-    geometry and type as before, the tumor's own voxels (value 3) on the box they fill (since
-    session 41: the shared layer's whole extent, which may span a finer grid, was given to each
-    segment undone), label value 3, and the same 525 voxels on the volume as the drawing."""
+    geometry and type as before, the tumor's own voxels (value 3) on their box and one voxel around
+    it (since session 41: the shared layer's whole extent, which may span a finer grid, was given to
+    each segment undone), label value 3, and the same 525 voxels on the volume as the drawing."""
     truth, image = synthetic()
     vol = make_volume_node(image)
     a = np.zeros(SHAPE, np.uint8)
@@ -1113,10 +1113,13 @@ def test_undo_gives_a_segment_of_a_shared_layer_its_label_value_back(mrml_scene)
     history.undo_last(seg, sid)
     own = np.where(before[0] == 3, before[0], 0)
     k, j, i = (np.flatnonzero(own.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1)))
-    box = own[k[0]:k[-1] + 1, j[0]:j[-1] + 1, i[0]:i[-1] + 1]
+    # one voxel of zeros around its own voxels, within the shared layer's extent
+    lo = [max(a[0] - 1, 0) for a in (k, j, i)]
+    hi = [min(a[-1] + 2, n) for a, n in zip((k, j, i), own.shape)]
+    box = own[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
     e = before[1]
-    extent = (e[0] + i[0], e[0] + i[-1], e[2] + j[0], e[2] + j[-1], e[4] + k[0], e[4] + k[-1])
-    assert box.shape == (1, 25, 29) and int((box == 3).sum()) == 525
+    extent = (e[0] + lo[2], e[0] + hi[2] - 1, e[2] + lo[1], e[2] + hi[1] - 1, e[4] + lo[0], e[4] + hi[0] - 1)
+    assert box.shape == (3, 27, 31) and int((box == 3).sum()) == 525
     assert_same_labelmap(internal_labelmap_state(seg, sid), (box, extent, before[2], before[3]))
     assert segmentation.GetSegment(sid).GetLabelValue() == 3
     np.testing.assert_array_equal(segment_on_volume(seg, sid, vol), drawing)

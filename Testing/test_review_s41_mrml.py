@@ -121,17 +121,26 @@ def test_undo_gives_a_segment_of_a_shared_layer_a_layer_of_its_own_voxels(shared
     before = entry.before
     assert before is not None and before.shared
     (k0, j0, i0), crop = before.own_box()
+    on_volume = mrml.segment_mask(seg, sid, volume).copy()
     history.undo_last(seg, sid)
     stored = seg.GetSegmentation().GetSegment(sid).GetRepresentation("Binary labelmap")
-    e = stored.GetExtent()
-    assert e == (i0, i0 + crop.shape[2] - 1, j0, j0 + crop.shape[1] - 1, k0, k0 + crop.shape[0] - 1)
-    assert _layer_voxels(seg, sid) == crop.size < shared / 20
+    e, old = stored.GetExtent(), before.extent
+    # its own voxels and one voxel of zeros around them, within the shared layer's extent (without that
+    # margin a volume voxel half a fine voxel past the edge read the edge: a re-review, x2 grids)
+    first = (max(i0 - 1, old[0]), max(j0 - 1, old[2]), max(k0 - 1, old[4]))
+    last = (min(i0 + crop.shape[2], old[1]), min(j0 + crop.shape[1], old[3]), min(k0 + crop.shape[0], old[5]))
+    assert e == (first[0], last[0], first[1], last[1], first[2], last[2])
+    assert _layer_voxels(seg, sid) < shared / 20
     from vtk.util import numpy_support
 
     label = seg.GetSegmentation().GetSegment(sid).GetLabelValue()
-    restored = numpy_support.vtk_to_numpy(stored.GetPointData().GetScalars()).reshape(crop.shape)
-    np.testing.assert_array_equal(restored == label, crop)
-    assert not restored[~crop].any()
+    restored = numpy_support.vtk_to_numpy(stored.GetPointData().GetScalars()).reshape(
+        last[2] - first[2] + 1, last[1] - first[1] + 1, last[0] - first[0] + 1)
+    at = (k0 - first[2], j0 - first[1], i0 - first[0])
+    inner = restored[at[0]:at[0] + crop.shape[0], at[1]:at[1] + crop.shape[1], at[2]:at[2] + crop.shape[2]]
+    np.testing.assert_array_equal(inner == label, crop)
+    assert int(np.count_nonzero(restored)) == int(crop.sum())
+    assert on_volume.any()
 
 
 def test_undo_of_a_segment_pushed_out_of_the_history_says_so(mrml_scene):
@@ -153,10 +162,96 @@ def test_undo_of_a_segment_pushed_out_of_the_history_says_so(mrml_scene):
     with pytest.raises(mrml.InputError) as caught:
         history.undo_last(seg, ids["s0"])
     assert str(caught.value) == (
-        'cannot undo: what "s0" held before its propagation is kept for the last 2 segments propagated or updated in '
-        "this session, and 2 others were since (the Segment Editor's Undo may still take it back; Update from my "
-        "edits and the review still work)")
+        'cannot undo: what "s0" held before its propagation is no longer remembered (the last 2 segments propagated '
+        "or updated in this session are kept for Undo, and 2 others were since; the Segment Editor's Undo may still "
+        "take it back; Update from my edits and the review still work)")
     history.undo_last(seg, ids["s2"])  # (the newer ones still undo)
+    # a segment a new-segment run made: taking it back is deleting it
+    made = mrml.propagate_segment(volume, seg, ids["s2"], mode="new", model=get_predictor("copy"), history=history)
+    for name in ("s1", "s0"):  # (s0: read back from its record, updated... pushed out again by these two)
+        history.forget(seg, ids[name])
+        mrml.propagate_segment(volume, seg, ids[name], mode="new", model=get_predictor("copy"), history=history)
+    with pytest.raises(mrml.InputError) as caught:
+        history.undo_last(seg, made)
+    name = seg.GetSegmentation().GetSegment(made).GetName()
+    assert str(caught.value) == (
+        f'cannot undo: "{name}" was made by a propagation no longer remembered (the last 2 segments propagated or '
+        "updated in this session are kept for Undo, and 2 others were since): delete the segment in the Segment "
+        "Editor to take it back")
+
+
+def test_undo_on_a_twice_finer_grid_gives_the_volume_grid_the_drawing_back(mrml_scene):
+    """A re-review (session 41): Undo of a segment that shared its layer restored it on a layer cut
+    exactly to its own voxels; on a x2 grid a volume voxel whose centre lies half a fine voxel past
+    the edge then read the edge's 1 (the old whole-extent layer gave the 0 beyond): a 4-voxel drawing
+    came back as 6. One voxel of zeros is kept around it, as before a write."""
+    from vtk.util import numpy_support
+
+    shape = (16, 32, 32)
+    truth = ellipsoid(shape, (8, 16, 16), (5, 8, 8))
+    volume = make_volume_node((truth * 100.0).astype(np.int16), name="ct")
+    prompt = np.zeros(shape, np.uint8)
+    prompt[8, 14:18, 14:18] = 1
+    block = np.zeros(shape, np.uint8)
+    block[1:15, 1:30, 1:8] = 1
+    seg, ids = make_segmentation(volume, {"block": block, "ball": prompt})
+    segmentation = seg.GetSegmentation()
+    segmentation.CollapseBinaryLabelmaps(False)
+    _oversample(seg, volume, 2.0)
+    segmentation.CollapseBinaryLabelmaps(False)
+    sid = ids["ball"]
+    segment = segmentation.GetSegment(sid)
+    stored = segment.GetRepresentation("Binary labelmap")
+    e = stored.GetExtent()
+    layer = numpy_support.vtk_to_numpy(stored.GetPointData().GetScalars()).reshape(
+        e[5] - e[4] + 1, e[3] - e[2] + 1, e[1] - e[0] + 1)
+    label = segment.GetLabelValue()
+    slices = np.unique(np.argwhere(layer == label)[:, 0])
+    layer[layer == label] = 0
+    for k in slices:  # a 5 x 5 square painted on the finer grid (an odd number of its voxels)
+        layer[k, 30:35, 30:35] = label
+    stored.Modified()
+    before = mrml.segment_mask(seg, sid, volume).copy()
+    history = mrml.PropagationHistory()
+    mrml.propagate_segment(volume, seg, sid, model=get_predictor("copy"), history=history)
+    segmentation.CollapseBinaryLabelmaps(False)
+    history.undo_last(seg, sid)
+    after = mrml.segment_mask(seg, sid, volume)
+    assert int(before.sum()) == 4
+    np.testing.assert_array_equal(after, before)
+
+
+def test_a_failed_jobs_release_lets_its_arrays_go(mrml_scene):
+    """A re-review (session 41): release() let go of a failed job's volume copy, but its exception's
+    traceback held the engine's frames (the volume copy and the engine's working arrays) for the
+    rest of the session."""
+    import gc
+    import weakref
+
+    truth = ellipsoid(SHAPE, (10, 20, 20), (6, 8, 8))
+    volume = make_volume_node((truth * 100.0).astype(np.int16), name="ct")
+    prompt = np.zeros(SHAPE, np.uint8)
+    prompt[10] = truth[10]
+    seg, ids = make_segmentation(volume, {"ball": prompt})
+    held = []
+    from doubles import OracleModel
+
+    class Failing(OracleModel):
+        """A predictor whose first prediction allocates working memory and fails."""
+
+        def predict(self, volume, guide_index, guide_mask, query_indices):
+            work = np.ones(2_000_000)
+            held.append(weakref.ref(work))
+            raise RuntimeError("simulated failure")
+
+    job = mrml.SegmentPropagation(volume, seg, ids["ball"], model=Failing(truth))
+    job.start()
+    assert job.wait(60) and job.state == "failed"
+    image = weakref.ref(job.image)
+    assert job.release()
+    gc.collect()
+    assert image() is None and held and held[0]() is None
+    assert "simulated failure" in job.summary()
 
 
 def test_a_history_entry_keeps_one_copy_of_a_result_written_as_it_came(shared_fine_layer):
