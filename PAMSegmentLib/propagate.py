@@ -724,11 +724,26 @@ def _label_boxes(prompt: np.ndarray, labels: Sequence[int]) -> dict[int, tuple[n
 
 def _sparse_label_boxes(prompt: np.ndarray,
                         labels: Sequence[int]) -> dict[int, tuple[np.ndarray, tuple[int, ...]]] | None:
-    """``_label_boxes`` in one pass over ``prompt``: a drawing is sparse (a few slices of a volume),
-    so each label's box comes from its drawn voxels' positions, not from passes over the whole
-    volume a label (100 labels drawn along a 512 x 512 x 1000 volume took 400 such passes). None
-    for a prompt of non-integer values, of one label, or dense (more than 1/40 of it drawn: the
-    positions take up to 40 bytes a drawn voxel where one label's mask takes 1 byte a voxel)."""
+    """``_label_boxes`` from ``_sparse_label_extents`` (None where that is None)."""
+    extents = _sparse_label_extents(prompt, labels)
+    if extents is None:
+        return None
+    boxes = {}
+    for lab, box in extents.items():
+        if box is None:  # (as _bounding_box gives an empty mask)
+            boxes[lab] = (np.zeros(prompt.shape, dtype=bool), (0,) * prompt.ndim)
+        else:
+            boxes[lab] = (prompt[box] == lab, tuple(b.start for b in box))
+    return boxes
+
+
+def _sparse_label_extents(prompt: np.ndarray, labels: Sequence[int]) -> dict[int, tuple[slice, ...] | None] | None:
+    """Each label's bounding box in ``prompt`` (None where it is absent), in one pass: a drawing is
+    sparse (a few slices of a volume), so the boxes come from the drawn voxels' positions, not from
+    passes over the whole volume a label (100 labels drawn along a 512 x 512 x 1000 volume took 400
+    such passes, and held a whole-box mask a label). None for a prompt of non-integer values, of one
+    label, or dense (more than 1/40 of it drawn: the positions take up to 40 bytes a drawn voxel
+    where one label's mask takes 1 byte a voxel)."""
     labels = [int(v) for v in labels]
     if prompt.dtype.kind not in "iu" or not prompt.size or len(labels) < 2:
         return None
@@ -741,16 +756,15 @@ def _sparse_label_boxes(prompt: np.ndarray,
     order = np.argsort(values, kind="stable")
     values, where = values[order], where[order]
     del order
-    boxes = {}
+    extents: dict[int, tuple[slice, ...] | None] = {}
     for lab in labels:
         first, last = np.searchsorted(values, lab, side="left"), np.searchsorted(values, lab, side="right")
-        if first == last:  # (as _bounding_box gives an empty mask)
-            boxes[lab] = (np.zeros(prompt.shape, dtype=bool), (0,) * prompt.ndim)
+        if first == last:
+            extents[lab] = None
             continue
         coords = np.unravel_index(where[first:last], prompt.shape)
-        box = tuple(slice(int(c.min()), int(c.max()) + 1) for c in coords)
-        boxes[lab] = (prompt[box] == lab, tuple(b.start for b in box))
-    return boxes
+        extents[lab] = tuple(slice(int(c.min()), int(c.max()) + 1) for c in coords)
+    return extents
 
 
 LABEL_BOXES_FROM = 8  # labels from which _LabelBoxes finds their boxes in one pass (about 7 label-by-label passes' time)
@@ -2365,8 +2379,9 @@ def _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, em
                         else None)  # (a result of another image says nothing of what this one emptied)
         # (usable_previous implies before_moved: the same map, so one set of boxes for both)
         before_boxes = _LabelBoxes(before_moved, slices) if before_moved is not None else None
-        # each label's drawing from one pass over the prompt where it is sparse (not a pass a label)
-        drawings = _sparse_label_boxes(prm, list(slices))
+        # where each label is drawn, from one pass over the prompt where it is sparse (not a pass a label);
+        # a label's drawing is read within its box when its turn comes (not all held through the walks)
+        extents = _sparse_label_extents(prm, list(slices))
         for n_lab, (lab, keyframes) in enumerate(slices.items(), start=1):
             tracker.check_cancel()
             tracker.label = f"label {lab} ({n_lab}/{len(slices)})" if len(slices) > 1 else ""
@@ -2374,12 +2389,10 @@ def _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, em
             # the previous label's full-volume arrays go before this label's are made (with three or
             # more labels they were the run's peak of memory: 4 B a voxel more than with one)
             mask = taken = clash = drawn_over = label_mask = reuse = None
-            if drawings is not None:  # (the same array as prm == lab: False outside the drawing's box)
-                drawing, start = drawings.pop(lab)
-                drawn_box = tuple(slice(a, a + n) for a, n in zip(start, drawing.shape))
+            if extents is not None:  # (the same array as prm == lab: False outside the drawing's box)
+                drawn_box = extents[lab] or (slice(0, 0),) * prm.ndim
                 label_mask = np.zeros(prm.shape, dtype=bool)
-                label_mask[drawn_box] = drawing
-                del drawing
+                label_mask[drawn_box] = prm[drawn_box] == lab
             else:
                 label_mask = prm == lab
                 drawn_box = None

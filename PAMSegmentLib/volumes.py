@@ -3695,6 +3695,9 @@ def _transparent_as_background(arr: np.ndarray, alpha: np.ndarray | None, name: 
     layer leave the layer's grey (often white) under it, which no viewer shows."""
     if alpha is None or alpha.shape != arr.shape:
         return arr
+    if arr.size and arr.min() == arr.max() and alpha.min() != alpha.max():  # the drawing is the alpha alone
+        raise InputError(f"{name} holds one value everywhere but in its alpha (transparency) channel, where the "
+                         "drawing is: save the labels as grey values (0 = background, 1, 2 ... = labels)")
     hidden = (alpha == 0) & (arr != 0)
     count = int(np.count_nonzero(hidden))
     if count:
@@ -3723,12 +3726,25 @@ def _grey_of_colour_mask(image: sitk.Image, name: str, say: Callable[[str], None
 def _palette_indices(path: Path) -> np.ndarray | None:
     """An indexed-colour (palette) PNG's, TIFF's or BMP's pixel indices, which annotation tools use as
     labels (SimpleITK expands them to colours); None for any other file."""
+    found = _palette(path)
+    return None if found is None else found[0]
+
+
+VOC_VOID_COLOUR = (224, 224, 192)  # PASCAL VOC's palette entry 255: "void" (unlabelled borders)
+
+
+def _palette(path: Path) -> tuple[np.ndarray, tuple[int, ...]] | None:
+    """``_palette_indices`` and the palette's colour of index 255 (() if it has none)."""
     if not path.name.lower().endswith((".png", ".tif", ".tiff", ".bmp")):
         return None
     try:
         with _pillow_unguarded() as Image, Image.open(path) as im:  # a mask of a large slide: not a bomb
-            return np.asarray(im) if im.mode == "P" else None
-    except ImportError:
+            if im.mode != "P":
+                return None
+            colours = im.getpalette() or []
+            return np.asarray(im), tuple(colours[3 * 255:3 * 256])
+    # (a file ITK reads and Pillow cannot, e.g. a 64-bit integer TIFF: no palette; it raised out, a re-review)
+    except (ImportError, OSError, ValueError, SyntaxError, struct.error):
         return None
 
 
@@ -3778,11 +3794,12 @@ def read_labelmap_2d(path: PathLike, reference: tuple[np.ndarray, sitk.Image] | 
                          "as PNG or TIFF")
     image, original = _read_2d(path, "mask")
     _exif_note(path, say)
-    palette = _palette_indices(Path(path))
+    palette = _palette(Path(path))
     if palette is not None:
-        arr = palette.astype(np.uint8)
+        arr = palette[0].astype(np.uint8)
         drawn = np.unique(arr)
-        if 255 in drawn and np.count_nonzero(drawn) > 1:  # index 255 beside other labels: VOC's "void"
+        # index 255 coloured as VOC's "void", beside other labels (a grey ramp's 255, a 255th instance: labels)
+        if 255 in drawn and np.count_nonzero(drawn) > 1 and palette[1] == VOC_VOID_COLOUR:
             arr[arr == 255] = 0
             if say is not None:
                 say(f"{name}: palette index 255 (\"void\" in VOC-style masks: borders and regions left "

@@ -406,12 +406,17 @@ def test_training_over_carded_weights_says_the_card_no_longer_matches(tmp_path, 
     out = tmp_path / "model.pt"
     out.write_bytes(b"old weights")
     card = tmp_path / "model.json"
-    card.write_text('{"sha256_weights": "0000"}')
-    assert script.main(["--preset", "tiny", "--synthetic-inline", "1", "--workers", "0", "--max-iterations", "1",
-                        "--out", str(out), "--overwrite"]) == 0
+    card.write_text('{"file": "model.pt", "sha256_weights": "0000"}')  # (as make_model_card writes one)
+    run = ["--preset", "tiny", "--synthetic-inline", "1", "--workers", "0", "--max-iterations", "1", "--out", str(out),
+           "--overwrite"]
+    assert script.main(run) == 0
     assert (f"note: {card} (a model card) describes the weights {out} held before this run; PAMSegment refuses a "
             "checkpoint its card beside it does not match: write a new card with python scripts/make_model_card.py "
             f"{out}, or remove that file") in capsys.readouterr().err
+    # a .json that is no card of these weights (an earlier run's summary beside --log model.csv): no note
+    card.write_text('{"iterations": 3, "sha256": "1234"}')
+    assert script.main([*run, "--log", str(tmp_path / "model.csv")]) == 0
+    assert "model card" not in capsys.readouterr().err
 
 
 def test_ctrl_c_before_the_first_iteration_saves_nothing(tmp_path, monkeypatch, capsys):
@@ -483,6 +488,11 @@ def test_a_stack_share_that_cannot_apply_is_said(tmp_path, capsys):
             "(prepare_data.py --synthetic-stacks N)); the synthetic volumes are drawn by count") in said
     train_script.load_training_cases(tmp_path, split, None, None)
     assert "stack-share" not in capsys.readouterr().err
+    # layered columns in the cache, left out by --max-synthetic (synth_NNNN are read first): that is the reason
+    write_case(tmp_path / "cases" / "synth_stack_0000.npz", img, lab, (1, 1, 1), {1: "box"}, "CT", "test")
+    train_script.load_training_cases(tmp_path, split, 2, 0.3)
+    assert ("warning: --stack-share 0.3 does not apply here (--max-synthetic 2 reads the synth_NNNN volumes first and "
+            "left out the synth_stack_* ones (give a larger --max-synthetic))") in capsys.readouterr().err
 
 
 def test_prepare_data_refuses_negative_counts_and_names_synthetic_volumes_beyond_those_asked(tmp_path, monkeypatch,
@@ -545,3 +555,64 @@ def test_an_interrupted_runs_curve_reaches_its_saved_weights_and_info_says_unfin
     assert cli.main(["info", str(tmp_path / "model.partial.pt")]) == 0
     assert "stage 1: 3 iterations in 0 min (unfinished: a save made during the run, stopped by 'interrupted')" in (
         capsys.readouterr().out)
+
+
+def test_masks_pillow_cannot_open_and_palettes_that_are_not_voc(tmp_path):
+    """A re-review (session 41) of the 2D mask reading: a TIFF that ITK reads and Pillow cannot (64-bit
+    integers: scipy's and scikit-image's label maps) raised Pillow's error out of the palette lookup
+    (a traceback; it was read before); index 255 of a grey-ramp palette (a trimap 0/128/255) is a
+    label, not VOC's void; a mask whose drawing is only in its alpha channel says so."""
+    tifffile = pytest.importorskip("tifffile")
+    from PIL import Image
+
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.volumes import read_labelmap_2d
+
+    truth = _two_labels()
+    tifffile.imwrite(tmp_path / "labels64.tif", truth.astype(np.int64))
+    np.testing.assert_array_equal(read_labelmap_2d(tmp_path / "labels64.tif"), truth)
+    trimap = np.where(truth == 1, 255, np.where(truth == 2, 128, 0)).astype(np.uint8)
+    ramp = Image.fromarray(trimap, "P")
+    ramp.putpalette([v for i in range(256) for v in (i, i, i)])
+    ramp.save(tmp_path / "trimap.png")
+    said = []
+    assert set(np.unique(read_labelmap_2d(tmp_path / "trimap.png", say=said.append))) == {0, 128, 255}
+    assert not said
+    rgba = np.zeros(truth.shape + (4,), np.uint8)
+    rgba[..., 3] = np.where(truth > 0, 255, 0)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha_only.png")
+    with pytest.raises(InputError, match="alpha_only.png holds one value everywhere but in its alpha .transparency. "
+                                         "channel, where the drawing is: save the labels as grey values"):
+        read_labelmap_2d(tmp_path / "alpha_only.png")
+
+
+def test_training_messages_after_a_re_review(tmp_path, monkeypatch, capsys):
+    """A re-review (session 41): Ctrl-C before the first iteration left the curve's partial file, so
+    the same command was then refused; --init-from of this preset's name with other sizes said
+    "not the 'small' network ... give --preset small"; one of another name and the same sizes gave
+    empty parentheses."""
+    import PAMSegmentLib.training.trainer as trainer_module
+    from PAMSegmentLib.network import PRESETS
+    from PAMSegmentLib.training.trainer import check_init_network
+
+    def forward(net, batch):
+        raise KeyboardInterrupt
+
+    script = _train_script(monkeypatch)
+    run = ["--preset", "tiny", "--synthetic-inline", "1", "--workers", "0", "--max-iterations", "2",
+           "--out", str(tmp_path / "m.pt")]
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer_module, "_forward", forward)
+        assert script.main(run) == 130
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    assert script.main(run) == 0  # the same command again: not refused for a file the first one left
+    capsys.readouterr()
+    from dataclasses import replace
+
+    small = PRESETS["small"]
+    with pytest.raises(ValueError, match="--init-from has network 'small', which differs from this version's 'small' "
+                                         r"preset \(presence_head False \(this run: True\)\): it cannot start"):
+        check_init_network(replace(small, presence_head=False), small)
+    with pytest.raises(ValueError, match="--init-from has network 'mine', the same as the 'small' network this run "
+                                         "trains but for its name"):
+        check_init_network(replace(small, name="mine"), small)

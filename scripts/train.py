@@ -157,7 +157,10 @@ def load_training_cases(cache: Path, split_path: Path, max_synthetic: int | None
                 c.weight = real_share * shares[g] / norm / len(members)
     stacks = [c for c in synth if c.name.startswith("synth_stack_")]
     if stack_share is not None and (not real or not stacks or len(stacks) == len(synth)):
+        on_disk = any((cache / "cases").glob("synth_stack_*.npz"))
         why = ("the cache has no real cases: the synthetic volumes are all the samples" if not real else
+               f"--max-synthetic {max_synthetic} reads the synth_NNNN volumes first and left out the synth_stack_* "
+               "ones (give a larger --max-synthetic)" if not stacks and on_disk and max_synthetic is not None else
                "the cache has no synth_stack_* volumes (prepare_data.py --synthetic-stacks N)" if not stacks else
                "every synthetic volume is a synth_stack_* one")
         print(f"warning: --stack-share {stack_share:g} does not apply here ({why}); the synthetic volumes are drawn by "
@@ -405,6 +408,17 @@ def main(argv=None) -> int:
         return 1
 
 
+def _card_bytes(card: Path, name: str) -> bytes | None:
+    """The model card at ``card`` if it is one for the weights file ``name`` (the check PAMSegment
+    makes when it loads them; another run's summary .json is none), as bytes; None otherwise."""
+    from PAMSegmentLib.checkpoints import _card_naming
+
+    try:
+        return card.read_bytes() if card.is_file() and _card_naming(card, name)[0] is not None else None
+    except OSError:
+        return None
+
+
 def _mtime(path: Path) -> int | None:
     """``path``'s modification time in ns, None if it is not a file."""
     try:
@@ -417,6 +431,9 @@ def _run(args: argparse.Namespace, argv, net_cfg: PAMConfig) -> int:
     torch.manual_seed(args.seed)
     t0 = time.time()
     if args.synthetic_inline:
+        if args.stack_share is not None:
+            print(f"warning: --stack-share {args.stack_share:g} does not apply to --synthetic-inline volumes (no "
+                  "synth_stack_* among them)", file=sys.stderr)
         cases = inline_synthetic(args.synthetic_inline, args.seed)
     else:
         cases = load_training_cases(args.cache, args.split, args.max_synthetic, args.stack_share)
@@ -464,14 +481,14 @@ def _run(args: argparse.Namespace, argv, net_cfg: PAMConfig) -> int:
         },
     )
     card = args.out.with_suffix(".json")
-    card_before = card.read_bytes() if card.is_file() else None
+    card_before = _card_bytes(card, args.out.name)
     summary = train(cases, cfg, args.out, args.log)
     print(json.dumps(summary), flush=True)
     if args.max_iterations is not None and summary.get("stopped_by") == "time":
         print(f"warning: --minutes {args.minutes:g} ended the run after {summary['iterations']} of --max-iterations "
               f"{args.max_iterations} iterations: its weights are not those the same seed gives a run of "
               f"{args.max_iterations}", file=sys.stderr, flush=True)
-    if card_before is not None and card.read_bytes() == card_before:
+    if card_before is not None and _card_bytes(card, args.out.name) == card_before:
         print(f"note: {card} (a model card) describes the weights {args.out} held before this run; PAMSegment refuses "
               f"a checkpoint its card beside it does not match: write a new card with python scripts/make_model_card.py "
               f"{args.out}, or remove that file", file=sys.stderr, flush=True)

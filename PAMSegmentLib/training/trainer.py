@@ -206,6 +206,14 @@ def check_init_network(init_config: PAMConfig, config: PAMConfig) -> None:
         differ = [f"{name} {getattr(init_config, name)!r} (this run: {getattr(config, name)!r})"
                   for name in init_config.__dataclass_fields__
                   if name != "name" and getattr(init_config, name) != getattr(config, name)]
+        if not differ:  # the same network under another name
+            raise ValueError(f"--init-from has network {init_config.name!r}, the same as the {config.name!r} "
+                             f"network this run trains but for its name: give --preset {init_config.name} if there is "
+                             "one, or a checkpoint saved under this preset's name")
+        if init_config.name == config.name:  # (a checkpoint of an earlier version of this preset)
+            raise ValueError(f"--init-from has network {init_config.name!r}, which differs from this version's "
+                             f"{config.name!r} preset ({'; '.join(differ)}): it cannot start this run; train from "
+                             "scratch or from a checkpoint of this version")
         preset = init_config.name if init_config.name in PRESETS else None
         fix = (f"give --preset {preset}, or a {config.name} checkpoint" if preset else
                f"give a {config.name} checkpoint (of --preset {config.name})")
@@ -353,7 +361,9 @@ def train(cases: list[Case], cfg: TrainConfig, out_path: Path, log_path: Path) -
             if last_row is not None and written != it:  # the curve up to the weights saved (rows go every 10)
                 writer.writerow(last_row)
                 logf.flush()
-            if it == 0:  # nothing learned: the starting weights are not saved as if they were a run's
+            if it == 0:  # nothing learned: the starting weights are not saved as if they were a run's, and the
+                logf.close()  # curve's partial file goes too (it made the same command's next run refuse to start)
+                log_partial.unlink(missing_ok=True)
                 raise TrainingInterrupted(None, 0) from None
             with _interrupts_held():  # a second Ctrl-C while saving cut the save short (a review, session 41)
                 save(partial, final=False)
