@@ -18,23 +18,31 @@ from test_review_s31 import _oversample
 SHAPE = (20, 40, 40)
 
 
+def _one_finer_layer(truth, block, prompt, factor):
+    """A volume of ``truth`` and a segmentation of "block" and "ball" (``prompt``) in one labelmap
+    layer, oversampled ``factor`` times (the Segment Editor's Specify geometry)."""
+    volume = make_volume_node((truth * 100.0).astype(np.int16), name="ct")
+    seg, ids = make_segmentation(volume, {"block": block, "ball": prompt})
+    segmentation = seg.GetSegmentation()
+    segmentation.CollapseBinaryLabelmaps(False)
+    _oversample(seg, volume, factor)
+    segmentation.CollapseBinaryLabelmaps(False)
+    assert segmentation.GetNumberOfLayers() == 1
+    return volume, seg, ids
+
+
 @pytest.fixture
 def shared_fine_layer(mrml_scene):
     """A ball drawn on slice 10 and a large block (another structure) in one labelmap layer,
     oversampled 3 times (Specify geometry): the layer spans the block, the ball's own voxels are a
     small part of it. The ball is propagated (copy baseline) with a history."""
     truth = ellipsoid(SHAPE, (10, 30, 30), (4, 5, 5))
-    volume = make_volume_node((truth * 100.0).astype(np.int16), name="ct")
     prompt = np.zeros(SHAPE, np.uint8)
     prompt[10] = truth[10]
     block = np.zeros(SHAPE, np.uint8)
     block[1:19, 1:22, 1:22] = 1
-    seg, ids = make_segmentation(volume, {"block": block, "ball": prompt})
+    volume, seg, ids = _one_finer_layer(truth, block, prompt, 3.0)
     segmentation = seg.GetSegmentation()
-    segmentation.CollapseBinaryLabelmaps(False)
-    _oversample(seg, volume, 3.0)
-    segmentation.CollapseBinaryLabelmaps(False)
-    assert segmentation.GetNumberOfLayers() == 1
     history = mrml.PropagationHistory()
     job = mrml.SegmentPropagation(volume, seg, ids["ball"], mode="replace", model=get_predictor("copy"))
     job.start()
@@ -189,16 +197,12 @@ def test_undo_on_a_twice_finer_grid_gives_the_volume_grid_the_drawing_back(mrml_
 
     shape = (16, 32, 32)
     truth = ellipsoid(shape, (8, 16, 16), (5, 8, 8))
-    volume = make_volume_node((truth * 100.0).astype(np.int16), name="ct")
     prompt = np.zeros(shape, np.uint8)
     prompt[8, 14:18, 14:18] = 1
     block = np.zeros(shape, np.uint8)
     block[1:15, 1:30, 1:8] = 1
-    seg, ids = make_segmentation(volume, {"block": block, "ball": prompt})
+    volume, seg, ids = _one_finer_layer(truth, block, prompt, 2.0)
     segmentation = seg.GetSegmentation()
-    segmentation.CollapseBinaryLabelmaps(False)
-    _oversample(seg, volume, 2.0)
-    segmentation.CollapseBinaryLabelmaps(False)
     sid = ids["ball"]
     segment = segmentation.GetSegment(sid)
     stored = segment.GetRepresentation("Binary labelmap")
