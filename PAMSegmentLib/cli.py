@@ -1364,8 +1364,9 @@ def _provenance_text(provenance) -> str:
             if not isinstance(iterations, int) or isinstance(iterations, bool) or abs(iterations) >= 10**12:
                 iterations = "?" if iterations is None else shown(iterations, 40)
             # a save made during a run (a partial checkpoint) is not a finished run: said (session 41)
-            unfinished = (f" (unfinished: a save made during the run, stopped by {shown(st.get('stopped_by'), 20)})"
-                          if st.get("final") is False else "")
+            ended = st.get("stopped_by")  # (None: a periodic save, the run going on; killed or failed later)
+            unfinished = (" (unfinished: a save made during the run" + (f", stopped by {shown(ended, 20)})" if ended
+                                                                        else ")") if st.get("final") is False else "")
             lines.append(f"\n  stage {n}: {iterations} iterations{took}{unfinished}, git "
                          f"{str(st.get('git_revision', '?'))[:10]}: {str(st.get('command', '?'))[:300]}")
         changes = provenance.get("inference_changes")

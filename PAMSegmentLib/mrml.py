@@ -1534,7 +1534,7 @@ class SegmentPropagation:
         after a propagation of 512 x 512 x 300, 450 MB after an update; a helper's probe, session 41).
         False (nothing let go) while it runs or holds a result not yet written."""
         with self._lock:
-            if self._state == "running" or self._applying or (
+            if self._state in ("pending", "running") or self._applying or (
                     self._state == "finished" and self.applied_segment_id is None):
                 return False
         self._summary_kept = self.summary()

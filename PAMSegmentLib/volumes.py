@@ -3695,9 +3695,12 @@ def _transparent_as_background(arr: np.ndarray, alpha: np.ndarray | None, name: 
     layer leave the layer's grey (often white) under it, which no viewer shows."""
     if alpha is None or alpha.shape != arr.shape:
         return arr
-    if arr.size and arr.min() == arr.max() and alpha.min() != alpha.max():  # the drawing is the alpha alone
-        raise InputError(f"{name} holds one value everywhere but in its alpha (transparency) channel, where the "
-                         "drawing is: save the labels as grey values (0 = background, 1, 2 ... = labels)")
+    if arr.size and not arr.any() and alpha.min() != alpha.max():  # no label at all, the alpha marking pixels
+        marked = int(np.count_nonzero(alpha != alpha.min()))
+        raise InputError(f"{name} holds no label (0 everywhere), but its alpha (transparency) channel marks {marked:,} "
+                         "pixels: if the drawing is in the alpha channel, save it as grey values (0 = background, 1, "
+                         "2 ... = labels); for an image where the object is absent, save the mask without an alpha "
+                         "channel")
     hidden = (alpha == 0) & (arr != 0)
     count = int(np.count_nonzero(hidden))
     if count:

@@ -493,6 +493,8 @@ def test_a_stack_share_that_cannot_apply_is_said(tmp_path, capsys):
     train_script.load_training_cases(tmp_path, split, 2, 0.3)
     assert ("warning: --stack-share 0.3 does not apply here (--max-synthetic 2 reads the synth_NNNN volumes first and "
             "left out the synth_stack_* ones (give a larger --max-synthetic))") in capsys.readouterr().err
+    train_script.load_training_cases(tmp_path, split, 0, 0.3)
+    assert "(--max-synthetic 0 reads no synthetic volume)" in capsys.readouterr().err
 
 
 def test_prepare_data_refuses_negative_counts_and_names_synthetic_volumes_beyond_those_asked(tmp_path, monkeypatch,
@@ -581,9 +583,14 @@ def test_masks_pillow_cannot_open_and_palettes_that_are_not_voc(tmp_path):
     rgba = np.zeros(truth.shape + (4,), np.uint8)
     rgba[..., 3] = np.where(truth > 0, 255, 0)
     Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha_only.png")
-    with pytest.raises(InputError, match="alpha_only.png holds one value everywhere but in its alpha .transparency. "
-                                         "channel, where the drawing is: save the labels as grey values"):
+    with pytest.raises(InputError, match=f"alpha_only.png holds no label .0 everywhere., but its alpha .transparency. "
+                                         f"channel marks {int((truth > 0).sum())} pixels: if the drawing is in the "
+                                         "alpha channel, save it as grey values"):
         read_labelmap_2d(tmp_path / "alpha_only.png")
+    # white drawn on a transparent white layer: one grey value, the alpha saying where it shows (a label)
+    Image.fromarray(np.stack([np.full(truth.shape, 255, np.uint8), rgba[..., 3]], -1), "LA").save(
+        tmp_path / "white_layer.png")
+    np.testing.assert_array_equal(read_labelmap_2d(tmp_path / "white_layer.png"), np.where(truth > 0, 255, 0))
 
 
 def test_training_messages_after_a_re_review(tmp_path, monkeypatch, capsys):

@@ -249,6 +249,7 @@ def test_a_failed_jobs_release_lets_its_arrays_go(mrml_scene):
             raise RuntimeError("simulated failure")
 
     job = mrml.SegmentPropagation(volume, seg, ids["ball"], model=Failing(truth))
+    assert not job.release() and job.image is not None  # (not started: nothing to let go; a re-review)
     job.start()
     assert job.wait(60) and job.state == "failed"
     image = weakref.ref(job.image)

@@ -586,7 +586,7 @@ def main(argv=None) -> int:
         shp = "x".join(str(s) for s in info["shape"])
         print(f"{info['case']:<22} {shp:<17} {sp:<20} {len(info['stats']):>7}  {roles[info['case']]}")
     new = [s for s in synth if not s["cached"]]
-    on_disk = len(list(cases_dir.glob("synth_[0-9]*.npz")))
+    on_disk = sum(not D.is_temporary_case_file(p) for p in cases_dir.glob("synth_[0-9]*.npz"))
     if on_disk > len(synth):  # train.py reads every synth_* volume of the cache (--max-synthetic caps it)
         print(f"note: {cases_dir} holds {on_disk} synthetic volumes (synth_NNNN), more than the {len(synth)} asked "
               "for: train.py reads every synthetic volume of the cache, unless --max-synthetic N (the first N, "

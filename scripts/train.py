@@ -157,8 +157,9 @@ def load_training_cases(cache: Path, split_path: Path, max_synthetic: int | None
                 c.weight = real_share * shares[g] / norm / len(members)
     stacks = [c for c in synth if c.name.startswith("synth_stack_")]
     if stack_share is not None and (not real or not stacks or len(stacks) == len(synth)):
-        on_disk = any((cache / "cases").glob("synth_stack_*.npz"))
+        on_disk = any(not is_temporary_case_file(p) for p in (cache / "cases").glob("synth_stack_*.npz"))
         why = ("the cache has no real cases: the synthetic volumes are all the samples" if not real else
+               "--max-synthetic 0 reads no synthetic volume" if max_synthetic == 0 else
                f"--max-synthetic {max_synthetic} reads the synth_NNNN volumes first and left out the synth_stack_* "
                "ones (give a larger --max-synthetic)" if not stacks and on_disk and max_synthetic is not None else
                "the cache has no synth_stack_* volumes (prepare_data.py --synthetic-stacks N)" if not stacks else
