@@ -1536,8 +1536,8 @@ def memory_message(exc: BaseException, batch: bool = False, command: str | None 
         from .cells import CELLS_BYTES_PER_PIXEL, cells_memory_bytes  # noqa: PLC0415
 
         return (f"not enough memory{detail}; nothing was written. Labelling cells needs about "
-                f"{CELLS_BYTES_PER_PIXEL[1]} bytes per pixel of a grey image and {CELLS_BYTES_PER_PIXEL[3]} of a colour "
-                f"one at its peak (a 10 000 x 10 000 grey region: about "
+                f"{CELLS_BYTES_PER_PIXEL[1]} bytes per pixel of a grey image and {CELLS_BYTES_PER_PIXEL[3]} of a "
+                f"colour one at its peak (a 10 000 x 10 000 grey region: about "
                 f"{cells_memory_bytes(10_000, 10_000, 1, 1024) / 1e9:.0f} GB): crop the image to the region to label, "
                 "close other programs, or use a machine with more memory")
     if command == "label-images":

@@ -642,7 +642,8 @@ def check_no_unseen_edits(entry: "HistoryEntry", segmentation_node, segment_id: 
         return
     # Compared within the box of the segment's own voxels then and now: a layer shared with other
     # segments spans theirs too (30 segments on a x3 grid: 2.1 GB for a 25 MB volume, session 41).
-    boxes = [box for box in (now.own_box(), then.own_box()) if box is not None]
+    now_box, then_box = now.own_box(), then.own_box()
+    boxes = [box for box in (now_box, then_box) if box is not None]
     if not boxes:
         return
     lo = [min(first[a] for first, _ in boxes) for a in range(3)]  # k, j, i
@@ -655,7 +656,7 @@ def check_no_unseen_edits(entry: "HistoryEntry", segmentation_node, segment_id: 
             out[tuple(slice(f - l_, f - l_ + n) for f, l_, n in zip(first, lo, crop.shape))] = crop
         return out
 
-    changed = np.argwhere(placed(now.own_box()) != placed(then.own_box()))  # (k, j, i) within the union box
+    changed = np.argwhere(placed(now_box) != placed(then_box))  # (k, j, i) within the union box
     if not len(changed):
         return
     ijk = np.c_[changed[:, 2] + lo[2], changed[:, 1] + lo[1], changed[:, 0] + lo[0], np.ones(len(changed))]
@@ -2191,7 +2192,8 @@ class LabelmapSnapshot:
         if not n:
             return None
         crop = np.unpackbits(packed.bits, count=n).reshape(packed.box).astype(bool)
-        first = (self.extent[4] + packed.offset[0], self.extent[2] + packed.offset[1], self.extent[0] + packed.offset[2])
+        first = (self.extent[4] + packed.offset[0], self.extent[2] + packed.offset[1],
+                 self.extent[0] + packed.offset[2])
         return first, crop
 
     def restore(self, segmentation_node, segment_id: str) -> None:

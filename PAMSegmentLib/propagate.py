@@ -767,7 +767,7 @@ def _sparse_label_extents(prompt: np.ndarray, labels: Sequence[int]) -> dict[int
     return extents
 
 
-LABEL_BOXES_FROM = 8  # labels from which _LabelBoxes finds their boxes in one pass (about 7 label-by-label passes' time)
+LABEL_BOXES_FROM = 8  # labels from which _LabelBoxes finds their boxes in one pass (~7 per-label passes' time)
 
 
 class _LabelBoxes:

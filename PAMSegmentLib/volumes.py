@@ -3685,7 +3685,7 @@ def _png_alpha(path: Path) -> np.ndarray | None:
     try:
         with _pillow_unguarded() as Image, Image.open(path) as im:
             return np.asarray(im.getchannel("A")) if im.mode in ("LA", "La") else None
-    except (ImportError, OSError, ValueError):
+    except (ImportError, OSError, ValueError, SyntaxError, struct.error):
         return None
 
 

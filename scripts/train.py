@@ -491,8 +491,8 @@ def _run(args: argparse.Namespace, argv, net_cfg: PAMConfig) -> int:
               f"{args.max_iterations}", file=sys.stderr, flush=True)
     if card_before is not None and _card_bytes(card, args.out.name) == card_before:
         print(f"note: {card} (a model card) describes the weights {args.out} held before this run; PAMSegment refuses "
-              f"a checkpoint its card beside it does not match: write a new card with python scripts/make_model_card.py "
-              f"{args.out}, or remove that file", file=sys.stderr, flush=True)
+              "a checkpoint its card beside it does not match: write a new card with python "
+              f"scripts/make_model_card.py {args.out}, or remove that file", file=sys.stderr, flush=True)
     return 0
 
 
