@@ -267,3 +267,36 @@ def test_a_history_entry_keeps_one_copy_of_a_result_written_as_it_came(shared_fi
     entry = history.get(seg, ids["ball"])
     assert mrml._same_packed(entry.result_mask, entry.written)
     assert entry.written is entry.result_mask
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_an_edit_made_in_place_while_propagating_is_never_written_over(mrml_scene, shared):
+    """A guard, from a re-review (session 41) of an attempt to skip the segment's re-read before a
+    write when its labelmap's modification times had not changed (reverted): Slicer's documented
+    in-place edit (arrayFromSegmentInternalBinaryLabelmap, then the segment's Modified()) leaves
+    those times as they were, and the attempt wrote over such an erase. The write is refused."""
+    import slicer
+
+    truth = ellipsoid(SHAPE, (10, 20, 20), (6, 8, 8))
+    volume = make_volume_node((truth * 100.0).astype(np.int16), name="ct")
+    prompt = np.zeros(SHAPE, np.uint8)
+    prompt[10] = truth[10]
+    block = np.zeros(SHAPE, np.uint8)
+    block[2:6, 2:10, 2:10] = 1
+    seg, ids = make_segmentation(volume, {"ball": prompt, "block": block})
+    sid = ids["ball"]
+    if shared:
+        seg.GetSegmentation().CollapseBinaryLabelmaps(False)
+    job = mrml.SegmentPropagation(volume, seg, sid, mode="replace", model=get_predictor("copy"))
+    job.start()
+    assert job.wait(60) and job.state == "finished", job.error
+    label = seg.GetSegmentation().GetSegment(sid).GetLabelValue()
+    voxels = slicer.util.arrayFromSegmentInternalBinaryLabelmap(seg, sid)  # the stored voxels, no copy
+    e = seg.GetSegmentation().GetSegment(sid).GetRepresentation("Binary labelmap").GetExtent()
+    hole = np.s_[10 - e[4], 18 - e[2]:23 - e[2], 18 - e[0]:23 - e[0]]
+    assert (voxels[hole] == label).all()
+    voxels[hole] = 0
+    seg.GetSegmentation().GetSegment(sid).Modified()  # as slicer.util's docstring says
+    with pytest.raises(mrml.InputError, match="was edited while propagating"):
+        job.apply(history=mrml.PropagationHistory())
+    assert not mrml.segment_mask(seg, sid, volume)[10, 18:23, 18:23].any()
