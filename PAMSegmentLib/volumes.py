@@ -305,9 +305,10 @@ def _largest_image_series(series_ids, by_uid: dict) -> tuple[str, list[str]]:
     return max(candidates, key=lambda uid: len(by_uid[uid])), candidates
 
 
-def _subfolders_with_series(folder: Path, depth: int = 3, limit: int = 200) -> list[Path]:
+def _subfolders_with_series(folder: Path, depth: int = 5, limit: int = 200) -> list[Path]:
     """Folders below ``folder`` (at most ``depth`` levels, ``limit`` folders looked at) that hold a
-    DICOM series themselves, as a PACS export or a CD (DICOM/PATIENT/STUDY/SERIES) lays them out."""
+    DICOM series themselves, as a PACS export or a CD (DICOM/PATIENT/STUDY/SERIES: four levels below
+    the disc's root, where 3 found nothing, a helper's trial, session 41) lays them out."""
     found, todo, seen = [], [(folder, 0)], 0
     while todo and seen < limit:
         here, level = todo.pop(0)
@@ -331,6 +332,26 @@ def _series_label(uid: str) -> str:
     return uid if uid.strip() else "(files without a SeriesInstanceUID)"
 
 
+def _series_named(uid: str, files) -> str:
+    """``_series_label`` with what a user knows the series by, from its first file's header: its
+    number, description and modality (``#3 "T2 AX" MR, 1.2.3...``); the UID alone where the header
+    does not say (two series of one grid, T1 and T2, were told apart by their UIDs only)."""
+    label = _series_label(uid)
+    try:
+        import pydicom  # noqa: PLC0415
+
+        ds = pydicom.dcmread(files[0], stop_before_pixels=True, force=True,
+                             specific_tags=["SeriesNumber", "SeriesDescription", "Modality"])
+        number, text, modality = (str(ds.get(k, "") or "").strip() for k in ("SeriesNumber", "SeriesDescription",
+                                                                          "Modality"))
+    except Exception:  # noqa: BLE001 - a header that cannot be read: the UID says which series
+        return label
+    if not (number or text):  # (the modality alone tells few series apart)
+        return label
+    words = " ".join(w for w in (f"#{number}" if number else "", f'"{text[:64]}"' if text else "", modality) if w)
+    return f"{words}, {label}"
+
+
 def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
     series_ids = dicom_series_ids(folder)
@@ -350,7 +371,7 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
             _check_no_damaged_files(folder, by_uid, None)  # a cut file may be that series' only one
             raise InputError(
                 f"series {series_uid} is not in {folder}; available series: "
-                f"{', '.join(_series_label(uid) for uid in series_ids)}"
+                f"{'; '.join(_series_named(uid, by_uid[uid]) for uid in series_ids)}"
             )
         chosen = series_uid
         files = by_uid[chosen]
@@ -363,11 +384,12 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
             ties = sum(len(by_uid[uid]) == len(files) for uid in candidates)
             which = "the largest" if ties == 1 else f"the first of {ties} series of that size"
             others = [uid for uid in series_ids if uid != chosen]  # named, so that one can be chosen (a trial, s36)
-            listed = "; ".join(f"{_series_label(uid)} ({len(by_uid[uid])} file{'s' if len(by_uid[uid]) != 1 else ''})"
+            listed = "; ".join(f"{_series_named(uid, by_uid[uid])} ({len(by_uid[uid])} file"
+                               f"{'s' if len(by_uid[uid]) != 1 else ''})"
                                for uid in others[:4]) + (f"; and {len(others) - 4} more" if len(others) > 4 else "")
             warnings.warn(
-                f"{folder} holds {len(series_ids)} DICOM series; using {_series_label(chosen)} ({len(files)} files), "
-                f"{which}; the other{'s' if len(others) > 1 else ''}: {listed}.",
+                f"{folder} holds {len(series_ids)} DICOM series; using {_series_named(chosen, files)} ({len(files)} "
+                f"files), {which}; the other{'s' if len(others) > 1 else ''}: {listed}.",
                 SeriesChoiceWarning,
                 stacklevel=3,
             )
@@ -606,8 +628,8 @@ def _read_series_files(files, chosen: str, folder: Path) -> sitk.Image:
     what = f"DICOM series {_series_label(chosen)} in {folder}"
     _refuse_dicom_objects_not_images(Path(files[0]))  # GDCM lists a DICOM SEG as a series of images
     if len(files) == 1:  # one file: read as a file (a multi-frame one read as a series came back 4D)
-        try:
-            with _itk_warnings_hidden():
+        try:  # (GDCM's decoder lines on fd 2, e.g. 304 of "Unsupported JPEG data precision 12": hidden)
+            with _itk_warnings_hidden(), _native_stderr_hidden():
                 image = sitk.ReadImage(files[0])
         except RuntimeError as error:
             raise InputError(f"cannot read {what} ({_itk_reason(error)})") from None
@@ -617,7 +639,7 @@ def _read_series_files(files, chosen: str, folder: Path) -> sitk.Image:
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
     try:
-        with _itk_warnings_hidden():  # its spacing warning: checked below, in one line
+        with _itk_warnings_hidden(), _native_stderr_hidden():  # its spacing warning: checked below, in one line
             image = reader.Execute()
     except RuntimeError as error:
         raise InputError(f"cannot read DICOM series {_series_label(chosen)} in {folder} ({_itk_reason(error)})") from None

@@ -623,3 +623,43 @@ def test_training_messages_after_a_re_review(tmp_path, monkeypatch, capsys):
     with pytest.raises(ValueError, match="--init-from has network 'mine', the same as the 'small' network this run "
                                          "trains but for its name"):
         check_init_network(replace(small, name="mine"), small)
+
+
+# -- DICOM as hospitals export it (a helper's trial) ---------------------------------------------------------------
+
+def test_dicom_series_are_named_as_users_know_them_and_a_disc_four_levels_deep_is_found(tmp_path):
+    """Two series of one grid (a T1 and a T2 MR, two CT kernels) were told apart in the note and the
+    --series refusal by their UIDs only: their number, description and modality come first now. A
+    disc laid out as DICOM/PAT00001/STU00001/SER00001 was "a folder without a DICOM series" (the
+    search went 3 levels deep)."""
+    import warnings
+
+    import pydicom
+    from test_volumes import make_volume, write_dicom_series
+
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.volumes import read_volume
+
+    folder = tmp_path / "twin"
+    for uid, number, text in (("1.2.826.0.1.3680043.2.1125.41.2", "2", "T1 AX"),
+                              ("1.2.826.0.1.3680043.2.1125.41.3", "3", "T2 AX")):
+        write_dicom_series(folder, make_volume(shape=(4, 6, 7)), uid, prefix=f"s{number}_")
+        for path in folder.glob(f"s{number}_*.dcm"):
+            ds = pydicom.dcmread(path)
+            ds.SeriesNumber, ds.SeriesDescription = number, text
+            ds.save_as(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        read_volume(folder)
+    note = str(caught[-1].message)
+    assert 'using #2 "T1 AX" CT, 1.2.826.0.1.3680043.2.1125.41.2 (4 files), the first of 2 series of that size' in note
+    assert 'the other: #3 "T2 AX" CT, 1.2.826.0.1.3680043.2.1125.41.3 (4 files).' in note
+    with pytest.raises(InputError, match='available series: #2 "T1 AX" CT, 1.2.826.0.1.3680043.2.1125.41.2; '
+                                         '#3 "T2 AX" CT, 1.2.826.0.1.3680043.2.1125.41.3$'):
+        read_volume(folder, series_uid="1.2.3")
+    disc = tmp_path / "cd"
+    write_dicom_series(disc / "DICOM" / "PAT00001" / "STU00001" / "SER00001", make_volume(shape=(4, 6, 7)),
+                       "1.2.826.0.1.3680043.2.1125.41.4")
+    with pytest.raises(InputError, match=r"cd holds no DICOM series itself, but its subfolders do "
+                                         r"\(.*cd/DICOM/PAT00001/STU00001/SER00001\)"):
+        read_volume(disc)
