@@ -359,6 +359,12 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
         below = _subfolders_with_series(folder)
         if below:
             shown = ", ".join(str(b) for b in below[:4]) + (f" and {len(below) - 4} more" if len(below) > 4 else "")
+            uids = {tuple(dicom_series_ids(b)) for b in below[:16]}
+            if len(below) > 1 and len(uids) == 1 and len(next(iter(uids))) == 1:  # one series split over folders
+                raise InputError(f"{folder} holds no DICOM series itself; its subfolders ({shown}) hold parts of one "
+                                 "series (the same SeriesInstanceUID), as exports that cap the files per folder save "
+                                 "them: put its files in one folder and pass that folder (one part alone is a partial "
+                                 "scan)")
             raise InputError(f"{folder} holds no DICOM series itself, but its subfolders do ({shown}): pass the folder "
                              "of the series to propagate on")
         for f in sorted(folder.iterdir())[:1000]:  # a folder of a DICOM SEG or RT structure set: said what it is
@@ -2043,6 +2049,16 @@ def _generic_off_grid_error(name: str, labels: Volume, reference: Volume, diffs:
               + ("save it on the grid of the image it was propagated on" if role == "result" else
                  "draw the prompt on this image"))
     flipped, axes = _axes_flipped_to(labels, reference)
+    part = _part_of_the_lattice(labels, reference)
+    if part is not None and part[0] == 0 and role == "prompt" and _overlaps(labels, reference):
+        # the prompt's scan had more (or fewer) slices of the same lattice: a series with files missing at an
+        # end, or split over two folders, read as the image; resampling gave a partial result (a DICOM trial, s41)
+        _, mine, theirs = part
+        advice = (f"it lies on the image's voxel lattice but spans {mine} slices where the image has {theirs}: "
+                  f"if the image holds {'only part' if theirs < mine else 'more'} of the scan the prompt was drawn on "
+                  "(a DICOM series with files missing at an end, or continued in another folder?), give the whole "
+                  f"series; otherwise {advice}" + (f" (the result then covers only the {theirs} slices the image holds)"
+                                                   if theirs < mine else ""))
     if axes and labels.shape == reference.shape and not same_grid(flipped, reference):
         # the image's own voxels stored with axes reversed (dcm2niix's conversion of a DICOM series, whose
         # j runs the other way): resampling is exact there, and said so (a trial, session 36)
@@ -2057,6 +2073,26 @@ def _generic_off_grid_error(name: str, labels: Volume, reference: Volume, diffs:
                   "(it would move the drawing)")
     return InputError(f"{name} is not on the image grid: {', '.join(diffs)} differ{'s' if len(diffs) == 1 else ''} "
                       f"({details}){hint}; {advice}")
+
+
+def _part_of_the_lattice(labels: Volume, reference: Volume) -> tuple[int, int, int] | None:
+    """(array axis, ``labels``' slices along it, ``reference``'s) when ``labels`` lies on
+    ``reference``'s voxel lattice (the same spacing and axes, its origin a whole number of voxels
+    away) and covers the same rows and columns, but another run of slices along one axis; else None."""
+    if (not np.allclose(labels.spacing, reference.spacing, rtol=1e-5, atol=1e-6)
+            or not np.allclose(labels.direction, reference.direction, atol=1e-6)):
+        return None
+    axes = np.asarray(reference.direction, dtype=np.float64).reshape(3, 3) * np.asarray(reference.spacing[::-1])
+    try:
+        offset = np.linalg.solve(axes, np.subtract(labels.origin, reference.origin))[::-1]  # voxels, (k, j, i)
+    except np.linalg.LinAlgError:
+        return None
+    if not np.allclose(offset, np.round(offset), atol=1e-3):
+        return None
+    differ = [a for a in range(3) if labels.shape[a] != reference.shape[a] or round(offset[a]) != 0]
+    if len(differ) != 1:
+        return None
+    return differ[0], labels.shape[differ[0]], reference.shape[differ[0]]
 
 
 def _is_seg_nrrd(name: str) -> bool:

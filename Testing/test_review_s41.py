@@ -663,3 +663,38 @@ def test_dicom_series_are_named_as_users_know_them_and_a_disc_four_levels_deep_i
     with pytest.raises(InputError, match=r"cd holds no DICOM series itself, but its subfolders do "
                                          r"\(.*cd/DICOM/PAT00001/STU00001/SER00001\)"):
         read_volume(disc)
+
+
+def test_a_series_split_over_folders_or_missing_files_at_an_end_is_said(tmp_path, capsys):
+    """A DICOM trial (session 41): one series split over DIR000 and DIR001 (exports that cap files per
+    folder) was "subfolders do ...: pass the folder of the series"; given one part, the prompt drawn
+    on the whole scan was "not on the image grid ...; use --resample-prompt", and following that gave
+    a result on 40 of 60 slices, exit 0. Both now say what happened."""
+    import shutil
+
+    from test_volumes import make_volume, write_dicom_series
+
+    from PAMSegmentLib import cli
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.volumes import read_volume, write_labelmap
+
+    whole = make_volume(shape=(6, 8, 9))
+    series = tmp_path / "series"
+    write_dicom_series(series, whole, "1.2.826.0.1.3680043.2.1125.41.9")
+    split = tmp_path / "split"
+    for n, name in enumerate(sorted(p.name for p in series.iterdir())):
+        (split / ("DIR000" if n < 4 else "DIR001")).mkdir(parents=True, exist_ok=True)
+        shutil.copy(series / name, split / ("DIR000" if n < 4 else "DIR001") / name)
+    with pytest.raises(InputError, match=r"split holds no DICOM series itself; its subfolders \(.*DIR000, .*DIR001\) "
+                                         "hold parts of one series"):
+        read_volume(split)
+    image = read_volume(series)
+    prompt = np.zeros(image.shape, np.uint8)
+    prompt[3, 2:6, 2:6] = 1
+    write_labelmap(prompt, image, tmp_path / "prompt.nii.gz")
+    assert cli.main(["propagate", str(split / "DIR000"), str(tmp_path / "prompt.nii.gz"), "-o",
+                     str(tmp_path / "out.nii.gz"), "--method", "copy"]) == 2
+    assert ("it lies on the image's voxel lattice but spans 6 slices where the image has 4: if the image holds only "
+            "part of the scan the prompt was drawn on (a DICOM series with files missing at an end, or continued in "
+            "another folder?), give the whole series; otherwise use --resample-prompt to resample it onto the image "
+            "grid (the result then covers only the 4 slices the image holds)") in capsys.readouterr().err
