@@ -589,7 +589,7 @@ def read_case(image_path, prompt_path, output, resample: bool, note: Callable[[s
             from_image = len(caught)
             check_geometry_fits(image.direction, output)
             prompt = read_labelmap(prompt_path, reference=image, resample=resample, resample_option="--resample-prompt",
-                                   only_labels=labels)
+                                   only_labels=labels, reference_path=image_path)
         finally:
             for n, w in enumerate(caught):
                 if issubclass(w.category, UserWarning):

@@ -1943,6 +1943,11 @@ def _off_grid_error(name: str, labels: Volume, reference: Volume, diffs: list[st
                     option: str = "resample=True", role: str = "prompt") -> InputError:
     """The refusal of a label map ``name`` that is not on the ``reference`` grid. ``option``: how the
     caller's user asks for resampling (the command line's ``--resample-prompt``)."""
+    other_series = _series_holding_grid(reference_path, labels) if role == "prompt" else None
+    if other_series is not None:  # drawn on another series of the folder (resampling wrote on the wrong one)
+        return InputError(f"{name} is not on the grid of the series read from {reference_path.name}, but on that of "
+                          f"its series {other_series[1]}: it was drawn on that series; choose it with --series "
+                          f"{other_series[0]} (in a batch manifest, its series column; from Python, series_uid=)")
     split = [(q.name, mm) for q, other in ((reference_path, labels), (path, reference))
              if (mm := _two_grids_holding(q, other)) is not None]
     if split and set(diffs) & {"origin", "direction", "spacing"}:
@@ -2225,6 +2230,29 @@ def _grid_from_header_of(path: str, *stat_key) -> Volume | None:
                   tuple(float(v) for v in origin), tuple(float(v) for v in direction))
 
 
+def _series_holding_grid(folder: Path | None, labels: Volume) -> tuple[str, str] | None:
+    """(UID, name) of a series of the DICOM folder ``folder``, other than the one read, whose grid (from
+    its headers) ``labels`` lies on; None if none does or ``folder`` is no folder of several series."""
+    try:
+        if folder is None or not Path(folder).is_dir():
+            return None
+        ids = dicom_series_ids(Path(folder))
+        if len(ids) < 2 or len(ids) > 32:
+            return None
+        lister = sitk.ImageSeriesReader()
+        by_uid = {uid: lister.GetGDCMSeriesFileNames(_itk_path(folder), uid) for uid in ids}
+        read = _largest_image_series(ids, by_uid)[0]
+        for uid in ids:
+            if uid == read:
+                continue
+            grid = _grid_from_dicom_headers(Path(folder), uid)
+            if grid is not None and not same_grid(labels, grid):
+                return uid, _series_named(uid, by_uid[uid])
+    except (OSError, RuntimeError, ValueError):
+        return None
+    return None
+
+
 def _grid_from_dicom_headers(folder: Path, series_uid: str | None = None, chose: list | None = None,
                              missing: list | None = None) -> Volume | None:
     """The grid the DICOM series of ``folder`` (``series_uid``, else the largest, as ``read_volume``
@@ -2348,7 +2376,7 @@ def as_volume(reference, what: str) -> "Volume":
 
 def read_labelmap(path: PathLike, reference: Volume | None = None, resample: bool = False, *,
                   resample_option: str = "resample=True", only_labels: Sequence[int] | None = None,
-                  role: str = "prompt") -> Volume:
+                  role: str = "prompt", reference_path: PathLike | None = None) -> Volume:
     """Read an integer label map (e.g. a prompt) as a Volume with an integer array (K, J, I).
 
     With ``reference``: the label map must lie on the reference grid (``same_grid``), else
@@ -2358,7 +2386,8 @@ def read_labelmap(path: PathLike, reference: Volume | None = None, resample: boo
     the user to ask for resampling (the command line passes ``--resample-prompt``). ``only_labels``:
     the labels the caller will propagate; what resampling did to others is not said (None: all).
     ``role``: "prompt", or "result" for an earlier result or its corrected copy (the refusals then
-    say what to do with one of those, not with a prompt).
+    say what to do with one of those, not with a prompt). ``reference_path``: the file or DICOM
+    folder ``reference`` was read from, for the refusal (a prompt on another series of the folder).
     """
     name = Path(path).name
     if reference is not None:
@@ -2376,7 +2405,9 @@ def read_labelmap(path: PathLike, reference: Volume | None = None, resample: boo
         labels, diffs = placed, []
     if diffs:
         if not resample:
-            raise _off_grid_error(name, labels, reference, diffs, Path(path), option=resample_option, role=role)
+            raise _off_grid_error(name, labels, reference, diffs, Path(path),
+                                  None if reference_path is None else Path(reference_path), option=resample_option,
+                                  role=role)
         never = _never_resampled(name, labels, reference, diffs, Path(path), resample=True, option=resample_option)
         if never is not None:
             raise never

@@ -296,7 +296,8 @@ def test_a_series_column_chooses_the_dicom_series_and_a_failed_case_keeps_the_no
     note, error = rows[0]["message"].split(" | ")
     assert note.startswith(f"{tmp_path / 'dcm'} holds 2 DICOM series; using {uid_large} (5 files), the largest; the "
                            "other: ") and note.endswith(" (3 files). Choose another with the manifest's series column.")
-    assert "prompt.nrrd is not on the image grid" in error
+    # (since session 41 the refusal names the series the prompt lies on, and how to choose it)
+    assert f"prompt.nrrd is not on the grid of the series read from dcm, but on that of its series {uid_small}" in error
     assert f"row 2 (dcm): error: {note} | {error}" in capsys.readouterr().err
     assert _arr(tmp_path / "small.nii.gz").shape == (3, 5, 6) and not (tmp_path / "largest.nii.gz").exists()
 

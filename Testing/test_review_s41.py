@@ -698,3 +698,31 @@ def test_a_series_split_over_folders_or_missing_files_at_an_end_is_said(tmp_path
             "part of the scan the prompt was drawn on (a DICOM series with files missing at an end, or continued in "
             "another folder?), give the whole series; otherwise use --resample-prompt to resample it onto the image "
             "grid (the result then covers only the 4 slices the image holds)") in capsys.readouterr().err
+
+
+def test_a_prompt_drawn_on_the_other_series_of_a_folder_names_it(tmp_path, capsys):
+    """A DICOM trial (session 41): a folder of two series (60 and 80 files), the prompt drawn on the
+    smaller one: the refusal said "use --resample-prompt", and following it labelled the other
+    series, exit 0. The refusal now names the series the prompt is on and how to choose it."""
+    from test_volumes import make_volume, write_dicom_series
+
+    from PAMSegmentLib import cli
+    from PAMSegmentLib.volumes import read_volume, write_labelmap
+
+    folder = tmp_path / "mixed"
+    small, large = make_volume(shape=(4, 6, 7)), make_volume(shape=(6, 8, 9))
+    write_dicom_series(folder, small, "1.2.826.0.1.3680043.2.1125.41.21", prefix="a")
+    write_dicom_series(folder, large, "1.2.826.0.1.3680043.2.1125.41.22", prefix="b")
+    drawn_on = read_volume(folder, series_uid="1.2.826.0.1.3680043.2.1125.41.21")
+    prompt = np.zeros(drawn_on.shape, np.uint8)
+    prompt[2, 1:4, 1:4] = 1
+    write_labelmap(prompt, drawn_on, tmp_path / "prompt.nii.gz")
+    capsys.readouterr()
+    assert cli.main(["propagate", str(folder), str(tmp_path / "prompt.nii.gz"), "-o", str(tmp_path / "out.nii.gz"),
+                     "--method", "copy"]) == 2
+    assert ("prompt.nii.gz is not on the grid of the series read from mixed, but on that of its series "
+            "1.2.826.0.1.3680043.2.1125.41.21: it was drawn on that series; choose it with --series "
+            "1.2.826.0.1.3680043.2.1125.41.21 (in a batch manifest, its series column; from Python, series_uid=)"
+            ) in capsys.readouterr().err
+    assert cli.main(["propagate", str(folder), str(tmp_path / "prompt.nii.gz"), "-o", str(tmp_path / "out.nii.gz"),
+                     "--method", "copy", "--series", "1.2.826.0.1.3680043.2.1125.41.21"]) == 0
