@@ -634,8 +634,8 @@ def _read_series_files(files, chosen: str, folder: Path) -> sitk.Image:
     what = f"DICOM series {_series_label(chosen)} in {folder}"
     _refuse_dicom_objects_not_images(Path(files[0]))  # GDCM lists a DICOM SEG as a series of images
     if len(files) == 1:  # one file: read as a file (a multi-frame one read as a series came back 4D)
-        try:  # (GDCM's decoder lines on fd 2, e.g. 304 of "Unsupported JPEG data precision 12": hidden)
-            with _itk_warnings_hidden(), _native_stderr_hidden():
+        try:
+            with _itk_warnings_hidden():
                 image = sitk.ReadImage(files[0])
         except RuntimeError as error:
             raise InputError(f"cannot read {what} ({_itk_reason(error)})") from None
@@ -645,7 +645,9 @@ def _read_series_files(files, chosen: str, folder: Path) -> sitk.Image:
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
     try:
-        with _itk_warnings_hidden(), _native_stderr_hidden():  # its spacing warning: checked below, in one line
+        # (its spacing warning: checked below, in one line; GDCM's decoder lines stay on the terminal: a
+        # damaged JPEG slice is said there only, "Corrupt JPEG data", the read succeeding; a re-review, s41)
+        with _itk_warnings_hidden():
             image = reader.Execute()
     except RuntimeError as error:
         raise InputError(f"cannot read DICOM series {_series_label(chosen)} in {folder} ({_itk_reason(error)})") from None
@@ -2055,15 +2057,14 @@ def _generic_off_grid_error(name: str, labels: Volume, reference: Volume, diffs:
                  "draw the prompt on this image"))
     flipped, axes = _axes_flipped_to(labels, reference)
     part = _part_of_the_lattice(labels, reference)
-    if part is not None and part[0] == 0 and role == "prompt" and _overlaps(labels, reference):
+    if part is not None and part[0] == 0 and part[1] > part[2] and role == "prompt" and _overlaps(labels, reference):
         # the prompt's scan had more (or fewer) slices of the same lattice: a series with files missing at an
         # end, or split over two folders, read as the image; resampling gave a partial result (a DICOM trial, s41)
         _, mine, theirs = part
-        advice = (f"it lies on the image's voxel lattice but spans {mine} slices where the image has {theirs}: "
-                  f"if the image holds {'only part' if theirs < mine else 'more'} of the scan the prompt was drawn on "
-                  "(a DICOM series with files missing at an end, or continued in another folder?), give the whole "
-                  f"series; otherwise {advice}" + (f" (the result then covers only the {theirs} slices the image holds)"
-                                                   if theirs < mine else ""))
+        advice = (f"it lies on the image's voxel lattice but spans {mine} slices where the image has {theirs}: if "
+                  "the image holds only part of the scan the prompt was drawn on (a DICOM series with files missing at "
+                  "an end, or continued in another folder?), give the whole scan; otherwise "
+                  f"{advice} (the result then covers only the {theirs} slices the image holds)")
     if axes and labels.shape == reference.shape and not same_grid(flipped, reference):
         # the image's own voxels stored with axes reversed (dcm2niix's conversion of a DICOM series, whose
         # j runs the other way): resampling is exact there, and said so (a trial, session 36)
@@ -2245,7 +2246,7 @@ def _series_holding_grid(folder: Path | None, labels: Volume) -> tuple[str, str]
         for uid in ids:
             if uid == read:
                 continue
-            grid = _grid_from_dicom_headers(Path(folder), uid)
+            grid = _grid_from_dicom_headers(Path(folder), uid, by_uid=by_uid)  # (the folder listed once)
             if grid is not None and not same_grid(labels, grid):
                 return uid, _series_named(uid, by_uid[uid])
     except (OSError, RuntimeError, ValueError):
@@ -2254,7 +2255,7 @@ def _series_holding_grid(folder: Path | None, labels: Volume) -> tuple[str, str]
 
 
 def _grid_from_dicom_headers(folder: Path, series_uid: str | None = None, chose: list | None = None,
-                             missing: list | None = None) -> Volume | None:
+                             missing: list | None = None, by_uid: dict | None = None) -> Volume | None:
     """The grid the DICOM series of ``folder`` (``series_uid``, else the largest, as ``read_volume``
     chooses) reads as, from the headers of its first two files in GDCM's order, as ITK stacks them
     (origin and axes of the first, the spacing across from the step between the two positions);
@@ -2266,11 +2267,12 @@ def _grid_from_dicom_headers(folder: Path, series_uid: str | None = None, chose:
     try:
         if not folder.is_dir():
             return None
-        ids = dicom_series_ids(folder)
+        ids = dicom_series_ids(folder) if by_uid is None else list(by_uid)  # (by_uid: the folder listed already)
         if not ids or (series_uid is not None and series_uid not in ids):
             return None
-        lister = sitk.ImageSeriesReader()
-        by_uid = {uid: lister.GetGDCMSeriesFileNames(_itk_path(folder), uid) for uid in ids}
+        if by_uid is None:
+            lister = sitk.ImageSeriesReader()
+            by_uid = {uid: lister.GetGDCMSeriesFileNames(_itk_path(folder), uid) for uid in ids}
         uid = series_uid if series_uid is not None else _largest_image_series(ids, by_uid)[0]  # as read_volume
         files = by_uid[uid]
         if series_uid is None and len(ids) > 1 and chose is not None:

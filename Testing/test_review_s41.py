@@ -696,7 +696,7 @@ def test_a_series_split_over_folders_or_missing_files_at_an_end_is_said(tmp_path
                      str(tmp_path / "out.nii.gz"), "--method", "copy"]) == 2
     assert ("it lies on the image's voxel lattice but spans 6 slices where the image has 4: if the image holds only "
             "part of the scan the prompt was drawn on (a DICOM series with files missing at an end, or continued in "
-            "another folder?), give the whole series; otherwise use --resample-prompt to resample it onto the image "
+            "another folder?), give the whole scan; otherwise use --resample-prompt to resample it onto the image "
             "grid (the result then covers only the 4 slices the image holds)") in capsys.readouterr().err
 
 
