@@ -2058,8 +2058,8 @@ def _generic_off_grid_error(name: str, labels: Volume, reference: Volume, diffs:
     flipped, axes = _axes_flipped_to(labels, reference)
     part = _part_of_the_lattice(labels, reference)
     if part is not None and part[0] == 0 and part[1] > part[2] and role == "prompt" and _overlaps(labels, reference):
-        # the prompt's scan had more (or fewer) slices of the same lattice: a series with files missing at an
-        # end, or split over two folders, read as the image; resampling gave a partial result (a DICOM trial, s41)
+        # the prompt's scan had more slices of the same lattice: a series with files missing at an end, or
+        # split over two folders, read as the image; resampling gave a partial result (a DICOM trial, s41)
         _, mine, theirs = part
         advice = (f"it lies on the image's voxel lattice but spans {mine} slices where the image has {theirs}: if "
                   "the image holds only part of the scan the prompt was drawn on (a DICOM series with files missing at "
@@ -2247,7 +2247,7 @@ def _series_holding_grid(folder: Path | None, labels: Volume) -> tuple[str, str]
             if uid == read:
                 continue
             grid = _grid_from_dicom_headers(Path(folder), uid, by_uid=by_uid)  # (the folder listed once)
-            if grid is not None and not same_grid(labels, grid):
+            if grid is not None and not same_grid(labels, grid, tol=1e-3):  # (headers: decimal strings)
                 return uid, _series_named(uid, by_uid[uid])
     except (OSError, RuntimeError, ValueError):
         return None
