@@ -1790,6 +1790,11 @@ def _read_sitk(path: PathLike, series_uid: str | None = None, single_slice_ok: b
     if dim == 2:
         raise InputError(f"{name} is 2D ({_fmt_size(size)}); PAMSegment needs a 3D volume")
     if dim != 3:
+        if dim == 4 and p.is_dir():  # a DICOM folder of several multi-frame (enhanced) files: ITK stacks the files
+            raise InputError(f"{name} holds {size[3]} multi-frame (enhanced) DICOM files of one series, which are read "
+                             f"as {dim}D ({_fmt_size(size)}): parts of one scan (stacks), or its time points? Give one "
+                             "file as the image (each is read and checked on its own), or convert the series into one "
+                             "volume (e.g. dcm2niix, or 3D Slicer's DICOM module)")
         raise InputError(
             f"{name} is {dim}D ({_fmt_size(size)}); PAMSegment needs a 3D volume: extract one time point first"
         )

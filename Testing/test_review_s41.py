@@ -726,3 +726,25 @@ def test_a_prompt_drawn_on_the_other_series_of_a_folder_names_it(tmp_path, capsy
             ) in capsys.readouterr().err
     assert cli.main(["propagate", str(folder), str(tmp_path / "prompt.nii.gz"), "-o", str(tmp_path / "out.nii.gz"),
                      "--method", "copy", "--series", "1.2.826.0.1.3680043.2.1125.41.21"]) == 0
+
+
+def test_a_series_of_two_multi_frame_files_is_not_called_time_points(tmp_path):
+    """A DICOM trial (session 41): one series stored as two enhanced (multi-frame) files, the upper
+    and lower halves, was "4D ...: extract one time point first", which tells a DICOM user nothing
+    to do (and they are no time points). The refusal says what the files are and what to do."""
+    from test_review_s29 import _enhanced_ct
+
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.volumes import read_volume
+
+    frames = (np.arange(6 * 16 * 20).reshape(6, 16, 20) % 300).astype(np.int16)
+    folder = tmp_path / "enh_two"
+    folder.mkdir()
+    uid = "1.2.826.0.1.3680043.2.1125.41.31"
+    _enhanced_ct(folder / "a.dcm", frames, [2.0 * k for k in range(6)], series_uid=uid)
+    _enhanced_ct(folder / "b.dcm", frames, [12.0 + 2.0 * k for k in range(6)], series_uid=uid)
+    with pytest.raises(InputError, match=r"enh_two holds 2 multi-frame \(enhanced\) DICOM files of one series, which "
+                                         r"are read as 4D .*: parts of one scan \(stacks\), or its time points\? Give "
+                                         "one file as the image"):
+        read_volume(folder)
+    assert read_volume(folder / "a.dcm").shape == (6, 16, 20)
