@@ -415,8 +415,15 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
                 seen[uid] = f
         rest = [(f, i) for f, i in zip(files, infos) if f not in {c for c, _ in copies}]
         odd = _odd_files([f for f, _ in rest], [i for _, i in rest])
-        if not (odd or copies) or len(odd) > max(2, len(files) // 20):
+        if not (odd or copies):
             raise refusal from None
+        if len(odd) > max(2, len(files) // 20):  # too many to be localizers: said as what they are (a stack of
+            # several orientations, per-disc spine slabs, was refused as a "gantry tilt" with the wrong remedy)
+            shown = ", ".join(Path(f).name for f in odd[:3]) + (f" and {len(odd) - 3} more" if len(odd) > 3 else "")
+            raise InputError(f"series {_series_label(chosen)} in {folder} holds files of several orientations or "
+                             f"sizes: {len(odd)} of its {len(files)} files ({shown}) differ from the rest (localizers, "
+                             "or stacks of several orientations?); a volume needs one: remove those files, or split "
+                             "the series into one folder per orientation (e.g. dcm2niix)") from None
         kept = [(f, i) for f, i in rest if f not in odd]
         image = _read_series_files(_by_position([f for f, _ in kept], [i for _, i in kept]), chosen, folder)
     if copies:

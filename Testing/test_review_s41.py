@@ -748,3 +748,28 @@ def test_a_series_of_two_multi_frame_files_is_not_called_time_points(tmp_path):
                                          "one file as the image"):
         read_volume(folder)
     assert read_volume(folder / "a.dcm").shape == (6, 16, 20)
+
+
+def test_a_series_of_several_orientations_is_not_called_a_gantry_tilt(tmp_path):
+    """A DICOM trial (session 41): 30 axial slices and 3 localizers filed under one series (or spine
+    slabs of several angles) were refused as "a gantry tilt of 52.9 degrees" with the remedy of a
+    tilted acquisition; two localizers were left out, as documented. More than that is now said as
+    files of several orientations, with what to do."""
+    from test_volumes import make_volume, write_dicom_series
+
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.volumes import Volume, read_volume
+
+    uid = "1.2.826.0.1.3680043.2.1125.41.41"
+    folder = tmp_path / "series"
+    axial = make_volume(shape=(20, 8, 9), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
+    write_dicom_series(folder, axial, uid, prefix="ax")
+    sagittal = Volume(np.zeros((3, 8, 9), np.int16), (3.0, 1.0, 1.0), (-20.0, 0.0, 0.0), (0, 0, 1, 1, 0, 0, 0, 1, 0))
+    write_dicom_series(folder, sagittal, uid, prefix="loc", instance_prefix="9")
+    with pytest.raises(InputError, match=r"holds files of several orientations or sizes: 3 of its 23 files "
+                                         r"\(loc000.dcm, loc001.dcm, loc002.dcm\) differ from the rest .localizers, or "
+                                         "stacks of several orientations.*; a volume needs one: remove those files"):
+        read_volume(folder)
+    for name in ("loc002.dcm",):  # two localizers: left out, as before
+        (folder / name).unlink()
+    assert read_volume(folder).shape == (20, 8, 9)
