@@ -2095,19 +2095,14 @@ def _generic_off_grid_error(name: str, labels: Volume, reference: Volume, diffs:
 
 def _part_of_the_lattice(labels: Volume, reference: Volume) -> tuple[int, int, int] | None:
     """(array axis, ``labels``' slices along it, ``reference``'s) when ``labels`` lies on
-    ``reference``'s voxel lattice (the same spacing and axes, its origin a whole number of voxels
-    away) and covers the same rows and columns, but another run of slices along one axis; else None."""
-    if (not np.allclose(labels.spacing, reference.spacing, rtol=1e-5, atol=1e-6)
-            or not np.allclose(labels.direction, reference.direction, atol=1e-6)):
+    ``reference``'s voxel lattice (``_lattice_offset``, its axes not reversed) and covers the same
+    rows and columns, but another run of slices along one axis; else None."""
+    if _axes_flipped_to(labels, reference)[1]:
         return None
-    axes = np.asarray(reference.direction, dtype=np.float64).reshape(3, 3) * np.asarray(reference.spacing[::-1])
-    try:
-        offset = np.linalg.solve(axes, np.subtract(labels.origin, reference.origin))[::-1]  # voxels, (k, j, i)
-    except np.linalg.LinAlgError:
+    offset = _lattice_offset(labels, reference)
+    if offset is None:
         return None
-    if not np.allclose(offset, np.round(offset), atol=1e-3):
-        return None
-    differ = [a for a in range(3) if labels.shape[a] != reference.shape[a] or round(offset[a]) != 0]
+    differ = [a for a in range(3) if labels.shape[a] != reference.shape[a] or offset[a] != 0]
     if len(differ) != 1:
         return None
     return differ[0], labels.shape[differ[0]], reference.shape[differ[0]]

@@ -535,18 +535,11 @@ def test_an_interrupted_runs_curve_reaches_its_saved_weights_and_info_says_unfin
     (``final: false`` was in --json only)."""
     import csv
 
-    import PAMSegmentLib.training.trainer as trainer_module
+    from test_training import ctrl_c_at_forward
+
     from PAMSegmentLib import cli
 
-    real_forward, calls = trainer_module._forward, []
-
-    def forward(net, batch):
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return real_forward(net, batch)
-
-    monkeypatch.setattr(trainer_module, "_forward", forward)
+    ctrl_c_at_forward(monkeypatch, 4)
     script = _train_script(monkeypatch)
     out = tmp_path / "model.pt"
     assert script.main(["--preset", "tiny", "--synthetic-inline", "1", "--workers", "0", "--max-iterations", "10",

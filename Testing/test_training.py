@@ -418,6 +418,21 @@ def _tiny_script(monkeypatch, train_fn=None):
     return train_script
 
 
+def ctrl_c_at_forward(monkeypatch, n: int) -> None:
+    """Training's n-th forward pass raises KeyboardInterrupt (Ctrl-C during iteration n)."""
+    import PAMSegmentLib.training.trainer as trainer_module
+
+    real_forward, calls = trainer_module._forward, []
+
+    def forward(net, batch):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real_forward(net, batch)
+
+    monkeypatch.setattr(trainer_module, "_forward", forward)
+
+
 def _tiny_checkpoint(path, inference=None, preprocessing=None, provenance=None, config=TINY):
     from PAMSegmentLib.checkpoints import InferenceParams, save_checkpoint
 
@@ -524,17 +539,7 @@ def test_ctrl_c_saves_the_partial_file_and_leaves_out_alone(tmp_path, monkeypatc
     """Ctrl-C in train.py: a traceback, and the work since the last save was lost. Now the weights
     so far go to <out stem>.partial.pt (stopped_by "interrupted", final false), one line says
     where, exit 130; --out keeps the previous run's file."""
-    import PAMSegmentLib.training.trainer as trainer_module
-
-    real_forward, calls = trainer_module._forward, []
-
-    def forward(net, batch):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_forward(net, batch)
-
-    monkeypatch.setattr(trainer_module, "_forward", forward)
+    ctrl_c_at_forward(monkeypatch, 3)
     train_script = _tiny_script(monkeypatch)
     out = tmp_path / "model.pt"
     out.write_bytes(b"the previous run's weights")

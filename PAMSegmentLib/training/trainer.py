@@ -14,13 +14,11 @@ stopped, crashes or diverges never replaces an earlier checkpoint at ``out_path`
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import itertools
 import json
 import math
 import os
-import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -79,21 +77,12 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.path, self.iterations = path, iterations
 
 
-@contextlib.contextmanager
 def _interrupts_held():
-    """SIGINT and SIGTERM ignored for the block (the save the first Ctrl-C asked for), where this
-    is the main thread; restored after."""
-    import signal  # noqa: PLC0415
+    """Ctrl-C and SIGTERM ignored while the save the first Ctrl-C asked for is written
+    (``cli.ctrl_c_ignored``: the main thread only)."""
+    from ..cli import ctrl_c_ignored  # noqa: PLC0415
 
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    before = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in before.items():
-            signal.signal(sig, handler)
+    return ctrl_c_ignored()
 
 
 class NonFiniteLoss(RuntimeError):
