@@ -175,6 +175,8 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         VTKObservationMixin.__init__(self)
         self.logic = None
         self.job = None
+        self.queue = None  # "Propagate all drawn": the segments still to go (PAMSegmentLib.mrml.SegmentQueue)
+        self._queueOptions = None  # the options it started with (changing the panel meanwhile does not mix them)
         self._observedSegmentation = None
         self._promptMethod = None  # the model kind the prompt label was last written for
         self._devicesListed = False  # the device list was filled (torch was there): only then is the choice saved
@@ -231,6 +233,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.intensityGateCheckBox.connect("toggled(bool)", self._saveSettings)
         self.ui.replaceSegmentRadioButton.connect("toggled(bool)", self._saveSettings)
         self.ui.propagateButton.connect("clicked(bool)", self.onPropagate)
+        self.ui.propagateAllButton.connect("clicked(bool)", self.onPropagateAll)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
         self.ui.updateButton.connect("clicked(bool)", self.onUpdate)
         self.ui.undoButton.connect("clicked(bool)", self.onUndo)
@@ -243,6 +246,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.job is not None and not self.job.done:  # also after Cancel was pressed: the worker may still run
             self.job.cancel()
             self.job.wait(5)  # it stops between batches; do not leave it running into a module reload
+        self.queue = None  # (the segments "Propagate all drawn" had not reached are not started)
         self.pollTimer.stop()
         self.promptRefreshTimer.stop()
         self.removeObservers()
@@ -446,9 +450,17 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return None
         return self.logic.historyEntry(segmentation, segmentId)
 
+    def _modelReason(self):
+        """Why the chosen model cannot run yet, or ""."""
+        if self.ui.checkpointModelRadioButton.checked and not self._checkpoint():
+            return "Choose the PAM checkpoint file, or use the bundled default weights."
+        if self.ui.serverModelRadioButton.checked and not self._server()[0]:
+            return "Enter the PAMSegment server's address (as pamsegment serve prints it)."
+        return ""
+
     def updateButtons(self):
         volume, segmentation, segmentId = self._inputs()
-        running = self.job is not None and not self.job.done
+        running = (self.job is not None and not self.job.done) or self.queue is not None
         entry = self._historyEntry()
         reason = ""
         if running:
@@ -457,12 +469,22 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             reason = "Select the volume."
         elif segmentation is None or not segmentId:
             reason = "Select the segmentation and the segment drawn on one slice."
-        elif self.ui.checkpointModelRadioButton.checked and not self._checkpoint():
-            reason = "Choose the PAM checkpoint file, or use the bundled default weights."
-        elif self.ui.serverModelRadioButton.checked and not self._server()[0]:
-            reason = "Enter the PAMSegment server's address (as pamsegment serve prints it)."
+        else:
+            reason = self._modelReason()
         self.ui.propagateButton.enabled = not reason
         self.ui.propagateButton.toolTip = reason or "Propagate the segment through the volume in the background."
+        modelReason = self._modelReason()
+        if running or volume is None:
+            allReason = reason
+        elif segmentation is None:
+            allReason = "Select the segmentation whose segments are drawn."
+        else:  # (every segment of the segmentation: none needs to be selected)
+            allReason = modelReason
+        self.ui.propagateAllButton.enabled = not allReason
+        self.ui.propagateAllButton.toolTip = allReason or (
+            "Propagate every segment of the segmentation drawn on one or a few slices, one after another, each as "
+            "Propagate does (each can be undone on its own). Empty segments, segments drawn in 3D and segments "
+            "holding a PAM result are left as they are.")
         # A job that finished between two polls is not written yet: Cancel still means "write nothing".
         self.ui.cancelButton.enabled = self.job is not None and self.job.cancellable
 
@@ -471,10 +493,8 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             updateReason = "A propagation is running."
         elif segmentation is None or not segmentId:
             updateReason = "Select the segment that holds the PAM result."
-        elif self.ui.checkpointModelRadioButton.checked and not self._checkpoint():
-            updateReason = "Choose the PAM checkpoint file, or use the bundled default weights."
-        elif self.ui.serverModelRadioButton.checked and not self._server()[0]:
-            updateReason = "Enter the PAMSegment server's address (as pamsegment serve prints it)."
+        elif modelReason:
+            updateReason = modelReason
         elif entry is None:
             updateReason = "No PAM result for this segment: propagate it first."
         elif self._noEditsOf is not None and self._noEditsOf[:2] == (segmentation.GetID(), segmentId) \
@@ -666,17 +686,22 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return exc
         if runAnyway:  # (out of the handler: the refused job's arrays are let go before the new job's)
             return self._startJob(start, memoryCheck=False)
+        self._showJobStarted()
+        return None
+
+    def _showJobStarted(self):
+        queue = self.queue
+        of = f" (segment {queue.position} of {queue.total})" if queue is not None else ""
         if self.job.kind == "update":
             self.ui.promptLabel.text = f"Updating from your slices: {self.job.prompt_info.describe()}."
             self._setStatus(f'Updating "{self.job.segment_name}" from your edits... you can keep working.', "info")
         else:
             self.ui.promptLabel.text = f"Drawn on {self.job.prompt_info.describe()}."
-            self._setStatus(f'Propagating "{self.job.segment_name}"... you can keep working.', "info")
+            self._setStatus(f'Propagating "{self.job.segment_name}"{of}... you can keep working.', "info")
         self.ui.progressBar.setValue(0)
         self.ui.progressBar.setFormat("starting")
         self.pollTimer.start()
         self.updateButtons()
-        return None
 
     def onPropagate(self):
         if self.job is not None and not self.job.done:
@@ -714,6 +739,60 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             volume, segmentation, segmentId, mode=self._outputMode(), checkpoint=self._checkpoint(),
             device=self.ui.deviceComboBox.currentText, method=self._method(),
             intensityGate=self.ui.intensityGateCheckBox.checked, server=self._server(), memoryCheck=memoryCheck))
+
+    def onPropagateAll(self):
+        """Propagate every drawn segment of the selected segmentation, one job after another (each
+        written, and undone, on its own; see PAMSegmentLib.mrml.SegmentQueue)."""
+        if (self.job is not None and not self.job.done) or self.queue is not None:
+            return
+        if not self.ensureRequirements():
+            return
+        volume, segmentation, _ = self._inputs()
+        if volume is None or segmentation is None:
+            return
+        from PAMSegmentLib.mrml import SegmentQueue
+
+        if self.job is not None and self.job.done:  # (an ended job's arrays go before the new job's are made)
+            self.job = None
+        self.queue = SegmentQueue(volume, segmentation)
+        self._queueOptions = dict(
+            mode=self._outputMode(), checkpoint=self._checkpoint(), device=self.ui.deviceComboBox.currentText,
+            method=self._method(), intensityGate=self.ui.intensityGateCheckBox.checked, server=self._server())
+        self._startNextInQueue()
+
+    def _startNextInQueue(self):
+        """Start the queue's next segment that can be propagated (those that cannot are noted and
+        passed over: SegmentQueue.start_next); when none is left, show what became of each."""
+        queue = self.queue
+        volume, segmentation = queue.volume_node, queue.segmentation_node
+
+        def start(segmentId):
+            self.ui.progressBar.setFormat(f"segment {queue.position} of {queue.total}: starting")
+            return self.logic.startPropagation(volume, segmentation, segmentId, **self._queueOptions)
+
+        qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)
+        try:
+            job = queue.start_next(start, self.logic.history)
+        except Exception as exc:  # (a fault of ours: the queue ends, said, and logged for the Error Log)
+            logging.exception("PAMSegment: starting the next segment failed")
+            job = None
+            queue.stop("failed", "failed", f"{type(exc).__name__}: {exc}")
+        finally:
+            qt.QApplication.restoreOverrideCursor()
+        if job is None:
+            self._finishQueue()
+            return
+        self.job = job
+        self._showJobStarted()
+
+    def _finishQueue(self):
+        text, level = self.queue.summary()
+        self.queue, self._queueOptions = None, None
+        self._setStatus(text, level)
+        self.ui.progressBar.setFormat("done" if level == "ok" else "ended")
+        self._reviewShown = None
+        self.updatePromptLabel()
+        self.updateButtons()
 
     def onUpdate(self):
         if self.job is not None and not self.job.done:
@@ -847,16 +926,19 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if job.state == "running":
             message = job.message or ""
             if not job.cancellable:  # Cancel pressed (or the scene closed): the worker ends its batch first
-                self.ui.progressBar.setFormat("cancelling...")
+                text = "cancelling..."
             elif message == "loading model":
-                self.ui.progressBar.setFormat("loading model...")
+                text = "loading model..."
             elif message.startswith("server: ") and job.progress <= 0:  # waiting in its queue, uploading...
-                self.ui.progressBar.setFormat(message[len("server: "):][:80])
+                text = message[len("server: "):][:80]
             else:
-                self.ui.progressBar.setFormat(
-                    f"{job.slices_done} / {job.slices_total} slices \u00b7 {_formatSeconds(job.eta_seconds)} left")
+                text = f"{job.slices_done} / {job.slices_total} slices \u00b7 {_formatSeconds(job.eta_seconds)} left"
+            if self.queue is not None and job.cancellable:  # "Propagate all drawn": which segment of how many
+                text = f"segment {self.queue.position} of {self.queue.total} \u00b7 {text}"
+            self.ui.progressBar.setFormat(text)
             return
         self.pollTimer.stop()
+        outcome = ("failed", job.error or "")  # what the queue of "Propagate all drawn" notes of this job
         if job.state == "finished":
             from PAMSegmentLib.errors import NotEnoughMemory
 
@@ -874,8 +956,9 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                         job, beforeWrite=lambda: self._saveStateForUndo(job.segmentation_node), memoryCheck=False)
             except Exception as exc:
                 job.cancel()  # the result is dropped: nothing is left to cancel or write
-                self._setStatus(f"Result not written: {exc.reason if isinstance(exc, NotEnoughMemory) else exc}",
-                                "error")
+                reason = exc.reason if isinstance(exc, NotEnoughMemory) else exc
+                outcome = ("not written", str(reason))
+                self._setStatus(f"Result not written: {reason}", "error")
                 self.ui.progressBar.setFormat("not written")
                 self.updatePromptLabel()  # the "Updating from your slices" line no longer applies
             else:
@@ -901,9 +984,11 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                         text = note.split(": ", 1)[1] if note.startswith("label ") else note
                         hint += f" {text[0].upper()}{text[1:]}."
                 self._setStatus(f'"{written.GetName()}": {job.summary()}.{hint}', "warning" if notes else "ok")
+                outcome = ("written", "")
                 self._reviewShown = None
                 self.updatePromptLabel()
         elif job.state == "cancelled":
+            outcome = ("cancelled", "")
             self.ui.progressBar.setValue(0)
             self.ui.progressBar.setFormat("cancelled")
             if job is self._cancelledBySceneClose:  # its segmentation is gone with the scene
@@ -917,12 +1002,31 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             job.log_failure()  # an unexpected failure's traceback, for the Error Log
             self._setStatus(f"Failed (nothing was changed): {job.error}", "error")
             self.updatePromptLabel()
+        closedScene = job is self._cancelledBySceneClose
         self._cancelledBySceneClose = None
         # The ended job's arrays go (it stays, to be shown): it held the volume, the prompt and the result
         # (300-450 MB at 512 x 512 x 300) until the next job was made, which then counted them as used (a
         # helper's probe, session 41).
         job.release()
+        if self.queue is not None:
+            self._queueAfterJob(job, outcome, closedScene)
         self.updateButtons()
+
+    def _queueAfterJob(self, job, outcome, closedScene=False):
+        """Note what became of the queue's current segment and go on with the next; a cancel, a
+        closed scene or a failed run ends the queue (a failure other than a refusal of the drawing is
+        seldom the segment's own: a broken checkpoint, a server out of reach, memory)."""
+        kind, detail = outcome
+        if kind == "cancelled":
+            self.queue.stop("the scene was closed" if closedScene else "cancelled", "cancelled")
+        elif kind == "failed":
+            self.queue.after_failure(job)
+        else:
+            self.queue.record(kind, detail)
+        if closedScene:  # its nodes went with the scene: nothing to say of them
+            self.queue, self._queueOptions = None, None
+            return
+        self._startNextInQueue()
 
     def _saveStateForUndo(self, segmentationNode):
         """Let Undo in the Segment Editor take the propagation back in one step."""

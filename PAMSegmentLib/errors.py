@@ -17,6 +17,10 @@ class PropagationCancelled(PAMError):
     """Raised inside a propagation when its cancel token was set; nothing was written."""
 
 
+class EmptySegment(InputError):
+    """The segment to propagate holds no voxel (Slicer's "Propagate all drawn segments" passes it over)."""
+
+
 class NotEnoughMemory(InputError):
     """A job refused before it started because its estimated peak memory exceeds what is free
     (Slicer's panel then offers to run it anyway); ``reason`` says why without the Python advice."""

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .checks import check_flag, empty_between_drawn, largest_gap, runs_text, state_from_json, state_to_json
-from .errors import InputError, NotEnoughMemory, PAMError, PropagationCancelled, out_of_memory
+from .errors import EmptySegment, InputError, NotEnoughMemory, PAMError, PropagationCancelled, out_of_memory
 
 __all__ = [
     "MODES",
@@ -49,6 +49,8 @@ __all__ = [
     "PromptInfo",
     "SegmentPropagation",
     "propagate_segment",
+    "propagate_segments",
+    "SegmentQueue",
     "volume_array",
     "segment_mask",
     "describe_prompt",
@@ -1406,7 +1408,7 @@ class SegmentPropagation:
         if memory_check:
             _check_scalar_volume(volume_node)
             if _own_voxels_box(segment) is None:  # said before the memory check ("Run it anyway?", then "empty")
-                raise InputError(f'segment "{segment.GetName()}" on volume "{volume_node.GetName()}": it is empty: '
+                raise EmptySegment(f'segment "{segment.GetName()}" on volume "{volume_node.GetName()}": it is empty: '
                                  "draw the object on one slice and try again")
             check_read_memory(volume_node, f'propagating "{segment.GetName()}" on "{volume_node.GetName()}"')
         self.image, self.grid = volume_array(volume_node)
@@ -3204,6 +3206,252 @@ def update_segment(volume_node, segmentation_node, segment_id: str, history: Pro
                         model=model, cancel=cancel, progress=progress, memory_check=memory_check)
     _run_and_apply(job, history, memory_check)
     return job
+
+
+QUEUE_OUTCOMES = ("written", "empty", "skipped", "not written", "failed", "cancelled", "not started")
+
+
+class SegmentQueue:
+    """What "Propagate all drawn segments" goes through: the segments of one segmentation, in its
+    order, one propagation at a time (each is a ``SegmentPropagation`` of its own: written, and
+    undone, on its own), and what became of each. Bookkeeping only (main thread; it reads no
+    voxels): the caller takes ``next()``, runs that segment and says what became of it with
+    ``record(outcome, detail)``, or ends the queue with ``stop(...)``. The segment list is taken
+    when the queue is made, so segments a run adds (mode "new") are not propagated in turn.
+
+    ``outcomes``: (segment id, name, outcome, detail) in the order the segments ended, the outcome
+    one of ``QUEUE_OUTCOMES``: "written"; "empty" (no voxel: passed over); "skipped" (refused
+    before it ran: drawn in 3D, holding a PAM result, outside the volume...); "not written" (ran,
+    but the write was refused, e.g. the segment was edited meanwhile); "failed"; "cancelled";
+    "not started" (after a stop).
+    """
+
+    def __init__(self, volume_node, segmentation_node, segment_ids=None):
+        segmentation = segmentation_node.GetSegmentation()
+        if segment_ids is None:
+            segment_ids = [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
+        self.volume_node, self.segmentation_node = volume_node, segmentation_node
+        self.segment_ids = tuple(str(s) for s in segment_ids)
+        if len(set(self.segment_ids)) != len(self.segment_ids):
+            raise InputError("a segment is listed twice; list each segment once")
+        self._names = {s: self._name_now(s) or s for s in self.segment_ids}
+        self._next = 0
+        self.current: str | None = None
+        self.outcomes: list[tuple[str, str, str, str]] = []
+        self.stopped = ""  # why the queue ended before its last segment ("" while running or when it did not)
+
+    @property
+    def total(self) -> int:
+        return len(self.segment_ids)
+
+    @property
+    def position(self) -> int:
+        """1-based place of the current segment in the queue (0 before the first)."""
+        return self._next
+
+    @property
+    def done(self) -> bool:
+        return self.current is None and (bool(self.stopped) or self._next >= self.total)
+
+    def _name_now(self, segment_id: str) -> str | None:
+        segment = self.segmentation_node.GetSegmentation().GetSegment(segment_id)
+        return None if segment is None else segment.GetName()
+
+    def name(self, segment_id: str) -> str:
+        """The segment's name now (the one it had when the queue was made, once deleted)."""
+        now = self._name_now(segment_id)
+        if now:
+            self._names[segment_id] = now
+        return self._names.get(segment_id, segment_id)
+
+    def next(self) -> str | None:
+        """The next segment to propagate, or None when the queue has ended."""
+        if self.current is not None:
+            raise PAMError(f'segment "{self.name(self.current)}" has not been recorded yet')
+        if self.stopped or self._next >= self.total:
+            return None
+        self.current = self.segment_ids[self._next]
+        self._next += 1
+        return self.current
+
+    def start_next(self, start, history: "PropagationHistory | None" = None):
+        """Make the job of the next segment that can be propagated: ``start(segment_id)`` returns it
+        (started or not), raising InputError for a segment it refuses. Segments that cannot be
+        propagated are recorded and passed over: deleted, empty, refused (drawn in 3D, outside the
+        volume, not enough memory: no "run it anyway" in a queue) or holding the PAM result
+        ``history`` remembers (a result to update, whose every slice would be taken as drawn).
+        Returns the job, or None once the queue has ended (also when its volume or segmentation
+        left the scene)."""
+        while (segment_id := self.next()) is not None:
+            if self.segmentation_node.GetScene() is None or self.volume_node.GetScene() is None:
+                self.stop("the volume or the segmentation was removed", "not started")
+                return None
+            if self.segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
+                self.record("skipped", "it was deleted")
+                continue
+            try:
+                holds = _holds_result(history, self.segmentation_node, segment_id, self.volume_node)
+            except Exception:  # noqa: BLE001 - unreadable or too large to read here: the job says why
+                holds = False
+            if holds:
+                self.record("skipped", HOLDS_RESULT)
+                continue
+            try:
+                return start(segment_id)
+            except EmptySegment:
+                self.record("empty")
+            except NotEnoughMemory as exc:
+                self.record("skipped", exc.reason)
+            except InputError as exc:
+                self.record("skipped", str(exc))
+        return None
+
+    def after_failure(self, job) -> bool:
+        """Note the current segment's failed job. A refusal of its drawing (an InputError from the
+        engine) passes over it (True: go on); any other failure (a broken checkpoint, a server out of
+        reach, memory) would fail the segments after it too, and ends the queue (False)."""
+        if isinstance(job.exception, InputError):
+            self.record("skipped", job.error or str(job.exception))
+            return True
+        self.stop("failed", "failed", job.error or type(job.exception).__name__)
+        return False
+
+    def record(self, outcome: str, detail: str = "") -> None:
+        """What became of the current segment."""
+        if outcome not in QUEUE_OUTCOMES:
+            raise ValueError(f"outcome must be one of {', '.join(QUEUE_OUTCOMES)}, got {outcome!r}")
+        if self.current is None:
+            raise PAMError("no segment is being propagated")
+        self.outcomes.append((self.current, self.name(self.current), outcome, " ".join(str(detail).split())))
+        self.current = None
+
+    def stop(self, why: str, outcome: str | None = None, detail: str = "") -> None:
+        """End the queue early: the current segment (if any) gets ``outcome`` (and ``detail``),
+        the segments after it are "not started"."""
+        if self.current is not None:
+            self.record(outcome or "cancelled", detail)
+        for segment_id in self.segment_ids[self._next:]:
+            self.outcomes.append((segment_id, self.name(segment_id), "not started", ""))
+        self._next = self.total
+        self.stopped = why or "stopped"
+
+    def of(self, *outcomes: str) -> list[tuple[str, str, str, str]]:
+        return [o for o in self.outcomes if o[2] in outcomes]
+
+    def summary(self) -> tuple[str, str]:
+        """(a sentence for the panel's status line, its level: "ok", "warning" or "error")."""
+        written = [name for _, name, _, _ in self.of("written")]
+        empty = len(self.of("empty"))
+        drawn = self.total - empty
+        quoted = ", ".join(f'"{n}"' for n in written)
+        parts = []
+        if self.stopped:
+            ended = self.of("cancelled", "failed")
+            at = f' "{ended[0][1]}"' if ended else ""
+            if ended and ended[0][2] == "failed":
+                parts.append(f"Stopped: propagating{at} failed, nothing was changed in it ({_detail(ended[0][3])}).")
+            else:
+                parts.append(f"Cancelled{' while propagating' + at + ', which was left as it was' if at else ''}.")
+            if written:
+                parts.append(f"Propagated before: {quoted} (to take one back, select it and press Undo propagation).")
+            not_started = len(self.of("not started"))
+            if not_started:
+                parts.append(f"{not_started} segment{'s' if not_started > 1 else ''} not started.")
+        elif not drawn:
+            return ("No segment of the segmentation holds a drawing: draw each structure on one slice first; "
+                    "nothing was changed.", "error")
+        elif len(written) == drawn:
+            parts.append(f"Propagated all {drawn} drawn segment{'s' if drawn > 1 else ''}: {quoted}." if drawn > 1
+                         else f"Propagated the drawn segment {quoted}.")
+        else:
+            parts.append(f"Propagated {len(written)} of {drawn} drawn segments" + (f": {quoted}." if written else "."))
+        passed = self.of("skipped", "not written")
+        if passed:
+            parts.append("Not propagated: " + "; ".join(
+                f'"{name}" ({"not written: " if outcome == "not written" else ""}{_detail(detail, name)})'
+                for _, name, outcome, detail in passed) + ".")
+        if empty:
+            parts.append(f"{empty} empty segments were left as they were." if empty > 1
+                         else "1 empty segment was left as it was.")
+        level = "ok" if not self.stopped and not passed else ("error" if not written else "warning")
+        return " ".join(parts), level
+
+
+def _detail(text: str, name: str | None = None) -> str:
+    """A refusal's text for a list: without the segment's own name in front, at most 240 characters."""
+    text = " ".join(str(text).split()).rstrip(".")
+    if name is not None and text.startswith(f'segment "{name}" on volume "'):
+        rest = text.split('": ', 1)
+        text = rest[1] if len(rest) == 2 else text
+    return text if len(text) <= 240 else text[:237].rstrip() + "..."
+
+
+def propagate_segments(volume_node, segmentation_node, segment_ids=None, *, mode: str = "replace", checkpoint=None,
+                       device: str = "cpu", model=None, history: PropagationHistory | None = None,
+                       progress=None, cancel=None, intensity_gate: bool | None = None,
+                       memory_check: bool = True) -> SegmentQueue:
+    """Propagate every drawn segment (or those of ``segment_ids``) one after another, synchronously,
+    each as ``propagate_segment`` does; what "Propagate all drawn segments" does in the panel.
+    Segments without a voxel are passed over, one that cannot be propagated (drawn in 3D, holding
+    the PAM result ``history`` remembers: update it instead) is skipped with why, and the others
+    go on. A run that fails (a broken checkpoint, a server out of reach) stops the queue; a
+    ``cancel`` (a ``CancelToken``) ends it leaving the segment being propagated as it was, the ones
+    written before it written (each its own Undo with ``history``). ``progress(fraction,
+    message)`` gets each segment's progress. Returns the ``SegmentQueue`` (``outcomes``,
+    ``summary()``)."""
+    from .propagate import CancelToken  # noqa: PLC0415
+
+    cancel = cancel if cancel is not None else CancelToken()
+    queue = SegmentQueue(volume_node, segmentation_node, segment_ids)
+
+    def start(segment_id):
+        return SegmentPropagation(volume_node, segmentation_node, segment_id, mode=mode, checkpoint=checkpoint,
+                                  device=device, model=model, cancel=cancel, progress=progress,
+                                  intensity_gate=intensity_gate, memory_check=memory_check)
+
+    while True:
+        if cancel.is_cancelled:
+            queue.stop("cancelled")
+            break
+        job = queue.start_next(start, history)
+        if job is None:
+            break
+        job.run()
+        if job.state == "cancelled":
+            queue.stop("cancelled", "cancelled")
+            break
+        if job.state == "failed":
+            if queue.after_failure(job):
+                continue
+            job.log_failure()
+            break
+        try:
+            job.apply(history=history, memory_check=memory_check)
+        except InputError as exc:  # the write refused (the segment edited meanwhile, memory on a finer grid)
+            queue.record("not written", str(exc))
+            continue
+        except Exception as exc:  # noqa: BLE001 - the segment is as it was (apply takes a write back); told in outcomes
+            queue.stop("failed", "failed", str(exc) or type(exc).__name__)
+            break
+        finally:
+            job.release()  # (the volume's copy and the result: the next segment's job makes its own)
+        model = job.model if job.model is not None else model  # loaded once, for the segments after
+        queue.record("written")
+    return queue
+
+
+def _holds_result(history, segmentation_node, segment_id: str, volume_node) -> bool:
+    """Whether the segment holds the PAM result ``history`` remembers (``HistoryEntry.holds_result``),
+    read on the volume it was propagated on (else ``volume_node`` if of its grid)."""
+    entry = history.get(segmentation_node, segment_id) if history is not None else None
+    volume = entry.volume_for(volume_node) if entry is not None else None
+    if volume is None:
+        return False
+    return entry.holds_result(segment_mask(segmentation_node, segment_id, volume, check_memory="reading the segment"))
+
+
+HOLDS_RESULT = ("it holds a PAM result: select it and press Update from my edits, or Undo propagation to get the "
+                "drawing back")
 
 
 def headless_scene():
