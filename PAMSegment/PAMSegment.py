@@ -1410,7 +1410,8 @@ class PAMSegmentTest(ScriptedLoadableModuleTest):
         PAMSegmentTest._saidMissing = False
         for test in (self.test_PAMSegment_propagatesEllipsoid, self.test_PAMSegment_cancelChangesNothing,
                      self.test_PAMSegment_updateKeepsEditsAndUndoRestores,
-                     self.test_PAMSegment_savedResultUpdatesInANewSession):
+                     self.test_PAMSegment_savedResultUpdatesInANewSession,
+                     self.test_PAMSegment_propagatesAllDrawnSegments):
             try:
                 self.setUp()
             except unittest.SkipTest:
@@ -1530,3 +1531,39 @@ class PAMSegmentTest(ScriptedLoadableModuleTest):
         with self.assertRaisesRegex(Exception, "read back from the record"):  # its earlier state is not saved
             logic.undoLast(loaded, loadedId)
         self.delayDisplay(f"Test passed: {job.summary()}")
+
+    def test_PAMSegment_propagatesAllDrawnSegments(self):
+        from PAMSegmentLib.mrml import propagate_segments
+
+        self.delayDisplay("Propagating every drawn segment: two ellipsoids and an empty segment")
+        grids = np.ogrid[tuple(slice(0, n) for n in self.SHAPE)]
+        truths = {name: sum(((g - c) / r) ** 2 for g, c, r in zip(grids, center, radii)) <= 1.0
+                  for name, center, radii in (("left", (20, 48, 24), (12, 20, 18)),
+                                              ("right", (20, 48, 72), (10, 18, 16)))}
+        rng = np.random.default_rng(0)
+        image = (truths["left"] * 120.0 + truths["right"] * 200.0 + 40.0
+                 + rng.normal(0.0, 12.0, self.SHAPE)).astype(np.float32)
+        volume = slicer.util.addVolumeFromArray(image, name="PAMSegment test volume")
+        volume.SetSpacing(0.8, 0.8, 2.0)
+        segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "PAMSegment test segmentation")
+        segmentation.CreateDefaultDisplayNodes()
+        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+        ids = {}
+        for name in ("left", "empty", "right"):
+            ids[name] = segmentation.GetSegmentation().AddEmptySegment("", name, [0.9, 0.6, 0.1])
+            if name in truths:
+                prompt = np.zeros(self.SHAPE, np.uint8)
+                prompt[20] = truths[name][20]
+                slicer.util.updateSegmentBinaryLabelmapFromArray(prompt, segmentation, ids[name], volume)
+        logic = PAMSegmentLogic()
+        queue = propagate_segments(volume, segmentation, history=logic.history)
+        self.assertEqual([(name, outcome) for _, name, outcome, _ in queue.outcomes],
+                         [("left", "written"), ("empty", "empty"), ("right", "written")])
+        scores = []
+        for name, truth in truths.items():
+            result = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, ids[name], volume) > 0
+            dice = 2.0 * np.logical_and(result, truth).sum() / (result.sum() + truth.sum())
+            self.assertGreater(dice, 0.9, name)  # measured 0.988 and 0.975 (slicer-core, the shipped weights)
+            self.assertIsNotNone(logic.historyEntry(segmentation, ids[name]))  # each can be undone on its own
+            scores.append(f"{name} {dice:.3f}")
+        self.delayDisplay(f"Test passed: {queue.summary()[0]} Dice {', '.join(scores)}")

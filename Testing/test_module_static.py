@@ -1562,18 +1562,19 @@ def test_self_test_without_the_packages_skips_or_installs_them(module, monkeypat
     assert ran == [] and installed == []
     options.testingEnabled = True
     test.runTest()
-    assert installed == [module.RUNTIME_REQUIREMENTS[0]] and len(ran) == 4
+    assert installed == [module.RUNTIME_REQUIREMENTS[0]] and len(ran) == len(SELF_TESTS)
 
 
 SELF_TESTS = ("test_PAMSegment_propagatesEllipsoid", "test_PAMSegment_cancelChangesNothing",
-              "test_PAMSegment_updateKeepsEditsAndUndoRestores", "test_PAMSegment_savedResultUpdatesInANewSession")
+              "test_PAMSegment_updateKeepsEditsAndUndoRestores", "test_PAMSegment_savedResultUpdatesInANewSession",
+              "test_PAMSegment_propagatesAllDrawnSegments")
 
 
 def test_self_test_run_by_the_extension_build_installs_the_packages(module, monkeypatch):
     """A review: the extension build runs each test_* method through unittest
     (slicer.testing.runUnitTest: loadTestsFromName, TextTestRunner), never runTest, where the
     packages were installed: in a Slicer without torch all four failed. Each test's setUp installs
-    them in an unattended (--testing) run; otherwise the four are skipped with one message box."""
+    them in an unattended (--testing) run; otherwise they are skipped with one message box."""
     missing = [module.RUNTIME_REQUIREMENTS[0]]
     ran, installed, shown = [], [], []
     monkeypatch.setattr(module.PAMSegmentLogic, "missingRequirements", staticmethod(lambda network=True: list(missing)))
@@ -1591,11 +1592,11 @@ def test_self_test_run_by_the_extension_build_installs_the_packages(module, monk
 
     module.PAMSegmentTest._saidMissing = False
     outcome = run_as_the_extension_build()  # interactive: skipped, said once
-    assert (outcome.testsRun, len(outcome.skipped), outcome.errors, outcome.failures) == (4, 4, [], [])
+    assert (outcome.testsRun, len(outcome.skipped), outcome.errors, outcome.failures) == (5, 5, [], [])
     assert len(shown) == 1 and ran == [] and installed == []
     options.testingEnabled = True
-    outcome = run_as_the_extension_build()  # unattended: installed once, then all four run
-    assert (outcome.testsRun, outcome.skipped, outcome.errors, outcome.failures) == (4, [], [], [])
+    outcome = run_as_the_extension_build()  # unattended: installed once, then all of them run
+    assert (outcome.testsRun, outcome.skipped, outcome.errors, outcome.failures) == (5, [], [], [])
     assert installed == [module.RUNTIME_REQUIREMENTS[0]] and sorted(ran) == sorted(SELF_TESTS)
 
 
@@ -2117,3 +2118,10 @@ def test_panel_update_stays_on_and_says_why_after_an_edit_only_a_finer_grid_show
     panel.ui.updateButton.click()
     assert panel.job is None or panel.job.kind != "update" or panel.job.state != "running"
     assert "was edited where the volume's voxels do not show it" in panel.ui.statusLabel.text
+
+
+@pytest.mark.skipif(not (ROOT / "Resources" / "Models" / "pam_small.pt").is_file(),
+                    reason="no trained default weights yet: the self-test's Dice check needs Resources/Models/pam_small.pt")
+def test_self_test_propagate_all_with_default_weights_runs_headless(module, mrml_scene):
+    case = module.PAMSegmentTest("test_PAMSegment_propagatesAllDrawnSegments")
+    case.test_PAMSegment_propagatesAllDrawnSegments()
