@@ -276,6 +276,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.progressBar.setFormat("cancelling...")
             self._setStatus("Propagation cancelled because the scene was closed.", "warning")
         self.logic.history.clear()
+        self.queue, self._queueOptions = None, None  # ("Propagate all drawn": its segments go with the scene)
         self._reviewShown = None
         self._editorSelectionSeen = None
 
@@ -460,7 +461,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def updateButtons(self):
         volume, segmentation, segmentId = self._inputs()
-        running = (self.job is not None and not self.job.done) or self.queue is not None
+        running = self._busy()
         entry = self._historyEntry()
         reason = ""
         if running:
@@ -699,12 +700,20 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.promptLabel.text = f"Drawn on {self.job.prompt_info.describe()}."
             self._setStatus(f'Propagating "{self.job.segment_name}"{of}... you can keep working.', "info")
         self.ui.progressBar.setValue(0)
-        self.ui.progressBar.setFormat("starting")
+        self.ui.progressBar.setFormat(f"segment {queue.position} of {queue.total}: starting" if queue is not None
+                                      else "starting")
         self.pollTimer.start()
         self.updateButtons()
 
+    def _busy(self):
+        """A job runs, or "Propagate all drawn" has segments to go (a finished job of its is not written
+        until the next poll: a second job now would drop it)."""
+        job = self.job
+        return (job is not None and (not job.done or (job.state == "finished" and job.applied_segment_id is None))) \
+            or self.queue is not None
+
     def onPropagate(self):
-        if self.job is not None and not self.job.done:
+        if self._busy():
             return
         if not self.ensureRequirements():
             return
@@ -743,7 +752,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onPropagateAll(self):
         """Propagate every drawn segment of the selected segmentation, one job after another (each
         written, and undone, on its own; see PAMSegmentLib.mrml.SegmentQueue)."""
-        if (self.job is not None and not self.job.done) or self.queue is not None:
+        if self._busy():
             return
         if not self.ensureRequirements():
             return
@@ -754,7 +763,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         if self.job is not None and self.job.done:  # (an ended job's arrays go before the new job's are made)
             self.job = None
-        self.queue = SegmentQueue(volume, segmentation)
+        self.queue = SegmentQueue(volume, segmentation, mode=self._outputMode())
         self._queueOptions = dict(
             mode=self._outputMode(), checkpoint=self._checkpoint(), device=self.ui.deviceComboBox.currentText,
             method=self._method(), intensityGate=self.ui.intensityGateCheckBox.checked, server=self._server())
@@ -795,7 +804,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateButtons()
 
     def onUpdate(self):
-        if self.job is not None and not self.job.done:
+        if self._busy():
             return
         if not self.ensureRequirements():
             return
@@ -806,7 +815,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             memoryCheck=memoryCheck))
 
     def onUndo(self):
-        if self.job is not None and not self.job.done:
+        if self._busy():
             return
         volume, segmentation, segmentId = self._inputs()
         entry = self._historyEntry()
@@ -938,16 +947,43 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.progressBar.setFormat(text)
             return
         self.pollTimer.stop()
-        outcome = ("failed", job.error or "")  # what the queue of "Propagate all drawn" notes of this job
+        closedScene = job is self._cancelledBySceneClose
+        outcome = None  # what the queue of "Propagate all drawn" notes of this job
+        try:
+            outcome = self._showJobEnded(job)
+        finally:
+            self._cancelledBySceneClose = None
+            # The ended job's arrays go (it stays, to be shown): it held the volume, the prompt and the result
+            # (300-450 MB at 512 x 512 x 300) until the next job was made, which then counted them as used (a
+            # helper's probe, session 41).
+            try:
+                job.release()
+            except Exception:  # (never in the way of the queue's end: the panel would stay "running")
+                logging.exception("PAMSegment: letting the ended job go failed")
+            if self.queue is not None:
+                if outcome is None:  # a fault of ours while showing it: the queue ends, its segments as they are
+                    self.queue.stop("an internal error of the panel (the Python console has the details)",
+                                    "written" if job.applied_segment_id else "not written", "" if
+                                    job.applied_segment_id else "an internal error of the panel")
+                    self._finishQueue()
+                else:
+                    self._queueAfterJob(job, outcome, closedScene)
+            self.updateButtons()
+
+    def _showJobEnded(self, job):
+        """Write a finished job's result and say how the job ended; returns (outcome, detail) for the
+        queue of "Propagate all drawn" (SegmentQueue.record)."""
+        outcome = ("failed", job.error or "")
         if job.state == "finished":
             from PAMSegmentLib.errors import NotEnoughMemory
+            from PAMSegmentLib.mrml import written_notes
 
             try:
                 try:
                     segmentId = self.logic.finishPropagation(
                         job, beforeWrite=lambda: self._saveStateForUndo(job.segmentation_node))
                 except NotEnoughMemory as exc:  # on a finer segmentation grid (Specify geometry): nothing written
-                    if not slicer.util.confirmOkCancelDisplay(
+                    if self.queue is not None or not slicer.util.confirmOkCancelDisplay(  # (a queue does not ask)
                             f"{_sentence(exc.reason)}\n\nWrite it anyway now? (Cancel drops this result and leaves "
                             "the segmentation as it is.)",
                             windowTitle="PAMSegment: not enough memory"):
@@ -962,6 +998,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.progressBar.setFormat("not written")
                 self.updatePromptLabel()  # the "Updating from your slices" line no longer applies
             else:
+                outcome = ("written", written_notes(job.result))
                 if job.checkpoint and job.checkpoint == (self.ui.checkpointPathLineEdit.currentPath.strip() or None) \
                         and self.ui.checkpointModelRadioButton.checked:
                     # the file's drop-down keeps the checkpoints that worked (the .ui's settingKey stores them)
@@ -984,7 +1021,6 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                         text = note.split(": ", 1)[1] if note.startswith("label ") else note
                         hint += f" {text[0].upper()}{text[1:]}."
                 self._setStatus(f'"{written.GetName()}": {job.summary()}.{hint}', "warning" if notes else "ok")
-                outcome = ("written", "")
                 self._reviewShown = None
                 self.updatePromptLabel()
         elif job.state == "cancelled":
@@ -1002,15 +1038,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             job.log_failure()  # an unexpected failure's traceback, for the Error Log
             self._setStatus(f"Failed (nothing was changed): {job.error}", "error")
             self.updatePromptLabel()
-        closedScene = job is self._cancelledBySceneClose
-        self._cancelledBySceneClose = None
-        # The ended job's arrays go (it stays, to be shown): it held the volume, the prompt and the result
-        # (300-450 MB at 512 x 512 x 300) until the next job was made, which then counted them as used (a
-        # helper's probe, session 41).
-        job.release()
-        if self.queue is not None:
-            self._queueAfterJob(job, outcome, closedScene)
-        self.updateButtons()
+        return outcome
 
     def _queueAfterJob(self, job, outcome, closedScene=False):
         """Note what became of the queue's current segment and go on with the next; a cancel, a

@@ -1127,6 +1127,7 @@ def _add_result_segment(segmentation_node, source_segment_id: str) -> str:
     segment = slicer.vtkSegment()
     segment.DeepCopyMetadata(source)  # colour, terminology tags
     _clear_run_tags(segment)  # not the source's result: a run tags it when it is remembered
+    _set_segment_tag(segment, SOURCE_TAG, source_segment_id)  # (Propagate all drawn does not propagate it twice)
     segment.SetName(_unique_segment_name(segmentation, source.GetName()))
     segment.SetColor(source.GetColor())
     new_id = segmentation.GenerateUniqueSegmentID(source_segment_id + "_PAM")
@@ -3208,32 +3209,38 @@ def update_segment(volume_node, segmentation_node, segment_id: str, history: Pro
     return job
 
 
-QUEUE_OUTCOMES = ("written", "empty", "skipped", "not written", "failed", "cancelled", "not started")
+QUEUE_OUTCOMES = ("written", "empty", "result", "skipped", "not written", "failed", "cancelled", "not started")
+SOURCE_TAG = "PAMSegment.Source"  # on a segment output "new" added: the ID of the segment it was propagated from
 
 
 class SegmentQueue:
     """What "Propagate all drawn segments" goes through: the segments of one segmentation, in its
     order, one propagation at a time (each is a ``SegmentPropagation`` of its own: written, and
-    undone, on its own), and what became of each. Bookkeeping only (main thread; it reads no
-    voxels): the caller takes ``next()``, runs that segment and says what became of it with
-    ``record(outcome, detail)``, or ends the queue with ``stop(...)``. The segment list is taken
-    when the queue is made, so segments a run adds (mode "new") are not propagated in turn.
+    undone, on its own), and what became of each. Bookkeeping only (main thread): the caller takes
+    the next job with ``start_next(...)``, runs it and says what became of it with ``record(outcome,
+    detail)`` (``after_failure(job)`` for a failed one), or ends the queue with ``stop(...)``. The
+    segment list is taken when the queue is made, so segments a run adds (mode "new") are not
+    propagated in turn.
 
     ``outcomes``: (segment id, name, outcome, detail) in the order the segments ended, the outcome
-    one of ``QUEUE_OUTCOMES``: "written"; "empty" (no voxel: passed over); "skipped" (refused
-    before it ran: drawn in 3D, holding a PAM result, outside the volume...); "not written" (ran,
-    but the write was refused, e.g. the segment was edited meanwhile); "failed"; "cancelled";
-    "not started" (after a stop).
+    one of ``QUEUE_OUTCOMES``: "written" (detail: the result's notes, "" if none); "empty" (no
+    voxel: passed over); "result" (it holds a PAM result, or was propagated into a new segment that
+    still does: left as it is); "skipped" (refused before it ran: drawn in 3D, outside the volume,
+    not enough memory...); "not written" (ran, but the write was refused, e.g. the segment was
+    edited meanwhile); "failed"; "cancelled"; "not started" (after a stop).
     """
 
-    def __init__(self, volume_node, segmentation_node, segment_ids=None):
+    def __init__(self, volume_node, segmentation_node, segment_ids=None, mode: str = "replace"):
         segmentation = segmentation_node.GetSegmentation()
         if segment_ids is None:
             segment_ids = [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
-        self.volume_node, self.segmentation_node = volume_node, segmentation_node
+        self.volume_node, self.segmentation_node, self.mode = volume_node, segmentation_node, mode
         self.segment_ids = tuple(str(s) for s in segment_ids)
         if len(set(self.segment_ids)) != len(self.segment_ids):
             raise InputError("a segment is listed twice; list each segment once")
+        unknown = [s for s in self.segment_ids if segmentation.GetSegment(s) is None]
+        if unknown:
+            raise InputError(f"the segmentation has no segment of ID {', '.join(repr(s) for s in unknown[:5])}")
         self._names = {s: self._name_now(s) or s for s in self.segment_ids}
         self._next = 0
         self.current: str | None = None
@@ -3258,7 +3265,7 @@ class SegmentQueue:
         return None if segment is None else segment.GetName()
 
     def name(self, segment_id: str) -> str:
-        """The segment's name now (the one it had when the queue was made, once deleted)."""
+        """The segment's name now (the one it had when last seen, once deleted)."""
         now = self._name_now(segment_id)
         if now:
             self._names[segment_id] = now
@@ -3278,10 +3285,11 @@ class SegmentQueue:
         """Make the job of the next segment that can be propagated: ``start(segment_id)`` returns it
         (started or not), raising InputError for a segment it refuses. Segments that cannot be
         propagated are recorded and passed over: deleted, empty, refused (drawn in 3D, outside the
-        volume, not enough memory: no "run it anyway" in a queue) or holding the PAM result
-        ``history`` remembers (a result to update, whose every slice would be taken as drawn).
-        Returns the job, or None once the queue has ended (also when its volume or segmentation
-        left the scene)."""
+        volume, not enough memory: no "run it anyway" in a queue), holding the PAM result
+        ``history`` remembers (a result to update, whose every slice would be taken as drawn) or,
+        with mode "new", propagated into a new segment that still holds its result. Returns the
+        job, or None once the queue has ended (also when its volume or segmentation left the
+        scene)."""
         while (segment_id := self.next()) is not None:
             if self.segmentation_node.GetScene() is None or self.volume_node.GetScene() is None:
                 self.stop("the volume or the segmentation was removed", "not started")
@@ -3290,11 +3298,11 @@ class SegmentQueue:
                 self.record("skipped", "it was deleted")
                 continue
             try:
-                holds = _holds_result(history, self.segmentation_node, segment_id, self.volume_node)
+                held = self._held_result(segment_id, history)
             except Exception:  # noqa: BLE001 - unreadable or too large to read here: the job says why
-                holds = False
-            if holds:
-                self.record("skipped", HOLDS_RESULT)
+                held = None
+            if held is not None:
+                self.record("result", held)
                 continue
             try:
                 return start(segment_id)
@@ -3306,10 +3314,28 @@ class SegmentQueue:
                 self.record("skipped", str(exc))
         return None
 
+    def _held_result(self, segment_id: str, history) -> str | None:
+        """None, "" if the segment holds the PAM result ``history`` remembers, or (mode "new") the
+        name of the segment it was propagated into that still holds its result."""
+        if history is None:
+            return None
+        if _holds_result(history, self.segmentation_node, segment_id, self.volume_node):
+            return ""
+        if self.mode != "new":
+            return None
+        segmentation = self.segmentation_node.GetSegmentation()
+        for n in range(segmentation.GetNumberOfSegments()):
+            other = segmentation.GetNthSegment(n)
+            other_id = segmentation.GetNthSegmentID(n)
+            if other_id != segment_id and _segment_tag(other, SOURCE_TAG) == segment_id and _holds_result(
+                    history, self.segmentation_node, other_id, self.volume_node):
+                return other.GetName()
+        return None
+
     def after_failure(self, job) -> bool:
         """Note the current segment's failed job. A refusal of its drawing (an InputError from the
         engine) passes over it (True: go on); any other failure (a broken checkpoint, a server out of
-        reach, memory) would fail the segments after it too, and ends the queue (False)."""
+        reach or failing, memory) would fail the segments after it too, and ends the queue (False)."""
         if isinstance(job.exception, InputError):
             self.record("skipped", job.error or str(job.exception))
             return True
@@ -3327,7 +3353,8 @@ class SegmentQueue:
 
     def stop(self, why: str, outcome: str | None = None, detail: str = "") -> None:
         """End the queue early: the current segment (if any) gets ``outcome`` (and ``detail``),
-        the segments after it are "not started"."""
+        the segments after it are "not started". ``why``: "cancelled", "failed" or a phrase ("the
+        volume or the segmentation was removed")."""
         if self.current is not None:
             self.record(outcome or "cancelled", detail)
         for segment_id in self.segment_ids[self._next:]:
@@ -3340,41 +3367,82 @@ class SegmentQueue:
 
     def summary(self) -> tuple[str, str]:
         """(a sentence for the panel's status line, its level: "ok", "warning" or "error")."""
-        written = [name for _, name, _, _ in self.of("written")]
-        empty = len(self.of("empty"))
-        drawn = self.total - empty
-        quoted = ", ".join(f'"{n}"' for n in written)
+        written = self.of("written")
+        quoted = ", ".join(f'"{name}"' for _, name, _, _ in written)
+        held = self.of("result")
+        # drawn: what the queue propagated or tried to (the segments it did not reach are not known)
+        drawn = len(self.of("written", "skipped", "not written", "failed", "cancelled"))
         parts = []
         if self.stopped:
             ended = self.of("cancelled", "failed")
             at = f' "{ended[0][1]}"' if ended else ""
             if ended and ended[0][2] == "failed":
                 parts.append(f"Stopped: propagating{at} failed, nothing was changed in it ({_detail(ended[0][3])}).")
-            else:
+            elif self.stopped == "cancelled":
                 parts.append(f"Cancelled{' while propagating' + at + ', which was left as it was' if at else ''}.")
+            elif self.stopped == "failed":
+                parts.append("Stopped by a failure (the Python console has the details).")
+            else:
+                parts.append(f"Stopped: {_detail(self.stopped)}.")
             if written:
                 parts.append(f"Propagated before: {quoted} (to take one back, select it and press Undo propagation).")
             not_started = len(self.of("not started"))
             if not_started:
-                parts.append(f"{not_started} segment{'s' if not_started > 1 else ''} not started.")
+                parts.append(f"{not_started} segment{'s' if not_started > 1 else ''} not reached.")
         elif not drawn:
-            return ("No segment of the segmentation holds a drawing: draw each structure on one slice first; "
-                    "nothing was changed.", "error")
+            parts.append("No segment of the segmentation holds a drawing to propagate" + (
+                "; nothing was changed." if not held else ":"))
         elif len(written) == drawn:
-            parts.append(f"Propagated all {drawn} drawn segment{'s' if drawn > 1 else ''}: {quoted}." if drawn > 1
+            parts.append(f"Propagated all {drawn} drawn segments: {quoted}." if drawn > 1
                          else f"Propagated the drawn segment {quoted}.")
         else:
-            parts.append(f"Propagated {len(written)} of {drawn} drawn segments" + (f": {quoted}." if written else "."))
+            parts.append(f"Propagated {len(written)} of {drawn} drawn segment{'s' if drawn > 1 else ''}"
+                         + (f": {quoted}." if written else "."))
+        checks = [(name, detail) for _, name, _, detail in written if detail]
+        if checks:
+            parts.append("Check: " + "; ".join(f'"{name}" ({_detail(detail)})' for name, detail in checks) + ".")
         passed = self.of("skipped", "not written")
         if passed:
             parts.append("Not propagated: " + "; ".join(
                 f'"{name}" ({"not written: " if outcome == "not written" else ""}{_detail(detail, name)})'
                 for _, name, outcome, detail in passed) + ".")
+        results = [name for _, name, _, detail in held if not detail]
+        if results:
+            names = ", ".join(f'"{n}"' for n in results)
+            parts.append(f"Left as {'they hold PAM results' if len(results) > 1 else 'it holds a PAM result'}: "
+                         f"{names} (to change one, fix its slices and press Update from my edits).")
+        sources = [(name, detail) for _, name, _, detail in held if detail]
+        if sources:
+            parts.append("Propagated before into new segments, left as they are: " + ", ".join(
+                f'"{name}" (into "{into}")' for name, into in sources) + " (delete a result to propagate it again).")
+        empty = len(self.of("empty"))
         if empty:
             parts.append(f"{empty} empty segments were left as they were." if empty > 1
                          else "1 empty segment was left as it was.")
-        level = "ok" if not self.stopped and not passed else ("error" if not written else "warning")
+        if self.stopped:
+            level = "warning" if written or self.stopped == "cancelled" else "error"
+        elif not drawn:
+            level = "warning" if held else "error"
+        elif passed:
+            level = "warning" if written else "error"
+        else:
+            level = "warning" if checks else "ok"
         return " ".join(parts), level
+
+
+def written_notes(result) -> str:
+    """A written result's notes, as a queue's summary lists them (the panel's status line shows
+    them after a single Propagate): "" when it has none."""
+    texts = []
+    for kind, note in result.kinds_of_notes():
+        if kind == "dropped":  # (an update's: a queue only propagates)
+            continue
+        if kind == "drift":
+            texts.append("it stopped right next to the drawn slice, where the tissue changed; if the structure "
+                         "goes on, uncheck 'Stop where the tissue changes' and propagate it again")
+            continue
+        texts.append(note.split(": ", 1)[1] if note.startswith("label ") else note)
+    return "; ".join(texts)
 
 
 def _detail(text: str, name: str | None = None) -> str:
@@ -3402,42 +3470,47 @@ def propagate_segments(volume_node, segmentation_node, segment_ids=None, *, mode
     from .propagate import CancelToken  # noqa: PLC0415
 
     cancel = cancel if cancel is not None else CancelToken()
-    queue = SegmentQueue(volume_node, segmentation_node, segment_ids)
+    queue = SegmentQueue(volume_node, segmentation_node, segment_ids, mode=mode)
 
     def start(segment_id):
         return SegmentPropagation(volume_node, segmentation_node, segment_id, mode=mode, checkpoint=checkpoint,
                                   device=device, model=model, cancel=cancel, progress=progress,
                                   intensity_gate=intensity_gate, memory_check=memory_check)
 
-    while True:
+    while not queue.done:
         if cancel.is_cancelled:
             queue.stop("cancelled")
             break
         job = queue.start_next(start, history)
         if job is None:
             break
-        job.run()
-        if job.state == "cancelled":
-            queue.stop("cancelled", "cancelled")
-            break
-        if job.state == "failed":
-            if queue.after_failure(job):
-                continue
-            job.log_failure()
-            break
         try:
-            job.apply(history=history, memory_check=memory_check)
-        except InputError as exc:  # the write refused (the segment edited meanwhile, memory on a finer grid)
-            queue.record("not written", str(exc))
-            continue
-        except Exception as exc:  # noqa: BLE001 - the segment is as it was (apply takes a write back); told in outcomes
-            queue.stop("failed", "failed", str(exc) or type(exc).__name__)
-            break
+            _run_queued(queue, job, history, memory_check)
         finally:
-            job.release()  # (the volume's copy and the result: the next segment's job makes its own)
+            job.release()  # (its copy of the volume and its result go before the next segment's job is made)
         model = job.model if job.model is not None else model  # loaded once, for the segments after
-        queue.record("written")
     return queue
+
+
+def _run_queued(queue: SegmentQueue, job: SegmentPropagation, history, memory_check: bool) -> None:
+    """Run one queued job on the calling thread, write its result and record what became of it."""
+    job.run()
+    if job.state == "cancelled":
+        queue.stop("cancelled", "cancelled")
+        return
+    if job.state == "failed":
+        if not queue.after_failure(job):
+            job.log_failure()
+        return
+    try:
+        job.apply(history=history, memory_check=memory_check)
+    except InputError as exc:  # the write refused (the segment edited meanwhile, memory on a finer grid)
+        queue.record("not written", str(exc))
+    except Exception as exc:  # noqa: BLE001 - its text says whether the write was taken back; told in outcomes
+        name = queue.name(queue.current)
+        queue.stop(f'writing "{name}" failed', "not written", str(exc) or type(exc).__name__)
+    else:
+        queue.record("written", written_notes(job.result))
 
 
 def _holds_result(history, segmentation_node, segment_id: str, volume_node) -> bool:

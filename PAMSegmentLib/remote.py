@@ -35,6 +35,17 @@ SERVER_METHODS = ("pam", "track", "copy")
 __all__ = ["RemoteModel", "ServerBusy", "ServerUnreachable", "decode_result"]
 
 
+def job_failure(status: dict) -> PAMError:
+    """The error of a job the server failed: InputError where it refused these inputs, PAMError
+    where the failure is the server's own (its checkpoint, memory, a fault: the same for every job;
+    Slicer's "Propagate all drawn" stops on it). A server that does not say ("failure", since
+    session 42) is read from its message."""
+    failure = status.get("failure")
+    if failure not in ("input", "error", "internal"):
+        failure = "internal" if str(status.get("message", "")).startswith("internal error:") else "input"
+    return (InputError if failure == "input" else PAMError)(f"the server could not propagate: {status['message']}")
+
+
 class _Unreachable(PAMError):
     """No answer from the server (refused, reset, timed out)."""
 
@@ -586,7 +597,7 @@ class RemoteModel:
                 if state == "finished":
                     break
                 if state == "failed":
-                    raise InputError(f"the server could not propagate: {status['message']}")
+                    raise job_failure(status)
                 if state == "cancelled":  # not by this client (its cancel deletes the job): the server stopped it
                     raise PAMError(f"the server cancelled the job ({status['message']}); run it again")
                 time.sleep(self.poll_interval)

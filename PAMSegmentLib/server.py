@@ -16,7 +16,9 @@ The HTTP API (FastAPI, served by uvicorn; ``pip install ".[server]"`` in the sou
   the job's ``id``. One job runs at a time, in arrival order; at most ``max_jobs`` wait besides
   the running one (503).
 * ``GET /jobs/{id}``: ``state`` (queued, running, finished, failed, cancelled), ``progress``
-  0-1, ``message``, ``queue_position``. A queued or running job that no client asks about (this
+  0-1, ``message``, ``queue_position``; a failed job's ``failure``: ``input`` (its inputs were
+  refused), ``error`` (the server's own: its checkpoint, memory) or ``internal`` (a fault; its
+  message starts "internal error:"). A queued or running job that no client asks about (this
   or its result) for ``ABANDON_SECONDS`` (120 s) is cancelled: its client is gone.
 * ``GET /jobs/{id}/result``: the finished result as ``.npz`` (``PAMSegmentLib.remote`` reads
   it); 409 while it is not finished. Results are kept for ``result_ttl`` seconds.
@@ -372,6 +374,9 @@ class Job:
     cancel: CancelToken = field(default_factory=CancelToken)
     finished_at: float | None = None
     position_at_submit: int = 0  # its place in the queue when submitted (0: it ran at once), for the log
+    # a failed job's kind of failure: "input" (the inputs were refused: InputError), "error" (another
+    # PAMError: the server's checkpoint, memory...) or "internal" (a fault); its client's words differ
+    failure: str = ""
     # When a client last asked about the job (submitted it, its status or result): a job nobody
     # asks about for JobQueue.abandon_after seconds lost its client and is cancelled.
     last_seen: float = field(default_factory=time.monotonic)
@@ -504,8 +509,10 @@ class JobQueue:
                 job.state = "cancelled"
             except PAMError as error:
                 job.state, job.message = "failed", str(error)
+                job.failure = "input" if isinstance(error, InputError) else "error"
             except Exception as error:  # noqa: BLE001 - a bug must fail the job, not the worker
                 job.state, job.message = "failed", f"internal error: {type(error).__name__}: {error}"
+                job.failure = "internal"
             else:
                 job.result, job.progress, job.state, job.message = payload, 1.0, "finished", "done"
             job.image = job.prompt = None  # the inputs are not needed any more
@@ -677,8 +684,11 @@ def create_app(model_factory: Callable[[str], Any], *, token: str | None = None,
     @app.get("/jobs/{job_id}")
     def status(job_id: str):
         job = get_job(job_id)
-        return {"id": job.id, "state": job.state, "progress": job.progress, "message": job.message,
-                "queue_position": queue.position(job)}
+        status = {"id": job.id, "state": job.state, "progress": job.progress, "message": job.message,
+                  "queue_position": queue.position(job)}
+        if job.state == "failed":
+            status["failure"] = job.failure
+        return status
 
     @app.get("/jobs/{job_id}/result")
     def result(job_id: str):

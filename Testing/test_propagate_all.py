@@ -82,12 +82,12 @@ def test_a_second_run_passes_over_the_results_it_wrote(organs):
     queue = mrml.propagate_segments(volume, seg, [ids["left"], ids["right"]], model=get_predictor("copy"),
                                     history=history)
     assert [(name, outcome, detail) for _, name, outcome, detail in queue.outcomes] == [
-        ("left", "skipped", mrml.HOLDS_RESULT), ("right", "skipped", mrml.HOLDS_RESULT)]
+        ("left", "result", ""), ("right", "result", "")]
     for name in ("left", "right"):
         assert_same_labelmap(internal_labelmap_state(seg, ids[name]), before[name])
-    text, level = queue.summary()
-    assert level == "error" and text.startswith('Propagated 0 of 2 drawn segments. Not propagated: "left" (it holds '
-                                                "a PAM result: select it and press Update from my edits"), text
+    assert queue.summary() == ('No segment of the segmentation holds a drawing to propagate: Left as they hold PAM '
+                               'results: "left", "right" (to change one, fix its slices and press Update from my '
+                               'edits).', "warning")
 
 
 def test_cancel_leaves_the_segment_being_propagated_as_it_was_and_starts_no_more(organs):
@@ -110,7 +110,7 @@ def test_cancel_leaves_the_segment_being_propagated_as_it_was_and_starts_no_more
     assert _mask(seg, ids["left"], volume).any(axis=(1, 2)).sum() >= 10
     text, level = queue.summary()
     assert text == ('Cancelled while propagating "right", which was left as it was. Propagated before: "left" (to take '
-                    "one back, select it and press Undo propagation). 1 segment not started."), text
+                    "one back, select it and press Undo propagation). 1 segment not reached."), text
     assert level == "warning"
 
 
@@ -126,7 +126,7 @@ def test_a_failed_run_stops_the_queue_and_changes_nothing(organs, tmp_path):
         assert_same_labelmap(internal_labelmap_state(seg, ids[name]), before[name])
     text, level = queue.summary()
     assert level == "error" and text.startswith('Stopped: propagating "left" failed, nothing was changed in it ('), text
-    assert text.endswith("1 segment not started."), text
+    assert text.endswith("1 segment not reached."), text
 
 
 def test_the_queue_bookkeeping(organs):
@@ -205,7 +205,7 @@ def test_cancel_in_the_panel_ends_the_queue(panel, organs, monkeypatch):  # noqa
     for name in ids:
         assert_same_labelmap(internal_labelmap_state(seg, ids[name]), before[name])
     assert ui.statusLabel.text == ('Cancelled while propagating "left", which was left as it was. 3 segments not '
-                                   "started.")
+                                   "reached.")
 
 
 def _picky_copy(smallest: int):
@@ -283,4 +283,4 @@ def test_a_failed_run_in_the_panel_ends_the_queue(panel, organs, tmp_path, monke
         assert_same_labelmap(internal_labelmap_state(seg, ids[name]), before[name])
     text = ui.statusLabel.text
     assert text.startswith('Stopped: propagating "left" failed, nothing was changed in it (') and "broken.pt" in text
-    assert text.endswith("3 segments not started."), text
+    assert text.endswith("3 segments not reached."), text

@@ -1,0 +1,297 @@
+"""Propagate all drawn, after a hostile review (session 42, a helper on slicer-core and the stand-in
+panel of test_module_static): a result's notes kept, a failing server ending the queue, no modal
+question in a queue, the library letting each job go, what a stop says, the panel's other buttons
+and a fault while showing a result, output "new" pressed twice."""
+
+from __future__ import annotations
+
+import time
+import weakref
+
+import numpy as np
+import pytest
+
+from conftest_mrml import *  # noqa: F401,F403 - fixtures (mrml_scene)
+from conftest_mrml import assert_same_labelmap, ellipsoid, internal_labelmap_state, make_segmentation, make_volume_node
+from PAMSegmentLib import baselines, mrml
+from PAMSegmentLib.baselines import CopyPredictor, get_predictor
+from PAMSegmentLib.errors import InputError, NotEnoughMemory, PAMError
+from test_module_static import module, panel, poll_until_idle  # noqa: F401 - fixtures
+
+SHAPE = (24, 48, 64)
+
+
+def _slice_only(mask, k):
+    out = np.zeros_like(mask, dtype=np.uint8)
+    out[k] = mask[k]
+    return out
+
+
+def _organs(extra=None):
+    """Two bright ellipsoids, "left" and "right" drawn on slice 12, and an empty "nothing"."""
+    left = ellipsoid(SHAPE, (12, 24, 16), (8, 10, 10))
+    right = ellipsoid(SHAPE, (12, 24, 46), (6, 9, 9))
+    image = (left * 120.0 + right * 200.0 + np.random.default_rng(0).normal(0, 4, SHAPE)).astype(np.float32)
+    volume = make_volume_node(image, name="ct")
+    drawn = {"left": _slice_only(left, 12), "nothing": np.zeros(SHAPE, np.uint8), "right": _slice_only(right, 12)}
+    drawn.update(extra or {})
+    seg, ids = make_segmentation(volume, drawn)
+    return volume, seg, ids, {"left": left, "right": right}
+
+
+def _states(seg, ids):
+    return {name: internal_labelmap_state(seg, sid) for name, sid in ids.items()}
+
+
+def _assert_unchanged(seg, ids, before):
+    for name, sid in ids.items():
+        assert_same_labelmap(internal_labelmap_state(seg, sid), before[name])
+
+
+@pytest.fixture
+def fast(monkeypatch):
+    """The panel's "Registration tracking" runs the copy baseline (fast, the same flow)."""
+    real = baselines.get_predictor
+    monkeypatch.setattr(baselines, "get_predictor",
+                        lambda method, **kw: real("copy") if method == "track" else real(method, **kw))
+
+
+def _ready(panel, volume, seg, monkeypatch):  # noqa: F811
+    ui = panel.ui
+    monkeypatch.setattr(type(panel.logic), "missingRequirements", staticmethod(lambda network=True: []))
+    ui.trackModelRadioButton.checked = True
+    panel.onModelChoiceChanged()
+    ui.volumeSelector.setCurrentNode(volume)
+    ui.segmentationSelector.setCurrentNode(seg)
+    panel.updateButtons()
+    return ui
+
+
+def test_a_written_result_s_notes_are_in_the_summary(mrml_scene):
+    """A stray click on slice 16 beside the drawing on slice 12: Propagate says so in an orange
+    status line; the queue said "Propagated all 2 drawn segments", in green, without it."""
+    left = ellipsoid(SHAPE, (12, 24, 16), (8, 10, 10))
+    drawn = _slice_only(left, 12)
+    drawn[16, 24, 16] = 1
+    volume, seg, ids, _ = _organs({"left": drawn})
+    queue = mrml.propagate_segments(volume, seg, model=get_predictor("copy"))
+    outcomes = {name: (outcome, detail) for _, name, outcome, detail in queue.outcomes}
+    assert outcomes["right"] == ("written", "")
+    assert outcomes["left"][0] == "written" and "stray click" in outcomes["left"][1], outcomes["left"]
+    text, level = queue.summary()
+    assert level == "warning"
+    assert text.startswith('Propagated all 2 drawn segments: "left", "right". Check: "left" (slice 16 holds 1 '
+                           "voxel"), text
+
+
+def test_the_library_lets_each_job_go_before_the_next_is_made(mrml_scene, monkeypatch):
+    """A run refused by the engine kept its copy of the volume (and its traceback's frames) while the
+    next segment's job copied the volume again: twice the volume, where the next job's memory check
+    then counted the first copy as used."""
+    volume, seg, ids, _ = _organs()
+
+    class Picky(CopyPredictor):
+        def predict(self, volume, guide_index, guide_mask, query_indices):
+            if guide_index == 12 and np.count_nonzero(guide_mask) < 290:  # "right" (254 px), refused by the run
+                raise InputError("the drawing is smaller than 290 pixels")
+            return super().predict(volume, guide_index, guide_mask, query_indices)
+
+    images, alive = [], []
+    real_init = mrml.SegmentPropagation._init_job
+
+    def spy(self, *args, **kwargs):
+        alive.append([ref() is not None for ref in images])
+        real_init(self, *args, **kwargs)
+        images.append(weakref.ref(self.image))
+
+    monkeypatch.setattr(mrml.SegmentPropagation, "_init_job", spy)
+    import gc
+
+    gc.disable()  # (only references count: no collector run frees the copy by chance)
+    try:
+        queue = mrml.propagate_segments(volume, seg, [ids["right"], ids["left"]], model=Picky())
+    finally:
+        gc.enable()
+    assert [(name, outcome) for _, name, outcome, _ in queue.outcomes] == [("right", "skipped"), ("left", "written")]
+    assert alive == [[], [False]]
+
+
+def test_a_server_failing_every_job_ends_the_queue():
+    """A server whose model fails (not a refusal of the inputs) failed every job as an InputError, so
+    the queue uploaded and ran every segment, each failing the same way. The server now says what
+    kind of failure it was, and its client raises PAMError for its own failures."""
+    pytest.importorskip("fastapi")
+    from conftest import serving
+    from doubles import OracleModel
+
+    from PAMSegmentLib.remote import RemoteModel
+    from PAMSegmentLib.server import create_app
+    from test_server import case
+
+    image, prompt, truth = case()
+
+    class Broken(OracleModel):
+        def predict(self, *a, **k):
+            raise RuntimeError("the server's weights are broken")
+
+    class Refusing(OracleModel):
+        def predict(self, *a, **k):
+            raise InputError("the drawing is refused")
+
+    models = {"model": Broken(truth)}
+    with serving(create_app(lambda method: models["model"])) as url:
+        client = RemoteModel(url, poll_interval=0.01)
+        with pytest.raises(PAMError, match="could not propagate: internal error: RuntimeError") as failed:
+            client.propagate(image, prompt, (1, 1, 1))
+        assert not isinstance(failed.value, InputError)
+        models["model"] = Refusing(truth)
+        with pytest.raises(InputError, match="could not propagate: the drawing is refused"):
+            client.propagate(image, prompt, (1, 1, 1))
+
+
+def test_a_server_that_does_not_say_the_kind_is_read_from_its_message():
+    """A server from before session 42 sends no "failure": its "internal error: ..." jobs are its own."""
+    from PAMSegmentLib.remote import job_failure
+
+    old_internal = job_failure({"state": "failed", "message": "internal error: ValueError: boom"})
+    assert type(old_internal) is PAMError and str(old_internal) == ("the server could not propagate: internal error: "
+                                                                    "ValueError: boom")
+    assert type(job_failure({"state": "failed", "message": "the prompt is empty"})) is InputError
+    assert type(job_failure({"state": "failed", "failure": "error", "message": "checkpoint unreadable"})) is PAMError
+    assert type(job_failure({"state": "failed", "failure": "input", "message": "internal error: x"})) is InputError
+
+
+def test_a_queue_asks_nothing_when_a_write_is_refused_for_memory(panel, fast, monkeypatch):  # noqa: F811
+    """On a finer segmentation grid, a write refused for memory opened "Write it anyway now?" for
+    every segment, holding an unattended queue: in a queue it is noted and the queue goes on."""
+    import slicer
+
+    from test_review_s31 import _oversample
+
+    volume, seg, ids, _ = _organs()
+    _oversample(seg, volume, 2.0)
+    ui = _ready(panel, volume, seg, monkeypatch)
+    asked = []
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, **kw: asked.append(text) or True)
+
+    def refuse(*args, **kwargs):
+        raise NotEnoughMemory("x", reason="writing: needs about 9 GB and about 1 GB is free now")
+
+    monkeypatch.setattr(mrml, "check_write_memory", refuse)
+    before = _states(seg, ids)
+    ui.propagateAllButton.click()
+    poll_until_idle(panel, timeout=120)
+    assert asked == []
+    _assert_unchanged(seg, ids, before)
+    assert ui.statusLabel.text.startswith('Propagated 0 of 2 drawn segments. Not propagated: "left" (not written: '
+                                          "writing: needs about 9 GB"), ui.statusLabel.text
+
+
+@pytest.mark.parametrize("removed", ["volume", "segmentation"])
+def test_a_node_removed_mid_queue_is_said_as_such(panel, fast, monkeypatch, removed):  # noqa: F811
+    import slicer
+
+    volume, seg, ids, _ = _organs()
+    ui = _ready(panel, volume, seg, monkeypatch)
+    ui.propagateAllButton.click()
+    assert panel.job.wait(60)
+    slicer.mrmlScene.RemoveNode(volume if removed == "volume" else seg)
+    poll_until_idle(panel, timeout=60)
+    assert panel.queue is None
+    text = ui.statusLabel.text
+    assert text.startswith("Stopped: the volume or the segmentation was removed."), text
+    assert "Cancelled" not in text
+
+
+def test_other_buttons_wait_for_the_queue_s_finished_job(panel, fast, monkeypatch):  # noqa: F811
+    """Propagate called (say from the Python console) while the queue's first job had finished but
+    was not polled yet: that job's result was dropped unwritten and the queue booked the new job as
+    the first segment's. The handlers now wait for the queue (the buttons were already off)."""
+    volume, seg, ids, truth = _organs()
+    ui = _ready(panel, volume, seg, monkeypatch)
+    ui.segmentSelector.setCurrentSegmentID(ids["right"])
+    ui.propagateAllButton.click()
+    first = panel.job
+    assert first.wait(60) and first.state == "finished"
+    for handler in (panel.onPropagate, panel.onUpdate, panel.onUndo):
+        handler()
+        assert panel.job is first
+    poll_until_idle(panel, timeout=60)
+    assert first.applied_segment_id == ids["left"]
+    assert ui.statusLabel.text == 'Propagated all 2 drawn segments: "left", "right". 1 empty segment was left as it was.'
+    for name in ("left", "right"):
+        assert mrml.segment_mask(seg, ids[name], volume).any(axis=(1, 2)).sum() >= 10
+
+
+def test_a_fault_while_showing_a_result_ends_the_queue_and_frees_the_panel(panel, fast, monkeypatch):  # noqa: F811
+    """Injected fault in the status line of a written result: the queue stayed set with the poll
+    timer stopped, and every button said "A propagation is running." until the module was reloaded."""
+    volume, seg, ids, _ = _organs()
+    ui = _ready(panel, volume, seg, monkeypatch)
+    ui.propagateAllButton.click()
+    first = panel.job
+    assert first.wait(60)
+    monkeypatch.setattr(mrml.SegmentPropagation, "summary", lambda self: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        panel.pollTimer.fire()
+    assert panel.queue is None and not panel.pollTimer.active
+    assert first.applied_segment_id == ids["left"]  # it was written before the fault
+    assert ui.propagateAllButton.enabled and ui.propagateButton.enabled is not None
+    text = ui.statusLabel.text
+    assert text.startswith("Stopped: an internal error of the panel") and 'Propagated before: "left"' in text, text
+
+
+def test_output_new_pressed_twice_does_not_propagate_again(panel, fast, monkeypatch):  # noqa: F811
+    """With output "new segment" the drawn segments never hold a result, so a second press (after
+    drawing one more structure, say) propagated all of them again into "... (PAM 2)"."""
+    volume, seg, ids, _ = _organs()
+    ui = _ready(panel, volume, seg, monkeypatch)
+    ui.newSegmentRadioButton.setChecked(True)
+    ui.propagateAllButton.click()
+    poll_until_idle(panel, timeout=60)
+    segmentation = seg.GetSegmentation()
+
+    def names():
+        return [segmentation.GetNthSegment(n).GetName() for n in range(segmentation.GetNumberOfSegments())]
+
+    assert names() == ["left", "nothing", "right", "left (PAM)", "right (PAM)"]
+    ui.propagateAllButton.click()
+    poll_until_idle(panel, timeout=60)
+    assert names() == ["left", "nothing", "right", "left (PAM)", "right (PAM)"]
+    assert ui.statusLabel.text == (
+        'No segment of the segmentation holds a drawing to propagate: Left as they hold PAM results: "left (PAM)", '
+        '"right (PAM)" (to change one, fix its slices and press Update from my edits). Propagated before into new '
+        'segments, left as they are: "left" (into "left (PAM)"), "right" (into "right (PAM)") (delete a result to '
+        'propagate it again). 1 empty segment was left as it was.')
+    # the result deleted: its drawing is propagated again
+    segmentation.RemoveSegment([segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())
+                                if segmentation.GetNthSegment(n).GetName() == "left (PAM)"][0])
+    ui.propagateAllButton.click()
+    poll_until_idle(panel, timeout=60)
+    assert names() == ["left", "nothing", "right", "right (PAM)", "left (PAM)"]
+
+
+def test_small_things(mrml_scene):
+    volume, seg, ids, _ = _organs()
+    with pytest.raises(InputError, match="has no segment of ID 'nope'"):
+        mrml.SegmentQueue(volume, seg, [ids["left"], "nope"])
+    queue = mrml.SegmentQueue(volume, seg, [ids["left"]])
+    queue.next()
+    queue.record("skipped", "it is drawn on 13 of 24 axial slices")
+    assert queue.summary()[0].startswith("Propagated 0 of 1 drawn segment. Not propagated"), queue.summary()
+    cancelled = mrml.SegmentQueue(volume, seg, [ids["left"], ids["right"]])
+    cancelled.next()
+    cancelled.stop("cancelled", "cancelled")
+    assert cancelled.summary() == ('Cancelled while propagating "left", which was left as it was. 1 segment not '
+                                   "reached.", "warning")  # the user's own cancel: not an error
+
+
+def test_the_progress_bar_says_which_segment_while_it_starts(panel, fast, monkeypatch):  # noqa: F811
+    volume, seg, ids, _ = _organs()
+    ui = _ready(panel, volume, seg, monkeypatch)
+    ui.propagateAllButton.click()
+    assert ui.progressBar.format == "segment 1 of 3: starting"
+    deadline = time.time() + 60
+    while panel.pollTimer.active and time.time() < deadline:
+        panel.pollTimer.fire()
+        time.sleep(0.01)
