@@ -1035,7 +1035,8 @@ def _run_row(row: BatchRow, model, args, progress=None) -> None:
     how = "--intensity-gate off"  # the drift test's remedy, as propagate says it
     notes = [note + (f" ({how})" if kind == "drift" else "")
              for kind, note in result.kinds_of_notes(edited=None if plan is None else plan.users_own())]
-    row.noted = " | ".join(row.notes + notes)
+    # (plan_update's lines say "note: ..." themselves: "note: note: ..." in the row's line before)
+    row.noted = " | ".join(n[len("note: "):] if n.startswith("note: ") else n for n in row.notes + notes)
     row.message = " | ".join(row.info + row.notes + notes)
     # a Ctrl-C or SIGTERM while the files go in is raised once they are in: the row is then written
     def written() -> None:

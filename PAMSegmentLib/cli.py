@@ -839,6 +839,10 @@ def _made_otherwise_notes(earlier, result) -> list[str]:
     from .checks import state_to_json
     from .propagate import settings_kept
 
+    if earlier.image_digest is not None and result.image_digest is not None \
+            and earlier.image_digest != result.image_digest:  # (a helper's trial, session 42: no word of it)
+        return ["the round you corrected ran on another image (or voxel size) than this one: every slice was "
+                "predicted again, so the changes beside your edits include what the other image makes"]
     whats: dict[str, list[int]] = {}
     for lab, now in sorted(result.begin_state.items()):
         try:  # both as JSON holds them (a record read back gives tuples)
@@ -1125,16 +1129,19 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
     (``keyframes_from_edits``) with ``empty_slices`` among its walls, and the earlier run rebuilt from
     its record (``PropagationResult.from_record``; None without one) to pass as ``previous``. What
     it took goes to ``say`` (``update: ...`` lines and a ``note:`` for labels left out)."""
+    from .checks import runs_text
     from .propagate import _whole_in, check_request, keyframes_from_edits
     from .volumes import read_labelmap
 
-    maps = []
+    maps, covered = [], None
     for option, path in zip(names, (previous_path, edited_path)):
         with warnings.catch_warnings(record=True) as caught:  # e.g. a cropped .seg.nrrd put back on the grid
             warnings.simplefilter("always", UserWarning)
             try:
-                maps.append(read_labelmap(path, reference=image, resample=resample,
-                                          resample_option="--resample-prompt", role="result").array)
+                read = read_labelmap(path, reference=image, resample=resample, resample_option="--resample-prompt",
+                                     role="result")
+                maps.append(read.array)
+                covered = read.covered  # (the edited file's, read last)
             except InputError as error:
                 raise InputError(f"{option}: {error}") from None
             finally:
@@ -1188,7 +1195,14 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
                      "(put the record beside it to keep them"
                      + (", and give again any --range, --label and --empty-slices of the run that made it)"
                         if names[0].startswith("--") else ")"))
-    plan = keyframes_from_edits(prompt.array, maps[0], maps[1], axis=axis, labels=labels, earlier=earlier)
+    try:
+        plan = keyframes_from_edits(prompt.array, maps[0], maps[1], axis=axis, labels=labels, earlier=earlier)
+    except InputError as error:
+        if no_record and "is not a result of this prompt" in str(error):  # (said after it, the hint came too late)
+            raise InputError(f"{error}. {Path(previous_path).name} has no record beside it: if an earlier round "
+                             "corrected that drawn slice, its record said so; put the record "
+                             f"({keyframes_record_path(previous_path).name}) beside it") from None
+        raise
     # batch has no --range: a case whose earlier run had one is widened on the command line
     widen = ("give --range to widen it" if names[0].startswith("--") else
              "run that case with pamsegment propagate and a wider --range")
@@ -1240,6 +1254,18 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
     check_request(plan.prompt, plan.axis, labels, slice_range, plan.empty_slices, True)  # refused before it is said
     for line in plan.describe():
         say(f"update: {line}")
+    for line in plan.notes():
+        say(f"note: {line}")
+    if covered is not None:  # a cropped corrected file: what the earlier result holds beyond it is erased
+        beyond = (maps[0] != 0) & ~covered
+        if beyond.any():
+            held = sorted(int(v) for v in np.unique(maps[0][beyond]))
+            rows = np.flatnonzero(beyond.any(axis=tuple(a for a in range(3) if a != plan.axis)))
+            say(f"note: {names[1]}: {Path(edited_path).name} covers part of the image only, and the earlier result "
+                f"holds label{'s' if len(held) > 1 else ''} {', '.join(map(str, held))} beyond it (on slices "
+                f"{runs_text(rows.tolist())} along axis {plan.axis}): taken as erased there, which is what Slicer's "
+                "cropped save of a segmentation means (a part erased at an end falls outside it). If you cropped the "
+                "file yourself, give it uncropped: those parts are lost otherwise")
     if order_from_record:
         given_as = (f"--label {' '.join(map(str, labels))}, from its record" if names[0].startswith("--") else
                     "from its record")

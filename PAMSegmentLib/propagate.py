@@ -2593,6 +2593,8 @@ class EditPlan:
     drawn_digest: dict[int, dict[int, str]] = field(default_factory=dict)  # per label and drawn slice: its digest
     slice_range: tuple[int, int] | None = None  # the update's range (--range, or the earlier run's; set by the CLI)
     labels: list[int] | None = None  # the update's labels in order (--label, or the earlier run's; set by the CLI)
+    # per label: (slices erased this round between two of its keyframes, the keyframes around the first)
+    holes: dict[int, tuple[list[int], int, int]] = field(default_factory=dict)
 
     def changes(self, mask: np.ndarray) -> list[str]:
         """Per label, the slices along the axis where the update's ``mask`` differs from the earlier
@@ -2655,6 +2657,21 @@ class EditPlan:
                 text += "; not edited"
             lines.append(text)
         return lines
+
+    def notes(self) -> list[str]:
+        """What to check of the plan: slices erased between two keyframes of a label leave a gap in
+        the object (walls: no walk crosses them). Meant when a slice of a structure that is really
+        absent there was erased; otherwise the corrected file is often a copy of another round's
+        result than the earlier one given (a helper's trial, session 42: round 2's result corrected,
+        round 1's given: the slices round 2 left empty became walls, a hole in a vertebra, exit 0)."""
+        out = []
+        for lab, (inner, before, after) in sorted(self.holes.items()):
+            one = len(inner) == 1
+            out.append(f"label {lab}: erased on {_slice_list_text(inner)}, between its keyframes {before} and {after}: "
+                       f"the object is absent there, a gap in the result; if you did not erase "
+                       f"{'it' if one else 'them'}, the corrected file is not a copy of the earlier result given (a "
+                       "later round's result, corrected?): give that round's result as the earlier one")
+        return out
 
     def users_own(self) -> dict[int, list[int]]:
         """Per label, the keyframes this round or earlier rounds drew (edited, earlier, corrected):
@@ -2781,7 +2798,7 @@ def keyframes_from_edits(prompt: np.ndarray, previous, edited: np.ndarray, *,
         earlier = _earlier_from_result(result, ax)
     earlier = _earlier_record(earlier)
     out = np.zeros(prm.shape, dtype=prompt.dtype if np.issubdtype(prompt.dtype, np.integer) else np.int32)
-    walls, changed_all, earlier_keys, erased, corrected, digests = {}, {}, {}, [], {}, {}
+    walls, changed_all, earlier_keys, erased, corrected, digests, holes = {}, {}, {}, [], {}, {}, {}
     n = prm.shape[0]
     prev_boxes = _LabelBoxes(prev, drawn)
     absent = [lab for lab in drawn if not prev_boxes.holds(lab)]
@@ -2833,6 +2850,21 @@ def keyframes_from_edits(prompt: np.ndarray, previous, edited: np.ndarray, *,
                              f"drawn and earlier slices and {len(changed)} edited ones{edits}): PAM takes at most "
                              f"{keyframe_limit(n)}; correct slices across axis {ax} only, fewer of them, or draw a "
                              f"new prompt{other}")
+        erased_now = [s for s in changed if s in walls[lab]]  # slices that held the label and are empty now
+        drawn_erased = [s for s in slices if s in erased_now]
+        held = int(np.count_nonzero(prev_boxes.rows(lab)))
+        if filled and drawn_erased and len(erased_now) > max(0.5 * held, 2):
+            # an edited file of the fixed slices alone (a helper's trial, session 42: the liver drawn on slice
+            # 15, an edited file of slice 20 only: a one-slice result, exit 0)
+            raise InputError(f"the edited result holds label {lab} on {len(filled)} of its keyframe slices but not on "
+                             f"its drawn slice {drawn_erased[0]}, and not on {len(erased_now)} of the {held} slices "
+                             "the earlier result holds it on: give the whole corrected result as the edited one (a "
+                             "copy of the earlier result with your fixes), not only the slices you fixed; to start "
+                             "again, draw a new prompt and propagate it without the earlier result")
+        if filled:  # slices erased between two keyframes: a gap in the object, said (see EditPlan.notes)
+            inner = [s for s in erased_now if filled[0] < s < filled[-1]]
+            if inner:
+                holes[lab] = (inner, max(k for k in filled if k < inner[0]), min(k for k in filled if k > inner[0]))
         for s in filled:
             out[s][edit[s] == lab] = lab
         if not filled:
@@ -2859,7 +2891,7 @@ def keyframes_from_edits(prompt: np.ndarray, previous, edited: np.ndarray, *,
     return EditPlan(prompt=np.moveaxis(out, 0, ax), empty_slices=walls, axis=ax,
                     drawn={lab: list(sl) for lab, sl in drawn.items()}, edited=changed_all, ignored=ignored,
                     earlier=earlier_keys, previous=np.moveaxis(prev, 0, ax), corrected=corrected,
-                    drawn_digest=digests)
+                    drawn_digest=digests, holes=holes)
 
 
 def check_request(prompt, axis, labels, range, empty_slices, update: bool):  # noqa: A002

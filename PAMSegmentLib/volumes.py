@@ -78,6 +78,10 @@ class Volume:
     # A NIfTI-1 file's (qform_code, sform_code) as read (MNI 4, aligned 2 ...), for label maps
     # written on this grid to keep its space; None for other files (``read_volume`` sets it).
     nifti_codes: tuple[int, int] | None = field(default=None, compare=False, repr=False)
+    # A label map ``read_labelmap`` put on a reference grid from a file covering only part of it (a
+    # cropped .seg.nrrd, a smaller grid resampled): where its file holds voxels (a boolean array of the
+    # reference's shape); None where it covers the whole grid. Outside, the map is 0: unknown, not read.
+    covered: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -2173,11 +2177,15 @@ def _on_reference_lattice(labels: Volume, reference: Volume, name: str) -> Volum
     if np.count_nonzero(inside) != np.count_nonzero(labels.array):
         return None  # labels outside the image: the usual refusal says so
     out[tuple(dst)] = inside
+    covered = None
+    if any(d.start > 0 or d.stop < n for d, n in zip(dst, reference.shape)):
+        covered = np.zeros(reference.shape, dtype=bool)
+        covered[tuple(dst)] = True
     turned = (f" (its {flipped} axis reversed, as Slicer saves a segmentation of a left-handed image)"
               if flipped else "")
     warnings.warn(f"{name} ({' x '.join(map(str, labels.shape))} voxels) lies on the image's own voxel grid{turned}, "
                   f"from voxel {offset} in k, j, i; placed there as it is, without resampling", stacklevel=3)
-    return Volume(out, reference.spacing, reference.origin, reference.direction)
+    return Volume(out, reference.spacing, reference.origin, reference.direction, covered=covered)
 
 
 def _grid_from_header(p: Path) -> Volume | None:
@@ -2410,8 +2418,9 @@ def read_labelmap(path: PathLike, reference: Volume | None = None, resample: boo
         return labels
     diffs = same_grid(labels, reference)
     placed = _on_reference_lattice(labels, reference, name) if diffs and _is_seg_nrrd(name) else None
+    covered = None
     if placed is not None:  # a crop of the image's own grid (Slicer's .seg.nrrd): put back exactly
-        labels, diffs = placed, []
+        labels, diffs, covered = placed, [], placed.covered
     if diffs:
         if not resample:
             raise _off_grid_error(name, labels, reference, diffs, Path(path),
@@ -2438,7 +2447,13 @@ def read_labelmap(path: PathLike, reference: Volume | None = None, resample: boo
         labels = Volume(_collapse_tilted_strips(name, drawn, reference, labels.array), labels.spacing,
                         labels.origin, labels.direction)
         _check_resampled_labels(name, drawn, reference, labels.array, only_labels)
-    return Volume(labels.array, reference.spacing, reference.origin, reference.direction)
+        if role == "result":  # where the file reaches (an earlier result or its corrected copy: plan_update)
+            ones = sitk.Image(image.GetSize(), sitk.sitkUInt8)
+            ones.CopyInformation(image)
+            resampler.SetOutputPixelType(sitk.sitkUInt8)
+            reached = sitk.GetArrayViewFromImage(resampler.Execute(ones + 1)).astype(bool)
+            covered = None if reached.all() else reached
+    return Volume(labels.array, reference.spacing, reference.origin, reference.direction, covered=covered)
 
 
 def _slices_holding(mask: np.ndarray) -> list[int]:

@@ -1,0 +1,169 @@
+"""Session 42: a helper correcting results as a user would (command line and Python), finding what
+an update accepted without a word: a corrected copy of another round's result, a cropped corrected
+file, a file of the fixed slices alone, another image; and two messages."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from conftest import ellipsoid, write_image
+
+from PAMSegmentLib import cli
+from PAMSegmentLib.errors import InputError
+from PAMSegmentLib.propagate import keyframes_from_edits
+from PAMSegmentLib.volumes import read_volume
+
+SHAPE = (24, 30, 32)
+
+
+def _first():
+    one = ellipsoid(SHAPE, (12, 12, 12), (9, 7, 7))
+    prompt = np.zeros(SHAPE, np.uint8)
+    prompt[12][one[12]] = 1
+    previous = np.zeros(SHAPE, np.uint8)
+    previous[4:21][np.broadcast_to(one[12], (17,) + one[12].shape)] = 1  # the drawn slice copied on 4..20
+    return one, prompt, previous
+
+
+def test_a_file_of_the_fixed_slices_alone_is_refused():
+    """The liver drawn on slice 15, an edited file holding only the fixed slice 20 (a "correction
+    layer"): the drawn slice and every other slice became walls, a one-slice result, exit 0."""
+    one, prompt, previous = _first()
+    edited = np.zeros_like(previous)
+    edited[16][one[16]] = 1
+    with pytest.raises(InputError, match=r"holds label 1 on 1 of its keyframe slices but not on its drawn slice 12, "
+                                         r"and not on 16 of the 17 slices the earlier result holds it on: give the "
+                                         r"whole corrected result as the edited one"):
+        keyframes_from_edits(prompt, previous, edited)
+    # erasing a leak at an end, or one slice, is an edit as before
+    fixed = previous.copy()
+    fixed[17:21] = 0
+    plan = keyframes_from_edits(prompt, previous, fixed)
+    assert plan.empty_slices[1] == [17, 18, 19, 20] and plan.notes() == []
+
+
+def test_slices_erased_between_two_keyframes_are_named():
+    """A corrected copy of a later round's result given with an earlier round's: the slices the
+    later round left empty became walls between keyframes, a hole in a vertebra, exit 0 and no word.
+    A gap between two keyframes is now said (it may be meant: the plan is unchanged)."""
+    one, prompt, previous = _first()
+    edited = previous.copy()
+    edited[6] = 0
+    edited[6][one[6]] = 1  # slice 6 corrected: a keyframe
+    edited[8] = 0  # erased between keyframes 6 and 12
+    edited[9] = 0
+    plan = keyframes_from_edits(prompt, previous, edited)
+    assert plan.empty_slices[1] == [8, 9]
+    assert plan.notes() == [
+        "label 1: erased on slices 8, 9, between its keyframes 6 and 12: the object is absent there, a gap in the result; if "
+        "you did not erase them, the corrected file is not a copy of the earlier result given (a later round's "
+        "result, corrected?): give that round's result as the earlier one"]
+
+
+def _round(ct_case, previous, edited, out, image=None):
+    return cli.main(["propagate", str(image or ct_case.image_path), str(ct_case.prompt_path), "-o", str(out),
+                     "--method", "copy", "--previous", str(previous), "--edited", str(edited)])
+
+
+def _first_run(ct_case):
+    first = ct_case.directory / "first.nii.gz"
+    assert cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o", str(first),
+                     "--method", "copy"]) == 0
+    return first
+
+
+def test_the_command_line_says_a_gap_between_keyframes(ct_case, capsys):
+    first = _first_run(ct_case)
+    edited = read_volume(first).array.copy()
+    edited[7] = ct_case.truth[7]
+    edited[8] = 0
+    write_image(edited.astype(np.uint8), ct_case.directory / "fixed.nii.gz", ct_case.spacing)
+    capsys.readouterr()
+    assert _round(ct_case, first, ct_case.directory / "fixed.nii.gz", ct_case.directory / "second.nii.gz") == 0
+    out = capsys.readouterr().out
+    assert "note: label 1: erased on slice 8, between its keyframes 7 and 10: the object is absent there, a gap" in out, out
+
+
+def test_an_update_on_another_image_says_why_everything_changed(ct_case, capsys):
+    """The round corrected was made on image A, the update runs on image B of the same grid: every
+    slice was listed as changed beside the edits without a word why."""
+    first = _first_run(ct_case)
+    other = ct_case.directory / "other.nii.gz"
+    write_image((ct_case.image.astype(np.int32) + 60).astype(np.int16), other, ct_case.spacing)
+    edited = read_volume(first).array.copy()
+    edited[13] = ct_case.truth[13]
+    write_image(edited.astype(np.uint8), ct_case.directory / "fixed.nii.gz", ct_case.spacing)
+    capsys.readouterr()
+    assert _round(ct_case, first, ct_case.directory / "fixed.nii.gz", ct_case.directory / "b.nii.gz", other) == 0
+    out = capsys.readouterr().out
+    assert ("note: the round you corrected ran on another image (or voxel size) than this one: every slice was "
+            "predicted again") in out, out
+    capsys.readouterr()
+    assert _round(ct_case, first, ct_case.directory / "fixed.nii.gz", ct_case.directory / "a.nii.gz") == 0
+    assert "another image" not in capsys.readouterr().out  # the same image: no such note
+
+
+def test_a_lost_record_is_named_when_a_corrected_drawn_slice_is_refused(ct_case, capsys):
+    """Round 2 corrected the drawn slice; its output copied without its record: the refusal said the
+    file is not a result of this prompt (it is), the "no record" note came after it, unseen."""
+    first = _first_run(ct_case)
+    edited = read_volume(first).array.copy()
+    edited[10][:, :14] = 0  # the drawn slice itself corrected
+    write_image(edited.astype(np.uint8), ct_case.directory / "fixed.nii.gz", ct_case.spacing)
+    second = ct_case.directory / "second.nii.gz"
+    assert _round(ct_case, first, ct_case.directory / "fixed.nii.gz", second) == 0
+    copied = ct_case.directory / "copied.nii.gz"
+    shutil.copy(second, copied)  # without its record
+    again = read_volume(copied).array.copy()
+    again[12] = ct_case.truth[12]
+    write_image(again.astype(np.uint8), ct_case.directory / "fixed2.nii.gz", ct_case.spacing)
+    capsys.readouterr()
+    assert _round(ct_case, copied, ct_case.directory / "fixed2.nii.gz", ct_case.directory / "third.nii.gz") == 2
+    err = capsys.readouterr().err
+    assert "is not a result of this prompt: on slice 10" in err
+    assert ("copied.nii.gz has no record beside it: if an earlier round corrected that drawn slice, its record said "
+            "so; put the record (copied.nii.gz.keyframes.json) beside it") in err, err
+
+
+def test_a_cropped_corrected_seg_nrrd_says_what_it_takes_as_erased(ct_case, capsys):
+    """A corrected .seg.nrrd cropped to slices 8-12 (by hand) as --edited: every slice beyond it
+    became a wall, of every label, exit 0 and a note only of where it was placed. Slicer saves a
+    segmentation cropped to what it holds (a part erased at an end falls outside), so the crop is
+    taken as erased still, and said with what to do."""
+    import SimpleITK as sitk
+
+    first = _first_run(ct_case)
+    edited = read_volume(first).array.copy()
+    edited[9] = ct_case.truth[9]
+    crop = sitk.GetImageFromArray(edited[8:13].astype(np.uint8))
+    crop.SetSpacing(tuple(reversed(ct_case.spacing)))
+    crop.SetOrigin((0.0, 0.0, 8 * ct_case.spacing[0]))
+    reference = sitk.ReadImage(str(ct_case.image_path))
+    crop.SetDirection(reference.GetDirection())
+    crop.SetOrigin(reference.TransformIndexToPhysicalPoint((0, 0, 8)))
+    sitk.WriteImage(crop, str(ct_case.directory / "fixed.seg.nrrd"))
+    capsys.readouterr()
+    assert _round(ct_case, first, ct_case.directory / "fixed.seg.nrrd", ct_case.directory / "second.nii.gz") == 0
+    out = capsys.readouterr().out
+    assert ("note: --edited: fixed.seg.nrrd covers part of the image only, and the earlier result holds label 1 "
+            "beyond it (on slices 5-7, 13-15 along axis 0): taken as erased there") in out, out
+
+
+def test_a_batch_row_s_notes_say_note_once(ct_case, run_cli):
+    """A batch row's line read "note: note: previous has no record beside it" (plan_update's lines
+    say "note:" themselves)."""
+    first = _first_run(ct_case)
+    copied = ct_case.directory / "copied.nii.gz"
+    shutil.copy(first, copied)  # without its record
+    edited = read_volume(first).array.copy()
+    edited[13] = ct_case.truth[13]
+    write_image(edited.astype(np.uint8), ct_case.directory / "fixed.nii.gz", ct_case.spacing)
+    manifest = ct_case.directory / "cases.csv"
+    manifest.write_text("image,prompt,previous,edited,output\n"
+                        "image.nii.gz,prompt.nii.gz,copied.nii.gz,fixed.nii.gz,out.nii.gz\n")
+    proc = run_cli("batch", manifest, "-o", ct_case.directory / "out", "--method", "copy")
+    assert proc.returncode == 0, proc.stderr
+    assert "): note: previous has no record beside it" in proc.stderr, proc.stderr
+    assert "note: note:" not in proc.stderr
