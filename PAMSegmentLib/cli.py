@@ -1257,7 +1257,11 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
     for line in plan.notes():
         say(f"note: {line}")
     if covered is not None:  # a cropped corrected file: what the earlier result holds beyond it is erased
-        beyond = (maps[0] != 0) & ~covered
+        beyond = maps[0] != 0  # (1 byte a voxel, for an update from a cropped file only)
+        if isinstance(covered, tuple):
+            beyond[covered] = False
+        else:
+            beyond &= ~covered
         if beyond.any():
             held = sorted(int(v) for v in np.unique(maps[0][beyond]))
             rows = np.flatnonzero(beyond.any(axis=tuple(a for a in range(3) if a != plan.axis)))

@@ -78,10 +78,11 @@ class Volume:
     # A NIfTI-1 file's (qform_code, sform_code) as read (MNI 4, aligned 2 ...), for label maps
     # written on this grid to keep its space; None for other files (``read_volume`` sets it).
     nifti_codes: tuple[int, int] | None = field(default=None, compare=False, repr=False)
-    # A label map ``read_labelmap`` put on a reference grid from a file covering only part of it (a
-    # cropped .seg.nrrd, a smaller grid resampled): where its file holds voxels (a boolean array of the
-    # reference's shape); None where it covers the whole grid. Outside, the map is 0: unknown, not read.
-    covered: np.ndarray | None = field(default=None, compare=False, repr=False)
+    # A label map ``read_labelmap`` put on a reference grid from a file covering only part of it: where
+    # its file holds voxels, as the box (a tuple of slices) of a cropped .seg.nrrd put back on the
+    # lattice, or a boolean array of the reference's shape for an earlier result resampled from a smaller
+    # grid; None where it covers the whole grid. Outside, the map is 0: not in the file.
+    covered: tuple | np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -2177,10 +2178,7 @@ def _on_reference_lattice(labels: Volume, reference: Volume, name: str) -> Volum
     if np.count_nonzero(inside) != np.count_nonzero(labels.array):
         return None  # labels outside the image: the usual refusal says so
     out[tuple(dst)] = inside
-    covered = None
-    if any(d.start > 0 or d.stop < n for d, n in zip(dst, reference.shape)):
-        covered = np.zeros(reference.shape, dtype=bool)
-        covered[tuple(dst)] = True
+    covered = tuple(dst) if any(d.start > 0 or d.stop < n for d, n in zip(dst, reference.shape)) else None
     turned = (f" (its {flipped} axis reversed, as Slicer saves a segmentation of a left-handed image)"
               if flipped else "")
     warnings.warn(f"{name} ({' x '.join(map(str, labels.shape))} voxels) lies on the image's own voxel grid{turned}, "

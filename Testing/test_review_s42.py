@@ -167,3 +167,25 @@ def test_a_batch_row_s_notes_say_note_once(ct_case, run_cli):
     assert proc.returncode == 0, proc.stderr
     assert "): note: previous has no record beside it" in proc.stderr, proc.stderr
     assert "note: note:" not in proc.stderr
+
+
+def test_a_smaller_corrected_file_resampled_says_what_it_takes_as_erased(ct_case, capsys):
+    """The same with a cropped NIfTI given with --resample-prompt: resampled, its outside is 0."""
+    import SimpleITK as sitk
+
+    first = _first_run(ct_case)
+    edited = read_volume(first).array.copy()
+    edited[9] = ct_case.truth[9]
+    reference = sitk.ReadImage(str(ct_case.image_path))
+    crop = sitk.GetImageFromArray(edited[8:13].astype(np.uint8))
+    crop.SetSpacing(reference.GetSpacing())
+    crop.SetDirection(reference.GetDirection())
+    crop.SetOrigin(reference.TransformIndexToPhysicalPoint((0, 0, 8)))
+    sitk.WriteImage(crop, str(ct_case.directory / "fixed.nii.gz"))
+    capsys.readouterr()
+    assert cli.main(["propagate", str(ct_case.image_path), str(ct_case.prompt_path), "-o",
+                     str(ct_case.directory / "second.nii.gz"), "--method", "copy", "--previous", str(first),
+                     "--edited", str(ct_case.directory / "fixed.nii.gz"), "--resample-prompt"]) == 0
+    out = capsys.readouterr().out
+    assert ("note: --edited: fixed.nii.gz covers part of the image only, and the earlier result holds label 1 "
+            "beyond it (on slices 5-7, 13-15 along axis 0): taken as erased there") in out, out
