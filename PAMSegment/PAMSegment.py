@@ -775,13 +775,15 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         queue = self.queue
         volume, segmentation = queue.volume_node, queue.segmentation_node
 
-        def start(segmentId):
+        def make(segmentId):
             self.ui.progressBar.setFormat(f"segment {queue.position} of {queue.total}: starting")
-            return self.logic.startPropagation(volume, segmentation, segmentId, **self._queueOptions)
+            return self.logic.makePropagation(volume, segmentation, segmentId, **self._queueOptions)
 
         qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)
         try:
-            job = queue.start_next(start, self.logic.history)
+            job = queue.start_next(make, self.logic.history)
+            if job is not None:
+                job.start()
         except Exception as exc:  # (a fault of ours: the queue ends, said, and logged for the Error Log)
             logging.exception("PAMSegment: starting the next segment failed")
             job = None
@@ -1245,8 +1247,16 @@ class PAMSegmentLogic(ScriptedLoadableModuleLogic):
 
     def startPropagation(self, volumeNode, segmentationNode, segmentId, mode="replace", checkpoint=None,
                          device="cpu", range=None, method="pam", intensityGate=None, server=None, memoryCheck=True):
-        """Copy the inputs out of MRML and start the background job (returns it; poll it, then call
-        ``finishPropagation``). Raises InputError for an empty or 3D segment or an unknown method.
+        """``makePropagation``, started (returns the running job)."""
+        return self.makePropagation(volumeNode, segmentationNode, segmentId, mode=mode, checkpoint=checkpoint,
+                                    device=device, range=range, method=method, intensityGate=intensityGate,
+                                    server=server, memoryCheck=memoryCheck).start()
+
+    def makePropagation(self, volumeNode, segmentationNode, segmentId, mode="replace", checkpoint=None,
+                        device="cpu", range=None, method="pam", intensityGate=None, server=None, memoryCheck=True):
+        """Copy the inputs out of MRML into a background job, not started (returns it; ``startPropagation``
+        starts it: then poll it and call ``finishPropagation``). Raises InputError for an empty or 3D
+        segment or an unknown method.
         ``method``: "pam" (the network: ``checkpoint`` or the bundled weights), "track"
         (slice-to-slice registration, no network) or "server" (``server`` = (address, token):
         a ``pamsegment serve`` machine does the work). ``intensityGate`` (the network, here or on a
@@ -1265,7 +1275,7 @@ class PAMSegmentLogic(ScriptedLoadableModuleLogic):
                                  intensity_gate=intensityGate if method in ("pam", "server") else None,
                                  memory_check=memoryCheck)
         job.modelKey = key
-        return job.start()
+        return job
 
     def startUpdate(self, volumeNode, segmentationNode, segmentId, checkpoint=None, device="cpu", method="pam",
                     intensityGate=None, server=None, memoryCheck=True):

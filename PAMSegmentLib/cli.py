@@ -1139,7 +1139,7 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
             warnings.simplefilter("always", UserWarning)
             try:
                 read = read_labelmap(path, reference=image, resample=resample, resample_option="--resample-prompt",
-                                     role="result")
+                                     role="result", coverage=option == names[1])
                 maps.append(read.array)
                 covered = read.covered  # (the edited file's, read last)
             except InputError as error:
@@ -1265,11 +1265,11 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
         if beyond.any():
             held = sorted(int(v) for v in np.unique(maps[0][beyond]))
             rows = np.flatnonzero(beyond.any(axis=tuple(a for a in range(3) if a != plan.axis)))
-            say(f"note: {names[1]}: {Path(edited_path).name} covers part of the image only, and the earlier result "
-                f"holds label{'s' if len(held) > 1 else ''} {', '.join(map(str, held))} beyond it (on slices "
-                f"{runs_text(rows.tolist())} along axis {plan.axis}): taken as erased there, which is what Slicer's "
-                "cropped save of a segmentation means (a part erased at an end falls outside it). If you cropped the "
-                "file yourself, give it uncropped: those parts are lost otherwise")
+            # an update: line, not a note: Slicer's every correction that erases an end is saved so (a re-review)
+            say(f"update: {Path(edited_path).name} covers part of the image: label{'s' if len(held) > 1 else ''} "
+                f"{', '.join(map(str, held))} of {Path(previous_path).name} beyond it (slices "
+                f"{runs_text(rows.tolist())}) taken as erased, as Slicer saves a segmentation cropped to what it "
+                "holds (give a file you cropped yourself uncropped)")
     if order_from_record:
         given_as = (f"--label {' '.join(map(str, labels))}, from its record" if names[0].startswith("--") else
                     "from its record")

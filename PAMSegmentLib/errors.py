@@ -21,6 +21,15 @@ class EmptySegment(InputError):
     """The segment to propagate holds no voxel (Slicer's "Propagate all drawn segments" passes it over)."""
 
 
+class DrawnIn3D(InputError):
+    """A prompt label drawn on too many slices to be keyframes: a 3D mask, not a drawing. ``where``
+    says on how many ("30 of 30 axial slices")."""
+
+    def __init__(self, message: str, where: str = ""):
+        super().__init__(message)
+        self.where = where
+
+
 class NotEnoughMemory(InputError):
     """A job refused before it started because its estimated peak memory exceeds what is free
     (Slicer's panel then offers to run it anyway); ``reason`` says why without the Python advice."""

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .checks import check_flag, empty_between_drawn, largest_gap, runs_text, state_from_json, state_to_json
-from .errors import EmptySegment, InputError, NotEnoughMemory, PAMError, PropagationCancelled, out_of_memory
+from .errors import DrawnIn3D, EmptySegment, InputError, NotEnoughMemory, PAMError, PropagationCancelled, out_of_memory
 
 __all__ = [
     "MODES",
@@ -787,7 +787,8 @@ def _prompt_info(prompt: np.ndarray, grid: VolumeGrid, volume_node=None) -> Prom
     try:
         axis, slices = find_prompt_slices(prompt, plane_names=_plane_names(grid.ijk_to_ras))
     except InputError as exc:
-        raise InputError(_in_segment_words(str(exc))) from None
+        text = _in_segment_words(str(exc))
+        raise (DrawnIn3D(text, where=exc.where) if isinstance(exc, DrawnIn3D) else InputError(text)) from None
     _check_not_painted_across(prompt, grid, axis, next(iter(slices.values())), volume_node)
     lab = next(iter(slices))
     return PromptInfo(axis=axis, slices=list(slices[lab]), plane=axis_plane_name(grid.ijk_to_ras, axis),
@@ -1422,7 +1423,7 @@ class SegmentPropagation:
             if "3D mask" in text and _segment_tag(segment, RUN_TAG):  # a result this module wrote and remembers
                 text += (". It holds a result PAMSegment wrote: fix its wrong slices and press Update from my edits "
                          "(update_segment from Python), or Undo propagation to get your drawing back")
-            raise InputError(text) from None
+            raise (DrawnIn3D(text, where=exc.where) if isinstance(exc, DrawnIn3D) else InputError(text)) from None
         _check_drawing_read_whole(segmentation_node, segment_id, volume_node, self.prompt)  # after the cheap refusals
         self._init_job(volume_node, segmentation_node, segment_id, segment.GetName(), mode=mode,
                        checkpoint=checkpoint, device=device, range=range, model=model, batch_size=batch_size,
@@ -1903,6 +1904,8 @@ class SegmentPropagation:
                                                                   "Editor's Undo")) from exc
             raise
         self.applied_segment_id = target
+        if self.mode == "replace":  # its own run now, not a result propagated from another segment
+            source.RemoveTag(SOURCE_TAG)
         if history is None and self.mode == "replace":  # not remembered: an earlier run's tags are stale now
             _clear_run_tags(source)
         if entry is not None:
@@ -3209,7 +3212,8 @@ def update_segment(volume_node, segmentation_node, segment_id: str, history: Pro
     return job
 
 
-QUEUE_OUTCOMES = ("written", "empty", "result", "skipped", "not written", "failed", "cancelled", "not started")
+QUEUE_OUTCOMES = ("written", "empty", "result", "propagated", "complete", "skipped", "not written", "failed",
+                  "cancelled", "not started")
 SOURCE_TAG = "PAMSegment.Source"  # on a segment output "new" added: the ID of the segment it was propagated from
 
 
@@ -3224,10 +3228,14 @@ class SegmentQueue:
 
     ``outcomes``: (segment id, name, outcome, detail) in the order the segments ended, the outcome
     one of ``QUEUE_OUTCOMES``: "written" (detail: the result's notes, "" if none); "empty" (no
-    voxel: passed over); "result" (it holds a PAM result, or was propagated into a new segment that
-    still does: left as it is); "skipped" (refused before it ran: drawn in 3D, outside the volume,
-    not enough memory...); "not written" (ran, but the write was refused, e.g. the segment was
-    edited meanwhile); "failed"; "cancelled"; "not started" (after a stop).
+    voxel: passed over); "result" (a PAM result: detail "" where it still holds it, "edited" where
+    it was edited since: an update's to make); "propagated" (mode "new": propagated before into a
+    new segment that still holds its result, named in the detail); "complete" (filled on three or
+    more neighbouring slices, or on too many to be keyframes: a finished 3D segment, not a drawing;
+    detail: where); "skipped"
+    (refused before it ran: outside the volume, not enough memory...); "not
+    written" (ran, but the write was refused, e.g. the segment was edited meanwhile); "failed";
+    "cancelled"; "not started" (after a stop). Each left as it was.
     """
 
     def __init__(self, volume_node, segmentation_node, segment_ids=None, mode: str = "replace"):
@@ -3281,15 +3289,17 @@ class SegmentQueue:
         self._next += 1
         return self.current
 
-    def start_next(self, start, history: "PropagationHistory | None" = None):
-        """Make the job of the next segment that can be propagated: ``start(segment_id)`` returns it
-        (started or not), raising InputError for a segment it refuses. Segments that cannot be
-        propagated are recorded and passed over: deleted, empty, refused (drawn in 3D, outside the
-        volume, not enough memory: no "run it anyway" in a queue), holding the PAM result
-        ``history`` remembers (a result to update, whose every slice would be taken as drawn) or,
-        with mode "new", propagated into a new segment that still holds its result. Returns the
-        job, or None once the queue has ended (also when its volume or segmentation left the
-        scene)."""
+    def start_next(self, make, history: "PropagationHistory | None" = None):
+        """Make the job of the next segment that can be propagated: ``make(segment_id)`` returns it,
+        not started (the caller starts or runs it), raising InputError for a segment it refuses.
+        Segments that are no drawing to propagate are recorded and passed over: deleted, empty,
+        refused (drawn on too many slices, outside the volume, not enough memory: no "run it anyway"
+        in a queue), PAM results (``history`` remembers them or their segment says so: a result to
+        update, whose every slice would be taken as drawn, also once edited), with mode "new"
+        drawings propagated before into a new segment that still holds its result, and finished 3D
+        segments (filled on three or more neighbouring slices: a small organ drawn slice by slice
+        would pass the keyframe limits and be rewritten). Returns the job, or None once the queue has
+        ended (also when its volume or segmentation left the scene)."""
         while (segment_id := self.next()) is not None:
             if self.segmentation_node.GetScene() is None or self.volume_node.GetScene() is None:
                 self.stop("the volume or the segmentation was removed", "not started")
@@ -3302,34 +3312,49 @@ class SegmentQueue:
             except Exception:  # noqa: BLE001 - unreadable or too large to read here: the job says why
                 held = None
             if held is not None:
-                self.record("result", held)
+                self.record(*held)
                 continue
             try:
-                return start(segment_id)
+                job = make(segment_id)
             except EmptySegment:
                 self.record("empty")
+                continue
             except NotEnoughMemory as exc:
                 self.record("skipped", exc.reason)
+                continue
+            except DrawnIn3D as exc:  # on too many slices to be keyframes: a finished segment
+                self.record("complete", f"on {exc.where}")
+                continue
             except InputError as exc:
                 self.record("skipped", str(exc))
+                continue
+            filled = _longest_run(job.prompt_info.slices)
+            if filled[1] - filled[0] >= 2:  # (the job made is let go unstarted: its copy of the volume with it)
+                self.record("complete", f"{job.prompt_info.plane} slices {filled[0]}-{filled[1]}")
+                continue
+            return job
         return None
 
-    def _held_result(self, segment_id: str, history) -> str | None:
-        """None, "" if the segment holds the PAM result ``history`` remembers, or (mode "new") the
-        name of the segment it was propagated into that still holds its result."""
-        if history is None:
-            return None
-        if _holds_result(history, self.segmentation_node, segment_id, self.volume_node):
-            return ""
-        if self.mode != "new":
+    def _held_result(self, segment_id: str, history) -> tuple[str, str] | None:
+        """("result", "" or "edited") for a PAM result, ("propagated", the result segment's name) for
+        a drawing propagated before into a new segment that still holds its result (mode "new"), or
+        None for a segment to propagate."""
+        segment = self.segmentation_node.GetSegmentation().GetSegment(segment_id)
+        entry = history.get(self.segmentation_node, segment_id) if history is not None else None
+        if entry is not None or _segment_tag(segment, RUN_TAG):
+            holds = entry is not None and _holds_result(history, self.segmentation_node, segment_id, self.volume_node)
+            return "result", "" if holds else "edited"
+        if self.mode != "new" or history is None:
             return None
         segmentation = self.segmentation_node.GetSegmentation()
         for n in range(segmentation.GetNumberOfSegments()):
-            other = segmentation.GetNthSegment(n)
-            other_id = segmentation.GetNthSegmentID(n)
-            if other_id != segment_id and _segment_tag(other, SOURCE_TAG) == segment_id and _holds_result(
-                    history, self.segmentation_node, other_id, self.volume_node):
-                return other.GetName()
+            other, other_id = segmentation.GetNthSegment(n), segmentation.GetNthSegmentID(n)
+            if other_id == segment_id or _segment_tag(other, SOURCE_TAG) != segment_id:
+                continue
+            made = history.get(self.segmentation_node, other_id)
+            if made is not None and made.created and _holds_result(history, self.segmentation_node, other_id,
+                                                                    self.volume_node):
+                return "propagated", other.GetName()
         return None
 
     def after_failure(self, job) -> bool:
@@ -3370,6 +3395,7 @@ class SegmentQueue:
         written = self.of("written")
         quoted = ", ".join(f'"{name}"' for _, name, _, _ in written)
         held = self.of("result")
+        left = held or self.of("propagated", "complete")
         # drawn: what the queue propagated or tried to (the segments it did not reach are not known)
         drawn = len(self.of("written", "skipped", "not written", "failed", "cancelled"))
         parts = []
@@ -3391,7 +3417,7 @@ class SegmentQueue:
                 parts.append(f"{not_started} segment{'s' if not_started > 1 else ''} not reached.")
         elif not drawn:
             parts.append("No segment of the segmentation holds a drawing to propagate" + (
-                "; nothing was changed." if not held else ":"))
+                "; nothing was changed." if not left else "."))
         elif len(written) == drawn:
             parts.append(f"Propagated all {drawn} drawn segments: {quoted}." if drawn > 1
                          else f"Propagated the drawn segment {quoted}.")
@@ -3406,15 +3432,25 @@ class SegmentQueue:
             parts.append("Not propagated: " + "; ".join(
                 f'"{name}" ({"not written: " if outcome == "not written" else ""}{_detail(detail, name)})'
                 for _, name, outcome, detail in passed) + ".")
-        results = [name for _, name, _, detail in held if not detail]
-        if results:
-            names = ", ".join(f'"{n}"' for n in results)
-            parts.append(f"Left as {'they hold PAM results' if len(results) > 1 else 'it holds a PAM result'}: "
-                         f"{names} (to change one, fix its slices and press Update from my edits).")
-        sources = [(name, detail) for _, name, _, detail in held if detail]
-        if sources:
-            parts.append("Propagated before into new segments, left as they are: " + ", ".join(
-                f'"{name}" (into "{into}")' for name, into in sources) + " (delete a result to propagate it again).")
+        groups = (
+            ([f'"{n}"' for _, n, _, d in held if not d],
+             "Left as {they} {hold} {a}PAM result{s}: {names} (to change one, fix its slices and press Update from "
+             "my edits)."),
+            ([f'"{n}"' for _, n, _, d in held if d],
+             "Left as {they} {are}, {a}PAM result{s} edited since: {names} (select one and press Update from my edits "
+             "to propagate the edits)."),
+            ([f'"{n}" (into "{d}")' for _, n, _, d in self.of("propagated")],
+             "Propagated before into {a}new segment{s}, left as {they} {are}: {names} (delete a result segment to "
+             "propagate its drawing again)."),
+            ([f'"{n}" ({d})' for _, n, _, d in self.of("complete")],
+             "Left as {they} {are}, {a}3D segment{s} filled slice after slice, not {a}drawing{s}: {names} (a drawing "
+             "to propagate is on one slice, or on a few apart)."))
+        for items, text in groups:
+            if items:
+                one = len(items) == 1
+                parts.append(text.format(they="it" if one else "they", hold="holds" if one else "hold",
+                                         are="is" if one else "are", a="a " if one else "", s="" if one else "s",
+                                         names=", ".join(items)))
         empty = len(self.of("empty"))
         if empty:
             parts.append(f"{empty} empty segments were left as they were." if empty > 1
@@ -3422,12 +3458,23 @@ class SegmentQueue:
         if self.stopped:
             level = "warning" if written or self.stopped == "cancelled" else "error"
         elif not drawn:
-            level = "warning" if held else "error"
+            level = "warning" if left else "error"
         elif passed:
             level = "warning" if written else "error"
         else:
             level = "warning" if checks else "ok"
         return " ".join(parts), level
+
+
+def _longest_run(slices) -> tuple[int, int]:
+    """(first, last) of the longest run of neighbouring slices in ``slices`` ((0, -1) for none)."""
+    best, start, prev = (0, -1), None, None
+    for s in sorted(int(v) for v in slices):
+        start = s if prev is None or s != prev + 1 else start
+        if s - start > best[1] - best[0]:
+            best = (start, s)
+        prev = s
+    return best
 
 
 def written_notes(result) -> str:
@@ -3472,7 +3519,7 @@ def propagate_segments(volume_node, segmentation_node, segment_ids=None, *, mode
     cancel = cancel if cancel is not None else CancelToken()
     queue = SegmentQueue(volume_node, segmentation_node, segment_ids, mode=mode)
 
-    def start(segment_id):
+    def make(segment_id):
         return SegmentPropagation(volume_node, segmentation_node, segment_id, mode=mode, checkpoint=checkpoint,
                                   device=device, model=model, cancel=cancel, progress=progress,
                                   intensity_gate=intensity_gate, memory_check=memory_check)
@@ -3481,7 +3528,7 @@ def propagate_segments(volume_node, segmentation_node, segment_ids=None, *, mode
         if cancel.is_cancelled:
             queue.stop("cancelled")
             break
-        job = queue.start_next(start, history)
+        job = queue.start_next(make, history)
         if job is None:
             break
         try:

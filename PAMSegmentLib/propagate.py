@@ -40,7 +40,7 @@ import numpy as np
 
 from .checks import check_flag, empty_between_drawn, is_number, runs_text, slice_runs, state_from_json, state_to_json
 from .checks import as_array, max_threads, shown
-from .errors import InputError, PropagationCancelled
+from .errors import DrawnIn3D, InputError, PropagationCancelled
 from .metrics import dice
 
 __all__ = [
@@ -1001,13 +1001,11 @@ def _drawn_slices(prompt: np.ndarray, present: list[int], axis: int | None, labe
         lines, _ = _stroke_lines(boxes[lab], starts[lab], best)
         if lines and len(lines) >= len(slices[lab]) - len(lines):
             return _mixed_planes_error(lab, best, lines, slices[lab], plane_names, max_slices)
-        return InputError(
-            f"label {lab} is drawn on {len(slices[lab])} of {n_axis} "
-            f"{f'{plane_names[best]} slices' if plane_names is not None else f'slices along axis {best}'}: that is a "
-            "3D mask, "
-            f"not a slice prompt{note}; draw it on one slice (or a few keyframes: at most {max_slices}, and on at "
-            f"most half the slices)"
-        )
+        where = (f"{len(slices[lab])} of {n_axis} "
+                 f"{f'{plane_names[best]} slices' if plane_names is not None else f'slices along axis {best}'}")
+        return DrawnIn3D(
+            f"label {lab} is drawn on {where}: that is a 3D mask, not a slice prompt{note}; draw it on one slice (or a "
+            f"few keyframes: at most {max_slices}, and on at most half the slices)", where=where)
 
     # Labels that are 3D masks (thick along every axis, so drawn on no plane, and on too many
     # slices of this axis), named before the plane checks below: in a finished segmentation given
@@ -2593,8 +2591,8 @@ class EditPlan:
     drawn_digest: dict[int, dict[int, str]] = field(default_factory=dict)  # per label and drawn slice: its digest
     slice_range: tuple[int, int] | None = None  # the update's range (--range, or the earlier run's; set by the CLI)
     labels: list[int] | None = None  # the update's labels in order (--label, or the earlier run's; set by the CLI)
-    # per label: (slices erased this round between two of its keyframes, the keyframes around the first)
-    holes: dict[int, tuple[list[int], int, int]] = field(default_factory=dict)
+    # per label: (slices erased this round between two neighbouring keyframes, those keyframes), per pair
+    holes: dict[int, list[tuple[list[int], int, int]]] = field(default_factory=dict)
 
     def changes(self, mask: np.ndarray) -> list[str]:
         """Per label, the slices along the axis where the update's ``mask`` differs from the earlier
@@ -2665,12 +2663,13 @@ class EditPlan:
         result than the earlier one given (a helper's trial, session 42: round 2's result corrected,
         round 1's given: the slices round 2 left empty became walls, a hole in a vertebra, exit 0)."""
         out = []
-        for lab, (inner, before, after) in sorted(self.holes.items()):
-            one = len(inner) == 1
-            out.append(f"label {lab}: erased on {_slice_list_text(inner)}, between its keyframes {before} and {after}: "
-                       f"the object is absent there, a gap in the result; if you did not erase "
-                       f"{'it' if one else 'them'}, the corrected file is not a copy of the earlier result given (a "
-                       "later round's result, corrected?): give that round's result as the earlier one")
+        for lab, gaps in sorted(self.holes.items()):
+            where = ", and ".join(f"{_slice_list_text(inner)}, between its keyframes {before} and {after}"
+                                  for inner, before, after in gaps)
+            one = len(gaps) == 1 and len(gaps[0][0]) == 1
+            out.append(f"label {lab}: erased on {where}: the object is absent there, a gap in the result; if you "
+                       f"did not erase {'it' if one else 'them'}, the corrected file is not a copy of the earlier "
+                       "result given (a later round's result, corrected?): give that round's result as the earlier one")
         return out
 
     def users_own(self) -> dict[int, list[int]]:
@@ -2861,10 +2860,27 @@ def keyframes_from_edits(prompt: np.ndarray, previous, edited: np.ndarray, *,
                              "the earlier result holds it on: give the whole corrected result as the edited one (a "
                              "copy of the earlier result with your fixes), not only the slices you fixed; to start "
                              "again, draw a new prompt and propagate it without the earlier result")
+        drawn_set, earlier_set = set(slices), set(earlier_keys[lab])
+        predicted = [int(s) for s in np.flatnonzero(prev_boxes.rows(lab))
+                     if s not in drawn_set and s not in earlier_set]
+        kept = [s for s in predicted if s not in changed]  # as the earlier result had them
+        fixed = [s for s in filled if s in changed and s not in drawn_set]
+        if len(predicted) >= 6 and not kept and fixed and len(erased_now) >= 2:
+            # the same misreading with the drawn slice kept, or with half the slices fixed (a re-review, session 42:
+            # a "keyframes file" of slices 10, 15 and 20 gave a three-slice result, exit 0)
+            raise InputError(f"the edited result keeps none of the {len(predicted)} slices the earlier result "
+                             f"predicted label {lab} on as they were: it holds the label on slices "
+                             f"{runs_text(filled)} only and "
+                             f"erases it on {len(erased_now)}. If it holds only the slices you fixed, give the whole "
+                             "corrected result as the edited one (a copy of the earlier result with your fixes); if "
+                             "you redid every slice, propagate a new prompt without the earlier result")
         if filled:  # slices erased between two keyframes: a gap in the object, said (see EditPlan.notes)
-            inner = [s for s in erased_now if filled[0] < s < filled[-1]]
-            if inner:
-                holes[lab] = (inner, max(k for k in filled if k < inner[0]), min(k for k in filled if k > inner[0]))
+            gaps: dict[tuple[int, int], list[int]] = {}
+            for s in erased_now:
+                if filled[0] < s < filled[-1]:
+                    gaps.setdefault((max(k for k in filled if k < s), min(k for k in filled if k > s)), []).append(s)
+            if gaps:
+                holes[lab] = [(inner, before, after) for (before, after), inner in sorted(gaps.items())]
         for s in filled:
             out[s][edit[s] == lab] = lab
         if not filled:

@@ -2391,7 +2391,7 @@ def as_volume(reference, what: str) -> "Volume":
 
 def read_labelmap(path: PathLike, reference: Volume | None = None, resample: bool = False, *,
                   resample_option: str = "resample=True", only_labels: Sequence[int] | None = None,
-                  role: str = "prompt", reference_path: PathLike | None = None) -> Volume:
+                  role: str = "prompt", reference_path: PathLike | None = None, coverage: bool = False) -> Volume:
     """Read an integer label map (e.g. a prompt) as a Volume with an integer array (K, J, I).
 
     With ``reference``: the label map must lie on the reference grid (``same_grid``), else
@@ -2403,6 +2403,9 @@ def read_labelmap(path: PathLike, reference: Volume | None = None, resample: boo
     ``role``: "prompt", or "result" for an earlier result or its corrected copy (the refusals then
     say what to do with one of those, not with a prompt). ``reference_path``: the file or DICOM
     folder ``reference`` was read from, for the refusal (a prompt on another series of the folder).
+    ``coverage``: a label map resampled from a grid that covers part of the reference's gets where
+    it reaches in ``covered`` (a boolean array of the reference's shape); a cropped .seg.nrrd put
+    back on the lattice always gets its box there.
     """
     name = Path(path).name
     if reference is not None:
@@ -2445,7 +2448,7 @@ def read_labelmap(path: PathLike, reference: Volume | None = None, resample: boo
         labels = Volume(_collapse_tilted_strips(name, drawn, reference, labels.array), labels.spacing,
                         labels.origin, labels.direction)
         _check_resampled_labels(name, drawn, reference, labels.array, only_labels)
-        if role == "result":  # where the file reaches (an earlier result or its corrected copy: plan_update)
+        if coverage:  # where the file reaches (a corrected copy of a result: plan_update)
             ones = sitk.Image(image.GetSize(), sitk.sitkUInt8)
             ones.CopyInformation(image)
             resampler.SetOutputPixelType(sitk.sitkUInt8)

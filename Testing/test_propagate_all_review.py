@@ -259,10 +259,10 @@ def test_output_new_pressed_twice_does_not_propagate_again(panel, fast, monkeypa
     poll_until_idle(panel, timeout=60)
     assert names() == ["left", "nothing", "right", "left (PAM)", "right (PAM)"]
     assert ui.statusLabel.text == (
-        'No segment of the segmentation holds a drawing to propagate: Left as they hold PAM results: "left (PAM)", '
+        'No segment of the segmentation holds a drawing to propagate. Left as they hold PAM results: "left (PAM)", '
         '"right (PAM)" (to change one, fix its slices and press Update from my edits). Propagated before into new '
-        'segments, left as they are: "left" (into "left (PAM)"), "right" (into "right (PAM)") (delete a result to '
-        'propagate it again). 1 empty segment was left as it was.')
+        'segments, left as they are: "left" (into "left (PAM)"), "right" (into "right (PAM)") (delete a result '
+        'segment to propagate its drawing again). 1 empty segment was left as it was.')
     # the result deleted: its drawing is propagated again
     segmentation.RemoveSegment([segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())
                                 if segmentation.GetNthSegment(n).GetName() == "left (PAM)"][0])
@@ -295,3 +295,68 @@ def test_the_progress_bar_says_which_segment_while_it_starts(panel, fast, monkey
     while panel.pollTimer.active and time.time() < deadline:
         panel.pollTimer.fire()
         time.sleep(0.01)
+
+
+def test_a_result_edited_since_is_left_for_its_update(mrml_scene):
+    """A second review: a result whose leak was erased on most of its slices (its update still to
+    come) no longer "held a PAM result", so Propagate all drawn took it for a drawing on those slices
+    and propagated it again from scratch: the erased leak came back, said "Propagated all"."""
+    volume, seg, ids, _ = _organs()
+    history = mrml.PropagationHistory()
+    mrml.propagate_segments(volume, seg, [ids["left"]], model=get_predictor("copy"), history=history)
+    import slicer
+
+    mask = mrml.segment_mask(seg, ids["left"], volume).copy()
+    occupied = np.flatnonzero(mask.any(axis=(1, 2)))
+    mask[[s for s in occupied if s != 12][: 2 * len(occupied) // 3]] = 0  # most of the predicted slices erased
+    slicer.util.updateSegmentBinaryLabelmapFromArray(mask, seg, ids["left"], volume)
+    assert not history.get(seg, ids["left"]).holds_result(mask.astype(bool))
+    before = internal_labelmap_state(seg, ids["left"])
+    queue = mrml.propagate_segments(volume, seg, [ids["left"], ids["right"]], model=get_predictor("copy"),
+                                    history=history)
+    assert [(name, outcome, detail) for _, name, outcome, detail in queue.outcomes] == [
+        ("left", "result", "edited"), ("right", "written", "")]
+    assert_same_labelmap(internal_labelmap_state(seg, ids["left"]), before)
+    assert queue.summary() == ('Propagated the drawn segment "right". Left as it is, a PAM result edited since: "left" '
+                               "(select one and press Update from my edits to propagate the edits).", "ok")
+
+
+def test_a_finished_3d_segment_of_a_few_slices_is_left_as_it_is(mrml_scene):
+    """A second review: a complete small structure (an adrenal gland, a vertebra: a few slices, within
+    the keyframe limits) was taken as a drawing on every one of its slices and rewritten (152 -> 162
+    voxels on a real CT). Filled on three or more neighbouring slices: a 3D segment, passed over."""
+    small = ellipsoid(SHAPE, (5, 10, 50), (2, 4, 4))
+    assert np.flatnonzero(small.any(axis=(1, 2))).tolist() == [3, 4, 5, 6, 7]
+    two = np.zeros(SHAPE, np.uint8)
+    left = ellipsoid(SHAPE, (12, 24, 16), (8, 10, 10))
+    two[[8, 9]] = left[[8, 9]]  # two neighbouring drawn slices: keyframes, still a drawing
+    volume, seg, ids, _ = _organs({"adrenal": small.astype(np.uint8), "left": two})
+    before = internal_labelmap_state(seg, ids["adrenal"])
+    queue = mrml.propagate_segments(volume, seg, model=get_predictor("copy"))
+    outcomes = {name: (outcome, detail) for _, name, outcome, detail in queue.outcomes}
+    assert outcomes["adrenal"] == ("complete", "axial slices 3-7") and outcomes["left"][0] == "written"
+    assert_same_labelmap(internal_labelmap_state(seg, ids["adrenal"]), before)
+    assert ('Left as it is, a 3D segment filled slice after slice, not a drawing: "adrenal" (axial slices 3-7) (a '
+            "drawing to propagate is on one slice, or on a few apart).") in queue.summary()[0]
+
+
+def test_a_result_segment_reused_for_another_structure_no_longer_names_its_source(mrml_scene):
+    """A second review: "left (PAM)", erased and redrawn as another structure and propagated in place,
+    kept its source tag: Propagate all drawn (output new) then passed over "left" as propagated
+    "into" that other structure, and its advice would delete it."""
+    import slicer
+
+    volume, seg, ids, truth = _organs()
+    history = mrml.PropagationHistory()
+    mrml.propagate_segments(volume, seg, [ids["left"]], mode="new", model=get_predictor("copy"), history=history)
+    segmentation = seg.GetSegmentation()
+    result_id = [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())
+                 if segmentation.GetNthSegment(n).GetName() == "left (PAM)"][0]
+    assert mrml._segment_tag(segmentation.GetSegment(result_id), mrml.SOURCE_TAG) == ids["left"]
+    slicer.util.updateSegmentBinaryLabelmapFromArray(_slice_only(truth["right"], 12), seg, result_id, volume)
+    segmentation.GetSegment(result_id).SetName("spleen")
+    mrml.propagate_segment(volume, seg, result_id, model=get_predictor("copy"), history=history)
+    assert mrml._segment_tag(segmentation.GetSegment(result_id), mrml.SOURCE_TAG) is None
+    queue = mrml.propagate_segments(volume, seg, [ids["left"]], mode="new", model=get_predictor("copy"),
+                                    history=history)
+    assert [(name, outcome) for _, name, outcome, _ in queue.outcomes] == [("left", "written")]

@@ -131,7 +131,8 @@ def test_a_cropped_corrected_seg_nrrd_says_what_it_takes_as_erased(ct_case, caps
     """A corrected .seg.nrrd cropped to slices 8-12 (by hand) as --edited: every slice beyond it
     became a wall, of every label, exit 0 and a note only of where it was placed. Slicer saves a
     segmentation cropped to what it holds (a part erased at an end falls outside), so the crop is
-    taken as erased still, and said with what to do."""
+    taken as erased still, and said with what to do: in an update: line, as every Slicer correction
+    erasing an end gets it (a re-review: a five-line note on the commonest correction)."""
     import SimpleITK as sitk
 
     first = _first_run(ct_case)
@@ -147,8 +148,9 @@ def test_a_cropped_corrected_seg_nrrd_says_what_it_takes_as_erased(ct_case, caps
     capsys.readouterr()
     assert _round(ct_case, first, ct_case.directory / "fixed.seg.nrrd", ct_case.directory / "second.nii.gz") == 0
     out = capsys.readouterr().out
-    assert ("note: --edited: fixed.seg.nrrd covers part of the image only, and the earlier result holds label 1 "
-            "beyond it (on slices 5-7, 13-15 along axis 0): taken as erased there") in out, out
+    assert ("update: fixed.seg.nrrd covers part of the image: label 1 of first.nii.gz beyond it (slices 5-7, 13-15) "
+            "taken as erased, as Slicer saves a segmentation cropped to what it holds (give a file you cropped "
+            "yourself uncropped)") in out, out
 
 
 def test_a_batch_row_s_notes_say_note_once(ct_case, run_cli):
@@ -187,5 +189,48 @@ def test_a_smaller_corrected_file_resampled_says_what_it_takes_as_erased(ct_case
                      str(ct_case.directory / "second.nii.gz"), "--method", "copy", "--previous", str(first),
                      "--edited", str(ct_case.directory / "fixed.nii.gz"), "--resample-prompt"]) == 0
     out = capsys.readouterr().out
-    assert ("note: --edited: fixed.nii.gz covers part of the image only, and the earlier result holds label 1 "
-            "beyond it (on slices 5-7, 13-15 along axis 0): taken as erased there") in out, out
+    assert ("update: fixed.nii.gz covers part of the image: label 1 of first.nii.gz beyond it (slices 5-7, 13-15) "
+            "taken as erased") in out, out
+
+
+def test_files_of_the_drawn_and_fixed_slices_are_refused_in_their_other_forms():
+    """A second review: the refusal of a file of the fixed slices alone needed the drawn slice erased
+    and most slices erased; a "keyframes file" (the drawn slice kept, slices 6 and 18 fixed, the rest
+    erased) gave a three-slice result, and fixing half the slices without the drawn one emptied it."""
+    one, prompt, previous = _first()
+    keyframes_file = np.zeros_like(previous)
+    keyframes_file[12] = previous[12]
+    keyframes_file[6][one[6]] = 1
+    keyframes_file[18][one[18]] = 1
+    with pytest.raises(InputError, match=r"keeps none of the 16 slices the earlier result predicted label 1 on as they "
+                                         r"were: it holds the label on slices 6, 12, 18 only and erases it on 14\. If "
+                                         r"it holds only the slices you fixed, give the whole corrected result"):
+        keyframes_from_edits(prompt, previous, keyframes_file)
+    half = np.zeros_like(previous)
+    for s in (*range(4, 12), 13):
+        half[s][one[s]] = 1  # slices 4-11 and 13 fixed, the drawn slice 12 and 14-20 not given
+    with pytest.raises(InputError, match=r"keeps none of the 16 slices"):
+        keyframes_from_edits(prompt, previous, half)
+    # a small result corrected on every predicted slice (none kept as it was, none erased): taken
+    tiny_previous = np.zeros_like(previous)
+    tiny_previous[10:15][np.broadcast_to(one[12], (5,) + one[12].shape)] = 1
+    redone = tiny_previous.copy()
+    for s in (10, 11, 13, 14):
+        redone[s] = 0
+        redone[s][one[s]] = 1
+    assert sorted(keyframes_from_edits(prompt, tiny_previous, redone).edited[1]) == [10, 11, 13, 14]
+
+
+def test_gaps_on_either_side_of_a_keyframe_are_named_pair_by_pair():
+    one, prompt, previous = _first()
+    edited = previous.copy()
+    for s in (6, 18):
+        edited[s] = 0
+        edited[s][one[s]] = 1
+    edited[[8, 9, 15, 16]] = 0
+    plan = keyframes_from_edits(prompt, previous, edited)
+    assert plan.notes() == [
+        "label 1: erased on slices 8, 9, between its keyframes 6 and 12, and slices 15, 16, between its keyframes 12 "
+        "and 18: the object is absent there, a gap in the result; if you did not erase them, the corrected file is not "
+        "a copy of the earlier result given (a later round's result, corrected?): give that round's result as the "
+        "earlier one"]
