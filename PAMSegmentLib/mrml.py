@@ -3428,10 +3428,13 @@ class SegmentQueue:
         if checks:
             parts.append("Check: " + "; ".join(f'"{name}" ({_detail(detail)})' for name, detail in checks) + ".")
         passed = self.of("skipped", "not written")
-        if passed:
-            parts.append("Not propagated: " + "; ".join(
-                f'"{name}" ({"not written: " if outcome == "not written" else ""}{_detail(detail, name)})'
-                for _, name, outcome, detail in passed) + ".")
+        if passed:  # segments passed over for one reason named together (a server's or memory's limit, say)
+            why: dict[str, list[str]] = {}
+            for _, name, outcome, detail in passed:
+                why.setdefault(("not written: " if outcome == "not written" else "") + _detail(detail, name),
+                               []).append(f'"{name}"')
+            parts.append("Not propagated: " + "; ".join(f"{', '.join(names)} ({text})" for text, names in why.items())
+                         + ".")
         groups = (
             ([f'"{n}"' for _, n, _, d in held if not d],
              "Left as {they} {hold} {a}PAM result{s}: {names} (to change one, fix its slices and press Update from "

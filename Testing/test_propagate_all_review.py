@@ -183,8 +183,8 @@ def test_a_queue_asks_nothing_when_a_write_is_refused_for_memory(panel, fast, mo
     poll_until_idle(panel, timeout=120)
     assert asked == []
     _assert_unchanged(seg, ids, before)
-    assert ui.statusLabel.text.startswith('Propagated 0 of 2 drawn segments. Not propagated: "left" (not written: '
-                                          "writing: needs about 9 GB"), ui.statusLabel.text
+    assert ui.statusLabel.text.startswith('Propagated 0 of 2 drawn segments. Not propagated: "left", "right" (not '
+                                          "written: writing: needs about 9 GB"), ui.statusLabel.text
 
 
 @pytest.mark.parametrize("removed", ["volume", "segmentation"])
@@ -360,3 +360,15 @@ def test_a_result_segment_reused_for_another_structure_no_longer_names_its_sourc
     queue = mrml.propagate_segments(volume, seg, [ids["left"]], mode="new", model=get_predictor("copy"),
                                     history=history)
     assert [(name, outcome) for _, name, outcome, _ in queue.outcomes] == [("left", "written")]
+
+
+def test_segments_passed_over_for_one_reason_are_named_together(mrml_scene):
+    """A second review: a limit that refuses every segment (a server's largest volume, memory) was
+    said once per segment, the same text over and over."""
+    volume, seg, ids, _ = _organs()
+    queue = mrml.SegmentQueue(volume, seg, [ids["left"], ids["right"]])
+    for sid in (ids["left"], ids["right"]):
+        assert queue.next() == sid
+        queue.record("skipped", "the server takes volumes of at most 1000 voxels")
+    assert queue.summary() == ('Propagated 0 of 2 drawn segments. Not propagated: "left", "right" (the server takes '
+                               "volumes of at most 1000 voxels).", "error")
