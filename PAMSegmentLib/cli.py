@@ -1268,8 +1268,8 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
             # an update: line, not a note: Slicer's every correction that erases an end is saved so (a re-review)
             say(f"update: {Path(edited_path).name} covers part of the image: label{'s' if len(held) > 1 else ''} "
                 f"{', '.join(map(str, held))} of {Path(previous_path).name} beyond it (slices "
-                f"{runs_text(rows.tolist())}) taken as erased, as Slicer saves a segmentation cropped to what it "
-                "holds (give a file you cropped yourself uncropped)")
+                f"{runs_text(rows.tolist())} along axis {plan.axis}) taken as erased, as Slicer saves a segmentation "
+                "cropped to what it holds (give a file you cropped yourself uncropped)")
     if order_from_record:
         given_as = (f"--label {' '.join(map(str, labels))}, from its record" if names[0].startswith("--") else
                     "from its record")

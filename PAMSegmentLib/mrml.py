@@ -570,6 +570,20 @@ def _check_drawing_read_whole(segmentation_node, segment_id: str, volume_node, m
         "or erase it, then propagate")
 
 
+def _own_matrix(segmentation_node, segment_id: str) -> np.ndarray | None:
+    """The segment's stored labelmap's image-to-world 3x3 (columns: its i, j, k steps in mm), or None."""
+    slicer = _slicer()
+    import vtk  # noqa: PLC0415
+
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+    stored = segment.GetRepresentation(_binary_name()) if segment is not None else None
+    if stored is None:
+        return None
+    m = vtk.vtkMatrix4x4()
+    stored.GetImageToWorldMatrix(m)
+    return slicer.util.arrayFromVTKMatrix(m)[:3, :3]
+
+
 def _own_voxel_size(segmentation_node, segment_id: str) -> np.ndarray | None:
     """The segment's stored labelmap's voxel size along i, j, k (mm), or None if it has none."""
     slicer = _slicer()
@@ -3212,8 +3226,8 @@ def update_segment(volume_node, segmentation_node, segment_id: str, history: Pro
     return job
 
 
-QUEUE_OUTCOMES = ("written", "empty", "result", "propagated", "complete", "skipped", "not written", "failed",
-                  "cancelled", "not started")
+QUEUE_OUTCOMES = ("written", "empty", "result", "propagated", "complete", "too many", "skipped", "not written",
+                  "failed", "cancelled", "not started")
 SOURCE_TAG = "PAMSegment.Source"  # on a segment output "new" added: the ID of the segment it was propagated from
 
 
@@ -3231,8 +3245,8 @@ class SegmentQueue:
     voxel: passed over); "result" (a PAM result: detail "" where it still holds it, "edited" where
     it was edited since: an update's to make); "propagated" (mode "new": propagated before into a
     new segment that still holds its result, named in the detail); "complete" (filled on three or
-    more neighbouring slices, or on too many to be keyframes: a finished 3D segment, not a drawing;
-    detail: where); "skipped"
+    more neighbouring slices: a finished 3D segment, not a drawing; detail: where); "too many" (on
+    more slices than keyframes can be, or solid along every axis; detail: where); "skipped"
     (refused before it ran: outside the volume, not enough memory...); "not
     written" (ran, but the write was refused, e.g. the segment was edited meanwhile); "failed";
     "cancelled"; "not started" (after a stop). Each left as it was.
@@ -3293,13 +3307,15 @@ class SegmentQueue:
         """Make the job of the next segment that can be propagated: ``make(segment_id)`` returns it,
         not started (the caller starts or runs it), raising InputError for a segment it refuses.
         Segments that are no drawing to propagate are recorded and passed over: deleted, empty,
-        refused (drawn on too many slices, outside the volume, not enough memory: no "run it anyway"
-        in a queue), PAM results (``history`` remembers them or their segment says so: a result to
-        update, whose every slice would be taken as drawn, also once edited), with mode "new"
+        refused (outside the volume, not enough memory: no "run it anyway" in a queue), PAM results
+        (``history`` remembers them or their segment says so: a result to update, whose every slice
+        would be taken as drawn, also once edited, unless erased and drawn again), with mode "new"
         drawings propagated before into a new segment that still holds its result, and finished 3D
-        segments (filled on three or more neighbouring slices: a small organ drawn slice by slice
-        would pass the keyframe limits and be rewritten). Returns the job, or None once the queue has
-        ended (also when its volume or segmentation left the scene)."""
+        segments: filled on neighbouring slices three of the segment's own slices thick or more
+        (specks left out: a small organ drawn slice by slice passes the keyframe limits and would be
+        rewritten), or on more slices than keyframes can be, or refused for their shape while solid
+        along every axis (a thin curved structure). Returns the job, or None once the queue has ended
+        (also when its volume or segmentation left the scene)."""
         while (segment_id := self.next()) is not None:
             if self.segmentation_node.GetScene() is None or self.volume_node.GetScene() is None:
                 self.stop("the volume or the segmentation was removed", "not started")
@@ -3311,9 +3327,10 @@ class SegmentQueue:
                 held = self._held_result(segment_id, history)
             except Exception:  # noqa: BLE001 - unreadable or too large to read here: the job says why
                 held = None
-            if held is not None:
+            if held is not None and held[0] != "tagged":
                 self.record(*held)
                 continue
+            tagged = held is not None  # a PAM result edited since, or erased and drawn again
             try:
                 job = make(segment_id)
             except EmptySegment:
@@ -3323,27 +3340,69 @@ class SegmentQueue:
                 self.record("skipped", exc.reason)
                 continue
             except DrawnIn3D as exc:  # on too many slices to be keyframes: a finished segment
-                self.record("complete", f"on {exc.where}")
+                self.record(*(("result", "edited") if tagged else ("too many", f"on {exc.where}")))
                 continue
             except InputError as exc:
-                self.record("skipped", str(exc))
+                if tagged or self._solid(segment_id):  # (a thin curved organ "drawn on more than one plane")
+                    self.record(*(("result", "edited") if tagged else ("too many", "solid along every axis")))
+                else:
+                    self.record("skipped", str(exc))
                 continue
-            filled = _longest_run(job.prompt_info.slices)
-            if filled[1] - filled[0] >= 2:  # (the job made is let go unstarted: its copy of the volume with it)
-                self.record("complete", f"{job.prompt_info.plane} slices {filled[0]}-{filled[1]}")
+            run = self._filled_run(job)
+            if run is not None:  # (the job made is let go unstarted: its copy of the volume with it)
+                self.record(*(("result", "edited") if tagged else
+                              ("complete", f"{job.prompt_info.plane} slices {run[0]}-{run[1]}")))
                 continue
             return job
         return None
 
+    def _filled_run(self, job) -> tuple[int, int] | None:
+        """(first, last) drawn slice of ``job`` (along its axis, on the volume's grid) when its segment is
+        a finished 3D one: filled on a run of neighbouring slices three of the segment's own slices thick
+        or more, slices holding a speck or a stroke's line (under STROKE_FRACTION of the largest) left
+        out; None for a drawing."""
+        from .propagate import STROKE_FRACTION  # noqa: PLC0415
+
+        info = job.prompt_info
+        counts = {s: int(np.count_nonzero(np.take(job.prompt, s, axis=info.axis))) for s in info.slices}
+        largest = max(counts.values(), default=0)
+        first, last = _longest_run([s for s, n in counts.items() if n >= STROKE_FRACTION * largest])
+        # a segmentation grid coarser than the volume's: one of its slices covers several of the volume's
+        grid = np.asarray(job.grid.ijk_to_ras, dtype=np.float64)[:3, :3]
+        along = grid[:, 2 - info.axis]  # (array axis k, j, i is the matrix's column 2, 1, 0)
+        step = float(np.linalg.norm(along))
+        own = _own_matrix(self.segmentation_node, job.segment_id)
+        thick = max(float(np.max(np.abs(own.T @ (along / step)))), step) if own is not None and step > 0 else step
+        slices_per_own = max(1, int(round(thick / step))) if step > 0 else 1
+        return (min(info.slices), max(info.slices)) if last - first + 1 >= 3 * slices_per_own else None
+
+    def _solid(self, segment_id: str) -> bool:
+        """Whether the segment, on its own grid, spans three or more of its largest slice's worth of
+        voxels along every axis, in runs of three or more slices: a finished structure (a rib, a
+        vessel), not a drawing refused for a stray stroke."""
+        found = _own_voxels_box(self.segmentation_node.GetSegmentation().GetSegment(segment_id))
+        if found is None:
+            return False
+        box = found[0]
+        total = int(np.count_nonzero(box))
+        for ax in range(3):
+            per_slice = np.count_nonzero(box, axis=tuple(a for a in range(3) if a != ax))
+            first, last = _longest_run(np.flatnonzero(per_slice))
+            if total < 3 * int(per_slice.max()) or last - first + 1 < 3:
+                return False
+        return True
+
     def _held_result(self, segment_id: str, history) -> tuple[str, str] | None:
-        """("result", "" or "edited") for a PAM result, ("propagated", the result segment's name) for
-        a drawing propagated before into a new segment that still holds its result (mode "new"), or
-        None for a segment to propagate."""
+        """("result", "") for a segment that holds the PAM result ``history`` remembers, ("tagged", "")
+        for one that was a PAM result and was edited since (a result still when it is filled slice after
+        slice; a drawing when erased and drawn again), ("propagated", the result segment's name) for a
+        drawing propagated before into a new segment that still holds its result (mode "new"), or None
+        for a segment to propagate."""
         segment = self.segmentation_node.GetSegmentation().GetSegment(segment_id)
         entry = history.get(self.segmentation_node, segment_id) if history is not None else None
         if entry is not None or _segment_tag(segment, RUN_TAG):
             holds = entry is not None and _holds_result(history, self.segmentation_node, segment_id, self.volume_node)
-            return "result", "" if holds else "edited"
+            return ("result", "") if holds else ("tagged", "")
         if self.mode != "new" or history is None:
             return None
         segmentation = self.segmentation_node.GetSegmentation()
@@ -3395,7 +3454,7 @@ class SegmentQueue:
         written = self.of("written")
         quoted = ", ".join(f'"{name}"' for _, name, _, _ in written)
         held = self.of("result")
-        left = held or self.of("propagated", "complete")
+        left = held or self.of("propagated", "complete", "too many")
         # drawn: what the queue propagated or tried to (the segments it did not reach are not known)
         drawn = len(self.of("written", "skipped", "not written", "failed", "cancelled"))
         parts = []
@@ -3437,23 +3496,26 @@ class SegmentQueue:
                          + ".")
         groups = (
             ([f'"{n}"' for _, n, _, d in held if not d],
-             "Left as {they} {hold} {a}PAM result{s}: {names} (to change one, fix its slices and press Update from "
-             "my edits)."),
+             "Left as {they} {hold} {a}PAM result{s}: {names} (to change {it}, fix its slices and press Update "
+             "from my edits)."),
             ([f'"{n}"' for _, n, _, d in held if d],
-             "Left as {they} {are}, {a}PAM result{s} edited since: {names} (select one and press Update from my edits "
-             "to propagate the edits)."),
+             "Left as {they} {are}, {a}PAM result{s} edited since: {names} (select {it} and press Update from my "
+             "edits to propagate the edits)."),
             ([f'"{n}" (into "{d}")' for _, n, _, d in self.of("propagated")],
              "Propagated before into {a}new segment{s}, left as {they} {are}: {names} (delete a result segment to "
              "propagate its drawing again)."),
             ([f'"{n}" ({d})' for _, n, _, d in self.of("complete")],
-             "Left as {they} {are}, {a}3D segment{s} filled slice after slice, not {a}drawing{s}: {names} (a drawing "
-             "to propagate is on one slice, or on a few apart)."))
+             "Left as {they} {are}, {a}3D segment{s} filled slice after slice, not {a}drawing{s}: {names} (to "
+             "propagate {it} from {its} slices anyway, select {it} and press Propagate)."),
+            ([f'"{n}" ({d})' for _, n, _, d in self.of("too many")],
+             "Left as {they} {are}, {a}3D segment{s}: {names} (a drawing to propagate is on one slice or a few "
+             "keyframes: at most 32, on at most half the slices)."))
         for items, text in groups:
             if items:
                 one = len(items) == 1
                 parts.append(text.format(they="it" if one else "they", hold="holds" if one else "hold",
                                          are="is" if one else "are", a="a " if one else "", s="" if one else "s",
-                                         names=", ".join(items)))
+                                         it="it" if one else "one", its="its", names=", ".join(items)))
         empty = len(self.of("empty"))
         if empty:
             parts.append(f"{empty} empty segments were left as they were." if empty > 1

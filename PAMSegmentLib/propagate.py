@@ -2865,7 +2865,10 @@ def keyframes_from_edits(prompt: np.ndarray, previous, edited: np.ndarray, *,
                      if s not in drawn_set and s not in earlier_set]
         kept = [s for s in predicted if s not in changed]  # as the earlier result had them
         fixed = [s for s in filled if s in changed and s not in drawn_set]
-        if len(predicted) >= 6 and not kept and fixed and len(erased_now) >= 2:
+        # (erased between the filled slices: a file of fixes alone; erased ends are what every leak fix does,
+        # with every other slice trimmed too on a small object (a third review: such a file was refused))
+        inside = [s for s in erased_now if filled and filled[0] < s < filled[-1]]
+        if len(predicted) >= 6 and not kept and fixed and len(erased_now) >= 2 and inside:
             # the same misreading with the drawn slice kept, or with half the slices fixed (a re-review, session 42:
             # a "keyframes file" of slices 10, 15 and 20 gave a three-slice result, exit 0)
             raise InputError(f"the edited result keeps none of the {len(predicted)} slices the earlier result "

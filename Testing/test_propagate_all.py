@@ -53,17 +53,16 @@ def test_each_drawn_segment_is_propagated_and_the_others_passed_over_with_why(or
     assert [name for _, name, _, _ in queue.outcomes] == ["left", "nothing", "right", "solid"]
     assert outcomes["left"] == ("written", "") and outcomes["right"] == ("written", "")
     assert outcomes["nothing"] == ("empty", "")
-    assert outcomes["solid"] == ("complete", "on 13 of 24 axial slices")  # a finished segment
+    assert outcomes["solid"] == ("too many", "on 13 of 24 axial slices")  # a finished segment
     for name in ("left", "right"):  # each is its own 3D object, from its own drawing
         got = _mask(seg, ids[name], volume)
         assert dice(got, truth[name]) > 0.85, name
         assert np.flatnonzero(got.any(axis=(1, 2))).size >= 10, name
     assert not _mask(seg, ids["nothing"], volume).any()
     assert_same_labelmap(internal_labelmap_state(seg, ids["solid"]), solid_before)
-    assert queue.summary() == ('Propagated all 2 drawn segments: "left", "right". Left as it is, a 3D segment filled '
-                               'slice after slice, not a drawing: "solid" (on 13 of 24 axial slices) (a drawing to '
-                               "propagate is on one slice, or on a few apart). 1 empty segment was left as it was.",
-                               "ok")
+    assert queue.summary() == ('Propagated all 2 drawn segments: "left", "right". Left as it is, a 3D segment: "solid" '
+                               "(on 13 of 24 axial slices) (a drawing to propagate is on one slice or a few keyframes: "
+                               "at most 32, on at most half the slices). 1 empty segment was left as it was.", "ok")
     # each write is its own Undo: the right one goes back to its drawing, the left one stays
     left_after = _mask(seg, ids["left"], volume)
     mrml.undo_last(seg, ids["right"], history)
@@ -184,8 +183,7 @@ def test_the_panel_propagates_all_drawn_segments_one_after_another(panel, organs
         assert dice(_mask(seg, ids[name], volume), truth[name]) > 0.8, name
     assert_same_labelmap(internal_labelmap_state(seg, ids["solid"]), solid_before)
     assert ui.statusLabel.text.startswith('Propagated all 2 drawn segments: "left", "right". Left as it is, a 3D '
-                                          'segment filled slice after slice, not a drawing: "solid" (on 13 of 24 '
-                                          "axial slices)"), ui.statusLabel.text
+                                          'segment: "solid" (on 13 of 24 axial slices)'), ui.statusLabel.text
     assert ui.propagateAllButton.enabled and ui.progressBar.format == "done"
 
 

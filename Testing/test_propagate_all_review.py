@@ -318,7 +318,7 @@ def test_a_result_edited_since_is_left_for_its_update(mrml_scene):
         ("left", "result", "edited"), ("right", "written", "")]
     assert_same_labelmap(internal_labelmap_state(seg, ids["left"]), before)
     assert queue.summary() == ('Propagated the drawn segment "right". Left as it is, a PAM result edited since: "left" '
-                               "(select one and press Update from my edits to propagate the edits).", "ok")
+                               "(select it and press Update from my edits to propagate the edits).", "ok")
 
 
 def test_a_finished_3d_segment_of_a_few_slices_is_left_as_it_is(mrml_scene):
@@ -336,8 +336,8 @@ def test_a_finished_3d_segment_of_a_few_slices_is_left_as_it_is(mrml_scene):
     outcomes = {name: (outcome, detail) for _, name, outcome, detail in queue.outcomes}
     assert outcomes["adrenal"] == ("complete", "axial slices 3-7") and outcomes["left"][0] == "written"
     assert_same_labelmap(internal_labelmap_state(seg, ids["adrenal"]), before)
-    assert ('Left as it is, a 3D segment filled slice after slice, not a drawing: "adrenal" (axial slices 3-7) (a '
-            "drawing to propagate is on one slice, or on a few apart).") in queue.summary()[0]
+    assert ('Left as it is, a 3D segment filled slice after slice, not a drawing: "adrenal" (axial slices 3-7) (to '
+            "propagate it from its slices anyway, select it and press Propagate).") in queue.summary()[0]
 
 
 def test_a_result_segment_reused_for_another_structure_no_longer_names_its_source(mrml_scene):
@@ -372,3 +372,63 @@ def test_segments_passed_over_for_one_reason_are_named_together(mrml_scene):
         queue.record("skipped", "the server takes volumes of at most 1000 voxels")
     assert queue.summary() == ('Propagated 0 of 2 drawn segments. Not propagated: "left", "right" (the server takes '
                                "volumes of at most 1000 voxels).", "error")
+
+
+def test_drawings_that_look_filled_but_are_not(mrml_scene):
+    """A third review: a result erased and drawn again on one slice (its run tag still there) was
+    "a PAM result edited since", whose advised update changed nothing; one stroke on a segmentation
+    grid three times thicker than the volume's lands on three volume slices and was "a 3D segment";
+    two keyframes and a stray click on the next slice too. All three are drawings, as Propagate
+    takes them."""
+    import slicer
+
+    shape = (30, 40, 48)
+    kid = ellipsoid(shape, (15, 20, 24), (10, 8, 8))
+    image = (kid * 200.0 + np.random.default_rng(0).normal(0, 3, shape)).astype(np.float32)
+    fine = make_volume_node(image, spacing_ijk=(0.8, 0.9, 1.0), name="thin")
+    coarse = make_volume_node(np.zeros((10, 40, 48), np.float32), spacing_ijk=(0.8, 0.9, 3.0), name="thick")
+    coarse.SetOrigin(fine.GetOrigin()[0], fine.GetOrigin()[1], fine.GetOrigin()[2] + 1.0)
+    thick_drawing = np.zeros((10, 40, 48), np.uint8)
+    thick_drawing[5] = kid[16]  # one slice of the thick grid: slices 15-17 of the thin one
+    seg, ids = make_segmentation(coarse, {"thick": thick_drawing})
+    two_and_speck = np.zeros(shape, np.uint8)
+    two_and_speck[[14, 15]] = kid[[14, 15]]
+    two_and_speck[16, 20, 24] = 1
+    sid = seg.GetSegmentation().AddEmptySegment("", "two+speck", [0.5, 0.5, 0.5])
+    slicer.util.updateSegmentBinaryLabelmapFromArray(two_and_speck, seg, sid, fine)
+    ids["two+speck"] = sid
+    history = mrml.PropagationHistory()
+    queue = mrml.propagate_segments(fine, seg, model=get_predictor("copy"), history=history)
+    assert [(name, outcome) for _, name, outcome, _ in queue.outcomes] == [("thick", "written"), ("two+speck", "written")]
+    # the result erased and drawn again on one slice: a drawing again, propagated
+    redrawn = np.zeros(shape, np.uint8)
+    redrawn[12] = kid[12]
+    slicer.util.updateSegmentBinaryLabelmapFromArray(redrawn, seg, ids["thick"], fine)
+    assert mrml._segment_tag(seg.GetSegmentation().GetSegment(ids["thick"]), mrml.RUN_TAG)
+    queue = mrml.propagate_segments(fine, seg, [ids["thick"]], model=get_predictor("copy"), history=history)
+    assert [(name, outcome) for _, name, outcome, _ in queue.outcomes] == [("thick", "written")]
+    assert mrml.segment_mask(seg, ids["thick"], fine).any(axis=(1, 2)).sum() >= 10
+
+
+def test_a_solid_structure_refused_for_its_shape_is_left_as_a_3d_segment(mrml_scene):
+    """A third review: thin curved finished structures (TotalSegmentator's labels 101 and 111) were
+    refused as "drawn on more than one plane", in red, with advice to erase part of them. Refused
+    for its shape while solid along every axis: a 3D segment; a drawing with a stray stroke keeps the
+    refusal and its advice."""
+    shape = (30, 40, 48)
+    k, j, i = np.ogrid[:shape[0], :shape[1], :shape[2]]
+    tube = ((j - 20 - 8 * np.sin(k / 5.0)) ** 2 + (i - 10 - k) ** 2 <= 4).astype(np.uint8)  # a curved rod
+    drawing = np.zeros(shape, np.uint8)
+    drawing[15] = ellipsoid(shape, (15, 20, 30), (3, 8, 8))[15]
+    drawing[10:20, 30, 30] = 1  # a stray stroke from a coronal view
+    volume = make_volume_node(np.zeros(shape, np.float32), name="ct")
+    seg, ids = make_segmentation(volume, {"rib": tube, "drawn": drawing})
+
+    def make(segment_id):
+        raise InputError("it is drawn on more than one plane: erase what is drawn on coronal slice 30")
+
+    queue = mrml.SegmentQueue(volume, seg)
+    assert queue.start_next(make) is None
+    assert [(name, outcome, detail) for _, name, outcome, detail in queue.outcomes] == [
+        ("rib", "too many", "solid along every axis"),
+        ("drawn", "skipped", "it is drawn on more than one plane: erase what is drawn on coronal slice 30")]

@@ -148,9 +148,9 @@ def test_a_cropped_corrected_seg_nrrd_says_what_it_takes_as_erased(ct_case, caps
     capsys.readouterr()
     assert _round(ct_case, first, ct_case.directory / "fixed.seg.nrrd", ct_case.directory / "second.nii.gz") == 0
     out = capsys.readouterr().out
-    assert ("update: fixed.seg.nrrd covers part of the image: label 1 of first.nii.gz beyond it (slices 5-7, 13-15) "
-            "taken as erased, as Slicer saves a segmentation cropped to what it holds (give a file you cropped "
-            "yourself uncropped)") in out, out
+    assert ("update: fixed.seg.nrrd covers part of the image: label 1 of first.nii.gz beyond it (slices 5-7, 13-15 "
+            "along axis 0) taken as erased, as Slicer saves a segmentation cropped to what it holds (give a file you "
+            "cropped yourself uncropped)") in out, out
 
 
 def test_a_batch_row_s_notes_say_note_once(ct_case, run_cli):
@@ -189,8 +189,8 @@ def test_a_smaller_corrected_file_resampled_says_what_it_takes_as_erased(ct_case
                      str(ct_case.directory / "second.nii.gz"), "--method", "copy", "--previous", str(first),
                      "--edited", str(ct_case.directory / "fixed.nii.gz"), "--resample-prompt"]) == 0
     out = capsys.readouterr().out
-    assert ("update: fixed.nii.gz covers part of the image: label 1 of first.nii.gz beyond it (slices 5-7, 13-15) "
-            "taken as erased") in out, out
+    assert ("update: fixed.nii.gz covers part of the image: label 1 of first.nii.gz beyond it (slices 5-7, 13-15 "
+            "along axis 0) taken as erased") in out, out
 
 
 def test_files_of_the_drawn_and_fixed_slices_are_refused_in_their_other_forms():
@@ -234,3 +234,18 @@ def test_gaps_on_either_side_of_a_keyframe_are_named_pair_by_pair():
         "and 18: the object is absent there, a gap in the result; if you did not erase them, the corrected file is not "
         "a copy of the earlier result given (a later round's result, corrected?): give that round's result as the "
         "earlier one"]
+
+
+def test_a_whole_correction_of_a_small_object_trimming_every_slice_is_taken():
+    """A third review: a small result (slices 12-18, drawn on 15) whose leak was erased at both ends
+    and whose every other predicted slice was trimmed was refused as "a file of the fixed slices":
+    erased ends are what a leak fix does; only slices erased between kept ones mark a file of fixes."""
+    one, prompt, previous = _first()
+    small = np.zeros_like(previous)
+    small[9:16][np.broadcast_to(one[12], (7,) + one[12].shape)] = 1  # slices 9-15, drawn on 12
+    fixed = small.copy()
+    fixed[[9, 15]] = 0
+    for s in (10, 11, 13, 14):
+        fixed[s][:, :6] = 0  # a boundary column trimmed on each
+    plan = keyframes_from_edits(prompt, small, fixed)
+    assert plan.empty_slices[1] == [9, 15] and sorted(plan.edited[1]) == [9, 10, 11, 13, 14, 15]
