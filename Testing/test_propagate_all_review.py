@@ -399,7 +399,8 @@ def test_drawings_that_look_filled_but_are_not(mrml_scene):
     ids["two+speck"] = sid
     history = mrml.PropagationHistory()
     queue = mrml.propagate_segments(fine, seg, model=get_predictor("copy"), history=history)
-    assert [(name, outcome) for _, name, outcome, _ in queue.outcomes] == [("thick", "written"), ("two+speck", "written")]
+    assert [(name, outcome) for _, name, outcome, _ in queue.outcomes] == [("thick", "written"),
+                                                                          ("two+speck", "written")]
     # the result erased and drawn again on one slice: a drawing again, propagated
     redrawn = np.zeros(shape, np.uint8)
     redrawn[12] = kid[12]
