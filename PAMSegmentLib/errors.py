@@ -30,6 +30,11 @@ class DrawnIn3D(InputError):
         self.where = where
 
 
+class PaintedAcross(InputError):
+    """One outline painted in a slice view not aligned with an oblique volume: it crosses the volume's
+    slices in bands (Slicer's "Rotate to volume plane" avoids it)."""
+
+
 class NotEnoughMemory(InputError):
     """A job refused before it started because its estimated peak memory exceeds what is free
     (Slicer's panel then offers to run it anyway); ``reason`` says why without the Python advice."""

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .checks import check_flag, empty_between_drawn, largest_gap, runs_text, state_from_json, state_to_json
-from .errors import DrawnIn3D, EmptySegment, InputError, NotEnoughMemory, PAMError, PropagationCancelled, out_of_memory
+from .errors import DrawnIn3D, EmptySegment, InputError, NotEnoughMemory, PaintedAcross, PAMError, PropagationCancelled, out_of_memory
 
 __all__ = [
     "MODES",
@@ -779,7 +779,8 @@ def _check_not_painted_across(prompt: np.ndarray, grid: VolumeGrid, axis: int, d
     bands = tilted_drawing(prompt, axis, drawn) if oblique else None
     if bands is not None:
         plane = axis_plane_name(grid.ijk_to_ras, axis)
-        raise InputError(f"it lies on {len(drawn)} adjacent {plane} slices of the volume ({bands[0]}-{bands[1]}) whose "
+        raise PaintedAcross(f"it lies on {len(drawn)} adjacent {plane} slices of the volume ({bands[0]}-{bands[1]}) "
+                            "whose "
                          "outlines barely overlap: one outline painted in a slice view that is not aligned with this "
                          "oblique volume crosses its slices in bands. Click the slice view's 'Rotate to volume plane' "
                          "(in its pin menu), erase the drawing and draw it again")
@@ -795,14 +796,20 @@ def _in_segment_words(text: str) -> str:
                         "it is empty: draw the object on one slice")
 
 
+def _same_kind(exc: InputError, text: str) -> InputError:
+    """``exc`` said in other words, of its own kind (a DrawnIn3D keeps where it was drawn)."""
+    if isinstance(exc, DrawnIn3D):
+        return DrawnIn3D(text, where=exc.where)
+    return PaintedAcross(text) if isinstance(exc, PaintedAcross) else InputError(text)
+
+
 def _prompt_info(prompt: np.ndarray, grid: VolumeGrid, volume_node=None) -> PromptInfo:
     from .propagate import find_prompt_slices  # noqa: PLC0415 - keeps torch out of `import mrml`
 
     try:
         axis, slices = find_prompt_slices(prompt, plane_names=_plane_names(grid.ijk_to_ras))
     except InputError as exc:
-        text = _in_segment_words(str(exc))
-        raise (DrawnIn3D(text, where=exc.where) if isinstance(exc, DrawnIn3D) else InputError(text)) from None
+        raise _same_kind(exc, _in_segment_words(str(exc))) from None
     _check_not_painted_across(prompt, grid, axis, next(iter(slices.values())), volume_node)
     lab = next(iter(slices))
     return PromptInfo(axis=axis, slices=list(slices[lab]), plane=axis_plane_name(grid.ijk_to_ras, axis),
@@ -1437,7 +1444,7 @@ class SegmentPropagation:
             if "3D mask" in text and _segment_tag(segment, RUN_TAG):  # a result this module wrote and remembers
                 text += (". It holds a result PAMSegment wrote: fix its wrong slices and press Update from my edits "
                          "(update_segment from Python), or Undo propagation to get your drawing back")
-            raise (DrawnIn3D(text, where=exc.where) if isinstance(exc, DrawnIn3D) else InputError(text)) from None
+            raise _same_kind(exc, text) from None
         _check_drawing_read_whole(segmentation_node, segment_id, volume_node, self.prompt)  # after the cheap refusals
         self._init_job(volume_node, segmentation_node, segment_id, segment.GetName(), mode=mode,
                        checkpoint=checkpoint, device=device, range=range, model=model, batch_size=batch_size,
@@ -3342,6 +3349,14 @@ class SegmentQueue:
             except DrawnIn3D as exc:  # on too many slices to be keyframes: a finished segment
                 self.record(*(("result", "edited") if tagged else ("too many", f"on {exc.where}")))
                 continue
+            except PaintedAcross as exc:  # bands of one outline painted across an oblique volume, or a finished
+                # structure on it (a rib: "erase the drawing and draw it again" would destroy it): told by its
+                # thickness along the world's axes (an outline painted in a RAS view is thin along one of them)
+                if tagged or self._solid_in_world(segment_id):
+                    self.record(*(("result", "edited") if tagged else ("too many", "solid along every axis")))
+                else:
+                    self.record("skipped", str(exc))
+                continue
             except InputError as exc:
                 if tagged or self._solid(segment_id):  # (a thin curved organ "drawn on more than one plane")
                     self.record(*(("result", "edited") if tagged else ("too many", "solid along every axis")))
@@ -3358,23 +3373,24 @@ class SegmentQueue:
 
     def _filled_run(self, job) -> tuple[int, int] | None:
         """(first, last) drawn slice of ``job`` (along its axis, on the volume's grid) when its segment is
-        a finished 3D one: filled on a run of neighbouring slices three of the segment's own slices thick
-        or more, slices holding a speck or a stroke's line (under STROKE_FRACTION of the largest) left
-        out; None for a drawing."""
-        from .propagate import STROKE_FRACTION  # noqa: PLC0415
-
+        a finished 3D one: filled on a run of neighbouring slices longer than two of the segment's own
+        slices cover, slices holding a speck (under 5 % of the largest, or 3 voxels) left out; None for
+        a drawing."""
         info = job.prompt_info
         counts = {s: int(np.count_nonzero(np.take(job.prompt, s, axis=info.axis))) for s in info.slices}
         largest = max(counts.values(), default=0)
-        first, last = _longest_run([s for s, n in counts.items() if n >= STROKE_FRACTION * largest])
+        # (a speck: a stray click; a tapered end slice of a finished organ holds more: a third of the largest
+        # was too much, a fourth review: TotalSegmentator's 8/28/34-voxel structure was propagated)
+        first, last = _longest_run([s for s, n in counts.items() if n >= max(3, 0.05 * largest)])
         # a segmentation grid coarser than the volume's: one of its slices covers several of the volume's
         grid = np.asarray(job.grid.ijk_to_ras, dtype=np.float64)[:3, :3]
         along = grid[:, 2 - info.axis]  # (array axis k, j, i is the matrix's column 2, 1, 0)
         step = float(np.linalg.norm(along))
         own = _own_matrix(self.segmentation_node, job.segment_id)
         thick = max(float(np.max(np.abs(own.T @ (along / step)))), step) if own is not None and step > 0 else step
-        slices_per_own = max(1, int(round(thick / step))) if step > 0 else 1
-        return (min(info.slices), max(info.slices)) if last - first + 1 >= 3 * slices_per_own else None
+        # more than two of its own slices can cover (1.5x thicker: 4 of the volume's; rounded, 6 were asked)
+        covered_by_two = int(np.ceil(2 * thick / step - 1e-6)) if step > 0 else 2
+        return (min(info.slices), max(info.slices)) if last - first + 1 > max(covered_by_two, 2) else None
 
     def _solid(self, segment_id: str) -> bool:
         """Whether the segment, on its own grid, spans three or more of its largest slice's worth of
@@ -3389,6 +3405,24 @@ class SegmentQueue:
             per_slice = np.count_nonzero(box, axis=tuple(a for a in range(3) if a != ax))
             first, last = _longest_run(np.flatnonzero(per_slice))
             if total < 3 * int(per_slice.max()) or last - first + 1 < 3:
+                return False
+        return True
+
+    def _solid_in_world(self, segment_id: str) -> bool:
+        """Whether the segment's own voxels span runs of four or more of its largest voxel side along each
+        of the world's (RAS) axes: a finished structure, not an outline painted in a RAS-aligned slice
+        view (its voxels lie within about one voxel of the view's plane)."""
+        found = _own_voxels_box(self.segmentation_node.GetSegmentation().GetSegment(segment_id))
+        if found is None:
+            return False
+        box, corner, matrix = found
+        ijk = np.argwhere(box)[:, ::-1] + corner  # (k, j, i) in the box -> (i, j, k) of the labelmap
+        world = ijk @ matrix[:3, :3].T + matrix[:3, 3]
+        size = float(np.max(np.linalg.norm(matrix[:3, :3], axis=0)))  # (an oblique voxel's band: about one)
+        for w in range(3):
+            bins = np.unique(np.floor(world[:, w] / size).astype(np.int64))
+            first, last = _longest_run(bins)
+            if last - first + 1 < 4:
                 return False
         return True
 

@@ -2868,13 +2868,14 @@ def keyframes_from_edits(prompt: np.ndarray, previous, edited: np.ndarray, *,
         # (erased between the filled slices: a file of fixes alone; erased ends are what every leak fix does,
         # with every other slice trimmed too on a small object (a third review: such a file was refused))
         inside = [s for s in erased_now if filled and filled[0] < s < filled[-1]]
-        if len(predicted) >= 6 and not kept and fixed and len(erased_now) >= 2 and inside:
+        if len(predicted) >= 6 and not kept and fixed and len(erased_now) >= 2 and (
+                inside or len(erased_now) > max(0.5 * held, 2)):  # (erased ends alone: the drawn slice's side)
             # the same misreading with the drawn slice kept, or with half the slices fixed (a re-review, session 42:
             # a "keyframes file" of slices 10, 15 and 20 gave a three-slice result, exit 0)
             raise InputError(f"the edited result keeps none of the {len(predicted)} slices the earlier result "
                              f"predicted label {lab} on as they were: it holds the label on slices "
-                             f"{runs_text(filled)} only and "
-                             f"erases it on {len(erased_now)}. If it holds only the slices you fixed, give the whole "
+                             f"{runs_text(filled)} only and erases it on the {len(erased_now)} others "
+                             f"({runs_text(erased_now)}). If it holds only the slices you fixed, give the whole "
                              "corrected result as the edited one (a copy of the earlier result with your fixes); if "
                              "you redid every slice, propagate a new prompt without the earlier result")
         if filled:  # slices erased between two keyframes: a gap in the object, said (see EditPlan.notes)

@@ -433,3 +433,59 @@ def test_a_solid_structure_refused_for_its_shape_is_left_as_a_3d_segment(mrml_sc
     assert [(name, outcome, detail) for _, name, outcome, detail in queue.outcomes] == [
         ("rib", "too many", "solid along every axis"),
         ("drawn", "skipped", "it is drawn on more than one plane: erase what is drawn on coronal slice 30")]
+
+
+def test_finished_segments_on_coarser_grids_and_with_tapered_ends_are_left_as_they_are(mrml_scene):
+    """A fourth review: a finished organ on three slices of a segmentation grid 1.5x thicker than the
+    volume's (4 volume slices) was propagated (rounded, 6 were asked), and one whose end slices hold a
+    fifth of its largest (37 / 197 / 37 voxels) lost them as "specks" and was propagated too."""
+    shape = (30, 40, 48)
+    kid = ellipsoid(shape, (15, 20, 24), (10, 8, 8))
+    image = (kid * 200.0 + np.random.default_rng(0).normal(0, 3, shape)).astype(np.float32)
+    volume = make_volume_node(image, spacing_ijk=(0.8, 0.9, 2.0), name="ct")
+    coarse = make_volume_node(np.zeros((20, 40, 48), np.float32), spacing_ijk=(0.8, 0.9, 3.0), name="thick")
+    coarse.SetOrigin(*volume.GetOrigin())
+    organ = np.zeros((20, 40, 48), np.uint8)
+    organ[8:11] = kid[15]  # three slices of the thick grid: 4-5 of the volume's
+    seg, ids = make_segmentation(coarse, {"organ": organ})
+    import slicer
+
+    tapered = np.zeros(shape, np.uint8)
+    tapered[15] = kid[15]
+    small = ellipsoid(shape, (15, 20, 24), (3, 3, 3))
+    tapered[[14, 16]] = small[15]  # 37 / 197 / 37 voxels
+    sid = seg.GetSegmentation().AddEmptySegment("", "tapered", [0.5, 0.5, 0.5])
+    slicer.util.updateSegmentBinaryLabelmapFromArray(tapered, seg, sid, volume)
+    ids["tapered"] = sid
+    before = {name: internal_labelmap_state(seg, ids[name]) for name in ids}
+    queue = mrml.propagate_segments(volume, seg, model=get_predictor("copy"))
+    assert [(name, outcome) for _, name, outcome, _ in queue.outcomes] == [("organ", "complete"),
+                                                                          ("tapered", "complete")]
+    for name in ids:
+        assert_same_labelmap(internal_labelmap_state(seg, ids[name]), before[name])
+
+
+def test_an_outline_painted_across_an_oblique_volume_keeps_its_advice(mrml_scene):
+    """A fourth review: every refusal went through the solid test, and the bands of one outline painted
+    across an oblique volume count as solid on the volume's grid: it became "a 3D segment", its
+    'Rotate to volume plane' advice lost. Such a refusal is told by the world's axes: the painted bands
+    are thin along the view's, a finished structure is not."""
+    from conftest_mrml import oblique_ijk_to_ras
+
+    shape = (24, 40, 44)
+    truth = ellipsoid(shape, (12, 20, 22), (8, 12, 14))
+    image = (truth * 200.0 + np.random.default_rng(0).normal(0, 3, shape)).astype(np.float32)
+    m = oblique_ijk_to_ras(degrees=(0.0, 20.0))
+    k, j, i = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    ras = m @ np.stack([i.ravel(), j.ravel(), k.ravel(), np.ones(i.size)])
+    centre = m @ np.array([22, 20, 12, 1.0])
+    painted = ((np.abs(ras[2] - centre[2]) <= 1.0).reshape(shape) & truth).astype(np.uint8)
+    volume = make_volume_node(image, ijk_to_ras=m)
+    finished = ellipsoid(shape, (12, 20, 22), (3, 6, 6)).astype(np.uint8)
+    seg, ids = make_segmentation(volume, {"tumor": painted, "nodule": finished})
+    queue = mrml.SegmentQueue(volume, seg)
+    assert not queue._solid_in_world(ids["tumor"]) and queue._solid_in_world(ids["nodule"])
+    assert queue.start_next(lambda sid: mrml.SegmentPropagation(volume, seg, sid, model=get_predictor("copy"))) is None
+    outcomes = {name: (outcome, detail) for _, name, outcome, detail in queue.outcomes}
+    assert outcomes["tumor"][0] == "skipped" and "Rotate to volume plane" in outcomes["tumor"][1]
+    assert outcomes["nodule"][0] in ("complete", "too many")

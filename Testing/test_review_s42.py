@@ -203,8 +203,9 @@ def test_files_of_the_drawn_and_fixed_slices_are_refused_in_their_other_forms():
     keyframes_file[6][one[6]] = 1
     keyframes_file[18][one[18]] = 1
     with pytest.raises(InputError, match=r"keeps none of the 16 slices the earlier result predicted label 1 on as they "
-                                         r"were: it holds the label on slices 6, 12, 18 only and erases it on 14\. If "
-                                         r"it holds only the slices you fixed, give the whole corrected result"):
+                                         r"were: it holds the label on slices 6, 12, 18 only and erases it on the 14 "
+                                         r"others \(4, 5, 7-11, 13-17, 19, 20\)\. If it holds only the slices you "
+                                         r"fixed, give the whole corrected result"):
         keyframes_from_edits(prompt, previous, keyframes_file)
     half = np.zeros_like(previous)
     for s in (*range(4, 12), 13):
@@ -249,3 +250,14 @@ def test_a_whole_correction_of_a_small_object_trimming_every_slice_is_taken():
         fixed[s][:, :6] = 0  # a boundary column trimmed on each
     plan = keyframes_from_edits(prompt, small, fixed)
     assert plan.empty_slices[1] == [9, 15] and sorted(plan.edited[1]) == [9, 10, 11, 13, 14, 15]
+
+
+def test_a_file_of_the_drawn_slice_and_fixes_beside_it_is_refused():
+    """A fourth review: needing slices erased between kept ones let a file of the drawn slice and the
+    slices fixed next to it through (a two-slice result, exit 0)."""
+    one, prompt, previous = _first()
+    beside = np.zeros_like(previous)
+    beside[12] = previous[12]
+    beside[13][one[13]] = 1
+    with pytest.raises(InputError, match=r"keeps none of the 16 slices .* erases it on the 15 others"):
+        keyframes_from_edits(prompt, previous, beside)
