@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .checks import check_flag, empty_between_drawn, largest_gap, runs_text, state_from_json, state_to_json
-from .errors import DrawnIn3D, EmptySegment, InputError, NotEnoughMemory, PaintedAcross, PAMError, PropagationCancelled, out_of_memory
+from .errors import (DrawnIn3D, EmptySegment, InputError, NotEnoughMemory, PAMError, PaintedAcross, PropagationCancelled,
+                     out_of_memory)
 
 __all__ = [
     "MODES",
