@@ -587,16 +587,8 @@ def _own_matrix(segmentation_node, segment_id: str) -> np.ndarray | None:
 
 def _own_voxel_size(segmentation_node, segment_id: str) -> np.ndarray | None:
     """The segment's stored labelmap's voxel size along i, j, k (mm), or None if it has none."""
-    slicer = _slicer()
-    import vtk  # noqa: PLC0415
-
-    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
-    stored = segment.GetRepresentation(_binary_name()) if segment is not None else None
-    if stored is None:
-        return None
-    m = vtk.vtkMatrix4x4()
-    stored.GetImageToWorldMatrix(m)
-    return np.linalg.norm(slicer.util.arrayFromVTKMatrix(m)[:3, :3], axis=0)
+    matrix = _own_matrix(segmentation_node, segment_id)
+    return None if matrix is None else np.linalg.norm(matrix, axis=0)
 
 
 def _finer_than_volume(segmentation_node, segment_id: str, volume_node) -> bool:

@@ -127,3 +127,14 @@ def assert_same_labelmap(after, before):
     assert after[3][0] == before[3][0], f"scalar type {after[3][0]} != {before[3][0]}"
     assert after[3][1] == before[3][1], f"label value {after[3][1]} != {before[3][1]}"
     np.testing.assert_array_equal(after[2], before[2])
+
+
+def outline_painted_in_ras_view(ijk_to_ras: np.ndarray, truth: np.ndarray, centre_ijk) -> np.ndarray:
+    """``truth`` where an axial outline painted in a RAS-aligned slice view through ``centre_ijk`` (i, j,
+    k) lands on a volume of that IJK-to-RAS: within 1 mm of the view's plane (bands across an oblique
+    volume's slices)."""
+    shape = truth.shape
+    k, j, i = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    ras = ijk_to_ras @ np.stack([i.ravel(), j.ravel(), k.ravel(), np.ones(i.size)])
+    centre = ijk_to_ras @ np.array([*centre_ijk, 1.0])
+    return ((np.abs(ras[2] - centre[2]) <= 1.0).reshape(shape) & truth).astype(np.uint8)

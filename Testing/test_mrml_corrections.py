@@ -22,7 +22,8 @@ import pytest
 
 from conftest_mrml import *  # noqa: F401,F403 - fixtures and helpers
 from conftest_mrml import (assert_same_labelmap, ellipsoid, internal_labelmap_state, make_segmentation,
-                           make_volume_node, oblique_ijk_to_ras, scene_context, slicer, vtk)
+                           make_volume_node, oblique_ijk_to_ras, outline_painted_in_ras_view, scene_context, slicer,
+                           vtk)
 
 import PAMSegmentLib.mrml as mrml
 from PAMSegmentLib.errors import InputError, PAMError
@@ -1310,10 +1311,7 @@ def test_one_outline_painted_across_an_oblique_volumes_slices_is_refused(mrml_sc
 
     truth, image = synthetic()
     m = oblique_ijk_to_ras(degrees=(0.0, 20.0))
-    k, j, i = np.meshgrid(*[np.arange(n) for n in SHAPE], indexing="ij")
-    ras = m @ np.stack([i.ravel(), j.ravel(), k.ravel(), np.ones(i.size)])
-    centre = m @ np.array([22, 20, 12, 1.0])
-    painted = ((np.abs(ras[2] - centre[2]) <= 1.0).reshape(SHAPE) & truth).astype(np.uint8)
+    painted = outline_painted_in_ras_view(m, truth, (22, 20, 12))
     vol = make_volume_node(image, ijk_to_ras=m)
     seg, ids = make_segmentation(vol, {"tumor": painted})
     with pytest.raises(InputError, match=r'^segment "tumor": it lies on 5 adjacent .* slices of the volume \(10-14\) '

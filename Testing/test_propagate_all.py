@@ -156,14 +156,21 @@ def test_the_queue_bookkeeping(organs):
     assert level == "error" and text.startswith("No segment of the segmentation holds a drawing"), text
 
 
-def test_the_panel_propagates_all_drawn_segments_one_after_another(panel, organs, monkeypatch):  # noqa: F811
-    volume, seg, ids, truth = organs
+def ready(panel, volume, seg, monkeypatch):  # noqa: F811
+    """The panel with "Registration tracking" chosen, the volume and the segmentation selected."""
     ui = panel.ui
     monkeypatch.setattr(type(panel.logic), "missingRequirements", staticmethod(lambda network=True: []))
     ui.trackModelRadioButton.checked = True
     panel.onModelChoiceChanged()
     ui.volumeSelector.setCurrentNode(volume)
     ui.segmentationSelector.setCurrentNode(seg)
+    panel.updateButtons()
+    return ui
+
+
+def test_the_panel_propagates_all_drawn_segments_one_after_another(panel, organs, monkeypatch):  # noqa: F811
+    volume, seg, ids, truth = organs
+    ui = ready(panel, volume, seg, monkeypatch)
     ui.segmentSelector.setCurrentSegmentID("")  # no segment selected: all of them are propagated
     panel.updateButtons()
     assert not ui.propagateButton.enabled and ui.propagateAllButton.enabled
@@ -189,12 +196,7 @@ def test_the_panel_propagates_all_drawn_segments_one_after_another(panel, organs
 
 def test_cancel_in_the_panel_ends_the_queue(panel, organs, monkeypatch):  # noqa: F811
     volume, seg, ids, _ = organs
-    ui = panel.ui
-    monkeypatch.setattr(type(panel.logic), "missingRequirements", staticmethod(lambda network=True: []))
-    ui.trackModelRadioButton.checked = True
-    panel.onModelChoiceChanged()
-    ui.volumeSelector.setCurrentNode(volume)
-    ui.segmentationSelector.setCurrentNode(seg)
+    ui = ready(panel, volume, seg, monkeypatch)
     before = {name: internal_labelmap_state(seg, ids[name]) for name in ids}
     ui.propagateAllButton.click()
     ui.cancelButton.click()  # while "left" runs (or just ended, not written: the same)

@@ -17,6 +17,7 @@ from PAMSegmentLib import baselines, mrml
 from PAMSegmentLib.baselines import CopyPredictor, get_predictor
 from PAMSegmentLib.errors import InputError, NotEnoughMemory, PAMError
 from test_module_static import module, panel, poll_until_idle  # noqa: F401 - fixtures
+from test_propagate_all import ready as _ready
 
 SHAPE = (24, 48, 64)
 
@@ -54,17 +55,6 @@ def fast(monkeypatch):
     real = baselines.get_predictor
     monkeypatch.setattr(baselines, "get_predictor",
                         lambda method, **kw: real("copy") if method == "track" else real(method, **kw))
-
-
-def _ready(panel, volume, seg, monkeypatch):  # noqa: F811
-    ui = panel.ui
-    monkeypatch.setattr(type(panel.logic), "missingRequirements", staticmethod(lambda network=True: []))
-    ui.trackModelRadioButton.checked = True
-    panel.onModelChoiceChanged()
-    ui.volumeSelector.setCurrentNode(volume)
-    ui.segmentationSelector.setCurrentNode(seg)
-    panel.updateButtons()
-    return ui
 
 
 def test_a_written_result_s_notes_are_in_the_summary(mrml_scene):
@@ -470,16 +460,13 @@ def test_an_outline_painted_across_an_oblique_volume_keeps_its_advice(mrml_scene
     across an oblique volume count as solid on the volume's grid: it became "a 3D segment", its
     'Rotate to volume plane' advice lost. Such a refusal is told by the world's axes: the painted bands
     are thin along the view's, a finished structure is not."""
-    from conftest_mrml import oblique_ijk_to_ras
+    from conftest_mrml import oblique_ijk_to_ras, outline_painted_in_ras_view
 
     shape = (24, 40, 44)
     truth = ellipsoid(shape, (12, 20, 22), (8, 12, 14))
     image = (truth * 200.0 + np.random.default_rng(0).normal(0, 3, shape)).astype(np.float32)
     m = oblique_ijk_to_ras(degrees=(0.0, 20.0))
-    k, j, i = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
-    ras = m @ np.stack([i.ravel(), j.ravel(), k.ravel(), np.ones(i.size)])
-    centre = m @ np.array([22, 20, 12, 1.0])
-    painted = ((np.abs(ras[2] - centre[2]) <= 1.0).reshape(shape) & truth).astype(np.uint8)
+    painted = outline_painted_in_ras_view(m, truth, (22, 20, 12))
     volume = make_volume_node(image, ijk_to_ras=m)
     finished = ellipsoid(shape, (12, 20, 22), (3, 6, 6)).astype(np.uint8)
     seg, ids = make_segmentation(volume, {"tumor": painted, "nodule": finished})
