@@ -3366,38 +3366,55 @@ class SegmentQueue:
 
     def _filled_run(self, job) -> tuple[int, int] | None:
         """(first, last) drawn slice of ``job`` (along its axis, on the volume's grid) when its segment is
-        a finished 3D one: filled on a run of neighbouring slices longer than two of the segment's own
-        slices cover, slices holding a speck (under 5 % of the largest, or 3 voxels) left out; None for
-        a drawing."""
+        a finished 3D one, None for a drawing: three or more neighbouring slices filled, counted on the
+        segment's own slices where its grid is parallel to the job's axis and as thick or thicker (a
+        threshold in the volume's slices cannot tell two slices of a 1.3x coarser grid from three: a
+        fuzz, session 42), else on the volume's (a finer grid: one volume slice is three slices of a grid
+        oversampled x3). Slices holding a speck (under 5 % of the largest, or 3 voxels) are left out."""
         info = job.prompt_info
+        grid = np.asarray(job.grid.ijk_to_ras, dtype=np.float64)[:3, :3]
+        along = grid[:, 2 - info.axis]  # (array axis k, j, i is the matrix's column 2, 1, 0)
+        step = float(np.linalg.norm(along))
+        found = _own_voxels_box(self.segmentation_node.GetSegmentation().GetSegment(job.segment_id))
+        if found is not None and step > 0:
+            box, _, matrix = found
+            own = matrix[:3, :3]
+            sides = np.linalg.norm(own, axis=0)
+            cosines = np.abs(own.T @ (along / step)) / sides
+            column = int(np.argmax(cosines))  # the own grid's i, j or k most parallel to the job's axis
+            if cosines[column] > np.cos(np.radians(1.0)) and sides[column] >= step * (1 - 1e-6):
+                # its slices as thick as the volume's or thicker (a finer grid: the volume's slices, below)
+                per_slice = np.count_nonzero(box, axis=tuple(a for a in range(3) if a != 2 - column))
+                first, last = _longest_run(np.flatnonzero(per_slice >= max(3, 0.05 * int(per_slice.max()))))
+                return (min(info.slices), max(info.slices)) if last - first + 1 >= 3 else None
         counts = {s: int(np.count_nonzero(np.take(job.prompt, s, axis=info.axis))) for s in info.slices}
         largest = max(counts.values(), default=0)
         # (a speck: a stray click; a tapered end slice of a finished organ holds more: a third of the largest
         # was too much, a fourth review: TotalSegmentator's 8/28/34-voxel structure was propagated)
         first, last = _longest_run([s for s, n in counts.items() if n >= max(3, 0.05 * largest)])
-        # a segmentation grid coarser than the volume's: one of its slices covers several of the volume's
-        grid = np.asarray(job.grid.ijk_to_ras, dtype=np.float64)[:3, :3]
-        along = grid[:, 2 - info.axis]  # (array axis k, j, i is the matrix's column 2, 1, 0)
-        step = float(np.linalg.norm(along))
+        # an own grid oblique to the axis: in the volume's slices, more than two of its own slices can cover
         own = _own_matrix(self.segmentation_node, job.segment_id)
         thick = max(float(np.max(np.abs(own.T @ (along / step)))), step) if own is not None and step > 0 else step
-        # more than two of its own slices can cover (1.5x thicker: 4 of the volume's; rounded, 6 were asked)
         covered_by_two = int(np.ceil(2 * thick / step - 1e-6)) if step > 0 else 2
         return (min(info.slices), max(info.slices)) if last - first + 1 > max(covered_by_two, 2) else None
 
     def _solid(self, segment_id: str) -> bool:
-        """Whether the segment, on its own grid, spans three or more of its largest slice's worth of
-        voxels along every axis, in runs of three or more slices: a finished structure (a rib, a
-        vessel), not a drawing refused for a stray stroke."""
+        """Whether the segment, on its own grid, spans runs of three or more of the volume's slices' worth of
+        its own slices along every axis, holding two and a half of its largest slice's worth of voxels or
+        more (per volume slice's worth): a finished structure (a rib, a vessel), not a drawing refused for
+        a stray stroke (one volume slice is three slices of a grid oversampled x3)."""
         found = _own_voxels_box(self.segmentation_node.GetSegmentation().GetSegment(segment_id))
         if found is None:
             return False
-        box = found[0]
+        box, _, matrix = found
+        sides = np.linalg.norm(matrix[:3, :3], axis=0)  # (i, j, k)
+        volume_steps = np.linalg.norm(_grid_of(self.volume_node).ijk_to_ras[:3, :3], axis=0)
         total = int(np.count_nonzero(box))
         for ax in range(3):
+            per = max(1.0, float(np.min(volume_steps)) / float(sides[2 - ax]))  # own slices per volume slice
             per_slice = np.count_nonzero(box, axis=tuple(a for a in range(3) if a != ax))
-            first, last = _longest_run(np.flatnonzero(per_slice))
-            if total < 3 * int(per_slice.max()) or last - first + 1 < 3:
+            first, last = _longest_run(np.flatnonzero(per_slice >= max(3, 0.05 * int(per_slice.max()))))
+            if total < 2.5 * per * int(per_slice.max()) or last - first + 1 < 3 * per - 1e-6:
                 return False
         return True
 

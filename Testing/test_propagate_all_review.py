@@ -476,3 +476,46 @@ def test_an_outline_painted_across_an_oblique_volume_keeps_its_advice(mrml_scene
     outcomes = {name: (outcome, detail) for _, name, outcome, detail in queue.outcomes}
     assert outcomes["tumor"][0] == "skipped" and "Rotate to volume plane" in outcomes["tumor"][1]
     assert outcomes["nodule"][0] in ("complete", "too many")
+
+
+@pytest.mark.parametrize("factor,phase", [(1.3, 0.25), (1.57, 0.5), (1.6, 0.25)])
+def test_a_finished_organ_on_three_slices_of_a_slightly_coarser_grid_is_left_as_it_is(mrml_scene, factor, phase):
+    """A fuzz (session 42): on a segmentation grid 1.2-1.3x or 1.55-1.6x thicker than the volume's, an
+    organ on three of its own slices reads as 3-4 volume slices, as two of its slices can: no threshold
+    in the volume's slices tells them apart, and it was rewritten. Counted on its own slices."""
+    import slicer
+
+    shape = (40, 40, 40)
+    volume = make_volume_node(np.random.default_rng(0).normal(100, 5, shape).astype(np.float32),
+                              spacing_ijk=(1.0, 1.0, 2.0), name="vol")
+    nk = int(40 / factor) + 1
+    coarse = make_volume_node(np.zeros((nk, 40, 40), np.float32), spacing_ijk=(1.0, 1.0, 2.0 * factor), name="c")
+    origin = np.array(volume.GetOrigin())
+    coarse.SetOrigin(origin[0], origin[1], origin[2] - 1.0 + factor + phase * 2.0 * factor)
+    organ = np.zeros((nk, 40, 40), np.uint8)
+    organ[nk // 2 - 1:nk // 2 + 2] = ellipsoid((3, 40, 40), (1, 20, 20), (2.0, 9, 9))
+    seg, ids = make_segmentation(coarse, {"organ": organ})
+    slicer.mrmlScene.RemoveNode(coarse)
+    before = internal_labelmap_state(seg, ids["organ"])
+    queue = mrml.propagate_segments(volume, seg, model=get_predictor("copy"))
+    assert [(name, outcome) for _, name, outcome, _ in queue.outcomes] == [("organ", "complete")]
+    assert_same_labelmap(internal_labelmap_state(seg, ids["organ"]), before)
+
+
+def test_a_drawing_with_a_stray_stroke_on_an_oversampled_grid_keeps_its_refusal(mrml_scene):
+    """A fuzz (session 42): on a grid oversampled x3 one volume slice is three of its own, so the
+    solid test took an axial drawing with a stray coronal stroke for "a 3D segment", its refusal's
+    advice (erase the stroke) lost. The test counts in the volume's slices now."""
+    from test_review_s31 import _oversample
+
+    shape = (30, 40, 40)
+    volume = make_volume_node(np.random.default_rng(0).normal(100, 5, shape).astype(np.float32),
+                              spacing_ijk=(1.0, 1.0, 2.0), name="vol")
+    stroke = np.zeros(shape, np.uint8)
+    stroke[15] = ellipsoid((1, 40, 40), (0, 20, 20), (1, 8, 8))[0]
+    stroke[16:24, 30, 18:23] = 1  # a short stroke in a coronal view, off the drawing
+    seg, ids = make_segmentation(volume, {"drawn": stroke})
+    _oversample(seg, volume, 3.0)
+    queue = mrml.propagate_segments(volume, seg, model=get_predictor("copy"))
+    (_, name, outcome, detail), = queue.outcomes
+    assert outcome == "skipped" and "drawn on more than one plane" in detail, (outcome, detail)
