@@ -80,8 +80,9 @@ class Volume:
     nifti_codes: tuple[int, int] | None = field(default=None, compare=False, repr=False)
     # A label map ``read_labelmap`` put on a reference grid from a file covering only part of it: where
     # its file holds voxels, as the box (a tuple of slices) of a cropped .seg.nrrd put back on the
-    # lattice, or a boolean array of the reference's shape for an earlier result resampled from a smaller
-    # grid; None where it covers the whole grid. Outside, the map is 0: not in the file.
+    # lattice, or a boolean array of the reference's shape for a map resampled from a smaller grid when
+    # asked (read_labelmap's coverage=: a corrected copy of a result); None where it covers the whole
+    # grid (or was not asked). Outside, the map is 0: not in the file.
     covered: tuple | np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @property
