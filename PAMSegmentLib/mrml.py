@@ -796,11 +796,48 @@ def _same_kind(exc: InputError, text: str) -> InputError:
     return PaintedAcross(text) if isinstance(exc, PaintedAcross) else InputError(text)
 
 
-def _prompt_info(prompt: np.ndarray, grid: VolumeGrid, volume_node=None) -> PromptInfo:
+def _drawn_axis_on_own_grid(segmentation_node, segment_id: str, volume_node, grid: VolumeGrid) -> int | None:
+    """The volume's array axis the segment is drawn across, told on the segment's own grid where that
+    grid is parallel to the volume's and thicker along some axis (a segmentation made on a coarser
+    series): there each drawn slice covers several of the volume's, which can make a narrow object
+    look thinner across another axis (a fuzz, session 42: keyframes 3 mm apart on a 3 mm grid were
+    read as drawn on 5 sagittal slices, and walked along that axis). The axis along which its own
+    slices are drawn apart (no two neighbours), when exactly one is; None otherwise (the engine's
+    choice on the volume's grid stands)."""
+    if segmentation_node is None or volume_node is None or segmentation_node.GetParentTransformNode() is not None \
+            or volume_node.GetParentTransformNode() is not None:
+        return None
+    found = _own_voxels_box(segmentation_node.GetSegmentation().GetSegment(segment_id))
+    if found is None:
+        return None
+    box, _, matrix = found
+    own, theirs = matrix[:3, :3], np.asarray(grid.ijk_to_ras, dtype=np.float64)[:3, :3]
+    own_sides, their_sides = np.linalg.norm(own, axis=0), np.linalg.norm(theirs, axis=0)
+    cosines = np.abs(own.T @ theirs) / np.outer(own_sides, their_sides)  # own i, j, k x volume i, j, k
+    match = np.argmax(cosines, axis=1)
+    if sorted(match.tolist()) != [0, 1, 2] or cosines[range(3), match].min() < np.cos(np.radians(1.0)) \
+            or not np.any(own_sides > their_sides[match] * 1.01):
+        return None  # oblique to the volume, or no thicker than it: the volume's grid tells
+    apart = []
+    for ax in range(3):  # (box axes k, j, i: own columns 2, 1, 0)
+        occupied = np.flatnonzero(np.count_nonzero(box, axis=tuple(a for a in range(3) if a != ax)))
+        if occupied.size and (occupied.size == 1 or np.diff(occupied).min() > 1):
+            apart.append(2 - int(match[2 - ax]))  # the volume's array axis (k, j, i) of that own axis
+    return apart[0] if len(apart) == 1 else None
+
+
+def _prompt_info(prompt: np.ndarray, grid: VolumeGrid, volume_node=None, axis: int | None = None) -> PromptInfo:
+    """Where ``prompt`` is drawn; ``axis``: the axis it is drawn across, when the segment's own grid
+    tells it (``_drawn_axis_on_own_grid``): a refusal along it gives way to the engine's own choice."""
     from .propagate import find_prompt_slices  # noqa: PLC0415 - keeps torch out of `import mrml`
 
     try:
-        axis, slices = find_prompt_slices(prompt, plane_names=_plane_names(grid.ijk_to_ras))
+        try:
+            axis, slices = find_prompt_slices(prompt, axis=axis, plane_names=_plane_names(grid.ijk_to_ras))
+        except InputError:
+            if axis is None:
+                raise
+            axis, slices = find_prompt_slices(prompt, plane_names=_plane_names(grid.ijk_to_ras))
     except InputError as exc:
         raise _same_kind(exc, _in_segment_words(str(exc))) from None
     _check_not_painted_across(prompt, grid, axis, next(iter(slices.values())), volume_node)
@@ -822,7 +859,8 @@ def describe_prompt(volume_node, segmentation_node, segment_id: str) -> PromptIn
     grid = _grid_of(volume_node)
     mask = _prompt_mask(segmentation_node, segment_id, volume_node)
     try:
-        info = _prompt_info(mask, grid, volume_node)
+        info = _prompt_info(mask, grid, volume_node, _drawn_axis_on_own_grid(segmentation_node, segment_id,
+                                                                            volume_node, grid))
     except InputError as exc:
         segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
         raise InputError(f'segment "{segment.GetName()}": {exc}') from None
@@ -1431,7 +1469,9 @@ class SegmentPropagation:
         self.prompt = _prompt_mask(segmentation_node, segment_id, volume_node)
         self.source = self.prompt  # what the segment held when the job was made (apply checks it is unchanged)
         try:
-            self.prompt_info = _prompt_info(self.prompt, self.grid, volume_node)
+            self.prompt_info = _prompt_info(self.prompt, self.grid, volume_node,
+                                            _drawn_axis_on_own_grid(segmentation_node, segment_id, volume_node,
+                                                                    self.grid))
         except InputError as exc:
             text = f'segment "{segment.GetName()}" on volume "{volume_node.GetName()}": {exc}'
             if "3D mask" in text and _segment_tag(segment, RUN_TAG):  # a result this module wrote and remembers
