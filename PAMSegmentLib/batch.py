@@ -1144,7 +1144,14 @@ def _claim_the_report(report: Path, manifest: Path, claims: list, sharded: bool 
         return
     # the manifest by where it is (a re-save by an editor, sed -i or Excel gives it a new inode) and by its
     # file (a hard link names it elsewhere): a lock on each
-    info = manifest.stat()
+    # Held open for the run (closed by _release): a manifest deleted meanwhile (an editor's re-save) keeps
+    # its inode, which another file made then would reuse and be refused as this run's (a CI run, session 42)
+    try:
+        held = os.open(manifest, os.O_RDONLY)
+    except OSError:
+        return
+    claims.append((held, None))
+    info = os.fstat(held)
     keys = (hashlib.sha1(os.path.realpath(manifest).encode("utf-8", "surrogateescape")).hexdigest()[:12],
             f"{info.st_dev:x}-{info.st_ino:x}")
     locks = [(report.with_name(f".batch-{key}.lock"), fcntl.LOCK_SH if sharded else fcntl.LOCK_EX) for key in keys]
@@ -1170,6 +1177,9 @@ def _release(claims: list) -> None:
     import fcntl
 
     for fd, path in reversed(claims):
+        if path is None:  # the manifest, held open
+            os.close(fd)
+            continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # no other run holds it (a shard's shared lock)
             if os.stat(path).st_ino == os.fstat(fd).st_ino:  # still this file (not one made since by another run)

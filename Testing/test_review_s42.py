@@ -261,3 +261,30 @@ def test_a_file_of_the_drawn_slice_and_fixes_beside_it_is_refused():
     beside[13][one[13]] = 1
     with pytest.raises(InputError, match=r"keeps none of the 16 slices .* erases it on the 15 others"):
         keyframes_from_edits(prompt, previous, beside)
+
+
+def test_a_running_batch_holds_its_manifest_so_its_inode_is_not_reused(tmp_path):
+    """A CI run (session 42) failed once: while a run's claim was held, its manifest was re-saved (a
+    new inode) and another manifest made then got the old inode, whose lock the run held: "another run
+    of other.csv is writing". The run now keeps its manifest open, so a deleted manifest's inode stays
+    taken until the run ends."""
+    import os
+
+    from PAMSegmentLib import batch
+
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("image,prompt\na.nii.gz,b.nii.gz\n")
+    out = tmp_path / "res"
+    out.mkdir()
+    claims = []
+    batch._claim_the_report(out / "batch_report.csv", manifest, claims)
+    try:
+        held = [fd for fd, path in claims if path is None]
+        assert len(held) == 1 and os.fstat(held[0]).st_ino == manifest.stat().st_ino
+        manifest.unlink()
+        assert os.fstat(held[0]).st_nlink == 0  # deleted, still held: its inode cannot be given to a new file
+    finally:
+        batch._release(claims)
+    assert claims == [] and sorted(p.name for p in out.iterdir()) == []
+    with pytest.raises(OSError):  # the manifest's descriptor closed with the claim
+        os.fstat(held[0])
