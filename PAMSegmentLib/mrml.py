@@ -801,29 +801,36 @@ def _drawn_axis_on_own_grid(segmentation_node, segment_id: str, volume_node, gri
     grid is parallel to the volume's and thicker along some axis (a segmentation made on a coarser
     series): there each drawn slice covers several of the volume's, which can make a narrow object
     look thinner across another axis (a fuzz, session 42: keyframes 3 mm apart on a 3 mm grid were
-    read as drawn on 5 sagittal slices, and walked along that axis). The axis along which its own
-    slices are drawn apart (no two neighbours), when exactly one is; None otherwise (the engine's
-    choice on the volume's grid stands)."""
+    read as drawn on 5 sagittal slices, and walked along that axis). The one own axis along which
+    its slices are drawn apart or two neighbours at most (fewest occupied, where more than one is);
+    None otherwise (the engine's choice on the volume's grid stands)."""
     if segmentation_node is None or volume_node is None or segmentation_node.GetParentTransformNode() is not None \
             or volume_node.GetParentTransformNode() is not None:
         return None
-    found = _own_voxels_box(segmentation_node.GetSegmentation().GetSegment(segment_id))
-    if found is None:
+    own = _own_matrix(segmentation_node, segment_id)  # (the cheap checks before the segment's voxels are read)
+    if own is None:
         return None
-    box, _, matrix = found
-    own, theirs = matrix[:3, :3], np.asarray(grid.ijk_to_ras, dtype=np.float64)[:3, :3]
+    theirs = np.asarray(grid.ijk_to_ras, dtype=np.float64)[:3, :3]
     own_sides, their_sides = np.linalg.norm(own, axis=0), np.linalg.norm(theirs, axis=0)
     cosines = np.abs(own.T @ theirs) / np.outer(own_sides, their_sides)  # own i, j, k x volume i, j, k
     match = np.argmax(cosines, axis=1)
     if sorted(match.tolist()) != [0, 1, 2] or cosines[range(3), match].min() < np.cos(np.radians(1.0)) \
             or not np.any(own_sides > their_sides[match] * 1.01):
         return None  # oblique to the volume, or no thicker than it: the volume's grid tells
-    apart = []
+    found = _own_voxels_box(segmentation_node.GetSegmentation().GetSegment(segment_id))
+    if found is None:
+        return None
+    box = found[0]
+    drawn = []  # (occupied own slices, the volume's array axis) of the axes it may be drawn across
     for ax in range(3):  # (box axes k, j, i: own columns 2, 1, 0)
         occupied = np.flatnonzero(np.count_nonzero(box, axis=tuple(a for a in range(3) if a != ax)))
-        if occupied.size and (occupied.size == 1 or np.diff(occupied).min() > 1):
-            apart.append(2 - int(match[2 - ax]))  # the volume's array axis (k, j, i) of that own axis
-    return apart[0] if len(apart) == 1 else None
+        first, last = _longest_run(occupied)
+        if occupied.size and last - first + 1 <= 2:
+            drawn.append((int(occupied.size), 2 - int(match[2 - ax])))
+    drawn.sort()
+    if not drawn or (len(drawn) > 1 and drawn[0][0] == drawn[1][0]):
+        return None
+    return drawn[0][1]
 
 
 def _prompt_info(prompt: np.ndarray, grid: VolumeGrid, volume_node=None, axis: int | None = None) -> PromptInfo:
