@@ -978,7 +978,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         outcome = ("failed", job.error or "")
         if job.state == "finished":
             from PAMSegmentLib.errors import NotEnoughMemory
-            from PAMSegmentLib.mrml import written_notes
+            from PAMSegmentLib.mrml import segment_notes, written_notes
 
             try:
                 try:
@@ -1000,7 +1000,10 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.progressBar.setFormat("not written")
                 self.updatePromptLabel()  # the "Updating from your slices" line no longer applies
             else:
-                outcome = ("written", written_notes(job.result))
+                # After an update, a walk from a slice just drawn (or by an earlier update) that ends at once is
+                # what the drawing says (result.edited); the slices it emptied are said by the update's summary.
+                notes = segment_notes(job.result)
+                outcome = ("written", written_notes(notes=notes))
                 if job.checkpoint and job.checkpoint == (self.ui.checkpointPathLineEdit.currentPath.strip() or None) \
                         and self.ui.checkpointModelRadioButton.checked:
                     # the file's drop-down keeps the checkpoints that worked (the .ui's settingKey stores them)
@@ -1012,15 +1015,11 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if segmentId != job.segment_id:
                     hint = (f' Select "{written.GetName()}" to review it by confidence, update it from your edits or '
                             "undo it (Undo propagation acts on the selected segment).")
-                # After an update, a walk from a slice just drawn (or by an earlier update) that ends at once is
-                # what the drawing says (result.edited); the slices it emptied are said by the update's summary.
-                notes = [(kind, note) for kind, note in job.result.kinds_of_notes() if kind != "dropped"]
                 if any(kind == "drift" for kind, _ in notes):  # stopped right at the drawn slice
                     hint += (" The propagation stopped right next to your slice because the tissue changed there; if "
                              "the structure goes on, uncheck 'Stop where the tissue changes' and propagate again.")
-                for kind, note in notes:  # e.g. empty slices between two drawn slices (one segment: label 1)
+                for kind, text in notes:  # e.g. empty slices between two drawn slices (one segment: label 1)
                     if kind != "drift":
-                        text = note.split(": ", 1)[1] if note.startswith("label ") else note
                         hint += f" {text[0].upper()}{text[1:]}."
                 self._setStatus(f'"{written.GetName()}": {job.summary()}.{hint}', "warning" if notes else "ok")
                 self._reviewShown = None

@@ -796,6 +796,10 @@ def _same_kind(exc: InputError, text: str) -> InputError:
     return PaintedAcross(text) if isinstance(exc, PaintedAcross) else InputError(text)
 
 
+_PARALLEL = float(np.cos(np.radians(1.0)))  # a segmentation grid's axis within 1 degree of the volume's
+_THICKER = 1.01  # ... and its voxel more than 1 % longer along it: a grid made on a thicker series
+
+
 def _drawn_axis_on_own_grid(segmentation_node, segment_id: str, volume_node, grid: VolumeGrid) -> int | None:
     """The volume's array axis the segment is drawn across, told on the segment's own grid where that
     grid is parallel to the volume's and thicker along some axis (a segmentation made on a coarser
@@ -814,8 +818,8 @@ def _drawn_axis_on_own_grid(segmentation_node, segment_id: str, volume_node, gri
     own_sides, their_sides = np.linalg.norm(own, axis=0), np.linalg.norm(theirs, axis=0)
     cosines = np.abs(own.T @ theirs) / np.outer(own_sides, their_sides)  # own i, j, k x volume i, j, k
     match = np.argmax(cosines, axis=1)
-    if sorted(match.tolist()) != [0, 1, 2] or cosines[range(3), match].min() < np.cos(np.radians(1.0)) \
-            or not np.any(own_sides > their_sides[match] * 1.01):
+    if sorted(match.tolist()) != [0, 1, 2] or cosines[range(3), match].min() < _PARALLEL \
+            or not np.any(own_sides > their_sides[match] * _THICKER):
         return None  # oblique to the volume, or no thicker than it: the volume's grid tells
     found = _own_voxels_box(segmentation_node.GetSegmentation().GetSegment(segment_id))
     if found is None:
@@ -3387,61 +3391,64 @@ class SegmentQueue:
                 self.record("skipped", exc.reason)
                 continue
             except DrawnIn3D as exc:  # on too many slices to be keyframes: a finished segment
-                self.record(*(("result", "edited") if tagged else ("too many", f"on {exc.where}")))
+                self._finished(tagged, "too many", f"on {exc.where}")
                 continue
             except PaintedAcross as exc:  # bands of one outline painted across an oblique volume, or a finished
                 # structure on it (a rib: "erase the drawing and draw it again" would destroy it): told by its
                 # thickness along the world's axes (an outline painted in a RAS view is thin along one of them)
                 if tagged or self._solid_in_world(segment_id):
-                    self.record(*(("result", "edited") if tagged else ("too many", "solid along every axis")))
+                    self._finished(tagged, "too many", "solid along every axis")
                 else:
                     self.record("skipped", str(exc))
                 continue
             except InputError as exc:
                 if tagged or self._solid(segment_id):  # (a thin curved organ "drawn on more than one plane")
-                    self.record(*(("result", "edited") if tagged else ("too many", "solid along every axis")))
+                    self._finished(tagged, "too many", "solid along every axis")
                 else:
                     self.record("skipped", str(exc))
                 continue
             run = self._filled_run(job)
             if run is not None:  # (the job made is let go unstarted: its copy of the volume with it)
-                self.record(*(("result", "edited") if tagged else
-                              ("complete", f"{job.prompt_info.plane} slices {run[0]}-{run[1]}")))
+                self._finished(tagged, "complete", f"{job.prompt_info.plane} slices {run[0]}-{run[1]}")
                 continue
             return job
         return None
 
+    def _finished(self, tagged: bool, outcome: str, detail: str) -> None:
+        """Record the current segment as filled in 3D: a PAM result edited since where it was one."""
+        self.record(*(("result", "edited") if tagged else (outcome, detail)))
+
     def _filled_run(self, job) -> tuple[int, int] | None:
         """(first, last) drawn slice of ``job`` (along its axis, on the volume's grid) when its segment is
         a finished 3D one, None for a drawing: three or more neighbouring slices filled, counted on the
-        segment's own slices where its grid is parallel to the job's axis and as thick or thicker (a
-        threshold in the volume's slices cannot tell two slices of a 1.3x coarser grid from three: a
-        fuzz, session 42), else on the volume's (a finer grid: one volume slice is three slices of a grid
-        oversampled x3). Slices holding a speck (under 5 % of the largest, or 3 voxels) are left out."""
+        segment's own slices where its grid is parallel to the job's axis and thicker (a threshold in the
+        volume's slices cannot tell two slices of a 1.3x coarser grid from three: a fuzz, session 42),
+        else on the volume's (the volume's own grid; a finer one: one volume slice is three slices of a
+        grid oversampled x3). Slices holding a speck (under 5 % of the largest, or 3 voxels) are left out."""
         info = job.prompt_info
         grid = np.asarray(job.grid.ijk_to_ras, dtype=np.float64)[:3, :3]
         along = grid[:, 2 - info.axis]  # (array axis k, j, i is the matrix's column 2, 1, 0)
         step = float(np.linalg.norm(along))
-        found = _own_voxels_box(self.segmentation_node.GetSegmentation().GetSegment(job.segment_id))
-        if found is not None and step > 0:
-            box, _, matrix = found
-            own = matrix[:3, :3]
+        own = _own_matrix(self.segmentation_node, job.segment_id)  # (the grid first: voxels read only if need be)
+        thick = step
+        if own is not None and step > 0:
             sides = np.linalg.norm(own, axis=0)
             cosines = np.abs(own.T @ (along / step)) / sides
             column = int(np.argmax(cosines))  # the own grid's i, j or k most parallel to the job's axis
-            if cosines[column] > np.cos(np.radians(1.0)) and sides[column] >= step * (1 - 1e-6):
-                # its slices as thick as the volume's or thicker (a finer grid: the volume's slices, below)
-                per_slice = np.count_nonzero(box, axis=tuple(a for a in range(3) if a != 2 - column))
-                first, last = _longest_run(np.flatnonzero(per_slice >= max(3, 0.05 * int(per_slice.max()))))
-                return (min(info.slices), max(info.slices)) if last - first + 1 >= 3 else None
+            if cosines[column] > _PARALLEL and sides[column] > step * _THICKER:
+                found = _own_voxels_box(self.segmentation_node.GetSegmentation().GetSegment(job.segment_id))
+                if found is not None:
+                    per_slice = np.count_nonzero(found[0], axis=tuple(a for a in range(3) if a != 2 - column))
+                    first, last = _longest_run(np.flatnonzero(per_slice >= max(3, 0.05 * int(per_slice.max()))))
+                    return (min(info.slices), max(info.slices)) if last - first + 1 >= 3 else None
+            # an own grid oblique to the axis: in the volume's slices, more than two of its own slices can cover
+            thick = max(float(np.max(cosines * sides)), step)
+            thick = step if thick <= step * _THICKER else thick
         counts = {s: int(np.count_nonzero(np.take(job.prompt, s, axis=info.axis))) for s in info.slices}
         largest = max(counts.values(), default=0)
         # (a speck: a stray click; a tapered end slice of a finished organ holds more: a third of the largest
         # was too much, a fourth review: TotalSegmentator's 8/28/34-voxel structure was propagated)
         first, last = _longest_run([s for s, n in counts.items() if n >= max(3, 0.05 * largest)])
-        # an own grid oblique to the axis: in the volume's slices, more than two of its own slices can cover
-        own = _own_matrix(self.segmentation_node, job.segment_id)
-        thick = max(float(np.max(np.abs(own.T @ (along / step)))), step) if own is not None and step > 0 else step
         covered_by_two = int(np.ceil(2 * thick / step - 1e-6)) if step > 0 else 2
         return (min(info.slices), max(info.slices)) if last - first + 1 > max(covered_by_two, 2) else None
 
@@ -3633,19 +3640,20 @@ def _longest_run(slices) -> tuple[int, int]:
     return best
 
 
-def written_notes(result) -> str:
-    """A written result's notes, as a queue's summary lists them (the panel's status line shows
-    them after a single Propagate): "" when it has none."""
-    texts = []
-    for kind, note in result.kinds_of_notes():
-        if kind == "dropped":  # (an update's: a queue only propagates)
-            continue
-        if kind == "drift":
-            texts.append("it stopped right next to the drawn slice, where the tissue changed; if the structure "
-                         "goes on, uncheck 'Stop where the tissue changes' and propagate it again")
-            continue
-        texts.append(note.split(": ", 1)[1] if note.startswith("label ") else note)
-    return "; ".join(texts)
+def segment_notes(result) -> list[tuple[str, str]]:
+    """A written result's notes for one segment, (kind, text) as ``kinds_of_notes`` gives them without
+    an update's "dropped" (a propagation's own) and without the "label 1: " in front."""
+    return [(kind, note.split(": ", 1)[1] if note.startswith("label ") else note)
+            for kind, note in result.kinds_of_notes() if kind != "dropped"]
+
+
+def written_notes(result=None, notes=None) -> str:
+    """A written result's notes (``segment_notes``, or ``notes`` already taken), as a queue's summary
+    lists them (the panel's status line shows them after a single Propagate): "" when it has none."""
+    notes = segment_notes(result) if notes is None else notes
+    return "; ".join("it stopped right next to the drawn slice, where the tissue changed; if the structure goes on, "
+                     "uncheck 'Stop where the tissue changes' and propagate it again" if kind == "drift" else text
+                     for kind, text in notes)
 
 
 def _detail(text: str, name: str | None = None) -> str:

@@ -2851,7 +2851,8 @@ def keyframes_from_edits(prompt: np.ndarray, previous, edited: np.ndarray, *,
                              f"new prompt{other}")
         erased_now = [s for s in changed if s in walls[lab]]  # slices that held the label and are empty now
         drawn_erased = [s for s in slices if s in erased_now]
-        held = int(np.count_nonzero(prev_boxes.rows(lab)))
+        held_rows = np.flatnonzero(prev_boxes.rows(lab))
+        held = int(held_rows.size)
         if filled and drawn_erased and len(erased_now) > max(0.5 * held, 2):
             # an edited file of the fixed slices alone (a helper's trial, session 42: the liver drawn on slice
             # 15, an edited file of slice 20 only: a one-slice result, exit 0)
@@ -2861,8 +2862,7 @@ def keyframes_from_edits(prompt: np.ndarray, previous, edited: np.ndarray, *,
                              "copy of the earlier result with your fixes), not only the slices you fixed; to start "
                              "again, draw a new prompt and propagate it without the earlier result")
         drawn_set, earlier_set = set(slices), set(earlier_keys[lab])
-        predicted = [int(s) for s in np.flatnonzero(prev_boxes.rows(lab))
-                     if s not in drawn_set and s not in earlier_set]
+        predicted = [int(s) for s in held_rows if s not in drawn_set and s not in earlier_set]
         kept = [s for s in predicted if s not in changed]  # as the earlier result had them
         fixed = [s for s in filled if s in changed and s not in drawn_set]
         # (erased between the filled slices: a file of fixes alone; erased ends are what every leak fix does,
