@@ -726,6 +726,9 @@ def _worker_slicer(task: dict) -> list[dict]:
     if hasattr(mrml, "SegmentPropagation"):
         sid3 = seg.GetSegmentation().AddEmptySegment("", "job", [0.2, 0.3, 0.9])
         slicer.util.updateSegmentBinaryLabelmapFromArray(prompt, seg, sid3, volume_node)
+        if hasattr(mrml, "describe_prompt"):
+            step("panel: prompt line (mrml.describe_prompt)", lambda: mrml.describe_prompt(volume_node, seg, sid3),
+                 "on each selection or edit of the segment")
         base = _status_mb("VmRSS")
         reset = _reset_peak_rss()
         job = step("job: SegmentPropagation.__init__ (node/segment -> arrays, prompt check)",
@@ -736,8 +739,17 @@ def _worker_slicer(task: dict) -> list[dict]:
         if job.state != "finished":
             rows[-1]["note"] = f"job {job.state}: {job.error}"
         else:
-            step("job: apply (scene check incl. re-export of the segment + write)", job.apply)
+            history = mrml.PropagationHistory()
+            step("job: apply (scene check incl. re-read of the segment + write)", lambda: job.apply(history=history))
             peak = _status_mb("VmHWM")
+            entry = history.get(seg, sid3)
+
+            def edits_check():
+                mask = mrml.segment_mask(seg, sid3, volume_node, check_memory="reading the segment")
+                return entry.edited_slices(mask)
+
+            step("panel: edits check after the write (mrml.segment_mask + HistoryEntry.edited_slices)", edits_check,
+                 "the prompt line's, after each write and edit")
             if reset and base is not None and peak is not None:
                 # what Slicer must have free for the job: its estimate, and the copy it held when checked
                 estimate = (mrml.job_memory_bytes(arr.shape, 0, [mid], network=None) + arr.nbytes) / 2**20

@@ -296,6 +296,13 @@ def segment_mask(segmentation_node, segment_id: str, volume_node, check_memory: 
         check_read_memory(volume_node, check_memory, job=False)
     segment = _segment(segmentation_node, segment_id)
     between = _linear_between(volume_node, segmentation_node)
+    if between is not None or (volume_node is not None and
+                               volume_node.GetParentTransformNode() is segmentation_node.GetParentTransformNode()):
+        # the common case, the segment stored on the volume's own voxels (drawn with the volume as the
+        # segmentation's geometry, or a result written there): read in place, without the export
+        mask = _segment_mask_same_voxels(segment, volume_node, np.eye(4) if between is None else between)
+        if mask is not None:
+            return mask
     if between is not None:
         return _segment_mask_linear(segmentation_node, segment, segment_id, volume_node, between)
     try:
@@ -318,6 +325,53 @@ def _linear_between(volume_node, segmentation_node) -> np.ndarray | None:
     if None in transforms or transforms[0] is transforms[1]:
         return None
     return _volume_to_segmentation(volume_node, segmentation_node)
+
+
+# how far from whole voxels (in voxels) and from the volume's axes a stored grid may lie and still be
+# read as the volume's own voxels (Slicer's export, a nearest-neighbour resample there, picks the same)
+_SAME_VOXELS = 1e-4
+
+
+def _segment_mask_same_voxels(segment, volume_node, between: np.ndarray) -> np.ndarray | None:
+    """``segment_mask`` where the segment's stored labelmap lies on the volume's own voxels (the same
+    axes and voxel size, its extent anywhere: whole voxels apart), read in place: the segment's label
+    in its layer, copied a slice at a time into a volume-sized 0/1 array. None on any other grid.
+
+    Slicer's export gives the same voxels there, but through a temporary labelmap node added to and
+    removed from the scene and a resample of the whole volume: 0.2-0.25 s a read at 512 x 512 x
+    300 (about five reads a propagation on Slicer's main thread; session 43's probe)."""
+    from vtk.util import numpy_support  # noqa: PLC0415
+
+    import vtk  # noqa: PLC0415
+
+    stored = segment.GetRepresentation(_binary_name())
+    if stored is None or stored.GetPointData().GetScalars() is None:
+        return None
+    matrix = vtk.vtkMatrix4x4()
+    stored.GetImageToWorldMatrix(matrix)
+    grid = _grid_of(volume_node)
+    # volume array index (i, j, k) -> the stored labelmap's (i, j, k)
+    to_stored = np.linalg.solve(_slicer().util.arrayFromVTKMatrix(matrix), between @ np.asarray(grid.ijk_to_ras, float))
+    shift = np.rint(to_stored[:3, 3])
+    if not (np.all(np.isfinite(to_stored)) and np.allclose(to_stored[:3, :3], np.eye(3), rtol=0, atol=_SAME_VOXELS)
+            and np.allclose(to_stored[:3, 3], shift, rtol=0, atol=_SAME_VOXELS)):
+        return None
+    e = stored.GetExtent()
+    out = np.zeros(grid.shape, dtype=np.uint8)
+    # the overlap, in the volume's (k, j, i) indices and the layer's
+    lo = [max(0, e[2 * a] - int(shift[a])) for a in range(3)]  # (i, j, k)
+    hi = [min(grid.shape[2 - a], e[2 * a + 1] - int(shift[a]) + 1) for a in range(3)]
+    if any(h <= l for l, h in zip(lo, hi)) or any(e[2 * a + 1] < e[2 * a] for a in range(3)):
+        return out
+    layer = numpy_support.vtk_to_numpy(stored.GetPointData().GetScalars()).reshape(
+        e[5] - e[4] + 1, e[3] - e[2] + 1, e[1] - e[0] + 1)
+    at = [lo[a] + int(shift[a]) - e[2 * a] for a in range(3)]  # the overlap's first voxel in the layer
+    rows = slice(at[1], at[1] + hi[1] - lo[1])
+    columns = slice(at[0], at[0] + hi[0] - lo[0])
+    label = segment.GetLabelValue()
+    for k in range(lo[2], hi[2]):  # a slice at a time: no boolean copy of a whole (shared, oversampled) layer
+        out[k, lo[1]:hi[1], lo[0]:hi[0]] = layer[at[2] + k - lo[2], rows, columns] == label
+    return out
 
 
 def _segment_mask_linear(segmentation_node, segment, segment_id: str, volume_node, between: np.ndarray) -> np.ndarray:
