@@ -199,6 +199,6 @@ def test_panel_benchmark_script_prints_each_call(tmp_path):
     assert len(timed) == 10 and all(float(line.split()[-1]) >= 0 for line in timed)
     totals = {line.split(":")[0].strip(): float(line.split()[-2]) for line in lines if "main thread in all" in line}
     assert set(totals) == {"propagate", "update"}
-    sums = {kind: sum(float(line.split()[-1]) for line in timed if line.strip().startswith(kind) and "worker" not in line)
-            for kind in totals}
+    sums = {kind: sum(float(line.split()[-1]) for line in timed
+                      if line.strip().startswith(kind) and "worker" not in line) for kind in totals}
     assert totals == pytest.approx(sums, abs=0.011)
