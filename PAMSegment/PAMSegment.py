@@ -827,15 +827,15 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         try:
             edited = self.logic.editedSlices(segmentation, segmentId, volume)
-        except (NotEnoughMemory, MemoryError) as exc:  # not "no edits": Undo would discard them without asking
-            reason = exc.reason if isinstance(exc, NotEnoughMemory) else "not enough memory."
+        except Exception as exc:  # not "no edits": Undo would discard them without asking (memory; a volume whose
+            # geometry was broken since: its origin NaN, a spacing of 0)
+            reason = exc.reason if isinstance(exc, NotEnoughMemory) else (
+                "not enough memory." if isinstance(exc, MemoryError) else _sentence(str(exc)))
             if not slicer.util.confirmOkCancelDisplay(  # (Undo itself restores a stored copy: it needs no export)
                     f"Cannot check the segment for your edits before undoing: {reason}\n\nUndo anyway? Any changes "
                     "you made since the last propagation are discarded with it (save the scene first to keep them).",
                     windowTitle="PAMSegment: undo"):
                 return
-            edited = []
-        except Exception:
             edited = []
         if edited and not slicer.util.confirmOkCancelDisplay(
             f"Undo the last {entry.kind}? The changes you made since on {len(edited)} "

@@ -307,7 +307,12 @@ def segment_mask(segmentation_node, segment_id: str, volume_node, check_memory: 
         return _segment_mask_linear(segmentation_node, segment, segment_id, volume_node, between)
     try:
         array = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation_node, segment_id, volume_node)
-    except RuntimeError as exc:
+    except (RuntimeError, AttributeError) as exc:
+        # a segment erased to nothing: Slicer's export of a layer without a voxel of its label fails on
+        # another grid (a finer one after Specify geometry: an AttributeError from the labelmap it left empty)
+        if volume_node is not None and _plain_layer(segment.GetRepresentation(_binary_name())) and \
+                _own_voxels_box(segment) is None:
+            return np.zeros(_grid_of(volume_node).shape, dtype=np.uint8)
         raise InputError(f"could not read the segment on the volume's grid: {exc}") from None
     # (bool and uint8 0/1 share their bytes: no second copy; the array is a view, so write only 0 or 1 into it)
     return np.greater(array, 0).view(np.uint8)
@@ -327,9 +332,18 @@ def _linear_between(volume_node, segmentation_node) -> np.ndarray | None:
     return _volume_to_segmentation(volume_node, segmentation_node)
 
 
+def _plain_layer(stored) -> bool:
+    """Whether a stored labelmap holds one value per voxel of its extent (as Slicer stores them)."""
+    if stored is None or stored.GetPointData().GetScalars() is None or stored.GetNumberOfScalarComponents() != 1:
+        return False
+    e = stored.GetExtent()
+    voxels = max(0, e[1] - e[0] + 1) * max(0, e[3] - e[2] + 1) * max(0, e[5] - e[4] + 1)
+    return stored.GetPointData().GetScalars().GetNumberOfTuples() == voxels
+
+
 # how far from whole voxels (in voxels) and from the volume's axes a stored grid may lie and still be
 # read as the volume's own voxels (Slicer's export, a nearest-neighbour resample there, picks the same)
-_SAME_VOXELS = 1e-4
+_SAME_VOXELS = 1e-3
 
 
 def _segment_mask_same_voxels(segment, volume_node, between: np.ndarray) -> np.ndarray | None:
@@ -353,9 +367,13 @@ def _segment_mask_same_voxels(segment, volume_node, between: np.ndarray) -> np.n
     # volume array index (i, j, k) -> the stored labelmap's (i, j, k)
     to_stored = np.linalg.solve(_slicer().util.arrayFromVTKMatrix(matrix), between @ np.asarray(grid.ijk_to_ras, float))
     shift = np.rint(to_stored[:3, 3])
-    if not (np.all(np.isfinite(to_stored)) and np.allclose(to_stored[:3, :3], np.eye(3), rtol=0, atol=_SAME_VOXELS)
-            and np.allclose(to_stored[:3, 3], shift, rtol=0, atol=_SAME_VOXELS)):
+    # the farthest any voxel of the volume lands from a whole voxel of the stored grid (a scale error of 1e-4
+    # is half a voxel 5000 voxels on: a review's 6000-voxel axis read one voxel off there)
+    reach = np.abs(to_stored[:3, :3] - np.eye(3)) @ (np.array(grid.shape[::-1], float) - 1)
+    if not (np.all(np.isfinite(to_stored)) and float(np.max(reach + np.abs(to_stored[:3, 3] - shift))) <= _SAME_VOXELS):
         return None
+    if not _plain_layer(stored):
+        return None  # (not a labelmap Slicer stores: the export says what it makes of it)
     e = stored.GetExtent()
     out = np.zeros(grid.shape, dtype=np.uint8)
     # the overlap, in the volume's (k, j, i) indices and the layer's
