@@ -9,7 +9,8 @@ from conftest_mrml import *  # noqa: F401,F403
 from conftest_mrml import ellipsoid, make_volume_node, matrix_from_array, slicer, vtk
 
 from PAMSegmentLib import mrml as mrml_lib
-from test_module_static import _edit, _propagated, _segment_array, _slicer, drawn, module, mrml, panel  # noqa: F401,F811
+from test_module_static import _edit, _propagated, _segment_array, _slicer  # noqa: F401
+from test_module_static import drawn, module, mrml, panel  # noqa: F401,F811 - fixtures
 
 
 def _layer_segmentation(reference_volume, ijk_to_world: np.ndarray, values: np.ndarray):
@@ -72,7 +73,7 @@ def test_a_segment_erased_to_nothing_on_a_finer_grid_reads_as_empty(mrml_scene):
     assert mask.shape == shape and mask.dtype == np.uint8 and not mask.any()
 
 
-def test_panel_undo_asks_when_the_volume_can_no_longer_be_read(panel, drawn, monkeypatch):
+def test_panel_undo_asks_when_the_volume_can_no_longer_be_read(panel, drawn, monkeypatch):  # noqa: F811
     """The user edits a slice of a result, then the volume's origin becomes NaN: the edit check cannot
     read the segment on it. Undo took that as "no edits" and discarded the edit without asking."""
     truth, volume, segmentation, segment_id = _propagated(panel, drawn, monkeypatch)
