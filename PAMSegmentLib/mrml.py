@@ -1548,13 +1548,13 @@ class SegmentPropagation:
                 raise EmptySegment(f'segment "{segment.GetName()}" on volume "{volume_node.GetName()}": it is empty: '
                                  "draw the object on one slice and try again")
             check_read_memory(volume_node, f'propagating "{segment.GetName()}" on "{volume_node.GetName()}"')
-        self.image, self.grid = volume_array(volume_node)
+        _check_scalar_volume(volume_node)
+        grid = _grid_of(volume_node)
         self.prompt = _prompt_mask(segmentation_node, segment_id, volume_node)
         self.source = self.prompt  # what the segment held when the job was made (apply checks it is unchanged)
         try:
-            self.prompt_info = _prompt_info(self.prompt, self.grid, volume_node,
-                                            _drawn_axis_on_own_grid(segmentation_node, segment_id, volume_node,
-                                                                    self.grid))
+            self.prompt_info = _prompt_info(self.prompt, grid, volume_node,
+                                            _drawn_axis_on_own_grid(segmentation_node, segment_id, volume_node, grid))
         except InputError as exc:
             text = f'segment "{segment.GetName()}" on volume "{volume_node.GetName()}": {exc}'
             if "3D mask" in text and _segment_tag(segment, RUN_TAG):  # a result this module wrote and remembers
@@ -1562,6 +1562,9 @@ class SegmentPropagation:
                          "(update_segment from Python), or Undo propagation to get your drawing back")
             raise _same_kind(exc, text) from None
         _check_drawing_read_whole(segmentation_node, segment_id, volume_node, self.prompt)  # after the cheap refusals
+        # the volume's copy last: a drawing refused (a finished 3D segment "Propagate all drawn" passes over)
+        # copies none (0.04 s and 150 MB at 512 x 512 x 300 int16)
+        self.image, self.grid = volume_array(volume_node)
         self._init_job(volume_node, segmentation_node, segment_id, segment.GetName(), mode=mode,
                        checkpoint=checkpoint, device=device, range=range, model=model, batch_size=batch_size,
                        threads=threads, cancel=cancel, progress=progress, intensity_gate=intensity_gate,

@@ -90,3 +90,62 @@ def test_panel_undo_asks_when_the_volume_can_no_longer_be_read(panel, drawn, mon
     assert "has no usable position" in asked[0] and "Undo anyway?" in asked[0]
     volume.SetOrigin(*origin)
     np.testing.assert_array_equal(_segment_array(segmentation, segment_id, volume), edited)  # declined: kept
+
+
+def _bounding_box_four_passes(mask):
+    """The engine's _bounding_box before session 43 (four passes over the whole array), the reference."""
+    if not mask.any():
+        return mask, (0,) * mask.ndim
+    sl = []
+    for ax in range(mask.ndim):
+        nz = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != ax)))
+        sl.append(slice(int(nz[0]), int(nz[-1]) + 1))
+    return mask[tuple(sl)], tuple(s.start for s in sl)
+
+
+def test_bounding_box_in_one_pass_gives_the_same_box():
+    """The engine's bounding box read in one pass over the whole array (then within the slices found)
+    gives the box and the view the four passes gave: 400 random masks of 1 to 4 dimensions, boolean,
+    label and float (NaN counts as set, as it did), empty ones, ones touching the array's edges."""
+    from PAMSegmentLib.propagate import _bounding_box
+
+    rng = np.random.default_rng(43)
+    for n in range(400):
+        ndim = int(rng.integers(1, 5))
+        shape = tuple(int(rng.integers(1, 9)) for _ in range(ndim))
+        kind = n % 4
+        mask = np.zeros(shape, dtype=[bool, np.uint8, np.int16, np.float32][kind])
+        for _ in range(int(rng.integers(0, 4))):  # a few set voxels anywhere (none: an empty mask)
+            at = tuple(int(rng.integers(0, s)) for s in shape)
+            mask[at] = [True, 7, -3, np.nan][kind]
+        got, start = _bounding_box(mask)
+        want, want_start = _bounding_box_four_passes(mask)
+        assert start == want_start and got.shape == want.shape, (shape, start, want_start)
+        np.testing.assert_array_equal(got, want)
+        assert got.base is mask or got is mask  # a view, as before: no copy
+    empty = np.zeros((0, 4, 4), bool)
+    assert _bounding_box(empty)[1] == (0, 0, 0) and _bounding_box(empty)[0] is empty
+
+
+def test_a_finished_segment_passed_over_copies_no_volume(mrml_scene, monkeypatch):
+    """Propagate all drawn on a segmentation of finished organs: each one's job was made, the volume
+    copied, then refused for its 3D shape (0.04 s and the volume's size each at 512 x 512 x 300). The
+    copy now comes after the drawing's checks: the drawing's job copies it, the finished one's not."""
+    shape = (24, 40, 40)
+    organ = ellipsoid(shape, (12, 20, 20), (10, 12, 12))
+    image = (organ * 100.0 + np.random.default_rng(0).normal(0, 3, shape)).astype(np.float32)
+    volume = make_volume_node(image, name="ct")
+    drawing = np.zeros(shape, np.uint8)
+    drawing[12] = organ[12]
+    from conftest_mrml import make_segmentation
+
+    seg, ids = make_segmentation(volume, {"finished": organ.astype(np.uint8), "drawn": drawing})
+    copies = []
+    real = mrml_lib.volume_array
+    monkeypatch.setattr(mrml_lib, "volume_array", lambda node: copies.append(node.GetName()) or real(node))
+    from PAMSegmentLib.baselines import get_predictor
+
+    queue = mrml_lib.propagate_segments(volume, seg, model=get_predictor("copy"), history=mrml_lib.PropagationHistory())
+    assert [(name, outcome) for _, name, outcome, _ in queue.outcomes] == [("finished", "too many"),
+                                                                            ("drawn", "written")]
+    assert copies == ["ct"]  # the drawing's job only

@@ -190,11 +190,16 @@ def test_panel_benchmark_script_prints_each_call(tmp_path):
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_slicer_panel.py"
-    out = subprocess.run([sys.executable, str(script), "--depth", "16", "--size", "48", "--repeats", "1"],
+    out = subprocess.run([sys.executable, str(script), "--depth", "16", "--size", "48", "--repeats", "1",
+                          "--finished", "2"],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.splitlines()
     assert lines[0] == "48 x 48 x 16 int16, median of 1 runs (seconds):"
+    queue = lines[-2:]  # Propagate all drawn: the two organs passed over, both drawings propagated
+    assert queue[0].startswith("propagate all drawn, 2 finished segments and 2 drawings: main thread ")
+    assert queue[1].strip().startswith('Propagated all 2 drawn segments: "drawn 0", "drawn 1". Left as they are')
+    lines = lines[:-2]
     timed = [line for line in lines[1:] if not line.strip().endswith(" s")]
     assert len(timed) == 10 and all(float(line.split()[-1]) >= 0 for line in timed)
     totals = {line.split(":")[0].strip(): float(line.split()[-2]) for line in lines if "main thread in all" in line}

@@ -11,7 +11,8 @@ apart). The calls are those the panel makes on the main thread: the prompt line
 (``describe_prompt``), the job's copy-out (``SegmentPropagation``), the write (``apply``), the edits
 check the prompt line makes after it; then a slice erased in part, the edits check, the update's
 copy-out and write, and Undo propagation. Prints the median of ``--repeats`` runs of each, in a
-fresh scene each time.
+fresh scene each time. ``--finished N`` also times Propagate all drawn on a segmentation of N finished
+organs (ellipsoids filled on every slice, passed over) and two drawings, once.
 """
 
 from __future__ import annotations
@@ -82,11 +83,59 @@ def one_run(depth: int, size: int) -> dict[str, float]:
     return times
 
 
+def queue_run(depth: int, size: int, finished: int) -> tuple[float, float, str]:
+    """Propagate all drawn on ``finished`` finished organs (ellipsoids filled on every slice) and two
+    drawings, as the panel runs it: (main-thread seconds, worker seconds, the queue's summary)."""
+    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "Testing"))
+    from conftest_mrml import ellipsoid, make_segmentation, make_volume_node, scene_context  # noqa: PLC0415
+
+    from PAMSegmentLib import mrml  # noqa: PLC0415
+    from PAMSegmentLib.baselines import CopyPredictor  # noqa: PLC0415
+
+    rng = np.random.default_rng(1)
+    shape = (depth, size, size)
+    image = rng.normal(0, 20, shape).astype(np.int16)
+    masks = {}
+    for n in range(finished):
+        centre = [rng.uniform(0.2, 0.8) * s for s in shape]
+        masks[f"organ {n}"] = ellipsoid(shape, centre, [rng.uniform(0.03, 0.12) * s for s in shape])
+    for n in range(2):
+        organ = ellipsoid(shape, (depth // 2, size // 2 + (n - 0.5) * size // 4, size // 2), (depth // 8, size // 10,
+                                                                                            size // 9))
+        image[organ] += 150
+        masks[f"drawn {n}"] = np.zeros(shape, bool)
+        masks[f"drawn {n}"][depth // 2] = organ[depth // 2]
+    with scene_context():
+        volume = make_volume_node(image, spacing_ijk=(0.8, 0.8, 1.0))
+        segmentation, _ = make_segmentation(volume, masks)
+        queue, history = mrml.SegmentQueue(volume, segmentation), mrml.PropagationHistory()
+        main_thread = worker = 0.0
+        while True:
+            t0 = time.perf_counter()
+            job = queue.start_next(lambda sid: mrml.SegmentPropagation(volume, segmentation, sid,
+                                                                       model=CopyPredictor()), history)
+            main_thread += time.perf_counter() - t0
+            if job is None:
+                break
+            t0 = time.perf_counter()
+            job.run()
+            worker += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            job.apply(history=history)
+            queue.record("written", "")
+            job.release()
+            main_thread += time.perf_counter() - t0
+        return main_thread, worker, queue.summary()[0]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--depth", type=int, default=300)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--finished", type=int, default=0,
+                        help="also time Propagate all drawn on this many finished segments and two drawings")
     args = parser.parse_args(argv)
     import vtk  # noqa: PLC0415
 
@@ -102,6 +151,10 @@ def main(argv=None) -> int:
                 main_thread[kind] += value
     for kind, value in main_thread.items():
         print(f"  {kind}: main thread in all {value:.2f} s")
+    if args.finished:
+        main_s, worker_s, summary = queue_run(args.depth, args.size, args.finished)
+        print(f"propagate all drawn, {args.finished} finished segments and 2 drawings: main thread {main_s:.2f} s, "
+              f"worker {worker_s:.2f} s (copy baseline)\n  {summary[:160]}")
     return 0
 
 
