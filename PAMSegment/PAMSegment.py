@@ -40,6 +40,9 @@ RUNTIME_REQUIREMENTS = (
 )
 NETWORK_ONLY = ("torch", "dynamic_network_architectures")  # not needed for tracking or a server
 POLL_INTERVAL_MS = 100
+# "Propagate all drawn" passes over segments (finished organs...) for at most about this long before it lets
+# Slicer draw and take a Cancel (each takes about 0.08 s at 512 x 512 x 300)
+QUEUE_STEP_SECONDS = 0.25
 PROMPT_REFRESH_DELAY_MS = 400
 PLOT_SIZE = (256, 56)  # confidence plot, pixels
 SEGMENT_EDITOR_SINGLETON_TAG = "SegmentEditor"  # the Segment Editor module's vtkMRMLSegmentEditorNode
@@ -487,7 +490,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             "Propagate does (each can be undone on its own). Empty segments, segments drawn in 3D and segments "
             "holding a PAM result are left as they are.")
         # A job that finished between two polls is not written yet: Cancel still means "write nothing".
-        self.ui.cancelButton.enabled = self.job is not None and self.job.cancellable
+        self.ui.cancelButton.enabled = (self.job is not None and self.job.cancellable) or self._queueBetweenJobs()
 
         # An update reads the volume the segment was propagated on, so it needs no volume selected.
         if running:
@@ -781,7 +784,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)
         try:
-            job = queue.start_next(make, self.logic.history)
+            job = queue.start_next(make, self.logic.history, seconds=QUEUE_STEP_SECONDS)
             if job is not None:
                 job.start()
         except Exception as exc:  # (a fault of ours: the queue ends, said, and logged for the Error Log)
@@ -790,11 +793,23 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             queue.stop("failed", "failed", f"{type(exc).__name__}: {exc}")
         finally:
             qt.QApplication.restoreOverrideCursor()
+        if job is None and not queue.done:
+            # segments passed over for a while (finished organs...): Slicer draws and takes a Cancel, then on
+            self.ui.progressBar.setFormat(f"segment {queue.position} of {queue.total}: checking")
+            self.updateButtons()
+            qt.QTimer.singleShot(0, self._continueQueue)
+            return
         if job is None:
             self._finishQueue()
             return
         self.job = job
         self._showJobStarted()
+
+    def _continueQueue(self):
+        """Go on with "Propagate all drawn" after a pause between segments passed over (unless it ended
+        meanwhile: Cancel, a closed scene, the module reloaded)."""
+        if self.queue is not None and (self.job is None or self.job.done):
+            self._startNextInQueue()
 
     def _finishQueue(self):
         text, level = self.queue.summary()
@@ -923,6 +938,13 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.job.cancel()
             self.ui.progressBar.setFormat("cancelling...")
             self.ui.cancelButton.enabled = False
+        elif self._queueBetweenJobs():  # "Propagate all drawn" passing over segments: none is running
+            self.queue.stop("cancelled")
+            self._finishQueue()
+
+    def _queueBetweenJobs(self):
+        """Whether "Propagate all drawn" is between two segments' jobs (passing over segments)."""
+        return self.queue is not None and (self.job is None or (self.job.done and not self.job.cancellable))
 
     def onPollJob(self):
         job = self.job

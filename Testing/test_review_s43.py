@@ -11,6 +11,7 @@ from conftest_mrml import ellipsoid, make_volume_node, matrix_from_array, slicer
 from PAMSegmentLib import mrml as mrml_lib
 from test_module_static import _edit, _propagated, _segment_array, _slicer  # noqa: F401
 from test_module_static import drawn, module, mrml, panel  # noqa: F401,F811 - fixtures
+from test_propagate_all import organs  # noqa: F401 - fixture
 
 
 def _layer_segmentation(reference_volume, ijk_to_world: np.ndarray, values: np.ndarray):
@@ -149,3 +150,88 @@ def test_a_finished_segment_passed_over_copies_no_volume(mrml_scene, monkeypatch
     assert [(name, outcome) for _, name, outcome, _ in queue.outcomes] == [("finished", "too many"),
                                                                             ("drawn", "written")]
     assert copies == ["ct"]  # the drawing's job only
+
+
+def test_the_queue_passes_over_segments_a_step_at_a_time(mrml_scene):
+    """start_next(seconds=...) returns after passing over segments for that long, the queue not done
+    (the panel lets Slicer draw and take a Cancel between): with 0 s, one segment a call."""
+    from test_propagate_all import SHAPE, _slice_only
+
+    left = ellipsoid(SHAPE, (12, 24, 16), (8, 10, 10))
+    volume = make_volume_node((left * 100.0).astype(np.float32), name="ct")
+    from conftest_mrml import make_segmentation
+
+    seg, ids = make_segmentation(volume, {"nothing": np.zeros(SHAPE, np.uint8), "solid": left.astype(np.uint8),
+                                          "left": _slice_only(left, 12)})
+    queue = mrml_lib.SegmentQueue(volume, seg)
+    from PAMSegmentLib.baselines import get_predictor
+
+    def make(sid):
+        return mrml_lib.SegmentPropagation(volume, seg, sid, model=get_predictor("copy"))
+
+    seen = []
+    for _ in range(2):
+        assert queue.start_next(make, seconds=0) is None and not queue.done
+        seen.append([outcome for _, _, outcome, _ in queue.outcomes])
+    assert seen == [["empty"], ["empty", "too many"]]
+    job = queue.start_next(make, seconds=0)
+    assert job is not None and job.segment_id == ids["left"] and queue.position == 3
+    job.run()
+    job.apply()
+    queue.record("written", "")
+    assert queue.start_next(make, seconds=0) is None and queue.done
+    assert queue.summary()[0].startswith('Propagated the drawn segment "left". Left as it is, a 3D segment: "solid"')
+
+
+def _paused_after_first(panel, organs, monkeypatch):  # noqa: F811
+    """The panel's Propagate all drawn on the organs (left, nothing, right, solid) passing over one
+    segment at a time: paused after "left" is written and "nothing" passed over."""
+    from test_propagate_all import ready
+
+    volume, seg, ids, _ = organs
+    import sys
+
+    monkeypatch.setattr(sys.modules[type(panel).__module__], "QUEUE_STEP_SECONDS", 0.0)
+    ui = ready(panel, volume, seg, monkeypatch)
+    ui.propagateAllButton.click()
+    first = panel.job
+    assert first.segment_id == ids["left"] and first.wait(60)
+    while panel.pollTimer.active:
+        panel.pollTimer.fire()
+    return ui
+
+
+def test_the_panel_pauses_between_segments_passed_over_and_cancel_ends_it(panel, organs, monkeypatch):  # noqa: F811
+    """Between segments passed over, Slicer draws and takes clicks: the progress says which segment is
+    being checked, Cancel is on and ends the queue there (the finished organs of a large segmentation
+    held Slicer for seconds, with no way to stop)."""
+    from test_module_static import FakeTimer
+
+    volume, seg, ids, _ = organs
+    right_before = mrml_lib.segment_mask(seg, ids["right"], volume).copy()
+    ui = _paused_after_first(panel, organs, monkeypatch)
+    assert panel.queue is not None and not panel.queue.done
+    assert ui.progressBar.format == "segment 2 of 4: checking"
+    assert ui.cancelButton.enabled and not ui.propagateAllButton.enabled and not ui.propagateButton.enabled
+    assert [fn.__name__ for fn in FakeTimer.deferred] == ["_continueQueue"]
+    ui.cancelButton.click()
+    assert panel.queue is None
+    assert ui.statusLabel.text == ('Cancelled. Propagated before: "left" (to take one back, select it and press Undo '
+                                   'propagation). 2 segments not reached. 1 empty segment was left as it was.')
+    FakeTimer.deferred.pop(0)()  # the pause's call, after the Cancel: nothing more
+    assert panel.queue is None and panel.job.segment_id == ids["left"]
+    np.testing.assert_array_equal(mrml_lib.segment_mask(seg, ids["right"], volume), right_before)
+    assert ui.propagateAllButton.enabled and not ui.cancelButton.enabled
+
+
+def test_the_panel_goes_on_after_a_pause(panel, organs, monkeypatch):  # noqa: F811
+    from test_module_static import FakeTimer, poll_until_idle
+
+    volume, seg, ids, _ = organs
+    ui = _paused_after_first(panel, organs, monkeypatch)
+    FakeTimer.deferred.pop(0)()  # Slicer's event loop calls it: "right" is propagated next
+    assert panel.job.segment_id == ids["right"]
+    poll_until_idle(panel, timeout=120)
+    assert panel.queue is None
+    assert ui.statusLabel.text.startswith('Propagated all 2 drawn segments: "left", "right". Left as it is, a 3D '
+                                          'segment: "solid"'), ui.statusLabel.text
