@@ -190,6 +190,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._reviewShown = None  # (segmentation node ID, segment ID, slice) last shown for review
         self._editorSelectionSeen = None  # the Segment Editor's selection (IDs) when the panel last followed it
         self._cancelledBySceneClose = None  # the job a scene close cancelled (its last poll says so)
+        self._queuePause = None  # "Propagate all drawn" paused between segments passed over: the pause's token
 
     def resourcePath(self, filename):
         return _resourcePath(filename)
@@ -250,6 +251,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.job.cancel()
             self.job.wait(5)  # it stops between batches; do not leave it running into a module reload
         self.queue = None  # (the segments "Propagate all drawn" had not reached are not started)
+        self._queuePause = None
         self.pollTimer.stop()
         self.promptRefreshTimer.stop()
         self.removeObservers()
@@ -280,6 +282,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._setStatus("Propagation cancelled because the scene was closed.", "warning")
         self.logic.history.clear()
         self.queue, self._queueOptions = None, None  # ("Propagate all drawn": its segments go with the scene)
+        self._queuePause = None
         self._reviewShown = None
         self._editorSelectionSeen = None
 
@@ -288,7 +291,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if that changed since the panel last looked: a user who drew in the Segment Editor and comes
         here finds it chosen, while a choice made in this panel stays as long as the Segment
         Editor's selection does not change."""
-        if self.job is not None and not self.job.done:
+        if (self.job is not None and not self.job.done) or self.queue is not None:
             return  # the panel shows the running job's inputs; follow on the next entry
         selection = self.logic.segmentEditorSelection()
         seen = None if selection is None else tuple(
@@ -776,6 +779,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Start the queue's next segment that can be propagated (those that cannot are noted and
         passed over: SegmentQueue.start_next); when none is left, show what became of each."""
         queue = self.queue
+        self._queuePause = None
         volume, segmentation = queue.volume_node, queue.segmentation_node
 
         def make(segmentId):
@@ -795,9 +799,13 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             qt.QApplication.restoreOverrideCursor()
         if job is None and not queue.done:
             # segments passed over for a while (finished organs...): Slicer draws and takes a Cancel, then on
+            self.ui.progressBar.setValue(0)
             self.ui.progressBar.setFormat(f"segment {queue.position} of {queue.total}: checking")
+            self._setStatus(f'Propagate all drawn: checking the segments of "{segmentation.GetName()}" for drawings '
+                            "(Cancel stops here)...", "info")
+            pause = self._queuePause = object()
             self.updateButtons()
-            qt.QTimer.singleShot(0, self._continueQueue)
+            qt.QTimer.singleShot(0, lambda: self._continueQueue(pause))  # (an earlier queue's call does nothing)
             return
         if job is None:
             self._finishQueue()
@@ -805,15 +813,15 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.job = job
         self._showJobStarted()
 
-    def _continueQueue(self):
+    def _continueQueue(self, pause=None):
         """Go on with "Propagate all drawn" after a pause between segments passed over (unless it ended
-        meanwhile: Cancel, a closed scene, the module reloaded)."""
-        if self.queue is not None and (self.job is None or self.job.done):
+        meanwhile: Cancel, a closed scene, the module reloaded; or the call is an earlier queue's)."""
+        if pause is not None and pause is self._queuePause and self.queue is not None:
             self._startNextInQueue()
 
     def _finishQueue(self):
         text, level = self.queue.summary()
-        self.queue, self._queueOptions = None, None
+        self.queue, self._queueOptions, self._queuePause = None, None, None
         self._setStatus(text, level)
         self.ui.progressBar.setFormat("done" if level == "ok" else "ended")
         self._reviewShown = None
@@ -944,7 +952,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _queueBetweenJobs(self):
         """Whether "Propagate all drawn" is between two segments' jobs (passing over segments)."""
-        return self.queue is not None and (self.job is None or (self.job.done and not self.job.cancellable))
+        return self.queue is not None and self._queuePause is not None
 
     def onPollJob(self):
         job = self.job
