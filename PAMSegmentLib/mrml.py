@@ -3069,12 +3069,26 @@ def undo_last(segmentation_node, segment_id: str, history: PropagationHistory) -
 
 
 def edited_slices(current: np.ndarray, written: np.ndarray, axis: int) -> list[int]:
-    """Slices along ``axis`` where the segment now differs from what was written: the user's edits."""
-    current, written = np.asarray(current) > 0, np.asarray(written) > 0
+    """Slices along ``axis`` where the segment now differs from what was written: the user's edits.
+    Compared within the box holding both's voxels only (three volume-sized boolean arrays were 0.1 s
+    at 512 x 512 x 300, after every stroke: the panel's prompt line checks for edits)."""
+    from .propagate import _bounding_box  # noqa: PLC0415
+
+    current, written = np.asarray(current), np.asarray(written)
     if current.shape != written.shape:
         raise InputError(f"the segment's grid {current.shape} differs from the result's {written.shape}")
+    lo, hi = None, None
+    for mask in (current, written):
+        box, start = _bounding_box(mask)
+        if box.size and (box is not mask or mask.any()):  # (the whole array comes back when it holds nothing)
+            end = [b + n for b, n in zip(start, box.shape)]
+            lo = list(start) if lo is None else [min(a, b) for a, b in zip(lo, start)]
+            hi = end if hi is None else [max(a, b) for a, b in zip(hi, end)]
+    if lo is None:
+        return []
+    where = tuple(slice(a, b) for a, b in zip(lo, hi))
     other = tuple(a for a in range(current.ndim) if a != axis)
-    return np.flatnonzero((current != written).any(axis=other)).tolist()
+    return (np.flatnonzero(((current[where] > 0) != (written[where] > 0)).any(axis=other)) + lo[axis]).tolist()
 
 
 def plan_keyframes(current: np.ndarray, axis: int, keyframes, empty_keyframes, edited) -> tuple[dict, set]:

@@ -291,3 +291,22 @@ def test_entering_the_module_during_a_pause_keeps_the_queues_inputs(panel, organ
     panel.exit()
     panel.enter()
     assert ui.segmentationSelector.currentNode() is seg
+
+
+def test_edited_slices_within_the_masks_box_finds_what_the_whole_comparison_found():
+    """edited_slices compares within the box of both masks' voxels: the same slices as the whole-volume
+    comparison over 500 random pairs (empty ones, negative values, along each axis)."""
+    rng = np.random.default_rng(4343)
+    for n in range(500):
+        shape = tuple(int(rng.integers(1, 9)) for _ in range(3))
+        pair = []
+        for _ in range(2):
+            mask = np.zeros(shape, dtype=[bool, np.uint8, np.int16][n % 3])
+            for _ in range(int(rng.integers(0, 5))):
+                mask[tuple(int(rng.integers(0, s)) for s in shape)] = [True, 1, int(rng.choice([-2, 1, 3]))][n % 3]
+            pair.append(mask)
+        if n % 7 == 0:
+            pair[1] = pair[0].copy()  # nothing edited
+        axis = n % 3
+        whole = np.flatnonzero(((pair[0] > 0) != (pair[1] > 0)).any(axis=tuple(a for a in range(3) if a != axis)))
+        assert mrml_lib.edited_slices(pair[0], pair[1], axis) == whole.tolist(), (n, shape, axis)
