@@ -310,3 +310,27 @@ def test_edited_slices_within_the_masks_box_finds_what_the_whole_comparison_foun
         axis = n % 3
         whole = np.flatnonzero(((pair[0] > 0) != (pair[1] > 0)).any(axis=tuple(a for a in range(3) if a != axis)))
         assert mrml_lib.edited_slices(pair[0], pair[1], axis) == whole.tolist(), (n, shape, axis)
+
+
+def test_run_anyway_copies_the_volume_before_reading_the_segment(mrml_scene, monkeypatch):
+    """A review: with the memory check (the queue, Propagate) the segment is read first and the volume
+    copied after the drawing's checks; run anyway (memory_check=False) copies it first, as before,
+    so that a copy which does not fit is said in words ("could not be copied for the job") before
+    Slicer's export of a segment on another grid could end the process (VTK's bad_alloc, exit 134
+    under a memory limit: a review's probe)."""
+    shape = (8, 16, 16)
+    organ = ellipsoid(shape, (4, 8, 8), (3, 5, 5))
+    volume = make_volume_node((organ * 50.0).astype(np.float32), name="ct")
+    drawing = np.zeros(shape, np.uint8)
+    drawing[4] = organ[4]
+    from conftest_mrml import make_segmentation
+
+    seg, ids = make_segmentation(volume, {"drawn": drawing})
+    order = []
+    real_copy, real_read = mrml_lib.volume_array, mrml_lib._prompt_mask
+    monkeypatch.setattr(mrml_lib, "volume_array", lambda node: order.append("copy") or real_copy(node))
+    monkeypatch.setattr(mrml_lib, "_prompt_mask", lambda *a: order.append("read") or real_read(*a))
+    for check, expected in ((True, ["read", "copy"]), (False, ["copy", "read"])):
+        order.clear()
+        job = mrml_lib.SegmentPropagation(volume, seg, ids["drawn"], memory_check=check)
+        assert order == expected and job.image.shape == shape
