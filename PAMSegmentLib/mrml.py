@@ -1542,13 +1542,14 @@ class SegmentPropagation:
             raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         segment = _segment(segmentation_node, segment_id)
         check_flag("memory_check", memory_check)
-        if memory_check:
-            _check_scalar_volume(volume_node)
-            if _own_voxels_box(segment) is None:  # said before the memory check ("Run it anyway?", then "empty")
-                raise EmptySegment(f'segment "{segment.GetName()}" on volume "{volume_node.GetName()}": it is empty: '
-                                 "draw the object on one slice and try again")
-            check_read_memory(volume_node, f'propagating "{segment.GetName()}" on "{volume_node.GetName()}"')
         _check_scalar_volume(volume_node)
+        # said before the memory check ("Run it anyway?", then "empty"), and run anyway too (where the engine's
+        # "the prompt is empty" came back as a plain InputError: Propagate all drawn called it not propagated)
+        if _own_voxels_box(segment) is None:
+            raise EmptySegment(f'segment "{segment.GetName()}" on volume "{volume_node.GetName()}": it is empty: '
+                               "draw the object on one slice and try again")
+        if memory_check:
+            check_read_memory(volume_node, f'propagating "{segment.GetName()}" on "{volume_node.GetName()}"')
         grid = _grid_of(volume_node)
         # The volume's copy after the drawing's checks: a drawing refused (a finished 3D segment "Propagate all
         # drawn" passes over) copies none (0.04 s and 150 MB at 512 x 512 x 300 int16). Run anyway (no memory
@@ -3080,6 +3081,8 @@ def edited_slices(current: np.ndarray, written: np.ndarray, axis: int) -> list[i
     current, written = np.asarray(current), np.asarray(written)
     if current.shape != written.shape:
         raise InputError(f"the segment's grid {current.shape} differs from the result's {written.shape}")
+    if not (isinstance(axis, (int, np.integer)) and 0 <= axis < current.ndim):
+        raise InputError(f"axis must be one of 0-{current.ndim - 1}, got {axis!r}")
     lo, hi = None, None
     for mask in (current, written):
         box, start = _bounding_box(mask)

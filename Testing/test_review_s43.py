@@ -334,3 +334,27 @@ def test_run_anyway_copies_the_volume_before_reading_the_segment(mrml_scene, mon
         order.clear()
         job = mrml_lib.SegmentPropagation(volume, seg, ids["drawn"], memory_check=check)
         assert order == expected and job.image.shape == shape
+
+
+def test_run_anyway_passes_over_an_empty_segment_as_empty(mrml_scene):
+    """A review: with the memory check off (run anyway), an empty segment was refused by the engine's
+    "the prompt is empty" as a plain InputError: Propagate all drawn said 'Propagated 0 of 1 drawn
+    segment. Not propagated: "empty" ...' where with the check it says no segment holds a drawing."""
+    shape = (8, 16, 16)
+    volume = make_volume_node(np.zeros(shape, np.float32), name="ct")
+    from conftest_mrml import make_segmentation
+
+    seg, ids = make_segmentation(volume, {"empty": np.zeros(shape, np.uint8)})
+    from PAMSegmentLib.baselines import get_predictor
+    from PAMSegmentLib.errors import EmptySegment
+
+    import pytest
+
+    with pytest.raises(EmptySegment):
+        mrml_lib.SegmentPropagation(volume, seg, ids["empty"], memory_check=False)
+    queue = mrml_lib.propagate_segments(volume, seg, model=get_predictor("copy"), memory_check=False,
+                                        history=mrml_lib.PropagationHistory())
+    assert [(name, outcome) for _, name, outcome, _ in queue.outcomes] == [("empty", "empty")]
+    assert queue.summary()[0].startswith("No segment of the segmentation holds a drawing to propagate")
+    with pytest.raises(mrml_lib.InputError, match="axis must be one of 0-2"):
+        mrml_lib.edited_slices(np.zeros(shape), np.zeros(shape), 3)
