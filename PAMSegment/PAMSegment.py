@@ -1478,7 +1478,8 @@ class PAMSegmentTest(ScriptedLoadableModuleTest):
         for test in (self.test_PAMSegment_propagatesEllipsoid, self.test_PAMSegment_cancelChangesNothing,
                      self.test_PAMSegment_updateKeepsEditsAndUndoRestores,
                      self.test_PAMSegment_savedResultUpdatesInANewSession,
-                     self.test_PAMSegment_propagatesAllDrawnSegments):
+                     self.test_PAMSegment_propagatesAllDrawnSegments,
+                     self.test_PAMSegment_readsSegmentsAsSlicerExportsThem):
             try:
                 self.setUp()
             except unittest.SkipTest:
@@ -1634,3 +1635,49 @@ class PAMSegmentTest(ScriptedLoadableModuleTest):
             self.assertIsNotNone(logic.historyEntry(segmentation, ids[name]))  # each can be undone on its own
             scores.append(f"{name} {dice:.3f}")
         self.delayDisplay(f"Test passed: {queue.summary()[0]} Dice {', '.join(scores)}")
+
+    def test_PAMSegment_readsSegmentsAsSlicerExportsThem(self):
+        """A segment stored on the volume's own voxels is read in place (PAMSegmentLib.mrml.segment_mask;
+        no temporary node in the scene), others through Slicer's export: both equal to the export, in
+        this Slicer, on the volume's grid, another series' grid on the same voxels, and a finer one."""
+        import vtk
+
+        from PAMSegmentLib.mrml import segment_mask
+
+        self.delayDisplay("Reading segments on the volume's grid as Slicer's export does")
+        truth, volume, _, _ = self._scene()
+        checked = []
+        grids = (("the volume's grid", 1, 0), ("another series' grid", 1, 3), ("a finer grid", 2, 0))
+        for kind, factor, shift in grids:
+            geometry = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"PAMSegment test {kind}")
+            geometry.SetAndObserveImageData(vtk.vtkImageData())
+            dims = [n * factor + 2 * shift for n in reversed(self.SHAPE)]
+            geometry.GetImageData().SetDimensions(*dims)
+            geometry.GetImageData().AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+            matrix = vtk.vtkMatrix4x4()
+            volume.GetIJKToRASMatrix(matrix)
+            for row in range(3):
+                corner = sum(matrix.GetElement(row, col) * -shift for col in range(3))
+                matrix.SetElement(row, 3, matrix.GetElement(row, 3) + corner)
+                for col in range(3):
+                    matrix.SetElement(row, col, matrix.GetElement(row, col) / factor)
+            geometry.SetIJKToRASMatrix(matrix)
+            segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"PAMSegment test {kind}")
+            segmentation.CreateDefaultDisplayNodes()
+            segmentation.SetReferenceImageGeometryParameterFromVolumeNode(geometry)
+            segmentId = segmentation.GetSegmentation().AddEmptySegment("", "ellipsoid", [0.9, 0.6, 0.1])
+            # the ellipsoid on that grid: each voxel of the volume as factor^3 voxels, framed by shift voxels
+            onGrid = np.pad(truth.repeat(factor, 0).repeat(factor, 1).repeat(factor, 2), shift).astype(np.uint8)
+            slicer.util.updateSegmentBinaryLabelmapFromArray(onGrid, segmentation, segmentId, geometry)
+            added = []  # the export adds (and removes) a temporary labelmap node
+            tag = slicer.mrmlScene.AddObserver(slicer.vtkMRMLScene.NodeAddedEvent, lambda *unused: added.append(1))
+            try:
+                mask = segment_mask(segmentation, segmentId, volume)
+            finally:
+                slicer.mrmlScene.RemoveObserver(tag)
+            inPlace = not added
+            exported = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segmentId, volume) > 0
+            self.assertTrue(np.array_equal(mask.astype(bool), exported), kind)
+            self.assertEqual(int(np.count_nonzero(mask)), int(np.count_nonzero(truth)), kind)
+            checked.append(f"{kind}: {'in place' if inPlace else 'exported'}")
+        self.delayDisplay(f"Test passed: {'; '.join(checked)}")

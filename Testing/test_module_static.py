@@ -1574,7 +1574,7 @@ def test_self_test_without_the_packages_skips_or_installs_them(module, monkeypat
 
 SELF_TESTS = ("test_PAMSegment_propagatesEllipsoid", "test_PAMSegment_cancelChangesNothing",
               "test_PAMSegment_updateKeepsEditsAndUndoRestores", "test_PAMSegment_savedResultUpdatesInANewSession",
-              "test_PAMSegment_propagatesAllDrawnSegments")
+              "test_PAMSegment_propagatesAllDrawnSegments", "test_PAMSegment_readsSegmentsAsSlicerExportsThem")
 
 
 def test_self_test_run_by_the_extension_build_installs_the_packages(module, monkeypatch):
@@ -1599,11 +1599,12 @@ def test_self_test_run_by_the_extension_build_installs_the_packages(module, monk
 
     module.PAMSegmentTest._saidMissing = False
     outcome = run_as_the_extension_build()  # interactive: skipped, said once
-    assert (outcome.testsRun, len(outcome.skipped), outcome.errors, outcome.failures) == (5, 5, [], [])
+    n = len(SELF_TESTS)
+    assert (outcome.testsRun, len(outcome.skipped), outcome.errors, outcome.failures) == (n, n, [], [])
     assert len(shown) == 1 and ran == [] and installed == []
     options.testingEnabled = True
     outcome = run_as_the_extension_build()  # unattended: installed once, then all of them run
-    assert (outcome.testsRun, outcome.skipped, outcome.errors, outcome.failures) == (5, [], [], [])
+    assert (outcome.testsRun, outcome.skipped, outcome.errors, outcome.failures) == (n, [], [], [])
     assert installed == [module.RUNTIME_REQUIREMENTS[0]] and sorted(ran) == sorted(SELF_TESTS)
 
 
@@ -2132,3 +2133,14 @@ def test_panel_update_stays_on_and_says_why_after_an_edit_only_a_finer_grid_show
 def test_self_test_propagate_all_with_default_weights_runs_headless(module, mrml_scene):
     case = module.PAMSegmentTest("test_PAMSegment_propagatesAllDrawnSegments")
     case.test_PAMSegment_propagatesAllDrawnSegments()
+
+
+def test_self_test_reading_segments_runs_headless(module, mrml_scene):
+    """The self-test of the in-place read (session 43) on slicer-core's nodes: equal to the export on
+    the three grids, the volume's and the shifted one read in place, the finer one exported."""
+    case = module.PAMSegmentTest("test_PAMSegment_readsSegmentsAsSlicerExportsThem")
+    said = []
+    case.delayDisplay = said.append
+    case.test_PAMSegment_readsSegmentsAsSlicerExportsThem()
+    assert said[-1] == ("Test passed: the volume's grid: in place; another series' grid: in place; a finer grid: "
+                        "exported")
