@@ -1678,6 +1678,7 @@ class PAMSegmentTest(ScriptedLoadableModuleTest):
             inPlace = not added
             exported = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segmentId, volume) > 0
             self.assertTrue(np.array_equal(mask.astype(bool), exported), kind)
+            self.assertEqual(inPlace, factor == 1, kind)  # the volume's own voxels are read in place
             self.assertEqual(int(np.count_nonzero(mask)), int(np.count_nonzero(truth)), kind)
             checked.append(f"{kind}: {'in place' if inPlace else 'exported'}")
         self.delayDisplay(f"Test passed: {'; '.join(checked)}")

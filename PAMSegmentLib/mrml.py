@@ -285,10 +285,13 @@ def _segment(segmentation_node, segment_id):
 def segment_mask(segmentation_node, segment_id: str, volume_node, check_memory: str | None = None) -> np.ndarray:
     """The segment as a uint8 0/1 array on the volume's voxel grid, (k, j, i).
 
-    Slicer's export resamples from the segmentation's own geometry (and parent transform) to the
-    volume's, so the mask lines up with ``volume_array`` whatever resolution the user segmented at.
-    ``check_memory``: what the read is for, to refuse it (``check_read_memory``) where the export
-    would not fit in the memory free now (VTK then ends the whole process).
+    A segment stored on the volume's own voxels (the usual case) is read in place from its layer
+    (``_segment_mask_same_voxels``); on any other grid Slicer's export resamples from the
+    segmentation's own geometry (and parent transform) to the volume's, so the mask lines up with
+    ``volume_array`` whatever resolution the user segmented at (a segment erased to nothing, which
+    the export fails on, reads as empty). ``check_memory``: what the read is for, to refuse it
+    (``check_read_memory``) where it would not fit in the memory free now (VTK's export then ends
+    the whole process).
     """
     slicer = _slicer()
     if check_memory is not None:
@@ -3086,7 +3089,7 @@ def edited_slices(current: np.ndarray, written: np.ndarray, axis: int) -> list[i
     lo, hi = None, None
     for mask in (current, written):
         box, start = _bounding_box(mask)
-        if box.size and (box is not mask or mask.any()):  # (the whole array comes back when it holds nothing)
+        if box is not mask:  # (the array itself comes back when it holds nothing)
             end = [b + n for b, n in zip(start, box.shape)]
             lo = list(start) if lo is None else [min(a, b) for a, b in zip(lo, start)]
             hi = end if hi is None else [max(a, b) for a, b in zip(hi, end)]

@@ -56,6 +56,7 @@ def _segmentation_on(geometry, masks: dict[str, np.ndarray]):
         sid = seg.GetSegmentation().AddEmptySegment("", name, [0.5, 0.5, 0.5])
         slicer.util.updateSegmentBinaryLabelmapFromArray(mask.astype(np.uint8), seg, sid, geometry)
         ids[name] = sid
+    seg.GetSegmentation().CollapseBinaryLabelmaps(False)  # segments apart from each other: one shared layer
     return seg, ids
 
 
@@ -109,6 +110,9 @@ def _scene_case(rng, kind: str):
     masks["s1"] &= ~masks["s0"]  # apart from the others: one shared layer
     masks["s2"] &= ~masks["s0"] & ~masks["s1"]
     seg, ids = _segmentation_on(geometry, masks)
+    segmentation = seg.GetSegmentation()
+    labels = sorted(segmentation.GetSegment(sid).GetLabelValue() for sid in ids.values())
+    assert segmentation.GetNumberOfLayers() == 1 and labels == [1, 2, 3]  # one layer, told apart by label value
     return volume, seg, ids, own
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Time on Slicer's main thread of the panel's calls for one Propagate, one Update and one Undo.
 
-    python scripts/benchmark_slicer_panel.py [--depth 300] [--size 512] [--repeats 3]
+    python scripts/benchmark_slicer_panel.py [--depth 300] [--size 512] [--repeats 3] [--finished N]
 
 Needs the slicer-core wheel (`pip install slicer-core`): real MRML nodes, no Qt. A synthetic int16
 CT of size x size x depth (an ellipsoid on noise, 0.8 x 0.8 x 1 mm), the segmentation on the
@@ -12,7 +12,8 @@ apart). The calls are those the panel makes on the main thread: the prompt line
 check the prompt line makes after it; then a slice erased in part, the edits check, the update's
 copy-out and write, and Undo propagation. Prints the median of ``--repeats`` runs of each, in a
 fresh scene each time. ``--finished N`` also times Propagate all drawn on a segmentation of N finished
-organs (ellipsoids filled on every slice, passed over) and two drawings, once.
+organs (ellipsoids filled on every slice, passed over) and two drawings, once (its masks are built as
+volume-sized booleans: about 1.7 GB for 20 organs at 512 x 512 x 300).
 """
 
 from __future__ import annotations
