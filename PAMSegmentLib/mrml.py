@@ -937,8 +937,9 @@ def describe_prompt(volume_node, segmentation_node, segment_id: str) -> PromptIn
     if volume_node is None or not volume_node.IsA("vtkMRMLScalarVolumeNode"):
         raise InputError("select a scalar volume")
     _check_scalar_volume(volume_node)  # as volume_array will check it on Propagate
-    # the segment's export below is a volume-sized image made by VTK, which ends the whole process (Slicer
-    # and unsaved work) when it cannot allocate it: refused as a propagation is (a trial, session 37)
+    # the segment's read below is, on a grid other than the volume's own voxels, Slicer's export: a volume-sized
+    # image made by VTK, which ends the whole process (Slicer and unsaved work) when it cannot allocate it:
+    # refused as a propagation is (a trial, session 37)
     segment = segmentation_node.GetSegmentation().GetSegment(segment_id) if segmentation_node is not None else None
     check_read_memory(volume_node, f'reading "{segment.GetName() if segment is not None else segment_id}" on '
                                    f'"{volume_node.GetName()}"', job=False)
