@@ -344,6 +344,15 @@ def _plain_layer(stored) -> bool:
     return stored.GetPointData().GetScalars().GetNumberOfTuples() == voxels
 
 
+def _layer(stored) -> np.ndarray:
+    """A stored labelmap's values as a (k, j, i) array over its extent, in place (no copy)."""
+    from vtk.util import numpy_support  # noqa: PLC0415
+
+    e = stored.GetExtent()
+    return numpy_support.vtk_to_numpy(stored.GetPointData().GetScalars()).reshape(
+        e[5] - e[4] + 1, e[3] - e[2] + 1, e[1] - e[0] + 1)
+
+
 # how far from whole voxels (in voxels) and from the volume's axes a stored grid may lie and still be
 # read as the volume's own voxels (Slicer's export, a nearest-neighbour resample there, picks the same)
 _SAME_VOXELS = 1e-3
@@ -357,13 +366,11 @@ def _segment_mask_same_voxels(segment, volume_node, between: np.ndarray) -> np.n
     Slicer's export gives the same voxels there, but through a temporary labelmap node added to and
     removed from the scene and a resample of the whole volume: 0.2-0.25 s a read at 512 x 512 x
     300 (about five reads a propagation on Slicer's main thread; session 43's probe)."""
-    from vtk.util import numpy_support  # noqa: PLC0415
-
     import vtk  # noqa: PLC0415
 
     stored = segment.GetRepresentation(_binary_name())
-    if stored is None or stored.GetPointData().GetScalars() is None:
-        return None
+    if not _plain_layer(stored):
+        return None  # (none, or not a labelmap Slicer stores: the export says what it makes of it)
     matrix = vtk.vtkMatrix4x4()
     stored.GetImageToWorldMatrix(matrix)
     grid = _grid_of(volume_node)
@@ -375,8 +382,6 @@ def _segment_mask_same_voxels(segment, volume_node, between: np.ndarray) -> np.n
     reach = np.abs(to_stored[:3, :3] - np.eye(3)) @ (np.array(grid.shape[::-1], float) - 1)
     if not (np.all(np.isfinite(to_stored)) and float(np.max(reach + np.abs(to_stored[:3, 3] - shift))) <= _SAME_VOXELS):
         return None
-    if not _plain_layer(stored):
-        return None  # (not a labelmap Slicer stores: the export says what it makes of it)
     e = stored.GetExtent()
     out = np.zeros(grid.shape, dtype=np.uint8)
     # the overlap, in the volume's (k, j, i) indices and the layer's
@@ -384,8 +389,7 @@ def _segment_mask_same_voxels(segment, volume_node, between: np.ndarray) -> np.n
     hi = [min(grid.shape[2 - a], e[2 * a + 1] - int(shift[a]) + 1) for a in range(3)]
     if any(h <= l for l, h in zip(lo, hi)) or any(e[2 * a + 1] < e[2 * a] for a in range(3)):
         return out
-    layer = numpy_support.vtk_to_numpy(stored.GetPointData().GetScalars()).reshape(
-        e[5] - e[4] + 1, e[3] - e[2] + 1, e[1] - e[0] + 1)
+    layer = _layer(stored)
     at = [lo[a] + int(shift[a]) - e[2 * a] for a in range(3)]  # the overlap's first voxel in the layer
     rows = slice(at[1], at[1] + hi[1] - lo[1])
     columns = slice(at[0], at[0] + hi[0] - lo[0])
@@ -558,16 +562,14 @@ def _own_voxels_box(segment):
     the box's first voxel as the labelmap's (i, j, k) index, its image-to-world 4x4), or None when
     it holds none or has no binary labelmap."""
     import vtk  # noqa: PLC0415
-    from vtk.util import numpy_support  # noqa: PLC0415
 
     stored = segment.GetRepresentation(_binary_name()) if segment is not None else None
     if stored is None or stored.GetPointData().GetScalars() is None:
         return None
     extent = stored.GetExtent()
-    dims = (extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
-    if min(dims) <= 0:
+    if min(extent[1] - extent[0], extent[3] - extent[2], extent[5] - extent[4]) < 0:
         return None
-    layer = numpy_support.vtk_to_numpy(stored.GetPointData().GetScalars()).reshape(dims)
+    layer = _layer(stored)
     # a slice at a time (a boolean of a whole layer shared with other segments on a finer grid was
     # hundreds of MB on every prompt refresh, session 41)
     packed = PackedMask.of(layer, value=segment.GetLabelValue())
@@ -1116,13 +1118,10 @@ def _written_extent(labelmap, to_theirs: np.ndarray, b: np.ndarray, own) -> tupl
 
 def _content_extent(image) -> tuple[int, ...] | None:
     """The VTK extent of the box around ``image``'s non-zero voxels; None when it has none."""
-    from vtk.util import numpy_support  # noqa: PLC0415
-
     e = image.GetExtent()
-    scalars = image.GetPointData().GetScalars()
-    if scalars is None or any(e[2 * a + 1] < e[2 * a] for a in range(3)):
+    if image.GetPointData().GetScalars() is None or any(e[2 * a + 1] < e[2 * a] for a in range(3)):
         return None
-    voxels = numpy_support.vtk_to_numpy(scalars).reshape(e[5] - e[4] + 1, e[3] - e[2] + 1, e[1] - e[0] + 1)
+    voxels = _layer(image)
     ks = np.flatnonzero(voxels.any(axis=(1, 2)))
     if ks.size == 0:
         return None
@@ -1187,8 +1186,7 @@ def _segment_own_voxels(segmentation_node, segment_id: str):
     # edge (a layer on a grid half a voxel off, or twice as fine) took the edge's 1 instead of the 0 beyond
     # it, and a replace write added a column of voxels outside the volume (a second re-review).
     e = stored.GetExtent()
-    layer = numpy_support.vtk_to_numpy(stored.GetPointData().GetScalars()).reshape(
-        e[5] - e[4] + 1, e[3] - e[2] + 1, e[1] - e[0] + 1)
+    layer = _layer(stored)
     # (the box of its own voxels, not of the layer's: in a layer shared with other segments that is
     # theirs too, 198 MB copied for a one-slice segment among 30 on a x3 grid, session 41)
     packed = PackedMask.of(layer, value=segment.GetLabelValue())

@@ -2888,9 +2888,8 @@ def keyframes_from_edits(prompt: np.ndarray, previous, edited: np.ndarray, *,
                              "you redid every slice, propagate a new prompt without the earlier result")
         if filled:  # slices erased between two keyframes: a gap in the object, said (see EditPlan.notes)
             gaps: dict[tuple[int, int], list[int]] = {}
-            for s in erased_now:
-                if filled[0] < s < filled[-1]:
-                    gaps.setdefault((max(k for k in filled if k < s), min(k for k in filled if k > s)), []).append(s)
+            for s in inside:
+                gaps.setdefault((max(k for k in filled if k < s), min(k for k in filled if k > s)), []).append(s)
             if gaps:
                 holes[lab] = [(inner, before, after) for (before, after), inner in sorted(gaps.items())]
         for s in filled:
