@@ -6,12 +6,23 @@ from __future__ import annotations
 import numpy as np
 
 from conftest_mrml import *  # noqa: F401,F403
-from conftest_mrml import ellipsoid, make_volume_node, matrix_from_array, slicer, vtk
+from conftest_mrml import ellipsoid, make_segmentation, make_volume_node, matrix_from_array, slicer, vtk
 
 from PAMSegmentLib import mrml as mrml_lib
 from test_module_static import _edit, _propagated, _segment_array, _slicer  # noqa: F401
 from test_module_static import drawn, module, mrml, panel  # noqa: F401,F811 - fixtures
 from test_propagate_all import organs  # noqa: F401 - fixture
+
+
+def _organ_drawn(shape, radii, brightness: float, noise: float = 0.0):
+    """A bright ellipsoid in the middle of a float volume ("ct") and its middle slice drawn:
+    (volume node, the ellipsoid, the drawing)."""
+    organ = ellipsoid(shape, tuple(n // 2 for n in shape), radii)
+    image = organ * brightness + (np.random.default_rng(0).normal(0, noise, shape) if noise else 0.0)
+    volume = make_volume_node(image.astype(np.float32), name="ct")
+    drawing = np.zeros(shape, np.uint8)
+    drawing[shape[0] // 2] = organ[shape[0] // 2]
+    return volume, organ, drawing
 
 
 def _layer_segmentation(reference_volume, ijk_to_world: np.ndarray, values: np.ndarray):
@@ -132,14 +143,7 @@ def test_a_finished_segment_passed_over_copies_no_volume(mrml_scene, monkeypatch
     """Propagate all drawn on a segmentation of finished organs: each one's job was made, the volume
     copied, then refused for its 3D shape (0.04 s and the volume's size each at 512 x 512 x 300). The
     copy now comes after the drawing's checks: the drawing's job copies it, the finished one's not."""
-    shape = (24, 40, 40)
-    organ = ellipsoid(shape, (12, 20, 20), (10, 12, 12))
-    image = (organ * 100.0 + np.random.default_rng(0).normal(0, 3, shape)).astype(np.float32)
-    volume = make_volume_node(image, name="ct")
-    drawing = np.zeros(shape, np.uint8)
-    drawing[12] = organ[12]
-    from conftest_mrml import make_segmentation
-
+    volume, organ, drawing = _organ_drawn((24, 40, 40), (10, 12, 12), 100.0, noise=3.0)
     seg, ids = make_segmentation(volume, {"finished": organ.astype(np.uint8), "drawn": drawing})
     copies = []
     real = mrml_lib.volume_array
@@ -159,8 +163,6 @@ def test_the_queue_passes_over_segments_a_step_at_a_time(mrml_scene):
 
     left = ellipsoid(SHAPE, (12, 24, 16), (8, 10, 10))
     volume = make_volume_node((left * 100.0).astype(np.float32), name="ct")
-    from conftest_mrml import make_segmentation
-
     seg, ids = make_segmentation(volume, {"nothing": np.zeros(SHAPE, np.uint8), "solid": left.astype(np.uint8),
                                           "left": _slice_only(left, 12)})
     queue = mrml_lib.SegmentQueue(volume, seg)
@@ -319,12 +321,7 @@ def test_run_anyway_copies_the_volume_before_reading_the_segment(mrml_scene, mon
     Slicer's export of a segment on another grid could end the process (VTK's bad_alloc, exit 134
     under a memory limit: a review's probe)."""
     shape = (8, 16, 16)
-    organ = ellipsoid(shape, (4, 8, 8), (3, 5, 5))
-    volume = make_volume_node((organ * 50.0).astype(np.float32), name="ct")
-    drawing = np.zeros(shape, np.uint8)
-    drawing[4] = organ[4]
-    from conftest_mrml import make_segmentation
-
+    volume, _, drawing = _organ_drawn(shape, (3, 5, 5), 50.0)
     seg, ids = make_segmentation(volume, {"drawn": drawing})
     order = []
     real_copy, real_read = mrml_lib.volume_array, mrml_lib._prompt_mask
@@ -342,8 +339,6 @@ def test_run_anyway_passes_over_an_empty_segment_as_empty(mrml_scene):
     segment. Not propagated: "empty" ...' where with the check it says no segment holds a drawing."""
     shape = (8, 16, 16)
     volume = make_volume_node(np.zeros(shape, np.float32), name="ct")
-    from conftest_mrml import make_segmentation
-
     seg, ids = make_segmentation(volume, {"empty": np.zeros(shape, np.uint8)})
     from PAMSegmentLib.baselines import get_predictor
     from PAMSegmentLib.errors import EmptySegment
