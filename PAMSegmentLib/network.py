@@ -266,7 +266,7 @@ class ProposingStage(nn.Module):
         skips = list(skips)
         for attn, s, k, v in zip(self.cross_attns, self.config.attention_stages, guide_keys, guide_values):
             q = skips[s].reshape(g, n, *skips[s].shape[1:])
-            skips[s] = (q + attn(q, k, v)).reshape(g * n, *skips[s].shape[1:])
+            skips[s] = _dense_batch_stride((q + attn(q, k, v)).reshape(g * n, *skips[s].shape[1:]))
         logits = self.decoder(skips)
         presence = self.presence_head(skips[-1]) if self.presence_head is not None else None
         return PAMOutput(logits=list(logits), presence=presence)
@@ -274,6 +274,21 @@ class ProposingStage(nn.Module):
     def forward(self, guide_image, guide_mask, query_images, query_prior=None) -> PAMOutput:
         keys, values = self.encode_guide(guide_image, guide_mask)
         return self.decode_queries(query_images, keys, values, guide_mask, query_prior)
+
+
+def _dense_batch_stride(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself, or for a single channels-last map whose batch stride is not that of a dense
+    tensor (a batch of one reshaped from the attention's (G, N, ...) view keeps a stride of C there)
+    the same view with that stride made dense. The values and their memory are unchanged (a size-1
+    dimension's stride addresses nothing), but torch's ``cat`` sees the map as channels-last only
+    with dense strides: otherwise the decoder's concatenations of the attended skips fell back to the
+    plain layout (6 times as slow) and its next convolutions copied them back (session 44, README
+    Benchmarks)."""
+    if x.dim() != 4 or x.shape[0] != 1 or not x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    c, h, w = x.shape[1:]
+    dense = (c * h * w, 1, w * c, c)
+    return x if x.stride() == dense else x.as_strided(x.shape, dense, x.storage_offset())
 
 
 class PAMNetwork(nn.Module):
