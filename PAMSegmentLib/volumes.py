@@ -338,6 +338,19 @@ def _series_label(uid: str) -> str:
     return uid if uid.strip() else "(files without a SeriesInstanceUID)"
 
 
+def _series_offered(uid: str, files) -> str:
+    """``_series_named`` for a list of series to choose from: files without a SeriesInstanceUID are
+    chosen by an empty UID, which a user copying "--series UID" cannot guess (a bare ``--series``
+    followed by nothing is refused by the command line)."""
+    return _series_named(uid, files) + ("" if uid.strip() else f" (choose it with --series {_series_argument(uid)})")
+
+
+def _series_argument(uid: str) -> str:
+    """``uid`` as it is typed after ``--series`` in a shell: as it is where it is a plain UID (digits
+    and dots), else in double quotes (an empty UID: ``""``, understood by sh, PowerShell and cmd)."""
+    return uid if uid and all(c.isalnum() or c in ".-_" for c in uid) else f'"{uid}"'
+
+
 def _series_named(uid: str, files) -> str:
     """``_series_label`` with what a user knows the series by, from its first file's header: its
     number, description and modality (``#3 "T2 AX" MR, 1.2.3...``); the UID alone where the header
@@ -383,7 +396,7 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
             _check_no_damaged_files(folder, by_uid, None)  # a cut file may be that series' only one
             raise InputError(
                 f"series {series_uid} is not in {folder}; available series: "
-                f"{'; '.join(_series_named(uid, by_uid[uid]) for uid in series_ids)}"
+                f"{'; '.join(_series_offered(uid, by_uid[uid]) for uid in series_ids)}"
             )
         chosen = series_uid
         files = by_uid[chosen]
@@ -396,7 +409,7 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
             ties = sum(len(by_uid[uid]) == len(files) for uid in candidates)
             which = "the largest" if ties == 1 else f"the first of {ties} series of that size"
             others = [uid for uid in series_ids if uid != chosen]  # named, so that one can be chosen (a trial, s36)
-            listed = "; ".join(f"{_series_named(uid, by_uid[uid])} ({len(by_uid[uid])} file"
+            listed = "; ".join(f"{_series_offered(uid, by_uid[uid])} ({len(by_uid[uid])} file"
                                f"{'s' if len(by_uid[uid]) != 1 else ''})"
                                for uid in others[:4]) + (f"; and {len(others) - 4} more" if len(others) > 4 else "")
             warnings.warn(
@@ -1965,9 +1978,13 @@ def _off_grid_error(name: str, labels: Volume, reference: Volume, diffs: list[st
     caller's user asks for resampling (the command line's ``--resample-prompt``)."""
     other_series = _series_holding_grid(reference_path, labels) if role == "prompt" else None
     if other_series is not None:  # drawn on another series of the folder (resampling wrote on the wrong one)
+        uid = other_series[0]
+        where = ("in a batch manifest, its series column; from Python, series_uid=" if uid.strip() else
+                 'from Python, series_uid=""; a batch manifest\'s empty series cell reads the largest series, so '
+                 "there give these files a folder of their own")
         return InputError(f"{name} is not on the grid of the series read from {reference_path.name}, but on that of "
                           f"its series {other_series[1]}: it was drawn on that series; choose it with --series "
-                          f"{other_series[0]} (in a batch manifest, its series column; from Python, series_uid=)")
+                          f"{_series_argument(uid)} ({where})")
     split = [(q.name, mm) for q, other in ((reference_path, labels), (path, reference))
              if (mm := _two_grids_holding(q, other)) is not None]
     if split and set(diffs) & {"origin", "direction", "spacing"}:

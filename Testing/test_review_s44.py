@@ -57,3 +57,46 @@ def test_dense_batch_stride_only_restrides_a_single_channels_last_map():
     assert _dense_batch_stride(batch) is batch
     flat = torch.rand(3, 4)
     assert _dense_batch_stride(flat) is flat
+
+
+def test_a_series_without_a_uid_is_offered_with_an_empty_series_argument(tmp_path, capsys):
+    """A newcomer's trial (session 44): TotalSegmentator's DICOM files carry no SeriesInstanceUID;
+    beside another series in one folder, a prompt drawn on them was refused with "choose it with
+    --series " and nothing after, which the command line then refused ("expected one argument").
+    The messages now say --series "" (which reads them), in the refusal and in the list of series."""
+    import numpy as np
+    from test_volumes import make_volume, write_dicom_series
+
+    from PAMSegmentLib import cli
+    from PAMSegmentLib.volumes import read_volume, write_labelmap
+
+    folder = tmp_path / "mixed"
+    small, large = make_volume(shape=(4, 6, 7)), make_volume(shape=(6, 8, 9))
+    write_dicom_series(folder, small, "", prefix="a")
+    write_dicom_series(folder, large, "1.2.826.0.1.3680043.2.1125.44.2", prefix="b")
+    drawn_on = read_volume(folder, series_uid="")
+    assert drawn_on.shape == (4, 6, 7)
+    prompt = np.zeros(drawn_on.shape, np.uint8)
+    prompt[2, 1:4, 1:4] = 1
+    write_labelmap(prompt, drawn_on, tmp_path / "prompt.nii.gz")
+    capsys.readouterr()
+    args = ["propagate", str(folder), str(tmp_path / "prompt.nii.gz"), "-o", str(tmp_path / "out.nii.gz"),
+            "--method", "copy"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert ("but on that of its series (files without a SeriesInstanceUID): it was drawn on that series; choose it "
+            "with --series \"\" (from Python, series_uid=\"\"; a batch manifest's empty series cell reads the largest "
+            "series, so there give these files a folder of their own)") in err
+    assert cli.main(args + ["--series", ""]) == 0
+    out = read_volume(tmp_path / "out.nii.gz")
+    assert out.shape == (4, 6, 7) and np.array_equal(out.array[2], prompt[2])  # on the series drawn on
+    assert cli.main(args + ["--series", "1.2.3"]) == 2
+    assert ("available series: (files without a SeriesInstanceUID) (choose it with --series \"\"); "
+            "1.2.826.0.1.3680043.2.1125.44.2") in capsys.readouterr().err
+    on_large = np.zeros((6, 8, 9), np.uint8)
+    on_large[3, 2:5, 2:5] = 1
+    write_labelmap(on_large, read_volume(folder), tmp_path / "prompt_large.nii.gz")
+    args[2] = str(tmp_path / "prompt_large.nii.gz")
+    assert cli.main(args) == 0  # the largest series read, the other offered with how to choose it
+    assert ("the other: (files without a SeriesInstanceUID) (choose it with --series \"\") (4 files). Choose "
+            "another with --series UID.") in capsys.readouterr().out
