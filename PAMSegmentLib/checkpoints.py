@@ -14,6 +14,7 @@ checkpoint is untrusted input:
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import json
 import math
@@ -21,6 +22,7 @@ import os
 import re
 import threading
 import warnings
+import zlib
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -371,6 +373,38 @@ def check_checkpoint_file(path: str | os.PathLike) -> int:
     return size
 
 
+_IMAGE_HEAD = 540  # bytes read to tell an image file from a checkpoint (a NIfTI-2 header's size)
+
+
+def _image_kind(path: Path, head: bytes) -> str | None:
+    """What image format a file holds, by its first bytes (``head``: at least ``_IMAGE_HEAD`` of them
+    where the file has them; a gzip stream's are decompressed: a .nii.gz), or None for anything else."""
+    if head.startswith(b"\x1f\x8b"):
+        try:
+            with gzip.open(path, "rb") as f:
+                inner = f.read(_IMAGE_HEAD)
+        except (OSError, EOFError, zlib.error):
+            return None
+        kind = _image_kind(path, inner) if not inner.startswith(b"\x1f\x8b") else None
+        return f"{kind} (gzip-compressed)" if kind else None
+    if len(head) >= 348 and head[344:348] in (b"n+1\x00", b"ni1\x00"):
+        return "a NIfTI file"
+    if len(head) >= 12 and head[4:8] in (b"n+2\x00", b"ni2\x00"):
+        return "a NIfTI-2 file"
+    if head.startswith(b"NRRD000"):
+        return "an NRRD file"
+    if head.lstrip().startswith((b"ObjectType", b"NDims")):
+        return "a MetaImage (.mha/.mhd) file"
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return "a DICOM file"
+    for magic, name in ((b"\x89PNG\r\n\x1a\n", "a PNG file"), (b"\xff\xd8\xff", "a JPEG file"),
+                        (b"II*\x00", "a TIFF file"), (b"MM\x00*", "a TIFF file"), (b"II+\x00", "a BigTIFF file"),
+                        (b"MM\x00+", "a BigTIFF file")):
+        if head.startswith(magic):
+            return name
+    return None
+
+
 def check_checkpoint_header(path: str | os.PathLike) -> int:
     """``check_checkpoint_file`` and the file's first bytes (a torch zip file or a legacy pickle),
     without reading it: returns the size in bytes. Raises CheckpointError."""
@@ -378,11 +412,17 @@ def check_checkpoint_header(path: str | os.PathLike) -> int:
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            magic = f.read(16)
+            head = f.read(_IMAGE_HEAD)
     except OSError as error:  # permission denied: a traceback and exit 1 before
         raise CheckpointError(f"cannot read checkpoint {path} ({error.strerror or error}); check its permissions "
                               "(or copy it somewhere you can read it)") from None
+    magic = head[:16]
     if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):  # a torch zip file, or a legacy pickle
+        image = _image_kind(path, head)
+        if image is not None:  # (a scan given where the weights go: "gunzip it" was said of a .nii.gz)
+            raise CheckpointError(f"cannot load checkpoint {path}: it is {image}, an image, not a checkpoint; give "
+                                  "the weights file (.pt or .pth) as the checkpoint, and the image where the command "
+                                  "takes it (pamsegment propagate IMAGE PROMPT --checkpoint WEIGHTS)")
         if magic.startswith(b"\x1f\x8b"):
             raise CheckpointError(f"cannot load checkpoint {path}: it is gzip-compressed; decompress it first "
                                   "(gunzip, or 7-Zip on Windows) and give the file inside")

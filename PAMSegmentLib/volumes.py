@@ -175,7 +175,8 @@ def _itk_reason(error: RuntimeError) -> str:
                 text = line.removeprefix("ITK ERROR:").strip()
                 text = text.split("): ", 1)[1] if text.split("(", 1)[0].isidentifier() and "): " in text else text
                 return text.split(". Refusing", 1)[0].rstrip(".").strip() or reason
-    return reason.removeprefix("sitk::ERROR:").strip()
+    # (an ITK object's address, "PNGImageIO(0x55da41613ea0):", is noise to a user)
+    return re.sub(r"(?<=\w)\(0x[0-9a-fA-F]+\)", "", reason.removeprefix("sitk::ERROR:").strip())
 
 
 # What a file holds, by its first bytes, for a file ITK found no reader for (its name's extension

@@ -198,3 +198,49 @@ def test_a_two_channel_tiff_says_its_second_channel_is_left_out(tmp_path):
     said.clear()
     arr, _ = read_image_2d(tmp_path / "alpha.tif", say=said.append)
     assert said == [] and np.array_equal(arr, grey.astype(np.float32))
+
+
+def test_an_image_given_as_the_checkpoint_is_called_an_image(tmp_path, capsys):
+    """A newcomer's trial (session 44): `pamsegment info scan.nii.gz` (or --checkpoint scan.nii.gz)
+    said "it is gzip-compressed; decompress it first ... and give the file inside", and the file
+    inside was then "not a PyTorch file ... download it again": both wrong. Image files are named as
+    such now; a gzipped checkpoint still gets the advice to decompress it."""
+    import gzip
+
+    import numpy as np
+    import SimpleITK as sitk
+
+    from PAMSegmentLib import cli
+
+    image = sitk.GetImageFromArray(np.zeros((4, 5, 6), np.int16))
+    for name in ("scan.nii.gz", "scan.nii", "scan.nrrd", "scan.mha"):
+        sitk.WriteImage(image, str(tmp_path / name))
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((5, 6), np.uint8)), str(tmp_path / "slice.png"))
+    kinds = {"scan.nii.gz": "a NIfTI file (gzip-compressed)", "scan.nii": "a NIfTI file", "scan.nrrd": "an NRRD file",
+             "scan.mha": "a MetaImage (.mha/.mhd) file", "slice.png": "a PNG file"}
+    for name, kind in kinds.items():
+        capsys.readouterr()
+        assert cli.main(["info", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert f"{name}: it is {kind}, an image, not a checkpoint; give the weights file (.pt or .pth)" in err, err
+    (tmp_path / "weights.pt.gz").write_bytes(gzip.compress(b"PK\x03\x04" + bytes(600)))
+    assert cli.main(["info", str(tmp_path / "weights.pt.gz")]) == 2
+    assert "it is gzip-compressed; decompress it first" in capsys.readouterr().err
+
+
+def test_an_itk_objects_address_is_left_out_of_a_read_error(tmp_path):
+    """A cut PNG's refusal named ITK's object address ("PNGImageIO(0x55da41613ea0): Error while ...")."""
+    import numpy as np
+    import pytest
+    import SimpleITK as sitk
+
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.volumes import read_image_2d
+
+    sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(0).integers(0, 255, (64, 64)).astype(np.uint8)),
+                    str(tmp_path / "full.png"))
+    data = (tmp_path / "full.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[:len(data) // 2])
+    with pytest.raises(InputError, match=r"^cannot read .*cut\.png as an image \(ITK ERROR: PNGImageIO: Error while "
+                                         r"reading file: .*cut\.png\); is the file damaged\?"):
+        read_image_2d(tmp_path / "cut.png")
