@@ -1012,11 +1012,13 @@ def _run_row(row: BatchRow, model, args, progress=None) -> None:
                        batch_size=args.batch_size, device=args.device, threads=args.threads,
                        update=plan is not None, progress=progress, previous=earlier)  # (a server: not uploaded)
     from .cli import check_keyframes_record_path, keyframes_record_path, keyframes_record_writer
-    from .volumes import _write_extension, replace_together, seg_nrrd_segments
+    from .volumes import _write_extension, empty_segments_of, replace_together, seg_nrrd_segments
 
     segments = seg_nrrd_segments(row.prompt)  # a Slicer prompt's segment names and colours, for a .seg.nrrd output
+    empty = empty_segments_of(segments, result.slice_range, row.labels)
     # the output and the record a correction round reads (its keyframes and walks), put in place together
-    files = [(row.output, _write_extension(row.output), lambda tmp: write_labelmap(result.mask, image, tmp, segments))]
+    files = [(row.output, _write_extension(row.output),
+              lambda tmp: write_labelmap(result.mask, image, tmp, segments, empty_segments=empty))]
     if check_keyframes_record_path(row.output, required=plan is not None):
         files.insert(0, (keyframes_record_path(row.output), ".json", keyframes_record_writer(result, plan)))
     else:

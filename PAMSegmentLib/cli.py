@@ -775,9 +775,10 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     ext = check_output_path(out, probe=False)  # OUT's format, for the temporary's name
     sidecar = keyframes_record_path(out) if with_record else None
     voxels = result.slice_voxels()  # once, for the table and the slices to check first
-    from .volumes import plane_name, replace_together, seg_nrrd_segments
+    from .volumes import empty_segments_of, plane_name, replace_together, seg_nrrd_segments
 
     segments = seg_nrrd_segments(args.prompt)
+    empty = empty_segments_of(segments, result.slice_range, args.label)
     names = {lab: seg.get("Name") for lab, seg in segments.items() if seg.get("Name")}  # a .seg.nrrd's
     check = result.review_summary(voxels, names)
     files = []  # the table first, then the record, then OUT (as they are moved in)
@@ -785,7 +786,8 @@ def cmd_propagate(args: argparse.Namespace) -> int:
         files.append((args.report, ".csv", lambda tmp: write_slice_report(result, tmp, voxels)))
     if sidecar is not None:
         files.append((sidecar, ".json", lambda tmp: _write_keyframes_record(tmp, result, plan)))
-    files.append((args.output, ext, lambda tmp: write_labelmap(result.mask, image, tmp, segments=segments)))
+    files.append((args.output, ext, lambda tmp: write_labelmap(result.mask, image, tmp, segments=segments,
+                                                               empty_segments=empty)))
 
     def report_written() -> None:
         wrote = [args.output] + ([args.report] if args.report is not None else []) + (

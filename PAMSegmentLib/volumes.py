@@ -3198,16 +3198,19 @@ def seg_nrrd_segments(path: PathLike) -> dict[int, dict[str, str]]:
         return {}
 
 
-def _seg_nrrd_metadata(image: sitk.Image, labels: np.ndarray, segments: dict[int, dict[str, str]] | None = None) -> None:
-    """Segment fields Slicer reads from a .seg.nrrd, one segment per non-zero label; names and
-    colours (and tags: Slicer's terminology) from ``segments`` (``seg_nrrd_segments`` of the prompt)
-    where it has the label."""
+def _seg_nrrd_metadata(image: sitk.Image, labels: np.ndarray, segments: dict[int, dict[str, str]] | None = None,
+                       empty_segments: Sequence[int] = ()) -> None:
+    """Segment fields Slicer reads from a .seg.nrrd, one segment per non-zero label and per value of
+    ``empty_segments`` (segments without a voxel, as Slicer writes them: a label value no voxel
+    holds); names and colours (and tags: Slicer's terminology) from ``segments``
+    (``seg_nrrd_segments`` of the prompt) where it has the label."""
     extent = " ".join(f"0 {n - 1}" for n in image.GetSize())
     image.SetMetaData("Segmentation_MasterRepresentation", "Binary labelmap")
     image.SetMetaData("Segmentation_ContainedRepresentationNames", "Binary labelmap|")
     image.SetMetaData("Segmentation_ReferenceImageExtentOffset", "0 0 0")
     palette = [(0.5, 0.68, 0.5), (0.94, 0.84, 0.57), (0.69, 0.48, 0.4), (0.44, 0.72, 0.82), (0.85, 0.4, 0.4)]
-    for n, value in enumerate(int(v) for v in np.unique(labels) if v != 0):
+    values = sorted({int(v) for v in np.unique(labels) if v != 0} | {int(v) for v in empty_segments if 0 < v <= 65535})
+    for n, value in enumerate(values):
         r, g, b = palette[n % len(palette)]
         given = (segments or {}).get(value, {})
         for key, text in (
@@ -3225,13 +3228,15 @@ def _seg_nrrd_metadata(image: sitk.Image, labels: np.ndarray, segments: dict[int
 
 
 def write_labelmap(array: np.ndarray, reference: Volume, path: PathLike,
-                   segments: dict[int, dict[str, str]] | None = None) -> Path:
+                   segments: dict[int, dict[str, str]] | None = None, empty_segments: Sequence[int] = ()) -> Path:
     """Write a label map (K, J, I), bool or integer-valued, on ``reference``'s exact grid.
 
     Stored as uint8 (uint16 if the largest label exceeds 255), compressed; the format follows
     the extension (.nii.gz, .nii, .nrrd, .seg.nrrd, .mha). Written atomically. Returns the path.
     ``segments``: for .seg.nrrd, the segment IDs, names and colours by label value
-    (``seg_nrrd_segments`` of a Slicer prompt); others are named Segment_<label>.
+    (``seg_nrrd_segments`` of a Slicer prompt); others are named Segment_<label>. ``empty_segments``:
+    label values written as segments of a .seg.nrrd although no voxel holds them (a prompt's empty
+    segments, kept in the result as Slicer keeps them).
     """
     target = Path(path)
     _write_extension(target)
@@ -3254,8 +3259,20 @@ def write_labelmap(array: np.ndarray, reference: Volume, path: PathLike,
     dtype = np.uint8 if hi <= 255 else np.uint16
     image = reference.to_sitk(labels.astype(dtype, copy=False))
     if _is_seg_nrrd(target.name):
-        _seg_nrrd_metadata(image, labels, segments)
+        _seg_nrrd_metadata(image, labels, segments, empty_segments)
     return _atomic_write(image, target, nifti_codes=reference.nifti_codes)
+
+
+def empty_segments_of(segments: dict[int, dict[str, str]], propagated: Sequence[int],
+                      chosen: Sequence[int] | None) -> list[int]:
+    """The label values of a .seg.nrrd prompt's segments (``seg_nrrd_segments``) that a result keeps
+    as empty segments: those not ``propagated`` when every label was asked for (``chosen`` None: a
+    segment the user added and left empty, e.g. for a lesion to draw later, which the result dropped
+    without a word); with ``--label`` choosing labels, none (the others were left out on purpose)."""
+    if chosen is not None:
+        return []
+    done = {int(v) for v in propagated}
+    return [v for v in segments if v not in done]
 
 
 def write_volume(volume: Volume, path: PathLike) -> Path:
