@@ -131,12 +131,13 @@ def _normalised(arr: np.ndarray) -> np.ndarray:
     return np.clip((a - lo) / (width if width > 0 else 1.0), 0.0, 1.0).astype(np.float32)
 
 
-def orientation_to(reference, image, name: str = "", say=None) -> tuple[bool, bool, bool] | None:
+def orientation_to(reference, image, name: str = "", say=None, say_turn: bool = True) -> tuple[bool, bool, bool] | None:
     """(transpose, flip rows, flip columns) that put the pixels of ``image`` (a SimpleITK image as
     read: 2D, or a one-slice volume such as a DICOM file) in the orientation of ``reference``, when
     both files place themselves in space (NIfTI, NRRD, MetaImage, DICOM; ``volumes.has_position``)
     and their axes are parallel; None otherwise (PNG, TIFF ...: matched as stored). An image oblique
-    to the reference is matched as stored too, said to ``say``."""
+    to the reference is matched as stored too, said to ``say``; so is a turn, unless ``say_turn`` is
+    False (a set says its turns together: ``turns_note``)."""
     from .volumes import has_position, in_plane_geometry
 
     if image is reference or not (has_position(image) and has_position(reference)):
@@ -162,12 +163,32 @@ def orientation_to(reference, image, name: str = "", say=None) -> tuple[bool, bo
     turn = (bool(transpose), bool(m[1, 1] < 0), bool(m[0, 0] < 0))
     if not any(turn):
         return None
-    if say is not None:
-        how = " and ".join(w for w, on in (("transposed", turn[0]), ("flipped vertically", turn[1]),
-                                           ("flipped horizontally", turn[2])) if on)
-        say(f"{name} is stored {how} against the prompt image: labelled in the prompt image's orientation, its "
-            "mask written as the image is stored")
+    if say is not None and say_turn:
+        say(f"{name} is stored {_turn_words(turn)} against the prompt image: labelled in the prompt image's "
+            "orientation, its mask written as the image is stored")
     return turn
+
+
+def _turn_words(turn: tuple[bool, bool, bool]) -> str:
+    return " and ".join(w for w, on in (("transposed", turn[0]), ("flipped vertically", turn[1]),
+                                        ("flipped horizontally", turn[2])) if on)
+
+
+def turns_note(names: Sequence[str], turns: Sequence[tuple[bool, bool, bool] | None]) -> list[str]:
+    """What to say of the images of a set stored turned against the prompt image (``orientation_to``):
+    a sentence each for up to three, else one for all (a set of 23 such NIfTI slices printed 23 notes
+    before its summary)."""
+    turned = [(name, t) for name, t in zip(names, turns) if t is not None and any(t)]
+    if len(turned) <= 3:
+        return [f"{name} is stored {_turn_words(t)} against the prompt image: labelled in the prompt image's "
+                "orientation, its mask written as the image is stored" for name, t in turned]
+    kinds: dict[str, int] = {}
+    for _, t in turned:
+        kinds[_turn_words(t)] = kinds.get(_turn_words(t), 0) + 1
+    listed = ", ".join(name for name, _ in turned[:3]) + f" ... {turned[-1][0]}"
+    how = "; ".join(f"{words} {n}" for words, n in kinds.items())
+    return [f"{len(turned)} images are stored turned against the prompt image ({listed}; {how}): labelled in the "
+            "prompt image's orientation, their masks written as each image is stored"]
 
 
 def reorient(arr: np.ndarray, turn: tuple[bool, bool, bool] | None, undo: bool = False) -> np.ndarray:
@@ -965,8 +986,10 @@ def cmd_label_images(args) -> int:
     # images stored flipped or transposed against the prompt image (their files say so) are labelled
     # in its orientation and their masks written back as stored (they were matched pixel by pixel:
     # a mask mirrored, Dice 0.89, or transposed, 0.82)
-    turns = [orientation_to(read[index][1], ref, f.name, say=note)
+    turns = [orientation_to(read[index][1], ref, f.name, say=note, say_turn=False)
              for f, (_, ref) in zip(files, read)]
+    for line in turns_note([f.name for f in files], turns):
+        note(line)
     arrays = [reorient(a, t) for (a, _), t in zip(read, turns)]
     more = {at: reorient(m, turns[at]) for at, m in more.items()}
     model = METHODS[args.method](args)

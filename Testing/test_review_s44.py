@@ -330,3 +330,43 @@ def test_the_empty_segment_reads_in_slicer_as_an_empty_segment(tmp_path):
             layer = vtk_to_numpy(segment.GetRepresentation("Binary labelmap").GetPointData().GetScalars())
             voxels[segment.GetName()] = int(np.count_nonzero(layer == segment.GetLabelValue()))
         assert voxels["tumor"] == 0 and voxels["liver"] > np.count_nonzero(drawn)
+
+
+def test_a_set_of_many_turned_images_says_so_in_one_note(tmp_path, capsys):
+    """A newcomer's trial (session 44): 23 NIfTI slices stored transposed against the prompt image
+    printed 23 notes before the summary. Up to three are still named one by one; more in one note
+    naming the first three and the last and counting each kind of turn. Masks written as before."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from PAMSegmentLib import cli
+    from PAMSegmentLib.imageset import turns_note
+
+    rng = np.random.default_rng(3)
+    j, i = np.mgrid[:40, :50]
+    truth = (((j - 15) / 9.0) ** 2 + ((i - 30) / 12.0) ** 2 <= 1).astype(np.uint8)
+    prompt = sitk.GetImageFromArray((100 + 80 * truth + rng.normal(0, 3, (40, 50))).astype(np.float32))
+    prompt.SetSpacing((0.7, 0.7))
+    mask = sitk.GetImageFromArray(truth)
+    mask.CopyInformation(prompt)
+    (tmp_path / "set").mkdir()
+    sitk.WriteImage(prompt, str(tmp_path / "prompt.nii.gz"))
+    sitk.WriteImage(mask, str(tmp_path / "prompt_mask.nii.gz"))
+    for n in range(5):
+        sitk.WriteImage(sitk.PermuteAxes(prompt, [1, 0]), str(tmp_path / "set" / f"t{n}.nii.gz"))
+    sitk.WriteImage(sitk.Flip(prompt, [True, False]), str(tmp_path / "set" / "t5.nii.gz"))
+    sitk.WriteImage(prompt, str(tmp_path / "set" / "t6.nii.gz"))
+    assert cli.main(["label-images", str(tmp_path / "prompt.nii.gz"), str(tmp_path / "prompt_mask.nii.gz"),
+                     str(tmp_path / "set"), "-o", str(tmp_path / "out"), "--method", "copy", "--format",
+                     "nii.gz"]) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if "against the prompt image" in line]
+    assert notes == ["note: 6 images are stored turned against the prompt image (t0.nii.gz, t1.nii.gz, t2.nii.gz ... "
+                     "t5.nii.gz; transposed 5; flipped horizontally 1): labelled in the prompt image's orientation, "
+                     "their masks written as each image is stored"]
+    for n in (0, 5, 6):
+        written = sitk.ReadImage(str(tmp_path / "out" / f"t{n}_mask.nii.gz"))
+        back = sitk.Resample(written, prompt, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+        assert np.array_equal(sitk.GetArrayFromImage(back), truth), n
+    assert turns_note(["a", "b"], [(True, False, False), None]) == [
+        "a is stored transposed against the prompt image: labelled in the prompt image's orientation, its mask "
+        "written as the image is stored"]
