@@ -458,12 +458,15 @@ def _earlier_results(out_dir: Path) -> dict[str, tuple[dict, int]]:
     return found
 
 
-def made_with(args, server_info: dict | None = None) -> str:
+def made_with(args, server_info: dict | None = None, weights_sha256: str | None = None) -> str:
     """What a batch's outputs are made with, for the report and --skip-existing: the method, and
     for the network's methods the weights (--checkpoint, else PAMSEGMENT_MODEL, else the shipped
     weights; a path to the shipped file counts as them). With ``--server`` the weights are the
     server's (its ``/info``, ``server_info``): the shipped ones when their sha256 is the model
-    card's, so outputs made here or there count as the same."""
+    card's, so outputs made here or there count as the same. ``weights_sha256``: the loaded
+    weights' (``PAMModel.sha256``) for other weights than the shipped ones, named with their path
+    (``_same_making`` compares them by it: weights replaced under one path are other weights, a
+    copy of them elsewhere or on a server the same)."""
     if not args.method.startswith("pam"):
         return args.method
     from .checkpoints import shipped_checkpoint_path
@@ -480,7 +483,44 @@ def made_with(args, server_info: dict | None = None) -> str:
     shipped = shipped_checkpoint_path()
     if given is None or (shipped is not None and _absolute(Path(given)) == _absolute(Path(shipped))):
         return f"{args.method} (shipped weights)"
-    return f"{args.method} ({_absolute(Path(given))})"
+    from .checkpoints import shipped_weights_sha256
+
+    if weights_sha256 and weights_sha256 == shipped_weights_sha256():
+        return f"{args.method} (shipped weights)"  # (a copy of them elsewhere)
+    return f"{args.method} ({_absolute(Path(given))}" + (f", weights sha256 {weights_sha256[:16]})" if weights_sha256
+                                                          else ")")
+
+
+_SHA = re.compile(r"sha256 ([0-9a-f]{16})")
+
+
+def _same_making(before: str, now: str) -> bool:
+    """Whether an output made with ``before`` (a report's method column) is what ``now`` makes: the
+    same text, or the same method with the same weights by their sha256 (a checkpoint copied elsewhere,
+    the same weights on a server). A column from before session 44 names a checkpoint by its path
+    only: such an output is made again once (its weights cannot be told from the path)."""
+    if before == now:
+        return True
+    from .checkpoints import shipped_weights_sha256
+
+    def weights(text: str) -> tuple[str, str | None]:
+        name = text.split(" ", 1)[0]
+        if text.endswith("(shipped weights)"):
+            return name, (shipped_weights_sha256() or "")[:16] or None
+        found = _SHA.search(text)
+        return name, found.group(1) if found else None
+
+    (a, sha_a), (b, sha_b) = weights(before), weights(now)
+    return a == b and sha_a is not None and sha_a == sha_b
+
+
+def _weights_sha256(model) -> str | None:
+    """The sha256 of the weights a method object holds (a PAMModel, or a predictor wrapping one)."""
+    for obj in (model, getattr(model, "model", None)):
+        sha = getattr(obj, "sha256", None)
+        if isinstance(sha, str) and sha:
+            return sha
+    return None
 
 
 def _made_before(row: BatchRow, earlier: dict[str, tuple[dict, int]]) -> str:
@@ -497,7 +537,7 @@ def _made_otherwise(row: BatchRow, earlier: dict[str, tuple[dict, int]], method:
     ``method`` (a trial with --method copy, say): then --skip-existing runs it again. None if the
     same, or unknown (no report, or one from before the column existed)."""
     before = _made_before(row, earlier)
-    return before if before and before != method else None
+    return before if before and not _same_making(before, method) else None
 
 
 INPUT_COLUMNS = (("image", "image"), ("prompt", "prompt"), ("previous", "previous result"),
@@ -1249,7 +1289,12 @@ def _cmd_batch(args: argparse.Namespace, claims: list) -> int:
         server_info = server.info()
         if args.method not in server_info.get("methods", [args.method]):
             raise InputError(f"the server at {server.url} does not run --method {args.method}")
-    method = made_with(args, server_info)
+    preloaded = None
+    if server is None and args.method.startswith("pam") and (args.checkpoint or os.environ.get("PAMSEGMENT_MODEL")):
+        # other weights than the shipped ones: loaded now, so that the report and --skip-existing know them by
+        # their sha256 (by the path alone, weights replaced under it kept the old outputs as done)
+        preloaded = METHODS[args.method](args)
+    method = made_with(args, server_info, _weights_sha256(preloaded))
     # what this batch writes (a DICOM folder may hold some of it: not a change of its series)
     reports = [name for name in os.listdir(out_dir) if REPORT_NAME.fullmatch(name)] if out_dir.is_dir() else []
     # (and what other manifests' batches wrote there, by the reports in -o: two manifests with outputs
@@ -1323,7 +1368,8 @@ def _cmd_batch(args: argparse.Namespace, claims: list) -> int:
         raise InputError(f"{report} is a folder, and the report needs its name; rename or remove that folder, or "
                          "write to another -o folder")
     check_not_read_only(report)  # a protected report is kept, as protected outputs are
-    model = server if server is not None else METHODS[args.method](args) if todo else None
+    model = server if server is not None else None if not todo else \
+        preloaded if preloaded is not None else METHODS[args.method](args)
     made = not out_dir.exists()
     try:
         out_dir.mkdir(exist_ok=True)

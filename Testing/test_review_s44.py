@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 def test_attended_skips_of_a_single_slice_stay_channels_last_into_the_decoder(monkeypatch):
     """Session 44: at batch 1 a skip that went through the cross-attention came back with a batch
@@ -370,3 +372,60 @@ def test_a_set_of_many_turned_images_says_so_in_one_note(tmp_path, capsys):
     assert turns_note(["a", "b"], [(True, False, False), None]) == [
         "a is stored transposed against the prompt image: labelled in the prompt image's orientation, its mask "
         "written as the image is stored"]
+
+
+def test_skip_existing_knows_a_checkpoint_by_its_weights_not_its_path(tmp_path, capsys):
+    """A trial of batch (session 44): --skip-existing told a checkpoint by its path, so weights
+    replaced under the same path (retrained) kept the old outputs as done (48 693 voxels differed
+    from what the new weights make), and a copy of the same weights elsewhere ran everything again.
+    The report names the weights by their sha256 now; a copy of the shipped file counts as them."""
+    import csv
+
+    import torch
+    from conftest import make_ct_case
+
+    from PAMSegmentLib.checkpoints import shipped_checkpoint_path, weights_sha256
+    from PAMSegmentLib.cli import main
+
+    case = make_ct_case(tmp_path / "data")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"image,prompt\n{case.image_path},{case.prompt_path}\n")
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes(Path(shipped_checkpoint_path()).read_bytes())
+    out = tmp_path / "out"
+    run = ["batch", str(manifest), "-o", str(out), "--threads", "1"]
+
+    def report():
+        with open(out / "batch_report.csv", encoding="utf-8") as fh:
+            return [(r["status"], r["method"]) for r in csv.DictReader(fh)]
+
+    assert main(run + ["--checkpoint", str(ckpt)]) == 0
+    assert report() == [("ok", "pam (shipped weights)")]  # (a copy of the shipped file)
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)  # (the shipped file: trusted here)
+    sd = saved["state_dict"]
+    key = next(k for k in sd if k.endswith("presence_head.fc.2.bias"))
+    sd[key] = sd[key] - 1.0  # other weights, "retrained", saved under the same path
+    saved["sha256"] = weights_sha256(sd)
+    torch.save(saved, ckpt)
+    capsys.readouterr()
+    assert main(run + ["--checkpoint", str(ckpt), "--skip-existing"]) == 0
+    made = f"pam ({ckpt}, weights sha256 {saved['sha256'][:16]})"
+    said = capsys.readouterr()
+    assert f"run again: its output was made with pam (shipped weights), this run uses {made}" in said.out + said.err
+    assert report() == [("ok", made)]
+    copy = tmp_path / "elsewhere.pt"
+    copy.write_bytes(ckpt.read_bytes())
+    assert main(run + ["--checkpoint", str(copy), "--skip-existing"]) == 0  # the same weights under another path
+    assert report() == [("skipped", made)]
+    old = tmp_path / "old.csv"  # a report from before: the checkpoint named by its path only
+    rows = list(csv.DictReader(open(out / "batch_report.csv", encoding="utf-8")))
+    rows[0]["method"] = f"pam ({ckpt})"
+    with open(old, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    old.replace(out / "batch_report.csv")
+    capsys.readouterr()
+    assert main(run + ["--checkpoint", str(ckpt), "--skip-existing"]) == 0
+    said = capsys.readouterr()
+    assert f"run again: its output was made with pam ({ckpt}), this run uses {made}" in said.out + said.err
