@@ -332,7 +332,10 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
             if rec["series"] not in ids:
                 raise InputError(f"{where}: series {rec['series']} is not in {image}; "
                                  + (f"available series: {', '.join(_series_label(i) for i in ids)}" if ids
-                                    else "it holds no DICOM series"))
+                                    else "it holds no DICOM series")
+                                 + ("; files without a SeriesInstanceUID cannot be chosen in a manifest (its empty "
+                                    "series cell reads the largest series): give them a folder of their own"
+                                    if any(not i.strip() for i in ids) else ""))
         output = resolve(rec["output"], "output") if rec.get("output") else None  # (its refusals name the row)
         try:
             output = output or out_dir / f"{_default_name(rec['image'], image)}_pam.nii.gz"

@@ -331,6 +331,15 @@ class RemoteModel:
             shown = urllib.parse.urlunparse(parsed._replace(netloc=parsed.netloc.rsplit("@", 1)[1]))
             raise InputError(f"the server address holds a user name or password before '@'; give it as {shown} and "
                              "the token with --token or PAMSEGMENT_TOKEN (Slicer: the token field)")
+        try:  # (a port beyond 65535, or not a number, was "Connection refused ... is serve running?")
+            port_ok = parsed.port != 0
+        except ValueError:
+            port_ok = False
+        if not port_ok:
+            port = parsed.netloc.rsplit(":", 1)[-1]
+            raise InputError(f"server address {url!r} has the port {port!r}, which no server can listen on (ports are "
+                             "1-65535; `pamsegment serve` prints its address when it starts, e.g. "
+                             "http://gpu-box:8765)")
         self.url = str(url).rstrip("/")
         # Surrounding white space is no part of a token (a token file saved on Windows ends in "\r\n",
         # which made urllib raise with the token in its message).

@@ -82,9 +82,10 @@ class QueueFull(Exception):
     client's 401-digit option value raised too and was answered as "busy")."""
 
 
-def _stop_queue(queue: "JobQueue", wait: float = 60.0) -> None:
+def _stop_queue(queue: "JobQueue", wait: float = 60.0) -> bool:
     """On Ctrl-C: cancel the jobs and wait for the running one to stop between two batches, saying
-    so; a second Ctrl-C stops waiting (the process may then end under the job)."""
+    so; a second Ctrl-C stops waiting (the process may then end under the job). True when the
+    process is left with a job still running (not waited for, or not stopped in time)."""
     running = any(j.state == "running" for j in queue.waiting())
     if running:
         print("stopping: cancelling the running job, which ends between two batches (Ctrl-C again to quit at once)",
@@ -92,8 +93,26 @@ def _stop_queue(queue: "JobQueue", wait: float = 60.0) -> None:
     try:
         if not queue.close(timeout=wait) and running:
             print(f"the running job did not stop within {wait:.0f} s; quitting anyway", flush=True)
+            return True
     except KeyboardInterrupt:
         print("quitting without waiting for the running job", flush=True)
+        return running
+    return False
+
+
+def _end_under_running_job(args) -> None:
+    """End the ``pamsegment serve`` process now, with status 0, where a job still runs in it (a second
+    Ctrl-C): Python's shutdown under a thread that is inside torch aborted the process (status 134,
+    "terminate called without an active exception", a crashed service to systemd or docker) or printed
+    tracebacks. Only where the process is the command's own (``__main__.run``), not a caller's."""
+    if not getattr(args, "_ends_process", False):
+        return
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(0)
 
 
 def header_timeout_protocol(seconds: float = HEADER_SECONDS):
@@ -898,8 +917,10 @@ def _serve(args, token) -> int:
         protocol = header_timeout_protocol()
         # proxy_headers off: uvicorn would otherwise log the address a request's X-Forwarded-For claims
         # when it comes from 127.0.0.1, which every SSH-tunnel user's does
+        # lifespan off: the app has no start-up or shutdown handlers, and a second Ctrl-C while uvicorn
+        # stopped cancelled its lifespan task, which starlette logged as a traceback (a review, session 44)
         server = Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_GRACE,
-                                       proxy_headers=False,
+                                       proxy_headers=False, lifespan="off",
                                        **({"http": protocol} if protocol else {})))
         # uvicorn stops gracefully on SIGTERM too, then raises it again under the handler found before
         # it ran: this one, so that the running job is cancelled and the stop said, as for Ctrl-C.
@@ -912,8 +933,10 @@ def _serve(args, token) -> int:
         finally:
             if previous_term is not None:
                 signal.signal(signal.SIGTERM, previous_term)
-            _stop_queue(app.state.queue)
+            left_running = _stop_queue(app.state.queue)
     finally:
         sock.close()
     print("pamsegment server stopped", flush=True)
+    if left_running:
+        _end_under_running_job(args)
     return 0

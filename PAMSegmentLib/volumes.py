@@ -175,8 +175,8 @@ def _itk_reason(error: RuntimeError) -> str:
                 text = line.removeprefix("ITK ERROR:").strip()
                 text = text.split("): ", 1)[1] if text.split("(", 1)[0].isidentifier() and "): " in text else text
                 return text.split(". Refusing", 1)[0].rstrip(".").strip() or reason
-    # (an ITK object's address, "PNGImageIO(0x55da41613ea0):", is noise to a user)
-    return re.sub(r"(?<=\w)\(0x[0-9a-fA-F]+\)", "", reason.removeprefix("sitk::ERROR:").strip())
+    # (an ITK object's address, "PNGImageIO(0x55da41613ea0):", on Windows "TIFFImageIO(0000000008E35880):", is noise)
+    return re.sub(r"(?<=\w)\((0x)?[0-9a-fA-F]{8,16}\)", "", reason.removeprefix("sitk::ERROR:").strip())
 
 
 # What a file holds, by its first bytes, for a file ITK found no reader for (its name's extension
@@ -343,13 +343,16 @@ def _series_offered(uid: str, files) -> str:
     """``_series_named`` for a list of series to choose from: files without a SeriesInstanceUID are
     chosen by an empty UID, which a user copying "--series UID" cannot guess (a bare ``--series``
     followed by nothing is refused by the command line)."""
-    return _series_named(uid, files) + ("" if uid.strip() else f" (choose it with --series {_series_argument(uid)})")
+    return _series_named(uid, files) + ("" if uid.strip() else f" (choose it with {_series_argument(uid)})")
 
 
 def _series_argument(uid: str) -> str:
-    """``uid`` as it is typed after ``--series`` in a shell: as it is where it is a plain UID (digits
-    and dots), else in double quotes (an empty UID: ``""``, understood by sh, PowerShell and cmd)."""
-    return uid if uid and all(c.isalnum() or c in ".-_" for c in uid) else f'"{uid}"'
+    """``--series`` and ``uid`` as typed in a shell: ``--series UID`` for a plain UID (digits and dots),
+    ``--series=`` for the empty one (GDCM's for files without a SeriesInstanceUID; ``--series ""`` is
+    dropped by Windows PowerShell before 7.3, leaving a bare --series), else in double quotes."""
+    if not uid:
+        return "--series="
+    return f"--series {uid}" if all(c.isalnum() or c in ".-_" for c in uid) else f'--series "{uid}"'
 
 
 def _series_named(uid: str, files) -> str:
@@ -1756,7 +1759,7 @@ def _read_sitk(path: PathLike, series_uid: str | None = None, single_slice_ok: b
         _check_detached_data(p)
         _check_not_pyramid(p, volume=True)
         _check_declared_size(p)
-        _check_grey_channels(p, most=1)
+        _check_grey_channels(p, most=1, pages_at_least=2)
         _refuse_dicom_objects_not_images(p)
         header = _nifti_header(p)  # read once for the NIfTI checks
         if header is not None:
@@ -1985,7 +1988,7 @@ def _off_grid_error(name: str, labels: Volume, reference: Volume, diffs: list[st
                  'from Python, series_uid=""; a batch manifest\'s empty series cell reads the largest series, so '
                  "there give these files a folder of their own")
         return InputError(f"{name} is not on the grid of the series read from {reference_path.name}, but on that of "
-                          f"its series {other_series[1]}: it was drawn on that series; choose it with --series "
+                          f"its series {other_series[1]}: it was drawn on that series; choose it with "
                           f"{_series_argument(uid)} ({where})")
     split = [(q.name, mm) for q, other in ((reference_path, labels), (path, reference))
              if (mm := _two_grids_holding(q, other)) is not None]
@@ -3354,22 +3357,23 @@ def _tiff_grey_page(p: Path) -> "TiffPage | None":
     return None
 
 
-def _check_grey_channels(p: Path, most: int) -> None:
-    """InputError for a TIFF whose page ITK reads stores more than ``most`` grey samples a pixel
-    (photometric white- or black-is-zero: channels of a microscope, not colour). ITK reads such a
+def _check_grey_channels(p: Path, most: int, pages_at_least: int = 1) -> None:
+    """InputError for a TIFF (known by its content: ITK reads one named .btf too) whose page ITK reads
+    stores more than ``most`` grey samples a pixel (photometric white- or black-is-zero, as tagged: a
+    page without the tag is read by libtiff's guess, colour for 3 or more samples). ITK reads such a
     page as one grey channel with the samples interleaved into its rows (values scrambled: cells were
     labelled at F1 0.03 against 0.86 on the same pixels saved as grey, exit 0), or, stored plane after
     plane, as colour. 2D images read two samples faithfully (grey + alpha, ``_faithful_tiff``), so
-    ``most`` is 2 there and 1 for volumes."""
-    if not p.name.lower().endswith((".tif", ".tiff")):
-        return
-    pages = [page for page in (tiff_pages(p, most=8) or []) if not page.flagged]
-    page = pages[0] if pages else None
-    if page is not None and page.samples > most and page.photometric in (0, 1):
-        raise InputError(f"{p.name} stores {page.samples} grey channels a pixel (a multi-channel image: stains or "
-                         "fluorescence channels, not colour), which cannot be read here as one image: save the "
-                         "channel you mean as a grey image of its own (e.g. Fiji: Image > Color > Split Channels, "
-                         "then File > Save As > Tiff)")
+    ``most`` is 2 there and 1 for volumes, which check files of ``pages_at_least`` 2 pages (one page
+    is refused as 2D, which says what is wrong)."""
+    listed = tiff_pages(p, most=8) or []
+    pages = [page for page in listed if not page.flagged]
+    page = pages[0] if len(pages) >= pages_at_least else None
+    if page is not None and page.samples > most and page.photometric in (0, 1) and page.photometric_tagged:
+        raise InputError(f"{p.name} stores {page.samples} grey channels a pixel (channels of a microscope, or grey "
+                         "and alpha, not colour), which cannot be read here as one image: save the channel you mean "
+                         "as a grey image of its own (e.g. Fiji: Image > Color > Split Channels, then File > Save "
+                         "As > Tiff)")
 
 
 def _tiff_layout(p: Path) -> tuple[int, int, bool, int] | None:
@@ -3400,6 +3404,7 @@ class TiffPage:
     planar: int = 1  # 1 samples interleaved, 2 stored plane after plane
     tiled: bool = False
     photometric: int = 1  # 0 white is zero, 1 black is zero (grey), 2 RGB, 3 palette, ...
+    photometric_tagged: bool = True  # False: the page has no PhotometricInterpretation (1 is then a guess)
 
     @property
     def flagged(self) -> bool:
@@ -3495,7 +3500,7 @@ def _tiff_page(fh, offset: int, end: str, big: bool, entries: np.dtype, size: in
         subfile_type = {2: 1, 3: 2}.get(tags[255])
     return TiffPage(columns=tags[256], rows=tags[257], subfile_type=subfile_type, samples=tags.get(277, 1),
                     bits=tags.get(258, 1), sample_format=tags.get(339, 1), planar=tags.get(284, 1),
-                    tiled=322 in tags, photometric=tags.get(262, 1)), following
+                    tiled=322 in tags, photometric=tags.get(262, 1), photometric_tagged=262 in tags), following
 
 
 def _tiff_page_sizes(p: Path) -> list[tuple[int, int]] | None:

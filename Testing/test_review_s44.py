@@ -65,7 +65,9 @@ def test_a_series_without_a_uid_is_offered_with_an_empty_series_argument(tmp_pat
     """A newcomer's trial (session 44): TotalSegmentator's DICOM files carry no SeriesInstanceUID;
     beside another series in one folder, a prompt drawn on them was refused with "choose it with
     --series " and nothing after, which the command line then refused ("expected one argument").
-    The messages now say --series "" (which reads them), in the refusal and in the list of series."""
+    The messages now say --series= (an empty UID, which reads them; a review: --series "" is dropped
+    by Windows PowerShell before 7.3), in the refusal and in the list of series; a batch manifest,
+    which cannot choose them, says so."""
     import numpy as np
     from test_volumes import make_volume, write_dicom_series
 
@@ -87,21 +89,27 @@ def test_a_series_without_a_uid_is_offered_with_an_empty_series_argument(tmp_pat
     assert cli.main(args) == 2
     err = capsys.readouterr().err
     assert ("but on that of its series (files without a SeriesInstanceUID): it was drawn on that series; choose it "
-            "with --series \"\" (from Python, series_uid=\"\"; a batch manifest's empty series cell reads the largest "
+            "with --series= (from Python, series_uid=\"\"; a batch manifest's empty series cell reads the largest "
             "series, so there give these files a folder of their own)") in err
-    assert cli.main(args + ["--series", ""]) == 0
+    assert cli.main(args + ["--series="]) == 0  # (as typed: PowerShell before 7.3 drops an empty "")
     out = read_volume(tmp_path / "out.nii.gz")
     assert out.shape == (4, 6, 7) and np.array_equal(out.array[2], prompt[2])  # on the series drawn on
     assert cli.main(args + ["--series", "1.2.3"]) == 2
-    assert ("available series: (files without a SeriesInstanceUID) (choose it with --series \"\"); "
+    assert ("available series: (files without a SeriesInstanceUID) (choose it with --series=); "
             "1.2.826.0.1.3680043.2.1125.44.2") in capsys.readouterr().err
     on_large = np.zeros((6, 8, 9), np.uint8)
     on_large[3, 2:5, 2:5] = 1
     write_labelmap(on_large, read_volume(folder), tmp_path / "prompt_large.nii.gz")
     args[2] = str(tmp_path / "prompt_large.nii.gz")
     assert cli.main(args) == 0  # the largest series read, the other offered with how to choose it
-    assert ("the other: (files without a SeriesInstanceUID) (choose it with --series \"\") (4 files). Choose "
+    assert ("the other: (files without a SeriesInstanceUID) (choose it with --series=) (4 files). Choose "
             "another with --series UID.") in capsys.readouterr().out
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"image,prompt,series\n{folder},{tmp_path / 'prompt.nii.gz'},9.9\n")
+    assert cli.main(["batch", str(manifest), "-o", str(tmp_path / "b"), "--method", "copy"]) == 2
+    assert ("available series: (files without a SeriesInstanceUID), 1.2.826.0.1.3680043.2.1125.44.2; files without a "
+            "SeriesInstanceUID cannot be chosen in a manifest (its empty series cell reads the largest series): give "
+            "them a folder of their own") in capsys.readouterr().err
 
 
 def _grey_and_planes(tmp_path, tifffile):
@@ -135,8 +143,8 @@ def test_a_tiff_of_several_grey_channels_is_refused_not_read_scrambled(tmp_path,
 
     grey = _grey_and_planes(tmp_path, tifffile)
     for name, n in (("grey3_contig", 3), ("grey3_planar", 3), ("grey4_contig", 4), ("grey4_planar", 4)):
-        with pytest.raises(InputError, match=rf"^{name}\.tif stores {n} grey channels a pixel \(a multi-channel image: "
-                                             r"stains or fluorescence channels, not colour\), which cannot be read "
+        with pytest.raises(InputError, match=rf"^{name}\.tif stores {n} grey channels a pixel \(channels of a "
+                                             r"microscope, or grey and alpha, not colour\), which cannot be read "
                                              r"here as one image: save the channel you mean as a grey image of its "
                                              r"own \(e\.g\. Fiji: Image > Color > Split Channels"):
             read_image_2d(tmp_path / f"{name}.tif")
@@ -429,3 +437,101 @@ def test_skip_existing_knows_a_checkpoint_by_its_weights_not_its_path(tmp_path, 
     assert main(run + ["--checkpoint", str(ckpt), "--skip-existing"]) == 0
     said = capsys.readouterr()
     assert f"run again: its output was made with pam ({ckpt}), this run uses {made}" in said.out + said.err
+
+
+def test_review_tiff_channels_by_content_tag_and_pages(tmp_path):
+    """A review of the refusal above (session 44): a BigTIFF named .btf (ITK reads it as TIFF) escaped
+    it, by name, and was read scrambled; an RGB TIFF without a PhotometricInterpretation tag (read in
+    colour before, as libtiff guesses) was refused as grey channels; a one-page grey + alpha TIFF given
+    as a volume was told to split its channels instead of being refused as 2D."""
+    import numpy as np
+    import pytest
+
+    tifffile = pytest.importorskip("tifffile")
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.volumes import read_image_2d, read_volume
+
+    rng = np.random.default_rng(5)
+    grey = rng.integers(0, 255, (40, 50)).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "three.btf", np.stack([grey, grey // 2, grey // 3], -1), photometric="minisblack",
+                     planarconfig="contig", bigtiff=True)
+    with pytest.raises(InputError, match=r"^three\.btf stores 3 grey channels a pixel"):
+        read_image_2d(tmp_path / "three.btf")
+    colour = np.stack([grey, grey // 2, grey // 3], -1)
+    tifffile.imwrite(tmp_path / "untagged.tif", colour, photometric="rgb")
+    data = bytearray((tmp_path / "untagged.tif").read_bytes())
+    at = data.find(bytes([0x06, 0x01, 0x03, 0x00]))  # tag 262 (PhotometricInterpretation), SHORT, little-endian
+    assert at > 0
+    data[at:at + 2] = bytes([0xFF, 0x7F])  # renamed to an unknown private tag: no photometric left
+    (tmp_path / "untagged.tif").write_bytes(bytes(data))
+    arr, _ = read_image_2d(tmp_path / "untagged.tif", keep_colour=True)
+    assert np.array_equal(arr, colour.astype(np.float32))
+    tifffile.imwrite(tmp_path / "alpha2d.tif", np.stack([grey, np.full_like(grey, 255)], -1), photometric="minisblack",
+                     planarconfig="contig", extrasamples=["unassalpha"])
+    with pytest.raises(InputError, match=r"alpha2d\.tif is 2D \(50 x 40\)"):
+        read_volume(tmp_path / "alpha2d.tif")
+
+
+def test_review_windows_itk_addresses_are_left_out():
+    from PAMSegmentLib.volumes import _itk_reason
+
+    for address in ("0x55da41613ea0", "0000000008E35880", "000001F2A3B4C5D6"):
+        error = RuntimeError(f"ITK ERROR: PNGImageIO({address}): Error while reading file: a.png")
+        assert _itk_reason(error) == "ITK ERROR: PNGImageIO: Error while reading file: a.png"
+    assert _itk_reason(RuntimeError("size (12) differs")) == "size (12) differs"  # (a number in brackets stays)
+
+
+def test_a_second_ctrl_c_on_serve_ends_the_process_cleanly(monkeypatch, capsys):
+    """A trial of serve (session 44): a second Ctrl-C while a job ran made Python shut down under the
+    job's thread inside torch: exit 134 ("terminate called without an active exception"), a crashed
+    service to systemd; a quick second one printed uvicorn's lifespan tracebacks. The stop now says
+    whether a job was left running, and the command's own process then ends at once with status 0
+    (a caller's process, a test's, is left alone); uvicorn runs without the lifespan task."""
+    import threading
+    import types
+
+    import numpy as np
+
+    from PAMSegmentLib import server
+    from PAMSegmentLib.errors import PropagationCancelled
+    from PAMSegmentLib.server import JobQueue, _end_under_running_job, _stop_queue
+
+    release, started = threading.Event(), threading.Event()
+
+    def run(job):  # ignores its cancel token until released
+        started.set()
+        release.wait(10)
+        raise PropagationCancelled("cancelled")
+
+    queue = JobQueue(run)
+    queue.submit(np.zeros((2, 2, 2)), np.zeros((2, 2, 2), np.uint8), (1.0, 1.0, 1.0), {})
+    assert started.wait(10)
+    assert _stop_queue(queue, wait=0.2) is True  # left running
+    release.set()
+    assert _stop_queue(JobQueue(run), wait=0.2) is False  # nothing ran
+    ended = []
+    monkeypatch.setattr(server.os, "_exit", ended.append)
+    _end_under_running_job(types.SimpleNamespace())
+    _end_under_running_job(types.SimpleNamespace(_ends_process=False))
+    assert ended == []
+    _end_under_running_job(types.SimpleNamespace(_ends_process=True))
+    assert ended == [0]
+    import inspect
+
+    assert 'lifespan="off"' in inspect.getsource(server._serve)
+
+
+def test_a_server_address_with_an_impossible_port_says_so():
+    """A trial (session 44): --server http://127.0.0.1:99999 said "Connection refused; is `pamsegment
+    serve` running there?"."""
+    import pytest
+
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.remote import RemoteModel
+
+    for url, port in (("http://127.0.0.1:99999", "99999"), ("http://host:abc/", "abc"), ("https://h:0", "0")):
+        with pytest.raises(InputError, match=rf"^server address '{url}' has the port '{port}', which no server can "
+                                             r"listen on \(ports are 1-65535"):
+            RemoteModel(url)
+    assert RemoteModel("http://[::1]:8765").url == "http://[::1]:8765"
+    assert RemoteModel("http://gpu-box").url == "http://gpu-box"

@@ -809,7 +809,7 @@ def test_a_dicom_series_without_a_series_uid_is_named_as_such(tmp_path):
     write_dicom_series(folder, vol, "")
     assert read_volume(folder).shape == (8, 5, 6)
     with pytest.raises(InputError, match=r"^series 1\.2\.3 is not in .*nouid; available series: \(files without a "
-                                         r"SeriesInstanceUID\) \(choose it with --series \"\"\)$"):
+                                         r"SeriesInstanceUID\) \(choose it with --series=\)$"):
         read_volume(folder, series_uid="1.2.3")
     (folder / "slice003.dcm").unlink()
     with pytest.raises(InputError, match=r"^DICOM series \(files without a SeriesInstanceUID\) in .*nouid is not "
