@@ -99,7 +99,8 @@ def test_a_series_without_a_uid_is_offered_with_an_empty_series_argument(tmp_pat
             "1.2.826.0.1.3680043.2.1125.44.2") in capsys.readouterr().err
     on_large = np.zeros((6, 8, 9), np.uint8)
     on_large[3, 2:5, 2:5] = 1
-    write_labelmap(on_large, read_volume(folder), tmp_path / "prompt_large.nii.gz")
+    write_labelmap(on_large, read_volume(folder, series_uid="1.2.826.0.1.3680043.2.1125.44.2"),
+                   tmp_path / "prompt_large.nii.gz")
     args[2] = str(tmp_path / "prompt_large.nii.gz")
     assert cli.main(args) == 0  # the largest series read, the other offered with how to choose it
     assert ("the other: (files without a SeriesInstanceUID) (choose it with --series=) (4 files). Choose "
