@@ -40,6 +40,20 @@ RUNTIME_REQUIREMENTS = (
 )
 NETWORK_ONLY = ("torch", "dynamic_network_architectures")  # not needed for tracking or a server
 POLL_INTERVAL_MS = 100
+MIN_PYTHON = (3, 10)  # PAMSegmentLib's (pyproject.toml's requires-python)
+
+
+def _pythonTooOld():
+    """What to tell a user whose Slicer runs an older Python than PAMSegmentLib needs (Slicer 5.8
+    and earlier run Python 3.9: the Logic's import failed there with a TypeError in the Python
+    console and a panel that did nothing, a review of session 44), or None."""
+    if sys.version_info >= MIN_PYTHON:
+        return None
+    return (f"PAMSegment needs Slicer 5.10 or later (a Slicer whose Python is {MIN_PYTHON[0]}.{MIN_PYTHON[1]} or "
+            f"later); this Slicer runs Python {sys.version_info[0]}.{sys.version_info[1]} (Slicer 5.8 and earlier). "
+            "Install a newer Slicer from download.slicer.org and PAMSegment again from its Extensions Manager.")
+
+
 # "Propagate all drawn" passes over segments (finished organs...) for at most about this long before it lets
 # Slicer draw and take a Cancel (each takes about 0.08 s at 512 x 512 x 300)
 QUEUE_STEP_SECONDS = 0.25
@@ -197,6 +211,14 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
+        tooOld = _pythonTooOld()
+        self._unusable = tooOld is not None
+        if tooOld:  # the panel says so, and nothing else is set up (the library cannot be imported)
+            label = qt.QLabel(tooOld)
+            label.setWordWrap(True)
+            self.layout.addWidget(label)
+            self.layout.addStretch(1)
+            return
 
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/PAMSegment.ui"))
         self.layout.addWidget(uiWidget)
@@ -247,6 +269,8 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.onModelChoiceChanged()
 
     def cleanup(self):
+        if getattr(self, "_unusable", False):
+            return
         if self.job is not None and not self.job.done:  # also after Cancel was pressed: the worker may still run
             self.job.cancel()
             self.job.wait(5)  # it stops between batches; do not leave it running into a module reload
@@ -257,6 +281,8 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.removeObservers()
 
     def enter(self):
+        if getattr(self, "_unusable", False):
+            return
         self._entered = True
         self._followSegmentEditor()
         if not self._devicesListed:
@@ -268,6 +294,8 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updatePromptLabel()
 
     def exit(self):
+        if getattr(self, "_unusable", False):
+            return
         # Hidden: stop following edits (each refresh reads the whole segment on the GUI thread);
         # enter() reads it afresh. A running job goes on and is written when it ends.
         self._entered = False
@@ -1111,6 +1139,9 @@ class PAMSegmentLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
+        tooOld = _pythonTooOld()
+        if tooOld:
+            raise RuntimeError(tooOld)
         from PAMSegmentLib.mrml import PropagationHistory
 
         self._models = {}  # (checkpoint file, mtime, device) -> loaded model, reused across runs

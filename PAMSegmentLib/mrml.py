@@ -2381,15 +2381,23 @@ class LabelmapSnapshot:
             if int(np.prod(self.dims)):
                 numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = self.voxels().ravel()
         image.SetImageToWorldMatrix(slicer.util.vtkMatrixFromArray(self.image_to_world))
+        derived = []  # (the representations shown: a 3D surface)
+        segmentation.GetContainedRepresentationNames(derived)
         was_modifying = segmentation_node.StartModify()
         try:
             if _sharing(segmentation, segment_id):
                 segmentation.SeparateSegmentLabelmap(segment_id)
             segment.AddRepresentation(_binary_name(), image)
             segment.SetLabelValue(self.label_value)
-            image.Modified()  # invalidates derived representations (3D surface) like an editor stroke
+            image.Modified()  # the stale derived representations go, like after an editor stroke ...
         finally:
             segmentation_node.EndModify(was_modifying)
+        # ... but Slicer drops them from every segment then and no view rebuilds them (its 3D view shows a
+        # segmentation only where its first segment holds a surface): made again, as the Segment Editor does
+        # after its own edits (a review, session 44: Undo hid the whole segmentation in 3D and unticked Show 3D)
+        for name in derived:
+            if name != _binary_name() and not segmentation.ContainsRepresentation(name):
+                segmentation.CreateRepresentation(name)
 
 
 @dataclass(eq=False)

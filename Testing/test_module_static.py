@@ -2144,3 +2144,40 @@ def test_self_test_reading_segments_runs_headless(module, mrml_scene):
     case.test_PAMSegment_readsSegmentsAsSlicerExportsThem()
     assert said[-1] == ("Test passed: the volume's grid: in place; another series' grid: in place; a finer grid: "
                         "exported")
+
+
+def test_a_slicer_with_python_older_than_3_10_gets_a_panel_that_says_so(module, monkeypatch):
+    """A review (session 44): Slicer 5.8 and earlier run Python 3.9, where importing PAMSegmentLib
+    fails (a `str | None` annotation evaluated at class definition): the panel's setup raised a
+    TypeError into the Python console and left a panel that did nothing. The panel now says what is
+    needed and sets nothing else up (closing and entering it do nothing), and the Logic refuses in
+    words; with Python 3.10 or later nothing changes."""
+    import types
+
+    class FakeLabel:
+        def __init__(self, text):
+            self.text, self.wrap = text, False
+
+        def setWordWrap(self, on):
+            self.wrap = on
+
+    monkeypatch.setattr(module.qt, "QLabel", FakeLabel, raising=False)
+    monkeypatch.setattr(module, "sys", types.SimpleNamespace(version_info=(3, 9, 18)))
+    widget = module.PAMSegmentWidget(parent=None)
+    monkeypatch.setattr(module.ScriptedLoadableModuleWidget, "setup", lambda self: setattr(
+        self, "layout", types.SimpleNamespace(widgets=[], addWidget=lambda w: self.layout.widgets.append(w),
+                                              addStretch=lambda n: None)))
+    widget.setup()
+    (label,) = widget.layout.widgets
+    assert label.wrap and label.text == (
+        "PAMSegment needs Slicer 5.10 or later (a Slicer whose Python is 3.10 or later); this Slicer runs Python 3.9 "
+        "(Slicer 5.8 and earlier). Install a newer Slicer from download.slicer.org and PAMSegment again from its "
+        "Extensions Manager.")
+    assert not hasattr(widget, "ui") and getattr(widget, "logic", None) is None
+    widget.enter()
+    widget.exit()
+    widget.cleanup()
+    with pytest.raises(RuntimeError, match=r"^PAMSegment needs Slicer 5\.10 or later"):
+        module.PAMSegmentLogic()
+    monkeypatch.setattr(module, "sys", types.SimpleNamespace(version_info=(3, 10, 0)))
+    assert module._pythonTooOld() is None
