@@ -2181,3 +2181,13 @@ def test_a_slicer_with_python_older_than_3_10_gets_a_panel_that_says_so(module, 
         module.PAMSegmentLogic()
     monkeypatch.setattr(module, "sys", types.SimpleNamespace(version_info=(3, 10, 0)))
     assert module._pythonTooOld() is None
+
+
+def test_the_module_file_parses_as_python_3_9():
+    """The panel can only say that Slicer's Python 3.9 is too old if PAMSegment.py itself loads
+    there: its grammar is held to 3.9's (ast's feature_version refuses match statements,
+    parenthesised context managers and the like)."""
+    source = MODULE_FILE.read_text(encoding="utf-8")
+    ast.parse(source, feature_version=(3, 9))
+    with pytest.raises(SyntaxError):  # (the check is not vacuous)
+        ast.parse(source + "\nmatch x:\n    case 1:\n        pass\n", feature_version=(3, 9))
