@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+import shutil
 import threading
 import warnings
 import zlib
@@ -340,8 +341,21 @@ def save_checkpoint(path: str | os.PathLike, network: PAMNetwork, preprocessing:
     }
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:  # a full disk: torch says "unexpected pos ..." from its zip writer
+        try:
+            tmp.unlink(missing_ok=True)  # (it held the space, and an earlier file at ``path`` stays as it was)
+        except OSError:
+            pass
+        try:
+            free = f"; {shutil.disk_usage(path.parent).free / 2**20:.0f} MB are free there"
+        except OSError:
+            free = ""
+        reason = getattr(error, "strerror", None) or str(error).splitlines()[0][:200]
+        raise CheckpointError(f"cannot write checkpoint {path} ({reason}{free}: the disk full?); nothing was "
+                              "replaced") from None
     return digest
 
 

@@ -536,3 +536,39 @@ def test_a_server_address_with_an_impossible_port_says_so():
             RemoteModel(url)
     assert RemoteModel("http://[::1]:8765").url == "http://[::1]:8765"
     assert RemoteModel("http://gpu-box").url == "http://gpu-box"
+
+
+def test_prepare_data_names_a_damaged_or_missing_download(tmp_path, monkeypatch):
+    """A newcomer's trial (session 44): a cut wheel in the cache's dl/ ended prepare_data.py with a
+    zipfile.BadZipFile traceback naming no file, and pip failing to download (offline) with a
+    CalledProcessError traceback. Each is one error line now, naming the file and what to do."""
+    import subprocess
+
+    import pytest
+    from test_synthetic import _prepare_data_script
+
+    prep = _prepare_data_script()
+    monkeypatch.setattr(prep, "REPO", tmp_path)
+    (tmp_path / "scripts").mkdir()
+    source = prep.D.PackageSource("tptbox", "TPTBox==1.1.0", "tptbox-1.1.0", "wheel", "test")
+    monkeypatch.setattr(prep.D, "SOURCES", {"tptbox": source})
+    dl = tmp_path / "cache" / "dl"
+    dl.mkdir(parents=True)
+    (dl / "tptbox-1.1.0-py3-none-any.whl").write_bytes(b"PK\x03\x04" + bytes(100))  # cut short
+    run = ["--cache", str(tmp_path / "cache"), "--split", str(tmp_path / "split.json"), "--no-invesalius",
+           "--no-stardist"]
+    with pytest.raises(SystemExit) as caught:
+        prep.main(run)
+    assert str(caught.value) == (f"error: {dl / 'tptbox-1.1.0-py3-none-any.whl'} is damaged (File is not a zip file); "
+                                 "delete it and run again (it is downloaded again), or put a whole copy there")
+    (dl / "tptbox-1.1.0-py3-none-any.whl").unlink()
+
+    def offline(cmd, check):
+        raise subprocess.CalledProcessError(1, cmd)
+
+    monkeypatch.setattr(prep.D.subprocess, "run", offline)
+    with pytest.raises(SystemExit) as caught:
+        prep.main(run)
+    assert str(caught.value).startswith("error: could not download TPTBox==1.1.0 with pip (")
+    assert str(caught.value).endswith(f"download it where PyPI can be reached (pip download --no-deps TPTBox==1.1.0) "
+                                      f"and put the file into {dl}")

@@ -798,3 +798,60 @@ def test_a_split_whose_training_list_reaches_evaluation_data_is_refused(tmp_path
     ct["labels"].append(liver)
     with pytest.raises(SystemExit, match=f"training case ts_ct lists label {liver} \\(liver\\), a held-out structure"):
         train_script.check_split_honest(with_liver, tmp_path / "split.json")
+
+
+def test_a_save_on_a_full_disk_is_one_line_and_leaves_no_temporary(tmp_path, monkeypatch, capsys):
+    """A newcomer's trial (session 44): the final save on a full disk (a 6 MB tmpfs) ended train.py
+    with torch's traceback ("[enforce fail at inline_container.cc:672] . unexpected pos ..."), no
+    word of the disk, and left the 6 MB temporary file holding the space. Now one error line saying
+    what could not be written and how much is free, exit 2, the temporary removed, --out untouched."""
+    import PAMSegmentLib.checkpoints as checkpoints_module
+
+    def full(payload, target):
+        Path(target).write_bytes(b"half a checkpoint")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(checkpoints_module.torch, "save", full)
+    train_script = _tiny_script(monkeypatch)
+    out = tmp_path / "model.pt"
+    out.write_bytes(b"the previous run's weights")
+    code = train_script.main(["--preset", "tiny", "--synthetic-inline", "1", "--workers", "0", "--max-iterations",
+                              "2", "--out", str(out), "--overwrite"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert (f"error: cannot write checkpoint {out} ([enforce fail at inline_container.cc:672] . unexpected pos 64 vs "
+            "0; ") in err and " MB are free there: the disk full?); nothing was replaced" in err, err
+    assert "Traceback" not in err
+    assert out.read_bytes() == b"the previous run's weights"
+    assert not (tmp_path / "model.pt.tmp").exists()
+
+
+def test_sigterm_saves_the_weights_so_far_as_ctrl_c_does(tmp_path, monkeypatch, capsys):
+    """A trial (session 44): `timeout` or a scheduler's SIGTERM ended train.py at once, silently,
+    with no save, and its curve's partial file refused the same command afterwards. SIGTERM now
+    ends a run as Ctrl-C does (the weights so far in the partial file, said), with exit 143."""
+    import os
+    import signal
+
+    import PAMSegmentLib.training.trainer as trainer_module
+
+    real_forward, calls = trainer_module._forward, []
+
+    def forward(net, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_forward(net, batch)
+
+    monkeypatch.setattr(trainer_module, "_forward", forward)
+    train_script = _tiny_script(monkeypatch)
+    out = tmp_path / "model.pt"
+    before = signal.getsignal(signal.SIGTERM)
+    code = train_script.main(["--preset", "tiny", "--synthetic-inline", "1", "--workers", "0", "--max-iterations",
+                              "10", "--out", str(out)])
+    assert code == 143
+    partial = tmp_path / "model.partial.pt"
+    assert (f"stopped (SIGTERM): the weights after 2 iterations are in {partial} ({out} untouched); to go on, train "
+            f"with --init-from {partial} and another --out") in capsys.readouterr().err.splitlines()
+    assert load_checkpoint_file(partial).provenance["stopped_by"] == "interrupted" and not out.exists()
+    assert signal.getsignal(signal.SIGTERM) == before  # the caller's handler back

