@@ -82,7 +82,10 @@ def main(argv=None) -> int:
     provenance = dict(model.provenance)
     provenance["inference_changes"] = list(provenance.get("inference_changes", [])) + [
         {"set": changes, "before": {k: getattr(model.inference, k) for k in changes}, "reason": args.reason}]
-    digest = save_checkpoint(args.out, model.network, model.preprocessing, inference, provenance)
+    try:
+        digest = save_checkpoint(args.out, model.network, model.preprocessing, inference, provenance)
+    except PAMError as exc:  # (a full disk: nothing replaced)
+        raise SystemExit(f"error: {exc}") from None
     if digest != model.sha256:
         raise SystemExit(f"error: the weights changed while rewriting ({model.sha256} -> {digest})")
     print(f"wrote {args.out}: " + ", ".join(f"{k}={v}" for k, v in changes.items()) + f" (weights sha256 {digest[:8]}...)")
