@@ -42,6 +42,7 @@ import contextlib
 import csv
 import functools
 import hashlib
+import json
 import os
 import re
 import sys
@@ -461,69 +462,90 @@ def _earlier_results(out_dir: Path) -> dict[str, tuple[dict, int]]:
     return found
 
 
-def made_with(args, server_info: dict | None = None, weights_sha256: str | None = None) -> str:
+def made_with(args, server_info: dict | None = None, model=None) -> str:
     """What a batch's outputs are made with, for the report and --skip-existing: the method, and
     for the network's methods the weights (--checkpoint, else PAMSEGMENT_MODEL, else the shipped
     weights; a path to the shipped file counts as them). With ``--server`` the weights are the
     server's (its ``/info``, ``server_info``): the shipped ones when their sha256 is the model
-    card's, so outputs made here or there count as the same. ``weights_sha256``: the loaded
-    weights' (``PAMModel.sha256``) for other weights than the shipped ones, named with their path
-    (``_same_making`` compares them by it: weights replaced under one path are other weights, a
-    copy of them elsewhere or on a server the same)."""
+    card's, so outputs made here or there count as the same. ``model``: the method object loaded
+    here (a PAMModel, or a predictor wrapping one): weights other than the shipped ones, or the
+    shipped ones run with other settings (the checkpoint's own inference parameters, or
+    --registration-weight, --intensity-gate, --through-plane-mm, --walk), are named with their
+    path, their weights' sha256 and a digest of their settings (``_same_making`` compares by them:
+    weights replaced under one path, or re-saved with another threshold, are others; a copy of the
+    same file elsewhere is the same)."""
     if not args.method.startswith("pam"):
         return args.method
     from .checkpoints import shipped_checkpoint_path
 
     if server_info is not None:
-        model = server_info.get("model") if isinstance(server_info.get("model"), dict) else {}
-        sha = str(model.get("sha256") or "")
+        served = server_info.get("model") if isinstance(server_info.get("model"), dict) else {}
+        sha = str(served.get("sha256") or "")
         from .checkpoints import shipped_weights_sha256
 
         return f"{args.method} (shipped weights)" if sha and sha == shipped_weights_sha256() else \
             f"{args.method} (the server's weights, sha256 {sha[:16] or 'unknown'})"
 
     given = args.checkpoint or os.environ.get("PAMSEGMENT_MODEL") or None
+    key = _model_key(model)
+    if key is not None and key == _shipped_key():
+        return f"{args.method} (shipped weights)"  # (also a copy of the shipped file elsewhere)
     shipped = shipped_checkpoint_path()
-    if given is None or (shipped is not None and _absolute(Path(given)) == _absolute(Path(shipped))):
-        return f"{args.method} (shipped weights)"
-    from .checkpoints import shipped_weights_sha256
-
-    if weights_sha256 and weights_sha256 == shipped_weights_sha256():
-        return f"{args.method} (shipped weights)"  # (a copy of them elsewhere)
-    return f"{args.method} ({_absolute(Path(given))}" + (f", weights sha256 {weights_sha256[:16]})" if weights_sha256
-                                                          else ")")
+    is_shipped = given is None or (shipped is not None and _absolute(Path(given)) == _absolute(Path(shipped)))
+    if key is None:  # (nothing loaded here: as before session 44)
+        return f"{args.method} (shipped weights)" if is_shipped else f"{args.method} ({_absolute(Path(given))})"
+    name = "shipped weights" if is_shipped else str(_absolute(Path(given)))
+    return f"{args.method} ({name}, weights sha256 {key[0]}, settings {key[1]})"
 
 
-_SHA = re.compile(r"sha256 ([0-9a-f]{16})")
+_KEY = re.compile(r"weights sha256 ([0-9a-f]{16}), settings ([0-9a-f]{8})\)$")
+_shipped_keys: dict = {}
+
+
+def _model_key(model) -> tuple[str, str] | None:
+    """(the weights' sha256, 16 hex digits; a digest of the settings they run with, 8) of a method
+    object (a PAMModel, or a predictor wrapping one: its ``model``), None for anything else."""
+    for obj in (model, getattr(model, "model", None)):
+        sha = getattr(obj, "sha256", None)
+        if isinstance(sha, str) and sha and hasattr(obj, "inference") and hasattr(obj, "preprocessing"):
+            settings = json.dumps([obj.network.config.to_dict(), obj.preprocessing.to_dict(), obj.inference.to_dict()],
+                                  sort_keys=True, default=str)
+            return sha[:16], hashlib.sha256(settings.encode()).hexdigest()[:8]
+    return None
+
+
+def _shipped_key() -> tuple[str, str] | None:
+    """``_model_key`` of the shipped weights as they load (their own settings), None where they are
+    missing or do not load; loaded once per process."""
+    if "key" not in _shipped_keys:
+        from .checkpoints import load_model, shipped_checkpoint_path
+
+        path = shipped_checkpoint_path()
+        try:
+            _shipped_keys["key"] = _model_key(load_model(path)) if path is not None else None
+        except Exception:  # noqa: BLE001 - a damaged install: every run names its weights by path then
+            _shipped_keys["key"] = None
+    return _shipped_keys["key"]
 
 
 def _same_making(before: str, now: str) -> bool:
     """Whether an output made with ``before`` (a report's method column) is what ``now`` makes: the
-    same text, or the same method with the same weights by their sha256 (a checkpoint copied elsewhere,
-    the same weights on a server). A column from before session 44 names a checkpoint by its path
-    only: such an output is made again once (its weights cannot be told from the path)."""
+    same text, or the same method with the same weights and settings (a checkpoint copied
+    elsewhere; "(shipped weights)" standing for the shipped weights with their own settings). A
+    column from before session 44 names a checkpoint by its path only, a server's weights by their
+    sha256 only: such an output is made again where the text differs."""
     if before == now:
         return True
-    from .checkpoints import shipped_weights_sha256
 
-    def weights(text: str) -> tuple[str, str | None]:
+    def key(text: str) -> tuple[str, tuple[str, str] | None]:
         name = text.split(" ", 1)[0]
-        if text.endswith("(shipped weights)"):
-            return name, (shipped_weights_sha256() or "")[:16] or None
-        found = _SHA.search(text)
-        return name, found.group(1) if found else None
+        if text == f"{name} (shipped weights)":
+            return name, _shipped_key()
+        found = _KEY.search(text)
+        return name, (found.group(1), found.group(2)) if found else None
 
-    (a, sha_a), (b, sha_b) = weights(before), weights(now)
-    return a == b and sha_a is not None and sha_a == sha_b
-
-
-def _weights_sha256(model) -> str | None:
-    """The sha256 of the weights a method object holds (a PAMModel, or a predictor wrapping one)."""
-    for obj in (model, getattr(model, "model", None)):
-        sha = getattr(obj, "sha256", None)
-        if isinstance(sha, str) and sha:
-            return sha
-    return None
+    (a, key_a), (b, key_b) = key(before), key(now)
+    return a == b and key_a is not None and key_a == key_b
 
 
 def _made_before(row: BatchRow, earlier: dict[str, tuple[dict, int]]) -> str:
@@ -1293,11 +1315,12 @@ def _cmd_batch(args: argparse.Namespace, claims: list) -> int:
         if args.method not in server_info.get("methods", [args.method]):
             raise InputError(f"the server at {server.url} does not run --method {args.method}")
     preloaded = None
-    if server is None and args.method.startswith("pam") and (args.checkpoint or os.environ.get("PAMSEGMENT_MODEL")):
-        # other weights than the shipped ones: loaded now, so that the report and --skip-existing know them by
-        # their sha256 (by the path alone, weights replaced under it kept the old outputs as done)
+    if server is None and args.method.startswith("pam"):
+        # loaded now, so that the report and --skip-existing know the weights by their sha256 and the settings
+        # they run with (by the path alone, weights replaced under it, or re-saved with another threshold, kept
+        # the old outputs as done)
         preloaded = METHODS[args.method](args)
-    method = made_with(args, server_info, _weights_sha256(preloaded))
+    method = made_with(args, server_info, preloaded)
     # what this batch writes (a DICOM folder may hold some of it: not a change of its series)
     reports = [name for name in os.listdir(out_dir) if REPORT_NAME.fullmatch(name)] if out_dir.is_dir() else []
     # (and what other manifests' batches wrote there, by the reports in -o: two manifests with outputs

@@ -324,7 +324,8 @@ class RemoteModel:
         # a server from before per-job drift tests refuses the option: an error if the user asked for it
         # (--intensity-gate), left out with a word where it is only a front end's setting (Slicer's checkbox)
         self.gate_required = True
-        parsed = urllib.parse.urlparse(str(url))
+        url = str(url).strip()  # (a pasted address's trailing space or line break is no part of it)
+        parsed = urllib.parse.urlparse(url)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise InputError(f"server address {url!r} is not an http(s) URL (e.g. http://gpu-box:8765)")
         if "@" in parsed.netloc:  # user:password@: urllib tried to reach a host named so; never echoed
@@ -335,12 +336,15 @@ class RemoteModel:
             port_ok = parsed.port != 0
         except ValueError:
             port_ok = False
+        if not port_ok and parsed.netloc.count(":") > 1 and "[" not in parsed.netloc:
+            raise InputError(f"server address {url!r}: an IPv6 address goes in square brackets, e.g. "
+                             "http://[::1]:8765")
         if not port_ok:
             port = parsed.netloc.rsplit(":", 1)[-1]
             raise InputError(f"server address {url!r} has the port {port!r}, which no server can listen on (ports are "
                              "1-65535; `pamsegment serve` prints its address when it starts, e.g. "
                              "http://gpu-box:8765)")
-        self.url = str(url).rstrip("/")
+        self.url = url.rstrip("/")
         # Surrounding white space is no part of a token (a token file saved on Windows ends in "\r\n",
         # which made urllib raise with the token in its message).
         token = str(token).strip() if token is not None else None

@@ -387,8 +387,12 @@ def test_skip_existing_knows_a_checkpoint_by_its_weights_not_its_path(tmp_path, 
     """A trial of batch (session 44): --skip-existing told a checkpoint by its path, so weights
     replaced under the same path (retrained) kept the old outputs as done (48 693 voxels differed
     from what the new weights make), and a copy of the same weights elsewhere ran everything again.
-    The report names the weights by their sha256 now; a copy of the shipped file counts as them."""
+    A re-review then found the weights alone not enough: the same weights re-saved with another
+    threshold (or run with --registration-weight) made other outputs, kept as done. The report names
+    the weights by their sha256 and the settings they run with by a digest; a copy of the shipped
+    file counts as the shipped weights."""
     import csv
+    import re
 
     import torch
     from conftest import make_ct_case
@@ -408,24 +412,39 @@ def test_skip_existing_knows_a_checkpoint_by_its_weights_not_its_path(tmp_path, 
         with open(out / "batch_report.csv", encoding="utf-8") as fh:
             return [(r["status"], r["method"]) for r in csv.DictReader(fh)]
 
+    def said():
+        both = capsys.readouterr()
+        return both.out + both.err
+
     assert main(run + ["--checkpoint", str(ckpt)]) == 0
     assert report() == [("ok", "pam (shipped weights)")]  # (a copy of the shipped file)
+    assert main(run + ["--skip-existing"]) == 0 and report() == [("skipped", "pam (shipped weights)")]
     saved = torch.load(ckpt, map_location="cpu", weights_only=False)  # (the shipped file: trusted here)
+    saved["inference"]["threshold"] = 0.9  # the same weights, re-saved with another threshold
+    torch.save(saved, ckpt)
+    said()
+    assert main(run + ["--checkpoint", str(ckpt), "--skip-existing"]) == 0
+    ((status, method),) = report()
+    key = re.fullmatch(rf"pam \({re.escape(str(ckpt))}, weights sha256 ([0-9a-f]{{16}}), settings ([0-9a-f]{{8}})\)",
+                       method)
+    assert status == "ok" and key and key.group(1) == saved["sha256"][:16], method
+    assert f"run again: its output was made with pam (shipped weights), this run uses {method}" in said()
     sd = saved["state_dict"]
-    key = next(k for k in sd if k.endswith("presence_head.fc.2.bias"))
-    sd[key] = sd[key] - 1.0  # other weights, "retrained", saved under the same path
+    name = next(k for k in sd if k.endswith("presence_head.fc.2.bias"))
+    sd[name] = sd[name] - 1.0  # other weights, "retrained", saved under the same path
     saved["sha256"] = weights_sha256(sd)
     torch.save(saved, ckpt)
-    capsys.readouterr()
     assert main(run + ["--checkpoint", str(ckpt), "--skip-existing"]) == 0
-    made = f"pam ({ckpt}, weights sha256 {saved['sha256'][:16]})"
-    said = capsys.readouterr()
-    assert f"run again: its output was made with pam (shipped weights), this run uses {made}" in said.out + said.err
+    made = f"pam ({ckpt}, weights sha256 {saved['sha256'][:16]}, settings {key.group(2)})"
+    assert f"run again: its output was made with {method}, this run uses {made}" in said()
     assert report() == [("ok", made)]
     copy = tmp_path / "elsewhere.pt"
     copy.write_bytes(ckpt.read_bytes())
-    assert main(run + ["--checkpoint", str(copy), "--skip-existing"]) == 0  # the same weights under another path
+    assert main(run + ["--checkpoint", str(copy), "--skip-existing"]) == 0  # the same file under another path
     assert report() == [("skipped", made)]
+    assert main(run + ["--skip-existing", "--registration-weight", "0.2"]) == 0  # the shipped weights, otherwise run
+    ((status, method),) = report()
+    assert status == "ok" and method.startswith("pam (shipped weights, weights sha256 ") and method != made
     old = tmp_path / "old.csv"  # a report from before: the checkpoint named by its path only
     rows = list(csv.DictReader(open(out / "batch_report.csv", encoding="utf-8")))
     rows[0]["method"] = f"pam ({ckpt})"
@@ -434,10 +453,9 @@ def test_skip_existing_knows_a_checkpoint_by_its_weights_not_its_path(tmp_path, 
         writer.writeheader()
         writer.writerows(rows)
     old.replace(out / "batch_report.csv")
-    capsys.readouterr()
+    said()
     assert main(run + ["--checkpoint", str(ckpt), "--skip-existing"]) == 0
-    said = capsys.readouterr()
-    assert f"run again: its output was made with pam ({ckpt}), this run uses {made}" in said.out + said.err
+    assert f"run again: its output was made with pam ({ckpt}), this run uses {made}" in said()
 
 
 def test_review_tiff_channels_by_content_tag_and_pages(tmp_path):
@@ -536,6 +554,11 @@ def test_a_server_address_with_an_impossible_port_says_so():
             RemoteModel(url)
     assert RemoteModel("http://[::1]:8765").url == "http://[::1]:8765"
     assert RemoteModel("http://gpu-box").url == "http://gpu-box"
+    # a re-review: a pasted address's trailing space was refused as an impossible port (accepted before)
+    assert RemoteModel("http://127.0.0.1:18999 ").url == "http://127.0.0.1:18999"
+    with pytest.raises(InputError, match=r"^server address 'http://::1:8765': an IPv6 address goes in square "
+                                         r"brackets, e\.g\. http://\[::1\]:8765$"):
+        RemoteModel("http://::1:8765")
 
 
 def test_prepare_data_names_a_damaged_or_missing_download(tmp_path, monkeypatch):
