@@ -42,7 +42,6 @@ import contextlib
 import csv
 import functools
 import hashlib
-import json
 import os
 import re
 import sys
@@ -480,10 +479,17 @@ def made_with(args, server_info: dict | None = None, model=None) -> str:
 
     if server_info is not None:
         served = server_info.get("model") if isinstance(server_info.get("model"), dict) else {}
-        sha = str(served.get("sha256") or "")
+        sha, settings = str(served.get("sha256") or ""), str(served.get("settings") or "")
+        if re.fullmatch(r"[0-9a-f]{8}", settings) and re.fullmatch(r"[0-9a-f]{64}", sha) and \
+                getattr(args, "intensity_gate", None) is None and args.method == "pam":
+            # a server that says what its model runs with (session 44 on): named as a local run of the same
+            # weights and settings would be (the drift test a client asks for per job is not in the digest)
+            if (sha[:16], settings) == _shipped_key():
+                return f"{args.method} (shipped weights)"
+            return f"{args.method} (the server's weights, weights sha256 {sha[:16]}, settings {settings})"
         from .checkpoints import shipped_weights_sha256
 
-        return f"{args.method} (shipped weights)" if sha and sha == shipped_weights_sha256() else \
+        return f"{args.method} (shipped weights)" if sha and sha == shipped_weights_sha256() and not settings else \
             f"{args.method} (the server's weights, sha256 {sha[:16] or 'unknown'})"
 
     given = args.checkpoint or os.environ.get("PAMSEGMENT_MODEL") or None
@@ -505,12 +511,13 @@ _shipped_keys: dict = {}
 def _model_key(model) -> tuple[str, str] | None:
     """(the weights' sha256, 16 hex digits; a digest of the settings they run with, 8) of a method
     object (a PAMModel, or a predictor wrapping one: its ``model``), None for anything else."""
+    from .checkpoints import settings_digest
+
     for obj in (model, getattr(model, "model", None)):
         sha = getattr(obj, "sha256", None)
-        if isinstance(sha, str) and sha and hasattr(obj, "inference") and hasattr(obj, "preprocessing"):
-            settings = json.dumps([obj.network.config.to_dict(), obj.preprocessing.to_dict(), obj.inference.to_dict()],
-                                  sort_keys=True, default=str)
-            return sha[:16], hashlib.sha256(settings.encode()).hexdigest()[:8]
+        settings = settings_digest(obj)
+        if isinstance(sha, str) and sha and settings:
+            return sha[:16], settings
     return None
 
 

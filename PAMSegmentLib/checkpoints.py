@@ -259,6 +259,18 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
+def settings_digest(model) -> str | None:
+    """8 hex digits of a digest of what a loaded model runs with besides its weights: its network's
+    config, its preprocessing and inference parameters (with any override applied); None for an
+    object without them. With the weights' sha256 it tells two runs' outputs apart (batch's
+    --skip-existing, a server's /info)."""
+    if not all(hasattr(model, a) for a in ("network", "preprocessing", "inference")):
+        return None
+    settings = json.dumps([model.network.config.to_dict(), model.preprocessing.to_dict(), model.inference.to_dict()],
+                          sort_keys=True, default=str)
+    return hashlib.sha256(settings.encode()).hexdigest()[:8]
+
+
 def weights_sha256(state_dict: dict) -> str:
     """Hash of the weights themselves (names, dtypes, shapes, bytes), independent of pickling."""
     h = hashlib.sha256()

@@ -880,9 +880,12 @@ def _serve(args, token) -> int:
         def factory(method: str):
             return model if method == "pam" else get_predictor(method)
 
+        from .checkpoints import settings_digest
+
         info = {"sha256": getattr(model, "sha256", ""), "device": args.device,
                 "checkpoint": _checkpoint_label(args.checkpoint),
-                "walk": "published" if model.inference.published_scheme else "engine"}
+                "walk": "published" if model.inference.published_scheme else "engine",
+                "settings": settings_digest(model) or ""}  # (with the sha256: what a batch's report names)
         app = create_app(factory, token=token, max_upload_mb=args.max_upload_mb, max_voxels=args.max_voxels,
                          max_jobs=args.max_jobs, model_info=info, batch_size=args.batch_size,
                          local_names=None if token else (args.host,))  # without a token: this machine's names only

@@ -595,3 +595,36 @@ def test_prepare_data_names_a_damaged_or_missing_download(tmp_path, monkeypatch)
     assert str(caught.value).startswith("error: could not download TPTBox==1.1.0 with pip (")
     assert str(caught.value).endswith(f"download it where PyPI can be reached (pip download --no-deps TPTBox==1.1.0) "
                                       f"and put the file into {dl}")
+
+
+def test_a_server_that_names_its_settings_counts_as_a_local_run_of_the_same(monkeypatch):
+    """With the server's /info naming its model's settings digest beside its weights' sha256 (session
+    44), a batch run through it and resumed here (or the other way round) with the same weights and
+    settings counts as done; other settings, a drift test the client asks for, or a server that does
+    not name its settings, make the rows run again."""
+    import types
+
+    from PAMSegmentLib import batch
+    from PAMSegmentLib.checkpoints import load_model, settings_digest, shipped_checkpoint_path
+
+    shipped = load_model(shipped_checkpoint_path())
+    assert batch._shipped_key() == (shipped.sha256[:16], settings_digest(shipped))
+    args = types.SimpleNamespace(method="pam", checkpoint=None, intensity_gate=None)
+    monkeypatch.delenv("PAMSEGMENT_MODEL", raising=False)
+
+    def served(sha, settings=None):
+        return {"model": {"sha256": sha, **({"settings": settings} if settings is not None else {})}}
+
+    assert batch.made_with(args, served(shipped.sha256, settings_digest(shipped))) == "pam (shipped weights)"
+    other = "ab" * 32
+    remote = batch.made_with(args, served(other, "0123abcd"))
+    assert remote == f"pam (the server's weights, weights sha256 {other[:16]}, settings 0123abcd)"
+    here = f"pam (/models/mine.pt, weights sha256 {other[:16]}, settings 0123abcd)"
+    assert batch._same_making(remote, here) and batch._same_making(here, remote)
+    assert not batch._same_making(remote, here.replace("0123abcd", "0123abce"))
+    assert batch.made_with(args, served(other)) == f"pam (the server's weights, sha256 {other[:16]})"  # an older one
+    assert not batch._same_making(batch.made_with(args, served(other)), here)
+    gated = types.SimpleNamespace(method="pam", checkpoint=None, intensity_gate="off")
+    assert batch.made_with(gated, served(other, "0123abcd")) == f"pam (the server's weights, sha256 {other[:16]})"
+    assert batch._same_making("pam (shipped weights)", f"pam (shipped weights, weights sha256 {shipped.sha256[:16]}, "
+                                                       f"settings {settings_digest(shipped)})")
