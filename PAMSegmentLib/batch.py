@@ -464,42 +464,43 @@ def _earlier_results(out_dir: Path) -> dict[str, tuple[dict, int]]:
 def made_with(args, server_info: dict | None = None, model=None) -> str:
     """What a batch's outputs are made with, for the report and --skip-existing: the method, and
     for the network's methods the weights (--checkpoint, else PAMSEGMENT_MODEL, else the shipped
-    weights; a path to the shipped file counts as them). With ``--server`` the weights are the
-    server's (its ``/info``, ``server_info``): the shipped ones when their sha256 is the model
-    card's, so outputs made here or there count as the same. ``model``: the method object loaded
-    here (a PAMModel, or a predictor wrapping one): weights other than the shipped ones, or the
-    shipped ones run with other settings (the checkpoint's own inference parameters, or
-    --registration-weight, --intensity-gate, --through-plane-mm, --walk), are named with their
-    path, their weights' sha256 and a digest of their settings (``_same_making`` compares by them:
-    weights replaced under one path, or re-saved with another threshold, are others; a copy of the
-    same file elsewhere is the same)."""
+    weights; a copy of the shipped file counts as them) with their sha256 (16 hex digits) and a
+    digest of the settings they run with (``checkpoints.settings_digest``: the network, the
+    preprocessing and the inference parameters with --registration-weight, --intensity-gate,
+    --through-plane-mm and --walk applied). ``model``: the method object loaded here (a PAMModel, or
+    a predictor wrapping one). With ``--server`` (``server_info``: its ``/info``) the server's weights
+    and settings as its /info names them, and a drift test asked for per job (which its digest does
+    not hold) named apart. ``_same_making`` compares by the weights and settings: weights replaced
+    under one path, re-saved with another threshold, or the shipped ones of another release are
+    others; a copy of the same file elsewhere, or the same on a server, is the same."""
     if not args.method.startswith("pam"):
         return args.method
-    from .checkpoints import shipped_checkpoint_path
-
     if server_info is not None:
         served = server_info.get("model") if isinstance(server_info.get("model"), dict) else {}
         sha, settings = str(served.get("sha256") or ""), str(served.get("settings") or "")
-        if re.fullmatch(r"[0-9a-f]{8}", settings) and re.fullmatch(r"[0-9a-f]{64}", sha) and \
-                getattr(args, "intensity_gate", None) is None and args.method == "pam":
-            # a server that says what its model runs with (session 44 on): named as a local run of the same
-            # weights and settings would be (the drift test a client asks for per job is not in the digest)
-            if (sha[:16], settings) == _shipped_key():
-                return f"{args.method} (shipped weights)"
-            return f"{args.method} (the server's weights, weights sha256 {sha[:16]}, settings {settings})"
+        gate = getattr(args, "intensity_gate", None)
+        asked = f", drift test {gate}" if gate is not None else ""
+        if not re.fullmatch(r"[0-9a-f]{64}", sha):
+            return f"{args.method} (the server's weights, sha256 unknown{asked})"
+        if not re.fullmatch(r"[0-9a-f]{8}", settings):  # a server from before session 44: its weights only
+            return f"{args.method} (the server's weights, sha256 {sha[:16]}{asked})"
         from .checkpoints import shipped_weights_sha256
 
-        return f"{args.method} (shipped weights)" if sha and sha == shipped_weights_sha256() and not settings else \
-            f"{args.method} (the server's weights, sha256 {sha[:16] or 'unknown'})"
+        name = "shipped weights" if sha == shipped_weights_sha256() else "the server's weights"
+        return f"{args.method} ({name}, weights sha256 {sha[:16]}, settings {settings}{asked})"
+
+    from .checkpoints import shipped_checkpoint_path
 
     given = args.checkpoint or os.environ.get("PAMSEGMENT_MODEL") or None
     key = _model_key(model)
-    if key is not None and key == _shipped_key():
-        return f"{args.method} (shipped weights)"  # (also a copy of the shipped file elsewhere)
     shipped = shipped_checkpoint_path()
     is_shipped = given is None or (shipped is not None and _absolute(Path(given)) == _absolute(Path(shipped)))
     if key is None:  # (nothing loaded here: as before session 44)
         return f"{args.method} (shipped weights)" if is_shipped else f"{args.method} ({_absolute(Path(given))})"
+    from .checkpoints import shipped_weights_sha256
+
+    if is_shipped or (shipped_weights_sha256() or "")[:16] == key[0]:  # (a copy of the shipped file elsewhere)
+        is_shipped = is_shipped or key == _shipped_key()
     name = "shipped weights" if is_shipped else str(_absolute(Path(given)))
     return f"{args.method} ({name}, weights sha256 {key[0]}, settings {key[1]})"
 
@@ -546,7 +547,7 @@ def _same_making(before: str, now: str) -> bool:
 
     def key(text: str) -> tuple[str, tuple[str, str] | None]:
         name = text.split(" ", 1)[0]
-        if text == f"{name} (shipped weights)":
+        if text == f"{name} (shipped weights)":  # a report from before session 44: the shipped weights of today
             return name, _shipped_key()
         found = _KEY.search(text)
         return name, (found.group(1), found.group(2)) if found else None

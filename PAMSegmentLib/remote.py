@@ -325,7 +325,11 @@ class RemoteModel:
         # (--intensity-gate), left out with a word where it is only a front end's setting (Slicer's checkbox)
         self.gate_required = True
         url = str(url).strip()  # (a pasted address's trailing space or line break is no part of it)
-        parsed = urllib.parse.urlparse(url)
+        try:
+            parsed = urllib.parse.urlparse(url)
+        except ValueError:  # "Invalid IPv6 URL": a bracket not closed (a traceback before)
+            raise InputError(f"server address {url!r} is not a valid URL (an IPv6 address goes in square brackets, "
+                             "both of them: http://[::1]:8765)") from None
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise InputError(f"server address {url!r} is not an http(s) URL (e.g. http://gpu-box:8765)")
         if "@" in parsed.netloc:  # user:password@: urllib tried to reach a host named so; never echoed

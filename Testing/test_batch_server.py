@@ -114,16 +114,25 @@ def test_a_full_queue_is_waited_out_when_asked_and_said_in_the_progress(copy_ser
 
 def test_a_servers_weights_are_named_in_the_report_as_local_ones_are():
     """The report's method column decides what --skip-existing runs again: the shipped weights on a
-    server count as the shipped weights here (same results), other weights by their sha256."""
+    server count as the shipped weights here (same results) where the server names the same settings
+    (since session 44: its /info's settings digest; a server that does not name them could run the
+    same weights otherwise, so its rows are told by the text alone), other weights by their sha256."""
     import argparse
 
-    from PAMSegmentLib.batch import made_with
+    from PAMSegmentLib.batch import _same_making, made_with
+    from PAMSegmentLib.checkpoints import load_model, settings_digest, shipped_checkpoint_path
     from PAMSegmentLib.checkpoints import shipped_weights_sha256 as _shipped_sha256
 
     shipped = _shipped_sha256()
     assert isinstance(shipped, str) and len(shipped) == 64
     args = argparse.Namespace(method="pam", checkpoint=None)
-    assert made_with(args, {"model": {"sha256": shipped}}) == made_with(args) == "pam (shipped weights)"
+    here = made_with(args, None, load_model(shipped_checkpoint_path()))
+    settings = here.rsplit("settings ", 1)[1][:-1]
+    assert made_with(args, {"model": {"sha256": shipped, "settings": settings}}) == here
+    assert here == f"pam (shipped weights, weights sha256 {shipped[:16]}, settings {settings})"
+    assert made_with(args) == "pam (shipped weights)"  # (nothing loaded: the text before session 44)
+    older = made_with(args, {"model": {"sha256": shipped}})  # a server from before session 44
+    assert older == f"pam (the server's weights, sha256 {shipped[:16]})" and not _same_making(older, here)
     assert made_with(args, {"model": {"sha256": "ab" * 32}}) == "pam (the server's weights, sha256 abababababababab)"
     assert made_with(argparse.Namespace(method="copy", checkpoint=None), {"model": {}}) == "copy"
 

@@ -416,9 +416,12 @@ def test_skip_existing_knows_a_checkpoint_by_its_weights_not_its_path(tmp_path, 
         both = capsys.readouterr()
         return both.out + both.err
 
+    from PAMSegmentLib.batch import _shipped_key
+
+    shipped = "pam (shipped weights, weights sha256 {}, settings {})".format(*_shipped_key())
     assert main(run + ["--checkpoint", str(ckpt)]) == 0
-    assert report() == [("ok", "pam (shipped weights)")]  # (a copy of the shipped file)
-    assert main(run + ["--skip-existing"]) == 0 and report() == [("skipped", "pam (shipped weights)")]
+    assert report() == [("ok", shipped)]  # (a copy of the shipped file)
+    assert main(run + ["--skip-existing"]) == 0 and report() == [("skipped", shipped)]
     saved = torch.load(ckpt, map_location="cpu", weights_only=False)  # (the shipped file: trusted here)
     saved["inference"]["threshold"] = 0.9  # the same weights, re-saved with another threshold
     torch.save(saved, ckpt)
@@ -428,7 +431,7 @@ def test_skip_existing_knows_a_checkpoint_by_its_weights_not_its_path(tmp_path, 
     key = re.fullmatch(rf"pam \({re.escape(str(ckpt))}, weights sha256 ([0-9a-f]{{16}}), settings ([0-9a-f]{{8}})\)",
                        method)
     assert status == "ok" and key and key.group(1) == saved["sha256"][:16], method
-    assert f"run again: its output was made with pam (shipped weights), this run uses {method}" in said()
+    assert f"run again: its output was made with {shipped}, this run uses {method}" in said()
     sd = saved["state_dict"]
     name = next(k for k in sd if k.endswith("presence_head.fc.2.bias"))
     sd[name] = sd[name] - 1.0  # other weights, "retrained", saved under the same path
@@ -559,6 +562,8 @@ def test_a_server_address_with_an_impossible_port_says_so():
     with pytest.raises(InputError, match=r"^server address 'http://::1:8765': an IPv6 address goes in square "
                                          r"brackets, e\.g\. http://\[::1\]:8765$"):
         RemoteModel("http://::1:8765")
+    with pytest.raises(InputError, match=r"^server address 'http://\[::1:8765' is not a valid URL"):
+        RemoteModel("http://[::1:8765")
 
 
 def test_prepare_data_names_a_damaged_or_missing_download(tmp_path, monkeypatch):
@@ -600,22 +605,30 @@ def test_prepare_data_names_a_damaged_or_missing_download(tmp_path, monkeypatch)
 def test_a_server_that_names_its_settings_counts_as_a_local_run_of_the_same(monkeypatch):
     """With the server's /info naming its model's settings digest beside its weights' sha256 (session
     44), a batch run through it and resumed here (or the other way round) with the same weights and
-    settings counts as done; other settings, a drift test the client asks for, or a server that does
-    not name its settings, make the rows run again."""
+    settings counts as done; other settings, a drift test the client asks for per job (a re-review:
+    gate prompt then off through one server was kept as done, 7116 voxels differed), or a server that
+    does not name its settings, make the rows run again. The shipped weights are named with their key
+    too (a re-review: a release whose shipped weights run otherwise kept the old outputs as done); a
+    report from before session 44 saying "(shipped weights)" stands for today's."""
     import types
 
     from PAMSegmentLib import batch
     from PAMSegmentLib.checkpoints import load_model, settings_digest, shipped_checkpoint_path
 
     shipped = load_model(shipped_checkpoint_path())
-    assert batch._shipped_key() == (shipped.sha256[:16], settings_digest(shipped))
+    key = (shipped.sha256[:16], settings_digest(shipped))
+    assert batch._shipped_key() == key
     args = types.SimpleNamespace(method="pam", checkpoint=None, intensity_gate=None)
     monkeypatch.delenv("PAMSEGMENT_MODEL", raising=False)
 
     def served(sha, settings=None):
         return {"model": {"sha256": sha, **({"settings": settings} if settings is not None else {})}}
 
-    assert batch.made_with(args, served(shipped.sha256, settings_digest(shipped))) == "pam (shipped weights)"
+    here_shipped = batch.made_with(args, None, shipped)
+    assert here_shipped == f"pam (shipped weights, weights sha256 {key[0]}, settings {key[1]})"
+    assert batch.made_with(args, served(shipped.sha256, key[1])) == here_shipped
+    assert batch._same_making("pam (shipped weights)", here_shipped)  # (an older report)
+    assert not batch._same_making(here_shipped, here_shipped.replace(key[1], "00000000"))  # another release's
     other = "ab" * 32
     remote = batch.made_with(args, served(other, "0123abcd"))
     assert remote == f"pam (the server's weights, weights sha256 {other[:16]}, settings 0123abcd)"
@@ -624,7 +637,7 @@ def test_a_server_that_names_its_settings_counts_as_a_local_run_of_the_same(monk
     assert not batch._same_making(remote, here.replace("0123abcd", "0123abce"))
     assert batch.made_with(args, served(other)) == f"pam (the server's weights, sha256 {other[:16]})"  # an older one
     assert not batch._same_making(batch.made_with(args, served(other)), here)
-    gated = types.SimpleNamespace(method="pam", checkpoint=None, intensity_gate="off")
-    assert batch.made_with(gated, served(other, "0123abcd")) == f"pam (the server's weights, sha256 {other[:16]})"
-    assert batch._same_making("pam (shipped weights)", f"pam (shipped weights, weights sha256 {shipped.sha256[:16]}, "
-                                                       f"settings {settings_digest(shipped)})")
+    gated = [batch.made_with(types.SimpleNamespace(method="pam", checkpoint=None, intensity_gate=g),
+                             served(other, "0123abcd")) for g in ("prompt", "off")]
+    assert gated[0] == f"pam (the server's weights, weights sha256 {other[:16]}, settings 0123abcd, drift test prompt)"
+    assert not batch._same_making(gated[0], gated[1]) and not batch._same_making(gated[0], here)
