@@ -4,7 +4,8 @@ running Slicer, a GPU box in the lab).
 The HTTP API (FastAPI, served by uvicorn; ``pip install ".[server]"`` in the source folder):
 
 * ``GET /info``: the server's version, its model (checkpoint, sha256, device, walk, and ``settings``:
-  ``checkpoints.settings_digest``), how many jobs wait, its limits (``max_upload_mb``, ``max_voxels``) and the ``batch_size`` every job runs with.
+  ``checkpoints.settings_digest``), how many jobs wait, its limits (``max_upload_mb``,
+  ``max_voxels``) and the ``batch_size`` every job runs with.
 * ``POST /jobs?options=JSON``: the body is an uncompressed ``.npz`` (``numpy.savez``) holding
   ``image`` (k, j, i), ``prompt`` (the same shape, integer labels) and ``spacing`` (3 floats, mm,
   k, j, i). ``options`` (JSON object, optional): ``axis``, ``labels``, ``range``, ``early_stop``,

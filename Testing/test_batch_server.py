@@ -120,7 +120,7 @@ def test_a_servers_weights_are_named_in_the_report_as_local_ones_are():
     import argparse
 
     from PAMSegmentLib.batch import _same_making, made_with
-    from PAMSegmentLib.checkpoints import load_model, settings_digest, shipped_checkpoint_path
+    from PAMSegmentLib.checkpoints import load_model, shipped_checkpoint_path
     from PAMSegmentLib.checkpoints import shipped_weights_sha256 as _shipped_sha256
 
     shipped = _shipped_sha256()
