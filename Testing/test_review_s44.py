@@ -509,28 +509,13 @@ def test_a_second_ctrl_c_on_serve_ends_the_process_cleanly(monkeypatch, capsys):
     service to systemd; a quick second one printed uvicorn's lifespan tracebacks. The stop now says
     whether a job was left running, and the command's own process then ends at once with status 0
     (a caller's process, a test's, is left alone); uvicorn runs without the lifespan task."""
-    import threading
     import types
 
-    import numpy as np
-
     from PAMSegmentLib import server
-    from PAMSegmentLib.errors import PropagationCancelled
     from PAMSegmentLib.server import JobQueue, _end_under_running_job, _stop_queue
 
-    release, started = threading.Event(), threading.Event()
-
-    def run(job):  # ignores its cancel token until released
-        started.set()
-        release.wait(10)
-        raise PropagationCancelled("cancelled")
-
-    queue = JobQueue(run)
-    queue.submit(np.zeros((2, 2, 2)), np.zeros((2, 2, 2), np.uint8), (1.0, 1.0, 1.0), {})
-    assert started.wait(10)
-    assert _stop_queue(queue, wait=0.2) is True  # left running
-    release.set()
-    assert _stop_queue(JobQueue(run), wait=0.2) is False  # nothing ran
+    # (a job left running: test_server's test_stopping_serve_says_when_it_waits_for_a_job_that_does_not_stop)
+    assert _stop_queue(JobQueue(lambda job: None), wait=0.2) is False  # nothing ran
     ended = []
     monkeypatch.setattr(server.os, "_exit", ended.append)
     _end_under_running_job(types.SimpleNamespace())
