@@ -1319,6 +1319,8 @@ def _cmd_batch(args: argparse.Namespace, claims: list) -> int:
         server = RemoteModel(args.server, token=args.token or os.environ.get("PAMSEGMENT_TOKEN"), method=args.method,
                              wait_when_busy=BUSY_WAIT_SECONDS, intensity_gate=args.intensity_gate)
         server_info = server.info()
+        if isinstance(server_info.get("model"), dict):  # (every job checks that the server still runs it)
+            server.expect_model = dict(server_info["model"])
         if args.method not in server_info.get("methods", [args.method]):
             raise InputError(f"the server at {server.url} does not run --method {args.method}")
     preloaded = None
@@ -1423,7 +1425,7 @@ def _cmd_batch(args: argparse.Namespace, claims: list) -> int:
 
     t_all = time.perf_counter()
     interrupted, unreachable = "", None
-    from .remote import ServerBusy, ServerUnreachable
+    from .remote import ServerBusy, ServerChanged, ServerUnreachable
     from .cli import progress_mode
 
     mode = progress_mode()  # a bar on a terminal; in a log a line per finished case instead (no redrawn bars)
@@ -1443,12 +1445,13 @@ def _cmd_batch(args: argparse.Namespace, claims: list) -> int:
                               file=sys.stderr)
             except PropagationCancelled:
                 raise
-            except (ServerUnreachable, ServerBusy) as error:  # every later case would fail the same way: stop
+            except (ServerUnreachable, ServerBusy, ServerChanged) as error:  # every later case would fail so: stop
                 r.status, r.message = "error", " | ".join([*r.notes, _one_line(error)])
                 bar.write(f"row {r.number} ({_as_written(r.image, manifest_folder)}): error: {r.message}",
                           file=sys.stderr)
                 unreachable = error
-                why = "could not be reached" if isinstance(error, ServerUnreachable) else "stayed busy"
+                why = ("could not be reached" if isinstance(error, ServerUnreachable) else
+                       "runs another model" if isinstance(error, ServerChanged) else "stayed busy")
                 for later in todo[todo.index(r) + 1:]:  # said in the report too, not on the console alone
                     later.message = f"the batch stopped at row {r.number}, where the server {why}; resume with " \
                                     "--skip-existing"

@@ -32,7 +32,7 @@ from .propagate import PropagationResult
 # What a `pamsegment serve` server runs (its /info lists them too).
 SERVER_METHODS = ("pam", "track", "copy")
 
-__all__ = ["RemoteModel", "ServerBusy", "ServerUnreachable", "decode_result"]
+__all__ = ["RemoteModel", "ServerBusy", "ServerChanged", "ServerUnreachable", "decode_result"]
 
 
 def job_failure(status: dict) -> PAMError:
@@ -51,6 +51,11 @@ class _Unreachable(PAMError):
 
 
 ServerUnreachable = _Unreachable  # public name: a batch stops on it (every later case would fail too)
+
+
+class ServerChanged(PAMError):
+    """The server a batch runs on now runs another model than when the batch started: the batch stops
+    (its report names every output with the model it saw first)."""
 
 
 class ServerBusy(PAMError):
@@ -356,6 +361,10 @@ class RemoteModel:
             raise InputError("the token holds control characters (a line break inside it?); give it on one line")
         self.token, self.timeout, self.poll_interval, self.method = token, float(timeout), float(poll_interval), method
         self.wait_when_busy, self.busy_interval = float(wait_when_busy), float(busy_interval)
+        # the server's model as a batch first saw it (its /info "model": sha256, settings, walk), or None: a job
+        # is refused once the server there runs another (restarted otherwise behind one address), since the
+        # batch's report names every output with the model it saw first
+        self.expect_model: dict | None = None
 
     def _request(self, method: str, path: str, body: bytes | memoryview | None = None, cancel=None,
                  on_late=None, timeout: float | None = None) -> bytes:
@@ -499,6 +508,21 @@ class RemoteModel:
         if _job_id_ok(job_id):
             self._delete_job(job_id, timeout=min(self.timeout, DELETE_AFTER_CANCEL_SECONDS))
 
+    def _check_same_model(self, info: dict) -> None:
+        """PAMError where the server's model (``info``'s weights sha256, settings digest and walk) is not
+        the one ``expect_model`` holds (a review, session 44: a server restarted with another walk
+        behind the same address made a batch's later rows otherwise than its report said)."""
+        if self.expect_model is None:
+            return
+        now = info.get("model") if isinstance(info.get("model"), dict) else {}
+        keys = ("sha256", "settings", "walk")
+        if any(now.get(k) != self.expect_model.get(k) for k in keys):
+            def shown(m):
+                return ", ".join(f"{k} {str(m.get(k))[:16]}" for k in keys if m.get(k) is not None) or "unknown"
+            raise ServerChanged(f"the server at {self.url} now runs another model ({shown(now)}) than when this batch "
+                           f"started ({shown(self.expect_model)}): restarted otherwise? Run the batch again "
+                           "(--skip-existing keeps what is done)")
+
     def info(self, cancel=None) -> dict:
         """The server's version, model and limits (``GET /info``); ``cancel``: PropagationCancelled
         as soon as it is set, not once a server that does not answer has timed out."""
@@ -551,6 +575,7 @@ class RemoteModel:
         busy_until = time.monotonic() + self.wait_when_busy
         while True:
             limits = self.info(cancel)
+            self._check_same_model(limits)
             queued, max_jobs = limits.get("queued"), limits.get("max_jobs")  # (servers before session 25 send neither)
             if not (all(isinstance(v, int) and not isinstance(v, bool) for v in (queued, max_jobs))
                     and queued >= max_jobs):

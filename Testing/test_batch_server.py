@@ -219,3 +219,29 @@ def test_a_server_that_lists_no_options_is_asked_and_answered_by_what_it_does(co
         model.propagate(image, prompt, (1.0, 1.0, 1.0))
     model.gate_required = False
     assert model.propagate(image, prompt, (1.0, 1.0, 1.0)).mask.any()
+
+
+def test_a_batch_stops_where_the_server_runs_another_model_than_at_its_start(tmp_path, three_cases, copy_server,
+                                                                             monkeypatch, capsys):
+    """A review (session 44): a server restarted otherwise behind the same address mid-batch made the
+    later rows with another model than the report named. The batch stops at the first such row, the
+    rest not run (resume with --skip-existing)."""
+    seen = []
+    real = RemoteModel.info
+
+    def info(self, cancel=None):
+        data = real(self, cancel)
+        seen.append(1)
+        if len(seen) >= 3:  # (the batch's first look, row 2's job; from row 3 on the server "restarted")
+            data = dict(data, model=dict(data.get("model") or {}, walk="published"))
+        return data
+
+    monkeypatch.setattr(RemoteModel, "info", info)
+    code = main(["batch", str(three_cases), "-o", str(tmp_path / "there"), "--method", "copy",
+                 "--server", copy_server, "--token", "tok"])
+    assert code == 2
+    rows = _report(tmp_path / "there" / "batch_report.csv")
+    assert [r["status"] for r in rows] == ["ok", "error", "not run"]
+    assert rows[1]["message"].startswith(f"the server at {copy_server} now runs another model (")
+    assert rows[2]["message"] == "the batch stopped at row 3, where the server runs another model; resume with " \
+                                 "--skip-existing"

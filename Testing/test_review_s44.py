@@ -628,3 +628,32 @@ def test_a_server_that_names_its_settings_counts_as_a_local_run_of_the_same(monk
                              served(other, "0123abcd")) for g in ("prompt", "off")]
     assert gated[0] == f"pam (the server's weights, weights sha256 {other[:16]}, settings 0123abcd, drift test prompt)"
     assert not batch._same_making(gated[0], gated[1]) and not batch._same_making(gated[0], here)
+
+def test_a_batch_refuses_a_server_that_changed_its_model_midway(monkeypatch):
+    """A review (session 44): a batch read the server's /info once; a server restarted with another
+    walk behind the same address made the later rows otherwise than the report said (62 voxels off,
+    kept as done by --skip-existing). Each job now checks the server still runs the model the batch
+    saw first, and is refused (nothing uploaded) where it does not."""
+    import numpy as np
+    import pytest
+
+    from PAMSegmentLib.errors import PAMError
+    from PAMSegmentLib.remote import RemoteModel
+
+    first = {"sha256": "ab" * 32, "settings": "0123abcd", "walk": "engine"}
+    server = RemoteModel("http://127.0.0.1:9")
+    server.expect_model = dict(first)
+    answers = [{"server": "pamsegment", "version": "x", "model": dict(first, walk="published")}]
+    monkeypatch.setattr(server, "info", lambda cancel=None: answers[0])
+    monkeypatch.setattr(server, "_request", lambda *a, **k: pytest.fail("nothing may be uploaded"))
+    image = np.random.default_rng(0).normal(0, 1, (4, 8, 8)).astype(np.float32)
+    prompt = np.zeros((4, 8, 8), np.uint8)
+    prompt[2, 2:5, 2:5] = 1
+    with pytest.raises(PAMError, match=r"^the server at http://127\.0\.0\.1:9 now runs another model \(sha256 "
+                                       r"abababababababab, settings 0123abcd, walk published\) than when this batch "
+                                       r"started \(sha256 abababababababab, settings 0123abcd, walk engine\)"):
+        server.propagate(image, prompt, (1.0, 1.0, 1.0))
+    server.expect_model = None  # (a client outside a batch does not ask)
+    answers[0] = {"server": "pamsegment", "version": "x", "model": dict(first), "queued": 0, "max_jobs": 8}
+    with pytest.raises(pytest.fail.Exception, match="nothing may be uploaded"):
+        server.propagate(image, prompt, (1.0, 1.0, 1.0))
