@@ -887,6 +887,7 @@ def describe_checkpoint(path: str | os.PathLike) -> dict:
         "preprocessing": model.preprocessing.to_dict(),
         "inference": model.inference.to_dict(),
         "sha256": model.sha256,
+        "settings": settings_digest(model),  # (as `pamsegment batch` reports name it, with the sha256)
         "provenance": model.provenance,
         "loads": True,
     }

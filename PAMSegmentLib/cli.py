@@ -1460,6 +1460,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         "preprocessing: " + ", ".join(f"{k}={v}" for k, v in pre.items()),
         "inference: " + ", ".join(f"{k}={v}" for k, v in d["inference"].items()),
         f"sha256 (weights): {d['sha256']}",
+        f"settings digest: {d['settings']} (with the weights' sha256, how `pamsegment batch` reports name what made "
+        "an output; command-line options that change the inference parameters change it)",
         "provenance: " + (_provenance_text(d["provenance"]) if d["provenance"] else "none recorded"),
         "loads: yes",
     ]

@@ -604,6 +604,9 @@ def test_a_server_that_names_its_settings_counts_as_a_local_run_of_the_same(monk
     shipped = load_model(shipped_checkpoint_path())
     key = (shipped.sha256[:16], settings_digest(shipped))
     assert batch._shipped_key() == key
+    from PAMSegmentLib.checkpoints import describe_checkpoint
+
+    assert describe_checkpoint(shipped_checkpoint_path())["settings"] == key[1]  # (`pamsegment info` prints it)
     args = types.SimpleNamespace(method="pam", checkpoint=None, intensity_gate=None)
     monkeypatch.delenv("PAMSEGMENT_MODEL", raising=False)
 
