@@ -475,6 +475,8 @@ def made_with(args, server_info: dict | None = None, model=None) -> str:
     others; a copy of the same file elsewhere, or the same on a server, is the same."""
     if not args.method.startswith("pam"):
         return args.method
+    from .checkpoints import shipped_checkpoint_path, shipped_weights_sha256
+
     if server_info is not None:
         served = server_info.get("model") if isinstance(server_info.get("model"), dict) else {}
         sha, settings = str(served.get("sha256") or ""), str(served.get("settings") or "")
@@ -484,12 +486,8 @@ def made_with(args, server_info: dict | None = None, model=None) -> str:
             return f"{args.method} (the server's weights, sha256 unknown{asked})"
         if not re.fullmatch(r"[0-9a-f]{8}", settings):  # a server from before session 44: its weights only
             return f"{args.method} (the server's weights, sha256 {sha[:16]}{asked})"
-        from .checkpoints import shipped_weights_sha256
-
         name = "shipped weights" if sha == shipped_weights_sha256() else "the server's weights"
         return f"{args.method} ({name}, weights sha256 {sha[:16]}, settings {settings}{asked})"
-
-    from .checkpoints import shipped_checkpoint_path
 
     given = args.checkpoint or os.environ.get("PAMSEGMENT_MODEL") or None
     key = _model_key(model)
@@ -497,16 +495,13 @@ def made_with(args, server_info: dict | None = None, model=None) -> str:
     is_shipped = given is None or (shipped is not None and _absolute(Path(given)) == _absolute(Path(shipped)))
     if key is None:  # (nothing loaded here: as before session 44)
         return f"{args.method} (shipped weights)" if is_shipped else f"{args.method} ({_absolute(Path(given))})"
-    from .checkpoints import shipped_weights_sha256
-
-    if is_shipped or (shipped_weights_sha256() or "")[:16] == key[0]:  # (a copy of the shipped file elsewhere)
-        is_shipped = is_shipped or key == _shipped_key()
+    # (a copy of the shipped file elsewhere: the shipped weights, loaded for their settings only then)
+    is_shipped = is_shipped or ((shipped_weights_sha256() or "")[:16] == key[0] and key == _shipped_key())
     name = "shipped weights" if is_shipped else str(_absolute(Path(given)))
     return f"{args.method} ({name}, weights sha256 {key[0]}, settings {key[1]})"
 
 
 _KEY = re.compile(r"weights sha256 ([0-9a-f]{16}), settings ([0-9a-f]{8})\)$")
-_shipped_keys: dict = {}
 
 
 def _model_key(model) -> tuple[str, str] | None:
@@ -522,18 +517,17 @@ def _model_key(model) -> tuple[str, str] | None:
     return None
 
 
+@functools.lru_cache(maxsize=1)
 def _shipped_key() -> tuple[str, str] | None:
     """``_model_key`` of the shipped weights as they load (their own settings), None where they are
     missing or do not load; loaded once per process."""
-    if "key" not in _shipped_keys:
-        from .checkpoints import load_model, shipped_checkpoint_path
+    from .checkpoints import load_model, shipped_checkpoint_path
 
-        path = shipped_checkpoint_path()
-        try:
-            _shipped_keys["key"] = _model_key(load_model(path)) if path is not None else None
-        except Exception:  # noqa: BLE001 - a damaged install: every run names its weights by path then
-            _shipped_keys["key"] = None
-    return _shipped_keys["key"]
+    path = shipped_checkpoint_path()
+    try:
+        return _model_key(load_model(path)) if path is not None else None
+    except Exception:  # noqa: BLE001 - a damaged install: every run names its weights by path then
+        return None
 
 
 def _same_making(before: str, now: str) -> bool:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -182,9 +183,7 @@ def turns_note(names: Sequence[str], turns: Sequence[tuple[bool, bool, bool] | N
     if len(turned) <= 3:
         return [f"{name} is stored {_turn_words(t)} against the prompt image: labelled in the prompt image's "
                 "orientation, its mask written as the image is stored" for name, t in turned]
-    kinds: dict[str, int] = {}
-    for _, t in turned:
-        kinds[_turn_words(t)] = kinds.get(_turn_words(t), 0) + 1
+    kinds = Counter(_turn_words(t) for _, t in turned)
     listed = ", ".join(name for name, _ in turned[:3]) + f" ... {turned[-1][0]}"
     how = "; ".join(f"{words} {n}" for words, n in kinds.items())
     return [f"{len(turned)} images are stored turned against the prompt image ({listed}; {how}): labelled in the "

@@ -3351,10 +3351,16 @@ def _tiff_grey_page(p: Path) -> "TiffPage | None":
     labelled as colour, 3 times the features; a 1-bit mask refused as a colour image)."""
     if not p.name.lower().endswith((".tif", ".tiff")):
         return None
-    pages = [page for page in (tiff_pages(p, most=8) or []) if not page.flagged]
+    pages = _image_pages(p)
     if len(pages) == 1 and pages[0].samples == 1 and pages[0].photometric in (0, 1):
         return pages[0]
     return None
+
+
+def _image_pages(p: Path) -> "list[TiffPage]":
+    """The pages of the TIFF ``p`` (known by its content) that ITK reads as the image, up to 8: a
+    slide's flagged pages (reduced resolution, masks) are not; [] for any other file."""
+    return [page for page in (tiff_pages(p, most=8) or []) if not page.flagged]
 
 
 def _check_grey_channels(p: Path, most: int, pages_at_least: int = 1) -> None:
@@ -3366,8 +3372,7 @@ def _check_grey_channels(p: Path, most: int, pages_at_least: int = 1) -> None:
     plane, as colour. 2D images read two samples faithfully (grey + alpha, ``_faithful_tiff``), so
     ``most`` is 2 there and 1 for volumes, which check files of ``pages_at_least`` 2 pages (one page
     is refused as 2D, which says what is wrong)."""
-    listed = tiff_pages(p, most=8) or []
-    pages = [page for page in listed if not page.flagged]
+    pages = _image_pages(p)
     page = pages[0] if len(pages) >= pages_at_least else None
     if page is not None and page.samples > most and page.photometric in (0, 1) and page.photometric_tagged:
         raise InputError(f"{p.name} stores {page.samples} grey channels a pixel (channels of a microscope, or grey "
@@ -3384,7 +3389,7 @@ def _tiff_layout(p: Path) -> tuple[int, int, bool, int] | None:
         return None
     # the pages ITK reads as the image's: a slide export's flagged thumbnail is not one (a 16-bit tiled grey
     # image with one was taken for a stack, left to ITK's 8-bit reader and read as colour, its values / 256)
-    pages = [page for page in (tiff_pages(p, most=8) or []) if not page.flagged] or tiff_pages(p, most=2)
+    pages = _image_pages(p) or tiff_pages(p, most=2)
     if not pages:
         return None
     first = pages[0]

@@ -402,11 +402,19 @@ def main(argv=None) -> int:
 
     previous = signal.signal(signal.SIGTERM, on_term) if threading.current_thread() is threading.main_thread() \
         else None
-    code, how = 130, "interrupted"
+
+    def stopped() -> tuple[int, str]:  # (exit status, word) of a run that was stopped: Ctrl-C or SIGTERM
+        return (143, "stopped (SIGTERM)") if terminated else (130, "interrupted")
+
+    def saved_during(otherwise: str) -> str:  # the periodic partial save this run made, if any
+        partial = partial_path(args.out)
+        return (f"; {partial}, saved during the run, holds its weights as they were then"
+                if _mtime(partial) not in (None, partial_before) else otherwise)
+
     try:
         return _run(args, argv, net_cfg)
     except TrainingInterrupted as exc:
-        code, how = (143, "stopped (SIGTERM)") if terminated else (code, how)
+        code, how = stopped()
         if exc.path is None:
             print(f"{how} before the first iteration: nothing was saved ({args.out} untouched)", file=sys.stderr)
             return code
@@ -414,20 +422,15 @@ def main(argv=None) -> int:
               f"to go on, train with --init-from {exc.path} and another --out", file=sys.stderr)
         return code
     except KeyboardInterrupt:
-        code, how = (143, "stopped (SIGTERM)") if terminated else (code, how)
-        partial = partial_path(args.out)
-        saved = (f"; {partial}, saved during the run, holds its weights as they were then"
-                 if _mtime(partial) not in (None, partial_before) else "; no partial save made")
-        print(f"{how} outside the training loop{saved}, {args.out} not written by this run", file=sys.stderr)
+        code, how = stopped()
+        print(f"{how} outside the training loop{saved_during('; no partial save made')}, {args.out} not written by "
+              "this run", file=sys.stderr)
         return code
     except NonFiniteLoss as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except CheckpointError as exc:  # a save that could not be written (a full disk): said, not a traceback
-        partial = partial_path(args.out)
-        saved = (f"; {partial}, saved during the run, holds its weights as they were then"
-                 if _mtime(partial) not in (None, partial_before) else "")
-        print(f"error: {exc}{saved}", file=sys.stderr)
+        print(f"error: {exc}{saved_during('')}", file=sys.stderr)
         return 2
     finally:
         if previous is not None:
