@@ -1,0 +1,100 @@
+"""Session 45."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def _norm_pair(channels: int):
+    import torch
+    from torch import nn
+
+    from PAMSegmentLib.network import InstanceNorm
+
+    ours, ref = InstanceNorm(channels), nn.InstanceNorm2d(channels, eps=1e-5, affine=True)
+    with torch.no_grad():
+        ours.weight.copy_(torch.rand(channels) + 0.5)
+        ours.bias.copy_(torch.randn(channels))
+    ref.load_state_dict(ours.state_dict())
+    return ours.eval(), ref.eval()
+
+
+@pytest.mark.parametrize("shape", [(1, 128, 16, 16), (3, 64, 8, 12), (1, 512, 7, 7), (2, 1, 31, 33)])
+def test_small_channels_last_maps_are_normalised_without_the_strided_group_norm(monkeypatch, shape):
+    """Session 45: below 1024 pixels a map torch's channels-last group norm walks each channel at a
+    stride of C floats (4-10 times as slow as reading it in order); in eval mode those maps are now
+    normalised as a batch norm over each sample's (H*W, C) view. Same function as InstanceNorm2d:
+    per sample and channel (a constant channel gives its bias), channels-last out, group norm unused."""
+    import torch
+
+    torch.manual_seed(0)
+    n, c, h, w = shape
+    ours, ref = _norm_pair(c)
+    x = torch.randn(shape) * torch.arange(1, c + 1).view(1, c, 1, 1) + 5 * torch.arange(n).view(n, 1, 1, 1)
+    x[-1, c // 2] = 4.0
+    x = x.contiguous(memory_format=torch.channels_last)
+    calls = []
+    group_norm = torch.group_norm
+    monkeypatch.setattr(torch, "group_norm", lambda *a, **k: calls.append(a[0].shape) or group_norm(*a, **k))
+    with torch.inference_mode():
+        got = ours(x)
+        want = ref(x.contiguous())
+    assert calls == []
+    assert got.shape == shape and got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(got[-1, c // 2], ours.bias[c // 2].expand(h, w), atol=1e-4)
+
+
+def test_other_maps_keep_torchs_group_norm_and_training_is_unchanged(monkeypatch):
+    """Maps of 1024 pixels or more, plain-order maps and training keep torch's group norm; a map
+    of one value per channel is refused as before (nn.GroupNorm's own error)."""
+    import torch
+
+    torch.manual_seed(1)
+    ours, ref = _norm_pair(16)
+    calls = []
+    group_norm = torch.group_norm
+    monkeypatch.setattr(torch, "group_norm", lambda *a, **k: calls.append(tuple(a[0].shape)) or group_norm(*a, **k))
+    big = torch.randn(2, 16, 32, 32).contiguous(memory_format=torch.channels_last)
+    plain = torch.randn(1, 16, 8, 8)
+    with torch.inference_mode():
+        assert torch.allclose(ours(big), ref(big.contiguous()), atol=1e-5)
+        assert torch.allclose(ours(plain), ref(plain), atol=1e-5)
+    assert calls == [(2, 16, 32, 32), (1, 16, 8, 8)]
+    calls.clear()
+    ours.train()
+    small = torch.randn(1, 16, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
+    ours(small).sum().backward()
+    assert calls == [(1, 16, 8, 8)] and small.grad is not None
+    ours.eval()
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        ours(torch.randn(1, 16, 1, 1).contiguous(memory_format=torch.channels_last))
+
+
+@pytest.mark.parametrize("preset", ["small", "small-prior"])
+def test_network_output_is_unchanged_by_the_norm_path(monkeypatch, preset):
+    """The whole network for inference (channels-last weights, batches of 1 and 5 queries) gives the
+    probabilities it gave with torch's group norm everywhere, within 1e-5."""
+    import torch
+
+    from PAMSegmentLib import network
+    from PAMSegmentLib.checkpoints import _for_inference
+    from PAMSegmentLib.network import build_network
+
+    monkeypatch.delenv("PAMSEGMENT_CHANNELS_LAST", raising=False)
+    torch.manual_seed(0)
+    net = _for_inference(build_network(preset), "cpu")
+    guide, mask = torch.rand(1, 1, 128, 128) * 2 - 1, torch.zeros(1, 1, 128, 128)
+    mask[..., 40:90, 30:100] = 1
+    outs = {}
+    for path in ("new", "old"):
+        if path == "old":
+            monkeypatch.setattr(network.InstanceNorm, "forward", torch.nn.GroupNorm.forward)
+        for n in (1, 5):
+            queries = torch.rand(1, n, 1, 128, 128, generator=torch.Generator().manual_seed(n)) * 2 - 1
+            prob, presence = net.predict(guide, mask, queries)
+            outs[path, n] = (prob, presence)
+    for n in (1, 5):
+        assert outs["new", n][0].shape == (n, 128, 128)
+        assert torch.allclose(outs["new", n][0], outs["old", n][0], atol=1e-5)
+        assert torch.allclose(outs["new", n][1], outs["old", n][1], atol=1e-5)
