@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 
@@ -98,3 +100,54 @@ def test_network_output_is_unchanged_by_the_norm_path(monkeypatch, preset):
         assert outs["new", n][0].shape == (n, 128, 128)
         assert torch.allclose(outs["new", n][0], outs["old", n][0], atol=1e-5)
         assert torch.allclose(outs["new", n][1], outs["old", n][1], atol=1e-5)
+
+
+def _tar_gz_with_bad_crc(folder, name="pkg-1.0"):
+    import os
+    import tarfile
+
+    src = folder / "src" / name
+    src.mkdir(parents=True)
+    (src / "a.txt").write_bytes(os.urandom(50000))
+    archive = folder / f"{name}.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(src, arcname=name)
+    data = bytearray(archive.read_bytes())
+    data[-8] ^= 0xFF  # the gzip trailer's CRC-32 of the data: every block still inflates
+    archive.write_bytes(bytes(data))
+    return archive
+
+
+def test_a_tar_gz_whose_crc_fails_is_not_unpacked(tmp_path):
+    """Carried since session 44: tarfile stops at the tar's end blocks, before gzip's trailer, so a
+    .tar.gz whose CRC failed unpacked as if whole. It is read through first now: refused, nothing in raw/."""
+    import gzip
+
+    from PAMSegmentLib.training.data import ensure_unpacked
+
+    archive = _tar_gz_with_bad_crc(tmp_path)
+    with pytest.raises(gzip.BadGzipFile, match="CRC check failed"):
+        ensure_unpacked(tmp_path / "cache", archive)
+    assert not (tmp_path / "cache" / "raw" / "pkg-1.0").exists()
+    assert not (tmp_path / "cache" / "raw" / "pkg-1.0.partial").exists()
+
+
+def test_prepare_data_names_a_source_archive_whose_crc_fails(tmp_path, monkeypatch):
+    from test_synthetic import _prepare_data_script
+
+    prep = _prepare_data_script()
+    monkeypatch.setattr(prep, "REPO", tmp_path)
+    (tmp_path / "scripts").mkdir()
+    source = prep.D.PackageSource("ts", "totalsegmentator==2.18.0", "totalsegmentator-2.18.0", "sdist", "test")
+    monkeypatch.setattr(prep.D, "SOURCES", {"ts": source})
+    dl = tmp_path / "cache" / "dl"
+    dl.mkdir(parents=True)
+    archive = _tar_gz_with_bad_crc(tmp_path, "totalsegmentator-2.18.0")
+    archive.rename(dl / archive.name)
+    with pytest.raises(SystemExit) as caught:
+        prep.main(["--cache", str(tmp_path / "cache"), "--split", str(tmp_path / "split.json"), "--no-invesalius",
+                   "--no-stardist"])
+    assert re.fullmatch(rf"error: {re.escape(str(dl / archive.name))} is damaged \(CRC check failed 0x[0-9a-f]+ != "
+                        r"0x[0-9a-f]+\); delete it and run again \(it is downloaded again\), or put a whole copy there",
+                        str(caught.value)), str(caught.value)
+    assert not (tmp_path / "cache" / "raw" / "totalsegmentator-2.18.0").exists()

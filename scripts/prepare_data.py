@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gzip
 import json
 import logging
 import os
@@ -542,7 +543,7 @@ def main(argv=None) -> int:
         try:
             archive = D.ensure_downloaded(cache, src)
             roots[key] = D.ensure_unpacked(cache, archive)
-        except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as e:  # a cut or damaged download
+        except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:  # cut or damaged
             raise SystemExit(f"error: {archive} is damaged ({e}); delete it and run again (it is downloaded again), "
                              "or put a whole copy there") from None
         except (OSError, subprocess.CalledProcessError) as e:

@@ -20,6 +20,7 @@ or read (they are reserved for independent evaluation).
 from __future__ import annotations
 
 import ast
+import gzip
 import json
 import logging
 import shutil
@@ -209,6 +210,16 @@ def _safe_target(root: Path, name: str) -> Path:
     return target
 
 
+def check_gzip_whole(path: Path) -> None:
+    """Read a gzip file through to its end, where gzip checks the data's CRC and length: tarfile stops
+    at the tar's end-of-archive blocks, before the trailer, so a .tar.gz whose data was altered inside
+    a block that still inflates unpacked as if whole (session 45; gzip.BadGzipFile, an OSError, on a
+    bad CRC, EOFError when cut)."""
+    with gzip.open(path, "rb") as f:
+        while f.read(1 << 22):
+            pass
+
+
 def ensure_unpacked(cache: Path, archive: Path) -> Path:
     """Unpack `archive` under `<cache>/raw/` unless already there; returns the package root.
 
@@ -239,6 +250,7 @@ def ensure_unpacked(cache: Path, archive: Path) -> Path:
         # Unpacked into a folder of its own and moved into place when whole, as a wheel is: a run stopped
         # mid-extraction left a partial tree that every later run took as done (a developer-scripts audit).
         tmp = root.with_name(root.name + ".partial")
+        check_gzip_whole(archive)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         with tarfile.open(archive, "r:gz") as tf:
@@ -522,6 +534,7 @@ def read_invesalius_project(path: Path):
     extracted."""
     import plistlib
 
+    check_gzip_whole(path)
     with tarfile.open(path, "r:gz") as tf:
         members = {Path(m.name).name: m for m in tf.getmembers() if m.isfile()}
         if "main.plist" not in members:
