@@ -670,6 +670,8 @@ def _read_series_files(files, chosen: str, folder: Path) -> sitk.Image:
         except RuntimeError as error:
             raise InputError(f"cannot read {what} ({_itk_reason(error)})") from None
         _check_multiframe(Path(files[0]), image, what)
+        _check_orientation_kept(image.GetMetaData("0020|0037") if image.HasMetaDataKey("0020|0037") else "", image,
+                                what)
         return image
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
@@ -681,8 +683,63 @@ def _read_series_files(files, chosen: str, folder: Path) -> sitk.Image:
             image = reader.Execute()
     except RuntimeError as error:
         raise InputError(f"cannot read DICOM series {_series_label(chosen)} in {folder} ({_itk_reason(error)})") from None
-    _check_slice_positions(reader, image, f"DICOM series {_series_label(chosen)} in {folder}")
+    _check_slice_positions(reader, image, what)
+    _check_orientation_kept(reader.GetMetaData(0, "0020|0037") if reader.HasMetaDataKey(0, "0020|0037") else "",
+                            image, what)
+    _check_pixel_spacings(reader, what)
     return image
+
+
+def _check_orientation_kept(text: str, image: sitk.Image, what: str) -> None:
+    """The axes ITK read must be the files' ImageOrientationPatient (``text``): GDCM replaces row and
+    column directions that are not at right angles within 1e-3 (or not of unit length) by the identity
+    without a word, so a series written with slightly skewed directions was read, and its result
+    written, mirrored or rotated against the scan (exit 0; a trial, session 45)."""
+    try:
+        values = np.asarray([float(v) for v in text.split("\\")], dtype=np.float64)
+    except ValueError:
+        return
+    if values.shape != (6,) or not np.all(np.isfinite(values)):
+        return
+    row, col = values[:3], values[3:]
+    if min(np.linalg.norm(row), np.linalg.norm(col)) < 1e-6:
+        return
+    axes = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    want = (row / np.linalg.norm(row), col / np.linalg.norm(col))
+    if max(float(np.abs(axes[:, 0] - want[0]).max()), float(np.abs(axes[:, 1] - want[1]).max())) <= 0.01:
+        return
+    cosine = float(np.dot(*want))
+    raise InputError(f"{what}: its ImageOrientationPatient ({text.strip()}) gives row and column directions that are "
+                     + (f"not at right angles (cosine {cosine:.2g})" if abs(cosine) > 1e-3 else "not of unit length")
+                     + ", which ITK's DICOM reader replaces by the identity axes without a word (the volume would be "
+                     "mirrored or rotated against the scan); convert the series with a tool that corrects its "
+                     "orientation (e.g. dcm2niix or Slicer's DICOM module) and give the converted volume")
+
+
+def _check_pixel_spacings(reader: sitk.ImageSeriesReader, what: str) -> None:
+    """ITK stacks a series on one file's PixelSpacing whatever the others say: a file of another
+    spacing (another field of view) in a series was read at the scale of the rest, or scaled all
+    of them when it came first (exit 0; a trial, session 45). Refused, naming the files."""
+    from collections import Counter
+
+    names = reader.GetFileNames()
+    spacings = []
+    for k in range(len(names)):
+        try:
+            spacings.append(tuple(round(float(v), 4) for v in reader.GetMetaData(k, "0028|0030").split("\\")[:2]))
+        except (RuntimeError, ValueError):
+            spacings.append(None)
+    counts = Counter(v for v in spacings if v is not None)
+    if len(counts) < 2:
+        return
+    common = counts.most_common(1)[0][0]
+    odd = [k for k, v in enumerate(spacings) if v is not None and v != common]
+    shown = ", ".join(f"{Path(names[k]).name} ({' x '.join(f'{v:g}' for v in spacings[k])} mm)" for k in odd[:3])
+    shown += f" and {len(odd) - 3} more" if len(odd) > 3 else ""
+    raise InputError(f"{what}: {len(odd)} of its {len(names)} files {'has' if len(odd) == 1 else 'have'} another pixel size (PixelSpacing) than the "
+                     f"rest's {' x '.join(f'{v:g}' for v in common)} mm: {shown}; ITK would stack them all at one "
+                     "file's scale. Remove those files (another reconstruction or field of view?), or convert the "
+                     "series with a tool that resamples (e.g. dcm2niix or Slicer's DICOM module)")
 
 
 def _header_infos(files) -> list:
@@ -2386,11 +2443,20 @@ def check_grids_from_headers(image_path: PathLike, prompt_path: PathLike,
     diffs = same_grid(prompt, compared, tol=tol)
     if diffs and not (_is_seg_nrrd(Path(prompt_path).name) and _lattice_offset(prompt, compared) is not None):
         for path in (Path(image_path), Path(prompt_path)):  # what the full read would note: it may explain this
+            if not path.is_file():
+                continue
+            # a file whose data is missing, cut short or absurd: the size its header declares is not the
+            # mismatch to name (the prompt was told to be resampled, which then named the real fault; a .mhd
+            # without its .raw was said not to overlap the prompt: a trial, session 45)
+            _check_detached_data(path)
+            _check_declared_size(path)
             header = _nifti_header(path)
             if header is not None:
-                _check_nifti_layout(path, header)  # a file cut short: the size its header declares is not the
-                _check_nifti_complete(path, header)  # mismatch to name (the prompt was told to be resampled)
+                _check_nifti_layout(path, header)
+                _check_nifti_complete(path, header)
                 _note_nifti_no_spacing(path, header, 3)
+            elif path.name.lower().endswith((".nrrd", ".nhdr")):
+                _check_nrrd_complete(path)
         error = _off_grid_error(Path(prompt_path).name, prompt, compared, diffs, Path(prompt_path), Path(image_path),
                                 option=resample_option)
         if chose:  # the series choice may be the mismatch

@@ -151,3 +151,98 @@ def test_prepare_data_names_a_source_archive_whose_crc_fails(tmp_path, monkeypat
                         r"0x[0-9a-f]+\); delete it and run again \(it is downloaded again\), or put a whole copy there",
                         str(caught.value)), str(caught.value)
     assert not (tmp_path / "cache" / "raw" / "totalsegmentator-2.18.0").exists()
+
+
+def _dicom_series(folder, direction=(-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0)):
+    import numpy as np
+    from test_volumes import write_dicom_series
+
+    from PAMSegmentLib import volumes
+
+    array = (np.arange(8 * 12 * 14).reshape(8, 12, 14) % 97).astype(np.int16)
+    vol = volumes.Volume(array, (3.0, 0.8, 0.8), (10.0, -20.0, 30.0), direction)
+    write_dicom_series(folder, vol, "1.2.826.0.1.3680043.2.1125.45.1")
+    return sorted(folder.iterdir())
+
+
+def _set_tag(path, keyword, value):
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    setattr(ds, keyword, value)
+    ds.save_as(path)
+
+
+def test_a_dicom_series_whose_orientation_itk_would_replace_is_refused(tmp_path):
+    """A newcomer's trial (session 45): ImageOrientationPatient row and column directions more than
+    1e-3 from right angles are replaced by the identity axes in ITK's DICOM reader without a word; the
+    series (axes -x, -y) was read and its result written mirrored, exit 0. Refused, with what to do;
+    a skew within GDCM's tolerance reads on the files' axes as before."""
+    import numpy as np
+
+    from PAMSegmentLib import volumes
+    from PAMSegmentLib.errors import InputError
+
+    files = _dicom_series(tmp_path / "skewed")
+    for f in files:
+        _set_tag(f, "ImageOrientationPatient", [-1.0, 0.002, 0.0, 0.0, -1.0, 0.0])
+    with pytest.raises(InputError, match=r"skewed: its ImageOrientationPatient \(-1\.0\\0\.002\\0\.0\\0\.0\\-1\.0\\"
+                                         r"0\.0\) gives row and column directions that are not at right angles "
+                                         r"\(cosine -0\.002\), "
+                                         r"which ITK's DICOM reader replaces by the identity axes without a word .*"
+                                         r"convert the series with a tool that corrects its orientation"):
+        volumes.read_volume(tmp_path / "skewed")
+    files = _dicom_series(tmp_path / "slight")
+    for f in files:
+        _set_tag(f, "ImageOrientationPatient", [-1.0, 0.0002, 0.0, 0.0, -1.0, 0.0])
+    got = volumes.read_volume(tmp_path / "slight")
+    assert np.allclose(np.asarray(got.direction).reshape(3, 3)[:, :2], [[-1, 0], [0, -1], [0, 0]], atol=1e-3)
+
+
+@pytest.mark.parametrize("odd", [0, 4])
+def test_a_dicom_file_of_another_pixel_spacing_is_named(tmp_path, odd):
+    """A newcomer's trial (session 45): ITK stacks a series on one file's PixelSpacing; a file of
+    another (first: the whole volume scaled; in the middle: read at the others' scale) passed, exit 0."""
+    from PAMSegmentLib import volumes
+    from PAMSegmentLib.errors import InputError
+
+    files = _dicom_series(tmp_path / "mixed")
+    _set_tag(files[odd], "PixelSpacing", [0.5, 0.5])
+    with pytest.raises(InputError) as caught:
+        volumes.read_volume(tmp_path / "mixed")
+    assert str(caught.value).endswith(
+        f"mixed: 1 of its 8 files has another pixel size (PixelSpacing) than the rest's 0.8 x 0.8 mm: "
+        f"{files[odd].name} (0.5 x 0.5 mm); ITK would stack them all at one file's scale. Remove those files "
+        "(another reconstruction or field of view?), or convert the series with a tool that resamples (e.g. "
+        "dcm2niix or Slicer's DICOM module)")
+    files[odd].unlink()
+    if odd == 0:  # without it the series reads, at its own spacing
+        assert volumes.read_volume(tmp_path / "mixed").spacing == pytest.approx((3.0, 0.8, 0.8))
+
+
+def test_an_image_whose_data_is_missing_or_cut_is_named_before_the_prompt_grid(tmp_path):
+    """A newcomer's trial (session 45): the header pre-check compared grids first, so a .mhd without
+    its .raw, or an NRRD whose data ends early, was reported as a prompt on another grid (resample it;
+    then the real fault was named). The image's own data fault comes first now."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from PAMSegmentLib import volumes
+    from PAMSegmentLib.errors import InputError
+
+    prompt = sitk.GetImageFromArray(np.zeros((30, 101, 122), np.uint8))
+    prompt.SetSpacing((1.0, 1.0, 1.0))
+    sitk.WriteImage(prompt, str(tmp_path / "prompt.nrrd"))
+    (tmp_path / "miss.mhd").write_text("ObjectType = Image\nNDims = 3\nDimSize = 122 101 30\nElementType = MET_SHORT\n"
+                                       "ElementSpacing = 3 3 3\nElementDataFile = nothere.raw\n")
+    with pytest.raises(InputError, match=r"miss\.mhd names .*nothere\.raw as its voxel data, which does not exist"):
+        volumes.check_grids_from_headers(tmp_path / "miss.mhd", tmp_path / "prompt.nrrd")
+    image = sitk.GetImageFromArray(np.arange(30 * 101 * 122, dtype=np.int16).reshape(30, 101, 122))
+    image.SetSpacing((3.0, 3.0, 3.0))
+    sitk.WriteImage(image, str(tmp_path / "whole.nrrd"))  # raw, uncompressed
+    (tmp_path / "cut.nrrd").write_bytes((tmp_path / "whole.nrrd").read_bytes()[:5000])  # a copy cut short
+    with pytest.raises(InputError, match=r"cut\.nrrd: its voxel data ends early or is damaged"):
+        volumes.check_grids_from_headers(tmp_path / "cut.nrrd", tmp_path / "prompt.nrrd")
+    # a whole image on another grid is still the prompt's mismatch
+    with pytest.raises(InputError, match=r"prompt\.nrrd .*resample"):
+        volumes.check_grids_from_headers(tmp_path / "whole.nrrd", tmp_path / "prompt.nrrd")
