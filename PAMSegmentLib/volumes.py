@@ -736,7 +736,8 @@ def _check_pixel_spacings(reader: sitk.ImageSeriesReader, what: str) -> None:
     odd = [k for k, v in enumerate(spacings) if v is not None and v != common]
     shown = ", ".join(f"{Path(names[k]).name} ({' x '.join(f'{v:g}' for v in spacings[k])} mm)" for k in odd[:3])
     shown += f" and {len(odd) - 3} more" if len(odd) > 3 else ""
-    raise InputError(f"{what}: {len(odd)} of its {len(names)} files {'has' if len(odd) == 1 else 'have'} another pixel size (PixelSpacing) than the "
+    verb = "has" if len(odd) == 1 else "have"
+    raise InputError(f"{what}: {len(odd)} of its {len(names)} files {verb} another pixel size (PixelSpacing) than the "
                      f"rest's {' x '.join(f'{v:g}' for v in common)} mm: {shown}; ITK would stack them all at one "
                      "file's scale. Remove those files (another reconstruction or field of view?), or convert the "
                      "series with a tool that resamples (e.g. dcm2niix or Slicer's DICOM module)")
