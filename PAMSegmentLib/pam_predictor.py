@@ -180,6 +180,10 @@ class PAMPredictor(SlicePredictor):
         # and mask, as training samples are built). The registration keeps the first drawn slice's.
         # An attribute: validate.py may override it.
         self.network_window: str = "prompt"
+        # Which drawn slice ``begin`` takes (the window above, the drift test's first statistics) when
+        # there are several: "lowest" (the first along the axis) or "largest" (the most drawn voxels).
+        # An attribute: validate.py may override it.
+        self.begin_keyframe: str = "lowest"
         w = inf.registration_weight if registration_weight is None else registration_weight
         if isinstance(w, (str, bytes, bool)) or not is_number(w, 0.0, 1.0):
             raise InputError(f"registration_weight must be within [0, 1], got {w!r}"

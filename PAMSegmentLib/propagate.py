@@ -2045,7 +2045,8 @@ def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo
     probs: dict[int, np.ndarray] = {}
     drawn = set(keyframes)
     keys = sorted(drawn | set(empty_keyframes))
-    predictor.begin(walk_volume, keyframes[0] * k, prompt_mask[keyframes[0]])
+    first = _begin_keyframe(prompt_mask, keyframes, getattr(predictor, "begin_keyframe", "lowest"))
+    predictor.begin(walk_volume, first * k, prompt_mask[first])
     begin_key = _begin_key(predictor)  # recorded with the result: what a later update compares
     if reuse is not None and not same_begin(reuse.begin_state, begin_key):
         # Another method, or the same one begun differently (e.g. a keyframe drawn below the first
@@ -2751,6 +2752,18 @@ def _earlier_from_result(result: "PropagationResult", axis: int) -> dict:
             for lab, keys in result.keyframes.items()}
 
 
+def _begin_keyframe(prompt_mask: np.ndarray, keyframes: Sequence[int], rule: str) -> int:
+    """The drawn slice a predictor begins from (``begin``: PAM's intensity window, the drift test's
+    first statistics): "lowest", the first along the axis; "largest", the one of most drawn voxels;
+    "lowest-sizable", the first holding at least a quarter of the largest one's voxels."""
+    if rule == "lowest" or len(keyframes) == 1:
+        return keyframes[0]
+    areas = {kf: int(np.count_nonzero(prompt_mask[kf])) for kf in keyframes}
+    if rule == "largest":
+        return max(keyframes, key=lambda kf: (areas[kf], -kf))
+    return next(kf for kf in keyframes if 4 * areas[kf] >= max(areas.values()))
+
+
 def keyframes_from_edits(prompt: np.ndarray, previous, edited: np.ndarray, *,
                          axis: int | None = None, labels: Sequence[int] | None = None,
                          earlier: dict | None = None) -> EditPlan:
@@ -2858,9 +2871,30 @@ def keyframes_from_edits(prompt: np.ndarray, previous, edited: np.ndarray, *,
                              f"{keyframe_limit(n)}; correct slices across axis {ax} only, fewer of them, or draw a "
                              f"new prompt{other}")
         erased_now = [s for s in changed if s in walls[lab]]  # slices that held the label and are empty now
+        for s in erased_now if new else ():
+            # a correction painted with another value (a trial, session 45: a slice set to label 2 in a label-1
+            # result became a wall, the slices beyond it emptied too, exit 0; a whole file of 2 is refused above)
+            taken = edit[s][prev[s] == lab]
+            values, counts = np.unique(taken[np.isin(taken, new)], return_counts=True)
+            if values.size and counts.max() >= 0.5 * taken.size:
+                painted = int(values[np.argmax(counts)])
+                raise InputError(f"on slice {s} (axis {ax}) the edited result holds label {painted} where the earlier "
+                                 f"result holds label {lab}, and no label {lab}: save your "
+                                 f"corrections with the result's label values (label {lab} there); a new structure "
+                                 "is drawn in the prompt, not in the edited result")
         drawn_erased = [s for s in slices if s in erased_now]
         held_rows = np.flatnonzero(prev_boxes.rows(lab))
         held = int(held_rows.size)
+        drawn_set, earlier_set = set(slices), set(earlier_keys[lab])
+        if (filled and not drawn_erased and not [s for s in filled if s not in drawn_set and s not in earlier_set]
+                and len(erased_now) > max(0.5 * held, 2)):
+            # the prompt itself (or the drawn slices alone) as the edited result (a trial, session 45: every
+            # predicted slice became a wall, a one-slice result, exit 0)
+            raise InputError(f"the edited result holds label {lab} on its drawn slice{'s' if len(filled) > 1 else ''} "
+                             f"{runs_text(filled)} only and erases it on the {len(erased_now)} other slices the "
+                             f"earlier result holds it on ({runs_text(erased_now)}): is it the prompt? Give the "
+                             "corrected copy of the earlier result (your fixes in a copy of the whole result) as the "
+                             "edited one")
         if filled and drawn_erased and len(erased_now) > max(0.5 * held, 2):
             # an edited file of the fixed slices alone (a helper's trial, session 42: the liver drawn on slice
             # 15, an edited file of slice 20 only: a one-slice result, exit 0)
@@ -2869,7 +2903,6 @@ def keyframes_from_edits(prompt: np.ndarray, previous, edited: np.ndarray, *,
                              "the earlier result holds it on: give the whole corrected result as the edited one (a "
                              "copy of the earlier result with your fixes), not only the slices you fixed; to start "
                              "again, draw a new prompt and propagate it without the earlier result")
-        drawn_set, earlier_set = set(slices), set(earlier_keys[lab])
         predicted = [int(s) for s in held_rows if s not in drawn_set and s not in earlier_set]
         kept = [s for s in predicted if s not in changed]  # as the earlier result had them
         fixed = [s for s in filled if s in changed and s not in drawn_set]

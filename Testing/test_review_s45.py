@@ -246,3 +246,55 @@ def test_an_image_whose_data_is_missing_or_cut_is_named_before_the_prompt_grid(t
     # a whole image on another grid is still the prompt's mismatch
     with pytest.raises(InputError, match=r"prompt\.nrrd .*resample"):
         volumes.check_grids_from_headers(tmp_path / "whole.nrrd", tmp_path / "prompt.nrrd")
+
+
+def _edit_case():
+    import numpy as np
+
+    prompt = np.zeros((12, 20, 20), np.uint8)
+    prompt[5, 5:15, 5:15] = 1
+    previous = np.zeros_like(prompt)
+    previous[2:10, 5:15, 5:15] = 1
+    return prompt, previous
+
+
+def test_the_prompt_given_as_the_edited_result_is_refused():
+    """A trial (session 45): the prompt itself given as the corrected result made every predicted
+    slice a wall: a one-slice result, exit 0 (a file of fixed slices alone was refused already)."""
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.propagate import keyframes_from_edits
+
+    prompt, previous = _edit_case()
+    with pytest.raises(InputError) as caught:
+        keyframes_from_edits(prompt, previous, prompt.copy())
+    assert str(caught.value) == (
+        "the edited result holds label 1 on its drawn slice 5 only and erases it on the 7 other slices the earlier "
+        "result holds it on (2-4, 6-9): is it the prompt? Give the corrected copy of the earlier result (your fixes "
+        "in a copy of the whole result) as the edited one")
+    trimmed = previous.copy()
+    trimmed[8:10] = 0  # the object's end erased: a correction, taken
+    plan = keyframes_from_edits(prompt, previous, trimmed)
+    assert plan.empty_slices[1] == [8, 9] and plan.edited[1] == [8, 9]
+
+
+def test_a_correction_painted_with_another_label_value_is_refused():
+    """A trial (session 45): a slice of a label-1 result set to label 2 (the correction painted with
+    another value) became a wall of label 1 (the slices beyond it emptied too) with only a note that
+    label 2 was left out, exit 0; a whole file saved with other values is refused already. A new label
+    painted beside label 1 (label 1 still there) stays a note."""
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.propagate import keyframes_from_edits
+
+    prompt, previous = _edit_case()
+    edited = previous.copy()
+    edited[8][edited[8] == 1] = 2
+    with pytest.raises(InputError) as caught:
+        keyframes_from_edits(prompt, previous, edited)
+    assert str(caught.value) == (
+        "on slice 8 (axis 0) the edited result holds label 2 where the earlier result holds label 1, and no label 1: "
+        "save your corrections with the result's label values (label 1 there); a new structure is drawn in the "
+        "prompt, not in the edited result")
+    beside = previous.copy()
+    beside[8, 5:15, 5:8] = 2  # part of the slice relabelled, label 1 kept there
+    plan = keyframes_from_edits(prompt, previous, beside)
+    assert plan.ignored == [2] and plan.edited[1] == [8] and plan.empty_slices[1] == []

@@ -49,6 +49,10 @@ _FLAGS = {
     "wguide": {"network_window": "guide"},
     # ... from the drawn slice each walk started from (several keyframes).
     "kfwin": {"network_window": "origin"},
+    # ... and the drift test's first statistics from the drawn slice of most voxels, not the lowest.
+    "kflargest": {"begin_keyframe": "largest"},
+    # ... from the lowest drawn slice of at least a quarter of the largest one's voxels.
+    "kfsizable": {"begin_keyframe": "lowest-sizable"},
     # Between two keyframes a slice one walk left empty takes the other walk's prediction alone (the
     # engine's rule since session 19); kfvotes: the walk that lost the object still votes (before).
     "kfnoempty": {"keyframe_empty_side_votes": False},
@@ -198,6 +202,7 @@ def main(argv=None) -> int:
                 predictor.registration_options = opts.get("registration_options", {})
                 for name in ("window_mm", "threshold", "presence_threshold", "consistency_min_dice",
                              "keyframe_outward_min_agreement", "carry_supersample", "through_plane_mm", "crop_scale", "network_window",
+                             "begin_keyframe",
                              "keyframe_empty_side_votes", "published_scheme", "authors_preprocessing", "gate_k",
                              "keyframe_collapse_fraction"):
                     if name in opts:
