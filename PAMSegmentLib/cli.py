@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import CheckpointError, InputError, PAMError, PropagationCancelled, out_of_memory
+from .errors import CheckpointError, DrawnIn3D, InputError, PAMError, PropagationCancelled, out_of_memory
 
 __all__ = ["main", "build_parser", "Subcommand", "SUBCOMMANDS", "METHODS", "parse_slice_range"]
 
@@ -725,7 +725,14 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     from .propagate import find_prompt_slices, propagate
 
     # Check the prompt before loading a network (which can take seconds for the official one).
-    drawn_axis, drawn = find_prompt_slices(prompt.array, axis=args.axis, labels=args.label)
+    try:
+        drawn_axis, drawn = find_prompt_slices(prompt.array, axis=args.axis, labels=args.label)
+    except DrawnIn3D as exc:
+        if args.previous is not None:
+            raise
+        # a result corrected by hand given as the prompt (a trial, session 45): the update is the way
+        raise InputError(f"{exc}. If it is a result you corrected, update that result instead: give the prompt it was "
+                         "propagated from, --previous that result and --edited your corrected copy") from None
     if not args.server:  # (a server's work is the server's memory)
         check_propagation_memory(image, drawn_axis, drawn, args.method, args.no_memory_check, Path(args.image).name)
     keyframes, empty_slices, axis, plan, earlier = prompt.array, args.empty_slices, args.axis, None, None

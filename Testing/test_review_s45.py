@@ -298,3 +298,27 @@ def test_a_correction_painted_with_another_label_value_is_refused():
     beside[8, 5:15, 5:8] = 2  # part of the slice relabelled, label 1 kept there
     plan = keyframes_from_edits(prompt, previous, beside)
     assert plan.ignored == [2] and plan.edited[1] == [8] and plan.empty_slices[1] == []
+
+
+def test_a_corrected_result_given_as_the_prompt_is_pointed_to_the_update(tmp_path, capsys):
+    """A trial (session 45): a corrected result given as the prompt was refused as a 3D mask with
+    "draw it on one slice" only; the message now says how to update that result."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from PAMSegmentLib.cli import main
+
+    image = sitk.GetImageFromArray((np.arange(12 * 20 * 20) % 50).reshape(12, 20, 20).astype(np.int16))
+    sitk.WriteImage(image, str(tmp_path / "image.nrrd"))
+    result = np.zeros((12, 20, 20), np.uint8)
+    result[1:11, 5:15, 5:15] = 1
+    mask = sitk.GetImageFromArray(result)
+    mask.CopyInformation(image)
+    sitk.WriteImage(mask, str(tmp_path / "corrected.nrrd"))
+    code = main(["propagate", str(tmp_path / "image.nrrd"), str(tmp_path / "corrected.nrrd"), "-o",
+                 str(tmp_path / "out.nrrd"), "--method", "copy"])
+    err = capsys.readouterr().err
+    assert code == 2 and "that is a 3D mask, not a slice prompt" in err
+    assert err.rstrip().endswith("If it is a result you corrected, update that result instead: give the prompt it "
+                                 "was propagated from, --previous that result and --edited your corrected copy")
+    assert not (tmp_path / "out.nrrd").exists()
