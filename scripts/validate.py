@@ -49,10 +49,12 @@ _FLAGS = {
     "wguide": {"network_window": "guide"},
     # ... from the drawn slice each walk started from (several keyframes).
     "kfwin": {"network_window": "origin"},
-    # ... and the drift test's first statistics from the drawn slice of most voxels, not the lowest.
+    # Which drawn slice PAM begins from (its intensity window, the drift test's first statistics): the one
+    # of most voxels; the lowest holding at least a quarter of the largest's (shipped since session 45); the
+    # lowest (before).
     "kflargest": {"begin_keyframe": "largest"},
-    # ... from the lowest drawn slice of at least a quarter of the largest one's voxels.
     "kfsizable": {"begin_keyframe": "lowest-sizable"},
+    "kflowest": {"begin_keyframe": "lowest"},
     # Between two keyframes a slice one walk left empty takes the other walk's prediction alone (the
     # engine's rule since session 19); kfvotes: the walk that lost the object still votes (before).
     "kfnoempty": {"keyframe_empty_side_votes": False},
