@@ -616,18 +616,18 @@ def create_app(model_factory: Callable[[str], Any], *, token: str | None = None,
     async def check_token(request: Request, call_next):
         origin = request.headers.get("origin")
         if origin is not None:  # a page open in a browser here (a plain-text POST needs no preflight)
-            logger.info("refused %s %s from a web page (%s)", request.method, request.url.path, origin[:100])
+            logger.info("refused %s %s from a web page (%s)", request.method, request.scope["path"], origin[:100])
             return JSONResponse({"detail": "requests from web pages are refused: use pamsegment, Slicer or another "
                                            "program (which sends no Origin header)"}, 403)
         if local_names is not None and not _local_host_header(request.headers.get("host", ""), local_names):
             logger.info("refused %s %s for host %r: this server answers only to this machine's names",
-                        request.method, request.url.path, request.headers.get("host", "")[:100])
+                        request.method, request.scope["path"], request.headers.get("host", "")[:100])
             return JSONResponse({"detail": "this server answers only requests addressed to this machine (localhost, "
                                            "a loopback address or its --host)"}, 403)
         if token is not None:
             scheme, _, given = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-                logger.info("refused %s %s from %s: %s token", request.method, request.url.path,
+                logger.info("refused %s %s from %s: %s token", request.method, request.scope["path"],
                             request.client.host if request.client else "?", "a wrong" if given else "no")
                 return JSONResponse({"detail": "missing or wrong token (send Authorization: Bearer TOKEN)"}, 401)
         return await call_next(request)

@@ -1381,3 +1381,28 @@ def test_a_local_round_after_a_server_round_recomputes_labels_that_overlapped(li
     update = propagate(image, prompt, (2.0, 1.0, 1.0), CopyPredictor(), empty_slices=walls, previous=remote)
     fresh = propagate(image, prompt, (2.0, 1.0, 1.0), CopyPredictor(), empty_slices=walls)
     assert np.array_equal(update.mask, fresh.mask)
+
+
+def test_refusals_are_logged_without_parsing_the_host_header(monkeypatch, caplog):
+    """A trial of the lowest versions (session 45): with starlette before 1.3 a malformed Host header
+    ("[::1", "[localhost]") made the refusal's log line (request.url.path, a URL built from that
+    header) raise: a 500 with a traceback instead of the 403. The log takes the path from the request
+    itself; here request.url is made to fail as that starlette's did."""
+    import logging
+
+    from starlette.requests import Request
+
+    def broken(self):
+        raise ValueError("Invalid IPv6 URL")
+
+    monkeypatch.setattr(Request, "url", property(broken))
+    caplog.set_level(logging.INFO, logger="pamsegment.server")
+    image, prompt, truth = case()
+    client = TestClient(create_app(lambda method: OracleModel(truth), local_names=("gpu-box.lan",)))
+    r = client.get("/info", headers={"Host": "[::1"})
+    assert r.status_code == 403 and "answers only requests addressed to this machine" in r.json()["detail"]
+    r = client.get("/info", headers={"Host": "localhost", "Origin": "http://evil.example"})
+    assert r.status_code == 403 and "requests from web pages are refused" in r.json()["detail"]
+    lines = [rec.getMessage() for rec in caplog.records if rec.name == "pamsegment.server"]
+    assert "refused GET /info for host '[::1': this server answers only to this machine's names" in lines
+    assert "refused GET /info from a web page (http://evil.example)" in lines
