@@ -208,7 +208,8 @@ class InstanceNorm(nn.GroupNorm):
         if self.training or x.dim() != 4 or x.shape[0] * x.shape[2] * x.shape[3] < 2:  # (and its error)
             return super().forward(x)
         n, c, h, w = x.shape
-        if h * w >= STRIDED_BELOW or x.device.type != "cpu" or not x.is_contiguous(memory_format=torch.channels_last):
+        if (h * w >= STRIDED_BELOW or h * w < 2 or x.device.type != "cpu"
+                or not x.is_contiguous(memory_format=torch.channels_last)):  # (1 x 1 maps: a batch norm refuses)
             return torch.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, torch.backends.cudnn.enabled)
         # (C, H, W) in channels-last order is a contiguous (H*W, C) matrix: batch norm with batch
         # statistics normalises each of its columns (one channel of the sample) over its H*W rows.

@@ -2886,7 +2886,10 @@ def keyframes_from_edits(prompt: np.ndarray, previous, edited: np.ndarray, *,
         held_rows = np.flatnonzero(prev_boxes.rows(lab))
         held = int(held_rows.size)
         drawn_set, earlier_set = set(slices), set(earlier_keys[lab])
-        if (filled and not drawn_erased and not [s for s in filled if s not in drawn_set and s not in earlier_set]
+        predicted = [int(s) for s in held_rows if s not in drawn_set and s not in earlier_set]
+        kept = [s for s in predicted if s not in changed]  # as the earlier result had them
+        if (filled and not drawn_erased and not kept and predicted
+                and not [s for s in filled if s not in drawn_set and s not in earlier_set]
                 and len(erased_now) > max(0.5 * held, 2)):
             # the prompt itself (or the drawn slices alone) as the edited result (a trial, session 45: every
             # predicted slice became a wall, a one-slice result, exit 0)
@@ -2894,7 +2897,7 @@ def keyframes_from_edits(prompt: np.ndarray, previous, edited: np.ndarray, *,
                              f"{runs_text(filled)} only and erases it on the {len(erased_now)} other slices the "
                              f"earlier result holds it on ({runs_text(erased_now)}): is it the prompt? Give the "
                              "corrected copy of the earlier result (your fixes in a copy of the whole result) as the "
-                             "edited one")
+                             "edited one (if every predicted slice was wrong, the drawing alone is the result)")
         if filled and drawn_erased and len(erased_now) > max(0.5 * held, 2):
             # an edited file of the fixed slices alone (a helper's trial, session 42: the liver drawn on slice
             # 15, an edited file of slice 20 only: a one-slice result, exit 0)
@@ -2903,8 +2906,6 @@ def keyframes_from_edits(prompt: np.ndarray, previous, edited: np.ndarray, *,
                              "the earlier result holds it on: give the whole corrected result as the edited one (a "
                              "copy of the earlier result with your fixes), not only the slices you fixed; to start "
                              "again, draw a new prompt and propagate it without the earlier result")
-        predicted = [int(s) for s in held_rows if s not in drawn_set and s not in earlier_set]
-        kept = [s for s in predicted if s not in changed]  # as the earlier result had them
         fixed = [s for s in filled if s in changed and s not in drawn_set]
         # (erased between the filled slices: a file of fixes alone; erased ends are what every leak fix does,
         # with every other slice trimmed too on a small object (a third review: such a file was refused))

@@ -270,7 +270,8 @@ def test_the_prompt_given_as_the_edited_result_is_refused():
     assert str(caught.value) == (
         "the edited result holds label 1 on its drawn slice 5 only and erases it on the 7 other slices the earlier "
         "result holds it on (2-4, 6-9): is it the prompt? Give the corrected copy of the earlier result (your fixes "
-        "in a copy of the whole result) as the edited one")
+        "in a copy of the whole result) as the edited one (if every predicted slice was wrong, the drawing alone is "
+        "the result)")
     trimmed = previous.copy()
     trimmed[8:10] = 0  # the object's end erased: a correction, taken
     plan = keyframes_from_edits(prompt, previous, trimmed)
@@ -368,3 +369,45 @@ def test_pam_begins_from_a_drawn_slice_large_enough_for_its_window():
     Spy.begin_keyframe = "lowest"
     engine.propagate(np.random.default_rng(0).random((10, 8, 8)), prompt, (1.0, 1.0, 1.0), Spy())
     assert began[-1] == (2, 2)
+
+
+def test_one_pixel_spacing_written_with_other_decimals_is_one(tmp_path):
+    """A review (session 45): 0.78125 mm (400 mm / 512) saved as 0.7813 by another tool in half the
+    files was refused as another pixel size; within 0.1 % it is the same."""
+    from PAMSegmentLib import volumes
+
+    files = _dicom_series(tmp_path / "decimals")
+    for f in files:
+        _set_tag(f, "PixelSpacing", ["0.78125", "0.78125"])
+    for f in files[::2]:
+        _set_tag(f, "PixelSpacing", ["0.7813", "0.7813"])
+    assert volumes.read_volume(tmp_path / "decimals").spacing[1:] == pytest.approx((0.78125, 0.78125), rel=1e-4)
+
+
+def test_an_erase_only_leak_fix_keeping_predicted_slices_is_taken():
+    """A review (session 45): the refusal of the prompt given as the edited result also refused a
+    leak fix erasing most slices while predicted ones stayed as they were."""
+    import numpy as np
+
+    from PAMSegmentLib.propagate import keyframes_from_edits
+
+    prompt = np.zeros((40, 12, 12), np.uint8)
+    prompt[20, 3:9, 3:9] = 1
+    previous = np.zeros_like(prompt)
+    previous[:, 3:9, 3:9] = 1  # leaked along the whole volume
+    edited = previous.copy()
+    edited[:15] = 0
+    edited[26:] = 0  # slices 15-25 kept as predicted
+    plan = keyframes_from_edits(prompt, previous, edited)
+    assert plan.empty_slices[1] == list(range(15)) + list(range(26, 40))
+
+
+def test_instance_norm_of_one_pixel_maps_in_a_batch_is_torchs():
+    import torch
+
+    from PAMSegmentLib.network import InstanceNorm
+
+    norm = InstanceNorm(8).eval()
+    x = torch.randn(2, 8, 1, 1).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        assert torch.allclose(norm(x), torch.nn.GroupNorm.forward(norm, x))

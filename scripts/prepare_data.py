@@ -312,7 +312,11 @@ def build_invesalius(root: Path, cases_dir: Path, force: bool) -> list[dict]:
         info = _cached(cases_dir, case_id, force)
         if info is None:
             t0 = time.perf_counter()
-            vol, spacing, meta = D.read_invesalius_project(proj)
+            try:
+                vol, spacing, meta = D.read_invesalius_project(proj)
+            except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, ValueError, KeyError) as e:
+                raise SystemExit(f"error: {proj} is damaged ({e}); delete {root} and run again (it is unpacked "
+                                 "from the invesalius-examples package again)") from None
             hu, spacing = _downsample_inplane(vol.astype(np.float32), spacing, INPLANE_TARGET_MM)
             if meta.get("modality", "CT") != "CT":
                 log.warning("%s: project modality is %r, treated as CT", proj.name,
