@@ -23,6 +23,10 @@ torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 TESTING = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTING))  # `from doubles import ...`
+# The checkout's package, as the commands the tests start get it (PYTHONPATH, below): started from
+# Testing/ beside a non-editable install, the tests imported the installed copy and compared its
+# paths with the command's (a trial of the lowest versions, session 45).
+sys.path.insert(1, str(REPO))
 
 
 def rotation_direction(yaw_deg: float = 20.0, tilt_deg: float = 10.0) -> tuple[float, ...]:
