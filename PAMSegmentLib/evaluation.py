@@ -396,12 +396,15 @@ def simulate_corrections(run: Callable[[list[int]], np.ndarray], ref: np.ndarray
 # contour interpolation (Slicer's "Fill between slices")
 
 
-def contour_interpolation(drawn: np.ndarray, axis: int = 0, threads: int | None = 1) -> np.ndarray:
+def contour_interpolation(drawn: np.ndarray, axis: int = 0) -> np.ndarray:
     """ITK's morphological contour interpolation of a mask drawn on some slices along ``axis``
     (array order), as Slicer's "Fill between slices" does: ITK defaults (distance-transform
     interpolation, heuristic alignment), restricted to the drawing axis. Needs the
     ``itk-morphologicalcontourinterpolation`` package. Returns a bool mask; slices outside
-    the outermost drawn slices stay empty; the drawn slices are returned exactly as drawn."""
+    the outermost drawn slices stay empty; the drawn slices are returned exactly as drawn.
+    ITK runs it on one thread: on two, the filter (2.1.2, itk 5.4.7) corrupted the process's heap
+    over an evaluation's correction rounds ("corrupted double-linked list" at exit, exit 134;
+    session 45), with the same results on one."""
     drawn = np.asarray(drawn, dtype=bool)
     if drawn.ndim != 3:
         raise InputError("contour interpolation needs a 3D mask")
@@ -412,8 +415,7 @@ def contour_interpolation(drawn: np.ndarray, axis: int = 0, threads: int | None 
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise InputError("contour interpolation needs the itk-morphologicalcontourinterpolation package "
                          "(pip install itk-morphologicalcontourinterpolation)") from exc
-    if threads:
-        itk.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(int(threads))
+    itk.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(1)
     other = tuple(a for a in range(3) if a != axis)
     if int(drawn.any(axis=other).sum()) < 2:
         return drawn.copy()  # one slice: nothing to interpolate

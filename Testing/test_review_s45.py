@@ -411,3 +411,21 @@ def test_instance_norm_of_one_pixel_maps_in_a_batch_is_torchs():
     x = torch.randn(2, 8, 1, 1).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         assert torch.allclose(norm(x), torch.nn.GroupNorm.forward(norm, x))
+
+
+def test_contour_interpolation_runs_itk_on_one_thread():
+    """Session 45: evaluate.py's correction rounds with --threads 2 ended in "corrupted double-linked
+    list" (exit 134) after writing their results: ITK's contour interpolation on two threads corrupts
+    the heap (on one, the same figures and no crash). It runs on one whatever ITK was set to."""
+    import numpy as np
+
+    itk = pytest.importorskip("itk")
+    from PAMSegmentLib import evaluation as ev
+
+    drawn = np.zeros((9, 12, 12), bool)
+    drawn[1, 3:9, 3:9] = drawn[7, 4:8, 4:8] = True
+    itk.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(2)
+    out = ev.contour_interpolation(drawn, axis=0)
+    assert itk.MultiThreaderBase.GetGlobalDefaultNumberOfThreads() == 1
+    assert out[1:8].any(axis=(1, 2)).all() and not out[0].any() and not out[8].any()
+    assert np.array_equal(out[1], drawn[1]) and np.array_equal(out[7], drawn[7])

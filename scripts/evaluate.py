@@ -272,7 +272,7 @@ def evaluate_structure(args, runner: Runner, st: ev.EvalStructure, methods, posi
         kfs = sorted({ev.slice_at(ref, 0.25), ev.slice_at(ref, 0.75)})
         row = {**base, "method": "ci", "protocol": "keyframes", "position": None, "round": 0, "prompt_slices": kfs}
         t0 = time.perf_counter()
-        mask = ev.contour_interpolation(ev.prompt_from_reference(ref, kfs) > 0, axis=0, threads=args.threads)
+        mask = ev.contour_interpolation(ev.prompt_from_reference(ref, kfs) > 0, axis=0)
         row.update(runner.score(mask, ref))
         row.update({"seconds": time.perf_counter() - t0, "n_predicted": 0,
                     "keyframes_kept": all(np.array_equal(mask[k], ref[k]) for k in kfs)})
@@ -299,7 +299,7 @@ def correction_rows(args, runner, base, ref, label, run, scratch=None):
 
     def ci_mask(drawn):
         t0 = time.perf_counter()
-        m = ev.contour_interpolation(ev.prompt_from_reference(ref, drawn) > 0, axis=0, threads=args.threads)
+        m = ev.contour_interpolation(ev.prompt_from_reference(ref, drawn) > 0, axis=0)
         info[("ci", tuple(drawn))] = (time.perf_counter() - t0, 0)
         return m
 
