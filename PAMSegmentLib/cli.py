@@ -864,7 +864,8 @@ def _made_otherwise_notes(earlier, result) -> list[str]:
             what = (f"--method {_METHOD_OF.get(before[0], before[0])} and this one --method "
                     f"{_METHOD_OF.get(now_json[0], now_json[0])}")
         elif not settings_kept(before[2], now_json[2]):
-            what = "other settings than this one (other weights, registration weight or drift test)"
+            what = ("other settings than this one (other weights, registration weight or drift test, or the drawn "
+                    "slice PAM begins from)")
         else:
             continue
         whats.setdefault(what, []).append(lab)

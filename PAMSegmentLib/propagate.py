@@ -2756,6 +2756,8 @@ def _begin_keyframe(prompt_mask: np.ndarray, keyframes: Sequence[int], rule: str
     """The drawn slice a predictor begins from (``begin``: PAM's intensity window, the drift test's
     first statistics): "lowest", the first along the axis; "largest", the one of most drawn voxels;
     "lowest-sizable", the first holding at least a quarter of the largest one's voxels."""
+    if rule not in ("lowest", "largest", "lowest-sizable"):
+        raise InputError(f"begin_keyframe must be lowest, largest or lowest-sizable, got {shown(rule)}")
     if rule == "lowest" or len(keyframes) == 1:
         return keyframes[0]
     areas = {kf: int(np.count_nonzero(prompt_mask[kf])) for kf in keyframes}

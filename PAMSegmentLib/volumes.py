@@ -719,9 +719,8 @@ def _check_orientation_kept(text: str, image: sitk.Image, what: str) -> None:
 def _check_pixel_spacings(reader: sitk.ImageSeriesReader, what: str) -> None:
     """ITK stacks a series on one file's PixelSpacing whatever the others say: a file of another
     spacing (another field of view) in a series was read at the scale of the rest, or scaled all
-    of them when it came first (exit 0; a trial, session 45). Refused, naming the files. Compared
-    with the files' median within 0.1 % (the same spacing written with other decimals, 0.78125 and
-    0.7813, is one: a review)."""
+    of them when it came first (exit 0; a trial, session 45). Refused, naming the files that differ
+    from a file of the usual (median) spacing by more than 0.1 % or its 4-decimal rounding."""
     names = reader.GetFileNames()
     texts, values = [], []
     for k in range(len(names)):
@@ -736,10 +735,15 @@ def _check_pixel_spacings(reader: sitk.ImageSeriesReader, what: str) -> None:
     if len(known) < 2:
         return
     usual = np.median(np.stack([values[k] for k in known]), axis=0)
-    odd = [k for k in known if not np.allclose(values[k], usual, rtol=1e-3, atol=1e-4)]
+    like = min(known, key=lambda k: float(np.abs(values[k] - usual).sum()))  # a file of the usual spacing
+    # 0.1 % of the spacing (the same value written with other decimals: 0.78125 and 0.7813), and a
+    # value rounded to 4 decimals as the same (a review: an absolute 1e-4 let a 0.0006 mm file pass
+    # among 0.0005 mm ones)
+    odd = [k for k in known if not np.all((np.abs(values[k] - values[like]) <= 1e-3 * values[like])
+                                          | (np.round(values[k], 4) == np.round(values[like], 4))
+                                          & (np.maximum(values[k], values[like]) >= 0.01))]
     if not odd:
         return
-    like = next(k for k in known if k not in odd)
     shown = ", ".join(f"{Path(names[k]).name} ({texts[k]} mm)" for k in odd[:3])
     shown += f" and {len(odd) - 3} more" if len(odd) > 3 else ""
     verb = "has" if len(odd) == 1 else "have"

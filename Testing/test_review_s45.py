@@ -429,3 +429,28 @@ def test_contour_interpolation_runs_itk_on_one_thread():
     assert itk.MultiThreaderBase.GetGlobalDefaultNumberOfThreads() == 1
     assert out[1:8].any(axis=(1, 2)).all() and not out[0].any() and not out[8].any()
     assert np.array_equal(out[1], drawn[1]) and np.array_equal(out[7], drawn[7])
+
+
+@pytest.mark.parametrize("spacings, odd", [
+    ([["0.8", "0.8"], ["1.0", "1.0"]] * 4, 4),  # two spacings in equal numbers (a StopIteration: a re-review)
+    ([["0.0005", "0.0005"]] * 7 + [["0.0006", "0.0006"]], 1),  # fine spacings: 20 % apart is another
+])
+def test_pixel_spacings_split_evenly_or_fine_are_refused(tmp_path, spacings, odd):
+    from PAMSegmentLib import volumes
+    from PAMSegmentLib.errors import InputError
+
+    files = _dicom_series(tmp_path / "split")
+    for f, value in zip(files, spacings):
+        _set_tag(f, "PixelSpacing", value)
+    with pytest.raises(InputError, match=rf"split: {odd} of its 8 files ha(s|ve) another pixel size"):
+        volumes.read_volume(tmp_path / "split")
+
+
+def test_an_unknown_begin_rule_is_refused():
+    import numpy as np
+
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.propagate import _begin_keyframe
+
+    with pytest.raises(InputError, match="begin_keyframe must be lowest, largest or lowest-sizable, got 'smallest'"):
+        _begin_keyframe(np.ones((3, 2, 2), bool), [0, 2], "smallest")

@@ -81,7 +81,8 @@ def parse_args(argv=None):
                    help="evaluate only the first N structures (quick runs)")
     p.add_argument("--axis", type=int, choices=(0, 1, 2), default=0,
                    help="propagation axis of the arrays (default 0; 1 and 2: prompts drawn on the other two planes)")
-    p.add_argument("--threads", type=_positive, default=1, help="torch/ITK threads (default 1)")
+    p.add_argument("--threads", type=_positive, default=1,
+                   help="torch and SimpleITK threads (default 1; ITK's contour interpolation runs on one)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=_positive, default=16)
     p.add_argument("--tolerance", type=_positive_mm, default=2.0, help="NSD tolerance in mm (default 2)")
