@@ -849,7 +849,8 @@ def _check_not_painted_across(prompt: np.ndarray, grid: VolumeGrid, axis: int, d
     bands = tilted_drawing(prompt, axis, drawn) if oblique else None
     if bands is not None:
         plane = axis_plane_name(grid.ijk_to_ras, axis)
-        raise PaintedAcross(f"it lies on {len(drawn)} adjacent {plane} slices of the volume ({bands[0]}-{bands[1]}) "
+        raise PaintedAcross(f"it lies on {bands[1] - bands[0] + 1} adjacent {plane} slices of the volume "
+                            f"({bands[0]}-{bands[1]}) "
                             "whose "
                          "outlines barely overlap: one outline painted in a slice view that is not aligned with this "
                          "oblique volume crosses its slices in bands. Click the slice view's 'Rotate to volume plane' "

@@ -1096,6 +1096,16 @@ def tilted_drawing(mask: np.ndarray, axis: int, drawn: Sequence[int]) -> tuple[i
 
 
 def _tilted_drawing(box: np.ndarray, start: int, ax: int, drawn: Sequence[int]) -> tuple[int, int] | None:
+    """(first, last) of the first run of a label's drawn slices that ``_tilted_run`` takes for the
+    bands of one outline (since session 45 any run: two outlines drawn that way, the usual several
+    keyframes, left two runs of bands, which passed: Dice 0.11, a trial). None otherwise."""
+    for first, last in slice_runs(sorted(int(s) for s in drawn)):
+        if _tilted_run(box, start, ax, list(range(first, last + 1))) is not None:
+            return first, last
+    return None
+
+
+def _tilted_run(box: np.ndarray, start: int, ax: int, drawn: Sequence[int]) -> tuple[int, int] | None:
     """(first, last) when a label's drawn slices are one run of three or more adjacent slices and
     fewer than half of the pairs of neighbours overlap by TILTED_OVERLAP of the smaller (in the
     slice plane) or more, the two end pairs of four or more slices left out: the bands one outline drawn on a

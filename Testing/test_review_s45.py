@@ -454,3 +454,31 @@ def test_an_unknown_begin_rule_is_refused():
 
     with pytest.raises(InputError, match="begin_keyframe must be lowest, largest or lowest-sizable, got 'smallest'"):
         _begin_keyframe(np.ones((3, 2, 2), bool), [0, 2], "smallest")
+
+
+def test_two_outlines_painted_across_an_oblique_volumes_slices_are_recognised():
+    """A trial (session 45): two outlines painted in Slicer's RAS-aligned view on an oblique volume (the
+    usual several keyframes) left two runs of bands; only a single run was recognised, so Slicer took
+    every band as a drawn slice (Dice 0.11). Each run is judged now; keyframes apart still pass."""
+    import numpy as np
+    from conftest import ellipsoid
+
+    from PAMSegmentLib.propagate import tilted_drawing
+
+    shape = (30, 40, 44)
+    truth = ellipsoid(shape, (15, 20, 22), (11, 12, 14))
+    k, j, i = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+
+    def painted(centre_k, tilt_deg=20):
+        t = np.radians(tilt_deg)
+        height = (j - 20) * 0.9 * np.sin(t) + (k - centre_k) * 2.0 * np.cos(t)
+        return (np.abs(height) <= 1.0) & truth
+
+    two = (painted(9) | painted(21)).astype(np.uint8)
+    drawn = [int(s) for s in np.flatnonzero(two.any(axis=(1, 2)))]
+    runs = [(a, b) for a, b in zip(drawn, drawn[1:]) if b != a + 1]
+    assert len(runs) == 1  # two runs of bands
+    assert tilted_drawing(two, 0, drawn) == (drawn[0], runs[0][0])
+    keyframes = np.zeros(shape, np.uint8)
+    keyframes[[9, 21]] = truth[[9, 21]]
+    assert tilted_drawing(keyframes, 0, [9, 21]) is None
