@@ -3345,8 +3345,23 @@ class SegmentUpdate(SegmentPropagation):
                     plural = len(group) > 1
                     text += (f"; slice{'s' if plural else ''} {runs_text(group)} no longer hold{'' if plural else 's'} "
                              f"the object: " + why.format("them" if plural else "it"))
+            gaps = self.new_gaps()
+            if gaps:  # as the command line's update note (a trial, session 45: the panel said nothing of it)
+                plural = len(gaps) > 1
+                text += (f"; erased on slice{'s' if plural else ''} {runs_text(gaps)}, between drawn slices: the "
+                         "object is absent there, a gap in the result (draw on "
+                         f"{'them' if plural else 'it'} again if the object goes on there)")
             return text
         return super().summary()
+
+    def new_gaps(self) -> list[int]:
+        """Slices erased in this update that lie between two drawn slices: walls no walk crosses, so
+        the object has a gap there."""
+        drawn = sorted(self.drawn)
+        if len(drawn) < 2:
+            return []
+        walls = set(self.empty) - set(self.entry.empty_keyframes)
+        return sorted(w for w in walls if drawn[0] < w < drawn[-1])
 
     def _beyond_a_new_wall(self, index: int) -> bool:
         """Whether a slice erased in this update lies between ``index`` and the drawn slice nearest to

@@ -1346,6 +1346,22 @@ def test_update_summary_says_why_slices_no_longer_hold_the_object(session):
                                   "(draw on a slice there if the object goes on)")
 
 
+def test_update_summary_names_a_slice_erased_between_drawn_slices(session):
+    """A trial (session 45): a slice erased between two drawn slices is a wall, a gap in the object;
+    the command line's update says so, the panel's summary said nothing of it."""
+    seg, sid, vol, history, truth = session["seg"], session["sid"], session["vol"], session["history"], session["truth"]
+    current = on_volume(seg, sid, vol)
+    current[17] = truth[17]
+    current[17, :, :2] = True  # an edit: a keyframe on 17
+    current[15] = False  # erased between the drawn slices 12 and 17
+    write(seg, sid, vol, current)
+    job = update_segment(vol, seg, sid, history, model=GuideCopy(truth))
+    assert job.new_gaps() == [15]
+    assert job.summary().endswith("; erased on slice 15, between drawn slices: the object is absent there, a gap in "
+                                  "the result (draw on it again if the object goes on there)")
+    assert not on_volume(seg, sid, vol)[15].any()
+
+
 def test_an_edit_on_a_segmentation_slice_halfway_between_the_volumes_is_never_seen(mrml_scene):
     """Segmentation slices exactly halfway between two volume slices are read by neither; the check
     gave them to the even neighbour, so such an erase beside an edit on that slice was written over."""
