@@ -29,6 +29,16 @@ sys.path.insert(0, str(TESTING))  # `from doubles import ...`
 sys.path.insert(1, str(REPO))
 
 
+def save_dicom_file(ds, path) -> None:
+    """A pydicom dataset written as a DICOM file with its preamble and meta header: pydicom 3's
+    ``enforce_file_format``, pydicom 2.4's ``write_like_original=False`` (a trial of the lowest
+    versions, session 45: the fixtures called only the first)."""
+    try:
+        ds.save_as(path, enforce_file_format=True)
+    except TypeError:
+        ds.save_as(path, write_like_original=False)
+
+
 def rotation_direction(yaw_deg: float = 20.0, tilt_deg: float = 10.0) -> tuple[float, ...]:
     """A non-identity ITK direction matrix (row-major 3x3): rotation about z, then about x."""
     a, b = math.radians(yaw_deg), math.radians(tilt_deg)

@@ -602,7 +602,9 @@ def _enhanced_ct(path, frames, zs, sop="1.2.840.10008.5.1.4.1.1.2.1", groups=Tru
         ds.ImagePositionPatient, ds.ImageOrientationPatient = [-10.0, -20.0, 0.0], [1, 0, 0, 0, 1, 0]
         ds.PixelSpacing, ds.SpacingBetweenSlices = [0.8, 0.8], 2.0
     ds.PixelData = frames.astype("<i2").tobytes()
-    _save_dicom(ds, str(path))
+    from conftest import save_dicom_file
+
+    save_dicom_file(ds, str(path))
 
 
 def test_multi_frame_dicom_is_read_only_where_its_frames_agree_with_the_grid(tmp_path):
@@ -871,13 +873,3 @@ def test_a_record_stop_on_the_wrong_side_of_its_walk_is_refused():
     down["last"] = 20
     with pytest.raises(InputError, match="stops are not walk endings"):
         PropagationResult.from_record(first.mask, record)
-
-
-def _save_dicom(ds, path) -> None:
-    """``ds`` written as a DICOM file with its preamble and meta header: pydicom 3's
-    ``enforce_file_format``, pydicom 2.4's ``write_like_original=False`` (a trial of the lowest
-    versions, session 45: the fixtures called only the first)."""
-    try:
-        ds.save_as(path, enforce_file_format=True)
-    except TypeError:
-        ds.save_as(path, write_like_original=False)

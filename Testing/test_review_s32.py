@@ -559,7 +559,9 @@ def test_a_dicom_file_with_a_tiff_preamble_is_read_as_dicom(tmp_path, capfd):
     ds.PixelRepresentation, ds.PixelSpacing, ds.SliceThickness = 0, [1, 1], 1
     ds.PixelData = volume.tobytes()
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.PatientID = generate_uid(), generate_uid(), "x"
-    _save_dicom(ds, tmp_path / "dual.dcm")
+    from conftest import save_dicom_file
+
+    save_dicom_file(ds, tmp_path / "dual.dcm")
     assert pydicom.dcmread(tmp_path / "dual.dcm").preamble[:4] == b"II*\x00"
     np.testing.assert_array_equal(read_volume(tmp_path / "dual.dcm").array, volume)
     assert "tifffile" not in capfd.readouterr().err
@@ -621,13 +623,3 @@ def test_mask_pages_between_slices_are_refused_and_pages_all_flagged_read(tmp_pa
                                          "mask"):
         read_volume(tmp_path / "masked.tif")
     np.testing.assert_array_equal(read_image_2d(tmp_path / "all_flagged.tif")[0], stack[0])
-
-
-def _save_dicom(ds, path) -> None:
-    """``ds`` written as a DICOM file with its preamble and meta header: pydicom 3's
-    ``enforce_file_format``, pydicom 2.4's ``write_like_original=False`` (a trial of the lowest
-    versions, session 45: the fixtures called only the first)."""
-    try:
-        ds.save_as(path, enforce_file_format=True)
-    except TypeError:
-        ds.save_as(path, write_like_original=False)

@@ -558,18 +558,10 @@ def test_prepare_data_names_a_damaged_or_missing_download(tmp_path, monkeypatch)
     import subprocess
 
     import pytest
-    from test_synthetic import _prepare_data_script
+    from test_synthetic import _prepare_data_with_source
 
-    prep = _prepare_data_script()
-    monkeypatch.setattr(prep, "REPO", tmp_path)
-    (tmp_path / "scripts").mkdir()
-    source = prep.D.PackageSource("tptbox", "TPTBox==1.1.0", "tptbox-1.1.0", "wheel", "test")
-    monkeypatch.setattr(prep.D, "SOURCES", {"tptbox": source})
-    dl = tmp_path / "cache" / "dl"
-    dl.mkdir(parents=True)
+    prep, dl, run = _prepare_data_with_source(tmp_path, monkeypatch, "tptbox", "TPTBox==1.1.0", "tptbox-1.1.0", "wheel")
     (dl / "tptbox-1.1.0-py3-none-any.whl").write_bytes(b"PK\x03\x04" + bytes(100))  # cut short
-    run = ["--cache", str(tmp_path / "cache"), "--split", str(tmp_path / "split.json"), "--no-invesalius",
-           "--no-stardist"]
     with pytest.raises(SystemExit) as caught:
         prep.main(run)
     assert str(caught.value) == (f"error: {dl / 'tptbox-1.1.0-py3-none-any.whl'} is damaged (File is not a zip file); "

@@ -133,20 +133,14 @@ def test_a_tar_gz_whose_crc_fails_is_not_unpacked(tmp_path):
 
 
 def test_prepare_data_names_a_source_archive_whose_crc_fails(tmp_path, monkeypatch):
-    from test_synthetic import _prepare_data_script
+    from test_synthetic import _prepare_data_with_source
 
-    prep = _prepare_data_script()
-    monkeypatch.setattr(prep, "REPO", tmp_path)
-    (tmp_path / "scripts").mkdir()
-    source = prep.D.PackageSource("ts", "totalsegmentator==2.18.0", "totalsegmentator-2.18.0", "sdist", "test")
-    monkeypatch.setattr(prep.D, "SOURCES", {"ts": source})
-    dl = tmp_path / "cache" / "dl"
-    dl.mkdir(parents=True)
+    prep, dl, run = _prepare_data_with_source(tmp_path, monkeypatch, "ts", "totalsegmentator==2.18.0",
+                                              "totalsegmentator-2.18.0", "sdist")
     archive = _tar_gz_with_bad_crc(tmp_path, "totalsegmentator-2.18.0")
     archive.rename(dl / archive.name)
     with pytest.raises(SystemExit) as caught:
-        prep.main(["--cache", str(tmp_path / "cache"), "--split", str(tmp_path / "split.json"), "--no-invesalius",
-                   "--no-stardist"])
+        prep.main(run)
     assert re.fullmatch(rf"error: {re.escape(str(dl / archive.name))} is damaged \(CRC check failed 0x[0-9a-f]+ != "
                         r"0x[0-9a-f]+\); delete it and run again \(it is downloaded again\), or put a whole copy there",
                         str(caught.value)), str(caught.value)

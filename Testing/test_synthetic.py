@@ -303,6 +303,20 @@ def _prepare_data_script():
     return prep
 
 
+def _prepare_data_with_source(tmp_path, monkeypatch, key, requirement, prefix, kind):
+    """prepare_data.py loaded to write under ``tmp_path``, with one package source: (module, its
+    dl/ folder, made, and the arguments of a run without the optional sources)."""
+    prep = _prepare_data_script()
+    monkeypatch.setattr(prep, "REPO", tmp_path)
+    (tmp_path / "scripts").mkdir()
+    monkeypatch.setattr(prep.D, "SOURCES", {key: prep.D.PackageSource(key, requirement, prefix, kind, "test")})
+    dl = tmp_path / "cache" / "dl"
+    dl.mkdir(parents=True)
+    run = ["--cache", str(tmp_path / "cache"), "--split", str(tmp_path / "split.json"), "--no-invesalius",
+           "--no-stardist"]
+    return prep, dl, run
+
+
 def test_prepare_data_writes_layered_column_cases(tmp_path):
     prep = _prepare_data_script()
     out, _ = prep.build_synthetic(2, tmp_path, force=False, stacks=True)
