@@ -720,7 +720,9 @@ def _check_pixel_spacings(reader: sitk.ImageSeriesReader, what: str) -> None:
     """ITK stacks a series on one file's PixelSpacing whatever the others say: a file of another
     spacing (another field of view) in a series was read at the scale of the rest, or scaled all
     of them when it came first (exit 0; a trial, session 45). Refused, naming the files that differ
-    from a file of the usual (median) spacing by more than 0.1 % or its 4-decimal rounding."""
+    from a file of the most common spacing by more than 0.1 % or its 4-decimal rounding."""
+    from collections import Counter
+
     names = reader.GetFileNames()
     texts, values = [], []
     for k in range(len(names)):
@@ -734,8 +736,11 @@ def _check_pixel_spacings(reader: sitk.ImageSeriesReader, what: str) -> None:
     known = [k for k, v in enumerate(values) if v is not None and v.shape == (2,)]
     if len(known) < 2:
         return
-    usual = np.median(np.stack([values[k] for k in known]), axis=0)
-    like = min(known, key=lambda k: float(np.abs(values[k] - usual).sum()))  # a file of the usual spacing
+    # a file of the most common spacing (grouped at 3 significant digits; a review: the median named
+    # the majority of 0.5, 0.5, 0.6, 0.7, 0.7 mm files as the odd ones)
+    groups = Counter(tuple(float(f"{v:.3g}") for v in values[k]) for k in known)
+    usual = groups.most_common(1)[0][0]
+    like = next(k for k in known if tuple(float(f"{v:.3g}") for v in values[k]) == usual)
     # 0.1 % of the spacing (the same value written with other decimals: 0.78125 and 0.7813), and a
     # value rounded to 4 decimals as the same (a review: an absolute 1e-4 let a 0.0006 mm file pass
     # among 0.0005 mm ones)

@@ -428,6 +428,7 @@ def test_contour_interpolation_runs_itk_on_one_thread():
 @pytest.mark.parametrize("spacings, odd", [
     ([["0.8", "0.8"], ["1.0", "1.0"]] * 4, 4),  # two spacings in equal numbers (a StopIteration: a re-review)
     ([["0.0005", "0.0005"]] * 7 + [["0.0006", "0.0006"]], 1),  # fine spacings: 20 % apart is another
+    ([["0.5", "0.5"]] * 3 + [["0.6", "0.6"]] * 2 + [["0.7", "0.7"]] * 3, 5),  # the most common named, not the median
 ])
 def test_pixel_spacings_split_evenly_or_fine_are_refused(tmp_path, spacings, odd):
     from PAMSegmentLib import volumes
@@ -476,3 +477,9 @@ def test_two_outlines_painted_across_an_oblique_volumes_slices_are_recognised():
     keyframes = np.zeros(shape, np.uint8)
     keyframes[[9, 21]] = truth[[9, 21]]
     assert tilted_drawing(keyframes, 0, [9, 21]) is None
+    # a slice of its own beside a run that overlaps little (a review: keyframes, or a small structure's thin,
+    # shifting tip on thick slices) stays a drawing
+    beside = painted(21).astype(np.uint8)
+    beside[9] = truth[9]
+    drawn = [int(s) for s in np.flatnonzero(beside.any(axis=(1, 2)))]
+    assert tilted_drawing(beside, 0, drawn) is None
