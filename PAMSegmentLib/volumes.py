@@ -721,8 +721,6 @@ def _check_pixel_spacings(reader: sitk.ImageSeriesReader, what: str) -> None:
     spacing (another field of view) in a series was read at the scale of the rest, or scaled all
     of them when it came first (exit 0; a trial, session 45). Refused, naming the files that differ
     from a file of the most common spacing by more than 0.1 % or its 4-decimal rounding."""
-    from collections import Counter
-
     names = reader.GetFileNames()
     texts, values = [], []
     for k in range(len(names)):
@@ -736,17 +734,26 @@ def _check_pixel_spacings(reader: sitk.ImageSeriesReader, what: str) -> None:
     known = [k for k, v in enumerate(values) if v is not None and v.shape == (2,)]
     if len(known) < 2:
         return
-    # a file of the most common spacing (grouped at 3 significant digits; a review: the median named
-    # the majority of 0.5, 0.5, 0.6, 0.7, 0.7 mm files as the odd ones)
-    groups = Counter(tuple(float(f"{v:.3g}") for v in values[k]) for k in known)
-    usual = groups.most_common(1)[0][0]
-    like = next(k for k in known if tuple(float(f"{v:.3g}") for v in values[k]) == usual)
-    # 0.1 % of the spacing (the same value written with other decimals: 0.78125 and 0.7813), and a
-    # value rounded to 4 decimals as the same (a review: an absolute 1e-4 let a 0.0006 mm file pass
-    # among 0.0005 mm ones)
-    odd = [k for k in known if not np.all((np.abs(values[k] - values[like]) <= 1e-3 * values[like])
-                                          | (np.round(values[k], 4) == np.round(values[like], 4))
-                                          & (np.maximum(values[k], values[like]) >= 0.01))]
+    def same(a, b) -> bool:
+        # 0.1 % of the spacing (the same value written with other decimals: 0.78125 and 0.7813), and a
+        # value rounded to 4 decimals as the same (a review: an absolute 1e-4 let a 0.0006 mm file pass
+        # among 0.0005 mm ones)
+        return bool(np.all((np.abs(a - b) <= 1e-3 * np.maximum(a, b))
+                           | (np.round(a, 4) == np.round(b, 4)) & (np.maximum(a, b) >= 0.01)))
+
+    # the files of the most common spacing, grouped as they compare (reviews: the median named the
+    # majority of 0.5, 0.5, 0.6, 0.7, 0.7 mm files as the odd ones; groups of 3 significant digits
+    # named seven 1.0 mm files odd against a first one of 1.004 mm)
+    groups: list[list[int]] = []
+    for k in sorted(known, key=lambda k: tuple(values[k])):
+        if groups and same(values[k], values[groups[-1][0]]):
+            groups[-1].append(k)
+        else:
+            groups.append([k])
+    largest = max(groups, key=len)
+    usual = np.median(np.stack([values[k] for k in largest]), axis=0)
+    like = min(largest, key=lambda k: float(np.abs(values[k] - usual).sum()))
+    odd = [k for k in known if not same(values[k], values[like])]
     if not odd:
         return
     shown = ", ".join(f"{Path(names[k]).name} ({texts[k]} mm)" for k in odd[:3])

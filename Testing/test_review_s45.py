@@ -429,6 +429,8 @@ def test_contour_interpolation_runs_itk_on_one_thread():
     ([["0.8", "0.8"], ["1.0", "1.0"]] * 4, 4),  # two spacings in equal numbers (a StopIteration: a re-review)
     ([["0.0005", "0.0005"]] * 7 + [["0.0006", "0.0006"]], 1),  # fine spacings: 20 % apart is another
     ([["0.5", "0.5"]] * 3 + [["0.6", "0.6"]] * 2 + [["0.7", "0.7"]] * 3, 5),  # the most common named, not the median
+    ([["1.004", "1.004"]] + [["1.0", "1.0"]] * 7, 1),  # the odd one first (it was the reference: 7 named)
+    ([["0.6835", "0.6835"]] * 2 + [["0.68359375", "0.68359375"]] * 2 + [["0.7", "0.7"]] * 3 + [["0.8", "0.8"]], 4),
 ])
 def test_pixel_spacings_split_evenly_or_fine_are_refused(tmp_path, spacings, odd):
     from PAMSegmentLib import volumes
