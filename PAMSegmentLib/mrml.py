@@ -844,9 +844,12 @@ def _check_not_painted_across(prompt: np.ndarray, grid: VolumeGrid, axis: int, d
     setting that avoids it."""
     from .propagate import tilted_drawing  # noqa: PLC0415
 
-    normal = _ijk_to_world(grid, volume_node)[:3, 2 - int(axis)]
+    to_world = _ijk_to_world(grid, volume_node)
+    normal = to_world[:3, 2 - int(axis)]
     oblique = float(np.max(np.abs(normal)) / max(float(np.linalg.norm(normal)), 1e-12)) < np.cos(np.radians(0.1))
     bands = tilted_drawing(prompt, axis, drawn) if oblique else None
+    if bands is None and oblique:
+        bands = _coplanar_band_run(prompt, axis, drawn, to_world, normal)
     if bands is not None:
         plane = axis_plane_name(grid.ijk_to_ras, axis)
         raise PaintedAcross(f"it lies on {bands[1] - bands[0] + 1} adjacent {plane} slices of the volume "
@@ -855,6 +858,32 @@ def _check_not_painted_across(prompt: np.ndarray, grid: VolumeGrid, axis: int, d
                          "outlines barely overlap: one outline painted in a slice view that is not aligned with this "
                          "oblique volume crosses its slices in bands. Click the slice view's 'Rotate to volume plane' "
                          "(in its pin menu), erase the drawing and draw it again")
+
+
+def _coplanar_band_run(prompt: np.ndarray, axis: int, drawn: list[int], to_world: np.ndarray,
+                       normal: np.ndarray) -> tuple[int, int] | None:
+    """A run of bands (``band_runs``) whose voxels lie in one plane of the world across the volume's
+    slices, within a voxel's depth along the RAS axis nearest the slices' normal: what an outline
+    painted in a RAS-aligned view leaves, beside other drawn slices (a review, session 45: one
+    crossing only one or two slices next to it, or a second outline's short end, let it pass). Bands
+    of deliberate keyframes lie on the volume's own slices, a slice apart. None otherwise."""
+    from .propagate import band_runs  # noqa: PLC0415
+
+    runs = band_runs(prompt, axis, drawn)
+    if not runs:
+        return None
+    e = np.zeros(3)
+    e[int(np.argmax(np.abs(normal)))] = 1.0
+    depth = float(np.sum(np.abs(to_world[:3, :3].T @ e)))  # one voxel's extent along e (mm)
+    for first, last in runs:
+        index = [slice(None)] * 3
+        index[axis] = slice(first, last + 1)
+        kji = np.argwhere(np.asarray(prompt)[tuple(index)] != 0).astype(np.float64)
+        kji[:, axis] += first
+        world_e = (np.c_[kji[:, ::-1], np.ones(len(kji))] @ to_world[:3].T) @ e
+        if float(world_e.max() - world_e.min()) <= depth + 0.1:
+            return first, last
+    return None
 
 
 def _in_segment_words(text: str) -> str:

@@ -1108,6 +1108,14 @@ def _tilted_drawing(box: np.ndarray, start: int, ax: int, drawn: Sequence[int]) 
     return None
 
 
+def band_runs(mask: np.ndarray, axis: int, drawn: Sequence[int]) -> list[tuple[int, int]]:
+    """The runs of three or more adjacent drawn slices of a 3D mask (one label) that ``_tilted_run``
+    takes for the bands of one outline drawn on a tilted plane."""
+    box, start = _bounding_box(np.asarray(mask) != 0)
+    return [(first, last) for first, last in slice_runs(sorted(int(s) for s in drawn))
+            if _tilted_run(box, int(start[axis]), axis, list(range(first, last + 1))) is not None]
+
+
 def _tilted_run(box: np.ndarray, start: int, ax: int, drawn: Sequence[int]) -> tuple[int, int] | None:
     """(first, last) when a label's drawn slices are one run of three or more adjacent slices and
     fewer than half of the pairs of neighbours overlap by TILTED_OVERLAP of the smaller (in the
