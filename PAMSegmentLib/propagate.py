@@ -1096,16 +1096,10 @@ def tilted_drawing(mask: np.ndarray, axis: int, drawn: Sequence[int]) -> tuple[i
 
 
 def _tilted_drawing(box: np.ndarray, start: int, ax: int, drawn: Sequence[int]) -> tuple[int, int] | None:
-    """(first, last) of the first run of a label's drawn slices when every run of them is what
-    ``_tilted_run`` takes for the bands of one outline (since session 45 several runs too: two
-    outlines drawn that way, the usual several keyframes, left two runs of bands, which passed: Dice
-    0.11, a trial; a drawing with a slice of its own beside such a run stays a drawing: keyframes and
-    a small structure's thin, shifting tip on thick slices overlap that little too, a review). None
-    otherwise."""
-    runs = slice_runs(sorted(int(s) for s in drawn))
-    if all(_tilted_run(box, start, ax, list(range(first, last + 1))) is not None for first, last in runs):
-        return runs[0]
-    return None
+    """``_tilted_run`` of a label's drawn slices when they are one run (several runs: see
+    ``band_runs``; the Slicer module refuses a run of bands that lies in one plane of the world,
+    session 45: taking every run for bands refused two runs of a small vessel's deliberate keyframes)."""
+    return _tilted_run(box, start, ax, drawn)
 
 
 def band_runs(mask: np.ndarray, axis: int, drawn: Sequence[int]) -> list[tuple[int, int]]:

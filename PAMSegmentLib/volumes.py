@@ -741,18 +741,12 @@ def _check_pixel_spacings(reader: sitk.ImageSeriesReader, what: str) -> None:
         return bool(np.all((np.abs(a - b) <= 1e-3 * np.maximum(a, b))
                            | (np.round(a, 4) == np.round(b, 4)) & (np.maximum(a, b) >= 0.01)))
 
-    # the files of the most common spacing, grouped as they compare (reviews: the median named the
-    # majority of 0.5, 0.5, 0.6, 0.7, 0.7 mm files as the odd ones; groups of 3 significant digits
-    # named seven 1.0 mm files odd against a first one of 1.004 mm)
-    groups: list[list[int]] = []
-    for k in sorted(known, key=lambda k: tuple(values[k])):
-        if groups and same(values[k], values[groups[-1][0]]):
-            groups[-1].append(k)
-        else:
-            groups.append([k])
-    largest = max(groups, key=len)
-    usual = np.median(np.stack([values[k] for k in largest]), axis=0)
-    like = min(largest, key=lambda k: float(np.abs(values[k] - usual).sum()))
+    # the reference: the spacing most files compare as the same to (reviews: the median named the
+    # majority of 0.5, 0.5, 0.6, 0.7, 0.7 mm files as the odd ones; groups of 3 significant digits named
+    # seven 1.0 mm files odd against a first one of 1.004 mm; groups in sorted order split one spacing
+    # written two ways)
+    distinct = {tuple(values[k]): k for k in reversed(known)}  # each value written, and its first file
+    like = max(distinct.values(), key=lambda r: (sum(same(values[k], values[r]) for k in known), -r))
     odd = [k for k in known if not same(values[k], values[like])]
     if not odd:
         return

@@ -1342,6 +1342,14 @@ def test_an_outline_painted_across_an_oblique_volumes_slices_beside_a_keyframe_i
     with pytest.raises(InputError, match=r'^segment "tumor": it lies on 5 adjacent .* slices of the volume \(10-14\) '
                                          r"whose outlines barely overlap: .*'Rotate to volume plane'"):
         describe_prompt(vol, seg, ids["tumor"])
+    # Propagate all passes it over saying why, not as a finished 3D segment (a re-review: the keyframe made
+    # it "solid along every axis")
+    from PAMSegmentLib.mrml import propagate_segments
+
+    before = internal_labelmap_state(seg, ids["tumor"])
+    queue = propagate_segments(vol, seg, model=GuideCopy(truth), history=PropagationHistory())
+    assert [o[2] for o in queue.outcomes] == ["skipped"] and "Rotate to volume plane" in queue.outcomes[0][3]
+    assert_same_labelmap(internal_labelmap_state(seg, ids["tumor"]), before)
     keyframes = np.zeros_like(painted)
     keyframes[[5, 10, 11, 12]] = truth[[5, 10, 11, 12]]
     seg2, ids2 = make_segmentation(vol, {"tumor": keyframes})

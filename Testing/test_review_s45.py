@@ -453,14 +453,16 @@ def test_an_unknown_begin_rule_is_refused():
         _begin_keyframe(np.ones((3, 2, 2), bool), [0, 2], "smallest")
 
 
-def test_two_outlines_painted_across_an_oblique_volumes_slices_are_recognised():
+def test_runs_of_bands_are_found_in_a_drawing_of_several_runs():
     """A trial (session 45): two outlines painted in Slicer's RAS-aligned view on an oblique volume (the
-    usual several keyframes) left two runs of bands; only a single run was recognised, so Slicer took
-    every band as a drawn slice (Dice 0.11). Each run is judged now; keyframes apart still pass."""
+    usual several keyframes) left two runs of bands; only a drawing of a single run was looked at, so
+    Slicer took every band as a drawn slice (Dice 0.11). ``band_runs`` finds each run of bands (the
+    Slicer module refuses those lying in one plane of the world: test_mrml_corrections); keyframes
+    apart are none, and a single-run drawing is judged as before."""
     import numpy as np
     from conftest import ellipsoid
 
-    from PAMSegmentLib.propagate import tilted_drawing
+    from PAMSegmentLib.propagate import band_runs, tilted_drawing
 
     shape = (30, 40, 44)
     truth = ellipsoid(shape, (15, 20, 22), (11, 12, 14))
@@ -473,15 +475,12 @@ def test_two_outlines_painted_across_an_oblique_volumes_slices_are_recognised():
 
     two = (painted(9) | painted(21)).astype(np.uint8)
     drawn = [int(s) for s in np.flatnonzero(two.any(axis=(1, 2)))]
-    runs = [(a, b) for a, b in zip(drawn, drawn[1:]) if b != a + 1]
-    assert len(runs) == 1  # two runs of bands
-    assert tilted_drawing(two, 0, drawn) == (drawn[0], runs[0][0])
+    gaps = [(a, b) for a, b in zip(drawn, drawn[1:]) if b != a + 1]
+    assert len(gaps) == 1  # two runs of bands
+    assert band_runs(two, 0, drawn) == [(drawn[0], gaps[0][0]), (gaps[0][1], drawn[-1])]
+    one = painted(9).astype(np.uint8)
+    first = [int(s) for s in np.flatnonzero(one.any(axis=(1, 2)))]
+    assert tilted_drawing(one, 0, first) == (first[0], first[-1])
     keyframes = np.zeros(shape, np.uint8)
     keyframes[[9, 21]] = truth[[9, 21]]
-    assert tilted_drawing(keyframes, 0, [9, 21]) is None
-    # a slice of its own beside a run that overlaps little (a review: keyframes, or a small structure's thin,
-    # shifting tip on thick slices) stays a drawing
-    beside = painted(21).astype(np.uint8)
-    beside[9] = truth[9]
-    drawn = [int(s) for s in np.flatnonzero(beside.any(axis=(1, 2)))]
-    assert tilted_drawing(beside, 0, drawn) is None
+    assert band_runs(keyframes, 0, [9, 21]) == [] and tilted_drawing(keyframes, 0, [9, 21]) is None
