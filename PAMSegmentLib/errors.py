@@ -32,12 +32,7 @@ class DrawnIn3D(InputError):
 
 class PaintedAcross(InputError):
     """One outline painted in a slice view not aligned with an oblique volume: it crosses the volume's
-    slices in bands (Slicer's "Rotate to volume plane" avoids it). ``coplanar``: bands found lying in
-    one plane of the world beside other drawn slices (so no finished 3D structure)."""
-
-    def __init__(self, message: str, coplanar: bool = False):
-        super().__init__(message)
-        self.coplanar = coplanar
+    slices in bands (Slicer's "Rotate to volume plane" avoids it)."""
 
 
 class NotEnoughMemory(InputError):

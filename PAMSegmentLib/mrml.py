@@ -844,47 +844,16 @@ def _check_not_painted_across(prompt: np.ndarray, grid: VolumeGrid, axis: int, d
     setting that avoids it."""
     from .propagate import tilted_drawing  # noqa: PLC0415
 
-    to_world = _ijk_to_world(grid, volume_node)
-    normal = to_world[:3, 2 - int(axis)]
+    normal = _ijk_to_world(grid, volume_node)[:3, 2 - int(axis)]
     oblique = float(np.max(np.abs(normal)) / max(float(np.linalg.norm(normal)), 1e-12)) < np.cos(np.radians(0.1))
-    bands = tilted_drawing(prompt, axis, drawn) if oblique else None  # the drawing one run of bands
-    flat = _coplanar_band_run(prompt, axis, drawn, to_world) if oblique else None  # bands in a world plane
-    coplanar = flat is not None  # (said so: no finished 3D structure, whatever else the segment holds)
-    bands = bands or flat
+    bands = tilted_drawing(prompt, axis, drawn) if oblique else None
     if bands is not None:
         plane = axis_plane_name(grid.ijk_to_ras, axis)
-        raise PaintedAcross(f"it lies on {bands[1] - bands[0] + 1} adjacent {plane} slices of the volume "
-                            f"({bands[0]}-{bands[1]}) whose outlines barely overlap: one outline painted in a slice "
-                            "view that is not aligned with this oblique volume crosses its slices in bands. Click the "
-                            "slice view's 'Rotate to volume plane' "
-                            "(in its pin menu), erase the drawing and draw it again", coplanar=coplanar)
-
-
-def _coplanar_band_run(prompt: np.ndarray, axis: int, drawn: list[int], to_world: np.ndarray) -> tuple[int, int] | None:
-    """A run of bands (``band_runs``) three adjacent slices of which lie in one plane of the world,
-    within a voxel's depth along one of the RAS axes: what an outline painted in a RAS-aligned view
-    leaves, beside other drawn slices (reviews, session 45: one crossing only one or two slices next
-    to it, a second outline's short end, two outlines whose bands touch, or a coronal outline on a
-    steeply tilted volume let it pass). Keyframes drawn on the volume's own slices lie a slice
-    apart. None otherwise."""
-    from .propagate import band_runs  # noqa: PLC0415
-
-    runs = band_runs(prompt, axis, drawn)
-    prompt = np.asarray(prompt)
-    for w in range(3):  # every RAS axis: the view painted in need not be the one nearest the slices
-        e = np.zeros(3)
-        e[w] = 1.0
-        depth = float(np.sum(np.abs(to_world[:3, :3].T @ e)))  # one voxel's extent along e (mm)
-        for first, last in runs:
-            for s in range(first, last - 1):  # three slices at a time: two outlines' bands may touch
-                index = [slice(None)] * 3
-                index[axis] = slice(s, s + 3)
-                kji = np.argwhere(prompt[tuple(index)] != 0).astype(np.float64)
-                kji[:, axis] += s
-                along = (np.c_[kji[:, ::-1], np.ones(len(kji))] @ to_world[:3].T) @ e
-                if float(along.max() - along.min()) <= depth + 0.1:
-                    return first, last
-    return None
+        raise PaintedAcross(f"it lies on {len(drawn)} adjacent {plane} slices of the volume ({bands[0]}-{bands[1]}) "
+                            "whose "
+                         "outlines barely overlap: one outline painted in a slice view that is not aligned with this "
+                         "oblique volume crosses its slices in bands. Click the slice view's 'Rotate to volume plane' "
+                         "(in its pin menu), erase the drawing and draw it again")
 
 
 def _in_segment_words(text: str) -> str:
@@ -901,7 +870,7 @@ def _same_kind(exc: InputError, text: str) -> InputError:
     """``exc`` said in other words, of its own kind (a DrawnIn3D keeps where it was drawn)."""
     if isinstance(exc, DrawnIn3D):
         return DrawnIn3D(text, where=exc.where)
-    return PaintedAcross(text, coplanar=exc.coplanar) if isinstance(exc, PaintedAcross) else InputError(text)
+    return PaintedAcross(text) if isinstance(exc, PaintedAcross) else InputError(text)
 
 
 _PARALLEL = float(np.cos(np.radians(1.0)))  # a segmentation grid's axis within 1 degree of the volume's
@@ -3563,8 +3532,7 @@ class SegmentQueue:
             except PaintedAcross as exc:  # bands of one outline painted across an oblique volume, or a finished
                 # structure on it (a rib: "erase the drawing and draw it again" would destroy it): told by its
                 # thickness along the world's axes (an outline painted in a RAS view is thin along one of them)
-                if tagged or (not exc.coplanar and self._solid_in_world(segment_id)):  # (bands in one world plane:
-                    # an outline painted in a RAS view, whatever else the segment holds)
+                if tagged or self._solid_in_world(segment_id):
                     self._finished(tagged, "too many", "solid along every axis")
                 else:
                     self.record("skipped", str(exc))

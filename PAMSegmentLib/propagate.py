@@ -1096,21 +1096,6 @@ def tilted_drawing(mask: np.ndarray, axis: int, drawn: Sequence[int]) -> tuple[i
 
 
 def _tilted_drawing(box: np.ndarray, start: int, ax: int, drawn: Sequence[int]) -> tuple[int, int] | None:
-    """``_tilted_run`` of a label's drawn slices when they are one run (several runs: see
-    ``band_runs``; the Slicer module refuses a run of bands that lies in one plane of the world,
-    session 45: taking every run for bands refused two runs of a small vessel's deliberate keyframes)."""
-    return _tilted_run(box, start, ax, drawn)
-
-
-def band_runs(mask: np.ndarray, axis: int, drawn: Sequence[int]) -> list[tuple[int, int]]:
-    """The runs of three or more adjacent drawn slices of a 3D mask (one label) that ``_tilted_run``
-    takes for the bands of one outline drawn on a tilted plane."""
-    box, start = _bounding_box(np.asarray(mask) != 0)
-    return [(first, last) for first, last in slice_runs(sorted(int(s) for s in drawn))
-            if _tilted_run(box, int(start[axis]), axis, list(range(first, last + 1))) is not None]
-
-
-def _tilted_run(box: np.ndarray, start: int, ax: int, drawn: Sequence[int]) -> tuple[int, int] | None:
     """(first, last) when a label's drawn slices are one run of three or more adjacent slices and
     fewer than half of the pairs of neighbours overlap by TILTED_OVERLAP of the smaller (in the
     slice plane) or more, the two end pairs of four or more slices left out: the bands one outline drawn on a

@@ -721,6 +721,8 @@ def _check_pixel_spacings(reader: sitk.ImageSeriesReader, what: str) -> None:
     spacing (another field of view) in a series was read at the scale of the rest, or scaled all
     of them when it came first (exit 0; a trial, session 45). Refused, naming the files that differ
     from a file of the most common spacing by more than 0.1 % or its 4-decimal rounding."""
+    from collections import Counter
+
     names = reader.GetFileNames()
     texts, values = [], []
     for k in range(len(names)):
@@ -748,6 +750,12 @@ def _check_pixel_spacings(reader: sitk.ImageSeriesReader, what: str) -> None:
     distinct = {tuple(values[k]): k for k in reversed(known)}  # each value written, and its first file
     like = max(distinct.values(), key=lambda r: (sum(same(values[k], values[r]) for k in known), -r))
     odd = [k for k in known if not same(values[k], values[like])]
+    kept = [k for k in known if k not in odd]
+    if not same(np.min([values[k] for k in kept], axis=0), np.max([values[k] for k in kept], axis=0)):
+        # "the same" chains (1.0, 1.0006, 1.0012 mm: a review): the most files written alike decide then
+        counts = Counter(tuple(values[k]) for k in kept)
+        like = distinct[counts.most_common(1)[0][0]]
+        odd = [k for k in known if not same(values[k], values[like])]
     if not odd:
         return
     shown = ", ".join(f"{Path(names[k]).name} ({texts[k]} mm)" for k in odd[:3])

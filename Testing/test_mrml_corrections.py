@@ -1326,36 +1326,6 @@ def test_one_outline_painted_across_an_oblique_volumes_slices_is_refused(mrml_sc
     assert describe_prompt(straight, seg2, ids2["tumor"]).slices == [10, 11, 12, 13, 14]
 
 
-def test_an_outline_painted_across_an_oblique_volumes_slices_beside_a_keyframe_is_refused(mrml_scene):
-    """A trial and a review (session 45): bands of an outline painted in a RAS-aligned view were
-    recognised only as the drawing's single run; beside a keyframe (or a second outline's short end)
-    they passed (two outlines: Dice 0.11). A run of bands lying in one plane of the world is refused
-    now whatever else is drawn; keyframes drawn on the volume's own slices still pass."""
-    from PAMSegmentLib.mrml import describe_prompt
-
-    truth, image = synthetic()
-    m = oblique_ijk_to_ras(degrees=(0.0, 20.0))
-    painted = outline_painted_in_ras_view(m, truth, (22, 20, 12))
-    painted[5] = truth[5]  # a keyframe on a volume slice of its own
-    vol = make_volume_node(image, ijk_to_ras=m)
-    seg, ids = make_segmentation(vol, {"tumor": painted})
-    with pytest.raises(InputError, match=r'^segment "tumor": it lies on 5 adjacent .* slices of the volume \(10-14\) '
-                                         r"whose outlines barely overlap: .*'Rotate to volume plane'"):
-        describe_prompt(vol, seg, ids["tumor"])
-    # Propagate all passes it over saying why, not as a finished 3D segment (a re-review: the keyframe made
-    # it "solid along every axis")
-    from PAMSegmentLib.mrml import propagate_segments
-
-    before = internal_labelmap_state(seg, ids["tumor"])
-    queue = propagate_segments(vol, seg, model=GuideCopy(truth), history=PropagationHistory())
-    assert [o[2] for o in queue.outcomes] == ["skipped"] and "Rotate to volume plane" in queue.outcomes[0][3]
-    assert_same_labelmap(internal_labelmap_state(seg, ids["tumor"]), before)
-    keyframes = np.zeros_like(painted)
-    keyframes[[5, 10, 11, 12]] = truth[[5, 10, 11, 12]]
-    seg2, ids2 = make_segmentation(vol, {"tumor": keyframes})
-    assert describe_prompt(vol, seg2, ids2["tumor"]).slices == [5, 10, 11, 12]
-
-
 def test_update_summary_says_why_slices_no_longer_hold_the_object(session):
     """Without an erased slice, slices an update no longer fills were called "cleared: beyond a
     slice you erased"."""

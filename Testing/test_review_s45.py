@@ -430,6 +430,7 @@ def test_contour_interpolation_runs_itk_on_one_thread():
     ([["0.0005", "0.0005"]] * 7 + [["0.0006", "0.0006"]], 1),  # fine spacings: 20 % apart is another
     ([["0.5", "0.5"]] * 3 + [["0.6", "0.6"]] * 2 + [["0.7", "0.7"]] * 3, 5),  # the most common named, not the median
     ([["1.004", "1.004"]] + [["1.0", "1.0"]] * 7, 1),  # the odd one first (it was the reference: 7 named)
+    ([["1.0", "1.0"]] * 4 + [["1.0006", "1.0006"]] + [["1.0012", "1.0012"]] * 3, 3),  # "the same" chained
     ([["0.6835", "0.6835"]] * 2 + [["0.68359375", "0.68359375"]] * 2 + [["0.7", "0.7"]] * 3 + [["0.8", "0.8"]], 4),
 ])
 def test_pixel_spacings_split_evenly_or_fine_are_refused(tmp_path, spacings, odd):
@@ -451,36 +452,3 @@ def test_an_unknown_begin_rule_is_refused():
 
     with pytest.raises(InputError, match="begin_keyframe must be lowest, largest or lowest-sizable, got 'smallest'"):
         _begin_keyframe(np.ones((3, 2, 2), bool), [0, 2], "smallest")
-
-
-def test_runs_of_bands_are_found_in_a_drawing_of_several_runs():
-    """A trial (session 45): two outlines painted in Slicer's RAS-aligned view on an oblique volume (the
-    usual several keyframes) left two runs of bands; only a drawing of a single run was looked at, so
-    Slicer took every band as a drawn slice (Dice 0.11). ``band_runs`` finds each run of bands (the
-    Slicer module refuses those lying in one plane of the world: test_mrml_corrections); keyframes
-    apart are none, and a single-run drawing is judged as before."""
-    import numpy as np
-    from conftest import ellipsoid
-
-    from PAMSegmentLib.propagate import band_runs, tilted_drawing
-
-    shape = (30, 40, 44)
-    truth = ellipsoid(shape, (15, 20, 22), (11, 12, 14))
-    k, j, i = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
-
-    def painted(centre_k, tilt_deg=20):
-        t = np.radians(tilt_deg)
-        height = (j - 20) * 0.9 * np.sin(t) + (k - centre_k) * 2.0 * np.cos(t)
-        return (np.abs(height) <= 1.0) & truth
-
-    two = (painted(9) | painted(21)).astype(np.uint8)
-    drawn = [int(s) for s in np.flatnonzero(two.any(axis=(1, 2)))]
-    gaps = [(a, b) for a, b in zip(drawn, drawn[1:]) if b != a + 1]
-    assert len(gaps) == 1  # two runs of bands
-    assert band_runs(two, 0, drawn) == [(drawn[0], gaps[0][0]), (gaps[0][1], drawn[-1])]
-    one = painted(9).astype(np.uint8)
-    first = [int(s) for s in np.flatnonzero(one.any(axis=(1, 2)))]
-    assert tilted_drawing(one, 0, first) == (first[0], first[-1])
-    keyframes = np.zeros(shape, np.uint8)
-    keyframes[[9, 21]] = truth[[9, 21]]
-    assert band_runs(keyframes, 0, [9, 21]) == [] and tilted_drawing(keyframes, 0, [9, 21]) is None
