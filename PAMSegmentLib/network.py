@@ -198,13 +198,14 @@ class InstanceNorm(nn.GroupNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """In training as ``nn.GroupNorm``. In eval mode the same function, faster on the CPU:
-        torch's group norm called directly (``F.group_norm``'s Python checks took about 8 us a layer,
-        1.5 % of the default network at batch 1), and channels-last maps of fewer than
+        torch's group norm called directly (``F.group_norm``'s Python checks took about 8 us a layer),
+        and channels-last maps of fewer than
         ``STRIDED_BELOW`` pixels normalised sample by sample as a batch norm over their (H*W, C) view.
         Below that size torch's channels-last group norm walks each channel at a stride of C floats
         (its "impl-1" in ATen's group_norm_kernel.cpp); the batch norm reads the same memory in order:
         4-10 times as fast on an Intel Xeon (128 x 16 x 16: 127 -> 27 us; 512 x 14 x 14: 399 -> 56 us,
-        one thread), outputs within 1e-5 (session 45, README Benchmarks)."""
+        one thread), outputs within 1e-5; the whole network gained 0.5-3 % (session 45, README
+        Benchmarks)."""
         if self.training or x.dim() != 4 or x.shape[0] * x.shape[2] * x.shape[3] < 2:  # (and its error)
             return super().forward(x)
         n, c, h, w = x.shape
