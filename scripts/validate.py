@@ -102,7 +102,9 @@ def parse_config(config: str) -> dict:
     Dice < D). ``upT`` (thick slices: walks through slices interpolated to <= T mm; 0 = off). ``cropS`` (the
     network crop's side, S x the guide mask's larger extent; the checkpoint's is 1.5). ``wguide`` (the
     network's intensity window from each window's guide instead of the drawn slice), ``kfwin`` (from
-    the drawn slice each walk started from), ``published`` (the authors' published walk: overlapping
+    the drawn slice each walk started from), ``kflargest`` / ``kfsizable`` / ``kflowest`` (which drawn
+    slice PAM begins from: the largest; the lowest of at least a quarter of the largest's voxels, the
+    shipped one since session 45; the lowest), ``published`` (the authors' published walk: overlapping
     windows whose votes are united, 6-connected components). Unknown options are an error."""
     if config.startswith("window"):
         return {"window_mm": float(config[len("window"):])}
