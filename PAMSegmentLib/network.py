@@ -206,11 +206,10 @@ class InstanceNorm(nn.GroupNorm):
         4-10 times as fast on an Intel Xeon (128 x 16 x 16: 127 -> 27 us; 512 x 14 x 14: 399 -> 56 us,
         one thread), outputs within 1e-5; the whole network gained 0.5-3 % (session 45, README
         Benchmarks)."""
-        if self.training or x.dim() != 4 or x.shape[0] * x.shape[2] * x.shape[3] < 2:  # (and its error)
+        if self.training or x.dim() != 4 or x.shape[2] * x.shape[3] < 2:  # (1 x 1 maps: a batch norm refuses them)
             return super().forward(x)
         n, c, h, w = x.shape
-        if (h * w >= STRIDED_BELOW or h * w < 2 or x.device.type != "cpu"
-                or not x.is_contiguous(memory_format=torch.channels_last)):  # (1 x 1 maps: a batch norm refuses)
+        if h * w >= STRIDED_BELOW or x.device.type != "cpu" or not x.is_contiguous(memory_format=torch.channels_last):
             return torch.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, torch.backends.cudnn.enabled)
         # (C, H, W) in channels-last order is a contiguous (H*W, C) matrix: batch norm with batch
         # statistics normalises each of its columns (one channel of the sample) over its H*W rows.

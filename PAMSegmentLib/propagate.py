@@ -2890,8 +2890,7 @@ def keyframes_from_edits(prompt: np.ndarray, previous, edited: np.ndarray, *,
         drawn_set, earlier_set = set(slices), set(earlier_keys[lab])
         predicted = [int(s) for s in held_rows if s not in drawn_set and s not in earlier_set]
         kept = [s for s in predicted if s not in changed]  # as the earlier result had them
-        if (filled and not drawn_erased and not kept and predicted
-                and not [s for s in filled if s not in drawn_set and s not in earlier_set]
+        if (filled and not drawn_erased and not kept and predicted and set(filled) <= drawn_set | earlier_set
                 and len(erased_now) > max(0.5 * held, 2)):
             # the prompt itself (or the drawn slices alone) as the edited result (a trial, session 45: every
             # predicted slice became a wall, a one-slice result, exit 0)

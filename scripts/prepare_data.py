@@ -74,9 +74,12 @@ REGION_SEED = 31337
 MAX_INVESALIUS_VOLUMES = 3
 INPLANE_TARGET_MM = 1.0          # unlabelled CT finer than this in-plane is block-averaged
 STARDIST_SPACING = (2.0, 1.0, 1.0)
+# what a cut or damaged download or archive raises when read (gzip checks its CRC at the end)
+DAMAGED = (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile)
 
 
 # ----------------------------------------------------------------------------------------------
+
 
 def _arr(img):
     import SimpleITK as sitk
@@ -314,7 +317,7 @@ def build_invesalius(root: Path, cases_dir: Path, force: bool) -> list[dict]:
             t0 = time.perf_counter()
             try:
                 vol, spacing, meta = D.read_invesalius_project(proj)
-            except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, ValueError, KeyError) as e:
+            except (*DAMAGED, ValueError, KeyError) as e:
                 raise SystemExit(f"error: {proj} is damaged ({e}); delete {root} and run again (it is unpacked "
                                  "from the invesalius-examples package again)") from None
             hu, spacing = _downsample_inplane(vol.astype(np.float32), spacing, INPLANE_TARGET_MM)
@@ -547,7 +550,7 @@ def main(argv=None) -> int:
         try:
             archive = D.ensure_downloaded(cache, src)
             roots[key] = D.ensure_unpacked(cache, archive)
-        except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:  # cut or damaged
+        except DAMAGED as e:
             raise SystemExit(f"error: {archive} is damaged ({e}); delete it and run again (it is downloaded again), "
                              "or put a whole copy there") from None
         except (OSError, subprocess.CalledProcessError) as e:
