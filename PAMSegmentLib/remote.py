@@ -660,9 +660,10 @@ class RemoteModel:
             raise PAMError(f"the server returned a {result.mask.shape} mask for a {np.shape(image)} image")
         # Which image the result is of, as a local run records it: a later update (previous=) reuses
         # its walks only on that image (without it, a server's result was reused on any image).
-        from .propagate import image_digest  # noqa: PLC0415
+        from .propagate import flat_levels, image_digest  # noqa: PLC0415
 
         result.image_digest = image_digest(np.asarray(image), spacing)
+        result.image_levels = flat_levels(np.asarray(image))  # the label-map note, as a local run says it
         if previous is not None:  # the server ran a fresh propagation: what an update says, worked out here
             from .propagate import annotate_update  # noqa: PLC0415
 

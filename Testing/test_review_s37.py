@@ -403,13 +403,14 @@ def test_a_result_of_drawn_slices_alone_because_the_network_saw_nothing_is_said(
     image, prompt, truth = _case()
     result = propagate(image, prompt, (2.0, 1.0, 1.0), _NeverThere(truth))
     assert result.slice_range == {1: (8, 8)}
-    assert [k for k, _ in result.kinds_of_notes()] == ["nothing"]
-    assert "the network found no object on any slice next to the drawn ones" in result.notes()[0]
+    assert [k for k, _ in result.kinds_of_notes()] == ["labelmap", "nothing"]  # (a phantom of flat values)
+    assert "the network found no object on any slice next to the drawn ones" in result.nothing_notes()[0]
     pytest.importorskip("fastapi")
     from PAMSegmentLib.remote import decode_result
     from PAMSegmentLib.server import encode_result
 
-    assert decode_result(encode_result(result)).notes() == result.notes()  # (a server's result says it too)
+    # (a server's result says it too; the label-map note is the client's: RemoteModel.propagate)
+    assert decode_result(encode_result(result)).notes() == result.nothing_notes()
     fine = propagate(image, prompt, (2.0, 1.0, 1.0), OracleModel(truth))
     assert fine.slice_range == {1: (3, 13)} and not [k for k, _ in fine.kinds_of_notes() if k == "nothing"]
     from PAMSegmentLib.pam_predictor import PAMPredictor
@@ -417,7 +418,7 @@ def test_a_result_of_drawn_slices_alone_because_the_network_saw_nothing_is_said(
     assert PAMPredictor.presence_by == "network"
     never = _NeverThere(truth)
     never.presence_by = ""  # copy and track: their stops are the drift test's, which its own note covers
-    assert not propagate(image, prompt, (2.0, 1.0, 1.0), never).notes()
+    assert [k for k, _ in propagate(image, prompt, (2.0, 1.0, 1.0), never).kinds_of_notes()] == ["labelmap"]
 
 
 # --- the engine's properties (hypothesis, about 1800 generated cases; session 37) ---
@@ -754,7 +755,7 @@ def test_a_finished_segmentation_as_the_prompt_gets_the_whole_note_not_the_nothi
     cut[:6] = False
     cut[11:] = False
     result = propagate(image, prompt, (2.0, 1.0, 1.0), _NeverThere(cut))
-    assert [k for k, _ in result.kinds_of_notes()] == ["whole"]
+    assert [k for k, _ in result.kinds_of_notes()] == ["labelmap", "whole"]  # (a phantom of flat values)
 
 
 # --- the third re-review's findings (session 37) ---
@@ -778,7 +779,7 @@ def test_the_nothing_note_is_kept_for_a_label_that_is_not_a_finished_segmentatio
     cut[:6] = False
     cut[11:] = False
     result = propagate(image, prompt, (2.0, 1.0, 1.0), _NeverThere(cut))
-    assert sorted(k for k, _ in result.kinds_of_notes()) == ["nothing", "whole"]
+    assert sorted(k for k, _ in result.kinds_of_notes()) == ["labelmap", "nothing", "whole"]
 
 
 def test_huge_negative_numbers_and_a_huge_axis_are_shown_by_their_size():
