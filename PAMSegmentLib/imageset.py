@@ -85,6 +85,8 @@ class ImageSetResult:
     def check_first(self, n: int = 3) -> dict[int, list[int]]:
         """Per label, the ``n`` predicted images holding it with the lowest confidence (ties: the
         earlier image first): the masks to look at first, as propagate's least confident slices."""
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:  # (-1 gave all but the last one)
+            raise InputError(f"n must be a whole number of images, 0 or more, got {n!r}")
         drawn = set(self.drawn) | {self.prompt_index}
         out = {}
         for lab in self.labels:
@@ -469,7 +471,7 @@ def label_images(
             masks.append(np.where(np.isin(given[q], labels), given[q], 0).astype(results.dtype))
         else:
             masks.append(_resize(results[q], imgs[q].shape, nearest=True))
-    if progress is not None:
+    if progress is not None and done < total:  # (the last image's call said 1.0 already: said twice)
         progress(1.0, "done")
     return ImageSetResult(masks, labels, guides_all, conf_all, p, order, done, time.perf_counter() - t0,
                           tuple(drawn), drift_emptied)

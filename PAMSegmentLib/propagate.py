@@ -325,6 +325,7 @@ class PropagationResult:
         extent and found on no other: the result is the drawing), ``("nothing", text)`` (every walk
         ended at once on the network's word)."""
         out = [("labelmap", text) for text in self.label_map_notes()]
+        out += [("point", text) for text in self.point_notes(edited)]
         out += [("speck", text) for text in self.speck_notes(edited)]
         out += [("drift", text) for text in self.drift_notes(edited)]
         out += [("whole", text) for text in self.whole_notes(edited)]
@@ -444,6 +445,27 @@ class PropagationResult:
                 out[lab] = small
         return out
 
+    def points(self, edited: dict[int, Sequence[int]] | None = None) -> dict[int, tuple[int, int]]:
+        """Labels whose every drawn slice holds at most POINT_VOXELS voxels, as {label: (largest drawn
+        slice, its voxels)}: a click, as point-prompt tools take (a trial, session 46: one voxel in a
+        liver came back as 3 voxels, with a note to turn the drift test off, which changed nothing).
+        Not after an update (``edited``, None: ``self.edited``): a tip drawn there is the user's word."""
+        if self.edited if edited is None else edited:
+            return {}
+        out = {}
+        for lab, frames in self.keyframes.items():
+            counts = {int(k): int(np.count_nonzero(m)) for k, m in frames.items()}
+            top = max(counts, key=lambda k: (counts[k], -k), default=None)
+            if top is not None and 0 < counts[top] <= POINT_VOXELS:
+                out[lab] = (top, counts[top])
+        return out
+
+    def point_notes(self, edited: dict[int, Sequence[int]] | None = None) -> list[str]:
+        return [f"label {lab}: drawn as {n} voxel{'s' if n != 1 else ''} (slice {k}): PAM follows the outline "
+                "drawn, it does not grow a region from a point as click-based tools do; if the object is larger, "
+                "paint its whole cross-section on the slice and run again"
+                for lab, (k, n) in sorted(self.points(edited).items())]
+
     def speck_notes(self, edited: dict[int, Sequence[int]] | None = None) -> list[str]:
         out = []
         for lab, small in sorted(self.specks(edited).items()):
@@ -463,8 +485,11 @@ class PropagationResult:
         edited = self.edited if edited is None else edited
         out = []
         specks = self.specks(edited)
+        points = self.points(edited)  # (the point note says what to do: the drift test is not the cause)
         voxels = None
         for lab, stops in self.stops.items():
+            if lab in points:
+                continue
             # a walk from a speck that ends at once: the speck, not the tissue, is what to look at
             quiet = set((edited or {}).get(lab, ())) | {k for k, *_ in specks.get(lab, [])}
             drift = [s for s in stops if s["reason"] == "drift" and s["start"] not in quiet]
@@ -874,6 +899,7 @@ STROKE_MIN_VOXELS = 5  # a shorter lone line beyond the outermost drawn slice is
 # A drawn slice with at most SPECK_VOXELS voxels and at most SPECK_FRACTION of the label's largest
 # drawn slice's is named in a note (PropagationResult.specks): a stray click, kept as drawn.
 SPECK_VOXELS = 30
+POINT_VOXELS = 4  # a label drawn with no more voxels on any slice: a click (``PropagationResult.points``)
 SPECK_FRACTION = 0.02
 # A label that lost at least this share of its voxels to labels propagated before it ran into a
 # neighbour's object (a note says so, not "list it first", which would only move the error).
@@ -1450,6 +1476,8 @@ def _check_prediction(predictor, pred, n: int, slice_shape: tuple) -> None:
         if lo < -1e-6 or hi > 1.0 + 1e-6:
             raise InputError(f"{name} returned values from {lo:g} to {hi:g}; "
                              "probabilities must lie within [0, 1] (a mask of 0 and 255: divide it by 255)")
+    if not isinstance(pred.prob, np.ndarray):  # a list (or a tensor): read as the array just checked (a list's
+        pred.prob = prob  # comparisons in the walk raised a TypeError; a trial, session 46)
     if pred.presence is not None and np.shape(pred.presence) != (n,):
         raise InputError(f"{name} returned {np.size(pred.presence)} presence value(s) for {n} query slice(s)")
     if pred.presence is not None and n:  # a NaN made every confidence NaN, 5.0 a confidence of 5

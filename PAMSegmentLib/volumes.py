@@ -1225,7 +1225,10 @@ def _patch_nifti_codes(tmp: Path, codes: tuple[int, int]) -> None:
     patched = bytearray(data)
     struct.pack_into(e + "hh", patched, 252, *codes)
     if tmp.name.endswith(".gz"):
-        with gzip.open(tmp, "wb", compresslevel=6) as fh:
+        # no file name and no time in the gzip header, as ITK writes it: the temporary's hidden name was
+        # stored (`gunzip -N` restored it) and identical runs gave files of other checksums (a trial, session 46)
+        with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=6,
+                                                   mtime=0) as fh:
             fh.write(patched)
     else:
         tmp.write_bytes(patched)
@@ -4076,6 +4079,13 @@ def read_labelmap_2d(path: PathLike, reference: tuple[np.ndarray, sitk.Image] | 
     labels such steps cannot be told from a drawn rim (an interior/boundary mask): ``say`` gets a
     note naming them."""
     name = Path(path).name
+    if isinstance(reference, np.ndarray) and reference.ndim >= 2:  # the image's array alone: its size is checked
+        reference = (reference, None)
+    elif reference is not None and not (isinstance(reference, (tuple, list)) and len(reference) == 2
+                                        and isinstance(reference[0], np.ndarray) and reference[0].ndim >= 2):
+        # (an array's first row made the size check fail and its message raise; a Volume was not subscriptable)
+        raise InputError(f"reference must be what read_image_2d returned, (array, image), or the image's array; got "
+                         f"{type(reference).__name__}")
     if name.lower().endswith((".jpg", ".jpeg")):
         raise InputError(f"{name} is a JPEG: its compression changes label values along every edge; save the mask "
                          "as PNG or TIFF")
@@ -4120,8 +4130,8 @@ def read_labelmap_2d(path: PathLike, reference: tuple[np.ndarray, sitk.Image] | 
                 "if the mask was resized or saved with smoothing, those are the grey steps of an edge, not "
                 "structures (they are labelled as drawn): save it without smoothing (nearest neighbour), one value "
                 "per structure")
-    if reference is not None and arr.shape != reference[0].shape:
-        rows, cols = reference[0].shape
+    if reference is not None and arr.shape != reference[0].shape[:2]:
+        rows, cols = reference[0].shape[:2]
         turned = (" (the image's size turned a quarter: drawn on the photo as a viewer showed it turned by its "
                   "EXIF orientation? draw it on the image as stored)" if arr.shape == (cols, rows) else "")
         raise InputError(f"the mask {Path(path).name} is {arr.shape[1]} x {arr.shape[0]} pixels but its image is "
