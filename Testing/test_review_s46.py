@@ -262,3 +262,35 @@ def test_a_nifti_written_with_patched_codes_has_no_name_or_time_in_its_gzip_head
     assert header[3] & 0x08 == 0 and header[4:8] == b"\0\0\0\0"  # no FNAME flag, MTIME 0
     assert nib.load(str(tmp_path / "a.nii.gz")).header.get_sform(coded=True)[1] == 2
     assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "a.nii.gz"))), _label_map())
+
+
+@pytest.mark.parametrize("shift, noted", [((1.5, 0.0, 0.0), "i (columns)"),
+                                          ((0.0, -1.5, 4.5), "j (rows) and k (slices)"),
+                                          ((0.75, 0.0, 0.0), None), ((3.0, 0.0, 0.0), None)])
+def test_a_prompt_half_a_voxel_off_the_grid_is_noted_when_resampled(tmp_path, shift, noted):
+    """A trial (session 46): a prompt 1.5 mm off 3 mm voxels, with --resample-prompt, landed one
+    voxel to one side with exit 0 and no word (Slicer refuses such grids). Now a note names the axis;
+    other offsets (a quarter voxel, a whole one) resample without it."""
+    import warnings
+
+    import SimpleITK as sitk
+
+    from PAMSegmentLib.volumes import read_labelmap, read_volume
+
+    scan = sitk.GetImageFromArray(_scan())
+    scan.SetSpacing((3.0, 3.0, 3.0))
+    sitk.WriteImage(scan, str(tmp_path / "scan.nrrd"))
+    prompt = sitk.GetImageFromArray(_label_map()[11:12])
+    prompt.SetSpacing((3.0, 3.0, 3.0))
+    prompt.SetOrigin(tuple(float(v) for v in np.add((0.0, 0.0, 33.0), shift)))
+    sitk.WriteImage(prompt, str(tmp_path / "prompt.nrrd"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        read_labelmap(tmp_path / "prompt.nrrd", reference=read_volume(tmp_path / "scan.nrrd"), resample=True)
+    said = [str(w.message) for w in caught if "half a voxel" in str(w.message)]
+    if noted is None:
+        assert said == []
+    else:
+        assert said == [f"prompt.nrrd lies half a voxel off the image grid along the image's {noted} axis, with voxels "
+                        "of the same size: nearest-neighbour resampling put the drawing one voxel to one side there; "
+                        "if that matters, draw the prompt on the image itself"]
