@@ -594,7 +594,7 @@ class PropagationResult:
         ``names``: labels' names (a .seg.nrrd's segments), said beside their numbers."""
         voxels = self.slice_voxels() if voxels is None else voxels
         parts = []
-        for lab in sorted(self.confidence):
+        for lab in self.confidence:  # in the order they were propagated, as ``summary`` lists them
             first = self.review_first(lab, voxels=voxels)
             if first:
                 parts.append(f"{_label_text(lab, names)}: {', '.join(map(str, first))}")

@@ -294,3 +294,18 @@ def test_a_prompt_half_a_voxel_off_the_grid_is_noted_when_resampled(tmp_path, sh
         assert said == [f"prompt.nrrd lies half a voxel off the image grid along the image's {noted} axis, with voxels "
                         "of the same size: nearest-neighbour resampling put the drawing one voxel to one side there; "
                         "if that matters, draw the prompt on the image itself"]
+
+
+def test_the_slices_to_check_follow_the_labels_order_of_the_summary():
+    """A trial (session 46): with --label 5 1 the summary said label 5 first and the slices to check
+    label 1 first."""
+    from PAMSegmentLib.baselines import CopyPredictor
+    from PAMSegmentLib.propagate import propagate
+
+    prompt = np.zeros((24, 40, 40), np.uint8)
+    prompt[11, 5:15, 5:15] = 1
+    prompt[11, 20:30, 20:30] = 5
+    result = propagate(_scan(), prompt, (2.0, 1.0, 1.0), CopyPredictor(), labels=[5, 1])
+    assert result.summary().startswith("label 5: slices ") and "; label 1: slices " in result.summary()
+    check = result.review_summary()
+    assert check.startswith("label 5: ") and "; label 1: " in check
