@@ -2208,10 +2208,10 @@ def _generic_off_grid_error(name: str, labels: Volume, reference: Volume, diffs:
 
 def _part_of_the_lattice(labels: Volume, reference: Volume) -> tuple[int, int, int] | None:
     """(array axis, ``labels``' slices along it, ``reference``'s) when ``labels`` lies on
-    ``reference``'s voxel lattice (``_lattice_offset``, its axes not reversed) and covers the same
-    rows and columns, but another run of slices along one axis; else None."""
-    if _axes_flipped_to(labels, reference)[1]:
-        return None
+    ``reference``'s voxel lattice (``_lattice_offset``; stored with axes reversed too, as
+    TotalSegmentator writes a DICOM series' labels: a trial, session 46, got no word of the missing
+    file then) and covers the same rows and columns, but another run of slices along one axis; else None."""
+    labels = _axes_flipped_to(labels, reference)[0]  # the same voxels in space, stored the image's way round
     offset = _lattice_offset(labels, reference)
     if offset is None:
         return None

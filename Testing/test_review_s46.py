@@ -309,3 +309,32 @@ def test_the_slices_to_check_follow_the_labels_order_of_the_summary():
     assert result.summary().startswith("label 5: slices ") and "; label 1: slices " in result.summary()
     check = result.review_summary()
     assert check.startswith("label 5: ") and "; label 1: " in check
+
+
+def test_a_prompt_with_reversed_axes_from_a_longer_series_names_the_missing_slices(tmp_path):
+    """A trial (session 46): TotalSegmentator's labels of a DICOM series (j reversed) on the series
+    read without its last file were refused as 'size, origin, direction differ' without the word
+    about files missing at an end that the same prompt stored the image's way round gets."""
+    import SimpleITK as sitk
+
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.volumes import read_labelmap, read_volume
+
+    whole = sitk.GetImageFromArray(np.zeros((20, 40, 40), np.int16))
+    whole.SetSpacing((0.8, 0.8, 2.0))
+    whole.SetOrigin((-10.0, -20.0, 30.0))
+    sitk.WriteImage(whole[:, :, :19], str(tmp_path / "scan.nrrd"))  # the series without its last file
+    drawing = np.zeros((20, 40, 40), np.uint8)
+    drawing[10, 5:15, 5:20] = 1
+    prompt = sitk.GetImageFromArray(drawing)
+    prompt.CopyInformation(whole)
+    flipped = sitk.Flip(prompt, [False, True, False])  # the same voxels in space, j stored reversed
+    assert tuple(flipped.GetDirection()) == (1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
+    image = read_volume(tmp_path / "scan.nrrd")
+    for name, mask in (("prompt.nrrd", prompt), ("flipped.nrrd", flipped)):
+        sitk.WriteImage(mask, str(tmp_path / name))
+        with pytest.raises(InputError) as error:
+            read_labelmap(tmp_path / name, reference=image)
+        assert "it lies on the image's voxel lattice but spans 20 slices where the image has 19: if the image " \
+               "holds only part of the scan the prompt was drawn on (a DICOM series with files missing at an end" \
+            in str(error.value), name
