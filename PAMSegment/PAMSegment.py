@@ -1061,6 +1061,8 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 # After an update, a walk from a slice just drawn (or by an earlier update) that ends at once is
                 # what the drawing says (result.edited); the slices it emptied are said by the update's summary.
                 notes = segment_notes(job.result)
+                if self.queue is not None:  # the volume's own note once a queue
+                    notes = self.queue.volume_notes_once(notes)
                 outcome = ("written", written_notes(notes=notes))
                 if job.checkpoint and job.checkpoint == (self.ui.checkpointPathLineEdit.currentPath.strip() or None) \
                         and self.ui.checkpointModelRadioButton.checked:

@@ -555,10 +555,10 @@ def label_cells(image, examples, *, background=None, tile: int = 1024, seed: int
                          "learned too little: mark some background (a few dots or strokes) and run again")
     small = float(np.median(found_areas)) if len(found_areas) >= SMALL_CELLS_FEWEST else None
     if small is not None and small < SMALL_CELLS_SHARE * float(np.median(areas)):
-        warnings_.append(f"the result looks wrong: the {len(found_areas)} found cells are small (median "
-                         f"{small:.0f} px against the examples' {float(np.median(areas)):.0f} px): cells split into "
-                         "pieces, or specks of background taken for cells; mark some background (a few dots or "
-                         "strokes), check that the examples are whole cells, and run again")
+        warnings_.append(f"the {len(found_areas)} found cells are much smaller than the examples (median "
+                         f"{small:.0f} px against {float(np.median(areas)):.0f} px): unless the cells there are that "
+                         "small, cells were split into pieces or specks of background taken for cells; mark some "
+                         "background (a few dots or strokes), check that the examples are whole cells, and run again")
     return CellResult(out, prob, n_ex, radius, cells_info, time.perf_counter() - t0, warnings_)
 
 

@@ -3449,6 +3449,20 @@ class SegmentQueue:
         self.current: str | None = None
         self.outcomes: list[tuple[str, str, str, str]] = []
         self.stopped = ""  # why the queue ended before its last segment ("" while running or when it did not)
+        self._volume_noted = False  # the volume's own note (a label map?) said for a segment already
+
+    def volume_notes_once(self, notes: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """``notes`` (``segment_notes``) without the note about the volume itself (``"labelmap"``: it
+        looks like a label map) once an earlier segment of this queue had it: one volume, said once
+        (a review, session 46: the same long note in every segment's line of the summary)."""
+        out = []
+        for kind, text in notes:
+            if kind == "labelmap":
+                if self._volume_noted:
+                    continue
+                self._volume_noted = True
+            out.append((kind, text))
+        return out
 
     @property
     def total(self) -> int:
@@ -3857,7 +3871,7 @@ def _run_queued(queue: SegmentQueue, job: SegmentPropagation, history, memory_ch
         name = queue.name(queue.current)
         queue.stop(f'writing "{name}" failed', "not written", str(exc) or type(exc).__name__)
     else:
-        queue.record("written", written_notes(job.result))
+        queue.record("written", written_notes(notes=queue.volume_notes_once(segment_notes(job.result))))
 
 
 def _holds_result(history, segmentation_node, segment_id: str, volume_node) -> bool:

@@ -374,7 +374,7 @@ class PropagationResult:
         shown_levels = ", ".join(f"{v:g}" for v in levels[:8]) + (", ..." if len(levels) > 8 else "")
         return [f"the image holds only {len(levels)} distinct values ({shown_levels}), in flat regions: it looks like "
                 "a label map, not a scan; PAM follows a scan's intensities and edges, so if the label map was given "
-                "in the scan's place, run again with the scan as the image"]
+                "in the scan's place, run again with the scan as the image (in Slicer, the volume)"]
 
     def nothing_notes(self, edited: dict[int, Sequence[int]] | None = None) -> list[str]:
         """One note when every walk of every label ended at once because the network said the object
@@ -446,18 +446,19 @@ class PropagationResult:
         return out
 
     def points(self, edited: dict[int, Sequence[int]] | None = None) -> dict[int, tuple[int, int]]:
-        """Labels whose every drawn slice holds at most POINT_VOXELS voxels, as {label: (largest drawn
-        slice, its voxels)}: a click, as point-prompt tools take (a trial, session 46: one voxel in a
-        liver came back as 3 voxels, with a note to turn the drift test off, which changed nothing).
-        Not after an update (``edited``, None: ``self.edited``): a tip drawn there is the user's word."""
+        """Labels drawn on one slice only, as at most POINT_VOXELS voxels, as {label: (the slice, its
+        voxels)}: a click, as point-prompt tools take (a trial, session 46: one voxel in a liver came
+        back as 3 voxels, with a note to turn the drift test off, which changed nothing). A structure
+        drawn whole on several slices, or 3 voxels or more, is not one (a review: a 4-voxel vessel's
+        drift notes were right). Not after an update (``edited``, None: ``self.edited``): a tip drawn
+        there is the user's word."""
         if self.edited if edited is None else edited:
             return {}
         out = {}
         for lab, frames in self.keyframes.items():
-            counts = {int(k): int(np.count_nonzero(m)) for k, m in frames.items()}
-            top = max(counts, key=lambda k: (counts[k], -k), default=None)
-            if top is not None and 0 < counts[top] <= POINT_VOXELS:
-                out[lab] = (top, counts[top])
+            counts = {int(k): int(np.count_nonzero(m)) for k, m in frames.items() if np.any(m)}
+            if len(counts) == 1 and next(iter(counts.values())) <= POINT_VOXELS:
+                out[lab] = next(iter(counts.items()))
         return out
 
     def point_notes(self, edited: dict[int, Sequence[int]] | None = None) -> list[str]:
@@ -899,7 +900,7 @@ STROKE_MIN_VOXELS = 5  # a shorter lone line beyond the outermost drawn slice is
 # A drawn slice with at most SPECK_VOXELS voxels and at most SPECK_FRACTION of the label's largest
 # drawn slice's is named in a note (PropagationResult.specks): a stray click, kept as drawn.
 SPECK_VOXELS = 30
-POINT_VOXELS = 4  # a label drawn with no more voxels on any slice: a click (``PropagationResult.points``)
+POINT_VOXELS = 2  # a label drawn on one slice with no more voxels: a click (``PropagationResult.points``)
 SPECK_FRACTION = 0.02
 # A label that lost at least this share of its voxels to labels propagated before it ran into a
 # neighbour's object (a note says so, not "list it first", which would only move the error).
@@ -2356,21 +2357,27 @@ def propagate(
     return result
 
 
-LABEL_MAP_LEVELS = 256  # at most this many distinct whole values: a label map's (TotalSegmentator's: 118)
-# ... and at least this share of its object voxels equal to their next voxel along a row. Measured
-# (session 46) on the public files in reach: scans 0.015-0.11 (8-bit MNI T1 and tissue maps
-# included), label maps 0.68-0.97 (organs, vertebrae, parcellations; thin ribs 0.34-0.67).
-LABEL_MAP_FLAT = 0.5
+LABEL_MAP_LEVELS = 128  # at most this many distinct whole values: a label map's (TotalSegmentator's: 118)
+# ... and of its object voxels (``flat_levels``) at least these shares equal to the voxel 1 and 3 further
+# along a row, and along a column. Measured (session 46) on the public volumes in reach: label maps 0.66-0.99
+# at 1 and 0.36-0.97 at 3 (organs, vertebrae, parcellations, single-organ masks; thin ribs fall short);
+# scans (8-bit exports, narrow CT windows with the saturated ends left out) at most 0.32 at 1, but scans
+# enlarged by nearest neighbour 2 or 3 times reach 0.52-0.77 at 1 while staying at 0.32 or less at 3.
+LABEL_MAP_FLAT = (0.5, 0.35)
 
 
 def flat_levels(image: np.ndarray, sample_slices: int = 16) -> tuple | None:
     """The image's distinct values (sorted) if it looks like a label map, else None: at most
     LABEL_MAP_LEVELS whole values, and of the voxels not holding its commonest value (the
-    background) at least LABEL_MAP_FLAT equal to their next voxel along a row (a scan's noise and
-    texture make neighbours differ: an 8-bit MR of few levels is no label map). Judged on
-    ``sample_slices`` slices spread along axis 0 (a large scan is not sorted whole), or on the whole
-    image where they hold fewer than 20 object voxels."""
-    if image.dtype.kind not in "biuf" or image.ndim != 3 or image.shape[2] < 2:
+    background) at least the LABEL_MAP_FLAT shares equal to the voxel 1 and 3 further along rows
+    and along columns (a scan's noise and texture make them differ: an 8-bit MR of few levels is no
+    label map; one enlarged by nearest neighbour repeats each value only over its block; an image of
+    two values is a mask whatever its shape: a rib's is not flat over 3 voxels). Where the
+    image holds more than 32 values, its lowest and highest are left out too (a CT windowed to 8
+    bits saturates whole organs). Judged on ``sample_slices`` slices spread along axis 0 (a large
+    scan is not sorted whole), or on the whole image where they hold fewer than 20 object voxels;
+    the values are then counted on the whole image."""
+    if image.dtype.kind not in "biuf" or image.ndim != 3 or min(image.shape[1:]) < 4:
         return None
     if len(np.unique(image[image.shape[0] // 2])) > LABEL_MAP_LEVELS:  # a scan's middle slice alone (~10 ms)
         return None
@@ -2379,14 +2386,18 @@ def flat_levels(image: np.ndarray, sample_slices: int = 16) -> tuple | None:
         values, counts = np.unique(sample, return_counts=True)
         if len(values) > LABEL_MAP_LEVELS or (image.dtype.kind == "f" and not np.all(np.mod(values, 1) == 0)):
             return None
-        row, after = sample[..., :-1], sample[..., 1:]
-        objects = row != values[np.argmax(counts)]
+        objects = sample != values[np.argmax(counts)]
+        if len(values) > 32:  # (a label map's highest label is no saturated end: few labels keep it)
+            objects &= (sample != values[0]) & (sample != values[-1])
         if objects.sum() >= 20:
             break
     else:
         return None
-    if np.mean(row[objects] == after[objects]) < LABEL_MAP_FLAT:
-        return None
+    for step, least in zip((1, 3), LABEL_MAP_FLAT if len(values) > 2 else ()):  # (two values: a mask, thin or not)
+        for here, there, held in ((sample[:, :, :-step], sample[:, :, step:], objects[:, :, :-step]),
+                                  (sample[:, :-step], sample[:, step:], objects[:, :-step])):
+            if not held.any() or np.mean(here[held] == there[held]) < least:
+                return None
     values = np.unique(image)
     if len(values) > LABEL_MAP_LEVELS or (image.dtype.kind == "f" and not np.all(np.mod(values, 1) == 0)):
         return None

@@ -290,7 +290,7 @@ def test_a_tiff_of_pages_of_different_sizes_given_as_a_volume_is_refused_not_a_c
 def test_label_cells_shows_progress_while_it_learns_from_the_tiles():
     """A review (session 32): without background marks every tile is learnt from, and those tiles'
     features took about half the run (27 s of 59 on a 4000 px image) before the first progress
-    line; now each tile learnt from moves the bar (0 to 0.3), then each tile classified (to 0.9)."""
+    line; now each tile learnt from moves the bar (0 to 0.3), then each tile classified (to 0.89)."""
     from test_cells import disc_image
 
     from PAMSegmentLib.cells import label_cells
@@ -300,8 +300,9 @@ def test_label_cells_shows_progress_while_it_learns_from_the_tiles():
     label_cells(image, np.where(np.isin(ref, [1, 2]), ref, 0), tile=64,
                 progress=lambda fraction, message: seen.append((round(fraction, 3), message)))
     assert seen[:2] == [(0.033, "learning from tile 1 of 9"), (0.067, "learning from tile 2 of 9")]
-    assert seen[8:10] == [(0.3, "learning from tile 9 of 9"), (0.367, "classified tile 1 of 9")]
-    assert seen[17:19] == [(0.9, "classified tile 9 of 9"), (0.9, "splitting touching cells: filling gaps")]
+    assert seen[8:10] == [(0.3, "learning from tile 9 of 9"), (0.366, "classified tile 1 of 9")]
+    # (to 0.89 since session 46: the split's first step says 0.9, and the fractions keep rising)
+    assert seen[17:19] == [(0.89, "classified tile 9 of 9"), (0.9, "splitting touching cells: filling gaps")]
     assert seen[-2:] == [(0.95, "measuring the cells"), (1.0, "done")]
 
 
