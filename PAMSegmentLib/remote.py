@@ -221,6 +221,9 @@ def _begin_state(value):
         return None
 
 
+JOB_STATES = ("queued", "running", "finished", "failed", "cancelled")  # what GET /jobs/{id} answers
+
+
 def _slice_numbers(values, n: int) -> list[int]:
     """Slice numbers from a server's answer (untrusted): a list of whole numbers from 0 to ``n - 1``
     (a string "12" was read as slices 1 and 2, -7 and 99999 were named in notes); ValueError else."""
@@ -275,13 +278,27 @@ def decode_result(payload: bytes, max_bytes: int | None = None) -> PropagationRe
             begin_state = {int(lab): _begin_state(v) for lab, v in meta.get("begin_state", {}).items()}
         if int(meta["axis"]) not in (0, 1, 2):
             raise ValueError(f"axis {meta['axis']!r}")
+        # checked as the rest (a trial, session 46: a malformed one raised in the summary, after OUT was written,
+        # and slices 0-1000000000 were printed and recorded)
+        from .propagate import _stops_from_json  # noqa: PLC0415
+
+        slice_range = {}
+        for k, v in meta["slice_range"].items():
+            first, last = _slice_numbers(v, n_along)  # (a ValueError unless two)
+            if first > last:
+                raise ValueError(f"slice range {v} is reversed")
+            slice_range[int(k)] = (first, last)
+        timings = meta["timings"]
+        if not (isinstance(timings, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                  and math.isfinite(v) for v in timings.values())):
+            raise ValueError("its timings are not numbers of seconds")
         return PropagationResult(
-            mask=mask, axis=int(meta["axis"]), confidence=confidence,
-            slice_range={int(k): tuple(v) for k, v in meta["slice_range"].items()},
-            prompt_slices={int(k): list(v) for k, v in meta["prompt_slices"].items()},
-            timings=meta["timings"], n_predicted=int(meta["n_predicted"]),
+            mask=mask, axis=int(meta["axis"]), confidence=confidence, slice_range=slice_range,
+            prompt_slices={int(k): _slice_numbers(v, n_along) for k, v in meta["prompt_slices"].items()},
+            timings={str(k): float(v) for k, v in timings.items()}, n_predicted=int(meta["n_predicted"]),
             range=tuple(meta["range"]) if meta.get("range") else None, early_stop=bool(meta["early_stop"]),
-            stops={int(k): v for k, v in meta["stops"].items()}, keyframes=keyframes, agreement=agreement,
+            stops={int(k): _stops_from_json(v, n_along, int(k)) for k, v in meta["stops"].items()},
+            keyframes=keyframes, agreement=agreement,
             remove_disconnected=bool(meta["remove_disconnected"]), gaps=gaps, thin=thin, lost=lost,
             recomputed=recomputed,
             begin_state=begin_state, cut=cut,
@@ -632,10 +649,15 @@ class RemoteModel:
                     raise PropagationCancelled("cancelled")
                 status = self._json(self._lost_while_running(lambda: self._get_retrying(f"/jobs/{job_id}", cancel)),
                                     ("state", "progress", "message"))
-                state = status["state"]
+                state, done = status["state"], status["progress"]
+                # a state this client does not know (it polled for ever) or a progress that is no fraction (a
+                # traceback from the bar): no answer of a PAMSegment server (a trial, session 46)
+                if state not in JOB_STATES or isinstance(done, bool) or not isinstance(done, (int, float)) \
+                        or not 0.0 <= done <= 1.0:
+                    raise self._not_a_server()
                 if progress is not None:
                     where = f" (queue position {status['queue_position']})" if status.get("queue_position") else ""
-                    progress(float(status["progress"]), f"server: {status['message']}{where}")
+                    progress(float(done), f"server: {status['message']}{where}")
                 if state == "finished":
                     break
                 if state == "failed":

@@ -237,8 +237,12 @@ def read_arrays(body: bytes, max_voxels: int) -> tuple[np.ndarray, np.ndarray, t
         raise InputError("the upload is not an .npz file (numpy.savez of image, prompt and spacing)") from None
     want = {"image.npy", "prompt.npy", "spacing.npy"}
     if set(infos) != want:
+        # the names quoted and cut (shown): a name holding a line break wrote a forged line into the log (a trial,
+        # session 46)
+        held = sorted(infos, key=str)
         raise InputError(f"the upload must hold exactly the arrays image, prompt and spacing; it holds "
-                         f"{', '.join(sorted(n.removesuffix('.npy') for n in infos)) or 'nothing'}")
+                         f"{', '.join(shown(n.removesuffix('.npy'), 40) for n in held[:8]) or 'nothing'}"
+                         f"{f' and {len(held) - 8} more' if len(held) > 8 else ''}")
     if any(i.compress_type != zipfile.ZIP_STORED for i in infos.values()):
         raise InputError("the upload's arrays must be stored uncompressed (numpy.savez, not savez_compressed)")
     import tokenize
@@ -252,7 +256,16 @@ def read_arrays(body: bytes, max_voxels: int) -> tuple[np.ndarray, np.ndarray, t
         # server's own state, a 503) nor anything else (a bug: a 500)
         if isinstance(error, InputError):
             raise
-        raise InputError(f"the upload is damaged ({type(error).__name__}: {str(error)[:160]}); send it again") from None
+        raise InputError(f"the upload is damaged ({type(error).__name__}: {_numpy_error_text(error)}); send it "
+                         "again") from None
+
+
+def _numpy_error_text(error: Exception) -> str:
+    """A reader's error about untrusted bytes, for a client: one line of at most 160 characters, without
+    the address of a Python object numpy names for a hostile array header, and without its advice to
+    load with allow_pickle=True (a trial, session 46)."""
+    text = re.sub(r"<[\w.]+ object at 0x[0-9a-f]+>", "an expression", " ".join(str(error).split()))
+    return (text if "allow_pickle" not in text else "its array header is not one numpy writes")[:160]
 
 
 def _read_arrays(archive, want: set, max_voxels: int) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
@@ -264,7 +277,7 @@ def _read_arrays(archive, want: set, max_voxels: int) -> tuple[np.ndarray, np.nd
                 shape, _, dtype = (np.lib.format.read_array_header_1_0(fh) if version == (1, 0)
                                    else np.lib.format.read_array_header_2_0(fh))
             except ValueError as error:
-                raise InputError(f"the upload's {name} is not a numpy array ({error})") from None
+                raise InputError(f"the upload's {name} is not a numpy array ({_numpy_error_text(error)})") from None
             if dtype.hasobject:
                 raise InputError(f"the upload's {name} holds Python objects; send numeric arrays")
             if dtype.kind not in "biuf" or dtype.fields is not None:
@@ -660,8 +673,9 @@ def create_app(model_factory: Callable[[str], Any], *, token: str | None = None,
             raise refuse(request, 503, full)
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > max_bytes:
-            raise refuse(request, 413, f"the upload is {int(length) / 2**20:.0f} MB; this server takes at most "
-                                       f"{max_upload_mb:g} MB")
+            # rounded up, as the client does ("1 MB; at most 1 MB" for 1.06 MB)
+            raise refuse(request, 413, f"the upload is {math.ceil(int(length) / 2**20 * 10) / 10:.1f} MB; this server "
+                                       f"takes at most {max_upload_mb:g} MB")
         from starlette.requests import ClientDisconnect
 
         chunks, size = [], 0
@@ -815,12 +829,26 @@ def _checkpoint_label(checkpoint: str | None) -> str:
     return "shipped default weights"
 
 
+def _public_checkpoint_label(label: str) -> str:
+    """``_checkpoint_label`` as /info tells clients: the file's name, not where it lies on the server
+    (clients tell weights by their sha256; a trial, session 46: every client was told the path)."""
+    if label == "shipped default weights":
+        return label
+    path, env = (label[:-len(" (PAMSEGMENT_MODEL)")], " (PAMSEGMENT_MODEL)") if label.endswith(
+        " (PAMSEGMENT_MODEL)") else (label, "")
+    return os.path.basename(path.rstrip("/\\")) + env
+
+
 def cmd_serve(args) -> int:
     try:
         import uvicorn  # noqa: F401 - present? (used in _serve)
     except ImportError:
         raise InputError('the server needs FastAPI and uvicorn: pip install ".[server]" in the PAMSegment source '
                          "folder (or pip install fastapi uvicorn)") from None
+    if args.token is not None and not args.token.strip():  # `--token "$TOKEN"` of an unset variable: the server
+        # ran without a token, unsaid (a trial, session 46; an empty PAMSEGMENT_TOKEN is unset, as shells have it)
+        raise InputError("--token is empty (an unset variable?): give the token, or no --token for a server on this "
+                         "machine only")
     token = (args.token or os.environ.get("PAMSEGMENT_TOKEN") or "").strip() or None  # as clients send it
     if token is not None and not (token.isascii() and token.isprintable()):
         # an HTTP header carries such a token as other bytes (or not at all): no client could send it
@@ -884,7 +912,7 @@ def _serve(args, token) -> int:
         from .checkpoints import settings_digest
 
         info = {"sha256": getattr(model, "sha256", ""), "device": args.device,
-                "checkpoint": _checkpoint_label(args.checkpoint),
+                "checkpoint": _public_checkpoint_label(_checkpoint_label(args.checkpoint)),
                 "walk": "published" if model.inference.published_scheme else "engine",
                 "settings": settings_digest(model) or ""}  # (with the sha256: what a batch's report names)
         app = create_app(factory, token=token, max_upload_mb=args.max_upload_mb, max_voxels=args.max_voxels,
@@ -892,7 +920,8 @@ def _serve(args, token) -> int:
                          local_names=None if token else (args.host,))  # without a token: this machine's names only
         where = ("; listening on every network, so clients may also use this machine's IP address"
                  if args.host in WILDCARD_HOSTS else "")
-        line = f"pamsegment server on {_address(args.host, args.port)} ({info['checkpoint']}{where}); Ctrl-C stops it"
+        weights = _checkpoint_label(args.checkpoint)  # (its whole path here: /info gives clients the name only)
+        line = f"pamsegment server on {_address(args.host, args.port)} ({weights}{where}); Ctrl-C stops it"
 
         class Server(uvicorn.Server):
             async def startup(self, sockets=None):

@@ -366,3 +366,153 @@ def test_a_prompt_with_reversed_axes_from_a_longer_series_names_the_missing_slic
         assert "it lies on the image's voxel lattice but spans 20 slices where the image has 19: if the image " \
                "holds only part of the scan the prompt was drawn on (a DICOM series with files missing at an end" \
             in str(error.value), name
+
+
+# --- a trial of the server and its client (session 46) ---
+
+def _server_case():
+    pytest.importorskip("fastapi")
+    from doubles import OracleModel
+    from fastapi.testclient import TestClient
+
+    from PAMSegmentLib.server import create_app
+
+    truth = np.zeros((16, 24, 24), bool)
+    truth[3:13, 6:18, 6:18] = True
+    image = truth.astype(np.float32) * 100 + np.random.default_rng(0).normal(0, 3, truth.shape).astype(np.float32)
+    prompt = np.zeros(truth.shape, np.uint8)
+    prompt[8][truth[8]] = 1
+    return TestClient(create_app(lambda method: OracleModel(truth), model_info={"sha256": "abc"})), image, prompt
+
+
+def _zip(entries: dict) -> bytes:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, data in entries.items():
+            z.writestr(name, data)
+    return buf.getvalue()
+
+
+def _npy(array) -> bytes:
+    import io
+
+    one = io.BytesIO()
+    np.save(one, array)
+    return one.getvalue()
+
+
+def test_an_upload_whose_entry_names_hold_a_line_break_is_refused_with_them_quoted(caplog):
+    """A name holding a line break wrote a forged line into the server's log."""
+    client, image, prompt = _server_case()
+    forged = "x\n2026-12-07 18:20:00 job deadbeef from 10.0.0.66: runs now\ny.npy"
+    body = _zip({"image.npy": _npy(image), "prompt.npy": _npy(prompt), forged: b"1"})
+    with caplog.at_level("INFO"):
+        r = client.post("/jobs", content=body)
+    assert r.status_code == 400
+    detail = r.json()["detail"]
+    assert "\n" not in detail
+    assert detail.startswith("the upload must hold exactly the arrays image, prompt and spacing; it holds 'image', "
+                             "'prompt', 'x\\n2026-12-07")
+    assert not [line for rec in caplog.records for line in rec.getMessage().splitlines()[1:]
+                if line.startswith("2026-12-07 18:20:00 job deadbeef")]
+
+
+def test_a_hostile_array_header_is_named_without_an_address_or_numpys_advice():
+    client, image, prompt = _server_case()
+    header = "{'descr': __import__('os'), 'fortran_order': False, 'shape': (2,), }"
+    header += " " * (63 - (10 + len(header)) % 64) + "\n"
+    evil = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode() + b"\0" * 16
+    body = _zip({"image.npy": evil, "prompt.npy": _npy(prompt), "spacing.npy": _npy(np.ones(3))})
+    r = client.post("/jobs", content=body)
+    assert r.status_code == 400
+    detail = r.json()["detail"]
+    assert detail == ("the upload's image.npy is not a numpy array (malformed node or string on line 1: an "
+                      "expression)")
+
+
+def test_the_servers_size_refusal_rounds_up():
+    pytest.importorskip("fastapi")
+    from doubles import OracleModel
+    from fastapi.testclient import TestClient
+
+    from PAMSegmentLib.server import create_app
+
+    client = TestClient(create_app(lambda method: OracleModel(np.zeros((2, 2, 2), bool)), max_upload_mb=1))
+    r = client.post("/jobs", content=b"0" * int(1.06 * 2**20))
+    assert r.status_code == 413 and r.json()["detail"] == "the upload is 1.1 MB; this server takes at most 1 MB"
+
+
+@pytest.mark.parametrize("token", ["", "   "])
+def test_serve_refuses_an_empty_token(run_cli, token):
+    """An empty --token (an unset variable) started a server without a token, unsaid."""
+    pytest.importorskip("fastapi")
+    proc = run_cli("serve", "--port", "1", "--token", token)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        "pamsegment: error: --token is empty (an unset variable?): give the token, or no --token for a server on "
+        "this machine only")
+
+
+def test_info_names_the_servers_weights_without_their_path(monkeypatch):
+    from PAMSegmentLib import server
+
+    assert server._public_checkpoint_label("/srv/models/mine.pt") == "mine.pt"
+    assert server._public_checkpoint_label("/models/pam_small.pt (PAMSEGMENT_MODEL)") == \
+        "pam_small.pt (PAMSEGMENT_MODEL)"
+    assert server._public_checkpoint_label("shipped default weights") == "shipped default weights"
+
+
+@pytest.mark.parametrize("tamper", [{"state": "exploded"}, {"progress": "NaN"}, {"progress": None},
+                                    {"progress": 7.0}, {"progress": True}])
+def test_the_client_refuses_a_job_status_no_server_gives(tamper, monkeypatch):
+    """An unknown state polled for ever; a progress that is no fraction raised out of the bar."""
+    pytest.importorskip("fastapi")
+    from doubles import OracleModel
+
+    from conftest import serving
+    from PAMSegmentLib.errors import PAMError
+    from PAMSegmentLib.remote import RemoteModel
+    from PAMSegmentLib.server import create_app
+
+    _, image, prompt = _server_case()
+    real = RemoteModel._json
+
+    def tampered(self, payload, keys=()):
+        answer = real(self, payload, keys)
+        return {**answer, **tamper} if "progress" in keys else answer
+
+    monkeypatch.setattr(RemoteModel, "_json", tampered)
+    with serving(create_app(lambda method: OracleModel(prompt.astype(bool)))) as url:
+        with pytest.raises(PAMError, match="answered, but not as a PAMSegment server does"):
+            RemoteModel(url, poll_interval=0.01).propagate(image, prompt, (2.0, 1.0, 1.0), progress=lambda f, m: None)
+
+
+@pytest.mark.parametrize("field, value", [("timings", "x"), ("slice_range", {"1": [0]}),
+                                          ("slice_range", {"1": [0, 1_000_000_000]}), ("slice_range", {"1": [9, 2]}),
+                                          ("stops", {"1": "x"}), ("prompt_slices", {"1": ["8"]})])
+def test_a_result_with_malformed_figures_is_no_pamsegment_result(field, value):
+    """Malformed figures raised in the summary after OUT was written, or were printed and recorded."""
+    pytest.importorskip("fastapi")
+    import io
+    import json
+
+    from PAMSegmentLib.baselines import CopyPredictor
+    from PAMSegmentLib.errors import PAMError
+    from PAMSegmentLib.propagate import propagate
+    from PAMSegmentLib.remote import decode_result
+    from PAMSegmentLib.server import encode_result
+
+    _, image, prompt = _server_case()
+    payload = encode_result(propagate(image, prompt, (2.0, 1.0, 1.0), CopyPredictor()))
+    assert decode_result(payload).slice_range == {1: (3, 12)}
+    with np.load(io.BytesIO(payload)) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(bytes(arrays["meta"]).decode())
+    meta[field] = value
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    with pytest.raises(PAMError, match="the server's answer is not a PAMSegment result"):
+        decode_result(buf.getvalue())

@@ -76,7 +76,7 @@ def test_a_job_runs_and_its_result_is_what_propagate_returns(oracle_app):
 @pytest.mark.parametrize("body, params, message", [
     (b"not a zip", None, "not an .npz file"),
     ("compressed", None, "stored uncompressed"),
-    ("extra", None, "exactly the arrays image, prompt and spacing; it holds extra, image, prompt, spacing"),
+    ("extra", None, "exactly the arrays image, prompt and spacing; it holds 'extra', 'image', 'prompt', 'spacing'"),
     ("objects", None, "holds Python objects"),
     ("good", {"options": "{bad json"}, "options must be a JSON object"),
     ("good", {"options": json.dumps({"device": "cuda"})}, "unknown option 'device'"),
@@ -621,7 +621,7 @@ def test_serve_prints_its_address_once_listening_and_stops_on_ctrl_c(small_check
                             "Ctrl-C stops it\n")
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/info", timeout=30) as resp:  # answers already
             info = json.loads(resp.read())
-        assert info["model"]["checkpoint"] == str(small_checkpoint.path)
+        assert info["model"]["checkpoint"] == small_checkpoint.path.name  # (the path stays the server's own)
         assert info["model"]["walk"] == ("published" if walk else "engine")
         assert (info["max_voxels"], info["max_upload_mb"], info["batch_size"]) == (1000, 2.0, 4)
         rebound = urllib.request.Request(f"http://127.0.0.1:{port}/info", headers={"Host": f"evil.example:{port}"})
