@@ -977,6 +977,16 @@ def cmd_label_images(args) -> int:
     turned = exif_note(files)  # (said once for the set: a phone's photos all carry one)
     if turned:
         note(turned)
+    from .propagate import flat_levels
+
+    # masks among the images (named otherwise than *_mask): labelled as images, they guided real images (a
+    # trial, session 46: exit 0 without a word)
+    masks_like = [f.name for f, (a, _) in zip(files, read) if a.ndim == 2 and flat_levels(a[None]) is not None]
+    if masks_like:
+        them = ", ".join(masks_like[:5]) + (f" and {len(masks_like) - 5} more" if len(masks_like) > 5 else "")
+        note(f"{them} hold{'s' if len(masks_like) == 1 else ''} only a few whole values in flat regions: label maps "
+             "rather than images? They are labelled as images; move masks out of the set (files named *_mask are "
+             "left out)")
     prompt = read_labelmap_2d(mask_path, reference=read[index], say=note)
     more = {}
     for image_path, its_mask in labelled:

@@ -673,9 +673,9 @@ def create_app(model_factory: Callable[[str], Any], *, token: str | None = None,
             raise refuse(request, 503, full)
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > max_bytes:
-            # rounded up, as the client does ("1 MB; at most 1 MB" for 1.06 MB)
-            raise refuse(request, 413, f"the upload is {math.ceil(int(length) / 2**20 * 10) / 10:.1f} MB; this server "
-                                       f"takes at most {max_upload_mb:g} MB")
+            # rounded up to 0.01 MB ("1 MB; at most 1 MB" for 1.06 MB, "0 MB" for 5 kB)
+            raise refuse(request, 413, f"the upload is {math.ceil(int(length) / 2**20 * 100) / 100:g} MB; this "
+                                       f"server takes at most {max_upload_mb:g} MB")
         from starlette.requests import ClientDisconnect
 
         chunks, size = [], 0

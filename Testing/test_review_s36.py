@@ -362,7 +362,7 @@ def test_the_server_log_says_every_refused_job(caplog):
     with caplog.at_level(logging.INFO, logger="pamsegment.server"):
         assert client.post("/jobs", content=body).status_code == 413
     assert [r.getMessage() for r in caplog.records if r.name == "pamsegment.server"] == [
-        "refused a job from testclient: the upload is 0 MB; this server takes at most 0.01 MB"]
+        "refused a job from testclient: the upload is 0.05 MB; this server takes at most 0.01 MB"]
 
 
 def test_https_to_the_plain_http_server_says_to_use_http(monkeypatch):

@@ -442,7 +442,7 @@ def test_the_servers_size_refusal_rounds_up():
 
     client = TestClient(create_app(lambda method: OracleModel(np.zeros((2, 2, 2), bool)), max_upload_mb=1))
     r = client.post("/jobs", content=b"0" * int(1.06 * 2**20))
-    assert r.status_code == 413 and r.json()["detail"] == "the upload is 1.1 MB; this server takes at most 1 MB"
+    assert r.status_code == 413 and r.json()["detail"] == "the upload is 1.06 MB; this server takes at most 1 MB"
 
 
 @pytest.mark.parametrize("token", ["", "   "])
@@ -516,3 +516,60 @@ def test_a_result_with_malformed_figures_is_no_pamsegment_result(field, value):
     np.savez_compressed(buf, **arrays)
     with pytest.raises(PAMError, match="the server's answer is not a PAMSegment result"):
         decode_result(buf.getvalue())
+
+
+# --- a trial of label-images on real 2D sets (session 46) ---
+
+def _png2d(path, array) -> str:
+    import SimpleITK as sitk
+
+    sitk.WriteImage(sitk.GetImageFromArray(np.asarray(array, np.uint8)), str(path))
+    return str(path)
+
+
+def test_a_spine_mask_with_thin_endplates_is_read_as_drawn(tmp_path):
+    """A real spine label map (vertebrae 5/6, discs 105/106, endplates 205-207 one pixel thick between
+    body and disc) was refused as "an anti-aliased (smoothed) mask": its endplates touch other labels
+    only. A grey step lies between the values beside it; an endplate (205 between 5 and 105) does not."""
+    from PAMSegmentLib.volumes import read_labelmap_2d
+
+    mask = np.zeros((60, 40), np.uint8)
+    for rows, value in (((5, 16), 5), ((16, 17), 205), ((17, 23), 105), ((23, 24), 206), ((24, 35), 6),
+                        ((35, 36), 207), ((36, 43), 106)):
+        mask[rows[0]:rows[1], 10:30] = value
+    notes = []
+    assert np.array_equal(read_labelmap_2d(_png2d(tmp_path / "spine.png", mask), say=notes.append), mask)
+    assert notes == []
+
+
+def test_a_one_pixel_grey_ring_drawn_8_connected_is_noted():
+    """A 0/255 mask smoothed to 0/127/255 whose 127 ring touches the 255 diagonally in its corners was
+    read as two structures without the note (70 % of the ring touched 255 along the cross)."""
+    from scipy import ndimage
+
+    from PAMSegmentLib.volumes import _edge_labels
+
+    disc = np.hypot(*np.ogrid[-30:31, -30:31]) <= 18
+    mask = np.where(disc, 255, 0).astype(np.uint8)
+    mask[ndimage.binary_dilation(disc, structure=np.ones((3, 3), bool)) & ~disc] = 127
+    assert _edge_labels(mask, np.unique(mask), fewest=2) == [127]
+
+
+def test_label_images_says_which_images_look_like_label_maps(tmp_path, capsys):
+    """Masks in the set named otherwise than *_mask were labelled as images (exit 0, no word)."""
+    from PAMSegmentLib import cli
+
+    rng = np.random.default_rng(0)
+    mask = np.zeros((48, 48), np.uint8)
+    mask[14:30, 16:34] = 1
+    for n in "abc":
+        _png2d(tmp_path / f"{n}.png", rng.integers(0, 255, (48, 48)) // 2 + 100 * mask)
+    _png2d(tmp_path / "a_mask.png", mask)
+    _png2d(tmp_path / "b_label.png", mask * 2)
+    folder = [str(tmp_path / n) for n in ("a.png", "b.png", "c.png", "b_label.png")]
+    assert cli.main(["label-images", folder[0], str(tmp_path / "a_mask.png"), *folder[1:], "-o",
+                     str(tmp_path / "out"), "--method", "copy"]) == 0
+    out = capsys.readouterr().out
+    assert "note: b_label.png holds only a few whole values in flat regions: label maps rather than images? They " \
+           "are labelled as images; move masks out of the set (files named *_mask are left out)" in out
+    assert out.count("flat regions") == 1
