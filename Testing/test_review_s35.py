@@ -371,8 +371,8 @@ def test_images_emptied_by_the_drift_test_alone_are_named_with_what_to_try(tmp_p
     assert "label 1 not found in: im3.png" in out
     if last_size != 32:  # saved at another size
         assert ("note: label 1: in im3.png the network found something like the object, but its brightness there "
-                "differs from the image it was labelled from, so it was taken as absent. If the object is there: images "
-                "saved with another grey scale, window or size? Export them as the prompt image was, or try "
+                "differs from the image it was labelled from, so it was taken as absent. If the object is there: "
+                "images saved with another grey scale, window or size? Export them as the prompt image was, or try "
                 "--no-normalize") in out
     else:
         assert ("note: label 1: in im3.png something like the object was found, but brighter or darker than where it "
