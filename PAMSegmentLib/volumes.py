@@ -2596,8 +2596,8 @@ def _note_half_a_voxel_off(name: str, drawn: Volume, reference: Volume) -> None:
            and abs(b[int(np.flatnonzero(rows[:, col])[0])] % 1.0 - 0.5) < 1e-3]
     if off:
         warnings.warn(f"{name} lies half a voxel off the image grid along the image's {' and '.join(off)} axis, "
-                      "with voxels of the same size: nearest-neighbour resampling put the drawing one voxel to one side there; "
-                      "if that matters, draw the prompt on the image itself", UserWarning, stacklevel=3)
+                      "with voxels of the same size: nearest-neighbour resampling put the drawing one voxel to one "
+                      "side there; if that matters, draw the prompt on the image itself", UserWarning, stacklevel=3)
 
 
 def _slices_holding(mask: np.ndarray) -> list[int]:
