@@ -4064,11 +4064,20 @@ def _palette(path: Path) -> tuple[np.ndarray, tuple[int, ...]] | None:
         return None
 
 
-def _edge_labels(arr: np.ndarray, present: np.ndarray, enough: int | None = None, fewest: int = 5) -> list[int]:
-    """Labels whose pixels nearly all touch another label's: the grey steps of an anti-aliased or
-    lossy-compressed mask's edges, not structures. Each label is looked at within its bounding
-    box (a cell-example mask may hold many labels on a large image). ``present``: ``np.unique(arr)``;
-    ``enough``: stop once that many are found; ``fewest``: none looked for below that many labels."""
+def _edge_labels(arr: np.ndarray, present: np.ndarray, enough: int | None = None, fewest: int = 5,
+                 loose: bool = False) -> list[int]:
+    """Labels whose pixels nearly all touch another label's (along rows and columns): the grey steps
+    of an anti-aliased or lossy-compressed mask's edges, not structures, when their value lies
+    between the values beside them (64 between 0 and 128; a thin structure of a label map's own
+    need not: a spine's endplate, 205 between body 5 and disc 105, was refused as a grey step, a
+    trial, session 46). ``loose`` (for a note, not a refusal): diagonal touching counts too (a
+    1-pixel ring of 127 drawn between 0 and 255 touched the 255 along rows and columns with 71 % of
+    its pixels) and no value rule (JPEG's ringing overshoots the labels beside it); not for refusals,
+    where both refused real label maps (a slice's 1-pixel fragment touching diagonally, cells of a
+    dense instance mask numbered at random: a re-review, session 46). Each label is looked at within
+    its bounding box (a cell-example mask may hold many labels on a large image). ``present``:
+    ``np.unique(arr)``; ``enough``: stop once that many are found; ``fewest``: none looked for below
+    that many labels."""
     from scipy import ndimage
 
     values = [int(v) for v in present if v > 0]
@@ -4085,20 +4094,16 @@ def _edge_labels(arr: np.ndarray, present: np.ndarray, enough: int | None = None
         boxes = ndimage.find_objects(arr)  # label v's box at index v - 1 (negative values are skipped)
         slot = {v: v - 1 for v in values}
     out = []
-    square = np.ones((3, 3), bool)  # (8-connected: a smoothed edge's step touches the next label diagonally too;
-    # with the cross, a 1-pixel ring of 127 between 0 and 255 reached 71 % and passed as a structure, session 46)
+    near = np.ones((3, 3), bool) if loose else None  # (None: binary_dilation's cross)
     for v in values:
         box = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in boxes[slot[v]])
         sub = arr[box]
         own = sub == v
-        touching = own & ndimage.binary_dilation((sub != v) & (sub != 0), structure=square)
+        touching = own & ndimage.binary_dilation((sub != v) & (sub != 0), structure=near)
         if touching.sum() < 0.8 * own.sum():
             continue
-        # a grey step lies between the values on either side of it (64 between 0 and 128); a thin structure
-        # of its own need not (a vertebra's endplate, 205, between the body, 5, and the disc, 105: a real
-        # spine mask was refused as anti-aliased, session 46)
-        beside = sub[ndimage.binary_dilation(own, structure=square) & ~own]
-        if beside.size and beside.min() < v < beside.max():
+        beside = sub[ndimage.binary_dilation(own, structure=near) & ~own]
+        if loose or (beside.size and beside.min() < v < beside.max()):
             out.append(v)
             if enough is not None and len(out) >= enough:
                 break
@@ -4156,7 +4161,7 @@ def read_labelmap_2d(path: PathLike, reference: tuple[np.ndarray, sitk.Image] | 
                          "edges of others: an anti-aliased (smoothed) mask, not a label map; save it without "
                          "smoothing (0 = background, 1, 2 ... = labels)")
     if say is not None and 3 <= n_values <= 5:  # (a trial, session 35: 0/127/255 was read as two structures)
-        rims = _edge_labels(arr, present, fewest=2)
+        rims = _edge_labels(arr, present, fewest=2, loose=True)
         if 0 < len(rims) < n_values - 1:
             them = ", ".join(map(str, rims))
             ones = "labels" if len(rims) > 1 else "label"
