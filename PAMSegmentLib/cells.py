@@ -652,6 +652,9 @@ def add_label_cells_arguments(p) -> None:
     p.add_argument("--background", metavar="MASK", help="optional mask of pixels that are not cells")
     p.add_argument("--background-label", type=_positive_int, metavar="N",
                    help="pixels of label N in EXAMPLES mark background, not a cell (draw both in one file)")
+    p.add_argument("--as-drawn", action="store_true",
+                   help="read EXAMPLES' values as the cells drawn, even where they look like the grey steps of a "
+                        "smoothed mask or an image (a dense instance mask)")
     p.add_argument("--tile", type=_tile_side, default=1024, metavar="PX",
                    help="tile side for classifying large images, at least 64 px (default 1024; the result does not "
                         "depend on it)")
@@ -797,7 +800,8 @@ def cmd_label_cells(args) -> int:
         print(f"note: {text}", flush=True)
 
     image, ref = read_image_2d(args.image, keep_colour=True, say=note)
-    examples = read_labelmap_2d(args.examples, reference=(image[..., 0] if image.ndim == 3 else image, ref), say=note)
+    examples = read_labelmap_2d(args.examples, reference=(image[..., 0] if image.ndim == 3 else image, ref), say=note,
+                                as_drawn=args.as_drawn)
     background = None
     if args.background:
         background = read_labelmap_2d(args.background, reference=(examples, ref)) > 0

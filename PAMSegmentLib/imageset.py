@@ -727,6 +727,9 @@ def add_label_images_arguments(p) -> None:
                         "else the shipped weights)")
     p.add_argument("--method", choices=("pam", "track", "copy"), default="pam",
                    help="what predicts an image from its guide (default: pam)")
+    p.add_argument("--as-drawn", action="store_true",
+                   help="read the masks' values as the labels drawn, even where they look like the grey steps of a "
+                        "smoothed mask (a label map's own thin structures, such as a spine's endplates)")
     p.add_argument("--no-normalize", action="store_true",
                    help="keep the images' grey values as they are (default: each scaled by its own 0.5-99.5 "
                         "percentiles, for sets whose images do not share a grey scale)")
@@ -998,13 +1001,13 @@ def cmd_label_images(args) -> int:
         note(f"{them} hold{'s' if len(masks_like) == 1 else ''} only a few whole values in flat regions: label maps "
              "rather than images? They are labelled as images; move masks out of the set (files named *_mask are "
              "left out)")
-    prompt = read_labelmap_2d(mask_path, reference=read[index], say=note)
+    prompt = read_labelmap_2d(mask_path, reference=read[index], say=note, as_drawn=args.as_drawn)
     more = {}
     for image_path, its_mask in labelled:
         at = next(n for n, f in enumerate(files) if os.path.samefile(f, image_path))
         if at in more:
             raise InputError(f"--labelled {image_path} is given twice; give each image's mask once")
-        more[at] = read_labelmap_2d(its_mask, reference=read[at], say=note)
+        more[at] = read_labelmap_2d(its_mask, reference=read[at], say=note, as_drawn=args.as_drawn)
     # images stored flipped or transposed against the prompt image (their files say so) are labelled
     # in its orientation and their masks written back as stored (they were matched pixel by pixel:
     # a mask mirrored, Dice 0.89, or transposed, 0.82)

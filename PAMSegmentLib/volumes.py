@@ -4064,20 +4064,11 @@ def _palette(path: Path) -> tuple[np.ndarray, tuple[int, ...]] | None:
         return None
 
 
-def _edge_labels(arr: np.ndarray, present: np.ndarray, enough: int | None = None, fewest: int = 5,
-                 loose: bool = False) -> list[int]:
-    """Labels whose pixels nearly all touch another label's (along rows and columns): the grey steps
-    of an anti-aliased or lossy-compressed mask's edges, not structures, when their value lies
-    between the values beside them (64 between 0 and 128; a thin structure of a label map's own
-    need not: a spine's endplate, 205 between body 5 and disc 105, was refused as a grey step, a
-    trial, session 46). ``loose`` (for a note, not a refusal): diagonal touching counts too (a
-    1-pixel ring of 127 drawn between 0 and 255 touched the 255 along rows and columns with 71 % of
-    its pixels) and no value rule (JPEG's ringing overshoots the labels beside it); not for refusals,
-    where both refused real label maps (a slice's 1-pixel fragment touching diagonally, cells of a
-    dense instance mask numbered at random: a re-review, session 46). Each label is looked at within
-    its bounding box (a cell-example mask may hold many labels on a large image). ``present``:
-    ``np.unique(arr)``; ``enough``: stop once that many are found; ``fewest``: none looked for below
-    that many labels."""
+def _edge_labels(arr: np.ndarray, present: np.ndarray, enough: int | None = None, fewest: int = 5) -> list[int]:
+    """Labels whose pixels nearly all touch another label's: the grey steps of an anti-aliased or
+    lossy-compressed mask's edges, not structures. Each label is looked at within its bounding
+    box (a cell-example mask may hold many labels on a large image). ``present``: ``np.unique(arr)``;
+    ``enough``: stop once that many are found; ``fewest``: none looked for below that many labels."""
     from scipy import ndimage
 
     values = [int(v) for v in present if v > 0]
@@ -4094,29 +4085,31 @@ def _edge_labels(arr: np.ndarray, present: np.ndarray, enough: int | None = None
         boxes = ndimage.find_objects(arr)  # label v's box at index v - 1 (negative values are skipped)
         slot = {v: v - 1 for v in values}
     out = []
-    near = np.ones((3, 3), bool) if loose else None  # (None: binary_dilation's cross)
     for v in values:
         box = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in boxes[slot[v]])
         sub = arr[box]
         own = sub == v
-        touching = own & ndimage.binary_dilation((sub != v) & (sub != 0), structure=near)
-        if touching.sum() < 0.8 * own.sum():
-            continue
-        beside = sub[ndimage.binary_dilation(own, structure=near) & ~own]
-        if loose or (beside.size and beside.min() < v < beside.max()):
+        touching = own & ndimage.binary_dilation((sub != v) & (sub != 0))
+        if touching.sum() >= 0.8 * own.sum():
             out.append(v)
             if enough is not None and len(out) >= enough:
                 break
     return out
 
 
+AS_DRAWN_HINT = "run again with --as-drawn (Python: as_drawn=True)"
+
+
 def read_labelmap_2d(path: PathLike, reference: tuple[np.ndarray, sitk.Image] | None = None,
-                     say: Callable[[str], None] | None = None) -> np.ndarray:
+                     say: Callable[[str], None] | None = None, as_drawn: bool = False) -> np.ndarray:
     """A 2D label map (0 = background, 1..65535 = labels) as an integer array; with ``reference``
     (what ``read_image_2d`` returned) its size must match. Palette PNGs give their indices;
     JPEG masks and masks with anti-aliased edges (grey steps between labels) are refused. With 2-4
     labels such steps cannot be told from a drawn rim (an interior/boundary mask): ``say`` gets a
-    note naming them."""
+    note naming them. ``as_drawn``: the values are the labels as drawn, whatever they look like (a
+    label map whose own thin structures, such as a spine's endplates between body and disc, or a
+    dense instance mask, looks like grey steps: refused with no way around it, a trial, session 46);
+    neither grey-value refusal nor the note."""
     name = Path(path).name
     if isinstance(reference, np.ndarray) and reference.ndim >= 2:  # the image's array alone: its size is checked
         reference = (reference, None)
@@ -4151,17 +4144,20 @@ def read_labelmap_2d(path: PathLike, reference: tuple[np.ndarray, sitk.Image] | 
     present = np.unique(arr)
     n_values = len(present)
     # Beyond 64 values three edge labels are enough to refuse (an image given as a mask has hundreds).
-    edges = _edge_labels(arr, present, enough=3 if n_values > 64 else None)
+    edges = [] if as_drawn else _edge_labels(arr, present, enough=3 if n_values > 64 else None)
     if n_values > 64 and len(edges) >= 3:  # most likely the image itself, given where the mask goes
         raise InputError(f"{name} has {n_values - 1} grey values and looks like an image, not a label map: was the "
                          "image given in the mask's place? A mask holds 0 = background, 1, 2 ... = labels (an "
-                         "anti-aliased mask, saved with smoothing, looks like this too)")
+                         "anti-aliased mask, saved with smoothing, looks like this too; a dense instance mask whose "
+                         f"values are its labels as drawn: {AS_DRAWN_HINT})")
     if len(edges) >= 3 and n_values > 5:  # a ramp of grey steps, not a few thin structures
         raise InputError(f"{name} has {n_values - 1} grey values, {len(edges)} of them only along the "
                          "edges of others: an anti-aliased (smoothed) mask, not a label map; save it without "
-                         "smoothing (0 = background, 1, 2 ... = labels)")
-    if say is not None and 3 <= n_values <= 5:  # (a trial, session 35: 0/127/255 was read as two structures)
-        rims = _edge_labels(arr, present, fewest=2, loose=True)
+                         "smoothing (0 = background, 1, 2 ... = labels), or if its values are the labels as drawn "
+                         f"(thin structures of their own, such as a spine's endplates): {AS_DRAWN_HINT}")
+    # (a trial, session 35: 0/127/255 was read as two structures)
+    if say is not None and 3 <= n_values <= 5 and not as_drawn:
+        rims = _edge_labels(arr, present, fewest=2)
         if 0 < len(rims) < n_values - 1:
             them = ", ".join(map(str, rims))
             ones = "labels" if len(rims) > 1 else "label"

@@ -552,53 +552,53 @@ def _png2d(path, array) -> str:
     return str(path)
 
 
-def test_a_spine_mask_with_thin_endplates_is_read_as_drawn(tmp_path):
-    """A real spine label map (vertebrae 5/6, discs 105/106, endplates 205-207 one pixel thick between
-    body and disc) was refused as "an anti-aliased (smoothed) mask": its endplates touch other labels
-    only. A grey step lies between the values beside it; an endplate (205 between 5 and 105) does not."""
-    from PAMSegmentLib.volumes import read_labelmap_2d
-
+def _spine(endplates=(205, 206, 207)) -> np.ndarray:
+    """Vertebrae 5/6, discs 105/106 and one-pixel endplates between them (a spine label map's slice)."""
     mask = np.zeros((60, 40), np.uint8)
-    for rows, value in (((5, 16), 5), ((16, 17), 205), ((17, 23), 105), ((23, 24), 206), ((24, 35), 6),
-                        ((35, 36), 207), ((36, 43), 106)):
+    e1, e2, e3 = endplates
+    for rows, value in (((5, 16), 5), ((16, 17), e1), ((17, 23), 105), ((23, 24), e2), ((24, 35), 6),
+                        ((35, 36), e3), ((36, 43), 106)):
         mask[rows[0]:rows[1], 10:30] = value
-    notes = []
-    assert np.array_equal(read_labelmap_2d(_png2d(tmp_path / "spine.png", mask), say=notes.append), mask)
-    assert notes == []
+    return mask
 
 
-def test_a_one_pixel_grey_ring_drawn_8_connected_is_noted(tmp_path):
-    """A 0/255 mask smoothed to 0/127/255 whose 127 ring touches the 255 diagonally in its corners was
-    read as two structures without the note (70 % of the ring touched 255 along rows and columns).
-    The note counts diagonal touching; the refusals do not (real label maps were refused: a slice's
-    1-pixel fragment touching another label diagonally, a re-review)."""
-    from scipy import ndimage
-
-    from PAMSegmentLib.volumes import _edge_labels, read_labelmap_2d
-
-    disc = np.hypot(*np.ogrid[-30:31, -30:31]) <= 18
-    mask = np.where(disc, 255, 0).astype(np.uint8)
-    mask[ndimage.binary_dilation(disc, structure=np.ones((3, 3), bool)) & ~disc] = 127
-    notes = []
-    assert np.array_equal(read_labelmap_2d(_png2d(tmp_path / "m.png", mask), say=notes.append), mask)
-    assert len(notes) == 1 and notes[0].startswith("m.png: label 127 lies only along the edges of another label")
-    assert _edge_labels(mask, np.unique(mask), fewest=2) == []  # (the refusals' test)
-
-
-def test_a_dense_instance_mask_with_random_numbers_is_read_as_drawn(tmp_path):
-    """A re-review (session 46): a confluent instance mask (every cell touching its neighbours, numbered
-    at random, as cellpose writes them) was refused as an image once diagonal touching counted."""
+@pytest.mark.parametrize("endplates", [(205, 206, 207), (62, 63, 64)])
+def test_a_label_map_with_thin_structures_of_its_own_is_read_as_drawn_when_asked(tmp_path, endplates):
+    """A real spine label map (vertebrae, discs and one-pixel endplates between them) was refused as
+    "an anti-aliased (smoothed) mask" with no way around it (a trial, session 46). The refusal now
+    names --as-drawn (Python: as_drawn=True), which reads the values as the labels drawn. (Telling
+    such a map from a smoothed one by the values was tried and reverted: it let resized multi-label
+    masks through with labels never drawn, a re-review.)"""
+    from PAMSegmentLib.errors import InputError
     from PAMSegmentLib.volumes import read_labelmap_2d
+
+    mask = _spine(endplates)
+    path = _png2d(tmp_path / "spine.png", mask)
+    with pytest.raises(InputError, match=r"spine.png has 7 grey values, 3 of them only along the edges of others: an "
+                                         r"anti-aliased \(smoothed\) mask, not a label map; .*, or if its values are "
+                                         r"the labels as drawn \(thin structures of their own, such as a spine's "
+                                         r"endplates\): run again with --as-drawn \(Python: as_drawn=True\)$"):
+        read_labelmap_2d(path)
+    notes = []
+    assert np.array_equal(read_labelmap_2d(path, say=notes.append, as_drawn=True), mask) and notes == []
+
+
+def test_label_images_and_label_cells_take_as_drawn(tmp_path, capsys):
+    from PAMSegmentLib import cli
 
     rng = np.random.default_rng(0)
-    seeds = rng.integers(0, 256, (300, 2))
-    yy, xx = np.mgrid[:256, :256]
-    nearest = np.argmin((yy[..., None] - seeds[:, 0]) ** 2 + (xx[..., None] - seeds[:, 1]) ** 2, axis=2)
-    cells = (rng.permutation(300) + 1)[nearest].astype(np.uint16)
-    import SimpleITK as sitk
-
-    sitk.WriteImage(sitk.GetImageFromArray(cells), str(tmp_path / "cells.png"))
-    assert np.array_equal(read_labelmap_2d(tmp_path / "cells.png"), cells)
+    mask = _spine()
+    for n in "abc":
+        _png2d(tmp_path / f"{n}.png", rng.integers(0, 100, mask.shape) + (mask > 0) * 120)
+    _png2d(tmp_path / "a_mask.png", mask)
+    run = ["label-images", str(tmp_path / "a.png"), str(tmp_path / "a_mask.png"), str(tmp_path / "b.png"),
+           str(tmp_path / "c.png"), "-o", str(tmp_path / "out"), "--method", "copy"]
+    assert cli.main(run) == 2 and "run again with --as-drawn" in capsys.readouterr().err
+    assert cli.main(run + ["--as-drawn"]) == 0
+    capsys.readouterr()
+    cells = ["label-cells", str(tmp_path / "a.png"), str(tmp_path / "a_mask.png"), "-o", str(tmp_path / "cells.tif")]
+    assert cli.main(cells) == 2 and "run again with --as-drawn" in capsys.readouterr().err
+    assert cli.main(cells + ["--as-drawn"]) == 0
 
 
 def test_label_images_says_which_images_look_like_label_maps(tmp_path, capsys):
