@@ -653,8 +653,8 @@ def add_label_cells_arguments(p) -> None:
     p.add_argument("--background-label", type=_positive_int, metavar="N",
                    help="pixels of label N in EXAMPLES mark background, not a cell (draw both in one file)")
     p.add_argument("--as-drawn", action="store_true",
-                   help="read EXAMPLES' values as the cells drawn, even where they look like the grey steps of a "
-                        "smoothed mask or an image (a dense instance mask)")
+                   help="read EXAMPLES' (and --background's) values as drawn, even where they look like the grey "
+                        "steps of a smoothed mask or like an image (a dense instance mask)")
     p.add_argument("--tile", type=_tile_side, default=1024, metavar="PX",
                    help="tile side for classifying large images, at least 64 px (default 1024; the result does not "
                         "depend on it)")
@@ -804,7 +804,7 @@ def cmd_label_cells(args) -> int:
                                 as_drawn=args.as_drawn)
     background = None
     if args.background:
-        background = read_labelmap_2d(args.background, reference=(examples, ref)) > 0
+        background = read_labelmap_2d(args.background, reference=(examples, ref), as_drawn=args.as_drawn) > 0
     if args.background_label is not None:
         marked = examples == args.background_label
         if not marked.any():

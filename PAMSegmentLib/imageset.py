@@ -728,8 +728,9 @@ def add_label_images_arguments(p) -> None:
     p.add_argument("--method", choices=("pam", "track", "copy"), default="pam",
                    help="what predicts an image from its guide (default: pam)")
     p.add_argument("--as-drawn", action="store_true",
-                   help="read the masks' values as the labels drawn, even where they look like the grey steps of a "
-                        "smoothed mask (a label map's own thin structures, such as a spine's endplates)")
+                   help="read the masks' values (PROMPT_MASK's, --labelled ones') as the labels drawn, even where "
+                        "they look like the grey steps of a smoothed mask (a label map's own thin structures, such as "
+                        "a spine's endplates) or like an image (a dense instance mask); no grey-step note either")
     p.add_argument("--no-normalize", action="store_true",
                    help="keep the images' grey values as they are (default: each scaled by its own 0.5-99.5 "
                         "percentiles, for sets whose images do not share a grey scale)")

@@ -4148,8 +4148,8 @@ def read_labelmap_2d(path: PathLike, reference: tuple[np.ndarray, sitk.Image] | 
     if n_values > 64 and len(edges) >= 3:  # most likely the image itself, given where the mask goes
         raise InputError(f"{name} has {n_values - 1} grey values and looks like an image, not a label map: was the "
                          "image given in the mask's place? A mask holds 0 = background, 1, 2 ... = labels (an "
-                         "anti-aliased mask, saved with smoothing, looks like this too; a dense instance mask whose "
-                         f"values are its labels as drawn: {AS_DRAWN_HINT})")
+                         "anti-aliased mask, saved with smoothing, looks like this too). If it is a dense instance "
+                         f"mask whose values are its labels as drawn: {AS_DRAWN_HINT}")
     if len(edges) >= 3 and n_values > 5:  # a ramp of grey steps, not a few thin structures
         raise InputError(f"{name} has {n_values - 1} grey values, {len(edges)} of them only along the "
                          "edges of others: an anti-aliased (smoothed) mask, not a label map; save it without "

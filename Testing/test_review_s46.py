@@ -273,18 +273,20 @@ def test_a_nifti_written_with_patched_codes_has_no_name_or_time_in_its_gzip_head
     """Outputs of a NIfTI image whose qform/sform codes are kept (rewritten after ITK's write) stored
     the temporary's hidden name and the time in the gzip header: `gunzip -N` made a hidden file and
     identical runs gave other checksums."""
+    import gzip
+    import struct
     import time
 
-    import nibabel as nib
     import SimpleITK as sitk
 
     from PAMSegmentLib.volumes import read_volume, write_labelmap
 
-    img = nib.Nifti1Image(_scan().T, np.diag([1.0, 1.0, 2.0, 1.0]))  # (nibabel: x, y, z)
-    img.set_qform(img.affine, code=2)
-    img.set_sform(img.affine, code=2)
-    nib.save(img, str(tmp_path / "scan.nii.gz"))
-    image = read_volume(tmp_path / "scan.nii.gz")
+    sitk.WriteImage(sitk.GetImageFromArray(_scan()), str(tmp_path / "scan.nii"))
+    data = bytearray((tmp_path / "scan.nii").read_bytes())
+    struct.pack_into("<2h", data, 252, 2, 2)  # qform_code, sform_code: "aligned" (ITK writes 1 and 1)
+    (tmp_path / "scan.nii").write_bytes(bytes(data))
+    image = read_volume(tmp_path / "scan.nii")
+    assert image.nifti_codes == (2, 2)
     written = []
     for name in ("a.nii.gz", "b.nii.gz"):
         write_labelmap(_label_map(), image, tmp_path / name)
@@ -293,7 +295,7 @@ def test_a_nifti_written_with_patched_codes_has_no_name_or_time_in_its_gzip_head
     assert written[0] == written[1]
     header = written[0][:10]
     assert header[3] & 0x08 == 0 and header[4:8] == b"\0\0\0\0"  # no FNAME flag, MTIME 0
-    assert nib.load(str(tmp_path / "a.nii.gz")).header.get_sform(coded=True)[1] == 2
+    assert struct.unpack_from("<2h", gzip.decompress(written[0]), 252) == (2, 2)  # the codes kept
     assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "a.nii.gz"))), _label_map())
 
 
@@ -596,9 +598,61 @@ def test_label_images_and_label_cells_take_as_drawn(tmp_path, capsys):
     assert cli.main(run) == 2 and "run again with --as-drawn" in capsys.readouterr().err
     assert cli.main(run + ["--as-drawn"]) == 0
     capsys.readouterr()
+    # a --labelled mask alike (drawn as the prompt on b.png)
+    _png2d(tmp_path / "b_fixed.png", mask)
+    labelled = run + ["--labelled", str(tmp_path / "b.png"), str(tmp_path / "b_fixed.png")]
+    assert cli.main(labelled + ["--as-drawn"]) == 0
+    capsys.readouterr()
+    import SimpleITK as sitk
+
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "b_mask.png"))), mask)
+    labelled[2] = str(tmp_path / "c_mask_fine.png")  # a prompt that passes: only the --labelled mask is refused
+    _png2d(labelled[2], np.where(mask == 5, 1, 0) + np.where(mask == 6, 2, 0))  # two separate bodies
+    assert cli.main(labelled) == 2 and "b_fixed.png has 7 grey values" in capsys.readouterr().err
     cells = ["label-cells", str(tmp_path / "a.png"), str(tmp_path / "a_mask.png"), "-o", str(tmp_path / "cells.tif")]
     assert cli.main(cells) == 2 and "run again with --as-drawn" in capsys.readouterr().err
     assert cli.main(cells + ["--as-drawn"]) == 0
+    # label-cells' --background is read so too (its refusal named the option, which did not apply to it)
+    background = np.zeros(mask.shape, np.uint8)
+    background[45:48, 2:8], background[48, 2:8], background[49:52, 2:8] = 5, 205, 105
+    background[52, 2:8], background[53:56, 2:8], background[56, 2:8] = 206, 6, 207  # a spine map's band, beside
+    _png2d(tmp_path / "bg.png", background)
+    capsys.readouterr()
+    with_bg = cells[:2] + [labelled[2]] + cells[3:] + ["--background", str(tmp_path / "bg.png")]  # (examples pass)
+    assert cli.main(with_bg) == 2 and "bg.png has" in capsys.readouterr().err
+    assert cli.main(with_bg + ["--as-drawn"]) == 0
+
+
+def test_as_drawn_reads_a_dense_instance_mask_and_drops_the_grey_step_note(tmp_path):
+    """A dense instance mask (1500 cells numbered at random, every cell touching others) is refused as
+    an image, naming --as-drawn; with it, read as drawn. A 0/127/255 mask gets the grey-step note, and
+    none with as_drawn."""
+    import SimpleITK as sitk
+    from scipy import ndimage
+
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.volumes import read_labelmap_2d
+
+    rng = np.random.default_rng(0)
+    seeds = rng.integers(0, 256, (1500, 2))
+    _, (iy, ix) = ndimage.distance_transform_edt(np.ones((256, 256), bool) & ~np.isin(
+        np.arange(256 * 256).reshape(256, 256), seeds[:, 0] * 256 + seeds[:, 1]), return_indices=True)
+    order = {int(y) * 256 + int(x): n for n, (y, x) in enumerate(seeds)}
+    cells = (rng.permutation(1500) + 1)[np.vectorize(order.get)(iy * 256 + ix)].astype(np.uint16)
+    sitk.WriteImage(sitk.GetImageFromArray(cells), str(tmp_path / "cells.png"))
+    with pytest.raises(InputError, match=r"looks like an image, not a label map.*If it is a dense instance mask "
+                                         r"whose values are its labels as drawn: run again with --as-drawn "
+                                         r"\(Python: as_drawn=True\)$"):
+        read_labelmap_2d(tmp_path / "cells.png")
+    assert np.array_equal(read_labelmap_2d(tmp_path / "cells.png", as_drawn=True), cells)
+    disc = np.hypot(*np.ogrid[-30:31, -30:31]) <= 18
+    ring = np.where(disc, 255, 0).astype(np.uint8)
+    ring[ndimage.binary_dilation(disc) & ~disc] = 127
+    path = _png2d(tmp_path / "ring.png", ring)
+    said, quiet = [], []
+    read_labelmap_2d(path, say=said.append)
+    read_labelmap_2d(path, say=quiet.append, as_drawn=True)
+    assert len(said) == 1 and "label 127 lies only along the edges" in said[0] and quiet == []
 
 
 def test_label_images_says_which_images_look_like_label_maps(tmp_path, capsys):
