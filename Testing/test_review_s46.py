@@ -673,3 +673,22 @@ def test_label_images_says_which_images_look_like_label_maps(tmp_path, capsys):
     assert "note: b_label.png holds only a few whole values in flat regions: label maps rather than images? They " \
            "are labelled as images; move masks out of the set (files named *_mask are left out)" in out
     assert out.count("flat regions") == 1
+
+
+def test_a_sets_subfolders_holding_images_are_named(tmp_path, capsys):
+    """A trial (session 46): images in a subfolder of a set's folder were left out without a word."""
+    from PAMSegmentLib.imageset import _expand
+
+    rng = np.random.default_rng(0)
+    for sub in ("set", "set/more", "set/empty", "set/notes"):
+        (tmp_path / sub).mkdir()
+    for name in ("set/a.png", "set/b.png", "set/more/c.png"):
+        _png2d(tmp_path / name, rng.integers(0, 255, (16, 16)))
+    (tmp_path / "set/notes/readme.txt").write_text("x")
+    files = _expand([str(tmp_path / "set")])
+    assert [f.name for f in files] == ["a.png", "b.png"]
+    assert capsys.readouterr().out == (f"note: left out 1 subfolder of folder {tmp_path / 'set'} holding images "
+                                       "(more): a folder's own image files are labelled, not those below it; give the "
+                                       "subfolders too to label theirs\n")
+    _expand([str(tmp_path / "set/more")])
+    assert capsys.readouterr().out == ""
