@@ -801,6 +801,9 @@ def _say_written(result, files, out_dir, seconds: float, earlier=(), ranges=None
             f"label {lab}: {', '.join(files[i].name for i in images)}" for lab, images in first.items()), flush=True)
     drawn = set(result.drawn) | {result.prompt_index}
     missed, explained = set(), set()  # images where a label was not found; those the drift note names
+    size0 = result.masks[result.prompt_index].shape  # (the drift note's images of another size or grey scale)
+    odd = (set(_other_scale(ranges, result.prompt_index)) if ranges else set()) | {
+        i for i, m in enumerate(result.masks) if m.shape != size0}
     for lab in result.labels:  # an image where the object was missed is as worth a look as a doubtful one
         empty = [i for i, m in enumerate(result.masks) if i not in drawn and not (m == lab).any()]
         # never predicted for the label (beyond an image drawn without it, in the given order): not reached
@@ -817,9 +820,6 @@ def _say_written(result, files, out_dir, seconds: float, earlier=(), ranges=None
             shown = ", ".join(drifted[:5]) + (f" and {len(drifted) - 5} more" if len(drifted) > 5 else "")
             # Of the prompt image's size and grey scale, such images mostly lack the object (a trial, session 46:
             # 22 of 22 named so held at most 2 px of it): said as such, the export hint after
-            size0 = result.masks[result.prompt_index].shape
-            odd = (set(_other_scale(ranges, result.prompt_index)) if ranges else set()) | {
-                i for i in empty if result.masks[i].shape != size0}
             if any(files[i].name in drifted for i in odd):
                 print(f"note: label {lab}: in {shown} the network found something like the object, but its "
                       "brightness there differs from the image it was labelled from, so it was taken as absent. If "

@@ -535,15 +535,9 @@ def _check_not_half_a_voxel_apart(segmentation_node, segment_id: str, volume_nod
     grid = _grid_of(volume_node)
     # volume (i, j, k) -> the segmentation grid's (i, j, k)
     to_theirs = np.linalg.inv(theirs) @ between @ np.asarray(grid.ijk_to_ras, float)
-    rows = np.abs(to_theirs[:3, :3]) > 1e-6
-    if not (rows.sum(axis=0) == 1).all() or not (rows.sum(axis=1) == 1).all():
-        return  # rotated against each other: ties only on a set of measure zero
-    halfway = []
-    for col in range(3):  # the volume's i, j, k
-        row = int(np.flatnonzero(rows[:, col])[0])
-        offset = to_theirs[row, 3] % 1.0
-        if abs(abs(to_theirs[row, col]) - 1) < 1e-6 and abs(offset - 0.5) < 1e-3:
-            halfway.append(2 - col)  # array axis (k, j, i)
+    from .volumes import halfway_axes  # noqa: PLC0415
+
+    halfway = [2 - col for col in halfway_axes(to_theirs[:3, :3], to_theirs[:3, 3])]  # array axes (k, j, i)
     if not halfway:
         return
     names = _plane_names(grid.ijk_to_ras)

@@ -2382,9 +2382,12 @@ def flat_levels(image: np.ndarray, sample_slices: int = 16) -> tuple | None:
     if len(np.unique(image[image.shape[0] // 2])) > LABEL_MAP_LEVELS:  # a scan's middle slice alone (~10 ms)
         return None
     picks = np.unique(np.linspace(0, image.shape[0] - 1, min(sample_slices, image.shape[0])).round().astype(int))
+    def labels_like(values) -> bool:  # few enough, and whole
+        return len(values) <= LABEL_MAP_LEVELS and (image.dtype.kind != "f" or bool(np.all(np.mod(values, 1) == 0)))
+
     for sample in (np.asarray(image[picks]), image):
         values, counts = np.unique(sample, return_counts=True)
-        if len(values) > LABEL_MAP_LEVELS or (image.dtype.kind == "f" and not np.all(np.mod(values, 1) == 0)):
+        if not labels_like(values):
             return None
         objects = sample != values[np.argmax(counts)]
         if len(values) > 32:  # (a label map's highest label is no saturated end: few labels keep it)
@@ -2398,8 +2401,8 @@ def flat_levels(image: np.ndarray, sample_slices: int = 16) -> tuple | None:
                                   (sample[:, :-step], sample[:, step:], objects[:, :-step])):
             if not held.any() or np.mean(here[held] == there[held]) < least:
                 return None
-    values = np.unique(image)
-    if len(values) > LABEL_MAP_LEVELS or (image.dtype.kind == "f" and not np.all(np.mod(values, 1) == 0)):
+    values = values if sample is image else np.unique(image)  # (counted already when the whole image was the sample)
+    if not labels_like(values):
         return None
     return tuple(v.item() for v in values)
 

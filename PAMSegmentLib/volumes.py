@@ -2575,6 +2575,23 @@ def read_labelmap(path: PathLike, reference: Volume | None = None, resample: boo
     return Volume(labels.array, reference.spacing, reference.origin, reference.direction, covered=covered)
 
 
+def halfway_axes(a: np.ndarray, b: np.ndarray, zero: float = 1e-6) -> list[int]:
+    """The axes (0, 1, 2: i, j, k of the first grid) along which a grid lies half a voxel off another
+    of the same voxel size, ``a`` (3 x 3) and ``b`` (3) mapping the first grid's voxel index to the
+    other's (``a @ ijk + b``); entries of ``a`` within ``zero`` of 0 count as 0. Empty where the two are
+    rotated against each other (ties only on a set of measure zero there). Slicer's segmentation grid
+    (``mrml._check_not_half_a_voxel_apart``) and a resampled prompt (``_note_half_a_voxel_off``)."""
+    rows = np.abs(a) > zero
+    if not (rows.sum(axis=0) == 1).all() or not (rows.sum(axis=1) == 1).all():
+        return []
+    out = []
+    for col in range(3):
+        row = int(np.flatnonzero(rows[:, col])[0])
+        if abs(abs(a[row, col]) - 1) < zero and abs(b[row] % 1.0 - 0.5) < 1e-3:
+            out.append(col)
+    return out
+
+
 def _note_half_a_voxel_off(name: str, drawn: Volume, reference: Volume) -> None:
     """A note (UserWarning) when ``drawn``'s grid is parallel to the image's, with the image's voxel
     size along an axis, but lies half a voxel off it along that axis: each of its voxels lies halfway
@@ -2587,13 +2604,9 @@ def _note_half_a_voxel_off(name: str, drawn: Volume, reference: Volume) -> None:
     a = np.diag(1 / np.asarray(drawn.spacing_ijk)) @ mine.T @ theirs @ np.diag(reference.spacing_ijk)
     b = np.diag(1 / np.asarray(drawn.spacing_ijk)) @ mine.T @ (np.asarray(reference.origin, dtype=np.float64)
                                                               - np.asarray(drawn.origin, dtype=np.float64))
-    rows = np.abs(a) > 1e-3  # (direction cosines of DICOM-derived files carry noise of 1e-5 and more)
-    if not (rows.sum(axis=0) == 1).all() or not (rows.sum(axis=1) == 1).all():
-        return  # rotated against each other: ties only on a set of measure zero
+    # (direction cosines of DICOM-derived files carry noise of 1e-5 and more)
     names = ("i (columns)", "j (rows)", "k (slices)")
-    off = [names[col] for col in range(3)
-           if abs(abs(a[int(np.flatnonzero(rows[:, col])[0]), col]) - 1) < 1e-3
-           and abs(b[int(np.flatnonzero(rows[:, col])[0])] % 1.0 - 0.5) < 1e-3]
+    off = [names[col] for col in halfway_axes(a, b, zero=1e-3)]
     if off:
         warnings.warn(f"{name} lies half a voxel off the image grid along the image's {' and '.join(off)} axis, "
                       "with voxels of the same size: nearest-neighbour resampling put the drawing one voxel to one "

@@ -547,11 +547,7 @@ def test_a_result_with_malformed_figures_is_no_pamsegment_result(field, value):
 
 # --- a trial of label-images on real 2D sets (session 46) ---
 
-def _png2d(path, array) -> str:
-    import SimpleITK as sitk
-
-    sitk.WriteImage(sitk.GetImageFromArray(np.asarray(array, np.uint8)), str(path))
-    return str(path)
+from test_review_s36 import _png as _png2d  # noqa: E402 - a uint8 PNG written, its path back
 
 
 def _spine(endplates=(205, 206, 207)) -> np.ndarray:
