@@ -440,6 +440,12 @@ class RemoteModel:
                 raise _Unreachable(f"the server at {self.url} does not speak HTTPS ({reason}): `pamsegment serve` "
                                    f"answers plain HTTP, so use {'http:' + self.url[len('https:'):]} (or put an "
                                    "HTTPS proxy in front of it)") from None
+            if isinstance(error, TimeoutError):  # (urllib wraps a timeout while connecting or sending in URLError)
+                # the request went out whole and the answer did not come: the server is there but stuck or
+                # overloaded ("cannot reach ... is it running?" was said; a trial, session 46)
+                raise _Unreachable(f"the PAMSegment server at {self.url} took the request but did not answer within "
+                                   f"{timeout or self.timeout:g} s (timed out): it is busy or stuck; try again later, "
+                                   "or ask its operator to look at its log") from None
             raise _Unreachable(f"cannot reach the PAMSegment server at {self.url} ({reason}); is `pamsegment serve` "
                                "running there?") from None
 

@@ -6,7 +6,7 @@ The HTTP API (FastAPI, served by uvicorn; ``pip install ".[server]"`` in the sou
 * ``GET /info``: the server's version, its model (checkpoint, sha256, device, walk, and ``settings``:
   ``checkpoints.settings_digest``), how many jobs wait, its limits (``max_upload_mb``,
   ``max_voxels``) and the ``batch_size`` every job runs with.
-* ``POST /jobs?options=JSON``: the body is an uncompressed ``.npz`` (``numpy.savez``) holding
+* ``POST /jobs?options=JSON``: the body (not a form: 415) is an uncompressed ``.npz`` (``numpy.savez``) holding
   ``image`` (k, j, i), ``prompt`` (the same shape, integer labels) and ``spacing`` (3 floats, mm,
   k, j, i). ``options`` (JSON object, optional): ``axis``, ``labels``, ``range``, ``early_stop``,
   ``empty_slices``, ``remove_disconnected``, ``update`` (the prompt is an edited earlier result),
@@ -23,7 +23,9 @@ The HTTP API (FastAPI, served by uvicorn; ``pip install ".[server]"`` in the sou
   or its result) for ``ABANDON_SECONDS`` (120 s) is cancelled: its client is gone.
 * ``GET /jobs/{id}/result``: the finished result as ``.npz`` (``PAMSegmentLib.remote`` reads
   it); 409 while it is not finished. Results are kept for ``result_ttl`` seconds.
-* ``DELETE /jobs/{id}``: cancel (a running job stops between batches) and forget it.
+* ``DELETE /jobs/{id}``: cancel a queued or running job (a running job stops between batches) and
+  forget it; the answer's ``state`` is ``cancelled`` then, or the state a finished, failed or
+  cancelled job had (only forgotten), with ``deleted`` true.
 
 Uploads are untrusted: the body size is bounded before it is read (413), the ``.npz`` must hold
 exactly those three arrays, stored uncompressed (no decompression bombs) and without pickled
@@ -478,16 +480,18 @@ class JobQueue:
             running = any(j.state == "running" for j in self.jobs.values())
         return queued.index(job) + (1 if running else 0) if job in queued else 0
 
-    def cancel(self, job_id: str) -> bool:
+    def cancel(self, job_id: str) -> str | None:
+        """Forget the job, cancelling it if it is queued or running. Returns the state it had then
+        (None: no such job), so that the answer says whether anything was cancelled."""
         with self._lock:
             job = self.jobs.pop(job_id, None)
-            queued = job is not None and job.state == "queued"
+            state = None if job is None else job.state
         if job is None:
-            return False
+            return None
         job.cancel.cancel()
-        if queued:  # the worker never sees it: its end is said here (a running one's by the worker)
+        if state == "queued":  # the worker never sees it: its end is said here (a running one's by the worker)
             logger.info("job %s cancelled by its client while queued", job.id[:8])
-        return True
+        return state
 
     def get(self, job_id: str) -> Job | None:
         """The job, unless it is unknown or its result expired (finished jobs older than ``result_ttl``
@@ -676,6 +680,10 @@ def create_app(model_factory: Callable[[str], Any], *, token: str | None = None,
             # rounded up to 0.01 MB ("1 MB; at most 1 MB" for 1.06 MB, "0 MB" for 5 kB)
             raise refuse(request, 413, f"the upload is {math.ceil(int(length) / 2**20 * 100) / 100:g} MB; this "
                                        f"server takes at most {max_upload_mb:g} MB")
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind in ("multipart/form-data", "application/x-www-form-urlencoded"):  # (read as a broken .npz before)
+            raise refuse(request, 415, f"the upload is a form ({kind}); send the .npz itself as the request's body "
+                                       "(Content-Type: application/octet-stream; curl --data-binary @case.npz, not -F)")
         from starlette.requests import ClientDisconnect
 
         chunks, size = [], 0
@@ -733,9 +741,14 @@ def create_app(model_factory: Callable[[str], Any], *, token: str | None = None,
 
     @app.delete("/jobs/{job_id}")
     def cancel(job_id: str):
-        if not queue.cancel(job_id):
+        was = queue.cancel(job_id)
+        if was is None:
             raise HTTPException(404, f"no job {job_id}")
-        return {"id": job_id, "state": "cancelled"}
+        # A queued or running job is cancelled; a finished, failed or cancelled one is only forgotten
+        # (it was answered "cancelled" before, for a job that had finished: a trial, session 46).
+        if was in ("queued", "running"):
+            return {"id": job_id, "state": "cancelled", "deleted": True}
+        return {"id": job_id, "state": was, "deleted": True}
 
     return app
 

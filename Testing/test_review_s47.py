@@ -1,0 +1,87 @@
+"""Session 47: faults carried from session 46's trials and found by this session's."""
+
+from __future__ import annotations
+
+import http.server
+import json
+
+import numpy as np
+import pytest
+from doubles import OracleModel, local_http_server
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from PAMSegmentLib.errors import PAMError  # noqa: E402
+from PAMSegmentLib.remote import RemoteModel  # noqa: E402
+from PAMSegmentLib.server import create_app  # noqa: E402
+from test_server import case, npz, wait_for  # noqa: E402
+
+
+def test_deleting_a_finished_job_says_it_was_only_forgotten_not_cancelled():
+    """A trial (session 46): DELETE of a job that had finished answered state "cancelled"; nothing
+    was cancelled. The answer now gives the state the job had; a running one is still cancelled."""
+    image, prompt, truth = case()
+    client = TestClient(create_app(lambda method: OracleModel(truth)))
+    body = npz(image=image, prompt=prompt, spacing=np.ones(3))
+    job = client.post("/jobs", content=body).json()
+    assert wait_for(client, job["id"])["state"] == "finished"
+    answer = client.delete(f"/jobs/{job['id']}")
+    assert answer.status_code == 200
+    assert answer.json() == {"id": job["id"], "state": "finished", "deleted": True}
+    assert client.get(f"/jobs/{job['id']}").status_code == 404  # forgotten all the same
+    assert client.delete(f"/jobs/{job['id']}").status_code == 404
+
+
+def test_a_form_upload_is_refused_as_a_form_not_as_a_broken_npz():
+    """A trial (session 46): `curl -F file=@case.npz` was read as the .npz itself and refused as "not
+    an .npz file", which sent the user looking at a good file. A form is a 415 that says what to send."""
+    image, prompt, truth = case()
+    client = TestClient(create_app(lambda method: OracleModel(truth)))
+    body = npz(image=image, prompt=prompt, spacing=np.ones(3))
+    r = client.post("/jobs", files={"file": ("case.npz", body, "application/octet-stream")})
+    assert r.status_code == 415
+    assert "multipart/form-data" in r.json()["detail"] and "--data-binary" in r.json()["detail"]
+    r = client.post("/jobs", content=b"image=1", headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 415
+    # the .npz as the body, with or without a Content-Type, is taken as before
+    assert client.post("/jobs", content=body).status_code == 202
+    assert client.post("/jobs", content=body, headers={"Content-Type": "application/octet-stream"}).status_code == 202
+
+
+def test_a_server_that_takes_the_upload_and_never_answers_is_not_called_unreachable():
+    """A trial (session 46): a server that read the upload and then hung was reported as "cannot
+    reach the PAMSegment server ... is `pamsegment serve` running there?" after the client's timeout,
+    while it was reachable and running. The message says it took the request and did not answer."""
+    posted = []
+
+    class Stuck(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):  # /info as pamsegment serve answers it
+            body = json.dumps({"server": "pamsegment", "version": "x", "queued": 0, "max_jobs": 8,
+                               "max_upload_mb": 1024}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self):
+            posted.append(len(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.server.stopping.wait(30)  # never answers
+
+        def log_message(self, *args):
+            pass
+
+    server = local_http_server(Stuck)
+    image, prompt, _ = case()
+    try:
+        model = RemoteModel(f"http://127.0.0.1:{server.server_address[1]}", timeout=1.0)
+        with pytest.raises(PAMError) as info:
+            model.propagate(image, prompt, (1.0, 1.0, 1.0))
+    finally:
+        server.shutdown()
+    assert len(posted) == 1 and posted[0] > 0  # the upload arrived whole
+    message = str(info.value)
+    assert "took the request but did not answer within 1 s" in message
+    assert "cannot reach" not in message and "running there" not in message
