@@ -325,6 +325,21 @@ def _checked_mask(mask, image: np.ndarray, what: str, image_what: str) -> tuple[
     return mask, held
 
 
+def _levels_as_ranks(image: np.ndarray) -> np.ndarray:
+    """``image``, or, where it holds values that are not whole and at most LABEL_MAP_LEVELS of them,
+    each value's rank (0, 1, 2 ... in order): a colour label map read as grey (red 76.245, green
+    149.685) then holds whole values, as a grey one does, for the label-map test (``flat_levels``
+    asks for whole values: colour label maps among a set's images went unnamed, session 46)."""
+    from .propagate import LABEL_MAP_LEVELS
+
+    if image.dtype.kind != "f" or len(np.unique(image[::7, ::7])) > LABEL_MAP_LEVELS:  # (a photo: at once)
+        return image
+    if np.all(np.mod(image, 1) == 0):
+        return image
+    values, ranks = np.unique(image, return_inverse=True)
+    return ranks.reshape(image.shape).astype(np.int32) if len(values) <= LABEL_MAP_LEVELS else image
+
+
 def _validate(images, prompt_index, prompt_mask, labels, order, names=None):
     if isinstance(images, np.ndarray) and images.ndim == 3:
         images = list(images)
@@ -345,6 +360,11 @@ def _validate(images, prompt_index, prompt_mask, labels, order, names=None):
                                   f"its image (image {prompt_index})")
     if not present:
         raise InputError("the prompt mask is empty: label the object on the prompt image")
+    low, high = float(np.min(imgs[prompt_index])), float(np.max(imgs[prompt_index]))
+    if low == high:  # (a trial, session 46: every image came back empty, blamed on its brightness)
+        name = str(names[prompt_index]) if names is not None else f"image {prompt_index}"
+        raise InputError(f"the prompt image ({name}) holds one value everywhere ({low:g}): there is nothing to follow; "
+                         "check that it is the image the mask was drawn on")
     if labels is None:
         labels = present
     else:
@@ -1017,11 +1037,12 @@ def cmd_label_images(args) -> int:
 
     # masks among the images (named otherwise than *_mask): labelled as images, they guided real images (a
     # trial, session 46: exit 0 without a word)
-    masks_like = [f.name for f, (a, _) in zip(files, read) if a.ndim == 2 and flat_levels(a[None]) is not None]
+    masks_like = [f.name for f, (a, _) in zip(files, read) if a.ndim == 2 and flat_levels(_levels_as_ranks(a)[None])
+                  is not None]
     if masks_like:
         them = ", ".join(masks_like[:5]) + (f" and {len(masks_like) - 5} more" if len(masks_like) > 5 else "")
-        note(f"{them} hold{'s' if len(masks_like) == 1 else ''} only a few whole values in flat regions: label maps "
-             "rather than images? They are labelled as images; move masks out of the set (files named *_mask are "
+        note(f"{them} hold{'s' if len(masks_like) == 1 else ''} only a few values (or colours) in flat regions: label "
+             "maps rather than images? They are labelled as images; move masks out of the set (files named *_mask are "
              "left out)")
     prompt = read_labelmap_2d(mask_path, reference=read[index], say=note, as_drawn=args.as_drawn)
     more = {}

@@ -666,8 +666,8 @@ def test_label_images_says_which_images_look_like_label_maps(tmp_path, capsys):
     assert cli.main(["label-images", folder[0], str(tmp_path / "a_mask.png"), *folder[1:], "-o",
                      str(tmp_path / "out"), "--method", "copy"]) == 0
     out = capsys.readouterr().out
-    assert "note: b_label.png holds only a few whole values in flat regions: label maps rather than images? They " \
-           "are labelled as images; move masks out of the set (files named *_mask are left out)" in out
+    assert "note: b_label.png holds only a few values (or colours) in flat regions: label maps rather than images? " \
+           "They are labelled as images; move masks out of the set (files named *_mask are left out)" in out
     assert out.count("flat regions") == 1
 
 

@@ -85,3 +85,64 @@ def test_a_server_that_takes_the_upload_and_never_answers_is_not_called_unreacha
     message = str(info.value)
     assert "took the request but did not answer within 1 s" in message
     assert "cannot reach" not in message and "running there" not in message
+
+
+def _colour_png(path, rgb) -> str:
+    import SimpleITK as sitk
+
+    sitk.WriteImage(sitk.GetImageFromArray(np.asarray(rgb, np.uint8), isVector=True), str(path))
+    return str(path)
+
+
+def _grey_set(tmp_path):
+    from test_review_s36 import _png
+
+    rng = np.random.default_rng(0)
+    mask = np.zeros((48, 48), np.uint8)
+    mask[14:30, 16:34] = 1
+    for n in "abc":
+        _png(tmp_path / f"{n}.png", rng.integers(0, 255, (48, 48)) // 2 + 100 * mask)
+    _png(tmp_path / "a_mask.png", mask)
+    return mask
+
+
+def test_label_images_names_a_colour_label_map_among_the_images(tmp_path, capsys):
+    """A trial (session 46): a colour label map in the set (red and green regions, read as greys of
+    76.245 and 149.685: not whole values) was labelled as an image without the note grey ones get."""
+    from PAMSegmentLib import cli
+
+    mask = _grey_set(tmp_path)
+    colour = np.zeros((48, 48, 3), np.uint8)
+    colour[mask > 0] = (255, 0, 0)
+    colour[34:44, 4:20] = (0, 255, 0)
+    _colour_png(tmp_path / "b_labels.png", colour)
+    photo = np.random.default_rng(1).integers(0, 256, (48, 48, 3))  # a colour image: no note
+    _colour_png(tmp_path / "c_photo.png", photo)
+    files = [str(tmp_path / n) for n in ("a.png", "b.png", "c.png", "b_labels.png", "c_photo.png")]
+    assert cli.main(["label-images", files[0], str(tmp_path / "a_mask.png"), *files[1:], "-o",
+                     str(tmp_path / "out"), "--method", "copy"]) == 0
+    out = capsys.readouterr().out
+    assert "note: b_labels.png holds only a few values (or colours) in flat regions: label maps rather than " \
+           "images?" in out
+    assert out.count("flat regions") == 1  # the photo and the grey images are not named
+
+
+def test_label_images_refuses_a_blank_prompt_image(tmp_path, capsys):
+    """A trial (session 46): a prompt image of one value everywhere found the object in none of the
+    images, and the note blamed their brightness ("exported with another window?")."""
+    from PAMSegmentLib import cli
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.imageset import label_images
+    from test_review_s36 import _png
+
+    mask = _grey_set(tmp_path)
+    _png(tmp_path / "blank.png", np.full((48, 48), 120, np.uint8))
+    code = cli.main(["label-images", str(tmp_path / "blank.png"), str(tmp_path / "a_mask.png"),
+                     str(tmp_path / "b.png"), str(tmp_path / "c.png"), "-o", str(tmp_path / "out"), "--method", "copy"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "the prompt image (blank.png) holds one value everywhere (120): there is nothing to follow" in err
+    assert not (tmp_path / "out").exists()
+    rng = np.random.default_rng(2)
+    with pytest.raises(InputError, match=r"^the prompt image \(image 1\) holds one value everywhere \(0\)"):
+        label_images([rng.random((48, 48)), np.zeros((48, 48)), rng.random((48, 48))], 1, mask, model="copy")
