@@ -878,6 +878,9 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         try:
             edited = self.logic.editedSlices(segmentation, segmentId, volume)
+            # edits on thin slices of a finer segmentation grid, which the volume's voxels do not show (Undo
+            # discarded them without asking: a trial, session 47)
+            unseen = [] if edited else self.logic.unseenEditSlices(segmentation, segmentId, volume, edited)
         except Exception as exc:  # not "no edits": Undo would discard them without asking (memory; a volume whose
             # geometry was broken since: its origin NaN, a spacing of 0)
             reason = exc.reason if isinstance(exc, NotEnoughMemory) else (
@@ -887,7 +890,14 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     "you made since the last propagation are discarded with it (save the scene first to keep them).",
                     windowTitle="PAMSegment: undo"):
                 return
-            edited = []
+            edited = unseen = []
+        if unseen and not slicer.util.confirmOkCancelDisplay(
+            f"Undo the last {entry.kind}? The changes you made since near slice{'s' if len(unseen) > 1 else ''} "
+            f"{', '.join(str(s) for s in unseen[:8])}, on thin slices of the segmentation's finer grid between the "
+            "volume's slices, are discarded with it.",
+            windowTitle="PAMSegment: undo",
+        ):
+            return
         if edited and not slicer.util.confirmOkCancelDisplay(
             f"Undo the last {entry.kind}? The changes you made since on {len(edited)} "
             f"slice{'s' if len(edited) > 1 else ''} ({', '.join(str(s) for s in edited[:8])}) are discarded with it.",
@@ -1410,6 +1420,20 @@ class PAMSegmentLogic(ScriptedLoadableModuleLogic):
         except InputError as exc:
             return str(exc)
         return ""
+
+    def unseenEditSlices(self, segmentationNode, segmentId, volumeNode=None, edited=None):
+        """Volume slices near which the segment was edited where the volume's voxels do not show it
+        (thin slices of a finer segmentation grid), which ``editedSlices`` cannot see; [] if none.
+        ``edited``: ``editedSlices``' answer, if the caller has it."""
+        from PAMSegmentLib.mrml import unseen_edit_slices
+
+        entry = self.history.get(segmentationNode, segmentId)
+        volume = entry.volume_for(volumeNode) if entry is not None else None
+        if volume is None:
+            return []
+        if edited is None:
+            edited = self.editedSlices(segmentationNode, segmentId, volumeNode)
+        return unseen_edit_slices(entry, segmentationNode, segmentId, volume, edited)
 
     def undoLast(self, segmentationNode, segmentId, beforeWrite=None):
         """Put the segment back as it was before its last propagation/update; returns a sentence.

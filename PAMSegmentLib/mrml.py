@@ -713,19 +713,36 @@ def check_no_unseen_edits(entry: "HistoryEntry", segmentation_node, segment_id: 
     segmentation grid, between the volume's slices, which an update would silently write over.
     Needs ``entry.own_after``; without parent transforms (the check maps voxels through the
     segmentation's and volume's own matrices)."""
+    unseen = unseen_edit_slices(entry, segmentation_node, segment_id, volume_node, edited)
+    if unseen:
+        name = segmentation_node.GetSegmentation().GetSegment(segment_id).GetName()
+        shown = ", ".join(map(str, unseen[:6])) + (" ..." if len(unseen) > 6 else "")
+        raise InputError(
+            f'"{name}" was edited where the volume\'s voxels do not show it (near volume slice'
+            f'{"s" if len(unseen) > 1 else ""} {shown}): the segmentation\'s grid is finer than the volume\'s, and the '
+            "update, which reads the segment on the volume's grid, cannot see that edit and would write over it. "
+            "Make the edit on the volume's slices and larger than its voxels (or set the segmentation's geometry "
+            "from the volume in the Segment Editor), or undo it, then update")
+
+
+def unseen_edit_slices(entry: "HistoryEntry", segmentation_node, segment_id: str, volume_node,
+                       edited: Sequence[int]) -> list[int]:
+    """The volume slices (along the propagation axis) near which the segment's own labelmap changed
+    since the write while the volume grid shows them unedited (not in ``edited``): see
+    ``check_no_unseen_edits``. Empty where it cannot tell (no ``entry.own_after``, transforms)."""
     then = entry.own_after
     if then is None or segmentation_node.GetParentTransformNode() is not None or (
             volume_node is not None and volume_node.GetParentTransformNode() is not None):
-        return
+        return []
     now = LabelmapSnapshot.take(segmentation_node, segment_id)
     if now is None or not np.allclose(now.image_to_world, then.image_to_world, atol=1e-6):
-        return
+        return []
     # Compared within the box of the segment's own voxels then and now: a layer shared with other
     # segments spans theirs too (30 segments on a x3 grid: 2.1 GB for a 25 MB volume, session 41).
     now_box, then_box = now.own_box(), then.own_box()
     boxes = [box for box in (now_box, then_box) if box is not None]
     if not boxes:
-        return
+        return []
     lo = [min(first[a] for first, _ in boxes) for a in range(3)]  # k, j, i
     hi = [max(first[a] + crop.shape[a] for first, crop in boxes) for a in range(3)]
 
@@ -738,7 +755,7 @@ def check_no_unseen_edits(entry: "HistoryEntry", segmentation_node, segment_id: 
 
     changed = np.argwhere(placed(now_box) != placed(then_box))  # (k, j, i) within the union box
     if not len(changed):
-        return
+        return []
     ijk = np.c_[changed[:, 2] + lo[2], changed[:, 1] + lo[1], changed[:, 0] + lo[0], np.ones(len(changed))]
     to_volume = np.linalg.inv(entry.grid.ijk_to_ras) @ now.image_to_world
     coords = (to_volume @ ijk.T)[2 - entry.axis]  # along the propagation axis (array axis 0 is IJK k)
@@ -755,16 +772,7 @@ def check_no_unseen_edits(entry: "HistoryEntry", segmentation_node, segment_id: 
     else:  # halfway: one of the two neighbours reads it (which one is the resampler's choice)
         either = np.isin(below, seen) | np.isin(below + 1, seen)
         missed = np.where(halfway, np.where(either, -1, below), np.where(np.isin(nearest, seen), -1, nearest))
-    unseen = sorted({int(v) for v in np.unique(missed)} & set(range(entry.grid.shape[entry.axis])))
-    if unseen:
-        name = segmentation_node.GetSegmentation().GetSegment(segment_id).GetName()
-        shown = ", ".join(map(str, unseen[:6])) + (" ..." if len(unseen) > 6 else "")
-        raise InputError(
-            f'"{name}" was edited where the volume\'s voxels do not show it (near volume slice'
-            f'{"s" if len(unseen) > 1 else ""} {shown}): the segmentation\'s grid is finer than the volume\'s, and the '
-            "update, which reads the segment on the volume's grid, cannot see that edit and would write over it. "
-            "Make the edit on the volume's slices and larger than its voxels (or set the segmentation's geometry "
-            "from the volume in the Segment Editor), or undo it, then update")
+    return sorted({int(v) for v in np.unique(missed)} & set(range(entry.grid.shape[entry.axis])))
 
 
 def _explain_lost_prompt(segmentation_node, segment_id: str, volume_node) -> None:
@@ -921,6 +929,11 @@ def _prompt_info(prompt: np.ndarray, grid: VolumeGrid, volume_node=None, axis: i
                 raise
             axis, slices = find_prompt_slices(prompt, plane_names=_plane_names(grid.ijk_to_ras))
     except InputError as exc:
+        if isinstance(exc, DrawnIn3D):  # bands over more than half the slices (15 degrees on a 30-slice CT) were
+            # called a 3D mask, with advice to draw on one slice, which the user had done (a trial, session 47)
+            for ax in range(3):
+                occupied = np.flatnonzero(np.any(prompt, axis=tuple(a for a in range(3) if a != ax))).tolist()
+                _check_not_painted_across(prompt, grid, ax, occupied, volume_node)
         raise _same_kind(exc, _in_segment_words(str(exc))) from None
     _check_not_painted_across(prompt, grid, axis, next(iter(slices.values())), volume_node)
     lab = next(iter(slices))
@@ -3444,6 +3457,9 @@ class SegmentQueue:
         self.outcomes: list[tuple[str, str, str, str]] = []
         self.stopped = ""  # why the queue ended before its last segment ("" while running or when it did not)
         self._volume_noted = False  # the volume's own note (a label map?) said for a segment already
+        # Without the caller's history (a script's propagate_segments): results saved with the segments
+        # are still read back from their records, into this
+        self._records = PropagationHistory()
 
     def volume_notes_once(self, notes: list[tuple[str, str]]) -> list[tuple[str, str]]:
         """``notes`` (``segment_notes``) without the note about the volume itself (``"labelmap"``: it
@@ -3640,21 +3656,26 @@ class SegmentQueue:
         slice; a drawing when erased and drawn again), ("propagated", the result segment's name) for a
         drawing propagated before into a new segment that still holds its result (mode "new"), or None
         for a segment to propagate."""
+        history = history if history is not None else self._records
         segment = self.segmentation_node.GetSegmentation().GetSegment(segment_id)
-        entry = history.get(self.segmentation_node, segment_id) if history is not None else None
+        entry = history.get(self.segmentation_node, segment_id)
         if entry is not None or _segment_tag(segment, RUN_TAG):
             holds = entry is not None and _holds_result(history, self.segmentation_node, segment_id, self.volume_node)
             return ("result", "") if holds else ("tagged", "")
-        if self.mode != "new" or history is None:
+        if self.mode != "new":
             return None
         segmentation = self.segmentation_node.GetSegmentation()
         for n in range(segmentation.GetNumberOfSegments()):
             other, other_id = segmentation.GetNthSegment(n), segmentation.GetNthSegmentID(n)
             if other_id == segment_id or _segment_tag(other, SOURCE_TAG) != segment_id:
                 continue
-            made = history.get(self.segmentation_node, other_id)
-            if made is not None and made.created and _holds_result(history, self.segmentation_node, other_id,
-                                                                    self.volume_node):
+            # Its tag says it was made from this drawing. Passed over while it holds its result, as this
+            # session's runs, its updates or the record saved with the scene say, or when nothing says
+            # (a script's run without a history): a reloaded scene's drawings, whose results were read
+            # back from their records as not "created" by this session, were propagated again into
+            # "(PAM 2)" (a trial, session 47).
+            if history.get(self.segmentation_node, other_id) is None or _holds_result(
+                    history, self.segmentation_node, other_id, self.volume_node):
                 return "propagated", other.GetName()
         return None
 
