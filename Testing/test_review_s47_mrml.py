@@ -101,7 +101,7 @@ def test_bands_over_more_than_half_an_oblique_volumes_slices_get_the_rotate_advi
         mrml.describe_prompt(volume, seg2, ids2["organ"])
 
 
-def test_panel_undo_asks_before_discarding_an_edit_on_a_finer_segmentation_grid(panel, mrml_scene, monkeypatch):
+def test_panel_undo_asks_about_an_edit_on_a_finer_segmentation_grid(panel, mrml_scene, monkeypatch):  # noqa: F811
     """A trial (session 47): on a segmentation twice as fine along k as the volume, an edit on a thin
     slice no volume voxel reads was found by Update (refused) but not by Undo, which discarded it
     without the question it asks for edits it sees."""
