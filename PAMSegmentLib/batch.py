@@ -139,28 +139,37 @@ def _default_name(image: str, resolved: Path) -> str:
     return "_".join([*parts[:-1], last])
 
 
-def _manifest_text(path: Path) -> str:
+def _called(path: Path) -> str:
+    """The manifest's name in messages: its file name, "stdin" for /dev/stdin, and for a pipe of the
+    shell's (``<(grep ... all.csv)``: /dev/fd/63) "the piped manifest", not "63" (a trial, session 47)."""
+    if path.name.isdigit() and str(path.parent) in ("/dev/fd", "/proc/self/fd") or str(path.parent).startswith(
+            "/proc/") and path.parent.name == "fd":
+        return "the piped manifest"
+    return path.name
+
+
+def _manifest_text(path: Path) -> tuple[str, bool]:
     """The manifest's text: UTF-8 (with or without the byte-order mark Excel's "CSV UTF-8" writes)
     or UTF-16 with its byte-order mark (Excel's "Unicode Text"); a workbook or another encoding is
-    named, with the line of the first byte that is not UTF-8."""
+    named, with the line of the first byte that is not UTF-8. Returns (text, whether it was UTF-16)."""
     try:
         data = path.read_bytes()
     except OSError as error:
         raise InputError(f"cannot read manifest {path} ({error.strerror or error})") from None
     if data.startswith((b"PK\x03\x04", b"\xd0\xcf\x11\xe0")):  # .xlsx / .ods (zip), .xls (OLE)
-        raise InputError(f"{path.name} is a spreadsheet workbook, not a CSV file: save it as CSV (in Excel: File > "
+        raise InputError(f"{_called(path)} is a spreadsheet workbook, not a CSV file: save it as CSV (in Excel: File > "
                          "Save As > CSV UTF-8 (Comma delimited)) and give that")
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
         try:
-            return data.decode("utf-16")
+            return data.decode("utf-16"), True
         except UnicodeDecodeError:
-            raise InputError(f"cannot read {path.name}: it starts as UTF-16 text but is damaged; save it as CSV "
+            raise InputError(f"cannot read {_called(path)}: it starts as UTF-16 text but is damaged; save it as CSV "
                              "UTF-8") from None
     try:
-        return data.decode("utf-8-sig")
+        return data.decode("utf-8-sig"), False
     except UnicodeDecodeError as error:
         line = data[:error.start].count(b"\n") + 1
-        raise InputError(f"cannot read {path.name} as a CSV file: line {line} holds a character that is not UTF-8 "
+        raise InputError(f"cannot read {_called(path)} as a CSV file: line {line} holds a character that is not UTF-8 "
                          f"(byte 0x{data[error.start]:02x}; Excel's plain \"CSV (Comma delimited)\" writes accents "
                          "in another encoding): save it as \"CSV UTF-8 (Comma delimited)\"") from None
 
@@ -184,14 +193,19 @@ def _read_records(path: Path) -> list[tuple[int, list[str]]]:
     """The manifest's records as (the file line each starts on, its fields)."""
     import io
 
-    reader = csv.reader(io.StringIO(_manifest_text(path), newline=""))
+    text, utf16 = _manifest_text(path)
+    header = next((line for line in text.splitlines() if line.strip()), "")
+    # Excel's "Unicode Text" (UTF-16, the README says it is read) separates its columns with tabs: read with
+    # commas, its header was one unknown column (a trial, session 47)
+    utf16_tabs = utf16 and "\t" in header and "," not in header
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if utf16_tabs else ",")
     records, line = [], 1
     try:
         for fields in reader:
             records.append((line, fields))
             line = reader.line_num + 1  # a quoted field may span lines
     except csv.Error as error:
-        raise InputError(f"cannot read {path.name} as a CSV file (line {reader.line_num}: {error})") from None
+        raise InputError(f"cannot read {_called(path)} as a CSV file (line {reader.line_num}: {error})") from None
     return records
 
 
@@ -229,31 +243,31 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
             hint += " (it looks like a path: the first line must be the header naming the columns)"
         other = next((name for sep, name in ((";", "semicolons"), ("\t", "tabs"))
                       if any(sep in f for f in fields)), None)
-        raise InputError(f"{path.name} has a column {shown(unknown[0], 80)} this command does not know{hint}; the "
+        raise InputError(f"{_called(path)} has a column {shown(unknown[0], 80)} this command does not know{hint}; the "
                          f"columns are {COLUMNS_TEXT}" + (f"; separate them with commas, not {other}" if other else ""))
     twice = next((f for n, f in enumerate(fields) if f and f in fields[:n]), None)
     if twice:
-        raise InputError(f"{path.name} has the column {twice} twice; keep one")
+        raise InputError(f"{_called(path)} has the column {twice} twice; keep one")
     missing = [c for c in ("image", "prompt") if c not in fields]
     if missing:
-        raise InputError(f"{path.name} has no {' or '.join(missing)} column; its header must name {COLUMNS_TEXT} "
+        raise InputError(f"{_called(path)} has no {' or '.join(missing)} column; its header must name {COLUMNS_TEXT} "
                          "(found: " + (", ".join(f for f in fields if f) or "nothing") + ")")
     # A column without a name (a trailing comma, as spreadsheets export) is ignored while it is empty.
     for line, values in records:
         if any("\n" in v or "\r" in v for v in values):  # paths hold no line breaks: a quote left open
-            raise InputError(f"{path.name} row {line}: a field runs over several lines: a double quote (\") opened "
+            raise InputError(f"{_called(path)} row {line}: a field runs over several lines: a double quote (\") opened "
                              "there is not closed, or a cell holds a line break (Alt+Enter in Excel); close the "
                              "quote or remove the line break")
         if any(v.strip() for v in values[len(fields):]):
             extra = [v.strip() for v in values[len(fields) - 1:] if v.strip()]
             labels_split = "label" in fields and fields[-1] == "label" and all(v.isdigit() for v in extra)
-            raise InputError(f"{path.name} row {line} has more fields than the header; " + (
+            raise InputError(f"{_called(path)} row {line} has more fields than the header; " + (
                 'separate several labels with spaces ("2 4"), not commas' if labels_split else
                 'put paths that contain commas in double quotes ("a,b.nii.gz")'))
         unnamed = next((n for n, v in enumerate(values[:len(fields)]) if not fields[n] and v.strip()), None)
         if unnamed is not None:
-            raise InputError(f"{path.name}: column {unnamed + 1} has no name in the header but row {line} fills it; "
-                             f"name it ({COLUMNS_TEXT}) or remove it")
+            raise InputError(f"{_called(path)}: column {unnamed + 1} has no name in the header but row {line} fills "
+                             f"it; name it ({COLUMNS_TEXT}) or remove it")
     # {resolved output, lower case: (its row, what it names)}, {row: that key}
     rows, outputs, outputs_key = [], {}, {}
     series_in: dict[str, list[str]] = {}  # {DICOM folder: its series}, read once per folder
@@ -261,7 +275,7 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
         rec = {f: v.strip() for f, v in zip(fields, values) if f}
         if not any(rec.values()):
             continue  # blank line
-        where = f"{path.name} row {line}"
+        where = f"{_called(path)} row {line}"
         if [v.strip().lower() for v in values[:len(fields)]] == fields:  # two manifests joined with cat
             raise InputError(f"{where} repeats the header (two manifests joined?); remove it")
 
@@ -382,7 +396,7 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
         rows.append(BatchRow(line, image, prompt, output, labels,
                              series=rec.get("series") or None, previous=previous, edited=edited))
     if not rows:
-        raise InputError(f"{path.name} lists no cases")
+        raise InputError(f"{_called(path)} lists no cases")
     # No output may be any row's input: writing it would replace a scan or prompt another row reads.
     inputs = {str(path.resolve()).lower(): (0, path)} if path.is_file() else {}  # (0: the manifest itself)
     for r in rows:
@@ -393,7 +407,7 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
     for r in rows:
         record = str(r.output.resolve()).lower() + ".keyframes.json"  # (the output's record beside it)
         if manifest_key is not None and record == manifest_key:
-            raise InputError(f"{path.name} row {r.number}: the record {r.output}.keyframes.json written beside its "
+            raise InputError(f"{_called(path)} row {r.number}: the record {r.output}.keyframes.json written beside its "
                              "output would replace the manifest itself; give the row another output")
         other = inputs.get(outputs_key[r.number])
         if other is not None:
@@ -794,8 +808,9 @@ def _carry_over(row: BatchRow, earlier: dict[str, tuple[dict, int]]) -> None:
     if found is None:
         return
     before, stamp = found
-    if row.output.stat().st_mtime_ns > stamp:
-        return  # written again since: that report does not describe it
+    if row.output.stat().st_mtime_ns > stamp:  # written again since: that report does not describe it
+        row.message = f"{SKIPPED}; it changed after the earlier report was written, which does not describe it"
+        return
     if before.get("status") not in ("ok", "skipped"):  # it failed in that run: only its method tells
         row.method = before.get("method") or ""
         return
@@ -1493,7 +1508,10 @@ def _cmd_batch(args: argparse.Namespace, claims: list) -> int:
     from .volumes import say_leftovers
 
     say_leftovers([report, *(r.output for r in rows if r.status == "ok")])
-    print(f"batch: {summary} of {len(rows)} row{'s' if len(rows) != 1 else ''} in {time.perf_counter() - t_all:.1f} s; report {report}", flush=True)
+    # (a report that could not be written is not named as if it were: a trial, session 47)
+    where = f"report {report}" if rewrite.failure is None else f"report {report} not written at the end (below)"
+    print(f"batch: {summary} of {len(rows)} row{'s' if len(rows) != 1 else ''} in {time.perf_counter() - t_all:.1f} s; "
+          f"{where}", flush=True)
     if rewrite.failure is not None:
         print(f"pamsegment: error: {_one_line(rewrite.failure)}; it does not show the cases run since it was last "
               "written (their outputs are written)", file=sys.stderr)

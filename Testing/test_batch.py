@@ -372,7 +372,9 @@ def test_a_resumed_report_keeps_what_the_earlier_run_said_of_the_cases_it_skips(
     os.utime(out / "c1_image_pam.nii.gz", ns=(report_time + 10**9, report_time + 10**9))
     assert main(["batch", str(m), "-o", str(out), "--method", "track", "--skip-existing"]) == 0
     fourth = _report(out / "batch_report.csv")
-    assert (fourth[1]["check_first"], fourth[1]["message"]) == ("", "output exists (--skip-existing)")
+    assert (fourth[1]["check_first"], fourth[1]["message"]) == ("", "output exists (--skip-existing); it changed after "
+                                                                 "the earlier report was written, which does not "
+                                                                 "describe it")
     assert fourth[0]["check_first"] == first[0]["check_first"]
 
 

@@ -146,3 +146,106 @@ def test_label_images_refuses_a_blank_prompt_image(tmp_path, capsys):
     rng = np.random.default_rng(2)
     with pytest.raises(InputError, match=r"^the prompt image \(image 1\) holds one value everywhere \(0\)"):
         label_images([rng.random((48, 48)), np.zeros((48, 48)), rng.random((48, 48))], 1, mask, model="copy")
+
+
+# ----------------------------------------------------------------------------- pamsegment batch (a trial)
+
+
+def _batch_cases(tmp_path, n=2):
+    from conftest import make_ct_case
+
+    return [make_ct_case(tmp_path / "data" / f"c{k}", seed=k) for k in range(n)]
+
+
+def _report_rows(path):
+    import csv
+
+    with open(path, encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_batch_reads_excels_unicode_text_with_its_tabs(tmp_path):
+    """A trial (session 47): the README says Excel's "Unicode Text" is read, but that export is UTF-16
+    with tabs between the columns, and the tabs were refused ("separate them with commas")."""
+    from PAMSegmentLib.cli import main
+
+    _batch_cases(tmp_path)
+    text = "image\tprompt\toutput\r\n" + "".join(f"c{k}/image.nii.gz\tc{k}/prompt.nii.gz\tr{k}.nii.gz\r\n"
+                                                 for k in range(2))
+    (tmp_path / "data" / "cases.txt").write_bytes(text.encode("utf-16"))  # (with its byte-order mark)
+    assert main(["batch", str(tmp_path / "data" / "cases.txt"), "-o", str(tmp_path / "out"), "--method", "copy"]) == 0
+    rows = _report_rows(tmp_path / "out" / "batch_report.csv")
+    assert [r["status"] for r in rows] == ["ok", "ok"] and (tmp_path / "data" / "r1.nii.gz").exists()  # (beside it)
+    # tabs in a UTF-8 file are still refused with the hint
+    (tmp_path / "data" / "cases8.txt").write_text(text)
+    assert main(["batch", str(tmp_path / "data" / "cases8.txt"), "-o", str(tmp_path / "out8"), "--method",
+                 "copy"]) == 2
+
+
+def test_a_piped_manifest_is_not_called_by_its_file_descriptor(tmp_path, capsys):
+    """A trial (session 47): `pamsegment batch <(printf ...)` named the manifest "63" (/dev/fd/63)."""
+    import os
+
+    from PAMSegmentLib.cli import main
+
+    read, write = os.pipe()
+    os.write(write, b"image,prompt\nnope.nii.gz,x.nii.gz\n")
+    os.close(write)
+    try:
+        assert main(["batch", f"/dev/fd/{read}", "-o", str(tmp_path / "out")]) == 2
+    finally:
+        os.close(read)
+    err = capsys.readouterr().err
+    assert err.startswith("pamsegment: error: the piped manifest row 2: image ") and "does not exist" in err
+    assert f"{read} row 2" not in err
+
+
+def test_skip_existing_says_why_an_output_newer_than_the_report_lost_its_figures(tmp_path):
+    """A trial (session 47): the README says a skipped row whose output is newer than the earlier
+    report drops that report's figures "(the message then says so)"; it said only "output exists"."""
+    import os
+
+    from PAMSegmentLib.cli import main
+
+    _batch_cases(tmp_path)
+    m = tmp_path / "data" / "cases.csv"
+    m.write_text("image,prompt,output\n" + "".join(f"c{k}/image.nii.gz,c{k}/prompt.nii.gz,r{k}.nii.gz\n"
+                                                    for k in range(2)))
+    out = tmp_path / "out"
+    assert main(["batch", str(m), "-o", str(out), "--method", "copy"]) == 0
+    later = (out / "batch_report.csv").stat().st_mtime + 3600
+    os.utime(tmp_path / "data" / "r0.nii.gz", (later, later))  # edited by hand after the report
+    assert main(["batch", str(m), "-o", str(out), "--method", "copy", "--skip-existing"]) == 0
+    rows = _report_rows(out / "batch_report.csv")
+    assert rows[0]["status"] == "skipped" and rows[0]["slices"] == ""
+    assert rows[0]["message"] == ("output exists (--skip-existing); it changed after the earlier report was written, "
+                                  "which does not describe it")
+    assert rows[1]["status"] == "skipped" and rows[1]["message"].startswith("done in an earlier run")
+
+
+def test_the_summary_does_not_name_a_report_that_could_not_be_written(tmp_path, monkeypatch, capsys):
+    """A trial (session 47): with the report unwritable at the end, the summary line still ended
+    "; report DIR/batch_report.csv", right above the error saying it could not be written."""
+    from pathlib import Path
+
+    from PAMSegmentLib.cli import main
+
+    _batch_cases(tmp_path, 1)
+    m = tmp_path / "data" / "cases.csv"
+    m.write_text("image,prompt\nc0/image.nii.gz,c0/prompt.nii.gz\n")
+    real, writes = Path.replace, []
+
+    def replace(self, target):
+        if Path(target).name == "batch_report.csv":
+            writes.append(target)
+            if len(writes) > 1:
+                raise PermissionError(13, "Permission denied")
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "replace", replace)
+    out = tmp_path / "out"
+    assert main(["batch", str(m), "-o", str(out), "--method", "copy"]) == 2
+    captured = capsys.readouterr()
+    assert "batch: 1 ok of 1 row in " in captured.out
+    assert f"; report {out / 'batch_report.csv'} not written at the end (below)" in captured.out
+    assert "cannot write the report" in captured.err
