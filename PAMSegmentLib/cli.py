@@ -1264,7 +1264,7 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
     check_request(plan.prompt, plan.axis, labels, slice_range, plan.empty_slices, True)  # refused before it is said
     for line in plan.describe():
         say(f"update: {line}")
-    for line in plan.notes():
+    for line in plan.notes(names[1]):
         say(f"note: {line}")
     if covered is not None:  # a cropped corrected file: what the earlier result holds beyond it is erased
         beyond = maps[0] != 0  # (1 byte a voxel, for an update from a cropped file only)
@@ -1313,10 +1313,16 @@ def plan_update(image, prompt, previous_path, edited_path, *, axis=None, labels=
             say(f"note: {who} of {Path(previous_path).name} {are} not among the labels chosen ({option}): left out "
                 f"of the result; leave out {option} to keep {them} (labels you did not edit are reused, not "
                 "predicted again)")
-    if plan.ignored:
-        say(f"note: label{'s' if len(plan.ignored) > 1 else ''} {', '.join(map(str, plan.ignored))} changed in "
-            f"{names[1]} but not propagated (not in the prompt or not among the labels chosen): left out of the "
-            "result")
+    # labels of the earlier result the prompt does not hold (another prompt than the earlier run's, or one of a
+    # --range run's labels): left out of the result without a word before (a trial, session 47)
+    in_prompt = {int(v) for v in np.unique(prompt.array)} - {0}
+    gone = sorted(int(v) for v in np.unique(maps[0]) if v != 0 and int(v) not in in_prompt and int(v) not in
+                  plan.ignored)
+    if gone:
+        who = f"label{'s' if len(gone) > 1 else ''} {', '.join(map(str, gone))}"
+        are, them = ("are", "them") if len(gone) > 1 else ("is", "it")
+        say(f"note: {who} of {Path(previous_path).name} {are} not in the prompt: left out of the result (was "
+            f"{Path(previous_path).name} made from another prompt? Give the prompt it was made from to keep {them})")
     previous = None
     if stored is not None:  # the earlier run's walks: those whose keyframes are unchanged are reused
         from .propagate import PropagationResult

@@ -2763,13 +2763,19 @@ class EditPlan:
             lines.append(text)
         return lines
 
-    def notes(self) -> list[str]:
-        """What to check of the plan: slices erased between two keyframes of a label leave a gap in
+    def notes(self, edited_name: str = "the edited result") -> list[str]:
+        """What to check of the plan: labels changed in the edited result that are not propagated
+        (not in the prompt, or left out by ``labels``: the command line said so, Python did not; a
+        trial, session 47); slices erased between two keyframes of a label leave a gap in
         the object (walls: no walk crosses them). Meant when a slice of a structure that is really
         absent there was erased; otherwise the corrected file is often a copy of another round's
         result than the earlier one given (a helper's trial, session 42: round 2's result corrected,
         round 1's given: the slices round 2 left empty became walls, a hole in a vertebra, exit 0)."""
         out = []
+        if self.ignored:
+            out.append(f"label{'s' if len(self.ignored) > 1 else ''} {', '.join(map(str, self.ignored))} changed in "
+                       f"{edited_name} but not propagated (not in the prompt or not among the labels chosen): left "
+                       "out of the result")
         for lab, gaps in sorted(self.holes.items()):
             where = ", and ".join(f"{_slice_list_text(inner)}, between its keyframes {before} and {after}"
                                   for inner, before, after in gaps)

@@ -249,3 +249,56 @@ def test_the_summary_does_not_name_a_report_that_could_not_be_written(tmp_path, 
     assert "batch: 1 ok of 1 row in " in captured.out
     assert f"; report {out / 'batch_report.csv'} not written at the end (below)" in captured.out
     assert "cannot write the report" in captured.err
+
+
+# ----------------------------------------------------------------------------- corrections (a trial)
+
+
+def test_an_update_says_which_labels_of_the_earlier_result_its_prompt_leaves_out(tmp_path, capsys):
+    """A trial (session 47): a five-label result corrected on one label and updated with a prompt of
+    that label alone lost the other four (and a --range run's second label), exit 0, no word."""
+    from conftest import make_ct_case, write_image
+    from PAMSegmentLib import cli
+    from PAMSegmentLib.volumes import read_volume
+
+    case = make_ct_case(tmp_path / "c")
+    both = case.prompt.copy()
+    both[10, :3, :3] = 2  # a second, small structure drawn on the same slice
+    write_image(both, tmp_path / "both.nii.gz", case.spacing)
+    first = tmp_path / "first.nii.gz"
+    assert cli.main(["propagate", str(case.image_path), str(tmp_path / "both.nii.gz"), "-o", str(first), "--method",
+                     "copy"]) == 0
+    edited = read_volume(first).array.copy()
+    assert (edited[14] == 1).any() and (edited == 2).any()
+    edited[14][edited[14] == 1] = 0  # label 1 erased on slice 14
+    write_image(edited.astype(np.uint8), tmp_path / "edited.nii.gz", case.spacing)
+    capsys.readouterr()
+    out = tmp_path / "second.nii.gz"
+    assert cli.main(["propagate", str(case.image_path), str(case.prompt_path), "-o", str(out), "--method", "copy",
+                     "--previous", str(first), "--edited", str(tmp_path / "edited.nii.gz")]) == 0
+    printed = capsys.readouterr().out
+    assert ("note: label 2 of first.nii.gz is not in the prompt: left out of the result (was first.nii.gz made from "
+            "another prompt? Give the prompt it was made from to keep it)") in printed
+    assert set(np.unique(read_volume(out).array)) == {0, 1}  # as said
+    # with the prompt the result was made from: no such note
+    assert cli.main(["propagate", str(case.image_path), str(tmp_path / "both.nii.gz"), "-o", str(tmp_path / "t.nii.gz"),
+                     "--method", "copy", "--previous", str(first), "--edited", str(tmp_path / "edited.nii.gz")]) == 0
+    assert "not in the prompt" not in capsys.readouterr().out
+
+
+def test_an_edit_plan_names_labels_changed_but_not_propagated_in_its_notes(tmp_path):
+    """A trial (session 47): a structure newly drawn in the corrected result, beside a correction of
+    the prompt's label, was named by the command line only; Python's ``plan.notes()`` was empty."""
+    from PAMSegmentLib.propagate import keyframes_from_edits
+
+    prompt = np.zeros((12, 20, 20), np.uint8)
+    prompt[6, 5:15, 5:15] = 1
+    previous = np.zeros_like(prompt)
+    previous[3:10, 5:15, 5:15] = 1
+    edited = previous.copy()
+    edited[8, 5:15, 5:10] = 0  # a correction of label 1
+    edited[4, 1:3, 1:3] = 7  # and a new structure, not in the prompt
+    plan = keyframes_from_edits(prompt, previous, edited)
+    assert plan.ignored == [7]
+    assert plan.notes() == ["label 7 changed in the edited result but not propagated (not in the prompt or not among "
+                            "the labels chosen): left out of the result"]
