@@ -13,6 +13,17 @@ def _png(path, array) -> str:
     return str(path)
 
 
+def _grey_set(tmp_path) -> np.ndarray:
+    """Three grey 48 x 48 PNGs a, b, c holding a bright box, and a_mask.png marking it: the mask back."""
+    rng = np.random.default_rng(0)
+    mask = np.zeros((48, 48), np.uint8)
+    mask[14:30, 16:34] = 1
+    for n in "abc":
+        _png(tmp_path / f"{n}.png", rng.integers(0, 255, (48, 48)) // 2 + 100 * mask)
+    _png(tmp_path / "a_mask.png", mask)
+    return mask
+
+
 @pytest.fixture
 def image_set(tmp_path):
     rng = np.random.default_rng(0)

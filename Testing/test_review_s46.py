@@ -655,12 +655,9 @@ def test_label_images_says_which_images_look_like_label_maps(tmp_path, capsys):
     """Masks in the set named otherwise than *_mask were labelled as images (exit 0, no word)."""
     from PAMSegmentLib import cli
 
-    rng = np.random.default_rng(0)
-    mask = np.zeros((48, 48), np.uint8)
-    mask[14:30, 16:34] = 1
-    for n in "abc":
-        _png2d(tmp_path / f"{n}.png", rng.integers(0, 255, (48, 48)) // 2 + 100 * mask)
-    _png2d(tmp_path / "a_mask.png", mask)
+    from test_review_s36 import _grey_set
+
+    mask = _grey_set(tmp_path)
     _png2d(tmp_path / "b_label.png", mask * 2)
     folder = [str(tmp_path / n) for n in ("a.png", "b.png", "c.png", "b_label.png")]
     assert cli.main(["label-images", folder[0], str(tmp_path / "a_mask.png"), *folder[1:], "-o",

@@ -94,22 +94,11 @@ def _colour_png(path, rgb) -> str:
     return str(path)
 
 
-def _grey_set(tmp_path):
-    from test_review_s36 import _png
-
-    rng = np.random.default_rng(0)
-    mask = np.zeros((48, 48), np.uint8)
-    mask[14:30, 16:34] = 1
-    for n in "abc":
-        _png(tmp_path / f"{n}.png", rng.integers(0, 255, (48, 48)) // 2 + 100 * mask)
-    _png(tmp_path / "a_mask.png", mask)
-    return mask
-
-
 def test_label_images_names_a_colour_label_map_among_the_images(tmp_path, capsys):
     """A trial (session 46): a colour label map in the set (red and green regions, read as greys of
     76.245 and 149.685: not whole values) was labelled as an image without the note grey ones get."""
     from PAMSegmentLib import cli
+    from test_review_s36 import _grey_set
 
     mask = _grey_set(tmp_path)
     colour = np.zeros((48, 48, 3), np.uint8)
@@ -133,7 +122,7 @@ def test_label_images_refuses_a_blank_prompt_image(tmp_path, capsys):
     from PAMSegmentLib import cli
     from PAMSegmentLib.errors import InputError
     from PAMSegmentLib.imageset import label_images
-    from test_review_s36 import _png
+    from test_review_s36 import _grey_set, _png
 
     mask = _grey_set(tmp_path)
     _png(tmp_path / "blank.png", np.full((48, 48), 120, np.uint8))
