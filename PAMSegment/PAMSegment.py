@@ -893,8 +893,8 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             edited = unseen = []
         if unseen and not slicer.util.confirmOkCancelDisplay(
             f"Undo the last {entry.kind}? The changes you made since near slice{'s' if len(unseen) > 1 else ''} "
-            f"{', '.join(str(s) for s in unseen[:8])}, on thin slices of the segmentation's finer grid between the "
-            "volume's slices, are discarded with it.",
+            f"{', '.join(str(s) for s in unseen[:8])}{' ...' if len(unseen) > 8 else ''}, which the volume's voxels "
+            "do not show (the segmentation's grid is finer than the volume's), are discarded with it.",
             windowTitle="PAMSegment: undo",
         ):
             return

@@ -197,7 +197,7 @@ def _read_records(path: Path) -> list[tuple[int, list[str]]]:
     header = next((line for line in text.splitlines() if line.strip()), "")
     # Excel's "Unicode Text" (UTF-16, the README says it is read) separates its columns with tabs: read with
     # commas, its header was one unknown column (a trial, session 47)
-    utf16_tabs = utf16 and "\t" in header and "," not in header
+    utf16_tabs = utf16 and "\t" in header  # (commas in its cells are theirs)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if utf16_tabs else ",")
     records, line = [], 1
     try:
@@ -414,7 +414,7 @@ def read_manifest(path: str | Path, out_dir: str | Path) -> list[BatchRow]:
             case = ("" if str(other[1].resolve()) == str(r.output.resolve()) else
                     f" ({other[1]}: names that differ only in case are one file on macOS and Windows)")
             what = "the manifest itself" if other[0] == 0 else f"an input of row {other[0]}"
-            raise InputError(f"{path.name} row {r.number}: the output {r.output} is {what}{case}; "
+            raise InputError(f"{_called(path)} row {r.number}: the output {r.output} is {what}{case}; "
                              "choose another output")
     return rows
 
@@ -1371,11 +1371,11 @@ def _cmd_batch(args: argparse.Namespace, claims: list) -> int:
     for r in todo:
         other = _made_for_another_manifest(r, earlier, Path(args.manifest), ours)
         if other is not None:
-            raise InputError(f"{Path(args.manifest).name} row {r.number}: its output {r.output} holds another "
+            raise InputError(f"{_called(Path(args.manifest))} row {r.number}: its output {r.output} holds another "
                              f"manifest's result ({other[0]}, made from {other[1]}), which this run would replace; "
                              "give the row an output column (or write to another -o folder; to replace it on "
                              "purpose, delete it first)")
-    _check_output_folders(out_dir, todo, Path(args.manifest).name)
+    _check_output_folders(out_dir, todo, _called(Path(args.manifest)))
     from .volumes import _grid_from_header, check_geometry_fits, check_grids_from_headers
 
     import warnings
@@ -1393,7 +1393,7 @@ def _cmd_batch(args: argparse.Namespace, claims: list) -> int:
                 if grid is not None:
                     check_geometry_fits(grid.direction, r.output)
             except InputError as error:
-                raise InputError(f"{Path(args.manifest).name} row {r.number}: {error}"
+                raise InputError(f"{_called(Path(args.manifest))} row {r.number}: {error}"
                                  + (" (give the row an output column)" if "sheared" in str(error) else "")) from None
             finally:
                 for w in caught:

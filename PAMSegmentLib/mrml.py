@@ -846,16 +846,35 @@ def _check_not_painted_across(prompt: np.ndarray, grid: VolumeGrid, axis: int, d
     setting that avoids it."""
     from .propagate import tilted_drawing  # noqa: PLC0415
 
-    normal = _ijk_to_world(grid, volume_node)[:3, 2 - int(axis)]
-    oblique = float(np.max(np.abs(normal)) / max(float(np.linalg.norm(normal)), 1e-12)) < np.cos(np.radians(0.1))
-    bands = tilted_drawing(prompt, axis, drawn) if oblique else None
-    if bands is not None:
+    bands = tilted_drawing(prompt, axis, drawn) if _oblique_axis(grid, axis, volume_node) else None
+    if bands is not None and _in_a_world_slab(prompt, _ijk_to_world(grid, volume_node), axis):
         plane = axis_plane_name(grid.ijk_to_ras, axis)
         raise PaintedAcross(f"it lies on {len(drawn)} adjacent {plane} slices of the volume ({bands[0]}-{bands[1]}) "
                             "whose "
                          "outlines barely overlap: one outline painted in a slice view that is not aligned with this "
                          "oblique volume crosses its slices in bands. Click the slice view's 'Rotate to volume plane' "
                          "(in its pin menu), erase the drawing and draw it again")
+
+
+def _oblique_axis(grid: VolumeGrid, axis: int, volume_node=None) -> bool:
+    """Whether the slices across array ``axis`` are oblique to RAS in the world (by more than 0.1
+    degree: a large outline on thin slices crosses several at 0.5 degree)."""
+    normal = _ijk_to_world(grid, volume_node)[:3, 2 - int(axis)]
+    return float(np.max(np.abs(normal)) / max(float(np.linalg.norm(normal)), 1e-12)) < np.cos(np.radians(0.1))
+
+
+def _in_a_world_slab(prompt: np.ndarray, ijk_to_world: np.ndarray, axis: int) -> bool:
+    """Whether the drawing lies within about two voxels of a plane of Slicer's RAS-aligned views: along
+    the world axis nearest the normal of the slices across ``axis``, its voxels' centres span at most
+    twice a voxel's extent along it. Bands of one painted outline do; a thin structure crossing the
+    slices (a vessel, finished or drawn on a few slices) runs along that axis (a review, session 47: a
+    finished vessel over all 16 slices of a volume tilted 15 degrees was told to be erased and drawn
+    again in another view)."""
+    m = np.asarray(ijk_to_world, dtype=float)[:3, :3]
+    w = int(np.argmax(np.abs(m[:, 2 - int(axis)])))  # (IJK column 2 - axis: array axis ``axis``)
+    kji = np.argwhere(np.asarray(prompt) != 0)
+    along = kji[:, ::-1] @ m[w]  # the world coordinate along w of each voxel's centre (less the origin)
+    return float(along.max() - along.min()) <= 2.0 * float(np.sum(np.abs(m[w])))
 
 
 def _in_segment_words(text: str) -> str:
@@ -931,7 +950,7 @@ def _prompt_info(prompt: np.ndarray, grid: VolumeGrid, volume_node=None, axis: i
     except InputError as exc:
         if isinstance(exc, DrawnIn3D):  # bands over more than half the slices (15 degrees on a 30-slice CT) were
             # called a 3D mask, with advice to draw on one slice, which the user had done (a trial, session 47)
-            for ax in range(3):
+            for ax in (a for a in range(3) if _oblique_axis(grid, a, volume_node)):  # (none: no cost)
                 occupied = np.flatnonzero(np.any(prompt, axis=tuple(a for a in range(3) if a != ax))).tolist()
                 _check_not_painted_across(prompt, grid, ax, occupied, volume_node)
         raise _same_kind(exc, _in_segment_words(str(exc))) from None
@@ -3670,12 +3689,15 @@ class SegmentQueue:
             if other_id == segment_id or _segment_tag(other, SOURCE_TAG) != segment_id:
                 continue
             # Its tag says it was made from this drawing. Passed over while it holds its result, as this
-            # session's runs, its updates or the record saved with the scene say, or when nothing says
-            # (a script's run without a history): a reloaded scene's drawings, whose results were read
-            # back from their records as not "created" by this session, were propagated again into
-            # "(PAM 2)" (a trial, session 47).
-            if history.get(self.segmentation_node, other_id) is None or _holds_result(
-                    history, self.segmentation_node, other_id, self.volume_node):
+            # session's runs, its updates or the record saved with the scene say, or, where nothing says
+            # (a script's runs without a history), while it holds voxels: a reloaded scene's drawings, whose
+            # results were read back from their records as not "created" by this session, were propagated
+            # again into "(PAM 2)" (a trial, session 47).
+            if history.get(self.segmentation_node, other_id) is not None:
+                held = _holds_result(history, self.segmentation_node, other_id, self.volume_node)
+            else:
+                held = _own_voxels_box(other) is not None
+            if held:
                 return "propagated", other.GetName()
         return None
 

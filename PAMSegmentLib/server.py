@@ -6,8 +6,8 @@ The HTTP API (FastAPI, served by uvicorn; ``pip install ".[server]"`` in the sou
 * ``GET /info``: the server's version, its model (checkpoint, sha256, device, walk, and ``settings``:
   ``checkpoints.settings_digest``), how many jobs wait, its limits (``max_upload_mb``,
   ``max_voxels``) and the ``batch_size`` every job runs with.
-* ``POST /jobs?options=JSON``: the body (not a form: 415) is an uncompressed ``.npz`` (``numpy.savez``) holding
-  ``image`` (k, j, i), ``prompt`` (the same shape, integer labels) and ``spacing`` (3 floats, mm,
+* ``POST /jobs?options=JSON``: the body (not a multipart form: 415) is an uncompressed ``.npz``
+  (``numpy.savez``) holding ``image`` (k, j, i), ``prompt`` (the same shape, integer labels) and ``spacing`` (3 floats, mm,
   k, j, i). ``options`` (JSON object, optional): ``axis``, ``labels``, ``range``, ``early_stop``,
   ``empty_slices``, ``remove_disconnected``, ``update`` (the prompt is an edited earlier result),
   ``method`` (``pam``, ``track``, ``copy``), ``intensity_gate`` (``pam``: the drift test for this
@@ -484,6 +484,7 @@ class JobQueue:
         """Forget the job, cancelling it if it is queued or running. Returns the state it had then
         (None: no such job), so that the answer says whether anything was cancelled."""
         with self._lock:
+            self._expire()  # (a result expired is no job any more, as GET says: a review, session 47)
             job = self.jobs.pop(job_id, None)
             state = None if job is None else job.state
         if job is None:
@@ -681,9 +682,10 @@ def create_app(model_factory: Callable[[str], Any], *, token: str | None = None,
             raise refuse(request, 413, f"the upload is {math.ceil(int(length) / 2**20 * 100) / 100:g} MB; this "
                                        f"server takes at most {max_upload_mb:g} MB")
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if kind in ("multipart/form-data", "application/x-www-form-urlencoded"):  # (read as a broken .npz before)
-            raise refuse(request, 415, f"the upload is a form ({kind}); send the .npz itself as the request's body "
-                                       "(Content-Type: application/octet-stream; curl --data-binary @case.npz, not -F)")
+        if kind == "multipart/form-data":  # (read as a broken .npz before; curl --data-binary's own urlencoded type
+            # is no form: its body is the file as it is)
+            raise refuse(request, 415, "the upload is a form (multipart/form-data); send the .npz itself as the "
+                                       "request's body (curl --data-binary @case.npz, not -F)")
         from starlette.requests import ClientDisconnect
 
         chunks, size = [], 0

@@ -73,12 +73,21 @@ def test_propagate_all_without_a_history_does_not_propagate_drawings_twice(mrml_
     queue = mrml.propagate_segments(volume, seg, mode="new", model=copy)
     assert _names(seg) == ["left", "right", "left (PAM)", "right (PAM)"]
     assert [o[2] for o in queue.outcomes][:2] == ["propagated", "propagated"]
+    # a result segment emptied (nothing says it held a result: no history): its drawing is propagated again
+    # (a review: passed over for good at first)
+    pam = {seg.GetSegmentation().GetNthSegment(n).GetName(): seg.GetSegmentation().GetNthSegmentID(n)
+           for n in range(4)}
+    slicer.util.updateSegmentBinaryLabelmapFromArray(np.zeros(SHAPE, np.uint8), seg, pam["right (PAM)"], volume)
+    queue = mrml.propagate_segments(volume, seg, mode="new", model=copy, segment_ids=[ids["right"]])
+    assert [o[2] for o in queue.outcomes] == ["written"]
+    assert sorted(_names(seg)) == sorted(["left", "left (PAM)", "right", "right (PAM)", "right (PAM 2)"])
+    seg.GetSegmentation().RemoveSegment(pam["right (PAM)"])
     # a result segment deleted: its drawing is propagated again
     seg.GetSegmentation().RemoveSegment(next(seg.GetSegmentation().GetNthSegmentID(n) for n in range(4)
                                              if seg.GetSegmentation().GetNthSegment(n).GetName() == "left (PAM)"))
     queue = mrml.propagate_segments(volume, seg, mode="new", model=copy)
     assert [o[2] for o in queue.outcomes][:2] == ["written", "propagated"]
-    assert sorted(_names(seg)) == ["left", "left (PAM)", "right", "right (PAM)"]
+    assert sorted(_names(seg)) == sorted(["left", "left (PAM)", "right", "right (PAM 2)"])
 
 
 def test_bands_over_more_than_half_an_oblique_volumes_slices_get_the_rotate_advice(mrml_scene):
@@ -95,10 +104,20 @@ def test_bands_over_more_than_half_an_oblique_volumes_slices_get_the_rotate_advi
     with pytest.raises(InputError, match=r'^segment "tumor": it lies on 13 adjacent axial slices of the volume '
                                          r"\(2-14\) whose outlines barely overlap: .*'Rotate to volume plane'"):
         mrml.describe_prompt(volume, seg, ids["tumor"])
-    # a finished organ on the same volume is still a 3D mask
-    seg2, ids2 = make_segmentation(volume, {"organ": truth.astype(np.uint8)})
-    with pytest.raises(InputError, match="that is a 3D mask, not a slice prompt"):
-        mrml.describe_prompt(volume, seg2, ids2["organ"])
+    # a finished organ on the same volume is still a 3D mask, and so is a finished thin vessel crossing every
+    # slice (a review: it was told to be erased and drawn again in another view), whose bands do not lie in
+    # one plane of the RAS views
+    k, j, i = np.mgrid[:16, :64, :64]
+    vessel = ((j - (20 + k)) ** 2 + (i - (20 + k)) ** 2 <= 1).astype(np.uint8)
+    seg2, ids2 = make_segmentation(volume, {"organ": truth.astype(np.uint8), "vessel": vessel})
+    for name in ("organ", "vessel"):
+        with pytest.raises(InputError, match="that is a 3D mask, not a slice prompt"):
+            mrml.describe_prompt(volume, seg2, ids2[name])
+    # the same vessel drawn on three neighbouring slices as keyframes: taken, not refused as bands
+    drawn = vessel.copy()
+    drawn[:7] = drawn[10:] = 0
+    seg3, ids3 = make_segmentation(volume, {"vessel": drawn})
+    assert mrml.describe_prompt(volume, seg3, ids3["vessel"]).slices == [7, 8, 9]
 
 
 def test_panel_undo_asks_about_an_edit_on_a_finer_segmentation_grid(panel, mrml_scene, monkeypatch):  # noqa: F811
@@ -128,8 +147,9 @@ def test_panel_undo_asks_about_an_edit_on_a_finer_segmentation_grid(panel, mrml_
     asked = []
     monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, **kw: asked.append(text) or False)
     panel.ui.undoButton.click()
-    assert len(asked) == 1 and asked[0].startswith("Undo the last propagation? The changes you made since near "
-                                                   "slice 16, on thin slices of the segmentation's finer grid")
+    assert len(asked) == 1 and asked[0] == ("Undo the last propagation? The changes you made since near slice 16, "
+                                            "which the volume's voxels do not show (the segmentation's grid is finer "
+                                            "than the volume's), are discarded with it.")
     np.testing.assert_array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(seg, sid, geometry) > 0, edit)
     monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, **kw: asked.append(text) or True)
     panel.ui.undoButton.click()  # accepted: the drawing is back
