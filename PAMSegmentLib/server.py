@@ -8,8 +8,8 @@ The HTTP API (FastAPI, served by uvicorn; ``pip install ".[server]"`` in the sou
   ``max_voxels``) and the ``batch_size`` every job runs with.
 * ``POST /jobs?options=JSON``: the body (not a multipart form: 415) is an uncompressed ``.npz``
   (``numpy.savez``) holding ``image`` (k, j, i), ``prompt`` (the same shape, integer labels) and
-  ``spacing`` (3 floats, mm, k, j, i). ``options`` (JSON object, optional): ``axis``, ``labels``, ``range``, ``early_stop``,
-  ``empty_slices``, ``remove_disconnected``, ``update`` (the prompt is an edited earlier result),
+  ``spacing`` (3 floats, mm, k, j, i). ``options`` (JSON object, optional): ``axis``, ``labels``,
+  ``range``, ``early_stop``, ``empty_slices``, ``remove_disconnected``, ``update`` (the prompt is an edited earlier result),
   ``method`` (``pam``, ``track``, ``copy``), ``intensity_gate`` (``pam``: the drift test for this
   job, ``off``, ``on``, ``prompt`` (also written ``both``, the command line's word) or ``guide``;
   default the server model's setting). The
