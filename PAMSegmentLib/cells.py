@@ -170,6 +170,19 @@ def _check(image, examples, background):
     return float32_values(img, precision=True)[0], cells, n, bg, notes
 
 
+def _some(lines: list[str], what: str) -> list[str]:
+    """``lines`` (a warning per example), or the first three of them and one line for the rest when
+    there are more than EXAMPLE_WARNINGS: an anti-aliased mask read with --as-drawn gave 1663 one- to
+    nine-pixel examples and a line for each of about 200 (a trial, session 47)."""
+    if len(lines) <= EXAMPLE_WARNINGS:
+        return lines
+    return [*lines[:3], f"and {len(lines) - 3} more examples {what}: are the examples whole cells, each drawn with "
+                        "a label of its own?"]
+
+
+EXAMPLE_WARNINGS = 5  # warnings of one kind about single examples given one by one, at most
+
+
 def _large_examples(cells: np.ndarray, areas: np.ndarray) -> dict[int, str]:
     """A warning per example cell (by its index from 0) over 1.75 times the other examples' median
     area: often touching cells drawn with one label, which count as one (two equal cells make 2 times)."""
@@ -544,8 +557,9 @@ def label_cells(image, examples, *, background=None, tile: int = 1024, seed: int
     if progress is not None:
         progress(1.0, "done")
     large = _large_examples(cells, areas)
-    warnings_ = example_notes + ([unlike] if unlike else []) + list(large.values()) \
-        + _merged_examples(cells, areas, skip=large)
+    warnings_ = example_notes + ([unlike] if unlike else []) \
+        + _some(list(large.values()), f"over 1.75 times the other examples' median area ({np.median(areas):g} px)") \
+        + _some(_merged_examples(cells, areas, skip=large), "that look like touching cells drawn with one label")
     found_areas = [c["area"] for c in cells_info if not c["example"]]
     giant = sum(a > 4 * areas.max() for a in found_areas)
     covered = float((out > 0).mean())

@@ -323,3 +323,28 @@ def test_an_edit_plan_names_labels_changed_but_not_propagated_in_its_notes(tmp_p
     assert plan.ignored == [7]
     assert plan.notes() == ["label 7 changed in the edited result but not propagated (not in the prompt or not among "
                             "the labels chosen): left out of the result"]
+
+
+def test_label_cells_says_many_like_warnings_about_single_examples_once(tmp_path):
+    """A trial (session 47): an anti-aliased mask read with --as-drawn gave 1663 one- to nine-pixel
+    examples and a warning line for each of about 200 of them ("... is 5.0 times the other examples'
+    median area"). Three are shown, and one line for the rest."""
+    pytest.importorskip("sklearn")
+    from PAMSegmentLib.cells import label_cells
+
+    rng = np.random.default_rng(0)
+    image = rng.normal(100, 5, (96, 96))
+    examples = np.zeros((96, 96), np.int32)
+    n = 0
+    for r in range(4, 92, 8):
+        for c in range(4, 92, 8):
+            n += 1
+            size = 3 if n % 3 == 0 else 1  # every third example 9 px, the rest 1 px: 40 of them "large"
+            examples[r:r + size, c:c + size] = n
+            image[r:r + size, c:c + size] += 60
+    result = label_cells(image, examples)
+    large = [w for w in result.warnings if w.startswith("the example at row ") and "median area" in w]
+    assert len(large) == 3
+    summary = [w for w in result.warnings if w.startswith("and ")]
+    assert summary == ["and 37 more examples over 1.75 times the other examples' median area (1 px): are the "
+                       "examples whole cells, each drawn with a label of its own?"]
