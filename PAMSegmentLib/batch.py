@@ -764,7 +764,9 @@ def _made_for_another_manifest(row: BatchRow, earlier: dict[str, tuple[dict, int
     recorded = dict(item.split(":", 1) for item in (before.get("inputs") or "").split() if ":" in item)
     if recorded and _same_input(recorded.get("image", ""), _fingerprint(Path(image), ours)):
         return None
-    return before["manifest"], before.get("image") or "?"
+    recorded_as = Path(before["manifest"])  # (a piped one's /proc/PID/fd/N, of a process long gone: a re-review)
+    return (_called(recorded_as) if _called(recorded_as) != recorded_as.name else before["manifest"],
+            before.get("image") or "?")
 
 
 def _changed_at(path: Path, ours: frozenset = frozenset()) -> int:
@@ -1308,7 +1310,8 @@ def _cmd_batch(args: argparse.Namespace, claims: list) -> int:
         rows = rows[k - 1::n]
         report_name = f"batch_report.shard{k}-of-{n}.csv"
         if not rows:
-            print(f"batch: shard {k}/{n} holds no rows of {args.manifest} (it lists fewer than {k} cases); nothing to do")
+            print(f"batch: shard {k}/{n} holds no rows of {_called(Path(args.manifest))} (it lists fewer than {k} "
+                  "cases); nothing to do")
             return EXIT_OK
     if args.checkpoint:
         from .checkpoints import check_checkpoint_file

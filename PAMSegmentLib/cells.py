@@ -558,7 +558,7 @@ def label_cells(image, examples, *, background=None, tile: int = 1024, seed: int
         progress(1.0, "done")
     large = _large_examples(cells, areas)
     warnings_ = example_notes + ([unlike] if unlike else []) \
-        + _some(list(large.values()), f"over 1.75 times the other examples' median area ({np.median(areas):g} px)") \
+        + _some(list(large.values()), "over 1.75 times the other examples' median area") \
         + _some(_merged_examples(cells, areas, skip=large), "that look like touching cells drawn with one label")
     found_areas = [c["area"] for c in cells_info if not c["example"]]
     giant = sum(a > 4 * areas.max() for a in found_areas)

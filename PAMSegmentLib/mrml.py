@@ -550,6 +550,12 @@ def _check_not_half_a_voxel_apart(segmentation_node, segment_id: str, volume_nod
         "one voxel. In the Segment Editor, Specify geometry from this volume, then try again")
 
 
+def _own_voxel_count(segment) -> int:
+    """How many of its own stored voxels the segment holds (``_own_voxels_box``; 0 for none)."""
+    found = _own_voxels_box(segment)
+    return 0 if found is None else int(np.count_nonzero(found[0]))
+
+
 def _own_voxels_box(segment):
     """The segment's own stored voxels (those holding its label), read in place (no copy of a
     labelmap that may span the whole, oversampled scan) and cropped to their box: (box (k, j, i),
@@ -847,7 +853,7 @@ def _check_not_painted_across(prompt: np.ndarray, grid: VolumeGrid, axis: int, d
     from .propagate import tilted_drawing  # noqa: PLC0415
 
     bands = tilted_drawing(prompt, axis, drawn) if _oblique_axis(grid, axis, volume_node) else None
-    if bands is not None and _in_a_world_slab(prompt, _ijk_to_world(grid, volume_node), axis):
+    if bands is not None and _in_a_world_slab(prompt, _ijk_to_world(grid, volume_node)):
         plane = axis_plane_name(grid.ijk_to_ras, axis)
         raise PaintedAcross(f"it lies on {len(drawn)} adjacent {plane} slices of the volume ({bands[0]}-{bands[1]}) "
                             "whose "
@@ -863,18 +869,19 @@ def _oblique_axis(grid: VolumeGrid, axis: int, volume_node=None) -> bool:
     return float(np.max(np.abs(normal)) / max(float(np.linalg.norm(normal)), 1e-12)) < np.cos(np.radians(0.1))
 
 
-def _in_a_world_slab(prompt: np.ndarray, ijk_to_world: np.ndarray, axis: int) -> bool:
-    """Whether the drawing lies within about two voxels of a plane of Slicer's RAS-aligned views: along
-    the world axis nearest the normal of the slices across ``axis``, its voxels' centres span at most
-    twice a voxel's extent along it. Bands of one painted outline do; a thin structure crossing the
-    slices (a vessel, finished or drawn on a few slices) runs along that axis (a review, session 47: a
-    finished vessel over all 16 slices of a volume tilted 15 degrees was told to be erased and drawn
-    again in another view)."""
+def _in_a_world_slab(prompt: np.ndarray, ijk_to_world: np.ndarray) -> bool:
+    """Whether the drawing lies within about two voxels of a plane of one of Slicer's RAS-aligned views
+    (axial, coronal or sagittal): along that view's normal (a world axis) its voxels' centres span at
+    most twice a voxel's extent along it. Bands of one painted outline do; a finished thin structure
+    crossing the slices obliquely (a vessel) does not (a review, session 47: one over all 16 slices of
+    a volume tilted 15 degrees was told to be erased and drawn again in another view)."""
     m = np.asarray(ijk_to_world, dtype=float)[:3, :3]
-    w = int(np.argmax(np.abs(m[:, 2 - int(axis)])))  # (IJK column 2 - axis: array axis ``axis``)
-    kji = np.argwhere(np.asarray(prompt) != 0)
-    along = kji[:, ::-1] @ m[w]  # the world coordinate along w of each voxel's centre (less the origin)
-    return float(along.max() - along.min()) <= 2.0 * float(np.sum(np.abs(m[w])))
+    ijk = np.argwhere(np.asarray(prompt) != 0)[:, ::-1]
+    for w in range(3):
+        along = ijk @ m[w]  # the world coordinate along w of each voxel's centre (less the origin)
+        if float(along.max() - along.min()) <= 2.0 * float(np.sum(np.abs(m[w]))):
+            return True
+    return False
 
 
 def _in_segment_words(text: str) -> str:
@@ -3695,8 +3702,8 @@ class SegmentQueue:
             # again into "(PAM 2)" (a trial, session 47).
             if history.get(self.segmentation_node, other_id) is not None:
                 held = _holds_result(history, self.segmentation_node, other_id, self.volume_node)
-            else:
-                held = _own_voxels_box(other) is not None
+            else:  # (a result mostly erased, a few stray voxels left, holds the drawing back no more: a re-review)
+                held = 2 * _own_voxel_count(other) >= _own_voxel_count(segment)
             if held:
                 return "propagated", other.GetName()
         return None

@@ -700,7 +700,13 @@ def create_app(model_factory: Callable[[str], Any], *, token: str | None = None,
             return Response(status_code=400)
         def check():
             opts = parse_options(options)
-            image, prompt, spacing = read_arrays(b"".join(chunks), max_voxels)
+            try:
+                image, prompt, spacing = read_arrays(b"".join(chunks), max_voxels)
+            except InputError as error:  # curl -d sends a file as a form's text, its line breaks removed
+                if kind != "application/x-www-form-urlencoded":
+                    raise
+                raise InputError(f"{error} (sent as form text, application/x-www-form-urlencoded: curl -d removes "
+                                 "the file's line breaks; send it with curl --data-binary @case.npz)") from None
             _validate_inputs(image, prompt, spacing)  # the engine's own checks, the integer prompt among them
             check_request(np.asarray(prompt), opts.get("axis"), opts.get("labels"), opts.get("range"),
                           opts.get("empty_slices"), bool(opts.get("update", False)))  # range and walls too

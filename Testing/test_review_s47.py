@@ -55,6 +55,12 @@ def test_a_form_upload_is_refused_as_a_form_not_as_a_broken_npz():
     # type curl --data-binary gives it unless told otherwise (a review: refused at first)
     for kind in (None, "application/octet-stream", "application/x-www-form-urlencoded"):
         assert client.post("/jobs", content=body, headers={"Content-Type": kind} if kind else {}).status_code == 202
+    # curl -d sends the file as form text without its line breaks: said so (a re-review)
+    cut = body.replace(b"\r", b"").replace(b"\n", b"")
+    r = client.post("/jobs", content=cut, headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 400 and r.json()["detail"].endswith(
+        "(sent as form text, application/x-www-form-urlencoded: curl -d removes the file's line breaks; send it with "
+        "curl --data-binary @case.npz)")
 
 
 def test_a_server_that_takes_the_upload_and_never_answers_is_not_called_unreachable():
@@ -346,5 +352,111 @@ def test_label_cells_says_many_like_warnings_about_single_examples_once(tmp_path
     large = [w for w in result.warnings if w.startswith("the example at row ") and "median area" in w]
     assert len(large) == 3
     summary = [w for w in result.warnings if w.startswith("and ")]
-    assert summary == ["and 37 more examples over 1.75 times the other examples' median area (1 px): are the "
-                       "examples whole cells, each drawn with a label of its own?"]
+    assert summary == ["and 37 more examples over 1.75 times the other examples' median area: are the examples "
+                       "whole cells, each drawn with a label of its own?"]
+
+
+# ----------------------------------------------------------------------------- checkpoints (a hostile trial)
+
+
+def test_a_checkpoint_in_a_folder_that_may_not_be_entered_is_one_message(tmp_path, small_checkpoint, monkeypatch):
+    """A hostile trial (session 47): Path.exists() raised PermissionError for a file in a folder
+    without search permission (a traceback, exit 1); an unreadable file itself was already said."""
+    import pathlib
+
+    from PAMSegmentLib.checkpoints import load_checkpoint_file
+    from PAMSegmentLib.errors import CheckpointError
+
+    target = tmp_path / "locked" / "w.pt"
+    real = pathlib.Path.exists
+
+    def exists(self, *args, **kwargs):
+        if str(self) == str(target):
+            raise PermissionError(13, "Permission denied")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "exists", exists)
+    with pytest.raises(CheckpointError, match=r"^cannot read checkpoint .*w\.pt \(Permission denied\); check the "
+                                              r"permissions of it and of its folders"):
+        load_checkpoint_file(target)
+
+
+def test_a_damaged_checkpoint_is_not_told_to_load_with_weights_only_false(tmp_path):
+    """A hostile trial (session 47): every file torch's safe loader could not read was said to hold
+    "Python objects", with advice to load it with weights_only=False; for a damaged file that
+    advice fails too (and turns off the safety). A whole saved module gets advice that works."""
+    import torch
+
+    from PAMSegmentLib.checkpoints import load_checkpoint_file
+    from PAMSegmentLib.errors import CheckpointError
+
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x80\x02\x00" + b"x" * 2000)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint_file(bad)
+    assert "damaged, truncated or not a PyTorch checkpoint" in str(info.value)
+    assert "weights_only=False" not in str(info.value) and "Python objects" not in str(info.value)
+    whole = tmp_path / "whole.pt"
+    torch.save(torch.nn.Linear(2, 2), whole)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint_file(whole)
+    text = str(info.value)
+    assert "(here torch.nn.modules.linear.Linear)" in text
+    assert "sd = obj.state_dict() if hasattr(obj, 'state_dict') else obj.get('model_state_dict', obj)" in text
+
+
+def test_weight_names_from_a_checkpoint_are_cut_and_escaped(tmp_path, small_checkpoint):
+    """A hostile trial (session 47): an unexpected weight named with terminal escapes and 20,000
+    characters was printed whole (it cleared the screen)."""
+    import torch
+
+    from PAMSegmentLib.checkpoints import load_checkpoint_file
+    from PAMSegmentLib.errors import CheckpointError
+
+    obj = torch.load(small_checkpoint.path, weights_only=True)
+    obj["state_dict"]["\x1b[2J" + "A" * 20000] = torch.zeros(1)
+    path = tmp_path / "esc.pt"
+    torch.save(obj, path)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint_file(path)
+    text = str(info.value)
+    assert "1 unexpected key(s): '\\x1b[2JAAAA" in text and "\x1b" not in text and len(text) < 400
+
+
+def test_a_flipped_byte_in_a_checkpoint_entry_is_found_by_its_checksum(tmp_path, small_checkpoint):
+    """A hostile trial (session 47): torch does not check a zip entry's CRC-32, and the official file
+    carries no other checksum: a byte flipped in a weight loaded and ran (-3.2e36 for -0.0093)."""
+    import zipfile
+
+    from PAMSegmentLib.checkpoints import load_checkpoint_file
+    from PAMSegmentLib.errors import CheckpointError
+
+    data = bytearray(small_checkpoint.path.read_bytes())
+    with zipfile.ZipFile(small_checkpoint.path) as archive:
+        entry = next(e for e in archive.infolist() if "/data/" in e.filename and e.file_size > 64)
+    name_len, extra_len = int.from_bytes(data[entry.header_offset + 26:entry.header_offset + 28], "little"), \
+        int.from_bytes(data[entry.header_offset + 28:entry.header_offset + 30], "little")
+    start = entry.header_offset + 30 + name_len + extra_len
+    data[start + 13] ^= 0x40
+    path = tmp_path / "flipped.pt"
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=rf"its entry '{entry.filename}' does not match its checksum \(CRC-32\): "
+                                              "the file is damaged"):
+        load_checkpoint_file(path)
+
+
+def test_a_damaged_model_card_beside_the_default_weights_is_not_skipped(tmp_path, small_checkpoint, monkeypatch):
+    """A hostile trial (session 47): a model card beside the PAMSEGMENT_MODEL weights that could not
+    be read was skipped without a word, the weights left unchecked (the shipped weights' was refused)."""
+    import shutil
+
+    from PAMSegmentLib.checkpoints import load_model
+    from PAMSegmentLib.errors import CheckpointError
+
+    path = tmp_path / "w.pt"
+    shutil.copy(small_checkpoint.path, path)
+    monkeypatch.setenv("PAMSEGMENT_MODEL", str(path))
+    assert load_model().sha256  # no card: not checked
+    (tmp_path / "w.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"the model card w\.json beside it cannot be read \(JSONDecodeError\)"):
+        load_model()

@@ -82,12 +82,21 @@ def test_propagate_all_without_a_history_does_not_propagate_drawings_twice(mrml_
     assert [o[2] for o in queue.outcomes] == ["written"]
     assert sorted(_names(seg)) == sorted(["left", "left (PAM)", "right", "right (PAM)", "right (PAM 2)"])
     seg.GetSegmentation().RemoveSegment(pam["right (PAM)"])
+    # ... and so is one of which a few stray voxels were left (a re-review: held the drawing back)
+    crumbs = np.zeros(SHAPE, np.uint8)
+    crumbs[10, 20, 28:30] = 1
+    pam = {seg.GetSegmentation().GetNthSegment(n).GetName(): seg.GetSegmentation().GetNthSegmentID(n)
+           for n in range(seg.GetSegmentation().GetNumberOfSegments())}
+    slicer.util.updateSegmentBinaryLabelmapFromArray(crumbs, seg, pam["right (PAM 2)"], volume)
+    queue = mrml.propagate_segments(volume, seg, mode="new", model=copy, segment_ids=[ids["right"]])
+    assert [o[2] for o in queue.outcomes] == ["written"]
+    seg.GetSegmentation().RemoveSegment(pam["right (PAM 2)"])
     # a result segment deleted: its drawing is propagated again
     seg.GetSegmentation().RemoveSegment(next(seg.GetSegmentation().GetNthSegmentID(n) for n in range(4)
                                              if seg.GetSegmentation().GetNthSegment(n).GetName() == "left (PAM)"))
     queue = mrml.propagate_segments(volume, seg, mode="new", model=copy)
     assert [o[2] for o in queue.outcomes][:2] == ["written", "propagated"]
-    assert sorted(_names(seg)) == sorted(["left", "left (PAM)", "right", "right (PAM 2)"])
+    assert sorted(_names(seg)) == sorted(["left", "left (PAM)", "right", "right (PAM)"])
 
 
 def test_bands_over_more_than_half_an_oblique_volumes_slices_get_the_rotate_advice(mrml_scene):
@@ -113,11 +122,27 @@ def test_bands_over_more_than_half_an_oblique_volumes_slices_get_the_rotate_advi
     for name in ("organ", "vessel"):
         with pytest.raises(InputError, match="that is a 3D mask, not a slice prompt"):
             mrml.describe_prompt(volume, seg2, ids2[name])
-    # the same vessel drawn on three neighbouring slices as keyframes: taken, not refused as bands
-    drawn = vessel.copy()
-    drawn[:7] = drawn[10:] = 0
-    seg3, ids3 = make_segmentation(volume, {"vessel": drawn})
-    assert mrml.describe_prompt(volume, seg3, ids3["vessel"]).slices == [7, 8, 9]
+
+
+def test_an_outline_painted_in_a_coronal_view_across_an_oblique_volume_is_refused_too(mrml_scene):
+    """A re-review (session 47): the plane test first looked only along the world axis nearest the
+    slices' normal (S for axial slices), so an outline painted in Slicer's coronal view, whose bands
+    lie within a thin slab along A, was taken as five keyframes (refused before)."""
+    shape = (24, 48, 48)
+    m = np.eye(4)
+    tilt = np.radians(25.0)
+    m[:3, :3] = np.array([[1, 0, 0], [0, np.cos(tilt), -np.sin(tilt)], [0, np.sin(tilt), np.cos(tilt)]]) @ np.diag(
+        [0.7, 0.7, 3.0])
+    k, j, i = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    ras = m @ np.stack([i.ravel(), j.ravel(), k.ravel(), np.ones(i.size)])
+    centre = m @ np.array([24.0, 24.0, 12.0, 1.0])
+    disc = ((ras[0] - centre[0]) ** 2 + (ras[2] - centre[2]) ** 2 <= 8.0 ** 2).reshape(shape)
+    painted = ((np.abs(ras[1] - centre[1]) <= 1.0).reshape(shape) & disc).astype(np.uint8)
+    assert np.count_nonzero(painted.any(axis=(1, 2))) >= 3
+    volume = make_volume_node(np.where(disc, 100.0, 0.0).astype(np.float32), ijk_to_ras=m)
+    seg, ids = make_segmentation(volume, {"tumor": painted})
+    with pytest.raises(InputError, match=r"whose outlines barely overlap: .*'Rotate to volume plane'"):
+        mrml.describe_prompt(volume, seg, ids["tumor"])
 
 
 def test_panel_undo_asks_about_an_edit_on_a_finer_segmentation_grid(panel, mrml_scene, monkeypatch):  # noqa: F811
