@@ -99,6 +99,17 @@ def _pam_method(args: argparse.Namespace) -> Any:
     return model
 
 
+def _checkpoint_is_file(path) -> bool:
+    """``Path(path).is_file()``, or CheckpointError where a folder on the way may not be entered (a
+    PermissionError traceback, exit 1, for the file PAMSEGMENT_MODEL names: a re-review, session 47)."""
+    try:
+        return Path(path).is_file()
+    except PermissionError as error:
+        raise CheckpointError(f"cannot read checkpoint {path} ({error.strerror or error}), the file PAMSEGMENT_MODEL "
+                              "names; check the permissions of it and of its folders, or point the variable at a "
+                              "checkpoint you can read") from None
+
+
 def _load_pam(args: argparse.Namespace) -> Any:
     from . import checkpoints
 
@@ -106,7 +117,7 @@ def _load_pam(args: argparse.Namespace) -> Any:
         return checkpoints.load_model(args.checkpoint, device=args.device)
     path = checkpoints.default_checkpoint_path()
     env = os.environ.get("PAMSEGMENT_MODEL")
-    if env and (path is None or not Path(path).is_file()):
+    if env and (path is None or not _checkpoint_is_file(path)):
         raise CheckpointError(
             f"PAMSEGMENT_MODEL is set to {env}, which is not a file; point it at a checkpoint, unset it, "
             "or pass --checkpoint CKPT"
@@ -1452,7 +1463,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     if path is None:  # the shipped weights: after `pip install` they are not under Resources/Models
         path = default_checkpoint_path()
         env = os.environ.get("PAMSEGMENT_MODEL")
-        if env and (path is None or not Path(path).is_file()):
+        if env and (path is None or not _checkpoint_is_file(path)):
             raise CheckpointError(f"PAMSEGMENT_MODEL is set to {env}, which is not a file; point it at a checkpoint, "
                                   "unset it, or give a checkpoint file: pamsegment info CKPT")
         if path is None:

@@ -872,16 +872,19 @@ def _oblique_axis(grid: VolumeGrid, axis: int, volume_node=None) -> bool:
 def _in_a_world_slab(prompt: np.ndarray, ijk_to_world: np.ndarray) -> bool:
     """Whether the drawing lies within about two voxels of a plane of one of Slicer's RAS-aligned views
     (axial, coronal or sagittal): along that view's normal (a world axis) its voxels' centres span at
-    most twice a voxel's extent along it. Bands of one painted outline do; a finished thin structure
-    crossing the slices obliquely (a vessel) does not (a review, session 47: one over all 16 slices of
-    a volume tilted 15 degrees was told to be erased and drawn again in another view)."""
+    most twice a voxel's extent along it, and along the two other axes more. Bands of one painted
+    outline do; a finished thin structure crossing the slices (a vessel) does not (a review, session
+    47: one over all 16 slices of a volume tilted 15 degrees was told to be erased and drawn again in
+    another view)."""
     m = np.asarray(ijk_to_world, dtype=float)[:3, :3]
     ijk = np.argwhere(np.asarray(prompt) != 0)[:, ::-1]
+    thin = []
     for w in range(3):
         along = ijk @ m[w]  # the world coordinate along w of each voxel's centre (less the origin)
-        if float(along.max() - along.min()) <= 2.0 * float(np.sum(np.abs(m[w]))):
-            return True
-    return False
+        thin.append(float(along.max() - along.min()) <= 2.0 * float(np.sum(np.abs(m[w]))))
+    # thin along one axis and spread along the two others: an outline in a plane; thin along two, a line (a vessel
+    # running along the third world axis, a re-review: along S it was thin along R and A)
+    return sum(thin) == 1
 
 
 def _in_segment_words(text: str) -> str:
@@ -3703,7 +3706,8 @@ class SegmentQueue:
             if history.get(self.segmentation_node, other_id) is not None:
                 held = _holds_result(history, self.segmentation_node, other_id, self.volume_node)
             else:  # (a result mostly erased, a few stray voxels left, holds the drawing back no more: a re-review)
-                held = 2 * _own_voxel_count(other) >= _own_voxel_count(segment)
+                kept = _own_voxel_count(other)
+                held = kept > 0 and 2 * kept >= _own_voxel_count(segment)
             if held:
                 return "propagated", other.GetName()
         return None

@@ -703,7 +703,8 @@ def create_app(model_factory: Callable[[str], Any], *, token: str | None = None,
             try:
                 image, prompt, spacing = read_arrays(b"".join(chunks), max_voxels)
             except InputError as error:  # curl -d sends a file as a form's text, its line breaks removed
-                if kind != "application/x-www-form-urlencoded":
+                if kind != "application/x-www-form-urlencoded" or not any(
+                        said in str(error) for said in ("not an .npz file", "is damaged")):
                     raise
                 raise InputError(f"{error} (sent as form text, application/x-www-form-urlencoded: curl -d removes "
                                  "the file's line breaks; send it with curl --data-binary @case.npz)") from None

@@ -482,7 +482,7 @@ def test_one_byte_changed_in_the_shipped_header_is_refused(monkeypatch, tmp_path
     assert struct.unpack(">d", bytes(data[at:at + 8]))[0] == 0.75
     path.write_bytes(bytes(data))
     # since session 47 the zip entry's CRC-32 is checked, which finds such a byte whatever the card
-    with pytest.raises(CheckpointError, match=r"data\.pkl' does not match its checksum \(CRC-32\)"):
+    with pytest.raises(CheckpointError, match=r"the file is damaged \(its entry '.*data\.pkl': Bad CRC-32"):
         load_model(path)
     # the same change written with a right checksum (the header re-saved): held to the card
     import torch

@@ -91,6 +91,17 @@ def test_propagate_all_without_a_history_does_not_propagate_drawings_twice(mrml_
     queue = mrml.propagate_segments(volume, seg, mode="new", model=copy, segment_ids=[ids["right"]])
     assert [o[2] for o in queue.outcomes] == ["written"]
     seg.GetSegmentation().RemoveSegment(pam["right (PAM 2)"])
+    # an emptied drawing beside an emptied result is an empty segment, not one "propagated before" (a re-review)
+    pam = {seg.GetSegmentation().GetNthSegment(n).GetName(): seg.GetSegmentation().GetNthSegmentID(n)
+           for n in range(seg.GetSegmentation().GetNumberOfSegments())}
+    before = {name: slicer.util.arrayFromSegmentBinaryLabelmap(seg, sid, volume).copy() for name, sid in
+              (("right", ids["right"]), ("right (PAM)", pam["right (PAM)"]))}
+    for sid in (ids["right"], pam["right (PAM)"]):
+        slicer.util.updateSegmentBinaryLabelmapFromArray(np.zeros(SHAPE, np.uint8), seg, sid, volume)
+    queue = mrml.propagate_segments(volume, seg, mode="new", model=copy, segment_ids=[ids["right"]])
+    assert [o[2] for o in queue.outcomes] == ["empty"]
+    for name, sid in (("right", ids["right"]), ("right (PAM)", pam["right (PAM)"])):
+        slicer.util.updateSegmentBinaryLabelmapFromArray(before[name], seg, sid, volume)
     # a result segment deleted: its drawing is propagated again
     seg.GetSegmentation().RemoveSegment(next(seg.GetSegmentation().GetNthSegmentID(n) for n in range(4)
                                              if seg.GetSegmentation().GetNthSegment(n).GetName() == "left (PAM)"))
@@ -120,6 +131,23 @@ def test_bands_over_more_than_half_an_oblique_volumes_slices_get_the_rotate_advi
     vessel = ((j - (20 + k)) ** 2 + (i - (20 + k)) ** 2 <= 1).astype(np.uint8)
     seg2, ids2 = make_segmentation(volume, {"organ": truth.astype(np.uint8), "vessel": vessel})
     for name in ("organ", "vessel"):
+        with pytest.raises(InputError, match="that is a 3D mask, not a slice prompt"):
+            mrml.describe_prompt(volume, seg2, ids2[name])
+    # ... and one running along world S (a re-review: thin along R and A, it was taken for bands of an outline)
+    m25 = np.eye(4)
+    tilt = np.radians(25.0)
+    m25[:3, :3] = np.array([[1, 0, 0], [0, np.cos(tilt), -np.sin(tilt)],
+                            [0, np.sin(tilt), np.cos(tilt)]]) @ np.diag([0.7, 0.7, 3.0])
+    shape_s = (40, 96, 96)
+    k, j, i = np.meshgrid(*[np.arange(n) for n in shape_s], indexing="ij")
+    ras = m25 @ np.stack([i.ravel(), j.ravel(), k.ravel(), np.ones(i.size)])
+    centre = m25 @ np.array([48.0, 48.0, 20.0, 1.0])
+    tube = (((ras[0] - centre[0]) ** 2 + (ras[1] - centre[1]) ** 2 <= 1.0).reshape(shape_s)).astype(np.uint8)
+    volume_s = make_volume_node(tube.astype(np.float32) * 100, ijk_to_ras=m25, name="tilted")
+    seg4, ids4 = make_segmentation(volume_s, {"vessel": tube})
+    with pytest.raises(InputError, match="that is a 3D mask, not a slice prompt"):
+        mrml.describe_prompt(volume_s, seg4, ids4["vessel"])
+    for name in ():
         with pytest.raises(InputError, match="that is a 3D mask, not a slice prompt"):
             mrml.describe_prompt(volume, seg2, ids2[name])
 
