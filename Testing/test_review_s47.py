@@ -458,6 +458,21 @@ def test_a_damaged_model_card_beside_the_default_weights_is_not_skipped(tmp_path
     with pytest.raises(CheckpointError, match=r"w\.json, where its model card would be, cannot be read "
                                               r"\(JSONDecodeError\)"):
         load_model()
+    # (a re-review) a nested-JSON bomb is refused, not a RecursionError traceback; a card saved with a byte-order
+    # mark (Notepad) is read; weights whose name is too long to have a card beside them load
+    (tmp_path / "w.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CheckpointError, match=r"cannot be read \(RecursionError\)"):
+        load_model()
+    import json
+
+    card = {"file": "w.pt", "sha256_weights": "0" * 64}
+    (tmp_path / "w.json").write_text("\ufeff" + json.dumps(card), encoding="utf-8")
+    with pytest.raises(CheckpointError, match=r"does not match its model card w\.json"):  # read, and held to it
+        load_model()
+    long = tmp_path / ("w" * 251 + ".pt")
+    shutil.copy(small_checkpoint.path, long)
+    monkeypatch.setenv("PAMSEGMENT_MODEL", str(long))
+    assert load_model().sha256
 
 
 # ----------------------------------------------------------------------------- a re-review of the mends
