@@ -14,6 +14,7 @@ checkpoint is untrusted input:
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import hashlib
 import json
@@ -490,21 +491,25 @@ def _read(path: Path) -> object:
     except Exception as exc:  # torch raises many types for corrupt/foreign files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        resave = ("obj = torch.load(PATH, weights_only=False); sd = obj.state_dict() if hasattr(obj, 'state_dict') "
-                  "else next((obj[k] for k in ('model_state_dict', 'state_dict', 'model') if k in obj), obj); "
-                  "torch.save({k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}, 'weights.pth'), and give "
-                  "weights.pth (a class of the file must be importable there)")
+        protocol = _pickle_protocol(path, magic)
         if found:  # a class or function the safe loader does not take
             reason = (f"it holds Python objects beyond tensors (here {found.group(1)[:80]}), which are not loaded "
-                      f"for safety; if you trust the file, save its weights alone once in Python: {resave}")
+                      "for safety; if you trust the file, save its weights alone once in Python: obj = "
+                      "torch.load(PATH, weights_only=False); sd = obj.state_dict() if hasattr(obj, 'state_dict') "
+                      "else next((obj[k] for k in ('model_state_dict', 'state_dict', 'model') if k in obj), obj); "
+                      "sd = sd.state_dict() if hasattr(sd, 'state_dict') else sd; torch.save({k: v for k, v in "
+                      "sd.items() if isinstance(v, torch.Tensor)}, 'weights.pth'), and give weights.pth (a class of "
+                      "the file must be importable there; a PAMSegment checkpoint: delete its entries that are no "
+                      "plain values and torch.save(obj, 'weights.pt'))")
         elif "weights_only" in str(exc):  # torch's safe loader says so of every file it cannot read: a damaged
             # one was told to load with weights_only=False, which failed too (a hostile trial, session 47)
             detail = str(exc).split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
             said = shown(detail[0].strip(), 80) if detail and "weights_only" not in detail[0] else "unreadable data"
-            if magic.startswith(b"PK\x03\x04"):  # its entries' checksums held: intact, written another way
-                # (pickle protocol 4 or 5: "Unsupported operand 149", a re-review)
-                reason = (f"torch's safe loader cannot read its contents ({said}; saved with another pickle "
-                          f"protocol?); if you trust the file, save its weights again once in Python: {resave}")
+            if protocol in (4, 5):  # written with pickle protocol 4 or 5 ("Unsupported operand 149": a re-review)
+                reason = (f"torch's safe loader cannot read its contents ({said}): it was saved with pickle "
+                          f"protocol {protocol}; if you trust the file, save it again once in Python with torch's "
+                          "default: torch.save(torch.load(PATH, weights_only=False), 'weights.pt'), and give "
+                          "weights.pt")
             else:
                 reason = (f"the file is damaged, truncated or not a PyTorch checkpoint (its contents cannot be read: "
                           f"{said}); download or copy it again")
@@ -515,6 +520,22 @@ def _read(path: Path) -> object:
             reason = (f"not a readable PyTorch checkpoint ({_first_sentence(first)}): damaged, or written by another "
                       "program; download or copy it again")
         raise CheckpointError(f"cannot load checkpoint {path}: {reason}") from None
+
+
+def _pickle_protocol(path: Path, magic: bytes) -> int | None:
+    """The pickle protocol the checkpoint's pickle declares (its PROTO opcode: b"\\x80" and the
+    number), read from a zip file's data.pkl or a legacy file's start; None where it declares none."""
+    import zipfile
+
+    head = magic
+    if magic.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                name = next((n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl")), None)
+                head = archive.open(name).read(2) if name is not None else b""
+        except Exception:  # noqa: BLE001 - unreadable: no protocol to tell
+            return None
+    return head[1] if len(head) >= 2 and head[:1] == b"\x80" else None
 
 
 def _first_sentence(text: str, limit: int = 160) -> str:
@@ -534,7 +555,7 @@ def _check_zip_entries(path: Path) -> None:
     try:
         with zipfile.ZipFile(path) as archive:
             entries = archive.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+    except Exception as exc:  # noqa: BLE001 - BadZipFile, NotImplementedError (a version byte), OSError ...
         raise CheckpointError(f"cannot load checkpoint {path}: the file is truncated or not a PyTorch checkpoint "
                               f"(its zip directory cannot be read: {_first_sentence(str(exc) or type(exc).__name__)}); "
                               "download or copy it again") from None
@@ -553,11 +574,18 @@ def _check_zip_entries(path: Path) -> None:
     if total > MAX_CHECKPOINT_BYTES:
         raise CheckpointError(f"cannot load checkpoint {path}: its entries declare {total / 1e9:.1f} GB, more than "
                               "any PAM checkpoint holds; wrong or damaged file?")
-    names = [e.filename for e in entries]
-    twice = next((n for k, n in enumerate(names) if n in names[:k]), None)
-    if twice is not None:  # (torch reads one copy, a check by name another)
-        raise CheckpointError(f"cannot load checkpoint {path}: it holds the entry {shown(twice)} twice, which "
-                              "torch.save never writes: the file is damaged or was edited; download or copy it again")
+    seen: set[str] = set()
+    for entry in entries:
+        if entry.filename in seen:  # (torch reads one copy, a check by name another)
+            raise CheckpointError(f"cannot load checkpoint {path}: it holds the entry {shown(entry.filename)} twice, "
+                                  "which torch.save never writes: the file is damaged or was edited; download or copy "
+                                  "it again")
+        seen.add(entry.filename)
+        if entry.is_dir() or entry.external_attr & 0x10:  # (zipfile reads such an entry, torch reads zeros: a
+            # weight came back all zeros past the CRC check; a re-review, session 47)
+            raise CheckpointError(f"cannot load checkpoint {path}: its entry {shown(entry.filename)} is marked as a "
+                                  "folder, which torch.save never writes: the file is damaged; download or copy it "
+                                  "again")
     # Each entry's CRC-32, which torch does not check: the official file has no other (a flipped byte in a weight
     # loaded and ran, -3.2e36 for -0.0093: a hostile trial, session 47). About 0.1 s per 100 MB, stored entries,
     # read 1 MB at a time; a flag torch.save never sets (encrypted) is damage too (a re-review: a traceback).
@@ -846,12 +874,16 @@ def _card_naming(card_path: Path, name: str):
     return card, None
 
 
-def _regular_file(path: Path) -> bool:
-    """Whether ``path`` is a regular file (False where that cannot be asked: a name too long)."""
+def _something_at(path: Path) -> bool:
+    """Whether anything is at ``path`` (a file, a folder, a link, also a broken one or a loop); False
+    where nothing can be: a name too long for the file system."""
     try:
-        return path.is_file()
-    except OSError:
+        os.lstat(path)
+    except FileNotFoundError:
         return False
+    except OSError as error:
+        return error.errno != errno.ENAMETOOLONG
+    return True
 
 
 def _check_model_card(path: Path, model: PAMModel) -> None:
@@ -873,7 +905,7 @@ def _check_model_card(path: Path, model: PAMModel) -> None:
     cards = []
     for card_path, name in places:
         card, exc = _card_naming(card_path, name)
-        if exc is not None and _regular_file(card_path):  # (damaged, it was skipped without a word: the weights
+        if exc is not None and _something_at(card_path):  # (damaged, it was skipped without a word: the weights
             # went unchecked; a hostile trial, session 47. A name too long to have a card has none: a re-review)
             raise CheckpointError(f"checkpoint {path}: {card_path.name}, where its model card would be, cannot be "
                                   f"read ({type(exc).__name__}), so the weights cannot be checked against a card; "

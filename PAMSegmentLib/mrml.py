@@ -844,7 +844,7 @@ def _ijk_to_world(grid: VolumeGrid, volume_node=None) -> np.ndarray:
 
 
 def _check_not_painted_across(prompt: np.ndarray, grid: VolumeGrid, axis: int, drawn: list[int],
-                              volume_node=None) -> None:
+                              volume_node=None, flat_only: bool = False) -> None:
     """On a volume whose slices are oblique to RAS (its own matrix or a parent transform, by more than
     0.1 degree: a large outline on thin slices crosses several at 0.5 degree), one outline painted in
     Slicer's RAS-aligned slice views crosses several of the volume's slices in bands, each of which
@@ -853,7 +853,7 @@ def _check_not_painted_across(prompt: np.ndarray, grid: VolumeGrid, axis: int, d
     from .propagate import tilted_drawing  # noqa: PLC0415
 
     bands = tilted_drawing(prompt, axis, drawn) if _oblique_axis(grid, axis, volume_node) else None
-    if bands is not None and _in_a_world_slab(prompt, _ijk_to_world(grid, volume_node)):
+    if bands is not None and (not flat_only or _in_a_world_slab(prompt, _ijk_to_world(grid, volume_node))):
         plane = axis_plane_name(grid.ijk_to_ras, axis)
         raise PaintedAcross(f"it lies on {len(drawn)} adjacent {plane} slices of the volume ({bands[0]}-{bands[1]}) "
                             "whose "
@@ -870,21 +870,27 @@ def _oblique_axis(grid: VolumeGrid, axis: int, volume_node=None) -> bool:
 
 
 def _in_a_world_slab(prompt: np.ndarray, ijk_to_world: np.ndarray) -> bool:
-    """Whether the drawing lies within about two voxels of a plane of one of Slicer's RAS-aligned views
-    (axial, coronal or sagittal): along that view's normal (a world axis) its voxels' centres span at
-    most twice a voxel's extent along it, and along the two other axes more. Bands of one painted
-    outline do; a finished thin structure crossing the slices (a vessel) does not (a review, session
-    47: one over all 16 slices of a volume tilted 15 degrees was told to be erased and drawn again in
-    another view)."""
+    """Whether the drawing is flat in a plane of one of Slicer's RAS-aligned views (axial, coronal or
+    sagittal), as one painted outline is: the direction in which its voxels' centres spread least (their
+    principal axes, in world mm) lies within 15 degrees of a world axis, they span there at most twice
+    a voxel's extent along that axis, and across the plane at least twice as much as through it and
+    four of the largest voxel sides. A
+    thin structure crossing the slices (a vessel, finished) spreads about as little along two
+    directions, and is no outline (reviews, session 47: vessels along any direction were told to be
+    erased and drawn again in another view; a test along world axes alone let narrow outlines through)."""
     m = np.asarray(ijk_to_world, dtype=float)[:3, :3]
-    ijk = np.argwhere(np.asarray(prompt) != 0)[:, ::-1]
-    thin = []
-    for w in range(3):
-        along = ijk @ m[w]  # the world coordinate along w of each voxel's centre (less the origin)
-        thin.append(float(along.max() - along.min()) <= 2.0 * float(np.sum(np.abs(m[w]))))
-    # thin along one axis and spread along the two others: an outline in a plane; thin along two, a line (a vessel
-    # running along the third world axis, a re-review: along S it was thin along R and A)
-    return sum(thin) == 1
+    world = np.argwhere(np.asarray(prompt) != 0)[:, ::-1] @ m.T  # voxel centres (less the origin), mm
+    if len(world) < 3:
+        return True
+    centred = world - world.mean(axis=0)
+    _, vectors = np.linalg.eigh(centred.T @ centred)  # ascending: vectors[:, 0] spreads least
+    spans = [float(np.ptp(centred @ vectors[:, n])) for n in range(3)]
+    normal = vectors[:, 0]
+    w = int(np.argmax(np.abs(normal)))
+    # (and across it at least four of the largest voxel sides: a vessel on 3 mm slices tilted 40 degrees spreads
+    # in steps of a slice, more than twice its width, yet no wider)
+    return (abs(float(normal[w])) >= np.cos(np.radians(15.0)) and spans[0] <= 2.0 * float(np.sum(np.abs(m[w])))
+            and spans[1] >= max(2.0 * spans[0], 4.0 * float(np.max(np.linalg.norm(m, axis=0)))))
 
 
 def _in_segment_words(text: str) -> str:
@@ -960,9 +966,13 @@ def _prompt_info(prompt: np.ndarray, grid: VolumeGrid, volume_node=None, axis: i
     except InputError as exc:
         if isinstance(exc, DrawnIn3D):  # bands over more than half the slices (15 degrees on a 30-slice CT) were
             # called a 3D mask, with advice to draw on one slice, which the user had done (a trial, session 47)
+            # Told apart from a finished structure by being flat in a plane of a RAS view (a finished vessel
+            # crossing the slices was told to be erased and drawn again: a review). Bands on fewer slices are
+            # refused as before, flat or not: a narrow stroke is as thin as a vessel, and taken as keyframes
+            # it would cut the result to slivers (a re-review's sweep: 50 such strokes let through).
             for ax in (a for a in range(3) if _oblique_axis(grid, a, volume_node)):  # (none: no cost)
                 occupied = np.flatnonzero(np.any(prompt, axis=tuple(a for a in range(3) if a != ax))).tolist()
-                _check_not_painted_across(prompt, grid, ax, occupied, volume_node)
+                _check_not_painted_across(prompt, grid, ax, occupied, volume_node, flat_only=True)
         raise _same_kind(exc, _in_segment_words(str(exc))) from None
     _check_not_painted_across(prompt, grid, axis, next(iter(slices.values())), volume_node)
     lab = next(iter(slices))

@@ -469,6 +469,10 @@ def test_a_damaged_model_card_beside_the_default_weights_is_not_skipped(tmp_path
     (tmp_path / "w.json").write_text("\ufeff" + json.dumps(card), encoding="utf-8")
     with pytest.raises(CheckpointError, match=r"does not match its model card w\.json"):  # read, and held to it
         load_model()
+    (tmp_path / "w.json").unlink()
+    (tmp_path / "w.json").mkdir()  # a folder where the card would be is refused too (a re-review: skipped)
+    with pytest.raises(CheckpointError, match=r"w\.json, where its model card would be, cannot be read"):
+        load_model()
     long = tmp_path / ("w" * 251 + ".pt")
     shutil.copy(small_checkpoint.path, long)
     monkeypatch.setenv("PAMSEGMENT_MODEL", str(long))
@@ -508,6 +512,20 @@ def test_zip_entries_torch_save_never_writes_are_damage_not_a_traceback(tmp_path
             out.writestr(data_entry, src.read(data_entry))
     with pytest.raises(CheckpointError, match=r"holds the entry '.*/data/.*' twice"):
         load_checkpoint_file(twice)
+    # an entry marked as a folder (zipfile reads it, torch reads zeros), a version byte zipfile does not know
+    # (a traceback): damage (a re-review)
+    data = bytearray(small_checkpoint.path.read_bytes())
+    records = [k for k in range(len(data)) if data[k:k + 4] == b"PK\x01\x02"]
+    folder = bytearray(data)
+    folder[records[-2] + 38] |= 0x10
+    (tmp_path / "folder.pt").write_bytes(bytes(folder))
+    with pytest.raises(CheckpointError, match=r"is marked as a folder, which torch\.save never writes"):
+        load_checkpoint_file(tmp_path / "folder.pt")
+    version = bytearray(data)
+    version[records[0] + 6] = 0xFF
+    (tmp_path / "version.pt").write_bytes(bytes(version))
+    with pytest.raises(CheckpointError, match=r"its zip directory cannot be read: zip file version"):
+        load_checkpoint_file(tmp_path / "version.pt")
 
 
 def test_an_intact_checkpoint_of_another_pickle_protocol_is_not_called_damaged(tmp_path, small_checkpoint):
@@ -523,8 +541,31 @@ def test_an_intact_checkpoint_of_another_pickle_protocol_is_not_called_damaged(t
     with pytest.raises(CheckpointError) as info:
         load_checkpoint_file(path)
     text = str(info.value)
-    assert "torch's safe loader cannot read its contents" in text and "another pickle protocol?" in text
+    assert "torch's safe loader cannot read its contents ('Unsupported operand 149'): it was saved with pickle " \
+           "protocol 5" in text and "torch.save(torch.load(PATH, weights_only=False), 'weights.pt')" in text
     assert "damaged" not in text and "download" not in text
+    # the advice, followed literally, gives a file that loads (a re-review: advice keeping the state dict alone
+    # lost a PAMSegment checkpoint's header)
+    resaved = tmp_path / "weights.pt"
+    torch.save(torch.load(path, weights_only=False), resaved)
+    assert load_checkpoint_file(resaved).sha256
+    # a pickle declaring no such protocol, checksums intact: no protocol advice (a re-review)
+    data = bytearray(small_checkpoint.path.read_bytes())
+    import zipfile
+    import zlib
+
+    with zipfile.ZipFile(small_checkpoint.path) as archive:
+        name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+        pickled = archive.read(name)
+    odd = b"\xfe" + pickled[1:]
+    at = data.find(pickled)
+    data[at:at + len(odd)] = odd
+    crc_old, crc_new = zlib.crc32(pickled).to_bytes(4, "little"), zlib.crc32(odd).to_bytes(4, "little")
+    data = bytearray(bytes(data).replace(crc_old, crc_new))
+    (tmp_path / "odd.pt").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint_file(tmp_path / "odd.pt")
+    assert "pickle protocol" not in str(info.value) and "damaged" in str(info.value)
 
 
 def test_the_pamsegment_model_file_in_a_folder_that_may_not_be_entered_is_one_message(tmp_path, monkeypatch, capsys):
