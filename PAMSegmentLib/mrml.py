@@ -849,11 +849,13 @@ def _check_not_painted_across(prompt: np.ndarray, grid: VolumeGrid, axis: int, d
     0.1 degree: a large outline on thin slices crosses several at 0.5 degree), one outline painted in
     Slicer's RAS-aligned slice views crosses several of the volume's slices in bands, each of which
     would be kept as a drawn keyframe (the result's slices cut to slivers): refused, with the view
-    setting that avoids it."""
+    setting that avoids it. ``flat_only``: only a drawing flat in a plane of a RAS view
+    (``_flat_in_a_view_plane``; for bands over more than half the slices, which a finished structure
+    has too)."""
     from .propagate import tilted_drawing  # noqa: PLC0415
 
     bands = tilted_drawing(prompt, axis, drawn) if _oblique_axis(grid, axis, volume_node) else None
-    if bands is not None and (not flat_only or _in_a_world_slab(prompt, _ijk_to_world(grid, volume_node))):
+    if bands is not None and (not flat_only or _flat_in_a_view_plane(prompt, _ijk_to_world(grid, volume_node))):
         plane = axis_plane_name(grid.ijk_to_ras, axis)
         raise PaintedAcross(f"it lies on {len(drawn)} adjacent {plane} slices of the volume ({bands[0]}-{bands[1]}) "
                             "whose "
@@ -869,15 +871,15 @@ def _oblique_axis(grid: VolumeGrid, axis: int, volume_node=None) -> bool:
     return float(np.max(np.abs(normal)) / max(float(np.linalg.norm(normal)), 1e-12)) < np.cos(np.radians(0.1))
 
 
-def _in_a_world_slab(prompt: np.ndarray, ijk_to_world: np.ndarray) -> bool:
+def _flat_in_a_view_plane(prompt: np.ndarray, ijk_to_world: np.ndarray) -> bool:
     """Whether the drawing is flat in a plane of one of Slicer's RAS-aligned views (axial, coronal or
-    sagittal), as one painted outline is: the direction in which its voxels' centres spread least (their
-    principal axes, in world mm) lies within 15 degrees of a world axis, they span there at most twice
-    a voxel's extent along that axis, and across the plane at least twice as much as through it and
-    four of the largest voxel sides. A
-    thin structure crossing the slices (a vessel, finished) spreads about as little along two
-    directions, and is no outline (reviews, session 47: vessels along any direction were told to be
-    erased and drawn again in another view; a test along world axes alone let narrow outlines through)."""
+    sagittal), as one painted outline is: the direction in which its voxels' centres spread least
+    (their principal axes, in world mm) lies within 15 degrees of a world axis, they span there at most
+    twice a voxel's extent along that axis, and across the plane at least twice as much as through it
+    and four of the largest voxel sides. A thin structure crossing the slices (a vessel, finished)
+    spreads about as little along two directions, and is no outline (reviews, session 47: vessels
+    were told to be erased and drawn again in another view; tests along world axes alone let narrow
+    outlines through)."""
     m = np.asarray(ijk_to_world, dtype=float)[:3, :3]
     world = np.argwhere(np.asarray(prompt) != 0)[:, ::-1] @ m.T  # voxel centres (less the origin), mm
     if len(world) < 3:
@@ -3710,7 +3712,8 @@ class SegmentQueue:
                 continue
             # Its tag says it was made from this drawing. Passed over while it holds its result, as this
             # session's runs, its updates or the record saved with the scene say, or, where nothing says
-            # (a script's runs without a history), while it holds voxels: a reloaded scene's drawings, whose
+            # (a script's runs without a history), while it holds at least half as many voxels as the
+            # drawing: a reloaded scene's drawings, whose
             # results were read back from their records as not "created" by this session, were propagated
             # again into "(PAM 2)" (a trial, session 47).
             if history.get(self.segmentation_node, other_id) is not None:
