@@ -765,8 +765,8 @@ def _made_for_another_manifest(row: BatchRow, earlier: dict[str, tuple[dict, int
     if recorded and _same_input(recorded.get("image", ""), _fingerprint(Path(image), ours)):
         return None
     recorded_as = Path(before["manifest"])  # (a piped one's /proc/PID/fd/N, of a process long gone: a re-review)
-    return (_called(recorded_as) if _called(recorded_as) != recorded_as.name else before["manifest"],
-            before.get("image") or "?")
+    called = _called(recorded_as)
+    return called if called != recorded_as.name else before["manifest"], before.get("image") or "?"
 
 
 def _changed_at(path: Path, ours: frozenset = frozenset()) -> int:

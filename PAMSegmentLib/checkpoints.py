@@ -553,12 +553,33 @@ def _check_zip_entries(path: Path) -> None:
     import zipfile
 
     try:
-        with zipfile.ZipFile(path) as archive:
-            entries = archive.infolist()
+        archive = zipfile.ZipFile(path)
     except Exception as exc:  # noqa: BLE001 - BadZipFile, NotImplementedError (a version byte), OSError ...
         raise CheckpointError(f"cannot load checkpoint {path}: the file is truncated or not a PyTorch checkpoint "
                               f"(its zip directory cannot be read: {_first_sentence(str(exc) or type(exc).__name__)}); "
                               "download or copy it again") from None
+    with archive:  # (opened once: the directory read for the checks below is the one the checksums are read by)
+        _check_zip_directory(path, archive.infolist())
+        # Each entry's CRC-32, which torch does not check: the official file has no other (a flipped byte in a
+        # weight loaded and ran, -3.2e36 for -0.0093: a hostile trial, session 47). About 0.1 s per 100 MB, stored
+        # entries, read 1 MB at a time; a flag torch.save never sets (encrypted) is damage too (a re-review).
+        current = "?"
+        try:
+            for entry in archive.infolist():
+                current = entry.filename
+                with archive.open(entry) as stream:
+                    while stream.read(2**20):
+                        pass
+        except Exception as exc:  # noqa: BLE001 - zipfile raises BadZipFile, RuntimeError, NotImplementedError ...
+            said = _first_sentence(str(exc) or type(exc).__name__)
+            raise CheckpointError(f"cannot load checkpoint {path}: the file is damaged (its entry {shown(current)}: "
+                                  f"{said}); download or copy it again") from None
+
+
+def _check_zip_directory(path: Path, entries: list) -> None:
+    """The checks of a torch zip checkpoint's entries that need only its directory (``_check_zip_entries``)."""
+    import zipfile
+
     if not any(e.filename == "data.pkl" or e.filename.endswith("/data.pkl") for e in entries):
         # every torch.save zip holds <name>/data.pkl: this is an ordinary archive (a cloud drive's download)
         inside = [e.filename for e in entries if e.filename.lower().endswith((".pt", ".pth", ".ckpt", ".bin"))]
@@ -586,21 +607,6 @@ def _check_zip_entries(path: Path) -> None:
             raise CheckpointError(f"cannot load checkpoint {path}: its entry {shown(entry.filename)} is marked as a "
                                   "folder, which torch.save never writes: the file is damaged; download or copy it "
                                   "again")
-    # Each entry's CRC-32, which torch does not check: the official file has no other (a flipped byte in a weight
-    # loaded and ran, -3.2e36 for -0.0093: a hostile trial, session 47). About 0.1 s per 100 MB, stored entries,
-    # read 1 MB at a time; a flag torch.save never sets (encrypted) is damage too (a re-review: a traceback).
-    current = "?"
-    try:
-        with zipfile.ZipFile(path) as archive:
-            for entry in archive.infolist():
-                current = entry.filename
-                with archive.open(entry) as stream:
-                    while stream.read(2**20):
-                        pass
-    except Exception as exc:  # noqa: BLE001 - zipfile raises BadZipFile, RuntimeError, NotImplementedError ...
-        said = _first_sentence(str(exc) or type(exc).__name__)
-        raise CheckpointError(f"cannot load checkpoint {path}: the file is damaged (its entry {shown(current)}: "
-                              f"{said}); download or copy it again") from None
 
 
 def _check_aliases(network_sd: dict, got: dict, what: str) -> None:
