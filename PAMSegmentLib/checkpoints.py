@@ -463,6 +463,14 @@ def check_checkpoint_header(path: str | os.PathLike) -> int:
         if magic.startswith(b"\x1f\x8b"):
             raise CheckpointError(f"cannot load checkpoint {path}: it is gzip-compressed; decompress it first "
                                   "(gunzip, or 7-Zip on Windows) and give the file inside")
+        if len(head) >= 262 and head[257:262] == b"ustar" and head.startswith(b"sys_info\x00"):
+            raise CheckpointError(f"cannot load checkpoint {path}: it is in the tar format of torch before 0.4 "
+                                  "(2018), which PAMSegment does not read; load it once with that torch and save it "
+                                  "again with torch.save in a recent one")
+        if len(head) >= 262 and head[257:262] == b"ustar":  # a tar archive's header (POSIX and GNU)
+            raise CheckpointError(f"cannot load checkpoint {path}: it is a tar archive, not a PyTorch checkpoint; "
+                                  f"extract it (tar -xf {shown(path.name, 80)}, or 7-Zip on Windows) and give the "
+                                  ".pt/.pth file inside")
         if len(magic) >= 10 and magic[8:10] == b"{\"":  # an 8-byte header length, then the JSON header
             raise CheckpointError(f"cannot load checkpoint {path}: it is a safetensors file, which PAMSegment does "
                                   "not read; use the PyTorch .pt/.pth file of the same weights")
@@ -586,6 +594,12 @@ def _check_zip_directory(path: Path, entries: list) -> None:
         found = (f"it holds {', '.join(repr(n) for n in inside[:3])}{' ...' if len(inside) > 3 else ''}: extract "
                  "that file and give it instead" if inside else "it holds no .pt/.pth file either")
         raise CheckpointError(f"cannot load checkpoint {path}: it is a zip archive, not a PyTorch checkpoint; {found}")
+    if any(e.filename.endswith("/constants.pkl") or "/code/__torch__/" in e.filename for e in entries):
+        # torch.jit.save's archive (its compressed code entries were called "re-save the weights with torch.save")
+        raise CheckpointError(f"cannot load checkpoint {path}: it is a TorchScript archive (torch.jit.save), a "
+                              "compiled model with code, which PAMSegment does not run; if you trust the file, save "
+                              "its weights once in Python: torch.save(torch.jit.load(PATH).state_dict(), "
+                              "'weights.pth'), and give weights.pth")
     packed = next((e for e in entries if e.compress_type != zipfile.ZIP_STORED), None)
     if packed is not None:
         raise CheckpointError(f"cannot load checkpoint {path}: its entry {shown(packed.filename)} is compressed, which "
