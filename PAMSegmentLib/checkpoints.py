@@ -483,10 +483,20 @@ def check_checkpoint_header(path: str | os.PathLike) -> int:
 
 def _read(path: Path) -> object:
     size = check_checkpoint_header(path)
-    with open(path, "rb") as f:
-        magic = f.read(4)
+    try:
+        f = open(path, "rb")  # opened once: the file checked is the file loaded (a copy replacing it in between)
+    except OSError as error:
+        raise CheckpointError(f"cannot read checkpoint {path} ({error.strerror or error}); check its permissions "
+                              "(or copy it somewhere you can read it)") from None
+    with f:
+        return _read_open(path, f, size)
+
+
+def _read_open(path: Path, f, size: int) -> object:
+    magic = f.read(4)
     if magic.startswith(b"PK\x03\x04"):
-        _check_zip_entries(path)
+        _check_zip_entries(path, f)
+    f.seek(0)
     # torch's notes (e.g. on old pickle protocols) are hidden: the error says it all. Only on the
     # main thread: catch_warnings swaps the process-wide filters, which is not thread-safe (Slicer's
     # worker loads the model while its GUI thread runs).
@@ -495,11 +505,11 @@ def _read(path: Path) -> object:
         with warnings.catch_warnings() if quiet else contextlib.nullcontext():
             if quiet:
                 warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(f, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt/foreign files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        protocol = _pickle_protocol(path, magic)
+        protocol = _pickle_protocol(f, magic)
         if found:  # a class or function the safe loader does not take
             reason = (f"it holds Python objects beyond tensors (here {found.group(1)[:80]}), which are not loaded "
                       "for safety; if you trust the file, save its weights alone once in Python: obj = "
@@ -530,15 +540,17 @@ def _read(path: Path) -> object:
         raise CheckpointError(f"cannot load checkpoint {path}: {reason}") from None
 
 
-def _pickle_protocol(path: Path, magic: bytes) -> int | None:
+def _pickle_protocol(f, magic: bytes) -> int | None:
     """The pickle protocol the checkpoint's pickle declares (its PROTO opcode: b"\\x80" and the
-    number), read from a zip file's data.pkl or a legacy file's start; None where it declares none."""
+    number), read from a zip file's data.pkl (``f``: the open checkpoint) or a legacy file's start;
+    None where it declares none."""
     import zipfile
 
     head = magic
     if magic.startswith(b"PK\x03\x04"):
         try:
-            with zipfile.ZipFile(path) as archive:
+            f.seek(0)
+            with zipfile.ZipFile(f) as archive:
                 name = next((n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl")), None)
                 head = archive.open(name).read(2) if name is not None else b""
         except Exception:  # noqa: BLE001 - unreadable: no protocol to tell
@@ -553,7 +565,7 @@ def _first_sentence(text: str, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
 
 
-def _check_zip_entries(path: Path) -> None:
+def _check_zip_entries(path: Path, f) -> None:
     """A torch zip checkpoint's entries as ``torch.save`` writes them: stored, not compressed, and at
     most MAX_CHECKPOINT_BYTES in all. torch.load inflates a compressed entry in full before any key
     is looked at, so a 4 MB file of deflated zeros asked for 4 GiB (and a file under the 2 GB size
@@ -561,7 +573,7 @@ def _check_zip_entries(path: Path) -> None:
     import zipfile
 
     try:
-        archive = zipfile.ZipFile(path)
+        archive = zipfile.ZipFile(f)
     except Exception as exc:  # noqa: BLE001 - BadZipFile, NotImplementedError (a version byte), OSError ...
         raise CheckpointError(f"cannot load checkpoint {path}: the file is truncated or not a PyTorch checkpoint "
                               f"(its zip directory cannot be read: {_first_sentence(str(exc) or type(exc).__name__)}); "

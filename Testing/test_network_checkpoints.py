@@ -178,7 +178,8 @@ def test_compressed_zip_entries_are_refused_before_they_are_inflated(tmp_path, s
     checkpoints.MAX_CHECKPOINT_BYTES, limit = total - 1, checkpoints.MAX_CHECKPOINT_BYTES
     try:  # entries declaring more than the limit (checked on the directory, before torch.load)
         with pytest.raises(CheckpointError, match=r"its entries declare .* GB, more than any PAM checkpoint holds"):
-            checkpoints._check_zip_entries(tmp_path / "stored.pt")
+            with open(tmp_path / "stored.pt", "rb") as f:
+                checkpoints._check_zip_entries(tmp_path / "stored.pt", f)
     finally:
         checkpoints.MAX_CHECKPOINT_BYTES = limit
 

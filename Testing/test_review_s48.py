@@ -47,3 +47,32 @@ def test_a_tar_archive_is_told_to_be_extracted_not_called_an_error_page(tmp_path
                                ("storages", b"\x80\x02K\x00."), ("tensors", b"\x80\x02K\x00.")])
     with pytest.raises(CheckpointError, match=r"it is in the tar format of torch before 0\.4"):
         load_checkpoint_file(tmp_path / "old.pt")
+
+
+def test_the_checkpoint_checked_is_the_checkpoint_loaded(tmp_path, small_checkpoint, monkeypatch):
+    """The file was opened for its checks (zip directory, CRC-32 of every entry) and opened again by
+    torch.load: a file put in its place in between escaped the CRC check (ours also carry a sha256, the
+    official file nothing). It is opened once now; here a damaged copy replaces it right after the
+    checks, and the weights loaded are the checked file's (the code before refused the copy's sha256)."""
+    import os
+    import shutil
+
+    from PAMSegmentLib import checkpoints
+
+    path = tmp_path / "weights.pt"
+    shutil.copyfile(small_checkpoint.path, path)
+    damaged = bytearray(path.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF  # a byte in a weight: caught by the CRC check when checked
+    (tmp_path / "other.pt").write_bytes(bytes(damaged))
+    checked = checkpoints._check_zip_entries
+
+    def check_then_swap(*args):
+        checked(*args)
+        os.replace(tmp_path / "other.pt", path)
+
+    monkeypatch.setattr(checkpoints, "_check_zip_entries", check_then_swap)
+    model = load_checkpoint_file(path)
+    assert not (tmp_path / "other.pt").exists()  # the swap happened
+    assert model.sha256 == small_checkpoint.sha256
+    assert all(torch.equal(a, b) for a, b in zip(model.network.state_dict().values(),
+                                                 small_checkpoint.network.state_dict().values()))
