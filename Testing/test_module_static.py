@@ -143,7 +143,13 @@ def test_radio_button_pairs_are_in_separate_exclusive_groups():
 
 
 def _uic():
-    for candidate in ("uic", "/usr/lib/qt5/bin/uic", "/usr/lib/qt6/libexec/uic", "/usr/lib/qt6/bin/uic"):
+    try:  # PySide6-Essentials (the test extras) carries Qt's uic
+        import PySide6
+
+        bundled = [str(Path(PySide6.__file__).parent / "Qt" / "libexec" / "uic")]
+    except ImportError:
+        bundled = []
+    for candidate in ("uic", "/usr/lib/qt5/bin/uic", "/usr/lib/qt6/libexec/uic", "/usr/lib/qt6/bin/uic", *bundled):
         path = shutil.which(candidate) or (candidate if Path(candidate).is_file() else None)
         if path:
             return path
@@ -161,6 +167,124 @@ def test_ui_file_compiles_with_qt_uic(tmp_path):
     for setter in ("volumeSelector->setNodeTypes", "segmentSelector->setSegmentationNodeSelectorVisible(false)",
                    "checkpointPathLineEdit->setFilters", "progressBar->setMaximum(1000)"):
         assert setter in code, setter
+
+
+def _qt_member_faults(tree: ast.Module, widget_classes: dict[str, str], qt_modules) -> list[str]:
+    """What a module uses of Qt's own classes that those classes lack, by Qt's meta-object and the
+    classes' methods (PySide6's, a real Qt): ``self.ui.<widget>.<member>`` (a property read as an
+    attribute, as PythonQt allows, or a method) and ``.connect("signal(args)", ...)`` for widgets of
+    a standard Qt class (CTK and MRML widgets have no stand-in), ``self.<name>`` made by
+    ``qt.QClass()`` likewise, and ``qt.<Name>.<member>`` of the qt module."""
+    def qt_class(name):
+        return next((getattr(m, name) for m in qt_modules if hasattr(m, name)), None)
+
+    def fault(cls, member, signal=None):
+        meta = getattr(cls, "staticMetaObject", None)
+        if meta is None:  # a namespace (qt.Qt)
+            return None if hasattr(cls, member or "") else f"{cls.__name__} has no member {member}"
+        if signal is not None:
+            wanted = bytes(meta.normalizedSignature(signal)).decode()
+            signals = {bytes(meta.method(i).methodSignature()).decode() for i in range(meta.methodCount())}
+            return None if wanted in signals else f"{cls.__name__} has no signal {signal}"
+        if meta.indexOfProperty(member) >= 0 or hasattr(cls, member):
+            return None
+        return f"{cls.__name__} has no property or method {member}"
+
+    made = {}  # self.<name> = qt.QClass(...)
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Assign) and isinstance(node.value, ast.Call)
+                and isinstance(node.value.func, ast.Attribute) and isinstance(node.value.func.value, ast.Name)
+                and node.value.func.value.id == "qt"):
+            for target in node.targets:
+                if (isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name)
+                        and target.value.id == "self"):
+                    made[target.attr] = node.value.func.attr
+    faults = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Attribute):
+            continue
+        owner, member = node.value, node.attr
+        if isinstance(owner, ast.Name) and owner.id == "qt" and qt_class(member) is None:
+            faults.append(f"line {node.lineno}: qt.{member} is not a Qt class")
+            continue
+        if isinstance(owner, ast.Attribute) and isinstance(owner.value, ast.Name) and owner.value.id == "qt":
+            cls = qt_class(owner.attr)
+            said = fault(cls, member) if cls is not None else None
+        elif (isinstance(owner, ast.Attribute) and isinstance(owner.value, ast.Attribute) and owner.value.attr == "ui"
+              and isinstance(owner.value.value, ast.Name) and owner.value.value.id == "self"):
+            cls = qt_class(widget_classes.get(owner.attr, ""))
+            said = fault(cls, member) if cls is not None else None
+        elif isinstance(owner, ast.Attribute) and isinstance(owner.value, ast.Name) and owner.value.id == "self":
+            cls = qt_class(made.get(owner.attr, ""))
+            said = fault(cls, member) if cls is not None else None
+        else:
+            continue
+        if said:
+            faults.append(f"line {node.lineno}: {said}")
+    for node in ast.walk(tree):  # signals named in connect("signal(args)", slot)
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "connect"
+                and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+            owner = node.func.value
+            name = None
+            if isinstance(owner, ast.Attribute) and isinstance(owner.value, ast.Attribute) and owner.value.attr == "ui":
+                name = widget_classes.get(owner.attr, "")
+            elif isinstance(owner, ast.Attribute) and isinstance(owner.value, ast.Name) and owner.value.id == "self":
+                name = made.get(owner.attr, "")
+            cls = qt_class(name) if name else None
+            said = fault(cls, None, node.args[0].value) if cls is not None else None
+            if said:
+                faults.append(f"line {node.lineno}: {said}")
+    return faults
+
+
+def _pyside_modules():
+    pytest.importorskip("PySide6.QtWidgets", reason="PySide6 (Qt) is not installed: pip install PySide6-Essentials")
+    from PySide6 import QtCore, QtGui, QtWidgets
+
+    return QtCore, QtGui, QtWidgets
+
+
+def test_what_the_panel_uses_of_qt_classes_exists_in_qt():
+    """Every property, method and signal the panel uses on its standard Qt widgets (those of the .ui
+    file, its timers, qt.QApplication ...) exists in Qt (PySide6's meta-objects; the stand-in Qt of the
+    panel tests below accepts any name). CTK and MRML widgets are checked by name only (above)."""
+    modules = _pyside_modules()
+    classes = {name: w.get("class") for name, w in ui_widgets().items()}
+    assert _qt_member_faults(module_tree(), classes, modules) == []
+    standard = [name for name, cls in classes.items() if any(hasattr(m, cls) for m in modules)]
+    assert len(standard) >= 15  # sanity: most of the panel's widgets are Qt's own, and so checked
+    for name, widget in ui_widgets().items():  # the .ui file's properties of Qt's own widgets
+        cls = next((getattr(m, classes[name]) for m in modules if hasattr(m, classes[name])), None)
+        for prop in widget.findall("property") if cls is not None else ():
+            assert cls.staticMetaObject.indexOfProperty(prop.get("name")) >= 0, (name, prop.get("name"))
+
+
+def test_the_qt_member_check_is_not_vacuous():
+    modules = _pyside_modules()
+    tree = ast.parse(textwrap.dedent("""
+        class W:
+            def setup(self):
+                self.timer = qt.QTimer()
+                self.timer.connect("timeout()", self.poll)
+                self.timer.connect("timedOut()", self.poll)
+                self.ui.bar.setValue(3)
+                self.ui.bar.setFromat("%p")
+                self.ui.box.connect("toggled(bool)", self.f)
+                self.ui.box.connect("toggled(int)", self.f)
+                ok = self.ui.box.checked and self.ui.box.cheked
+                self.ui.combo.setCurrentIndex(0)
+                self.ui.path.anythingAtAll()
+                qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)
+                qt.QApplication.setOverideCursor(qt.Qt.WaitCursor)
+                qt.QNoSuchThing()
+    """))
+    classes = {"bar": "QProgressBar", "box": "QCheckBox", "combo": "QComboBox", "path": "ctkPathLineEdit"}
+    faults = _qt_member_faults(tree, classes, modules)
+    assert sorted(faults) == sorted([
+        "line 6: QTimer has no signal timedOut()", "line 8: QProgressBar has no property or method setFromat",
+        "line 10: QCheckBox has no signal toggled(int)", "line 11: QCheckBox has no property or method cheked",
+        "line 15: QApplication has no property or method setOverideCursor",
+        "line 16: qt.QNoSuchThing is not a Qt class"])
 
 
 def test_icon_is_a_128_px_png():
