@@ -205,6 +205,9 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._editorSelectionSeen = None  # the Segment Editor's selection (IDs) when the panel last followed it
         self._cancelledBySceneClose = None  # the job a scene close cancelled (its last poll says so)
         self._queuePause = None  # "Propagate all drawn" paused between segments passed over: the pause's token
+        # Packages are being installed: the panel answers meanwhile (the installer's output is pumped
+        # through processEvents), and a second press started a second install and then two jobs
+        self._installing = False
 
     def resourcePath(self, filename):
         return _resourcePath(filename)
@@ -308,6 +311,8 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._cancelledBySceneClose = self.job
             self.ui.progressBar.setFormat("cancelling...")
             self._setStatus("Propagation cancelled because the scene was closed.", "warning")
+        elif self.job is not None:  # an ended job held the scene's volume and segmentation nodes (and its history
+            self.job = None         # entry the snapshot before it): they stayed in memory after the close (a review)
         self.logic.history.clear()
         self.queue, self._queueOptions = None, None  # ("Propagate all drawn": its segments go with the scene)
         self._queuePause = None
@@ -428,19 +433,22 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     @staticmethod
     def _segmentEditEvents():
-        """vtkSegmentation events of a changed segment: its voxels (a paint stroke fires the
-        source representation's event, SourceRepresentationModified since Slicer 5.4,
-        MasterRepresentationModified before), its name or colour, its removal."""
+        """Events of a changed segment, as the segmentation node passes them on from its vtkSegmentation:
+        its voxels (a paint stroke fires the source representation's event, SourceRepresentationModified
+        since Slicer 5.4, MasterRepresentationModified before), its name or colour, its removal; and the
+        node's own event for a vtkSegmentation put in its place (a Sequence's segmentation at each frame)."""
         events = slicer.vtkSegmentation
         voxels = getattr(events, "SourceRepresentationModified", None)
         if voxels is None:
             voxels = events.MasterRepresentationModified
-        return (voxels, events.SegmentModified, events.SegmentRemoved)
+        return (voxels, events.SegmentModified, events.SegmentRemoved,
+                slicer.vtkMRMLSegmentationNode.SegmentationChangedEvent)
 
     def _observeSegmentation(self, segmentationNode):
         """Follow edits of ``segmentationNode``'s segments (None: of none) so the detected prompt
-        stays current; only while the panel is shown."""
-        segmentation = None if segmentationNode is None or not self._entered else segmentationNode.GetSegmentation()
+        stays current; only while the panel is shown. The node is observed, not its vtkSegmentation,
+        which a Sequence replaces at each frame (edits were then no longer followed; a review)."""
+        segmentation = None if segmentationNode is None or not self._entered else segmentationNode
         if segmentation is self._observedSegmentation:
             return
         if self._observedSegmentation is not None:
@@ -498,7 +506,9 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         running = self._busy()
         entry = self._historyEntry()
         reason = ""
-        if running:
+        if self._installing:
+            reason = "Installing the Python packages PAMSegment needs."
+        elif running:
             reason = "A propagation is running."
         elif volume is None:
             reason = "Select the volume."
@@ -525,7 +535,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         # An update reads the volume the segment was propagated on, so it needs no volume selected.
         if running:
-            updateReason = "A propagation is running."
+            updateReason = reason if self._installing else "A propagation is running."
         elif segmentation is None or not segmentId:
             updateReason = "Select the segment that holds the PAM result."
         elif modelReason:
@@ -543,7 +553,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             "Re-propagate keeping the slices you fixed since the last PAM result: they become keyframes and only "
             "the slices around them are recomputed.")
 
-        undoReason = "A propagation is running." if running else ""
+        undoReason = (reason if self._installing else "A propagation is running.") if running else ""
         if not undoReason and entry is not None and entry.restored and not entry.undo_available:
             undoReason = ("Back at the result from before an update you undid: only one step before an update is "
                           "kept, so the steps before it can no longer be undone."
@@ -657,6 +667,8 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                             "error")
             return False
         dialog = slicer.util.createProgressDialog(windowTitle="PAMSegment", labelText="Installing...", maximum=0)
+        self._installing = True
+        self.updateButtons()
         try:
             def report(text):
                 dialog.labelText = text
@@ -676,6 +688,8 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return False
         finally:
             dialog.close()
+            self._installing = False
+            self.updateButtons()
         still = self.logic.missingRequirements(network)
         if still:
             self._setStatus("Still missing or too old after installation: "
@@ -683,6 +697,10 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                             + ". Restart Slicer and try again.", "error")
             return False
         self._populateDevices()
+        if getattr(dialog, "wasCanceled", False):  # its Cancel cannot stop pip, but nothing more is started
+            self._setStatus("Installed (an installation cannot be stopped once begun); nothing was propagated. Press "
+                            "the button again to run.", "warning")
+            return False
         return True
 
     # -- running -----------------------------------------------------------------------------
@@ -691,6 +709,9 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         colors = {"info": "", "ok": "color: #1b7f3b;", "warning": "color: #a86b00;", "error": "color: #b3261e;"}
         self.ui.statusLabel.setStyleSheet(colors.get(level, ""))
         self.ui.statusLabel.text = text
+        if not self._entered and level != "info":  # hidden (the user went back to the Segment Editor while it ran):
+            # how the run ended is shown in Slicer's status bar too (a result not written went unseen; a review)
+            slicer.util.showStatusMessage(f"PAMSegment: {text}", 15000)
 
     def _startJob(self, start, memoryCheck=True):
         """Create and start a job with ``start(memoryCheck)``; on bad input show why and return the
@@ -741,10 +762,10 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _busy(self):
         """A job runs, or "Propagate all drawn" has segments to go (a finished job of its is not written
-        until the next poll: a second job now would drop it)."""
+        until the next poll: a second job now would drop it), or packages are being installed."""
         job = self.job
-        return (job is not None and (not job.done or (job.state == "finished" and job.applied_segment_id is None))) \
-            or self.queue is not None
+        return self._installing or self.queue is not None or (
+            job is not None and (not job.done or (job.state == "finished" and job.applied_segment_id is None)))
 
     def onPropagate(self):
         if self._busy():
@@ -1030,6 +1051,8 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 job.release()
             except Exception:  # (never in the way of the queue's end: the panel would stay "running")
                 logging.exception("PAMSegment: letting the ended job go failed")
+            if closedScene and self.job is job:  # nothing of a closed scene's job is shown again: its nodes go too
+                self.job = None
             if self.queue is not None:
                 if outcome is None:  # a fault of ours while showing it: the queue ends, its segments as they are
                     self.queue.stop("an internal error of the panel (the Python console has the details)",
