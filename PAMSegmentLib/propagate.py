@@ -169,6 +169,11 @@ class PropagationResult:
     # of it in ``mask``, the labels that took it: earlier ones, or later ones' drawings); said in a
     # note whatever share of its voxels that is (the label is cut in two there), first for review.
     cut: dict[int, tuple[list[int], list[int]]] = field(default_factory=dict)
+    # label -> (a, b, Dice) for neighbouring drawn slices a < b whose walks towards each other both
+    # hold the object somewhere between them but overlap on no slice by KEYFRAME_DISAGREE_DICE or more
+    # (Dice: the best slice's): the result between them is split, and one drawing may be of another
+    # structure; said in a note (this call only: walks an update reuses are not judged again).
+    disagree: dict[int, list[tuple[int, int, float]]] = field(default_factory=dict)
     # label -> its drawn slices this call added or changed against ``previous`` (an update; this call
     # only): the notes' default ``edited`` (a tip the user just drew is no stray click, and a walk
     # from it that ends at once no drift stop; a review, session 31: Python's notes() said both)
@@ -320,8 +325,10 @@ class PropagationResult:
         ``("thin", text)`` (slices between drawn slices holding far less than they suggest),
         ``("dropped", text)`` (an update: slices beyond the outermost drawn ones emptied),
         ``("lost", text)``, ``("cut", text)`` (slices between a label's drawn slices all taken by
-        other labels), ``("speck", text)`` (a drawn slice holding a few voxels against the
-        label's largest one: a stray click?), ``("whole", text)`` (drawn on every slice of its
+        other labels), ``("disagree", text)`` (the walks between two drawn slices overlap nowhere:
+        the result there is split, one drawing may be of another structure), ``("speck", text)``
+        (a drawn slice holding a few voxels against the label's largest one: a stray click?),
+        ``("whole", text)`` (drawn on every slice of its
         extent and found on no other: the result is the drawing), ``("nothing", text)`` (every walk
         ended at once on the network's word)."""
         out = [("labelmap", text) for text in self.label_map_notes()]
@@ -343,6 +350,14 @@ class PropagationResult:
                   f"in the result this update corrects and {'is' if one else 'are'} empty now (the walk from the "
                   "nearest drawn slice ended sooner); if the object goes on there, draw it on "
                   f"{'it' if one else 'one of them'} and update")
+        for lab, pairs in sorted(self.disagree.items()):
+            if not pairs:
+                continue
+            where = " and ".join(f"{a} and {b} (Dice {d:.2f} at most)" for a, b, d in pairs)
+            out.append(("disagree", f"label {lab}: the walks towards each other from its drawn slices {where} do "
+                                    "not meet, so the result between them is two objects joined halfway; check that "
+                                    "those drawings are of the same structure, and the slices between (draw one of "
+                                    "them and update)"))
         for lab, (slices, by) in sorted(self.cut.items()):
             who = f"label {by[0]}" if len(by) == 1 else "labels " + ", ".join(map(str, by))
             out.append(("cut", f"label {lab}: between its drawn slices, {_slice_list_text(slices)} "
@@ -1731,7 +1746,20 @@ def _gaps_between(mask: np.ndarray, a: int, b: int, conf: np.ndarray) -> list[in
 # validation sets' training-case structures, 39 of the 40 slices it flagged held less than half of
 # the reference there: the walks from both sides had shrunk, and the fused slice with them).
 THIN_FRACTION = 1 / 3
+# Two neighbouring drawn slices whose walks towards each other overlap on no slice between them by this
+# Dice or more (session 48) are said in a note: the result between them is split, and one of the two
+# drawings may be of another structure (a trial: a keyframe drawn with another organ's outline was
+# followed without a word). Measured on training-case structures (README, Troubleshooting).
+KEYFRAME_DISAGREE_DICE = 0.1
 THIN_MIN_EXPECTED = 12  # voxels: a structure a few voxels across is not judged by its area
+
+
+def _both_dice(x: np.ndarray, y: np.ndarray) -> float:
+    """Dice of two masks of one slice where both hold something; -1 where either is empty."""
+    nx, ny = int(np.count_nonzero(x)), int(np.count_nonzero(y))
+    if nx == 0 or ny == 0:
+        return -1.0
+    return 2.0 * int(np.count_nonzero(x & y)) / (nx + ny)
 
 
 def _thin_between(mask: np.ndarray, a: int, b: int, largest: int, edited=()) -> list[int]:
@@ -2217,6 +2245,7 @@ def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo
         # below F x the area expected from the two drawn slices lost the object too)
         collapse = float(getattr(predictor, "keyframe_collapse_fraction", 0.0) or 0.0)
         area_a, area_b = int(np.count_nonzero(prompt_mask[a])), int(np.count_nonzero(prompt_mask[b]))
+        meet = -1.0
         for s in range(a + 1, b):
             w_f, w_b = (b - s) / (b - a), (s - a) / (b - a)
             if not empty_side_votes:
@@ -2228,8 +2257,13 @@ def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo
                     w_f, w_b = (1.0, 0.0) if f_has else (0.0, 1.0)
             # each side's probability is dropped once fused, and the fused slice kept as the mask it
             # becomes (a review, s29: three dense float copies per slice between two keyframes)
-            probs[s] = (w_f * fwd_p.pop(s) + w_b * bwd_p.pop(s)) >= predictor.threshold
+            f_prob, b_prob = fwd_p.pop(s), bwd_p.pop(s)
+            f_mask, b_mask = f_prob >= predictor.threshold, b_prob >= predictor.threshold
+            meet = max(meet, _both_dice(f_mask, b_mask))
+            probs[s] = (w_f * f_prob + w_b * b_prob) >= predictor.threshold
             conf[s] = w_f * fwd_c[s] + w_b * bwd_c[s]
+        # how far the two walks agree anywhere between the two drawn slices (-1: nowhere both hold it)
+        stats.setdefault("meet", []).append((a, b, meet))
 
     t0 = time.perf_counter()
     mask = np.zeros(volume.shape, dtype=bool)
@@ -2478,7 +2512,7 @@ def _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, em
         )
         overlapped, lost_voxels = set(), {}
         keyframes_all, recomputed_all, stops_all, agreement_all, begin_states = {}, {}, {}, {}, {}
-        gaps_all, lost_all, thin_all, edited_all, dropped_all = {}, {}, {}, {}, {}
+        gaps_all, lost_all, thin_all, edited_all, dropped_all, disagree_all = {}, {}, {}, {}, {}, {}
         before_moved = (np.moveaxis(previous.mask, ax, 0) if previous is not None and previous.axis == ax
                         and previous.mask.shape == image.shape and previous.image_digest in (None, digest)
                         else None)  # (a result of another image says nothing of what this one emptied)
@@ -2490,7 +2524,7 @@ def _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, em
         for n_lab, (lab, keyframes) in enumerate(slices.items(), start=1):
             tracker.check_cancel()
             tracker.label = f"label {lab} ({n_lab}/{len(slices)})" if len(slices) > 1 else ""
-            stats["stops"], stats["gaps"], stats["thin"] = [], [], []
+            stats["stops"], stats["gaps"], stats["thin"], stats["meet"] = [], [], [], []
             # the previous label's full-volume arrays go before this label's are made (with three or
             # more labels they were the run's peak of memory: 4 B a voxel more than with one)
             mask = taken = clash = drawn_over = label_mask = reuse = None
@@ -2526,6 +2560,9 @@ def _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, em
             stops_all[lab] = stats.pop("stops")
             gaps_all[lab] = sorted(stats.pop("gaps"))
             thin_all[lab] = sorted(stats.pop("thin"))
+            # (-1: on no slice between did both walks hold it: a gap, which the gap note names)
+            disagree_all[lab] = [(int(a), int(b), round(float(d), 3)) for a, b, d in stats.pop("meet")
+                                 if 0.0 <= d < KEYFRAME_DISAGREE_DICE]
             # Earlier labels keep their voxels; a label's own prompt voxels always win.
             if lab != next(iter(slices)):  # the first label finds the map empty
                 # on the slab of slices this label holds or is drawn on (flat indices shifted to the
@@ -2604,6 +2641,7 @@ def _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, em
         # (slices other labels took whole are said as cut, not as thin)
         thin={lab: sorted(set(v) - set(cut_all.get(lab, ((), ()))[0])) for lab, v in thin_all.items()},
         cut=cut_all,
+        disagree={lab: v for lab, v in disagree_all.items() if v},
         edited=edited_all,
         outward_wall_test=True,
         dropped=dropped_all,

@@ -233,6 +233,18 @@ def _slice_numbers(values, n: int) -> list[int]:
     return [int(v) for v in values]
 
 
+def _disagree_pair(value, n: int) -> tuple[int, int, float]:
+    """(a, b, Dice) of ``PropagationResult.disagree`` from a server's answer (untrusted): two slice
+    numbers in order and a Dice from 0 to 1; ValueError else."""
+    if not (isinstance(value, list) and len(value) == 3 and isinstance(value[2], (int, float))
+            and not isinstance(value[2], bool) and 0.0 <= value[2] <= 1.0):
+        raise ValueError(f"keyframe disagreement {str(value)[:60]} is not [slice, slice, Dice]")
+    a, b = _slice_numbers(value[:2], n)
+    if a >= b:
+        raise ValueError(f"keyframe disagreement {str(value)[:60]} names its slices out of order")
+    return a, b, float(value[2])
+
+
 def _check_unpacked_size(payload: bytes, max_bytes: int) -> None:
     """A server's answer is a compressed .npz: what it unpacks to is bounded before any of it is
     read (a small answer from a wrong or hostile server could otherwise unpack to gigabytes)."""
@@ -270,6 +282,8 @@ def decode_result(payload: bytes, max_bytes: int | None = None) -> PropagationRe
                    for lab, v in meta.get("cut", {}).items()}
             lost = {int(lab): ({int(o): int(n) for o, n in by.items()}, int(own))
                     for lab, (by, own) in meta.get("lost", {}).items()}
+            disagree = {int(lab): [_disagree_pair(pair, n_along) for pair in v]  # (servers since session 48)
+                        for lab, v in meta.get("disagree", {}).items()}
             # servers before session 28 do not send it: every slice along the axis counts as recomputed
             # then (a server always runs from scratch), so no review mark outlives a change
             recomputed = ({int(lab): [(int(a), int(b)) for a, b in v] for lab, v in meta["recomputed"].items()}
@@ -301,7 +315,7 @@ def decode_result(payload: bytes, max_bytes: int | None = None) -> PropagationRe
             keyframes=keyframes, agreement=agreement,
             remove_disconnected=bool(meta["remove_disconnected"]), gaps=gaps, thin=thin, lost=lost,
             recomputed=recomputed,
-            begin_state=begin_state, cut=cut,
+            begin_state=begin_state, cut=cut, disagree=disagree,
             # servers before session 30 send neither this nor the begin state, so nothing is reused
             overlapped=frozenset(int(lab) for lab in meta.get("overlapped", [])),
             outward_wall_test=meta.get("outward_wall_test") is True,  # servers before session 32: False
