@@ -31,9 +31,17 @@ def run() -> int:
     except KeyboardInterrupt:
         print("pamsegment: interrupted; nothing was written", file=sys.stderr)  # as cli.main says it
         return 130  # cli.EXIT_INTERRUPTED
-    code = main(ends_process=True)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the work is written and reported (see above)
+    code = None
+    try:
+        code = main(ends_process=True)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the work is written and reported (see above)
+    except KeyboardInterrupt:  # a second Ctrl-C in the instant before main's handler ignored it (or after
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # main returned, before the lines above): one line, no
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # traceback (a trial, session 48)
+        if code is None:
+            print("pamsegment: interrupted; nothing was written", file=sys.stderr)
+            code = 130
     return code
 
 

@@ -681,7 +681,7 @@ def check_not_empty(*named) -> None:
     (the working folder), where a batch then wrote its outputs and report."""
     for option, value in named:
         if value is not None and not str(value).strip():
-            raise InputError(f"{option} is empty (an unset variable?); give a file or folder")
+            raise InputError(f"{option} is empty (an unset variable?); give the path it asks for")
     for option, value in named:  # `-o "res "`: a folder whose name ends in a space, unseen in the messages
         text = str(value) if value is not None else ""
         if text != text.strip() and not os.path.lexists(text):
@@ -1632,6 +1632,18 @@ def _joined_negative_values(argv: list[str]) -> list[str]:
     return out
 
 
+def _ending(ends_process: bool) -> None:
+    """A run stopped by Ctrl-C or SIGTERM ends: where the process ends with it, a second Ctrl-C (a
+    key pressed twice) is ignored from here, not raised in the middle of the message (a trial,
+    session 48: a traceback, and the process killed by the signal instead of exit 130)."""
+    if ends_process:
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        except ValueError:  # not the main thread
+            pass
+
+
 def main(argv: Sequence[str] | None = None, ends_process: bool = False, defaults: dict | None = None) -> int:
     """Run ``pamsegment`` with ``argv`` (default: sys.argv[1:]); returns the exit status.
     ends_process: the process ends when this returns (``__main__.run``), so a command may leave
@@ -1659,9 +1671,11 @@ def main(argv: Sequence[str] | None = None, ends_process: bool = False, defaults
             import scipy.ndimage  # noqa: F401
         return int(_resolve(args._run)(args) or EXIT_OK)
     except Terminated:
+        _ending(ends_process)
         print(f"{PROG}: terminated (SIGTERM); nothing was written", file=sys.stderr)
         return EXIT_TERMINATED
     except (PropagationCancelled, KeyboardInterrupt):
+        _ending(ends_process)
         print(f"{PROG}: interrupted; nothing was written", file=sys.stderr)
         return EXIT_INTERRUPTED
     except PAMError as exc:

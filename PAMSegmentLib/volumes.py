@@ -1980,7 +1980,9 @@ def _as_integer_labels(image: sitk.Image, name: str) -> sitk.Image:
     if not np.all(np.isfinite(arr)) or not np.array_equal(arr, np.round(arr)):
         values = np.unique(arr)  # (on this error path only)
         if 0 < values.size <= 8 and np.all(np.isfinite(values)):
-            listed = ", ".join(f"{v:g}" for v in values)
+            # each as short as its own precision allows (1.0000001 was printed "1", as if whole: a trial)
+            listed = ", ".join(np.format_float_positional(v, unique=True, trim="-") if 1e-4 <= abs(v) < 1e6 or v == 0
+                               else np.format_float_scientific(v, unique=True, trim="-") for v in values)
             raise InputError(f"{name} holds the values {listed}, not whole numbers: a mask saved as floats (or "
                              "resampled)? Round it to integer labels (e.g. 0 and 1) and save it as an integer "
                              "label map")

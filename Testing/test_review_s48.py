@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from PAMSegmentLib.checkpoints import CheckpointError, load_checkpoint_file
+from PAMSegmentLib.propagate import SlicePrediction, SlicePredictor
 
 
 def test_a_torchscript_archive_is_named_with_how_to_save_its_weights(tmp_path):
@@ -76,3 +77,149 @@ def test_the_checkpoint_checked_is_the_checkpoint_loaded(tmp_path, small_checkpo
     assert model.sha256 == small_checkpoint.sha256
     assert all(torch.equal(a, b) for a, b in zip(model.network.state_dict().values(),
                                                  small_checkpoint.network.state_dict().values()))
+
+
+class _FollowsTheDrawnObject(SlicePredictor):
+    """A predictor that follows whichever of ``objects``' labels the guide mask covers most: each
+    walk keeps to the object it was started on (as the network does on a real scan)."""
+
+    def __init__(self, objects):
+        self.objects, self.prediction = objects, SlicePrediction
+        self.window_mm, self.max_window = 4.0, 4
+
+    def predict(self, volume, guide_index, guide_mask, query_indices):
+        import numpy as np
+
+        values, counts = np.unique(self.objects[guide_index][guide_mask > 0], return_counts=True)
+        followed = values[np.argmax(counts)] if len(values) else 0
+        return self.prediction((self.objects[list(query_indices)] == followed).astype(np.float32))
+
+
+def _two_objects():
+    import numpy as np
+
+    j, i = np.ogrid[:40, :40]
+    objects = np.zeros((20, 40, 40), np.uint8)
+    objects[:, ((j - 12) ** 2 + (i - 12) ** 2) <= 36] = 1  # a tube on one side
+    objects[:, ((j - 28) ** 2 + (i - 28) ** 2) <= 36] = 2  # another on the other side
+    image = np.random.default_rng(0).normal(size=objects.shape).astype(np.float32)
+    return objects, image
+
+
+def test_a_keyframe_drawn_on_another_structure_is_said_in_a_note():
+    """A trial (session 48): the left kidney drawn on slices 6 and 16 and, by mistake, the spleen on
+    slice 11 (same label) was followed without a word (Dice 0.95 -> 0.63). The walks between two drawn
+    slices now say when they do not meet (best Dice on any slice between under 0.1): here the walks
+    from 3 and 10 follow one tube, those from 10 and 16 meet nowhere."""
+    import numpy as np
+
+    from PAMSegmentLib.propagate import propagate
+
+    objects, image = _two_objects()
+    prompt = np.zeros(objects.shape, np.uint8)
+    prompt[3], prompt[10], prompt[16] = objects[3] == 1, objects[10] == 1, objects[16] == 2  # 16: the other
+    result = propagate(image, prompt, (1.0, 1.0, 1.0), _FollowsTheDrawnObject(objects))
+    assert result.disagree == {1: [(10, 16, 0.0)]}
+    assert [n for n in result.notes() if "do not meet" in n] == [
+        "label 1: the walks towards each other from its drawn slices 10 and 16 (Dice 0.00 at most) do not meet, "
+        "so the result between them is two objects joined halfway; check that those drawings are of the same "
+        "structure, and the slices between (draw one of them and update)"]
+    prompt[16] = objects[16] == 1  # drawn right: the walks agree (Dice 1 between), nothing said
+    right = propagate(image, prompt, (1.0, 1.0, 1.0), _FollowsTheDrawnObject(objects))
+    assert right.disagree == {} and not [n for n in right.notes() if "do not meet" in n]
+    np.testing.assert_array_equal(right.mask[3:17] > 0, objects[3:17] == 1)
+
+
+def test_a_server_answer_carries_the_keyframe_disagreement_and_checks_it():
+    import io
+    import json
+
+    import numpy as np
+
+    from PAMSegmentLib.propagate import propagate
+    from PAMSegmentLib.remote import decode_result
+    from PAMSegmentLib.server import encode_result
+
+    objects, image = _two_objects()
+    prompt = np.zeros(objects.shape, np.uint8)
+    prompt[4], prompt[12] = objects[4] == 1, objects[12] == 2
+    result = propagate(image, prompt, (1.0, 1.0, 1.0), _FollowsTheDrawnObject(objects))
+    back = decode_result(encode_result(result))
+    assert back.disagree == result.disagree == {1: [(4, 12, 0.0)]} and back.notes() == result.notes()
+    with np.load(io.BytesIO(encode_result(result))) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(bytes(arrays["meta"]).decode())
+    for bad in ([[12, 4, 0.0]], [[4, 99, 0.0]], [[4, 12, "0"]], [[4, 12, 7.0]], [[4, 12]]):
+        meta["disagree"] = {"1": bad}
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **arrays)
+        with pytest.raises(Exception, match="keyframe disagreement|slice numbers"):
+            decode_result(buffer.getvalue())
+
+
+@pytest.fixture
+def signal_handlers():
+    import signal
+
+    saved = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    yield signal
+    signal.signal(signal.SIGINT, saved[0])
+    signal.signal(signal.SIGTERM, saved[1])
+
+
+def test_a_second_ctrl_c_while_the_first_ends_the_run_is_ignored(signal_handlers, monkeypatch, capsys):
+    """A trial (session 48): Ctrl-C pressed three times within milliseconds printed the "interrupted"
+    line, then a traceback (a KeyboardInterrupt in __main__.run), and the process died of the signal
+    instead of exiting 130 (4 of 12 tries). Once a run is ending on Ctrl-C or SIGTERM, further ones are
+    ignored (where the process ends with the command), and one that still escapes is one line."""
+    signal = signal_handlers
+    from PAMSegmentLib import __main__ as entry
+    from PAMSegmentLib import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_resolve", lambda ref: interrupted)
+    assert cli.main(["info"], ends_process=True) == 130
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert cli.main(["info"], ends_process=False) == 130  # a caller's own process: its handler left alone
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    capsys.readouterr()
+
+    def escapes(**kwargs):  # the second Ctrl-C landing before main's handler could ignore it
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "main", escapes)
+    assert entry.run() == 130
+    assert capsys.readouterr().err == "pamsegment: interrupted; nothing was written\n"
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+def test_values_close_to_whole_are_printed_as_they_are(tmp_path):
+    """A trial (session 48): a float prompt of labels x 1.0000001 was refused as holding "the values 0,
+    1, 2, 3, 5, not whole numbers", which look whole. Each value is printed to its own precision."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.volumes import read_labelmap
+
+    labels = np.zeros((4, 6, 6), np.float32)
+    labels[1, 1:3, 1:3], labels[2, 3:5, 3:5], labels[3, 0, 0] = 1, 2, 5e7
+    image = sitk.GetImageFromArray(labels * np.float32(1.0000001))
+    sitk.WriteImage(image, str(tmp_path / "m.nii.gz"))
+    with pytest.raises(InputError, match=r"m.nii.gz holds the values 0, 1.0000001, 2.0000002, 5.0000004e\+07, not "
+                                         r"whole numbers"):
+        read_labelmap(tmp_path / "m.nii.gz")
+
+
+def test_an_empty_output_path_is_not_told_a_folder_will_do(tmp_path, capsys):
+    """A trial (session 48): propagate's `-o ""` was told "give a file or folder", and `-o FOLDER` then
+    "FOLDER is a folder; give a file name". The empty-path message asks for the path the option takes."""
+    from PAMSegmentLib.cli import main
+
+    assert main(["propagate", str(tmp_path / "i.nii.gz"), str(tmp_path / "p.nii.gz"), "-o", ""]) == 2
+    err = capsys.readouterr().err
+    assert "-o is empty (an unset variable?); give the path it asks for" in err and "folder" not in err
