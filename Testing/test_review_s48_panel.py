@@ -8,21 +8,29 @@ from conftest_mrml import *  # noqa: F401,F403 - fixtures (mrml_scene)
 from test_module_static import _slicer, drawn, module, mrml, oracle_loader, panel, poll_until_idle  # noqa: F401,F811
 
 
+def _packages_missing(widget, drawing, monkeypatch, asked):
+    """The panel with the drawn segment selected and one package missing (until the stand-in installer
+    the test sets clears the returned list); the installation is agreed to (questions go to ``asked``)."""
+    truth, volume, segmentation, segment_id = drawing
+    oracle_loader(monkeypatch, truth)
+    widget.ui.segmentationSelector.setCurrentNode(segmentation)
+    missing = [("cc3d", "connected-components-3d>=3.12")]
+    monkeypatch.setattr(widget.logic, "missingRequirements", lambda network=True: list(missing))
+    monkeypatch.setattr(_slicer().util, "confirmOkCancelDisplay", lambda text, **kw: asked.append(text) or True)
+    dialog = types.SimpleNamespace(labelText="", close=lambda: None, wasCanceled=False)
+    monkeypatch.setattr(_slicer().util, "createProgressDialog", lambda **kw: dialog)
+    return missing, dialog
+
+
 def test_a_second_press_while_packages_install_starts_nothing_more(panel, drawn, monkeypatch):  # noqa: F811
     """A review (session 48): during the installation the panel answers (pip's output is pumped through
     processEvents), and Propagate pressed again asked again, ran a second installation inside the first
     and started a job the first press then replaced, never written nor cancelled. The buttons are off
     while packages install, a press meanwhile does nothing, and one propagation runs after."""
-    truth, volume, segmentation, segment_id = drawn
-    oracle_loader(monkeypatch, truth)
+    segmentation = drawn[2]
     ui, logic = panel.ui, panel.logic
-    ui.segmentationSelector.setCurrentNode(segmentation)
-    missing = [("cc3d", "connected-components-3d>=3.12")]
-    monkeypatch.setattr(logic, "missingRequirements", lambda network=True: list(missing))
     asked, installs, during = [], [], []
-    monkeypatch.setattr(_slicer().util, "confirmOkCancelDisplay", lambda text, **kw: asked.append(text) or True)
-    dialog = types.SimpleNamespace(labelText="", close=lambda: None, wasCanceled=False)
-    monkeypatch.setattr(_slicer().util, "createProgressDialog", lambda **kw: dialog)
+    missing, dialog = _packages_missing(panel, drawn, monkeypatch, asked)
     started = []
     real_start = logic.startPropagation
     monkeypatch.setattr(logic, "startPropagation", lambda *a, **k: started.append(1) or real_start(*a, **k))
@@ -47,15 +55,8 @@ def test_a_second_press_while_packages_install_starts_nothing_more(panel, drawn,
 def test_cancel_in_the_install_dialog_starts_no_propagation(panel, drawn, monkeypatch):  # noqa: F811
     """The installation dialog's Cancel cannot stop pip; it went on to propagate when pip ended. Now the
     packages are there and nothing is started, which the status says."""
-    truth, volume, segmentation, segment_id = drawn
-    oracle_loader(monkeypatch, truth)
     ui, logic = panel.ui, panel.logic
-    ui.segmentationSelector.setCurrentNode(segmentation)
-    missing = [("cc3d", "connected-components-3d>=3.12")]
-    monkeypatch.setattr(logic, "missingRequirements", lambda network=True: list(missing))
-    monkeypatch.setattr(_slicer().util, "confirmOkCancelDisplay", lambda text, **kw: True)
-    dialog = types.SimpleNamespace(labelText="", close=lambda: None, wasCanceled=False)
-    monkeypatch.setattr(_slicer().util, "createProgressDialog", lambda **kw: dialog)
+    missing, dialog = _packages_missing(panel, drawn, monkeypatch, [])
 
     def install(todo, report):
         dialog.wasCanceled = True
