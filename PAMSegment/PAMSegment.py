@@ -208,6 +208,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # Packages are being installed: the panel answers meanwhile (the installer's output is pumped
         # through processEvents), and a second press started a second install and then two jobs
         self._installing = False
+        self._barStatus = None  # the text last shown in Slicer's status bar while the panel was hidden
 
     def resourcePath(self, filename):
         return _resourcePath(filename)
@@ -667,9 +668,10 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                             "error")
             return False
         dialog = slicer.util.createProgressDialog(windowTitle="PAMSegment", labelText="Installing...", maximum=0)
-        self._installing = True
-        self.updateButtons()
+        cancelled = False
         try:
+            self._installing = True
+            self.updateButtons()
             def report(text):
                 dialog.labelText = text
                 slicer.util.showStatusMessage(text, 3000)
@@ -687,6 +689,9 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._setStatus(f"Installing dependencies failed ({reason}); the Python console shows why.", "error")
             return False
         finally:
+            # read before close(): closing a QProgressDialog cancels it (wasCanceled is then true after every
+            # installation, and the run asked for never started: a review)
+            cancelled = bool(getattr(dialog, "wasCanceled", False))
             dialog.close()
             self._installing = False
             self.updateButtons()
@@ -697,7 +702,7 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                             + ". Restart Slicer and try again.", "error")
             return False
         self._populateDevices()
-        if getattr(dialog, "wasCanceled", False):  # its Cancel cannot stop pip, but nothing more is started
+        if cancelled:  # its Cancel cannot stop pip, but nothing more is started
             self._setStatus("Installed (an installation cannot be stopped once begun); nothing was propagated. Press "
                             "the button again to run.", "warning")
             return False
@@ -709,9 +714,11 @@ class PAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         colors = {"info": "", "ok": "color: #1b7f3b;", "warning": "color: #a86b00;", "error": "color: #b3261e;"}
         self.ui.statusLabel.setStyleSheet(colors.get(level, ""))
         self.ui.statusLabel.text = text
-        if not self._entered and level != "info":  # hidden (the user went back to the Segment Editor while it ran):
-            # how the run ended is shown in Slicer's status bar too (a result not written went unseen; a review)
+        if not self._entered and level != "info" and text != self._barStatus:  # hidden (the user went back to
+            # the Segment Editor while it ran): how the run ended is shown in Slicer's status bar too (a result not
+            # written went unseen; a review), once (a scene close said its cancel again when the job ended)
             slicer.util.showStatusMessage(f"PAMSegment: {text}", 15000)
+        self._barStatus = text if not self._entered and level != "info" else None
 
     def _startJob(self, start, memoryCheck=True):
         """Create and start a job with ``start(memoryCheck)``; on bad input show why and return the

@@ -1289,7 +1289,7 @@ def _cmd_batch(args: argparse.Namespace, claims: list) -> int:
 
     from .cli import check_not_empty
 
-    check_not_empty(("MANIFEST", args.manifest), ("-o", args.output))
+    check_not_empty(("MANIFEST", args.manifest, "the manifest file"), ("-o", args.output, "the output folder"))
     check_pam_only_options(args)
     check_no_checkpoint_for_classical(args)
     check_server_options(args)

@@ -1298,8 +1298,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
     from .cli import check_not_empty
 
-    check_not_empty(("--out", args.out), ("--checkpoint", args.checkpoint),
-                    ("--official-checkpoint", args.official_checkpoint))
+    check_not_empty(("--out", args.out, "the output folder"), ("--checkpoint", args.checkpoint, "the checkpoint file"),
+                    ("--official-checkpoint", args.official_checkpoint, "the checkpoint file"))
     for option, preset in (("checkpoint", "small"), ("official_checkpoint", "official")):
         path = getattr(args, option, None)  # before the measurements, which take up to 15 min (a bad file,
         if path:  # or one of the other preset, only showed as error rows in the tables, exit 0; loading it

@@ -402,7 +402,10 @@ def _checked_file_size(path: Path) -> int:
     if not path.is_file():  # a FIFO would be read for ever, a device is no checkpoint
         raise CheckpointError(f"checkpoint {path} is not a regular file (a named pipe or a device); give the "
                               ".pt/.pth file")
-    size = path.stat().st_size
+    return _checked_size(path, path.stat().st_size)
+
+
+def _checked_size(path: Path, size: int) -> int:
     if size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes); download it again")
     if size > MAX_CHECKPOINT_BYTES:
@@ -447,12 +450,24 @@ def check_checkpoint_header(path: str | os.PathLike) -> int:
     without reading it: returns the size in bytes. Raises CheckpointError."""
     size = check_checkpoint_file(path)  # (given as it came: Path('') would be '.')
     path = Path(path)
+    with _opened(path) as f:
+        _check_head(path, f.read(_IMAGE_HEAD))
+    return size
+
+
+def _opened(path: Path):
+    """The checkpoint opened for reading, or one CheckpointError (permission denied: a traceback and exit
+    1 before)."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(_IMAGE_HEAD)
-    except OSError as error:  # permission denied: a traceback and exit 1 before
+        return open(path, "rb")
+    except OSError as error:
         raise CheckpointError(f"cannot read checkpoint {path} ({error.strerror or error}); check its permissions "
                               "(or copy it somewhere you can read it)") from None
+
+
+def _check_head(path: Path, head: bytes) -> None:
+    """A checkpoint's first bytes (``_IMAGE_HEAD`` of them) are a torch zip file's or a legacy pickle's;
+    anything else is named as what it is where that can be told (an image, gzip, tar, safetensors)."""
     magic = head[:16]
     if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):  # a torch zip file, or a legacy pickle
         image = _image_kind(path, head)
@@ -464,9 +479,10 @@ def check_checkpoint_header(path: str | os.PathLike) -> int:
             raise CheckpointError(f"cannot load checkpoint {path}: it is gzip-compressed; decompress it first "
                                   "(gunzip, or 7-Zip on Windows) and give the file inside")
         if len(head) >= 262 and head[257:262] == b"ustar" and head.startswith(b"sys_info\x00"):
-            raise CheckpointError(f"cannot load checkpoint {path}: it is in the tar format of torch before 0.4 "
-                                  "(2018), which PAMSegment does not read; load it once with that torch and save it "
-                                  "again with torch.save in a recent one")
+            raise CheckpointError(f"cannot load checkpoint {path}: it is in torch's first file format (a tar "
+                                  "archive), which PAMSegment does not read; if you trust the file, save it again "
+                                  "once in Python: torch.save(torch.load(PATH, weights_only=False), 'weights.pt'), "
+                                  "and give weights.pt")
         if len(head) >= 262 and head[257:262] == b"ustar":  # a tar archive's header (POSIX and GNU)
             raise CheckpointError(f"cannot load checkpoint {path}: it is a tar archive, not a PyTorch checkpoint; "
                                   f"extract it (tar -xf {shown(path.name, 80)}, or 7-Zip on Windows) and give the "
@@ -478,17 +494,15 @@ def check_checkpoint_header(path: str | os.PathLike) -> int:
         begins = "".join(c if c.isprintable() else "?" for c in begins)
         raise CheckpointError(f"cannot load checkpoint {path}: it is not a PyTorch file (it begins {begins!r}); "
                               "if you downloaded it, the download may have saved an error page: download it again")
-    return size
 
 
 def _read(path: Path) -> object:
-    size = check_checkpoint_header(path)
-    try:
-        f = open(path, "rb")  # opened once: the file checked is the file loaded (a copy replacing it in between)
-    except OSError as error:
-        raise CheckpointError(f"cannot read checkpoint {path} ({error.strerror or error}); check its permissions "
-                              "(or copy it somewhere you can read it)") from None
-    with f:
+    check_checkpoint_file(path)  # (a FIFO, which the open would wait on for ever, is refused here)
+    with _opened(path) as f:  # opened once: the file checked is the file loaded (a copy replacing it in between
+        # was loaded past the checks: a review, session 48), its size and first bytes included
+        size = _checked_size(path, os.fstat(f.fileno()).st_size)
+        _check_head(path, f.read(_IMAGE_HEAD))
+        f.seek(0)
         return _read_open(path, f, size)
 
 

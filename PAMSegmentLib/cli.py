@@ -678,11 +678,12 @@ def check_update_memory(image, plan, method: str, skip: bool, what: str = "") ->
 
 def check_not_empty(*named) -> None:
     """Path arguments given as '' (an unset variable: `-o "$OUT"`) are refused: they were read as '.'
-    (the working folder), where a batch then wrote its outputs and report."""
-    for option, value in named:
+    (the working folder), where a batch then wrote its outputs and report. Each of ``named`` is
+    (option, value) or (option, value, what it takes: "the output file"), the message's advice."""
+    for option, value, *what in named:
         if value is not None and not str(value).strip():
-            raise InputError(f"{option} is empty (an unset variable?); give the path it asks for")
-    for option, value in named:  # `-o "res "`: a folder whose name ends in a space, unseen in the messages
+            raise InputError(f"{option} is empty (an unset variable?); give {what[0] if what else 'a path'}")
+    for option, value, *_ in named:  # `-o "res "`: a folder whose name ends in a space, unseen in the messages
         text = str(value) if value is not None else ""
         if text != text.strip() and not os.path.lexists(text):
             print(f"note: {option} {text!r} begins or ends with a space, and is used so", file=sys.stderr, flush=True)
@@ -704,7 +705,8 @@ def cmd_propagate(args: argparse.Namespace) -> int:
         given, missing = ("--previous", "--edited") if args.edited is None else ("--edited", "--previous")
         raise InputError(f"{given} needs {missing}: give the earlier result (--previous) and your corrected copy "
                          "of it (--edited)")
-    check_not_empty(("IMAGE", args.image), ("PROMPT", args.prompt), ("-o", args.output))
+    check_not_empty(("IMAGE", args.image, "the image file"), ("PROMPT", args.prompt, "the prompt file"),
+                    ("-o", args.output, "the output file (a folder is no output)"))
     check_image_is_not_prompt(args.image, args.prompt)
     if args.previous is not None:
         check_previous_is_not_prompt(args.previous, args.prompt)

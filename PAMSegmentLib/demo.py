@@ -152,7 +152,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from .cli import _ProgressBar, check_not_empty, note_network_only_options
 
-    check_not_empty(("-o", args.out), ("--checkpoint", args.checkpoint))  # '' was read as '.': the working folder
+    # ('' was read as '.': the working folder)
+    check_not_empty(("-o", args.out, "the output folder"), ("--checkpoint", args.checkpoint, "the checkpoint file"))
     note_network_only_options(args)
     with _ProgressBar("demo") as bar:  # appears with the first progress: a bad checkpoint is one line alone
         res = run_demo(Path(args.out), args.checkpoint, args.method, args.device, args.threads, progress=bar)

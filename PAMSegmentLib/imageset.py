@@ -898,7 +898,8 @@ def cmd_label_images(args) -> int:
     from .cli import EXIT_OK, METHODS, _ProgressBar, check_not_empty
     from .volumes import exif_note, read_image_2d, read_labelmap_2d, replace_together, write_labelmap_2d
 
-    check_not_empty(("PROMPT_IMAGE", args.prompt_image), ("PROMPT_MASK", args.prompt_mask), ("-o", args.output))
+    check_not_empty(("PROMPT_IMAGE", args.prompt_image, "the labelled image"), ("PROMPT_MASK", args.prompt_mask,
+                    "its label map"), ("-o", args.output, "the output folder"))
 
     t0 = time.perf_counter()
     out_dir = Path(args.output)

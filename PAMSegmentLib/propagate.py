@@ -172,7 +172,8 @@ class PropagationResult:
     # label -> (a, b, Dice) for neighbouring drawn slices a < b whose walks towards each other both
     # hold the object somewhere between them but overlap on no slice by KEYFRAME_DISAGREE_DICE or more
     # (Dice: the best slice's): the result between them is split, and one drawing may be of another
-    # structure; said in a note (this call only: walks an update reuses are not judged again).
+    # structure; said in a note (an update says again what the result it updates said of a pair it
+    # reuses; a result read back from its record says nothing of it).
     disagree: dict[int, list[tuple[int, int, float]]] = field(default_factory=dict)
     # label -> its drawn slices this call added or changed against ``previous`` (an update; this call
     # only): the notes' default ``edited`` (a tip the user just drew is no stray click, and a walk
@@ -353,11 +354,13 @@ class PropagationResult:
         for lab, pairs in sorted(self.disagree.items()):
             if not pairs:
                 continue
-            where = " and ".join(f"{a} and {b} (Dice {d:.2f} at most)" for a, b, d in pairs)
-            out.append(("disagree", f"label {lab}: the walks towards each other from its drawn slices {where} do "
-                                    "not meet, so the result between them is two objects joined halfway; check that "
-                                    "those drawings are of the same structure, and the slices between (draw one of "
-                                    "them and update)"))
+            named = [f"{a} and {b}" for a, b, _ in pairs]
+            where = named[0] if len(named) == 1 else ", ".join(named[:-1]) + ", and " + named[-1]
+            out.append(("disagree", f"label {lab}: the walks between its drawn slices {where} do not meet (on no "
+                                    "slice between do they overlap by a tenth), so halfway there the result "
+                                    "switches from the object followed from one drawing to the one followed from the "
+                                    "other; check that those drawings are of the same structure, and the slices "
+                                    "between (draw one of them and update)"))
         for lab, (slices, by) in sorted(self.cut.items()):
             who = f"label {by[0]}" if len(by) == 1 else "labels " + ", ".join(map(str, by))
             out.append(("cut", f"label {lab}: between its drawn slices, {_slice_list_text(slices)} "
@@ -1967,6 +1970,9 @@ class _Reuse:
     begin_state: object = None  # the predictor's class and ``begin_state`` in that run
     stops: list = field(default_factory=list)  # how that run's walks ended (``PropagationResult.stops``)
     outward_wall_test: bool = False  # ``PropagationResult.outward_wall_test`` of that run
+    # (a, b, Dice) of that run's ``PropagationResult.disagree``: a reused pair between drawn slices is
+    # said again as computed (an update dropped the note of a pair still wrong; a review, session 48)
+    disagree: list = field(default_factory=list)
 
     def stop_of(self, start: int, direction: int) -> dict | None:
         """How the earlier run's one-sided walk from ``start`` in ``direction`` ended, if it says."""
@@ -2233,6 +2239,7 @@ def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo
                 and reuse.same(b, prompt_mask):
             reuse.take(range(a + 1, b), probs, conf, progress)
             progress.advance(b - a - 1, "reused")  # both directions' share of the work
+            stats.setdefault("meet", []).extend((a, b, d) for pa, pb, d in reuse.disagree if (pa, pb) == (a, b))
             continue
         recomputed.append((a + 1, b - 1))
         fwd_p, fwd_c, bwd_p, bwd_c = {}, {}, {}, {}
@@ -2543,7 +2550,8 @@ def _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, em
                 reuse = _Reuse(own, previous.confidence[lab], previous.keyframes[lab],
                                previous.agreement.get(lab), previous.begin_state.get(lab),
                                stops=list(previous.stops.get(lab, [])),
-                               outward_wall_test=bool(getattr(previous, "outward_wall_test", False)))
+                               outward_wall_test=bool(getattr(previous, "outward_wall_test", False)),
+                               disagree=list(getattr(previous, "disagree", {}).get(lab, [])))
             if previous is not None and previous.axis == ax and lab in previous.keyframes:
                 # drawn in this round, or by an earlier update round (``previous.edited``: a tip drawn in
                 # round 1 is no stray click in round 3; a re-review, session 31)

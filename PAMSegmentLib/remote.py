@@ -302,13 +302,20 @@ def decode_result(payload: bytes, max_bytes: int | None = None) -> PropagationRe
             if first > last:
                 raise ValueError(f"slice range {v} is reversed")
             slice_range[int(k)] = (first, last)
+        prompt_slices = {int(k): _slice_numbers(v, n_along) for k, v in meta["prompt_slices"].items()}
+        for lab, pairs in disagree.items():  # (a hostile answer's 20 000 copies made a 660 kB note line)
+            drawn = prompt_slices.get(lab, [])
+            named = {(a, b) for a, b, _ in pairs}
+            if len(named) != len(pairs) or any(a not in drawn or b not in drawn for a, b in named):
+                raise ValueError(f"keyframe disagreement of label {lab} names pairs that are not its drawn slices, or "
+                                 "names one twice")
         timings = meta["timings"]
         if not (isinstance(timings, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                                   and math.isfinite(v) for v in timings.values())):
             raise ValueError("its timings are not numbers of seconds")
         return PropagationResult(
             mask=mask, axis=int(meta["axis"]), confidence=confidence, slice_range=slice_range,
-            prompt_slices={int(k): _slice_numbers(v, n_along) for k, v in meta["prompt_slices"].items()},
+            prompt_slices=prompt_slices,
             timings={str(k): float(v) for k, v in timings.items()}, n_predicted=int(meta["n_predicted"]),
             range=tuple(meta["range"]) if meta.get("range") else None, early_stop=bool(meta["early_stop"]),
             stops={int(k): _stops_from_json(v, n_along, int(k)) for k, v in meta["stops"].items()},

@@ -178,10 +178,12 @@ def _qt_member_faults(tree: ast.Module, widget_classes: dict[str, str], qt_modul
     def qt_class(name):
         return next((getattr(m, name) for m in qt_modules if hasattr(m, name)), None)
 
-    def fault(cls, member, signal=None):
+    def fault(cls, member, signal=None, store=False):
         meta = getattr(cls, "staticMetaObject", None)
         if meta is None:  # a namespace (qt.Qt)
             return None if hasattr(cls, member or "") else f"{cls.__name__} has no member {member}"
+        if store:  # PythonQt sets a property by assignment; a method assigned to would be replaced, unsaid
+            return None if meta.indexOfProperty(member) >= 0 else f"{cls.__name__} has no property {member} to set"
         if signal is not None:
             wanted = bytes(meta.normalizedSignature(signal)).decode()
             signals = {bytes(meta.method(i).methodSignature()).decode() for i in range(meta.methodCount())}
@@ -209,14 +211,14 @@ def _qt_member_faults(tree: ast.Module, widget_classes: dict[str, str], qt_modul
             continue
         if isinstance(owner, ast.Attribute) and isinstance(owner.value, ast.Name) and owner.value.id == "qt":
             cls = qt_class(owner.attr)
-            said = fault(cls, member) if cls is not None else None
+            said = fault(cls, member, store=isinstance(node.ctx, ast.Store)) if cls is not None else None
         elif (isinstance(owner, ast.Attribute) and isinstance(owner.value, ast.Attribute) and owner.value.attr == "ui"
               and isinstance(owner.value.value, ast.Name) and owner.value.value.id == "self"):
             cls = qt_class(widget_classes.get(owner.attr, ""))
-            said = fault(cls, member) if cls is not None else None
+            said = fault(cls, member, store=isinstance(node.ctx, ast.Store)) if cls is not None else None
         elif isinstance(owner, ast.Attribute) and isinstance(owner.value, ast.Name) and owner.value.id == "self":
             cls = qt_class(made.get(owner.attr, ""))
-            said = fault(cls, member) if cls is not None else None
+            said = fault(cls, member, store=isinstance(node.ctx, ast.Store)) if cls is not None else None
         else:
             continue
         if said:
@@ -272,6 +274,8 @@ def test_the_qt_member_check_is_not_vacuous():
                 self.ui.box.connect("toggled(bool)", self.f)
                 self.ui.box.connect("toggled(int)", self.f)
                 ok = self.ui.box.checked and self.ui.box.cheked
+                self.ui.box.checked = True
+                self.ui.bar.setFormat = "%p"
                 self.ui.combo.setCurrentIndex(0)
                 self.ui.path.anythingAtAll()
                 qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)
@@ -283,8 +287,9 @@ def test_the_qt_member_check_is_not_vacuous():
     assert sorted(faults) == sorted([
         "line 6: QTimer has no signal timedOut()", "line 8: QProgressBar has no property or method setFromat",
         "line 10: QCheckBox has no signal toggled(int)", "line 11: QCheckBox has no property or method cheked",
-        "line 15: QApplication has no property or method setOverideCursor",
-        "line 16: qt.QNoSuchThing is not a Qt class"])
+        "line 13: QProgressBar has no property setFormat to set",
+        "line 17: QApplication has no property or method setOverideCursor",
+        "line 18: qt.QNoSuchThing is not a Qt class"])
 
 
 def test_icon_is_a_128_px_png():

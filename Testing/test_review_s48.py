@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from PAMSegmentLib.checkpoints import CheckpointError, load_checkpoint_file
+from PAMSegmentLib.errors import PAMError
 from PAMSegmentLib.propagate import SlicePrediction, SlicePredictor
 
 
@@ -46,7 +47,7 @@ def test_a_tar_archive_is_told_to_be_extracted_not_called_an_error_page(tmp_path
         load_checkpoint_file(tmp_path / "weights.tar")
     _tar(tmp_path / "old.pt", [("sys_info", b"\x80\x02}q\x00."), ("pickle", b"\x80\x02}q\x00."),
                                ("storages", b"\x80\x02K\x00."), ("tensors", b"\x80\x02K\x00.")])
-    with pytest.raises(CheckpointError, match=r"it is in the tar format of torch before 0\.4"):
+    with pytest.raises(CheckpointError, match=r"it is in torch's first file format \(a tar archive\)"):
         load_checkpoint_file(tmp_path / "old.pt")
 
 
@@ -121,9 +122,10 @@ def test_a_keyframe_drawn_on_another_structure_is_said_in_a_note():
     result = propagate(image, prompt, (1.0, 1.0, 1.0), _FollowsTheDrawnObject(objects))
     assert result.disagree == {1: [(10, 16, 0.0)]}
     assert [n for n in result.notes() if "do not meet" in n] == [
-        "label 1: the walks towards each other from its drawn slices 10 and 16 (Dice 0.00 at most) do not meet, "
-        "so the result between them is two objects joined halfway; check that those drawings are of the same "
-        "structure, and the slices between (draw one of them and update)"]
+        "label 1: the walks between its drawn slices 10 and 16 do not meet (on no slice between do they overlap by "
+        "a tenth), so halfway there the result switches from the object followed from one drawing to the one "
+        "followed from the other; check that those drawings are of the same structure, and the slices between "
+        "(draw one of them and update)"]
     prompt[16] = objects[16] == 1  # drawn right: the walks agree (Dice 1 between), nothing said
     right = propagate(image, prompt, (1.0, 1.0, 1.0), _FollowsTheDrawnObject(objects))
     assert right.disagree == {} and not [n for n in right.notes() if "do not meet" in n]
@@ -149,12 +151,13 @@ def test_a_server_answer_carries_the_keyframe_disagreement_and_checks_it():
     with np.load(io.BytesIO(encode_result(result))) as z:
         arrays = {k: z[k] for k in z.files}
     meta = json.loads(bytes(arrays["meta"]).decode())
-    for bad in ([[12, 4, 0.0]], [[4, 99, 0.0]], [[4, 12, "0"]], [[4, 12, 7.0]], [[4, 12]]):
+    for bad in ([[12, 4, 0.0]], [[4, 99, 0.0]], [[4, 12, "0"]], [[4, 12, 7.0]], [[4, 12]], [[4, 12, 0.0]] * 2,
+                [[4, 5, 0.0]]):  # ... twice; 5 is no drawn slice (a hostile answer's 20 000 copies: a 660 kB note)
         meta["disagree"] = {"1": bad}
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
         buffer = io.BytesIO()
         np.savez_compressed(buffer, **arrays)
-        with pytest.raises(Exception, match="keyframe disagreement|slice numbers"):
+        with pytest.raises(PAMError, match="keyframe disagreement|slice numbers"):
             decode_result(buffer.getvalue())
 
 
@@ -222,4 +225,27 @@ def test_an_empty_output_path_is_not_told_a_folder_will_do(tmp_path, capsys):
 
     assert main(["propagate", str(tmp_path / "i.nii.gz"), str(tmp_path / "p.nii.gz"), "-o", ""]) == 2
     err = capsys.readouterr().err
-    assert "-o is empty (an unset variable?); give the path it asks for" in err and "folder" not in err
+    assert "-o is empty (an unset variable?); give the output file (a folder is no output)" in err
+
+
+def test_an_update_says_again_what_the_result_said_of_a_pair_it_reuses():
+    """A review (session 48): an update reuses the walks between unchanged drawn slices and did not judge
+    them again, so a keyframe pair still wrong lost its note once another slice was drawn (a server, which
+    runs an update from scratch, still said it). The reused pair is said again, as a fresh run says it."""
+    import numpy as np
+
+    from PAMSegmentLib.propagate import propagate
+
+    objects, image = _two_objects()
+    prompt = np.zeros(objects.shape, np.uint8)
+    prompt[4], prompt[12] = objects[4] == 1, objects[12] == 2
+    model = _FollowsTheDrawnObject(objects)
+    first = propagate(image, prompt, (1.0, 1.0, 1.0), model)
+    assert first.disagree == {1: [(4, 12, 0.0)]}
+    prompt[18] = objects[18] == 1
+    update = propagate(image, prompt, (1.0, 1.0, 1.0), model, previous=first)
+    fresh = propagate(image, prompt, (1.0, 1.0, 1.0), model)
+    assert update.recomputed[1] == [(13, 17), (19, 19)]  # slices 5-11, between 4 and 12, were reused
+    assert update.disagree == fresh.disagree == {1: [(4, 12, 0.0), (12, 18, 0.0)]}
+    assert [n for n in update.notes() if "do not meet" in n][0].startswith(
+        "label 1: the walks between its drawn slices 4 and 12, and 12 and 18 do not meet")

@@ -17,7 +17,9 @@ def _packages_missing(widget, drawing, monkeypatch, asked):
     missing = [("cc3d", "connected-components-3d>=3.12")]
     monkeypatch.setattr(widget.logic, "missingRequirements", lambda network=True: list(missing))
     monkeypatch.setattr(_slicer().util, "confirmOkCancelDisplay", lambda text, **kw: asked.append(text) or True)
-    dialog = types.SimpleNamespace(labelText="", close=lambda: None, wasCanceled=False)
+    # close() cancels it, as a QProgressDialog's does (Qt 5 and 6: wasCanceled is true once closed)
+    dialog = types.SimpleNamespace(labelText="", wasCanceled=False)
+    dialog.close = lambda: setattr(dialog, "wasCanceled", True)
     monkeypatch.setattr(_slicer().util, "createProgressDialog", lambda **kw: dialog)
     return missing, dialog
 
@@ -136,3 +138,23 @@ def test_edits_are_followed_after_the_nodes_segmentation_object_is_replaced(pane
     assert panel.promptRefreshTimer.active
     panel.promptRefreshTimer.fire()
     assert panel.ui.promptLabel.text.startswith("Drawn on 2 axial slices")
+
+
+def test_a_scene_closed_while_hidden_is_said_once_in_the_status_bar(panel, drawn, monkeypatch, mrml_scene):  # noqa: F811
+    """A re-review (session 48): the scene close's "Propagation cancelled" was shown in the status bar, then
+    again when the cancelled job's last poll said the same."""
+    import threading
+
+    truth, volume, segmentation, segment_id = drawn
+    gate = {"started": threading.Event(), "go": threading.Event()}
+    oracle_loader(monkeypatch, truth, gate)
+    shown = []
+    monkeypatch.setattr(_slicer().util, "showStatusMessage", lambda text, msec=0: shown.append(text))
+    panel.ui.segmentationSelector.setCurrentNode(segmentation)
+    panel.ui.propagateButton.click()
+    assert gate["started"].wait(10)
+    panel.exit()
+    panel.onSceneStartClose(None, None)
+    gate["go"].set()
+    poll_until_idle(panel)
+    assert shown == ["PAMSegment: Propagation cancelled because the scene was closed."]
