@@ -135,13 +135,16 @@ def test_size_limits(oracle_app):
 
 def test_finished_results_expire(oracle_app):
     _, image, prompt, truth = oracle_app
-    # 1 s: with 0.2 s a loaded machine let the result expire between two polls of wait_for (a flake)
-    client = TestClient(create_app(lambda m: OracleModel(truth), result_ttl=1.0))
+    # aged, not waited for: with a 1 s time to live a loaded machine let the result expire between two polls
+    # of wait_for (a flake, sessions 45 and 48; with 0.2 s before)
+    client = TestClient(create_app(lambda m: OracleModel(truth), result_ttl=60.0))
     job = client.post("/jobs", content=npz(image=image, prompt=prompt, spacing=np.ones(3))).json()
     assert wait_for(client, job["id"])["state"] == "finished"
-    time.sleep(1.1)
+    assert client.get(f"/jobs/{job['id']}/result").status_code == 200
+    queue = client.app.state.queue
+    queue.jobs[job["id"]].finished_at -= 61.0
     r = client.get(f"/jobs/{job['id']}/result")
-    assert r.status_code == 404 and "results are kept 1 s" in r.json()["detail"]
+    assert r.status_code == 404 and "results are kept 60 s" in r.json()["detail"]
 
 
 def test_a_token_is_required_when_set(oracle_app):
