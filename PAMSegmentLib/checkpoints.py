@@ -126,6 +126,10 @@ class InferenceParams:
     # slice is empty (PAMSegmentLib.propagate._walk_published), 6-connected components, crops
     # resized without antialiasing and the output scales upsampled with aligned corners.
     published_scheme: bool = False
+    # > 0: a few voxels of the drawn slice far outside the rest of its values (at most this share of
+    # them; bone or contrast touched by the brush) are left out of the network's intensity window where
+    # they would widen it at least twofold (preprocess.intensity_window; 0 = off, the format's default).
+    window_outlier_share: float = 0.0
 
     def __post_init__(self):
         if self.query_prior not in QUERY_PRIORS:
@@ -165,6 +169,7 @@ class InferenceParams:
         number("registration_max_side", 8, 1024, whole=True)
         number("registration_iterations", 1, 1000, whole=True)
         number("registration_coarse_iterations", 0, 1000, whole=True)
+        number("window_outlier_share", 0.0, 0.2)
         for name in ("max_window", "min_window", "min_area_px", "registration_max_side", "registration_iterations",
                      "registration_coarse_iterations", "registration_carry_supersample"):
             object.__setattr__(self, name, int(getattr(self, name)))  # 6.0 (a hand-written header) is 6

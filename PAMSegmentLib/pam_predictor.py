@@ -165,6 +165,7 @@ class PAMPredictor(SlicePredictor):
         self.consistency_min_dice = inf.consistency_min_dice
         self.through_plane_mm = float(inf.through_plane_mm)
         self.keyframe_outward_min_agreement = inf.keyframe_outward_min_agreement
+        self.window_outlier_share = float(inf.window_outlier_share)  # (an attribute: validate.py's pam+outN)
         self.published_scheme = bool(inf.published_scheme)  # the walk (the engine reads it)
         # ... and the authors' crop resizing and scale fusion, which a predictor that walks as the
         # engine does (MemoryPAMPredictor) keeps for their network
@@ -201,7 +202,8 @@ class PAMPredictor(SlicePredictor):
         self._chain = None
 
     def begin(self, volume, prompt_index, prompt_mask):
-        self.window = intensity_window(volume[prompt_index], prompt_mask, self.model.preprocessing)
+        self.window = intensity_window(volume[prompt_index], prompt_mask, self.model.preprocessing,
+                                       self.window_outlier_share)
         self._drawn_windows = {int(prompt_index): self.window}  # drawn slice -> its window
         self._walk_origins: dict[int, int] = {}  # predicted slice -> the drawn slice its walk started from
         self._guide_cache = None
@@ -450,13 +452,14 @@ class PAMPredictor(SlicePredictor):
         if self.network_window == "origin":
             origin = self._walk_origin(guide_index, query_indices)
             if origin not in self._drawn_windows and np.any(guide_mask):
-                self._drawn_windows[origin] = intensity_window(volume[guide_index], guide_mask, pre)
+                self._drawn_windows[origin] = intensity_window(volume[guide_index], guide_mask, pre,
+                                                               self.window_outlier_share)
         key = (guide_index, box, guide_mask.tobytes().__hash__(), origin)
         cache = self._guide_cache if self._guide_cache is not None else {}
         if key not in cache:
             window = self.window
             if self.network_window == "guide" and np.any(guide_mask):
-                window = intensity_window(volume[guide_index], guide_mask, pre)
+                window = intensity_window(volume[guide_index], guide_mask, pre, self.window_outlier_share)
             elif origin is not None:
                 window = self._drawn_windows.get(origin, self.window)
             g_img = crop_slices(volume[guide_index][None], box, size, window, antialias=antialias).to(device)

@@ -249,3 +249,31 @@ def test_an_update_says_again_what_the_result_said_of_a_pair_it_reuses():
     assert update.disagree == fresh.disagree == {1: [(4, 12, 0.0), (12, 18, 0.0)]}
     assert [n for n in update.notes() if "do not meet" in n][0].startswith(
         "label 1: the walks between its drawn slices 4 and 12, and 12 and 18 do not meet")
+
+
+def test_a_few_far_out_voxels_of_a_drawing_are_left_out_of_its_window_when_asked():
+    """A trial (session 48): a kidney's drawn slice held 3 voxels of bone (401-610 HU among -54..59), so
+    its window (0.5-99.5 percentiles of 180 voxels: nearly min and max) was ten times the kidney's own
+    range and every walk from it ended at once (Dice 0.09). With ``outlier_share`` such voxels (beyond
+    3 interquartile ranges, at most that share, widening the window twofold or more) are left out;
+    a second population (a tenth of the voxels) or values within the fences stay."""
+    import numpy as np
+
+    from PAMSegmentLib.checkpoints import InferenceParams
+    from PAMSegmentLib.errors import InputError
+    from PAMSegmentLib.preprocess import PreprocessingParams, intensity_window
+
+    params = PreprocessingParams(window_margin=0.0)
+    values = np.linspace(-50.0, 60.0, 177)
+    mask = np.ones(180, bool)
+    spilled = np.concatenate([values, [401.0, 470.0, 610.0]])
+    wide, kept = intensity_window(spilled, mask, params), intensity_window(spilled, mask, params, 0.02)
+    assert wide.high > 450 and kept.low == pytest.approx(np.percentile(values, 0.5))
+    assert kept.high == pytest.approx(np.percentile(values, 99.5))
+    two_kinds = np.concatenate([values[:160], np.full(20, 500.0)])  # 11 %: a structure of two tissues
+    assert intensity_window(two_kinds, mask, params, 0.02) == intensity_window(two_kinds, mask, params)
+    inside = np.concatenate([values, [160.0, 170.0, 190.0]])  # within the fences (IQR 55: up to 197.5)
+    assert intensity_window(inside, mask, params, 0.02) == intensity_window(inside, mask, params)
+    for bad in (0.5, float("nan"), -0.01, "0.02"):
+        with pytest.raises(InputError, match="window_outlier_share must be a number within"):
+            InferenceParams(window_outlier_share=bad)

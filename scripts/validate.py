@@ -81,6 +81,8 @@ _NUMERIC = {
     "up": (None, "through_plane_mm", float),  # thick slices: walks through slices interpolated to <= T mm (0 = off)
     "gatek": (None, "gate_k", float),  # the drift test's window: the reference's 1-99 % range +- k/2 robust SDs
     "crop": (None, "crop_scale", float),  # the network crop's side, x the guide mask's larger extent
+    # a drawn slice's few far-out voxels (at most this share) left out of the network's window (0 = off)
+    "outliers": (None, "window_outlier_share", float),
 }
 _PREFIXES_LONGEST_FIRST = sorted(_NUMERIC, key=len, reverse=True)
 
@@ -100,7 +102,9 @@ def parse_config(config: str) -> dict:
     an S times finer grid; ``carryss1`` = the slices' own grid), ``kfagreeD`` (with several
     keyframes, walks beyond the outermost ones end where the network's and the warped mask's
     Dice < D). ``upT`` (thick slices: walks through slices interpolated to <= T mm; 0 = off). ``cropS`` (the
-    network crop's side, S x the guide mask's larger extent; the checkpoint's is 1.5). ``wguide`` (the
+    network crop's side, S x the guide mask's larger extent; the checkpoint's is 1.5). ``outliersF`` (a
+    drawn slice's far-out voxels, at most the share F, left out of the network's window where they would
+    widen it twofold; 0 = off). ``wguide`` (the
     network's intensity window from each window's guide instead of the drawn slice), ``kfwin`` (from
     the drawn slice each walk started from), ``kflargest`` / ``kfsizable`` / ``kflowest`` (which drawn
     slice PAM begins from: the largest; the lowest of at least a quarter of the largest's voxels, the
@@ -208,7 +212,7 @@ def main(argv=None) -> int:
                              "keyframe_outward_min_agreement", "carry_supersample", "through_plane_mm", "crop_scale", "network_window",
                              "begin_keyframe",
                              "keyframe_empty_side_votes", "published_scheme", "authors_preprocessing", "gate_k",
-                             "keyframe_collapse_fraction"):
+                             "keyframe_collapse_fraction", "window_outlier_share"):
                     if name in opts:
                         setattr(predictor, name, opts[name])
             res = propagate(case.image, prompt, case.spacing, predictor, axis=0)
