@@ -1489,8 +1489,11 @@ def _cmd_batch(args: argparse.Namespace, claims: list) -> int:
             if r.status == "error" and args.stop_on_error:
                 break
     except (KeyboardInterrupt, PropagationCancelled) as stop:
-        from .cli import Terminated
+        from .cli import Terminated, _ending
 
+        # the batch ends here: a second Ctrl-C no longer cuts the report's last rewrite short (it left the
+        # batch, and "nothing was written" was said of finished cases; a re-review, session 48)
+        _ending(bool(getattr(args, "_ends_process", False)))
         interrupted = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
         if current is not None and current.status == "not run" and current.written:  # stopped once it was in
             current.status, current.method = "ok", method

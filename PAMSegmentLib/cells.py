@@ -788,7 +788,7 @@ def cmd_label_cells(args) -> int:
                           check_output_path, read_image_2d, read_labelmap_2d, replace_together, write_labelmap_2d)
 
     t0 = time.perf_counter()
-    check_not_empty(("IMAGE", args.image, "the image file"), ("EXAMPLES", args.examples, "the examples' label map"),
+    check_not_empty(("IMAGE", args.image, "the image"), ("EXAMPLES", args.examples, "the examples' label map"),
                     ("-o", args.output, "the output file"))
     out = Path(args.output)
     check_output_path(args.output, MASK_2D_EXTENSIONS, example="cells.tif")  # (its trailing slash kept)

@@ -190,7 +190,10 @@ class InferenceParams:
         return replace(self, intensity_gate=True, intensity_gate_reference=reference)
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        d = dict(self.__dict__)
+        if d.get("window_outlier_share") == 0.0:  # (session 48) off: left out, so that checkpoints saved with it
+            del d["window_outlier_share"]          # off load in earlier releases and keep their settings digest
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "InferenceParams":

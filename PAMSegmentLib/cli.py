@@ -705,8 +705,10 @@ def cmd_propagate(args: argparse.Namespace) -> int:
         given, missing = ("--previous", "--edited") if args.edited is None else ("--edited", "--previous")
         raise InputError(f"{given} needs {missing}: give the earlier result (--previous) and your corrected copy "
                          "of it (--edited)")
-    check_not_empty(("IMAGE", args.image, "the image file"), ("PROMPT", args.prompt, "the prompt file"),
-                    ("-o", args.output, "the output file (a folder is no output)"))
+    check_not_empty(("IMAGE", args.image, "the image (a file, or a DICOM series' folder)"),
+                    ("PROMPT", args.prompt, "the prompt file"), ("-o", args.output, "the output file (a folder is no "
+                    "output)"), ("--previous", args.previous, "the earlier result"),
+                    ("--edited", args.edited, "your corrected copy of it"))
     check_image_is_not_prompt(args.image, args.prompt)
     if args.previous is not None:
         check_previous_is_not_prompt(args.previous, args.prompt)

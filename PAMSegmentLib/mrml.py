@@ -2167,6 +2167,7 @@ class SegmentPropagation:
             flagged=tuple(int(s) for s in (*result.thin.get(label, ()), *result.dropped.get(label, ()))),
             users_own=tuple(int(s) for s in result.edited.get(label, ())),
             outward_wall_test=bool(result.outward_wall_test),
+            disagree=tuple(result.disagree.get(label, ())),
         )
 
     def _run_id(self, target: str) -> str:
@@ -2512,6 +2513,9 @@ class HistoryEntry:
     users_own: tuple = ()
     # PropagationResult.outward_wall_test of the run (in the record since session 32; False before)
     outward_wall_test: bool = False
+    # PropagationResult.disagree of the run ((a, b, Dice): drawn slices whose walks did not meet; in the
+    # record since session 48): an update that reuses such a pair says it again
+    disagree: tuple = ()
 
     @property
     def user_slices(self) -> list[int]:
@@ -2574,6 +2578,7 @@ class HistoryEntry:
             begin_state={1: self.begin_state}, stops={1: [dict(s) for s in self.stops]},
             edited={1: list(self.users_own)} if self.users_own else {},
             outward_wall_test=self.outward_wall_test,
+            disagree={1: list(self.disagree)} if self.disagree else {},
         )
 
     def gap_slices(self) -> list[int]:
@@ -2677,6 +2682,7 @@ def encode_record(entry: HistoryEntry) -> str:
         # (session 31) review's first slices (thin, dropped) and the drawn slices update rounds added
         "flagged": sorted(int(s) for s in entry.flagged), "users_own": sorted(int(s) for s in entry.users_own),
         "outward_wall_test": bool(entry.outward_wall_test),  # (session 32)
+        "disagree": [[int(a), int(b), float(d)] for a, b, d in entry.disagree],  # (session 48)
     }
     try:
         header["begin_state"] = state_to_json(entry.begin_state)
@@ -2810,7 +2816,7 @@ def _decode_record(text: str, segmentation_node, segment_id: str, run_id: str) -
         begin_state = state_from_json(header.get("begin_state"))
     except ValueError:
         begin_state = None  # an update then recomputes every walk, which is correct, only slower
-    from .propagate import _stops_from_json  # noqa: PLC0415 - keeps the engine out of `import mrml`
+    from .propagate import _stops_from_json, disagree_from_json  # noqa: PLC0415 - the engine out of `import mrml`
 
     try:  # none in records of before session 30
         stops = _stops_from_json(header.get("stops", []), n, 1)
@@ -2844,6 +2850,10 @@ def _decode_record(text: str, segmentation_node, segment_id: str, run_id: str) -
     agreement = np.frombuffer(chunks[i + 1], dtype="<f4").astype(np.float32) if header.get("agreement") else None
     on_axis = np.moveaxis(written.unpack(), axis, 0)
     keyframes = {int(s): on_axis[s].copy() for s in header["keyframes"]}
+    try:  # (none in records of before session 48; a malformed one is left out: only a note rests on it)
+        disagree = tuple(disagree_from_json(header.get("disagree", []), sorted(keyframes)))
+    except ValueError:
+        disagree = ()
     volume = _saved_volume(volumes, header.get("volume_id"), header.get("volume_name"), grid)
     kind = header.get("kind") if header.get("kind") in ("propagation", "update") else "propagation"
     return HistoryEntry(
@@ -2854,7 +2864,8 @@ def _decode_record(text: str, segmentation_node, segment_id: str, run_id: str) -
         recomputed=recomputed, seconds=float(seconds), edited=list(header["edited"]),
         reviewed=set(header["reviewed"]), flagged=tuple(header["flagged"]), users_own=tuple(header["users_own"]),
         outward_wall_test=header.get("outward_wall_test") is True,
-        agreement=agreement, begin_state=begin_state, stops=stops, run_id=run_id, record=text, restored=True,
+        disagree=disagree, agreement=agreement, begin_state=begin_state, stops=stops, run_id=run_id, record=text,
+        restored=True,
     )
 
 

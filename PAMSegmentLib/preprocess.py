@@ -130,7 +130,9 @@ def intensity_window(image_slice: np.ndarray, mask: np.ndarray, params: Preproce
         q1, q3 = np.percentile(values, (25, 75))
         reach = OUTLIER_FENCE_IQR * (q3 - q1)
         kept = values[(values >= q1 - reach) & (values <= q3 + reach)]
-        if 0 < values.size - kept.size <= outlier_share * values.size:
+        # (not for a region half of one value: its quartiles meet, and every other value is "far out";
+        # the window of what is left is flat, and fell back to the whole slice's spread: a re-review)
+        if q3 > q1 and 0 < values.size - kept.size <= outlier_share * values.size:
             lo_kept, hi_kept = np.percentile(kept, params.window_percentiles)
             if hi_kept - lo_kept <= 0.5 * (hi - lo):
                 lo, hi = lo_kept, hi_kept

@@ -229,7 +229,9 @@ class PropagationResult:
                                 "agreement": None if agreement is None else _json_floats(agreement),
                                 "begin": begin, "overlapped": lab in self.overlapped,
                                 # how its walks ended: an update that reuses a walk reports its ending too
-                                "stops": stops_to_json(self.stops.get(lab, []))}
+                                "stops": stops_to_json(self.stops.get(lab, [])),
+                                # (session 48) what an update reusing a pair's walks says of it again
+                                "disagree": [[int(a), int(b), float(d)] for a, b, d in self.disagree.get(lab, [])]}
             runs = _index_runs(self.lost_voxels.get(lab)) if lab in self.overlapped else None
             if runs is not None and total_runs + len(runs) <= MAX_LOST_RUNS_ALL:  # the record stays far under 64 MB
                 labels[str(lab)]["lost_voxels"] = runs
@@ -277,7 +279,7 @@ class PropagationResult:
         boxes = _LabelBoxes(moved, [int(k) for k in labels if isinstance(k, str) and k.isascii() and k.isdigit()
                                     and 1 <= int(k) <= MAX_LABEL])
         out = dict(confidence={}, prompt_slices={}, keyframes={}, agreement={}, begin_state={}, slice_range={},
-                   gaps={}, stops={})
+                   gaps={}, stops={}, disagree={})
         overlapped, lost_voxels = set(), {}
         for key, entry in labels.items():
             if not (isinstance(key, str) and key.isascii() and key.isdigit() and 1 <= int(key) <= MAX_LABEL
@@ -301,6 +303,9 @@ class PropagationResult:
                     own = merged.copy()
                     own.flat[lost_voxels[lab]] = True
             out["prompt_slices"][lab] = sorted(keys)
+            pairs = disagree_from_json(entry.get("disagree", []), keys, f"label {lab}'s keyframe disagreement")
+            if pairs:
+                out["disagree"][lab] = pairs
             frames = {s: own[s].copy() for s in keys}
             frames.update({s: np.zeros(moved.shape[1:], dtype=bool) for s in walls})
             out["keyframes"][lab] = dict(sorted(frames.items()))
@@ -1757,6 +1762,25 @@ KEYFRAME_DISAGREE_DICE = 0.1
 THIN_MIN_EXPECTED = 12  # voxels: a structure a few voxels across is not judged by its area
 
 
+def disagree_from_json(value, drawn, what: str = "keyframe disagreement") -> list[tuple[int, int, float]]:
+    """``PropagationResult.disagree``'s pairs for one label from JSON (a record, a server's answer:
+    untrusted): [[a, b, Dice], ...] with a < b among ``drawn`` (the label's drawn slices), each pair
+    once, Dice from 0 to 1; ValueError else (a hostile answer's 20 000 copies made a 660 kB note)."""
+    if not isinstance(value, list) or len(value) > max(len(drawn), 1):
+        raise ValueError(f"{what} is not a list of at most one pair per drawn slice")
+    out, seen = [], set()
+    for pair in value:
+        if not (isinstance(pair, list) and len(pair) == 3 and all(_whole_in(v, 0, 10**9) for v in pair[:2])
+                and isinstance(pair[2], (int, float)) and not isinstance(pair[2], bool) and 0.0 <= pair[2] <= 1.0):
+            raise ValueError(f"{what} {str(pair)[:60]} is not [slice, slice, Dice]")
+        a, b = int(pair[0]), int(pair[1])
+        if not (a < b and a in drawn and b in drawn) or (a, b) in seen:
+            raise ValueError(f"{what} {str(pair)[:60]} names slices that are not two drawn ones in order, or twice")
+        seen.add((a, b))
+        out.append((a, b, float(pair[2])))
+    return out
+
+
 def _both_dice(x: np.ndarray, y: np.ndarray) -> float:
     """Dice of two masks of one slice where both hold something; -1 where either is empty."""
     nx, ny = int(np.count_nonzero(x)), int(np.count_nonzero(y))
@@ -2252,7 +2276,7 @@ def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo
         # below F x the area expected from the two drawn slices lost the object too)
         collapse = float(getattr(predictor, "keyframe_collapse_fraction", 0.0) or 0.0)
         area_a, area_b = int(np.count_nonzero(prompt_mask[a])), int(np.count_nonzero(prompt_mask[b]))
-        meet = -1.0
+        meet, held = -1.0, [False, False]  # held: each walk found the object on some slice between
         for s in range(a + 1, b):
             w_f, w_b = (b - s) / (b - a), (s - a) / (b - a)
             if not empty_side_votes:
@@ -2267,10 +2291,13 @@ def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo
             f_prob, b_prob = fwd_p.pop(s), bwd_p.pop(s)
             f_mask, b_mask = f_prob >= predictor.threshold, b_prob >= predictor.threshold
             meet = max(meet, _both_dice(f_mask, b_mask))
+            held[0], held[1] = held[0] or bool(f_mask.any()), held[1] or bool(b_mask.any())
             probs[s] = (w_f * f_prob + w_b * b_prob) >= predictor.threshold
             conf[s] = w_f * fwd_c[s] + w_b * bwd_c[s]
-        # how far the two walks agree anywhere between the two drawn slices (-1: nowhere both hold it)
-        stats.setdefault("meet", []).append((a, b, meet))
+        # how far the two walks agree anywhere between the two drawn slices: both found the object there,
+        # but never on one slice, is no meeting either (Dice 0; a re-review: one object on 0-7, another on 8-19,
+        # drawn on 4 and 12, switched at 8 without a word), unless empty slices lie between (the gap note)
+        stats.setdefault("meet", []).append((a, b, 0.0 if meet < 0 and all(held) else meet))
 
     t0 = time.perf_counter()
     mask = np.zeros(volume.shape, dtype=bool)
@@ -2285,7 +2312,10 @@ def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo
     largest = max((int(np.count_nonzero(prompt_mask[k])) for k in drawn), default=0)
     for a, b in zip(keys[:-1], keys[1:]):  # empty slices between two drawn ones: said, and reviewed first
         if a in drawn and b in drawn and b - a >= 2:
-            stats.setdefault("gaps", []).extend(_gaps_between(mask, a, b, conf))
+            gaps = _gaps_between(mask, a, b, conf)
+            if gaps:  # (said as a gap, not as walks that did not meet)
+                stats["meet"] = [m for m in stats.get("meet", []) if m[:2] != (a, b)]
+            stats.setdefault("gaps", []).extend(gaps)
             stats.setdefault("thin", []).extend(_thin_between(mask, a, b, largest, edited))
     stats["postprocess"] += time.perf_counter() - t0
     return mask, conf, sorted(recomputed), agreement, begin_key
@@ -2568,7 +2598,7 @@ def _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, em
             stops_all[lab] = stats.pop("stops")
             gaps_all[lab] = sorted(stats.pop("gaps"))
             thin_all[lab] = sorted(stats.pop("thin"))
-            # (-1: on no slice between did both walks hold it: a gap, which the gap note names)
+            # (-1: one walk found nothing between: the other's prediction stands there)
             disagree_all[lab] = [(int(a), int(b), round(float(d), 3)) for a, b, d in stats.pop("meet")
                                  if 0.0 <= d < KEYFRAME_DISAGREE_DICE]
             # Earlier labels keep their voxels; a label's own prompt voxels always win.

@@ -233,18 +233,6 @@ def _slice_numbers(values, n: int) -> list[int]:
     return [int(v) for v in values]
 
 
-def _disagree_pair(value, n: int) -> tuple[int, int, float]:
-    """(a, b, Dice) of ``PropagationResult.disagree`` from a server's answer (untrusted): two slice
-    numbers in order and a Dice from 0 to 1; ValueError else."""
-    if not (isinstance(value, list) and len(value) == 3 and isinstance(value[2], (int, float))
-            and not isinstance(value[2], bool) and 0.0 <= value[2] <= 1.0):
-        raise ValueError(f"keyframe disagreement {str(value)[:60]} is not [slice, slice, Dice]")
-    a, b = _slice_numbers(value[:2], n)
-    if a >= b:
-        raise ValueError(f"keyframe disagreement {str(value)[:60]} names its slices out of order")
-    return a, b, float(value[2])
-
-
 def _check_unpacked_size(payload: bytes, max_bytes: int) -> None:
     """A server's answer is a compressed .npz: what it unpacks to is bounded before any of it is
     read (a small answer from a wrong or hostile server could otherwise unpack to gigabytes)."""
@@ -282,8 +270,7 @@ def decode_result(payload: bytes, max_bytes: int | None = None) -> PropagationRe
                    for lab, v in meta.get("cut", {}).items()}
             lost = {int(lab): ({int(o): int(n) for o, n in by.items()}, int(own))
                     for lab, (by, own) in meta.get("lost", {}).items()}
-            disagree = {int(lab): [_disagree_pair(pair, n_along) for pair in v]  # (servers since session 48)
-                        for lab, v in meta.get("disagree", {}).items()}
+            disagree = meta.get("disagree", {})  # (servers since session 48; checked with the drawn slices below)
             # servers before session 28 do not send it: every slice along the axis counts as recomputed
             # then (a server always runs from scratch), so no review mark outlives a change
             recomputed = ({int(lab): [(int(a), int(b)) for a, b in v] for lab, v in meta["recomputed"].items()}
@@ -303,12 +290,12 @@ def decode_result(payload: bytes, max_bytes: int | None = None) -> PropagationRe
                 raise ValueError(f"slice range {v} is reversed")
             slice_range[int(k)] = (first, last)
         prompt_slices = {int(k): _slice_numbers(v, n_along) for k, v in meta["prompt_slices"].items()}
-        for lab, pairs in disagree.items():  # (a hostile answer's 20 000 copies made a 660 kB note line)
-            drawn = prompt_slices.get(lab, [])
-            named = {(a, b) for a, b, _ in pairs}
-            if len(named) != len(pairs) or any(a not in drawn or b not in drawn for a, b in named):
-                raise ValueError(f"keyframe disagreement of label {lab} names pairs that are not its drawn slices, or "
-                                 "names one twice")
+        from .propagate import disagree_from_json  # noqa: PLC0415
+
+        if not isinstance(disagree, dict):
+            raise ValueError("its keyframe disagreement is not a mapping")
+        disagree = {int(lab): disagree_from_json(v, prompt_slices.get(int(lab), []), "keyframe disagreement")
+                    for lab, v in disagree.items()}
         timings = meta["timings"]
         if not (isinstance(timings, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                                   and math.isfinite(v) for v in timings.values())):

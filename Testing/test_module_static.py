@@ -183,7 +183,9 @@ def _qt_member_faults(tree: ast.Module, widget_classes: dict[str, str], qt_modul
         if meta is None:  # a namespace (qt.Qt)
             return None if hasattr(cls, member or "") else f"{cls.__name__} has no member {member}"
         if store:  # PythonQt sets a property by assignment; a method assigned to would be replaced, unsaid
-            return None if meta.indexOfProperty(member) >= 0 else f"{cls.__name__} has no property {member} to set"
+            index = meta.indexOfProperty(member)
+            return None if index >= 0 and meta.property(index).isWritable() else \
+                f"{cls.__name__} has no property {member} to set"
         if signal is not None:
             wanted = bytes(meta.normalizedSignature(signal)).decode()
             signals = {bytes(meta.method(i).methodSignature()).decode() for i in range(meta.methodCount())}
@@ -276,6 +278,7 @@ def test_the_qt_member_check_is_not_vacuous():
                 ok = self.ui.box.checked and self.ui.box.cheked
                 self.ui.box.checked = True
                 self.ui.bar.setFormat = "%p"
+                self.ui.bar.text = "read only"
                 self.ui.combo.setCurrentIndex(0)
                 self.ui.path.anythingAtAll()
                 qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)
@@ -287,9 +290,9 @@ def test_the_qt_member_check_is_not_vacuous():
     assert sorted(faults) == sorted([
         "line 6: QTimer has no signal timedOut()", "line 8: QProgressBar has no property or method setFromat",
         "line 10: QCheckBox has no signal toggled(int)", "line 11: QCheckBox has no property or method cheked",
-        "line 13: QProgressBar has no property setFormat to set",
-        "line 17: QApplication has no property or method setOverideCursor",
-        "line 18: qt.QNoSuchThing is not a Qt class"])
+        "line 13: QProgressBar has no property setFormat to set", "line 14: QProgressBar has no property text to set",
+        "line 18: QApplication has no property or method setOverideCursor",
+        "line 19: qt.QNoSuchThing is not a Qt class"])
 
 
 def test_icon_is_a_128_px_png():

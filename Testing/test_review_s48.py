@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 
 import pytest
@@ -249,6 +250,16 @@ def test_an_update_says_again_what_the_result_said_of_a_pair_it_reuses():
     assert update.disagree == fresh.disagree == {1: [(4, 12, 0.0), (12, 18, 0.0)]}
     assert [n for n in update.notes() if "do not meet" in n][0].startswith(
         "label 1: the walks between its drawn slices 4 and 12, and 12 and 18 do not meet")
+    # the same from the record the command line keeps beside OUT (--previous OUT; a re-review: the record did
+    # not hold it, so the command line's updates still dropped the note)
+    back = first.from_record(first.mask, json.loads(json.dumps(first.to_record())))
+    assert back.disagree == first.disagree
+    assert propagate(image, prompt, (1.0, 1.0, 1.0), model, previous=back).disagree == fresh.disagree
+    record = first.to_record()
+    for bad in ([[4, 12, 0.0], [4, 12, 0.0]], [[4, 13, 0.0]], [[4, 12, 2.0]], "x"):
+        record["labels"]["1"]["disagree"] = bad
+        with pytest.raises(ValueError, match="keyframe disagreement"):
+            first.from_record(first.mask, record)
 
 
 def test_a_few_far_out_voxels_of_a_drawing_are_left_out_of_its_window_when_asked():
@@ -274,6 +285,74 @@ def test_a_few_far_out_voxels_of_a_drawing_are_left_out_of_its_window_when_asked
     assert intensity_window(two_kinds, mask, params, 0.02) == intensity_window(two_kinds, mask, params)
     inside = np.concatenate([values, [160.0, 170.0, 190.0]])  # within the fences (IQR 55: up to 197.5)
     assert intensity_window(inside, mask, params, 0.02) == intensity_window(inside, mask, params)
+    flat = np.concatenate([np.full(96, 40.0), np.full(4, 60.0)])  # quartiles equal: no fences to speak of
+    everywhere = np.ones(100, bool)
+    assert intensity_window(flat, everywhere, params, 0.05) == intensity_window(flat, everywhere, params)
     for bad in (0.5, float("nan"), -0.01, "0.02"):
         with pytest.raises(InputError, match="window_outlier_share must be a number within"):
             InferenceParams(window_outlier_share=bad)
+    # off, it is not written (a checkpoint saved so loads in earlier releases, and keeps its settings digest:
+    # a re-review found the shipped weights' digest changed by the new field, so batch redid every output)
+    assert "window_outlier_share" not in InferenceParams().to_dict()
+    assert InferenceParams.from_dict(InferenceParams(window_outlier_share=0.02).to_dict()).window_outlier_share == 0.02
+
+
+class _FollowsOneOf(SlicePredictor):
+    """Follows whichever of ``objects`` (3D masks, which may overlap) the guide mask covers most."""
+
+    def __init__(self, objects):
+        self.objects = objects
+        self.window_mm, self.max_window = 4.0, 4
+
+    def predict(self, volume, guide_index, guide_mask, query_indices):
+        import numpy as np
+
+        covered = [np.count_nonzero(o[guide_index] & (guide_mask > 0)) for o in self.objects]
+        followed = self.objects[int(np.argmax(covered))]
+        return SlicePrediction(followed[list(query_indices)].astype(np.float32))
+
+
+def _discs(shift: int, n: int = 20, size: int = 48):
+    """Two tubes of radius 8 whose centres lie ``shift`` columns apart, and their Dice on a slice."""
+    import numpy as np
+
+    j, i = np.ogrid[:size, :size]
+    one = np.broadcast_to(((j - 24) ** 2 + (i - 14) ** 2) <= 64, (n, size, size))
+    two = np.broadcast_to(((j - 24) ** 2 + (i - 14 - shift) ** 2) <= 64, (n, size, size))
+    overlap = 2 * np.count_nonzero(one[0] & two[0]) / (np.count_nonzero(one[0]) + np.count_nonzero(two[0]))
+    return one, two, overlap
+
+
+def test_the_walks_meeting_rule_holds_at_its_threshold_and_when_they_never_share_a_slice():
+    """A re-review (session 48): the tests gave only Dice 0 or 1, so the 0.1 was not pinned; and two
+    walks that each found the object between the drawn slices but never on one slice (one object on
+    slices 0-7, another on 8-19, drawn on 4 and 12) said nothing, the result switching at slice 8."""
+    import numpy as np
+
+    from PAMSegmentLib.propagate import KEYFRAME_DISAGREE_DICE, propagate
+
+    image = np.random.default_rng(0).normal(size=(20, 48, 48)).astype(np.float32)
+    for shift, said in ((14, True), (12, False)):
+        one, two, overlap = _discs(shift)
+        assert (overlap < KEYFRAME_DISAGREE_DICE) == said, overlap  # 14 columns: 0.06; 12: 0.15
+        prompt = np.zeros(one.shape, np.uint8)
+        prompt[4], prompt[12] = one[4], two[12]
+        result = propagate(image, prompt, (1.0, 1.0, 1.0), _FollowsOneOf([one, two]))
+        assert result.disagree == ({1: [(4, 12, round(overlap, 3))]} if said else {}), (shift, result.disagree)
+    one, two, _ = _discs(20)
+    first, second = one.copy(), two.copy()
+    first[8:], second[:8] = False, False  # one object on slices 0-7, another (elsewhere) on 8-19
+    prompt = np.zeros(one.shape, np.uint8)
+    prompt[4], prompt[12] = first[4], second[12]
+    result = propagate(image, prompt, (1.0, 1.0, 1.0), _FollowsOneOf([first, second]))
+    assert result.disagree == {1: [(4, 12, 0.0)]} and result.gaps == {1: []}
+    np.testing.assert_array_equal(result.mask > 0, first | second)  # (the result itself as before)
+
+
+def test_an_empty_previous_or_edited_is_refused_as_empty(tmp_path, capsys):
+    """A re-review (session 48): `--previous ""` was read as '.' ("is a folder without a DICOM series")."""
+    from PAMSegmentLib.cli import main
+
+    image, prompt, out = (str(tmp_path / n) for n in ("i.nii.gz", "p.nii.gz", "o.nii.gz"))
+    assert main(["propagate", image, prompt, "-o", out, "--previous", "", "--edited", prompt]) == 2
+    assert "--previous is empty (an unset variable?); give the earlier result" in capsys.readouterr().err

@@ -158,3 +158,30 @@ def test_a_scene_closed_while_hidden_is_said_once_in_the_status_bar(panel, drawn
     gate["go"].set()
     poll_until_idle(panel)
     assert shown == ["PAMSegment: Propagation cancelled because the scene was closed."]
+
+
+def test_slicer_keeps_the_keyframe_note_for_its_updates_and_in_its_record(mrml_scene):
+    """A re-review (session 48): Slicer's history (and the record saved with the segment) did not hold
+    the walks-do-not-meet pairs, so an update there dropped the note of a pair it reused."""
+    import numpy as np
+
+    from conftest_mrml import make_segmentation, make_volume_node
+    from PAMSegmentLib.mrml import PropagationHistory, SegmentPropagation, decode_record, encode_record
+    from test_mrml_corrections import _run_of
+    from test_review_s48 import _FollowsOneOf, _discs
+
+    one, two, _ = _discs(20)
+    image = np.random.default_rng(0).normal(size=one.shape).astype(np.float32)
+    drawing = np.zeros(one.shape, np.uint8)
+    drawing[4], drawing[12] = one[4], two[12]
+    vol = make_volume_node(image)
+    seg, ids = make_segmentation(vol, {"organ": drawing})
+    job = SegmentPropagation(vol, seg, ids["organ"], model=_FollowsOneOf([one, two])).run()
+    assert job.state == "finished" and job.result.disagree == {1: [(4, 12, 0.0)]}
+    history = PropagationHistory()
+    job.apply(history=history)
+    entry = history.get(seg, ids["organ"])
+    assert entry.disagree == ((4, 12, 0.0),) and entry.previous_result().disagree == {1: [(4, 12, 0.0)]}
+    text = encode_record(entry)
+    back = decode_record(text, seg, ids["organ"], _run_of(text))
+    assert back.disagree == ((4, 12, 0.0),) and back.previous_result().disagree == {1: [(4, 12, 0.0)]}
