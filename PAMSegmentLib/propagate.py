@@ -169,11 +169,12 @@ class PropagationResult:
     # of it in ``mask``, the labels that took it: earlier ones, or later ones' drawings); said in a
     # note whatever share of its voxels that is (the label is cut in two there), first for review.
     cut: dict[int, tuple[list[int], list[int]]] = field(default_factory=dict)
-    # label -> (a, b, Dice) for neighbouring drawn slices a < b whose walks towards each other both
-    # hold the object somewhere between them but overlap on no slice by KEYFRAME_DISAGREE_DICE or more
-    # (Dice: the best slice's): the result between them is split, and one drawing may be of another
-    # structure; said in a note (an update says again what the result it updates said of a pair it
-    # reuses; a result read back from its record says nothing of it).
+    # label -> (a, b, overlap) for neighbouring drawn slices a < b whose walks towards each other both
+    # hold the object somewhere between them but overlap on no slice by KEYFRAME_DISAGREE_OVERLAP or
+    # more of the smaller mask (the best slice's): the result between them is split, and one drawing
+    # may be of another structure; said in a note (an update says again what the result it updates
+    # said of a pair it reuses: the pairs are in the command line's record and in Slicer's history and
+    # saved record).
     disagree: dict[int, list[tuple[int, int, float]]] = field(default_factory=dict)
     # label -> its drawn slices this call added or changed against ``previous`` (an update; this call
     # only): the notes' default ``edited`` (a tip the user just drew is no stray click, and a walk
@@ -1755,24 +1756,25 @@ def _gaps_between(mask: np.ndarray, a: int, b: int, conf: np.ndarray) -> list[in
 # the reference there: the walks from both sides had shrunk, and the fused slice with them).
 THIN_FRACTION = 1 / 3
 # Two neighbouring drawn slices whose walks towards each other overlap on no slice between them by this
-# Dice or more (session 48) are said in a note: the result between them is split, and one of the two
-# drawings may be of another structure (a trial: a keyframe drawn with another organ's outline was
-# followed without a word). Measured on training-case structures (README, Troubleshooting).
-KEYFRAME_DISAGREE_DICE = 0.1
+# share of the smaller mask or more (session 48) are said in a note: the result between them is split,
+# and one of the two drawings may be of another structure (a trial: a keyframe drawn with another
+# organ's outline was followed without a word). Measured on training-case structures (README,
+# Troubleshooting).
+KEYFRAME_DISAGREE_OVERLAP = 0.1
 THIN_MIN_EXPECTED = 12  # voxels: a structure a few voxels across is not judged by its area
 
 
 def disagree_from_json(value, drawn, what: str = "keyframe disagreement") -> list[tuple[int, int, float]]:
     """``PropagationResult.disagree``'s pairs for one label from JSON (a record, a server's answer:
-    untrusted): [[a, b, Dice], ...] with a < b among ``drawn`` (the label's drawn slices), each pair
-    once, Dice from 0 to 1; ValueError else (a hostile answer's 20 000 copies made a 660 kB note)."""
+    untrusted): [[a, b, overlap], ...] with a < b among ``drawn`` (the label's drawn slices), each pair
+    once, overlap from 0 to 1; ValueError else (a hostile answer's 20 000 copies made a 660 kB note)."""
     if not isinstance(value, list) or len(value) > max(len(drawn), 1):
         raise ValueError(f"{what} is not a list of at most one pair per drawn slice")
     out, seen = [], set()
     for pair in value:
         if not (isinstance(pair, list) and len(pair) == 3 and all(_whole_in(v, 0, 10**9) for v in pair[:2])
                 and isinstance(pair[2], (int, float)) and not isinstance(pair[2], bool) and 0.0 <= pair[2] <= 1.0):
-            raise ValueError(f"{what} {str(pair)[:60]} is not [slice, slice, Dice]")
+            raise ValueError(f"{what} {str(pair)[:60]} is not [slice, slice, overlap]")
         a, b = int(pair[0]), int(pair[1])
         if not (a < b and a in drawn and b in drawn) or (a, b) in seen:
             raise ValueError(f"{what} {str(pair)[:60]} names slices that are not two drawn ones in order, or twice")
@@ -1781,12 +1783,14 @@ def disagree_from_json(value, drawn, what: str = "keyframe disagreement") -> lis
     return out
 
 
-def _both_dice(x: np.ndarray, y: np.ndarray) -> float:
-    """Dice of two masks of one slice where both hold something; -1 where either is empty."""
+def _both_overlap(x: np.ndarray, y: np.ndarray) -> float:
+    """How much two masks of one slice overlap, as a share of the smaller (1: one holds the other; not
+    Dice, which a walk narrowing to a drawn tip of 3 voxels inside a 437-voxel disc put at 0.014); -1
+    where either is empty."""
     nx, ny = int(np.count_nonzero(x)), int(np.count_nonzero(y))
     if nx == 0 or ny == 0:
         return -1.0
-    return 2.0 * int(np.count_nonzero(x & y)) / (nx + ny)
+    return int(np.count_nonzero(x & y)) / min(nx, ny)
 
 
 def _thin_between(mask: np.ndarray, a: int, b: int, largest: int, edited=()) -> list[int]:
@@ -1994,7 +1998,7 @@ class _Reuse:
     begin_state: object = None  # the predictor's class and ``begin_state`` in that run
     stops: list = field(default_factory=list)  # how that run's walks ended (``PropagationResult.stops``)
     outward_wall_test: bool = False  # ``PropagationResult.outward_wall_test`` of that run
-    # (a, b, Dice) of that run's ``PropagationResult.disagree``: a reused pair between drawn slices is
+    # (a, b, overlap) of that run's ``PropagationResult.disagree``: a reused pair between drawn slices is
     # said again as computed (an update dropped the note of a pair still wrong; a review, session 48)
     disagree: list = field(default_factory=list)
 
@@ -2290,12 +2294,12 @@ def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo
             # becomes (a review, s29: three dense float copies per slice between two keyframes)
             f_prob, b_prob = fwd_p.pop(s), bwd_p.pop(s)
             f_mask, b_mask = f_prob >= predictor.threshold, b_prob >= predictor.threshold
-            meet = max(meet, _both_dice(f_mask, b_mask))
+            meet = max(meet, _both_overlap(f_mask, b_mask))
             held[0], held[1] = held[0] or bool(f_mask.any()), held[1] or bool(b_mask.any())
             probs[s] = (w_f * f_prob + w_b * b_prob) >= predictor.threshold
             conf[s] = w_f * fwd_c[s] + w_b * bwd_c[s]
         # how far the two walks agree anywhere between the two drawn slices: both found the object there,
-        # but never on one slice, is no meeting either (Dice 0; a re-review: one object on 0-7, another on 8-19,
+        # but never on one slice, is no meeting either (overlap 0; a re-review: one object on 0-7, another on 8-19,
         # drawn on 4 and 12, switched at 8 without a word), unless empty slices lie between (the gap note)
         stats.setdefault("meet", []).append((a, b, 0.0 if meet < 0 and all(held) else meet))
 
@@ -2600,7 +2604,7 @@ def _propagate_checked(image, prompt, spacing, predictor, ax, slices, lo, hi, em
             thin_all[lab] = sorted(stats.pop("thin"))
             # (-1: one walk found nothing between: the other's prediction stands there)
             disagree_all[lab] = [(int(a), int(b), round(float(d), 3)) for a, b, d in stats.pop("meet")
-                                 if 0.0 <= d < KEYFRAME_DISAGREE_DICE]
+                                 if 0.0 <= d < KEYFRAME_DISAGREE_OVERLAP]
             # Earlier labels keep their voxels; a label's own prompt voxels always win.
             if lab != next(iter(slices)):  # the first label finds the map empty
                 # on the slab of slices this label holds or is drawn on (flat indices shifted to the

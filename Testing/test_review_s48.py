@@ -313,7 +313,8 @@ class _FollowsOneOf(SlicePredictor):
 
 
 def _discs(shift: int, n: int = 20, size: int = 48):
-    """Two tubes of radius 8 whose centres lie ``shift`` columns apart, and their Dice on a slice."""
+    """Two tubes of radius 8 whose centres lie ``shift`` columns apart, and their overlap on a slice (the
+    share of either, as large as the other)."""
     import numpy as np
 
     j, i = np.ogrid[:size, :size]
@@ -329,12 +330,12 @@ def test_the_walks_meeting_rule_holds_at_its_threshold_and_when_they_never_share
     slices 0-7, another on 8-19, drawn on 4 and 12) said nothing, the result switching at slice 8."""
     import numpy as np
 
-    from PAMSegmentLib.propagate import KEYFRAME_DISAGREE_DICE, propagate
+    from PAMSegmentLib.propagate import KEYFRAME_DISAGREE_OVERLAP, propagate
 
     image = np.random.default_rng(0).normal(size=(20, 48, 48)).astype(np.float32)
     for shift, said in ((14, True), (12, False)):
         one, two, overlap = _discs(shift)
-        assert (overlap < KEYFRAME_DISAGREE_DICE) == said, overlap  # 14 columns: 0.06; 12: 0.15
+        assert (overlap < KEYFRAME_DISAGREE_OVERLAP) == said, overlap  # 14 columns: 0.06; 12: 0.15
         prompt = np.zeros(one.shape, np.uint8)
         prompt[4], prompt[12] = one[4], two[12]
         result = propagate(image, prompt, (1.0, 1.0, 1.0), _FollowsOneOf([one, two]))

@@ -94,7 +94,7 @@ def main(argv=None) -> int:
         if isinstance(record, dict) and record.get("file") == out.name and isinstance(record.get("inference"), dict):
             # The default weights are held to their card (checkpoints._check_model_card): its inference
             # section follows the checkpoint, or they would no longer load; so do its provenance and size.
-            record["inference"] = json.loads(json.dumps(dataclasses.asdict(inference), default=str))
+            record["inference"] = json.loads(json.dumps(inference.to_dict(), default=str))
             if isinstance(record.get("provenance"), dict):
                 record["provenance"]["inference_changes"] = json.loads(
                     json.dumps(provenance["inference_changes"], default=str))
