@@ -2299,8 +2299,9 @@ def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo
             probs[s] = (w_f * f_prob + w_b * b_prob) >= predictor.threshold
             conf[s] = w_f * fwd_c[s] + w_b * bwd_c[s]
         # how far the two walks agree anywhere between the two drawn slices: both found the object there,
-        # but never on one slice, is no meeting either (overlap 0; a re-review: one object on 0-7, another on 8-19,
-        # drawn on 4 and 12, switched at 8 without a word), unless empty slices lie between (the gap note)
+        # but never on one slice, is no meeting either (overlap 0; a re-review: one object on 0-7, another on
+        # 8-19, drawn on 4 and 12, switched at 8 without a word). (Empty slices between, where neither walk's
+        # share of the fused probability reaches the threshold, are said as a gap too.)
         stats.setdefault("meet", []).append((a, b, 0.0 if meet < 0 and all(held) else meet))
 
     t0 = time.perf_counter()
@@ -2316,10 +2317,7 @@ def _propagate_label(volume, prompt_mask, keyframes, predictor, spacing_axis, lo
     largest = max((int(np.count_nonzero(prompt_mask[k])) for k in drawn), default=0)
     for a, b in zip(keys[:-1], keys[1:]):  # empty slices between two drawn ones: said, and reviewed first
         if a in drawn and b in drawn and b - a >= 2:
-            gaps = _gaps_between(mask, a, b, conf)
-            if gaps:  # (said as a gap, not as walks that did not meet)
-                stats["meet"] = [m for m in stats.get("meet", []) if m[:2] != (a, b)]
-            stats.setdefault("gaps", []).extend(gaps)
+            stats.setdefault("gaps", []).extend(_gaps_between(mask, a, b, conf))
             stats.setdefault("thin", []).extend(_thin_between(mask, a, b, largest, edited))
     stats["postprocess"] += time.perf_counter() - t0
     return mask, conf, sorted(recomputed), agreement, begin_key
