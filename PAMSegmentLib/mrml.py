@@ -2513,7 +2513,7 @@ class HistoryEntry:
     users_own: tuple = ()
     # PropagationResult.outward_wall_test of the run (in the record since session 32; False before)
     outward_wall_test: bool = False
-    # PropagationResult.disagree of the run ((a, b, Dice): drawn slices whose walks did not meet; in the
+    # PropagationResult.disagree of the run ((a, b, overlap): drawn slices whose walks did not meet; in the
     # record since session 48): an update that reuses such a pair says it again
     disagree: tuple = ()
 
