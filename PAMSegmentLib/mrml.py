@@ -2662,7 +2662,7 @@ def encode_record(entry: HistoryEntry) -> str:
     """The RECORD_TAG text of a history entry: what ``decode_record`` needs to rebuild it in
     another session (the written result, the user's slices, confidence, the walks' agreement
     and endings and what the predictor took from the drawn slice), not the Undo state."""
-    from .propagate import stops_to_json  # noqa: PLC0415 - keeps the engine out of `import mrml`
+    from .propagate import disagree_to_json, stops_to_json  # noqa: PLC0415 - keeps the engine out of `import mrml`
 
     arrays = [np.ascontiguousarray(entry.written.bits, dtype=np.uint8)]
     header = {
@@ -2682,7 +2682,7 @@ def encode_record(entry: HistoryEntry) -> str:
         # (session 31) review's first slices (thin, dropped) and the drawn slices update rounds added
         "flagged": sorted(int(s) for s in entry.flagged), "users_own": sorted(int(s) for s in entry.users_own),
         "outward_wall_test": bool(entry.outward_wall_test),  # (session 32)
-        "disagree": [[int(a), int(b), float(d)] for a, b, d in entry.disagree],  # (session 48)
+        "disagree": disagree_to_json(entry.disagree),  # (session 48)
     }
     try:
         header["begin_state"] = state_to_json(entry.begin_state)

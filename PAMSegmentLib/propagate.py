@@ -232,7 +232,7 @@ class PropagationResult:
                                 # how its walks ended: an update that reuses a walk reports its ending too
                                 "stops": stops_to_json(self.stops.get(lab, [])),
                                 # (session 48) what an update reusing a pair's walks says of it again
-                                "disagree": [[int(a), int(b), float(d)] for a, b, d in self.disagree.get(lab, [])]}
+                                "disagree": disagree_to_json(self.disagree.get(lab, []))}
             runs = _index_runs(self.lost_voxels.get(lab)) if lab in self.overlapped else None
             if runs is not None and total_runs + len(runs) <= MAX_LOST_RUNS_ALL:  # the record stays far under 64 MB
                 labels[str(lab)]["lost_voxels"] = runs
@@ -1762,6 +1762,12 @@ THIN_FRACTION = 1 / 3
 # Troubleshooting).
 KEYFRAME_DISAGREE_OVERLAP = 0.1
 THIN_MIN_EXPECTED = 12  # voxels: a structure a few voxels across is not judged by its area
+
+
+def disagree_to_json(pairs) -> list[list]:
+    """``PropagationResult.disagree``'s pairs for one label as JSON ([[a, b, overlap], ...]: a record, a
+    server's answer, Slicer's saved record); ``disagree_from_json`` reads them back."""
+    return [[int(a), int(b), float(d)] for a, b, d in pairs]
 
 
 def disagree_from_json(value, drawn, what: str = "keyframe disagreement") -> list[tuple[int, int, float]]:

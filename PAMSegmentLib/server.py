@@ -63,7 +63,7 @@ import numpy as np
 from . import __version__
 from .checks import shown
 from .errors import InputError, PAMError, PropagationCancelled
-from .propagate import CancelToken
+from .propagate import CancelToken, disagree_to_json
 from .remote import SERVER_METHODS
 
 __all__ = ["create_app", "JobQueue", "encode_result", "read_arrays", "add_serve_arguments", "cmd_serve", "is_loopback"]
@@ -364,7 +364,7 @@ def encode_result(result) -> bytes:
         "gaps": {str(k): [int(s) for s in v] for k, v in result.gaps.items()},
         "thin": {str(k): [int(s) for s in v] for k, v in result.thin.items()},
         "cut": {str(k): [[int(s) for s in v[0]], [int(o) for o in v[1]]] for k, v in result.cut.items()},
-        "disagree": {str(k): [[int(a), int(b), float(d)] for a, b, d in v] for k, v in result.disagree.items()},
+        "disagree": {str(k): disagree_to_json(v) for k, v in result.disagree.items()},
         # labels whose own prediction lost voxels to another label: the merged mask is not all of it,
         # so a later update recomputes them (their lost voxels are not sent)
         "overlapped": sorted(int(lab) for lab in result.overlapped),
